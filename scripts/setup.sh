@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Installs everything paygate and its tests need on a fresh Debian 12 machine, idempotently:
+# Debian packages (SoftHSM2, swtpm, tpm2-tools, the TSS headers tpm2-pytss builds against),
+# then a virtualenv in .venv with the project, its hardware extras and its dev tools.
+# Run it as often as you like: each step is skipped when already done.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+apt_packages=(
+  softhsm2 opensc                                    # PKCS#11 token + pkcs11-tool
+  swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config  # TPM 2.0 simulator + TSS for tpm2-pytss
+  systemd                                            # systemd-analyze for the unit checks
+)
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]] && ! command -v sudo >/dev/null; then
+    log "need root to install: ${missing[*]} (apt-get install ${missing[*]})"
+    exit 1
+  fi
+  sudo_cmd=(); [[ $(id -u) -ne 0 ]] && sudo_cmd=(sudo)
+  log "apt-get install ${missing[*]}"
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  log "creating .venv"
+  "$python" -m venv .venv
+fi
+
+# Reinstall only when the dependency declaration changed since the last successful install.
+stamp=.venv/.paygate-setup
+want=$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-64)
+if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
+  log "pip install -e .[hardware,dev] (tpm2-pytss builds from source: about a minute)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[hardware,dev]"
+  echo "$want" > "$stamp"
+fi
+log "ready: $root/.venv"
