@@ -1,0 +1,53 @@
+"""The one small interface every key backend implements.
+
+A backend holds one P-256 private key and offers exactly what the envelopes need: its public key
+and ECDH with a peer's point. Hardware backends keep the private key inside the token or TPM;
+the scalar never exists in this process. Signing (attestation) will be added as a separate,
+optional protocol so that backends without it stay valid.
+
+Backends are synchronous and may block (a PKCS#11 call, a TPM round trip): async callers run
+them in an executor. Each backend serialises its own calls, so one instance can be shared by
+threads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """What an operator or a caller may know about a key: nothing secret."""
+
+    backend: str  # "software" | "pkcs11" | "tpm"
+    public_key: bytes  # 65-byte uncompressed P-256 point
+    persistent: bool  # survives a restart of the appliance
+    label: str = ""
+    details: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class KeyBackend(Protocol):
+    """A P-256 private key that can do ECDH and never hands out its scalar."""
+
+    @property
+    def public_key(self) -> bytes:
+        """The 65-byte uncompressed SEC1 point (0x04 || X || Y)."""
+        ...
+
+    def ecdh(self, peer_public_key: bytes) -> bytes:
+        """ECDH with a peer's 65-byte point; returns the 32-byte X coordinate of the shared point.
+
+        Raises :class:`enclave.errors.InvalidPublicKey` for a point that is not on P-256 and a
+        :class:`enclave.errors.KeyBackendError` when the backend itself fails.
+        """
+        ...
+
+    def info(self) -> KeyInfo:
+        """A description of the key for operators (no secrets)."""
+        ...
+
+    def close(self) -> None:
+        """Release sessions and handles. Idempotent."""
+        ...
