@@ -1,0 +1,136 @@
+"""RFC 9180 HPKE, base mode, for one suite: DHKEM(P-256, HKDF-SHA256), HKDF-SHA256, AES-256-GCM.
+
+Why our own key schedule rather than only ``cryptography.hazmat.primitives.hpke``: that API is
+single-shot and takes a private key object, but the appliance's private key lives in a PKCS#11
+token or a TPM that offers nothing but ECDH. Decapsulation here needs only ``KeyBackend.ecdh``.
+The same code seals (with a test seam that fixes the ephemeral key for known-answer vectors)
+and exposes the exporter. It is checked against the RFC 9180 vectors and against
+``cryptography``'s HPKE in both directions (tests/unit/test_hpke.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from enclave import p256
+from enclave.errors import DecryptionError, InvalidPublicKey
+from enclave.keys.base import KeyBackend
+
+KEM_ID = 0x0010  # DHKEM(P-256, HKDF-SHA256)
+KDF_ID = 0x0001  # HKDF-SHA256
+AEAD_ID = 0x0002  # AES-256-GCM
+SUITE_NAME = "HPKE-Base-DHKEM-P256-HKDF-SHA256-HKDF-SHA256-AES-256-GCM"
+N_ENC = 65
+N_SECRET = 32
+N_K = 32
+N_N = 12
+N_T = 16
+N_H = 32
+MODE_BASE = 0x00
+
+_KEM_SUITE = b"KEM" + struct.pack(">H", KEM_ID)
+_HPKE_SUITE = b"HPKE" + struct.pack(">HHH", KEM_ID, KDF_ID, AEAD_ID)
+
+
+def _extract(salt: bytes, ikm: bytes) -> bytes:
+    return hmac.new(salt or b"\x00" * N_H, ikm, hashlib.sha256).digest()
+
+
+def _expand(prk: bytes, info: bytes, length: int) -> bytes:
+    out, block, counter = b"", b"", 1
+    while len(out) < length:
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        out += block
+        counter += 1
+    return out[:length]
+
+
+def _labeled_extract(suite: bytes, salt: bytes, label: bytes, ikm: bytes) -> bytes:
+    return _extract(salt, b"HPKE-v1" + suite + label + ikm)
+
+
+def _labeled_expand(suite: bytes, prk: bytes, label: bytes, info: bytes, length: int) -> bytes:
+    return _expand(prk, struct.pack(">H", length) + b"HPKE-v1" + suite + label + info, length)
+
+
+def _extract_and_expand(dh: bytes, kem_context: bytes) -> bytes:
+    eae_prk = _labeled_extract(_KEM_SUITE, b"", b"eae_prk", dh)
+    return _labeled_expand(_KEM_SUITE, eae_prk, b"shared_secret", kem_context, N_SECRET)
+
+
+@dataclass(slots=True)
+class Context:
+    """An HPKE encryption context (RFC 9180 section 5.2): seal/open with a sequence number."""
+
+    key: bytes = field(repr=False)
+    base_nonce: bytes = field(repr=False)
+    exporter_secret: bytes = field(repr=False)
+    seq: int = 0
+
+    def _next_nonce(self) -> bytes:
+        if self.seq >= 1 << (8 * N_N):  # pragma: no cover - 2^96 messages
+            raise OverflowError("HPKE sequence number overflow")
+        seq = self.seq.to_bytes(N_N, "big")
+        return bytes(a ^ b for a, b in zip(self.base_nonce, seq, strict=True))
+
+    def seal(self, aad: bytes, plaintext: bytes) -> bytes:
+        ct = AESGCM(self.key).encrypt(self._next_nonce(), plaintext, aad)
+        self.seq += 1
+        return ct
+
+    def open(self, aad: bytes, ciphertext: bytes) -> bytes:
+        try:
+            pt = AESGCM(self.key).decrypt(self._next_nonce(), ciphertext, aad)
+        except InvalidTag:
+            raise DecryptionError from None
+        self.seq += 1
+        return pt
+
+    def export(self, exporter_context: bytes, length: int) -> bytes:
+        return _labeled_expand(_HPKE_SUITE, self.exporter_secret, b"sec", exporter_context, length)
+
+
+def key_schedule(shared_secret: bytes, info: bytes) -> Context:
+    """KeySchedule for mode_base (no PSK)."""
+    psk_id_hash = _labeled_extract(_HPKE_SUITE, b"", b"psk_id_hash", b"")
+    info_hash = _labeled_extract(_HPKE_SUITE, b"", b"info_hash", info)
+    context = bytes([MODE_BASE]) + psk_id_hash + info_hash
+    secret = _labeled_extract(_HPKE_SUITE, shared_secret, b"secret", b"")
+    return Context(
+        key=_labeled_expand(_HPKE_SUITE, secret, b"key", context, N_K),
+        base_nonce=_labeled_expand(_HPKE_SUITE, secret, b"base_nonce", context, N_N),
+        exporter_secret=_labeled_expand(_HPKE_SUITE, secret, b"exp", context, N_H),
+    )
+
+
+def setup_base_s(
+    recipient_public_key: bytes, info: bytes, *, ephemeral: ec.EllipticCurvePrivateKey | None = None
+) -> tuple[bytes, Context]:
+    """Sender setup: returns ``(enc, context)``. ``ephemeral`` is a test seam for vectors."""
+    recipient = p256.load_public_key(recipient_public_key)
+    eph = ephemeral or ec.generate_private_key(p256.CURVE)
+    enc = p256.encode_public_key(eph.public_key())
+    dh = eph.exchange(ec.ECDH(), recipient)
+    shared = _extract_and_expand(dh, enc + recipient_public_key)
+    return enc, key_schedule(shared, info)
+
+
+def setup_base_r(enc: bytes, key: KeyBackend, info: bytes) -> Context:
+    """Receiver setup over any key backend: the only private-key operation is ECDH.
+
+    A malformed ``enc`` raises :class:`DecryptionError` (uniform with every other open failure).
+    """
+    try:
+        p256.load_public_key(enc)
+    except InvalidPublicKey:
+        raise DecryptionError from None
+    dh = key.ecdh(enc)
+    shared = _extract_and_expand(dh, enc + key.public_key)
+    return key_schedule(shared, info)
