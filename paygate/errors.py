@@ -1,0 +1,9 @@
+"""The paygate exception family: every error has a stable machine ``code`` and a safe message."""
+
+from __future__ import annotations
+
+
+class PaygateError(Exception):
+    """Base of paygate's own errors. Messages never carry secrets, bodies or payment headers."""
+
+    code = "paygate_error"
