@@ -1,0 +1,468 @@
+"""A P-256 ECDH key that lives in a TPM 2.0 and never leaves it.
+
+Layout
+------
+* **Parent**: an ECC P-256 storage primary key in the owner hierarchy, created with
+  TPM2_CreatePrimary from a fixed template every time it is needed. A primary key is a pure
+  function of the hierarchy's seed and its template, so the same TPM always gives the same parent
+  and nothing about it is stored. The template is the TCG "ECC NIST P256 SRK" template of the TCG
+  TPM 2.0 Provisioning Guidance (:func:`parent_template`, named :data:`PARENT_TEMPLATE`), so the
+  parent is the TPM's standard storage root key and tools agree on it.
+* **Key**: an ordinary (child) ECC P-256 key created under that parent: scheme ECDH,
+  decrypt-only (never sign), fixedTPM | fixedParent | sensitiveDataOrigin | userWithAuth | noDA
+  (:func:`ecdh_key_template`). The TPM generated the scalar and will neither duplicate it nor
+  hand it out; ECDH happens inside the TPM (TPM2_ECDH_ZGen).
+* **On disk**: the key's wrapped blobs, marshalled TPM2B_PUBLIC (:data:`PUBLIC_BLOB`) and
+  TPM2B_PRIVATE (:data:`PRIVATE_BLOB`), in a key directory (mode 0700, files 0600, written
+  atomically). The private blob is encrypted and integrity-protected by the parent, i.e. by this
+  TPM's owner seed: it is useless on any other TPM and after the owner hierarchy is cleared. The
+  files are the same format as ``tpm2_create -u/-r``, so tpm2-tools can load them.
+
+The key has an empty authorization value: whoever can read the blobs *and* send commands to this
+TPM can use (not extract) the key, hence the 0600 files. ``noDA`` is set because a key without a
+secret gains nothing from dictionary-attack protection, while failed-auth attempts against it
+could otherwise lock out the whole TPM.
+
+While a :class:`TpmKey` is open it keeps the key loaded as one transient object; the parent is
+flushed as soon as the key is loaded (a loaded key no longer needs it), so one TPM slot serves
+each open key.
+Without a resource manager (swtpm, ``/dev/tpm0``) transient objects outlive a client that forgets
+them and the TPM runs out of object slots (TPM_RC_OBJECT_MEMORY, 0x902; swtpm has three), so
+every path that loads something flushes it again: :meth:`TpmKey.close` and every failure path.
+
+tpm2-pytss is optional (``pip install 'paygate[tpm]'``): it is imported only when a TPM key is
+generated or opened, so this module imports without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, TypeVar
+
+from enclave import p256
+from enclave.errors import (
+    BackendUnavailable,
+    InvalidPublicKey,
+    KeyBackendError,
+    KeyExists,
+    KeyNotFound,
+    TpmUnreachable,
+)
+from enclave.keys.base import KeyInfo
+
+if TYPE_CHECKING:
+    from tpm2_pytss import ESAPI, ESYS_TR, TPM2B_PUBLIC
+
+PUBLIC_BLOB = "ecdh.pub"  # marshalled TPM2B_PUBLIC of the key
+PRIVATE_BLOB = "ecdh.priv"  # marshalled TPM2B_PRIVATE, wrapped by the parent
+PARENT_TEMPLATE = "tcg-ecc-p256-srk"  # name of parent_template(), shown by info()
+INSTALL_HINT = "tpm2-pytss is not installed: pip install 'paygate[tpm]'"
+
+_MAX_BLOB = 4096  # both blobs are a few hundred bytes; bound what we read
+_RC_OBJECT_MEMORY = 0x902  # TPM_RC_OBJECT_MEMORY: no free transient object slot
+_T = TypeVar("_T")
+
+
+def _require_binding() -> None:
+    # Lazy: the binding needs the native TSS libraries, which hosts without a TPM need not have.
+    try:
+        import tpm2_pytss  # noqa: F401
+    except ImportError:
+        raise BackendUnavailable(INSTALL_HINT) from None
+
+
+def parent_template() -> TPM2B_PUBLIC:
+    """The TCG ECC NIST P-256 storage root key template (TCG TPM 2.0 Provisioning Guidance).
+
+    Restricted decrypt, AES-128-CFB, NULL scheme and KDF, SHA-256 name, unique X and Y of 32 zero
+    bytes. Changing any field gives a different parent and orphans every stored key blob.
+    """
+    _require_binding()
+    from tpm2_pytss import TPM2_ALG, TPM2_ECC, TPM2B_PUBLIC, TPMA_OBJECT, TPMT_PUBLIC
+
+    public = TPMT_PUBLIC(
+        type=TPM2_ALG.ECC,
+        nameAlg=TPM2_ALG.SHA256,
+        objectAttributes=TPMA_OBJECT.FIXEDTPM
+        | TPMA_OBJECT.FIXEDPARENT
+        | TPMA_OBJECT.SENSITIVEDATAORIGIN
+        | TPMA_OBJECT.USERWITHAUTH
+        | TPMA_OBJECT.NODA
+        | TPMA_OBJECT.RESTRICTED
+        | TPMA_OBJECT.DECRYPT,
+    )
+    detail = public.parameters.eccDetail
+    detail.symmetric.algorithm = TPM2_ALG.AES
+    detail.symmetric.keyBits.aes = 128
+    detail.symmetric.mode.aes = TPM2_ALG.CFB
+    detail.scheme.scheme = TPM2_ALG.NULL
+    detail.curveID = TPM2_ECC.NIST_P256
+    detail.kdf.scheme = TPM2_ALG.NULL
+    public.unique.ecc.x = b"\x00" * 32
+    public.unique.ecc.y = b"\x00" * 32
+    return TPM2B_PUBLIC(public)
+
+
+def _key_attributes() -> int:
+    from tpm2_pytss import TPMA_OBJECT
+
+    # fixedTPM + fixedParent: the TPM refuses TPM2_Duplicate, so the scalar cannot be exported
+    # even by someone holding the owner authorization. sensitiveDataOrigin: the TPM generated it.
+    return int(
+        TPMA_OBJECT.FIXEDTPM
+        | TPMA_OBJECT.FIXEDPARENT
+        | TPMA_OBJECT.SENSITIVEDATAORIGIN
+        | TPMA_OBJECT.USERWITHAUTH
+        | TPMA_OBJECT.NODA
+        | TPMA_OBJECT.DECRYPT
+    )
+
+
+def ecdh_key_template() -> TPM2B_PUBLIC:
+    """The template of the ECDH key: P-256, scheme ECDH (SHA-256), decrypt-only, not movable."""
+    _require_binding()
+    from tpm2_pytss import TPM2_ALG, TPM2_ECC, TPM2B_PUBLIC, TPMA_OBJECT, TPMT_PUBLIC
+
+    public = TPMT_PUBLIC(
+        type=TPM2_ALG.ECC,
+        nameAlg=TPM2_ALG.SHA256,
+        objectAttributes=TPMA_OBJECT(_key_attributes()),
+    )
+    detail = public.parameters.eccDetail
+    detail.symmetric.algorithm = TPM2_ALG.NULL  # required for a non-restricted decrypt key
+    detail.scheme.scheme = TPM2_ALG.ECDH
+    detail.scheme.details.ecdh.hashAlg = TPM2_ALG.SHA256
+    detail.curveID = TPM2_ECC.NIST_P256
+    detail.kdf.scheme = TPM2_ALG.NULL
+    return TPM2B_PUBLIC(public)
+
+
+def _check_key_public(public: TPM2B_PUBLIC, source: Path) -> bytes:
+    """Refuse a public blob that is not our kind of key; return its 65-byte point."""
+    from tpm2_pytss import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
+
+    area = public.publicArea
+    detail = area.parameters.eccDetail
+    attrs = int(area.objectAttributes)
+    required = _key_attributes()
+    # A swapped-in blob for a signing or duplicable key must not be used silently: the
+    # non-exportability promise rests on these attributes.
+    if (
+        area.type != TPM2_ALG.ECC
+        or detail.curveID != TPM2_ECC.NIST_P256
+        or detail.scheme.scheme != TPM2_ALG.ECDH
+        or attrs & required != required
+        or attrs & int(TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.RESTRICTED)
+    ):
+        raise KeyBackendError(f"{source} is not a fixed, decrypt-only P-256 ECDH TPM key")
+    x = bytes(area.unique.ecc.x.buffer)
+    y = bytes(area.unique.ecc.y.buffer)
+    if len(x) > p256.SCALAR_LEN or len(y) > p256.SCALAR_LEN:
+        raise KeyBackendError(f"{source} holds a malformed public point")
+    point = b"\x04" + x.rjust(p256.SCALAR_LEN, b"\x00") + y.rjust(p256.SCALAR_LEN, b"\x00")
+    try:
+        p256.load_public_key(point)
+    except InvalidPublicKey:
+        raise KeyBackendError(f"{source} holds a public point that is not on P-256") from None
+    return point
+
+
+def _tpm(action: str, tcti: str, call: Callable[..., _T], *args: object) -> _T:
+    """Run one TPM command, turning TSS errors into enclave errors that say what failed."""
+    from tpm2_pytss import TSS2_RC, TSS2_Exception
+
+    try:
+        return call(*args)
+    except TSS2_Exception as exc:
+        if exc.rc & TSS2_RC.RC_LAYER_MASK == TSS2_RC.TCTI_RC_LAYER:
+            raise TpmUnreachable(
+                f"lost the TPM at {tcti!r} while trying to {action}: {exc}"
+            ) from None
+        if exc.rc == _RC_OBJECT_MEMORY:
+            raise KeyBackendError(
+                f"cannot {action}: the TPM is out of transient object slots (0x902); without a "
+                "resource manager another client may have leaked handles (restart swtpm or use "
+                "/dev/tpmrm0)"
+            ) from None
+        raise KeyBackendError(f"cannot {action}: TPM error 0x{exc.rc:x} ({exc})") from None
+
+
+def _connect(tcti: str) -> ESAPI:
+    from tpm2_pytss import ESAPI, TSS2_Exception
+
+    if not tcti:
+        # An empty string would make the TSS pick a default TCTI: never guess which TPM.
+        raise TpmUnreachable("no TCTI configured (e.g. 'device:/dev/tpmrm0')")
+    try:
+        return ESAPI(tcti)
+    except TSS2_Exception as exc:
+        raise TpmUnreachable(f"cannot reach the TPM through TCTI {tcti!r}: {exc}") from None
+    except (RuntimeError, ValueError) as exc:  # malformed TCTI string
+        raise TpmUnreachable(f"invalid TCTI {tcti!r}: {exc}") from None
+
+
+def _flush(esapi: ESAPI, handles: list[ESYS_TR]) -> None:
+    # Best effort and exhaustive: one failing flush must not keep the others loaded.
+    for handle in reversed(handles):
+        with contextlib.suppress(Exception):
+            esapi.flush_context(handle)
+
+
+def _release(esapi: ESAPI, handles: list[ESYS_TR]) -> None:
+    _flush(esapi, handles)
+    with contextlib.suppress(Exception):
+        esapi.close()
+
+
+def _read_blob(path: Path) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise KeyNotFound(f"no TPM key blob at {path}") from None
+    except OSError as exc:
+        raise KeyBackendError(f"cannot open TPM key blob {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read(_MAX_BLOB + 1)
+
+
+def _publish(directory: Path, name: str, data: bytes) -> None:
+    """Write ``directory/name`` whole or not at all, mode 0600, never replacing a file.
+
+    Temporary file, fsync, then a hard link as the no-clobber "rename": a concurrent generate or
+    an existing key wins instead of being overwritten.
+    """
+    target = directory / name
+    tmp = directory / f".{name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o600)  # independent of the umask
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            raise KeyExists(f"TPM key blob already exists: {target}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Make the new directory entries durable: a crash must not lose a freshly created key.
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class TpmKey:
+    """A TPM-resident P-256 ECDH key (see the module docstring for the layout).
+
+    Create one with :meth:`generate` or :meth:`open`; close it (or use ``with``) to flush its
+    transient objects. One TPM connection per instance; calls are serialised by a lock.
+    """
+
+    def __init__(
+        self,
+        *,
+        esapi: ESAPI,
+        child: ESYS_TR,
+        public_key: bytes,
+        tcti: str,
+        key_dir: Path,
+    ) -> None:
+        # Internal: takes ownership of an open ESAPI context and the loaded key handle.
+        self._esapi: ESAPI | None = esapi
+        self._child = child
+        self._public = public_key
+        self._tcti = tcti
+        self._key_dir = key_dir
+        self._lock = threading.Lock()
+
+    @classmethod
+    def generate(cls, tcti: str, key_dir: str | os.PathLike[str]) -> TpmKey:
+        """Create a new key in the TPM, store its wrapped blobs in ``key_dir`` and open it.
+
+        Raises :class:`KeyExists` when ``key_dir`` already holds a blob (nothing is replaced)
+        and :class:`TpmUnreachable` when the TPM cannot be reached.
+        """
+        _require_binding()
+        directory = Path(key_dir)
+        for name in (PRIVATE_BLOB, PUBLIC_BLOB):
+            if (directory / name).exists():
+                raise KeyExists(f"TPM key blob already exists: {directory / name}")
+        esapi = _connect(tcti)
+        loaded: list[ESYS_TR] = []
+        try:
+            primary = _create_primary(esapi, tcti)
+            loaded.append(primary)
+            private, public = _tpm(
+                "create the ECDH key", tcti, esapi.create, primary, None, ecdh_key_template()
+            )[:2]
+            point = _check_key_public(public, directory / PUBLIC_BLOB)
+            child = _tpm("load the ECDH key", tcti, esapi.load, primary, private, public)
+            loaded.append(child)
+            _flush(esapi, [loaded.pop(0)])  # the parent: the loaded key no longer needs it
+            # Stored last: a failure above leaves no blobs behind to block a retry.
+            _store_blobs(directory, public.marshal(), private.marshal())
+        except BaseException:
+            _release(esapi, loaded)
+            raise
+        return cls(
+            esapi=esapi,
+            child=child,
+            public_key=point,
+            tcti=tcti,
+            key_dir=directory,
+        )
+
+    @classmethod
+    def open(cls, tcti: str, key_dir: str | os.PathLike[str]) -> TpmKey:
+        """Load the key stored in ``key_dir`` into the TPM.
+
+        Raises :class:`KeyNotFound` when a blob is missing, :class:`TpmUnreachable` when the TPM
+        cannot be reached, and :class:`KeyBackendError` when the TPM refuses the blobs (another
+        TPM, a cleared owner hierarchy, or damaged files).
+        """
+        _require_binding()
+        from tpm2_pytss import TPM2B_PRIVATE, TPM2B_PUBLIC
+
+        directory = Path(key_dir)
+        raw_public = _read_blob(directory / PUBLIC_BLOB)
+        raw_private = _read_blob(directory / PRIVATE_BLOB)
+        public = _unmarshal(TPM2B_PUBLIC, raw_public, directory / PUBLIC_BLOB)
+        private = _unmarshal(TPM2B_PRIVATE, raw_private, directory / PRIVATE_BLOB)
+        point = _check_key_public(public, directory / PUBLIC_BLOB)
+        esapi = _connect(tcti)
+        loaded: list[ESYS_TR] = []
+        try:
+            primary = _create_primary(esapi, tcti)
+            loaded.append(primary)
+            # TPM2_Load checks the private blob's integrity against the parent and the public
+            # area: blobs from another TPM, or edited ones, are refused here.
+            child = _tpm("load the ECDH key blobs", tcti, esapi.load, primary, private, public)
+            loaded.append(child)
+            _flush(esapi, [loaded.pop(0)])  # the parent: the loaded key no longer needs it
+        except BaseException:
+            _release(esapi, loaded)
+            raise
+        return cls(
+            esapi=esapi,
+            child=child,
+            public_key=point,
+            tcti=tcti,
+            key_dir=directory,
+        )
+
+    @property
+    def public_key(self) -> bytes:
+        return self._public
+
+    def ecdh(self, peer_public_key: bytes) -> bytes:
+        """ECDH inside the TPM (TPM2_ECDH_ZGen); returns the 32-byte X of the shared point."""
+        peer = bytes(peer_public_key)
+        # Validate in software first: an off-curve point never reaches the TPM.
+        p256.load_public_key(peer)
+        from tpm2_pytss import TPM2B_ECC_POINT, TPMS_ECC_POINT, TSS2_Exception
+
+        in_point = TPM2B_ECC_POINT(TPMS_ECC_POINT(x=peer[1:33], y=peer[33:65]))
+        with self._lock:
+            if self._esapi is None:
+                raise KeyBackendError("the TPM key is closed")
+            try:
+                shared = self._esapi.ecdh_zgen(self._child, in_point)
+            except TSS2_Exception:
+                raise KeyBackendError("TPM ECDH failed") from None
+        x = bytes(shared.point.x.buffer)
+        if len(x) > p256.SCALAR_LEN:
+            raise KeyBackendError("TPM ECDH failed")
+        # The TPM may drop leading zero bytes of the coordinate.
+        return x.rjust(p256.SCALAR_LEN, b"\x00")
+
+    def info(self) -> KeyInfo:
+        return KeyInfo(
+            backend="tpm",
+            public_key=self._public,
+            persistent=True,
+            label=self._key_dir.name or str(self._key_dir),
+            details={
+                "tcti": self._tcti,
+                "key_dir": str(self._key_dir),
+                "parent_template": PARENT_TEMPLATE,
+            },
+        )
+
+    def close(self) -> None:
+        """Flush the key from the TPM and drop the connection. Idempotent."""
+        with self._lock:
+            esapi, self._esapi = self._esapi, None
+            if esapi is not None:
+                _release(esapi, [self._child])
+
+    @property
+    def closed(self) -> bool:
+        return self._esapi is None
+
+    def __enter__(self) -> TpmKey:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return (
+            f"TpmKey(public_key={self._public.hex()[:18]}…, key_dir={self._key_dir}, "
+            f"tcti={self._tcti!r}, {state})"
+        )
+
+
+def _create_primary(esapi: ESAPI, tcti: str) -> ESYS_TR:
+    # Empty owner authorization assumed (the default of a provisioned TPM and of swtpm).
+    return _tpm(
+        "create the storage primary key", tcti, esapi.create_primary, None, parent_template()
+    )[0]
+
+
+def _unmarshal(kind: type[_T], raw: bytes, source: Path) -> _T:
+    from tpm2_pytss import TSS2_Exception
+
+    if len(raw) > _MAX_BLOB:
+        raise KeyBackendError(f"{source} is too large to be a TPM key blob")
+    try:
+        value, used = kind.unmarshal(raw)  # type: ignore[attr-defined]
+    except TSS2_Exception:
+        raise KeyBackendError(f"{source} is not a marshalled TPM blob") from None
+    if used != len(raw):
+        raise KeyBackendError(f"{source} has trailing bytes after the TPM blob")
+    return value
+
+
+def _store_blobs(directory: Path, public: bytes, private: bytes) -> None:
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # mkdir's mode is filtered by the umask and ignored for an existing directory.
+    os.chmod(directory, 0o700)
+    # Private first, public last: the first no-clobber link decides a race between two
+    # generates, and the public blob appears only once the private one is in place.
+    _publish(directory, PRIVATE_BLOB, private)
+    try:
+        _publish(directory, PUBLIC_BLOB, public)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            (directory / PRIVATE_BLOB).unlink()
+        raise
+    _fsync_dir(directory)
