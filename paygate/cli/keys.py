@@ -1,0 +1,93 @@
+"""``paygate keys create|show``: make and inspect the appliance's envelope key."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import enclave
+from enclave import p256
+from paygate.config import load_settings
+from paygate.keys import create_key, open_key_backend
+
+
+def register(sub: Any) -> None:
+    keys = sub.add_parser("keys", help="create or show the envelope key")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    for name, run, text in (
+        ("create", _create, "generate a key in the chosen backend (never replaces one)"),
+        ("show", _show, "print the public key, backend and algorithms"),
+    ):
+        p = keys_sub.add_parser(name, help=text)
+        p.add_argument("--backend", choices=["software", "pkcs11", "tpm"], help="key backend")
+        p.add_argument("--key-file", help="software: PKCS#8 PEM path")
+        p.add_argument("--pkcs11-module", help="pkcs11: module path")
+        p.add_argument("--token-label", help="pkcs11: token label")
+        p.add_argument("--key-label", help="pkcs11: key label")
+        p.add_argument("--tcti", help="tpm: TCTI, e.g. device:/dev/tpmrm0")
+        p.add_argument("--tpm-key-dir", help="tpm: directory of the wrapped key blobs")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(run=run)
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    overrides = {
+        field: value
+        for field, value in (
+            ("key_backend", args.backend),
+            ("key_file", args.key_file),
+            ("pkcs11_module", args.pkcs11_module),
+            ("pkcs11_token_label", args.token_label),
+            ("pkcs11_key_label", args.key_label),
+            ("tpm_tcti", args.tcti),
+            ("tpm_key_dir", args.tpm_key_dir),
+        )
+        if value is not None
+    }
+    return load_settings(args.config, **overrides)
+
+
+def describe(key: enclave.KeyBackend) -> dict[str, Any]:
+    """Public facts about a key: what `keys show` prints and /v1/enclave/pubkey publishes."""
+    info = key.info()
+    return {
+        "backend": info.backend,
+        "pubkey": info.public_key.hex(),
+        "fingerprint": p256.fingerprint(info.public_key),
+        "persistent": info.persistent,
+        "label": info.label,
+        "algorithms": {"v1": enclave.V1_ALGORITHM, "v2": enclave.V2_SUITE},
+        "details": info.details,
+    }
+
+
+def _print(key: enclave.KeyBackend, as_json: bool) -> None:
+    facts = describe(key)
+    if as_json:
+        print(json.dumps(facts, indent=2))
+        return
+    for name in ("backend", "pubkey", "fingerprint", "persistent", "label"):
+        print(f"{name:12} {facts[name]}")
+    print(f"{'v1':12} {facts['algorithms']['v1']}")
+    print(f"{'v2':12} {facts['algorithms']['v2']}")
+    for name, value in facts["details"].items():
+        print(f"{name:12} {value}")
+
+
+def _create(args: argparse.Namespace) -> int:
+    key = create_key(_settings(args))
+    try:
+        _print(key, args.json)
+    finally:
+        key.close()
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    key = open_key_backend(_settings(args))
+    try:
+        _print(key, args.json)
+    finally:
+        key.close()
+    return 0

@@ -1,0 +1,51 @@
+"""The ``paygate`` command line: one sub-command module per job, registered here.
+
+Errors from paygate and enclave end as one line ``error [code]: message`` and exit status 2,
+never a traceback: messages are written to be safe to show (no secrets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from enclave import EnclaveError
+from paygate.cli import demo, keys
+from paygate.errors import PaygateError
+
+COMMANDS = (keys, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="paygate", description="Paid, end-to-end-encrypted inference proxy appliance."
+    )
+    parser.add_argument(
+        "--config", type=Path, default=None, help="TOML settings file (env PAYGATE_* overrides it)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # The TPM's C library (tss2) prints its own ERROR/WARNING lines to stderr for failures that
+    # paygate already reports as one clear error; silence it unless the operator asks for it.
+    os.environ.setdefault("TSS2_LOG", "all+none")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (PaygateError, EnclaveError) as exc:
+        print(f"error [{exc.code}]: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
