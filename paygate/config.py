@@ -142,7 +142,7 @@ class Settings(BaseSettings):
 
 
 def split_listen(value: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port`` for IPv6) as a host and a port number; ValueError if malformed."""
+    """``host:port`` (``[v6]:port`` for IPv6) as host and port; ValueError if malformed."""
     host, sep, port = value.strip().rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
