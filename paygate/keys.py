@@ -24,30 +24,23 @@ def _pin(settings: Settings) -> str:
 
 def open_key_backend(settings: Settings) -> KeyBackend:
     """Open the existing key the settings name. Raises enclave KeyBackendError subclasses."""
-    if settings.key_backend == "software":
-        return SoftwareKey.load_file(settings.key_file, _passphrase(settings))
-    if settings.key_backend == "pkcs11":
-        from enclave.keys.pkcs11 import Pkcs11Key
-
-        return Pkcs11Key.open(
-            str(settings.pkcs11_module),
-            settings.pkcs11_token_label,
-            _pin(settings),
-            settings.pkcs11_key_label,
-        )
-    from enclave.keys.tpm import TpmKey
-
-    return TpmKey.open(settings.tpm_tcti, settings.tpm_key_dir)
+    return _key(settings, create=False)
 
 
 def create_key(settings: Settings) -> KeyBackend:
     """Generate a new key where the settings say; refuses to replace an existing one."""
+    return _key(settings, create=True)
+
+
+def _key(settings: Settings, *, create: bool) -> KeyBackend:
     if settings.key_backend == "software":
-        return SoftwareKey.create_file(settings.key_file, _passphrase(settings))
+        software = SoftwareKey.create_file if create else SoftwareKey.load_file
+        return software(settings.key_file, _passphrase(settings))
     if settings.key_backend == "pkcs11":
         from enclave.keys.pkcs11 import Pkcs11Key
 
-        return Pkcs11Key.generate(
+        pkcs11 = Pkcs11Key.generate if create else Pkcs11Key.open
+        return pkcs11(
             str(settings.pkcs11_module),
             settings.pkcs11_token_label,
             _pin(settings),
@@ -55,4 +48,5 @@ def create_key(settings: Settings) -> KeyBackend:
         )
     from enclave.keys.tpm import TpmKey
 
-    return TpmKey.generate(settings.tpm_tcti, settings.tpm_key_dir)
+    tpm = TpmKey.generate if create else TpmKey.open
+    return tpm(settings.tpm_tcti, settings.tpm_key_dir)

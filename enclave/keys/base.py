@@ -13,7 +13,8 @@ threads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,3 +52,21 @@ class KeyBackend(Protocol):
     def close(self) -> None:
         """Release sessions and handles. Idempotent."""
         ...
+
+
+class ClosingKey:
+    """Mixin: ``with Backend.open(...) as key:`` closes the key (sessions, handles) on exit."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -25,7 +25,7 @@ import os
 import secrets
 import threading
 from dataclasses import dataclass, field
-from types import ModuleType, TracebackType
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -41,7 +41,7 @@ from enclave.errors import (
     PinIncorrect,
     TokenNotFound,
 )
-from enclave.keys.base import KeyInfo
+from enclave.keys.base import ClosingKey, KeyInfo
 
 if TYPE_CHECKING:
     from pkcs11 import PrivateKey, Session, Token
@@ -248,7 +248,7 @@ def _find_key(session: Session, token_label: str, key_label: str) -> tuple[Priva
     return private, _unwrap_ec_point(public[attr.EC_POINT])
 
 
-class Pkcs11Key:
+class Pkcs11Key(ClosingKey):
     """A P-256 private key inside a PKCS#11 token. Thread-safe; close it (or use ``with``).
 
     Neither ``repr`` nor any error shows the PIN; the object does not even keep it.
@@ -421,17 +421,6 @@ class Pkcs11Key:
     @property
     def closed(self) -> bool:
         return self._session is None
-
-    def __enter__(self) -> Pkcs11Key:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"

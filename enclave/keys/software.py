@@ -7,9 +7,7 @@ and never overwritten; a file readable by group or others, or owned by another u
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import stat
 from pathlib import Path
 
@@ -17,11 +15,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from enclave import p256
+from enclave._files import fsync_dir, write_new_file
 from enclave.errors import KeyExists, KeyFileInsecure, KeyFileInvalid, KeyNotFound
-from enclave.keys.base import KeyInfo
+from enclave.keys.base import ClosingKey, KeyInfo
 
 
-class SoftwareKey:
+class SoftwareKey(ClosingKey):
     """A software P-256 key. ``repr`` and errors never show the scalar."""
 
     def __init__(
@@ -69,21 +68,11 @@ class SoftwareKey:
         )
         directory = target.parent
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = directory / f".{target.name}.{secrets.token_hex(8)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(pem)
-                fh.flush()
-                os.fsync(fh.fileno())
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                raise KeyExists(f"key file already exists: {target}") from None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        _fsync_dir(directory)
+            write_new_file(target, pem)
+        except FileExistsError:
+            raise KeyExists(f"key file already exists: {target}") from None
+        fsync_dir(directory)
         key._path = target
         return key
 
@@ -144,12 +133,3 @@ class SoftwareKey:
 
     def __repr__(self) -> str:
         return f"SoftwareKey(public_key={self._public.hex()[:18]}…, file={self._path})"
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Make the new directory entry durable: a crash must not lose a freshly created key.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
 from enclave import p256
+from enclave._files import fsync_dir, write_new_file
 from enclave.errors import (
     BackendUnavailable,
     InvalidPublicKey,
@@ -54,7 +53,7 @@ from enclave.errors import (
     KeyNotFound,
     TpmUnreachable,
 )
-from enclave.keys.base import KeyInfo
+from enclave.keys.base import ClosingKey, KeyInfo
 
 if TYPE_CHECKING:
     from tpm2_pytss import ESAPI, ESYS_TR, TPM2B_PUBLIC
@@ -232,39 +231,14 @@ def _read_blob(path: Path) -> bytes:
 
 
 def _publish(directory: Path, name: str, data: bytes) -> None:
-    """Write ``directory/name`` whole or not at all, mode 0600, never replacing a file.
-
-    Temporary file, fsync, then a hard link as the no-clobber "rename": a concurrent generate or
-    an existing key wins instead of being overwritten.
-    """
-    target = directory / name
-    tmp = directory / f".{name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    """Write ``directory/name`` whole or not at all, mode 0600, never replacing a file."""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o600)  # independent of the umask
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, target)
-        except FileExistsError:
-            raise KeyExists(f"TPM key blob already exists: {target}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        write_new_file(directory / name, data)
+    except FileExistsError:
+        raise KeyExists(f"TPM key blob already exists: {directory / name}") from None
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Make the new directory entries durable: a crash must not lose a freshly created key.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class TpmKey:
+class TpmKey(ClosingKey):
     """A TPM-resident P-256 ECDH key (see the module docstring for the layout).
 
     Create one with :meth:`generate` or :meth:`open`; close it (or use ``with``) to flush its
@@ -412,17 +386,6 @@ class TpmKey:
     def closed(self) -> bool:
         return self._esapi is None
 
-    def __enter__(self) -> TpmKey:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return (
@@ -465,4 +428,4 @@ def _store_blobs(directory: Path, public: bytes, private: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             (directory / PRIVATE_BLOB).unlink()
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
