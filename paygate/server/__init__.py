@@ -1,0 +1,1 @@
+"""The aiohttp adapter: app factory, route table, request pipeline, streaming proxy, health."""

@@ -1,0 +1,191 @@
+"""The app factory: the one place where the gateway's object graph is built.
+
+Settings in, an ``aiohttp.web.Application`` out. Long-lived resources (the key backend, the
+upstream ClientSession) are opened and closed by ``cleanup_ctx``, stored under ``AppKey``s, and
+handed explicitly to the pipeline; there is no module-level state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from enclave import KeyBackend
+from paygate.config import Settings
+from paygate.keys import open_key_backend
+from paygate.server.errors import (
+    BodyTooLarge,
+    ExpectationFailed,
+    GatewayError,
+    InternalError,
+    api_style_for_path,
+    error_response,
+)
+from paygate.server.forwarded import parse_networks
+from paygate.server.health import LocalEndpoints
+from paygate.server.limits import ConcurrencyLimiter
+from paygate.server.metrics import Metrics
+from paygate.server.payment import PaymentGate, payment_gate_for
+from paygate.server.pipeline import Gateway, PipelinePolicy
+from paygate.server.proxy import Timeouts, Upstream
+from paygate.server.routes import RouteTable, default_routes
+
+SETTINGS = web.AppKey("settings", Settings)
+KEY = web.AppKey("key", KeyBackend)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+GATEWAY = web.AppKey("gateway", Gateway)
+METRICS = web.AppKey("metrics", Metrics)
+LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
+
+log = logging.getLogger("paygate.server")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes JSON in the route's shape; unexpected ones a bare 500.
+
+    Only the exception class is logged for the unexpected: its message or traceback could
+    quote a body or a header.
+    """
+    api = api_style_for_path(request.path)
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        response = error_response(exc, api)
+        if exc.status in (408, 413):
+            # The unread rest of the body is not worth draining: close after answering.
+            response.force_close()
+        return response
+    except ConnectionResetError:
+        # The caller's socket is gone mid-reply; 499 (client closed) only reaches the access log.
+        return web.Response(status=499)
+    except web.HTTPException as exc:
+        # aiohttp's own refusals (e.g. a malformed request it detected) in our shape.
+        error = GatewayError(exc.reason)
+        error.status, error.code = exc.status, "http_error"
+        return error_response(error, api)
+    except Exception as exc:
+        log.error("unexpected %s while handling a request", type(exc).__name__)
+        return error_response(InternalError(), api)
+
+
+def build_app(
+    settings: Settings,
+    *,
+    key: KeyBackend | None = None,
+    gate: PaymentGate | None = None,
+    routes: RouteTable | None = None,
+) -> web.Application:
+    """Build the gateway for ``settings``.
+
+    ``key`` is opened from the settings at startup (and closed at cleanup) unless given; a
+    given key stays the caller's to close. ``gate`` defaults to the configured payment mode,
+    which raises ConfigError here, before anything listens, for modes not built yet.
+    """
+    gate = gate if gate is not None else payment_gate_for(settings)
+    routes = routes if routes is not None else default_routes()
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[LIMITER] = ConcurrencyLimiter(
+        settings.max_concurrent_requests, settings.retry_after_seconds
+    )
+
+    async def key_backend(app: web.Application) -> AsyncIterator[None]:
+        owned = key is None
+        app[KEY] = open_key_backend(settings) if key is None else key
+        yield
+        if owned:
+            app[KEY].close()
+
+    async def client_session(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(
+            limit=settings.max_concurrent_requests, enable_cleanup_closed=True
+        )
+        # Timeouts are per exchange (proxy.Timeouts); the session's own stay off.
+        session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),
+            auto_decompress=True,
+            trust_env=False,
+        )
+        app[SESSION] = session
+        yield
+        await session.close()
+
+    async def gateway(app: web.Application) -> AsyncIterator[None]:
+        upstream = Upstream(
+            app[SESSION],
+            settings.upstream_url,
+            Timeouts(
+                connect=settings.connect_timeout,
+                first_byte=settings.first_byte_timeout,
+                idle=settings.idle_timeout,
+                total=settings.total_timeout,
+            ),
+        )
+        local = LocalEndpoints(
+            key=app[KEY],
+            upstream=upstream,
+            limiter=app[LIMITER],
+            metrics=app[METRICS],
+            payment_mode=settings.payment_mode,
+            probe_timeout=settings.ready_probe_timeout,
+        )
+        app[GATEWAY] = Gateway(
+            routes=routes,
+            key=app[KEY],
+            upstream=upstream,
+            gate=gate,
+            limiter=app[LIMITER],
+            metrics=app[METRICS],
+            policy=PipelinePolicy(
+                max_body_bytes=settings.max_body_bytes,
+                body_read_timeout=settings.body_read_timeout,
+                max_sealed_reply_bytes=settings.max_sealed_reply_bytes,
+                require_encryption=settings.require_encryption,
+                trusted_proxies=parse_networks(settings.trusted_proxies),
+            ),
+            local=local.handlers(),
+        )
+        yield
+
+    app.cleanup_ctx.extend([key_backend, client_session, gateway])
+
+    async def dispatch(request: web.Request) -> web.StreamResponse:
+        return await request.app[GATEWAY].handle(request)
+
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        # aiohttp's default echoes the header into its error and fails on non-UTF-8 bytes;
+        # this one also refuses an oversized body before inviting the caller to send it.
+        api = api_style_for_path(request.path)
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            return error_response(ExpectationFailed(), api)
+        if (request.content_length or 0) > settings.max_body_bytes:
+            response = error_response(BodyTooLarge(), api)
+            response.force_close()
+            return response
+        if request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the real response has not started yet
+        return None
+
+    # One catch-all: the closed RouteTable, not aiohttp's router, decides what exists.
+    app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=expect)
+    return app
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for ``web.run_app``/``AppRunner`` that enforce the header limits."""
+    return {
+        "max_line_size": settings.max_header_bytes,
+        "max_field_size": settings.max_header_bytes,
+        "max_headers": settings.max_headers,
+        # A caller that goes away cancels its handler, which closes the upstream request.
+        "handler_cancellation": True,
+    }

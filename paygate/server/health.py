@@ -1,0 +1,131 @@
+"""The free, local endpoints: health, readiness, metrics and the envelope public key.
+
+None of them touches a request body or the payment step; readiness is the only one that talks
+to the key backend and the model server, each under a short timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+import enclave
+from enclave import KeyBackend, hpke, p256
+from paygate.server.limits import ConcurrencyLimiter
+from paygate.server.metrics import Metrics
+from paygate.server.pipeline import LocalHandler
+from paygate.server.proxy import Upstream
+from paygate.server.routes import Target
+
+
+def pubkey_document(key: KeyBackend) -> dict[str, Any]:
+    """Obol's ``/v1/enclave/pubkey`` shape plus our fingerprint and the v2 suite."""
+    info = key.info()
+    return {
+        "pubkey": info.public_key.hex(),
+        "tag": info.label or info.backend,
+        "persistent": info.persistent,
+        "algorithm": enclave.V1_ALGORITHM,
+        "fingerprint": p256.fingerprint(info.public_key),
+        "backend": info.backend,
+        "suites": {
+            "v1": {"name": enclave.V1_ALGORITHM, "version": 1},
+            "v2": {
+                "name": enclave.V2_SUITE,
+                "version": 2,
+                "kem_id": hpke.KEM_ID,
+                "kdf_id": hpke.KDF_ID,
+                "aead_id": hpke.AEAD_ID,
+                "request_info": "paygate-envelope-v2 request\\x00METHOD\\x00PATH",
+            },
+        },
+        "content_type": enclave.CONTENT_TYPE,
+    }
+
+
+class LocalEndpoints:
+    """The handlers of the table's local targets."""
+
+    def __init__(
+        self,
+        *,
+        key: KeyBackend,
+        upstream: Upstream,
+        limiter: ConcurrencyLimiter,
+        metrics: Metrics,
+        payment_mode: str,
+        probe_timeout: float,
+    ) -> None:
+        self._key = key
+        self._upstream = upstream
+        self._limiter = limiter
+        self._metrics = metrics
+        self._payment_mode = payment_mode
+        self._probe_timeout = probe_timeout
+        self._pubkey = pubkey_document(key)
+
+    def handlers(self) -> Mapping[Target, LocalHandler]:
+        return {
+            "health": self.health,
+            "live": self.live,
+            "ready": self.ready,
+            "metrics": self.metrics,
+            "pubkey": self.pubkey,
+        }
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "status": "ok",
+                "payment_mode": self._payment_mode,
+                "key": {
+                    "backend": self._pubkey["backend"],
+                    "persistent": self._pubkey["persistent"],
+                    "fingerprint": self._pubkey["fingerprint"],
+                },
+                "in_flight": self._limiter.in_flight,
+                "max_concurrent_requests": self._limiter.limit,
+            }
+        )
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        key_ok, upstream_ok = await asyncio.gather(
+            self._key_usable(), self._upstream.probe(self._probe_timeout)
+        )
+        ready = key_ok and upstream_ok
+        return web.json_response(
+            {
+                "status": "ready" if ready else "not_ready",
+                "checks": {
+                    "key": "ok" if key_ok else "unusable",
+                    "upstream": "ok" if upstream_ok else "unreachable",
+                },
+            },
+            status=200 if ready else 503,
+        )
+
+    async def _key_usable(self) -> bool:
+        # A real ECDH (with our own public point) exercises the token or TPM session.
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._probe_timeout):
+                await loop.run_in_executor(None, self._key.ecdh, self._key.public_key)
+        except Exception:  # any failure means "not ready"; the reason is for the operator's logs
+            return False
+        return True
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text=self._metrics.render(self._limiter.in_flight),
+            content_type="text/plain",
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def pubkey(self, request: web.Request) -> web.Response:
+        return web.json_response(self._pubkey)

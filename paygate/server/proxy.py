@@ -1,0 +1,239 @@
+"""Streaming forwarding to the model server over one shared aiohttp ClientSession.
+
+Each upstream exchange has four clocks (connect, first byte, idle between chunks, total), each
+failing with its own 504; broken connections and malformed replies are 502. Headers are
+filtered both ways (hop-by-hop, payment and cookie headers never cross). The upstream is asked
+for ``identity`` encoding and anything it compresses anyway is decoded here, so sealing always
+works on the plain body and a relayed body never carries a stale Content-Encoding.
+The time spent waiting on the upstream is counted, so the gateway can report its own overhead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from paygate.server.errors import UpstreamFault, UpstreamTimeout, UpstreamUnavailable
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Request headers copied from the caller; everything else (cookies, Authorization, payment
+# headers, X-Obol-Reply-Pubkey, the caller's X-Forwarded-*) stays at the gateway.
+FORWARDED_REQUEST_HEADERS = frozenset({"accept", "accept-language", "user-agent"})
+# Response headers never relayed: they describe the upstream hop, were made stale by decoding,
+# or could confuse a caller or the payment layer (a model server must not speak x402).
+_DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {
+    "content-length",
+    "content-encoding",
+    "set-cookie",
+    "set-cookie2",
+    "settlement-overrides",
+    "server",
+    "date",
+    "alt-svc",
+    "strict-transport-security",
+}
+T = TypeVar("T")
+_DROPPED_RESPONSE_PREFIXES = ("payment-", "x-payment", "x-paygate-", "x-obol-")
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Upstream clocks in seconds."""
+
+    connect: float
+    first_byte: float
+    idle: float
+    total: float
+
+
+def upstream_request_headers(
+    caller: Mapping[str, str], *, client_address: str, scheme: str
+) -> CIMultiDict[str]:
+    """The headers sent upstream: an allowlist from the caller plus our own forwarding facts."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in caller.items():
+        if name.lower() in FORWARDED_REQUEST_HEADERS:
+            headers.add(name, value)
+    headers["Accept-Encoding"] = "identity"
+    if client_address:
+        headers["X-Forwarded-For"] = client_address
+    headers["X-Forwarded-Proto"] = scheme
+    return headers
+
+
+def relayed_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
+    """The upstream's response headers that may reach the caller."""
+    connection_tokens = {
+        token.strip().lower()
+        for value in _all(upstream, "Connection")
+        for token in value.split(",")
+        if token.strip()
+    }
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lower = name.lower()
+        if (
+            lower in _DROPPED_RESPONSE_HEADERS
+            or lower in connection_tokens
+            or lower.startswith(_DROPPED_RESPONSE_PREFIXES)
+        ):
+            continue
+        out.add(name, value)
+    return out
+
+
+def _all(headers: Mapping[str, str], name: str) -> list[str]:
+    if isinstance(headers, CIMultiDictProxy | CIMultiDict):
+        return list(headers.getall(name, []))
+    value = headers.get(name)
+    return [value] if value is not None else []
+
+
+class UpstreamReply:
+    """An upstream response whose headers have arrived; read its body in chunks."""
+
+    def __init__(self, response: aiohttp.ClientResponse, clock: _Clock) -> None:
+        self._response = response
+        self._clock = clock
+        self.status = response.status
+        self.content_type: str | None = response.headers.get("Content-Type")
+        self.headers = relayed_response_headers(response.headers)
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        # The length still describes the body we relay only if nothing had to be decoded.
+        self.plain_length = response.content_length if encoding == "identity" else None
+
+    @property
+    def waited(self) -> float:
+        """Seconds spent so far waiting on the upstream (connect, headers, chunks)."""
+        return self._clock.waited
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The decoded body, chunk by chunk as it arrives (idle and total clocks apply)."""
+        content = self._response.content
+        while True:
+            try:
+                chunk = await self._clock.wait(content.readany(), "idle")
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+                raise UpstreamFault from None
+            if not chunk:
+                return
+            yield chunk
+
+    async def read_bounded(self, limit: int) -> bytes | None:
+        """The whole decoded body, or None if it exceeds ``limit`` bytes (reading stops there)."""
+        body = bytearray()
+        async for chunk in self.chunks():
+            body += chunk
+            if len(body) > limit:
+                return None
+        return bytes(body)
+
+
+class _Clock:
+    """The per-exchange deadlines and the tally of time spent waiting on the upstream."""
+
+    def __init__(self, timeouts: Timeouts) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._timeouts = timeouts
+        self._deadline = self._loop.time() + timeouts.total
+        self.waited = 0.0
+
+    async def wait(self, awaitable: Awaitable[T], phase: str) -> T:
+        """Await ``awaitable`` under ``phase``'s clock and the total one; 504 on expiry."""
+        limit = self._timeouts.first_byte if phase == "first_byte" else self._timeouts.idle
+        now = self._loop.time()
+        phase_deadline = now + limit
+        try:
+            async with asyncio.timeout_at(min(phase_deadline, self._deadline)) as scope:
+                return await awaitable
+        except TimeoutError:
+            if not scope.expired():
+                raise  # some inner timeout, not ours: the caller maps it
+            raise UpstreamTimeout("total" if self._deadline <= phase_deadline else phase) from None
+        finally:
+            self.waited += self._loop.time() - now
+
+
+class Upstream:
+    """The model server: a base URL, a shared session and the exchange clocks."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, timeouts: Timeouts) -> None:
+        self._session = session
+        self._base_url = base_url.rstrip("/")
+        self.timeouts = timeouts
+
+    async def probe(self, timeout: float) -> bool:
+        """True if the model server answers HTTP at its base URL (any status below 500)."""
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._session.get(
+                    self._base_url + "/",
+                    allow_redirects=False,
+                    headers={"Accept-Encoding": "identity"},
+                ) as response:
+                    return response.status < 500
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    @contextlib.asynccontextmanager
+    async def exchange(
+        self, method: str, path: str, *, body: bytes | None, headers: Mapping[str, str]
+    ) -> AsyncIterator[UpstreamReply]:
+        """Send one request; yields once the response headers are in.
+
+        Leaving the block early (an error, a cancelled caller) closes the upstream connection
+        instead of returning it to the pool, so the model server sees the abort and stops.
+        """
+        clock = _Clock(self.timeouts)
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.timeouts.connect, sock_connect=self.timeouts.connect
+        )
+        request = self._session.request(
+            method,
+            self._base_url + path,
+            data=body if body else None,
+            headers=headers,
+            timeout=timeout,
+            allow_redirects=False,
+            auto_decompress=True,
+        )
+        try:
+            response = await clock.wait(request, "first_byte")
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamTimeout("connect") from None
+        except aiohttp.ClientConnectorError:
+            raise UpstreamUnavailable from None
+        except (aiohttp.ClientError, TimeoutError):
+            raise UpstreamFault from None
+        try:
+            yield UpstreamReply(response, clock)
+        except ConnectionResetError:
+            # The caller's socket (a write to it failed), not the upstream: no mapping.
+            response.close()
+            raise
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+            response.close()
+            raise UpstreamFault from None
+        except BaseException:
+            response.close()
+            raise
+        else:
+            response.release()

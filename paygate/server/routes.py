@@ -1,0 +1,127 @@
+"""The closed route table: the only methods and paths the gateway answers.
+
+Anything not listed is a 404 and never reaches the model server (Obol's catch-all forwarded
+Ollama's /api/pull, /api/delete ... unpaid: weakness 1 in the wire notes). Sans-IO: matching is
+a pure function of (method, path), so it is unit-tested without sockets.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Literal, Protocol
+from urllib.parse import quote
+
+from paygate.server.errors import ApiStyle
+
+Target = Literal["upstream", "health", "live", "ready", "metrics", "pubkey"]
+
+
+class PriceHook(Protocol):
+    """Prices one request on a paid route; the payments issue supplies real ones."""
+
+    def __call__(self, route: Route) -> Decimal | None:
+        """The price in the settlement asset, or None when the payment gate decides alone."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One entry of the table. ``path`` may hold one ``{name}`` segment (never a ``/``)."""
+
+    method: str
+    path: str
+    api: ApiStyle
+    paid: bool
+    target: Target = "upstream"
+    price: PriceHook | None = field(default=None, compare=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """A matched route and the path to use upstream (rebuilt from the template, never echoed)."""
+
+    route: Route
+    params: Mapping[str, str]
+
+    @property
+    def upstream_path(self) -> str:
+        path = self.route.path
+        for name, value in self.params.items():
+            path = path.replace("{" + name + "}", quote(value, safe=":@!$&'()*+,;=-._~"))
+        return path
+
+
+_PARAM = re.compile(r"\{([a-z_]+)\}")
+
+
+def _compile(template: str) -> re.Pattern[str]:
+    parts = _PARAM.split(template)
+    # split alternates literal, name, literal ...: literals escaped, names one segment each.
+    regex = "".join(
+        re.escape(part) if i % 2 == 0 else f"(?P<{part}>[^/]+)" for i, part in enumerate(parts)
+    )
+    return re.compile(regex)
+
+
+class RouteTable:
+    """An immutable set of routes; ``match`` is exact (no prefix, no trailing-slash leniency)."""
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self._routes = tuple(routes)
+        self._compiled = tuple((route, _compile(route.path)) for route in self._routes)
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        return self._routes
+
+    def match(self, method: str, path: str) -> RouteMatch | None:
+        """The route for ``method`` and the decoded ``path``, or None (the caller answers 404)."""
+        for route, pattern in self._compiled:
+            if route.method != method:
+                continue
+            found = pattern.fullmatch(path)
+            if found is not None:
+                params = found.groupdict()
+                if any(value in (".", "..") for value in params.values()):
+                    return None  # a dot segment is a path trick, never a model id
+                return RouteMatch(route, params)
+        return None
+
+
+def default_routes(price: PriceHook | None = None) -> RouteTable:
+    """The gateway's table (issue 3). ``price`` is attached to every paid route."""
+
+    def paid(method: str, path: str, api: ApiStyle) -> Route:
+        return Route(method, path, api, paid=True, price=price)
+
+    def free(path: str, target: Target) -> Route:
+        return Route("GET", path, "free", paid=False, target=target)
+
+    return RouteTable(
+        [
+            paid("POST", "/v1/chat/completions", "openai"),
+            paid("POST", "/v1/completions", "openai"),
+            paid("POST", "/v1/embeddings", "openai"),
+            paid("GET", "/v1/models", "openai"),
+            paid("GET", "/v1/models/{model}", "openai"),
+            paid("POST", "/api/chat", "ollama"),
+            paid("POST", "/api/generate", "ollama"),
+            paid("POST", "/api/embed", "ollama"),
+            paid("POST", "/api/embeddings", "ollama"),
+            paid("POST", "/api/show", "ollama"),
+            paid("GET", "/api/tags", "ollama"),
+            paid("GET", "/api/version", "ollama"),
+            free("/health", "health"),
+            free("/health/live", "live"),
+            free("/health/ready", "ready"),
+            free("/metrics", "metrics"),
+            Route("GET", "/v1/enclave/pubkey", "openai", paid=False, target="pubkey"),
+        ]
+    )

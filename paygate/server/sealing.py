@@ -1,0 +1,155 @@
+"""Glue between HTTP and :mod:`enclave`: which envelope a request uses and how its reply is sealed.
+
+- Request: ``Content-Type: application/x-obol-encrypted`` (parameters tolerated) means sealed;
+  the first body byte picks v1 or v2. v2 is opened bound to the method and the path (no query).
+- Reply: v1 (Obol) seals the whole reply to the clear ``X-Obol-Reply-Pubkey``; v2 seals to the
+  reply secret inside the request, frame by frame for streams. Plaintext needs neither.
+Every defect of a sealed body is the one uniform :class:`DecryptionFailed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import enclave
+from enclave import (
+    DecryptionError,
+    EnclaveError,
+    InvalidPublicKey,
+    KeyBackend,
+    KeyBackendError,
+    ReplyKeys,
+    ReplySealer,
+    p256,
+)
+from paygate.server.errors import (
+    DecryptionFailed,
+    InvalidReplyKey,
+    KeyUnavailable,
+    ReplyKeyNotAllowed,
+)
+
+SEALED_MEDIA_TYPE = enclave.CONTENT_TYPE
+REPLY_PUBKEY_HEADER = "X-Obol-Reply-Pubkey"
+ORIGINAL_TYPE_HEADER = "X-Paygate-Content-Type"
+ENVELOPE_HEADER = "X-Paygate-Envelope"
+STREAM_MEDIA_TYPES = frozenset({"text/event-stream", "application/x-ndjson"})
+_MAX_PUBKEY_HEADER = 200  # 130 hex digits plus slack for "0x" and spaces
+
+
+def media_type(content_type: str | None) -> str:
+    """The bare, lower-case media type of a Content-Type value (``charset`` etc. dropped)."""
+    if not content_type:
+        return ""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def is_sealed(content_type: str | None) -> bool:
+    return media_type(content_type) == SEALED_MEDIA_TYPE
+
+
+def is_stream(content_type: str | None) -> bool:
+    return media_type(content_type) in STREAM_MEDIA_TYPES
+
+
+@dataclass(frozen=True, slots=True)
+class PlainReply:
+    """The reply goes back as the model server sent it."""
+
+
+@dataclass(frozen=True, slots=True)
+class V1Reply:
+    """Obol compatibility: the whole reply sealed as one v1 blob to a key from a clear header."""
+
+    public_key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class V2Reply:
+    """The reply sealed to the secret carried inside the v2 request; streams stay streams."""
+
+    keys: ReplyKeys = field(repr=False)
+
+
+ReplyPlan = PlainReply | V1Reply | V2Reply
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedBody:
+    """A request body after opening: what goes upstream and how its reply is to be sealed."""
+
+    body: bytes = field(repr=False)
+    envelope: int  # 0 plaintext, 1 or 2
+    reply: ReplyPlan
+
+
+def parse_reply_pubkey(value: str) -> bytes:
+    """The 65-byte key of an ``X-Obol-Reply-Pubkey`` header; InvalidReplyKey otherwise."""
+    if len(value) > _MAX_PUBKEY_HEADER:
+        raise InvalidReplyKey
+    try:
+        return p256.parse_public_key_hex(value)
+    except InvalidPublicKey:
+        raise InvalidReplyKey from None
+
+
+async def open_body(
+    key: KeyBackend,
+    *,
+    method: str,
+    path: str,
+    content_type: str | None,
+    body: bytes,
+    reply_pubkey: str | None,
+) -> OpenedBody:
+    """Open ``body`` if it is sealed and decide the reply plan.
+
+    The key backend may block (PKCS#11, TPM), so opening runs in the default executor.
+    """
+    v1_reply = parse_reply_pubkey(reply_pubkey) if reply_pubkey is not None else None
+    if not is_sealed(content_type):
+        return OpenedBody(body, 0, V1Reply(v1_reply) if v1_reply else PlainReply())
+    version = enclave.envelope_version(body)
+    if version == 2 and v1_reply is not None:
+        raise ReplyKeyNotAllowed
+    loop = asyncio.get_running_loop()
+    try:
+        if version == 1:
+            plaintext = await loop.run_in_executor(None, enclave.open_v1, key, body)
+            return OpenedBody(plaintext, 1, V1Reply(v1_reply) if v1_reply else PlainReply())
+        if version == 2:
+            opened = await loop.run_in_executor(None, _open_v2, key, body, method, path)
+            return OpenedBody(opened.body, 2, V2Reply(opened.reply))
+    except KeyBackendError:
+        raise KeyUnavailable from None
+    except (DecryptionError, EnclaveError, ValueError):
+        raise DecryptionFailed from None
+    raise DecryptionFailed
+
+
+def _open_v2(key: KeyBackend, body: bytes, method: str, path: str) -> enclave.OpenedRequest:
+    return enclave.open_v2(key, body, method=method, path=path)
+
+
+def seal_whole(plan: V1Reply | V2Reply, body: bytes) -> bytes:
+    """A whole (non-streamed) reply as one sealed message of the plan's envelope."""
+    if isinstance(plan, V1Reply):
+        return enclave.seal_v1(plan.public_key, body)
+    return enclave.seal_reply(plan.keys, body)
+
+
+def stream_sealer(plan: V2Reply) -> ReplySealer:
+    """A frame-by-frame sealer for a streamed v2 reply (``seal`` each chunk, ``finish`` once)."""
+    return plan.keys.sealer()
+
+
+def sealed_headers(plan: V1Reply | V2Reply, original_content_type: str | None) -> dict[str, str]:
+    """Headers of a sealed reply: the sealed media type, and the plaintext's for the client."""
+    headers = {
+        "Content-Type": SEALED_MEDIA_TYPE,
+        ENVELOPE_HEADER: "v1" if isinstance(plan, V1Reply) else "v2",
+    }
+    if original_content_type:
+        headers[ORIGINAL_TYPE_HEADER] = original_content_type
+    return headers

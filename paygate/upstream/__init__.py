@@ -1,0 +1,1 @@
+"""Model servers behind the gateway (the deterministic fake lives here; the manager will too)."""

@@ -1,0 +1,460 @@
+"""A FAKE model server for tests, the demo and the bench: it answers like Ollama, it is no model.
+
+It serves the Ollama-native and OpenAI-compatible routes the gateway forwards, with output
+derived deterministically from the input (a hash picks the words and the vector entries), so a
+test can compute the expected reply. Streams (OpenAI SSE, Ollama NDJSON) are sent at a set pace.
+
+Misbehaviour on demand, selected by the request's ``model`` (so it works through the gateway,
+sealed or not):
+
+- ``fake-error-<status>``: answer that status (400..599) with an error body in the route's shape
+- ``fake-stall-first``: never send the response headers (until the caller goes away)
+- ``fake-stall-mid``: send the first chunk, then go silent
+- ``fake-hold``: send the first chunk, then wait for :attr:`FakeModelServer.release`
+- ``fake-malformed``: send part of a stream, then cut the connection mid-transfer
+- ``fake-gzip``: compress the (non-streamed) reply with ``Content-Encoding: gzip``
+- ``fake-headers``: add headers a gateway must not relay (Set-Cookie, payment headers ...)
+
+A top-level ``"fake": {"pace": seconds, "chunks": n, "pad": bytes}`` in the body overrides the
+pace and the length, and pads each word (for backpressure tests). Every request received is
+counted per ``METHOD /path`` (unknown paths too): tests read :attr:`FakeModelServer.hits`
+directly, other processes ``GET /_fake/stats``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+STATS_PATH = "/_fake/stats"
+MODELS = ("fake-llama:latest", "fake-embed:latest")
+CREATED_AT = "2024-01-01T00:00:00Z"
+_WORDS = (
+    "amber", "basil", "cedar", "delta", "ember", "fjord", "grove", "harbor",
+    "iris", "juniper", "kelp", "lumen", "meadow", "nectar", "orbit", "pebble",
+)  # fmt: skip
+_MAX_CHUNKS = 10_000
+_MAX_PACE = 60.0
+_STALL = 3600.0  # "forever" for a test; the caller's timeout ends it first
+_HOLD_LIMIT = 60.0
+_MAX_PAD = 1 << 20
+# What "fake-headers" adds: each one must be dropped by the gateway.
+HOSTILE_HEADERS = {
+    "Set-Cookie": "session=fake",
+    "Payment-Response": "fake",
+    "X-Payment-Response": "fake",
+    "Settlement-Overrides": "fake",
+    "X-Paygate-Overhead-Ms": "-1",
+    "X-Obol-Reply-Pubkey": "04",
+    "ETag": '"fake-etag"',
+}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedRequest:
+    """What the fake saw of one request (bounded history, for header-hygiene assertions)."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+
+
+def reply_words(text: str, count: int) -> list[str]:
+    """The deterministic words of a reply to ``text``."""
+    out: list[str] = []
+    block = 0
+    while len(out) < count:
+        digest = hashlib.sha256(f"{block}:{text}".encode()).digest()
+        out.extend(_WORDS[b % len(_WORDS)] for b in digest)
+        block += 1
+    return out[:count]
+
+
+def embedding(text: str, dims: int = 8) -> list[float]:
+    """A deterministic unit-interval vector for ``text``."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round(digest[i % len(digest)] / 255, 6) for i in range(dims)]
+
+
+def _prompt(body: dict[str, Any]) -> str:
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        content = messages[-1].get("content", "")
+        return content if isinstance(content, str) else json.dumps(content, sort_keys=True)
+    for name in ("prompt", "input"):
+        value = body.get(name)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            return json.dumps(value, sort_keys=True)
+    return ""
+
+
+class FakeModelServer:
+    """The fake. Build it, then serve :attr:`app` (TestServer, AppRunner or :func:`run`)."""
+
+    def __init__(self, *, pace: float = 0.0, chunks: int = 4) -> None:
+        self.pace = pace
+        self.chunks = chunks
+        self.hits: Counter[str] = Counter()
+        self.cancelled: Counter[str] = Counter()
+        self.completed: Counter[str] = Counter()
+        self.received: deque[ReceivedRequest] = deque(maxlen=64)
+        self.release = asyncio.Event()
+        self.app = self._build()
+
+    def reset(self) -> None:
+        """Forget every count and received request (the pace and length stay)."""
+        self.hits.clear()
+        self.cancelled.clear()
+        self.completed.clear()
+        self.received.clear()
+        self.release.clear()
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {
+            "hits": dict(self.hits),
+            "cancelled": dict(self.cancelled),
+            "completed": dict(self.completed),
+        }
+
+    def _build(self) -> web.Application:
+        app = web.Application(middlewares=[self._count], client_max_size=64 * 1024 * 1024)
+        r = app.router
+        r.add_get("/", self._root)
+        r.add_get(STATS_PATH, self._stats)
+        r.add_post("/api/chat", self._ollama_chat)
+        r.add_post("/api/generate", self._ollama_generate)
+        r.add_post("/api/embed", self._ollama_embed)
+        r.add_post("/api/embeddings", self._ollama_embeddings)
+        r.add_post("/api/show", self._ollama_show)
+        r.add_get("/api/tags", self._ollama_tags)
+        r.add_get("/api/version", self._ollama_version)
+        for path in ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/ps"):
+            r.add_route("*", path, self._ollama_admin)
+        r.add_route("DELETE", "/api/delete", self._ollama_admin)
+        r.add_post("/v1/chat/completions", self._openai_chat)
+        r.add_post("/v1/completions", self._openai_completions)
+        r.add_post("/v1/embeddings", self._openai_embeddings)
+        r.add_get("/v1/models", self._openai_models)
+        r.add_get("/v1/models/{model}", self._openai_model)
+        return app
+
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path != STATS_PATH:
+            key = f"{request.method} {request.path}"
+            self.hits[key] += 1
+            body = await request.read()
+            self.received.append(
+                ReceivedRequest(
+                    request.method, request.path, request.query_string, dict(request.headers), body
+                )
+            )
+        try:
+            return await handler(request)
+        except _Answer as answer:
+            return answer.response
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    async def _json(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.read() or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise _error(request, 400, "invalid JSON body") from None
+        if not isinstance(body, dict):
+            raise _error(request, 400, "the body must be a JSON object")
+        return body
+
+    def _shape(self, body: dict[str, Any]) -> tuple[float, int, int]:
+        options = body.get("fake")
+        pace, chunks, pad = self.pace, self.chunks, 0
+        if isinstance(options, dict):
+            if isinstance(options.get("pace"), int | float):
+                pace = min(max(float(options["pace"]), 0.0), _MAX_PACE)
+            if isinstance(options.get("chunks"), int):
+                chunks = min(max(options["chunks"], 1), _MAX_CHUNKS)
+            if isinstance(options.get("pad"), int):
+                pad = min(max(options["pad"], 0), _MAX_PAD)
+        return pace, chunks, pad
+
+    async def _misbehave_first(self, request: web.Request, model: str) -> None:
+        if model.startswith("fake-error-"):
+            code = model.removeprefix("fake-error-")
+            status = int(code) if code.isdigit() else 500
+            raise _error(request, min(max(status, 400), 599), f"injected error {status}")
+        if model == "fake-stall-first":
+            await self._tracked(request, asyncio.sleep(_STALL))
+
+    async def _tracked(self, request: web.Request, work: Awaitable[Any]) -> Any:
+        try:
+            return await work
+        except (asyncio.CancelledError, ConnectionResetError):
+            # The caller (the gateway) went away: the proof of disconnect propagation.
+            self.cancelled[f"{request.method} {request.path}"] += 1
+            raise
+
+    async def _stream(
+        self,
+        request: web.Request,
+        model: str,
+        pace: float,
+        lines: Iterator[bytes],
+        content_type: str,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": content_type})
+        await response.prepare(request)
+
+        async def pump() -> None:
+            for index, line in enumerate(lines):
+                if index > 0 and pace:
+                    await asyncio.sleep(pace)
+                await response.write(line)
+                if index == 0 and await self._after_first(request, model):
+                    return
+            await response.write_eof()
+
+        await self._tracked(request, pump())
+        self.completed[f"{request.method} {request.path}"] += 1
+        return response
+
+    async def _after_first(self, request: web.Request, model: str) -> bool:
+        """Misbehaviour after the first chunk; True means the stream was cut."""
+        if model == "fake-stall-mid":
+            await asyncio.sleep(_STALL)
+        elif model == "fake-hold":
+            async with asyncio.timeout(_HOLD_LIMIT):
+                await self.release.wait()
+        elif model == "fake-malformed" and request.transport is not None:
+            # Cut the chunked transfer before its terminator: a broken upstream stream.
+            request.transport.close()
+            return True
+        return False
+
+    async def _reply(self, request: web.Request, model: str, payload: Any) -> web.Response:
+        self.completed[f"{request.method} {request.path}"] += 1
+        data = json.dumps(payload).encode()
+        if model == "fake-headers":
+            return web.Response(body=data, content_type="application/json", headers=HOSTILE_HEADERS)
+        if model == "fake-gzip":
+            return web.Response(
+                body=gzip.compress(data),
+                headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            )
+        return web.Response(body=data, content_type="application/json")
+
+    # --- Ollama --------------------------------------------------------------------------------
+
+    async def _root(self, request: web.Request) -> web.Response:
+        return web.Response(text="Fake model server is running (a test fake, not Ollama)")
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats())
+
+    async def _ollama_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._ollama_text(request, chat=True)
+
+    async def _ollama_generate(self, request: web.Request) -> web.StreamResponse:
+        return await self._ollama_text(request, chat=False)
+
+    async def _ollama_text(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        body = await self._json(request)
+        model = str(body.get("model", ""))
+        await self._misbehave_first(request, model)
+        pace, count, pad = self._shape(body)
+        words = [word + "." * pad for word in reply_words(_prompt(body), count)]
+
+        def part(text: str, done: bool) -> dict[str, Any]:
+            out: dict[str, Any] = {"model": model, "created_at": CREATED_AT}
+            if chat:
+                out["message"] = {"role": "assistant", "content": text}
+            else:
+                out["response"] = text
+            out["done"] = done
+            if done:
+                out.update(done_reason="stop", prompt_eval_count=1, eval_count=count)
+            return out
+
+        if body.get("stream", True) is not False:  # Ollama streams unless told not to
+
+            def lines() -> Iterator[bytes]:
+                for word in words:
+                    yield json.dumps(part(" " + word, False)).encode() + b"\n"
+                yield json.dumps(part("", True)).encode() + b"\n"
+
+            return await self._stream(request, model, pace, lines(), "application/x-ndjson")
+        return await self._reply(request, model, part(" " + " ".join(words), True))
+
+    async def _ollama_embed(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        model = str(body.get("model", ""))
+        await self._misbehave_first(request, model)
+        inputs = body.get("input", "")
+        texts = inputs if isinstance(inputs, list) else [inputs]
+        vectors = [embedding(str(text)) for text in texts]
+        return await self._reply(request, model, {"model": model, "embeddings": vectors})
+
+    async def _ollama_embeddings(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        model = str(body.get("model", ""))
+        await self._misbehave_first(request, model)
+        return await self._reply(
+            request, model, {"embedding": embedding(str(body.get("prompt", "")))}
+        )
+
+    async def _ollama_show(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        model = str(body.get("model", ""))
+        await self._misbehave_first(request, model)
+        return await self._reply(
+            request,
+            model,
+            {
+                "modelfile": f"# fake modelfile for {model}",
+                "parameters": "",
+                "template": "{{ .Prompt }}",
+                "details": {"family": "fake", "parameter_size": "0B", "format": "fake"},
+                "model_info": {},
+            },
+        )
+
+    async def _ollama_tags(self, request: web.Request) -> web.Response:
+        models = [
+            {
+                "name": name,
+                "model": name,
+                "modified_at": CREATED_AT,
+                "size": 1,
+                "digest": hashlib.sha256(name.encode()).hexdigest(),
+                "details": {"family": "fake"},
+            }
+            for name in MODELS
+        ]
+        return await self._reply(request, "", {"models": models})
+
+    async def _ollama_version(self, request: web.Request) -> web.Response:
+        return await self._reply(request, "", {"version": "0.0.0-fake"})
+
+    async def _ollama_admin(self, request: web.Request) -> web.Response:
+        # Counted by the middleware: a test asserts these are never reached through the gateway.
+        return web.json_response({"status": "success"})
+
+    # --- OpenAI --------------------------------------------------------------------------------
+
+    async def _openai_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._openai_text(request, chat=True)
+
+    async def _openai_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._openai_text(request, chat=False)
+
+    async def _openai_text(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        body = await self._json(request)
+        model = str(body.get("model", ""))
+        await self._misbehave_first(request, model)
+        pace, count, pad = self._shape(body)
+        prompt = _prompt(body)
+        words = [word + "." * pad for word in reply_words(prompt, count)]
+        ident = "fake-" + hashlib.sha256(prompt.encode()).hexdigest()[:12]
+        usage = {"prompt_tokens": 1, "completion_tokens": count, "total_tokens": count + 1}
+        if body.get("stream") is True:
+            kind = "chat.completion.chunk" if chat else "text_completion"
+
+            def event(text: str | None, finish: str | None) -> bytes:
+                if chat:
+                    delta = {"content": text} if text is not None else {}
+                    choice: dict[str, Any] = {"index": 0, "delta": delta}
+                else:
+                    choice = {"index": 0, "text": text or ""}
+                choice["finish_reason"] = finish
+                chunk = {"id": ident, "object": kind, "created": 0, "model": model}
+                chunk["choices"] = [choice]
+                return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+            def lines() -> Iterator[bytes]:
+                for word in words:
+                    yield event(" " + word, None)
+                yield event(None, "stop")
+                yield b"data: [DONE]\n\n"
+
+            return await self._stream(request, model, pace, lines(), "text/event-stream")
+        text = " " + " ".join(words)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+        else:
+            choice = {"index": 0, "text": text}
+        choice["finish_reason"] = "stop"
+        payload = {
+            "id": ident,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": 0,
+            "model": model,
+            "choices": [choice],
+            "usage": usage,
+        }
+        return await self._reply(request, model, payload)
+
+    async def _openai_embeddings(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        model = str(body.get("model", ""))
+        await self._misbehave_first(request, model)
+        inputs = body.get("input", "")
+        texts = inputs if isinstance(inputs, list) else [inputs]
+        data = [
+            {"object": "embedding", "index": i, "embedding": embedding(str(text))}
+            for i, text in enumerate(texts)
+        ]
+        return await self._reply(
+            request,
+            model,
+            {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": 1}},
+        )
+
+    async def _openai_models(self, request: web.Request) -> web.Response:
+        data = [_model_card(name) for name in MODELS]
+        return await self._reply(request, "", {"object": "list", "data": data})
+
+    async def _openai_model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in MODELS:
+            raise _error(request, 404, f"model {name!r} not found")
+        return await self._reply(request, "", _model_card(name))
+
+
+def _model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "fake"}
+
+
+class _Answer(Exception):
+    """Raised to answer at once with ``response`` (errors on demand, bad input)."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+def _error(request: web.Request, status: int, message: str) -> _Answer:
+    if request.path.startswith("/v1/"):
+        body: dict[str, Any] = {
+            "error": {"message": message, "type": "invalid_request_error", "code": None}
+        }
+    else:
+        body = {"error": message}
+    return _Answer(web.json_response(body, status=status))
+
+
+def run(host: str, port: int, *, pace: float = 0.0, chunks: int = 4) -> None:
+    """Serve a fake on ``host:port`` until interrupted (``paygate fake-upstream``)."""
+    fake = FakeModelServer(pace=pace, chunks=chunks)
+    web.run_app(fake.app, host=host, port=port, handler_cancellation=True, print=None)
