@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from enclave import EnclaveError
-from paygate.cli import demo, keys
+from paygate.cli import demo, keys, serve
 from paygate.errors import PaygateError
 
-COMMANDS = (keys, demo)
+COMMANDS = (keys, demo, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,79 @@
+"""``paygate serve`` (the gateway) and ``paygate fake-upstream`` (the FAKE model server).
+
+``serve`` builds the app from settings, listens, and on SIGTERM or SIGINT stops accepting,
+lets in-flight requests and streams finish for up to ``shutdown_grace_seconds``, then closes
+the upstream session and the key backend and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from paygate.config import load_settings, split_listen
+from paygate.server.app import build_app, server_options
+from paygate.server.logs import SafeAccessLogger, install_safe_logging
+
+log = logging.getLogger("paygate.serve")
+
+
+def register(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="run the gateway in front of the model server")
+    # SUPPRESS: `paygate --config F serve` and `paygate serve --config F` both work.
+    serve.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
+    serve.add_argument("--listen", help="host:port to listen on (PAYGATE_LISTEN)")
+    serve.add_argument("--upstream-url", help="model server base URL (PAYGATE_UPSTREAM_URL)")
+    serve.set_defaults(run=_serve)
+
+    fake = sub.add_parser(
+        "fake-upstream", help="run the deterministic FAKE model server (tests and demos only)"
+    )
+    fake.add_argument("--listen", default="127.0.0.1:11434", help="host:port (loopback default)")
+    fake.add_argument("--pace", type=float, default=0.0, help="seconds between stream chunks")
+    fake.add_argument("--chunks", type=int, default=4, help="words in each reply")
+    fake.set_defaults(run=_fake_upstream)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    overrides = {
+        name: value
+        for name, value in (("listen", args.listen), ("upstream_url", args.upstream_url))
+        if value is not None
+    }
+    settings = load_settings(args.config, **overrides)
+    install_safe_logging()
+    app = build_app(settings)  # refuses unimplemented payment modes before listening
+    log.info(
+        "paygate gateway on %s, payment_mode=%s, key_backend=%s",
+        settings.listen,
+        settings.payment_mode,
+        settings.key_backend,
+    )
+    web.run_app(
+        app,
+        host=settings.listen_host,
+        port=settings.listen_port,
+        shutdown_timeout=settings.shutdown_grace_seconds,
+        access_log_class=SafeAccessLogger,
+        print=None,
+        **server_options(settings),
+    )
+    log.info("paygate gateway stopped")
+    return 0
+
+
+def _fake_upstream(args: argparse.Namespace) -> int:
+    from paygate.upstream import fake_model
+
+    try:
+        host, port = split_listen(args.listen)
+    except ValueError as exc:
+        raise SystemExit(f"--listen: {exc}") from None
+    install_safe_logging()
+    log.info("FAKE model server (not a model) on %s", args.listen)
+    fake_model.run(host, port, pace=args.pace, chunks=args.chunks)
+    return 0

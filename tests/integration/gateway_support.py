@@ -1,0 +1,113 @@
+"""The gateway and the FAKE model server on real loopback sockets, for the gateway tests.
+
+``running_stack`` starts both in the running event loop; ``ThreadedStack`` runs the same in a
+background thread for synchronous tests (hypothesis). Every wait here has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from enclave import SoftwareKey
+from paygate.config import Settings, load_settings
+from paygate.server.app import build_app, server_options
+from paygate.upstream.fake_model import FakeModelServer
+
+TIMEOUT = aiohttp.ClientTimeout(total=15)
+
+
+@dataclass
+class Stack:
+    fake: FakeModelServer
+    key: SoftwareKey
+    settings: Settings
+    url: str  # the gateway
+    fake_url: str
+    client: aiohttp.ClientSession
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.url.removeprefix("http://").rpartition(":")
+        return host, int(port)
+
+
+async def _serve(app: web.Application, **options: Any) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, shutdown_timeout=2.0, **options)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return runner, f"http://{host}:{port}"
+
+
+@contextlib.asynccontextmanager
+async def running_stack(
+    *, upstream_url: str | None = None, fake: FakeModelServer | None = None, **overrides: Any
+) -> AsyncIterator[Stack]:
+    """The fake on a free port, and a gateway (software key in memory) in front of it."""
+    fake = fake or FakeModelServer()
+    fake_runner, fake_url = await _serve(fake.app, handler_cancellation=True)
+    key = SoftwareKey.generate()
+    settings = load_settings(None, upstream_url=upstream_url or fake_url, **overrides)
+    gateway_runner, url = await _serve(build_app(settings, key=key), **server_options(settings))
+    client = aiohttp.ClientSession(timeout=TIMEOUT)
+    try:
+        yield Stack(fake, key, settings, url, fake_url, client)
+    finally:
+        await client.close()
+        await gateway_runner.cleanup()
+        await fake_runner.cleanup()
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds, failing after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+class ThreadedStack:
+    """A running stack in its own thread and loop; ``with ThreadedStack() as stack: ...``."""
+
+    def __init__(self, **overrides: Any) -> None:
+        self._overrides = overrides
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.stack: Stack | None = None
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            async with running_stack(**self._overrides) as stack:
+                self.stack = stack
+                self._ready.set()
+                await self._stop.wait()
+        except BaseException as exc:
+            self.error = exc
+            self._ready.set()
+
+    def __enter__(self) -> Stack:
+        self._thread.start()
+        if not self._ready.wait(15) or self.stack is None:
+            raise RuntimeError(f"stack did not start: {self.error!r}")
+        return self.stack
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(15)
