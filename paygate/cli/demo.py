@@ -1,15 +1,19 @@
-"""``paygate demo``: the appliance's envelope path end to end on real (simulated) hardware.
+"""``paygate demo``: the appliance end to end on real (simulated) hardware, on loopback.
 
-Creates a throw-away SoftHSM2 token and a swtpm TPM, generates the appliance key inside each,
-then plays caller and appliance: seal a request (v1 and v2), open it with the hardware key,
-stream a sealed reply back and open it chunk by chunk, and show that tampering is refused.
-Prompts are demo strings; nothing leaves this machine.
+Creates a throw-away SoftHSM2 token and a swtpm TPM and generates the appliance key inside each.
+Part 1 plays caller and appliance at the envelope level: seal (v1 and v2), open with the hardware
+key, stream a sealed reply back, refuse tampering. Part 2 runs the real gateway (``paygate
+serve``'s app) with the TPM key in front of the FAKE model server and sends it sealed requests
+over HTTP: a v2 stream opened chunk by chunk as it arrives, an Obol-style v1 request, and a
+path the route table does not know. Payments are off in this demo. Nothing leaves 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import json
 import os
 import tempfile
 import time
@@ -17,9 +21,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+from aiohttp import web
+
 import enclave
-from enclave import DecryptionError, KeyBackend
+from enclave import DecryptionError, KeyBackend, SoftwareKey
 from paygate import devstack
+from paygate.config import load_settings
+from paygate.server.app import build_app
+from paygate.upstream.fake_model import FakeModelServer
 
 PROMPT = b'{"model":"demo","messages":[{"role":"user","content":"Is this private?"}],"stream":true}'
 REPLY_CHUNKS = [
@@ -102,6 +112,71 @@ def _exercise(name: str, key: KeyBackend) -> None:
         print(f"   one bit flipped -> refused: {exc}")
 
 
+async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, shutdown_timeout=2.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return runner, f"http://{host}:{port}"
+
+
+def _print_deltas(chunk: bytes, start: float) -> None:
+    for line in chunk.decode().splitlines():
+        if line.startswith("data: {"):
+            delta = json.loads(line[6:])["choices"][0]["delta"]
+            print(f"     +{_ms(start):>10}  {delta.get('content', '')!r}")
+
+
+async def _gateway_demo(key: KeyBackend) -> None:
+    fake = FakeModelServer(pace=0.05, chunks=6)
+    fake_runner, fake_url = await _serve(fake.app)
+    settings = load_settings(None, upstream_url=fake_url, payment_mode="off")
+    gateway_runner, url = await _serve(build_app(settings, key=key))
+    print(f"\n== the gateway at {url}, in front of the FAKE model server at {fake_url}")
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            async with http.get(f"{url}/v1/enclave/pubkey") as resp:
+                pubkey = bytes.fromhex((await resp.json())["pubkey"])
+            print(f"   GET /v1/enclave/pubkey -> {pubkey.hex()[:32]}… (the TPM key)")
+
+            path = "/v1/chat/completions"
+            body = json.dumps(
+                {"model": "demo", "stream": True,
+                 "messages": [{"role": "user", "content": "stream me a sealed answer"}]}
+            ).encode()  # fmt: skip
+            sealed = enclave.seal_v2(pubkey, body, method="POST", path=path)
+            opener = sealed.reply.opener()
+            start = time.perf_counter()
+            headers = {"Content-Type": enclave.CONTENT_TYPE}
+            async with http.post(url + path, data=sealed.blob, headers=headers) as resp:
+                kind = resp.headers.get("X-Paygate-Content-Type")
+                print(f"   POST {path} (v2, sealed, stream) -> {resp.status}, carries {kind}")
+                async for data in resp.content.iter_any():
+                    for chunk in opener.feed(data):
+                        _print_deltas(chunk, start)
+                opener.close()
+            print("   stream complete and authenticated (final frame seen)")
+
+            reply_key = SoftwareKey.generate()
+            blob = enclave.seal_v1(pubkey, json.dumps({"model": "demo", "prompt": "hi"}).encode())
+            v1_headers = {
+                "Content-Type": enclave.CONTENT_TYPE,
+                "X-Obol-Reply-Pubkey": reply_key.public_key.hex(),
+            }
+            async with http.post(f"{url}/v1/completions", data=blob, headers=v1_headers) as resp:
+                reply = json.loads(enclave.open_v1(reply_key, await resp.read()))
+            text = reply["choices"][0]["text"]
+            print(f"   POST /v1/completions (v1, Obol-style) -> {resp.status}: {text!r}")
+
+            async with http.post(f"{url}/api/pull", json={"model": "x"}) as resp:
+                seen = fake.stats()["hits"].get("/api/pull", 0)
+                print(f"   POST /api/pull -> {resp.status} (not forwarded: the fake saw {seen})")
+    finally:
+        await gateway_runner.cleanup()
+        await fake_runner.cleanup()
+
+
 def run(args: argparse.Namespace) -> int:
     print("paygate demo: sealed envelopes with keys that never leave hardware")
     with (
@@ -110,5 +185,6 @@ def run(args: argparse.Namespace) -> int:
     ):
         for name, key in keys:
             _exercise(name, key)
-    print("\nok: every request opened only inside the token/TPM; tampering was refused")
+        asyncio.run(_gateway_demo(keys[-1][1]))
+    print("\nok: prompts opened only inside the token/TPM; tampering and unknown routes refused")
     return 0

@@ -121,3 +121,7 @@ def test_demo_runs_end_to_end() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("opened in order") == 2
     assert result.stdout.count("refused: decryption failed") == 4
+    # part 2: the real gateway in front of the fake, with the TPM key
+    assert "(v2, sealed, stream) -> 200, carries text/event-stream" in result.stdout
+    assert "stream complete and authenticated" in result.stdout
+    assert "POST /api/pull -> 404 (not forwarded: the fake saw 0)" in result.stdout
