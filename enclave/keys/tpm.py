@@ -56,7 +56,7 @@ from enclave.errors import (
 from enclave.keys.base import ClosingKey, KeyInfo
 
 if TYPE_CHECKING:
-    from tpm2_pytss import ESAPI, ESYS_TR, TPM2B_PUBLIC
+    from tpm2_pytss import ESAPI, ESYS_TR, TPM2B_PRIVATE, TPM2B_PUBLIC
 
 PUBLIC_BLOB = "ecdh.pub"  # marshalled TPM2B_PUBLIC of the key
 PRIVATE_BLOB = "ecdh.priv"  # marshalled TPM2B_PRIVATE, wrapped by the parent
@@ -219,6 +219,22 @@ def _release(esapi: ESAPI, handles: list[ESYS_TR]) -> None:
         esapi.close()
 
 
+def _load_under_parent(esapi: ESAPI, tcti: str, load: Callable[[ESYS_TR], ESYS_TR]) -> ESYS_TR:
+    """Create the parent, ``load`` the key under it, then flush the parent (a loaded key no
+    longer needs it), so an open key holds one transient slot. On any failure everything loaded
+    is flushed and the connection closed: without a resource manager nothing may leak."""
+    loaded: list[ESYS_TR] = []
+    try:
+        loaded.append(_create_primary(esapi, tcti))
+        child = load(loaded[0])
+        loaded.append(child)
+        _flush(esapi, [loaded.pop(0)])
+    except BaseException:
+        _release(esapi, loaded)
+        raise
+    return child
+
+
 def _read_blob(path: Path) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -275,29 +291,24 @@ class TpmKey(ClosingKey):
             if (directory / name).exists():
                 raise KeyExists(f"TPM key blob already exists: {directory / name}")
         esapi = _connect(tcti)
-        loaded: list[ESYS_TR] = []
-        try:
-            primary = _create_primary(esapi, tcti)
-            loaded.append(primary)
+        created: list[tuple[TPM2B_PRIVATE, TPM2B_PUBLIC, bytes]] = []
+
+        def create_and_load(primary: ESYS_TR) -> ESYS_TR:
             private, public = _tpm(
                 "create the ECDH key", tcti, esapi.create, primary, None, ecdh_key_template()
             )[:2]
-            point = _check_key_public(public, directory / PUBLIC_BLOB)
-            child = _tpm("load the ECDH key", tcti, esapi.load, primary, private, public)
-            loaded.append(child)
-            _flush(esapi, [loaded.pop(0)])  # the parent: the loaded key no longer needs it
+            created.append((private, public, _check_key_public(public, directory / PUBLIC_BLOB)))
+            return _tpm("load the ECDH key", tcti, esapi.load, primary, private, public)
+
+        child = _load_under_parent(esapi, tcti, create_and_load)
+        private, public, point = created[0]
+        try:
             # Stored last: a failure above leaves no blobs behind to block a retry.
             _store_blobs(directory, public.marshal(), private.marshal())
         except BaseException:
-            _release(esapi, loaded)
+            _release(esapi, [child])
             raise
-        return cls(
-            esapi=esapi,
-            child=child,
-            public_key=point,
-            tcti=tcti,
-            key_dir=directory,
-        )
+        return cls(esapi=esapi, child=child, public_key=point, tcti=tcti, key_dir=directory)
 
     @classmethod
     def open(cls, tcti: str, key_dir: str | os.PathLike[str]) -> TpmKey:
@@ -317,25 +328,16 @@ class TpmKey(ClosingKey):
         private = _unmarshal(TPM2B_PRIVATE, raw_private, directory / PRIVATE_BLOB)
         point = _check_key_public(public, directory / PUBLIC_BLOB)
         esapi = _connect(tcti)
-        loaded: list[ESYS_TR] = []
-        try:
-            primary = _create_primary(esapi, tcti)
-            loaded.append(primary)
-            # TPM2_Load checks the private blob's integrity against the parent and the public
-            # area: blobs from another TPM, or edited ones, are refused here.
-            child = _tpm("load the ECDH key blobs", tcti, esapi.load, primary, private, public)
-            loaded.append(child)
-            _flush(esapi, [loaded.pop(0)])  # the parent: the loaded key no longer needs it
-        except BaseException:
-            _release(esapi, loaded)
-            raise
-        return cls(
-            esapi=esapi,
-            child=child,
-            public_key=point,
-            tcti=tcti,
-            key_dir=directory,
+        # TPM2_Load checks the private blob's integrity against the parent and the public area:
+        # blobs from another TPM, or edited ones, are refused here.
+        child = _load_under_parent(
+            esapi,
+            tcti,
+            lambda primary: _tpm(
+                "load the ECDH key blobs", tcti, esapi.load, primary, private, public
+            ),
         )
+        return cls(esapi=esapi, child=child, public_key=point, tcti=tcti, key_dir=directory)
 
     @property
     def public_key(self) -> bytes:
