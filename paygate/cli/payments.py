@@ -1,0 +1,184 @@
+"""``paygate payments list|show``: what the payment ledger holds, for operators.
+
+The ledger is opened read-only (nothing is created; a missing file is ``ledger_not_found``).
+The signed payload is never printed: only whether one is stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from paygate.config import load_settings
+from paygate.x402.ledger import MAX_LIST_LIMIT, PaymentNotFound, PaymentRecord, PaymentState
+from paygate.x402.ledger_sqlite import SqliteLedger
+
+USDC_DECIMALS = 6
+
+
+def register(sub: Any) -> None:
+    payments = sub.add_parser("payments", help="list or show payments in the ledger")
+    actions = payments.add_subparsers(dest="payments_command", required=True, metavar="ACTION")
+
+    listing = actions.add_parser("list", help="recent payments, newest first")
+    listing.add_argument("--state", choices=[state.value for state in PaymentState])
+    listing.add_argument(
+        "--limit", type=_limit, default=50, help=f"at most N rows (1-{MAX_LIST_LIMIT}, default 50)"
+    )
+    listing.set_defaults(run=_list)
+
+    show = actions.add_parser("show", help="one payment in full (never its signed payload)")
+    show.add_argument("id", help="the payment id (32 hex digits)")
+    show.set_defaults(run=_show)
+
+    for parser in (listing, show):
+        parser.add_argument("--ledger-path", type=Path, help="ledger file (default: settings)")
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _limit(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIST_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_LIST_LIMIT}")
+    return int(text)
+
+
+def _ledger_path(args: argparse.Namespace) -> Path:
+    if args.ledger_path is not None:
+        return Path(args.ledger_path)
+    return load_settings(args.config).ledger_path
+
+
+def describe(record: PaymentRecord, now: float) -> dict[str, Any]:
+    """Everything about a payment that is safe to show: all but the signed payload."""
+    return {
+        "id": record.id,
+        "state": record.state.value,
+        "served": record.served,
+        "network": record.network,
+        "asset": record.asset,
+        "payer": record.payer,
+        "pay_to": record.pay_to,
+        "nonce": record.nonce,
+        "amount": str(record.amount),
+        "amount_usdc": usdc(record.amount),
+        "x402_version": record.x402_version,
+        "route": record.route,
+        "idempotency_key": record.idempotency_key,
+        "transaction": record.transaction,
+        "error": record.error,
+        "attempts": record.attempts,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+        "age_seconds": round(max(0.0, now - record.created_at), 3),
+        "payload_stored": bool(record.payload),
+    }
+
+
+def usdc(amount: int) -> str:
+    """Atomic units as a 6-decimal USDC amount: 1000 → "0.001000"."""
+    return f"{Decimal(amount).scaleb(-USDC_DECIMALS):.{USDC_DECIMALS}f}"
+
+
+def _short(value: str | None, head: int = 6, tail: int = 4) -> str:
+    if not value:
+        return "-"
+    return value if len(value) <= head + tail + 1 else f"{value[:head]}…{value[-tail:]}"
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _when(stamp: float) -> str:
+    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+async def _read_list(path: Path, state: PaymentState | None, limit: int) -> list[PaymentRecord]:
+    async with await SqliteLedger.open(path, read_only=True) as ledger:
+        return await ledger.list(state=state, limit=limit)
+
+
+async def _read_one(path: Path, payment_id: str) -> PaymentRecord | None:
+    async with await SqliteLedger.open(path, read_only=True) as ledger:
+        return await ledger.get(payment_id)
+
+
+def _list(args: argparse.Namespace) -> int:
+    state = PaymentState(args.state) if args.state else None
+    records = asyncio.run(_read_list(_ledger_path(args), state, args.limit))
+    now = time.time()
+    if args.json:
+        print(json.dumps([describe(record, now) for record in records], indent=2))
+        return 0
+    if not records:
+        print("no payments")
+        return 0
+    rows = [("ID", "STATE", "SERVED", "NETWORK", "PAYER", "USDC", "TX", "AGE", "ERROR")]
+    rows += [
+        (
+            r.id,
+            r.state.value,
+            "yes" if r.served else "no",
+            r.network,
+            _short(r.payer),
+            usdc(r.amount),
+            _short(r.transaction, 8, 6),
+            _age(now - r.created_at),
+            r.error or "-",
+        )
+        for r in records
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[-1]]).rstrip())
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    record = asyncio.run(_read_one(_ledger_path(args), args.id))
+    if record is None:
+        raise PaymentNotFound(f"no payment {args.id[:64]!r} in the ledger")
+    facts = describe(record, time.time())
+    try:
+        facts["requirements"] = json.loads(record.requirements)
+    except ValueError:
+        facts["requirements"] = None  # stored as given; not JSON is not worth failing on
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return 0
+    for name in (
+        "id",
+        "state",
+        "served",
+        "network",
+        "asset",
+        "payer",
+        "pay_to",
+        "nonce",
+        "amount",
+        "amount_usdc",
+        "x402_version",
+        "route",
+        "idempotency_key",
+        "transaction",
+        "error",
+        "attempts",
+    ):
+        value = facts[name]
+        print(f"{name:16} {'-' if value is None else value}")
+    print(f"{'created':16} {_when(record.created_at)} ({_age(facts['age_seconds'])} ago)")
+    print(f"{'updated':16} {_when(record.updated_at)}")
+    print(f"{'payload':16} {'stored (signed; not shown)' if record.payload else 'none'}")
+    print(f"{'requirements':16} {json.dumps(facts['requirements'], sort_keys=True)}")
+    return 0

@@ -1,0 +1,101 @@
+"""Throw-away local chain components for the demo and the tests; nothing here is used in
+production serving.
+
+- :class:`Anvil` / :func:`start_anvil`: a local EVM (npm anvil) with chain id 84532 and a USDC
+  stand-in (our EIP3009Token) at Base Sepolia's USDC address, plus a Multicall3 stand-in.
+- :class:`FacilitatorServer` (in-process thread) and :class:`FacilitatorProcess` (child process):
+  a real x402 facilitator (the official SDK) over HTTP on loopback, with switchable faults.
+- :func:`sign_v2_payment` / :func:`sign_v1_payment`: payments signed by the SDK's paying client.
+
+The facilitator and payer parts need the x402 SDK (the ``dev`` extra). Every name is imported on
+first use, so ``import paygate.devchain`` is cheap and needs neither web3 nor the SDK.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from paygate.devchain.constants import (
+    CHAIN_ID,
+    MULTICALL3_ADDRESS,
+    NETWORK,
+    NETWORK_V1,
+    USDC_ADDRESS,
+    USDC_DECIMALS,
+    USDC_NAME,
+    USDC_VERSION,
+)
+
+if TYPE_CHECKING:
+    from paygate.devchain.accounts import DevAccount, dev_accounts, new_account
+    from paygate.devchain.anvil import Anvil, AnvilError, start_anvil
+    from paygate.devchain.facilitator import FacilitatorServer, FacilitatorSettings
+    from paygate.devchain.facilitator_process import FacilitatorProcess
+    from paygate.devchain.faults import FacilitatorStats, Fault, FaultControls
+    from paygate.devchain.payer import (
+        encode_header,
+        facilitator_request,
+        requirements_v1,
+        requirements_v2,
+        sign_v1_payment,
+        sign_v2_payment,
+    )
+
+# Imported on first use: web3 and the x402 SDK take a second or two to import.
+_LAZY = {
+    "DevAccount": "paygate.devchain.accounts",
+    "dev_accounts": "paygate.devchain.accounts",
+    "new_account": "paygate.devchain.accounts",
+    "Anvil": "paygate.devchain.anvil",
+    "AnvilError": "paygate.devchain.anvil",
+    "start_anvil": "paygate.devchain.anvil",
+    "FacilitatorServer": "paygate.devchain.facilitator",
+    "FacilitatorSettings": "paygate.devchain.facilitator",
+    "FacilitatorProcess": "paygate.devchain.facilitator_process",
+    "FacilitatorStats": "paygate.devchain.faults",
+    "Fault": "paygate.devchain.faults",
+    "FaultControls": "paygate.devchain.faults",
+    "encode_header": "paygate.devchain.payer",
+    "facilitator_request": "paygate.devchain.payer",
+    "requirements_v1": "paygate.devchain.payer",
+    "requirements_v2": "paygate.devchain.payer",
+    "sign_v1_payment": "paygate.devchain.payer",
+    "sign_v2_payment": "paygate.devchain.payer",
+}
+
+__all__ = [
+    "CHAIN_ID",
+    "MULTICALL3_ADDRESS",
+    "NETWORK",
+    "NETWORK_V1",
+    "USDC_ADDRESS",
+    "USDC_DECIMALS",
+    "USDC_NAME",
+    "USDC_VERSION",
+    "Anvil",
+    "AnvilError",
+    "DevAccount",
+    "FacilitatorProcess",
+    "FacilitatorServer",
+    "FacilitatorSettings",
+    "FacilitatorStats",
+    "Fault",
+    "FaultControls",
+    "dev_accounts",
+    "encode_header",
+    "facilitator_request",
+    "new_account",
+    "requirements_v1",
+    "requirements_v2",
+    "sign_v1_payment",
+    "sign_v2_payment",
+    "start_anvil",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

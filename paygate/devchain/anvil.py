@@ -1,0 +1,264 @@
+"""One anvil (local EVM chain) on 127.0.0.1 with the USDC stand-in where x402 expects USDC.
+
+anvil runs with ``--chain-id 84532`` (Base Sepolia). :meth:`Anvil.install_usdc` deploys
+EIP3009Token, copies its runtime code to Base Sepolia's USDC address and puts the Multicall3
+stand-in at its canonical address, so every x402 default (asset address, EIP-712 name "USDC" and
+version "2", Multicall3 diagnostics) works unchanged against this chain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from eth_typing import ChecksumAddress
+from web3 import Web3
+from web3.contract import Contract as Web3Contract
+
+from paygate.devchain.accounts import ADMIN, DevAccount, dev_accounts
+from paygate.devchain.build import load_contract
+from paygate.devchain.constants import (
+    CHAIN_ID,
+    MULTICALL3_ADDRESS,
+    NETWORK,
+    NETWORK_V1,
+    USDC_ADDRESS,
+    USDC_DECIMALS,
+    USDC_NAME,
+    USDC_VERSION,
+)
+from paygate.devchain.tools import anvil_binary
+from paygate.devstack import free_port
+from paygate.errors import PaygateError
+
+__all__ = [
+    "CHAIN_ID",
+    "MULTICALL3_ADDRESS",
+    "NETWORK",
+    "NETWORK_V1",
+    "USDC_ADDRESS",
+    "USDC_DECIMALS",
+    "USDC_NAME",
+    "USDC_VERSION",
+    "Anvil",
+    "AnvilError",
+    "start_anvil",
+]
+
+START_TIMEOUT = 10.0  # seconds for anvil to answer JSON-RPC
+STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
+RPC_TIMEOUT = 10.0  # seconds per JSON-RPC request
+RECEIPT_TIMEOUT = 10.0  # seconds for a transaction of ours to be mined
+
+
+class AnvilError(PaygateError):
+    """anvil did not start, or a dev-chain operation failed"""
+
+    code = "anvil_error"
+
+
+@dataclass
+class Anvil:
+    """An anvil process owned by this object: started on a free port, stopped by its own PID.
+
+    Mining is instant (each transaction is mined on arrival) unless :meth:`set_automine` turns it
+    off. Use as a context manager, or call :meth:`start` and :meth:`stop`.
+    """
+
+    binary: str = field(default_factory=anvil_binary)
+    chain_id: int = CHAIN_ID
+    log_path: Path | None = None  # anvil's stdout/stderr; discarded when None
+    port: int = 0
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _w3: Web3 | None = field(default=None, init=False, repr=False)
+    token_address: str | None = field(default=None, init=False)
+
+    # -- process ---------------------------------------------------------------------------
+
+    @property
+    def rpc_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid if self._proc else 0
+
+    @property
+    def w3(self) -> Web3:
+        if self._w3 is None:
+            raise AnvilError("anvil is not running")
+        return self._w3
+
+    def start(self) -> Self:
+        if self._proc is not None:
+            return self
+        last_error = ""
+        for _ in range(3):  # another process may take the port between free_port and bind
+            self.port = free_port()
+            cmd = [
+                self.binary, "--host", "127.0.0.1", "--port", str(self.port),
+                "--chain-id", str(self.chain_id), "--silent",
+            ]  # fmt: skip
+            log = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
+            try:
+                self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            finally:
+                if not isinstance(log, int):
+                    log.close()
+            self._w3 = Web3(
+                Web3.HTTPProvider(self.rpc_url, request_kwargs={"timeout": RPC_TIMEOUT})
+            )
+            if self._wait_ready():
+                return self
+            last_error = f"exit code {self._proc.poll()}"
+            self.stop()
+        raise AnvilError(f"anvil did not answer JSON-RPC on 127.0.0.1 ({last_error})")
+
+    def _wait_ready(self) -> bool:
+        assert self._proc is not None
+        assert self._w3 is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                return False
+            with contextlib.suppress(Exception):
+                if self._w3.eth.chain_id == self.chain_id:
+                    return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self) -> None:
+        """Stop our anvil by its PID (SIGTERM, then SIGKILL after a bounded wait). Idempotent."""
+        proc, self._proc, self._w3 = self._proc, None, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=STOP_TIMEOUT)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- JSON-RPC ----------------------------------------------------------------------------
+
+    def rpc(self, method: str, params: list[Any] | None = None) -> Any:
+        """A raw JSON-RPC call (for anvil_* / evm_* methods web3 has no wrapper for)."""
+        response = self.w3.provider.make_request(method, params or [])  # type: ignore[arg-type]
+        if "error" in response:
+            raise AnvilError(f"{method}: {response['error']}")
+        return response.get("result")
+
+    @property
+    def accounts(self) -> tuple[DevAccount, ...]:
+        """anvil's funded dev accounts (see paygate.devchain.accounts for the roles)."""
+        return dev_accounts()
+
+    def set_code(self, address: str, runtime_code: str) -> None:
+        self.rpc("anvil_setCode", [Web3.to_checksum_address(address), runtime_code])
+
+    def set_automine(self, enabled: bool) -> None:
+        """Off: transactions wait in the mempool until :meth:`mine` (a receipt never comes)."""
+        self.rpc("evm_setAutomine", [enabled])
+
+    def mine(self, blocks: int = 1) -> None:
+        self.rpc("anvil_mine", [hex(blocks)])
+
+    def snapshot(self) -> str:
+        """Snapshot the chain state. A facilitator whose signer cached a nonce must be
+        restarted after :meth:`revert` (its next transaction would use a nonce from the future)."""
+        return str(self.rpc("evm_snapshot"))
+
+    def revert(self, snapshot_id: str) -> None:
+        if not self.rpc("evm_revert", [snapshot_id]):
+            raise AnvilError(f"evm_revert {snapshot_id} refused")
+
+    def wait_for_receipt(self, tx_hash: str, timeout: float = RECEIPT_TIMEOUT) -> Any:
+        return self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=timeout)  # type: ignore[arg-type]
+
+    # -- contracts ---------------------------------------------------------------------------
+
+    def deploy(self, contract_name: str, sender: DevAccount | None = None) -> ChecksumAddress:
+        """Deploy a contract from the checked-in artifact; returns its address."""
+        contract = load_contract(contract_name)
+        sender = sender or self.accounts[ADMIN]
+        tx_hash = self.w3.eth.send_transaction({"from": sender.address, "data": contract.bytecode})  # type: ignore[typeddict-item]
+        receipt = self.wait_for_receipt(tx_hash.to_0x_hex())
+        if receipt["status"] != 1 or not receipt["contractAddress"]:
+            raise AnvilError(f"deploying {contract_name} failed")
+        return Web3.to_checksum_address(receipt["contractAddress"])
+
+    def install_usdc(self) -> str:
+        """Deploy the token, clone it to the Base Sepolia USDC address, add Multicall3.
+
+        Returns the USDC address. Idempotent per chain. The deployed original stays usable as a
+        second, unrelated EIP-3009 token (``token_address``).
+        """
+        if self.token_address is None:
+            self.token_address = self.deploy("EIP3009Token")
+            runtime = self.w3.eth.get_code(self.token_address).to_0x_hex()
+            self.set_code(USDC_ADDRESS, runtime)
+            self.set_code(MULTICALL3_ADDRESS, load_contract("Multicall3").deployed_bytecode)
+        return USDC_ADDRESS
+
+    def token(self, address: str = USDC_ADDRESS) -> Web3Contract:
+        return self.w3.eth.contract(
+            address=Web3.to_checksum_address(address), abi=load_contract("EIP3009Token").abi
+        )
+
+    def mint(self, to: str, atomic: int, token: str = USDC_ADDRESS) -> str:
+        """Mint ``atomic`` units (6 decimals: 1 USDC = 1_000_000) to ``to``; returns the tx hash."""
+        tx_hash = (
+            self.token(token)
+            .functions.mint(Web3.to_checksum_address(to), atomic)
+            .transact({"from": self.accounts[ADMIN].address})
+        )
+        receipt = self.wait_for_receipt(tx_hash.to_0x_hex())
+        if receipt["status"] != 1:
+            raise AnvilError("mint failed")
+        return tx_hash.to_0x_hex()
+
+    def balance_of(self, owner: str, token: str = USDC_ADDRESS) -> int:
+        return int(self.token(token).functions.balanceOf(Web3.to_checksum_address(owner)).call())
+
+    def authorization_state(
+        self, authorizer: str, nonce: str | bytes, token: str = USDC_ADDRESS
+    ) -> bool:
+        """True once an EIP-3009 nonce of ``authorizer`` is used (or canceled)."""
+        raw = bytes.fromhex(nonce.removeprefix("0x")) if isinstance(nonce, str) else nonce
+        return bool(
+            self.token(token)
+            .functions.authorizationState(Web3.to_checksum_address(authorizer), raw)
+            .call()
+        )
+
+    def eth_balance(self, address: str) -> int:
+        return int(self.w3.eth.get_balance(Web3.to_checksum_address(address)))
+
+
+def start_anvil(log_path: Path | None = None, *, with_usdc: bool = True) -> Anvil:
+    """Start an anvil and, by default, install the USDC stand-in and Multicall3."""
+    chain = Anvil(log_path=log_path).start()
+    try:
+        if with_usdc:
+            chain.install_usdc()
+    except BaseException:
+        chain.stop()
+        raise
+    return chain

@@ -1,0 +1,111 @@
+"""The x402 header codec: base64 JSON in both directions, bounded and with reasons.
+
+Every decode failure is a :class:`PaymentHeaderError` whose message is the reason a caller
+gets back (400). The reason never quotes the header: it may carry a signature.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from paygate.errors import PaygateError
+from paygate.x402.models import (
+    AnyPaymentPayload,
+    PaymentPayload,
+    PaymentPayloadV1,
+    PaymentRequired,
+    SettleResponse,
+    X402Model,
+)
+
+PAYMENT_REQUIRED = "PAYMENT-REQUIRED"
+PAYMENT_SIGNATURE = "PAYMENT-SIGNATURE"
+PAYMENT_RESPONSE = "PAYMENT-RESPONSE"
+X_PAYMENT = "X-PAYMENT"
+X_PAYMENT_RESPONSE = "X-PAYMENT-RESPONSE"
+# A payment header is a few hundred bytes; anything past this is not a payment.
+MAX_HEADER_CHARS = 16 * 1024
+
+
+class PaymentHeaderError(PaygateError):
+    """A payment header that cannot be read; the message is safe to return to the caller."""
+
+    code = "invalid_payment_header"
+
+
+def encode(model: X402Model) -> str:
+    """A model as header value: standard base64 of compact JSON in wire names."""
+    raw = json.dumps(model.wire(), separators=(",", ":"), sort_keys=True).encode()
+    return base64.b64encode(raw).decode("ascii")
+
+
+def decode_json(value: str, *, header: str) -> dict[str, Any]:
+    """Base64 (standard or URL-safe, padding optional) JSON object, bounded."""
+    value = value.strip()
+    if not value:
+        raise PaymentHeaderError(f"{header} is empty")
+    if len(value) > MAX_HEADER_CHARS:
+        raise PaymentHeaderError(f"{header} is longer than {MAX_HEADER_CHARS} characters")
+    padded = value + "=" * (-len(value) % 4)
+    try:
+        raw = base64.b64decode(padded.replace("-", "+").replace("_", "/"), validate=True)
+    except (binascii.Error, ValueError):
+        raise PaymentHeaderError(f"{header} is not base64") from None
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise PaymentHeaderError(f"{header} is not base64-encoded JSON") from None
+    if not isinstance(data, dict):
+        raise PaymentHeaderError(f"{header} must encode a JSON object")
+    return data
+
+
+def _reason(exc: ValidationError, header: str) -> str:
+    # Field locations and messages only: pydantic's default text would echo the input.
+    first = exc.errors(include_input=False, include_url=False)[0]
+    where = ".".join(str(part) for part in first.get("loc", ())) or "payload"
+    return f"{header}: {where}: {first.get('msg', 'invalid')}"
+
+
+def decode_payment(value: str, *, header: str) -> AnyPaymentPayload:
+    """A payment header (``PAYMENT-SIGNATURE`` or ``X-PAYMENT``) as a typed payload.
+
+    The version inside decides the model; a v2 payload in ``X-PAYMENT`` or the reverse is
+    accepted (clients in the wild mix them), but the version must be 1 or 2.
+    """
+    data = decode_json(value, header=header)
+    version = data.get("x402Version")
+    model: type[PaymentPayload] | type[PaymentPayloadV1]
+    if version == 2:
+        model = PaymentPayload
+    elif version == 1:
+        model = PaymentPayloadV1
+    else:
+        raise PaymentHeaderError(f"{header}: x402Version must be 1 or 2")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise PaymentHeaderError(_reason(exc, header)) from None
+
+
+def decode_payment_required(value: str) -> PaymentRequired:
+    """A v2 ``PAYMENT-REQUIRED`` header (client side)."""
+    data = decode_json(value, header=PAYMENT_REQUIRED)
+    try:
+        return PaymentRequired.model_validate(data)
+    except ValidationError as exc:
+        raise PaymentHeaderError(_reason(exc, PAYMENT_REQUIRED)) from None
+
+
+def decode_settle_response(value: str, *, header: str = PAYMENT_RESPONSE) -> SettleResponse:
+    """A receipt header (``PAYMENT-RESPONSE`` or ``X-PAYMENT-RESPONSE``) (client side)."""
+    data = decode_json(value, header=header)
+    try:
+        return SettleResponse.model_validate(data)
+    except ValidationError as exc:
+        raise PaymentHeaderError(_reason(exc, header)) from None

@@ -1,0 +1,572 @@
+"""The payment policy of one request, without HTTP: admit (challenge, check, reserve, verify),
+settle exactly once, release what was not earned, and recover after a crash.
+
+The server's adapter (``paygate.server.payment``) turns HTTP headers into calls here and
+:class:`Refusal` into responses. The order of every step is the point of this module:
+
+1. price → no payment header: a 402 challenge (dual-stack);
+2. decode (400 with the reason) → match an offer and check the authorization locally (402 with
+   a fresh challenge): a forged payment never costs a network call;
+3. reserve ``(network, asset, payer, nonce)`` in the ledger, durably, *before* any network or
+   upstream call: a concurrent or later replay of the same authorization is refused;
+4. verify with the settler (facilitator or chain); down → 503 + Retry-After, never served;
+5. after a successful reply: SERVED, then SETTLING (both durable), then settle. An unknown
+   outcome keeps the transaction hash and is reconciled — never re-signed, never re-charged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal
+
+from paygate.x402 import codec
+from paygate.x402.ledger import (
+    AlreadyReserved,
+    IdempotencyKeyReused,
+    Ledger,
+    LedgerError,
+    LedgerUnavailable,
+    PaymentRecord,
+    PaymentState,
+)
+from paygate.x402.models import (
+    AnyPaymentPayload,
+    PaymentPayload,
+    PaymentPayloadV1,
+    ResourceInfo,
+    SettleResponse,
+    payment_identifier,
+)
+from paygate.x402.networks import resolve_network
+from paygate.x402.offers import Challenge, Offer, PaymentTerms, challenge
+from paygate.x402.settler import SettlementUnknown, Settler, SettlerUnavailable
+from paygate.x402.verify import PaymentRejected, check_authorization, match_offer
+
+log = logging.getLogger("paygate.x402")
+
+PaymentMode = Literal["facilitator", "chain", "verify-only"]
+SettleTiming = Literal["after", "upfront"]
+PENDING = "settlement_pending"
+_IN_PROGRESS = (
+    PaymentState.RESERVED,
+    PaymentState.VERIFIED,
+    PaymentState.SERVED,
+    PaymentState.SETTLING,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An answer instead of service. ``challenge`` is set for 400/402 (x402's body shape)."""
+
+    status: int
+    code: str
+    message: str
+    challenge: Challenge | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """A settlement result for the caller, in the header of the payment's version."""
+
+    version: int
+    response: SettleResponse
+    # Settlement was refused for good: a non-streamed reply is withheld (402) rather than given
+    # away; a stream's content is already out, so only the receipt says so.
+    withhold: bool = False
+
+    @property
+    def header(self) -> str:
+        return codec.PAYMENT_RESPONSE if self.version == 2 else codec.X_PAYMENT_RESPONSE
+
+    def encoded(self) -> str:
+        return codec.encode(self.response)
+
+
+@dataclass(slots=True)
+class Admission:
+    """An admitted request's payment: free (``record`` None) or a reserved, verified payment."""
+
+    price: Decimal
+    record: PaymentRecord | None = None
+    payment: AnyPaymentPayload | None = field(default=None, repr=False)
+    requirements: dict[str, Any] = field(default_factory=dict, repr=False)
+    receipt: Receipt | None = None
+    settle_task: asyncio.Task[Receipt | None] | None = field(default=None, repr=False)
+    finished: bool = False
+
+    @property
+    def paid(self) -> bool:
+        return self.record is not None
+
+    @property
+    def payer(self) -> str | None:
+        return self.record.payer if self.record else None
+
+
+class PaymentProcessor:
+    """The x402 policy over a ledger and a settler; one per gateway process."""
+
+    def __init__(
+        self,
+        *,
+        terms: PaymentTerms,
+        ledger: Ledger,
+        settler: Settler,
+        mode: PaymentMode,
+        settle_timing: SettleTiming = "after",
+        settle_on_disconnect: bool = True,
+        skew_seconds: int = 5,
+        retry_after_seconds: int = 1,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.terms = terms
+        self._ledger = ledger
+        self._settler = settler
+        self._mode = mode
+        self._timing = settle_timing
+        self._settle_on_disconnect = settle_on_disconnect
+        self._skew = skew_seconds
+        self._retry_after = str(retry_after_seconds)
+        self._clock = clock
+        self._background: set[asyncio.Task[Any]] = set()
+        self._in_flight: set[str] = set()  # record ids this process is settling right now
+
+    # --- admission ---
+
+    async def admit(
+        self,
+        headers: Mapping[str, str],
+        *,
+        price: Decimal,
+        resource: ResourceInfo,
+        route: str,
+    ) -> Admission | Refusal:
+        """Admit a request at ``price`` or refuse it; a free request needs no payment."""
+        if price <= 0:
+            return Admission(price=price)
+        offers = self.terms.offers(price)
+        raw, header = _payment_header(headers)
+        if raw is None:
+            return self._challenge(402, "payment_required", "payment required", offers, resource)
+        try:
+            payment = codec.decode_payment(raw, header=header)
+            key = payment_identifier(
+                payment.extensions if isinstance(payment, PaymentPayload) else None
+            )
+        except codec.PaymentHeaderError as exc:
+            return self._challenge(400, "invalid_payment", str(exc), offers, resource)
+        except ValueError as exc:
+            return self._challenge(400, "invalid_payment", str(exc), offers, resource)
+        if key is None and self.terms.require_payment_identifier and payment.x402_version == 2:
+            return self._challenge(
+                400,
+                "invalid_payment",
+                "the payment-identifier extension is required",
+                offers,
+                resource,
+            )
+        try:
+            offer = match_offer(payment, offers)
+            check_authorization(payment, offer, now=int(self._clock()), skew=self._skew)
+        except PaymentRejected as exc:
+            return self._challenge(402, exc.reason, str(exc), offers, resource)
+        requirements = _requirements(payment, offer, resource)
+        try:
+            record = await self._reserve(payment, offer, requirements, route, key)
+        except AlreadyReserved as exc:
+            return await self._replayed(exc.record, price, offers, resource, requirements)
+        except IdempotencyKeyReused:
+            return Refusal(
+                409,
+                "idempotency_key_reused",
+                "this payment-identifier belongs to another payment",
+            )
+        except LedgerUnavailable:
+            return self._unavailable("ledger_unavailable", "the payment ledger is unavailable")
+        admission = Admission(
+            price=price, record=record, payment=payment, requirements=requirements
+        )
+        return await self._verify(admission, offers, resource)
+
+    async def _reserve(
+        self,
+        payment: AnyPaymentPayload,
+        offer: Offer,
+        requirements: dict[str, Any],
+        route: str,
+        key: str | None,
+    ) -> PaymentRecord:
+        auth = payment.payload.authorization
+        return await self._ledger.reserve(
+            network=offer.network.caip2,
+            asset=offer.asset.address,
+            payer=auth.from_,
+            nonce=auth.nonce,
+            pay_to=offer.pay_to,
+            amount=offer.amount,
+            x402_version=payment.x402_version,
+            route=route,
+            payload=json.dumps(payment.wire(), separators=(",", ":")),
+            requirements=json.dumps(requirements, separators=(",", ":")),
+            idempotency_key=key,
+        )
+
+    async def _verify(
+        self, admission: Admission, offers: tuple[Offer, ...], resource: ResourceInfo
+    ) -> Admission | Refusal:
+        record = admission.record
+        assert record is not None
+        assert admission.payment is not None
+        try:
+            answer = await self._settler.verify(admission.payment, admission.requirements)
+        except SettlerUnavailable as exc:
+            await self._release(record)
+            return self._unavailable("payment_verifier_unavailable", str(exc))
+        if not answer.is_valid:
+            await self._release(record)
+            reason = answer.invalid_reason or "invalid_payload"
+            return self._challenge(402, reason, _reason_text(reason), offers, resource)
+        try:
+            admission.record = await self._ledger.transition(record.id, PaymentState.VERIFIED)
+        except LedgerError:
+            await self._release(record)
+            return self._unavailable("ledger_unavailable", "the payment ledger is unavailable")
+        if self._timing == "upfront" and self._mode != "verify-only":
+            return await self._settle_upfront(admission, offers, resource)
+        return admission
+
+    async def _settle_upfront(
+        self, admission: Admission, offers: tuple[Offer, ...], resource: ResourceInfo
+    ) -> Admission | Refusal:
+        receipt = await self._settle_now(admission)
+        if receipt is None or receipt.withhold:
+            reason = receipt.response.error_reason if receipt else "unexpected_settle_error"
+            reason = reason or "unexpected_settle_error"
+            return self._challenge(402, reason, _reason_text(reason), offers, resource)
+        if not receipt.response.success:
+            # Outcome unknown: do not serve on a maybe. The same authorization, sent again
+            # once reconciled, is served then (see _replayed).
+            return self._unavailable(PENDING, "the settlement is pending; retry shortly")
+        admission.receipt = receipt
+        return admission
+
+    async def _replayed(
+        self,
+        record: PaymentRecord,
+        price: Decimal,
+        offers: tuple[Offer, ...],
+        resource: ResourceInfo,
+        requirements: dict[str, Any],
+    ) -> Admission | Refusal:
+        if record.state in _IN_PROGRESS:
+            return Refusal(
+                409,
+                "payment_in_progress",
+                "this payment is already being used by another request",
+                headers={"Retry-After": self._retry_after},
+            )
+        if record.state is PaymentState.SETTLED and self._timing == "upfront" and not record.served:
+            # Upfront settlement whose answer came too late for its own request: the caller
+            # paid, so the same authorization sent again is served (once: finish marks it).
+            return Admission(
+                price=price,
+                record=record,
+                payment=codec.decode_payment(_b64(record.payload), header="ledger"),
+                requirements=requirements,
+                receipt=Receipt(record.x402_version, _record_receipt(record)),
+            )
+        extra: dict[str, str] = {}
+        if record.state is PaymentState.SETTLED:
+            extra[_receipt_header(record)] = codec.encode(_record_receipt(record))
+        refusal = self._challenge(
+            402,
+            "invalid_exact_evm_nonce_already_used",
+            "this payment authorization was already used",
+            offers,
+            resource,
+        )
+        return Refusal(
+            refusal.status,
+            refusal.code,
+            refusal.message,
+            refusal.challenge,
+            {**refusal.headers, **extra},
+        )
+
+    # --- settlement ---
+
+    async def settle(self, admission: Admission) -> Receipt | None:
+        """Settle an admitted request whose reply succeeded; its receipt (None if free).
+
+        Runs as its own task so that a caller who disconnects (which cancels the handler)
+        cannot interrupt a settlement between its durable record and its side effect.
+        """
+        if not admission.paid or admission.receipt is not None:
+            return admission.receipt
+        if self._mode == "verify-only":
+            await self._mark_served(admission)
+            return None
+        if admission.settle_task is None:
+            admission.settle_task = self._spawn(self._settle_after(admission))
+        return await asyncio.shield(admission.settle_task)
+
+    async def finish(self, admission: Admission, *, succeeded: bool, caller_gone: bool) -> None:
+        """The request is over: release an unearned reservation, or settle what is owed.
+
+        ``succeeded``: the upstream answered below 400 and the reply was produced.
+        ``caller_gone``: the caller disconnected before the end of the reply.
+        """
+        if admission.finished or not admission.paid:
+            return
+        admission.finished = True
+        record = admission.record
+        assert record is not None
+        if admission.receipt is not None or admission.settle_task is not None:
+            if self._timing == "upfront":
+                await self._mark_served(admission)
+            return
+        earned = succeeded and (not caller_gone or self._settle_on_disconnect)
+        if earned and self._mode != "verify-only":
+            admission.settle_task = self._spawn(self._settle_after(admission))
+        elif earned:
+            await self._mark_served(admission)
+        else:
+            await self._release(record)
+
+    async def _settle_after(self, admission: Admission) -> Receipt | None:
+        record = admission.record
+        assert record is not None
+        try:
+            admission.record = await self._ledger.transition(record.id, PaymentState.SERVED)
+        except LedgerError as exc:
+            log.error("payment %s: cannot record SERVED: %s", record.id, exc.code)
+            return None
+        return await self._settle_now(admission)
+
+    async def _settle_now(self, admission: Admission) -> Receipt | None:
+        """SETTLING (durable) → settle → SETTLED | FAILED | still SETTLING (reconcile later)."""
+        record = admission.record
+        payment = admission.payment
+        assert record is not None
+        assert payment is not None
+        self._in_flight.add(record.id)
+        try:
+            try:
+                record = await self._ledger.transition(record.id, PaymentState.SETTLING)
+            except LedgerError as exc:
+                log.error("payment %s: cannot record SETTLING: %s", record.id, exc.code)
+                return None
+            admission.record = record
+            try:
+                answer = await self._settler.settle(payment, admission.requirements)
+            except SettlementUnknown as exc:
+                return await self._pending(admission, exc.transaction)
+            except SettlerUnavailable:
+                return await self._pending(admission, None)
+            receipt = await self._record_answer(admission, answer)
+            admission.receipt = receipt
+            return receipt
+        finally:
+            self._in_flight.discard(record.id)
+
+    async def _record_answer(self, admission: Admission, answer: SettleResponse) -> Receipt:
+        record = admission.record
+        assert record is not None
+        state = PaymentState.SETTLED if answer.success else PaymentState.FAILED
+        try:
+            admission.record = await self._ledger.transition(
+                record.id,
+                state,
+                transaction=answer.transaction or None,
+                error=None if answer.success else (answer.error_reason or "settle_failed"),
+            )
+        except LedgerError as exc:
+            log.error("payment %s: cannot record %s: %s", record.id, state, exc.code)
+        if answer.success:
+            log.info("payment %s settled", record.id)
+        else:
+            log.warning("payment %s settlement refused: %s", record.id, answer.error_reason)
+        return Receipt(record.x402_version, answer, withhold=not answer.success)
+
+    async def _pending(self, admission: Admission, transaction: str | None) -> Receipt:
+        record = admission.record
+        assert record is not None
+        with contextlib.suppress(LedgerError):
+            # SETTLING → SETTLING keeps the record owed and stores the hash if we have one.
+            admission.record = await self._ledger.transition(
+                record.id, PaymentState.SETTLING, transaction=transaction, error=PENDING
+            )
+        log.warning("payment %s settlement pending; will reconcile", record.id)
+        return Receipt(
+            record.x402_version,
+            SettleResponse(
+                success=False,
+                error_reason=PENDING,
+                payer=record.payer,
+                transaction=transaction or "",
+                network=_wire_network(record),
+            ),
+        )
+
+    # --- recovery ---
+
+    async def release_stale(self, *, older_than: float) -> int:
+        """Release reservations a dead request left behind (before anything was served), so
+        their callers can retry; returns how many."""
+        stale = await self._ledger.stale_reservations(older_than)
+        for record in stale:
+            await self._release(record)
+        return len(stale)
+
+    async def reconcile_once(self, *, min_age: float) -> int:
+        """One pass over owed and doubtful settlements not handled by this process now."""
+        touched = 0
+        now = self._clock()
+        for record in await self._ledger.unfinished():
+            if record.id in self._in_flight or now - record.updated_at < min_age:
+                continue
+            self._in_flight.add(record.id)
+            try:
+                await self._reconcile(record)
+            finally:
+                self._in_flight.discard(record.id)
+            touched += 1
+        return touched
+
+    async def _reconcile(self, record: PaymentRecord) -> None:
+        try:
+            payment = codec.decode_payment(_b64(record.payload), header="ledger")
+        except codec.PaymentHeaderError:
+            log.error("payment %s: stored payload unreadable", record.id)
+            return
+        admission = Admission(
+            price=Decimal(0),
+            record=record,
+            payment=payment,
+            requirements=json.loads(record.requirements),
+        )
+        if record.state is PaymentState.SERVED:
+            await self._settle_now(admission)
+            return
+        try:
+            answer = await self._settler.reconcile(
+                payment, admission.requirements, record.transaction
+            )
+        except (SettlementUnknown, SettlerUnavailable) as exc:
+            log.warning("payment %s still pending: %s", record.id, exc.code)
+            return
+        await self._record_answer(admission, answer)
+
+    # --- helpers ---
+
+    async def _release(self, record: PaymentRecord) -> None:
+        try:
+            await self._ledger.transition(record.id, PaymentState.RELEASED)
+        except LedgerError as exc:
+            log.warning("payment %s: cannot release: %s", record.id, exc.code)
+
+    async def _mark_served(self, admission: Admission) -> None:
+        record = admission.record
+        assert record is not None
+        try:
+            if self._mode == "verify-only" and record.state is PaymentState.VERIFIED:
+                admission.record = await self._ledger.transition(record.id, PaymentState.SERVED)
+            admission.record = await self._ledger.mark_served(record.id)
+        except LedgerError as exc:
+            log.warning("payment %s: cannot mark served: %s", record.id, exc.code)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (bounded) for settlements still running; what is left is reconciled at start."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout)
+
+    def _challenge(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        offers: tuple[Offer, ...],
+        resource: ResourceInfo,
+    ) -> Refusal:
+        return Refusal(
+            status,
+            code,
+            message,
+            challenge(
+                offers,
+                resource,
+                error=message if status == 400 else code,
+                require_payment_identifier=self.terms.require_payment_identifier,
+            ),
+        )
+
+    def _unavailable(self, code: str, message: str) -> Refusal:
+        return Refusal(503, code, message, headers={"Retry-After": self._retry_after})
+
+
+def _payment_header(headers: Mapping[str, str]) -> tuple[str | None, str]:
+    value = headers.get(codec.PAYMENT_SIGNATURE)
+    if value is not None:
+        return value, codec.PAYMENT_SIGNATURE
+    return headers.get(codec.X_PAYMENT), codec.X_PAYMENT
+
+
+def _requirements(
+    payment: AnyPaymentPayload, offer: Offer, resource: ResourceInfo
+) -> dict[str, Any]:
+    """The matched requirement in the payment's own version, as the settler receives it."""
+    if isinstance(payment, PaymentPayloadV1):
+        return offer.v1(resource).wire()
+    return offer.v2().wire()
+
+
+def _b64(payload_json: str) -> str:
+    return base64.b64encode(payload_json.encode()).decode()
+
+
+def _wire_network(record: PaymentRecord) -> str:
+    if record.x402_version == 1:
+        return resolve_network(record.network).name
+    return record.network
+
+
+def _receipt_header(record: PaymentRecord) -> str:
+    return codec.PAYMENT_RESPONSE if record.x402_version == 2 else codec.X_PAYMENT_RESPONSE
+
+
+def _record_receipt(record: PaymentRecord) -> SettleResponse:
+    return SettleResponse(
+        success=record.state is PaymentState.SETTLED,
+        error_reason=record.error,
+        payer=record.payer,
+        transaction=record.transaction or "",
+        network=_wire_network(record),
+        amount=str(record.amount),
+    )
+
+
+_REASONS = {
+    "insufficient_funds": "the payer's balance is too low",
+    "invalid_exact_evm_nonce_already_used": "this payment authorization was already used",
+    "invalid_exact_evm_payload_signature": "the signature is not the payer's",
+}
+
+
+def _reason_text(reason: str) -> str:
+    return _REASONS.get(reason, f"payment refused: {reason}")

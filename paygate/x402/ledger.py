@@ -1,0 +1,324 @@
+"""The payment ledger: the durable life of every payment, and the replay guard.
+
+An EIP-3009 authorization is only consumed on chain at settlement, so between verify and settle
+the same signed header could be served many times. The ledger closes that gap: the gate
+*reserves* the authorization's key ``(network, asset, payer, nonce)`` before any network or
+upstream call, and every later step is a recorded state change made durable before the side
+effect that follows it. After a crash, :meth:`Ledger.unfinished` says what settlement is owed
+or in doubt, and :meth:`Ledger.stale_reservations` what can be released.
+
+This module is the interface (states, record, errors, input normalisation); ``ledger_sqlite``
+is the SQLite implementation. Nothing here does I/O, and nothing here imports aiohttp or
+``paygate.server``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from eth_utils import to_checksum_address
+
+from paygate.errors import PaygateError
+from paygate.x402.networks import UnknownNetwork, resolve_network
+
+MAX_LIST_LIMIT = 1000  # the hard cap of every query that returns several records
+MAX_DOCUMENT_CHARS = 64 * 1024  # payload / requirements JSON: a header is < 8 KB, so generous
+
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_NONCE = re.compile(r"^0x[0-9a-f]{64}$")
+_IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_-]{16,128}$")  # the payment-identifier extension
+_TRANSACTION = re.compile(r"^0x[0-9a-fA-F]{64}$")
+_ROUTE_MAX_CHARS = 200
+_ERROR_MAX_CHARS = 200
+_UINT256_MAX = 2**256 - 1
+
+
+class PaymentState(StrEnum):
+    """The life of one payment."""
+
+    RESERVED = "reserved"  # the key is claimed, before any network or upstream call
+    VERIFIED = "verified"  # the facilitator/chain said the authorization is valid
+    SERVED = "served"  # the reply was produced: settlement is now owed
+    SETTLING = "settling"  # settlement about to be / being sent: recorded BEFORE the call
+    SETTLED = "settled"  # terminal: transaction hash known and confirmed
+    FAILED = "failed"  # terminal: settlement refused for good (reason kept)
+    RELEASED = "released"  # failed before settlement: the authorization may be retried
+
+
+S = PaymentState
+#: Every allowed ``transition``. RELEASED → RESERVED is not here: only ``reserve`` does it.
+TRANSITIONS: Mapping[PaymentState, frozenset[PaymentState]] = {
+    S.RESERVED: frozenset({S.VERIFIED, S.RELEASED, S.SETTLING, S.FAILED}),
+    S.VERIFIED: frozenset({S.SERVED, S.SETTLING, S.RELEASED, S.FAILED}),
+    S.SERVED: frozenset({S.SETTLING, S.RELEASED}),
+    S.SETTLING: frozenset({S.SETTLED, S.FAILED, S.SETTLING}),
+    S.SETTLED: frozenset(),
+    S.FAILED: frozenset(),
+    S.RELEASED: frozenset(),
+}
+#: States whose settlement is owed (SERVED) or in doubt (SETTLING): resumed at start-up.
+UNFINISHED_STATES = (S.SERVED, S.SETTLING)
+#: States a crashed request can leave behind before anything was served or settled.
+RESERVATION_STATES = (S.RESERVED, S.VERIFIED)
+del S
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentRecord:
+    """One payment as the ledger holds it. ``repr`` never shows the payload or requirements."""
+
+    id: str  # uuid4 hex, the payment id shown to operators
+    network: str  # CAIP-2, e.g. "eip155:84532"
+    asset: str  # checksummed token address
+    payer: str  # checksummed authorization `from`
+    nonce: str  # 0x + 64 hex, lowercase
+    pay_to: str  # checksummed
+    amount: int  # atomic units
+    x402_version: int  # 1 or 2
+    route: str  # route name, e.g. "chat.completions"
+    state: PaymentState
+    served: bool
+    # The payment payload JSON: it holds the signature, needed to resume settlement. Never
+    # printed in full by the CLI, never logged.
+    payload: str = field(repr=False)
+    requirements: str = field(repr=False)  # the matched requirement JSON
+    idempotency_key: str | None  # x402 payment-identifier extension, if any
+    transaction: str | None  # settlement tx hash once known (also while settlement_pending)
+    error: str | None  # last failure reason (an x402 reason code, never a secret)
+    attempts: int  # settlement attempts
+    created_at: float  # unix seconds
+    updated_at: float  # unix seconds
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        """The replay key: one authorization is one ``(network, asset, payer, nonce)``."""
+        return (self.network, self.asset, self.payer, self.nonce)
+
+    @property
+    def terminal(self) -> bool:
+        return not TRANSITIONS[self.state]
+
+
+class Ledger(Protocol):
+    """The payment ledger. All methods are async; implementations are safe for concurrent use
+    from one event loop and across processes sharing the store. Every method that changes a
+    record returns it as stored, and has made it durable before returning.
+
+    Infrastructure failures (store unreachable, disk full, locked too long) raise
+    :class:`LedgerUnavailable`: the gate answers 503 and never serves unpaid.
+    """
+
+    async def reserve(
+        self,
+        *,
+        network: str,
+        asset: str,
+        payer: str,
+        nonce: str,
+        pay_to: str,
+        amount: int,
+        x402_version: int,
+        route: str,
+        payload: str,
+        requirements: str,
+        idempotency_key: str | None,
+    ) -> PaymentRecord:
+        """Claim ``(network, asset, payer, nonce)`` atomically, as a new RESERVED record.
+
+        A RELEASED record with that key is re-claimed instead (same id, attempts kept). Any
+        other existing record raises :class:`AlreadyReserved` carrying it. An idempotency key
+        that already belongs to a record with a different key raises
+        :class:`IdempotencyKeyReused`. Inputs are normalised (see :func:`normalise_key`).
+        """
+        ...
+
+    async def transition(
+        self,
+        payment_id: str,
+        to: PaymentState,
+        *,
+        transaction: str | None = None,
+        error: str | None = None,
+    ) -> PaymentRecord:
+        """Move a record along :data:`TRANSITIONS` (compare-and-set in one transaction).
+
+        Any move into SETTLING counts an attempt. ``transaction``/``error`` overwrite only when
+        given. A move not in the table raises :class:`LedgerConflict`; an unknown id
+        :class:`PaymentNotFound`.
+        """
+        ...
+
+    async def mark_served(self, payment_id: str) -> PaymentRecord:
+        """Record that the reply was produced, in any state (upfront mode serves after SETTLED)."""
+        ...
+
+    async def get(self, payment_id: str) -> PaymentRecord | None: ...
+
+    async def find(
+        self, *, network: str, asset: str, payer: str, nonce: str
+    ) -> PaymentRecord | None:
+        """The record of one authorization key (normalised like ``reserve``), or None."""
+        ...
+
+    async def by_idempotency_key(self, key: str) -> PaymentRecord | None: ...
+
+    async def unfinished(self, *, limit: int = MAX_LIST_LIMIT) -> list[PaymentRecord]:
+        """SERVED (settlement owed) and SETTLING (outcome unknown) records, oldest first."""
+        ...
+
+    async def stale_reservations(
+        self, older_than: float, *, limit: int = MAX_LIST_LIMIT
+    ) -> list[PaymentRecord]:
+        """RESERVED/VERIFIED records not updated for ``older_than`` seconds, oldest first."""
+        ...
+
+    async def list(
+        self, *, state: PaymentState | None = None, limit: int = 50
+    ) -> list[PaymentRecord]:
+        """Records, newest first, at most ``min(limit, MAX_LIST_LIMIT)``."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class LedgerError(PaygateError):
+    """Base of the ledger's errors. Messages name payment ids and states, never payloads."""
+
+    code = "ledger_error"
+
+
+class AlreadyReserved(LedgerError):
+    """The authorization is already claimed: a replay, or a concurrent duplicate."""
+
+    code = "payment_replayed"
+
+    def __init__(self, record: PaymentRecord) -> None:
+        super().__init__(f"payment {record.id} is already {record.state.value}")
+        self.record = record
+
+
+class IdempotencyKeyReused(LedgerError):
+    """The payment-identifier already names a different authorization."""
+
+    code = "idempotency_key_reused"
+
+
+class LedgerConflict(LedgerError):
+    """A state change the table does not allow, or that lost a race."""
+
+    code = "ledger_conflict"
+
+
+class PaymentNotFound(LedgerConflict):
+    """No record has that payment id."""
+
+    code = "payment_not_found"
+
+
+class LedgerUnavailable(LedgerError):
+    """The store cannot be opened or written (missing, unwritable, disk full, locked too long)."""
+
+    code = "ledger_unavailable"
+
+
+class LedgerNotFound(LedgerUnavailable):
+    """Opening without ``create``: there is no ledger at that path."""
+
+    code = "ledger_not_found"
+
+
+# --- input normalisation ------------------------------------------------------------------
+
+
+def normalise_address(value: str, what: str) -> str:
+    """A 20-byte hex address in any case → its EIP-55 checksum form."""
+    if not isinstance(value, str) or not _ADDRESS.match(value):
+        raise ValueError(f"{what} must be a 0x-prefixed 20-byte hex address")
+    return to_checksum_address(value.lower())
+
+
+def normalise_nonce(value: str) -> str:
+    """A 32-byte hex nonce in any case → lowercase ``0x`` + 64 hex."""
+    text = value.lower() if isinstance(value, str) else ""
+    if not _NONCE.match(text):
+        raise ValueError("nonce must be 0x followed by 64 hex digits")
+    return text
+
+
+def normalise_network(value: str) -> str:
+    """A v1 name or CAIP-2 id → CAIP-2, so one authorization has one key in both versions."""
+    try:
+        if not isinstance(value, str):
+            raise UnknownNetwork("not a string")
+        return resolve_network(value).caip2
+    except UnknownNetwork:
+        raise ValueError("network must be a known network name or an eip155 CAIP-2 id") from None
+
+
+def normalise_key(network: str, asset: str, payer: str, nonce: str) -> tuple[str, str, str, str]:
+    """The canonical replay key: CAIP-2 network, checksummed addresses, lowercase nonce."""
+    return (
+        normalise_network(network),
+        normalise_address(asset, "asset"),
+        normalise_address(payer, "payer"),
+        normalise_nonce(nonce),
+    )
+
+
+def check_idempotency_key(value: str | None) -> str | None:
+    if value is not None and (not isinstance(value, str) or not _IDEMPOTENCY_KEY.match(value)):
+        raise ValueError("idempotency_key must be 16-128 characters of [A-Za-z0-9_-]")
+    return value
+
+
+def check_amount(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _UINT256_MAX:
+        raise ValueError("amount must be an integer of atomic units in uint256 range")
+    return value
+
+
+def check_version(value: int) -> int:
+    if value not in (1, 2) or isinstance(value, bool):
+        raise ValueError("x402_version must be 1 or 2")
+    return value
+
+
+def check_route(value: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= _ROUTE_MAX_CHARS:
+        raise ValueError(f"route must be a name of 1-{_ROUTE_MAX_CHARS} characters")
+    return value
+
+
+def check_document(value: str, what: str) -> str:
+    if not isinstance(value, str) or len(value) > MAX_DOCUMENT_CHARS:
+        raise ValueError(f"{what} must be a JSON string of at most {MAX_DOCUMENT_CHARS} chars")
+    return value
+
+
+def check_transaction(value: str | None) -> str | None:
+    if value is not None and (not isinstance(value, str) or not _TRANSACTION.match(value)):
+        raise ValueError("transaction must be a 0x-prefixed 32-byte hex hash")
+    return value.lower() if value is not None else None
+
+
+def check_error(value: str | None) -> str | None:
+    """A failure reason is a short code: bounded, one line (it is shown to operators)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("error must be a string")
+    return " ".join(value.split())[:_ERROR_MAX_CHARS]
+
+
+def check_limit(limit: int) -> int:
+    """A requested page size, capped at :data:`MAX_LIST_LIMIT`."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError("limit must be a positive integer")
+    return min(limit, MAX_LIST_LIMIT)

@@ -1,0 +1,526 @@
+"""The payment ledger on one SQLite file (WAL, ``synchronous=FULL``).
+
+Why these choices:
+
+* ``synchronous=FULL``: each state change is on disk before the side effect that follows it
+  (an upstream call, a settlement broadcast). That is the whole point of the ledger.
+* One dedicated worker thread owns the connection: sqlite3 never blocks the event loop, and the
+  calls of one process are serialised in submission order.
+* ``BEGIN IMMEDIATE`` for every read-modify-write: the write lock is taken before the read, so
+  two processes sharing the file cannot both claim one authorization.
+* A submitted change runs to its end even if the awaiting task is cancelled (the future is
+  shielded): a cancelled caller does not know the outcome, but the store is never half-done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import functools
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from paygate.x402.ledger import (
+    MAX_LIST_LIMIT,
+    RESERVATION_STATES,
+    TRANSITIONS,
+    UNFINISHED_STATES,
+    AlreadyReserved,
+    IdempotencyKeyReused,
+    LedgerConflict,
+    LedgerError,
+    LedgerNotFound,
+    LedgerUnavailable,
+    PaymentNotFound,
+    PaymentRecord,
+    PaymentState,
+    check_amount,
+    check_document,
+    check_error,
+    check_idempotency_key,
+    check_limit,
+    check_route,
+    check_transaction,
+    check_version,
+    normalise_address,
+    normalise_key,
+)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+_STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
+
+# MIGRATIONS[n] takes a ledger from schema n-1 to n. Append, never edit a released step.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        f"""CREATE TABLE payments (
+            id TEXT PRIMARY KEY,
+            network TEXT NOT NULL,
+            asset TEXT NOT NULL,
+            payer TEXT NOT NULL,
+            nonce TEXT NOT NULL,
+            pay_to TEXT NOT NULL,
+            amount TEXT NOT NULL,  -- decimal: a uint256 does not fit SQLite's 64-bit INTEGER
+            x402_version INTEGER NOT NULL,
+            route TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ({_STATES})),
+            served INTEGER NOT NULL DEFAULT 0 CHECK (served IN (0, 1)),
+            payload TEXT NOT NULL,
+            requirements TEXT NOT NULL,
+            idempotency_key TEXT UNIQUE,
+            tx_hash TEXT,
+            error TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            UNIQUE (network, asset, payer, nonce)
+        )""",
+        "CREATE INDEX payments_state ON payments (state, updated_at)",
+        "CREATE INDEX payments_created ON payments (created_at)",
+    ),
+}
+
+_RECORD_COLUMNS = (
+    "id, network, asset, payer, nonce, pay_to, amount, x402_version, route, state, served, "
+    "payload, requirements, idempotency_key, tx_hash, error, attempts, created_at, updated_at"
+)
+_SELECT = f"SELECT {_RECORD_COLUMNS} FROM payments"  # noqa: S608 - constant column list
+
+
+class SqliteLedger:
+    """:class:`paygate.x402.ledger.Ledger` on a SQLite file. Build it with :meth:`open`."""
+
+    def __init__(
+        self,
+        path: Path,
+        executor: ThreadPoolExecutor,
+        *,
+        read_only: bool,
+        busy_timeout: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.path = path
+        self.read_only = read_only
+        self._executor = executor
+        self._busy_timeout = busy_timeout
+        self._clock = clock
+        self._db: sqlite3.Connection | None = None  # used only on the worker thread
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path | str,
+        *,
+        read_only: bool = False,
+        busy_timeout: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> SqliteLedger:
+        """Open (and create, unless ``read_only``) the ledger at ``path``, migrating its schema.
+
+        A new parent directory is made 0700 and a new file 0600. ``read_only`` never creates
+        anything and raises :class:`LedgerNotFound` if there is no file. ``busy_timeout`` is
+        how long a call waits for another process's write lock before
+        :class:`LedgerUnavailable`.
+        """
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paygate-ledger")
+        ledger = cls(
+            Path(path),
+            executor,
+            read_only=read_only,
+            busy_timeout=busy_timeout,
+            clock=clock,
+        )
+        try:
+            await ledger._run(ledger._connect)
+        except BaseException:
+            await ledger.close()
+            raise
+        return ledger
+
+    async def __aenter__(self) -> SqliteLedger:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- the Ledger interface ---------------------------------------------------------------
+
+    async def reserve(
+        self,
+        *,
+        network: str,
+        asset: str,
+        payer: str,
+        nonce: str,
+        pay_to: str,
+        amount: int,
+        x402_version: int,
+        route: str,
+        payload: str,
+        requirements: str,
+        idempotency_key: str | None,
+    ) -> PaymentRecord:
+        values = {
+            "key": normalise_key(network, asset, payer, nonce),
+            "pay_to": normalise_address(pay_to, "pay_to"),
+            "amount": str(check_amount(amount)),
+            "x402_version": check_version(x402_version),
+            "route": check_route(route),
+            "payload": check_document(payload, "payload"),
+            "requirements": check_document(requirements, "requirements"),
+            "idempotency_key": check_idempotency_key(idempotency_key),
+        }
+        return await self._run(self._reserve, values)
+
+    async def transition(
+        self,
+        payment_id: str,
+        to: PaymentState,
+        *,
+        transaction: str | None = None,
+        error: str | None = None,
+    ) -> PaymentRecord:
+        target = PaymentState(to)
+        return await self._run(
+            self._transition, payment_id, target, check_transaction(transaction), check_error(error)
+        )
+
+    async def mark_served(self, payment_id: str) -> PaymentRecord:
+        return await self._run(self._mark_served, payment_id)
+
+    async def get(self, payment_id: str) -> PaymentRecord | None:
+        return await self._run(self._one, "WHERE id = ?", (payment_id,))
+
+    async def find(
+        self, *, network: str, asset: str, payer: str, nonce: str
+    ) -> PaymentRecord | None:
+        key = normalise_key(network, asset, payer, nonce)
+        return await self._run(
+            self._one, "WHERE network = ? AND asset = ? AND payer = ? AND nonce = ?", key
+        )
+
+    async def by_idempotency_key(self, key: str) -> PaymentRecord | None:
+        return await self._run(self._one, "WHERE idempotency_key = ?", (key,))
+
+    async def unfinished(self, *, limit: int = MAX_LIST_LIMIT) -> list[PaymentRecord]:
+        marks = ", ".join("?" for _ in UNFINISHED_STATES)
+        return await self._run(
+            self._many,
+            f"WHERE state IN ({marks}) ORDER BY updated_at, rowid LIMIT ?",
+            (*UNFINISHED_STATES, check_limit(limit)),
+        )
+
+    async def stale_reservations(
+        self, older_than: float, *, limit: int = MAX_LIST_LIMIT
+    ) -> list[PaymentRecord]:
+        if not older_than >= 0:
+            raise ValueError("older_than must be a number of seconds >= 0")
+        marks = ", ".join("?" for _ in RESERVATION_STATES)
+        cutoff = self._clock() - older_than
+        return await self._run(
+            self._many,
+            f"WHERE state IN ({marks}) AND updated_at <= ? ORDER BY updated_at, rowid LIMIT ?",
+            (*RESERVATION_STATES, cutoff, check_limit(limit)),
+        )
+
+    async def list(
+        self, *, state: PaymentState | None = None, limit: int = 50
+    ) -> list[PaymentRecord]:
+        if state is None:
+            where, params = "", ()
+        else:
+            where, params = "WHERE state = ?", (PaymentState(state).value,)
+        return await self._run(
+            self._many,
+            f"{where} ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            (*params, check_limit(limit)),
+        )
+
+    async def close(self) -> None:
+        """Finish queued calls, close the connection and the worker thread. Idempotent."""
+        if self._closed:
+            return
+        try:
+            await self._run(self._disconnect)
+        finally:
+            self._closed = True
+            self._executor.shutdown(wait=True)  # the queue is empty: the thread just exits
+
+    # --- the worker thread ------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], /, *args: Any) -> T:
+        if self._closed:
+            raise LedgerUnavailable("the ledger is closed")
+        try:
+            future = asyncio.get_running_loop().run_in_executor(
+                self._executor, functools.partial(self._guarded, fn, *args)
+            )
+        except RuntimeError:  # executor shut down
+            raise LedgerUnavailable("the ledger is closed") from None
+        return await asyncio.shield(future)
+
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        # sqlite3 messages name a condition or a constraint, never row data: safe to pass on.
+        try:
+            return fn(*args)
+        except LedgerError:
+            raise
+        except sqlite3.IntegrityError as exc:
+            raise LedgerConflict(f"ledger constraint: {exc}") from None
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"ledger {self.path}: {exc}") from None
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise LedgerUnavailable("the ledger is closed")
+        return self._db
+
+    def _connect(self) -> None:
+        try:
+            if self.read_only:
+                if not self.path.is_file():
+                    raise LedgerNotFound(f"no ledger at {self.path}")
+                uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
+                db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=0)
+            else:
+                self._prepare_file()
+                db = sqlite3.connect(self.path, isolation_level=None, timeout=0)
+        except OSError as exc:
+            raise LedgerUnavailable(f"cannot open ledger {self.path}: {exc.strerror}") from None
+        self._db = db
+        db.row_factory = sqlite3.Row
+        db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        if self.read_only:
+            db.execute("PRAGMA query_only = ON")
+            self._check_schema()
+            return
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise LedgerUnavailable(f"ledger {self.path}: cannot use WAL (journal mode {mode})")
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA foreign_keys = ON")
+        self._migrate()
+
+    def _prepare_file(self) -> None:
+        parent = self.path.parent
+        if not parent.exists():
+            parent.mkdir(mode=0o700, parents=True)
+        if self.path.is_dir():
+            raise LedgerUnavailable(f"cannot open ledger {self.path}: it is a directory")
+        # Create it 0600 ourselves: sqlite3 would use the umask (the payloads hold signatures).
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+
+    def _disconnect(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _check_schema(self) -> int:
+        db = self._conn
+        exists = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ledger_schema'"
+        ).fetchone()
+        version = 0
+        if exists:
+            row = db.execute("SELECT version FROM ledger_schema WHERE id = 1").fetchone()
+            version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise LedgerUnavailable(
+                f"ledger {self.path} has schema v{version}, newer than this paygate's "
+                f"v{SCHEMA_VERSION}"
+            )
+        if self.read_only and version != SCHEMA_VERSION:
+            raise LedgerUnavailable(
+                f"ledger {self.path} has schema v{version}, not v{SCHEMA_VERSION}: "
+                "not a paygate ledger, or not migrated yet (open it read-write once)"
+            )
+        return version
+
+    def _migrate(self) -> None:
+        with self._write() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS ledger_schema ("
+                " id INTEGER PRIMARY KEY CHECK (id = 1),"
+                " version INTEGER NOT NULL,"
+                " migrated_at REAL NOT NULL)"
+            )
+            version = self._check_schema()
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[step]:
+                    db.execute(statement)
+            if version != SCHEMA_VERSION:
+                db.execute(
+                    "INSERT INTO ledger_schema (id, version, migrated_at) VALUES (1, ?, ?)"
+                    " ON CONFLICT (id) DO UPDATE SET version = excluded.version,"
+                    " migrated_at = excluded.migrated_at",
+                    (SCHEMA_VERSION, self._clock()),
+                )
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One read-modify-write: the write lock first (BEGIN IMMEDIATE), all or nothing."""
+        db = self._conn
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def _one(self, where: str, params: tuple[Any, ...]) -> PaymentRecord | None:
+        row = self._conn.execute(f"{_SELECT} {where}", params).fetchone()
+        return _record(row) if row else None
+
+    def _many(self, tail: str, params: tuple[Any, ...]) -> builtins.list[PaymentRecord]:
+        return [_record(row) for row in self._conn.execute(f"{_SELECT} {tail}", params)]
+
+    def _reserve(self, values: dict[str, Any]) -> PaymentRecord:
+        key: tuple[str, str, str, str] = values["key"]
+        idem: str | None = values["idempotency_key"]
+        with self._write():
+            if idem is not None:
+                owner = self._one("WHERE idempotency_key = ?", (idem,))
+                if owner is not None and owner.key != key:
+                    raise IdempotencyKeyReused(
+                        "the payment identifier already names a different authorization"
+                    )
+            existing = self._one("WHERE network = ? AND asset = ? AND payer = ? AND nonce = ?", key)
+            now = self._clock()
+            if existing is None:
+                payment_id = uuid.uuid4().hex
+                self._conn.execute(
+                    "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount,"
+                    " x402_version, route, state, served, payload, requirements, idempotency_key,"
+                    " attempts, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?)",
+                    (
+                        payment_id,
+                        *key,
+                        values["pay_to"],
+                        values["amount"],
+                        values["x402_version"],
+                        values["route"],
+                        PaymentState.RESERVED.value,
+                        values["payload"],
+                        values["requirements"],
+                        idem,
+                        now,
+                        now,
+                    ),
+                )
+            elif existing.state is PaymentState.RELEASED:
+                # A retry of an authorization whose earlier request failed before settlement:
+                # same id and attempts; the new request's details replace the old ones.
+                payment_id = existing.id
+                self._conn.execute(
+                    "UPDATE payments SET state = ?, served = 0, pay_to = ?, amount = ?,"
+                    " x402_version = ?, route = ?, payload = ?, requirements = ?,"
+                    " idempotency_key = COALESCE(?, idempotency_key), error = NULL,"
+                    " updated_at = ? WHERE id = ? AND state = ?",
+                    (
+                        PaymentState.RESERVED.value,
+                        values["pay_to"],
+                        values["amount"],
+                        values["x402_version"],
+                        values["route"],
+                        values["payload"],
+                        values["requirements"],
+                        idem,
+                        now,
+                        payment_id,
+                        PaymentState.RELEASED.value,
+                    ),
+                )
+            else:
+                raise AlreadyReserved(existing)
+            return self._must(payment_id)
+
+    def _transition(
+        self,
+        payment_id: str,
+        to: PaymentState,
+        transaction: str | None,
+        error: str | None,
+    ) -> PaymentRecord:
+        with self._write():
+            current = self._must(payment_id)
+            if to not in TRANSITIONS[current.state]:
+                raise LedgerConflict(
+                    f"payment {current.id}: {current.state.value} -> {to.value} is not allowed"
+                )
+            cursor = self._conn.execute(
+                "UPDATE payments SET state = ?, attempts = attempts + ?,"
+                " served = MAX(served, ?), tx_hash = COALESCE(?, tx_hash),"
+                " error = COALESCE(?, error), updated_at = ? WHERE id = ? AND state = ?",
+                (
+                    to.value,
+                    1 if to is PaymentState.SETTLING else 0,
+                    1 if to is PaymentState.SERVED else 0,
+                    transaction,
+                    error,
+                    self._clock(),
+                    current.id,
+                    current.state.value,
+                ),
+            )
+            if cursor.rowcount != 1:  # cannot happen under the write lock; never guess
+                raise LedgerConflict(f"payment {current.id} changed concurrently")
+            return self._must(current.id)
+
+    def _mark_served(self, payment_id: str) -> PaymentRecord:
+        with self._write():
+            record = self._must(payment_id)
+            self._conn.execute(
+                "UPDATE payments SET served = 1, updated_at = ? WHERE id = ?",
+                (self._clock(), record.id),
+            )
+            return self._must(record.id)
+
+    def _must(self, payment_id: str) -> PaymentRecord:
+        record = self._one("WHERE id = ?", (payment_id,))
+        if record is None:
+            raise PaymentNotFound(f"no payment {_printable_id(payment_id)}")
+        return record
+
+
+def _record(row: sqlite3.Row) -> PaymentRecord:
+    return PaymentRecord(
+        id=row["id"],
+        network=row["network"],
+        asset=row["asset"],
+        payer=row["payer"],
+        nonce=row["nonce"],
+        pay_to=row["pay_to"],
+        amount=int(row["amount"]),
+        x402_version=row["x402_version"],
+        route=row["route"],
+        state=PaymentState(row["state"]),
+        served=bool(row["served"]),
+        payload=row["payload"],
+        requirements=row["requirements"],
+        idempotency_key=row["idempotency_key"],
+        transaction=row["tx_hash"],
+        error=row["error"],
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _printable_id(payment_id: str) -> str:
+    # Ids come from operators and callers: echo one back only if it looks like ours.
+    text = str(payment_id)
+    return text if len(text) == 32 and all(c in "0123456789abcdef" for c in text) else "(invalid)"

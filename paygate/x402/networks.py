@@ -1,0 +1,94 @@
+"""Networks and assets: the USDC table, network names ↔ CAIP-2, decimal prices → atomic units.
+
+v1 names networks ("base-sepolia"), v2 uses CAIP-2 ("eip155:84532"); both resolve to one
+:class:`Network`. An operator may add a custom EIP-3009 asset (address, EIP-712 name and
+version, decimals) on any EVM chain id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+
+from eth_utils import to_checksum_address
+
+from paygate.errors import PaygateError
+
+
+class UnknownNetwork(PaygateError):
+    code = "unknown_network"
+
+
+@dataclass(frozen=True, slots=True)
+class Asset:
+    """An EIP-3009 token: its address and the EIP-712 domain it signs under."""
+
+    address: str
+    name: str
+    version: str
+    decimals: int = 6
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", to_checksum_address(self.address))
+
+
+@dataclass(frozen=True, slots=True)
+class Network:
+    name: str  # the v1 name
+    chain_id: int
+    usdc: Asset | None
+
+    @property
+    def caip2(self) -> str:
+        return f"eip155:{self.chain_id}"
+
+
+def _usdc(address: str, name: str = "USD Coin") -> Asset:
+    return Asset(address=address, name=name, version="2", decimals=6)
+
+
+NETWORKS: tuple[Network, ...] = (
+    Network("base", 8453, _usdc("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913")),
+    Network("base-sepolia", 84532, _usdc("0x036CbD53842c5426634e7929541eC2318f3dCF7e", "USDC")),
+    Network("ethereum", 1, _usdc("0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48")),
+    Network("polygon", 137, _usdc("0x3c499c542cEF5E3811e1192ce70d8cC03d5c3359")),
+    Network("polygon-amoy", 80002, _usdc("0x41E94Eb019C0762f9Bfcf9Fb1E58725BfB0e7582")),
+    Network("avalanche", 43114, _usdc("0xB97EF9Ef8734C71904D8002F8b6Bc66Dd9c48a6E")),
+    Network("avalanche-fuji", 43113, _usdc("0x5425890298aed601595a70AB815c96711a31Bc65")),
+    Network("arbitrum-one", 42161, _usdc("0xaf88d065e77c8cC2239327C5EDb3A432268e5831")),
+    Network("arbitrum-sepolia", 421614, _usdc("0x75faf114eafb1BDbe2F0316DF893fd58CE46AA4d")),
+)
+
+
+def resolve_network(value: str) -> Network:
+    """A network by v1 name or CAIP-2 id; ``eip155:N`` for a chain outside the table works too
+    (with no default asset: it then needs a custom one)."""
+    text = value.strip().lower()
+    for network in NETWORKS:
+        if text in (network.name, network.caip2):
+            return network
+    if text.startswith("eip155:") and text[7:].isdigit() and int(text[7:]) > 0:
+        chain_id = int(text[7:])
+        return Network(f"eip155-{chain_id}", chain_id, None)
+    raise UnknownNetwork(
+        f"unknown network {value!r}: use a name or CAIP-2 id from docs/PAYMENTS.md"
+    )
+
+
+def network_by_chain_id(chain_id: int) -> Network | None:
+    return next((n for n in NETWORKS if n.chain_id == chain_id), None)
+
+
+def to_atomic(price: Decimal | str, decimals: int) -> int:
+    """A decimal amount in whole tokens as atomic units, rounding half up ("0.001" → 1000)."""
+    try:
+        amount = Decimal(price)
+    except InvalidOperation:
+        raise ValueError(f"not a decimal amount: {price!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError("an amount must be a finite, non-negative decimal")
+    return int((amount.scaleb(decimals)).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def from_atomic(amount: int, decimals: int) -> Decimal:
+    return Decimal(amount).scaleb(-decimals)

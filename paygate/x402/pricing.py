@@ -1,0 +1,55 @@
+"""What one request costs: per route, per model, or per million tokens on an estimate.
+
+Precedence, first match wins: the route's own price, the request's model's price, the
+per-million-token price times the token estimate, the default price. A price of 0 makes the
+request free (no challenge). Sans-IO: a pure function of the settings and the request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+MILLION = Decimal(1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class PricePolicy:
+    default: Decimal
+    routes: Mapping[str, Decimal] = field(default_factory=dict)
+    models: Mapping[str, Decimal] = field(default_factory=dict)
+    per_million_tokens: Decimal | None = None
+    token_estimate: int = 1000
+
+    @property
+    def needs_model(self) -> bool:
+        """True when the price depends on the request body's ``model``."""
+        return bool(self.models)
+
+    def price(self, *, method: str, path: str, model: str | None = None) -> Decimal:
+        """The price of one request in whole tokens of the settlement asset.
+
+        Route keys may be ``"POST /v1/chat/completions"`` or just the path template.
+        """
+        for key in (f"{method} {path}", path):
+            if key in self.routes:
+                return self.routes[key]
+        if model is not None and model in self.models:
+            return self.models[model]
+        if self.per_million_tokens is not None:
+            return self.per_million_tokens * self.token_estimate / MILLION
+        return self.default
+
+
+def model_of(body: bytes, *, limit: int = 4 * 1024 * 1024) -> str | None:
+    """The ``model`` field of a JSON request body, or None (not JSON, no model, too large)."""
+    if not body or len(body) > limit:
+        return None
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) and 0 < len(model) <= 256 else None

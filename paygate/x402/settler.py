@@ -1,0 +1,61 @@
+"""The settler interface: who verifies and settles a payment (a facilitator, or the chain).
+
+Both implementations answer with x402's own ``VerifyResponse``/``SettleResponse`` and raise
+only the two exceptions below, so the gate's policy does not depend on who settles.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from paygate.errors import PaygateError
+from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
+
+# A settle answer that means "broadcast, not yet confirmed": keep the hash, reconcile later.
+SETTLEMENT_PENDING = "settlement_pending"
+NONCE_USED = "invalid_exact_evm_nonce_already_used"
+
+
+class SettlerUnavailable(PaygateError):
+    """The facilitator or chain could not be asked; nothing was done (safe to retry later)."""
+
+    code = "settler_unavailable"
+
+
+class SettlementUnknown(PaygateError):
+    """A settlement was (maybe) sent and its outcome is not known yet: reconcile, never re-sign."""
+
+    code = "settlement_unknown"
+
+    def __init__(self, message: str, *, transaction: str | None = None) -> None:
+        super().__init__(message)
+        self.transaction = transaction
+
+
+class Settler(Protocol):
+    async def verify(
+        self, payment: AnyPaymentPayload, requirements: dict[str, Any]
+    ) -> VerifyResponse:
+        """Is ``payment`` good for ``requirements`` (wire dict of the matched requirement)?"""
+        ...
+
+    async def settle(
+        self, payment: AnyPaymentPayload, requirements: dict[str, Any]
+    ) -> SettleResponse:
+        """Execute the transfer; a definitive answer, or SettlementUnknown/SettlerUnavailable."""
+        ...
+
+    async def reconcile(
+        self,
+        payment: AnyPaymentPayload,
+        requirements: dict[str, Any],
+        transaction: str | None,
+    ) -> SettleResponse:
+        """The outcome of an earlier settlement whose answer was lost or pending.
+
+        Must never execute a second, different payment: re-sending the same authorization is
+        safe because EIP-3009 nonces execute once.
+        """
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,534 @@
+"""The payment ledger on real SQLite files: states, the replay guard, durability, failures."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import inspect
+import itertools
+import sqlite3
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from paygate.x402.ledger import (
+    MAX_LIST_LIMIT,
+    AlreadyReserved,
+    IdempotencyKeyReused,
+    Ledger,
+    LedgerConflict,
+    LedgerNotFound,
+    LedgerUnavailable,
+    PaymentNotFound,
+    PaymentRecord,
+    PaymentState,
+    check_limit,
+)
+from paygate.x402.ledger_sqlite import SCHEMA_VERSION, SqliteLedger
+
+S = PaymentState
+ROOT = Path(__file__).resolve().parents[2]
+USDC = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"  # base-sepolia
+PAYER = "0x857b06519E91e3A54538791bDbb0E22373e36b66"
+PAY_TO = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C"
+SIGNATURE = "0x" + "5a" * 65
+
+# The table of the spec, written out again here rather than imported: the test checks the code.
+ALLOWED = {
+    (S.RESERVED, S.VERIFIED),
+    (S.RESERVED, S.RELEASED),
+    (S.RESERVED, S.SETTLING),
+    (S.RESERVED, S.FAILED),
+    (S.VERIFIED, S.SERVED),
+    (S.VERIFIED, S.SETTLING),
+    (S.VERIFIED, S.RELEASED),
+    (S.VERIFIED, S.FAILED),
+    (S.SERVED, S.SETTLING),
+    (S.SERVED, S.RELEASED),
+    (S.SETTLING, S.SETTLED),
+    (S.SETTLING, S.FAILED),
+    (S.SETTLING, S.SETTLING),
+}
+# How to bring a fresh reservation into each state.
+PATHS: dict[PaymentState, tuple[PaymentState, ...]] = {
+    S.RESERVED: (),
+    S.VERIFIED: (S.VERIFIED,),
+    S.SERVED: (S.VERIFIED, S.SERVED),
+    S.SETTLING: (S.VERIFIED, S.SETTLING),
+    S.SETTLED: (S.VERIFIED, S.SETTLING, S.SETTLED),
+    S.FAILED: (S.FAILED,),
+    S.RELEASED: (S.RELEASED,),
+}
+
+
+class Clock:
+    """A settable clock for the ledger's timestamps (an injected dependency, not a mock)."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def nonce(n: int) -> str:
+    return "0x" + f"{n:064x}"
+
+
+def tx(n: int) -> str:
+    return "0x" + f"{n:064x}"
+
+
+def request(n: int = 1, **overrides: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "network": "eip155:84532",
+        "asset": USDC,
+        "payer": PAYER,
+        "nonce": nonce(n),
+        "pay_to": PAY_TO,
+        "amount": 1000,
+        "x402_version": 2,
+        "route": "chat.completions",
+        "payload": f'{{"payload":{{"signature":"{SIGNATURE}"}}}}',
+        "requirements": '{"scheme":"exact","amount":"1000"}',
+        "idempotency_key": None,
+    }
+    fields.update(overrides)
+    return fields
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path) -> AsyncIterator[SqliteLedger]:
+    opened = await SqliteLedger.open(tmp_path / "state" / "payments.db")
+    yield opened
+    await opened.close()
+
+
+async def in_state(ledger: SqliteLedger, state: PaymentState, n: int = 1) -> PaymentRecord:
+    record = await ledger.reserve(**request(n))
+    for step in PATHS[state]:
+        record = await ledger.transition(record.id, step, transaction=None)
+    assert record.state is state
+    return record
+
+
+# --- reserve and the replay guard -----------------------------------------------------------
+
+
+async def test_reserve_records_a_new_reservation(ledger: SqliteLedger) -> None:
+    record = await ledger.reserve(**request())
+    assert record.state is S.RESERVED
+    assert (record.served, record.attempts, record.transaction, record.error) == (
+        False,
+        0,
+        None,
+        None,
+    )
+    assert len(record.id) == 32
+    assert int(record.id, 16) >= 0
+    assert record.key == ("eip155:84532", USDC, PAYER, nonce(1))
+    assert (record.pay_to, record.amount, record.x402_version) == (PAY_TO, 1000, 2)
+    assert record.created_at == record.updated_at
+    assert await ledger.get(record.id) == record
+
+
+async def test_reserve_twice_is_a_replay_carrying_the_first_record(ledger: SqliteLedger) -> None:
+    first = await ledger.reserve(**request())
+    verified = await ledger.transition(first.id, S.VERIFIED)
+    with pytest.raises(AlreadyReserved) as caught:
+        await ledger.reserve(**request(route="other"))
+    assert caught.value.code == "payment_replayed"
+    assert caught.value.record == verified
+    assert first.id in str(caught.value)
+
+
+async def test_case_and_network_spelling_do_not_make_a_new_key(ledger: SqliteLedger) -> None:
+    first = await ledger.reserve(
+        **request(
+            network="base-sepolia",
+            asset=USDC.lower(),
+            payer=PAYER.upper().replace("0X", "0x"),
+            nonce=nonce(0xABC).upper().replace("0X", "0x"),
+            pay_to=PAY_TO.lower(),
+        )
+    )
+    assert first.key == ("eip155:84532", USDC, PAYER, nonce(0xABC))
+    assert first.pay_to == PAY_TO
+    with pytest.raises(AlreadyReserved):
+        await ledger.reserve(**request(0xABC))
+    found = await ledger.find(
+        network="EIP155:84532",
+        asset=USDC.upper().replace("0X", "0x"),
+        payer=PAYER.lower(),
+        nonce=nonce(0xABC).upper().replace("0X", "0x"),
+    )
+    assert found == first
+    assert (
+        await ledger.find(network="eip155:84532", asset=USDC, payer=PAYER, nonce=nonce(2)) is None
+    )
+
+
+async def test_a_released_authorization_can_be_reserved_again(ledger: SqliteLedger) -> None:
+    first = await ledger.reserve(**request())
+    released = await ledger.transition(first.id, S.RELEASED, error="upstream_unavailable")
+    assert released.error == "upstream_unavailable"
+    again = await ledger.reserve(**request(route="embeddings", payload='{"retry":1}'))
+    assert (again.id, again.state, again.attempts) == (first.id, S.RESERVED, first.attempts)
+    assert (again.route, again.payload, again.error) == ("embeddings", '{"retry":1}', None)
+    assert again.created_at == first.created_at
+    with pytest.raises(AlreadyReserved):  # re-claimed: a replay of the retry is refused again
+        await ledger.reserve(**request())
+
+
+async def test_fifty_concurrent_reservations_of_one_key_have_one_winner(
+    ledger: SqliteLedger,
+) -> None:
+    results = await asyncio.wait_for(
+        asyncio.gather(*(ledger.reserve(**request()) for _ in range(50)), return_exceptions=True),
+        timeout=30,
+    )
+    winners = [r for r in results if isinstance(r, PaymentRecord)]
+    replays = [r for r in results if isinstance(r, AlreadyReserved)]
+    assert (len(winners), len(replays)) == (1, 49)
+    assert {r.record.id for r in replays} == {winners[0].id}
+    assert len(await ledger.list()) == 1
+
+
+async def test_a_cancelled_caller_does_not_undo_a_submitted_change(ledger: SqliteLedger) -> None:
+    task = asyncio.create_task(ledger.reserve(**request()))
+    await asyncio.sleep(0)  # the call is now queued on the worker thread
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    record = await ledger.find(network="eip155:84532", asset=USDC, payer=PAYER, nonce=nonce(1))
+    assert record is not None
+    assert record.state is S.RESERVED
+
+
+# --- idempotency keys -----------------------------------------------------------------------
+
+
+async def test_idempotency_key_rules(ledger: SqliteLedger) -> None:
+    key = "pay_7d5d747be160e280504c099d984bcfe0"
+    first = await ledger.reserve(**request(1, idempotency_key=key))
+    assert await ledger.by_idempotency_key(key) == first
+    assert await ledger.by_idempotency_key("pay_unknown_key_0000") is None
+
+    with pytest.raises(IdempotencyKeyReused) as caught:  # same key, another authorization
+        await ledger.reserve(**request(2, idempotency_key=key))
+    assert caught.value.code == "idempotency_key_reused"
+    assert (
+        await ledger.find(network="eip155:84532", asset=USDC, payer=PAYER, nonce=nonce(2)) is None
+    )
+
+    with pytest.raises(AlreadyReserved) as replay:  # same key, same authorization
+        await ledger.reserve(**request(1, idempotency_key=key))
+    assert replay.value.record == first
+
+    await ledger.transition(first.id, S.RELEASED)
+    again = await ledger.reserve(**request(1, idempotency_key=key))
+    assert (again.id, again.state, again.idempotency_key) == (first.id, S.RESERVED, key)
+
+
+async def test_a_new_key_on_a_retry_replaces_the_old_one(ledger: SqliteLedger) -> None:
+    old, new = "a" * 16, "b" * 16
+    first = await ledger.reserve(**request(1, idempotency_key=old))
+    await ledger.transition(first.id, S.RELEASED)
+    kept = await ledger.reserve(**request(1))  # no key given: the old one stays
+    assert kept.idempotency_key == old
+    await ledger.transition(first.id, S.RELEASED)
+    moved = await ledger.reserve(**request(1, idempotency_key=new))
+    assert moved.idempotency_key == new
+    assert await ledger.by_idempotency_key(old) is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("nonce", "0x1234"),
+        ("nonce", "1" * 66),
+        ("payer", "0x123"),
+        ("asset", "not an address"),
+        ("pay_to", "0x" + "g" * 40),
+        ("network", "bitcoin-mainnet"),
+        ("amount", -1),
+        ("amount", 2**256),
+        ("amount", True),
+        ("x402_version", 3),
+        ("route", ""),
+        ("payload", "x" * (64 * 1024 + 1)),
+        ("idempotency_key", "short"),
+        ("idempotency_key", "has spaces in it, sixteen+"),
+    ],
+)
+async def test_malformed_input_is_refused_before_the_store(
+    ledger: SqliteLedger, field: str, value: Any
+) -> None:
+    with pytest.raises(ValueError, match=field.split("_")[0]):
+        await ledger.reserve(**request(**{field: value}))
+    assert await ledger.list() == []
+
+
+async def test_a_uint256_amount_round_trips(ledger: SqliteLedger) -> None:
+    record = await ledger.reserve(**request(amount=2**256 - 1))
+    assert (await ledger.get(record.id)) == record
+    assert record.amount == 2**256 - 1
+
+
+# --- transitions ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("source", "target"), list(itertools.product(S, S)))
+async def test_every_transition_is_allowed_or_refused_by_the_table(
+    ledger: SqliteLedger, source: PaymentState, target: PaymentState
+) -> None:
+    record = await in_state(ledger, source)
+    if (source, target) in ALLOWED:
+        moved = await ledger.transition(record.id, target)
+        assert moved.state is target
+        assert moved.updated_at >= record.updated_at
+        assert await ledger.get(record.id) == moved
+    else:
+        with pytest.raises(LedgerConflict) as caught:
+            await ledger.transition(record.id, target)
+        assert caught.value.code == "ledger_conflict"
+        assert f"{source.value} -> {target.value}" in str(caught.value)
+        assert await ledger.get(record.id) == record
+
+
+async def test_settling_counts_attempts_and_keeps_what_is_not_given(ledger: SqliteLedger) -> None:
+    record = await in_state(ledger, S.SERVED)
+    assert record.served
+    first = await ledger.transition(record.id, S.SETTLING)
+    assert (first.attempts, first.transaction) == (1, None)
+    pending = await ledger.transition(
+        record.id,
+        S.SETTLING,
+        transaction=tx(0xFEED).upper().replace("0X", "0x"),
+        error="settlement_pending",
+    )
+    assert (pending.attempts, pending.transaction, pending.error) == (
+        2,
+        tx(0xFEED),
+        "settlement_pending",
+    )
+    settled = await ledger.transition(record.id, S.SETTLED)
+    assert (settled.attempts, settled.transaction, settled.error) == (
+        2,
+        tx(0xFEED),
+        "settlement_pending",
+    )
+    assert settled.terminal
+
+
+async def test_upfront_mode_settles_then_marks_served(ledger: SqliteLedger) -> None:
+    record = await ledger.reserve(**request())
+    settling = await ledger.transition(record.id, S.SETTLING)
+    assert settling.attempts == 1
+    settled = await ledger.transition(record.id, S.SETTLED, transaction=tx(1))
+    assert not settled.served
+    served = await ledger.mark_served(record.id)
+    assert (served.state, served.served, served.transaction) == (S.SETTLED, True, tx(1))
+    assert (await ledger.mark_served(record.id)).served  # idempotent
+
+
+async def test_failure_reasons_are_bounded_single_lines(ledger: SqliteLedger) -> None:
+    record = await ledger.reserve(**request())
+    failed = await ledger.transition(record.id, S.FAILED, error="insufficient_funds\n" + "x" * 500)
+    assert failed.error is not None
+    assert "\n" not in failed.error
+    assert len(failed.error) == 200
+
+
+async def test_unknown_payment_ids(ledger: SqliteLedger) -> None:
+    assert await ledger.get("0" * 32) is None
+    for change in (
+        ledger.transition("0" * 32, S.VERIFIED),
+        ledger.mark_served("'; DROP TABLE payments; --"),
+    ):
+        with pytest.raises(PaymentNotFound) as caught:
+            await change
+        assert caught.value.code == "payment_not_found"
+        assert isinstance(caught.value, LedgerConflict)
+    with pytest.raises(ValueError, match="transaction"):
+        await ledger.transition("0" * 32, S.SETTLING, transaction="0xnothex")
+
+
+# --- queries --------------------------------------------------------------------------------
+
+
+async def test_unfinished_and_stale_reservations(tmp_path: Path) -> None:
+    clock = Clock()
+    async with await SqliteLedger.open(tmp_path / "p.db", clock=clock) as ledger:
+        by_state: dict[PaymentState, PaymentRecord] = {}
+        for n, state in enumerate(PATHS, start=1):
+            by_state[state] = await in_state(ledger, state, n)
+            clock.now += 10
+        served_early = await ledger.reserve(**request(99))
+        await ledger.mark_served(served_early.id)  # upfront-style flag: still a reservation
+
+        unfinished = await ledger.unfinished()
+        assert [r.id for r in unfinished] == [by_state[S.SERVED].id, by_state[S.SETTLING].id]
+        assert [r.id for r in await ledger.unfinished(limit=1)] == [by_state[S.SERVED].id]
+
+        # now = start + 70; the RESERVED row was last touched at start, VERIFIED at start + 10.
+        stale = await ledger.stale_reservations(older_than=60)
+        assert [r.id for r in stale] == [by_state[S.RESERVED].id, by_state[S.VERIFIED].id]
+        assert [r.id for r in await ledger.stale_reservations(older_than=65)] == [
+            by_state[S.RESERVED].id
+        ]
+        assert len(await ledger.stale_reservations(older_than=0)) == 3
+        assert await ledger.stale_reservations(older_than=1000) == []
+        with pytest.raises(ValueError, match="older_than"):
+            await ledger.stale_reservations(older_than=-1)
+
+
+async def test_list_is_newest_first_filtered_and_bounded(tmp_path: Path) -> None:
+    clock = Clock()
+    async with await SqliteLedger.open(tmp_path / "p.db", clock=clock) as ledger:
+        ids = []
+        for n in range(1, 6):
+            ids.append((await ledger.reserve(**request(n))).id)
+            clock.now += 1
+        await ledger.transition(ids[1], S.RELEASED)
+        assert [r.id for r in await ledger.list()] == ids[::-1]
+        assert [r.id for r in await ledger.list(limit=2)] == ids[:2:-1]
+        assert [r.id for r in await ledger.list(state=S.RELEASED)] == [ids[1]]
+        assert await ledger.list(state=S.SETTLED) == []
+        assert len(await ledger.list(limit=10**9)) == 5
+        with pytest.raises(ValueError, match="limit"):
+            await ledger.list(limit=0)
+    assert check_limit(10**9) == MAX_LIST_LIMIT
+
+
+# --- the file -------------------------------------------------------------------------------
+
+
+async def test_records_survive_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "payments.db"
+    ledger = await SqliteLedger.open(path)
+    record = await in_state(ledger, S.SETTLING)
+    record = await ledger.transition(record.id, S.SETTLING, transaction=tx(7))
+    await ledger.close()
+    await ledger.close()  # idempotent
+    with pytest.raises(LedgerUnavailable, match="closed"):
+        await ledger.get(record.id)
+
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert raw.execute("SELECT version FROM ledger_schema").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        raw.close()
+
+    async with await SqliteLedger.open(path) as reopened:
+        assert await reopened.get(record.id) == record
+        assert await reopened.unfinished() == [record]
+        with pytest.raises(AlreadyReserved):
+            await reopened.reserve(**request())
+
+
+async def test_read_only_opening_creates_nothing_and_writes_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "absent" / "payments.db"
+    with pytest.raises(LedgerNotFound) as caught:
+        await SqliteLedger.open(missing, read_only=True)
+    assert caught.value.code == "ledger_not_found"
+    assert not missing.parent.exists()
+
+    path = tmp_path / "payments.db"
+    async with await SqliteLedger.open(path) as writer:
+        record = await writer.reserve(**request())
+        async with await SqliteLedger.open(path, read_only=True) as reader:
+            assert await reader.get(record.id) == record
+            with pytest.raises(LedgerUnavailable, match="readonly"):
+                await reader.transition(record.id, S.VERIFIED)
+
+
+async def test_unusable_paths_are_clean_ledger_unavailable_errors(tmp_path: Path) -> None:
+    directory = tmp_path / "payments.db"
+    directory.mkdir()
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database, not even close " * 200)
+    for path in (directory, not_a_dir / "payments.db", garbage):
+        with pytest.raises(LedgerUnavailable) as caught:
+            await SqliteLedger.open(path)
+        message = str(caught.value)
+        assert caught.value.code == "ledger_unavailable"
+        assert str(path) in message
+        assert "Traceback" not in message
+        assert caught.value.__cause__ is None
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "p.db"
+    await (await SqliteLedger.open(path)).close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("UPDATE ledger_schema SET version = 99")
+    raw.close()
+    with pytest.raises(LedgerUnavailable, match="v99, newer"):
+        await SqliteLedger.open(path)
+
+
+async def test_a_write_lock_held_too_long_is_unavailable_not_a_hang(tmp_path: Path) -> None:
+    path = tmp_path / "p.db"
+    async with await SqliteLedger.open(path, busy_timeout=0.2) as ledger:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process's writer, holding the lock
+        try:
+            with pytest.raises(LedgerUnavailable, match="locked"):
+                await asyncio.wait_for(ledger.reserve(**request()), timeout=10)
+            assert await ledger.list() == []  # reads still work in WAL
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert (await ledger.reserve(**request())).state is S.RESERVED
+
+
+# --- secrets and layering -------------------------------------------------------------------
+
+
+async def test_repr_and_errors_never_show_the_payload(ledger: SqliteLedger) -> None:
+    record = await ledger.reserve(**request())
+    assert SIGNATURE[2:10] in record.payload
+    with pytest.raises(AlreadyReserved) as caught:
+        await ledger.reserve(**request())
+    for text in (repr(record), str(record), str(caught.value), repr(caught.value)):
+        assert SIGNATURE[2:10] not in text
+        assert "payload" not in text
+        assert "requirements" not in text
+
+
+def test_the_ledger_imports_neither_aiohttp_nor_the_server() -> None:
+    for name in ("ledger.py", "ledger_sqlite.py"):
+        tree = ast.parse((ROOT / "paygate" / "x402" / name).read_text())
+        modules = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        } | {
+            node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module
+        }
+        assert not {m for m in modules if m.split(".")[0] == "aiohttp"}, name
+        assert not {m for m in modules if m.startswith("paygate.server")}, name
+
+
+def test_the_sqlite_ledger_has_the_protocol_signatures() -> None:
+    methods = [n for n, v in vars(Ledger).items() if inspect.iscoroutinefunction(v)]
+    assert len(methods) == 10
+    for name in methods:
+        wanted = inspect.signature(getattr(Ledger, name))
+        built = inspect.signature(getattr(SqliteLedger, name))
+        assert inspect.iscoroutinefunction(getattr(SqliteLedger, name)), name
+        assert [(p.name, p.kind, p.default) for p in built.parameters.values()] == [
+            (p.name, p.kind, p.default) for p in wanted.parameters.values()
+        ], name
