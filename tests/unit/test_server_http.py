@@ -16,7 +16,7 @@ from paygate.server.errors import (
 from paygate.server.forwarded import client_address, parse_networks
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.metrics import Metrics
-from paygate.server.payment import NoPaymentGate, payment_gate_for
+from paygate.server.payment import check_payment_settings
 from paygate.server.proxy import relayed_response_headers, upstream_request_headers
 
 
@@ -159,11 +159,57 @@ def test_split_listen_ipv6() -> None:
     assert split_listen("[::1]:8402") == ("::1", 8402)
 
 
-def test_payment_modes() -> None:
-    assert isinstance(payment_gate_for(load_settings(payment_mode="off")), NoPaymentGate)
-    for mode in ("facilitator", "chain", "verify-only"):
-        with pytest.raises(ConfigError, match="not implemented yet"):
-            payment_gate_for(load_settings(payment_mode=mode))
+PAY_TO = "0x" + "ab" * 20
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"payment_mode": "facilitator"}, "pay_to"),
+        ({"payment_mode": "facilitator", "pay_to": PAY_TO}, "facilitator_url"),
+        ({"payment_mode": "verify-only", "pay_to": PAY_TO}, "facilitator_url"),
+        ({"payment_mode": "chain", "pay_to": PAY_TO}, "chain_rpc_url"),
+        (
+            {"payment_mode": "chain", "pay_to": PAY_TO, "chain_rpc_url": "http://127.0.0.1:8545"},
+            "gas_key",
+        ),
+        (
+            {
+                "payment_mode": "facilitator",
+                "pay_to": PAY_TO,
+                "facilitator_url": "https://f.example",
+                "network": "eip155:999999",
+            },
+            "asset_address",
+        ),
+        (
+            {
+                "payment_mode": "facilitator",
+                "pay_to": PAY_TO,
+                "facilitator_url": "https://f.example",
+                "network": "nope",
+            },
+            "unknown network",
+        ),
+    ],
+)
+def test_payment_modes_refuse_to_start_incomplete(overrides: dict[str, object], match: str) -> None:
+    # An operator who asked for payments never gets a free gateway by accident.
+    with pytest.raises(ConfigError, match=match):
+        check_payment_settings(load_settings(**overrides))
+
+
+def test_payment_settings_checks() -> None:
+    check_payment_settings(load_settings(payment_mode="off"))
+    check_payment_settings(
+        load_settings(
+            payment_mode="facilitator", pay_to=PAY_TO, facilitator_url="http://127.0.0.1:9"
+        )
+    )
+    with pytest.raises(ConfigError, match="https"):
+        load_settings(facilitator_url="http://facilitator.example")
+    with pytest.raises(ConfigError, match="custom asset"):
+        load_settings(asset_address=PAY_TO)
 
 
 def test_config_file_toml(tmp_path) -> None:
