@@ -14,15 +14,19 @@ from typing import Any
 
 from aiohttp import web
 
-from paygate.config import load_settings, split_listen
+from paygate.config import Settings, load_settings, split_listen
 from paygate.server.app import build_app, server_options
 from paygate.server.logs import SafeAccessLogger, install_safe_logging
+from paygate.store.deployments import DeploymentStore, settings_overrides
 
 log = logging.getLogger("paygate.serve")
 
 
 def register(sub: Any) -> None:
     serve = sub.add_parser("serve", help="run the gateway in front of the model server")
+    serve.add_argument(
+        "name", nargs="?", default=None, help="a named deployment (paygate deploy) to serve"
+    )
     # SUPPRESS: `paygate --config F serve` and `paygate serve --config F` both work.
     serve.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
     serve.add_argument("--listen", help="host:port to listen on (PAYGATE_LISTEN)")
@@ -39,11 +43,16 @@ def register(sub: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    overrides = {
-        name: value
+    overrides: dict[str, Any] = {}
+    if args.name is not None:
+        # The deployment's fields over the file and environment; flags over the deployment.
+        store = DeploymentStore(load_settings(args.config).deployments_dir)
+        overrides.update(settings_overrides(store.get(args.name), set(Settings.model_fields)))
+    overrides.update(
+        (name, value)
         for name, value in (("listen", args.listen), ("upstream_url", args.upstream_url))
         if value is not None
-    }
+    )
     settings = load_settings(args.config, **overrides)
     install_safe_logging()
     app = build_app(settings)  # refuses unimplemented payment modes before listening

@@ -19,6 +19,15 @@ A top-level ``"fake": {"pace": seconds, "chunks": n, "pad": bytes}`` in the body
 pace and the length, and pads each word (for backpressure tests). Every request received is
 counted per ``METHOD /path`` (unknown paths too): tests read :attr:`FakeModelServer.hits`
 directly, other processes ``GET /_fake/stats``.
+
+``POST /api/pull`` streams Ollama-shaped progress and, with a ``models_dir``, writes a manifest
+there that ``/api/tags`` then lists (how the container tests see a pull land in the volume).
+With an ``api_key`` every route but the stats wants ``Authorization: Bearer KEY`` (401 else),
+like a remote OpenAI-compatible service.
+
+Run as a script (``python3 fake_model.py``) it serves on ``OLLAMA_HOST`` with its models in
+``OLLAMA_MODELS``, like Ollama: that is how the container tests run it in Ollama's place. So
+this module imports nothing but the standard library and aiohttp (Debian's python3-aiohttp).
 """
 
 from __future__ import annotations
@@ -27,9 +36,13 @@ import asyncio
 import gzip
 import hashlib
 import json
+import os
+import re
+import sys
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -46,6 +59,8 @@ _MAX_PACE = 60.0
 _STALL = 3600.0  # "forever" for a test; the caller's timeout ends it first
 _HOLD_LIMIT = 60.0
 _MAX_PAD = 1 << 20
+_PULL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}(:[a-z0-9._-]{1,64})?")
+_PULL_STEPS = 4  # progress lines per pulled layer
 # What "fake-headers" adds: each one must be dropped by the gateway.
 HOSTILE_HEADERS = {
     "Set-Cookie": "session=fake",
@@ -104,9 +119,18 @@ def _prompt(body: dict[str, Any]) -> str:
 class FakeModelServer:
     """The fake. Build it, then serve :attr:`app` (TestServer, AppRunner or :func:`run`)."""
 
-    def __init__(self, *, pace: float = 0.0, chunks: int = 4) -> None:
+    def __init__(
+        self,
+        *,
+        pace: float = 0.0,
+        chunks: int = 4,
+        models_dir: Path | None = None,
+        api_key: str | None = None,
+    ) -> None:
         self.pace = pace
         self.chunks = chunks
+        self.models_dir = models_dir
+        self.api_key = api_key
         self.hits: Counter[str] = Counter()
         self.cancelled: Counter[str] = Counter()
         self.completed: Counter[str] = Counter()
@@ -141,7 +165,8 @@ class FakeModelServer:
         r.add_post("/api/show", self._ollama_show)
         r.add_get("/api/tags", self._ollama_tags)
         r.add_get("/api/version", self._ollama_version)
-        for path in ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/ps"):
+        r.add_post("/api/pull", self._ollama_pull)
+        for path in ("/api/push", "/api/create", "/api/copy", "/api/ps"):
             r.add_route("*", path, self._ollama_admin)
         r.add_route("DELETE", "/api/delete", self._ollama_admin)
         r.add_post("/v1/chat/completions", self._openai_chat)
@@ -163,11 +188,25 @@ class FakeModelServer:
                 )
             )
         try:
+            if self.api_key is not None and request.path != STATS_PATH:
+                self._authorize(request)
             return await handler(request)
         except _Answer as answer:
             return answer.response
 
     # --- helpers -----------------------------------------------------------------------------
+
+    def _authorize(self, request: web.Request) -> None:
+        if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+            raise _error(request, 401, "invalid API key")
+
+    def _pulled(self) -> list[str]:
+        if self.models_dir is None:
+            return []
+        library = self.models_dir / "manifests" / "registry.ollama.ai" / "library"
+        if not library.is_dir():
+            return []
+        return sorted(f"{tag.parent.name}:{tag.name}" for tag in library.glob("*/*"))
 
     async def _json(self, request: web.Request) -> dict[str, Any]:
         try:
@@ -340,12 +379,44 @@ class FakeModelServer:
                 "digest": hashlib.sha256(name.encode()).hexdigest(),
                 "details": {"family": "fake"},
             }
-            for name in MODELS
+            for name in (*MODELS, *self._pulled())
         ]
         return await self._reply(request, "", {"models": models})
 
     async def _ollama_version(self, request: web.Request) -> web.Response:
         return await self._reply(request, "", {"version": "0.0.0-fake"})
+
+    async def _ollama_pull(self, request: web.Request) -> web.StreamResponse:
+        body = await self._json(request)
+        name = str(body.get("model") or body.get("name") or "")
+        if not _PULL_NAME.fullmatch(name):
+            raise _error(request, 400, "invalid model name")
+        model, _, tag = name.partition(":")
+        digest = "sha256:" + hashlib.sha256(name.encode()).hexdigest()
+        total = 4096
+
+        def write_manifest() -> None:
+            if self.models_dir is None:
+                return
+            target = self.models_dir / "manifests" / "registry.ollama.ai" / "library" / model
+            target.mkdir(parents=True, exist_ok=True)
+            (target / (tag or "latest")).write_text(json.dumps({"layers": [{"digest": digest}]}))
+
+        if body.get("stream", True) is False:
+            write_manifest()
+            return web.json_response({"status": "success"})
+
+        def lines() -> Iterator[bytes]:
+            yield json.dumps({"status": "pulling manifest"}).encode() + b"\n"
+            for step in range(1, _PULL_STEPS + 1):
+                progress = {"digest": digest, "total": total, "completed": total * step // 4}
+                yield json.dumps({"status": f"pulling {digest[7:19]}", **progress}).encode() + b"\n"
+            yield json.dumps({"status": "verifying sha256 digest"}).encode() + b"\n"
+            write_manifest()
+            yield json.dumps({"status": "writing manifest"}).encode() + b"\n"
+            yield json.dumps({"status": "success"}).encode() + b"\n"
+
+        return await self._stream(request, name, self.pace, lines(), "application/x-ndjson")
 
     async def _ollama_admin(self, request: web.Request) -> web.Response:
         # Counted by the middleware: a test asserts these are never reached through the gateway.
@@ -458,3 +529,19 @@ def run(host: str, port: int, *, pace: float = 0.0, chunks: int = 4) -> None:
     """Serve a fake on ``host:port`` until interrupted (``paygate fake-upstream``)."""
     fake = FakeModelServer(pace=pace, chunks=chunks)
     web.run_app(fake.app, host=host, port=port, handler_cancellation=True, print=None)
+
+
+def main() -> int:
+    """Serve like Ollama does: ``OLLAMA_HOST`` (host:port) and ``OLLAMA_MODELS``."""
+    host, _, port = os.environ.get("OLLAMA_HOST", "127.0.0.1:11434").rpartition(":")
+    models = Path(os.environ.get("OLLAMA_MODELS", str(Path.home() / ".ollama" / "models")))
+    fake = FakeModelServer(models_dir=models)
+    # aiohttp 3.8 (Debian 12) cancels handlers on disconnect by itself and lacks the option.
+    options = {"handler_cancellation": True} if hasattr(web, "AppKey") else {}
+    print(f"FAKE model server (not Ollama) on {host or '127.0.0.1'}:{port}", file=sys.stderr)
+    web.run_app(fake.app, host=host or "127.0.0.1", port=int(port), print=None, **options)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

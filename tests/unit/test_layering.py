@@ -43,3 +43,36 @@ def test_enclave_imports_hardware_bindings_lazily() -> None:
             if isinstance(node, ast.ImportFrom) and node.module
         }
         assert not top_level & {"pkcs11", "tpm2_pytss"}, path
+
+
+def _imported_modules(path: Path) -> set[str]:
+    modules: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules.add(node.module)
+    return modules
+
+
+def test_upstream_and_store_never_import_the_server_or_the_cli() -> None:
+    # The server imports the upstream layer (container manager, monitor), never the reverse.
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(
+            m for m in _imported_modules(path) if m.startswith(("paygate.server", "paygate.cli"))
+        )
+        for package in ("paygate/upstream", "paygate/store")
+        for path in sorted((ROOT / package).rglob("*.py"))
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_scripts_run_in_containers_import_no_paygate() -> None:
+    # relay.py and fake_model.py run inside containers with Debian's python3 (+ aiohttp) only.
+    allowed = {
+        "asyncio", "contextlib", "os", "signal", "sys", "__future__", "gzip", "hashlib",
+        "json", "re", "collections", "dataclasses", "pathlib", "typing", "aiohttp",
+    }  # fmt: skip
+    for name in ("relay.py", "fake_model.py"):
+        path = ROOT / "paygate" / "upstream" / name
+        assert _imports(path) <= allowed, (name, sorted(_imports(path) - allowed))

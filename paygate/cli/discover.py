@@ -1,0 +1,42 @@
+"""``paygate discover``: which model servers run on this host (paygate.upstream.discovery)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from dataclasses import asdict
+from typing import Any
+
+from paygate.config import load_settings
+from paygate.upstream.discovery import DEFAULT_PORTS, discover, table
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("discover", help="find local model servers and their models")
+    p.add_argument("--port", type=_port, action="append", default=[], help="also probe this port")
+    p.add_argument("--only", action="store_true", help="probe only the --port ports")
+    p.add_argument("--host", default="127.0.0.1", help="host to probe (default loopback)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per port")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=_discover)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError("a port is 1..65535")
+    return int(text)
+
+
+def _discover(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    ports = set(args.port) if args.only else {*DEFAULT_PORTS, *settings.discover_ports, *args.port}
+    timeout = args.timeout or settings.discover_timeout
+    found = asyncio.run(discover(sorted(ports), host=args.host, timeout=timeout))
+    if args.json:
+        print(json.dumps([asdict(item) for item in found], indent=2))
+    elif found:
+        print(table(found))
+    else:
+        print(f"no model server answered on {args.host} ports {', '.join(map(str, sorted(ports)))}")
+    return 0

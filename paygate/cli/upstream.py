@@ -1,0 +1,151 @@
+"""``paygate upstream status|pull|stop``: the model server paygate runs or attaches to.
+
+``--deployment NAME`` applies a named deployment's settings first (like ``serve NAME``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any, TextIO
+
+import aiohttp
+
+from paygate.config import Settings, load_settings
+from paygate.store.deployments import DeploymentStore, settings_overrides
+from paygate.upstream import service
+from paygate.upstream.container import ContainerManager
+from paygate.upstream.engine import connect
+from paygate.upstream.errors import UpstreamError
+from paygate.upstream.pull import Progress, pull
+from paygate.upstream.readiness import probe
+from paygate.upstream.spec import spec_from_settings
+
+BAR = 30
+
+
+def register(sub: Any) -> None:
+    upstream = sub.add_parser("upstream", help="the model server: status, pull, stop")
+    actions = upstream.add_subparsers(dest="upstream_command", required=True, metavar="ACTION")
+    status = actions.add_parser("status", help="containers (container mode) and a health probe")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(run=_status)
+    pulling = actions.add_parser(
+        "pull", help="download a model into the model volume (the only step with network)"
+    )
+    pulling.add_argument("model", help="model name, e.g. llama3.2:1b")
+    pulling.set_defaults(run=_pull)
+    stop = actions.add_parser("stop", help="stop and remove the containers (the volume stays)")
+    stop.set_defaults(run=_stop)
+    for p in (status, pulling, stop):
+        p.add_argument("--deployment", help="apply this named deployment's settings")
+
+
+def settings_for(args: argparse.Namespace) -> Settings:
+    """Settings from the file and environment, with ``--deployment``'s applied on top."""
+    settings = load_settings(args.config)
+    if not getattr(args, "deployment", None):
+        return settings
+    deployment = DeploymentStore(settings.deployments_dir).get(args.deployment)
+    overrides = settings_overrides(deployment, set(Settings.model_fields))
+    return load_settings(args.config, **overrides)
+
+
+def _require_container(settings: Settings, action: str) -> None:
+    if settings.upstream_mode != "container":
+        raise UpstreamError(f"upstream {action} needs upstream_mode = container")
+
+
+async def _probe(settings: Settings) -> str:
+    async with aiohttp.ClientSession(
+        connector=service.connector(settings, limit=1), trust_env=False
+    ) as session:
+        result = await probe(
+            session,
+            service.health_url(settings),
+            headers=service.auth_headers(service.api_key(settings)),
+            timeout=settings.ready_probe_timeout,
+        )
+    return "ready" if result.ok else f"not ready ({result.detail})"
+
+
+def _status(args: argparse.Namespace) -> int:
+    settings = settings_for(args)
+    out: dict[str, Any] = {"mode": settings.upstream_mode}
+    if settings.upstream_mode == "container":
+        manager = ContainerManager(connect(settings.docker_host), spec_from_settings(settings))
+        out.update(manager.status())
+        manager.client.close()
+    else:
+        out["kind"] = settings.upstream_kind
+        out["url"] = settings.upstream_url
+    out["health"] = asyncio.run(_probe(settings))
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for key, value in out.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
+        print(f"{key:8} {value}")
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    settings = settings_for(args)
+    _require_container(settings, "stop")
+    manager = ContainerManager(connect(settings.docker_host), spec_from_settings(settings))
+    manager.stop()
+    manager.client.close()
+    print(f"stopped {manager.spec.name}")
+    return 0
+
+
+class ProgressPrinter:
+    """A progress bar on a terminal; one line per new status otherwise (logs, tests)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self._last = ""
+
+    def __call__(self, progress: Progress) -> None:
+        line = render(progress)
+        if self.tty:
+            self.stream.write("\r" + line.ljust(78)[:78])
+            if progress.total is None:
+                self.stream.write("\n")
+        elif line != self._last:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self._last = line
+
+
+def render(progress: Progress) -> str:
+    if progress.total and progress.completed is not None:
+        share = min(max(progress.completed / progress.total, 0.0), 1.0)
+        filled = int(share * BAR)
+        return f"{progress.status[:32]:32} [{'#' * filled}{'.' * (BAR - filled)}] {share:4.0%}"
+    return progress.status[:78]
+
+
+def _pull(args: argparse.Namespace) -> int:
+    settings = settings_for(args)
+    _require_container(settings, "pull")
+    client = connect(settings.docker_host)
+    try:
+        asyncio.run(
+            pull(
+                client,
+                spec_from_settings(settings),
+                args.model,
+                on_progress=ProgressPrinter(sys.stderr),
+                ready_timeout=settings.upstream_ready_timeout,
+                timeout=settings.upstream_pull_timeout,
+            )
+        )
+    finally:
+        client.close()
+    print(f"pulled {args.model}")
+    return 0

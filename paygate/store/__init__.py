@@ -1,0 +1,1 @@
+"""paygate's persistent operator state (named deployments)."""

@@ -1,0 +1,175 @@
+"""The upstream as the gateway runs it: where it is, how to reach it, and its health.
+
+:func:`running_upstream` is what the app factory enters: in container mode it starts the
+isolated containers and waits (with a deadline) until the model server answers; in attach
+mode it probes the configured server once. Either way a :class:`HealthMonitor` then runs in
+the background, and the :class:`CircuitBreaker` it drives is the one the proxy consults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from pydantic import SecretStr
+
+from paygate.config import Settings
+from paygate.upstream.breaker import CircuitBreaker
+from paygate.upstream.container import ContainerManager
+from paygate.upstream.engine import connect
+from paygate.upstream.monitor import HealthMonitor
+from paygate.upstream.readiness import HEALTH_PATHS, ProbeResult, probe, wait_ready
+from paygate.upstream.spec import spec_from_settings
+
+log = logging.getLogger("paygate.upstream")
+
+
+def base_url(settings: Settings) -> str:
+    """The URL requests are built on: the relay socket's ``localhost`` in container mode."""
+    if settings.upstream_mode == "container":
+        return spec_from_settings(settings).base_url
+    return settings.upstream_url
+
+
+def health_url(settings: Settings) -> str:
+    """The readiness probe's URL (Ollama's route in container mode: the container is Ollama)."""
+    kind = settings.upstream_kind if settings.upstream_mode == "attach" else "ollama"
+    return base_url(settings) + (settings.upstream_health_path or HEALTH_PATHS[kind])
+
+
+def api_key(settings: Settings) -> SecretStr | None:
+    """The key the gateway adds for an attached (remote) server; never one for a container."""
+    if settings.upstream_mode != "attach":
+        return None
+    return settings.secret("upstream_api_key")
+
+
+def connector(settings: Settings, *, limit: int) -> aiohttp.BaseConnector:
+    """The session's connector: the relay's unix socket in container mode, TCP otherwise."""
+    if settings.upstream_mode == "container":
+        return aiohttp.UnixConnector(
+            path=str(spec_from_settings(settings).socket_path), limit=limit
+        )
+    return aiohttp.TCPConnector(limit=limit, enable_cleanup_closed=True)
+
+
+def auth_headers(key: SecretStr | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key.get_secret_value()}"} if key is not None else {}
+
+
+class UpstreamService:
+    """The upstream's runtime parts; ``status()`` is what ``/health/ready`` shows.
+
+    ``monitored`` is False only for an attached server with ``upstream_monitor = false`` (a
+    remote API billed per call, say): then nothing probes it and there is no breaker.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        manager: ContainerManager | None = None,
+    ) -> None:
+        self.settings = settings
+        self.session = session
+        self.manager = manager
+        self.monitored = manager is not None or settings.upstream_monitor
+        breaker = CircuitBreaker(
+            threshold=settings.upstream_failure_threshold, retry_after=settings.retry_after_seconds
+        )
+        self.breaker: CircuitBreaker | None = breaker if self.monitored else None
+        self._url = health_url(settings)
+        self.api_key = api_key(settings)
+        self.monitor = HealthMonitor(
+            check=self.check,
+            breaker=breaker,
+            interval=settings.upstream_health_interval,
+            backoff_max=settings.upstream_restart_backoff_max,
+            crashed=self._crashed if manager is not None else None,
+            recover=self._recover if manager is not None else None,
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def check(self) -> ProbeResult:
+        return await probe(
+            self.session,
+            self._url,
+            headers=auth_headers(self.api_key),
+            timeout=self.settings.ready_probe_timeout,
+        )
+
+    async def _crashed(self) -> bool:
+        assert self.manager is not None
+        return await asyncio.to_thread(self.manager.crashed)
+
+    async def _recover(self) -> str:
+        assert self.manager is not None
+        return await asyncio.to_thread(self.manager.ensure_running)
+
+    async def start(self) -> None:
+        """Start the containers (container mode) and wait until ready; then monitor."""
+        if self.manager is not None:
+            await asyncio.to_thread(self.manager.start)
+            await wait_ready(
+                self.session,
+                self._url,
+                deadline=self.settings.upstream_ready_timeout,
+                probe_timeout=self.settings.ready_probe_timeout,
+            )
+            self.monitor.mark_ready()
+        elif not self.monitored:
+            return
+        else:
+            # An attached server may come later: start anyway, refusing fast once it is down.
+            result = await self.check()
+            if result.ok:
+                self.monitor.mark_ready()
+            else:
+                self.monitor.mark_down(result.detail)
+                log.warning("the attached model server is not ready yet (%s)", result.detail)
+        self._task = asyncio.get_running_loop().create_task(self.monitor.run())
+
+    async def stop(self) -> None:
+        """Stop monitoring; in container mode stop and remove the containers."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.monitor.state = "stopped"
+        if self.manager is not None:
+            await asyncio.to_thread(self.manager.stop)
+
+    def status(self) -> dict[str, Any]:
+        if not self.monitored:
+            return {"mode": self.settings.upstream_mode, "state": "unmonitored"}
+        out: dict[str, Any] = {"mode": self.settings.upstream_mode, **self.monitor.snapshot()}
+        if self.settings.upstream_mode == "attach":
+            out["kind"] = self.settings.upstream_kind
+        return out
+
+
+@contextlib.asynccontextmanager
+async def running_upstream(
+    settings: Settings, session: aiohttp.ClientSession
+) -> AsyncIterator[UpstreamService]:
+    """The upstream service, started; stopped (containers removed) on exit."""
+    manager = None
+    client = None
+    if settings.upstream_mode == "container":
+        client = await asyncio.to_thread(connect, settings.docker_host)
+        manager = ContainerManager(client, spec_from_settings(settings))
+    service = UpstreamService(settings, session, manager)
+    try:
+        await service.start()
+        yield service
+    finally:
+        try:
+            await service.stop()
+        finally:
+            if client is not None:
+                client.close()

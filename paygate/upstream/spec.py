@@ -1,0 +1,185 @@
+"""What the model server's containers look like, as pure data (docker SDK keyword arguments).
+
+Three containers, all from the same hardening:
+
+- serving: the model server with ``network_mode=none`` (no interface but its own loopback),
+  its model volume, CPU/memory/pids limits, every capability dropped, no-new-privileges,
+  a read-only root filesystem with tmpfs where it must write, GPUs only if asked for;
+- relay: a second container in the serving container's network namespace that exposes the
+  model server's port as a unix socket in a host directory only the gateway can open
+  (:mod:`paygate.upstream.relay`);
+- pull: short-lived, the only one with a network (egress for downloading models), its port
+  published on 127.0.0.1 only, writing into the same model volume.
+
+Nothing here talks to docker, so the tests can check every option without an engine.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from docker.types import DeviceRequest, LogConfig, Mount
+
+from paygate.config import Settings
+from paygate.upstream import relay
+from paygate.upstream.errors import InvalidName
+from paygate.upstream.names import container_name, derived_name
+
+ROLE_LABEL = "io.paygate.role"
+DEPLOYMENT_LABEL = "io.paygate.deployment"
+SOCKET_NAME = "upstream.sock"
+RELAY_MOUNT = "/run/paygate"
+RELAY_SCRIPT_MOUNT = "/opt/paygate-relay/relay.py"
+_MAX_UNIX_PATH = 107  # sun_path holds 108 bytes including the terminating NUL
+_LOGS = LogConfig(type="json-file", config={"max-size": "10m", "max-file": "2"})
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerSpec:
+    """One deployment's containers. ``name`` is already a valid container name."""
+
+    name: str
+    image: str
+    relay_image: str
+    volume: str
+    models_mount: str
+    port: int
+    socket_dir: Path
+    cpus: float | None
+    memory: str | None
+    pids_limit: int
+    gpus: str | None
+    tmpfs: dict[str, str]
+    pull_network: str
+    relay_script: Path = field(default_factory=lambda: Path(relay.__file__).resolve())
+    user: str = field(default_factory=lambda: f"{os.getuid()}:{os.getgid()}")
+
+    @property
+    def relay_name(self) -> str:
+        return derived_name(self.name, "relay")
+
+    @property
+    def pull_name(self) -> str:
+        return derived_name(self.name, "pull")
+
+    @property
+    def socket_path(self) -> Path:
+        return self.socket_dir / SOCKET_NAME
+
+    @property
+    def base_url(self) -> str:
+        """The URL the gateway uses over the relay socket (Host: localhost, as Ollama wants)."""
+        return f"http://localhost:{self.port}"
+
+
+def spec_from_settings(settings: Settings, name: str | None = None) -> ContainerSpec:
+    """The container spec for ``settings`` (``name`` overrides ``upstream_name``)."""
+    cname = container_name(name or settings.upstream_name)
+    socket_dir = settings.upstream_socket_dir / cname
+    if len(str(socket_dir / SOCKET_NAME).encode()) > _MAX_UNIX_PATH:
+        raise InvalidName(f"upstream_socket_dir is too long for a unix socket: {socket_dir}")
+    return ContainerSpec(
+        name=cname,
+        image=settings.upstream_image,
+        relay_image=settings.upstream_relay_image,
+        volume=settings.upstream_volume,
+        models_mount=settings.upstream_models_dir,
+        port=settings.upstream_port,
+        socket_dir=socket_dir,
+        cpus=settings.upstream_cpus,
+        memory=settings.upstream_memory,
+        pids_limit=settings.upstream_pids_limit,
+        gpus=settings.upstream_gpus,
+        tmpfs=dict(settings.upstream_tmpfs),
+        pull_network=settings.upstream_pull_network,
+    )
+
+
+def _hardening(spec: ContainerSpec, role: str) -> dict[str, Any]:
+    return {
+        "detach": True,
+        "read_only": True,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges:true"],
+        "restart_policy": {"Name": "no"},  # paygate's monitor restarts it, with backoff
+        "log_config": _LOGS,
+        "labels": {ROLE_LABEL: role, DEPLOYMENT_LABEL: spec.name},
+    }
+
+
+def _model_server(spec: ContainerSpec, role: str, listen: str) -> dict[str, Any]:
+    kwargs = _hardening(spec, role)
+    kwargs.update(
+        image=spec.image,
+        environment={
+            "OLLAMA_HOST": f"{listen}:{spec.port}",
+            "OLLAMA_MODELS": f"{spec.models_mount.rstrip('/')}/models",
+        },
+        mounts=[Mount(target=spec.models_mount, source=spec.volume, type="volume")],
+        tmpfs=dict(spec.tmpfs),
+        pids_limit=spec.pids_limit,
+    )
+    if spec.cpus is not None:
+        kwargs["nano_cpus"] = int(spec.cpus * 1_000_000_000)
+    if spec.memory is not None:
+        kwargs["mem_limit"] = spec.memory
+        kwargs["memswap_limit"] = spec.memory  # no swap on top of the limit
+    if spec.gpus:
+        kwargs["device_requests"] = [gpu_request(spec.gpus)]
+    return kwargs
+
+
+def serving_kwargs(spec: ContainerSpec) -> dict[str, Any]:
+    """The serving container: no network at all; listens on its own loopback only."""
+    kwargs = _model_server(spec, "serving", "127.0.0.1")
+    kwargs.update(name=spec.name, network_mode="none")
+    return kwargs
+
+
+def relay_kwargs(spec: ContainerSpec, serving_id: str) -> dict[str, Any]:
+    """The relay: inside the serving container's namespace, runs as the gateway's user."""
+    kwargs = _hardening(spec, "relay")
+    kwargs.update(
+        image=spec.relay_image,
+        name=spec.relay_name,
+        network_mode=f"container:{serving_id}",
+        entrypoint=["python3", "-I", RELAY_SCRIPT_MOUNT],
+        command=[f"{RELAY_MOUNT}/{SOCKET_NAME}", str(spec.port)],
+        user=spec.user,
+        mounts=[
+            Mount(target=RELAY_MOUNT, source=str(spec.socket_dir), type="bind"),
+            Mount(
+                target=RELAY_SCRIPT_MOUNT,
+                source=str(spec.relay_script),
+                type="bind",
+                read_only=True,
+            ),
+        ],
+        pids_limit=32,
+        mem_limit="64m",
+        memswap_limit="64m",
+        nano_cpus=500_000_000,
+    )
+    return kwargs
+
+
+def pull_kwargs(spec: ContainerSpec) -> dict[str, Any]:
+    """The pull container: egress on the pull network, its port on 127.0.0.1 only."""
+    kwargs = _model_server(spec, "pull", "0.0.0.0")  # noqa: S104 - inside its own namespace
+    kwargs.update(
+        name=spec.pull_name,
+        network=spec.pull_network,
+        ports={f"{spec.port}/tcp": ("127.0.0.1", None)},
+    )
+    return kwargs
+
+
+def gpu_request(gpus: str) -> DeviceRequest:
+    """``all`` or a comma-separated list of device ids, as ``docker run --gpus``."""
+    if gpus.strip().lower() == "all":
+        return DeviceRequest(count=-1, capabilities=[["gpu"]])
+    ids = [item.strip() for item in gpus.split(",") if item.strip()]
+    return DeviceRequest(device_ids=ids, capabilities=[["gpu"]])
