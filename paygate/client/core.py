@@ -1,0 +1,424 @@
+"""What the transports do, once, without I/O: a request's flow as a generator of commands.
+
+The flow yields :class:`Command` objects (read the request body, load the appliance key, send,
+read a reply body, discard a reply) and the sync or async driver in :mod:`transport` carries
+each out and sends the result back in. It ends by returning a :class:`Deliver`: the response to
+hand to httpx, with the decoder its body must pass through.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal
+
+import httpx
+from eth_account.signers.local import LocalAccount
+
+import enclave
+from enclave import DecryptionError, ReplyKeys, SoftwareKey
+from paygate.client.errors import PaymentRefused, ReplyNotSealed, ReplyOpenFailed
+from paygate.client.payer import (
+    MAX_CHALLENGE_BYTES,
+    Payer,
+    PaymentRecord,
+    SpendPolicy,
+    X402Version,
+    parse_challenge,
+    refusal_reason,
+)
+from paygate.client.pubkey import PUBKEY_PATH, EnclaveKey, KeyPin, parse_pubkey_document
+from paygate.client.streams import (
+    PlainDecoder,
+    ReceiptScanner,
+    ReplyDecoder,
+    SealedDecoder,
+    media_type,
+)
+from paygate.x402 import codec
+from paygate.x402.models import SettleResponse
+
+Envelope = Literal["v2", "v1", "plain"]
+REPLY_PUBKEY_HEADER = "X-Obol-Reply-Pubkey"
+ORIGINAL_TYPE_HEADER = "X-Paygate-Content-Type"
+ENVELOPE_HEADER = "X-Paygate-Envelope"
+# The gateway's free local endpoints: never sealed (they answer before any opening).
+LOCAL_PATHS = frozenset(
+    {"/health", "/health/live", "/health/ready", "/metrics", PUBKEY_PATH, "/v1/attestation"}
+)
+DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_SEALED_REPLY_BYTES = 32 * 1024 * 1024
+MAX_TAIL_BYTES = 64 * 1024  # read after the caller stops, to collect a pending receipt
+PAYMENT_LOG_SIZE = 1000
+_REQUEST_HEADERS_DROPPED = frozenset(
+    {"content-length", "transfer-encoding", "x-obol-reply-pubkey", "payment-signature", "x-payment"}
+)
+_SEALED_REPLY_HEADERS_DROPPED = frozenset(
+    {
+        "content-type",
+        "content-length",
+        "content-encoding",
+        "transfer-encoding",
+        "x-paygate-content-type",
+    }
+)
+
+ReceiptCallback = Callable[[PaymentRecord], None]
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    """Read the request body (at most ``limit`` bytes) → bytes."""
+
+    request: httpx.Request
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoadKey:
+    """The key of ``origin``: cached, or fetched, pinned and attested → EnclaveKey."""
+
+    origin: str
+    request: httpx.Request
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send through the wrapped transport → httpx.Response (body unread)."""
+
+    request: httpx.Request
+
+
+@dataclass(frozen=True, slots=True)
+class ReadBody:
+    """Read a reply body (at most ``limit`` bytes) and close it → bytes."""
+
+    response: httpx.Response
+    limit: int
+    what: str
+
+
+@dataclass(frozen=True, slots=True)
+class Discard:
+    """Close a reply without reading it → None."""
+
+    response: httpx.Response
+
+
+Command = ReadRequest | LoadKey | Send | ReadBody | Discard
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """The response for httpx: a streamed ``source`` through ``decoder``, or whole ``content``."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    extensions: dict[str, Any]
+    source: httpx.Response | None = None
+    decoder: ReplyDecoder | None = None
+    content: bytes = b""
+
+
+Flow = Generator[Command, Any, Deliver]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyInfo:
+    """What the transport did for one response: ``response.extensions["paygate"]``.
+
+    ``payment`` is live: a streamed reply's receipt lands in it when the stream ends.
+    """
+
+    envelope: Envelope
+    key_fingerprint: str | None
+    payment: PaymentRecord | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    request: httpx.Request
+    envelope: Envelope
+    key: EnclaveKey | None
+    v2_reply: ReplyKeys | None = field(default=None, repr=False)
+    v1_reply: SoftwareKey | None = field(default=None, repr=False)
+
+
+def origin_of(url: httpx.URL) -> str:
+    port = f":{url.port}" if url.port is not None else ""
+    return f"{url.scheme}://{url.host}{port}"
+
+
+class ClientCore:
+    """Configuration and state shared by one transport's requests: the key cache, the payer,
+    the payment log."""
+
+    def __init__(
+        self,
+        *,
+        envelope: Envelope,
+        pin: str | bytes | None,
+        wallet: LocalAccount | None,
+        spend: SpendPolicy | None,
+        x402_version: X402Version | None,
+        pubkey_url: str | None,
+        on_receipt: ReceiptCallback | None,
+        max_request_bytes: int,
+        max_sealed_reply_bytes: int,
+    ) -> None:
+        if envelope not in ("v2", "v1", "plain"):
+            raise ValueError("envelope must be 'v2', 'v1' or 'plain'")
+        if wallet is not None and spend is None:
+            raise ValueError("a wallet needs a SpendPolicy: nothing is paid without limits")
+        if x402_version not in (None, 1, 2):
+            raise ValueError("x402_version must be 1, 2 or None")
+        self.envelope: Envelope = envelope
+        self.pin = KeyPin(pin) if pin is not None else None
+        self.payer = Payer(wallet, spend) if wallet is not None and spend is not None else None
+        self.x402_version = x402_version
+        self.pubkey_url = httpx.URL(pubkey_url) if pubkey_url else None
+        self.on_receipt = on_receipt
+        self.max_request_bytes = max_request_bytes
+        self.max_sealed_reply_bytes = max_sealed_reply_bytes
+        self._payments: deque[PaymentRecord] = deque(maxlen=PAYMENT_LOG_SIZE)
+        self._keys: dict[str, EnclaveKey] = {}
+        self._lock = threading.Lock()
+
+    # --- keys ------------------------------------------------------------------------------
+
+    def cached_key(self, origin: str) -> EnclaveKey | None:
+        with self._lock:
+            return self._keys.get(origin)
+
+    def store_key(self, key: EnclaveKey) -> None:
+        with self._lock:
+            self._keys[key.origin] = key
+
+    def forget_keys(self) -> None:
+        with self._lock:
+            self._keys.clear()
+
+    def key_request(self, command: LoadKey) -> httpx.Request:
+        url = self.pubkey_url or httpx.URL(command.origin + PUBKEY_PATH)
+        timeout = command.request.extensions.get("timeout")
+        return httpx.Request(
+            "GET",
+            url,
+            headers={"Accept": "application/json"},
+            extensions={"timeout": timeout} if timeout is not None else {},
+        )
+
+    def accept_key(self, origin: str, status: int, body: bytes) -> EnclaveKey:
+        """Parse a fetched key document and check the pin (not yet cached: attest first)."""
+        key = parse_pubkey_document(origin, status, body)
+        if self.pin is not None:
+            self.pin.check(key)
+        return key
+
+    # --- payments --------------------------------------------------------------------------
+
+    def log(self) -> list[PaymentRecord]:
+        """The payment log, oldest first (a copy: other threads may be paying)."""
+        with self._lock:
+            return list(self._payments)
+
+    @property
+    def last_payment(self) -> PaymentRecord | None:
+        log = self.log()
+        return log[-1] if log else None
+
+    @property
+    def last_receipt(self) -> SettleResponse | None:
+        for record in reversed(self.log()):
+            if record.receipt is not None:
+                return record.receipt
+        return None
+
+    @property
+    def spent(self) -> Decimal:
+        return self.payer.spent if self.payer is not None else Decimal(0)
+
+    def _got_receipt(
+        self,
+        record: PaymentRecord,
+        receipt: SettleResponse | None,
+        source: Literal["header", "stream"],
+        error: str | None,
+    ) -> None:
+        if receipt is None:
+            record.receipt_error = error
+            return
+        record.receipt = receipt
+        record.receipt_source = source
+        if self.on_receipt is not None:
+            self.on_receipt(record)
+
+    def _header_receipt(self, record: PaymentRecord, headers: httpx.Headers) -> None:
+        for name in (codec.PAYMENT_RESPONSE, codec.X_PAYMENT_RESPONSE):
+            value = headers.get(name)
+            if value:
+                try:
+                    receipt = codec.decode_settle_response(value, header=name)
+                except codec.PaymentHeaderError as exc:
+                    self._got_receipt(record, None, "header", str(exc))
+                else:
+                    self._got_receipt(record, receipt, "header", None)
+                return
+
+    # --- the flow --------------------------------------------------------------------------
+
+    def flow(self, request: httpx.Request) -> Flow:
+        """One request: seal, send, pay once if asked to, open."""
+        body = yield ReadRequest(request, self.max_request_bytes)
+        envelope: Envelope = "plain" if request.url.path in LOCAL_PATHS else self.envelope
+        key: EnclaveKey | None = None
+        if envelope != "plain":
+            key = yield LoadKey(origin_of(request.url), request)
+        attempt = self._attempt(request, body, envelope, key, None)
+        response = yield Send(attempt.request)
+        record: PaymentRecord | None = None
+        if response.status_code == 402 and self.payer is not None:
+            challenge_body = yield ReadBody(response, MAX_CHALLENGE_BYTES, "the 402 challenge")
+            challenge = parse_challenge(response.headers, challenge_body, version=self.x402_version)
+            url = str(request.url.copy_with(query=None, fragment=None))
+            payment = self.payer.pay(challenge, url=url)
+            record = payment.record
+            with self._lock:
+                self._payments.append(record)
+            # Re-sealed: a fresh reply key for every attempt, never one reused.
+            attempt = self._attempt(request, body, envelope, key, (payment.header, payment.value))
+            response = yield Send(attempt.request)
+            if response.status_code == 402:
+                refusal = yield ReadBody(response, MAX_CHALLENGE_BYTES, "the 402 refusal")
+                self._header_receipt(record, response.headers)
+                raise PaymentRefused(refusal_reason(response.headers, refusal))
+        return (yield from self._reply(attempt, response, record))
+
+    def _attempt(
+        self,
+        request: httpx.Request,
+        body: bytes,
+        envelope: Envelope,
+        key: EnclaveKey | None,
+        payment: tuple[str, str] | None,
+    ) -> _Attempt:
+        headers = httpx.Headers(
+            [
+                (name, value)
+                for name, value in request.headers.multi_items()
+                if name.lower() not in _REQUEST_HEADERS_DROPPED
+            ]
+        )
+        v2_reply: ReplyKeys | None = None
+        v1_reply: SoftwareKey | None = None
+        content = body
+        if envelope == "v2":
+            assert key is not None
+            sealed = enclave.seal_v2(
+                key.public_key, body, method=request.method, path=request.url.path
+            )
+            content, v2_reply = sealed.blob, sealed.reply
+            headers["Content-Type"] = enclave.CONTENT_TYPE
+        elif envelope == "v1":
+            assert key is not None
+            v1_reply = SoftwareKey.generate()
+            headers[REPLY_PUBKEY_HEADER] = v1_reply.public_key.hex()
+            if body:
+                content = enclave.seal_v1(key.public_key, body)
+                headers["Content-Type"] = enclave.CONTENT_TYPE
+        if payment is not None:
+            headers[payment[0]] = payment[1]
+        outgoing = httpx.Request(
+            request.method,
+            request.url,
+            headers=headers,
+            content=content,
+            extensions=request.extensions,
+        )
+        return _Attempt(outgoing, envelope, key, v2_reply, v1_reply)
+
+    def _reply(
+        self, attempt: _Attempt, response: httpx.Response, record: PaymentRecord | None
+    ) -> Generator[Command, Any, Deliver]:
+        if record is not None:
+            self._header_receipt(record, response.headers)
+        sealed = media_type(response.headers.get("content-type")) == enclave.CONTENT_TYPE
+        info = ReplyInfo(
+            envelope=attempt.envelope if sealed else "plain",
+            key_fingerprint=attempt.key.fingerprint if attempt.key else None,
+            payment=record,
+        )
+        extensions = {**response.extensions, "paygate": info}
+        if attempt.envelope == "plain" or (not sealed and response.status_code >= 400):
+            # In the clear: no sealing asked, or a gateway error (402/4xx/5xx before opening).
+            scanner = self._scanner(response.headers.get("content-type"), record)
+            return Deliver(
+                response.status_code,
+                response.headers.multi_items(),
+                extensions,
+                source=response,
+                decoder=PlainDecoder(scanner),
+            )
+        if not sealed:
+            yield Discard(response)
+            raise ReplyNotSealed(
+                f"HTTP {response.status_code} came back in the clear to a sealed request"
+            )
+        stated = response.headers.get(ENVELOPE_HEADER)
+        if stated is not None and stated.strip().lower() != attempt.envelope:
+            yield Discard(response)
+            raise ReplyOpenFailed(
+                f"the reply claims envelope {stated.strip()[:8]!r}; the request was "
+                f"{attempt.envelope}"
+            )
+        plain_type = response.headers.get(ORIGINAL_TYPE_HEADER)
+        headers = [
+            (name, value)
+            for name, value in response.headers.multi_items()
+            if name.lower() not in _SEALED_REPLY_HEADERS_DROPPED
+        ]
+        if attempt.envelope == "v2":
+            assert attempt.v2_reply is not None
+            plain_type = plain_type or "application/octet-stream"
+            headers.append(("Content-Type", plain_type))
+            decoder = SealedDecoder(attempt.v2_reply, self._scanner(plain_type, record))
+            return Deliver(response.status_code, headers, extensions, response, decoder)
+        assert attempt.v1_reply is not None
+        blob = yield ReadBody(response, self.max_sealed_reply_bytes, "the sealed v1 reply")
+        try:
+            plaintext = enclave.open_v1(attempt.v1_reply, blob)
+        except DecryptionError:
+            raise ReplyOpenFailed("the sealed v1 reply failed to open") from None
+        # Obol's gateway does not say what the plaintext is; its APIs speak JSON or SSE.
+        plain_type = plain_type or _sniff(plaintext)
+        headers.append(("Content-Type", plain_type))
+        scanner = self._scanner(plain_type, record)
+        if scanner is not None:
+            scanner.feed(plaintext)
+            scanner.finish()
+        return Deliver(response.status_code, headers, extensions, content=plaintext)
+
+    def _scanner(
+        self, content_type: str | None, record: PaymentRecord | None
+    ) -> ReceiptScanner | None:
+        if record is None:
+            return None
+
+        def sink(receipt: SettleResponse | None, error: str | None) -> None:
+            self._got_receipt(record, receipt, "stream", error)
+
+        scanner = ReceiptScanner(content_type, sink)
+        return scanner if scanner.active else None
+
+
+def _sniff(plaintext: bytes) -> str:
+    head = plaintext[:64].lstrip()
+    if head.startswith((b"data:", b"event:", b":")):
+        return "text/event-stream"
+    return "application/json" if head.startswith((b"{", b"[")) else "application/octet-stream"

@@ -1,0 +1,507 @@
+"""x402 on the paying side: read a 402, choose a requirement within a spend policy, sign it.
+
+Sans-IO: :func:`parse_challenge` reads a 402's headers and body, :class:`Payer` turns it into a
+payment header (EIP-3009 ``TransferWithAuthorization`` signed with eth-account) and a
+:class:`PaymentRecord` that later receives the server's receipt. Only the ``exact`` scheme on
+EVM networks with EIP-3009 tokens is paid; everything else is declined with a reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
+from eth_account.signers.local import LocalAccount
+from eth_utils import is_address, to_checksum_address
+from pydantic import ValidationError
+
+from paygate.client.errors import InvalidChallenge, SpendRefused
+from paygate.x402 import codec, eip3009
+from paygate.x402.models import (
+    PAYMENT_IDENTIFIER,
+    ExactEvmPayload,
+    PaymentPayload,
+    PaymentPayloadV1,
+    PaymentRequiredV1,
+    SettleResponse,
+)
+from paygate.x402.networks import Asset, UnknownNetwork, from_atomic, resolve_network
+
+X402Version = Literal[1, 2]
+# A challenge is a few KB (the x402 reference keeps PAYMENT-REQUIRED under 8 KB).
+MAX_CHALLENGE_BYTES = 64 * 1024
+# An authorization is valid for the requirement's timeout, but never longer than this.
+MAX_VALID_SECONDS = 3600
+_MAX_REASON = 200
+
+
+class SpendPolicy:
+    """What a caller agrees to pay, checked before anything is signed.
+
+    Amounts are whole tokens (``"0.01"`` is one cent of USDC). ``networks``: v1 names or CAIP-2
+    ids (None: any EVM network). ``assets``: token address → decimals (None: the USDC contracts
+    of the known networks, 6 decimals). ``max_total`` counts every authorization signed, settled
+    or not: a signature is money the server can collect until it expires.
+    """
+
+    __slots__ = ("assets", "chain_ids", "max_per_request", "max_total", "max_valid_seconds")
+
+    def __init__(
+        self,
+        *,
+        max_per_request: Decimal | str | int,
+        max_total: Decimal | str | int | None = None,
+        networks: Iterable[str] | None = None,
+        assets: Mapping[str, int] | None = None,
+        max_valid_seconds: int = MAX_VALID_SECONDS,
+    ) -> None:
+        self.max_per_request: Decimal = _amount(max_per_request, "max_per_request")
+        self.max_total: Decimal | None = (
+            None if max_total is None else _amount(max_total, "max_total")
+        )
+        self.chain_ids: frozenset[int] | None = (
+            None if networks is None else frozenset(_chain_id(n) for n in networks)
+        )
+        self.assets: Mapping[str, int] | None = None
+        if assets is not None:
+            self.assets = {_address(a): _decimals(d) for a, d in assets.items()}
+        if max_valid_seconds < 1:
+            raise ValueError("max_valid_seconds must be positive")
+        self.max_valid_seconds = max_valid_seconds
+
+    @classmethod
+    def from_env(
+        cls,
+        *,
+        max_per_request: Decimal | str | int,
+        max_total: Decimal | str | int | None = None,
+        networks: Iterable[str] | None = None,
+        assets: Mapping[str, int] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> SpendPolicy:
+        """The arguments as defaults, each overridden by its ``PAYGATE_SPEND_*`` variable:
+        ``MAX_PER_REQUEST``, ``MAX_TOTAL``, ``NETWORKS`` (comma-separated) and ``ASSETS``
+        (comma-separated ``ADDRESS[:DECIMALS]``, 6 decimals if omitted)."""
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str | None:
+            value = env.get(f"PAYGATE_SPEND_{name}", "").strip()
+            return value or None
+
+        net_env, asset_env = get("NETWORKS"), get("ASSETS")
+        return cls(
+            max_per_request=get("MAX_PER_REQUEST") or max_per_request,
+            max_total=get("MAX_TOTAL") or max_total,
+            networks=_split(net_env) if net_env else networks,
+            assets=parse_assets(_split(asset_env)) if asset_env else assets,
+        )
+
+    def decimals(self, chain_id: int, asset: str) -> int | None:
+        """The decimals of an allowed asset on ``chain_id``, or None if it is not allowed."""
+        if self.assets is not None:
+            return self.assets.get(asset)
+        usdc = _table_usdc(chain_id)
+        return usdc.decimals if usdc is not None and usdc.address == asset else None
+
+    def __repr__(self) -> str:
+        return (
+            f"SpendPolicy(max_per_request={self.max_per_request}, max_total={self.max_total}, "
+            f"chain_ids={sorted(self.chain_ids) if self.chain_ids else None}, "
+            f"assets={dict(self.assets) if self.assets is not None else 'USDC'})"
+        )
+
+
+def parse_assets(items: Iterable[str]) -> dict[str, int]:
+    """``ADDRESS[:DECIMALS]`` strings as an ``assets`` mapping (6 decimals if omitted)."""
+    out: dict[str, int] = {}
+    for item in items:
+        address, _, decimals = item.strip().partition(":")
+        out[_address(address)] = _decimals(int(decimals) if decimals.strip().isdigit() else 6)
+    return out
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _amount(value: Decimal | str | int, name: str) -> Decimal:
+    try:
+        amount = Decimal(value)
+    except (InvalidOperation, TypeError, ValueError):
+        raise ValueError(f"{name} must be a decimal amount") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"{name} must be a finite, non-negative amount")
+    return amount
+
+
+def _chain_id(network: str) -> int:
+    try:
+        return resolve_network(network).chain_id
+    except UnknownNetwork:
+        raise ValueError(f"unknown network {network!r}") from None
+
+
+def _address(value: str) -> str:
+    if not is_address(value.strip()):
+        raise ValueError(f"not a token address: {value!r}")
+    return to_checksum_address(value.strip())
+
+
+def _decimals(value: int) -> int:
+    if not 0 <= value <= 36:
+        raise ValueError("token decimals must be between 0 and 36")
+    return value
+
+
+def _table_usdc(chain_id: int) -> Asset | None:
+    try:
+        return resolve_network(f"eip155:{chain_id}").usdc
+    except UnknownNetwork:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """One payment requirement of a challenge, normalised for choosing."""
+
+    version: X402Version
+    requirement: Mapping[str, Any]  # as sent: a v2 payload echoes it as ``accepted``
+    scheme: str
+    network: str
+    chain_id: int | None  # None: not an EVM network we know
+    asset: str
+    amount: int
+    pay_to: str
+    max_timeout_seconds: int
+    extra: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """A 402's payment requirements in the version the client will answer."""
+
+    version: X402Version
+    offers: tuple[Offer, ...]
+    error: str | None
+    resource: Mapping[str, Any] | None = None
+    extensions: Mapping[str, Any] | None = None
+
+
+def parse_challenge(
+    headers: Mapping[str, str], body: bytes, *, version: X402Version | None = None
+) -> Challenge:
+    """The challenge of a 402: the v2 ``PAYMENT-REQUIRED`` header, else the v1 JSON body.
+
+    ``version`` restricts the choice to one protocol version (None: prefer v2).
+    """
+    header = headers.get(codec.PAYMENT_REQUIRED)
+    if header and version in (None, 2):
+        return _challenge_v2(header)
+    if version in (None, 1):
+        v1 = _challenge_v1(body)
+        if v1 is not None:
+            return v1
+    wanted = "an x402 challenge" if version is None else f"an x402 v{version} challenge"
+    raise InvalidChallenge(f"the 402 carries no {wanted}")
+
+
+def _challenge_v2(header: str) -> Challenge:
+    try:
+        model = codec.decode_payment_required(header)
+        raw = codec.decode_json(header, header=codec.PAYMENT_REQUIRED)
+    except codec.PaymentHeaderError as exc:
+        raise InvalidChallenge(str(exc)) from None
+    offers = tuple(
+        Offer(
+            version=2,
+            requirement=raw_req,
+            scheme=req.scheme,
+            network=req.network,
+            chain_id=_offer_chain_id(req.network),
+            asset=req.asset,
+            amount=_atomic(req.amount),
+            pay_to=req.pay_to,
+            max_timeout_seconds=req.max_timeout_seconds,
+            extra=req.extra,
+        )
+        for req, raw_req in zip(model.accepts, raw["accepts"], strict=True)
+    )
+    return Challenge(2, offers, model.error, raw.get("resource"), model.extensions)
+
+
+def _challenge_v1(body: bytes) -> Challenge | None:
+    try:
+        data = json.loads(body) if body else None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(data, dict) or data.get("x402Version") != 1:
+        return None
+    try:
+        model = PaymentRequiredV1.model_validate(data)
+    except ValidationError:
+        raise InvalidChallenge("the 402's x402 v1 body is not a valid challenge") from None
+    offers = tuple(
+        Offer(
+            version=1,
+            requirement=req.wire(),
+            scheme=req.scheme,
+            network=req.network,
+            chain_id=_offer_chain_id(req.network),
+            asset=req.asset,
+            amount=_atomic(req.max_amount_required),
+            pay_to=req.pay_to,
+            max_timeout_seconds=req.max_timeout_seconds,
+            extra=req.extra or {},
+        )
+        for req in model.accepts
+    )
+    return Challenge(1, offers, model.error)
+
+
+def _offer_chain_id(network: str) -> int | None:
+    try:
+        return resolve_network(network).chain_id
+    except UnknownNetwork:
+        return None
+
+
+def _atomic(value: str) -> int:
+    if not value.isdigit() or len(value) > 78:
+        raise InvalidChallenge("a requirement's amount is not an atomic-unit integer")
+    return int(value)
+
+
+def refusal_reason(headers: Mapping[str, str], body: bytes) -> str:
+    """The server's reason for refusing a payment, from whichever place it put it."""
+    reason: str | None = None
+    header = headers.get(codec.PAYMENT_REQUIRED)
+    if header:
+        try:
+            reason = codec.decode_payment_required(header).error
+        except codec.PaymentHeaderError:
+            reason = None
+    for name in (codec.PAYMENT_RESPONSE, codec.X_PAYMENT_RESPONSE):
+        value = headers.get(name)
+        if not reason and value:
+            try:
+                receipt = codec.decode_settle_response(value, header=name)
+            except codec.PaymentHeaderError:
+                continue
+            reason = receipt.error_reason or receipt.error_message
+    if not reason:
+        try:
+            data = json.loads(body) if body else None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("error"), str):
+            reason = data["error"]
+    return _printable(reason or "no reason given")
+
+
+def _printable(text: str) -> str:
+    # The reason is the server's text: keep it one short printable line in our messages.
+    clean = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return clean[:_MAX_REASON]
+
+
+@dataclass
+class PaymentRecord:
+    """One signed payment and, once the server sends it, its receipt.
+
+    Holds no signature: only what identifies the payment (payer, nonce) and what it was for.
+    """
+
+    url: str
+    x402_version: X402Version
+    network: str
+    chain_id: int
+    asset: str
+    amount: Decimal  # whole tokens
+    amount_atomic: int
+    pay_to: str
+    payer: str
+    nonce: str
+    valid_before: int
+    receipt: SettleResponse | None = None
+    receipt_source: Literal["header", "stream"] | None = None
+    receipt_error: str | None = field(default=None)
+
+    @property
+    def settled(self) -> bool:
+        return self.receipt is not None and self.receipt.success
+
+    @property
+    def transaction(self) -> str | None:
+        return self.receipt.transaction if self.receipt is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    """A payment ready to send: the header to add, and the record to keep."""
+
+    header: str
+    value: str = field(repr=False)
+    record: PaymentRecord
+
+
+class Payer:
+    """A wallet and its spend policy. Thread-safe; the wallet key never leaves eth-account."""
+
+    def __init__(self, account: LocalAccount, policy: SpendPolicy) -> None:
+        self._account = account
+        self.policy = policy
+        self._spent = Decimal(0)
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> str:
+        return str(self._account.address)
+
+    @property
+    def spent(self) -> Decimal:
+        """Whole tokens signed away so far (settled or not)."""
+        with self._lock:
+            return self._spent
+
+    def __repr__(self) -> str:
+        return f"Payer({self.address}, spent={self.spent}, {self.policy!r})"
+
+    def choose(self, challenge: Challenge) -> tuple[Offer, int]:
+        """The cheapest offer the policy allows (first offered on a tie) and its decimals."""
+        best: tuple[Decimal, Offer, int] | None = None
+        declined: list[str] = []
+        with self._lock:
+            spent = self._spent
+        for offer in challenge.offers:
+            decimals, reason = self._check(offer, spent)
+            if reason is not None or decimals is None:
+                declined.append(f"{offer.network} {offer.asset}: {reason}")
+                continue
+            price = from_atomic(offer.amount, decimals)
+            if best is None or price < best[0]:
+                best = (price, offer, decimals)
+        if best is None:
+            detail = "; ".join(declined[:5]) or "the server offered nothing"
+            raise SpendRefused(f"no offered payment fits the spend policy ({detail})")
+        return best[1], best[2]
+
+    def _check(self, offer: Offer, spent: Decimal) -> tuple[int | None, str | None]:
+        policy = self.policy
+        if offer.scheme != "exact":
+            return None, f"scheme {offer.scheme!r} is not supported"
+        method = offer.extra.get("assetTransferMethod")
+        if method not in (None, "eip3009"):
+            return None, f"asset transfer method {method!r} is not supported"
+        if offer.chain_id is None:
+            return None, "not a known EVM network"
+        if policy.chain_ids is not None and offer.chain_id not in policy.chain_ids:
+            return None, "network not allowed"
+        if not is_address(offer.asset) or not is_address(offer.pay_to):
+            return None, "asset or payTo is not an address"
+        decimals = policy.decimals(offer.chain_id, to_checksum_address(offer.asset))
+        if decimals is None:
+            return None, "asset not allowed"
+        price = from_atomic(offer.amount, decimals)
+        if price > policy.max_per_request:
+            return None, f"price {price} above max per request {policy.max_per_request}"
+        if policy.max_total is not None and spent + price > policy.max_total:
+            return None, f"price {price} would pass max total {policy.max_total}"
+        if offer.max_timeout_seconds < 1:
+            return None, "maxTimeoutSeconds is not positive"
+        if self._eip712(offer) is None:
+            return None, "token's EIP-712 name/version unknown"
+        return decimals, None
+
+    def _eip712(self, offer: Offer) -> tuple[str, str] | None:
+        name, version = offer.extra.get("name"), offer.extra.get("version")
+        if isinstance(name, str) and isinstance(version, str):
+            return name, version
+        usdc = _table_usdc(offer.chain_id or 0)
+        if usdc is not None and usdc.address == to_checksum_address(offer.asset):
+            return usdc.name, usdc.version
+        return None
+
+    def pay(self, challenge: Challenge, *, url: str) -> Payment:
+        """Choose an offer, reserve its price against the policy, sign it."""
+        offer, decimals = self.choose(challenge)
+        price = from_atomic(offer.amount, decimals)
+        with self._lock:
+            # Re-checked under the lock: concurrent requests must not overshoot max_total.
+            limit = self.policy.max_total
+            if limit is not None and self._spent + price > limit:
+                raise SpendRefused(f"price {price} would pass max total {limit}")
+            self._spent += price
+        try:
+            return self._sign(challenge, offer, decimals, price, url)
+        except BaseException:
+            with self._lock:
+                self._spent -= price
+            raise
+
+    def _sign(
+        self, challenge: Challenge, offer: Offer, decimals: int, price: Decimal, url: str
+    ) -> Payment:
+        assert offer.chain_id is not None
+        eip712 = self._eip712(offer)
+        assert eip712 is not None
+        asset = Asset(address=offer.asset, name=eip712[0], version=eip712[1], decimals=decimals)
+        valid_for = min(offer.max_timeout_seconds, self.policy.max_valid_seconds)
+        auth = eip3009.new_authorization(
+            payer=self.address, pay_to=offer.pay_to, value=offer.amount, valid_for=valid_for
+        )
+        signature = eip3009.sign(self._account, auth, chain_id=offer.chain_id, asset=asset)
+        inner = ExactEvmPayload(signature=signature, authorization=auth)
+        wire: dict[str, Any]
+        if offer.version == 2:
+            wire = {"x402Version": 2, "accepted": dict(offer.requirement), "payload": inner.wire()}
+            if challenge.resource is not None:
+                wire["resource"] = dict(challenge.resource)
+            extensions = _echo_extensions(challenge.extensions)
+            if extensions:
+                wire["extensions"] = extensions
+            PaymentPayload.model_validate(wire)  # what we send must be what we model
+            header = codec.PAYMENT_SIGNATURE
+        else:
+            payload = PaymentPayloadV1(scheme=offer.scheme, network=offer.network, payload=inner)
+            wire = payload.wire()
+            header = codec.X_PAYMENT
+        value = base64.b64encode(json.dumps(wire, separators=(",", ":")).encode()).decode()
+        record = PaymentRecord(
+            url=url,
+            x402_version=offer.version,
+            network=offer.network,
+            chain_id=offer.chain_id,
+            asset=asset.address,
+            amount=_plain(price),
+            amount_atomic=offer.amount,
+            pay_to=to_checksum_address(offer.pay_to),
+            payer=self.address,
+            nonce=auth.nonce,
+            valid_before=int(auth.valid_before),
+        )
+        return Payment(header=header, value=value, record=record)
+
+
+def _plain(amount: Decimal) -> Decimal:
+    """Without trailing zeros and without an exponent: 0.001000 → 0.001, 10 stays 10."""
+    return amount.quantize(Decimal(1)) if amount == amount.to_integral() else amount.normalize()
+
+
+def _echo_extensions(declared: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The server's declared extensions, echoed as the x402 SDK client does, with a fresh
+    ``payment-identifier`` id when the server declares that extension (idempotency key)."""
+    if not declared:
+        return {}
+    out = json.loads(json.dumps(dict(declared)))  # a deep copy of plain JSON
+    entry = out.get(PAYMENT_IDENTIFIER)
+    if isinstance(entry, dict):
+        info = entry.get("info") if isinstance(entry.get("info"), dict) else {}
+        entry["info"] = {**info, "id": "pg_" + secrets.token_hex(16)}
+    return out
