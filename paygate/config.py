@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -27,7 +29,9 @@ from pydantic_settings import (
 from paygate.errors import PaygateError
 
 KeyBackendName = Literal["software", "pkcs11", "tpm"]
+NonNegativeDecimal = Annotated[Decimal, Field(ge=0, max_digits=40, decimal_places=18)]
 PaymentMode = Literal["off", "facilitator", "chain", "verify-only"]
+UpstreamKindName = Literal["ollama", "llama-server", "vllm", "openai"]
 
 
 class Settings(BaseSettings):
@@ -68,6 +72,132 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: PositiveFloat = 30.0
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # --- payments (x402); docs/PAYMENTS.md ---
+    pay_to: str | None = None
+    network: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["base"])
+    price: NonNegativeDecimal = Decimal("0.001")
+    route_prices: dict[str, NonNegativeDecimal] = Field(default_factory=dict)
+    model_prices: dict[str, NonNegativeDecimal] = Field(default_factory=dict)
+    price_per_million_tokens: NonNegativeDecimal | None = None
+    token_estimate: PositiveInt = 1000
+    asset_address: str | None = None
+    asset_name: str | None = None
+    asset_version: str | None = None
+    asset_decimals: Annotated[int, Field(ge=0, le=36)] = 6
+    max_timeout_seconds: PositiveInt = 300
+    clock_skew_seconds: Annotated[int, Field(ge=0, le=600)] = 5
+    payment_description: str = "paygate inference"
+    public_url: str | None = None
+    facilitator_url: str | None = None
+    facilitator_timeout: PositiveFloat = 10.0
+    settle_timeout: PositiveFloat = 60.0
+    settle_timing: Literal["after", "upfront"] = "after"
+    settle_on_disconnect: bool = True
+    require_payment_identifier: bool = False
+    reconcile_interval_seconds: PositiveFloat = 30.0
+    chain_rpc_url: str | None = None
+    gas_key: SecretStr | None = None
+    gas_key_file: Path | None = None
+
+    # --- payments: ledger ---
+    ledger_path: Path = Path("/var/lib/paygate/payments.db")
+
+    # --- upstream (paygate.upstream; docs/UPSTREAM.md) ---
+    upstream_mode: Literal["attach", "container"] = "attach"
+    upstream_kind: UpstreamKindName = "ollama"
+    upstream_health_path: str | None = None
+    upstream_api_key: SecretStr | None = None
+    upstream_api_key_file: Path | None = None
+    upstream_monitor: bool = True
+    upstream_health_interval: PositiveFloat = 5.0
+    upstream_failure_threshold: PositiveInt = 3
+    upstream_ready_timeout: PositiveFloat = 120.0
+    upstream_restart_backoff_max: PositiveFloat = 30.0
+    docker_host: str | None = None
+    upstream_name: str = "paygate-ollama"
+    upstream_image: str = "ollama/ollama"
+    upstream_relay_image: str = "python:3-slim"
+    upstream_volume: str = "paygate-ollama-models"
+    upstream_models_dir: str = "/root/.ollama"
+    upstream_port: Annotated[int, Field(ge=1, le=65535)] = 11434
+    upstream_cpus: PositiveFloat | None = None
+    upstream_memory: str | None = None
+    upstream_pids_limit: PositiveInt = 512
+    upstream_gpus: str | None = None
+    upstream_tmpfs: dict[str, str] = Field(
+        default_factory=lambda: {"/tmp": "rw,nosuid,nodev,noexec,size=512m"}  # noqa: S108
+    )
+    upstream_socket_dir: Path = Path("/run/paygate/upstream")
+    upstream_pull_network: str = "paygate-pull"
+    upstream_pull_timeout: PositiveFloat = 3600.0
+    deployments_dir: Path = Path("~/.config/paygate/inference")
+    discover_ports: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    discover_timeout: PositiveFloat = 2.0
+
+    @field_validator("upstream_health_path")
+    @classmethod
+    def _check_health_path(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("/") or "?" in value or "#" in value):
+            raise ValueError("must be an absolute path without query, e.g. /health")
+        return value
+
+    @field_validator("upstream_image", "upstream_relay_image", "upstream_volume")
+    @classmethod
+    def _check_docker_ref(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}", value):
+            raise ValueError("must be a docker image or volume name")
+        return value
+
+    @field_validator("upstream_memory")
+    @classmethod
+    def _check_memory(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[1-9][0-9]*[bkmg]?", value.lower()):
+            raise ValueError("must be a size like 512m or 8g")
+        return value.lower() if value else value
+
+    @field_validator("upstream_gpus")
+    @classmethod
+    def _check_gpus(cls, value: str | None) -> str | None:
+        if value and not re.fullmatch(r"all|[A-Za-z0-9-]+(,[A-Za-z0-9-]+)*", value.strip()):
+            raise ValueError("must be 'all' or comma-separated device ids")
+        return value.strip() if value else None
+
+    @field_validator("upstream_tmpfs")
+    @classmethod
+    def _check_tmpfs(cls, value: dict[str, str]) -> dict[str, str]:
+        for path in value:
+            if not path.startswith("/"):
+                raise ValueError("tmpfs mount points must be absolute paths")
+        return value
+
+    @field_validator("deployments_dir", "upstream_socket_dir")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("discover_ports", mode="before")
+    @classmethod
+    def _split_ports(cls, value: Any) -> Any:
+        return cls._split_proxies(value)
+
+    @field_validator("discover_ports")
+    @classmethod
+    def _check_ports(cls, value: list[int]) -> list[int]:
+        if any(not 1 <= port <= 65535 for port in value):
+            raise ValueError("ports must be 1..65535")
+        return value
+
+    @model_validator(mode="after")
+    def _check_upstream_key(self) -> Settings:
+        # A key sent over plain HTTP to another host is a key given away on the path.
+        upstream = urlsplit(self.upstream_url)
+        has_key = self.upstream_api_key is not None or self.upstream_api_key_file is not None
+        if has_key and upstream.scheme == "http" and not _is_loopback(upstream.hostname or ""):
+            raise ValueError(
+                "upstream_api_key needs an https:// upstream_url (http only on loopback)"
+            )
+        return self
+
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
@@ -101,6 +231,46 @@ class Settings(BaseSettings):
             ipaddress.ip_network(item, strict=False)  # ValueError names the bad entry
         return value
 
+    @field_validator("network", mode="before")
+    @classmethod
+    def _split_networks(cls, value: Any) -> Any:
+        return cls._split_proxies(value)
+
+    @field_validator("pay_to", "asset_address")
+    @classmethod
+    def _check_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.fullmatch(r"0x[0-9a-fA-F]{40}", value.strip()):
+            raise ValueError("must be a 0x-prefixed 20-byte hex address")
+        return value.strip()
+
+    @field_validator("facilitator_url", "chain_rpc_url", "public_url")
+    @classmethod
+    def _check_service_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username or parts.password:
+            raise ValueError("must not carry credentials")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_payments(self) -> Settings:
+        # Verification results decide whether we serve: never take them over plain HTTP
+        # unless the facilitator is on this host.
+        facilitator = urlsplit(self.facilitator_url or "")
+        if facilitator.scheme == "http" and not _is_loopback(facilitator.hostname or ""):
+            raise ValueError("facilitator_url must be https:// (http:// only on loopback)")
+        custom = (self.asset_address, self.asset_name, self.asset_version)
+        if any(custom) and not all(custom):
+            raise ValueError("a custom asset needs asset_address, asset_name and asset_version")
+        if self.asset_address and len(self.network) != 1:
+            raise ValueError("a custom asset is on one chain: configure exactly one network")
+        return self
+
     @property
     def listen_host(self) -> str:
         return split_listen(self.listen)[0]
@@ -109,12 +279,14 @@ class Settings(BaseSettings):
     def listen_port(self) -> int:
         return split_listen(self.listen)[1]
 
-    @field_validator("key_passphrase", "pkcs11_pin", mode="before")
+    @field_validator("key_passphrase", "pkcs11_pin", "gas_key", "upstream_api_key", mode="before")
     @classmethod
     def _empty_secret_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
 
-    def secret(self, name: Literal["key_passphrase", "pkcs11_pin"]) -> SecretStr | None:
+    def secret(
+        self, name: Literal["key_passphrase", "pkcs11_pin", "gas_key", "upstream_api_key"]
+    ) -> SecretStr | None:
         """A secret from its variable, or else from its ``*_file`` (first line, stripped)."""
         value: SecretStr | None = getattr(self, name)
         if value is not None:
@@ -139,6 +311,15 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The TOML file comes from model_config, set per call by load_settings.
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def split_listen(value: str) -> tuple[str, int]:

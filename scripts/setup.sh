@@ -12,6 +12,7 @@ apt_packages=(
   softhsm2 opensc                                    # PKCS#11 token + pkcs11-tool
   swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config  # TPM 2.0 simulator + TSS for tpm2-pytss
   systemd                                            # systemd-analyze for the unit checks
+  docker.io busybox-static debootstrap              # container tests: engine, probe image, rootfs
 )
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -45,5 +46,19 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[hardware,dev]"
   echo "$want" > "$stamp"
+fi
+# Local chain tools for the tests and the demo: anvil (a local EVM) and solc, from npm, pinned by
+# scripts/chain/package-lock.json. Reinstalled only when package.json or the lock changed. Install
+# scripts stay off: anvil's binary comes in its optional platform package, nothing is downloaded.
+if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
+  log "node and npm are needed for the local chain tools: install Node.js 20+ with npm (Debian: apt-get install nodejs npm)"
+  exit 1
+fi
+chain_stamp=scripts/chain/node_modules/.paygate-setup
+chain_want=$(sha256sum scripts/chain/package.json scripts/chain/package-lock.json | sha256sum | cut -c1-64)
+if [[ ! -f $chain_stamp || $(cat "$chain_stamp") != "$chain_want" ]]; then
+  log "npm ci --prefix scripts/chain (anvil, solc)"
+  npm ci --prefix scripts/chain --ignore-scripts --no-audit --no-fund --loglevel=error
+  echo "$chain_want" > "$chain_stamp"
 fi
 log "ready: $root/.venv"

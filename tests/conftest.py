@@ -1,7 +1,9 @@
 """Shared test configuration: real components are started by the fixture plugins below."""
 
 pytest_plugins = [
+    "tests.fixtures.chain",
     "tests.fixtures.components",
+    "tests.fixtures.docker",
     "tests.fixtures.softhsm",
     "tests.fixtures.swtpm",
 ]

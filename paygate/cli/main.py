@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from enclave import EnclaveError
-from paygate.cli import demo, keys, serve
+from paygate.cli import demo, deploy, discover, keys, payments, request, serve, upstream
 from paygate.errors import PaygateError
 
-COMMANDS = (keys, demo, serve)
+COMMANDS = (keys, demo, serve, payments, upstream, discover, deploy, request)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,8 @@ handed explicitly to the pipeline; there is no module-level state.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -29,10 +31,20 @@ from paygate.server.forwarded import parse_networks
 from paygate.server.health import LocalEndpoints
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.metrics import Metrics
-from paygate.server.payment import PaymentGate, payment_gate_for
+from paygate.server.payment import (
+    NoPaymentGate,
+    PaymentGate,
+    X402Gate,
+    check_payment_settings,
+    settler_for,
+    x402_gate,
+)
 from paygate.server.pipeline import Gateway, PipelinePolicy
 from paygate.server.proxy import Timeouts, Upstream
 from paygate.server.routes import RouteTable, default_routes
+from paygate.upstream.service import UpstreamService, running_upstream
+from paygate.upstream.service import base_url as upstream_base_url
+from paygate.upstream.service import connector as upstream_connector
 
 SETTINGS = web.AppKey("settings", Settings)
 KEY = web.AppKey("key", KeyBackend)
@@ -40,6 +52,8 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 GATEWAY = web.AppKey("gateway", Gateway)
 METRICS = web.AppKey("metrics", Metrics)
 LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
+UPSTREAM = web.AppKey("upstream", UpstreamService)
+GATE = web.AppKey("gate", PaymentGate)  # type: ignore[type-abstract]
 
 log = logging.getLogger("paygate.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -84,10 +98,11 @@ def build_app(
     """Build the gateway for ``settings``.
 
     ``key`` is opened from the settings at startup (and closed at cleanup) unless given; a
-    given key stays the caller's to close. ``gate`` defaults to the configured payment mode,
-    which raises ConfigError here, before anything listens, for modes not built yet.
+    given key stays the caller's to close. ``gate`` defaults to the configured payment mode;
+    payment settings that cannot work raise ConfigError here, before anything listens.
     """
-    gate = gate if gate is not None else payment_gate_for(settings)
+    if gate is None:
+        check_payment_settings(settings)
     routes = routes if routes is not None else default_routes()
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
@@ -104,9 +119,8 @@ def build_app(
             app[KEY].close()
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(
-            limit=settings.max_concurrent_requests, enable_cleanup_closed=True
-        )
+        # TCP, or the relay's unix socket for a container (paygate.upstream, docs/UPSTREAM.md).
+        connector = upstream_connector(settings, limit=settings.max_concurrent_requests)
         # Timeouts are per exchange (proxy.Timeouts); the session's own stay off.
         session = aiohttp.ClientSession(
             connector=connector,
@@ -118,16 +132,38 @@ def build_app(
         yield
         await session.close()
 
+    async def upstream_runtime(app: web.Application) -> AsyncIterator[None]:
+        # Container mode: start the isolated model server and wait for it (bounded) before
+        # listening; then the health monitor and the breaker the proxy consults.
+        async with running_upstream(settings, app[SESSION]) as service:
+            app[UPSTREAM] = service
+            yield
+
+    async def payments(app: web.Application) -> AsyncIterator[None]:
+        if gate is not None:
+            app[GATE] = gate
+            yield
+            return
+        if settings.payment_mode == "off":
+            app[GATE] = NoPaymentGate()
+            yield
+            return
+        async with payment_gate(settings, app[SESSION]) as built:
+            app[GATE] = built
+            yield
+
     async def gateway(app: web.Application) -> AsyncIterator[None]:
         upstream = Upstream(
             app[SESSION],
-            settings.upstream_url,
+            upstream_base_url(settings),
             Timeouts(
                 connect=settings.connect_timeout,
                 first_byte=settings.first_byte_timeout,
                 idle=settings.idle_timeout,
                 total=settings.total_timeout,
             ),
+            breaker=app[UPSTREAM].breaker,
+            api_key=app[UPSTREAM].api_key,
         )
         local = LocalEndpoints(
             key=app[KEY],
@@ -136,12 +172,13 @@ def build_app(
             metrics=app[METRICS],
             payment_mode=settings.payment_mode,
             probe_timeout=settings.ready_probe_timeout,
+            upstream_status=app[UPSTREAM].status if app[UPSTREAM].monitored else None,
         )
         app[GATEWAY] = Gateway(
             routes=routes,
             key=app[KEY],
             upstream=upstream,
-            gate=gate,
+            gate=app[GATE],
             limiter=app[LIMITER],
             metrics=app[METRICS],
             policy=PipelinePolicy(
@@ -155,7 +192,7 @@ def build_app(
         )
         yield
 
-    app.cleanup_ctx.extend([key_backend, client_session, gateway])
+    app.cleanup_ctx.extend([key_backend, client_session, upstream_runtime, payments, gateway])
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
         return await request.app[GATEWAY].handle(request)
@@ -178,6 +215,57 @@ def build_app(
     # One catch-all: the closed RouteTable, not aiohttp's router, decides what exists.
     app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=expect)
     return app
+
+
+@contextlib.asynccontextmanager
+async def payment_gate(
+    settings: Settings, session: aiohttp.ClientSession
+) -> AsyncIterator[X402Gate]:
+    """The x402 gate with its ledger and settler, and the reconciler that finishes what is owed.
+
+    At start, reservations a previous run left (it died before serving) are released at once,
+    so their callers can retry; settlements owed or in doubt are resumed in the background,
+    then re-checked every ``reconcile_interval_seconds``.
+    """
+    from paygate.x402.ledger_sqlite import SqliteLedger
+
+    ledger = await SqliteLedger.open(settings.ledger_path)
+    settler = settler_for(settings, session)
+    try:
+        gate = x402_gate(
+            settings,
+            ledger=ledger,
+            settler=settler,
+            retry_after_seconds=settings.retry_after_seconds,
+        )
+        released = await gate.processor.release_stale(older_than=0.0)
+        if released:
+            log.info("released %d reservations left by an earlier run", released)
+        reconciler = asyncio.get_running_loop().create_task(_reconcile_forever(gate, settings))
+        try:
+            yield gate
+        finally:
+            reconciler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reconciler
+            await gate.close(settings.shutdown_grace_seconds)
+    finally:
+        await settler.close()
+        await ledger.close()
+
+
+async def _reconcile_forever(gate: X402Gate, settings: Settings) -> None:
+    min_age = 0.0  # the first pass takes everything a previous run left
+    while True:
+        try:
+            touched = await gate.processor.reconcile_once(min_age=min_age)
+            if touched:
+                log.info("reconciled %d payments", touched)
+        except Exception as exc:  # keep reconciling: one bad pass must not end the loop
+            log.error("reconcile pass failed: %s", type(exc).__name__)
+        # Later passes leave alone what another request is settling right now.
+        min_age = settings.settle_timeout + settings.facilitator_timeout
+        await asyncio.sleep(settings.reconcile_interval_seconds)
 
 
 def server_options(settings: Settings) -> dict[str, Any]:

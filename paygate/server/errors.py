@@ -131,6 +131,17 @@ class UpstreamUnavailable(GatewayError):
     code = "upstream_unavailable"
 
 
+class UpstreamDown(GatewayError):
+    """the model server is down; retry later"""
+
+    # The circuit breaker is open: answered at once, nothing is sent to the model server.
+    status = 503
+    code = "upstream_down"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(headers={"Retry-After": str(retry_after)})
+
+
 class UpstreamFault(GatewayError):
     """the model server sent a broken response"""
 

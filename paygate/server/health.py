@@ -7,7 +7,7 @@ to the key backend and the model server, each under a short timeout.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -58,6 +58,7 @@ class LocalEndpoints:
         metrics: Metrics,
         payment_mode: str,
         probe_timeout: float,
+        upstream_status: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self._key = key
         self._upstream = upstream
@@ -65,6 +66,7 @@ class LocalEndpoints:
         self._metrics = metrics
         self._payment_mode = payment_mode
         self._probe_timeout = probe_timeout
+        self._upstream_status = upstream_status
         self._pubkey = pubkey_document(key)
 
     def handlers(self) -> Mapping[Target, LocalHandler]:
@@ -99,16 +101,19 @@ class LocalEndpoints:
             self._key_usable(), self._upstream.probe(self._probe_timeout)
         )
         ready = key_ok and upstream_ok
-        return web.json_response(
-            {
-                "status": "ready" if ready else "not_ready",
-                "checks": {
-                    "key": "ok" if key_ok else "unusable",
-                    "upstream": "ok" if upstream_ok else "unreachable",
-                },
-            },
-            status=200 if ready else 503,
-        )
+        document: dict[str, Any] = {
+            "checks": {
+                "key": "ok" if key_ok else "unusable",
+                "upstream": "ok" if upstream_ok else "unreachable",
+            }
+        }
+        if self._upstream_status is not None:
+            # The monitor's view: container restarts, breaker state (never URLs or keys).
+            status = dict(self._upstream_status())
+            document["upstream"] = status
+            ready = ready and status.get("state") == "ready"
+        document = {"status": "ready" if ready else "not_ready", **document}
+        return web.json_response(document, status=200 if ready else 503)
 
     async def _key_usable(self) -> bool:
         # A real ECDH (with our own public point) exercises the token or TPM session.

@@ -18,8 +18,10 @@ from typing import TypeVar
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
+from pydantic import SecretStr
 
-from paygate.server.errors import UpstreamFault, UpstreamTimeout, UpstreamUnavailable
+from paygate.server.errors import UpstreamDown, UpstreamFault, UpstreamTimeout, UpstreamUnavailable
+from paygate.upstream.breaker import CircuitBreaker
 
 HOP_BY_HOP = frozenset(
     {
@@ -173,12 +175,35 @@ class _Clock:
 
 
 class Upstream:
-    """The model server: a base URL, a shared session and the exchange clocks."""
+    """The model server: a base URL, a shared session and the exchange clocks.
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, timeouts: Timeouts) -> None:
+    With a ``breaker``, an open circuit answers 503 at once and refused connections count
+    toward opening it. With an ``api_key`` (an attached remote server), every request carries
+    ``Authorization: Bearer`` with it; callers' own Authorization never passes (see
+    FORWARDED_REQUEST_HEADERS) and the key is never logged or shown.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        timeouts: Timeouts,
+        *,
+        breaker: CircuitBreaker | None = None,
+        api_key: SecretStr | None = None,
+    ) -> None:
         self._session = session
         self._base_url = base_url.rstrip("/")
         self.timeouts = timeouts
+        self._breaker = breaker
+        self._api_key = api_key
+
+    def _with_key(self, headers: Mapping[str, str]) -> Mapping[str, str]:
+        if self._api_key is None:
+            return headers
+        out = CIMultiDict(headers)
+        out["Authorization"] = f"Bearer {self._api_key.get_secret_value()}"
+        return out
 
     async def probe(self, timeout: float) -> bool:
         """True if the model server answers HTTP at its base URL (any status below 500)."""
@@ -187,7 +212,7 @@ class Upstream:
                 async with self._session.get(
                     self._base_url + "/",
                     allow_redirects=False,
-                    headers={"Accept-Encoding": "identity"},
+                    headers=self._with_key({"Accept-Encoding": "identity"}),
                 ) as response:
                     return response.status < 500
         except (aiohttp.ClientError, TimeoutError):
@@ -202,6 +227,8 @@ class Upstream:
         Leaving the block early (an error, a cancelled caller) closes the upstream connection
         instead of returning it to the pool, so the model server sees the abort and stops.
         """
+        if self._breaker is not None and not self._breaker.allows():
+            raise UpstreamDown(self._breaker.retry_after)
         clock = _Clock(self.timeouts)
         timeout = aiohttp.ClientTimeout(
             total=None, connect=self.timeouts.connect, sock_connect=self.timeouts.connect
@@ -210,7 +237,7 @@ class Upstream:
             method,
             self._base_url + path,
             data=body if body else None,
-            headers=headers,
+            headers=self._with_key(headers),
             timeout=timeout,
             allow_redirects=False,
             auto_decompress=True,
@@ -218,11 +245,15 @@ class Upstream:
         try:
             response = await clock.wait(request, "first_byte")
         except aiohttp.ConnectionTimeoutError:
+            self._failed("connect timeout")
             raise UpstreamTimeout("connect") from None
         except aiohttp.ClientConnectorError:
+            self._failed("connection refused")
             raise UpstreamUnavailable from None
         except (aiohttp.ClientError, TimeoutError):
             raise UpstreamFault from None
+        if self._breaker is not None:
+            self._breaker.record_success()
         try:
             yield UpstreamReply(response, clock)
         except ConnectionResetError:
@@ -237,3 +268,7 @@ class Upstream:
             raise
         else:
             response.release()
+
+    def _failed(self, reason: str) -> None:
+        if self._breaker is not None:
+            self._breaker.record_failure(reason)

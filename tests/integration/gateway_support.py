@@ -56,6 +56,9 @@ async def running_stack(
     fake = fake or FakeModelServer()
     fake_runner, fake_url = await _serve(fake.app, handler_cancellation=True)
     key = SoftwareKey.generate()
+    # These tests are about the proxy itself and count every request the fake sees: no health
+    # monitor (nor breaker) unless a test asks; those have their own tests (test_upstream_*).
+    overrides.setdefault("upstream_monitor", False)
     settings = load_settings(None, upstream_url=upstream_url or fake_url, **overrides)
     gateway_runner, url = await _serve(build_app(settings, key=key), **server_options(settings))
     client = aiohttp.ClientSession(timeout=TIMEOUT)
