@@ -5,7 +5,10 @@ Part 1 plays caller and appliance at the envelope level: seal (v1 and v2), open 
 key, stream a sealed reply back, refuse tampering. Part 2 runs the real gateway (``paygate
 serve``'s app) with the TPM key in front of the FAKE model server and sends it sealed requests
 over HTTP: a v2 stream opened chunk by chunk as it arrives, an Obol-style v1 request, and a
-path the route table does not know. Payments are off in this demo. Nothing leaves 127.0.0.1.
+path the route table does not know. Part 3 turns payments on: anvil (a local chain) with a
+USDC stand-in, the official x402 SDK's facilitator, and a caller using the OpenAI SDK over
+paygate's client transport — sealed, paid per request in USDC, streamed, settled on chain,
+balances shown. Nothing leaves 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -170,11 +173,93 @@ async def _gateway_demo(key: KeyBackend) -> None:
             print(f"   POST /v1/completions (v1, Obol-style) -> {resp.status}: {text!r}")
 
             async with http.post(f"{url}/api/pull", json={"model": "x"}) as resp:
-                seen = fake.stats()["hits"].get("/api/pull", 0)
+                seen = fake.stats()["hits"].get("POST /api/pull", 0)
                 print(f"   POST /api/pull -> {resp.status} (not forwarded: the fake saw {seen})")
     finally:
         await gateway_runner.cleanup()
         await fake_runner.cleanup()
+
+
+async def _payments_demo(key: KeyBackend, workdir: Path) -> None:
+    from paygate.devchain.accounts import FACILITATOR, new_account
+    from paygate.devchain.anvil import start_anvil
+    from paygate.devchain.facilitator import FacilitatorServer, FacilitatorSettings
+
+    chain = start_anvil(workdir / "anvil.log")
+    facilitator = FacilitatorServer(
+        FacilitatorSettings(rpc_url=chain.rpc_url, private_key=chain.accounts[FACILITATOR].key)
+    ).start()
+    fake = FakeModelServer(pace=0.05, chunks=6)
+    fake_runner, fake_url = await _serve(fake.app)
+    seller, payer = new_account().address, new_account()
+    chain.mint(payer.address, 5 * 10**6)
+    settings = load_settings(
+        None,
+        upstream_url=fake_url,
+        payment_mode="facilitator",
+        pay_to=seller,
+        network="base-sepolia",
+        price="0.001",
+        facilitator_url=facilitator.url,
+        ledger_path=workdir / "payments.db",
+        require_encryption=True,
+    )
+    gateway_runner, url = await _serve(build_app(settings, key=key))
+    print(f"\n== payments: anvil at {chain.rpc_url}, the x402 SDK facilitator at {facilitator.url}")
+    print(f"   seller {seller}: {chain.balance_of(seller) / 1e6:.3f} USDC")
+    print(f"   payer  {payer.address}: {chain.balance_of(payer.address) / 1e6:.3f} USDC")
+    try:
+        await asyncio.to_thread(_paying_caller, url, key, payer)
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
+            http.post(f"{url}/v1/chat/completions", json={"model": "m"}) as resp,
+        ):
+            print(f"   unsealed body on a paid route -> {resp.status} (require_encryption)")
+    finally:
+        await gateway_runner.cleanup()
+        await fake_runner.cleanup()
+        facilitator.stop()
+        seller_balance, payer_balance = chain.balance_of(seller), chain.balance_of(payer.address)
+        chain.stop()
+    print(f"   seller now {seller_balance / 1e6:.3f} USDC, payer {payer_balance / 1e6:.3f} USDC")
+
+
+def _paying_caller(url: str, key: KeyBackend, payer: Any) -> None:
+    """A caller's program: the OpenAI SDK on paygate's transport, with a spend policy."""
+    import httpx
+    import openai
+
+    from paygate.client import PaygateTransport, SpendPolicy
+
+    transport = PaygateTransport(
+        pin=key.info().public_key,
+        wallet=payer,
+        spend=SpendPolicy(max_per_request="0.01", max_total="0.10", networks=["base-sepolia"]),
+    )
+    client = openai.OpenAI(
+        base_url=f"{url}/v1",
+        api_key="unused",
+        max_retries=0,
+        http_client=httpx.Client(transport=transport, timeout=60),
+    )
+    reply = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "a paid, sealed question"}]
+    )
+    paid = transport.last_payment
+    assert paid is not None
+    print(f"   OpenAI SDK, sealed v2, paid: {reply.choices[0].message.content!r}")
+    print(f"     paid {paid.amount:f} USDC, tx {paid.transaction}")
+    stream = client.chat.completions.create(
+        model="demo",
+        stream=True,
+        messages=[{"role": "user", "content": "a paid, sealed, streamed question"}],
+    )
+    words = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    stream.close()
+    paid = transport.last_payment
+    assert paid is not None
+    print(f"   OpenAI SDK, sealed v2, streamed {len(words)} chunks, receipt in-band:")
+    print(f"     paid {paid.amount:f} USDC, tx {paid.transaction}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -186,5 +271,9 @@ def run(args: argparse.Namespace) -> int:
         for name, key in keys:
             _exercise(name, key)
         asyncio.run(_gateway_demo(keys[-1][1]))
-    print("\nok: prompts opened only inside the token/TPM; tampering and unknown routes refused")
+        asyncio.run(_payments_demo(keys[-1][1], Path(tmp)))
+    print(
+        "\nok: prompts opened only inside the token/TPM; tampering and unknown routes refused;"
+        " each paid request settled once, on chain"
+    )
     return 0

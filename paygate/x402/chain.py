@@ -66,13 +66,16 @@ EIP3009_ABI: list[dict[str, Any]] = [
 # keccak256("Transfer(address,address,uint256)")
 TRANSFER_TOPIC = "ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 
+# The official SDK facilitator's reason for an empty wallet (x402.md's older name is
+# "insufficient_funds"): the same answer in chain mode as through a facilitator.
+INSUFFICIENT_BALANCE = "invalid_exact_evm_insufficient_balance"
 # FiatToken's revert strings → x402 reasons, so callers get the same answer as from a facilitator.
 _REVERTS = (
     ("invalid signature", "invalid_exact_evm_payload_signature"),
     ("authorization is used or canceled", NONCE_USED),
     ("authorization is not yet valid", "invalid_exact_evm_payload_authorization_valid_after"),
     ("authorization is expired", "invalid_exact_evm_payload_authorization_valid_before"),
-    ("transfer amount exceeds balance", "insufficient_funds"),
+    ("transfer amount exceeds balance", INSUFFICIENT_BALANCE),
 )
 
 
@@ -103,7 +106,7 @@ class ChainSettler:
         nonce = bytes.fromhex(auth.nonce[2:])
         balance = await self._call(token.functions.balanceOf(payer).call)
         if balance < int(auth.value):
-            return _invalid("insufficient_funds", payer)
+            return _invalid(INSUFFICIENT_BALANCE, payer)
         if await self._call(token.functions.authorizationState(payer, nonce).call):
             return _invalid(NONCE_USED, payer)
         reason = await self._simulate(payment, requirements)

@@ -563,6 +563,7 @@ def _record_receipt(record: PaymentRecord) -> SettleResponse:
 
 _REASONS = {
     "insufficient_funds": "the payer's balance is too low",
+    "invalid_exact_evm_insufficient_balance": "the payer's balance is too low",
     "invalid_exact_evm_nonce_already_used": "this payment authorization was already used",
     "invalid_exact_evm_payload_signature": "the signature is not the payer's",
 }

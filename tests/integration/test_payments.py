@@ -413,17 +413,22 @@ async def test_caller_disconnect_releases_when_the_operator_says_so(
 # --- modes and prices -----------------------------------------------------------------------
 
 
+def chain_mode(seller, ledger, rpc_url, gas_key) -> dict:
+    """Settings of a gateway that settles on chain itself: no facilitator at all."""
+    return {
+        "seller": seller,
+        "facilitator_url": None,
+        "ledger": ledger,
+        "payment_mode": "chain",
+        "chain_rpc_url": rpc_url,
+        "gas_key": gas_key.key,
+    }
+
+
 async def test_chain_mode_settles_on_chain_with_no_facilitator(
     anvil, usdc, payer, seller, ledger, gas_key
 ):
-    async with paid_stack(
-        seller=seller,
-        facilitator_url=None,
-        ledger=ledger,
-        payment_mode="chain",
-        chain_rpc_url=anvil.rpc_url,
-        gas_key=gas_key.key,
-    ) as stack:
+    async with paid_stack(**chain_mode(seller, ledger, anvil.rpc_url, gas_key)) as stack:
         async with sdk_http_client(payer) as client:
             for _ in range(2):
                 response = await client.post(stack.url + CHAT, json=CHAT_BODY)
@@ -445,32 +450,20 @@ async def test_chain_mode_refuses_an_unfunded_payer_before_serving(
 ):
     from paygate.devchain.accounts import new_account
 
-    async with paid_stack(
-        seller=seller,
-        facilitator_url=None,
-        ledger=ledger,
-        payment_mode="chain",
-        chain_rpc_url=anvil.rpc_url,
-        gas_key=gas_key.key,
-    ) as stack:
+    async with paid_stack(**chain_mode(seller, ledger, anvil.rpc_url, gas_key)) as stack:
         status, headers, _ = await post(stack, await v2_header(stack, new_account()))
         assert status == 402
-        assert headers["X-Paygate-Error"] == "insufficient_funds"
+        # The same reason as the SDK facilitator gives (test_facilitator_says_insufficient_funds)
+        assert headers["X-Paygate-Error"] == "invalid_exact_evm_insufficient_balance"
         assert stack.fake.hits[CHAT_HITS] == 0
 
 
 async def test_chain_mode_with_the_rpc_down_is_503(usdc, payer, seller, ledger, gas_key):
     from tests.fixtures.components import free_port
 
-    async with paid_stack(
-        seller=seller,
-        facilitator_url=None,
-        ledger=ledger,
-        payment_mode="chain",
-        chain_rpc_url=f"http://127.0.0.1:{free_port()}",
-        gas_key=gas_key.key,
-        facilitator_timeout=1.0,
-    ) as stack:
+    dead_rpc = f"http://127.0.0.1:{free_port()}"
+    settings = chain_mode(seller, ledger, dead_rpc, gas_key)
+    async with paid_stack(**settings, facilitator_timeout=1.0) as stack:
         status, headers, _ = await post(stack, await v2_header(stack, payer))
         assert status == 503
         assert headers["X-Paygate-Error"] == "payment_verifier_unavailable"
@@ -552,3 +545,45 @@ async def test_price_per_million_tokens(facilitator, seller, ledger):
         required = await challenge_of(stack)
     # 2.5 USDC per million tokens, 2000 tokens estimated: 0.005 USDC
     assert required["accepts"][0]["amount"] == str(int(Decimal("0.005") * 10**6))
+
+
+def _with_payment_id(header: str, payment_id: str | None) -> str:
+    # Extensions are outside the EIP-712 signature: a client may set them on a signed payment.
+    payment = json.loads(base64.b64decode(header))
+    payment["extensions"] = (
+        {"payment-identifier": {"info": {"required": False, "id": payment_id}}}
+        if payment_id
+        else {}
+    )
+    return base64.b64encode(json.dumps(payment).encode()).decode()
+
+
+async def test_payment_identifier_is_an_idempotency_key(facilitator, usdc, payer, seller, ledger):
+    key = "order-0001-abcdefgh"
+    async with paid_stack(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=ledger,
+        require_payment_identifier=True,
+    ) as stack:
+        required = await challenge_of(stack)
+        assert required["extensions"]["payment-identifier"]["info"]["required"] is True
+        first = await v2_header(stack, payer)
+        status, headers, body = await post(stack, _with_payment_id(first, None))
+        assert status == 400
+        assert "payment-identifier" in json.loads(body)["error"]
+        status, _, _ = await post(stack, _with_payment_id(first, key))
+        assert status == 200
+        # The same key on another authorization is a client bug, not a second purchase.
+        second = await v2_header(stack, payer)
+        status, headers, _ = await post(stack, _with_payment_id(second, key))
+        assert status == 409
+        assert headers["X-Paygate-Error"] == "idempotency_key_reused"
+        # A malformed key is the caller's error, with the reason.
+        status, _, body = await post(stack, _with_payment_id(second, "short"))
+        assert status == 400
+        assert "16-128" in json.loads(body)["error"]
+        assert stack.fake.hits[CHAT_HITS] == 1
+    (record,) = await records(ledger)
+    assert record.idempotency_key == key
+    assert usdc.balance_of(seller) == PRICE_ATOMIC

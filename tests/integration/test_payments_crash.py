@@ -77,6 +77,16 @@ async def gateway_process(
             proc.stderr.close()
 
 
+def process_settings(key_file, ledger, seller, facilitator_url, fake_stack) -> dict:
+    return {
+        "key_file": key_file,
+        "ledger": ledger,
+        "seller": seller,
+        "facilitator_url": facilitator_url,
+        "upstream": fake_stack.fake_url,
+    }
+
+
 async def until(ledger: Path, check: Callable[[list[PaymentRecord]], bool]) -> None:
     async with asyncio.timeout(20):
         while not check(await records(ledger)):
@@ -99,13 +109,7 @@ async def test_killed_between_serving_and_settling_settles_once_after_restart(
 ):
     ledger = tmp_path / "payments.db"
     async with running_stack() as fake_stack:
-        settings = {
-            "key_file": key_file,
-            "ledger": ledger,
-            "seller": seller,
-            "facilitator_url": facilitator.url,
-            "upstream": fake_stack.fake_url,
-        }
+        settings = process_settings(key_file, ledger, seller, facilitator.url, fake_stack)
         async with gateway_process(**settings) as (url, proc):
             facilitator.set_fault(fault)
             fake_stack.url = url  # v2_header asks this gateway for its challenge
@@ -141,13 +145,7 @@ async def test_killed_before_serving_releases_the_reservation_on_restart(
     ledger = tmp_path / "payments.db"
     held = {**CHAT_BODY, "stream": True, "model": "fake-hold"}
     async with running_stack() as fake_stack:
-        settings = {
-            "key_file": key_file,
-            "ledger": ledger,
-            "seller": seller,
-            "facilitator_url": facilitator.url,
-            "upstream": fake_stack.fake_url,
-        }
+        settings = process_settings(key_file, ledger, seller, facilitator.url, fake_stack)
         async with gateway_process(**settings) as (url, proc):
             fake_stack.url = url
             header = await v2_header(fake_stack, payer, body=held)
