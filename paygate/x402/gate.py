@@ -193,6 +193,8 @@ class PaymentProcessor:
             )
         except LedgerUnavailable:
             return self._unavailable("ledger_unavailable", "the payment ledger is unavailable")
+        except ValueError as exc:  # the ledger's own input checks; the models passed it
+            return self._challenge(400, "invalid_payment", str(exc), offers, resource)
         admission = Admission(
             price=price, record=record, payment=payment, requirements=requirements
         )
