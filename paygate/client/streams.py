@@ -17,12 +17,11 @@ from typing import Protocol
 from enclave import DecryptionError, ReplyKeys
 from paygate.client.errors import ReplyOpenFailed
 from paygate.x402 import codec
+from paygate.x402.inband import NDJSON, SSE
+from paygate.x402.inband import NDJSON_KEY as NDJSON_RECEIPT_KEY
+from paygate.x402.inband import SSE_PREFIX as SSE_RECEIPT_PREFIX
 from paygate.x402.models import SettleResponse
 
-SSE = "text/event-stream"
-NDJSON = "application/x-ndjson"
-SSE_RECEIPT_PREFIX = b": x402-payment-response "
-NDJSON_RECEIPT_KEY = "x402PaymentResponse"
 _SSE_DONE = b"data: [DONE]"
 _NDJSON_DONE = re.compile(rb'"done"\s*:\s*true')
 # The receipt line is short; an NDJSON final line may carry Ollama's context array. Longer

@@ -92,10 +92,6 @@ class ChainSettler:
         self._send_lock = asyncio.Lock()
         self._chain_id: int | None = None
 
-    @property
-    def gas_address(self) -> str:
-        return str(self._account.address)
-
     async def verify(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> VerifyResponse:
@@ -170,10 +166,8 @@ class ChainSettler:
         except (TimeoutError, OSError) as exc:
             log.warning("chain call failed: %s", type(exc).__name__)
             raise SettlerUnavailable("the chain's RPC endpoint is unavailable") from None
-        except ContractLogicError:
-            raise
-        except (ValueError, TransactionNotFound):
-            raise
+        except (ContractLogicError, ValueError, TransactionNotFound):
+            raise  # answers from the chain, not a failure to reach it
         except Exception as exc:  # requests' and web3's connection errors have many classes
             log.warning("chain call failed: %s", type(exc).__name__)
             raise SettlerUnavailable("the chain's RPC endpoint is unavailable") from None

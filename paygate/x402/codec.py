@@ -78,7 +78,11 @@ def decode_payment(value: str, *, header: str) -> AnyPaymentPayload:
     The version inside decides the model; a v2 payload in ``X-PAYMENT`` or the reverse is
     accepted (clients in the wild mix them), but the version must be 1 or 2.
     """
-    data = decode_json(value, header=header)
+    return parse_payment(decode_json(value, header=header), header=header)
+
+
+def parse_payment(data: dict[str, Any], *, header: str) -> AnyPaymentPayload:
+    """A decoded payment object (a header's JSON, or one stored in the ledger) as a payload."""
     version = data.get("x402Version")
     model: type[PaymentPayload] | type[PaymentPayloadV1]
     if version == 2:

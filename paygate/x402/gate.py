@@ -17,7 +17,6 @@ The server's adapter (``paygate.server.payment``) turns HTTP headers into calls 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -39,11 +38,9 @@ from paygate.x402.ledger import (
 )
 from paygate.x402.models import (
     AnyPaymentPayload,
-    PaymentPayload,
     PaymentPayloadV1,
     ResourceInfo,
     SettleResponse,
-    payment_identifier,
 )
 from paygate.x402.networks import resolve_network
 from paygate.x402.offers import Challenge, Offer, PaymentTerms, challenge
@@ -160,9 +157,7 @@ class PaymentProcessor:
             return self._challenge(402, "payment_required", "payment required", offers, resource)
         try:
             payment = codec.decode_payment(raw, header=header)
-            key = payment_identifier(
-                payment.extensions if isinstance(payment, PaymentPayload) else None
-            )
+            key = payment.payment_identifier
         except codec.PaymentHeaderError as exc:
             return self._challenge(400, "invalid_payment", str(exc), offers, resource)
         except ValueError as exc:
@@ -283,26 +278,21 @@ class PaymentProcessor:
             return Admission(
                 price=price,
                 record=record,
-                payment=codec.decode_payment(_b64(record.payload), header="ledger"),
+                payment=codec.parse_payment(json.loads(record.payload), header="ledger"),
                 requirements=requirements,
                 receipt=Receipt(record.x402_version, _record_receipt(record)),
             )
-        extra: dict[str, str] = {}
+        headers: dict[str, str] = {}
         if record.state is PaymentState.SETTLED:
-            extra[_receipt_header(record)] = codec.encode(_record_receipt(record))
-        refusal = self._challenge(
+            receipt = Receipt(record.x402_version, _record_receipt(record))
+            headers[receipt.header] = receipt.encoded()
+        return self._challenge(
             402,
             "invalid_exact_evm_nonce_already_used",
             "this payment authorization was already used",
             offers,
             resource,
-        )
-        return Refusal(
-            refusal.status,
-            refusal.code,
-            refusal.message,
-            refusal.challenge,
-            {**refusal.headers, **extra},
+            headers=headers,
         )
 
     # --- settlement ---
@@ -447,8 +437,8 @@ class PaymentProcessor:
 
     async def _reconcile(self, record: PaymentRecord) -> None:
         try:
-            payment = codec.decode_payment(_b64(record.payload), header="ledger")
-        except codec.PaymentHeaderError:
+            payment = codec.parse_payment(json.loads(record.payload), header="ledger")
+        except (codec.PaymentHeaderError, ValueError):
             log.error("payment %s: stored payload unreadable", record.id)
             return
         admission = Admission(
@@ -505,6 +495,8 @@ class PaymentProcessor:
         message: str,
         offers: tuple[Offer, ...],
         resource: ResourceInfo,
+        *,
+        headers: Mapping[str, str] | None = None,
     ) -> Refusal:
         return Refusal(
             status,
@@ -516,6 +508,7 @@ class PaymentProcessor:
                 error=message if status == 400 else code,
                 require_payment_identifier=self.terms.require_payment_identifier,
             ),
+            headers or {},
         )
 
     def _unavailable(self, code: str, message: str) -> Refusal:
@@ -538,18 +531,10 @@ def _requirements(
     return offer.v2().wire()
 
 
-def _b64(payload_json: str) -> str:
-    return base64.b64encode(payload_json.encode()).decode()
-
-
 def _wire_network(record: PaymentRecord) -> str:
     if record.x402_version == 1:
         return resolve_network(record.network).name
     return record.network
-
-
-def _receipt_header(record: PaymentRecord) -> str:
-    return codec.PAYMENT_RESPONSE if record.x402_version == 2 else codec.X_PAYMENT_RESPONSE
 
 
 def _record_receipt(record: PaymentRecord) -> SettleResponse:

@@ -8,7 +8,8 @@ A stream's headers leave before its settlement, so the receipt travels at its en
   until settlement and gets one more key, ``x402PaymentResponse``. Ollama clients already meet
   new keys in that object (every release adds some), and no extra line is invented.
 
-The base64 value is the same as the ``PAYMENT-RESPONSE`` header's. Sans-IO.
+The base64 value is the same as the ``PAYMENT-RESPONSE`` header's. Sans-IO; the client's reader
+(``paygate.client.streams``) takes the names from here.
 """
 
 from __future__ import annotations
@@ -82,10 +83,3 @@ def _is_done_line(line: bytes) -> bool:
     except ValueError:
         return False
     return isinstance(value, dict) and value.get("done") is True
-
-
-def parse_sse_receipt(line: bytes) -> str | None:
-    """The base64 receipt of an SSE comment line, or None (client side)."""
-    if line.startswith(SSE_PREFIX):
-        return line[len(SSE_PREFIX) :].strip().decode("ascii", "replace") or None
-    return None

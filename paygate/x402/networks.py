@@ -75,10 +75,6 @@ def resolve_network(value: str) -> Network:
     )
 
 
-def network_by_chain_id(chain_id: int) -> Network | None:
-    return next((n for n in NETWORKS if n.chain_id == chain_id), None)
-
-
 def to_atomic(price: Decimal | str, decimals: int) -> int:
     """A decimal amount in whole tokens as atomic units, rounding half up ("0.001" → 1000)."""
     try:
