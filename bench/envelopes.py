@@ -21,9 +21,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from paygate_dev import stack as devstack
+
 import enclave
 from enclave import KeyBackend, SoftwareKey
-from paygate import devstack
 
 SIZES = {"1 KB": 1024, "64 KB": 64 * 1024, "1 MB": 1024 * 1024}
 CHUNK_SIZES = {"64 B": 64, "1 KB": 1024, "16 KB": 16 * 1024}

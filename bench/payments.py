@@ -1,7 +1,7 @@
 """What a payment costs: the local checks alone, and a paid request end to end per mode.
 
 Everything runs on loopback in this process: anvil with the USDC stand-in, the official x402
-SDK facilitator over HTTP (paygate.devchain), the FAKE model server, and the gateway (software
+SDK facilitator over HTTP (paygate_dev.chain), the FAKE model server, and the gateway (software
 key). Payments are signed beforehand by the SDK's client, so the timings are the gateway's
 (local checks, ledger writes, verify, serve, settle), not the caller's signing. Requests are
 sequential; anvil mines instantly, so "settle" is a real transaction without block time.
@@ -26,11 +26,12 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from paygate_dev.fake_model import FakeModelServer
 
 from enclave import SoftwareKey
+from paygate import wire
 from paygate.config import load_settings
 from paygate.server.app import build_app, server_options
-from paygate.upstream.fake_model import FakeModelServer
 from paygate.x402 import codec
 from paygate.x402.models import ResourceInfo
 from paygate.x402.networks import resolve_network
@@ -61,7 +62,7 @@ async def _serve(app: web.Application, **options: Any) -> tuple[web.AppRunner, s
 
 
 def _local_checks(payer: Any, seller: str, n: int) -> dict[str, float]:
-    from paygate.devchain.payer import encode_header, sign_v2_payment
+    from paygate_dev.chain.payer import encode_header, sign_v2_payment
 
     network = resolve_network("base-sepolia")
     assert network.usdc is not None
@@ -73,7 +74,7 @@ def _local_checks(payer: Any, seller: str, n: int) -> dict[str, float]:
     samples = []
     for _ in range(n):
         started = time.perf_counter()
-        payment = codec.decode_payment(header, header=codec.PAYMENT_SIGNATURE)
+        payment = codec.decode_payment(header, header=wire.PAYMENT_SIGNATURE)
         check_authorization(payment, match_offer(payment, offers), now=int(time.time()), skew=5)
         samples.append(time.perf_counter() - started)
     return _summary(samples)
@@ -83,7 +84,7 @@ async def _paid_requests(url: str, headers: list[str | None]) -> list[float]:
     samples = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as client:
         for header in headers:
-            extra = {codec.PAYMENT_SIGNATURE: header} if header else {}
+            extra = {wire.PAYMENT_SIGNATURE: header} if header else {}
             started = time.perf_counter()
             async with client.post(url + PATH, json=BODY, headers=extra) as response:
                 await response.read()
@@ -96,8 +97,8 @@ async def _paid_requests(url: str, headers: list[str | None]) -> list[float]:
 async def _mode(
     mode: str, n: int, chain: Any, facilitator_url: str, work: Path, fake_url: str
 ) -> dict[str, float]:
-    from paygate.devchain.accounts import GATEWAY_GAS, new_account
-    from paygate.devchain.payer import encode_header, sign_v2_payment
+    from paygate_dev.chain.accounts import GATEWAY_GAS, new_account
+    from paygate_dev.chain.payer import encode_header, sign_v2_payment
 
     seller = new_account().address
     payer = new_account()
@@ -124,7 +125,7 @@ async def _mode(
                 aiohttp.ClientSession() as client,
                 client.post(url + PATH, json=BODY) as response,
             ):
-                required = response.headers[codec.PAYMENT_REQUIRED]
+                required = response.headers[wire.PAYMENT_REQUIRED]
             accepted = json.loads(base64.b64decode(required))["accepts"][0]
             headers = [encode_header(sign_v2_payment(payer, accepted)) for _ in range(n + 5)]
         await _paid_requests(url, headers[:5])  # warm-up
@@ -139,9 +140,9 @@ async def _mode(
 
 
 async def _run(n: int) -> dict[str, Any]:
-    from paygate.devchain.accounts import FACILITATOR, new_account
-    from paygate.devchain.anvil import start_anvil
-    from paygate.devchain.facilitator import FacilitatorServer, FacilitatorSettings
+    from paygate_dev.chain.accounts import FACILITATOR, new_account
+    from paygate_dev.chain.anvil import start_anvil
+    from paygate_dev.chain.facilitator import FacilitatorServer, FacilitatorSettings
 
     results: dict[str, Any] = {}
     chain = start_anvil()

@@ -59,11 +59,17 @@ class Settings(BaseSettings):
     require_encryption: bool = False
     max_body_bytes: PositiveInt = 4 * 1024 * 1024
     max_sealed_reply_bytes: PositiveInt = 16 * 1024 * 1024
+    max_plain_reply_bytes: PositiveInt = 16 * 1024 * 1024
     max_header_bytes: PositiveInt = 8190
     max_headers: PositiveInt = 100
     max_concurrent_requests: PositiveInt = 64
     retry_after_seconds: PositiveInt = 1
     body_read_timeout: PositiveFloat = 30.0
+    body_first_byte_timeout: PositiveFloat = 5.0
+    body_slots: PositiveInt = 256
+    unpaid_body_slots: PositiveInt = 16
+    per_ip_body_slots: PositiveInt = 8
+    unpaid_open_slots: PositiveInt = 4
     connect_timeout: PositiveFloat = 5.0
     first_byte_timeout: PositiveFloat = 300.0
     idle_timeout: PositiveFloat = 120.0
@@ -93,6 +99,7 @@ class Settings(BaseSettings):
     settle_timeout: PositiveFloat = 60.0
     settle_timing: Literal["after", "upfront"] = "after"
     settle_on_disconnect: bool = True
+    settle_margin_seconds: Annotated[float, Field(ge=0, le=3600)] = 15.0
     require_payment_identifier: bool = False
     reconcile_interval_seconds: PositiveFloat = 30.0
     chain_rpc_url: str | None = None

@@ -40,11 +40,12 @@ fi
 
 # Reinstall only when the dependency declaration changed since the last successful install.
 stamp=.venv/.paygate-setup
-want=$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-64)
+want=$(sha256sum pyproject.toml devtools/pyproject.toml scripts/setup.sh | sha256sum | cut -c1-64)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
-  log "pip install -e .[hardware,dev] (tpm2-pytss builds from source: about a minute)"
+  log "pip install -e .[hardware,dev] -e devtools (tpm2-pytss builds from source: about a minute)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[hardware,dev]"
+  # devtools/ is the test and demo tooling (paygate-dev): installed here, never shipped.
+  .venv/bin/python -m pip install -q -e ".[hardware,dev]" -e devtools
   echo "$want" > "$stamp"
 fi
 # Local chain tools for the tests and the demo: anvil (a local EVM) and solc, from npm, pinned by

@@ -10,13 +10,18 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from enclave import EnclaveError
-from paygate.cli import demo, deploy, discover, keys, payments, request, serve, upstream
+from paygate.cli import deploy, discover, keys, payments, request, serve, upstream
 from paygate.errors import PaygateError
 
-COMMANDS = (keys, demo, serve, payments, upstream, discover, deploy, request)
+COMMANDS = (keys, serve, payments, upstream, discover, deploy, request)
+# Commands that live outside the shipped package (the dev tooling's ``demo`` and
+# ``fake-upstream``) register through this entry point group when installed.
+PLUGIN_GROUP = "paygate.commands"
+DEV_ONLY = ("demo", "fake-upstream")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +34,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
         module.register(sub)
+    plugged = set()
+    for entry in entry_points(group=PLUGIN_GROUP):
+        entry.load()(sub)
+        plugged.add(entry.name)
+    for name in DEV_ONLY:
+        if name not in plugged:
+            missing = sub.add_parser(name, help="(needs the dev tooling: bash scripts/setup.sh)")
+            missing.set_defaults(run=_dev_tooling_missing)
     return parser
+
+
+def _dev_tooling_missing(args: argparse.Namespace) -> int:
+    raise PaygateError(
+        f"`paygate {args.command}` is part of the dev tooling, which is not installed here: "
+        "pip install -e devtools (bash scripts/setup.sh does it)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

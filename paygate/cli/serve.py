@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from paygate.config import Settings, load_settings, split_listen
+from paygate.config import Settings, load_settings
 from paygate.server.app import build_app, server_options
 from paygate.server.logs import SafeAccessLogger, install_safe_logging
 from paygate.store.deployments import DeploymentStore, settings_overrides
@@ -32,14 +32,6 @@ def register(sub: Any) -> None:
     serve.add_argument("--listen", help="host:port to listen on (PAYGATE_LISTEN)")
     serve.add_argument("--upstream-url", help="model server base URL (PAYGATE_UPSTREAM_URL)")
     serve.set_defaults(run=_serve)
-
-    fake = sub.add_parser(
-        "fake-upstream", help="run the deterministic FAKE model server (tests and demos only)"
-    )
-    fake.add_argument("--listen", default="127.0.0.1:11434", help="host:port (loopback default)")
-    fake.add_argument("--pace", type=float, default=0.0, help="seconds between stream chunks")
-    fake.add_argument("--chunks", type=int, default=4, help="words in each reply")
-    fake.set_defaults(run=_fake_upstream)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -72,17 +64,4 @@ def _serve(args: argparse.Namespace) -> int:
         **server_options(settings),
     )
     log.info("paygate gateway stopped")
-    return 0
-
-
-def _fake_upstream(args: argparse.Namespace) -> int:
-    from paygate.upstream import fake_model
-
-    try:
-        host, port = split_listen(args.listen)
-    except ValueError as exc:
-        raise SystemExit(f"--listen: {exc}") from None
-    install_safe_logging()
-    log.info("FAKE model server (not a model) on %s", args.listen)
-    fake_model.run(host, port, pace=args.pace, chunks=args.chunks)
     return 0

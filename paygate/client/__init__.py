@@ -5,7 +5,7 @@ challenges within a spend policy, and open sealed replies (streams included).
 all an OpenAI SDK program needs. Imports nothing server-only. See docs/CLIENT.md.
 """
 
-from paygate.client.core import LOCAL_PATHS, Envelope, ReplyInfo
+from paygate.client.core import Envelope, ReplyInfo
 from paygate.client.errors import (
     AttestationFailed,
     ClientError,
@@ -24,6 +24,7 @@ from paygate.client.payer import PaymentRecord, SpendPolicy
 from paygate.client.pubkey import EnclaveKey, KeyPin
 from paygate.client.transport import AsyncPaygateTransport, PaygateTransport
 from paygate.client.wallet import load_wallet
+from paygate.wire import LOCAL_PATHS
 from paygate.x402.models import SettleResponse
 
 __all__ = [

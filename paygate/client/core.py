@@ -20,6 +20,7 @@ from eth_account.signers.local import LocalAccount
 
 import enclave
 from enclave import DecryptionError, ReplyKeys, SoftwareKey
+from paygate import wire
 from paygate.client.errors import PaymentRefused, ReplyNotSealed, ReplyOpenFailed
 from paygate.client.payer import (
     MAX_CHALLENGE_BYTES,
@@ -30,25 +31,24 @@ from paygate.client.payer import (
     parse_challenge,
     refusal_reason,
 )
-from paygate.client.pubkey import PUBKEY_PATH, EnclaveKey, KeyPin, parse_pubkey_document
+from paygate.client.pubkey import EnclaveKey, KeyPin, parse_pubkey_document
 from paygate.client.streams import (
     PlainDecoder,
     ReceiptScanner,
     ReplyDecoder,
     SealedDecoder,
-    media_type,
+)
+from paygate.wire import (
+    ENVELOPE_HEADER,
+    LOCAL_PATHS,
+    ORIGINAL_TYPE_HEADER,
+    PUBKEY_PATH,
+    REPLY_PUBKEY_HEADER,
 )
 from paygate.x402 import codec
 from paygate.x402.models import SettleResponse
 
 Envelope = Literal["v2", "v1", "plain"]
-REPLY_PUBKEY_HEADER = "X-Obol-Reply-Pubkey"
-ORIGINAL_TYPE_HEADER = "X-Paygate-Content-Type"
-ENVELOPE_HEADER = "X-Paygate-Envelope"
-# The gateway's free local endpoints: never sealed (they answer before any opening).
-LOCAL_PATHS = frozenset(
-    {"/health", "/health/live", "/health/ready", "/metrics", PUBKEY_PATH, "/v1/attestation"}
-)
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_SEALED_REPLY_BYTES = 32 * 1024 * 1024
 MAX_TAIL_BYTES = 64 * 1024  # read after the caller stops, to collect a pending receipt
@@ -260,7 +260,7 @@ class ClientCore:
             self.on_receipt(record)
 
     def _header_receipt(self, record: PaymentRecord, headers: httpx.Headers) -> None:
-        for name in (codec.PAYMENT_RESPONSE, codec.X_PAYMENT_RESPONSE):
+        for name in (wire.PAYMENT_RESPONSE, wire.X_PAYMENT_RESPONSE):
             value = headers.get(name)
             if value:
                 try:
@@ -348,7 +348,7 @@ class ClientCore:
     ) -> Generator[Command, Any, Deliver]:
         if record is not None:
             self._header_receipt(record, response.headers)
-        sealed = media_type(response.headers.get("content-type")) == enclave.CONTENT_TYPE
+        sealed = wire.is_sealed(response.headers.get("content-type"))
         info = ReplyInfo(
             envelope=attempt.envelope if sealed else "plain",
             key_fingerprint=attempt.key.fingerprint if attempt.key else None,

@@ -22,6 +22,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import is_address, to_checksum_address
 from pydantic import ValidationError
 
+from paygate import wire
 from paygate.client.errors import InvalidChallenge, SpendRefused
 from paygate.x402 import codec, eip3009
 from paygate.x402.models import (
@@ -201,7 +202,7 @@ def parse_challenge(
 
     ``version`` restricts the choice to one protocol version (None: prefer v2).
     """
-    header = headers.get(codec.PAYMENT_REQUIRED)
+    header = headers.get(wire.PAYMENT_REQUIRED)
     if header and version in (None, 2):
         return _challenge_v2(header)
     if version in (None, 1):
@@ -215,7 +216,7 @@ def parse_challenge(
 def _challenge_v2(header: str) -> Challenge:
     try:
         model = codec.decode_payment_required(header)
-        raw = codec.decode_json(header, header=codec.PAYMENT_REQUIRED)
+        raw = codec.decode_json(header, header=wire.PAYMENT_REQUIRED)
     except codec.PaymentHeaderError as exc:
         raise InvalidChallenge(str(exc)) from None
     offers = tuple(
@@ -281,13 +282,13 @@ def _atomic(value: str) -> int:
 def refusal_reason(headers: Mapping[str, str], body: bytes) -> str:
     """The server's reason for refusing a payment, from whichever place it put it."""
     reason: str | None = None
-    header = headers.get(codec.PAYMENT_REQUIRED)
+    header = headers.get(wire.PAYMENT_REQUIRED)
     if header:
         try:
             reason = codec.decode_payment_required(header).error
         except codec.PaymentHeaderError:
             reason = None
-    for name in (codec.PAYMENT_RESPONSE, codec.X_PAYMENT_RESPONSE):
+    for name in (wire.PAYMENT_RESPONSE, wire.X_PAYMENT_RESPONSE):
         value = headers.get(name)
         if not reason and value:
             try:
@@ -458,21 +459,25 @@ class Payer:
         )
         signature = eip3009.sign(self._account, auth, chain_id=offer.chain_id, asset=asset)
         inner = ExactEvmPayload(signature=signature, authorization=auth)
-        wire: dict[str, Any]
+        document: dict[str, Any]
         if offer.version == 2:
-            wire = {"x402Version": 2, "accepted": dict(offer.requirement), "payload": inner.wire()}
+            document = {
+                "x402Version": 2,
+                "accepted": dict(offer.requirement),
+                "payload": inner.wire(),
+            }
             if challenge.resource is not None:
-                wire["resource"] = dict(challenge.resource)
+                document["resource"] = dict(challenge.resource)
             extensions = _echo_extensions(challenge.extensions)
             if extensions:
-                wire["extensions"] = extensions
-            PaymentPayload.model_validate(wire)  # what we send must be what we model
-            header = codec.PAYMENT_SIGNATURE
+                document["extensions"] = extensions
+            PaymentPayload.model_validate(document)  # what we send must be what we model
+            header = wire.PAYMENT_SIGNATURE
         else:
             payload = PaymentPayloadV1(scheme=offer.scheme, network=offer.network, payload=inner)
-            wire = payload.wire()
-            header = codec.X_PAYMENT
-        value = base64.b64encode(json.dumps(wire, separators=(",", ":")).encode()).decode()
+            document = payload.wire()
+            header = wire.X_PAYMENT
+        value = base64.b64encode(json.dumps(document, separators=(",", ":")).encode()).decode()
         record = PaymentRecord(
             url=url,
             x402_version=offer.version,

@@ -15,8 +15,8 @@ from typing import Any
 
 from enclave import InvalidPublicKey, p256
 from paygate.client.errors import PinMismatch, PubkeyUnavailable
+from paygate.wire import PUBKEY_PATH
 
-PUBKEY_PATH = "/v1/enclave/pubkey"
 # The document is a few hundred bytes; this bounds what a hostile server can make us buffer.
 MAX_PUBKEY_DOCUMENT = 64 * 1024
 

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 from enclave import DecryptionError, ReplyKeys
+from paygate import wire
 from paygate.client.errors import ReplyOpenFailed
+from paygate.wire import NDJSON, SSE
 from paygate.x402 import codec
-from paygate.x402.inband import NDJSON, SSE
 from paygate.x402.inband import NDJSON_KEY as NDJSON_RECEIPT_KEY
 from paygate.x402.inband import SSE_PREFIX as SSE_RECEIPT_PREFIX
 from paygate.x402.models import SettleResponse
@@ -32,16 +33,11 @@ ReceiptSink = Callable[[SettleResponse | None, str | None], None]
 """Receives the in-band receipt (or None and an error message if it could not be read)."""
 
 
-def media_type(content_type: str | None) -> str:
-    """The bare, lower-case media type of a Content-Type value."""
-    return (content_type or "").split(";", 1)[0].strip().lower()
-
-
 class ReceiptScanner:
     """Watches SSE or NDJSON plaintext for the in-band receipt, one bounded line at a time."""
 
     def __init__(self, content_type: str | None, sink: ReceiptSink) -> None:
-        kind = media_type(content_type)
+        kind = wire.media_type(content_type)
         self._kind = kind if kind in (SSE, NDJSON) else ""
         self._sink = sink
         self._line = bytearray()

@@ -7,8 +7,6 @@ handed explicitly to the pipeline; there is no module-level state.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -19,6 +17,8 @@ from aiohttp import web
 from enclave import KeyBackend
 from paygate.config import Settings
 from paygate.keys import open_key_backend
+from paygate.server.admission import Admission, AdmissionLimits
+from paygate.server.assembly import check_payment_settings, payment_step
 from paygate.server.errors import (
     BodyTooLarge,
     ExpectationFailed,
@@ -28,19 +28,14 @@ from paygate.server.errors import (
     error_response,
 )
 from paygate.server.forwarded import parse_networks
+from paygate.server.gateway import Gateway
 from paygate.server.health import LocalEndpoints
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.metrics import Metrics
-from paygate.server.payment import (
-    NoPaymentGate,
-    PaymentGate,
-    X402Gate,
-    check_payment_settings,
-    settler_for,
-    x402_gate,
-)
-from paygate.server.pipeline import Gateway, PipelinePolicy
+from paygate.server.opening import Opener
+from paygate.server.payments import PaymentStep
 from paygate.server.proxy import Timeouts, Upstream
+from paygate.server.replies import Replies, ReplyLimits
 from paygate.server.routes import RouteTable, default_routes
 from paygate.upstream.service import UpstreamService, running_upstream
 from paygate.upstream.service import base_url as upstream_base_url
@@ -53,7 +48,7 @@ GATEWAY = web.AppKey("gateway", Gateway)
 METRICS = web.AppKey("metrics", Metrics)
 LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
 UPSTREAM = web.AppKey("upstream", UpstreamService)
-GATE = web.AppKey("gate", PaymentGate)  # type: ignore[type-abstract]
+PAYMENTS = web.AppKey("payments", PaymentStep)  # type: ignore[type-abstract]
 
 log = logging.getLogger("paygate.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -70,9 +65,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except GatewayError as exc:
-        response = error_response(exc, api)
-        if exc.status in (408, 413):
-            # The unread rest of the body is not worth draining: close after answering.
+        response = exc.render(api)
+        if exc.status in (408, 413) or not request.content.is_eof():
+            # The unread rest of the body (a 402 answered from the headers alone, a refused
+            # upload) is not worth draining: close after answering.
             response.force_close()
         return response
     except ConnectionResetError:
@@ -92,16 +88,17 @@ def build_app(
     settings: Settings,
     *,
     key: KeyBackend | None = None,
-    gate: PaymentGate | None = None,
+    payments: PaymentStep | None = None,
     routes: RouteTable | None = None,
 ) -> web.Application:
     """Build the gateway for ``settings``.
 
     ``key`` is opened from the settings at startup (and closed at cleanup) unless given; a
-    given key stays the caller's to close. ``gate`` defaults to the configured payment mode;
-    payment settings that cannot work raise ConfigError here, before anything listens.
+    given key stays the caller's to close. ``payments`` defaults to the configured payment
+    mode; payment settings that cannot work raise ConfigError here, before anything listens.
+    Below this factory nothing reads ``Settings``: each part gets its own typed view.
     """
-    if gate is None:
+    if payments is None:
         check_payment_settings(settings)
     routes = routes if routes is not None else default_routes()
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
@@ -139,17 +136,13 @@ def build_app(
             app[UPSTREAM] = service
             yield
 
-    async def payments(app: web.Application) -> AsyncIterator[None]:
-        if gate is not None:
-            app[GATE] = gate
+    async def payment(app: web.Application) -> AsyncIterator[None]:
+        if payments is not None:
+            app[PAYMENTS] = payments
             yield
             return
-        if settings.payment_mode == "off":
-            app[GATE] = NoPaymentGate()
-            yield
-            return
-        async with payment_gate(settings, app[SESSION]) as built:
-            app[GATE] = built
+        async with payment_step(settings, app[SESSION]) as built:
+            app[PAYMENTS] = built
             yield
 
     async def gateway(app: web.Application) -> AsyncIterator[None]:
@@ -174,25 +167,20 @@ def build_app(
             probe_timeout=settings.ready_probe_timeout,
             upstream_status=app[UPSTREAM].status if app[UPSTREAM].monitored else None,
         )
+        opener = Opener(app[KEY], app[METRICS].envelope)
         app[GATEWAY] = Gateway(
             routes=routes,
-            key=app[KEY],
+            admission=Admission(admission_limits(settings), app[PAYMENTS], opener),
+            opener=opener,
             upstream=upstream,
-            gate=app[GATE],
+            replies=Replies(reply_limits(settings), app[METRICS].error),
             limiter=app[LIMITER],
             metrics=app[METRICS],
-            policy=PipelinePolicy(
-                max_body_bytes=settings.max_body_bytes,
-                body_read_timeout=settings.body_read_timeout,
-                max_sealed_reply_bytes=settings.max_sealed_reply_bytes,
-                require_encryption=settings.require_encryption,
-                trusted_proxies=parse_networks(settings.trusted_proxies),
-            ),
             local=local.handlers(),
         )
         yield
 
-    app.cleanup_ctx.extend([key_backend, client_session, upstream_runtime, payments, gateway])
+    app.cleanup_ctx.extend([key_backend, client_session, upstream_runtime, payment, gateway])
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
         return await request.app[GATEWAY].handle(request)
@@ -217,55 +205,27 @@ def build_app(
     return app
 
 
-@contextlib.asynccontextmanager
-async def payment_gate(
-    settings: Settings, session: aiohttp.ClientSession
-) -> AsyncIterator[X402Gate]:
-    """The x402 gate with its ledger and settler, and the reconciler that finishes what is owed.
-
-    At start, reservations a previous run left (it died before serving) are released at once,
-    so their callers can retry; settlements owed or in doubt are resumed in the background,
-    then re-checked every ``reconcile_interval_seconds``.
-    """
-    from paygate.x402.ledger_sqlite import SqliteLedger
-
-    ledger = await SqliteLedger.open(settings.ledger_path)
-    settler = settler_for(settings, session)
-    try:
-        gate = x402_gate(
-            settings,
-            ledger=ledger,
-            settler=settler,
-            retry_after_seconds=settings.retry_after_seconds,
-        )
-        released = await gate.processor.release_stale(older_than=0.0)
-        if released:
-            log.info("released %d reservations left by an earlier run", released)
-        reconciler = asyncio.get_running_loop().create_task(_reconcile_forever(gate, settings))
-        try:
-            yield gate
-        finally:
-            reconciler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reconciler
-            await gate.close(settings.shutdown_grace_seconds)
-    finally:
-        await settler.close()
-        await ledger.close()
+def admission_limits(settings: Settings) -> AdmissionLimits:
+    return AdmissionLimits(
+        max_body_bytes=settings.max_body_bytes,
+        body_read_timeout=settings.body_read_timeout,
+        body_first_byte_timeout=settings.body_first_byte_timeout,
+        body_slots=settings.body_slots,
+        unpaid_body_slots=settings.unpaid_body_slots,
+        per_ip_body_slots=settings.per_ip_body_slots,
+        unpaid_open_slots=settings.unpaid_open_slots,
+        require_encryption=settings.require_encryption,
+        retry_after_seconds=settings.retry_after_seconds,
+        trusted_proxies=parse_networks(settings.trusted_proxies),
+    )
 
 
-async def _reconcile_forever(gate: X402Gate, settings: Settings) -> None:
-    min_age = 0.0  # the first pass takes everything a previous run left
-    while True:
-        try:
-            touched = await gate.processor.reconcile_once(min_age=min_age)
-            if touched:
-                log.info("reconciled %d payments", touched)
-        except Exception as exc:  # keep reconciling: one bad pass must not end the loop
-            log.error("reconcile pass failed: %s", type(exc).__name__)
-        # Later passes leave alone what another request is settling right now.
-        min_age = settings.settle_timeout + settings.facilitator_timeout
-        await asyncio.sleep(settings.reconcile_interval_seconds)
+def reply_limits(settings: Settings) -> ReplyLimits:
+    return ReplyLimits(
+        max_sealed_reply_bytes=settings.max_sealed_reply_bytes,
+        max_plain_reply_bytes=settings.max_plain_reply_bytes,
+        settle_margin_seconds=settings.settle_margin_seconds,
+    )
 
 
 def server_options(settings: Settings) -> dict[str, Any]:

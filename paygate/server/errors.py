@@ -13,9 +13,9 @@ from typing import Literal
 from aiohttp import web
 
 from paygate.errors import PaygateError
+from paygate.wire import ERROR_HEADER
 
 ApiStyle = Literal["openai", "ollama", "free"]
-ERROR_HEADER = "X-Paygate-Error"
 
 
 class GatewayError(PaygateError):
@@ -29,6 +29,10 @@ class GatewayError(PaygateError):
     ) -> None:
         super().__init__(message or self.__doc__ or self.code)
         self.headers = headers or {}
+
+    def render(self, api: ApiStyle) -> web.Response:
+        """This error as a response in the shape of ``api``."""
+        return error_response(self, api)
 
 
 class RouteNotFound(GatewayError):
@@ -105,6 +109,20 @@ class Overloaded(GatewayError):
     code = "overloaded"
 
 
+class TooManyUploads(GatewayError):
+    """too many request bodies in flight from this address; retry shortly"""
+
+    status = 429
+    code = "too_many_uploads"
+
+
+class UploadsBusy(GatewayError):
+    """the gateway is reading as many unpaid request bodies as it allows; retry shortly"""
+
+    status = 503
+    code = "uploads_busy"
+
+
 class KeyUnavailable(GatewayError):
     """the envelope key is not usable right now"""
 
@@ -151,6 +169,8 @@ class UpstreamFault(GatewayError):
 
 class ReplyTooLarge(GatewayError):
     """the model server's reply is larger than this gateway seals in one piece"""
+
+    # Also for a paid plaintext reply, held until settlement under its own limit.
 
     status = 502
     code = "reply_too_large"

@@ -7,7 +7,7 @@ to the key backend and the model server, each under a short timeout.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -16,9 +16,10 @@ import enclave
 from enclave import KeyBackend, hpke, p256
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.metrics import Metrics
-from paygate.server.pipeline import LocalHandler
 from paygate.server.proxy import Upstream
 from paygate.server.routes import Target
+
+LocalHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def pubkey_document(key: KeyBackend) -> dict[str, Any]:

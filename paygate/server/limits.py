@@ -1,37 +1,40 @@
-"""Admission limits: concurrent requests (503 + Retry-After) and the bounded body read (413).
+"""Admission limits: slots (no queue: past a cap, answer at once) and the bounded body read.
 
 The body is never truncated: a declared Content-Length over the limit is refused before a byte
-is read, and a chunked body is read only until it passes the limit.
+is read, and a chunked body is read only until it passes the limit. A body must start arriving
+within ``first_byte`` seconds and be complete within ``total``: a connection that trickles its
+body is cut by those deadlines instead of holding a slot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 
 from aiohttp import web
 
-from paygate.server.errors import BodyTimeout, BodyTooLarge, Overloaded
+from paygate.server.errors import BodyTimeout, BodyTooLarge, GatewayError, Overloaded
 
 _READ_SIZE = 64 * 1024
 
 
-class ConcurrencyLimiter:
-    """A non-queueing cap on in-flight upstream requests: past it, answer 503 at once.
+class Slots:
+    """A non-queueing cap: past ``limit`` holders, ``slot()`` raises at once.
 
-    Queueing would hide saturation and hold sockets; a quick 503 with Retry-After lets the
+    Queueing would hide saturation and hold sockets; a quick refusal with Retry-After lets the
     caller (or a load balancer) go elsewhere.
     """
 
-    def __init__(self, limit: int, retry_after: int) -> None:
+    def __init__(self, limit: int, refusal: Callable[[], GatewayError]) -> None:
         self._limit = limit
-        self._retry_after = retry_after
-        self._in_flight = 0
+        self._refusal = refusal
+        self._in_use = 0
 
     @property
-    def in_flight(self) -> int:
-        return self._in_flight
+    def in_use(self) -> int:
+        return self._in_use
 
     @property
     def limit(self) -> int:
@@ -39,28 +42,75 @@ class ConcurrencyLimiter:
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
-        """Hold one slot for the duration of the block, or raise :class:`Overloaded`."""
-        if self._in_flight >= self._limit:
-            raise Overloaded(headers={"Retry-After": str(self._retry_after)})
-        self._in_flight += 1
+        """Hold one slot for the duration of the block, or raise the refusal."""
+        if self._in_use >= self._limit:
+            raise self._refusal()
+        self._in_use += 1
         try:
             yield
         finally:
-            self._in_flight -= 1
+            self._in_use -= 1
 
 
-async def read_body(request: web.Request, *, limit: int, timeout: float) -> bytes:
-    """The request body, at most ``limit`` bytes, within ``timeout`` seconds."""
+class PerAddressSlots:
+    """Slots counted per client address, so one address cannot take another's share.
+
+    Memory is bounded by the connections in flight: an address leaves the table with its last
+    slot.
+    """
+
+    def __init__(self, limit: int, refusal: Callable[[], GatewayError]) -> None:
+        self._limit = limit
+        self._refusal = refusal
+        self._held: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def slot(self, address: str) -> Iterator[None]:
+        if self._held[address] >= self._limit:
+            raise self._refusal()
+        self._held[address] += 1
+        try:
+            yield
+        finally:
+            self._held[address] -= 1
+            if self._held[address] <= 0:
+                del self._held[address]
+
+
+class ConcurrencyLimiter(Slots):
+    """The cap on in-flight upstream requests (503 + Retry-After), taken after admission."""
+
+    def __init__(self, limit: int, retry_after: int) -> None:
+        super().__init__(limit, lambda: Overloaded(headers={"Retry-After": str(retry_after)}))
+
+    @property
+    def in_flight(self) -> int:
+        return self.in_use
+
+
+async def read_body(
+    request: web.Request, *, limit: int, timeout: float, first_byte: float | None = None
+) -> bytes:
+    """The request body, at most ``limit`` bytes: its first bytes within ``first_byte``
+    seconds, all of it within ``timeout``."""
     declared = request.content_length
     if declared is not None and declared > limit:
         raise BodyTooLarge(f"the request body is larger than {limit} bytes")
+    if not request.body_exists:
+        return b""
     body = bytearray()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout_at(
+            min(deadline, loop.time() + first_byte) if first_byte is not None else deadline
+        ) as scope:
             while True:
                 chunk = await request.content.read(_READ_SIZE)
                 if not chunk:
                     break
+                if not body:
+                    scope.reschedule(deadline)  # the first bytes came: the total clock rules
                 body += chunk
                 if len(body) > limit:
                     raise BodyTooLarge(f"the request body is larger than {limit} bytes")

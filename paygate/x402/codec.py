@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from paygate.errors import PaygateError
+from paygate.wire import PAYMENT_REQUIRED, PAYMENT_RESPONSE
 from paygate.x402.models import (
     AnyPaymentPayload,
     PaymentPayload,
@@ -23,11 +24,6 @@ from paygate.x402.models import (
     X402Model,
 )
 
-PAYMENT_REQUIRED = "PAYMENT-REQUIRED"
-PAYMENT_SIGNATURE = "PAYMENT-SIGNATURE"
-PAYMENT_RESPONSE = "PAYMENT-RESPONSE"
-X_PAYMENT = "X-PAYMENT"
-X_PAYMENT_RESPONSE = "X-PAYMENT-RESPONSE"
 # A payment header is a few hundred bytes; anything past this is not a payment.
 MAX_HEADER_CHARS = 16 * 1024
 

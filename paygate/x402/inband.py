@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 
+from paygate.wire import NDJSON, SSE
+
 SSE_PREFIX = b": x402-payment-response "
 NDJSON_KEY = "x402PaymentResponse"
-SSE = "text/event-stream"
-NDJSON = "application/x-ndjson"
 _MAX_HELD = 1024 * 1024  # past this, stop looking for the done line and pass everything through
 
 

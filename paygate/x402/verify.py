@@ -60,8 +60,19 @@ def match_offer(payment: AnyPaymentPayload, offers: Sequence[Offer]) -> Offer:
     raise PaymentRejected("invalid_payment_requirements", "the accepted asset is not offered")
 
 
-def check_authorization(payment: AnyPaymentPayload, offer: Offer, *, now: int, skew: int) -> str:
-    """Check the EIP-3009 authorization against ``offer``; the payer's address if it holds."""
+def check_authorization(
+    payment: AnyPaymentPayload,
+    offer: Offer,
+    *,
+    now: int,
+    skew: int,
+    min_remaining: float = MIN_REMAINING_SECONDS,
+) -> str:
+    """Check the EIP-3009 authorization against ``offer``; the payer's address if it holds.
+
+    ``min_remaining``: seconds the authorization must still be valid for, so that what it buys
+    can be served and settled before it expires (never less than MIN_REMAINING_SECONDS).
+    """
     auth = payment.payload.authorization
     if not _same_address(auth.to, offer.pay_to):
         raise PaymentRejected(
@@ -77,7 +88,7 @@ def check_authorization(payment: AnyPaymentPayload, offer: Offer, *, now: int, s
             "invalid_exact_evm_payload_authorization_valid_after",
             "the authorization is not valid yet",
         )
-    if int(auth.valid_before) < now + MIN_REMAINING_SECONDS:
+    if int(auth.valid_before) < now + max(min_remaining, MIN_REMAINING_SECONDS):
         raise PaymentRejected(
             "invalid_exact_evm_payload_authorization_valid_before",
             "the authorization expires too soon",

@@ -15,11 +15,11 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from paygate_dev.fake_model import FakeModelServer
 
 from enclave import SoftwareKey
 from paygate.config import Settings, load_settings
 from paygate.server.app import build_app, server_options
-from paygate.upstream.fake_model import FakeModelServer
 
 TIMEOUT = aiohttp.ClientTimeout(total=15)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from paygate.x402 import codec
+from paygate import wire
 from paygate.x402.ledger import PaymentRecord
 from paygate.x402.ledger_sqlite import SqliteLedger
 from tests.fixtures.chain import encode_header, sign_v1_payment, sign_v2_payment
@@ -54,7 +54,7 @@ async def challenge_of(stack: Stack, path: str = CHAT, body: Any = CHAT_BODY) ->
     """POST without payment; the 402's v2 header, decoded."""
     async with stack.client.post(stack.url + path, json=body) as response:
         assert response.status == 402, await response.text()
-        return json.loads(base64.b64decode(response.headers[codec.PAYMENT_REQUIRED]))
+        return json.loads(base64.b64decode(response.headers[wire.PAYMENT_REQUIRED]))
 
 
 async def v2_header(stack: Stack, payer: Any, path: str = CHAT, body: Any = CHAT_BODY) -> str:
@@ -73,7 +73,7 @@ async def v1_header(stack: Stack, payer: Any, path: str = CHAT, body: Any = CHAT
     return encode_header(sign_v1_payment(payer, accepts[0]))
 
 
-def receipt_of(headers: Any, name: str = codec.PAYMENT_RESPONSE) -> dict[str, Any]:
+def receipt_of(headers: Any, name: str = wire.PAYMENT_RESPONSE) -> dict[str, Any]:
     return json.loads(base64.b64decode(headers[name]))
 
 
@@ -84,7 +84,7 @@ async def records(ledger: Path) -> list[PaymentRecord]:
 
 
 async def post(
-    stack: Stack, header: str | None, *, name: str = codec.PAYMENT_SIGNATURE, **kw: Any
+    stack: Stack, header: str | None, *, name: str = wire.PAYMENT_SIGNATURE, **kw: Any
 ) -> tuple[int, Any, bytes]:
     headers = {name: header} if header else {}
     body = kw.pop("json", CHAT_BODY)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from paygate.devstack import SoftHsmToken, Swtpm
+from paygate_dev.stack import SoftHsmToken, Swtpm
 
 PAYGATE = str(Path(sys.executable).parent / "paygate")
 
@@ -103,7 +103,7 @@ def test_tpm_key_create_then_show(swtpm: Swtpm, tmp_path: Path) -> None:
 
 
 def test_unreachable_tpm_is_a_clear_error(tmp_path: Path) -> None:
-    from paygate.devstack import free_port
+    from paygate_dev.stack import free_port
 
     result = run(
         "keys", "create", "--backend", "tpm", "--tcti", f"swtpm:host=127.0.0.1,port={free_port()}",

@@ -111,7 +111,7 @@ def test_a_wallet_file_readable_by_others_is_refused(stack: Stack, key_file: Pat
 
 
 def test_unreachable_gateway_is_a_request_failure() -> None:
-    from paygate.devstack import free_port
+    from paygate_dev.stack import free_port
 
     result = paygate(f"http://127.0.0.1:{free_port()}/v1/models", "--timeout", "5")
     assert result.returncode == 2

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from paygate_dev.fake_model import reply_words
 
 from enclave import SoftwareKey, p256
 from paygate.client import (
@@ -26,7 +27,6 @@ from paygate.client import (
     SpendPolicy,
     SpendRefused,
 )
-from paygate.upstream.fake_model import reply_words
 from tests.fixtures.chain import PAYER_FUNDS
 from tests.integration.gateway_support import Stack, ThreadedStack
 from tests.integration.payment_support import PRICE_ATOMIC, paid_settings, paid_stack
@@ -197,7 +197,7 @@ def test_without_a_wallet_the_402_reaches_the_caller(
 def test_refused_payment_raises_with_the_servers_reason(
     stack: Stack, usdc: Any, seller: str
 ) -> None:
-    from paygate.devchain.accounts import new_account
+    from paygate_dev.chain.accounts import new_account
 
     transport = PaygateTransport(wallet=new_account(), spend=SPEND)  # holds no USDC
     client = _openai(stack, transport)

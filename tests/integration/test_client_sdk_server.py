@@ -149,7 +149,7 @@ def test_sdk_server_price_above_the_policy_is_never_signed(
 def test_sdk_server_refusal_reason_reaches_the_caller(
     sdk_server: str, usdc: Any, seller: str
 ) -> None:
-    from paygate.devchain.accounts import new_account
+    from paygate_dev.chain.accounts import new_account
 
     broke = new_account()  # no USDC: the facilitator's verify says insufficient_funds
     transport = PaygateTransport(envelope="plain", wallet=broke, spend=SPEND)

@@ -9,11 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from paygate.client import (
-    PaygateTransport,
-    ReplyTooLarge,
-    RequestTooLarge,
-)
+from paygate.client import PaygateTransport, ReplyTooLarge, RequestTooLarge
 from tests.integration.gateway_support import Stack, ThreadedStack
 
 CHAT = {"model": "fake-llama:latest", "messages": [{"role": "user", "content": "hi"}]}

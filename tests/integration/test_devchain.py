@@ -15,6 +15,12 @@ import httpx
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
+from paygate_dev.chain.accounts import FACILITATOR, GATEWAY_GAS, SPARE, DevAccount, dev_accounts
+from paygate_dev.chain.anvil import MULTICALL3_ADDRESS, USDC_ADDRESS, Anvil
+from paygate_dev.chain.build import ARTIFACT, compile_contracts, load_contract, render
+from paygate_dev.chain.facilitator import FacilitatorServer, FacilitatorSettings
+from paygate_dev.chain.facilitator_process import FacilitatorProcess
+from paygate_dev.stack import ComponentMissing
 from x402 import x402Client
 from x402.http import FacilitatorConfig, HTTPFacilitatorClient
 from x402.mechanisms.evm import EthAccountSigner, FacilitatorWeb3Signer
@@ -30,12 +36,6 @@ from x402.mechanisms.evm.exact.eip3009_utils import diagnose_eip3009_simulation_
 from x402.mechanisms.evm.types import ExactEIP3009Payload
 from x402.schemas import PaymentRequired, parse_payment_payload, parse_payment_requirements
 
-from paygate.devchain.accounts import FACILITATOR, GATEWAY_GAS, SPARE, DevAccount, dev_accounts
-from paygate.devchain.anvil import MULTICALL3_ADDRESS, USDC_ADDRESS, Anvil
-from paygate.devchain.build import ARTIFACT, compile_contracts, load_contract, render
-from paygate.devchain.facilitator import FacilitatorServer, FacilitatorSettings
-from paygate.devchain.facilitator_process import FacilitatorProcess
-from paygate.devstack import ComponentMissing
 from tests.fixtures.chain import (
     PAYER_FUNDS,
     Usdc,

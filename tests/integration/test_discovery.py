@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from paygate_dev.fake_model import FakeModelServer
+from paygate_dev.stack import free_port
 
 from paygate.cli.main import main as cli
-from paygate.devstack import free_port
 from paygate.upstream.discovery import discover
-from paygate.upstream.fake_model import FakeModelServer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -17,7 +17,7 @@ from x402.http.clients import x402HttpxClient
 from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm.exact import register_exact_evm_client
 
-from paygate.x402 import codec
+from paygate import wire
 from paygate.x402.inband import NDJSON_KEY, SSE_PREFIX
 from paygate.x402.ledger import PaymentState
 from tests.integration.gateway_support import eventually
@@ -81,7 +81,7 @@ async def test_sdk_client_pays_for_a_stream_with_the_receipt_in_band(
         client.stream("POST", stack.url + CHAT, json=body) as response,
     ):
         assert response.status_code == 200
-        assert codec.PAYMENT_RESPONSE not in response.headers  # settled at the end
+        assert wire.PAYMENT_RESPONSE not in response.headers  # settled at the end
         assert response.headers["Cache-Control"] == "private, no-store"
         lines = [line async for line in response.aiter_lines()]
     events = [line for line in lines if line.startswith("data: ")]
@@ -98,11 +98,11 @@ async def test_sdk_client_pays_for_a_stream_with_the_receipt_in_band(
 async def test_v1_payment_from_the_sdk(facilitator, usdc, payer, seller, ledger):
     async with paid_stack(seller=seller, facilitator_url=facilitator.url, ledger=ledger) as stack:
         header = await v1_header(stack, payer)
-        status, headers, body = await post(stack, header, name=codec.X_PAYMENT)
+        status, headers, body = await post(stack, header, name=wire.X_PAYMENT)
         assert status == 200, body
-        receipt = receipt_of(headers, codec.X_PAYMENT_RESPONSE)
+        receipt = receipt_of(headers, wire.X_PAYMENT_RESPONSE)
         assert receipt["success"] is True
-        assert codec.PAYMENT_RESPONSE not in headers
+        assert wire.PAYMENT_RESPONSE not in headers
     assert usdc.balance_of(seller) == PRICE_ATOMIC
     (record,) = await records(ledger)
     assert record.x402_version == 1
@@ -142,7 +142,7 @@ async def test_challenge_is_dual_stack_and_nothing_reaches_the_upstream(
             assert response.status == 402
             assert response.headers["X-Paygate-Error"] == "payment_required"
             v1 = await response.json()
-            v2 = json.loads(base64.b64decode(response.headers[codec.PAYMENT_REQUIRED]))
+            v2 = json.loads(base64.b64decode(response.headers[wire.PAYMENT_REQUIRED]))
         assert v1["x402Version"] == 1
         assert [a["network"] for a in v1["accepts"]] == ["base-sepolia", "base"]
         assert v1["accepts"][0]["resource"] == "https://gw.example/v1/chat/completions"
@@ -167,7 +167,7 @@ async def test_malformed_payment_is_400_with_the_reason(facilitator, seller, led
         status, headers, body = await post(stack, value)
         assert status == 400
         assert reason in json.loads(body)["error"]
-        assert codec.PAYMENT_REQUIRED in headers  # the caller can still pay properly
+        assert wire.PAYMENT_REQUIRED in headers  # the caller can still pay properly
         assert stack.fake.hits[CHAT_HITS] == 0
     assert facilitator.stats.verify_calls == 0
 
@@ -191,7 +191,7 @@ async def test_forged_and_mismatched_payments_never_reach_the_facilitator(
             assert status == 402
             assert headers["X-Paygate-Error"] == reason
             assert json.loads(body)["error"] == reason
-            fresh = json.loads(base64.b64decode(headers[codec.PAYMENT_REQUIRED]))
+            fresh = json.loads(base64.b64decode(headers[wire.PAYMENT_REQUIRED]))
             assert fresh["accepts"][0]["amount"] == "1000"
         assert stack.fake.hits[CHAT_HITS] == 0
     assert facilitator.stats.verify_calls == 0
@@ -200,7 +200,7 @@ async def test_forged_and_mismatched_payments_never_reach_the_facilitator(
 
 
 async def test_facilitator_says_insufficient_funds(facilitator, usdc, seller, ledger):
-    from paygate.devchain.accounts import new_account
+    from paygate_dev.chain.accounts import new_account
 
     broke = new_account()
     async with paid_stack(seller=seller, facilitator_url=facilitator.url, ledger=ledger) as stack:
@@ -253,7 +253,7 @@ async def test_v1_and_v2_replays_of_one_authorization_are_one_payment(
             "payload": v2["payload"],
         }
         value = base64.b64encode(json.dumps(as_v1).encode()).decode()
-        status, headers, _ = await post(stack, value, name=codec.X_PAYMENT)
+        status, headers, _ = await post(stack, value, name=wire.X_PAYMENT)
         assert status == 402
         assert headers["X-Paygate-Error"] == "invalid_exact_evm_nonce_already_used"
         assert stack.fake.hits[CHAT_HITS] == 1
@@ -293,7 +293,7 @@ async def test_upstream_error_is_not_settled_and_the_payment_can_be_retried(
         header = await v2_header(stack, payer, body=failing)
         status, headers, _ = await post(stack, header, json=failing)
         assert status == 500
-        assert codec.PAYMENT_RESPONSE not in headers
+        assert wire.PAYMENT_RESPONSE not in headers
         # Released before the 500 was sent: an immediate retry is not "in progress".
         (record,) = await records(ledger)
         assert record.state is PaymentState.RELEASED
@@ -374,7 +374,7 @@ async def test_caller_disconnect_mid_stream_still_settles(facilitator, usdc, pay
         header = await v2_header(stack, payer, body=body)
         async with aiohttp.ClientSession() as client:
             response = await client.post(
-                stack.url + CHAT, json=body, headers={codec.PAYMENT_SIGNATURE: header}
+                stack.url + CHAT, json=body, headers={wire.PAYMENT_SIGNATURE: header}
             )
             assert response.status == 200
             await asyncio.wait_for(response.content.readline(), 5)
@@ -394,7 +394,7 @@ async def test_caller_disconnect_releases_when_the_operator_says_so(
         header = await v2_header(stack, payer, body=body)
         async with aiohttp.ClientSession() as client:
             response = await client.post(
-                stack.url + CHAT, json=body, headers={codec.PAYMENT_SIGNATURE: header}
+                stack.url + CHAT, json=body, headers={wire.PAYMENT_SIGNATURE: header}
             )
             await asyncio.wait_for(response.content.readline(), 5)
             response.close()
@@ -448,7 +448,7 @@ async def test_chain_mode_settles_on_chain_with_no_facilitator(
 async def test_chain_mode_refuses_an_unfunded_payer_before_serving(
     anvil, usdc, seller, ledger, gas_key
 ):
-    from paygate.devchain.accounts import new_account
+    from paygate_dev.chain.accounts import new_account
 
     async with paid_stack(**chain_mode(seller, ledger, anvil.rpc_url, gas_key)) as stack:
         status, headers, _ = await post(stack, await v2_header(stack, new_account()))
@@ -478,7 +478,7 @@ async def test_verify_only_serves_verified_payments_and_settles_nothing(
     ) as stack:
         status, headers, _ = await post(stack, await v2_header(stack, payer))
         assert status == 200
-        assert codec.PAYMENT_RESPONSE not in headers
+        assert wire.PAYMENT_RESPONSE not in headers
     (record,) = await records(ledger)
     assert record.state is PaymentState.SERVED
     assert facilitator.stats.settle_calls == 0

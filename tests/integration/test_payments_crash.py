@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from paygate.x402 import codec
+from paygate import wire
 from paygate.x402.ledger import PaymentRecord, PaymentState
 from tests.fixtures.components import free_port
 from tests.integration.gateway_support import running_stack
@@ -116,7 +116,7 @@ async def test_killed_between_serving_and_settling_settles_once_after_restart(
             header = await v2_header(fake_stack, payer)
             request = asyncio.ensure_future(
                 fake_stack.client.post(
-                    url + CHAT, json=CHAT_BODY, headers={codec.PAYMENT_SIGNATURE: header}
+                    url + CHAT, json=CHAT_BODY, headers={wire.PAYMENT_SIGNATURE: header}
                 )
             )
             await until(ledger, lambda found: states(found) == [PaymentState.SETTLING])
@@ -150,7 +150,7 @@ async def test_killed_before_serving_releases_the_reservation_on_restart(
             fake_stack.url = url
             header = await v2_header(fake_stack, payer, body=held)
             response = await fake_stack.client.post(
-                url + CHAT, json=held, headers={codec.PAYMENT_SIGNATURE: header}
+                url + CHAT, json=held, headers={wire.PAYMENT_SIGNATURE: header}
             )
             await asyncio.wait_for(response.content.readline(), 10)
             assert states(await records(ledger)) == [PaymentState.VERIFIED]
@@ -161,7 +161,7 @@ async def test_killed_before_serving_releases_the_reservation_on_restart(
             assert states(await records(ledger)) == [PaymentState.RELEASED]
             # The caller was never fully served: the same authorization buys the reply now.
             async with fake_stack.client.post(
-                url + CHAT, json=CHAT_BODY, headers={codec.PAYMENT_SIGNATURE: header}
+                url + CHAT, json=CHAT_BODY, headers={wire.PAYMENT_SIGNATURE: header}
             ) as again:
                 assert again.status == 200
                 await again.read()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from paygate_dev.stack import SoftHsmToken
 
 from enclave import p256
 from enclave.envelope_v1 import open_v1, seal_v1
@@ -28,7 +29,6 @@ from enclave.errors import (
 )
 from enclave.keys.base import KeyBackend
 from enclave.keys.pkcs11 import Pkcs11Key, _unwrap_ec_point
-from paygate.devstack import SoftHsmToken
 from tests.fixtures.components import require_binary
 
 LABEL = "paygate-ecdh"

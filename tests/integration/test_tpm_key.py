@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import tpm2_pytss as tss
 from cryptography.hazmat.primitives.asymmetric import ec
+from paygate_dev.stack import Swtpm
 
 from enclave import p256
 from enclave.errors import (
@@ -35,7 +36,6 @@ from enclave.keys.tpm import (
     ecdh_key_template,
     parent_template,
 )
-from paygate.devstack import Swtpm
 from tests.fixtures.components import free_port
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,10 +8,10 @@ import logging
 import aiohttp
 import pytest
 from aiohttp import web
+from paygate_dev.fake_model import FakeModelServer
+from paygate_dev.stack import free_port
 
 from paygate.config import ConfigError, load_settings
-from paygate.devstack import free_port
-from paygate.upstream.fake_model import FakeModelServer
 from paygate.upstream.readiness import probe
 from tests.integration.gateway_support import running_stack
 

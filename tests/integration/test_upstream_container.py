@@ -2,7 +2,7 @@
 
 One gateway (and so one serving container with its relay) is shared by the module, in the
 order a deployment lives: serve, inspect, probe egress, crash and recover, stop. The model
-server in the container is the FAKE (paygate/upstream/fake_model.py) on Ollama's port.
+server in the container is the FAKE (devtools/paygate_dev/fake_model.py) on Ollama's port.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 import docker
 import pytest
 import pytest_asyncio
+from paygate_dev.docker_stack import Dockerd
+from paygate_dev.fake_model import reply_words
 
 from paygate.cli.main import main as cli
-from paygate.devstack_docker import Dockerd
-from paygate.upstream.fake_model import reply_words
 from paygate.upstream.spec import spec_from_settings
 from tests.fixtures.docker import DockerImages
 from tests.integration.upstream_support import CHAT, Gateway, container_settings, running_gateway

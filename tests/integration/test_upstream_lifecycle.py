@@ -10,9 +10,9 @@ import aiohttp
 import docker
 import docker.errors
 import pytest
+from paygate_dev.docker_stack import Dockerd
 
 from paygate.cli.main import main as cli
-from paygate.devstack_docker import Dockerd
 from paygate.upstream.container import ContainerManager
 from paygate.upstream.errors import ContainerFailed
 from paygate.upstream.readiness import wait_ready

@@ -13,10 +13,10 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from paygate_dev.docker_stack import Dockerd
 
 from enclave import SoftwareKey
 from paygate.config import Settings, load_settings
-from paygate.devstack_docker import Dockerd
 from paygate.server.app import build_app, server_options
 from tests.fixtures.docker import DockerImages
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from eth_account import Account
 
+from paygate import wire
 from paygate.client import InvalidChallenge, SpendPolicy, SpendRefused
 from paygate.client.payer import Challenge, Payer, parse_assets, parse_challenge, refusal_reason
 from paygate.x402 import codec, eip3009
@@ -48,7 +49,7 @@ def _offer(network: Any = SEPOLIA, amount: int = 1000, asset: Asset | None = Non
 
 def _402(*offers: Offer, error: str = "payment required") -> tuple[dict[str, str], bytes]:
     built = challenge(list(offers), RESOURCE, error=error)
-    headers = {codec.PAYMENT_REQUIRED: codec.encode(built.v2)}
+    headers = {wire.PAYMENT_REQUIRED: codec.encode(built.v2)}
     return headers, json.dumps(built.body()).encode()
 
 
@@ -84,8 +85,8 @@ def test_v2_offer_keeps_the_requirement_as_sent() -> None:
     [
         ({}, b"", None),
         ({}, b"{not json", None),
-        ({codec.PAYMENT_REQUIRED: "%%%"}, b"", None),
-        ({codec.PAYMENT_REQUIRED: base64.b64encode(b'{"x402Version":2}').decode()}, b"", None),
+        ({wire.PAYMENT_REQUIRED: "%%%"}, b"", None),
+        ({wire.PAYMENT_REQUIRED: base64.b64encode(b'{"x402Version":2}').decode()}, b"", None),
         ({}, json.dumps({"x402Version": 1, "accepts": [{"scheme": 1}]}).encode(), None),
         (_402(_offer())[0], b"", 1),
     ],
@@ -99,7 +100,7 @@ def test_refusal_reason_comes_from_wherever_the_server_put_it() -> None:
     headers, body = _402(_offer(), error="invalid_exact_evm_payload_signature")
     assert refusal_reason(headers, body) == "invalid_exact_evm_payload_signature"
     receipt = SettleResponse(success=False, error_reason="insufficient_funds", network="base")
-    assert refusal_reason({codec.PAYMENT_RESPONSE: codec.encode(receipt)}, b"") == (
+    assert refusal_reason({wire.PAYMENT_RESPONSE: codec.encode(receipt)}, b"") == (
         "insufficient_funds"
     )
     assert refusal_reason({}, b'{"error": "expired"}') == "expired"
@@ -166,7 +167,7 @@ def test_requirements_we_cannot_pay_are_declined_with_a_reason(
     header = base64.b64encode(json.dumps(required).encode()).decode()
     payer = Payer(WALLET, SpendPolicy(max_per_request=1))
     with pytest.raises(SpendRefused, match=re.escape(reason)):
-        payer.pay(parse_challenge({codec.PAYMENT_REQUIRED: header}, b""), url=RESOURCE.url)
+        payer.pay(parse_challenge({wire.PAYMENT_REQUIRED: header}, b""), url=RESOURCE.url)
 
 
 def test_custom_asset_without_eip712_domain_is_declined() -> None:
@@ -175,7 +176,7 @@ def test_custom_asset_without_eip712_domain_is_declined() -> None:
     header = base64.b64encode(json.dumps(required).encode()).decode()
     payer = Payer(WALLET, SpendPolicy(max_per_request=1, assets={CUSTOM.address: 18}))
     with pytest.raises(SpendRefused, match="EIP-712"):
-        payer.pay(parse_challenge({codec.PAYMENT_REQUIRED: header}, b""), url=RESOURCE.url)
+        payer.pay(parse_challenge({wire.PAYMENT_REQUIRED: header}, b""), url=RESOURCE.url)
 
 
 def test_max_total_holds_under_concurrent_payments() -> None:
@@ -206,12 +207,12 @@ def test_max_total_holds_under_concurrent_payments() -> None:
 def test_v2_payment_echoes_the_requirement_and_recovers_to_the_payer() -> None:
     payer = Payer(WALLET, SpendPolicy(max_per_request="0.01"))
     payment = payer.pay(_challenge(_offer()), url=RESOURCE.url)
-    assert payment.header == codec.PAYMENT_SIGNATURE
-    wire = _decode(payment.value)
-    model = PaymentPayload.model_validate(wire)
-    assert wire["accepted"] == _offer().v2().wire()
-    assert wire["resource"] == RESOURCE.wire()
-    ident = wire["extensions"]["payment-identifier"]["info"]["id"]
+    assert payment.header == wire.PAYMENT_SIGNATURE
+    decoded = _decode(payment.value)
+    model = PaymentPayload.model_validate(decoded)
+    assert decoded["accepted"] == _offer().v2().wire()
+    assert decoded["resource"] == RESOURCE.wire()
+    ident = decoded["extensions"]["payment-identifier"]["info"]["id"]
     assert model.payment_identifier == ident
     auth = model.payload.authorization
     assert auth.to.lower() == SELLER
@@ -231,7 +232,7 @@ def test_v2_payment_echoes_the_requirement_and_recovers_to_the_payer() -> None:
 def test_v1_payment_names_the_network_and_recovers_to_the_payer() -> None:
     payer = Payer(WALLET, SpendPolicy(max_per_request="0.01"))
     payment = payer.pay(_challenge(_offer(), version=1), url=RESOURCE.url)
-    assert payment.header == codec.X_PAYMENT
+    assert payment.header == wire.X_PAYMENT
     model = PaymentPayloadV1.model_validate(_decode(payment.value))
     assert (model.scheme, model.network) == ("exact", "base-sepolia")
     signer = eip3009.recover(

@@ -6,6 +6,7 @@ import pytest
 from multidict import CIMultiDict
 
 from paygate.config import ConfigError, load_settings, split_listen
+from paygate.server.assembly import check_payment_settings
 from paygate.server.errors import (
     DecryptionFailed,
     Overloaded,
@@ -16,7 +17,6 @@ from paygate.server.errors import (
 from paygate.server.forwarded import client_address, parse_networks
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.metrics import Metrics
-from paygate.server.payment import check_payment_settings
 from paygate.server.proxy import relayed_response_headers, upstream_request_headers
 
 

@@ -8,7 +8,8 @@ import pytest
 
 import enclave
 from enclave import SoftwareKey
-from paygate.server import sealing
+from paygate import wire
+from paygate.server import opening, replies
 from paygate.server.errors import DecryptionFailed, InvalidReplyKey, ReplyKeyNotAllowed
 
 KEY = SoftwareKey.generate()
@@ -29,60 +30,60 @@ BODY = json.dumps({"model": "m"}).encode()
     ],
 )
 def test_media_type(value: str | None, sealed: bool) -> None:
-    assert sealing.is_sealed(value) is sealed
+    assert wire.is_sealed(value) is sealed
 
 
 def test_stream_media_types() -> None:
-    assert sealing.is_stream("text/event-stream; charset=utf-8")
-    assert sealing.is_stream("application/x-ndjson")
-    assert not sealing.is_stream("application/json")
+    assert wire.is_stream("text/event-stream; charset=utf-8")
+    assert wire.is_stream("application/x-ndjson")
+    assert not wire.is_stream("application/json")
 
 
 def test_reply_pubkey_parsing() -> None:
-    assert sealing.parse_reply_pubkey(CALLER.public_key.hex()) == CALLER.public_key
-    assert sealing.parse_reply_pubkey("0x" + CALLER.public_key.hex().upper()) == CALLER.public_key
+    assert opening.parse_reply_pubkey(CALLER.public_key.hex()) == CALLER.public_key
+    assert opening.parse_reply_pubkey("0x" + CALLER.public_key.hex().upper()) == CALLER.public_key
     for bad in ("", "zz", "04" + "00" * 64, CALLER.public_key.hex()[:-2], "é" * 130, "a" * 1000):
         with pytest.raises(InvalidReplyKey):
-            sealing.parse_reply_pubkey(bad)
+            opening.parse_reply_pubkey(bad)
 
 
 async def test_plaintext_and_v1_reply_plan() -> None:
-    opened = await sealing.open_body(
+    opened = await opening.open_body(
         KEY, method="POST", path="/x", content_type="application/json", body=BODY,
         reply_pubkey=CALLER.public_key.hex(),
     )  # fmt: skip
     assert opened.envelope == 0
     assert opened.body == BODY
-    assert opened.reply == sealing.V1Reply(CALLER.public_key)
+    assert opened.reply == opening.V1Reply(CALLER.public_key)
 
 
 async def test_v1_and_v2_open() -> None:
-    opened = await sealing.open_body(
+    opened = await opening.open_body(
         KEY, method="POST", path="/x", content_type=enclave.CONTENT_TYPE,
         body=enclave.seal_v1(KEY.public_key, BODY), reply_pubkey=None,
     )  # fmt: skip
-    assert (opened.envelope, opened.body, opened.reply) == (1, BODY, sealing.PlainReply())
+    assert (opened.envelope, opened.body, opened.reply) == (1, BODY, opening.PlainReply())
     sealed = enclave.seal_v2(KEY.public_key, BODY, method="POST", path="/x")
-    opened = await sealing.open_body(
+    opened = await opening.open_body(
         KEY, method="POST", path="/x", content_type=enclave.CONTENT_TYPE, body=sealed.blob,
         reply_pubkey=None,
     )  # fmt: skip
     assert opened.envelope == 2
     assert opened.body == BODY
-    assert isinstance(opened.reply, sealing.V2Reply)
-    assert enclave.open_reply(sealed.reply, sealing.seal_whole(opened.reply, b"r")) == b"r"
+    assert isinstance(opened.reply, opening.V2Reply)
+    assert enclave.open_reply(sealed.reply, replies.seal_whole(opened.reply, b"r")) == b"r"
 
 
 async def test_v2_with_reply_header_is_refused_and_failures_are_uniform() -> None:
     sealed = enclave.seal_v2(KEY.public_key, BODY, method="POST", path="/x")
     with pytest.raises(ReplyKeyNotAllowed):
-        await sealing.open_body(
+        await opening.open_body(
             KEY, method="POST", path="/x", content_type=enclave.CONTENT_TYPE, body=sealed.blob,
             reply_pubkey=CALLER.public_key.hex(),
         )  # fmt: skip
     for blob, path in ((sealed.blob, "/y"), (b"\x02", "/x"), (b"\x09abc", "/x"), (b"", "/x")):
         with pytest.raises(DecryptionFailed) as info:
-            await sealing.open_body(
+            await opening.open_body(
                 KEY, method="POST", path=path, content_type=enclave.CONTENT_TYPE, body=blob,
                 reply_pubkey=None,
             )  # fmt: skip
@@ -90,6 +91,6 @@ async def test_v2_with_reply_header_is_refused_and_failures_are_uniform() -> Non
 
 
 def test_sealed_headers() -> None:
-    headers = sealing.sealed_headers(sealing.V1Reply(CALLER.public_key), "application/json")
+    headers = replies.sealed_headers(opening.V1Reply(CALLER.public_key), "application/json")
     assert headers["Content-Type"] == enclave.CONTENT_TYPE
     assert headers["X-Paygate-Content-Type"] == "application/json"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from paygate_dev.fake_model import FakeModelServer
 
 from paygate.upstream import relay
-from paygate.upstream.fake_model import FakeModelServer
 
 
 async def test_requests_and_streams_cross_the_relay(tmp_path: Path) -> None:

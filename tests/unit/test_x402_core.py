@@ -22,8 +22,9 @@ from x402.mechanisms.evm.exact import register_exact_evm_client
 from x402.schemas import PaymentRequired as SdkPaymentRequired
 from x402.schemas import PaymentRequiredV1 as SdkPaymentRequiredV1
 
+from paygate.wire import NDJSON, SSE
 from paygate.x402 import codec, eip3009
-from paygate.x402.inband import NDJSON, NDJSON_KEY, SSE, InbandReceiptWriter
+from paygate.x402.inband import NDJSON_KEY, InbandReceiptWriter
 from paygate.x402.models import PaymentPayload, PaymentPayloadV1, ResourceInfo
 from paygate.x402.networks import from_atomic, resolve_network, to_atomic
 from paygate.x402.offers import MAX_CHALLENGE_HEADER, Acceptance, PaymentTerms, challenge

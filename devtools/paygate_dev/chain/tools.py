@@ -10,9 +10,9 @@ import os
 import shutil
 from pathlib import Path
 
-from paygate.devstack import SETUP_HINT, ComponentMissing
+from paygate_dev.stack import SETUP_HINT, ComponentMissing
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 ENV_NODE_MODULES = "PAYGATE_CHAIN_TOOLS"
 ANVIL_RELATIVE = Path("@foundry-rs/anvil-linux-amd64/bin/anvil")
 NPM_HINT = f"npm ci --prefix scripts/chain (Debian: apt-get install nodejs npm); {SETUP_HINT}"

@@ -20,9 +20,10 @@ from eth_typing import ChecksumAddress
 from web3 import Web3
 from web3.contract import Contract as Web3Contract
 
-from paygate.devchain.accounts import ADMIN, DevAccount, dev_accounts
-from paygate.devchain.build import load_contract
-from paygate.devchain.constants import (
+from paygate.errors import PaygateError
+from paygate_dev.chain.accounts import ADMIN, DevAccount, dev_accounts
+from paygate_dev.chain.build import load_contract
+from paygate_dev.chain.constants import (
     CHAIN_ID,
     MULTICALL3_ADDRESS,
     NETWORK,
@@ -32,9 +33,8 @@ from paygate.devchain.constants import (
     USDC_NAME,
     USDC_VERSION,
 )
-from paygate.devchain.tools import anvil_binary
-from paygate.devstack import free_port
-from paygate.errors import PaygateError
+from paygate_dev.chain.tools import anvil_binary
+from paygate_dev.stack import free_port
 
 __all__ = [
     "CHAIN_ID",
@@ -167,7 +167,7 @@ class Anvil:
 
     @property
     def accounts(self) -> tuple[DevAccount, ...]:
-        """anvil's funded dev accounts (see paygate.devchain.accounts for the roles)."""
+        """anvil's funded dev accounts (see paygate_dev.chain.accounts for the roles)."""
         return dev_accounts()
 
     def set_code(self, address: str, runtime_code: str) -> None:

@@ -11,7 +11,7 @@ No image registry is reachable, so images are built here:
 - a busybox image (Debian ``busybox-static``) for egress probes;
 - a Debian ``python3 python3-aiohttp`` root filesystem (``debootstrap``, about a minute, cached
   as a tar under ``~/.cache/paygate/images`` keyed by its recipe), imported, with the FAKE
-  model server (``paygate/upstream/fake_model.py``, run as a script) layered on top: it runs in
+  model server (``devtools/paygate_dev/fake_model.py``, run as a script) layered on top: it runs in
   Ollama's place, on Ollama's port, with Ollama's routes. The same image serves as the relay
   image (it has python3).
 """
@@ -36,9 +36,9 @@ from pathlib import Path
 import docker
 import docker.errors
 
-from paygate.devstack import ComponentMissing, require
 from paygate.errors import PaygateError
-from paygate.upstream import fake_model
+from paygate_dev import fake_model
+from paygate_dev.stack import ComponentMissing, require
 
 START_TIMEOUT = 60.0  # seconds for dockerd to answer (about 1 s here)
 STOP_TIMEOUT = 30.0

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from paygate.devchain.tools import node_binary, solc_module
 from paygate.errors import PaygateError
+from paygate_dev.chain.tools import node_binary, solc_module
 
 CONTRACTS_DIR = Path(__file__).resolve().parent / "contracts"
 ARTIFACT = CONTRACTS_DIR / "build.json"

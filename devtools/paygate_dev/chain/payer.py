@@ -18,7 +18,7 @@ from x402.mechanisms.evm.exact import register_exact_evm_client
 from x402.schemas import PaymentRequired
 from x402.schemas.v1 import PaymentRequiredV1
 
-from paygate.devchain.anvil import NETWORK, NETWORK_V1, USDC_ADDRESS, USDC_NAME, USDC_VERSION
+from paygate_dev.chain.anvil import NETWORK, NETWORK_V1, USDC_ADDRESS, USDC_NAME, USDC_VERSION
 
 DEFAULT_RESOURCE = "http://127.0.0.1/v1/chat/completions"
 

@@ -1,7 +1,12 @@
 """The payment policy of one request, without HTTP: admit (challenge, check, reserve, verify),
 settle exactly once, release what was not earned, and recover after a crash.
 
-The server's adapter (``paygate.server.payment``) turns HTTP headers into calls here and
+*When* a payment settles (after the reply, before it, or never: verify-only) is a
+:class:`paygate.x402.settlement.Settlement` strategy chosen once at start; *who* verifies and
+settles is a :class:`paygate.x402.settler.Settler` (facilitator or chain). Neither is a string
+checked at request time.
+
+The server's adapter (``paygate.server.payments``) turns HTTP headers into calls here and
 :class:`Refusal` into responses. The order of every step is the point of this module:
 
 1. price → no payment header: a 402 challenge (dual-stack);
@@ -24,8 +29,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from paygate import wire
 from paygate.x402 import codec
 from paygate.x402.ledger import (
     AlreadyReserved,
@@ -47,10 +53,11 @@ from paygate.x402.offers import Challenge, Offer, PaymentTerms, challenge
 from paygate.x402.settler import SettlementUnknown, Settler, SettlerUnavailable
 from paygate.x402.verify import PaymentRejected, check_authorization, match_offer
 
+if TYPE_CHECKING:
+    from paygate.x402.settlement import Settlement
+
 log = logging.getLogger("paygate.x402")
 
-PaymentMode = Literal["facilitator", "chain", "verify-only"]
-SettleTiming = Literal["after", "upfront"]
 PENDING = "settlement_pending"
 _IN_PROGRESS = (
     PaymentState.RESERVED,
@@ -83,7 +90,7 @@ class Receipt:
 
     @property
     def header(self) -> str:
-        return codec.PAYMENT_RESPONSE if self.version == 2 else codec.X_PAYMENT_RESPONSE
+        return wire.PAYMENT_RESPONSE if self.version == 2 else wire.X_PAYMENT_RESPONSE
 
     def encoded(self) -> str:
         return codec.encode(self.response)
@@ -119,20 +126,20 @@ class PaymentProcessor:
         terms: PaymentTerms,
         ledger: Ledger,
         settler: Settler,
-        mode: PaymentMode,
-        settle_timing: SettleTiming = "after",
+        settlement: Settlement,
         settle_on_disconnect: bool = True,
         skew_seconds: int = 5,
+        min_remaining_seconds: float = 0.0,
         retry_after_seconds: int = 1,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.terms = terms
         self._ledger = ledger
         self._settler = settler
-        self._mode = mode
-        self._timing = settle_timing
+        self._settlement = settlement
         self._settle_on_disconnect = settle_on_disconnect
         self._skew = skew_seconds
+        self._min_remaining = min_remaining_seconds
         self._retry_after = str(retry_after_seconds)
         self._clock = clock
         self._background: set[asyncio.Task[Any]] = set()
@@ -154,16 +161,16 @@ class PaymentProcessor:
         offers = self.terms.offers(price)
         raw, header = _payment_header(headers)
         if raw is None:
-            return self._challenge(402, "payment_required", "payment required", offers, resource)
+            return self.challenge(402, "payment_required", "payment required", offers, resource)
         try:
             payment = codec.decode_payment(raw, header=header)
             key = payment.payment_identifier
         except codec.PaymentHeaderError as exc:
-            return self._challenge(400, "invalid_payment", str(exc), offers, resource)
+            return self.challenge(400, "invalid_payment", str(exc), offers, resource)
         except ValueError as exc:
-            return self._challenge(400, "invalid_payment", str(exc), offers, resource)
+            return self.challenge(400, "invalid_payment", str(exc), offers, resource)
         if key is None and self.terms.require_payment_identifier and payment.x402_version == 2:
-            return self._challenge(
+            return self.challenge(
                 400,
                 "invalid_payment",
                 "the payment-identifier extension is required",
@@ -172,9 +179,15 @@ class PaymentProcessor:
             )
         try:
             offer = match_offer(payment, offers)
-            check_authorization(payment, offer, now=int(self._clock()), skew=self._skew)
+            check_authorization(
+                payment,
+                offer,
+                now=int(self._clock()),
+                skew=self._skew,
+                min_remaining=self._min_remaining,
+            )
         except PaymentRejected as exc:
-            return self._challenge(402, exc.reason, str(exc), offers, resource)
+            return self.challenge(402, exc.reason, str(exc), offers, resource)
         requirements = _requirements(payment, offer, resource)
         try:
             record = await self._reserve(payment, offer, requirements, route, key)
@@ -187,9 +200,9 @@ class PaymentProcessor:
                 "this payment-identifier belongs to another payment",
             )
         except LedgerUnavailable:
-            return self._unavailable("ledger_unavailable", "the payment ledger is unavailable")
+            return self.unavailable("ledger_unavailable", "the payment ledger is unavailable")
         except ValueError as exc:  # the ledger's own input checks; the models passed it
-            return self._challenge(400, "invalid_payment", str(exc), offers, resource)
+            return self.challenge(400, "invalid_payment", str(exc), offers, resource)
         admission = Admission(
             price=price, record=record, payment=payment, requirements=requirements
         )
@@ -227,33 +240,31 @@ class PaymentProcessor:
         try:
             answer = await self._settler.verify(admission.payment, admission.requirements)
         except SettlerUnavailable as exc:
-            await self._release(record)
-            return self._unavailable("payment_verifier_unavailable", str(exc))
+            await self.release(record)
+            return self.unavailable("payment_verifier_unavailable", str(exc))
         if not answer.is_valid:
-            await self._release(record)
+            await self.release(record)
             reason = answer.invalid_reason or "invalid_payload"
-            return self._challenge(402, reason, _reason_text(reason), offers, resource)
+            return self.challenge(402, reason, _reason_text(reason), offers, resource)
         try:
             admission.record = await self._ledger.transition(record.id, PaymentState.VERIFIED)
         except LedgerError:
-            await self._release(record)
-            return self._unavailable("ledger_unavailable", "the payment ledger is unavailable")
-        if self._timing == "upfront" and self._mode != "verify-only":
-            return await self._settle_upfront(admission, offers, resource)
-        return admission
+            await self.release(record)
+            return self.unavailable("ledger_unavailable", "the payment ledger is unavailable")
+        return await self._settlement.verified(self, admission, offers, resource)
 
-    async def _settle_upfront(
+    async def settle_upfront(
         self, admission: Admission, offers: tuple[Offer, ...], resource: ResourceInfo
     ) -> Admission | Refusal:
-        receipt = await self._settle_now(admission)
+        receipt = await self.settle_now(admission)
         if receipt is None or receipt.withhold:
             reason = receipt.response.error_reason if receipt else "unexpected_settle_error"
             reason = reason or "unexpected_settle_error"
-            return self._challenge(402, reason, _reason_text(reason), offers, resource)
+            return self.challenge(402, reason, _reason_text(reason), offers, resource)
         if not receipt.response.success:
             # Outcome unknown: do not serve on a maybe. The same authorization, sent again
             # once reconciled, is served then (see _replayed).
-            return self._unavailable(PENDING, "the settlement is pending; retry shortly")
+            return self.unavailable(PENDING, "the settlement is pending; retry shortly")
         admission.receipt = receipt
         return admission
 
@@ -272,7 +283,7 @@ class PaymentProcessor:
                 "this payment is already being used by another request",
                 headers={"Retry-After": self._retry_after},
             )
-        if record.state is PaymentState.SETTLED and self._timing == "upfront" and not record.served:
+        if self._settlement.serves_again(record):
             # Upfront settlement whose answer came too late for its own request: the caller
             # paid, so the same authorization sent again is served (once: finish marks it).
             return Admission(
@@ -286,7 +297,7 @@ class PaymentProcessor:
         if record.state is PaymentState.SETTLED:
             receipt = Receipt(record.x402_version, _record_receipt(record))
             headers[receipt.header] = receipt.encoded()
-        return self._challenge(
+        return self.challenge(
             402,
             "invalid_exact_evm_nonce_already_used",
             "this payment authorization was already used",
@@ -305,12 +316,7 @@ class PaymentProcessor:
         """
         if not admission.paid or admission.receipt is not None:
             return admission.receipt
-        if self._mode == "verify-only":
-            await self._mark_served(admission)
-            return None
-        if admission.settle_task is None:
-            admission.settle_task = self._spawn(self._settle_after(admission))
-        return await asyncio.shield(admission.settle_task)
+        return await self._settlement.reply_ready(self, admission)
 
     async def finish(self, admission: Admission, *, succeeded: bool, caller_gone: bool) -> None:
         """The request is over: release an unearned reservation, or settle what is owed.
@@ -321,19 +327,14 @@ class PaymentProcessor:
         if admission.finished or not admission.paid:
             return
         admission.finished = True
-        record = admission.record
-        assert record is not None
-        if admission.receipt is not None or admission.settle_task is not None:
-            if self._timing == "upfront":
-                await self._mark_served(admission)
-            return
         earned = succeeded and (not caller_gone or self._settle_on_disconnect)
-        if earned and self._mode != "verify-only":
+        await self._settlement.finished(self, admission, earned=earned)
+
+    def settle_in_background(self, admission: Admission) -> asyncio.Task[Receipt | None]:
+        """The admission's settlement task, started once (SERVED → SETTLING → outcome)."""
+        if admission.settle_task is None:
             admission.settle_task = self._spawn(self._settle_after(admission))
-        elif earned:
-            await self._mark_served(admission)
-        else:
-            await self._release(record)
+        return admission.settle_task
 
     async def _settle_after(self, admission: Admission) -> Receipt | None:
         record = admission.record
@@ -343,9 +344,9 @@ class PaymentProcessor:
         except LedgerError as exc:
             log.error("payment %s: cannot record SERVED: %s", record.id, exc.code)
             return None
-        return await self._settle_now(admission)
+        return await self.settle_now(admission)
 
-    async def _settle_now(self, admission: Admission) -> Receipt | None:
+    async def settle_now(self, admission: Admission) -> Receipt | None:
         """SETTLING (durable) → settle → SETTLED | FAILED | still SETTLING (reconcile later)."""
         record = admission.record
         payment = admission.payment
@@ -417,7 +418,7 @@ class PaymentProcessor:
         their callers can retry; returns how many."""
         stale = await self._ledger.stale_reservations(older_than)
         for record in stale:
-            await self._release(record)
+            await self.release(record)
         return len(stale)
 
     async def reconcile_once(self, *, min_age: float) -> int:
@@ -448,7 +449,7 @@ class PaymentProcessor:
             requirements=json.loads(record.requirements),
         )
         if record.state is PaymentState.SERVED:
-            await self._settle_now(admission)
+            await self.settle_now(admission)
             return
         try:
             answer = await self._settler.reconcile(
@@ -461,17 +462,19 @@ class PaymentProcessor:
 
     # --- helpers ---
 
-    async def _release(self, record: PaymentRecord) -> None:
+    async def release(self, record: PaymentRecord) -> None:
         try:
             await self._ledger.transition(record.id, PaymentState.RELEASED)
         except LedgerError as exc:
             log.warning("payment %s: cannot release: %s", record.id, exc.code)
 
-    async def _mark_served(self, admission: Admission) -> None:
+    async def mark_served(self, admission: Admission) -> None:
+        """Record that the reply went out; a payment never settled here (verify-only) moves
+        VERIFIED → SERVED first."""
         record = admission.record
         assert record is not None
         try:
-            if self._mode == "verify-only" and record.state is PaymentState.VERIFIED:
+            if record.state is PaymentState.VERIFIED:
                 admission.record = await self._ledger.transition(record.id, PaymentState.SERVED)
             admission.record = await self._ledger.mark_served(record.id)
         except LedgerError as exc:
@@ -488,7 +491,7 @@ class PaymentProcessor:
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout)
 
-    def _challenge(
+    def challenge(
         self,
         status: int,
         code: str,
@@ -511,15 +514,15 @@ class PaymentProcessor:
             headers or {},
         )
 
-    def _unavailable(self, code: str, message: str) -> Refusal:
+    def unavailable(self, code: str, message: str) -> Refusal:
         return Refusal(503, code, message, headers={"Retry-After": self._retry_after})
 
 
 def _payment_header(headers: Mapping[str, str]) -> tuple[str | None, str]:
-    value = headers.get(codec.PAYMENT_SIGNATURE)
+    value = headers.get(wire.PAYMENT_SIGNATURE)
     if value is not None:
-        return value, codec.PAYMENT_SIGNATURE
-    return headers.get(codec.X_PAYMENT), codec.X_PAYMENT
+        return value, wire.PAYMENT_SIGNATURE
+    return headers.get(wire.X_PAYMENT), wire.X_PAYMENT
 
 
 def _requirements(

@@ -18,10 +18,10 @@ from typing import Any, Self
 
 import httpx
 
-from paygate.devchain.anvil import NETWORK
-from paygate.devchain.faults import Fault
-from paygate.devstack import free_port
 from paygate.errors import PaygateError
+from paygate_dev.chain.anvil import NETWORK
+from paygate_dev.chain.faults import Fault
+from paygate_dev.stack import free_port
 
 START_TIMEOUT = 20.0  # seconds: the child imports web3 and the SDK before it listens
 STOP_TIMEOUT = 5.0
@@ -30,7 +30,7 @@ CONTROL_TIMEOUT = 5.0
 
 @dataclass
 class FacilitatorProcess:
-    """``python -m paygate.devchain.facilitator`` on 127.0.0.1, owned (and stopped) by PID."""
+    """``python -m paygate_dev.chain.facilitator`` on 127.0.0.1, owned (and stopped) by PID."""
 
     rpc_url: str
     private_key: str = field(repr=False)
@@ -64,7 +64,7 @@ class FacilitatorProcess:
             out.write(self.private_key)
         self.port = self.port or free_port()
         cmd = [
-            sys.executable, "-m", "paygate.devchain.facilitator",
+            sys.executable, "-m", "paygate_dev.chain.facilitator",
             "--rpc-url", self.rpc_url, "--port", str(self.port), "--key-file", str(key_file),
             "--network", self.network, "--confirmation-timeout", str(self.confirmation_timeout),
         ]  # fmt: skip

@@ -1,4 +1,6 @@
-"""Glue between HTTP and :mod:`enclave`: which envelope a request uses and how its reply is sealed.
+"""The open stage: which envelope a request uses, its plaintext, and how its reply is sealed.
+
+One entry, :func:`open_body`, between admission and forwarding.
 
 - Request: ``Content-Type: application/x-obol-encrypted`` (parameters tolerated) means sealed;
   the first body byte picks v1 or v2. v2 is opened bound to the method and the path (no query).
@@ -10,7 +12,10 @@ Every defect of a sealed body is the one uniform :class:`DecryptionFailed`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from aiohttp import web
 
 import enclave
 from enclave import (
@@ -20,9 +25,9 @@ from enclave import (
     KeyBackend,
     KeyBackendError,
     ReplyKeys,
-    ReplySealer,
     p256,
 )
+from paygate import wire
 from paygate.server.errors import (
     DecryptionFailed,
     InvalidReplyKey,
@@ -30,27 +35,7 @@ from paygate.server.errors import (
     ReplyKeyNotAllowed,
 )
 
-SEALED_MEDIA_TYPE = enclave.CONTENT_TYPE
-REPLY_PUBKEY_HEADER = "X-Obol-Reply-Pubkey"
-ORIGINAL_TYPE_HEADER = "X-Paygate-Content-Type"
-ENVELOPE_HEADER = "X-Paygate-Envelope"
-STREAM_MEDIA_TYPES = frozenset({"text/event-stream", "application/x-ndjson"})
 _MAX_PUBKEY_HEADER = 200  # 130 hex digits plus slack for "0x" and spaces
-
-
-def media_type(content_type: str | None) -> str:
-    """The bare, lower-case media type of a Content-Type value (``charset`` etc. dropped)."""
-    if not content_type:
-        return ""
-    return content_type.split(";", 1)[0].strip().lower()
-
-
-def is_sealed(content_type: str | None) -> bool:
-    return media_type(content_type) == SEALED_MEDIA_TYPE
-
-
-def is_stream(content_type: str | None) -> bool:
-    return media_type(content_type) in STREAM_MEDIA_TYPES
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +93,7 @@ async def open_body(
     The key backend may block (PKCS#11, TPM), so opening runs in the default executor.
     """
     v1_reply = parse_reply_pubkey(reply_pubkey) if reply_pubkey is not None else None
-    if not is_sealed(content_type):
+    if not wire.is_sealed(content_type):
         return OpenedBody(body, 0, V1Reply(v1_reply) if v1_reply else PlainReply())
     version = enclave.envelope_version(body)
     if version == 2 and v1_reply is not None:
@@ -132,24 +117,21 @@ def _open_v2(key: KeyBackend, body: bytes, method: str, path: str) -> enclave.Op
     return enclave.open_v2(key, body, method=method, path=path)
 
 
-def seal_whole(plan: V1Reply | V2Reply, body: bytes) -> bytes:
-    """A whole (non-streamed) reply as one sealed message of the plan's envelope."""
-    if isinstance(plan, V1Reply):
-        return enclave.seal_v1(plan.public_key, body)
-    return enclave.seal_reply(plan.keys, body)
+class Opener:
+    """The open stage for the gateway: the key backend, and the envelope count per request."""
 
+    def __init__(self, key: KeyBackend, on_opened: Callable[[int], None]) -> None:
+        self._key = key
+        self._on_opened = on_opened
 
-def stream_sealer(plan: V2Reply) -> ReplySealer:
-    """A frame-by-frame sealer for a streamed v2 reply (``seal`` each chunk, ``finish`` once)."""
-    return plan.keys.sealer()
-
-
-def sealed_headers(plan: V1Reply | V2Reply, original_content_type: str | None) -> dict[str, str]:
-    """Headers of a sealed reply: the sealed media type, and the plaintext's for the client."""
-    headers = {
-        "Content-Type": SEALED_MEDIA_TYPE,
-        ENVELOPE_HEADER: "v1" if isinstance(plan, V1Reply) else "v2",
-    }
-    if original_content_type:
-        headers[ORIGINAL_TYPE_HEADER] = original_content_type
-    return headers
+    async def open(self, request: web.Request, body: bytes) -> OpenedBody:
+        opened = await open_body(
+            self._key,
+            method=request.method,
+            path=request.path,
+            content_type=request.headers.get("Content-Type"),
+            body=body,
+            reply_pubkey=request.headers.get(wire.REPLY_PUBKEY_HEADER),
+        )
+        self._on_opened(opened.envelope)
+        return opened

@@ -8,7 +8,7 @@ production serving.
 - :func:`sign_v2_payment` / :func:`sign_v1_payment`: payments signed by the SDK's paying client.
 
 The facilitator and payer parts need the x402 SDK (the ``dev`` extra). Every name is imported on
-first use, so ``import paygate.devchain`` is cheap and needs neither web3 nor the SDK.
+first use, so ``import paygate_dev.chain`` is cheap and needs neither web3 nor the SDK.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from paygate.devchain.constants import (
+from paygate_dev.chain.constants import (
     CHAIN_ID,
     MULTICALL3_ADDRESS,
     NETWORK,
@@ -28,12 +28,12 @@ from paygate.devchain.constants import (
 )
 
 if TYPE_CHECKING:
-    from paygate.devchain.accounts import DevAccount, dev_accounts, new_account
-    from paygate.devchain.anvil import Anvil, AnvilError, start_anvil
-    from paygate.devchain.facilitator import FacilitatorServer, FacilitatorSettings
-    from paygate.devchain.facilitator_process import FacilitatorProcess
-    from paygate.devchain.faults import FacilitatorStats, Fault, FaultControls
-    from paygate.devchain.payer import (
+    from paygate_dev.chain.accounts import DevAccount, dev_accounts, new_account
+    from paygate_dev.chain.anvil import Anvil, AnvilError, start_anvil
+    from paygate_dev.chain.facilitator import FacilitatorServer, FacilitatorSettings
+    from paygate_dev.chain.facilitator_process import FacilitatorProcess
+    from paygate_dev.chain.faults import FacilitatorStats, Fault, FaultControls
+    from paygate_dev.chain.payer import (
         encode_header,
         facilitator_request,
         requirements_v1,
@@ -44,24 +44,24 @@ if TYPE_CHECKING:
 
 # Imported on first use: web3 and the x402 SDK take a second or two to import.
 _LAZY = {
-    "DevAccount": "paygate.devchain.accounts",
-    "dev_accounts": "paygate.devchain.accounts",
-    "new_account": "paygate.devchain.accounts",
-    "Anvil": "paygate.devchain.anvil",
-    "AnvilError": "paygate.devchain.anvil",
-    "start_anvil": "paygate.devchain.anvil",
-    "FacilitatorServer": "paygate.devchain.facilitator",
-    "FacilitatorSettings": "paygate.devchain.facilitator",
-    "FacilitatorProcess": "paygate.devchain.facilitator_process",
-    "FacilitatorStats": "paygate.devchain.faults",
-    "Fault": "paygate.devchain.faults",
-    "FaultControls": "paygate.devchain.faults",
-    "encode_header": "paygate.devchain.payer",
-    "facilitator_request": "paygate.devchain.payer",
-    "requirements_v1": "paygate.devchain.payer",
-    "requirements_v2": "paygate.devchain.payer",
-    "sign_v1_payment": "paygate.devchain.payer",
-    "sign_v2_payment": "paygate.devchain.payer",
+    "DevAccount": "paygate_dev.chain.accounts",
+    "dev_accounts": "paygate_dev.chain.accounts",
+    "new_account": "paygate_dev.chain.accounts",
+    "Anvil": "paygate_dev.chain.anvil",
+    "AnvilError": "paygate_dev.chain.anvil",
+    "start_anvil": "paygate_dev.chain.anvil",
+    "FacilitatorServer": "paygate_dev.chain.facilitator",
+    "FacilitatorSettings": "paygate_dev.chain.facilitator",
+    "FacilitatorProcess": "paygate_dev.chain.facilitator_process",
+    "FacilitatorStats": "paygate_dev.chain.faults",
+    "Fault": "paygate_dev.chain.faults",
+    "FaultControls": "paygate_dev.chain.faults",
+    "encode_header": "paygate_dev.chain.payer",
+    "facilitator_request": "paygate_dev.chain.payer",
+    "requirements_v1": "paygate_dev.chain.payer",
+    "requirements_v2": "paygate_dev.chain.payer",
+    "sign_v1_payment": "paygate_dev.chain.payer",
+    "sign_v2_payment": "paygate_dev.chain.payer",
 }
 
 __all__ = [

@@ -8,7 +8,7 @@ GET /supported. The SDK's EVM code is synchronous web3, so every call runs on a 
 a timeout. Loopback control endpoints (``/_control/...``) flip faults from another process.
 
 Run in-process with :class:`FacilitatorServer` (its own thread and event loop), or as a process:
-``python -m paygate.devchain.facilitator --rpc-url URL --port P --key-file F``.
+``python -m paygate_dev.chain.facilitator --rpc-url URL --port P --key-file F``.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from x402.mechanisms.evm.exact import register_exact_evm_facilitator
 from x402.schemas import SettleResponse, VerifyResponse
 from x402.schemas.helpers import parse_payment_payload, parse_payment_requirements
 
-from paygate.devchain.anvil import NETWORK
-from paygate.devchain.faults import FacilitatorStats, Fault, FaultControls, FaultError
 from paygate.errors import PaygateError
+from paygate_dev.chain.anvil import NETWORK
+from paygate_dev.chain.faults import FacilitatorStats, Fault, FaultControls, FaultError
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +422,7 @@ class FacilitatorServer:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m paygate.devchain.facilitator",
+        prog="python -m paygate_dev.chain.facilitator",
         description="dev x402 facilitator on 127.0.0.1 (tests and demo only)",
     )
     parser.add_argument("--rpc-url", required=True)

@@ -29,10 +29,10 @@ from aiohttp import web
 
 import enclave
 from enclave import DecryptionError, KeyBackend, SoftwareKey
-from paygate import devstack
 from paygate.config import load_settings
 from paygate.server.app import build_app
-from paygate.upstream.fake_model import FakeModelServer
+from paygate_dev import stack as devstack
+from paygate_dev.fake_model import FakeModelServer
 
 PROMPT = b'{"model":"demo","messages":[{"role":"user","content":"Is this private?"}],"stream":true}'
 REPLY_CHUNKS = [
@@ -181,9 +181,9 @@ async def _gateway_demo(key: KeyBackend) -> None:
 
 
 async def _payments_demo(key: KeyBackend, workdir: Path) -> None:
-    from paygate.devchain.accounts import FACILITATOR, new_account
-    from paygate.devchain.anvil import start_anvil
-    from paygate.devchain.facilitator import FacilitatorServer, FacilitatorSettings
+    from paygate_dev.chain.accounts import FACILITATOR, new_account
+    from paygate_dev.chain.anvil import start_anvil
+    from paygate_dev.chain.facilitator import FacilitatorServer, FacilitatorSettings
 
     chain = start_anvil(workdir / "anvil.log")
     facilitator = FacilitatorServer(

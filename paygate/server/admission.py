@@ -1,0 +1,117 @@
+"""The admission stage: limits and payment, in the order that keeps unpaid callers from
+starving paid ones. One entry: ``async with admission.admit(request, route) as admitted``.
+
+1. A paid route that needs a sealed body refuses plaintext (415) from the headers.
+2. When the price does not depend on the body (the usual case), the payment step runs on the
+   headers alone: no payment header → the 402 challenge at once, without reading a byte of
+   the body; a payment → local checks, reservation, verification. Only then is the body read,
+   in the *admitted* pool.
+3. When the price depends on the body (model prices), the body is read first — in the tight
+   *unverified* pool (``unpaid_body_slots`` in all, ``per_ip_body_slots`` per client address,
+   the first bytes within ``body_first_byte_timeout``) — and, if sealed, opened under a global
+   cap (``unpaid_open_slots``) so that floods cannot monopolise the TPM/HSM; then payment.
+4. Every body read holds a per-address slot too: one address cannot exhaust another's share.
+
+The upstream concurrency slot is taken by the gateway only after admission. Refusals from a
+full pool are immediate (429 per address, 503 in all), never a queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from paygate import wire
+from paygate.server.errors import EncryptionRequired, TooManyUploads, UploadsBusy
+from paygate.server.forwarded import Network, client_address
+from paygate.server.limits import PerAddressSlots, Slots, read_body
+from paygate.server.opening import OpenedBody, Opener
+from paygate.server.payments import PaymentStep, Ticket
+from paygate.server.routes import Route
+from paygate.x402.pricing import model_of
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionLimits:
+    """The admission settings, fixed at start."""
+
+    max_body_bytes: int
+    body_read_timeout: float
+    body_first_byte_timeout: float
+    body_slots: int
+    unpaid_body_slots: int
+    per_ip_body_slots: int
+    unpaid_open_slots: int
+    require_encryption: bool
+    retry_after_seconds: int
+    trusted_proxies: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """What admission produced: the payment ticket and the body, opened if pricing needed it."""
+
+    ticket: Ticket
+    body: bytes = field(repr=False)
+    client: str
+    opened: OpenedBody | None = None
+
+
+class Admission:
+    """Limits and payment for one request (see the module docstring for the order)."""
+
+    def __init__(self, limits: AdmissionLimits, payments: PaymentStep, opener: Opener) -> None:
+        retry = {"Retry-After": str(limits.retry_after_seconds)}
+        self._limits = limits
+        self._payments = payments
+        self._opener = opener
+        self._admitted_bodies = Slots(limits.body_slots, lambda: UploadsBusy(headers=retry))
+        self._unverified_bodies = Slots(
+            limits.unpaid_body_slots, lambda: UploadsBusy(headers=retry)
+        )
+        self._per_address = PerAddressSlots(
+            limits.per_ip_body_slots, lambda: TooManyUploads(headers=retry)
+        )
+        self._unverified_opens = Slots(limits.unpaid_open_slots, lambda: UploadsBusy(headers=retry))
+
+    @contextlib.asynccontextmanager
+    async def admit(self, request: web.Request, route: Route) -> AsyncIterator[Admitted]:
+        limits = self._limits
+        client = client_address(
+            request.remote,
+            request.headers.getall("X-Forwarded-For", []),
+            limits.trusted_proxies,
+        )
+        if (
+            limits.require_encryption
+            and route.paid
+            and request.body_exists
+            and not wire.is_sealed(request.headers.get("Content-Type"))
+        ):
+            raise EncryptionRequired
+        if route.paid and self._payments.needs_model:
+            # The price needs the body's model: read and open it before payment, tightly bounded.
+            body = await self._read(request, client, self._unverified_bodies)
+            with self._unverified_opens.slot():
+                opened = await self._opener.open(request, body)
+            async with self._payments.admit(request, route, model=model_of(opened.body)) as ticket:
+                yield Admitted(ticket, body, client, opened)
+            return
+        async with self._payments.admit(request, route) as ticket:
+            body = await self._read(request, client, self._admitted_bodies)
+            yield Admitted(ticket, body, client)
+
+    async def _read(self, request: web.Request, client: str, pool: Slots) -> bytes:
+        if not request.body_exists:
+            return b""
+        limits = self._limits
+        with self._per_address.slot(client), pool.slot():
+            return await read_body(
+                request,
+                limit=limits.max_body_bytes,
+                timeout=limits.body_read_timeout,
+                first_byte=limits.body_first_byte_timeout,
+            )

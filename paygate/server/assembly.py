@@ -1,0 +1,197 @@
+"""Part of the app factory: settings → the payment step's objects (terms, prices, settler,
+settlement strategy, ledger, reconciler). With ``paygate.server.app``, the only server module
+that reads :class:`~paygate.config.Settings`; everything it builds takes explicit arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from paygate.config import ConfigError, Settings
+from paygate.server.payments import NoPayments, PaymentStep, X402Payments
+from paygate.x402.chain import ChainSettler
+from paygate.x402.facilitator import FacilitatorSettler
+from paygate.x402.ledger import Ledger
+from paygate.x402.networks import Asset, UnknownNetwork, resolve_network
+from paygate.x402.offers import Acceptance, PaymentTerms
+from paygate.x402.pricing import PricePolicy
+from paygate.x402.processor import PaymentProcessor
+from paygate.x402.settlement import SettleAfterReply, Settlement, SettleUpfront, VerifyOnly
+from paygate.x402.settler import Settler
+from paygate.x402.verify import MIN_REMAINING_SECONDS
+
+log = logging.getLogger("paygate.server")
+
+
+def payment_terms(settings: Settings) -> PaymentTerms:
+    """The seller's terms from the settings; ConfigError names what is missing."""
+    if not settings.pay_to:
+        raise ConfigError("payments need pay_to (PAYGATE_PAY_TO): the wallet that is paid")
+    accepted = []
+    for name in settings.network:
+        try:
+            network = resolve_network(name)
+        except UnknownNetwork as exc:
+            raise ConfigError(str(exc)) from None
+        if settings.asset_address:
+            asset = Asset(
+                address=settings.asset_address,
+                name=settings.asset_name or "",
+                version=settings.asset_version or "",
+                decimals=settings.asset_decimals,
+            )
+        elif network.usdc is not None:
+            asset = network.usdc
+        else:
+            raise ConfigError(f"network {name!r} has no USDC in the table: set asset_address")
+        accepted.append(Acceptance(network=network, asset=asset))
+    if not accepted:
+        raise ConfigError("payments need at least one network (PAYGATE_NETWORK)")
+    return PaymentTerms(
+        pay_to=settings.pay_to,
+        accepted=tuple(accepted),
+        max_timeout_seconds=settings.max_timeout_seconds,
+        description=settings.payment_description,
+        require_payment_identifier=settings.require_payment_identifier,
+    )
+
+
+def price_policy(settings: Settings) -> PricePolicy:
+    return PricePolicy(
+        default=settings.price,
+        routes=dict(settings.route_prices),
+        models=dict(settings.model_prices),
+        per_million_tokens=settings.price_per_million_tokens,
+        token_estimate=settings.token_estimate,
+    )
+
+
+def check_payment_settings(settings: Settings) -> None:
+    """Refuse at startup, before anything listens, a payment mode that cannot work."""
+    if settings.payment_mode == "off":
+        return
+    payment_terms(settings)
+    if settings.payment_mode in ("facilitator", "verify-only") and not settings.facilitator_url:
+        raise ConfigError(
+            f"payment_mode {settings.payment_mode} needs facilitator_url (PAYGATE_FACILITATOR_URL)"
+        )
+    if settings.payment_mode == "chain":
+        if not settings.chain_rpc_url:
+            raise ConfigError("payment_mode chain needs chain_rpc_url (PAYGATE_CHAIN_RPC_URL)")
+        if settings.secret("gas_key") is None:
+            raise ConfigError("payment_mode chain needs gas_key or gas_key_file (PAYGATE_GAS_KEY)")
+
+
+def settler_for(settings: Settings, session: aiohttp.ClientSession) -> Settler:
+    if settings.payment_mode == "chain":
+        gas_key = settings.secret("gas_key")
+        assert gas_key is not None  # check_payment_settings ran first
+        assert settings.chain_rpc_url is not None
+        try:
+            return ChainSettler(
+                settings.chain_rpc_url,
+                gas_key,
+                timeout=settings.facilitator_timeout,
+                settle_timeout=settings.settle_timeout,
+            )
+        except ValueError:
+            raise ConfigError("gas_key is not a valid private key") from None
+    assert settings.facilitator_url is not None
+    return FacilitatorSettler(
+        session,
+        settings.facilitator_url,
+        timeout=settings.facilitator_timeout,
+        settle_timeout=settings.settle_timeout,
+    )
+
+
+def settlement_for(settings: Settings) -> Settlement:
+    """When payments settle: chosen once here, never a string checked per request."""
+    if settings.payment_mode == "verify-only":
+        return VerifyOnly()
+    if settings.settle_timing == "upfront":
+        return SettleUpfront()
+    return SettleAfterReply()
+
+
+def x402_payments(settings: Settings, *, ledger: Ledger, settler: Settler) -> X402Payments:
+    processor = PaymentProcessor(
+        terms=payment_terms(settings),
+        ledger=ledger,
+        settler=settler,
+        settlement=settlement_for(settings),
+        settle_on_disconnect=settings.settle_on_disconnect,
+        skew_seconds=settings.clock_skew_seconds,
+        # Room to serve for a few seconds and still settle before the authorization expires.
+        min_remaining_seconds=settings.settle_margin_seconds + MIN_REMAINING_SECONDS,
+        retry_after_seconds=settings.retry_after_seconds,
+    )
+    return X402Payments(
+        processor,
+        price_policy(settings),
+        public_url=settings.public_url,
+        description=settings.payment_description,
+    )
+
+
+@contextlib.asynccontextmanager
+async def payment_step(
+    settings: Settings, session: aiohttp.ClientSession
+) -> AsyncIterator[PaymentStep]:
+    """The configured payment step, with its ledger, settler and reconciler.
+
+    At start, reservations a previous run left (it died before serving) are released at once,
+    so their callers can retry; settlements owed or in doubt are resumed in the background,
+    then re-checked every ``reconcile_interval_seconds``.
+    """
+    if settings.payment_mode == "off":
+        yield NoPayments()
+        return
+    from paygate.x402.ledger_sqlite import SqliteLedger
+
+    ledger = await SqliteLedger.open(settings.ledger_path)
+    settler = settler_for(settings, session)
+    try:
+        payments = x402_payments(settings, ledger=ledger, settler=settler)
+        processor = payments.processor
+        released = await processor.release_stale(older_than=0.0)
+        if released:
+            log.info("released %d reservations left by an earlier run", released)
+        reconciler = asyncio.get_running_loop().create_task(
+            _reconcile_forever(
+                processor,
+                interval=settings.reconcile_interval_seconds,
+                busy_for=settings.settle_timeout + settings.facilitator_timeout,
+            )
+        )
+        try:
+            yield payments
+        finally:
+            reconciler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reconciler
+            await payments.close(settings.shutdown_grace_seconds)
+    finally:
+        await settler.close()
+        await ledger.close()
+
+
+async def _reconcile_forever(
+    processor: PaymentProcessor, *, interval: float, busy_for: float
+) -> None:
+    min_age = 0.0  # the first pass takes everything a previous run left
+    while True:
+        try:
+            touched = await processor.reconcile_once(min_age=min_age)
+            if touched:
+                log.info("reconciled %d payments", touched)
+        except Exception as exc:  # keep reconciling: one bad pass must not end the loop
+            log.error("reconcile pass failed: %s", type(exc).__name__)
+        # Later passes leave alone what another request is settling right now.
+        min_age = busy_for
+        await asyncio.sleep(interval)

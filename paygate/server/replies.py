@@ -1,0 +1,315 @@
+"""The reply stage: one entry, :meth:`Replies.send`, from the upstream's reply to the caller.
+
+A reply goes one of two ways, chosen once from the reply plan (plain | v1 | v2), the
+upstream's media type and whether a payment settles:
+
+- **whole**: read (bounded), settled first when paid, then sent with its receipt header —
+  v1 always, v2 when the upstream did not stream, and paid plaintext (which must not leave
+  before its settlement). A paid request whose upstream failed is released before its error
+  goes out.
+- **stream**: relayed chunk by chunk as it arrives through a chain of :class:`BodyTransform`
+  (today: the in-band payment receipt, then the v2 frame sealer). A new concern — a usage
+  meter, a receipt signer — is one more transform, not a new branch.
+
+``write`` waits for the socket to drain, so a slow reader slows the upstream read
+(backpressure) instead of growing a buffer here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+import enclave
+from enclave import ReplySealer
+from paygate import wire
+from paygate.server.errors import GatewayError, ReplyTooLarge
+from paygate.server.opening import PlainReply, ReplyPlan, V1Reply, V2Reply
+from paygate.server.payments import Ticket, receipt_headers, settlement_failed_response
+from paygate.server.proxy import UpstreamReply
+from paygate.x402.inband import InbandReceiptWriter
+from paygate.x402.processor import Receipt
+
+log = logging.getLogger("paygate.server")
+
+# Validators of the plaintext that a sealed reply would make stale or misleading.
+_SEALED_DROPPED = ("etag", "content-md5", "digest", "content-type")
+AUTHORIZATION_EXPIRING = "authorization_expiring"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyLimits:
+    """The reply settings, fixed at start."""
+
+    max_sealed_reply_bytes: int
+    max_plain_reply_bytes: int
+    settle_margin_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """What is known when a stream's body ends, for the transforms' last bytes."""
+
+    receipt: Receipt | None = None
+    error: str | None = None  # an in-band error code: the stream was ended early on purpose
+
+
+class BodyTransform(Protocol):
+    """One step of a streamed reply's body pipeline (sans-IO)."""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """What to pass on now for ``chunk`` (may be empty: held back)."""
+        ...
+
+    def finish(self, tail: bytes, end: StreamEnd) -> bytes:
+        """The last bytes, given the previous transform's last bytes ``tail``."""
+        ...
+
+
+class InbandReceipt:
+    """The payment receipt at the end of a plaintext stream (paygate.x402.inband), after an
+    in-band error event when the stream was ended early."""
+
+    def __init__(self, media_type: str) -> None:
+        self._media_type = media_type
+        self._writer = InbandReceiptWriter(media_type)
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._writer.feed(chunk)
+
+    def finish(self, tail: bytes, end: StreamEnd) -> bytes:
+        out = self._writer.feed(tail) if tail else b""
+        if end.error is not None:
+            out += self._writer.feed(_error_event(self._media_type, end.error))
+        return out + self._writer.close(end.receipt.encoded() if end.receipt else None)
+
+
+class FrameSealer:
+    """v2: each chunk sealed as one frame; the final frame carries the last bytes."""
+
+    def __init__(self, sealer: ReplySealer) -> None:
+        self._sealer = sealer
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._sealer.seal(chunk) if chunk else b""
+
+    def finish(self, tail: bytes, end: StreamEnd) -> bytes:
+        return self._sealer.finish(tail)
+
+
+class Chain:
+    """Transforms applied in order."""
+
+    def __init__(self, transforms: Sequence[BodyTransform]) -> None:
+        self._transforms = tuple(transforms)
+
+    def __bool__(self) -> bool:
+        return bool(self._transforms)
+
+    def feed(self, chunk: bytes) -> bytes:
+        for transform in self._transforms:
+            if not chunk:
+                return b""
+            chunk = transform.feed(chunk)
+        return chunk
+
+    def finish(self, end: StreamEnd) -> bytes:
+        tail = b""
+        for transform in self._transforms:
+            tail = transform.finish(tail, end)
+        return tail
+
+
+class Replies:
+    """Sends replies; counts errors cut mid-stream through ``on_error``."""
+
+    def __init__(self, limits: ReplyLimits, on_error: Callable[[str], None]) -> None:
+        self._limits = limits
+        self._on_error = on_error
+
+    async def send(
+        self,
+        request: web.Request,
+        reply: UpstreamReply,
+        plan: ReplyPlan,
+        ticket: Ticket,
+        *,
+        started: float,
+    ) -> web.StreamResponse:
+        ticket.status = reply.status
+        if ticket.paid and reply.status >= 400:
+            return await self._whole(reply, plan, ticket, started)
+        streamed = wire.is_stream(reply.content_type)
+        if isinstance(plan, V2Reply) and streamed:
+            return await self._stream(request, reply, plan, ticket, started)
+        if isinstance(plan, PlainReply) and (streamed or not ticket.settles):
+            return await self._stream(request, reply, plan, ticket, started)
+        return await self._whole(reply, plan, ticket, started)
+
+    async def _whole(
+        self, reply: UpstreamReply, plan: ReplyPlan, ticket: Ticket, started: float
+    ) -> web.Response:
+        """A reply sent in one piece once settled (see the module docstring)."""
+        if isinstance(plan, PlainReply):
+            body = await reply.read_bounded(self._limits.max_plain_reply_bytes)
+            if body is None:
+                raise ReplyTooLarge(
+                    "the model server's reply is larger than this gateway holds for settlement"
+                )
+        else:
+            body = await reply.read_bounded(self._limits.max_sealed_reply_bytes)
+            if body is None:
+                raise ReplyTooLarge
+        if ticket.paid and not ticket.settles:
+            await ticket.give_up()
+        receipt = await ticket.settle() if ticket.settles else ticket.known_receipt
+        if receipt is not None and receipt.withhold:
+            # Refused for good after serving (e.g. the payer emptied the wallet since verify,
+            # or the authorization expired): the reply stays here rather than going out unpaid.
+            return settlement_failed_response(receipt, ticket.route)
+        if isinstance(plan, PlainReply):
+            headers = CIMultiDict(reply.headers)
+            payload = body
+        else:
+            payload = seal_whole(plan, body)
+            headers = _sealed_headers(reply, plan)
+        if ticket.paid:
+            headers.update(receipt_headers(receipt))
+        headers[wire.OVERHEAD_HEADER] = _overhead(started, reply)
+        ticket.delivered = True
+        return web.Response(status=reply.status, body=payload, headers=headers)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        reply: UpstreamReply,
+        plan: PlainReply | V2Reply,
+        ticket: Ticket,
+        started: float,
+    ) -> web.StreamResponse:
+        """Relay chunk by chunk through the transform chain; a paid stream settles after the
+        upstream's last chunk and carries its receipt in-band."""
+        known = ticket.known_receipt
+        inband = ticket.settles and known is None
+        transforms: list[BodyTransform] = []
+        if inband:
+            transforms.append(InbandReceipt(wire.media_type(reply.content_type)))
+        if isinstance(plan, V2Reply):
+            transforms.append(FrameSealer(plan.keys.sealer()))
+            headers = _sealed_headers(reply, plan)
+        else:
+            headers = CIMultiDict(reply.headers)
+        chain = Chain(transforms)
+        if ticket.paid:
+            # An upfront settlement's receipt is known now; otherwise it comes in-band.
+            headers.update(receipt_headers(known))
+        response = web.StreamResponse(status=reply.status, headers=headers)
+        if not chain and reply.plain_length is not None:
+            response.content_length = reply.plain_length
+        response.headers[wire.OVERHEAD_HEADER] = _overhead(started, reply)
+        await response.prepare(request)
+        try:
+            error = await self._relay(response, reply, chain, self._settle_deadline(ticket, inband))
+            receipt = await ticket.settle() if inband else None
+            tail = chain.finish(StreamEnd(receipt=receipt, error=error))
+            if tail:
+                await response.write(tail)
+        except ConnectionResetError:
+            raise  # the caller went away; nothing to tell it
+        except Exception as exc:
+            # Headers are gone: the only honest signal left is an incomplete transfer (and
+            # for v2, no final frame, which the caller's opener reports as truncation).
+            code = exc.code if isinstance(exc, GatewayError) else type(exc).__name__
+            self._on_error(code)
+            log.warning("reply cut mid-stream: %s", code)
+            ticket.status = 0 if ticket.status < 400 else ticket.status
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        await response.write_eof()
+        ticket.delivered = True
+        return response
+
+    def _settle_deadline(self, ticket: Ticket, inband: bool) -> float | None:
+        """The loop time by which a paid stream must end so that its authorization can still
+        settle (``validBefore`` minus the settle margin), or None."""
+        valid_before = ticket.valid_before
+        if not inband or valid_before is None:
+            return None
+        left = valid_before - self._limits.settle_margin_seconds - time.time()
+        return asyncio.get_running_loop().time() + left
+
+    @staticmethod
+    async def _relay(
+        response: web.StreamResponse,
+        reply: UpstreamReply,
+        chain: Chain,
+        deadline: float | None,
+    ) -> str | None:
+        """Relay every chunk; with a deadline, stop there and say why (an in-band error)."""
+        async with contextlib.aclosing(reply.chunks()) as chunks:
+            try:
+                async with asyncio.timeout_at(deadline) as scope:
+                    async for chunk in chunks:
+                        out = chain.feed(chunk)
+                        if out:
+                            await response.write(out)
+            except TimeoutError:
+                if scope.expired():
+                    return AUTHORIZATION_EXPIRING
+                raise
+        return None
+
+
+def seal_whole(plan: V1Reply | V2Reply, body: bytes) -> bytes:
+    """A whole (non-streamed) reply as one sealed message of the plan's envelope."""
+    if isinstance(plan, V1Reply):
+        return enclave.seal_v1(plan.public_key, body)
+    return enclave.seal_reply(plan.keys, body)
+
+
+def sealed_headers(plan: V1Reply | V2Reply, original_content_type: str | None) -> dict[str, str]:
+    """Headers of a sealed reply: the sealed media type, and the plaintext's for the client."""
+    headers = {
+        "Content-Type": wire.SEALED_MEDIA_TYPE,
+        wire.ENVELOPE_HEADER: "v1" if isinstance(plan, V1Reply) else "v2",
+    }
+    if original_content_type:
+        headers[wire.ORIGINAL_TYPE_HEADER] = original_content_type
+    return headers
+
+
+def _sealed_headers(reply: UpstreamReply, plan: V1Reply | V2Reply) -> CIMultiDict[str]:
+    """The upstream's headers minus the plaintext's validators, plus :func:`sealed_headers`."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in reply.headers.items():
+        if name.lower() not in _SEALED_DROPPED:
+            headers.add(name, value)
+    headers.update(sealed_headers(plan, reply.content_type))
+    return headers
+
+
+def _overhead(started: float, reply: UpstreamReply) -> str:
+    # Time not spent waiting on the upstream, up to now (response start for streams).
+    spent = asyncio.get_running_loop().time() - started - reply.waited
+    return f"{max(spent, 0.0) * 1000:.2f}"
+
+
+def _error_event(media_type: str, code: str) -> bytes:
+    """An error as the stream's own last event: SSE ``data:`` with OpenAI's error object, or
+    Ollama's final NDJSON object (``done`` true, so the in-band receipt joins it)."""
+    message = "the payment authorization expires: the stream ends here and is settled"
+    if media_type == wire.NDJSON:
+        line = {"error": message, "code": code, "done": True}
+        return json.dumps(line, separators=(",", ":")).encode() + b"\n"
+    error = {"error": {"message": message, "type": "payment_error", "code": code}}
+    return b"data: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\n"

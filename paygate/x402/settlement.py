@@ -1,0 +1,147 @@
+"""When a payment settles: one strategy per policy, chosen once at start (never a string at
+request time).
+
+- :class:`SettleAfterReply` (default): verify, serve, then settle; a reply whose settlement is
+  refused for good is withheld, a stream's receipt goes in-band.
+- :class:`SettleUpfront`: settle right after verify, before anything is forwarded; a pending
+  outcome is a 503 and the same authorization is served once it is reconciled.
+- :class:`VerifyOnly`: verify and serve, never settle (the operator settles out of band).
+
+Each gets the processor and calls its primitives (settle_now, mark_served, release ...); the
+processor owns the ledger and the settler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Protocol
+
+from paygate.x402.ledger import PaymentRecord, PaymentState
+from paygate.x402.models import ResourceInfo
+from paygate.x402.offers import Offer
+
+if TYPE_CHECKING:
+    from paygate.x402.processor import Admission, PaymentProcessor, Receipt, Refusal
+
+
+class Settlement(Protocol):
+    """The three moments where settlement policies differ."""
+
+    async def verified(
+        self,
+        processor: PaymentProcessor,
+        admission: Admission,
+        offers: tuple[Offer, ...],
+        resource: ResourceInfo,
+    ) -> Admission | Refusal:
+        """The payment is verified (and recorded VERIFIED): admit it, or refuse."""
+        ...
+
+    async def reply_ready(
+        self, processor: PaymentProcessor, admission: Admission
+    ) -> Receipt | None:
+        """The reply is good and its end not sent yet: the receipt to send with it, if any."""
+        ...
+
+    async def finished(
+        self, processor: PaymentProcessor, admission: Admission, *, earned: bool
+    ) -> None:
+        """The request is over (once): settle what is owed, release what was not earned."""
+        ...
+
+    def serves_again(self, record: PaymentRecord) -> bool:
+        """A replayed authorization in ``record``'s state is served (once more) instead of
+        refused as used."""
+        ...
+
+
+class SettleAfterReply:
+    """Settle after the reply is produced: nothing is charged for a failed request."""
+
+    async def verified(
+        self,
+        processor: PaymentProcessor,
+        admission: Admission,
+        offers: tuple[Offer, ...],
+        resource: ResourceInfo,
+    ) -> Admission | Refusal:
+        return admission
+
+    async def reply_ready(
+        self, processor: PaymentProcessor, admission: Admission
+    ) -> Receipt | None:
+        return await asyncio.shield(processor.settle_in_background(admission))
+
+    async def finished(
+        self, processor: PaymentProcessor, admission: Admission, *, earned: bool
+    ) -> None:
+        if admission.receipt is not None or admission.settle_task is not None:
+            return  # settled (or settling) with the reply already
+        if earned:
+            processor.settle_in_background(admission)
+        else:
+            assert admission.record is not None
+            await processor.release(admission.record)
+
+    def serves_again(self, record: PaymentRecord) -> bool:
+        return False
+
+
+class SettleUpfront:
+    """Settle before forwarding: the operator never serves on credit."""
+
+    async def verified(
+        self,
+        processor: PaymentProcessor,
+        admission: Admission,
+        offers: tuple[Offer, ...],
+        resource: ResourceInfo,
+    ) -> Admission | Refusal:
+        return await processor.settle_upfront(admission, offers, resource)
+
+    async def reply_ready(
+        self, processor: PaymentProcessor, admission: Admission
+    ) -> Receipt | None:
+        return admission.receipt
+
+    async def finished(
+        self, processor: PaymentProcessor, admission: Admission, *, earned: bool
+    ) -> None:
+        # Paid already, whatever happened: record that the authorization bought its reply.
+        await processor.mark_served(admission)
+
+    def serves_again(self, record: PaymentRecord) -> bool:
+        # Settled, but its answer came too late for its own request: the caller paid, so the
+        # same authorization sent again is served (once: finished marks it served).
+        return record.state is PaymentState.SETTLED and not record.served
+
+
+class VerifyOnly:
+    """Verify and serve; settlement is the operator's business (e.g. batched off-line)."""
+
+    async def verified(
+        self,
+        processor: PaymentProcessor,
+        admission: Admission,
+        offers: tuple[Offer, ...],
+        resource: ResourceInfo,
+    ) -> Admission | Refusal:
+        return admission
+
+    async def reply_ready(
+        self, processor: PaymentProcessor, admission: Admission
+    ) -> Receipt | None:
+        await processor.mark_served(admission)
+        return None
+
+    async def finished(
+        self, processor: PaymentProcessor, admission: Admission, *, earned: bool
+    ) -> None:
+        if earned:
+            await processor.mark_served(admission)
+        else:
+            assert admission.record is not None
+            await processor.release(admission.record)
+
+    def serves_again(self, record: PaymentRecord) -> bool:
+        return False
