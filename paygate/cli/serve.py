@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from paygate.config import Settings, load_settings
-from paygate.server.app import build_app, server_options
+from paygate.server.app import LISTEN_BACKLOG, build_app, server_options
 from paygate.server.logs import SafeAccessLogger, install_safe_logging
 from paygate.store.deployments import DeploymentStore, settings_overrides
 
@@ -59,6 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.listen_host,
         port=settings.listen_port,
         shutdown_timeout=settings.shutdown_grace_seconds,
+        backlog=LISTEN_BACKLOG,
         access_log_class=SafeAccessLogger,
         print=None,
         **server_options(settings),

@@ -51,6 +51,10 @@ UPSTREAM = web.AppKey("upstream", UpstreamService)
 PAYMENTS = web.AppKey("payments", PaymentStep)  # type: ignore[type-abstract]
 
 log = logging.getLogger("paygate.server")
+LINGERING_SECONDS = 5.0
+# The kernel's accept queue: a burst of connections beyond it waits for SYN retries (≥ 1 s) and
+# may be reset; nginx's default is 511.
+LISTEN_BACKLOG = 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -66,9 +70,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except GatewayError as exc:
         response = exc.render(api)
-        if exc.status in (408, 413) or not request.content.is_eof():
-            # The unread rest of the body (a 402 answered from the headers alone, a refused
-            # upload) is not worth draining: close after answering.
+        if exc.status in (408, 413):
+            # The unread rest of the body is not worth draining: close after answering.
             response.force_close()
         return response
     except ConnectionResetError:
@@ -236,4 +239,8 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "max_headers": settings.max_headers,
         # A caller that goes away cancels its handler, which closes the upstream request.
         "handler_cancellation": True,
+        # An answer given before the body was read (a 402 from the headers alone, a refused
+        # upload): the rest of the body is read and dropped for at most this long before the
+        # connection closes, so the caller reads the answer instead of a reset. No slot is held.
+        "lingering_time": LINGERING_SECONDS,
     }

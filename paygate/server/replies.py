@@ -146,14 +146,19 @@ class Replies:
         started: float,
     ) -> web.StreamResponse:
         ticket.status = reply.status
-        if ticket.paid and reply.status >= 400:
-            return await self._whole(reply, plan, ticket, started)
         streamed = wire.is_stream(reply.content_type)
-        if isinstance(plan, V2Reply) and streamed:
-            return await self._stream(request, reply, plan, ticket, started)
-        if isinstance(plan, PlainReply) and (streamed or not ticket.settles):
-            return await self._stream(request, reply, plan, ticket, started)
-        return await self._whole(reply, plan, ticket, started)
+        # A paid request whose upstream failed goes out whole: released before its error.
+        if not (ticket.paid and reply.status >= 400):
+            if isinstance(plan, V2Reply) and streamed:
+                return await self._stream(request, reply, plan, ticket, started)
+            if isinstance(plan, PlainReply) and (streamed or not ticket.settles):
+                return await self._stream(request, reply, plan, ticket, started)
+        try:
+            return await self._whole(reply, plan, ticket, started)
+        except GatewayError:
+            # Nothing went out (too large, a broken upstream body): nothing was earned.
+            ticket.status = 0
+            raise
 
     async def _whole(
         self, reply: UpstreamReply, plan: ReplyPlan, ticket: Ticket, started: float

@@ -19,7 +19,7 @@ from paygate_dev.fake_model import FakeModelServer
 
 from enclave import SoftwareKey
 from paygate.config import Settings, load_settings
-from paygate.server.app import build_app, server_options
+from paygate.server.app import LISTEN_BACKLOG, build_app, server_options
 
 TIMEOUT = aiohttp.ClientTimeout(total=15)
 
@@ -42,7 +42,7 @@ class Stack:
 async def _serve(app: web.Application, **options: Any) -> tuple[web.AppRunner, str]:
     runner = web.AppRunner(app, shutdown_timeout=2.0, **options)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=LISTEN_BACKLOG)
     await site.start()
     host, port = runner.addresses[0][:2]
     return runner, f"http://{host}:{port}"
