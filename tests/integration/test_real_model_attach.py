@@ -256,3 +256,30 @@ def test_a_server_still_starting_is_retried_within_the_first_byte_deadline(
             starter.join(30)
         assert reply.choices[0].message.content == " hello from the tiny paygate test model."
         assert _metric(stack, 'paygate_upstream_retries_total{reason="connect"}') >= 1
+
+
+def test_a_deployment_records_the_digest_and_serve_checks_it(
+    tmp_path: Path, smollm2_server: LlamaServer, llama: LlamaBuild
+) -> None:
+    env = _serve_env(tmp_path, smollm2_server, llama)
+    env["PAYGATE_DEPLOYMENTS_DIR"] = str(tmp_path / "deployments")
+
+    def paygate(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PAYGATE, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+
+    created = paygate(
+        "deploy", "create", "real", "--kind", "llama-server", "--upstream-url",
+        smollm2_server.url, "--model-path", str(llama.smollm2), "--model-name", MODEL,
+        "--no-payment-gate",
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    digest = "sha256:" + hashlib.sha256(llama.smollm2.read_bytes()).hexdigest()
+    assert json.loads(created.stdout)["model_hash"] == digest
+    # Other weights than the deployment recorded: serve refuses to start.
+    assert paygate("deploy", "update", "real", "--model-hash", "ab" * 32).returncode == 0
+    refused = paygate("serve", "real")
+    assert refused.returncode == 2
+    assert "model_digest_mismatch" in refused.stderr
+    assert f"expected sha256:{'ab' * 32}, served {digest}" in refused.stderr
