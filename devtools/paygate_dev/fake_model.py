@@ -554,10 +554,6 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def manifest_document(name: str) -> dict[str, Any]:
     """An Ollama-shaped manifest: config, the model layer (digest = sha256 of ``name``, as the
     pull progress reports it), and a template layer, which real manifests also carry."""
@@ -575,3 +571,7 @@ def manifest_document(name: str) -> dict[str, Any]:
         "config": blob("docker.container.image.v1+json", f"config {name}"),
         "layers": [blob("ollama.image.model", name), blob("ollama.image.template", f"t {name}")],
     }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
