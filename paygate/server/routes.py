@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Literal, Protocol
 from urllib.parse import quote
 
+from paygate import wire
 from paygate.server.errors import ApiStyle
 from paygate.upstream.engines import profile_for
 from paygate.upstream.engines.base import ServedRoute
@@ -111,11 +112,11 @@ def engine_routes(served: Iterable[ServedRoute], price: PriceHook | None = None)
     return RouteTable(
         [
             *upstream,
-            free("/health", "health"),
-            free("/health/live", "live"),
-            free("/health/ready", "ready"),
-            free("/metrics", "metrics"),
-            Route("GET", "/v1/enclave/pubkey", "openai", paid=False, target="pubkey"),
+            free(wire.HEALTH_PATH, "health"),
+            free(wire.LIVE_PATH, "live"),
+            free(wire.READY_PATH, "ready"),
+            free(wire.METRICS_PATH, "metrics"),
+            Route("GET", wire.PUBKEY_PATH, "openai", paid=False, target="pubkey"),
         ]
     )
 

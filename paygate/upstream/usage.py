@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from paygate import wire
+
 DEFAULT_LIMIT = 1 << 20  # bytes of one JSON reply or stream line read for usage
 
 
@@ -76,11 +78,11 @@ class UsageReader:
     """
 
     def __init__(self, media_type: str | None, *, limit: int = DEFAULT_LIMIT) -> None:
-        kind = (media_type or "").split(";", 1)[0].strip().lower()
+        kind = wire.media_type(media_type)
         self._framing = "whole"
-        if kind == "text/event-stream":
+        if kind == wire.SSE:
             self._framing = "sse"
-        elif kind.endswith("ndjson"):
+        elif kind == wire.NDJSON:
             self._framing = "ndjson"
         self._limit = limit
         self._buffer = bytearray()

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from paygate.upstream.fake_model import FakeModelServer, reply_words
+from paygate_dev.fake_model import FakeModelServer, reply_words
+
 from tests.integration.gateway_support import Stack, running_stack
 
 CHAT = {"model": "fake-llama", "messages": [{"role": "user", "content": "hi"}]}

@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from paygate_dev.llama import LlamaBuild, LlamaServer
 
 from paygate.client import PaygateTransport, SpendPolicy
-from paygate.devstack_llama import LlamaBuild, LlamaServer
 from paygate.upstream.discovery import discover
 from tests.fixtures.chain import PAYER_FUNDS
 from tests.fixtures.components import free_port

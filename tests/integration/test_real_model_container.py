@@ -16,10 +16,10 @@ from typing import Any
 import docker
 import pytest
 import pytest_asyncio
+from paygate_dev.docker_stack import Dockerd
+from paygate_dev.llama import TINY_REPLY, LlamaBuild
 
 from paygate.cli.main import main as cli
-from paygate.devstack_docker import Dockerd
-from paygate.devstack_llama import TINY_REPLY, LlamaBuild
 from paygate.upstream.spec import spec_from_settings
 from tests.fixtures.docker import DockerImages
 from tests.integration.upstream_support import (

@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from paygate_dev.fake_model import manifest_document
 
 from paygate.server.routes import engine_routes
 from paygate.upstream.engines import PROFILES, profile_for
 from paygate.upstream.engines.base import LaunchTarget, ProfileError
 from paygate.upstream.engines.ollama import manifest_digests
-from paygate.upstream.fake_model import manifest_document
 
 
 def _target(**overrides: object) -> LaunchTarget:

@@ -19,10 +19,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from paygate.devstack import ComponentMissing, free_port
 from paygate.errors import PaygateError
+from paygate_dev.stack import ComponentMissing, free_port
 
-SETUP_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "setup_llama.sh"
+SETUP_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "setup_llama.sh"
 CHECK_TIMEOUT = 30.0
 START_TIMEOUT = 60.0  # seconds until /health is 200 (about 0.2 s for the tiny model, 1 s SmolLM2)
 STOP_TIMEOUT = 10.0
