@@ -9,10 +9,14 @@ from pathlib import Path
 import pytest
 from paygate_dev.fake_model import manifest_document
 
+from paygate.config import ConfigError, load_settings
 from paygate.server.routes import engine_routes
 from paygate.upstream.engines import PROFILES, profile_for
-from paygate.upstream.engines.base import LaunchTarget, ProfileError
+from paygate.upstream.engines.base import LaunchTarget, ModelDigest, ProfileError
 from paygate.upstream.engines.ollama import manifest_digests
+from paygate.upstream.errors import ModelDigestMismatch
+from paygate.upstream.service import check_digests
+from paygate.upstream.spec import serving_kwargs, spec_from_settings
 
 
 def _target(**overrides: object) -> LaunchTarget:
@@ -122,3 +126,46 @@ def test_container_launches() -> None:
     assert profile_for("openai").container is None
     assert profile_for("llama-server").pull_path is None
     assert profile_for("ollama").pull_path == "/api/pull"
+
+
+def test_expected_digests_are_checked_exactly() -> None:
+    good = "sha256:" + "a" * 64
+    served = [ModelDigest("m", good)]
+    check_digests({}, served)
+    check_digests({"m": good}, served)
+    with pytest.raises(ModelDigestMismatch, match=r"m: expected sha256:b+, served sha256:a+"):
+        check_digests({"m": "sha256:" + "b" * 64}, served)
+    with pytest.raises(ModelDigestMismatch, match=r"other: expected .*, served nothing") as err:
+        check_digests({"other": good}, served)
+    assert err.value.code == "model_digest_mismatch"
+
+
+def test_expected_digest_settings_are_validated() -> None:
+    settings = load_settings(None, expected_model_digests={"m": " SHA256:" + "A" * 64})
+    assert settings.expected_model_digests == {"m": "sha256:" + "a" * 64}
+    with pytest.raises(ConfigError, match="expected_model_digests"):
+        load_settings(None, expected_model_digests={"m": "md5:abc"})
+
+
+def test_container_defaults_follow_the_kind(tmp_path: Path) -> None:
+    model = tmp_path / "tiny.gguf"
+    model.write_bytes(b"GGUF")
+    settings = load_settings(
+        None, upstream_kind="llama-server", upstream_model_path=model, upstream_cpus=1
+    )
+    spec = spec_from_settings(settings)
+    assert (spec.name, spec.image, spec.port) == (
+        "paygate-llama-server", "ghcr.io/ggml-org/llama.cpp:server", 8080
+    )  # fmt: skip
+    assert spec.alias == "tiny.gguf"
+    kwargs = serving_kwargs(spec)
+    assert kwargs["command"][:2] == ["-m", "/models/tiny.gguf"]
+    (mount,) = kwargs["mounts"]
+    assert (mount["Target"], mount["Source"], mount["ReadOnly"]) == (
+        "/models/tiny.gguf", str(model), True
+    )  # fmt: skip
+    assert kwargs["network_mode"] == "none"
+    ollama = spec_from_settings(load_settings(None))
+    assert (ollama.name, ollama.image, ollama.port, ollama.volume) == (
+        "paygate-ollama", "ollama/ollama", 11434, "paygate-ollama-models"
+    )  # fmt: skip
