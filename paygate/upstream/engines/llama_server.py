@@ -27,10 +27,10 @@ from paygate.upstream.engines.base import (
 
 class LlamaServerProfile:
     kind: EngineKind = "llama-server"
-    health_path = "/health"
-    models_path = "/v1/models"
-    pull_path = None  # built without libcurl: it serves the file it was given
-    container = ContainerDefaults(
+    health_path: str = "/health"
+    models_path: str = "/v1/models"
+    pull_path: str | None = None  # built without libcurl: it serves the file it was given
+    container: ContainerDefaults | None = ContainerDefaults(
         image="ghcr.io/ggml-org/llama.cpp:server",  # entrypoint: the llama-server binary
         port=8080,
         models_dir="/models",

@@ -42,10 +42,10 @@ OLLAMA_ROUTES: tuple[ServedRoute, ...] = (
 
 class OllamaProfile:
     kind: EngineKind = "ollama"
-    health_path = "/api/version"
-    models_path = "/api/tags"
-    pull_path = "/api/pull"
-    container = ContainerDefaults(
+    health_path: str = "/api/version"
+    models_path: str = "/api/tags"
+    pull_path: str | None = "/api/pull"
+    container: ContainerDefaults | None = ContainerDefaults(
         image="ollama/ollama", port=11434, models_dir="/root/.ollama", name="paygate-ollama"
     )
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from paygate.upstream.engines.base import (
     OPENAI_ROUTES,
+    ContainerDefaults,
     ContainerLaunch,
     EngineKind,
     LaunchTarget,
@@ -24,10 +25,10 @@ from paygate.upstream.engines.base import (
 
 class OpenAIProfile:
     kind: EngineKind = "openai"
-    health_path = "/v1/models"
-    models_path = "/v1/models"
-    pull_path = None
-    container = None
+    health_path: str = "/v1/models"
+    models_path: str = "/v1/models"
+    pull_path: str | None = None
+    container: ContainerDefaults | None = None
 
     def routes(self) -> tuple[ServedRoute, ...]:
         return OPENAI_ROUTES

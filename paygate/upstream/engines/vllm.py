@@ -27,10 +27,10 @@ from paygate.upstream.engines.base import (
 
 class VllmProfile:
     kind: EngineKind = "vllm"
-    health_path = "/health"
-    models_path = "/v1/models"
-    pull_path = None  # it loads what it is given; downloads happen outside the serving container
-    container = ContainerDefaults(
+    health_path: str = "/health"
+    models_path: str = "/v1/models"
+    pull_path: str | None = None  # it loads what it is given; downloads happen elsewhere
+    container: ContainerDefaults | None = ContainerDefaults(
         image="vllm/vllm-openai", port=8000, models_dir="/models", name="paygate-vllm"
     )
 
