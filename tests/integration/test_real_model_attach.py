@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -242,8 +243,6 @@ def late_server(llama: LlamaBuild, tmp_path: Path) -> Iterator[LlamaServer]:
 def test_a_server_still_starting_is_retried_within_the_first_byte_deadline(
     late_server: LlamaServer, llama: LlamaBuild
 ) -> None:
-    import threading
-
     overrides = {"upstream_url": late_server.url, "upstream_kind": "llama-server",
                  "upstream_max_retries": 10, "first_byte_timeout": 20.0}  # fmt: skip
     with ThreadedStack(**overrides) as stack:
