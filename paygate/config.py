@@ -120,13 +120,21 @@ class Settings(BaseSettings):
     upstream_failure_threshold: PositiveInt = 3
     upstream_ready_timeout: PositiveFloat = 120.0
     upstream_restart_backoff_max: PositiveFloat = 30.0
+    upstream_max_retries: Annotated[int, Field(ge=0, le=10)] = 3
+    # The served weights (a GGUF file; Ollama: its models directory) and the name they are
+    # served under; their digest is shown in /health/ready and checked against
+    # expected_model_digests (JSON: model name -> "sha256:<hex>") at start.
+    upstream_model_path: Path | None = None
+    upstream_model_name: str | None = None
+    expected_model_digests: dict[str, str] = Field(default_factory=dict)
     docker_host: str | None = None
-    upstream_name: str = "paygate-ollama"
-    upstream_image: str = "ollama/ollama"
+    # Container mode: None means the engine profile's default for upstream_kind.
+    upstream_name: str | None = None
+    upstream_image: str | None = None
     upstream_relay_image: str = "python:3-slim"
-    upstream_volume: str = "paygate-ollama-models"
-    upstream_models_dir: str = "/root/.ollama"
-    upstream_port: Annotated[int, Field(ge=1, le=65535)] = 11434
+    upstream_volume: str | None = None
+    upstream_models_dir: str | None = None
+    upstream_port: Annotated[int, Field(ge=1, le=65535)] | None = None
     upstream_cpus: PositiveFloat | None = None
     upstream_memory: str | None = None
     upstream_pids_limit: PositiveInt = 512
@@ -150,10 +158,23 @@ class Settings(BaseSettings):
 
     @field_validator("upstream_image", "upstream_relay_image", "upstream_volume")
     @classmethod
-    def _check_docker_ref(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}", value):
+    def _check_docker_ref(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}", value):
             raise ValueError("must be a docker image or volume name")
         return value
+
+    @field_validator("expected_model_digests")
+    @classmethod
+    def _check_digests(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, digest in value.items():
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest.strip().lower()):
+                raise ValueError(f"the digest for {name[:80]!r} must be sha256:<64 hex digits>")
+        return {name: digest.strip().lower() for name, digest in value.items()}
+
+    @field_validator("upstream_model_path")
+    @classmethod
+    def _expand_model_path(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
 
     @field_validator("upstream_memory")
     @classmethod

@@ -13,6 +13,7 @@ apt_packages=(
   swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config  # TPM 2.0 simulator + TSS for tpm2-pytss
   systemd                                            # systemd-analyze for the unit checks
   docker.io busybox-static debootstrap              # container tests: engine, probe image, rootfs
+  cmake g++ ninja-build                              # llama.cpp's llama-server (setup_llama.sh)
 )
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -62,4 +63,7 @@ if [[ ! -f $chain_stamp || $(cat "$chain_stamp") != "$chain_want" ]]; then
   npm ci --prefix scripts/chain --ignore-scripts --no-audit --no-fund --loglevel=error
   echo "$chain_want" > "$chain_stamp"
 fi
+# The real model server (llama-server, SmolLM2 and the tiny test model), cached outside the
+# clone: about 5 minutes the first time on 2 cores, nothing after that.
+PYTHON="$root/.venv/bin/python" bash scripts/setup_llama.sh >/dev/null
 log "ready: $root/.venv"

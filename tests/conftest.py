@@ -4,6 +4,7 @@ pytest_plugins = [
     "tests.fixtures.chain",
     "tests.fixtures.components",
     "tests.fixtures.docker",
+    "tests.fixtures.llama",
     "tests.fixtures.softhsm",
     "tests.fixtures.swtpm",
 ]

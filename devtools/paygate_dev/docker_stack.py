@@ -9,6 +9,8 @@ own PID.
 No image registry is reachable, so images are built here:
 
 - a busybox image (Debian ``busybox-static``) for egress probes;
+- llama.cpp's ``llama-server`` (built by scripts/setup_llama.sh) on the same Debian root, as
+  its entrypoint, for container mode with a real model server;
 - a Debian ``python3 python3-aiohttp`` root filesystem (``debootstrap``, about a minute, cached
   as a tar under ``~/.cache/paygate/images`` keyed by its recipe), imported, with the FAKE
   model server (``devtools/paygate_dev/fake_model.py``, run as a script) layered on top: it runs in
@@ -261,12 +263,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 def fake_ollama_image(client: docker.DockerClient) -> str:
     """The FAKE model server in Ollama's place: ``python3 fake_model.py`` on port 11434."""
-    base = f"paygate-test/debian-python:{_recipe_key()}"
-    try:
-        client.images.get(base)
-    except docker.errors.ImageNotFound:
-        repository, _, version = base.rpartition(":")
-        client.api.import_image_from_file(str(python_rootfs()), repository=repository, tag=version)
+    base = _debian_python_base(client)
     source = Path(fake_model.__file__).read_bytes()
     tag = f"paygate-test/fake-ollama:{hashlib.sha256(source).hexdigest()[:12]}"
     dockerfile = (
@@ -282,6 +279,48 @@ def fake_ollama_image(client: docker.DockerClient) -> str:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    context.seek(0)
+    try:
+        client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True, forcerm=True)
+    except docker.errors.BuildError as exc:
+        raise PaygateError(f"building {tag} failed: {exc.msg}") from None
+    return tag
+
+
+def _debian_python_base(client: docker.DockerClient) -> str:
+    base = f"paygate-test/debian-python:{_recipe_key()}"
+    try:
+        client.images.get(base)
+    except docker.errors.ImageNotFound:
+        repository, _, version = base.rpartition(":")
+        client.api.import_image_from_file(str(python_rootfs()), repository=repository, tag=version)
+    return base
+
+
+def llama_server_image(client: docker.DockerClient, binary: Path) -> str:
+    """llama-server as the entrypoint of the Debian root (which has libstdc++ and libgcc).
+
+    No model inside: container mode bind-mounts the weights file read-only.
+    """
+    base = _debian_python_base(client)
+    data = binary.read_bytes()
+    tag = f"paygate-test/llama-server:{hashlib.sha256(data).hexdigest()[:12]}"
+    with contextlib.suppress(docker.errors.ImageNotFound):
+        client.images.get(tag)
+        return tag
+    dockerfile = (
+        f"FROM {base}\n"
+        "COPY llama-server /opt/llama/llama-server\n"
+        "EXPOSE 8080\n"
+        'ENTRYPOINT ["/opt/llama/llama-server"]\n'
+    ).encode()
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        files = (("Dockerfile", dockerfile, 0o644), ("llama-server", data, 0o755))
+        for name, content, mode in files:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(content), mode
+            tar.addfile(info, io.BytesIO(content))
     context.seek(0)
     try:
         client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True, forcerm=True)

@@ -8,6 +8,8 @@ Misbehaviour on demand, selected by the request's ``model`` (so it works through
 sealed or not):
 
 - ``fake-error-<status>``: answer that status (400..599) with an error body in the route's shape
+- ``fake-loading-<n>``: answer the first n requests for this model 503 with ``Retry-After: 1``
+  (a server still loading its weights), then normally
 - ``fake-stall-first``: never send the response headers (until the caller goes away)
 - ``fake-stall-mid``: send the first chunk, then go silent
 - ``fake-hold``: send the first chunk, then wait for :attr:`FakeModelServer.release`
@@ -136,6 +138,7 @@ class FakeModelServer:
         self.completed: Counter[str] = Counter()
         self.received: deque[ReceivedRequest] = deque(maxlen=64)
         self.release = asyncio.Event()
+        self.loading: Counter[str] = Counter()  # 503s sent per fake-loading-<n> model
         self.app = self._build()
 
     def reset(self) -> None:
@@ -144,6 +147,7 @@ class FakeModelServer:
         self.cancelled.clear()
         self.completed.clear()
         self.received.clear()
+        self.loading.clear()
         self.release.clear()
 
     def stats(self) -> dict[str, dict[str, int]]:
@@ -234,6 +238,13 @@ class FakeModelServer:
             code = model.removeprefix("fake-error-")
             status = int(code) if code.isdigit() else 500
             raise _error(request, min(max(status, 400), 599), f"injected error {status}")
+        if model.startswith("fake-loading-"):
+            count = model.removeprefix("fake-loading-")
+            if count.isdigit() and self.loading[model] < int(count):
+                self.loading[model] += 1
+                answer = _error(request, 503, "loading model")
+                answer.response.headers["Retry-After"] = "1"
+                raise answer
         if model == "fake-stall-first":
             await self._tracked(request, asyncio.sleep(_STALL))
 
@@ -400,7 +411,7 @@ class FakeModelServer:
                 return
             target = self.models_dir / "manifests" / "registry.ollama.ai" / "library" / model
             target.mkdir(parents=True, exist_ok=True)
-            (target / (tag or "latest")).write_text(json.dumps({"layers": [{"digest": digest}]}))
+            (target / (tag or "latest")).write_text(json.dumps(manifest_document(name)))
 
         if body.get("stream", True) is False:
             write_manifest()
@@ -541,6 +552,25 @@ def main() -> int:
     print(f"FAKE model server (not Ollama) on {host or '127.0.0.1'}:{port}", file=sys.stderr)
     web.run_app(fake.app, host=host or "127.0.0.1", port=int(port), print=None, **options)
     return 0
+
+
+def manifest_document(name: str) -> dict[str, Any]:
+    """An Ollama-shaped manifest: config, the model layer (digest = sha256 of ``name``, as the
+    pull progress reports it), and a template layer, which real manifests also carry."""
+
+    def blob(kind: str, data: str) -> dict[str, Any]:
+        return {
+            "mediaType": f"application/vnd.{kind}",
+            "digest": "sha256:" + hashlib.sha256(data.encode()).hexdigest(),
+            "size": len(data),
+        }
+
+    return {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": blob("docker.container.image.v1+json", f"config {name}"),
+        "layers": [blob("ollama.image.model", name), blob("ollama.image.template", f"t {name}")],
+    }
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from paygate.config import load_settings
 from paygate.store.deployments import Deployment, DeploymentStore, build
+from paygate.upstream.engines import profile_for
 
 # flag -> deployment field (shared by create and update)
 _FIELDS = (
@@ -29,7 +31,10 @@ _FIELDS = (
     ("--memory", "container_memory", str, "container mode: memory limit, e.g. 8g"),
     ("--host-port", "container_host_port", int, "kept for the reference format; unused"),
     ("--tee", "tee_type", str, "TEE type"),
-    ("--model-hash", "model_hash", str, "model hash (hex)"),
+    ("--kind", "upstream_kind", str, "ollama | llama-server | vllm | openai"),
+    ("--model-path", "model_path", str, "the weights file served (llama-server: a GGUF)"),
+    ("--model-name", "model_name", str, "the name it is served under (default: file name)"),
+    ("--model-hash", "model_hash", str, "weights digest (default: computed from --model-path)"),
 )
 
 
@@ -86,14 +91,28 @@ def _print(deployment: Deployment) -> None:
     print(json.dumps(deployment.document(), indent=2, sort_keys=True))
 
 
+def _with_digest(fields: dict[str, Any], current: Deployment | None = None) -> dict[str, Any]:
+    """A given model path without a given hash: record the weights' digest as served now."""
+    if "model_path" not in fields or "model_hash" in fields:
+        return fields
+    kind = fields.get("upstream_kind") or (current.upstream_kind if current else None)
+    name = fields.get("model_name") or (current.model_name if current else None)
+    served = profile_for(kind or "llama-server").digests(Path(fields["model_path"]), name)
+    if len(served) == 1:
+        fields["model_hash"] = served[0].digest
+    return fields
+
+
 def _create(args: argparse.Namespace) -> int:
-    deployment = _store(args).create(build(args.name, **_given(args)), force=args.force)
+    fields = _with_digest(_given(args))
+    deployment = _store(args).create(build(args.name, **fields), force=args.force)
     _print(deployment)
     return 0
 
 
 def _update(args: argparse.Namespace) -> int:
-    _print(_store(args).update(args.name, **_given(args)))
+    store = _store(args)
+    _print(store.update(args.name, **_with_digest(_given(args), store.get(args.name))))
     return 0
 
 

@@ -18,6 +18,7 @@ from paygate.store.deployments import DeploymentStore, settings_overrides
 from paygate.upstream import service
 from paygate.upstream.container import ContainerManager
 from paygate.upstream.engine import connect
+from paygate.upstream.engines.base import ModelDigest
 from paygate.upstream.errors import UpstreamError
 from paygate.upstream.pull import Progress, pull
 from paygate.upstream.readiness import probe
@@ -77,10 +78,13 @@ def _status(args: argparse.Namespace) -> int:
     if settings.upstream_mode == "container":
         manager = ContainerManager(connect(settings.docker_host), spec_from_settings(settings))
         out.update(manager.status())
+        out["kind"] = settings.upstream_kind
+        out["models"] = _models(service.served_digests(settings, manager))
         manager.client.close()
     else:
         out["kind"] = settings.upstream_kind
         out["url"] = settings.upstream_url
+        out["models"] = _models(service.served_digests(settings, None))
     out["health"] = asyncio.run(_probe(settings))
     if args.json:
         print(json.dumps(out, indent=2))
@@ -90,6 +94,11 @@ def _status(args: argparse.Namespace) -> int:
             value = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
         print(f"{key:8} {value}")
     return 0
+
+
+def _models(served: list[ModelDigest]) -> dict[str, str]:
+    """name -> weights digest (``sha256:...``), as /health/ready shows them."""
+    return {item.name: item.digest for item in served}
 
 
 def _stop(args: argparse.Namespace) -> int:

@@ -36,7 +36,8 @@ from paygate.server.opening import Opener
 from paygate.server.payments import PaymentStep
 from paygate.server.proxy import Timeouts, Upstream
 from paygate.server.replies import Replies, ReplyLimits
-from paygate.server.routes import RouteTable, default_routes
+from paygate.server.routes import RouteTable, engine_routes
+from paygate.upstream.engines import profile_for
 from paygate.upstream.service import UpstreamService, running_upstream
 from paygate.upstream.service import base_url as upstream_base_url
 from paygate.upstream.service import connector as upstream_connector
@@ -103,7 +104,8 @@ def build_app(
     """
     if payments is None:
         check_payment_settings(settings)
-    routes = routes if routes is not None else default_routes()
+    if routes is None:
+        routes = engine_routes(profile_for(settings.upstream_kind).routes())
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
@@ -160,6 +162,8 @@ def build_app(
             ),
             breaker=app[UPSTREAM].breaker,
             api_key=app[UPSTREAM].api_key,
+            retries=settings.upstream_max_retries,
+            metrics=app[METRICS],
         )
         local = LocalEndpoints(
             key=app[KEY],
@@ -169,6 +173,7 @@ def build_app(
             payment_mode=settings.payment_mode,
             probe_timeout=settings.ready_probe_timeout,
             upstream_status=app[UPSTREAM].status if app[UPSTREAM].monitored else None,
+            models=app[UPSTREAM].models_document(),
         )
         opener = Opener(app[KEY], app[METRICS].envelope)
         app[GATEWAY] = Gateway(

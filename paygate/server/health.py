@@ -7,7 +7,7 @@ to the key backend and the model server, each under a short timeout.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -60,6 +60,7 @@ class LocalEndpoints:
         payment_mode: str,
         probe_timeout: float,
         upstream_status: Callable[[], Mapping[str, Any]] | None = None,
+        models: Sequence[Mapping[str, str]] = (),
     ) -> None:
         self._key = key
         self._upstream = upstream
@@ -68,6 +69,7 @@ class LocalEndpoints:
         self._payment_mode = payment_mode
         self._probe_timeout = probe_timeout
         self._upstream_status = upstream_status
+        self._models = [dict(item) for item in models]
         self._pubkey = pubkey_document(key)
 
     def handlers(self) -> Mapping[Target, LocalHandler]:
@@ -113,6 +115,8 @@ class LocalEndpoints:
             status = dict(self._upstream_status())
             document["upstream"] = status
             ready = ready and status.get("state") == "ready"
+        # The served weights' digests (public: attestation binds the same values).
+        document["models"] = self._models
         document = {"status": "ready" if ready else "not_ready", **document}
         return web.json_response(document, status=200 if ready else 503)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Mapping
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -21,7 +22,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import SecretStr
 
 from paygate.server.errors import UpstreamDown, UpstreamFault, UpstreamTimeout, UpstreamUnavailable
+from paygate.server.metrics import Metrics
 from paygate.upstream.breaker import CircuitBreaker
+from paygate.upstream.usage import Usage, UsageReader
 
 HOP_BY_HOP = frozenset(
     {
@@ -53,6 +56,8 @@ _DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {
     "strict-transport-security",
 }
 T = TypeVar("T")
+RETRY_BASE = 0.05  # seconds before the first retry; doubles each time, with jitter
+RETRY_CAP = 2.0  # longest backoff between two attempts (a Retry-After may ask for more)
 _DROPPED_RESPONSE_PREFIXES = ("payment-", "x-payment", "x-paygate-", "x-obol-")
 
 
@@ -112,11 +117,21 @@ def _all(headers: Mapping[str, str], name: str) -> list[str]:
 class UpstreamReply:
     """An upstream response whose headers have arrived; read its body in chunks."""
 
-    def __init__(self, response: aiohttp.ClientResponse, clock: _Clock) -> None:
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        clock: _Clock,
+        on_usage: Callable[[Usage], None] | None = None,
+    ) -> None:
         self._response = response
         self._clock = clock
         self.status = response.status
         self.content_type: str | None = response.headers.get("Content-Type")
+        # Token usage as the model server states it, read from the body as it passes (set
+        # once the body has been read to its end; None if it said nothing).
+        self.usage: Usage | None = None
+        self._usage_reader = UsageReader(self.content_type) if self.status < 400 else None
+        self._on_usage = on_usage
         self.headers = relayed_response_headers(response.headers)
         encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
         # The length still describes the body we relay only if nothing had to be decoded.
@@ -136,8 +151,19 @@ class UpstreamReply:
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
                 raise UpstreamFault from None
             if not chunk:
+                self._finish_usage()
                 return
+            if self._usage_reader is not None:
+                self._usage_reader.feed(chunk)
             yield chunk
+
+    def _finish_usage(self) -> None:
+        if self._usage_reader is None:
+            return
+        self.usage = self._usage_reader.result()
+        self._usage_reader = None
+        if self.usage is not None and self._on_usage is not None:
+            self._on_usage(self.usage)
 
     async def read_bounded(self, limit: int) -> bytes | None:
         """The whole decoded body, or None if it exceeds ``limit`` bytes (reading stops there)."""
@@ -158,11 +184,15 @@ class _Clock:
         self._deadline = self._loop.time() + timeouts.total
         self.waited = 0.0
 
-    async def wait(self, awaitable: Awaitable[T], phase: str) -> T:
-        """Await ``awaitable`` under ``phase``'s clock and the total one; 504 on expiry."""
+    def now(self) -> float:
+        return self._loop.time()
+
+    async def wait(self, awaitable: Awaitable[T], phase: str, until: float | None = None) -> T:
+        """Await ``awaitable`` under ``phase``'s clock (or ``until``) and the total one; 504 on
+        expiry."""
         limit = self._timeouts.first_byte if phase == "first_byte" else self._timeouts.idle
         now = self._loop.time()
-        phase_deadline = now + limit
+        phase_deadline = now + limit if until is None else until
         try:
             async with asyncio.timeout_at(min(phase_deadline, self._deadline)) as scope:
                 return await awaitable
@@ -170,6 +200,14 @@ class _Clock:
             if not scope.expired():
                 raise  # some inner timeout, not ours: the caller maps it
             raise UpstreamTimeout("total" if self._deadline <= phase_deadline else phase) from None
+        finally:
+            self.waited += self._loop.time() - now
+
+    async def pause(self, seconds: float) -> None:
+        """Wait between attempts (counted as time spent on the upstream)."""
+        now = self._loop.time()
+        try:
+            await asyncio.sleep(seconds)
         finally:
             self.waited += self._loop.time() - now
 
@@ -181,6 +219,12 @@ class Upstream:
     toward opening it. With an ``api_key`` (an attached remote server), every request carries
     ``Authorization: Bearer`` with it; callers' own Authorization never passes (see
     FORWARDED_REQUEST_HEADERS) and the key is never logged or shown.
+
+    Retries (at most ``retries`` per request, each counted in ``metrics``): a connection that
+    could not be opened (nothing was sent), or a 503 (the model server is loading), is tried
+    again after an exponential backoff with jitter, or after the server's ``Retry-After`` if
+    longer, but only while the first-byte deadline allows. Once a reply other than a 503 has
+    begun, nothing is retried: it is relayed, and nothing had reached the caller before.
     """
 
     def __init__(
@@ -191,12 +235,16 @@ class Upstream:
         *,
         breaker: CircuitBreaker | None = None,
         api_key: SecretStr | None = None,
+        retries: int = 0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._session = session
         self._base_url = base_url.rstrip("/")
         self.timeouts = timeouts
         self._breaker = breaker
         self._api_key = api_key
+        self._retries = retries
+        self._metrics = metrics
 
     def _with_key(self, headers: Mapping[str, str]) -> Mapping[str, str]:
         if self._api_key is None:
@@ -230,32 +278,52 @@ class Upstream:
         if self._breaker is not None and not self._breaker.allows():
             raise UpstreamDown(self._breaker.retry_after)
         clock = _Clock(self.timeouts)
+        first_byte_end = clock.now() + self.timeouts.first_byte
         timeout = aiohttp.ClientTimeout(
             total=None, connect=self.timeouts.connect, sock_connect=self.timeouts.connect
         )
-        request = self._session.request(
-            method,
-            self._base_url + path,
-            data=body if body else None,
-            headers=self._with_key(headers),
-            timeout=timeout,
-            allow_redirects=False,
-            auto_decompress=True,
-        )
-        try:
-            response = await clock.wait(request, "first_byte")
-        except aiohttp.ConnectionTimeoutError:
-            self._failed("connect timeout")
-            raise UpstreamTimeout("connect") from None
-        except aiohttp.ClientConnectorError:
-            self._failed("connection refused")
-            raise UpstreamUnavailable from None
-        except (aiohttp.ClientError, TimeoutError):
-            raise UpstreamFault from None
+        attempt = 0
+        while True:
+            request = self._session.request(
+                method,
+                self._base_url + path,
+                data=body if body else None,
+                headers=self._with_key(headers),
+                timeout=timeout,
+                allow_redirects=False,
+                auto_decompress=True,
+            )
+            try:
+                response = await clock.wait(request, "first_byte", until=first_byte_end)
+            except aiohttp.ConnectionTimeoutError:
+                self._failed("connect timeout")
+                raise UpstreamTimeout("connect") from None
+            except aiohttp.ClientConnectorError:
+                # Not even connected: nothing was sent, so trying again is safe.
+                delay = self._retry_delay(attempt, None, clock, first_byte_end)
+                if delay is None:
+                    self._failed("connection refused")
+                    raise UpstreamUnavailable from None
+                await self._before_retry("connect", delay, clock)
+                attempt += 1
+                continue
+            except (aiohttp.ClientError, TimeoutError):
+                raise UpstreamFault from None
+            if response.status == 503:
+                retry_after = response.headers.get("Retry-After")
+                delay = self._retry_delay(attempt, retry_after, clock, first_byte_end)
+                if delay is not None:
+                    response.close()  # its body is not read: the connection is not reused
+                    await self._before_retry("unavailable", delay, clock)
+                    attempt += 1
+                    continue
+            break
         if self._breaker is not None:
             self._breaker.record_success()
         try:
-            yield UpstreamReply(response, clock)
+            yield UpstreamReply(
+                response, clock, self._metrics.usage if self._metrics is not None else None
+            )
         except ConnectionResetError:
             # The caller's socket (a write to it failed), not the upstream: no mapping.
             response.close()
@@ -269,6 +337,33 @@ class Upstream:
         else:
             response.release()
 
+    def _retry_delay(
+        self, attempt: int, retry_after: str | None, clock: _Clock, first_byte_end: float
+    ) -> float | None:
+        """Seconds to wait before the next attempt, or None: no retries left or no time."""
+        if attempt >= self._retries:
+            return None
+        backoff = min(RETRY_BASE * 2**attempt, RETRY_CAP)
+        delay = random.uniform(backoff / 2, backoff)  # noqa: S311 - jitter, not a secret
+        asked = _delta_seconds(retry_after)
+        if asked is not None:
+            delay = max(delay, asked)
+        if clock.now() + delay >= first_byte_end:
+            return None  # the first byte could not come in time anyway: answer now
+        return delay
+
+    async def _before_retry(self, reason: str, delay: float, clock: _Clock) -> None:
+        if self._metrics is not None:
+            self._metrics.retry(reason)
+        await clock.pause(delay)
+
     def _failed(self, reason: str) -> None:
         if self._breaker is not None:
             self._breaker.record_failure(reason)
+
+
+def _delta_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` given in seconds (an HTTP-date is ignored: backoff applies)."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return float(min(int(value.strip()), 3600))

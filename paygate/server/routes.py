@@ -14,7 +14,10 @@ from decimal import Decimal
 from typing import Literal, Protocol
 from urllib.parse import quote
 
+from paygate import wire
 from paygate.server.errors import ApiStyle
+from paygate.upstream.engines import profile_for
+from paygate.upstream.engines.base import ServedRoute
 
 Target = Literal["upstream", "health", "live", "ready", "metrics", "pubkey"]
 
@@ -95,33 +98,29 @@ class RouteTable:
         return None
 
 
-def default_routes(price: PriceHook | None = None) -> RouteTable:
-    """The gateway's table (issue 3). ``price`` is attached to every paid route."""
+def engine_routes(served: Iterable[ServedRoute], price: PriceHook | None = None) -> RouteTable:
+    """The table for an engine profile's routes (all paid), plus the gateway's local ones.
 
-    def paid(method: str, path: str, api: ApiStyle) -> Route:
-        return Route(method, path, api, paid=True, price=price)
+    Only what the engine serves exists: with llama-server, Ollama's ``/api/chat`` is a 404
+    here and never reaches it. ``price`` is attached to every paid route.
+    """
+    upstream = [Route(r.method, r.path, r.api, paid=True, price=price) for r in served]
 
     def free(path: str, target: Target) -> Route:
         return Route("GET", path, "free", paid=False, target=target)
 
     return RouteTable(
         [
-            paid("POST", "/v1/chat/completions", "openai"),
-            paid("POST", "/v1/completions", "openai"),
-            paid("POST", "/v1/embeddings", "openai"),
-            paid("GET", "/v1/models", "openai"),
-            paid("GET", "/v1/models/{model}", "openai"),
-            paid("POST", "/api/chat", "ollama"),
-            paid("POST", "/api/generate", "ollama"),
-            paid("POST", "/api/embed", "ollama"),
-            paid("POST", "/api/embeddings", "ollama"),
-            paid("POST", "/api/show", "ollama"),
-            paid("GET", "/api/tags", "ollama"),
-            paid("GET", "/api/version", "ollama"),
-            free("/health", "health"),
-            free("/health/live", "live"),
-            free("/health/ready", "ready"),
-            free("/metrics", "metrics"),
-            Route("GET", "/v1/enclave/pubkey", "openai", paid=False, target="pubkey"),
+            *upstream,
+            free(wire.HEALTH_PATH, "health"),
+            free(wire.LIVE_PATH, "live"),
+            free(wire.READY_PATH, "ready"),
+            free(wire.METRICS_PATH, "metrics"),
+            Route("GET", wire.PUBKEY_PATH, "openai", paid=False, target="pubkey"),
         ]
     )
+
+
+def default_routes(price: PriceHook | None = None) -> RouteTable:
+    """The table for Ollama, the default engine (OpenAI and Ollama-native routes)."""
+    return engine_routes(profile_for("ollama").routes(), price)

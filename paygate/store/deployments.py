@@ -89,6 +89,10 @@ class Deployment(BaseModel):
     container_memory: str | None = None
     container_host_port: int | None = Field(default=None, ge=1, le=65535)
     tee_type: str | None = None
+    upstream_kind: Literal["ollama", "llama-server", "vllm", "openai"] | None = None
+    model_path: str | None = None
+    model_name: str | None = None
+    # The served weights' digest (hex or sha256:hex); serve refuses other weights.
     model_hash: str | None = None
     no_payment_gate: bool = False
     provenance: dict[str, Any] | None = None
@@ -99,6 +103,23 @@ class Deployment(BaseModel):
     @classmethod
     def _check_name(cls, value: str) -> str:
         return check_name(value)
+
+    @field_validator("model_hash")
+    @classmethod
+    def _check_hash(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        hexdigest = value.strip().lower().removeprefix("sha256:")
+        if not re.fullmatch(r"[0-9a-f]{64}", hexdigest):
+            raise ValueError("must be a SHA-256 digest: 64 hex digits, optionally sha256:")
+        return "sha256:" + hexdigest
+
+    @property
+    def served_model_name(self) -> str | None:
+        """The name the weights are served (and their digest checked) under."""
+        if self.model_name:
+            return self.model_name
+        return Path(self.model_path).name if self.model_path else None
 
     @field_validator("wallet_address")
     @classmethod
@@ -231,6 +252,9 @@ _SETTINGS_FIELDS = {
     "container_image": "upstream_image",
     "container_cpus": "upstream_cpus",
     "container_memory": "upstream_memory",
+    "upstream_kind": "upstream_kind",
+    "model_path": "upstream_model_path",
+    "model_name": "upstream_model_name",
     "wallet_address": "pay_to",
     "price_per_request": "price",
     "price_per_million_tokens": "price_per_million_tokens",
@@ -257,4 +281,7 @@ def settings_overrides(deployment: Deployment, known: set[str]) -> dict[str, Any
         out["payment_mode"] = "off"
     if deployment.upstream_mode == "container":
         out["upstream_name"] = f"paygate-{deployment.name}"
+    name = deployment.served_model_name
+    if deployment.model_hash and name and "expected_model_digests" in known:
+        out["expected_model_digests"] = {name: deployment.model_hash}
     return out

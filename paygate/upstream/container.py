@@ -10,6 +10,7 @@ survives everything here, so models are never lost with a container.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -110,6 +111,20 @@ class ContainerManager:
             self._start_relay(serving.id)
             return "relay restarted"
         return "running"
+
+    def volume_path(self) -> Path | None:
+        """Where the model volume lives on the host, if this process can read it."""
+        try:
+            volume = self.client.volumes.get(self.spec.volume)
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.APIError as exc:
+            raise failure(f"inspect volume {self.spec.volume}", exc) from None
+        mountpoint = volume.attrs.get("Mountpoint")
+        if not isinstance(mountpoint, str):
+            return None
+        path = Path(mountpoint) / "models"  # OLLAMA_MODELS is <models_dir>/models
+        return path if os.access(path, os.R_OK | os.X_OK) else None
 
     def crashed(self) -> bool:
         """True if the serving or relay container is not running (or gone)."""

@@ -3,10 +3,11 @@
 Each port gets a few GETs under one deadline. The kinds are told apart by what only they
 answer (the reference gateway looked at ``/health`` alone and so called vLLM llama-server):
 
-- ollama: ``/api/tags`` with a ``models`` list;
+- llama-server: ``/props`` (llama.cpp's server settings), or models ``owned_by: llamacpp``.
+  Checked first: a real llama-server also answers ``/api/tags`` with a ``models`` list;
+- ollama: ``/api/tags`` with a ``models`` list and ``/api/version`` with a ``version``;
 - vllm: ``/version`` with a ``version``, or models ``owned_by: vllm`` (vLLM's ``/health`` is an
   empty 200, llama-server's is JSON, so ``/health`` alone decides nothing);
-- llama-server: ``/props`` (llama.cpp's server settings), or models ``owned_by: llamacpp``;
 - openai: any other server with an OpenAI ``/v1/models`` list (LM Studio, LiteLLM ...);
 - http: something answers HTTP but is none of these.
 
@@ -96,29 +97,40 @@ async def probe_port(
             tags = await _get_json(session, base + "/api/tags")
             if tags is None:
                 return None  # refused or not HTTP: nothing more to ask
-            ollama = _ollama_models(tags)
-            if ollama is not None:
-                version = _version(await _get_json(session, base + "/api/version"))
-                return Found(port, base, "ollama", tuple(ollama[:MAX_MODELS]), version)
-            models, version_reply, props = await asyncio.gather(
+            models, version_reply, props, ollama_version = await asyncio.gather(
                 _get_json(session, base + "/v1/models"),
                 _get_json(session, base + "/version"),
                 _get_json(session, base + "/props"),
+                _get_json(session, base + "/api/version"),
             )
     except TimeoutError:
         return None
     listed = _openai_models(models)
     ids, owners = listed if listed is not None else ([], set())
     found_ids = tuple(ids[:MAX_MODELS])
+    # llama-server answers /api/tags with a "models" list too (and /v1/models carries one),
+    # so it is recognised first, by what only it answers: /props, or owned_by llamacpp.
+    is_llama = props is not None and props[0] == 200 and isinstance(props[1], dict)
+    if is_llama or "llamacpp" in owners:
+        return Found(port, base, "llama-server", found_ids, _build(props))
+    ollama = _ollama_models(tags)
+    ollama_version = _version(ollama_version)
+    if ollama is not None and (ollama_version is not None or listed is None):
+        return Found(port, base, "ollama", tuple(ollama[:MAX_MODELS]), ollama_version)
     version = _version(version_reply)
     if version is not None or "vllm" in owners:
         return Found(port, base, "vllm", found_ids, version)
-    is_llama = props is not None and props[0] == 200 and isinstance(props[1], dict)
-    if is_llama or "llamacpp" in owners:
-        return Found(port, base, "llama-server", found_ids)
     if listed is not None:
         return Found(port, base, "openai", found_ids)
     return Found(port, base, "http")
+
+
+def _build(props: tuple[int, Any] | None) -> str | None:
+    """llama-server's build (``/props`` ``build_info``, e.g. ``b1-4227c9b``)."""
+    if props is None or not isinstance(props[1], dict):
+        return None
+    value = props[1].get("build_info")
+    return value if isinstance(value, str) and len(value) <= 64 else None
 
 
 async def discover(

@@ -43,3 +43,9 @@ class PullFailed(UpstreamError):
     """``paygate upstream pull`` did not complete."""
 
     code = "pull_failed"
+
+
+class ModelDigestMismatch(UpstreamError):
+    """The served weights are not the ones ``expected_model_digests`` names."""
+
+    code = "model_digest_mismatch"

@@ -2,8 +2,9 @@
 
 A separate, short-lived container from the same image, with the same hardening and the same
 model volume, but on the pull network (egress) and with its port published on 127.0.0.1
-only. paygate asks it to pull (Ollama's ``POST /api/pull``), relays the progress, and removes
-it, whatever happened. Serving containers are never given a network.
+only. paygate asks it to pull (the engine profile's ``pull_path``: Ollama's
+``POST /api/pull``), relays the progress, and removes it, whatever happened. Serving containers
+are never given a network.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import docker.errors
 from docker.models.containers import Container
 
 from paygate.upstream.engine import failure
+from paygate.upstream.engines import profile_for
 from paygate.upstream.errors import PullFailed
 from paygate.upstream.readiness import wait_ready
 from paygate.upstream.spec import ROLE_LABEL, ContainerSpec, pull_kwargs
@@ -78,14 +80,24 @@ async def pull(
     ready_timeout: float,
     timeout: float,
 ) -> None:
-    """Pull ``model`` into the deployment's volume; PullFailed with the server's reason."""
+    """Pull ``model`` into the deployment's volume; PullFailed with the server's reason.
+
+    Only engines whose profile has a ``pull_path`` (Ollama) download models themselves; the
+    others serve the file named by ``upstream_model_path``, which the operator provides.
+    """
+    profile = profile_for(spec.kind)
+    if profile.pull_path is None:
+        raise PullFailed(
+            f"{spec.kind} cannot pull models: put the weights file on this host and set "
+            "upstream_model_path"
+        )
     container, port = await asyncio.to_thread(_start, client, spec)
     try:
         base = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession(trust_env=False) as session:
-            await wait_ready(session, base + "/api/version", deadline=ready_timeout)
+            await wait_ready(session, base + profile.health_path, deadline=ready_timeout)
             async with asyncio.timeout(timeout):
-                await _stream_pull(session, base, model, on_progress)
+                await _stream_pull(session, base + profile.pull_path, model, on_progress)
     except TimeoutError:
         raise PullFailed(f"the pull did not finish within {timeout:g}s") from None
     finally:
@@ -94,12 +106,12 @@ async def pull(
 
 async def _stream_pull(
     session: aiohttp.ClientSession,
-    base: str,
+    url: str,
     model: str,
     on_progress: Callable[[Progress], None],
 ) -> None:
     async with session.post(
-        base + "/api/pull", json={"model": model, "stream": True}, read_bufsize=MAX_LINE
+        url, json={"model": model, "stream": True}, read_bufsize=MAX_LINE
     ) as response:
         if response.status != 200:
             raise PullFailed(f"the model server refused the pull (http {response.status})")

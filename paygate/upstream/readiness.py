@@ -1,7 +1,8 @@
 """Is the model server up? One probe, and a wait with a deadline.
 
-The probe asks each server kind the question it answers cheaply: Ollama ``/api/version``,
-llama.cpp's server and vLLM ``/health``, any other OpenAI-compatible server ``/v1/models``.
+The probe asks each server kind the question it answers cheaply (its engine profile's
+``health_path``: Ollama ``/api/version``, llama.cpp's server and vLLM ``/health``, any other
+OpenAI-compatible server ``/v1/models``).
 Only a 2xx counts as ready (a 401 from a remote server means the API key is wrong, which is
 not ready either). The API key, when there is one, rides in the probe like in every request.
 """
@@ -11,19 +12,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 import aiohttp
 
 from paygate.upstream.errors import UpstreamNotReady
 
-UpstreamKind = Literal["ollama", "llama-server", "vllm", "openai"]
-HEALTH_PATHS: dict[str, str] = {
-    "ollama": "/api/version",
-    "llama-server": "/health",
-    "vllm": "/health",
-    "openai": "/v1/models",
-}
 _POLL = 0.2  # seconds between probes while waiting for readiness
 
 

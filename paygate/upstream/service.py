@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -21,8 +21,11 @@ from paygate.config import Settings
 from paygate.upstream.breaker import CircuitBreaker
 from paygate.upstream.container import ContainerManager
 from paygate.upstream.engine import connect
+from paygate.upstream.engines import profile_for
+from paygate.upstream.engines.base import ModelDigest
+from paygate.upstream.errors import ModelDigestMismatch
 from paygate.upstream.monitor import HealthMonitor
-from paygate.upstream.readiness import HEALTH_PATHS, ProbeResult, probe, wait_ready
+from paygate.upstream.readiness import ProbeResult, probe, wait_ready
 from paygate.upstream.spec import spec_from_settings
 
 log = logging.getLogger("paygate.upstream")
@@ -36,9 +39,37 @@ def base_url(settings: Settings) -> str:
 
 
 def health_url(settings: Settings) -> str:
-    """The readiness probe's URL (Ollama's route in container mode: the container is Ollama)."""
-    kind = settings.upstream_kind if settings.upstream_mode == "attach" else "ollama"
-    return base_url(settings) + (settings.upstream_health_path or HEALTH_PATHS[kind])
+    """The readiness probe's URL: the engine profile's route unless overridden."""
+    path = settings.upstream_health_path or profile_for(settings.upstream_kind).health_path
+    return base_url(settings) + path
+
+
+def served_digests(settings: Settings, manager: ContainerManager | None) -> list[ModelDigest]:
+    """The digests of the weights served (blocking: hashing reads the whole file).
+
+    From ``upstream_model_path`` in both modes; for Ollama in container mode with no path
+    given, from the manifests in the deployment's volume (readable when paygate runs as root,
+    which docker access amounts to anyway).
+    """
+    profile = profile_for(settings.upstream_kind)
+    path = settings.upstream_model_path
+    if path is None and manager is not None and profile.pull_path is not None:
+        path = manager.volume_path()
+    return profile.digests(path, settings.upstream_model_name)
+
+
+def check_digests(expected: Mapping[str, str], served: list[ModelDigest]) -> None:
+    """ModelDigestMismatch unless every expected model is served with exactly that digest."""
+    have = {item.name: item.digest for item in served}
+    wrong = [
+        f"{name}: expected {digest}, served {have.get(name, 'nothing')}"
+        for name, digest in sorted(expected.items())
+        if have.get(name) != digest
+    ]
+    if wrong:
+        raise ModelDigestMismatch(
+            "the served weights differ from expected_model_digests: " + "; ".join(wrong)
+        )
 
 
 def api_key(settings: Settings) -> SecretStr | None:
@@ -93,6 +124,7 @@ class UpstreamService:
             recover=self._recover if manager is not None else None,
         )
         self._task: asyncio.Task[None] | None = None
+        self.models: list[ModelDigest] = []  # the weights served, with their digests
 
     async def check(self) -> ProbeResult:
         return await probe(
@@ -110,8 +142,19 @@ class UpstreamService:
         assert self.manager is not None
         return await asyncio.to_thread(self.manager.ensure_running)
 
+    async def verify_models(self) -> None:
+        """Hash the served weights; refuse (ModelDigestMismatch) what was not expected."""
+        self.models = await asyncio.to_thread(served_digests, self.settings, self.manager)
+        check_digests(self.settings.expected_model_digests, self.models)
+        for item in self.models:
+            log.info("serving model %s, weights %s", item.name, item.digest)
+
     async def start(self) -> None:
-        """Start the containers (container mode) and wait until ready; then monitor."""
+        """Check the weights, start the containers (container mode) and wait until ready;
+        then monitor. Ollama's manifests are read once its container has started."""
+        from_volume = self.manager is not None and self.settings.upstream_model_path is None
+        if not from_volume:
+            await self.verify_models()
         if self.manager is not None:
             await asyncio.to_thread(self.manager.start)
             await wait_ready(
@@ -121,6 +164,8 @@ class UpstreamService:
                 probe_timeout=self.settings.ready_probe_timeout,
             )
             self.monitor.mark_ready()
+            if from_volume:
+                await self.verify_models()
         elif not self.monitored:
             return
         else:
@@ -148,9 +193,12 @@ class UpstreamService:
         if not self.monitored:
             return {"mode": self.settings.upstream_mode, "state": "unmonitored"}
         out: dict[str, Any] = {"mode": self.settings.upstream_mode, **self.monitor.snapshot()}
-        if self.settings.upstream_mode == "attach":
-            out["kind"] = self.settings.upstream_kind
+        out["kind"] = self.settings.upstream_kind
         return out
+
+    def models_document(self) -> list[dict[str, str]]:
+        """``[{"name", "digest"}]`` of the weights served (public: what attestation binds)."""
+        return [item.as_dict() for item in self.models]
 
 
 @contextlib.asynccontextmanager

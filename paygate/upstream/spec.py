@@ -25,6 +25,8 @@ from docker.types import DeviceRequest, LogConfig, Mount
 
 from paygate.config import Settings
 from paygate.upstream import relay
+from paygate.upstream.engines import profile_for
+from paygate.upstream.engines.base import EngineKind, LaunchTarget
 from paygate.upstream.errors import InvalidName
 from paygate.upstream.names import container_name, derived_name
 
@@ -54,6 +56,9 @@ class ContainerSpec:
     gpus: str | None
     tmpfs: dict[str, str]
     pull_network: str
+    kind: EngineKind = "ollama"
+    model_path: Path | None = None  # a file bind-mounted read-only (engines that serve one)
+    alias: str = "model"
     relay_script: Path = field(default_factory=lambda: Path(relay.__file__).resolve())
     user: str = field(default_factory=lambda: f"{os.getuid()}:{os.getgid()}")
 
@@ -70,24 +75,38 @@ class ContainerSpec:
         return self.socket_dir / SOCKET_NAME
 
     @property
+    def health_path(self) -> str:
+        return profile_for(self.kind).health_path
+
+    @property
     def base_url(self) -> str:
         """The URL the gateway uses over the relay socket (Host: localhost, as Ollama wants)."""
         return f"http://localhost:{self.port}"
 
 
 def spec_from_settings(settings: Settings, name: str | None = None) -> ContainerSpec:
-    """The container spec for ``settings`` (``name`` overrides ``upstream_name``)."""
-    cname = container_name(name or settings.upstream_name)
+    """The container spec for ``settings`` (``name`` overrides ``upstream_name``).
+
+    Unset image, port, models directory, name and volume take the defaults of
+    ``upstream_kind``'s engine profile.
+    """
+    profile = profile_for(settings.upstream_kind)
+    if profile.container is None:
+        raise InvalidName(f"upstream_kind {settings.upstream_kind} has no container recipe")
+    defaults = profile.container
+    cname = container_name(name or settings.upstream_name or defaults.name)
     socket_dir = settings.upstream_socket_dir / cname
     if len(str(socket_dir / SOCKET_NAME).encode()) > _MAX_UNIX_PATH:
         raise InvalidName(f"upstream_socket_dir is too long for a unix socket: {socket_dir}")
+    model_path = settings.upstream_model_path
+    alias = settings.upstream_model_name or (model_path.name if model_path else "model")
     return ContainerSpec(
         name=cname,
-        image=settings.upstream_image,
+        image=settings.upstream_image or defaults.image,
         relay_image=settings.upstream_relay_image,
-        volume=settings.upstream_volume,
-        models_mount=settings.upstream_models_dir,
-        port=settings.upstream_port,
+        volume=settings.upstream_volume or f"{cname}-models",
+        models_mount=settings.upstream_models_dir or defaults.models_dir,
+        port=settings.upstream_port or defaults.port,
         socket_dir=socket_dir,
         cpus=settings.upstream_cpus,
         memory=settings.upstream_memory,
@@ -95,6 +114,9 @@ def spec_from_settings(settings: Settings, name: str | None = None) -> Container
         gpus=settings.upstream_gpus,
         tmpfs=dict(settings.upstream_tmpfs),
         pull_network=settings.upstream_pull_network,
+        kind=settings.upstream_kind,
+        model_path=model_path.resolve() if model_path else None,
+        alias=alias,
     )
 
 
@@ -112,16 +134,38 @@ def _hardening(spec: ContainerSpec, role: str) -> dict[str, Any]:
 
 def _model_server(spec: ContainerSpec, role: str, listen: str) -> dict[str, Any]:
     kwargs = _hardening(spec, role)
+    threads = max(1, int(spec.cpus)) if spec.cpus is not None else None
+    launch = profile_for(spec.kind).launch(
+        LaunchTarget(
+            listen=listen,
+            port=spec.port,
+            models_dir=spec.models_mount,
+            model_path=spec.model_path,
+            alias=spec.alias,
+            threads=threads,
+        )
+    )
+    if launch.model_file is not None and launch.model_target is not None:
+        # The one weights file, read-only: the server cannot alter what it serves.
+        mounts = [
+            Mount(
+                target=launch.model_target,
+                source=str(launch.model_file),
+                type="bind",
+                read_only=True,
+            )
+        ]
+    else:
+        mounts = [Mount(target=spec.models_mount, source=spec.volume, type="volume")]
     kwargs.update(
         image=spec.image,
-        environment={
-            "OLLAMA_HOST": f"{listen}:{spec.port}",
-            "OLLAMA_MODELS": f"{spec.models_mount.rstrip('/')}/models",
-        },
-        mounts=[Mount(target=spec.models_mount, source=spec.volume, type="volume")],
+        environment=dict(launch.environment),
+        mounts=mounts,
         tmpfs=dict(spec.tmpfs),
         pids_limit=spec.pids_limit,
     )
+    if launch.command:
+        kwargs["command"] = list(launch.command)
     if spec.cpus is not None:
         kwargs["nano_cpus"] = int(spec.cpus * 1_000_000_000)
     if spec.memory is not None:

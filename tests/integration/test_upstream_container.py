@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -25,7 +23,14 @@ from paygate_dev.fake_model import reply_words
 from paygate.cli.main import main as cli
 from paygate.upstream.spec import spec_from_settings
 from tests.fixtures.docker import DockerImages
-from tests.integration.upstream_support import CHAT, Gateway, container_settings, running_gateway
+from tests.integration.upstream_support import (
+    CHAT,
+    Gateway,
+    container_settings,
+    listener,
+    run_probe,
+    running_gateway,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 PUBLIC_ADDRESS = "203.0.113.7"  # TEST-NET-3: a public-range address that belongs to no one
@@ -41,47 +46,6 @@ async def gateway(dockerd: Dockerd, test_images: DockerImages) -> AsyncIterator[
 def _containers(client: docker.DockerClient, gw: Gateway) -> tuple[Any, Any]:
     spec = spec_from_settings(gw.settings)
     return client.containers.get(spec.name), client.containers.get(spec.relay_name)
-
-
-def _run_probe(client: docker.DockerClient, image: str, script: str, **kwargs: Any) -> str:
-    """Run ``sh -c script`` in a throw-away busybox container; its output."""
-    container = client.containers.run(image, ["sh", "-c", script], detach=True, **kwargs)
-    try:
-        container.wait(timeout=30)
-        return container.logs().decode(errors="replace")
-    finally:
-        container.remove(force=True)
-
-
-@contextlib.contextmanager
-def _listener(address: str) -> Iterator[tuple[int, list[str]]]:
-    """A TCP listener on a host address; yields its port and the peers that connected."""
-    server = socket.socket()
-    server.bind((address, 0))
-    server.listen(8)
-    server.settimeout(0.2)
-    peers: list[str] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, peer = server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            peers.append(peer[0])
-            conn.close()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield server.getsockname()[1], peers
-    finally:
-        stop.set()
-        thread.join(5)
-        server.close()
 
 
 async def test_the_gateway_reaches_the_model_server_in_the_container(gateway: Gateway) -> None:
@@ -136,7 +100,7 @@ async def test_nothing_listens_beyond_the_containers_own_loopback(
 ) -> None:
     serving, _ = _containers(docker_client, gateway)
     # In the container's network namespace: only loopback, no route, one listener on 127.0.0.1.
-    out = _run_probe(
+    out = run_probe(
         docker_client,
         test_images.busybox,
         "ip -o addr; echo ROUTES; ip route; echo LISTEN; netstat -ltn",
@@ -178,13 +142,13 @@ async def test_egress_from_the_container_fails(
     try:
         outside.reload()
         host_address = outside.attrs["IPAM"]["Config"][0]["Gateway"]
-        with _listener(host_address) as (port, peers):
+        with listener(host_address) as (port, peers):
             probe = (
                 f"nc -w 2 {host_address} {port} </dev/null && echo HOST-REACHED; "
                 f"nc -w 2 {PUBLIC_ADDRESS} 80 </dev/null && echo PUBLIC-REACHED; "
                 f"wget -q -T 2 -O - http://{PUBLIC_ADDRESS}/ && echo HTTP-REACHED; echo DONE"
             )
-            isolated = _run_probe(
+            isolated = run_probe(
                 docker_client, test_images.busybox, probe, network_mode=f"container:{serving.id}"
             )
             assert "DONE" in isolated
@@ -192,7 +156,7 @@ async def test_egress_from_the_container_fails(
             assert "unreachable" in isolated.lower()  # refused by the kernel, nothing sent
             # Control: the same probe from a container on the ordinary network gets through,
             # so the listener works and the failure above is the isolation.
-            control = _run_probe(
+            control = run_probe(
                 docker_client,
                 test_images.busybox,
                 f"nc -w 2 {host_address} {port} </dev/null && echo HOST-REACHED",

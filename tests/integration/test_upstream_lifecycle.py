@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -14,8 +15,10 @@ from paygate_dev.docker_stack import Dockerd
 
 from paygate.cli.main import main as cli
 from paygate.upstream.container import ContainerManager
+from paygate.upstream.engines.base import ModelDigest
 from paygate.upstream.errors import ContainerFailed
 from paygate.upstream.readiness import wait_ready
+from paygate.upstream.service import served_digests
 from paygate.upstream.spec import spec_from_settings
 from tests.fixtures.docker import DockerImages
 from tests.integration.upstream_support import container_settings
@@ -108,6 +111,9 @@ def test_pull_writes_into_the_volume_through_a_short_lived_container(
     manager.start()
     try:
         assert "fake-tiny:1b" in _tags(spec.socket_path)
+        # The weights' digest: the manifest's model layer, read from the volume.
+        layer = "sha256:" + hashlib.sha256(b"fake-tiny:1b").hexdigest()
+        assert ModelDigest("fake-tiny:1b", layer) in served_digests(settings, manager)
     finally:
         manager.stop()
     docker_client.volumes.get(settings.upstream_volume).remove()

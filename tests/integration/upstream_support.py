@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import secrets
 import shutil
+import socket
 import tempfile
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import docker
 from aiohttp import web
 from paygate_dev.docker_stack import Dockerd
 
@@ -70,3 +73,44 @@ async def running_gateway(settings: Settings) -> AsyncIterator[Gateway]:
     finally:
         await runner.cleanup()
         shutil.rmtree(settings.upstream_socket_dir, ignore_errors=True)
+
+
+def run_probe(client: docker.DockerClient, image: str, script: str, **kwargs: Any) -> str:
+    """Run ``sh -c script`` in a throw-away busybox container; its output."""
+    container = client.containers.run(image, ["sh", "-c", script], detach=True, **kwargs)
+    try:
+        container.wait(timeout=30)
+        return container.logs().decode(errors="replace")
+    finally:
+        container.remove(force=True)
+
+
+@contextlib.contextmanager
+def listener(address: str) -> Iterator[tuple[int, list[str]]]:
+    """A TCP listener on a host address; yields its port and the peers that connected."""
+    server = socket.socket()
+    server.bind((address, 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    peers: list[str] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, peer = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            peers.append(peer[0])
+            conn.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], peers
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()

@@ -1,0 +1,157 @@
+"""What paygate knows about one model server engine: the protocol every profile implements.
+
+A profile is pure data plus pure functions: the routes the engine serves, how to ask whether it
+is ready and which models it lists, where token usage appears in its replies, how to compute
+the digest of the weights it serves, and how to run it in a container (image, arguments,
+environment, the model mount, the port). Attach mode, discovery, container mode and
+``paygate upstream pull`` read the profile; none of them knows an engine by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from paygate.upstream.errors import UpstreamError
+
+EngineKind = Literal["ollama", "llama-server", "vllm", "openai"]
+ApiShape = Literal["openai", "ollama"]  # the error shape and wire format of a route
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ServedRoute:
+    """One inference route the engine serves (the gateway prices and forwards it)."""
+
+    method: str
+    path: str
+    api: ApiShape
+
+
+# The OpenAI-compatible surface every engine here serves.
+OPENAI_ROUTES: tuple[ServedRoute, ...] = (
+    ServedRoute("POST", "/v1/chat/completions", "openai"),
+    ServedRoute("POST", "/v1/completions", "openai"),
+    ServedRoute("POST", "/v1/embeddings", "openai"),
+    ServedRoute("GET", "/v1/models", "openai"),
+    ServedRoute("GET", "/v1/models/{model}", "openai"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDigest:
+    """A served model and the digest of its weights (``sha256:<hex>``)."""
+
+    name: str
+    digest: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"name": self.name, "digest": self.digest}
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerDefaults:
+    """Per-engine defaults for container mode (each one a setting that overrides it)."""
+
+    image: str
+    port: int
+    models_dir: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerLaunch:
+    """How the serving container runs the engine.
+
+    ``command`` is passed as the container's arguments (the image's entrypoint is the engine);
+    ``model_file`` is the host file bind-mounted read-only at ``model_target``, or None when the
+    engine keeps its models in the deployment's volume (Ollama).
+    """
+
+    command: tuple[str, ...]
+    environment: Mapping[str, str]
+    model_file: Path | None = None
+    model_target: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchTarget:
+    """What the settings say about the serving container (resolved per-engine defaults)."""
+
+    listen: str
+    port: int
+    models_dir: str
+    model_path: Path | None
+    alias: str
+    threads: int | None  # compute threads, from upstream_cpus (None: the engine decides)
+
+
+class ProfileError(UpstreamError):
+    """A profile cannot do what the settings ask (a missing model path, say)."""
+
+    code = "engine_profile"
+
+
+class EngineProfile(Protocol):
+    """One engine. Implementations: ollama, llama_server, vllm, openai (this package).
+
+    Where usage appears follows the route's ``api``: OpenAI routes carry ``usage`` (in a
+    stream, the last chunk before ``[DONE]`` when the caller set
+    ``stream_options.include_usage``), Ollama-native routes ``prompt_eval_count`` and
+    ``eval_count`` in the final (``done``) object; :mod:`paygate.upstream.usage` reads both.
+    """
+
+    kind: EngineKind
+    health_path: str  # readiness: 2xx means ready to answer inference requests
+    models_path: str  # the model list
+    pull_path: str | None  # the engine's own model download route, if it has one
+    container: ContainerDefaults | None  # None: no container recipe (attach only)
+
+    def routes(self) -> tuple[ServedRoute, ...]:
+        """The inference routes this engine serves (anything else is 404 at the gateway)."""
+        ...
+
+    def model_names(self, listing: Any) -> list[str]:
+        """The model names in a parsed ``models_path`` reply ([] if it is not one)."""
+        ...
+
+    def digests(self, model_path: Path | None, model_name: str | None) -> list[ModelDigest]:
+        """The served weights' digests, computed from local files (blocking: use a thread)."""
+        ...
+
+    def launch(self, target: LaunchTarget) -> ContainerLaunch:
+        """The serving container's arguments and environment."""
+        ...
+
+
+def file_digest(path: Path) -> str:
+    """``sha256:<hex>`` of a file, read in 1 MiB pieces (a model file is gigabytes)."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            while chunk := fh.read(_HASH_CHUNK):
+                digest.update(chunk)
+    except OSError as exc:
+        raise ProfileError(f"cannot read the model file {path}: {exc.strerror}") from None
+    return "sha256:" + digest.hexdigest()
+
+
+def openai_model_ids(listing: Any) -> list[str]:
+    """The ``id``s of an OpenAI ``{"data": [{"id": ...}]}`` model list."""
+    if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
+        return []
+    return [
+        card["id"]
+        for card in listing["data"]
+        if isinstance(card, dict) and isinstance(card.get("id"), str)
+    ]
+
+
+def gguf_digests(model_path: Path | None, model_name: str | None) -> list[ModelDigest]:
+    """One GGUF file's digest, named ``model_name`` or the file's name (no path: no weights)."""
+    if model_path is None:
+        return []
+    return [ModelDigest(model_name or model_path.name, file_digest(model_path))]

@@ -1,0 +1,118 @@
+"""Ollama: its native ``/api/*`` routes as well as the OpenAI ones, ``/api/version`` as health.
+
+The weights' digest is that of the manifest layer whose mediaType is
+``application/vnd.ollama.image.model`` (the GGUF blob), read from the manifests under the
+models directory; ``/api/tags`` shows the *manifest's* digest, which also changes with the
+template or parameters, so it is not the weights'. Ollama keeps its models in the deployment's
+volume and is the one engine ``paygate upstream pull`` can ask to download (``/api/pull``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from paygate.upstream.engines.base import (
+    OPENAI_ROUTES,
+    ContainerDefaults,
+    ContainerLaunch,
+    EngineKind,
+    LaunchTarget,
+    ModelDigest,
+    ProfileError,
+    ServedRoute,
+)
+
+MODEL_LAYER = "application/vnd.ollama.image.model"
+DEFAULT_REGISTRY = ("registry.ollama.ai", "library")
+_MAX_MANIFEST = 1 << 20
+_MAX_MANIFESTS = 10_000
+
+OLLAMA_ROUTES: tuple[ServedRoute, ...] = (
+    ServedRoute("POST", "/api/chat", "ollama"),
+    ServedRoute("POST", "/api/generate", "ollama"),
+    ServedRoute("POST", "/api/embed", "ollama"),
+    ServedRoute("POST", "/api/embeddings", "ollama"),
+    ServedRoute("POST", "/api/show", "ollama"),
+    ServedRoute("GET", "/api/tags", "ollama"),
+    ServedRoute("GET", "/api/version", "ollama"),
+)
+
+
+class OllamaProfile:
+    kind: EngineKind = "ollama"
+    health_path: str = "/api/version"
+    models_path: str = "/api/tags"
+    pull_path: str | None = "/api/pull"
+    container: ContainerDefaults | None = ContainerDefaults(
+        image="ollama/ollama", port=11434, models_dir="/root/.ollama", name="paygate-ollama"
+    )
+
+    def routes(self) -> tuple[ServedRoute, ...]:
+        return OPENAI_ROUTES + OLLAMA_ROUTES
+
+    def model_names(self, listing: Any) -> list[str]:
+        if not isinstance(listing, dict) or not isinstance(listing.get("models"), list):
+            return []
+        return [
+            m["name"]
+            for m in listing["models"]
+            if isinstance(m, dict) and isinstance(m.get("name"), str)
+        ]
+
+    def digests(self, model_path: Path | None, model_name: str | None) -> list[ModelDigest]:
+        """Every pulled model's weights digest; ``model_path`` is Ollama's models directory
+        (``OLLAMA_MODELS``, the one holding ``manifests/``), ``model_name`` limits it to one."""
+        if model_path is None:
+            return []
+        found = manifest_digests(model_path / "manifests")
+        if model_name is not None:
+            wanted = model_name if ":" in model_name else model_name + ":latest"
+            found = [d for d in found if d.name == wanted]
+            if not found:
+                raise ProfileError(f"no manifest for {wanted} under {model_path}")
+        return found
+
+    def launch(self, target: LaunchTarget) -> ContainerLaunch:
+        models = f"{target.models_dir.rstrip('/')}/models"
+        environment = {"OLLAMA_HOST": f"{target.listen}:{target.port}", "OLLAMA_MODELS": models}
+        return ContainerLaunch(command=(), environment=environment)
+
+
+def manifest_digests(manifests: Path) -> list[ModelDigest]:
+    """``name:tag`` → model layer digest for every manifest under ``manifests/host/ns/name/tag``.
+
+    Models of the default registry and namespace are named as ``/api/tags`` names them
+    (``llama3:8b``); others keep their full path (``host/ns/name:tag``).
+    """
+    if not manifests.is_dir():
+        return []
+    out: list[ModelDigest] = []
+    for path in sorted(manifests.glob("*/*/*/*"))[:_MAX_MANIFESTS]:
+        if not path.is_file():
+            continue
+        host, namespace, name, tag = path.relative_to(manifests).parts
+        label = f"{name}:{tag}" if (host, namespace) == DEFAULT_REGISTRY else (
+            f"{host}/{namespace}/{name}:{tag}"
+        )  # fmt: skip
+        digest = model_layer_digest(path)
+        if digest is not None:
+            out.append(ModelDigest(label, digest))
+    return out
+
+
+def model_layer_digest(manifest: Path) -> str | None:
+    """The digest of the manifest's model layer, or None if it has none (not a model)."""
+    try:
+        with manifest.open("rb") as fh:
+            document = json.loads(fh.read(_MAX_MANIFEST))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"unreadable Ollama manifest {manifest.name}: {exc}") from None
+    layers = document.get("layers") if isinstance(document, dict) else None
+    for layer in layers if isinstance(layers, list) else []:
+        if isinstance(layer, dict) and layer.get("mediaType") == MODEL_LAYER:
+            digest = layer.get("digest")
+            if isinstance(digest, str) and digest.startswith("sha256:"):
+                return digest
+    return None

@@ -1,0 +1,139 @@
+"""Token usage read from model server replies: sans-IO, fed the body's bytes as they pass.
+
+Shapes (engine profiles say which routes speak which):
+
+- OpenAI, whole: ``{"usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}``;
+- OpenAI, SSE: the chunk that carries a non-null ``usage`` (the last before ``data: [DONE]``,
+  sent only when the caller asked with ``stream_options.include_usage``);
+- Ollama, whole or NDJSON: ``prompt_eval_count`` and ``eval_count`` in the final object
+  (``"done": true``).
+
+:class:`UsageReader` takes chunks in any split, holds at most ``limit`` bytes (a whole JSON
+reply, or one stream line), never raises on bad input, and answers None when the reply says
+nothing about usage. Metering prices what it returns.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from paygate import wire
+
+DEFAULT_LIMIT = 1 << 20  # bytes of one JSON reply or stream line read for usage
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens the model server says it read and wrote for one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def usage_of(document: Any) -> Usage | None:
+    """The usage one parsed reply object (a whole reply or one stream event) states, if any."""
+    if not isinstance(document, dict):
+        return None
+    usage = document.get("usage")
+    if isinstance(usage, dict):
+        prompt, completion = (
+            _count(usage.get("prompt_tokens")),
+            _count(usage.get("completion_tokens")),
+        )
+        if prompt is not None:
+            # Embeddings report prompt tokens only.
+            return Usage(prompt, completion or 0)
+    prompt, completion = (
+        _count(document.get("prompt_eval_count")),
+        _count(document.get("eval_count")),
+    )
+    if prompt is not None or completion is not None:
+        return Usage(prompt or 0, completion or 0)
+    return None
+
+
+def usage_from_body(body: bytes) -> Usage | None:
+    """The usage a whole (non-streamed) JSON reply states."""
+    try:
+        return usage_of(json.loads(body))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+
+
+class UsageReader:
+    """Feed a reply's body chunks; ``result()`` is the usage it stated (the last one wins).
+
+    ``media_type`` picks the framing: ``text/event-stream`` (SSE ``data:`` lines),
+    ``application/x-ndjson`` (one JSON object per line), anything else one whole JSON body.
+    """
+
+    def __init__(self, media_type: str | None, *, limit: int = DEFAULT_LIMIT) -> None:
+        kind = wire.media_type(media_type)
+        self._framing = "whole"
+        if kind == wire.SSE:
+            self._framing = "sse"
+        elif kind == wire.NDJSON:
+            self._framing = "ndjson"
+        self._limit = limit
+        self._buffer = bytearray()
+        self._overflow = False  # the current line (or whole body) passed the limit: skip it
+        self._usage: Usage | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        if self._framing == "whole":
+            if not self._overflow:
+                self._buffer += chunk
+                if len(self._buffer) > self._limit:
+                    self._overflow = True
+                    self._buffer.clear()
+            return
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            if not self._overflow:
+                self._buffer += piece
+                if len(self._buffer) > self._limit:
+                    self._overflow = True
+                    self._buffer.clear()
+            if end < 0:
+                return
+            self._line()
+            start = end + 1
+
+    def _line(self) -> None:
+        line = bytes(self._buffer).rstrip(b"\r")
+        skipped = self._overflow
+        self._buffer.clear()
+        self._overflow = False
+        if skipped:
+            return
+        if self._framing == "sse":
+            if not line.startswith(b"data:"):
+                return
+            line = line[5:].strip()
+            if line == b"[DONE]":
+                return
+        found = usage_from_body(line) if line.strip() else None
+        if found is not None:
+            self._usage = found
+
+    def result(self) -> Usage | None:
+        """The usage stated so far (call at the end of the body)."""
+        if self._framing == "whole":
+            if self._overflow or not self._buffer:
+                return None
+            return usage_from_body(bytes(self._buffer))
+        if self._buffer and not self._overflow:
+            self._line()  # a last line without its newline
+        return self._usage
