@@ -1,0 +1,1 @@
+"""Attestation evidence verifiers (bytes in, verdict out; no network) and evidence providers."""
