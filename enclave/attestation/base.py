@@ -35,6 +35,8 @@ class Code(StrEnum):
     QE_REPORT_INVALID = "qe_report_invalid"  # TDX: the PCK key did not sign the QE report
     ATTESTATION_KEY_UNBOUND = "attestation_key_unbound"  # TDX: QE report does not bind the key
     QE_IDENTITY_MISMATCH = "qe_identity_mismatch"  # TDX: the QE is not Intel's quoting enclave
+    TDX_MODULE_MISMATCH = "tdx_module_mismatch"  # TDX: the SEAM module is not the vendor's
+    FMSPC_MISMATCH = "fmspc_mismatch"  # TDX: the TCB info is for another platform
     COLLATERAL_INVALID = "collateral_invalid"  # vendor collateral with a bad signature or form
     COLLATERAL_STALE = "collateral_stale"  # collateral outside issueDate..nextUpdate
     COLLATERAL_INCOMPLETE = "collateral_incomplete"  # collateral needed for a verdict is missing
