@@ -18,6 +18,7 @@ class Code(StrEnum):
     """Stable failure codes: one per way evidence can be refused."""
 
     EVIDENCE_MALFORMED = "evidence_malformed"  # cannot be parsed: wrong size, bad CBOR, bad PEM
+    EVIDENCE_STALE = "evidence_stale"  # older than the policy allows, or from the future
     UNSUPPORTED_VERSION = "unsupported_version"  # a format version or algorithm we do not accept
     SIGNATURE_INVALID = "signature_invalid"  # the evidence's own signature does not verify
     CHAIN_INVALID = "chain_invalid"  # a certificate is not signed by its issuer / not a CA
