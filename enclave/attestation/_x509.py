@@ -9,6 +9,7 @@ its issuer, every issuer is a CA, the chain ends at a pinned root and all were v
 from __future__ import annotations
 
 import hashlib
+import itertools
 import warnings
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -102,7 +103,7 @@ def check_chain(
     root = chain[-1]
     broken = [
         common_name(cert.subject)
-        for cert, issuer in zip(chain, chain[1:], strict=False)
+        for cert, issuer in itertools.pairwise(chain)
         if not (signed_by(cert, issuer) and is_ca(issuer))
     ]
     if not signed_by(root, root):
@@ -131,4 +132,3 @@ def check_chain(
         else f"not valid at {at:%Y-%m-%dT%H:%M:%SZ}: {'; '.join(stale)}",
     )
     return ok
-

@@ -116,7 +116,7 @@ class ExpectedBinding:
 
 
 class EvidenceError(ValueError):
-    """Raised inside a verifier when evidence or collateral cannot be used; becomes a failed check."""
+    """Evidence or collateral that cannot be used; a verifier turns it into a failed check."""
 
     def __init__(self, code: Code, message: str) -> None:
         super().__init__(message)

@@ -2,7 +2,7 @@
 
 Order (docs/ATTESTATION.md): COSE_Sign1 form and ES384 header → payload fields → leaf ←
 cabundle[-1] ← … ← cabundle[0] == the pinned AWS Nitro root, every certificate valid at the
-document's own timestamp → the COSE signature → the document's age at ``at`` → debug (PCR0–2
+document's own timestamp → the COSE signature → the document's age at ``at`` → debug (PCR0..2
 all zero) → PCRs against the allow-lists → nonce, user_data and public_key against the binding.
 
 Format facts: AWS Nitro Enclaves "Verifying the root of trust" and RFC 9052 (COSE_Sign1,
@@ -100,7 +100,9 @@ def parse_document(data: bytes) -> NitroDocument:
 def _typed(doc: Mapping[str, Any], key: str, kind: type) -> Any:
     value = doc.get(key)
     if not isinstance(value, kind):
-        raise EvidenceError(Code.EVIDENCE_MALFORMED, f"payload field {key!r} missing or not {kind.__name__}")
+        raise EvidenceError(
+            Code.EVIDENCE_MALFORMED, f"payload field {key!r} missing or not {kind.__name__}"
+        )
     return value
 
 
@@ -135,8 +137,11 @@ class NitroPolicy:
             for k, vals in (m.get("pcrs") or {}).items()
         }
         age = m.get("max_age_seconds")
-        return cls(pcrs=pcrs, allow_debug=bool(m.get("allow_debug", False)),
-                   max_age_seconds=int(age) if age is not None else None)
+        return cls(
+            pcrs=pcrs,
+            allow_debug=bool(m.get("allow_debug", False)),
+            max_age_seconds=int(age) if age is not None else None,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,13 +209,18 @@ class NitroVerifier:
             "document_signature",
             ok,
             Code.SIGNATURE_INVALID,
-            "COSE_Sign1 ES384 signature by the leaf" if ok else "the COSE signature does not verify",
+            "COSE_Sign1 ES384 signature by the leaf"
+            if ok
+            else "the COSE signature does not verify",
         )
 
     def _freshness(self, checks: Checks, doc: NitroDocument, at: datetime) -> None:
         if doc.timestamp > at + CLOCK_SKEW:
-            checks.failed("freshness", Code.EVIDENCE_STALE,
-                          f"document time {doc.timestamp.isoformat()} is after {at.isoformat()}")
+            checks.failed(
+                "freshness",
+                Code.EVIDENCE_STALE,
+                f"document time {doc.timestamp.isoformat()} is after {at.isoformat()}",
+            )
         elif self.policy.max_age_seconds is None:
             checks.skipped("freshness", f"document time {doc.timestamp.isoformat()}; no max age")
         else:
@@ -227,14 +237,20 @@ class NitroVerifier:
             "debug",
             self.policy.allow_debug or not doc.debug,
             Code.DEBUG_NOT_ALLOWED,
-            "PCR0..2 all zero: debug-mode enclave" if doc.debug else "PCR0..2 set: production enclave",
+            "PCR0..2 all zero: debug-mode enclave"
+            if doc.debug
+            else "PCR0..2 set: production enclave",
         )
         if not self.policy.pcrs:
             checks.skipped("pcrs", "no PCR allow-list in the policy")
         for index, allowed in sorted(self.policy.pcrs.items()):
             value = doc.pcrs.get(index, b"")
-            checks.expect(f"pcr{index}", value in allowed, Code.MEASUREMENT_MISMATCH,
-                          f"{value.hex()} " + ("is allowed" if value in allowed else "is not allowed"))
+            checks.expect(
+                f"pcr{index}",
+                value in allowed,
+                Code.MEASUREMENT_MISMATCH,
+                f"{value.hex()} " + ("is allowed" if value in allowed else "is not allowed"),
+            )
 
     def _binding(self, checks: Checks, doc: NitroDocument, binding: ExpectedBinding) -> None:
         for name, have, want, code in (
@@ -247,4 +263,6 @@ class NitroVerifier:
                 checks.skipped(name, f"{shown} (no expected value given)")
             else:
                 ok = have is not None and hmac.compare_digest(have, want)
-                checks.expect(name, ok, code, f"{shown} " + ("== expected" if ok else "!= expected"))
+                checks.expect(
+                    name, ok, code, f"{shown} " + ("== expected" if ok else "!= expected")
+                )

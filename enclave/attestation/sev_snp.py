@@ -433,8 +433,10 @@ class SevSnpVerifier:
             for why, bad in (
                 ("reserved bit 17 is not 1", not p & POLICY_RESERVED_ONE),
                 ("SMT allowed", bool(p & POLICY_SMT) and not pol.allow_smt),
-                ("migration agent allowed", bool(p & POLICY_MIGRATE_MA)
-                 and not pol.allow_migration_agent),
+                (
+                    "migration agent allowed",
+                    bool(p & POLICY_MIGRATE_MA) and not pol.allow_migration_agent,
+                ),
             )
             if bad
         ]
@@ -453,15 +455,25 @@ class SevSnpVerifier:
                 Code.GUEST_POLICY_NOT_ALLOWED,
                 f"vmpl {report.vmpl}; required {pol.vmpl}",
             )
-        _allow(checks, "measurement", report.measurement, pol.measurements,
-               Code.MEASUREMENT_MISMATCH)
+        _allow(
+            checks, "measurement", report.measurement, pol.measurements, Code.MEASUREMENT_MISMATCH
+        )
         if pol.host_data is None:
             checks.skipped("host_data", "no host_data in the policy")
         else:
-            checks.expect("host_data", report.host_data == pol.host_data,
-                          Code.HOST_DATA_MISMATCH, f"host_data {report.host_data.hex()}")
-        _allow(checks, "id_key_digest", report.id_key_digest, pol.id_key_digests,
-               Code.MEASUREMENT_MISMATCH)
+            checks.expect(
+                "host_data",
+                report.host_data == pol.host_data,
+                Code.HOST_DATA_MISMATCH,
+                f"host_data {report.host_data.hex()}",
+            )
+        _allow(
+            checks,
+            "id_key_digest",
+            report.id_key_digest,
+            pol.id_key_digests,
+            Code.MEASUREMENT_MISMATCH,
+        )
 
     def _binding(self, checks: Checks, report: SnpReport, binding: ExpectedBinding) -> None:
         check_report_data(checks, report.report_data, binding)
@@ -471,8 +483,12 @@ def _allow(checks: Checks, name: str, value: bytes, allowed: frozenset[bytes], c
     if not allowed:
         checks.skipped(name, f"{value.hex()} (no allow-list in the policy)")
     else:
-        checks.expect(name, value in allowed, code,
-                      f"{value.hex()} " + ("is allowed" if value in allowed else "is not allowed"))
+        checks.expect(
+            name,
+            value in allowed,
+            code,
+            f"{value.hex()} " + ("is allowed" if value in allowed else "is not allowed"),
+        )
 
 
 def check_report_data(checks: Checks, report_data: bytes, binding: ExpectedBinding) -> None:

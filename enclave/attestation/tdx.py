@@ -372,7 +372,9 @@ class TdxVerifier:
             return checks.verdict(self.kind, claims)
         claims.update({"version": str(quote.version)})
         claims.update({k: v.hex() for k, v in quote.body.items()})
-        checks.passed("quote_format", f"v{quote.version}, ECDSA P-256, TDX, signed {quote.signed_len} bytes")
+        checks.passed(
+            "quote_format", f"v{quote.version}, ECDSA P-256, TDX, signed {quote.signed_len} bytes"
+        )
         trusted = list(self.roots) if self.roots is not None else [roots.intel_sgx_root()]
         pck_chain = self._quote(checks, quote, at, trusted)
         if pck_chain is not None:
@@ -437,16 +439,19 @@ class TdxVerifier:
         claims: dict[str, str],
     ) -> None:
         col = self.collateral
-        missing = col.missing()
-        if missing:
+        if (
+            col.tcb_info is None
+            or col.qe_identity is None
+            or col.tcb_signing_chain is None
+            or col.pck_crl is None
+            or col.root_ca_crl is None
+        ):
             checks.failed(
                 "collateral",
                 Code.COLLATERAL_INCOMPLETE,
-                f"missing {', '.join(missing)}: the TCB status cannot be decided",
+                f"missing {', '.join(col.missing())}: the TCB status cannot be decided",
             )
             return
-        assert col.tcb_info and col.qe_identity and col.tcb_signing_chain  # for the type checker
-        assert col.pck_crl and col.root_ca_crl
         checks.passed("collateral", "TCB info, QE identity, signer chain and CRLs present")
         try:
             signer_chain = load_certificates(col.tcb_signing_chain)
@@ -459,7 +464,10 @@ class TdxVerifier:
             return
         check_chain(checks, "tcb_signing_chain", signer_chain, trusted, at)
         signer = signer_chain[0].public_key()
-        for name, signed, sig in (("tcb_info", tcb_bytes, tcb_sig), ("qe_identity", qe_bytes, qe_sig)):
+        for name, signed, sig in (
+            ("tcb_info", tcb_bytes, tcb_sig),
+            ("qe_identity", qe_bytes, qe_sig),
+        ):
             ok = isinstance(signer, ec.EllipticCurvePublicKey) and _verify_raw(signer, sig, signed)
             checks.expect(
                 f"{name}_signature",
@@ -482,7 +490,9 @@ class TdxVerifier:
             "collateral_freshness",
             not stale,
             Code.COLLATERAL_STALE,
-            f"all current at {at:%Y-%m-%dT%H:%M:%SZ}" if not stale else "stale: " + "; ".join(stale),
+            f"all current at {at:%Y-%m-%dT%H:%M:%SZ}"
+            if not stale
+            else "stale: " + "; ".join(stale),
         )
         self._revocation(checks, pck_chain, signer_chain, pck_crl, root_crl, trusted)
         self._tcb(checks, quote, pck_chain[0], tcb_info, qe_id, claims)
@@ -580,7 +590,9 @@ class TdxVerifier:
         )
         self._status(checks, "qe_tcb_status", f"QE isvsvn {isvsvn}", qe_status)
         module = tcb_info.get("tdxModule", {})
-        seam_attr = _and(quote.body["seam_attributes"], bytes.fromhex(module.get("attributesMask", "00" * 8)))
+        seam_attr = _and(
+            quote.body["seam_attributes"], bytes.fromhex(module.get("attributesMask", "00" * 8))
+        )
         checks.expect(
             "tdx_module",
             quote.body["mr_signer_seam"] == bytes.fromhex(module.get("mrsigner", ""))
@@ -599,7 +611,9 @@ class TdxVerifier:
         )
         if svn[1] > 0:
             module_id, module_status = module_tcb_status(tcb_info, svn)
-            self._status(checks, "tdx_module_tcb_status", f"{module_id} isvsvn {svn[0]}", module_status)
+            self._status(
+                checks, "tdx_module_tcb_status", f"{module_id} isvsvn {svn[0]}", module_status
+            )
 
     def _status(self, checks: Checks, name: str, what: str, status: str | None) -> None:
         if status is None:
@@ -627,8 +641,12 @@ class TdxVerifier:
             if not allowed:
                 checks.skipped(name, f"{value.hex()} (no allow-list in the policy)")
             else:
-                checks.expect(name, value in allowed, Code.MEASUREMENT_MISMATCH,
-                              f"{value.hex()} " + ("is allowed" if value in allowed else "is not allowed"))
+                checks.expect(
+                    name,
+                    value in allowed,
+                    Code.MEASUREMENT_MISMATCH,
+                    f"{value.hex()} " + ("is allowed" if value in allowed else "is not allowed"),
+                )
         check_report_data(checks, quote.body["report_data"], binding)
 
 

@@ -73,19 +73,30 @@ def flip(data: bytes, offset: int, bit: int = 0) -> bytes:
 def test_sample_passes_with_its_measurement_and_binding(name: str) -> None:
     report, vcek = sample(name)
     _, _, measurement, data = SAMPLES[name]
-    policy = SevSnpPolicy(measurements=frozenset({bytes.fromhex(measurement)}),
-                          allow_debug=name == "gsg")
-    v = verify(report, [vcek], policy=policy,
-               binding=ExpectedBinding(report_data=bytes.fromhex(data)))
+    policy = SevSnpPolicy(
+        measurements=frozenset({bytes.fromhex(measurement)}), allow_debug=name == "gsg"
+    )
+    v = verify(
+        report, [vcek], policy=policy, binding=ExpectedBinding(report_data=bytes.fromhex(data))
+    )
     assert v.ok, v.to_json()
     statuses = {c.name: c.status for c in v.checks}
-    for must in ("chain_signatures", "chain_root", "chain_validity", "report_signature",
-                 "chip_id", "reported_tcb", "measurement", "report_data"):
+    for must in (
+        "chain_signatures",
+        "chain_root",
+        "chain_validity",
+        "report_signature",
+        "chip_id",
+        "reported_tcb",
+        "measurement",
+        "report_data",
+    ):
         assert statuses[must] == "pass", must
 
 
-@pytest.mark.parametrize(("name", "code"), [("gsg", "debug_not_allowed"), ("virtee", None),
-                                            ("azure-genoa", None)])
+@pytest.mark.parametrize(
+    ("name", "code"), [("gsg", "debug_not_allowed"), ("virtee", None), ("azure-genoa", None)]
+)
 def test_sample_verdicts_under_a_no_debug_policy(name: str, code: str | None) -> None:
     report, vcek = sample(name)
     v = verify(report, [vcek])
@@ -121,8 +132,7 @@ def test_the_report_may_come_with_its_whole_chain_in_a_certificate_table() -> No
         (lambda r, c: (b"\x01" + r[1:], c), "unsupported_version"),  # version 1
         (lambda r, c: (r, []), "collateral_incomplete"),  # no VCEK given
     ],
-    ids=["sig-r", "sig-s", "measurement", "report-data", "vcek", "truncated", "version",
-         "no-vcek"],
+    ids=["sig-r", "sig-s", "measurement", "report-data", "vcek", "truncated", "version", "no-vcek"],
 )
 def test_a_flipped_bit_is_refused_with_its_code(mutate, code: str) -> None:
     report, vcek = sample("virtee")
@@ -189,9 +199,13 @@ def test_policy_refusals(policy: SevSnpPolicy, code: str) -> None:
 
 
 def test_policy_from_a_file_mapping() -> None:
-    p = SevSnpPolicy.from_mapping({"measurements": [SAMPLES["virtee"][2]], "allow_debug": True,
-                                   "minimum_tcb": {"bootloader": 3, "tee": 0, "snp": 8,
-                                                   "microcode": 115}})
+    p = SevSnpPolicy.from_mapping(
+        {
+            "measurements": [SAMPLES["virtee"][2]],
+            "allow_debug": True,
+            "minimum_tcb": {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115},
+        }
+    )
     report, vcek = sample("virtee")
     assert verify(report, [vcek], policy=p).ok
     with pytest.raises(ValueError, match="unknown"):
@@ -200,7 +214,9 @@ def test_policy_from_a_file_mapping() -> None:
 
 def test_shipped_roots_are_the_pinned_arks() -> None:
     assert {c.subject.rfc4514_string().split(",")[0] for c in roots.amd_arks()} == {
-        "CN=ARK-Milan", "CN=ARK-Genoa"}
+        "CN=ARK-Milan",
+        "CN=ARK-Genoa",
+    }
 
 
 # -- a chain the tests make: signatures alone are not enough -----------------------------
@@ -214,15 +230,17 @@ def pki() -> StandInAmdPki:
     return StandInAmdPki.make()
 
 
-def own(pki: StandInAmdPki, *, cert_hwid: bytes = CHIP, cert_tcb: SnpTcb = TCB,
-        report_tcb: SnpTcb = TCB) -> Verdict:  # fmt: skip
+def own(
+    pki: StandInAmdPki, *, cert_hwid: bytes = CHIP, cert_tcb: SnpTcb = TCB, report_tcb: SnpTcb = TCB
+) -> Verdict:
     key = ec.generate_private_key(ec.SECP384R1())
     vcek = pki.vcek(key, hwid=cert_hwid, tcb=cert_tcb)
     report = snp_report(key, report_data=b"\x42" * 64, chip_id=CHIP, tcb=report_tcb)
     pem = serialization.Encoding.PEM
     certs = [vcek.public_bytes(pem), pki.ask.public_bytes(pem) + pki.ark.public_bytes(pem)]
-    return verify(report, certs, trusted=[pki.ark],
-                  binding=ExpectedBinding(report_data=b"\x42" * 64))
+    return verify(
+        report, certs, trusted=[pki.ark], binding=ExpectedBinding(report_data=b"\x42" * 64)
+    )
 
 
 def test_own_chain_with_matching_vcek_passes(pki: StandInAmdPki) -> None:
@@ -235,8 +253,9 @@ def test_own_chain_whose_vcek_names_another_chip_is_refused(pki: StandInAmdPki) 
     assert v.codes == ("hwid_mismatch",)
 
 
-@pytest.mark.parametrize("cert_tcb", [SnpTcb(3, 0, 9, 115), SnpTcb(2, 0, 8, 115),
-                                      SnpTcb(3, 0, 8, 116)])
+@pytest.mark.parametrize(
+    "cert_tcb", [SnpTcb(3, 0, 9, 115), SnpTcb(2, 0, 8, 115), SnpTcb(3, 0, 8, 116)]
+)
 def test_own_chain_whose_vcek_has_another_tcb_is_refused(pki: StandInAmdPki, cert_tcb) -> None:
     v = own(pki, cert_tcb=cert_tcb)
     assert v.codes == ("tcb_mismatch",)
@@ -247,7 +266,8 @@ def test_own_chain_is_refused_under_the_pinned_roots(pki: StandInAmdPki) -> None
     vcek = pki.vcek(key, hwid=CHIP, tcb=TCB)
     report = snp_report(key, report_data=bytes(64), chip_id=CHIP, tcb=TCB)
     pem = serialization.Encoding.PEM
-    v = verify(report, [vcek.public_bytes(pem), pki.ask.public_bytes(pem),
-                        pki.ark.public_bytes(pem)])
+    v = verify(
+        report, [vcek.public_bytes(pem), pki.ask.public_bytes(pem), pki.ark.public_bytes(pem)]
+    )
     assert v.code == "untrusted_root"
     assert Code.UNTRUSTED_ROOT in v.codes

@@ -37,13 +37,25 @@ AT_V5 = datetime(2026, 2, 15, tzinfo=UTC)
 V4 = (TDX / "quote_v4_spr_e4.dat").read_bytes()
 V5 = (TDX / "quote_v5_sample.dat").read_bytes()
 COLLATERAL = TdxCollateral.from_dir(TDX / "collateral-2023")
-MR_TD = "6363b8043668a3ad953278e10389574d326c6749fb78aa810ecd9336923db86f22fc00b8dcd404bc10d5e119d7215cbb"
-REPORT_DATA = "6c62dec1b8191749a31dab490be532a35944dea47caef1f980863993d9899545eb7406a38d1eed313b987a467dacead6f0c87a6d766c66f6f29f8acb281f1113"
+MR_TD = (
+    "6363b8043668a3ad953278e10389574d326c6749fb78aa81"
+    "0ecd9336923db86f22fc00b8dcd404bc10d5e119d7215cbb"
+)
+REPORT_DATA = (
+    "6c62dec1b8191749a31dab490be532a35944dea47caef1f980863993d9899545"
+    "eb7406a38d1eed313b987a467dacead6f0c87a6d766c66f6f29f8acb281f1113"
+)
 
 
-def verify(quote: bytes = V4, *, collateral: TdxCollateral = COLLATERAL, at: datetime = AT_V4,
-           policy: TdxPolicy | None = None, binding: ExpectedBinding | None = None,
-           trusted: list | None = None) -> Verdict:  # fmt: skip
+def verify(
+    quote: bytes = V4,
+    *,
+    collateral: TdxCollateral = COLLATERAL,
+    at: datetime = AT_V4,
+    policy: TdxPolicy | None = None,
+    binding: ExpectedBinding | None = None,
+    trusted: list | None = None,
+) -> Verdict:
     v = TdxVerifier(policy or TdxPolicy(), collateral, roots=trusted)
     return v.verify(quote, at=at, binding=binding or ExpectedBinding())
 
@@ -55,16 +67,34 @@ def flip(data: bytes, offset: int, bit: int = 0) -> bytes:
 
 
 def test_v4_quote_with_its_2023_collateral_is_tcb_level_not_supported() -> None:
-    v = verify(binding=ExpectedBinding(report_data=bytes.fromhex(REPORT_DATA)),
-               policy=TdxPolicy(mr_td=frozenset({bytes.fromhex(MR_TD)})))
+    v = verify(
+        binding=ExpectedBinding(report_data=bytes.fromhex(REPORT_DATA)),
+        policy=TdxPolicy(mr_td=frozenset({bytes.fromhex(MR_TD)})),
+    )
     # Every cryptographic and collateral check passes; only the platform's TCB level fails.
     assert v.codes == ("tcb_not_supported",), v.to_json()
     passed = {c.name for c in v.checks if c.status == "pass"}
-    assert {"pck_chain_signatures", "pck_chain_root", "pck_chain_validity",
-            "qe_report_signature", "attestation_key_binding", "quote_signature",
-            "tcb_signing_chain_signatures", "tcb_info_signature", "qe_identity_signature",
-            "collateral_freshness", "crl_signatures", "revocation", "fmspc", "qe_identity",
-            "qe_tcb_status", "tdx_module", "debug", "mr_td", "report_data"} <= passed
+    assert {
+        "pck_chain_signatures",
+        "pck_chain_root",
+        "pck_chain_validity",
+        "qe_report_signature",
+        "attestation_key_binding",
+        "quote_signature",
+        "tcb_signing_chain_signatures",
+        "tcb_info_signature",
+        "qe_identity_signature",
+        "collateral_freshness",
+        "crl_signatures",
+        "revocation",
+        "fmspc",
+        "qe_identity",
+        "qe_tcb_status",
+        "tdx_module",
+        "debug",
+        "mr_td",
+        "report_data",
+    } <= passed
     assert v.claims["mr_td"] == MR_TD
 
 
@@ -162,11 +192,15 @@ def own_signer() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, bytes]:
     start = datetime(2023, 1, 1, tzinfo=UTC)
 
     def cert(cn: str, key, issuer: str, by, ca: bool) -> x509.Certificate:
-        b = (x509.CertificateBuilder()
-             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(start).not_valid_after(start + timedelta(days=365)))
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(start + timedelta(days=365))
+        )
         if ca:
             b = b.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
         return b.sign(by, hashes.SHA256())
@@ -174,7 +208,8 @@ def own_signer() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, bytes]:
     root = cert("stand-in TCB root", root_key, "stand-in TCB root", root_key, True)
     signer = cert("stand-in TCB signing", signer_key, "stand-in TCB root", root_key, False)
     pem = signer.public_bytes(serialization.Encoding.PEM) + root.public_bytes(
-        serialization.Encoding.PEM)
+        serialization.Encoding.PEM
+    )
     return root, signer_key, pem
 
 
@@ -189,6 +224,7 @@ def _lowered(status: str):
         level["tcb"]["pcesvn"] = 11
         level["tcbStatus"] = status
         return tcb_info
+
     return edit
 
 
@@ -203,8 +239,11 @@ def test_tcb_status_against_policy_with_resigned_tcb_info(own_signer, status, ac
     tcb = _resign(COLLATERAL.tcb_info, "tcbInfo", signer_key, _lowered(status))
     qe = _resign(COLLATERAL.qe_identity, "enclaveIdentity", signer_key, lambda o: o)
     col = dataclasses.replace(COLLATERAL, tcb_info=tcb, qe_identity=qe, tcb_signing_chain=chain)
-    v = verify(collateral=col, trusted=[roots.intel_sgx_root(), root],
-               policy=TdxPolicy(accepted_tcb_statuses=frozenset(accepted)))
+    v = verify(
+        collateral=col,
+        trusted=[roots.intel_sgx_root(), root],
+        policy=TdxPolicy(accepted_tcb_statuses=frozenset(accepted)),
+    )
     assert v.code == code, v.to_json()
 
 
