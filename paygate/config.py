@@ -28,7 +28,7 @@ from pydantic_settings import (
 
 from paygate.errors import PaygateError
 
-KeyBackendName = Literal["software", "pkcs11", "tpm"]
+KeyBackendName = Literal["software", "pkcs11", "tpm", "tee-memory"]
 NonNegativeDecimal = Annotated[Decimal, Field(ge=0, max_digits=40, decimal_places=18)]
 PaymentMode = Literal["off", "facilitator", "chain", "verify-only"]
 UpstreamKindName = Literal["ollama", "llama-server", "vllm", "openai"]

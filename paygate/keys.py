@@ -1,4 +1,4 @@
-"""Builds the configured key backend (software file, PKCS#11 token or TPM) from settings.
+"""Builds the configured key backend (software file, PKCS#11 token, TPM, TEE memory).
 
 The hardware modules are imported only when chosen, so a software-key appliance never loads
 python-pkcs11 or tpm2-pytss.
@@ -46,6 +46,12 @@ def _key(settings: Settings, *, create: bool) -> KeyBackend:
             _pin(settings),
             settings.pkcs11_key_label,
         )
+    if settings.key_backend == "tee-memory":
+        from enclave.keys.tee_memory import TeeMemoryKey
+
+        if create:
+            raise ConfigError("a tee-memory key is generated at start and never stored")
+        return TeeMemoryKey.generate()
     from enclave.keys.tpm import TpmKey
 
     tpm = TpmKey.generate if create else TpmKey.open

@@ -21,7 +21,7 @@ from typing import Protocol, Self, runtime_checkable
 class KeyInfo:
     """What an operator or a caller may know about a key: nothing secret."""
 
-    backend: str  # "software" | "pkcs11" | "tpm"
+    backend: str  # "software" | "pkcs11" | "tpm" | "tee-memory"
     public_key: bytes  # 65-byte uncompressed P-256 point
     persistent: bool  # survives a restart of the appliance
     label: str = ""

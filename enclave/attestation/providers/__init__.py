@@ -1,0 +1,46 @@
+"""Evidence providers: what an appliance inside a TEE calls to get evidence carrying its binding.
+
+One module per interface: ``configfs_tsm`` (Linux's TSM report interface, SEV-SNP and TDX
+guests), ``sev_guest`` (the older ``/dev/sev-guest`` ioctl, SEV-SNP only) and ``nsm`` (the
+Nitro Secure Module inside an enclave). Each takes the binding as an
+:class:`~enclave.attestation.base.ExpectedBinding` (report_data for SEV-SNP/TDX; nonce,
+user_data and public_key for Nitro) and returns :class:`TeeEvidence` that the matching verifier
+checks. Paths and transports are injectable so tests can stand in for the hardware.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from enclave.attestation.base import ExpectedBinding
+from enclave.errors import EnclaveError
+
+MAX_BLOB = 256 * 1024  # reports, quotes, documents and certificate tables are a few KiB
+
+
+class EvidenceUnavailable(EnclaveError):
+    """the TEE did not produce evidence"""
+
+    code = "evidence_unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class TeeEvidence:
+    kind: str  # "sev-snp" | "tdx" | "nitro": the verifier that reads it
+    evidence: bytes  # the report, quote or attestation document as the TEE returned it
+    certificates: tuple[bytes, ...] = ()  # SEV-SNP: VCEK/VLEK (and ASK/ARK) the host provided
+    source: str = ""  # which interface produced it, e.g. "configfs-tsm:sev_guest"
+
+
+@runtime_checkable
+class EvidenceProvider(Protocol):
+    def attest(self, binding: ExpectedBinding) -> TeeEvidence: ...
+
+
+def report_data_of(binding: ExpectedBinding) -> bytes:
+    """The 64 report_data bytes for SEV-SNP/TDX (a shorter digest is zero-padded)."""
+    data = binding.report_data
+    if data is None or len(data) > 64:
+        raise EvidenceUnavailable("report_data must be given and at most 64 bytes")
+    return data.ljust(64, b"\0")
