@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from enclave.attestation import roots
-from enclave.attestation._x509 import check_chain, load_certificates, raw_ecdsa_to_der
 from enclave.attestation.base import Checks, Code, EvidenceError, ExpectedBinding, Verdict
+from enclave.attestation.certs import check_chain, load_certificates, raw_ecdsa_to_der
 
 MAX_DOCUMENT_SIZE = 64 * 1024
 COSE_SIGN1_TAG = 18

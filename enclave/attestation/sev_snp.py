@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from enclave.attestation import roots
-from enclave.attestation._x509 import (
+from enclave.attestation.base import Checks, Code, EvidenceError, ExpectedBinding, Verdict
+from enclave.attestation.certs import (
     check_chain,
     common_name,
     is_ca,
@@ -34,7 +35,6 @@ from enclave.attestation._x509 import (
     raw_ecdsa_to_der,
     signed_by,
 )
-from enclave.attestation.base import Checks, Code, EvidenceError, ExpectedBinding, Verdict
 
 REPORT_SIZE = 1184
 SIGNED_SIZE = 0x2A0

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from enclave.attestation import roots
-from enclave.attestation._x509 import load_certificates
 from enclave.attestation.base import ExpectedBinding, Verdict
+from enclave.attestation.certs import load_certificates
 from enclave.attestation.tdx import (
     TdxCollateral,
     TdxPolicy,
