@@ -271,3 +271,29 @@ def test_own_chain_is_refused_under_the_pinned_roots(pki: StandInAmdPki) -> None
     )
     assert v.code == "untrusted_root"
     assert Code.UNTRUSTED_ROOT in v.codes
+
+
+def test_own_vlek_chain_passes_without_a_chip_id() -> None:
+    asvk = StandInAmdPki.make(vlek=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    vlek = asvk.vcek(key, hwid=CHIP, tcb=TCB, vlek=True)
+    report = snp_report(key, report_data=bytes(64), chip_id=bytes(64), tcb=TCB, signing_key=1)
+    pem = serialization.Encoding.PEM
+    certs = [vlek.public_bytes(pem), asvk.ask.public_bytes(pem), asvk.ark.public_bytes(pem)]
+    v = verify(report, certs, trusted=[asvk.ark])
+    assert v.ok, v.to_json()
+    assert {c.name: c.status for c in v.checks}["chip_id"] == "skip"
+    no_vlek = SevSnpPolicy(allow_vlek=False)
+    assert (
+        verify(report, certs, trusted=[asvk.ark], policy=no_vlek).code == "guest_policy_not_allowed"
+    )
+    # A VLEK-signed report given no VLEK is incomplete, not silently accepted.
+    assert verify(report, [], trusted=[asvk.ark]).code == "collateral_incomplete"
+
+
+def test_shipped_intermediates_are_signed_by_the_pinned_arks() -> None:
+    from enclave.attestation.certs import signed_by
+
+    arks = roots.amd_arks()
+    for intermediate in roots.amd_intermediates():
+        assert any(signed_by(intermediate, ark) for ark in arks), intermediate.subject
