@@ -1,0 +1,64 @@
+"""Hostile bytes never make a verifier raise: every input ends as a verdict with a code."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from enclave.attestation.base import Code, ExpectedBinding
+from enclave.attestation.nitro import NitroVerifier
+from enclave.attestation.sev_snp import SevSnpVerifier
+from enclave.attestation.tdx import TdxCollateral, TdxVerifier
+from tests.fixtures.attestation_standins import FIXTURES
+
+AT = datetime(2025, 6, 1, tzinfo=UTC)
+SAMPLES = {
+    "sev-snp": (FIXTURES / "sev-snp" / "azure_genoa_report.bin").read_bytes(),
+    "tdx": (FIXTURES / "tdx" / "quote_v4_spr_e4.dat").read_bytes(),
+    "nitro": (FIXTURES / "nitro" / "evervault_prod_2022-10-13.cbor").read_bytes(),
+}
+VERIFIERS = {
+    "sev-snp": SevSnpVerifier(
+        certificates=[(FIXTURES / "sev-snp" / "azure_genoa_vcek.pem").read_bytes()]
+    ),
+    "tdx": TdxVerifier(collateral=TdxCollateral.from_dir(FIXTURES / "tdx" / "collateral-2023")),
+    "nitro": NitroVerifier(),
+}
+CODES = {str(c) for c in Code}
+
+
+def mangled() -> st.SearchStrategy[tuple[str, bytes]]:
+    def mangle(kind: str, cut: int, flips: list[tuple[int, int]], junk: bytes) -> tuple[str, bytes]:
+        data = bytearray(SAMPLES[kind][: max(0, len(SAMPLES[kind]) - cut)])
+        for pos, bit in flips:
+            if data:
+                data[pos % len(data)] ^= 1 << bit
+        return kind, bytes(data) + junk
+
+    return st.builds(
+        mangle,
+        st.sampled_from(sorted(SAMPLES)),
+        st.integers(0, 6000),
+        st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 7)), max_size=4),
+        st.binary(max_size=64),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(mangled())
+def test_mangled_evidence_is_refused_with_a_code(case: tuple[str, bytes]) -> None:
+    kind, data = case
+    v = VERIFIERS[kind].verify(data, at=AT, binding=ExpectedBinding())
+    assert all(c.code in CODES for c in v.checks if not c.ok)
+    if data != SAMPLES[kind]:
+        assert v.checks
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(sorted(VERIFIERS)), st.binary(max_size=8192))
+def test_random_bytes_are_refused(kind: str, data: bytes) -> None:
+    v = VERIFIERS[kind].verify(data, at=AT, binding=ExpectedBinding())
+    assert not v.ok
+    assert v.code in CODES
