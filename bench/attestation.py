@@ -19,6 +19,7 @@ from pathlib import Path
 
 from enclave.attestation.base import ExpectedBinding, Verdict
 from enclave.attestation.nitro import NitroPolicy, NitroVerifier
+from enclave.attestation.nvidia import NvidiaGpuVerifier
 from enclave.attestation.sev_snp import SevSnpPolicy, SevSnpVerifier
 from enclave.attestation.tdx import TdxCollateral, TdxVerifier
 
@@ -40,6 +41,9 @@ def cases() -> dict[str, Callable[[], Verdict]]:
     q4 = (tdx / "quote_v4_spr_e4.dat").read_bytes()
     q5 = (tdx / "quote_v5_sample.dat").read_bytes()
     doc = (nitro / "evervault_prod_2022-10-13.cbor").read_bytes()
+    gpu = FIX / "nvidia-gpu"
+    nvidia = NvidiaGpuVerifier(certificates=(gpu / "hopper_cert_chain.pem").read_bytes())
+    spdm = (gpu / "hopper_attestation_report.hex").read_bytes()
     at_sev = datetime(2025, 6, 1, tzinfo=UTC)
     return {
         "sev-snp Milan (VCEK←ASK←ARK, RSA-4096 PSS)": lambda: milan.verify(
@@ -54,6 +58,9 @@ def cases() -> dict[str, Callable[[], Verdict]]:
         ),
         "nitro (COSE ES384, 5-cert chain)": lambda: nv.verify(
             doc, at=datetime(2022, 10, 13, 9, tzinfo=UTC), binding=none
+        ),
+        "nvidia H100 SPDM (5-cert chain)": lambda: nvidia.verify(
+            spdm, at=datetime(2024, 1, 1, tzinfo=UTC), binding=none
         ),
     }
 

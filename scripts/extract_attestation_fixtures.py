@@ -47,6 +47,8 @@ SAMPLES = {
     "tdx/tcb_info_v5.json": "tdx/collateral-v5/tcb_info.json",
     "nitro/evervault_prod_2022-10-13.cbor": "nitro/evervault_prod_2022-10-13.cbor",
     "nitro/evervault_debug_2022-10-12.cbor": "nitro/evervault_debug_2022-10-12.cbor",
+    "nvidia-gpu/hopper_attestation_report.hex": "nvidia-gpu/hopper_attestation_report.hex",
+    "nvidia-gpu/hopper_cert_chain.pem": "nvidia-gpu/hopper_cert_chain.pem",
 }
 
 # source path -> file name under enclave/attestation/roots (trust anchors shipped as package data)
@@ -56,6 +58,7 @@ ROOT_FILES = {
     "sev-snp/amd_milan_asvk_ark.pem": "amd_milan_asvk_ark.pem",
     "tdx/intel_sgx_root_ca.pem": "intel_sgx_root_ca.pem",
     "nitro/aws_nitro_root_g1.pem": "aws_nitro_root_g1.pem",
+    "nvidia-gpu/nvidia_device_identity_ca.pem": "nvidia_device_identity_ca.pem",
 }
 
 

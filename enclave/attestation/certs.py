@@ -15,7 +15,8 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
@@ -38,10 +39,27 @@ def load_certificates(data: bytes) -> list[x509.Certificate]:
         warnings.simplefilter("ignore", CryptographyDeprecationWarning)
         try:
             if _PEM_MARK in data:
-                return x509.load_pem_x509_certificates(data)
-            return [x509.load_der_x509_certificate(data)]
+                certs = x509.load_pem_x509_certificates(data)
+            else:
+                certs = [x509.load_der_x509_certificate(data)]
+            for cert in certs:
+                # cryptography parses fields lazily: read the ones the verifiers use now, so a
+                # corrupt certificate is refused here rather than failing mid-verification.
+                _ = (cert.subject, cert.issuer, cert.extensions, cert.signature_algorithm_oid)
+                _ = (cert.not_valid_before_utc, cert.not_valid_after_utc)
         except ValueError:
             raise EvidenceError(Code.EVIDENCE_MALFORMED, "not a DER or PEM certificate") from None
+        return certs
+
+
+def ec_public_key(cert: x509.Certificate) -> ec.EllipticCurvePublicKey | None:
+    """The certificate's EC key, or None when it holds another kind or an invalid one
+    (cryptography parses keys lazily, so a corrupt key only shows here)."""
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+    return key if isinstance(key, ec.EllipticCurvePublicKey) else None
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -64,7 +82,7 @@ def signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     """The issuer's key signed ``cert`` (RSA PKCS#1 v1.5 or PSS, ECDSA) and names match."""
     try:
         cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError):
+    except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
         return False
     return True
 

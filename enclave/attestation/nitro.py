@@ -25,7 +25,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from enclave.attestation import roots
 from enclave.attestation.base import Checks, Code, EvidenceError, ExpectedBinding, Verdict
-from enclave.attestation.certs import check_chain, load_certificates, raw_ecdsa_to_der
+from enclave.attestation.certs import (
+    check_chain,
+    ec_public_key,
+    load_certificates,
+    raw_ecdsa_to_der,
+)
 
 MAX_DOCUMENT_SIZE = 64 * 1024
 COSE_SIGN1_TAG = 18
@@ -193,9 +198,9 @@ class NitroVerifier:
         return leaf
 
     def _signature(self, checks: Checks, doc: NitroDocument, leaf: x509.Certificate) -> None:
-        key = leaf.public_key()
+        key = ec_public_key(leaf)
         ok = False
-        if isinstance(key, ec.EllipticCurvePublicKey) and len(doc.signature) == 96:
+        if key is not None and len(doc.signature) == 96:
             try:
                 key.verify(
                     raw_ecdsa_to_der(doc.signature[:48], doc.signature[48:]),

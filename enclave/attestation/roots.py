@@ -19,6 +19,7 @@ AMD_ARK_MILAN = "69d063b45344d26a2e94e1f4210de49ef555308287d4c174445c95639a540bc
 AMD_ARK_GENOA = "4c6598d19c18719c5dfd4a7d335f674e5bfe1d8f800cea2cf270c10d103db2f1"
 INTEL_SGX_ROOT_CA = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
 AWS_NITRO_ROOT_G1 = "641a0321a3e244efe456463195d606317ed7cdcc3c1756e09893f3c68f79bb5b"
+NVIDIA_DEVICE_IDENTITY_CA = "102bf659d5419614c9d8e6aecebc80454eb26b1df6a769ac720b9a690b167b48"
 
 # file -> fingerprint of its last certificate (the root)
 _FILES = {
@@ -27,6 +28,7 @@ _FILES = {
     "amd_genoa_ask_ark.pem": AMD_ARK_GENOA,
     "intel_sgx_root_ca.pem": INTEL_SGX_ROOT_CA,
     "aws_nitro_root_g1.pem": AWS_NITRO_ROOT_G1,
+    "nvidia_device_identity_ca.pem": NVIDIA_DEVICE_IDENTITY_CA,
 }
 
 
@@ -61,3 +63,7 @@ def intel_sgx_root() -> x509.Certificate:
 
 def aws_nitro_root() -> x509.Certificate:
     return _bundle("aws_nitro_root_g1.pem")[-1]
+
+
+def nvidia_device_identity_ca() -> x509.Certificate:
+    return _bundle("nvidia_device_identity_ca.pem")[-1]

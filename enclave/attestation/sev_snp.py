@@ -30,6 +30,7 @@ from enclave.attestation.base import Checks, Code, EvidenceError, ExpectedBindin
 from enclave.attestation.certs import (
     check_chain,
     common_name,
+    ec_public_key,
     is_ca,
     load_certificates,
     raw_ecdsa_to_der,
@@ -190,7 +191,7 @@ def _der_small_int(value: bytes) -> int:
 def _ext(cert: x509.Certificate, oid: str) -> bytes | None:
     try:
         ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(oid)).value
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, ValueError):
         return None
     return ext.value if isinstance(ext, x509.UnrecognizedExtension) else None
 
@@ -368,8 +369,8 @@ class SevSnpVerifier:
         return leaf
 
     def _signature(self, checks: Checks, report: SnpReport, key_cert: x509.Certificate) -> None:
-        key = key_cert.public_key()
-        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
+        key = ec_public_key(key_cert)
+        if key is None or key.curve.name != "secp384r1":
             checks.failed("report_signature", Code.CHAIN_INVALID, "the key is not ECDSA P-384")
             return
         sig = raw_ecdsa_to_der(report.signature_r, report.signature_s, little_endian=True)

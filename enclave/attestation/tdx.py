@@ -28,7 +28,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from enclave.attestation import roots
 from enclave.attestation.base import Checks, Code, EvidenceError, ExpectedBinding, Verdict
-from enclave.attestation.certs import check_chain, load_certificates, raw_ecdsa_to_der
+from enclave.attestation.certs import (
+    check_chain,
+    ec_public_key,
+    load_certificates,
+    raw_ecdsa_to_der,
+)
 from enclave.attestation.sev_snp import check_report_data
 
 HEADER_SIZE = 48
@@ -391,8 +396,8 @@ class TdxVerifier:
             checks.failed("pck_chain_signatures", exc.code, f"PCK chain: {exc}")
             return None
         check_chain(checks, "pck_chain", chain, trusted, at)
-        leaf_key = chain[0].public_key()
-        ok = isinstance(leaf_key, ec.EllipticCurvePublicKey) and _verify_raw(
+        leaf_key = ec_public_key(chain[0])
+        ok = leaf_key is not None and _verify_raw(
             leaf_key, quote.qe_report_signature, quote.qe_report
         )
         checks.expect(
@@ -463,12 +468,12 @@ class TdxVerifier:
             checks.failed("collateral_format", exc.code, str(exc))
             return
         check_chain(checks, "tcb_signing_chain", signer_chain, trusted, at)
-        signer = signer_chain[0].public_key()
+        signer = ec_public_key(signer_chain[0])
         for name, signed, sig in (
             ("tcb_info", tcb_bytes, tcb_sig),
             ("qe_identity", qe_bytes, qe_sig),
         ):
-            ok = isinstance(signer, ec.EllipticCurvePublicKey) and _verify_raw(signer, sig, signed)
+            ok = signer is not None and _verify_raw(signer, sig, signed)
             checks.expect(
                 f"{name}_signature",
                 ok,
@@ -664,8 +669,8 @@ def _verify_raw(key: ec.EllipticCurvePublicKey, sig: bytes, data: bytes) -> bool
 
 
 def _crl_signed(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
-    key = issuer.public_key()
-    return isinstance(key, ec.EllipticCurvePublicKey) and crl.is_signature_valid(key)
+    key = ec_public_key(issuer)
+    return key is not None and crl.is_signature_valid(key)
 
 
 def _load_crl(data: bytes) -> x509.CertificateRevocationList:

@@ -1,8 +1,9 @@
 """``paygate attest``: attestation evidence for operators and callers.
 
-``verify-file`` re-verifies a recorded SEV-SNP report, TDX quote or Nitro attestation document
-offline, at a chosen time, against the vendor roots paygate ships (or ``--roots``), printing
-every check. Exit status: 0 when every check passed, 1 when one failed, 2 on a usage error.
+``verify-file`` re-verifies a recorded SEV-SNP report, TDX quote, Nitro attestation document
+or NVIDIA GPU measurement exchange offline, at a chosen time, against the vendor roots paygate
+ships (or ``--roots``), printing every check. Exit status: 0 when every check passed, 1 when one
+failed, 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from typing import Any, Protocol, Self, TypeVar
 from enclave.attestation.base import EvidenceError, EvidenceVerifier, ExpectedBinding, Verdict
 from enclave.attestation.certs import load_certificates
 from enclave.attestation.nitro import NitroPolicy, NitroVerifier
+from enclave.attestation.nvidia import NvidiaGpuPolicy, NvidiaGpuVerifier
 from enclave.attestation.sev_snp import SevSnpPolicy, SevSnpVerifier
 from enclave.attestation.tdx import TdxCollateral, TdxPolicy, TdxVerifier
 from paygate.errors import PaygateError
 
-KINDS = ("sev-snp", "tdx", "nitro")
+KINDS = ("sev-snp", "tdx", "nitro", "nvidia")
 MAX_FILE = 1024 * 1024  # evidence, certificates, policies and collateral are a few KiB
 CERT_SUFFIXES = (".pem", ".der", ".crt", ".cer")
 
@@ -48,7 +50,8 @@ def register(sub: Any) -> None:
         type=Path,
         action="append",
         default=[],
-        help="sev-snp: VCEK/VLEK (and ASK/ARK) certificate, DER or PEM; repeatable",
+        help="sev-snp: VCEK/VLEK (and ASK/ARK) certificate, DER or PEM; nvidia: the GPU "
+        "certificate chain, PEM; repeatable",
     )
     vf.add_argument("--roots", type=Path, help="PEM bundle of roots to trust instead of the pinned")
     vf.add_argument(
@@ -60,7 +63,7 @@ def register(sub: Any) -> None:
     vf.add_argument("--at", help="check time, ISO 8601 (default: now, UTC)")
     vf.add_argument("--policy", type=Path, help="policy file (JSON; see docs/ATTESTATION.md)")
     vf.add_argument("--report-data", help="sev-snp/tdx: expected report_data (hex)")
-    vf.add_argument("--nonce", help="nitro: expected nonce (hex)")
+    vf.add_argument("--nonce", help="nitro, nvidia: expected nonce (hex)")
     vf.add_argument("--user-data", help="nitro: expected user_data (hex)")
     vf.add_argument("--public-key", help="nitro: expected public_key (hex SPKI DER)")
     vf.add_argument("--json", action="store_true", help="machine-readable output")
@@ -84,9 +87,9 @@ def _verify_file(args: argparse.Namespace) -> int:
 
 def _verifier(args: argparse.Namespace) -> EvidenceVerifier:
     roots = load_certificates(_read(args.roots)) if args.roots else None
-    if args.kind != "sev-snp" and args.cert:
-        raise AttestUsageError(f"--cert is for sev-snp; {args.kind} evidence carries its chain")
-    if args.kind == "nitro" and args.collateral:
+    if args.kind in ("tdx", "nitro") and args.cert:
+        raise AttestUsageError(f"--cert is for sev-snp and nvidia; {args.kind} carries its chain")
+    if args.kind in ("nitro", "nvidia") and args.collateral:
         raise AttestUsageError("--collateral is for tdx and sev-snp")
     if args.kind == "sev-snp":
         certs = [_read(p) for p in args.cert]
@@ -97,6 +100,9 @@ def _verifier(args: argparse.Namespace) -> EvidenceVerifier:
     if args.kind == "tdx":
         collateral = TdxCollateral.from_dir(_dir(args.collateral)) if args.collateral else None
         return TdxVerifier(_policy(TdxPolicy, args.policy), collateral or TdxCollateral(), roots)
+    if args.kind == "nvidia":
+        chain = b"".join(_read(p) for p in args.cert)
+        return NvidiaGpuVerifier(_policy(NvidiaGpuPolicy, args.policy), chain, roots)
     return NitroVerifier(_policy(NitroPolicy, args.policy), tuple(roots) if roots else None)
 
 
@@ -144,10 +150,10 @@ def _binding(args: argparse.Namespace) -> ExpectedBinding:
     if report_data is not None and len(report_data) > 64:
         raise AttestUsageError("--report-data is at most 64 bytes")
     nitro_only = {"nonce": args.nonce, "user-data": args.user_data, "public-key": args.public_key}
-    if args.kind == "nitro" and report_data is not None:
-        raise AttestUsageError("--report-data is for sev-snp and tdx; nitro uses --nonce etc.")
-    if args.kind != "nitro" and any(v is not None for v in nitro_only.values()):
-        raise AttestUsageError("--nonce/--user-data/--public-key are for nitro")
+    if args.kind in ("nitro", "nvidia") and report_data is not None:
+        raise AttestUsageError(f"--report-data is for sev-snp and tdx; {args.kind} uses --nonce")
+    if args.kind in ("sev-snp", "tdx") and any(v is not None for v in nitro_only.values()):
+        raise AttestUsageError("--nonce/--user-data/--public-key are for nitro (and nvidia)")
     return ExpectedBinding(
         report_data=report_data,
         nonce=_hex("nonce", args.nonce),

@@ -41,4 +41,4 @@ def test_the_wheel_holds_paygate_and_enclave_only(tmp_path: Path) -> None:
     # Every module the wheel ships is importable without the dev tooling.
     assert any(name == "paygate/cli/main.py" for name in names)
     # The pinned vendor roots ship as package data (the TEE verifiers refuse to run without).
-    assert sum(name.startswith("enclave/attestation/roots/") for name in names) == 5
+    assert sum(name.startswith("enclave/attestation/roots/") for name in names) == 6

@@ -33,9 +33,17 @@ def paygate(*args: str | Path) -> subprocess.CompletedProcess[str]:
 def test_sev_snp_sample_passes_with_a_policy_file(tmp_path: Path) -> None:
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({"measurements": [VIRTEE_MEASUREMENT], "vmpl": 0}))
-    run = paygate(SEV / "virtee_report_milan.hex", "--kind", "sev-snp",
-                  "--cert", SEV / "virtee_vcek_milan.der", "--at", "2025-06-01T00:00Z",
-                  "--policy", policy)  # fmt: skip
+    run = paygate(
+        SEV / "virtee_report_milan.hex",
+        "--kind",
+        "sev-snp",
+        "--cert",
+        SEV / "virtee_vcek_milan.der",
+        "--at",
+        "2025-06-01T00:00Z",
+        "--policy",
+        policy,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "PASS report_signature" in run.stdout
     assert "PASS measurement" in run.stdout
@@ -43,8 +51,16 @@ def test_sev_snp_sample_passes_with_a_policy_file(tmp_path: Path) -> None:
 
 
 def test_debug_report_fails_with_its_code_as_json() -> None:
-    run = paygate(SEV / "gsg_report.bin", "--kind", "sev-snp", "--cert", SEV / "gsg_vcek.der",
-                  "--at", "2025-06-01T00:00:00+00:00", "--json")  # fmt: skip
+    run = paygate(
+        SEV / "gsg_report.bin",
+        "--kind",
+        "sev-snp",
+        "--cert",
+        SEV / "gsg_vcek.der",
+        "--at",
+        "2025-06-01T00:00:00+00:00",
+        "--json",
+    )
     assert run.returncode == 1, run.stderr
     out = json.loads(run.stdout)
     assert (out["ok"], out["code"], out["kind"]) == (False, "debug_not_allowed", "sev-snp")
@@ -52,8 +68,15 @@ def test_debug_report_fails_with_its_code_as_json() -> None:
 
 
 def test_tdx_quote_with_its_collateral_dir_is_tcb_not_supported() -> None:
-    run = paygate(TDX / "quote_v4_spr_e4.dat", "--kind", "tdx", "--collateral",
-                  TDX / "collateral-2023", "--at", "2023-07-01T00:00Z")  # fmt: skip
+    run = paygate(
+        TDX / "quote_v4_spr_e4.dat",
+        "--kind",
+        "tdx",
+        "--collateral",
+        TDX / "collateral-2023",
+        "--at",
+        "2023-07-01T00:00Z",
+    )
     assert run.returncode == 1
     assert "FAIL tcb_status [tcb_not_supported]" in run.stdout
     assert "REFUSED [tcb_not_supported]" in run.stdout

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from enclave.attestation.base import Code, ExpectedBinding
 from enclave.attestation.nitro import NitroVerifier
+from enclave.attestation.nvidia import NvidiaGpuVerifier
 from enclave.attestation.sev_snp import SevSnpVerifier
 from enclave.attestation.tdx import TdxCollateral, TdxVerifier
 from tests.fixtures.attestation_standins import FIXTURES
@@ -18,6 +19,7 @@ SAMPLES = {
     "sev-snp": (FIXTURES / "sev-snp" / "azure_genoa_report.bin").read_bytes(),
     "tdx": (FIXTURES / "tdx" / "quote_v4_spr_e4.dat").read_bytes(),
     "nitro": (FIXTURES / "nitro" / "evervault_prod_2022-10-13.cbor").read_bytes(),
+    "nvidia": (FIXTURES / "nvidia-gpu" / "hopper_attestation_report.hex").read_bytes(),
 }
 VERIFIERS = {
     "sev-snp": SevSnpVerifier(
@@ -25,6 +27,9 @@ VERIFIERS = {
     ),
     "tdx": TdxVerifier(collateral=TdxCollateral.from_dir(FIXTURES / "tdx" / "collateral-2023")),
     "nitro": NitroVerifier(),
+    "nvidia": NvidiaGpuVerifier(
+        certificates=(FIXTURES / "nvidia-gpu" / "hopper_cert_chain.pem").read_bytes()
+    ),
 }
 CODES = {str(c) for c in Code}
 
