@@ -250,31 +250,14 @@ def signed_json(body: bytes, key: str) -> tuple[dict[str, Any], bytes, bytes]:
         text = body.decode()
         whole = json.loads(text)
         start = text.index("{", text.index(f'"{key}"') + len(key) + 2)
-        end = _matching_brace(text, start)
-        span = text[start : end + 1]
-        obj = json.loads(span)
+        # raw_decode reports where the object ends: the span is exactly the served bytes.
+        obj, end = json.JSONDecoder().raw_decode(text, start)
+        span = text[start:end]
         if obj != whole[key]:
             raise ValueError("span mismatch")
         return obj, span.encode(), bytes.fromhex(whole["signature"])
     except (UnicodeDecodeError, ValueError, KeyError, TypeError):
         raise EvidenceError(Code.COLLATERAL_INVALID, f"no signed '{key}' object") from None
-
-
-def _matching_brace(text: str, start: int) -> int:
-    depth, in_str, esc = 0, False, False
-    for i in range(start, len(text)):
-        ch = text[i]
-        if in_str:
-            esc, in_str = (False, in_str) if esc else (ch == "\\", ch != '"')
-        elif ch == '"':
-            in_str = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-            if depth == 0:
-                return i
-    raise ValueError("unbalanced")
 
 
 def _when(value: str) -> datetime:
