@@ -173,7 +173,13 @@ class NitroVerifier:
             **{k: v.hex() for k, v in (("nonce", doc.nonce), ("user_data", doc.user_data),
                                         ("public_key", doc.public_key)) if v is not None},
         }  # fmt: skip
-        checks.passed("document_format", f"COSE_Sign1, ES384, {doc.module_id}")
+        if not checks.expect(
+            "document_format",
+            doc.digest == "SHA384",
+            Code.UNSUPPORTED_VERSION,
+            f"COSE_Sign1, ES384, PCR digest {doc.digest}, {doc.module_id}",
+        ):
+            return checks.verdict(self.kind, claims)
         leaf = self._chain(checks, doc)
         if leaf is not None:
             self._signature(checks, doc, leaf)

@@ -139,6 +139,14 @@ def test_sev_guest_report_carries_the_binding(amd, vcek_key) -> None:
         roots=[amd.ark],
     ).verify(got.evidence, at=datetime.now(UTC), binding=ExpectedBinding(DIGEST))
     assert v.ok, v.to_json()
+
+    class BrokenTable(StandInSevGuestDriver):
+        def get_ext_report(self, request: bytes) -> tuple[bytes, bytes]:
+            response, _ = super().get_ext_report(request)
+            return response, b"\x01" * 16 + b"\xff" * 8  # an entry pointing past the table
+
+    with pytest.raises(EvidenceUnavailable, match="certificate table"):
+        SevGuestProvider(BrokenTable(vcek_key, der)).attest(ExpectedBinding(DIGEST))
     with pytest.raises(EvidenceUnavailable, match="firmware status 0x16"):
         SevGuestProvider(StandInSevGuestDriver(vcek_key, der, status=0x16)).attest(
             ExpectedBinding(DIGEST)

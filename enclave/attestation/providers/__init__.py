@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from enclave.attestation.base import ExpectedBinding
+from enclave.attestation.base import EvidenceError, ExpectedBinding
+from enclave.attestation.sev_snp import parse_cert_table
 from enclave.errors import EnclaveError
 
 MAX_BLOB = 256 * 1024  # reports, quotes, documents and certificate tables are a few KiB
@@ -36,6 +37,14 @@ class TeeEvidence:
 @runtime_checkable
 class EvidenceProvider(Protocol):
     def attest(self, binding: ExpectedBinding) -> TeeEvidence: ...
+
+
+def certificates_of(table: bytes) -> tuple[bytes, ...]:
+    """The certificates of an SEV-SNP extended report's table (empty table: none)."""
+    try:
+        return tuple(parse_cert_table(table).values()) if table else ()
+    except EvidenceError as exc:
+        raise EvidenceUnavailable(f"bad certificate table from the platform: {exc}") from None
 
 
 def report_data_of(binding: ExpectedBinding) -> bytes:

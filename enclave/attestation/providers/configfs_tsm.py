@@ -20,9 +20,9 @@ from enclave.attestation.providers import (
     MAX_BLOB,
     EvidenceUnavailable,
     TeeEvidence,
+    certificates_of,
     report_data_of,
 )
-from enclave.attestation.sev_snp import parse_cert_table
 
 DEFAULT_ROOT = Path("/sys/kernel/config/tsm")
 KINDS = {"sev_guest": "sev-snp", "tdx_guest": "tdx"}
@@ -70,8 +70,7 @@ class ConfigfsTsmProvider:
         aux = entry / "auxblob"
         certificates: tuple[bytes, ...] = ()
         if kind == "sev-snp" and aux.is_file():
-            table = _read(aux)
-            certificates = tuple(parse_cert_table(table).values()) if table else ()
+            certificates = certificates_of(_read(aux))
         generation = _read(entry / "generation").strip()
         if generation != b"1":
             raise EvidenceUnavailable(

@@ -17,8 +17,13 @@ from pathlib import Path
 from typing import Protocol
 
 from enclave.attestation.base import ExpectedBinding
-from enclave.attestation.providers import EvidenceUnavailable, TeeEvidence, report_data_of
-from enclave.attestation.sev_snp import REPORT_SIZE, parse_cert_table
+from enclave.attestation.providers import (
+    EvidenceUnavailable,
+    TeeEvidence,
+    certificates_of,
+    report_data_of,
+)
+from enclave.attestation.sev_snp import REPORT_SIZE
 
 DEFAULT_DEVICE = Path("/dev/sev-guest")
 RESPONSE_SIZE = 4000
@@ -79,6 +84,6 @@ class SevGuestProvider:
         status, size = struct.unpack_from("<II", response, 0)
         if status != 0 or size != REPORT_SIZE:
             raise EvidenceUnavailable(f"firmware status 0x{status:x}, report size {size}")
-        certificates = tuple(parse_cert_table(table).values())
+        certificates = certificates_of(table)
         report = response[0x20 : 0x20 + REPORT_SIZE]
         return TeeEvidence("sev-snp", report, certificates, source="sev-guest")
