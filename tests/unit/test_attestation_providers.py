@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from enclave.attestation.base import ExpectedBinding
 from enclave.attestation.nitro import NitroVerifier, parse_document
-from enclave.attestation.providers import EvidenceProvider, EvidenceUnavailable
+from enclave.attestation.providers import EvidenceProvider, EvidenceUnavailable, open_provider
 from enclave.attestation.providers.configfs_tsm import ConfigfsTsmProvider
 from enclave.attestation.providers.nsm import NsmProvider
 from enclave.attestation.providers.sev_guest import SevGuestProvider
@@ -203,3 +203,22 @@ def test_tee_memory_key_is_a_key_backend_that_keeps_nothing() -> None:
         pass
     with pytest.raises(Exception, match="closed"):
         key.ecdh(peer.public_key)
+
+
+def test_open_provider_picks_the_interface_the_machine_has(tmp_path: Path) -> None:
+    (tmp_path / "tsm" / "report").mkdir(parents=True)
+    (tmp_path / "sev-guest").touch()
+    (tmp_path / "nsm").touch()
+    paths = {
+        "configfs_root": str(tmp_path / "tsm"),
+        "sev_guest_device": str(tmp_path / "sev-guest"),
+        "nsm_device": str(tmp_path / "nsm"),
+    }
+    assert isinstance(open_provider("tdx", **paths), ConfigfsTsmProvider)
+    assert isinstance(open_provider("sev-snp", **paths), ConfigfsTsmProvider)
+    assert isinstance(open_provider("nitro", **paths), NsmProvider)
+    (tmp_path / "tsm" / "report").rmdir()
+    assert isinstance(open_provider("sev-snp", **paths), SevGuestProvider)
+    for kind in ("tdx", "tpm"):
+        with pytest.raises(EvidenceUnavailable):
+            open_provider(kind, **paths)

@@ -11,6 +11,7 @@ checks. Paths and transports are injectable so tests can stand in for the hardwa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from enclave.attestation.base import EvidenceError, ExpectedBinding
@@ -53,3 +54,30 @@ def report_data_of(binding: ExpectedBinding) -> bytes:
     if data is None or len(data) > 64:
         raise EvidenceUnavailable("report_data must be given and at most 64 bytes")
     return data.ljust(64, b"\0")
+
+
+def open_provider(
+    kind: str,
+    *,
+    configfs_root: str = "/sys/kernel/config/tsm",
+    sev_guest_device: str = "/dev/sev-guest",
+    nsm_device: str = "/dev/nsm",
+) -> EvidenceProvider:
+    """The provider for a TEE kind on this machine: configfs-tsm for SEV-SNP and TDX (with
+    ``/dev/sev-guest`` as SEV-SNP's fallback on older kernels), the NSM for Nitro."""
+    # Imported here: the provider modules import this one.
+    from enclave.attestation.providers.configfs_tsm import ConfigfsTsmProvider
+    from enclave.attestation.providers.nsm import NsmDevice, NsmProvider
+    from enclave.attestation.providers.sev_guest import SevGuestDevice, SevGuestProvider
+
+    if kind in ("sev-snp", "tdx"):
+        if (Path(configfs_root) / "report").is_dir():
+            return ConfigfsTsmProvider(Path(configfs_root))
+        if kind == "sev-snp" and Path(sev_guest_device).exists():
+            return SevGuestProvider(SevGuestDevice(Path(sev_guest_device)))
+        raise EvidenceUnavailable(f"no {kind} report interface (configfs-tsm) on this machine")
+    if kind == "nitro":
+        if Path(nsm_device).exists():
+            return NsmProvider(NsmDevice(Path(nsm_device)))
+        raise EvidenceUnavailable(f"no Nitro Secure Module at {nsm_device}")
+    raise EvidenceUnavailable(f"unknown TEE kind {kind!r}")
