@@ -30,6 +30,7 @@ SAMPLES = {
     "sev-snp/virtee_vcek_milan.der": "sev-snp/virtee_vcek_milan.der",
     "sev-snp/azure_genoa_report.bin": "sev-snp/azure_genoa_report.bin",
     "sev-snp/azure_genoa_vcek.pem": "sev-snp/azure_genoa_vcek.pem",
+    "sev-snp/azure_genoa_hcl_report.bin": "sev-snp/azure_genoa_hcl_report.bin",
     "sev-snp/amd_milan_ask_ark.pem": "sev-snp/amd_milan_ask_ark.pem",
     "sev-snp/amd_genoa_ask_ark.pem": "sev-snp/amd_genoa_ask_ark.pem",
     "sev-snp/amd_milan_asvk_ark.pem": "sev-snp/amd_milan_asvk_ark.pem",

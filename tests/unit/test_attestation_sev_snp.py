@@ -4,6 +4,7 @@ a chain the tests make whose VCEK disagrees with the report."""
 from __future__ import annotations
 
 import hashlib
+import struct
 from datetime import UTC, datetime
 
 import pytest
@@ -110,6 +111,23 @@ def test_report_fields_are_read_where_amd_puts_them() -> None:
     assert r.reported_tcb == SnpTcb(bootloader=10, tee=0, snp=23, microcode=84)
     assert r.chip_id[:8].hex() == "0506ffba875e939c"
     assert parse_report((SEV / "gsg_report.bin").read_bytes()).debug
+
+
+def test_azure_report_binds_its_runtime_key_through_report_data() -> None:
+    # Real hardware binding a key: Azure's HCL report is a 32-byte header, the SNP report, a
+    # 20-byte header whose last u32 is the size of the runtime data (JSON holding HCLAkPub),
+    # then that data; report_data is SHA-256 of it followed by 32 zero bytes.
+    hcl = (SEV / "azure_genoa_hcl_report.bin").read_bytes()
+    report = hcl[32 : 32 + 1184]
+    (size,) = struct.unpack_from("<I", hcl, 32 + 1184 + 16)
+    runtime = hcl[32 + 1184 + 20 : 32 + 1184 + 20 + size]
+    assert b"HCLAkPub" in runtime
+    _, vcek = sample("azure-genoa")
+    digest = hashlib.sha256(runtime).digest()
+    assert verify(report, [vcek], binding=ExpectedBinding(report_data=digest)).ok
+    tampered = runtime.replace(b"HCLAkPub", b"HCLAkPuc")
+    other = ExpectedBinding(report_data=hashlib.sha256(tampered).digest())
+    assert verify(report, [vcek], binding=other).codes == ("report_data_mismatch",)
 
 
 def test_the_report_may_come_with_its_whole_chain_in_a_certificate_table() -> None:
