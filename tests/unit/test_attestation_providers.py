@@ -222,3 +222,18 @@ def test_open_provider_picks_the_interface_the_machine_has(tmp_path: Path) -> No
     for kind in ("tdx", "tpm"):
         with pytest.raises(EvidenceUnavailable):
             open_provider(kind, **paths)
+
+
+def test_paygate_builds_the_tee_memory_backend_and_never_creates_one(monkeypatch) -> None:
+    from paygate.config import ConfigError, load_settings
+    from paygate.keys import create_key, open_key_backend
+
+    monkeypatch.delenv("PAYGATE_KEY_BACKEND", raising=False)
+    settings = load_settings(None, key_backend="tee-memory")
+    first, second = open_key_backend(settings), open_key_backend(settings)
+    assert (first.info().backend, first.info().persistent) == ("tee-memory", False)
+    assert first.public_key != second.public_key  # a new key every start, nothing kept
+    first.close()
+    second.close()
+    with pytest.raises(ConfigError, match="never stored"):
+        create_key(settings)
