@@ -67,3 +67,18 @@ def test_random_bytes_are_refused(kind: str, data: bytes) -> None:
     v = VERIFIERS[kind].verify(data, at=AT, binding=ExpectedBinding())
     assert not v.ok
     assert v.code in CODES
+
+
+def test_every_verifier_meets_the_protocol() -> None:
+    from enclave.attestation.base import EvidenceVerifier
+
+    for kind, verifier in VERIFIERS.items():
+        assert isinstance(verifier, EvidenceVerifier), kind
+    assert {v.kind for v in VERIFIERS.values()} == {"sev-snp", "tdx", "nitro", "nvidia-gpu"}
+
+
+def test_deeply_nested_cbor_is_malformed_not_a_crash() -> None:
+    for data in (b"\x81" * 60000 + b"\x00", b"\x9f" * 60000, b"\xd8\x12" * 30000):
+        assert VERIFIERS["nitro"].verify(data, at=AT, binding=ExpectedBinding()).code == (
+            "evidence_malformed"
+        )
