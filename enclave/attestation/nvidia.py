@@ -132,7 +132,7 @@ class NvidiaGpuVerifier:
     """Verifies an H100 SPDM measurement exchange; ``certificates`` is the GPU's chain (PEM,
     leaf first) as the driver returns it; ``roots`` replaces the pinned NVIDIA CA."""
 
-    kind: ClassVar[str] = "nvidia-gpu"
+    kind: ClassVar[str] = "nvidia"
     policy: NvidiaGpuPolicy = field(default_factory=NvidiaGpuPolicy)
     certificates: bytes = b""
     roots: Sequence[x509.Certificate] | None = None

@@ -74,7 +74,7 @@ def test_every_verifier_meets_the_protocol() -> None:
 
     for kind, verifier in VERIFIERS.items():
         assert isinstance(verifier, EvidenceVerifier), kind
-    assert {v.kind for v in VERIFIERS.values()} == {"sev-snp", "tdx", "nitro", "nvidia-gpu"}
+    assert {v.kind for v in VERIFIERS.values()} == {"sev-snp", "tdx", "nitro", "nvidia"}
 
 
 def test_deeply_nested_cbor_is_malformed_not_a_crash() -> None:
