@@ -38,6 +38,11 @@ class AttestUsageError(PaygateError):
 def register(sub: Any) -> None:
     attest = sub.add_parser("attest", help="verify attestation evidence")
     actions = attest.add_subparsers(dest="attest_command", required=True, metavar="ACTION")
+    # One function per action adds its parser here.
+    _add_verify_file(actions)
+
+
+def _add_verify_file(actions: Any) -> None:
     vf = actions.add_parser(
         "verify-file",
         help="verify a recorded SEV-SNP report, TDX quote or Nitro document offline",
