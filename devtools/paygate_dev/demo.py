@@ -20,7 +20,8 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from aiohttp import web
 import enclave
 from enclave import DecryptionError, KeyBackend, SoftwareKey
 from paygate.config import load_settings
+from paygate.errors import PaygateError
 from paygate.server.app import build_app
 from paygate_dev import stack as devstack
 from paygate_dev.fake_model import FakeModelServer
@@ -189,13 +191,12 @@ async def _payments_demo(key: KeyBackend, workdir: Path) -> None:
     facilitator = FacilitatorServer(
         FacilitatorSettings(rpc_url=chain.rpc_url, private_key=chain.accounts[FACILITATOR].key)
     ).start()
-    fake = FakeModelServer(pace=0.05, chunks=6)
-    fake_runner, fake_url = await _serve(fake.app)
+    model_server = await _real_model_or_fake(workdir)
     seller, payer = new_account().address, new_account()
     chain.mint(payer.address, 5 * 10**6)
     settings = load_settings(
         None,
-        upstream_url=fake_url,
+        **model_server.settings,
         payment_mode="facilitator",
         pay_to=seller,
         network="base-sepolia",
@@ -209,7 +210,7 @@ async def _payments_demo(key: KeyBackend, workdir: Path) -> None:
     print(f"   seller {seller}: {chain.balance_of(seller) / 1e6:.3f} USDC")
     print(f"   payer  {payer.address}: {chain.balance_of(payer.address) / 1e6:.3f} USDC")
     try:
-        await asyncio.to_thread(_paying_caller, url, key, payer)
+        await asyncio.to_thread(_paying_caller, url, key, payer, model_server.model)
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
             http.post(f"{url}/v1/chat/completions", json={"model": "m"}) as resp,
@@ -217,14 +218,51 @@ async def _payments_demo(key: KeyBackend, workdir: Path) -> None:
             print(f"   unsealed body on a paid route -> {resp.status} (require_encryption)")
     finally:
         await gateway_runner.cleanup()
-        await fake_runner.cleanup()
+        await model_server.stop()
         facilitator.stop()
         seller_balance, payer_balance = chain.balance_of(seller), chain.balance_of(payer.address)
         chain.stop()
     print(f"   seller now {seller_balance / 1e6:.3f} USDC, payer {payer_balance / 1e6:.3f} USDC")
 
 
-def _paying_caller(url: str, key: KeyBackend, payer: Any) -> None:
+@dataclass
+class _ModelServer:
+    """What the payments part talks to: a real model when one is built, else the FAKE."""
+
+    settings: dict[str, Any]
+    model: str
+    stop: Callable[[], Awaitable[None]]
+
+
+async def _real_model_or_fake(workdir: Path) -> _ModelServer:
+    """llama.cpp's llama-server with SmolLM2-135M (real weights) when scripts/setup_llama.sh
+    has built it; otherwise the FAKE model server, saying why."""
+    from paygate_dev.llama import LlamaServer, llama_build
+
+    try:
+        build = llama_build()
+        server = LlamaServer(build.server, build.smollm2, "smollm2", workdir / "llama.log")
+        await asyncio.to_thread(server.start)
+    except PaygateError as exc:
+        print(f"   (no real model: {exc}; the FAKE model server answers instead)")
+        fake = FakeModelServer(pace=0.05, chunks=6)
+        runner, fake_url = await _serve(fake.app)
+        return _ModelServer({"upstream_url": fake_url}, "demo", runner.cleanup)
+    print(f"   model server: llama.cpp llama-server, SmolLM2-135M-Instruct ({build.smollm2.name})")
+
+    async def stop() -> None:
+        await asyncio.to_thread(server.stop)
+
+    settings = {
+        "upstream_url": server.url,
+        "upstream_kind": "llama-server",
+        "upstream_model_path": build.smollm2,
+        "upstream_model_name": "smollm2",
+    }
+    return _ModelServer(settings, "smollm2", stop)
+
+
+def _paying_caller(url: str, key: KeyBackend, payer: Any, model: str) -> None:
     """A caller's program: the OpenAI SDK on paygate's transport, with a spend policy."""
     import httpx
     import openai
@@ -242,20 +280,28 @@ def _paying_caller(url: str, key: KeyBackend, payer: Any) -> None:
         max_retries=0,
         http_client=httpx.Client(transport=transport, timeout=60),
     )
+    question = "What is the capital of France? Answer in one word."
     reply = client.chat.completions.create(
-        model="demo", messages=[{"role": "user", "content": "a paid, sealed question"}]
+        model=model,
+        temperature=0,
+        max_tokens=32,
+        messages=[{"role": "user", "content": question}],
     )
     paid = transport.last_payment
     assert paid is not None
-    print(f"   OpenAI SDK, sealed v2, paid: {reply.choices[0].message.content!r}")
+    print(f"   OpenAI SDK, sealed v2, paid: {question!r}")
+    print(f"     -> {reply.choices[0].message.content!r}")
     print(f"     paid {paid.amount:f} USDC, tx {paid.transaction}")
     stream = client.chat.completions.create(
-        model="demo",
+        model=model,
         stream=True,
-        messages=[{"role": "user", "content": "a paid, sealed, streamed question"}],
+        temperature=0,
+        max_tokens=32,
+        messages=[{"role": "user", "content": "Name three colours."}],
     )
     words = [c.choices[0].delta.content or "" for c in stream if c.choices]
     stream.close()
+    print(f"     streamed -> {''.join(words)!r}")
     paid = transport.last_payment
     assert paid is not None
     print(f"   OpenAI SDK, sealed v2, streamed {len(words)} chunks, receipt in-band:")

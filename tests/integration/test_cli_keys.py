@@ -125,7 +125,10 @@ def test_demo_runs_end_to_end() -> None:
     assert "(v2, sealed, stream) -> 200, carries text/event-stream" in result.stdout
     assert "stream complete and authenticated" in result.stdout
     assert "POST /api/pull -> 404 (not forwarded: the fake saw 0)" in result.stdout
-    # part 3: paid with the OpenAI SDK on paygate's transport, settled on anvil, once each
+    # part 3: paid with the OpenAI SDK on paygate's transport, settled on anvil, once each,
+    # answered by llama.cpp with real weights (setup builds it: no fallback to the fake here)
+    assert "model server: llama.cpp llama-server, SmolLM2-135M-Instruct" in result.stdout
+    assert "-> 'The capital of France is Paris.'" in result.stdout
     assert result.stdout.count("paid 0.001 USDC, tx 0x") == 2
     assert "receipt in-band" in result.stdout
     assert "unsealed body on a paid route -> 415" in result.stdout
