@@ -27,11 +27,12 @@ from pydantic_settings import (
 )
 
 from paygate.errors import PaygateError
+from paygate.upstream.config import UpstreamConfig, UpstreamMode
+from paygate.upstream.engines.base import EngineKind
 
 KeyBackendName = Literal["software", "pkcs11", "tpm", "tee-memory"]
 NonNegativeDecimal = Annotated[Decimal, Field(ge=0, max_digits=40, decimal_places=18)]
 PaymentMode = Literal["off", "facilitator", "chain", "verify-only"]
-UpstreamKindName = Literal["ollama", "llama-server", "vllm", "openai"]
 
 
 class Settings(BaseSettings):
@@ -110,8 +111,8 @@ class Settings(BaseSettings):
     ledger_path: Path = Path("/var/lib/paygate/payments.db")
 
     # --- upstream (paygate.upstream; docs/UPSTREAM.md) ---
-    upstream_mode: Literal["attach", "container"] = "attach"
-    upstream_kind: UpstreamKindName = "ollama"
+    upstream_mode: UpstreamMode = "attach"
+    upstream_kind: EngineKind = "ollama"
     upstream_health_path: str | None = None
     upstream_api_key: SecretStr | None = None
     upstream_api_key_file: Path | None = None
@@ -298,6 +299,41 @@ class Settings(BaseSettings):
         if self.asset_address and len(self.network) != 1:
             raise ValueError("a custom asset is on one chain: configure exactly one network")
         return self
+
+    def upstream(self) -> UpstreamConfig:
+        """The upstream's typed view (secrets resolved from their files)."""
+        return UpstreamConfig(
+            mode=self.upstream_mode,
+            kind=self.upstream_kind,
+            url=self.upstream_url,
+            health_path=self.upstream_health_path,
+            api_key=self.secret("upstream_api_key") if self.upstream_mode == "attach" else None,
+            monitor=self.upstream_monitor,
+            health_interval=self.upstream_health_interval,
+            failure_threshold=self.upstream_failure_threshold,
+            ready_timeout=self.upstream_ready_timeout,
+            ready_probe_timeout=self.ready_probe_timeout,
+            restart_backoff_max=self.upstream_restart_backoff_max,
+            retry_after_seconds=self.retry_after_seconds,
+            docker_host=self.docker_host,
+            name=self.upstream_name,
+            image=self.upstream_image,
+            relay_image=self.upstream_relay_image,
+            volume=self.upstream_volume,
+            models_dir=self.upstream_models_dir,
+            port=self.upstream_port,
+            cpus=self.upstream_cpus,
+            memory=self.upstream_memory,
+            pids_limit=self.upstream_pids_limit,
+            gpus=self.upstream_gpus,
+            tmpfs=dict(self.upstream_tmpfs),
+            socket_dir=self.upstream_socket_dir,
+            pull_network=self.upstream_pull_network,
+            pull_timeout=self.upstream_pull_timeout,
+            model_path=self.upstream_model_path,
+            model_name=self.upstream_model_name,
+            expected_model_digests=dict(self.expected_model_digests),
+        )
 
     @property
     def listen_host(self) -> str:

@@ -16,13 +16,14 @@ import aiohttp
 from paygate.config import Settings, load_settings
 from paygate.store.deployments import DeploymentStore, settings_overrides
 from paygate.upstream import service
+from paygate.upstream.config import UpstreamConfig
 from paygate.upstream.container import ContainerManager
 from paygate.upstream.engine import connect
 from paygate.upstream.engines.base import ModelDigest
 from paygate.upstream.errors import UpstreamError
 from paygate.upstream.pull import Progress, pull
 from paygate.upstream.readiness import probe
-from paygate.upstream.spec import spec_from_settings
+from paygate.upstream.spec import container_spec
 
 BAR = 30
 
@@ -54,38 +55,38 @@ def settings_for(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, **overrides)
 
 
-def _require_container(settings: Settings, action: str) -> None:
-    if settings.upstream_mode != "container":
+def _require_container(config: UpstreamConfig, action: str) -> None:
+    if config.mode != "container":
         raise UpstreamError(f"upstream {action} needs upstream_mode = container")
 
 
-async def _probe(settings: Settings) -> str:
+async def _probe(config: UpstreamConfig) -> str:
     async with aiohttp.ClientSession(
-        connector=service.connector(settings, limit=1), trust_env=False
+        connector=service.connector(config, limit=1), trust_env=False
     ) as session:
         result = await probe(
             session,
-            service.health_url(settings),
-            headers=service.auth_headers(service.api_key(settings)),
-            timeout=settings.ready_probe_timeout,
+            service.health_url(config),
+            headers=service.auth_headers(config.api_key),
+            timeout=config.ready_probe_timeout,
         )
     return "ready" if result.ok else f"not ready ({result.detail})"
 
 
 def _status(args: argparse.Namespace) -> int:
-    settings = settings_for(args)
-    out: dict[str, Any] = {"mode": settings.upstream_mode}
-    if settings.upstream_mode == "container":
-        manager = ContainerManager(connect(settings.docker_host), spec_from_settings(settings))
+    config = settings_for(args).upstream()
+    out: dict[str, Any] = {"mode": config.mode}
+    if config.mode == "container":
+        manager = ContainerManager(connect(config.docker_host), container_spec(config))
         out.update(manager.status())
-        out["kind"] = settings.upstream_kind
-        out["models"] = _models(service.served_digests(settings, manager))
+        out["kind"] = config.kind
+        out["models"] = _models(service.served_digests(config, manager))
         manager.client.close()
     else:
-        out["kind"] = settings.upstream_kind
-        out["url"] = settings.upstream_url
-        out["models"] = _models(service.served_digests(settings, None))
-    out["health"] = asyncio.run(_probe(settings))
+        out["kind"] = config.kind
+        out["url"] = config.url
+        out["models"] = _models(service.served_digests(config, None))
+    out["health"] = asyncio.run(_probe(config))
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -102,9 +103,9 @@ def _models(served: list[ModelDigest]) -> dict[str, str]:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    settings = settings_for(args)
-    _require_container(settings, "stop")
-    manager = ContainerManager(connect(settings.docker_host), spec_from_settings(settings))
+    config = settings_for(args).upstream()
+    _require_container(config, "stop")
+    manager = ContainerManager(connect(config.docker_host), container_spec(config))
     manager.stop()
     manager.client.close()
     print(f"stopped {manager.spec.name}")
@@ -140,18 +141,18 @@ def render(progress: Progress) -> str:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    settings = settings_for(args)
-    _require_container(settings, "pull")
-    client = connect(settings.docker_host)
+    config = settings_for(args).upstream()
+    _require_container(config, "pull")
+    client = connect(config.docker_host)
     try:
         asyncio.run(
             pull(
                 client,
-                spec_from_settings(settings),
+                container_spec(config),
                 args.model,
                 on_progress=ProgressPrinter(sys.stderr),
-                ready_timeout=settings.upstream_ready_timeout,
-                timeout=settings.upstream_pull_timeout,
+                ready_timeout=config.ready_timeout,
+                timeout=config.pull_timeout,
             )
         )
     finally:

@@ -106,6 +106,7 @@ def build_app(
         check_payment_settings(settings)
     if routes is None:
         routes = engine_routes(profile_for(settings.upstream_kind).routes())
+    upstream_config = settings.upstream()
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
@@ -122,7 +123,7 @@ def build_app(
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
         # TCP, or the relay's unix socket for a container (paygate.upstream, docs/UPSTREAM.md).
-        connector = upstream_connector(settings, limit=settings.max_concurrent_requests)
+        connector = upstream_connector(upstream_config, limit=settings.max_concurrent_requests)
         # Timeouts are per exchange (proxy.Timeouts); the session's own stay off.
         session = aiohttp.ClientSession(
             connector=connector,
@@ -137,7 +138,7 @@ def build_app(
     async def upstream_runtime(app: web.Application) -> AsyncIterator[None]:
         # Container mode: start the isolated model server and wait for it (bounded) before
         # listening; then the health monitor and the breaker the proxy consults.
-        async with running_upstream(settings, app[SESSION]) as service:
+        async with running_upstream(upstream_config, app[SESSION]) as service:
             app[UPSTREAM] = service
             yield
 
@@ -153,7 +154,7 @@ def build_app(
     async def gateway(app: web.Application) -> AsyncIterator[None]:
         upstream = Upstream(
             app[SESSION],
-            upstream_base_url(settings),
+            upstream_base_url(upstream_config),
             Timeouts(
                 connect=settings.connect_timeout,
                 first_byte=settings.first_byte_timeout,

@@ -18,11 +18,13 @@ import shutil
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from paygate.errors import PaygateError
+from paygate.upstream.config import UpstreamMode
+from paygate.upstream.engines.base import EngineKind
 
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 CONFIG_FILE = "config.json"
@@ -77,7 +79,7 @@ class Deployment(BaseModel):
     name: str
     listen: str = "127.0.0.1:8402"
     upstream_url: str = "http://127.0.0.1:11434"
-    upstream_mode: Literal["attach", "container"] = "attach"
+    upstream_mode: UpstreamMode = "attach"
     wallet_address: str | None = None
     price_per_request: Decimal | None = Field(default=None, ge=0)
     price_per_million_tokens: Decimal | None = Field(default=None, ge=0)
@@ -89,7 +91,7 @@ class Deployment(BaseModel):
     container_memory: str | None = None
     container_host_port: int | None = Field(default=None, ge=1, le=65535)
     tee_type: str | None = None
-    upstream_kind: Literal["ollama", "llama-server", "vllm", "openai"] | None = None
+    upstream_kind: EngineKind | None = None
     model_path: str | None = None
     model_name: str | None = None
     # The served weights' digest (hex or sha256:hex); serve refuses other weights.

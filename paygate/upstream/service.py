@@ -17,8 +17,8 @@ from typing import Any
 import aiohttp
 from pydantic import SecretStr
 
-from paygate.config import Settings
 from paygate.upstream.breaker import CircuitBreaker
+from paygate.upstream.config import UpstreamConfig
 from paygate.upstream.container import ContainerManager
 from paygate.upstream.engine import connect
 from paygate.upstream.engines import profile_for
@@ -26,36 +26,35 @@ from paygate.upstream.engines.base import ModelDigest
 from paygate.upstream.errors import ModelDigestMismatch
 from paygate.upstream.monitor import HealthMonitor
 from paygate.upstream.readiness import ProbeResult, probe, wait_ready
-from paygate.upstream.spec import spec_from_settings
+from paygate.upstream.spec import container_spec
 
 log = logging.getLogger("paygate.upstream")
 
 
-def base_url(settings: Settings) -> str:
+def base_url(config: UpstreamConfig) -> str:
     """The URL requests are built on: the relay socket's ``localhost`` in container mode."""
-    if settings.upstream_mode == "container":
-        return spec_from_settings(settings).base_url
-    return settings.upstream_url
+    if config.mode == "container":
+        return container_spec(config).base_url
+    return config.url
 
 
-def health_url(settings: Settings) -> str:
+def health_url(config: UpstreamConfig) -> str:
     """The readiness probe's URL: the engine profile's route unless overridden."""
-    path = settings.upstream_health_path or profile_for(settings.upstream_kind).health_path
-    return base_url(settings) + path
+    return base_url(config) + (config.health_path or profile_for(config.kind).health_path)
 
 
-def served_digests(settings: Settings, manager: ContainerManager | None) -> list[ModelDigest]:
+def served_digests(config: UpstreamConfig, manager: ContainerManager | None) -> list[ModelDigest]:
     """The digests of the weights served (blocking: hashing reads the whole file).
 
     From ``upstream_model_path`` in both modes; for Ollama in container mode with no path
     given, from the manifests in the deployment's volume (readable when paygate runs as root,
     which docker access amounts to anyway).
     """
-    profile = profile_for(settings.upstream_kind)
-    path = settings.upstream_model_path
+    profile = profile_for(config.kind)
+    path = config.model_path
     if path is None and manager is not None and profile.pull_path is not None:
         path = manager.volume_path()
-    return profile.digests(path, settings.upstream_model_name)
+    return profile.digests(path, config.model_name)
 
 
 def check_digests(expected: Mapping[str, str], served: list[ModelDigest]) -> None:
@@ -72,19 +71,10 @@ def check_digests(expected: Mapping[str, str], served: list[ModelDigest]) -> Non
         )
 
 
-def api_key(settings: Settings) -> SecretStr | None:
-    """The key the gateway adds for an attached (remote) server; never one for a container."""
-    if settings.upstream_mode != "attach":
-        return None
-    return settings.secret("upstream_api_key")
-
-
-def connector(settings: Settings, *, limit: int) -> aiohttp.BaseConnector:
+def connector(config: UpstreamConfig, *, limit: int) -> aiohttp.BaseConnector:
     """The session's connector: the relay's unix socket in container mode, TCP otherwise."""
-    if settings.upstream_mode == "container":
-        return aiohttp.UnixConnector(
-            path=str(spec_from_settings(settings).socket_path), limit=limit
-        )
+    if config.mode == "container":
+        return aiohttp.UnixConnector(path=str(container_spec(config).socket_path), limit=limit)
     return aiohttp.TCPConnector(limit=limit, enable_cleanup_closed=True)
 
 
@@ -101,25 +91,25 @@ class UpstreamService:
 
     def __init__(
         self,
-        settings: Settings,
+        config: UpstreamConfig,
         session: aiohttp.ClientSession,
         manager: ContainerManager | None = None,
     ) -> None:
-        self.settings = settings
+        self.config = config
         self.session = session
         self.manager = manager
-        self.monitored = manager is not None or settings.upstream_monitor
+        self.monitored = manager is not None or config.monitor
         breaker = CircuitBreaker(
-            threshold=settings.upstream_failure_threshold, retry_after=settings.retry_after_seconds
+            threshold=config.failure_threshold, retry_after=config.retry_after_seconds
         )
         self.breaker: CircuitBreaker | None = breaker if self.monitored else None
-        self._url = health_url(settings)
-        self.api_key = api_key(settings)
+        self._url = health_url(config)
+        self.api_key = config.api_key
         self.monitor = HealthMonitor(
             check=self.check,
             breaker=breaker,
-            interval=settings.upstream_health_interval,
-            backoff_max=settings.upstream_restart_backoff_max,
+            interval=config.health_interval,
+            backoff_max=config.restart_backoff_max,
             crashed=self._crashed if manager is not None else None,
             recover=self._recover if manager is not None else None,
         )
@@ -131,7 +121,7 @@ class UpstreamService:
             self.session,
             self._url,
             headers=auth_headers(self.api_key),
-            timeout=self.settings.ready_probe_timeout,
+            timeout=self.config.ready_probe_timeout,
         )
 
     async def _crashed(self) -> bool:
@@ -144,15 +134,15 @@ class UpstreamService:
 
     async def verify_models(self) -> None:
         """Hash the served weights; refuse (ModelDigestMismatch) what was not expected."""
-        self.models = await asyncio.to_thread(served_digests, self.settings, self.manager)
-        check_digests(self.settings.expected_model_digests, self.models)
+        self.models = await asyncio.to_thread(served_digests, self.config, self.manager)
+        check_digests(self.config.expected_model_digests, self.models)
         for item in self.models:
             log.info("serving model %s, weights %s", item.name, item.digest)
 
     async def start(self) -> None:
         """Check the weights, start the containers (container mode) and wait until ready;
         then monitor. Ollama's manifests are read once its container has started."""
-        from_volume = self.manager is not None and self.settings.upstream_model_path is None
+        from_volume = self.manager is not None and self.config.model_path is None
         if not from_volume:
             await self.verify_models()
         if self.manager is not None:
@@ -160,8 +150,8 @@ class UpstreamService:
             await wait_ready(
                 self.session,
                 self._url,
-                deadline=self.settings.upstream_ready_timeout,
-                probe_timeout=self.settings.ready_probe_timeout,
+                deadline=self.config.ready_timeout,
+                probe_timeout=self.config.ready_probe_timeout,
             )
             self.monitor.mark_ready()
             if from_volume:
@@ -191,9 +181,9 @@ class UpstreamService:
 
     def status(self) -> dict[str, Any]:
         if not self.monitored:
-            return {"mode": self.settings.upstream_mode, "state": "unmonitored"}
-        out: dict[str, Any] = {"mode": self.settings.upstream_mode, **self.monitor.snapshot()}
-        out["kind"] = self.settings.upstream_kind
+            return {"mode": self.config.mode, "state": "unmonitored"}
+        out: dict[str, Any] = {"mode": self.config.mode, **self.monitor.snapshot()}
+        out["kind"] = self.config.kind
         return out
 
     def models_document(self) -> list[dict[str, str]]:
@@ -203,15 +193,15 @@ class UpstreamService:
 
 @contextlib.asynccontextmanager
 async def running_upstream(
-    settings: Settings, session: aiohttp.ClientSession
+    config: UpstreamConfig, session: aiohttp.ClientSession
 ) -> AsyncIterator[UpstreamService]:
     """The upstream service, started; stopped (containers removed) on exit."""
     manager = None
     client = None
-    if settings.upstream_mode == "container":
-        client = await asyncio.to_thread(connect, settings.docker_host)
-        manager = ContainerManager(client, spec_from_settings(settings))
-    service = UpstreamService(settings, session, manager)
+    if config.mode == "container":
+        client = await asyncio.to_thread(connect, config.docker_host)
+        manager = ContainerManager(client, container_spec(config))
+    service = UpstreamService(config, session, manager)
     try:
         await service.start()
         yield service

@@ -23,8 +23,8 @@ from typing import Any
 
 from docker.types import DeviceRequest, LogConfig, Mount
 
-from paygate.config import Settings
 from paygate.upstream import relay
+from paygate.upstream.config import UpstreamConfig
 from paygate.upstream.engines import profile_for
 from paygate.upstream.engines.base import EngineKind, LaunchTarget
 from paygate.upstream.errors import InvalidName
@@ -84,37 +84,37 @@ class ContainerSpec:
         return f"http://localhost:{self.port}"
 
 
-def spec_from_settings(settings: Settings, name: str | None = None) -> ContainerSpec:
-    """The container spec for ``settings`` (``name`` overrides ``upstream_name``).
+def container_spec(config: UpstreamConfig, name: str | None = None) -> ContainerSpec:
+    """The container spec for ``config`` (``name`` overrides its ``name``).
 
-    Unset image, port, models directory, name and volume take the defaults of
-    ``upstream_kind``'s engine profile.
+    Unset image, port, models directory, name and volume take the defaults of the kind's
+    engine profile.
     """
-    profile = profile_for(settings.upstream_kind)
+    profile = profile_for(config.kind)
     if profile.container is None:
-        raise InvalidName(f"upstream_kind {settings.upstream_kind} has no container recipe")
+        raise InvalidName(f"upstream_kind {config.kind} has no container recipe")
     defaults = profile.container
-    cname = container_name(name or settings.upstream_name or defaults.name)
-    socket_dir = settings.upstream_socket_dir / cname
+    cname = container_name(name or config.name or defaults.name)
+    socket_dir = config.socket_dir / cname
     if len(str(socket_dir / SOCKET_NAME).encode()) > _MAX_UNIX_PATH:
         raise InvalidName(f"upstream_socket_dir is too long for a unix socket: {socket_dir}")
-    model_path = settings.upstream_model_path
-    alias = settings.upstream_model_name or (model_path.name if model_path else "model")
+    model_path = config.model_path
+    alias = config.model_name or (model_path.name if model_path else "model")
     return ContainerSpec(
         name=cname,
-        image=settings.upstream_image or defaults.image,
-        relay_image=settings.upstream_relay_image,
-        volume=settings.upstream_volume or f"{cname}-models",
-        models_mount=settings.upstream_models_dir or defaults.models_dir,
-        port=settings.upstream_port or defaults.port,
+        image=config.image or defaults.image,
+        relay_image=config.relay_image,
+        volume=config.volume or f"{cname}-models",
+        models_mount=config.models_dir or defaults.models_dir,
+        port=config.port or defaults.port,
         socket_dir=socket_dir,
-        cpus=settings.upstream_cpus,
-        memory=settings.upstream_memory,
-        pids_limit=settings.upstream_pids_limit,
-        gpus=settings.upstream_gpus,
-        tmpfs=dict(settings.upstream_tmpfs),
-        pull_network=settings.upstream_pull_network,
-        kind=settings.upstream_kind,
+        cpus=config.cpus,
+        memory=config.memory,
+        pids_limit=config.pids_limit,
+        gpus=config.gpus,
+        tmpfs=dict(config.tmpfs),
+        pull_network=config.pull_network,
+        kind=config.kind,
         model_path=model_path.resolve() if model_path else None,
         alias=alias,
     )

@@ -20,7 +20,7 @@ from paygate_dev.docker_stack import Dockerd
 from paygate_dev.llama import TINY_REPLY, LlamaBuild
 
 from paygate.cli.main import main as cli
-from paygate.upstream.spec import spec_from_settings
+from paygate.upstream.spec import container_spec
 from tests.fixtures.docker import DockerImages
 from tests.integration.upstream_support import (
     Gateway,
@@ -53,7 +53,7 @@ async def gateway(
 
 
 def _serving(client: docker.DockerClient, gw: Gateway) -> Any:
-    return client.containers.get(spec_from_settings(gw.settings).name)
+    return client.containers.get(container_spec(gw.settings.upstream()).name)
 
 
 async def _chat(gw: Gateway) -> dict[str, Any]:

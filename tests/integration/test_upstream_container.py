@@ -21,7 +21,7 @@ from paygate_dev.docker_stack import Dockerd
 from paygate_dev.fake_model import reply_words
 
 from paygate.cli.main import main as cli
-from paygate.upstream.spec import spec_from_settings
+from paygate.upstream.spec import container_spec
 from tests.fixtures.docker import DockerImages
 from tests.integration.upstream_support import (
     CHAT,
@@ -44,7 +44,7 @@ async def gateway(dockerd: Dockerd, test_images: DockerImages) -> AsyncIterator[
 
 
 def _containers(client: docker.DockerClient, gw: Gateway) -> tuple[Any, Any]:
-    spec = spec_from_settings(gw.settings)
+    spec = container_spec(gw.settings.upstream())
     return client.containers.get(spec.name), client.containers.get(spec.relay_name)
 
 
@@ -90,7 +90,7 @@ async def test_limits_capabilities_and_no_network_as_configured(
     assert relay_host["ReadonlyRootfs"] is True
     assert relay_host["CapDrop"] == ["ALL"]
     assert relay.attrs["Config"]["User"] == f"{os.getuid()}:{os.getgid()}"
-    socket_dir = spec_from_settings(gateway.settings).socket_dir
+    socket_dir = container_spec(gateway.settings.upstream()).socket_dir
     assert oct(socket_dir.stat().st_mode & 0o777) == "0o700"
     assert oct((socket_dir / "upstream.sock").stat().st_mode & 0o777) == "0o600"
 
@@ -243,7 +243,7 @@ async def test_stop_removes_the_containers_and_keeps_the_models(
     dockerd: Dockerd, test_images: DockerImages, docker_client: docker.DockerClient
 ) -> None:
     settings = container_settings(dockerd, test_images)
-    spec = spec_from_settings(settings)
+    spec = container_spec(settings.upstream())
     async with running_gateway(settings) as gw:
         assert (await gw.client.get(gw.url + "/api/tags")).status == 200
         assert spec.socket_path.exists()

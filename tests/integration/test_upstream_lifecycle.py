@@ -19,7 +19,7 @@ from paygate.upstream.engines.base import ModelDigest
 from paygate.upstream.errors import ContainerFailed
 from paygate.upstream.readiness import wait_ready
 from paygate.upstream.service import served_digests
-from paygate.upstream.spec import spec_from_settings
+from paygate.upstream.spec import container_spec
 from tests.fixtures.docker import DockerImages
 from tests.integration.upstream_support import container_settings
 
@@ -39,7 +39,7 @@ def test_a_stale_container_of_the_same_name_is_replaced(
     dockerd: Dockerd, test_images: DockerImages, docker_client: docker.DockerClient
 ) -> None:
     settings = container_settings(dockerd, test_images)
-    spec = spec_from_settings(settings)
+    spec = container_spec(settings.upstream())
     first = ContainerManager(docker_client, spec)
     first.start()
     old = {docker_client.containers.get(n).id for n in (spec.name, spec.relay_name)}
@@ -64,7 +64,7 @@ def test_a_container_paygate_did_not_make_is_left_alone(
     dockerd: Dockerd, test_images: DockerImages, docker_client: docker.DockerClient
 ) -> None:
     settings = container_settings(dockerd, test_images)
-    spec = spec_from_settings(settings)
+    spec = container_spec(settings.upstream())
     foreign = docker_client.containers.run(
         test_images.busybox, ["sleep", "60"], name=spec.name, detach=True, network_mode="none"
     )
@@ -87,7 +87,7 @@ def test_pull_writes_into_the_volume_through_a_short_lived_container(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = container_settings(dockerd, test_images, upstream_pull_network="pgtest-pull")
-    spec = spec_from_settings(settings)
+    spec = container_spec(settings.upstream())
     for name, value in {
         "PAYGATE_UPSTREAM_MODE": "container",
         "PAYGATE_DOCKER_HOST": dockerd.host,
@@ -113,7 +113,7 @@ def test_pull_writes_into_the_volume_through_a_short_lived_container(
         assert "fake-tiny:1b" in _tags(spec.socket_path)
         # The weights' digest: the manifest's model layer, read from the volume.
         layer = "sha256:" + hashlib.sha256(b"fake-tiny:1b").hexdigest()
-        assert ModelDigest("fake-tiny:1b", layer) in served_digests(settings, manager)
+        assert ModelDigest("fake-tiny:1b", layer) in served_digests(settings.upstream(), manager)
     finally:
         manager.stop()
     docker_client.volumes.get(settings.upstream_volume).remove()

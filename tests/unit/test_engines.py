@@ -16,7 +16,7 @@ from paygate.upstream.engines.base import LaunchTarget, ModelDigest, ProfileErro
 from paygate.upstream.engines.ollama import manifest_digests
 from paygate.upstream.errors import ModelDigestMismatch
 from paygate.upstream.service import check_digests
-from paygate.upstream.spec import serving_kwargs, spec_from_settings
+from paygate.upstream.spec import container_spec, serving_kwargs
 
 
 def _target(**overrides: object) -> LaunchTarget:
@@ -153,7 +153,7 @@ def test_container_defaults_follow_the_kind(tmp_path: Path) -> None:
     settings = load_settings(
         None, upstream_kind="llama-server", upstream_model_path=model, upstream_cpus=1
     )
-    spec = spec_from_settings(settings)
+    spec = container_spec(settings.upstream())
     assert (spec.name, spec.image, spec.port) == (
         "paygate-llama-server", "ghcr.io/ggml-org/llama.cpp:server", 8080
     )  # fmt: skip
@@ -165,7 +165,7 @@ def test_container_defaults_follow_the_kind(tmp_path: Path) -> None:
         "/models/tiny.gguf", str(model), True
     )  # fmt: skip
     assert kwargs["network_mode"] == "none"
-    ollama = spec_from_settings(load_settings(None))
+    ollama = container_spec(load_settings(None).upstream())
     assert (ollama.name, ollama.image, ollama.port, ollama.volume) == (
         "paygate-ollama", "ollama/ollama", 11434, "paygate-ollama-models"
     )  # fmt: skip

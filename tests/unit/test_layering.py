@@ -91,3 +91,23 @@ def test_shipped_code_never_imports_the_dev_tooling() -> None:
         if _imports(path) & {"paygate_dev", "tests"}
     }
     assert offenders == {}
+
+
+def test_only_the_factories_read_the_whole_settings() -> None:
+    # Typed views are built once (app factory, key factory, CLI); the parts below take those.
+    factories = {"paygate/server/app.py", "paygate/server/assembly.py", "paygate/keys.py"}
+    offenders = []
+    for package in ("paygate/server", "paygate/x402", "paygate/upstream", "paygate/store",
+                    "paygate/client", "paygate/keys.py", "paygate/wire.py"):  # fmt: skip
+        paths = [ROOT / package] if package.endswith(".py") else (ROOT / package).rglob("*.py")
+        for path in paths:
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if (
+                    isinstance(node, ast.ImportFrom)
+                    and node.module == "paygate.config"
+                    and any(alias.name in ("Settings", "load_settings") for alias in node.names)
+                    and str(path.relative_to(ROOT)) not in factories
+                ):
+                    offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []

@@ -13,11 +13,11 @@ from paygate.upstream.monitor import HealthMonitor
 from paygate.upstream.names import container_name, derived_name
 from paygate.upstream.readiness import ProbeResult
 from paygate.upstream.spec import (
+    container_spec,
     gpu_request,
     pull_kwargs,
     relay_kwargs,
     serving_kwargs,
-    spec_from_settings,
 )
 
 
@@ -61,7 +61,7 @@ def _settings(tmp_path: Path, **overrides: object) -> object:
 
 
 def test_the_serving_container_has_no_network_and_every_limit(tmp_path: Path) -> None:
-    spec = spec_from_settings(_settings(tmp_path))
+    spec = container_spec(_settings(tmp_path).upstream())
     kwargs = serving_kwargs(spec)
     assert kwargs["name"] == "paygate-ollama"
     assert kwargs["image"] == "ollama/ollama"
@@ -89,7 +89,7 @@ def test_the_serving_container_has_no_network_and_every_limit(tmp_path: Path) ->
 
 
 def test_gpus_become_device_requests(tmp_path: Path) -> None:
-    assert serving_kwargs(spec_from_settings(_settings(tmp_path, upstream_gpus="all")))[
+    assert serving_kwargs(container_spec(_settings(tmp_path, upstream_gpus="all").upstream()))[
         "device_requests"
     ] == [gpu_request("all")]
     assert gpu_request("all")["Count"] == -1
@@ -98,7 +98,7 @@ def test_gpus_become_device_requests(tmp_path: Path) -> None:
 
 
 def test_the_relay_joins_the_serving_namespace_as_the_gateway_user(tmp_path: Path) -> None:
-    spec = spec_from_settings(_settings(tmp_path))
+    spec = container_spec(_settings(tmp_path).upstream())
     kwargs = relay_kwargs(spec, "abc123")
     assert kwargs["network_mode"] == "container:abc123"
     assert kwargs["name"] == "paygate-ollama-relay"
@@ -114,7 +114,7 @@ def test_the_relay_joins_the_serving_namespace_as_the_gateway_user(tmp_path: Pat
 def test_only_the_pull_container_has_a_network_and_it_publishes_on_loopback(
     tmp_path: Path,
 ) -> None:
-    kwargs = pull_kwargs(spec_from_settings(_settings(tmp_path)))
+    kwargs = pull_kwargs(container_spec(_settings(tmp_path).upstream()))
     assert kwargs["network"] == "paygate-pull"
     assert kwargs["ports"] == {"11434/tcp": ("127.0.0.1", None)}
     assert kwargs["name"] == "paygate-ollama-pull"
@@ -124,7 +124,7 @@ def test_only_the_pull_container_has_a_network_and_it_publishes_on_loopback(
 
 def test_a_socket_path_too_long_for_unix_sockets_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidName, match="too long"):
-        spec_from_settings(_settings(tmp_path / ("d" * 100)))
+        container_spec(_settings(tmp_path / ("d" * 100)).upstream())
 
 
 @pytest.mark.parametrize(
