@@ -27,9 +27,8 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from paygate import wire
 from paygate.x402 import codec
@@ -49,12 +48,11 @@ from paygate.x402.models import (
     SettleResponse,
 )
 from paygate.x402.networks import resolve_network
-from paygate.x402.offers import Challenge, Offer, PaymentTerms, challenge
+from paygate.x402.offers import Offer, PaymentTerms, challenge
+from paygate.x402.results import Admission, Receipt, Refusal
+from paygate.x402.settlement import Settlement
 from paygate.x402.settler import SettlementUnknown, Settler, SettlerUnavailable
 from paygate.x402.verify import PaymentRejected, check_authorization, match_offer
-
-if TYPE_CHECKING:
-    from paygate.x402.settlement import Settlement
 
 log = logging.getLogger("paygate.x402")
 
@@ -65,56 +63,6 @@ _IN_PROGRESS = (
     PaymentState.SERVED,
     PaymentState.SETTLING,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """An answer instead of service. ``challenge`` is set for 400/402 (x402's body shape)."""
-
-    status: int
-    code: str
-    message: str
-    challenge: Challenge | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    """A settlement result for the caller, in the header of the payment's version."""
-
-    version: int
-    response: SettleResponse
-    # Settlement was refused for good: a non-streamed reply is withheld (402) rather than given
-    # away; a stream's content is already out, so only the receipt says so.
-    withhold: bool = False
-
-    @property
-    def header(self) -> str:
-        return wire.PAYMENT_RESPONSE if self.version == 2 else wire.X_PAYMENT_RESPONSE
-
-    def encoded(self) -> str:
-        return codec.encode(self.response)
-
-
-@dataclass(slots=True)
-class Admission:
-    """An admitted request's payment: free (``record`` None) or a reserved, verified payment."""
-
-    price: Decimal
-    record: PaymentRecord | None = None
-    payment: AnyPaymentPayload | None = field(default=None, repr=False)
-    requirements: dict[str, Any] = field(default_factory=dict, repr=False)
-    receipt: Receipt | None = None
-    settle_task: asyncio.Task[Receipt | None] | None = field(default=None, repr=False)
-    finished: bool = False
-
-    @property
-    def paid(self) -> bool:
-        return self.record is not None
-
-    @property
-    def payer(self) -> str | None:
-        return self.record.payer if self.record else None
 
 
 class PaymentProcessor:

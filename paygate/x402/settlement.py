@@ -14,14 +14,26 @@ processor owns the ledger and the settler.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from paygate.x402.ledger import PaymentRecord, PaymentState
 from paygate.x402.models import ResourceInfo
 from paygate.x402.offers import Offer
+from paygate.x402.results import Admission, Receipt, Refusal
 
-if TYPE_CHECKING:
-    from paygate.x402.processor import Admission, PaymentProcessor, Receipt, Refusal
+
+class PaymentProcessor(Protocol):
+    """The processor's primitives a strategy calls (paygate.x402.processor implements them)."""
+
+    async def settle_upfront(
+        self, admission: Admission, offers: tuple[Offer, ...], resource: ResourceInfo
+    ) -> Admission | Refusal: ...
+
+    def settle_in_background(self, admission: Admission) -> asyncio.Task[Receipt | None]: ...
+
+    async def mark_served(self, admission: Admission) -> None: ...
+
+    async def release(self, record: PaymentRecord) -> None: ...
 
 
 class Settlement(Protocol):

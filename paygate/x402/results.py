@@ -1,0 +1,69 @@
+"""What the payment policy produces for a request: a refusal, an admission, a receipt.
+
+Plain data, shared by the processor (``paygate.x402.processor``) and the settlement strategies
+(``paygate.x402.settlement``) so that neither imports the other's module for its types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from paygate import wire
+from paygate.x402 import codec
+from paygate.x402.ledger import PaymentRecord
+from paygate.x402.models import AnyPaymentPayload, SettleResponse
+from paygate.x402.offers import Challenge
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An answer instead of service. ``challenge`` is set for 400/402 (x402's body shape)."""
+
+    status: int
+    code: str
+    message: str
+    challenge: Challenge | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """A settlement result for the caller, in the header of the payment's version."""
+
+    version: int
+    response: SettleResponse
+    # Settlement was refused for good: a non-streamed reply is withheld (402) rather than given
+    # away; a stream's content is already out, so only the receipt says so.
+    withhold: bool = False
+
+    @property
+    def header(self) -> str:
+        return wire.PAYMENT_RESPONSE if self.version == 2 else wire.X_PAYMENT_RESPONSE
+
+    def encoded(self) -> str:
+        return codec.encode(self.response)
+
+
+@dataclass(slots=True)
+class Admission:
+    """An admitted request's payment: free (``record`` None) or a reserved, verified payment."""
+
+    price: Decimal
+    record: PaymentRecord | None = None
+    payment: AnyPaymentPayload | None = field(default=None, repr=False)
+    requirements: dict[str, Any] = field(default_factory=dict, repr=False)
+    receipt: Receipt | None = None
+    settle_task: asyncio.Task[Receipt | None] | None = field(default=None, repr=False)
+    finished: bool = False
+
+    @property
+    def paid(self) -> bool:
+        return self.record is not None
+
+    @property
+    def payer(self) -> str | None:
+        return self.record.payer if self.record else None
