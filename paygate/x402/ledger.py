@@ -7,14 +7,24 @@ upstream call, and every later step is a recorded state change made durable befo
 effect that follows it. After a crash, :meth:`Ledger.unfinished` says what settlement is owed
 or in doubt, and :meth:`Ledger.stale_reservations` what can be released.
 
-This module is the interface (states, record, errors, input normalisation); ``ledger_sqlite``
-is the SQLite implementation. Nothing here does I/O, and nothing here imports aiohttp or
-``paygate.server``.
+Several processes (workers, replicas on other hosts) may share one store. Each opens it under a
+*replica* name, and owns the records it works on through a **lease**: an owner, an expiry and an
+epoch (``lease``, a fencing token that grows by one at every change of owner). A live owner
+renews its leases; a lease that ran out means its owner is presumed dead, and another replica
+may *claim* the record (epoch + 1). Every change an owner makes names the epoch it holds, and is
+refused with :class:`LeaseLost` once the record was claimed away: a process that was frozen past
+its lease (SIGSTOP, a long pause, a partition) cannot record or settle a second time.
+
+This module is the interface (states, record, errors, input normalisation, the lease rules);
+``ledger_sqlite`` and ``ledger_postgres`` implement it, ``ledger_store`` opens one from a
+location. Nothing here does I/O, and nothing here imports aiohttp or ``paygate.server``.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -66,6 +76,36 @@ UNFINISHED_STATES = (S.SERVED, S.SETTLING)
 RESERVATION_STATES = (S.RESERVED, S.VERIFIED)
 del S
 
+DEFAULT_LEASE_SECONDS = 30.0
+_REPLICA = re.compile(r"^[A-Za-z0-9._:/@-]{1,100}$")
+
+
+class EventAction(StrEnum):
+    """What a replica did to a payment; the history says who did what, and when."""
+
+    RESERVED = "reserved"  # claimed the authorization (new, or a released one again)
+    MOVED = "moved"  # a transition (the event's state is the new one)
+    SERVED = "served"  # mark_served
+    CLAIMED = "claimed"  # took over an expired or unowned lease (detail: the former owner)
+    RELEASED = "released"  # released a reservation whose owner is gone (start-up, reconciler)
+    LET_GO = "let_go"  # the owner gave the lease up (a pending settlement, for any reconciler)
+    COPIED = "copied"  # brought in by `paygate ledger copy`
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentEvent:
+    """One line of a payment's history."""
+
+    payment_id: str
+    at: float  # unix seconds
+    replica: str  # who did it
+    action: EventAction
+    state: PaymentState  # the record's state after it
+    lease: int  # the epoch it was done under
+    transaction: str | None = None
+    error: str | None = None
+    detail: str | None = None  # e.g. the former owner of a claimed lease
+
 
 @dataclass(frozen=True, slots=True)
 class PaymentRecord:
@@ -92,6 +132,9 @@ class PaymentRecord:
     attempts: int  # settlement attempts
     created_at: float  # unix seconds
     updated_at: float  # unix seconds
+    owner: str | None = None  # the replica holding the lease (None: nobody works on it)
+    lease: int = 0  # fencing epoch: +1 at every change of owner
+    lease_until: float | None = None  # the owner's lease runs out then (unix seconds)
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -105,12 +148,19 @@ class PaymentRecord:
 
 class Ledger(Protocol):
     """The payment ledger. All methods are async; implementations are safe for concurrent use
-    from one event loop and across processes sharing the store. Every method that changes a
-    record returns it as stored, and has made it durable before returning.
+    from one event loop and across processes (and hosts) sharing the store. Every method that
+    changes a record returns it as stored, and has made it durable before returning.
+
+    A ledger is opened under a replica name (:attr:`replica`) with a lease length
+    (:attr:`lease_seconds`): records it reserves or claims are owned by it until they end,
+    it lets them go, or their lease runs out.
 
     Infrastructure failures (store unreachable, disk full, locked too long) raise
     :class:`LedgerUnavailable`: the gate answers 503 and never serves unpaid.
     """
+
+    replica: str
+    lease_seconds: float
 
     async def reserve(
         self,
@@ -127,7 +177,8 @@ class Ledger(Protocol):
         requirements: str,
         idempotency_key: str | None,
     ) -> PaymentRecord:
-        """Claim ``(network, asset, payer, nonce)`` atomically, as a new RESERVED record.
+        """Claim ``(network, asset, payer, nonce)`` atomically, as a new RESERVED record owned
+        by this replica (a fresh lease).
 
         A RELEASED record with that key is re-claimed instead (same id, attempts kept). Any
         other existing record raises :class:`AlreadyReserved` carrying it. An idempotency key
@@ -143,17 +194,53 @@ class Ledger(Protocol):
         *,
         transaction: str | None = None,
         error: str | None = None,
+        lease: int | None = None,
     ) -> PaymentRecord:
         """Move a record along :data:`TRANSITIONS` (compare-and-set in one transaction).
 
         Any move into SETTLING counts an attempt. ``transaction``/``error`` overwrite only when
         given. A move not in the table raises :class:`LedgerConflict`; an unknown id
-        :class:`PaymentNotFound`.
+        :class:`PaymentNotFound`. With ``lease`` (the epoch the caller holds) the move is
+        fenced: checked in the same transaction, refused with :class:`LeaseLost` if the record
+        was claimed since; a fenced move into a live state renews the lease, into a terminal
+        state ends it. Without ``lease`` (operators, tests) it is not fenced.
         """
         ...
 
     async def mark_served(self, payment_id: str) -> PaymentRecord:
         """Record that the reply was produced, in any state (upfront mode serves after SETTLED)."""
+        ...
+
+    async def renew(self, payment_id: str, lease: int) -> PaymentRecord:
+        """Extend this replica's lease by :attr:`lease_seconds`; :class:`LeaseLost` if the
+        record was claimed since (or has ended)."""
+        ...
+
+    async def let_go(self, payment_id: str, lease: int) -> PaymentRecord:
+        """Give the lease up (owner cleared, epoch kept): any replica's reconciler may take the
+        record; :class:`LeaseLost` if it is no longer ours."""
+        ...
+
+    async def claim_unfinished(
+        self, *, min_age: float, own: bool = False, limit: int = MAX_LIST_LIMIT
+    ) -> list[PaymentRecord]:
+        """Take over SERVED/SETTLING records nobody works on, oldest first: their lease ran out,
+        or they have no owner and were not touched for ``min_age`` seconds (and, with ``own``,
+        those owned by this replica's name: a previous incarnation). Atomic across replicas
+        (``FOR UPDATE SKIP LOCKED``, or SQLite's write lock): each record goes to one claimer,
+        with the epoch + 1.
+        """
+        ...
+
+    async def release_abandoned(
+        self, *, own: bool = False, limit: int = MAX_LIST_LIMIT
+    ) -> list[PaymentRecord]:
+        """Release RESERVED/VERIFIED records whose owner is gone (lease ran out, no owner, or,
+        with ``own``, this replica's name), so their callers can retry; returns them."""
+        ...
+
+    async def history(self, payment_id: str) -> list[PaymentEvent]:
+        """What was done to a payment, by which replica, oldest first (bounded)."""
         ...
 
     async def get(self, payment_id: str) -> PaymentRecord | None: ...
@@ -220,6 +307,12 @@ class PaymentNotFound(LedgerConflict):
     """No record has that payment id."""
 
     code = "payment_not_found"
+
+
+class LeaseLost(LedgerConflict):
+    """The record was claimed by another replica (its epoch moved on): leave it alone."""
+
+    code = "lease_lost"
 
 
 class LedgerUnavailable(LedgerError):
@@ -322,3 +415,40 @@ def check_limit(limit: int) -> int:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError("limit must be a positive integer")
     return min(limit, MAX_LIST_LIMIT)
+
+
+# --- leases and replicas --------------------------------------------------------------------
+
+
+def default_replica_id() -> str:
+    """``<hostname>:<pid>``: unique among live processes, new at every start."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def check_replica(value: str) -> str:
+    if not isinstance(value, str) or not _REPLICA.match(value):
+        raise ValueError("replica must be 1-100 characters of [A-Za-z0-9._:/@-]")
+    return value
+
+
+def check_lease_seconds(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
+        raise ValueError("lease_seconds must be a number of seconds in (0, 3600]")
+    return float(value)
+
+
+def check_move(record: PaymentRecord, to: PaymentState, lease: int | None) -> None:
+    """The rules of :meth:`Ledger.transition`, for every store: the table, then the fence."""
+    if to not in TRANSITIONS[record.state]:
+        raise LedgerConflict(
+            f"payment {record.id}: {record.state.value} -> {to.value} is not allowed"
+        )
+    check_fence(record, lease)
+
+
+def check_fence(record: PaymentRecord, lease: int | None) -> None:
+    if lease is not None and record.lease != lease:
+        raise LeaseLost(
+            f"payment {record.id}: lease {lease} is gone (now {record.lease}, "
+            f"held by {record.owner or 'nobody'})"
+        )

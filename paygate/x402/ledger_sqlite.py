@@ -10,6 +10,9 @@ Why these choices:
   two processes sharing the file cannot both claim one authorization.
 * A submitted change runs to its end even if the awaiting task is cancelled (the future is
   shielded): a cancelled caller does not know the outcome, but the store is never half-done.
+* Leases (see ``paygate.x402.ledger``) are read and written under that same write lock, so a
+  claim is exclusive across every process on the host, like PostgreSQL's SKIP LOCKED. The
+  clock is this host's: one SQLite file is never shared across hosts.
 """
 
 from __future__ import annotations
@@ -29,34 +32,45 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 from paygate.x402.ledger import (
+    DEFAULT_LEASE_SECONDS,
     MAX_LIST_LIMIT,
     RESERVATION_STATES,
     TRANSITIONS,
     UNFINISHED_STATES,
     AlreadyReserved,
+    EventAction,
     IdempotencyKeyReused,
     LedgerConflict,
     LedgerError,
     LedgerNotFound,
     LedgerUnavailable,
+    LeaseLost,
+    PaymentEvent,
     PaymentNotFound,
     PaymentRecord,
     PaymentState,
     check_amount,
     check_document,
     check_error,
+    check_fence,
     check_idempotency_key,
+    check_lease_seconds,
     check_limit,
+    check_move,
+    check_replica,
     check_route,
     check_transaction,
     check_version,
+    default_replica_id,
     normalise_address,
     normalise_key,
 )
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+#: v1: the ledger as first released (payments, ledger_schema). v2: leases (owner, lease epoch,
+#: expiry) and the payment_events history. The metering work appends its tables as v3.
+SCHEMA_VERSION = 2
 _STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
 
 # MIGRATIONS[n] takes a ledger from schema n-1 to n. Append, never edit a released step.
@@ -87,13 +101,34 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX payments_state ON payments (state, updated_at)",
         "CREATE INDEX payments_created ON payments (created_at)",
     ),
+    2: (
+        "ALTER TABLE payments ADD COLUMN owner TEXT",
+        "ALTER TABLE payments ADD COLUMN lease INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE payments ADD COLUMN lease_until REAL",
+        "CREATE INDEX payments_lease ON payments (state, lease_until)",
+        """CREATE TABLE payment_events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            payment_id TEXT NOT NULL REFERENCES payments (id),
+            at REAL NOT NULL,
+            replica TEXT NOT NULL,
+            action TEXT NOT NULL,
+            state TEXT NOT NULL,
+            lease INTEGER NOT NULL,
+            tx_hash TEXT,
+            error TEXT,
+            detail TEXT
+        )""",
+        "CREATE INDEX payment_events_payment ON payment_events (payment_id, seq)",
+    ),
 }
 
 _RECORD_COLUMNS = (
     "id, network, asset, payer, nonce, pay_to, amount, x402_version, route, state, served, "
-    "payload, requirements, idempotency_key, tx_hash, error, attempts, created_at, updated_at"
+    "payload, requirements, idempotency_key, tx_hash, error, attempts, created_at, updated_at, "
+    "owner, lease, lease_until"
 )
 _SELECT = f"SELECT {_RECORD_COLUMNS} FROM payments"  # noqa: S608 - constant column list
+_EVENT_COLUMNS = "payment_id, at, replica, action, state, lease, tx_hash, error, detail"
 
 
 class SqliteLedger:
@@ -107,14 +142,19 @@ class SqliteLedger:
         read_only: bool,
         busy_timeout: float,
         clock: Callable[[], float],
+        replica: str,
+        lease_seconds: float,
     ) -> None:
         self.path = path
         self.read_only = read_only
+        self.replica = check_replica(replica)
+        self.lease_seconds = check_lease_seconds(lease_seconds)
         self._executor = executor
         self._busy_timeout = busy_timeout
         self._clock = clock
         self._db: sqlite3.Connection | None = None  # used only on the worker thread
         self._closed = False
+        self.found_version = SCHEMA_VERSION  # the schema it had when opened (before migrating)
 
     @classmethod
     async def open(
@@ -124,8 +164,14 @@ class SqliteLedger:
         read_only: bool = False,
         busy_timeout: float = 5.0,
         clock: Callable[[], float] = time.time,
+        replica: str | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        migrate: bool = True,
     ) -> SqliteLedger:
-        """Open (and create, unless ``read_only``) the ledger at ``path``, migrating its schema.
+        """Open (and create, unless ``read_only``) the ledger at ``path``, migrating its schema
+        (unless ``migrate`` is false: then an older schema is refused).
+
+        ``replica`` names this process in leases and history (default ``<hostname>:<pid>``).
 
         A new parent directory is made 0700 and a new file 0600. ``read_only`` never creates
         anything and raises :class:`LedgerNotFound` if there is no file. ``busy_timeout`` is
@@ -139,9 +185,11 @@ class SqliteLedger:
             read_only=read_only,
             busy_timeout=busy_timeout,
             clock=clock,
+            replica=replica or default_replica_id(),
+            lease_seconds=lease_seconds,
         )
         try:
-            await ledger._run(ledger._connect)
+            await ledger._run(ledger._connect, migrate)
         except BaseException:
             await ledger.close()
             raise
@@ -189,14 +237,54 @@ class SqliteLedger:
         *,
         transaction: str | None = None,
         error: str | None = None,
+        lease: int | None = None,
     ) -> PaymentRecord:
         target = PaymentState(to)
         return await self._run(
-            self._transition, payment_id, target, check_transaction(transaction), check_error(error)
+            self._transition,
+            payment_id,
+            target,
+            check_transaction(transaction),
+            check_error(error),
+            lease,
         )
 
     async def mark_served(self, payment_id: str) -> PaymentRecord:
         return await self._run(self._mark_served, payment_id)
+
+    async def renew(self, payment_id: str, lease: int) -> PaymentRecord:
+        return await self._run(self._renew, payment_id, lease)
+
+    async def let_go(self, payment_id: str, lease: int) -> PaymentRecord:
+        return await self._run(self._let_go, payment_id, lease)
+
+    async def claim_unfinished(
+        self, *, min_age: float, own: bool = False, limit: int = MAX_LIST_LIMIT
+    ) -> builtins.list[PaymentRecord]:
+        if not min_age >= 0:
+            raise ValueError("min_age must be a number of seconds >= 0")
+        return await self._run(self._claim_unfinished, min_age, own, check_limit(limit))
+
+    async def release_abandoned(
+        self, *, own: bool = False, limit: int = MAX_LIST_LIMIT
+    ) -> builtins.list[PaymentRecord]:
+        return await self._run(self._release_abandoned, own, check_limit(limit))
+
+    async def history(self, payment_id: str) -> builtins.list[PaymentEvent]:
+        return await self._run(self._history, payment_id)
+
+    # --- for `paygate ledger copy` (not part of the request path) ----------------------------
+
+    async def page(self, after: str | None, limit: int) -> builtins.list[PaymentRecord]:
+        """Records in id order after ``after``: a stable walk over the whole ledger."""
+        return await self._run(
+            self._many, "WHERE id > ? ORDER BY id LIMIT ?", (after or "", check_limit(limit))
+        )
+
+    async def import_record(self, record: PaymentRecord, events: builtins.list[PaymentEvent]) -> bool:
+        """Insert a record from another store with its history (unowned); False if its id is
+        here already. Another id holding the same authorization is a :class:`LedgerConflict`."""
+        return await self._run(self._import, record, events)
 
     async def get(self, payment_id: str) -> PaymentRecord | None:
         return await self._run(self._one, "WHERE id = ?", (payment_id,))
@@ -286,7 +374,7 @@ class SqliteLedger:
             raise LedgerUnavailable("the ledger is closed")
         return self._db
 
-    def _connect(self) -> None:
+    def _connect(self, migrate: bool = True) -> None:
         try:
             if self.read_only:
                 if not self.path.is_file():
@@ -310,7 +398,13 @@ class SqliteLedger:
             raise LedgerUnavailable(f"ledger {self.path}: cannot use WAL (journal mode {mode})")
         db.execute("PRAGMA synchronous = FULL")
         db.execute("PRAGMA foreign_keys = ON")
-        self._migrate()
+        if migrate:
+            self._migrate()
+        elif self._check_schema() != SCHEMA_VERSION:
+            raise LedgerUnavailable(
+                f"ledger {self.path} is not at schema v{SCHEMA_VERSION}: "
+                "run `paygate ledger migrate`"
+            )
 
     def _prepare_file(self) -> None:
         parent = self.path.parent
@@ -356,6 +450,7 @@ class SqliteLedger:
                 " migrated_at REAL NOT NULL)"
             )
             version = self._check_schema()
+            self.found_version = version
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[step]:
                     db.execute(statement)
@@ -399,13 +494,14 @@ class SqliteLedger:
                     )
             existing = self._one("WHERE network = ? AND asset = ? AND payer = ? AND nonce = ?", key)
             now = self._clock()
+            until = now + self.lease_seconds
             if existing is None:
                 payment_id = uuid.uuid4().hex
                 self._conn.execute(
                     "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount,"
                     " x402_version, route, state, served, payload, requirements, idempotency_key,"
-                    " attempts, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?)",
+                    " attempts, created_at, updated_at, owner, lease, lease_until)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?, ?, 1, ?)",
                     (
                         payment_id,
                         *key,
@@ -419,6 +515,8 @@ class SqliteLedger:
                         idem,
                         now,
                         now,
+                        self.replica,
+                        until,
                     ),
                 )
             elif existing.state is PaymentState.RELEASED:
@@ -429,7 +527,8 @@ class SqliteLedger:
                     "UPDATE payments SET state = ?, served = 0, pay_to = ?, amount = ?,"
                     " x402_version = ?, route = ?, payload = ?, requirements = ?,"
                     " idempotency_key = COALESCE(?, idempotency_key), error = NULL,"
-                    " updated_at = ? WHERE id = ? AND state = ?",
+                    " updated_at = ?, owner = ?, lease = lease + 1, lease_until = ?"
+                    " WHERE id = ? AND state = ?",
                     (
                         PaymentState.RESERVED.value,
                         values["pay_to"],
@@ -440,13 +539,17 @@ class SqliteLedger:
                         values["requirements"],
                         idem,
                         now,
+                        self.replica,
+                        until,
                         payment_id,
                         PaymentState.RELEASED.value,
                     ),
                 )
             else:
                 raise AlreadyReserved(existing)
-            return self._must(payment_id)
+            record = self._must(payment_id)
+            self._event(record, EventAction.RESERVED, now)
+            return record
 
     def _transition(
         self,
@@ -454,40 +557,200 @@ class SqliteLedger:
         to: PaymentState,
         transaction: str | None,
         error: str | None,
+        lease: int | None,
     ) -> PaymentRecord:
         with self._write():
             current = self._must(payment_id)
-            if to not in TRANSITIONS[current.state]:
-                raise LedgerConflict(
-                    f"payment {current.id}: {current.state.value} -> {to.value} is not allowed"
-                )
+            check_move(current, to, lease)
+            now = self._clock()
+            if not TRANSITIONS[to]:  # terminal: nobody works on it any more
+                owner, until = None, None
+            elif lease is not None:  # the owner moves it on: its lease is renewed
+                owner, until = self.replica, now + self.lease_seconds
+            else:
+                owner, until = current.owner, current.lease_until
             cursor = self._conn.execute(
                 "UPDATE payments SET state = ?, attempts = attempts + ?,"
                 " served = MAX(served, ?), tx_hash = COALESCE(?, tx_hash),"
-                " error = COALESCE(?, error), updated_at = ? WHERE id = ? AND state = ?",
+                " error = COALESCE(?, error), updated_at = ?, owner = ?, lease_until = ?"
+                " WHERE id = ? AND state = ? AND lease = ?",
                 (
                     to.value,
                     1 if to is PaymentState.SETTLING else 0,
                     1 if to is PaymentState.SERVED else 0,
                     transaction,
                     error,
-                    self._clock(),
+                    now,
+                    owner,
+                    until,
                     current.id,
                     current.state.value,
+                    current.lease,
                 ),
             )
             if cursor.rowcount != 1:  # cannot happen under the write lock; never guess
                 raise LedgerConflict(f"payment {current.id} changed concurrently")
-            return self._must(current.id)
+            record = self._must(current.id)
+            self._event(record, EventAction.MOVED, now, transaction=transaction, error=error)
+            return record
 
     def _mark_served(self, payment_id: str) -> PaymentRecord:
         with self._write():
             record = self._must(payment_id)
+            now = self._clock()
             self._conn.execute(
-                "UPDATE payments SET served = 1, updated_at = ? WHERE id = ?",
-                (self._clock(), record.id),
+                "UPDATE payments SET served = 1, updated_at = ? WHERE id = ?", (now, record.id)
             )
-            return self._must(record.id)
+            record = self._must(record.id)
+            self._event(record, EventAction.SERVED, now)
+            return record
+
+    def _renew(self, payment_id: str, lease: int) -> PaymentRecord:
+        with self._write():
+            current = self._must(payment_id)
+            check_fence(current, lease)
+            if current.terminal or current.owner != self.replica:
+                raise LeaseLost(f"payment {current.id}: no lease of ours to renew")
+            self._conn.execute(
+                "UPDATE payments SET lease_until = ? WHERE id = ? AND lease = ?",
+                (self._clock() + self.lease_seconds, current.id, lease),
+            )
+            return self._must(current.id)
+
+    def _let_go(self, payment_id: str, lease: int) -> PaymentRecord:
+        with self._write():
+            current = self._must(payment_id)
+            check_fence(current, lease)
+            self._conn.execute(
+                "UPDATE payments SET owner = NULL, lease_until = NULL WHERE id = ? AND lease = ?",
+                (current.id, lease),
+            )
+            record = self._must(current.id)
+            self._event(record, EventAction.LET_GO, self._clock())
+            return record
+
+    def _abandoned(
+        self, states: tuple[PaymentState, ...], now: float, min_age: float, own: bool, limit: int
+    ) -> builtins.list[PaymentRecord]:
+        marks = ", ".join("?" for _ in states)
+        return self._many(
+            f"WHERE state IN ({marks}) AND ((owner IS NOT NULL AND lease_until < ?)"
+            " OR (owner IS NULL AND updated_at <= ?) OR (? AND owner = ?))"
+            " ORDER BY updated_at, rowid LIMIT ?",
+            (*states, now, now - min_age, 1 if own else 0, self.replica, limit),
+        )
+
+    def _claim_unfinished(
+        self, min_age: float, own: bool, limit: int
+    ) -> builtins.list[PaymentRecord]:
+        claimed = []
+        with self._write():  # the write lock makes the pick-and-claim exclusive
+            now = self._clock()
+            for record in self._abandoned(UNFINISHED_STATES, now, min_age, own, limit):
+                self._conn.execute(
+                    "UPDATE payments SET owner = ?, lease = lease + 1, lease_until = ?"
+                    " WHERE id = ? AND lease = ?",
+                    (self.replica, now + self.lease_seconds, record.id, record.lease),
+                )
+                mine = self._must(record.id)
+                self._event(mine, EventAction.CLAIMED, now, detail=record.owner or "nobody")
+                claimed.append(mine)
+        return claimed
+
+    def _release_abandoned(self, own: bool, limit: int) -> builtins.list[PaymentRecord]:
+        released = []
+        with self._write():
+            now = self._clock()
+            for record in self._abandoned(RESERVATION_STATES, now, 0.0, own, limit):
+                self._conn.execute(
+                    "UPDATE payments SET state = ?, owner = NULL, lease_until = NULL,"
+                    " lease = lease + 1, updated_at = ? WHERE id = ? AND lease = ?",
+                    (PaymentState.RELEASED.value, now, record.id, record.lease),
+                )
+                gone = self._must(record.id)
+                self._event(gone, EventAction.RELEASED, now, detail=record.owner or "nobody")
+                released.append(gone)
+        return released
+
+    def _history(self, payment_id: str) -> builtins.list[PaymentEvent]:
+        rows = self._conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM payment_events WHERE payment_id = ?"  # noqa: S608
+            " ORDER BY seq LIMIT ?",
+            (payment_id, MAX_LIST_LIMIT),
+        )
+        return [_event(row) for row in rows]
+
+    def _event(
+        self,
+        record: PaymentRecord,
+        action: EventAction,
+        at: float,
+        *,
+        transaction: str | None = None,
+        error: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        self._conn.execute(
+            f"INSERT INTO payment_events ({_EVENT_COLUMNS})"  # noqa: S608
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.id,
+                at,
+                self.replica,
+                action.value,
+                record.state.value,
+                record.lease,
+                transaction,
+                error,
+                detail,
+            ),
+        )
+
+    def _import(self, record: PaymentRecord, events: builtins.list[PaymentEvent]) -> bool:
+        with self._write():
+            if self._one("WHERE id = ?", (record.id,)) is not None:
+                return False
+            self._conn.execute(
+                f"INSERT INTO payments ({_RECORD_COLUMNS})"  # noqa: S608
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, NULL)",
+                (
+                    record.id,
+                    *record.key,
+                    record.pay_to,
+                    str(record.amount),
+                    record.x402_version,
+                    record.route,
+                    record.state.value,
+                    1 if record.served else 0,
+                    record.payload,
+                    record.requirements,
+                    record.idempotency_key,
+                    record.transaction,
+                    record.error,
+                    record.attempts,
+                    record.created_at,
+                    record.updated_at,
+                    record.lease,
+                ),
+            )
+            for event in events:
+                self._conn.execute(
+                    f"INSERT INTO payment_events ({_EVENT_COLUMNS})"  # noqa: S608
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        record.id,
+                        event.at,
+                        event.replica,
+                        event.action.value,
+                        event.state.value,
+                        event.lease,
+                        event.transaction,
+                        event.error,
+                        event.detail,
+                    ),
+                )
+            self._event(self._must(record.id), EventAction.COPIED, self._clock())
+            return True
 
     def _must(self, payment_id: str) -> PaymentRecord:
         record = self._one("WHERE id = ?", (payment_id,))
@@ -517,6 +780,23 @@ def _record(row: sqlite3.Row) -> PaymentRecord:
         attempts=row["attempts"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        owner=row["owner"],
+        lease=row["lease"],
+        lease_until=row["lease_until"],
+    )
+
+
+def _event(row: sqlite3.Row) -> PaymentEvent:
+    return PaymentEvent(
+        payment_id=row["payment_id"],
+        at=row["at"],
+        replica=row["replica"],
+        action=EventAction(row["action"]),
+        state=PaymentState(row["state"]),
+        lease=row["lease"],
+        transaction=row["tx_hash"],
+        error=row["error"],
+        detail=row["detail"],
     )
 
 

@@ -1,0 +1,812 @@
+"""The payment ledger on PostgreSQL: one store shared by every worker and replica.
+
+Why these choices:
+
+* psycopg 3 with psycopg_pool: libpq underneath, so a ``postgresql://`` URL means exactly what
+  it means to ``psql`` (unix-socket hosts, ``sslmode``, service and password files); one
+  maintained driver with a real async API and a separate, maintained pool (health checks,
+  bounded waits). asyncpg is faster per query, but speaks its own protocol implementation and
+  conninfo subset; a payment ledger spends its time waiting on fsync, not on the driver.
+* The replay guard is one statement: ``INSERT … ON CONFLICT (network, asset, payer, nonce) DO
+  UPDATE … WHERE state = 'released'``; a conflicting row that is not RELEASED returns nothing
+  and is a replay. No read-then-write window, across any number of hosts.
+* Every read-modify-write takes the row with ``SELECT … FOR UPDATE``; claims take rows with
+  ``FOR UPDATE SKIP LOCKED``, so concurrent reconcilers split the work and never wait on, or
+  double-take, each other's rows.
+* Time (``created_at``, leases) is the database's clock by default: the only clock all replicas
+  share. A clock may be injected (tests).
+* A submitted call runs to its end even if the awaiting task is cancelled (shielded), like the
+  SQLite ledger: a cancelled caller does not know the outcome, the store is never half-done.
+* The connection string is a secret: no message here quotes it; errors name the failure only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from paygate.x402.ledger import (
+    DEFAULT_LEASE_SECONDS,
+    MAX_LIST_LIMIT,
+    RESERVATION_STATES,
+    TRANSITIONS,
+    UNFINISHED_STATES,
+    AlreadyReserved,
+    EventAction,
+    IdempotencyKeyReused,
+    LedgerConflict,
+    LedgerError,
+    LedgerUnavailable,
+    LeaseLost,
+    PaymentEvent,
+    PaymentNotFound,
+    PaymentRecord,
+    PaymentState,
+    check_amount,
+    check_document,
+    check_error,
+    check_fence,
+    check_idempotency_key,
+    check_lease_seconds,
+    check_limit,
+    check_move,
+    check_replica,
+    check_route,
+    check_transaction,
+    check_version,
+    default_replica_id,
+    normalise_address,
+    normalise_key,
+)
+
+try:
+    import psycopg
+    from psycopg.rows import dict_row
+    from psycopg_pool import AsyncConnectionPool, PoolTimeout
+except ImportError:  # pragma: no cover - reported by open()
+    psycopg = None  # type: ignore[assignment]
+
+T = TypeVar("T")
+Conn = Any  # psycopg.AsyncConnection[dict[str, Any]]
+
+#: Same numbering as the SQLite ledger: v1 the first ledger, v2 leases and history.
+SCHEMA_VERSION = 2
+_STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
+_MIGRATION_LOCK = 0x70617967  # pg_advisory_xact_lock key: one migrator at a time ("payg")
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        f"""CREATE TABLE payments (
+            id text PRIMARY KEY,
+            seq bigserial NOT NULL,  -- insertion order, the tie-breaker SQLite's rowid is
+            network text NOT NULL,
+            asset text NOT NULL,
+            payer text NOT NULL,
+            nonce text NOT NULL,
+            pay_to text NOT NULL,
+            amount numeric(78, 0) NOT NULL,  -- a uint256
+            x402_version integer NOT NULL,
+            route text NOT NULL,
+            state text NOT NULL CHECK (state IN ({_STATES})),
+            served boolean NOT NULL DEFAULT false,
+            payload text NOT NULL,
+            requirements text NOT NULL,
+            idempotency_key text UNIQUE,
+            tx_hash text,
+            error text,
+            attempts integer NOT NULL DEFAULT 0,
+            created_at double precision NOT NULL,
+            updated_at double precision NOT NULL,
+            UNIQUE (network, asset, payer, nonce)
+        )""",
+        "CREATE INDEX payments_state ON payments (state, updated_at)",
+        "CREATE INDEX payments_created ON payments (created_at)",
+    ),
+    2: (
+        "ALTER TABLE payments ADD COLUMN owner text,"
+        " ADD COLUMN lease bigint NOT NULL DEFAULT 0,"
+        " ADD COLUMN lease_until double precision",
+        "CREATE INDEX payments_lease ON payments (state, lease_until)",
+        """CREATE TABLE payment_events (
+            seq bigserial PRIMARY KEY,
+            payment_id text NOT NULL REFERENCES payments (id),
+            at double precision NOT NULL,
+            replica text NOT NULL,
+            action text NOT NULL,
+            state text NOT NULL,
+            lease bigint NOT NULL,
+            tx_hash text,
+            error text,
+            detail text
+        )""",
+        "CREATE INDEX payment_events_payment ON payment_events (payment_id, seq)",
+    ),
+}
+
+_COLUMNS = (
+    "id, network, asset, payer, nonce, pay_to, amount, x402_version, route, state, served, "
+    "payload, requirements, idempotency_key, tx_hash, error, attempts, created_at, updated_at, "
+    "owner, lease, lease_until"
+)
+_SELECT = f"SELECT {_COLUMNS} FROM payments"  # noqa: S608 - constant column list
+_EVENT_COLUMNS = "payment_id, at, replica, action, state, lease, tx_hash, error, detail"
+_INSERT_EVENT = (
+    f"INSERT INTO payment_events ({_EVENT_COLUMNS})"  # noqa: S608 - constant column list
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+
+
+class PostgresLedger:
+    """:class:`paygate.x402.ledger.Ledger` on PostgreSQL. Build it with :meth:`open`."""
+
+    def __init__(
+        self,
+        pool: Any,
+        *,
+        read_only: bool,
+        clock: Callable[[], float] | None,
+        replica: str,
+        lease_seconds: float,
+    ) -> None:
+        self.read_only = read_only
+        self.replica = check_replica(replica)
+        self.lease_seconds = check_lease_seconds(lease_seconds)
+        self.found_version = SCHEMA_VERSION
+        self._pool = pool
+        self._clock = clock
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        conninfo: str,
+        *,
+        password: str | None = None,
+        read_only: bool = False,
+        clock: Callable[[], float] | None = None,
+        replica: str | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        migrate: bool = True,
+        pool_size: int = 10,
+        timeout: float = 10.0,
+        lock_timeout: float = 5.0,
+    ) -> PostgresLedger:
+        """Connect (a pool of at most ``pool_size``), then migrate the schema unless
+        ``migrate`` is false or ``read_only`` (then anything but the current schema is refused).
+
+        ``timeout`` bounds connecting and waiting for a pooled connection; ``lock_timeout``
+        how long a statement waits for another transaction's row lock. Either running out is
+        :class:`LedgerUnavailable`.
+        """
+        if psycopg is None:
+            raise LedgerUnavailable(
+                "the PostgreSQL ledger needs psycopg: pip install 'paygate[postgres]'"
+            )
+        settings = f"SET lock_timeout = {int(lock_timeout * 1000)}"
+
+        async def configure(conn: Conn) -> None:
+            await conn.execute(settings)
+            await conn.commit()
+            if read_only:
+                await conn.set_read_only(True)
+
+        kwargs: dict[str, Any] = {"row_factory": dict_row, "connect_timeout": max(1, int(timeout))}
+        if password is not None:
+            kwargs["password"] = password
+        pool = AsyncConnectionPool(
+            conninfo,
+            kwargs=kwargs,
+            min_size=1,
+            max_size=max(1, pool_size),
+            open=False,
+            timeout=timeout,
+            configure=configure,
+            check=AsyncConnectionPool.check_connection,
+            name="paygate-ledger",
+        )
+        ledger = cls(
+            pool,
+            read_only=read_only,
+            clock=clock,
+            replica=replica or default_replica_id(),
+            lease_seconds=lease_seconds,
+        )
+        try:
+            try:
+                await pool.open(wait=True, timeout=timeout)
+            except PoolTimeout:
+                raise LedgerUnavailable(
+                    "cannot connect to the PostgreSQL ledger (PAYGATE_LEDGER_URL) within "
+                    f"{timeout:g}s: check the host, port, user, password and database"
+                ) from None
+            if migrate and not read_only:
+                await ledger._run(ledger._migrate)
+            else:
+                version = await ledger._run(ledger._schema_version)
+                if version != SCHEMA_VERSION:
+                    raise LedgerUnavailable(
+                        f"the PostgreSQL ledger has schema v{version}, not v{SCHEMA_VERSION}: "
+                        "run `paygate ledger migrate`"
+                    )
+        except BaseException:
+            await ledger.close()
+            raise
+        return ledger
+
+    async def __aenter__(self) -> PostgresLedger:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- the Ledger interface ---------------------------------------------------------------
+
+    async def reserve(
+        self,
+        *,
+        network: str,
+        asset: str,
+        payer: str,
+        nonce: str,
+        pay_to: str,
+        amount: int,
+        x402_version: int,
+        route: str,
+        payload: str,
+        requirements: str,
+        idempotency_key: str | None,
+    ) -> PaymentRecord:
+        values = {
+            "key": normalise_key(network, asset, payer, nonce),
+            "pay_to": normalise_address(pay_to, "pay_to"),
+            "amount": str(check_amount(amount)),
+            "x402_version": check_version(x402_version),
+            "route": check_route(route),
+            "payload": check_document(payload, "payload"),
+            "requirements": check_document(requirements, "requirements"),
+            "idempotency_key": check_idempotency_key(idempotency_key),
+        }
+        return await self._run(self._reserve, values)
+
+    async def transition(
+        self,
+        payment_id: str,
+        to: PaymentState,
+        *,
+        transaction: str | None = None,
+        error: str | None = None,
+        lease: int | None = None,
+    ) -> PaymentRecord:
+        target = PaymentState(to)
+        return await self._run(
+            self._transition,
+            payment_id,
+            target,
+            check_transaction(transaction),
+            check_error(error),
+            lease,
+        )
+
+    async def mark_served(self, payment_id: str) -> PaymentRecord:
+        return await self._run(self._mark_served, payment_id)
+
+    async def get(self, payment_id: str) -> PaymentRecord | None:
+        return await self._run(self._one, "WHERE id = %s", (payment_id,))
+
+    async def find(
+        self, *, network: str, asset: str, payer: str, nonce: str
+    ) -> PaymentRecord | None:
+        key = normalise_key(network, asset, payer, nonce)
+        return await self._run(
+            self._one, "WHERE network = %s AND asset = %s AND payer = %s AND nonce = %s", key
+        )
+
+    async def by_idempotency_key(self, key: str) -> PaymentRecord | None:
+        return await self._run(self._one, "WHERE idempotency_key = %s", (key,))
+
+    async def unfinished(self, *, limit: int = MAX_LIST_LIMIT) -> builtins.list[PaymentRecord]:
+        return await self._run(
+            self._many,
+            "WHERE state = ANY(%s) ORDER BY updated_at, seq LIMIT %s",
+            ([s.value for s in UNFINISHED_STATES], check_limit(limit)),
+        )
+
+    async def stale_reservations(
+        self, older_than: float, *, limit: int = MAX_LIST_LIMIT
+    ) -> builtins.list[PaymentRecord]:
+        if not older_than >= 0:
+            raise ValueError("older_than must be a number of seconds >= 0")
+        limit = check_limit(limit)
+
+        async def query(conn: Conn) -> builtins.list[PaymentRecord]:
+            cutoff = await self._now(conn) - older_than
+            return await self._many(
+                conn,
+                "WHERE state = ANY(%s) AND updated_at <= %s ORDER BY updated_at, seq LIMIT %s",
+                ([s.value for s in RESERVATION_STATES], cutoff, limit),
+            )
+
+        return await self._run(query)
+
+    async def list(
+        self, *, state: PaymentState | None = None, limit: int = 50
+    ) -> builtins.list[PaymentRecord]:
+        if state is None:
+            where, params = "", ()
+        else:
+            where, params = "WHERE state = %s", (PaymentState(state).value,)
+        return await self._run(
+            self._many,
+            f"{where} ORDER BY created_at DESC, seq DESC LIMIT %s",
+            (*params, check_limit(limit)),
+        )
+
+    async def renew(self, payment_id: str, lease: int) -> PaymentRecord:
+        return await self._run(self._renew, payment_id, lease)
+
+    async def let_go(self, payment_id: str, lease: int) -> PaymentRecord:
+        return await self._run(self._let_go, payment_id, lease)
+
+    async def claim_unfinished(
+        self, *, min_age: float, own: bool = False, limit: int = MAX_LIST_LIMIT
+    ) -> builtins.list[PaymentRecord]:
+        if not min_age >= 0:
+            raise ValueError("min_age must be a number of seconds >= 0")
+        return await self._run(
+            self._take, UNFINISHED_STATES, min_age, own, check_limit(limit), False
+        )
+
+    async def release_abandoned(
+        self, *, own: bool = False, limit: int = MAX_LIST_LIMIT
+    ) -> builtins.list[PaymentRecord]:
+        return await self._run(self._take, RESERVATION_STATES, 0.0, own, check_limit(limit), True)
+
+    async def history(self, payment_id: str) -> builtins.list[PaymentEvent]:
+        return await self._run(self._history, payment_id)
+
+    async def close(self) -> None:
+        """Let submitted calls finish, then close the pool. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=30)
+        await self._pool.close()
+
+    # --- for `paygate ledger copy` (not part of the request path) ----------------------------
+
+    async def page(self, after: str | None, limit: int) -> builtins.list[PaymentRecord]:
+        """Records in id order after ``after``: a stable walk over the whole ledger."""
+        return await self._run(
+            self._many, "WHERE id > %s ORDER BY id LIMIT %s", (after or "", check_limit(limit))
+        )
+
+    async def import_record(
+        self, record: PaymentRecord, events: builtins.list[PaymentEvent]
+    ) -> bool:
+        """Insert a record from another store with its history (unowned); False if its id is
+        here already. Another id holding the same authorization is a :class:`LedgerConflict`."""
+        return await self._run(self._import, record, events)
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., Awaitable[T]], /, *args: Any) -> T:
+        """``fn(conn, *args)`` in one transaction on a pooled connection, shielded."""
+        if self._closed:
+            raise LedgerUnavailable("the ledger is closed")
+        task = asyncio.get_running_loop().create_task(self._transaction(fn, *args))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
+
+    async def _transaction(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                return await fn(conn, *args)
+        except LedgerError:
+            raise
+        except PoolTimeout:
+            raise LedgerUnavailable("no PostgreSQL ledger connection free in time") from None
+        except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name == "payments_idempotency_key_key":
+                raise IdempotencyKeyReused(
+                    "the payment identifier already names a different authorization"
+                ) from None
+            raise LedgerConflict(f"ledger constraint: {exc.diag.constraint_name}") from None
+        except psycopg.errors.IntegrityError as exc:
+            raise LedgerConflict(f"ledger constraint: {exc.diag.constraint_name}") from None
+        except psycopg.errors.ReadOnlySqlTransaction:
+            raise LedgerUnavailable("the ledger is open read-only") from None
+        except psycopg.errors.LockNotAvailable:
+            raise LedgerUnavailable("the PostgreSQL ledger: row locked too long") from None
+        except psycopg.Error as exc:
+            # The class and SQLSTATE only: a server message may quote the host, user or data.
+            state = f" ({exc.sqlstate})" if exc.sqlstate else ""
+            raise LedgerUnavailable(
+                f"the PostgreSQL ledger failed: {type(exc).__name__}{state}"
+            ) from None
+
+    async def _now(self, conn: Conn) -> float:
+        if self._clock is not None:
+            return self._clock()
+        row = await (await conn.execute("SELECT extract(epoch FROM clock_timestamp()) AS t")).fetchone()
+        return float(row["t"])
+
+    async def _schema_version(self, conn: Conn) -> int:
+        row = await (await conn.execute("SELECT to_regclass('ledger_schema') AS t")).fetchone()
+        if row["t"] is None:
+            return 0
+        row = await (await conn.execute("SELECT version FROM ledger_schema WHERE id = 1")).fetchone()
+        return int(row["version"]) if row else 0
+
+    async def _migrate(self, conn: Conn) -> None:
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS ledger_schema ("
+            " id integer PRIMARY KEY CHECK (id = 1),"
+            " version integer NOT NULL,"
+            " migrated_at double precision NOT NULL)"
+        )
+        version = await self._schema_version(conn)
+        self.found_version = version
+        if version > SCHEMA_VERSION:
+            raise LedgerUnavailable(
+                f"the PostgreSQL ledger has schema v{version}, newer than this paygate's "
+                f"v{SCHEMA_VERSION}"
+            )
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[step]:
+                await conn.execute(statement)
+        if version != SCHEMA_VERSION:
+            await conn.execute(
+                "INSERT INTO ledger_schema (id, version, migrated_at) VALUES (1, %s, %s)"
+                " ON CONFLICT (id) DO UPDATE SET version = excluded.version,"
+                " migrated_at = excluded.migrated_at",
+                (SCHEMA_VERSION, await self._now(conn)),
+            )
+
+    async def _one(
+        self, conn: Conn, where: str, params: tuple[Any, ...]
+    ) -> PaymentRecord | None:
+        row = await (await conn.execute(f"{_SELECT} {where}", params)).fetchone()
+        return _record(row) if row else None
+
+    async def _many(
+        self, conn: Conn, tail: str, params: tuple[Any, ...]
+    ) -> builtins.list[PaymentRecord]:
+        rows = await (await conn.execute(f"{_SELECT} {tail}", params)).fetchall()
+        return [_record(row) for row in rows]
+
+    async def _must(self, conn: Conn, payment_id: str, *, lock: bool = False) -> PaymentRecord:
+        record = await self._one(conn, "WHERE id = %s" + (" FOR UPDATE" if lock else ""), (payment_id,))
+        if record is None:
+            raise PaymentNotFound(f"no payment {_printable_id(payment_id)}")
+        return record
+
+    async def _event(
+        self,
+        conn: Conn,
+        record: PaymentRecord,
+        action: EventAction,
+        at: float,
+        *,
+        transaction: str | None = None,
+        error: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        await conn.execute(
+            _INSERT_EVENT,
+            (
+                record.id,
+                at,
+                self.replica,
+                action.value,
+                record.state.value,
+                record.lease,
+                transaction,
+                error,
+                detail,
+            ),
+        )
+
+    # --- the statements ---------------------------------------------------------------------
+
+    async def _reserve(self, conn: Conn, values: dict[str, Any]) -> PaymentRecord:
+        key: tuple[str, str, str, str] = values["key"]
+        idem: str | None = values["idempotency_key"]
+        if idem is not None:
+            holder = await self._one(conn, "WHERE idempotency_key = %s", (idem,))
+            if holder is not None and holder.key != key:
+                raise IdempotencyKeyReused(
+                    "the payment identifier already names a different authorization"
+                )
+        now = await self._now(conn)
+        # The replay guard, in one statement: a new key is inserted; a RELEASED one is claimed
+        # again (same id and attempts); any other existing row returns nothing.
+        row = await (
+            await conn.execute(
+                "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount,"
+                " x402_version, route, state, served, payload, requirements, idempotency_key,"
+                " attempts, created_at, updated_at, owner, lease, lease_until)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s::numeric, %s, %s, 'reserved', false,"
+                " %s, %s, %s, 0, %s, %s, %s, 1, %s)"
+                " ON CONFLICT (network, asset, payer, nonce) DO UPDATE SET"
+                " state = 'reserved', served = false, pay_to = excluded.pay_to,"
+                " amount = excluded.amount, x402_version = excluded.x402_version,"
+                " route = excluded.route, payload = excluded.payload,"
+                " requirements = excluded.requirements,"
+                " idempotency_key = COALESCE(excluded.idempotency_key, payments.idempotency_key),"
+                " error = NULL, updated_at = excluded.updated_at, owner = excluded.owner,"
+                " lease = payments.lease + 1, lease_until = excluded.lease_until"
+                " WHERE payments.state = 'released'"
+                f" RETURNING {_COLUMNS}",
+                (
+                    uuid.uuid4().hex,
+                    *key,
+                    values["pay_to"],
+                    values["amount"],
+                    values["x402_version"],
+                    values["route"],
+                    values["payload"],
+                    values["requirements"],
+                    idem,
+                    now,
+                    now,
+                    self.replica,
+                    now + self.lease_seconds,
+                ),
+            )
+        ).fetchone()
+        if row is None:
+            existing = await self._one(
+                conn, "WHERE network = %s AND asset = %s AND payer = %s AND nonce = %s", key
+            )
+            if existing is None:  # cannot happen: the conflicting row is committed
+                raise LedgerConflict("the authorization changed concurrently")
+            raise AlreadyReserved(existing)
+        record = _record(row)
+        await self._event(conn, record, EventAction.RESERVED, now)
+        return record
+
+    async def _transition(
+        self,
+        conn: Conn,
+        payment_id: str,
+        to: PaymentState,
+        transaction: str | None,
+        error: str | None,
+        lease: int | None,
+    ) -> PaymentRecord:
+        current = await self._must(conn, payment_id, lock=True)
+        check_move(current, to, lease)
+        now = await self._now(conn)
+        if not TRANSITIONS[to]:
+            owner, until = None, None
+        elif lease is not None:
+            owner, until = self.replica, now + self.lease_seconds
+        else:
+            owner, until = current.owner, current.lease_until
+        row = await (
+            await conn.execute(
+                "UPDATE payments SET state = %s, attempts = attempts + %s,"
+                " served = served OR %s, tx_hash = COALESCE(%s, tx_hash),"
+                " error = COALESCE(%s, error), updated_at = %s, owner = %s, lease_until = %s"
+                f" WHERE id = %s AND state = %s AND lease = %s RETURNING {_COLUMNS}",
+                (
+                    to.value,
+                    1 if to is PaymentState.SETTLING else 0,
+                    to is PaymentState.SERVED,
+                    transaction,
+                    error,
+                    now,
+                    owner,
+                    until,
+                    current.id,
+                    current.state.value,
+                    current.lease,
+                ),
+            )
+        ).fetchone()
+        if row is None:  # cannot happen under the row lock; never guess
+            raise LedgerConflict(f"payment {current.id} changed concurrently")
+        record = _record(row)
+        await self._event(conn, record, EventAction.MOVED, now, transaction=transaction, error=error)
+        return record
+
+    async def _mark_served(self, conn: Conn, payment_id: str) -> PaymentRecord:
+        current = await self._must(conn, payment_id, lock=True)
+        now = await self._now(conn)
+        row = await (
+            await conn.execute(
+                f"UPDATE payments SET served = true, updated_at = %s WHERE id = %s"
+                f" RETURNING {_COLUMNS}",
+                (now, current.id),
+            )
+        ).fetchone()
+        record = _record(row)
+        await self._event(conn, record, EventAction.SERVED, now)
+        return record
+
+    async def _renew(self, conn: Conn, payment_id: str, lease: int) -> PaymentRecord:
+        current = await self._must(conn, payment_id, lock=True)
+        check_fence(current, lease)
+        if current.terminal or current.owner != self.replica:
+            raise LeaseLost(f"payment {current.id}: no lease of ours to renew")
+        row = await (
+            await conn.execute(
+                f"UPDATE payments SET lease_until = %s WHERE id = %s RETURNING {_COLUMNS}",
+                (await self._now(conn) + self.lease_seconds, current.id),
+            )
+        ).fetchone()
+        return _record(row)
+
+    async def _let_go(self, conn: Conn, payment_id: str, lease: int) -> PaymentRecord:
+        current = await self._must(conn, payment_id, lock=True)
+        check_fence(current, lease)
+        row = await (
+            await conn.execute(
+                "UPDATE payments SET owner = NULL, lease_until = NULL WHERE id = %s"
+                f" RETURNING {_COLUMNS}",
+                (current.id,),
+            )
+        ).fetchone()
+        record = _record(row)
+        await self._event(conn, record, EventAction.LET_GO, await self._now(conn))
+        return record
+
+    async def _take(
+        self,
+        conn: Conn,
+        states: tuple[PaymentState, ...],
+        min_age: float,
+        own: bool,
+        limit: int,
+        release: bool,
+    ) -> builtins.list[PaymentRecord]:
+        """Claim (or, with ``release``, release) records whose owner is gone; SKIP LOCKED makes
+        concurrent callers take disjoint rows."""
+        now = await self._now(conn)
+        if release:
+            change = (
+                "state = 'released', owner = NULL, lease_until = NULL, lease = p.lease + 1,"
+                " updated_at = %(now)s"
+            )
+        else:
+            change = "owner = %(me)s, lease = p.lease + 1, lease_until = %(until)s"
+        rows = await (
+            await conn.execute(
+                "WITH picked AS (SELECT id, owner AS former FROM payments"
+                " WHERE state = ANY(%(states)s) AND ((owner IS NOT NULL AND lease_until < %(now)s)"
+                " OR (owner IS NULL AND updated_at <= %(cutoff)s)"
+                " OR (%(own)s AND owner = %(me)s))"
+                " ORDER BY updated_at, seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                f" UPDATE payments p SET {change} FROM picked WHERE p.id = picked.id"
+                " RETURNING "
+                + ", ".join(f"p.{c.strip()}" for c in _COLUMNS.split(","))
+                + ", picked.former, p.seq",
+                {
+                    "states": [s.value for s in states],
+                    "now": now,
+                    "cutoff": now - min_age,
+                    "own": own,
+                    "me": self.replica,
+                    "limit": limit,
+                    "until": now + self.lease_seconds,
+                },
+            )
+        ).fetchall()
+        rows.sort(key=lambda row: (row["updated_at"], row["seq"]))
+        taken = []
+        action = EventAction.RELEASED if release else EventAction.CLAIMED
+        for row in rows:
+            record = _record(row)
+            await self._event(conn, record, action, now, detail=row["former"] or "nobody")
+            taken.append(record)
+        return taken
+
+    async def _history(self, conn: Conn, payment_id: str) -> builtins.list[PaymentEvent]:
+        rows = await (
+            await conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM payment_events WHERE payment_id = %s"  # noqa: S608
+                " ORDER BY seq LIMIT %s",
+                (payment_id, MAX_LIST_LIMIT),
+            )
+        ).fetchall()
+        return [_event(row) for row in rows]
+
+    async def _import(
+        self, conn: Conn, record: PaymentRecord, events: builtins.list[PaymentEvent]
+    ) -> bool:
+        if await self._one(conn, "WHERE id = %s", (record.id,)) is not None:
+            return False
+        await conn.execute(
+            f"INSERT INTO payments ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s::numeric,"
+            " %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, %s, NULL)",
+            (
+                record.id,
+                *record.key,
+                record.pay_to,
+                str(record.amount),
+                record.x402_version,
+                record.route,
+                record.state.value,
+                record.served,
+                record.payload,
+                record.requirements,
+                record.idempotency_key,
+                record.transaction,
+                record.error,
+                record.attempts,
+                record.created_at,
+                record.updated_at,
+                record.lease,
+            ),
+        )
+        for event in events:
+            await conn.execute(
+                _INSERT_EVENT,
+                (
+                    record.id,
+                    event.at,
+                    event.replica,
+                    event.action.value,
+                    event.state.value,
+                    event.lease,
+                    event.transaction,
+                    event.error,
+                    event.detail,
+                ),
+            )
+        copied = await self._must(conn, record.id)
+        await self._event(conn, copied, EventAction.COPIED, await self._now(conn))
+        return True
+
+
+def _record(row: dict[str, Any]) -> PaymentRecord:
+    return PaymentRecord(
+        id=row["id"],
+        network=row["network"],
+        asset=row["asset"],
+        payer=row["payer"],
+        nonce=row["nonce"],
+        pay_to=row["pay_to"],
+        amount=int(row["amount"]),
+        x402_version=row["x402_version"],
+        route=row["route"],
+        state=PaymentState(row["state"]),
+        served=bool(row["served"]),
+        payload=row["payload"],
+        requirements=row["requirements"],
+        idempotency_key=row["idempotency_key"],
+        transaction=row["tx_hash"],
+        error=row["error"],
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        owner=row["owner"],
+        lease=row["lease"],
+        lease_until=row["lease_until"],
+    )
+
+
+def _event(row: dict[str, Any]) -> PaymentEvent:
+    return PaymentEvent(
+        payment_id=row["payment_id"],
+        at=row["at"],
+        replica=row["replica"],
+        action=EventAction(row["action"]),
+        state=PaymentState(row["state"]),
+        lease=row["lease"],
+        transaction=row["tx_hash"],
+        error=row["error"],
+        detail=row["detail"],
+    )
+
+
+def _printable_id(payment_id: str) -> str:
+    text = str(payment_id)
+    return text if len(text) == 32 and all(c in "0123456789abcdef" for c in text) else "(invalid)"
