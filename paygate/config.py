@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
@@ -29,6 +30,9 @@ from pydantic_settings import (
 from paygate.errors import PaygateError
 from paygate.upstream.config import UpstreamConfig, UpstreamMode
 from paygate.upstream.engines.base import EngineKind
+
+if TYPE_CHECKING:
+    from paygate.x402.ledger_store import LedgerLocation
 
 KeyBackendName = Literal["software", "pkcs11", "tpm", "tee-memory"]
 NonNegativeDecimal = Annotated[Decimal, Field(ge=0, max_digits=40, decimal_places=18)]
@@ -107,8 +111,15 @@ class Settings(BaseSettings):
     gas_key: SecretStr | None = None
     gas_key_file: Path | None = None
 
-    # --- payments: ledger ---
+    # --- payments: ledger; docs/SCALING.md ---
     ledger_path: Path = Path("/var/lib/paygate/payments.db")
+    # postgresql://… or sqlite:////abs/path; wins over ledger_path. A secret: never shown.
+    ledger_url: SecretStr | None = None
+    ledger_password_file: Path | None = None  # else the systemd credential "ledger_password"
+    ledger_pool_size: Annotated[int, Field(ge=1, le=100)] = 10
+    replica_id: str | None = None  # default <hostname>:<pid>
+    lease_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
 
     # --- upstream (paygate.upstream; docs/UPSTREAM.md) ---
     upstream_mode: UpstreamMode = "attach"
@@ -149,6 +160,53 @@ class Settings(BaseSettings):
     deployments_dir: Path = Path("~/.config/paygate/inference")
     discover_ports: Annotated[list[int], NoDecode] = Field(default_factory=list)
     discover_timeout: PositiveFloat = 2.0
+
+    @field_validator("ledger_url", mode="before")
+    @classmethod
+    def _check_ledger_url(cls, value: Any) -> Any:
+        if value in ("", None):
+            return None
+        from paygate.x402.ledger_store import parse_ledger_url
+
+        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        parse_ledger_url(text)  # ValueError says what is wrong, never quoting the URL
+        return value
+
+    @field_validator("replica_id")
+    @classmethod
+    def _check_replica_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9._:@-]{1,80}", value):
+            raise ValueError("must be 1-80 characters of [A-Za-z0-9._:@-]")
+        return value
+
+    def ledger_password(self) -> str | None:
+        """The PostgreSQL password: ``ledger_password_file``, else the systemd credential
+        ``ledger_password`` ($CREDENTIALS_DIRECTORY), else none (the URL or libpq's own)."""
+        file = self.ledger_password_file
+        if file is None:
+            directory = os.environ.get("CREDENTIALS_DIRECTORY")
+            candidate = Path(directory) / "ledger_password" if directory else None
+            if candidate is None or not candidate.is_file():
+                return None
+            file = candidate
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read the ledger password file {file}: {exc.strerror}"
+            ) from None
+        return text.splitlines()[0].strip() if text else ""
+
+    def ledger_location(self, url: str | None = None) -> LedgerLocation:
+        """Where the ledger is: ``url`` (a CLI flag), else ledger_url, else ledger_path."""
+        from paygate.x402.ledger_store import ledger_location
+
+        if url is None and self.ledger_url is not None:
+            url = self.ledger_url.get_secret_value()
+        try:
+            return ledger_location(url=url, path=self.ledger_path, password=self.ledger_password)
+        except ValueError as exc:
+            raise ConfigError(f"ledger_url: {exc}") from None
 
     @field_validator("upstream_health_path")
     @classmethod

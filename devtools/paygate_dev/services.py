@@ -63,12 +63,27 @@ class Postgres:
         os.chmod(self.dir, 0o700)
         data = self.dir / "data"
         self._as_postgres(
-            str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "paygate",
-            "--no-sync", "-E", "UTF8",
+            str(PG_BIN / "initdb"),
+            "-D",
+            str(data),
+            "-A",
+            "trust",
+            "-U",
+            "paygate",
+            "--no-sync",
+            "-E",
+            "UTF8",
         )
         self._as_postgres(
-            str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(self.dir / "log"), "-w",
-            "-t", str(int(START_TIMEOUT)), "-o",
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(self.dir / "log"),
+            "-w",
+            "-t",
+            str(int(START_TIMEOUT)),
+            "-o",
             f"-k {self.dir} -h 127.0.0.1 -p {self.port} -c fsync=off -c max_connections=200",
             "start",
         )
@@ -79,8 +94,22 @@ class Postgres:
     def psql(self, sql: str, database: str = "postgres") -> str:
         psql = require("psql", "postgresql-client")
         result = subprocess.run(
-            [psql, "-h", "127.0.0.1", "-p", str(self.port), "-U", "paygate", "-d", database,
-             "-v", "ON_ERROR_STOP=1", "-At", "-c", sql],
+            [
+                psql,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "paygate",
+                "-d",
+                database,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-At",
+                "-c",
+                sql,
+            ],
             capture_output=True,
             text=True,
             timeout=30,
@@ -135,7 +164,8 @@ pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 events {{ worker_connections 256; }}
 http {{
-  access_log {d}/access.log;
+  log_format upstream '$status $upstream_addr';
+  access_log {d}/access.log upstream;
   client_body_temp_path {d}/body;
   proxy_temp_path {d}/proxy;
   fastcgi_temp_path {d}/fastcgi;
@@ -177,8 +207,9 @@ http {{
             if self.proc.poll() is not None:
                 log = (self.dir / "error.log").read_text(errors="replace")[-400:]
                 raise RuntimeError(f"nginx exited: {log}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.5
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
             ):
                 return self
             time.sleep(0.05)

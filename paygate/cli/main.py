@@ -14,10 +14,10 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from enclave import EnclaveError
-from paygate.cli import attest, deploy, discover, keys, payments, request, serve, upstream
+from paygate.cli import attest, deploy, discover, keys, ledger, payments, request, serve, upstream
 from paygate.errors import PaygateError
 
-COMMANDS = (keys, serve, payments, upstream, discover, deploy, request, attest)
+COMMANDS = (keys, serve, payments, ledger, upstream, discover, deploy, request, attest)
 # Commands that live outside the shipped package (the dev tooling's ``demo`` and
 # ``fake-upstream``) register through this entry point group when installed.
 PLUGIN_GROUP = "paygate.commands"

@@ -1,7 +1,8 @@
 """``paygate payments list|show``: what the payment ledger holds, for operators.
 
-The ledger is opened read-only (nothing is created; a missing file is ``ledger_not_found``).
-The signed payload is never printed: only whether one is stored.
+The ledger (``--ledger-url``, else the settings: ``ledger_url`` or ``ledger_path``) is opened
+read-only: nothing is created (a missing file is ``ledger_not_found``), nothing migrated. The
+signed payload is never printed, only whether one is stored; nor is the ledger URL.
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from paygate.config import load_settings
-from paygate.x402.ledger import MAX_LIST_LIMIT, PaymentNotFound, PaymentRecord, PaymentState
-from paygate.x402.ledger_sqlite import SqliteLedger
+from paygate.x402.ledger import (
+    MAX_LIST_LIMIT,
+    PaymentEvent,
+    PaymentNotFound,
+    PaymentRecord,
+    PaymentState,
+)
+from paygate.x402.ledger_store import LedgerLocation, open_ledger
 
 USDC_DECIMALS = 6
 
@@ -38,7 +45,9 @@ def register(sub: Any) -> None:
     show.set_defaults(run=_show)
 
     for parser in (listing, show):
-        parser.add_argument("--ledger-path", type=Path, help="ledger file (default: settings)")
+        where = parser.add_mutually_exclusive_group()
+        where.add_argument("--ledger-path", type=Path, help="SQLite ledger file")
+        where.add_argument("--ledger-url", help="postgresql://… or sqlite:////abs/path")
         parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -48,10 +57,10 @@ def _limit(text: str) -> int:
     return int(text)
 
 
-def _ledger_path(args: argparse.Namespace) -> Path:
+def _ledger(args: argparse.Namespace) -> LedgerLocation:
     if args.ledger_path is not None:
-        return Path(args.ledger_path)
-    return load_settings(args.config).ledger_path
+        return LedgerLocation(kind="sqlite", path=Path(args.ledger_path))
+    return load_settings(args.config).ledger_location(args.ledger_url)
 
 
 def describe(record: PaymentRecord, now: float) -> dict[str, Any]:
@@ -75,6 +84,9 @@ def describe(record: PaymentRecord, now: float) -> dict[str, Any]:
         "attempts": record.attempts,
         "created_at": record.created_at,
         "updated_at": record.updated_at,
+        "owner": record.owner,
+        "lease": record.lease,
+        "lease_until": record.lease_until,
         "age_seconds": round(max(0.0, now - record.created_at), 3),
         "payload_stored": bool(record.payload),
     }
@@ -103,19 +115,43 @@ def _when(stamp: float) -> str:
     return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-async def _read_list(path: Path, state: PaymentState | None, limit: int) -> list[PaymentRecord]:
-    async with await SqliteLedger.open(path, read_only=True) as ledger:
+def event_facts(event: PaymentEvent) -> dict[str, Any]:
+    return {
+        "at": event.at,
+        "replica": event.replica,
+        "action": event.action.value,
+        "state": event.state.value,
+        "lease": event.lease,
+        "transaction": event.transaction,
+        "error": event.error,
+        "detail": event.detail,
+    }
+
+
+async def _read_list(
+    where: LedgerLocation, state: PaymentState | None, limit: int
+) -> list[PaymentRecord]:
+    ledger = await open_ledger(where, read_only=True, replica="paygate-payments")
+    try:
         return await ledger.list(state=state, limit=limit)
+    finally:
+        await ledger.close()
 
 
-async def _read_one(path: Path, payment_id: str) -> PaymentRecord | None:
-    async with await SqliteLedger.open(path, read_only=True) as ledger:
-        return await ledger.get(payment_id)
+async def _read_one(
+    where: LedgerLocation, payment_id: str
+) -> tuple[PaymentRecord | None, list[PaymentEvent]]:
+    ledger = await open_ledger(where, read_only=True, replica="paygate-payments")
+    try:
+        record = await ledger.get(payment_id)
+        return record, (await ledger.history(payment_id) if record else [])
+    finally:
+        await ledger.close()
 
 
 def _list(args: argparse.Namespace) -> int:
     state = PaymentState(args.state) if args.state else None
-    records = asyncio.run(_read_list(_ledger_path(args), state, args.limit))
+    records = asyncio.run(_read_list(_ledger(args), state, args.limit))
     now = time.time()
     if args.json:
         print(json.dumps([describe(record, now) for record in records], indent=2))
@@ -146,10 +182,11 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    record = asyncio.run(_read_one(_ledger_path(args), args.id))
+    record, history = asyncio.run(_read_one(_ledger(args), args.id))
     if record is None:
         raise PaymentNotFound(f"no payment {args.id[:64]!r} in the ledger")
     facts = describe(record, time.time())
+    facts["history"] = [event_facts(event) for event in history]
     try:
         facts["requirements"] = json.loads(record.requirements)
     except ValueError:
@@ -174,6 +211,8 @@ def _show(args: argparse.Namespace) -> int:
         "transaction",
         "error",
         "attempts",
+        "owner",
+        "lease",
     ):
         value = facts[name]
         print(f"{name:16} {'-' if value is None else value}")
@@ -181,4 +220,14 @@ def _show(args: argparse.Namespace) -> int:
     print(f"{'updated':16} {_when(record.updated_at)}")
     print(f"{'payload':16} {'stored (signed; not shown)' if record.payload else 'none'}")
     print(f"{'requirements':16} {json.dumps(facts['requirements'], sort_keys=True)}")
+    for event in history:
+        extra = " ".join(
+            f"{k}={v}"
+            for k, v in (("tx", event.transaction), ("error", event.error), ("from", event.detail))
+            if v
+        )
+        print(
+            f"{'history':16} {_when(event.at)} {event.replica} {event.action.value}"
+            f" -> {event.state.value} (lease {event.lease}) {extra}".rstrip()
+        )
     return 0

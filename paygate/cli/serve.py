@@ -2,7 +2,9 @@
 
 ``serve`` builds the app from settings, listens, and on SIGTERM or SIGINT stops accepting,
 lets in-flight requests and streams finish for up to ``shutdown_grace_seconds``, then closes
-the upstream session and the key backend and exits 0.
+the upstream session and the key backend and exits 0. With ``--workers N`` (``workers``) the
+parent binds the port and forks N workers that share it (``paygate.server.workers``); SIGTERM
+to the parent stops them all the same way.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from aiohttp import web
 
 from paygate.config import Settings, load_settings
 from paygate.server.app import LISTEN_BACKLOG, build_app, server_options
+from paygate.server.assembly import check_payment_settings
 from paygate.server.logs import SafeAccessLogger, install_safe_logging
+from paygate.server.workers import check_workers, listen_socket, supervise
 from paygate.store.deployments import DeploymentStore, settings_overrides
 
 log = logging.getLogger("paygate.serve")
@@ -31,7 +35,16 @@ def register(sub: Any) -> None:
     serve.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
     serve.add_argument("--listen", help="host:port to listen on (PAYGATE_LISTEN)")
     serve.add_argument("--upstream-url", help="model server base URL (PAYGATE_UPSTREAM_URL)")
+    serve.add_argument(
+        "--workers", type=_workers, help="worker processes sharing the port (PAYGATE_WORKERS)"
+    )
     serve.set_defaults(run=_serve)
+
+
+def _workers(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError("must be a whole number from 1 to 64")
+    return int(text)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -42,27 +55,66 @@ def _serve(args: argparse.Namespace) -> int:
         overrides.update(settings_overrides(store.get(args.name), set(Settings.model_fields)))
     overrides.update(
         (name, value)
-        for name, value in (("listen", args.listen), ("upstream_url", args.upstream_url))
+        for name, value in (
+            ("listen", args.listen),
+            ("upstream_url", args.upstream_url),
+            ("workers", args.workers),
+        )
         if value is not None
     )
     settings = load_settings(args.config, **overrides)
     install_safe_logging()
-    app = build_app(settings)  # refuses unimplemented payment modes before listening
+    if settings.workers == 1:
+        app = build_app(settings)  # refuses unimplemented payment modes before listening
+        _announce(settings)
+        web.run_app(
+            app,
+            host=settings.listen_host,
+            port=settings.listen_port,
+            shutdown_timeout=settings.shutdown_grace_seconds,
+            backlog=LISTEN_BACKLOG,
+            access_log_class=SafeAccessLogger,
+            print=None,
+            **server_options(settings),
+        )
+        log.info("paygate gateway stopped")
+        return 0
+    check_workers(
+        settings.workers,
+        upstream_mode=settings.upstream_mode,
+        key_backend=settings.key_backend,
+        tpm_tcti=settings.tpm_tcti,
+    )
+    check_payment_settings(settings)  # before forking: one clear error, not N
+    sock = listen_socket(settings.listen_host, settings.listen_port, LISTEN_BACKLOG)
+    _announce(settings)
+
+    def worker(index: int) -> int:
+        # Each worker is its own replica: "<replica_id>.w<index>", or its own <hostname>:<pid>.
+        mine = settings
+        if settings.replica_id is not None:
+            mine = settings.model_copy(update={"replica_id": f"{settings.replica_id}.w{index}"})
+        web.run_app(
+            build_app(mine),
+            sock=sock,
+            shutdown_timeout=mine.shutdown_grace_seconds,
+            access_log_class=SafeAccessLogger,
+            print=None,
+            **server_options(mine),
+        )
+        return 0
+
+    status = supervise(settings.workers, worker, grace_seconds=settings.shutdown_grace_seconds)
+    sock.close()
+    log.info("paygate gateway stopped")
+    return status
+
+
+def _announce(settings: Settings) -> None:
     log.info(
-        "paygate gateway on %s, payment_mode=%s, key_backend=%s",
+        "paygate gateway on %s, payment_mode=%s, key_backend=%s, workers=%d",
         settings.listen,
         settings.payment_mode,
         settings.key_backend,
+        settings.workers,
     )
-    web.run_app(
-        app,
-        host=settings.listen_host,
-        port=settings.listen_port,
-        shutdown_timeout=settings.shutdown_grace_seconds,
-        backlog=LISTEN_BACKLOG,
-        access_log_class=SafeAccessLogger,
-        print=None,
-        **server_options(settings),
-    )
-    log.info("paygate gateway stopped")
-    return 0

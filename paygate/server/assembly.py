@@ -16,7 +16,8 @@ from paygate.config import ConfigError, Settings
 from paygate.server.payments import NoPayments, PaymentStep, X402Payments
 from paygate.x402.chain import ChainSettler
 from paygate.x402.facilitator import FacilitatorSettler
-from paygate.x402.ledger import Ledger
+from paygate.x402.ledger import Ledger, PaymentRecord, default_replica_id
+from paygate.x402.ledger_store import open_ledger
 from paygate.x402.networks import Asset, UnknownNetwork, resolve_network
 from paygate.x402.offers import Acceptance, PaymentTerms
 from paygate.x402.pricing import PricePolicy
@@ -143,55 +144,87 @@ def x402_payments(settings: Settings, *, ledger: Ledger, settler: Settler) -> X4
 async def payment_step(
     settings: Settings, session: aiohttp.ClientSession
 ) -> AsyncIterator[PaymentStep]:
-    """The configured payment step, with its ledger, settler and reconciler.
+    """The configured payment step, with its ledger, settler, reconciler and lease keeper.
 
-    At start, reservations a previous run left (it died before serving) are released at once,
-    so their callers can retry; settlements owed or in doubt are resumed in the background,
-    then re-checked every ``reconcile_interval_seconds``.
+    The ledger is ``ledger_url`` (PostgreSQL or SQLite) or the SQLite file at ``ledger_path``,
+    opened as this replica (``replica_id``) with ``lease_seconds`` leases (docs/SCALING.md).
+    At start, before serving: reservations this replica's previous run left are released (and
+    those of any replica whose lease ran out), and its unfinished settlements are claimed;
+    the reconciler finishes those in the background, then every
+    ``reconcile_interval_seconds`` claims and finishes what nobody holds. The keeper renews
+    this process's leases every third of ``lease_seconds``.
     """
     if settings.payment_mode == "off":
         yield NoPayments()
         return
-    from paygate.x402.ledger_sqlite import SqliteLedger
-
-    ledger = await SqliteLedger.open(settings.ledger_path)
+    location = settings.ledger_location()
+    replica = settings.replica_id or default_replica_id()
+    ledger = await open_ledger(
+        location,
+        replica=replica,
+        lease_seconds=settings.lease_seconds,
+        pool_size=settings.ledger_pool_size,
+    )
+    log.info("payment ledger %s, replica %s", location.describe(), replica)
     settler = settler_for(settings, session)
     try:
         payments = x402_payments(settings, ledger=ledger, settler=settler)
         processor = payments.processor
-        released = await processor.release_stale(older_than=0.0)
+        released = await processor.release_abandoned(own=True)
         if released:
             log.info("released %d reservations left by an earlier run", released)
-        reconciler = asyncio.get_running_loop().create_task(
-            _reconcile_forever(
-                processor,
-                interval=settings.reconcile_interval_seconds,
-                busy_for=settings.settle_timeout + settings.facilitator_timeout,
-            )
-        )
+        adopted = await processor.adopt_own()
+        loop = asyncio.get_running_loop()
+        tasks = [
+            loop.create_task(
+                _reconcile_forever(
+                    processor,
+                    interval=settings.reconcile_interval_seconds,
+                    busy_for=settings.settle_timeout + settings.facilitator_timeout,
+                    adopted=adopted,
+                )
+            ),
+            loop.create_task(_keep_leases(processor, interval=settings.lease_seconds / 3)),
+        ]
         try:
             yield payments
         finally:
-            reconciler.cancel()
+            tasks[0].cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await reconciler
+                await tasks[0]
             await payments.close(settings.shutdown_grace_seconds)
+            tasks[1].cancel()  # after the drain: settlements still running keep their leases
+            with contextlib.suppress(asyncio.CancelledError):
+                await tasks[1]
     finally:
         await settler.close()
         await ledger.close()
 
 
 async def _reconcile_forever(
-    processor: PaymentProcessor, *, interval: float, busy_for: float
+    processor: PaymentProcessor,
+    *,
+    interval: float,
+    busy_for: float,
+    adopted: list[PaymentRecord],
 ) -> None:
-    min_age = 0.0  # the first pass takes everything a previous run left
+    min_age = 0.0  # the first pass takes everything unowned, and what this replica adopted
     while True:
         try:
-            touched = await processor.reconcile_once(min_age=min_age)
+            touched = await processor.reconcile_once(min_age=min_age, adopted=adopted)
             if touched:
                 log.info("reconciled %d payments", touched)
         except Exception as exc:  # keep reconciling: one bad pass must not end the loop
             log.error("reconcile pass failed: %s", type(exc).__name__)
-        # Later passes leave alone what another request is settling right now.
-        min_age = busy_for
+        # Later passes leave a let-go pending settlement alone for a while before asking again.
+        min_age, adopted = busy_for, []
         await asyncio.sleep(interval)
+
+
+async def _keep_leases(processor: PaymentProcessor, *, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await processor.renew_leases()
+        except Exception as exc:  # keep renewing: a passing ledger failure must not end it
+            log.error("lease renewal failed: %s", type(exc).__name__)

@@ -37,10 +37,10 @@ from paygate.x402.ledger import (
     AlreadyReserved,
     EventAction,
     IdempotencyKeyReused,
+    LeaseLost,
     LedgerConflict,
     LedgerError,
     LedgerUnavailable,
-    LeaseLost,
     PaymentEvent,
     PaymentNotFound,
     PaymentRecord,
@@ -433,14 +433,18 @@ class PostgresLedger:
     async def _now(self, conn: Conn) -> float:
         if self._clock is not None:
             return self._clock()
-        row = await (await conn.execute("SELECT extract(epoch FROM clock_timestamp()) AS t")).fetchone()
+        row = await (
+            await conn.execute("SELECT extract(epoch FROM clock_timestamp()) AS t")
+        ).fetchone()
         return float(row["t"])
 
     async def _schema_version(self, conn: Conn) -> int:
         row = await (await conn.execute("SELECT to_regclass('ledger_schema') AS t")).fetchone()
         if row["t"] is None:
             return 0
-        row = await (await conn.execute("SELECT version FROM ledger_schema WHERE id = 1")).fetchone()
+        row = await (
+            await conn.execute("SELECT version FROM ledger_schema WHERE id = 1")
+        ).fetchone()
         return int(row["version"]) if row else 0
 
     async def _migrate(self, conn: Conn) -> None:
@@ -469,9 +473,7 @@ class PostgresLedger:
                 (SCHEMA_VERSION, await self._now(conn)),
             )
 
-    async def _one(
-        self, conn: Conn, where: str, params: tuple[Any, ...]
-    ) -> PaymentRecord | None:
+    async def _one(self, conn: Conn, where: str, params: tuple[Any, ...]) -> PaymentRecord | None:
         row = await (await conn.execute(f"{_SELECT} {where}", params)).fetchone()
         return _record(row) if row else None
 
@@ -482,7 +484,9 @@ class PostgresLedger:
         return [_record(row) for row in rows]
 
     async def _must(self, conn: Conn, payment_id: str, *, lock: bool = False) -> PaymentRecord:
-        record = await self._one(conn, "WHERE id = %s" + (" FOR UPDATE" if lock else ""), (payment_id,))
+        record = await self._one(
+            conn, "WHERE id = %s" + (" FOR UPDATE" if lock else ""), (payment_id,)
+        )
         if record is None:
             raise PaymentNotFound(f"no payment {_printable_id(payment_id)}")
         return record
@@ -529,7 +533,7 @@ class PostgresLedger:
         # again (same id and attempts); any other existing row returns nothing.
         row = await (
             await conn.execute(
-                "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount,"
+                "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount,"  # noqa: S608 - constant columns
                 " x402_version, route, state, served, payload, requirements, idempotency_key,"
                 " attempts, created_at, updated_at, owner, lease, lease_until)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s::numeric, %s, %s, 'reserved', false,"
@@ -592,7 +596,7 @@ class PostgresLedger:
             owner, until = current.owner, current.lease_until
         row = await (
             await conn.execute(
-                "UPDATE payments SET state = %s, attempts = attempts + %s,"
+                "UPDATE payments SET state = %s, attempts = attempts + %s,"  # noqa: S608 - constant columns
                 " served = served OR %s, tx_hash = COALESCE(%s, tx_hash),"
                 " error = COALESCE(%s, error), updated_at = %s, owner = %s, lease_until = %s"
                 f" WHERE id = %s AND state = %s AND lease = %s RETURNING {_COLUMNS}",
@@ -614,7 +618,9 @@ class PostgresLedger:
         if row is None:  # cannot happen under the row lock; never guess
             raise LedgerConflict(f"payment {current.id} changed concurrently")
         record = _record(row)
-        await self._event(conn, record, EventAction.MOVED, now, transaction=transaction, error=error)
+        await self._event(
+            conn, record, EventAction.MOVED, now, transaction=transaction, error=error
+        )
         return record
 
     async def _mark_served(self, conn: Conn, payment_id: str) -> PaymentRecord:
@@ -622,7 +628,7 @@ class PostgresLedger:
         now = await self._now(conn)
         row = await (
             await conn.execute(
-                f"UPDATE payments SET served = true, updated_at = %s WHERE id = %s"
+                "UPDATE payments SET served = true, updated_at = %s WHERE id = %s"  # noqa: S608 - constant columns
                 f" RETURNING {_COLUMNS}",
                 (now, current.id),
             )
@@ -638,7 +644,7 @@ class PostgresLedger:
             raise LeaseLost(f"payment {current.id}: no lease of ours to renew")
         row = await (
             await conn.execute(
-                f"UPDATE payments SET lease_until = %s WHERE id = %s RETURNING {_COLUMNS}",
+                f"UPDATE payments SET lease_until = %s WHERE id = %s RETURNING {_COLUMNS}",  # noqa: S608 - constant columns
                 (await self._now(conn) + self.lease_seconds, current.id),
             )
         ).fetchone()
@@ -649,7 +655,7 @@ class PostgresLedger:
         check_fence(current, lease)
         row = await (
             await conn.execute(
-                "UPDATE payments SET owner = NULL, lease_until = NULL WHERE id = %s"
+                "UPDATE payments SET owner = NULL, lease_until = NULL WHERE id = %s"  # noqa: S608 - constant columns
                 f" RETURNING {_COLUMNS}",
                 (current.id,),
             )
@@ -679,7 +685,7 @@ class PostgresLedger:
             change = "owner = %(me)s, lease = p.lease + 1, lease_until = %(until)s"
         rows = await (
             await conn.execute(
-                "WITH picked AS (SELECT id, owner AS former FROM payments"
+                "WITH picked AS (SELECT id, owner AS former FROM payments"  # noqa: S608 - constant columns
                 " WHERE state = ANY(%(states)s) AND ((owner IS NOT NULL AND lease_until < %(now)s)"
                 " OR (owner IS NULL AND updated_at <= %(cutoff)s)"
                 " OR (%(own)s AND owner = %(me)s))"
@@ -724,7 +730,7 @@ class PostgresLedger:
         if await self._one(conn, "WHERE id = %s", (record.id,)) is not None:
             return False
         await conn.execute(
-            f"INSERT INTO payments ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s::numeric,"
+            f"INSERT INTO payments ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s::numeric,"  # noqa: S608 - constant columns
             " %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, %s, NULL)",
             (
                 record.id,

@@ -40,11 +40,11 @@ from paygate.x402.ledger import (
     AlreadyReserved,
     EventAction,
     IdempotencyKeyReused,
+    LeaseLost,
     LedgerConflict,
     LedgerError,
     LedgerNotFound,
     LedgerUnavailable,
-    LeaseLost,
     PaymentEvent,
     PaymentNotFound,
     PaymentRecord,
@@ -281,7 +281,9 @@ class SqliteLedger:
             self._many, "WHERE id > ? ORDER BY id LIMIT ?", (after or "", check_limit(limit))
         )
 
-    async def import_record(self, record: PaymentRecord, events: builtins.list[PaymentEvent]) -> bool:
+    async def import_record(
+        self, record: PaymentRecord, events: builtins.list[PaymentEvent]
+    ) -> bool:
         """Insert a record from another store with its history (unowned); False if its id is
         here already. Another id holding the same authorization is a :class:`LedgerConflict`."""
         return await self._run(self._import, record, events)

@@ -17,6 +17,13 @@ The server's adapter (``paygate.server.payments``) turns HTTP headers into calls
 4. verify with the settler (facilitator or chain); down → 503 + Retry-After, never served;
 5. after a successful reply: SERVED, then SETTLING (both durable), then settle. An unknown
    outcome keeps the transaction hash and is reconciled — never re-signed, never re-charged.
+
+Across processes (workers, replicas) the ledger's leases say who works on a payment: this
+process holds the lease of every payment it is serving or settling (:meth:`renew_leases`,
+called by the app's keeper, keeps them alive), names the lease's epoch in every change it
+records (so a change after the lease was taken away is refused: fencing), and lets go of a
+pending settlement so that any replica's reconciler may finish it. The reconciler claims what
+nobody holds; the claim is exclusive, so one dead replica's work is finished once.
 """
 
 from __future__ import annotations
@@ -33,8 +40,10 @@ from typing import Any
 from paygate import wire
 from paygate.x402 import codec
 from paygate.x402.ledger import (
+    TRANSITIONS,
     AlreadyReserved,
     IdempotencyKeyReused,
+    LeaseLost,
     Ledger,
     LedgerError,
     LedgerUnavailable,
@@ -91,7 +100,8 @@ class PaymentProcessor:
         self._retry_after = str(retry_after_seconds)
         self._clock = clock
         self._background: set[asyncio.Task[Any]] = set()
-        self._in_flight: set[str] = set()  # record ids this process is settling right now
+        # Payments this process works on right now: id -> the lease epoch it holds.
+        self._held: dict[str, int] = {}
 
     # --- admission ---
 
@@ -151,6 +161,7 @@ class PaymentProcessor:
             return self.unavailable("ledger_unavailable", "the payment ledger is unavailable")
         except ValueError as exc:  # the ledger's own input checks; the models passed it
             return self.challenge(400, "invalid_payment", str(exc), offers, resource)
+        self._hold(record)
         admission = Admission(
             price=price, record=record, payment=payment, requirements=requirements
         )
@@ -195,7 +206,7 @@ class PaymentProcessor:
             reason = answer.invalid_reason or "invalid_payload"
             return self.challenge(402, reason, _reason_text(reason), offers, resource)
         try:
-            admission.record = await self._ledger.transition(record.id, PaymentState.VERIFIED)
+            admission.record = await self._move(record, PaymentState.VERIFIED)
         except LedgerError:
             await self.release(record)
             return self.unavailable("ledger_unavailable", "the payment ledger is unavailable")
@@ -277,6 +288,11 @@ class PaymentProcessor:
         admission.finished = True
         earned = succeeded and (not caller_gone or self._settle_on_disconnect)
         await self._settlement.finished(self, admission, earned=earned)
+        record = admission.record
+        if admission.settle_task is None and record is not None and record.id in self._held:
+            # Nothing more happens to it in this request (e.g. verify-only leaves it SERVED):
+            # give the lease up so that a reconciler, anywhere, owns what is left.
+            await self._let_go(record)
 
     def settle_in_background(self, admission: Admission) -> asyncio.Task[Receipt | None]:
         """The admission's settlement task, started once (SERVED → SETTLING → outcome)."""
@@ -288,45 +304,53 @@ class PaymentProcessor:
         record = admission.record
         assert record is not None
         try:
-            admission.record = await self._ledger.transition(record.id, PaymentState.SERVED)
+            admission.record = await self._move(record, PaymentState.SERVED)
         except LedgerError as exc:
             log.error("payment %s: cannot record SERVED: %s", record.id, exc.code)
+            if record.id in self._held:
+                await self._let_go(record)
             return None
         return await self.settle_now(admission)
 
     async def settle_now(self, admission: Admission) -> Receipt | None:
         """SETTLING (durable) → settle → SETTLED | FAILED | still SETTLING (reconcile later)."""
+        try:
+            return await self._settle_now(admission)
+        finally:
+            record = admission.record
+            if record is not None and record.id in self._held and not record.terminal:
+                await self._let_go(record)  # not finished here: whoever reconciles takes it
+
+    async def _settle_now(self, admission: Admission) -> Receipt | None:
         record = admission.record
         payment = admission.payment
         assert record is not None
         assert payment is not None
-        self._in_flight.add(record.id)
         try:
-            try:
-                record = await self._ledger.transition(record.id, PaymentState.SETTLING)
-            except LedgerError as exc:
-                log.error("payment %s: cannot record SETTLING: %s", record.id, exc.code)
-                return None
-            admission.record = record
-            try:
-                answer = await self._settler.settle(payment, admission.requirements)
-            except SettlementUnknown as exc:
-                return await self._pending(admission, exc.transaction)
-            except SettlerUnavailable:
-                return await self._pending(admission, None)
-            receipt = await self._record_answer(admission, answer)
-            admission.receipt = receipt
-            return receipt
-        finally:
-            self._in_flight.discard(record.id)
+            # Fenced, and the last word before the settle call: a process that lost its lease
+            # (frozen past it, another replica claimed the payment) stops here.
+            record = await self._move(record, PaymentState.SETTLING)
+        except LedgerError as exc:
+            log.error("payment %s: cannot record SETTLING: %s", record.id, exc.code)
+            return None
+        admission.record = record
+        try:
+            answer = await self._settler.settle(payment, admission.requirements)
+        except SettlementUnknown as exc:
+            return await self._pending(admission, exc.transaction)
+        except SettlerUnavailable:
+            return await self._pending(admission, None)
+        receipt = await self._record_answer(admission, answer)
+        admission.receipt = receipt
+        return receipt
 
     async def _record_answer(self, admission: Admission, answer: SettleResponse) -> Receipt:
         record = admission.record
         assert record is not None
         state = PaymentState.SETTLED if answer.success else PaymentState.FAILED
         try:
-            admission.record = await self._ledger.transition(
-                record.id,
+            admission.record = await self._move(
+                record,
                 state,
                 transaction=answer.transaction or None,
                 error=None if answer.success else (answer.error_reason or "settle_failed"),
@@ -343,10 +367,12 @@ class PaymentProcessor:
         record = admission.record
         assert record is not None
         with contextlib.suppress(LedgerError):
-            # SETTLING → SETTLING keeps the record owed and stores the hash if we have one.
-            admission.record = await self._ledger.transition(
-                record.id, PaymentState.SETTLING, transaction=transaction, error=PENDING
+            # SETTLING → SETTLING keeps the record owed and stores the hash if we have one;
+            # then the lease goes: any replica's reconciler finishes it.
+            admission.record = await self._move(
+                record, PaymentState.SETTLING, transaction=transaction, error=PENDING
             )
+            await self._let_go(admission.record)
         log.warning("payment %s settlement pending; will reconcile", record.id)
         return Receipt(
             record.x402_version,
@@ -359,30 +385,53 @@ class PaymentProcessor:
             ),
         )
 
-    # --- recovery ---
+    # --- recovery and leases ---
 
-    async def release_stale(self, *, older_than: float) -> int:
-        """Release reservations a dead request left behind (before anything was served), so
-        their callers can retry; returns how many."""
-        stale = await self._ledger.stale_reservations(older_than)
-        for record in stale:
-            await self.release(record)
-        return len(stale)
+    async def release_abandoned(self, *, own: bool = False) -> int:
+        """Release reservations whose owner is gone (its lease ran out; with ``own``, also
+        this replica name's, left by its previous run), so their callers can retry."""
+        released = await self._ledger.release_abandoned(own=own)
+        return len(released)
 
-    async def reconcile_once(self, *, min_age: float) -> int:
-        """One pass over owed and doubtful settlements not handled by this process now."""
-        touched = 0
-        now = self._clock()
-        for record in await self._ledger.unfinished():
-            if record.id in self._in_flight or now - record.updated_at < min_age:
-                continue
-            self._in_flight.add(record.id)
+    async def adopt_own(self) -> list[PaymentRecord]:
+        """At start, before serving: claim the settlements this replica name left unfinished
+        (its previous run died); :meth:`reconcile_once` finishes them."""
+        return await self._ledger.claim_unfinished(min_age=0.0, own=True)
+
+    async def reconcile_once(
+        self, *, min_age: float, adopted: list[PaymentRecord] | None = None
+    ) -> int:
+        """One pass: release abandoned reservations, then claim and finish the settlements
+        nobody holds (lease ran out, or let go ``min_age`` seconds ago), plus ``adopted``."""
+        await self.release_abandoned()
+        claimed = [*(adopted or ()), *await self._ledger.claim_unfinished(min_age=min_age)]
+        for record in claimed:
+            self._hold(record)
             try:
                 await self._reconcile(record)
             finally:
-                self._in_flight.discard(record.id)
-            touched += 1
-        return touched
+                if record.id in self._held:  # still owed or in doubt: for a later pass
+                    await self._let_go(record)
+        return len(claimed)
+
+    async def renew_leases(self) -> int:
+        """Renew the lease of every payment this process works on; a lease found lost is
+        dropped (its next fenced change would fail anyway). Returns how many were renewed."""
+        renewed = 0
+        for payment_id, lease in list(self._held.items()):
+            try:
+                await self._ledger.renew(payment_id, lease)
+                renewed += 1
+            except LeaseLost:
+                log.warning("payment %s: lease lost to another replica; leaving it", payment_id)
+                self._held.pop(payment_id, None)
+            except LedgerError as exc:
+                log.warning("payment %s: cannot renew its lease: %s", payment_id, exc.code)
+        return renewed
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
 
     async def _reconcile(self, record: PaymentRecord) -> None:
         try:
@@ -400,6 +449,13 @@ class PaymentProcessor:
             await self.settle_now(admission)
             return
         try:
+            # Re-check the lease right before asking again (fencing, as in settle_now).
+            record = admission.record = await self._ledger.renew(record.id, record.lease)
+        except LedgerError as exc:
+            log.warning("payment %s: not reconciled: %s", record.id, exc.code)
+            self._held.pop(record.id, None)
+            return
+        try:
             answer = await self._settler.reconcile(
                 payment, admission.requirements, record.transaction
             )
@@ -410,9 +466,41 @@ class PaymentProcessor:
 
     # --- helpers ---
 
+    def _hold(self, record: PaymentRecord) -> None:
+        self._held[record.id] = record.lease
+
+    async def _move(
+        self,
+        record: PaymentRecord,
+        to: PaymentState,
+        *,
+        transaction: str | None = None,
+        error: str | None = None,
+    ) -> PaymentRecord:
+        """A fenced transition under the lease this process holds; ends the hold when the
+        payment ends, or when the lease turns out lost."""
+        try:
+            moved = await self._ledger.transition(
+                record.id, to, transaction=transaction, error=error, lease=record.lease
+            )
+        except LeaseLost:
+            self._held.pop(record.id, None)
+            log.warning("payment %s: lease lost to another replica; leaving it", record.id)
+            raise
+        if not TRANSITIONS[moved.state]:
+            self._held.pop(moved.id, None)
+        return moved
+
+    async def _let_go(self, record: PaymentRecord) -> None:
+        self._held.pop(record.id, None)
+        try:
+            await self._ledger.let_go(record.id, record.lease)
+        except LedgerError as exc:  # lost already, or unreachable: the lease runs out anyway
+            log.warning("payment %s: cannot let its lease go: %s", record.id, exc.code)
+
     async def release(self, record: PaymentRecord) -> None:
         try:
-            await self._ledger.transition(record.id, PaymentState.RELEASED)
+            await self._move(record, PaymentState.RELEASED)
         except LedgerError as exc:
             log.warning("payment %s: cannot release: %s", record.id, exc.code)
 
@@ -423,7 +511,7 @@ class PaymentProcessor:
         assert record is not None
         try:
             if record.state is PaymentState.VERIFIED:
-                admission.record = await self._ledger.transition(record.id, PaymentState.SERVED)
+                admission.record = await self._move(record, PaymentState.SERVED)
             admission.record = await self._ledger.mark_served(record.id)
         except LedgerError as exc:
             log.warning("payment %s: cannot mark served: %s", record.id, exc.code)

@@ -57,6 +57,9 @@ async def gateway_process(
         "PAYGATE_LEDGER_PATH": str(ledger),
         "PAYGATE_FACILITATOR_TIMEOUT": "2",
         "PAYGATE_SETTLE_TIMEOUT": "30",
+        # One name across the restart: the new run adopts what the killed one left at once
+        # (with the default <hostname>:<pid> it would wait for the old leases to run out).
+        "PAYGATE_REPLICA_ID": "crash-test",
     }
     proc = subprocess.Popen(
         [PAYGATE, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

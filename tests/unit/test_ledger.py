@@ -1,4 +1,6 @@
-"""The payment ledger on real SQLite files: states, the replay guard, durability, failures."""
+"""The payment ledger contract on both stores (a real SQLite file, a real PostgreSQL 15): states,
+the replay guard, durability, failures; then what only the SQLite file has (permissions, WAL,
+locks)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import inspect
 import itertools
 import sqlite3
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,9 @@ from paygate.x402.ledger import (
     PaymentState,
     check_limit,
 )
+from paygate.x402.ledger_postgres import PostgresLedger
 from paygate.x402.ledger_sqlite import SCHEMA_VERSION, SqliteLedger
+from paygate.x402.ledger_store import LedgerLocation, open_ledger, parse_ledger_url
 
 S = PaymentState
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,14 +104,34 @@ def request(n: int = 1, **overrides: Any) -> dict[str, Any]:
     return fields
 
 
+Opener = Callable[..., Awaitable[Ledger]]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
+    """Opens ledgers (any number: replicas) on one fresh store of each kind."""
+    if request.param == "sqlite":
+        location = LedgerLocation(kind="sqlite", path=tmp_path / "state" / "payments.db")
+    else:
+        location = parse_ledger_url(request.getfixturevalue("pg_url"))
+    opened: list[Ledger] = []
+
+    async def open_(**options: Any) -> Ledger:
+        ledger = await open_ledger(location, **options)
+        opened.append(ledger)
+        return ledger
+
+    yield open_
+    for ledger in opened:
+        await ledger.close()
+
+
 @pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[SqliteLedger]:
-    opened = await SqliteLedger.open(tmp_path / "state" / "payments.db")
-    yield opened
-    await opened.close()
+async def ledger(store: Opener) -> Ledger:
+    return await store()
 
 
-async def in_state(ledger: SqliteLedger, state: PaymentState, n: int = 1) -> PaymentRecord:
+async def in_state(ledger: Ledger, state: PaymentState, n: int = 1) -> PaymentRecord:
     record = await ledger.reserve(**request(n))
     for step in PATHS[state]:
         record = await ledger.transition(record.id, step, transaction=None)
@@ -118,7 +142,7 @@ async def in_state(ledger: SqliteLedger, state: PaymentState, n: int = 1) -> Pay
 # --- reserve and the replay guard -----------------------------------------------------------
 
 
-async def test_reserve_records_a_new_reservation(ledger: SqliteLedger) -> None:
+async def test_reserve_records_a_new_reservation(ledger: Ledger) -> None:
     record = await ledger.reserve(**request())
     assert record.state is S.RESERVED
     assert (record.served, record.attempts, record.transaction, record.error) == (
@@ -135,7 +159,7 @@ async def test_reserve_records_a_new_reservation(ledger: SqliteLedger) -> None:
     assert await ledger.get(record.id) == record
 
 
-async def test_reserve_twice_is_a_replay_carrying_the_first_record(ledger: SqliteLedger) -> None:
+async def test_reserve_twice_is_a_replay_carrying_the_first_record(ledger: Ledger) -> None:
     first = await ledger.reserve(**request())
     verified = await ledger.transition(first.id, S.VERIFIED)
     with pytest.raises(AlreadyReserved) as caught:
@@ -145,7 +169,7 @@ async def test_reserve_twice_is_a_replay_carrying_the_first_record(ledger: Sqlit
     assert first.id in str(caught.value)
 
 
-async def test_case_and_network_spelling_do_not_make_a_new_key(ledger: SqliteLedger) -> None:
+async def test_case_and_network_spelling_do_not_make_a_new_key(ledger: Ledger) -> None:
     first = await ledger.reserve(
         **request(
             network="base-sepolia",
@@ -171,7 +195,7 @@ async def test_case_and_network_spelling_do_not_make_a_new_key(ledger: SqliteLed
     )
 
 
-async def test_a_released_authorization_can_be_reserved_again(ledger: SqliteLedger) -> None:
+async def test_a_released_authorization_can_be_reserved_again(ledger: Ledger) -> None:
     first = await ledger.reserve(**request())
     released = await ledger.transition(first.id, S.RELEASED, error="upstream_unavailable")
     assert released.error == "upstream_unavailable"
@@ -184,7 +208,7 @@ async def test_a_released_authorization_can_be_reserved_again(ledger: SqliteLedg
 
 
 async def test_fifty_concurrent_reservations_of_one_key_have_one_winner(
-    ledger: SqliteLedger,
+    ledger: Ledger,
 ) -> None:
     results = await asyncio.wait_for(
         asyncio.gather(*(ledger.reserve(**request()) for _ in range(50)), return_exceptions=True),
@@ -197,21 +221,26 @@ async def test_fifty_concurrent_reservations_of_one_key_have_one_winner(
     assert len(await ledger.list()) == 1
 
 
-async def test_a_cancelled_caller_does_not_undo_a_submitted_change(ledger: SqliteLedger) -> None:
+async def test_a_cancelled_caller_does_not_undo_a_submitted_change(ledger: Ledger) -> None:
     task = asyncio.create_task(ledger.reserve(**request()))
     await asyncio.sleep(0)  # the call is now queued on the worker thread
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    record = await ledger.find(network="eip155:84532", asset=USDC, payer=PAYER, nonce=nonce(1))
-    assert record is not None
+    record = None
+    async with asyncio.timeout(10):  # the change was submitted: it lands, cancelled or not
+        while record is None:
+            record = await ledger.find(
+                network="eip155:84532", asset=USDC, payer=PAYER, nonce=nonce(1)
+            )
+            await asyncio.sleep(0.01)
     assert record.state is S.RESERVED
 
 
 # --- idempotency keys -----------------------------------------------------------------------
 
 
-async def test_idempotency_key_rules(ledger: SqliteLedger) -> None:
+async def test_idempotency_key_rules(ledger: Ledger) -> None:
     key = "pay_7d5d747be160e280504c099d984bcfe0"
     first = await ledger.reserve(**request(1, idempotency_key=key))
     assert await ledger.by_idempotency_key(key) == first
@@ -233,7 +262,7 @@ async def test_idempotency_key_rules(ledger: SqliteLedger) -> None:
     assert (again.id, again.state, again.idempotency_key) == (first.id, S.RESERVED, key)
 
 
-async def test_a_new_key_on_a_retry_replaces_the_old_one(ledger: SqliteLedger) -> None:
+async def test_a_new_key_on_a_retry_replaces_the_old_one(ledger: Ledger) -> None:
     old, new = "a" * 16, "b" * 16
     first = await ledger.reserve(**request(1, idempotency_key=old))
     await ledger.transition(first.id, S.RELEASED)
@@ -265,14 +294,14 @@ async def test_a_new_key_on_a_retry_replaces_the_old_one(ledger: SqliteLedger) -
     ],
 )
 async def test_malformed_input_is_refused_before_the_store(
-    ledger: SqliteLedger, field: str, value: Any
+    ledger: Ledger, field: str, value: Any
 ) -> None:
     with pytest.raises(ValueError, match=field.split("_")[0]):
         await ledger.reserve(**request(**{field: value}))
     assert await ledger.list() == []
 
 
-async def test_a_uint256_amount_round_trips(ledger: SqliteLedger) -> None:
+async def test_a_uint256_amount_round_trips(ledger: Ledger) -> None:
     record = await ledger.reserve(**request(amount=2**256 - 1))
     assert (await ledger.get(record.id)) == record
     assert record.amount == 2**256 - 1
@@ -283,7 +312,7 @@ async def test_a_uint256_amount_round_trips(ledger: SqliteLedger) -> None:
 
 @pytest.mark.parametrize(("source", "target"), list(itertools.product(S, S)))
 async def test_every_transition_is_allowed_or_refused_by_the_table(
-    ledger: SqliteLedger, source: PaymentState, target: PaymentState
+    ledger: Ledger, source: PaymentState, target: PaymentState
 ) -> None:
     record = await in_state(ledger, source)
     if (source, target) in ALLOWED:
@@ -299,7 +328,7 @@ async def test_every_transition_is_allowed_or_refused_by_the_table(
         assert await ledger.get(record.id) == record
 
 
-async def test_settling_counts_attempts_and_keeps_what_is_not_given(ledger: SqliteLedger) -> None:
+async def test_settling_counts_attempts_and_keeps_what_is_not_given(ledger: Ledger) -> None:
     record = await in_state(ledger, S.SERVED)
     assert record.served
     first = await ledger.transition(record.id, S.SETTLING)
@@ -324,7 +353,7 @@ async def test_settling_counts_attempts_and_keeps_what_is_not_given(ledger: Sqli
     assert settled.terminal
 
 
-async def test_upfront_mode_settles_then_marks_served(ledger: SqliteLedger) -> None:
+async def test_upfront_mode_settles_then_marks_served(ledger: Ledger) -> None:
     record = await ledger.reserve(**request())
     settling = await ledger.transition(record.id, S.SETTLING)
     assert settling.attempts == 1
@@ -335,7 +364,7 @@ async def test_upfront_mode_settles_then_marks_served(ledger: SqliteLedger) -> N
     assert (await ledger.mark_served(record.id)).served  # idempotent
 
 
-async def test_failure_reasons_are_bounded_single_lines(ledger: SqliteLedger) -> None:
+async def test_failure_reasons_are_bounded_single_lines(ledger: Ledger) -> None:
     record = await ledger.reserve(**request())
     failed = await ledger.transition(record.id, S.FAILED, error="insufficient_funds\n" + "x" * 500)
     assert failed.error is not None
@@ -343,7 +372,7 @@ async def test_failure_reasons_are_bounded_single_lines(ledger: SqliteLedger) ->
     assert len(failed.error) == 200
 
 
-async def test_unknown_payment_ids(ledger: SqliteLedger) -> None:
+async def test_unknown_payment_ids(ledger: Ledger) -> None:
     assert await ledger.get("0" * 32) is None
     for change in (
         ledger.transition("0" * 32, S.VERIFIED),
@@ -360,51 +389,51 @@ async def test_unknown_payment_ids(ledger: SqliteLedger) -> None:
 # --- queries --------------------------------------------------------------------------------
 
 
-async def test_unfinished_and_stale_reservations(tmp_path: Path) -> None:
+async def test_unfinished_and_stale_reservations(store: Opener) -> None:
     clock = Clock()
-    async with await SqliteLedger.open(tmp_path / "p.db", clock=clock) as ledger:
-        by_state: dict[PaymentState, PaymentRecord] = {}
-        for n, state in enumerate(PATHS, start=1):
-            by_state[state] = await in_state(ledger, state, n)
-            clock.now += 10
-        served_early = await ledger.reserve(**request(99))
-        await ledger.mark_served(served_early.id)  # upfront-style flag: still a reservation
+    ledger = await store(clock=clock)
+    by_state: dict[PaymentState, PaymentRecord] = {}
+    for n, state in enumerate(PATHS, start=1):
+        by_state[state] = await in_state(ledger, state, n)
+        clock.now += 10
+    served_early = await ledger.reserve(**request(99))
+    await ledger.mark_served(served_early.id)  # upfront-style flag: still a reservation
 
-        unfinished = await ledger.unfinished()
-        assert [r.id for r in unfinished] == [by_state[S.SERVED].id, by_state[S.SETTLING].id]
-        assert [r.id for r in await ledger.unfinished(limit=1)] == [by_state[S.SERVED].id]
+    unfinished = await ledger.unfinished()
+    assert [r.id for r in unfinished] == [by_state[S.SERVED].id, by_state[S.SETTLING].id]
+    assert [r.id for r in await ledger.unfinished(limit=1)] == [by_state[S.SERVED].id]
 
-        # now = start + 70; the RESERVED row was last touched at start, VERIFIED at start + 10.
-        stale = await ledger.stale_reservations(older_than=60)
-        assert [r.id for r in stale] == [by_state[S.RESERVED].id, by_state[S.VERIFIED].id]
-        assert [r.id for r in await ledger.stale_reservations(older_than=65)] == [
-            by_state[S.RESERVED].id
-        ]
-        assert len(await ledger.stale_reservations(older_than=0)) == 3
-        assert await ledger.stale_reservations(older_than=1000) == []
-        with pytest.raises(ValueError, match="older_than"):
-            await ledger.stale_reservations(older_than=-1)
+    # now = start + 70; the RESERVED row was last touched at start, VERIFIED at start + 10.
+    stale = await ledger.stale_reservations(older_than=60)
+    assert [r.id for r in stale] == [by_state[S.RESERVED].id, by_state[S.VERIFIED].id]
+    assert [r.id for r in await ledger.stale_reservations(older_than=65)] == [
+        by_state[S.RESERVED].id
+    ]
+    assert len(await ledger.stale_reservations(older_than=0)) == 3
+    assert await ledger.stale_reservations(older_than=1000) == []
+    with pytest.raises(ValueError, match="older_than"):
+        await ledger.stale_reservations(older_than=-1)
 
 
-async def test_list_is_newest_first_filtered_and_bounded(tmp_path: Path) -> None:
+async def test_list_is_newest_first_filtered_and_bounded(store: Opener) -> None:
     clock = Clock()
-    async with await SqliteLedger.open(tmp_path / "p.db", clock=clock) as ledger:
-        ids = []
-        for n in range(1, 6):
-            ids.append((await ledger.reserve(**request(n))).id)
-            clock.now += 1
-        await ledger.transition(ids[1], S.RELEASED)
-        assert [r.id for r in await ledger.list()] == ids[::-1]
-        assert [r.id for r in await ledger.list(limit=2)] == ids[:2:-1]
-        assert [r.id for r in await ledger.list(state=S.RELEASED)] == [ids[1]]
-        assert await ledger.list(state=S.SETTLED) == []
-        assert len(await ledger.list(limit=10**9)) == 5
-        with pytest.raises(ValueError, match="limit"):
-            await ledger.list(limit=0)
+    ledger = await store(clock=clock)
+    ids = []
+    for n in range(1, 6):
+        ids.append((await ledger.reserve(**request(n))).id)
+        clock.now += 1
+    await ledger.transition(ids[1], S.RELEASED)
+    assert [r.id for r in await ledger.list()] == ids[::-1]
+    assert [r.id for r in await ledger.list(limit=2)] == ids[:2:-1]
+    assert [r.id for r in await ledger.list(state=S.RELEASED)] == [ids[1]]
+    assert await ledger.list(state=S.SETTLED) == []
+    assert len(await ledger.list(limit=10**9)) == 5
+    with pytest.raises(ValueError, match="limit"):
+        await ledger.list(limit=0)
     assert check_limit(10**9) == MAX_LIST_LIMIT
 
 
-# --- the file -------------------------------------------------------------------------------
+# --- the SQLite file only ---------------------------------------------------------------------
 
 
 async def test_records_survive_close_and_reopen(tmp_path: Path) -> None:
@@ -494,7 +523,7 @@ async def test_a_write_lock_held_too_long_is_unavailable_not_a_hang(tmp_path: Pa
 # --- secrets and layering -------------------------------------------------------------------
 
 
-async def test_repr_and_errors_never_show_the_payload(ledger: SqliteLedger) -> None:
+async def test_repr_and_errors_never_show_the_payload(ledger: Ledger) -> None:
     record = await ledger.reserve(**request())
     assert SIGNATURE[2:10] in record.payload
     with pytest.raises(AlreadyReserved) as caught:
@@ -506,7 +535,7 @@ async def test_repr_and_errors_never_show_the_payload(ledger: SqliteLedger) -> N
 
 
 def test_the_ledger_imports_neither_aiohttp_nor_the_server() -> None:
-    for name in ("ledger.py", "ledger_sqlite.py"):
+    for name in ("ledger.py", "ledger_sqlite.py", "ledger_postgres.py", "ledger_store.py"):
         tree = ast.parse((ROOT / "paygate" / "x402" / name).read_text())
         modules = {
             alias.name
@@ -522,13 +551,14 @@ def test_the_ledger_imports_neither_aiohttp_nor_the_server() -> None:
         assert not {m for m in modules if m.startswith("paygate.server")}, name
 
 
-def test_the_sqlite_ledger_has_the_protocol_signatures() -> None:
+@pytest.mark.parametrize("implementation", [SqliteLedger, PostgresLedger])
+def test_both_ledgers_have_the_protocol_signatures(implementation: type) -> None:
     methods = [n for n, v in vars(Ledger).items() if inspect.iscoroutinefunction(v)]
-    assert len(methods) == 10
+    assert len(methods) == 15
     for name in methods:
         wanted = inspect.signature(getattr(Ledger, name))
-        built = inspect.signature(getattr(SqliteLedger, name))
-        assert inspect.iscoroutinefunction(getattr(SqliteLedger, name)), name
+        built = inspect.signature(getattr(implementation, name))
+        assert inspect.iscoroutinefunction(getattr(implementation, name)), name
         assert [(p.name, p.kind, p.default) for p in built.parameters.values()] == [
             (p.name, p.kind, p.default) for p in wanted.parameters.values()
         ], name

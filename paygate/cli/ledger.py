@@ -1,0 +1,100 @@
+"""``paygate ledger migrate|copy``: the ledger's schema, and moving it to another store.
+
+``migrate`` brings the configured ledger (or ``--ledger-url``) to this paygate's schema; the
+gateway does the same at start, this lets an operator do it first. ``copy`` moves every record
+and its history from one store to another (an operator moving up from SQLite to PostgreSQL):
+stop the gateways first; copied records are unowned, so the new store's reconcilers finish
+whatever was unfinished. Records already in the destination (same id) are left as they are.
+
+URLs are secrets: nothing here prints them. A PostgreSQL URL without a password takes it from
+``PAYGATE_LEDGER_PASSWORD_FILE`` or the systemd credential ``ledger_password``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from paygate.config import load_settings
+from paygate.x402.ledger import MAX_LIST_LIMIT, LedgerConflict
+from paygate.x402.ledger_store import LedgerLocation, open_ledger
+
+SCHEMA_VERSION = 2  # both stores number their schemas alike (ledger_sqlite, ledger_postgres)
+
+
+def register(sub: Any) -> None:
+    ledger = sub.add_parser(
+        "ledger", help="migrate the payment ledger, or copy it to another store"
+    )
+    actions = ledger.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
+
+    migrate = actions.add_parser("migrate", help="bring the ledger's schema up to date")
+    migrate.add_argument(
+        "--ledger-url", help="postgresql://… or sqlite:////abs/path (default: settings)"
+    )
+    migrate.set_defaults(run=_migrate)
+
+    copy = actions.add_parser("copy", help="copy every payment and its history to another store")
+    copy.add_argument("--from", dest="source", help="source ledger URL (default: settings)")
+    copy.add_argument("--to", dest="target", required=True, help="destination ledger URL")
+    copy.set_defaults(run=_copy)
+
+
+def location(args: argparse.Namespace, url: str | None) -> LedgerLocation:
+    return load_settings(args.config).ledger_location(url)
+
+
+async def _run_migrate(where: LedgerLocation) -> tuple[int, int]:
+    ledger = await open_ledger(where, replica="paygate-ledger-migrate")
+    try:
+        return ledger.found_version, SCHEMA_VERSION  # type: ignore[attr-defined]
+    finally:
+        await ledger.close()
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    where = location(args, args.ledger_url)
+    found, now = asyncio.run(_run_migrate(where))
+    if found == now:
+        print(f"ledger {where.describe()}: schema v{now}, up to date")
+    else:
+        print(f"ledger {where.describe()}: schema v{found} -> v{now}")
+    return 0
+
+
+async def _run_copy(source: LedgerLocation, target: LedgerLocation) -> tuple[int, int]:
+    reader = await open_ledger(source, replica="paygate-ledger-copy")
+    try:
+        writer = await open_ledger(target, replica="paygate-ledger-copy")
+        try:
+            copied = present = 0
+            after: str | None = None
+            while True:
+                page = await reader.page(after, MAX_LIST_LIMIT)  # type: ignore[attr-defined]
+                if not page:
+                    return copied, present
+                for record in page:
+                    events = await reader.history(record.id)
+                    if await writer.import_record(record, events):  # type: ignore[attr-defined]
+                        copied += 1
+                    else:
+                        present += 1
+                after = page[-1].id
+        finally:
+            await writer.close()
+    finally:
+        await reader.close()
+
+
+def _copy(args: argparse.Namespace) -> int:
+    source = location(args, args.source)
+    target = location(args, args.target)
+    if source == target:
+        raise LedgerConflict("--from and --to are the same ledger")
+    copied, present = asyncio.run(_run_copy(source, target))
+    print(
+        f"copied {copied} payments from {source.describe()} to {target.describe()}"
+        f" ({present} already there)"
+    )
+    return 0
