@@ -5,6 +5,7 @@ pytest_plugins = [
     "tests.fixtures.components",
     "tests.fixtures.docker",
     "tests.fixtures.llama",
+    "tests.fixtures.ledgers",
     "tests.fixtures.postgres",
     "tests.fixtures.softhsm",
     "tests.fixtures.swtpm",

@@ -438,12 +438,13 @@ def check_lease_seconds(value: float) -> float:
 
 
 def check_move(record: PaymentRecord, to: PaymentState, lease: int | None) -> None:
-    """The rules of :meth:`Ledger.transition`, for every store: the table, then the fence."""
+    """The rules of :meth:`Ledger.transition`, for every store: the fence (a caller whose lease
+    is gone learns that first, whatever became of the record), then the table."""
+    check_fence(record, lease)
     if to not in TRANSITIONS[record.state]:
         raise LedgerConflict(
             f"payment {record.id}: {record.state.value} -> {to.value} is not allowed"
         )
-    check_fence(record, lease)
 
 
 def check_fence(record: PaymentRecord, lease: int | None) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -68,6 +69,10 @@ try:
     from psycopg_pool import AsyncConnectionPool, PoolTimeout
 except ImportError:  # pragma: no cover - reported by open()
     psycopg = None  # type: ignore[assignment]
+
+# The pool logs its failed connection attempts with the server's message, which names the host
+# and user of the (secret) URL; our own errors say what failed without them.
+logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
 
 T = TypeVar("T")
 Conn = Any  # psycopg.AsyncConnection[dict[str, Any]]
@@ -197,6 +202,7 @@ class PostgresLedger:
         kwargs: dict[str, Any] = {"row_factory": dict_row, "connect_timeout": max(1, int(timeout))}
         if password is not None:
             kwargs["password"] = password
+        await _probe(conninfo, kwargs)  # fail fast (refused, bad password) rather than retry
         pool = AsyncConnectionPool(
             conninfo,
             kwargs=kwargs,
@@ -770,6 +776,18 @@ class PostgresLedger:
         copied = await self._must(conn, record.id)
         await self._event(conn, copied, EventAction.COPIED, await self._now(conn))
         return True
+
+
+async def _probe(conninfo: str, kwargs: dict[str, Any]) -> None:
+    try:
+        conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+    except psycopg.Error as exc:
+        state = f" [{exc.sqlstate}]" if getattr(exc, "sqlstate", None) else ""
+        raise LedgerUnavailable(
+            f"cannot connect to the PostgreSQL ledger (PAYGATE_LEDGER_URL){state}: check the "
+            "host, port, user, password and database"
+        ) from None
+    await conn.close()
 
 
 def _record(row: dict[str, Any]) -> PaymentRecord:

@@ -10,7 +10,6 @@ import inspect
 import itertools
 import sqlite3
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from paygate.x402.ledger import (
 )
 from paygate.x402.ledger_postgres import PostgresLedger
 from paygate.x402.ledger_sqlite import SCHEMA_VERSION, SqliteLedger
-from paygate.x402.ledger_store import LedgerLocation, open_ledger, parse_ledger_url
+from tests.fixtures.ledgers import Opener
 
 S = PaymentState
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,31 +103,9 @@ def request(n: int = 1, **overrides: Any) -> dict[str, Any]:
     return fields
 
 
-Opener = Callable[..., Awaitable[Ledger]]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
-    """Opens ledgers (any number: replicas) on one fresh store of each kind."""
-    if request.param == "sqlite":
-        location = LedgerLocation(kind="sqlite", path=tmp_path / "state" / "payments.db")
-    else:
-        location = parse_ledger_url(request.getfixturevalue("pg_url"))
-    opened: list[Ledger] = []
-
-    async def open_(**options: Any) -> Ledger:
-        ledger = await open_ledger(location, **options)
-        opened.append(ledger)
-        return ledger
-
-    yield open_
-    for ledger in opened:
-        await ledger.close()
-
-
 @pytest.fixture
-async def ledger(store: Opener) -> Ledger:
-    return await store()
+async def ledger(ledger_store: Opener) -> Ledger:
+    return await ledger_store()
 
 
 async def in_state(ledger: Ledger, state: PaymentState, n: int = 1) -> PaymentRecord:
@@ -389,9 +366,9 @@ async def test_unknown_payment_ids(ledger: Ledger) -> None:
 # --- queries --------------------------------------------------------------------------------
 
 
-async def test_unfinished_and_stale_reservations(store: Opener) -> None:
+async def test_unfinished_and_stale_reservations(ledger_store: Opener) -> None:
     clock = Clock()
-    ledger = await store(clock=clock)
+    ledger = await ledger_store(clock=clock)
     by_state: dict[PaymentState, PaymentRecord] = {}
     for n, state in enumerate(PATHS, start=1):
         by_state[state] = await in_state(ledger, state, n)
@@ -415,9 +392,9 @@ async def test_unfinished_and_stale_reservations(store: Opener) -> None:
         await ledger.stale_reservations(older_than=-1)
 
 
-async def test_list_is_newest_first_filtered_and_bounded(store: Opener) -> None:
+async def test_list_is_newest_first_filtered_and_bounded(ledger_store: Opener) -> None:
     clock = Clock()
-    ledger = await store(clock=clock)
+    ledger = await ledger_store(clock=clock)
     ids = []
     for n in range(1, 6):
         ids.append((await ledger.reserve(**request(n))).id)
