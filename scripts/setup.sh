@@ -14,6 +14,7 @@ apt_packages=(
   systemd                                            # systemd-analyze for the unit checks
   docker.io busybox-static debootstrap              # container tests: engine, probe image, rootfs
   cmake g++ ninja-build                              # llama.cpp's llama-server (setup_llama.sh)
+  postgresql nginx wrk                               # scale-out: shared ledger, load balancer, bench
 )
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -43,10 +44,10 @@ fi
 stamp=.venv/.paygate-setup
 want=$(sha256sum pyproject.toml devtools/pyproject.toml scripts/setup.sh | sha256sum | cut -c1-64)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
-  log "pip install -e .[hardware,dev] -e devtools (tpm2-pytss builds from source: about a minute)"
+  log "pip install -e .[hardware,postgres,dev] -e devtools (tpm2-pytss builds from source: about a minute)"
   .venv/bin/python -m pip install -q --upgrade pip
   # devtools/ is the test and demo tooling (paygate-dev): installed here, never shipped.
-  .venv/bin/python -m pip install -q -e ".[hardware,dev]" -e devtools
+  .venv/bin/python -m pip install -q -e ".[hardware,postgres,dev]" -e devtools
   echo "$want" > "$stamp"
 fi
 # Local chain tools for the tests and the demo: anvil (a local EVM) and solc, from npm, pinned by
