@@ -429,10 +429,6 @@ class PaymentProcessor:
                 log.warning("payment %s: cannot renew its lease: %s", payment_id, exc.code)
         return renewed
 
-    @property
-    def held(self) -> int:
-        return len(self._held)
-
     async def _reconcile(self, record: PaymentRecord) -> None:
         try:
             payment = codec.parse_payment(json.loads(record.payload), header="ledger")
