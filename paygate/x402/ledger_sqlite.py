@@ -439,7 +439,7 @@ class SqliteLedger:
         if self.read_only and version != SCHEMA_VERSION:
             raise LedgerUnavailable(
                 f"ledger {self.path} has schema v{version}, not v{SCHEMA_VERSION}: "
-                "not a paygate ledger, or not migrated yet (open it read-write once)"
+                "not a paygate ledger, or not migrated yet (run `paygate ledger migrate`)"
             )
         return version
 
