@@ -6,7 +6,8 @@ anvil + the SDK facilitator, and the FAKE model server counting upstream hits.
   reaches the upstream once;
 - a replica SIGKILLed while holding a settlement: another settles it, once, after the lease ran
   out, and the ledger's history says who did what;
-- a replica SIGSTOPped past its lease and resumed does not settle a second time (fencing).
+- a replica SIGSTOPped past its lease and resumed does not settle a second time (fencing);
+- the parent of `--workers` restarts a killed worker on the same listening socket.
 
 Leases are 3 s and the reconciler runs every 0.5 s here; every wait is bounded.
 """
@@ -16,18 +17,22 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from paygate.x402.ledger import EventAction, PaymentState
+from tests.fixtures.components import free_port
 from tests.integration.payment_support import PRICE_ATOMIC
 from tests.integration.scale_support import (
     COMPLETIONS,
     LEASE_SECONDS,
+    PAYGATE,
     RECONCILE_SECONDS,
     Env,
+    Replica,
     balancer,
     fake_upstream,
     ledger_history,
@@ -38,6 +43,7 @@ from tests.integration.scale_support import (
     stop,
     storm,
     until_records,
+    wait_live,
 )
 
 S = PaymentState
@@ -190,3 +196,44 @@ async def test_two_workers_on_one_port_serve_and_settle_one_authorization_once(
     assert fake.completed[COMPLETIONS] == 1
     assert usdc.balance_of(seller) == PRICE_ATOMIC
     assert facilitator.stats.calls("settle") == 1
+
+
+async def test_the_parent_restarts_a_killed_worker_on_the_same_port(tmp_path):
+    async with fake_upstream() as (fake, upstream):
+        port = free_port()
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("PAYGATE_")},
+            "PAYGATE_KEY_BACKEND": "software",
+            "PAYGATE_KEY_FILE": str(make_key(tmp_path / "key.pem")),
+            "PAYGATE_LISTEN": f"127.0.0.1:{port}",
+            "PAYGATE_UPSTREAM_URL": upstream,
+            "PAYGATE_UPSTREAM_MONITOR": "false",
+            "PAYGATE_SHUTDOWN_GRACE_SECONDS": "5",
+        }
+        proc = subprocess.Popen(
+            [PAYGATE, "serve", "--workers", "2"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        parent = Replica("w", f"http://127.0.0.1:{port}", proc, tmp_path / "unused.log")
+        try:
+            await wait_live(parent.url, proc)
+            first = parent.children()
+            assert len(first) == 2
+            os.kill(first[0], signal.SIGKILL)
+            async with asyncio.timeout(20):
+                while len(now := parent.children()) != 2 or first[0] in now:
+                    await asyncio.sleep(0.1)
+            assert first[1] in now  # the other worker was left alone
+            async with aiohttp.ClientSession() as client:
+                for _ in range(6):  # every answer, whichever worker accepted it
+                    async with client.post(
+                        parent.url + "/v1/chat/completions",
+                        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                    ) as response:
+                        assert response.status == 200
+        finally:
+            code = await asyncio.to_thread(stop, parent)
+    assert code == 0
+    assert fake.completed[COMPLETIONS] == 6
