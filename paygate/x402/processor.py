@@ -396,6 +396,8 @@ class PaymentProcessor:
     async def adopt_own(self) -> list[PaymentRecord]:
         """At start, before serving: claim the settlements this replica name left unfinished
         (its previous run died); :meth:`reconcile_once` finishes them."""
+        if not self._settlement.settles_owed:
+            return []
         return await self._ledger.claim_unfinished(min_age=0.0, own=True)
 
     async def reconcile_once(
@@ -404,6 +406,8 @@ class PaymentProcessor:
         """One pass: release abandoned reservations, then claim and finish the settlements
         nobody holds (lease ran out, or let go ``min_age`` seconds ago), plus ``adopted``."""
         await self.release_abandoned()
+        if not self._settlement.settles_owed:
+            return 0
         claimed = [*(adopted or ()), *await self._ledger.claim_unfinished(min_age=min_age)]
         for record in claimed:
             self._hold(record)

@@ -66,6 +66,11 @@ class Settlement(Protocol):
         refused as used."""
         ...
 
+    @property
+    def settles_owed(self) -> bool:
+        """The reconciler settles what was served and not settled (after a crash, say)."""
+        ...
+
 
 class SettleAfterReply:
     """Settle after the reply is produced: nothing is charged for a failed request."""
@@ -98,6 +103,8 @@ class SettleAfterReply:
     def serves_again(self, record: PaymentRecord) -> bool:
         return False
 
+    settles_owed = True
+
 
 class SettleUpfront:
     """Settle before forwarding: the operator never serves on credit."""
@@ -126,6 +133,8 @@ class SettleUpfront:
         # Settled, but its answer came too late for its own request: the caller paid, so the
         # same authorization sent again is served (once: finished marks it served).
         return record.state is PaymentState.SETTLED and not record.served
+
+    settles_owed = True
 
 
 class VerifyOnly:
@@ -157,3 +166,6 @@ class VerifyOnly:
 
     def serves_again(self, record: PaymentRecord) -> bool:
         return False
+
+    # What was served stays SERVED: paygate never settles it, not even after a restart.
+    settles_owed = False

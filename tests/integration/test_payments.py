@@ -483,6 +483,14 @@ async def test_verify_only_serves_verified_payments_and_settles_nothing(
     assert record.state is PaymentState.SERVED
     assert facilitator.stats.settle_calls == 0
     assert usdc.balance_of(seller) == 0
+    # A restart's reconciler leaves it alone too: settling is the operator's business here.
+    async with paid_stack(
+        seller=seller, facilitator_url=facilitator.url, ledger=ledger, payment_mode="verify-only"
+    ):
+        await asyncio.sleep(1.0)
+    assert facilitator.stats.settle_calls == 0
+    assert [r.state for r in await records(ledger)] == [PaymentState.SERVED]
+    assert usdc.balance_of(seller) == 0
 
 
 async def test_upfront_settles_before_forwarding(facilitator, usdc, payer, seller, ledger):
