@@ -10,7 +10,6 @@ systemd credentials; they never appear in ``repr``, logs or errors.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
 from decimal import Decimal
@@ -27,6 +26,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from paygate import jsonsafe
 from paygate.errors import PaygateError
 from paygate.upstream.config import UpstreamConfig, UpstreamMode
 from paygate.upstream.engines.base import EngineKind
@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     upstream_url: str = "http://127.0.0.1:11434"
     payment_mode: PaymentMode = "off"
     require_encryption: bool = False
+    # The gateway's log level; dependencies' RPC tracing stays at WARNING (server.logs).
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     max_body_bytes: PositiveInt = 4 * 1024 * 1024
     max_sealed_reply_bytes: PositiveInt = 16 * 1024 * 1024
     max_plain_reply_bytes: PositiveInt = 16 * 1024 * 1024
@@ -307,7 +309,7 @@ class Settings(BaseSettings):
         # The environment gives one string: accept "10.0.0.1, 10.1.0.0/16" as well as a JSON list.
         if isinstance(value, str):
             if value.lstrip().startswith("["):
-                return json.loads(value)
+                return jsonsafe.loads(value, max_bytes=64 * 1024)  # ValueError when not JSON
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 

@@ -7,4 +7,9 @@ cd "$root"
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-exec .venv/bin/pytest "$@"
+if [[ $# -gt 0 ]]; then
+    exec .venv/bin/pytest "$@"
+fi
+.venv/bin/pytest --ignore=tests/fuzz
+# The fuzz profile (tests/conftest.py): 10,000 examples per untrusted parser, after the main suite.
+HYPOTHESIS_PROFILE=fuzz exec .venv/bin/pytest tests/fuzz -q --timeout=900

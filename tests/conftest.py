@@ -10,3 +10,20 @@ pytest_plugins = [
     "tests.fixtures.softhsm",
     "tests.fixtures.swtpm",
 ]
+
+# Hypothesis profiles. "default": hypothesis' own (fast, the main suite). "fuzz": 10,000
+# examples per property, no deadline — selected by HYPOTHESIS_PROFILE=fuzz (scripts/test.sh
+# runs tests/fuzz with it after the main suite).
+import os  # noqa: E402
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "fuzz",
+    # PAYGATE_FUZZ_EXAMPLES only to measure a smaller run; CI uses the 10,000.
+    max_examples=int(os.environ.get("PAYGATE_FUZZ_EXAMPLES", "10000")),
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

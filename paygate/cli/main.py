@@ -14,8 +14,12 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from enclave import EnclaveError
+from paygate import restore_recursion_limit
 from paygate.cli import attest, deploy, discover, keys, ledger, payments, request, serve, upstream
 from paygate.errors import PaygateError
+
+# The sub-commands import eth-account/web3, whose py_ecc raises the recursion limit to 100,000.
+restore_recursion_limit()
 
 COMMANDS = (keys, serve, payments, ledger, upstream, discover, deploy, request, attest)
 # Commands that live outside the shipped package (the dev tooling's ``demo`` and

@@ -36,6 +36,11 @@ def register(sub: Any) -> None:
     listing = actions.add_parser("list", help="recent payments, newest first")
     listing.add_argument("--state", choices=[state.value for state in PaymentState])
     listing.add_argument(
+        "--review",
+        action="store_true",
+        help="only payments flagged for review: owed, outcome unknown, unprovable here",
+    )
+    listing.add_argument(
         "--limit", type=_limit, default=50, help=f"at most N rows (1-{MAX_LIST_LIMIT}, default 50)"
     )
     listing.set_defaults(run=_list)
@@ -81,6 +86,7 @@ def describe(record: PaymentRecord, now: float) -> dict[str, Any]:
         "idempotency_key": record.idempotency_key,
         "transaction": record.transaction,
         "error": record.error,
+        "needs_review": record.needs_review,
         "attempts": record.attempts,
         "created_at": record.created_at,
         "updated_at": record.updated_at,
@@ -129,11 +135,15 @@ def event_facts(event: PaymentEvent) -> dict[str, Any]:
 
 
 async def _read_list(
-    where: LedgerLocation, state: PaymentState | None, limit: int
+    where: LedgerLocation, state: PaymentState | None, limit: int, *, review: bool = False
 ) -> list[PaymentRecord]:
     ledger = await open_ledger(where, read_only=True, replica="paygate-payments")
     try:
-        return await ledger.list(state=state, limit=limit)
+        if not review:
+            return await ledger.list(state=state, limit=limit)
+        # Flagged records are SETTLING ones; the flag lives in their error (REVIEW_PREFIX).
+        owed = await ledger.list(state=PaymentState.SETTLING, limit=MAX_LIST_LIMIT)
+        return [record for record in owed if record.needs_review][:limit]
     finally:
         await ledger.close()
 
@@ -151,7 +161,7 @@ async def _read_one(
 
 def _list(args: argparse.Namespace) -> int:
     state = PaymentState(args.state) if args.state else None
-    records = asyncio.run(_read_list(_ledger(args), state, args.limit))
+    records = asyncio.run(_read_list(_ledger(args), state, args.limit, review=args.review))
     now = time.time()
     if args.json:
         print(json.dumps([describe(record, now) for record in records], indent=2))
@@ -163,7 +173,7 @@ def _list(args: argparse.Namespace) -> int:
     rows += [
         (
             r.id,
-            r.state.value,
+            r.state.value + (" (review)" if r.needs_review else ""),
             "yes" if r.served else "no",
             r.network,
             _short(r.payer),

@@ -16,7 +16,9 @@ from typing import Any
 
 from aiohttp import web
 
+from paygate import restore_recursion_limit
 from paygate.config import Settings, load_settings
+from paygate.redact import redact_url
 from paygate.server.app import LISTEN_BACKLOG, build_app, server_options
 from paygate.server.assembly import check_payment_settings
 from paygate.server.logs import SafeAccessLogger, install_safe_logging
@@ -63,9 +65,12 @@ def _serve(args: argparse.Namespace) -> int:
         if value is not None
     )
     settings = load_settings(args.config, **overrides)
-    install_safe_logging()
+    install_safe_logging(
+        settings.log_level, secret_urls=(settings.chain_rpc_url, settings.facilitator_url)
+    )
     if settings.workers == 1:
         app = build_app(settings)  # refuses unimplemented payment modes before listening
+        restore_recursion_limit()  # in case building the app imported web3 for the first time
         _announce(settings)
         web.run_app(
             app,
@@ -94,8 +99,10 @@ def _serve(args: argparse.Namespace) -> int:
         mine = settings
         if settings.replica_id is not None:
             mine = settings.model_copy(update={"replica_id": f"{settings.replica_id}.w{index}"})
+        app = build_app(mine)
+        restore_recursion_limit()
         web.run_app(
-            build_app(mine),
+            app,
             sock=sock,
             shutdown_timeout=mine.shutdown_grace_seconds,
             access_log_class=SafeAccessLogger,
@@ -112,9 +119,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _announce(settings: Settings) -> None:
     log.info(
-        "paygate gateway on %s, payment_mode=%s, key_backend=%s, workers=%d",
+        "paygate gateway on %s, payment_mode=%s, key_backend=%s, workers=%d, facilitator=%s, "
+        "chain_rpc=%s",
         settings.listen,
         settings.payment_mode,
         settings.key_backend,
         settings.workers,
+        redact_url(settings.facilitator_url) or "-",
+        redact_url(settings.chain_rpc_url) or "-",
     )

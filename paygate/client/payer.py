@@ -22,7 +22,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import is_address, to_checksum_address
 from pydantic import ValidationError
 
-from paygate import wire
+from paygate import jsonsafe, wire
 from paygate.client.errors import InvalidChallenge, SpendRefused
 from paygate.x402 import codec, eip3009
 from paygate.x402.models import (
@@ -239,8 +239,8 @@ def _challenge_v2(header: str) -> Challenge:
 
 def _challenge_v1(body: bytes) -> Challenge | None:
     try:
-        data = json.loads(body) if body else None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        data = jsonsafe.loads(body, max_bytes=MAX_CHALLENGE_BYTES) if body else None
+    except jsonsafe.UntrustedJSONError:
         return None
     if not isinstance(data, dict) or data.get("x402Version") != 1:
         return None
@@ -298,8 +298,8 @@ def refusal_reason(headers: Mapping[str, str], body: bytes) -> str:
             reason = receipt.error_reason or receipt.error_message
     if not reason:
         try:
-            data = json.loads(body) if body else None
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            data = jsonsafe.loads(body, max_bytes=MAX_CHALLENGE_BYTES) if body else None
+        except jsonsafe.UntrustedJSONError:
             data = None
         if isinstance(data, dict) and isinstance(data.get("error"), str):
             reason = data["error"]

@@ -8,12 +8,12 @@ handed to an optional attestation hook before anything is sealed to it. Only the
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from enclave import InvalidPublicKey, p256
+from paygate import jsonsafe
 from paygate.client.errors import PinMismatch, PubkeyUnavailable
 from paygate.wire import PUBKEY_PATH
 
@@ -94,8 +94,8 @@ def parse_pubkey_document(origin: str, status: int, body: bytes) -> EnclaveKey:
     if status != 200:
         raise PubkeyUnavailable(f"{origin}{PUBKEY_PATH} answered HTTP {status}")
     try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        document = jsonsafe.loads(body, max_bytes=MAX_PUBKEY_DOCUMENT)
+    except jsonsafe.UntrustedJSONError:
         raise PubkeyUnavailable(f"{origin}{PUBKEY_PATH} did not answer JSON") from None
     if not isinstance(document, dict) or not isinstance(document.get("pubkey"), str):
         raise PubkeyUnavailable(f"{origin}{PUBKEY_PATH} has no 'pubkey'")

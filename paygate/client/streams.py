@@ -9,13 +9,12 @@ a line at a time, within a bound.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from typing import Protocol
 
 from enclave import DecryptionError, ReplyKeys
-from paygate import wire
+from paygate import jsonsafe, wire
 from paygate.client.errors import ReplyOpenFailed
 from paygate.wire import NDJSON, SSE
 from paygate.x402 import codec
@@ -85,8 +84,8 @@ class ReceiptScanner:
 
     def _ndjson(self, line: bytes) -> None:
         try:
-            data = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            data = jsonsafe.loads(line, max_bytes=MAX_SCANNED_LINE)
+        except jsonsafe.UntrustedJSONError:
             return
         if not isinstance(data, dict) or data.get("done") is not True:
             return

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from paygate import wire
-from paygate.server.errors import EncryptionRequired, TooManyUploads, UploadsBusy
+from paygate.jsonsafe import UntrustedJSONError
+from paygate.server.errors import EncryptionRequired, InvalidJSON, TooManyUploads, UploadsBusy
 from paygate.server.forwarded import Network, client_address
 from paygate.server.limits import PerAddressSlots, Slots, read_body
 from paygate.server.opening import OpenedBody, Opener
@@ -97,7 +98,11 @@ class Admission:
             body = await self._read(request, client, self._unverified_bodies)
             with self._unverified_opens.slot():
                 opened = await self._opener.open(request, body)
-            async with self._payments.admit(request, route, model=model_of(opened.body)) as ticket:
+            try:
+                model = model_of(opened.body)
+            except UntrustedJSONError:
+                raise InvalidJSON from None
+            async with self._payments.admit(request, route, model=model) as ticket:
                 yield Admitted(ticket, body, client, opened)
             return
         async with self._payments.admit(request, route) as ticket:

@@ -17,6 +17,7 @@ from aiohttp import web
 from enclave import KeyBackend
 from paygate.config import Settings
 from paygate.keys import open_key_backend
+from paygate.server import malformed
 from paygate.server.admission import Admission, AdmissionLimits
 from paygate.server.assembly import check_payment_settings, payment_step
 from paygate.server.errors import (
@@ -211,6 +212,7 @@ def build_app(
 
     # One catch-all: the closed RouteTable, not aiohttp's router, decides what exists.
     app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=expect)
+    malformed.install(app)  # aiohttp's own 400s in the caller's JSON shape
     return app
 
 

@@ -14,7 +14,7 @@ import aiohttp
 
 from paygate.config import ConfigError, Settings
 from paygate.server.payments import NoPayments, PaymentStep, X402Payments
-from paygate.x402.chain import ChainSettler
+from paygate.x402.chain import ChainReader, ChainSettler
 from paygate.x402.facilitator import FacilitatorSettler
 from paygate.x402.ledger import Ledger, PaymentRecord, default_replica_id
 from paygate.x402.ledger_store import open_ledger
@@ -103,11 +103,19 @@ def settler_for(settings: Settings, session: aiohttp.ClientSession) -> Settler:
         except ValueError:
             raise ConfigError("gas_key is not a valid private key") from None
     assert settings.facilitator_url is not None
+    # With an RPC endpoint, the facilitator's word is checked on chain (see docs/PAYMENTS.md);
+    # without one, an unknown outcome is flagged for review, never taken as paid.
+    chain = (
+        ChainReader(settings.chain_rpc_url, timeout=settings.facilitator_timeout)
+        if settings.chain_rpc_url
+        else None
+    )
     return FacilitatorSettler(
         session,
         settings.facilitator_url,
         timeout=settings.facilitator_timeout,
         settle_timeout=settings.settle_timeout,
+        chain=chain,
     )
 
 

@@ -49,6 +49,36 @@ class BadRequest(GatewayError):
     code = "bad_request"
 
 
+class InvalidJSON(GatewayError):
+    """the request body is not JSON within the gateway's bounds (size, depth, number size)"""
+
+    # The body is parsed before payment only where the price depends on it (model prices).
+    status = 400
+    code = "invalid_json"
+
+
+class QueryNotAllowed(GatewayError):
+    """this route takes no query string"""
+
+    status = 400
+    code = "query_not_allowed"
+
+
+class MalformedHTTP(GatewayError):
+    """the request is not valid HTTP/1.1"""
+
+    # aiohttp's parser refused it before any handler ran: the message never quotes the bytes.
+    status = 400
+    code = "malformed_http"
+
+
+class HeadersTooLarge(GatewayError):
+    """the request's header section is too large (too long or too many header lines)"""
+
+    status = 431
+    code = "headers_too_large"
+
+
 class DecryptionFailed(GatewayError):
     """decryption failed"""
 

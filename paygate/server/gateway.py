@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from paygate.server.admission import Admission
-from paygate.server.errors import GatewayError, RouteNotFound
+from paygate.server.errors import GatewayError, QueryNotAllowed, RouteNotFound
 from paygate.server.health import LocalHandler
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.metrics import Metrics
@@ -67,6 +67,8 @@ class Gateway:
             raise RouteNotFound
         route = match.route
         try:
+            if request.query_string and not set(request.query) <= route.query:
+                raise QueryNotAllowed  # never forwarded, never echoed
             if route.target != "upstream":
                 response = await self._local[route.target](request)
             else:

@@ -40,6 +40,9 @@ class Route:
     paid: bool
     target: Target = "upstream"
     price: PriceHook | None = field(default=None, compare=False)
+    # Query parameters the route takes; every other query string is refused (400). None of
+    # today's routes take one (/v1/attestation will take ``nonce``).
+    query: frozenset[str] = frozenset()
 
     @property
     def name(self) -> str:

@@ -18,12 +18,13 @@ out is simply not listed.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import aiohttp
+
+from paygate import jsonsafe
 
 DEFAULT_PORTS = (8080, 11434, 8000, 1234, 4000)  # llama-server, ollama, vllm, lm-studio, litellm
 MAX_REPLY = 1 << 20  # bytes read of any one probe reply
@@ -51,7 +52,7 @@ async def _get_json(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]
     except (aiohttp.ClientError, OSError):
         return None
     try:
-        return status, json.loads(body) if body else None
+        return status, jsonsafe.loads(body, max_bytes=MAX_REPLY) if body else None
     except (ValueError, UnicodeDecodeError):
         return status, None
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import docker
 import docker.errors
 from docker.models.containers import Container
 
+from paygate import jsonsafe
 from paygate.upstream.engine import failure
 from paygate.upstream.engines import profile_for
 from paygate.upstream.errors import PullFailed
@@ -126,7 +126,7 @@ async def _stream_pull(
             if not line.strip():
                 continue
             try:
-                event = json.loads(line)
+                event = jsonsafe.loads(line, max_bytes=MAX_LINE)
             except ValueError:
                 raise PullFailed("the model server sent malformed progress") from None
             if not isinstance(event, dict):

@@ -4,6 +4,11 @@ The gateway's own gas key sends ``transferWithAuthorization``; verification read
 and ``authorizationState`` and simulates the transfer with ``eth_call``. web3 is synchronous,
 so every call runs in a worker thread under a time-out; sends are serialised so that the gas
 account's transaction nonces never collide.
+
+:class:`ChainReader` is the proof of payment, for both modes: a settlement counts only when one
+successful transaction receipt holds the asset's ``AuthorizationUsed(payer, nonce)`` *and*
+``Transfer(payer → payTo, value)`` logs. ``authorizationState == true`` alone proves nothing:
+``cancelAuthorization`` sets it too, with no transfer.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from eth_account import Account
@@ -19,9 +25,15 @@ from pydantic import SecretStr
 from web3 import Web3
 from web3.exceptions import ContractLogicError, TimeExhausted, TransactionNotFound
 
+from paygate import jsonsafe
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
 from paygate.x402.networks import resolve_network
-from paygate.x402.settler import NONCE_USED, SettlementUnknown, SettlerUnavailable
+from paygate.x402.settler import (
+    NONCE_USED,
+    ReviewRequired,
+    SettlementUnknown,
+    SettlerUnavailable,
+)
 
 log = logging.getLogger("paygate.x402")
 _T = TypeVar("_T")
@@ -63,8 +75,17 @@ EIP3009_ABI: list[dict[str, Any]] = [
         "outputs": [],
     },
 ]
-# keccak256("Transfer(address,address,uint256)")
+# Event topics (keccak256 of the signature), lowercase hex without 0x.
 TRANSFER_TOPIC = "ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
+USED_TOPIC = Web3.keccak(text="AuthorizationUsed(address,bytes32)").hex().removeprefix("0x")
+CANCELED_TOPIC = Web3.keccak(text="AuthorizationCanceled(address,bytes32)").hex().removeprefix("0x")
+# How far back eth_getLogs looks for a nonce's event, in chunks hosted RPCs accept.
+LOG_WINDOW_BLOCKS = 50_000
+LOG_CHUNK_BLOCKS = 5_000
+# Failure reasons of reconcile (x402 has none for these).
+CANCELED = "authorization_canceled"
+USED_WITHOUT_TRANSFER = "authorization_used_without_transfer"
+NOT_PROVEN = "invalid_transaction_state"
 
 # The official SDK facilitator's reason for an empty wallet (x402.md's older name is
 # "insufficient_funds"): the same answer in chain mode as through a facilitator.
@@ -79,13 +100,123 @@ _REVERTS = (
 )
 
 
+class ChainReader:
+    """Reads the chain behind ``rpc_url``: the proof (or disproof) of one payment."""
+
+    def __init__(
+        self,
+        rpc_url: str,
+        *,
+        timeout: float,
+        log_window: int = LOG_WINDOW_BLOCKS,
+        log_chunk: int = LOG_CHUNK_BLOCKS,
+    ) -> None:
+        self.w3 = Web3(BoundedHTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
+        self._timeout = timeout
+        self._log_window = log_window
+        self._log_chunk = log_chunk
+
+    async def call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(fn, *args), self._timeout)
+        except (TimeoutError, OSError) as exc:
+            log.warning("chain call failed: %s", type(exc).__name__)
+            raise SettlerUnavailable("the chain's RPC endpoint is unavailable") from None
+        except (ContractLogicError, TransactionNotFound):
+            raise  # answers from the chain, not a failure to reach it
+        except Exception as exc:  # requests', web3's and the JSON bound's errors: many classes
+            log.warning("chain call failed: %s", type(exc).__name__)
+            raise SettlerUnavailable("the chain's RPC endpoint is unavailable") from None
+
+    def token(self, requirements: dict[str, Any]) -> Any:
+        return self.w3.eth.contract(
+            address=to_checksum_address(str(requirements["asset"])), abi=EIP3009_ABI
+        )
+
+    async def receipt(self, transaction: str) -> Any | None:
+        try:
+            return await self.call(self.w3.eth.get_transaction_receipt, transaction)
+        except TransactionNotFound:
+            return None
+
+    async def known(self, transaction: str) -> bool:
+        """Does the node know the transaction at all (mined or waiting in its mempool)?"""
+        try:
+            return await self.call(self.w3.eth.get_transaction, transaction) is not None
+        except TransactionNotFound:
+            return False
+
+    async def prove(
+        self, payment: AnyPaymentPayload, requirements: dict[str, Any], transaction: str | None
+    ) -> SettleResponse:
+        """The settlement's outcome as the chain proves it.
+
+        SETTLED only on a receipt holding both logs (``transaction``'s, or the one that used the
+        nonce); FAILED when the nonce was cancelled or used without the transfer. Raises
+        :class:`SettlementUnknown` while the nonce is unused (nothing happened yet),
+        :class:`ReviewRequired` when it is used but its event is out of reach.
+        """
+        facts = _Facts.of(payment, requirements)
+        if transaction:
+            receipt = await self.receipt(transaction)
+            if receipt is not None and facts.proven_by(receipt):
+                return facts.settled(transaction)
+        used = await self.call(
+            self.token(requirements).functions.authorizationState(facts.payer, facts.nonce).call
+        )
+        if not used:
+            raise SettlementUnknown(
+                "the authorization is not used on chain yet", transaction=transaction
+            )
+        event = await self._nonce_event(facts)
+        if event is None:
+            raise ReviewRequired(
+                f"nonce used, no event within {self._log_window} blocks", transaction=transaction
+            )
+        topic, tx_hash = event
+        if topic == CANCELED_TOPIC:
+            return facts.failed(CANCELED, tx_hash)
+        receipt = await self.receipt(tx_hash)
+        if receipt is not None and facts.proven_by(receipt):
+            return facts.settled(tx_hash)
+        return facts.failed(USED_WITHOUT_TRANSFER, tx_hash)
+
+    async def _nonce_event(self, facts: _Facts) -> tuple[str, str] | None:
+        """(topic, tx hash) of the AuthorizationUsed/Canceled log of the nonce, newest first."""
+        latest = int(await self.call(lambda: self.w3.eth.block_number))
+        oldest = max(0, latest - self._log_window)
+        high = latest
+        while high >= oldest:
+            low = max(oldest, high - self._log_chunk + 1)
+            logs = await self.call(
+                self.w3.eth.get_logs,
+                {
+                    "address": facts.token,
+                    "fromBlock": low,
+                    "toBlock": high,
+                    "topics": [
+                        ["0x" + USED_TOPIC, "0x" + CANCELED_TOPIC],
+                        "0x" + _word(bytes.fromhex(facts.payer[2:])),
+                        "0x" + facts.nonce.hex(),
+                    ],
+                },
+            )
+            for entry in reversed(list(logs)):
+                topic = _hex(entry["topics"][0])
+                if topic in (USED_TOPIC, CANCELED_TOPIC):
+                    return topic, "0x" + _hex(entry["transactionHash"])
+            high = low - 1
+        return None
+
+
 class ChainSettler:
     """Verify and settle on the chain behind ``rpc_url`` with the gas account of ``gas_key``."""
 
     def __init__(
         self, rpc_url: str, gas_key: SecretStr, *, timeout: float, settle_timeout: float
     ) -> None:
-        self._w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
+        self._chain = ChainReader(rpc_url, timeout=timeout)
+        self._w3 = self._chain.w3
         self._account = Account.from_key(gas_key.get_secret_value())
         self._timeout = timeout
         self._settle_timeout = settle_timeout
@@ -98,7 +229,7 @@ class ChainSettler:
         auth = payment.payload.authorization
         payer = to_checksum_address(auth.from_)
         await self._check_chain(requirements)
-        token = self._token(requirements)
+        token = self._chain.token(requirements)
         nonce = bytes.fromhex(auth.nonce[2:])
         balance = await self._call(token.functions.balanceOf(payer).call)
         if balance < int(auth.value):
@@ -116,6 +247,9 @@ class ChainSettler:
         payer = to_checksum_address(payment.payload.authorization.from_)
         network = str(requirements["network"])
         reason = await self._simulate(payment, requirements)
+        if reason == NONCE_USED:
+            # Used since verify: by a transfer to us (paid) or a cancel (not): the chain says.
+            return await self._chain.prove(payment, requirements, None)
         if reason is not None:
             return SettleResponse(success=False, error_reason=reason, payer=payer, network=network)
         async with self._send_lock:
@@ -128,32 +262,18 @@ class ChainSettler:
         requirements: dict[str, Any],
         transaction: str | None,
     ) -> SettleResponse:
-        if transaction:
-            try:
-                receipt = await self._call(self._w3.eth.get_transaction_receipt, transaction)
-            except TransactionNotFound:
-                receipt = None
-            if receipt is not None:
-                return self._outcome(receipt, transaction, payment, requirements)
-        auth = payment.payload.authorization
-        token = self._token(requirements)
-        used = await self._call(
-            token.functions.authorizationState(
-                to_checksum_address(auth.from_), bytes.fromhex(auth.nonce[2:])
-            ).call
-        )
-        if used:
-            # Spent by our earlier send (or by anyone: ``to`` is us, so the money arrived).
-            return SettleResponse(
-                success=True,
-                payer=to_checksum_address(auth.from_),
-                transaction=transaction or "",
-                network=str(requirements["network"]),
-                amount=auth.value,
-            )
-        if transaction:
-            raise SettlementUnknown("the transaction is not mined yet", transaction=transaction)
-        return await self.settle(payment, requirements)
+        try:
+            return await self._chain.prove(payment, requirements, transaction)
+        except ReviewRequired:
+            raise
+        except SettlementUnknown:
+            # The nonce is unused: our transaction is still waiting, or it is gone (dropped,
+            # replaced). Sending the same authorization again is safe: it executes once.
+            if transaction and await self._chain.known(transaction):
+                raise SettlementUnknown(
+                    "the transaction is not mined yet", transaction=transaction
+                ) from None
+            return await self.settle(payment, requirements)
 
     async def close(self) -> None:
         return None
@@ -161,16 +281,7 @@ class ChainSettler:
     # --- internals ---
 
     async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
-        try:
-            return await asyncio.wait_for(asyncio.to_thread(fn, *args), self._timeout)
-        except (TimeoutError, OSError) as exc:
-            log.warning("chain call failed: %s", type(exc).__name__)
-            raise SettlerUnavailable("the chain's RPC endpoint is unavailable") from None
-        except (ContractLogicError, ValueError, TransactionNotFound):
-            raise  # answers from the chain, not a failure to reach it
-        except Exception as exc:  # requests' and web3's connection errors have many classes
-            log.warning("chain call failed: %s", type(exc).__name__)
-            raise SettlerUnavailable("the chain's RPC endpoint is unavailable") from None
+        return await self._chain.call(fn, *args)
 
     async def _check_chain(self, requirements: dict[str, Any]) -> None:
         if self._chain_id is None:
@@ -178,18 +289,13 @@ class ChainSettler:
         if resolve_network(str(requirements["network"])).chain_id != self._chain_id:
             raise SettlerUnavailable("the RPC endpoint serves another chain")
 
-    def _token(self, requirements: dict[str, Any]) -> Any:
-        return self._w3.eth.contract(
-            address=to_checksum_address(str(requirements["asset"])), abi=EIP3009_ABI
-        )
-
     def _transfer(self, payment: AnyPaymentPayload, requirements: dict[str, Any]) -> Any:
         auth = payment.payload.authorization
         signature = bytes.fromhex(payment.payload.signature[2:])
         if len(signature) != 65:
             raise ValueError("chain mode settles 65-byte ECDSA signatures only")
         v = signature[64] if signature[64] >= 27 else signature[64] + 27
-        return self._token(requirements).functions.transferWithAuthorization(
+        return self._chain.token(requirements).functions.transferWithAuthorization(
             to_checksum_address(auth.from_),
             to_checksum_address(auth.to),
             int(auth.value),
@@ -255,35 +361,98 @@ class ChainSettler:
         except Exception as exc:
             log.warning("waiting for a receipt failed: %s", type(exc).__name__)
             raise SettlementUnknown("no receipt yet", transaction=tx_hash) from None
-        return self._outcome(receipt, tx_hash, payment, requirements)
+        facts = _Facts.of(payment, requirements)
+        if facts.proven_by(receipt):
+            return facts.settled(tx_hash)
+        # Reverted (or moved nothing): the nonce's own event says why — a cancel mined first?
+        try:
+            return await self._chain.prove(payment, requirements, None)
+        except SettlementUnknown:
+            return facts.failed(NOT_PROVEN, tx_hash)
 
-    def _outcome(
-        self,
-        receipt: Any,
-        tx_hash: str,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-    ) -> SettleResponse:
+
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """What a receipt must show for one payment."""
+
+    token: str
+    payer: str
+    pay_to: str
+    value: int
+    nonce: bytes
+    network: str
+
+    @classmethod
+    def of(cls, payment: AnyPaymentPayload, requirements: dict[str, Any]) -> _Facts:
         auth = payment.payload.authorization
-        payer = to_checksum_address(auth.from_)
-        network = str(requirements["network"])
-        token = to_checksum_address(str(requirements["asset"]))
-        moved = receipt["status"] == 1 and any(
-            to_checksum_address(entry["address"]) == token
-            and bytes(entry["topics"][0]).hex().removeprefix("0x") == TRANSFER_TOPIC
-            for entry in receipt["logs"]
+        return cls(
+            token=to_checksum_address(str(requirements["asset"])),
+            payer=to_checksum_address(auth.from_),
+            pay_to=to_checksum_address(str(requirements["payTo"])),
+            value=int(auth.value),
+            nonce=bytes.fromhex(auth.nonce[2:]),
+            network=str(requirements["network"]),
         )
-        if not moved:
-            return SettleResponse(
-                success=False,
-                error_reason="invalid_transaction_state",
-                payer=payer,
-                transaction=tx_hash,
-                network=network,
-            )
+
+    def proven_by(self, receipt: Any) -> bool:
+        """One successful receipt with both AuthorizationUsed(payer, nonce) and
+        Transfer(payer → payTo, value) logs from the asset contract."""
+        if receipt.get("status") != 1:
+            return False
+        payer = _word(bytes.fromhex(self.payer[2:]))
+        pay_to = _word(bytes.fromhex(self.pay_to[2:]))
+        used = moved = False
+        for entry in receipt.get("logs") or ():
+            if to_checksum_address(entry["address"]) != self.token:
+                continue
+            topics = [_hex(topic) for topic in entry["topics"]]
+            if topics == [USED_TOPIC, payer, self.nonce.hex()]:
+                used = True
+            elif topics == [TRANSFER_TOPIC, payer, pay_to] and _int(entry["data"]) == self.value:
+                moved = True
+        return used and moved
+
+    def settled(self, transaction: str) -> SettleResponse:
         return SettleResponse(
-            success=True, payer=payer, transaction=tx_hash, network=network, amount=auth.value
+            success=True,
+            payer=self.payer,
+            transaction=transaction,
+            network=self.network,
+            amount=str(self.value),
         )
+
+    def failed(self, reason: str, transaction: str) -> SettleResponse:
+        return SettleResponse(
+            success=False,
+            error_reason=reason,
+            payer=self.payer,
+            transaction=transaction,
+            network=self.network,
+        )
+
+
+class BoundedHTTPProvider(Web3.HTTPProvider):
+    """web3's HTTP provider with the RPC's answers parsed under paygate's JSON bounds."""
+
+    def decode_rpc_response(self, raw_response: bytes) -> Any:
+        return jsonsafe.loads(raw_response, max_bytes=MAX_RPC_ANSWER_BYTES)
+
+
+MAX_RPC_ANSWER_BYTES = 16 * 1024 * 1024  # a block range's logs can be large
+
+
+def _hex(value: Any) -> str:
+    if isinstance(value, str):
+        return value.lower().removeprefix("0x")
+    return bytes(value).hex()
+
+
+def _word(raw: bytes) -> str:
+    return raw.rjust(32, b"\0").hex()
+
+
+def _int(value: Any) -> int:
+    return int(_hex(value) or "0", 16)
 
 
 def _invalid(reason: str, payer: str) -> VerifyResponse:

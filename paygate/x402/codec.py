@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from paygate import jsonsafe
 from paygate.errors import PaygateError
 from paygate.wire import PAYMENT_REQUIRED, PAYMENT_RESPONSE
 from paygate.x402.models import (
@@ -53,8 +54,8 @@ def decode_json(value: str, *, header: str) -> dict[str, Any]:
     except (binascii.Error, ValueError):
         raise PaymentHeaderError(f"{header} is not base64") from None
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        data = jsonsafe.loads(raw, max_bytes=MAX_HEADER_CHARS)
+    except jsonsafe.UntrustedJSONError:
         raise PaymentHeaderError(f"{header} is not base64-encoded JSON") from None
     if not isinstance(data, dict):
         raise PaymentHeaderError(f"{header} must encode a JSON object")

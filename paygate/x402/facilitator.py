@@ -3,25 +3,35 @@
 Retries only where they are safe: verification is read-only, so it is retried on connection
 errors, time-outs, 5xx and garbage; a settlement is re-sent only when the request never left
 (connection refused), because after that its outcome is unknown and must be reconciled.
+
+What counts as paid: ``success: true`` with a transaction hash (and, when the gateway can read
+the chain, that transaction's receipt proving the transfer). Every other outcome that is not a
+plain refusal — pending, a lost answer, success without a hash, "nonce already used" — is
+unknown: proven on chain when a :class:`~paygate.x402.chain.ChainReader` is given, otherwise
+left owed and flagged for review (:class:`ReviewRequired`), never recorded as paid.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from pydantic import ValidationError
 
+from paygate import jsonsafe
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse, X402Model
 from paygate.x402.settler import (
     NONCE_USED,
     SETTLEMENT_PENDING,
+    ReviewRequired,
     SettlementUnknown,
     SettlerUnavailable,
 )
+
+if TYPE_CHECKING:
+    from paygate.x402.chain import ChainReader
 
 log = logging.getLogger("paygate.x402")
 _MAX_ANSWER = 64 * 1024
@@ -45,8 +55,10 @@ class FacilitatorSettler:
         timeout: float,
         settle_timeout: float,
         backoff: float = 0.2,
+        chain: ChainReader | None = None,
     ) -> None:
         self._session = session
+        self._chain = chain
         self._url = url.rstrip("/")
         self._timeout = timeout
         self._settle_timeout = settle_timeout
@@ -68,26 +80,7 @@ class FacilitatorSettler:
     async def settle(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> SettleResponse:
-        body = _request(payment, requirements)
-        for attempt in range(_SETTLE_ATTEMPTS):
-            try:
-                answer = await self._post("/settle", body, SettleResponse, self._settle_timeout)
-            except aiohttp.ClientConnectorError as exc:
-                # Never connected: the request did not leave, so sending it again is safe.
-                log.warning("facilitator settle not sent: %s", _what(exc))
-                if attempt + 1 < _SETTLE_ATTEMPTS:
-                    await asyncio.sleep(self._backoff * (attempt + 1))
-                    continue
-                raise SettlerUnavailable("the facilitator could not be reached to settle") from None
-            except (aiohttp.ClientError, TimeoutError, _Garbage) as exc:
-                log.warning("facilitator settle outcome unknown: %s", _what(exc))
-                raise SettlementUnknown("the facilitator's settle answer was lost") from None
-            if not answer.success and answer.error_reason == SETTLEMENT_PENDING:
-                raise SettlementUnknown(
-                    "the settlement is pending", transaction=answer.transaction or None
-                )
-            return answer
-        raise SettlerUnavailable("the facilitator could not be reached to settle")
+        return await self._judge(await self._send(payment, requirements), payment, requirements)
 
     async def reconcile(
         self,
@@ -95,19 +88,87 @@ class FacilitatorSettler:
         requirements: dict[str, Any],
         transaction: str | None,
     ) -> SettleResponse:
-        # The facilitator API has no status query: re-send the same authorization. If our first
-        # attempt went through, its nonce is spent and the answer is "nonce already used" —
-        # which, for an authorization whose ``to`` is us, means the money reached us.
-        answer = await self.settle(payment, requirements)
-        if not answer.success and answer.error_reason == NONCE_USED:
-            return SettleResponse(
-                success=True,
-                payer=answer.payer,
-                transaction=transaction or answer.transaction or "",
-                network=answer.network,
-                amount=answer.amount,
+        # The facilitator API has no status query: re-send the same authorization (EIP-3009
+        # executes it once). If the first attempt went through, the answer is "nonce already
+        # used" (or another refusal) — which proves nothing, a cancel looks the same: the
+        # chain decides.
+        try:
+            answer = await self._send(payment, requirements)
+        except SettlementUnknown:
+            if self._chain is None:
+                raise
+            return await self._chain.prove(payment, requirements, transaction)
+        if answer.success or answer.error_reason in (SETTLEMENT_PENDING, NONCE_USED):
+            return await self._judge(answer, payment, requirements, known=transaction)
+        # A refusal of the re-sent authorization says nothing of the first attempt's fate.
+        if self._chain is None:
+            raise ReviewRequired(
+                f"the re-sent authorization was refused ({answer.error_reason}); "
+                "the first attempt is unproven and no chain_rpc_url can prove it",
+                transaction=transaction,
             )
-        return answer
+        try:
+            return await self._chain.prove(payment, requirements, transaction)
+        except ReviewRequired:
+            raise
+        except SettlementUnknown:
+            if transaction and await self._chain.known(transaction):
+                raise  # our first transaction still waits to be mined
+            return answer  # nothing executed on chain: the refusal stands
+
+    async def _send(
+        self, payment: AnyPaymentPayload, requirements: dict[str, Any]
+    ) -> SettleResponse:
+        body = _request(payment, requirements)
+        for attempt in range(_SETTLE_ATTEMPTS):
+            try:
+                return await self._post("/settle", body, SettleResponse, self._settle_timeout)
+            except aiohttp.ClientConnectorError as exc:
+                # Never connected: the request did not leave, so sending it again is safe.
+                log.warning("facilitator settle not sent: %s", _what(exc))
+                if attempt + 1 < _SETTLE_ATTEMPTS:
+                    await asyncio.sleep(self._backoff * (attempt + 1))
+            except (aiohttp.ClientError, TimeoutError, _Garbage) as exc:
+                log.warning("facilitator settle outcome unknown: %s", _what(exc))
+                raise SettlementUnknown("the facilitator's settle answer was lost") from None
+        raise SettlerUnavailable("the facilitator could not be reached to settle")
+
+    async def _judge(
+        self,
+        answer: SettleResponse,
+        payment: AnyPaymentPayload,
+        requirements: dict[str, Any],
+        *,
+        known: str | None = None,
+    ) -> SettleResponse:
+        """A settle answer → paid (proven where we can), refused, or unknown (raised)."""
+        pending = not answer.success and answer.error_reason == SETTLEMENT_PENDING
+        used = not answer.success and answer.error_reason == NONCE_USED
+        if not answer.success and not pending and not used:
+            return answer  # a plain refusal: nothing moved
+        transaction = answer.transaction or known
+        if answer.success and answer.transaction and self._chain is None:
+            return answer
+        if self._chain is not None:
+            try:
+                return await self._chain.prove(payment, requirements, transaction)
+            except ReviewRequired:
+                raise
+            except SettlementUnknown:
+                if used:  # used, yet unused on our chain's view: nobody here can tell
+                    raise ReviewRequired(
+                        "the facilitator says the nonce is used; the chain does not show it",
+                        transaction=transaction,
+                        withhold=True,
+                    ) from None
+                raise
+        if answer.success:
+            what = "the facilitator answered success without a transaction"
+        else:
+            what = "the settlement is pending" if pending else "the nonce is already used"
+        raise ReviewRequired(
+            f"{what}; no chain_rpc_url to prove it", transaction=transaction, withhold=used
+        )
 
     async def close(self) -> None:
         return None  # the session belongs to the app
@@ -125,8 +186,8 @@ class FacilitatorSettler:
         if len(raw) > _MAX_ANSWER:
             raise _Garbage("answer too large")
         try:
-            return model.model_validate(json.loads(raw))
-        except (ValueError, ValidationError, RecursionError):
+            return model.model_validate(jsonsafe.loads(raw, max_bytes=_MAX_ANSWER))
+        except (ValueError, ValidationError):
             raise _Garbage(f"HTTP {response.status} with an unreadable body") from None
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 
+from paygate import jsonsafe
 from paygate.wire import NDJSON, SSE
 
 SSE_PREFIX = b": x402-payment-response "
@@ -67,8 +68,10 @@ class InbandReceiptWriter:
         if self._ndjson and rest and not self._gave_up:
             first, sep, after = rest.partition(b"\n")
             try:
-                done = json.loads(first)
+                done = jsonsafe.loads(first, max_bytes=_MAX_HELD)
             except ValueError:
+                return rest
+            if not isinstance(done, dict):  # not the held done line after all (fuzz-found)
                 return rest
             done[NDJSON_KEY] = receipt
             return json.dumps(done, separators=(",", ":")).encode() + sep + after
@@ -79,7 +82,7 @@ def _is_done_line(line: bytes) -> bool:
     if b'"done"' not in line:
         return False
     try:
-        value = json.loads(line)
+        value = jsonsafe.loads(line, max_bytes=_MAX_HELD)
     except ValueError:
         return False
     return isinstance(value, dict) and value.get("done") is True

@@ -70,6 +70,9 @@ TRANSITIONS: Mapping[PaymentState, frozenset[PaymentState]] = {
     S.FAILED: frozenset(),
     S.RELEASED: frozenset(),
 }
+#: A SETTLING record whose ``error`` starts with this is flagged for an operator's review: its
+#: outcome is unknown and nothing here can prove it (no chain to read). Never SETTLED by itself.
+REVIEW_PREFIX = "review_required: "
 #: States whose settlement is owed (SERVED) or in doubt (SETTLING): resumed at start-up.
 UNFINISHED_STATES = (S.SERVED, S.SETTLING)
 #: States a crashed request can leave behind before anything was served or settled.
@@ -140,6 +143,11 @@ class PaymentRecord:
     def key(self) -> tuple[str, str, str, str]:
         """The replay key: one authorization is one ``(network, asset, payer, nonce)``."""
         return (self.network, self.asset, self.payer, self.nonce)
+
+    @property
+    def needs_review(self) -> bool:
+        """Owed, outcome unknown and unprovable here: listed for an operator."""
+        return self.state is PaymentState.SETTLING and (self.error or "").startswith(REVIEW_PREFIX)
 
     @property
     def terminal(self) -> bool:
@@ -408,6 +416,11 @@ def check_error(value: str | None) -> str | None:
     if not isinstance(value, str):
         raise ValueError("error must be a string")
     return " ".join(value.split())[:_ERROR_MAX_CHARS]
+
+
+def review_error(reason: str) -> str:
+    """The ``error`` that flags a record for review (see :data:`REVIEW_PREFIX`)."""
+    return REVIEW_PREFIX + reason
 
 
 def check_limit(limit: int) -> int:

@@ -7,10 +7,11 @@ request free (no challenge). Sans-IO: a pure function of the settings and the re
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+
+from paygate import jsonsafe
 
 MILLION = Decimal(1_000_000)
 
@@ -47,9 +48,7 @@ def model_of(body: bytes, *, limit: int = 4 * 1024 * 1024) -> str | None:
     """The ``model`` field of a JSON request body, or None (not JSON, no model, too large)."""
     if not body or len(body) > limit:
         return None
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return None
+    # Only the top level is read, so the parser's own depth limit is the bound that matters.
+    data = jsonsafe.loads(body, max_bytes=limit, max_depth=None)
     model = data.get("model") if isinstance(data, dict) else None
     return model if isinstance(model, str) and 0 < len(model) <= 256 else None

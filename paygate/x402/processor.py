@@ -49,6 +49,7 @@ from paygate.x402.ledger import (
     LedgerUnavailable,
     PaymentRecord,
     PaymentState,
+    review_error,
 )
 from paygate.x402.models import (
     AnyPaymentPayload,
@@ -60,7 +61,7 @@ from paygate.x402.networks import resolve_network
 from paygate.x402.offers import Offer, PaymentTerms, challenge
 from paygate.x402.results import Admission, Receipt, Refusal
 from paygate.x402.settlement import Settlement
-from paygate.x402.settler import SettlementUnknown, Settler, SettlerUnavailable
+from paygate.x402.settler import ReviewRequired, SettlementUnknown, Settler, SettlerUnavailable
 from paygate.x402.verify import PaymentRejected, check_authorization, match_offer
 
 log = logging.getLogger("paygate.x402")
@@ -336,6 +337,10 @@ class PaymentProcessor:
         admission.record = record
         try:
             answer = await self._settler.settle(payment, admission.requirements)
+        except ReviewRequired as exc:
+            return await self._pending(
+                admission, exc.transaction, review=str(exc), withhold=exc.withhold
+            )
         except SettlementUnknown as exc:
             return await self._pending(admission, exc.transaction)
         except SettlerUnavailable:
@@ -363,17 +368,32 @@ class PaymentProcessor:
             log.warning("payment %s settlement refused: %s", record.id, answer.error_reason)
         return Receipt(record.x402_version, answer, withhold=not answer.success)
 
-    async def _pending(self, admission: Admission, transaction: str | None) -> Receipt:
+    async def _pending(
+        self,
+        admission: Admission,
+        transaction: str | None,
+        *,
+        review: str | None = None,
+        withhold: bool = False,
+    ) -> Receipt:
+        """Still owed, outcome unknown: SETTLING again, the hash kept; ``review`` flags it for
+        an operator (an outcome nobody here can prove), never as paid."""
         record = admission.record
         assert record is not None
         with contextlib.suppress(LedgerError):
             # SETTLING → SETTLING keeps the record owed and stores the hash if we have one;
             # then the lease goes: any replica's reconciler finishes it.
             admission.record = await self._move(
-                record, PaymentState.SETTLING, transaction=transaction, error=PENDING
+                record,
+                PaymentState.SETTLING,
+                transaction=transaction,
+                error=review_error(review) if review else PENDING,
             )
             await self._let_go(admission.record)
-        log.warning("payment %s settlement pending; will reconcile", record.id)
+        if review:
+            log.warning("payment %s needs review: %s", record.id, review)
+        else:
+            log.warning("payment %s settlement pending; will reconcile", record.id)
         return Receipt(
             record.x402_version,
             SettleResponse(
@@ -383,6 +403,7 @@ class PaymentProcessor:
                 transaction=transaction or "",
                 network=_wire_network(record),
             ),
+            withhold=withhold,
         )
 
     # --- recovery and leases ---
@@ -459,6 +480,10 @@ class PaymentProcessor:
             answer = await self._settler.reconcile(
                 payment, admission.requirements, record.transaction
             )
+        except ReviewRequired as exc:
+            if not record.needs_review:
+                await self._pending(admission, exc.transaction, review=str(exc))
+            return
         except (SettlementUnknown, SettlerUnavailable) as exc:
             log.warning("payment %s still pending: %s", record.id, exc.code)
             return

@@ -32,6 +32,21 @@ class SettlementUnknown(PaygateError):
         self.transaction = transaction
 
 
+class ReviewRequired(SettlementUnknown):
+    """An unknown outcome nobody here can prove (no chain to read, or the nonce's event is out
+    of reach): the payment stays owed, never SETTLED, and is flagged for an operator."""
+
+    code = "review_required"
+
+    def __init__(
+        self, message: str, *, transaction: str | None = None, withhold: bool = False
+    ) -> None:
+        super().__init__(message, transaction=transaction)
+        # True when the doubt is the payer's doing (the nonce was used before our settlement):
+        # a reply not yet delivered is withheld rather than given away on a maybe.
+        self.withhold = withhold
+
+
 class Settler(Protocol):
     async def verify(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]

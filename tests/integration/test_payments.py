@@ -304,7 +304,7 @@ async def test_upstream_error_is_not_settled_and_the_payment_can_be_retried(
     assert usdc.balance_of(seller) == PRICE_ATOMIC
 
 
-async def test_settlement_pending_keeps_the_hash_and_is_reconciled_once(
+async def test_settlement_pending_keeps_the_hash_and_is_flagged_without_a_chain(
     facilitator, usdc, payer, seller, ledger
 ):
     facilitator.set_fault("settlement_pending")
@@ -318,13 +318,35 @@ async def test_settlement_pending_keeps_the_hash_and_is_reconciled_once(
     (record,) = await records(ledger)
     assert record.state is PaymentState.SETTLING
     assert record.transaction == receipt["transaction"]
+    assert record.needs_review  # "pending" proves nothing, and nothing here reads the chain
     facilitator.reset()
-    # A restart reconciles: re-sending the same authorization finds its nonce spent.
+    # A restart reconciles: the re-sent authorization's nonce is spent — still no proof.
     async with paid_stack(seller=seller, facilitator_url=facilitator.url, ledger=ledger):
-        await _settled(ledger)
+        await eventually(lambda: facilitator.stats.settle_calls == 1, timeout=10)
     (record,) = await records(ledger)
+    assert record.state is PaymentState.SETTLING
+    assert record.needs_review
     assert record.transaction == receipt["transaction"]
-    assert usdc.balance_of(seller) == PRICE_ATOMIC  # once, not twice
+    assert usdc.balance_of(seller) == PRICE_ATOMIC  # once, not twice; never recorded as paid
+
+
+async def test_settlement_pending_is_proven_on_chain_when_the_gateway_reads_it(
+    facilitator, anvil, usdc, payer, seller, ledger
+):
+    facilitator.set_fault("settlement_pending")
+    async with paid_stack(
+        seller=seller, facilitator_url=facilitator.url, ledger=ledger, chain_rpc_url=anvil.rpc_url
+    ) as stack:
+        status, headers, _ = await post(stack, await v2_header(stack, payer))
+        assert status == 200
+        receipt = receipt_of(headers)
+    # The facilitator's transaction is mined: its receipt holds AuthorizationUsed + Transfer.
+    assert receipt["success"] is True
+    assert receipt["transaction"] == facilitator.stats.transactions[0]
+    (record,) = await records(ledger)
+    assert record.state is PaymentState.SETTLED
+    assert record.transaction == receipt["transaction"]
+    assert usdc.balance_of(seller) == PRICE_ATOMIC
 
 
 async def _settled(ledger, count: int = 1) -> None:

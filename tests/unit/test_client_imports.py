@@ -42,7 +42,13 @@ def test_importing_the_client_in_a_fresh_interpreter_loads_nothing_server_only()
 
 
 def test_client_sources_import_only_client_safe_modules() -> None:
-    allowed_paygate = ("paygate.client", "paygate.errors", "paygate.x402", "paygate.wire")
+    allowed_paygate = (
+        "paygate.client",
+        "paygate.errors",
+        "paygate.jsonsafe",
+        "paygate.x402",
+        "paygate.wire",
+    )
     server_only_x402 = {
         "processor",
         "settlement",

@@ -22,6 +22,7 @@ from x402.mechanisms.evm.exact import register_exact_evm_client
 from x402.schemas import PaymentRequired as SdkPaymentRequired
 from x402.schemas import PaymentRequiredV1 as SdkPaymentRequiredV1
 
+from paygate.jsonsafe import UntrustedJSONError
 from paygate.wire import NDJSON, SSE
 from paygate.x402 import codec, eip3009
 from paygate.x402.inband import NDJSON_KEY, InbandReceiptWriter
@@ -295,9 +296,13 @@ def test_price_precedence() -> None:
 
 def test_model_of_body() -> None:
     assert model_of(b'{"model": "llama3", "messages": []}') == "llama3"
-    assert model_of(b"not json") is None
     assert model_of(b'{"model": 5}') is None
     assert model_of(b"[]") is None
+    assert model_of(b"") is None
+    # The price depends on the body: one that is not JSON within the bounds is refused (400).
+    for body in (b"not json", b"[" * 100_000 + b"]" * 100_000, b'{"n": ' + b"9" * 5000 + b"}"):
+        with pytest.raises(UntrustedJSONError):
+            model_of(body)
 
 
 # --- in-band receipts ---

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from web3 import Web3
 from web3.contract import Contract as Web3Contract
@@ -247,6 +248,48 @@ class Anvil:
             .functions.authorizationState(Web3.to_checksum_address(authorizer), raw)
             .call()
         )
+
+    def cancel_authorization(
+        self, authorizer: LocalAccount, nonce: str, token: str = USDC_ADDRESS, *, mine: bool = True
+    ) -> str:
+        """The payer's own EIP-3009 ``cancelAuthorization`` of ``nonce`` (signed by
+        ``authorizer``, sent by the admin account, which pays the gas); returns the tx hash.
+
+        ``mine=False`` only sends it (for a chain with automine off: :meth:`mine` then).
+        """
+        signed = authorizer.sign_typed_data(
+            domain_data={
+                "name": USDC_NAME,
+                "version": USDC_VERSION,
+                "chainId": CHAIN_ID,
+                "verifyingContract": Web3.to_checksum_address(token),
+            },
+            message_types={
+                "CancelAuthorization": [
+                    {"name": "authorizer", "type": "address"},
+                    {"name": "nonce", "type": "bytes32"},
+                ]
+            },
+            message_data={
+                "authorizer": authorizer.address,
+                "nonce": bytes.fromhex(nonce.removeprefix("0x")),
+            },
+        )
+        function = self.token(token).get_function_by_signature(
+            "cancelAuthorization(address,bytes32,bytes)"
+        )
+        tx_hash = function(
+            authorizer.address, bytes.fromhex(nonce.removeprefix("0x")), bytes(signed.signature)
+        ).transact({"from": self.accounts[ADMIN].address})
+        if mine:
+            receipt = self.wait_for_receipt(tx_hash.to_0x_hex())
+            if receipt["status"] != 1:
+                raise AnvilError("cancelAuthorization failed")
+        return tx_hash.to_0x_hex()
+
+    def drop_transaction(self, tx_hash: str) -> None:
+        """Remove a pending transaction from anvil's mempool (a dropped or replaced send)."""
+        self.rpc("anvil_dropTransaction", [tx_hash])
 
     def eth_balance(self, address: str) -> int:
         return int(self.w3.eth.get_balance(Web3.to_checksum_address(address)))

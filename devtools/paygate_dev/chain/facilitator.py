@@ -238,6 +238,11 @@ class FacilitatorApp:
             return web.json_response({"error": "injected fault: internal error"}, status=500)
         elif fault is Fault.GARBAGE:
             return web.Response(body=GARBAGE_BODY, content_type="application/json")
+        elif fault is Fault.DEEP_JSON:
+            return web.Response(body=b"[" * 32_000 + b"]" * 32_000, content_type="application/json")
+        elif fault is Fault.HUGE_NUMBER:
+            body = b'{"isValid": true, "payer": ' + b"7" * 5000 + b"}"
+            return web.Response(body=body, content_type="application/json")
         return None
 
     async def _hold(self, request: web.Request) -> web.StreamResponse:

@@ -32,6 +32,10 @@ class Fault(StrEnum):
     HTTP_500 = "http_500"
     # Answer 200 with a body that is not JSON, without doing anything.
     GARBAGE = "garbage"
+    # Answer 200 with JSON nested 32,000 deep, under 64 KiB (C-stack recursion would die).
+    DEEP_JSON = "deep_json"
+    # Answer 200 with a JSON object holding a 5,000-digit integer.
+    HUGE_NUMBER = "huge_number"
     # settle only: settle for real, then answer success=false, errorReason settlement_pending
     # with the transaction hash (what the SDK answers when the receipt wait fails).
     SETTLEMENT_PENDING = "settlement_pending"
