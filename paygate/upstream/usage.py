@@ -15,11 +15,10 @@ nothing about usage. Metering prices what it returns.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from paygate import wire
+from paygate import jsonsafe, wire
 
 DEFAULT_LIMIT = 1 << 20  # bytes of one JSON reply or stream line read for usage
 
@@ -65,8 +64,9 @@ def usage_of(document: Any) -> Usage | None:
 def usage_from_body(body: bytes) -> Usage | None:
     """The usage a whole (non-streamed) JSON reply states."""
     try:
-        return usage_of(json.loads(body))
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        # The model server is not trusted either; the reader already bounded the size.
+        return usage_of(jsonsafe.loads(body, max_bytes=len(body), max_depth=None))
+    except jsonsafe.UntrustedJSONError:
         return None
 
 
