@@ -115,6 +115,7 @@ class ChainReader:
         self._timeout = timeout
         self._log_window = log_window
         self._log_chunk = log_chunk
+        self.chain_id: int | None = None
 
     async def call(self, fn: Callable[..., _T], *args: Any) -> _T:
         try:
@@ -127,6 +128,13 @@ class ChainReader:
         except Exception as exc:  # requests', web3's and the JSON bound's errors: many classes
             log.warning("chain call failed: %s", type(exc).__name__)
             raise SettlerUnavailable("the chain's RPC endpoint is unavailable") from None
+
+    async def check_chain(self, requirements: dict[str, Any]) -> None:
+        """The endpoint must serve the payment's chain: another chain's state proves nothing."""
+        if self.chain_id is None:
+            self.chain_id = int(await self.call(lambda: self.w3.eth.chain_id))
+        if resolve_network(str(requirements["network"])).chain_id != self.chain_id:
+            raise SettlerUnavailable("the RPC endpoint serves another chain")
 
     def token(self, requirements: dict[str, Any]) -> Any:
         return self.w3.eth.contract(
@@ -156,6 +164,7 @@ class ChainReader:
         :class:`SettlementUnknown` while the nonce is unused (nothing happened yet),
         :class:`ReviewRequired` when it is used but its event is out of reach.
         """
+        await self.check_chain(requirements)
         facts = _Facts.of(payment, requirements)
         if transaction:
             receipt = await self.receipt(transaction)
@@ -221,7 +230,6 @@ class ChainSettler:
         self._timeout = timeout
         self._settle_timeout = settle_timeout
         self._send_lock = asyncio.Lock()
-        self._chain_id: int | None = None
 
     async def verify(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]
@@ -284,10 +292,7 @@ class ChainSettler:
         return await self._chain.call(fn, *args)
 
     async def _check_chain(self, requirements: dict[str, Any]) -> None:
-        if self._chain_id is None:
-            self._chain_id = int(await self._call(lambda: self._w3.eth.chain_id))
-        if resolve_network(str(requirements["network"])).chain_id != self._chain_id:
-            raise SettlerUnavailable("the RPC endpoint serves another chain")
+        await self._chain.check_chain(requirements)
 
     def _transfer(self, payment: AnyPaymentPayload, requirements: dict[str, Any]) -> Any:
         auth = payment.payload.authorization
@@ -330,7 +335,7 @@ class ChainSettler:
         nonce = await self._call(self._w3.eth.get_transaction_count, sender, "pending")
         tx = await self._call(
             call.build_transaction,
-            {"from": sender, "nonce": nonce, "chainId": self._chain_id or 0},
+            {"from": sender, "nonce": nonce, "chainId": self._chain.chain_id or 0},
         )
         signed = self._account.sign_transaction(tx)
         tx_hash = "0x" + bytes(signed.hash).hex()
