@@ -21,6 +21,7 @@ from paygate.config import Settings, load_settings
 from paygate.redact import redact_url
 from paygate.server.app import LISTEN_BACKLOG, build_app, server_options
 from paygate.server.assembly import check_payment_settings
+from paygate.server.eventloop import new_event_loop
 from paygate.server.logs import SafeAccessLogger, install_safe_logging
 from paygate.server.workers import check_workers, listen_socket, supervise
 from paygate.store.deployments import DeploymentStore, settings_overrides
@@ -80,6 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
             backlog=LISTEN_BACKLOG,
             access_log_class=SafeAccessLogger,
             print=None,
+            loop=new_event_loop(settings.event_loop),
             **server_options(settings),
         )
         log.info("paygate gateway stopped")
@@ -107,6 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
             shutdown_timeout=mine.shutdown_grace_seconds,
             access_log_class=SafeAccessLogger,
             print=None,
+            loop=new_event_loop(mine.event_loop),  # made in the worker, after the fork
             **server_options(mine),
         )
         return 0
@@ -120,11 +123,12 @@ def _serve(args: argparse.Namespace) -> int:
 def _announce(settings: Settings) -> None:
     log.info(
         "paygate gateway on %s, payment_mode=%s, key_backend=%s, workers=%d, facilitator=%s, "
-        "chain_rpc=%s",
+        "chain_rpc=%s, event_loop=%s",
         settings.listen,
         settings.payment_mode,
         settings.key_backend,
         settings.workers,
         redact_url(settings.facilitator_url) or "-",
         redact_url(settings.chain_rpc_url) or "-",
+        settings.event_loop,
     )

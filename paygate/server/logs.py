@@ -72,6 +72,12 @@ def install_safe_logging(
     """Configure root logging once for ``paygate serve``: the exception filter, the quiet
     dependencies, and the credential parts of ``secret_urls`` masked in every line."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One access line per request is on the hot path: skip the record fields the format never
+    # shows (the logging HOWTO's "Optimization" list) — thread, process, and the caller's frame.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None  # type: ignore[attr-defined]
     for name in ("aiohttp.server", "aiohttp.web", "aiohttp.access", "paygate"):
         logging.getLogger(name).addFilter(ExceptionTextFilter())
     quiet_dependencies()

@@ -147,7 +147,11 @@ class UpstreamReply:
         content = self._response.content
         while True:
             try:
-                chunk = await self._clock.wait(content.readany(), "idle")
+                # What already arrived (often the whole of a small reply, with its headers) is
+                # taken without starting a clock; the clocks rule every actual wait.
+                chunk = content.read_nowait()
+                if not chunk and not content.is_eof():
+                    chunk = await self._clock.wait(content.readany(), "idle")
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
                 raise UpstreamFault from None
             if not chunk:
@@ -245,6 +249,9 @@ class Upstream:
         self._api_key = api_key
         self._retries = retries
         self._metrics = metrics
+        self._connect_timeout = aiohttp.ClientTimeout(
+            total=None, connect=timeouts.connect, sock_connect=timeouts.connect
+        )
 
     def _with_key(self, headers: Mapping[str, str]) -> Mapping[str, str]:
         if self._api_key is None:
@@ -279,9 +286,6 @@ class Upstream:
             raise UpstreamDown(self._breaker.retry_after)
         clock = _Clock(self.timeouts)
         first_byte_end = clock.now() + self.timeouts.first_byte
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=self.timeouts.connect, sock_connect=self.timeouts.connect
-        )
         attempt = 0
         while True:
             request = self._session.request(
@@ -289,7 +293,7 @@ class Upstream:
                 self._base_url + path,
                 data=body if body else None,
                 headers=self._with_key(headers),
-                timeout=timeout,
+                timeout=self._connect_timeout,
                 allow_redirects=False,
                 auto_decompress=True,
             )

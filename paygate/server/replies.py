@@ -262,6 +262,12 @@ class Replies:
     ) -> str | None:
         """Relay every chunk; with a deadline, stop there and say why (an in-band error)."""
         async with contextlib.aclosing(reply.chunks()) as chunks:
+            if deadline is None:  # the usual case: no scope to set up and tear down
+                async for chunk in chunks:
+                    out = chain.feed(chunk)
+                    if out:
+                        await response.write(out)
+                return None
             try:
                 async with asyncio.timeout_at(deadline) as scope:
                     async for chunk in chunks:

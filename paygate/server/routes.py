@@ -81,7 +81,16 @@ class RouteTable:
 
     def __init__(self, routes: Iterable[Route]) -> None:
         self._routes = tuple(routes)
-        self._compiled = tuple((route, _compile(route.path)) for route in self._routes)
+        # Literal paths (all but one of the default table) are one dict lookup per request,
+        # with their match built once; templates keep their regex and their place in the order.
+        self._literal: dict[tuple[str, str], tuple[int, RouteMatch]] = {}
+        templates = []
+        for index, route in enumerate(self._routes):
+            if _PARAM.search(route.path) is None:
+                self._literal.setdefault((route.method, route.path), (index, RouteMatch(route, {})))
+            else:
+                templates.append((index, route, _compile(route.path)))
+        self._templates = tuple(templates)
 
     @property
     def routes(self) -> tuple[Route, ...]:
@@ -89,7 +98,11 @@ class RouteTable:
 
     def match(self, method: str, path: str) -> RouteMatch | None:
         """The route for ``method`` and the decoded ``path``, or None (the caller answers 404)."""
-        for route, pattern in self._compiled:
+        literal = self._literal.get((method, path))
+        before = literal[0] if literal is not None else len(self._routes)
+        for index, route, pattern in self._templates:
+            if index > before:
+                break  # the literal route comes first in the table
             if route.method != method:
                 continue
             found = pattern.fullmatch(path)
@@ -98,7 +111,7 @@ class RouteTable:
                 if any(value in (".", "..") for value in params.values()):
                     return None  # a dot segment is a path trick, never a model id
                 return RouteMatch(route, params)
-        return None
+        return literal[1] if literal is not None else None
 
 
 def engine_routes(served: Iterable[ServedRoute], price: PriceHook | None = None) -> RouteTable:

@@ -1,0 +1,580 @@
+"""paygate side by side with the ceiling, nginx and a minimal aiohttp proxy, in one run.
+
+Every target sits in front of the same fast fake upstream (bench.fast_upstream) and gets the
+same load (Debian ``wrk``, one thread): nothing (the upstream itself, the ceiling), nginx
+(proxy_buffering off, keep-alive upstream), bench.mini_proxy (70 lines of aiohttp), paygate
+plain, paygate sealed v2 (software key; the same process, a sealed body) and paygate paid in
+verify-only mode against a loopback facilitator that answers /verify valid at once.
+
+The proxy under test is pinned to CPU 0; wrk, the upstream and the stream client to CPU 1.
+Rounds are interleaved (every target once per round) and medians reported. Per target:
+added p50 latency at one connection (wrk), req/s at 16 and 64 connections, proxy CPU per
+request (utime+stime from /proc/PID/stat over the 16-connection run), time to first chunk and
+chunk spacing of SSE streams (8 events 5 ms apart), RSS. Then, for paygate alone: RSS with
+1,000 slow streams held open, and RSS growth over 100k requests. Prints a table, writes
+bench/results/compare.json and bench/results/compare.png.
+
+    .venv/bin/python -m bench.compare [--rounds 3] [--seconds 3] [--skip-memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import enclave
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "compare.json"
+PLOT = HERE / "results" / "compare.png"
+LUA = HERE / "wrk_report.lua"
+PY = sys.executable
+PAYGATE = str(Path(PY).with_name("paygate"))
+PATH = "/v1/chat/completions"
+CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Say something short."}]}
+STREAM_CHUNKS, STREAM_INTERVAL_MS = 8, 5
+PROXY_CPU, LOAD_CPU = "0", "1"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port} after {timeout}s")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / TICK
+
+
+def _rss_mb(pids: list[int]) -> float:
+    kb = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                kb += int(line.split()[1])
+    return kb / 1024
+
+
+@dataclass
+class Target:
+    """One thing under load: its URL, its processes, and the body it is sent."""
+
+    name: str
+    port: int
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    body: bytes = b""
+    content_type: str = "application/json"
+    sealed_key: bytes | None = None  # paygate's public key: seal each stream request
+    payments: list[str] | None = None
+
+    @property
+    def pids(self) -> list[int]:
+        pids = []
+        for proc in self.procs:
+            pids.append(proc.pid)
+            pids.extend(_children(proc.pid))
+        return pids
+
+
+def _spawn(
+    argv: list[str], *, cpu: str, env: dict[str, str] | None = None, log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    out = log.open("wb") if log else subprocess.DEVNULL
+    return subprocess.Popen(["taskset", "-c", cpu, *argv], env=env, stdout=out, stderr=out)
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _nginx_conf(tmp: Path, port: int, upstream: int) -> Path:
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp / sub).mkdir(mode=0o777, exist_ok=True)
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log {tmp}/nginx-access.log combined buffer=64k;
+  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+  upstream model {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://model;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}
+}}
+""")
+    return conf
+
+
+def _paygate_env(tmp: Path, port: int, upstream: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAYGATE_")}
+    env.update(
+        PAYGATE_KEY_BACKEND="software",
+        PAYGATE_KEY_FILE=str(tmp / "key.pem"),
+        PAYGATE_LISTEN=f"127.0.0.1:{port}",
+        PAYGATE_UPSTREAM_URL=f"http://127.0.0.1:{upstream}",
+        PAYGATE_UPSTREAM_KIND="openai",
+        # Raised for the 1,000-stream case; the default (64) would answer 503 past 64.
+        PAYGATE_MAX_CONCURRENT_REQUESTS="2000",
+        PAYGATE_BODY_SLOTS="2000",
+        **extra,
+    )
+    return env
+
+
+# --- load --------------------------------------------------------------------------------
+
+
+def _wrk(target: Target, connections: int, seconds: float, tmp: Path) -> dict[str, Any]:
+    body = tmp / f"body-{target.name}"
+    body.write_bytes(target.body)
+    env = dict(os.environ, BENCH_BODY=str(body), BENCH_CTYPE=target.content_type)
+    pids = target.pids
+    cpu_before = _cpu_seconds(pids) if pids else 0.0
+    out = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            LOAD_CPU,
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{round(seconds)}s",
+            "--latency",
+            "-s",
+            str(LUA),
+            f"http://127.0.0.1:{target.port}{PATH}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        check=True,
+    ).stdout
+    cpu = (_cpu_seconds(pids) - cpu_before) if pids else None
+    line = next(x for x in out.splitlines() if x.startswith("BENCH "))
+    result: dict[str, Any] = json.loads(line[6:])
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    if cpu is not None and result["requests"]:
+        result["cpu_us_per_request"] = cpu / result["requests"] * 1e6
+    if result["non2xx"] or result["errors"]:
+        print(
+            f"  ! {target.name} c{connections}: {result['non2xx']} non-2xx, "
+            f"{result['errors']} socket errors",
+            file=sys.stderr,
+        )
+    return result
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+
+
+async def _streams(target: Target, n: int) -> dict[str, float]:
+    """Sequential SSE streams on one keep-alive connection: time to first chunk, spacing."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
+    ttfc: list[float] = []
+    gaps: list[float] = []
+    plain = dict(
+        CHAT, stream=True, bench_chunks=STREAM_CHUNKS, bench_interval_ms=STREAM_INTERVAL_MS
+    )
+    try:
+        for i in range(n + 5):
+            body = json.dumps(plain).encode()
+            ctype = "application/json"
+            if target.sealed_key is not None:
+                body = enclave.seal_v2(target.sealed_key, body, method="POST", path=PATH).blob
+                ctype = enclave.CONTENT_TYPE
+            head = (
+                f"POST {PATH} HTTP/1.1\r\nHost: bench\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            started = time.perf_counter()
+            writer.write(head + body)
+            response = await _read_head(reader)
+            if not response.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"{target.name}: {response[:60]!r}")
+            arrivals = []
+            while True:
+                size = int((await asyncio.wait_for(reader.readline(), 10)).strip(), 16)
+                if size == 0:
+                    await reader.readline()
+                    break
+                await reader.readexactly(size + 2)
+                arrivals.append(time.perf_counter())
+            if i >= 5:  # warm-up
+                ttfc.append(arrivals[0] - started)
+                gaps.extend(b - a for a, b in itertools.pairwise(arrivals))
+    finally:
+        writer.close()
+    # Some proxies split or join chunk frames: spacing counts only gaps longer than 1 ms.
+    spaced = [g for g in gaps if g > 0.001]
+    return {
+        "ttfc_ms": statistics.median(ttfc) * 1000,
+        "gap_median_ms": statistics.median(spaced) * 1000 if spaced else 0.0,
+        "gap_max_ms": max(gaps) * 1000 if gaps else 0.0,
+    }
+
+
+# --- memory ------------------------------------------------------------------------------
+
+
+async def _hold_streams(target: Target, n: int, seconds: float) -> dict[str, float]:
+    """``n`` concurrent slow streams held open; paygate's RSS once all are flowing."""
+    body = json.dumps(
+        dict(CHAT, stream=True, bench_chunks=int(seconds * 2) + 4, bench_interval_ms=500)
+    ).encode()
+    head = (
+        f"POST {PATH} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    rss_before = _rss_mb(target.pids)
+    flowing = 0
+    hold = asyncio.Event()
+
+    async def one() -> None:
+        nonlocal flowing
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", target.port, limit=2**16), 30
+        )
+        try:
+            writer.write(head + body)
+            response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+            if not response.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(response[:40].decode(errors="replace"))
+            await asyncio.wait_for(reader.read(1), 60)
+            flowing += 1
+            await hold.wait()
+        finally:
+            writer.close()
+
+    tasks = []
+    for _ in range(n):
+        tasks.append(asyncio.create_task(one()))
+        await asyncio.sleep(0.002)  # stay under the listen backlog
+    deadline = time.monotonic() + 60
+    while flowing < n and time.monotonic() < deadline and not all(t.done() for t in tasks):
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(1)
+    rss = _rss_mb(target.pids)
+    count = flowing
+    hold.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    failed = sum(isinstance(r, BaseException) for r in results)
+    return {
+        "streams": n,
+        "flowing": count,
+        "failed": failed,
+        "rss_idle_mb": rss_before,
+        "rss_mb": rss,
+    }
+
+
+def _growth(target: Target, total: int, tmp: Path) -> dict[str, float]:
+    """RSS after a warm-up and after ``total`` more requests (16 connections)."""
+    _wrk(target, 16, 2, tmp)
+    before = _rss_mb(target.pids)
+    done = 0
+    while done < total:
+        done += _wrk(target, 16, 5, tmp)["requests"]
+    after = _rss_mb(target.pids)
+    return {
+        "requests": done,
+        "rss_before_mb": before,
+        "rss_after_mb": after,
+        "growth_pct": (after - before) / before * 100,
+    }
+
+
+# --- the run -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _targets(tmp: Path, which: list[str]) -> Iterator[dict[str, Target]]:
+    up = _port()
+    procs = [_spawn([PY, "-m", "bench.fast_upstream", "--port", str(up)], cpu=LOAD_CPU)]
+    targets: dict[str, Target] = {}
+    chat = json.dumps(CHAT).encode()
+    try:
+        _wait_port(up)
+        targets["ceiling"] = Target("ceiling", up, body=chat)
+        if "nginx" in which:
+            port = _port()
+            conf = _nginx_conf(tmp, port, up)
+            nginx = _spawn(
+                [shutil.which("nginx") or "nginx", "-c", str(conf), "-g", "daemon off;"],
+                cpu=PROXY_CPU,
+            )
+            procs.append(nginx)
+            targets["nginx"] = Target("nginx", port, [nginx], body=chat)
+        if "aiohttp" in which:
+            port = _port()
+            mini = _spawn(
+                [
+                    PY,
+                    "-m",
+                    "bench.mini_proxy",
+                    "--port",
+                    str(port),
+                    "--upstream",
+                    f"http://127.0.0.1:{up}",
+                ],
+                cpu=PROXY_CPU,
+            )
+            procs.append(mini)
+            targets["aiohttp-70"] = Target("aiohttp-70", port, [mini], body=chat)
+        if "paygate" in which:
+            subprocess.run(
+                [
+                    PAYGATE,
+                    "keys",
+                    "create",
+                    "--backend",
+                    "software",
+                    "--key-file",
+                    str(tmp / "key.pem"),
+                ],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+            port = _port()
+            gw = _spawn(
+                [PAYGATE, "serve"],
+                cpu=PROXY_CPU,
+                env=_paygate_env(tmp, port, up),
+                log=tmp / "paygate.log",
+            )
+            procs.append(gw)
+            pubkey = enclave.SoftwareKey.load_file(tmp / "key.pem").public_key
+            sealed = enclave.seal_v2(pubkey, chat, method="POST", path=PATH).blob
+            targets["paygate"] = Target("paygate", port, [gw], body=chat)
+            targets["paygate-sealed"] = Target(
+                "paygate-sealed",
+                port,
+                [gw],
+                body=sealed,
+                content_type=enclave.CONTENT_TYPE,
+                sealed_key=pubkey,
+            )
+        for target in targets.values():
+            _wait_port(target.port)
+        yield targets
+    finally:
+        _stop(procs)
+
+
+def _median(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def run(rounds: int, seconds: float, memory: bool, which: list[str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="paygate-bench-") as name:
+        tmp = Path(name)
+        tmp.chmod(0o755)
+        samples: dict[str, list[dict[str, Any]]] = {}
+        extra: dict[str, Any] = {}
+        with _targets(tmp, which) as targets:
+            for target in targets.values():  # warm-up: connections, caches, JIT-less Python
+                _wrk(target, 16, 1, tmp)
+            for r in range(rounds):
+                print(f"round {r + 1}/{rounds}", file=sys.stderr)
+                for target in targets.values():
+                    row: dict[str, Any] = {}
+                    row["p50_us"] = _wrk(target, 1, seconds, tmp)["p50_us"]
+                    c16 = _wrk(target, 16, seconds, tmp)
+                    row["rps16"] = c16["rps"]
+                    row["cpu_us"] = c16.get("cpu_us_per_request")
+                    row["rps64"] = _wrk(target, 64, seconds, tmp)["rps"]
+                    row.update(asyncio.run(_streams(target, 30)))
+                    row["rss_mb"] = _rss_mb(target.pids) if target.pids else None
+                    samples.setdefault(target.name, []).append(row)
+            if memory and "paygate" in targets:
+                print("memory: 1,000 streams, then 100k requests", file=sys.stderr)
+                extra["streams_1000"] = asyncio.run(_hold_streams(targets["paygate"], 1000, 8))
+                extra["growth_100k"] = _growth(targets["paygate"], 100_000, tmp)
+    return _summarise(samples, extra, rounds, seconds)
+
+
+def _summarise(
+    samples: dict[str, list[dict[str, Any]]], extra: dict[str, Any], rounds: int, seconds: float
+) -> dict[str, Any]:
+    keys = (
+        "p50_us",
+        "rps16",
+        "rps64",
+        "cpu_us",
+        "ttfc_ms",
+        "gap_median_ms",
+        "gap_max_ms",
+        "rss_mb",
+    )
+    table = {name: {k: _median(rows, k) for k in keys} for name, rows in samples.items()}
+    base = table["ceiling"]
+    for row in table.values():
+        row["added_p50_us"] = row["p50_us"] - base["p50_us"]
+        row["added_ttfc_ms"] = row["ttfc_ms"] - base["ttfc_ms"]
+    mini = table.get("aiohttp-70")
+    if mini:
+        for row in table.values():
+            row["vs_aiohttp"] = {
+                "added_p50": row["added_p50_us"] / mini["added_p50_us"],
+                "rps16": row["rps16"] / mini["rps16"],
+                "rps64": row["rps64"] / mini["rps64"],
+                "cpu": (row["cpu_us"] / mini["cpu_us"]) if row["cpu_us"] else None,
+            }
+    return {
+        "table": table,
+        "samples": samples,
+        **extra,
+        "environment": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "loadavg_end": os.getloadavg(),
+            "rounds": rounds,
+            "seconds_per_run": seconds,
+            "stream": f"{STREAM_CHUNKS} SSE events {STREAM_INTERVAL_MS} ms apart",
+            "pinning": f"proxy on CPU {PROXY_CPU}; wrk, upstream, stream client on {LOAD_CPU}",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    }
+
+
+def _print(result: dict[str, Any]) -> None:
+    def f(v: float | None, spec: str) -> str:
+        return format(v, spec) if v is not None else "-"
+
+    print(
+        f"{'target':16} {'+p50 µs':>8} {'rps c16':>8} {'rps c64':>8} {'CPU µs/req':>10} "
+        f"{'+TTFC ms':>8} {'gap ms':>7} {'RSS MB':>7}  vs aiohttp-70 (p50/rps16/cpu)"
+    )
+    for name, row in result["table"].items():
+        vs = row.get("vs_aiohttp", {})
+        print(
+            f"{name:16} {f(row['added_p50_us'], '8.0f')} {f(row['rps16'], '8.0f')} "
+            f"{f(row['rps64'], '8.0f')} {f(row['cpu_us'], '10.0f')} "
+            f"{f(row['added_ttfc_ms'], '8.2f')} {f(row['gap_median_ms'], '7.2f')} "
+            f"{f(row['rss_mb'], '7.1f')}  {f(vs.get('added_p50'), '.2f')}/"
+            f"{f(vs.get('rps16'), '.2f')}/{f(vs.get('cpu'), '.2f')}"
+        )
+    for key in ("streams_1000", "growth_100k"):
+        if key in result:
+            print(key, json.dumps({k: round(v, 2) for k, v in result[key].items()}))
+    print("load average at the end:", result["environment"]["loadavg_end"])
+
+
+def _plot(result: dict[str, Any]) -> None:
+    import matplotlib  # only for the picture
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = {k: v for k, v in result["table"].items() if k != "ceiling"}
+    names = list(table)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    panels = (
+        ("added_p50_us", "added p50 latency, 1 connection (µs)"),
+        ("rps16", "req/s, 16 connections (proxy on 1 core)"),
+        ("cpu_us", "proxy CPU per request (µs)"),
+    )
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        values = [table[n][key] or 0 for n in names]
+        ax.barh(
+            names, values, color=["#888" if not n.startswith("paygate") else "#2a6" for n in names]
+        )
+        ax.set_title(title, fontsize=10)
+        ax.invert_yaxis()
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:,.0f}", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per wrk run")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--only",
+        default="nginx,aiohttp,paygate",
+        help="comma-separated subset of nginx,aiohttp,paygate",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    for tool in ("wrk", "nginx", "taskset"):
+        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
+            print(f"{tool} is missing: apt-get install wrk nginx util-linux", file=sys.stderr)
+            return 1
+    os.sched_setaffinity(0, {int(LOAD_CPU)})
+    result = run(
+        max(1, args.rounds), max(1.0, args.seconds), not args.skip_memory, args.only.split(",")
+    )
+    _print(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.out == RESULTS:
+        _plot(result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
