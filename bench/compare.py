@@ -34,17 +34,22 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import enclave
+from bench.presign import payment_headers
+from paygate import wire
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "compare.json"
 PLOT = HERE / "results" / "compare.png"
 LUA = HERE / "wrk_report.lua"
+PAID_LUA = HERE / "wrk_paid.lua"
 PY = sys.executable
 PAYGATE = str(Path(PY).with_name("paygate"))
 PATH = "/v1/chat/completions"
@@ -52,6 +57,7 @@ CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Say somethin
 STREAM_CHUNKS, STREAM_INTERVAL_MS = 8, 5
 PROXY_CPU, LOAD_CPU = "0", "1"
 TICK = os.sysconf("SC_CLK_TCK")
+PAYMENTS = 60_000  # pre-signed for the paid target: more than its rounds can spend
 
 
 def _port() -> int:
@@ -104,7 +110,8 @@ class Target:
     body: bytes = b""
     content_type: str = "application/json"
     sealed_key: bytes | None = None  # paygate's public key: seal each stream request
-    payments: list[str] | None = None
+    payments: Path | None = None  # pre-signed PAYMENT-SIGNATURE values, one a line
+    spent: int = 0  # how many of them earlier runs may have used
 
     @property
     def pids(self) -> list[int]:
@@ -185,6 +192,10 @@ def _wrk(target: Target, connections: int, seconds: float, tmp: Path) -> dict[st
     body = tmp / f"body-{target.name}"
     body.write_bytes(target.body)
     env = dict(os.environ, BENCH_BODY=str(body), BENCH_CTYPE=target.content_type)
+    script = LUA
+    if target.payments is not None:
+        script = PAID_LUA
+        env.update(BENCH_PAYMENTS=str(target.payments), BENCH_OFFSET=str(target.spent))
     pids = target.pids
     cpu_before = _cpu_seconds(pids) if pids else 0.0
     out = subprocess.run(
@@ -198,7 +209,7 @@ def _wrk(target: Target, connections: int, seconds: float, tmp: Path) -> dict[st
             f"-d{round(seconds)}s",
             "--latency",
             "-s",
-            str(LUA),
+            str(script),
             f"http://127.0.0.1:{target.port}{PATH}",
         ],
         env=env,
@@ -210,6 +221,7 @@ def _wrk(target: Target, connections: int, seconds: float, tmp: Path) -> dict[st
     cpu = (_cpu_seconds(pids) - cpu_before) if pids else None
     line = next(x for x in out.splitlines() if x.startswith("BENCH "))
     result: dict[str, Any] = json.loads(line[6:])
+    target.spent += result["requests"] + connections  # those in flight at the end, too
     result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
     if cpu is not None and result["requests"]:
         result["cpu_us_per_request"] = cpu / result["requests"] * 1e6
@@ -220,6 +232,16 @@ def _wrk(target: Target, connections: int, seconds: float, tmp: Path) -> dict[st
             file=sys.stderr,
         )
     return result
+
+
+def _next_payment(target: Target) -> str:
+    assert target.payments is not None
+    with target.payments.open() as lines:
+        for i, line in enumerate(lines):
+            if i == target.spent:
+                target.spent += 1
+                return line.strip()
+    raise RuntimeError("out of pre-signed payments: raise PAYMENTS")
 
 
 async def _read_head(reader: asyncio.StreamReader) -> bytes:
@@ -241,9 +263,12 @@ async def _streams(target: Target, n: int) -> dict[str, float]:
             if target.sealed_key is not None:
                 body = enclave.seal_v2(target.sealed_key, body, method="POST", path=PATH).blob
                 ctype = enclave.CONTENT_TYPE
+            paid = ""
+            if target.payments is not None:
+                paid = f"PAYMENT-SIGNATURE: {_next_payment(target)}\r\n"
             head = (
                 f"POST {PATH} HTTP/1.1\r\nHost: bench\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n"
+                f"{paid}Content-Length: {len(body)}\r\n\r\n"
             ).encode()
             started = time.perf_counter()
             writer.write(head + body)
@@ -345,8 +370,29 @@ def _growth(target: Target, total: int, tmp: Path) -> dict[str, float]:
 # --- the run -----------------------------------------------------------------------------
 
 
+def _presign(target: Target, tmp: Path) -> Path:
+    """Distinct payments for the paid target, for the 402 challenge it answers."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{target.port}{PATH}",
+        data=target.body,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        urllib.request.urlopen(request, timeout=10)  # noqa: S310 - loopback
+    except urllib.error.HTTPError as exc:
+        required = exc.headers[wire.PAYMENT_REQUIRED]
+    else:
+        raise RuntimeError("the paid gateway served without payment")
+    path = tmp / "payments.txt"
+    path.write_text("\n".join(payment_headers(required, PAYMENTS)) + "\n")
+    return path
+
+
 @contextlib.contextmanager
-def _targets(tmp: Path, which: list[str]) -> Iterator[dict[str, Target]]:
+def _targets(
+    tmp: Path, which: list[str], before: Path | None, litellm: Path | None = None
+) -> Iterator[dict[str, Target]]:
     up = _port()
     procs = [_spawn([PY, "-m", "bench.fast_upstream", "--port", str(up)], cpu=LOAD_CPU)]
     targets: dict[str, Target] = {}
@@ -394,25 +440,63 @@ def _targets(tmp: Path, which: list[str]) -> Iterator[dict[str, Target]]:
                 capture_output=True,
                 timeout=30,
             )
-            port = _port()
-            gw = _spawn(
-                [PAYGATE, "serve"],
-                cpu=PROXY_CPU,
-                env=_paygate_env(tmp, port, up),
-                log=tmp / "paygate.log",
-            )
-            procs.append(gw)
             pubkey = enclave.SoftwareKey.load_file(tmp / "key.pem").public_key
             sealed = enclave.seal_v2(pubkey, chat, method="POST", path=PATH).blob
-            targets["paygate"] = Target("paygate", port, [gw], body=chat)
-            targets["paygate-sealed"] = Target(
-                "paygate-sealed",
-                port,
-                [gw],
-                body=sealed,
-                content_type=enclave.CONTENT_TYPE,
-                sealed_key=pubkey,
+            variants = {
+                "paygate": ({}, os.environ.get("PYTHONPATH", "")),
+                "paygate-asyncio": ({"PAYGATE_EVENT_LOOP": "asyncio"}, None),
+                "paygate-paid": (
+                    {
+                        "PAYGATE_PAYMENT_MODE": "verify-only",
+                        "PAYGATE_PAY_TO": "0x" + "5e11e7" * 6 + "5e11",
+                        "PAYGATE_NETWORK": "base-sepolia",
+                        # The fast upstream doubles as a facilitator that finds all valid.
+                        "PAYGATE_FACILITATOR_URL": f"http://127.0.0.1:{up}",
+                        "PAYGATE_LEDGER_PATH": str(tmp / "ledger.db"),
+                    },
+                    None,
+                ),
+            }
+            if before is not None:
+                variants["paygate-before"] = ({}, f"{before}:{before / 'devtools'}")
+            for name, (extra, pythonpath) in variants.items():
+                port = _port()
+                env = _paygate_env(tmp, port, up, **extra)
+                if pythonpath:
+                    env["PYTHONPATH"] = pythonpath
+                gw = _spawn([PAYGATE, "serve"], cpu=PROXY_CPU, env=env, log=tmp / f"{name}.log")
+                procs.append(gw)
+                targets[name] = Target(name, port, [gw], body=chat)
+                if name == "paygate":
+                    targets["paygate-sealed"] = Target(
+                        "paygate-sealed",
+                        port,
+                        [gw],
+                        body=sealed,
+                        content_type=enclave.CONTENT_TYPE,
+                        sealed_key=pubkey,
+                    )
+            _wait_port(targets["paygate-paid"].port)
+            targets["paygate-paid"].payments = _presign(targets["paygate-paid"], tmp)
+        if litellm is not None:
+            port = _port()
+            config = tmp / "litellm.yaml"
+            config.write_text(
+                "model_list:\n  - model_name: bench\n    litellm_params:\n"
+                f"      model: openai/bench\n      api_base: http://127.0.0.1:{up}/v1\n"
+                "      api_key: none\n"
             )
+            env = dict(
+                os.environ,
+                # Offline: the packaged price map; no master key on loopback.
+                LITELLM_LOCAL_MODEL_COST_MAP="True",
+                LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY="true",
+            )
+            argv = [str(litellm), "--config", str(config), "--host", "127.0.0.1"]
+            proxy = _spawn([*argv, "--port", str(port)], cpu=PROXY_CPU, env=env)
+            procs.append(proxy)
+            _wait_port(port, timeout=180)  # it starts in about 30 s
+            targets["litellm"] = Target("litellm", port, [proxy], body=chat)
         for target in targets.values():
             _wait_port(target.port)
         yield targets
@@ -425,13 +509,20 @@ def _median(rows: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def run(rounds: int, seconds: float, memory: bool, which: list[str]) -> dict[str, Any]:
+def run(
+    rounds: int,
+    seconds: float,
+    memory: bool,
+    which: list[str],
+    before: Path | None,
+    litellm: Path | None,
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="paygate-bench-") as name:
         tmp = Path(name)
         tmp.chmod(0o755)
         samples: dict[str, list[dict[str, Any]]] = {}
         extra: dict[str, Any] = {}
-        with _targets(tmp, which) as targets:
+        with _targets(tmp, which, before, litellm) as targets:
             for target in targets.values():  # warm-up: connections, caches, JIT-less Python
                 _wrk(target, 16, 1, tmp)
             for r in range(rounds):
@@ -468,8 +559,11 @@ def _summarise(
     )
     table = {name: {k: _median(rows, k) for k in keys} for name, rows in samples.items()}
     base = table["ceiling"]
-    for row in table.values():
+    for name, row in table.items():
         row["added_p50_us"] = row["p50_us"] - base["p50_us"]
+        if name == "paygate-paid":
+            # Its facilitator is the fast upstream: one more round trip like the ceiling's.
+            row["added_p50_us"] -= base["p50_us"]
         row["added_ttfc_ms"] = row["ttfc_ms"] - base["ttfc_ms"]
     mini = table.get("aiohttp-70")
     if mini:
@@ -558,6 +652,16 @@ def main() -> int:
         help="comma-separated subset of nginx,aiohttp,paygate",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="also run paygate from this source tree (e.g. `git archive REV | tar -x -C DIR`)",
+    )
+    parser.add_argument(
+        "--litellm",
+        type=Path,
+        help="also run the LiteLLM proxy: its `litellm` script (pip install 'litellm[proxy]')",
+    )
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "taskset"):
         if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
@@ -565,7 +669,12 @@ def main() -> int:
             return 1
     os.sched_setaffinity(0, {int(LOAD_CPU)})
     result = run(
-        max(1, args.rounds), max(1.0, args.seconds), not args.skip_memory, args.only.split(",")
+        max(1, args.rounds),
+        max(1.0, args.seconds),
+        not args.skip_memory,
+        args.only.split(","),
+        args.before.resolve() if args.before else None,
+        args.litellm,
     )
     _print(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)

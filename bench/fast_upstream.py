@@ -4,6 +4,8 @@ Not the FAKE model server of the tests (paygate_dev.fake_model, aiohttp, too slo
 ceiling). It answers any request on a keep-alive HTTP/1.1 connection with a ~340-byte OpenAI
 chat completion, or, when the body asks ``"stream": true``, with an SSE stream of
 ``bench_chunks`` events spaced ``bench_interval_ms`` apart (chunked transfer encoding).
+``POST /verify`` is a facilitator
+that finds every payment valid.
 Only what the benchmark's clients and proxies send is parsed: a head and a Content-Length body.
 
     python -m bench.fast_upstream --port 9000
@@ -46,6 +48,14 @@ STREAM_HEAD = (
 )
 EVENT = b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"token "}}]}\n\n'  # noqa: E501
 DONE = b"data: [DONE]\n\n"
+# A facilitator that finds every payment valid at once (the bench's verify-only mode).
+VERIFY = b'{"isValid":true}'
+VERIFIED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+    + str(len(VERIFY)).encode()
+    + b"\r\n\r\n"
+    + VERIFY
+)
 MAX_HEAD = 16 * 1024
 
 
@@ -83,7 +93,9 @@ class _Connection(asyncio.Protocol):
                 return
             body = bytes(self._buffer[end + 4 : end + 4 + length])
             del self._buffer[: end + 4 + length]
-            if b'"stream":true' in body.replace(b" ", b""):
+            if head.startswith(b"post /verify "):
+                self._transport.write(VERIFIED)
+            elif b'"stream":true' in body.replace(b" ", b""):
                 self._streaming = True
                 asyncio.get_running_loop().create_task(self._stream(body))
             else:
@@ -92,7 +104,7 @@ class _Connection(asyncio.Protocol):
     async def _stream(self, body: bytes) -> None:
         request = json.loads(body)
         chunks = int(request.get("bench_chunks", 8))
-        interval = float(request.get("bench_interval_ms", 0)) / 1000
+        interval = float(request.get("bench_interval_ms", 5)) / 1000
         transport = self._transport
         if transport is None:
             return

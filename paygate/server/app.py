@@ -131,6 +131,9 @@ def build_app(
             timeout=aiohttp.ClientTimeout(total=None),
             auto_decompress=True,
             trust_env=False,
+            # No cookie store: a model server's Set-Cookie must never ride along on the next
+            # caller's request (and filtering a jar per request is wasted work).
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         app[SESSION] = session
         yield

@@ -169,6 +169,18 @@ class UpstreamReply:
         if self.usage is not None and self._on_usage is not None:
             self._on_usage(self.usage)
 
+    def arrived_whole(self) -> bytes | None:
+        """The whole body if it has all arrived already (a small reply usually comes with its
+        headers), else None and nothing is consumed. Counted like a body read in chunks."""
+        content = self._response.content
+        if not content.is_eof() or content.exception() is not None:
+            return None
+        body = content.read_nowait()
+        if self._usage_reader is not None:
+            self._usage_reader.feed(body)
+        self._finish_usage()
+        return body
+
     async def read_bounded(self, limit: int) -> bytes | None:
         """The whole decoded body, or None if it exceeds ``limit`` bytes (reading stops there)."""
         body = bytearray()

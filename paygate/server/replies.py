@@ -217,6 +217,14 @@ class Replies:
         if ticket.paid:
             # An upfront settlement's receipt is known now; otherwise it comes in-band.
             headers.update(receipt_headers(known))
+        if not chain and reply.plain_length is not None:
+            body = reply.arrived_whole()
+            if body is not None and len(body) == reply.plain_length:
+                # All of it is here: one write of head and body instead of a relay loop.
+                whole = web.Response(status=reply.status, body=body, headers=headers)
+                whole.headers[wire.OVERHEAD_HEADER] = _overhead(started, reply)
+                ticket.delivered = True
+                return whole
         response = web.StreamResponse(status=reply.status, headers=headers)
         if not chain and reply.plain_length is not None:
             response.content_length = reply.plain_length
