@@ -208,6 +208,8 @@ def _wrk(target: Target, connections: int, seconds: float, tmp: Path) -> dict[st
             f"-c{connections}",
             f"-d{round(seconds)}s",
             "--latency",
+            "--timeout",
+            "10s",
             "-s",
             str(script),
             f"http://127.0.0.1:{target.port}{PATH}",
@@ -221,7 +223,9 @@ def _wrk(target: Target, connections: int, seconds: float, tmp: Path) -> dict[st
     cpu = (_cpu_seconds(pids) - cpu_before) if pids else None
     line = next(x for x in out.splitlines() if x.startswith("BENCH "))
     result: dict[str, Any] = json.loads(line[6:])
-    target.spent += result["requests"] + connections  # those in flight at the end, too
+    # Those in flight at the end, and one more per reconnect (a timeout or a socket error):
+    # a payment sent once is never sent again.
+    target.spent += result["requests"] + 2 * connections + result["errors"]
     result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
     if cpu is not None and result["requests"]:
         result["cpu_us_per_request"] = cpu / result["requests"] * 1e6
@@ -538,9 +542,10 @@ def run(
                     row["rss_mb"] = _rss_mb(target.pids) if target.pids else None
                     samples.setdefault(target.name, []).append(row)
             if memory and "paygate" in targets:
-                print("memory: 1,000 streams, then 100k requests", file=sys.stderr)
-                extra["streams_1000"] = asyncio.run(_hold_streams(targets["paygate"], 1000, 8))
+                print("memory: 100k requests, then 1,000 streams", file=sys.stderr)
+                # Growth first: the streams' high-water mark would hide a leak afterwards.
                 extra["growth_100k"] = _growth(targets["paygate"], 100_000, tmp)
+                extra["streams_1000"] = asyncio.run(_hold_streams(targets["paygate"], 1000, 8))
     return _summarise(samples, extra, rounds, seconds)
 
 

@@ -60,9 +60,11 @@ LISTEN_BACKLOG = 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure becomes JSON in the route's shape; unexpected ones a bare 500.
+
+    Called by the one catch-all handler rather than mounted as a middleware: every request
+    reaches that handler, and aiohttp's middleware chain is rebuilt per request.
 
     Only the exception class is logged for the unexpected: its message or traceback could
     quote a body or a header.
@@ -108,7 +110,7 @@ def build_app(
     if routes is None:
         routes = engine_routes(profile_for(settings.upstream_kind).routes())
     upstream_config = settings.upstream()
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[LIMITER] = ConcurrencyLimiter(
@@ -196,7 +198,7 @@ def build_app(
     app.cleanup_ctx.extend([key_backend, client_session, upstream_runtime, payment, gateway])
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
-        return await request.app[GATEWAY].handle(request)
+        return await answer_errors(request, request.app[GATEWAY].handle)
 
     async def expect(request: web.Request) -> web.StreamResponse | None:
         # aiohttp's default echoes the header into its error and fails on non-UTF-8 bytes;
