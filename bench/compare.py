@@ -176,7 +176,6 @@ def _paygate_env(tmp: Path, port: int, upstream: int, **extra: str) -> dict[str,
         PAYGATE_KEY_FILE=str(tmp / "key.pem"),
         PAYGATE_LISTEN=f"127.0.0.1:{port}",
         PAYGATE_UPSTREAM_URL=f"http://127.0.0.1:{upstream}",
-        PAYGATE_UPSTREAM_KIND="openai",
         # Raised for the 1,000-stream case; the default (64) would answer 503 past 64.
         PAYGATE_MAX_CONCURRENT_REQUESTS="2000",
         PAYGATE_BODY_SLOTS="2000",
@@ -619,6 +618,29 @@ def _print(result: dict[str, Any]) -> None:
     print("load average at the end:", result["environment"]["loadavg_end"])
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The table as Markdown, for docs/PERFORMANCE.md."""
+
+    def f(v: float | None, spec: str) -> str:
+        return format(v, spec) if v is not None else "-"
+
+    lines = [
+        "| target | added p50, 1 conn (µs) | req/s, 16 conn | req/s, 64 conn "
+        "| proxy CPU / request (µs) | added TTFC (ms) | chunk gap (ms) | RSS (MB) "
+        "| CPU vs aiohttp-70 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in result["table"].items():
+        vs = row.get("vs_aiohttp", {})
+        lines.append(
+            f"| {name} | {f(row['added_p50_us'], '.0f')} | {f(row['rps16'], ',.0f')} "
+            f"| {f(row['rps64'], ',.0f')} | {f(row['cpu_us'], '.0f')} "
+            f"| {f(row['added_ttfc_ms'], '.2f')} | {f(row['gap_median_ms'], '.2f')} "
+            f"| {f(row['rss_mb'], '.0f')} | {f(vs.get('cpu'), '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
 def _plot(result: dict[str, Any]) -> None:
     import matplotlib  # only for the picture
 
@@ -682,6 +704,8 @@ def main() -> int:
         args.litellm,
     )
     _print(result)
+    print()
+    print(markdown(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.out == RESULTS:

@@ -14,7 +14,7 @@ apt_packages=(
   systemd                                            # systemd-analyze for the unit checks
   docker.io busybox-static debootstrap              # container tests: engine, probe image, rootfs
   cmake g++ ninja-build                              # llama.cpp's llama-server (setup_llama.sh)
-  postgresql nginx wrk                               # scale-out: shared ledger, load balancer, bench
+  postgresql nginx wrk                               # scale-out: shared ledger, load balancer, bench (also bench.compare)
 )
 
 log() { printf '[setup] %s\n' "$*" >&2; }
