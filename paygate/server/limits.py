@@ -98,6 +98,13 @@ async def read_body(
         raise BodyTooLarge(f"the request body is larger than {limit} bytes")
     if not request.body_exists:
         return b""
+    content = request.content
+    if content.is_eof() and content.exception() is None:
+        # A small body usually arrives with the headers: all here, nothing to wait for.
+        whole = content.read_nowait()
+        if len(whole) > limit:
+            raise BodyTooLarge(f"the request body is larger than {limit} bytes")
+        return whole
     body = bytearray()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
