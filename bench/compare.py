@@ -123,10 +123,12 @@ class Target:
 
 
 def _spawn(
-    argv: list[str], *, cpu: str, env: dict[str, str] | None = None, log: Path | None = None
+    argv: list[str], *, cpu: str | None, env: dict[str, str] | None = None, log: Path | None = None
 ) -> subprocess.Popen[bytes]:
+    """Start ``argv`` on CPU ``cpu`` (None: wherever the scheduler likes)."""
     out = log.open("wb") if log else subprocess.DEVNULL
-    return subprocess.Popen(["taskset", "-c", cpu, *argv], env=env, stdout=out, stderr=out)
+    pin = ["taskset", "-c", cpu] if cpu is not None else []
+    return subprocess.Popen([*pin, *argv], env=env, stdout=out, stderr=out)
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -428,7 +430,7 @@ def _targets(
             )
             procs.append(mini)
             targets["aiohttp-70"] = Target("aiohttp-70", port, [mini], body=chat)
-        if "paygate" in which:
+        if "paygate" in which or "workers" in which:
             subprocess.run(
                 [
                     PAYGATE,
@@ -445,10 +447,11 @@ def _targets(
             )
             pubkey = enclave.SoftwareKey.load_file(tmp / "key.pem").public_key
             sealed = enclave.seal_v2(pubkey, chat, method="POST", path=PATH).blob
-            variants = {
-                "paygate": ({}, os.environ.get("PYTHONPATH", "")),
-                "paygate-asyncio": ({"PAYGATE_EVENT_LOOP": "asyncio"}, None),
-                "paygate-paid": (
+            variants: dict[str, tuple[dict[str, str], str | None, str | None]] = {}
+            if "paygate" in which:
+                variants["paygate"] = ({}, None, PROXY_CPU)
+                variants["paygate-asyncio"] = ({"PAYGATE_EVENT_LOOP": "asyncio"}, None, PROXY_CPU)
+                variants["paygate-paid"] = (
                     {
                         "PAYGATE_PAYMENT_MODE": "verify-only",
                         "PAYGATE_PAY_TO": "0x" + "5e11e7" * 6 + "5e11",
@@ -458,16 +461,20 @@ def _targets(
                         "PAYGATE_LEDGER_PATH": str(tmp / "ledger.db"),
                     },
                     None,
-                ),
-            }
+                    PROXY_CPU,
+                )
             if before is not None:
-                variants["paygate-before"] = ({}, f"{before}:{before / 'devtools'}")
-            for name, (extra, pythonpath) in variants.items():
+                variants["paygate-before"] = ({}, f"{before}:{before / 'devtools'}", PROXY_CPU)
+            if "workers" in which:
+                # Scale-out (serve --workers): unpinned, so a second worker can use CPU 1.
+                for n in (1, 2):
+                    variants[f"paygate-{n}w-unpinned"] = ({"PAYGATE_WORKERS": str(n)}, None, None)
+            for name, (extra, pythonpath, cpu) in variants.items():
                 port = _port()
                 env = _paygate_env(tmp, port, up, **extra)
                 if pythonpath:
                     env["PYTHONPATH"] = pythonpath
-                gw = _spawn([PAYGATE, "serve"], cpu=PROXY_CPU, env=env, log=tmp / f"{name}.log")
+                gw = _spawn([PAYGATE, "serve"], cpu=cpu, env=env, log=tmp / f"{name}.log")
                 procs.append(gw)
                 targets[name] = Target(name, port, [gw], body=chat)
                 if name == "paygate":
@@ -479,8 +486,9 @@ def _targets(
                         content_type=enclave.CONTENT_TYPE,
                         sealed_key=pubkey,
                     )
-            _wait_port(targets["paygate-paid"].port)
-            targets["paygate-paid"].payments = _presign(targets["paygate-paid"], tmp)
+            if "paygate-paid" in targets:
+                _wait_port(targets["paygate-paid"].port)
+                targets["paygate-paid"].payments = _presign(targets["paygate-paid"], tmp)
         if litellm is not None:
             port = _port()
             config = tmp / "litellm.yaml"
@@ -675,8 +683,8 @@ def main() -> int:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument(
         "--only",
-        default="nginx,aiohttp,paygate",
-        help="comma-separated subset of nginx,aiohttp,paygate",
+        default="nginx,aiohttp,paygate,workers",
+        help="comma-separated subset of nginx,aiohttp,paygate,workers",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(

@@ -1,7 +1,7 @@
 """The gateway's event loop: uvloop by default where it is installed, else asyncio's own.
 
 Nothing in the gateway depends on which: both run the same aiohttp code. uvloop's transports
-and timers are written against libuv in C, which takes a third or more off the CPU spent per
+and timers are written against libuv in C, which takes about a sixth off the CPU spent per
 forwarded request (docs/PERFORMANCE.md).
 """
 
