@@ -4,7 +4,9 @@ Every target sits in front of the same fast fake upstream (bench.fast_upstream) 
 same load (Debian ``wrk``, one thread): nothing (the upstream itself, the ceiling), nginx
 (proxy_buffering off, keep-alive upstream), bench.mini_proxy (70 lines of aiohttp), paygate
 plain, paygate sealed v2 (software key; the same process, a sealed body) and paygate paid in
-verify-only mode against a loopback facilitator that answers /verify valid at once.
+verify-only mode against a loopback facilitator that answers /verify valid at once; with
+``--before DIR`` paygate from another source tree too, with ``--litellm BIN`` LiteLLM's proxy,
+and (``workers`` in ``--only``) ``paygate serve --workers 1`` and ``2`` unpinned.
 
 The proxy under test is pinned to CPU 0; wrk, the upstream and the stream client to CPU 1.
 Rounds are interleaved (every target once per round) and medians reported. Per target:
@@ -15,6 +17,8 @@ chunk spacing of SSE streams (8 events 5 ms apart), RSS. Then, for paygate alone
 bench/results/compare.json and bench/results/compare.png.
 
     .venv/bin/python -m bench.compare [--rounds 3] [--seconds 3] [--skip-memory]
+        [--before DIR]  # DIR from `git archive REV | tar -x -C DIR`
+        [--litellm .../bin/litellm]  # pip install 'litellm[proxy]' in a venv of its own
 """
 
 from __future__ import annotations
