@@ -654,8 +654,11 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def _plot(result: dict[str, Any]) -> None:
-    import matplotlib  # only for the picture
-
+    try:
+        import matplotlib  # only for the picture: the `bench` extra
+    except ImportError:
+        print("no plot: matplotlib is missing (pip install -e '.[bench]')", file=sys.stderr)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -47,7 +47,7 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   log "pip install -e .[hardware,postgres,dev] -e devtools (tpm2-pytss builds from source: about a minute)"
   .venv/bin/python -m pip install -q --upgrade pip
   # devtools/ is the test and demo tooling (paygate-dev): installed here, never shipped.
-  .venv/bin/python -m pip install -q -e ".[hardware,postgres,dev]" -e devtools
+  .venv/bin/python -m pip install -q -e ".[hardware,postgres,dev,bench]" -e devtools
   echo "$want" > "$stamp"
 fi
 # Local chain tools for the tests and the demo: anvil (a local EVM) and solc, from npm, pinned by
