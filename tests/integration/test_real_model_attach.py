@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,10 +91,19 @@ def _settings(server: LlamaServer, llama: LlamaBuild, **overrides: Any) -> dict[
     }
 
 
-def _metric(stack: Stack, line_start: str) -> int:
-    text = httpx.get(stack.url + "/metrics", timeout=10).text
-    values = [line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(line_start)]
-    return int(values[0]) if values else 0
+def _metric(stack: Stack, line_start: str, expect: int | None = None) -> int:
+    """A counter's value; with ``expect``, polled for up to 5 s until it has that value (the
+    gateway counts a stream's usage when the model server's body ends, which can be a moment
+    after the caller has read its last byte)."""
+    deadline = time.monotonic() + 5
+    while True:
+        text = httpx.get(stack.url + "/metrics", timeout=10).text
+        lines = text.splitlines()
+        values = [line.rsplit(" ", 1)[1] for line in lines if line.startswith(line_start)]
+        value = int(values[0]) if values else 0
+        if expect is None or value == expect or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
@@ -132,9 +142,14 @@ def test_replies_equal_the_servers_own(
         assert usage.prompt_tokens == expected_usage.prompt_tokens
         # The gateway read the same usage from the server's reply.
         tokens = 'paygate_tokens_total{kind="completion"}'
-        assert _metric(stack, tokens) == expected_usage.completion_tokens
-        assert _metric(stack, 'paygate_tokens_total{kind="prompt"}') == expected_usage.prompt_tokens
-        assert _metric(stack, "paygate_usage_replies_total") == 1
+        completion = expected_usage.completion_tokens
+        assert _metric(stack, tokens, completion) == completion
+        prompt_tokens = 'paygate_tokens_total{kind="prompt"}'
+        assert (
+            _metric(stack, prompt_tokens, expected_usage.prompt_tokens)
+            == expected_usage.prompt_tokens
+        )
+        assert _metric(stack, "paygate_usage_replies_total", 1) == 1
         if paid:
             record = transport.last_payment
             assert record is not None
