@@ -2,8 +2,9 @@
 
 A backend holds one P-256 private key and offers exactly what the envelopes need: its public key
 and ECDH with a peer's point. Hardware backends keep the private key inside the token or TPM;
-the scalar never exists in this process. Signing (attestation) will be added as a separate,
-optional protocol so that backends without it stay valid.
+the scalar never exists in this process. Signing receipts is a separate protocol,
+:class:`ReceiptSigner`, with a second key of its own (never the ECDH key): a backend that
+offers it keeps both keys in the same custody.
 
 Backends are synchronous and may block (a PKCS#11 call, a TPM round trip): async callers run
 them in an executor. Each backend serialises its own calls, so one instance can be shared by
@@ -51,6 +52,23 @@ class KeyBackend(Protocol):
 
     def close(self) -> None:
         """Release sessions and handles. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class ReceiptSigner(Protocol):
+    """A P-256 signing key beside the ECDH key, for signed receipts and unattested evidence."""
+
+    @property
+    def receipt_public_key(self) -> bytes:
+        """The 65-byte uncompressed point of the receipt-signing key."""
+        ...
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """ECDSA P-256 over a 32-byte SHA-256 ``digest``: the 64-byte ``r || s``.
+
+        Raises :class:`enclave.errors.KeyBackendError` when the backend fails.
+        """
         ...
 
 

@@ -3,6 +3,10 @@
 For development, tests and hosts without hardware. The file is created atomically with mode 0600
 and never overwritten; a file readable by group or others, or owned by another user, is refused
 (as OpenSSH does for its keys), because a leaked appliance key opens every recorded request.
+
+The receipt-signing key (:class:`~enclave.keys.base.ReceiptSigner`) is a second P-256 key in a
+file beside it, ``<name>.receipt.pem`` (same rules, same passphrase). Loading a key directory
+made before receipts existed creates that file once: the upgrade path.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ import os
 import stat
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
 from enclave import p256
 from enclave._files import fsync_dir, write_new_file
@@ -24,13 +29,20 @@ class SoftwareKey(ClosingKey):
     """A software P-256 key. ``repr`` and errors never show the scalar."""
 
     def __init__(
-        self, private_key: ec.EllipticCurvePrivateKey, *, path: Path | None = None
+        self,
+        private_key: ec.EllipticCurvePrivateKey,
+        *,
+        path: Path | None = None,
+        receipt_key: ec.EllipticCurvePrivateKey | None = None,
     ) -> None:
         if not isinstance(private_key.curve, ec.SECP256R1):
             raise KeyFileInvalid("the key is not on P-256")
         self._private_key = private_key
         self._public = p256.encode_public_key(private_key.public_key())
         self._path = path
+        # An in-memory key gets an in-memory receipt key: both live as long as this object.
+        self._receipt = receipt_key or ec.generate_private_key(p256.CURVE)
+        self._receipt_public = p256.encode_public_key(self._receipt.public_key())
 
     @classmethod
     def generate(cls) -> SoftwareKey:
@@ -59,19 +71,12 @@ class SoftwareKey(ClosingKey):
         """
         target = Path(path)
         key = cls.generate()
-        pem = key._private_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(passphrase)
-            if passphrase
-            else serialization.NoEncryption(),
-        )
         directory = target.parent
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            write_new_file(target, pem)
-        except FileExistsError:
-            raise KeyExists(f"key file already exists: {target}") from None
+        if receipt_key_path(target).exists():
+            raise KeyExists(f"key file already exists: {receipt_key_path(target)}")
+        _write_pem(target, key._private_key, passphrase)
+        _write_pem(receipt_key_path(target), key._receipt, passphrase)
         fsync_dir(directory)
         key._path = target
         return key
@@ -82,34 +87,22 @@ class SoftwareKey(ClosingKey):
     ) -> SoftwareKey:
         """Load a PKCS#8 PEM key, refusing a file others could read."""
         source = Path(path)
-        try:
-            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            raise KeyNotFound(f"no key file at {source}") from None
-        except OSError as exc:
-            raise KeyFileInvalid(f"cannot open key file {source}: {exc.strerror}") from None
-        with os.fdopen(fd, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if st.st_mode & 0o077:
-                raise KeyFileInsecure(
-                    f"key file {source} has mode {stat.S_IMODE(st.st_mode):04o}; "
-                    "it must not be accessible by group or others (chmod 600)"
-                )
-            if st.st_uid != os.geteuid():
-                raise KeyFileInsecure(f"key file {source} is owned by another user")
-            pem = fh.read(64 * 1024)  # a P-256 PEM is a few hundred bytes; bound the read
-        try:
-            key = serialization.load_pem_private_key(pem, password=passphrase)
-        except (ValueError, TypeError):
-            # Wrong or missing passphrase and malformed files alike; the message names neither.
-            raise KeyFileInvalid(
-                f"{source} is not a readable PKCS#8 P-256 key (or the passphrase is wrong)"
-            ) from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(
-            key.curve, ec.SECP256R1
-        ):
-            raise KeyFileInvalid(f"{source} does not hold a P-256 private key")
-        return cls(key, path=source)
+        key = _read_pem(source, passphrase)
+        receipt_path = receipt_key_path(source)
+        if receipt_path.exists():
+            receipt = _read_pem(receipt_path, passphrase)
+        else:  # a key made before receipts existed: add its receipt key once
+            receipt = ec.generate_private_key(p256.CURVE)
+            try:
+                _write_pem(receipt_path, receipt, passphrase)
+                fsync_dir(receipt_path.parent)
+            except KeyExists:  # another process added it first: use theirs
+                receipt = _read_pem(receipt_path, passphrase)
+            except OSError as exc:
+                raise KeyFileInvalid(
+                    f"cannot create the receipt key {receipt_path}: {exc.strerror}"
+                ) from None
+        return cls(key, path=source, receipt_key=receipt)
 
     @property
     def public_key(self) -> bytes:
@@ -117,6 +110,17 @@ class SoftwareKey(ClosingKey):
 
     def ecdh(self, peer_public_key: bytes) -> bytes:
         return p256.software_ecdh(self._private_key, peer_public_key)
+
+    @property
+    def receipt_public_key(self) -> bytes:
+        return self._receipt_public
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        if len(digest) != 32:
+            raise ValueError("a SHA-256 digest is 32 bytes")
+        der = self._receipt.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+        r, s = decode_dss_signature(der)
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
     def info(self) -> KeyInfo:
         details = {"file": str(self._path)} if self._path else {}
@@ -133,3 +137,52 @@ class SoftwareKey(ClosingKey):
 
     def __repr__(self) -> str:
         return f"SoftwareKey(public_key={self._public.hex()[:18]}…, file={self._path})"
+
+
+def receipt_key_path(key_file: Path) -> Path:
+    """Where the receipt-signing key of ``key_file`` lives: ``key.pem`` → ``key.receipt.pem``."""
+    return key_file.with_name(f"{key_file.stem}.receipt.pem")
+
+
+def _write_pem(target: Path, key: ec.EllipticCurvePrivateKey, passphrase: bytes | None) -> None:
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption(),
+    )
+    try:
+        write_new_file(target, pem)
+    except FileExistsError:
+        raise KeyExists(f"key file already exists: {target}") from None
+
+
+def _read_pem(source: Path, passphrase: bytes | None) -> ec.EllipticCurvePrivateKey:
+    """Read a PKCS#8 PEM P-256 key, refusing a file others could read."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise KeyNotFound(f"no key file at {source}") from None
+    except OSError as exc:
+        raise KeyFileInvalid(f"cannot open key file {source}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if st.st_mode & 0o077:
+            raise KeyFileInsecure(
+                f"key file {source} has mode {stat.S_IMODE(st.st_mode):04o}; "
+                "it must not be accessible by group or others (chmod 600)"
+            )
+        if st.st_uid != os.geteuid():
+            raise KeyFileInsecure(f"key file {source} is owned by another user")
+        pem = fh.read(64 * 1024)  # a P-256 PEM is a few hundred bytes; bound the read
+    try:
+        key = serialization.load_pem_private_key(pem, password=passphrase)
+    except (ValueError, TypeError):
+        # Wrong or missing passphrase and malformed files alike; the message names neither.
+        raise KeyFileInvalid(
+            f"{source} is not a readable PKCS#8 P-256 key (or the passphrase is wrong)"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise KeyFileInvalid(f"{source} does not hold a P-256 private key")
+    return key

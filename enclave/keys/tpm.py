@@ -30,6 +30,16 @@ Without a resource manager (swtpm, ``/dev/tpm0``) transient objects outlive a cl
 them and the TPM runs out of object slots (TPM_RC_OBJECT_MEMORY, 0x902; swtpm has three), so
 every path that loads something flushes it again: :meth:`TpmKey.close` and every failure path.
 
+Two more keys live beside it, created under the same parent and stored the same way (see
+:func:`ak_template`, :func:`receipt_key_template`): the **attestation key** (AK, ``ak.pub`` /
+``ak.priv``), a restricted ECDSA P-256 signing key that only signs TPM-made structures (quotes,
+certifications), and the **receipt key** (``receipt.pub`` / ``receipt.priv``), an ordinary
+ECDSA P-256 signing key for signed receipts. Both are fixedTPM | fixedParent |
+sensitiveDataOrigin. They are not kept loaded: each is loaded once, its context saved, and
+re-loaded from that context (no parent needed) for each use, then flushed, so an open key still
+holds one slot between calls. A key directory made before they existed gets them on its first
+open (the upgrade path).
+
 tpm2-pytss is optional (``pip install 'paygate[tpm]'``): it is imported only when a TPM key is
 generated or opened, so this module imports without it.
 """
@@ -39,7 +49,8 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -56,10 +67,21 @@ from enclave.errors import (
 from enclave.keys.base import ClosingKey, KeyInfo
 
 if TYPE_CHECKING:
-    from tpm2_pytss import ESAPI, ESYS_TR, TPM2B_PRIVATE, TPM2B_PUBLIC
+    from tpm2_pytss import (
+        ESAPI,
+        ESYS_TR,
+        TPM2B_PRIVATE,
+        TPM2B_PUBLIC,
+        TPMS_CONTEXT,
+        TPMT_SIGNATURE,
+    )
 
 PUBLIC_BLOB = "ecdh.pub"  # marshalled TPM2B_PUBLIC of the key
 PRIVATE_BLOB = "ecdh.priv"  # marshalled TPM2B_PRIVATE, wrapped by the parent
+AK_PUBLIC_BLOB = "ak.pub"  # the attestation key (restricted signing)
+AK_PRIVATE_BLOB = "ak.priv"
+RECEIPT_PUBLIC_BLOB = "receipt.pub"  # the receipt-signing key (ordinary signing)
+RECEIPT_PRIVATE_BLOB = "receipt.priv"
 PARENT_TEMPLATE = "tcg-ecc-p256-srk"  # name of parent_template(), shown by info()
 INSTALL_HINT = "tpm2-pytss is not installed: pip install 'paygate[tpm]'"
 
@@ -142,6 +164,84 @@ def ecdh_key_template() -> TPM2B_PUBLIC:
     return TPM2B_PUBLIC(public)
 
 
+def _signing_attributes(*, restricted: bool) -> int:
+    from tpm2_pytss import TPMA_OBJECT
+
+    attrs = (
+        TPMA_OBJECT.FIXEDTPM
+        | TPMA_OBJECT.FIXEDPARENT
+        | TPMA_OBJECT.SENSITIVEDATAORIGIN
+        | TPMA_OBJECT.USERWITHAUTH
+        | TPMA_OBJECT.NODA
+        | TPMA_OBJECT.SIGN_ENCRYPT
+    )
+    # restricted: the key signs only digests the TPM computed itself (quote, certify), never an
+    # outside digest that starts like a TPM structure, so its signatures cannot be forged.
+    return int(attrs | TPMA_OBJECT.RESTRICTED) if restricted else int(attrs)
+
+
+def _signing_template(*, restricted: bool) -> TPM2B_PUBLIC:
+    _require_binding()
+    from tpm2_pytss import TPM2_ALG, TPM2_ECC, TPM2B_PUBLIC, TPMA_OBJECT, TPMT_PUBLIC
+
+    public = TPMT_PUBLIC(
+        type=TPM2_ALG.ECC,
+        nameAlg=TPM2_ALG.SHA256,
+        objectAttributes=TPMA_OBJECT(_signing_attributes(restricted=restricted)),
+    )
+    detail = public.parameters.eccDetail
+    detail.symmetric.algorithm = TPM2_ALG.NULL
+    detail.scheme.scheme = TPM2_ALG.ECDSA
+    detail.scheme.details.ecdsa.hashAlg = TPM2_ALG.SHA256
+    detail.curveID = TPM2_ECC.NIST_P256
+    detail.kdf.scheme = TPM2_ALG.NULL
+    return TPM2B_PUBLIC(public)
+
+
+def ak_template() -> TPM2B_PUBLIC:
+    """The attestation key: restricted ECDSA-SHA256 P-256 signing, fixed to this TPM."""
+    return _signing_template(restricted=True)
+
+
+def receipt_key_template() -> TPM2B_PUBLIC:
+    """The receipt key: ordinary (unrestricted) ECDSA-SHA256 P-256 signing, fixed to this TPM."""
+    return _signing_template(restricted=False)
+
+
+def _point_of(public: TPM2B_PUBLIC, source: Path) -> bytes:
+    area = public.publicArea
+    x = bytes(area.unique.ecc.x.buffer)
+    y = bytes(area.unique.ecc.y.buffer)
+    if len(x) > p256.SCALAR_LEN or len(y) > p256.SCALAR_LEN:
+        raise KeyBackendError(f"{source} holds a malformed public point")
+    point = b"\x04" + x.rjust(p256.SCALAR_LEN, b"\x00") + y.rjust(p256.SCALAR_LEN, b"\x00")
+    try:
+        p256.load_public_key(point)
+    except InvalidPublicKey:
+        raise KeyBackendError(f"{source} holds a public point that is not on P-256") from None
+    return point
+
+
+def _check_signing_public(public: TPM2B_PUBLIC, source: Path, *, restricted: bool) -> bytes:
+    """Refuse a blob that is not our kind of signing key; return its 65-byte point."""
+    from tpm2_pytss import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
+
+    area = public.publicArea
+    detail = area.parameters.eccDetail
+    attrs = int(area.objectAttributes)
+    required = _signing_attributes(restricted=restricted)
+    if (
+        area.type != TPM2_ALG.ECC
+        or detail.curveID != TPM2_ECC.NIST_P256
+        or detail.scheme.scheme != TPM2_ALG.ECDSA
+        or attrs & required != required
+        or attrs & int(TPMA_OBJECT.DECRYPT)
+        or (not restricted and attrs & int(TPMA_OBJECT.RESTRICTED))
+    ):
+        raise KeyBackendError(f"{source} is not a fixed P-256 ECDSA TPM signing key")
+    return _point_of(public, source)
+
+
 def _check_key_public(public: TPM2B_PUBLIC, source: Path) -> bytes:
     """Refuse a public blob that is not our kind of key; return its 65-byte point."""
     from tpm2_pytss import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
@@ -160,16 +260,7 @@ def _check_key_public(public: TPM2B_PUBLIC, source: Path) -> bytes:
         or attrs & int(TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.RESTRICTED)
     ):
         raise KeyBackendError(f"{source} is not a fixed, decrypt-only P-256 ECDH TPM key")
-    x = bytes(area.unique.ecc.x.buffer)
-    y = bytes(area.unique.ecc.y.buffer)
-    if len(x) > p256.SCALAR_LEN or len(y) > p256.SCALAR_LEN:
-        raise KeyBackendError(f"{source} holds a malformed public point")
-    point = b"\x04" + x.rjust(p256.SCALAR_LEN, b"\x00") + y.rjust(p256.SCALAR_LEN, b"\x00")
-    try:
-        p256.load_public_key(point)
-    except InvalidPublicKey:
-        raise KeyBackendError(f"{source} holds a public point that is not on P-256") from None
-    return point
+    return _point_of(public, source)
 
 
 def _tpm(action: str, tcti: str, call: Callable[..., _T], *args: object) -> _T:
@@ -254,8 +345,48 @@ def _publish(directory: Path, name: str, data: bytes) -> None:
         raise KeyExists(f"TPM key blob already exists: {directory / name}") from None
 
 
+@dataclass(eq=False)
+class _SigningKey:
+    """One of the two signing keys stored beside the ECDH key (not kept loaded)."""
+
+    name: str  # "ak" | "receipt"
+    public: TPM2B_PUBLIC
+    private: TPM2B_PRIVATE
+    point: bytes
+    context: TPMS_CONTEXT | None = None  # saved after the first load; re-loaded for each use
+
+
+# name -> (public blob, private blob, restricted, what it is called in errors)
+_SIGNING_KEYS = {
+    "ak": (AK_PUBLIC_BLOB, AK_PRIVATE_BLOB, True, "attestation key"),
+    "receipt": (RECEIPT_PUBLIC_BLOB, RECEIPT_PRIVATE_BLOB, False, "receipt key"),
+}
+
+
+class TpmAccess:
+    """The open TPM connection of a :class:`TpmKey`, lent out under its lock (for
+    :mod:`enclave.attestation.tpm`): the ECDH key's handle and the signing keys on demand."""
+
+    def __init__(self, key: TpmKey, esapi: ESAPI) -> None:
+        self._key = key
+        self.esapi = esapi
+        self.tcti = key._tcti
+        self.ecdh_handle = key._child
+
+    @contextlib.contextmanager
+    def loaded(self, name: str) -> Iterator[ESYS_TR]:
+        """The signing key ``name`` ("ak" or "receipt") loaded for the block, flushed after."""
+        with self._key._loaded(self.esapi, name) as handle:
+            yield handle
+
+    def run(self, action: str, call: Callable[..., _T], *args: object) -> _T:
+        """One TPM command with this module's error mapping."""
+        return _tpm(action, self.tcti, call, *args)
+
+
 class TpmKey(ClosingKey):
-    """A TPM-resident P-256 ECDH key (see the module docstring for the layout).
+    """A TPM-resident P-256 ECDH key (see the module docstring for the layout), with its
+    attestation key and receipt key beside it.
 
     Create one with :meth:`generate` or :meth:`open`; close it (or use ``with``) to flush its
     transient objects. One TPM connection per instance; calls are serialised by a lock.
@@ -267,6 +398,8 @@ class TpmKey(ClosingKey):
         esapi: ESAPI,
         child: ESYS_TR,
         public_key: bytes,
+        public_blob: bytes,
+        signing: dict[str, _SigningKey],
         tcti: str,
         key_dir: Path,
     ) -> None:
@@ -274,30 +407,38 @@ class TpmKey(ClosingKey):
         self._esapi: ESAPI | None = esapi
         self._child = child
         self._public = public_key
+        self._public_blob = public_blob
+        self._signing = signing
         self._tcti = tcti
         self._key_dir = key_dir
         self._lock = threading.Lock()
 
     @classmethod
     def generate(cls, tcti: str, key_dir: str | os.PathLike[str]) -> TpmKey:
-        """Create a new key in the TPM, store its wrapped blobs in ``key_dir`` and open it.
+        """Create the ECDH key, the attestation key and the receipt key in the TPM, store their
+        wrapped blobs in ``key_dir`` and open them.
 
         Raises :class:`KeyExists` when ``key_dir`` already holds a blob (nothing is replaced)
         and :class:`TpmUnreachable` when the TPM cannot be reached.
         """
         _require_binding()
         directory = Path(key_dir)
-        for name in (PRIVATE_BLOB, PUBLIC_BLOB):
+        names = [PRIVATE_BLOB, PUBLIC_BLOB]
+        for public_name, private_name, _, _ in _SIGNING_KEYS.values():
+            names += [private_name, public_name]
+        for name in names:
             if (directory / name).exists():
                 raise KeyExists(f"TPM key blob already exists: {directory / name}")
         esapi = _connect(tcti)
         created: list[tuple[TPM2B_PRIVATE, TPM2B_PUBLIC, bytes]] = []
+        signing: dict[str, _SigningKey] = {}
 
         def create_and_load(primary: ESYS_TR) -> ESYS_TR:
             private, public = _tpm(
                 "create the ECDH key", tcti, esapi.create, primary, None, ecdh_key_template()
             )[:2]
             created.append((private, public, _check_key_public(public, directory / PUBLIC_BLOB)))
+            signing.update(_create_signing_keys(esapi, tcti, primary, directory, _SIGNING_KEYS))
             return _tpm("load the ECDH key", tcti, esapi.load, primary, private, public)
 
         child = _load_under_parent(esapi, tcti, create_and_load)
@@ -305,18 +446,29 @@ class TpmKey(ClosingKey):
         try:
             # Stored last: a failure above leaves no blobs behind to block a retry.
             _store_blobs(directory, public.marshal(), private.marshal())
+            for key in signing.values():
+                _store_signing_key(directory, key)
         except BaseException:
             _release(esapi, [child])
             raise
-        return cls(esapi=esapi, child=child, public_key=point, tcti=tcti, key_dir=directory)
+        return cls(
+            esapi=esapi,
+            child=child,
+            public_key=point,
+            public_blob=public.marshal(),
+            signing=signing,
+            tcti=tcti,
+            key_dir=directory,
+        )._warm()
 
     @classmethod
     def open(cls, tcti: str, key_dir: str | os.PathLike[str]) -> TpmKey:
         """Load the key stored in ``key_dir`` into the TPM.
 
-        Raises :class:`KeyNotFound` when a blob is missing, :class:`TpmUnreachable` when the TPM
-        cannot be reached, and :class:`KeyBackendError` when the TPM refuses the blobs (another
-        TPM, a cleared owner hierarchy, or damaged files).
+        A directory without the attestation and receipt keys (made before they existed) gets
+        them now. Raises :class:`KeyNotFound` when an ECDH blob is missing,
+        :class:`TpmUnreachable` when the TPM cannot be reached, and :class:`KeyBackendError`
+        when the TPM refuses the blobs (another TPM, a cleared owner hierarchy, damaged files).
         """
         _require_binding()
         from tpm2_pytss import TPM2B_PRIVATE, TPM2B_PUBLIC
@@ -327,7 +479,21 @@ class TpmKey(ClosingKey):
         public = _unmarshal(TPM2B_PUBLIC, raw_public, directory / PUBLIC_BLOB)
         private = _unmarshal(TPM2B_PRIVATE, raw_private, directory / PRIVATE_BLOB)
         point = _check_key_public(public, directory / PUBLIC_BLOB)
+        signing = {name: _read_signing_key(directory, name) for name in _SIGNING_KEYS}
+        missing = {name: _SIGNING_KEYS[name] for name, key in signing.items() if key is None}
         esapi = _connect(tcti)
+        if missing:  # the upgrade path: add what a pre-attestation directory lacks
+            primary: list[ESYS_TR] = []
+            try:
+                primary.append(_create_primary(esapi, tcti))
+                made = _create_signing_keys(esapi, tcti, primary[0], directory, missing)
+                _flush(esapi, [primary.pop()])
+                for key in made.values():
+                    _store_signing_key(directory, key)
+            except BaseException:
+                _release(esapi, primary)
+                raise
+            signing.update(made)
         # TPM2_Load checks the private blob's integrity against the parent and the public area:
         # blobs from another TPM, or edited ones, are refused here.
         child = _load_under_parent(
@@ -337,7 +503,29 @@ class TpmKey(ClosingKey):
                 "load the ECDH key blobs", tcti, esapi.load, primary, private, public
             ),
         )
-        return cls(esapi=esapi, child=child, public_key=point, tcti=tcti, key_dir=directory)
+        return cls(
+            esapi=esapi,
+            child=child,
+            public_key=point,
+            public_blob=raw_public,
+            signing={name: key for name, key in signing.items() if key is not None},
+            tcti=tcti,
+            key_dir=directory,
+        )._warm()
+
+    def _warm(self) -> TpmKey:
+        # Load each signing key once now (under the parent) and keep its saved context: later
+        # uses re-load from the context without a parent, so no operation needs more than three
+        # transient slots (the ECDH key, the AK, one more), swtpm's limit.
+        try:
+            with self.tpm_access() as tpm:
+                for name in self._signing:
+                    with tpm.loaded(name):
+                        pass
+        except BaseException:
+            self.close()
+            raise
+        return self
 
     @property
     def public_key(self) -> bytes:
@@ -363,6 +551,75 @@ class TpmKey(ClosingKey):
             raise KeyBackendError("TPM ECDH failed")
         # The TPM may drop leading zero bytes of the coordinate.
         return x.rjust(p256.SCALAR_LEN, b"\x00")
+
+    # --- signing keys ---------------------------------------------------------------------
+
+    @property
+    def receipt_public_key(self) -> bytes:
+        return self._signing["receipt"].point
+
+    def public_blob(self, name: str) -> bytes:
+        """The marshalled TPM2B_PUBLIC of "ecdh", "ak" or "receipt" (what a verifier hashes
+        into the key's Name)."""
+        if name == "ecdh":
+            return self._public_blob
+        return bytes(self._signing[name].public.marshal())
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """TPM2_Sign with the receipt key (ECDSA-SHA256): the 64-byte ``r || s``."""
+        if len(digest) != 32:
+            raise ValueError("a SHA-256 digest is 32 bytes")
+        from tpm2_pytss import (
+            TPM2_ALG,
+            TPM2_RH,
+            TPM2_ST,
+            TPM2B_DIGEST,
+            TPMT_SIG_SCHEME,
+            TPMT_TK_HASHCHECK,
+        )
+
+        scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
+        scheme.details.ecdsa.hashAlg = TPM2_ALG.SHA256
+        # An unrestricted key signs an outside digest with a NULL ticket.
+        ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
+        with self.tpm_access() as tpm, tpm.loaded("receipt") as handle:
+            signature = tpm.run(
+                "sign a receipt", tpm.esapi.sign, handle, TPM2B_DIGEST(digest), scheme, ticket
+            )
+        return ecdsa_raw(signature)
+
+    @contextlib.contextmanager
+    def tpm_access(self) -> Iterator[TpmAccess]:
+        """This key's TPM connection for the block, with every other caller kept out."""
+        with self._lock:
+            if self._esapi is None:
+                raise KeyBackendError("the TPM key is closed")
+            yield TpmAccess(self, self._esapi)
+
+    @contextlib.contextmanager
+    def _loaded(self, esapi: ESAPI, name: str) -> Iterator[ESYS_TR]:
+        # Called under self._lock (through TpmAccess).
+        key = self._signing[name]
+        what = _SIGNING_KEYS[name][3]
+        if key.context is None:
+            primary = _create_primary(esapi, self._tcti)
+            try:
+                handle = _tpm(
+                    f"load the {what}", self._tcti, esapi.load, primary, key.private, key.public
+                )
+            finally:
+                _flush(esapi, [primary])
+            try:
+                key.context = _tpm(f"save the {what}", self._tcti, esapi.context_save, handle)
+            except BaseException:
+                _flush(esapi, [handle])
+                raise
+        else:
+            handle = _tpm(f"load the {what}", self._tcti, esapi.context_load, key.context)
+        try:
+            yield handle
+        finally:
+            _flush(esapi, [handle])
 
     def info(self) -> KeyInfo:
         return KeyInfo(
@@ -394,6 +651,60 @@ class TpmKey(ClosingKey):
             f"TpmKey(public_key={self._public.hex()[:18]}…, key_dir={self._key_dir}, "
             f"tcti={self._tcti!r}, {state})"
         )
+
+
+def ecdsa_raw(signature: TPMT_SIGNATURE) -> bytes:
+    """The 64-byte ``r || s`` of a TPM ECDSA P-256 signature."""
+    r = bytes(signature.signature.ecdsa.signatureR.buffer)
+    s = bytes(signature.signature.ecdsa.signatureS.buffer)
+    if len(r) > p256.SCALAR_LEN or len(s) > p256.SCALAR_LEN:
+        raise KeyBackendError("the TPM returned a malformed ECDSA signature")
+    return r.rjust(p256.SCALAR_LEN, b"\x00") + s.rjust(p256.SCALAR_LEN, b"\x00")
+
+
+def _create_signing_keys(
+    esapi: ESAPI,
+    tcti: str,
+    primary: ESYS_TR,
+    directory: Path,
+    which: dict[str, tuple[str, str, bool, str]],
+) -> dict[str, _SigningKey]:
+    made: dict[str, _SigningKey] = {}
+    for name, (public_name, _, restricted, what) in which.items():
+        template = ak_template() if restricted else receipt_key_template()
+        private, public = _tpm(f"create the {what}", tcti, esapi.create, primary, None, template)[
+            :2
+        ]
+        point = _check_signing_public(public, directory / public_name, restricted=restricted)
+        made[name] = _SigningKey(name, public, private, point)
+    return made
+
+
+def _store_signing_key(directory: Path, key: _SigningKey) -> None:
+    public_name, private_name, _, _ = _SIGNING_KEYS[key.name]
+    _publish(directory, private_name, key.private.marshal())
+    try:
+        _publish(directory, public_name, key.public.marshal())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            (directory / private_name).unlink()
+        raise
+    fsync_dir(directory)
+
+
+def _read_signing_key(directory: Path, name: str) -> _SigningKey | None:
+    """The stored signing key ``name``, or None when neither of its blobs exists."""
+    from tpm2_pytss import TPM2B_PRIVATE, TPM2B_PUBLIC
+
+    public_name, private_name, restricted, _ = _SIGNING_KEYS[name]
+    if not (directory / public_name).exists() and not (directory / private_name).exists():
+        return None
+    public = _unmarshal(TPM2B_PUBLIC, _read_blob(directory / public_name), directory / public_name)
+    private = _unmarshal(
+        TPM2B_PRIVATE, _read_blob(directory / private_name), directory / private_name
+    )
+    point = _check_signing_public(public, directory / public_name, restricted=restricted)
+    return _SigningKey(name, public, private, point)
 
 
 def _create_primary(esapi: ESAPI, tcti: str) -> ESYS_TR:

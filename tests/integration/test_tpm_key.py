@@ -91,7 +91,10 @@ def test_generate_then_open_in_a_new_object_gives_the_same_key(tpm: Swtpm, key_d
         p256.load_public_key(public)
         _, peer_pub = software_peer()
         shared = key.ecdh(peer_pub)
-    assert sorted(p.name for p in key_dir.iterdir()) == sorted([PRIVATE_BLOB, PUBLIC_BLOB])
+    # The ECDH key, the attestation key and the receipt key: wrapped blobs only.
+    assert sorted(p.name for p in key_dir.iterdir()) == sorted(
+        [PRIVATE_BLOB, PUBLIC_BLOB, "ak.priv", "ak.pub", "receipt.priv", "receipt.pub"]
+    )
 
     with TpmKey.open(tpm.tcti, key_dir) as reopened:
         assert reopened.public_key == public
