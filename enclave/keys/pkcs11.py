@@ -12,6 +12,10 @@ PKCS#11 has two process-wide quirks this module absorbs:
 * A module reads its configuration and token list at ``C_Initialize`` (SoftHSM2 does not see a
   token initialised later), so a module is finalised when the last key using it closes.
 
+The receipt-signing key (:class:`~enclave.keys.base.ReceiptSigner`) is a second P-256 pair in
+the same token, labelled ``<key label>-receipt``, SIGN-only (CKM_ECDSA over a SHA-256 digest:
+SoftHSM2 has no CKM_ECDSA_SHA256). A token whose key predates receipts gets it on first open.
+
 python-pkcs11 is an optional dependency (``paygate[pkcs11]``): it is imported lazily so that this
 module, and everything importing it, works without it.
 """
@@ -49,6 +53,7 @@ if TYPE_CHECKING:
 __all__ = ["MECHANISM", "Pkcs11Key"]
 
 MECHANISM = "CKM_ECDH1_DERIVE"
+RECEIPT_SUFFIX = "-receipt"  # label of the receipt-signing pair: <key label>-receipt
 # DER of the namedCurve OID 1.2.840.10045.3.1.7 (prime256v1 / secp256r1): the EC_PARAMS value.
 P256_EC_PARAMS = bytes.fromhex("06082a8648ce3d030107")
 _INSTALL_HINT = "python-pkcs11 is not installed: pip install 'paygate[pkcs11]'"
@@ -262,6 +267,7 @@ class Pkcs11Key(ClosingKey):
         _session: Session,
         _private: PrivateKey,
         _public_key: bytes,
+        _receipt: tuple[PrivateKey, bytes],
         token_label: str,
         key_label: str,
     ) -> None:
@@ -271,6 +277,8 @@ class Pkcs11Key(ClosingKey):
         self._session: Session | None = _session
         self._private: PrivateKey | None = _private
         self._public = _public_key
+        self._receipt_private: PrivateKey | None = _receipt[0]
+        self._receipt_public = _receipt[1]
         self._token_label = token_label
         self._key_label = key_label
         self._check_pair()
@@ -314,15 +322,19 @@ class Pkcs11Key(ClosingKey):
                         f"{type(exc).__name__}"
                     ) from None
                 try:
+                    receipt_label = key_label + RECEIPT_SUFFIX
                     if generate:
                         _generate_pair(session, token_label, key_label)
+                        _generate_pair(session, token_label, receipt_label, sign=True)
                     private, public = _find_key(session, token_label, key_label)
+                    receipt = _find_or_add_receipt_key(token, session, token_label, receipt_label)
                     return cls(
                         _module=module,
                         _login=login,
                         _session=session,
                         _private=private,
                         _public_key=public,
+                        _receipt=receipt,
                         token_label=token_label,
                         key_label=key_label,
                     )
@@ -390,6 +402,28 @@ class Pkcs11Key(ClosingKey):
             raise KeyBackendError("PKCS#11 ECDH returned a secret of the wrong length")
         return secret
 
+    @property
+    def receipt_public_key(self) -> bytes:
+        return self._receipt_public
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """CKM_ECDSA in the token over a SHA-256 digest: the 64-byte ``r || s``."""
+        pkcs11 = _binding()
+        if len(digest) != 32:
+            raise ValueError("a SHA-256 digest is 32 bytes")
+        with self._module.lock:
+            if self._receipt_private is None:
+                raise KeyBackendError("the PKCS#11 key is closed")
+            try:
+                signature = bytes(
+                    self._receipt_private.sign(digest, mechanism=pkcs11.Mechanism.ECDSA)
+                )
+            except pkcs11.PKCS11Error as exc:
+                raise KeyBackendError(f"PKCS#11 signing failed: {type(exc).__name__}") from None
+        if len(signature) != 64:
+            raise KeyBackendError("the token returned a malformed ECDSA signature")
+        return signature
+
     def info(self) -> KeyInfo:
         """The public key, labels and module path (no PIN, no handles)."""
         return KeyInfo(
@@ -410,7 +444,7 @@ class Pkcs11Key(ClosingKey):
             if self._session is None or self._login is None:
                 return
             session, login = self._session, self._login
-            self._session = self._login = self._private = None
+            self._session = self._login = self._private = self._receipt_private = None
             with contextlib.suppress(Exception):
                 session.close()
             _logout(self._module, login)
@@ -430,10 +464,14 @@ class Pkcs11Key(ClosingKey):
         )
 
 
-def _generate_pair(session: Session, token_label: str, key_label: str) -> None:
-    """Generate the P-256 pair in the token. Holds module.lock."""
+def _generate_pair(
+    session: Session, token_label: str, key_label: str, *, sign: bool = False
+) -> None:
+    """Generate the P-256 pair in the token (derive-only, or sign-only with ``sign``).
+    Holds module.lock."""
     pkcs11 = _binding()
     attr = pkcs11.Attribute
+    flag = pkcs11.MechanismFlag.SIGN if sign else pkcs11.MechanismFlag.DERIVE
     # Any object with the label would make later lookups by label ambiguous.
     if next(iter(session.get_objects({attr.LABEL: key_label})), None) is not None:
         raise KeyExists(f"an object labelled {key_label!r} exists on PKCS#11 token {token_label!r}")
@@ -445,8 +483,8 @@ def _generate_pair(session: Session, token_label: str, key_label: str) -> None:
             id=key_id,
             label=key_label,
             store=True,
-            # Derive only: a key-agreement key that cannot also sign or decrypt.
-            capabilities=pkcs11.MechanismFlag.DERIVE,
+            # One job per key: the ECDH key derives only, the receipt key signs only.
+            capabilities=flag,
             # EC_PARAMS belongs in the public template only (SoftHSM2 rejects it on the
             # private one with CKR_ATTRIBUTE_READ_ONLY and copies it there itself).
             public_template={attr.EC_PARAMS: P256_EC_PARAMS, attr.TOKEN: True},
@@ -455,10 +493,35 @@ def _generate_pair(session: Session, token_label: str, key_label: str) -> None:
                 attr.PRIVATE: True,
                 attr.SENSITIVE: True,
                 attr.EXTRACTABLE: False,
-                attr.DERIVE: True,
+                attr.DERIVE: not sign,
+                attr.SIGN: sign,
             },
         )
     except pkcs11.PKCS11Error as exc:
         raise KeyBackendError(
             f"P-256 key generation on PKCS#11 token {token_label!r} failed: {type(exc).__name__}"
         ) from None
+
+
+def _find_or_add_receipt_key(
+    token: Token, session: Session, token_label: str, label: str
+) -> tuple[PrivateKey, bytes]:
+    """The receipt-signing pair; generated (read-write session) if the token lacks it.
+    Holds module.lock."""
+    pkcs11 = _binding()
+    try:
+        return _find_key(session, token_label, label)
+    except KeyNotFound:
+        pass
+    try:
+        writer = token.open(rw=True)
+    except pkcs11.PKCS11Error as exc:
+        raise KeyBackendError(
+            f"cannot add the receipt key to PKCS#11 token {token_label!r}: {type(exc).__name__}"
+        ) from None
+    try:
+        _generate_pair(writer, token_label, label, sign=True)
+    finally:
+        with contextlib.suppress(Exception):
+            writer.close()
+    return _find_key(session, token_label, label)

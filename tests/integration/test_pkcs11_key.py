@@ -132,7 +132,8 @@ def test_derived_secrets_do_not_linger_in_the_token(softhsm_token, key):
     lib = pkcs11.lib(os.path.realpath(softhsm_token.module_path))
     token = lib.get_token(token_label=softhsm_token.token_label)
     with token.open() as session:
-        assert len(list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))) == 1
+        # The ECDH key and the receipt-signing key, nothing else.
+        assert len(list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))) == 2
         assert list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY})) == []
 
 
@@ -358,3 +359,28 @@ def test_missing_binding_is_reported_and_the_module_still_imports(softhsm_token)
     assert result.stdout.strip() == str(
         BackendUnavailable("python-pkcs11 is not installed: pip install 'paygate[pkcs11]'")
     )
+
+
+def test_receipt_key_signs_in_the_token_and_is_added_to_an_old_token(softhsm_token, key):
+    import hashlib
+
+    import pkcs11
+    from pkcs11 import Attribute
+
+    from enclave.attestation.tpm import verify_signature
+
+    digest = hashlib.sha256(b"receipt").digest()
+    assert verify_signature(key.receipt_public_key, b"receipt", key.sign_digest(digest))
+    assert key.receipt_public_key != key.public_key
+    # A key made before receipts (no "-receipt" pair): opening adds one, once.
+    key.close()  # python-pkcs11 below logs in on its own (one login per application)
+    lib = pkcs11.lib(os.path.realpath(softhsm_token.module_path))
+    try:
+        token = lib.get_token(token_label=softhsm_token.token_label)
+        with token.open(rw=True, user_pin=softhsm_token.pin) as session:
+            for obj in list(session.get_objects({Attribute.LABEL: LABEL + "-receipt"})):
+                obj.destroy()
+    finally:
+        lib.finalize()
+    with _open(softhsm_token) as first, _open(softhsm_token) as second:
+        assert first.receipt_public_key == second.receipt_public_key != key.receipt_public_key

@@ -1,0 +1,230 @@
+"""The binding document: what one piece of attestation evidence vouches for, in one digest.
+
+A JSON object, serialised canonically per RFC 8785 (JSON Canonicalization Scheme, with the
+``rfc8785`` package by Trail of Bits) so that the verifier re-derives the exact bytes the
+appliance hashed. Its SHA-256 is the TPM quote's ``qualifyingData`` (TEE kinds put their own
+digest of it into their report data). Fields (docs/ATTESTATION.md):
+
+``version`` 1; ``nonce`` the verifier's 32 random bytes (hex); ``sealing_key`` and
+``receipt_key`` (65-byte points, hex); ``models`` [{``name``, ``digest`` "sha256:<hex>"}];
+``payment`` {``pay_to``, ``networks``, ``asset``, ``price_digest``} or null when the appliance
+does not charge; ``gateway`` {``version``, ``code_digest``}; ``issued_at`` (Unix seconds).
+
+The *configuration digest* is the SHA-256 of the same document without ``nonce`` and
+``issued_at``: what the appliance measured into its application PCR at start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import rfc8785
+
+from enclave import p256
+from enclave.errors import EnclaveError, InvalidPublicKey
+
+VERSION = 1
+NONCE_LEN = 32
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+_MAX_MODELS = 256
+_MAX_TEXT = 256
+
+
+class BindingInvalid(EnclaveError):
+    """the binding document is malformed"""
+
+    code = "evidence_malformed"
+
+
+def canonical(document: Any) -> bytes:
+    """RFC 8785 canonical JSON bytes."""
+    try:
+        return rfc8785.dumps(document)
+    except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
+        raise BindingInvalid(f"not canonicalisable JSON: {type(exc).__name__}") from None
+
+
+def sha256_digest(data: bytes) -> str:
+    """``sha256:<hex>``, the one spelling of digests in documents."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDigest:
+    name: str
+    digest: str  # sha256:<hex> of the weights
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentTerms:
+    pay_to: str
+    networks: tuple[str, ...]
+    asset: str
+    price_digest: str  # sha256 of the canonical price table
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    nonce: bytes
+    sealing_key: bytes
+    receipt_key: bytes
+    models: tuple[ModelDigest, ...]
+    payment: PaymentTerms | None
+    gateway_version: str
+    code_digest: str
+    issued_at: int
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "nonce": self.nonce.hex(),
+            **self._static(),
+            "issued_at": self.issued_at,
+        }
+
+    def _static(self) -> dict[str, Any]:
+        payment = None
+        if self.payment is not None:
+            payment = {
+                "pay_to": self.payment.pay_to,
+                "networks": list(self.payment.networks),
+                "asset": self.payment.asset,
+                "price_digest": self.payment.price_digest,
+            }
+        return {
+            "sealing_key": self.sealing_key.hex(),
+            "receipt_key": self.receipt_key.hex(),
+            "models": [{"name": m.name, "digest": m.digest} for m in self.models],
+            "payment": payment,
+            "gateway": {"version": self.gateway_version, "code_digest": self.code_digest},
+        }
+
+    def canonical(self) -> bytes:
+        return canonical(self.document())
+
+    def digest(self) -> bytes:
+        """SHA-256 of the canonical document: the quote's qualifying data."""
+        return hashlib.sha256(self.canonical()).digest()
+
+    def config_digest(self) -> bytes:
+        """SHA-256 of the document without nonce and time (measured into PCR 23)."""
+        return config_digest(
+            self.sealing_key,
+            self.receipt_key,
+            self.models,
+            self.payment,
+            self.gateway_version,
+            self.code_digest,
+        )
+
+    def model_digest(self, name: str) -> str | None:
+        return next((m.digest for m in self.models if m.name == name), None)
+
+
+def config_digest(
+    sealing_key: bytes,
+    receipt_key: bytes,
+    models: Sequence[ModelDigest],
+    payment: PaymentTerms | None,
+    gateway_version: str,
+    code_digest: str,
+) -> bytes:
+    static = Binding(
+        b"", sealing_key, receipt_key, tuple(models), payment, gateway_version, code_digest, 0
+    )._static()
+    return hashlib.sha256(canonical({"version": VERSION, **static})).digest()
+
+
+def parse(document: Any) -> Binding:
+    """A binding document from JSON, every field checked; :class:`BindingInvalid` otherwise."""
+    if not isinstance(document, Mapping) or document.get("version") != VERSION:
+        raise BindingInvalid("the binding document is not a version 1 object")
+    expected = {
+        "version", "nonce", "sealing_key", "receipt_key", "models", "payment", "gateway",
+        "issued_at",
+    }  # fmt: skip
+    if set(document) != expected:
+        raise BindingInvalid("the binding document has missing or unknown fields")
+    nonce = _hex(document["nonce"], "nonce")
+    if len(nonce) != NONCE_LEN:
+        raise BindingInvalid("the nonce is not 32 bytes")
+    models = document["models"]
+    if not isinstance(models, list) or len(models) > _MAX_MODELS:
+        raise BindingInvalid("models is not a list")
+    parsed_models = []
+    for item in models:
+        if not isinstance(item, Mapping) or set(item) != {"name", "digest"}:
+            raise BindingInvalid("a model entry is not {name, digest}")
+        parsed_models.append(ModelDigest(_text(item["name"]), _digest(item["digest"])))
+    gateway = document["gateway"]
+    if not isinstance(gateway, Mapping) or set(gateway) != {"version", "code_digest"}:
+        raise BindingInvalid("gateway is not {version, code_digest}")
+    issued_at = document["issued_at"]
+    if not isinstance(issued_at, int) or isinstance(issued_at, bool) or issued_at < 0:
+        raise BindingInvalid("issued_at is not a Unix time")
+    return Binding(
+        nonce=nonce,
+        sealing_key=_point(document["sealing_key"]),
+        receipt_key=_point(document["receipt_key"]),
+        models=tuple(parsed_models),
+        payment=_payment(document["payment"]),
+        gateway_version=_text(gateway["version"]),
+        code_digest=_digest(gateway["code_digest"]),
+        issued_at=issued_at,
+    )
+
+
+def _payment(value: Any) -> PaymentTerms | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or set(value) != {
+        "pay_to", "networks", "asset", "price_digest",
+    }:  # fmt: skip
+        raise BindingInvalid("payment is not {pay_to, networks, asset, price_digest}")
+    pay_to = value["pay_to"]
+    if not isinstance(pay_to, str) or not _ADDRESS.fullmatch(pay_to):
+        raise BindingInvalid("pay_to is not an address")
+    networks = value["networks"]
+    if not isinstance(networks, list) or not 0 < len(networks) <= 32:
+        raise BindingInvalid("networks is not a list")
+    return PaymentTerms(
+        pay_to=pay_to,
+        networks=tuple(_text(n) for n in networks),
+        asset=_text(value["asset"]),
+        price_digest=_digest(value["price_digest"]),
+    )
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= _MAX_TEXT:
+        raise BindingInvalid("a text field is empty, too long or not a string")
+    return value
+
+
+def _digest(value: Any) -> str:
+    if not isinstance(value, str) or not _DIGEST.fullmatch(value):
+        raise BindingInvalid("a digest is not sha256:<64 lower-case hex digits>")
+    return value
+
+
+def _hex(value: Any, what: str) -> bytes:
+    if not isinstance(value, str) or len(value) > 256:
+        raise BindingInvalid(f"{what} is not hex")
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise BindingInvalid(f"{what} is not hex") from None
+
+
+def _point(value: Any) -> bytes:
+    raw = _hex(value, "a public key")
+    try:
+        p256.load_public_key(raw)
+    except InvalidPublicKey:
+        raise BindingInvalid("a public key is not a P-256 point") from None
+    return raw

@@ -1,0 +1,91 @@
+"""The binding document and signed receipts: canonical bytes, strict parsing, signatures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from enclave import SoftwareKey, receipts
+from enclave.attestation import binding
+
+
+def _binding(nonce: bytes = b"\x07" * 32) -> binding.Binding:
+    key = SoftwareKey.generate()
+    return binding.Binding(
+        nonce=nonce,
+        sealing_key=key.public_key,
+        receipt_key=key.receipt_public_key,
+        models=(binding.ModelDigest("fake-model", "sha256:" + "ab" * 32),),
+        payment=binding.PaymentTerms(
+            "0x" + "11" * 20, ("eip155:84532",), "0x" + "22" * 20, "sha256:" + "cd" * 32
+        ),
+        gateway_version="0.1.0",
+        code_digest="sha256:" + "ef" * 32,
+        issued_at=1_700_000_000,
+    )
+
+
+def test_canonical_form_is_rfc8785_and_round_trips() -> None:
+    original = _binding()
+    raw = original.canonical()
+    # Keys sorted, no whitespace: the bytes a verifier re-derives from the parsed JSON.
+    assert raw == json.dumps(original.document(), sort_keys=True, separators=(",", ":")).encode()
+    parsed = binding.parse(json.loads(raw))
+    assert parsed == original
+    assert parsed.digest() == hashlib.sha256(raw).digest()
+    # The configuration digest ignores the nonce and the time, and nothing else.
+    assert _binding(b"\x01" * 32).config_digest() != original.config_digest()  # other keys
+    same = binding.parse({**original.document(), "nonce": "09" * 32, "issued_at": 5})
+    assert same.config_digest() == original.config_digest()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"nonce": "00" * 31},
+        {"sealing_key": "04" + "00" * 64},
+        {"models": [{"name": "m", "digest": "sha256:" + "AB" * 32}]},
+        {"payment": {"pay_to": "nope", "networks": ["x"], "asset": "a", "price_digest": "x"}},
+        {"issued_at": True},
+        {"extra": 1},
+        {"version": 2},
+    ],
+)
+def test_malformed_bindings_are_refused(change: dict[str, object]) -> None:
+    document = {**_binding().document(), **change}
+    with pytest.raises(binding.BindingInvalid):
+        binding.parse(document)
+
+
+def test_receipt_signs_and_verifies_and_refuses_tampering() -> None:
+    key = SoftwareKey.generate()
+    claims = {
+        "request_digest": receipts.body_digest(b"sealed"),
+        "reply_digest": receipts.body_digest(b"reply"),
+        "model": "fake-model",
+        "model_digest": "sha256:" + "ab" * 32,
+        "usage": {"prompt_tokens": 3, "completion_tokens": 5},
+        "payment": None,
+        "issued_at": 1_700_000_000,
+    }
+    token = receipts.sign(claims, key)
+    verified = receipts.verify(token, key.receipt_public_key)
+    assert verified["reply_digest"] == claims["reply_digest"]
+    payload, signature = token.split(".")
+    forged = json.loads(receipts._unb64(payload))
+    forged["reply_digest"] = receipts.body_digest(b"other")
+    tampered = receipts._b64(binding.canonical(forged)) + "." + signature
+    for bad in (tampered, token[:-2] + "AA", token + ".x", "", "x" * 10_000):
+        with pytest.raises(receipts.ReceiptInvalid):
+            receipts.verify(bad, key.receipt_public_key)
+    with pytest.raises(receipts.ReceiptInvalid):
+        receipts.verify(token, SoftwareKey.generate().receipt_public_key)  # another key
+
+
+def test_running_hash_equals_the_whole_body_digest() -> None:
+    running = receipts.RunningHash()
+    for chunk in (b"data: 1\n\n", b"data: 2\n\n"):
+        running.update(chunk)
+    assert running.digest() == receipts.body_digest(b"data: 1\n\ndata: 2\n\n")
