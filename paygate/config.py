@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     tpm_tcti: str = "device:/dev/tpmrm0"
     tpm_key_dir: Path = Path("/var/lib/paygate/tpm-key")
 
+    # --- attestation (docs/ATTESTATION.md) ---
+    attestation: Literal["auto", "tpm", "none"] = "auto"
+    attestation_max_concurrent: PositiveInt = 2
+    attestation_rate_per_minute: PositiveInt = 30
+
     # --- gateway (paygate serve) ---
     listen: str = "127.0.0.1:8402"
     upstream_url: str = "http://127.0.0.1:11434"

@@ -160,7 +160,7 @@ def parse(document: Any) -> Binding:
     for item in models:
         if not isinstance(item, Mapping) or set(item) != {"name", "digest"}:
             raise BindingInvalid("a model entry is not {name, digest}")
-        parsed_models.append(ModelDigest(_text(item["name"]), _digest(item["digest"])))
+        parsed_models.append(model_digest(item["name"], item["digest"]))
     gateway = document["gateway"]
     if not isinstance(gateway, Mapping) or set(gateway) != {"version", "code_digest"}:
         raise BindingInvalid("gateway is not {version, code_digest}")
@@ -177,6 +177,11 @@ def parse(document: Any) -> Binding:
         code_digest=_digest(gateway["code_digest"]),
         issued_at=issued_at,
     )
+
+
+def model_digest(name: Any, digest: Any) -> ModelDigest:
+    """One checked model entry (a name and ``sha256:<64 lower-case hex>``)."""
+    return ModelDigest(_text(name), _digest(digest))
 
 
 def _payment(value: Any) -> PaymentTerms | None:

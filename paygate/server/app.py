@@ -7,6 +7,8 @@ handed explicitly to the pipeline; there is no module-level state.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -15,11 +17,25 @@ import aiohttp
 from aiohttp import web
 
 from enclave import KeyBackend
-from paygate.config import Settings
+from enclave.attestation import binding
+from paygate.config import ConfigError, Settings
 from paygate.keys import open_key_backend
 from paygate.server import malformed
 from paygate.server.admission import Admission, AdmissionLimits
-from paygate.server.assembly import check_payment_settings, payment_step
+from paygate.server.assembly import (
+    check_payment_settings,
+    payment_step,
+    payment_terms,
+    price_policy,
+)
+from paygate.server.attestation import (
+    AttestationConfig,
+    AttestationService,
+    code_digest,
+    gateway_version,
+    parse_models,
+    price_digest,
+)
 from paygate.server.errors import (
     BodyTooLarge,
     ExpectationFailed,
@@ -51,6 +67,7 @@ METRICS = web.AppKey("metrics", Metrics)
 LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
 UPSTREAM = web.AppKey("upstream", UpstreamService)
 PAYMENTS = web.AppKey("payments", PaymentStep)  # type: ignore[type-abstract]
+ATTESTATION = web.AppKey("attestation", AttestationService)
 
 log = logging.getLogger("paygate.server")
 LINGERING_SECONDS = 5.0
@@ -107,6 +124,7 @@ def build_app(
     """
     if payments is None:
         check_payment_settings(settings)
+    attestation = attestation_config(settings)
     if routes is None:
         routes = engine_routes(profile_for(settings.upstream_kind).routes())
     upstream_config = settings.upstream()
@@ -172,6 +190,20 @@ def build_app(
             retries=settings.upstream_max_retries,
             metrics=app[METRICS],
         )
+        # The binding carries the weights' digests computed at start (paygate.upstream);
+        # then PCR 23 measures the application and the keys are certified, before listening.
+        try:
+            bound = dataclasses.replace(
+                attestation, models=parse_models(app[UPSTREAM].models_document())
+            )
+        except binding.BindingInvalid as exc:
+            raise ConfigError(f"a served model cannot be attested: {exc}") from None
+        service = AttestationService(bound, app[KEY])
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, service.start)
+        except TypeError as exc:  # a key backend without what this evidence kind needs
+            raise ConfigError(f"attestation {attestation.kind}: {exc}") from None
+        app[ATTESTATION] = service
         local = LocalEndpoints(
             key=app[KEY],
             upstream=upstream,
@@ -181,6 +213,7 @@ def build_app(
             probe_timeout=settings.ready_probe_timeout,
             upstream_status=app[UPSTREAM].status if app[UPSTREAM].monitored else None,
             models=app[UPSTREAM].models_document(),
+            attestation=service,
         )
         opener = Opener(app[KEY], app[METRICS].envelope)
         app[GATEWAY] = Gateway(
@@ -233,6 +266,43 @@ def admission_limits(settings: Settings) -> AdmissionLimits:
         require_encryption=settings.require_encryption,
         retry_after_seconds=settings.retry_after_seconds,
         trusted_proxies=parse_networks(settings.trusted_proxies),
+    )
+
+
+def attestation_config(settings: Settings) -> AttestationConfig:
+    """What the attestation endpoints bind and how much they may cost (docs/ATTESTATION.md)."""
+    kind = settings.attestation
+    if kind == "auto":
+        kind = "tpm" if settings.key_backend == "tpm" else "none"
+    if kind == "tpm" and settings.key_backend != "tpm":
+        raise ConfigError("attestation tpm needs key_backend tpm (PAYGATE_KEY_BACKEND=tpm)")
+    terms = None
+    if settings.payment_mode != "off":
+        seller = payment_terms(settings)
+        prices = price_policy(settings)
+        terms = binding.PaymentTerms(
+            pay_to=seller.pay_to,
+            networks=tuple(a.network.caip2 for a in seller.accepted),
+            asset=seller.accepted[0].asset.address,
+            price_digest=price_digest(
+                {
+                    "default": prices.default,
+                    "routes": prices.routes,
+                    "models": prices.models,
+                    "per_million_tokens": prices.per_million_tokens,
+                    "token_estimate": prices.token_estimate,
+                }
+            ),
+        )
+    return AttestationConfig(
+        kind=kind,
+        models=(),  # filled in at start with the digests of the weights served
+        payment=terms,
+        gateway_version=gateway_version(),
+        code_digest=code_digest(),
+        max_concurrent=settings.attestation_max_concurrent,
+        rate_per_minute=settings.attestation_rate_per_minute,
+        retry_after_seconds=settings.retry_after_seconds,
     )
 
 

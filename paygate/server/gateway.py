@@ -70,7 +70,10 @@ class Gateway:
             if request.query_string and not set(request.query) <= route.query:
                 raise QueryNotAllowed  # never forwarded, never echoed
             if route.target != "upstream":
-                response = await self._local[route.target](request)
+                local = self._local.get(route.target)
+                if local is None:  # e.g. attestation on a gateway built without it
+                    raise RouteNotFound
+                response = await local(request)
             else:
                 response = await self._forward(request, match)
         except GatewayError as exc:

@@ -14,6 +14,7 @@ from aiohttp import web
 
 import enclave
 from enclave import KeyBackend, hpke, p256
+from paygate.server.attestation import AttestationService
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.metrics import Metrics
 from paygate.server.proxy import Upstream
@@ -61,6 +62,7 @@ class LocalEndpoints:
         probe_timeout: float,
         upstream_status: Callable[[], Mapping[str, Any]] | None = None,
         models: Sequence[Mapping[str, str]] = (),
+        attestation: AttestationService | None = None,
     ) -> None:
         self._key = key
         self._upstream = upstream
@@ -71,15 +73,20 @@ class LocalEndpoints:
         self._upstream_status = upstream_status
         self._models = [dict(item) for item in models]
         self._pubkey = pubkey_document(key)
+        self._attestation = attestation
 
     def handlers(self) -> Mapping[Target, LocalHandler]:
-        return {
+        handlers: dict[Target, LocalHandler] = {
             "health": self.health,
             "live": self.live,
             "ready": self.ready,
             "metrics": self.metrics,
             "pubkey": self.pubkey,
         }
+        if self._attestation is not None:
+            handlers["attestation"] = self._attestation.handle_evidence
+            handlers["activate"] = self._attestation.handle_activate
+        return handlers
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response(

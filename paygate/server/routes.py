@@ -19,7 +19,9 @@ from paygate.server.errors import ApiStyle
 from paygate.upstream.engines import profile_for
 from paygate.upstream.engines.base import ServedRoute
 
-Target = Literal["upstream", "health", "live", "ready", "metrics", "pubkey"]
+Target = Literal[
+    "upstream", "health", "live", "ready", "metrics", "pubkey", "attestation", "activate"
+]
 
 
 class PriceHook(Protocol):
@@ -133,6 +135,8 @@ def engine_routes(served: Iterable[ServedRoute], price: PriceHook | None = None)
             free(wire.READY_PATH, "ready"),
             free(wire.METRICS_PATH, "metrics"),
             Route("GET", wire.PUBKEY_PATH, "openai", paid=False, target="pubkey"),
+            Route("GET", wire.ATTESTATION_PATH, "openai", paid=False, target="attestation"),
+            Route("POST", wire.ATTESTATION_ACTIVATE_PATH, "openai", paid=False, target="activate"),
         ]
     )
 

@@ -59,7 +59,8 @@ NEVER_FORWARDED = [
     ("GET", "/"),
     ("GET", "/_fake/stats"),
     ("POST", "/v1/responses"),
-    ("GET", "/v1/attestation"),
+    ("POST", "/v1/attestation"),  # GET is the (local) evidence route
+    ("GET", "/v1/attestation/activate"),
 ]
 
 

@@ -1,0 +1,348 @@
+"""The attestation endpoints: ``GET /v1/attestation?nonce=`` and ``POST /v1/attestation/activate``.
+
+Free and local (they answer before any payment or opening), rate-limited per caller address,
+and each quote holds one slot of a small global cap, so a flood of attestation requests cannot
+starve paid requests of the TPM: past the cap the answer is 503 at once, never a queue.
+
+Evidence kinds (docs/ATTESTATION.md): ``tpm`` (the TPM key backend: EK certificates, AK,
+quote over the binding digest, certifications of the sealing and receipt keys) and ``none``
+(software and PKCS#11 keys: the binding document signed by the receipt key, which proves
+nothing about where the keys live and says so). A nonce is mandatory: nothing is cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from aiohttp import web
+
+from enclave import KeyBackend, KeyBackendError
+from enclave.attestation import binding
+from enclave.attestation.tpm import APP_PCR, DEFAULT_PCRS, EK_HANDLES, TpmAttester, app_digest
+from enclave.keys.base import ReceiptSigner
+from paygate.server.errors import GatewayError
+
+EvidenceKind = Literal["tpm", "none"]
+MAX_ACTIVATION_BODY = 16 * 1024  # two marshalled TPM2B blobs of a few hundred bytes
+_MAX_TRACKED_CALLERS = 10_000  # bound of the per-address rate table (least recently seen go)
+
+
+class InvalidNonce(GatewayError):
+    """nonce must be 64 hexadecimal digits (32 random bytes), given as ?nonce="""
+
+    status = 400
+    code = "invalid_nonce"
+
+
+class InvalidActivation(GatewayError):
+    """the activation request must be JSON {ek, credential_blob, encrypted_secret} (base64url)"""
+
+    status = 400
+    code = "invalid_activation"
+
+
+class ActivationFailed(GatewayError):
+    """the TPM refused to activate this credential for its attestation key"""
+
+    status = 400
+    code = "activation_failed"
+
+
+class ActivationUnsupported(GatewayError):
+    """this appliance's evidence kind has no credential activation"""
+
+    status = 400
+    code = "activation_unsupported"
+
+
+class AttestationBusy(GatewayError):
+    """too many attestations in progress; retry shortly"""
+
+    status = 503
+    code = "attestation_busy"
+
+
+class AttestationRateLimited(GatewayError):
+    """too many attestation requests from this address; retry later"""
+
+    status = 429
+    code = "rate_limited"
+
+
+class AttestationUnavailable(GatewayError):
+    """the TPM could not produce evidence"""
+
+    status = 503
+    code = "attestation_unavailable"
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def unb64(text: object, limit: int = 4096) -> bytes:
+    if not isinstance(text, str) or len(text) > limit:
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True, slots=True)
+class AttestationConfig:
+    """What the endpoints need, built once in the app factory (never the whole Settings)."""
+
+    kind: EvidenceKind
+    models: tuple[binding.ModelDigest, ...]
+    payment: binding.PaymentTerms | None
+    gateway_version: str
+    code_digest: str
+    pcrs: tuple[int, ...] = DEFAULT_PCRS
+    max_concurrent: int = 2
+    rate_per_minute: int = 30
+    retry_after_seconds: int = 1
+
+
+class RateLimiter:
+    """A token bucket per caller address, with a bounded table."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate = per_minute / 60.0
+        self._burst = float(max(per_minute // 4, 2))
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def allow(self, caller: str) -> bool:
+        now = self._clock()
+        tokens, last = self._buckets.pop(caller, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        allowed = tokens >= 1.0
+        self._buckets[caller] = (tokens - 1.0 if allowed else tokens, now)
+        while len(self._buckets) > _MAX_TRACKED_CALLERS:
+            self._buckets.popitem(last=False)
+        return allowed
+
+
+class AttestationService:
+    """Makes evidence documents and answers credential activation for one key."""
+
+    def __init__(
+        self,
+        config: AttestationConfig,
+        key: KeyBackend,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(key, ReceiptSigner):
+            raise TypeError("the key backend has no receipt-signing key")
+        self._config = config
+        self._key = key
+        self._signer: ReceiptSigner = key
+        self._clock = clock
+        self._attester: TpmAttester | None = None
+        self._slots = asyncio.Semaphore(config.max_concurrent)
+        self._in_progress = 0
+        self._rate = RateLimiter(config.rate_per_minute)
+        self._tpm_static: dict[str, Any] = {}
+
+    @property
+    def kind(self) -> EvidenceKind:
+        return self._config.kind
+
+    def config_digest(self) -> bytes:
+        c = self._config
+        return binding.config_digest(
+            self._key.public_key,
+            self._signer.receipt_public_key,
+            c.models,
+            c.payment,
+            c.gateway_version,
+            c.code_digest,
+        )
+
+    def start(self) -> None:
+        """At service start (blocking; run in an executor): measure the application into
+        PCR 23 and certify the sealing and receipt keys once."""
+        if self._config.kind != "tpm":
+            return
+        from enclave.keys.tpm import TpmKey
+
+        if not isinstance(self._key, TpmKey):
+            raise TypeError("tpm attestation needs the tpm key backend")
+        attester = TpmAttester(self._key)
+        code = bytes.fromhex(self._config.code_digest.removeprefix("sha256:"))
+        digest = app_digest(code, self.config_digest())
+        attester.extend_app_pcr(digest)
+        certified = attester.certify_keys()
+        self._tpm_static = {
+            "ek_certificates": {k: b64(v) for k, v in attester.ek_certificates().items()},
+            "ak_public": b64(attester.ak_public),
+            "certify": {
+                name: {
+                    "public": b64(c.public),
+                    "attest": b64(c.certify.attest),
+                    "signature": b64(c.certify.signature),
+                }
+                for name, c in certified.items()
+            },
+            "app_pcr": {
+                "index": APP_PCR,
+                "code_digest": self._config.code_digest,
+                "config_digest": "sha256:" + self.config_digest().hex(),
+            },
+        }
+        self._attester = attester
+
+    def _binding(self, nonce: bytes) -> binding.Binding:
+        c = self._config
+        return binding.Binding(
+            nonce=nonce,
+            sealing_key=self._key.public_key,
+            receipt_key=self._signer.receipt_public_key,
+            models=c.models,
+            payment=c.payment,
+            gateway_version=c.gateway_version,
+            code_digest=c.code_digest,
+            issued_at=int(self._clock()),
+        )
+
+    def evidence(self, nonce: bytes) -> dict[str, Any]:
+        """The evidence document for ``nonce`` (blocking: one TPM quote or one signature)."""
+        bound = self._binding(nonce)
+        document: dict[str, Any] = {"kind": self._config.kind, "binding": bound.document()}
+        if self._config.kind == "tpm":
+            assert self._attester is not None  # start() ran
+            quote, pcrs = self._attester.quote(bound.digest(), self._config.pcrs)
+            document["tpm"] = {
+                **self._tpm_static,
+                "quote": {"attest": b64(quote.attest), "signature": b64(quote.signature)},
+                "pcrs": {str(i): v.hex() for i, v in sorted(pcrs.items())},
+            }
+        else:
+            # Honest, not attested: the receipt key vouches for the binding, nothing vouches
+            # for the receipt key.
+            signature = self._signer.sign_digest(bound.digest())
+            document["none"] = {"signature": b64(signature)}
+        return document
+
+    def activate(self, ek: str, blob: bytes, secret: bytes) -> bytes:
+        if self._attester is None:
+            raise ActivationUnsupported
+        return self._attester.activate(ek, blob, secret)
+
+    # --- HTTP ---------------------------------------------------------------------------
+
+    def _admit(self, request: web.Request) -> None:
+        if not self._rate.allow(request.remote or "unknown"):
+            raise AttestationRateLimited(headers={"Retry-After": "60"})
+
+    async def _blocking(self, call: Callable[..., Any], *args: object) -> Any:
+        # The global cap: a quote holds the TPM (shared with every paid request's ECDH).
+        if self._in_progress >= self._config.max_concurrent:
+            raise AttestationBusy(headers={"Retry-After": str(self._config.retry_after_seconds)})
+        self._in_progress += 1
+        try:
+            async with self._slots:
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(None, call, *args)
+        finally:
+            self._in_progress -= 1
+
+    async def handle_evidence(self, request: web.Request) -> web.Response:
+        values = request.query.getall("nonce", [])
+        if len(values) != 1 or len(values[0]) != 2 * binding.NONCE_LEN:
+            raise InvalidNonce
+        try:
+            nonce = bytes.fromhex(values[0])
+        except ValueError:
+            raise InvalidNonce from None
+        self._admit(request)
+        try:
+            document = await self._blocking(self.evidence, nonce)
+        except KeyBackendError:
+            raise AttestationUnavailable from None
+        return web.json_response(document, headers={"Cache-Control": "no-store"})
+
+    async def handle_activate(self, request: web.Request) -> web.Response:
+        if self._config.kind != "tpm":
+            raise ActivationUnsupported
+        if (request.content_length or 0) > MAX_ACTIVATION_BODY:
+            raise InvalidActivation
+        raw = await request.content.read(MAX_ACTIVATION_BODY + 1)
+        if len(raw) > MAX_ACTIVATION_BODY:
+            raise InvalidActivation
+        try:
+            body = json.loads(raw)
+            ek = body["ek"]
+            blob = unb64(body["credential_blob"])
+            secret = unb64(body["encrypted_secret"])
+        except (ValueError, KeyError, TypeError, RecursionError):
+            raise InvalidActivation from None
+        if ek not in EK_HANDLES:
+            raise InvalidActivation(f"ek must be one of {', '.join(sorted(EK_HANDLES))}")
+        self._admit(request)
+        try:
+            recovered = await self._blocking(self.activate, ek, blob, secret)
+        except ValueError:
+            raise InvalidActivation from None
+        except KeyBackendError:
+            raise ActivationFailed from None
+        return web.json_response({"secret": b64(recovered)}, headers={"Cache-Control": "no-store"})
+
+
+# --- what the app factory measures ----------------------------------------------------------
+
+
+def gateway_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("paygate")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def code_digest(packages: Sequence[str] = ("paygate", "enclave")) -> str:
+    """SHA-256 over the gateway's Python sources as installed: each file's path relative to its
+    package root and its bytes, in sorted order."""
+    import importlib.util
+
+    hasher = hashlib.sha256()
+    for package in packages:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(next(iter(spec.submodule_search_locations)))
+        for path in sorted(root.rglob("*.py")):
+            relative = f"{package}/{path.relative_to(root).as_posix()}"
+            data = path.read_bytes()
+            hasher.update(f"{relative}\0{len(data)}\0".encode())
+            hasher.update(data)
+    return "sha256:" + hasher.hexdigest()
+
+
+def price_digest(table: Mapping[str, Any]) -> str:
+    """sha256 of the canonical price table (decimals as strings)."""
+    return binding.sha256_digest(binding.canonical(_jsonable(table)))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    return str(value)
+
+
+def parse_models(models: Sequence[Mapping[str, str]]) -> tuple[binding.ModelDigest, ...]:
+    """``[{"name", "digest"}]`` of the weights served, checked for the binding document."""
+    return tuple(binding.model_digest(item["name"], item["digest"]) for item in models)
