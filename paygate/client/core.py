@@ -8,6 +8,7 @@ hand to httpx, with the decoder its body must pass through.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import deque
 from collections.abc import Callable, Generator
@@ -21,6 +22,12 @@ from eth_account.signers.local import LocalAccount
 import enclave
 from enclave import DecryptionError, ReplyKeys, SoftwareKey
 from paygate import wire
+from paygate.client.attestation import (
+    AttestationPolicy,
+    Attested,
+    Exchange,
+    check_model,
+)
 from paygate.client.errors import PaymentRefused, ReplyNotSealed, ReplyOpenFailed
 from paygate.client.payer import (
     MAX_CHALLENGE_BYTES,
@@ -171,6 +178,7 @@ class ClientCore:
         on_receipt: ReceiptCallback | None,
         max_request_bytes: int,
         max_sealed_reply_bytes: int,
+        attestation: AttestationPolicy | None = None,
     ) -> None:
         if envelope not in ("v2", "v1", "plain"):
             raise ValueError("envelope must be 'v2', 'v1' or 'plain'")
@@ -188,6 +196,8 @@ class ClientCore:
         self.max_sealed_reply_bytes = max_sealed_reply_bytes
         self._payments: deque[PaymentRecord] = deque(maxlen=PAYMENT_LOG_SIZE)
         self._keys: dict[str, EnclaveKey] = {}
+        self.attestation = attestation
+        self._attested: dict[str, Attested] = {}
         self._lock = threading.Lock()
 
     # --- keys ------------------------------------------------------------------------------
@@ -203,6 +213,37 @@ class ClientCore:
     def forget_keys(self) -> None:
         with self._lock:
             self._keys.clear()
+            self._attested.clear()
+
+    # --- attestation -----------------------------------------------------------------------
+
+    def attested(self, origin: str) -> Attested | None:
+        with self._lock:
+            return self._attested.get(origin)
+
+    def store_attested(self, attested: Attested) -> None:
+        with self._lock:
+            self._attested[attested.origin] = attested
+
+    def exchange_request(self, exchange: Exchange, original: httpx.Request) -> httpx.Request:
+        timeout = original.extensions.get("timeout")
+        headers = {"Accept": "application/json"}
+        if exchange.body is not None:
+            headers["Content-Type"] = "application/json"
+        return httpx.Request(
+            exchange.method,
+            exchange.url,
+            headers=headers,
+            content=exchange.body,
+            extensions={"timeout": timeout} if timeout is not None else {},
+        )
+
+    def _check_model(self, origin: str, body: bytes) -> None:
+        policy = self.attestation
+        attested = self.attested(origin)
+        if policy is None or attested is None or not policy.model_digests:
+            return
+        check_model(attested, policy, model_of(body))
 
     def key_request(self, command: LoadKey) -> httpx.Request:
         url = self.pubkey_url or httpx.URL(command.origin + PUBKEY_PATH)
@@ -280,6 +321,7 @@ class ClientCore:
         key: EnclaveKey | None = None
         if envelope != "plain":
             key = yield LoadKey(origin_of(request.url), request)
+            self._check_model(origin_of(request.url), body)
         attempt = self._attempt(request, body, envelope, key, None)
         response = yield Send(attempt.request)
         record: PaymentRecord | None = None
@@ -415,6 +457,18 @@ class ClientCore:
 
         scanner = ReceiptScanner(content_type, sink)
         return scanner if scanner.active else None
+
+
+def model_of(body: bytes) -> str | None:
+    """The ``model`` a JSON request body asks for, if any (bounded: never the whole body)."""
+    if not body or len(body) > DEFAULT_MAX_REQUEST_BYTES or body.lstrip()[:1] != b"{":
+        return None
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    model = value.get("model") if isinstance(value, dict) else None
+    return model if isinstance(model, str) else None
 
 
 def _sniff(plaintext: bytes) -> str:

@@ -88,3 +88,84 @@ class WalletKeyError(ClientError):
     not a private key). The message never shows the key."""
 
     code = "wallet_key_invalid"
+
+
+# --- attestation (docs/ATTESTATION.md): each refusal has its own code; nothing was sealed or paid
+
+
+class AttestationRefused(AttestationFailed):
+    """The appliance's evidence did not satisfy the AttestationPolicy; nothing was sealed.
+
+    ``checks`` lists every check run, in order (``enclave.attestation.base.Check``).
+    """
+
+    code = "attestation_failed"
+
+    def __init__(self, message: str, checks: tuple[object, ...] = ()) -> None:
+        super().__init__(message)
+        self.checks = checks
+
+
+class EvidenceUnavailable(AttestationRefused):
+    code = "evidence_unavailable"
+
+
+class EvidenceMalformed(AttestationRefused):
+    code = "evidence_malformed"
+
+
+class EvidenceStale(AttestationRefused):
+    code = "evidence_stale"
+
+
+class NonceMismatch(AttestationRefused):
+    code = "nonce_mismatch"
+
+
+class Unattested(AttestationRefused):
+    code = "unattested"
+
+
+class EkUntrusted(AttestationRefused):
+    code = "ek_untrusted"
+
+
+class AkInvalid(AttestationRefused):
+    code = "ak_invalid"
+
+
+class ActivationFailed(AttestationRefused):
+    code = "activation_failed"
+
+
+class QuoteInvalid(AttestationRefused):
+    code = "quote_invalid"
+
+
+class PcrMismatch(AttestationRefused):
+    code = "pcr_mismatch"
+
+
+class KeyNotCertified(AttestationRefused):
+    code = "key_not_certified"
+
+
+class ModelNotAccepted(AttestationRefused):
+    code = "model_not_accepted"
+
+
+class PayToMismatch(AttestationRefused):
+    code = "pay_to_mismatch"
+
+
+class ReceiptInvalid(ClientError):
+    """A reply's signed receipt is missing, malformed, not signed by the attested receipt key,
+    or does not match the request or the reply received."""
+
+    code = "receipt_invalid"
+
+
+class ReceiptMismatch(ReceiptInvalid):
+    """A signed receipt whose request, reply or model digest is not what this client saw."""
+
+    code = "receipt_mismatch"

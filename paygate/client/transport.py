@@ -18,6 +18,12 @@ from types import TracebackType
 import httpx
 from eth_account.signers.local import LocalAccount
 
+from paygate.client.attestation import (
+    MAX_EVIDENCE_BYTES,
+    AttestationPolicy,
+    Attested,
+    attestation_flow,
+)
 from paygate.client.core import (
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_SEALED_REPLY_BYTES,
@@ -86,6 +92,10 @@ class _Facade:
         """Drop cached keys: the next request fetches (and pins, attests) again."""
         self._core.forget_keys()
 
+    def attested(self, origin: str) -> Attested | None:
+        """What the AttestationPolicy verified at ``origin`` (its checks and binding)."""
+        return self._core.attested(origin)
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(envelope={self._core.envelope!r}, "
@@ -106,6 +116,9 @@ class PaygateTransport(_Facade, httpx.BaseTransport):
         envelope: ``"v2"`` (default), ``"v1"`` for Obol-style gateways, ``"plain"`` to only pay.
         pin: the expected appliance key (65-byte point, hex) or its SHA-256 fingerprint.
         attest: called with the key before first use; raising refuses it.
+        attestation: an :class:`AttestationPolicy`: verify the appliance's evidence before
+            the first request to an origin (and whenever its key changes); refused → a
+            ``ClientError`` with its own code, nothing sealed or paid.
         wallet: an eth-account ``LocalAccount`` that pays 402s (None: 402s are returned).
         spend: the :class:`SpendPolicy` (required with a wallet).
         x402_version: answer only v1 or only v2 challenges (None: prefer v2).
@@ -128,6 +141,7 @@ class PaygateTransport(_Facade, httpx.BaseTransport):
         on_receipt: ReceiptCallback | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         max_sealed_reply_bytes: int = DEFAULT_MAX_SEALED_REPLY_BYTES,
+        attestation: AttestationPolicy | None = None,
     ) -> None:
         self._core = ClientCore(
             envelope=envelope,
@@ -139,6 +153,7 @@ class PaygateTransport(_Facade, httpx.BaseTransport):
             on_receipt=on_receipt,
             max_request_bytes=max_request_bytes,
             max_sealed_reply_bytes=max_sealed_reply_bytes,
+            attestation=attestation,
         )
         self._inner = transport if transport is not None else httpx.HTTPTransport()
         self._attest = attest
@@ -190,6 +205,8 @@ class PaygateTransport(_Facade, httpx.BaseTransport):
             response = self._inner.handle_request(self._core.key_request(command))
             body = _read_body(response, MAX_PUBKEY_DOCUMENT, "the key document")
             key = self._core.accept_key(command.origin, response.status_code, body)
+            if self._core.attestation is not None:
+                self._core.store_attested(self._attest_origin(command, key))
             if self._attest is not None:
                 try:
                     self._attest(key)
@@ -199,6 +216,20 @@ class PaygateTransport(_Facade, httpx.BaseTransport):
                     raise _attestation_failed(exc) from exc
             self._core.store_key(key)
             return key
+
+    def _attest_origin(self, command: LoadKey, key: EnclaveKey) -> Attested:
+        assert self._core.attestation is not None
+        flow = attestation_flow(command.origin, self._core.attestation, key.public_key)
+        try:
+            exchange = next(flow)
+            while True:
+                request = self._core.exchange_request(exchange, command.request)
+                response = self._inner.handle_request(request)
+                body = _read_body(response, MAX_EVIDENCE_BYTES, "the attestation evidence")
+                exchange = flow.send((response.status_code, body))
+        except StopIteration as stop:
+            attested: Attested = stop.value
+            return attested
 
     def close(self) -> None:
         self._inner.close()
@@ -234,6 +265,7 @@ class AsyncPaygateTransport(_Facade, httpx.AsyncBaseTransport):
         on_receipt: ReceiptCallback | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         max_sealed_reply_bytes: int = DEFAULT_MAX_SEALED_REPLY_BYTES,
+        attestation: AttestationPolicy | None = None,
     ) -> None:
         self._core = ClientCore(
             envelope=envelope,
@@ -245,6 +277,7 @@ class AsyncPaygateTransport(_Facade, httpx.AsyncBaseTransport):
             on_receipt=on_receipt,
             max_request_bytes=max_request_bytes,
             max_sealed_reply_bytes=max_sealed_reply_bytes,
+            attestation=attestation,
         )
         self._inner = transport if transport is not None else httpx.AsyncHTTPTransport()
         self._attest = attest
@@ -296,6 +329,8 @@ class AsyncPaygateTransport(_Facade, httpx.AsyncBaseTransport):
             response = await self._inner.handle_async_request(self._core.key_request(command))
             body = await _aread_body(response, MAX_PUBKEY_DOCUMENT, "the key document")
             key = self._core.accept_key(command.origin, response.status_code, body)
+            if self._core.attestation is not None:
+                self._core.store_attested(await self._attest_origin(command, key))
             if self._attest is not None:
                 try:
                     result = self._attest(key)
@@ -307,6 +342,20 @@ class AsyncPaygateTransport(_Facade, httpx.AsyncBaseTransport):
                     raise _attestation_failed(exc) from exc
             self._core.store_key(key)
             return key
+
+    async def _attest_origin(self, command: LoadKey, key: EnclaveKey) -> Attested:
+        assert self._core.attestation is not None
+        flow = attestation_flow(command.origin, self._core.attestation, key.public_key)
+        try:
+            exchange = next(flow)
+            while True:
+                request = self._core.exchange_request(exchange, command.request)
+                response = await self._inner.handle_async_request(request)
+                body = await _aread_body(response, MAX_EVIDENCE_BYTES, "the attestation evidence")
+                exchange = flow.send((response.status_code, body))
+        except StopIteration as stop:
+            attested: Attested = stop.value
+            return attested
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -420,6 +469,20 @@ class _AsyncBody(httpx.AsyncByteStream):
         self._ended = True
         for chunk in self._decoder.end():
             yield chunk
+
+    async def _attest_origin(self, command: LoadKey, key: EnclaveKey) -> Attested:
+        assert self._core.attestation is not None
+        flow = attestation_flow(command.origin, self._core.attestation, key.public_key)
+        try:
+            exchange = next(flow)
+            while True:
+                request = self._core.exchange_request(exchange, command.request)
+                response = await self._inner.handle_async_request(request)
+                body = await _aread_body(response, MAX_EVIDENCE_BYTES, "the attestation evidence")
+                exchange = flow.send((response.status_code, body))
+        except StopIteration as stop:
+            attested: Attested = stop.value
+            return attested
 
     async def aclose(self) -> None:
         try:

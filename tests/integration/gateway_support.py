@@ -17,7 +17,7 @@ import aiohttp
 from aiohttp import web
 from paygate_dev.fake_model import FakeModelServer
 
-from enclave import SoftwareKey
+from enclave import KeyBackend, SoftwareKey
 from paygate.config import Settings, load_settings
 from paygate.server.app import LISTEN_BACKLOG, build_app, server_options
 
@@ -27,7 +27,7 @@ TIMEOUT = aiohttp.ClientTimeout(total=15)
 @dataclass
 class Stack:
     fake: FakeModelServer
-    key: SoftwareKey
+    key: KeyBackend
     settings: Settings
     url: str  # the gateway
     fake_url: str
@@ -50,12 +50,17 @@ async def _serve(app: web.Application, **options: Any) -> tuple[web.AppRunner, s
 
 @contextlib.asynccontextmanager
 async def running_stack(
-    *, upstream_url: str | None = None, fake: FakeModelServer | None = None, **overrides: Any
+    *,
+    upstream_url: str | None = None,
+    fake: FakeModelServer | None = None,
+    key: KeyBackend | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[Stack]:
-    """The fake on a free port, and a gateway (software key in memory) in front of it."""
+    """The fake on a free port, and a gateway (software key in memory unless ``key`` is given,
+    which stays the caller's to close) in front of it."""
     fake = fake or FakeModelServer()
     fake_runner, fake_url = await _serve(fake.app, handler_cancellation=True)
-    key = SoftwareKey.generate()
+    key = key if key is not None else SoftwareKey.generate()
     # These tests are about the proxy itself and count every request the fake sees: no health
     # monitor (nor breaker) unless a test asks; those have their own tests (test_upstream_*).
     overrides.setdefault("upstream_monitor", False)

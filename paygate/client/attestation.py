@@ -1,0 +1,404 @@
+"""Verify the appliance before the first prompt: an :class:`AttestationPolicy` and the checks.
+
+With a policy, the transports fetch ``GET /v1/attestation?nonce=<fresh>``, run credential
+activation (``POST /v1/attestation/activate``) and check, in order (docs/ATTESTATION.md):
+the evidence's form, the nonce, its age, the EK certificate chain to the trusted CA, the AK,
+the activation, the quote (signature, qualifying data = SHA-256 of the binding document, PCR
+digest), the application PCR, the policy's PCRs, the certifications of the sealing and receipt
+keys, that the key document's key is the certified one, the model digests and payTo. Any
+failure raises its own :class:`AttestationRefused` subclass before anything is sealed or paid.
+
+Sans-IO: :func:`attestation_flow` yields :class:`Exchange` requests; the sync and async
+transports (and ``paygate attest verify``) carry them out.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import os
+import time
+from collections.abc import Callable, Collection, Generator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography import x509
+
+from enclave import receipts
+from enclave.attestation import binding as binding_doc
+from enclave.attestation import tpm
+from enclave.attestation.base import Check
+from paygate import wire
+from paygate.client.errors import (
+    ActivationFailed,
+    AkInvalid,
+    AttestationRefused,
+    EkUntrusted,
+    EvidenceMalformed,
+    EvidenceStale,
+    EvidenceUnavailable,
+    KeyNotCertified,
+    ModelNotAccepted,
+    NonceMismatch,
+    PayToMismatch,
+    PcrMismatch,
+    QuoteInvalid,
+    ReceiptInvalid,
+    ReceiptMismatch,
+    Unattested,
+)
+
+ATTESTATION_PATH = wire.ATTESTATION_PATH
+ACTIVATE_PATH = wire.ATTESTATION_ACTIVATE_PATH
+MAX_EVIDENCE_BYTES = 256 * 1024  # EK certificates and a quote: a few KB
+
+_ERRORS: dict[str, type[AttestationRefused]] = {
+    cls.code: cls
+    for cls in (
+        EvidenceUnavailable, EvidenceMalformed, EvidenceStale, NonceMismatch, Unattested,
+        EkUntrusted, AkInvalid, ActivationFailed, QuoteInvalid, PcrMismatch, KeyNotCertified,
+        ModelNotAccepted, PayToMismatch,
+    )
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class AttestationPolicy:
+    """What this client requires of an appliance before it seals anything to it.
+
+    Args:
+        trusted_ek_cas: the TPM manufacturers' CA certificates (root and intermediates).
+        model_digests: accepted weights digests (``sha256:<hex>``); empty accepts any model
+            the evidence lists. The model a request asks for must be listed with one of them.
+        pay_to: the wallet the evidence must name (None: not checked).
+        pcrs: expected sha256 PCR values by index, or ``"any"``.
+        max_age_seconds: how far the evidence's time may be from this client's clock.
+        allow_unattested: accept kind ``none`` (software/PKCS#11 keys, nothing proven).
+    """
+
+    trusted_ek_cas: tuple[x509.Certificate, ...] = ()
+    model_digests: frozenset[str] = frozenset()
+    pay_to: str | None = None
+    pcrs: Mapping[int, bytes] | Literal["any"] = "any"
+    max_age_seconds: int = 300
+    allow_unattested: bool = False
+
+    @classmethod
+    def from_files(
+        cls,
+        ek_ca: str | os.PathLike[str] | None,
+        *,
+        model_digests: Collection[str] = (),
+        pay_to: str | None = None,
+        pcrs: Mapping[int, bytes] | Literal["any"] = "any",
+        max_age_seconds: int = 300,
+        allow_unattested: bool = False,
+    ) -> AttestationPolicy:
+        """A policy trusting the certificates of a PEM file (one or more)."""
+        certs: tuple[x509.Certificate, ...] = ()
+        if ek_ca is not None:
+            try:
+                certs = tuple(x509.load_pem_x509_certificates(Path(ek_ca).read_bytes()))
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"cannot read EK CA certificates from {ek_ca}: {exc}") from None
+        return cls(
+            trusted_ek_cas=certs,
+            model_digests=frozenset(model_digests),
+            pay_to=pay_to,
+            pcrs=pcrs,
+            max_age_seconds=max_age_seconds,
+            allow_unattested=allow_unattested,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One HTTP exchange the flow needs → ``(status, body)``."""
+
+    method: Literal["GET", "POST"]
+    url: str
+    body: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attested:
+    """A verified appliance: what the evidence bound, and every check that passed."""
+
+    origin: str
+    kind: str
+    binding: binding_doc.Binding
+    checks: tuple[Check, ...] = field(repr=False)
+
+    @property
+    def sealing_key(self) -> bytes:
+        return self.binding.sealing_key
+
+    @property
+    def receipt_key(self) -> bytes:
+        return self.binding.receipt_key
+
+
+class _Checks:
+    """Runs named checks in order; the first failure raises its error with the list so far."""
+
+    def __init__(self) -> None:
+        self.done: list[Check] = []
+
+    def passed(self, name: str, detail: str = "") -> None:
+        self.done.append(Check(name, "pass", detail))
+
+    def skipped(self, name: str, detail: str) -> None:
+        self.done.append(Check(name, "skip", detail))
+
+    def fail(self, name: str, code: str, detail: str) -> AttestationRefused:
+        self.done.append(Check(name, "fail", detail, code))
+        cls = _ERRORS.get(code, AttestationRefused)
+        return cls(f"attestation refused ({name}): {detail}", tuple(self.done))
+
+    def run(self, name: str, call: Callable[[], str | None]) -> None:
+        try:
+            detail = call() or ""
+        except tpm.TpmEvidenceError as exc:
+            raise self.fail(name, exc.code, str(exc)) from None
+        except binding_doc.BindingInvalid as exc:
+            raise self.fail(name, "evidence_malformed", str(exc)) from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self.fail(name, "evidence_malformed", f"{type(exc).__name__}") from None
+        self.passed(name, detail)
+
+
+def attestation_flow(
+    origin: str,
+    policy: AttestationPolicy,
+    offered_key: bytes | None,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> Generator[Exchange, tuple[int, bytes], Attested]:
+    """Fetch, activate and verify; returns :class:`Attested` or raises its refusal.
+
+    ``offered_key`` is the key the appliance's key document offered (None: not compared).
+    """
+    checks = _Checks()
+    nonce = os.urandom(binding_doc.NONCE_LEN)
+    status, body = yield Exchange("GET", f"{origin}{ATTESTATION_PATH}?nonce={nonce.hex()}")
+    if status != 200:
+        raise checks.fail(
+            "evidence", "evidence_unavailable", f"{ATTESTATION_PATH} answered HTTP {status}"
+        )
+    ev: dict[str, Any] = {}
+
+    def parse() -> str:
+        document = json.loads(body)
+        if not isinstance(document, dict) or document.get("kind") not in ("tpm", "none"):
+            raise ValueError("unknown evidence kind")
+        ev["doc"] = document
+        ev["binding"] = binding_doc.parse(document.get("binding"))
+        return f"kind {document['kind']}"
+
+    checks.run("evidence_form", parse)
+    document, bound = ev["doc"], ev["binding"]
+    if not hmac.compare_digest(bound.nonce, nonce):
+        raise checks.fail("nonce", "nonce_mismatch", "the evidence is not for this nonce")
+    checks.passed("nonce")
+    age = abs(clock() - bound.issued_at)
+    if age > policy.max_age_seconds:
+        raise checks.fail("freshness", "evidence_stale", f"issued {age:.0f} s from now")
+    checks.passed("freshness", f"{age:.0f} s")
+    if document["kind"] == "none":
+        if not policy.allow_unattested:
+            raise checks.fail(
+                "kind", "unattested", "the appliance offers no hardware attestation (kind none)"
+            )
+
+        def signed() -> str:
+            raw = _unb64(document["none"]["signature"])
+            if not tpm.verify_signature(bound.receipt_key, bound.canonical(), raw):
+                raise tpm.TpmEvidenceError("quote_invalid", "the binding is not signed")
+            return "signed by the (unattested) receipt key"
+
+        checks.run("binding_signature", signed)
+    else:
+        yield from _tpm_checks(checks, origin, policy, document["tpm"], bound, clock)
+    _binding_checks(checks, policy, bound, offered_key)
+    return Attested(origin, document["kind"], bound, tuple(checks.done))
+
+
+def _tpm_checks(
+    checks: _Checks,
+    origin: str,
+    policy: AttestationPolicy,
+    evidence: Mapping[str, Any],
+    bound: binding_doc.Binding,
+    clock: Callable[[], float],
+) -> Generator[Exchange, tuple[int, bytes], None]:
+    state: dict[str, Any] = {}
+    at = datetime.fromtimestamp(clock(), UTC)
+
+    def ek_chain() -> str:
+        certs = evidence["ek_certificates"]
+        failure: tpm.TpmEvidenceError | None = None
+        for kind in tpm.EK_ACTIVATION_ORDER:
+            if kind not in certs:
+                continue
+            try:
+                state["ek"] = tpm.verify_ek_chain(_unb64(certs[kind]), policy.trusted_ek_cas, at)
+            except tpm.TpmEvidenceError as exc:
+                failure = exc
+                continue
+            state["ek_kind"] = kind
+            return f"{kind} EK certificate chains to a trusted CA"
+        raise failure or tpm.TpmEvidenceError(tpm.EK_UNTRUSTED, "no usable EK certificate")
+
+    checks.run("ek_chain", ek_chain)
+
+    def ak() -> str:
+        state["ak"] = tpm.check_ak(_unb64(evidence["ak_public"]))
+        return "restricted, fixedTPM signing key"
+
+    checks.run("ak", ak)
+    secret = os.urandom(tpm.CREDENTIAL_SECRET_LEN)
+    blob, encrypted = tpm.make_credential(state["ek"].public_key(), state["ak"].name, secret)
+    request = json.dumps(
+        {"ek": state["ek_kind"], "credential_blob": _b64(blob), "encrypted_secret": _b64(encrypted)}
+    ).encode()
+    status, body = yield Exchange("POST", f"{origin}{ACTIVATE_PATH}", request)
+    recovered = b""
+    if status == 200:
+        try:
+            recovered = _unb64(json.loads(body)["secret"])
+        except (ValueError, KeyError, TypeError):
+            recovered = b""
+    if not hmac.compare_digest(recovered, secret):
+        raise checks.fail(
+            "activation",
+            "activation_failed",
+            f"the AK is not in the TPM of the certified EK (HTTP {status})",
+        )
+    checks.passed("activation", f"the TPM of the {state['ek_kind']} EK holds the AK")
+
+    def quote() -> str:
+        pcrs = {int(i): bytes.fromhex(v) for i, v in evidence["pcrs"].items()}
+        signed = tpm.SignedAttest(
+            _unb64(evidence["quote"]["attest"]), _unb64(evidence["quote"]["signature"])
+        )
+        tpm.check_quote(state["ak"], signed, pcrs, bound.digest())
+        state["pcrs"] = pcrs
+        return "signed by the AK over the binding document's digest"
+
+    checks.run("quote", quote)
+
+    def app_pcr() -> str:
+        code = bytes.fromhex(bound.code_digest.removeprefix("sha256:"))
+        expected = tpm.app_pcr_value(tpm.app_digest(code, bound.config_digest()))
+        if not hmac.compare_digest(state["pcrs"].get(tpm.APP_PCR, b""), expected):
+            raise tpm.TpmEvidenceError(
+                tpm.PCR_MISMATCH, "PCR 23 does not measure this code and configuration"
+            )
+        return "PCR 23 = code digest and configuration digest"
+
+    checks.run("app_pcr", app_pcr)
+    if policy.pcrs == "any":
+        checks.skipped("pcrs", "policy accepts any boot state")
+    else:
+        expected_pcrs = policy.pcrs
+
+        def pcrs() -> str:
+            for index, value in sorted(expected_pcrs.items()):
+                if not hmac.compare_digest(state["pcrs"].get(index, b""), value):
+                    raise tpm.TpmEvidenceError(tpm.PCR_MISMATCH, f"PCR {index} differs")
+            return f"PCRs {sorted(expected_pcrs)} as expected"
+
+        checks.run("pcrs", pcrs)
+    certified = evidence["certify"]
+    for name, point in (("sealing", bound.sealing_key), ("receipt", bound.receipt_key)):
+
+        def certify(name: str = name, point: bytes = point) -> str:
+            key = tpm.CertifiedKey(
+                _unb64(certified[name]["public"]),
+                tpm.SignedAttest(
+                    _unb64(certified[name]["attest"]), _unb64(certified[name]["signature"])
+                ),
+            )
+            tpm.check_certified(state["ak"], key, point, f"{name} key")
+            return "certified by the AK: fixedTPM, fixedParent, sensitiveDataOrigin"
+
+        checks.run(f"certify_{name}_key", certify)
+
+
+def _binding_checks(
+    checks: _Checks,
+    policy: AttestationPolicy,
+    bound: binding_doc.Binding,
+    offered_key: bytes | None,
+) -> None:
+    if offered_key is not None:
+        if not hmac.compare_digest(offered_key, bound.sealing_key):
+            raise checks.fail(
+                "key_document",
+                "key_not_certified",
+                "the key document offers a key the evidence does not bind",
+            )
+        checks.passed("key_document", "the offered key is the attested sealing key")
+    if policy.model_digests:
+        served = {m.digest for m in bound.models}
+        if not served & policy.model_digests:
+            raise checks.fail(
+                "models", "model_not_accepted", "no model served with an accepted digest"
+            )
+        checks.passed("models", ", ".join(m.name for m in bound.models))
+    else:
+        checks.skipped("models", "policy accepts any model")
+    if policy.pay_to is not None:
+        named = bound.payment.pay_to if bound.payment else None
+        if named is None or named.lower() != policy.pay_to.lower():
+            raise checks.fail("pay_to", "pay_to_mismatch", f"the evidence names {named}")
+        checks.passed("pay_to", named)
+    else:
+        checks.skipped("pay_to", "policy accepts any payTo")
+
+
+def check_model(attested: Attested, policy: AttestationPolicy, model: str | None) -> None:
+    """Before sealing a request for ``model``: it must be served with an accepted digest."""
+    if not policy.model_digests or model is None:
+        return
+    digest = attested.binding.model_digest(model)
+    if digest is None or digest not in policy.model_digests:
+        raise ModelNotAccepted(
+            f"model {model[:64]!r} is not attested with an accepted digest (nothing was sealed)"
+        )
+
+
+def check_receipt(
+    attested: Attested,
+    token: str,
+    *,
+    request_digest: str | None,
+    reply_digest: str,
+) -> dict[str, Any]:
+    """A reply's signed receipt: signed by the attested receipt key, for this request and
+    exactly this reply, with the attested digest of its model."""
+    try:
+        claims = receipts.verify(token, attested.receipt_key)
+    except receipts.ReceiptInvalid as exc:
+        raise ReceiptInvalid(f"signed receipt refused: {exc}") from None
+    if request_digest is not None and claims["request_digest"] != request_digest:
+        raise ReceiptMismatch("the signed receipt is for another request")
+    if claims["reply_digest"] != reply_digest:
+        raise ReceiptMismatch("the signed receipt's reply digest does not match the reply")
+    model = claims["model"]
+    if model is not None and claims["model_digest"] != attested.binding.model_digest(model):
+        raise ReceiptMismatch("the signed receipt's model digest is not the attested one")
+    return claims
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: object) -> bytes:
+    if not isinstance(text, str) or len(text) > 16 * 1024:
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

@@ -1,0 +1,361 @@
+"""Attestation end to end: the real gateway on a TPM key (swtpm with EK certificates from a local
+CA), the real client with an AttestationPolicy, the OpenAI SDK on top, x402 payments on anvil
+through the SDK facilitator.
+
+The genuine appliance is attested and then paid; every refusal has its own code, and in every
+refusal nothing was sealed (the model server saw no request) and nothing was paid (no payment
+signed, balances unchanged). The middlebox is an httpx transport that really relays to the
+gateway and rewrites what passes, as an on-path attacker would.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from enclave import SoftwareKey
+from enclave.attestation import tpm as att
+from enclave.keys.tpm import TpmKey
+from paygate.client import AttestationPolicy, ClientError, PaygateTransport, SpendPolicy
+from paygate.devstack import Swtpm
+from tests.fixtures.chain import PAYER_FUNDS
+from tests.fixtures.swtpm import EkCa
+from tests.integration.gateway_support import Stack, ThreadedStack
+from tests.integration.payment_support import PRICE_ATOMIC, paid_settings
+
+MODEL = "fake-llama:latest"
+DIGEST = "sha256:" + hashlib.sha256(b"fake-llama weights").hexdigest()
+MESSAGES = [{"role": "user", "content": "hello attested appliance"}]
+SPEND = SpendPolicy(max_per_request="0.01", max_total="1", networks=["base-sepolia"])
+
+
+@pytest.fixture(scope="module")
+def tpm_key(
+    ek_swtpm_factory: Callable[[EkCa], Swtpm], ek_ca: EkCa, tmp_path_factory: Any
+) -> Iterator[TpmKey]:
+    tpm = ek_swtpm_factory(ek_ca)
+    with TpmKey.generate(tpm.tcti, tmp_path_factory.mktemp("tpm") / "key") as key:
+        yield key
+
+
+@pytest.fixture(scope="module")
+def rogue_key(
+    ek_swtpm_factory: Callable[[EkCa], Swtpm], rogue_ek_ca: EkCa, tmp_path_factory: Any
+) -> Iterator[TpmKey]:
+    """A TPM whose EK certificates come from a CA no policy here trusts."""
+    tpm = ek_swtpm_factory(rogue_ek_ca)
+    with TpmKey.generate(tpm.tcti, tmp_path_factory.mktemp("rogue") / "key") as key:
+        yield key
+
+
+def _gateway(
+    key: Any, facilitator: Any, seller: str, tmp_path: Path, **extra: Any
+) -> ThreadedStack:
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / f"ledger-{id(key)}.db",
+        require_encryption=True,
+        key_backend="tpm" if isinstance(key, TpmKey) else "software",
+        expected_model_digests={MODEL: DIGEST},
+        **extra,
+    )
+    return ThreadedStack(key=key, **settings)
+
+
+@pytest.fixture
+def stack(tpm_key: TpmKey, facilitator: Any, seller: str, tmp_path: Path) -> Iterator[Stack]:
+    with _gateway(tpm_key, facilitator, seller, tmp_path) as running:
+        yield running
+
+
+def _policy(ek_ca: EkCa, seller: str, **changes: Any) -> AttestationPolicy:
+    options: dict[str, Any] = {"model_digests": {DIGEST}, "pay_to": seller}
+    options.update(changes)
+    return AttestationPolicy.from_files(ek_ca.chain_pem, **options)
+
+
+def _openai(url: str, transport: httpx.BaseTransport) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=url + "/v1",
+        api_key="unused",
+        max_retries=0,
+        http_client=httpx.Client(transport=transport, timeout=30),
+    )
+
+
+class Middlebox(httpx.BaseTransport):
+    """Relays to the real gateway; ``tamper(path, body)`` rewrites a reply body (None: as is);
+    ``reroute`` sends the attestation and key requests to another gateway."""
+
+    def __init__(
+        self,
+        tamper: Callable[[str, bytes], bytes | None] = lambda path, body: None,
+        reroute: str | None = None,
+    ) -> None:
+        self._inner = httpx.HTTPTransport()
+        self._tamper = tamper
+        self._reroute = reroute
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if self._reroute and (path.startswith("/v1/attestation") or path == "/v1/enclave/pubkey"):
+            target = httpx.URL(self._reroute)
+            request = httpx.Request(
+                request.method,
+                request.url.copy_with(host=target.host, port=target.port),
+                headers=[(k, v) for k, v in request.headers.items() if k.lower() != "host"],
+                content=request.read(),
+                extensions=request.extensions,
+            )
+        response = self._inner.handle_request(request)
+        if not (path.startswith("/v1/attestation") or path == "/v1/enclave/pubkey"):
+            return response
+        body = response.read()
+        changed = self._tamper(path, body)
+        return httpx.Response(
+            response.status_code,
+            headers=[(k, v) for k, v in response.headers.items() if k.lower() != "content-length"],
+            content=body if changed is None else changed,
+        )
+
+
+def _edit_evidence(edit: Callable[[dict[str, Any]], None]) -> Callable[[str, bytes], bytes | None]:
+    def tamper(path: str, body: bytes) -> bytes | None:
+        if path != "/v1/attestation":
+            return None
+        document = json.loads(body)
+        edit(document)
+        return json.dumps(document).encode()
+
+    return tamper
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _nothing_sealed_or_paid(
+    stack: Stack, usdc: Any, payer: Any, seller: str, transport: Any
+) -> None:
+    assert stack.fake.hits == {} or sum(stack.fake.hits.values()) == 0
+    assert transport.payments == []
+    assert usdc.balance_of(payer.address) == PAYER_FUNDS
+    assert usdc.balance_of(seller) == 0
+
+
+def _refused(stack_url: str, transport: PaygateTransport, code: str) -> ClientError:
+    client = _openai(stack_url, transport)
+    with pytest.raises(ClientError) as caught:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+    error = caught.value
+    assert error.code == code, (error.code, str(error))
+    return error
+
+
+def test_attested_gateway_then_sealed_paid_requests_through_the_openai_sdk(
+    stack: Stack, ek_ca: EkCa, usdc: Any, payer: Any, seller: str
+) -> None:
+    transport = PaygateTransport(wallet=payer, spend=SPEND, attestation=_policy(ek_ca, seller))
+    client = _openai(stack.url, transport)
+    for _ in range(2):
+        completion = client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+        assert completion.choices[0].message.content
+    attested = transport.attested(stack.url)
+    assert attested is not None
+    assert attested.kind == "tpm"
+    names = [c.name for c in attested.checks if c.status == "pass"]
+    assert names == [
+        "evidence_form", "nonce", "freshness", "ek_chain", "ak", "activation", "quote",
+        "app_pcr", "certify_sealing_key", "certify_receipt_key", "key_document", "models",
+        "pay_to",
+    ]  # fmt: skip
+    assert attested.sealing_key == stack.key.public_key
+    assert usdc.balance_of(seller) == 2 * PRICE_ATOMIC  # attested once, paid twice
+
+
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [
+        ("key_document_swapped", "key_not_certified"),
+        ("evidence_key_swapped", "quote_invalid"),
+        ("old_nonce", "nonce_mismatch"),
+        ("certify_of_another_key", "key_not_certified"),
+        ("duplicable_key_certified", "key_not_certified"),
+        ("wrong_model_digest", "model_not_accepted"),
+        ("wrong_pay_to", "pay_to_mismatch"),
+        ("pcr_mismatch", "pcr_mismatch"),
+    ],
+)
+def test_refusals_seal_and_pay_nothing(
+    stack: Stack,
+    tpm_key: TpmKey,
+    ek_ca: EkCa,
+    usdc: Any,
+    payer: Any,
+    seller: str,
+    case: str,
+    code: str,
+) -> None:
+    policy = _policy(ek_ca, seller)
+    tamper: Callable[[str, bytes], bytes | None] = lambda path, body: None  # noqa: E731
+    attacker = SoftwareKey.generate().public_key
+    if case == "key_document_swapped":
+
+        def tamper(path: str, body: bytes) -> bytes | None:
+            if path != "/v1/enclave/pubkey":
+                return None
+            document = json.loads(body)
+            document["pubkey"], document["fingerprint"] = attacker.hex(), None
+            return json.dumps(document).encode()
+
+    elif case == "evidence_key_swapped":
+
+        def swap(document: dict[str, Any]) -> None:
+            document["binding"]["sealing_key"] = attacker.hex()
+
+        tamper = _edit_evidence(swap)
+    elif case == "old_nonce":
+        old = httpx.get(f"{stack.url}/v1/attestation?nonce={'ab' * 32}", timeout=10).content
+        tamper = lambda path, body: old if path == "/v1/attestation" else None  # noqa: E731
+    elif case == "certify_of_another_key":
+
+        def other(document: dict[str, Any]) -> None:
+            document["tpm"]["certify"]["sealing"] = document["tpm"]["certify"]["receipt"]
+
+        tamper = _edit_evidence(other)
+    elif case == "duplicable_key_certified":
+        duplicable = _duplicable_certified(tpm_key)
+
+        def dup(document: dict[str, Any]) -> None:
+            document["tpm"]["certify"]["sealing"] = duplicable
+
+        tamper = _edit_evidence(dup)
+    elif case == "wrong_model_digest":
+        policy = _policy(ek_ca, seller, model_digests={"sha256:" + "00" * 32})
+    elif case == "wrong_pay_to":
+        policy = _policy(ek_ca, seller, pay_to="0x" + "12" * 20)
+    elif case == "pcr_mismatch":
+        policy = _policy(ek_ca, seller, pcrs={0: b"\x11" * 32})
+    transport = PaygateTransport(
+        transport=Middlebox(tamper), wallet=payer, spend=SPEND, attestation=policy
+    )
+    _refused(stack.url, transport, code)
+    _nothing_sealed_or_paid(stack, usdc, payer, seller, transport)
+
+
+def test_quote_from_a_tpm_whose_ek_is_not_under_the_trusted_ca(
+    rogue_key: TpmKey, facilitator: Any, ek_ca: EkCa, usdc: Any, payer: Any, seller: str,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    with _gateway(rogue_key, facilitator, seller, tmp_path) as rogue:
+        transport = PaygateTransport(wallet=payer, spend=SPEND, attestation=_policy(ek_ca, seller))
+        _refused(rogue.url, transport, "ek_untrusted")
+        _nothing_sealed_or_paid(rogue, usdc, payer, seller, transport)
+
+
+def test_ak_that_fails_credential_activation(
+    stack: Stack, rogue_key: TpmKey, facilitator: Any, ek_ca: EkCa, usdc: Any, payer: Any,
+    seller: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    """The rogue appliance's evidence (its AK, quote, certifications) under the genuine TPM's
+    EK certificates: the chain passes, the AK is well formed, but only the genuine TPM could
+    open the credential, and the rogue one is asked to."""
+    genuine = httpx.get(f"{stack.url}/v1/attestation?nonce={'cd' * 32}", timeout=10).json()
+
+    def splice(document: dict[str, Any]) -> None:
+        document["tpm"]["ek_certificates"] = genuine["tpm"]["ek_certificates"]
+
+    with _gateway(rogue_key, facilitator, seller, tmp_path) as rogue:
+        transport = PaygateTransport(
+            transport=Middlebox(_edit_evidence(splice), reroute=rogue.url),
+            wallet=payer,
+            spend=SPEND,
+            attestation=_policy(ek_ca, seller),
+        )
+        _refused(stack.url, transport, "activation_failed")
+        _nothing_sealed_or_paid(stack, usdc, payer, seller, transport)
+        assert sum(rogue.fake.hits.values()) == 0
+
+
+def test_software_key_is_unattested_unless_allowed(
+    facilitator: Any, ek_ca: EkCa, usdc: Any, payer: Any, seller: str, tmp_path: Path
+) -> None:
+    with _gateway(SoftwareKey.generate(), facilitator, seller, tmp_path) as software:
+        transport = PaygateTransport(wallet=payer, spend=SPEND, attestation=_policy(ek_ca, seller))
+        _refused(software.url, transport, "unattested")
+        _nothing_sealed_or_paid(software, usdc, payer, seller, transport)
+        allowed = PaygateTransport(
+            wallet=payer, spend=SPEND, attestation=_policy(ek_ca, seller, allow_unattested=True)
+        )
+        reply = _openai(software.url, allowed).chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,  # type: ignore[arg-type]
+        )
+        assert reply.choices[0].message.content
+        attested = allowed.attested(software.url)
+        assert attested is not None
+        assert attested.kind == "none"
+
+
+def test_bad_attestation_requests_get_stable_codes(stack: Stack) -> None:
+    for query, code in (
+        ("", "invalid_nonce"),
+        ("?nonce=zz", "invalid_nonce"),
+        ("?nonce=" + "0" * 63, "invalid_nonce"),
+        (f"?nonce={'00' * 32}&nonce={'11' * 32}", "invalid_nonce"),
+    ):
+        response = httpx.get(f"{stack.url}/v1/attestation{query}", timeout=10)
+        assert response.status_code == 400
+        assert response.headers["X-Paygate-Error"] == code
+    for body, code in (
+        (b"not json", "invalid_activation"),
+        (json.dumps({"ek": "p384", "credential_blob": "", "encrypted_secret": ""}).encode(),
+         "invalid_activation"),
+        (json.dumps({"ek": "p256", "credential_blob": "AAAA", "encrypted_secret": "AAAA"}).encode(),
+         "invalid_activation"),
+        (b"x" * 20_000, "invalid_activation"),
+    ):  # fmt: skip
+        response = httpx.post(f"{stack.url}/v1/attestation/activate", content=body, timeout=10)
+        assert response.status_code == 400, response.text
+        assert response.headers["X-Paygate-Error"] == code
+
+
+def _duplicable_certified(key: TpmKey) -> dict[str, str]:
+    """A key without fixedTPM/fixedParent, created in the genuine TPM and certified by its AK."""
+    from tpm2_pytss import TPM2_ALG, TPMA_OBJECT, TPMT_SIG_SCHEME
+
+    from enclave.attestation.tpm import _signed
+    from enclave.keys.tpm import _create_primary, ecdh_key_template
+
+    template = ecdh_key_template()
+    template.publicArea.objectAttributes &= ~(TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT)
+    with key.tpm_access() as tpm:
+        primary = _create_primary(tpm.esapi, tpm.tcti)
+        try:
+            private, public = tpm.esapi.create(primary, None, template)[:2]
+            handle = tpm.esapi.load(primary, private, public)
+        finally:
+            tpm.esapi.flush_context(primary)
+        try:
+            with tpm.loaded("ak") as ak:
+                attest, signature = tpm.esapi.certify(
+                    handle, ak, b"", TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
+                )
+        finally:
+            tpm.esapi.flush_context(handle)
+    signed = _signed(attest, signature)
+    assert att.check_ak(key.public_blob("ak"))
+    return {
+        "public": _b64(bytes(public.marshal())),
+        "attest": _b64(signed.attest),
+        "signature": _b64(signed.signature),
+    }
