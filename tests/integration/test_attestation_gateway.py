@@ -20,12 +20,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from paygate_dev.stack import Swtpm
 
 from enclave import SoftwareKey
 from enclave.attestation import tpm as att
 from enclave.keys.tpm import TpmKey
 from paygate.client import AttestationPolicy, ClientError, PaygateTransport, SpendPolicy
-from paygate.devstack import Swtpm
 from tests.fixtures.chain import PAYER_FUNDS
 from tests.fixtures.swtpm import EkCa
 from tests.integration.gateway_support import Stack, ThreadedStack

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from paygate_dev.stack import Swtpm
 
 from enclave import KeyBackendError
 from enclave.attestation import tpm as att
 from enclave.keys.tpm import TpmKey
-from paygate.devstack import Swtpm
 from tests.fixtures.swtpm import EkCa
 
 
