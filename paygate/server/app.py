@@ -18,6 +18,7 @@ from aiohttp import web
 
 from enclave import KeyBackend
 from enclave.attestation import binding
+from enclave.keys.base import ReceiptSigner
 from paygate.config import ConfigError, Settings
 from paygate.keys import open_key_backend
 from paygate.server import malformed
@@ -52,6 +53,7 @@ from paygate.server.metrics import Metrics
 from paygate.server.opening import Opener
 from paygate.server.payments import PaymentStep
 from paygate.server.proxy import Timeouts, Upstream
+from paygate.server.receipts import ReceiptIssuer
 from paygate.server.replies import Replies, ReplyLimits
 from paygate.server.routes import RouteTable, engine_routes
 from paygate.upstream.engines import profile_for
@@ -221,7 +223,13 @@ def build_app(
             admission=Admission(admission_limits(settings), app[PAYMENTS], opener),
             opener=opener,
             upstream=upstream,
-            replies=Replies(reply_limits(settings), app[METRICS].error),
+            replies=Replies(
+                reply_limits(settings),
+                app[METRICS].error,
+                ReceiptIssuer(app[KEY], attestation.models)
+                if isinstance(app[KEY], ReceiptSigner)
+                else None,
+            ),
             limiter=app[LIMITER],
             metrics=app[METRICS],
             local=local.handlers(),

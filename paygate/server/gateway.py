@@ -25,6 +25,7 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
+from enclave import receipts
 from paygate.server.admission import Admission
 from paygate.server.errors import GatewayError, QueryNotAllowed, RouteNotFound
 from paygate.server.health import LocalHandler
@@ -32,8 +33,10 @@ from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.metrics import Metrics
 from paygate.server.opening import Opener
 from paygate.server.proxy import Upstream, upstream_request_headers
+from paygate.server.receipts import RequestFacts
 from paygate.server.replies import Replies
 from paygate.server.routes import RouteMatch, RouteTable, Target
+from paygate.x402.pricing import model_of
 
 
 class Gateway:
@@ -97,5 +100,13 @@ class Gateway:
                     request.method, match.upstream_path, body=opened.body, headers=headers
                 ) as reply:
                     return await self._replies.send(
-                        request, reply, opened.reply, admitted.ticket, started=started
+                        request,
+                        reply,
+                        opened.reply,
+                        admitted.ticket,
+                        started=started,
+                        facts=RequestFacts(
+                            request_digest=receipts.body_digest(admitted.body),
+                            model=model_of(opened.body) if opened.body else None,
+                        ),
                     )

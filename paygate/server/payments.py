@@ -27,6 +27,7 @@ from paygate import wire
 from paygate.server.errors import ApiStyle, GatewayError, error_response
 from paygate.server.routes import Route
 from paygate.x402 import codec
+from paygate.x402.ledger import PaymentRecord
 from paygate.x402.models import ResourceInfo
 from paygate.x402.pricing import PricePolicy
 from paygate.x402.processor import Admission, PaymentProcessor, Receipt, Refusal
@@ -85,6 +86,11 @@ class Ticket:
     def known_receipt(self) -> Receipt | None:
         """A receipt known before the reply (upfront settlement), else None."""
         return self._admission.receipt if self._admission is not None else None
+
+    @property
+    def payment_record(self) -> PaymentRecord | None:
+        """The ledger's record of this request's payment (None when free)."""
+        return self._admission.record if self._admission is not None else None
 
     @property
     def valid_before(self) -> int | None:

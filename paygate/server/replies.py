@@ -8,8 +8,10 @@ upstream's media type and whether a payment settles:
   before its settlement). A paid request whose upstream failed is released before its error
   goes out.
 - **stream**: relayed chunk by chunk as it arrives through a chain of :class:`BodyTransform`
-  (today: the in-band payment receipt, then the v2 frame sealer). A new concern — a usage
-  meter, a receipt signer — is one more transform, not a new branch.
+  (the in-band payment receipt, the signed receipt, the v2 frame sealer, the wire hash the
+  signed receipt of a v2 stream covers). A new concern is one more transform, not a branch.
+
+Every paid or sealed reply below 400 carries a signed receipt (paygate.server.receipts).
 
 ``write`` waits for the socket to drain, so a slow reader slows the upstream read
 (backpressure) instead of growing a buffer here.
@@ -30,12 +32,20 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 import enclave
-from enclave import ReplySealer
+from enclave import ReplySealer, receipts
 from paygate import wire
 from paygate.server.errors import GatewayError, ReplyTooLarge
 from paygate.server.opening import PlainReply, ReplyPlan, V1Reply, V2Reply
 from paygate.server.payments import Ticket, receipt_headers, settlement_failed_response
 from paygate.server.proxy import UpstreamReply
+from paygate.server.receipts import (
+    InbandSignedReceipt,
+    PaymentFacts,
+    ReceiptIssuer,
+    RequestFacts,
+    WireHash,
+    usage_of,
+)
 from paygate.x402.inband import InbandReceiptWriter
 from paygate.x402.processor import Receipt
 
@@ -70,8 +80,9 @@ class BodyTransform(Protocol):
         """What to pass on now for ``chunk`` (may be empty: held back)."""
         ...
 
-    def finish(self, tail: bytes, end: StreamEnd) -> bytes:
-        """The last bytes, given the previous transform's last bytes ``tail``."""
+    async def finish(self, tail: bytes, end: StreamEnd) -> bytes:
+        """The last bytes, given the previous transform's last bytes ``tail`` (async: a
+        receipt is signed in a TPM or token)."""
         ...
 
 
@@ -86,7 +97,7 @@ class InbandReceipt:
     def feed(self, chunk: bytes) -> bytes:
         return self._writer.feed(chunk)
 
-    def finish(self, tail: bytes, end: StreamEnd) -> bytes:
+    async def finish(self, tail: bytes, end: StreamEnd) -> bytes:
         out = self._writer.feed(tail) if tail else b""
         if end.error is not None:
             out += self._writer.feed(_error_event(self._media_type, end.error))
@@ -102,7 +113,7 @@ class FrameSealer:
     def feed(self, chunk: bytes) -> bytes:
         return self._sealer.seal(chunk) if chunk else b""
 
-    def finish(self, tail: bytes, end: StreamEnd) -> bytes:
+    async def finish(self, tail: bytes, end: StreamEnd) -> bytes:
         return self._sealer.finish(tail)
 
 
@@ -122,19 +133,25 @@ class Chain:
             chunk = transform.feed(chunk)
         return chunk
 
-    def finish(self, end: StreamEnd) -> bytes:
+    async def finish(self, end: StreamEnd) -> bytes:
         tail = b""
         for transform in self._transforms:
-            tail = transform.finish(tail, end)
+            tail = await transform.finish(tail, end)
         return tail
 
 
 class Replies:
     """Sends replies; counts errors cut mid-stream through ``on_error``."""
 
-    def __init__(self, limits: ReplyLimits, on_error: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        limits: ReplyLimits,
+        on_error: Callable[[str], None],
+        receipts: ReceiptIssuer | None = None,
+    ) -> None:
         self._limits = limits
         self._on_error = on_error
+        self._receipts = receipts
 
     async def send(
         self,
@@ -144,24 +161,38 @@ class Replies:
         ticket: Ticket,
         *,
         started: float,
+        facts: RequestFacts | None = None,
     ) -> web.StreamResponse:
         ticket.status = reply.status
+        # A signed receipt for every paid or sealed reply that succeeded.
+        signs = (
+            self._receipts is not None
+            and facts is not None
+            and reply.status < 400
+            and (ticket.paid or not isinstance(plan, PlainReply))
+        )
+        sign = facts if signs else None
         streamed = wire.is_stream(reply.content_type)
         # A paid request whose upstream failed goes out whole: released before its error.
         if not (ticket.paid and reply.status >= 400):
             if isinstance(plan, V2Reply) and streamed:
-                return await self._stream(request, reply, plan, ticket, started)
+                return await self._stream(request, reply, plan, ticket, started, sign)
             if isinstance(plan, PlainReply) and (streamed or not ticket.settles):
-                return await self._stream(request, reply, plan, ticket, started)
+                return await self._stream(request, reply, plan, ticket, started, sign)
         try:
-            return await self._whole(reply, plan, ticket, started)
+            return await self._whole(reply, plan, ticket, started, sign)
         except GatewayError:
             # Nothing went out (too large, a broken upstream body): nothing was earned.
             ticket.status = 0
             raise
 
     async def _whole(
-        self, reply: UpstreamReply, plan: ReplyPlan, ticket: Ticket, started: float
+        self,
+        reply: UpstreamReply,
+        plan: ReplyPlan,
+        ticket: Ticket,
+        started: float,
+        facts: RequestFacts | None,
     ) -> web.Response:
         """A reply sent in one piece once settled (see the module docstring)."""
         if isinstance(plan, PlainReply):
@@ -189,6 +220,16 @@ class Replies:
             headers = _sealed_headers(reply, plan)
         if ticket.paid:
             headers.update(receipt_headers(receipt))
+        if facts is not None and self._receipts is not None:
+            # The body as sent: for a sealed reply the blob, so the clear header reveals
+            # nothing about the plaintext.
+            headers[wire.RECEIPT_HEADER] = await self._receipts.token(
+                facts,
+                receipts.body_digest(payload),
+                payment=_payment_facts(ticket),
+                receipt=receipt,
+                usage=usage_of(body),
+            )
         headers[wire.OVERHEAD_HEADER] = _overhead(started, reply)
         ticket.delivered = True
         return web.Response(status=reply.status, body=payload, headers=headers)
@@ -200,16 +241,32 @@ class Replies:
         plan: PlainReply | V2Reply,
         ticket: Ticket,
         started: float,
+        facts: RequestFacts | None,
     ) -> web.StreamResponse:
         """Relay chunk by chunk through the transform chain; a paid stream settles after the
-        upstream's last chunk and carries its receipt in-band."""
+        upstream's last chunk and carries its receipts in-band."""
         known = ticket.known_receipt
         inband = ticket.settles and known is None
+        media = wire.media_type(reply.content_type)
         transforms: list[BodyTransform] = []
         if inband:
-            transforms.append(InbandReceipt(wire.media_type(reply.content_type)))
+            transforms.append(InbandReceipt(media))
+        signed = None
+        if facts is not None and self._receipts is not None and media in wire.STREAM_MEDIA_TYPES:
+            issuer, payment = self._receipts, _payment_facts(ticket)
+
+            async def sign(digest: str, end: StreamEnd) -> str:
+                return await issuer.token(
+                    facts, digest, payment=payment, receipt=end.receipt or known
+                )
+
+            wire_hash = WireHash() if isinstance(plan, V2Reply) else None
+            signed = InbandSignedReceipt(media, sign, wire_hash.digest if wire_hash else None)
+            transforms.append(signed)
         if isinstance(plan, V2Reply):
             transforms.append(FrameSealer(plan.keys.sealer()))
+            if signed is not None and wire_hash is not None:
+                transforms.append(wire_hash)
             headers = _sealed_headers(reply, plan)
         else:
             headers = CIMultiDict(reply.headers)
@@ -233,7 +290,7 @@ class Replies:
         try:
             error = await self._relay(response, reply, chain, self._settle_deadline(ticket, inband))
             receipt = await ticket.settle() if inband else None
-            tail = chain.finish(StreamEnd(receipt=receipt, error=error))
+            tail = await chain.finish(StreamEnd(receipt=receipt, error=error))
             if tail:
                 await response.write(tail)
         except ConnectionResetError:
@@ -287,6 +344,13 @@ class Replies:
                     return AUTHORIZATION_EXPIRING
                 raise
         return None
+
+
+def _payment_facts(ticket: Ticket) -> PaymentFacts | None:
+    record = ticket.payment_record
+    if record is None:
+        return None
+    return PaymentFacts("exact", record.network, str(record.amount), record.payer)
 
 
 def seal_whole(plan: V1Reply | V2Reply, body: bytes) -> bytes:

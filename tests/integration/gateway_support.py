@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -119,3 +120,16 @@ class ThreadedStack:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(15)
+
+
+_SIGNED_RECEIPT = re.compile(
+    rb',"paygate_receipt":"[A-Za-z0-9_.-]+"|: paygate-receipt [A-Za-z0-9_.-]+\n\n'
+)
+
+
+def without_signed_receipt(plaintext: bytes) -> bytes:
+    """A reply's plaintext minus the gateway's in-band signed receipt (paygate.server.receipts):
+    what the model server sent. Fails if there was none."""
+    stripped, count = _SIGNED_RECEIPT.subn(b"", plaintext)
+    assert count == 1, "expected exactly one in-band signed receipt"
+    return stripped
