@@ -20,7 +20,7 @@ import httpx
 from eth_account.signers.local import LocalAccount
 
 import enclave
-from enclave import DecryptionError, ReplyKeys, SoftwareKey
+from enclave import DecryptionError, ReplyKeys, SoftwareKey, receipts
 from paygate import wire
 from paygate.client.attestation import (
     AttestationPolicy,
@@ -39,6 +39,7 @@ from paygate.client.payer import (
     refusal_reason,
 )
 from paygate.client.pubkey import EnclaveKey, KeyPin, parse_pubkey_document
+from paygate.client.receipts import CheckedDecoder, ReceiptCheck, SignedReceipt
 from paygate.client.streams import (
     PlainDecoder,
     ReceiptScanner,
@@ -198,6 +199,7 @@ class ClientCore:
         self._keys: dict[str, EnclaveKey] = {}
         self.attestation = attestation
         self._attested: dict[str, Attested] = {}
+        self._signed_receipts: deque[SignedReceipt] = deque(maxlen=PAYMENT_LOG_SIZE)
         self._lock = threading.Lock()
 
     # --- keys ------------------------------------------------------------------------------
@@ -319,7 +321,10 @@ class ClientCore:
         body = yield ReadRequest(request, self.max_request_bytes)
         envelope: Envelope = "plain" if request.url.path in LOCAL_PATHS else self.envelope
         key: EnclaveKey | None = None
-        if envelope != "plain":
+        local = request.url.path in LOCAL_PATHS
+        if envelope != "plain" or (self.attestation is not None and not local):
+            # With a policy even a plaintext request waits for attestation: its reply's
+            # signed receipt is checked against the attested key.
             key = yield LoadKey(origin_of(request.url), request)
             self._check_model(origin_of(request.url), body)
         attempt = self._attempt(request, body, envelope, key, None)
@@ -397,15 +402,20 @@ class ClientCore:
             payment=record,
         )
         extensions = {**response.extensions, "paygate": info}
+        receipt = self._receipt_check(attempt, response, sealed, record, extensions)
         if attempt.envelope == "plain" or (not sealed and response.status_code >= 400):
             # In the clear: no sealing asked, or a gateway error (402/4xx/5xx before opening).
-            scanner = self._scanner(response.headers.get("content-type"), record)
+            content_type = response.headers.get("content-type")
+            scanner = self._scanner(content_type, record)
+            plain: ReplyDecoder = PlainDecoder(scanner)
+            if receipt is not None:
+                plain = CheckedDecoder(plain, receipt(content_type, v2_stream=False))
             return Deliver(
                 response.status_code,
                 response.headers.multi_items(),
                 extensions,
                 source=response,
-                decoder=PlainDecoder(scanner),
+                decoder=plain,
             )
         if not sealed:
             yield Discard(response)
@@ -429,7 +439,11 @@ class ClientCore:
             assert attempt.v2_reply is not None
             plain_type = plain_type or "application/octet-stream"
             headers.append(("Content-Type", plain_type))
-            decoder = SealedDecoder(attempt.v2_reply, self._scanner(plain_type, record))
+            decoder: ReplyDecoder = SealedDecoder(
+                attempt.v2_reply, self._scanner(plain_type, record)
+            )
+            if receipt is not None:
+                decoder = CheckedDecoder(decoder, receipt(plain_type, v2_stream=True))
             return Deliver(response.status_code, headers, extensions, response, decoder)
         assert attempt.v1_reply is not None
         blob = yield ReadBody(response, self.max_sealed_reply_bytes, "the sealed v1 reply")
@@ -444,7 +458,53 @@ class ClientCore:
         if scanner is not None:
             scanner.feed(plaintext)
             scanner.finish()
+        if receipt is not None:
+            check = receipt(plain_type, v2_stream=False)
+            check.raw(blob)
+            check.plain(plaintext)
+            check.end()
         return Deliver(response.status_code, headers, extensions, content=plaintext)
+
+    def _receipt_check(
+        self,
+        attempt: _Attempt,
+        response: httpx.Response,
+        sealed: bool,
+        record: PaymentRecord | None,
+        extensions: dict[str, Any],
+    ) -> Callable[..., ReceiptCheck] | None:
+        """With an attested origin, every paid or sealed reply below 400 must carry a receipt
+        signed by the attested key: a factory of its check, or None."""
+        attested = self.attested(origin_of(attempt.request.url))
+        if attested is None or response.status_code >= 400 or not (sealed or record):
+            return None
+        signed = SignedReceipt()
+        extensions["paygate_receipt"] = signed
+        with self._lock:
+            self._signed_receipts.append(signed)
+        request_digest = receipts.body_digest(attempt.request.content)
+        header = response.headers.get(wire.RECEIPT_HEADER)
+
+        def make(content_type: str | None, *, v2_stream: bool) -> ReceiptCheck:
+            return ReceiptCheck(
+                attested,
+                request_digest=request_digest,
+                header_token=header,
+                content_type=content_type,
+                v2_stream=v2_stream,
+                result=signed,
+            )
+
+        return make
+
+    @property
+    def last_signed_receipt(self) -> dict[str, Any] | None:
+        """The claims of the most recent verified signed receipt."""
+        with self._lock:
+            for signed in reversed(self._signed_receipts):
+                if signed.claims is not None:
+                    return signed.claims
+        return None
 
     def _scanner(
         self, content_type: str | None, record: PaymentRecord | None

@@ -14,6 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from types import TracebackType
+from typing import Any
 
 import httpx
 from eth_account.signers.local import LocalAccount
@@ -42,6 +43,7 @@ from paygate.client.core import (
 from paygate.client.errors import (
     AttestationFailed,
     ClientError,
+    ReceiptInvalid,
     ReplyTooLarge,
     RequestTooLarge,
 )
@@ -74,6 +76,12 @@ class _Facade:
     def last_receipt(self) -> SettleResponse | None:
         """The most recent receipt (header or in-band), e.g. after an OpenAI SDK call."""
         return self._core.last_receipt
+
+    @property
+    def last_signed_receipt(self) -> dict[str, Any] | None:
+        """The claims of the most recent signed receipt verified (attested origins only):
+        distinct from :attr:`last_receipt`, the x402 payment receipt."""
+        return self._core.last_signed_receipt
 
     @property
     def spent(self) -> Decimal:
@@ -431,6 +439,8 @@ class _SyncBody(httpx.SyncByteStream):
                     return
             self._ended = True
             self._decoder.end()
+        except ReceiptInvalid:
+            raise  # a bad signed receipt is never ignored, even after the content
         except (ClientError, httpx.HTTPError):
             return
 
@@ -505,6 +515,8 @@ class _AsyncBody(httpx.AsyncByteStream):
                     return
             self._ended = True
             self._decoder.end()
+        except ReceiptInvalid:
+            raise  # a bad signed receipt is never ignored, even after the content
         except (ClientError, httpx.HTTPError):
             return
 

@@ -57,13 +57,19 @@ def rogue_key(
 
 
 def _gateway(
-    key: Any, facilitator: Any, seller: str, tmp_path: Path, **extra: Any
+    key: Any,
+    facilitator: Any,
+    seller: str,
+    tmp_path: Path,
+    *,
+    require_encryption: bool = True,
+    **extra: Any,
 ) -> ThreadedStack:
     settings = paid_settings(
         seller=seller,
         facilitator_url=facilitator.url,
         ledger=tmp_path / f"ledger-{id(key)}.db",
-        require_encryption=True,
+        require_encryption=require_encryption,
         key_backend="tpm" if isinstance(key, TpmKey) else "software",
         expected_model_digests={MODEL: DIGEST},
         **extra,
@@ -100,10 +106,12 @@ class Middlebox(httpx.BaseTransport):
         self,
         tamper: Callable[[str, bytes], bytes | None] = lambda path, body: None,
         reroute: str | None = None,
+        reply: Callable[[dict[str, str], bytes], tuple[dict[str, str], bytes]] | None = None,
     ) -> None:
         self._inner = httpx.HTTPTransport()
         self._tamper = tamper
         self._reroute = reroute
+        self._reply = reply
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -118,7 +126,11 @@ class Middlebox(httpx.BaseTransport):
             )
         response = self._inner.handle_request(request)
         if not (path.startswith("/v1/attestation") or path == "/v1/enclave/pubkey"):
-            return response
+            if self._reply is None or response.status_code != 200:
+                return response
+            headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+            headers, body = self._reply(headers, response.read())
+            return httpx.Response(response.status_code, headers=headers, content=body)
         body = response.read()
         changed = self._tamper(path, body)
         return httpx.Response(
@@ -359,3 +371,79 @@ def _duplicable_certified(key: TpmKey) -> dict[str, str]:
         "attest": _b64(signed.attest),
         "signature": _b64(signed.signature),
     }
+
+
+def test_signed_receipts_on_whole_and_streamed_replies(
+    stack: Stack, ek_ca: EkCa, payer: Any, seller: str
+) -> None:
+    """v2 whole (header), v2 SSE stream (inside the final frame), v1 (header over the blob),
+    v2 NDJSON (the done object): each receipt verifies under the attested key."""
+    for envelope in ("v2", "v1"):
+        transport = PaygateTransport(
+            envelope=envelope, wallet=payer, spend=SPEND, attestation=_policy(ek_ca, seller)
+        )
+        client = _openai(stack.url, transport)
+        client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+        claims = transport.last_signed_receipt
+        assert claims is not None
+        assert claims["model"] == MODEL
+        assert claims["model_digest"] == DIGEST
+        payment = claims["payment"]
+        assert payment["payer"] == payer.address
+        assert payment["amount"] == str(PRICE_ATOMIC)
+        assert payment["transaction"].startswith("0x")
+        if envelope == "v2":
+            chunks = client.chat.completions.create(
+                model=MODEL,
+                messages=MESSAGES,  # type: ignore[arg-type]
+                stream=True,
+            )
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert text
+            streamed = transport.last_signed_receipt
+            assert streamed is not None
+            assert streamed is not claims
+            assert streamed["payment"]["transaction"].startswith("0x")
+    with httpx.Client(transport=transport, timeout=30) as raw:
+        body = {"model": MODEL, "messages": MESSAGES, "stream": True}
+        with raw.stream("POST", f"{stack.url}/api/chat", json=body) as response:
+            lines = [line for line in response.iter_lines() if line]
+        assert response.extensions["paygate_receipt"].claims is not None
+        assert json.loads(lines[-1])["done"] is True
+
+
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [("tampered", "receipt_invalid"), ("other_reply", "receipt_mismatch")],
+)
+def test_bad_receipts_raise(
+    tpm_key: TpmKey, facilitator: Any, ek_ca: EkCa, payer: Any, seller: str, tmp_path: Path,
+    case: str, code: str,
+) -> None:  # fmt: skip
+    """A plaintext paid gateway (so the middlebox can change the reply without breaking a
+    seal): a receipt with a flipped signature byte, and a genuine receipt on a changed reply."""
+    from paygate.client import ReceiptInvalid
+
+    def tamper(headers: dict[str, str], body: bytes) -> tuple[dict[str, str], bytes]:
+        name = next(k for k in headers if k.lower() == "x-paygate-receipt")
+        if case == "tampered":
+            token = headers[name]
+            headers[name] = token[:-3] + ("A" if token[-3] != "A" else "B") + token[-2:]
+            return headers, body
+        return headers, body.replace(b"fake", b"FAKE", 1)
+
+    with _gateway(tpm_key, facilitator, seller, tmp_path, require_encryption=False) as plain:
+        transport = PaygateTransport(
+            transport=Middlebox(reply=tamper),
+            envelope="plain",
+            wallet=payer,
+            spend=SPEND,
+            attestation=_policy(ek_ca, seller),
+        )
+        with pytest.raises(ReceiptInvalid) as caught:
+            _openai(plain.url, transport).chat.completions.create(
+                model=MODEL,
+                messages=MESSAGES,  # type: ignore[arg-type]
+            )
+        assert caught.value.code == code
+        assert transport.last_signed_receipt is None
