@@ -3,7 +3,8 @@
 ``verify-file`` re-verifies a recorded SEV-SNP report, TDX quote, Nitro attestation document
 or NVIDIA GPU measurement exchange offline, at a chosen time, against the vendor roots paygate
 ships (or ``--roots``), printing every check. Exit status: 0 when every check passed, 1 when one
-failed, 2 on a usage error.
+failed, 2 on a usage error. ``show`` and ``verify`` (the live TPM or unattested evidence of a
+gateway) are in :mod:`paygate.cli.attest_live`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from enclave.attestation.nitro import NitroPolicy, NitroVerifier
 from enclave.attestation.nvidia import NvidiaGpuPolicy, NvidiaGpuVerifier
 from enclave.attestation.sev_snp import SevSnpPolicy, SevSnpVerifier
 from enclave.attestation.tdx import TdxCollateral, TdxPolicy, TdxVerifier
+from paygate.cli import attest_live
 from paygate.errors import PaygateError
 
 KINDS = ("sev-snp", "tdx", "nitro", "nvidia")
@@ -36,9 +38,11 @@ class AttestUsageError(PaygateError):
 
 
 def register(sub: Any) -> None:
-    attest = sub.add_parser("attest", help="verify attestation evidence")
+    attest = sub.add_parser("attest", help="show or verify attestation evidence")
     actions = attest.add_subparsers(dest="attest_command", required=True, metavar="ACTION")
     # One function per action adds its parser here.
+    attest_live.add_show(actions)
+    attest_live.add_verify(actions)
     _add_verify_file(actions)
 
 

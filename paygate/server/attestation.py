@@ -156,6 +156,18 @@ class AttestationService:
     def kind(self) -> EvidenceKind:
         return self._config.kind
 
+    @property
+    def receipt_public_key(self) -> bytes:
+        return self._signer.receipt_public_key
+
+    def ek_certificate_kinds(self) -> list[str]:
+        """The EK certificates this TPM holds (reads NV; blocking)."""
+        from enclave.keys.tpm import TpmKey
+
+        if not isinstance(self._key, TpmKey):
+            return []
+        return sorted(TpmAttester(self._key).ek_certificates())
+
     def config_digest(self) -> bytes:
         c = self._config
         return binding.config_digest(

@@ -10,7 +10,6 @@ gateway and rewrites what passes, as an on-path attacker would.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -23,11 +22,16 @@ import pytest
 from paygate_dev.stack import Swtpm
 
 from enclave import SoftwareKey
-from enclave.attestation import tpm as att
 from enclave.keys.tpm import TpmKey
 from paygate.client import AttestationPolicy, ClientError, PaygateTransport, SpendPolicy
 from tests.fixtures.chain import PAYER_FUNDS
 from tests.fixtures.swtpm import EkCa
+from tests.integration.attestation_support import (
+    TAMPER_CASES,
+    Middlebox,
+    edit_evidence,
+    tamper_for,
+)
 from tests.integration.gateway_support import Stack, ThreadedStack
 from tests.integration.payment_support import PRICE_ATOMIC, paid_settings
 
@@ -98,63 +102,6 @@ def _openai(url: str, transport: httpx.BaseTransport) -> openai.OpenAI:
     )
 
 
-class Middlebox(httpx.BaseTransport):
-    """Relays to the real gateway; ``tamper(path, body)`` rewrites a reply body (None: as is);
-    ``reroute`` sends the attestation and key requests to another gateway."""
-
-    def __init__(
-        self,
-        tamper: Callable[[str, bytes], bytes | None] = lambda path, body: None,
-        reroute: str | None = None,
-        reply: Callable[[dict[str, str], bytes], tuple[dict[str, str], bytes]] | None = None,
-    ) -> None:
-        self._inner = httpx.HTTPTransport()
-        self._tamper = tamper
-        self._reroute = reroute
-        self._reply = reply
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        path = request.url.path
-        if self._reroute and (path.startswith("/v1/attestation") or path == "/v1/enclave/pubkey"):
-            target = httpx.URL(self._reroute)
-            request = httpx.Request(
-                request.method,
-                request.url.copy_with(host=target.host, port=target.port),
-                headers=[(k, v) for k, v in request.headers.items() if k.lower() != "host"],
-                content=request.read(),
-                extensions=request.extensions,
-            )
-        response = self._inner.handle_request(request)
-        if not (path.startswith("/v1/attestation") or path == "/v1/enclave/pubkey"):
-            if self._reply is None or response.status_code != 200:
-                return response
-            headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
-            headers, body = self._reply(headers, response.read())
-            return httpx.Response(response.status_code, headers=headers, content=body)
-        body = response.read()
-        changed = self._tamper(path, body)
-        return httpx.Response(
-            response.status_code,
-            headers=[(k, v) for k, v in response.headers.items() if k.lower() != "content-length"],
-            content=body if changed is None else changed,
-        )
-
-
-def _edit_evidence(edit: Callable[[dict[str, Any]], None]) -> Callable[[str, bytes], bytes | None]:
-    def tamper(path: str, body: bytes) -> bytes | None:
-        if path != "/v1/attestation":
-            return None
-        document = json.loads(body)
-        edit(document)
-        return json.dumps(document).encode()
-
-    return tamper
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def _nothing_sealed_or_paid(
     stack: Stack, usdc: Any, payer: Any, seller: str, transport: Any
 ) -> None:
@@ -218,47 +165,18 @@ def test_refusals_seal_and_pay_nothing(
     code: str,
 ) -> None:
     policy = _policy(ek_ca, seller)
-    tamper: Callable[[str, bytes], bytes | None] = lambda path, body: None  # noqa: E731
-    attacker = SoftwareKey.generate().public_key
-    if case == "key_document_swapped":
-
-        def tamper(path: str, body: bytes) -> bytes | None:
-            if path != "/v1/enclave/pubkey":
-                return None
-            document = json.loads(body)
-            document["pubkey"], document["fingerprint"] = attacker.hex(), None
-            return json.dumps(document).encode()
-
-    elif case == "evidence_key_swapped":
-
-        def swap(document: dict[str, Any]) -> None:
-            document["binding"]["sealing_key"] = attacker.hex()
-
-        tamper = _edit_evidence(swap)
-    elif case == "old_nonce":
-        old = httpx.get(f"{stack.url}/v1/attestation?nonce={'ab' * 32}", timeout=10).content
-        tamper = lambda path, body: old if path == "/v1/attestation" else None  # noqa: E731
-    elif case == "certify_of_another_key":
-
-        def other(document: dict[str, Any]) -> None:
-            document["tpm"]["certify"]["sealing"] = document["tpm"]["certify"]["receipt"]
-
-        tamper = _edit_evidence(other)
-    elif case == "duplicable_key_certified":
-        duplicable = _duplicable_certified(tpm_key)
-
-        def dup(document: dict[str, Any]) -> None:
-            document["tpm"]["certify"]["sealing"] = duplicable
-
-        tamper = _edit_evidence(dup)
-    elif case == "wrong_model_digest":
+    tamper = tamper_for(case, stack.url, tpm_key) if case in TAMPER_CASES else None
+    if case == "wrong_model_digest":
         policy = _policy(ek_ca, seller, model_digests={"sha256:" + "00" * 32})
     elif case == "wrong_pay_to":
         policy = _policy(ek_ca, seller, pay_to="0x" + "12" * 20)
     elif case == "pcr_mismatch":
         policy = _policy(ek_ca, seller, pcrs={0: b"\x11" * 32})
     transport = PaygateTransport(
-        transport=Middlebox(tamper), wallet=payer, spend=SPEND, attestation=policy
+        transport=Middlebox(tamper) if tamper else None,
+        wallet=payer,
+        spend=SPEND,
+        attestation=policy,
     )
     _refused(stack.url, transport, code)
     _nothing_sealed_or_paid(stack, usdc, payer, seller, transport)
@@ -288,7 +206,7 @@ def test_ak_that_fails_credential_activation(
 
     with _gateway(rogue_key, facilitator, seller, tmp_path) as rogue:
         transport = PaygateTransport(
-            transport=Middlebox(_edit_evidence(splice), reroute=rogue.url),
+            transport=Middlebox(edit_evidence(splice), reroute=rogue.url),
             wallet=payer,
             spend=SPEND,
             attestation=_policy(ek_ca, seller),
@@ -339,38 +257,6 @@ def test_bad_attestation_requests_get_stable_codes(stack: Stack) -> None:
         response = httpx.post(f"{stack.url}/v1/attestation/activate", content=body, timeout=10)
         assert response.status_code == 400, response.text
         assert response.headers["X-Paygate-Error"] == code
-
-
-def _duplicable_certified(key: TpmKey) -> dict[str, str]:
-    """A key without fixedTPM/fixedParent, created in the genuine TPM and certified by its AK."""
-    from tpm2_pytss import TPM2_ALG, TPMA_OBJECT, TPMT_SIG_SCHEME
-
-    from enclave.attestation.tpm import _signed
-    from enclave.keys.tpm import _create_primary, ecdh_key_template
-
-    template = ecdh_key_template()
-    template.publicArea.objectAttributes &= ~(TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT)
-    with key.tpm_access() as tpm:
-        primary = _create_primary(tpm.esapi, tpm.tcti)
-        try:
-            private, public = tpm.esapi.create(primary, None, template)[:2]
-            handle = tpm.esapi.load(primary, private, public)
-        finally:
-            tpm.esapi.flush_context(primary)
-        try:
-            with tpm.loaded("ak") as ak:
-                attest, signature = tpm.esapi.certify(
-                    handle, ak, b"", TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
-                )
-        finally:
-            tpm.esapi.flush_context(handle)
-    signed = _signed(attest, signature)
-    assert att.check_ak(key.public_blob("ak"))
-    return {
-        "public": _b64(bytes(public.marshal())),
-        "attest": _b64(signed.attest),
-        "signature": _b64(signed.signature),
-    }
 
 
 def test_signed_receipts_on_whole_and_streamed_replies(
