@@ -23,7 +23,13 @@ from paygate_dev.stack import Swtpm
 
 from enclave import SoftwareKey
 from enclave.keys.tpm import TpmKey
-from paygate.client import AttestationPolicy, ClientError, PaygateTransport, SpendPolicy
+from paygate.client import (
+    AsyncPaygateTransport,
+    AttestationPolicy,
+    ClientError,
+    PaygateTransport,
+    SpendPolicy,
+)
 from tests.fixtures.chain import PAYER_FUNDS
 from tests.fixtures.swtpm import EkCa
 from tests.integration.attestation_support import (
@@ -333,3 +339,52 @@ def test_bad_receipts_raise(
             )
         assert caught.value.code == code
         assert transport.last_signed_receipt is None
+
+
+def test_a_request_for_a_model_without_an_accepted_digest_is_not_sealed(
+    stack: Stack, ek_ca: EkCa, usdc: Any, payer: Any, seller: str
+) -> None:
+    transport = PaygateTransport(wallet=payer, spend=SPEND, attestation=_policy(ek_ca, seller))
+    client = _openai(stack.url, transport)
+    with pytest.raises(ClientError) as caught:
+        client.chat.completions.create(model="other-model", messages=MESSAGES)  # type: ignore[arg-type]
+    assert caught.value.code == "model_not_accepted"
+    _nothing_sealed_or_paid(stack, usdc, payer, seller, transport)
+    assert transport.attested(stack.url) is not None  # attested; only this model is refused
+
+
+async def test_async_transport_attests_then_pays_and_checks_receipts(
+    stack: Stack, ek_ca: EkCa, usdc: Any, payer: Any, seller: str
+) -> None:
+    transport = AsyncPaygateTransport(wallet=payer, spend=SPEND, attestation=_policy(ek_ca, seller))
+    client = openai.AsyncOpenAI(
+        base_url=stack.url + "/v1",
+        api_key="unused",
+        max_retries=0,
+        http_client=httpx.AsyncClient(transport=transport, timeout=30),
+    )
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        stream=True,
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text
+    claims = transport.last_signed_receipt
+    assert claims is not None
+    assert claims["model_digest"] == DIGEST
+    assert usdc.balance_of(seller) == PRICE_ATOMIC
+
+
+def test_attestation_is_rate_limited_per_address(
+    tpm_key: TpmKey, facilitator: Any, seller: str, tmp_path: Path
+) -> None:
+    with _gateway(tpm_key, facilitator, seller, tmp_path, attestation_rate_per_minute=8) as limited:
+        statuses = [
+            httpx.get(f"{limited.url}/v1/attestation?nonce={'00' * 32}", timeout=10)
+            for _ in range(4)
+        ]
+    assert [r.status_code for r in statuses[:2]] == [200, 200]  # the burst (a quarter minute)
+    assert statuses[-1].status_code == 429
+    assert statuses[-1].headers["X-Paygate-Error"] == "rate_limited"
+    assert "Retry-After" in statuses[-1].headers
