@@ -3,17 +3,32 @@
 # for the attestation tests and the demo. Hermetic: it never reads /etc/swtpm-localca.conf or
 # writes /var/lib/swtpm-localca. Needs swtpm swtpm-tools tpm2-tools openssl (scripts/setup.sh).
 #
-#   scripts/make_swtpm_ek_state.sh OUTDIR [PORT]
+#   scripts/make_swtpm_ek_state.sh OUTDIR
 #
 # OUTDIR/state/          the TPM state: EKs RSA-2048 (cert NV 0x01c00002, key 0x81010001),
 #                        ECC P-384 (0x01c00016, 0x81010016) and ECC P-256 (0x01c0000a, 0x81010002)
 # OUTDIR/ek-ca-chain.pem the issuing intermediate + the local root: what a verifier trusts
 # OUTDIR/ca/             the CA (root and intermediate keys: test material only)
-# PORT (default: a free one) and PORT+1 are used briefly to add the P-256 EK; swtpm_setup
-# 0.7 makes only RSA-2048 and P-384 EKs.
+# A free loopback port pair (server, ctrl = server + 1) is used briefly to add the P-256 EK:
+# swtpm_setup 0.7 makes only RSA-2048 and P-384 EKs.
 set -euo pipefail
-out=$(realpath -m "${1:?usage: $0 OUTDIR [PORT]}")
-port=${2:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
+out=$(realpath -m "${1:?usage: $0 OUTDIR}")
+free_pair() {  # a port P with P and P+1 both free a moment ago
+  python3 - <<'PY'
+import socket
+for _ in range(100):
+    with socket.socket() as a:
+        a.bind(("127.0.0.1", 0))
+        port = a.getsockname()[1]
+        try:
+            with socket.socket() as b:
+                b.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+    print(port)
+    break
+PY
+}
 for tool in swtpm swtpm_setup swtpm_localca swtpm_ioctl tpm2_createek openssl; do
   command -v "$tool" >/dev/null || { echo "$tool missing: run scripts/setup.sh" >&2; exit 1; }
 done
@@ -33,10 +48,16 @@ swtpm_setup --tpm2 --tpmstate "$out/state" --config "$out/conf/swtpm_setup.conf"
   --overwrite --logfile "$out/swtpm_setup.log" >/dev/null
 
 # Add the TCG default P-256 EK (template L-2) and a certificate for it from the same CA.
+# Another process may take the port between the check and swtpm's bind: try a few pairs.
+for _ in 1 2 3 4 5; do
+  port=$(free_pair)
+  swtpm socket --tpm2 --tpmstate dir="$out/state" \
+    --server type=tcp,port="$port",bindaddr=127.0.0.1 --ctrl type=tcp,port=$((port + 1)),bindaddr=127.0.0.1 \
+    --flags not-need-init,startup-clear --daemon --pid file="$out/swtpm.pid" 2>>"$out/swtpm.log" && break
+  port=
+done
+[[ -n $port ]] || { echo "swtpm did not start: $(tail -3 "$out/swtpm.log")" >&2; exit 1; }
 export TPM2TOOLS_TCTI="swtpm:host=127.0.0.1,port=$port" TSS2_LOG=all+none
-swtpm socket --tpm2 --tpmstate dir="$out/state" \
-  --server type=tcp,port="$port",bindaddr=127.0.0.1 --ctrl type=tcp,port=$((port + 1)),bindaddr=127.0.0.1 \
-  --flags not-need-init,startup-clear --daemon --pid file="$out/swtpm.pid"
 trap 'swtpm_ioctl --tcp 127.0.0.1:$((port + 1)) -s >/dev/null 2>&1 || true; rm -f "$out/swtpm.pid"' EXIT
 for _ in $(seq 100); do tpm2_getcap properties-fixed >/dev/null 2>&1 && break; sleep 0.05; done
 tpm2_createek -c "$out/ek256.ctx" -G ecc -u "$out/ek256.pub" >/dev/null
