@@ -8,7 +8,9 @@ over HTTP: a v2 stream opened chunk by chunk as it arrives, an Obol-style v1 req
 path the route table does not know. Part 3 turns payments on: anvil (a local chain) with a
 USDC stand-in, the official x402 SDK's facilitator, and a caller using the OpenAI SDK over
 paygate's client transport — sealed, paid per request in USDC, streamed, settled on chain,
-balances shown. Nothing leaves 127.0.0.1.
+balances shown; before its first prompt that caller attests the appliance (the swtpm's EK
+certificates come from a local CA made here, scripts/make_swtpm_ek_state.sh) and prints each
+check, and every reply's signed receipt is verified. Nothing leaves 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -56,7 +58,9 @@ def _hardware_keys(workdir: Path) -> Iterator[list[tuple[str, KeyBackend]]]:
 
     token = devstack.init_softhsm_token(workdir / "softhsm")
     os.environ.update(token.env())
-    tpm = devstack.start_swtpm(workdir / "swtpm")
+    # A TPM whose EK certificates a local CA issued: the caller trusts that CA (part 3).
+    ek = devstack.make_ek_state(workdir / "ek-ca")
+    tpm = devstack.start_swtpm_from(ek, workdir / "swtpm")
     keys: list[tuple[str, KeyBackend]] = []
     try:
         keys.append(
@@ -204,13 +208,16 @@ async def _payments_demo(key: KeyBackend, workdir: Path) -> None:
         facilitator_url=facilitator.url,
         ledger_path=workdir / "payments.db",
         require_encryption=True,
+        key_backend="tpm",  # the key passed in is the TPM's: its evidence is kind tpm
     )
     gateway_runner, url = await _serve(build_app(settings, key=key))
     print(f"\n== payments: anvil at {chain.rpc_url}, the x402 SDK facilitator at {facilitator.url}")
     print(f"   seller {seller}: {chain.balance_of(seller) / 1e6:.3f} USDC")
     print(f"   payer  {payer.address}: {chain.balance_of(payer.address) / 1e6:.3f} USDC")
     try:
-        await asyncio.to_thread(_paying_caller, url, key, payer, model_server.model)
+        await asyncio.to_thread(
+            _paying_caller, url, key, payer, model_server.model, seller, workdir
+        )
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
             http.post(f"{url}/v1/chat/completions", json={"model": "m"}) as resp,
@@ -262,17 +269,22 @@ async def _real_model_or_fake(workdir: Path) -> _ModelServer:
     return _ModelServer(settings, "smollm2", stop)
 
 
-def _paying_caller(url: str, key: KeyBackend, payer: Any, model: str) -> None:
-    """A caller's program: the OpenAI SDK on paygate's transport, with a spend policy."""
+def _paying_caller(
+    url: str, key: KeyBackend, payer: Any, model: str, seller: str, workdir: Path
+) -> None:
+    """A caller's program: the OpenAI SDK on paygate's transport, with a spend policy and an
+    attestation policy (the local EK CA, the seller's wallet)."""
     import httpx
     import openai
 
-    from paygate.client import PaygateTransport, SpendPolicy
+    from paygate.client import AttestationPolicy, PaygateTransport, SpendPolicy
 
+    policy = AttestationPolicy.from_files(workdir / "ek-ca" / "ek-ca-chain.pem", pay_to=seller)
     transport = PaygateTransport(
         pin=key.info().public_key,
         wallet=payer,
         spend=SpendPolicy(max_per_request="0.01", max_total="0.10", networks=["base-sepolia"]),
+        attestation=policy,
     )
     client = openai.OpenAI(
         base_url=f"{url}/v1",
@@ -281,17 +293,26 @@ def _paying_caller(url: str, key: KeyBackend, payer: Any, model: str) -> None:
         http_client=httpx.Client(transport=transport, timeout=60),
     )
     question = "What is the capital of France? Answer in one word."
+    # The first request attests the appliance before anything is sealed or paid.
     reply = client.chat.completions.create(
         model=model,
         temperature=0,
         max_tokens=32,
         messages=[{"role": "user", "content": question}],
     )
+    attested = transport.attested(url)
+    assert attested is not None
+    print(f"   attested before the first prompt (kind {attested.kind}):")
+    for check in attested.checks:
+        print(f"     {check.status:4} {check.name:20} {check.detail}")
     paid = transport.last_payment
     assert paid is not None
     print(f"   OpenAI SDK, sealed v2, paid: {question!r}")
     print(f"     -> {reply.choices[0].message.content!r}")
     print(f"     paid {paid.amount:f} USDC, tx {paid.transaction}")
+    signed = transport.last_signed_receipt
+    assert signed is not None
+    print(f"     signed receipt verified: reply {signed['reply_digest'][:23]}…")
     stream = client.chat.completions.create(
         model=model,
         stream=True,

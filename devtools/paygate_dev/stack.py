@@ -214,3 +214,36 @@ def start_swtpm(state_dir: Path) -> Swtpm:
     tpm = Swtpm(binary=require("swtpm", "swtpm"), state_dir=state_dir)
     tpm.start()
     return tpm
+
+
+EK_STATE_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_swtpm_ek_state.sh"
+
+
+@dataclass(frozen=True, slots=True)
+class EkState:
+    """A swtpm state whose EK certificates a local CA issued (docs/ATTESTATION.md)."""
+
+    directory: Path
+    state: Path  # serve a copy: swtpm rewrites its state file
+    chain_pem: Path  # the issuing intermediate and the root: what a verifier trusts
+
+
+def make_ek_state(directory: Path) -> EkState:
+    """Run scripts/make_swtpm_ek_state.sh: a fresh local EK CA and a TPM state under it."""
+    require("swtpm_setup", "swtpm-tools")
+    require("tpm2_createek", "tpm2-tools")
+    if not EK_STATE_SCRIPT.is_file():
+        raise ComponentMissing(f"{EK_STATE_SCRIPT} not found: run from a paygate checkout")
+    result = subprocess.run(
+        ["bash", str(EK_STATE_SCRIPT), str(directory)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise PaygateError(f"{EK_STATE_SCRIPT.name} failed: {result.stderr.strip()[-1000:]}")
+    return EkState(directory, directory / "state", directory / "ek-ca-chain.pem")
+
+
+def start_swtpm_from(ek: EkState, state_dir: Path) -> Swtpm:
+    """Start a swtpm on a copy of ``ek``'s state in ``state_dir``."""
+    shutil.copytree(ek.state, state_dir, ignore=shutil.ignore_patterns(".lock"))
+    return start_swtpm(state_dir)
