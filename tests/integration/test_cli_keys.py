@@ -129,6 +129,12 @@ def test_demo_runs_end_to_end() -> None:
     # answered by llama.cpp with real weights (setup builds it: no fallback to the fake here)
     assert "model server: llama.cpp llama-server, SmolLM2-135M-Instruct" in result.stdout
     assert "-> 'The capital of France is Paris.'" in result.stdout
+    # ... attested before its first prompt (every check passed or skipped by the policy)
+    assert "attested before the first prompt (kind tpm)" in result.stdout
+    for check in ("ek_chain", "activation", "quote", "certify_sealing_key", "pay_to"):
+        assert f"pass {check}" in result.stdout
+    assert "fail " not in result.stdout
+    assert "signed receipt verified" in result.stdout
     assert result.stdout.count("paid 0.001 USDC, tx 0x") == 2
     assert "receipt in-band" in result.stdout
     assert "unsealed body on a paid route -> 415" in result.stdout
