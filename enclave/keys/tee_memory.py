@@ -3,13 +3,15 @@
 A software P-256 key generated at start inside the guest's encrypted memory and never written
 anywhere: the TEE's memory encryption is what keeps it from the host, and the attestation
 evidence (report_data / public_key) is what binds it to the measured guest. It dies with the
-process, so every start has a new key and callers learn it through fresh evidence.
+process, so every start has a new key and callers learn it through fresh evidence. Its receipt
+key (:class:`~enclave.keys.base.ReceiptSigner`) is made and kept the same way.
 """
 
 from __future__ import annotations
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
 from enclave import p256
 from enclave.errors import KeyBackendError
@@ -22,6 +24,8 @@ class TeeMemoryKey(ClosingKey):
     def __init__(self, private_key: ec.EllipticCurvePrivateKey) -> None:
         self._private_key: ec.EllipticCurvePrivateKey | None = private_key
         self._public = p256.encode_public_key(private_key.public_key())
+        self._receipt: ec.EllipticCurvePrivateKey | None = ec.generate_private_key(p256.CURVE)
+        self._receipt_public = p256.encode_public_key(self._receipt.public_key())
 
     @classmethod
     def generate(cls) -> TeeMemoryKey:
@@ -43,6 +47,20 @@ class TeeMemoryKey(ClosingKey):
             raise KeyBackendError("the in-memory key was closed")
         return p256.software_ecdh(self._private_key, peer_public_key)
 
+    @property
+    def receipt_public_key(self) -> bytes:
+        return self._receipt_public
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        if self._receipt is None:
+            raise KeyBackendError("the in-memory key was closed")
+        if len(digest) != 32:
+            raise ValueError("a SHA-256 digest is 32 bytes")
+        r, s = decode_dss_signature(
+            self._receipt.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+        )
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
     def info(self) -> KeyInfo:
         return KeyInfo(
             backend="tee-memory",
@@ -55,6 +73,7 @@ class TeeMemoryKey(ClosingKey):
     def close(self) -> None:
         """Drop the key: after this, nothing in the process refers to the scalar."""
         self._private_key = None
+        self._receipt = None
 
     def __repr__(self) -> str:
         return f"TeeMemoryKey(public_key={self._public.hex()[:18]}…)"

@@ -10,6 +10,7 @@ verification failed, 2 on a usage error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -190,10 +191,14 @@ def _show(args: argparse.Namespace) -> int:
     # The server's assembly is the one place that knows what is bound: reuse it.
     from paygate.keys import open_key_backend
     from paygate.server.app import attestation_config
-    from paygate.server.attestation import AttestationService
+    from paygate.server.attestation import AttestationService, parse_models
+    from paygate.upstream.service import served_digests
 
     settings = load_settings(args.config)
-    config = attestation_config(settings)
+    # The weights' digests as the gateway computes them at start (attach mode: from
+    # upstream_model_path; hashing a large file takes a while).
+    served = [item.as_dict() for item in served_digests(settings, None)]
+    config = dataclasses.replace(attestation_config(settings), models=parse_models(served))
     key = open_key_backend(settings)
     try:
         service = AttestationService(config, key)

@@ -226,7 +226,7 @@ def build_app(
             replies=Replies(
                 reply_limits(settings),
                 app[METRICS].error,
-                ReceiptIssuer(app[KEY], attestation.models)
+                ReceiptIssuer(app[KEY], bound.models)
                 if isinstance(app[KEY], ReceiptSigner)
                 else None,
             ),

@@ -8,6 +8,7 @@ import base64
 import json
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -220,3 +221,13 @@ def duplicable_certified(key: TpmKey) -> dict[str, str]:
         "attest": b64(signed.attest),
         "signature": b64(signed.signature),
     }
+
+
+def ollama_models_dir(directory: Path, name: str, tag: str, digest: str) -> Path:
+    """An Ollama models directory whose manifest names ``digest`` as the model layer: what the
+    ollama engine profile hashes into the served digests (the FAKE server has no weights)."""
+    manifest = directory / "manifests" / "registry.ollama.ai" / "library" / name / tag
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    layer = {"mediaType": "application/vnd.ollama.image.model", "digest": digest, "size": 1}
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [layer]}))
+    return directory

@@ -27,6 +27,7 @@ from tests.integration.attestation_support import (
     TAMPER_CASES,
     TamperProxy,
     edit_evidence,
+    ollama_models_dir,
     tamper_for,
 )
 from tests.integration.gateway_support import Stack, ThreadedStack
@@ -56,11 +57,11 @@ def tpm_key(
         yield key
 
 
-def _settings(key: TpmKey | None = None) -> dict[str, Any]:
+def _settings(key: TpmKey | None, models: Path) -> dict[str, Any]:
     # Payments in verify-only mode: the evidence binds payTo without a chain behind it.
     return {
         "key_backend": "tpm" if key is not None else "software",
-        "expected_model_digests": {MODEL: DIGEST},
+        "upstream_model_path": ollama_models_dir(models, "fake-llama", "latest", DIGEST),
         "payment_mode": "verify-only",
         "pay_to": PAY_TO,
         "network": "base-sepolia",
@@ -69,8 +70,9 @@ def _settings(key: TpmKey | None = None) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def stack(tpm_key: TpmKey) -> Iterator[Stack]:
-    with ThreadedStack(key=tpm_key, **_settings(tpm_key)) as running:
+def stack(tpm_key: TpmKey, tmp_path_factory: Any) -> Iterator[Stack]:
+    models = tmp_path_factory.mktemp("models")
+    with ThreadedStack(key=tpm_key, **_settings(tpm_key, models)) as running:
         yield running
 
 
@@ -145,7 +147,7 @@ def test_verify_exits_1_for_an_untrusted_ek_and_a_failed_activation(
     rogue_tpm = ek_swtpm_factory(rogue_ek_ca)
     with (
         TpmKey.generate(rogue_tpm.tcti, tmp_path / "rogue") as rogue_key,
-        ThreadedStack(key=rogue_key, **_settings(rogue_key)) as rogue,
+        ThreadedStack(key=rogue_key, **_settings(rogue_key, tmp_path / "models")) as rogue,
     ):
         result = _verify(rogue.url, ek_ca)
         assert result.returncode == 1
@@ -186,7 +188,9 @@ def test_show_prints_what_the_appliance_would_attest(
         "PAYGATE_KEY_BACKEND": "tpm",
         "PAYGATE_TPM_TCTI": tpm.tcti,
         "PAYGATE_TPM_KEY_DIR": str(tmp_path / "key"),
-        "PAYGATE_EXPECTED_MODEL_DIGESTS": json.dumps({MODEL: DIGEST}),
+        "PAYGATE_UPSTREAM_MODEL_PATH": str(
+            ollama_models_dir(tmp_path / "models", "fake-llama", "latest", DIGEST)
+        ),
     }
     result = _attest("show", "--json", env=env)
     assert result.returncode == 0, result.stderr

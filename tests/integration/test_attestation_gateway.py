@@ -36,6 +36,7 @@ from tests.integration.attestation_support import (
     TAMPER_CASES,
     Middlebox,
     edit_evidence,
+    ollama_models_dir,
     tamper_for,
 )
 from tests.integration.gateway_support import Stack, ThreadedStack
@@ -81,6 +82,8 @@ def _gateway(
         ledger=tmp_path / f"ledger-{id(key)}.db",
         require_encryption=require_encryption,
         key_backend="tpm" if isinstance(key, TpmKey) else "software",
+        # The weights' digest the ollama profile computes at start (and checks), then binds.
+        upstream_model_path=ollama_models_dir(tmp_path / "models", "fake-llama", "latest", DIGEST),
         expected_model_digests={MODEL: DIGEST},
         **extra,
     )
