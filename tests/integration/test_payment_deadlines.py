@@ -46,7 +46,10 @@ async def test_a_stream_outliving_its_authorization_ends_in_band_and_is_settled(
     words = [e for e in events if e.startswith(b"data: {") and b'"choices"' in e]
     assert 5 < len(words) < 30  # cut, not served in full
     assert b'"code":"authorization_expiring"' in text
-    assert text.rstrip().split(b"\n")[-1].startswith(SSE_PREFIX)  # the receipt comes last
+    # The payment receipt comes after the content, and the signed receipt (over all of it) last.
+    lines = text.rstrip().split(b"\n")
+    assert lines[-1].startswith(b": paygate-receipt ")
+    assert lines[-3].startswith(SSE_PREFIX)
     assert usdc.balance_of(seller) == PRICE_ATOMIC
     assert [r.state for r in await records(ledger)] == [PaymentState.SETTLED]
 
