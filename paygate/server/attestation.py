@@ -29,10 +29,12 @@ from enclave import KeyBackend, KeyBackendError
 from enclave.attestation import binding
 from enclave.attestation.tpm import APP_PCR, DEFAULT_PCRS, EK_HANDLES, TpmAttester, app_digest
 from enclave.keys.base import ReceiptSigner
-from paygate.server.errors import GatewayError
+from paygate.server.errors import BodyTooLarge, GatewayError
+from paygate.server.limits import read_body
 
 EvidenceKind = Literal["tpm", "none"]
 MAX_ACTIVATION_BODY = 16 * 1024  # two marshalled TPM2B blobs of a few hundred bytes
+ACTIVATION_READ_TIMEOUT = 10.0  # seconds for that small body
 _MAX_TRACKED_CALLERS = 10_000  # bound of the per-address rate table (least recently seen go)
 
 
@@ -285,11 +287,14 @@ class AttestationService:
     async def handle_activate(self, request: web.Request) -> web.Response:
         if self._config.kind != "tpm":
             raise ActivationUnsupported
-        if (request.content_length or 0) > MAX_ACTIVATION_BODY:
-            raise InvalidActivation
-        raw = await request.content.read(MAX_ACTIVATION_BODY + 1)
-        if len(raw) > MAX_ACTIVATION_BODY:
-            raise InvalidActivation
+        self._admit(request)  # before reading anything
+        try:
+            # Bounded in size and time like every body (413/408 past the bounds).
+            raw = await read_body(
+                request, limit=MAX_ACTIVATION_BODY, timeout=ACTIVATION_READ_TIMEOUT
+            )
+        except BodyTooLarge:
+            raise InvalidActivation("the activation request is larger than 16 KiB") from None
         try:
             body = json.loads(raw)
             ek = body["ek"]
@@ -299,7 +304,6 @@ class AttestationService:
             raise InvalidActivation from None
         if ek not in EK_HANDLES:
             raise InvalidActivation(f"ek must be one of {', '.join(sorted(EK_HANDLES))}")
-        self._admit(request)
         try:
             recovered = await self._blocking(self.activate, ek, blob, secret)
         except ValueError:
