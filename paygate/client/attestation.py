@@ -191,7 +191,7 @@ def attestation_flow(
     ev: dict[str, Any] = {}
 
     def parse() -> str:
-        document = json.loads(body)
+        document = binding_doc.loads_shallow(body)
         if not isinstance(document, dict) or document.get("kind") not in ("tpm", "none"):
             raise ValueError("unknown evidence kind")
         ev["doc"] = document
@@ -221,7 +221,11 @@ def attestation_flow(
 
         checks.run("binding_signature", signed)
     else:
-        yield from _tpm_checks(checks, origin, policy, document["tpm"], bound, clock)
+        try:
+            yield from _tpm_checks(checks, origin, policy, document["tpm"], bound, clock)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # A field the checks above did not reach is missing or of the wrong type.
+            raise checks.fail("evidence_form", "evidence_malformed", type(exc).__name__) from None
     _binding_checks(checks, policy, bound, offered_key)
     return Attested(origin, document["kind"], bound, tuple(checks.done))
 
@@ -268,8 +272,8 @@ def _tpm_checks(
     recovered = b""
     if status == 200:
         try:
-            recovered = _unb64(json.loads(body)["secret"])
-        except (ValueError, KeyError, TypeError):
+            recovered = _unb64(binding_doc.loads_shallow(body, max_depth=2)["secret"])
+        except (binding_doc.BindingInvalid, ValueError, KeyError, TypeError):
             recovered = b""
     if not hmac.compare_digest(recovered, secret):
         raise checks.fail(

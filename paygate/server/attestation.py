@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -296,11 +295,11 @@ class AttestationService:
         except BodyTooLarge:
             raise InvalidActivation("the activation request is larger than 16 KiB") from None
         try:
-            body = json.loads(raw)
+            body = binding.loads_shallow(raw, max_depth=2)
             ek = body["ek"]
             blob = unb64(body["credential_blob"])
             secret = unb64(body["encrypted_secret"])
-        except (ValueError, KeyError, TypeError, RecursionError):
+        except (binding.BindingInvalid, ValueError, KeyError, TypeError):
             raise InvalidActivation from None
         if ek not in EK_HANDLES:
             raise InvalidActivation(f"ek must be one of {', '.join(sorted(EK_HANDLES))}")

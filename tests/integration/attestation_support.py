@@ -29,6 +29,8 @@ TAMPER_CASES = (
     "old_nonce",
     "certify_of_another_key",
     "duplicable_key_certified",
+    "evidence_deeply_nested",
+    "evidence_without_tpm_part",
 )
 
 
@@ -124,6 +126,11 @@ def tamper_for(case: str, gateway_url: str, tpm_key: TpmKey) -> Tamper:
             document["tpm"]["certify"]["sealing"] = duplicable
 
         return edit_evidence(dup)
+    if case == "evidence_deeply_nested":
+        nested = b"[" * 50_000 + b"]" * 50_000
+        return lambda path, body: nested if path == "/v1/attestation" else None
+    if case == "evidence_without_tpm_part":
+        return edit_evidence(lambda document: document.pop("tpm"))
     raise ValueError(case)
 
 

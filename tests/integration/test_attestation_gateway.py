@@ -158,6 +158,8 @@ def test_attested_gateway_then_sealed_paid_requests_through_the_openai_sdk(
         ("old_nonce", "nonce_mismatch"),
         ("certify_of_another_key", "key_not_certified"),
         ("duplicable_key_certified", "key_not_certified"),
+        ("evidence_deeply_nested", "evidence_malformed"),
+        ("evidence_without_tpm_part", "evidence_malformed"),
         ("wrong_model_digest", "model_not_accepted"),
         ("wrong_pay_to", "pay_to_mismatch"),
         ("pcr_mismatch", "pcr_mismatch"),
@@ -262,6 +264,7 @@ def test_bad_attestation_requests_get_stable_codes(stack: Stack) -> None:
         (json.dumps({"ek": "p256", "credential_blob": "AAAA", "encrypted_secret": "AAAA"}).encode(),
          "invalid_activation"),
         (b"x" * 20_000, "invalid_activation"),
+        (b"[" * 8000 + b"]" * 8000, "invalid_activation"),
     ):  # fmt: skip
         response = httpx.post(f"{stack.url}/v1/attestation/activate", content=body, timeout=10)
         assert response.status_code == 400, response.text
