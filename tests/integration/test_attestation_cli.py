@@ -116,6 +116,8 @@ def test_verify_exits_1_through_a_tampering_proxy(
             "old_nonce": "nonce_mismatch",
             "certify_of_another_key": "key_not_certified",
             "duplicable_key_certified": "key_not_certified",
+            "evidence_deeply_nested": "evidence_malformed",
+            "evidence_without_tpm_part": "evidence_malformed",
         }[case]
     )
 
