@@ -8,6 +8,7 @@ from typing import Any
 
 import enclave
 from enclave import p256
+from enclave.keys.base import ReceiptSigner
 from paygate.config import load_settings
 from paygate.keys import create_key, open_key_backend
 
@@ -59,6 +60,10 @@ def describe(key: enclave.KeyBackend) -> dict[str, Any]:
         "label": info.label,
         "algorithms": {"v1": enclave.V1_ALGORITHM, "v2": enclave.V2_SUITE},
         "details": info.details,
+        # The receipt-signing key beside it (docs/ATTESTATION.md), when the backend has one.
+        "receipt_key": p256.fingerprint(key.receipt_public_key)
+        if isinstance(key, ReceiptSigner)
+        else None,
     }
 
 
@@ -67,7 +72,7 @@ def _print(key: enclave.KeyBackend, as_json: bool) -> None:
     if as_json:
         print(json.dumps(facts, indent=2))
         return
-    for name in ("backend", "pubkey", "fingerprint", "persistent", "label"):
+    for name in ("backend", "pubkey", "fingerprint", "persistent", "label", "receipt_key"):
         print(f"{name:12} {facts[name]}")
     print(f"{'v1':12} {facts['algorithms']['v1']}")
     print(f"{'v2':12} {facts['algorithms']['v2']}")
