@@ -197,7 +197,7 @@ def _show(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     # The weights' digests as the gateway computes them at start (attach mode: from
     # upstream_model_path; hashing a large file takes a while).
-    served = [item.as_dict() for item in served_digests(settings, None)]
+    served = [item.as_dict() for item in served_digests(settings.upstream(), None)]
     config = dataclasses.replace(attestation_config(settings), models=parse_models(served))
     key = open_key_backend(settings)
     try:
