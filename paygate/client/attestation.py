@@ -269,6 +269,10 @@ def _tpm_checks(
         {"ek": state["ek_kind"], "credential_blob": _b64(blob), "encrypted_secret": _b64(encrypted)}
     ).encode()
     status, body = yield Exchange("POST", f"{origin}{ACTIVATE_PATH}", request)
+    if status in (429, 503):  # rate-limited or busy: says nothing about the AK, try later
+        raise checks.fail(
+            "activation", "evidence_unavailable", f"{ACTIVATE_PATH} answered HTTP {status}"
+        )
     recovered = b""
     if status == 200:
         try:
