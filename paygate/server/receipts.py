@@ -27,6 +27,7 @@ from enclave import receipts
 from enclave.attestation.binding import ModelDigest
 from enclave.keys.base import ReceiptSigner
 from paygate import wire
+from paygate.upstream.usage import Usage
 from paygate.x402.processor import Receipt
 
 SSE_PREFIX = b": paygate-receipt "
@@ -97,30 +98,15 @@ class ReceiptIssuer:
         return await loop.run_in_executor(None, receipts.sign, claims, self._signer)
 
 
-def usage_of(body: bytes, limit: int = 4 * 1024 * 1024) -> dict[str, int] | None:
-    """Token counts of a whole JSON reply: OpenAI ``usage`` or Ollama's eval counts."""
-    if len(body) > limit or body.lstrip()[:1] != b"{":
+def usage_claims(usage: Usage | None) -> dict[str, int] | None:
+    """The receipt's ``usage``: the tokens the model server stated (paygate.upstream.usage)."""
+    if usage is None:
         return None
-    try:
-        value = json.loads(body)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    if not isinstance(value, dict):
-        return None
-    usage = value.get("usage")
-    if not isinstance(usage, dict):
-        usage = {
-            "prompt_tokens": value.get("prompt_eval_count"),
-            "completion_tokens": value.get("eval_count"),
-        }
-    counts = {
-        k: v
-        for k, v in usage.items()
-        if k in ("prompt_tokens", "completion_tokens", "total_tokens")
-        and isinstance(v, int)
-        and not isinstance(v, bool)
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
     }
-    return counts or None
 
 
 class InbandSignedReceipt:

@@ -44,7 +44,7 @@ from paygate.server.receipts import (
     ReceiptIssuer,
     RequestFacts,
     WireHash,
-    usage_of,
+    usage_claims,
 )
 from paygate.x402.inband import InbandReceiptWriter
 from paygate.x402.processor import Receipt
@@ -228,7 +228,7 @@ class Replies:
                 receipts.body_digest(payload),
                 payment=_payment_facts(ticket),
                 receipt=receipt,
-                usage=usage_of(body),
+                usage=usage_claims(reply.usage),
             )
         headers[wire.OVERHEAD_HEADER] = _overhead(started, reply)
         ticket.delivered = True
@@ -256,8 +256,13 @@ class Replies:
             issuer, payment = self._receipts, _payment_facts(ticket)
 
             async def sign(digest: str, end: StreamEnd) -> str:
+                # The upstream's body has ended: its stated usage (if any) is known now.
                 return await issuer.token(
-                    facts, digest, payment=payment, receipt=end.receipt or known
+                    facts,
+                    digest,
+                    payment=payment,
+                    receipt=end.receipt or known,
+                    usage=usage_claims(reply.usage),
                 )
 
             wire_hash = WireHash() if isinstance(plan, V2Reply) else None

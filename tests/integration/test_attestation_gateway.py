@@ -286,6 +286,7 @@ def test_signed_receipts_on_whole_and_streamed_replies(
         assert claims is not None
         assert claims["model"] == MODEL
         assert claims["model_digest"] == DIGEST
+        assert claims["usage"]["completion_tokens"] > 0  # as the model server stated it
         payment = claims["payment"]
         assert payment["payer"] == payer.address
         assert payment["amount"] == str(PRICE_ATOMIC)
@@ -306,8 +307,11 @@ def test_signed_receipts_on_whole_and_streamed_replies(
         body = {"model": MODEL, "messages": MESSAGES, "stream": True}
         with raw.stream("POST", f"{stack.url}/api/chat", json=body) as response:
             lines = [line for line in response.iter_lines() if line]
-        assert response.extensions["paygate_receipt"].claims is not None
+        claims = response.extensions["paygate_receipt"].claims
+        assert claims is not None
         assert json.loads(lines[-1])["done"] is True
+        # Read from the stream's final object as the model server stated it.
+        assert claims["usage"]["completion_tokens"] == json.loads(lines[-1])["eval_count"]
 
 
 @pytest.mark.parametrize(
