@@ -17,7 +17,6 @@ The *configuration digest* is the SHA-256 of the same document without ``nonce``
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,34 +39,6 @@ class BindingInvalid(EnclaveError):
     """the binding document is malformed"""
 
     code = "evidence_malformed"
-
-
-def loads_shallow(data: bytes, max_depth: int = 16) -> Any:
-    """``json.loads`` of untrusted bytes, refusing nesting deeper than ``max_depth`` before
-    parsing: a dependency may raise the recursion limit, and deep nesting then overflows the C
-    stack instead of raising. :class:`BindingInvalid` for anything that is not such JSON."""
-    depth = 0
-    in_string = escaped = False
-    for byte in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            if depth > max_depth:
-                raise BindingInvalid("the JSON is nested too deeply")
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    try:
-        return json.loads(data)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise BindingInvalid("not JSON") from None
 
 
 def canonical(document: Any) -> bytes:

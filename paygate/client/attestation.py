@@ -31,7 +31,7 @@ from enclave import receipts
 from enclave.attestation import binding as binding_doc
 from enclave.attestation import tpm
 from enclave.attestation.base import Check
-from paygate import wire
+from paygate import jsonsafe, wire
 from paygate.client.errors import (
     ActivationFailed,
     AkInvalid,
@@ -191,7 +191,7 @@ def attestation_flow(
     ev: dict[str, Any] = {}
 
     def parse() -> str:
-        document = binding_doc.loads_shallow(body)
+        document = jsonsafe.loads(body, max_bytes=MAX_EVIDENCE_BYTES)
         if not isinstance(document, dict) or document.get("kind") not in ("tpm", "none"):
             raise ValueError("unknown evidence kind")
         ev["doc"] = document
@@ -276,8 +276,8 @@ def _tpm_checks(
     recovered = b""
     if status == 200:
         try:
-            recovered = _unb64(binding_doc.loads_shallow(body, max_depth=2)["secret"])
-        except (binding_doc.BindingInvalid, ValueError, KeyError, TypeError):
+            recovered = _unb64(jsonsafe.loads(body, max_bytes=64 * 1024, max_depth=2)["secret"])
+        except (ValueError, KeyError, TypeError):
             recovered = b""
     if not hmac.compare_digest(recovered, secret):
         raise checks.fail(

@@ -28,6 +28,7 @@ from enclave import KeyBackend, KeyBackendError
 from enclave.attestation import binding
 from enclave.attestation.tpm import APP_PCR, DEFAULT_PCRS, EK_HANDLES, TpmAttester, app_digest
 from enclave.keys.base import ReceiptSigner
+from paygate import jsonsafe
 from paygate.server.errors import BodyTooLarge, GatewayError
 from paygate.server.limits import read_body
 
@@ -295,11 +296,11 @@ class AttestationService:
         except BodyTooLarge:
             raise InvalidActivation("the activation request is larger than 16 KiB") from None
         try:
-            body = binding.loads_shallow(raw, max_depth=2)
+            body = jsonsafe.loads(raw, max_bytes=MAX_ACTIVATION_BODY, max_depth=2)
             ek = body["ek"]
             blob = unb64(body["credential_blob"])
             secret = unb64(body["encrypted_secret"])
-        except (binding.BindingInvalid, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):  # UntrustedJSONError is a ValueError
             raise InvalidActivation from None
         if ek not in EK_HANDLES:
             raise InvalidActivation(f"ek must be one of {', '.join(sorted(EK_HANDLES))}")

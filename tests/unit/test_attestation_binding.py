@@ -89,13 +89,3 @@ def test_running_hash_equals_the_whole_body_digest() -> None:
     for chunk in (b"data: 1\n\n", b"data: 2\n\n"):
         running.update(chunk)
     assert running.digest() == receipts.body_digest(b"data: 1\n\ndata: 2\n\n")
-
-
-def test_loads_shallow_refuses_deep_nesting_before_parsing() -> None:
-    assert binding.loads_shallow(b'{"a": ["[[[[", {"b": 1}]}') == {"a": ["[[[[", {"b": 1}]}
-    with pytest.raises(binding.BindingInvalid):
-        binding.loads_shallow(b"[" * 100_000 + b"]" * 100_000)
-    with pytest.raises(binding.BindingInvalid):
-        binding.loads_shallow(b"[[[]]]", max_depth=2)
-    with pytest.raises(binding.BindingInvalid):
-        binding.loads_shallow(b"\xff not json")
