@@ -135,7 +135,14 @@ def engine_routes(served: Iterable[ServedRoute], price: PriceHook | None = None)
             free(wire.READY_PATH, "ready"),
             free(wire.METRICS_PATH, "metrics"),
             Route("GET", wire.PUBKEY_PATH, "openai", paid=False, target="pubkey"),
-            Route("GET", wire.ATTESTATION_PATH, "openai", paid=False, target="attestation"),
+            Route(
+                "GET",
+                wire.ATTESTATION_PATH,
+                "openai",
+                paid=False,
+                target="attestation",
+                query=frozenset({"nonce"}),  # the verifier's nonce, checked by the handler
+            ),
             Route("POST", wire.ATTESTATION_ACTIVATE_PATH, "openai", paid=False, target="activate"),
         ]
     )
