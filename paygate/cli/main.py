@@ -7,6 +7,7 @@ never a traceback: messages are written to be safe to show (no secrets).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -15,20 +16,30 @@ from pathlib import Path
 
 from enclave import EnclaveError
 from paygate import restore_recursion_limit
-from paygate.cli import attest, deploy, discover, keys, ledger, payments, request, serve, upstream
 from paygate.errors import PaygateError
 
-# The sub-commands import eth-account/web3, whose py_ecc raises the recursion limit to 100,000.
-restore_recursion_limit()
-
-COMMANDS = (keys, serve, payments, ledger, upstream, discover, deploy, request, attest)
+# Each command is the module paygate.cli.<name> with a register(sub). Only the command being
+# run is imported: all of them together pull in web3, aiohttp, httpx, docker … (seconds of
+# start-up); ``paygate --help`` and unknown commands import them all.
+COMMANDS = (
+    "keys",
+    "serve",
+    "payments",
+    "ledger",
+    "upstream",
+    "discover",
+    "deploy",
+    "request",
+    "attest",
+)
 # Commands that live outside the shipped package (the dev tooling's ``demo`` and
 # ``fake-upstream``) register through this entry point group when installed.
 PLUGIN_GROUP = "paygate.commands"
 DEV_ONLY = ("demo", "fake-upstream")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, just that command's (see COMMANDS)."""
     parser = argparse.ArgumentParser(
         prog="paygate", description="Paid, end-to-end-encrypted inference proxy appliance."
     )
@@ -36,17 +47,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, default=None, help="TOML settings file (env PAYGATE_* overrides it)"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMANDS:
-        module.register(sub)
+    for name in COMMANDS:
+        if only in (None, name):
+            importlib.import_module(f"paygate.cli.{name}").register(sub)
     plugged = set()
     for entry in entry_points(group=PLUGIN_GROUP):
-        entry.load()(sub)
+        if only in (None, entry.name):
+            entry.load()(sub)
         plugged.add(entry.name)
     for name in DEV_ONLY:
-        if name not in plugged:
+        if name not in plugged and only in (None, name):
             missing = sub.add_parser(name, help="(needs the dev tooling: bash scripts/setup.sh)")
             missing.set_defaults(run=_dev_tooling_missing)
+    # The commands import eth-account/web3, whose py_ecc raises the recursion limit to 100,000.
+    restore_recursion_limit()
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command named in ``argv`` (after the global options), if it is a known one."""
+    words = iter(argv)
+    for word in words:
+        if word == "--config":
+            next(words, None)
+        elif not word.startswith("-"):
+            known = set(COMMANDS) | set(DEV_ONLY)
+            known |= {entry.name for entry in entry_points(group=PLUGIN_GROUP)}
+            return word if word in known else None
+    return None
 
 
 def _dev_tooling_missing(args: argparse.Namespace) -> int:
@@ -60,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The TPM's C library (tss2) prints its own ERROR/WARNING lines to stderr for failures that
     # paygate already reports as one clear error; silence it unless the operator asks for it.
     os.environ.setdefault("TSS2_LOG", "all+none")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)

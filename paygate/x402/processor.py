@@ -512,6 +512,8 @@ class PaymentProcessor:
             self._held.pop(record.id, None)
             log.warning("payment %s: lease lost to another replica; leaving it", record.id)
             raise
+        # The payment id and its state only: never the payload, signature or payer's header.
+        log.debug("payment %s: %s -> %s", moved.id, record.state, moved.state)
         if not TRANSITIONS[moved.state]:
             self._held.pop(moved.id, None)
         return moved
