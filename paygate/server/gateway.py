@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from enclave import receipts
+from paygate.jsonsafe import UntrustedJSONError
 from paygate.server.admission import Admission
 from paygate.server.errors import GatewayError, QueryNotAllowed, RouteNotFound
 from paygate.server.health import LocalHandler
@@ -107,6 +108,17 @@ class Gateway:
                         started=started,
                         facts=RequestFacts(
                             request_digest=receipts.body_digest(admitted.body),
-                            model=model_of(opened.body) if opened.body else None,
+                            model=_model_named(opened.body),
                         ),
                     )
+
+
+def _model_named(body: bytes) -> str | None:
+    """The ``model`` a request body names, for its receipt; None when the body names none or
+    is not JSON (the model server answers such a body itself)."""
+    if not body:
+        return None
+    try:
+        return model_of(body)
+    except UntrustedJSONError:
+        return None
