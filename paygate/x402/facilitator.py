@@ -183,6 +183,29 @@ class FacilitatorSettler:
             f"{what}; no chain_rpc_url to prove it", transaction=transaction, withhold=used
         )
 
+    async def supported(self) -> list[dict[str, Any]]:
+        """``GET /supported``'s ``kinds``: ``{x402Version, scheme, network, extra?}`` each."""
+        try:
+            async with self._session.get(
+                self._url + "/supported",
+                timeout=aiohttp.ClientTimeout(
+                    total=self._timeout, sock_connect=min(self._timeout, 5.0)
+                ),
+                allow_redirects=False,
+            ) as response:
+                if response.status != 200:
+                    raise _Garbage(f"HTTP {response.status}")
+                raw = await response.content.read(_MAX_ANSWER + 1)
+            if len(raw) > _MAX_ANSWER:
+                raise _Garbage("answer too large")
+            document = jsonsafe.loads(raw, max_bytes=_MAX_ANSWER)
+            kinds = document.get("kinds") if isinstance(document, dict) else None
+        except (aiohttp.ClientError, TimeoutError, _Garbage, ValueError) as exc:
+            raise SettlerUnavailable(f"the facilitator's /supported failed: {_what(exc)}") from None
+        if not isinstance(kinds, list):
+            raise SettlerUnavailable("the facilitator's /supported lists no kinds")
+        return [kind for kind in kinds if isinstance(kind, dict)]
+
     # --- upto: the proof is the proxy's Transfer of the amount (paygate.x402.chain_upto) ---
 
     async def _judge_upto(
