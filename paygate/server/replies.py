@@ -137,7 +137,7 @@ class UsageMeter:
         complete, self._held = data[: cut + 2], data[cut + 2 :]
         return b"".join(_strip_usage(event + b"\n\n") for event in complete.split(b"\n\n")[:-1])
 
-    def finish(self, tail: bytes, end: StreamEnd) -> bytes:
+    async def finish(self, tail: bytes, end: StreamEnd) -> bytes:
         out = self.feed(tail) if tail else b""
         rest, self._held = self._held, b""
         return out + (_strip_usage(rest) if rest else b"")

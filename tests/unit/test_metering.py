@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from decimal import Decimal
@@ -152,7 +153,7 @@ def test_the_usage_meter_strips_only_what_the_caller_did_not_ask_for() -> None:
     meter = UsageMeter("text/event-stream", strip=True)
     stream = plain + beside + usage_only + b"data: [DONE]\n\n"
     out = b"".join(meter.feed(stream[i : i + 7]) for i in range(0, len(stream), 7))
-    out += meter.finish(b"", StreamEnd())
+    out += asyncio.run(meter.finish(b"", StreamEnd()))
     assert b"usage" not in out
     assert out.startswith(plain)
     assert b'"finish_reason":"stop"' in out
