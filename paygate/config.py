@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -37,6 +46,27 @@ if TYPE_CHECKING:
 KeyBackendName = Literal["software", "pkcs11", "tpm", "tee-memory"]
 NonNegativeDecimal = Annotated[Decimal, Field(ge=0, max_digits=40, decimal_places=18)]
 PaymentMode = Literal["off", "facilitator", "chain", "verify-only"]
+PaymentScheme = Literal["exact", "upto"]
+
+
+class RateLimitSetting(BaseModel):
+    """``PAYGATE_RATE_LIMITS`` entry: requests per minute per client address / per payer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_ip: PositiveFloat | None = None
+    per_payer: PositiveFloat | None = None
+    burst: Annotated[int, Field(ge=1, le=1_000_000)] = 10
+
+
+class TokenPriceSetting(BaseModel):
+    """``PAYGATE_TOKEN_PRICES`` entry: USDC per million input/output tokens, minimum per request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: NonNegativeDecimal
+    output: NonNegativeDecimal
+    minimum: NonNegativeDecimal = Decimal(0)
 
 
 class Settings(BaseSettings):
@@ -100,6 +130,20 @@ class Settings(BaseSettings):
     model_prices: dict[str, NonNegativeDecimal] = Field(default_factory=dict)
     price_per_million_tokens: NonNegativeDecimal | None = None
     token_estimate: PositiveInt = 1000
+    # Metered payments (upto): docs/PAYMENTS.md "Token pricing".
+    payment_schemes: Annotated[list[PaymentScheme], NoDecode] = Field(
+        default_factory=lambda: ["exact"]
+    )
+    token_prices: dict[str, TokenPriceSetting] = Field(default_factory=dict)
+    max_tokens_cap: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
+    usage_fallback: Literal["max", "estimate"] = "max"
+    # Limits and budgets: docs/PAYMENTS.md "Budgets and rate limits".
+    rate_limits: dict[str, RateLimitSetting] = Field(default_factory=dict)
+    payer_daily_budget: NonNegativeDecimal | None = None
+    free_requests_per_day: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    # POST /v1/batch/chat/completions: items per batch, items forwarded at once.
+    batch_max_items: Annotated[int, Field(ge=1, le=256)] = 16
+    batch_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
     asset_address: str | None = None
     asset_name: str | None = None
     asset_version: str | None = None
@@ -332,6 +376,14 @@ class Settings(BaseSettings):
     def _split_networks(cls, value: Any) -> Any:
         return cls._split_proxies(value)
 
+    @field_validator("payment_schemes", mode="before")
+    @classmethod
+    def _split_schemes(cls, value: Any) -> Any:
+        value = cls._split_proxies(value)
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one scheme: exact, upto")
+        return value
+
     @field_validator("pay_to", "asset_address")
     @classmethod
     def _check_address(cls, value: str | None) -> str | None:
@@ -365,6 +417,20 @@ class Settings(BaseSettings):
             raise ValueError("a custom asset needs asset_address, asset_name and asset_version")
         if self.asset_address and len(self.network) != 1:
             raise ValueError("a custom asset is on one chain: configure exactly one network")
+        if self.token_prices and self.price_per_million_tokens is not None:
+            raise ValueError(
+                "price_per_million_tokens (exact's estimate) and token_prices (upto's metering)"
+                " contradict each other: set one"
+            )
+        if "upto" in self.payment_schemes:
+            if not self.token_prices:
+                raise ValueError("payment_schemes upto needs token_prices (PAYGATE_TOKEN_PRICES)")
+            if self.settle_timing == "upfront":
+                raise ValueError(
+                    "upto settles what was used, after the reply: not settle_timing upfront"
+                )
+        elif self.token_prices:
+            raise ValueError("token_prices drive upto only: add upto to payment_schemes")
         return self
 
     def upstream(self) -> UpstreamConfig:

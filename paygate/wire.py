@@ -32,6 +32,8 @@ PAYMENT_SIGNATURE: Final = "PAYMENT-SIGNATURE"
 PAYMENT_RESPONSE: Final = "PAYMENT-RESPONSE"
 X_PAYMENT: Final = "X-PAYMENT"
 X_PAYMENT_RESPONSE: Final = "X-PAYMENT-RESPONSE"
+SIGN_IN_WITH_X: Final = "SIGN-IN-WITH-X"  # x402's sign-in-with-x extension (free quota)
+FREE_REMAINING_HEADER: Final = "X-Paygate-Free-Remaining"  # free requests left today
 
 # --- the gateway's local paths (answered by the gateway, never forwarded, never sealed) ---
 HEALTH_PATH: Final = "/health"

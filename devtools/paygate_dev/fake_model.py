@@ -16,6 +16,12 @@ sealed or not):
 - ``fake-malformed``: send part of a stream, then cut the connection mid-transfer
 - ``fake-gzip``: compress the (non-streamed) reply with ``Content-Encoding: gzip``
 - ``fake-headers``: add headers a gateway must not relay (Set-Cookie, payment headers ...)
+- ``fake-no-usage``: report no token usage (OpenAI ``usage``, Ollama counts) at all
+
+Token usage is deterministic: prompt tokens are the words of the messages (or prompt),
+completion tokens the words sent; the output stops at ``max_tokens``/``max_completion_tokens``
+(``options.num_predict``), and a stream carries OpenAI's usage-only last chunk when asked with
+``stream_options.include_usage``.
 
 A top-level ``"fake": {"pace": seconds, "chunks": n, "pad": bytes}`` in the body overrides the
 pace and the length, and pads each word (for backpressure tests). Every request received is
@@ -116,6 +122,30 @@ def _prompt(body: dict[str, Any]) -> str:
         if isinstance(value, list):
             return json.dumps(value, sort_keys=True)
     return ""
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    """The fake's token count of a request: the words of every message (or the prompt)."""
+    messages = body.get("messages")
+    texts: list[str] = []
+    if isinstance(messages, list):
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            texts.append(content if isinstance(content, str) else json.dumps(content))
+    else:
+        texts.append(_prompt(body))
+    return sum(len(text.split()) for text in texts)
+
+
+def output_limit(body: dict[str, Any]) -> int | None:
+    """The request's own output limit: max_completion_tokens / max_tokens (OpenAI) or
+    options.num_predict (Ollama; negative means none), as a model server honours it."""
+    options = body.get("options")
+    candidates = [body.get("max_completion_tokens"), body.get("max_tokens")]
+    if isinstance(options, dict):
+        candidates.append(options.get("num_predict"))
+    limits = [v for v in candidates if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+    return min(limits) if limits else None
 
 
 class FakeModelServer:
@@ -231,6 +261,9 @@ class FakeModelServer:
                 chunks = min(max(options["chunks"], 1), _MAX_CHUNKS)
             if isinstance(options.get("pad"), int):
                 pad = min(max(options["pad"], 0), _MAX_PAD)
+        limit = output_limit(body)
+        if limit is not None:
+            chunks = min(chunks, limit)  # like a model server: stop at the output limit
         return pace, chunks, pad
 
     async def _misbehave_first(self, request: web.Request, model: str) -> None:
@@ -334,7 +367,9 @@ class FakeModelServer:
                 out["response"] = text
             out["done"] = done
             if done:
-                out.update(done_reason="stop", prompt_eval_count=1, eval_count=count)
+                out["done_reason"] = "length" if output_limit(body) == count else "stop"
+                if model != "fake-no-usage":
+                    out.update(prompt_eval_count=prompt_tokens(body), eval_count=count)
             return out
 
         if body.get("stream", True) is not False:  # Ollama streams unless told not to
@@ -449,7 +484,14 @@ class FakeModelServer:
         prompt = _prompt(body)
         words = [word + "." * pad for word in reply_words(prompt, count)]
         ident = "fake-" + hashlib.sha256(prompt.encode()).hexdigest()[:12]
-        usage = {"prompt_tokens": 1, "completion_tokens": count, "total_tokens": count + 1}
+        read = prompt_tokens(body)
+        usage = {"prompt_tokens": read, "completion_tokens": count, "total_tokens": read + count}
+        reports = model != "fake-no-usage"
+        options = body.get("stream_options")
+        stream_usage = (
+            reports and isinstance(options, dict) and options.get("include_usage") is True
+        )
+        finish_reason = "length" if output_limit(body) == count else "stop"
         if body.get("stream") is True:
             kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -467,7 +509,11 @@ class FakeModelServer:
             def lines() -> Iterator[bytes]:
                 for word in words:
                     yield event(" " + word, None)
-                yield event(None, "stop")
+                yield event(None, finish_reason)
+                if stream_usage:  # OpenAI's shape: one more chunk, no choices, the usage
+                    chunk = {"id": ident, "object": kind, "created": 0, "model": model}
+                    chunk.update(choices=[], usage=usage)
+                    yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
                 yield b"data: [DONE]\n\n"
 
             return await self._stream(request, model, pace, lines(), "text/event-stream")
@@ -476,15 +522,16 @@ class FakeModelServer:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}}
         else:
             choice = {"index": 0, "text": text}
-        choice["finish_reason"] = "stop"
+        choice["finish_reason"] = finish_reason
         payload = {
             "id": ident,
             "object": "chat.completion" if chat else "text_completion",
             "created": 0,
             "model": model,
             "choices": [choice],
-            "usage": usage,
         }
+        if reports:
+            payload["usage"] = usage
         return await self._reply(request, model, payload)
 
     async def _openai_embeddings(self, request: web.Request) -> web.Response:

@@ -1,4 +1,4 @@
-"""``paygate payments list|show``: what the payment ledger holds, for operators.
+"""``paygate payments list|show|summary``: what the payment ledger holds, for operators.
 
 The ledger (``--ledger-url``, else the settings: ``ledger_url`` or ``ledger_path``) is opened
 read-only: nothing is created (a missing file is ``ledger_not_found``), nothing migrated. The
@@ -19,6 +19,8 @@ from typing import Any
 from paygate.config import load_settings
 from paygate.x402.ledger import (
     MAX_LIST_LIMIT,
+    SUMMARY_KEYS,
+    Earnings,
     PaymentEvent,
     PaymentNotFound,
     PaymentRecord,
@@ -49,7 +51,18 @@ def register(sub: Any) -> None:
     show.add_argument("id", help="the payment id (32 hex digits)")
     show.set_defaults(run=_show)
 
-    for parser in (listing, show):
+    summary = actions.add_parser("summary", help="earnings: settled payments, grouped")
+    summary.add_argument(
+        "--since",
+        type=_since,
+        default=0.0,
+        help="only payments created since: a duration back (30m, 24h, 7d) or a UTC date "
+        "(2026-12-01); default: all",
+    )
+    summary.add_argument("--by", choices=SUMMARY_KEYS, default="model")
+    summary.set_defaults(run=_summary)
+
+    for parser in (listing, show, summary):
         where = parser.add_mutually_exclusive_group()
         where.add_argument("--ledger-path", type=Path, help="SQLite ledger file")
         where.add_argument("--ledger-url", help="postgresql://… or sqlite:////abs/path")
@@ -60,6 +73,19 @@ def _limit(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= MAX_LIST_LIMIT:
         raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_LIST_LIMIT}")
     return int(text)
+
+
+_UNITS = {"m": 60, "h": 3600, "d": 86400}
+
+
+def _since(text: str) -> float:
+    """A start time (unix seconds) from "30m"/"24h"/"7d" back from now, or a UTC date."""
+    if len(text) > 1 and text[:-1].isdigit() and text[-1] in _UNITS:
+        return time.time() - int(text[:-1]) * _UNITS[text[-1]]
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError("use 30m, 24h, 7d or a date like 2026-12-01") from None
 
 
 def _ledger(args: argparse.Namespace) -> LedgerLocation:
@@ -79,8 +105,16 @@ def describe(record: PaymentRecord, now: float) -> dict[str, Any]:
         "payer": record.payer,
         "pay_to": record.pay_to,
         "nonce": record.nonce,
-        "amount": str(record.amount),
+        "scheme": record.scheme,
+        "amount": str(record.amount),  # exact: the price; upto: the authorized maximum
         "amount_usdc": usdc(record.amount),
+        "model": record.model,
+        "tokens_in": record.tokens_in,
+        "tokens_out": record.tokens_out,
+        "usage_source": record.usage_source,
+        "charged": None if record.settle_amount is None else str(record.settle_amount),
+        "settled": None if record.settled_amount is None else str(record.settled_amount),
+        "settled_usdc": None if record.settled_amount is None else usdc(record.settled_amount),
         "x402_version": record.x402_version,
         "route": record.route,
         "idempotency_key": record.idempotency_key,
@@ -169,15 +203,19 @@ def _list(args: argparse.Namespace) -> int:
     if not records:
         print("no payments")
         return 0
-    rows = [("ID", "STATE", "SERVED", "NETWORK", "PAYER", "USDC", "TX", "AGE", "ERROR")]
+    header = "ID STATE SCHEME SERVED NETWORK PAYER USDC TOKENS SETTLED TX AGE ERROR"
+    rows: list[tuple[str, ...]] = [tuple(header.split())]
     rows += [
         (
             r.id,
             r.state.value + (" (review)" if r.needs_review else ""),
+            r.scheme,
             "yes" if r.served else "no",
             r.network,
             _short(r.payer),
             usdc(r.amount),
+            "-" if r.tokens_in is None else f"{r.tokens_in}/{r.tokens_out}",
+            "-" if r.settled_amount is None else usdc(r.settled_amount),
             _short(r.transaction, 8, 6),
             _age(now - r.created_at),
             r.error or "-",
@@ -213,8 +251,16 @@ def _show(args: argparse.Namespace) -> int:
         "payer",
         "pay_to",
         "nonce",
+        "scheme",
         "amount",
         "amount_usdc",
+        "model",
+        "tokens_in",
+        "tokens_out",
+        "usage_source",
+        "charged",
+        "settled",
+        "settled_usdc",
         "x402_version",
         "route",
         "idempotency_key",
@@ -239,5 +285,50 @@ def _show(args: argparse.Namespace) -> int:
         print(
             f"{'history':16} {_when(event.at)} {event.replica} {event.action.value}"
             f" -> {event.state.value} (lease {event.lease}) {extra}".rstrip()
+        )
+    return 0
+
+
+async def _read_earnings(where: LedgerLocation, since: float, by: str) -> list[Earnings]:
+    ledger = await open_ledger(where, read_only=True, replica="paygate-payments")
+    try:
+        return await ledger.earnings(since=since, by=by)
+    finally:
+        await ledger.close()
+
+
+def _summary(args: argparse.Namespace) -> int:
+    groups = asyncio.run(_read_earnings(_ledger(args), args.since, args.by))
+    total = sum(g.settled for g in groups)
+    if args.json:
+        document = {
+            "by": args.by,
+            "since": args.since,
+            "groups": [
+                {
+                    "key": g.key,
+                    "payments": g.payments,
+                    "tokens_in": g.tokens_in,
+                    "tokens_out": g.tokens_out,
+                    "settled": str(g.settled),
+                    "settled_usdc": usdc(g.settled),
+                }
+                for g in groups
+            ],
+            "total": str(total),
+            "total_usdc": usdc(total),
+        }
+        print(json.dumps(document, indent=2))
+        return 0
+    rows = [(args.by.upper(), "PAYMENTS", "TOKENS IN", "TOKENS OUT", "USDC")]
+    rows += [
+        (g.key, str(g.payments), str(g.tokens_in), str(g.tokens_out), usdc(g.settled))
+        for g in groups
+    ]
+    rows.append(("total", str(sum(g.payments for g in groups)), "", "", usdc(total)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
     return 0

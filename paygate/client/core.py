@@ -299,6 +299,8 @@ class ClientCore:
             return
         record.receipt = receipt
         record.receipt_source = source
+        if self.payer is not None:
+            self.payer.receipt_arrived(record)  # a metered receipt is checked and counted
         if self.on_receipt is not None:
             self.on_receipt(record)
 

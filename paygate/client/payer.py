@@ -2,8 +2,11 @@
 
 Sans-IO: :func:`parse_challenge` reads a 402's headers and body, :class:`Payer` turns it into a
 payment header (EIP-3009 ``TransferWithAuthorization`` signed with eth-account) and a
-:class:`PaymentRecord` that later receives the server's receipt. Only the ``exact`` scheme on
-EVM networks with EIP-3009 tokens is paid; everything else is declined with a reason.
+:class:`PaymentRecord` that later receives the server's receipt. The ``exact`` scheme on EVM
+networks with EIP-3009 tokens is paid, and ``upto`` (Permit2, metered) when the policy names a
+``max_price_per_million``; everything else is declined with a reason. A metered payment counts
+its authorized maximum against ``max_total`` until its receipt says what was settled, and the
+receipt is checked: at most the maximum, and exactly the reported usage at the offered prices.
 """
 
 from __future__ import annotations
@@ -24,16 +27,26 @@ from pydantic import ValidationError
 
 from paygate import jsonsafe, wire
 from paygate.client.errors import InvalidChallenge, SpendRefused
-from paygate.x402 import codec, eip3009
+from paygate.x402 import codec
 from paygate.x402.models import (
     PAYMENT_IDENTIFIER,
+    USAGE_EXTENSION,
     ExactEvmPayload,
     PaymentPayload,
     PaymentPayloadV1,
     PaymentRequiredV1,
     SettleResponse,
+    UptoEvmPayload,
 )
 from paygate.x402.networks import Asset, UnknownNetwork, from_atomic, resolve_network
+from paygate.x402.offers import UPTO
+from paygate.x402.pricing import (
+    INPUT_PRICE_EXTRA,
+    MINIMUM_PRICE_EXTRA,
+    OUTPUT_PRICE_EXTRA,
+    token_charge,
+)
+from paygate.x402.schemes import exact, upto
 
 X402Version = Literal[1, 2]
 # A challenge is a few KB (the x402 reference keeps PAYMENT-REQUIRED under 8 KB).
@@ -52,7 +65,14 @@ class SpendPolicy:
     or not: a signature is money the server can collect until it expires.
     """
 
-    __slots__ = ("assets", "chain_ids", "max_per_request", "max_total", "max_valid_seconds")
+    __slots__ = (
+        "assets",
+        "chain_ids",
+        "max_per_request",
+        "max_price_per_million",
+        "max_total",
+        "max_valid_seconds",
+    )
 
     def __init__(
         self,
@@ -62,8 +82,15 @@ class SpendPolicy:
         networks: Iterable[str] | None = None,
         assets: Mapping[str, int] | None = None,
         max_valid_seconds: int = MAX_VALID_SECONDS,
+        max_price_per_million: Decimal | str | int | None = None,
     ) -> None:
         self.max_per_request: Decimal = _amount(max_per_request, "max_per_request")
+        # Metered (upto) offers: the most per million tokens, input or output (None: decline).
+        self.max_price_per_million: Decimal | None = (
+            None
+            if max_price_per_million is None
+            else _amount(max_price_per_million, "max_price_per_million")
+        )
         self.max_total: Decimal | None = (
             None if max_total is None else _amount(max_total, "max_total")
         )
@@ -86,10 +113,12 @@ class SpendPolicy:
         networks: Iterable[str] | None = None,
         assets: Mapping[str, int] | None = None,
         environ: Mapping[str, str] | None = None,
+        max_price_per_million: Decimal | str | int | None = None,
     ) -> SpendPolicy:
         """The arguments as defaults, each overridden by its ``PAYGATE_SPEND_*`` variable:
-        ``MAX_PER_REQUEST``, ``MAX_TOTAL``, ``NETWORKS`` (comma-separated) and ``ASSETS``
-        (comma-separated ``ADDRESS[:DECIMALS]``, 6 decimals if omitted)."""
+        ``MAX_PER_REQUEST``, ``MAX_TOTAL``, ``NETWORKS`` (comma-separated), ``ASSETS``
+        (comma-separated ``ADDRESS[:DECIMALS]``, 6 decimals if omitted) and
+        ``MAX_PRICE_PER_MILLION``."""
         env = os.environ if environ is None else environ
 
         def get(name: str) -> str | None:
@@ -102,6 +131,7 @@ class SpendPolicy:
             max_total=get("MAX_TOTAL") or max_total,
             networks=_split(net_env) if net_env else networks,
             assets=parse_assets(_split(asset_env)) if asset_env else assets,
+            max_price_per_million=get("MAX_PRICE_PER_MILLION") or max_price_per_million,
         )
 
     def decimals(self, chain_id: int, asset: str) -> int | None:
@@ -114,6 +144,7 @@ class SpendPolicy:
     def __repr__(self) -> str:
         return (
             f"SpendPolicy(max_per_request={self.max_per_request}, max_total={self.max_total}, "
+            f"max_price_per_million={self.max_price_per_million}, "
             f"chain_ids={sorted(self.chain_ids) if self.chain_ids else None}, "
             f"assets={dict(self.assets) if self.assets is not None else 'USDC'})"
         )
@@ -333,6 +364,14 @@ class PaymentRecord:
     receipt: SettleResponse | None = None
     receipt_source: Literal["header", "stream"] | None = None
     receipt_error: str | None = field(default=None)
+    scheme: str = "exact"
+    # upto: the offered prices (input, output, minimum per million/request), and once the
+    # receipt is checked, the usage it reports and what was charged (whole tokens).
+    prices: tuple[Decimal, Decimal, Decimal] | None = None
+    decimals: int = 6
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    charged: Decimal | None = None
 
     @property
     def settled(self) -> bool:
@@ -395,10 +434,14 @@ class Payer:
 
     def _check(self, offer: Offer, spent: Decimal) -> tuple[int | None, str | None]:
         policy = self.policy
-        if offer.scheme != "exact":
+        if offer.scheme == UPTO:
+            reason = _upto_reason(offer, policy)
+            if reason is not None:
+                return None, reason
+        elif offer.scheme != "exact":
             return None, f"scheme {offer.scheme!r} is not supported"
         method = offer.extra.get("assetTransferMethod")
-        if method not in (None, "eip3009"):
+        if offer.scheme == "exact" and method not in (None, "eip3009"):
             return None, f"asset transfer method {method!r} is not supported"
         if offer.chain_id is None:
             return None, "not a known EVM network"
@@ -416,9 +459,23 @@ class Payer:
             return None, f"price {price} would pass max total {policy.max_total}"
         if offer.max_timeout_seconds < 1:
             return None, "maxTimeoutSeconds is not positive"
-        if self._eip712(offer) is None:
+        if offer.scheme == "exact" and self._eip712(offer) is None:
             return None, "token's EIP-712 name/version unknown"
         return decimals, None
+
+    def receipt_arrived(self, record: PaymentRecord) -> None:
+        """A metered payment's receipt: check it, record usage and charge, and count what was
+        settled instead of the maximum (a refused or unreadable one keeps the maximum)."""
+        receipt = record.receipt
+        if record.scheme != UPTO or receipt is None or record.charged is not None:
+            return
+        problem = _check_metered(record, receipt)
+        if problem is not None:
+            record.receipt_error = problem
+            return
+        assert record.charged is not None
+        with self._lock:
+            self._spent -= record.amount - record.charged
 
     def _eip712(self, offer: Offer) -> tuple[str, str] | None:
         name, version = offer.extra.get("name"), offer.extra.get("version")
@@ -450,15 +507,36 @@ class Payer:
         self, challenge: Challenge, offer: Offer, decimals: int, price: Decimal, url: str
     ) -> Payment:
         assert offer.chain_id is not None
-        eip712 = self._eip712(offer)
-        assert eip712 is not None
-        asset = Asset(address=offer.asset, name=eip712[0], version=eip712[1], decimals=decimals)
         valid_for = min(offer.max_timeout_seconds, self.policy.max_valid_seconds)
-        auth = eip3009.new_authorization(
-            payer=self.address, pay_to=offer.pay_to, value=offer.amount, valid_for=valid_for
-        )
-        signature = eip3009.sign(self._account, auth, chain_id=offer.chain_id, asset=asset)
-        inner = ExactEvmPayload(signature=signature, authorization=auth)
+        inner: ExactEvmPayload | UptoEvmPayload
+        if offer.scheme == UPTO:
+            inner = upto.sign(
+                self._account,
+                chain_id=offer.chain_id,
+                token=offer.asset,
+                pay_to=offer.pay_to,
+                maximum=offer.amount,
+                facilitator=str(offer.extra[upto.FACILITATOR_EXTRA]),
+                valid_for=valid_for,
+            )
+            nonce = upto.nonce_key(inner.permit2_authorization.nonce)
+            valid_before = int(inner.permit2_authorization.deadline)
+            asset_address = to_checksum_address(offer.asset)
+        else:
+            eip712 = self._eip712(offer)
+            assert eip712 is not None
+            asset = Asset(address=offer.asset, name=eip712[0], version=eip712[1], decimals=decimals)
+            inner = exact.sign(
+                self._account,
+                chain_id=offer.chain_id,
+                asset=asset,
+                pay_to=offer.pay_to,
+                amount=offer.amount,
+                valid_for=valid_for,
+            )
+            nonce = inner.authorization.nonce
+            valid_before = int(inner.authorization.valid_before)
+            asset_address = asset.address
         document: dict[str, Any]
         if offer.version == 2:
             document = {
@@ -474,6 +552,7 @@ class Payer:
             PaymentPayload.model_validate(document)  # what we send must be what we model
             header = wire.PAYMENT_SIGNATURE
         else:
+            assert isinstance(inner, ExactEvmPayload)  # v1 offers are exact only
             payload = PaymentPayloadV1(scheme=offer.scheme, network=offer.network, payload=inner)
             document = payload.wire()
             header = wire.X_PAYMENT
@@ -483,15 +562,83 @@ class Payer:
             x402_version=offer.version,
             network=offer.network,
             chain_id=offer.chain_id,
-            asset=asset.address,
+            asset=asset_address,
             amount=_plain(price),
             amount_atomic=offer.amount,
             pay_to=to_checksum_address(offer.pay_to),
             payer=self.address,
-            nonce=auth.nonce,
-            valid_before=int(auth.valid_before),
+            nonce=nonce,
+            valid_before=valid_before,
+            scheme=offer.scheme,
+            prices=_offered_prices(offer) if offer.scheme == UPTO else None,
+            decimals=decimals,
         )
         return Payment(header=header, value=value, record=record)
+
+
+def _offered_prices(offer: Offer) -> tuple[Decimal, Decimal, Decimal] | None:
+    """An upto offer's advertised token prices (input, output per million; minimum)."""
+    try:
+        values = tuple(
+            Decimal(str(offer.extra[name]))
+            for name in (INPUT_PRICE_EXTRA, OUTPUT_PRICE_EXTRA, MINIMUM_PRICE_EXTRA)
+        )
+    except (KeyError, InvalidOperation):
+        return None
+    if not all(v.is_finite() and v >= 0 for v in values):
+        return None
+    return values  # type: ignore[return-value]
+
+
+def _upto_reason(offer: Offer, policy: SpendPolicy) -> str | None:
+    """Why a metered offer is declined, or None."""
+    if offer.version != 2:
+        return "upto needs x402 v2"
+    if policy.max_price_per_million is None:
+        return "metered (upto) payments need max_price_per_million in the spend policy"
+    if offer.extra.get("assetTransferMethod") != upto.ASSET_TRANSFER_METHOD:
+        return "upto without Permit2 is not supported"
+    facilitator = offer.extra.get(upto.FACILITATOR_EXTRA)
+    if not isinstance(facilitator, str) or not is_address(facilitator):
+        return "upto offer names no facilitator address"
+    prices = _offered_prices(offer)
+    if prices is None:
+        return "upto offer states no token prices"
+    if max(prices[0], prices[1]) > policy.max_price_per_million:
+        return f"token price above max price per million {policy.max_price_per_million}"
+    return None
+
+
+def _check_metered(record: PaymentRecord, receipt: SettleResponse) -> str | None:
+    """Check a metered receipt against the authorization and the offered prices; on success
+    fill the record's usage and charge. The problem, or None."""
+    if not receipt.success:
+        return None  # nothing to check: a refusal settles nothing (the maximum stays counted)
+    if receipt.amount is None or not receipt.amount.isdigit():
+        return "the metered receipt names no settled amount"
+    settled = int(receipt.amount)
+    if settled > record.amount_atomic:
+        return "the receipt settles more than the authorized maximum"
+    info = ((receipt.extensions or {}).get(USAGE_EXTENSION) or {}).get("info")
+    if not isinstance(info, dict) or record.prices is None:
+        return "the metered receipt reports no usage"
+    tokens_in, tokens_out = info.get("promptTokens"), info.get("completionTokens")
+    if not isinstance(tokens_in, int) or not isinstance(tokens_out, int):
+        return "the metered receipt reports no usage"
+    expected = token_charge(
+        input_price=record.prices[0],
+        output_price=record.prices[1],
+        minimum=record.prices[2],
+        tokens_in=tokens_in,
+        tokens_out=tokens_out,
+        decimals=record.decimals,
+        maximum=record.amount_atomic,
+    )
+    if settled != expected:
+        return f"the receipt settles {settled}, not the reported usage at the offered prices"
+    record.tokens_in, record.tokens_out = tokens_in, tokens_out
+    record.charged = _plain(from_atomic(settled, record.decimals))
+    return None
 
 
 def _plain(amount: Decimal) -> Decimal:

@@ -6,10 +6,11 @@ starving paid ones. One entry: ``async with admission.admit(request, route) as a
    headers alone: no payment header → the 402 challenge at once, without reading a byte of
    the body; a payment → local checks, reservation, verification. Only then is the body read,
    in the *admitted* pool.
-3. When the price depends on the body (model prices), the body is read first — in the tight
-   *unverified* pool (``unpaid_body_slots`` in all, ``per_ip_body_slots`` per client address,
-   the first bytes within ``body_first_byte_timeout``) — and, if sealed, opened under a global
-   cap (``unpaid_open_slots``) so that floods cannot monopolise the TPM/HSM; then payment.
+3. When the price depends on the body (model prices, metered ``upto`` maxima), the body is
+   read first — in the tight *unverified* pool (``unpaid_body_slots`` in all,
+   ``per_ip_body_slots`` per client address, the first bytes within
+   ``body_first_byte_timeout``) — and, if sealed, opened under a global cap
+   (``unpaid_open_slots``) so that floods cannot monopolise the TPM/HSM; then payment.
 4. Every body read holds a per-address slot too: one address cannot exhaust another's share.
 
 The upstream concurrency slot is taken by the gateway only after admission. Refusals from a
@@ -25,14 +26,13 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from paygate import wire
-from paygate.jsonsafe import UntrustedJSONError
-from paygate.server.errors import EncryptionRequired, InvalidJSON, TooManyUploads, UploadsBusy
+from paygate.server.errors import EncryptionRequired, TooManyUploads, UploadsBusy
 from paygate.server.forwarded import Network, client_address
 from paygate.server.limits import PerAddressSlots, Slots, read_body
 from paygate.server.opening import OpenedBody, Opener
 from paygate.server.payments import PaymentStep, Ticket
+from paygate.server.ratelimit import RateLimits
 from paygate.server.routes import Route
-from paygate.x402.pricing import model_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +64,17 @@ class Admitted:
 class Admission:
     """Limits and payment for one request (see the module docstring for the order)."""
 
-    def __init__(self, limits: AdmissionLimits, payments: PaymentStep, opener: Opener) -> None:
+    def __init__(
+        self,
+        limits: AdmissionLimits,
+        payments: PaymentStep,
+        opener: Opener,
+        *,
+        rate_limits: RateLimits | None = None,
+    ) -> None:
         retry = {"Retry-After": str(limits.retry_after_seconds)}
         self._limits = limits
+        self._rate_limits = rate_limits
         self._payments = payments
         self._opener = opener
         self._admitted_bodies = Slots(limits.body_slots, lambda: UploadsBusy(headers=retry))
@@ -86,6 +94,9 @@ class Admission:
             request.headers.getall("X-Forwarded-For", []),
             limits.trusted_proxies,
         )
+        if route.paid and self._rate_limits is not None:
+            # Before anything else, unpaid challenges included: a flood costs one bucket.
+            self._rate_limits.check_address(route.name, client)
         if (
             limits.require_encryption
             and route.paid
@@ -93,16 +104,13 @@ class Admission:
             and not wire.is_sealed(request.headers.get("Content-Type"))
         ):
             raise EncryptionRequired
-        if route.paid and self._payments.needs_model:
-            # The price needs the body's model: read and open it before payment, tightly bounded.
+        if route.paid and (self._payments.needs_body or route.target == "batch"):
+            # The price needs the body (its model, its tokens): read and open it before
+            # payment, tightly bounded.
             body = await self._read(request, client, self._unverified_bodies)
             with self._unverified_opens.slot():
                 opened = await self._opener.open(request, body)
-            try:
-                model = model_of(opened.body)
-            except UntrustedJSONError:
-                raise InvalidJSON from None
-            async with self._payments.admit(request, route, model=model) as ticket:
+            async with self._payments.admit(request, route, body=opened.body) as ticket:
                 yield Admitted(ticket, body, client, opened)
             return
         async with self._payments.admit(request, route) as ticket:

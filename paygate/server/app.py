@@ -28,6 +28,7 @@ from paygate.server.assembly import (
     payment_step,
     payment_terms,
     price_policy,
+    rate_limits,
 )
 from paygate.server.attestation import (
     AttestationConfig,
@@ -46,7 +47,7 @@ from paygate.server.errors import (
     error_response,
 )
 from paygate.server.forwarded import parse_networks
-from paygate.server.gateway import Gateway
+from paygate.server.gateway import BatchLimits, Gateway
 from paygate.server.health import LocalEndpoints
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.metrics import Metrics
@@ -127,6 +128,8 @@ def build_app(
     if payments is None:
         check_payment_settings(settings)
     attestation = attestation_config(settings)
+    # One set of token buckets per process, shared by admission (addresses) and payments (payers).
+    limits = rate_limits(settings)
     if routes is None:
         routes = engine_routes(profile_for(settings.upstream_kind).routes())
     upstream_config = settings.upstream()
@@ -173,7 +176,7 @@ def build_app(
             app[PAYMENTS] = payments
             yield
             return
-        async with payment_step(settings, app[SESSION]) as built:
+        async with payment_step(settings, app[SESSION], limits) as built:
             app[PAYMENTS] = built
             yield
 
@@ -220,7 +223,9 @@ def build_app(
         opener = Opener(app[KEY], app[METRICS].envelope)
         app[GATEWAY] = Gateway(
             routes=routes,
-            admission=Admission(admission_limits(settings), app[PAYMENTS], opener),
+            admission=Admission(
+                admission_limits(settings), app[PAYMENTS], opener, rate_limits=limits
+            ),
             opener=opener,
             upstream=upstream,
             replies=Replies(
@@ -233,6 +238,11 @@ def build_app(
             limiter=app[LIMITER],
             metrics=app[METRICS],
             local=local.handlers(),
+            batch=BatchLimits(
+                max_items=settings.batch_max_items,
+                concurrency=settings.batch_concurrency,
+                item_reply_bytes=settings.max_plain_reply_bytes,
+            ),
         )
         yield
 

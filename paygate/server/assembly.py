@@ -8,29 +8,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 
 from paygate.config import ConfigError, Settings
 from paygate.server.payments import NoPayments, PaymentStep, X402Payments
+from paygate.server.ratelimit import MODEL_PREFIX, Rate, RateLimits, RateLimitTable
 from paygate.x402.chain import ChainReader, ChainSettler
 from paygate.x402.facilitator import FacilitatorSettler
 from paygate.x402.ledger import Ledger, PaymentRecord, default_replica_id
 from paygate.x402.ledger_store import open_ledger
+from paygate.x402.metering import TokenPrice, TokenPricing
 from paygate.x402.networks import Asset, UnknownNetwork, resolve_network
 from paygate.x402.offers import Acceptance, PaymentTerms
 from paygate.x402.pricing import PricePolicy
 from paygate.x402.processor import PaymentProcessor
+from paygate.x402.schemes.upto import ASSET_TRANSFER_METHOD, FACILITATOR_EXTRA
 from paygate.x402.settlement import SettleAfterReply, Settlement, SettleUpfront, VerifyOnly
-from paygate.x402.settler import Settler
+from paygate.x402.settler import Settler, SettlerUnavailable
 from paygate.x402.verify import MIN_REMAINING_SECONDS
 
 log = logging.getLogger("paygate.server")
 
 
-def payment_terms(settings: Settings) -> PaymentTerms:
-    """The seller's terms from the settings; ConfigError names what is missing."""
+def payment_terms(
+    settings: Settings, upto_extra: Mapping[str, Mapping[str, str]] | None = None
+) -> PaymentTerms:
+    """The seller's terms from the settings; ConfigError names what is missing.
+    ``upto_extra``: the `upto` requirement fields per network (see :func:`upto_terms`)."""
     if not settings.pay_to:
         raise ConfigError("payments need pay_to (PAYGATE_PAY_TO): the wallet that is paid")
     accepted = []
@@ -59,6 +65,78 @@ def payment_terms(settings: Settings) -> PaymentTerms:
         max_timeout_seconds=settings.max_timeout_seconds,
         description=settings.payment_description,
         require_payment_identifier=settings.require_payment_identifier,
+        upto_extra=upto_extra or {},
+    )
+
+
+async def upto_terms(settings: Settings, settler: Settler) -> dict[str, dict[str, str]]:
+    """The `upto` requirement fields per CAIP-2 network: who may settle (the facilitator's
+    address from its ``GET /supported``; in chain mode the gas key's address).
+
+    Raises ConfigError — the gateway does not start — when the facilitator cannot be asked or
+    does not support `upto` on a configured network.
+    """
+    if "upto" not in settings.payment_schemes:
+        return {}
+    networks = [a.network.caip2 for a in payment_terms(settings).accepted]
+    if isinstance(settler, ChainSettler):
+        return {n: _upto_extra(settler.address) for n in networks}
+    assert isinstance(settler, FacilitatorSettler)
+    try:
+        kinds = await settler.supported()
+    except SettlerUnavailable as exc:
+        raise ConfigError(f"upto needs the facilitator's GET /supported: {exc}") from None
+    extra: dict[str, dict[str, str]] = {}
+    for network in networks:
+        for kind in kinds:
+            address = (kind.get("extra") or {}).get(FACILITATOR_EXTRA)
+            if (
+                kind.get("scheme") == "upto"
+                and kind.get("network") == network
+                and kind.get("x402Version") == 2
+                and isinstance(address, str)
+            ):
+                extra[network] = _upto_extra(address)
+                break
+        else:
+            raise ConfigError(
+                f"the facilitator does not support upto on {network} (GET /supported)"
+            )
+    return extra
+
+
+def _upto_extra(address: str) -> dict[str, str]:
+    return {"assetTransferMethod": ASSET_TRANSFER_METHOD, FACILITATOR_EXTRA: address}
+
+
+def rate_limits(settings: Settings) -> RateLimits | None:
+    """The address and payer token buckets, or None when no limit is configured."""
+    per_ip = {
+        key: Rate(limit.per_ip, limit.burst)
+        for key, limit in settings.rate_limits.items()
+        if limit.per_ip is not None
+    }
+    per_payer = {
+        key: Rate(limit.per_payer, limit.burst)
+        for key, limit in settings.rate_limits.items()
+        if limit.per_payer is not None
+    }
+    if any(key.startswith(MODEL_PREFIX) for key in per_ip):
+        raise ConfigError("rate_limits: a model's limit can be per_payer only (per_ip runs first)")
+    table = RateLimitTable(per_ip=per_ip, per_payer=per_payer)
+    return None if table.empty else RateLimits(table)
+
+
+def token_pricing(settings: Settings) -> TokenPricing | None:
+    if "upto" not in settings.payment_schemes:
+        return None
+    return TokenPricing(
+        prices={
+            model: TokenPrice(input=p.input, output=p.output, minimum=p.minimum)
+            for model, p in settings.token_prices.items()
+        },
+        max_tokens_cap=settings.max_tokens_cap,
+        fallback=settings.usage_fallback,
     )
 
 
@@ -128,13 +206,24 @@ def settlement_for(settings: Settings) -> Settlement:
     return SettleAfterReply()
 
 
-def x402_payments(settings: Settings, *, ledger: Ledger, settler: Settler) -> X402Payments:
+def x402_payments(
+    settings: Settings,
+    *,
+    ledger: Ledger,
+    settler: Settler,
+    upto_extra: Mapping[str, Mapping[str, str]] | None = None,
+    limits: RateLimits | None = None,
+) -> X402Payments:
     processor = PaymentProcessor(
-        terms=payment_terms(settings),
+        terms=payment_terms(settings, upto_extra),
         ledger=ledger,
         settler=settler,
         settlement=settlement_for(settings),
         settle_on_disconnect=settings.settle_on_disconnect,
+        schemes=tuple(dict.fromkeys(settings.payment_schemes)),
+        payer_check=limits.check_payer if limits is not None else None,
+        daily_budget=settings.payer_daily_budget,
+        free_per_day=settings.free_requests_per_day,
         skew_seconds=settings.clock_skew_seconds,
         # Room to serve for a few seconds and still settle before the authorization expires.
         min_remaining_seconds=settings.settle_margin_seconds + MIN_REMAINING_SECONDS,
@@ -145,12 +234,14 @@ def x402_payments(settings: Settings, *, ledger: Ledger, settler: Settler) -> X4
         price_policy(settings),
         public_url=settings.public_url,
         description=settings.payment_description,
+        pricing=token_pricing(settings),
+        batch_max_items=settings.batch_max_items,
     )
 
 
 @contextlib.asynccontextmanager
 async def payment_step(
-    settings: Settings, session: aiohttp.ClientSession
+    settings: Settings, session: aiohttp.ClientSession, limits: RateLimits | None = None
 ) -> AsyncIterator[PaymentStep]:
     """The configured payment step, with its ledger, settler, reconciler and lease keeper.
 
@@ -176,7 +267,10 @@ async def payment_step(
     log.info("payment ledger %s, replica %s", location.describe(), replica)
     settler = settler_for(settings, session)
     try:
-        payments = x402_payments(settings, ledger=ledger, settler=settler)
+        upto_extra = await upto_terms(settings, settler)
+        payments = x402_payments(
+            settings, ledger=ledger, settler=settler, upto_extra=upto_extra, limits=limits
+        )
         processor = payments.processor
         released = await processor.release_abandoned(own=True)
         if released:

@@ -146,6 +146,13 @@ class TooManyUploads(GatewayError):
     code = "too_many_uploads"
 
 
+class InvalidBatch(GatewayError):
+    """the batch body is not a bounded JSON array of chat requests"""
+
+    status = 400
+    code = "invalid_batch"
+
+
 class UploadsBusy(GatewayError):
     """the gateway is reading as many unpaid request bodies as it allows; retry shortly"""
 

@@ -21,14 +21,18 @@ route table, not aiohttp's router, decides what exists.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
 from enclave import receipts
+from paygate import jsonsafe
 from paygate.jsonsafe import UntrustedJSONError
 from paygate.server.admission import Admission
-from paygate.server.errors import GatewayError, QueryNotAllowed, RouteNotFound
+from paygate.server.errors import GatewayError, InvalidBatch, QueryNotAllowed, RouteNotFound
 from paygate.server.health import LocalHandler
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.metrics import Metrics
@@ -37,7 +41,17 @@ from paygate.server.proxy import Upstream, upstream_request_headers
 from paygate.server.receipts import RequestFacts
 from paygate.server.replies import Replies
 from paygate.server.routes import RouteMatch, RouteTable, Target
+from paygate.x402.batch import ITEM_PATH, BadBatch, item_error, parse_batch
 from paygate.x402.pricing import model_of
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """The batch endpoint's bounds, fixed at start."""
+
+    max_items: int = 16
+    concurrency: int = 4
+    item_reply_bytes: int = 4 * 1024 * 1024
 
 
 class Gateway:
@@ -54,7 +68,9 @@ class Gateway:
         limiter: ConcurrencyLimiter,
         metrics: Metrics,
         local: Mapping[Target, LocalHandler],
+        batch: BatchLimits | None = None,
     ) -> None:
+        self._batch_limits = batch or BatchLimits()
         self._routes = routes
         self._admission = admission
         self._opener = opener
@@ -73,7 +89,9 @@ class Gateway:
         try:
             if request.query_string and not set(request.query) <= route.query:
                 raise QueryNotAllowed  # never forwarded, never echoed
-            if route.target != "upstream":
+            if route.target == "batch":
+                response = await self._batch(request, match)
+            elif route.target != "upstream":
                 local = self._local.get(route.target)
                 if local is None:  # e.g. attestation on a gateway built without it
                     raise RouteNotFound
@@ -94,11 +112,13 @@ class Gateway:
             headers = upstream_request_headers(
                 request.headers, client_address=admitted.client, scheme=request.scheme
             )
-            if opened.body:
+            # A metered payment bounds the output and asks for usage: its body goes upstream.
+            body = admitted.ticket.forward_body or opened.body
+            if body:
                 headers["Content-Type"] = "application/json"
             with self._limiter.slot():
                 async with self._upstream.exchange(
-                    request.method, match.upstream_path, body=opened.body, headers=headers
+                    request.method, match.upstream_path, body=body, headers=headers
                 ) as reply:
                     return await self._replies.send(
                         request,
@@ -111,6 +131,72 @@ class Gateway:
                             model=_model_named(opened.body),
                         ),
                     )
+
+    async def _batch(self, request: web.Request, match: RouteMatch) -> web.StreamResponse:
+        """``POST /v1/batch/chat/completions``: one admission (one payment for every item),
+        then each item forwarded to ``/v1/chat/completions`` (at most ``concurrency`` at once,
+        each holding an upstream slot), answered ``{"results": [...]}`` in order."""
+        limits = self._batch_limits
+        async with self._admission.admit(request, match.route) as admitted:
+            opened = admitted.opened or await self._opener.open(request, admitted.body)
+            try:
+                batch = parse_batch(opened.body, max_items=limits.max_items)
+            except BadBatch as exc:
+                raise InvalidBatch(str(exc)) from None
+            bodies = admitted.ticket.item_bodies(batch.items)
+            headers = upstream_request_headers(
+                request.headers, client_address=admitted.client, scheme=request.scheme
+            )
+            headers["Content-Type"] = "application/json"
+            gate = asyncio.Semaphore(limits.concurrency)
+
+            async def one(index: int) -> tuple[Any, bool, Any, int]:
+                refused = batch.refused[index]
+                if refused is not None:
+                    return item_error(refused, "invalid_batch_item", 400), False, None, 0
+                async with gate:
+                    try:
+                        with self._limiter.slot():
+                            async with self._upstream.exchange(
+                                "POST", ITEM_PATH, body=bodies[index], headers=headers
+                            ) as reply:
+                                raw = await reply.read_bounded(limits.item_reply_bytes)
+                                status, usage = reply.status, reply.usage
+                    except GatewayError as exc:
+                        return item_error(str(exc), exc.code, exc.status), False, None, 0
+                if raw is None:
+                    return (
+                        item_error("the reply is too large", "reply_too_large", 502),
+                        False,
+                        None,
+                        0,
+                    )
+                try:
+                    document = jsonsafe.loads(raw, max_bytes=limits.item_reply_bytes)
+                except jsonsafe.UntrustedJSONError:
+                    return item_error("the reply is not JSON", "bad_gateway", 502), False, None, 0
+                if status >= 400:  # the model server's own error, with its status
+                    return item_error(_message(document), "upstream_error", status), False, None, 0
+                return document, True, usage, len(raw)
+
+            answers = await asyncio.gather(*(one(i) for i in range(len(batch.items))))
+            body = json.dumps(
+                {"results": [document for document, _, _, _ in answers]}, separators=(",", ":")
+            ).encode()
+            return await self._replies.send_document(
+                opened.reply,
+                admitted.ticket,
+                body,
+                items=[(ok, usage, size) for _, ok, usage, size in answers],
+            )
+
+
+def _message(document: Any) -> str:
+    """The message of a model server's error body (OpenAI or Ollama shape), bounded."""
+    error = document.get("error") if isinstance(document, dict) else None
+    if isinstance(error, dict):
+        error = error.get("message")
+    return str(error)[:500] if error else "the model server answered an error"
 
 
 def _model_named(body: bytes) -> str | None:

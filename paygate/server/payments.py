@@ -1,6 +1,6 @@
 """The payment stage over HTTP: one entry, one exit.
 
-``async with payments.admit(request, route, model=...) as ticket:`` either raises
+``async with payments.admit(request, route, body=...) as ticket:`` either raises
 :class:`PaymentRefused` (a 402 challenge, 400, 409, 503 …) or yields a :class:`Ticket` for the
 rest of the request. The reply stage asks the ticket for its receipt (``await ticket.settle()``)
 before the reply's end leaves, and records how the reply went (``status``, ``delivered``); the
@@ -24,12 +24,18 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from paygate import wire
-from paygate.server.errors import ApiStyle, GatewayError, error_response
+from paygate.jsonsafe import UntrustedJSONError
+from paygate.server.errors import ApiStyle, GatewayError, InvalidBatch, InvalidJSON, error_response
+from paygate.server.proxy import UpstreamReply
 from paygate.server.routes import Route
 from paygate.x402 import codec
-from paygate.x402.ledger import PaymentRecord
-from paygate.x402.models import ResourceInfo
-from paygate.x402.pricing import PricePolicy
+from paygate.x402.batch import ITEM_PATH as BATCH_ITEM_PATH
+from paygate.x402.batch import BadBatch, parse_batch
+from paygate.x402.ledger import Meter, PaymentRecord
+from paygate.x402.metering import Fallback, Quote, TokenPricing, Usage
+from paygate.x402.models import ExactEvmPayload, ResourceInfo
+from paygate.x402.networks import to_atomic_ceiling
+from paygate.x402.pricing import PricePolicy, model_of
 from paygate.x402.processor import Admission, PaymentProcessor, Receipt, Refusal
 
 PAID_CACHE_CONTROL = "private, no-store"
@@ -48,6 +54,11 @@ class PaymentRefused(GatewayError):
         return self._response
 
 
+class _Counted(Protocol):
+    @property
+    def bytes_seen(self) -> int: ...
+
+
 class Ticket:
     """An admitted request's payment, from admission to the end of its reply.
 
@@ -55,7 +66,19 @@ class Ticket:
     the caller) and the gateway ``caller_gone``; the payment step's exit reads them.
     """
 
-    __slots__ = ("_admission", "_processor", "caller_gone", "delivered", "price", "route", "status")
+    __slots__ = (
+        "_admission",
+        "_fallback",
+        "_item_quotes",
+        "_processor",
+        "_quote",
+        "_watched",
+        "caller_gone",
+        "delivered",
+        "price",
+        "route",
+        "status",
+    )
 
     def __init__(
         self,
@@ -64,14 +87,105 @@ class Ticket:
         price: Decimal | None = None,
         admission: Admission | None = None,
         processor: PaymentProcessor | None = None,
+        quote: Quote | None = None,
+        fallback: Fallback = "max",
+        item_quotes: tuple[Quote, ...] | None = None,
     ) -> None:
         self.route = route
+        self._item_quotes = item_quotes  # a metered batch: one quote per item
         self.price = price
         self._admission = admission
         self._processor = processor
+        self._quote = quote
+        self._fallback: Fallback = fallback
         self.status = 0
         self.delivered = False
         self.caller_gone = False
+        # A metered stream's reply and byte count (set by the reply stage): what the meter
+        # reads when the stream ends early (caller gone, cut short).
+        self._watched: tuple[UpstreamReply, _Counted] | None = None
+
+    @property
+    def free_remaining(self) -> int | None:
+        """A free (sign-in-with-x) request: how many are left today."""
+        return self._admission.free_remaining if self._admission is not None else None
+
+    @property
+    def metered(self) -> bool:
+        """Paid with a metered scheme (upto): the charge follows the reported usage."""
+        return (
+            self._admission is not None
+            and self._admission.metered
+            and (self._quote is not None or self._item_quotes is not None)
+        )
+
+    def item_bodies(self, items: tuple[bytes, ...]) -> tuple[bytes, ...]:
+        """A batch's bodies for the model server (metered: each output-bounded)."""
+        if self.metered and self._item_quotes is not None:
+            return tuple(q.body for q in self._item_quotes)
+        return items
+
+    def meter_items(self, items: list[tuple[bool, Usage | None, int]]) -> None:
+        """A metered batch's meter: per item (succeeded, usage, reply bytes) priced with its
+        own quote (failed items cost nothing), summed, capped by the authorization."""
+        admission = self._admission
+        if not self.metered or admission is None or admission.meter is not None:
+            return
+        assert self._item_quotes is not None
+        assert self._processor is not None
+        assert admission.record is not None
+        decimals = self._processor.decimals(admission.record.network)
+        meters = [
+            quote.charge(
+                usage,
+                reply_bytes=size,
+                decimals=decimals,
+                maximum=to_atomic_ceiling(quote.maximum, decimals),
+                fallback=self._fallback,
+            )
+            for quote, (ok, usage, size) in zip(self._item_quotes, items, strict=True)
+            if ok
+        ]
+        sources = {m.source for m in meters} - {"upstream"}
+        admission.meter = Meter(
+            tokens_in=sum(m.tokens_in for m in meters),
+            tokens_out=sum(m.tokens_out for m in meters),
+            source=min(sources) if sources else "upstream",
+            settle_amount=min(sum(m.settle_amount for m in meters), admission.record.amount),
+        )
+
+    @property
+    def forward_body(self) -> bytes | None:
+        """The body the model server gets instead of the caller's (metered: output bounded,
+        stream usage asked for), or None."""
+        if not self.metered or self._quote is None or self._item_quotes is not None:
+            return None
+        return self._quote.body
+
+    @property
+    def strip_usage(self) -> bool:
+        return self._quote is not None and self._quote.strip_usage
+
+    def watch(self, reply: UpstreamReply, counted: _Counted) -> None:
+        """The metered reply being streamed, for a meter taken when it ends early."""
+        self._watched = (reply, counted)
+
+    def meter(self, usage: Usage | None, *, reply_bytes: int) -> None:
+        """Record what a metered reply used (None: the upstream said nothing), once, before
+        :meth:`settle`; the charge follows the token prices, capped by the authorization."""
+        admission = self._admission
+        if not self.metered or admission is None or admission.meter is not None:
+            return
+        assert self._quote is not None
+        assert self._processor is not None
+        assert admission.record is not None
+        admission.meter = self._quote.charge(
+            usage,
+            reply_bytes=reply_bytes,
+            decimals=self._processor.decimals(admission.record.network),
+            maximum=admission.record.amount,
+            fallback=self._fallback,
+        )
 
     @property
     def paid(self) -> bool:
@@ -95,9 +209,15 @@ class Ticket:
     @property
     def valid_before(self) -> int | None:
         """The paying authorization's expiry (unix seconds): it cannot settle after it."""
-        if self._admission is None or self._admission.payment is None:
+        admission = self._admission
+        if admission is None or admission.payment is None:
             return None
-        return int(self._admission.payment.payload.authorization.valid_before)
+        if admission.authorized is not None:
+            return admission.authorized.valid_before
+        payload = admission.payment.payload
+        if isinstance(payload, ExactEvmPayload):
+            return int(payload.authorization.valid_before)
+        return int(payload.permit2_authorization.deadline)
 
     async def settle(self) -> Receipt | None:
         """Settle now (a good reply, before its end leaves); the receipt to send, if any."""
@@ -114,6 +234,14 @@ class Ticket:
     async def _finish(self) -> None:
         if self._admission is None or self._processor is None:
             return
+        if self.settles:
+            # A metered reply that ended without its meter (caller gone, stream cut short):
+            # what the reader saw, else the fallback.
+            if self._watched is not None:
+                reply, counted = self._watched
+                self.meter(reply.usage, reply_bytes=counted.bytes_seen)
+            else:
+                self.meter(None, reply_bytes=0)
         await self._processor.finish(
             self._admission,
             succeeded=0 < self.status < 400,
@@ -125,12 +253,13 @@ class PaymentStep(Protocol):
     """The payment stage. Implementations must not log payment headers or signatures."""
 
     @property
-    def needs_model(self) -> bool:
-        """True when the price depends on the request body's ``model`` (open before paying)."""
+    def needs_body(self) -> bool:
+        """True when the price depends on the request body (its ``model``, its tokens): the
+        body is read and opened, within the unpaid bounds, before paying."""
         ...
 
     def admit(
-        self, request: web.Request, route: Route, *, model: str | None = None
+        self, request: web.Request, route: Route, *, body: bytes | None = None
     ) -> AbstractAsyncContextManager[Ticket]:
         """Admit the request for the block (a ticket) or raise :class:`PaymentRefused`."""
         ...
@@ -148,11 +277,11 @@ def carries_payment(headers: Mapping[str, str]) -> bool:
 class NoPayments:
     """``payment_mode = "off"``: every request is admitted and nothing is settled."""
 
-    needs_model = False
+    needs_body = False
 
     @contextlib.asynccontextmanager
     async def admit(
-        self, request: web.Request, route: Route, *, model: str | None = None
+        self, request: web.Request, route: Route, *, body: bytes | None = None
     ) -> AsyncIterator[Ticket]:
         yield Ticket(route)
 
@@ -170,15 +299,19 @@ class X402Payments:
         *,
         public_url: str | None = None,
         description: str = "paygate inference",
+        pricing: TokenPricing | None = None,
+        batch_max_items: int = 16,
     ) -> None:
+        self._batch_max_items = batch_max_items
         self._processor = processor
         self._prices = prices
         self._public_url = public_url
         self._description = description
+        self._pricing = pricing if "upto" in processor.schemes else None
 
     @property
-    def needs_model(self) -> bool:
-        return self._prices.needs_model
+    def needs_body(self) -> bool:
+        return self._prices.needs_model or self._pricing is not None
 
     @property
     def processor(self) -> PaymentProcessor:
@@ -186,12 +319,22 @@ class X402Payments:
 
     @contextlib.asynccontextmanager
     async def admit(
-        self, request: web.Request, route: Route, *, model: str | None = None
+        self, request: web.Request, route: Route, *, body: bytes | None = None
     ) -> AsyncIterator[Ticket]:
         if not route.paid:
             yield Ticket(route)
             return
-        price = self._prices.price(method=route.method, path=route.path, model=model)
+        try:
+            if route.target == "batch":
+                price, quote, items = self._batch_terms(body or b"")
+            else:
+                model = model_of(body) if body is not None else None
+                price = self._prices.price(method=route.method, path=route.path, model=model)
+                quote, items = None, None
+                if self._pricing is not None and body is not None:
+                    quote = self._pricing.quote(route.path, body)
+        except UntrustedJSONError:
+            raise InvalidJSON from None
         admitted = await self._processor.admit(
             request.headers,
             price=price,
@@ -201,10 +344,21 @@ class X402Payments:
                 mime_type=wire.JSON,
             ),
             route=route.name,
+            maximum=quote.maximum if quote is not None else None,
+            model=quote.model if quote is not None else None,
+            upto_extra=quote.offer_extra() if quote is not None else (),
         )
         if isinstance(admitted, Refusal):
             raise PaymentRefused(refusal_response(admitted, route), admitted.code)
-        ticket = Ticket(route, price=price, admission=admitted, processor=self._processor)
+        ticket = Ticket(
+            route,
+            price=price,
+            admission=admitted,
+            processor=self._processor,
+            quote=quote,
+            fallback=self._pricing.fallback if self._pricing is not None else "max",
+            item_quotes=items,
+        )
         try:
             yield ticket
         except (asyncio.CancelledError, ConnectionResetError):
@@ -213,6 +367,38 @@ class X402Payments:
         finally:
             # Shielded: a second cancellation must not cut the ledger write short.
             await asyncio.shield(ticket._finish())
+
+    def _batch_terms(self, body: bytes) -> tuple[Decimal, Quote | None, tuple[Quote, ...] | None]:
+        """A batch's price (the items' prices summed), its upto terms as one quote (the maxima
+        summed; the model of the first item names it) and the items' own quotes."""
+        try:
+            batch = parse_batch(body, max_items=self._batch_max_items)
+        except BadBatch as exc:
+            raise InvalidBatch(str(exc)) from None
+        price = sum(
+            (
+                self._prices.price(method="POST", path=BATCH_ITEM_PATH, model=m)
+                for m in batch.models
+            ),
+            Decimal(0),
+        )
+        if self._pricing is None:
+            return price, None, None
+        quotes = [self._pricing.quote(BATCH_ITEM_PATH, item) for item in batch.items]
+        if any(q is None for q in quotes):
+            return price, None, None  # an item without a token price: exact only
+        items = tuple(q for q in quotes if q is not None)
+        first = items[0]
+        total = Quote(
+            model=first.model,
+            price=first.price,
+            prompt_bound=sum(q.prompt_bound for q in items),
+            max_tokens=sum(q.max_tokens for q in items),
+            maximum=sum((q.maximum for q in items), Decimal(0)),
+            body=b"",
+            strip_usage=False,
+        )
+        return price, total, items
 
     async def close(self, timeout: float) -> None:
         await self._processor.drain(timeout)

@@ -8,8 +8,9 @@ upstream's media type and whether a payment settles:
   before its settlement). A paid request whose upstream failed is released before its error
   goes out.
 - **stream**: relayed chunk by chunk as it arrives through a chain of :class:`BodyTransform`
-  (the in-band payment receipt, the signed receipt, the v2 frame sealer, the wire hash the
-  signed receipt of a v2 stream covers). A new concern is one more transform, not a branch.
+  (the usage meter of a metered payment, the in-band payment receipt, the signed receipt, the
+  v2 frame sealer, the wire hash the signed receipt of a v2 stream covers). A new concern is
+  one more transform, not a branch.
 
 Every paid or sealed reply below 400 carries a signed receipt (paygate.server.receipts).
 
@@ -46,6 +47,7 @@ from paygate.server.receipts import (
     WireHash,
     usage_claims,
 )
+from paygate.upstream.usage import Usage, usage_of
 from paygate.x402.inband import InbandReceiptWriter
 from paygate.x402.processor import Receipt
 
@@ -54,6 +56,7 @@ log = logging.getLogger("paygate.server")
 # Validators of the plaintext that a sealed reply would make stale or misleading.
 _SEALED_DROPPED = ("etag", "content-md5", "digest", "content-type")
 AUTHORIZATION_EXPIRING = "authorization_expiring"
+MAX_HELD_EVENT = 1024 * 1024  # bytes of one SSE event held while stripping usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +105,63 @@ class InbandReceipt:
         if end.error is not None:
             out += self._writer.feed(_error_event(self._media_type, end.error))
         return out + self._writer.close(end.receipt.encoded() if end.receipt else None)
+
+
+class UsageMeter:
+    """A metered stream, first in the chain (on the plaintext): counts the reply's bytes (the
+    `estimate` fallback's measure) and, for a caller who did not ask for stream usage, strips
+    the usage the gateway asked the model server for — the ``usage`` key goes, and an event
+    left with no ``choices`` goes whole (llama-server puts usage on the final chunk beside
+    ``finish_reason``, OpenAI on a chunk of its own). The usage itself is read by the upstream
+    reply (``paygate.upstream.usage``). Events without usage pass byte for byte; one event is
+    held at most :data:`MAX_HELD_EVENT` bytes, past which everything passes untouched."""
+
+    def __init__(self, media_type: str, *, strip: bool) -> None:
+        self._strip = strip and media_type == wire.SSE
+        self._held = b""
+        self._gave_up = False
+        self.bytes_seen = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        self.bytes_seen += len(chunk)
+        if not self._strip or self._gave_up:
+            return chunk
+        data = self._held + chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            self._held = data
+            if len(data) > MAX_HELD_EVENT:
+                self._gave_up, self._held = True, b""
+                return data
+            return b""
+        complete, self._held = data[: cut + 2], data[cut + 2 :]
+        return b"".join(_strip_usage(event + b"\n\n") for event in complete.split(b"\n\n")[:-1])
+
+    async def finish(self, tail: bytes, end: StreamEnd) -> bytes:
+        out = self.feed(tail) if tail else b""
+        rest, self._held = self._held, b""
+        return out + (_strip_usage(rest) if rest else b"")
+
+
+def _strip_usage(event: bytes) -> bytes:
+    """One SSE event without the usage the caller did not ask for (b"" if nothing is left)."""
+    if b'"usage"' not in event:
+        return event
+    lines = event.split(b"\n")
+    for index, line in enumerate(lines):
+        if not line.startswith(b"data:"):
+            continue
+        try:
+            document = json.loads(line[5:])
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            continue
+        if not isinstance(document, dict) or usage_of(document) is None:
+            continue
+        document.pop("usage", None)
+        if not document.get("choices"):
+            return b""
+        lines[index] = b"data: " + json.dumps(document, separators=(",", ":")).encode()
+    return b"\n".join(lines)
 
 
 class FrameSealer:
@@ -186,6 +246,37 @@ class Replies:
             ticket.status = 0
             raise
 
+    async def send_document(
+        self,
+        plan: ReplyPlan,
+        ticket: Ticket,
+        body: bytes,
+        *,
+        items: list[tuple[bool, Usage | None, int]],
+    ) -> web.Response:
+        """A reply the gateway composed (the batch's results), sent whole like ``_whole``:
+        settled first when any item succeeded (else released), sealed per the plan."""
+        succeeded = any(ok for ok, _, _ in items)
+        ticket.status = 200 if succeeded else 502
+        if ticket.paid and not ticket.settles:
+            await ticket.give_up()
+        if ticket.settles:
+            ticket.meter_items(items)
+        receipt = await ticket.settle() if ticket.settles else ticket.known_receipt
+        if receipt is not None and receipt.withhold:
+            return settlement_failed_response(receipt, ticket.route)
+        headers: CIMultiDict[str] = CIMultiDict()
+        if isinstance(plan, PlainReply):
+            payload = body
+            headers["Content-Type"] = wire.JSON
+        else:
+            payload = seal_whole(plan, body)
+            headers.update(sealed_headers(plan, wire.JSON))
+        if ticket.paid:
+            headers.update(receipt_headers(receipt))
+        ticket.delivered = True
+        return web.Response(status=200, body=payload, headers=headers)
+
     async def _whole(
         self,
         reply: UpstreamReply,
@@ -207,6 +298,8 @@ class Replies:
                 raise ReplyTooLarge
         if ticket.paid and not ticket.settles:
             await ticket.give_up()
+        if ticket.settles:
+            ticket.meter(reply.usage, reply_bytes=len(body))
         receipt = await ticket.settle() if ticket.settles else ticket.known_receipt
         if receipt is not None and receipt.withhold:
             # Refused for good after serving (e.g. the payer emptied the wallet since verify,
@@ -220,6 +313,8 @@ class Replies:
             headers = _sealed_headers(reply, plan)
         if ticket.paid:
             headers.update(receipt_headers(receipt))
+        if ticket.free_remaining is not None:
+            headers[wire.FREE_REMAINING_HEADER] = str(ticket.free_remaining)
         if facts is not None and self._receipts is not None:
             # The body as sent: for a sealed reply the blob, so the clear header reveals
             # nothing about the plaintext.
@@ -249,6 +344,11 @@ class Replies:
         inband = ticket.settles and known is None
         media = wire.media_type(reply.content_type)
         transforms: list[BodyTransform] = []
+        meter = None
+        if ticket.settles and ticket.metered:
+            meter = UsageMeter(wire.media_type(reply.content_type), strip=ticket.strip_usage)
+            ticket.watch(reply, meter)
+            transforms.append(meter)
         if inband:
             transforms.append(InbandReceipt(media))
         signed = None
@@ -279,6 +379,8 @@ class Replies:
         if ticket.paid:
             # An upfront settlement's receipt is known now; otherwise it comes in-band.
             headers.update(receipt_headers(known))
+        if ticket.free_remaining is not None:
+            headers[wire.FREE_REMAINING_HEADER] = str(ticket.free_remaining)
         if not chain and reply.plain_length is not None:
             body = reply.arrived_whole()
             if body is not None and len(body) == reply.plain_length:
@@ -294,6 +396,8 @@ class Replies:
         await response.prepare(request)
         try:
             error = await self._relay(response, reply, chain, self._settle_deadline(ticket, inband))
+            if meter is not None:
+                ticket.meter(reply.usage, reply_bytes=meter.bytes_seen)
             receipt = await ticket.settle() if inband else None
             tail = await chain.finish(StreamEnd(receipt=receipt, error=error))
             if tail:

@@ -18,9 +18,11 @@ from paygate import wire
 from paygate.server.errors import ApiStyle
 from paygate.upstream.engines import profile_for
 from paygate.upstream.engines.base import ServedRoute
+from paygate.x402.batch import BATCH_PATH
+from paygate.x402.batch import ITEM_PATH as BATCH_ITEM_PATH
 
 Target = Literal[
-    "upstream", "health", "live", "ready", "metrics", "pubkey", "attestation", "activate"
+    "upstream", "batch", "health", "live", "ready", "metrics", "pubkey", "attestation", "activate"
 ]
 
 
@@ -123,6 +125,9 @@ def engine_routes(served: Iterable[ServedRoute], price: PriceHook | None = None)
     here and never reaches it. ``price`` is attached to every paid route.
     """
     upstream = [Route(r.method, r.path, r.api, paid=True, price=price) for r in served]
+    if any((r.method, r.path) == ("POST", BATCH_ITEM_PATH) for r in served):
+        # Chat requests in one paid batch, forwarded item by item (paygate.x402.batch).
+        upstream.append(Route("POST", BATCH_PATH, "openai", paid=True, target="batch", price=price))
 
     def free(path: str, target: Target) -> Route:
         return Route("GET", path, "free", paid=False, target=target)

@@ -26,7 +26,8 @@ from web3 import Web3
 from web3.exceptions import ContractLogicError, TimeExhausted, TransactionNotFound
 
 from paygate import jsonsafe
-from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
+from paygate.x402.chain_upto import UptoChain
+from paygate.x402.models import AnyPaymentPayload, SettleResponse, UptoEvmPayload, VerifyResponse
 from paygate.x402.networks import resolve_network
 from paygate.x402.settler import (
     NONCE_USED,
@@ -226,14 +227,22 @@ class ChainSettler:
     ) -> None:
         self._chain = ChainReader(rpc_url, timeout=timeout)
         self._w3 = self._chain.w3
+        self._upto = UptoChain(self._chain)
         self._account = Account.from_key(gas_key.get_secret_value())
         self._timeout = timeout
         self._settle_timeout = settle_timeout
         self._send_lock = asyncio.Lock()
 
+    @property
+    def address(self) -> str:
+        """The gas account: the sender of every settlement (upto's facilitator address)."""
+        return str(self._account.address)
+
     async def verify(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> VerifyResponse:
+        if isinstance(payment.payload, UptoEvmPayload):
+            return await self._upto.verify(payment, requirements, sender=self.address)
         auth = payment.payload.authorization
         payer = to_checksum_address(auth.from_)
         await self._check_chain(requirements)
@@ -252,6 +261,8 @@ class ChainSettler:
     async def settle(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> SettleResponse:
+        if isinstance(payment.payload, UptoEvmPayload):
+            return await self._settle_upto(payment, requirements)
         payer = to_checksum_address(payment.payload.authorization.from_)
         network = str(requirements["network"])
         reason = await self._simulate(payment, requirements)
@@ -270,7 +281,10 @@ class ChainSettler:
         requirements: dict[str, Any],
         transaction: str | None,
     ) -> SettleResponse:
+        prove = self._upto.prove if isinstance(payment.payload, UptoEvmPayload) else None
         try:
+            if prove is not None:
+                return await prove(payment, requirements, transaction)
             return await self._chain.prove(payment, requirements, transaction)
         except ReviewRequired:
             raise
@@ -329,8 +343,29 @@ class ChainSettler:
             )
         return None
 
+    async def _settle_upto(
+        self, payment: AnyPaymentPayload, requirements: dict[str, Any]
+    ) -> SettleResponse:
+        """Settle ``requirements["amount"]`` of an upto payment through the proxy."""
+        await self._check_chain(requirements)
+        amount = int(requirements["amount"])
+        reason = await self._upto.simulate(payment, amount, sender=self.address)
+        if reason == "permit2_invalid_nonce":
+            return await self._upto.prove(payment, requirements, None)  # used since verify
+        if reason is not None:
+            payer = to_checksum_address(payment.payload.permit2_authorization.from_)  # type: ignore[union-attr]
+            network = str(requirements["network"])
+            return SettleResponse(success=False, error_reason=reason, payer=payer, network=network)
+        async with self._send_lock:
+            tx_hash = await self._send_call(self._upto.settle_call(payment, amount))
+        return await self._upto.await_receipt(
+            tx_hash, payment, requirements, wait=self._settle_timeout, timeout=self._timeout
+        )
+
     async def _send(self, payment: AnyPaymentPayload, requirements: dict[str, Any]) -> str:
-        call = self._transfer(payment, requirements)
+        return await self._send_call(self._transfer(payment, requirements))
+
+    async def _send_call(self, call: Any) -> str:
         sender = self._account.address
         nonce = await self._call(self._w3.eth.get_transaction_count, sender, "pending")
         tx = await self._call(

@@ -21,7 +21,14 @@ import aiohttp
 from pydantic import ValidationError
 
 from paygate import jsonsafe
-from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse, X402Model
+from paygate.x402.chain_upto import UptoChain
+from paygate.x402.models import (
+    AnyPaymentPayload,
+    SettleResponse,
+    UptoEvmPayload,
+    VerifyResponse,
+    X402Model,
+)
 from paygate.x402.settler import (
     NONCE_USED,
     SETTLEMENT_PENDING,
@@ -80,6 +87,10 @@ class FacilitatorSettler:
     async def settle(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> SettleResponse:
+        if isinstance(payment.payload, UptoEvmPayload):
+            return await self._judge_upto(
+                await self._send(payment, requirements), payment, requirements
+            )
         return await self._judge(await self._send(payment, requirements), payment, requirements)
 
     async def reconcile(
@@ -88,6 +99,8 @@ class FacilitatorSettler:
         requirements: dict[str, Any],
         transaction: str | None,
     ) -> SettleResponse:
+        if isinstance(payment.payload, UptoEvmPayload):
+            return await self._reconcile_upto(payment, requirements, transaction)
         # The facilitator API has no status query: re-send the same authorization (EIP-3009
         # executes it once). If the first attempt went through, the answer is "nonce already
         # used" (or another refusal) — which proves nothing, a cancel looks the same: the
@@ -168,6 +181,82 @@ class FacilitatorSettler:
             what = "the settlement is pending" if pending else "the nonce is already used"
         raise ReviewRequired(
             f"{what}; no chain_rpc_url to prove it", transaction=transaction, withhold=used
+        )
+
+    async def supported(self) -> list[dict[str, Any]]:
+        """``GET /supported``'s ``kinds``: ``{x402Version, scheme, network, extra?}`` each."""
+        try:
+            async with self._session.get(
+                self._url + "/supported",
+                timeout=aiohttp.ClientTimeout(
+                    total=self._timeout, sock_connect=min(self._timeout, 5.0)
+                ),
+                allow_redirects=False,
+            ) as response:
+                if response.status != 200:
+                    raise _Garbage(f"HTTP {response.status}")
+                raw = await response.content.read(_MAX_ANSWER + 1)
+            if len(raw) > _MAX_ANSWER:
+                raise _Garbage("answer too large")
+            document = jsonsafe.loads(raw, max_bytes=_MAX_ANSWER)
+            kinds = document.get("kinds") if isinstance(document, dict) else None
+        except (aiohttp.ClientError, TimeoutError, _Garbage, ValueError) as exc:
+            raise SettlerUnavailable(f"the facilitator's /supported failed: {_what(exc)}") from None
+        if not isinstance(kinds, list):
+            raise SettlerUnavailable("the facilitator's /supported lists no kinds")
+        return [kind for kind in kinds if isinstance(kind, dict)]
+
+    # --- upto: the proof is the proxy's Transfer of the amount (paygate.x402.chain_upto) ---
+
+    async def _judge_upto(
+        self,
+        answer: SettleResponse,
+        payment: AnyPaymentPayload,
+        requirements: dict[str, Any],
+        *,
+        known: str | None = None,
+    ) -> SettleResponse:
+        pending = not answer.success and answer.error_reason == SETTLEMENT_PENDING
+        if not answer.success and not pending:
+            return answer  # a refusal: nothing moved (the SDK never answers "already used")
+        transaction = answer.transaction or known
+        if self._chain is None:
+            if answer.success and answer.transaction:
+                return answer
+            raise ReviewRequired(
+                "the upto settlement is pending or has no transaction; no chain_rpc_url to "
+                "prove it",
+                transaction=transaction,
+            )
+        return await UptoChain(self._chain).prove(payment, requirements, transaction)
+
+    async def _reconcile_upto(
+        self, payment: AnyPaymentPayload, requirements: dict[str, Any], transaction: str | None
+    ) -> SettleResponse:
+        if self._chain is not None:
+            try:
+                return await UptoChain(self._chain).prove(payment, requirements, transaction)
+            except ReviewRequired:
+                raise
+            except SettlementUnknown:
+                if transaction and await self._chain.known(transaction):
+                    raise  # our first transaction still waits to be mined
+            # The nonce is unused on chain: nothing was settled, sending again is safe.
+            return await self._judge_upto(
+                await self._send(payment, requirements), payment, requirements, known=transaction
+            )
+        try:
+            answer = await self._send(payment, requirements)
+        except SettlementUnknown:
+            raise
+        if answer.success:
+            return answer
+        # The SDK answers a spent Permit2 nonce with "transaction failed", not "already used":
+        # without a chain to read, the first attempt's fate is unknown.
+        raise ReviewRequired(
+            f"the re-sent upto authorization was refused ({answer.error_reason}); the first "
+            "attempt is unproven and no chain_rpc_url can prove it",
+            transaction=transaction,
         )
 
     async def close(self) -> None:

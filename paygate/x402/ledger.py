@@ -138,6 +138,19 @@ class PaymentRecord:
     owner: str | None = None  # the replica holding the lease (None: nobody works on it)
     lease: int = 0  # fencing epoch: +1 at every change of owner
     lease_until: float | None = None  # the owner's lease runs out then (unix seconds)
+    scheme: str = "exact"  # the x402 scheme: "exact" settles ``amount``, "upto" at most it
+    model: str | None = None  # the request's model, when the price depended on it
+    # Metering (upto): recorded with SERVED, before settlement, so a restart settles the same.
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    usage_source: str | None = None  # "upstream" | "fallback-max" | "fallback-estimate"
+    settle_amount: int | None = None  # atomic units owed; None: ``amount`` (exact)
+    settled_amount: int | None = None  # atomic units moved, once SETTLED
+
+    @property
+    def owed(self) -> int:
+        """Atomic units this payment settles for: the metered charge, else the amount signed."""
+        return self.amount if self.settle_amount is None else self.settle_amount
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -184,9 +197,17 @@ class Ledger(Protocol):
         payload: str,
         requirements: str,
         idempotency_key: str | None,
+        scheme: str = "exact",
+        model: str | None = None,
+        budget: Budget | None = None,
     ) -> PaymentRecord:
         """Claim ``(network, asset, payer, nonce)`` atomically, as a new RESERVED record owned
         by this replica (a fresh lease).
+
+        With a ``budget``, in the same transaction: the payer's spend on this asset since
+        ``budget.since`` (authorized amounts until settled, then what moved; released and
+        failed payments count nothing) plus ``amount`` must stay within ``budget.limit``, else
+        :class:`BudgetExceeded` — so concurrent requests cannot overspend.
 
         A RELEASED record with that key is re-claimed instead (same id, attempts kept). Any
         other existing record raises :class:`AlreadyReserved` carrying it. An idempotency key
@@ -203,15 +224,18 @@ class Ledger(Protocol):
         transaction: str | None = None,
         error: str | None = None,
         lease: int | None = None,
+        meter: Meter | None = None,
+        settled_amount: int | None = None,
     ) -> PaymentRecord:
         """Move a record along :data:`TRANSITIONS` (compare-and-set in one transaction).
 
-        Any move into SETTLING counts an attempt. ``transaction``/``error`` overwrite only when
-        given. A move not in the table raises :class:`LedgerConflict`; an unknown id
-        :class:`PaymentNotFound`. With ``lease`` (the epoch the caller holds) the move is
-        fenced: checked in the same transaction, refused with :class:`LeaseLost` if the record
-        was claimed since; a fenced move into a live state renews the lease, into a terminal
-        state ends it. Without ``lease`` (operators, tests) it is not fenced.
+        Any move into SETTLING counts an attempt. ``transaction``/``error``/``meter``/
+        ``settled_amount`` overwrite only when given; a ``meter`` above the authorized
+        ``amount`` raises ValueError. A move not in the table raises :class:`LedgerConflict`;
+        an unknown id :class:`PaymentNotFound`. With ``lease`` (the epoch the caller holds) the
+        move is fenced: checked in the same transaction, refused with :class:`LeaseLost` if the
+        record was claimed since; a fenced move into a live state renews the lease, into a
+        terminal state ends it. Without ``lease`` (operators, tests) it is not fenced.
         """
         ...
 
@@ -277,7 +301,72 @@ class Ledger(Protocol):
         """Records, newest first, at most ``min(limit, MAX_LIST_LIMIT)``."""
         ...
 
+    async def take_free(self, *, payer: str, nonce: str, day: str, limit: int) -> int | None:
+        """Take one of ``payer``'s ``limit`` free requests of ``day`` (UTC, YYYY-MM-DD) with a
+        sign-in ``nonce`` (used once, ever: :class:`SignInReused`). The requests left after
+        this one, or None when none was left (nothing recorded)."""
+        ...
+
+    async def earnings(self, *, since: float, by: str) -> list[Earnings]:
+        """SETTLED payments created since ``since``, grouped ``by`` "model", "day" (UTC) or
+        "payer", ordered by that key."""
+        ...
+
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Earnings:
+    """One group of settled payments: what moved, and the tokens it paid for."""
+
+    key: str
+    payments: int
+    tokens_in: int
+    tokens_out: int
+    settled: int  # atomic units
+
+
+SUMMARY_KEYS = ("model", "day", "payer")
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A payer's spend limit (atomic units of one asset) since a moment (unix seconds)."""
+
+    limit: int
+    since: float
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    """A metered request's usage and the charge it settles for (recorded with SERVED)."""
+
+    tokens_in: int
+    tokens_out: int
+    source: str  # "upstream" | "fallback-max" | "fallback-estimate"
+    settle_amount: int  # atomic units, at most the authorized amount
+
+    def __post_init__(self) -> None:
+        for value in (self.tokens_in, self.tokens_out, self.settle_amount):
+            check_amount(value)
+        if self.source not in USAGE_SOURCES:
+            raise ValueError(f"usage source must be one of {', '.join(USAGE_SOURCES)}")
+
+
+USAGE_SOURCES = ("upstream", "fallback-max", "fallback-estimate")
+SCHEME_NAMES = ("exact", "upto")
+
+
+def check_scheme(value: str) -> str:
+    if value not in SCHEME_NAMES:
+        raise ValueError(f"scheme must be one of {', '.join(SCHEME_NAMES)}")
+    return value
+
+
+def check_model(value: str | None) -> str | None:
+    if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 256):
+        raise ValueError("model must be a name of 1-256 characters")
+    return value
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -297,6 +386,18 @@ class AlreadyReserved(LedgerError):
     def __init__(self, record: PaymentRecord) -> None:
         super().__init__(f"payment {record.id} is already {record.state.value}")
         self.record = record
+
+
+class BudgetExceeded(LedgerError):
+    """The payer's budget would be passed by this payment."""
+
+    code = "budget_exceeded"
+
+
+class SignInReused(LedgerError):
+    """A sign-in-with-x nonce was already used."""
+
+    code = "siwx_nonce_reused"
 
 
 class IdempotencyKeyReused(LedgerError):

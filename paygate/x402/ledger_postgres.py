@@ -36,16 +36,21 @@ from paygate.x402.ledger import (
     TRANSITIONS,
     UNFINISHED_STATES,
     AlreadyReserved,
+    Budget,
+    BudgetExceeded,
+    Earnings,
     EventAction,
     IdempotencyKeyReused,
     LeaseLost,
     LedgerConflict,
     LedgerError,
     LedgerUnavailable,
+    Meter,
     PaymentEvent,
     PaymentNotFound,
     PaymentRecord,
     PaymentState,
+    SignInReused,
     check_amount,
     check_document,
     check_error,
@@ -53,9 +58,11 @@ from paygate.x402.ledger import (
     check_idempotency_key,
     check_lease_seconds,
     check_limit,
+    check_model,
     check_move,
     check_replica,
     check_route,
+    check_scheme,
     check_transaction,
     check_version,
     default_replica_id,
@@ -77,8 +84,9 @@ logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
 T = TypeVar("T")
 Conn = Any  # psycopg.AsyncConnection[dict[str, Any]]
 
-#: Same numbering as the SQLite ledger: v1 the first ledger, v2 leases and history.
-SCHEMA_VERSION = 2
+#: Same numbering as the SQLite ledger: v1 the first ledger, v2 leases and history, v3 metering
+#: and the free quota.
+SCHEMA_VERSION = 3
 _STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
 _MIGRATION_LOCK = 0x70617967  # pg_advisory_xact_lock key: one migrator at a time ("payg")
 
@@ -129,14 +137,32 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
         "CREATE INDEX payment_events_payment ON payment_events (payment_id, seq)",
     ),
+    3: (
+        "ALTER TABLE payments ADD COLUMN scheme text NOT NULL DEFAULT 'exact',"
+        " ADD COLUMN model text, ADD COLUMN tokens_in bigint, ADD COLUMN tokens_out bigint,"
+        " ADD COLUMN usage_source text, ADD COLUMN settle_amount numeric(78, 0),"
+        " ADD COLUMN settled_amount numeric(78, 0)",
+        "CREATE INDEX payments_payer ON payments (payer, created_at)",
+        "CREATE TABLE free_quota (payer text NOT NULL, day text NOT NULL,"
+        " used integer NOT NULL, PRIMARY KEY (payer, day))",
+        "CREATE TABLE signin_nonces (nonce text PRIMARY KEY, payer text NOT NULL,"
+        " used_at double precision NOT NULL)",
+    ),
 }
 
 _COLUMNS = (
     "id, network, asset, payer, nonce, pay_to, amount, x402_version, route, state, served, "
     "payload, requirements, idempotency_key, tx_hash, error, attempts, created_at, updated_at, "
-    "owner, lease, lease_until"
+    "owner, lease, lease_until, "
+    "scheme, model, tokens_in, tokens_out, usage_source, settle_amount, settled_amount"
 )
 _SELECT = f"SELECT {_COLUMNS} FROM payments"  # noqa: S608 - constant column list
+# `paygate payments summary --by`: the SQL expression of each grouping (constants only).
+_GROUPS = {
+    "model": "COALESCE(model, '-')",
+    "day": "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    "payer": "payer",
+}
 _EVENT_COLUMNS = "payment_id, at, replica, action, state, lease, tx_hash, error, detail"
 _INSERT_EVENT = (
     f"INSERT INTO payment_events ({_EVENT_COLUMNS})"  # noqa: S608 - constant column list
@@ -265,8 +291,14 @@ class PostgresLedger:
         payload: str,
         requirements: str,
         idempotency_key: str | None,
+        scheme: str = "exact",
+        model: str | None = None,
+        budget: Budget | None = None,
     ) -> PaymentRecord:
         values = {
+            "scheme": check_scheme(scheme),
+            "model": check_model(model),
+            "budget": budget,
             "key": normalise_key(network, asset, payer, nonce),
             "pay_to": normalise_address(pay_to, "pay_to"),
             "amount": str(check_amount(amount)),
@@ -286,8 +318,12 @@ class PostgresLedger:
         transaction: str | None = None,
         error: str | None = None,
         lease: int | None = None,
+        meter: Meter | None = None,
+        settled_amount: int | None = None,
     ) -> PaymentRecord:
         target = PaymentState(to)
+        if settled_amount is not None:
+            check_amount(settled_amount)
         return await self._run(
             self._transition,
             payment_id,
@@ -295,7 +331,20 @@ class PostgresLedger:
             check_transaction(transaction),
             check_error(error),
             lease,
+            meter,
+            settled_amount,
         )
+
+    async def take_free(self, *, payer: str, nonce: str, day: str, limit: int) -> int | None:
+        checked = normalise_address(payer, "payer")
+        if not 0 < len(nonce) <= 128 or not 0 < len(day) <= 16 or limit < 0:
+            raise ValueError("nonce, day or limit out of range")
+        return await self._run(self._take_free, checked, nonce, day, limit)
+
+    async def earnings(self, *, since: float, by: str) -> builtins.list[Earnings]:
+        if by not in _GROUPS:
+            raise ValueError(f"by must be one of {', '.join(_GROUPS)}")
+        return await self._run(self._earnings, float(since), _GROUPS[by])
 
     async def mark_served(self, payment_id: str) -> PaymentRecord:
         return await self._run(self._mark_served, payment_id)
@@ -535,15 +584,30 @@ class PostgresLedger:
                     "the payment identifier already names a different authorization"
                 )
         now = await self._now(conn)
+        budget: Budget | None = values["budget"]
+        if budget is not None:
+            # One payer's reservations in turn (the transaction's advisory lock), so that
+            # concurrent requests cannot both fit the same remainder of the budget.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (key[2],))
+            row = await (
+                await conn.execute(
+                    "SELECT COALESCE(SUM(COALESCE(settled_amount, settle_amount, amount)), 0)"
+                    " AS spent FROM payments WHERE asset = %s AND payer = %s AND created_at >= %s"
+                    " AND state <> ALL(%s) AND NOT (network = %s AND nonce = %s)",
+                    (key[1], key[2], budget.since, ["released", "failed"], key[0], key[3]),
+                )
+            ).fetchone()
+            if int(row["spent"]) + int(values["amount"]) > budget.limit:
+                raise BudgetExceeded("the payer's budget would be passed")
         # The replay guard, in one statement: a new key is inserted; a RELEASED one is claimed
         # again (same id and attempts); any other existing row returns nothing.
         row = await (
             await conn.execute(
                 "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount,"  # noqa: S608 - constant columns
                 " x402_version, route, state, served, payload, requirements, idempotency_key,"
-                " attempts, created_at, updated_at, owner, lease, lease_until)"
+                " attempts, created_at, updated_at, owner, lease, lease_until, scheme, model)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s::numeric, %s, %s, 'reserved', false,"
-                " %s, %s, %s, 0, %s, %s, %s, 1, %s)"
+                " %s, %s, %s, 0, %s, %s, %s, 1, %s, %s, %s)"
                 " ON CONFLICT (network, asset, payer, nonce) DO UPDATE SET"
                 " state = 'reserved', served = false, pay_to = excluded.pay_to,"
                 " amount = excluded.amount, x402_version = excluded.x402_version,"
@@ -551,6 +615,8 @@ class PostgresLedger:
                 " requirements = excluded.requirements,"
                 " idempotency_key = COALESCE(excluded.idempotency_key, payments.idempotency_key),"
                 " error = NULL, updated_at = excluded.updated_at, owner = excluded.owner,"
+                " scheme = excluded.scheme, model = excluded.model, tokens_in = NULL,"
+                " tokens_out = NULL, usage_source = NULL, settle_amount = NULL,"
                 " lease = payments.lease + 1, lease_until = excluded.lease_until"
                 " WHERE payments.state = 'released'"
                 f" RETURNING {_COLUMNS}",
@@ -568,6 +634,8 @@ class PostgresLedger:
                     now,
                     self.replica,
                     now + self.lease_seconds,
+                    values["scheme"],
+                    values["model"],
                 ),
             )
         ).fetchone()
@@ -590,9 +658,14 @@ class PostgresLedger:
         transaction: str | None,
         error: str | None,
         lease: int | None,
+        meter: Meter | None,
+        settled_amount: int | None,
     ) -> PaymentRecord:
         current = await self._must(conn, payment_id, lock=True)
         check_move(current, to, lease)
+        if meter is not None and meter.settle_amount > current.amount:
+            raise ValueError("a metered charge cannot exceed the authorized amount")
+        m = meter
         now = await self._now(conn)
         if not TRANSITIONS[to]:
             owner, until = None, None
@@ -604,7 +677,11 @@ class PostgresLedger:
             await conn.execute(
                 "UPDATE payments SET state = %s, attempts = attempts + %s,"  # noqa: S608 - constant columns
                 " served = served OR %s, tx_hash = COALESCE(%s, tx_hash),"
-                " error = COALESCE(%s, error), updated_at = %s, owner = %s, lease_until = %s"
+                " error = COALESCE(%s, error), updated_at = %s, owner = %s, lease_until = %s,"
+                " tokens_in = COALESCE(%s, tokens_in), tokens_out = COALESCE(%s, tokens_out),"
+                " usage_source = COALESCE(%s, usage_source),"
+                " settle_amount = COALESCE(%s::numeric, settle_amount),"
+                " settled_amount = COALESCE(%s::numeric, settled_amount)"
                 f" WHERE id = %s AND state = %s AND lease = %s RETURNING {_COLUMNS}",
                 (
                     to.value,
@@ -615,6 +692,11 @@ class PostgresLedger:
                     now,
                     owner,
                     until,
+                    m.tokens_in if m else None,
+                    m.tokens_out if m else None,
+                    m.source if m else None,
+                    str(m.settle_amount) if m else None,
+                    None if settled_amount is None else str(settled_amount),
                     current.id,
                     current.state.value,
                     current.lease,
@@ -628,6 +710,48 @@ class PostgresLedger:
             conn, record, EventAction.MOVED, now, transaction=transaction, error=error
         )
         return record
+
+    async def _take_free(
+        self, conn: Conn, payer: str, nonce: str, day: str, limit: int
+    ) -> int | None:
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (payer,))
+        row = await (
+            await conn.execute(
+                "SELECT used FROM free_quota WHERE payer = %s AND day = %s", (payer, day)
+            )
+        ).fetchone()
+        count = int(row["used"]) if row else 0
+        if count >= limit:
+            return None
+        inserted = await conn.execute(
+            "INSERT INTO signin_nonces (nonce, payer, used_at) VALUES (%s, %s, %s)"
+            " ON CONFLICT (nonce) DO NOTHING",
+            (nonce, payer, await self._now(conn)),
+        )
+        if inserted.rowcount != 1:
+            raise SignInReused("this sign-in was already used")
+        await conn.execute(
+            "INSERT INTO free_quota (payer, day, used) VALUES (%s, %s, 1)"
+            " ON CONFLICT (payer, day) DO UPDATE SET used = free_quota.used + 1",
+            (payer, day),
+        )
+        return limit - count - 1
+
+    async def _earnings(self, conn: Conn, since: float, group: str) -> builtins.list[Earnings]:
+        rows = await (
+            await conn.execute(
+                f"SELECT {group} AS key, COUNT(*) AS n, COALESCE(SUM(tokens_in), 0) AS i,"  # noqa: S608 - constant
+                " COALESCE(SUM(tokens_out), 0) AS o,"
+                " COALESCE(SUM(COALESCE(settled_amount, amount)), 0) AS s"
+                " FROM payments WHERE state = 'settled' AND created_at >= %s"
+                " GROUP BY 1 ORDER BY 1",
+                (since,),
+            )
+        ).fetchall()
+        return [
+            Earnings(str(r["key"]), int(r["n"]), int(r["i"]), int(r["o"]), int(r["s"]))
+            for r in rows
+        ]
 
     async def _mark_served(self, conn: Conn, payment_id: str) -> PaymentRecord:
         current = await self._must(conn, payment_id, lock=True)
@@ -737,7 +861,8 @@ class PostgresLedger:
             return False
         await conn.execute(
             f"INSERT INTO payments ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s::numeric,"  # noqa: S608 - constant columns
-            " %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, %s, NULL)",
+            " %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, %s, NULL,"
+            " %s, %s, %s, %s, %s, %s::numeric, %s::numeric)",
             (
                 record.id,
                 *record.key,
@@ -756,6 +881,13 @@ class PostgresLedger:
                 record.created_at,
                 record.updated_at,
                 record.lease,
+                record.scheme,
+                record.model,
+                record.tokens_in,
+                record.tokens_out,
+                record.usage_source,
+                None if record.settle_amount is None else str(record.settle_amount),
+                None if record.settled_amount is None else str(record.settled_amount),
             ),
         )
         for event in events:
@@ -814,6 +946,13 @@ def _record(row: dict[str, Any]) -> PaymentRecord:
         owner=row["owner"],
         lease=row["lease"],
         lease_until=row["lease_until"],
+        scheme=row["scheme"],
+        model=row["model"],
+        tokens_in=row["tokens_in"],
+        tokens_out=row["tokens_out"],
+        usage_source=row["usage_source"],
+        settle_amount=None if row["settle_amount"] is None else int(row["settle_amount"]),
+        settled_amount=None if row["settled_amount"] is None else int(row["settled_amount"]),
     )
 
 

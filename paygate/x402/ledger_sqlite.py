@@ -38,6 +38,9 @@ from paygate.x402.ledger import (
     TRANSITIONS,
     UNFINISHED_STATES,
     AlreadyReserved,
+    Budget,
+    BudgetExceeded,
+    Earnings,
     EventAction,
     IdempotencyKeyReused,
     LeaseLost,
@@ -45,10 +48,12 @@ from paygate.x402.ledger import (
     LedgerError,
     LedgerNotFound,
     LedgerUnavailable,
+    Meter,
     PaymentEvent,
     PaymentNotFound,
     PaymentRecord,
     PaymentState,
+    SignInReused,
     check_amount,
     check_document,
     check_error,
@@ -56,9 +61,11 @@ from paygate.x402.ledger import (
     check_idempotency_key,
     check_lease_seconds,
     check_limit,
+    check_model,
     check_move,
     check_replica,
     check_route,
+    check_scheme,
     check_transaction,
     check_version,
     default_replica_id,
@@ -69,8 +76,9 @@ from paygate.x402.ledger import (
 T = TypeVar("T")
 
 #: v1: the ledger as first released (payments, ledger_schema). v2: leases (owner, lease epoch,
-#: expiry) and the payment_events history. The metering work appends its tables as v3.
-SCHEMA_VERSION = 2
+#: expiry) and the payment_events history. v3: metering (scheme, model, usage, amounts owed and
+#: moved) and the free quota's tables.
+SCHEMA_VERSION = 3
 _STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
 
 # MIGRATIONS[n] takes a ledger from schema n-1 to n. Append, never edit a released step.
@@ -120,14 +128,38 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
         "CREATE INDEX payment_events_payment ON payment_events (payment_id, seq)",
     ),
+    # Metered payments (upto): the scheme, the model, usage and the amounts owed and moved;
+    # the free quota (sign-in-with-x).
+    3: (
+        "ALTER TABLE payments ADD COLUMN scheme TEXT NOT NULL DEFAULT 'exact'",
+        "ALTER TABLE payments ADD COLUMN model TEXT",
+        "ALTER TABLE payments ADD COLUMN tokens_in INTEGER",
+        "ALTER TABLE payments ADD COLUMN tokens_out INTEGER",
+        "ALTER TABLE payments ADD COLUMN usage_source TEXT",
+        "ALTER TABLE payments ADD COLUMN settle_amount TEXT",
+        "ALTER TABLE payments ADD COLUMN settled_amount TEXT",
+        # A payer's spend today (budgets) without scanning the table.
+        "CREATE INDEX payments_payer ON payments (payer, created_at)",
+        "CREATE TABLE free_quota (payer TEXT NOT NULL, day TEXT NOT NULL,"
+        " used INTEGER NOT NULL, PRIMARY KEY (payer, day))",
+        "CREATE TABLE signin_nonces (nonce TEXT PRIMARY KEY, payer TEXT NOT NULL,"
+        " used_at REAL NOT NULL)",
+    ),
 }
 
 _RECORD_COLUMNS = (
     "id, network, asset, payer, nonce, pay_to, amount, x402_version, route, state, served, "
     "payload, requirements, idempotency_key, tx_hash, error, attempts, created_at, updated_at, "
-    "owner, lease, lease_until"
+    "owner, lease, lease_until, "
+    "scheme, model, tokens_in, tokens_out, usage_source, settle_amount, settled_amount"
 )
 _SELECT = f"SELECT {_RECORD_COLUMNS} FROM payments"  # noqa: S608 - constant column list
+# `paygate payments summary --by`: the SQL expression of each grouping (constants only).
+_GROUPS = {
+    "model": "COALESCE(model, '-')",
+    "day": "date(created_at, 'unixepoch')",
+    "payer": "payer",
+}
 _EVENT_COLUMNS = "payment_id, at, replica, action, state, lease, tx_hash, error, detail"
 
 
@@ -217,8 +249,14 @@ class SqliteLedger:
         payload: str,
         requirements: str,
         idempotency_key: str | None,
+        scheme: str = "exact",
+        model: str | None = None,
+        budget: Budget | None = None,
     ) -> PaymentRecord:
         values = {
+            "scheme": check_scheme(scheme),
+            "model": check_model(model),
+            "budget": budget,
             "key": normalise_key(network, asset, payer, nonce),
             "pay_to": normalise_address(pay_to, "pay_to"),
             "amount": str(check_amount(amount)),
@@ -238,8 +276,12 @@ class SqliteLedger:
         transaction: str | None = None,
         error: str | None = None,
         lease: int | None = None,
+        meter: Meter | None = None,
+        settled_amount: int | None = None,
     ) -> PaymentRecord:
         target = PaymentState(to)
+        if settled_amount is not None:
+            check_amount(settled_amount)
         return await self._run(
             self._transition,
             payment_id,
@@ -247,6 +289,8 @@ class SqliteLedger:
             check_transaction(transaction),
             check_error(error),
             lease,
+            meter,
+            settled_amount,
         )
 
     async def mark_served(self, payment_id: str) -> PaymentRecord:
@@ -497,13 +541,18 @@ class SqliteLedger:
             existing = self._one("WHERE network = ? AND asset = ? AND payer = ? AND nonce = ?", key)
             now = self._clock()
             until = now + self.lease_seconds
+            budget: Budget | None = values["budget"]
+            if budget is not None and (existing is None or existing.state is PaymentState.RELEASED):
+                spent = self._spent(key[1], key[2], budget.since)
+                if spent + int(values["amount"]) > budget.limit:
+                    raise BudgetExceeded("the payer's budget would be passed")
             if existing is None:
                 payment_id = uuid.uuid4().hex
                 self._conn.execute(
                     "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount,"
                     " x402_version, route, state, served, payload, requirements, idempotency_key,"
-                    " attempts, created_at, updated_at, owner, lease, lease_until)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?, ?, 1, ?)",
+                    " attempts, created_at, updated_at, owner, lease, lease_until, scheme, model)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?, ?, 1, ?, ?, ?)",
                     (
                         payment_id,
                         *key,
@@ -519,6 +568,8 @@ class SqliteLedger:
                         now,
                         self.replica,
                         until,
+                        values["scheme"],
+                        values["model"],
                     ),
                 )
             elif existing.state is PaymentState.RELEASED:
@@ -529,6 +580,8 @@ class SqliteLedger:
                     "UPDATE payments SET state = ?, served = 0, pay_to = ?, amount = ?,"
                     " x402_version = ?, route = ?, payload = ?, requirements = ?,"
                     " idempotency_key = COALESCE(?, idempotency_key), error = NULL,"
+                    " scheme = ?, model = ?, tokens_in = NULL, tokens_out = NULL,"
+                    " usage_source = NULL, settle_amount = NULL,"
                     " updated_at = ?, owner = ?, lease = lease + 1, lease_until = ?"
                     " WHERE id = ? AND state = ?",
                     (
@@ -540,6 +593,8 @@ class SqliteLedger:
                         values["payload"],
                         values["requirements"],
                         idem,
+                        values["scheme"],
+                        values["model"],
                         now,
                         self.replica,
                         until,
@@ -553,6 +608,58 @@ class SqliteLedger:
             self._event(record, EventAction.RESERVED, now)
             return record
 
+    def _spent(self, asset: str, payer: str, since: float) -> int:
+        """What ``payer`` has committed on ``asset`` since ``since`` (see ``reserve``)."""
+        row = self._conn.execute(
+            "SELECT COALESCE(SUM(CAST(COALESCE(settled_amount, settle_amount, amount) AS INTEGER)),"
+            " 0) FROM payments WHERE asset = ? AND payer = ? AND created_at >= ?"
+            " AND state NOT IN (?, ?)",
+            (asset, payer, since, PaymentState.RELEASED.value, PaymentState.FAILED.value),
+        ).fetchone()
+        return int(row[0])
+
+    async def take_free(self, *, payer: str, nonce: str, day: str, limit: int) -> int | None:
+        checked = normalise_address(payer, "payer")
+        if not 0 < len(nonce) <= 128 or not 0 < len(day) <= 16 or limit < 0:
+            raise ValueError("nonce, day or limit out of range")
+        return await self._run(self._take_free, checked, nonce, day, limit)
+
+    def _take_free(self, payer: str, nonce: str, day: str, limit: int) -> int | None:
+        with self._write() as db:
+            used = db.execute(
+                "SELECT used FROM free_quota WHERE payer = ? AND day = ?", (payer, day)
+            ).fetchone()
+            count = int(used[0]) if used else 0
+            if count >= limit:
+                return None
+            if db.execute("SELECT 1 FROM signin_nonces WHERE nonce = ?", (nonce,)).fetchone():
+                raise SignInReused("this sign-in was already used")
+            db.execute(
+                "INSERT INTO signin_nonces (nonce, payer, used_at) VALUES (?, ?, ?)",
+                (nonce, payer, self._clock()),
+            )
+            db.execute(
+                "INSERT INTO free_quota (payer, day, used) VALUES (?, ?, 1)"
+                " ON CONFLICT (payer, day) DO UPDATE SET used = used + 1",
+                (payer, day),
+            )
+            return limit - count - 1
+
+    async def earnings(self, *, since: float, by: str) -> builtins.list[Earnings]:
+        if by not in _GROUPS:
+            raise ValueError(f"by must be one of {', '.join(_GROUPS)}")
+        return await self._run(self._earnings, float(since), _GROUPS[by])
+
+    def _earnings(self, since: float, group: str) -> builtins.list[Earnings]:
+        rows = self._conn.execute(
+            f"SELECT {group} AS key, COUNT(*), COALESCE(SUM(tokens_in), 0),"  # noqa: S608 - constant
+            " COALESCE(SUM(tokens_out), 0),"
+            " COALESCE(SUM(CAST(COALESCE(settled_amount, amount) AS INTEGER)), 0)"
+            " FROM payments WHERE state = ? AND created_at >= ? GROUP BY key ORDER BY key",
+            (PaymentState.SETTLED.value, since),
+        ).fetchall()
+        return [Earnings(str(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows]
+
     def _transition(
         self,
         payment_id: str,
@@ -560,10 +667,15 @@ class SqliteLedger:
         transaction: str | None,
         error: str | None,
         lease: int | None,
+        meter: Meter | None,
+        settled_amount: int | None,
     ) -> PaymentRecord:
         with self._write():
             current = self._must(payment_id)
             check_move(current, to, lease)
+            if meter is not None and meter.settle_amount > current.amount:
+                raise ValueError("a metered charge cannot exceed the authorized amount")
+            m = meter
             now = self._clock()
             if not TRANSITIONS[to]:  # terminal: nobody works on it any more
                 owner, until = None, None
@@ -574,7 +686,11 @@ class SqliteLedger:
             cursor = self._conn.execute(
                 "UPDATE payments SET state = ?, attempts = attempts + ?,"
                 " served = MAX(served, ?), tx_hash = COALESCE(?, tx_hash),"
-                " error = COALESCE(?, error), updated_at = ?, owner = ?, lease_until = ?"
+                " error = COALESCE(?, error), updated_at = ?, owner = ?, lease_until = ?,"
+                " tokens_in = COALESCE(?, tokens_in), tokens_out = COALESCE(?, tokens_out),"
+                " usage_source = COALESCE(?, usage_source),"
+                " settle_amount = COALESCE(?, settle_amount),"
+                " settled_amount = COALESCE(?, settled_amount)"
                 " WHERE id = ? AND state = ? AND lease = ?",
                 (
                     to.value,
@@ -585,6 +701,11 @@ class SqliteLedger:
                     now,
                     owner,
                     until,
+                    m.tokens_in if m else None,
+                    m.tokens_out if m else None,
+                    m.source if m else None,
+                    str(m.settle_amount) if m else None,
+                    None if settled_amount is None else str(settled_amount),
                     current.id,
                     current.state.value,
                     current.lease,
@@ -714,7 +835,8 @@ class SqliteLedger:
                 return False
             self._conn.execute(
                 f"INSERT INTO payments ({_RECORD_COLUMNS})"  # noqa: S608
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, NULL)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, NULL,"
+                " ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     *record.key,
@@ -733,6 +855,13 @@ class SqliteLedger:
                     record.created_at,
                     record.updated_at,
                     record.lease,
+                    record.scheme,
+                    record.model,
+                    record.tokens_in,
+                    record.tokens_out,
+                    record.usage_source,
+                    None if record.settle_amount is None else str(record.settle_amount),
+                    None if record.settled_amount is None else str(record.settled_amount),
                 ),
             )
             for event in events:
@@ -785,6 +914,13 @@ def _record(row: sqlite3.Row) -> PaymentRecord:
         owner=row["owner"],
         lease=row["lease"],
         lease_until=row["lease_until"],
+        scheme=row["scheme"],
+        model=row["model"],
+        tokens_in=row["tokens_in"],
+        tokens_out=row["tokens_out"],
+        usage_source=row["usage_source"],
+        settle_amount=None if row["settle_amount"] is None else int(row["settle_amount"]),
+        settled_amount=None if row["settled_amount"] is None else int(row["settled_amount"]),
     )
 
 

@@ -131,13 +131,50 @@ class ExactEvmPayload(X402Model):
     authorization: Authorization
 
 
+class TokenPermissions(X402Model):
+    """Permit2's ``TokenPermissions``: the token and the most that may be moved."""
+
+    token: Address
+    amount: Uint256
+
+
+class UptoWitness(X402Model):
+    """The `upto` witness the payer signs into the Permit2 transfer (x402 SDK 2.25's shape)."""
+
+    to: Address
+    facilitator: Address
+    valid_after: Uint256
+
+
+class UptoAuthorization(X402Model):
+    """A Permit2 ``PermitWitnessTransferFrom`` for the x402UptoPermit2Proxy as spender."""
+
+    from_: Address = Field(alias="from")
+    permitted: TokenPermissions
+    spender: Address
+    nonce: Uint256  # Permit2's unordered nonce: a uint256 as a decimal string
+    deadline: Uint256
+    witness: UptoWitness
+
+
+class UptoEvmPayload(X402Model):
+    """The `upto` scheme's payload: ``{permit2Authorization, signature}``."""
+
+    permit2_authorization: UptoAuthorization
+    signature: Signature
+
+
+#: What a v2 payment's ``payload`` may be; the scheme named in ``accepted`` says which it must be.
+SchemePayload = ExactEvmPayload | UptoEvmPayload
+
+
 class PaymentPayload(X402Model):
     """The v2 payment (``PAYMENT-SIGNATURE``): the chosen requirement echoed as ``accepted``."""
 
     x402_version: Literal[2] = 2
     resource: ResourceInfo | None = None
     accepted: PaymentRequirements
-    payload: ExactEvmPayload
+    payload: SchemePayload
     extensions: dict[str, Any] | None = None
 
     @property
@@ -186,6 +223,11 @@ class SettleResponse(X402Model):
     transaction: str = ""
     network: str
     amount: str | None = None
+    extensions: dict[str, Any] | None = None
+
+
+#: The receipt extension of a metered payment: the usage it was charged for.
+USAGE_EXTENSION = "paygate-usage"
 
 
 _PAYMENT_ID = re.compile(r"^[A-Za-z0-9_-]{16,128}$")

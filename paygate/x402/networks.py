@@ -8,7 +8,7 @@ version, decimals) on any EVM chain id.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
 
 from eth_utils import to_checksum_address
 
@@ -84,6 +84,14 @@ def to_atomic(price: Decimal | str, decimals: int) -> int:
     if not amount.is_finite() or amount < 0:
         raise ValueError("an amount must be a finite, non-negative decimal")
     return int((amount.scaleb(decimals)).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def to_atomic_ceiling(price: Decimal | str, decimals: int) -> int:
+    """Like :func:`to_atomic` but rounding up: a maximum must cover what it bounds."""
+    amount = Decimal(price)
+    if not amount.is_finite() or amount < 0:
+        raise ValueError("an amount must be a finite, non-negative decimal")
+    return int((amount.scaleb(decimals)).to_integral_value(rounding=ROUND_CEILING))
 
 
 def from_atomic(amount: int, decimals: int) -> Decimal:

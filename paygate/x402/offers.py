@@ -6,8 +6,8 @@ JSON body, listing the same offers, so a v1-only and a v2 client can each pay th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -22,9 +22,10 @@ from paygate.x402.models import (
     ResourceInfo,
     payment_identifier_declaration,
 )
-from paygate.x402.networks import Asset, Network, to_atomic
+from paygate.x402.networks import Asset, Network, to_atomic, to_atomic_ceiling
 
-SCHEME = "exact"
+SCHEME = "exact"  # the default scheme (EIP-3009); `upto` lives in paygate.x402.schemes.upto
+UPTO = "upto"
 # Keep the header well under common 8 KB header limits (x402.md).
 MAX_CHALLENGE_HEADER = 8 * 1024
 
@@ -39,28 +40,35 @@ class Acceptance:
 
 @dataclass(frozen=True, slots=True)
 class Offer:
-    """One priced requirement, the unit that a payment must match exactly."""
+    """One priced requirement, the unit that a payment must match.
+
+    ``amount`` is the price (``exact``) or the most this request may cost (``upto``);
+    ``extra`` holds the scheme's own requirement fields (``upto``: the asset-transfer method
+    and the facilitator address the payer's witness must name).
+    """
 
     network: Network
     asset: Asset
     pay_to: str
     amount: int
     max_timeout_seconds: int
+    scheme: str = SCHEME
+    extra: tuple[tuple[str, str], ...] = ()
 
     def v2(self) -> PaymentRequirements:
         return PaymentRequirements(
-            scheme=SCHEME,
+            scheme=self.scheme,
             network=self.network.caip2,
             amount=str(self.amount),
             asset=self.asset.address,
             pay_to=self.pay_to,
             max_timeout_seconds=self.max_timeout_seconds,
-            extra={"name": self.asset.name, "version": self.asset.version},
+            extra={"name": self.asset.name, "version": self.asset.version, **dict(self.extra)},
         )
 
     def v1(self, resource: ResourceInfo) -> PaymentRequirementsV1:
         return PaymentRequirementsV1(
-            scheme=SCHEME,
+            scheme=self.scheme,
             network=self.network.name,
             max_amount_required=str(self.amount),
             resource=resource.url,
@@ -82,6 +90,8 @@ class PaymentTerms:
     max_timeout_seconds: int = 300
     description: str = "paygate inference"
     require_payment_identifier: bool = False
+    # `upto` requirement fields per CAIP-2 network (facilitatorAddress ...), read at start.
+    upto_extra: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pay_to", to_checksum_address(self.pay_to))
@@ -96,6 +106,24 @@ class PaymentTerms:
                 pay_to=self.pay_to,
                 amount=to_atomic(price, a.asset.decimals),
                 max_timeout_seconds=self.max_timeout_seconds,
+            )
+            for a in self.accepted
+        )
+
+    def upto_offers(
+        self, maximum: Decimal, extra: tuple[tuple[str, str], ...] = ()
+    ) -> tuple[Offer, ...]:
+        """`upto` offers authorizing at most ``maximum`` (rounded up to whole atomic units);
+        ``extra``: more requirement fields (the token prices)."""
+        return tuple(
+            Offer(
+                network=a.network,
+                asset=a.asset,
+                pay_to=self.pay_to,
+                amount=to_atomic_ceiling(maximum, a.asset.decimals),
+                max_timeout_seconds=self.max_timeout_seconds,
+                scheme=UPTO,
+                extra=tuple(sorted(self.upto_extra.get(a.network.caip2, {}).items())) + extra,
             )
             for a in self.accepted
         )
@@ -118,8 +146,10 @@ def challenge(
     *,
     error: str,
     require_payment_identifier: bool = False,
+    extensions: Mapping[str, Any] | None = None,
 ) -> Challenge:
-    """The 402 for ``offers``; ``error`` is the reason shown to the caller."""
+    """The 402 for ``offers``; ``error`` is the reason shown to the caller; ``extensions``
+    are declared beside payment-identifier (sign-in-with-x for the free quota)."""
     return Challenge(
         v2=PaymentRequired(
             error=error,
@@ -128,8 +158,12 @@ def challenge(
             extensions={
                 PAYMENT_IDENTIFIER: payment_identifier_declaration(
                     required=require_payment_identifier
-                )
+                ),
+                **(extensions or {}),
             },
         ),
-        v1=PaymentRequiredV1(error=error, accepts=[offer.v1(resource) for offer in offers]),
+        # x402 v1 knows `exact` only: other schemes are offered in the v2 header alone.
+        v1=PaymentRequiredV1(
+            error=error, accepts=[o.v1(resource) for o in offers if o.scheme == SCHEME]
+        ),
     )

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 from paygate import jsonsafe
 
 MILLION = Decimal(1_000_000)
+# The token prices an `upto` requirement carries in ``extra`` (whole tokens per million).
+INPUT_PRICE_EXTRA = "inputPricePerMillionTokens"
+OUTPUT_PRICE_EXTRA = "outputPricePerMillionTokens"
+MINIMUM_PRICE_EXTRA = "minimumPrice"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +46,27 @@ class PricePolicy:
         if self.per_million_tokens is not None:
             return self.per_million_tokens * self.token_estimate / MILLION
         return self.default
+
+
+def token_charge(
+    *,
+    input_price: Decimal,
+    output_price: Decimal,
+    minimum: Decimal,
+    tokens_in: int,
+    tokens_out: int,
+    decimals: int,
+    maximum: int,
+) -> int:
+    """A metered (upto) request's charge in atomic units: min(max(usage x price, minimum),
+    maximum), rounded half up; nothing when nothing was generated. Prices are whole tokens
+    per million tokens. Shared by the gateway (what it settles) and the client (what it
+    checks its receipt against)."""
+    if tokens_out <= 0:
+        return 0
+    cost = max((input_price * tokens_in + output_price * tokens_out) / MILLION, minimum)
+    atomic = int(cost.scaleb(decimals).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    return min(atomic, maximum)
 
 
 def model_of(body: bytes, *, limit: int = 4 * 1024 * 1024) -> str | None:

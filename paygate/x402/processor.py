@@ -36,33 +36,39 @@ import time
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlsplit
 
 from paygate import wire
-from paygate.x402 import codec
+from paygate.x402 import codec, siwx
 from paygate.x402.ledger import (
     TRANSITIONS,
     AlreadyReserved,
+    Budget,
+    BudgetExceeded,
     IdempotencyKeyReused,
     LeaseLost,
     Ledger,
     LedgerError,
     LedgerUnavailable,
+    Meter,
     PaymentRecord,
     PaymentState,
+    SignInReused,
     review_error,
 )
 from paygate.x402.models import (
+    USAGE_EXTENSION,
     AnyPaymentPayload,
-    PaymentPayloadV1,
     ResourceInfo,
     SettleResponse,
 )
-from paygate.x402.networks import resolve_network
-from paygate.x402.offers import Offer, PaymentTerms, challenge
+from paygate.x402.networks import resolve_network, to_atomic
+from paygate.x402.offers import SCHEME, Offer, PaymentTerms, challenge
 from paygate.x402.results import Admission, Receipt, Refusal
+from paygate.x402.schemes import SCHEMES, Authorized
 from paygate.x402.settlement import Settlement
 from paygate.x402.settler import ReviewRequired, SettlementUnknown, Settler, SettlerUnavailable
-from paygate.x402.verify import PaymentRejected, check_authorization, match_offer
+from paygate.x402.verify import PaymentRejected, match_offer
 
 log = logging.getLogger("paygate.x402")
 
@@ -73,6 +79,10 @@ _IN_PROGRESS = (
     PaymentState.SERVED,
     PaymentState.SETTLING,
 )
+
+
+#: (route, model, payer) → the 429's headers when the payer is over its rate, else None.
+PayerCheck = Callable[[str, str | None, str], Mapping[str, str] | None]
 
 
 class PaymentProcessor:
@@ -86,6 +96,10 @@ class PaymentProcessor:
         settler: Settler,
         settlement: Settlement,
         settle_on_disconnect: bool = True,
+        schemes: tuple[str, ...] = (SCHEME,),
+        payer_check: PayerCheck | None = None,
+        daily_budget: Decimal | None = None,
+        free_per_day: int = 0,
         skew_seconds: int = 5,
         min_remaining_seconds: float = 0.0,
         retry_after_seconds: int = 1,
@@ -96,6 +110,10 @@ class PaymentProcessor:
         self._settler = settler
         self._settlement = settlement
         self._settle_on_disconnect = settle_on_disconnect
+        self._schemes = {name: SCHEMES[name] for name in schemes}
+        self._payer_check = payer_check
+        self._daily_budget = daily_budget
+        self._free_per_day = free_per_day
         self._skew = skew_seconds
         self._min_remaining = min_remaining_seconds
         self._retry_after = str(retry_after_seconds)
@@ -106,6 +124,34 @@ class PaymentProcessor:
 
     # --- admission ---
 
+    @property
+    def schemes(self) -> tuple[str, ...]:
+        return tuple(self._schemes)
+
+    def decimals(self, network: str) -> int:
+        """The decimals of the asset accepted on ``network`` (CAIP-2)."""
+        for acceptance in self.terms.accepted:
+            if acceptance.network.caip2 == network:
+                return acceptance.asset.decimals
+        raise ValueError(f"network {network!r} is not accepted")
+
+    def offers(
+        self,
+        price: Decimal,
+        maximum: Decimal | None,
+        upto_extra: tuple[tuple[str, str], ...] = (),
+    ) -> tuple[Offer, ...]:
+        """What the 402 offers: ``exact`` at ``price`` (when > 0) and ``upto`` up to
+        ``maximum`` (when given and > 0), for each scheme this processor takes."""
+        offers: tuple[Offer, ...] = ()
+        # A request with no metered price (not a generation route, no token price) is offered
+        # `exact` at its flat price even where `exact` is not listed: never free by omission.
+        if price > 0 and (SCHEME in self._schemes or maximum is None):
+            offers += self.terms.offers(price)
+        if "upto" in self._schemes and maximum is not None and maximum > 0:
+            offers += self.terms.upto_offers(maximum, upto_extra)
+        return offers
+
     async def admit(
         self,
         headers: Mapping[str, str],
@@ -113,13 +159,20 @@ class PaymentProcessor:
         price: Decimal,
         resource: ResourceInfo,
         route: str,
+        maximum: Decimal | None = None,
+        model: str | None = None,
+        upto_extra: tuple[tuple[str, str], ...] = (),
     ) -> Admission | Refusal:
-        """Admit a request at ``price`` or refuse it; a free request needs no payment."""
-        if price <= 0:
+        """Admit a request at ``price`` (exact) or up to ``maximum`` (upto), or refuse it; a
+        request with nothing to offer is free and needs no payment."""
+        offers = self.offers(price, maximum, upto_extra)
+        if not offers:
             return Admission(price=price)
-        offers = self.terms.offers(price)
         raw, header = _payment_header(headers)
         if raw is None:
+            signin = headers.get(wire.SIGN_IN_WITH_X)
+            if signin is not None and self._free_per_day > 0:
+                return await self._free(signin, price, offers, resource, route, model)
             return self.challenge(402, "payment_required", "payment required", offers, resource)
         try:
             payment = codec.decode_payment(raw, header=header)
@@ -138,7 +191,8 @@ class PaymentProcessor:
             )
         try:
             offer = match_offer(payment, offers)
-            check_authorization(
+            scheme = self._schemes[offer.scheme]
+            authorized = scheme.check(
                 payment,
                 offer,
                 now=int(self._clock()),
@@ -147,11 +201,26 @@ class PaymentProcessor:
             )
         except PaymentRejected as exc:
             return self.challenge(402, exc.reason, str(exc), offers, resource)
-        requirements = _requirements(payment, offer, resource)
+        if self._payer_check is not None:
+            limited = self._payer_check(route, model, authorized.payer)
+            if limited is not None:  # before the reservation: the authorization stays usable
+                return Refusal(
+                    429, "rate_limited", "too many requests from this payer", headers=limited
+                )
+        requirements = scheme.requirements(payment, offer, resource)
         try:
-            record = await self._reserve(payment, offer, requirements, route, key)
+            record = await self._reserve(
+                payment, offer, authorized, requirements, route, key, model=model
+            )
         except AlreadyReserved as exc:
             return await self._replayed(exc.record, price, offers, resource, requirements)
+        except BudgetExceeded:
+            return Refusal(
+                429,
+                "budget_exceeded",
+                "this payer's daily budget is spent",
+                headers={"Retry-After": str(_seconds_to_utc_midnight(self._clock()))},
+            )
         except IdempotencyKeyReused:
             return Refusal(
                 409,
@@ -164,31 +233,97 @@ class PaymentProcessor:
             return self.challenge(400, "invalid_payment", str(exc), offers, resource)
         self._hold(record)
         admission = Admission(
-            price=price, record=record, payment=payment, requirements=requirements
+            price=price,
+            record=record,
+            payment=payment,
+            requirements=requirements,
+            scheme=scheme,
+            authorized=authorized,
         )
         return await self._verify(admission, offers, resource)
+
+    async def _free(
+        self,
+        signin: str,
+        price: Decimal,
+        offers: tuple[Offer, ...],
+        resource: ResourceInfo,
+        route: str,
+        model: str | None,
+    ) -> Admission | Refusal:
+        """One of the wallet's free requests today, proven with sign-in-with-x, or a 402."""
+        now = self._clock()
+        parts = urlsplit(resource.url)
+        try:
+            proof = siwx.parse(signin)
+            payer = siwx.verify(
+                proof,
+                origin=f"{parts.scheme}://{parts.netloc}",
+                networks=[a.network.caip2 for a in self.terms.accepted],
+                now=now,
+            )
+        except siwx.SiwxRejected as exc:
+            return self.challenge(402, exc.reason, str(exc), offers, resource)
+        if self._payer_check is not None:
+            limited = self._payer_check(route, model, payer)
+            if limited is not None:
+                return Refusal(
+                    429, "rate_limited", "too many requests from this payer", headers=limited
+                )
+        day = time.strftime("%Y-%m-%d", time.gmtime(now))
+        try:
+            left = await self._ledger.take_free(
+                payer=payer, nonce=proof.nonce, day=day, limit=self._free_per_day
+            )
+        except SignInReused:
+            return self.challenge(
+                402, "invalid_siwx_nonce", "this sign-in was already used", offers, resource
+            )
+        except LedgerUnavailable:
+            return self.unavailable("ledger_unavailable", "the payment ledger is unavailable")
+        if left is None:
+            return self.challenge(
+                402, "free_quota_exhausted", "today's free requests are used: pay", offers, resource
+            )
+        return Admission(price=price, free_remaining=left)
 
     async def _reserve(
         self,
         payment: AnyPaymentPayload,
         offer: Offer,
+        authorized: Authorized,
         requirements: dict[str, Any],
         route: str,
         key: str | None,
+        *,
+        model: str | None,
     ) -> PaymentRecord:
-        auth = payment.payload.authorization
+        # ``amount`` is what the payer authorized: the price (exact) or the maximum (upto).
         return await self._ledger.reserve(
             network=offer.network.caip2,
             asset=offer.asset.address,
-            payer=auth.from_,
-            nonce=auth.nonce,
+            payer=authorized.payer,
+            nonce=authorized.nonce,
             pay_to=offer.pay_to,
-            amount=offer.amount,
+            amount=authorized.maximum if offer.scheme != SCHEME else offer.amount,
             x402_version=payment.x402_version,
             route=route,
             payload=json.dumps(payment.wire(), separators=(",", ":")),
             requirements=json.dumps(requirements, separators=(",", ":")),
             idempotency_key=key,
+            scheme=offer.scheme,
+            model=model if offer.scheme != SCHEME else None,
+            budget=self._budget(offer),
+        )
+
+    def _budget(self, offer: Offer) -> Budget | None:
+        """Today's (UTC) spend limit for one payer, in the offer's asset units."""
+        if self._daily_budget is None:
+            return None
+        now = self._clock()
+        return Budget(
+            limit=to_atomic(self._daily_budget, offer.asset.decimals),
+            since=now - now % 86_400,
         )
 
     async def _verify(
@@ -198,7 +333,9 @@ class PaymentProcessor:
         assert record is not None
         assert admission.payment is not None
         try:
-            answer = await self._settler.verify(admission.payment, admission.requirements)
+            answer = await admission.scheme.verify(
+                self._settler, admission.payment, admission.requirements
+            )
         except SettlerUnavailable as exc:
             await self.release(record)
             return self.unavailable("payment_verifier_unavailable", str(exc))
@@ -252,6 +389,7 @@ class PaymentProcessor:
                 payment=codec.parse_payment(json.loads(record.payload), header="ledger"),
                 requirements=requirements,
                 receipt=Receipt(record.x402_version, _record_receipt(record)),
+                scheme=SCHEMES[record.scheme],
             )
         headers: dict[str, str] = {}
         if record.state is PaymentState.SETTLED:
@@ -305,7 +443,9 @@ class PaymentProcessor:
         record = admission.record
         assert record is not None
         try:
-            admission.record = await self._move(record, PaymentState.SERVED)
+            # Fenced; a metered request's usage and charge are durable with SERVED, so a
+            # restart settles the same amount.
+            admission.record = await self._move(record, PaymentState.SERVED, meter=admission.meter)
         except LedgerError as exc:
             log.error("payment %s: cannot record SERVED: %s", record.id, exc.code)
             if record.id in self._held:
@@ -336,7 +476,9 @@ class PaymentProcessor:
             return None
         admission.record = record
         try:
-            answer = await self._settler.settle(payment, admission.requirements)
+            answer = await admission.scheme.settle(
+                self._settler, payment, admission.requirements, admission.owed
+            )
         except ReviewRequired as exc:
             return await self._pending(
                 admission, exc.transaction, review=str(exc), withhold=exc.withhold
@@ -353,12 +495,18 @@ class PaymentProcessor:
         record = admission.record
         assert record is not None
         state = PaymentState.SETTLED if answer.success else PaymentState.FAILED
+        if answer.success and answer.amount is not None and answer.amount != str(admission.owed):
+            # Money moved, but not what we asked: record what moved and say so.
+            log.error(
+                "payment %s settled %s, not the %s asked", record.id, answer.amount, admission.owed
+            )
         try:
             admission.record = await self._move(
                 record,
                 state,
                 transaction=answer.transaction or None,
                 error=None if answer.success else (answer.error_reason or "settle_failed"),
+                settled_amount=_moved(answer, admission.owed) if answer.success else None,
             )
         except LedgerError as exc:
             log.error("payment %s: cannot record %s: %s", record.id, state, exc.code)
@@ -366,7 +514,9 @@ class PaymentProcessor:
             log.info("payment %s settled", record.id)
         else:
             log.warning("payment %s settlement refused: %s", record.id, answer.error_reason)
-        return Receipt(record.x402_version, answer, withhold=not answer.success)
+        return Receipt(
+            record.x402_version, _with_usage(answer, record), withhold=not answer.success
+        )
 
     async def _pending(
         self,
@@ -465,6 +615,7 @@ class PaymentProcessor:
             record=record,
             payment=payment,
             requirements=json.loads(record.requirements),
+            scheme=SCHEMES[record.scheme],
         )
         if record.state is PaymentState.SERVED:
             await self.settle_now(admission)
@@ -477,8 +628,8 @@ class PaymentProcessor:
             self._held.pop(record.id, None)
             return
         try:
-            answer = await self._settler.reconcile(
-                payment, admission.requirements, record.transaction
+            answer = await admission.scheme.reconcile(
+                self._settler, payment, admission.requirements, record.owed, record.transaction
             )
         except ReviewRequired as exc:
             if not record.needs_review:
@@ -501,12 +652,20 @@ class PaymentProcessor:
         *,
         transaction: str | None = None,
         error: str | None = None,
+        meter: Meter | None = None,
+        settled_amount: int | None = None,
     ) -> PaymentRecord:
         """A fenced transition under the lease this process holds; ends the hold when the
         payment ends, or when the lease turns out lost."""
         try:
             moved = await self._ledger.transition(
-                record.id, to, transaction=transaction, error=error, lease=record.lease
+                record.id,
+                to,
+                transaction=transaction,
+                error=error,
+                lease=record.lease,
+                meter=meter,
+                settled_amount=settled_amount,
             )
         except LeaseLost:
             self._held.pop(record.id, None)
@@ -564,6 +723,18 @@ class PaymentProcessor:
         *,
         headers: Mapping[str, str] | None = None,
     ) -> Refusal:
+        extensions = None
+        if self._free_per_day > 0:
+            parts = urlsplit(resource.url)
+            extensions = {
+                siwx.EXTENSION: siwx.declaration(
+                    domain=parts.netloc,
+                    uri=resource.url,
+                    networks=[a.network.caip2 for a in self.terms.accepted],
+                    now=self._clock(),
+                    statement="Sign in for today's free requests",
+                )
+            }
         return Refusal(
             status,
             code,
@@ -573,12 +744,17 @@ class PaymentProcessor:
                 resource,
                 error=message if status == 400 else code,
                 require_payment_identifier=self.terms.require_payment_identifier,
+                extensions=extensions,
             ),
             headers or {},
         )
 
     def unavailable(self, code: str, message: str) -> Refusal:
         return Refusal(503, code, message, headers={"Retry-After": self._retry_after})
+
+
+def _seconds_to_utc_midnight(now: float) -> int:
+    return max(1, int(86_400 - now % 86_400))
 
 
 def _payment_header(headers: Mapping[str, str]) -> tuple[str | None, str]:
@@ -588,13 +764,27 @@ def _payment_header(headers: Mapping[str, str]) -> tuple[str | None, str]:
     return headers.get(wire.X_PAYMENT), wire.X_PAYMENT
 
 
-def _requirements(
-    payment: AnyPaymentPayload, offer: Offer, resource: ResourceInfo
-) -> dict[str, Any]:
-    """The matched requirement in the payment's own version, as the settler receives it."""
-    if isinstance(payment, PaymentPayloadV1):
-        return offer.v1(resource).wire()
-    return offer.v2().wire()
+def _with_usage(answer: SettleResponse, record: PaymentRecord) -> SettleResponse:
+    """A metered payment's receipt names the usage it was charged for and its maximum."""
+    if record.scheme == SCHEME or record.tokens_in is None:
+        return answer
+    usage = {
+        "promptTokens": record.tokens_in,
+        "completionTokens": record.tokens_out,
+        "source": record.usage_source,
+        "maximum": str(record.amount),
+        "charged": str(record.owed),
+    }
+    return answer.model_copy(
+        update={"extensions": {**(answer.extensions or {}), USAGE_EXTENSION: {"info": usage}}}
+    )
+
+
+def _moved(answer: SettleResponse, owed: int) -> int:
+    """The atomic units a successful settlement moved (the answer's amount when it says)."""
+    if answer.amount is not None and answer.amount.isdigit():
+        return int(answer.amount)
+    return owed
 
 
 def _wire_network(record: PaymentRecord) -> str:
@@ -604,13 +794,16 @@ def _wire_network(record: PaymentRecord) -> str:
 
 
 def _record_receipt(record: PaymentRecord) -> SettleResponse:
-    return SettleResponse(
-        success=record.state is PaymentState.SETTLED,
-        error_reason=record.error,
-        payer=record.payer,
-        transaction=record.transaction or "",
-        network=_wire_network(record),
-        amount=str(record.amount),
+    return _with_usage(
+        SettleResponse(
+            success=record.state is PaymentState.SETTLED,
+            error_reason=record.error,
+            payer=record.payer,
+            transaction=record.transaction or "",
+            network=_wire_network(record),
+            amount=str(record.owed if record.settled_amount is None else record.settled_amount),
+        ),
+        record,
     )
 
 

@@ -14,9 +14,10 @@ from typing import Any
 
 from paygate import wire
 from paygate.x402 import codec
-from paygate.x402.ledger import PaymentRecord
+from paygate.x402.ledger import Meter, PaymentRecord
 from paygate.x402.models import AnyPaymentPayload, SettleResponse
-from paygate.x402.offers import Challenge
+from paygate.x402.offers import SCHEME, Challenge
+from paygate.x402.schemes import SCHEMES, Authorized, Scheme
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,12 @@ class Admission:
     receipt: Receipt | None = None
     settle_task: asyncio.Task[Receipt | None] | None = field(default=None, repr=False)
     finished: bool = False
+    scheme: Scheme = field(default=SCHEMES[SCHEME], repr=False)
+    authorized: Authorized | None = None
+    # A metered (upto) request's usage and charge, set by the reply stage before settling.
+    meter: Meter | None = None
+    # A free request (sign-in-with-x): how many are left today.
+    free_remaining: int | None = None
 
     @property
     def paid(self) -> bool:
@@ -67,3 +74,15 @@ class Admission:
     @property
     def payer(self) -> str | None:
         return self.record.payer if self.record else None
+
+    @property
+    def metered(self) -> bool:
+        return self.paid and self.scheme.metered
+
+    @property
+    def owed(self) -> int:
+        """Atomic units to settle: the metered charge, else the amount signed."""
+        assert self.record is not None
+        if self.meter is not None:
+            return self.meter.settle_amount
+        return self.record.owed

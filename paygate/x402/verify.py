@@ -13,7 +13,7 @@ from eth_utils import to_checksum_address
 
 from paygate.errors import PaygateError
 from paygate.x402 import eip3009
-from paygate.x402.models import AnyPaymentPayload, PaymentPayload
+from paygate.x402.models import AnyPaymentPayload, ExactEvmPayload, PaymentPayload
 from paygate.x402.offers import SCHEME, Offer
 
 # The facilitator needs time to get the transfer mined before validBefore (x402.md).
@@ -36,22 +36,27 @@ def match_offer(payment: AnyPaymentPayload, offers: Sequence[Offer]) -> Offer:
         scheme, network = payment.accepted.scheme, payment.accepted.network
     else:
         scheme, network = payment.scheme, payment.network
-    if scheme != SCHEME:
+    if scheme not in {o.scheme for o in offers} or (
+        not isinstance(payment, PaymentPayload) and scheme != SCHEME
+    ):
         raise PaymentRejected("unsupported_scheme", f"scheme {scheme!r} is not offered")
-    candidates = [o for o in offers if network in (o.network.caip2, o.network.name)]
+    candidates = [
+        o for o in offers if o.scheme == scheme and network in (o.network.caip2, o.network.name)
+    ]
     if not candidates:
         raise PaymentRejected("invalid_network", f"network {network!r} is not offered")
     if not isinstance(payment, PaymentPayload):
         return candidates[0]
     accepted = payment.accepted
     for offer in candidates:
-        if not _same_address(accepted.asset, offer.asset.address):
+        if not same_address(accepted.asset, offer.asset.address):
             continue
-        if not _same_address(accepted.pay_to, offer.pay_to):
+        if not same_address(accepted.pay_to, offer.pay_to):
             raise PaymentRejected(
                 "invalid_exact_evm_payload_recipient_mismatch", "payTo is not this seller"
             )
-        if accepted.amount != str(offer.amount):
+        if offer.scheme == SCHEME and accepted.amount != str(offer.amount):
+            # `upto` compares its signed maximum in its own check (at least the offer's).
             raise PaymentRejected(
                 "invalid_exact_evm_payload_authorization_value_mismatch",
                 "the accepted amount is not the price of this request",
@@ -68,13 +73,16 @@ def check_authorization(
     skew: int,
     min_remaining: float = MIN_REMAINING_SECONDS,
 ) -> str:
-    """Check the EIP-3009 authorization against ``offer``; the payer's address if it holds.
+    """Check the ``exact`` scheme's EIP-3009 authorization against ``offer``; the payer's
+    address if it holds.
 
     ``min_remaining``: seconds the authorization must still be valid for, so that what it buys
     can be served and settled before it expires (never less than MIN_REMAINING_SECONDS).
     """
+    if not isinstance(payment.payload, ExactEvmPayload):
+        raise PaymentRejected("invalid_payload", "the payload is not an EIP-3009 authorization")
     auth = payment.payload.authorization
-    if not _same_address(auth.to, offer.pay_to):
+    if not same_address(auth.to, offer.pay_to):
         raise PaymentRejected(
             "invalid_exact_evm_payload_recipient_mismatch", "the authorization pays someone else"
         )
@@ -104,5 +112,5 @@ def check_authorization(
     return payer
 
 
-def _same_address(a: str, b: str) -> bool:
+def same_address(a: str, b: str) -> bool:
     return a.lower() == b.lower()

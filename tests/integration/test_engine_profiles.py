@@ -73,10 +73,11 @@ async def test_vllm_profile_serves_openai_routes_only(tmp_path: Path) -> None:
         assert reply["usage"]["completion_tokens"] == 4
         async with stack.client.post(stack.url + "/v1/chat/completions", json=body) as resp:
             assert resp.status == 200
-            await resp.read()  # the fake states no usage in streams: nothing is invented
+            # asked for, the usage comes on OpenAI's usage-only last chunk
+            assert b'"choices": [], "usage"' in await resp.read()
         metrics = await _metrics(stack)
-        assert metrics['paygate_tokens_total{kind="completion"}'] == 4
-        assert metrics["paygate_usage_replies_total"] == 1
+        assert metrics['paygate_tokens_total{kind="completion"}'] == 4 + 4
+        assert metrics["paygate_usage_replies_total"] == 2
         async with stack.client.get(stack.url + "/health/ready") as resp:
             ready = await resp.json()
         assert ready["models"][0]["name"] == "org/model"

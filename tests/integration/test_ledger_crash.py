@@ -217,17 +217,21 @@ def test_cli_lists_and_shows_payments_without_their_signatures(tmp_path: Path) -
     assert lines[0].split() == [
         "ID",
         "STATE",
+        "SCHEME",
         "SERVED",
         "NETWORK",
         "PAYER",
         "USDC",
+        "TOKENS",
+        "SETTLED",
         "TX",
         "AGE",
         "ERROR",
     ]
-    assert lines[3].split()[:6] == [
+    assert lines[3].split()[:7] == [
         ids["settled"],
         "settled",
+        "exact",
         "yes",
         "eip155:84532",
         "0x857b…6b66",

@@ -48,6 +48,7 @@ async def gateway_process(
     facilitator_url: str,
     upstream: str,
     chain_rpc_url: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
     env = {
@@ -66,6 +67,7 @@ async def gateway_process(
         # One name across the restart: the new run adopts what the killed one left at once
         # (with the default <hostname>:<pid> it would wait for the old leases to run out).
         "PAYGATE_REPLICA_ID": "crash-test",
+        **(extra_env or {}),
     }
     if chain_rpc_url:  # the gateway proves settlements on chain (docs/PAYMENTS.md)
         env["PAYGATE_CHAIN_RPC_URL"] = chain_rpc_url

@@ -152,7 +152,8 @@ def test_a_listed_custom_asset_is_paid_in_its_own_decimals() -> None:
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        ({"scheme": "upto"}, "scheme 'upto' is not supported"),
+        ({"scheme": "upto"}, "metered (upto) payments need max_price_per_million"),
+        ({"scheme": "lottery"}, "scheme 'lottery' is not supported"),
         ({"extra": {"assetTransferMethod": "permit2"}}, "permit2"),
         ({"network": "solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp"}, "not a known EVM network"),
         ({"payTo": "nobody"}, "not an address"),

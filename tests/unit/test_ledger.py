@@ -18,14 +18,18 @@ import pytest
 from paygate.x402.ledger import (
     MAX_LIST_LIMIT,
     AlreadyReserved,
+    Budget,
+    BudgetExceeded,
     IdempotencyKeyReused,
     Ledger,
     LedgerConflict,
     LedgerNotFound,
     LedgerUnavailable,
+    Meter,
     PaymentNotFound,
     PaymentRecord,
     PaymentState,
+    SignInReused,
     check_limit,
 )
 from paygate.x402.ledger_postgres import PostgresLedger
@@ -531,7 +535,7 @@ def test_the_ledger_imports_neither_aiohttp_nor_the_server() -> None:
 @pytest.mark.parametrize("implementation", [SqliteLedger, PostgresLedger])
 def test_both_ledgers_have_the_protocol_signatures(implementation: type) -> None:
     methods = [n for n, v in vars(Ledger).items() if inspect.iscoroutinefunction(v)]
-    assert len(methods) == 15
+    assert len(methods) == 17  # + take_free, earnings (issue 14)
     for name in methods:
         wanted = inspect.signature(getattr(Ledger, name))
         built = inspect.signature(getattr(implementation, name))
@@ -539,3 +543,71 @@ def test_both_ledgers_have_the_protocol_signatures(implementation: type) -> None
         assert [(p.name, p.kind, p.default) for p in built.parameters.values()] == [
             (p.name, p.kind, p.default) for p in wanted.parameters.values()
         ], name
+
+
+# --- metering, budgets, the free quota, earnings (issue 14), on both stores ----------------
+
+
+async def test_a_metered_payment_records_usage_owed_and_moved(ledger: Ledger) -> None:
+    record = await ledger.reserve(**request(), scheme="upto", model="m")
+    assert (record.scheme, record.model, record.owed) == ("upto", "m", 1000)
+    record = await ledger.transition(record.id, S.VERIFIED)
+    meter = Meter(tokens_in=3, tokens_out=5, source="upstream", settle_amount=700)
+    record = await ledger.transition(record.id, S.SERVED, meter=meter)
+    assert (record.tokens_in, record.tokens_out, record.usage_source) == (3, 5, "upstream")
+    assert record.owed == 700
+    record = await ledger.transition(record.id, S.SETTLING)
+    record = await ledger.transition(record.id, S.SETTLED, settled_amount=700)
+    assert record.settled_amount == 700
+    assert await ledger.get(record.id) == record
+    too_much = await ledger.reserve(**request(2), scheme="upto")
+    await ledger.transition(too_much.id, S.VERIFIED)
+    with pytest.raises(ValueError, match="exceed"):
+        await ledger.transition(
+            too_much.id, S.SERVED, meter=Meter(1, 1, "upstream", too_much.amount + 1)
+        )
+
+
+async def test_a_budget_holds_under_concurrent_reservations(ledger: Ledger) -> None:
+    budget = Budget(limit=3500, since=0.0)
+    results = await asyncio.gather(
+        *(ledger.reserve(**request(n), budget=budget) for n in range(1, 11)),
+        return_exceptions=True,
+    )
+    won = [r for r in results if isinstance(r, PaymentRecord)]
+    assert len(won) == 3  # 1000 each
+    assert all(isinstance(r, BudgetExceeded) for r in results if r not in won)
+    await ledger.transition(won[0].id, S.RELEASED)  # released: counts nothing any more
+    assert (await ledger.reserve(**request(20), budget=budget)).state is S.RESERVED
+
+
+async def test_the_free_quota_counts_per_day_and_uses_each_sign_in_once(ledger: Ledger) -> None:
+    taken = [
+        await ledger.take_free(payer=PAYER, nonce=f"n{i:08d}", day="2026-12-01", limit=2)
+        for i in range(3)
+    ]
+    assert taken == [1, 0, None]
+    assert await ledger.take_free(payer=PAYER, nonce="other001", day="2026-12-02", limit=2) == 1
+    with pytest.raises(SignInReused):
+        await ledger.take_free(payer=PAYER, nonce="n00000000", day="2026-12-03", limit=2)
+
+
+async def test_earnings_group_settled_payments(ledger: Ledger) -> None:
+    for n, model in ((1, "a"), (2, "a"), (3, "b")):
+        record = await ledger.reserve(**request(n), scheme="upto", model=model)
+        for step in (S.VERIFIED,):
+            record = await ledger.transition(record.id, step)
+        record = await ledger.transition(
+            record.id, S.SERVED, meter=Meter(1, 2, "upstream", 100 * n)
+        )
+        record = await ledger.transition(record.id, S.SETTLING)
+        await ledger.transition(record.id, S.SETTLED, settled_amount=100 * n)
+    await ledger.reserve(**request(9))  # not settled: not earnings
+    groups = await ledger.earnings(since=0.0, by="model")
+    assert [(g.key, g.payments, g.tokens_out, g.settled) for g in groups] == [
+        ("a", 2, 4, 300),
+        ("b", 1, 2, 300),
+    ]
+    (day,) = await ledger.earnings(since=0.0, by="day")
+    assert (day.payments, day.settled) == (3, 600)
+    assert await ledger.earnings(since=4_000_000_000.0, by="payer") == []

@@ -1,9 +1,10 @@
 """One anvil (local EVM chain) on 127.0.0.1 with the USDC stand-in where x402 expects USDC.
 
 anvil runs with ``--chain-id 84532`` (Base Sepolia). :meth:`Anvil.install_usdc` deploys
-EIP3009Token, copies its runtime code to Base Sepolia's USDC address and puts the Multicall3
-stand-in at its canonical address, so every x402 default (asset address, EIP-712 name "USDC" and
-version "2", Multicall3 diagnostics) works unchanged against this chain.
+EIP3009Token, copies its runtime code to Base Sepolia's USDC address and puts the Multicall3,
+Permit2 and x402UptoPermit2Proxy stand-ins at their canonical addresses, so every x402 default
+(asset address, EIP-712 name "USDC" and version "2", Multicall3 diagnostics, the `upto` scheme's
+Permit2 witness transfer through the proxy) works unchanged against this chain.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from paygate_dev.chain.constants import (
     MULTICALL3_ADDRESS,
     NETWORK,
     NETWORK_V1,
+    PERMIT2_ADDRESS,
+    UPTO_PROXY_ADDRESS,
     USDC_ADDRESS,
     USDC_DECIMALS,
     USDC_NAME,
@@ -216,6 +219,10 @@ class Anvil:
             runtime = self.w3.eth.get_code(self.token_address).to_0x_hex()
             self.set_code(USDC_ADDRESS, runtime)
             self.set_code(MULTICALL3_ADDRESS, load_contract("Multicall3").deployed_bytecode)
+            self.set_code(PERMIT2_ADDRESS, load_contract("Permit2").deployed_bytecode)
+            self.set_code(
+                UPTO_PROXY_ADDRESS, load_contract("X402UptoPermit2Proxy").deployed_bytecode
+            )
         return USDC_ADDRESS
 
     def token(self, address: str = USDC_ADDRESS) -> Web3Contract:
@@ -234,6 +241,42 @@ class Anvil:
         if receipt["status"] != 1:
             raise AnvilError("mint failed")
         return tx_hash.to_0x_hex()
+
+    def approve_permit2(
+        self, account: Any, atomic: int = 2**256 - 1, token: str = USDC_ADDRESS
+    ) -> str:
+        """``account`` (a LocalAccount) approves Permit2 to move its tokens, as an `upto` payer
+        does once per token; gives it the ETH for the gas first. Returns the tx hash."""
+        address = Web3.to_checksum_address(account.address)
+        self.rpc("anvil_setBalance", [address, hex(10**18)])
+        call = self.token(token).functions.approve(PERMIT2_ADDRESS, atomic)
+        tx = call.build_transaction(
+            {"from": address, "nonce": self.w3.eth.get_transaction_count(address)}
+        )
+        signed = account.sign_transaction(tx)
+        tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction).to_0x_hex()
+        if self.wait_for_receipt(tx_hash)["status"] != 1:
+            raise AnvilError("approve failed")
+        return tx_hash
+
+    def allowance(
+        self, owner: str, spender: str = PERMIT2_ADDRESS, token: str = USDC_ADDRESS
+    ) -> int:
+        return int(
+            self.token(token)
+            .functions.allowance(Web3.to_checksum_address(owner), Web3.to_checksum_address(spender))
+            .call()
+        )
+
+    def permit2_nonce_used(self, owner: str, nonce: int) -> bool:
+        """True once a Permit2 unordered nonce of ``owner`` is used (or invalidated)."""
+        permit2 = self.w3.eth.contract(
+            address=Web3.to_checksum_address(PERMIT2_ADDRESS), abi=load_contract("Permit2").abi
+        )
+        word = int(
+            permit2.functions.nonceBitmap(Web3.to_checksum_address(owner), nonce >> 8).call()
+        )
+        return bool(word >> (nonce & 0xFF) & 1)
 
     def balance_of(self, owner: str, token: str = USDC_ADDRESS) -> int:
         return int(self.token(token).functions.balanceOf(Web3.to_checksum_address(owner)).call())

@@ -20,7 +20,7 @@ from paygate_dev.chain.tools import node_binary, solc_module
 
 CONTRACTS_DIR = Path(__file__).resolve().parent / "contracts"
 ARTIFACT = CONTRACTS_DIR / "build.json"
-SOURCES = ("EIP3009Token.sol", "Multicall3.sol")
+SOURCES = ("EIP3009Token.sol", "Multicall3.sol", "Permit2.sol", "X402UptoPermit2Proxy.sol")
 SOLC_VERSION = "0.8.37"
 COMPILE_TIMEOUT = 120.0
 # Fixed settings make the output reproducible. Cancun runs on every anvil hardfork from 2024 on;

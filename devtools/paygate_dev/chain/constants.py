@@ -10,3 +10,7 @@ MULTICALL3_ADDRESS = "0xcA11bde05977b3631167028862bE2a173976CA11"  # the same on
 USDC_NAME = "USDC"  # EIP-712 domain name of USDC on Base Sepolia
 USDC_VERSION = "2"
 USDC_DECIMALS = 6
+# x402 `upto` (EVM): Permit2 and the x402UptoPermit2Proxy at their canonical addresses (the
+# x402 SDK's constants); our stand-ins are placed there by Anvil.install_usdc.
+PERMIT2_ADDRESS = "0x000000000022D473030F116dDEE9F6B43aC78BA3"
+UPTO_PROXY_ADDRESS = "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002"

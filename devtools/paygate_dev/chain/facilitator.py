@@ -2,7 +2,8 @@
 
 The official SDK does the work (``x402FacilitatorSync`` + ``register_exact_evm_facilitator`` with a
 ``FacilitatorWeb3Signer``: v2 on ``eip155:84532`` and v1 on the SDK's legacy names such as
-``base-sepolia``); this module only puts the standard HTTP API in front of it:
+``base-sepolia``; and the SDK's ``upto`` facilitator scheme, v2 on ``eip155:84532``); this
+module only puts the standard HTTP API in front of it:
 POST /verify and POST /settle with ``{x402Version, paymentPayload, paymentRequirements}``, and
 GET /supported. The SDK's EVM code is synchronous web3, so every call runs on a worker thread with
 a timeout. Loopback control endpoints (``/_control/...``) flip faults from another process.
@@ -32,6 +33,7 @@ from pydantic import ValidationError
 from x402 import SchemeNotFoundError, x402FacilitatorSync
 from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.exact import register_exact_evm_facilitator
+from x402.mechanisms.evm.upto import UptoEvmFacilitatorScheme, UptoEvmSchemeConfig
 from x402.schemas import SettleResponse, VerifyResponse
 from x402.schemas.helpers import parse_payment_payload, parse_payment_requirements
 
@@ -78,6 +80,13 @@ def build_sdk_facilitator(settings: FacilitatorSettings) -> tuple[x402Facilitato
         signer,
         networks=settings.network,
         simulate_in_settle=settings.simulate_in_settle,
+    )
+    # `upto` (Permit2 through the x402UptoPermit2Proxy), v2 only, as the SDK ships it.
+    facilitator.register(
+        [settings.network],
+        UptoEvmFacilitatorScheme(
+            signer, UptoEvmSchemeConfig(simulate_in_settle=settings.simulate_in_settle)
+        ),
     )
     return facilitator, signer.address
 

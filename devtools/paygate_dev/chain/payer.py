@@ -15,6 +15,7 @@ from eth_account.signers.local import LocalAccount
 from x402 import x402ClientSync
 from x402.mechanisms.evm import EthAccountSigner
 from x402.mechanisms.evm.exact import register_exact_evm_client
+from x402.mechanisms.evm.upto import UptoEvmClientScheme
 from x402.schemas import PaymentRequired
 from x402.schemas.v1 import PaymentRequiredV1
 
@@ -42,6 +43,35 @@ def requirements_v2(
         "payTo": pay_to,
         "maxTimeoutSeconds": max_timeout_seconds,
         "extra": {"name": name, "version": version},
+    }
+
+
+def requirements_upto(
+    pay_to: str,
+    amount: int | str,
+    *,
+    facilitator: str,
+    asset: str = USDC_ADDRESS,
+    network: str = NETWORK,
+    max_timeout_seconds: int = 300,
+    name: str = USDC_NAME,
+    version: str = USDC_VERSION,
+) -> dict[str, Any]:
+    """One v2 ``accepts`` entry for the upto scheme: ``amount`` is the maximum (atomic units),
+    ``facilitator`` the address the Permit2 witness binds settlement to."""
+    return {
+        "scheme": "upto",
+        "network": network,
+        "asset": asset,
+        "amount": str(amount),
+        "payTo": pay_to,
+        "maxTimeoutSeconds": max_timeout_seconds,
+        "extra": {
+            "name": name,
+            "version": version,
+            "assetTransferMethod": "permit2",
+            "facilitatorAddress": facilitator,
+        },
     }
 
 
@@ -74,6 +104,7 @@ def requirements_v1(
 def _client(account: LocalAccount) -> x402ClientSync:
     client = x402ClientSync()
     register_exact_evm_client(client, EthAccountSigner(account))
+    client.register("eip155:*", UptoEvmClientScheme(EthAccountSigner(account)))
     client.set_spend_controls(False)
     return client
 

@@ -1,0 +1,92 @@
+"""The payment scheme interface: one protocol, one module per scheme (``exact``, ``upto``).
+
+A scheme says what a payment of its kind looks like and what it means: the requirement offered
+for a price, the local checks of a payment against that offer (sans-IO: a forged payment never
+costs a network call), the replay key, and how the settler is asked to verify, settle (with an
+amount) and reconcile it. The client side's signing lives in the same module, so the two ends
+of a scheme are read together. Nothing here decides *when* to settle (``x402.settlement``) or
+*who* settles (``x402.settler``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from paygate.x402.models import (
+    AnyPaymentPayload,
+    ResourceInfo,
+    SettleResponse,
+    VerifyResponse,
+)
+from paygate.x402.offers import Offer
+
+if TYPE_CHECKING:
+    from paygate.x402.settler import Settler
+
+
+@dataclass(frozen=True, slots=True)
+class Authorized:
+    """What a payment that passed its scheme's local checks authorizes."""
+
+    payer: str  # checksummed
+    nonce: str  # the replay key's nonce, 0x + 64 lowercase hex
+    maximum: int  # atomic units the payer signed for (exact: the price; upto: the cap)
+    valid_before: int  # unix seconds: the payment cannot settle after this
+
+
+class Scheme(Protocol):
+    """One x402 payment scheme on EVM."""
+
+    name: str
+    #: True when the settled amount is decided after the reply (metered), not at admission.
+    metered: bool
+
+    def check(
+        self,
+        payment: AnyPaymentPayload,
+        offer: Offer,
+        *,
+        now: int,
+        skew: int,
+        min_remaining: float,
+    ) -> Authorized:
+        """Local checks of ``payment`` against the matched ``offer``; raises PaymentRejected."""
+        ...
+
+    def requirements(
+        self, payment: AnyPaymentPayload, offer: Offer, resource: ResourceInfo
+    ) -> dict[str, Any]:
+        """The requirement (wire dict, in the payment's version) the settler verifies against."""
+        ...
+
+    async def verify(
+        self, settler: Settler, payment: AnyPaymentPayload, requirements: dict[str, Any]
+    ) -> VerifyResponse: ...
+
+    async def settle(
+        self,
+        settler: Settler,
+        payment: AnyPaymentPayload,
+        requirements: dict[str, Any],
+        amount: int,
+    ) -> SettleResponse:
+        """Settle ``amount`` atomic units (exact: always the price)."""
+        ...
+
+    async def reconcile(
+        self,
+        settler: Settler,
+        payment: AnyPaymentPayload,
+        requirements: dict[str, Any],
+        amount: int,
+        transaction: str | None,
+    ) -> SettleResponse:
+        """The outcome of an earlier settlement of ``amount`` whose answer was lost."""
+        ...
+
+
+def with_amount(requirements: dict[str, Any], amount: int) -> dict[str, Any]:
+    """``requirements`` asking for ``amount`` (the field is ``maxAmountRequired`` in v1)."""
+    key = "amount" if "amount" in requirements else "maxAmountRequired"
+    return {**requirements, key: str(amount)}
