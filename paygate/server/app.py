@@ -49,7 +49,7 @@ from paygate.server.forwarded import parse_networks
 from paygate.server.gateway import Gateway
 from paygate.server.health import LocalEndpoints
 from paygate.server.limits import ConcurrencyLimiter
-from paygate.server.metrics import Metrics
+from paygate.server.metrics import Metrics, TimedKey
 from paygate.server.opening import Opener
 from paygate.server.payments import PaymentStep
 from paygate.server.proxy import Timeouts, Upstream
@@ -173,7 +173,7 @@ def build_app(
             app[PAYMENTS] = payments
             yield
             return
-        async with payment_step(settings, app[SESSION]) as built:
+        async with payment_step(settings, app[SESSION], app[METRICS]) as built:
             app[PAYMENTS] = built
             yield
 
@@ -217,7 +217,7 @@ def build_app(
             models=app[UPSTREAM].models_document(),
             attestation=service,
         )
-        opener = Opener(app[KEY], app[METRICS].envelope)
+        opener = Opener(TimedKey(app[KEY], app[METRICS]), app[METRICS].envelope)
         app[GATEWAY] = Gateway(
             routes=routes,
             admission=Admission(admission_limits(settings), app[PAYMENTS], opener),
@@ -225,7 +225,7 @@ def build_app(
             upstream=upstream,
             replies=Replies(
                 reply_limits(settings),
-                app[METRICS].error,
+                app[METRICS],
                 ReceiptIssuer(app[KEY], bound.models)
                 if isinstance(app[KEY], ReceiptSigner)
                 else None,

@@ -21,7 +21,7 @@ from paygate.x402.ledger_store import open_ledger
 from paygate.x402.networks import Asset, UnknownNetwork, resolve_network
 from paygate.x402.offers import Acceptance, PaymentTerms
 from paygate.x402.pricing import PricePolicy
-from paygate.x402.processor import PaymentProcessor
+from paygate.x402.processor import PaymentEvents, PaymentProcessor
 from paygate.x402.settlement import SettleAfterReply, Settlement, SettleUpfront, VerifyOnly
 from paygate.x402.settler import Settler
 from paygate.x402.verify import MIN_REMAINING_SECONDS
@@ -131,8 +131,15 @@ def settlement_for(settings: Settings) -> Settlement:
     return SettleAfterReply()
 
 
-def x402_payments(settings: Settings, *, ledger: Ledger, settler: Settler) -> X402Payments:
+def x402_payments(
+    settings: Settings,
+    *,
+    ledger: Ledger,
+    settler: Settler,
+    events: PaymentEvents | None = None,
+) -> X402Payments:
     processor = PaymentProcessor(
+        events=events,
         terms=payment_terms(settings),
         ledger=ledger,
         settler=settler,
@@ -153,7 +160,7 @@ def x402_payments(settings: Settings, *, ledger: Ledger, settler: Settler) -> X4
 
 @contextlib.asynccontextmanager
 async def payment_step(
-    settings: Settings, session: aiohttp.ClientSession
+    settings: Settings, session: aiohttp.ClientSession, events: PaymentEvents | None = None
 ) -> AsyncIterator[PaymentStep]:
     """The configured payment step, with its ledger, settler, reconciler and lease keeper.
 
@@ -179,7 +186,7 @@ async def payment_step(
     log.info("payment ledger %s, replica %s", location.describe(), replica)
     settler = settler_for(settings, session)
     try:
-        payments = x402_payments(settings, ledger=ledger, settler=settler)
+        payments = x402_payments(settings, ledger=ledger, settler=settler, events=events)
         processor = payments.processor
         released = await processor.release_abandoned(own=True)
         if released:

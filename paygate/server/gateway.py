@@ -69,6 +69,7 @@ class Gateway:
             self._metrics.observe("unmatched", 404)
             raise RouteNotFound
         route = match.route
+        started = asyncio.get_running_loop().time()
         try:
             if request.query_string and not set(request.query) <= route.query:
                 raise QueryNotAllowed  # never forwarded, never echoed
@@ -78,16 +79,19 @@ class Gateway:
                     raise RouteNotFound
                 response = await local(request)
             else:
-                response = await self._forward(request, match)
+                response = await self._forward(request, match, started)
         except GatewayError as exc:
             self._metrics.observe(route.name, exc.status)
             self._metrics.error(exc.code)
             raise
+        finally:
+            self._metrics.duration(route.name, asyncio.get_running_loop().time() - started)
         self._metrics.observe(route.name, response.status)
         return response
 
-    async def _forward(self, request: web.Request, match: RouteMatch) -> web.StreamResponse:
-        started = asyncio.get_running_loop().time()
+    async def _forward(
+        self, request: web.Request, match: RouteMatch, started: float
+    ) -> web.StreamResponse:
         async with self._admission.admit(request, match.route) as admitted:
             opened = admitted.opened or await self._opener.open(request, admitted.body)
             headers = upstream_request_headers(
@@ -99,6 +103,7 @@ class Gateway:
                 async with self._upstream.exchange(
                     request.method, match.upstream_path, body=opened.body, headers=headers
                 ) as reply:
+                    self._metrics.upstream_latency(match.route.name, reply.waited)
                     return await self._replies.send(
                         request,
                         reply,
