@@ -133,7 +133,6 @@ class Settings(BaseSettings):
     workers: Annotated[int, Field(ge=1, le=64)] = 1
 
     # --- operations (docs/OPERATIONS.md) ---
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "text"
     watchdog: bool = True  # WATCHDOG=1 pings when systemd asks for them (WATCHDOG_USEC)
 
@@ -447,6 +446,21 @@ class Settings(BaseSettings):
         file: Path | None = getattr(self, f"{name}_file", None)
         return file if file is not None else credential_path(name)
 
+    def log_secrets(self) -> list[str]:
+        """Every configured secret value, for the log formatter to redact: keys, PINs, API
+        keys, facilitator header values, and the credential-bearing parts of service URLs."""
+        found: list[str] = []
+        for name in ("key_passphrase", "pkcs11_pin", "gas_key", "upstream_api_key"):
+            value = self.secret(name)  # type: ignore[arg-type]
+            if value is not None:
+                found.append(value.get_secret_value())
+        found += [value.get_secret_value() for value in self.facilitator_headers().values()]
+        found += [value.removeprefix("0x") for value in found if value.startswith("0x")]
+        found += url_secrets(self.chain_rpc_url)
+        facilitator = urlsplit(self.facilitator_url or "")
+        found += [part for part in (facilitator.query, facilitator.password) if part]
+        return found
+
     def facilitator_headers(self) -> dict[str, SecretStr]:
         """Headers sent on every facilitator call, from ``facilitator_headers_file`` or the
         ``facilitator_headers`` credential; empty when neither exists."""
@@ -491,6 +505,16 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 _HOP_OR_FRAMING = frozenset(
     {"host", "content-length", "content-type", "transfer-encoding", "connection", "te", "upgrade"}
 )
+
+
+def url_secrets(url: str | None) -> list[str]:
+    """The parts of a service URL that may be credentials: userinfo, path, query."""
+    if not url:
+        return []
+    parts = urlsplit(url)
+    found = [p for p in (parts.username, parts.password, parts.query) if p]
+    found += [segment for segment in parts.path.split("/") if len(segment) >= 6]
+    return found
 
 
 def credential_path(name: str) -> Path | None:

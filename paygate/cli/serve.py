@@ -17,12 +17,12 @@ from typing import Any
 from aiohttp import web
 
 from paygate import restore_recursion_limit
-from paygate.config import Settings, load_settings
+from paygate.config import ConfigError, Settings, load_settings
 from paygate.redact import redact_url
 from paygate.server.app import LISTEN_BACKLOG, build_app, server_options
 from paygate.server.assembly import check_payment_settings
 from paygate.server.eventloop import new_event_loop
-from paygate.server.logs import SafeAccessLogger, install_safe_logging
+from paygate.server.logs import install_logging
 from paygate.server.workers import check_workers, listen_socket, supervise
 from paygate.store.deployments import DeploymentStore, settings_overrides
 
@@ -66,8 +66,15 @@ def _serve(args: argparse.Namespace) -> int:
         if value is not None
     )
     settings = load_settings(args.config, **overrides)
-    install_safe_logging(
-        settings.log_level, secret_urls=(settings.chain_rpc_url, settings.facilitator_url)
+    try:
+        secrets = settings.log_secrets()
+    except ConfigError:
+        secrets = []  # build_app below refuses the unreadable secret with its own message
+    install_logging(
+        settings.log_level,
+        settings.log_format,
+        secrets,
+        secret_urls=(settings.chain_rpc_url, settings.facilitator_url),
     )
     if settings.workers == 1:
         app = build_app(settings)  # refuses unimplemented payment modes before listening
@@ -79,7 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
             port=settings.listen_port,
             shutdown_timeout=settings.shutdown_grace_seconds,
             backlog=LISTEN_BACKLOG,
-            access_log_class=SafeAccessLogger,
+            access_log=None,  # the request event (paygate.request) replaces aiohttp's line
             print=None,
             loop=new_event_loop(settings.event_loop),
             **server_options(settings),
@@ -107,7 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
             app,
             sock=sock,
             shutdown_timeout=mine.shutdown_grace_seconds,
-            access_log_class=SafeAccessLogger,
+            access_log=None,  # the request event (paygate.request) replaces aiohttp's line
             print=None,
             loop=new_event_loop(mine.event_loop),  # made in the worker, after the fork
             **server_options(mine),

@@ -49,6 +49,7 @@ from paygate.server.forwarded import parse_networks
 from paygate.server.gateway import Gateway
 from paygate.server.health import LocalEndpoints
 from paygate.server.limits import ConcurrencyLimiter
+from paygate.server.logs import add_request_id, request_events
 from paygate.server.metrics import Metrics, TimedKey
 from paygate.server.opening import Opener
 from paygate.server.payments import PaymentStep
@@ -131,6 +132,7 @@ def build_app(
         routes = engine_routes(profile_for(settings.upstream_kind).routes())
     upstream_config = settings.upstream()
     app = web.Application(client_max_size=settings.max_body_bytes)
+    app.on_response_prepare.append(add_request_id)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[LIMITER] = ConcurrencyLimiter(
@@ -238,8 +240,13 @@ def build_app(
 
     app.cleanup_ctx.extend([key_backend, client_session, upstream_runtime, payment, gateway])
 
-    async def dispatch(request: web.Request) -> web.StreamResponse:
+    events = request_events(parse_networks(settings.trusted_proxies))
+
+    async def answer(request: web.Request) -> web.StreamResponse:
         return await answer_errors(request, request.app[GATEWAY].handle)
+
+    async def dispatch(request: web.Request) -> web.StreamResponse:
+        return await events(request, answer)
 
     async def expect(request: web.Request) -> web.StreamResponse | None:
         # aiohttp's default echoes the header into its error and fails on non-UTF-8 bytes;

@@ -30,8 +30,10 @@ from paygate.server.admission import Admission
 from paygate.server.errors import GatewayError, QueryNotAllowed, RouteNotFound
 from paygate.server.health import LocalHandler
 from paygate.server.limits import ConcurrencyLimiter
+from paygate.server.logs import facts
 from paygate.server.metrics import Metrics
 from paygate.server.opening import Opener
+from paygate.server.payments import PaymentRefused
 from paygate.server.proxy import Upstream, upstream_request_headers
 from paygate.server.receipts import RequestFacts
 from paygate.server.replies import Replies
@@ -69,6 +71,8 @@ class Gateway:
             self._metrics.observe("unmatched", 404)
             raise RouteNotFound
         route = match.route
+        info = facts(request)
+        info.route = route.name
         started = asyncio.get_running_loop().time()
         try:
             if request.query_string and not set(request.query) <= route.query:
@@ -81,6 +85,8 @@ class Gateway:
             else:
                 response = await self._forward(request, match, started)
         except GatewayError as exc:
+            if isinstance(exc, PaymentRefused):
+                info.payment = exc.code
             self._metrics.observe(route.name, exc.status)
             self._metrics.error(exc.code)
             raise
@@ -92,7 +98,9 @@ class Gateway:
     async def _forward(
         self, request: web.Request, match: RouteMatch, started: float
     ) -> web.StreamResponse:
+        info = facts(request)
         async with self._admission.admit(request, match.route) as admitted:
+            info.payment = "paid" if admitted.ticket.paid else "free"
             opened = admitted.opened or await self._opener.open(request, admitted.body)
             headers = upstream_request_headers(
                 request.headers, client_address=admitted.client, scheme=request.scheme
@@ -104,14 +112,17 @@ class Gateway:
                     request.method, match.upstream_path, body=opened.body, headers=headers
                 ) as reply:
                     self._metrics.upstream_latency(match.route.name, reply.waited)
-                    return await self._replies.send(
-                        request,
-                        reply,
-                        opened.reply,
-                        admitted.ticket,
-                        started=started,
-                        facts=RequestFacts(
-                            request_digest=receipts.body_digest(admitted.body),
-                            model=model_of(opened.body) if opened.body else None,
-                        ),
-                    )
+                    try:
+                        return await self._replies.send(
+                            request,
+                            reply,
+                            opened.reply,
+                            admitted.ticket,
+                            started=started,
+                            facts=RequestFacts(
+                                request_digest=receipts.body_digest(admitted.body),
+                                model=model_of(opened.body) if opened.body else None,
+                            ),
+                        )
+                    finally:
+                        info.upstream_seconds = reply.waited

@@ -29,7 +29,7 @@ async def test_metrics_after_a_paid_sealed_run(facilitator, usdc, payer, seller,
     async with paid_stack(
         seller=seller, facilitator_url=facilitator.url, ledger=tmp_path / "payments.db"
     ) as stack:
-        await paid_sealed_run(stack, payer)
+        await paid_sealed_run(stack.url, payer)
         async with stack.client.get(stack.url + "/metrics") as response:
             assert response.status == 200
             assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
