@@ -134,7 +134,6 @@ class Settings(BaseSettings):
 
     # --- operations (docs/OPERATIONS.md) ---
     log_format: Literal["json", "text"] = "text"
-    watchdog: bool = True  # WATCHDOG=1 pings when systemd asks for them (WATCHDOG_USEC)
 
     # --- upstream (paygate.upstream; docs/UPSTREAM.md) ---
     upstream_mode: UpstreamMode = "attach"
