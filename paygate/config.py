@@ -522,7 +522,10 @@ def credential_path(name: str) -> Path | None:
     if not directory or name not in CREDENTIALS:
         return None
     path = Path(directory) / name
-    return path if path.is_file() else None
+    try:
+        return path if path.is_file() else None
+    except OSError:
+        return path  # there but not ours to read: the read reports it as a ConfigError
 
 
 def _read_secret_file(name: str, file: Path) -> str:
