@@ -31,6 +31,7 @@ COMMANDS = (
     "deploy",
     "request",
     "attest",
+    "doctor",
 )
 # Commands that live outside the shipped package (the dev tooling's ``demo`` and
 # ``fake-upstream``) register through this entry point group when installed.
