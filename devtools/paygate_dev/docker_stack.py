@@ -406,3 +406,41 @@ def run_systemd(client: docker.DockerClient, image: str, name: str) -> Container
         volumes={"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}},
         tmpfs={"/run": "", "/run/lock": ""},
     )
+
+
+# --- the product image (the repository's Dockerfile) on a local base ------------------------------
+
+IMAGE_BASE_PACKAGES = ("python3", "python3-venv")
+
+
+def product_image(client: docker.DockerClient, wheels: Path, dockerfile: Path, base: str) -> str:
+    """The repository's Dockerfile built on ``base`` with ``wheels`` as its ``wheels/``.
+
+    Built on the host network: the Dockerfile fetches the TSS runtime libraries with apt when
+    the base lacks them (the wheels need no index).
+    """
+    digest = hashlib.sha256(dockerfile.read_bytes() + base.encode())
+    for wheel in sorted(wheels.glob("*.whl")):
+        digest.update(wheel.name.encode() + wheel.read_bytes())
+    tag = f"paygate-test/paygate:{digest.hexdigest()[:12]}"
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        tar.add(dockerfile, arcname="Dockerfile")
+        for wheel in wheels.glob("*.whl"):
+            tar.add(wheel, arcname=f"wheels/{wheel.name}")
+    context.seek(0)
+    try:
+        client.images.build(
+            fileobj=context,
+            custom_context=True,
+            tag=tag,
+            rm=True,
+            forcerm=True,
+            buildargs={"BASE": base},
+            network_mode="host",
+            timeout=BUILD_TIMEOUT,
+        )
+    except docker.errors.BuildError as exc:
+        log = "".join(str(line.get("stream", "")) for line in exc.build_log)[-2000:]
+        raise PaygateError(f"building {tag} failed: {exc.msg}\n{log}") from None
+    return tag
