@@ -131,12 +131,12 @@ async def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, An
 async def _upstream(settings: Settings) -> Check | None:
     if settings.upstream_mode == "container":
         return None  # its readiness is the container's: paygate upstream status
-    from paygate.upstream.service import api_key, health_url
+    from paygate.upstream.service import auth_headers, health_url
 
-    key = api_key(settings)
-    headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else None
+    config = settings.upstream()
+    headers = auth_headers(config.api_key)
     try:
-        status, _ = await _get(health_url(settings), headers)
+        status, _ = await _get(health_url(config), headers)
     except (aiohttp.ClientError, TimeoutError) as exc:
         return Check(
             "upstream",
