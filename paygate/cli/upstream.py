@@ -152,6 +152,7 @@ class ProgressPrinter:
             completed=progress.completed or 0,
             total=progress.total,
         )
+        self._bar.refresh()  # now, not at the next tick of rich's refresh thread
 
     def close(self) -> None:
         if self._bar is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pty
+import select
 
 from paygate.cli.tables import plain_table, print_table
 from paygate.cli.upstream import ProgressPrinter
@@ -34,12 +35,11 @@ def _terminal() -> tuple[io.TextIOWrapper, int]:
 
 
 def _read(leader: int) -> str:
+    """Everything written so far (until the terminal stays quiet for 0.2 s)."""
     chunks = []
-    while True:
-        data = os.read(leader, 65536)
-        chunks.append(data.decode(errors="replace"))
-        if len(data) < 65536:
-            return "".join(chunks)
+    while select.select([leader], [], [], 0.2)[0]:
+        chunks.append(os.read(leader, 65536).decode(errors="replace"))
+    return "".join(chunks)
 
 
 def test_terminal_table_is_rich() -> None:
