@@ -64,6 +64,7 @@ async def run_checks(config: Path | None) -> list[Check]:
         _key_files,
         _key,
         _upstream,
+        _docker,
         _facilitator,
         _chain,
         _ledger,
@@ -147,6 +148,41 @@ async def _upstream(settings: Settings) -> Check | None:
     if status >= 400:
         return Check("upstream", False, f"readiness answered HTTP {status}", "see its logs")
     return Check("upstream", True, f"{settings.upstream_url} ready")
+
+
+async def _docker(settings: Settings) -> Check | None:
+    if settings.upstream_mode != "container":
+        return None
+    import docker.errors
+
+    from paygate.upstream.engine import connect
+    from paygate.upstream.errors import UpstreamError
+    from paygate.upstream.spec import container_spec
+
+    config = settings.upstream()
+    spec = container_spec(config)
+
+    def look() -> Check:
+        try:
+            client = connect(config.docker_host)
+        except UpstreamError as exc:
+            return Check("docker", False, str(exc), "start dockerd or correct docker_host")
+        try:
+            for image in (spec.image, spec.relay_image):
+                try:
+                    client.images.get(image)
+                except docker.errors.ImageNotFound:
+                    return Check(
+                        "docker",
+                        False,
+                        f"image {image} is not on the engine",
+                        f"docker pull {image} (or docker load it)",
+                    )
+        finally:
+            client.close()
+        return Check("docker", True, f"engine reachable; {spec.image} present")
+
+    return await asyncio.wait_for(asyncio.to_thread(look), PROBE_TIMEOUT * 4)
 
 
 async def _facilitator(settings: Settings) -> Check | None:

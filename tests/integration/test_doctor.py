@@ -131,3 +131,27 @@ def test_text_output_has_one_line_per_check_and_a_fix(working) -> None:
     assert any(line.startswith("FAIL  upstream") for line in lines)
     assert any("fix: start the model server" in line for line in lines)
     assert sum(line.startswith("PASS") for line in lines) == 6
+
+
+def test_container_mode_checks_the_engine_and_its_images(dockerd, test_images, tmp_path) -> None:
+    key = tmp_path / "key.pem"
+    subprocess.run(
+        [PAYGATE, "keys", "create", "--backend", "software", "--key-file", str(key)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    env = {
+        "PAYGATE_KEY_FILE": str(key),
+        "PAYGATE_UPSTREAM_MODE": "container",
+        "PAYGATE_DOCKER_HOST": dockerd.host,
+        "PAYGATE_UPSTREAM_IMAGE": test_images.fake_ollama,
+        "PAYGATE_UPSTREAM_RELAY_IMAGE": test_images.fake_ollama,
+    }
+    code, checks = doctor(env)
+    assert code == 0, checks
+    assert checks["docker"]["ok"] is True
+    code, checks = doctor({**env, "PAYGATE_UPSTREAM_IMAGE": "paygate-test/not-built:1"})
+    assert code == 1
+    assert checks["docker"]["detail"] == "image paygate-test/not-built:1 is not on the engine"
+    code, checks = doctor({**env, "PAYGATE_DOCKER_HOST": f"unix://{tmp_path}/no.sock"})
+    assert code == 1
+    assert checks["docker"]["fix"] == "start dockerd or correct docker_host"
