@@ -3,9 +3,9 @@
 - ``PAYGATE_LOG_FORMAT=json``: one JSON object per line (``ts``, ``level``, ``logger``,
   ``msg``, ``request_id`` when inside a request, and the request event's fields); ``text`` is
   the same for humans.
-- ``PAYGATE_LOG_LEVEL`` applies to paygate's own loggers. Libraries stay at INFO or above:
-  their DEBUG output quotes URLs and request bodies (web3 logs every RPC call, urllib3 each
-  request line).
+- ``PAYGATE_LOG_LEVEL`` sets the level; the dependencies that trace RPC traffic (web3,
+  urllib3, requests, aiohttp's client, eth-account, x402) are held at WARNING whatever it is:
+  their DEBUG output quotes URLs with API keys and request bodies.
 - The formatter is the last line of defence: it replaces the operator's configured secrets
   (keys, PINs, API keys, facilitator header values, the path and query of a chain RPC URL)
   with ``***``, strips credentials and query values from any URL, and reduces an attached
@@ -45,7 +45,6 @@ _URL = re.compile(
     r"([^\s?#\"'\\]*)(\?[^\s#\"'\\]*)?"
 )
 MIN_SECRET = 6  # shorter "secrets" (a test PIN such as 1234) would redact ordinary words
-_LIBRARY_FLOOR = logging.INFO
 #: Dependencies whose DEBUG/INFO lines carry RPC URLs, request bodies or answers.
 QUIET_LOGGERS = ("web3", "urllib3", "requests", "aiohttp.client", "eth_account", "x402")
 _current_request: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -284,7 +283,7 @@ def install_logging(
     root.addHandler(handler)
     numeric = logging.getLevelName(str(level).upper())
     numeric = numeric if isinstance(numeric, int) else logging.INFO
-    root.setLevel(max(numeric, _LIBRARY_FLOOR))
+    root.setLevel(numeric)
     logging.getLogger("paygate").setLevel(numeric)
     logging.getLogger("enclave").setLevel(numeric)
     quiet_dependencies()
