@@ -149,6 +149,11 @@ async def _run(app: web.Application, settings: Settings, notifier: Notifier) -> 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    log.debug(
+        "systemd notify %s, watchdog %s",
+        "on" if notifier.enabled else "off (no NOTIFY_SOCKET)",
+        f"every {notifier.watchdog_usec / 2e6:g}s" if notifier.watchdog_usec else "off",
+    )
     waiting = " (waiting for the model server)" if settings.upstream_mode == "container" else ""
     notifier.status(f"starting{waiting}")
     runner = web.AppRunner(
