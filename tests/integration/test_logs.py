@@ -89,7 +89,7 @@ async def test_debug_json_log_of_a_paid_sealed_run_leaks_nothing(
         assert "upstream_ms" in event
     assert any(e["payment"] == "payment_required" for e in events)
     # Log lines made while settling carry the request id of the request that paid.
-    settled = [line for line in lines if line["msg"].endswith(" settled")]
+    settled = [x for x in lines if x["msg"].endswith(" settled") and x["level"] == "INFO"]
     assert len(settled) == 2
     assert {line.get("request_id") for line in settled} <= {e["request_id"] for e in paid}
     # Nothing that must stay secret or private is anywhere in it.
