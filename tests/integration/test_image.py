@@ -121,7 +121,8 @@ def test_serve_is_healthy_and_answers_in_front_of_the_fake(
         [PAYGATE, "keys", "create", "--backend", "software", "--key-file", str(state / "key.pem")],
         check=True, capture_output=True, timeout=30,
     )  # fmt: skip
-    os.chown(state / "key.pem", UID, UID)
+    for path in state.iterdir():  # key.pem and the receipt key beside it
+        os.chown(path, UID, UID)
     port = free_port()
     with ThreadedStack() as fake:
         container = run(
