@@ -1,37 +1,51 @@
-# paygate appliance image. Build: docker build -t paygate .
-# Multi-stage: the TSS headers and compilers needed to build tpm2-pytss stay in the builder.
-FROM python:3.11-slim-bookworm AS build
-RUN apt-get update \
- && apt-get install -y --no-install-recommends build-essential pkg-config libtss2-dev \
- && rm -rf /var/lib/apt/lists/*
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY paygate ./paygate
-COPY enclave ./enclave
-RUN python -m venv /opt/paygate/venv \
- && /opt/paygate/venv/bin/pip install --no-cache-dir ".[hardware]"
+# paygate appliance image: the product only (paygate + enclave from their wheel, with the TPM
+# binding), no compilers, no test or demo tooling, running as a non-root user.
+#
+# Build (scripts/build-image.sh does both steps):
+#   python3 -m pip wheel --wheel-dir wheels '.[tpm]'     # paygate and every runtime dependency
+#   docker build -t paygate .                              # BASE=... picks another Debian 12 base
+#
+# The wheels come from the build context, so the build needs no package index (and no
+# compiler: tpm2-pytss is built once, outside). BASE must be Debian 12 with python3 3.11 and
+# its venv module; the default is the public Python image.
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
 
-FROM python:3.11-slim-bookworm
-# Runtime libraries only: the TSS for TPM keys (device or swtpm TCTI); PKCS#11 modules are
-# mounted in by the operator from their HSM vendor.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends libtss2-esys-3.0.2-0 libtss2-tctildr0 \
-      libtss2-tcti-device0 libtss2-tcti-swtpm0 libtss2-mu0 libtss2-rc0 \
- && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10402 --home-dir /var/lib/paygate --create-home paygate
-COPY --from=build /opt/paygate/venv /opt/paygate/venv
+# The TSS runtime libraries tpm2-pytss links (ESYS, SYS, MU, RC, TCTI loader, FAPI) and the
+# TCTIs a deployment uses: the kernel's resource manager (device) and swtpm. Installed unless the
+# base already has them. PKCS#11 modules come from the operator's HSM vendor (mounted in).
+ARG TSS_PACKAGES="libtss2-esys-3.0.2-0 libtss2-sys1 libtss2-mu0 libtss2-rc0 libtss2-tctildr0 \
+libtss2-fapi1 libtss2-tcti-device0 libtss2-tcti-swtpm0"
+RUN set -e; missing=""; \
+    for p in $TSS_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done; \
+    if [ -n "$missing" ]; then \
+      apt-get update && apt-get install -y --no-install-recommends $missing \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi; \
+    useradd --system --uid 10402 --user-group --home-dir /var/lib/paygate --create-home \
+      --shell /usr/sbin/nologin paygate
+
+COPY wheels /tmp/wheels
+RUN python3 -m venv /opt/paygate/venv \
+ && /opt/paygate/venv/bin/pip install --no-index --no-cache-dir --find-links /tmp/wheels \
+      'paygate[tpm]' \
+ && rm -rf /tmp/wheels \
+ && /opt/paygate/venv/bin/python -c "import paygate.cli.main, tpm2_pytss"
+
 ENV PATH=/opt/paygate/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PAYGATE_LISTEN=0.0.0.0:8402 \
     PAYGATE_KEY_FILE=/var/lib/paygate/key.pem \
-    PAYGATE_TPM_KEY_DIR=/var/lib/paygate/tpm-key
+    PAYGATE_TPM_KEY_DIR=/var/lib/paygate/tpm-key \
+    PAYGATE_LEDGER_PATH=/var/lib/paygate/payments.db \
+    PAYGATE_DEPLOYMENTS_DIR=/var/lib/paygate/inference
 USER paygate
 WORKDIR /var/lib/paygate
 VOLUME ["/var/lib/paygate"]
 EXPOSE 8402
 STOPSIGNAL SIGTERM
-HEALTHCHECK --interval=15s --timeout=3s --start-period=10s \
-  CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8402/health/live', timeout=2)" || exit 1
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["python3", "-c", "import os, sys, urllib.request; port = os.environ.get('PAYGATE_LISTEN', '0.0.0.0:8402').rpartition(':')[2]; sys.exit(urllib.request.urlopen(f'http://127.0.0.1:{port}/health/live', timeout=2).status != 200)"]
 ENTRYPOINT ["paygate"]
 CMD ["serve"]

@@ -153,6 +153,8 @@ class Settings(BaseSettings):
     payment_description: str = "paygate inference"
     public_url: str | None = None
     facilitator_url: str | None = None
+    # A hosted facilitator's credentials: one ``Name: value`` header per line (secret file).
+    facilitator_headers_file: Path | None = None
     facilitator_timeout: PositiveFloat = 10.0
     settle_timeout: PositiveFloat = 60.0
     settle_timing: Literal["after", "upfront"] = "after"
@@ -173,6 +175,9 @@ class Settings(BaseSettings):
     replica_id: str | None = None  # default <hostname>:<pid>
     lease_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     workers: Annotated[int, Field(ge=1, le=64)] = 1
+
+    # --- operations (docs/OPERATIONS.md) ---
+    log_format: Literal["json", "text"] = "text"
 
     # --- upstream (paygate.upstream; docs/UPSTREAM.md) ---
     upstream_mode: UpstreamMode = "attach"
@@ -481,21 +486,53 @@ class Settings(BaseSettings):
     def _empty_secret_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
     def secret(
         self, name: Literal["key_passphrase", "pkcs11_pin", "gas_key", "upstream_api_key"]
     ) -> SecretStr | None:
-        """A secret from its variable, or else from its ``*_file`` (first line, stripped)."""
+        """A secret from its variable, else its ``*_file``, else the systemd credential of the
+        same name (first line, stripped)."""
         value: SecretStr | None = getattr(self, name)
         if value is not None:
             return value
-        file: Path | None = getattr(self, f"{name}_file")
+        file = self.secret_file(name)
         if file is None:
             return None
-        try:
-            text = file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read {name}_file {file}: {exc.strerror}") from None
+        text = _read_secret_file(name, file)
         return SecretStr(text.splitlines()[0].strip() if text else "")
+
+    def secret_file(self, name: str) -> Path | None:
+        """Where the secret ``name`` is read from: its ``*_file`` setting when given, else
+        ``$CREDENTIALS_DIRECTORY/name`` when systemd passed such a credential, else None."""
+        file: Path | None = getattr(self, f"{name}_file", None)
+        return file if file is not None else credential_path(name)
+
+    def log_secrets(self) -> list[str]:
+        """Every configured secret value, for the log formatter to redact: keys, PINs, API
+        keys, facilitator header values, and the credential-bearing parts of service URLs."""
+        found: list[str] = []
+        for name in ("key_passphrase", "pkcs11_pin", "gas_key", "upstream_api_key"):
+            value = self.secret(name)  # type: ignore[arg-type]
+            if value is not None:
+                found.append(value.get_secret_value())
+        found += [value.get_secret_value() for value in self.facilitator_headers().values()]
+        found += [value.removeprefix("0x") for value in found if value.startswith("0x")]
+        found += url_secrets(self.chain_rpc_url)
+        facilitator = urlsplit(self.facilitator_url or "")
+        found += [part for part in (facilitator.query, facilitator.password) if part]
+        return found
+
+    def facilitator_headers(self) -> dict[str, SecretStr]:
+        """Headers sent on every facilitator call, from ``facilitator_headers_file`` or the
+        ``facilitator_headers`` credential; empty when neither exists."""
+        file = self.secret_file("facilitator_headers")
+        if file is None:
+            return {}
+        return parse_header_lines(_read_secret_file("facilitator_headers", file))
 
     @classmethod
     def settings_customise_sources(
@@ -517,6 +554,74 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+CREDENTIALS = (
+    "gas_key",
+    "pkcs11_pin",
+    "key_passphrase",
+    "upstream_api_key",
+    "facilitator_headers",
+    "ledger_password",
+)
+"""systemd credential names (``LoadCredential=NAME:...``), each matching a ``NAME_file`` setting."""
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+_HOP_OR_FRAMING = frozenset(
+    {"host", "content-length", "content-type", "transfer-encoding", "connection", "te", "upgrade"}
+)
+
+
+def url_secrets(url: str | None) -> list[str]:
+    """The parts of a service URL that may be credentials: userinfo, path, query."""
+    if not url:
+        return []
+    parts = urlsplit(url)
+    found = [p for p in (parts.username, parts.password, parts.query) if p]
+    found += [segment for segment in parts.path.split("/") if len(segment) >= 6]
+    return found
+
+
+def credential_path(name: str) -> Path | None:
+    """``$CREDENTIALS_DIRECTORY/name`` if systemd handed the service that credential."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory or name not in CREDENTIALS:
+        return None
+    path = Path(directory) / name
+    try:
+        return path if path.is_file() else None
+    except OSError:
+        return path  # there but not ours to read: the read reports it as a ConfigError
+
+
+def _read_secret_file(name: str, file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(f"cannot read the {name} secret file {file}: {reason}") from None
+
+
+def parse_header_lines(text: str) -> dict[str, SecretStr]:
+    """``Name: value`` lines (blank lines and ``#`` comments skipped) as headers.
+
+    Errors name the line number only: a line may hold the secret itself.
+    """
+    headers: dict[str, SecretStr] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition(":")
+        name, value = name.strip(), value.strip()
+        if not sep or not _HEADER_NAME.fullmatch(name) or not value:
+            raise ConfigError(f"facilitator_headers line {number}: want 'Name: value'")
+        if name.lower() in _HOP_OR_FRAMING:
+            raise ConfigError(f"facilitator_headers line {number}: {name} is set by the gateway")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise ConfigError(f"facilitator_headers line {number}: control characters in value")
+        headers[name] = SecretStr(value)
+    return headers
 
 
 def split_listen(value: str) -> tuple[str, int]:

@@ -24,6 +24,7 @@ ORIGINAL_TYPE_HEADER: Final = "X-Paygate-Content-Type"  # a sealed reply's plain
 ENVELOPE_HEADER: Final = "X-Paygate-Envelope"  # v1 | v2 on a sealed reply
 ERROR_HEADER: Final = "X-Paygate-Error"  # the stable error code of any refusal
 OVERHEAD_HEADER: Final = "X-Paygate-Overhead-Ms"  # time spent in the gateway itself
+REQUEST_ID_HEADER: Final = "X-Request-Id"  # from a trusted proxy, or made here; always returned
 RECEIPT_HEADER: Final = "X-Paygate-Receipt"  # a whole reply's signed receipt
 
 # --- x402's headers (v2, and v1's X- names) ---

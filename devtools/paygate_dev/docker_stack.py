@@ -37,6 +37,7 @@ from pathlib import Path
 
 import docker
 import docker.errors
+from docker.models.containers import Container
 
 from paygate.errors import PaygateError
 from paygate_dev import fake_model
@@ -201,16 +202,21 @@ def busybox_image(client: docker.DockerClient, tag: str = "paygate-test/busybox:
     return tag
 
 
-def _recipe_key() -> str:
-    recipe = f"{SUITE}|{','.join(PACKAGES)}|{','.join(_PRUNE)}|v1"
+def _recipe_key(packages: tuple[str, ...] = PACKAGES) -> str:
+    recipe = f"{SUITE}|{','.join(packages)}|{','.join(_PRUNE)}|v1"
     return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 
 def python_rootfs() -> Path:
     """The cached Debian python3 + aiohttp root filesystem tar, built once per recipe."""
+    return debian_rootfs(PACKAGES, name="debian-python")
+
+
+def debian_rootfs(packages: tuple[str, ...], *, name: str) -> Path:
+    """A cached Debian (minbase + ``packages``) root filesystem tar, built once per recipe."""
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"debian-python-{_recipe_key()}.tar"
+    target = directory / f"{name}-{_recipe_key(packages)}.tar"
     if target.exists():
         return target
     debootstrap = require("debootstrap", "debootstrap")
@@ -221,7 +227,7 @@ def python_rootfs() -> Path:
         try:
             rootfs = work / "rootfs"
             result = subprocess.run(
-                [debootstrap, "--variant=minbase", f"--include={','.join(PACKAGES)}",
+                [debootstrap, "--variant=minbase", f"--include={','.join(packages)}",
                  SUITE, str(rootfs), mirror()],
                 capture_output=True, text=True, timeout=BUILD_TIMEOUT, check=False,
             )  # fmt: skip
@@ -241,6 +247,18 @@ def python_rootfs() -> Path:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def imported_base(client: docker.DockerClient, packages: tuple[str, ...], *, name: str) -> str:
+    """The rootfs of ``packages`` as a local image (imported once per engine)."""
+    tag = f"paygate-test/{name}:{_recipe_key(packages)}"
+    try:
+        client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        repository, _, version = tag.rpartition(":")
+        tar = debian_rootfs(packages, name=name)
+        client.api.import_image_from_file(str(tar), repository=repository, tag=version)
+    return tag
 
 
 @contextlib.contextmanager
@@ -288,13 +306,7 @@ def fake_ollama_image(client: docker.DockerClient) -> str:
 
 
 def _debian_python_base(client: docker.DockerClient) -> str:
-    base = f"paygate-test/debian-python:{_recipe_key()}"
-    try:
-        client.images.get(base)
-    except docker.errors.ImageNotFound:
-        repository, _, version = base.rpartition(":")
-        client.api.import_image_from_file(str(python_rootfs()), repository=repository, tag=version)
-    return base
+    return imported_base(client, PACKAGES, name="debian-python")
 
 
 def llama_server_image(client: docker.DockerClient, binary: Path) -> str:
@@ -326,4 +338,109 @@ def llama_server_image(client: docker.DockerClient, binary: Path) -> str:
         client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True, forcerm=True)
     except docker.errors.BuildError as exc:
         raise PaygateError(f"building {tag} failed: {exc.msg}") from None
+    return tag
+
+
+# --- systemd as PID 1, with paygate installed --------------------------------------------------
+
+SYSTEMD_PACKAGES = ("systemd", "systemd-sysv", "python3", "python3-venv")
+_SYSTEMD_DOCKERFILE = """\
+FROM {base}
+COPY wheels /tmp/wheels
+RUN python3 -m venv /opt/paygate/venv \\
+ && /opt/paygate/venv/bin/pip install --no-index --no-cache-dir --find-links /tmp/wheels paygate \\
+ && rm -rf /tmp/wheels
+COPY paygate.service /etc/systemd/system/paygate.service
+# Units that need hardware or a console do nothing useful in a container.
+RUN systemctl mask systemd-udevd.service systemd-udevd-control.socket \\
+      systemd-udevd-kernel.socket getty.target console-getty.service systemd-logind.service \\
+      systemd-timesyncd.service systemd-networkd.service systemd-resolved.service
+STOPSIGNAL SIGRTMIN+3
+CMD ["/sbin/init"]
+"""
+
+
+def systemd_paygate_image(client: docker.DockerClient, wheels: Path, unit: Path) -> str:
+    """Debian with systemd as PID 1, paygate installed from ``wheels`` into /opt/paygate/venv
+    and ``unit`` as /etc/systemd/system/paygate.service (not started)."""
+    base = imported_base(client, SYSTEMD_PACKAGES, name="debian-systemd")
+    digest = hashlib.sha256(unit.read_bytes())
+    for wheel in sorted(wheels.glob("*.whl")):
+        digest.update(wheel.name.encode() + wheel.read_bytes())
+    tag = f"paygate-test/systemd-paygate:{digest.hexdigest()[:12]}"
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        dockerfile = _SYSTEMD_DOCKERFILE.format(base=base).encode()
+        for name, data in (("Dockerfile", dockerfile), ("paygate.service", unit.read_bytes())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for wheel in wheels.glob("*.whl"):
+            tar.add(wheel, arcname=f"wheels/{wheel.name}")
+    context.seek(0)
+    try:
+        client.images.build(
+            fileobj=context,
+            custom_context=True,
+            tag=tag,
+            rm=True,
+            forcerm=True,
+            network_mode="none",
+            timeout=BUILD_TIMEOUT,
+        )
+    except docker.errors.BuildError as exc:
+        raise PaygateError(f"building {tag} failed: {exc.msg}") from None
+    return tag
+
+
+def run_systemd(client: docker.DockerClient, image: str, name: str) -> Container:
+    """A container with systemd as PID 1 (the flags systemd needs; no network)."""
+    return client.containers.run(
+        image,
+        name=name,
+        detach=True,
+        network_mode="none",
+        cap_add=["SYS_ADMIN"],
+        security_opt=["seccomp=unconfined"],
+        cgroupns="host",
+        volumes={"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}},
+        tmpfs={"/run": "", "/run/lock": ""},
+    )
+
+
+# --- the product image (the repository's Dockerfile) on a local base ------------------------------
+
+IMAGE_BASE_PACKAGES = ("python3", "python3-venv")
+
+
+def product_image(client: docker.DockerClient, wheels: Path, dockerfile: Path, base: str) -> str:
+    """The repository's Dockerfile built on ``base`` with ``wheels`` as its ``wheels/``.
+
+    Built on the host network: the Dockerfile fetches the TSS runtime libraries with apt when
+    the base lacks them (the wheels need no index).
+    """
+    digest = hashlib.sha256(dockerfile.read_bytes() + base.encode())
+    for wheel in sorted(wheels.glob("*.whl")):
+        digest.update(wheel.name.encode() + wheel.read_bytes())
+    tag = f"paygate-test/paygate:{digest.hexdigest()[:12]}"
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        tar.add(dockerfile, arcname="Dockerfile")
+        for wheel in wheels.glob("*.whl"):
+            tar.add(wheel, arcname=f"wheels/{wheel.name}")
+    context.seek(0)
+    try:
+        client.images.build(
+            fileobj=context,
+            custom_context=True,
+            tag=tag,
+            rm=True,
+            forcerm=True,
+            buildargs={"BASE": base},
+            network_mode="host",
+            timeout=BUILD_TIMEOUT,
+        )
+    except docker.errors.BuildError as exc:
+        log = "".join(str(line.get("stream", "")) for line in exc.build_log)[-2000:]
+        raise PaygateError(f"building {tag} failed: {exc.msg}\n{log}") from None
     return tag

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from paygate.cli.tables import print_table
 from paygate.config import load_settings
 from paygate.store.deployments import Deployment, DeploymentStore, build
 from paygate.upstream.engines import profile_for
@@ -125,9 +126,7 @@ def _list(args: argparse.Namespace) -> int:
     for d in deployments:
         upstream = d.container_image or "(container)" if d.upstream_mode == "container" else None
         rows.append((d.name, d.upstream_mode, d.listen, upstream or d.upstream_url, d.updated_at))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    print_table(rows)
     return 0
 
 

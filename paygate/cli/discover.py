@@ -8,8 +8,9 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from paygate.cli.tables import print_table
 from paygate.config import load_settings
-from paygate.upstream.discovery import DEFAULT_PORTS, discover, table
+from paygate.upstream.discovery import DEFAULT_PORTS, discover, rows
 
 
 def register(sub: Any) -> None:
@@ -36,7 +37,7 @@ def _discover(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(item) for item in found], indent=2))
     elif found:
-        print(table(found))
+        print_table(rows(found))
     else:
         print(f"no model server answered on {args.host} ports {', '.join(map(str, sorted(ports)))}")
     return 0

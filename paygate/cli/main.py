@@ -22,6 +22,7 @@ from paygate.errors import PaygateError
 # run is imported: all of them together pull in web3, aiohttp, httpx, docker … (seconds of
 # start-up); ``paygate --help`` and unknown commands import them all.
 COMMANDS = (
+    "init",
     "keys",
     "serve",
     "payments",
@@ -31,6 +32,7 @@ COMMANDS = (
     "deploy",
     "request",
     "attest",
+    "doctor",
 )
 # Commands that live outside the shipped package (the dev tooling's ``demo`` and
 # ``fake-upstream``) register through this entry point group when installed.

@@ -16,6 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from paygate.cli.tables import print_table
 from paygate.config import load_settings
 from paygate.x402.ledger import (
     MAX_LIST_LIMIT,
@@ -222,10 +223,7 @@ def _list(args: argparse.Namespace) -> int:
         )
         for r in records
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        print("  ".join([*cells, row[-1]]).rstrip())
+    print_table(rows)
     return 0
 
 

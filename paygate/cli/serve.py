@@ -1,6 +1,8 @@
 """``paygate serve`` (the gateway) and ``paygate fake-upstream`` (the FAKE model server).
 
-``serve`` builds the app from settings, listens, and on SIGTERM or SIGINT stops accepting,
+``serve`` builds the app from settings, listens, tells systemd READY=1 (``Type=notify``; the
+watchdog is pinged from the event loop, or with workers from the supervisor's loop, and
+STOPPING=1 is sent on the way out), and on SIGTERM or SIGINT stops accepting,
 lets in-flight requests and streams finish for up to ``shutdown_grace_seconds``, then closes
 the upstream session and the key backend and exits 0. With ``--workers N`` (``workers``) the
 parent binds the port and forks N workers that share it (``paygate.server.workers``); SIGTERM
@@ -10,19 +12,26 @@ to the parent stops them all the same way.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
+import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from paygate import restore_recursion_limit
-from paygate.config import Settings, load_settings
+from paygate.config import ConfigError, Settings, load_settings
 from paygate.redact import redact_url
 from paygate.server.app import LISTEN_BACKLOG, build_app, server_options
 from paygate.server.assembly import check_payment_settings
 from paygate.server.eventloop import new_event_loop
-from paygate.server.logs import SafeAccessLogger, install_safe_logging
+from paygate.server.logs import install_logging
+from paygate.server.metrics import MULTIPROC_ENV, prepare_multiprocess_dir, worker_exited
+from paygate.server.sdnotify import Notifier, stop_task
 from paygate.server.workers import check_workers, listen_socket, supervise
 from paygate.store.deployments import DeploymentStore, settings_overrides
 
@@ -66,24 +75,22 @@ def _serve(args: argparse.Namespace) -> int:
         if value is not None
     )
     settings = load_settings(args.config, **overrides)
-    install_safe_logging(
-        settings.log_level, secret_urls=(settings.chain_rpc_url, settings.facilitator_url)
+    try:
+        secrets = settings.log_secrets()
+    except ConfigError:
+        secrets = []  # build_app below refuses the unreadable secret with its own message
+    install_logging(
+        settings.log_level,
+        settings.log_format,
+        secrets,
+        secret_urls=(settings.chain_rpc_url, settings.facilitator_url),
     )
+    notifier = Notifier.from_environment()
     if settings.workers == 1:
         app = build_app(settings)  # refuses unimplemented payment modes before listening
         restore_recursion_limit()  # in case building the app imported web3 for the first time
-        _announce(settings)
-        web.run_app(
-            app,
-            host=settings.listen_host,
-            port=settings.listen_port,
-            shutdown_timeout=settings.shutdown_grace_seconds,
-            backlog=LISTEN_BACKLOG,
-            access_log_class=SafeAccessLogger,
-            print=None,
-            loop=new_event_loop(settings.event_loop),
-            **server_options(settings),
-        )
+        with asyncio.Runner(loop_factory=lambda: new_event_loop(settings.event_loop)) as runner:
+            runner.run(_run(app, settings, notifier))
         log.info("paygate gateway stopped")
         return 0
     check_workers(
@@ -93,6 +100,11 @@ def _serve(args: argparse.Namespace) -> int:
         tpm_tcti=settings.tpm_tcti,
     )
     check_payment_settings(settings)  # before forking: one clear error, not N
+    metrics_dir = os.environ.get(MULTIPROC_ENV)
+    if metrics_dir:
+        prepare_multiprocess_dir(Path(metrics_dir))  # before any worker writes there
+    else:
+        log.warning("workers > 1 without %s: /metrics shows one worker's counts", MULTIPROC_ENV)
     sock = listen_socket(settings.listen_host, settings.listen_port, LISTEN_BACKLOG)
     _announce(settings)
 
@@ -107,17 +119,81 @@ def _serve(args: argparse.Namespace) -> int:
             app,
             sock=sock,
             shutdown_timeout=mine.shutdown_grace_seconds,
-            access_log_class=SafeAccessLogger,
+            access_log=None,  # the request event (paygate.request) replaces aiohttp's line
             print=None,
             loop=new_event_loop(mine.event_loop),  # made in the worker, after the fork
             **server_options(mine),
         )
         return 0
 
-    status = supervise(settings.workers, worker, grace_seconds=settings.shutdown_grace_seconds)
+    status = supervise(
+        settings.workers,
+        worker,
+        grace_seconds=settings.shutdown_grace_seconds,
+        on_started=lambda: notifier.ready(
+            f"serving on {settings.listen}, {settings.workers} workers"
+        ),
+        on_tick=_watchdog_ticker(notifier),
+        on_exit=worker_exited,
+        on_stop=notifier.stopping,
+    )
     sock.close()
     log.info("paygate gateway stopped")
     return status
+
+
+async def _run(app: web.Application, settings: Settings, notifier: Notifier) -> None:
+    """Start (key, upstream, payments), listen, tell systemd, serve until SIGTERM/SIGINT, then
+    stop accepting and give in-flight requests ``shutdown_grace_seconds``."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.debug(
+        "systemd notify %s, watchdog %s",
+        "on" if notifier.enabled else "off (no NOTIFY_SOCKET)",
+        f"every {notifier.watchdog_usec / 2e6:g}s" if notifier.watchdog_usec else "off",
+    )
+    waiting = " (waiting for the model server)" if settings.upstream_mode == "container" else ""
+    notifier.status(f"starting{waiting}")
+    runner = web.AppRunner(
+        app,
+        shutdown_timeout=settings.shutdown_grace_seconds,
+        access_log=None,  # the request event (paygate.request) replaces aiohttp's line
+        handle_signals=False,
+        **server_options(settings),
+    )
+    await runner.setup()  # cleanup_ctx: key, session, upstream (container mode: ready), payments
+    watchdog = None
+    try:
+        await web.TCPSite(
+            runner, settings.listen_host, settings.listen_port, backlog=LISTEN_BACKLOG
+        ).start()
+        _announce(settings)
+        # Ready only now: listening, and in container mode the model server answered.
+        notifier.ready(f"serving on {settings.listen}, payment_mode={settings.payment_mode}")
+        watchdog = notifier.start_watchdog()
+        await stop.wait()
+        notifier.stopping(f"stopping: draining for up to {settings.shutdown_grace_seconds:g}s")
+    finally:
+        await stop_task(watchdog)
+        await runner.cleanup()
+
+
+def _watchdog_ticker(notifier: Notifier) -> Callable[[], None]:
+    """WATCHDOG=1 from the supervisor's loop, at most every half interval. With workers the
+    watchdog watches the supervisor; a worker whose loop is stuck is not detected by it."""
+    interval = (notifier.watchdog_usec or 0) / 2_000_000
+    last = 0.0
+
+    def tick() -> None:
+        nonlocal last
+        now = time.monotonic()
+        if notifier.watchdog_usec is not None and now - last >= interval:
+            notifier.watchdog()
+            last = now
+
+    return tick
 
 
 def _announce(settings: Settings) -> None:

@@ -12,6 +12,9 @@ import sys
 from typing import Any, TextIO
 
 import aiohttp
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, TaskID, TextColumn
+from rich.progress import Progress as RichProgress
 
 from paygate.config import Settings, load_settings
 from paygate.store.deployments import DeploymentStore, settings_overrides
@@ -113,23 +116,48 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 class ProgressPrinter:
-    """A progress bar on a terminal; one line per new status otherwise (logs, tests)."""
+    """A rich progress bar on a terminal; one line per new status otherwise (logs, tests)."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.tty = stream.isatty()
         self._last = ""
+        self._bar: RichProgress | None = None
+        self._task: TaskID | None = None
 
     def __call__(self, progress: Progress) -> None:
-        line = render(progress)
         if self.tty:
-            self.stream.write("\r" + line.ljust(78)[:78])
-            if progress.total is None:
-                self.stream.write("\n")
-        elif line != self._last:
+            self._rich(progress)
+            return
+        line = render(progress)
+        if line != self._last:
             self.stream.write(line + "\n")
-        self.stream.flush()
+            self.stream.flush()
         self._last = line
+
+    def _rich(self, progress: Progress) -> None:
+        if self._bar is None:
+            self._bar = RichProgress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                console=Console(file=self.stream),
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(progress.status[:32], total=None)
+        assert self._task is not None
+        self._bar.update(
+            self._task,
+            description=progress.status[:32],
+            completed=progress.completed or 0,
+            total=progress.total,
+        )
+        self._bar.refresh()  # now, not at the next tick of rich's refresh thread
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
 
 
 def render(progress: Progress) -> str:
@@ -144,18 +172,20 @@ def _pull(args: argparse.Namespace) -> int:
     config = settings_for(args).upstream()
     _require_container(config, "pull")
     client = connect(config.docker_host)
+    printer = ProgressPrinter(sys.stderr)
     try:
         asyncio.run(
             pull(
                 client,
                 container_spec(config),
                 args.model,
-                on_progress=ProgressPrinter(sys.stderr),
+                on_progress=printer,
                 ready_timeout=config.ready_timeout,
                 timeout=config.pull_timeout,
             )
         )
     finally:
+        printer.close()
         client.close()
     print(f"pulled {args.model}")
     return 0

@@ -50,7 +50,8 @@ from paygate.server.forwarded import parse_networks
 from paygate.server.gateway import BatchLimits, Gateway
 from paygate.server.health import LocalEndpoints
 from paygate.server.limits import ConcurrencyLimiter
-from paygate.server.metrics import Metrics
+from paygate.server.logs import add_request_id, request_events
+from paygate.server.metrics import Metrics, TimedKey
 from paygate.server.opening import Opener
 from paygate.server.payments import PaymentStep
 from paygate.server.proxy import Timeouts, Upstream
@@ -134,6 +135,7 @@ def build_app(
         routes = engine_routes(profile_for(settings.upstream_kind).routes())
     upstream_config = settings.upstream()
     app = web.Application(client_max_size=settings.max_body_bytes)
+    app.on_response_prepare.append(add_request_id)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[LIMITER] = ConcurrencyLimiter(
@@ -176,7 +178,7 @@ def build_app(
             app[PAYMENTS] = payments
             yield
             return
-        async with payment_step(settings, app[SESSION], limits) as built:
+        async with payment_step(settings, app[SESSION], limits, app[METRICS]) as built:
             app[PAYMENTS] = built
             yield
 
@@ -220,7 +222,7 @@ def build_app(
             models=app[UPSTREAM].models_document(),
             attestation=service,
         )
-        opener = Opener(app[KEY], app[METRICS].envelope)
+        opener = Opener(TimedKey(app[KEY], app[METRICS]), app[METRICS].envelope)
         app[GATEWAY] = Gateway(
             routes=routes,
             admission=Admission(
@@ -230,7 +232,7 @@ def build_app(
             upstream=upstream,
             replies=Replies(
                 reply_limits(settings),
-                app[METRICS].error,
+                app[METRICS],
                 ReceiptIssuer(app[KEY], bound.models)
                 if isinstance(app[KEY], ReceiptSigner)
                 else None,
@@ -248,8 +250,13 @@ def build_app(
 
     app.cleanup_ctx.extend([key_backend, client_session, upstream_runtime, payment, gateway])
 
-    async def dispatch(request: web.Request) -> web.StreamResponse:
+    events = request_events(parse_networks(settings.trusted_proxies))
+
+    async def answer(request: web.Request) -> web.StreamResponse:
         return await answer_errors(request, request.app[GATEWAY].handle)
+
+    async def dispatch(request: web.Request) -> web.StreamResponse:
+        return await events(request, answer)
 
     async def expect(request: web.Request) -> web.StreamResponse | None:
         # aiohttp's default echoes the header into its error and fails on non-UTF-8 bytes;

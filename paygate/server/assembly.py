@@ -23,7 +23,7 @@ from paygate.x402.metering import TokenPrice, TokenPricing
 from paygate.x402.networks import Asset, UnknownNetwork, resolve_network
 from paygate.x402.offers import Acceptance, PaymentTerms
 from paygate.x402.pricing import PricePolicy
-from paygate.x402.processor import PaymentProcessor
+from paygate.x402.processor import PaymentEvents, PaymentProcessor
 from paygate.x402.schemes.upto import ASSET_TRANSFER_METHOD, FACILITATOR_EXTRA
 from paygate.x402.settlement import SettleAfterReply, Settlement, SettleUpfront, VerifyOnly
 from paygate.x402.settler import Settler, SettlerUnavailable
@@ -159,6 +159,8 @@ def check_payment_settings(settings: Settings) -> None:
         raise ConfigError(
             f"payment_mode {settings.payment_mode} needs facilitator_url (PAYGATE_FACILITATOR_URL)"
         )
+    if settings.payment_mode in ("facilitator", "verify-only"):
+        settings.facilitator_headers()  # an unreadable or malformed file fails here, at start
     if settings.payment_mode == "chain":
         if not settings.chain_rpc_url:
             raise ConfigError("payment_mode chain needs chain_rpc_url (PAYGATE_CHAIN_RPC_URL)")
@@ -194,6 +196,7 @@ def settler_for(settings: Settings, session: aiohttp.ClientSession) -> Settler:
         timeout=settings.facilitator_timeout,
         settle_timeout=settings.settle_timeout,
         chain=chain,
+        headers=settings.facilitator_headers(),
     )
 
 
@@ -213,8 +216,10 @@ def x402_payments(
     settler: Settler,
     upto_extra: Mapping[str, Mapping[str, str]] | None = None,
     limits: RateLimits | None = None,
+    events: PaymentEvents | None = None,
 ) -> X402Payments:
     processor = PaymentProcessor(
+        events=events,
         terms=payment_terms(settings, upto_extra),
         ledger=ledger,
         settler=settler,
@@ -241,7 +246,10 @@ def x402_payments(
 
 @contextlib.asynccontextmanager
 async def payment_step(
-    settings: Settings, session: aiohttp.ClientSession, limits: RateLimits | None = None
+    settings: Settings,
+    session: aiohttp.ClientSession,
+    limits: RateLimits | None = None,
+    events: PaymentEvents | None = None,
 ) -> AsyncIterator[PaymentStep]:
     """The configured payment step, with its ledger, settler, reconciler and lease keeper.
 
@@ -269,7 +277,12 @@ async def payment_step(
     try:
         upto_extra = await upto_terms(settings, settler)
         payments = x402_payments(
-            settings, ledger=ledger, settler=settler, upto_extra=upto_extra, limits=limits
+            settings,
+            ledger=ledger,
+            settler=settler,
+            upto_extra=upto_extra,
+            limits=limits,
+            events=events,
         )
         processor = payments.processor
         released = await processor.release_abandoned(own=True)

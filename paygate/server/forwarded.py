@@ -18,7 +18,7 @@ def parse_networks(entries: Iterable[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
 
 
-def _trusted(address: str, networks: Sequence[Network]) -> bool:
+def is_trusted(address: str, networks: Sequence[Network]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -31,11 +31,11 @@ def client_address(
 ) -> str:
     """The caller's address: ``peer`` unless a trusted proxy forwarded the request."""
     address = peer or ""
-    if not networks or not _trusted(address, networks):
+    if not networks or not is_trusted(address, networks):
         return address
     hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
     for hop in reversed(hops):
-        if not _trusted(hop, networks):
+        if not is_trusted(hop, networks):
             try:
                 return str(ipaddress.ip_address(hop))
             except ValueError:

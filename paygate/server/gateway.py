@@ -35,8 +35,10 @@ from paygate.server.admission import Admission
 from paygate.server.errors import GatewayError, InvalidBatch, QueryNotAllowed, RouteNotFound
 from paygate.server.health import LocalHandler
 from paygate.server.limits import ConcurrencyLimiter
+from paygate.server.logs import facts
 from paygate.server.metrics import Metrics
 from paygate.server.opening import Opener
+from paygate.server.payments import PaymentRefused
 from paygate.server.proxy import Upstream, upstream_request_headers
 from paygate.server.receipts import RequestFacts
 from paygate.server.replies import Replies
@@ -86,6 +88,9 @@ class Gateway:
             self._metrics.observe("unmatched", 404)
             raise RouteNotFound
         route = match.route
+        info = facts(request)
+        info.route = route.name
+        started = asyncio.get_running_loop().time()
         try:
             if request.query_string and not set(request.query) <= route.query:
                 raise QueryNotAllowed  # never forwarded, never echoed
@@ -97,17 +102,24 @@ class Gateway:
                     raise RouteNotFound
                 response = await local(request)
             else:
-                response = await self._forward(request, match)
+                response = await self._forward(request, match, started)
         except GatewayError as exc:
+            if isinstance(exc, PaymentRefused):
+                info.payment = exc.code
             self._metrics.observe(route.name, exc.status)
             self._metrics.error(exc.code)
             raise
+        finally:
+            self._metrics.duration(route.name, asyncio.get_running_loop().time() - started)
         self._metrics.observe(route.name, response.status)
         return response
 
-    async def _forward(self, request: web.Request, match: RouteMatch) -> web.StreamResponse:
-        started = asyncio.get_running_loop().time()
+    async def _forward(
+        self, request: web.Request, match: RouteMatch, started: float
+    ) -> web.StreamResponse:
+        info = facts(request)
         async with self._admission.admit(request, match.route) as admitted:
+            info.payment = "paid" if admitted.ticket.paid else "free"
             opened = admitted.opened or await self._opener.open(request, admitted.body)
             headers = upstream_request_headers(
                 request.headers, client_address=admitted.client, scheme=request.scheme
@@ -120,17 +132,21 @@ class Gateway:
                 async with self._upstream.exchange(
                     request.method, match.upstream_path, body=body, headers=headers
                 ) as reply:
-                    return await self._replies.send(
-                        request,
-                        reply,
-                        opened.reply,
-                        admitted.ticket,
-                        started=started,
-                        facts=RequestFacts(
-                            request_digest=receipts.body_digest(admitted.body),
-                            model=_model_named(opened.body),
-                        ),
-                    )
+                    self._metrics.upstream_latency(match.route.name, reply.waited)
+                    try:
+                        return await self._replies.send(
+                            request,
+                            reply,
+                            opened.reply,
+                            admitted.ticket,
+                            started=started,
+                            facts=RequestFacts(
+                                request_digest=receipts.body_digest(admitted.body),
+                                model=_model_named(opened.body),
+                            ),
+                        )
+                    finally:
+                        info.upstream_seconds = reply.waited
 
     async def _batch(self, request: web.Request, match: RouteMatch) -> web.StreamResponse:
         """``POST /v1/batch/chat/completions``: one admission (one payment for every item),

@@ -16,7 +16,7 @@ import enclave
 from enclave import KeyBackend, hpke, p256
 from paygate.server.attestation import AttestationService
 from paygate.server.limits import ConcurrencyLimiter
-from paygate.server.metrics import Metrics
+from paygate.server.metrics import CONTENT_TYPE, Metrics
 from paygate.server.proxy import Upstream
 from paygate.server.routes import Target
 
@@ -138,10 +138,12 @@ class LocalEndpoints:
         return True
 
     async def metrics(self, request: web.Request) -> web.Response:
+        body = self._metrics.render(
+            in_flight=self._limiter.in_flight, breaker_open=self._upstream.breaker_open
+        )
         return web.Response(
-            text=self._metrics.render(self._limiter.in_flight),
-            content_type="text/plain",
-            headers={"Cache-Control": "no-store"},
+            body=body,
+            headers={"Content-Type": CONTENT_TYPE, "Cache-Control": "no-store"},
         )
 
     async def pubkey(self, request: web.Request) -> web.Response:

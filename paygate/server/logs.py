@@ -1,47 +1,218 @@
-"""Logging that cannot leak: access lines without queries or headers, exceptions without text,
-no credentials from service URLs, and no dependency's DEBUG trace of RPC traffic.
+"""Logging that cannot leak: one structured event per request, redaction at the formatter.
 
-aiohttp's server logger attaches the exception (and its message) when it refuses a malformed
-request, and such a message can quote a header line. The filter here keeps only the class.
-web3, urllib3, requests and aiohttp's client log every RPC request at DEBUG with its full URL
-(a hosted RPC URL carries its API key) and payload: those loggers are held at WARNING whatever
-the gateway's level, and every line that still reaches the handler is scrubbed of the
-credential parts of ``chain_rpc_url`` and ``facilitator_url`` (:mod:`paygate.redact`).
+- ``PAYGATE_LOG_FORMAT=json``: one JSON object per line (``ts``, ``level``, ``logger``,
+  ``msg``, ``request_id`` when inside a request, and the request event's fields); ``text`` is
+  the same for humans.
+- ``PAYGATE_LOG_LEVEL`` sets the level; the dependencies that trace RPC traffic (web3,
+  urllib3, requests, aiohttp's client, eth-account, x402) are held at WARNING whatever it is:
+  their DEBUG output quotes URLs with API keys and request bodies.
+- The formatter is the last line of defence: it replaces the operator's configured secrets
+  (keys, PINs, API keys, facilitator header values, the path and query of a chain RPC URL)
+  with ``***``, strips credentials and query values from any URL, and reduces an attached
+  exception to its class name (aiohttp's messages can quote a header line).
+- The request event (logger ``paygate.request``) carries the request id, route, status,
+  durations and the payment outcome — never a body, a header value, a signature or a secret.
+
+``X-Request-Id``: taken from the request when the peer is a trusted proxy and the value is a
+short token, else generated; returned on every response and attached to every log record
+made while the request runs (background settlement tasks inherit it).
 """
 
 from __future__ import annotations
 
+import contextvars
+import json
 import logging
-from collections.abc import Iterable
+import re
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 
-from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web import BaseRequest, StreamResponse
+from aiohttp import web
 
+from paygate import wire
 from paygate.redact import scrub, secret_parts
+from paygate.server.forwarded import Network, is_trusted
 
+REQUEST_ID_HEADER = wire.REQUEST_ID_HEADER
+_REQUEST_KEY = "paygate.request"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@+=-]{1,128}")
+# scheme://[userinfo@]host[path][?query]; quotes and backslashes end a URL (JSON, repr).
+_URL = re.compile(
+    r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)([^\s/?#@\"'\\]+@)?([^\s/?#\"'\\]*)"
+    r"([^\s?#\"'\\]*)(\?[^\s#\"'\\]*)?"
+)
+MIN_SECRET = 6  # shorter "secrets" (a test PIN such as 1234) would redact ordinary words
 #: Dependencies whose DEBUG/INFO lines carry RPC URLs, request bodies or answers.
 QUIET_LOGGERS = ("web3", "urllib3", "requests", "aiohttp.client", "eth_account", "x402")
+_current_request: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "paygate_request_id", default=None
+)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class SafeAccessLogger(AbstractAccessLogger):
-    """One line per request: method, path without the query, status, seconds."""
+# --- per-request facts ---------------------------------------------------------------------
 
-    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        self.logger.info(
-            "%s %s %s %.3fs", request.method, request.path[:200], response.status, time
+
+@dataclass(slots=True)
+class RequestFacts:
+    """What the request event reports; the gateway fills it as the request goes."""
+
+    request_id: str
+    route: str = "unmatched"
+    payment: str = "none"  # none | free | paid | a refusal code
+    upstream_seconds: float | None = None
+    sent_status: int = 0  # the status whose headers went out (a stream's, before its body)
+
+
+def facts(request: web.Request) -> RequestFacts:
+    """The request's facts (a detached record when the logging middleware is not installed)."""
+    found = request.get(_REQUEST_KEY)
+    if isinstance(found, RequestFacts):
+        return found
+    made = RequestFacts(request_id="")
+    request[_REQUEST_KEY] = made
+    return made
+
+
+def request_id_for(
+    peer: str | None, offered: str | None, trusted_proxies: Sequence[Network]
+) -> str:
+    """The caller's request id when a trusted proxy vouches for it, else a fresh one."""
+    if (
+        offered
+        and trusted_proxies
+        and is_trusted(peer or "", trusted_proxies)
+        and _REQUEST_ID.fullmatch(offered)
+    ):
+        return offered
+    return uuid.uuid4().hex
+
+
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+
+def request_events(trusted_proxies: Sequence[Network]) -> Middleware:
+    """Wraps the catch-all handler: assigns the request id, emits the one event per request.
+
+    Called by the handler, not mounted as a middleware (aiohttp rebuilds its middleware chain
+    per request); it wraps the error answering, so it sees the status actually sent."""
+    log = logging.getLogger("paygate.request")
+
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        rid = request_id_for(
+            request.remote, request.headers.get(REQUEST_ID_HEADER), trusted_proxies
         )
+        record = RequestFacts(request_id=rid)
+        request[_REQUEST_KEY] = record
+        token = _current_request.set(rid)
+        status = 0
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        finally:
+            # A stream whose caller left after its headers: the status sent, and say so.
+            sent = record.sent_status or status
+            event: dict[str, object] = {
+                "request_id": rid,
+                "method": request.method,
+                "route": record.route,
+                "status": sent or 499,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                "payment": record.payment,
+            }
+            if status in (0, 499):
+                event["caller_gone"] = True
+            if record.upstream_seconds is not None:
+                event["upstream_ms"] = round(record.upstream_seconds * 1000, 2)
+            log.info("request", extra={"event": event})
+            _current_request.reset(token)
+
+    return middleware
 
 
-class ExceptionTextFilter(logging.Filter):
-    """Replaces an attached exception by its class name (no message, no traceback)."""
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every response, streams included, carries the request id."""
+    record = request.get(_REQUEST_KEY)
+    if isinstance(record, RequestFacts) and record.request_id:
+        record.sent_status = response.status
+        response.headers[REQUEST_ID_HEADER] = record.request_id
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[0] is not None:
-            record.msg = f"{record.getMessage()} ({record.exc_info[0].__name__})"
-            record.args = None
-            record.exc_info = None
-            record.exc_text = None
-        return True
+
+# --- redaction and formatting --------------------------------------------------------------
+
+
+class Redactor:
+    """Replaces known secrets and URL credentials in formatted log text."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        # Longest first, so a secret containing another is replaced whole.
+        self._secrets = sorted({s for s in secrets if len(s) >= MIN_SECRET}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return _URL.sub(_redact_url, text)
+
+
+def _redact_url(match: re.Match[str]) -> str:
+    scheme, userinfo, host, path, query = match.groups()
+    out = scheme + ("***@" if userinfo else "") + host + path
+    if query:
+        names = [part.partition("=")[0] for part in query[1:].split("&") if part]
+        out += "?" + "&".join(f"{name}=***" for name in names)
+    return out
+
+
+def _base(record: logging.LogRecord) -> dict[str, object]:
+    message = record.getMessage()
+    if record.exc_info and record.exc_info[0] is not None:
+        message = f"{message} ({record.exc_info[0].__name__})"
+    out: dict[str, object] = {
+        "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        + f".{int(record.msecs):03d}Z",
+        "level": record.levelname,
+        "logger": record.name,
+        "msg": message,
+    }
+    rid = getattr(record, "request_id", None)
+    if rid:
+        out["request_id"] = rid
+    event = getattr(record, "event", None)
+    if isinstance(event, dict):
+        out.update(event)
+    return out
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, redacted."""
+
+    def __init__(self, redact: Redactor) -> None:
+        super().__init__()
+        self._redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self._redact(json.dumps(_base(record), separators=(",", ":"), default=str))
+
+
+class TextFormatter(logging.Formatter):
+    """``ts LEVEL logger: msg key=value ...``, redacted."""
+
+    def __init__(self, redact: Redactor) -> None:
+        super().__init__()
+        self._redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        data = _base(record)
+        head = f"{data.pop('ts')} {data.pop('level')} {data.pop('logger')}: {data.pop('msg')}"
+        tail = " ".join(f"{key}={value}" for key, value in data.items())
+        return self._redact(f"{head} {tail}" if tail else head)
 
 
 class SecretTextFilter(logging.Filter):
@@ -66,21 +237,64 @@ def quiet_dependencies() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def install_safe_logging(
-    level: int | str = logging.INFO, *, secret_urls: Iterable[str | None] = ()
-) -> None:
-    """Configure root logging once for ``paygate serve``: the exception filter, the quiet
-    dependencies, and the credential parts of ``secret_urls`` masked in every line."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # One access line per request is on the hot path: skip the record fields the format never
-    # shows (the logging HOWTO's "Optimization" list) — thread, process, and the caller's frame.
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = _current_request.get()
+        return True
+
+
+class ExceptionTextFilter(logging.Filter):
+    """Replaces an attached exception by its class name (no message, no traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is not None:
+            record.msg = f"{record.getMessage()} ({record.exc_info[0].__name__})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def install_logging(
+    level: str = "INFO",
+    log_format: str = "text",
+    secrets: Iterable[str] = (),
+    *,
+    secret_urls: Iterable[str | None] = (),
+) -> logging.Handler:
+    """Configure root logging for ``paygate serve`` (stderr; journald or docker collect it):
+    the formatter, the exception and URL-credential filters, the quiet dependencies."""
+    # A request event per request is on the hot path: skip the record fields the formats never
+    # show (the logging HOWTO's "Optimization" list) — thread, process, and the caller's frame.
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None  # type: ignore[attr-defined]
-    for name in ("aiohttp.server", "aiohttp.web", "aiohttp.access", "paygate"):
-        logging.getLogger(name).addFilter(ExceptionTextFilter())
+    handler = logging.StreamHandler(sys.stderr)
+    redact = Redactor(secrets)
+    handler.setFormatter(JsonFormatter(redact) if log_format == "json" else TextFormatter(redact))
+    handler.addFilter(_RequestIdFilter())
+    handler.addFilter(ExceptionTextFilter())
+    handler.addFilter(SecretTextFilter(secret_parts(secret_urls)))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    numeric = logging.getLevelName(str(level).upper())
+    numeric = numeric if isinstance(numeric, int) else logging.INFO
+    root.setLevel(numeric)
+    logging.getLogger("paygate").setLevel(numeric)
+    logging.getLogger("enclave").setLevel(numeric)
     quiet_dependencies()
-    secrets = SecretTextFilter(secret_parts(secret_urls))
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(secrets)
+    # aiohttp's per-request access line is replaced by the request event.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return handler
+
+
+def install_safe_logging(
+    level: int | str = logging.INFO, *, secret_urls: Iterable[str | None] = ()
+) -> None:
+    """Plain text logging at ``level`` (commands other than ``serve``)."""
+    name = logging.getLevelName(level) if isinstance(level, int) else level
+    install_logging(name, "text", secret_urls=secret_urls)

@@ -1,79 +1,269 @@
-"""A few request counters rendered as Prometheus text (no labels carry caller data)."""
+"""The gateway's Prometheus metrics (``prometheus_client``), one registry per app.
+
+Labels come from closed sets only — the route table's names, status codes, error and payment
+reason codes, networks and assets from the operator's terms — never from the URL, a header or
+a body, so a caller cannot grow the series or read anything back.
+
+Several worker processes: ``prometheus_client``'s multiprocess mode. The parent sets
+``PROMETHEUS_MULTIPROC_DIR`` to an empty directory **before** anything imports
+``prometheus_client`` (the library picks its value store at import), every worker writes its
+values there, and ``/metrics`` of any worker renders the sum over all of them
+(:func:`prepare_multiprocess_dir`, :func:`worker_exited`; docs/OPERATIONS.md). Gauges then
+say how they combine (``livesum`` for in-flight counts, ``livemax`` for the breaker).
+"""
 
 from __future__ import annotations
 
-from collections import Counter
+import os
+import shutil
+import time
+from pathlib import Path
 
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    values,
+)
+from prometheus_client import multiprocess as prometheus_multiprocess
+
+from enclave import KeyBackend, KeyInfo
 from paygate.upstream.usage import Usage
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# Seconds. Whole requests span a cached reply to a long generation; the gateway's own share is
+# milliseconds; key operations are sub-millisecond in software, tens of ms on a TPM.
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+SETTLE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+KEY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+
+def multiprocess_dir() -> Path | None:
+    """The multiprocess directory when multiprocess mode is on, else None.
+
+    Raises RuntimeError when the variable was set after ``prometheus_client`` was imported:
+    values would then stay in this process while ``/metrics`` read the directory.
+    """
+    directory = os.environ.get(MULTIPROC_ENV)
+    if not directory:
+        return None
+    if values.ValueClass is values.MutexValue:
+        raise RuntimeError(f"{MULTIPROC_ENV} must be set before prometheus_client is imported")
+    return Path(directory)
+
+
+def prepare_multiprocess_dir(directory: Path) -> None:
+    """Empty ``directory`` (a previous run's files would be summed in) and create it 0700.
+
+    For the process that starts the workers, before any of them imports the metrics."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(mode=0o700, parents=True)
+
+
+def worker_exited(pid: int) -> None:
+    """Tell the multiprocess store that worker ``pid`` is gone (its live gauges drop out)."""
+    directory = multiprocess_dir()
+    if directory is not None:
+        prometheus_multiprocess.mark_process_dead(pid, str(directory))
 
 
 class Metrics:
-    """Counters for the gateway; route labels come from the closed table, never from the URL."""
+    """Every metric of one gateway app; its methods are the callbacks the stages are given."""
 
     def __init__(self) -> None:
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.errors: Counter[str] = Counter()
-        self.envelopes: Counter[str] = Counter()
-        self.retries: Counter[str] = Counter()
-        self.tokens: Counter[str] = Counter()
-        self.usage_replies = 0
+        self._dir = multiprocess_dir()
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        route = ("route",)
+        self._requests = Counter(
+            "paygate_requests", "Requests answered, by route and status.", (*route, "status"),
+            registry=r,
+        )  # fmt: skip
+        self._errors = Counter(
+            "paygate_errors", "Errors answered by the gateway, by code.", ("code",), registry=r
+        )
+        self._envelopes = Counter(
+            "paygate_request_envelopes",
+            "Forwarded requests by body envelope.",
+            ("envelope",),
+            registry=r,
+        )
+        self._in_flight = Gauge(
+            "paygate_in_flight",
+            "Upstream requests in flight.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self._duration = Histogram(
+            "paygate_request_duration_seconds",
+            "Whole request time, arrival to the reply's last byte, by route.",
+            route,
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self._overhead = Histogram(
+            "paygate_overhead_seconds",
+            "Gateway time not spent waiting on the model server, up to the reply's start.",
+            route,
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self._first_chunk = Histogram(
+            "paygate_first_chunk_seconds",
+            "Arrival to the first reply byte sent to the caller (time to first chunk).",
+            route,
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self._upstream = Histogram(
+            "paygate_upstream_latency_seconds",
+            "Forwarding to the model server's response headers (connect included).",
+            route,
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self._payments = Counter(
+            "paygate_payments",
+            "Payment admissions by outcome (admitted or the refusal code) and scheme.",
+            ("outcome", "scheme"),
+            registry=r,
+        )
+        self._earned = Counter(
+            "paygate_earned_atomic",
+            "Amount settled to us, in the asset's atomic units.",
+            ("network", "asset"),
+            registry=r,
+        )
+        self._settlement = Histogram(
+            "paygate_settlement_seconds",
+            "Settlement calls by outcome (settled, refused, pending, unavailable).",
+            ("outcome",),
+            buckets=SETTLE_BUCKETS,
+            registry=r,
+        )
+        self._pending = Gauge(
+            "paygate_settlements_pending",
+            "Settlements under way right now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self._breaker = Gauge(
+            "paygate_upstream_breaker_open",
+            "1 while the model server's circuit breaker is open (refusing at once).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self._retries = Counter(
+            "paygate_upstream_retries",
+            "Upstream attempts repeated, by reason.",
+            ("reason",),
+            registry=r,
+        )
+        self._tokens = Counter(
+            "paygate_tokens", "Tokens the model server reported, by kind.", ("kind",), registry=r
+        )
+        self._usage_replies = Counter(
+            "paygate_usage_replies", "Replies that stated their token usage.", registry=r
+        )
+        self._key_ops = Histogram(
+            "paygate_key_operation_seconds",
+            "Key backend operations (ECDH in the software key, HSM or TPM).",
+            ("backend", "operation"),
+            buckets=KEY_BUCKETS,
+            registry=r,
+        )
+
+    # --- the request path (Gateway, Opener, Replies) ---
 
     def observe(self, route: str, status: int) -> None:
-        self.requests[(route, status)] += 1
+        self._requests.labels(route, str(status)).inc()
+
+    def duration(self, route: str, seconds: float) -> None:
+        self._duration.labels(route).observe(seconds)
 
     def error(self, code: str) -> None:
-        self.errors[code] += 1
+        self._errors.labels(code).inc()
 
     def envelope(self, version: int) -> None:
-        self.envelopes[f"v{version}" if version else "plaintext"] += 1
+        self._envelopes.labels(f"v{version}" if version else "plaintext").inc()
+
+    def upstream_latency(self, route: str, seconds: float) -> None:
+        self._upstream.labels(route).observe(seconds)
+
+    def overhead(self, route: str, seconds: float) -> None:
+        self._overhead.labels(route).observe(seconds)
+
+    def first_chunk(self, route: str, seconds: float) -> None:
+        self._first_chunk.labels(route).observe(seconds)
 
     def retry(self, reason: str) -> None:
-        self.retries[reason] += 1
+        self._retries.labels(reason).inc()
 
     def usage(self, usage: Usage) -> None:
         """Tokens a reply's model server stated (paygate.upstream.usage)."""
-        self.tokens["prompt"] += usage.prompt_tokens
-        self.tokens["completion"] += usage.completion_tokens
-        self.usage_replies += 1
+        self._tokens.labels("prompt").inc(usage.prompt_tokens)
+        self._tokens.labels("completion").inc(usage.completion_tokens)
+        self._usage_replies.inc()
 
-    def render(self, in_flight: int) -> str:
-        """The Prometheus text exposition of every counter."""
-        lines = [
-            "# HELP paygate_requests_total Requests answered, by route and status.",
-            "# TYPE paygate_requests_total counter",
-        ]
-        for (route, status), count in sorted(self.requests.items()):
-            lines.append(f'paygate_requests_total{{route="{route}",status="{status}"}} {count}')
-        lines += [
-            "# HELP paygate_errors_total Errors answered by the gateway, by code.",
-            "# TYPE paygate_errors_total counter",
-        ]
-        for code, count in sorted(self.errors.items()):
-            lines.append(f'paygate_errors_total{{code="{code}"}} {count}')
-        lines += [
-            "# HELP paygate_request_envelopes_total Forwarded requests by body envelope.",
-            "# TYPE paygate_request_envelopes_total counter",
-        ]
-        for name, count in sorted(self.envelopes.items()):
-            lines.append(f'paygate_request_envelopes_total{{envelope="{name}"}} {count}')
-        lines += [
-            "# HELP paygate_upstream_retries_total Upstream attempts repeated, by reason.",
-            "# TYPE paygate_upstream_retries_total counter",
-        ]
-        for reason, count in sorted(self.retries.items()):
-            lines.append(f'paygate_upstream_retries_total{{reason="{reason}"}} {count}')
-        lines += [
-            "# HELP paygate_tokens_total Tokens the model server reported, by kind.",
-            "# TYPE paygate_tokens_total counter",
-        ]
-        for kind, count in sorted(self.tokens.items()):
-            lines.append(f'paygate_tokens_total{{kind="{kind}"}} {count}')
-        lines += [
-            "# HELP paygate_usage_replies_total Replies that stated their token usage.",
-            "# TYPE paygate_usage_replies_total counter",
-            f"paygate_usage_replies_total {self.usage_replies}",
-            "# HELP paygate_in_flight Upstream requests in flight.",
-            "# TYPE paygate_in_flight gauge",
-            f"paygate_in_flight {in_flight}",
-        ]
-        return "\n".join(lines) + "\n"
+    def key_operation(self, backend: str, operation: str, seconds: float) -> None:
+        self._key_ops.labels(backend, operation).observe(seconds)
+
+    # --- payments (paygate.x402.processor.PaymentEvents) ---
+
+    def admission(self, outcome: str, scheme: str) -> None:
+        self._payments.labels(outcome, scheme).inc()
+
+    def settlement(self, outcome: str, seconds: float) -> None:
+        self._settlement.labels(outcome).observe(seconds)
+
+    def earned(self, network: str, asset: str, amount: int) -> None:
+        self._earned.labels(network, asset).inc(amount)
+
+    def settling(self, delta: int) -> None:
+        self._pending.inc(delta)
+
+    # --- exposition ---
+
+    def render(self, *, in_flight: int, breaker_open: bool | None = None) -> bytes:
+        """The text exposition; the gauges read at scrape time are set first."""
+        self._in_flight.set(in_flight)
+        if breaker_open is not None:
+            self._breaker.set(1 if breaker_open else 0)
+        if self._dir is None:
+            return generate_latest(self.registry)
+        # Multiprocess: the sum over every worker's files, not this process's registry.
+        combined = CollectorRegistry()
+        prometheus_multiprocess.MultiProcessCollector(combined, path=str(self._dir))
+        return generate_latest(combined)
+
+
+class TimedKey:
+    """A key backend whose ECDH is timed into :meth:`Metrics.key_operation`."""
+
+    def __init__(self, key: KeyBackend, metrics: Metrics) -> None:
+        self._key = key
+        self._metrics = metrics
+        self._backend = key.info().backend
+
+    @property
+    def public_key(self) -> bytes:
+        return self._key.public_key
+
+    def ecdh(self, peer_public_key: bytes) -> bytes:
+        started = time.perf_counter()
+        try:
+            return self._key.ecdh(peer_public_key)
+        finally:
+            self._metrics.key_operation(self._backend, "ecdh", time.perf_counter() - started)
+
+    def info(self) -> KeyInfo:
+        return self._key.info()
+
+    def close(self) -> None:
+        self._key.close()

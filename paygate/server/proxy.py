@@ -265,6 +265,11 @@ class Upstream:
             total=None, connect=timeouts.connect, sock_connect=timeouts.connect
         )
 
+    @property
+    def breaker_open(self) -> bool | None:
+        """The circuit breaker's state, or None without a breaker."""
+        return None if self._breaker is None else self._breaker.is_open
+
     def _with_key(self, headers: Mapping[str, str]) -> Mapping[str, str]:
         if self._api_key is None:
             return headers

@@ -200,17 +200,33 @@ class Chain:
         return tail
 
 
+class ReplyObserver(Protocol):
+    """Where the reply stage reports (metrics); labels are route names and error codes."""
+
+    def error(self, code: str) -> None:
+        """A reply cut mid-stream, by code."""
+        ...
+
+    def overhead(self, route: str, seconds: float) -> None:
+        """Gateway time not spent waiting on the upstream, up to the reply's start."""
+        ...
+
+    def first_chunk(self, route: str, seconds: float) -> None:
+        """Arrival to the first body bytes handed to the caller's socket."""
+        ...
+
+
 class Replies:
-    """Sends replies; counts errors cut mid-stream through ``on_error``."""
+    """Sends replies; reports errors cut mid-stream and timings to ``observer``."""
 
     def __init__(
         self,
         limits: ReplyLimits,
-        on_error: Callable[[str], None],
+        observer: ReplyObserver,
         receipts: ReceiptIssuer | None = None,
     ) -> None:
         self._limits = limits
-        self._on_error = on_error
+        self._observer = observer
         self._receipts = receipts
 
     async def send(
@@ -325,7 +341,8 @@ class Replies:
                 receipt=receipt,
                 usage=usage_claims(reply.usage),
             )
-        headers[wire.OVERHEAD_HEADER] = _overhead(started, reply)
+        headers[wire.OVERHEAD_HEADER] = self._overhead(ticket, started, reply)
+        self._observer.first_chunk(ticket.route.name, _since(started))
         ticket.delivered = True
         return web.Response(status=reply.status, body=payload, headers=headers)
 
@@ -386,16 +403,24 @@ class Replies:
             if body is not None and len(body) == reply.plain_length:
                 # All of it is here: one write of head and body instead of a relay loop.
                 whole = web.Response(status=reply.status, body=body, headers=headers)
-                whole.headers[wire.OVERHEAD_HEADER] = _overhead(started, reply)
+                whole.headers[wire.OVERHEAD_HEADER] = self._overhead(ticket, started, reply)
+                self._observer.first_chunk(ticket.route.name, _since(started))
                 ticket.delivered = True
                 return whole
         response = web.StreamResponse(status=reply.status, headers=headers)
         if not chain and reply.plain_length is not None:
             response.content_length = reply.plain_length
-        response.headers[wire.OVERHEAD_HEADER] = _overhead(started, reply)
+        response.headers[wire.OVERHEAD_HEADER] = self._overhead(ticket, started, reply)
         await response.prepare(request)
+        route = ticket.route.name
         try:
-            error = await self._relay(response, reply, chain, self._settle_deadline(ticket, inband))
+            error = await self._relay(
+                response,
+                reply,
+                chain,
+                self._settle_deadline(ticket, inband),
+                lambda: self._observer.first_chunk(route, _since(started)),
+            )
             if meter is not None:
                 ticket.meter(reply.usage, reply_bytes=meter.bytes_seen)
             receipt = await ticket.settle() if inband else None
@@ -408,7 +433,7 @@ class Replies:
             # Headers are gone: the only honest signal left is an incomplete transfer (and
             # for v2, no final frame, which the caller's opener reports as truncation).
             code = exc.code if isinstance(exc, GatewayError) else type(exc).__name__
-            self._on_error(code)
+            self._observer.error(code)
             log.warning("reply cut mid-stream: %s", code)
             ticket.status = 0 if ticket.status < 400 else ticket.status
             if request.transport is not None:
@@ -427,14 +452,22 @@ class Replies:
         left = valid_before - self._limits.settle_margin_seconds - time.time()
         return asyncio.get_running_loop().time() + left
 
+    def _overhead(self, ticket: Ticket, started: float, reply: UpstreamReply) -> str:
+        # Time not spent waiting on the upstream, up to now (response start for streams).
+        spent = max(_since(started) - reply.waited, 0.0)
+        self._observer.overhead(ticket.route.name, spent)
+        return f"{spent * 1000:.2f}"
+
     @staticmethod
     async def _relay(
         response: web.StreamResponse,
         reply: UpstreamReply,
         chain: Chain,
         deadline: float | None,
+        on_first: Callable[[], None],
     ) -> str | None:
         """Relay every chunk; with a deadline, stop there and say why (an in-band error)."""
+        first = True
         async with contextlib.aclosing(reply.chunks()) as chunks:
             if deadline is None:  # the usual case: no scope to set up and tear down
                 async for chunk in chunks:
@@ -448,6 +481,9 @@ class Replies:
                         out = chain.feed(chunk)
                         if out:
                             await response.write(out)
+                            if first:
+                                first = False
+                                on_first()
             except TimeoutError:
                 if scope.expired():
                     return AUTHORIZATION_EXPIRING
@@ -490,10 +526,8 @@ def _sealed_headers(reply: UpstreamReply, plan: V1Reply | V2Reply) -> CIMultiDic
     return headers
 
 
-def _overhead(started: float, reply: UpstreamReply) -> str:
-    # Time not spent waiting on the upstream, up to now (response start for streams).
-    spent = asyncio.get_running_loop().time() - started - reply.waited
-    return f"{max(spent, 0.0) * 1000:.2f}"
+def _since(started: float) -> float:
+    return asyncio.get_running_loop().time() - started
 
 
 def _error_event(media_type: str, code: str) -> bytes:

@@ -70,10 +70,18 @@ def supervise(
     run_worker: Callable[[int], int],
     *,
     grace_seconds: float,
+    on_started: Callable[[], object] | None = None,
+    on_tick: Callable[[], object] | None = None,
+    on_exit: Callable[[int], object] | None = None,
+    on_stop: Callable[[], object] | None = None,
 ) -> int:
     """Fork ``count`` workers (``run_worker(index)`` runs in each and returns its exit code),
     restart one that dies (at most RESTART_LIMIT times a minute), and on SIGTERM/SIGINT stop
-    them all: SIGTERM each, wait up to ``grace_seconds`` + 5 s, then SIGKILL what is left."""
+    them all: SIGTERM each, wait up to ``grace_seconds`` + 5 s, then SIGKILL what is left.
+
+    Hooks (systemd notify, multiprocess metrics): ``on_started()`` once every worker is
+    forked, ``on_tick()`` on every turn of the supervising loop, ``on_exit(pid)`` for each
+    worker reaped, ``on_stop()`` when the stop begins."""
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
@@ -104,11 +112,17 @@ def supervise(
     try:
         for index in range(1, count + 1):
             spawn(index)
+        if on_started is not None:
+            on_started()
         while not stopping:
+            if on_tick is not None:
+                on_tick()
             pid, code = _reap()
             if pid == 0:
                 time.sleep(POLL_SECONDS)
                 continue
+            if on_exit is not None:
+                on_exit(pid)
             index = children.pop(pid, None)
             if index is None or stopping:
                 continue
@@ -121,6 +135,8 @@ def supervise(
                 break
             spawn(index)
     finally:
+        if on_stop is not None:
+            on_stop()
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)

@@ -145,14 +145,10 @@ async def discover(
     return [found for found in results if found is not None]
 
 
-def table(found: Sequence[Found]) -> str:
-    """A plain text table (what ``paygate discover`` prints)."""
-    rows = [("PORT", "KIND", "VERSION", "MODELS", "URL")]
+def rows(found: Sequence[Found]) -> list[tuple[str, ...]]:
+    """The table ``paygate discover`` prints, header first."""
+    out = [("PORT", "KIND", "VERSION", "MODELS", "URL")]
     for item in found:
         models = ", ".join(item.models[:5]) + (" ..." if len(item.models) > 5 else "")
-        rows.append((str(item.port), item.kind, item.version or "-", models or "-", item.url))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
+        out.append((str(item.port), item.kind, item.version or "-", models or "-", item.url))
+    return out

@@ -1,5 +1,8 @@
 """A facilitator over x402's HTTP API: POST /verify, POST /settle.
 
+Every call carries the operator's facilitator headers (a hosted facilitator's API key, from a
+secret file): they are held as ``SecretStr`` and never logged; only exception classes are.
+
 Retries only where they are safe: verification is read-only, so it is retried on connection
 errors, time-outs, 5xx and garbage; a settlement is re-sent only when the request never left
 (connection refused), because after that its outcome is unknown and must be reconciled.
@@ -15,10 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from paygate import jsonsafe
 from paygate.x402.chain_upto import UptoChain
@@ -63,9 +67,11 @@ class FacilitatorSettler:
         settle_timeout: float,
         backoff: float = 0.2,
         chain: ChainReader | None = None,
+        headers: Mapping[str, SecretStr] | None = None,
     ) -> None:
         self._session = session
         self._chain = chain
+        self._headers = dict(headers or {})
         self._url = url.rstrip("/")
         self._timeout = timeout
         self._settle_timeout = settle_timeout
@@ -266,6 +272,7 @@ class FacilitatorSettler:
         async with self._session.post(
             self._url + path,
             json=body,
+            headers={name: value.get_secret_value() for name, value in self._headers.items()},
             timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 5.0)),
             allow_redirects=False,
         ) as response:

@@ -32,10 +32,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from paygate import wire
@@ -85,6 +86,63 @@ _IN_PROGRESS = (
 PayerCheck = Callable[[str, str | None, str], Mapping[str, str] | None]
 
 
+class PaymentEvents(Protocol):
+    """What the processor reports as it works (metrics); each call must be cheap and never
+    raise. Labels are codes and the operator's own networks and assets, never caller data."""
+
+    def admission(self, outcome: str, scheme: str) -> None:
+        """A paid route's admission: ``admitted`` or the refusal code; scheme or ``none``."""
+        ...
+
+    def settlement(self, outcome: str, seconds: float) -> None:
+        """One settle call: ``settled``, ``refused``, ``pending`` or ``unavailable``."""
+        ...
+
+    def earned(self, network: str, asset: str, amount: int) -> None:
+        """A settlement to us succeeded: ``amount`` atomic units of ``asset`` on ``network``."""
+        ...
+
+    def settling(self, delta: int) -> None:
+        """A settlement started (+1) or ended (-1)."""
+        ...
+
+
+class NoEvents:
+    """Reports nowhere."""
+
+    def admission(self, outcome: str, scheme: str) -> None:
+        return None
+
+    def settlement(self, outcome: str, seconds: float) -> None:
+        return None
+
+    def earned(self, network: str, asset: str, amount: int) -> None:
+        return None
+
+    def settling(self, delta: int) -> None:
+        return None
+
+
+_CODE = re.compile(r"[a-z0-9_]{1,64}")
+_SCHEMES = frozenset({"exact", "upto"})
+
+
+def _label(code: str) -> str:
+    # Refusal codes may come from a facilitator: keep the label set small and printable.
+    return code if _CODE.fullmatch(code) else "other"
+
+
+def _scheme_offered(headers: Mapping[str, str]) -> str:
+    """The scheme a refused request's payment named (``none`` without one), for a label."""
+    raw, header = _payment_header(headers)
+    if raw is None:
+        return "none"
+    try:
+        return codec.decode_payment(raw, header=header).scheme
+    except (codec.PaymentHeaderError, ValueError):
+        return "other"
+
+
 class PaymentProcessor:
     """The x402 policy over a ledger and a settler; one per gateway process."""
 
@@ -104,8 +162,10 @@ class PaymentProcessor:
         min_remaining_seconds: float = 0.0,
         retry_after_seconds: int = 1,
         clock: Callable[[], float] = time.time,
+        events: PaymentEvents | None = None,
     ) -> None:
         self.terms = terms
+        self._events: PaymentEvents = events if events is not None else NoEvents()
         self._ledger = ledger
         self._settler = settler
         self._settlement = settlement
@@ -163,6 +223,34 @@ class PaymentProcessor:
         model: str | None = None,
         upto_extra: tuple[tuple[str, str], ...] = (),
     ) -> Admission | Refusal:
+        """:meth:`_admit`, reported to the events (outcome and scheme, never caller data)."""
+        result = await self._admit(
+            headers,
+            price=price,
+            resource=resource,
+            route=route,
+            maximum=maximum,
+            model=model,
+            upto_extra=upto_extra,
+        )
+        if isinstance(result, Admission):
+            outcome, scheme = "admitted", result.scheme.name if result.paid else "none"
+        else:
+            outcome, scheme = _label(result.code), _scheme_offered(headers)
+        self._events.admission(outcome, scheme if scheme in _SCHEMES else "other")
+        return result
+
+    async def _admit(
+        self,
+        headers: Mapping[str, str],
+        *,
+        price: Decimal,
+        resource: ResourceInfo,
+        route: str,
+        maximum: Decimal | None = None,
+        model: str | None = None,
+        upto_extra: tuple[tuple[str, str], ...] = (),
+    ) -> Admission | Refusal:
         """Admit a request at ``price`` (exact) or up to ``maximum`` (upto), or refuse it; a
         request with nothing to offer is free and needs no payment."""
         offers = self.offers(price, maximum, upto_extra)
@@ -177,17 +265,19 @@ class PaymentProcessor:
         try:
             payment = codec.decode_payment(raw, header=header)
             key = payment.payment_identifier
-        except codec.PaymentHeaderError as exc:
-            return self.challenge(400, "invalid_payment", str(exc), offers, resource)
-        except ValueError as exc:
-            return self.challenge(400, "invalid_payment", str(exc), offers, resource)
+        except (codec.PaymentHeaderError, ValueError) as exc:
+            return self.challenge(400, "invalid_payment", str(exc), offers, resource), "none"
+        scheme = payment.scheme
         if key is None and self.terms.require_payment_identifier and payment.x402_version == 2:
-            return self.challenge(
-                400,
-                "invalid_payment",
-                "the payment-identifier extension is required",
-                offers,
-                resource,
+            return (
+                self.challenge(
+                    400,
+                    "invalid_payment",
+                    "the payment-identifier extension is required",
+                    offers,
+                    resource,
+                ),
+                scheme,
             )
         try:
             offer = match_offer(payment, offers)
@@ -222,15 +312,20 @@ class PaymentProcessor:
                 headers={"Retry-After": str(_seconds_to_utc_midnight(self._clock()))},
             )
         except IdempotencyKeyReused:
-            return Refusal(
-                409,
-                "idempotency_key_reused",
-                "this payment-identifier belongs to another payment",
+            return (
+                Refusal(
+                    409,
+                    "idempotency_key_reused",
+                    "this payment-identifier belongs to another payment",
+                ),
+                scheme,
             )
         except LedgerUnavailable:
-            return self.unavailable("ledger_unavailable", "the payment ledger is unavailable")
+            return self.unavailable(
+                "ledger_unavailable", "the payment ledger is unavailable"
+            ), scheme
         except ValueError as exc:  # the ledger's own input checks; the models passed it
-            return self.challenge(400, "invalid_payment", str(exc), offers, resource)
+            return self.challenge(400, "invalid_payment", str(exc), offers, resource), scheme
         self._hold(record)
         admission = Admission(
             price=price,
@@ -240,7 +335,7 @@ class PaymentProcessor:
             scheme=scheme,
             authorized=authorized,
         )
-        return await self._verify(admission, offers, resource)
+        return await self._verify(admission, offers, resource), scheme
 
     async def _free(
         self,
@@ -475,6 +570,8 @@ class PaymentProcessor:
             log.error("payment %s: cannot record SETTLING: %s", record.id, exc.code)
             return None
         admission.record = record
+        started = time.monotonic()
+        self._events.settling(1)
         try:
             answer = await admission.scheme.settle(
                 self._settler, payment, admission.requirements, admission.owed
@@ -484,9 +581,15 @@ class PaymentProcessor:
                 admission, exc.transaction, review=str(exc), withhold=exc.withhold
             )
         except SettlementUnknown as exc:
+            self._events.settlement("pending", time.monotonic() - started)
             return await self._pending(admission, exc.transaction)
         except SettlerUnavailable:
+            self._events.settlement("unavailable", time.monotonic() - started)
             return await self._pending(admission, None)
+        finally:
+            self._events.settling(-1)
+        outcome = "settled" if answer.success else "refused"
+        self._events.settlement(outcome, time.monotonic() - started)
         receipt = await self._record_answer(admission, answer)
         admission.receipt = receipt
         return receipt
@@ -511,6 +614,7 @@ class PaymentProcessor:
         except LedgerError as exc:
             log.error("payment %s: cannot record %s: %s", record.id, state, exc.code)
         if answer.success:
+            self._events.earned(record.network, record.asset, record.amount)
             log.info("payment %s settled", record.id)
         else:
             log.warning("payment %s settlement refused: %s", record.id, answer.error_reason)

@@ -110,7 +110,7 @@ async def test_free_endpoints() -> None:
         assert isinstance(pub["tag"], str)
         assert pub["suites"]["v2"]["name"].startswith("HPKE-Base-DHKEM-P256")
         metrics = await (await s.client.get(s.url + "/metrics")).text()
-        assert 'paygate_requests_total{route="GET /health",status="200"} 1' in metrics
+        assert 'paygate_requests_total{route="GET /health",status="200"} 1.0' in metrics
         # None of the free routes is forwarded; only readiness probes the upstream root.
         assert set(s.fake.hits) <= {"GET /"}
 

@@ -63,3 +63,27 @@ def test_unit_exposure_stays_below_threshold(unit: Path) -> None:
         "CapabilityBoundingSet=~CAP_SYS_ADMIN",
     ):
         assert checks[setting]["set"] is True, setting
+
+
+def test_unit_is_notify_with_a_watchdog_and_no_secrets_in_its_environment() -> None:
+    lines = [line.strip() for line in UNIT.read_text().splitlines()]
+    for setting in (
+        "Type=notify",
+        "NotifyAccess=main",
+        "WatchdogSec=30s",
+        "RuntimeDirectory=paygate",
+    ):
+        assert setting in lines, setting
+    environment = " ".join(line for line in lines if line.startswith("Environment="))
+    for secret in ("PASSPHRASE", "PIN", "GAS_KEY", "API_KEY", "HEADERS"):
+        assert secret not in environment
+    # Every credential the drop-in offers is one paygate reads by that fixed name.
+    from paygate.config import CREDENTIALS
+
+    drop_in = (UNIT.parent / "credentials.conf").read_text()
+    offered = [
+        line.split("=", 1)[1].split(":", 1)[0]
+        for line in drop_in.splitlines()
+        if line.startswith("LoadCredential=")
+    ]
+    assert sorted(offered) == sorted(CREDENTIALS)

@@ -109,11 +109,11 @@ def test_metrics_render() -> None:
     metrics.observe("POST /api/chat", 200)
     metrics.error("overloaded")
     metrics.envelope(2)
-    text = metrics.render(in_flight=3)
-    assert 'paygate_requests_total{route="POST /api/chat",status="200"} 1' in text
-    assert 'paygate_errors_total{code="overloaded"} 1' in text
-    assert 'paygate_request_envelopes_total{envelope="v2"} 1' in text
-    assert "paygate_in_flight 3" in text
+    text = metrics.render(in_flight=3).decode()
+    assert 'paygate_requests_total{route="POST /api/chat",status="200"} 1.0' in text
+    assert 'paygate_errors_total{code="overloaded"} 1.0' in text
+    assert 'paygate_request_envelopes_total{envelope="v2"} 1.0' in text
+    assert "paygate_in_flight 3.0" in text
 
 
 def test_gateway_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

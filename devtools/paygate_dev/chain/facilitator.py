@@ -65,6 +65,8 @@ class FacilitatorSettings:
     simulate_in_settle: bool = True
     verify_timeout: float = 30.0
     settle_timeout: float = 60.0
+    # Headers every API call must carry (a hosted facilitator's API key); 401 without them.
+    required_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
 def build_sdk_facilitator(settings: FacilitatorSettings) -> tuple[x402FacilitatorSync, str]:
@@ -112,7 +114,7 @@ class FacilitatorApp:
         self._held: set[asyncio.Future[None]] = set()
 
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=256 * 1024)
+        app = web.Application(client_max_size=256 * 1024, middlewares=[self._authenticate])
         app.router.add_post("/verify", self._verify)
         app.router.add_post("/settle", self._settle)
         app.router.add_get("/supported", self._supported)
@@ -121,6 +123,19 @@ class FacilitatorApp:
         app.router.add_post("/_control/reset", self._control_reset)
         app.router.add_post("/_control/release", self._control_release)
         return app
+
+    @web.middleware
+    async def _authenticate(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        if not request.path.startswith("/_control/"):
+            for name, value in self._settings.required_headers:
+                if request.headers.get(name) != value:
+                    self.stats.record("unauthorized", None)
+                    return web.json_response({"error": "unauthorized"}, status=401)
+        return await handler(request)
 
     # -- the facilitator API -------------------------------------------------------------
 

@@ -1,0 +1,268 @@
+"""``paygate doctor``: every check with pass/fail and a one-line fix; exit 1 on any failure.
+
+Checks run against the same settings ``paygate serve`` would use (``--config``, environment).
+Each is independent and bounded by a timeout; none prints a secret (only setting names,
+paths, modes, chain ids and HTTP statuses). ``--json`` prints a list of
+``{check, ok, detail, fix}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from enclave import EnclaveError
+from paygate.config import ConfigError, Settings, load_settings
+from paygate.keys import open_key_backend
+from paygate.x402.networks import UnknownNetwork, resolve_network
+
+PROBE_TIMEOUT = 5.0  # seconds per network check
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    check: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def register(sub: Any) -> None:
+    doctor = sub.add_parser("doctor", help="check the configuration and everything it names")
+    doctor.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
+    doctor.add_argument("--json", action="store_true", help="a list of {check, ok, detail, fix}")
+    doctor.set_defaults(run=_doctor)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    checks = asyncio.run(run_checks(getattr(args, "config", None)))
+    if args.json:
+        print(json.dumps([asdict(c) for c in checks], indent=2))
+    else:
+        for c in checks:
+            print(f"{'PASS' if c.ok else 'FAIL'}  {c.check:12} {c.detail}")
+            if not c.ok and c.fix:
+                print(f"      {'':12} fix: {c.fix}")
+    return 0 if all(c.ok for c in checks) else 1
+
+
+async def run_checks(config: Path | None) -> list[Check]:
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        return [Check("config", False, str(exc), "correct the setting named above")]
+    checks = [Check("config", True, f"valid ({config or 'environment and defaults'})")]
+    probes: list[Callable[[Settings], Awaitable[Check | None]]] = [
+        _key_files,
+        _key,
+        _upstream,
+        _docker,
+        _facilitator,
+        _chain,
+        _ledger,
+    ]
+    for probe in probes:
+        try:
+            found = await probe(settings)
+        except Exception as exc:  # one broken check must not hide the others
+            name = probe.__name__.strip("_")
+            found = Check(name, False, f"check failed: {type(exc).__name__}", "see the detail")
+        if found is not None:
+            checks.append(found)
+    return checks
+
+
+async def _key_files(settings: Settings) -> Check | None:
+    if settings.key_backend == "pkcs11":
+        return None
+    path = settings.key_file if settings.key_backend == "software" else settings.tpm_key_dir
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as exc:
+        return Check("key-files", False, f"{path}: {exc.strerror}", "paygate keys create")
+    if mode & 0o077:
+        wanted = "0600" if path.is_file() else "0700"
+        return Check("key-files", False, f"{path} is mode {mode:04o}", f"chmod {wanted} {path}")
+    return Check("key-files", True, f"{path} mode {mode:04o}")
+
+
+async def _key(settings: Settings) -> Check:
+    def use() -> str:
+        key = open_key_backend(settings)
+        try:
+            key.ecdh(key.public_key)  # a real operation: the token or TPM answers
+            return key.info().backend
+        finally:
+            key.close()
+
+    try:
+        backend = await asyncio.wait_for(asyncio.to_thread(use), PROBE_TIMEOUT * 2)
+    except (EnclaveError, ConfigError, OSError, TimeoutError) as exc:
+        code = getattr(exc, "code", type(exc).__name__)
+        return Check(
+            "key",
+            False,
+            f"{settings.key_backend} key unusable ({code})",
+            "check key_file/pkcs11_*/tpm_* and the secret; paygate keys show",
+        )
+    return Check("key", True, f"{backend} key answers ECDH")
+
+
+async def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
+    async with (
+        aiohttp.ClientSession(timeout=timeout, trust_env=False) as session,
+        session.get(url, headers=headers, allow_redirects=False) as response,
+    ):
+        raw = await response.content.read(256 * 1024)
+    try:
+        return response.status, json.loads(raw)
+    except ValueError:
+        return response.status, None
+
+
+async def _upstream(settings: Settings) -> Check | None:
+    if settings.upstream_mode == "container":
+        return None  # its readiness is the container's: paygate upstream status
+    from paygate.upstream.service import auth_headers, health_url
+
+    config = settings.upstream()
+    headers = auth_headers(config.api_key)
+    try:
+        status, _ = await _get(health_url(config), headers)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return Check(
+            "upstream",
+            False,
+            f"{settings.upstream_url} unreachable ({type(exc).__name__})",
+            "start the model server or correct upstream_url",
+        )
+    if status >= 400:
+        return Check("upstream", False, f"readiness answered HTTP {status}", "see its logs")
+    return Check("upstream", True, f"{settings.upstream_url} ready")
+
+
+async def _docker(settings: Settings) -> Check | None:
+    if settings.upstream_mode != "container":
+        return None
+    import docker.errors
+
+    from paygate.upstream.engine import connect
+    from paygate.upstream.errors import UpstreamError
+    from paygate.upstream.spec import container_spec
+
+    config = settings.upstream()
+    spec = container_spec(config)
+
+    def look() -> Check:
+        try:
+            client = connect(config.docker_host)
+        except UpstreamError as exc:
+            return Check("docker", False, str(exc), "start dockerd or correct docker_host")
+        try:
+            for image in (spec.image, spec.relay_image):
+                try:
+                    client.images.get(image)
+                except docker.errors.ImageNotFound:
+                    return Check(
+                        "docker",
+                        False,
+                        f"image {image} is not on the engine",
+                        f"docker pull {image} (or docker load it)",
+                    )
+        finally:
+            client.close()
+        return Check("docker", True, f"engine reachable; {spec.image} present")
+
+    return await asyncio.wait_for(asyncio.to_thread(look), PROBE_TIMEOUT * 4)
+
+
+async def _facilitator(settings: Settings) -> Check | None:
+    if settings.payment_mode not in ("facilitator", "verify-only") or not settings.facilitator_url:
+        return None
+    headers = {k: v.get_secret_value() for k, v in settings.facilitator_headers().items()}
+    try:
+        status, body = await _get(settings.facilitator_url + "/supported", headers)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return Check(
+            "facilitator",
+            False,
+            f"unreachable ({type(exc).__name__})",
+            "check facilitator_url and the network",
+        )
+    if status in (401, 403):
+        return Check("facilitator", False, f"HTTP {status}", "set facilitator_headers_file")
+    kinds = body.get("kinds", []) if isinstance(body, dict) else []
+    offered = {(k.get("scheme"), k.get("network")) for k in kinds if isinstance(k, dict)}
+    missing = []
+    for name in settings.network:
+        network = resolve_network(name)
+        if ("exact", network.caip2) not in offered:  # v2 names; our challenges lead with v2
+            missing.append(f"{name} ({network.caip2})")
+    if missing:
+        return Check(
+            "facilitator",
+            False,
+            f"/supported lacks scheme exact on {', '.join(missing)}",
+            "use a facilitator that settles these networks, or change network",
+        )
+    return Check("facilitator", True, f"/supported lists exact on {', '.join(settings.network)}")
+
+
+async def _chain(settings: Settings) -> Check | None:
+    if not settings.chain_rpc_url:
+        return None
+    timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
+    body = {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout, trust_env=False) as session,
+            session.post(settings.chain_rpc_url, json=body) as response,
+        ):
+            answer = await response.json(content_type=None)
+        chain_id = int(answer["result"], 16)
+    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+        return Check(
+            "chain",
+            False,
+            f"chain RPC unusable ({type(exc).__name__})",
+            "check chain_rpc_url (and its API key)",
+        )
+    try:
+        wanted = {resolve_network(name).chain_id for name in settings.network}
+    except UnknownNetwork as exc:
+        return Check("chain", False, str(exc), "correct network")
+    if chain_id not in wanted:
+        return Check(
+            "chain",
+            False,
+            f"chain RPC is chain id {chain_id}, network wants {sorted(wanted)}",
+            "point chain_rpc_url at the configured network's chain",
+        )
+    return Check("chain", True, f"chain id {chain_id}")
+
+
+async def _ledger(settings: Settings) -> Check | None:
+    if settings.payment_mode == "off":
+        return None
+    from paygate.x402.ledger_sqlite import SqliteLedger
+
+    try:
+        ledger = await SqliteLedger.open(settings.ledger_path)
+        await ledger.close()
+    except Exception as exc:
+        return Check(
+            "ledger",
+            False,
+            f"{settings.ledger_path}: {getattr(exc, 'code', type(exc).__name__)}",
+            "make its directory writable by the service user (0700)",
+        )
+    return Check("ledger", True, f"{settings.ledger_path} writable and migrated")
