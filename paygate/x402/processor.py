@@ -265,19 +265,17 @@ class PaymentProcessor:
         try:
             payment = codec.decode_payment(raw, header=header)
             key = payment.payment_identifier
-        except (codec.PaymentHeaderError, ValueError) as exc:
-            return self.challenge(400, "invalid_payment", str(exc), offers, resource), "none"
-        scheme = payment.scheme
+        except codec.PaymentHeaderError as exc:
+            return self.challenge(400, "invalid_payment", str(exc), offers, resource)
+        except ValueError as exc:
+            return self.challenge(400, "invalid_payment", str(exc), offers, resource)
         if key is None and self.terms.require_payment_identifier and payment.x402_version == 2:
-            return (
-                self.challenge(
-                    400,
-                    "invalid_payment",
-                    "the payment-identifier extension is required",
-                    offers,
-                    resource,
-                ),
-                scheme,
+            return self.challenge(
+                400,
+                "invalid_payment",
+                "the payment-identifier extension is required",
+                offers,
+                resource,
             )
         try:
             offer = match_offer(payment, offers)
@@ -312,20 +310,15 @@ class PaymentProcessor:
                 headers={"Retry-After": str(_seconds_to_utc_midnight(self._clock()))},
             )
         except IdempotencyKeyReused:
-            return (
-                Refusal(
-                    409,
-                    "idempotency_key_reused",
-                    "this payment-identifier belongs to another payment",
-                ),
-                scheme,
+            return Refusal(
+                409,
+                "idempotency_key_reused",
+                "this payment-identifier belongs to another payment",
             )
         except LedgerUnavailable:
-            return self.unavailable(
-                "ledger_unavailable", "the payment ledger is unavailable"
-            ), scheme
+            return self.unavailable("ledger_unavailable", "the payment ledger is unavailable")
         except ValueError as exc:  # the ledger's own input checks; the models passed it
-            return self.challenge(400, "invalid_payment", str(exc), offers, resource), scheme
+            return self.challenge(400, "invalid_payment", str(exc), offers, resource)
         self._hold(record)
         admission = Admission(
             price=price,
@@ -335,7 +328,7 @@ class PaymentProcessor:
             scheme=scheme,
             authorized=authorized,
         )
-        return await self._verify(admission, offers, resource), scheme
+        return await self._verify(admission, offers, resource)
 
     async def _free(
         self,
@@ -614,7 +607,7 @@ class PaymentProcessor:
         except LedgerError as exc:
             log.error("payment %s: cannot record %s: %s", record.id, state, exc.code)
         if answer.success:
-            self._events.earned(record.network, record.asset, record.amount)
+            self._events.earned(record.network, record.asset, _moved(answer, admission.owed))
             log.info("payment %s settled", record.id)
         else:
             log.warning("payment %s settlement refused: %s", record.id, answer.error_reason)
