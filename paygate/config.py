@@ -88,7 +88,11 @@ class Settings(BaseSettings):
     tpm_key_dir: Path = Path("/var/lib/paygate/tpm-key")
 
     # --- attestation (docs/ATTESTATION.md) ---
-    attestation: Literal["auto", "tpm", "none"] = "auto"
+    attestation: Literal["auto", "tpm", "none", "sev-snp", "tdx", "nitro"] = "auto"
+    # Where the TEE kinds get their evidence (enclave.attestation.providers).
+    attestation_configfs_root: Path = Path("/sys/kernel/config/tsm")
+    attestation_sev_guest_device: Path = Path("/dev/sev-guest")
+    attestation_nsm_device: Path = Path("/dev/nsm")
     attestation_max_concurrent: PositiveInt = 2
     attestation_rate_per_minute: PositiveInt = 30
 

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import rfc8785
+from cryptography.hazmat.primitives import serialization
 
 from enclave import p256
+from enclave.attestation.base import ExpectedBinding
 from enclave.errors import EnclaveError, InvalidPublicKey
 
 VERSION = 1
@@ -233,3 +235,23 @@ def _point(value: Any) -> bytes:
     except InvalidPublicKey:
         raise BindingInvalid("a public key is not a P-256 point") from None
     return raw
+
+
+TEE_KINDS = ("sev-snp", "tdx", "nitro")
+
+
+def tee_expected(kind: str, bound: Binding) -> ExpectedBinding:
+    """What TEE evidence of ``kind`` carries for ``bound``: SEV-SNP and TDX report_data =
+    SHA-512 of the canonical document; Nitro nonce, user_data = its SHA-256 and public_key = the
+    sealing key (SPKI DER). The appliance asks its TEE for this; the client expects it."""
+    document = bound.canonical()
+    if kind in ("sev-snp", "tdx"):
+        return ExpectedBinding(report_data=hashlib.sha512(document).digest())
+    if kind == "nitro":
+        spki = p256.load_public_key(bound.sealing_key).public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return ExpectedBinding(
+            nonce=bound.nonce, user_data=hashlib.sha256(document).digest(), public_key=spki
+        )
+    raise ValueError(f"not a TEE evidence kind: {kind!r}")

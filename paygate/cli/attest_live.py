@@ -1,4 +1,4 @@
-"""``paygate attest show`` and ``paygate attest verify``: the live TPM (or unattested) evidence.
+"""``paygate attest show`` and ``paygate attest verify``: the live evidence (TPM, TEE, none).
 
 ``show`` says, offline, what this appliance would attest: the evidence kind, the keys, the
 models and payment terms it binds, the code and configuration digests and the PCR 23 value a
@@ -57,6 +57,10 @@ def add_verify(actions: Any) -> None:
     )
     verify.add_argument("--pay-to", help="the wallet the evidence must name")
     verify.add_argument(
+        "--policy",
+        help="JSON file: the accepted TEE kinds (sev-snp, tdx, nitro), each with its policy",
+    )
+    verify.add_argument(
         "--pcr", action="append", default=[], help="expected sha256 PCR value N=HEX (repeatable)"
     )
     verify.add_argument("--max-age", type=int, default=300, help="seconds (default 300)")
@@ -80,8 +84,11 @@ def _policy(args: argparse.Namespace) -> AttestationPolicy:
             raise AttestUsage("--model-digest takes sha256:<64 lower-case hex digits>")
     if args.pay_to is not None and not re.fullmatch(r"0x[0-9a-fA-F]{40}", args.pay_to):
         raise AttestUsage("--pay-to takes a 0x-prefixed 20-byte address")
-    if args.ek_ca is None and not args.allow_unattested:
-        raise AttestUsage("--ek-ca is required (or --allow-unattested for kind none only)")
+    if args.ek_ca is None and args.policy is None and not args.allow_unattested:
+        raise AttestUsage(
+            "--ek-ca (TPM) or --policy (TEE kinds) is required"
+            " (or --allow-unattested for kind none only)"
+        )
     try:
         return AttestationPolicy.from_files(
             args.ek_ca,
@@ -90,6 +97,7 @@ def _policy(args: argparse.Namespace) -> AttestationPolicy:
             pcrs=pcrs or "any",
             max_age_seconds=args.max_age,
             allow_unattested=args.allow_unattested,
+            tee_policy=args.policy,
         )
     except ValueError as exc:
         raise AttestUsage(str(exc)) from None

@@ -5,7 +5,7 @@ challenges within a spend policy, and open sealed replies (streams included).
 all an OpenAI SDK program needs. Imports nothing server-only. See docs/CLIENT.md.
 """
 
-from paygate.client.attestation import AttestationPolicy, Attested
+from paygate.client.attestation import AttestationPolicy, Attested, TeePolicy, load_tee_policies
 from paygate.client.core import Envelope, ReplyInfo
 from paygate.client.errors import (
     ActivationFailed,
@@ -83,7 +83,9 @@ __all__ = [
     "SettleResponse",
     "SpendPolicy",
     "SpendRefused",
+    "TeePolicy",
     "Unattested",
     "WalletKeyError",
+    "load_tee_policies",
     "load_wallet",
 ]

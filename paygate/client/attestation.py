@@ -10,6 +10,11 @@ failure raises its own :class:`AttestationRefused` subclass before anything is s
 
 Sans-IO: :func:`attestation_flow` yields :class:`Exchange` requests; the sync and async
 transports (and ``paygate attest verify``) carry them out.
+
+TEE kinds (``sev-snp``, ``tdx``, ``nitro``) are accepted only with a :class:`TeePolicy` for the
+kind: the evidence is checked by the verifier of ``enclave.attestation`` against the vendor roots
+the project ships (or the policy's own roots), with the binding it must carry derived from the
+binding document (:func:`enclave.attestation.binding.tee_expected`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ from cryptography import x509
 from enclave import receipts
 from enclave.attestation import binding as binding_doc
 from enclave.attestation import tpm
-from enclave.attestation.base import Check
+from enclave.attestation.base import Check, EvidenceVerifier
+from enclave.attestation.nitro import NitroPolicy, NitroVerifier
+from enclave.attestation.sev_snp import SevSnpPolicy, SevSnpVerifier
+from enclave.attestation.tdx import TdxCollateral, TdxPolicy, TdxVerifier
 from paygate import jsonsafe, wire
 from paygate.client.errors import (
     ActivationFailed,
@@ -41,6 +49,7 @@ from paygate.client.errors import (
     EvidenceStale,
     EvidenceUnavailable,
     KeyNotCertified,
+    KindNotAccepted,
     ModelNotAccepted,
     NonceMismatch,
     PayToMismatch,
@@ -60,9 +69,82 @@ _ERRORS: dict[str, type[AttestationRefused]] = {
     for cls in (
         EvidenceUnavailable, EvidenceMalformed, EvidenceStale, NonceMismatch, Unattested,
         EkUntrusted, AkInvalid, ActivationFailed, QuoteInvalid, PcrMismatch, KeyNotCertified,
-        ModelNotAccepted, PayToMismatch,
+        ModelNotAccepted, PayToMismatch, KindNotAccepted,
     )
 }  # fmt: skip
+
+
+MAX_POLICY_FILE = 256 * 1024
+TeeKindPolicy = SevSnpPolicy | TdxPolicy | NitroPolicy
+_TEE_POLICY_TYPES: dict[str, type[TeeKindPolicy]] = {
+    "sev-snp": SevSnpPolicy,
+    "tdx": TdxPolicy,
+    "nitro": NitroPolicy,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TeePolicy:
+    """What one TEE kind must satisfy.
+
+    Args:
+        policy: the verifier's own policy object (measurements, minimum TCB, debug, ...).
+        roots: trust anchors replacing the vendor roots shipped in enclave/attestation/roots
+            (None: the vendor's, pinned by fingerprint). For private PKIs and tests only.
+        collateral: TDX only: Intel's TCB info, QE identity and CRLs (the quote carries the
+            PCK chain but not these; without them a TDX verdict is ``collateral_incomplete``).
+    """
+
+    policy: TeeKindPolicy
+    roots: tuple[x509.Certificate, ...] | None = None
+    collateral: TdxCollateral | None = None
+
+    def verifier(self, kind: str, certificates: tuple[bytes, ...]) -> EvidenceVerifier:
+        if kind == "sev-snp" and isinstance(self.policy, SevSnpPolicy):
+            return SevSnpVerifier(self.policy, certificates, self.roots)
+        if kind == "tdx" and isinstance(self.policy, TdxPolicy):
+            return TdxVerifier(self.policy, self.collateral or TdxCollateral(), self.roots)
+        if kind == "nitro" and isinstance(self.policy, NitroPolicy):
+            return NitroVerifier(self.policy, self.roots)
+        raise ValueError(f"the policy for {kind} is a {type(self.policy).__name__}")
+
+
+def load_tee_policies(path: str | os.PathLike[str]) -> dict[str, TeePolicy]:
+    """A policy file: a JSON object keyed by kind (``sev-snp``, ``tdx``, ``nitro``), each the
+    verifier's policy object (docs/ATTESTATION.md) plus optional ``roots`` (a PEM file) and, for
+    tdx, ``collateral`` (a directory as ``paygate attest verify-file --collateral`` reads).
+    Relative paths are relative to the policy file. A kind not in the file is refused."""
+    file = Path(path)
+    try:
+        raw = file.read_bytes()
+        if len(raw) > MAX_POLICY_FILE:
+            raise ValueError(f"larger than {MAX_POLICY_FILE} bytes")
+        data = jsonsafe.loads(raw, max_bytes=MAX_POLICY_FILE)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the TEE policy file {file}: {exc}") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{file}: a JSON object keyed by sev-snp, tdx or nitro")
+    policies: dict[str, TeePolicy] = {}
+    for kind, entry in data.items():
+        if kind not in _TEE_POLICY_TYPES or not isinstance(entry, dict):
+            raise ValueError(f"{file}: {kind!r} is not a TEE kind with a policy object")
+        options = dict(entry)
+        roots_file, collateral_dir = options.pop("roots", None), options.pop("collateral", None)
+        if collateral_dir is not None and kind != "tdx":
+            raise ValueError(f"{file}: collateral is for tdx")
+        try:
+            policy = _TEE_POLICY_TYPES[kind].from_mapping(options)
+            roots = None
+            if roots_file is not None:
+                pem = (file.parent / str(roots_file)).read_bytes()
+                roots = tuple(x509.load_pem_x509_certificates(pem))
+            collateral = None
+            if collateral_dir is not None:
+                collateral = TdxCollateral.from_dir(file.parent / str(collateral_dir))
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{file}: {kind}: {exc}") from None
+        policies[kind] = TeePolicy(policy, roots, collateral)
+    return policies
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +159,7 @@ class AttestationPolicy:
         pcrs: expected sha256 PCR values by index, or ``"any"``.
         max_age_seconds: how far the evidence's time may be from this client's clock.
         allow_unattested: accept kind ``none`` (software/PKCS#11 keys, nothing proven).
+        tee: the TEE kinds accepted, each with its :class:`TeePolicy` (empty: none accepted).
     """
 
     trusted_ek_cas: tuple[x509.Certificate, ...] = ()
@@ -85,6 +168,7 @@ class AttestationPolicy:
     pcrs: Mapping[int, bytes] | Literal["any"] = "any"
     max_age_seconds: int = 300
     allow_unattested: bool = False
+    tee: Mapping[str, TeePolicy] = field(default_factory=dict)
 
     @classmethod
     def from_files(
@@ -96,8 +180,10 @@ class AttestationPolicy:
         pcrs: Mapping[int, bytes] | Literal["any"] = "any",
         max_age_seconds: int = 300,
         allow_unattested: bool = False,
+        tee_policy: str | os.PathLike[str] | None = None,
     ) -> AttestationPolicy:
-        """A policy trusting the certificates of a PEM file (one or more)."""
+        """A policy trusting the certificates of a PEM file (one or more) for TPM evidence and
+        accepting the TEE kinds of ``tee_policy`` (see :func:`load_tee_policies`)."""
         certs: tuple[x509.Certificate, ...] = ()
         if ek_ca is not None:
             try:
@@ -111,6 +197,7 @@ class AttestationPolicy:
             pcrs=pcrs,
             max_age_seconds=max_age_seconds,
             allow_unattested=allow_unattested,
+            tee=load_tee_policies(tee_policy) if tee_policy is not None else {},
         )
 
 
@@ -158,6 +245,17 @@ class _Checks:
         cls = _ERRORS.get(code, AttestationRefused)
         return cls(f"attestation refused ({name}): {detail}", tuple(self.done))
 
+    def adopt(self, kind: str, verdict: Any) -> None:
+        """A TEE verifier's checks, in order; its first failure refuses with its own code."""
+        self.done.extend(verdict.checks)
+        if not verdict.ok:
+            failed = next(c for c in verdict.checks if not c.ok)
+            refusal = _ERRORS.get(verdict.code, AttestationRefused)(
+                f"attestation refused ({kind} {failed.name}): {failed.detail}", tuple(self.done)
+            )
+            refusal.code = verdict.code  # the verifier's stable code (docs/ATTESTATION.md)
+            raise refusal
+
     def run(self, name: str, call: Callable[[], str | None]) -> None:
         try:
             detail = call() or ""
@@ -192,7 +290,8 @@ def attestation_flow(
 
     def parse() -> str:
         document = jsonsafe.loads(body, max_bytes=MAX_EVIDENCE_BYTES)
-        if not isinstance(document, dict) or document.get("kind") not in ("tpm", "none"):
+        kinds = ("tpm", "none", *binding_doc.TEE_KINDS)
+        if not isinstance(document, dict) or document.get("kind") not in kinds:
             raise ValueError("unknown evidence kind")
         ev["doc"] = document
         ev["binding"] = binding_doc.parse(document.get("binding"))
@@ -220,6 +319,8 @@ def attestation_flow(
             return "signed by the (unattested) receipt key"
 
         checks.run("binding_signature", signed)
+    elif document["kind"] in binding_doc.TEE_KINDS:
+        _tee_checks(checks, policy, document, bound, clock)
     else:
         try:
             yield from _tpm_checks(checks, origin, policy, document["tpm"], bound, clock)
@@ -336,6 +437,39 @@ def _tpm_checks(
         checks.run(f"certify_{name}_key", certify)
 
 
+def _tee_checks(
+    checks: _Checks,
+    policy: AttestationPolicy,
+    document: Mapping[str, Any],
+    bound: binding_doc.Binding,
+    clock: Callable[[], float],
+) -> None:
+    kind: str = document["kind"]
+    tee = policy.tee.get(kind)
+    if tee is None:
+        raise checks.fail("kind", "kind_not_accepted", f"the policy accepts no {kind} evidence")
+    checks.passed("kind", kind)
+    parts: dict[str, Any] = {}
+
+    def form() -> str:
+        raw = document["tee"]
+        parts["evidence"] = _unb64(raw["evidence"], MAX_EVIDENCE_BYTES)
+        certificates = raw.get("certificates", [])
+        if not isinstance(certificates, list) or len(certificates) > 8:
+            raise ValueError("certificates")
+        parts["certificates"] = tuple(_unb64(c) for c in certificates)
+        return f"{len(parts['evidence'])} bytes from {str(raw.get('source', ''))[:64]}"
+
+    checks.run("tee_evidence", form)
+    verifier = tee.verifier(kind, parts["certificates"])
+    verdict = verifier.verify(
+        parts["evidence"],
+        at=datetime.fromtimestamp(clock(), UTC),
+        binding=binding_doc.tee_expected(kind, bound),
+    )
+    checks.adopt(kind, verdict)
+
+
 def _binding_checks(
     checks: _Checks,
     policy: AttestationPolicy,
@@ -406,7 +540,7 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _unb64(text: object) -> bytes:
-    if not isinstance(text, str) or len(text) > 16 * 1024:
+def _unb64(text: object, limit: int = 16 * 1024) -> bytes:
+    if not isinstance(text, str) or len(text) > limit:
         raise ValueError("not base64url")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

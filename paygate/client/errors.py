@@ -106,6 +106,12 @@ class AttestationRefused(AttestationFailed):
         self.checks = checks
 
 
+class KindNotAccepted(AttestationRefused):
+    """TEE evidence of a kind the policy has no TeePolicy for."""
+
+    code = "kind_not_accepted"
+
+
 class EvidenceUnavailable(AttestationRefused):
     code = "evidence_unavailable"
 

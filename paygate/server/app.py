@@ -18,6 +18,8 @@ from aiohttp import web
 
 from enclave import KeyBackend
 from enclave.attestation import binding
+from enclave.attestation.providers import EvidenceProvider, open_provider
+from enclave.attestation.providers import EvidenceUnavailable as TeeUnavailable
 from enclave.keys.base import ReceiptSigner
 from paygate.config import ConfigError, Settings
 from paygate.keys import open_key_backend
@@ -205,7 +207,7 @@ def build_app(
             )
         except binding.BindingInvalid as exc:
             raise ConfigError(f"a served model cannot be attested: {exc}") from None
-        service = AttestationService(bound, app[KEY])
+        service = AttestationService(bound, app[KEY], provider=tee_provider(settings, bound.kind))
         try:
             await asyncio.get_running_loop().run_in_executor(None, service.start)
         except TypeError as exc:  # a key backend without what this evidence kind needs
@@ -301,6 +303,9 @@ def attestation_config(settings: Settings) -> AttestationConfig:
         kind = "tpm" if settings.key_backend == "tpm" else "none"
     if kind == "tpm" and settings.key_backend != "tpm":
         raise ConfigError("attestation tpm needs key_backend tpm (PAYGATE_KEY_BACKEND=tpm)")
+    if kind in binding.TEE_KINDS and settings.key_backend != "tee-memory":
+        # The evidence vouches for the guest's memory: a key stored elsewhere is not covered.
+        raise ConfigError(f"attestation {kind} needs key_backend tee-memory")
     terms = None
     if settings.payment_mode != "off":
         seller = payment_terms(settings)
@@ -329,6 +334,21 @@ def attestation_config(settings: Settings) -> AttestationConfig:
         rate_per_minute=settings.attestation_rate_per_minute,
         retry_after_seconds=settings.retry_after_seconds,
     )
+
+
+def tee_provider(settings: Settings, kind: str) -> EvidenceProvider | None:
+    """The TEE's evidence interface for a TEE kind (None for tpm/none); missing: ConfigError."""
+    if kind not in binding.TEE_KINDS:
+        return None
+    try:
+        return open_provider(
+            kind,
+            configfs_root=str(settings.attestation_configfs_root),
+            sev_guest_device=str(settings.attestation_sev_guest_device),
+            nsm_device=str(settings.attestation_nsm_device),
+        )
+    except TeeUnavailable as exc:
+        raise ConfigError(f"attestation {kind}: {exc}") from None
 
 
 def reply_limits(settings: Settings) -> ReplyLimits:

@@ -7,7 +7,10 @@ starve paid requests of the TPM: past the cap the answer is 503 at once, never a
 Evidence kinds (docs/ATTESTATION.md): ``tpm`` (the TPM key backend: EK certificates, AK,
 quote over the binding digest, certifications of the sealing and receipt keys) and ``none``
 (software and PKCS#11 keys: the binding document signed by the receipt key, which proves
-nothing about where the keys live and says so). A nonce is mandatory: nothing is cached.
+nothing about where the keys live and says so), and the TEE kinds ``sev-snp``, ``tdx`` and
+``nitro`` (the key is generated in the guest's encrypted memory; the TEE's report, quote or
+document carries the binding, with the certificates the platform provides). A nonce is
+mandatory: nothing is cached.
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ from aiohttp import web
 
 from enclave import KeyBackend, KeyBackendError
 from enclave.attestation import binding
+from enclave.attestation.providers import EvidenceProvider
+from enclave.attestation.providers import EvidenceUnavailable as TeeUnavailable
 from enclave.attestation.tpm import APP_PCR, DEFAULT_PCRS, EK_HANDLES, TpmAttester, app_digest
 from enclave.keys.base import ReceiptSigner
 from paygate import jsonsafe
 from paygate.server.errors import BodyTooLarge, GatewayError
 from paygate.server.limits import read_body
 
-EvidenceKind = Literal["tpm", "none"]
+EvidenceKind = Literal["tpm", "none", "sev-snp", "tdx", "nitro"]
 MAX_ACTIVATION_BODY = 16 * 1024  # two marshalled TPM2B blobs of a few hundred bytes
 ACTIVATION_READ_TIMEOUT = 10.0  # seconds for that small body
 _MAX_TRACKED_CALLERS = 10_000  # bound of the per-address rate table (least recently seen go)
@@ -81,7 +86,7 @@ class AttestationRateLimited(GatewayError):
 
 
 class AttestationUnavailable(GatewayError):
-    """the TPM could not produce evidence"""
+    """the TPM or TEE could not produce evidence"""
 
     status = 503
     code = "attestation_unavailable"
@@ -141,6 +146,7 @@ class AttestationService:
         key: KeyBackend,
         *,
         clock: Callable[[], float] = time.time,
+        provider: EvidenceProvider | None = None,
     ) -> None:
         if not isinstance(key, ReceiptSigner):
             raise TypeError("the key backend has no receipt-signing key")
@@ -153,6 +159,7 @@ class AttestationService:
         self._in_progress = 0
         self._rate = RateLimiter(config.rate_per_minute)
         self._tpm_static: dict[str, Any] = {}
+        self._provider = provider
 
     @property
     def kind(self) -> EvidenceKind:
@@ -239,6 +246,17 @@ class AttestationService:
                 "quote": {"attest": b64(quote.attest), "signature": b64(quote.signature)},
                 "pcrs": {str(i): v.hex() for i, v in sorted(pcrs.items())},
             }
+        elif self._config.kind in binding.TEE_KINDS:
+            if self._provider is None:  # `paygate attest show` builds the service without one
+                raise TeeUnavailable("no TEE evidence provider")
+            tee = self._provider.attest(binding.tee_expected(self._config.kind, bound))
+            if tee.kind != self._config.kind:
+                raise TeeUnavailable(f"the platform produced {tee.kind} evidence")
+            document["tee"] = {
+                "evidence": b64(tee.evidence),
+                "certificates": [b64(c) for c in tee.certificates],
+                "source": tee.source,
+            }
         else:
             # Honest, not attested: the receipt key vouches for the binding, nothing vouches
             # for the receipt key.
@@ -280,7 +298,7 @@ class AttestationService:
         self._admit(request)
         try:
             document = await self._blocking(self.evidence, nonce)
-        except KeyBackendError:
+        except (KeyBackendError, TeeUnavailable):
             raise AttestationUnavailable from None
         return web.json_response(document, headers={"Cache-Control": "no-store"})
 
