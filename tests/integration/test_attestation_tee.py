@@ -213,6 +213,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_attest_verify_with_a_policy_file(
     snp_stack: Stack, amd: StandInAmdPki, tmp_path: Path
 ) -> None:
+    for bad in (tmp_path / "missing.json", tmp_path):  # usage errors: exit 2, no traceback
+        usage = _cli("verify", snp_stack.url, "--policy", str(bad))
+        assert usage.returncode == 2, usage.stderr
+        assert "Traceback" not in usage.stderr
     vendor = tmp_path / "vendor.json"
     vendor.write_text(json.dumps({"sev-snp": {"allow_debug": False, "products": ["Milan"]}}))
     refused = _cli("verify", snp_stack.url, "--policy", str(vendor), "--json")
