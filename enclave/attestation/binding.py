@@ -8,10 +8,12 @@ digest of it into their report data). Fields (docs/ATTESTATION.md):
 ``version`` 1; ``nonce`` the verifier's 32 random bytes (hex); ``sealing_key`` and
 ``receipt_key`` (65-byte points, hex); ``models`` [{``name``, ``digest`` "sha256:<hex>"}];
 ``payment`` {``pay_to``, ``networks``, ``asset``, ``price_digest``} or null when the appliance
-does not charge; ``gateway`` {``version``, ``code_digest``}; ``issued_at`` (Unix seconds).
+does not charge; ``gateway`` {``version``, ``code_digest``}; ``issued_at`` (Unix seconds);
+``replica`` (optional) the identity of the replica that answered.
 
 The *configuration digest* is the SHA-256 of the same document without ``nonce`` and
-``issued_at``: what the appliance measured into its application PCR at start.
+``issued_at`` (and ``replica``): what the appliance measured into its application PCR at start,
+so replicas that share one key and configuration share one configuration digest.
 """
 
 from __future__ import annotations
@@ -80,14 +82,18 @@ class Binding:
     gateway_version: str
     code_digest: str
     issued_at: int
+    replica: str | None = None  # which replica answered (behind a load balancer)
 
     def document(self) -> dict[str, Any]:
-        return {
+        document = {
             "version": VERSION,
             "nonce": self.nonce.hex(),
             **self._static(),
             "issued_at": self.issued_at,
         }
+        if self.replica is not None:
+            document["replica"] = self.replica
+        return document
 
     def _static(self) -> dict[str, Any]:
         payment = None
@@ -150,7 +156,7 @@ def parse(document: Any) -> Binding:
         "version", "nonce", "sealing_key", "receipt_key", "models", "payment", "gateway",
         "issued_at",
     }  # fmt: skip
-    if set(document) != expected:
+    if set(document) - {"replica"} != expected:
         raise BindingInvalid("the binding document has missing or unknown fields")
     nonce = _hex(document["nonce"], "nonce")
     if len(nonce) != NONCE_LEN:
@@ -178,6 +184,7 @@ def parse(document: Any) -> Binding:
         gateway_version=_text(gateway["version"]),
         code_digest=_digest(gateway["code_digest"]),
         issued_at=issued_at,
+        replica=_text(document["replica"]) if "replica" in document else None,
     )
 
 

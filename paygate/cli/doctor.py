@@ -12,8 +12,10 @@ import argparse
 import asyncio
 import json
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,9 @@ from paygate.keys import open_key_backend
 from paygate.x402.networks import UnknownNetwork, resolve_network
 
 PROBE_TIMEOUT = 5.0  # seconds per network check
+# Past this, authorizations look expired or not yet valid to the facilitator and the chain
+# (validAfter/validBefore are checked against block time), and receipts carry a wrong time.
+CLOCK_SKEW_LIMIT = 30.0  # seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +69,11 @@ async def run_checks(config: Path | None) -> list[Check]:
         _key_files,
         _key,
         _upstream,
+        _model,
         _docker,
         _facilitator,
         _chain,
+        _clock,
         _ledger,
     ]
     for probe in probes:
@@ -148,6 +155,62 @@ async def _upstream(settings: Settings) -> Check | None:
     if status >= 400:
         return Check("upstream", False, f"readiness answered HTTP {status}", "see its logs")
     return Check("upstream", True, f"{settings.upstream_url} ready")
+
+
+async def _model(settings: Settings) -> Check | None:
+    """The configured model is listed by the upstream and its weights have the expected digest.
+
+    Attach mode only: in container mode the model server (and Ollama's manifests) exist once
+    ``paygate serve`` has started the containers, which checks the digests itself.
+    """
+    if settings.upstream_mode == "container":
+        return None
+    from paygate.upstream.engines import profile_for
+    from paygate.upstream.errors import UpstreamError
+    from paygate.upstream.service import auth_headers, base_url, check_digests, served_digests
+
+    config = settings.upstream()
+    profile = profile_for(config.kind)
+    try:
+        status, listing = await _get(
+            base_url(config) + profile.models_path, auth_headers(config.api_key)
+        )
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return Check(
+            "model",
+            False,
+            f"model list unreachable ({type(exc).__name__})",
+            "start the model server or correct upstream_url",
+        )
+    listed = profile.model_names(listing) if status < 400 else []
+    wanted = sorted({*config.expected_model_digests, *filter(None, [config.model_name])})
+    absent = [name for name in wanted if name not in listed]
+    if not listed or absent:
+        what = ", ".join(absent) if absent else "any model"
+        return Check(
+            "model",
+            False,
+            f"the upstream does not list {what} (HTTP {status}, lists {len(listed)})",
+            "pull or load the model on the server, or correct upstream_model_name",
+        )
+    try:
+        served = await asyncio.wait_for(
+            asyncio.to_thread(served_digests, config, None), PROBE_TIMEOUT * 60
+        )
+        check_digests(config.expected_model_digests, served)
+    except UpstreamError as exc:
+        return Check(
+            "model",
+            False,
+            str(exc),
+            "serve the expected weights, or correct expected_model_digests / upstream_model_path",
+        )
+    digests = ", ".join(f"{m.name} {m.digest}" for m in served)
+    return Check(
+        "model",
+        True,
+        f"listed: {', '.join(wanted or listed[:3])}" + (f"; weights {digests}" if digests else ""),
+    )
 
 
 async def _docker(settings: Settings) -> Check | None:
@@ -248,6 +311,60 @@ async def _chain(settings: Settings) -> Check | None:
             "point chain_rpc_url at the configured network's chain",
         )
     return Check("chain", True, f"chain id {chain_id}")
+
+
+async def _clock(settings: Settings) -> Check | None:
+    """The local clock against the ``Date`` header of the chain RPC's (else the facilitator's)
+    HTTP answer. A Date header has one-second resolution, far below the limit."""
+    if settings.chain_rpc_url:
+        source, url, method = "chain RPC", settings.chain_rpc_url, "POST"
+        body: Any = {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}
+        headers: dict[str, str] = {}
+    elif settings.payment_mode in ("facilitator", "verify-only") and settings.facilitator_url:
+        source, url, method, body = (
+            "facilitator",
+            settings.facilitator_url + "/supported",
+            "GET",
+            None,
+        )
+        headers = {k: v.get_secret_value() for k, v in settings.facilitator_headers().items()}
+    else:
+        return None
+    timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout, trust_env=False) as session,
+            session.request(
+                method, url, json=body, headers=headers, allow_redirects=False
+            ) as response,
+        ):
+            now = time.time()
+            date = response.headers.get("Date")
+        remote = parsedate_to_datetime(date).timestamp() if date else None
+    except (aiohttp.ClientError, TimeoutError, ValueError, TypeError) as exc:
+        return Check(
+            "clock",
+            False,
+            f"{source} unreachable ({type(exc).__name__})",
+            f"fix the {source} check first",
+        )
+    if remote is None:
+        return Check(
+            "clock",
+            False,
+            f"the {source} answer has no Date header",
+            "compare the clock by hand: timedatectl status",
+        )
+    skew = now - remote
+    if abs(skew) > CLOCK_SKEW_LIMIT:
+        ahead = "ahead of" if skew > 0 else "behind"
+        return Check(
+            "clock",
+            False,
+            f"local clock {abs(skew):.0f} s {ahead} the {source} (limit {CLOCK_SKEW_LIMIT:.0f} s)",
+            "synchronise the clock: timedatectl set-ntp true",
+        )
+    return Check("clock", True, f"within {CLOCK_SKEW_LIMIT:.0f} s of the {source} ({skew:+.0f} s)")
 
 
 async def _ledger(settings: Settings) -> Check | None:

@@ -64,6 +64,7 @@ from paygate.upstream.engines import profile_for
 from paygate.upstream.service import UpstreamService, running_upstream
 from paygate.upstream.service import base_url as upstream_base_url
 from paygate.upstream.service import connector as upstream_connector
+from paygate.x402.ledger import default_replica_id
 
 SETTINGS = web.AppKey("settings", Settings)
 KEY = web.AppKey("key", KeyBackend)
@@ -333,6 +334,7 @@ def attestation_config(settings: Settings) -> AttestationConfig:
         max_concurrent=settings.attestation_max_concurrent,
         rate_per_minute=settings.attestation_rate_per_minute,
         retry_after_seconds=settings.retry_after_seconds,
+        replica=settings.replica_id or default_replica_id(),  # as the ledger names this replica
     )
 
 

@@ -115,6 +115,7 @@ class AttestationConfig:
     max_concurrent: int = 2
     rate_per_minute: int = 30
     retry_after_seconds: int = 1
+    replica: str | None = None  # PAYGATE_REPLICA_ID: named in every evidence document
 
 
 class RateLimiter:
@@ -232,12 +233,16 @@ class AttestationService:
             gateway_version=c.gateway_version,
             code_digest=c.code_digest,
             issued_at=int(self._clock()),
+            replica=c.replica,
         )
 
     def evidence(self, nonce: bytes) -> dict[str, Any]:
         """The evidence document for ``nonce`` (blocking: one TPM quote or one signature)."""
         bound = self._binding(nonce)
         document: dict[str, Any] = {"kind": self._config.kind, "binding": bound.document()}
+        if self._config.replica is not None:
+            # Also unsigned beside the evidence: a reader need not parse the binding to see it.
+            document["replica"] = self._config.replica
         if self._config.kind == "tpm":
             assert self._attester is not None  # start() ran
             quote, pcrs = self._attester.quote(bound.digest(), self._config.pcrs)

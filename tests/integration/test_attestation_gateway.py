@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+import os
+import socket
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from paygate.client import (
     PaygateTransport,
     SpendPolicy,
 )
+from paygate.client.attestation import Attested, Exchange, attestation_flow
 from tests.fixtures.chain import PAYER_FUNDS
 from tests.fixtures.swtpm import EkCa
 from tests.integration.attestation_support import (
@@ -147,7 +150,37 @@ def test_attested_gateway_then_sealed_paid_requests_through_the_openai_sdk(
         "pay_to",
     ]  # fmt: skip
     assert attested.sealing_key == stack.key.public_key
+    # The replica that answered: by default <hostname>:<pid> (the stack runs in this process).
+    assert attested.binding.replica == f"{socket.gethostname()}:{os.getpid()}"
     assert usdc.balance_of(seller) == 2 * PRICE_ATOMIC  # attested once, paid twice
+
+
+def _drive(flow: Generator[Exchange, tuple[int, bytes], Attested]) -> Attested:
+    """Answer the client's attestation exchanges over HTTP until it returns its verdict."""
+    with httpx.Client(timeout=10) as http:
+        exchange = next(flow)
+        for _ in range(8):  # evidence, then one credential activation
+            answer = http.request(exchange.method, exchange.url, content=exchange.body)
+            try:
+                exchange = flow.send((answer.status_code, answer.content))
+            except StopIteration as done:
+                return done.value
+    raise AssertionError("the attestation flow did not finish")
+
+
+def test_evidence_names_the_replica_that_answered(
+    tpm_key: TpmKey, facilitator: Any, seller: str, tmp_path: Path, ek_ca: EkCa
+) -> None:
+    with _gateway(tpm_key, facilitator, seller, tmp_path, replica_id="eu-1.w0") as stack:
+        response = httpx.get(f"{stack.url}/v1/attestation?nonce={'ab' * 32}", timeout=10)
+        assert response.status_code == 200
+        document = response.json()
+        assert document["replica"] == "eu-1.w0"  # unsigned, beside the evidence
+        assert document["binding"]["replica"] == "eu-1.w0"  # and bound by the quote
+        # The client's verification passes with the replica bound, and reports it.
+        flow = attestation_flow(stack.url, _policy(ek_ca, seller), stack.key.public_key)
+        attested = _drive(flow)
+        assert attested.binding.replica == "eu-1.w0"
 
 
 @pytest.mark.parametrize(

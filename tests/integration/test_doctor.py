@@ -4,10 +4,16 @@ each broken part."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -65,8 +71,10 @@ def test_passes_on_a_working_stack(working) -> None:
         "key-files",
         "key",
         "upstream",
+        "model",
         "facilitator",
         "chain",
+        "clock",
         "ledger",
     }
     assert all(c["ok"] for c in checks.values())
@@ -78,7 +86,7 @@ def test_stopped_upstream(working) -> None:
     assert checks["upstream"]["ok"] is False
     assert "unreachable" in checks["upstream"]["detail"]
     assert checks["upstream"]["fix"] == "start the model server or correct upstream_url"
-    assert [name for name, c in checks.items() if not c["ok"]] == ["upstream"]
+    assert [name for name, c in checks.items() if not c["ok"]] == ["upstream", "model"]
 
 
 def test_wrong_chain(working) -> None:
@@ -130,7 +138,7 @@ def test_text_output_has_one_line_per_check_and_a_fix(working) -> None:
     lines = result.stdout.splitlines()
     assert any(line.startswith("FAIL  upstream") for line in lines)
     assert any("fix: start the model server" in line for line in lines)
-    assert sum(line.startswith("PASS") for line in lines) == 6
+    assert sum(line.startswith("PASS") for line in lines) == 7
 
 
 def test_container_mode_checks_the_engine_and_its_images(dockerd, test_images, tmp_path) -> None:
@@ -155,3 +163,97 @@ def test_container_mode_checks_the_engine_and_its_images(dockerd, test_images, t
     code, checks = doctor({**env, "PAYGATE_DOCKER_HOST": f"unix://{tmp_path}/no.sock"})
     assert code == 1
     assert checks["docker"]["fix"] == "start dockerd or correct docker_host"
+
+
+def test_model_present_with_its_digest(working, tmp_path) -> None:
+    weights = tmp_path / "weights.gguf"
+    weights.write_bytes(b"GGUF not really weights")
+    digest = "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()
+    env = {
+        **working,
+        "PAYGATE_UPSTREAM_KIND": "openai",  # the FAKE's /v1/models; digests of one GGUF file
+        "PAYGATE_UPSTREAM_MODEL_PATH": str(weights),
+        "PAYGATE_UPSTREAM_MODEL_NAME": "fake-llama:latest",
+        "PAYGATE_EXPECTED_MODEL_DIGESTS": json.dumps({"fake-llama:latest": digest}),
+    }
+    code, checks = doctor(env)
+    assert code == 0, checks
+    assert (
+        checks["model"]["detail"]
+        == f"listed: fake-llama:latest; weights fake-llama:latest {digest}"
+    )
+
+    wrong = "sha256:" + "0" * 64
+    code, checks = doctor(
+        {**env, "PAYGATE_EXPECTED_MODEL_DIGESTS": json.dumps({"fake-llama:latest": wrong})}
+    )
+    assert code == 1
+    assert [name for name, c in checks.items() if not c["ok"]] == ["model"]
+    assert checks["model"]["detail"] == (
+        "the served weights differ from expected_model_digests: "
+        f"fake-llama:latest: expected {wrong}, served {digest}"
+    )
+    assert checks["model"]["fix"].startswith("serve the expected weights")
+
+    code, checks = doctor(
+        {
+            **env,
+            "PAYGATE_UPSTREAM_MODEL_NAME": "not-served:1",
+            "PAYGATE_EXPECTED_MODEL_DIGESTS": "{}",
+        }
+    )
+    assert code == 1
+    assert checks["model"]["detail"].startswith("the upstream does not list not-served:1")
+
+
+class _LateClockRpc(BaseHTTPRequestHandler):
+    """A JSON-RPC endpoint on Base Sepolia whose clock is an hour behind (its Date header)."""
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        return formatdate(time.time() - 3600, usegmt=True)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "result": hex(84532)}).encode()
+        self.send_response(200)  # adds the Date header from date_time_string
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def late_rpc() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _LateClockRpc)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1})
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_clock_skew(working, late_rpc) -> None:
+    code, checks = doctor(working)
+    assert checks["clock"]["ok"] is True
+    assert checks["clock"]["detail"].startswith("within 30 s of the chain RPC")
+
+    code, checks = doctor({**working, "PAYGATE_CHAIN_RPC_URL": late_rpc})
+    assert code == 1
+    assert [name for name, c in checks.items() if not c["ok"]] == ["clock"]
+    detail = checks["clock"]["detail"]
+    assert detail.startswith("local clock ")
+    assert detail.endswith(" s ahead of the chain RPC (limit 30 s)")
+    assert 3590 <= int(detail.split()[2]) <= 3610
+    assert checks["clock"]["fix"] == "synchronise the clock: timedatectl set-ntp true"
+
+    # Without a chain RPC the facilitator's answer is the time source.
+    env = {k: v for k, v in working.items() if k != "PAYGATE_CHAIN_RPC_URL"}
+    code, checks = doctor(env)
+    assert code == 0, checks
+    assert checks["clock"]["detail"].startswith("within 30 s of the facilitator")

@@ -39,6 +39,18 @@ def test_canonical_form_is_rfc8785_and_round_trips() -> None:
     assert _binding(b"\x01" * 32).config_digest() != original.config_digest()  # other keys
     same = binding.parse({**original.document(), "nonce": "09" * 32, "issued_at": 5})
     assert same.config_digest() == original.config_digest()
+    # The replica that answered is bound (in the digest) but not configuration.
+    answered = binding.parse({**original.document(), "replica": "host-a:41"})
+    assert answered.replica == "host-a:41"
+    assert answered.canonical() == canonical_with(original.document(), replica="host-a:41")
+    assert answered.digest() != original.digest()
+    assert answered.config_digest() == original.config_digest()
+    assert original.replica is None
+    assert "replica" not in original.document()
+
+
+def canonical_with(document: dict[str, object], **extra: object) -> bytes:
+    return json.dumps({**document, **extra}, sort_keys=True, separators=(",", ":")).encode()
 
 
 @pytest.mark.parametrize(
@@ -50,6 +62,8 @@ def test_canonical_form_is_rfc8785_and_round_trips() -> None:
         {"payment": {"pay_to": "nope", "networks": ["x"], "asset": "a", "price_digest": "x"}},
         {"issued_at": True},
         {"extra": 1},
+        {"replica": ""},
+        {"replica": 7},
         {"version": 2},
     ],
 )
