@@ -100,7 +100,7 @@ def _metric(stack: Stack, line_start: str, expect: int | None = None) -> int:
         text = httpx.get(stack.url + "/metrics", timeout=10).text
         lines = text.splitlines()
         values = [line.rsplit(" ", 1)[1] for line in lines if line.startswith(line_start)]
-        value = int(values[0]) if values else 0
+        value = int(float(values[0])) if values else 0
         if expect is None or value == expect or time.monotonic() > deadline:
             return value
         time.sleep(0.05)
