@@ -28,11 +28,11 @@ from enclave.attestation.binding import ModelDigest
 from enclave.keys.base import ReceiptSigner
 from paygate import wire
 from paygate.upstream.usage import Usage
+from paygate.x402.inband import DoneLineHolder, done_object
 from paygate.x402.processor import Receipt
 
 SSE_PREFIX = b": paygate-receipt "
 NDJSON_KEY = "paygate_receipt"
-_MAX_HELD = 1024 * 1024  # NDJSON: past this, stop looking for the done line
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,48 +126,20 @@ class InbandSignedReceipt:
         self._sign = sign
         self._own = receipts.RunningHash()
         self._digest = digest or self._own.digest
-        self._partial = b""
-        self._held = b""
-        self._gave_up = False
+        self._holder = DoneLineHolder()
 
     def feed(self, chunk: bytes) -> bytes:
-        out = self._hold_done_line(chunk) if self._ndjson else chunk
+        out = self._holder.feed(chunk) if self._ndjson else chunk
         self._own.update(out)
-        return out
-
-    def _hold_done_line(self, chunk: bytes) -> bytes:
-        if self._gave_up:
-            return chunk
-        data = self._partial + chunk
-        cut = data.rfind(b"\n") + 1
-        complete, self._partial = data[:cut], data[cut:]
-        out = b""
-        if self._held:
-            self._held += complete
-        else:
-            start = 0
-            for line in complete.splitlines(keepends=True):
-                if _is_done(line):
-                    self._held = complete[start:]
-                    break
-                out += line
-                start += len(line)
-        if len(self._held) + len(self._partial) > _MAX_HELD:
-            self._gave_up = True
-            out, self._held, self._partial = out + self._held + self._partial, b"", b""
         return out
 
     async def finish(self, tail: bytes, end: object) -> bytes:
         if self._ndjson:
-            rest = self.feed(tail) + self._held + self._partial
-            self._held = self._partial = b""
+            rest = self.feed(tail) + self._holder.release()
             token = await self._sign(self._digest(), end)
             first, sep, after = rest.partition(b"\n")
-            try:
-                done = json.loads(first) if first else None
-            except ValueError:
-                done = None
-            if not isinstance(done, dict):
+            done = done_object(first) if first else None
+            if done is None:
                 # No done object to carry it (an upstream cut short): a final line of its own.
                 line = json.dumps({NDJSON_KEY: token, "done": True}, separators=(",", ":"))
                 return rest + line.encode() + b"\n"
@@ -197,13 +169,3 @@ class WireHash:
 
     async def finish(self, tail: bytes, end: object) -> bytes:
         return tail  # the final frame (it carries the receipt) is not covered
-
-
-def _is_done(line: bytes) -> bool:
-    if b'"done"' not in line:
-        return False
-    try:
-        value = json.loads(line)
-    except ValueError:
-        return False
-    return isinstance(value, dict) and value.get("done") is True

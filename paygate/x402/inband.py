@@ -15,6 +15,7 @@ The base64 value is the same as the ``PAYMENT-RESPONSE`` header's. Sans-IO; the 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from paygate import jsonsafe
 from paygate.wire import NDJSON, SSE
@@ -30,13 +31,42 @@ class InbandReceiptWriter:
     def __init__(self, media_type: str) -> None:
         self._ndjson = media_type == NDJSON
         self._sse = media_type == SSE
-        self._partial = b""  # an incomplete NDJSON line
-        self._held = b""  # the done line and anything after it
-        self._gave_up = False
+        self._holder = DoneLineHolder()
 
     def feed(self, chunk: bytes) -> bytes:
         """What to send now for ``chunk``."""
-        if not self._ndjson or self._gave_up:
+        return self._holder.feed(chunk) if self._ndjson else chunk
+
+    def close(self, receipt: str | None) -> bytes:
+        """The stream's remaining bytes, carrying ``receipt`` (base64) when there is one."""
+        rest = self._holder.release()
+        if receipt is None:
+            return rest
+        if self._sse:
+            return rest + SSE_PREFIX + receipt.encode("ascii") + b"\n\n"
+        if self._ndjson and rest and not self._holder.gave_up:
+            first, sep, after = rest.partition(b"\n")
+            done = done_object(first)
+            if done is None:  # not the held done line after all (fuzz-found)
+                return rest
+            done[NDJSON_KEY] = receipt
+            return json.dumps(done, separators=(",", ":")).encode() + sep + after
+        return rest
+
+
+class DoneLineHolder:
+    """Holds back an NDJSON stream's final ``"done": true`` line (and anything after it) so
+    that something can join it at the end; passes every other line on at once. Past
+    ``_MAX_HELD`` bytes held it gives up and passes everything through."""
+
+    def __init__(self) -> None:
+        self._partial = b""  # an incomplete line
+        self._held = b""  # the done line and anything after it
+        self.gave_up = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        """What to pass on now for ``chunk``."""
+        if self.gave_up:
             return chunk
         data = self._partial + chunk
         cut = data.rfind(b"\n") + 1
@@ -53,36 +83,28 @@ class InbandReceiptWriter:
                 out += line
                 start += len(line)
         if len(self._held) + len(self._partial) > _MAX_HELD:
-            self._gave_up = True
+            self.gave_up = True
             out, self._held, self._partial = out + self._held + self._partial, b"", b""
         return out
 
-    def close(self, receipt: str | None) -> bytes:
-        """The stream's remaining bytes, carrying ``receipt`` (base64) when there is one."""
+    def release(self) -> bytes:
+        """Everything held back (the done line first, if one came)."""
         rest = self._held + self._partial
         self._held = self._partial = b""
-        if receipt is None:
-            return rest
-        if self._sse:
-            return rest + SSE_PREFIX + receipt.encode("ascii") + b"\n\n"
-        if self._ndjson and rest and not self._gave_up:
-            first, sep, after = rest.partition(b"\n")
-            try:
-                done = jsonsafe.loads(first, max_bytes=_MAX_HELD)
-            except ValueError:
-                return rest
-            if not isinstance(done, dict):  # not the held done line after all (fuzz-found)
-                return rest
-            done[NDJSON_KEY] = receipt
-            return json.dumps(done, separators=(",", ":")).encode() + sep + after
         return rest
+
+
+def done_object(line: bytes) -> dict[str, Any] | None:
+    """``line`` as a JSON object (bounded, untrusted), or None."""
+    try:
+        value = jsonsafe.loads(line, max_bytes=_MAX_HELD)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _is_done_line(line: bytes) -> bool:
     if b'"done"' not in line:
         return False
-    try:
-        value = jsonsafe.loads(line, max_bytes=_MAX_HELD)
-    except ValueError:
-        return False
-    return isinstance(value, dict) and value.get("done") is True
+    value = done_object(line)
+    return value is not None and value.get("done") is True
