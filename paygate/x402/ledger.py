@@ -28,7 +28,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from eth_utils import to_checksum_address
 
@@ -567,3 +567,37 @@ def check_fence(record: PaymentRecord, lease: int | None) -> None:
             f"payment {record.id}: lease {lease} is gone (now {record.lease}, "
             f"held by {record.owner or 'nobody'})"
         )
+
+
+def reservation(
+    *,
+    network: str,
+    asset: str,
+    payer: str,
+    nonce: str,
+    pay_to: str,
+    amount: int,
+    x402_version: int,
+    route: str,
+    payload: str,
+    requirements: str,
+    idempotency_key: str | None,
+    scheme: str,
+    model: str | None,
+    budget: Budget | None,
+) -> dict[str, Any]:
+    """:meth:`Ledger.reserve`'s arguments checked and normalised, as every store writes them
+    (ValueError on bad input, before any I/O)."""
+    return {
+        "scheme": check_scheme(scheme),
+        "model": check_model(model),
+        "budget": budget,
+        "key": normalise_key(network, asset, payer, nonce),
+        "pay_to": normalise_address(pay_to, "pay_to"),
+        "amount": str(check_amount(amount)),
+        "x402_version": check_version(x402_version),
+        "route": check_route(route),
+        "payload": check_document(payload, "payload"),
+        "requirements": check_document(requirements, "requirements"),
+        "idempotency_key": check_idempotency_key(idempotency_key),
+    }

@@ -55,22 +55,17 @@ from paygate.x402.ledger import (
     PaymentState,
     SignInReused,
     check_amount,
-    check_document,
     check_error,
     check_fence,
-    check_idempotency_key,
     check_lease_seconds,
     check_limit,
-    check_model,
     check_move,
     check_replica,
-    check_route,
-    check_scheme,
     check_transaction,
-    check_version,
     default_replica_id,
     normalise_address,
     normalise_key,
+    reservation,
 )
 
 T = TypeVar("T")
@@ -253,19 +248,22 @@ class SqliteLedger:
         model: str | None = None,
         budget: Budget | None = None,
     ) -> PaymentRecord:
-        values = {
-            "scheme": check_scheme(scheme),
-            "model": check_model(model),
-            "budget": budget,
-            "key": normalise_key(network, asset, payer, nonce),
-            "pay_to": normalise_address(pay_to, "pay_to"),
-            "amount": str(check_amount(amount)),
-            "x402_version": check_version(x402_version),
-            "route": check_route(route),
-            "payload": check_document(payload, "payload"),
-            "requirements": check_document(requirements, "requirements"),
-            "idempotency_key": check_idempotency_key(idempotency_key),
-        }
+        values = reservation(
+            network=network,
+            asset=asset,
+            payer=payer,
+            nonce=nonce,
+            pay_to=pay_to,
+            amount=amount,
+            x402_version=x402_version,
+            route=route,
+            payload=payload,
+            requirements=requirements,
+            idempotency_key=idempotency_key,
+            scheme=scheme,
+            model=model,
+            budget=budget,
+        )
         return await self._run(self._reserve, values)
 
     async def transition(
