@@ -10,7 +10,6 @@ import pytest
 from enclave import SoftwareKey, receipts
 from enclave.attestation import binding
 
-
 TERMS = binding.PaymentTerms(
     pay_to="0x" + "11" * 20,
     accepts=(
