@@ -437,16 +437,12 @@ class FakeModelServer:
         name = str(body.get("model") or body.get("name") or "")
         if not _PULL_NAME.fullmatch(name):
             raise _error(request, 400, "invalid model name")
-        model, _, tag = name.partition(":")
         digest = "sha256:" + hashlib.sha256(name.encode()).hexdigest()
         total = 4096
 
         def write_manifest() -> None:
-            if self.models_dir is None:
-                return
-            target = self.models_dir / "manifests" / "registry.ollama.ai" / "library" / model
-            target.mkdir(parents=True, exist_ok=True)
-            (target / (tag or "latest")).write_text(json.dumps(manifest_document(name)))
+            if self.models_dir is not None:
+                install_model(self.models_dir, name)
 
         if body.get("stream", True) is False:
             write_manifest()
@@ -601,9 +597,19 @@ def main() -> int:
     return 0
 
 
+def _blob_contents(name: str) -> dict[str, str]:
+    """The FAKE blobs of a model: config, the "weights" (``name`` itself, so the model layer's
+    digest is sha256 of ``name``, as the pull progress reports it) and a template."""
+    return {
+        "docker.container.image.v1+json": f"config {name}",
+        "ollama.image.model": name,
+        "ollama.image.template": f"t {name}",
+    }
+
+
 def manifest_document(name: str) -> dict[str, Any]:
-    """An Ollama-shaped manifest: config, the model layer (digest = sha256 of ``name``, as the
-    pull progress reports it), and a template layer, which real manifests also carry."""
+    """An Ollama-shaped manifest: config, the model layer and a template layer, which real
+    manifests also carry."""
 
     def blob(kind: str, data: str) -> dict[str, Any]:
         return {
@@ -612,12 +618,30 @@ def manifest_document(name: str) -> dict[str, Any]:
             "size": len(data),
         }
 
+    contents = _blob_contents(name)
     return {
         "schemaVersion": 2,
         "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": blob("docker.container.image.v1+json", f"config {name}"),
-        "layers": [blob("ollama.image.model", name), blob("ollama.image.template", f"t {name}")],
+        "config": blob(
+            "docker.container.image.v1+json", contents["docker.container.image.v1+json"]
+        ),
+        "layers": [
+            blob("ollama.image.model", contents["ollama.image.model"]),
+            blob("ollama.image.template", contents["ollama.image.template"]),
+        ],
     }
+
+
+def install_model(models_dir: Path, name: str) -> None:
+    """A pulled model as Ollama lays it out: ``manifests/…/name/tag`` and ``blobs/sha256-…``."""
+    model, _, tag = name.partition(":")
+    target = models_dir / "manifests" / "registry.ollama.ai" / "library" / model
+    target.mkdir(parents=True, exist_ok=True)
+    blobs = models_dir / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    for data in _blob_contents(name).values():
+        (blobs / ("sha256-" + hashlib.sha256(data.encode()).hexdigest())).write_text(data)
+    (target / (tag or "latest")).write_text(json.dumps(manifest_document(name)))
 
 
 if __name__ == "__main__":

@@ -5,11 +5,16 @@ A JSON object, serialised canonically per RFC 8785 (JSON Canonicalization Scheme
 appliance hashed. Its SHA-256 is the TPM quote's ``qualifyingData`` (TEE kinds put their own
 digest of it into their report data). Fields (docs/ATTESTATION.md):
 
-``version`` 1; ``nonce`` the verifier's 32 random bytes (hex); ``sealing_key`` and
+``version`` 2; ``nonce`` the verifier's 32 random bytes (hex); ``sealing_key`` and
 ``receipt_key`` (65-byte points, hex); ``models`` [{``name``, ``digest`` "sha256:<hex>"}];
-``payment`` {``pay_to``, ``networks``, ``asset``, ``price_digest``} or null when the appliance
-does not charge; ``gateway`` {``version``, ``code_digest``}; ``issued_at`` (Unix seconds);
-``replica`` (optional) the identity of the replica that answered.
+``payment`` the whole payment terms (:class:`PaymentTerms`: who is paid, in which asset on which
+network, every price) or null when the appliance does not charge; ``gateway`` {``version``,
+``code_digest``}; ``issued_at`` (Unix seconds); ``replica`` (optional) the identity of the
+replica that answered.
+
+The payment terms are carried whole, not as a digest, so that a client can hold every 402 it
+receives against them before it signs anything: a middlebox that rewrites payTo, the network,
+the asset or an amount is caught by the client, not by a later dispute.
 
 The *configuration digest* is the SHA-256 of the same document without ``nonce`` and
 ``issued_at`` (and ``replica``): what the appliance measured into its application PCR at start,
@@ -31,12 +36,15 @@ from enclave import p256
 from enclave.attestation.base import ExpectedBinding
 from enclave.errors import EnclaveError, InvalidPublicKey
 
-VERSION = 1
+VERSION = 2
 NONCE_LEN = 32
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _MAX_MODELS = 256
 _MAX_TEXT = 256
+_MAX_PRICES = 256  # route, model and token price entries each
+_MAX_ACCEPTS = 32
+_DECIMAL = re.compile(r"[0-9]{1,30}(\.[0-9]{1,36})?")  # a non-negative amount in whole tokens
 
 
 class BindingInvalid(EnclaveError):
@@ -65,11 +73,76 @@ class ModelDigest:
 
 
 @dataclass(frozen=True, slots=True)
+class AcceptedAsset:
+    """One way to pay: a token on a network, as the 402's requirements must name it."""
+
+    network: str  # CAIP-2, e.g. eip155:8453
+    asset: str  # the token contract
+    name: str  # its EIP-712 domain name and version (what an EIP-3009 signature covers)
+    version: str
+    decimals: int
+    upto_facilitator: str | None = None  # who may settle metered payments (upto), if offered
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "network": self.network,
+            "asset": self.asset,
+            "name": self.name,
+            "version": self.version,
+            "decimals": self.decimals,
+            "upto_facilitator": self.upto_facilitator,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPriceTerms:
+    """A model's metered prices: whole tokens per million input/output tokens, a minimum."""
+
+    input: str
+    output: str
+    minimum: str
+
+
+@dataclass(frozen=True, slots=True)
 class PaymentTerms:
+    """Everything a 402 from this appliance may ask: payTo, the accepted assets, the schemes,
+    the exact prices (default, per route, per model, per million tokens on an estimate) and
+    the metered ones (token prices per model, the output cap). Amounts are decimal strings."""
+
     pay_to: str
-    networks: tuple[str, ...]
-    asset: str
-    price_digest: str  # sha256 of the canonical price table
+    accepts: tuple[AcceptedAsset, ...]
+    schemes: tuple[str, ...] = ("exact",)
+    price: str = "0"
+    route_prices: tuple[tuple[str, str], ...] = ()
+    model_prices: tuple[tuple[str, str], ...] = ()
+    per_million_tokens: str | None = None
+    token_estimate: int = 1000
+    token_prices: tuple[tuple[str, TokenPriceTerms], ...] = ()
+    max_tokens_cap: int | None = None
+    max_timeout_seconds: int = 300
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "pay_to": self.pay_to,
+            "accepts": [a.document() for a in self.accepts],
+            "schemes": list(self.schemes),
+            "prices": {
+                "default": self.price,
+                "routes": dict(self.route_prices),
+                "models": dict(self.model_prices),
+                "per_million_tokens": self.per_million_tokens,
+                "token_estimate": self.token_estimate,
+            },
+            "token_prices": {
+                model: {"input": p.input, "output": p.output, "minimum": p.minimum}
+                for model, p in self.token_prices
+            },
+            "max_tokens_cap": self.max_tokens_cap,
+            "max_timeout_seconds": self.max_timeout_seconds,
+        }
+
+    def accepted(self, network: str) -> AcceptedAsset | None:
+        return next((a for a in self.accepts if a.network == network), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,14 +169,7 @@ class Binding:
         return document
 
     def _static(self) -> dict[str, Any]:
-        payment = None
-        if self.payment is not None:
-            payment = {
-                "pay_to": self.payment.pay_to,
-                "networks": list(self.payment.networks),
-                "asset": self.payment.asset,
-                "price_digest": self.payment.price_digest,
-            }
+        payment = self.payment.document() if self.payment is not None else None
         return {
             "sealing_key": self.sealing_key.hex(),
             "receipt_key": self.receipt_key.hex(),
@@ -151,7 +217,7 @@ def config_digest(
 def parse(document: Any) -> Binding:
     """A binding document from JSON, every field checked; :class:`BindingInvalid` otherwise."""
     if not isinstance(document, Mapping) or document.get("version") != VERSION:
-        raise BindingInvalid("the binding document is not a version 1 object")
+        raise BindingInvalid(f"the binding document is not a version {VERSION} object")
     expected = {
         "version", "nonce", "sealing_key", "receipt_key", "models", "payment", "gateway",
         "issued_at",
@@ -193,25 +259,102 @@ def model_digest(name: Any, digest: Any) -> ModelDigest:
     return ModelDigest(_text(name), _digest(digest))
 
 
+_PAYMENT_FIELDS = {
+    "pay_to", "accepts", "schemes", "prices", "token_prices", "max_tokens_cap",
+    "max_timeout_seconds",
+}  # fmt: skip
+_PRICE_FIELDS = {"default", "routes", "models", "per_million_tokens", "token_estimate"}
+_ACCEPT_FIELDS = {"network", "asset", "name", "version", "decimals", "upto_facilitator"}
+
+
 def _payment(value: Any) -> PaymentTerms | None:
     if value is None:
         return None
-    if not isinstance(value, Mapping) or set(value) != {
-        "pay_to", "networks", "asset", "price_digest",
-    }:  # fmt: skip
-        raise BindingInvalid("payment is not {pay_to, networks, asset, price_digest}")
-    pay_to = value["pay_to"]
-    if not isinstance(pay_to, str) or not _ADDRESS.fullmatch(pay_to):
-        raise BindingInvalid("pay_to is not an address")
-    networks = value["networks"]
-    if not isinstance(networks, list) or not 0 < len(networks) <= 32:
-        raise BindingInvalid("networks is not a list")
+    if not isinstance(value, Mapping) or set(value) != _PAYMENT_FIELDS:
+        raise BindingInvalid("payment is not the payment terms object")
+    accepts = value["accepts"]
+    if not isinstance(accepts, list) or not 0 < len(accepts) <= _MAX_ACCEPTS:
+        raise BindingInvalid("accepts is not a list of assets")
+    parsed_accepts = tuple(_accepted(item) for item in accepts)
+    if len({a.network for a in parsed_accepts}) != len(parsed_accepts):
+        raise BindingInvalid("accepts names a network twice")
+    schemes = value["schemes"]
+    if not isinstance(schemes, list) or not 0 < len(schemes) <= 8:
+        raise BindingInvalid("schemes is not a list")
+    prices = value["prices"]
+    if not isinstance(prices, Mapping) or set(prices) != _PRICE_FIELDS:
+        raise BindingInvalid("prices is not {default, routes, models, per_million_tokens, ...}")
+    token_prices = value["token_prices"]
+    if not isinstance(token_prices, Mapping) or len(token_prices) > _MAX_PRICES:
+        raise BindingInvalid("token_prices is not an object")
+    parsed_token_prices = []
+    for model, entry in token_prices.items():
+        if not isinstance(entry, Mapping) or set(entry) != {"input", "output", "minimum"}:
+            raise BindingInvalid("a token price is not {input, output, minimum}")
+        parsed_token_prices.append(
+            (
+                _text(model),
+                TokenPriceTerms(
+                    _amount(entry["input"]), _amount(entry["output"]), _amount(entry["minimum"])
+                ),
+            )
+        )
+    per_million = prices["per_million_tokens"]
+    cap = value["max_tokens_cap"]
     return PaymentTerms(
-        pay_to=pay_to,
-        networks=tuple(_text(n) for n in networks),
-        asset=_text(value["asset"]),
-        price_digest=_digest(value["price_digest"]),
+        pay_to=_address(value["pay_to"], "pay_to"),
+        accepts=parsed_accepts,
+        schemes=tuple(_text(s) for s in schemes),
+        price=_amount(prices["default"]),
+        route_prices=_price_table(prices["routes"]),
+        model_prices=_price_table(prices["models"]),
+        per_million_tokens=None if per_million is None else _amount(per_million),
+        token_estimate=_count(prices["token_estimate"], "token_estimate"),
+        token_prices=tuple(parsed_token_prices),
+        max_tokens_cap=None if cap is None else _count(cap, "max_tokens_cap"),
+        max_timeout_seconds=_count(value["max_timeout_seconds"], "max_timeout_seconds"),
     )
+
+
+def _accepted(item: Any) -> AcceptedAsset:
+    if not isinstance(item, Mapping) or set(item) != _ACCEPT_FIELDS:
+        raise BindingInvalid("an accepted asset is not {network, asset, name, version, ...}")
+    decimals = item["decimals"]
+    if not isinstance(decimals, int) or isinstance(decimals, bool) or not 0 <= decimals <= 36:
+        raise BindingInvalid("decimals is not 0..36")
+    facilitator = item["upto_facilitator"]
+    return AcceptedAsset(
+        network=_text(item["network"]),
+        asset=_address(item["asset"], "asset"),
+        name=_text(item["name"]),
+        version=_text(item["version"]),
+        decimals=decimals,
+        upto_facilitator=None if facilitator is None else _address(facilitator, "facilitator"),
+    )
+
+
+def _price_table(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, Mapping) or len(value) > _MAX_PRICES:
+        raise BindingInvalid("a price table is not an object")
+    return tuple((_text(key), _amount(price)) for key, price in value.items())
+
+
+def _amount(value: Any) -> str:
+    if not isinstance(value, str) or not _DECIMAL.fullmatch(value):
+        raise BindingInvalid("an amount is not a plain non-negative decimal string")
+    return value
+
+
+def _count(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 10**9:
+        raise BindingInvalid(f"{what} is not a positive integer")
+    return value
+
+
+def _address(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _ADDRESS.fullmatch(value):
+        raise BindingInvalid(f"{what} is not an address")
+    return value
 
 
 def _text(value: Any) -> str:

@@ -14,13 +14,19 @@ import dataclasses
 import json
 import re
 import sys
+import warnings
 from typing import Any
 
 import httpx
 
 from enclave import p256
 from enclave.attestation import tpm
-from paygate.client.attestation import AttestationPolicy, Attested, attestation_flow
+from paygate.client.attestation import (
+    AttestationPolicy,
+    Attested,
+    UnpinnedCode,
+    attestation_flow,
+)
 from paygate.client.errors import AttestationRefused, ClientError
 from paygate.client.pubkey import MAX_PUBKEY_DOCUMENT, PUBKEY_PATH, parse_pubkey_document
 from paygate.config import load_settings
@@ -57,6 +63,12 @@ def add_verify(actions: Any) -> None:
     )
     verify.add_argument("--pay-to", help="the wallet the evidence must name")
     verify.add_argument(
+        "--code-digest",
+        action="append",
+        default=[],
+        help="accepted gateway code sha256:HEX (repeatable; `paygate release digest`)",
+    )
+    verify.add_argument(
         "--policy",
         help="JSON file: the accepted TEE kinds (sev-snp, tdx, nitro), each with its policy",
     )
@@ -82,6 +94,9 @@ def _policy(args: argparse.Namespace) -> AttestationPolicy:
     for digest in args.model_digest:
         if not _DIGEST.fullmatch(digest):
             raise AttestUsage("--model-digest takes sha256:<64 lower-case hex digits>")
+    for digest in args.code_digest:
+        if not _DIGEST.fullmatch(digest):
+            raise AttestUsage("--code-digest takes sha256:<64 lower-case hex digits>")
     if args.pay_to is not None and not re.fullmatch(r"0x[0-9a-fA-F]{40}", args.pay_to):
         raise AttestUsage("--pay-to takes a 0x-prefixed 20-byte address")
     if args.ek_ca is None and args.policy is None and not args.allow_unattested:
@@ -90,17 +105,25 @@ def _policy(args: argparse.Namespace) -> AttestationPolicy:
             " (or --allow-unattested for kind none only)"
         )
     try:
-        return AttestationPolicy.from_files(
-            args.ek_ca,
-            model_digests=args.model_digest,
-            pay_to=args.pay_to,
-            pcrs=pcrs or "any",
-            max_age_seconds=args.max_age,
-            allow_unattested=args.allow_unattested,
-            tee_policy=args.policy,
-        )
+        with warnings.catch_warnings():
+            # Unpinned code is reported as the skipped "code" check instead.
+            warnings.simplefilter("ignore", UnpinnedCode)
+            return _from_files(args, pcrs)
     except ValueError as exc:
         raise AttestUsage(str(exc)) from None
+
+
+def _from_files(args: argparse.Namespace, pcrs: dict[int, bytes]) -> AttestationPolicy:
+    return AttestationPolicy.from_files(
+        args.ek_ca,
+        model_digests=args.model_digest,
+        pay_to=args.pay_to,
+        pcrs=pcrs or "any",
+        max_age_seconds=args.max_age,
+        allow_unattested=args.allow_unattested,
+        tee_policy=args.policy,
+        code_digests=args.code_digest,
+    )
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -217,14 +240,8 @@ def _show(args: argparse.Namespace) -> int:
             "sealing_key": p256.fingerprint(key.public_key),
             "receipt_key": p256.fingerprint(service.receipt_public_key),
             "models": [{"name": m.name, "digest": m.digest} for m in config.models],
-            "payment": None
-            if config.payment is None
-            else {
-                "pay_to": config.payment.pay_to,
-                "networks": list(config.payment.networks),
-                "asset": config.payment.asset,
-                "price_digest": config.payment.price_digest,
-            },
+            # Offline, the upto facilitator's address is unknown (the gateway asks it at start).
+            "payment": None if config.payment is None else config.payment.document(),
             "gateway": {"version": config.gateway_version, "code_digest": config.code_digest},
             "config_digest": "sha256:" + config_digest.hex(),
             "pcr23": tpm.app_pcr_value(tpm.app_digest(code, config_digest)).hex(),

@@ -49,6 +49,9 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--asset", action="append", help="allowed token ADDRESS[:DECIMALS] (default: USDC)"
     )
+    p.add_argument(
+        "--pay-to", action="append", help="pay only this wallet (repeat; default: any payTo)"
+    )
     p.add_argument("--x402-version", type=int, choices=[1, 2], help="pay only v1 or v2")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
     p.add_argument("-s", "--silent", action="store_true", help="nothing on stderr but errors")
@@ -101,6 +104,7 @@ def _transport(args: argparse.Namespace) -> PaygateTransport:
                 max_per_request=args.max_price,
                 networks=args.network,
                 assets=parse_assets(args.asset) if args.asset else None,
+                pay_to=args.pay_to,
             )
         except ValueError as exc:
             raise ClientError(str(exc)) from None

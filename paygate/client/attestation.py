@@ -23,7 +23,9 @@ import base64
 import hmac
 import json
 import os
+import re
 import time
+import warnings
 from collections.abc import Callable, Collection, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,6 +46,7 @@ from paygate.client.errors import (
     ActivationFailed,
     AkInvalid,
     AttestationRefused,
+    CodeNotAccepted,
     EkUntrusted,
     EvidenceMalformed,
     EvidenceStale,
@@ -69,12 +72,19 @@ _ERRORS: dict[str, type[AttestationRefused]] = {
     for cls in (
         EvidenceUnavailable, EvidenceMalformed, EvidenceStale, NonceMismatch, Unattested,
         EkUntrusted, AkInvalid, ActivationFailed, QuoteInvalid, PcrMismatch, KeyNotCertified,
-        ModelNotAccepted, PayToMismatch, KindNotAccepted,
+        ModelNotAccepted, PayToMismatch, KindNotAccepted, CodeNotAccepted,
     )
 }  # fmt: skip
 
 
 MAX_POLICY_FILE = 256 * 1024
+_CODE_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+class UnpinnedCode(UserWarning):
+    """An attestation policy without code_digests: any self-consistent gateway code passes."""
+
+
 TeeKindPolicy = SevSnpPolicy | TdxPolicy | NitroPolicy
 _TEE_POLICY_TYPES: dict[str, type[TeeKindPolicy]] = {
     "sev-snp": SevSnpPolicy,
@@ -156,6 +166,9 @@ class AttestationPolicy:
         model_digests: accepted weights digests (``sha256:<hex>``); empty accepts any model
             the evidence lists. The model a request asks for must be listed with one of them.
         pay_to: the wallet the evidence must name (None: not checked).
+        code_digests: accepted gateway code digests (``sha256:<hex>``, what ``paygate release
+            digest`` prints for a release); empty accepts any code, with a warning. With TPM
+            evidence, PCR 23 must measure the accepted code (the app_pcr check).
         pcrs: expected sha256 PCR values by index, or ``"any"``.
         max_age_seconds: how far the evidence's time may be from this client's clock.
         allow_unattested: accept kind ``none`` (software/PKCS#11 keys, nothing proven).
@@ -169,6 +182,18 @@ class AttestationPolicy:
     max_age_seconds: int = 300
     allow_unattested: bool = False
     tee: Mapping[str, TeePolicy] = field(default_factory=dict)
+    code_digests: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        for digest in self.code_digests:
+            if not isinstance(digest, str) or not _CODE_DIGEST.fullmatch(digest):
+                raise ValueError(f"a code digest is sha256:<64 lower-case hex>, not {digest!r}")
+        if not self.code_digests:
+            warnings.warn(
+                "AttestationPolicy accepts any gateway code: pin the release with code_digests",
+                UnpinnedCode,
+                stacklevel=3,
+            )
 
     @classmethod
     def from_files(
@@ -181,6 +206,7 @@ class AttestationPolicy:
         max_age_seconds: int = 300,
         allow_unattested: bool = False,
         tee_policy: str | os.PathLike[str] | None = None,
+        code_digests: Collection[str] = (),
     ) -> AttestationPolicy:
         """A policy trusting the certificates of a PEM file (one or more) for TPM evidence and
         accepting the TEE kinds of ``tee_policy`` (see :func:`load_tee_policies`)."""
@@ -198,6 +224,7 @@ class AttestationPolicy:
             max_age_seconds=max_age_seconds,
             allow_unattested=allow_unattested,
             tee=load_tee_policies(tee_policy) if tee_policy is not None else {},
+            code_digests=frozenset(code_digests),
         )
 
 
@@ -476,6 +503,16 @@ def _binding_checks(
     bound: binding_doc.Binding,
     offered_key: bytes | None,
 ) -> None:
+    if policy.code_digests:
+        if bound.code_digest not in policy.code_digests:
+            raise checks.fail(
+                "code",
+                "code_not_accepted",
+                f"the gateway runs code {bound.code_digest}, not an accepted release",
+            )
+        checks.passed("code", bound.code_digest)
+    else:
+        checks.skipped("code", "policy accepts any code")
     if offered_key is not None:
         if not hmac.compare_digest(offered_key, bound.sealing_key):
             raise checks.fail(

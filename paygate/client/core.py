@@ -28,9 +28,15 @@ from paygate.client.attestation import (
     Exchange,
     check_model,
 )
-from paygate.client.errors import PaymentRefused, ReplyNotSealed, ReplyOpenFailed
+from paygate.client.errors import (
+    PaymentNotAttested,
+    PaymentRefused,
+    ReplyNotSealed,
+    ReplyOpenFailed,
+)
 from paygate.client.payer import (
     MAX_CHALLENGE_BYTES,
+    Challenge,
     Payer,
     PaymentRecord,
     SpendPolicy,
@@ -46,6 +52,7 @@ from paygate.client.streams import (
     ReplyDecoder,
     SealedDecoder,
 )
+from paygate.client.terms import check_challenge
 from paygate.wire import (
     ENVELOPE_HEADER,
     LOCAL_PATHS,
@@ -247,6 +254,18 @@ class ClientCore:
             return
         check_model(attested, policy, model_of(body))
 
+    def _check_challenge(self, request: httpx.Request, body: bytes, challenge: Challenge) -> None:
+        attested = self.attested(origin_of(request.url))
+        if attested is None:
+            raise PaymentNotAttested("a 402 before the appliance was attested (nothing signed)")
+        check_challenge(
+            challenge,
+            attested.binding.payment,
+            method=request.method,
+            path=request.url.path,
+            body=body,
+        )
+
     def key_request(self, command: LoadKey) -> httpx.Request:
         url = self.pubkey_url or httpx.URL(command.origin + PUBKEY_PATH)
         timeout = command.request.extensions.get("timeout")
@@ -335,6 +354,9 @@ class ClientCore:
         if response.status_code == 402 and self.payer is not None:
             challenge_body = yield ReadBody(response, MAX_CHALLENGE_BYTES, "the 402 challenge")
             challenge = parse_challenge(response.headers, challenge_body, version=self.x402_version)
+            if self.attestation is not None:
+                # Before anything is signed: only the attested appliance's own terms are paid.
+                self._check_challenge(request, body, challenge)
             url = str(request.url.copy_with(query=None, fragment=None))
             payment = self.payer.pay(challenge, url=url)
             record = payment.record

@@ -72,6 +72,76 @@ class SpendRefused(ClientError):
     code = "spend_refused"
 
 
+class PayToNotAllowed(SpendRefused):
+    """Every offer pays a wallet outside the spend policy's ``pay_to`` allow-list."""
+
+    code = "pay_to_not_allowed"
+
+
+# --- offers held against the attested payment terms (docs/ATTESTATION.md "Paying the attested
+# appliance"): each refusal has its own code and is raised before anything is signed.
+
+
+class OfferNotAttested(SpendRefused):
+    """The 402 asks for a payment outside the attested payment terms; nothing was signed."""
+
+    code = "offer_not_attested"
+
+
+class PaymentNotAttested(OfferNotAttested):
+    """A 402 from an appliance that was not attested, or attested as not charging."""
+
+    code = "payment_not_attested"
+
+
+class OfferPayToMismatch(OfferNotAttested):
+    code = "offer_pay_to_mismatch"
+
+
+class OfferNetworkMismatch(OfferNotAttested):
+    code = "offer_network_mismatch"
+
+
+class OfferAssetMismatch(OfferNotAttested):
+    """The token address, or its EIP-712 name/version, is not the attested one."""
+
+    code = "offer_asset_mismatch"
+
+
+class OfferSchemeMismatch(OfferNotAttested):
+    code = "offer_scheme_mismatch"
+
+
+class OfferPriceMismatch(OfferNotAttested):
+    """An exact offer's amount is not the attested price of this request."""
+
+    code = "offer_price_mismatch"
+
+
+class OfferMaximumExceeded(OfferNotAttested):
+    """An upto offer's maximum is above what the attested token prices and cap allow."""
+
+    code = "offer_maximum_exceeded"
+
+
+class OfferTokenPriceMismatch(OfferNotAttested):
+    """An upto offer's token prices are not the attested ones for the model."""
+
+    code = "offer_token_price_mismatch"
+
+
+class OfferFacilitatorMismatch(OfferNotAttested):
+    """An upto offer names a facilitator the terms do not."""
+
+    code = "offer_facilitator_mismatch"
+
+
+class OfferTimeoutExceeded(OfferNotAttested):
+    """An offer's maxTimeoutSeconds is longer than the attested one."""
+
+    code = "offer_timeout_exceeded"
+
+
 class PaymentRefused(ClientError):
     """The server refused the signed payment; ``reason`` is the server's reason code."""
 
@@ -162,6 +232,12 @@ class ModelNotAccepted(AttestationRefused):
 
 class PayToMismatch(AttestationRefused):
     code = "pay_to_mismatch"
+
+
+class CodeNotAccepted(AttestationRefused):
+    """the gateway's code digest is not one the policy accepts (code_digests)"""
+
+    code = "code_not_accepted"
 
 
 class ReceiptInvalid(ClientError):

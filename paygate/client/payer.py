@@ -26,7 +26,7 @@ from eth_utils import is_address, to_checksum_address
 from pydantic import ValidationError
 
 from paygate import jsonsafe, wire
-from paygate.client.errors import InvalidChallenge, SpendRefused
+from paygate.client.errors import InvalidChallenge, PayToNotAllowed, SpendRefused
 from paygate.x402 import codec
 from paygate.x402.models import (
     PAYMENT_IDENTIFIER,
@@ -54,6 +54,7 @@ MAX_CHALLENGE_BYTES = 64 * 1024
 # An authorization is valid for the requirement's timeout, but never longer than this.
 MAX_VALID_SECONDS = 3600
 _MAX_REASON = 200
+_PAY_TO_DECLINED = "payTo not in the spend policy's pay_to"
 
 
 class SpendPolicy:
@@ -62,7 +63,9 @@ class SpendPolicy:
     Amounts are whole tokens (``"0.01"`` is one cent of USDC). ``networks``: v1 names or CAIP-2
     ids (None: any EVM network). ``assets``: token address → decimals (None: the USDC contracts
     of the known networks, 6 decimals). ``max_total`` counts every authorization signed, settled
-    or not: a signature is money the server can collect until it expires.
+    or not: a signature is money the server can collect until it expires. ``pay_to``: the
+    wallets this caller pays (None: any; with an AttestationPolicy the attested payTo is
+    enforced anyway) — an offer to pay anyone else is declined before signing.
     """
 
     __slots__ = (
@@ -72,6 +75,7 @@ class SpendPolicy:
         "max_price_per_million",
         "max_total",
         "max_valid_seconds",
+        "pay_to",
     )
 
     def __init__(
@@ -83,6 +87,7 @@ class SpendPolicy:
         assets: Mapping[str, int] | None = None,
         max_valid_seconds: int = MAX_VALID_SECONDS,
         max_price_per_million: Decimal | str | int | None = None,
+        pay_to: Iterable[str] | None = None,
     ) -> None:
         self.max_per_request: Decimal = _amount(max_per_request, "max_per_request")
         # Metered (upto) offers: the most per million tokens, input or output (None: decline).
@@ -97,6 +102,13 @@ class SpendPolicy:
         self.chain_ids: frozenset[int] | None = (
             None if networks is None else frozenset(_chain_id(n) for n in networks)
         )
+        self.pay_to: frozenset[str] | None = None
+        if pay_to is not None:
+            if isinstance(pay_to, str):
+                raise ValueError("pay_to is a list of addresses, not one string")
+            self.pay_to = frozenset(_wallet(a) for a in pay_to)
+            if not self.pay_to:
+                raise ValueError("pay_to is empty: nobody could be paid (None allows any)")
         self.assets: Mapping[str, int] | None = None
         if assets is not None:
             self.assets = {_address(a): _decimals(d) for a, d in assets.items()}
@@ -114,24 +126,26 @@ class SpendPolicy:
         assets: Mapping[str, int] | None = None,
         environ: Mapping[str, str] | None = None,
         max_price_per_million: Decimal | str | int | None = None,
+        pay_to: Iterable[str] | None = None,
     ) -> SpendPolicy:
         """The arguments as defaults, each overridden by its ``PAYGATE_SPEND_*`` variable:
         ``MAX_PER_REQUEST``, ``MAX_TOTAL``, ``NETWORKS`` (comma-separated), ``ASSETS``
-        (comma-separated ``ADDRESS[:DECIMALS]``, 6 decimals if omitted) and
-        ``MAX_PRICE_PER_MILLION``."""
+        (comma-separated ``ADDRESS[:DECIMALS]``, 6 decimals if omitted),
+        ``MAX_PRICE_PER_MILLION`` and ``PAY_TO`` (comma-separated wallets)."""
         env = os.environ if environ is None else environ
 
         def get(name: str) -> str | None:
             value = env.get(f"PAYGATE_SPEND_{name}", "").strip()
             return value or None
 
-        net_env, asset_env = get("NETWORKS"), get("ASSETS")
+        net_env, asset_env, pay_env = get("NETWORKS"), get("ASSETS"), get("PAY_TO")
         return cls(
             max_per_request=get("MAX_PER_REQUEST") or max_per_request,
             max_total=get("MAX_TOTAL") or max_total,
             networks=_split(net_env) if net_env else networks,
             assets=parse_assets(_split(asset_env)) if asset_env else assets,
             max_price_per_million=get("MAX_PRICE_PER_MILLION") or max_price_per_million,
+            pay_to=_split(pay_env) if pay_env else pay_to,
         )
 
     def decimals(self, chain_id: int, asset: str) -> int | None:
@@ -146,6 +160,7 @@ class SpendPolicy:
             f"SpendPolicy(max_per_request={self.max_per_request}, max_total={self.max_total}, "
             f"max_price_per_million={self.max_price_per_million}, "
             f"chain_ids={sorted(self.chain_ids) if self.chain_ids else None}, "
+            f"pay_to={sorted(self.pay_to) if self.pay_to is not None else None}, "
             f"assets={dict(self.assets) if self.assets is not None else 'USDC'})"
         )
 
@@ -183,6 +198,12 @@ def _chain_id(network: str) -> int:
 def _address(value: str) -> str:
     if not is_address(value.strip()):
         raise ValueError(f"not a token address: {value!r}")
+    return to_checksum_address(value.strip())
+
+
+def _wallet(value: str) -> str:
+    if not isinstance(value, str) or not is_address(value.strip()):
+        raise ValueError(f"pay_to: not a wallet address: {value!r}")
     return to_checksum_address(value.strip())
 
 
@@ -429,6 +450,8 @@ class Payer:
                 best = (price, offer, decimals)
         if best is None:
             detail = "; ".join(declined[:5]) or "the server offered nothing"
+            if declined and all(reason.endswith(_PAY_TO_DECLINED) for reason in declined):
+                raise PayToNotAllowed(f"no offer pays an allowed wallet ({detail})")
             raise SpendRefused(f"no offered payment fits the spend policy ({detail})")
         return best[1], best[2]
 
@@ -449,6 +472,8 @@ class Payer:
             return None, "network not allowed"
         if not is_address(offer.asset) or not is_address(offer.pay_to):
             return None, "asset or payTo is not an address"
+        if policy.pay_to is not None and to_checksum_address(offer.pay_to) not in policy.pay_to:
+            return None, _PAY_TO_DECLINED
         decimals = policy.decimals(offer.chain_id, to_checksum_address(offer.asset))
         if decimals is None:
             return None, "asset not allowed"
@@ -570,13 +595,13 @@ class Payer:
             nonce=nonce,
             valid_before=valid_before,
             scheme=offer.scheme,
-            prices=_offered_prices(offer) if offer.scheme == UPTO else None,
+            prices=offered_prices(offer) if offer.scheme == UPTO else None,
             decimals=decimals,
         )
         return Payment(header=header, value=value, record=record)
 
 
-def _offered_prices(offer: Offer) -> tuple[Decimal, Decimal, Decimal] | None:
+def offered_prices(offer: Offer) -> tuple[Decimal, Decimal, Decimal] | None:
     """An upto offer's advertised token prices (input, output per million; minimum)."""
     try:
         values = tuple(
@@ -601,7 +626,7 @@ def _upto_reason(offer: Offer, policy: SpendPolicy) -> str | None:
     facilitator = offer.extra.get(upto.FACILITATOR_EXTRA)
     if not isinstance(facilitator, str) or not is_address(facilitator):
         return "upto offer names no facilitator address"
-    prices = _offered_prices(offer)
+    prices = offered_prices(offer)
     if prices is None:
         return "upto offer states no token prices"
     if max(prices[0], prices[1]) > policy.max_price_per_million:

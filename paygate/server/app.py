@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -31,6 +31,7 @@ from paygate.server.assembly import (
     payment_terms,
     price_policy,
     rate_limits,
+    token_pricing,
 )
 from paygate.server.attestation import (
     AttestationConfig,
@@ -38,7 +39,7 @@ from paygate.server.attestation import (
     code_digest,
     gateway_version,
     parse_models,
-    price_digest,
+    payment_document,
 )
 from paygate.server.errors import (
     BodyTooLarge,
@@ -55,7 +56,7 @@ from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.logs import add_request_id, request_events
 from paygate.server.metrics import Metrics, TimedKey
 from paygate.server.opening import Opener
-from paygate.server.payments import PaymentStep
+from paygate.server.payments import PaymentStep, X402Payments
 from paygate.server.proxy import Timeouts, Upstream
 from paygate.server.receipts import ReceiptIssuer
 from paygate.server.replies import Replies, ReplyLimits
@@ -202,9 +203,15 @@ def build_app(
         )
         # The binding carries the weights' digests computed at start (paygate.upstream);
         # then PCR 23 measures the application and the keys are certified, before listening.
+        payment = attestation.payment
+        if payment is not None and isinstance(app[PAYMENTS], X402Payments):
+            # The payment terms as offered, with the upto facilitator the settler named.
+            payment = attestation_config(settings, app[PAYMENTS].processor.terms.upto_extra).payment
         try:
             bound = dataclasses.replace(
-                attestation, models=parse_models(app[UPSTREAM].models_document())
+                attestation,
+                models=parse_models(app[UPSTREAM].models_document()),
+                payment=payment,
             )
         except binding.BindingInvalid as exc:
             raise ConfigError(f"a served model cannot be attested: {exc}") from None
@@ -297,8 +304,11 @@ def admission_limits(settings: Settings) -> AdmissionLimits:
     )
 
 
-def attestation_config(settings: Settings) -> AttestationConfig:
-    """What the attestation endpoints bind and how much they may cost (docs/ATTESTATION.md)."""
+def attestation_config(
+    settings: Settings, upto_extra: Mapping[str, Mapping[str, str]] | None = None
+) -> AttestationConfig:
+    """What the attestation endpoints bind and how much they may cost (docs/ATTESTATION.md).
+    ``upto_extra``: the upto facilitator per network, known once the payment step asked it."""
     kind = settings.attestation
     if kind == "auto":
         kind = "tpm" if settings.key_backend == "tpm" else "none"
@@ -309,21 +319,11 @@ def attestation_config(settings: Settings) -> AttestationConfig:
         raise ConfigError(f"attestation {kind} needs key_backend tee-memory")
     terms = None
     if settings.payment_mode != "off":
-        seller = payment_terms(settings)
-        prices = price_policy(settings)
-        terms = binding.PaymentTerms(
-            pay_to=seller.pay_to,
-            networks=tuple(a.network.caip2 for a in seller.accepted),
-            asset=seller.accepted[0].asset.address,
-            price_digest=price_digest(
-                {
-                    "default": prices.default,
-                    "routes": prices.routes,
-                    "models": prices.models,
-                    "per_million_tokens": prices.per_million_tokens,
-                    "token_estimate": prices.token_estimate,
-                }
-            ),
+        terms = payment_document(
+            payment_terms(settings, upto_extra),
+            price_policy(settings),
+            token_pricing(settings),
+            settings.payment_schemes,
         )
     return AttestationConfig(
         kind=kind,

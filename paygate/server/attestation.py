@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from decimal import Decimal
 from typing import Any, Literal
 
 from aiohttp import web
@@ -33,9 +32,13 @@ from enclave.attestation.providers import EvidenceProvider
 from enclave.attestation.providers import EvidenceUnavailable as TeeUnavailable
 from enclave.attestation.tpm import APP_PCR, DEFAULT_PCRS, EK_HANDLES, TpmAttester, app_digest
 from enclave.keys.base import ReceiptSigner
-from paygate import jsonsafe
+from paygate import jsonsafe, release
 from paygate.server.errors import BodyTooLarge, GatewayError
 from paygate.server.limits import read_body
+from paygate.x402.metering import TokenPricing
+from paygate.x402.offers import PaymentTerms
+from paygate.x402.pricing import PricePolicy
+from paygate.x402.schemes.upto import FACILITATOR_EXTRA
 
 EvidenceKind = Literal["tpm", "none", "sev-snp", "tdx", "nitro"]
 MAX_ACTIVATION_BODY = 16 * 1024  # two marshalled TPM2B blobs of a few hundred bytes
@@ -348,38 +351,60 @@ def gateway_version() -> str:
         return "0+unknown"
 
 
-def code_digest(packages: Sequence[str] = ("paygate", "enclave")) -> str:
-    """SHA-256 over the gateway's Python sources as installed: each file's path relative to its
-    package root and its bytes, in sorted order."""
-    import importlib.util
-
-    hasher = hashlib.sha256()
-    for package in packages:
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            continue
-        root = Path(next(iter(spec.submodule_search_locations)))
-        for path in sorted(root.rglob("*.py")):
-            relative = f"{package}/{path.relative_to(root).as_posix()}"
-            data = path.read_bytes()
-            hasher.update(f"{relative}\0{len(data)}\0".encode())
-            hasher.update(data)
-    return "sha256:" + hasher.hexdigest()
+def code_digest() -> str:
+    """The code digest of the installed paygate and enclave packages (paygate.release): what
+    PCR 23 measures and the binding document names, as ``paygate release digest`` prints it."""
+    return release.code_digest()
 
 
-def price_digest(table: Mapping[str, Any]) -> str:
-    """sha256 of the canonical price table (decimals as strings)."""
-    return binding.sha256_digest(binding.canonical(_jsonable(table)))
+def payment_document(
+    terms: PaymentTerms,
+    prices: PricePolicy,
+    pricing: TokenPricing | None,
+    schemes: Sequence[str],
+) -> binding.PaymentTerms:
+    """The whole payment terms for the binding document: what every 402 of this appliance
+    may ask (a client refuses any offer outside them before it signs)."""
+    metered = "upto" in schemes and pricing is not None
+    return binding.PaymentTerms(
+        pay_to=terms.pay_to,
+        accepts=tuple(
+            binding.AcceptedAsset(
+                network=a.network.caip2,
+                asset=a.asset.address,
+                name=a.asset.name,
+                version=a.asset.version,
+                decimals=a.asset.decimals,
+                upto_facilitator=(
+                    terms.upto_extra.get(a.network.caip2, {}).get(FACILITATOR_EXTRA)
+                    if metered
+                    else None
+                ),
+            )
+            for a in terms.accepted
+        ),
+        schemes=tuple(dict.fromkeys(schemes)),
+        price=_plain(prices.default),
+        route_prices=tuple((k, _plain(v)) for k, v in sorted(prices.routes.items())),
+        model_prices=tuple((k, _plain(v)) for k, v in sorted(prices.models.items())),
+        per_million_tokens=(
+            None if prices.per_million_tokens is None else _plain(prices.per_million_tokens)
+        ),
+        token_estimate=prices.token_estimate,
+        token_prices=tuple(
+            (model, binding.TokenPriceTerms(_plain(p.input), _plain(p.output), _plain(p.minimum)))
+            for model, p in sorted(pricing.prices.items())
+        )
+        if metered and pricing is not None
+        else (),
+        max_tokens_cap=pricing.max_tokens_cap if metered and pricing is not None else None,
+        max_timeout_seconds=terms.max_timeout_seconds,
+    )
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    return str(value)
+def _plain(amount: Decimal) -> str:
+    """A decimal as the binding document spells amounts: fixed point, never an exponent."""
+    return format(amount, "f")
 
 
 def parse_models(models: Sequence[Mapping[str, str]]) -> tuple[binding.ModelDigest, ...]:

@@ -32,6 +32,7 @@ from paygate.x402.pricing import (
     INPUT_PRICE_EXTRA,
     MINIMUM_PRICE_EXTRA,
     OUTPUT_PRICE_EXTRA,
+    prompt_token_bound,
     token_charge,
 )
 
@@ -44,8 +45,6 @@ METERED_PATHS: Mapping[str, Literal["openai", "ollama"]] = {
     "/api/chat": "ollama",
     "/api/generate": "ollama",
 }
-TEMPLATE_TOKENS = 16  # chat-template tokens allowed for the request as a whole
-TEMPLATE_TOKENS_PER_MESSAGE = 8  # and per message (role markers, separators)
 BYTES_PER_TOKEN_ESTIMATE = 4  # the `estimate` fallback's output tokens per reply byte
 Fallback = Literal["max", "estimate"]
 
@@ -153,9 +152,7 @@ class TokenPricing:
         price = self.price_for(model)
         if price is None:
             return None
-        messages = data.get("messages")
-        count = len(messages) if isinstance(messages, list) else 1
-        prompt_bound = len(body) + TEMPLATE_TOKENS + TEMPLATE_TOKENS_PER_MESSAGE * count
+        prompt_bound = prompt_token_bound(len(body), data.get("messages"))
         if api == "openai":
             max_tokens, strip = _openai_limits(data, self.max_tokens_cap)
         else:

@@ -18,6 +18,8 @@ MILLION = Decimal(1_000_000)
 INPUT_PRICE_EXTRA = "inputPricePerMillionTokens"
 OUTPUT_PRICE_EXTRA = "outputPricePerMillionTokens"
 MINIMUM_PRICE_EXTRA = "minimumPrice"
+TEMPLATE_TOKENS = 16  # chat-template tokens allowed for the request as a whole
+TEMPLATE_TOKENS_PER_MESSAGE = 8  # and per message (role markers, separators)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,14 @@ def token_charge(
     cost = max((input_price * tokens_in + output_price * tokens_out) / MILLION, minimum)
     atomic = int(cost.scaleb(decimals).quantize(Decimal(1), rounding=ROUND_HALF_UP))
     return min(atomic, maximum)
+
+
+def prompt_token_bound(body_bytes: int, messages: object) -> int:
+    """An upper bound on a request's prompt tokens: byte-level BPE tokens are at least one
+    byte each, plus a chat-template allowance. Shared by the gateway (an upto maximum) and the
+    client (which holds an offered maximum against the attested prices)."""
+    count = len(messages) if isinstance(messages, list) else 1
+    return body_bytes + TEMPLATE_TOKENS + TEMPLATE_TOKENS_PER_MESSAGE * count
 
 
 def model_of(body: bytes, *, limit: int = 4 * 1024 * 1024) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import threading
 from collections.abc import Callable
@@ -230,9 +231,14 @@ def duplicable_certified(key: TpmKey) -> dict[str, str]:
     }
 
 
-def ollama_models_dir(directory: Path, name: str, tag: str, digest: str) -> Path:
-    """An Ollama models directory whose manifest names ``digest`` as the model layer: what the
-    ollama engine profile hashes into the served digests (the FAKE server has no weights)."""
+def ollama_models_dir(directory: Path, name: str, tag: str, weights: bytes) -> Path:
+    """An Ollama models directory holding ``weights`` as the model blob of ``name:tag``, with
+    the manifest naming its digest: what the ollama engine profile hashes (blob and manifest
+    must agree) into the served digests (the FAKE server has no weights)."""
+    digest = "sha256:" + hashlib.sha256(weights).hexdigest()
+    blobs = directory / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    (blobs / digest.replace(":", "-")).write_bytes(weights)
     manifest = directory / "manifests" / "registry.ollama.ai" / "library" / name / tag
     manifest.parent.mkdir(parents=True, exist_ok=True)
     layer = {"mediaType": "application/vnd.ollama.image.model", "digest": digest, "size": 1}

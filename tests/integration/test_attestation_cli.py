@@ -33,7 +33,8 @@ from tests.integration.attestation_support import (
 from tests.integration.gateway_support import Stack, ThreadedStack
 
 MODEL = "fake-llama:latest"
-DIGEST = "sha256:" + hashlib.sha256(b"fake-llama weights").hexdigest()
+WEIGHTS = b"fake-llama weights"
+DIGEST = "sha256:" + hashlib.sha256(WEIGHTS).hexdigest()
 PAY_TO = "0x" + "ab" * 20
 
 
@@ -61,7 +62,7 @@ def _settings(key: TpmKey | None, models: Path) -> dict[str, Any]:
     # Payments in verify-only mode: the evidence binds payTo without a chain behind it.
     return {
         "key_backend": "tpm" if key is not None else "software",
-        "upstream_model_path": ollama_models_dir(models, "fake-llama", "latest", DIGEST),
+        "upstream_model_path": ollama_models_dir(models, "fake-llama", "latest", WEIGHTS),
         "payment_mode": "verify-only",
         "pay_to": PAY_TO,
         "network": "base-sepolia",
@@ -193,7 +194,7 @@ def test_show_prints_what_the_appliance_would_attest(
         "PAYGATE_TPM_TCTI": tpm.tcti,
         "PAYGATE_TPM_KEY_DIR": str(tmp_path / "key"),
         "PAYGATE_UPSTREAM_MODEL_PATH": str(
-            ollama_models_dir(tmp_path / "models", "fake-llama", "latest", DIGEST)
+            ollama_models_dir(tmp_path / "models", "fake-llama", "latest", WEIGHTS)
         ),
     }
     result = _attest("show", "--json", env=env)

@@ -46,7 +46,8 @@ from tests.integration.gateway_support import Stack, ThreadedStack
 from tests.integration.payment_support import PRICE_ATOMIC, paid_settings
 
 MODEL = "fake-llama:latest"
-DIGEST = "sha256:" + hashlib.sha256(b"fake-llama weights").hexdigest()
+WEIGHTS = b"fake-llama weights"
+DIGEST = "sha256:" + hashlib.sha256(WEIGHTS).hexdigest()
 MESSAGES = [{"role": "user", "content": "hello attested appliance"}]
 SPEND = SpendPolicy(max_per_request="0.01", max_total="1", networks=["base-sepolia"])
 
@@ -86,7 +87,7 @@ def _gateway(
         require_encryption=require_encryption,
         key_backend="tpm" if isinstance(key, TpmKey) else "software",
         # The weights' digest the ollama profile computes at start (and checks), then binds.
-        upstream_model_path=ollama_models_dir(tmp_path / "models", "fake-llama", "latest", DIGEST),
+        upstream_model_path=ollama_models_dir(tmp_path / "models", "fake-llama", "latest", WEIGHTS),
         expected_model_digests={MODEL: DIGEST},
         **{"attestation_rate_per_minute": 100_000, **extra},  # one address attests throughout
     )

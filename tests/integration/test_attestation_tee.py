@@ -56,7 +56,8 @@ from tests.fixtures.attestation_standins import (
 from tests.integration.attestation_support import ollama_models_dir
 from tests.integration.gateway_support import Stack, ThreadedStack
 
-DIGEST = "sha256:" + hashlib.sha256(b"fake-llama weights").hexdigest()
+WEIGHTS = b"fake-llama weights"
+DIGEST = "sha256:" + hashlib.sha256(WEIGHTS).hexdigest()
 PAY_TO = "0x" + "ab" * 20
 TCB = SnpTcb(bootloader=3, tee=0, snp=8, microcode=115)
 CHIP = bytes(range(64))
@@ -90,7 +91,7 @@ def snp_stack(amd: StandInAmdPki, tmp_path: Path) -> Iterator[Stack]:
             "attestation": "sev-snp",
             "attestation_configfs_root": tmp_path / "tsm",
             "upstream_model_path": ollama_models_dir(
-                tmp_path / "models", "fake-llama", "latest", DIGEST
+                tmp_path / "models", "fake-llama", "latest", WEIGHTS
             ),
             "payment_mode": "verify-only",
             "pay_to": PAY_TO,

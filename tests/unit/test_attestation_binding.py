@@ -10,6 +10,19 @@ import pytest
 from enclave import SoftwareKey, receipts
 from enclave.attestation import binding
 
+TERMS = binding.PaymentTerms(
+    pay_to="0x" + "11" * 20,
+    accepts=(
+        binding.AcceptedAsset("eip155:84532", "0x" + "22" * 20, "USDC", "2", 6, "0x" + "33" * 20),
+    ),
+    schemes=("exact", "upto"),
+    price="0.001",
+    route_prices=(("POST /v1/embeddings", "0.0005"),),
+    model_prices=(("big", "0.01"),),
+    token_prices=(("*", binding.TokenPriceTerms("0.1", "0.4", "0")),),
+    max_tokens_cap=512,
+)
+
 
 def _binding(nonce: bytes = b"\x07" * 32) -> binding.Binding:
     key = SoftwareKey.generate()
@@ -18,9 +31,7 @@ def _binding(nonce: bytes = b"\x07" * 32) -> binding.Binding:
         sealing_key=key.public_key,
         receipt_key=key.receipt_public_key,
         models=(binding.ModelDigest("fake-model", "sha256:" + "ab" * 32),),
-        payment=binding.PaymentTerms(
-            "0x" + "11" * 20, ("eip155:84532",), "0x" + "22" * 20, "sha256:" + "cd" * 32
-        ),
+        payment=TERMS,
         gateway_version="0.1.0",
         code_digest="sha256:" + "ef" * 32,
         issued_at=1_700_000_000,
@@ -60,11 +71,30 @@ def canonical_with(document: dict[str, object], **extra: object) -> bytes:
         {"sealing_key": "04" + "00" * 64},
         {"models": [{"name": "m", "digest": "sha256:" + "AB" * 32}]},
         {"payment": {"pay_to": "nope", "networks": ["x"], "asset": "a", "price_digest": "x"}},
+        {"payment": {**TERMS.document(), "pay_to": "nope"}},
+        {"payment": {**TERMS.document(), "accepts": []}},
+        {"payment": {**TERMS.document(), "accepts": [TERMS.accepts[0].document()] * 2}},
+        {"payment": {**TERMS.document(), "prices": {**TERMS.document()["prices"], "default": 1}}},
+        {
+            "payment": {
+                **TERMS.document(),
+                "prices": {**TERMS.document()["prices"], "default": "1e3"},
+            }
+        },
+        {
+            "payment": {
+                **TERMS.document(),
+                "prices": {**TERMS.document()["prices"], "default": "-1"},
+            }
+        },
+        {"payment": {**TERMS.document(), "max_tokens_cap": 0}},
+        {"payment": {**TERMS.document(), "token_prices": {"m": {"input": "1"}}}},
+        {"payment": {**TERMS.document(), "price_digest": "sha256:" + "00" * 32}},
         {"issued_at": True},
         {"extra": 1},
         {"replica": ""},
         {"replica": 7},
-        {"version": 2},
+        {"version": 1},
     ],
 )
 def test_malformed_bindings_are_refused(change: dict[str, object]) -> None:

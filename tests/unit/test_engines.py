@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from paygate_dev.fake_model import manifest_document
+from paygate_dev.fake_model import install_model, manifest_document
 
 from paygate.config import ConfigError, load_settings
 from paygate.server.routes import engine_routes
@@ -82,9 +82,9 @@ def test_vllm_digest_of_a_directory_covers_every_shard(tmp_path: Path) -> None:
 
 def test_ollama_digest_is_the_model_layer_not_the_manifest(tmp_path: Path) -> None:
     library = tmp_path / "manifests" / "registry.ollama.ai" / "library"
-    (library / "llama3").mkdir(parents=True)
+    install_model(tmp_path, "llama3:8b")
     manifest = manifest_document("llama3:8b")
-    (library / "llama3" / "8b").write_text(json.dumps(manifest))
+    assert json.loads((library / "llama3" / "8b").read_text()) == manifest
     other = tmp_path / "manifests" / "example.org" / "team" / "tool"
     other.mkdir(parents=True)
     (other / "latest").write_text(json.dumps({"layers": [{"mediaType": "x", "digest": "y"}]}))
@@ -99,6 +99,30 @@ def test_ollama_digest_is_the_model_layer_not_the_manifest(tmp_path: Path) -> No
     (library / "llama3" / "bad").write_text("{")
     with pytest.raises(ProfileError, match="unreadable Ollama manifest"):
         ollama.digests(tmp_path, None)
+
+
+def test_ollama_weights_are_the_blob_served_not_the_manifest_text(tmp_path: Path) -> None:
+    """The model blob Ollama loads is hashed at start and must be what its manifest names: a
+    swapped blob, a missing one or a manifest pointing outside blobs/ refuses to start."""
+    install_model(tmp_path, "llama3:8b")
+    ollama = profile_for("ollama")
+    layer = "sha256:" + hashlib.sha256(b"llama3:8b").hexdigest()
+    blob = tmp_path / "blobs" / layer.replace(":", "-")
+    assert ollama.digests(tmp_path, "llama3:8b")[0].digest == layer
+    blob.write_bytes(b"other weights, same manifest")
+    with pytest.raises(ProfileError, match="do not match their manifest"):
+        ollama.digests(tmp_path, "llama3:8b")
+    with pytest.raises(ProfileError, match="do not match their manifest"):
+        ollama.digests(tmp_path, None)  # every pulled model is checked, not just one
+    blob.unlink()
+    with pytest.raises(ProfileError, match="weights of llama3:8b are missing"):
+        ollama.digests(tmp_path, "llama3:8b")
+    manifest = tmp_path / "manifests" / "registry.ollama.ai" / "library" / "llama3" / "8b"
+    document = json.loads(manifest.read_text())
+    document["layers"][0]["digest"] = "sha256:../../etc/passwd"
+    manifest.write_text(json.dumps(document))
+    with pytest.raises(ProfileError, match="digest is bad"):
+        ollama.digests(tmp_path, "llama3:8b")
 
 
 def test_container_launches() -> None:

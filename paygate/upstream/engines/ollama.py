@@ -2,14 +2,18 @@
 
 The weights' digest is that of the manifest layer whose mediaType is
 ``application/vnd.ollama.image.model`` (the GGUF blob), read from the manifests under the
-models directory; ``/api/tags`` shows the *manifest's* digest, which also changes with the
-template or parameters, so it is not the weights'. Ollama keeps its models in the deployment's
+models directory and checked against the blob itself: the blob Ollama will load
+(``blobs/sha256-<hex>``) is hashed at start and must have the digest its manifest names, so
+the attested digest is that of the bytes served, not a claim in a text file. ``/api/tags``
+shows the *manifest's* digest, which also changes with the template or parameters, so it is
+not the weights'. Ollama keeps its models in the deployment's
 volume and is the one engine ``paygate upstream pull`` can ask to download (``/api/pull``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +26,12 @@ from paygate.upstream.engines.base import (
     ModelDigest,
     ProfileError,
     ServedRoute,
+    file_digest,
 )
 
 MODEL_LAYER = "application/vnd.ollama.image.model"
+# Also names the blob file: nothing but hex may reach a path.
+_LAYER_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 DEFAULT_REGISTRY = ("registry.ollama.ai", "library")
 _MAX_MANIFEST = 1 << 20
 _MAX_MANIFESTS = 10_000
@@ -63,7 +70,8 @@ class OllamaProfile:
 
     def digests(self, model_path: Path | None, model_name: str | None) -> list[ModelDigest]:
         """Every pulled model's weights digest; ``model_path`` is Ollama's models directory
-        (``OLLAMA_MODELS``, the one holding ``manifests/``), ``model_name`` limits it to one."""
+        (``OLLAMA_MODELS``, the one holding ``manifests/`` and ``blobs/``), ``model_name``
+        limits it to one. Each model blob is hashed and must match its manifest."""
         if model_path is None:
             return []
         found = manifest_digests(model_path / "manifests")
@@ -72,6 +80,8 @@ class OllamaProfile:
             found = [d for d in found if d.name == wanted]
             if not found:
                 raise ProfileError(f"no manifest for {wanted} under {model_path}")
+        for model in found:
+            check_blob(model_path / "blobs", model)
         return found
 
     def launch(self, target: LaunchTarget) -> ContainerLaunch:
@@ -113,6 +123,21 @@ def model_layer_digest(manifest: Path) -> str | None:
     for layer in layers if isinstance(layers, list) else []:
         if isinstance(layer, dict) and layer.get("mediaType") == MODEL_LAYER:
             digest = layer.get("digest")
-            if isinstance(digest, str) and digest.startswith("sha256:"):
+            if isinstance(digest, str) and _LAYER_DIGEST.fullmatch(digest):
                 return digest
+            raise ProfileError(f"Ollama manifest {manifest.name}: the model layer's digest is bad")
     return None
+
+
+def check_blob(blobs: Path, model: ModelDigest) -> None:
+    """The model's blob (``blobs/sha256-<hex>``, as Ollama stores it) has the manifest's digest:
+    the bytes Ollama loads are the bytes attested (blocking: a blob is gigabytes)."""
+    blob = blobs / model.digest.replace(":", "-", 1)
+    if not blob.is_file():
+        raise ProfileError(f"the weights of {model.name} are missing: no blob {blob.name}")
+    actual = file_digest(blob)
+    if actual != model.digest:
+        raise ProfileError(
+            f"the weights of {model.name} do not match their manifest: the blob hashes to "
+            f"{actual}, the manifest names {model.digest}"
+        )
