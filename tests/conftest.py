@@ -27,3 +27,11 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+# Nothing the tests start may touch the host's real ledger (/var/lib/paygate/payments.db):
+# gateways and CLI runs that are not given a ledger get one in a directory of this test run.
+# (Tests that need their own ledger still set PAYGATE_LEDGER_PATH or ledger_path themselves.)
+import tempfile  # noqa: E402
+
+_LEDGER_DIR = tempfile.mkdtemp(prefix="paygate-test-ledger-")
+os.environ.setdefault("PAYGATE_LEDGER_PATH", os.path.join(_LEDGER_DIR, "payments.db"))
