@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Copy the published TEE evidence samples the attestation tests use into the repository.
 
-    python3 scripts/extract_attestation_fixtures.py [SOURCE] [--roots]
+    python3 scripts/extract_attestation_fixtures.py SOURCE [--roots]
 
-SOURCE defaults to ../shared/reference/attestation (next to the repository). The tests read only
-tests/fixtures/attestation/, never SOURCE. ``--roots`` also refreshes the vendor roots shipped in
-enclave/attestation/roots/ (their fingerprints are pinned in enclave/attestation/roots.py, so a
-changed root fails the tests instead of being trusted silently). Provenance and licences of every
-file are in SOURCE/README.md and tests/fixtures/attestation/README.md.
+SOURCE is a directory holding the published samples (the files and projects listed in
+tests/fixtures/attestation/README.md). The tests read only tests/fixtures/attestation/, never
+SOURCE. ``--roots`` also refreshes the vendor roots shipped in enclave/attestation/roots/ (their
+fingerprints are pinned in enclave/attestation/roots.py, so a changed root fails the tests
+instead of being trusted silently). Provenance and licences of every file are in
+tests/fixtures/attestation/README.md.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_SOURCE = REPO.parent.parent / "shared" / "reference" / "attestation"
 FIXTURES = REPO / "tests" / "fixtures" / "attestation"
 ROOTS = REPO / "enclave" / "attestation" / "roots"
 
@@ -73,7 +73,7 @@ def copy(source: Path, pairs: dict[str, str], target: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", nargs="?", type=Path, default=DEFAULT_SOURCE)
+    parser.add_argument("source", type=Path, help="directory of the published samples")
     parser.add_argument("--roots", action="store_true", help="also refresh the shipped roots")
     args = parser.parse_args()
     if not (args.source / "README.md").is_file():

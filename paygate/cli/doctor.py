@@ -24,6 +24,7 @@ import aiohttp
 from enclave import EnclaveError
 from paygate.config import ConfigError, Settings, load_settings
 from paygate.keys import open_key_backend
+from paygate.redact import redact_url
 from paygate.x402.networks import UnknownNetwork, resolve_network
 
 PROBE_TIMEOUT = 5.0  # seconds per network check
@@ -153,8 +154,20 @@ async def _upstream(settings: Settings) -> Check | None:
             "start the model server or correct upstream_url",
         )
     if status >= 400:
-        return Check("upstream", False, f"readiness answered HTTP {status}", "see its logs")
+        fix = await _kind_fix(settings) or "see its logs"
+        return Check("upstream", False, f"readiness answered HTTP {status}", fix)
     return Check("upstream", True, f"{settings.upstream_url} ready")
+
+
+async def _kind_fix(settings: Settings) -> str | None:
+    """When the server at upstream_url is another kind than upstream_kind: which to set."""
+    from paygate.upstream.discovery import probe_url
+
+    found = await probe_url(settings.upstream_url, timeout=PROBE_TIMEOUT)
+    if found is None or found.kind in ("http", settings.upstream_kind):
+        return None
+    where = redact_url(settings.upstream_url)
+    return f'the server at {where} answers like {found.kind}: set upstream_kind = "{found.kind}"'
 
 
 async def _model(settings: Settings) -> Check | None:
@@ -191,7 +204,8 @@ async def _model(settings: Settings) -> Check | None:
             "model",
             False,
             f"the upstream does not list {what} (HTTP {status}, lists {len(listed)})",
-            "pull or load the model on the server, or correct upstream_model_name",
+            await _kind_fix(settings)
+            or "pull or load the model on the server, or correct upstream_model_name",
         )
     try:
         served = await asyncio.wait_for(
@@ -252,8 +266,13 @@ async def _facilitator(settings: Settings) -> Check | None:
     if settings.payment_mode not in ("facilitator", "verify-only") or not settings.facilitator_url:
         return None
     headers = {k: v.get_secret_value() for k, v in settings.facilitator_headers().items()}
+    return await facilitator_check(settings.facilitator_url, headers, settings.network)
+
+
+async def facilitator_check(url: str, headers: dict[str, str], networks: list[str]) -> Check:
+    """The facilitator at ``url`` answers ``/supported`` with `exact` on every network."""
     try:
-        status, body = await _get(settings.facilitator_url + "/supported", headers)
+        status, body = await _get(url + "/supported", headers)
     except (aiohttp.ClientError, TimeoutError) as exc:
         return Check(
             "facilitator",
@@ -266,7 +285,7 @@ async def _facilitator(settings: Settings) -> Check | None:
     kinds = body.get("kinds", []) if isinstance(body, dict) else []
     offered = {(k.get("scheme"), k.get("network")) for k in kinds if isinstance(k, dict)}
     missing = []
-    for name in settings.network:
+    for name in networks:
         network = resolve_network(name)
         if ("exact", network.caip2) not in offered:  # v2 names; our challenges lead with v2
             missing.append(f"{name} ({network.caip2})")
@@ -277,7 +296,7 @@ async def _facilitator(settings: Settings) -> Check | None:
             f"/supported lacks scheme exact on {', '.join(missing)}",
             "use a facilitator that settles these networks, or change network",
         )
-    return Check("facilitator", True, f"/supported lists exact on {', '.join(settings.network)}")
+    return Check("facilitator", True, f"/supported lists exact on {', '.join(networks)}")
 
 
 async def _chain(settings: Settings) -> Check | None:

@@ -1,7 +1,8 @@
 """The ``paygate`` command line: one sub-command module per job, registered here.
 
 Errors from paygate and enclave end as one line ``error [code]: message`` and exit status 2,
-never a traceback: messages are written to be safe to show (no secrets).
+never a traceback: messages are written to be safe to show (no secrets). Output into a closed
+pipe ends with status 141 and nothing on stderr.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -88,6 +90,22 @@ def _dev_tooling_missing(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its status. Output into a closed pipe (``paygate … | head``) ends
+    quietly with 141, as a program killed by SIGPIPE would, never a BrokenPipeError."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a reader that went away is noticed here, not at exit
+    except BrokenPipeError:
+        # The interpreter flushes stdout again on exit: point it at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     # The TPM's C library (tss2) prints its own ERROR/WARNING lines to stderr for failures that
     # paygate already reports as one clear error; silence it unless the operator asks for it.
     os.environ.setdefault("TSS2_LOG", "all+none")

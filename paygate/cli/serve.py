@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -115,15 +116,9 @@ def _serve(args: argparse.Namespace) -> int:
             mine = settings.model_copy(update={"replica_id": f"{settings.replica_id}.w{index}"})
         app = build_app(mine)
         restore_recursion_limit()
-        web.run_app(
-            app,
-            sock=sock,
-            shutdown_timeout=mine.shutdown_grace_seconds,
-            access_log=None,  # the request event (paygate.request) replaces aiohttp's line
-            print=None,
-            loop=new_event_loop(mine.event_loop),  # made in the worker, after the fork
-            **server_options(mine),
-        )
+        # The loop is made in the worker, after the fork; the supervisor speaks to systemd.
+        with asyncio.Runner(loop_factory=lambda: new_event_loop(mine.event_loop)) as runner:
+            runner.run(_run(app, mine, Notifier(None), sock=sock))
         return 0
 
     status = supervise(
@@ -142,9 +137,16 @@ def _serve(args: argparse.Namespace) -> int:
     return status
 
 
-async def _run(app: web.Application, settings: Settings, notifier: Notifier) -> None:
-    """Start (key, upstream, payments), listen, tell systemd, serve until SIGTERM/SIGINT, then
-    stop accepting and give in-flight requests ``shutdown_grace_seconds``."""
+async def _run(
+    app: web.Application,
+    settings: Settings,
+    notifier: Notifier,
+    *,
+    sock: socket.socket | None = None,
+) -> None:
+    """Start (key, upstream, payments), listen (on ``sock``, a worker's shared socket, or on
+    ``listen``), tell systemd, serve until SIGTERM/SIGINT, then stop accepting and give
+    in-flight requests ``shutdown_grace_seconds``."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -163,13 +165,23 @@ async def _run(app: web.Application, settings: Settings, notifier: Notifier) -> 
         handle_signals=False,
         **server_options(settings),
     )
-    await runner.setup()  # cleanup_ctx: key, session, upstream (container mode: ready), payments
+    try:
+        await runner.setup()  # cleanup_ctx: key, session, upstream (container: ready), payments
+    except BaseException:
+        # A part that fails to start (a ConfigError, an unreachable ledger) leaves the parts
+        # before it open: close them here, or the loop's shutdown finalizes them noisily
+        # ("error during closing of asynchronous generator", "Unclosed client session").
+        await runner.cleanup()
+        raise
     watchdog = None
     try:
-        await web.TCPSite(
-            runner, settings.listen_host, settings.listen_port, backlog=LISTEN_BACKLOG
-        ).start()
-        _announce(settings)
+        if sock is not None:
+            await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()
+        else:
+            await web.TCPSite(
+                runner, settings.listen_host, settings.listen_port, backlog=LISTEN_BACKLOG
+            ).start()
+            _announce(settings)
         # Ready only now: listening, and in container mode the model server answered.
         notifier.ready(f"serving on {settings.listen}, payment_mode={settings.payment_mode}")
         watchdog = notifier.start_watchdog()

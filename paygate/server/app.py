@@ -284,8 +284,9 @@ def build_app(
         return None
 
     # One catch-all: the closed RouteTable, not aiohttp's router, decides what exists.
-    app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=expect)
-    malformed.install(app)  # aiohttp's own 400s in the caller's JSON shape
+    catch_all = app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=expect)
+    # aiohttp's own 400s, and its 404 for targets that are not a path, in the caller's shape
+    malformed.install(app, catch_all)
     return app
 
 

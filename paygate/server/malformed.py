@@ -7,6 +7,12 @@ any handler or middleware runs, and its own ``RequestHandler.handle_error`` answ
 hook: the same status, a stable code, ``X-Paygate-Error``, and a fixed message. It is installed
 through the app's server factory (:func:`install`), so ``web.run_app`` and ``AppRunner`` both
 use it.
+
+Request targets that are not a path (asterisk-form ``OPTIONS *``, authority-form
+``CONNECT host:port``, absolute-form without a path) parse, but aiohttp's router matches only
+paths that begin with ``/`` and answers anything else with its own ``text/plain`` 404 before
+any handler runs. :func:`install` sends them to the catch-all route instead, where the route
+table refuses them like any unknown path (404 ``route_not_found``, logged, in JSON).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_urldispatcher import AbstractRoute, UrlMappingMatchInfo
 
 from paygate.server.errors import (
     GatewayError,
@@ -86,11 +93,13 @@ class GatewayServer(web.Server):
         )
 
 
-def install(app: web.Application) -> None:
-    """Make ``app``'s server (built by ``AppRunner``/``run_app``) a :class:`GatewayServer`.
+def install(app: web.Application, catch_all: AbstractRoute) -> None:
+    """Make ``app``'s server (built by ``AppRunner``/``run_app``) a :class:`GatewayServer`, and
+    send every request target the router cannot match to ``catch_all``.
 
     aiohttp has no parameter for the connection handler's class; the app's server factory is
-    the one place every runner goes through, so it is wrapped on this instance.
+    the one place every runner goes through, so it is wrapped on this instance. Likewise the
+    router's ``resolve`` (a router subclass is deprecated in aiohttp).
     """
     make = app._make_handler
 
@@ -98,3 +107,15 @@ def install(app: web.Application) -> None:
         return GatewayServer.like(make(loop=loop, **kwargs))
 
     app._make_handler = make_handler  # type: ignore[method-assign]
+
+    router = app.router
+    resolve = router.resolve
+
+    async def resolve_any_target(request: web.Request) -> Any:
+        if request.rel_url.path.startswith("/"):
+            return await resolve(request)
+        # "*", "" (authority-form, or absolute-form without a path): not a path the router
+        # can walk; the catch-all's route table answers it.
+        return UrlMappingMatchInfo({"tail": ""}, catch_all)
+
+    router.resolve = resolve_any_target  # type: ignore[method-assign]

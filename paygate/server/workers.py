@@ -21,13 +21,17 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 
+from enclave import EnclaveError
 from paygate.config import ConfigError
+from paygate.errors import PaygateError
 
 log = logging.getLogger("paygate.serve")
 
+START_REFUSED = 2  # a worker's exit status when its start failed on a paygate error (as main's)
 RESTART_LIMIT = 5  # restarts of crashed workers within RESTART_WINDOW before giving up
 RESTART_WINDOW = 60.0
 POLL_SECONDS = 0.2
@@ -78,6 +82,8 @@ def supervise(
     """Fork ``count`` workers (``run_worker(index)`` runs in each and returns its exit code),
     restart one that dies (at most RESTART_LIMIT times a minute), and on SIGTERM/SIGINT stop
     them all: SIGTERM each, wait up to ``grace_seconds`` + 5 s, then SIGKILL what is left.
+    A worker whose start is refused (a paygate error: configuration, ledger, key) prints its
+    one line and exits START_REFUSED; then all stop and that is the status returned.
 
     Hooks (systemd notify, multiprocess metrics): ``on_started()`` once every worker is
     forked, ``on_tick()`` on every turn of the supervising loop, ``on_exit(pid)`` for each
@@ -101,6 +107,9 @@ def supervise(
             code = 1
             try:
                 code = run_worker(index)
+            except (PaygateError, EnclaveError) as exc:  # a start refused: the one clear line
+                print(f"error [{exc.code}]: {exc}", file=sys.stderr, flush=True)
+                code = START_REFUSED
             except BaseException as exc:  # a worker never returns into the supervisor's code
                 log.error("worker %d failed: %s", index, type(exc).__name__)
             finally:
@@ -126,6 +135,10 @@ def supervise(
             index = children.pop(pid, None)
             if index is None or stopping:
                 continue
+            if code == START_REFUSED:
+                # A configuration the worker refused (it said why): restarts cannot fix it.
+                status = START_REFUSED
+                break
             log.error("worker %d (pid %d) exited with %d", index, pid, code)
             now = time.monotonic()
             restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]

@@ -1,10 +1,9 @@
 """Named deployments: ``<deployments_dir>/<name>/config.json`` (directory 0700, file 0600).
 
-The format follows the reference gateway's deployment store (../shared/reference/obol-wire.md,
-"Deployment store") so an operator's deployments carry over: the same fields, RFC 3339 UTC
-timestamps, names ``^[a-z0-9][a-z0-9-]{0,62}$``. Every write is atomic (a temporary file in
-the same directory, fsynced, renamed over the old one, the directory fsynced), so a crash
-leaves the old or the new file, never half of one.
+The format follows the reference (Obol) gateway's deployment store so an operator's deployments
+carry over: the same fields, RFC 3339 UTC timestamps, names ``^[a-z0-9][a-z0-9-]{0,62}$``.
+Every write is atomic (a temporary file in the same directory, fsynced, renamed over the old
+one, the directory fsynced), so a crash leaves the old or the new file, never half of one.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import asyncio
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -41,6 +42,7 @@ class Found:
     kind: Kind
     models: tuple[str, ...] = field(default=())
     version: str | None = None
+    model_path: str | None = None  # llama-server: the file it loaded (/props model_path)
 
 
 async def _get_json(session: aiohttp.ClientSession, url: str) -> tuple[int, Any] | None:
@@ -92,7 +94,7 @@ async def probe_port(
     session: aiohttp.ClientSession, host: str, port: int, timeout: float
 ) -> Found | None:
     """What listens on ``host:port``, or None if no HTTP server answers in ``timeout``."""
-    base = f"http://{host}:{port}"
+    base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     try:
         async with asyncio.timeout(timeout):
             tags = await _get_json(session, base + "/api/tags")
@@ -113,7 +115,7 @@ async def probe_port(
     # so it is recognised first, by what only it answers: /props, or owned_by llamacpp.
     is_llama = props is not None and props[0] == 200 and isinstance(props[1], dict)
     if is_llama or "llamacpp" in owners:
-        return Found(port, base, "llama-server", found_ids, _build(props))
+        return Found(port, base, "llama-server", found_ids, _build(props), _model_path(props))
     ollama = _ollama_models(tags)
     ollama_version = _version(ollama_version)
     if ollama is not None and (ollama_version is not None or listed is None):
@@ -132,6 +134,27 @@ def _build(props: tuple[int, Any] | None) -> str | None:
         return None
     value = props[1].get("build_info")
     return value if isinstance(value, str) and len(value) <= 64 else None
+
+
+def _model_path(props: tuple[int, Any] | None) -> str | None:
+    if props is None or not isinstance(props[1], dict):
+        return None
+    value = props[1].get("model_path")
+    return value if isinstance(value, str) and 0 < len(value) <= 4096 else None
+
+
+async def probe_url(url: str, *, timeout: float = 2.0) -> Found | None:
+    """What answers at the base ``url`` (http:// only: discovery speaks plain HTTP), or None."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        return None
+    try:
+        port = parts.port or 80
+    except ValueError:
+        return None
+    connector = aiohttp.TCPConnector(limit=8, force_close=True)
+    async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
+        return await probe_port(session, parts.hostname, port, timeout)
 
 
 async def discover(

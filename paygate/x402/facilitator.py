@@ -1,4 +1,4 @@
-"""A facilitator over x402's HTTP API: POST /verify, POST /settle.
+"""A facilitator over x402's HTTP API: POST /verify, POST /settle, GET /supported.
 
 Every call carries the operator's facilitator headers (a hosted facilitator's API key, from a
 secret file): they are held as ``SecretStr`` and never logged; only exception classes are.
@@ -194,6 +194,7 @@ class FacilitatorSettler:
         try:
             async with self._session.get(
                 self._url + "/supported",
+                headers=self._auth(),
                 timeout=aiohttp.ClientTimeout(
                     total=self._timeout, sock_connect=min(self._timeout, 5.0)
                 ),
@@ -268,11 +269,15 @@ class FacilitatorSettler:
     async def close(self) -> None:
         return None  # the session belongs to the app
 
+    def _auth(self) -> dict[str, str]:
+        """The operator's headers, on every call (a hosted facilitator guards /supported too)."""
+        return {name: value.get_secret_value() for name, value in self._headers.items()}
+
     async def _post(self, path: str, body: dict[str, Any], model: type[_M], timeout: float) -> _M:
         async with self._session.post(
             self._url + path,
             json=body,
-            headers={name: value.get_secret_value() for name, value in self._headers.items()},
+            headers=self._auth(),
             timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 5.0)),
             allow_redirects=False,
         ) as response:

@@ -485,7 +485,7 @@ class PaymentProcessor:
             headers[receipt.header] = receipt.encoded()
         return self.challenge(
             402,
-            "invalid_exact_evm_nonce_already_used",
+            SCHEMES[record.scheme].replay_code,
             "this payment authorization was already used",
             offers,
             resource,
@@ -908,6 +908,7 @@ _REASONS = {
     "insufficient_funds": "the payer's balance is too low",
     "invalid_exact_evm_insufficient_balance": "the payer's balance is too low",
     "invalid_exact_evm_nonce_already_used": "this payment authorization was already used",
+    "invalid_upto_evm_nonce_already_used": "this payment authorization was already used",
     "invalid_exact_evm_payload_signature": "the signature is not the payer's",
 }
 

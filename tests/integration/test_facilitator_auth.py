@@ -11,7 +11,21 @@ from paygate_dev.chain.accounts import FACILITATOR
 from paygate_dev.chain.facilitator import FacilitatorServer, FacilitatorSettings
 
 from paygate.config import ConfigError, load_settings
-from tests.integration.payment_support import PRICE_ATOMIC, paid_stack, post, receipt_of, v2_header
+from tests.integration.payment_support import (
+    CHAT,
+    CHAT_BODY,
+    PRICE_ATOMIC,
+    paid_stack,
+    post,
+    receipt_of,
+    v2_header,
+)
+from tests.integration.upto_support import (
+    charge,
+    receipt_header,
+    sdk_upto_client,
+    upto_settings,
+)
 
 API_KEY = "fk_live_6c1d0f7be2a94c51"
 
@@ -52,6 +66,34 @@ async def test_headers_file_authenticates_every_call_and_stays_out_of_logs(
     assert locked_facilitator.stats.calls("unauthorized") == 0
     assert usdc.balance_of(seller) == PRICE_ATOMIC
     assert API_KEY not in caplog.text
+
+
+async def test_upto_starts_and_settles_behind_an_authenticated_facilitator(
+    locked_facilitator, usdc, upto_payer, seller, tmp_path
+):
+    # upto asks the facilitator's GET /supported at start for the address that may settle:
+    # that call carries the operator's headers like /verify and /settle, or upto cannot start.
+    headers = tmp_path / "facilitator_headers"
+    headers.write_text(f"X-Api-Key: {API_KEY}\nX-Tenant: paygate-tests\n")
+    headers.chmod(0o600)
+    before = locked_facilitator.stats.calls("unauthorized")
+    async with (
+        paid_stack(
+            seller=seller,
+            facilitator_url=locked_facilitator.url,
+            ledger=tmp_path / "payments.db",
+            facilitator_headers_file=headers,
+            **upto_settings(payment_schemes=["upto"]),
+        ) as stack,
+        sdk_upto_client(upto_payer) as client,
+    ):
+        response = await client.post(stack.url + CHAT, json=CHAT_BODY)
+        assert response.status_code == 200, response.text
+        receipt = receipt_header(response.headers)
+    assert locked_facilitator.stats.calls("supported") >= 1
+    assert locked_facilitator.stats.calls("unauthorized") == before
+    assert receipt["success"] is True
+    assert usdc.balance_of(seller) == charge(1, 4)
 
 
 async def test_credentials_directory_is_read_when_no_file_setting(

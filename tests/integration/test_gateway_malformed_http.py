@@ -79,3 +79,40 @@ async def test_query_strings_are_refused_on_routes_that_take_none() -> None:
                 assert response.headers["X-Paygate-Error"] == "query_not_allowed"
                 assert MARK not in await response.read()
         assert not s.fake.hits  # nothing reached the model server
+
+
+TARGETS = {
+    # authority-form is CONNECT's; on another method it is not valid HTTP/1.1
+    "authority-form GET": (b"GET 127.0.0.1:8402 HTTP/1.1", 400, "malformed_http"),
+    "authority-form CONNECT": (b"CONNECT 127.0.0.1:8402 HTTP/1.1", 404, "route_not_found"),
+    "asterisk-form": (b"OPTIONS * HTTP/1.1", 404, "route_not_found"),
+    "asterisk-form GET": (b"GET * HTTP/1.1", 400, "malformed_http"),  # OPTIONS only
+    "absolute-form without a path": (b"GET http://127.0.0.1:8402 HTTP/1.1", 404,
+                                     "route_not_found"),
+    "absolute-form, no path, a query": (b"POST http://x?" + MARK + b" HTTP/1.1", 404,
+                                        "route_not_found"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(TARGETS))
+async def test_every_request_target_form_gets_a_json_error(case: str) -> None:
+    line, status, code = TARGETS[case]
+    async with running_stack() as s:
+        answer = await _exchange(*s.host_port, line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+        got, headers, body = _parse(answer)
+        assert got == status, answer[:200]
+        assert headers["x-paygate-error"] == code
+        assert headers["content-type"].startswith("application/json")
+        assert json.loads(body[: int(headers["content-length"])])["error"]["code"] == code
+        assert MARK not in answer
+        assert not s.fake.hits  # nothing reached the model server
+
+
+async def test_absolute_form_with_a_path_is_served_like_origin_form() -> None:
+    # RFC 9112 §3.2.2: a server accepts absolute-form; only the path is routed.
+    async with running_stack() as s:
+        answer = await _exchange(
+            *s.host_port, b"GET http://x/v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert _parse(answer)[0] == 200
+        assert s.fake.hits["GET /v1/models"] == 1

@@ -1,10 +1,13 @@
 """The repository's Dockerfile, built for real on a local Debian base (no registry here) by the
 tests' private dockerd, and run: non-root, healthy by its own HEALTHCHECK, ``paygate serve``
-answering in front of the FAKE model server, the product only (no test or demo tooling), and
-the TPM backend working against a swtpm on the host's loopback (host network)."""
+answering in front of the FAKE model server, the product only (no test or demo tooling), the
+TPM backend working against a swtpm on the host's loopback, and the PostgreSQL ledger: a paid
+request through the image recorded in the tests' PostgreSQL. The containers use the host network,
+which is how they reach the host's loopback services (swtpm, PostgreSQL, the facilitator)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -21,14 +24,20 @@ from docker.models.containers import Container
 from paygate_dev.docker_stack import IMAGE_BASE_PACKAGES, imported_base, product_image
 from paygate_dev.wheels import wheelhouse
 
+from paygate import wire
 from paygate.errors import PaygateError
+from paygate.x402.ledger import PaymentState
+from paygate.x402.ledger_store import open_ledger, parse_ledger_url
+from tests.fixtures.chain import encode_header, sign_v2_payment
 from tests.fixtures.components import free_port
 from tests.integration.gateway_support import ThreadedStack
+from tests.integration.payment_support import CHAT, CHAT_BODY, PRICE_ATOMIC
 
 ROOT = Path(__file__).resolve().parents[2]
 PAYGATE = str(Path(sys.executable).with_name("paygate"))
 UID = 10402  # the image's paygate user
 HEALTH = {"interval": 1_000_000_000, "start_period": 1_000_000_000}  # ns; the test is inherited
+EXTRAS = ("tpm", "pkcs11", "postgres")  # what the Dockerfile installs
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -37,7 +46,7 @@ pytestmark = pytest.mark.timeout(1200)
 def image(docker_client) -> str:
     try:
         base = imported_base(docker_client, IMAGE_BASE_PACKAGES, name="debian-python-venv")
-        wheels = wheelhouse(("tpm",))
+        wheels = wheelhouse(EXTRAS)
     except PaygateError as exc:
         pytest.fail(f"could not prepare the base or the wheels: {exc}")
     try:
@@ -70,6 +79,16 @@ def run(docker_client, image: str, state: Path, env: dict[str, str], *args: str)
         read_only=True,
         tmpfs={"/tmp": ""},
     )
+
+
+def make_key(state: Path) -> None:
+    """A software key in the state directory, owned by the image's user."""
+    subprocess.run(
+        [PAYGATE, "keys", "create", "--backend", "software", "--key-file", str(state / "key.pem")],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    for path in state.iterdir():  # key.pem and the receipt key beside it
+        os.chown(path, UID, UID)
 
 
 def wait_healthy(container: Container, timeout: float = 60.0) -> None:
@@ -110,19 +129,18 @@ def test_image_runs_as_non_root_and_ships_the_product_only(docker_client, image)
     )
     found = json.loads(out)
     assert found["uid"] == UID
-    assert {"paygate", "tpm2-pytss"} <= set(found["dists"])
+    # the hardware key bindings and the PostgreSQL ledger's driver (with its libpq)
+    assert {"paygate", "tpm2-pytss", "python-pkcs11", "psycopg", "psycopg-binary"} <= set(
+        found["dists"]
+    )
+    assert {"psycopg-pool"} <= set(found["dists"])
     assert found["dev"] == []  # no test or demo tooling in the product image
 
 
 def test_serve_is_healthy_and_answers_in_front_of_the_fake(
     docker_client, image, state, containers, tmp_path
 ) -> None:
-    subprocess.run(
-        [PAYGATE, "keys", "create", "--backend", "software", "--key-file", str(state / "key.pem")],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
-    for path in state.iterdir():  # key.pem and the receipt key beside it
-        os.chown(path, UID, UID)
+    make_key(state)
     port = free_port()
     with ThreadedStack() as fake:
         container = run(
@@ -182,3 +200,46 @@ def test_tpm_backend_against_a_swtpm_on_the_host(
     assert document["backend"] == "tpm"
     assert document["pubkey"] == public_key
     assert ready["checks"]["key"] == "ok"
+
+
+async def test_serve_records_a_paid_request_in_a_postgresql_ledger(
+    docker_client, image, state, containers, pg_url, facilitator, usdc, payer, seller
+) -> None:
+    port = free_port()
+    env = {
+        "PAYGATE_LISTEN": f"127.0.0.1:{port}",
+        "PAYGATE_PAYMENT_MODE": "facilitator",
+        "PAYGATE_PAY_TO": seller,
+        "PAYGATE_NETWORK": "base-sepolia",
+        "PAYGATE_FACILITATOR_URL": facilitator.url,
+        "PAYGATE_LEDGER_URL": pg_url,
+    }
+    make_key(state)
+    url = f"http://127.0.0.1:{port}{CHAT}"
+    with ThreadedStack() as fake:
+        env["PAYGATE_UPSTREAM_URL"] = fake.fake_url
+        container = run(docker_client, image, state, env)
+        containers.append(container)
+        wait_healthy(container)
+        async with httpx.AsyncClient(timeout=30) as client:
+            challenge = await client.post(url, json=CHAT_BODY)
+            assert challenge.status_code == 402, challenge.text
+            required = json.loads(base64.b64decode(challenge.headers[wire.PAYMENT_REQUIRED]))
+            payment = sign_v2_payment(
+                payer, required["accepts"][0], resource=required["resource"]["url"]
+            )
+            paid = await client.post(
+                url, json=CHAT_BODY, headers={wire.PAYMENT_SIGNATURE: encode_header(payment)}
+            )
+        assert paid.status_code == 200, paid.text
+        assert fake.fake.hits["POST /v1/chat/completions"] == 1
+    container.stop(timeout=20)
+    assert not (state / "payments.db").exists()  # not the image's default SQLite file
+    ledger = await open_ledger(parse_ledger_url(pg_url), read_only=True)
+    try:
+        (record,) = await ledger.list(limit=10)
+    finally:
+        await ledger.close()
+    assert record.state is PaymentState.SETTLED
+    assert record.amount == PRICE_ATOMIC
+    assert usdc.balance_of(seller) == PRICE_ATOMIC

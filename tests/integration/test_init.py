@@ -73,7 +73,9 @@ def test_fully_by_flags_then_doctor_passes(tmp_path, fake, facilitator, anvil, s
     assert settings.network == ["base-sepolia"]
     assert _mode(key) == 0o600
     doctor = _run(
-        ["--config", str(config), "doctor", "--json"], _env(CREDENTIALS_DIRECTORY=str(creds))
+        ["--config", str(config), "doctor", "--json"],
+        # a ledger of its own: the default path is shared by everything on this host
+        _env(CREDENTIALS_DIRECTORY=str(creds), PAYGATE_LEDGER_PATH=str(tmp_path / "payments.db")),
     )
     checks = {c["check"]: c for c in json.loads(doctor.stdout)}
     assert doctor.returncode == 0, checks

@@ -188,10 +188,16 @@ async def test_a_zero_token_reply_settles_nothing(facilitator, usdc, upto_payer,
     (record,) = await records(ledger)
     assert record.state is PaymentState.SETTLED
     assert record.settled_amount == 0
-    # The authorization is spent for this gateway all the same: a replay is refused.
+    # The authorization is spent for this gateway all the same: a replay is refused, in the
+    # words of its own scheme (not exact's EIP-3009 code).
     async with stack_for(facilitator, seller, ledger) as stack:
-        status, _, _ = await post(stack, header, json=body)
+        status, headers, raw = await post(stack, header, json=body)
     assert status == 402
+    assert headers["X-Paygate-Error"] == "invalid_upto_evm_nonce_already_used"
+    assert decoded(headers[wire.PAYMENT_REQUIRED])["error"] == (
+        "invalid_upto_evm_nonce_already_used"
+    )
+    assert receipt_header(headers)["amount"] == "0"  # the original receipt comes along
 
 
 async def test_without_max_tokens_a_model_that_never_stops_is_cut_at_the_cap(
@@ -246,6 +252,23 @@ async def test_twenty_concurrent_copies_of_one_authorization_are_served_once(
     statuses = sorted(status for status, _, _ in answers)
     assert statuses.count(200) == 1, statuses
     assert set(statuses) <= {200, 402, 409}
+    assert served == 1
+    assert usdc.balance_of(seller) == charge(1, 4)
+
+
+async def test_a_settled_upto_authorization_sent_again_is_refused_with_the_upto_code(
+    facilitator, usdc, upto_payer, seller, ledger
+):
+    async with stack_for(facilitator, seller, ledger) as stack:
+        header, _ = await upto_header(stack, upto_payer)
+        first, _, _ = await post(stack, header)
+        status, headers, raw = await post(stack, header)
+        served = stack.fake.hits[HITS]
+    assert first == 200
+    assert status == 402
+    assert headers["X-Paygate-Error"] == "invalid_upto_evm_nonce_already_used"
+    assert json.loads(raw)["error"] == "invalid_upto_evm_nonce_already_used"  # the v1 body
+    assert receipt_header(headers)["amount"] == str(charge(1, 4))  # the original receipt
     assert served == 1
     assert usdc.balance_of(seller) == charge(1, 4)
 

@@ -9,7 +9,7 @@ import enclave
 from enclave import DecryptionError, SoftwareKey, open_v1, seal_v1
 from enclave.envelope_v1 import OVERHEAD, _seal_v1_deterministic
 
-# ../shared/reference/obol-wire.md, "Known-answer vector"
+# The known-answer vector published with Obol's ECIES envelope (the reference gateway's wire format)
 RECIPIENT = "616ea970f944bb4dd30c8b0194ac6aa0e16ca4bc53da72a2b2467b64d8dd92dc"
 RECIPIENT_PUB = (
     "04705d4061c8f51d5723d672122d401f7fbdc8ac52327b002dd3a0049cb421a874"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,4 +111,88 @@ def test_only_the_factories_read_the_whole_settings() -> None:
                     and str(path.relative_to(ROOT)) not in factories
                 ):
                     offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+
+
+# --- the import order stated in docs/ARCHITECTURE.md ("```layers" block) -----------------------
+
+
+def _stated_layers() -> list[list[str]]:
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    block = re.search(r"^```layers\n(.*?)^```", text, re.M | re.S)
+    assert block is not None, "docs/ARCHITECTURE.md states no ```layers block"
+    return [line.split() for line in block.group(1).splitlines() if line.strip()]
+
+
+def _module_of(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_module(name: str) -> bool:
+    base = ROOT.joinpath(*name.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def _every_import(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any depth (lazy imports too), relative ones resolved;
+    ``from package import name`` counts as package.name when that is a module."""
+    module = _module_of(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([node.module] if node.module else [])])
+            for alias in node.names:
+                name = f"{base}.{alias.name}"
+                found.add(name if _is_module(name) else base)
+    return found
+
+
+def test_the_import_order_in_architecture_md_is_the_codes() -> None:
+    layers = _stated_layers()
+    rank = {unit: index for index, line in enumerate(layers) for unit in line}
+    assert len(rank) == sum(map(len, layers)), "a package is listed twice"
+    assert [unit for unit in rank if not _is_module(unit)] == []  # no stale names
+
+    def unit_of(module: str) -> str | None:
+        owners = [u for u in rank if module == u or module.startswith(u + ".")]
+        return max(owners, key=len) if owners else None
+
+    offenders: dict[str, list[str]] = {}
+    for package in ("paygate", "enclave"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            here = _module_of(path)
+            mine = unit_of(here)
+            # Every module has its place: nothing new hides under the bare "paygate".
+            assert mine is not None, here
+            assert mine != "paygate" or here == "paygate", here
+            for imported in _every_import(path):
+                theirs = unit_of(imported)
+                if theirs is not None and theirs != mine and rank[theirs] <= rank[mine]:
+                    offenders.setdefault(str(path.relative_to(ROOT)), []).append(imported)
+    assert offenders == {}, "imports that point up or sideways in the stated order"
+
+
+def test_no_file_points_outside_the_repository() -> None:
+    # The repository stands alone: facts are copied in, never referred to beside it.
+    outside = ("../" + "shared", "/work/" + "shared")
+    skip = {".git", ".venv", "node_modules", "__pycache__", ".pytest_cache", "results"}
+    offenders = []
+    for path in sorted(ROOT.rglob("*")):
+        if skip & set(path.relative_to(ROOT).parts) or not path.is_file():
+            continue
+        if path.suffix not in {".py", ".md", ".toml", ".sh", ".txt", ".service", ".conf", ""}:
+            continue
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        if any(marker in text for marker in outside):
+            offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []

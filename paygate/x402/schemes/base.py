@@ -41,6 +41,8 @@ class Scheme(Protocol):
     name: str
     #: True when the settled amount is decided after the reply (metered), not at admission.
     metered: bool
+    #: The refusal code of an authorization of this scheme that was already used here.
+    replay_code: str
 
     def check(
         self,

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 class ExactScheme:
     name = SCHEME
     metered = False
+    replay_code = "invalid_exact_evm_nonce_already_used"  # the SDK facilitator's own code
 
     def check(
         self,

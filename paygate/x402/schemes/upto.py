@@ -116,6 +116,9 @@ def facilitator_of(offer: Offer) -> str | None:
 class UptoScheme:
     name = UPTO
     metered = True
+    # The SDK's upto codes are invalid_upto_evm_*; it has none for a replay (on chain a spent
+    # Permit2 nonce reverts as permit2_invalid_nonce), so this one is named alike.
+    replay_code = "invalid_upto_evm_nonce_already_used"
 
     def check(
         self,
