@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -35,12 +36,15 @@ from enclave.attestation.tpm import APP_PCR, DEFAULT_PCRS, EK_HANDLES, TpmAttest
 from enclave.keys.base import ReceiptSigner
 from paygate import jsonsafe
 from paygate.server.errors import BodyTooLarge, GatewayError
+from paygate.server.forwarded import Network, client_address
 from paygate.server.limits import read_body
 
 EvidenceKind = Literal["tpm", "none", "sev-snp", "tdx", "nitro"]
 MAX_ACTIVATION_BODY = 16 * 1024  # two marshalled TPM2B blobs of a few hundred bytes
 ACTIVATION_READ_TIMEOUT = 10.0  # seconds for that small body
 _MAX_TRACKED_CALLERS = 10_000  # bound of the per-address rate table (least recently seen go)
+# Exactly the digits: bytes.fromhex alone would skip spaces and accept a shorter nonce.
+_NONCE = re.compile(rf"[0-9a-fA-F]{{{2 * binding.NONCE_LEN}}}")
 
 
 class InvalidNonce(GatewayError):
@@ -116,6 +120,10 @@ class AttestationConfig:
     rate_per_minute: int = 30
     retry_after_seconds: int = 1
     replica: str | None = None  # PAYGATE_REPLICA_ID: named in every evidence document
+    # Whose X-Forwarded-For names the caller (the per-address limit's key), as in admission.
+    trusted_proxies: tuple[Network, ...] = ()
+    # All callers together: quotes and activations a minute (the TPM's share for free work).
+    global_rate_per_minute: int = 120
 
 
 class RateLimiter:
@@ -159,6 +167,7 @@ class AttestationService:
         self._slots = asyncio.Semaphore(config.max_concurrent)
         self._in_progress = 0
         self._rate = RateLimiter(config.rate_per_minute)
+        self._global = RateLimiter(config.global_rate_per_minute)
         self._tpm_static: dict[str, Any] = {}
         self._provider = provider
 
@@ -277,8 +286,16 @@ class AttestationService:
     # --- HTTP ---------------------------------------------------------------------------
 
     def _admit(self, request: web.Request) -> None:
-        if not self._rate.allow(request.remote or "unknown"):
+        caller = client_address(
+            request.remote,
+            request.headers.getall("X-Forwarded-For", []),
+            self._config.trusted_proxies,
+        )
+        if not self._rate.allow(caller or "unknown"):
             raise AttestationRateLimited(headers={"Retry-After": "60"})
+        # Then everyone's: many addresses together still get a bounded rate of TPM work.
+        if not self._global.allow(""):
+            raise AttestationBusy(headers={"Retry-After": str(self._config.retry_after_seconds)})
 
     async def _blocking(self, call: Callable[..., Any], *args: object) -> Any:
         # The global cap: a quote holds the TPM (shared with every paid request's ECDH).
@@ -294,12 +311,9 @@ class AttestationService:
 
     async def handle_evidence(self, request: web.Request) -> web.Response:
         values = request.query.getall("nonce", [])
-        if len(values) != 1 or len(values[0]) != 2 * binding.NONCE_LEN:
+        if len(values) != 1 or _NONCE.fullmatch(values[0]) is None:
             raise InvalidNonce
-        try:
-            nonce = bytes.fromhex(values[0])
-        except ValueError:
-            raise InvalidNonce from None
+        nonce = bytes.fromhex(values[0])
         self._admit(request)
         try:
             document = await self._blocking(self.evidence, nonce)
