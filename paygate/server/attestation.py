@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import fcntl
 import hashlib
+import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +38,7 @@ from enclave.attestation.providers import EvidenceUnavailable as TeeUnavailable
 from enclave.attestation.tpm import APP_PCR, DEFAULT_PCRS, EK_HANDLES, TpmAttester, app_digest
 from enclave.keys.base import ReceiptSigner
 from paygate import jsonsafe
+from paygate.config import ConfigError
 from paygate.server.errors import BodyTooLarge, GatewayError
 from paygate.server.forwarded import Network, client_address
 from paygate.server.limits import read_body
@@ -124,6 +128,8 @@ class AttestationConfig:
     trusted_proxies: tuple[Network, ...] = ()
     # All callers together: quotes and activations a minute (the TPM's share for free work).
     global_rate_per_minute: int = 120
+    # The file every process of this appliance locks around measuring PCR 23 (tpm kind).
+    pcr_lock: Path | None = None
 
 
 class RateLimiter:
@@ -210,7 +216,10 @@ class AttestationService:
         attester = TpmAttester(self._key)
         code = bytes.fromhex(self._config.code_digest.removeprefix("sha256:"))
         digest = app_digest(code, self.config_digest())
-        attester.extend_app_pcr(digest)
+        # Once per boot: the first worker measures, the others (and a restarted one) find the
+        # value there and leave it alone (enclave.attestation.tpm.TpmAttester.extend_app_pcr).
+        with _locked(self._config.pcr_lock):
+            attester.extend_app_pcr(digest)
         certified = attester.certify_keys()
         self._tpm_static = {
             "ek_certificates": {k: b64(v) for k, v in attester.ek_certificates().items()},
@@ -348,6 +357,35 @@ class AttestationService:
         except KeyBackendError:
             raise ActivationFailed from None
         return web.json_response({"secret": b64(recovered)}, headers={"Cache-Control": "no-store"})
+
+
+PCR_LOCK_TIMEOUT = 60.0  # seconds a worker waits for a sibling that is measuring PCR 23
+
+
+@contextlib.contextmanager
+def _locked(path: Path | None, timeout: float = PCR_LOCK_TIMEOUT) -> Iterator[None]:
+    """An exclusive lock on ``path`` between processes (no lock when None); KeyBackendError
+    past ``timeout``."""
+    if path is None:
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the PCR 23 lock {path}: {exc.strerror}") from None
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise KeyBackendError(f"{path} stayed locked for {timeout:.0f} s") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # --- what the app factory measures ----------------------------------------------------------
