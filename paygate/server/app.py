@@ -83,7 +83,6 @@ LINGERING_SECONDS = 5.0
 # The kernel's accept queue: a burst of connections beyond it waits for SYN retries (≥ 1 s) and
 # may be reset; nginx's default is 511.
 LISTEN_BACKLOG = 1024
-APP_PCR_LOCK = "app-pcr.lock"  # in the TPM key directory: one per appliance, every worker
 OUTBOUND_CONNECTIONS = 100  # to the facilitator: aiohttp's default pool size
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -366,7 +365,6 @@ def attestation_config(settings: Settings) -> AttestationConfig:
         trusted_proxies=parse_networks(settings.trusted_proxies),
         retry_after_seconds=settings.retry_after_seconds,
         replica=settings.replica_id or default_replica_id(),  # as the ledger names this replica
-        pcr_lock=settings.tpm_key_dir / APP_PCR_LOCK if kind == "tpm" else None,
     )
 
 

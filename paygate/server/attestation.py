@@ -128,8 +128,6 @@ class AttestationConfig:
     trusted_proxies: tuple[Network, ...] = ()
     # All callers together: quotes and activations a minute (the TPM's share for free work).
     global_rate_per_minute: int = 120
-    # The file every process of this appliance locks around measuring PCR 23 (tpm kind).
-    pcr_lock: Path | None = None
 
 
 class RateLimiter:
@@ -218,7 +216,7 @@ class AttestationService:
         digest = app_digest(code, self.config_digest())
         # Once per boot: the first worker measures, the others (and a restarted one) find the
         # value there and leave it alone (enclave.attestation.tpm.TpmAttester.extend_app_pcr).
-        with _locked(self._config.pcr_lock):
+        with _locked(self._key.key_dir / APP_PCR_LOCK):
             attester.extend_app_pcr(digest)
         certified = attester.certify_keys()
         self._tpm_static = {
@@ -359,16 +357,13 @@ class AttestationService:
         return web.json_response({"secret": b64(recovered)}, headers={"Cache-Control": "no-store"})
 
 
+APP_PCR_LOCK = "app-pcr.lock"  # in the TPM key's directory: one per appliance, every worker
 PCR_LOCK_TIMEOUT = 60.0  # seconds a worker waits for a sibling that is measuring PCR 23
 
 
 @contextlib.contextmanager
-def _locked(path: Path | None, timeout: float = PCR_LOCK_TIMEOUT) -> Iterator[None]:
-    """An exclusive lock on ``path`` between processes (no lock when None); KeyBackendError
-    past ``timeout``."""
-    if path is None:
-        yield
-        return
+def _locked(path: Path, timeout: float = PCR_LOCK_TIMEOUT) -> Iterator[None]:
+    """An exclusive lock on ``path`` between processes; KeyBackendError past ``timeout``."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
