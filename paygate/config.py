@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     attestation_nsm_device: Path = Path("/dev/nsm")
     attestation_max_concurrent: PositiveInt = 2
     attestation_rate_per_minute: PositiveInt = 30
+    # All callers together (quotes and activations use the TPM, shared with paid requests).
+    attestation_global_rate_per_minute: PositiveInt = 120
 
     # --- gateway (paygate serve) ---
     listen: str = "127.0.0.1:8402"
@@ -116,6 +118,10 @@ class Settings(BaseSettings):
     unpaid_body_slots: PositiveInt = 16
     per_ip_body_slots: PositiveInt = 8
     unpaid_open_slots: PositiveInt = 4
+    # Opening a sealed body before its payment is verified (body-priced routes): per address at
+    # once, and at most this many a second in all (a key operation each, on the TPM/HSM).
+    per_ip_open_slots: PositiveInt = 1
+    unpaid_opens_per_second: PositiveFloat = 10.0
     connect_timeout: PositiveFloat = 5.0
     first_byte_timeout: PositiveFloat = 300.0
     idle_timeout: PositiveFloat = 120.0
@@ -413,6 +419,15 @@ class Settings(BaseSettings):
         if parts.username or parts.password:
             raise ValueError("must not carry credentials")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_slots(self) -> Settings:
+        # One address must never be able to hold a whole pool (and so refuse everyone else).
+        if self.per_ip_body_slots > min(self.unpaid_body_slots, self.body_slots):
+            raise ValueError("per_ip_body_slots must not exceed unpaid_body_slots nor body_slots")
+        if self.per_ip_open_slots > self.unpaid_open_slots:
+            raise ValueError("per_ip_open_slots must not exceed unpaid_open_slots")
+        return self
 
     @model_validator(mode="after")
     def _check_payments(self) -> Settings:

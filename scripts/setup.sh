@@ -12,6 +12,7 @@ apt_packages=(
   softhsm2 opensc                                    # PKCS#11 token + pkcs11-tool
   swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config  # TPM 2.0 simulator + TSS for tpm2-pytss
   openssl                                            # EK CA checks in scripts/make_swtpm_ek_state.sh
+  tpm2-abrmd libtss2-tcti-tabrmd0 dbus               # one TPM shared by several workers (tests: workers + TPM)
   systemd                                            # systemd-analyze for the unit checks
   docker.io busybox-static debootstrap              # container tests: engine, probe image, rootfs
   cmake g++ ninja-build                              # llama.cpp's llama-server (setup_llama.sh)

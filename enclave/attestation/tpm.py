@@ -469,8 +469,15 @@ class TpmAttester:
             self._ek_certs = found
         return dict(self._ek_certs)
 
-    def extend_app_pcr(self, digest: bytes, index: int = APP_PCR) -> None:
-        """Reset the application PCR and extend it once with ``digest`` (at service start)."""
+    def extend_app_pcr(self, digest: bytes, index: int = APP_PCR) -> bool:
+        """Make the application PCR hold ``digest`` extended once from zero (at service start).
+
+        Checked first: when it already holds exactly that (a sibling worker or an earlier run
+        of this boot measured the same code and configuration), nothing is done — a reset
+        there would break the quotes of the processes serving meanwhile. Otherwise it is reset
+        and extended. True when it was extended. Several processes must hold one lock around
+        this call (the check and the change are separate TPM commands).
+        """
         from tpm2_pytss import ESYS_TR, TPM2_ALG, TPML_DIGEST_VALUES, TPMT_HA
 
         if len(digest) != 32:
@@ -479,10 +486,14 @@ class TpmAttester:
         value = TPMT_HA(hashAlg=TPM2_ALG.SHA256)
         value.digest.sha256 = digest
         with self._key.tpm_access() as tpm:
+            _, _, digests = tpm.run(f"read PCR {index}", tpm.esapi.pcr_read, f"sha256:{index}")
+            if bytes(digests[0]) == app_pcr_value(digest):
+                return False
             tpm.run(f"reset PCR {index}", tpm.esapi.pcr_reset, handle)
             tpm.run(
                 f"extend PCR {index}", tpm.esapi.pcr_extend, handle, TPML_DIGEST_VALUES([value])
             )
+        return True
 
     def certify_keys(self) -> dict[str, CertifiedKey]:
         """TPM2_Certify of the sealing key ("sealing") and the receipt key ("receipt") by the

@@ -621,6 +621,11 @@ class TpmKey(ClosingKey):
         finally:
             _flush(esapi, [handle])
 
+    @property
+    def key_dir(self) -> Path:
+        """The directory of the key's blobs (one per appliance key)."""
+        return self._key_dir
+
     def info(self) -> KeyInfo:
         return KeyInfo(
             backend="tpm",

@@ -7,11 +7,15 @@ starving paid ones. One entry: ``async with admission.admit(request, route) as a
    the body; a payment → local checks, reservation, verification. Only then is the body read,
    in the *admitted* pool.
 3. When the price depends on the body (model prices, metered ``upto`` maxima), the body is
-   read first — in the tight *unverified* pool (``unpaid_body_slots`` in all,
-   ``per_ip_body_slots`` per client address, the first bytes within
-   ``body_first_byte_timeout``) — and, if sealed, opened under a global cap
-   (``unpaid_open_slots``) so that floods cannot monopolise the TPM/HSM; then payment.
-4. Every body read holds a per-address slot too: one address cannot exhaust another's share.
+   read first and, if sealed, opened; then payment. Decided on the headers: a request that
+   carries a payment reads its body in the *admitted* pool, one that does not in the tight
+   *unverified* pool (``unpaid_body_slots`` in all, the first bytes within
+   ``body_first_byte_timeout``), so an unpaid flood cannot fill the paid callers' pool. Each
+   kind opens through its own :class:`~paygate.server.opengate.OpenGate` (``unpaid_open_slots``
+   at once, ``per_ip_open_slots`` per address, ``unpaid_opens_per_second`` in all): no flood,
+   from however many addresses, takes more than a bounded share of the TPM/HSM.
+4. Every body read holds a per-address slot too (``per_ip_body_slots``, never more than a
+   pool): one address cannot exhaust another's share.
 
 The upstream concurrency slot is taken by the gateway only after admission. Refusals from a
 full pool are immediate (429 per address, 503 in all), never a queue.
@@ -29,8 +33,9 @@ from paygate import wire
 from paygate.server.errors import EncryptionRequired, TooManyUploads, UploadsBusy
 from paygate.server.forwarded import Network, client_address
 from paygate.server.limits import PerAddressSlots, Slots, read_body
+from paygate.server.opengate import OpenGate
 from paygate.server.opening import OpenedBody, Opener
-from paygate.server.payments import PaymentStep, Ticket
+from paygate.server.payments import PaymentStep, Ticket, carries_payment
 from paygate.server.ratelimit import RateLimits
 from paygate.server.routes import Route
 
@@ -49,6 +54,8 @@ class AdmissionLimits:
     require_encryption: bool
     retry_after_seconds: int
     trusted_proxies: tuple[Network, ...] = ()
+    per_ip_open_slots: int = 1
+    unpaid_opens_per_second: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +91,19 @@ class Admission:
         self._per_address = PerAddressSlots(
             limits.per_ip_body_slots, lambda: TooManyUploads(headers=retry)
         )
-        self._unverified_opens = Slots(limits.unpaid_open_slots, lambda: UploadsBusy(headers=retry))
+
+        def open_gate() -> OpenGate:
+            return OpenGate(
+                slots=limits.unpaid_open_slots,
+                per_address=limits.per_ip_open_slots,
+                per_second=limits.unpaid_opens_per_second,
+                busy=lambda: UploadsBusy(headers=retry),
+                too_many=lambda: TooManyUploads(headers=retry),
+            )
+
+        # Separate gates: callers without a payment cannot use up those with one.
+        self._unverified_opens = open_gate()
+        self._claimed_opens = open_gate()
 
     @contextlib.asynccontextmanager
     async def admit(self, request: web.Request, route: Route) -> AsyncIterator[Admitted]:
@@ -107,8 +126,14 @@ class Admission:
         if route.paid and (self._payments.needs_body or route.target == "batch"):
             # The price needs the body (its model, its tokens): read and open it before
             # payment, tightly bounded.
-            body = await self._read(request, client, self._unverified_bodies)
-            with self._unverified_opens.slot():
+            claimed = carries_payment(request.headers)
+            pool = self._admitted_bodies if claimed else self._unverified_bodies
+            body = await self._read(request, client, pool)
+            if wire.is_sealed(request.headers.get("Content-Type")):
+                gate = self._claimed_opens if claimed else self._unverified_opens
+                with gate.slot(client):
+                    opened = await self._opener.open(request, body)
+            else:  # plaintext: nothing to open, no key operation
                 opened = await self._opener.open(request, body)
             async with self._payments.admit(request, route, body=opened.body) as ticket:
                 yield Admitted(ticket, body, client, opened)

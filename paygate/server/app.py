@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -70,6 +71,7 @@ from paygate.x402.ledger import default_replica_id
 SETTINGS = web.AppKey("settings", Settings)
 KEY = web.AppKey("key", KeyBackend)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+OUTBOUND = web.AppKey("outbound", aiohttp.ClientSession)
 GATEWAY = web.AppKey("gateway", Gateway)
 METRICS = web.AppKey("metrics", Metrics)
 LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
@@ -82,6 +84,7 @@ LINGERING_SECONDS = 5.0
 # The kernel's accept queue: a burst of connections beyond it waits for SYN retries (≥ 1 s) and
 # may be reset; nginx's default is 511.
 LISTEN_BACKLOG = 1024
+OUTBOUND_CONNECTIONS = 100  # to the facilitator: aiohttp's default pool size
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -167,8 +170,13 @@ def build_app(
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         app[SESSION] = session
+        # Everything else that leaves the appliance (the facilitator) has its own TCP session:
+        # in container mode the session above is bound to the relay's unix socket, which
+        # ignores the URL's host and would hand payments to the model server.
+        app[OUTBOUND] = outbound_session()
         yield
         await session.close()
+        await app[OUTBOUND].close()
 
     async def upstream_runtime(app: web.Application) -> AsyncIterator[None]:
         # Container mode: start the isolated model server and wait for it (bounded) before
@@ -182,7 +190,7 @@ def build_app(
             app[PAYMENTS] = payments
             yield
             return
-        async with payment_step(settings, app[SESSION], limits, app[METRICS]) as built:
+        async with payment_step(settings, app[OUTBOUND], limits, app[METRICS]) as built:
             app[PAYMENTS] = built
             yield
 
@@ -221,18 +229,20 @@ def build_app(
         except TypeError as exc:  # a key backend without what this evidence kind needs
             raise ConfigError(f"attestation {attestation.kind}: {exc}") from None
         app[ATTESTATION] = service
+        timed_key = TimedKey(app[KEY], app[METRICS])
         local = LocalEndpoints(
-            key=app[KEY],
+            key=timed_key,
             upstream=upstream,
             limiter=app[LIMITER],
             metrics=app[METRICS],
             payment_mode=settings.payment_mode,
             probe_timeout=settings.ready_probe_timeout,
+            check_interval=settings.upstream_health_interval,
             upstream_status=app[UPSTREAM].status if app[UPSTREAM].monitored else None,
             models=app[UPSTREAM].models_document(),
             attestation=service,
         )
-        opener = Opener(TimedKey(app[KEY], app[METRICS]), app[METRICS].envelope)
+        opener = Opener(timed_key, app[METRICS].envelope)
         app[GATEWAY] = Gateway(
             routes=routes,
             admission=Admission(
@@ -290,6 +300,22 @@ def build_app(
     return app
 
 
+def outbound_session() -> aiohttp.ClientSession:
+    """The session for calls to services other than the model server (the facilitator).
+
+    Plain TCP whatever the upstream mode; TLS verified against the system's trust store as it
+    is when the gateway starts (``SSL_CERT_FILE``/``SSL_CERT_DIR`` name a private CA).
+    """
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(
+            ssl=ssl.create_default_context(), limit=OUTBOUND_CONNECTIONS
+        ),
+        timeout=aiohttp.ClientTimeout(total=None),  # each call sets its own (settler timeouts)
+        trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
 def admission_limits(settings: Settings) -> AdmissionLimits:
     return AdmissionLimits(
         max_body_bytes=settings.max_body_bytes,
@@ -299,6 +325,8 @@ def admission_limits(settings: Settings) -> AdmissionLimits:
         unpaid_body_slots=settings.unpaid_body_slots,
         per_ip_body_slots=settings.per_ip_body_slots,
         unpaid_open_slots=settings.unpaid_open_slots,
+        per_ip_open_slots=settings.per_ip_open_slots,
+        unpaid_opens_per_second=settings.unpaid_opens_per_second,
         require_encryption=settings.require_encryption,
         retry_after_seconds=settings.retry_after_seconds,
         trusted_proxies=parse_networks(settings.trusted_proxies),
@@ -334,6 +362,8 @@ def attestation_config(
         code_digest=code_digest(),
         max_concurrent=settings.attestation_max_concurrent,
         rate_per_minute=settings.attestation_rate_per_minute,
+        global_rate_per_minute=settings.attestation_global_rate_per_minute,
+        trusted_proxies=parse_networks(settings.trusted_proxies),
         retry_after_seconds=settings.retry_after_seconds,
         replica=settings.replica_id or default_replica_id(),  # as the ledger names this replica
     )

@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import fcntl
+import os
+import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Literal
 
 from aiohttp import web
@@ -33,7 +38,9 @@ from enclave.attestation.providers import EvidenceUnavailable as TeeUnavailable
 from enclave.attestation.tpm import APP_PCR, DEFAULT_PCRS, EK_HANDLES, TpmAttester, app_digest
 from enclave.keys.base import ReceiptSigner
 from paygate import jsonsafe, release
+from paygate.config import ConfigError
 from paygate.server.errors import BodyTooLarge, GatewayError
+from paygate.server.forwarded import Network, client_address
 from paygate.server.limits import read_body
 from paygate.x402.metering import TokenPricing
 from paygate.x402.offers import PaymentTerms
@@ -44,6 +51,8 @@ EvidenceKind = Literal["tpm", "none", "sev-snp", "tdx", "nitro"]
 MAX_ACTIVATION_BODY = 16 * 1024  # two marshalled TPM2B blobs of a few hundred bytes
 ACTIVATION_READ_TIMEOUT = 10.0  # seconds for that small body
 _MAX_TRACKED_CALLERS = 10_000  # bound of the per-address rate table (least recently seen go)
+# Exactly the digits: bytes.fromhex alone would skip spaces and accept a shorter nonce.
+_NONCE = re.compile(rf"[0-9a-fA-F]{{{2 * binding.NONCE_LEN}}}")
 
 
 class InvalidNonce(GatewayError):
@@ -119,6 +128,10 @@ class AttestationConfig:
     rate_per_minute: int = 30
     retry_after_seconds: int = 1
     replica: str | None = None  # PAYGATE_REPLICA_ID: named in every evidence document
+    # Whose X-Forwarded-For names the caller (the per-address limit's key), as in admission.
+    trusted_proxies: tuple[Network, ...] = ()
+    # All callers together: quotes and activations a minute (the TPM's share for free work).
+    global_rate_per_minute: int = 120
 
 
 class RateLimiter:
@@ -162,6 +175,7 @@ class AttestationService:
         self._slots = asyncio.Semaphore(config.max_concurrent)
         self._in_progress = 0
         self._rate = RateLimiter(config.rate_per_minute)
+        self._global = RateLimiter(config.global_rate_per_minute)
         self._tpm_static: dict[str, Any] = {}
         self._provider = provider
 
@@ -204,7 +218,10 @@ class AttestationService:
         attester = TpmAttester(self._key)
         code = bytes.fromhex(self._config.code_digest.removeprefix("sha256:"))
         digest = app_digest(code, self.config_digest())
-        attester.extend_app_pcr(digest)
+        # Once per boot: the first worker measures, the others (and a restarted one) find the
+        # value there and leave it alone (enclave.attestation.tpm.TpmAttester.extend_app_pcr).
+        with _locked(self._key.key_dir / APP_PCR_LOCK):
+            attester.extend_app_pcr(digest)
         certified = attester.certify_keys()
         self._tpm_static = {
             "ek_certificates": {k: b64(v) for k, v in attester.ek_certificates().items()},
@@ -280,8 +297,16 @@ class AttestationService:
     # --- HTTP ---------------------------------------------------------------------------
 
     def _admit(self, request: web.Request) -> None:
-        if not self._rate.allow(request.remote or "unknown"):
+        caller = client_address(
+            request.remote,
+            request.headers.getall("X-Forwarded-For", []),
+            self._config.trusted_proxies,
+        )
+        if not self._rate.allow(caller or "unknown"):
             raise AttestationRateLimited(headers={"Retry-After": "60"})
+        # Then everyone's: many addresses together still get a bounded rate of TPM work.
+        if not self._global.allow(""):
+            raise AttestationBusy(headers={"Retry-After": str(self._config.retry_after_seconds)})
 
     async def _blocking(self, call: Callable[..., Any], *args: object) -> Any:
         # The global cap: a quote holds the TPM (shared with every paid request's ECDH).
@@ -297,12 +322,9 @@ class AttestationService:
 
     async def handle_evidence(self, request: web.Request) -> web.Response:
         values = request.query.getall("nonce", [])
-        if len(values) != 1 or len(values[0]) != 2 * binding.NONCE_LEN:
+        if len(values) != 1 or _NONCE.fullmatch(values[0]) is None:
             raise InvalidNonce
-        try:
-            nonce = bytes.fromhex(values[0])
-        except ValueError:
-            raise InvalidNonce from None
+        nonce = bytes.fromhex(values[0])
         self._admit(request)
         try:
             document = await self._blocking(self.evidence, nonce)
@@ -337,6 +359,32 @@ class AttestationService:
         except KeyBackendError:
             raise ActivationFailed from None
         return web.json_response({"secret": b64(recovered)}, headers={"Cache-Control": "no-store"})
+
+
+APP_PCR_LOCK = "app-pcr.lock"  # in the TPM key's directory: one per appliance, every worker
+PCR_LOCK_TIMEOUT = 60.0  # seconds a worker waits for a sibling that is measuring PCR 23
+
+
+@contextlib.contextmanager
+def _locked(path: Path, timeout: float = PCR_LOCK_TIMEOUT) -> Iterator[None]:
+    """An exclusive lock on ``path`` between processes; KeyBackendError past ``timeout``."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the PCR 23 lock {path}: {exc.strerror}") from None
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise KeyBackendError(f"{path} stayed locked for {timeout:.0f} s") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # --- what the app factory measures ----------------------------------------------------------

@@ -1,12 +1,14 @@
 """The free, local endpoints: health, readiness, metrics and the envelope public key.
 
 None of them touches a request body or the payment step; readiness is the only one that talks
-to the key backend and the model server, each under a short timeout.
+to the key backend and the model server, each under a short timeout and at most once per
+interval whoever asks (:mod:`paygate.server.readiness`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -18,6 +20,7 @@ from paygate.server.attestation import AttestationService
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.metrics import CONTENT_TYPE, Metrics
 from paygate.server.proxy import Upstream
+from paygate.server.readiness import ReadinessChecks
 from paygate.server.routes import Target
 
 LocalHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -60,6 +63,7 @@ class LocalEndpoints:
         metrics: Metrics,
         payment_mode: str,
         probe_timeout: float,
+        check_interval: float,
         upstream_status: Callable[[], Mapping[str, Any]] | None = None,
         models: Sequence[Mapping[str, str]] = (),
         attestation: AttestationService | None = None,
@@ -74,6 +78,12 @@ class LocalEndpoints:
         self._models = [dict(item) for item in models]
         self._pubkey = pubkey_document(key)
         self._attestation = attestation
+        # A monitored model server: the monitor's state answers, nothing is probed here.
+        self.readiness = ReadinessChecks(
+            check_key=self._key_usable,
+            check_upstream=self._upstream_reachable if upstream_status is None else None,
+            interval=check_interval,
+        )
 
     def handlers(self) -> Mapping[Target, LocalHandler]:
         handlers: dict[Target, LocalHandler] = {
@@ -107,25 +117,30 @@ class LocalEndpoints:
         return web.json_response({"status": "ok"})
 
     async def ready(self, request: web.Request) -> web.Response:
-        key_ok, upstream_ok = await asyncio.gather(
-            self._key_usable(), self._upstream.probe(self._probe_timeout)
-        )
+        checked = await self.readiness.current()
+        key_ok, upstream_ok = checked.key_ok, checked.upstream_ok
+        status = dict(self._upstream_status()) if self._upstream_status is not None else None
+        if status is not None:
+            upstream_ok = status.get("state") == "ready"
         ready = key_ok and upstream_ok
         document: dict[str, Any] = {
             "checks": {
                 "key": "ok" if key_ok else "unusable",
                 "upstream": "ok" if upstream_ok else "unreachable",
-            }
+            },
+            # How old the key check (and an unmonitored server's probe) is: shared, not per call.
+            "checked_seconds_ago": round(max(0.0, time.monotonic() - checked.at), 3),
         }
-        if self._upstream_status is not None:
+        if status is not None:
             # The monitor's view: container restarts, breaker state (never URLs or keys).
-            status = dict(self._upstream_status())
             document["upstream"] = status
-            ready = ready and status.get("state") == "ready"
         # The served weights' digests (public: attestation binds the same values).
         document["models"] = self._models
         document = {"status": "ready" if ready else "not_ready", **document}
         return web.json_response(document, status=200 if ready else 503)
+
+    async def _upstream_reachable(self) -> bool:
+        return await self._upstream.probe(self._probe_timeout)
 
     async def _key_usable(self) -> bool:
         # A real ECDH (with our own public point) exercises the token or TPM session.
