@@ -69,6 +69,7 @@ def _settings(key: TpmKey | None, models: Path) -> dict[str, Any]:
         "facilitator_url": "http://127.0.0.1:9",
         # Every test here attests from 127.0.0.1: no per-address limit in the way.
         "attestation_rate_per_minute": 100_000,
+        "attestation_global_rate_per_minute": 100_000,
     }
 
 

@@ -89,7 +89,11 @@ def _gateway(
         # The weights' digest the ollama profile computes at start (and checks), then binds.
         upstream_model_path=ollama_models_dir(tmp_path / "models", "fake-llama", "latest", WEIGHTS),
         expected_model_digests={MODEL: DIGEST},
-        **{"attestation_rate_per_minute": 100_000, **extra},  # one address attests throughout
+        **{
+            "attestation_rate_per_minute": 100_000,
+            "attestation_global_rate_per_minute": 100_000,
+            **extra,
+        },  # one address attests throughout
     )
     return ThreadedStack(key=key, **settings)
 

@@ -224,6 +224,7 @@ def _stack(
         ),
         expected_model_digests={MODEL: DIGEST},
         attestation_rate_per_minute=100_000,
+        attestation_global_rate_per_minute=100_000,
         **(upto_settings(payment_schemes=schemes) if "upto" in schemes else {}),
     )
     return ThreadedStack(key=key, **settings)

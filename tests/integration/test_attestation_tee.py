@@ -98,6 +98,7 @@ def snp_stack(amd: StandInAmdPki, tmp_path: Path) -> Iterator[Stack]:
             "network": "base-sepolia",
             "facilitator_url": "http://127.0.0.1:9",
             "attestation_rate_per_minute": 100_000,
+            "attestation_global_rate_per_minute": 100_000,
         }
         with ThreadedStack(key=key, **settings) as running:
             yield running

@@ -112,6 +112,7 @@ def test_attach_mode_real_weights_accepted_and_another_digest_refused_before_pay
         upstream_model_path=llama.smollm2,
         upstream_model_name=MODEL,
         attestation_rate_per_minute=100_000,
+        attestation_global_rate_per_minute=100_000,
     )
     with ThreadedStack(key=tpm_key, **settings) as stack:
         wire = Counting()
