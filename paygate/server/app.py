@@ -8,6 +8,7 @@ handed explicitly to the pipeline; there is no module-level state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,10 +23,13 @@ from enclave.attestation.providers import EvidenceProvider, open_provider
 from enclave.attestation.providers import EvidenceUnavailable as TeeUnavailable
 from enclave.keys.base import ReceiptSigner
 from paygate.config import ConfigError, Settings
+from paygate.economics.alerts import WebhookAlerts
+from paygate.economics.watch import attestation_alert, watch_forever
 from paygate.keys import open_key_backend
 from paygate.server import malformed
 from paygate.server.admission import Admission, AdmissionLimits
 from paygate.server.assembly import (
+    alert_sink,
     check_payment_settings,
     payment_step,
     payment_terms,
@@ -75,6 +79,7 @@ LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
 UPSTREAM = web.AppKey("upstream", UpstreamService)
 PAYMENTS = web.AppKey("payments", PaymentStep)  # type: ignore[type-abstract]
 ATTESTATION = web.AppKey("attestation", AttestationService)
+ALERTS = web.AppKey("alerts", WebhookAlerts)
 
 log = logging.getLogger("paygate.server")
 LINGERING_SECONDS = 5.0
@@ -136,6 +141,8 @@ def build_app(
     limits = rate_limits(settings)
     if routes is None:
         routes = engine_routes(profile_for(settings.upstream_kind).routes())
+    alerts = alert_sink(settings)  # ConfigError here, before anything listens
+    replica = settings.replica_id or default_replica_id()
     upstream_config = settings.upstream()
     app = web.Application(client_max_size=settings.max_body_bytes)
     app.on_response_prepare.append(add_request_id)
@@ -176,12 +183,32 @@ def build_app(
             app[UPSTREAM] = service
             yield
 
+    async def alerting(app: web.Application) -> AsyncIterator[None]:
+        # Webhook alerts: delivered by one background task, never on a request's path.
+        if alerts is None:
+            yield
+            return
+        app[ALERTS] = alerts
+        app[METRICS].on_error = attestation_alert(alerts, replica)
+        task = asyncio.get_running_loop().create_task(alerts.run())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
     async def payment(app: web.Application) -> AsyncIterator[None]:
         if payments is not None:
             app[PAYMENTS] = payments
             yield
             return
-        async with payment_step(settings, app[SESSION], limits, app[METRICS]) as built:
+        async with payment_step(
+            settings,
+            app[SESSION],
+            limits,
+            app[METRICS],
+            alerts=alerts,
+            on_limit_event=app[METRICS].limit_event,
+        ) as built:
             app[PAYMENTS] = built
             yield
 
@@ -251,7 +278,29 @@ def build_app(
         )
         yield
 
-    app.cleanup_ctx.extend([key_backend, client_session, upstream_runtime, payment, gateway])
+    async def watcher(app: web.Application) -> AsyncIterator[None]:
+        # The review queue (shared ledger) and this replica's model server, for alerts.
+        if alerts is None:
+            yield
+            return
+        service = app[UPSTREAM]
+        task = asyncio.get_running_loop().create_task(
+            watch_forever(
+                alerts,
+                store=lambda: alerts.store,
+                upstream=service.status if service.monitored else None,
+                replica=replica,
+                interval=settings.alert_interval_seconds,
+            )
+        )
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.extend(
+        [key_backend, client_session, upstream_runtime, alerting, payment, gateway, watcher]
+    )
 
     events = request_events(parse_networks(settings.trusted_proxies))
 

@@ -147,6 +147,7 @@ class Gateway:
                         )
                     finally:
                         info.upstream_seconds = reply.waited
+                        admitted.ticket.usage = reply.usage  # known once the body has ended
 
     async def _batch(self, request: web.Request, match: RouteMatch) -> web.StreamResponse:
         """``POST /v1/batch/chat/completions``: one admission (one payment for every item),

@@ -75,9 +75,11 @@ class Ticket:
         "_watched",
         "caller_gone",
         "delivered",
+        "model",
         "price",
         "route",
         "status",
+        "usage",
     )
 
     def __init__(
@@ -90,8 +92,12 @@ class Ticket:
         quote: Quote | None = None,
         fallback: Fallback = "max",
         item_quotes: tuple[Quote, ...] | None = None,
+        model: str | None = None,
     ) -> None:
         self.route = route
+        self.model = model  # the model the request named, when its body was read first
+        # The model server's stated usage, set by the gateway when the reply has ended.
+        self.usage: Usage | None = None
         self._item_quotes = item_quotes  # a metered batch: one quote per item
         self.price = price
         self._admission = admission
@@ -247,6 +253,19 @@ class Ticket:
             succeeded=0 < self.status < 400,
             caller_gone=self.caller_gone,
         )
+        if self.settles and self._processor.economics is not None:
+            meter = self._admission.meter
+            tokens = (
+                (meter.tokens_in, meter.tokens_out)
+                if meter is not None
+                else (self.usage.prompt_tokens, self.usage.completion_tokens)
+                if self.usage is not None
+                else None
+            )
+            if tokens is not None:
+                await self._processor.record_usage(
+                    self._admission, model=self.model, tokens_in=tokens[0], tokens_out=tokens[1]
+                )
 
 
 class PaymentStep(Protocol):
@@ -311,7 +330,12 @@ class X402Payments:
 
     @property
     def needs_body(self) -> bool:
-        return self._prices.needs_model or self._pricing is not None
+        economics = self._processor.economics
+        return (
+            self._prices.needs_model
+            or self._pricing is not None
+            or (economics is not None and economics.needs_model)
+        )
 
     @property
     def processor(self) -> PaymentProcessor:
@@ -325,6 +349,7 @@ class X402Payments:
             yield Ticket(route)
             return
         try:
+            model = None
             if route.target == "batch":
                 price, quote, items = self._batch_terms(body or b"")
             else:
@@ -347,6 +372,7 @@ class X402Payments:
             maximum=quote.maximum if quote is not None else None,
             model=quote.model if quote is not None else None,
             upto_extra=quote.offer_extra() if quote is not None else (),
+            request_model=model,
         )
         if isinstance(admitted, Refusal):
             raise PaymentRefused(refusal_response(admitted, route), admitted.code)
@@ -358,6 +384,7 @@ class X402Payments:
             quote=quote,
             fallback=self._pricing.fallback if self._pricing is not None else "max",
             item_quotes=items,
+            model=quote.model if quote is not None else model,
         )
         try:
             yield ticket

@@ -101,7 +101,7 @@ def test_migrate_from_main_s_sqlite_v1_and_from_empty_stores(tmp_path: Path, pg_
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == f"ledger sqlite:///{old}: schema v1 -> v3"
     again = cli("ledger", "migrate", "--ledger-url", url)
-    assert again.stdout.strip().endswith("schema v3, up to date")
+    assert again.stdout.strip().endswith("schema v4, up to date")
 
     async def check() -> None:
         ledger = await open_ledger(parse_ledger_url(url), replica="after")
