@@ -33,6 +33,7 @@ COMMANDS = (
     "request",
     "attest",
     "doctor",
+    "console",
 )
 # Commands that live outside the shipped package (the dev tooling's ``demo`` and
 # ``fake-upstream``) register through this entry point group when installed.
