@@ -64,6 +64,7 @@ from paygate.server.proxy import Timeouts, Upstream
 from paygate.server.receipts import ReceiptIssuer
 from paygate.server.replies import Replies, ReplyLimits
 from paygate.server.routes import RouteTable, engine_routes
+from paygate.server.tracing import Tracing
 from paygate.upstream.engines import profile_for
 from paygate.upstream.service import UpstreamService, running_upstream
 from paygate.upstream.service import base_url as upstream_base_url
@@ -142,9 +143,17 @@ def build_app(
     if routes is None:
         routes = engine_routes(profile_for(settings.upstream_kind).routes())
     alerts = alert_sink(settings)  # ConfigError here, before anything listens
+    # OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set; None (and free) otherwise.
+    tracing = Tracing.from_environment(system=settings.upstream_kind, version=gateway_version())
     replica = settings.replica_id or default_replica_id()
     upstream_config = settings.upstream()
     app = web.Application(client_max_size=settings.max_body_bytes)
+    if tracing is not None:
+
+        async def stop_tracing(app: web.Application) -> None:
+            await asyncio.to_thread(tracing.shutdown)  # what is batched goes out, bounded
+
+        app.on_cleanup.append(stop_tracing)
     app.on_response_prepare.append(add_request_id)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
@@ -275,6 +284,7 @@ def build_app(
                 concurrency=settings.batch_concurrency,
                 item_reply_bytes=settings.max_plain_reply_bytes,
             ),
+            tracing=tracing,
         )
         yield
 
@@ -307,8 +317,10 @@ def build_app(
     async def answer(request: web.Request) -> web.StreamResponse:
         return await answer_errors(request, request.app[GATEWAY].handle)
 
+    traced = tracing.wrap(answer) if tracing is not None else answer
+
     async def dispatch(request: web.Request) -> web.StreamResponse:
-        return await events(request, answer)
+        return await events(request, traced)
 
     async def expect(request: web.Request) -> web.StreamResponse | None:
         # aiohttp's default echoes the header into its error and fails on non-UTF-8 bytes;

@@ -78,6 +78,7 @@ class Ticket:
         "model",
         "price",
         "route",
+        "settle_seconds",
         "status",
         "usage",
     )
@@ -98,6 +99,7 @@ class Ticket:
         self.model = model  # the model the request named, when its body was read first
         # The model server's stated usage, set by the gateway when the reply has ended.
         self.usage: Usage | None = None
+        self.settle_seconds: float | None = None  # how long the settle call took (traces)
         self._item_quotes = item_quotes  # a metered batch: one quote per item
         self.price = price
         self._admission = admission
@@ -229,7 +231,16 @@ class Ticket:
         """Settle now (a good reply, before its end leaves); the receipt to send, if any."""
         if self._admission is None or self._processor is None:
             return None
-        return await self._processor.settle(self._admission)
+        started = time.monotonic()
+        try:
+            return await self._processor.settle(self._admission)
+        finally:
+            self.settle_seconds = time.monotonic() - started
+
+    @property
+    def scheme(self) -> str | None:
+        """The paying scheme's name (None when free)."""
+        return self._admission.scheme.name if self.paid and self._admission else None
 
     async def give_up(self) -> None:
         """Nothing was earned (the upstream failed): release now, before the error is sent,

@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 SECRET = b"alert-secret-for-tests-0123456789"
+last_fake: Any = None  # the FAKE model server of the latest `gateways` (its received requests)
 
 
 @dataclass
@@ -60,7 +61,8 @@ async def gateways(
     from paygate.config import load_settings
     from paygate.server.app import build_app, server_options
 
-    fake = FakeModelServer()
+    global last_fake
+    fake = last_fake = FakeModelServer()
     fake_runner = web.AppRunner(fake.app)
     await fake_runner.setup()
     await web.TCPSite(fake_runner, "127.0.0.1", 0).start()
