@@ -533,8 +533,10 @@ def _guard(sessions: auth.Sessions) -> Any:
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             response = await _guarded(request, handler, sessions)
-        except web.HTTPException as exc:
-            response = exc
+        except web.HTTPException as exc:  # redirects and refusals carry the headers too
+            for name, value in SECURITY_HEADERS.items():
+                exc.headers.setdefault(name, value)
+            raise
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
         return response
