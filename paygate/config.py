@@ -69,6 +69,27 @@ class TokenPriceSetting(BaseModel):
     minimum: NonNegativeDecimal = Decimal(0)
 
 
+class TokenLimitSetting(BaseModel):
+    """``PAYGATE_TOKEN_LIMITS`` entry: weighted tokens per minute (paygate.economics)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_payer: PositiveInt | None = None
+    per_model: PositiveInt | None = None
+    input_weight: NonNegativeDecimal = Decimal(1)
+    output_weight: NonNegativeDecimal = Decimal(1)
+    shadow: bool = False
+
+
+class BudgetSetting(BaseModel):
+    """``PAYGATE_BUDGETS`` entry: USDC one payer may commit per UTC day or month."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_payer: NonNegativeDecimal
+    shadow: bool = False
+
+
 class Settings(BaseSettings):
     """Everything the appliance can be told. See docs/CONFIG.md."""
 
@@ -151,6 +172,14 @@ class Settings(BaseSettings):
     rate_limits: dict[str, RateLimitSetting] = Field(default_factory=dict)
     payer_daily_budget: NonNegativeDecimal | None = None
     free_requests_per_day: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    # Economics controls, shared through the ledger: docs/CONSOLE.md "Economics controls".
+    token_limits: dict[str, TokenLimitSetting] = Field(default_factory=dict)
+    budgets: dict[Literal["day", "month"], BudgetSetting] = Field(default_factory=dict)
+    # Webhook alerts (review needed, model server down, attestation failed, budget reached).
+    alert_webhook: SecretStr | None = None  # a URL; may carry a token: never shown
+    alert_webhook_secret: SecretStr | None = None
+    alert_webhook_secret_file: Path | None = None
+    alert_interval_seconds: Annotated[float, Field(ge=1, le=3600)] = 10.0
     # POST /v1/batch/chat/completions: items per batch, items forwarded at once.
     batch_max_items: Annotated[int, Field(ge=1, le=256)] = 16
     batch_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
@@ -188,6 +217,15 @@ class Settings(BaseSettings):
 
     # --- operations (docs/OPERATIONS.md) ---
     log_format: Literal["json", "text"] = "text"
+
+    # --- the operator console (docs/CONSOLE.md): off unless console_listen is set ---
+    console_listen: str | None = None  # e.g. 127.0.0.1:8403; never the public port
+    console_wallets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    console_secret: SecretStr | None = None  # signs session cookies: the same on every replica
+    console_secret_file: Path | None = None
+    console_session_seconds: Annotated[float, Field(ge=60, le=7 * 86_400)] = 8 * 3600.0
+    console_url: str | None = None  # how operators reach it (login links, sign-in domain)
+    console_tls: bool = False  # behind a TLS proxy: cookies get Secure
 
     # --- upstream (paygate.upstream; docs/UPSTREAM.md) ---
     upstream_mode: UpstreamMode = "attach"
@@ -228,6 +266,54 @@ class Settings(BaseSettings):
     deployments_dir: Path = Path("~/.config/paygate/inference")
     discover_ports: Annotated[list[int], NoDecode] = Field(default_factory=list)
     discover_timeout: PositiveFloat = 2.0
+
+    @field_validator("console_listen")
+    @classmethod
+    def _check_console_listen(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        split_listen(value)
+        return value
+
+    @field_validator("console_wallets", mode="before")
+    @classmethod
+    def _split_wallets(cls, value: Any) -> Any:
+        return cls._split_proxies(value)
+
+    @field_validator("console_wallets")
+    @classmethod
+    def _check_wallets(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not re.fullmatch(r"0x[0-9a-fA-F]{40}", item):
+                raise ValueError("console_wallets must be 0x-prefixed 20-byte hex addresses")
+        return value
+
+    @field_validator("token_limits")
+    @classmethod
+    def _check_token_limits(
+        cls, value: dict[str, TokenLimitSetting]
+    ) -> dict[str, TokenLimitSetting]:
+        for key, rule in value.items():
+            if key != "*" and not (key.startswith("model:") and len(key) > len("model:")):
+                raise ValueError(f"token_limits keys are '*' or 'model:NAME', not {key[:80]!r}")
+            if rule.per_payer is None and rule.per_model is None:
+                raise ValueError(f"token_limits {key[:80]!r}: set per_payer and/or per_model")
+            if rule.input_weight == 0 and rule.output_weight == 0:
+                raise ValueError(f"token_limits {key[:80]!r}: a weight must be above 0")
+        return value
+
+    @field_validator("alert_webhook", mode="before")
+    @classmethod
+    def _check_alert_webhook(cls, value: Any) -> Any:
+        if value in ("", None):
+            return None
+        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise ValueError("must be https:// (http:// only on loopback)")
+        return value
 
     @field_validator("ledger_url", mode="before")
     @classmethod
@@ -500,7 +586,15 @@ class Settings(BaseSettings):
     def listen_port(self) -> int:
         return split_listen(self.listen)[1]
 
-    @field_validator("key_passphrase", "pkcs11_pin", "gas_key", "upstream_api_key", mode="before")
+    @field_validator(
+        "key_passphrase",
+        "pkcs11_pin",
+        "gas_key",
+        "upstream_api_key",
+        "alert_webhook_secret",
+        "console_secret",
+        mode="before",
+    )
     @classmethod
     def _empty_secret_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -511,7 +605,15 @@ class Settings(BaseSettings):
         return value.upper() if isinstance(value, str) else value
 
     def secret(
-        self, name: Literal["key_passphrase", "pkcs11_pin", "gas_key", "upstream_api_key"]
+        self,
+        name: Literal[
+            "key_passphrase",
+            "pkcs11_pin",
+            "gas_key",
+            "upstream_api_key",
+            "alert_webhook_secret",
+            "console_secret",
+        ],
     ) -> SecretStr | None:
         """A secret from its variable, else its ``*_file``, else the systemd credential of the
         same name (first line, stripped)."""
@@ -534,13 +636,22 @@ class Settings(BaseSettings):
         """Every configured secret value, for the log formatter to redact: keys, PINs, API
         keys, facilitator header values, and the credential-bearing parts of service URLs."""
         found: list[str] = []
-        for name in ("key_passphrase", "pkcs11_pin", "gas_key", "upstream_api_key"):
+        for name in (
+            "key_passphrase",
+            "pkcs11_pin",
+            "gas_key",
+            "upstream_api_key",
+            "alert_webhook_secret",
+            "console_secret",
+        ):
             value = self.secret(name)  # type: ignore[arg-type]
             if value is not None:
                 found.append(value.get_secret_value())
         found += [value.get_secret_value() for value in self.facilitator_headers().values()]
         found += [value.removeprefix("0x") for value in found if value.startswith("0x")]
         found += url_secrets(self.chain_rpc_url)
+        if self.alert_webhook is not None:
+            found += url_secrets(self.alert_webhook.get_secret_value())
         facilitator = urlsplit(self.facilitator_url or "")
         found += [part for part in (facilitator.query, facilitator.password) if part]
         return found
@@ -582,6 +693,8 @@ CREDENTIALS = (
     "upstream_api_key",
     "facilitator_headers",
     "ledger_password",
+    "alert_webhook_secret",
+    "console_secret",
 )
 """systemd credential names (``LoadCredential=NAME:...``), each matching a ``NAME_file`` setting."""
 

@@ -17,6 +17,7 @@ apt_packages=(
   docker.io busybox-static debootstrap              # container tests: engine, probe image, rootfs
   cmake g++ ninja-build                              # llama.cpp's llama-server (setup_llama.sh)
   postgresql nginx wrk                               # scale-out: shared ledger, load balancer, bench (also bench.compare)
+  chromium chromium-driver                           # the console's browser tests (Playwright on the system Chromium)
 )
 
 log() { printf '[setup] %s\n' "$*" >&2; }

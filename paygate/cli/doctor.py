@@ -76,6 +76,8 @@ async def run_checks(config: Path | None) -> list[Check]:
         _chain,
         _clock,
         _ledger,
+        _console,
+        _alerts,
     ]
     for probe in probes:
         try:
@@ -402,3 +404,74 @@ async def _ledger(settings: Settings) -> Check | None:
             "make its directory writable by the service user (0700)",
         )
     return Check("ledger", True, f"{settings.ledger_path} writable and migrated")
+
+
+async def _console(settings: Settings) -> Check | None:
+    """The operator console's settings (docs/CONSOLE.md); nothing when it is off."""
+    if settings.console_listen is None:
+        return None
+    import ipaddress
+    import socket
+
+    from paygate.config import split_listen
+    from paygate.console.serve import check_console
+
+    try:
+        check_console(settings)
+    except ConfigError as exc:
+        return Check("console", False, str(exc), "give console_listen its own port")
+    host, port = split_listen(settings.console_listen)
+    secret = settings.secret("console_secret")
+    if secret is None or len(secret.get_secret_value()) < 16:
+        return Check(
+            "console",
+            False,
+            "console_secret is not set (or shorter than 16 characters): sessions end at "
+            "restart and do not work across replicas",
+            "set console_secret_file to a file of 32+ random characters (the same on every "
+            "replica)",
+        )
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not settings.console_tls:
+        return Check(
+            "console",
+            False,
+            f"console_listen {settings.console_listen} is beyond loopback without TLS",
+            "listen on 127.0.0.1 and reach it through ssh -L, or put it behind a TLS proxy "
+            "and set console_tls = true",
+        )
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return Check(
+                "console",
+                False,
+                f"cannot listen on {settings.console_listen}: {exc.strerror}",
+                "choose a free port for console_listen (or stop what holds it)",
+            )
+    who = (
+        f"{len(settings.console_wallets)} wallet(s) may sign in"
+        if settings.console_wallets
+        else "no console_wallets: login links only (paygate console login)"
+    )
+    return Check("console", True, f"on {settings.console_listen}; {who}")
+
+
+async def _alerts(settings: Settings) -> Check | None:
+    if settings.alert_webhook is None:
+        return None
+    secret = settings.secret("alert_webhook_secret")
+    if secret is None or len(secret.get_secret_value()) < 16:
+        return Check(
+            "alerts",
+            False,
+            "alert_webhook is set but alert_webhook_secret is missing or short",
+            "set alert_webhook_secret_file to a file of 32+ random characters",
+        )
+    return Check("alerts", True, "webhook alerts on, signed (HMAC-SHA256)")

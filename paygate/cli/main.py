@@ -36,6 +36,7 @@ COMMANDS = (
     "attest",
     "doctor",
     "release",
+    "console",
 )
 # Commands that live outside the shipped package (the dev tooling's ``demo`` and
 # ``fake-upstream``) register through this entry point group when installed.

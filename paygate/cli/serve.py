@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,12 @@ from aiohttp import web
 
 from paygate import restore_recursion_limit
 from paygate.config import ConfigError, Settings, load_settings
+from paygate.console.serve import (
+    check_console,
+    console_socket,
+    start_console,
+    with_console_secret,
+)
 from paygate.redact import redact_url
 from paygate.server.app import LISTEN_BACKLOG, build_app, server_options
 from paygate.server.assembly import check_payment_settings
@@ -76,6 +82,8 @@ def _serve(args: argparse.Namespace) -> int:
         if value is not None
     )
     settings = load_settings(args.config, **overrides)
+    check_console(settings)
+    settings = with_console_secret(settings)  # one secret for every worker's console
     try:
         secrets = settings.log_secrets()
     except ConfigError:
@@ -107,6 +115,7 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         log.warning("workers > 1 without %s: /metrics shows one worker's counts", MULTIPROC_ENV)
     sock = listen_socket(settings.listen_host, settings.listen_port, LISTEN_BACKLOG)
+    console = console_socket(settings)
     _announce(settings)
 
     def worker(index: int) -> int:
@@ -116,6 +125,8 @@ def _serve(args: argparse.Namespace) -> int:
             mine = settings.model_copy(update={"replica_id": f"{settings.replica_id}.w{index}"})
         app = build_app(mine)
         restore_recursion_limit()
+        if console is not None:
+            app.cleanup_ctx.append(_console_starter(mine, console))
         # The loop is made in the worker, after the fork; the supervisor speaks to systemd.
         with asyncio.Runner(loop_factory=lambda: new_event_loop(mine.event_loop)) as runner:
             runner.run(_run(app, mine, Notifier(None), sock=sock))
@@ -133,8 +144,23 @@ def _serve(args: argparse.Namespace) -> int:
         on_stop=notifier.stopping,
     )
     sock.close()
+    if console is not None:
+        console.close()
     log.info("paygate gateway stopped")
     return status
+
+
+def _console_starter(settings: Settings, sock: Any) -> Callable[[web.Application], Any]:
+    """A worker's console as the last of its app's cleanup contexts: started once the gateway's
+    parts are, stopped first."""
+
+    async def console(app: web.Application) -> AsyncIterator[None]:
+        runner = await start_console(settings, app, sock=sock)
+        yield
+        if runner is not None:
+            await runner.cleanup()
+
+    return console
 
 
 async def _run(
@@ -174,6 +200,7 @@ async def _run(
         await runner.cleanup()
         raise
     watchdog = None
+    console = None
     try:
         if sock is not None:
             await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()
@@ -181,6 +208,7 @@ async def _run(
             await web.TCPSite(
                 runner, settings.listen_host, settings.listen_port, backlog=LISTEN_BACKLOG
             ).start()
+            console = await start_console(settings, app)
             _announce(settings)
         # Ready only now: listening, and in container mode the model server answered.
         notifier.ready(f"serving on {settings.listen}, payment_mode={settings.payment_mode}")
@@ -189,6 +217,8 @@ async def _run(
         notifier.stopping(f"stopping: draining for up to {settings.shutdown_grace_seconds:g}s")
     finally:
         await stop_task(watchdog)
+        if console is not None:
+            await console.cleanup()
         await runner.cleanup()
 
 

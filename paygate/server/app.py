@@ -8,6 +8,7 @@ handed explicitly to the pipeline; there is no module-level state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import ssl
@@ -23,10 +24,13 @@ from enclave.attestation.providers import EvidenceProvider, open_provider
 from enclave.attestation.providers import EvidenceUnavailable as TeeUnavailable
 from enclave.keys.base import ReceiptSigner
 from paygate.config import ConfigError, Settings
+from paygate.economics.alerts import WebhookAlerts
+from paygate.economics.watch import attestation_alert, watch_forever
 from paygate.keys import open_key_backend
 from paygate.server import malformed
 from paygate.server.admission import Admission, AdmissionLimits
 from paygate.server.assembly import (
+    alert_sink,
     check_payment_settings,
     payment_step,
     payment_terms,
@@ -62,6 +66,7 @@ from paygate.server.proxy import Timeouts, Upstream
 from paygate.server.receipts import ReceiptIssuer
 from paygate.server.replies import Replies, ReplyLimits
 from paygate.server.routes import RouteTable, engine_routes
+from paygate.server.tracing import Tracing
 from paygate.upstream.engines import profile_for
 from paygate.upstream.service import UpstreamService, running_upstream
 from paygate.upstream.service import base_url as upstream_base_url
@@ -78,6 +83,7 @@ LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
 UPSTREAM = web.AppKey("upstream", UpstreamService)
 PAYMENTS = web.AppKey("payments", PaymentStep)  # type: ignore[type-abstract]
 ATTESTATION = web.AppKey("attestation", AttestationService)
+ALERTS = web.AppKey("alerts", WebhookAlerts)
 
 log = logging.getLogger("paygate.server")
 LINGERING_SECONDS = 5.0
@@ -140,8 +146,18 @@ def build_app(
     limits = rate_limits(settings)
     if routes is None:
         routes = engine_routes(profile_for(settings.upstream_kind).routes())
+    alerts = alert_sink(settings)  # ConfigError here, before anything listens
+    # OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set; None (and free) otherwise.
+    tracing = Tracing.from_environment(system=settings.upstream_kind, version=gateway_version())
+    replica = settings.replica_id or default_replica_id()
     upstream_config = settings.upstream()
     app = web.Application(client_max_size=settings.max_body_bytes)
+    if tracing is not None:
+
+        async def stop_tracing(app: web.Application) -> None:
+            await asyncio.to_thread(tracing.shutdown)  # what is batched goes out, bounded
+
+        app.on_cleanup.append(stop_tracing)
     app.on_response_prepare.append(add_request_id)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
@@ -185,12 +201,32 @@ def build_app(
             app[UPSTREAM] = service
             yield
 
+    async def alerting(app: web.Application) -> AsyncIterator[None]:
+        # Webhook alerts: delivered by one background task, never on a request's path.
+        if alerts is None:
+            yield
+            return
+        app[ALERTS] = alerts
+        app[METRICS].on_error = attestation_alert(alerts, replica)
+        task = asyncio.get_running_loop().create_task(alerts.run())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
     async def payment(app: web.Application) -> AsyncIterator[None]:
         if payments is not None:
             app[PAYMENTS] = payments
             yield
             return
-        async with payment_step(settings, app[OUTBOUND], limits, app[METRICS]) as built:
+        async with payment_step(
+            settings,
+            app[OUTBOUND],
+            limits,
+            app[METRICS],
+            alerts=alerts,
+            on_limit_event=app[METRICS].limit_event,
+        ) as built:
             app[PAYMENTS] = built
             yield
 
@@ -265,18 +301,43 @@ def build_app(
                 concurrency=settings.batch_concurrency,
                 item_reply_bytes=settings.max_plain_reply_bytes,
             ),
+            tracing=tracing,
         )
         yield
 
-    app.cleanup_ctx.extend([key_backend, client_session, upstream_runtime, payment, gateway])
+    async def watcher(app: web.Application) -> AsyncIterator[None]:
+        # The review queue (shared ledger) and this replica's model server, for alerts.
+        if alerts is None:
+            yield
+            return
+        service = app[UPSTREAM]
+        task = asyncio.get_running_loop().create_task(
+            watch_forever(
+                alerts,
+                store=lambda: alerts.store,
+                upstream=service.status if service.monitored else None,
+                replica=replica,
+                interval=settings.alert_interval_seconds,
+            )
+        )
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.extend(
+        [key_backend, client_session, upstream_runtime, alerting, payment, gateway, watcher]
+    )
 
     events = request_events(parse_networks(settings.trusted_proxies))
 
     async def answer(request: web.Request) -> web.StreamResponse:
         return await answer_errors(request, request.app[GATEWAY].handle)
 
+    traced = tracing.wrap(answer) if tracing is not None else answer
+
     async def dispatch(request: web.Request) -> web.StreamResponse:
-        return await events(request, answer)
+        return await events(request, traced)
 
     async def expect(request: web.Request) -> web.StreamResponse | None:
         # aiohttp's default echoes the header into its error and fails on non-UTF-8 bytes;

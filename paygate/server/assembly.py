@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
 
 from paygate.config import ConfigError, Settings
+from paygate.economics.alerts import AlertSink, WebhookAlerts
+from paygate.economics.controls import Controls, Economics, controls_from
+from paygate.economics.store import economics_store
 from paygate.server.payments import NoPayments, PaymentStep, X402Payments
 from paygate.server.ratelimit import MODEL_PREFIX, Rate, RateLimits, RateLimitTable
 from paygate.x402.chain import ChainReader, ChainSettler
@@ -217,8 +220,10 @@ def x402_payments(
     upto_extra: Mapping[str, Mapping[str, str]] | None = None,
     limits: RateLimits | None = None,
     events: PaymentEvents | None = None,
+    economics: Economics | None = None,
 ) -> X402Payments:
     processor = PaymentProcessor(
+        economics=economics,
         events=events,
         terms=payment_terms(settings, upto_extra),
         ledger=ledger,
@@ -244,12 +249,38 @@ def x402_payments(
     )
 
 
+def economics_controls(settings: Settings) -> Controls:
+    """The token limits and budgets of the settings (paygate.economics)."""
+    return controls_from(
+        {key: rule.model_dump() for key, rule in settings.token_limits.items()},
+        {key: rule.model_dump() for key, rule in settings.budgets.items()},
+    )
+
+
+def alert_sink(settings: Settings) -> WebhookAlerts | None:
+    """The webhook alerts, or None when ``alert_webhook`` is not set."""
+    if settings.alert_webhook is None:
+        return None
+    secret = settings.secret("alert_webhook_secret")
+    if secret is None or not secret.get_secret_value():
+        raise ConfigError(
+            "alert_webhook needs alert_webhook_secret (or _file): the alerts are signed with it"
+        )
+    return WebhookAlerts(
+        settings.alert_webhook.get_secret_value(),
+        secret.get_secret_value().encode(),
+        replica=settings.replica_id or default_replica_id(),
+    )
+
+
 @contextlib.asynccontextmanager
 async def payment_step(
     settings: Settings,
     session: aiohttp.ClientSession,
     limits: RateLimits | None = None,
     events: PaymentEvents | None = None,
+    alerts: AlertSink | None = None,
+    on_limit_event: Callable[[str, bool], None] | None = None,
 ) -> AsyncIterator[PaymentStep]:
     """The configured payment step, with its ledger, settler, reconciler and lease keeper.
 
@@ -276,6 +307,15 @@ async def payment_step(
     settler = settler_for(settings, session)
     try:
         upto_extra = await upto_terms(settings, settler)
+        store = economics_store(ledger)
+        if isinstance(alerts, WebhookAlerts):
+            alerts.store = store  # alerts are claimed in the shared ledger: one per event
+        controls = economics_controls(settings)
+        economics = (
+            None
+            if controls.empty
+            else Economics(controls, store, alerts=alerts, on_event=on_limit_event)
+        )
         payments = x402_payments(
             settings,
             ledger=ledger,
@@ -283,6 +323,7 @@ async def payment_step(
             upto_extra=upto_extra,
             limits=limits,
             events=events,
+            economics=economics,
         )
         processor = payments.processor
         released = await processor.release_abandoned(own=True)

@@ -43,6 +43,7 @@ from paygate.server.proxy import Upstream, upstream_request_headers
 from paygate.server.receipts import RequestFacts
 from paygate.server.replies import Replies
 from paygate.server.routes import RouteMatch, RouteTable, Target
+from paygate.server.tracing import Tracing, span_facts
 from paygate.x402.batch import ITEM_PATH, BadBatch, item_error, parse_batch
 from paygate.x402.pricing import model_of
 
@@ -71,7 +72,9 @@ class Gateway:
         metrics: Metrics,
         local: Mapping[Target, LocalHandler],
         batch: BatchLimits | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
+        self._tracing = tracing
         self._batch_limits = batch or BatchLimits()
         self._routes = routes
         self._admission = admission
@@ -128,6 +131,8 @@ class Gateway:
             body = admitted.ticket.forward_body or opened.body
             if body:
                 headers["Content-Type"] = "application/json"
+            if self._tracing is not None:
+                self._tracing.inject(headers)  # the model server joins the request's trace
             with self._limiter.slot():
                 async with self._upstream.exchange(
                     request.method, match.upstream_path, body=body, headers=headers
@@ -147,6 +152,9 @@ class Gateway:
                         )
                     finally:
                         info.upstream_seconds = reply.waited
+                        admitted.ticket.usage = reply.usage  # known once the body has ended
+                        if self._tracing is not None:
+                            _describe(request, admitted.ticket, _model_named(opened.body))
 
     async def _batch(self, request: web.Request, match: RouteMatch) -> web.StreamResponse:
         """``POST /v1/batch/chat/completions``: one admission (one payment for every item),
@@ -205,6 +213,17 @@ class Gateway:
                 body,
                 items=[(ok, usage, size) for _, ok, usage, size in answers],
             )
+
+
+def _describe(request: web.Request, ticket: Any, model: str | None) -> None:
+    """What the request's span says (counts and timings only, never content)."""
+    span = span_facts(request)
+    span.model = model
+    span.scheme = ticket.scheme
+    span.settle_seconds = ticket.settle_seconds
+    if ticket.usage is not None:
+        span.input_tokens = ticket.usage.prompt_tokens
+        span.output_tokens = ticket.usage.completion_tokens
 
 
 def _message(document: Any) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import (
@@ -171,6 +172,15 @@ class Metrics:
         self._usage_replies = Counter(
             "paygate_usage_replies", "Replies that stated their token usage.", registry=r
         )
+        self._limit_events = Counter(
+            "paygate_limit_events",
+            "Token limits and budgets reached, by kind and mode (enforced: refused; shadow: "
+            "would have been).",
+            ("kind", "mode"),
+            registry=r,
+        )
+        # Called with every error code answered (webhook alerts on attestation failures).
+        self.on_error: Callable[[str], None] | None = None
         self._key_ops = Histogram(
             "paygate_key_operation_seconds",
             "Key backend operations (ECDH in the software key, HSM or TPM).",
@@ -189,6 +199,11 @@ class Metrics:
 
     def error(self, code: str) -> None:
         self._errors.labels(code).inc()
+        if self.on_error is not None:
+            self.on_error(code)
+
+    def limit_event(self, kind: str, enforced: bool) -> None:
+        self._limit_events.labels(kind, "enforced" if enforced else "shadow").inc()
 
     def envelope(self, version: int) -> None:
         self._envelopes.labels(f"v{version}" if version else "plaintext").inc()

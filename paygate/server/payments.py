@@ -75,9 +75,12 @@ class Ticket:
         "_watched",
         "caller_gone",
         "delivered",
+        "model",
         "price",
         "route",
+        "settle_seconds",
         "status",
+        "usage",
     )
 
     def __init__(
@@ -90,8 +93,13 @@ class Ticket:
         quote: Quote | None = None,
         fallback: Fallback = "max",
         item_quotes: tuple[Quote, ...] | None = None,
+        model: str | None = None,
     ) -> None:
         self.route = route
+        self.model = model  # the model the request named, when its body was read first
+        # The model server's stated usage, set by the gateway when the reply has ended.
+        self.usage: Usage | None = None
+        self.settle_seconds: float | None = None  # how long the settle call took (traces)
         self._item_quotes = item_quotes  # a metered batch: one quote per item
         self.price = price
         self._admission = admission
@@ -223,7 +231,16 @@ class Ticket:
         """Settle now (a good reply, before its end leaves); the receipt to send, if any."""
         if self._admission is None or self._processor is None:
             return None
-        return await self._processor.settle(self._admission)
+        started = time.monotonic()
+        try:
+            return await self._processor.settle(self._admission)
+        finally:
+            self.settle_seconds = time.monotonic() - started
+
+    @property
+    def scheme(self) -> str | None:
+        """The paying scheme's name (None when free)."""
+        return self._admission.scheme.name if self.paid and self._admission else None
 
     async def give_up(self) -> None:
         """Nothing was earned (the upstream failed): release now, before the error is sent,
@@ -247,6 +264,19 @@ class Ticket:
             succeeded=0 < self.status < 400,
             caller_gone=self.caller_gone,
         )
+        if self.settles and self._processor.economics is not None:
+            meter = self._admission.meter
+            tokens = (
+                (meter.tokens_in, meter.tokens_out)
+                if meter is not None
+                else (self.usage.prompt_tokens, self.usage.completion_tokens)
+                if self.usage is not None
+                else None
+            )
+            if tokens is not None:
+                await self._processor.record_usage(
+                    self._admission, model=self.model, tokens_in=tokens[0], tokens_out=tokens[1]
+                )
 
 
 class PaymentStep(Protocol):
@@ -311,7 +341,12 @@ class X402Payments:
 
     @property
     def needs_body(self) -> bool:
-        return self._prices.needs_model or self._pricing is not None
+        economics = self._processor.economics
+        return (
+            self._prices.needs_model
+            or self._pricing is not None
+            or (economics is not None and economics.needs_model)
+        )
 
     @property
     def processor(self) -> PaymentProcessor:
@@ -325,6 +360,7 @@ class X402Payments:
             yield Ticket(route)
             return
         try:
+            model = None
             if route.target == "batch":
                 price, quote, items = self._batch_terms(body or b"")
             else:
@@ -347,6 +383,7 @@ class X402Payments:
             maximum=quote.maximum if quote is not None else None,
             model=quote.model if quote is not None else None,
             upto_extra=quote.offer_extra() if quote is not None else (),
+            request_model=model,
         )
         if isinstance(admitted, Refusal):
             raise PaymentRefused(refusal_response(admitted, route), admitted.code)
@@ -358,6 +395,7 @@ class X402Payments:
             quote=quote,
             fallback=self._pricing.fallback if self._pricing is not None else "max",
             item_quotes=items,
+            model=quote.model if quote is not None else model,
         )
         try:
             yield ticket

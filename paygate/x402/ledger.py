@@ -200,6 +200,7 @@ class Ledger(Protocol):
         scheme: str = "exact",
         model: str | None = None,
         budget: Budget | None = None,
+        budgets: tuple[Budget, ...] = (),
     ) -> PaymentRecord:
         """Claim ``(network, asset, payer, nonce)`` atomically, as a new RESERVED record owned
         by this replica (a fresh lease).
@@ -207,7 +208,9 @@ class Ledger(Protocol):
         With a ``budget``, in the same transaction: the payer's spend on this asset since
         ``budget.since`` (authorized amounts until settled, then what moved; released and
         failed payments count nothing) plus ``amount`` must stay within ``budget.limit``, else
-        :class:`BudgetExceeded` — so concurrent requests cannot overspend.
+        :class:`BudgetExceeded` — so concurrent requests cannot overspend. ``budgets`` (the
+        economics controls' windows, ``paygate.economics``) are checked the same way, each
+        with its own ``since``; the exception names the one passed.
 
         A RELEASED record with that key is re-claimed instead (same id, attempts kept). Any
         other existing record raises :class:`AlreadyReserved` carrying it. An idempotency key
@@ -335,6 +338,8 @@ class Budget:
 
     limit: int
     since: float
+    window: str = "day"  # what it is called in refusals and alerts ("day", "month")
+    resets_at: float | None = None  # when the window starts again (unix seconds), if known
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,6 +397,10 @@ class BudgetExceeded(LedgerError):
     """The payer's budget would be passed by this payment."""
 
     code = "budget_exceeded"
+
+    def __init__(self, message: str, budget: Budget | None = None) -> None:
+        super().__init__(message)
+        self.budget = budget
 
 
 class SignInReused(LedgerError):
@@ -585,6 +594,7 @@ def reservation(
     scheme: str,
     model: str | None,
     budget: Budget | None,
+    budgets: tuple[Budget, ...] = (),
 ) -> dict[str, Any]:
     """:meth:`Ledger.reserve`'s arguments checked and normalised, as every store writes them
     (ValueError on bad input, before any I/O)."""
@@ -592,6 +602,7 @@ def reservation(
         "scheme": check_scheme(scheme),
         "model": check_model(model),
         "budget": budget,
+        "budgets": (*((budget,) if budget is not None else ()), *budgets),
         "key": normalise_key(network, asset, payer, nonce),
         "pay_to": normalise_address(pay_to, "pay_to"),
         "amount": str(check_amount(amount)),

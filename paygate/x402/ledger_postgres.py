@@ -80,8 +80,8 @@ T = TypeVar("T")
 Conn = Any  # psycopg.AsyncConnection[dict[str, Any]]
 
 #: Same numbering as the SQLite ledger: v1 the first ledger, v2 leases and history, v3 metering
-#: and the free quota.
-SCHEMA_VERSION = 3
+#: and the free quota, v4 the economics controls and the console's tables.
+SCHEMA_VERSION = 4
 _STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
 _MIGRATION_LOCK = 0x70617967  # pg_advisory_xact_lock key: one migrator at a time ("payg")
 
@@ -142,6 +142,21 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         " used integer NOT NULL, PRIMARY KEY (payer, day))",
         "CREATE TABLE signin_nonces (nonce text PRIMARY KEY, payer text NOT NULL,"
         " used_at double precision NOT NULL)",
+    ),
+    4: (
+        "CREATE TABLE token_usage (seq bigserial PRIMARY KEY, at double precision NOT NULL,"
+        " payer text NOT NULL, model text NOT NULL, tokens_in bigint NOT NULL,"
+        " tokens_out bigint NOT NULL)",
+        "CREATE INDEX token_usage_payer ON token_usage (payer, at)",
+        "CREATE INDEX token_usage_model ON token_usage (model, at)",
+        "CREATE INDEX token_usage_at ON token_usage (at)",
+        "CREATE TABLE limit_events (seq bigserial PRIMARY KEY, at double precision NOT NULL,"
+        " kind text NOT NULL, rule text NOT NULL, payer text NOT NULL, model text,"
+        " enforced boolean NOT NULL, detail text)",
+        "CREATE INDEX limit_events_at ON limit_events (at)",
+        "CREATE TABLE alert_claims (key text PRIMARY KEY, at double precision NOT NULL)",
+        "CREATE TABLE console_logins (token_hash text PRIMARY KEY,"
+        " expires_at double precision NOT NULL, used_at double precision)",
     ),
 }
 
@@ -289,6 +304,7 @@ class PostgresLedger:
         scheme: str = "exact",
         model: str | None = None,
         budget: Budget | None = None,
+        budgets: tuple[Budget, ...] = (),
     ) -> PaymentRecord:
         values = reservation(
             network=network,
@@ -305,6 +321,7 @@ class PostgresLedger:
             scheme=scheme,
             model=model,
             budget=budget,
+            budgets=budgets,
         )
         return await self._run(self._reserve, values)
 
@@ -582,11 +599,12 @@ class PostgresLedger:
                     "the payment identifier already names a different authorization"
                 )
         now = await self._now(conn)
-        budget: Budget | None = values["budget"]
-        if budget is not None:
+        if values["budgets"]:
             # One payer's reservations in turn (the transaction's advisory lock), so that
             # concurrent requests cannot both fit the same remainder of the budget.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (key[2],))
+        budget: Budget
+        for budget in values["budgets"]:
             row = await (
                 await conn.execute(
                     "SELECT COALESCE(SUM(COALESCE(settled_amount, settle_amount, amount)), 0)"
@@ -596,7 +614,7 @@ class PostgresLedger:
                 )
             ).fetchone()
             if int(row["spent"]) + int(values["amount"]) > budget.limit:
-                raise BudgetExceeded("the payer's budget would be passed")
+                raise BudgetExceeded("the payer's budget would be passed", budget)
         # The replay guard, in one statement: a new key is inserted; a RELEASED one is claimed
         # again (same id and attempts); any other existing row returns nothing.
         row = await (

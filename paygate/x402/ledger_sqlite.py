@@ -72,8 +72,9 @@ T = TypeVar("T")
 
 #: v1: the ledger as first released (payments, ledger_schema). v2: leases (owner, lease epoch,
 #: expiry) and the payment_events history. v3: metering (scheme, model, usage, amounts owed and
-#: moved) and the free quota's tables.
-SCHEMA_VERSION = 3
+#: moved) and the free quota's tables. v4: the economics controls and the console (token usage,
+#: limit events, alert claims, one-time console logins; paygate.economics, paygate.console).
+SCHEMA_VERSION = 4
 _STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
 
 # MIGRATIONS[n] takes a ledger from schema n-1 to n. Append, never edit a released step.
@@ -139,6 +140,22 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         " used INTEGER NOT NULL, PRIMARY KEY (payer, day))",
         "CREATE TABLE signin_nonces (nonce TEXT PRIMARY KEY, payer TEXT NOT NULL,"
         " used_at REAL NOT NULL)",
+    ),
+    # Economics controls and the operator console: self-contained tables (paygate.economics).
+    4: (
+        "CREATE TABLE token_usage (seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,"
+        " payer TEXT NOT NULL, model TEXT NOT NULL, tokens_in INTEGER NOT NULL,"
+        " tokens_out INTEGER NOT NULL)",
+        "CREATE INDEX token_usage_payer ON token_usage (payer, at)",
+        "CREATE INDEX token_usage_model ON token_usage (model, at)",
+        "CREATE INDEX token_usage_at ON token_usage (at)",
+        "CREATE TABLE limit_events (seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,"
+        " kind TEXT NOT NULL, rule TEXT NOT NULL, payer TEXT NOT NULL, model TEXT,"
+        " enforced INTEGER NOT NULL, detail TEXT)",
+        "CREATE INDEX limit_events_at ON limit_events (at)",
+        "CREATE TABLE alert_claims (key TEXT PRIMARY KEY, at REAL NOT NULL)",
+        "CREATE TABLE console_logins (token_hash TEXT PRIMARY KEY, expires_at REAL NOT NULL,"
+        " used_at REAL)",
     ),
 }
 
@@ -247,6 +264,7 @@ class SqliteLedger:
         scheme: str = "exact",
         model: str | None = None,
         budget: Budget | None = None,
+        budgets: tuple[Budget, ...] = (),
     ) -> PaymentRecord:
         values = reservation(
             network=network,
@@ -263,6 +281,7 @@ class SqliteLedger:
             scheme=scheme,
             model=model,
             budget=budget,
+            budgets=budgets,
         )
         return await self._run(self._reserve, values)
 
@@ -539,11 +558,13 @@ class SqliteLedger:
             existing = self._one("WHERE network = ? AND asset = ? AND payer = ? AND nonce = ?", key)
             now = self._clock()
             until = now + self.lease_seconds
-            budget: Budget | None = values["budget"]
-            if budget is not None and (existing is None or existing.state is PaymentState.RELEASED):
+            budget: Budget
+            for budget in values["budgets"]:
+                if existing is not None and existing.state is not PaymentState.RELEASED:
+                    break
                 spent = self._spent(key[1], key[2], budget.since)
                 if spent + int(values["amount"]) > budget.limit:
-                    raise BudgetExceeded("the payer's budget would be passed")
+                    raise BudgetExceeded("the payer's budget would be passed", budget)
             if existing is None:
                 payment_id = uuid.uuid4().hex
                 self._conn.execute(

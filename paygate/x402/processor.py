@@ -86,6 +86,31 @@ _IN_PROGRESS = (
 PayerCheck = Callable[[str, str | None, str], Mapping[str, str] | None]
 
 
+class EconomicsVerdict(Protocol):
+    refusal: Refusal | None
+    budgets: tuple[Budget, ...]
+
+
+class EconomicsCheck(Protocol):
+    """The economics controls (``paygate.economics.controls.Economics``): token limits and
+    budgets shared through the ledger, checked after the local checks, before the reservation."""
+
+    @property
+    def needs_model(self) -> bool: ...
+
+    async def admit(
+        self, *, payer: str, model: str | None, asset: str, amount: int, decimals: int
+    ) -> EconomicsVerdict: ...
+
+    async def budget_reached(
+        self, budget: Budget, *, payer: str, model: str | None, enforced: bool
+    ) -> Refusal: ...
+
+    async def record(
+        self, *, payer: str, model: str | None, tokens_in: int, tokens_out: int
+    ) -> None: ...
+
+
 class PaymentEvents(Protocol):
     """What the processor reports as it works (metrics); each call must be cheap and never
     raise. Labels are codes and the operator's own networks and assets, never caller data."""
@@ -163,8 +188,10 @@ class PaymentProcessor:
         retry_after_seconds: int = 1,
         clock: Callable[[], float] = time.time,
         events: PaymentEvents | None = None,
+        economics: EconomicsCheck | None = None,
     ) -> None:
         self.terms = terms
+        self.economics = economics
         self._events: PaymentEvents = events if events is not None else NoEvents()
         self._ledger = ledger
         self._settler = settler
@@ -222,6 +249,7 @@ class PaymentProcessor:
         maximum: Decimal | None = None,
         model: str | None = None,
         upto_extra: tuple[tuple[str, str], ...] = (),
+        request_model: str | None = None,
     ) -> Admission | Refusal:
         """:meth:`_admit`, reported to the events (outcome and scheme, never caller data)."""
         result = await self._admit(
@@ -232,6 +260,7 @@ class PaymentProcessor:
             maximum=maximum,
             model=model,
             upto_extra=upto_extra,
+            request_model=request_model,
         )
         if isinstance(result, Admission):
             outcome, scheme = "admitted", result.scheme.name if result.paid else "none"
@@ -250,6 +279,7 @@ class PaymentProcessor:
         maximum: Decimal | None = None,
         model: str | None = None,
         upto_extra: tuple[tuple[str, str], ...] = (),
+        request_model: str | None = None,
     ) -> Admission | Refusal:
         """Admit a request at ``price`` (exact) or up to ``maximum`` (upto), or refuse it; a
         request with nothing to offer is free and needs no payment."""
@@ -295,14 +325,30 @@ class PaymentProcessor:
                 return Refusal(
                     429, "rate_limited", "too many requests from this payer", headers=limited
                 )
+        budgets: tuple[Budget, ...] = ()
+        if self.economics is not None:
+            verdict = await self.economics.admit(
+                payer=authorized.payer,
+                model=model or request_model,
+                asset=offer.asset.address,
+                amount=authorized.maximum if offer.scheme != SCHEME else offer.amount,
+                decimals=offer.asset.decimals,
+            )
+            if verdict.refusal is not None:  # before the reservation, like the rate limits
+                return verdict.refusal
+            budgets = verdict.budgets
         requirements = scheme.requirements(payment, offer, resource)
         try:
             record = await self._reserve(
-                payment, offer, authorized, requirements, route, key, model=model
+                payment, offer, authorized, requirements, route, key, model=model, budgets=budgets
             )
         except AlreadyReserved as exc:
             return await self._replayed(exc.record, price, offers, resource, requirements)
-        except BudgetExceeded:
+        except BudgetExceeded as exc:
+            if self.economics is not None and exc.budget is not None and exc.budget in budgets:
+                return await self.economics.budget_reached(
+                    exc.budget, payer=authorized.payer, model=model or request_model, enforced=True
+                )
             return Refusal(
                 429,
                 "budget_exceeded",
@@ -385,6 +431,7 @@ class PaymentProcessor:
         key: str | None,
         *,
         model: str | None,
+        budgets: tuple[Budget, ...] = (),
     ) -> PaymentRecord:
         # ``amount`` is what the payer authorized: the price (exact) or the maximum (upto).
         return await self._ledger.reserve(
@@ -402,6 +449,7 @@ class PaymentProcessor:
             scheme=offer.scheme,
             model=model if offer.scheme != SCHEME else None,
             budget=self._budget(offer),
+            budgets=budgets,
         )
 
     def _budget(self, offer: Offer) -> Budget | None:
@@ -520,6 +568,17 @@ class PaymentProcessor:
             # Nothing more happens to it in this request (e.g. verify-only leaves it SERVED):
             # give the lease up so that a reconciler, anywhere, owns what is left.
             await self._let_go(record)
+
+    async def record_usage(
+        self, admission: Admission, *, model: str | None, tokens_in: int, tokens_out: int
+    ) -> None:
+        """A served paid request's tokens, for the economics controls' token windows."""
+        record = admission.record
+        if self.economics is None or record is None:
+            return
+        await self.economics.record(
+            payer=record.payer, model=model, tokens_in=tokens_in, tokens_out=tokens_out
+        )
 
     def settle_in_background(self, admission: Admission) -> asyncio.Task[Receipt | None]:
         """The admission's settlement task, started once (SERVED → SETTLING → outcome)."""

@@ -257,3 +257,48 @@ def test_clock_skew(working, late_rpc) -> None:
     code, checks = doctor(env)
     assert code == 0, checks
     assert checks["clock"]["detail"].startswith("within 30 s of the facilitator")
+
+
+def test_console_settings(working, tmp_path) -> None:
+    port = free_port()
+    secret = tmp_path / "console-secret"
+    secret.write_text("x" * 40)
+    console = {
+        **working,
+        "PAYGATE_CONSOLE_LISTEN": f"127.0.0.1:{port}",
+        "PAYGATE_CONSOLE_SECRET_FILE": str(secret),
+        "PAYGATE_CONSOLE_WALLETS": "0x" + "ab" * 20,
+    }
+    code, checks = doctor(console)
+    assert code == 0, checks
+    assert checks["console"]["ok"]
+    assert "1 wallet(s)" in checks["console"]["detail"]
+    # No secret: sessions would not survive a restart nor cross replicas.
+    unsigned = {k: v for k, v in console.items() if k != "PAYGATE_CONSOLE_SECRET_FILE"}
+    code, checks = doctor(unsigned)
+    assert code == 1
+    assert "console_secret" in checks["console"]["detail"]
+    # Beyond loopback without TLS.
+    code, checks = doctor({**console, "PAYGATE_CONSOLE_LISTEN": f"0.0.0.0:{port}"})
+    assert code == 1
+    assert "beyond loopback" in checks["console"]["detail"]
+    # The gateway's own port: never.
+    code, checks = doctor(
+        {**console, "PAYGATE_CONSOLE_LISTEN": "127.0.0.1:8402", "PAYGATE_LISTEN": "127.0.0.1:8402"}
+    )
+    assert code == 1
+    assert "public port" in checks["console"]["detail"]
+    # A port already taken.
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        code, checks = doctor({**console, "PAYGATE_CONSOLE_LISTEN": f"127.0.0.1:{taken}"})
+    assert code == 1
+    assert "cannot listen" in checks["console"]["detail"]
+    # Alerts without their signing secret.
+    code, checks = doctor({**working, "PAYGATE_ALERT_WEBHOOK": "http://127.0.0.1:9/hook"})
+    assert code == 1
+    assert not checks["alerts"]["ok"]
