@@ -60,6 +60,8 @@ from paygate.server.proxy import Timeouts, Upstream
 from paygate.server.receipts import ReceiptIssuer
 from paygate.server.replies import Replies, ReplyLimits
 from paygate.server.routes import RouteTable, engine_routes
+from paygate.tlog import assembly as tlog_assembly
+from paygate.tlog.service import running as running_log
 from paygate.upstream.engines import profile_for
 from paygate.upstream.service import UpstreamService, running_upstream
 from paygate.upstream.service import base_url as upstream_base_url
@@ -204,7 +206,9 @@ def build_app(
         # then PCR 23 measures the application and the keys are certified, before listening.
         try:
             bound = dataclasses.replace(
-                attestation, models=parse_models(app[UPSTREAM].models_document())
+                attestation,
+                models=parse_models(app[UPSTREAM].models_document()),
+                log=tlog_assembly.identity(settings, app[KEY]),  # None unless transparency_log
             )
         except binding.BindingInvalid as exc:
             raise ConfigError(f"a served model cannot be attested: {exc}") from None
@@ -214,6 +218,10 @@ def build_app(
         except TypeError as exc:  # a key backend without what this evidence kind needs
             raise ConfigError(f"attestation {attestation.kind}: {exc}") from None
         app[ATTESTATION] = service
+        # The release and key epoch are logged before the gateway listens (docs/TRANSPARENCY.md).
+        tlog = None
+        if bound.log is not None:
+            tlog = await tlog_assembly.start_log(settings, app[KEY], service)
         local = LocalEndpoints(
             key=app[KEY],
             upstream=upstream,
@@ -236,20 +244,28 @@ def build_app(
             replies=Replies(
                 reply_limits(settings),
                 app[METRICS],
-                ReceiptIssuer(app[KEY], bound.models)
+                ReceiptIssuer(
+                    app[KEY],
+                    bound.models,
+                    on_signed=tlog.record_receipt if tlog is not None else None,
+                )
                 if isinstance(app[KEY], ReceiptSigner)
                 else None,
             ),
             limiter=app[LIMITER],
             metrics=app[METRICS],
-            local=local.handlers(),
+            local={**local.handlers(), **({"log": tlog.handle} if tlog is not None else {})},
             batch=BatchLimits(
                 max_items=settings.batch_max_items,
                 concurrency=settings.batch_concurrency,
                 item_reply_bytes=settings.max_plain_reply_bytes,
             ),
         )
-        yield
+        if tlog is None:
+            yield
+            return
+        async with running_log(tlog):
+            yield
 
     app.cleanup_ctx.extend([key_backend, client_session, upstream_runtime, payment, gateway])
 

@@ -116,6 +116,7 @@ class AttestationConfig:
     rate_per_minute: int = 30
     retry_after_seconds: int = 1
     replica: str | None = None  # PAYGATE_REPLICA_ID: named in every evidence document
+    log: binding.LogIdentity | None = None  # the transparency log (PAYGATE_LOG)
 
 
 class RateLimiter:
@@ -187,6 +188,7 @@ class AttestationService:
             c.payment,
             c.gateway_version,
             c.code_digest,
+            log=c.log,
         )
 
     def start(self) -> None:
@@ -234,6 +236,7 @@ class AttestationService:
             code_digest=c.code_digest,
             issued_at=int(self._clock()),
             replica=c.replica,
+            log=c.log,
         )
 
     def evidence(self, nonce: bytes) -> dict[str, Any]:

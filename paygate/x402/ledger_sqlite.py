@@ -72,8 +72,8 @@ T = TypeVar("T")
 
 #: v1: the ledger as first released (payments, ledger_schema). v2: leases (owner, lease epoch,
 #: expiry) and the payment_events history. v3: metering (scheme, model, usage, amounts owed and
-#: moved) and the free quota's tables.
-SCHEMA_VERSION = 3
+#: moved) and the free quota's tables. v4: the transparency log (paygate.tlog).
+SCHEMA_VERSION = 4
 _STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
 
 # MIGRATIONS[n] takes a ledger from schema n-1 to n. Append, never edit a released step.
@@ -139,6 +139,22 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         " used INTEGER NOT NULL, PRIMARY KEY (payer, day))",
         "CREATE TABLE signin_nonces (nonce TEXT PRIMARY KEY, payer TEXT NOT NULL,"
         " used_at REAL NOT NULL)",
+    ),
+    # The transparency log (paygate.tlog.store): its entries, the hashes of its tiles, its
+    # signed checkpoints and the leaf hashes of signed receipts waiting for a receipts entry.
+    4: (
+        "CREATE TABLE tlog_meta (id INTEGER PRIMARY KEY CHECK (id = 1), origin TEXT NOT NULL)",
+        "CREATE TABLE tlog_entries (idx INTEGER PRIMARY KEY, data BLOB NOT NULL,"
+        " replica TEXT NOT NULL, created_at REAL NOT NULL)",
+        "CREATE TABLE tlog_hashes (level INTEGER NOT NULL, idx INTEGER NOT NULL,"
+        " hash BLOB NOT NULL, PRIMARY KEY (level, idx))",
+        "CREATE TABLE tlog_checkpoints (size INTEGER PRIMARY KEY, root BLOB NOT NULL,"
+        " note TEXT NOT NULL, cosignatures TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL)",
+        "CREATE TABLE tlog_receipts (seq INTEGER PRIMARY KEY AUTOINCREMENT, leaf BLOB NOT NULL,"
+        " amount TEXT NOT NULL, replica TEXT NOT NULL, issued_at REAL NOT NULL,"
+        " entry INTEGER, position INTEGER)",
+        "CREATE INDEX tlog_receipts_open ON tlog_receipts (entry, seq)",
+        "CREATE INDEX tlog_receipts_leaf ON tlog_receipts (leaf)",
     ),
 }
 
