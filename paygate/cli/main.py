@@ -33,6 +33,8 @@ COMMANDS = (
     "request",
     "attest",
     "doctor",
+    "log",
+    "receipts",
 )
 # Commands that live outside the shipped package (the dev tooling's ``demo`` and
 # ``fake-upstream``) register through this entry point group when installed.
