@@ -166,7 +166,8 @@ async def test_release_and_key_epoch_logged_at_start_and_verified_before_the_fir
     response = await chat(gateway.url, policy(state))
     assert response.status_code == 200
     seen = state.get(ORIGIN)
-    assert seen is not None and seen.size == 2
+    assert seen is not None
+    assert seen.size == 2
     assert json.loads((tmp_path / "state.json").read_text())[ORIGIN]["size"] == 2
     # The evidence binds the log (origin and key) and the log holds what was attested.
     async with gateway.client.get(gateway.url + "/v1/attestation?nonce=" + "00" * 32) as answer:
@@ -181,10 +182,10 @@ async def test_release_and_key_epoch_logged_at_start_and_verified_before_the_fir
     rebuilt, logged = await asyncio.to_thread(independent_root, base, size)
     assert rebuilt == root
     release, epoch = (entries.parse(e) for e in logged)
-    assert (
-        release["type"] == "release" and release["code_digest"] == bound["gateway"]["code_digest"]
-    )
-    assert epoch["type"] == "key-epoch" and epoch["sealing_key"] == bound["sealing_key"]
+    assert release["type"] == "release"
+    assert release["code_digest"] == bound["gateway"]["code_digest"]
+    assert epoch["type"] == "key-epoch"
+    assert epoch["sealing_key"] == bound["sealing_key"]
     assert epoch["log_key"] == bound["log"]["key"]
 
 
@@ -470,16 +471,19 @@ async def test_log_cli_and_receipts_audit(tmp_path: Path) -> None:
         result = await asyncio.to_thread(
             cli, "receipts", "audit", stack.url, other, "--log-key", vkey
         )
-        assert "pending" in result.stdout and "0 receipts proven" in result.stdout
+        assert "pending" in result.stdout
+        assert "0 receipts proven" in result.stdout
         shown = await asyncio.to_thread(cli, "log", "show", stack.url, "--log-key", vkey)
         assert shown.returncode == 0, shown.stderr
-        assert f"origin  {ORIGIN}" in shown.stdout and '"type": "receipts"' in shown.stdout
+        assert f"origin  {ORIGIN}" in shown.stdout
+        assert '"type": "receipts"' in shown.stdout
         state = tmp_path / "cli-state.json"
         verified = await asyncio.to_thread(
             cli, "log", "verify", stack.url, "--log-key", vkey, "--state", str(state)
         )
         assert verified.returncode == 0, verified.stderr
-        assert "1 key-epoch" in verified.stdout and "1 release" in verified.stdout
+        assert "1 key-epoch" in verified.stdout
+        assert "1 release" in verified.stdout
         proved = await asyncio.to_thread(
             cli, "log", "prove", stack.url, "--log-key", vkey, "--index", "0"
         )
@@ -489,4 +493,5 @@ async def test_log_cli_and_receipts_audit(tmp_path: Path) -> None:
             cli, "log", "show", stack.url, "--log-key", tlog_assembly.log_identity(
                 ORIGIN, SoftwareKey.generate()).key,
         )  # fmt: skip
-        assert wrong.returncode == 2 and "log_unverified" in wrong.stderr
+        assert wrong.returncode == 2
+        assert "log_unverified" in wrong.stderr

@@ -51,8 +51,8 @@ def naive_path(m: int, data: list[bytes]) -> list[bytes]:
     while k * 2 < n:
         k *= 2
     if m < k:
-        return naive_path(m, data[:k]) + [naive_mth(data[k:])]
-    return naive_path(m - k, data[k:]) + [naive_mth(data[:k])]
+        return [*naive_path(m, data[:k]), naive_mth(data[k:])]
+    return [*naive_path(m - k, data[k:]), naive_mth(data[:k])]
 
 
 def naive_subproof(m: int, data: list[bytes], complete: bool) -> list[bytes]:
@@ -63,8 +63,8 @@ def naive_subproof(m: int, data: list[bytes], complete: bool) -> list[bytes]:
     while k * 2 < n:
         k *= 2
     if m <= k:
-        return naive_subproof(m, data[:k], complete) + [naive_mth(data[k:])]
-    return naive_subproof(m - k, data[k:], False) + [naive_mth(data[:k])]
+        return [*naive_subproof(m, data[:k], complete), naive_mth(data[k:])]
+    return [*naive_subproof(m - k, data[k:], False), naive_mth(data[:k])]
 
 
 # --- Merkle ---------------------------------------------------------------------------------
@@ -312,7 +312,8 @@ def test_witness_answers_like_the_spec() -> None:
             # The cosignature verifies under the witness's vkey over the submitted checkpoint.
             submitted = request["body"].split("\n\n", 1)[1]
             note.open_note(submitted + answer.body.decode(), [signer.verifier])
-    assert latest is not None and latest[0] == 5
+    assert latest is not None
+    assert latest[0] == 5
 
 
 def test_entries_are_canonical_and_checked() -> None:
