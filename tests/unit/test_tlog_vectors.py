@@ -4,6 +4,7 @@ from) and against a naive RFC 6962 implementation (hypothesis)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -331,3 +332,23 @@ def test_entries_are_canonical_and_checked() -> None:
         entries.parse(data.replace(b'"v":1', b'"v":1 '))  # not canonical
     with pytest.raises(entries.EntryInvalid):
         entries.parse(data.replace(b'"engine_kind"', b'"x"').replace(b"release", b"releasf"))
+
+
+# --- untrusted input: only the modules' own errors, never a crash -----------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_parsers_refuse_garbage_with_their_own_errors(data: bytes) -> None:
+    peter = note.parse_vkey(load("notes.json")["golang_note"]["peter_vkey"])
+    with pytest.raises(note.NoteError):
+        note.open_note(data, [peter])
+    with contextlib.suppress(ValueError):
+        parse_request(data)
+    with contextlib.suppress(entries.EntryInvalid):
+        entries.parse(data)
+    text = data.decode("latin-1")
+    with contextlib.suppress(tiles.TilePathError):
+        tiles.parse_tile_path("tile/" + text)
+    with contextlib.suppress(note.NoteError):
+        note.parse_vkey(text)
