@@ -495,3 +495,34 @@ async def test_log_cli_and_receipts_audit(tmp_path: Path) -> None:
         )  # fmt: skip
         assert wrong.returncode == 2
         assert "log_unverified" in wrong.stderr
+
+
+async def test_an_independent_reader_rebuilds_full_and_partial_tiles_of_a_larger_tree(
+    gateway: Stack, tmp_path: Path
+) -> None:
+    key = gateway.key
+    assert isinstance(key, SoftwareKey)
+    state = LogState(tmp_path / "state.json")
+    assert (await chat(gateway.url, policy(state))).status_code == 200
+    assert state.get(ORIGIN).size == 2  # type: ignore[union-attr]
+    store = await open_log_store(LedgerLocation(kind="sqlite", path=tmp_path / "ledger.db"))
+    tlog = TransparencyLog(LogConfig(origin=ORIGIN, replica="bulk"), store, key)
+    try:
+        await tlog.append([f"bulk entry {i}".encode() for i in range(600)])
+        await tlog.append([b"one more"])
+    finally:
+        await tlog.close()
+    base = gateway.url + "/v1/log"
+    text = (await asyncio.to_thread(httpx.get, base + "/checkpoint", timeout=10)).text
+    _origin, size, root = reader_checkpoint(text, vkey_of(gateway))
+    assert size == 603  # the two start entries, 600, and one
+    rebuilt, logged = await asyncio.to_thread(independent_root, base, size)
+    assert rebuilt == root
+    assert logged[2] == b"bulk entry 0"
+    assert logged[-1] == b"one more"
+    # The client that saw size 2 accepts the grown tree (consistency 2 → 603 from tiles); its
+    # release and key epoch are found 601 entries back.
+    transport_state = LogState(tmp_path / "state.json")
+    assert transport_state.get(ORIGIN).size == 2  # type: ignore[union-attr]
+    assert (await chat(gateway.url, policy(state))).status_code == 200
+    assert state.get(ORIGIN).size == 603  # type: ignore[union-attr]

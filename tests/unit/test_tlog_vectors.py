@@ -352,3 +352,32 @@ def test_parsers_refuse_garbage_with_their_own_errors(data: bytes) -> None:
         tiles.parse_tile_path("tile/" + text)
     with contextlib.suppress(note.NoteError):
         note.parse_vkey(text)
+
+
+def test_witness_refuses_a_second_root_for_the_size_it_cosigned() -> None:
+    log_signer = note.Ed25519Signer("log.test", ed25519.Ed25519PrivateKey.generate())
+    witness_signer = note.Ed25519Signer(
+        "w.test", ed25519.Ed25519PrivateKey.generate(), key_type=note.COSIGNATURE_V1
+    )
+    witness = Witness(witness_signer, {"log.test": [log_signer.verifier]})
+    honest = [merkle.leaf_hash(b) for b in (b"a", b"b", b"c")]
+    forked = [merkle.leaf_hash(b) for b in (b"a", b"b", b"X")]
+
+    def request(old: int, proof: list[bytes], leaves: list[bytes]) -> bytes:
+        text = cp.Checkpoint("log.test", len(leaves), merkle.LeafList(leaves).root()).text()
+        lines = "".join(base64.b64encode(h).decode() + "\n" for h in proof)
+        return f"old {old}\n{lines}\n{note.sign(text, [log_signer])}".encode()
+
+    first = witness.decide(parse_request(request(0, [], honest)), None)
+    assert first.status == 200
+    assert first.cosigned is not None
+    latest = (first.cosigned.size, first.cosigned.root)
+    same_size = witness.decide(parse_request(request(3, [], forked)), latest)
+    assert same_size.status == 409
+    assert same_size.body == b"3\n"
+    longer = [*forked, merkle.leaf_hash(b"d")]
+    proof = merkle.consistency_proof(merkle.LeafList(longer), 3, 4)
+    assert witness.decide(parse_request(request(3, proof, longer)), latest).status == 422
+    good = [*honest, merkle.leaf_hash(b"d")]
+    proof = merkle.consistency_proof(merkle.LeafList(good), 3, 4)
+    assert witness.decide(parse_request(request(3, proof, good)), latest).status == 200
