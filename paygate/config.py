@@ -215,6 +215,16 @@ class Settings(BaseSettings):
     lease_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     workers: Annotated[int, Field(ge=1, le=64)] = 1
 
+    # --- transparency log (paygate.tlog; docs/TRANSPARENCY.md) ---
+    transparency_log: bool = False
+    log_origin: str | None = None  # default: public_url without the scheme, + "/v1/log"
+    log_receipt_period: Annotated[float, Field(ge=1, le=31 * 86400)] = 3600.0
+    # "<add-checkpoint URL prefix> <witness vkey>" items (comma-separated or a JSON list).
+    log_witnesses: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    log_witness_timeout: PositiveFloat = 10.0
+    log_wheel_sha256: str | None = None  # sha256:<hex> of the installed wheel, when known
+    log_image_digest: str | None = None  # sha256:<hex> of the appliance image, when known
+
     # --- operations (docs/OPERATIONS.md) ---
     log_format: Literal["json", "text"] = "text"
 
@@ -454,6 +464,29 @@ class Settings(BaseSettings):
         if parts.query or parts.fragment or parts.username or parts.password:
             raise ValueError("must not carry a query, fragment or credentials")
         return value.rstrip("/")
+
+    @field_validator("log_witnesses", mode="before")
+    @classmethod
+    def _split_witnesses(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return jsonsafe.loads(value, max_bytes=64 * 1024)
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("log_wheel_sha256", "log_image_digest")
+    @classmethod
+    def _check_log_digest(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+            raise ValueError("must be sha256:<64 lower-case hex digits>")
+        return value
+
+    @field_validator("log_origin")
+    @classmethod
+    def _check_log_origin(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[!-*,-~]{1,255}", value):
+            raise ValueError("must be 1-255 printable characters without spaces or '+'")
+        return value
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

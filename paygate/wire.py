@@ -44,6 +44,9 @@ METRICS_PATH: Final = "/metrics"
 PUBKEY_PATH: Final = "/v1/enclave/pubkey"
 ATTESTATION_PATH: Final = "/v1/attestation"
 ATTESTATION_ACTIVATE_PATH: Final = "/v1/attestation/activate"
+LOG_CHECKPOINT_PATH: Final = "/v1/log/checkpoint"  # the transparency log (c2sp.org/tlog-tiles)
+LOG_TILE_PATH: Final = "/v1/log/tile/{tile:path}"
+LOG_RECEIPT_PROOF_PATH: Final = "/v1/log/receipt-proof"
 LOCAL_PATHS: Final = frozenset(
     {
         HEALTH_PATH,
@@ -55,6 +58,12 @@ LOCAL_PATHS: Final = frozenset(
         ATTESTATION_ACTIVATE_PATH,
     }
 )
+
+
+def is_local(path: str) -> bool:
+    """A path the gateway answers itself (never sealed, never paid): the local endpoints and
+    the transparency log's."""
+    return path in LOCAL_PATHS or path.startswith("/v1/log/")
 
 
 def media_type(content_type: str | None) -> str:

@@ -10,7 +10,9 @@ digest of it into their report data). Fields (docs/ATTESTATION.md):
 ``payment`` the whole payment terms (:class:`PaymentTerms`: who is paid, in which asset on which
 network, every price) or null when the appliance does not charge; ``gateway`` {``version``,
 ``code_digest``}; ``issued_at`` (Unix seconds); ``replica`` (optional) the identity of the
-replica that answered.
+replica that answered; ``log`` (optional, present when the appliance keeps a
+transparency log) {``origin``, ``key``}: the log's checkpoint origin line and its signed-note
+verifier key (docs/TRANSPARENCY.md).
 
 The payment terms are carried whole, not as a digest, so that a client can hold every 402 it
 receives against them before it signs anything: a middlebox that rewrites payTo, the network,
@@ -146,6 +148,14 @@ class PaymentTerms:
 
 
 @dataclass(frozen=True, slots=True)
+class LogIdentity:
+    """The transparency log this appliance appends to: its origin and checkpoint key (vkey)."""
+
+    origin: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
 class Binding:
     nonce: bytes
     sealing_key: bytes
@@ -156,6 +166,7 @@ class Binding:
     code_digest: str
     issued_at: int
     replica: str | None = None  # which replica answered (behind a load balancer)
+    log: LogIdentity | None = None  # the transparency log (absent when none is kept)
 
     def document(self) -> dict[str, Any]:
         document = {
@@ -170,13 +181,16 @@ class Binding:
 
     def _static(self) -> dict[str, Any]:
         payment = self.payment.document() if self.payment is not None else None
-        return {
+        static = {
             "sealing_key": self.sealing_key.hex(),
             "receipt_key": self.receipt_key.hex(),
             "models": [{"name": m.name, "digest": m.digest} for m in self.models],
             "payment": payment,
             "gateway": {"version": self.gateway_version, "code_digest": self.code_digest},
         }
+        if self.log is not None:
+            static["log"] = {"origin": self.log.origin, "key": self.log.key}
+        return static
 
     def canonical(self) -> bytes:
         return canonical(self.document())
@@ -194,6 +208,7 @@ class Binding:
             self.payment,
             self.gateway_version,
             self.code_digest,
+            log=self.log,
         )
 
     def model_digest(self, name: str) -> str | None:
@@ -207,9 +222,19 @@ def config_digest(
     payment: PaymentTerms | None,
     gateway_version: str,
     code_digest: str,
+    *,
+    log: LogIdentity | None = None,
 ) -> bytes:
     static = Binding(
-        b"", sealing_key, receipt_key, tuple(models), payment, gateway_version, code_digest, 0
+        b"",
+        sealing_key,
+        receipt_key,
+        tuple(models),
+        payment,
+        gateway_version,
+        code_digest,
+        0,
+        log=log,
     )._static()
     return hashlib.sha256(canonical({"version": VERSION, **static})).digest()
 
@@ -222,7 +247,7 @@ def parse(document: Any) -> Binding:
         "version", "nonce", "sealing_key", "receipt_key", "models", "payment", "gateway",
         "issued_at",
     }  # fmt: skip
-    if set(document) - {"replica"} != expected:
+    if set(document) - {"replica", "log"} != expected:
         raise BindingInvalid("the binding document has missing or unknown fields")
     nonce = _hex(document["nonce"], "nonce")
     if len(nonce) != NONCE_LEN:
@@ -251,7 +276,17 @@ def parse(document: Any) -> Binding:
         code_digest=_digest(gateway["code_digest"]),
         issued_at=issued_at,
         replica=_text(document["replica"]) if "replica" in document else None,
+        log=_log(document["log"]) if "log" in document else None,
     )
+
+
+def _log(value: Any) -> LogIdentity:
+    if not isinstance(value, Mapping) or set(value) != {"origin", "key"}:
+        raise BindingInvalid("log is not {origin, key}")
+    key = value["key"]
+    if not isinstance(key, str) or not 0 < len(key) <= 1024:
+        raise BindingInvalid("the log key is not a verifier key")
+    return LogIdentity(_text(value["origin"]), key)
 
 
 def model_digest(name: Any, digest: Any) -> ModelDigest:

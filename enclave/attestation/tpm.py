@@ -7,7 +7,8 @@ Appliance side (:class:`TpmAttester`, over an open :class:`~enclave.keys.tpm.Tpm
   the TPM against the attestation key's Name: only a TPM holding both the certified EK and that
   AK recovers the secret;
 * TPM2_Quote by the AK over the sha256 PCRs with the verifier's qualifying data;
-* TPM2_Certify by the AK of the sealing (ECDH) key and of the receipt key, once at start;
+* TPM2_Certify by the AK of the sealing (ECDH) key, the receipt key and the transparency log
+  key, once at start;
 * the application PCR (23): reset, then extended once with the application digest.
 
 Verifier side (no TPM, no tpm2-pytss: a client needs only ``cryptography``): parsing of
@@ -66,6 +67,7 @@ EK_ACTIVATION_ORDER = ("p256", "rsa2048")  # the verifier's preference
 APP_PCR = 23  # resettable at locality 0 (PC Client profile): the application's own PCR
 DEFAULT_PCRS = (0, 1, 2, 3, 4, 5, 6, 7, APP_PCR)
 CREDENTIAL_SECRET_LEN = 32
+SIGNING_KEYS_CERTIFIED = ("receipt", "log")  # beside the sealing key, in the evidence's certify
 _MAX_NV_CHUNK = 512  # below every TPM's MAX_NV_BUFFER_SIZE
 _MAX_EK_CERT = 4096
 _MAX_BLOB = 4096
@@ -496,7 +498,8 @@ class TpmAttester:
         return True
 
     def certify_keys(self) -> dict[str, CertifiedKey]:
-        """TPM2_Certify of the sealing key ("sealing") and the receipt key ("receipt") by the
+        """TPM2_Certify of the sealing key ("sealing"), the receipt key ("receipt") and the
+        transparency log key ("log") by the
         AK, made once and kept (the keys do not change while open)."""
         if self._certified is None:
             from tpm2_pytss import TPM2_ALG, TPMT_SIG_SCHEME
@@ -505,24 +508,25 @@ class TpmAttester:
             with self._key.tpm_access() as tpm:
                 # A first load needs the parent (a slot of its own): make the receipt key's
                 # saved context now, so that below it loads beside the ECDH key and the AK.
-                with tpm.loaded("receipt"):
-                    pass
+                for name in SIGNING_KEYS_CERTIFIED:
+                    with tpm.loaded(name):
+                        pass
+                made = {}
                 with tpm.loaded("ak") as ak:
-                    sealing = tpm.run(
+                    made["sealing"] = tpm.run(
                         "certify the sealing key", tpm.esapi.certify, tpm.ecdh_handle, ak, b"", null
                     )
-                    with tpm.loaded("receipt") as receipt_handle:
-                        receipt = tpm.run(
-                            "certify the receipt key",
-                            tpm.esapi.certify,
-                            receipt_handle,
-                            ak,
-                            b"",
-                            null,
-                        )
+                    for name in SIGNING_KEYS_CERTIFIED:
+                        with tpm.loaded(name) as handle:
+                            made[name] = tpm.run(
+                                f"certify the {name} key", tpm.esapi.certify, handle, ak, b"", null
+                            )
             self._certified = {
-                "sealing": CertifiedKey(self._key.public_blob("ecdh"), _signed(*sealing)),
-                "receipt": CertifiedKey(self._key.public_blob("receipt"), _signed(*receipt)),
+                name: CertifiedKey(
+                    self._key.public_blob("ecdh" if name == "sealing" else name),
+                    _signed(*made[name]),
+                )
+                for name in made
             }
         return dict(self._certified)
 

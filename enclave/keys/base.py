@@ -72,6 +72,53 @@ class ReceiptSigner(Protocol):
         ...
 
 
+#: Signed-note signature types of a log key (c2sp.org/signed-note).
+LOG_ED25519 = 0x01
+LOG_ECDSA = 0x02
+
+
+@runtime_checkable
+class LogSigner(Protocol):
+    """The transparency log's checkpoint key, a third key beside the ECDH and receipt keys.
+
+    Ed25519 (signed-note type 0x01) where the keys live in this process's memory; ECDSA P-256
+    (type 0x02, the only signing curve the TPM and PKCS#11 backends have) inside the TPM or
+    token. docs/TRANSPARENCY.md says why.
+    """
+
+    @property
+    def log_key_type(self) -> int:
+        """0x01 (Ed25519) or 0x02 (ECDSA P-256)."""
+        ...
+
+    @property
+    def log_public_key(self) -> bytes:
+        """The 32-byte Ed25519 key, or the DER SubjectPublicKeyInfo of the P-256 key."""
+        ...
+
+    def sign_log(self, message: bytes) -> bytes:
+        """The note signature over ``message``: Ed25519, or ECDSA-SHA256 in ASN.1 DER."""
+        ...
+
+
+def spki_of_point(point: bytes) -> bytes:
+    """DER SubjectPublicKeyInfo of a 65-byte P-256 point (a type 0x02 note key)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from enclave import p256
+
+    return p256.load_public_key(point).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def der_signature(raw: bytes) -> bytes:
+    """ASN.1 DER of a 64-byte ``r || s`` ECDSA signature."""
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    return encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+
+
 class ClosingKey:
     """Mixin: ``with Backend.open(...) as key:`` closes the key (sessions, handles) on exit."""
 

@@ -15,6 +15,8 @@ PKCS#11 has two process-wide quirks this module absorbs:
 The receipt-signing key (:class:`~enclave.keys.base.ReceiptSigner`) is a second P-256 pair in
 the same token, labelled ``<key label>-receipt``, SIGN-only (CKM_ECDSA over a SHA-256 digest:
 SoftHSM2 has no CKM_ECDSA_SHA256). A token whose key predates receipts gets it on first open.
+The transparency log's checkpoint key (:class:`~enclave.keys.base.LogSigner`, ECDSA P-256) is a
+third pair, ``<key label>-log``, made and added the same way.
 
 python-pkcs11 is an optional dependency (``paygate[pkcs11]``): it is imported lazily so that this
 module, and everything importing it, works without it.
@@ -45,7 +47,7 @@ from enclave.errors import (
     PinIncorrect,
     TokenNotFound,
 )
-from enclave.keys.base import ClosingKey, KeyInfo
+from enclave.keys.base import LOG_ECDSA, ClosingKey, KeyInfo, der_signature, spki_of_point
 
 if TYPE_CHECKING:
     from pkcs11 import PrivateKey, Session, Token
@@ -54,6 +56,7 @@ __all__ = ["MECHANISM", "Pkcs11Key"]
 
 MECHANISM = "CKM_ECDH1_DERIVE"
 RECEIPT_SUFFIX = "-receipt"  # label of the receipt-signing pair: <key label>-receipt
+LOG_SUFFIX = "-log"  # label of the transparency log's checkpoint key
 # DER of the namedCurve OID 1.2.840.10045.3.1.7 (prime256v1 / secp256r1): the EC_PARAMS value.
 P256_EC_PARAMS = bytes.fromhex("06082a8648ce3d030107")
 _INSTALL_HINT = "python-pkcs11 is not installed: pip install 'paygate[pkcs11]'"
@@ -268,6 +271,7 @@ class Pkcs11Key(ClosingKey):
         _private: PrivateKey,
         _public_key: bytes,
         _receipt: tuple[PrivateKey, bytes],
+        _log: tuple[PrivateKey, bytes],
         token_label: str,
         key_label: str,
     ) -> None:
@@ -279,6 +283,8 @@ class Pkcs11Key(ClosingKey):
         self._public = _public_key
         self._receipt_private: PrivateKey | None = _receipt[0]
         self._receipt_public = _receipt[1]
+        self._log_private: PrivateKey | None = _log[0]
+        self._log_public = _log[1]
         self._token_label = token_label
         self._key_label = key_label
         self._check_pair()
@@ -328,6 +334,9 @@ class Pkcs11Key(ClosingKey):
                         _generate_pair(session, token_label, receipt_label, sign=True)
                     private, public = _find_key(session, token_label, key_label)
                     receipt = _find_or_add_receipt_key(token, session, token_label, receipt_label)
+                    log = _find_or_add_receipt_key(
+                        token, session, token_label, key_label + LOG_SUFFIX
+                    )
                     return cls(
                         _module=module,
                         _login=login,
@@ -335,6 +344,7 @@ class Pkcs11Key(ClosingKey):
                         _private=private,
                         _public_key=public,
                         _receipt=receipt,
+                        _log=log,
                         token_label=token_label,
                         key_label=key_label,
                     )
@@ -408,16 +418,30 @@ class Pkcs11Key(ClosingKey):
 
     def sign_digest(self, digest: bytes) -> bytes:
         """CKM_ECDSA in the token over a SHA-256 digest: the 64-byte ``r || s``."""
+        return self._sign(digest, log=False)
+
+    @property
+    def log_key_type(self) -> int:
+        return LOG_ECDSA
+
+    @property
+    def log_public_key(self) -> bytes:
+        return spki_of_point(self._log_public)
+
+    def sign_log(self, message: bytes) -> bytes:
+        """CKM_ECDSA in the token with the log key over SHA-256(message), as ASN.1 DER."""
+        return der_signature(self._sign(hashlib.sha256(message).digest(), log=True))
+
+    def _sign(self, digest: bytes, *, log: bool) -> bytes:
         pkcs11 = _binding()
         if len(digest) != 32:
             raise ValueError("a SHA-256 digest is 32 bytes")
         with self._module.lock:
-            if self._receipt_private is None:
+            key = self._log_private if log else self._receipt_private
+            if key is None:
                 raise KeyBackendError("the PKCS#11 key is closed")
             try:
-                signature = bytes(
-                    self._receipt_private.sign(digest, mechanism=pkcs11.Mechanism.ECDSA)
-                )
+                signature = bytes(key.sign(digest, mechanism=pkcs11.Mechanism.ECDSA))
             except pkcs11.PKCS11Error as exc:
                 raise KeyBackendError(f"PKCS#11 signing failed: {type(exc).__name__}") from None
         if len(signature) != 64:
@@ -445,6 +469,7 @@ class Pkcs11Key(ClosingKey):
                 return
             session, login = self._session, self._login
             self._session = self._login = self._private = self._receipt_private = None
+            self._log_private = None
             with contextlib.suppress(Exception):
                 session.close()
             _logout(self._module, login)
@@ -506,7 +531,8 @@ def _generate_pair(
 def _find_or_add_receipt_key(
     token: Token, session: Session, token_label: str, label: str
 ) -> tuple[PrivateKey, bytes]:
-    """The receipt-signing pair; generated (read-write session) if the token lacks it.
+    """A signing pair (the receipt or the log key); generated (read-write session) if the token
+    lacks it.
     Holds module.lock."""
     pkcs11 = _binding()
     try:
@@ -517,7 +543,8 @@ def _find_or_add_receipt_key(
         writer = token.open(rw=True)
     except pkcs11.PKCS11Error as exc:
         raise KeyBackendError(
-            f"cannot add the receipt key to PKCS#11 token {token_label!r}: {type(exc).__name__}"
+            f"cannot add the signing key {label!r} to PKCS#11 token {token_label!r}: "
+            f"{type(exc).__name__}"
         ) from None
     try:
         _generate_pair(writer, token_label, label, sign=True)

@@ -6,7 +6,9 @@ and never overwritten; a file readable by group or others, or owned by another u
 
 The receipt-signing key (:class:`~enclave.keys.base.ReceiptSigner`) is a second P-256 key in a
 file beside it, ``<name>.receipt.pem`` (same rules, same passphrase). Loading a key directory
-made before receipts existed creates that file once: the upgrade path.
+made before receipts existed creates that file once: the upgrade path. The transparency log's
+key (:class:`~enclave.keys.base.LogSigner`, Ed25519) is a third file, ``<name>.log.pem``, kept
+and added the same way.
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
 from enclave import p256
 from enclave._files import fsync_dir, write_new_file
 from enclave.errors import KeyExists, KeyFileInsecure, KeyFileInvalid, KeyNotFound
-from enclave.keys.base import ClosingKey, KeyInfo
+from enclave.keys.base import LOG_ED25519, ClosingKey, KeyInfo
 
 
 class SoftwareKey(ClosingKey):
@@ -34,6 +37,7 @@ class SoftwareKey(ClosingKey):
         *,
         path: Path | None = None,
         receipt_key: ec.EllipticCurvePrivateKey | None = None,
+        log_key: ed25519.Ed25519PrivateKey | None = None,
     ) -> None:
         if not isinstance(private_key.curve, ec.SECP256R1):
             raise KeyFileInvalid("the key is not on P-256")
@@ -43,6 +47,10 @@ class SoftwareKey(ClosingKey):
         # An in-memory key gets an in-memory receipt key: both live as long as this object.
         self._receipt = receipt_key or ec.generate_private_key(p256.CURVE)
         self._receipt_public = p256.encode_public_key(self._receipt.public_key())
+        self._log = log_key or ed25519.Ed25519PrivateKey.generate()
+        self._log_public = self._log.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
 
     @classmethod
     def generate(cls) -> SoftwareKey:
@@ -73,10 +81,12 @@ class SoftwareKey(ClosingKey):
         key = cls.generate()
         directory = target.parent
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if receipt_key_path(target).exists():
-            raise KeyExists(f"key file already exists: {receipt_key_path(target)}")
+        for companion in (receipt_key_path(target), log_key_path(target)):
+            if companion.exists():
+                raise KeyExists(f"key file already exists: {companion}")
         _write_pem(target, key._private_key, passphrase)
         _write_pem(receipt_key_path(target), key._receipt, passphrase)
+        _write_pem(log_key_path(target), key._log, passphrase)
         fsync_dir(directory)
         key._path = target
         return key
@@ -102,7 +112,22 @@ class SoftwareKey(ClosingKey):
                 raise KeyFileInvalid(
                     f"cannot create the receipt key {receipt_path}: {exc.strerror}"
                 ) from None
-        return cls(key, path=source, receipt_key=receipt)
+        log_path = log_key_path(source)
+        if log_path.exists():
+            log_key = _read_pem(log_path, passphrase, ed25519.Ed25519PrivateKey)
+        else:  # a key made before the transparency log existed: add its log key once
+            log_key = ed25519.Ed25519PrivateKey.generate()
+            try:
+                _write_pem(log_path, log_key, passphrase)
+                fsync_dir(log_path.parent)
+            except KeyExists:
+                log_key = _read_pem(log_path, passphrase, ed25519.Ed25519PrivateKey)
+            except OSError as exc:
+                raise KeyFileInvalid(
+                    f"cannot create the log key {log_path}: {exc.strerror}"
+                ) from None
+        assert isinstance(log_key, ed25519.Ed25519PrivateKey)
+        return cls(key, path=source, receipt_key=receipt, log_key=log_key)
 
     @property
     def public_key(self) -> bytes:
@@ -121,6 +146,17 @@ class SoftwareKey(ClosingKey):
         der = self._receipt.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
         r, s = decode_dss_signature(der)
         return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+    @property
+    def log_key_type(self) -> int:
+        return LOG_ED25519
+
+    @property
+    def log_public_key(self) -> bytes:
+        return self._log_public
+
+    def sign_log(self, message: bytes) -> bytes:
+        return self._log.sign(message)
 
     def info(self) -> KeyInfo:
         details = {"file": str(self._path)} if self._path else {}
@@ -144,7 +180,16 @@ def receipt_key_path(key_file: Path) -> Path:
     return key_file.with_name(f"{key_file.stem}.receipt.pem")
 
 
-def _write_pem(target: Path, key: ec.EllipticCurvePrivateKey, passphrase: bytes | None) -> None:
+def log_key_path(key_file: Path) -> Path:
+    """Where the transparency log key of ``key_file`` lives: ``key.pem`` → ``key.log.pem``."""
+    return key_file.with_name(f"{key_file.stem}.log.pem")
+
+
+def _write_pem(
+    target: Path,
+    key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
+    passphrase: bytes | None,
+) -> None:
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -158,8 +203,12 @@ def _write_pem(target: Path, key: ec.EllipticCurvePrivateKey, passphrase: bytes 
         raise KeyExists(f"key file already exists: {target}") from None
 
 
-def _read_pem(source: Path, passphrase: bytes | None) -> ec.EllipticCurvePrivateKey:
-    """Read a PKCS#8 PEM P-256 key, refusing a file others could read."""
+def _read_pem(
+    source: Path,
+    passphrase: bytes | None,
+    kind: type[ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey] = ec.EllipticCurvePrivateKey,
+) -> Any:
+    """Read a PKCS#8 PEM key (P-256, or ``kind``), refusing a file others could read."""
     try:
         fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -183,6 +232,10 @@ def _read_pem(source: Path, passphrase: bytes | None) -> ec.EllipticCurvePrivate
         raise KeyFileInvalid(
             f"{source} is not a readable PKCS#8 P-256 key (or the passphrase is wrong)"
         ) from None
+    if kind is ed25519.Ed25519PrivateKey:
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise KeyFileInvalid(f"{source} does not hold an Ed25519 private key")
+        return key
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
         raise KeyFileInvalid(f"{source} does not hold a P-256 private key")
     return key

@@ -4,18 +4,19 @@ A software P-256 key generated at start inside the guest's encrypted memory and 
 anywhere: the TEE's memory encryption is what keeps it from the host, and the attestation
 evidence (report_data / public_key) is what binds it to the measured guest. It dies with the
 process, so every start has a new key and callers learn it through fresh evidence. Its receipt
-key (:class:`~enclave.keys.base.ReceiptSigner`) is made and kept the same way.
+key (:class:`~enclave.keys.base.ReceiptSigner`) and its transparency log key (Ed25519,
+:class:`~enclave.keys.base.LogSigner`) are made and kept the same way.
 """
 
 from __future__ import annotations
 
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
 from enclave import p256
 from enclave.errors import KeyBackendError
-from enclave.keys.base import ClosingKey, KeyInfo
+from enclave.keys.base import LOG_ED25519, ClosingKey, KeyInfo
 
 
 class TeeMemoryKey(ClosingKey):
@@ -26,6 +27,10 @@ class TeeMemoryKey(ClosingKey):
         self._public = p256.encode_public_key(private_key.public_key())
         self._receipt: ec.EllipticCurvePrivateKey | None = ec.generate_private_key(p256.CURVE)
         self._receipt_public = p256.encode_public_key(self._receipt.public_key())
+        self._log: ed25519.Ed25519PrivateKey | None = ed25519.Ed25519PrivateKey.generate()
+        self._log_public = self._log.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
 
     @classmethod
     def generate(cls) -> TeeMemoryKey:
@@ -61,6 +66,19 @@ class TeeMemoryKey(ClosingKey):
         )
         return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
+    @property
+    def log_key_type(self) -> int:
+        return LOG_ED25519
+
+    @property
+    def log_public_key(self) -> bytes:
+        return self._log_public
+
+    def sign_log(self, message: bytes) -> bytes:
+        if self._log is None:
+            raise KeyBackendError("the in-memory key was closed")
+        return self._log.sign(message)
+
     def info(self) -> KeyInfo:
         return KeyInfo(
             backend="tee-memory",
@@ -74,6 +92,7 @@ class TeeMemoryKey(ClosingKey):
         """Drop the key: after this, nothing in the process refers to the scalar."""
         self._private_key = None
         self._receipt = None
+        self._log = None
 
     def __repr__(self) -> str:
         return f"TeeMemoryKey(public_key={self._public.hex()[:18]}…)"

@@ -34,11 +34,12 @@ Two more keys live beside it, created under the same parent and stored the same 
 :func:`ak_template`, :func:`receipt_key_template`): the **attestation key** (AK, ``ak.pub`` /
 ``ak.priv``), a restricted ECDSA P-256 signing key that only signs TPM-made structures (quotes,
 certifications), and the **receipt key** (``receipt.pub`` / ``receipt.priv``), an ordinary
-ECDSA P-256 signing key for signed receipts. Both are fixedTPM | fixedParent |
-sensitiveDataOrigin. They are not kept loaded: each is loaded once, its context saved, and
-re-loaded from that context (no parent needed) for each use, then flushed, so an open key still
-holds one slot between calls. A key directory made before they existed gets them on its first
-open (the upgrade path).
+ECDSA P-256 signing key for signed receipts; the **log key** (``log.pub`` / ``log.priv``) is
+made like the receipt key and signs the transparency log's checkpoints. All are fixedTPM |
+fixedParent | sensitiveDataOrigin. They are not kept loaded: each is loaded once, its context
+saved, and re-loaded from that context (no parent needed) for each use, then flushed, so an open
+key still holds one slot between calls. A key directory made before they existed gets them on
+its first open (the upgrade path).
 
 tpm2-pytss is optional (``pip install 'paygate[tpm]'``): it is imported only when a TPM key is
 generated or opened, so this module imports without it.
@@ -47,6 +48,7 @@ generated or opened, so this module imports without it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -64,7 +66,7 @@ from enclave.errors import (
     KeyNotFound,
     TpmUnreachable,
 )
-from enclave.keys.base import ClosingKey, KeyInfo
+from enclave.keys.base import LOG_ECDSA, ClosingKey, KeyInfo, der_signature, spki_of_point
 
 if TYPE_CHECKING:
     from tpm2_pytss import (
@@ -82,6 +84,8 @@ AK_PUBLIC_BLOB = "ak.pub"  # the attestation key (restricted signing)
 AK_PRIVATE_BLOB = "ak.priv"
 RECEIPT_PUBLIC_BLOB = "receipt.pub"  # the receipt-signing key (ordinary signing)
 RECEIPT_PRIVATE_BLOB = "receipt.priv"
+LOG_PUBLIC_BLOB = "log.pub"  # the transparency log's checkpoint key (ordinary signing)
+LOG_PRIVATE_BLOB = "log.priv"
 PARENT_TEMPLATE = "tcg-ecc-p256-srk"  # name of parent_template(), shown by info()
 INSTALL_HINT = "tpm2-pytss is not installed: pip install 'paygate[tpm]'"
 
@@ -349,7 +353,7 @@ def _publish(directory: Path, name: str, data: bytes) -> None:
 class _SigningKey:
     """One of the two signing keys stored beside the ECDH key (not kept loaded)."""
 
-    name: str  # "ak" | "receipt"
+    name: str  # "ak" | "receipt" | "log"
     public: TPM2B_PUBLIC
     private: TPM2B_PRIVATE
     point: bytes
@@ -360,6 +364,7 @@ class _SigningKey:
 _SIGNING_KEYS = {
     "ak": (AK_PUBLIC_BLOB, AK_PRIVATE_BLOB, True, "attestation key"),
     "receipt": (RECEIPT_PUBLIC_BLOB, RECEIPT_PRIVATE_BLOB, False, "receipt key"),
+    "log": (LOG_PUBLIC_BLOB, LOG_PRIVATE_BLOB, False, "log key"),
 }
 
 
@@ -567,6 +572,21 @@ class TpmKey(ClosingKey):
 
     def sign_digest(self, digest: bytes) -> bytes:
         """TPM2_Sign with the receipt key (ECDSA-SHA256): the 64-byte ``r || s``."""
+        return self._sign("receipt", digest)
+
+    @property
+    def log_key_type(self) -> int:
+        return LOG_ECDSA
+
+    @property
+    def log_public_key(self) -> bytes:
+        return spki_of_point(self._signing["log"].point)
+
+    def sign_log(self, message: bytes) -> bytes:
+        """TPM2_Sign with the log key over SHA-256(message): an ASN.1 DER ECDSA signature."""
+        return der_signature(self._sign("log", hashlib.sha256(message).digest()))
+
+    def _sign(self, name: str, digest: bytes) -> bytes:
         if len(digest) != 32:
             raise ValueError("a SHA-256 digest is 32 bytes")
         from tpm2_pytss import (
@@ -582,9 +602,14 @@ class TpmKey(ClosingKey):
         scheme.details.ecdsa.hashAlg = TPM2_ALG.SHA256
         # An unrestricted key signs an outside digest with a NULL ticket.
         ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
-        with self.tpm_access() as tpm, tpm.loaded("receipt") as handle:
+        with self.tpm_access() as tpm, tpm.loaded(name) as handle:
             signature = tpm.run(
-                "sign a receipt", tpm.esapi.sign, handle, TPM2B_DIGEST(digest), scheme, ticket
+                f"sign with the {name} key",
+                tpm.esapi.sign,
+                handle,
+                TPM2B_DIGEST(digest),
+                scheme,
+                ticket,
             )
         return ecdsa_raw(signature)
 

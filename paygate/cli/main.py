@@ -37,6 +37,8 @@ COMMANDS = (
     "doctor",
     "release",
     "console",
+    "log",
+    "receipts",
 )
 # Commands that live outside the shipped package (the dev tooling's ``demo`` and
 # ``fake-upstream``) register through this entry point group when installed.

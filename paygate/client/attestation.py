@@ -53,6 +53,8 @@ from paygate.client.errors import (
     EvidenceUnavailable,
     KeyNotCertified,
     KindNotAccepted,
+    LogInconsistent,
+    LogUnverified,
     ModelNotAccepted,
     NonceMismatch,
     PayToMismatch,
@@ -62,6 +64,7 @@ from paygate.client.errors import (
     ReceiptMismatch,
     Unattested,
 )
+from paygate.client.tlog import LogPolicy, LogRefusal, log_flow
 
 ATTESTATION_PATH = wire.ATTESTATION_PATH
 ACTIVATE_PATH = wire.ATTESTATION_ACTIVATE_PATH
@@ -73,6 +76,7 @@ _ERRORS: dict[str, type[AttestationRefused]] = {
         EvidenceUnavailable, EvidenceMalformed, EvidenceStale, NonceMismatch, Unattested,
         EkUntrusted, AkInvalid, ActivationFailed, QuoteInvalid, PcrMismatch, KeyNotCertified,
         ModelNotAccepted, PayToMismatch, KindNotAccepted, CodeNotAccepted,
+        LogInconsistent, LogUnverified,
     )
 }  # fmt: skip
 
@@ -173,6 +177,7 @@ class AttestationPolicy:
         max_age_seconds: how far the evidence's time may be from this client's clock.
         allow_unattested: accept kind ``none`` (software/PKCS#11 keys, nothing proven).
         tee: the TEE kinds accepted, each with its :class:`TeePolicy` (empty: none accepted).
+        log: the transparency log checks (:class:`paygate.client.tlog.LogPolicy`), or None.
     """
 
     trusted_ek_cas: tuple[x509.Certificate, ...] = ()
@@ -183,6 +188,7 @@ class AttestationPolicy:
     allow_unattested: bool = False
     tee: Mapping[str, TeePolicy] = field(default_factory=dict)
     code_digests: frozenset[str] = frozenset()
+    log: LogPolicy | None = None
 
     def __post_init__(self) -> None:
         for digest in self.code_digests:
@@ -355,6 +361,16 @@ def attestation_flow(
             # A field the checks above did not reach is missing or of the wrong type.
             raise checks.fail("evidence_form", "evidence_malformed", type(exc).__name__) from None
     _binding_checks(checks, policy, bound, offered_key)
+    if policy.log is not None:
+        flow = log_flow(origin, policy.log, bound)
+        try:
+            request = next(flow)
+            while True:
+                request = flow.send((yield Exchange("GET", request.url)))
+        except StopIteration as stop:
+            checks.passed("transparency_log", stop.value)
+        except LogRefusal as exc:
+            raise checks.fail("transparency_log", exc.code, str(exc)) from None
     return Attested(origin, document["kind"], bound, tuple(checks.done))
 
 
@@ -449,9 +465,17 @@ def _tpm_checks(
 
         checks.run("pcrs", pcrs)
     certified = evidence["certify"]
-    for name, point in (("sealing", bound.sealing_key), ("receipt", bound.receipt_key)):
+    keys: list[tuple[str, Callable[[], bytes]]] = [
+        ("sealing", lambda: bound.sealing_key),
+        ("receipt", lambda: bound.receipt_key),
+    ]
+    if bound.log is not None:  # the transparency log's key: certified like the receipt key
+        log = bound.log
+        keys.append(("log", lambda: log_key_point(log)))
+    for name, point_of in keys:
 
-        def certify(name: str = name, point: bytes = point) -> str:
+        def certify(name: str = name, point_of: Callable[[], bytes] = point_of) -> str:
+            point = point_of()
             key = tpm.CertifiedKey(
                 _unb64(certified[name]["public"]),
                 tpm.SignedAttest(
@@ -462,6 +486,23 @@ def _tpm_checks(
             return "certified by the AK: fixedTPM, fixedParent, sensitiveDataOrigin"
 
         checks.run(f"certify_{name}_key", certify)
+
+
+def log_key_point(log: binding_doc.LogIdentity) -> bytes:
+    """The P-256 point of a TPM-held log key (a type 0x02 vkey); anything else is not a key the
+    TPM could have certified."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from enclave import p256
+    from enclave.tlog import note
+
+    verifier = note.parse_vkey(log.key)
+    if not isinstance(verifier, note.EcdsaVerifier):
+        raise tpm.TpmEvidenceError(tpm.KEY_NOT_CERTIFIED, "the log key is not a TPM-held key")
+    key = serialization.load_der_public_key(verifier.spki)
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    return p256.encode_public_key(key)
 
 
 def _tee_checks(

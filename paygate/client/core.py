@@ -55,7 +55,6 @@ from paygate.client.streams import (
 from paygate.client.terms import check_challenge
 from paygate.wire import (
     ENVELOPE_HEADER,
-    LOCAL_PATHS,
     ORIGINAL_TYPE_HEADER,
     PUBKEY_PATH,
     REPLY_PUBKEY_HEADER,
@@ -340,9 +339,9 @@ class ClientCore:
     def flow(self, request: httpx.Request) -> Flow:
         """One request: seal, send, pay once if asked to, open."""
         body = yield ReadRequest(request, self.max_request_bytes)
-        envelope: Envelope = "plain" if request.url.path in LOCAL_PATHS else self.envelope
+        envelope: Envelope = "plain" if wire.is_local(request.url.path) else self.envelope
         key: EnclaveKey | None = None
-        local = request.url.path in LOCAL_PATHS
+        local = wire.is_local(request.url.path)
         if envelope != "plain" or (self.attestation is not None and not local):
             # With a policy even a plaintext request waits for attestation: its reply's
             # signed receipt is checked against the attested key.

@@ -251,3 +251,21 @@ class ReceiptMismatch(ReceiptInvalid):
     """A signed receipt whose request, reply or model digest is not what this client saw."""
 
     code = "receipt_mismatch"
+
+
+# --- the transparency log (docs/TRANSPARENCY.md): refused before anything is sealed or paid
+
+
+class LogInconsistent(AttestationRefused):
+    """The appliance's log contradicts a checkpoint seen before: a fork (two roots for one
+    size), a rewritten past, or a consistency proof that does not verify."""
+
+    code = "log_inconsistent"
+
+
+class LogUnverified(AttestationRefused):
+    """The log does not show what the policy requires: no checkpoint signed by the attested
+    log key (or too few witness cosignatures), or no release / key-epoch entry for what was
+    attested."""
+
+    code = "log_unverified"

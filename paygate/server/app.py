@@ -67,6 +67,8 @@ from paygate.server.receipts import ReceiptIssuer
 from paygate.server.replies import Replies, ReplyLimits
 from paygate.server.routes import RouteTable, engine_routes
 from paygate.server.tracing import Tracing
+from paygate.tlog import assembly as tlog_assembly
+from paygate.tlog.service import running as running_log
 from paygate.upstream.engines import profile_for
 from paygate.upstream.service import UpstreamService, running_upstream
 from paygate.upstream.service import base_url as upstream_base_url
@@ -256,6 +258,7 @@ def build_app(
                 attestation,
                 models=parse_models(app[UPSTREAM].models_document()),
                 payment=payment,
+                log=tlog_assembly.identity(settings, app[KEY]),  # None unless transparency_log
             )
         except binding.BindingInvalid as exc:
             raise ConfigError(f"a served model cannot be attested: {exc}") from None
@@ -265,6 +268,10 @@ def build_app(
         except TypeError as exc:  # a key backend without what this evidence kind needs
             raise ConfigError(f"attestation {attestation.kind}: {exc}") from None
         app[ATTESTATION] = service
+        # The release and key epoch are logged before the gateway listens (docs/TRANSPARENCY.md).
+        tlog = None
+        if bound.log is not None:
+            tlog = await tlog_assembly.start_log(settings, app[KEY], service)
         timed_key = TimedKey(app[KEY], app[METRICS])
         local = LocalEndpoints(
             key=timed_key,
@@ -289,13 +296,17 @@ def build_app(
             replies=Replies(
                 reply_limits(settings),
                 app[METRICS],
-                ReceiptIssuer(app[KEY], bound.models)
+                ReceiptIssuer(
+                    app[KEY],
+                    bound.models,
+                    on_signed=tlog.record_receipt if tlog is not None else None,
+                )
                 if isinstance(app[KEY], ReceiptSigner)
                 else None,
             ),
             limiter=app[LIMITER],
             metrics=app[METRICS],
-            local=local.handlers(),
+            local={**local.handlers(), **({"log": tlog.handle} if tlog is not None else {})},
             batch=BatchLimits(
                 max_items=settings.batch_max_items,
                 concurrency=settings.batch_concurrency,
@@ -303,7 +314,11 @@ def build_app(
             ),
             tracing=tracing,
         )
-        yield
+        if tlog is None:
+            yield
+            return
+        async with running_log(tlog):
+            yield
 
     async def watcher(app: web.Application) -> AsyncIterator[None]:
         # The review queue (shared ledger) and this replica's model server, for alerts.

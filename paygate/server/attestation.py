@@ -132,6 +132,7 @@ class AttestationConfig:
     trusted_proxies: tuple[Network, ...] = ()
     # All callers together: quotes and activations a minute (the TPM's share for free work).
     global_rate_per_minute: int = 120
+    log: binding.LogIdentity | None = None  # the transparency log (PAYGATE_LOG)
 
 
 class RateLimiter:
@@ -204,6 +205,7 @@ class AttestationService:
             c.payment,
             c.gateway_version,
             c.code_digest,
+            log=c.log,
         )
 
     def start(self) -> None:
@@ -254,6 +256,7 @@ class AttestationService:
             code_digest=c.code_digest,
             issued_at=int(self._clock()),
             replica=c.replica,
+            log=c.log,
         )
 
     def evidence(self, nonce: bytes) -> dict[str, Any]:

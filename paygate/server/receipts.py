@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,10 +71,12 @@ class ReceiptIssuer:
         models: tuple[ModelDigest, ...],
         *,
         clock: Callable[[], float] = time.time,
+        on_signed: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._signer = signer
         self._models = {m.name: m.digest for m in models}
         self._clock = clock
+        self._on_signed = on_signed  # the transparency log keeps each token's leaf hash
 
     async def token(
         self,
@@ -95,7 +97,10 @@ class ReceiptIssuer:
             "issued_at": int(self._clock()),
         }
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, receipts.sign, claims, self._signer)
+        token = await loop.run_in_executor(None, receipts.sign, claims, self._signer)
+        if self._on_signed is not None:
+            await self._on_signed(token)
+        return token
 
 
 def usage_claims(usage: Usage | None) -> dict[str, int] | None:

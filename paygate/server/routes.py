@@ -22,7 +22,16 @@ from paygate.x402.batch import BATCH_PATH
 from paygate.x402.batch import ITEM_PATH as BATCH_ITEM_PATH
 
 Target = Literal[
-    "upstream", "batch", "health", "live", "ready", "metrics", "pubkey", "attestation", "activate"
+    "upstream",
+    "batch",
+    "health",
+    "live",
+    "ready",
+    "metrics",
+    "pubkey",
+    "attestation",
+    "activate",
+    "log",
 ]
 
 
@@ -68,16 +77,17 @@ class RouteMatch:
         return path
 
 
-_PARAM = re.compile(r"\{([a-z_]+)\}")
+_PARAM = re.compile(r"\{([a-z_]+)(:path)?\}")
 
 
 def _compile(template: str) -> re.Pattern[str]:
-    parts = _PARAM.split(template)
-    # split alternates literal, name, literal ...: literals escaped, names one segment each.
-    regex = "".join(
-        re.escape(part) if i % 2 == 0 else f"(?P<{part}>[^/]+)" for i, part in enumerate(parts)
-    )
-    return re.compile(regex)
+    # Literals escaped; ``{name}`` is one segment, ``{name:path}`` one or more (the log's tiles).
+    regex, position = "", 0
+    for found in _PARAM.finditer(template):
+        regex += re.escape(template[position : found.start()])
+        regex += f"(?P<{found[1]}>{'[^?#]+' if found[2] else '[^/]+'})"
+        position = found.end()
+    return re.compile(regex + re.escape(template[position:]))
 
 
 class RouteTable:
@@ -112,7 +122,8 @@ class RouteTable:
             found = pattern.fullmatch(path)
             if found is not None:
                 params = found.groupdict()
-                if any(value in (".", "..") for value in params.values()):
+                segments = (part for value in params.values() for part in value.split("/"))
+                if any(part in (".", "..", "") for part in segments):
                     return None  # a dot segment is a path trick, never a model id
                 return RouteMatch(route, params)
         return literal[1] if literal is not None else None
@@ -149,6 +160,17 @@ def engine_routes(served: Iterable[ServedRoute], price: PriceHook | None = None)
                 query=frozenset({"nonce"}),  # the verifier's nonce, checked by the handler
             ),
             Route("POST", wire.ATTESTATION_ACTIVATE_PATH, "openai", paid=False, target="activate"),
+            # The transparency log (paygate.tlog): answered only when the log is kept.
+            free(wire.LOG_CHECKPOINT_PATH, "log"),
+            free(wire.LOG_TILE_PATH, "log"),
+            Route(
+                "GET",
+                wire.LOG_RECEIPT_PROOF_PATH,
+                "free",
+                paid=False,
+                target="log",
+                query=frozenset({"leaf"}),
+            ),
         ]
     )
 

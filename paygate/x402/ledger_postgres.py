@@ -80,8 +80,8 @@ T = TypeVar("T")
 Conn = Any  # psycopg.AsyncConnection[dict[str, Any]]
 
 #: Same numbering as the SQLite ledger: v1 the first ledger, v2 leases and history, v3 metering
-#: and the free quota, v4 the economics controls and the console's tables.
-SCHEMA_VERSION = 4
+#: and the free quota, v4 the economics controls and the console's tables, v5 the transparency log.
+SCHEMA_VERSION = 5
 _STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
 _MIGRATION_LOCK = 0x70617967  # pg_advisory_xact_lock key: one migrator at a time ("payg")
 
@@ -157,6 +157,21 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TABLE alert_claims (key text PRIMARY KEY, at double precision NOT NULL)",
         "CREATE TABLE console_logins (token_hash text PRIMARY KEY,"
         " expires_at double precision NOT NULL, used_at double precision)",
+    ),
+    5: (
+        "CREATE TABLE tlog_meta (id integer PRIMARY KEY CHECK (id = 1), origin text NOT NULL)",
+        "CREATE TABLE tlog_entries (idx bigint PRIMARY KEY, data bytea NOT NULL,"
+        " replica text NOT NULL, created_at double precision NOT NULL)",
+        "CREATE TABLE tlog_hashes (level integer NOT NULL, idx bigint NOT NULL,"
+        " hash bytea NOT NULL, PRIMARY KEY (level, idx))",
+        "CREATE TABLE tlog_checkpoints (size bigint PRIMARY KEY, root bytea NOT NULL,"
+        " note text NOT NULL, cosignatures text NOT NULL DEFAULT '',"
+        " created_at double precision NOT NULL)",
+        "CREATE TABLE tlog_receipts (seq bigserial PRIMARY KEY, leaf bytea NOT NULL,"
+        " amount numeric(78, 0) NOT NULL, replica text NOT NULL,"
+        " issued_at double precision NOT NULL, entry bigint, position bigint)",
+        "CREATE INDEX tlog_receipts_open ON tlog_receipts (entry, seq)",
+        "CREATE INDEX tlog_receipts_leaf ON tlog_receipts (leaf)",
     ),
 }
 

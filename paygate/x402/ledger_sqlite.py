@@ -74,7 +74,8 @@ T = TypeVar("T")
 #: expiry) and the payment_events history. v3: metering (scheme, model, usage, amounts owed and
 #: moved) and the free quota's tables. v4: the economics controls and the console (token usage,
 #: limit events, alert claims, one-time console logins; paygate.economics, paygate.console).
-SCHEMA_VERSION = 4
+#: v5: the transparency log (paygate.tlog).
+SCHEMA_VERSION = 5
 _STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
 
 # MIGRATIONS[n] takes a ledger from schema n-1 to n. Append, never edit a released step.
@@ -156,6 +157,22 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TABLE alert_claims (key TEXT PRIMARY KEY, at REAL NOT NULL)",
         "CREATE TABLE console_logins (token_hash TEXT PRIMARY KEY, expires_at REAL NOT NULL,"
         " used_at REAL)",
+    ),
+    # The transparency log (paygate.tlog.store): its entries, the hashes of its tiles, its
+    # signed checkpoints and the leaf hashes of signed receipts waiting for a receipts entry.
+    5: (
+        "CREATE TABLE tlog_meta (id INTEGER PRIMARY KEY CHECK (id = 1), origin TEXT NOT NULL)",
+        "CREATE TABLE tlog_entries (idx INTEGER PRIMARY KEY, data BLOB NOT NULL,"
+        " replica TEXT NOT NULL, created_at REAL NOT NULL)",
+        "CREATE TABLE tlog_hashes (level INTEGER NOT NULL, idx INTEGER NOT NULL,"
+        " hash BLOB NOT NULL, PRIMARY KEY (level, idx))",
+        "CREATE TABLE tlog_checkpoints (size INTEGER PRIMARY KEY, root BLOB NOT NULL,"
+        " note TEXT NOT NULL, cosignatures TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL)",
+        "CREATE TABLE tlog_receipts (seq INTEGER PRIMARY KEY AUTOINCREMENT, leaf BLOB NOT NULL,"
+        " amount TEXT NOT NULL, replica TEXT NOT NULL, issued_at REAL NOT NULL,"
+        " entry INTEGER, position INTEGER)",
+        "CREATE INDEX tlog_receipts_open ON tlog_receipts (entry, seq)",
+        "CREATE INDEX tlog_receipts_leaf ON tlog_receipts (leaf)",
     ),
 }
 

@@ -23,8 +23,12 @@ def test_create_file_writes_pkcs8_pem_with_mode_0600(tmp_path: Path) -> None:
     loaded = SoftwareKey.load_file(path)
     assert loaded.public_key == key.public_key
     assert loaded.info().persistent is True
-    # The key and its receipt-signing key; no temp file left.
-    assert sorted(p.name for p in path.parent.iterdir()) == ["envelope.pem", "envelope.receipt.pem"]
+    # The key, its receipt-signing key and its transparency log key; no temp file left.
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        "envelope.log.pem",
+        "envelope.pem",
+        "envelope.receipt.pem",
+    ]
 
 
 def test_create_file_never_overwrites(tmp_path: Path) -> None:

@@ -1,0 +1,112 @@
+"""Part of the app factory: settings → the transparency log (or None when it is off).
+
+Reads :class:`~paygate.config.Settings` like :mod:`paygate.server.assembly`; everything it
+builds takes explicit arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from urllib.parse import urlsplit
+
+from enclave import KeyBackend
+from enclave.attestation import binding
+from enclave.attestation.binding import LogIdentity
+from enclave.keys.base import LogSigner
+from enclave.tlog import entries
+from paygate.config import ConfigError, Settings
+from paygate.server.attestation import AttestationService
+from paygate.tlog.service import (
+    LogConfig,
+    TransparencyLog,
+    evidence_digest,
+    log_identity,
+    parse_witness,
+)
+from paygate.tlog.store import LogStoreError, open_log_store
+from paygate.x402.ledger import LedgerError, default_replica_id
+
+
+def log_origin(settings: Settings) -> str:
+    """``log_origin``, else the public URL without its scheme, + ``/v1/log`` (tlog-tiles: the
+    origin SHOULD be the log's URL prefix without the scheme)."""
+    if settings.log_origin:
+        return settings.log_origin
+    if settings.public_url:
+        parts = urlsplit(settings.public_url)
+        return f"{parts.netloc}{parts.path.rstrip('/')}/v1/log"
+    raise ConfigError("the transparency log needs log_origin (PAYGATE_LOG_ORIGIN) or public_url")
+
+
+def identity(settings: Settings, key: KeyBackend) -> LogIdentity | None:
+    """What the binding document names: the log's origin and key (None: no log)."""
+    if not settings.transparency_log:
+        return None
+    if not isinstance(key, LogSigner):
+        raise ConfigError(f"the {settings.key_backend} key backend has no log key")
+    return log_identity(log_origin(settings), key)
+
+
+def log_config(settings: Settings) -> LogConfig:
+    try:
+        witnesses = tuple(parse_witness(item) for item in settings.log_witnesses)
+    except ValueError as exc:
+        raise ConfigError(f"log_witnesses: {exc}") from None
+    return LogConfig(
+        origin=log_origin(settings),
+        replica=settings.replica_id or default_replica_id(),
+        receipt_period=settings.log_receipt_period,
+        witnesses=witnesses,
+        witness_timeout=settings.log_witness_timeout,
+    )
+
+
+async def start_log(
+    settings: Settings, key: KeyBackend, attestation: AttestationService
+) -> TransparencyLog:
+    """Open the store, claim it for this origin, append the release and key-epoch entries (the
+    key epoch's evidence is made now, for :func:`enclave.tlog.entries.epoch_nonce`)."""
+    assert isinstance(key, LogSigner)
+    config = log_config(settings)
+    try:
+        store = await open_log_store(settings.ledger_location())
+    except (LedgerError, LogStoreError) as exc:
+        raise ConfigError(f"the transparency log's store: {exc}") from None
+    tlog = TransparencyLog(config, store, key)
+    try:
+        loop = asyncio.get_running_loop()
+        nonce = entries.epoch_nonce(
+            key.public_key, attestation.receipt_public_key, tlog.identity.key
+        )
+        document = await loop.run_in_executor(None, attestation.evidence, nonce)
+        bound = binding.parse(document["binding"])
+        now = int(time.time())
+        release = entries.release(
+            time=now,
+            replica=config.replica,
+            paygate_version=bound.gateway_version,
+            code_digest=bound.code_digest,
+            config_digest="sha256:" + attestation.config_digest().hex(),
+            weights=[(m.name, m.digest) for m in bound.models],
+            engine_kind=settings.upstream_kind,
+            wheel_sha256=settings.log_wheel_sha256,
+            image_digest=settings.log_image_digest,
+        )
+        epoch = entries.key_epoch(
+            time=now,
+            replica=config.replica,
+            sealing_key=bound.sealing_key,
+            receipt_key=bound.receipt_key,
+            log_key=tlog.identity.key,
+            evidence_kind=attestation.kind,
+            evidence_digest=evidence_digest(document),
+        )
+        await tlog.start([release, epoch])
+    except LogStoreError as exc:
+        await tlog.close()
+        raise ConfigError(f"the transparency log: {exc}") from None
+    except BaseException:
+        await tlog.close()
+        raise
+    return tlog
