@@ -57,6 +57,7 @@ from paygate.server.errors import (
 from paygate.server.forwarded import parse_networks
 from paygate.server.gateway import BatchLimits, Gateway
 from paygate.server.health import LocalEndpoints
+from paygate.server.isolation import Salts
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.logs import add_request_id, request_events
 from paygate.server.metrics import Metrics, TimedKey
@@ -66,11 +67,11 @@ from paygate.server.proxy import Timeouts, Upstream
 from paygate.server.receipts import ReceiptIssuer
 from paygate.server.replies import Replies, ReplyLimits
 from paygate.server.routes import RouteTable, engine_routes
+from paygate.server.routing import Router, build_backends, served_routes
 from paygate.server.tracing import Tracing
 from paygate.tlog import assembly as tlog_assembly
 from paygate.tlog.service import running as running_log
-from paygate.upstream.engines import profile_for
-from paygate.upstream.service import UpstreamService, running_upstream
+from paygate.upstream.fleet import Member, UpstreamSet, running_set
 from paygate.upstream.service import base_url as upstream_base_url
 from paygate.upstream.service import connector as upstream_connector
 from paygate.x402.ledger import default_replica_id
@@ -82,7 +83,7 @@ OUTBOUND = web.AppKey("outbound", aiohttp.ClientSession)
 GATEWAY = web.AppKey("gateway", Gateway)
 METRICS = web.AppKey("metrics", Metrics)
 LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
-UPSTREAM = web.AppKey("upstream", UpstreamService)
+UPSTREAM = web.AppKey("upstream", UpstreamSet)
 PAYMENTS = web.AppKey("payments", PaymentStep)  # type: ignore[type-abstract]
 ATTESTATION = web.AppKey("attestation", AttestationService)
 ALERTS = web.AppKey("alerts", WebhookAlerts)
@@ -146,13 +147,17 @@ def build_app(
     attestation = attestation_config(settings)
     # One set of token buckets per process, shared by admission (addresses) and payments (payers).
     limits = rate_limits(settings)
+    entries = settings.upstream_entries()
     if routes is None:
-        routes = engine_routes(profile_for(settings.upstream_kind).routes())
+        # The union of what the upstreams' engines serve (their further APIs included).
+        routes = engine_routes(served_routes(e.config.kind for e in entries))
     alerts = alert_sink(settings)  # ConfigError here, before anything listens
     # OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set; None (and free) otherwise.
     tracing = Tracing.from_environment(system=settings.upstream_kind, version=gateway_version())
     replica = settings.replica_id or default_replica_id()
-    upstream_config = settings.upstream()
+    salt_secret = settings.secret("cache_salt_secret")
+    sessions: dict[str, aiohttp.ClientSession] = {}
+    salts = Salts(salt_secret.get_secret_value().encode() if salt_secret is not None else None)
     app = web.Application(client_max_size=settings.max_body_bytes)
     if tracing is not None:
 
@@ -175,32 +180,35 @@ def build_app(
             app[KEY].close()
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
-        # TCP, or the relay's unix socket for a container (paygate.upstream, docs/UPSTREAM.md).
-        connector = upstream_connector(upstream_config, limit=settings.max_concurrent_requests)
-        # Timeouts are per exchange (proxy.Timeouts); the session's own stay off.
-        session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None),
-            auto_decompress=True,
-            trust_env=False,
-            # No cookie store: a model server's Set-Cookie must never ride along on the next
-            # caller's request (and filtering a jar per request is wasted work).
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
-        app[SESSION] = session
+        # One session per upstream: TCP, or the relay's unix socket for a container
+        # (paygate.upstream, docs/UPSTREAM.md), each its own pool.
+        for entry in entries:
+            connector = upstream_connector(entry.config, limit=settings.max_concurrent_requests)
+            # Timeouts are per exchange (proxy.Timeouts); the session's own stay off.
+            sessions[entry.name] = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None),
+                auto_decompress=True,
+                trust_env=False,
+                # No cookie store: a model server's Set-Cookie must never ride along on the next
+                # caller's request (and filtering a jar per request is wasted work).
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        app[SESSION] = sessions[entries[0].name]
         # Everything else that leaves the appliance (the facilitator) has its own TCP session:
         # in container mode the session above is bound to the relay's unix socket, which
         # ignores the URL's host and would hand payments to the model server.
         app[OUTBOUND] = outbound_session()
         yield
-        await session.close()
+        for session in sessions.values():
+            await session.close()
         await app[OUTBOUND].close()
 
     async def upstream_runtime(app: web.Application) -> AsyncIterator[None]:
         # Container mode: start the isolated model server and wait for it (bounded) before
         # listening; then the health monitor and the breaker the proxy consults.
-        async with running_upstream(upstream_config, app[SESSION]) as service:
-            app[UPSTREAM] = service
+        async with running_set(entries, sessions) as upstreams:
+            app[UPSTREAM] = upstreams
             yield
 
     async def alerting(app: web.Application) -> AsyncIterator[None]:
@@ -233,19 +241,31 @@ def build_app(
             yield
 
     async def gateway(app: web.Application) -> AsyncIterator[None]:
-        upstream = Upstream(
-            app[SESSION],
-            upstream_base_url(upstream_config),
-            Timeouts(
-                connect=settings.connect_timeout,
-                first_byte=settings.first_byte_timeout,
-                idle=settings.idle_timeout,
-                total=settings.total_timeout,
-            ),
-            breaker=app[UPSTREAM].breaker,
-            api_key=app[UPSTREAM].api_key,
-            retries=settings.upstream_max_retries,
-            metrics=app[METRICS],
+        timeouts = Timeouts(
+            connect=settings.connect_timeout,
+            first_byte=settings.first_byte_timeout,
+            idle=settings.idle_timeout,
+            total=settings.total_timeout,
+        )
+
+        def client(member: Member, retries: int) -> Upstream:
+            # The upstream client of one model server; the router picks which, before it.
+            return Upstream(
+                sessions[member.name],
+                upstream_base_url(member.service.config),
+                timeouts,
+                breaker=member.service.breaker,
+                api_key=member.service.api_key,
+                retries=retries,
+                metrics=app[METRICS],
+            )
+
+        upstream = Router(
+            build_backends(app[UPSTREAM].members, client, settings.upstream_max_retries),
+            salts=salts,
+            first_byte_timeout=settings.first_byte_timeout,
+            # Slot ownership lives in this process: shared only when it is the only one.
+            exclusive_slots=settings.workers == 1,
         )
         # The binding carries the weights' digests computed at start (paygate.upstream);
         # then PCR 23 measures the application and the keys are certified, before listening.

@@ -459,5 +459,8 @@ def _plain(amount: Decimal) -> str:
 
 
 def parse_models(models: Sequence[Mapping[str, str]]) -> tuple[binding.ModelDigest, ...]:
-    """``[{"name", "digest"}]`` of the weights served, checked for the binding document."""
-    return tuple(binding.model_digest(item["name"], item["digest"]) for item in models)
+    """``[{"name", "digest"[, "upstream"]}]`` of the weights served, checked for the binding
+    document."""
+    return tuple(
+        binding.model_digest(item["name"], item["digest"], item.get("upstream")) for item in models
+    )

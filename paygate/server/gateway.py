@@ -34,15 +34,17 @@ from paygate.jsonsafe import UntrustedJSONError
 from paygate.server.admission import Admission
 from paygate.server.errors import GatewayError, InvalidBatch, QueryNotAllowed, RouteNotFound
 from paygate.server.health import LocalHandler
+from paygate.server.isolation import tenant_of
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.logs import facts
 from paygate.server.metrics import Metrics
 from paygate.server.opening import Opener
 from paygate.server.payments import PaymentRefused
-from paygate.server.proxy import Upstream, upstream_request_headers
+from paygate.server.proxy import upstream_request_headers
 from paygate.server.receipts import RequestFacts
 from paygate.server.replies import Replies
 from paygate.server.routes import RouteMatch, RouteTable, Target
+from paygate.server.routing import Routed, Router
 from paygate.server.tracing import Tracing, span_facts
 from paygate.x402.batch import ITEM_PATH, BadBatch, item_error, parse_batch
 from paygate.x402.pricing import model_of
@@ -66,7 +68,7 @@ class Gateway:
         routes: RouteTable,
         admission: Admission,
         opener: Opener,
-        upstream: Upstream,
+        upstream: Router,
         replies: Replies,
         limiter: ConcurrencyLimiter,
         metrics: Metrics,
@@ -133,9 +135,24 @@ class Gateway:
                 headers["Content-Type"] = "application/json"
             if self._tracing is not None:
                 self._tracing.inject(headers)  # the model server joins the request's trace
+            model = _model_named(opened.body) or match.params.get("model")
+            # Several upstreams: the gateway lists the models itself (the union).
+            listing = self._upstream.models_listing(request.method, match.route.path)
+            if listing is not None:
+                return await self._replies.send_document(
+                    opened.reply, admitted.ticket, listing, items=[(True, None, len(listing))]
+                )
+            routed = Routed()
             with self._limiter.slot():
                 async with self._upstream.exchange(
-                    request.method, match.upstream_path, body=body, headers=headers
+                    request.method,
+                    match.upstream_path,
+                    body=body,
+                    headers=headers,
+                    route_path=match.route.path,
+                    model=model,
+                    tenant=tenant_of(admitted.ticket.payment_record, admitted.client),
+                    routed=routed,
                 ) as reply:
                     self._metrics.upstream_latency(match.route.name, reply.waited)
                     try:
@@ -148,6 +165,7 @@ class Gateway:
                             facts=RequestFacts(
                                 request_digest=receipts.body_digest(admitted.body),
                                 model=_model_named(opened.body),
+                                model_digest=routed.digest,
                             ),
                         )
                     finally:
@@ -173,6 +191,7 @@ class Gateway:
             )
             headers["Content-Type"] = "application/json"
             gate = asyncio.Semaphore(limits.concurrency)
+            tenant = tenant_of(admitted.ticket.payment_record, admitted.client)
 
             async def one(index: int) -> tuple[Any, bool, Any, int]:
                 refused = batch.refused[index]
@@ -182,7 +201,12 @@ class Gateway:
                     try:
                         with self._limiter.slot():
                             async with self._upstream.exchange(
-                                "POST", ITEM_PATH, body=bodies[index], headers=headers
+                                "POST",
+                                ITEM_PATH,
+                                body=bodies[index],
+                                headers=headers,
+                                model=_model_named(bodies[index]),
+                                tenant=tenant,
                             ) as reply:
                                 raw = await reply.read_bounded(limits.item_reply_bytes)
                                 status, usage = reply.status, reply.usage

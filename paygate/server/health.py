@@ -19,9 +19,9 @@ from enclave import KeyBackend, hpke, p256
 from paygate.server.attestation import AttestationService
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.metrics import CONTENT_TYPE, Metrics
-from paygate.server.proxy import Upstream
 from paygate.server.readiness import ReadinessChecks
 from paygate.server.routes import Target
+from paygate.server.routing import Router
 
 LocalHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -58,7 +58,7 @@ class LocalEndpoints:
         self,
         *,
         key: KeyBackend,
-        upstream: Upstream,
+        upstream: Router,
         limiter: ConcurrencyLimiter,
         metrics: Metrics,
         payment_mode: str,

@@ -41,6 +41,8 @@ class RequestFacts:
 
     request_digest: str
     model: str | None
+    # The digest of the weights that served it (several upstreams may serve one name).
+    model_digest: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +93,9 @@ class ReceiptIssuer:
             "request_digest": request.request_digest,
             "reply_digest": reply_digest,
             "model": request.model,
-            "model_digest": self._models.get(request.model) if request.model else None,
+            "model_digest": (request.model_digest or self._models.get(request.model))
+            if request.model
+            else None,
             "usage": dict(usage) if usage else None,
             "payment": payment.claims(receipt) if payment is not None else None,
             "issued_at": int(self._clock()),

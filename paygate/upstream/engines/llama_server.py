@@ -13,6 +13,7 @@ from typing import Any
 
 from paygate.upstream.engines.base import (
     OPENAI_ROUTES,
+    CacheControls,
     ContainerDefaults,
     ContainerLaunch,
     EngineKind,
@@ -59,3 +60,18 @@ class LlamaServerProfile:
             command=tuple(command), environment={}, model_file=target.model_path,
             model_target=inside,
         )  # fmt: skip
+
+    def api_routes(self) -> tuple[ServedRoute, ...]:
+        # The build pinned here (llama.cpp 4227c9b, August 2025) answers 404 to both
+        # /v1/responses and /v1/messages: later llama.cpp releases added them.
+        return ()
+
+    def cache_controls(self) -> CacheControls:
+        # Per request: "id_slot" picks the slot (its KV cache), "cache_prompt" (default true)
+        # lets the request reuse the slot's cached prefix; false re-evaluates the whole prompt.
+        return CacheControls(
+            "slots",
+            paths=frozenset({"/v1/chat/completions", "/v1/completions"}),
+            caller_keys=frozenset({"cache_salt", "id_slot", "cache_prompt"}),
+            slots_path="/props",
+        )

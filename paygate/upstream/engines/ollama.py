@@ -19,6 +19,7 @@ from typing import Any
 
 from paygate.upstream.engines.base import (
     OPENAI_ROUTES,
+    CacheControls,
     ContainerDefaults,
     ContainerLaunch,
     EngineKind,
@@ -88,6 +89,13 @@ class OllamaProfile:
         models = f"{target.models_dir.rstrip('/')}/models"
         environment = {"OLLAMA_HOST": f"{target.listen}:{target.port}", "OLLAMA_MODELS": models}
         return ContainerLaunch(command=(), environment=environment)
+
+    def api_routes(self) -> tuple[ServedRoute, ...]:
+        return ()
+
+    def cache_controls(self) -> CacheControls:
+        # Ollama keeps a runner's context between requests and offers no per-request control.
+        return CacheControls("none", caller_keys=frozenset({"cache_salt"}))
 
 
 def manifest_digests(manifests: Path) -> list[ModelDigest]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from paygate.upstream.engines.base import (
     OPENAI_ROUTES,
+    CacheControls,
     ContainerDefaults,
     ContainerLaunch,
     EngineKind,
@@ -41,3 +42,9 @@ class OpenAIProfile:
 
     def launch(self, target: LaunchTarget) -> ContainerLaunch:
         raise ProfileError("upstream_kind openai has no container recipe: use attach mode")
+
+    def api_routes(self) -> tuple[ServedRoute, ...]:
+        return ()  # unknown: only the OpenAI surface every engine here serves
+
+    def cache_controls(self) -> CacheControls:
+        return CacheControls("none", caller_keys=frozenset({"cache_salt"}))

@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from paygate.upstream.engines.base import (
+    MESSAGES_ROUTE,
     OPENAI_ROUTES,
+    RESPONSES_ROUTE,
+    CacheControls,
     ContainerDefaults,
     ContainerLaunch,
     EngineKind,
@@ -65,3 +68,16 @@ class VllmProfile:
         # Offline: the serving container has no network, so never try the hub.
         environment = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
         return ContainerLaunch(command, environment, target.model_path, inside)
+
+    def api_routes(self) -> tuple[ServedRoute, ...]:
+        return (RESPONSES_ROUTE, MESSAGES_ROUTE)
+
+    def cache_controls(self) -> CacheControls:
+        # "cache_salt" (vLLM 0.9+) salts the prefix-cache block hashes of chat, completions and
+        # responses. vLLM's Anthropic endpoint takes no salt (its request model drops unknown
+        # fields): /v1/messages shares one unsalted cache among its callers (documented).
+        return CacheControls(
+            "salt",
+            paths=frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"}),
+            caller_keys=frozenset({"cache_salt"}),
+        )
