@@ -15,6 +15,9 @@ callers, so the gateway sets each engine's isolation parameter per payer.
   has been relayed, so the server never reorders two requests in one slot. With several
   gateway processes (``workers > 1``) slot ownership is not shared: then every request gets
   ``cache_prompt: false`` and no slot (isolated, without reuse).
+- ``/v1/responses`` runs stateless (``store: false``; ``previous_response_id``, ``background``
+  and ``conversation`` refused, 400 ``server_state_refused``): a response stored by the engine
+  is state shared between payers that the gateway cannot bind to one.
 - A caller that sets any of these fields itself (``cache_salt``, ``id_slot``, ``cache_prompt``)
   is refused with 400 ``cache_parameter_refused``: it would choose its cache domain.
 
@@ -149,6 +152,28 @@ class SlotTable:
         async with self._changed:
             self._leased.discard(index)
             self._changed.notify()
+
+
+class ServerStateRefused(GatewayError):
+    """stored responses are not offered here: send the conversation itself"""
+
+    status = 400
+    code = "server_state_refused"
+
+
+RESPONSES_PATH = "/v1/responses"
+# Responses the engine would keep between requests: one payer's stored response could be
+# continued (or read) by another who learns its id, and the gateway cannot bind them to payers.
+_SERVER_STATE = ("previous_response_id", "background", "conversation")
+
+
+def stateless_fields(path: str, document: dict[str, Any] | None) -> dict[str, Any]:
+    """``/v1/responses`` runs stateless: ``store`` false, the stored-state fields refused."""
+    if path != RESPONSES_PATH or document is None:
+        return {}
+    if any(document.get(key) not in (None, False) for key in _SERVER_STATE):
+        raise ServerStateRefused()
+    return {"store": False}
 
 
 def slot_fields(index: int | None, reuse: bool) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from paygate.server.isolation import (
     parse_request,
     refuse_caller_keys,
     slot_fields,
+    stateless_fields,
     with_fields,
 )
 from paygate.server.proxy import Upstream, UpstreamReply
@@ -202,6 +203,7 @@ class Router:
             raise ModelNotFound("no model server here serves this route")
         document = parse_request(body) if method == "POST" and body else None
         refuse_caller_keys(document, self._refused)
+        stateless = stateless_fields(route_path or path, document)
         backend = self._pick(pool)
         digest = backend.member.digest(model)
         # Failover candidates: the same model with the same known weights, nothing else.
@@ -217,9 +219,11 @@ class Router:
             async with contextlib.AsyncExitStack() as stack:
                 backend.in_flight += 1
                 stack.callback(_leave, backend)
-                send = await self._isolated(
-                    stack, backend, method, route_path or path, body, document, tenant
+                fields = await self._isolated(
+                    stack, backend, method, route_path or path, document, tenant
                 )
+                fields.update(stateless)
+                send = with_fields(document, fields) if document is not None and fields else body
                 try:
                     reply = await stack.enter_async_context(
                         client.exchange(method, path, body=send, headers=headers)
@@ -252,21 +256,20 @@ class Router:
         backend: Backend,
         method: str,
         route_path: str,
-        body: bytes | None,
         document: dict[str, Any] | None,
         tenant: Tenant | None,
-    ) -> bytes | None:
-        """The body for ``backend``, carrying its engine's cache isolation for ``tenant``."""
+    ) -> dict[str, Any]:
+        """The fields that carry ``backend``'s engine's cache isolation for ``tenant``."""
         controls = backend.controls
         if document is None or tenant is None or not applies(controls, method, route_path):
-            return body
+            return {}
         salt = self._salts.salt(tenant)
         if controls.kind == "salt":
-            return with_fields(document, {controls.salt_key: salt})
+            return {controls.salt_key: salt}
         if controls.kind != "slots":
-            return body
+            return {}
         if not self._exclusive:
-            return with_fields(document, slot_fields(None, False))
+            return slot_fields(None, False)
         table = await self._slot_table(backend)
         loop = asyncio.get_running_loop()
         try:
@@ -274,7 +277,7 @@ class Router:
         except TimeoutError:
             raise UpstreamTimeout("first_byte") from None
         stack.push_async_callback(table.release, index)
-        return with_fields(document, slot_fields(index, reuse))
+        return slot_fields(index, reuse)
 
     async def _slot_table(self, backend: Backend) -> SlotTable:
         """The backend's slots, asked of the server once it answers (one slot until then:

@@ -6,7 +6,13 @@ Shapes (engine profiles say which routes speak which):
 - OpenAI, SSE: the chunk that carries a non-null ``usage`` (the last before ``data: [DONE]``,
   sent only when the caller asked with ``stream_options.include_usage``);
 - Ollama, whole or NDJSON: ``prompt_eval_count`` and ``eval_count`` in the final object
-  (``"done": true``).
+  (``"done": true``);
+- OpenAI Responses: ``usage`` ``{input_tokens, output_tokens}`` on the response object, in a
+  stream on the ``response.completed`` event's ``response``;
+- Anthropic Messages: ``usage`` ``{input_tokens, output_tokens}`` (prompt tokens also count
+  ``cache_read_input_tokens`` and ``cache_creation_input_tokens``, as Anthropic defines them);
+  in a stream the input on ``message_start``'s ``message`` and the running output count on each
+  ``message_delta``: the reader keeps the last value stated of each.
 
 :class:`UsageReader` takes chunks in any split, holds at most ``limit`` bytes (a whole JSON
 reply, or one stream line), never raises on bad input, and answers None when the reply says
@@ -39,11 +45,42 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
+def _input_output(usage: dict[str, Any]) -> tuple[int | None, int | None]:
+    """Responses' and Anthropic's counts (Anthropic's cached input is input too)."""
+    prompt = _count(usage.get("input_tokens"))
+    if prompt is not None:
+        for extra in ("cache_read_input_tokens", "cache_creation_input_tokens"):
+            prompt += _count(usage.get(extra)) or 0
+    return prompt, _count(usage.get("output_tokens"))
+
+
+def stated_counts(document: Any) -> tuple[int | None, int | None] | None:
+    """``(prompt, completion)`` as far as one reply object or stream event states them (either
+    may be None: an Anthropic ``message_delta`` carries the output count alone), or None."""
+    if not isinstance(document, dict):
+        return None
+    usage = document.get("usage")
+    if not isinstance(usage, dict):
+        # A Responses stream's response.completed, an Anthropic stream's message_start.
+        nested = document.get("response", document.get("message"))
+        usage = nested.get("usage") if isinstance(nested, dict) else None
+    if isinstance(usage, dict) and "prompt_tokens" not in usage:
+        prompt, completion = _input_output(usage)
+        if prompt is not None or completion is not None:
+            return prompt, completion
+    found = usage_of(document)
+    return (found.prompt_tokens, found.completion_tokens) if found is not None else None
+
+
 def usage_of(document: Any) -> Usage | None:
     """The usage one parsed reply object (a whole reply or one stream event) states, if any."""
     if not isinstance(document, dict):
         return None
     usage = document.get("usage")
+    if isinstance(usage, dict) and "prompt_tokens" not in usage:
+        prompt, completion = _input_output(usage)
+        if prompt is not None:
+            return Usage(prompt, completion or 0)
     if isinstance(usage, dict):
         prompt, completion = (
             _count(usage.get("prompt_tokens")),
@@ -124,9 +161,23 @@ class UsageReader:
             line = line[5:].strip()
             if line == b"[DONE]":
                 return
-        found = usage_from_body(line) if line.strip() else None
-        if found is not None:
-            self._usage = found
+        if not line.strip():
+            return
+        try:
+            document = jsonsafe.loads(line, max_bytes=len(line), max_depth=None)
+        except jsonsafe.UntrustedJSONError:
+            return
+        counts = stated_counts(document)
+        if counts is None:
+            return
+        # Each count as last stated: Anthropic states input and output in different events.
+        before = self._usage
+        prompt = counts[0] if counts[0] is not None else (before.prompt_tokens if before else 0)
+        if counts[1] is not None:
+            completion = counts[1]
+        else:
+            completion = before.completion_tokens if before else 0
+        self._usage = Usage(prompt, completion)
 
     def result(self) -> Usage | None:
         """The usage stated so far (call at the end of the body)."""

@@ -39,12 +39,17 @@ from paygate.x402.pricing import (
 MILLION = Decimal(1_000_000)
 WILDCARD = "*"
 # Route paths whose replies are generated tokens: the only ones metered.
-METERED_PATHS: Mapping[str, Literal["openai", "ollama"]] = {
+METERED_PATHS: Mapping[str, Literal["openai", "ollama", "responses", "messages"]] = {
     "/v1/chat/completions": "openai",
     "/v1/completions": "openai",
     "/api/chat": "ollama",
     "/api/generate": "ollama",
+    "/v1/responses": "responses",
+    "/v1/messages": "messages",
 }
+# The one output limit of the Responses and Messages APIs (both always state their usage,
+# streamed or not: nothing to ask for, nothing to strip).
+_SINGLE_LIMIT = {"responses": "max_output_tokens", "messages": "max_tokens"}
 BYTES_PER_TOKEN_ESTIMATE = 4  # the `estimate` fallback's output tokens per reply byte
 Fallback = Literal["max", "estimate"]
 
@@ -152,9 +157,11 @@ class TokenPricing:
         price = self.price_for(model)
         if price is None:
             return None
-        prompt_bound = prompt_token_bound(len(body), data.get("messages"))
+        prompt_bound = prompt_token_bound(len(body), data.get("messages", data.get("input")))
         if api == "openai":
             max_tokens, strip = _openai_limits(data, self.max_tokens_cap)
+        elif api in _SINGLE_LIMIT:
+            max_tokens, strip = _single_limit(data, _SINGLE_LIMIT[api], self.max_tokens_cap)
         else:
             max_tokens, strip = _ollama_limits(data, self.max_tokens_cap)
         maximum = max(price.cost(prompt_bound, max_tokens), price.minimum)
@@ -194,6 +201,15 @@ def _openai_limits(data: dict[str, Any], cap: int) -> tuple[int, bool]:
         options["include_usage"] = True
         data["stream_options"] = options
     return max_tokens, strip
+
+
+def _single_limit(data: dict[str, Any], key: str, cap: int) -> tuple[int, bool]:
+    """Bound the output of an API with one limit field (edits ``data``)."""
+    limit = _bound(data.get(key), cap)
+    if limit is None:
+        limit = cap
+        data[key] = cap
+    return limit, False
 
 
 def _ollama_limits(data: dict[str, Any], cap: int) -> tuple[int, bool]:
