@@ -25,7 +25,8 @@ ENVELOPE_HEADER: Final = "X-Paygate-Envelope"  # v1 | v2 on a sealed reply
 ERROR_HEADER: Final = "X-Paygate-Error"  # the stable error code of any refusal
 OVERHEAD_HEADER: Final = "X-Paygate-Overhead-Ms"  # time spent in the gateway itself
 REQUEST_ID_HEADER: Final = "X-Request-Id"  # from a trusted proxy, or made here; always returned
-RECEIPT_HEADER: Final = "X-Paygate-Receipt"  # a whole reply's signed receipt
+RECEIPT_HEADER: Final = "X-Paygate-Receipt"  # a whole reply's signed receipt (sealed if it is)
+REQUEST_NONCE_HEADER: Final = "X-Paygate-Request-Nonce"  # plaintext/v1: the caller's fresh nonce
 
 # --- x402's headers (v2, and v1's X- names) ---
 PAYMENT_REQUIRED: Final = "PAYMENT-REQUIRED"
@@ -44,6 +45,7 @@ METRICS_PATH: Final = "/metrics"
 PUBKEY_PATH: Final = "/v1/enclave/pubkey"
 ATTESTATION_PATH: Final = "/v1/attestation"
 ATTESTATION_ACTIVATE_PATH: Final = "/v1/attestation/activate"
+RECEIPTS_PATH: Final = "/v1/receipts"  # GET /v1/receipts/{payment_id}: a settlement receipt
 LOCAL_PATHS: Final = frozenset(
     {
         HEALTH_PATH,
@@ -55,6 +57,11 @@ LOCAL_PATHS: Final = frozenset(
         ATTESTATION_ACTIVATE_PATH,
     }
 )
+
+
+def is_local_path(path: str) -> bool:
+    """A path the gateway answers itself (never sealed, never paid)."""
+    return path in LOCAL_PATHS or path.startswith(RECEIPTS_PATH + "/")
 
 
 def media_type(content_type: str | None) -> str:

@@ -175,3 +175,16 @@ class ReceiptMismatch(ReceiptInvalid):
     """A signed receipt whose request, reply or model digest is not what this client saw."""
 
     code = "receipt_mismatch"
+
+
+class ReceiptMissing(ReceiptInvalid):
+    """A reply ended (cleanly, by a reset, past the tail's bound of bytes or time) without its
+    signed receipt: its end is not handed out."""
+
+    code = "receipt_missing"
+
+
+class ContentAfterReceipt(ReceiptInvalid):
+    """Bytes came after a reply's signed receipt, which is the last thing an appliance sends."""
+
+    code = "content_after_receipt"

@@ -55,9 +55,9 @@ from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.logs import add_request_id, request_events
 from paygate.server.metrics import Metrics, TimedKey
 from paygate.server.opening import Opener
-from paygate.server.payments import PaymentStep
+from paygate.server.payments import PaymentStep, X402Payments
 from paygate.server.proxy import Timeouts, Upstream
-from paygate.server.receipts import ReceiptIssuer
+from paygate.server.receipts import ReceiptEndpoint, ReceiptIssuer
 from paygate.server.replies import Replies, ReplyLimits
 from paygate.server.routes import RouteTable, engine_routes
 from paygate.upstream.engines import profile_for
@@ -226,6 +226,13 @@ def build_app(
             attestation=service,
         )
         opener = Opener(TimedKey(app[KEY], app[METRICS]), app[METRICS].envelope)
+        issuer = (
+            ReceiptIssuer(app[KEY], bound.models) if isinstance(app[KEY], ReceiptSigner) else None
+        )
+        payments = app[PAYMENTS]
+        receipts = ReceiptEndpoint(
+            payments.processor.ledger if isinstance(payments, X402Payments) else None, issuer
+        )
         app[GATEWAY] = Gateway(
             routes=routes,
             admission=Admission(
@@ -233,16 +240,10 @@ def build_app(
             ),
             opener=opener,
             upstream=upstream,
-            replies=Replies(
-                reply_limits(settings),
-                app[METRICS],
-                ReceiptIssuer(app[KEY], bound.models)
-                if isinstance(app[KEY], ReceiptSigner)
-                else None,
-            ),
+            replies=Replies(reply_limits(settings), app[METRICS], issuer),
             limiter=app[LIMITER],
             metrics=app[METRICS],
-            local=local.handlers(),
+            local={**local.handlers(), "receipts": receipts.handle},
             batch=BatchLimits(
                 max_items=settings.batch_max_items,
                 concurrency=settings.batch_concurrency,

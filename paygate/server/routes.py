@@ -22,7 +22,16 @@ from paygate.x402.batch import BATCH_PATH
 from paygate.x402.batch import ITEM_PATH as BATCH_ITEM_PATH
 
 Target = Literal[
-    "upstream", "batch", "health", "live", "ready", "metrics", "pubkey", "attestation", "activate"
+    "upstream",
+    "batch",
+    "health",
+    "live",
+    "ready",
+    "metrics",
+    "pubkey",
+    "attestation",
+    "activate",
+    "receipts",
 ]
 
 
@@ -149,6 +158,9 @@ def engine_routes(served: Iterable[ServedRoute], price: PriceHook | None = None)
                 query=frozenset({"nonce"}),  # the verifier's nonce, checked by the handler
             ),
             Route("POST", wire.ATTESTATION_ACTIVATE_PATH, "openai", paid=False, target="activate"),
+            Route(
+                "GET", wire.RECEIPTS_PATH + "/{payment_id}", "openai", paid=False, target="receipts"
+            ),
         ]
     )
 
