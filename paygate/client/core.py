@@ -526,6 +526,7 @@ class ClientCore:
                 content_type=content_type,
                 payment=record,
                 result=signed,
+                whole=sealed and attempt.envelope == "v1",
             )
 
         return make

@@ -68,14 +68,16 @@ class ReceiptCheck:
         content_type: str | None,
         payment: PaymentRecord | None,
         result: SignedReceipt,
+        whole: bool = False,
         max_tail: int = MAX_TAIL_BYTES,
     ) -> None:
         self._attested = attested
         self._request_digest = request_digest
         self._header = header_token
         kind = wire.media_type(content_type)
-        # A stream's receipt is in-band only: a header beside a stream is not looked at.
-        self._kind = kind if kind in wire.STREAM_MEDIA_TYPES else ""
+        # A stream's receipt is in-band only: a header beside a stream is not looked at. A
+        # reply sealed whole (v1) has its header whatever the plaintext is.
+        self._kind = kind if kind in wire.STREAM_MEDIA_TYPES and not whole else ""
         self._payment = payment
         self._result = result
         self._max_tail = max_tail
