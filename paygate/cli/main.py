@@ -26,6 +26,7 @@ COMMANDS = (
     "keys",
     "serve",
     "payments",
+    "receipts",
     "ledger",
     "upstream",
     "discover",

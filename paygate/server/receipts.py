@@ -130,7 +130,11 @@ def payment_claims(
     """The receipt's ``payment``: the payment whole, with what it was charged."""
     if record is None:
         return None
-    transaction = receipt.response.transaction if receipt is not None else record.transaction
+    # A hash only once settled: a pending settlement's hash proves nothing yet.
+    if receipt is not None:
+        transaction = receipt.response.transaction if receipt.response.success else None
+    else:
+        transaction = record.transaction if record.state is PaymentState.SETTLED else None
     prices = None
     if price is not None:
         prices = {
