@@ -57,6 +57,7 @@ from paygate.wire import (
     is_local_path,
 )
 from paygate.x402 import codec
+from paygate.x402.batch import BATCH_PATH
 from paygate.x402.models import USAGE_EXTENSION, SettleResponse
 
 Envelope = Literal["v2", "v1", "plain"]
@@ -527,6 +528,7 @@ class ClientCore:
                 payment=record,
                 result=signed,
                 whole=sealed and attempt.envelope == "v1",
+                batch=attempt.request.url.path == BATCH_PATH,
             )
 
         return make

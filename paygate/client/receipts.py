@@ -69,6 +69,7 @@ class ReceiptCheck:
         payment: PaymentRecord | None,
         result: SignedReceipt,
         whole: bool = False,
+        batch: bool = False,
         max_tail: int = MAX_TAIL_BYTES,
     ) -> None:
         self._attested = attested
@@ -79,6 +80,7 @@ class ReceiptCheck:
         # reply sealed whole (v1) has its header whatever the plaintext is.
         self._kind = kind if kind in wire.STREAM_MEDIA_TYPES and not whole else ""
         self._payment = payment
+        self._batch = batch
         self._result = result
         self._max_tail = max_tail
         self._hash = hashlib.sha256()
@@ -221,14 +223,18 @@ class ReceiptCheck:
         )
         if claims.get("kind") != "reply":
             raise ReceiptMismatch("the signed receipt is not a reply's")
-        check_payment(claims, self._payment)
+        check_payment(claims, self._payment, batch=self._batch)
         self._result.claims = claims
         self._result.token = token
 
 
-def check_payment(claims: dict[str, Any], record: PaymentRecord | None) -> None:
+def check_payment(
+    claims: dict[str, Any], record: PaymentRecord | None, *, batch: bool = False
+) -> None:
     """The receipt's payment is the one this client signed, charged what its usage costs at
-    the prices offered, within the authorized maximum; :class:`ReceiptMismatch` otherwise."""
+    the prices offered, within the authorized maximum; :class:`ReceiptMismatch` otherwise.
+    A batch is charged item by item (each rounded, each at least the minimum): its charge is
+    checked against the maximum only."""
     payment = claims.get("payment")
     if record is None:
         if payment is not None:
@@ -263,11 +269,15 @@ def check_payment(claims: dict[str, Any], record: PaymentRecord | None) -> None:
         if charged != record.amount_atomic:
             raise ReceiptMismatch("the signed receipt charges other than the exact price")
         return
-    _check_metered_charge(claims, payment, record, charged)
+    _check_metered_charge(claims, payment, record, charged, batch)
 
 
 def _check_metered_charge(
-    claims: dict[str, Any], payment: dict[str, Any], record: PaymentRecord, charged: int
+    claims: dict[str, Any],
+    payment: dict[str, Any],
+    record: PaymentRecord,
+    charged: int,
+    batch: bool,
 ) -> None:
     usage = claims.get("usage")
     if not isinstance(usage, dict):
@@ -278,6 +288,8 @@ def _check_metered_charge(
     attested = attested_token_prices(claims.get("model"))
     if attested is not None and prices != attested:
         raise ReceiptMismatch("the metered receipt's prices are not the attested ones")
+    if batch:
+        return  # charged <= authorized is checked with the form
     if usage.get("source") == "fallback-max":
         expected = record.amount_atomic  # no usage reported: the maximum, by configuration
     else:
