@@ -317,11 +317,18 @@ class Ledger(Protocol):
         ...
 
     async def add_receipt(
-        self, payment_id: str, kind: str, token: str, *, usage: ReceiptUsage | None = None
+        self,
+        payment_id: str,
+        kind: str,
+        token: str,
+        *,
+        usage: ReceiptUsage | None = None,
+        lease: int | None = None,
     ) -> None:
         """Keep a signed receipt of a payment (one per ``kind``: the first kept stays, so its
         bytes never change). With ``usage``, a ``reply`` receipt also records the usage it
-        states on the payment, whatever the scheme, where none is recorded yet."""
+        states on the payment, whatever the scheme, where none is recorded yet — fenced by
+        ``lease`` when given (a replica whose payment was claimed away changes no record)."""
         ...
 
     async def receipts(self, payment_id: str) -> list[StoredReceipt]:

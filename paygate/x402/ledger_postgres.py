@@ -370,13 +370,25 @@ class PostgresLedger:
         )
 
     async def add_receipt(
-        self, payment_id: str, kind: str, token: str, *, usage: ReceiptUsage | None = None
+        self,
+        payment_id: str,
+        kind: str,
+        token: str,
+        *,
+        usage: ReceiptUsage | None = None,
+        lease: int | None = None,
     ) -> None:
         check_receipt(kind, token)
-        await self._run(self._add_receipt, payment_id, kind, token, usage)
+        await self._run(self._add_receipt, payment_id, kind, token, usage, lease)
 
     async def _add_receipt(
-        self, conn: Conn, payment_id: str, kind: str, token: str, usage: ReceiptUsage | None
+        self,
+        conn: Conn,
+        payment_id: str,
+        kind: str,
+        token: str,
+        usage: ReceiptUsage | None,
+        lease: int | None,
     ) -> None:
         await self._must(conn, payment_id)
         await conn.execute(
@@ -387,8 +399,8 @@ class PostgresLedger:
         if usage is not None and kind == "reply":
             await conn.execute(
                 "UPDATE payments SET tokens_in = %s, tokens_out = %s, usage_source = %s"
-                " WHERE id = %s AND tokens_in IS NULL",
-                (usage.tokens_in, usage.tokens_out, usage.source, payment_id),
+                " WHERE id = %s AND tokens_in IS NULL AND (%s::bigint IS NULL OR lease = %s)",
+                (usage.tokens_in, usage.tokens_out, usage.source, payment_id, lease, lease),
             )
 
     async def receipts(self, payment_id: str) -> builtins.list[StoredReceipt]:

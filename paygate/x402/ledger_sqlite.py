@@ -665,13 +665,24 @@ class SqliteLedger:
         )
 
     async def add_receipt(
-        self, payment_id: str, kind: str, token: str, *, usage: ReceiptUsage | None = None
+        self,
+        payment_id: str,
+        kind: str,
+        token: str,
+        *,
+        usage: ReceiptUsage | None = None,
+        lease: int | None = None,
     ) -> None:
         check_receipt(kind, token)
-        await self._run(self._add_receipt, payment_id, kind, token, usage)
+        await self._run(self._add_receipt, payment_id, kind, token, usage, lease)
 
     def _add_receipt(
-        self, payment_id: str, kind: str, token: str, usage: ReceiptUsage | None
+        self,
+        payment_id: str,
+        kind: str,
+        token: str,
+        usage: ReceiptUsage | None,
+        lease: int | None,
     ) -> None:
         with self._write() as db:
             self._must(payment_id)
@@ -683,8 +694,8 @@ class SqliteLedger:
             if usage is not None and kind == "reply":
                 db.execute(
                     "UPDATE payments SET tokens_in = ?, tokens_out = ?, usage_source = ?"
-                    " WHERE id = ? AND tokens_in IS NULL",
-                    (usage.tokens_in, usage.tokens_out, usage.source, payment_id),
+                    " WHERE id = ? AND tokens_in IS NULL AND (? IS NULL OR lease = ?)",
+                    (usage.tokens_in, usage.tokens_out, usage.source, payment_id, lease, lease),
                 )
 
     async def receipts(self, payment_id: str) -> builtins.list[StoredReceipt]:

@@ -818,7 +818,9 @@ class PaymentProcessor:
                 "upstream" if source == "reported" else source,
             )
         try:
-            await self._ledger.add_receipt(record.id, "reply", token, usage=stated)
+            await self._ledger.add_receipt(
+                record.id, "reply", token, usage=stated, lease=record.lease
+            )
         except (LedgerError, ValueError) as exc:
             log.warning("payment %s: cannot keep its receipt: %s", record.id, type(exc).__name__)
 

@@ -646,3 +646,21 @@ async def test_receipts_are_kept_once_per_kind_with_the_usage_they_state(ledger:
         await ledger.add_receipt(record.id, "reply", "x" * 10_000)
     with pytest.raises(PaymentNotFound):
         await ledger.add_receipt("f" * 32, "reply", "x.y")
+
+
+async def test_a_receipt_from_a_replica_that_lost_the_lease_records_no_usage(
+    ledger: Ledger,
+) -> None:
+    from paygate.x402.ledger import ReceiptUsage
+
+    record = await ledger.reserve(**request(1))
+    await ledger.add_receipt(
+        record.id,
+        "reply",
+        "late.token",
+        usage=ReceiptUsage(5, 6, "upstream"),
+        lease=record.lease + 1,
+    )
+    stored = await ledger.get(record.id)
+    assert stored == record  # the payment is untouched: its epoch moved on
+    assert [k.token for k in await ledger.receipts(record.id)] == ["late.token"]
