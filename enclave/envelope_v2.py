@@ -37,6 +37,8 @@ SUITE = hpke.SUITE_NAME
 REQUEST_LABEL = b"paygate-envelope-v2 request"
 REPLY_KEY_LABEL = b"paygate-envelope-v2 reply key"
 REPLY_NONCE_LABEL = b"paygate-envelope-v2 reply nonce"
+REQUEST_NONCE_LABEL = b"paygate-envelope-v2 request nonce"
+RECEIPT_KEY_LABEL = b"paygate-envelope-v2 receipt key"
 REPLY_SECRET_LEN = 32
 RESPONSE_NONCE_LEN = 32
 REQUEST_OVERHEAD = 1 + hpke.N_ENC + hpke.N_T + REPLY_SECRET_LEN
@@ -115,6 +117,19 @@ def open_v2(key: KeyBackend, blob: bytes, *, method: str, path: str) -> OpenedRe
         body=plaintext[REPLY_SECRET_LEN:],
         reply=ReplyKeys(reply_secret=plaintext[:REPLY_SECRET_LEN], enc=enc),
     )
+
+
+def request_nonce(keys: ReplyKeys) -> bytes:
+    """The request's fresh nonce for its receipt (enclave.receipts.request_digest): derived from
+    the reply secret, so it travels inside the seal and costs no byte on the wire."""
+    hkdf = HKDF(hashes.SHA256(), 32, salt=keys.enc, info=REQUEST_NONCE_LABEL)
+    return hkdf.derive(keys.reply_secret)
+
+
+def receipt_cipher(keys: ReplyKeys) -> AESGCM:
+    """The AEAD that seals a whole reply's receipt header to the caller (enclave.sealed_receipt)."""
+    hkdf = HKDF(hashes.SHA256(), 32, salt=keys.enc, info=RECEIPT_KEY_LABEL)
+    return AESGCM(hkdf.derive(keys.reply_secret))
 
 
 def _reply_cipher(keys: ReplyKeys, response_nonce: bytes) -> tuple[AESGCM, bytes]:

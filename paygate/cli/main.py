@@ -28,6 +28,7 @@ COMMANDS = (
     "keys",
     "serve",
     "payments",
+    "receipts",
     "ledger",
     "upstream",
     "discover",

@@ -63,7 +63,7 @@ from paygate.server.metrics import Metrics, TimedKey
 from paygate.server.opening import Opener
 from paygate.server.payments import PaymentStep, X402Payments
 from paygate.server.proxy import Timeouts, Upstream
-from paygate.server.receipts import ReceiptIssuer
+from paygate.server.receipts import ReceiptEndpoint, ReceiptIssuer
 from paygate.server.replies import Replies, ReplyLimits
 from paygate.server.routes import RouteTable, engine_routes
 from paygate.server.tracing import Tracing
@@ -286,6 +286,19 @@ def build_app(
             attestation=service,
         )
         opener = Opener(timed_key, app[METRICS].envelope)
+        issuer = (
+            ReceiptIssuer(
+                app[KEY],
+                bound.models,
+                on_signed=tlog.record_receipt if tlog is not None else None,
+            )
+            if isinstance(app[KEY], ReceiptSigner)
+            else None
+        )
+        payments = app[PAYMENTS]
+        receipts = ReceiptEndpoint(
+            payments.processor.ledger if isinstance(payments, X402Payments) else None, issuer
+        )
         app[GATEWAY] = Gateway(
             routes=routes,
             admission=Admission(
@@ -293,20 +306,14 @@ def build_app(
             ),
             opener=opener,
             upstream=upstream,
-            replies=Replies(
-                reply_limits(settings),
-                app[METRICS],
-                ReceiptIssuer(
-                    app[KEY],
-                    bound.models,
-                    on_signed=tlog.record_receipt if tlog is not None else None,
-                )
-                if isinstance(app[KEY], ReceiptSigner)
-                else None,
-            ),
+            replies=Replies(reply_limits(settings), app[METRICS], issuer),
             limiter=app[LIMITER],
             metrics=app[METRICS],
-            local={**local.handlers(), **({"log": tlog.handle} if tlog is not None else {})},
+            local={
+                **local.handlers(),
+                "receipts": receipts.handle,
+                **({"log": tlog.handle} if tlog is not None else {}),
+            },
             batch=BatchLimits(
                 max_items=settings.batch_max_items,
                 concurrency=settings.batch_concurrency,

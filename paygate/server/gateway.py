@@ -28,7 +28,6 @@ from typing import Any
 
 from aiohttp import web
 
-from enclave import receipts
 from paygate import jsonsafe
 from paygate.jsonsafe import UntrustedJSONError
 from paygate.server.admission import Admission
@@ -40,7 +39,7 @@ from paygate.server.metrics import Metrics
 from paygate.server.opening import Opener
 from paygate.server.payments import PaymentRefused
 from paygate.server.proxy import Upstream, upstream_request_headers
-from paygate.server.receipts import RequestFacts
+from paygate.server.receipts import request_facts, request_nonce_header
 from paygate.server.replies import Replies
 from paygate.server.routes import RouteMatch, RouteTable, Target
 from paygate.server.tracing import Tracing, span_facts
@@ -121,6 +120,7 @@ class Gateway:
         self, request: web.Request, match: RouteMatch, started: float
     ) -> web.StreamResponse:
         info = facts(request)
+        nonce = request_nonce_header(request.headers)  # a bad one is refused before paying
         async with self._admission.admit(request, match.route) as admitted:
             info.payment = "paid" if admitted.ticket.paid else "free"
             opened = admitted.opened or await self._opener.open(request, admitted.body)
@@ -145,8 +145,12 @@ class Gateway:
                             opened.reply,
                             admitted.ticket,
                             started=started,
-                            facts=RequestFacts(
-                                request_digest=receipts.body_digest(admitted.body),
+                            facts=request_facts(
+                                method=request.method,
+                                path=request.path,
+                                received=admitted.body,
+                                opened=opened,
+                                nonce=nonce,
                                 model=_model_named(opened.body),
                             ),
                         )
@@ -161,6 +165,7 @@ class Gateway:
         then each item forwarded to ``/v1/chat/completions`` (at most ``concurrency`` at once,
         each holding an upstream slot), answered ``{"results": [...]}`` in order."""
         limits = self._batch_limits
+        nonce = request_nonce_header(request.headers)
         async with self._admission.admit(request, match.route) as admitted:
             opened = admitted.opened or await self._opener.open(request, admitted.body)
             try:
@@ -212,6 +217,14 @@ class Gateway:
                 admitted.ticket,
                 body,
                 items=[(ok, usage, size) for _, ok, usage, size in answers],
+                facts=request_facts(
+                    method=request.method,
+                    path=request.path,
+                    received=admitted.body,
+                    opened=opened,
+                    nonce=nonce,
+                    model=None,
+                ),
             )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -32,8 +33,8 @@ from paygate.x402 import codec
 from paygate.x402.batch import ITEM_PATH as BATCH_ITEM_PATH
 from paygate.x402.batch import BadBatch, parse_batch
 from paygate.x402.ledger import Meter, PaymentRecord
-from paygate.x402.metering import Fallback, Quote, TokenPricing, Usage
-from paygate.x402.models import ExactEvmPayload, ResourceInfo
+from paygate.x402.metering import Fallback, Quote, TokenPrice, TokenPricing, Usage
+from paygate.x402.models import USAGE_EXTENSION, ExactEvmPayload, ResourceInfo
 from paygate.x402.networks import to_atomic_ceiling
 from paygate.x402.pricing import PricePolicy, model_of
 from paygate.x402.processor import Admission, PaymentProcessor, Receipt, Refusal
@@ -213,6 +214,29 @@ class Ticket:
     def payment_record(self) -> PaymentRecord | None:
         """The ledger's record of this request's payment (None when free)."""
         return self._admission.record if self._admission is not None else None
+
+    @property
+    def metered_usage(self) -> Meter | None:
+        """A metered payment's meter once taken (what it is charged for), else None."""
+        return self._admission.meter if self._admission is not None else None
+
+    @property
+    def charged(self) -> int | None:
+        """Atomic units this payment settles for (the meter's charge, else the amount)."""
+        admission = self._admission
+        return admission.owed if admission is not None and admission.paid else None
+
+    @property
+    def token_price(self) -> TokenPrice | None:
+        """A metered payment's token prices."""
+        return self._quote.price if self.metered and self._quote is not None else None
+
+    async def keep_receipt(self, token: str, usage: Mapping[str, Any] | None) -> None:
+        """Keep a paid reply's signed receipt, and its usage, in the ledger."""
+        admission = self._admission
+        if admission is None or admission.record is None or self._processor is None:
+            return
+        await self._processor.keep_receipt(admission.record, token, usage)
 
     @property
     def valid_before(self) -> int | None:
@@ -469,24 +493,36 @@ def refusal_response(refusal: Refusal, route: Route) -> web.Response:
     return web.json_response(refusal.challenge.body(), status=refusal.status, headers=headers)
 
 
-def settlement_failed_response(receipt: Receipt, route: Route) -> web.Response:
+def settlement_failed_response(
+    receipt: Receipt, route: Route, *, sealed: bool = False
+) -> web.Response:
     """A reply withheld because its settlement was refused for good, with that receipt."""
     reason = receipt.response.error_reason or "settle_failed"
     error = _RefusalError(
         Refusal(402, "settlement_failed", f"the payment could not be settled: {reason}")
     )
     response = error_response(error, route.api)
-    response.headers[receipt.header] = receipt.encoded()
+    response.headers[receipt.header] = _clear(receipt, sealed).encoded()
     response.headers["Cache-Control"] = "no-store"
     return response
 
 
-def receipt_headers(receipt: Receipt | None) -> dict[str, Any]:
-    """Headers of a paid reply: its receipt (when settled already) and no caching."""
+def receipt_headers(receipt: Receipt | None, *, sealed: bool = False) -> dict[str, Any]:
+    """Headers of a paid reply: its receipt (when settled already) and no caching. A sealed
+    reply's clear receipt says what x402 requires and no usage (that is in the sealed one)."""
     headers: dict[str, Any] = {"Cache-Control": PAID_CACHE_CONTROL}
     if receipt is not None:
-        headers[receipt.header] = receipt.encoded()
+        headers[receipt.header] = _clear(receipt, sealed).encoded()
     return headers
+
+
+def _clear(receipt: Receipt, sealed: bool) -> Receipt:
+    extensions = receipt.response.extensions
+    if not sealed or not extensions or USAGE_EXTENSION not in extensions:
+        return receipt
+    rest = {k: v for k, v in extensions.items() if k != USAGE_EXTENSION}
+    response = receipt.response.model_copy(update={"extensions": rest or None})
+    return dataclasses.replace(receipt, response=response)
 
 
 def seconds_left(valid_before: int | None) -> float | None:

@@ -315,7 +315,70 @@ class Ledger(Protocol):
         "payer", ordered by that key."""
         ...
 
+    async def by_nonce(self, nonce: str) -> list[PaymentRecord]:
+        """The records of an authorization nonce on any network (a receipt's payment id)."""
+        ...
+
+    async def add_receipt(
+        self,
+        payment_id: str,
+        kind: str,
+        token: str,
+        *,
+        usage: ReceiptUsage | None = None,
+        lease: int | None = None,
+    ) -> None:
+        """Keep a signed receipt of a payment (one per ``kind``: the first kept stays, so its
+        bytes never change). With ``usage``, a ``reply`` receipt also records the usage it
+        states on the payment, whatever the scheme, where none is recorded yet — fenced by
+        ``lease`` when given (a replica whose payment was claimed away changes no record)."""
+        ...
+
+    async def receipts(self, payment_id: str) -> list[StoredReceipt]:
+        """A payment's kept receipts, oldest first."""
+        ...
+
+    async def list_receipts(self, *, limit: int = 50) -> list[StoredReceipt]:
+        """Kept receipts, newest first, at most ``min(limit, MAX_LIST_LIMIT)``."""
+        ...
+
     async def close(self) -> None: ...
+
+
+RECEIPT_KINDS = ("reply", "settlement")
+MAX_RECEIPT_CHARS = 8 * 1024  # a token is about a kilobyte (enclave.receipts.MAX_TOKEN)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReceipt:
+    """A signed receipt as the ledger keeps it (the token, byte for byte)."""
+
+    payment_id: str
+    kind: str  # "reply" | "settlement"
+    token: str = field(repr=False)
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptUsage:
+    """The usage a reply receipt states, recorded on its payment (any scheme)."""
+
+    tokens_in: int
+    tokens_out: int
+    source: str  # the ledger's words: "upstream" (reported) or the metering fallback
+
+    def __post_init__(self) -> None:
+        check_amount(self.tokens_in)
+        check_amount(self.tokens_out)
+        if not isinstance(self.source, str) or not 0 < len(self.source) <= 32:
+            raise ValueError("usage source must be a short name")
+
+
+def check_receipt(kind: str, token: str) -> None:
+    if kind not in RECEIPT_KINDS:
+        raise ValueError(f"receipt kind must be one of {', '.join(RECEIPT_KINDS)}")
+    if not isinstance(token, str) or not 0 < len(token) <= MAX_RECEIPT_CHARS:
+        raise ValueError(f"a receipt token is 1-{MAX_RECEIPT_CHARS} characters")
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,18 +50,22 @@ from paygate.x402.ledger import (
     PaymentNotFound,
     PaymentRecord,
     PaymentState,
+    ReceiptUsage,
     SignInReused,
+    StoredReceipt,
     check_amount,
     check_error,
     check_fence,
     check_lease_seconds,
     check_limit,
     check_move,
+    check_receipt,
     check_replica,
     check_transaction,
     default_replica_id,
     normalise_address,
     normalise_key,
+    normalise_nonce,
     reservation,
 )
 
@@ -80,8 +84,9 @@ T = TypeVar("T")
 Conn = Any  # psycopg.AsyncConnection[dict[str, Any]]
 
 #: Same numbering as the SQLite ledger: v1 the first ledger, v2 leases and history, v3 metering
-#: and the free quota, v4 the economics controls and the console's tables, v5 the transparency log.
-SCHEMA_VERSION = 5
+#: and the free quota, v4 the economics controls and the console's tables, v5 the transparency log,
+#: v6 signed receipts.
+SCHEMA_VERSION = 6
 _STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
 _MIGRATION_LOCK = 0x70617967  # pg_advisory_xact_lock key: one migrator at a time ("payg")
 
@@ -172,6 +177,19 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         " issued_at double precision NOT NULL, entry bigint, position bigint)",
         "CREATE INDEX tlog_receipts_open ON tlog_receipts (entry, seq)",
         "CREATE INDEX tlog_receipts_leaf ON tlog_receipts (leaf)",
+    ),
+    # Signed receipts (one per payment and kind), and payments found by their nonce.
+    6: (
+        """CREATE TABLE receipts (
+            payment_id text NOT NULL REFERENCES payments (id),
+            kind text NOT NULL CHECK (kind IN ('reply', 'settlement')),
+            token text NOT NULL,
+            created_at double precision NOT NULL,
+            seq bigserial NOT NULL,
+            PRIMARY KEY (payment_id, kind)
+        )""",
+        "CREATE INDEX receipts_created ON receipts (created_at)",
+        "CREATE INDEX payments_nonce ON payments (nonce)",
     ),
 }
 
@@ -378,6 +396,69 @@ class PostgresLedger:
 
     async def mark_served(self, payment_id: str) -> PaymentRecord:
         return await self._run(self._mark_served, payment_id)
+
+    async def by_nonce(self, nonce: str) -> builtins.list[PaymentRecord]:
+        return await self._run(
+            self._many, "WHERE nonce = %s ORDER BY created_at LIMIT 10", (normalise_nonce(nonce),)
+        )
+
+    async def add_receipt(
+        self,
+        payment_id: str,
+        kind: str,
+        token: str,
+        *,
+        usage: ReceiptUsage | None = None,
+        lease: int | None = None,
+    ) -> None:
+        check_receipt(kind, token)
+        await self._run(self._add_receipt, payment_id, kind, token, usage, lease)
+
+    async def _add_receipt(
+        self,
+        conn: Conn,
+        payment_id: str,
+        kind: str,
+        token: str,
+        usage: ReceiptUsage | None,
+        lease: int | None,
+    ) -> None:
+        await self._must(conn, payment_id)
+        await conn.execute(
+            "INSERT INTO receipts (payment_id, kind, token, created_at) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (payment_id, kind) DO NOTHING",
+            (payment_id, kind, token, await self._now(conn)),
+        )
+        if usage is not None and kind == "reply":
+            await conn.execute(
+                "UPDATE payments SET tokens_in = %s, tokens_out = %s, usage_source = %s"
+                " WHERE id = %s AND tokens_in IS NULL AND (%s::bigint IS NULL OR lease = %s)",
+                (usage.tokens_in, usage.tokens_out, usage.source, payment_id, lease, lease),
+            )
+
+    async def receipts(self, payment_id: str) -> builtins.list[StoredReceipt]:
+        return await self._run(
+            self._receipts, "WHERE payment_id = %s ORDER BY created_at, kind", (payment_id,)
+        )
+
+    async def list_receipts(self, *, limit: int = 50) -> builtins.list[StoredReceipt]:
+        return await self._run(
+            self._receipts, "ORDER BY created_at DESC, seq DESC LIMIT %s", (check_limit(limit),)
+        )
+
+    async def _receipts(
+        self, conn: Conn, tail: str, params: tuple[Any, ...]
+    ) -> builtins.list[StoredReceipt]:
+        rows = await (
+            await conn.execute(
+                f"SELECT payment_id, kind, token, created_at FROM receipts {tail}",  # noqa: S608 - constant
+                params,
+            )
+        ).fetchall()
+        return [
+            StoredReceipt(r["payment_id"], r["kind"], r["token"], float(r["created_at"]))
+            for r in rows
+        ]
 
     async def get(self, payment_id: str) -> PaymentRecord | None:
         return await self._run(self._one, "WHERE id = %s", (payment_id,))

@@ -53,18 +53,22 @@ from paygate.x402.ledger import (
     PaymentNotFound,
     PaymentRecord,
     PaymentState,
+    ReceiptUsage,
     SignInReused,
+    StoredReceipt,
     check_amount,
     check_error,
     check_fence,
     check_lease_seconds,
     check_limit,
     check_move,
+    check_receipt,
     check_replica,
     check_transaction,
     default_replica_id,
     normalise_address,
     normalise_key,
+    normalise_nonce,
     reservation,
 )
 
@@ -74,8 +78,8 @@ T = TypeVar("T")
 #: expiry) and the payment_events history. v3: metering (scheme, model, usage, amounts owed and
 #: moved) and the free quota's tables. v4: the economics controls and the console (token usage,
 #: limit events, alert claims, one-time console logins; paygate.economics, paygate.console).
-#: v5: the transparency log (paygate.tlog).
-SCHEMA_VERSION = 5
+#: v5: the transparency log (paygate.tlog). v6: signed receipts, payments by nonce.
+SCHEMA_VERSION = 6
 _STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
 
 # MIGRATIONS[n] takes a ledger from schema n-1 to n. Append, never edit a released step.
@@ -173,6 +177,18 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         " entry INTEGER, position INTEGER)",
         "CREATE INDEX tlog_receipts_open ON tlog_receipts (entry, seq)",
         "CREATE INDEX tlog_receipts_leaf ON tlog_receipts (leaf)",
+    ),
+    # Signed receipts (one per payment and kind), and payments found by their nonce.
+    6: (
+        """CREATE TABLE receipts (
+            payment_id TEXT NOT NULL REFERENCES payments (id),
+            kind TEXT NOT NULL CHECK (kind IN ('reply', 'settlement')),
+            token TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (payment_id, kind)
+        )""",
+        "CREATE INDEX receipts_created ON receipts (created_at)",
+        "CREATE INDEX payments_nonce ON payments (nonce)",
     ),
 }
 
@@ -680,6 +696,62 @@ class SqliteLedger:
                 (payer, day),
             )
             return limit - count - 1
+
+    async def by_nonce(self, nonce: str) -> builtins.list[PaymentRecord]:
+        return await self._run(
+            self._many, "WHERE nonce = ? ORDER BY created_at LIMIT 10", (normalise_nonce(nonce),)
+        )
+
+    async def add_receipt(
+        self,
+        payment_id: str,
+        kind: str,
+        token: str,
+        *,
+        usage: ReceiptUsage | None = None,
+        lease: int | None = None,
+    ) -> None:
+        check_receipt(kind, token)
+        await self._run(self._add_receipt, payment_id, kind, token, usage, lease)
+
+    def _add_receipt(
+        self,
+        payment_id: str,
+        kind: str,
+        token: str,
+        usage: ReceiptUsage | None,
+        lease: int | None,
+    ) -> None:
+        with self._write() as db:
+            self._must(payment_id)
+            db.execute(
+                "INSERT INTO receipts (payment_id, kind, token, created_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (payment_id, kind) DO NOTHING",
+                (payment_id, kind, token, self._clock()),
+            )
+            if usage is not None and kind == "reply":
+                db.execute(
+                    "UPDATE payments SET tokens_in = ?, tokens_out = ?, usage_source = ?"
+                    " WHERE id = ? AND tokens_in IS NULL AND (? IS NULL OR lease = ?)",
+                    (usage.tokens_in, usage.tokens_out, usage.source, payment_id, lease, lease),
+                )
+
+    async def receipts(self, payment_id: str) -> builtins.list[StoredReceipt]:
+        return await self._run(
+            self._receipts, "WHERE payment_id = ? ORDER BY created_at, kind", (payment_id,)
+        )
+
+    async def list_receipts(self, *, limit: int = 50) -> builtins.list[StoredReceipt]:
+        return await self._run(
+            self._receipts, "ORDER BY created_at DESC, rowid DESC LIMIT ?", (check_limit(limit),)
+        )
+
+    def _receipts(self, tail: str, params: tuple[Any, ...]) -> builtins.list[StoredReceipt]:
+        rows = self._conn.execute(
+            f"SELECT payment_id, kind, token, created_at FROM receipts {tail}",  # noqa: S608 - constant
+            params,
+        ).fetchall()
+        return [StoredReceipt(r[0], r[1], r[2], float(r[3])) for r in rows]
 
     async def earnings(self, *, since: float, by: str) -> builtins.list[Earnings]:
         if by not in _GROUPS:

@@ -54,6 +54,7 @@ from paygate.x402.ledger import (
     Meter,
     PaymentRecord,
     PaymentState,
+    ReceiptUsage,
     SignInReused,
     review_error,
 )
@@ -214,6 +215,10 @@ class PaymentProcessor:
     @property
     def schemes(self) -> tuple[str, ...]:
         return tuple(self._schemes)
+
+    @property
+    def ledger(self) -> Ledger:
+        return self._ledger
 
     def decimals(self, network: str) -> int:
         """The decimals of the asset accepted on ``network`` (CAIP-2)."""
@@ -857,6 +862,26 @@ class PaymentProcessor:
             admission.record = await self._ledger.mark_served(record.id)
         except LedgerError as exc:
             log.warning("payment %s: cannot mark served: %s", record.id, exc.code)
+
+    async def keep_receipt(
+        self, record: PaymentRecord, token: str, usage: Mapping[str, Any] | None
+    ) -> None:
+        """Keep a paid reply's signed receipt in the ledger with the usage it states (every
+        scheme). A failing ledger loses only this copy: the caller holds the receipt."""
+        stated = None
+        if usage is not None:
+            source = str(usage.get("source") or "reported")
+            stated = ReceiptUsage(
+                int(usage["prompt_tokens"]),
+                int(usage["completion_tokens"]),
+                "upstream" if source == "reported" else source,
+            )
+        try:
+            await self._ledger.add_receipt(
+                record.id, "reply", token, usage=stated, lease=record.lease
+            )
+        except (LedgerError, ValueError) as exc:
+            log.warning("payment %s: cannot keep its receipt: %s", record.id, type(exc).__name__)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)

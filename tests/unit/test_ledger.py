@@ -535,7 +535,7 @@ def test_the_ledger_imports_neither_aiohttp_nor_the_server() -> None:
 @pytest.mark.parametrize("implementation", [SqliteLedger, PostgresLedger])
 def test_both_ledgers_have_the_protocol_signatures(implementation: type) -> None:
     methods = [n for n, v in vars(Ledger).items() if inspect.iscoroutinefunction(v)]
-    assert len(methods) == 17  # + take_free, earnings (issue 14)
+    assert len(methods) == 21  # + take_free, earnings (issue 14); receipts (issue 22)
     for name in methods:
         wanted = inspect.signature(getattr(Ledger, name))
         built = inspect.signature(getattr(implementation, name))
@@ -611,3 +611,56 @@ async def test_earnings_group_settled_payments(ledger: Ledger) -> None:
     (day,) = await ledger.earnings(since=0.0, by="day")
     assert (day.payments, day.settled) == (3, 600)
     assert await ledger.earnings(since=4_000_000_000.0, by="payer") == []
+
+
+async def test_receipts_are_kept_once_per_kind_with_the_usage_they_state(ledger: Ledger) -> None:
+    from paygate.x402.ledger import ReceiptUsage
+
+    record = await ledger.reserve(**request(1))
+    other = await ledger.reserve(**request(2))
+    usage = ReceiptUsage(tokens_in=12, tokens_out=34, source="upstream")
+    await ledger.add_receipt(record.id, "reply", "first.token", usage=usage)
+    # The first kept stays (its bytes never change), and so does the usage it recorded.
+    await ledger.add_receipt(record.id, "reply", "second.token", usage=ReceiptUsage(1, 1, "x"))
+    await ledger.add_receipt(record.id, "settlement", "settled.token")
+    await ledger.add_receipt(other.id, "reply", "other.token")
+    kept = await ledger.receipts(record.id)
+    assert [(k.kind, k.token) for k in kept] == [
+        ("reply", "first.token"),
+        ("settlement", "settled.token"),
+    ]
+    stored = await ledger.get(record.id)
+    assert stored is not None
+    assert (stored.tokens_in, stored.tokens_out, stored.usage_source) == (12, 34, "upstream")
+    assert stored.scheme == "exact"  # usage recorded whatever the scheme
+    assert [r.id for r in await ledger.by_nonce(nonce(1).upper().replace("0X", "0x"))] == [
+        record.id
+    ]
+    assert await ledger.by_nonce(nonce(3)) == []
+    newest = await ledger.list_receipts(limit=2)
+    assert len(newest) == 2
+    assert newest[0].token == "other.token"
+    with pytest.raises(ValueError, match="receipt kind"):
+        await ledger.add_receipt(record.id, "other", "x.y")
+    with pytest.raises(ValueError, match="receipt token"):
+        await ledger.add_receipt(record.id, "reply", "x" * 10_000)
+    with pytest.raises(PaymentNotFound):
+        await ledger.add_receipt("f" * 32, "reply", "x.y")
+
+
+async def test_a_receipt_from_a_replica_that_lost_the_lease_records_no_usage(
+    ledger: Ledger,
+) -> None:
+    from paygate.x402.ledger import ReceiptUsage
+
+    record = await ledger.reserve(**request(1))
+    await ledger.add_receipt(
+        record.id,
+        "reply",
+        "late.token",
+        usage=ReceiptUsage(5, 6, "upstream"),
+        lease=record.lease + 1,
+    )
+    stored = await ledger.get(record.id)
+    assert stored == record  # the payment is untouched: its epoch moved on
+    assert [k.token for k in await ledger.receipts(record.id)] == ["late.token"]
