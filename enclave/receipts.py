@@ -146,8 +146,11 @@ def _split(token: str) -> tuple[bytes, bytes]:
 
 def signed_bytes(token: str) -> bytes:
     """The exact bytes a token's signature covers (its canonical JSON), unverified: what a
-    log hashes. The one definition of a receipt's identity."""
-    return _split(token)[0]
+    log hashes. The one definition of a receipt's identity: the signature part is not read, so
+    a token whose signature was swapped names the same receipt."""
+    if not isinstance(token, str) or len(token) > MAX_TOKEN or token.count(".") != 1:
+        raise ReceiptInvalid("the receipt is not a token of two base64url parts")
+    return _unb64(token.partition(".")[0])
 
 
 def unverified_claims(token: str) -> dict[str, Any]:

@@ -39,7 +39,6 @@ COMMANDS = (
     "release",
     "console",
     "log",
-    "receipts",
 )
 # Commands that live outside the shipped package (the dev tooling's ``demo`` and
 # ``fake-upstream``) register through this entry point group when installed.

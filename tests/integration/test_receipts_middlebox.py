@@ -169,6 +169,7 @@ def path(facilitator_server: Any, tmp_path_factory: pytest.TempPathFactory) -> I
         ledger=tmp_path_factory.mktemp("receipts") / "ledger.db",
         require_encryption=False,
         attestation_rate_per_minute=100_000,  # every test's client attests through the box
+        attestation_global_rate_per_minute=100_000,
     )
     mode = Mode()
     with ThreadedStack(**settings) as stack:

@@ -122,6 +122,7 @@ def stack(
         ledger=tmp_path / "ledger.db",
         require_encryption=True,
         attestation_rate_per_minute=100_000,
+        attestation_global_rate_per_minute=100_000,
         **extra,
     )
     with ThreadedStack(**settings) as running:
