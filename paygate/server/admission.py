@@ -12,6 +12,11 @@ starving paid ones. One entry: ``async with admission.admit(request, route) as a
    ``body_first_byte_timeout``) — and, if sealed, opened under a global cap
    (``unpaid_open_slots``) so that floods cannot monopolise the TPM/HSM; then payment.
 4. Every body read holds a per-address slot too: one address cannot exhaust another's share.
+5. A batch is N requests: once its body is read, every item takes its own token of the item
+   route's per-address limit (after the batch's own), so a batch cannot skip the rate limits.
+
+Per-address means per :func:`~paygate.server.forwarded.address_key`: IPv4-mapped IPv6 as its
+IPv4, IPv6 by its /``ipv6_prefix`` network.
 
 The upstream concurrency slot is taken by the gateway only after admission. Refusals from a
 full pool are immediate (429 per address, 503 in all), never a queue.
@@ -25,14 +30,15 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from paygate import wire
+from paygate import jsonsafe, wire
 from paygate.server.errors import EncryptionRequired, TooManyUploads, UploadsBusy
-from paygate.server.forwarded import Network, client_address
+from paygate.server.forwarded import DEFAULT_IPV6_PREFIX, Network, address_key, client_address
 from paygate.server.limits import PerAddressSlots, Slots, read_body
 from paygate.server.opening import OpenedBody, Opener
 from paygate.server.payments import PaymentStep, Ticket
 from paygate.server.ratelimit import RateLimits
 from paygate.server.routes import Route
+from paygate.x402.batch import ITEM_PATH as BATCH_ITEM_PATH
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +55,7 @@ class AdmissionLimits:
     require_encryption: bool
     retry_after_seconds: int
     trusted_proxies: tuple[Network, ...] = ()
+    ipv6_prefix: int = DEFAULT_IPV6_PREFIX
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +66,7 @@ class Admitted:
     body: bytes = field(repr=False)
     client: str
     opened: OpenedBody | None = None
+    client_key: str = ""  # what per-address limits count under (forwarded.address_key)
 
 
 class Admission:
@@ -94,9 +102,10 @@ class Admission:
             request.headers.getall("X-Forwarded-For", []),
             limits.trusted_proxies,
         )
+        key = address_key(client, limits.ipv6_prefix)
         if route.paid and self._rate_limits is not None:
             # Before anything else, unpaid challenges included: a flood costs one bucket.
-            self._rate_limits.check_address(route.name, client)
+            self._rate_limits.check_address(route.name, key)
         if (
             limits.require_encryption
             and route.paid
@@ -107,24 +116,36 @@ class Admission:
         if route.paid and (self._payments.needs_body or route.target == "batch"):
             # The price needs the body (its model, its tokens): read and open it before
             # payment, tightly bounded.
-            body = await self._read(request, client, self._unverified_bodies)
+            body = await self._read(request, key, self._unverified_bodies)
             with self._unverified_opens.slot():
                 opened = await self._opener.open(request, body)
-            async with self._payments.admit(request, route, body=opened.body) as ticket:
-                yield Admitted(ticket, body, client, opened)
+            if route.target == "batch" and self._rate_limits is not None:
+                for _ in range(_items(opened.body)):
+                    self._rate_limits.check_address(f"POST {BATCH_ITEM_PATH}", key)
+            async with self._payments.admit(request, route, body=opened.body, client=key) as ticket:
+                yield Admitted(ticket, body, client, opened, key)
             return
-        async with self._payments.admit(request, route) as ticket:
-            body = await self._read(request, client, self._admitted_bodies)
-            yield Admitted(ticket, body, client)
+        async with self._payments.admit(request, route, client=key) as ticket:
+            body = await self._read(request, key, self._admitted_bodies)
+            yield Admitted(ticket, body, client, client_key=key)
 
-    async def _read(self, request: web.Request, client: str, pool: Slots) -> bytes:
+    async def _read(self, request: web.Request, key: str, pool: Slots) -> bytes:
         if not request.body_exists:
             return b""
         limits = self._limits
-        with self._per_address.slot(client), pool.slot():
+        with self._per_address.slot(key), pool.slot():
             return await read_body(
                 request,
                 limit=limits.max_body_bytes,
                 timeout=limits.body_read_timeout,
                 first_byte=limits.body_first_byte_timeout,
             )
+
+
+def _items(body: bytes) -> int:
+    """How many items a batch body holds (0 when it is not a JSON array: refused later)."""
+    try:
+        data = jsonsafe.loads(body, max_bytes=max(len(body), 1))
+    except jsonsafe.UntrustedJSONError:
+        return 0
+    return len(data) if isinstance(data, list) else 0

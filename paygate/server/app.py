@@ -31,6 +31,7 @@ from paygate.server.assembly import (
     payment_terms,
     price_policy,
     rate_limits,
+    request_shaper,
 )
 from paygate.server.attestation import (
     AttestationConfig,
@@ -134,6 +135,8 @@ def build_app(
     attestation = attestation_config(settings)
     # One set of token buckets per process, shared by admission (addresses) and payments (payers).
     limits = rate_limits(settings)
+    # One output-limit and options policy for every path (paygate.upstream.shaping).
+    shaper = request_shaper(settings)
     if routes is None:
         routes = engine_routes(profile_for(settings.upstream_kind).routes())
     upstream_config = settings.upstream()
@@ -181,7 +184,9 @@ def build_app(
             app[PAYMENTS] = payments
             yield
             return
-        async with payment_step(settings, app[SESSION], limits, app[METRICS]) as built:
+        async with payment_step(
+            settings, app[SESSION], limits, app[METRICS], shaper=shaper
+        ) as built:
             app[PAYMENTS] = built
             yield
 
@@ -248,6 +253,7 @@ def build_app(
                 concurrency=settings.batch_concurrency,
                 item_reply_bytes=settings.max_plain_reply_bytes,
             ),
+            shaper=shaper,
         )
         yield
 
@@ -294,6 +300,7 @@ def admission_limits(settings: Settings) -> AdmissionLimits:
         require_encryption=settings.require_encryption,
         retry_after_seconds=settings.retry_after_seconds,
         trusted_proxies=parse_networks(settings.trusted_proxies),
+        ipv6_prefix=settings.ipv6_prefix_length,
     )
 
 

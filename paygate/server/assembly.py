@@ -15,6 +15,8 @@ import aiohttp
 from paygate.config import ConfigError, Settings
 from paygate.server.payments import NoPayments, PaymentStep, X402Payments
 from paygate.server.ratelimit import MODEL_PREFIX, Rate, RateLimits, RateLimitTable
+from paygate.upstream.engines import profile_for
+from paygate.upstream.shaping import RequestShaper
 from paygate.x402.chain import ChainReader, ChainSettler
 from paygate.x402.facilitator import FacilitatorSettler
 from paygate.x402.ledger import Ledger, PaymentRecord, default_replica_id
@@ -135,8 +137,17 @@ def token_pricing(settings: Settings) -> TokenPricing | None:
             model: TokenPrice(input=p.input, output=p.output, minimum=p.minimum)
             for model, p in settings.token_prices.items()
         },
-        max_tokens_cap=settings.max_tokens_cap,
         fallback=settings.usage_fallback,
+    )
+
+
+def request_shaper(settings: Settings) -> RequestShaper:
+    """The engine's generation rules, the output cap and the options callers may send."""
+    return RequestShaper(
+        profile_for(settings.upstream_kind),
+        cap=settings.max_tokens_cap,
+        allowed_options=frozenset(settings.engine_options_allowed),
+        running_usage=settings.running_usage,
     )
 
 
@@ -217,6 +228,7 @@ def x402_payments(
     upto_extra: Mapping[str, Mapping[str, str]] | None = None,
     limits: RateLimits | None = None,
     events: PaymentEvents | None = None,
+    shaper: RequestShaper | None = None,
 ) -> X402Payments:
     processor = PaymentProcessor(
         events=events,
@@ -229,6 +241,7 @@ def x402_payments(
         payer_check=limits.check_payer if limits is not None else None,
         daily_budget=settings.payer_daily_budget,
         free_per_day=settings.free_requests_per_day,
+        free_per_address=settings.free_requests_per_address_per_day,
         skew_seconds=settings.clock_skew_seconds,
         # Room to serve for a few seconds and still settle before the authorization expires.
         min_remaining_seconds=settings.settle_margin_seconds + MIN_REMAINING_SECONDS,
@@ -241,6 +254,7 @@ def x402_payments(
         description=settings.payment_description,
         pricing=token_pricing(settings),
         batch_max_items=settings.batch_max_items,
+        shaper=shaper if shaper is not None else request_shaper(settings),
     )
 
 
@@ -250,6 +264,7 @@ async def payment_step(
     session: aiohttp.ClientSession,
     limits: RateLimits | None = None,
     events: PaymentEvents | None = None,
+    shaper: RequestShaper | None = None,
 ) -> AsyncIterator[PaymentStep]:
     """The configured payment step, with its ledger, settler, reconciler and lease keeper.
 
@@ -283,6 +298,7 @@ async def payment_step(
             upto_extra=upto_extra,
             limits=limits,
             events=events,
+            shaper=shaper,
         )
         processor = payments.processor
         released = await processor.release_abandoned(own=True)

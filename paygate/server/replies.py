@@ -315,7 +315,7 @@ class Replies:
         if ticket.paid and not ticket.settles:
             await ticket.give_up()
         if ticket.settles:
-            ticket.meter(reply.usage, reply_bytes=len(body))
+            await ticket.measure(reply, reply_bytes=len(body))
         receipt = await ticket.settle() if ticket.settles else ticket.known_receipt
         if receipt is not None and receipt.withhold:
             # Refused for good after serving (e.g. the payer emptied the wallet since verify,
@@ -422,7 +422,7 @@ class Replies:
                 lambda: self._observer.first_chunk(route, _since(started)),
             )
             if meter is not None:
-                ticket.meter(reply.usage, reply_bytes=meter.bytes_seen)
+                await ticket.measure(reply, reply_bytes=meter.bytes_seen)
             receipt = await ticket.settle() if inband else None
             tail = await chain.finish(StreamEnd(receipt=receipt, error=error))
             if tail:

@@ -143,7 +143,7 @@ class PaymentRecord:
     # Metering (upto): recorded with SERVED, before settlement, so a restart settles the same.
     tokens_in: int | None = None
     tokens_out: int | None = None
-    usage_source: str | None = None  # "upstream" | "fallback-max" | "fallback-estimate"
+    usage_source: str | None = None  # one of USAGE_SOURCES
     settle_amount: int | None = None  # atomic units owed; None: ``amount`` (exact)
     settled_amount: int | None = None  # atomic units moved, once SETTLED
 
@@ -343,7 +343,7 @@ class Meter:
 
     tokens_in: int
     tokens_out: int
-    source: str  # "upstream" | "fallback-max" | "fallback-estimate"
+    source: str  # how the usage was obtained: one of USAGE_SOURCES
     settle_amount: int  # atomic units, at most the authorized amount
 
     def __post_init__(self) -> None:
@@ -353,7 +353,16 @@ class Meter:
             raise ValueError(f"usage source must be one of {', '.join(USAGE_SOURCES)}")
 
 
-USAGE_SOURCES = ("upstream", "fallback-max", "fallback-estimate")
+# How a metered request's usage was obtained: the engine's final report, its running counts
+# (a stream cut short), its tokenizer on what was delivered, or the operator's fallback.
+USAGE_SOURCES = (
+    "upstream",
+    "running",
+    "tokenizer",
+    "fallback-prompt",
+    "fallback-max",
+    "fallback-estimate",
+)
 SCHEME_NAMES = ("exact", "upto")
 
 

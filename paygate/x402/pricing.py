@@ -59,10 +59,11 @@ def token_charge(
     maximum: int,
 ) -> int:
     """A metered (upto) request's charge in atomic units: min(max(usage x price, minimum),
-    maximum), rounded half up; nothing when nothing was generated. Prices are whole tokens
-    per million tokens. Shared by the gateway (what it settles) and the client (what it
+    maximum), rounded half up; the prompt is charged even when no output was generated (it
+    cost model time), nothing when nothing was read or written. Prices are whole tokens per
+    million tokens. Shared by the gateway (what it settles) and the client (what it
     checks its receipt against)."""
-    if tokens_out <= 0:
+    if tokens_in <= 0 and tokens_out <= 0:
         return 0
     cost = max((input_price * tokens_in + output_price * tokens_out) / MILLION, minimum)
     atomic = int(cost.scaleb(decimals).quantize(Decimal(1), rounding=ROUND_HALF_UP))

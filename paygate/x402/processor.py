@@ -34,6 +34,7 @@ import json
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any, Protocol
@@ -124,6 +125,7 @@ class NoEvents:
 
 
 _CODE = re.compile(r"[a-z0-9_]{1,64}")
+MAX_FREE_ADDRESSES = 100_000  # address keys whose free requests today are counted
 _SCHEMES = frozenset({"exact", "upto"})
 
 
@@ -158,6 +160,7 @@ class PaymentProcessor:
         payer_check: PayerCheck | None = None,
         daily_budget: Decimal | None = None,
         free_per_day: int = 0,
+        free_per_address: int | None = None,
         skew_seconds: int = 5,
         min_remaining_seconds: float = 0.0,
         retry_after_seconds: int = 1,
@@ -174,6 +177,10 @@ class PaymentProcessor:
         self._payer_check = payer_check
         self._daily_budget = daily_budget
         self._free_per_day = free_per_day
+        # Free requests per client address key and UTC day (in memory, per process, bounded):
+        # fresh wallets from one host share the host's allowance.
+        self._free_per_address = free_per_address if free_per_address else free_per_day
+        self._free_by_address: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._skew = skew_seconds
         self._min_remaining = min_remaining_seconds
         self._retry_after = str(retry_after_seconds)
@@ -222,8 +229,13 @@ class PaymentProcessor:
         maximum: Decimal | None = None,
         model: str | None = None,
         upto_extra: tuple[tuple[str, str], ...] = (),
+        items: tuple[tuple[str, str | None], ...] = (),
+        client: str = "",
     ) -> Admission | Refusal:
-        """:meth:`_admit`, reported to the events (outcome and scheme, never caller data)."""
+        """:meth:`_admit`, reported to the events (outcome and scheme, never caller data).
+
+        ``items``: a batch's items as (route, model), each taking its own payer rate-limit
+        token as the single request would; a free sign-in covers one item, not a batch."""
         result = await self._admit(
             headers,
             price=price,
@@ -232,6 +244,8 @@ class PaymentProcessor:
             maximum=maximum,
             model=model,
             upto_extra=upto_extra,
+            items=items,
+            client=client,
         )
         if isinstance(result, Admission):
             outcome, scheme = "admitted", result.scheme.name if result.paid else "none"
@@ -250,6 +264,8 @@ class PaymentProcessor:
         maximum: Decimal | None = None,
         model: str | None = None,
         upto_extra: tuple[tuple[str, str], ...] = (),
+        items: tuple[tuple[str, str | None], ...] = (),
+        client: str = "",
     ) -> Admission | Refusal:
         """Admit a request at ``price`` (exact) or up to ``maximum`` (upto), or refuse it; a
         request with nothing to offer is free and needs no payment."""
@@ -260,7 +276,14 @@ class PaymentProcessor:
         if raw is None:
             signin = headers.get(wire.SIGN_IN_WITH_X)
             if signin is not None and self._free_per_day > 0:
-                return await self._free(signin, price, offers, resource, route, model)
+                if len(items) > 1:
+                    return self.challenge(
+                        402, "free_quota_one_item", "a free request covers one item: pay for a "
+                        "batch", offers, resource,
+                    )  # fmt: skip
+                return await self._free(
+                    signin, price, offers, resource, route, model, items, client
+                )
             return self.challenge(402, "payment_required", "payment required", offers, resource)
         try:
             payment = codec.decode_payment(raw, header=header)
@@ -289,12 +312,9 @@ class PaymentProcessor:
             )
         except PaymentRejected as exc:
             return self.challenge(402, exc.reason, str(exc), offers, resource)
-        if self._payer_check is not None:
-            limited = self._payer_check(route, model, authorized.payer)
-            if limited is not None:  # before the reservation: the authorization stays usable
-                return Refusal(
-                    429, "rate_limited", "too many requests from this payer", headers=limited
-                )
+        limited = self._payer_limited(route, model, items, authorized.payer)
+        if limited is not None:  # before the reservation: the authorization stays usable
+            return limited
         requirements = scheme.requirements(payment, offer, resource)
         try:
             record = await self._reserve(
@@ -338,8 +358,11 @@ class PaymentProcessor:
         resource: ResourceInfo,
         route: str,
         model: str | None,
+        items: tuple[tuple[str, str | None], ...] = (),
+        client: str = "",
     ) -> Admission | Refusal:
-        """One of the wallet's free requests today, proven with sign-in-with-x, or a 402."""
+        """One of the wallet's free requests today, proven with sign-in-with-x, or a 402;
+        the caller's address (key) has its own daily allowance, whatever the wallet."""
         now = self._clock()
         parts = urlsplit(resource.url)
         try:
@@ -352,13 +375,18 @@ class PaymentProcessor:
             )
         except siwx.SiwxRejected as exc:
             return self.challenge(402, exc.reason, str(exc), offers, resource)
-        if self._payer_check is not None:
-            limited = self._payer_check(route, model, payer)
-            if limited is not None:
-                return Refusal(
-                    429, "rate_limited", "too many requests from this payer", headers=limited
-                )
+        limited = self._payer_limited(route, model, items, payer)
+        if limited is not None:
+            return limited
         day = time.strftime("%Y-%m-%d", time.gmtime(now))
+        if not self._take_free_address(client, day):
+            return self.challenge(
+                402,
+                "free_quota_exhausted",
+                "today's free requests from this address are used: pay",
+                offers,
+                resource,
+            )
         try:
             left = await self._ledger.take_free(
                 payer=payer, nonce=proof.nonce, day=day, limit=self._free_per_day
@@ -374,6 +402,34 @@ class PaymentProcessor:
                 402, "free_quota_exhausted", "today's free requests are used: pay", offers, resource
             )
         return Admission(price=price, free_remaining=left)
+
+    def _take_free_address(self, client: str, day: str) -> bool:
+        """One of ``client``'s free requests today (False: none left)."""
+        key = (client, day)
+        used = self._free_by_address.pop(key, 0)
+        self._free_by_address[key] = used + (used < self._free_per_address)
+        while len(self._free_by_address) > MAX_FREE_ADDRESSES:
+            self._free_by_address.popitem(last=False)
+        return used < self._free_per_address
+
+    def _payer_limited(
+        self,
+        route: str,
+        model: str | None,
+        items: tuple[tuple[str, str | None], ...],
+        payer: str,
+    ) -> Refusal | None:
+        """The payer's rate limits: one token for the request (its model's limit first, every
+        scheme), one more per batch item on the item's route; the 429 when one is refused."""
+        if self._payer_check is None:
+            return None
+        for item_route, item_model in ((route, model), *items):
+            limited = self._payer_check(item_route, item_model, payer)
+            if limited is not None:
+                return Refusal(
+                    429, "rate_limited", "too many requests from this payer", headers=limited
+                )
+        return None
 
     async def _reserve(
         self,
