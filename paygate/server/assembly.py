@@ -301,6 +301,7 @@ async def payment_step(
             shaper=shaper,
         )
         processor = payments.processor
+        await processor.load_signin_key()
         released = await processor.release_abandoned(own=True)
         if released:
             log.info("released %d reservations left by an earlier run", released)

@@ -207,7 +207,10 @@ class Ledger(Protocol):
         With a ``budget``, in the same transaction: the payer's spend on this asset since
         ``budget.since`` (authorized amounts until settled, then what moved; released and
         failed payments count nothing) plus ``amount`` must stay within ``budget.limit``, else
-        :class:`BudgetExceeded` — so concurrent requests cannot overspend.
+        :class:`BudgetExceeded` — so concurrent requests cannot overspend. A payment counts
+        in the window it was last admitted (reserved, or re-reserved after a release) or
+        settled in, never by its record's creation: an authorization released yesterday and
+        served today counts today.
 
         A RELEASED record with that key is re-claimed instead (same id, attempts kept). Any
         other existing record raises :class:`AlreadyReserved` carrying it. An idempotency key
@@ -305,6 +308,11 @@ class Ledger(Protocol):
         """Take one of ``payer``'s ``limit`` free requests of ``day`` (UTC, YYYY-MM-DD) with a
         sign-in ``nonce`` (used once, ever: :class:`SignInReused`). The requests left after
         this one, or None when none was left (nothing recorded)."""
+        ...
+
+    async def signin_key(self) -> bytes:
+        """The secret that proves a sign-in-with-x nonce was issued by this deployment (made
+        once, kept in the store: every process and replica shares it)."""
         ...
 
     async def earnings(self, *, since: float, by: str) -> list[Earnings]:

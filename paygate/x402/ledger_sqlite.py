@@ -21,6 +21,7 @@ import asyncio
 import builtins
 import functools
 import os
+import secrets
 import sqlite3
 import time
 import uuid
@@ -73,7 +74,7 @@ T = TypeVar("T")
 #: v1: the ledger as first released (payments, ledger_schema). v2: leases (owner, lease epoch,
 #: expiry) and the payment_events history. v3: metering (scheme, model, usage, amounts owed and
 #: moved) and the free quota's tables.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
 
 # MIGRATIONS[n] takes a ledger from schema n-1 to n. Append, never edit a released step.
@@ -139,6 +140,15 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         " used INTEGER NOT NULL, PRIMARY KEY (payer, day))",
         "CREATE TABLE signin_nonces (nonce TEXT PRIMARY KEY, payer TEXT NOT NULL,"
         " used_at REAL NOT NULL)",
+    ),
+    # Budgets count a payment by when it last counted (admitted, re-admitted after a release,
+    # settled), not by when its record was created; the key that proves a sign-in nonce was
+    # issued here (shared by every process on the ledger).
+    4: (
+        "ALTER TABLE payments ADD COLUMN counted_at REAL",
+        "UPDATE payments SET counted_at = updated_at",
+        "CREATE INDEX payments_payer_counted ON payments (payer, counted_at)",
+        "CREATE TABLE signin_key (id INTEGER PRIMARY KEY CHECK (id = 1), secret TEXT NOT NULL)",
     ),
 }
 
@@ -549,8 +559,9 @@ class SqliteLedger:
                 self._conn.execute(
                     "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount,"
                     " x402_version, route, state, served, payload, requirements, idempotency_key,"
-                    " attempts, created_at, updated_at, owner, lease, lease_until, scheme, model)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?, ?, 1, ?, ?, ?)",
+                    " attempts, created_at, updated_at, owner, lease, lease_until, scheme, model,"
+                    " counted_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?, ?, 1, ?, ?, ?, ?)",
                     (
                         payment_id,
                         *key,
@@ -568,6 +579,7 @@ class SqliteLedger:
                         until,
                         values["scheme"],
                         values["model"],
+                        now,
                     ),
                 )
             elif existing.state is PaymentState.RELEASED:
@@ -579,7 +591,7 @@ class SqliteLedger:
                     " x402_version = ?, route = ?, payload = ?, requirements = ?,"
                     " idempotency_key = COALESCE(?, idempotency_key), error = NULL,"
                     " scheme = ?, model = ?, tokens_in = NULL, tokens_out = NULL,"
-                    " usage_source = NULL, settle_amount = NULL,"
+                    " usage_source = NULL, settle_amount = NULL, counted_at = ?,"
                     " updated_at = ?, owner = ?, lease = lease + 1, lease_until = ?"
                     " WHERE id = ? AND state = ?",
                     (
@@ -594,6 +606,7 @@ class SqliteLedger:
                         values["scheme"],
                         values["model"],
                         now,
+                        now,
                         self.replica,
                         until,
                         payment_id,
@@ -607,10 +620,11 @@ class SqliteLedger:
             return record
 
     def _spent(self, asset: str, payer: str, since: float) -> int:
-        """What ``payer`` has committed on ``asset`` since ``since`` (see ``reserve``)."""
+        """What ``payer`` has committed on ``asset`` since ``since``, by when each payment last
+        counted (admitted or settled; see ``reserve``)."""
         row = self._conn.execute(
             "SELECT COALESCE(SUM(CAST(COALESCE(settled_amount, settle_amount, amount) AS INTEGER)),"
-            " 0) FROM payments WHERE asset = ? AND payer = ? AND created_at >= ?"
+            " 0) FROM payments WHERE asset = ? AND payer = ? AND counted_at >= ?"
             " AND state NOT IN (?, ?)",
             (asset, payer, since, PaymentState.RELEASED.value, PaymentState.FAILED.value),
         ).fetchone()
@@ -642,6 +656,19 @@ class SqliteLedger:
                 (payer, day),
             )
             return limit - count - 1
+
+    async def signin_key(self) -> bytes:
+        return await self._run(self._signin_key)
+
+    def _signin_key(self) -> bytes:
+        with self._write() as db:
+            row = db.execute("SELECT secret FROM signin_key WHERE id = 1").fetchone()
+            if row is None:
+                secret = secrets.token_hex(32)
+                db.execute("INSERT INTO signin_key (id, secret) VALUES (1, ?)", (secret,))
+            else:
+                secret = str(row[0])
+        return bytes.fromhex(secret)
 
     async def earnings(self, *, since: float, by: str) -> builtins.list[Earnings]:
         if by not in _GROUPS:
@@ -688,7 +715,8 @@ class SqliteLedger:
                 " tokens_in = COALESCE(?, tokens_in), tokens_out = COALESCE(?, tokens_out),"
                 " usage_source = COALESCE(?, usage_source),"
                 " settle_amount = COALESCE(?, settle_amount),"
-                " settled_amount = COALESCE(?, settled_amount)"
+                " settled_amount = COALESCE(?, settled_amount),"
+                " counted_at = CASE WHEN ? THEN ? ELSE counted_at END"
                 " WHERE id = ? AND state = ? AND lease = ?",
                 (
                     to.value,
@@ -704,6 +732,8 @@ class SqliteLedger:
                     m.source if m else None,
                     str(m.settle_amount) if m else None,
                     None if settled_amount is None else str(settled_amount),
+                    to is PaymentState.SETTLED,
+                    now,
                     current.id,
                     current.state.value,
                     current.lease,

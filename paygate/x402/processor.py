@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import re
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -181,6 +182,8 @@ class PaymentProcessor:
         # fresh wallets from one host share the host's allowance.
         self._free_per_address = free_per_address if free_per_address else free_per_day
         self._free_by_address: OrderedDict[tuple[str, str], int] = OrderedDict()
+        # Proves a sign-in nonce was issued here (the ledger's, from load_signin_key).
+        self._signin_key: bytes | None = None
         self._skew = skew_seconds
         self._min_remaining = min_remaining_seconds
         self._retry_after = str(retry_after_seconds)
@@ -188,6 +191,17 @@ class PaymentProcessor:
         self._background: set[asyncio.Task[Any]] = set()
         # Payments this process works on right now: id -> the lease epoch it holds.
         self._held: dict[str, int] = {}
+
+    async def load_signin_key(self) -> None:
+        """At start, with a free quota: the deployment's sign-in key, from the ledger."""
+        if self._free_per_day > 0:
+            self._signin_key = await self._ledger.signin_key()
+
+    @property
+    def signin_key(self) -> bytes:
+        if self._signin_key is None:  # not loaded (a processor built without a start)
+            self._signin_key = secrets.token_bytes(32)
+        return self._signin_key
 
     # --- admission ---
 
@@ -372,6 +386,7 @@ class PaymentProcessor:
                 origin=f"{parts.scheme}://{parts.netloc}",
                 networks=[a.network.caip2 for a in self.terms.accepted],
                 now=now,
+                key=self.signin_key,
             )
         except siwx.SiwxRejected as exc:
             return self.challenge(402, exc.reason, str(exc), offers, resource)
@@ -886,6 +901,7 @@ class PaymentProcessor:
                     networks=[a.network.caip2 for a in self.terms.accepted],
                     now=self._clock(),
                     statement="Sign in for today's free requests",
+                    key=self.signin_key,
                 )
             }
         return Refusal(
