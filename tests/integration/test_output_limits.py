@@ -36,11 +36,11 @@ async def forward(engine: str, path: str, body: dict[str, Any], **settings: Any)
     the reply, and the body the FAKE received (None when nothing was forwarded)."""
     fake = FakeModelServer(engine=engine)
     kind = "ollama" if engine == "ollama" else engine
-    async with running_stack(
-        fake=fake, upstream_kind=kind, max_tokens_cap=CAP, **settings
-    ) as stack:
-        async with stack.client.post(stack.url + path, json=body) as response:
-            status, headers, raw = response.status, response.headers, await response.read()
+    async with (
+        running_stack(fake=fake, upstream_kind=kind, max_tokens_cap=CAP, **settings) as stack,
+        stack.client.post(stack.url + path, json=body) as response,
+    ):
+        status, headers, raw = response.status, response.headers, await response.read()
     sent = [r for r in fake.received if r.path == path]
     forwarded = json.loads(sent[-1].body) if sent else None
     return status, headers, raw, forwarded
@@ -86,7 +86,8 @@ async def test_the_engine_gets_the_limit_the_gateway_prices(engine, fields, limi
     assert status == 200, raw
     assert forwarded is not None
     named = {k: forwarded[k] for k in LIMIT_KEYS if k in forwarded}
-    assert named and set(named.values()) == {limit}, named  # one limit, in every key named
+    assert named
+    assert set(named.values()) == {limit}, named  # one limit, in every key named
     assert served(raw) <= limit * choices
     if engine == "ollama":
         assert "n" not in forwarded
@@ -176,19 +177,23 @@ STORY = {
     ],
 )
 async def test_real_llama_server_serves_no_more_than_priced(smollm2_server, fields, limit):
-    async with running_stack(
-        upstream_url=smollm2_server.url, upstream_kind="llama-server", max_tokens_cap=CAP
-    ) as stack:
-        async with stack.client.post(stack.url + CHAT, json={**STORY, **fields}) as response:
-            status, raw = response.status, await response.read()
+    async with (
+        running_stack(
+            upstream_url=smollm2_server.url, upstream_kind="llama-server", max_tokens_cap=CAP
+        ) as stack,
+        stack.client.post(stack.url + CHAT, json={**STORY, **fields}) as response,
+    ):
+        status, raw = response.status, await response.read()
     assert status == 200, raw
     assert 1 <= served(raw) <= limit
 
 
 async def test_real_llama_server_n_is_refused_before_it(smollm2_server):
-    async with running_stack(
-        upstream_url=smollm2_server.url, upstream_kind="llama-server", max_tokens_cap=CAP
-    ) as stack:
-        async with stack.client.post(stack.url + CHAT, json={**STORY, "n": 2}) as response:
-            status, headers = response.status, response.headers
+    async with (
+        running_stack(
+            upstream_url=smollm2_server.url, upstream_kind="llama-server", max_tokens_cap=CAP
+        ) as stack,
+        stack.client.post(stack.url + CHAT, json={**STORY, "n": 2}) as response,
+    ):
+        status, headers = response.status, response.headers
     assert (status, headers["X-Paygate-Error"]) == (400, "invalid_output_limit")
