@@ -148,6 +148,7 @@ def request_shaper(settings: Settings) -> RequestShaper:
         cap=settings.max_tokens_cap,
         allowed_options=frozenset(settings.engine_options_allowed),
         running_usage=settings.running_usage,
+        limits=settings.payment_mode != "off",
     )
 
 

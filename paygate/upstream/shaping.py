@@ -13,7 +13,8 @@ For a generation route, :meth:`RequestShaper.shape`:
    that one limit into every limit key the engine reads and every one the request named.
 
 What comes out is what the gateway prices: ``tokens`` per sequence times ``choices``. Other
-routes (embeddings, ``/api/show``) get the options check only.
+routes (embeddings, ``/api/show``) get the options check only, and so does every route when
+payments are off (nothing is sold: the body is forwarded as the caller sent it).
 """
 
 from __future__ import annotations
@@ -89,8 +90,11 @@ class RequestShaper:
         cap: int,
         allowed_options: frozenset[str] = frozenset(),
         running_usage: bool = True,
+        limits: bool = True,
     ) -> None:
         self._rules = rules
+        # False (payments off: nothing is sold): options are checked, bodies pass unchanged.
+        self._limits = limits
         self._cap = cap
         self._allowed = allowed_options
         self._running_usage = running_usage
@@ -108,7 +112,7 @@ class RequestShaper:
         not a JSON object: the engine answers those itself). Raises UntrustedJSONError (the
         caller's 400) on a generation route's unparsable body, and the refusals above."""
         api = GENERATION_PATHS.get(path)
-        if api is None or not body:
+        if api is None or not body or not self._limits:
             return None
         data = jsonsafe.loads(body, max_bytes=len(body))
         if not isinstance(data, dict):

@@ -4,18 +4,24 @@ in every key the engine reads, and the engine serves no more than that.
 
 The Ollama and vLLM cases run against the FAKE model server told to mirror that engine's
 documented semantics (``FakeModelServer(engine=...)``; each engine profile cites the source);
-llama-server's run against the real llama-server with SmolLM2's real weights as well.
+llama-server's run against the real llama-server with SmolLM2's real weights as well. The
+gateway sells at a price of 0 (x402 on, every request free): the shaping is the same function
+for free, exact, upto and batch items. With payments off bodies pass as sent (options checked).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from paygate_dev.fake_model import FakeModelServer
 
-from tests.integration.gateway_support import running_stack
+from tests.integration.gateway_support import Stack, running_stack
 
 CHAT = "/v1/chat/completions"
 CAP = 16
@@ -31,13 +37,29 @@ def chat(**fields: Any) -> dict[str, Any]:
     }
 
 
+@contextlib.asynccontextmanager
+async def selling_free(**settings: Any) -> AsyncIterator[Stack]:
+    """A gateway taking x402 payments at a price of 0: every request admitted free."""
+    with tempfile.TemporaryDirectory() as work:
+        async with running_stack(
+            payment_mode="facilitator",
+            pay_to="0x" + "11" * 20,
+            network="base-sepolia",
+            facilitator_url="http://127.0.0.1:9",  # never asked: nothing is paid
+            price="0",
+            ledger_path=Path(work) / "payments.db",
+            max_tokens_cap=CAP,
+            **settings,
+        ) as stack:
+            yield stack
+
+
 async def forward(engine: str, path: str, body: dict[str, Any], **settings: Any):
     """POST ``body`` through a gateway in front of the FAKE speaking ``engine``; the status,
     the reply, and the body the FAKE received (None when nothing was forwarded)."""
     fake = FakeModelServer(engine=engine)
-    kind = "ollama" if engine == "ollama" else engine
     async with (
-        running_stack(fake=fake, upstream_kind=kind, max_tokens_cap=CAP, **settings) as stack,
+        selling_free(fake=fake, upstream_kind=engine, **settings) as stack,
         stack.client.post(stack.url + path, json=body) as response,
     ):
         status, headers, raw = response.status, response.headers, await response.read()
@@ -178,9 +200,7 @@ STORY = {
 )
 async def test_real_llama_server_serves_no_more_than_priced(smollm2_server, fields, limit):
     async with (
-        running_stack(
-            upstream_url=smollm2_server.url, upstream_kind="llama-server", max_tokens_cap=CAP
-        ) as stack,
+        selling_free(upstream_url=smollm2_server.url, upstream_kind="llama-server") as stack,
         stack.client.post(stack.url + CHAT, json={**STORY, **fields}) as response,
     ):
         status, raw = response.status, await response.read()
@@ -190,10 +210,22 @@ async def test_real_llama_server_serves_no_more_than_priced(smollm2_server, fiel
 
 async def test_real_llama_server_n_is_refused_before_it(smollm2_server):
     async with (
-        running_stack(
-            upstream_url=smollm2_server.url, upstream_kind="llama-server", max_tokens_cap=CAP
-        ) as stack,
+        selling_free(upstream_url=smollm2_server.url, upstream_kind="llama-server") as stack,
         stack.client.post(stack.url + CHAT, json={**STORY, "n": 2}) as response,
     ):
         status, headers = response.status, response.headers
     assert (status, headers["X-Paygate-Error"]) == (400, "invalid_output_limit")
+
+
+async def test_with_payments_off_bodies_pass_as_sent_but_options_are_checked():
+    fake = FakeModelServer(engine="ollama")
+    body = chat(max_tokens=0)
+    async with running_stack(fake=fake, max_tokens_cap=CAP) as stack:
+        async with stack.client.post(stack.url + CHAT, json=body) as response:
+            assert response.status == 200
+        refused = {"model": "fake-llama", "prompt": "x", "keep_alive": 0}
+        async with stack.client.post(stack.url + "/api/generate", json=refused) as response:
+            status, code = response.status, response.headers.get("X-Paygate-Error")
+    (sent,) = [r for r in fake.received if r.path == CHAT]
+    assert json.loads(sent.body) == body
+    assert (status, code) == (400, "engine_option_refused")

@@ -94,3 +94,17 @@ async def test_another_payer_has_its_own_budget_and_bucket(
     assert [status for status, _, _ in first] == [200, 200]
     assert again[0] == 429
     assert usdc.balance_of(seller) == 2 * PRICE_ATOMIC
+
+
+async def test_a_model_limit_applies_to_exact_payments_too(
+    facilitator, usdc, payer, seller, ledger
+):
+    limits = {"model:fake-llama": {"per_payer": 60, "burst": 1}}
+    async with paid_stack(
+        seller=seller, facilitator_url=facilitator.url, ledger=ledger, rate_limits=limits
+    ) as stack:
+        first = await post(stack, await v2_header(stack, payer))
+        second = await post(stack, await v2_header(stack, payer))
+    assert first[0] == 200
+    assert (second[0], second[1]["X-Paygate-Error"]) == (429, "rate_limited")
+    assert usdc.balance_of(seller) == PRICE_ATOMIC
