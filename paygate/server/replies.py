@@ -435,7 +435,10 @@ class Replies:
             code = exc.code if isinstance(exc, GatewayError) else type(exc).__name__
             self._observer.error(code)
             log.warning("reply cut mid-stream: %s", code)
-            ticket.status = 0 if ticket.status < 400 else ticket.status
+            if meter is None:
+                ticket.status = 0 if ticket.status < 400 else ticket.status
+            # else metered: what was produced before the cut is charged (the ticket's exit
+            # counts it: running usage, the engine's tokenizer, else the fallback).
             if request.transport is not None:
                 request.transport.close()
             return response

@@ -10,9 +10,11 @@ FAKE mirrors each engine (named as such); the real llama-server (SmolLM2) runs b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from paygate_dev.fake_model import FakeModelServer
 
@@ -103,6 +105,31 @@ async def test_nothing_to_count_charges_the_prompt_bound_by_default(
     assert record.tokens_in is not None
     assert record.settled_amount == IN_ATOMIC * record.tokens_in < record.amount
     assert usdc.balance_of(seller) == record.settled_amount
+
+
+async def test_an_upstream_cut_mid_stream_charges_what_it_produced(
+    facilitator, usdc, upto_payer, seller, ledger
+):
+    # fake-malformed: the first chunk, then the connection is cut mid-transfer.
+    body = {**CHAT_BODY, "model": "fake-malformed", "stream": True}
+    async with (
+        paid_stack(
+            seller=seller,
+            facilitator_url=facilitator.url,
+            ledger=ledger,
+            fake=FakeModelServer(engine="vllm"),
+            upstream_kind="vllm",
+            **upto_settings(),
+        ) as stack,
+        sdk_upto_client(upto_payer) as client,
+    ):
+        async with client.stream("POST", stack.url + CHAT, json=body) as response:
+            with contextlib.suppress(httpx.HTTPError):
+                [line async for line in response.aiter_lines()]
+        record = await settled(ledger)
+    assert (record.usage_source, record.tokens_in, record.tokens_out) == ("running", 1, 1)
+    assert record.settled_amount == charge(1, 1)
+    assert usdc.balance_of(seller) == charge(1, 1)
 
 
 # --- the real llama-server (SmolLM2, real weights) ------------------------------------------
