@@ -256,6 +256,10 @@ def x402_payments(
         pricing=token_pricing(settings),
         batch_max_items=settings.batch_max_items,
         shaper=shaper if shaper is not None else request_shaper(settings),
+        model_limits=any(
+            key.startswith(MODEL_PREFIX) and limit.per_payer is not None
+            for key, limit in settings.rate_limits.items()
+        ),
     )
 
 

@@ -338,9 +338,12 @@ class X402Payments:
         pricing: TokenPricing | None = None,
         batch_max_items: int = 16,
         shaper: RequestShaper | None = None,
+        model_limits: bool = False,
     ) -> None:
         self._batch_max_items = batch_max_items
         self._shaper = shaper
+        # A payer limit per model: the body's model must be known before the payer check.
+        self._model_limits = model_limits
         self._processor = processor
         self._prices = prices
         self._public_url = public_url
@@ -349,7 +352,7 @@ class X402Payments:
 
     @property
     def needs_body(self) -> bool:
-        return self._prices.needs_model or self._pricing is not None
+        return self._prices.needs_model or self._pricing is not None or self._model_limits
 
     @property
     def processor(self) -> PaymentProcessor:
