@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
 
@@ -230,8 +231,10 @@ def x402_payments(
     limits: RateLimits | None = None,
     events: PaymentEvents | None = None,
     shaper: RequestShaper | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> X402Payments:
     processor = PaymentProcessor(
+        clock=clock,
         events=events,
         terms=payment_terms(settings, upto_extra),
         ledger=ledger,

@@ -22,6 +22,7 @@ from paygate_dev.stack import free_port
 from enclave import KeyBackend, SoftwareKey
 from paygate.config import Settings, load_settings
 from paygate.server.app import LISTEN_BACKLOG, build_app, server_options
+from paygate.server.payments import PaymentStep
 
 TIMEOUT = aiohttp.ClientTimeout(total=15)
 
@@ -58,6 +59,7 @@ async def running_stack(
     upstream_url: str | None = None,
     fake: FakeModelServer | None = None,
     key: KeyBackend | None = None,
+    payments: PaymentStep | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Stack]:
     """The fake on a free port, and a gateway (software key in memory unless ``key`` is given,
@@ -75,7 +77,7 @@ async def running_stack(
         overrides["public_url"] = f"http://127.0.0.1:{port}"
     settings = load_settings(None, upstream_url=upstream_url or fake_url, **overrides)
     gateway_runner, url = await _serve(
-        build_app(settings, key=key), port=port, **server_options(settings)
+        build_app(settings, key=key, payments=payments), port=port, **server_options(settings)
     )
     client = aiohttp.ClientSession(timeout=TIMEOUT)
     try:
