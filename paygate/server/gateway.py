@@ -149,6 +149,8 @@ class Gateway:
                     request.method, match.upstream_path, body=body, headers=headers
                 ) as reply:
                     self._metrics.upstream_latency(match.route.name, reply.waited)
+                    if ticket.tokenizer is not None:
+                        reply.keep_text()  # what a cut stream's engine tokenizer counts
                     try:
                         return await self._replies.send(
                             request,

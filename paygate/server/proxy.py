@@ -143,6 +143,11 @@ class UpstreamReply:
         """The counts the body stated so far (a stream's running usage), even if cut short."""
         return self._reader.running if self._reader is not None else None
 
+    def keep_text(self) -> None:
+        """Keep the completion text as it passes (a metered reply; bounded)."""
+        if self._reader is not None:
+            self._reader.keep_text = True
+
     @property
     def completion_text(self) -> str:
         """The completion text the body carried so far (bounded), for counting an early end."""

@@ -139,6 +139,9 @@ class UsageReader:
         self._running: Usage | None = None
         self._text: list[str] = []
         self._text_size = 0
+        # Keep the completion text (a metered reply: counted by the engine's tokenizer if it
+        # ends early); off by default, so other replies hold no copy of it.
+        self.keep_text = False
 
     @property
     def running(self) -> Usage | None:
@@ -192,7 +195,7 @@ class UsageReader:
         running = running_of(document)
         if running is not None:
             self._running = running
-        piece = text_of(document)
+        piece = text_of(document) if self.keep_text else ""
         if piece and self._text_size < TEXT_LIMIT:
             piece = piece[: TEXT_LIMIT - self._text_size]
             self._text.append(piece)
@@ -204,7 +207,8 @@ class UsageReader:
             if self._overflow or not self._buffer:
                 return None
             document = _parsed(bytes(self._buffer))
-            self._text = [text_of(document)[:TEXT_LIMIT]]
+            if self.keep_text:
+                self._text = [text_of(document)[:TEXT_LIMIT]]
             return usage_of(document)
         if self._buffer and not self._overflow:
             self._line()  # a last line without its newline
