@@ -150,6 +150,8 @@ class Settings(BaseSettings):
     ready_probe_timeout: PositiveFloat = 2.0
     shutdown_grace_seconds: PositiveFloat = 30.0
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Per-address limits and slot pools key an IPv6 caller by this prefix (a host gets a /64).
+    ipv6_prefix_length: Annotated[int, Field(ge=32, le=128)] = 64
     # uvloop where it is installed (a dependency on Linux): the same behaviour, a cheaper loop.
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
@@ -166,8 +168,14 @@ class Settings(BaseSettings):
         default_factory=lambda: ["exact"]
     )
     token_prices: dict[str, TokenPriceSetting] = Field(default_factory=dict)
+    # Every generation request's output bound (free, exact, upto, batch items, payments off).
     max_tokens_cap: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
-    usage_fallback: Literal["max", "estimate"] = "max"
+    # A metered reply nothing could count: charge the prompt bound (default), an estimate, max.
+    usage_fallback: Literal["prompt", "estimate", "max"] = "prompt"
+    # Ask the engine for usage on every streamed chunk (llama-server, vLLM) when metering.
+    running_usage: bool = True
+    # Load-time engine options callers may send (docs/PAYMENTS.md "Engine options").
+    engine_options_allowed: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Limits and budgets: docs/PAYMENTS.md "Budgets and rate limits".
     rate_limits: dict[str, RateLimitSetting] = Field(default_factory=dict)
     payer_daily_budget: NonNegativeDecimal | None = None
@@ -180,6 +188,9 @@ class Settings(BaseSettings):
     alert_webhook_secret: SecretStr | None = None
     alert_webhook_secret_file: Path | None = None
     alert_interval_seconds: Annotated[float, Field(ge=1, le=3600)] = 10.0
+    # Free requests one client address (IPv6: its prefix) may take a day; None: as many as
+    # one wallet (free_requests_per_day).
+    free_requests_per_address_per_day: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     # POST /v1/batch/chat/completions: items per batch, items forwarded at once.
     batch_max_items: Annotated[int, Field(ge=1, le=256)] = 16
     batch_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
@@ -505,7 +516,7 @@ class Settings(BaseSettings):
             ipaddress.ip_network(item, strict=False)  # ValueError names the bad entry
         return value
 
-    @field_validator("network", mode="before")
+    @field_validator("network", "engine_options_allowed", mode="before")
     @classmethod
     def _split_networks(cls, value: Any) -> Any:
         return cls._split_proxies(value)
@@ -574,6 +585,10 @@ class Settings(BaseSettings):
                 )
         elif self.token_prices:
             raise ValueError("token_prices drive upto only: add upto to payment_schemes")
+        if self.free_requests_per_day > 0 and self.payment_mode != "off" and not self.public_url:
+            # A sign-in names the site it is for: without our own URL the only check left
+            # would be the caller's Host header, which the caller writes.
+            raise ValueError("free_requests_per_day needs public_url (PAYGATE_PUBLIC_URL)")
         return self
 
     def upstream(self) -> UpstreamConfig:

@@ -36,6 +36,7 @@ from paygate.server.assembly import (
     payment_terms,
     price_policy,
     rate_limits,
+    request_shaper,
     token_pricing,
 )
 from paygate.server.attestation import (
@@ -146,6 +147,8 @@ def build_app(
     attestation = attestation_config(settings)
     # One set of token buckets per process, shared by admission (addresses) and payments (payers).
     limits = rate_limits(settings)
+    # One output-limit and options policy for every path (paygate.upstream.shaping).
+    shaper = request_shaper(settings)
     if routes is None:
         routes = engine_routes(profile_for(settings.upstream_kind).routes())
     alerts = alert_sink(settings)  # ConfigError here, before anything listens
@@ -228,6 +231,7 @@ def build_app(
             app[METRICS],
             alerts=alerts,
             on_limit_event=app[METRICS].limit_event,
+            shaper=shaper,
         ) as built:
             app[PAYMENTS] = built
             yield
@@ -319,6 +323,7 @@ def build_app(
                 concurrency=settings.batch_concurrency,
                 item_reply_bytes=settings.max_plain_reply_bytes,
             ),
+            shaper=shaper,
             tracing=tracing,
         )
         if tlog is None:
@@ -413,6 +418,7 @@ def admission_limits(settings: Settings) -> AdmissionLimits:
         require_encryption=settings.require_encryption,
         retry_after_seconds=settings.retry_after_seconds,
         trusted_proxies=parse_networks(settings.trusted_proxies),
+        ipv6_prefix=settings.ipv6_prefix_length,
     )
 
 
@@ -447,6 +453,7 @@ def attestation_config(
         rate_per_minute=settings.attestation_rate_per_minute,
         global_rate_per_minute=settings.attestation_global_rate_per_minute,
         trusted_proxies=parse_networks(settings.trusted_proxies),
+        ipv6_prefix=settings.ipv6_prefix_length,
         retry_after_seconds=settings.retry_after_seconds,
         replica=settings.replica_id or default_replica_id(),  # as the ledger names this replica
     )

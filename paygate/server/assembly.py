@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
@@ -18,6 +19,8 @@ from paygate.economics.controls import Controls, Economics, controls_from
 from paygate.economics.store import economics_store
 from paygate.server.payments import NoPayments, PaymentStep, X402Payments
 from paygate.server.ratelimit import MODEL_PREFIX, Rate, RateLimits, RateLimitTable
+from paygate.upstream.engines import profile_for
+from paygate.upstream.shaping import RequestShaper
 from paygate.x402.chain import ChainReader, ChainSettler
 from paygate.x402.facilitator import FacilitatorSettler
 from paygate.x402.ledger import Ledger, PaymentRecord, default_replica_id
@@ -138,8 +141,18 @@ def token_pricing(settings: Settings) -> TokenPricing | None:
             model: TokenPrice(input=p.input, output=p.output, minimum=p.minimum)
             for model, p in settings.token_prices.items()
         },
-        max_tokens_cap=settings.max_tokens_cap,
         fallback=settings.usage_fallback,
+    )
+
+
+def request_shaper(settings: Settings) -> RequestShaper:
+    """The engine's generation rules, the output cap and the options callers may send."""
+    return RequestShaper(
+        profile_for(settings.upstream_kind),
+        cap=settings.max_tokens_cap,
+        allowed_options=frozenset(settings.engine_options_allowed),
+        running_usage=settings.running_usage,
+        limits=settings.payment_mode != "off",
     )
 
 
@@ -221,8 +234,11 @@ def x402_payments(
     limits: RateLimits | None = None,
     events: PaymentEvents | None = None,
     economics: Economics | None = None,
+    shaper: RequestShaper | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> X402Payments:
     processor = PaymentProcessor(
+        clock=clock,
         economics=economics,
         events=events,
         terms=payment_terms(settings, upto_extra),
@@ -234,6 +250,7 @@ def x402_payments(
         payer_check=limits.check_payer if limits is not None else None,
         daily_budget=settings.payer_daily_budget,
         free_per_day=settings.free_requests_per_day,
+        free_per_address=settings.free_requests_per_address_per_day,
         skew_seconds=settings.clock_skew_seconds,
         # Room to serve for a few seconds and still settle before the authorization expires.
         min_remaining_seconds=settings.settle_margin_seconds + MIN_REMAINING_SECONDS,
@@ -246,6 +263,11 @@ def x402_payments(
         description=settings.payment_description,
         pricing=token_pricing(settings),
         batch_max_items=settings.batch_max_items,
+        shaper=shaper if shaper is not None else request_shaper(settings),
+        model_limits=any(
+            key.startswith(MODEL_PREFIX) and limit.per_payer is not None
+            for key, limit in settings.rate_limits.items()
+        ),
     )
 
 
@@ -281,6 +303,7 @@ async def payment_step(
     events: PaymentEvents | None = None,
     alerts: AlertSink | None = None,
     on_limit_event: Callable[[str, bool], None] | None = None,
+    shaper: RequestShaper | None = None,
 ) -> AsyncIterator[PaymentStep]:
     """The configured payment step, with its ledger, settler, reconciler and lease keeper.
 
@@ -324,8 +347,10 @@ async def payment_step(
             limits=limits,
             events=events,
             economics=economics,
+            shaper=shaper,
         )
         processor = payments.processor
+        await processor.load_signin_key()
         released = await processor.release_abandoned(own=True)
         if released:
             log.info("released %d reservations left by an earlier run", released)

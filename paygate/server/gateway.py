@@ -31,6 +31,7 @@ from aiohttp import web
 from paygate import jsonsafe
 from paygate.jsonsafe import UntrustedJSONError
 from paygate.server.admission import Admission
+from paygate.server.counting import Tokenizer
 from paygate.server.errors import GatewayError, InvalidBatch, QueryNotAllowed, RouteNotFound
 from paygate.server.health import LocalHandler
 from paygate.server.limits import ConcurrencyLimiter
@@ -42,7 +43,9 @@ from paygate.server.proxy import Upstream, upstream_request_headers
 from paygate.server.receipts import request_facts, request_nonce_header
 from paygate.server.replies import Replies
 from paygate.server.routes import RouteMatch, RouteTable, Target
+from paygate.server.shaping import ItemPlan, plan_batch, shape_or_refuse
 from paygate.server.tracing import Tracing, span_facts
+from paygate.upstream.shaping import RequestShaper
 from paygate.x402.batch import ITEM_PATH, BadBatch, item_error, parse_batch
 from paygate.x402.pricing import model_of
 
@@ -72,9 +75,11 @@ class Gateway:
         local: Mapping[Target, LocalHandler],
         batch: BatchLimits | None = None,
         tracing: Tracing | None = None,
+        shaper: RequestShaper | None = None,
     ) -> None:
         self._tracing = tracing
         self._batch_limits = batch or BatchLimits()
+        self._shaper = shaper
         self._routes = routes
         self._admission = admission
         self._opener = opener
@@ -127,8 +132,19 @@ class Gateway:
             headers = upstream_request_headers(
                 request.headers, client_address=admitted.client, scheme=request.scheme
             )
-            # A metered payment bounds the output and asks for usage: its body goes upstream.
-            body = admitted.ticket.forward_body or opened.body
+            # The output-bounded body: shaped at admission (priced), else here (payments
+            # off, or a price that did not need the body) by the same function.
+            ticket = admitted.ticket
+            body = ticket.forward_body
+            if body is None:
+                shaped = None
+                if self._shaper is not None:
+                    shaped = shape_or_refuse(self._shaper, match.route.path, opened.body)
+                body = shaped.body() if shaped is not None else opened.body
+            if ticket.metered and self._shaper is not None:
+                ticket.tokenizer = Tokenizer(
+                    self._upstream, self._shaper.rules, match.route.path, body
+                )
             if body:
                 headers["Content-Type"] = "application/json"
             if self._tracing is not None:
@@ -138,6 +154,8 @@ class Gateway:
                     request.method, match.upstream_path, body=body, headers=headers
                 ) as reply:
                     self._metrics.upstream_latency(match.route.name, reply.waited)
+                    if ticket.tokenizer is not None:
+                        reply.keep_text()  # what a cut stream's engine tokenizer counts
                     try:
                         return await self._replies.send(
                             request,
@@ -161,33 +179,42 @@ class Gateway:
                             _describe(request, admitted.ticket, _model_named(opened.body))
 
     async def _batch(self, request: web.Request, match: RouteMatch) -> web.StreamResponse:
-        """``POST /v1/batch/chat/completions``: one admission (one payment for every item),
-        then each item forwarded to ``/v1/chat/completions`` (at most ``concurrency`` at once,
-        each holding an upstream slot), answered ``{"results": [...]}`` in order."""
+        """``POST /v1/batch/chat/completions``: one admission (one payment for every item that
+        passed it), then each item forwarded to ``/v1/chat/completions`` as a single request
+        would be (shaped the same way; at most ``concurrency`` at once, each holding an
+        upstream slot), answered ``{"results": [...]}`` in order.
+
+        ``exact`` moves the signed value or nothing (EIP-3009), so a paid exact batch is whole
+        or not at all: when a forwarded item fails, nothing is settled and the completions
+        of the others are withheld (``batch_incomplete``). ``upto`` charges each item served."""
         limits = self._batch_limits
         nonce = request_nonce_header(request.headers)
         async with self._admission.admit(request, match.route) as admitted:
             opened = admitted.opened or await self._opener.open(request, admitted.body)
-            try:
-                batch = parse_batch(opened.body, max_items=limits.max_items)
-            except BadBatch as exc:
-                raise InvalidBatch(str(exc)) from None
-            bodies = admitted.ticket.item_bodies(batch.items)
+            ticket = admitted.ticket
+            plan = ticket.batch_plan
+            if plan is None:
+                try:
+                    batch = parse_batch(opened.body, max_items=limits.max_items)
+                except BadBatch as exc:
+                    raise InvalidBatch(str(exc)) from None
+                plan = plan_batch(self._shaper, batch)
+                ticket.batch_plan = plan
             headers = upstream_request_headers(
                 request.headers, client_address=admitted.client, scheme=request.scheme
             )
             headers["Content-Type"] = "application/json"
             gate = asyncio.Semaphore(limits.concurrency)
 
-            async def one(index: int) -> tuple[Any, bool, Any, int]:
-                refused = batch.refused[index]
-                if refused is not None:
-                    return item_error(refused, "invalid_batch_item", 400), False, None, 0
+            async def one(item: ItemPlan) -> tuple[Any, bool, Any, int]:
+                if item.refusal is not None or item.body is None:
+                    message, code, status = item.refusal or ("refused", "invalid_batch_item", 400)
+                    return item_error(message, code, status), False, None, 0
                 async with gate:
                     try:
                         with self._limiter.slot():
                             async with self._upstream.exchange(
-                                "POST", ITEM_PATH, body=bodies[index], headers=headers
+                                "POST", ITEM_PATH, body=item.body, headers=headers
                             ) as reply:
                                 raw = await reply.read_bounded(limits.item_reply_bytes)
                                 status, usage = reply.status, reply.usage
@@ -208,13 +235,15 @@ class Gateway:
                     return item_error(_message(document), "upstream_error", status), False, None, 0
                 return document, True, usage, len(raw)
 
-            answers = await asyncio.gather(*(one(i) for i in range(len(batch.items))))
+            answers = await asyncio.gather(*(one(item) for item in plan))
+            if ticket.paid and not ticket.metered:
+                answers = _whole_or_nothing(plan, answers)
             body = json.dumps(
                 {"results": [document for document, _, _, _ in answers]}, separators=(",", ":")
             ).encode()
             return await self._replies.send_document(
                 opened.reply,
-                admitted.ticket,
+                ticket,
                 body,
                 items=[(ok, usage, size) for _, ok, usage, size in answers],
                 facts=request_facts(
@@ -237,6 +266,21 @@ def _describe(request: web.Request, ticket: Any, model: str | None) -> None:
     if ticket.usage is not None:
         span.input_tokens = ticket.usage.prompt_tokens
         span.output_tokens = ticket.usage.completion_tokens
+
+
+def _whole_or_nothing(
+    plan: tuple[ItemPlan, ...], answers: list[tuple[Any, bool, Any, int]]
+) -> list[tuple[Any, bool, Any, int]]:
+    """An exact batch settles every forwarded item or none: with one failed, the others'
+    completions are withheld (unpaid) and every item reads as failed."""
+    if all(ok for item, (_, ok, _, _) in zip(plan, answers, strict=True) if item.forwarded):
+        return answers
+    withheld = item_error(
+        "withheld: another item of this exact batch failed, so nothing was charged",
+        "batch_incomplete",
+        502,
+    )
+    return [(withheld if ok else doc, False, None, 0) for doc, ok, _, _ in answers]
 
 
 def _message(document: Any) -> str:

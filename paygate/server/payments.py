@@ -26,9 +26,12 @@ from aiohttp import web
 
 from paygate import wire
 from paygate.jsonsafe import UntrustedJSONError
+from paygate.server.counting import Tokenizer, usage_from
 from paygate.server.errors import ApiStyle, GatewayError, InvalidBatch, InvalidJSON, error_response
 from paygate.server.proxy import UpstreamReply
 from paygate.server.routes import Route
+from paygate.server.shaping import ItemPlan, metered_quote, plan_batch, shape_or_refuse
+from paygate.upstream.shaping import RequestShaper, Shaped
 from paygate.x402 import codec
 from paygate.x402.batch import ITEM_PATH as BATCH_ITEM_PATH
 from paygate.x402.batch import BadBatch, parse_batch
@@ -73,7 +76,9 @@ class Ticket:
         "_item_quotes",
         "_processor",
         "_quote",
+        "_shaped_body",
         "_watched",
+        "batch_plan",
         "caller_gone",
         "delivered",
         "model",
@@ -81,6 +86,7 @@ class Ticket:
         "route",
         "settle_seconds",
         "status",
+        "tokenizer",
         "usage",
     )
 
@@ -92,15 +98,23 @@ class Ticket:
         admission: Admission | None = None,
         processor: PaymentProcessor | None = None,
         quote: Quote | None = None,
-        fallback: Fallback = "max",
+        fallback: Fallback = "prompt",
         item_quotes: tuple[Quote, ...] | None = None,
         model: str | None = None,
+        shaped_body: bytes | None = None,
+        batch_plan: tuple[ItemPlan, ...] | None = None,
     ) -> None:
         self.route = route
         self.model = model  # the model the request named, when its body was read first
         # The model server's stated usage, set by the gateway when the reply has ended.
         self.usage: Usage | None = None
         self.settle_seconds: float | None = None  # how long the settle call took (traces)
+        # A batch's items as admission planned and priced them (None: not planned yet).
+        self.batch_plan = batch_plan
+        # The output-bounded body (paygate.upstream.shaping) when admission shaped it.
+        self._shaped_body = shaped_body
+        # The engine's tokenizer for this request (set by the gateway): counts an early end.
+        self.tokenizer: Tokenizer | None = None
         self._item_quotes = item_quotes  # a metered batch: one quote per item
         self.price = price
         self._admission = admission
@@ -128,15 +142,10 @@ class Ticket:
             and (self._quote is not None or self._item_quotes is not None)
         )
 
-    def item_bodies(self, items: tuple[bytes, ...]) -> tuple[bytes, ...]:
-        """A batch's bodies for the model server (metered: each output-bounded)."""
-        if self.metered and self._item_quotes is not None:
-            return tuple(q.body for q in self._item_quotes)
-        return items
-
     def meter_items(self, items: list[tuple[bool, Usage | None, int]]) -> None:
-        """A metered batch's meter: per item (succeeded, usage, reply bytes) priced with its
-        own quote (failed items cost nothing), summed, capped by the authorization."""
+        """A metered batch's meter: per forwarded item (succeeded, usage, reply bytes) priced
+        with its own quote (failed and refused items cost nothing), summed, capped by the
+        authorization."""
         admission = self._admission
         if not self.metered or admission is None or admission.meter is not None:
             return
@@ -144,9 +153,12 @@ class Ticket:
         assert self._processor is not None
         assert admission.record is not None
         decimals = self._processor.decimals(admission.record.network)
+        plan = self.batch_plan or ()
+        items = [item for item, p in zip(items, plan, strict=True) if p.forwarded]
         meters = [
             quote.charge(
                 usage,
+                source="upstream",
                 reply_bytes=size,
                 decimals=decimals,
                 maximum=to_atomic_ceiling(quote.maximum, decimals),
@@ -165,11 +177,11 @@ class Ticket:
 
     @property
     def forward_body(self) -> bytes | None:
-        """The body the model server gets instead of the caller's (metered: output bounded,
-        stream usage asked for), or None."""
-        if not self.metered or self._quote is None or self._item_quotes is not None:
-            return None
-        return self._quote.body
+        """The body the model server gets instead of the caller's (output bounded; metered:
+        stream usage asked for too), or None when admission did not shape it."""
+        if self.metered and self._quote is not None and self._item_quotes is None:
+            return self._quote.body
+        return self._shaped_body
 
     @property
     def strip_usage(self) -> bool:
@@ -179,8 +191,30 @@ class Ticket:
         """The metered reply being streamed, for a meter taken when it ends early."""
         self._watched = (reply, counted)
 
-    def meter(self, usage: Usage | None, *, reply_bytes: int) -> None:
-        """Record what a metered reply used (None: the upstream said nothing), once, before
+    async def measure(self, reply: UpstreamReply, *, reply_bytes: int) -> None:
+        """Meter a metered reply by the best count there is, once, before :meth:`settle`: the
+        usage the engine reported at the end; else its running counts (a stream cut short);
+        else the engine's tokenizer on the completion delivered; else the fallback."""
+        admission = self._admission
+        if not self.metered or admission is None or admission.meter is not None:
+            return
+        assert self._quote is not None
+        if reply.usage is not None:
+            self.meter(reply.usage, source="upstream", reply_bytes=reply_bytes)
+        elif reply.running_usage is not None:
+            self.meter(reply.running_usage, source="running", reply_bytes=reply_bytes)
+        else:
+            counted = None
+            if self.tokenizer is not None:
+                counted = await self.tokenizer.count(reply.completion_text)
+            if counted is not None:
+                usage = usage_from(counted, self._quote.prompt_bound)
+                self.meter(usage, source="tokenizer", reply_bytes=reply_bytes)
+            else:
+                self.meter(None, reply_bytes=reply_bytes)
+
+    def meter(self, usage: Usage | None, *, source: str = "upstream", reply_bytes: int) -> None:
+        """Record what a metered reply used (None: nothing could be counted), once, before
         :meth:`settle`; the charge follows the token prices, capped by the authorization."""
         admission = self._admission
         if not self.metered or admission is None or admission.meter is not None:
@@ -190,6 +224,7 @@ class Ticket:
         assert admission.record is not None
         admission.meter = self._quote.charge(
             usage,
+            source=source,
             reply_bytes=reply_bytes,
             decimals=self._processor.decimals(admission.record.network),
             maximum=admission.record.amount,
@@ -280,7 +315,7 @@ class Ticket:
             # what the reader saw, else the fallback.
             if self._watched is not None:
                 reply, counted = self._watched
-                self.meter(reply.usage, reply_bytes=counted.bytes_seen)
+                await self.measure(reply, reply_bytes=counted.bytes_seen)
             else:
                 self.meter(None, reply_bytes=0)
         await self._processor.finish(
@@ -313,9 +348,10 @@ class PaymentStep(Protocol):
         ...
 
     def admit(
-        self, request: web.Request, route: Route, *, body: bytes | None = None
+        self, request: web.Request, route: Route, *, body: bytes | None = None, client: str = ""
     ) -> AbstractAsyncContextManager[Ticket]:
-        """Admit the request for the block (a ticket) or raise :class:`PaymentRefused`."""
+        """Admit the request for the block (a ticket) or raise :class:`PaymentRefused`;
+        ``client`` is the caller's address key (per-address limits of free requests)."""
         ...
 
     async def close(self, timeout: float) -> None:
@@ -335,7 +371,7 @@ class NoPayments:
 
     @contextlib.asynccontextmanager
     async def admit(
-        self, request: web.Request, route: Route, *, body: bytes | None = None
+        self, request: web.Request, route: Route, *, body: bytes | None = None, client: str = ""
     ) -> AsyncIterator[Ticket]:
         yield Ticket(route)
 
@@ -355,8 +391,13 @@ class X402Payments:
         description: str = "paygate inference",
         pricing: TokenPricing | None = None,
         batch_max_items: int = 16,
+        shaper: RequestShaper | None = None,
+        model_limits: bool = False,
     ) -> None:
         self._batch_max_items = batch_max_items
+        self._shaper = shaper
+        # A payer limit per model: the body's model must be known before the payer check.
+        self._model_limits = model_limits
         self._processor = processor
         self._prices = prices
         self._public_url = public_url
@@ -370,6 +411,7 @@ class X402Payments:
             self._prices.needs_model
             or self._pricing is not None
             or (economics is not None and economics.needs_model)
+            or self._model_limits
         )
 
     @property
@@ -378,21 +420,31 @@ class X402Payments:
 
     @contextlib.asynccontextmanager
     async def admit(
-        self, request: web.Request, route: Route, *, body: bytes | None = None
+        self, request: web.Request, route: Route, *, body: bytes | None = None, client: str = ""
     ) -> AsyncIterator[Ticket]:
         if not route.paid:
             yield Ticket(route)
             return
+        shaped_body: bytes | None = None
         try:
             model = None
             if route.target == "batch":
-                price, quote, items = self._batch_terms(body or b"")
+                price, quote, items, plan = self._batch_terms(body or b"")
+                forwarded = [p for p in plan if p.forwarded]
+                model = forwarded[0].model if forwarded else None
+                checks = tuple((f"POST {BATCH_ITEM_PATH}", p.model) for p in forwarded)
             else:
-                model = model_of(body) if body is not None else None
+                shaped, plan, checks = None, None, ()
+                if body is not None and self._shaper is not None:
+                    shaped = shape_or_refuse(self._shaper, route.path, body)
+                model = shaped.model if shaped is not None else None
+                if model is None and body is not None:
+                    model = model_of(body)
                 price = self._prices.price(method=route.method, path=route.path, model=model)
                 quote, items = None, None
-                if self._pricing is not None and body is not None:
-                    quote = self._pricing.quote(route.path, body)
+                if shaped is not None:
+                    shaped_body = shaped.body()
+                    quote = self._quote(body or b"", shaped)
         except UntrustedJSONError:
             raise InvalidJSON from None
         admitted = await self._processor.admit(
@@ -405,9 +457,11 @@ class X402Payments:
             ),
             route=route.name,
             maximum=quote.maximum if quote is not None else None,
-            model=quote.model if quote is not None else None,
+            model=model,
             upto_extra=quote.offer_extra() if quote is not None else (),
             request_model=model,
+            items=checks,
+            client=client,
         )
         if isinstance(admitted, Refusal):
             raise PaymentRefused(refusal_response(admitted, route), admitted.code)
@@ -417,9 +471,11 @@ class X402Payments:
             admission=admitted,
             processor=self._processor,
             quote=quote,
-            fallback=self._pricing.fallback if self._pricing is not None else "max",
+            fallback=self._pricing.fallback if self._pricing is not None else "prompt",
             item_quotes=items,
             model=quote.model if quote is not None else model,
+            shaped_body=shaped_body,
+            batch_plan=plan,
         )
         try:
             yield ticket
@@ -430,25 +486,37 @@ class X402Payments:
             # Shielded: a second cancellation must not cut the ledger write short.
             await asyncio.shield(ticket._finish())
 
-    def _batch_terms(self, body: bytes) -> tuple[Decimal, Quote | None, tuple[Quote, ...] | None]:
-        """A batch's price (the items' prices summed), its upto terms as one quote (the maxima
-        summed; the model of the first item names it) and the items' own quotes."""
+    def _quote(self, body: bytes, shaped: Shaped) -> Quote | None:
+        """The upto terms of a shaped request (None: no token price, or upto not offered)."""
+        if self._pricing is None or self._shaper is None:
+            return None
+        return metered_quote(self._pricing, self._shaper, body, shaped)
+
+    def _batch_terms(
+        self, body: bytes
+    ) -> tuple[Decimal, Quote | None, tuple[Quote, ...] | None, tuple[ItemPlan, ...]]:
+        """A batch's plan (each item shaped or refused, as a single request), its price (the
+        forwarded items' prices summed: a refused item is not priced), its upto terms as one
+        quote (the maxima summed; the first forwarded item's model names it) and the
+        forwarded items' own quotes."""
         try:
             batch = parse_batch(body, max_items=self._batch_max_items)
         except BadBatch as exc:
             raise InvalidBatch(str(exc)) from None
+        plan = plan_batch(self._shaper, batch)
+        forwarded = [p for p in plan if p.forwarded]
         price = sum(
             (
-                self._prices.price(method="POST", path=BATCH_ITEM_PATH, model=m)
-                for m in batch.models
+                self._prices.price(method="POST", path=BATCH_ITEM_PATH, model=p.model)
+                for p in forwarded
             ),
             Decimal(0),
         )
-        if self._pricing is None:
-            return price, None, None
-        quotes = [self._pricing.quote(BATCH_ITEM_PATH, item) for item in batch.items]
+        if self._pricing is None or not forwarded:
+            return price, None, None, plan
+        quotes = [self._quote(p.source, p.shaped) if p.shaped else None for p in forwarded]
         if any(q is None for q in quotes):
-            return price, None, None  # an item without a token price: exact only
+            return price, None, None, plan  # an item without a token price: exact only
         items = tuple(q for q in quotes if q is not None)
         first = items[0]
         total = Quote(
@@ -460,7 +528,12 @@ class X402Payments:
             body=b"",
             strip_usage=False,
         )
-        return price, total, items
+        # The metered bodies (output bounded) replace the planned ones.
+        bodies = iter(q.body for q in items)
+        plan = tuple(
+            ItemPlan(next(bodies), p.model, p.shaped, p.source) if p.forwarded else p for p in plan
+        )
+        return price, total, items, plan
 
     async def close(self, timeout: float) -> None:
         await self._processor.drain(timeout)

@@ -130,12 +130,28 @@ class UpstreamReply:
         # Token usage as the model server states it, read from the body as it passes (set
         # once the body has been read to its end; None if it said nothing).
         self.usage: Usage | None = None
-        self._usage_reader = UsageReader(self.content_type) if self.status < 400 else None
+        self._reader = UsageReader(self.content_type) if self.status < 400 else None
+        self._usage_reader = self._reader  # None once the body has ended
         self._on_usage = on_usage
         self.headers = relayed_response_headers(response.headers)
         encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
         # The length still describes the body we relay only if nothing had to be decoded.
         self.plain_length = response.content_length if encoding == "identity" else None
+
+    @property
+    def running_usage(self) -> Usage | None:
+        """The counts the body stated so far (a stream's running usage), even if cut short."""
+        return self._reader.running if self._reader is not None else None
+
+    def keep_text(self) -> None:
+        """Keep the completion text as it passes (a metered reply; bounded)."""
+        if self._reader is not None:
+            self._reader.keep_text = True
+
+    @property
+    def completion_text(self) -> str:
+        """The completion text the body carried so far (bounded), for counting an early end."""
+        return self._reader.text if self._reader is not None else ""
 
     @property
     def waited(self) -> float:

@@ -347,7 +347,7 @@ class Replies:
         if ticket.paid and not ticket.settles:
             await ticket.give_up()
         if ticket.settles:
-            ticket.meter(reply.usage, reply_bytes=len(body))
+            await ticket.measure(reply, reply_bytes=len(body))
         receipt = await ticket.settle() if ticket.settles else ticket.known_receipt
         sealed = not isinstance(plan, PlainReply)
         if receipt is not None and receipt.withhold:
@@ -444,7 +444,7 @@ class Replies:
                 lambda: self._observer.first_chunk(route, _since(started)),
             )
             if meter is not None:
-                ticket.meter(reply.usage, reply_bytes=meter.bytes_seen)
+                await ticket.measure(reply, reply_bytes=meter.bytes_seen)
             receipt = await ticket.settle() if inband else None
             tail = await chain.finish(StreamEnd(receipt=receipt, error=error))
             if tail:
@@ -459,7 +459,10 @@ class Replies:
             code = exc.code if isinstance(exc, GatewayError) else type(exc).__name__
             self._observer.error(code)
             log.warning("reply cut mid-stream: %s", code)
-            ticket.status = 0 if ticket.status < 400 else ticket.status
+            if meter is None:
+                ticket.status = 0 if ticket.status < 400 else ticket.status
+            # else metered: what was produced before the cut is charged (the ticket's exit
+            # counts it: running usage, the engine's tokenizer, else the fallback).
             if request.transport is not None:
                 request.transport.close()
             return response

@@ -143,7 +143,7 @@ class PaymentRecord:
     # Metering (upto): recorded with SERVED, before settlement, so a restart settles the same.
     tokens_in: int | None = None
     tokens_out: int | None = None
-    usage_source: str | None = None  # "upstream" | "fallback-max" | "fallback-estimate"
+    usage_source: str | None = None  # one of USAGE_SOURCES
     settle_amount: int | None = None  # atomic units owed; None: ``amount`` (exact)
     settled_amount: int | None = None  # atomic units moved, once SETTLED
 
@@ -208,9 +208,12 @@ class Ledger(Protocol):
         With a ``budget``, in the same transaction: the payer's spend on this asset since
         ``budget.since`` (authorized amounts until settled, then what moved; released and
         failed payments count nothing) plus ``amount`` must stay within ``budget.limit``, else
-        :class:`BudgetExceeded` — so concurrent requests cannot overspend. ``budgets`` (the
-        economics controls' windows, ``paygate.economics``) are checked the same way, each
-        with its own ``since``; the exception names the one passed.
+        :class:`BudgetExceeded` — so concurrent requests cannot overspend. A payment counts
+        in the window it was last admitted (reserved, or re-reserved after a release) or
+        settled in, never by its record's creation: an authorization released yesterday and
+        served today counts today. ``budgets`` (the economics
+        controls' windows, ``paygate.economics``) are checked the same way, each with its own
+        ``since``; the exception names the one passed.
 
         A RELEASED record with that key is re-claimed instead (same id, attempts kept). Any
         other existing record raises :class:`AlreadyReserved` carrying it. An idempotency key
@@ -308,6 +311,11 @@ class Ledger(Protocol):
         """Take one of ``payer``'s ``limit`` free requests of ``day`` (UTC, YYYY-MM-DD) with a
         sign-in ``nonce`` (used once, ever: :class:`SignInReused`). The requests left after
         this one, or None when none was left (nothing recorded)."""
+        ...
+
+    async def signin_key(self) -> bytes:
+        """The secret that proves a sign-in-with-x nonce was issued by this deployment (made
+        once, kept in the store: every process and replica shares it)."""
         ...
 
     async def earnings(self, *, since: float, by: str) -> list[Earnings]:
@@ -411,7 +419,7 @@ class Meter:
 
     tokens_in: int
     tokens_out: int
-    source: str  # "upstream" | "fallback-max" | "fallback-estimate"
+    source: str  # how the usage was obtained: one of USAGE_SOURCES
     settle_amount: int  # atomic units, at most the authorized amount
 
     def __post_init__(self) -> None:
@@ -421,7 +429,16 @@ class Meter:
             raise ValueError(f"usage source must be one of {', '.join(USAGE_SOURCES)}")
 
 
-USAGE_SOURCES = ("upstream", "fallback-max", "fallback-estimate")
+# How a metered request's usage was obtained: the engine's final report, its running counts
+# (a stream cut short), its tokenizer on what was delivered, or the operator's fallback.
+USAGE_SOURCES = (
+    "upstream",
+    "running",
+    "tokenizer",
+    "fallback-prompt",
+    "fallback-max",
+    "fallback-estimate",
+)
 SCHEME_NAMES = ("exact", "upto")
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -85,8 +86,8 @@ Conn = Any  # psycopg.AsyncConnection[dict[str, Any]]
 
 #: Same numbering as the SQLite ledger: v1 the first ledger, v2 leases and history, v3 metering
 #: and the free quota, v4 the economics controls and the console's tables, v5 the transparency log,
-#: v6 signed receipts.
-SCHEMA_VERSION = 6
+#: v6 signed receipts, v7 budgets by when a payment counted and the sign-in key.
+SCHEMA_VERSION = 7
 _STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
 _MIGRATION_LOCK = 0x70617967  # pg_advisory_xact_lock key: one migrator at a time ("payg")
 
@@ -190,6 +191,14 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
         "CREATE INDEX receipts_created ON receipts (created_at)",
         "CREATE INDEX payments_nonce ON payments (nonce)",
+    ),
+    # Budgets by when a payment last counted (admitted, re-admitted, settled); the sign-in
+    # nonce key. See ledger_sqlite's step 7.
+    7: (
+        "ALTER TABLE payments ADD COLUMN counted_at double precision",
+        "UPDATE payments SET counted_at = updated_at",
+        "CREATE INDEX payments_payer_counted ON payments (payer, counted_at)",
+        "CREATE TABLE signin_key (id integer PRIMARY KEY CHECK (id = 1), secret text NOT NULL)",
     ),
 }
 
@@ -388,6 +397,17 @@ class PostgresLedger:
         if not 0 < len(nonce) <= 128 or not 0 < len(day) <= 16 or limit < 0:
             raise ValueError("nonce, day or limit out of range")
         return await self._run(self._take_free, checked, nonce, day, limit)
+
+    async def signin_key(self) -> bytes:
+        return await self._run(self._signin_key)
+
+    async def _signin_key(self, conn: Conn) -> bytes:
+        await conn.execute(
+            "INSERT INTO signin_key (id, secret) VALUES (1, %s) ON CONFLICT (id) DO NOTHING",
+            (secrets.token_hex(32),),
+        )
+        row = await (await conn.execute("SELECT secret FROM signin_key WHERE id = 1")).fetchone()
+        return bytes.fromhex(str(row["secret"]))
 
     async def earnings(self, *, since: float, by: str) -> builtins.list[Earnings]:
         if by not in _GROUPS:
@@ -704,7 +724,7 @@ class PostgresLedger:
             row = await (
                 await conn.execute(
                     "SELECT COALESCE(SUM(COALESCE(settled_amount, settle_amount, amount)), 0)"
-                    " AS spent FROM payments WHERE asset = %s AND payer = %s AND created_at >= %s"
+                    " AS spent FROM payments WHERE asset = %s AND payer = %s AND counted_at >= %s"
                     " AND state <> ALL(%s) AND NOT (network = %s AND nonce = %s)",
                     (key[1], key[2], budget.since, ["released", "failed"], key[0], key[3]),
                 )
@@ -717,9 +737,10 @@ class PostgresLedger:
             await conn.execute(
                 "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount,"  # noqa: S608 - constant columns
                 " x402_version, route, state, served, payload, requirements, idempotency_key,"
-                " attempts, created_at, updated_at, owner, lease, lease_until, scheme, model)"
+                " attempts, created_at, updated_at, owner, lease, lease_until, scheme, model,"
+                " counted_at)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s::numeric, %s, %s, 'reserved', false,"
-                " %s, %s, %s, 0, %s, %s, %s, 1, %s, %s, %s)"
+                " %s, %s, %s, 0, %s, %s, %s, 1, %s, %s, %s, %s)"
                 " ON CONFLICT (network, asset, payer, nonce) DO UPDATE SET"
                 " state = 'reserved', served = false, pay_to = excluded.pay_to,"
                 " amount = excluded.amount, x402_version = excluded.x402_version,"
@@ -729,6 +750,7 @@ class PostgresLedger:
                 " error = NULL, updated_at = excluded.updated_at, owner = excluded.owner,"
                 " scheme = excluded.scheme, model = excluded.model, tokens_in = NULL,"
                 " tokens_out = NULL, usage_source = NULL, settle_amount = NULL,"
+                " counted_at = excluded.counted_at,"
                 " lease = payments.lease + 1, lease_until = excluded.lease_until"
                 " WHERE payments.state = 'released'"
                 f" RETURNING {_COLUMNS}",
@@ -748,6 +770,7 @@ class PostgresLedger:
                     now + self.lease_seconds,
                     values["scheme"],
                     values["model"],
+                    now,
                 ),
             )
         ).fetchone()
@@ -793,7 +816,8 @@ class PostgresLedger:
                 " tokens_in = COALESCE(%s, tokens_in), tokens_out = COALESCE(%s, tokens_out),"
                 " usage_source = COALESCE(%s, usage_source),"
                 " settle_amount = COALESCE(%s::numeric, settle_amount),"
-                " settled_amount = COALESCE(%s::numeric, settled_amount)"
+                " settled_amount = COALESCE(%s::numeric, settled_amount),"
+                " counted_at = CASE WHEN %s THEN %s ELSE counted_at END"
                 f" WHERE id = %s AND state = %s AND lease = %s RETURNING {_COLUMNS}",
                 (
                     to.value,
@@ -809,6 +833,8 @@ class PostgresLedger:
                     m.source if m else None,
                     str(m.settle_amount) if m else None,
                     None if settled_amount is None else str(settled_amount),
+                    to is PaymentState.SETTLED,
+                    now,
                     current.id,
                     current.state.value,
                     current.lease,

@@ -21,6 +21,7 @@ import asyncio
 import builtins
 import functools
 import os
+import secrets
 import sqlite3
 import time
 import uuid
@@ -79,7 +80,8 @@ T = TypeVar("T")
 #: moved) and the free quota's tables. v4: the economics controls and the console (token usage,
 #: limit events, alert claims, one-time console logins; paygate.economics, paygate.console).
 #: v5: the transparency log (paygate.tlog). v6: signed receipts, payments by nonce.
-SCHEMA_VERSION = 6
+#: v7: budgets by when a payment counted, the sign-in key.
+SCHEMA_VERSION = 7
 _STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
 
 # MIGRATIONS[n] takes a ledger from schema n-1 to n. Append, never edit a released step.
@@ -189,6 +191,15 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
         "CREATE INDEX receipts_created ON receipts (created_at)",
         "CREATE INDEX payments_nonce ON payments (nonce)",
+    ),
+    # Budgets count a payment by when it last counted (admitted, re-admitted after a release,
+    # settled), not by when its record was created; the key that proves a sign-in nonce was
+    # issued here (shared by every process on the ledger).
+    7: (
+        "ALTER TABLE payments ADD COLUMN counted_at REAL",
+        "UPDATE payments SET counted_at = updated_at",
+        "CREATE INDEX payments_payer_counted ON payments (payer, counted_at)",
+        "CREATE TABLE signin_key (id INTEGER PRIMARY KEY CHECK (id = 1), secret TEXT NOT NULL)",
     ),
 }
 
@@ -603,8 +614,9 @@ class SqliteLedger:
                 self._conn.execute(
                     "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount,"
                     " x402_version, route, state, served, payload, requirements, idempotency_key,"
-                    " attempts, created_at, updated_at, owner, lease, lease_until, scheme, model)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?, ?, 1, ?, ?, ?)",
+                    " attempts, created_at, updated_at, owner, lease, lease_until, scheme, model,"
+                    " counted_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?, ?, 1, ?, ?, ?, ?)",
                     (
                         payment_id,
                         *key,
@@ -622,6 +634,7 @@ class SqliteLedger:
                         until,
                         values["scheme"],
                         values["model"],
+                        now,
                     ),
                 )
             elif existing.state is PaymentState.RELEASED:
@@ -633,7 +646,7 @@ class SqliteLedger:
                     " x402_version = ?, route = ?, payload = ?, requirements = ?,"
                     " idempotency_key = COALESCE(?, idempotency_key), error = NULL,"
                     " scheme = ?, model = ?, tokens_in = NULL, tokens_out = NULL,"
-                    " usage_source = NULL, settle_amount = NULL,"
+                    " usage_source = NULL, settle_amount = NULL, counted_at = ?,"
                     " updated_at = ?, owner = ?, lease = lease + 1, lease_until = ?"
                     " WHERE id = ? AND state = ?",
                     (
@@ -648,6 +661,7 @@ class SqliteLedger:
                         values["scheme"],
                         values["model"],
                         now,
+                        now,
                         self.replica,
                         until,
                         payment_id,
@@ -661,10 +675,11 @@ class SqliteLedger:
             return record
 
     def _spent(self, asset: str, payer: str, since: float) -> int:
-        """What ``payer`` has committed on ``asset`` since ``since`` (see ``reserve``)."""
+        """What ``payer`` has committed on ``asset`` since ``since``, by when each payment last
+        counted (admitted or settled; see ``reserve``)."""
         row = self._conn.execute(
             "SELECT COALESCE(SUM(CAST(COALESCE(settled_amount, settle_amount, amount) AS INTEGER)),"
-            " 0) FROM payments WHERE asset = ? AND payer = ? AND created_at >= ?"
+            " 0) FROM payments WHERE asset = ? AND payer = ? AND counted_at >= ?"
             " AND state NOT IN (?, ?)",
             (asset, payer, since, PaymentState.RELEASED.value, PaymentState.FAILED.value),
         ).fetchone()
@@ -753,6 +768,19 @@ class SqliteLedger:
         ).fetchall()
         return [StoredReceipt(r[0], r[1], r[2], float(r[3])) for r in rows]
 
+    async def signin_key(self) -> bytes:
+        return await self._run(self._signin_key)
+
+    def _signin_key(self) -> bytes:
+        with self._write() as db:
+            row = db.execute("SELECT secret FROM signin_key WHERE id = 1").fetchone()
+            if row is None:
+                secret = secrets.token_hex(32)
+                db.execute("INSERT INTO signin_key (id, secret) VALUES (1, ?)", (secret,))
+            else:
+                secret = str(row[0])
+        return bytes.fromhex(secret)
+
     async def earnings(self, *, since: float, by: str) -> builtins.list[Earnings]:
         if by not in _GROUPS:
             raise ValueError(f"by must be one of {', '.join(_GROUPS)}")
@@ -798,7 +826,8 @@ class SqliteLedger:
                 " tokens_in = COALESCE(?, tokens_in), tokens_out = COALESCE(?, tokens_out),"
                 " usage_source = COALESCE(?, usage_source),"
                 " settle_amount = COALESCE(?, settle_amount),"
-                " settled_amount = COALESCE(?, settled_amount)"
+                " settled_amount = COALESCE(?, settled_amount),"
+                " counted_at = CASE WHEN ? THEN ? ELSE counted_at END"
                 " WHERE id = ? AND state = ? AND lease = ?",
                 (
                     to.value,
@@ -814,6 +843,8 @@ class SqliteLedger:
                     m.source if m else None,
                     str(m.settle_amount) if m else None,
                     None if settled_amount is None else str(settled_amount),
+                    to is PaymentState.SETTLED,
+                    now,
                     current.id,
                     current.state.value,
                     current.lease,
