@@ -61,9 +61,11 @@ from paygate.server.receipts import ReceiptIssuer
 from paygate.server.replies import Replies, ReplyLimits
 from paygate.server.routes import RouteTable, engine_routes
 from paygate.upstream.engines import profile_for
+from paygate.upstream.http1 import Pool
 from paygate.upstream.service import UpstreamService, running_upstream
 from paygate.upstream.service import base_url as upstream_base_url
 from paygate.upstream.service import connector as upstream_connector
+from paygate.upstream.service import endpoint as upstream_endpoint
 from paygate.x402.ledger import default_replica_id
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -186,6 +188,9 @@ def build_app(
             yield
 
     async def gateway(app: web.Application) -> AsyncIterator[None]:
+        # The forwarding path's own pool (paygate.upstream.http1); the session stays for the
+        # probes and the facilitator.
+        pool = Pool(upstream_endpoint(upstream_config), limit=settings.max_concurrent_requests)
         upstream = Upstream(
             app[SESSION],
             upstream_base_url(upstream_config),
@@ -195,6 +200,7 @@ def build_app(
                 idle=settings.idle_timeout,
                 total=settings.total_timeout,
             ),
+            pool=pool,
             breaker=app[UPSTREAM].breaker,
             api_key=app[UPSTREAM].api_key,
             retries=settings.upstream_max_retries,
@@ -250,6 +256,7 @@ def build_app(
             ),
         )
         yield
+        await pool.close()
 
     app.cleanup_ctx.extend([key_backend, client_session, upstream_runtime, payment, gateway])
 
