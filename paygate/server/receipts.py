@@ -27,6 +27,7 @@ from enclave import receipts
 from enclave.attestation.binding import ModelDigest
 from enclave.keys.base import ReceiptSigner
 from paygate import wire
+from paygate.server.opening import INLINE_BACKENDS
 from paygate.upstream.usage import Usage
 from paygate.x402.inband import DoneLineHolder, done_object
 from paygate.x402.processor import Receipt
@@ -62,8 +63,9 @@ class PaymentFacts:
 
 
 class ReceiptIssuer:
-    """Signs receipts with the key backend's receipt key (off the event loop: a TPM or token
-    round trip)."""
+    """Signs receipts with the key backend's receipt key: off the event loop for a TPM or token
+    (a round trip), on it for a key in this process's memory (an ECDSA signature costs less
+    than the hand-off to a thread and back)."""
 
     def __init__(
         self,
@@ -75,6 +77,8 @@ class ReceiptIssuer:
         self._signer = signer
         self._models = {m.name: m.digest for m in models}
         self._clock = clock
+        info = getattr(signer, "info", None)  # every key backend has it; the protocol not
+        self._inline = info is not None and info().backend in INLINE_BACKENDS
 
     async def token(
         self,
@@ -94,6 +98,8 @@ class ReceiptIssuer:
             "payment": payment.claims(receipt) if payment is not None else None,
             "issued_at": int(self._clock()),
         }
+        if self._inline:
+            return receipts.sign(claims, self._signer)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, receipts.sign, claims, self._signer)
 
