@@ -160,7 +160,8 @@ class Redactor:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, "***")
-        return _URL.sub(_redact_url, text)
+        # Every URL the pattern matches has "://": most lines (the request event) have none.
+        return _URL.sub(_redact_url, text) if "://" in text else text
 
 
 def _redact_url(match: re.Match[str]) -> str:
@@ -172,13 +173,23 @@ def _redact_url(match: re.Match[str]) -> str:
     return out
 
 
+_last_second: tuple[int, str] = (-1, "")
+
+
+def _second(epoch: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` (UTC) of ``epoch``, formatted once per second."""
+    global _last_second
+    if _last_second[0] != epoch:
+        _last_second = (epoch, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)))
+    return _last_second[1]
+
+
 def _base(record: logging.LogRecord) -> dict[str, object]:
     message = record.getMessage()
     if record.exc_info and record.exc_info[0] is not None:
         message = f"{message} ({record.exc_info[0].__name__})"
     out: dict[str, object] = {
-        "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        + f".{int(record.msecs):03d}Z",
+        "ts": _second(int(record.created)) + f".{int(record.msecs):03d}Z",
         "level": record.levelname,
         "logger": record.name,
         "msg": message,
