@@ -318,7 +318,8 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._head_names: list[bytes] = []
         self._head_values: list[bytes] = []
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes fed while a head is incomplete (the parser holds them)
+        self._parsed_head = 0  # bytes of the head's status and headers
         self._interim = False
         self._head_only = False
         self._waiting = False  # an exchange is under way on this connection
@@ -385,13 +386,17 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if not self._waiting:
             raise ProtocolError("a second reply to one request")
-        self._head_names, self._head_values = [], []
+        self._head_names, self._head_values, self._parsed_head = [], [], 0
+
+    def on_status(self, status: bytes) -> None:
+        self._parsed_head += len(status)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_names.append(name)
         self._head_values.append(value)
-        if len(self._head_names) > MAX_HEADERS:
-            raise ProtocolError("too many headers")
+        self._parsed_head += len(name) + len(value)
+        if len(self._head_names) > MAX_HEADERS or self._parsed_head > MAX_HEAD_BYTES:
+            raise ProtocolError("reply head too large")
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
