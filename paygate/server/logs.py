@@ -259,7 +259,9 @@ class DeferredStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._pending: list[logging.LogRecord] = []
-        self._scheduled = False
+        # The loop a write is scheduled on (a loop stopped before running it must not leave
+        # the records of the next loop waiting).
+        self._scheduled: asyncio.AbstractEventLoop | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         loop = asyncio._get_running_loop()  # None off the loop's thread, without raising
@@ -270,8 +272,8 @@ class DeferredStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._pending.append(record)
         if len(self._pending) >= self.MAX_DEFERRED:
             self._write_pending()
-        elif not self._scheduled:
-            self._scheduled = True
+        elif self._scheduled is not loop:
+            self._scheduled = loop
             loop.call_soon(self._later)
 
     def _later(self) -> None:
@@ -282,7 +284,7 @@ class DeferredStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.release()
 
     def _write_pending(self) -> None:
-        self._scheduled = False
+        self._scheduled = None
         if not self._pending:
             return
         records, self._pending = self._pending, []
