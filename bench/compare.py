@@ -12,8 +12,11 @@ The proxy under test is pinned to CPU 0; wrk, the upstream and the stream client
 Rounds are interleaved (every target once per round) and medians reported. Per target:
 added p50 latency at one connection (wrk), req/s at 16 and 64 connections, proxy CPU per
 request (utime+stime from /proc/PID/stat over the 16-connection run), time to first chunk and
-chunk spacing of SSE streams (8 events 5 ms apart), RSS. Then, for paygate alone: RSS with
-1,000 slow streams held open, and RSS growth over 100k requests. Prints a table, writes
+chunk spacing of SSE streams (8 events 5 ms apart), RSS; then the stream rate (events per
+second of proxy CPU over 32 concurrent streams) of aiohttp-70, paygate and paygate sealed.
+paygate runs as shipped: every setting at its default. Then, for paygate alone: RSS growth over
+100k requests, and RSS with 1,000 slow streams held open (a gateway of its own with the
+concurrency limits raised). Prints a table and the load average, writes
 bench/results/compare.json and bench/results/compare.png.
 
     .venv/bin/python -m bench.compare [--rounds 3] [--seconds 3] [--skip-memory]
