@@ -17,6 +17,7 @@ truncation; the per-request key catches splicing from another reply. Layout: doc
 
 from __future__ import annotations
 
+import hmac
 import os
 import struct
 from collections.abc import Iterator
@@ -132,16 +133,18 @@ def receipt_cipher(keys: ReplyKeys) -> AESGCM:
     return AESGCM(hkdf.derive(keys.reply_secret))
 
 
-def _reply_cipher(keys: ReplyKeys, response_nonce: bytes) -> tuple[AESGCM, bytes]:
-    def expand(label: bytes, length: int) -> bytes:
-        hkdf = HKDF(hashes.SHA256(), length, salt=keys.enc + response_nonce, info=label)
-        return hkdf.derive(keys.reply_secret)
+def _reply_cipher(keys: ReplyKeys, response_nonce: bytes) -> tuple[AESGCM, int]:
+    """The reply's AEAD and base nonce (as an integer): HKDF-SHA256 with one extract shared by
+    both labels. Each output fits one SHA-256 block, so HKDF-Expand is one HMAC of
+    ``label || 0x01`` (RFC 5869, section 2.3): the same bytes as two full HKDF calls."""
+    prk = hmac.digest(keys.enc + response_nonce, keys.reply_secret, "sha256")
+    key = hmac.digest(prk, REPLY_KEY_LABEL + b"\x01", "sha256")
+    nonce = hmac.digest(prk, REPLY_NONCE_LABEL + b"\x01", "sha256")[:12]
+    return AESGCM(key), int.from_bytes(nonce, "big")
 
-    return AESGCM(expand(REPLY_KEY_LABEL, 32)), expand(REPLY_NONCE_LABEL, 12)
 
-
-def _nonce(base: bytes, seq: int) -> bytes:
-    return bytes(a ^ b for a, b in zip(base, seq.to_bytes(12, "big"), strict=True))
+def _nonce(base: int, seq: int) -> bytes:
+    return (base ^ seq).to_bytes(12, "big")
 
 
 class ReplySealer:
@@ -163,6 +166,16 @@ class ReplySealer:
     def seal(self, chunk: bytes, *, final: bool = False) -> bytes:
         if self._finished:
             raise RuntimeError("reply already finished")
+        if len(chunk) <= MAX_CHUNK:  # the usual case: one frame, one concatenation
+            word = (len(chunk) + hpke.N_T) | (_FINAL_BIT if final else 0)
+            header = word.to_bytes(4, "big")
+            sealed = self._aead.encrypt(_nonce(self._base_nonce, self._seq), chunk, header)
+            self._seq += 1
+            self._finished = final
+            if self._header is not None:
+                lead, self._header = self._header, None
+                return lead + header + sealed
+            return header + sealed
         out = bytearray(self._header or b"")
         self._header = None
         pieces = [chunk[i : i + MAX_CHUNK] for i in range(0, len(chunk), MAX_CHUNK)] or [b""]
@@ -190,7 +203,7 @@ class ReplyOpener:
         self._max_frame = max_frame
         self._buf = bytearray()
         self._aead: AESGCM | None = None
-        self._base_nonce = b""
+        self._base_nonce = 0
         self._seq = 0
         self._done = False
         self._failed = False

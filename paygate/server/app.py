@@ -71,9 +71,11 @@ from paygate.server.tracing import Tracing
 from paygate.tlog import assembly as tlog_assembly
 from paygate.tlog.service import running as running_log
 from paygate.upstream.engines import profile_for
+from paygate.upstream.http1 import Pool
 from paygate.upstream.service import UpstreamService, running_upstream
 from paygate.upstream.service import base_url as upstream_base_url
 from paygate.upstream.service import connector as upstream_connector
+from paygate.upstream.service import endpoint as upstream_endpoint
 from paygate.x402.ledger import default_replica_id
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -237,6 +239,9 @@ def build_app(
             yield
 
     async def gateway(app: web.Application) -> AsyncIterator[None]:
+        # The forwarding path's own pool (paygate.upstream.http1); the session stays for the
+        # probes and the facilitator.
+        pool = Pool(upstream_endpoint(upstream_config), limit=settings.max_concurrent_requests)
         upstream = Upstream(
             app[SESSION],
             upstream_base_url(upstream_config),
@@ -246,6 +251,7 @@ def build_app(
                 idle=settings.idle_timeout,
                 total=settings.total_timeout,
             ),
+            pool=pool,
             breaker=app[UPSTREAM].breaker,
             api_key=app[UPSTREAM].api_key,
             retries=settings.upstream_max_retries,
@@ -326,11 +332,14 @@ def build_app(
             shaper=shaper,
             tracing=tracing,
         )
-        if tlog is None:
-            yield
-            return
-        async with running_log(tlog):
-            yield
+        try:
+            if tlog is None:
+                yield
+            else:
+                async with running_log(tlog):
+                    yield
+        finally:
+            await pool.close()
 
     async def watcher(app: web.Application) -> AsyncIterator[None]:
         # The review queue (shared ledger) and this replica's model server, for alerts.

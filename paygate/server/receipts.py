@@ -43,7 +43,7 @@ from enclave.envelope_v2 import request_nonce
 from enclave.keys.base import ReceiptSigner
 from paygate import wire
 from paygate.server.errors import GatewayError, InvalidRequestNonce
-from paygate.server.opening import OpenedBody, ReplyPlan, V1Reply, V2Reply
+from paygate.server.opening import INLINE_BACKENDS, OpenedBody, ReplyPlan, V1Reply, V2Reply
 from paygate.upstream.usage import Usage
 from paygate.x402.inband import DoneLineHolder, done_object
 from paygate.x402.ledger import Ledger, LedgerError, Meter, PaymentRecord, PaymentState
@@ -157,8 +157,9 @@ def payment_claims(
 
 
 class ReceiptIssuer:
-    """Signs receipts with the key backend's receipt key (off the event loop: a TPM or token
-    round trip)."""
+    """Signs receipts with the key backend's receipt key: off the event loop for a TPM or token
+    (a round trip), on it for a key in this process's memory (an ECDSA signature costs less
+    than the hand-off to a thread and back)."""
 
     def __init__(
         self,
@@ -172,6 +173,8 @@ class ReceiptIssuer:
         self._models = {m.name: m.digest for m in models}
         self._clock = clock
         self._on_signed = on_signed  # the transparency log keeps each token's leaf hash
+        info = getattr(signer, "info", None)  # every key backend has it; the protocol not
+        self._inline = info is not None and info().backend in INLINE_BACKENDS
 
     async def token(
         self,
@@ -200,8 +203,11 @@ class ReceiptIssuer:
 
     async def _sign(self, claims: dict[str, Any]) -> str:
         claims["issued_at"] = int(self._clock())
-        loop = asyncio.get_running_loop()
-        token = await loop.run_in_executor(None, receipts.sign, claims, self._signer)
+        if self._inline:  # a software or TEE-memory key: cheaper than a thread hop
+            token = receipts.sign(claims, self._signer)
+        else:  # a TPM or token round trip: off the event loop
+            loop = asyncio.get_running_loop()
+            token = await loop.run_in_executor(None, receipts.sign, claims, self._signer)
         if self._on_signed is not None:
             await self._on_signed(token)
         return token
