@@ -163,7 +163,7 @@ def check_payment_settings(settings: Settings) -> None:
             f"payment_mode {settings.payment_mode} needs facilitator_url (PAYGATE_FACILITATOR_URL)"
         )
     if settings.payment_mode in ("facilitator", "verify-only"):
-        settings.facilitator_headers()  # an unreadable or malformed file fails here, at start
+        settings.facilitator_auth_provider()  # an unreadable file or key fails here, at start
     if settings.payment_mode == "chain":
         if not settings.chain_rpc_url:
             raise ConfigError("payment_mode chain needs chain_rpc_url (PAYGATE_CHAIN_RPC_URL)")
@@ -199,7 +199,7 @@ def settler_for(settings: Settings, session: aiohttp.ClientSession) -> Settler:
         timeout=settings.facilitator_timeout,
         settle_timeout=settings.settle_timeout,
         chain=chain,
-        headers=settings.facilitator_headers(),
+        auth=settings.facilitator_auth_provider(),
     )
 
 
