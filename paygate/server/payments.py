@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -31,6 +32,7 @@ from paygate.server.routes import Route
 from paygate.x402 import codec
 from paygate.x402.batch import ITEM_PATH as BATCH_ITEM_PATH
 from paygate.x402.batch import BadBatch, parse_batch
+from paygate.x402.bazaar import Discovery
 from paygate.x402.ledger import Meter, PaymentRecord
 from paygate.x402.metering import Fallback, Quote, TokenPricing, Usage
 from paygate.x402.models import ExactEvmPayload, ResourceInfo
@@ -304,6 +306,11 @@ def carries_payment(headers: Mapping[str, str]) -> bool:
     return wire.PAYMENT_SIGNATURE in headers or wire.X_PAYMENT in headers
 
 
+def _probe(headers: Mapping[str, str]) -> bool:
+    """Neither a payment nor a sign-in: the request can only be answered with a 402."""
+    return not carries_payment(headers) and wire.SIGN_IN_WITH_X not in headers
+
+
 class NoPayments:
     """``payment_mode = "off"``: every request is admitted and nothing is settled."""
 
@@ -331,7 +338,9 @@ class X402Payments:
         description: str = "paygate inference",
         pricing: TokenPricing | None = None,
         batch_max_items: int = 16,
+        discovery: Discovery | None = None,
     ) -> None:
+        self._discovery = discovery
         self._batch_max_items = batch_max_items
         self._processor = processor
         self._prices = prices
@@ -360,23 +369,24 @@ class X402Payments:
             yield Ticket(route)
             return
         try:
-            model = None
-            if route.target == "batch":
-                price, quote, items = self._batch_terms(body or b"")
-            else:
-                model = model_of(body) if body is not None else None
-                price = self._prices.price(method=route.method, path=route.path, model=model)
-                quote, items = None, None
-                if self._pricing is not None and body is not None:
-                    quote = self._pricing.quote(route.path, body)
-        except UntrustedJSONError:
-            raise InvalidJSON from None
+            model, price, quote, items = self._terms(route, body)
+        except (UntrustedJSONError, InvalidBatch) as exc:
+            if not _probe(request.headers):
+                if isinstance(exc, InvalidBatch):
+                    raise
+                raise InvalidJSON from None
+            # A paymentless probe (a discovery crawler, a client learning the price) gets its
+            # 402 before the body is judged: priced as a request without one.
+            model, price, quote, items = self._terms(route, None)
+        description = self._description
+        if self._discovery is not None:
+            description = self._discovery.description(route.method, route.path)
         admitted = await self._processor.admit(
             request.headers,
             price=price,
             resource=ResourceInfo(
                 url=self._resource_url(request),
-                description=self._description,
+                description=description,
                 mime_type=wire.JSON,
             ),
             route=route.name,
@@ -386,6 +396,11 @@ class X402Payments:
             request_model=model,
         )
         if isinstance(admitted, Refusal):
+            if admitted.challenge is not None and self._discovery is not None:
+                challenge = self._discovery.decorate(
+                    admitted.challenge, route.method, route.path, request.path
+                )
+                admitted = dataclasses.replace(admitted, challenge=challenge)
             raise PaymentRefused(refusal_response(admitted, route), admitted.code)
         ticket = Ticket(
             route,
@@ -405,6 +420,22 @@ class X402Payments:
         finally:
             # Shielded: a second cancellation must not cut the ledger write short.
             await asyncio.shield(ticket._finish())
+
+    def _terms(
+        self, route: Route, body: bytes | None
+    ) -> tuple[str | None, Decimal, Quote | None, tuple[Quote, ...] | None]:
+        """The request's model, price, upto quote and a batch's item quotes."""
+        if route.target == "batch":
+            if body is None:  # a probe: one item's price
+                price = self._prices.price(method="POST", path=BATCH_ITEM_PATH, model=None)
+                return None, price, None, None
+            return None, *self._batch_terms(body)
+        model = model_of(body) if body is not None else None
+        price = self._prices.price(method=route.method, path=route.path, model=model)
+        quote = None
+        if self._pricing is not None and body is not None:
+            quote = self._pricing.quote(route.path, body)
+        return model, price, quote, None
 
     def _batch_terms(self, body: bytes) -> tuple[Decimal, Quote | None, tuple[Quote, ...] | None]:
         """A batch's price (the items' prices summed), its upto terms as one quote (the maxima
