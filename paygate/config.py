@@ -191,6 +191,8 @@ class Settings(BaseSettings):
     max_timeout_seconds: PositiveInt = 300
     clock_skew_seconds: Annotated[int, Field(ge=0, le=600)] = 5
     payment_description: str = "paygate inference"
+    # Each 402 declares its route's input/output (x402's bazaar discovery extension).
+    bazaar_discovery: bool = True
     public_url: str | None = None
     facilitator_url: str | None = None
     # A hosted facilitator's credentials: one ``Name: value`` header per line (secret file).
@@ -208,6 +210,8 @@ class Settings(BaseSettings):
     settle_on_disconnect: bool = True
     settle_margin_seconds: Annotated[float, Field(ge=0, le=3600)] = 15.0
     require_payment_identifier: bool = False
+    # How long an ended payment's payment-identifier answers retries with its outcome.
+    payment_identifier_ttl_seconds: Annotated[float, Field(ge=60, le=90 * 86_400)] = 86_400.0
     reconcile_interval_seconds: PositiveFloat = 30.0
     chain_rpc_url: str | None = None
     gas_key: SecretStr | None = None

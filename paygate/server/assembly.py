@@ -18,6 +18,7 @@ from paygate.economics.controls import Controls, Economics, controls_from
 from paygate.economics.store import economics_store
 from paygate.server.payments import NoPayments, PaymentStep, X402Payments
 from paygate.server.ratelimit import MODEL_PREFIX, Rate, RateLimits, RateLimitTable
+from paygate.x402.bazaar import Discovery
 from paygate.x402.chain import ChainReader, ChainSettler
 from paygate.x402.facilitator import FacilitatorSettler
 from paygate.x402.ledger import Ledger, PaymentRecord, default_replica_id
@@ -238,6 +239,7 @@ def x402_payments(
         # Room to serve for a few seconds and still settle before the authorization expires.
         min_remaining_seconds=settings.settle_margin_seconds + MIN_REMAINING_SECONDS,
         retry_after_seconds=settings.retry_after_seconds,
+        payment_identifier_ttl=settings.payment_identifier_ttl_seconds,
     )
     return X402Payments(
         processor,
@@ -246,6 +248,9 @@ def x402_payments(
         description=settings.payment_description,
         pricing=token_pricing(settings),
         batch_max_items=settings.batch_max_items,
+        discovery=Discovery(service=settings.payment_description)
+        if settings.bazaar_discovery
+        else None,
     )
 
 
