@@ -717,6 +717,11 @@ class Settings(BaseSettings):
 
         headers = self.facilitator_headers()
         if self.facilitator_auth == "headers":
+            if self.facilitator_api_key_id or self.facilitator_api_key_secret_file:
+                raise ConfigError(
+                    "facilitator_api_key_id/_secret_file are used by facilitator_auth = cdp-jwt "
+                    "only: set it, or remove them"
+                )
             return StaticHeaders(headers)
         secret = self._facilitator_key()
         if not self.facilitator_api_key_id or secret is None:

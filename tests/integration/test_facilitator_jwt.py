@@ -214,6 +214,13 @@ def test_a_bad_jwt_key_stops_the_start_without_quoting_it(tmp_path, key_id, secr
         assert text.strip() not in str(caught.value)
 
 
+def test_a_jwt_key_without_the_jwt_mode_is_refused(tmp_path):
+    # A key configured but not used would send calls without the token the operator meant.
+    settings = load_settings(None, facilitator_api_key_id=KEY_ID)
+    with pytest.raises(ConfigError, match="cdp-jwt only"):
+        settings.facilitator_auth_provider()
+
+
 def test_the_jwt_key_is_redacted_from_logs(tmp_path):
     pem = _ec_pem()
     settings = load_settings(
