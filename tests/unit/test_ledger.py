@@ -535,7 +535,7 @@ def test_the_ledger_imports_neither_aiohttp_nor_the_server() -> None:
 @pytest.mark.parametrize("implementation", [SqliteLedger, PostgresLedger])
 def test_both_ledgers_have_the_protocol_signatures(implementation: type) -> None:
     methods = [n for n, v in vars(Ledger).items() if inspect.iscoroutinefunction(v)]
-    assert len(methods) == 17  # + take_free, earnings (issue 14)
+    assert len(methods) == 18  # + take_free, earnings (issue 14), forget_idempotency_key
     for name in methods:
         wanted = inspect.signature(getattr(Ledger, name))
         built = inspect.signature(getattr(implementation, name))
