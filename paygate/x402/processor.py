@@ -329,7 +329,7 @@ class PaymentProcessor:
             )
         except PaymentRejected as exc:
             return self.challenge(402, exc.reason, str(exc), offers, resource)
-        wanted = _fingerprint(route, offer, authorized)
+        wanted = _fingerprint(route, offer, authorized) if key is not None else ""
         if key is not None:
             # A retry (same identifier): its recorded outcome, never a second charge.
             known = await self._identified(key, wanted)
