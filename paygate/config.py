@@ -41,6 +41,7 @@ from paygate.upstream.config import UpstreamConfig, UpstreamMode
 from paygate.upstream.engines.base import EngineKind
 
 if TYPE_CHECKING:
+    from paygate.x402.facilitator_auth import FacilitatorAuth
     from paygate.x402.ledger_store import LedgerLocation
 
 KeyBackendName = Literal["software", "pkcs11", "tpm", "tee-memory"]
@@ -201,16 +202,27 @@ class Settings(BaseSettings):
     max_timeout_seconds: PositiveInt = 300
     clock_skew_seconds: Annotated[int, Field(ge=0, le=600)] = 5
     payment_description: str = "paygate inference"
+    # Each 402 declares its route's input/output (x402's bazaar discovery extension).
+    bazaar_discovery: bool = True
     public_url: str | None = None
     facilitator_url: str | None = None
     # A hosted facilitator's credentials: one ``Name: value`` header per line (secret file).
     facilitator_headers_file: Path | None = None
+    # "cdp-jwt": a short-lived JWT per call (Coinbase CDP style) signed with the API key below,
+    # beside any headers above (paygate.x402.facilitator_auth).
+    facilitator_auth: Literal["headers", "cdp-jwt"] = "headers"
+    facilitator_api_key_id: str | None = None
+    # The key's private half: PEM EC P-256 or base64 Ed25519 (else the systemd credential).
+    facilitator_api_key_secret_file: Path | None = None
+    facilitator_jwt_lifetime_seconds: Annotated[int, Field(ge=10, le=300)] = 120
     facilitator_timeout: PositiveFloat = 10.0
     settle_timeout: PositiveFloat = 60.0
     settle_timing: Literal["after", "upfront"] = "after"
     settle_on_disconnect: bool = True
     settle_margin_seconds: Annotated[float, Field(ge=0, le=3600)] = 15.0
     require_payment_identifier: bool = False
+    # How long an ended payment's payment-identifier answers retries with its outcome.
+    payment_identifier_ttl_seconds: Annotated[float, Field(ge=60, le=90 * 86_400)] = 86_400.0
     reconcile_interval_seconds: PositiveFloat = 30.0
     chain_rpc_url: str | None = None
     gas_key: SecretStr | None = None
@@ -696,6 +708,7 @@ class Settings(BaseSettings):
             if value is not None:
                 found.append(value.get_secret_value())
         found += [value.get_secret_value() for value in self.facilitator_headers().values()]
+        found += self._facilitator_key_lines()
         found += [value.removeprefix("0x") for value in found if value.startswith("0x")]
         found += url_secrets(self.chain_rpc_url)
         if self.alert_webhook is not None:
@@ -711,6 +724,51 @@ class Settings(BaseSettings):
         if file is None:
             return {}
         return parse_header_lines(_read_secret_file("facilitator_headers", file))
+
+    def facilitator_auth_provider(self) -> FacilitatorAuth:
+        """How facilitator calls authenticate: the headers file alone, or a CDP-style JWT per
+        call beside it. ConfigError when the JWT's key id or key is missing or unreadable."""
+        from paygate.x402.facilitator_auth import CdpJwt, StaticHeaders
+
+        headers = self.facilitator_headers()
+        if self.facilitator_auth == "headers":
+            if self.facilitator_api_key_id or self.facilitator_api_key_secret_file:
+                raise ConfigError(
+                    "facilitator_api_key_id/_secret_file are used by facilitator_auth = cdp-jwt "
+                    "only: set it, or remove them"
+                )
+            return StaticHeaders(headers)
+        secret = self._facilitator_key()
+        if not self.facilitator_api_key_id or secret is None:
+            raise ConfigError(
+                "facilitator_auth cdp-jwt needs facilitator_api_key_id and "
+                "facilitator_api_key_secret_file (or the facilitator_api_key_secret credential)"
+            )
+        try:
+            return CdpJwt(
+                self.facilitator_api_key_id,
+                secret,
+                lifetime=self.facilitator_jwt_lifetime_seconds,
+                extra=headers,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def _facilitator_key(self) -> SecretStr | None:
+        file = self.secret_file("facilitator_api_key_secret")
+        if file is None:
+            return None
+        return SecretStr(_read_secret_file("facilitator_api_key_secret", file).strip())
+
+    def _facilitator_key_lines(self) -> list[str]:
+        """The JWT key's text and its longer lines (a PEM body), for the log redactor."""
+        if self.facilitator_auth != "cdp-jwt":
+            return []
+        secret = self._facilitator_key()
+        if secret is None:
+            return []
+        text = secret.get_secret_value()
+        return [text, *(line.strip() for line in text.splitlines() if len(line.strip()) >= 16)]
 
     @classmethod
     def settings_customise_sources(
@@ -740,6 +798,7 @@ CREDENTIALS = (
     "key_passphrase",
     "upstream_api_key",
     "facilitator_headers",
+    "facilitator_api_key_secret",
     "ledger_password",
     "alert_webhook_secret",
     "console_secret",

@@ -21,6 +21,7 @@ from paygate.server.payments import NoPayments, PaymentStep, X402Payments
 from paygate.server.ratelimit import MODEL_PREFIX, Rate, RateLimits, RateLimitTable
 from paygate.upstream.engines import profile_for
 from paygate.upstream.shaping import RequestShaper
+from paygate.x402.bazaar import Discovery
 from paygate.x402.chain import ChainReader, ChainSettler
 from paygate.x402.facilitator import FacilitatorSettler
 from paygate.x402.ledger import Ledger, PaymentRecord, default_replica_id
@@ -176,7 +177,7 @@ def check_payment_settings(settings: Settings) -> None:
             f"payment_mode {settings.payment_mode} needs facilitator_url (PAYGATE_FACILITATOR_URL)"
         )
     if settings.payment_mode in ("facilitator", "verify-only"):
-        settings.facilitator_headers()  # an unreadable or malformed file fails here, at start
+        settings.facilitator_auth_provider()  # an unreadable file or key fails here, at start
     if settings.payment_mode == "chain":
         if not settings.chain_rpc_url:
             raise ConfigError("payment_mode chain needs chain_rpc_url (PAYGATE_CHAIN_RPC_URL)")
@@ -212,7 +213,7 @@ def settler_for(settings: Settings, session: aiohttp.ClientSession) -> Settler:
         timeout=settings.facilitator_timeout,
         settle_timeout=settings.settle_timeout,
         chain=chain,
-        headers=settings.facilitator_headers(),
+        auth=settings.facilitator_auth_provider(),
     )
 
 
@@ -255,6 +256,7 @@ def x402_payments(
         # Room to serve for a few seconds and still settle before the authorization expires.
         min_remaining_seconds=settings.settle_margin_seconds + MIN_REMAINING_SECONDS,
         retry_after_seconds=settings.retry_after_seconds,
+        payment_identifier_ttl=settings.payment_identifier_ttl_seconds,
     )
     return X402Payments(
         processor,
@@ -268,6 +270,9 @@ def x402_payments(
             key.startswith(MODEL_PREFIX) and limit.per_payer is not None
             for key, limit in settings.rate_limits.items()
         ),
+        discovery=Discovery(service=settings.payment_description)
+        if settings.bazaar_discovery
+        else None,
     )
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -35,6 +36,7 @@ from paygate.upstream.shaping import RequestShaper, Shaped
 from paygate.x402 import codec
 from paygate.x402.batch import ITEM_PATH as BATCH_ITEM_PATH
 from paygate.x402.batch import BadBatch, parse_batch
+from paygate.x402.bazaar import Discovery
 from paygate.x402.ledger import Meter, PaymentRecord
 from paygate.x402.metering import Fallback, Quote, TokenPrice, TokenPricing, Usage
 from paygate.x402.models import USAGE_EXTENSION, ExactEvmPayload, ResourceInfo
@@ -364,6 +366,25 @@ def carries_payment(headers: Mapping[str, str]) -> bool:
     return wire.PAYMENT_SIGNATURE in headers or wire.X_PAYMENT in headers
 
 
+@dataclass(frozen=True, slots=True)
+class _Terms:
+    """What admission prices a request at: its model, price, upto quote, a batch's item quotes
+    and plan, the per-item limit checks, and the output-bounded body to forward."""
+
+    model: str | None
+    price: Decimal
+    quote: Quote | None = None
+    items: tuple[Quote, ...] | None = None
+    plan: tuple[ItemPlan, ...] | None = None
+    checks: tuple[tuple[str, str | None], ...] = ()
+    shaped_body: bytes | None = None
+
+
+def _probe(headers: Mapping[str, str]) -> bool:
+    """Neither a payment nor a sign-in: the request can only be answered with a 402."""
+    return not carries_payment(headers) and wire.SIGN_IN_WITH_X not in headers
+
+
 class NoPayments:
     """``payment_mode = "off"``: every request is admitted and nothing is settled."""
 
@@ -393,7 +414,9 @@ class X402Payments:
         batch_max_items: int = 16,
         shaper: RequestShaper | None = None,
         model_limits: bool = False,
+        discovery: Discovery | None = None,
     ) -> None:
+        self._discovery = discovery
         self._batch_max_items = batch_max_items
         self._shaper = shaper
         # A payer limit per model: the body's model must be known before the payer check.
@@ -425,34 +448,26 @@ class X402Payments:
         if not route.paid:
             yield Ticket(route)
             return
-        shaped_body: bytes | None = None
         try:
-            model = None
-            if route.target == "batch":
-                price, quote, items, plan = self._batch_terms(body or b"")
-                forwarded = [p for p in plan if p.forwarded]
-                model = forwarded[0].model if forwarded else None
-                checks = tuple((f"POST {BATCH_ITEM_PATH}", p.model) for p in forwarded)
-            else:
-                shaped, plan, checks = None, None, ()
-                if body is not None and self._shaper is not None:
-                    shaped = shape_or_refuse(self._shaper, route.path, body)
-                model = shaped.model if shaped is not None else None
-                if model is None and body is not None:
-                    model = model_of(body)
-                price = self._prices.price(method=route.method, path=route.path, model=model)
-                quote, items = None, None
-                if shaped is not None:
-                    shaped_body = shaped.body()
-                    quote = self._quote(body or b"", shaped)
-        except UntrustedJSONError:
-            raise InvalidJSON from None
+            terms = self._terms(route, body)
+        except (UntrustedJSONError, InvalidJSON, InvalidBatch) as exc:
+            if not _probe(request.headers):
+                if isinstance(exc, UntrustedJSONError):
+                    raise InvalidJSON from None
+                raise
+            # A paymentless probe (a discovery crawler, a client learning the price) gets its
+            # 402 before the body is judged: priced as a request without one.
+            terms = self._terms(route, None)
+        model, price, quote, items = terms.model, terms.price, terms.quote, terms.items
+        description = self._description
+        if self._discovery is not None:
+            description = self._discovery.description(route.method, route.path)
         admitted = await self._processor.admit(
             request.headers,
             price=price,
             resource=ResourceInfo(
                 url=self._resource_url(request),
-                description=self._description,
+                description=description,
                 mime_type=wire.JSON,
             ),
             route=route.name,
@@ -460,10 +475,15 @@ class X402Payments:
             model=model,
             upto_extra=quote.offer_extra() if quote is not None else (),
             request_model=model,
-            items=checks,
+            items=terms.checks,
             client=client,
         )
         if isinstance(admitted, Refusal):
+            if admitted.challenge is not None and self._discovery is not None:
+                challenge = self._discovery.decorate(
+                    admitted.challenge, route.method, route.path, request.path
+                )
+                admitted = dataclasses.replace(admitted, challenge=challenge)
             raise PaymentRefused(refusal_response(admitted, route), admitted.code)
         ticket = Ticket(
             route,
@@ -474,8 +494,8 @@ class X402Payments:
             fallback=self._pricing.fallback if self._pricing is not None else "prompt",
             item_quotes=items,
             model=quote.model if quote is not None else model,
-            shaped_body=shaped_body,
-            batch_plan=plan,
+            shaped_body=terms.shaped_body,
+            batch_plan=terms.plan,
         )
         try:
             yield ticket
@@ -485,6 +505,33 @@ class X402Payments:
         finally:
             # Shielded: a second cancellation must not cut the ledger write short.
             await asyncio.shield(ticket._finish())
+
+    def _terms(self, route: Route, body: bytes | None) -> _Terms:
+        """What the request is priced at (``body`` None: a probe, priced without its body)."""
+        if route.target == "batch":
+            if body is None:  # a probe: one item's price
+                price = self._prices.price(method="POST", path=BATCH_ITEM_PATH, model=None)
+                return _Terms(None, price)
+            price, quote, items, plan = self._batch_terms(body)
+            forwarded = [p for p in plan if p.forwarded]
+            return _Terms(
+                forwarded[0].model if forwarded else None,
+                price,
+                quote,
+                items,
+                plan,
+                tuple((f"POST {BATCH_ITEM_PATH}", p.model) for p in forwarded),
+            )
+        shaped = None
+        if body is not None and self._shaper is not None:
+            shaped = shape_or_refuse(self._shaper, route.path, body)
+        model = shaped.model if shaped is not None else None
+        if model is None and body is not None:
+            model = model_of(body)
+        price = self._prices.price(method=route.method, path=route.path, model=model)
+        if shaped is None:
+            return _Terms(model, price)
+        return _Terms(model, price, self._quote(body or b"", shaped), shaped_body=shaped.body())
 
     def _quote(self, body: bytes, shaped: Shaped) -> Quote | None:
         """The upto terms of a shaped request (None: no token price, or upto not offered)."""

@@ -291,6 +291,20 @@ class Ledger(Protocol):
 
     async def by_idempotency_key(self, key: str) -> PaymentRecord | None: ...
 
+    async def forget_idempotency_key(
+        self,
+        key: str,
+        *,
+        payment_id: str,
+        ended: tuple[PaymentState, ...],
+        before: float,
+    ) -> bool:
+        """Free payment-identifier ``key`` from record ``payment_id`` (so that it may name a
+        new payment) when that record was RELEASED, or is in one of the ``ended`` states and
+        was last changed before ``before`` (unix seconds); in one statement, so a record that
+        moved on meanwhile keeps it. True when freed (paygate.x402.idempotency)."""
+        ...
+
     async def unfinished(self, *, limit: int = MAX_LIST_LIMIT) -> list[PaymentRecord]:
         """SERVED (settlement owed) and SETTLING (outcome unknown) records, oldest first."""
         ...

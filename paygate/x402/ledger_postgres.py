@@ -494,6 +494,37 @@ class PostgresLedger:
     async def by_idempotency_key(self, key: str) -> PaymentRecord | None:
         return await self._run(self._one, "WHERE idempotency_key = %s", (key,))
 
+    async def forget_idempotency_key(
+        self,
+        key: str,
+        *,
+        payment_id: str,
+        ended: tuple[PaymentState, ...],
+        before: float,
+    ) -> bool:
+        return await self._run(self._forget_idempotency_key, key, payment_id, ended, before)
+
+    async def _forget_idempotency_key(
+        self,
+        conn: Conn,
+        key: str,
+        payment_id: str,
+        ended: tuple[PaymentState, ...],
+        before: float,
+    ) -> bool:
+        cursor = await conn.execute(
+            "UPDATE payments SET idempotency_key = NULL WHERE id = %s AND idempotency_key = %s"
+            " AND (state = %s OR (state = ANY(%s) AND updated_at < %s))",
+            (
+                payment_id,
+                key,
+                PaymentState.RELEASED.value,
+                [state.value for state in ended],
+                before,
+            ),
+        )
+        return cursor.rowcount == 1
+
     async def unfinished(self, *, limit: int = MAX_LIST_LIMIT) -> builtins.list[PaymentRecord]:
         return await self._run(
             self._many,

@@ -407,6 +407,34 @@ class SqliteLedger:
     async def by_idempotency_key(self, key: str) -> PaymentRecord | None:
         return await self._run(self._one, "WHERE idempotency_key = ?", (key,))
 
+    async def forget_idempotency_key(
+        self,
+        key: str,
+        *,
+        payment_id: str,
+        ended: tuple[PaymentState, ...],
+        before: float,
+    ) -> bool:
+        return await self._run(self._forget_idempotency_key, key, payment_id, ended, before)
+
+    def _forget_idempotency_key(
+        self, key: str, payment_id: str, ended: tuple[PaymentState, ...], before: float
+    ) -> bool:
+        states = ",".join("?" * len(ended)) or "NULL"
+        with self._write():
+            cursor = self._conn.execute(
+                "UPDATE payments SET idempotency_key = NULL WHERE id = ? AND idempotency_key = ?"  # noqa: S608 - placeholders only
+                f" AND (state = ? OR (state IN ({states}) AND updated_at < ?))",
+                (
+                    payment_id,
+                    key,
+                    PaymentState.RELEASED.value,
+                    *(state.value for state in ended),
+                    before,
+                ),
+            )
+            return cursor.rowcount == 1
+
     async def unfinished(self, *, limit: int = MAX_LIST_LIMIT) -> list[PaymentRecord]:
         marks = ", ".join("?" for _ in UNFINISHED_STATES)
         return await self._run(

@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 from paygate import wire
 from paygate.x402 import codec, siwx
+from paygate.x402.idempotency import DEFAULT_TTL_SECONDS, PaymentIdentifiers, fingerprint
 from paygate.x402.ledger import (
     TRANSITIONS,
     AlreadyReserved,
@@ -194,6 +195,7 @@ class PaymentProcessor:
         clock: Callable[[], float] = time.time,
         events: PaymentEvents | None = None,
         economics: EconomicsCheck | None = None,
+        payment_identifier_ttl: float = DEFAULT_TTL_SECONDS,
     ) -> None:
         self.terms = terms
         self.economics = economics
@@ -219,6 +221,14 @@ class PaymentProcessor:
         self._background: set[asyncio.Task[Any]] = set()
         # Payments this process works on right now: id -> the lease epoch it holds.
         self._held: dict[str, int] = {}
+        self._identifiers = PaymentIdentifiers(
+            ledger,
+            receipt=lambda record: Receipt(record.x402_version, _record_receipt(record)),
+            settles=settlement.settles_owed,
+            ttl=payment_identifier_ttl,
+            retry_after=self._retry_after,
+            clock=clock,
+        )
 
     async def load_signin_key(self) -> None:
         """At start, with a free quota: the deployment's sign-in key, from the ledger."""
@@ -361,9 +371,24 @@ class PaymentProcessor:
             )
         except PaymentRejected as exc:
             return self.challenge(402, exc.reason, str(exc), offers, resource)
+<<<<<<< HEAD
         limited = self._payer_limited(route, model, items, authorized.payer)
         if limited is not None:  # before the reservation: the authorization stays usable
             return limited
+=======
+        wanted = _fingerprint(route, offer, authorized) if key is not None else ""
+        if key is not None:
+            # A retry (same identifier): its recorded outcome, never a second charge.
+            known = await self._identified(key, wanted)
+            if known is not None:
+                return known
+        if self._payer_check is not None:
+            limited = self._payer_check(route, model, authorized.payer)
+            if limited is not None:  # before the reservation: the authorization stays usable
+                return Refusal(
+                    429, "rate_limited", "too many requests from this payer", headers=limited
+                )
+>>>>>>> c25b
         budgets: tuple[Budget, ...] = ()
         if self.economics is not None:
             verdict = await self.economics.admit(
@@ -395,7 +420,9 @@ class PaymentProcessor:
                 headers={"Retry-After": str(_seconds_to_utc_midnight(self._clock()))},
             )
         except IdempotencyKeyReused:
-            return Refusal(
+            assert key is not None
+            known = await self._identified(key, wanted)  # a concurrent retry took it first
+            return known or Refusal(
                 409,
                 "idempotency_key_reused",
                 "this payment-identifier belongs to another payment",
@@ -414,6 +441,12 @@ class PaymentProcessor:
             authorized=authorized,
         )
         return await self._verify(admission, offers, resource)
+
+    async def _identified(self, key: str, wanted: str) -> Refusal | None:
+        try:
+            return await self._identifiers.outcome(key, wanted)
+        except LedgerUnavailable:
+            return self.unavailable("ledger_unavailable", "the payment ledger is unavailable")
 
     async def _free(
         self,
@@ -1004,6 +1037,19 @@ class PaymentProcessor:
 
     def unavailable(self, code: str, message: str) -> Refusal:
         return Refusal(503, code, message, headers={"Retry-After": self._retry_after})
+
+
+def _fingerprint(route: str, offer: Offer, authorized: Authorized) -> str:
+    """What this payment buys and who buys it (paygate.x402.idempotency)."""
+    return fingerprint(
+        route=route,
+        payer=authorized.payer,
+        network=offer.network.caip2,
+        asset=offer.asset.address,
+        pay_to=offer.pay_to,
+        amount=authorized.maximum if offer.scheme != SCHEME else offer.amount,
+        scheme=offer.scheme,
+    )
 
 
 def _seconds_to_utc_midnight(now: float) -> int:

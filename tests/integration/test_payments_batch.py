@@ -145,10 +145,13 @@ async def test_a_bad_batch_is_400_and_nothing_is_forwarded(facilitator, seller, 
     async with paid_stack(
         seller=seller, facilitator_url=facilitator.url, ledger=ledger, batch_max_items=2
     ) as stack:
-        answers = [
-            await post(stack, None, path=BATCH, json=b) for b in ({"x": 1}, [], [item(1)] * 3, [1])
-        ]
+        bad = ({"x": 1}, [], [item(1)] * 3, [1])
+        # With a payment the body is judged before the payment is: 400, nothing charged.
+        answers = [await post(stack, "e30=", path=BATCH, json=b) for b in bad]
+        # Without one it is a probe: its 402 comes before the body is judged (bazaar).
+        probes = [await post(stack, None, path=BATCH, json=b) for b in bad]
         hits = stack.fake.hits[HITS]
     assert [status for status, _, _ in answers] == [400, 400, 400, 400]
     assert all(h["X-Paygate-Error"] == "invalid_batch" for _, h, _ in answers)
+    assert [status for status, _, _ in probes] == [402, 402, 402, 402]
     assert hits == 0
