@@ -371,24 +371,15 @@ class PaymentProcessor:
             )
         except PaymentRejected as exc:
             return self.challenge(402, exc.reason, str(exc), offers, resource)
-<<<<<<< HEAD
-        limited = self._payer_limited(route, model, items, authorized.payer)
-        if limited is not None:  # before the reservation: the authorization stays usable
-            return limited
-=======
         wanted = _fingerprint(route, offer, authorized) if key is not None else ""
         if key is not None:
             # A retry (same identifier): its recorded outcome, never a second charge.
             known = await self._identified(key, wanted)
             if known is not None:
                 return known
-        if self._payer_check is not None:
-            limited = self._payer_check(route, model, authorized.payer)
-            if limited is not None:  # before the reservation: the authorization stays usable
-                return Refusal(
-                    429, "rate_limited", "too many requests from this payer", headers=limited
-                )
->>>>>>> c25b
+        limited = self._payer_limited(route, model, items, authorized.payer)
+        if limited is not None:  # before the reservation: the authorization stays usable
+            return limited
         budgets: tuple[Budget, ...] = ()
         if self.economics is not None:
             verdict = await self.economics.admit(
