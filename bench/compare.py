@@ -12,8 +12,11 @@ The proxy under test is pinned to CPU 0; wrk, the upstream and the stream client
 Rounds are interleaved (every target once per round) and medians reported. Per target:
 added p50 latency at one connection (wrk), req/s at 16 and 64 connections, proxy CPU per
 request (utime+stime from /proc/PID/stat over the 16-connection run), time to first chunk and
-chunk spacing of SSE streams (8 events 5 ms apart), RSS. Then, for paygate alone: RSS with
-1,000 slow streams held open, and RSS growth over 100k requests. Prints a table, writes
+chunk spacing of SSE streams (8 events 5 ms apart), RSS; then the stream rate (events per
+second of proxy CPU over 32 concurrent streams) of aiohttp-70, paygate and paygate sealed.
+paygate runs as shipped: every setting at its default. Then, for paygate alone: RSS growth over
+100k requests, and RSS with 1,000 slow streams held open (a gateway of its own with the
+concurrency limits raised). Prints a table and the load average, writes
 bench/results/compare.json and bench/results/compare.png.
 
     .venv/bin/python -m bench.compare [--rounds 3] [--seconds 3] [--skip-memory]
@@ -176,18 +179,22 @@ http {{
 
 
 def _paygate_env(tmp: Path, port: int, upstream: int, **extra: str) -> dict[str, str]:
+    """``paygate serve`` as shipped (the systemd unit sets only paths and the config file):
+    every setting at its default, INFO text log to stderr (here a file, as journald's
+    stream is), metrics on, uvloop. Only where it listens, its key and its upstream are set."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAYGATE_")}
     env.update(
         PAYGATE_KEY_BACKEND="software",
         PAYGATE_KEY_FILE=str(tmp / "key.pem"),
         PAYGATE_LISTEN=f"127.0.0.1:{port}",
         PAYGATE_UPSTREAM_URL=f"http://127.0.0.1:{upstream}",
-        # Raised for the 1,000-stream case; the default (64) would answer 503 past 64.
-        PAYGATE_MAX_CONCURRENT_REQUESTS="2000",
-        PAYGATE_BODY_SLOTS="2000",
         **extra,
     )
     return env
+
+
+# The 1,000-stream case only: the default (64 concurrent requests) would answer 503 past 64.
+RAISED_LIMITS = {"PAYGATE_MAX_CONCURRENT_REQUESTS": "2000", "PAYGATE_BODY_SLOTS": "2000"}
 
 
 # --- load --------------------------------------------------------------------------------
@@ -303,6 +310,56 @@ async def _streams(target: Target, n: int) -> dict[str, float]:
         "ttfc_ms": statistics.median(ttfc) * 1000,
         "gap_median_ms": statistics.median(spaced) * 1000 if spaced else 0.0,
         "gap_max_ms": max(gaps) * 1000 if gaps else 0.0,
+    }
+
+
+async def _stream_rate(
+    target: Target, streams: int = 32, chunks: int = 500, interval_ms: float = 1.0
+) -> dict[str, float]:
+    """How many SSE events one core relays: ``streams`` concurrent streams of ``chunks``
+    events ``interval_ms`` apart (so events mostly arrive one per read, as tokens do), sealed
+    v2 when the target seals. The robust figure is events per second of proxy CPU."""
+    plain = json.dumps(
+        dict(CHAT, stream=True, bench_chunks=chunks, bench_interval_ms=interval_ms)
+    ).encode()
+
+    async def one() -> int:
+        body, ctype = plain, "application/json"
+        if target.sealed_key is not None:
+            body = enclave.seal_v2(target.sealed_key, plain, method="POST", path=PATH).blob
+            ctype = enclave.CONTENT_TYPE
+        reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
+        try:
+            writer.write(
+                f"POST {PATH} HTTP/1.1\r\nHost: bench\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            head = await _read_head(reader)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"{target.name}: {head[:60]!r}")
+            tail = b""
+            async with asyncio.timeout(120):
+                while not tail.endswith(b"0\r\n\r\n"):
+                    data = await reader.read(1 << 16)
+                    if not data:
+                        raise RuntimeError(f"{target.name}: stream cut")
+                    tail = (tail + data)[-16:]
+            return chunks
+        finally:
+            writer.close()
+
+    pids = target.pids
+    cpu_before = _cpu_seconds(pids)
+    started = time.perf_counter()
+    events = sum(await asyncio.gather(*(one() for _ in range(streams))))
+    wall = time.perf_counter() - started
+    cpu = _cpu_seconds(pids) - cpu_before
+    return {
+        "events": events,
+        "events_per_s": events / wall,
+        "cpu_us_per_event": cpu / events * 1e6,
+        "events_per_cpu_second": events / cpu if cpu else float("inf"),
     }
 
 
@@ -532,6 +589,7 @@ def run(
     before: Path | None,
     litellm: Path | None,
 ) -> dict[str, Any]:
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="paygate-bench-") as name:
         tmp = Path(name)
         tmp.chmod(0o755)
@@ -552,16 +610,39 @@ def run(
                     row.update(asyncio.run(_streams(target, 30)))
                     row["rss_mb"] = _rss_mb(target.pids) if target.pids else None
                     samples.setdefault(target.name, []).append(row)
+            rates: dict[str, list[dict[str, float]]] = {}
+            for name in ("aiohttp-70", "paygate", "paygate-sealed"):
+                if name in targets:
+                    for _ in range(rounds):
+                        rates.setdefault(name, []).append(asyncio.run(_stream_rate(targets[name])))
+            extra["stream_rate"] = {
+                name: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+                for name, rows in rates.items()
+            }
             if memory and "paygate" in targets:
                 print("memory: 100k requests, then 1,000 streams", file=sys.stderr)
                 # Growth first: the streams' high-water mark would hide a leak afterwards.
                 extra["growth_100k"] = _growth(targets["paygate"], 100_000, tmp)
-                extra["streams_1000"] = asyncio.run(_hold_streams(targets["paygate"], 1000, 8))
-    return _summarise(samples, extra, rounds, seconds)
+                # 1,000 streams need the concurrency limits raised: a gateway of their own.
+                port = _port()
+                env = _paygate_env(tmp, port, targets["ceiling"].port, **RAISED_LIMITS)
+                gw = _spawn([PAYGATE, "serve"], cpu=PROXY_CPU, env=env, log=tmp / "streams.log")
+                try:
+                    _wait_port(port)
+                    wide = Target("paygate-2000", port, [gw], body=targets["paygate"].body)
+                    _wrk(wide, 16, 1, tmp)
+                    extra["streams_1000"] = asyncio.run(_hold_streams(wide, 1000, 8))
+                finally:
+                    _stop([gw])
+    return _summarise(samples, extra, rounds, seconds, load_start)
 
 
 def _summarise(
-    samples: dict[str, list[dict[str, Any]]], extra: dict[str, Any], rounds: int, seconds: float
+    samples: dict[str, list[dict[str, Any]]],
+    extra: dict[str, Any],
+    rounds: int,
+    seconds: float,
+    load_start: tuple[float, float, float] = (0.0, 0.0, 0.0),
 ) -> dict[str, Any]:
     keys = (
         "p50_us",
@@ -597,6 +678,7 @@ def _summarise(
         "environment": {
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
+            "loadavg_start": load_start,
             "loadavg_end": os.getloadavg(),
             "rounds": rounds,
             "seconds_per_run": seconds,
@@ -627,7 +709,14 @@ def _print(result: dict[str, Any]) -> None:
     for key in ("streams_1000", "growth_100k"):
         if key in result:
             print(key, json.dumps({k: round(v, 2) for k, v in result[key].items()}))
-    print("load average at the end:", result["environment"]["loadavg_end"])
+    for name, rate in result.get("stream_rate", {}).items():
+        print(
+            f"stream rate {name}: {rate['events_per_s']:,.0f} events/s, "
+            f"{rate['cpu_us_per_event']:.1f} µs proxy CPU per event "
+            f"({rate['events_per_cpu_second']:,.0f} events per CPU-second)"
+        )
+    env = result["environment"]
+    print("load average at the start:", env.get("loadavg_start"), "at the end:", env["loadavg_end"])
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ and exposes the exporter. It is checked against the RFC 9180 vectors and against
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import hmac
 import struct
 from dataclasses import dataclass, field
@@ -40,13 +40,13 @@ _HPKE_SUITE = b"HPKE" + struct.pack(">HHH", KEM_ID, KDF_ID, AEAD_ID)
 
 
 def _extract(salt: bytes, ikm: bytes) -> bytes:
-    return hmac.new(salt or b"\x00" * N_H, ikm, hashlib.sha256).digest()
+    return hmac.digest(salt or b"\x00" * N_H, ikm, "sha256")
 
 
 def _expand(prk: bytes, info: bytes, length: int) -> bytes:
     out, block, counter = b"", b"", 1
     while len(out) < length:
-        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        block = hmac.digest(prk, block + info + bytes([counter]), "sha256")
         out += block
         counter += 1
     return out[:length]
@@ -97,11 +97,18 @@ class Context:
         return _labeled_expand(_HPKE_SUITE, self.exporter_secret, b"sec", exporter_context, length)
 
 
-def key_schedule(shared_secret: bytes, info: bytes) -> Context:
-    """KeySchedule for mode_base (no PSK)."""
+@functools.lru_cache(maxsize=256)
+def _base_context(info: bytes) -> bytes:
+    """``mode || psk_id_hash || info_hash`` of mode_base: the same for every request to one
+    route (the info binds method and path), so computed once per info."""
     psk_id_hash = _labeled_extract(_HPKE_SUITE, b"", b"psk_id_hash", b"")
     info_hash = _labeled_extract(_HPKE_SUITE, b"", b"info_hash", info)
-    context = bytes([MODE_BASE]) + psk_id_hash + info_hash
+    return bytes([MODE_BASE]) + psk_id_hash + info_hash
+
+
+def key_schedule(shared_secret: bytes, info: bytes) -> Context:
+    """KeySchedule for mode_base (no PSK)."""
+    context = _base_context(info)
     secret = _labeled_extract(_HPKE_SUITE, shared_secret, b"secret", b"")
     return Context(
         key=_labeled_expand(_HPKE_SUITE, secret, b"key", context, N_K),

@@ -3,13 +3,21 @@
 A receipt is a JSON object, serialised canonically (RFC 8785, the ``rfc8785`` package), signed
 with ECDSA P-256 / SHA-256 by the key the attestation evidence certified, and carried as one
 token: ``base64url(canonical JSON) "." base64url(r || s)`` (no padding; 64-byte signature).
+:func:`signed_bytes` gives a token's exact signed bytes (what a transparency log hashes).
 
-Claims (docs/ATTESTATION.md): ``version`` 1; ``request_digest`` (SHA-256 of the request body as
-received, sealed bytes for a sealed request); ``reply_digest`` (SHA-256 of the reply body the
-caller's application receives, up to the receipt: a running hash for streams); ``model`` and
-``model_digest``; ``usage`` (tokens, when the upstream reports them) or null; ``payment``
-{``scheme``, ``network``, ``amount``, ``payer``, ``transaction`` (hash or "pending")} or null;
-``issued_at`` (Unix seconds); ``receipt_key`` (hex fingerprint of the signing key).
+Two kinds (claims in docs/ATTESTATION.md), both ``version`` 2 with ``issued_at`` (Unix
+seconds) and ``receipt_key`` (hex fingerprint of the signing key):
+
+- ``reply``: ``request_digest`` (:func:`request_digest`: the request as received, with the
+  caller's fresh nonce), ``reply_digest`` (SHA-256 of the reply plaintext up to the receipt),
+  ``model``, ``model_digest``, ``usage`` or null, ``payment`` or null;
+- ``settlement``: ``request_digest`` (of the paid request, or null when unknown) and
+  ``payment``, once its settlement is known.
+
+``payment`` names the payment whole: ``id`` (the authorization nonce), ``scheme``,
+``network``, ``asset``, ``pay_to``, ``payer``, ``authorized`` and ``charged`` (atomic units,
+decimal strings), ``prices`` (metered: per million tokens and the minimum, whole tokens) or
+null, ``transaction`` (hash, or "pending").
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,14 +35,31 @@ from enclave.attestation.tpm import verify_signature
 from enclave.errors import EnclaveError
 from enclave.keys.base import ReceiptSigner
 
-VERSION = 1
-MAX_TOKEN = 8 * 1024  # a receipt is a few hundred bytes; bound what a verifier parses
-CLAIMS = frozenset(
+VERSION = 2
+REQUEST_DIGEST_VERSION = 1
+MAX_TOKEN = 8 * 1024  # a receipt is about a kilobyte; bound what a verifier parses
+NONCE_LEN = 32
+KINDS: Mapping[str, frozenset[str]] = {
+    "reply": frozenset(
+        {
+            "version", "kind", "request_digest", "reply_digest", "model", "model_digest",
+            "usage", "payment", "issued_at", "receipt_key",
+        }
+    ),
+    "settlement": frozenset(
+        {"version", "kind", "request_digest", "payment", "issued_at", "receipt_key"}
+    ),
+}  # fmt: skip
+PAYMENT_CLAIMS = frozenset(
     {
-        "version", "request_digest", "reply_digest", "model", "model_digest", "usage",
-        "payment", "issued_at", "receipt_key",
+        "id", "scheme", "network", "asset", "pay_to", "payer", "authorized", "charged",
+        "prices", "transaction",
     }
 )  # fmt: skip
+USAGE_CLAIMS = frozenset(
+    {"prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens", "source"}
+)
+_ATOMIC = re.compile(r"^(0|[1-9][0-9]{0,77})$")
 
 
 class ReceiptInvalid(EnclaveError):
@@ -59,6 +85,33 @@ def body_digest(body: bytes) -> str:
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
+def request_digest(
+    *,
+    method: str,
+    path: str,
+    body: bytes,
+    nonce: bytes | None,
+    reply_key: bytes | None = None,
+) -> str:
+    """The digest a receipt names its request by: SHA-256 of the canonical JSON
+    ``{"version": 1, "method", "path", "body": body_digest(body as received), "nonce": hex or
+    null, "reply_key": hex or null}``. ``nonce`` is the caller's fresh per-request nonce (v2:
+    derived from the reply secret inside the seal), so no two requests share a digest even
+    with the same body; ``reply_key`` is envelope v1's clear reply key, bound so that a
+    swapped one shows."""
+    if nonce is not None and len(nonce) != NONCE_LEN:
+        raise ValueError("the request nonce must be 32 bytes")
+    document = {
+        "version": REQUEST_DIGEST_VERSION,
+        "method": method.upper(),
+        "path": path,
+        "body": body_digest(body),
+        "nonce": nonce.hex() if nonce is not None else None,
+        "reply_key": reply_key.hex() if reply_key is not None else None,
+    }
+    return "sha256:" + hashlib.sha256(canonical(document)).hexdigest()
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -71,32 +124,55 @@ def _unb64(text: str) -> bytes:
 
 
 def sign(claims: Mapping[str, Any], signer: ReceiptSigner) -> str:
-    """The token for ``claims`` (``receipt_key`` is filled in), signed by ``signer``."""
+    """The token for ``claims`` (a ``kind`` and its claims; ``version`` and ``receipt_key``
+    are filled in), signed by ``signer``."""
     document = {
         **claims,
         "version": VERSION,
         "receipt_key": p256.fingerprint(signer.receipt_public_key),
     }
+    _check_form(document)
     payload = canonical(document)
     signature = signer.sign_digest(hashlib.sha256(payload).digest())
     return f"{_b64(payload)}.{_b64(signature)}"
 
 
-def verify(token: str, receipt_key: bytes) -> dict[str, Any]:
-    """The claims of ``token`` once its signature verifies under ``receipt_key`` (the attested
-    point) and its form is right; :class:`ReceiptInvalid` otherwise."""
+def _split(token: str) -> tuple[bytes, bytes]:
     if not isinstance(token, str) or len(token) > MAX_TOKEN or token.count(".") != 1:
         raise ReceiptInvalid("the receipt is not a token of two base64url parts")
     encoded, signature = token.split(".")
-    payload = _unb64(encoded)
-    if not verify_signature(receipt_key, payload, _unb64(signature)):
-        raise ReceiptInvalid("the receipt's signature does not verify under the attested key")
+    return _unb64(encoded), _unb64(signature)
+
+
+def signed_bytes(token: str) -> bytes:
+    """The exact bytes a token's signature covers (its canonical JSON), unverified: what a
+    log hashes. The one definition of a receipt's identity: the signature part is not read, so
+    a token whose signature was swapped names the same receipt."""
+    if not isinstance(token, str) or len(token) > MAX_TOKEN or token.count(".") != 1:
+        raise ReceiptInvalid("the receipt is not a token of two base64url parts")
+    return _unb64(token.partition(".")[0])
+
+
+def unverified_claims(token: str) -> dict[str, Any]:
+    """A token's claims without checking the signature (for display and for callers with no
+    attested key to check against): never a basis for trust."""
     try:
-        claims = json.loads(payload)
+        claims = json.loads(signed_bytes(token))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ReceiptInvalid("the receipt is not JSON") from None
-    if not isinstance(claims, dict) or set(claims) != CLAIMS or claims["version"] != VERSION:
-        raise ReceiptInvalid("the receipt does not have the version 1 claims")
+    if not isinstance(claims, dict):
+        raise ReceiptInvalid("the receipt is not a JSON object")
+    _check_form(claims)
+    return claims
+
+
+def verify(token: str, receipt_key: bytes) -> dict[str, Any]:
+    """The claims of ``token`` once its signature verifies under ``receipt_key`` (the attested
+    point) and its form is right; :class:`ReceiptInvalid` otherwise."""
+    payload, signature = _split(token)
+    if not verify_signature(receipt_key, payload, signature):
+        raise ReceiptInvalid("the receipt's signature does not verify under the attested key")
+    claims = unverified_claims(token)
     try:
         if canonical(claims) != payload:
             raise ReceiptInvalid("the receipt is not canonical JSON")
@@ -105,3 +181,35 @@ def verify(token: str, receipt_key: bytes) -> dict[str, Any]:
     if claims["receipt_key"] != p256.fingerprint(receipt_key):
         raise ReceiptInvalid("the receipt names another key")
     return claims
+
+
+def _check_form(claims: Mapping[str, Any]) -> None:
+    """The claims of a version 2 receipt of a known kind, with well-formed payment and usage."""
+    kind = claims.get("kind")
+    if claims.get("version") != VERSION or kind not in KINDS or set(claims) != KINDS[kind]:
+        raise ReceiptInvalid("the receipt does not have the version 2 claims of its kind")
+    payment = claims["payment"]
+    if kind == "settlement" and payment is None:
+        raise ReceiptInvalid("a settlement receipt names no payment")
+    if payment is not None:
+        if not isinstance(payment, dict) or set(payment) != PAYMENT_CLAIMS:
+            raise ReceiptInvalid("the receipt's payment does not have the payment claims")
+        for name in ("authorized", "charged"):
+            value = payment[name]
+            if not isinstance(value, str) or not _ATOMIC.match(value):
+                raise ReceiptInvalid(f"the receipt's {name} amount is not atomic units")
+        if int(payment["charged"]) > int(payment["authorized"]):
+            raise ReceiptInvalid("the receipt charges more than was authorized")
+    usage = claims.get("usage")
+    if usage is not None:
+        if not isinstance(usage, dict) or set(usage) != USAGE_CLAIMS:
+            raise ReceiptInvalid("the receipt's usage does not have the usage claims")
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            if not _count(usage[name]):
+                raise ReceiptInvalid(f"the receipt's {name} is not a count")
+        if usage["cached_tokens"] is not None and not _count(usage["cached_tokens"]):
+            raise ReceiptInvalid("the receipt's cached_tokens is not a count")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

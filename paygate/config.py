@@ -44,6 +44,7 @@ from paygate.upstream.engines.base import EngineKind
 from paygate.upstream.fleet import UpstreamEntry
 
 if TYPE_CHECKING:
+    from paygate.x402.facilitator_auth import FacilitatorAuth
     from paygate.x402.ledger_store import LedgerLocation
 
 KeyBackendName = Literal["software", "pkcs11", "tpm", "tee-memory"]
@@ -208,6 +209,8 @@ class Settings(BaseSettings):
     ready_probe_timeout: PositiveFloat = 2.0
     shutdown_grace_seconds: PositiveFloat = 30.0
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Per-address limits and slot pools key an IPv6 caller by this prefix (a host gets a /64).
+    ipv6_prefix_length: Annotated[int, Field(ge=32, le=128)] = 64
     # uvloop where it is installed (a dependency on Linux): the same behaviour, a cheaper loop.
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
@@ -224,8 +227,14 @@ class Settings(BaseSettings):
         default_factory=lambda: ["exact"]
     )
     token_prices: dict[str, TokenPriceSetting] = Field(default_factory=dict)
+    # Every generation request's output bound (free, exact, upto, batch items, payments off).
     max_tokens_cap: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
-    usage_fallback: Literal["max", "estimate"] = "max"
+    # A metered reply nothing could count: charge the prompt bound (default), an estimate, max.
+    usage_fallback: Literal["prompt", "estimate", "max"] = "prompt"
+    # Ask the engine for usage on every streamed chunk (llama-server, vLLM) when metering.
+    running_usage: bool = True
+    # Load-time engine options callers may send (docs/PAYMENTS.md "Engine options").
+    engine_options_allowed: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Limits and budgets: docs/PAYMENTS.md "Budgets and rate limits".
     rate_limits: dict[str, RateLimitSetting] = Field(default_factory=dict)
     payer_daily_budget: NonNegativeDecimal | None = None
@@ -238,6 +247,9 @@ class Settings(BaseSettings):
     alert_webhook_secret: SecretStr | None = None
     alert_webhook_secret_file: Path | None = None
     alert_interval_seconds: Annotated[float, Field(ge=1, le=3600)] = 10.0
+    # Free requests one client address (IPv6: its prefix) may take a day; None: as many as
+    # one wallet (free_requests_per_day).
+    free_requests_per_address_per_day: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     # POST /v1/batch/chat/completions: items per batch, items forwarded at once.
     batch_max_items: Annotated[int, Field(ge=1, le=256)] = 16
     batch_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
@@ -248,16 +260,27 @@ class Settings(BaseSettings):
     max_timeout_seconds: PositiveInt = 300
     clock_skew_seconds: Annotated[int, Field(ge=0, le=600)] = 5
     payment_description: str = "paygate inference"
+    # Each 402 declares its route's input/output (x402's bazaar discovery extension).
+    bazaar_discovery: bool = True
     public_url: str | None = None
     facilitator_url: str | None = None
     # A hosted facilitator's credentials: one ``Name: value`` header per line (secret file).
     facilitator_headers_file: Path | None = None
+    # "cdp-jwt": a short-lived JWT per call (Coinbase CDP style) signed with the API key below,
+    # beside any headers above (paygate.x402.facilitator_auth).
+    facilitator_auth: Literal["headers", "cdp-jwt"] = "headers"
+    facilitator_api_key_id: str | None = None
+    # The key's private half: PEM EC P-256 or base64 Ed25519 (else the systemd credential).
+    facilitator_api_key_secret_file: Path | None = None
+    facilitator_jwt_lifetime_seconds: Annotated[int, Field(ge=10, le=300)] = 120
     facilitator_timeout: PositiveFloat = 10.0
     settle_timeout: PositiveFloat = 60.0
     settle_timing: Literal["after", "upfront"] = "after"
     settle_on_disconnect: bool = True
     settle_margin_seconds: Annotated[float, Field(ge=0, le=3600)] = 15.0
     require_payment_identifier: bool = False
+    # How long an ended payment's payment-identifier answers retries with its outcome.
+    payment_identifier_ttl_seconds: Annotated[float, Field(ge=60, le=90 * 86_400)] = 86_400.0
     reconcile_interval_seconds: PositiveFloat = 30.0
     chain_rpc_url: str | None = None
     gas_key: SecretStr | None = None
@@ -623,7 +646,7 @@ class Settings(BaseSettings):
             ipaddress.ip_network(item, strict=False)  # ValueError names the bad entry
         return value
 
-    @field_validator("network", mode="before")
+    @field_validator("network", "engine_options_allowed", mode="before")
     @classmethod
     def _split_networks(cls, value: Any) -> Any:
         return cls._split_proxies(value)
@@ -692,6 +715,10 @@ class Settings(BaseSettings):
                 )
         elif self.token_prices:
             raise ValueError("token_prices drive upto only: add upto to payment_schemes")
+        if self.free_requests_per_day > 0 and self.payment_mode != "off" and not self.public_url:
+            # A sign-in names the site it is for: without our own URL the only check left
+            # would be the caller's Host header, which the caller writes.
+            raise ValueError("free_requests_per_day needs public_url (PAYGATE_PUBLIC_URL)")
         return self
 
     def upstream(self) -> UpstreamConfig:
@@ -802,6 +829,7 @@ class Settings(BaseSettings):
             if value is not None:
                 found.append(value.get_secret_value())
         found += [value.get_secret_value() for value in self.facilitator_headers().values()]
+        found += self._facilitator_key_lines()
         found += [value.removeprefix("0x") for value in found if value.startswith("0x")]
         found += url_secrets(self.chain_rpc_url)
         if self.alert_webhook is not None:
@@ -817,6 +845,51 @@ class Settings(BaseSettings):
         if file is None:
             return {}
         return parse_header_lines(_read_secret_file("facilitator_headers", file))
+
+    def facilitator_auth_provider(self) -> FacilitatorAuth:
+        """How facilitator calls authenticate: the headers file alone, or a CDP-style JWT per
+        call beside it. ConfigError when the JWT's key id or key is missing or unreadable."""
+        from paygate.x402.facilitator_auth import CdpJwt, StaticHeaders
+
+        headers = self.facilitator_headers()
+        if self.facilitator_auth == "headers":
+            if self.facilitator_api_key_id or self.facilitator_api_key_secret_file:
+                raise ConfigError(
+                    "facilitator_api_key_id/_secret_file are used by facilitator_auth = cdp-jwt "
+                    "only: set it, or remove them"
+                )
+            return StaticHeaders(headers)
+        secret = self._facilitator_key()
+        if not self.facilitator_api_key_id or secret is None:
+            raise ConfigError(
+                "facilitator_auth cdp-jwt needs facilitator_api_key_id and "
+                "facilitator_api_key_secret_file (or the facilitator_api_key_secret credential)"
+            )
+        try:
+            return CdpJwt(
+                self.facilitator_api_key_id,
+                secret,
+                lifetime=self.facilitator_jwt_lifetime_seconds,
+                extra=headers,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def _facilitator_key(self) -> SecretStr | None:
+        file = self.secret_file("facilitator_api_key_secret")
+        if file is None:
+            return None
+        return SecretStr(_read_secret_file("facilitator_api_key_secret", file).strip())
+
+    def _facilitator_key_lines(self) -> list[str]:
+        """The JWT key's text and its longer lines (a PEM body), for the log redactor."""
+        if self.facilitator_auth != "cdp-jwt":
+            return []
+        secret = self._facilitator_key()
+        if secret is None:
+            return []
+        text = secret.get_secret_value()
+        return [text, *(line.strip() for line in text.splitlines() if len(line.strip()) >= 16)]
 
     @classmethod
     def settings_customise_sources(
@@ -846,6 +919,7 @@ CREDENTIALS = (
     "key_passphrase",
     "upstream_api_key",
     "facilitator_headers",
+    "facilitator_api_key_secret",
     "ledger_password",
     "alert_webhook_secret",
     "console_secret",

@@ -25,7 +25,8 @@ ENVELOPE_HEADER: Final = "X-Paygate-Envelope"  # v1 | v2 on a sealed reply
 ERROR_HEADER: Final = "X-Paygate-Error"  # the stable error code of any refusal
 OVERHEAD_HEADER: Final = "X-Paygate-Overhead-Ms"  # time spent in the gateway itself
 REQUEST_ID_HEADER: Final = "X-Request-Id"  # from a trusted proxy, or made here; always returned
-RECEIPT_HEADER: Final = "X-Paygate-Receipt"  # a whole reply's signed receipt
+RECEIPT_HEADER: Final = "X-Paygate-Receipt"  # a whole reply's signed receipt (sealed if it is)
+REQUEST_NONCE_HEADER: Final = "X-Paygate-Request-Nonce"  # plaintext/v1: the caller's fresh nonce
 
 # --- x402's headers (v2, and v1's X- names) ---
 PAYMENT_REQUIRED: Final = "PAYMENT-REQUIRED"
@@ -47,6 +48,7 @@ ATTESTATION_ACTIVATE_PATH: Final = "/v1/attestation/activate"
 LOG_CHECKPOINT_PATH: Final = "/v1/log/checkpoint"  # the transparency log (c2sp.org/tlog-tiles)
 LOG_TILE_PATH: Final = "/v1/log/tile/{tile:path}"
 LOG_RECEIPT_PROOF_PATH: Final = "/v1/log/receipt-proof"
+RECEIPTS_PATH: Final = "/v1/receipts"  # GET /v1/receipts/{payment_id}: a settlement receipt
 LOCAL_PATHS: Final = frozenset(
     {
         HEALTH_PATH,
@@ -61,9 +63,9 @@ LOCAL_PATHS: Final = frozenset(
 
 
 def is_local(path: str) -> bool:
-    """A path the gateway answers itself (never sealed, never paid): the local endpoints and
-    the transparency log's."""
-    return path in LOCAL_PATHS or path.startswith("/v1/log/")
+    """A path the gateway answers itself (never sealed, never paid): the local endpoints, the
+    transparency log's and the settlement receipts'."""
+    return path in LOCAL_PATHS or path.startswith(("/v1/log/", RECEIPTS_PATH + "/"))
 
 
 def media_type(content_type: str | None) -> str:

@@ -24,6 +24,25 @@ completion tokens the words sent; the output stops at ``max_tokens``/``max_compl
 (``options.num_predict``), and a stream carries OpenAI's usage-only last chunk when asked with
 ``stream_options.include_usage``.
 
+``engine=`` makes the FAKE mirror one engine's documented generation semantics (each engine
+profile in ``paygate.upstream.engines`` cites its source) — still a fake, named as such:
+
+- ``"ollama"``: OpenAI routes obey ``max_tokens`` only (``max_completion_tokens``, ``n``,
+  ``best_of`` ignored); native routes ``options.num_predict``; 0 and negatives: no limit;
+- ``"vllm"``: ``max_completion_tokens or max_tokens``, below 1 refused (400); ``n`` /
+  ``best_of`` sequences generated (counted in ``usage``); ``stream_options.
+  continuous_usage_stats`` puts usage on every chunk; ``POST /tokenize`` answers ``{"count"}``;
+- ``"llama-server"``: ``n_predict`` before ``max_tokens``, -1 no limit, 0 and other negatives
+  one token, ``max_completion_tokens`` ignored, ``n`` ≠ 1 refused (500); ``timings_per_token``
+  puts ``timings`` (``prompt_n``, ``predicted_n``) on every chunk; ``POST /tokenize`` answers
+  ``{"tokens": [...]}`` and ``POST /apply-template`` the prompt;
+- ``"any"`` (the default): the smallest non-negative limit named anywhere;
+- on every engine, ``/v1/responses`` obeys ``max_output_tokens`` and ``/v1/messages``
+  ``max_tokens`` (required), below 1 refused (400), as vLLM serves them.
+
+"No limit" is the request's own ``fake.chunks`` (or the server's ``chunks``) words. A FAKE
+token is a word, for ``/tokenize`` too.
+
 A top-level ``"fake": {"pace": seconds, "chunks": n, "pad": bytes}`` in the body overrides the
 pace and the length, and pads each word (for backpressure tests). Every request received is
 counted per ``METHOD /path`` (unknown paths too): tests read :attr:`FakeModelServer.hits`
@@ -153,6 +172,44 @@ def output_limit(body: dict[str, Any]) -> int | None:
     return min(limits) if limits else None
 
 
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def engine_limit(engine: str, path: str, body: dict[str, Any]) -> tuple[int | None, int, str]:
+    """(output limit or None, sequences generated, refusal message or "") as ``engine`` would
+    read ``body`` on ``path`` (see the module docstring)."""
+    options = body.get("options") if isinstance(body.get("options"), dict) else {}
+    if path in ("/v1/responses", "/v1/messages"):
+        # One key each (vLLM's ResponsesRequest, its Anthropic request), one sequence.
+        key = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
+        value = _int(body.get(key))
+        if value is not None and value < 1:
+            return None, 1, f"{key} must be at least 1"
+        return value, 1, ""
+    if engine == "ollama":
+        value = _int(options.get("num_predict")) if path.startswith("/api/") else None
+        if not path.startswith("/api/"):
+            value = _int(body.get("max_tokens"))
+        return (value if value is not None and value > 0 else None), 1, ""
+    if engine == "vllm":
+        value = _int(body.get("max_completion_tokens")) or _int(body.get("max_tokens"))
+        if value is not None and value < 1:
+            return None, 1, "max_tokens must be at least 1"
+        choices = max(_int(body.get("n")) or 1, _int(body.get("best_of")) or 1)
+        return value, choices, ""
+    if engine == "llama-server":
+        if (_int(body.get("n")) or 1) != 1:
+            return None, 1, "Only one completion choice is allowed"
+        value = _int(body.get("n_predict"))
+        if value is None:
+            value = _int(body.get("max_tokens"))
+        if value is None or value == -1:
+            return None, 1, ""
+        return max(value, 1), 1, ""
+    return output_limit(body), 1, ""
+
+
 class FakeModelServer:
     """The fake. Build it, then serve :attr:`app` (TestServer, AppRunner or :func:`run`)."""
 
@@ -163,7 +220,9 @@ class FakeModelServer:
         chunks: int = 4,
         models_dir: Path | None = None,
         api_key: str | None = None,
+        engine: str = "any",
     ) -> None:
+        self.engine = engine
         self.pace = pace
         self.chunks = chunks
         self.models_dir = models_dir
@@ -214,6 +273,8 @@ class FakeModelServer:
         r.add_post("/v1/responses", self._responses)
         r.add_post("/v1/messages", self._messages)
         r.add_get("/v1/models", self._openai_models)
+        r.add_post("/tokenize", self._tokenize)
+        r.add_post("/apply-template", self._apply_template)
         r.add_get("/v1/models/{model}", self._openai_model)
         return app
 
@@ -258,7 +319,14 @@ class FakeModelServer:
             raise _error(request, 400, "the body must be a JSON object")
         return body
 
-    def _shape(self, body: dict[str, Any]) -> tuple[float, int, int]:
+    def _limit(self, request: web.Request, body: dict[str, Any]) -> tuple[int | None, int]:
+        """The output limit and sequences this FAKE's engine would obey, or its refusal."""
+        limit, choices, refused = engine_limit(self.engine, request.path, body)
+        if refused:
+            raise _error(request, 500 if self.engine == "llama-server" else 400, refused)
+        return limit, choices
+
+    def _shape(self, body: dict[str, Any], limit: int | None = None) -> tuple[float, int, int]:
         options = body.get("fake")
         pace, chunks, pad = self.pace, self.chunks, 0
         if isinstance(options, dict):
@@ -268,7 +336,6 @@ class FakeModelServer:
                 chunks = min(max(options["chunks"], 1), _MAX_CHUNKS)
             if isinstance(options.get("pad"), int):
                 pad = min(max(options["pad"], 0), _MAX_PAD)
-        limit = output_limit(body)
         if limit is not None:
             chunks = min(chunks, limit)  # like a model server: stop at the output limit
         return pace, chunks, pad
@@ -363,7 +430,8 @@ class FakeModelServer:
         body = await self._json(request)
         model = str(body.get("model", ""))
         await self._misbehave_first(request, model)
-        pace, count, pad = self._shape(body)
+        limit, _ = self._limit(request, body)
+        pace, count, pad = self._shape(body, limit)
         words = [word + "." * pad for word in reply_words(_prompt(body), count)]
 
         def part(text: str, done: bool) -> dict[str, Any]:
@@ -374,7 +442,7 @@ class FakeModelServer:
                 out["response"] = text
             out["done"] = done
             if done:
-                out["done_reason"] = "length" if output_limit(body) == count else "stop"
+                out["done_reason"] = "length" if limit == count else "stop"
                 if model != "fake-no-usage":
                     out.update(prompt_eval_count=prompt_tokens(body), eval_count=count)
             return out
@@ -483,22 +551,29 @@ class FakeModelServer:
         body = await self._json(request)
         model = str(body.get("model", ""))
         await self._misbehave_first(request, model)
-        pace, count, pad = self._shape(body)
+        limit, choices = self._limit(request, body)
+        pace, count, pad = self._shape(body, limit)
         prompt = _prompt(body)
         words = [word + "." * pad for word in reply_words(prompt, count)]
         ident = "fake-" + hashlib.sha256(prompt.encode()).hexdigest()[:12]
         read = prompt_tokens(body)
-        usage = {"prompt_tokens": read, "completion_tokens": count, "total_tokens": read + count}
+        made = count * choices  # every sequence generated counts, returned or not
+        usage = {"prompt_tokens": read, "completion_tokens": made, "total_tokens": read + made}
         reports = model != "fake-no-usage"
         options = body.get("stream_options")
         stream_usage = (
             reports and isinstance(options, dict) and options.get("include_usage") is True
         )
-        finish_reason = "length" if output_limit(body) == count else "stop"
+        running = reports and (
+            (self.engine == "vllm" and isinstance(options, dict)
+             and options.get("continuous_usage_stats") is True)
+            or (self.engine == "llama-server" and body.get("timings_per_token") is True)
+        )  # fmt: skip
+        finish_reason = "length" if limit == count else "stop"
         if body.get("stream") is True:
             kind = "chat.completion.chunk" if chat else "text_completion"
 
-            def event(text: str | None, finish: str | None) -> bytes:
+            def event(text: str | None, finish: str | None, sent: int) -> bytes:
                 if chat:
                     delta = {"content": text} if text is not None else {}
                     choice: dict[str, Any] = {"index": 0, "delta": delta}
@@ -507,12 +582,18 @@ class FakeModelServer:
                 choice["finish_reason"] = finish
                 chunk = {"id": ident, "object": kind, "created": 0, "model": model}
                 chunk["choices"] = [choice]
+                if running and self.engine == "vllm":
+                    done = sent * choices
+                    chunk["usage"] = {"prompt_tokens": read, "completion_tokens": done,
+                                      "total_tokens": read + done}  # fmt: skip
+                elif running:
+                    chunk["timings"] = {"prompt_n": read, "predicted_n": sent}
                 return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
             def lines() -> Iterator[bytes]:
-                for word in words:
-                    yield event(" " + word, None)
-                yield event(None, finish_reason)
+                for index, word in enumerate(words):
+                    yield event(" " + word, None, index + 1)
+                yield event(None, finish_reason, count)
                 if stream_usage:  # OpenAI's shape: one more chunk, no choices, the usage
                     chunk = {"id": ident, "object": kind, "created": 0, "model": model}
                     chunk.update(choices=[], usage=usage)
@@ -521,17 +602,20 @@ class FakeModelServer:
 
             return await self._stream(request, model, pace, lines(), "text/event-stream")
         text = " " + " ".join(words)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-        else:
-            choice = {"index": 0, "text": text}
-        choice["finish_reason"] = finish_reason
+        returned = []
+        for index in range(min(choices, _int(body.get("n")) or 1)):
+            if chat:
+                choice = {"index": index, "message": {"role": "assistant", "content": text}}
+            else:
+                choice = {"index": index, "text": text}
+            choice["finish_reason"] = finish_reason
+            returned.append(choice)
         payload = {
             "id": ident,
             "object": "chat.completion" if chat else "text_completion",
             "created": 0,
             "model": model,
-            "choices": [choice],
+            "choices": returned,
         }
         if reports:
             payload["usage"] = usage
@@ -540,8 +624,11 @@ class FakeModelServer:
     # --- the Responses API and Anthropic's Messages API, in the documented shapes (vLLM serves
     # both; the llama-server built for the tests serves neither) ---------------------------------
 
-    def _generated(self, body: dict[str, Any]) -> tuple[float, list[str], int, str]:
-        pace, count, pad = self._shape(body)
+    def _generated(
+        self, request: web.Request, body: dict[str, Any]
+    ) -> tuple[float, list[str], int, str]:
+        limit, _ = self._limit(request, body)
+        pace, count, pad = self._shape(body, limit)
         prompt = _prompt(body)
         words = [word + "." * pad for word in reply_words(prompt, count)]
         return pace, words, prompt_tokens(body), hashlib.sha256(prompt.encode()).hexdigest()[:12]
@@ -552,7 +639,7 @@ class FakeModelServer:
         body = await self._json(request)
         model = str(body.get("model", ""))
         await self._misbehave_first(request, model)
-        pace, words, read, ident = self._generated(body)
+        pace, words, read, ident = self._generated(request, body)
         usage = {
             "input_tokens": read,
             "input_tokens_details": {"cached_tokens": 0},
@@ -604,8 +691,8 @@ class FakeModelServer:
         await self._misbehave_first(request, model)
         if not isinstance(body.get("max_tokens"), int):
             raise _error(request, 400, "max_tokens: Field required")
-        pace, words, read, ident = self._generated(body)
-        stop = "max_tokens" if output_limit(body) == len(words) else "end_turn"
+        pace, words, read, ident = self._generated(request, body)
+        stop = "max_tokens" if body["max_tokens"] == len(words) else "end_turn"
         reports = model != "fake-no-usage"
         message: dict[str, Any] = {
             "id": "msg_" + ident, "type": "message", "role": "assistant", "model": model,
@@ -637,6 +724,30 @@ class FakeModelServer:
             yield event("message_stop", {})
 
         return await self._stream(request, model, pace, lines(), "text/event-stream")
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        """``POST /tokenize``: a FAKE token is a word (vLLM's and llama-server's shapes)."""
+        body = await self._json(request)
+        text = body.get("content", body.get("prompt"))
+        if isinstance(body.get("messages"), list):
+            text = " ".join(
+                str(m.get("content", "")) for m in body["messages"] if isinstance(m, dict)
+            )
+        if not isinstance(text, str) or self.engine not in ("vllm", "llama-server"):
+            raise _error(request, 404, "no tokenizer here")
+        count = len(text.split())
+        if self.engine == "vllm":
+            return web.json_response({"count": count, "max_model_len": 4096, "tokens": []})
+        return web.json_response({"tokens": list(range(count))})
+
+    async def _apply_template(self, request: web.Request) -> web.Response:
+        """llama-server's ``POST /apply-template``: the FAKE template is the contents joined."""
+        body = await self._json(request)
+        messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+        if self.engine != "llama-server":
+            raise _error(request, 404, "no template here")
+        prompt = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+        return web.json_response({"prompt": prompt})
 
     async def _openai_embeddings(self, request: web.Request) -> web.Response:
         body = await self._json(request)

@@ -267,8 +267,9 @@ async def _docker(settings: Settings) -> Check | None:
 async def _facilitator(settings: Settings) -> Check | None:
     if settings.payment_mode not in ("facilitator", "verify-only") or not settings.facilitator_url:
         return None
-    headers = {k: v.get_secret_value() for k, v in settings.facilitator_headers().items()}
-    return await facilitator_check(settings.facilitator_url, headers, settings.network)
+    url = settings.facilitator_url.rstrip("/")
+    headers = settings.facilitator_auth_provider().headers("GET", url + "/supported")
+    return await facilitator_check(url, headers, settings.network)
 
 
 async def facilitator_check(url: str, headers: dict[str, str], networks: list[str]) -> Check:
@@ -348,7 +349,7 @@ async def _clock(settings: Settings) -> Check | None:
             "GET",
             None,
         )
-        headers = {k: v.get_secret_value() for k, v in settings.facilitator_headers().items()}
+        headers = settings.facilitator_auth_provider().headers("GET", url)
     else:
         return None
     timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT)

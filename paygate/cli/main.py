@@ -28,6 +28,7 @@ COMMANDS = (
     "keys",
     "serve",
     "payments",
+    "receipts",
     "ledger",
     "upstream",
     "discover",
@@ -38,7 +39,6 @@ COMMANDS = (
     "release",
     "console",
     "log",
-    "receipts",
 )
 # Commands that live outside the shipped package (the dev tooling's ``demo`` and
 # ``fake-upstream``) register through this entry point group when installed.

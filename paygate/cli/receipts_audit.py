@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import json
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from enclave import receipts
+from enclave.receipts import ReceiptInvalid
 from enclave.tlog import entries, merkle
 from paygate.errors import PaygateError
 
@@ -36,12 +37,10 @@ def add_audit(actions: Any) -> None:
 
 
 def leaf_of(token: str) -> bytes:
-    payload = token.strip().partition(".")[0]
     try:
-        signed = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
-    except (binascii.Error, ValueError):
+        return merkle.leaf_hash(receipts.signed_bytes(token.strip()))
+    except ReceiptInvalid:
         raise PaygateError("a receipt token is not base64url") from None
-    return merkle.leaf_hash(signed)
 
 
 def _audit(args: argparse.Namespace) -> int:

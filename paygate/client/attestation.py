@@ -610,7 +610,10 @@ def check_receipt(
     if claims["reply_digest"] != reply_digest:
         raise ReceiptMismatch("the signed receipt's reply digest does not match the reply")
     model = claims["model"]
-    if model is not None and claims["model_digest"] not in attested.binding.model_digests(model):
+    # One of the digests the binding states for the name (several upstreams may serve it), or
+    # none when it states none.
+    attested_digests = attested.binding.model_digests(model) if model is not None else ()
+    if model is not None and claims["model_digest"] not in (attested_digests or {None}):
         raise ReceiptMismatch("the signed receipt's model digest is not the attested one")
     return claims
 

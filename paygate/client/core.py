@@ -9,6 +9,7 @@ hand to httpx, with the decoder its body must pass through.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Generator
@@ -20,7 +21,8 @@ import httpx
 from eth_account.signers.local import LocalAccount
 
 import enclave
-from enclave import DecryptionError, ReplyKeys, SoftwareKey, receipts
+from enclave import DecryptionError, ReplyKeys, SoftwareKey, receipts, sealed_receipt
+from enclave.envelope_v2 import request_nonce
 from paygate import wire
 from paygate.client.attestation import (
     AttestationPolicy,
@@ -58,9 +60,11 @@ from paygate.wire import (
     ORIGINAL_TYPE_HEADER,
     PUBKEY_PATH,
     REPLY_PUBKEY_HEADER,
+    REQUEST_NONCE_HEADER,
 )
 from paygate.x402 import codec
-from paygate.x402.models import SettleResponse
+from paygate.x402.batch import BATCH_PATH
+from paygate.x402.models import USAGE_EXTENSION, SettleResponse
 
 Envelope = Literal["v2", "v1", "plain"]
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
@@ -68,7 +72,14 @@ DEFAULT_MAX_SEALED_REPLY_BYTES = 32 * 1024 * 1024
 MAX_TAIL_BYTES = 64 * 1024  # read after the caller stops, to collect a pending receipt
 PAYMENT_LOG_SIZE = 1000
 _REQUEST_HEADERS_DROPPED = frozenset(
-    {"content-length", "transfer-encoding", "x-obol-reply-pubkey", "payment-signature", "x-payment"}
+    {
+        "content-length",
+        "transfer-encoding",
+        "x-obol-reply-pubkey",
+        "payment-signature",
+        "x-payment",
+        "x-paygate-request-nonce",
+    }
 )
 _SEALED_REPLY_HEADERS_DROPPED = frozenset(
     {
@@ -162,6 +173,8 @@ class _Attempt:
     key: EnclaveKey | None
     v2_reply: ReplyKeys | None = field(default=None, repr=False)
     v1_reply: SoftwareKey | None = field(default=None, repr=False)
+    # What a signed receipt must name this request by (enclave.receipts.request_digest).
+    request_digest: str = ""
 
 
 def origin_of(url: httpx.URL) -> str:
@@ -322,7 +335,9 @@ class ClientCore:
         if self.on_receipt is not None:
             self.on_receipt(record)
 
-    def _header_receipt(self, record: PaymentRecord, headers: httpx.Headers) -> None:
+    def _header_receipt(
+        self, record: PaymentRecord, headers: httpx.Headers, sealed_token: str | None = None
+    ) -> None:
         for name in (wire.PAYMENT_RESPONSE, wire.X_PAYMENT_RESPONSE):
             value = headers.get(name)
             if value:
@@ -331,6 +346,7 @@ class ClientCore:
                 except codec.PaymentHeaderError as exc:
                     self._got_receipt(record, None, "header", str(exc))
                 else:
+                    receipt = _with_sealed_usage(receipt, sealed_token)
                     self._got_receipt(record, receipt, "header", None)
                 return
 
@@ -339,9 +355,9 @@ class ClientCore:
     def flow(self, request: httpx.Request) -> Flow:
         """One request: seal, send, pay once if asked to, open."""
         body = yield ReadRequest(request, self.max_request_bytes)
-        envelope: Envelope = "plain" if wire.is_local(request.url.path) else self.envelope
-        key: EnclaveKey | None = None
         local = wire.is_local(request.url.path)
+        envelope: Envelope = "plain" if local else self.envelope
+        key: EnclaveKey | None = None
         if envelope != "plain" or (self.attestation is not None and not local):
             # With a policy even a plaintext request waits for attestation: its reply's
             # signed receipt is checked against the attested key.
@@ -388,6 +404,9 @@ class ClientCore:
         v2_reply: ReplyKeys | None = None
         v1_reply: SoftwareKey | None = None
         content = body
+        # A fresh nonce for every attempt: no old reply's receipt names this request. v2
+        # derives it from the reply secret inside the seal; otherwise it is a header.
+        nonce: bytes | None = None
         if envelope == "v2":
             assert key is not None
             sealed = enclave.seal_v2(
@@ -395,13 +414,24 @@ class ClientCore:
             )
             content, v2_reply = sealed.blob, sealed.reply
             headers["Content-Type"] = enclave.CONTENT_TYPE
-        elif envelope == "v1":
+            nonce = request_nonce(v2_reply)
+        else:
+            nonce = os.urandom(receipts.NONCE_LEN)
+            headers[REQUEST_NONCE_HEADER] = nonce.hex()
+        if envelope == "v1":
             assert key is not None
             v1_reply = SoftwareKey.generate()
             headers[REPLY_PUBKEY_HEADER] = v1_reply.public_key.hex()
             if body:
                 content = enclave.seal_v1(key.public_key, body)
                 headers["Content-Type"] = enclave.CONTENT_TYPE
+        digest = receipts.request_digest(
+            method=request.method,
+            path=request.url.path,
+            body=content,
+            nonce=nonce,
+            reply_key=v1_reply.public_key if v1_reply is not None else None,
+        )
         if payment is not None:
             headers[payment[0]] = payment[1]
         outgoing = httpx.Request(
@@ -411,28 +441,31 @@ class ClientCore:
             content=content,
             extensions=request.extensions,
         )
-        return _Attempt(outgoing, envelope, key, v2_reply, v1_reply)
+        return _Attempt(outgoing, envelope, key, v2_reply, v1_reply, digest)
 
     def _reply(
         self, attempt: _Attempt, response: httpx.Response, record: PaymentRecord | None
     ) -> Generator[Command, Any, Deliver]:
-        if record is not None:
-            self._header_receipt(record, response.headers)
         sealed = wire.is_sealed(response.headers.get("content-type"))
+        header = response.headers.get(wire.RECEIPT_HEADER)
+        # A sealed reply's receipt header is sealed to this request's reply key.
+        token = _open_receipt_header(attempt, header) if sealed and header else header
+        if record is not None:
+            self._header_receipt(record, response.headers, token if sealed else None)
         info = ReplyInfo(
             envelope=attempt.envelope if sealed else "plain",
             key_fingerprint=attempt.key.fingerprint if attempt.key else None,
             payment=record,
         )
         extensions = {**response.extensions, "paygate": info}
-        receipt = self._receipt_check(attempt, response, sealed, record, extensions)
+        receipt = self._receipt_check(attempt, response, sealed, record, extensions, token)
         if attempt.envelope == "plain" or (not sealed and response.status_code >= 400):
             # In the clear: no sealing asked, or a gateway error (402/4xx/5xx before opening).
             content_type = response.headers.get("content-type")
             scanner = self._scanner(content_type, record)
             plain: ReplyDecoder = PlainDecoder(scanner)
             if receipt is not None:
-                plain = CheckedDecoder(plain, receipt(content_type, v2_stream=False))
+                plain = CheckedDecoder(plain, receipt(content_type))
             return Deliver(
                 response.status_code,
                 response.headers.multi_items(),
@@ -466,7 +499,7 @@ class ClientCore:
                 attempt.v2_reply, self._scanner(plain_type, record)
             )
             if receipt is not None:
-                decoder = CheckedDecoder(decoder, receipt(plain_type, v2_stream=True))
+                decoder = CheckedDecoder(decoder, receipt(plain_type))
             return Deliver(response.status_code, headers, extensions, response, decoder)
         assert attempt.v1_reply is not None
         blob = yield ReadBody(response, self.max_sealed_reply_bytes, "the sealed v1 reply")
@@ -482,9 +515,8 @@ class ClientCore:
             scanner.feed(plaintext)
             scanner.finish()
         if receipt is not None:
-            check = receipt(plain_type, v2_stream=False)
-            check.raw(blob)
-            check.plain(plaintext)
+            check = receipt(plain_type)
+            check.feed(plaintext)
             check.end()
         return Deliver(response.status_code, headers, extensions, content=plaintext)
 
@@ -495,9 +527,11 @@ class ClientCore:
         sealed: bool,
         record: PaymentRecord | None,
         extensions: dict[str, Any],
-    ) -> Callable[..., ReceiptCheck] | None:
+        token: str | None,
+    ) -> Callable[[str | None], ReceiptCheck] | None:
         """With an attested origin, every paid or sealed reply below 400 must carry a receipt
-        signed by the attested key: a factory of its check, or None."""
+        signed by the attested key, for this request and payment: a factory of its check, or
+        None."""
         attested = self.attested(origin_of(attempt.request.url))
         if attested is None or response.status_code >= 400 or not (sealed or record):
             return None
@@ -505,17 +539,17 @@ class ClientCore:
         extensions["paygate_receipt"] = signed
         with self._lock:
             self._signed_receipts.append(signed)
-        request_digest = receipts.body_digest(attempt.request.content)
-        header = response.headers.get(wire.RECEIPT_HEADER)
 
-        def make(content_type: str | None, *, v2_stream: bool) -> ReceiptCheck:
+        def make(content_type: str | None) -> ReceiptCheck:
             return ReceiptCheck(
                 attested,
-                request_digest=request_digest,
-                header_token=header,
+                request_digest=attempt.request_digest,
+                header_token=token,
                 content_type=content_type,
-                v2_stream=v2_stream,
+                payment=record,
                 result=signed,
+                whole=sealed and attempt.envelope == "v1",
+                batch=attempt.request.url.path == BATCH_PATH,
             )
 
         return make
@@ -540,6 +574,45 @@ class ClientCore:
 
         scanner = ReceiptScanner(content_type, sink)
         return scanner if scanner.active else None
+
+
+def _open_receipt_header(attempt: _Attempt, value: str) -> str | None:
+    """A sealed reply's receipt header opened with this request's reply key (None: it does
+    not open, which the receipt check then reports as a missing receipt)."""
+    try:
+        if attempt.v2_reply is not None:
+            return sealed_receipt.open_v2(attempt.v2_reply, value)
+        if attempt.v1_reply is not None:
+            return sealed_receipt.open_v1(attempt.v1_reply, value)
+    except DecryptionError:
+        return None
+    return None
+
+
+def _with_sealed_usage(receipt: SettleResponse, token: str | None) -> SettleResponse:
+    """A sealed reply's clear payment receipt states no usage (it would show beside a sealed
+    body); the sealed signed receipt does. Its usage (unverified here: the signed receipt's
+    own check verifies it when the origin is attested) joins the payment receipt, in the
+    x402 receipt's own words, for the metered payment's check."""
+    extensions = receipt.extensions or {}
+    if token is None or USAGE_EXTENSION in extensions:
+        return receipt
+    try:
+        claims = receipts.unverified_claims(token)
+    except receipts.ReceiptInvalid:
+        return receipt
+    usage, payment = claims.get("usage"), claims.get("payment")
+    if not isinstance(usage, dict) or not isinstance(payment, dict):
+        return receipt
+    info = {
+        "promptTokens": usage["prompt_tokens"],
+        "completionTokens": usage["completion_tokens"],
+        "source": usage["source"],
+        "maximum": payment["authorized"],
+        "charged": payment["charged"],
+    }
+    extended = {**extensions, USAGE_EXTENSION: {"info": info}}
+    return receipt.model_copy(update={"extensions": extended})
 
 
 def model_of(body: bytes) -> str | None:

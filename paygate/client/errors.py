@@ -253,6 +253,19 @@ class ReceiptMismatch(ReceiptInvalid):
     code = "receipt_mismatch"
 
 
+class ReceiptMissing(ReceiptInvalid):
+    """A reply ended (cleanly, by a reset, past the tail's bound of bytes or time) without its
+    signed receipt: its end is not handed out."""
+
+    code = "receipt_missing"
+
+
+class ContentAfterReceipt(ReceiptInvalid):
+    """Bytes came after a reply's signed receipt, which is the last thing an appliance sends."""
+
+    code = "content_after_receipt"
+
+
 # --- the transparency log (docs/TRANSPARENCY.md): refused before anything is sealed or paid
 
 

@@ -1,32 +1,49 @@
-"""Check the signed receipt of every paid or sealed reply from an attested appliance.
+"""Check the signed receipt of every paid or sealed reply from an attested appliance, and hold
+the reply's end back until it is checked.
 
-Where the gateway puts it and what its ``reply_digest`` covers (paygate.server.receipts,
-docs/ATTESTATION.md): whole replies carry ``X-Paygate-Receipt`` over the body as received;
+Where the gateway puts it (paygate.server.receipts, docs/ATTESTATION.md): whole replies carry
+``X-Paygate-Receipt`` (sealed to the caller on a sealed reply) over the whole plaintext;
 streams carry it last, in-band: an SSE comment ``: paygate-receipt <token>`` (digest of the
-bytes before that line), a ``paygate_receipt`` key on NDJSON's ``"done": true`` object (digest
-of the bytes before that line), and for v2 inside the final sealed frame (digest of the bytes
-received before that frame). Sans-IO: a :class:`ReceiptCheck` watches the raw bytes and the
-plaintext as the decoder passes them, and raises at the end if anything is wrong.
+plaintext before that line) or a ``paygate_receipt`` entry on NDJSON's final object (digest of
+the plaintext before that line and the line without the entry), for v2 inside the final
+sealed frame.
+
+Sans-IO: a :class:`ReceiptCheck` sits between the opened plaintext and the caller. It passes
+the content on line by line, but from the content's end (``data: [DONE]``, the final NDJSON
+object, the receipt itself) it holds everything back until the body has ended, the receipt
+was verified and nothing followed it; only then is the end handed out. A whole body's last
+chunk is held the same way. So a reader that stops at ``[DONE]`` (the OpenAI SDK) never sees
+a clean end of a reply whose receipt is missing, bad, padded past the bound, or followed by
+more content: it gets the error instead.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from enclave.envelope_v2 import FRAME_HEADER_LEN, REPLY_HEADER_LEN
-from paygate import wire
+from paygate import jsonsafe, wire
 from paygate.client.attestation import Attested, check_receipt
-from paygate.client.errors import ReceiptInvalid
+from paygate.client.errors import (
+    ContentAfterReceipt,
+    ReceiptMismatch,
+    ReceiptMissing,
+)
+from paygate.client.payer import PaymentRecord
 from paygate.client.streams import ReplyDecoder
+from paygate.x402.inband import SSE_PREFIX as X402_SSE_PREFIX
+from paygate.x402.pricing import token_charge
 
 SSE_PREFIX = b": paygate-receipt "
 NDJSON_KEY = "paygate_receipt"
-_FINAL_BIT = 1 << 31
-_MAX_LINE = 1 << 20
+MAX_LINE = 1 << 20  # a line longer than this is passed on unread (never the receipt's)
+MAX_TAIL_BYTES = 64 * 1024  # after the content's end: the receipts, nothing else
+MAX_TAIL_SECONDS = 30.0  # from the content's end to the body's end (the transports)
+_DONE = (b"data: [DONE]", b"data:[DONE]")
+_OWN_LINE = b'{"' + NDJSON_KEY.encode() + b'":'
 
 
 @dataclass
@@ -39,7 +56,8 @@ class SignedReceipt:
 
 
 class ReceiptCheck:
-    """Follows one reply; :meth:`end` verifies its receipt (or raises :class:`ReceiptInvalid`)."""
+    """Follows one reply's plaintext: :meth:`feed` returns what may be handed out now,
+    :meth:`end` verifies (or raises) and returns the rest."""
 
     def __init__(
         self,
@@ -48,152 +66,280 @@ class ReceiptCheck:
         request_digest: str,
         header_token: str | None,
         content_type: str | None,
-        v2_stream: bool,
+        payment: PaymentRecord | None,
         result: SignedReceipt,
+        whole: bool = False,
+        batch: bool = False,
+        max_tail: int = MAX_TAIL_BYTES,
     ) -> None:
         self._attested = attested
         self._request_digest = request_digest
         self._header = header_token
-        self._kind = wire.media_type(content_type)
-        self._v2 = v2_stream and header_token is None
+        kind = wire.media_type(content_type)
+        # A stream's receipt is in-band only: a header beside a stream is not looked at. A
+        # reply sealed whole (v1) has its header whatever the plaintext is.
+        self._kind = kind if kind in wire.STREAM_MEDIA_TYPES and not whole else ""
+        self._payment = payment
+        self._batch = batch
         self._result = result
-        self._raw = hashlib.sha256()
-        # In-band, plaintext: the hash at the start of the current line (plain == raw).
-        self._line_start = self._raw.copy()
+        self._max_tail = max_tail
+        self._hash = hashlib.sha256()
+        self._at_line = self._hash.copy()
         self._line = bytearray()
-        self._line_too_long = False
-        # In-band, v2: the hash before the final frame.
-        self._frames = bytearray()
-        self._header_seen = False
-        self._before_final: Any = None
+        self._long = False  # the current line passed MAX_LINE: passed on unread
+        self._last = b""  # a whole body's last chunk, held
+        self._held = bytearray()  # from the content's end on
+        self._holding = False
+        self._tail = 0  # bytes held after the line that began the end
         self._token: str | None = None
-        self._digest_at_token: str | None = None
-        self.content_ended = False
 
     @property
-    def wants_tail(self) -> bool:
-        return self._header is None and self.content_ended and self._token is None
+    def in_tail(self) -> bool:
+        """The content's end was seen: the rest must come soon (the transports' clock)."""
+        return self._holding
 
-    def raw(self, data: bytes) -> None:
-        """Bytes as received, before any opening."""
-        if self._v2:
-            self._track_frames(data)
-        elif self._header is not None:
-            self._raw.update(data)
-        # In-band plaintext replies are hashed in plain(), line by line (the same bytes).
-
-    def plain(self, data: bytes) -> None:
-        """Bytes as handed to the caller (after opening)."""
-        if self._header is not None or self._token is not None:
-            return
+    def feed(self, data: bytes) -> bytes:
+        if not self._kind:
+            self._hash.update(data)
+            out, self._last = self._last, data
+            return out
+        out = bytearray()
         start = 0
         while start < len(data):
-            end = data.find(b"\n", start)
-            piece = data[start:] if end < 0 else data[start : end + 1]
-            if not self._v2 and not self._line:
-                self._line_start = self._raw.copy()
-            if not self._v2:
-                self._raw.update(piece)
-            if len(self._line) + len(piece) > _MAX_LINE:
-                self._line_too_long = True
-            elif not self._line_too_long:
-                self._line += piece
-            if end < 0:
-                return
-            if not self._line_too_long:
-                self._line_done(bytes(self._line).rstrip(b"\r\n"))
-            self._line, self._line_too_long = bytearray(), False
-            start = end + 1
+            cut = data.find(b"\n", start)
+            end = len(data) if cut < 0 else cut + 1
+            out += self._piece(data[start:end], complete=cut >= 0)
+            start = end
+        return bytes(out)
 
-    def _line_done(self, line: bytes) -> None:
+    def end(self) -> bytes:
+        """The body ended cleanly: verify, and hand out what was held."""
+        if not self._kind:
+            digest = "sha256:" + self._hash.hexdigest()
+            if self._header is None:
+                raise ReceiptMissing("the reply carries no signed receipt")
+            self._verify(self._header, digest)
+            out, self._last = self._last, b""
+            return out
+        last = b""
+        if self._line:
+            rest = bytes(self._line)
+            self._line = bytearray()
+            last = rest if self._long else self._line_done(rest)
+        if self._token is None:
+            raise ReceiptMissing("the reply ended without its signed receipt")
+        out, self._held = bytes(self._held), bytearray()
+        return last + out
+
+    # --- in-band ---------------------------------------------------------------------------
+
+    def _piece(self, piece: bytes, *, complete: bool) -> bytes:
+        if self._token is not None:
+            if piece.strip():
+                raise ContentAfterReceipt("the reply goes on after its signed receipt")
+            return self._hold(piece)
+        if not self._line and not self._long:
+            self._at_line = self._hash.copy()
+        self._hash.update(piece)
+        if self._long:
+            self._long = not complete
+            return self._hold(piece) if self._holding else piece
+        self._line += piece
+        if len(self._line) > MAX_LINE:
+            # Too long to be a receipt's line: passed on unread, as it comes.
+            rest, self._line, self._long = bytes(self._line), bytearray(), not complete
+            return self._hold(rest) if self._holding else rest
+        if not complete:
+            return b""
+        line, self._line = bytes(self._line), bytearray()
+        return self._line_done(line)
+
+    def _line_done(self, line: bytes) -> bytes:
+        """A whole line: passed on, or held from the content's end on."""
+        kind, token = self._classify(line.rstrip(b"\r\n"))
+        if kind is not None and not self._holding:
+            self._holding = True
+            self._held += line
+            if token is not None:
+                self._found(token, line)
+            return b""
+        out = self._hold(line)
+        if token is not None:
+            self._found(token, line)
+        return out
+
+    def _hold(self, data: bytes) -> bytes:
+        if not self._holding:
+            return data
+        self._held += data
+        self._tail += len(data)
+        if self._tail > self._max_tail:
+            raise ReceiptMissing(
+                f"more than {self._max_tail} bytes after the reply's content without its receipt"
+            )
+        return b""
+
+    def _classify(self, line: bytes) -> tuple[str | None, str | None]:
+        """("end" | "receipt" | None, the receipt's token)."""
         if self._kind == wire.SSE:
-            if line.startswith(b"data: [DONE]"):
-                self.content_ended = True
-            elif line.startswith(SSE_PREFIX):
-                self._found(line[len(SSE_PREFIX) :].decode("ascii", "replace"))
-            return
-        if self._kind == wire.NDJSON and b'"done"' in line:
-            try:
-                value = json.loads(line)
-            except (UnicodeDecodeError, ValueError, RecursionError):
-                return
-            if isinstance(value, dict) and value.get("done") is True:
-                self.content_ended = True
-                token = value.get(NDJSON_KEY)
-                if isinstance(token, str):
-                    self._found(token)
+            if line.startswith(SSE_PREFIX):
+                return "receipt", line[len(SSE_PREFIX) :].decode("ascii", "replace")
+            if line.startswith(_DONE) or line.startswith(X402_SSE_PREFIX):
+                return "end", None
+            return None, None
+        if b'"done"' not in line and NDJSON_KEY.encode() not in line:
+            return None, None
+        try:
+            value = jsonsafe.loads(line, max_bytes=MAX_LINE)
+        except jsonsafe.UntrustedJSONError:
+            return None, None
+        if not isinstance(value, dict):
+            return None, None
+        token = value.get(NDJSON_KEY)
+        if isinstance(token, str):
+            return "receipt", token
+        return ("end", None) if value.get("done") is True else (None, None)
 
-    def _found(self, token: str) -> None:
-        # The digest is fixed once the receipt is seen: verify now, so that a caller who stops
-        # reading right after it (the tail read) still gets a bad receipt raised.
+    def _found(self, token: str, line: bytes) -> None:
+        # The digest is fixed once the receipt is seen: verify now.
         self._token = token
-        if self._v2:
-            before = self._before_final
-            self._digest_at_token = None if before is None else "sha256:" + before.hexdigest()
-        else:
-            self._digest_at_token = "sha256:" + self._line_start.hexdigest()
-        self._verify(token, self._digest_at_token)
+        digest = self._at_line.copy()
+        if self._kind == wire.NDJSON and not line.startswith(_OWN_LINE):
+            # Joined to the upstream's final object: that line as it came is covered too.
+            body = line.rstrip(b"\r\n")
+            entry = json.dumps({NDJSON_KEY: token}, separators=(",", ":")).encode()[1:-1]
+            for cut in (b"," + entry, entry):
+                at = body.rfind(cut)
+                if at >= 0:
+                    digest.update(body[:at] + body[at + len(cut) :] + line[len(body) :])
+                    break
+            else:
+                raise ReceiptMismatch("the signed receipt's entry is not where it belongs")
+        self._verify(token, "sha256:" + digest.hexdigest())
 
-    def _verify(self, token: str | None, digest: str | None) -> None:
-        if token is None or digest is None:
-            raise ReceiptInvalid("the reply carries no signed receipt")
-        self._result.claims = check_receipt(
+    def _verify(self, token: str, digest: str) -> None:
+        claims = check_receipt(
             self._attested, token, request_digest=self._request_digest, reply_digest=digest
         )
+        if claims.get("kind") != "reply":
+            raise ReceiptMismatch("the signed receipt is not a reply's")
+        check_payment(claims, self._payment, batch=self._batch)
+        self._result.claims = claims
         self._result.token = token
 
-    def _track_frames(self, data: bytes) -> None:
-        # Hash frame by frame; remember the hash as it was when the final frame began.
-        self._frames += data
-        if not self._header_seen:
-            if len(self._frames) < REPLY_HEADER_LEN:
-                return
-            self._raw.update(self._frames[:REPLY_HEADER_LEN])
-            del self._frames[:REPLY_HEADER_LEN]
-            self._header_seen = True
-        while self._before_final is None and len(self._frames) >= FRAME_HEADER_LEN:
-            (word,) = struct.unpack(">I", self._frames[:FRAME_HEADER_LEN])
-            if word & _FINAL_BIT:
-                self._before_final = self._raw.copy()
-                self._frames.clear()
-                return
-            size = FRAME_HEADER_LEN + (word & ~_FINAL_BIT)
-            if len(self._frames) < size:
-                return
-            self._raw.update(self._frames[:size])
-            del self._frames[:size]
 
-    def end(self) -> None:
-        """The reply was read to its end: verify, or raise."""
-        if self._line and not self._line_too_long and self._token is None:
-            self._line_done(bytes(self._line).rstrip(b"\r\n"))
-        if self._header is not None:
-            self._verify(self._header, "sha256:" + self._raw.hexdigest())
-        elif self._token is None:
-            raise ReceiptInvalid("the reply carries no signed receipt")
+def check_payment(
+    claims: dict[str, Any], record: PaymentRecord | None, *, batch: bool = False
+) -> None:
+    """The receipt's payment is the one this client signed, charged what its usage costs at
+    the prices offered, within the authorized maximum; :class:`ReceiptMismatch` otherwise.
+    A batch is charged item by item (each rounded, each at least the minimum): its charge is
+    checked against the maximum only."""
+    payment = claims.get("payment")
+    if record is None:
+        if payment is not None:
+            raise ReceiptMismatch("the signed receipt names a payment this request did not make")
+        return
+    if not isinstance(payment, dict):
+        raise ReceiptMismatch("the signed receipt names no payment for a paid request")
+    expected = {
+        "id": record.nonce.lower(),
+        "scheme": record.scheme,
+        "network": f"eip155:{record.chain_id}",
+        "asset": record.asset.lower(),
+        "pay_to": record.pay_to.lower(),
+        "payer": record.payer.lower(),
+        "authorized": str(record.amount_atomic),
+    }
+    for name, value in expected.items():
+        stated = payment.get(name)
+        if not isinstance(stated, str) or stated.lower() != value:
+            label = "payment id" if name == "id" else name.replace("_", " ")
+            raise ReceiptMismatch(f"the signed receipt's {label} is not this payment's")
+    charged = int(payment["charged"])
+    settled = record.receipt
+    if (
+        settled is not None
+        and settled.success
+        and settled.amount
+        and settled.amount != str(charged)
+    ):
+        raise ReceiptMismatch("the signed receipt's charge is not what the payment settled")
+    if record.scheme != "upto":
+        if charged != record.amount_atomic:
+            raise ReceiptMismatch("the signed receipt charges other than the exact price")
+        return
+    _check_metered_charge(claims, payment, record, charged, batch)
+
+
+def _check_metered_charge(
+    claims: dict[str, Any],
+    payment: dict[str, Any],
+    record: PaymentRecord,
+    charged: int,
+    batch: bool,
+) -> None:
+    usage = claims.get("usage")
+    if not isinstance(usage, dict):
+        raise ReceiptMismatch("the metered receipt states no usage")
+    prices = _prices(payment.get("prices"))
+    # The offered prices are the attested ones when an attestation policy is set: the payer
+    # checked the offer against the attested payment terms before signing (client.terms).
+    if prices is None or record.prices is None or prices != record.prices:
+        raise ReceiptMismatch("the metered receipt's prices are not the ones offered")
+    if batch:
+        return  # charged <= authorized is checked with the form
+    if usage.get("source") == "fallback-max":
+        expected = record.amount_atomic  # no usage reported: the maximum, by configuration
+    else:
+        expected = token_charge(
+            input_price=prices[0],
+            output_price=prices[1],
+            minimum=prices[2],
+            tokens_in=usage["prompt_tokens"],
+            tokens_out=usage["completion_tokens"],
+            decimals=record.decimals,
+            maximum=record.amount_atomic,
+        )
+    if charged != expected:
+        raise ReceiptMismatch(
+            f"the metered receipt charges {charged}, not {expected} for its usage at its prices"
+        )
+
+
+def _prices(value: Any) -> tuple[Decimal, Decimal, Decimal] | None:
+    if not isinstance(value, dict):
+        return None
+    try:
+        return (
+            Decimal(str(value["input_per_million"])),
+            Decimal(str(value["output_per_million"])),
+            Decimal(str(value["minimum"])),
+        )
+    except (KeyError, InvalidOperation):
+        return None
 
 
 class CheckedDecoder:
-    """A decoder whose input and output a :class:`ReceiptCheck` watches."""
+    """A decoder whose plaintext a :class:`ReceiptCheck` watches and holds back at the end."""
 
     def __init__(self, inner: ReplyDecoder, check: ReceiptCheck) -> None:
         self._inner = inner
         self._check = check
 
     def feed(self, data: bytes) -> list[bytes]:
-        self._check.raw(data)
-        out = self._inner.feed(data)
-        for chunk in out:
-            self._check.plain(chunk)
-        return out
+        out = [self._check.feed(chunk) for chunk in self._inner.feed(data)]
+        return [chunk for chunk in out if chunk]
 
     def end(self) -> list[bytes]:
-        out = self._inner.end()
-        for chunk in out:
-            self._check.plain(chunk)
-        self._check.end()
-        return out
+        out = [self._check.feed(chunk) for chunk in self._inner.end()]
+        out.append(self._check.end())
+        return [chunk for chunk in out if chunk]
 
     @property
     def wants_tail(self) -> bool:
-        return self._inner.wants_tail or self._check.wants_tail
+        return False  # its end is never handed out before the receipt: nothing to collect
+
+    @property
+    def in_tail(self) -> bool:
+        return self._check.in_tail

@@ -118,6 +118,12 @@ class ReplyDecoder(Protocol):
         """The caller stopped reading after the content but before a pending receipt."""
         ...
 
+    @property
+    def in_tail(self) -> bool:
+        """The content's end was seen and the end is held back for the receipt that follows
+        (paygate.client.receipts): it must come within the tail's bounds."""
+        ...
+
 
 class PlainDecoder:
     """A reply in the clear: passed through, scanned for a receipt."""
@@ -139,6 +145,8 @@ class PlainDecoder:
     def wants_tail(self) -> bool:
         s = self._scanner
         return s is not None and s.active and s.content_ended and not s.found
+
+    in_tail = False
 
 
 class SealedDecoder:
@@ -171,3 +179,5 @@ class SealedDecoder:
     @property
     def wants_tail(self) -> bool:
         return self._plain.wants_tail
+
+    in_tail = False

@@ -115,7 +115,8 @@ class _Request:
 
     def maximum(self) -> Decimal | None:
         """The most an upto offer may authorize: every item's prompt bound and the attested
-        output cap at the attested token prices (None: some item has no token price)."""
+        output cap (times the sequences it asks for: ``n``, ``best_of``) at the attested token
+        prices (None: some item has no token price)."""
         cap = self._terms.max_tokens_cap
         if cap is None or not self.items():
             return None
@@ -125,7 +126,8 @@ class _Request:
             if price is None:
                 return None
             prompt = prompt_token_bound(len(item), _messages(item))
-            cost = (Decimal(price.input) * prompt + Decimal(price.output) * cap) / MILLION
+            output = cap * _choices(item)
+            cost = (Decimal(price.input) * prompt + Decimal(price.output) * output) / MILLION
             total += max(cost, Decimal(price.minimum))
         return total
 
@@ -213,6 +215,19 @@ def _model(body: bytes) -> str | None:
         return model_of(body)
     except jsonsafe.UntrustedJSONError:
         return None
+
+
+def _choices(body: bytes) -> int:
+    """How many sequences a body asks an engine to generate (``n``, ``best_of``; at least 1):
+    the gateway prices its output cap once per sequence."""
+    try:
+        data = jsonsafe.loads(body, max_bytes=max(len(body), 1))
+    except jsonsafe.UntrustedJSONError:
+        return 1
+    if not isinstance(data, dict):
+        return 1
+    counts = [data.get(key) for key in ("n", "best_of")]
+    return max([1, *(c for c in counts if isinstance(c, int) and not isinstance(c, bool))])
 
 
 def _messages(body: bytes) -> object:

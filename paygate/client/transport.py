@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from types import TracebackType
@@ -44,6 +45,7 @@ from paygate.client.errors import (
     AttestationFailed,
     ClientError,
     ReceiptInvalid,
+    ReceiptMissing,
     ReplyTooLarge,
     RequestTooLarge,
 )
@@ -54,6 +56,7 @@ from paygate.client.pubkey import (
     AttestationHook,
     EnclaveKey,
 )
+from paygate.client.receipts import MAX_TAIL_SECONDS
 from paygate.client.streams import ReplyDecoder
 from paygate.x402.models import SettleResponse
 
@@ -415,8 +418,19 @@ class _SyncBody(httpx.SyncByteStream):
         return self._raw
 
     def __iter__(self) -> Iterator[bytes]:
-        for data in self._chunks():
-            yield from self._decoder.feed(data)
+        deadline: float | None = None
+        try:
+            for data in self._chunks():
+                yield from self._decoder.feed(data)
+                if self._decoder.in_tail:
+                    now = time.monotonic()
+                    deadline = deadline or now + MAX_TAIL_SECONDS
+                    if now > deadline:
+                        raise _tail_too_slow()
+        except httpx.HTTPError as exc:
+            if self._decoder.in_tail:
+                raise _cut_in_tail() from exc
+            raise
         self._ended = True
         yield from self._decoder.end()
 
@@ -473,9 +487,28 @@ class _AsyncBody(httpx.AsyncByteStream):
                 self._pending = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        while (data := await self._next_raw()) is not None:
+        deadline: float | None = None
+        while True:
+            try:
+                if deadline is None:
+                    data = await self._next_raw()
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        data = await self._next_raw()
+            except TimeoutError:
+                if deadline is None:
+                    raise
+                raise _tail_too_slow() from None
+            except httpx.HTTPError as exc:
+                if self._decoder.in_tail:
+                    raise _cut_in_tail() from exc
+                raise
+            if data is None:
+                break
             for chunk in self._decoder.feed(data):
                 yield chunk
+            if deadline is None and self._decoder.in_tail:
+                deadline = asyncio.get_running_loop().time() + MAX_TAIL_SECONDS
         self._ended = True
         for chunk in self._decoder.end():
             yield chunk
@@ -519,6 +552,16 @@ class _AsyncBody(httpx.AsyncByteStream):
             raise  # a bad signed receipt is never ignored, even after the content
         except (ClientError, httpx.HTTPError):
             return
+
+
+def _tail_too_slow() -> ReceiptMissing:
+    return ReceiptMissing(
+        f"the reply's receipt did not arrive within {MAX_TAIL_SECONDS:g} s of its content's end"
+    )
+
+
+def _cut_in_tail() -> ReceiptMissing:
+    return ReceiptMissing("the connection ended after the reply's content, before its receipt")
 
 
 def _retrieve(task: asyncio.Future[bytes | None]) -> None:

@@ -706,9 +706,14 @@ def _trust(gateway: web.Application) -> dict[str, Any]:
             facts[f"model {model.name}"] = model.digest
         if config.payment is not None:
             facts["paid to"] = config.payment.pay_to
-            facts["price digest"] = config.payment.price_digest
+            facts["networks"] = ", ".join(a.network for a in config.payment.accepts)
+            facts["schemes"] = ", ".join(config.payment.schemes)
+            facts["default price"] = config.payment.price
+        if config.log is not None:
+            facts["transparency log"] = config.log.origin
+            facts["log key"] = config.log.key
     facts.setdefault("evidence kind", "not started")
-    facts["transparency log"] = "not configured on this appliance"
+    facts.setdefault("transparency log", "not configured on this appliance")
     return facts
 
 

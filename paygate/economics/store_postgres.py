@@ -103,7 +103,7 @@ class PostgresEconomicsStore:
     async def spent(self, *, payer: str, asset: str, since: float) -> int:
         row = await self._fetchone(
             f"SELECT COALESCE(SUM({_AMOUNT}), 0) AS spent FROM payments"  # noqa: S608
-            " WHERE asset = %s AND payer = %s AND created_at >= %s AND state <> ALL(%s)",
+            " WHERE asset = %s AND payer = %s AND counted_at >= %s AND state <> ALL(%s)",
             (asset, payer, since, _EXCLUDED),
         )
         return int(row["spent"])
@@ -111,7 +111,7 @@ class PostgresEconomicsStore:
     async def top_spenders(self, *, since: float, limit: int) -> list[PayerSpend]:
         rows = await self._fetchall(
             f"SELECT payer, SUM({_AMOUNT}) AS spent, COUNT(*) AS n FROM payments"  # noqa: S608
-            " WHERE created_at >= %s AND state <> ALL(%s)"
+            " WHERE counted_at >= %s AND state <> ALL(%s)"
             " GROUP BY payer ORDER BY spent DESC, payer LIMIT %s",
             (since, _EXCLUDED, check_rows(limit)),
         )

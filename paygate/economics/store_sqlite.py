@@ -86,7 +86,7 @@ class SqliteEconomicsStore:
         row = await self._ledger._run(
             self._fetchone,
             f"SELECT COALESCE(SUM({_AMOUNT}), 0) FROM payments"  # noqa: S608 - constant
-            " WHERE asset = ? AND payer = ? AND created_at >= ? AND state NOT IN (?, ?)",
+            " WHERE asset = ? AND payer = ? AND counted_at >= ? AND state NOT IN (?, ?)",
             (asset, payer, since, PaymentState.RELEASED.value, PaymentState.FAILED.value),
         )
         return int(row[0])
@@ -95,7 +95,7 @@ class SqliteEconomicsStore:
         rows = await self._ledger._run(
             self._fetchall,
             f"SELECT payer, SUM({_AMOUNT}) AS spent, COUNT(*) FROM payments"  # noqa: S608
-            " WHERE created_at >= ? AND state NOT IN (?, ?)"
+            " WHERE counted_at >= ? AND state NOT IN (?, ?)"
             " GROUP BY payer ORDER BY spent DESC, payer LIMIT ?",
             (since, PaymentState.RELEASED.value, PaymentState.FAILED.value, check_rows(limit)),
         )

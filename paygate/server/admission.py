@@ -16,6 +16,11 @@ starving paid ones. One entry: ``async with admission.admit(request, route) as a
    from however many addresses, takes more than a bounded share of the TPM/HSM.
 4. Every body read holds a per-address slot too (``per_ip_body_slots``, never more than a
    pool): one address cannot exhaust another's share.
+5. A batch is N requests: once its body is read, every item takes its own token of the item
+   route's per-address limit (after the batch's own), so a batch cannot skip the rate limits.
+
+Per-address means per :func:`~paygate.server.forwarded.address_key`: IPv4-mapped IPv6 as its
+IPv4, IPv6 by its /``ipv6_prefix`` network.
 
 The upstream concurrency slot is taken by the gateway only after admission. Refusals from a
 full pool are immediate (429 per address, 503 in all), never a queue.
@@ -29,15 +34,16 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from paygate import wire
+from paygate import jsonsafe, wire
 from paygate.server.errors import EncryptionRequired, TooManyUploads, UploadsBusy
-from paygate.server.forwarded import Network, client_address
+from paygate.server.forwarded import DEFAULT_IPV6_PREFIX, Network, address_key, client_address
 from paygate.server.limits import PerAddressSlots, Slots, read_body
 from paygate.server.opengate import OpenGate
 from paygate.server.opening import OpenedBody, Opener
 from paygate.server.payments import PaymentStep, Ticket, carries_payment
 from paygate.server.ratelimit import RateLimits
 from paygate.server.routes import Route
+from paygate.x402.batch import ITEM_PATH as BATCH_ITEM_PATH
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +62,7 @@ class AdmissionLimits:
     trusted_proxies: tuple[Network, ...] = ()
     per_ip_open_slots: int = 1
     unpaid_opens_per_second: float = 10.0
+    ipv6_prefix: int = DEFAULT_IPV6_PREFIX
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +73,7 @@ class Admitted:
     body: bytes = field(repr=False)
     client: str
     opened: OpenedBody | None = None
+    client_key: str = ""  # what per-address limits count under (forwarded.address_key)
 
 
 class Admission:
@@ -113,9 +121,10 @@ class Admission:
             request.headers.getall("X-Forwarded-For", []),
             limits.trusted_proxies,
         )
+        key = address_key(client, limits.ipv6_prefix)
         if route.paid and self._rate_limits is not None:
             # Before anything else, unpaid challenges included: a flood costs one bucket.
-            self._rate_limits.check_address(route.name, client)
+            self._rate_limits.check_address(route.name, key)
         if (
             limits.require_encryption
             and route.paid
@@ -128,28 +137,40 @@ class Admission:
             # payment, tightly bounded.
             claimed = carries_payment(request.headers)
             pool = self._admitted_bodies if claimed else self._unverified_bodies
-            body = await self._read(request, client, pool)
+            body = await self._read(request, key, pool)
             if wire.is_sealed(request.headers.get("Content-Type")):
                 gate = self._claimed_opens if claimed else self._unverified_opens
-                with gate.slot(client):
+                with gate.slot(key):
                     opened = await self._opener.open(request, body)
             else:  # plaintext: nothing to open, no key operation
                 opened = await self._opener.open(request, body)
-            async with self._payments.admit(request, route, body=opened.body) as ticket:
-                yield Admitted(ticket, body, client, opened)
+            if route.target == "batch" and self._rate_limits is not None:
+                for _ in range(_items(opened.body)):
+                    self._rate_limits.check_address(f"POST {BATCH_ITEM_PATH}", key)
+            async with self._payments.admit(request, route, body=opened.body, client=key) as ticket:
+                yield Admitted(ticket, body, client, opened, key)
             return
-        async with self._payments.admit(request, route) as ticket:
-            body = await self._read(request, client, self._admitted_bodies)
-            yield Admitted(ticket, body, client)
+        async with self._payments.admit(request, route, client=key) as ticket:
+            body = await self._read(request, key, self._admitted_bodies)
+            yield Admitted(ticket, body, client, client_key=key)
 
-    async def _read(self, request: web.Request, client: str, pool: Slots) -> bytes:
+    async def _read(self, request: web.Request, key: str, pool: Slots) -> bytes:
         if not request.body_exists:
             return b""
         limits = self._limits
-        with self._per_address.slot(client), pool.slot():
+        with self._per_address.slot(key), pool.slot():
             return await read_body(
                 request,
                 limit=limits.max_body_bytes,
                 timeout=limits.body_read_timeout,
                 first_byte=limits.body_first_byte_timeout,
             )
+
+
+def _items(body: bytes) -> int:
+    """How many items a batch body holds (0 when it is not a JSON array: refused later)."""
+    try:
+        data = jsonsafe.loads(body, max_bytes=max(len(body), 1))
+    except jsonsafe.UntrustedJSONError:
+        return 0
+    return len(data) if isinstance(data, list) else 0

@@ -36,6 +36,7 @@ from paygate.server.assembly import (
     payment_terms,
     price_policy,
     rate_limits,
+    request_shaper,
     token_pricing,
 )
 from paygate.server.attestation import (
@@ -64,7 +65,7 @@ from paygate.server.metrics import Metrics, TimedKey
 from paygate.server.opening import Opener
 from paygate.server.payments import PaymentStep, X402Payments
 from paygate.server.proxy import Timeouts, Upstream
-from paygate.server.receipts import ReceiptIssuer
+from paygate.server.receipts import ReceiptEndpoint, ReceiptIssuer
 from paygate.server.replies import Replies, ReplyLimits
 from paygate.server.routes import RouteTable, engine_routes
 from paygate.server.routing import Router, build_backends, served_routes
@@ -72,8 +73,10 @@ from paygate.server.tracing import Tracing
 from paygate.tlog import assembly as tlog_assembly
 from paygate.tlog.service import running as running_log
 from paygate.upstream.fleet import Member, UpstreamSet, running_set
+from paygate.upstream.http1 import Pool
 from paygate.upstream.service import base_url as upstream_base_url
 from paygate.upstream.service import connector as upstream_connector
+from paygate.upstream.service import endpoint as upstream_endpoint
 from paygate.x402.ledger import default_replica_id
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -148,6 +151,8 @@ def build_app(
     # One set of token buckets per process, shared by admission (addresses) and payments (payers).
     limits = rate_limits(settings)
     entries = settings.upstream_entries()
+    # One output-limit and options policy for every path (paygate.upstream.shaping).
+    shaper = request_shaper(settings)
     if routes is None:
         # The union of what the upstreams' engines serve (their further APIs included).
         routes = engine_routes(served_routes(e.config.kind for e in entries))
@@ -236,6 +241,7 @@ def build_app(
             app[METRICS],
             alerts=alerts,
             on_limit_event=app[METRICS].limit_event,
+            shaper=shaper,
         ) as built:
             app[PAYMENTS] = built
             yield
@@ -247,13 +253,24 @@ def build_app(
             idle=settings.idle_timeout,
             total=settings.total_timeout,
         )
+        # Each model server's forwarding pool (paygate.upstream.http1), shared by its two
+        # clients; the sessions stay for the probes.
+        pools: dict[str, Pool] = {}
 
         def client(member: Member, retries: int) -> Upstream:
             # The upstream client of one model server; the router picks which, before it.
+            pool = pools.get(member.name)
+            if pool is None:
+                pool = Pool(
+                    upstream_endpoint(member.service.config),
+                    limit=settings.max_concurrent_requests,
+                )
+                pools[member.name] = pool
             return Upstream(
                 sessions[member.name],
                 upstream_base_url(member.service.config),
                 timeouts,
+                pool=pool,
                 breaker=member.service.breaker,
                 api_key=member.service.api_key,
                 retries=retries,
@@ -306,6 +323,19 @@ def build_app(
             attestation=service,
         )
         opener = Opener(timed_key, app[METRICS].envelope)
+        issuer = (
+            ReceiptIssuer(
+                app[KEY],
+                bound.models,
+                on_signed=tlog.record_receipt if tlog is not None else None,
+            )
+            if isinstance(app[KEY], ReceiptSigner)
+            else None
+        )
+        payments = app[PAYMENTS]
+        receipts = ReceiptEndpoint(
+            payments.processor.ledger if isinstance(payments, X402Payments) else None, issuer
+        )
         app[GATEWAY] = Gateway(
             routes=routes,
             admission=Admission(
@@ -313,32 +343,31 @@ def build_app(
             ),
             opener=opener,
             upstream=upstream,
-            replies=Replies(
-                reply_limits(settings),
-                app[METRICS],
-                ReceiptIssuer(
-                    app[KEY],
-                    bound.models,
-                    on_signed=tlog.record_receipt if tlog is not None else None,
-                )
-                if isinstance(app[KEY], ReceiptSigner)
-                else None,
-            ),
+            replies=Replies(reply_limits(settings), app[METRICS], issuer),
             limiter=app[LIMITER],
             metrics=app[METRICS],
-            local={**local.handlers(), **({"log": tlog.handle} if tlog is not None else {})},
+            local={
+                **local.handlers(),
+                "receipts": receipts.handle,
+                **({"log": tlog.handle} if tlog is not None else {}),
+            },
             batch=BatchLimits(
                 max_items=settings.batch_max_items,
                 concurrency=settings.batch_concurrency,
                 item_reply_bytes=settings.max_plain_reply_bytes,
             ),
+            shaper=shaper,
             tracing=tracing,
         )
-        if tlog is None:
-            yield
-            return
-        async with running_log(tlog):
-            yield
+        try:
+            if tlog is None:
+                yield
+            else:
+                async with running_log(tlog):
+                    yield
+        finally:
+            for pool in pools.values():
+                await pool.close()
 
     async def watcher(app: web.Application) -> AsyncIterator[None]:
         # The review queue (shared ledger) and this replica's model server, for alerts.
@@ -426,6 +455,7 @@ def admission_limits(settings: Settings) -> AdmissionLimits:
         require_encryption=settings.require_encryption,
         retry_after_seconds=settings.retry_after_seconds,
         trusted_proxies=parse_networks(settings.trusted_proxies),
+        ipv6_prefix=settings.ipv6_prefix_length,
     )
 
 
@@ -449,6 +479,7 @@ def attestation_config(
             price_policy(settings),
             token_pricing(settings),
             settings.payment_schemes,
+            settings.max_tokens_cap,
         )
     return AttestationConfig(
         kind=kind,
@@ -460,6 +491,7 @@ def attestation_config(
         rate_per_minute=settings.attestation_rate_per_minute,
         global_rate_per_minute=settings.attestation_global_rate_per_minute,
         trusted_proxies=parse_networks(settings.trusted_proxies),
+        ipv6_prefix=settings.ipv6_prefix_length,
         retry_after_seconds=settings.retry_after_seconds,
         replica=settings.replica_id or default_replica_id(),  # as the ledger names this replica
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
@@ -18,6 +19,9 @@ from paygate.economics.controls import Controls, Economics, controls_from
 from paygate.economics.store import economics_store
 from paygate.server.payments import NoPayments, PaymentStep, X402Payments
 from paygate.server.ratelimit import MODEL_PREFIX, Rate, RateLimits, RateLimitTable
+from paygate.upstream.engines import profile_for
+from paygate.upstream.shaping import RequestShaper
+from paygate.x402.bazaar import Discovery
 from paygate.x402.chain import ChainReader, ChainSettler
 from paygate.x402.facilitator import FacilitatorSettler
 from paygate.x402.ledger import Ledger, PaymentRecord, default_replica_id
@@ -138,8 +142,33 @@ def token_pricing(settings: Settings) -> TokenPricing | None:
             model: TokenPrice(input=p.input, output=p.output, minimum=p.minimum)
             for model, p in settings.token_prices.items()
         },
-        max_tokens_cap=settings.max_tokens_cap,
         fallback=settings.usage_fallback,
+    )
+
+
+def request_shaper(settings: Settings) -> RequestShaper:
+    """The engines' generation rules, the output cap and the options callers may send.
+
+    With several upstreams, each model is shaped by the rules of the engine serving it; a
+    name served by engines of different kinds is refused (ConfigError): its output limit would
+    not have one meaning, and a failover could hand a priced body to an engine that reads
+    another key."""
+    entries = settings.upstream_entries()
+    kinds: dict[str, str] = {}
+    for entry in entries:
+        for model in entry.models:
+            if kinds.setdefault(model, entry.config.kind) != entry.config.kind:
+                raise ConfigError(
+                    f"upstreams: model {model!r} is served by engines of different kinds "
+                    f"({kinds[model]}, {entry.config.kind}): one name, one engine kind"
+                )
+    return RequestShaper(
+        profile_for(entries[0].config.kind),
+        by_model={model: profile_for(kind) for model, kind in kinds.items()},
+        cap=settings.max_tokens_cap,
+        allowed_options=frozenset(settings.engine_options_allowed),
+        running_usage=settings.running_usage,
+        limits=settings.payment_mode != "off",
     )
 
 
@@ -163,7 +192,7 @@ def check_payment_settings(settings: Settings) -> None:
             f"payment_mode {settings.payment_mode} needs facilitator_url (PAYGATE_FACILITATOR_URL)"
         )
     if settings.payment_mode in ("facilitator", "verify-only"):
-        settings.facilitator_headers()  # an unreadable or malformed file fails here, at start
+        settings.facilitator_auth_provider()  # an unreadable file or key fails here, at start
     if settings.payment_mode == "chain":
         if not settings.chain_rpc_url:
             raise ConfigError("payment_mode chain needs chain_rpc_url (PAYGATE_CHAIN_RPC_URL)")
@@ -199,7 +228,7 @@ def settler_for(settings: Settings, session: aiohttp.ClientSession) -> Settler:
         timeout=settings.facilitator_timeout,
         settle_timeout=settings.settle_timeout,
         chain=chain,
-        headers=settings.facilitator_headers(),
+        auth=settings.facilitator_auth_provider(),
     )
 
 
@@ -221,8 +250,11 @@ def x402_payments(
     limits: RateLimits | None = None,
     events: PaymentEvents | None = None,
     economics: Economics | None = None,
+    shaper: RequestShaper | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> X402Payments:
     processor = PaymentProcessor(
+        clock=clock,
         economics=economics,
         events=events,
         terms=payment_terms(settings, upto_extra),
@@ -234,10 +266,12 @@ def x402_payments(
         payer_check=limits.check_payer if limits is not None else None,
         daily_budget=settings.payer_daily_budget,
         free_per_day=settings.free_requests_per_day,
+        free_per_address=settings.free_requests_per_address_per_day,
         skew_seconds=settings.clock_skew_seconds,
         # Room to serve for a few seconds and still settle before the authorization expires.
         min_remaining_seconds=settings.settle_margin_seconds + MIN_REMAINING_SECONDS,
         retry_after_seconds=settings.retry_after_seconds,
+        payment_identifier_ttl=settings.payment_identifier_ttl_seconds,
     )
     return X402Payments(
         processor,
@@ -246,6 +280,14 @@ def x402_payments(
         description=settings.payment_description,
         pricing=token_pricing(settings),
         batch_max_items=settings.batch_max_items,
+        shaper=shaper if shaper is not None else request_shaper(settings),
+        model_limits=any(
+            key.startswith(MODEL_PREFIX) and limit.per_payer is not None
+            for key, limit in settings.rate_limits.items()
+        ),
+        discovery=Discovery(service=settings.payment_description)
+        if settings.bazaar_discovery
+        else None,
     )
 
 
@@ -281,6 +323,7 @@ async def payment_step(
     events: PaymentEvents | None = None,
     alerts: AlertSink | None = None,
     on_limit_event: Callable[[str, bool], None] | None = None,
+    shaper: RequestShaper | None = None,
 ) -> AsyncIterator[PaymentStep]:
     """The configured payment step, with its ledger, settler, reconciler and lease keeper.
 
@@ -324,8 +367,10 @@ async def payment_step(
             limits=limits,
             events=events,
             economics=economics,
+            shaper=shaper,
         )
         processor = payments.processor
+        await processor.load_signin_key()
         released = await processor.release_abandoned(own=True)
         if released:
             log.info("released %d reservations left by an earlier run", released)

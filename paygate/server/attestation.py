@@ -40,7 +40,7 @@ from enclave.keys.base import ReceiptSigner
 from paygate import jsonsafe, release
 from paygate.config import ConfigError
 from paygate.server.errors import BodyTooLarge, GatewayError
-from paygate.server.forwarded import Network, client_address
+from paygate.server.forwarded import DEFAULT_IPV6_PREFIX, Network, address_key, client_address
 from paygate.server.limits import read_body
 from paygate.x402.metering import TokenPricing
 from paygate.x402.offers import PaymentTerms
@@ -130,6 +130,7 @@ class AttestationConfig:
     replica: str | None = None  # PAYGATE_REPLICA_ID: named in every evidence document
     # Whose X-Forwarded-For names the caller (the per-address limit's key), as in admission.
     trusted_proxies: tuple[Network, ...] = ()
+    ipv6_prefix: int = DEFAULT_IPV6_PREFIX  # per-address keys as admission's (address_key)
     # All callers together: quotes and activations a minute (the TPM's share for free work).
     global_rate_per_minute: int = 120
     log: binding.LogIdentity | None = None  # the transparency log (PAYGATE_LOG)
@@ -305,7 +306,7 @@ class AttestationService:
             request.headers.getall("X-Forwarded-For", []),
             self._config.trusted_proxies,
         )
-        if not self._rate.allow(caller or "unknown"):
+        if not self._rate.allow(address_key(caller, self._config.ipv6_prefix) or "unknown"):
             raise AttestationRateLimited(headers={"Retry-After": "60"})
         # Then everyone's: many addresses together still get a bounded rate of TPM work.
         if not self._global.allow(""):
@@ -413,6 +414,7 @@ def payment_document(
     prices: PricePolicy,
     pricing: TokenPricing | None,
     schemes: Sequence[str],
+    max_tokens_cap: int | None = None,
 ) -> binding.PaymentTerms:
     """The whole payment terms for the binding document: what every 402 of this appliance
     may ask (a client refuses any offer outside them before it signs)."""
@@ -448,7 +450,8 @@ def payment_document(
         )
         if metered and pricing is not None
         else (),
-        max_tokens_cap=pricing.max_tokens_cap if metered and pricing is not None else None,
+        # The output cap the shaper bounds every metered request by (paygate.upstream.shaping).
+        max_tokens_cap=max_tokens_cap if metered else None,
         max_timeout_seconds=terms.max_timeout_seconds,
     )
 

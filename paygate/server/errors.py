@@ -97,6 +97,13 @@ class InvalidReplyKey(GatewayError):
     code = "invalid_reply_key"
 
 
+class InvalidRequestNonce(GatewayError):
+    """X-Paygate-Request-Nonce must be one value of 64 hex digits (32 random bytes)"""
+
+    status = 400
+    code = "invalid_request_nonce"
+
+
 class ReplyKeyNotAllowed(GatewayError):
     """X-Obol-Reply-Pubkey is refused with a v2 sealed request: its reply key is inside the seal"""
 

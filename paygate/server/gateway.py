@@ -28,10 +28,10 @@ from typing import Any
 
 from aiohttp import web
 
-from enclave import receipts
 from paygate import jsonsafe
 from paygate.jsonsafe import UntrustedJSONError
 from paygate.server.admission import Admission
+from paygate.server.counting import Tokenizer
 from paygate.server.errors import GatewayError, InvalidBatch, QueryNotAllowed, RouteNotFound
 from paygate.server.health import LocalHandler
 from paygate.server.isolation import tenant_of
@@ -41,11 +41,13 @@ from paygate.server.metrics import Metrics
 from paygate.server.opening import Opener
 from paygate.server.payments import PaymentRefused
 from paygate.server.proxy import upstream_request_headers
-from paygate.server.receipts import RequestFacts
+from paygate.server.receipts import request_facts, request_nonce_header
 from paygate.server.replies import Replies
 from paygate.server.routes import RouteMatch, RouteTable, Target
 from paygate.server.routing import Routed, Router
+from paygate.server.shaping import ItemPlan, plan_batch, shape_or_refuse
 from paygate.server.tracing import Tracing, span_facts
+from paygate.upstream.shaping import RequestShaper
 from paygate.x402.batch import ITEM_PATH, BadBatch, item_error, parse_batch
 from paygate.x402.pricing import model_of
 
@@ -75,9 +77,11 @@ class Gateway:
         local: Mapping[Target, LocalHandler],
         batch: BatchLimits | None = None,
         tracing: Tracing | None = None,
+        shaper: RequestShaper | None = None,
     ) -> None:
         self._tracing = tracing
         self._batch_limits = batch or BatchLimits()
+        self._shaper = shaper
         self._routes = routes
         self._admission = admission
         self._opener = opener
@@ -123,14 +127,22 @@ class Gateway:
         self, request: web.Request, match: RouteMatch, started: float
     ) -> web.StreamResponse:
         info = facts(request)
+        nonce = request_nonce_header(request.headers)  # a bad one is refused before paying
         async with self._admission.admit(request, match.route) as admitted:
             info.payment = "paid" if admitted.ticket.paid else "free"
             opened = admitted.opened or await self._opener.open(request, admitted.body)
             headers = upstream_request_headers(
                 request.headers, client_address=admitted.client, scheme=request.scheme
             )
-            # A metered payment bounds the output and asks for usage: its body goes upstream.
-            body = admitted.ticket.forward_body or opened.body
+            # The output-bounded body: shaped at admission (priced), else here (payments
+            # off, or a price that did not need the body) by the same function.
+            ticket = admitted.ticket
+            body = ticket.forward_body
+            if body is None:
+                shaped = None
+                if self._shaper is not None:
+                    shaped = shape_or_refuse(self._shaper, match.route.path, opened.body)
+                body = shaped.body() if shaped is not None else opened.body
             if body:
                 headers["Content-Type"] = "application/json"
             if self._tracing is not None:
@@ -155,6 +167,15 @@ class Gateway:
                     routed=routed,
                 ) as reply:
                     self._metrics.upstream_latency(match.route.name, reply.waited)
+                    if ticket.metered and self._shaper is not None:
+                        # The tokenizer of the engine that answered (routed: one of several).
+                        ticket.tokenizer = Tokenizer(
+                            self._upstream.client_of(routed.upstream),
+                            self._shaper.rules_for(model),
+                            match.route.path,
+                            body,
+                        )
+                        reply.keep_text()  # what a cut stream's engine tokenizer counts
                     try:
                         return await self._replies.send(
                             request,
@@ -162,8 +183,12 @@ class Gateway:
                             opened.reply,
                             admitted.ticket,
                             started=started,
-                            facts=RequestFacts(
-                                request_digest=receipts.body_digest(admitted.body),
+                            facts=request_facts(
+                                method=request.method,
+                                path=request.path,
+                                received=admitted.body,
+                                opened=opened,
+                                nonce=nonce,
                                 model=_model_named(opened.body),
                                 model_digest=routed.digest,
                             ),
@@ -175,17 +200,27 @@ class Gateway:
                             _describe(request, admitted.ticket, _model_named(opened.body))
 
     async def _batch(self, request: web.Request, match: RouteMatch) -> web.StreamResponse:
-        """``POST /v1/batch/chat/completions``: one admission (one payment for every item),
-        then each item forwarded to ``/v1/chat/completions`` (at most ``concurrency`` at once,
-        each holding an upstream slot), answered ``{"results": [...]}`` in order."""
+        """``POST /v1/batch/chat/completions``: one admission (one payment for every item that
+        passed it), then each item forwarded to ``/v1/chat/completions`` as a single request
+        would be (shaped the same way; at most ``concurrency`` at once, each holding an
+        upstream slot), answered ``{"results": [...]}`` in order.
+
+        ``exact`` moves the signed value or nothing (EIP-3009), so a paid exact batch is whole
+        or not at all: when a forwarded item fails, nothing is settled and the completions
+        of the others are withheld (``batch_incomplete``). ``upto`` charges each item served."""
         limits = self._batch_limits
+        nonce = request_nonce_header(request.headers)
         async with self._admission.admit(request, match.route) as admitted:
             opened = admitted.opened or await self._opener.open(request, admitted.body)
-            try:
-                batch = parse_batch(opened.body, max_items=limits.max_items)
-            except BadBatch as exc:
-                raise InvalidBatch(str(exc)) from None
-            bodies = admitted.ticket.item_bodies(batch.items)
+            ticket = admitted.ticket
+            plan = ticket.batch_plan
+            if plan is None:
+                try:
+                    batch = parse_batch(opened.body, max_items=limits.max_items)
+                except BadBatch as exc:
+                    raise InvalidBatch(str(exc)) from None
+                plan = plan_batch(self._shaper, batch)
+                ticket.batch_plan = plan
             headers = upstream_request_headers(
                 request.headers, client_address=admitted.client, scheme=request.scheme
             )
@@ -193,19 +228,19 @@ class Gateway:
             gate = asyncio.Semaphore(limits.concurrency)
             tenant = tenant_of(admitted.ticket.payment_record, admitted.client)
 
-            async def one(index: int) -> tuple[Any, bool, Any, int]:
-                refused = batch.refused[index]
-                if refused is not None:
-                    return item_error(refused, "invalid_batch_item", 400), False, None, 0
+            async def one(item: ItemPlan) -> tuple[Any, bool, Any, int]:
+                if item.refusal is not None or item.body is None:
+                    message, code, status = item.refusal or ("refused", "invalid_batch_item", 400)
+                    return item_error(message, code, status), False, None, 0
                 async with gate:
                     try:
                         with self._limiter.slot():
                             async with self._upstream.exchange(
                                 "POST",
                                 ITEM_PATH,
-                                body=bodies[index],
+                                body=item.body,
                                 headers=headers,
-                                model=_model_named(bodies[index]),
+                                model=item.model,
                                 tenant=tenant,
                             ) as reply:
                                 raw = await reply.read_bounded(limits.item_reply_bytes)
@@ -227,15 +262,25 @@ class Gateway:
                     return item_error(_message(document), "upstream_error", status), False, None, 0
                 return document, True, usage, len(raw)
 
-            answers = await asyncio.gather(*(one(i) for i in range(len(batch.items))))
+            answers = await asyncio.gather(*(one(item) for item in plan))
+            if ticket.paid and not ticket.metered:
+                answers = _whole_or_nothing(plan, answers)
             body = json.dumps(
                 {"results": [document for document, _, _, _ in answers]}, separators=(",", ":")
             ).encode()
             return await self._replies.send_document(
                 opened.reply,
-                admitted.ticket,
+                ticket,
                 body,
                 items=[(ok, usage, size) for _, ok, usage, size in answers],
+                facts=request_facts(
+                    method=request.method,
+                    path=request.path,
+                    received=admitted.body,
+                    opened=opened,
+                    nonce=nonce,
+                    model=None,
+                ),
             )
 
 
@@ -248,6 +293,21 @@ def _describe(request: web.Request, ticket: Any, model: str | None) -> None:
     if ticket.usage is not None:
         span.input_tokens = ticket.usage.prompt_tokens
         span.output_tokens = ticket.usage.completion_tokens
+
+
+def _whole_or_nothing(
+    plan: tuple[ItemPlan, ...], answers: list[tuple[Any, bool, Any, int]]
+) -> list[tuple[Any, bool, Any, int]]:
+    """An exact batch settles every forwarded item or none: with one failed, the others'
+    completions are withheld (unpaid) and every item reads as failed."""
+    if all(ok for item, (_, ok, _, _) in zip(plan, answers, strict=True) if item.forwarded):
+        return answers
+    withheld = item_error(
+        "withheld: another item of this exact batch failed, so nothing was charged",
+        "batch_incomplete",
+        502,
+    )
+    return [(withheld if ok else doc, False, None, 0) for doc, ok, _, _ in answers]
 
 
 def _message(document: Any) -> str:

@@ -20,15 +20,17 @@ made while the request runs (background settlement tasks inherit it).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
+import os
 import re
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -89,7 +91,7 @@ def request_id_for(
         and _REQUEST_ID.fullmatch(offered)
     ):
         return offered
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # 128 random bits, as hex (a uuid4 has 122 and costs more)
 
 
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
@@ -158,7 +160,8 @@ class Redactor:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, "***")
-        return _URL.sub(_redact_url, text)
+        # Every URL the pattern matches has "://": most lines (the request event) have none.
+        return _URL.sub(_redact_url, text) if "://" in text else text
 
 
 def _redact_url(match: re.Match[str]) -> str:
@@ -170,13 +173,23 @@ def _redact_url(match: re.Match[str]) -> str:
     return out
 
 
+_last_second: tuple[int, str] = (-1, "")
+
+
+def _second(epoch: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` (UTC) of ``epoch``, formatted once per second."""
+    global _last_second
+    if _last_second[0] != epoch:
+        _last_second = (epoch, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)))
+    return _last_second[1]
+
+
 def _base(record: logging.LogRecord) -> dict[str, object]:
     message = record.getMessage()
     if record.exc_info and record.exc_info[0] is not None:
         message = f"{message} ({record.exc_info[0].__name__})"
     out: dict[str, object] = {
-        "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        + f".{int(record.msecs):03d}Z",
+        "ts": _second(int(record.created)) + f".{int(record.msecs):03d}Z",
         "level": record.levelname,
         "logger": record.name,
         "msg": message,
@@ -231,6 +244,71 @@ class SecretTextFilter(logging.Filter):
         return True
 
 
+class DeferredStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that, on the event loop's thread, formats and writes INFO and DEBUG
+    records after the current loop iteration, in one write: the request event is made as the
+    handler returns, before aiohttp sends the reply, so writing it there would delay every
+    reply by a write system call, and one write per line costs more than one per iteration.
+
+    WARNING and above, records from other threads, and any record once :data:`MAX_DEFERRED`
+    wait, go out at once (after what waits, so the order holds); ``flush`` (logging's exit
+    hook) writes what waits. Filters run at logging time as always (the request id)."""
+
+    MAX_DEFERRED = 256
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._pending: list[logging.LogRecord] = []
+        # The loop a write is scheduled on (a loop stopped before running it must not leave
+        # the records of the next loop waiting).
+        self._scheduled: asyncio.AbstractEventLoop | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        loop = asyncio._get_running_loop()  # None off the loop's thread, without raising
+        if loop is None or record.levelno >= logging.WARNING:
+            self._write_pending()
+            super().emit(record)
+            return
+        self._pending.append(record)
+        if len(self._pending) >= self.MAX_DEFERRED:
+            self._write_pending()
+        elif self._scheduled is not loop:
+            self._scheduled = loop
+            loop.call_soon(self._later)
+
+    def _later(self) -> None:
+        self.acquire()
+        try:
+            self._write_pending()
+        finally:
+            self.release()
+
+    def _write_pending(self) -> None:
+        self._scheduled = None
+        if not self._pending:
+            return
+        records, self._pending = self._pending, []
+        lines = []
+        for record in records:
+            try:
+                lines.append(self.format(record) + self.terminator)
+            except Exception:
+                self.handleError(record)
+        try:
+            self.stream.write("".join(lines))
+            super().flush()
+        except Exception:
+            self.handleError(records[-1])
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._write_pending()
+            super().flush()
+        finally:
+            self.release()
+
+
 def quiet_dependencies() -> None:
     """Hold the dependencies' RPC tracing at WARNING, whatever the root level."""
     for name in QUIET_LOGGERS:
@@ -271,7 +349,7 @@ def install_logging(
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None  # type: ignore[attr-defined]
-    handler = logging.StreamHandler(sys.stderr)
+    handler = DeferredStreamHandler(sys.stderr)
     redact = Redactor(secrets)
     handler.setFormatter(JsonFormatter(redact) if log_format == "json" else TextFormatter(redact))
     handler.addFilter(_RequestIdFilter())

@@ -19,6 +19,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -79,6 +80,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self._dir = multiprocess_dir()
+        self._children: dict[tuple[object, ...], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         route = ("route",)
@@ -191,11 +193,20 @@ class Metrics:
 
     # --- the request path (Gateway, Opener, Replies) ---
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once: ``labels`` hashes and locks on every
+        call, several times per request. Bounded: every label comes from a closed set."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe(self, route: str, status: int) -> None:
-        self._requests.labels(route, str(status)).inc()
+        self._child(self._requests, route, str(status)).inc()
 
     def duration(self, route: str, seconds: float) -> None:
-        self._duration.labels(route).observe(seconds)
+        self._child(self._duration, route).observe(seconds)
 
     def error(self, code: str) -> None:
         self._errors.labels(code).inc()
@@ -206,24 +217,24 @@ class Metrics:
         self._limit_events.labels(kind, "enforced" if enforced else "shadow").inc()
 
     def envelope(self, version: int) -> None:
-        self._envelopes.labels(f"v{version}" if version else "plaintext").inc()
+        self._child(self._envelopes, f"v{version}" if version else "plaintext").inc()
 
     def upstream_latency(self, route: str, seconds: float) -> None:
-        self._upstream.labels(route).observe(seconds)
+        self._child(self._upstream, route).observe(seconds)
 
     def overhead(self, route: str, seconds: float) -> None:
-        self._overhead.labels(route).observe(seconds)
+        self._child(self._overhead, route).observe(seconds)
 
     def first_chunk(self, route: str, seconds: float) -> None:
-        self._first_chunk.labels(route).observe(seconds)
+        self._child(self._first_chunk, route).observe(seconds)
 
     def retry(self, reason: str) -> None:
         self._retries.labels(reason).inc()
 
     def usage(self, usage: Usage) -> None:
         """Tokens a reply's model server stated (paygate.upstream.usage)."""
-        self._tokens.labels("prompt").inc(usage.prompt_tokens)
-        self._tokens.labels("completion").inc(usage.completion_tokens)
+        self._child(self._tokens, "prompt").inc(usage.prompt_tokens)
+        self._child(self._tokens, "completion").inc(usage.completion_tokens)
         self._usage_replies.inc()
 
     def key_operation(self, backend: str, operation: str, seconds: float) -> None:

@@ -87,10 +87,13 @@ async def open_body(
     content_type: str | None,
     body: bytes,
     reply_pubkey: str | None,
+    inline: bool = False,
 ) -> OpenedBody:
     """Open ``body`` if it is sealed and decide the reply plan.
 
-    The key backend may block (PKCS#11, TPM), so opening runs in the default executor.
+    A hardware key backend blocks (PKCS#11, TPM), so opening runs in the default executor;
+    with ``inline`` (keys in this process's memory: one ECDH, about 60 µs) it runs on the
+    loop, which costs less than the hand-off to a thread and back.
     """
     v1_reply = parse_reply_pubkey(reply_pubkey) if reply_pubkey is not None else None
     if not wire.is_sealed(content_type):
@@ -101,10 +104,16 @@ async def open_body(
     loop = asyncio.get_running_loop()
     try:
         if version == 1:
-            plaintext = await loop.run_in_executor(None, enclave.open_v1, key, body)
+            if inline:
+                plaintext = enclave.open_v1(key, body)
+            else:
+                plaintext = await loop.run_in_executor(None, enclave.open_v1, key, body)
             return OpenedBody(plaintext, 1, V1Reply(v1_reply) if v1_reply else PlainReply())
         if version == 2:
-            opened = await loop.run_in_executor(None, _open_v2, key, body, method, path)
+            if inline:
+                opened = _open_v2(key, body, method, path)
+            else:
+                opened = await loop.run_in_executor(None, _open_v2, key, body, method, path)
             return OpenedBody(opened.body, 2, V2Reply(opened.reply))
     except KeyBackendError:
         raise KeyUnavailable from None
@@ -117,12 +126,17 @@ def _open_v2(key: KeyBackend, body: bytes, method: str, path: str) -> enclave.Op
     return enclave.open_v2(key, body, method=method, path=path)
 
 
+#: Backends whose key is in this process's memory: their ECDH never blocks.
+INLINE_BACKENDS = frozenset({"software", "tee-memory"})
+
+
 class Opener:
     """The open stage for the gateway: the key backend, and the envelope count per request."""
 
     def __init__(self, key: KeyBackend, on_opened: Callable[[int], None]) -> None:
         self._key = key
         self._on_opened = on_opened
+        self._inline = key.info().backend in INLINE_BACKENDS
 
     async def open(self, request: web.Request, body: bytes) -> OpenedBody:
         opened = await open_body(
@@ -132,6 +146,7 @@ class Opener:
             content_type=request.headers.get("Content-Type"),
             body=body,
             reply_pubkey=request.headers.get(wire.REPLY_PUBKEY_HEADER),
+            inline=self._inline,
         )
         self._on_opened(opened.envelope)
         return opened

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -25,15 +27,19 @@ from aiohttp import web
 
 from paygate import wire
 from paygate.jsonsafe import UntrustedJSONError
+from paygate.server.counting import Tokenizer, usage_from
 from paygate.server.errors import ApiStyle, GatewayError, InvalidBatch, InvalidJSON, error_response
 from paygate.server.proxy import UpstreamReply
 from paygate.server.routes import Route
+from paygate.server.shaping import ItemPlan, metered_quote, plan_batch, shape_or_refuse
+from paygate.upstream.shaping import RequestShaper, Shaped
 from paygate.x402 import codec
 from paygate.x402.batch import ITEM_PATH as BATCH_ITEM_PATH
 from paygate.x402.batch import BadBatch, parse_batch
+from paygate.x402.bazaar import Discovery
 from paygate.x402.ledger import Meter, PaymentRecord
-from paygate.x402.metering import Fallback, Quote, TokenPricing, Usage
-from paygate.x402.models import ExactEvmPayload, ResourceInfo
+from paygate.x402.metering import Fallback, Quote, TokenPrice, TokenPricing, Usage
+from paygate.x402.models import USAGE_EXTENSION, ExactEvmPayload, ResourceInfo
 from paygate.x402.networks import to_atomic_ceiling
 from paygate.x402.pricing import PricePolicy, model_of
 from paygate.x402.processor import Admission, PaymentProcessor, Receipt, Refusal
@@ -72,7 +78,9 @@ class Ticket:
         "_item_quotes",
         "_processor",
         "_quote",
+        "_shaped_body",
         "_watched",
+        "batch_plan",
         "caller_gone",
         "delivered",
         "model",
@@ -80,6 +88,7 @@ class Ticket:
         "route",
         "settle_seconds",
         "status",
+        "tokenizer",
         "usage",
     )
 
@@ -91,15 +100,23 @@ class Ticket:
         admission: Admission | None = None,
         processor: PaymentProcessor | None = None,
         quote: Quote | None = None,
-        fallback: Fallback = "max",
+        fallback: Fallback = "prompt",
         item_quotes: tuple[Quote, ...] | None = None,
         model: str | None = None,
+        shaped_body: bytes | None = None,
+        batch_plan: tuple[ItemPlan, ...] | None = None,
     ) -> None:
         self.route = route
         self.model = model  # the model the request named, when its body was read first
         # The model server's stated usage, set by the gateway when the reply has ended.
         self.usage: Usage | None = None
         self.settle_seconds: float | None = None  # how long the settle call took (traces)
+        # A batch's items as admission planned and priced them (None: not planned yet).
+        self.batch_plan = batch_plan
+        # The output-bounded body (paygate.upstream.shaping) when admission shaped it.
+        self._shaped_body = shaped_body
+        # The engine's tokenizer for this request (set by the gateway): counts an early end.
+        self.tokenizer: Tokenizer | None = None
         self._item_quotes = item_quotes  # a metered batch: one quote per item
         self.price = price
         self._admission = admission
@@ -127,15 +144,10 @@ class Ticket:
             and (self._quote is not None or self._item_quotes is not None)
         )
 
-    def item_bodies(self, items: tuple[bytes, ...]) -> tuple[bytes, ...]:
-        """A batch's bodies for the model server (metered: each output-bounded)."""
-        if self.metered and self._item_quotes is not None:
-            return tuple(q.body for q in self._item_quotes)
-        return items
-
     def meter_items(self, items: list[tuple[bool, Usage | None, int]]) -> None:
-        """A metered batch's meter: per item (succeeded, usage, reply bytes) priced with its
-        own quote (failed items cost nothing), summed, capped by the authorization."""
+        """A metered batch's meter: per forwarded item (succeeded, usage, reply bytes) priced
+        with its own quote (failed and refused items cost nothing), summed, capped by the
+        authorization."""
         admission = self._admission
         if not self.metered or admission is None or admission.meter is not None:
             return
@@ -143,9 +155,12 @@ class Ticket:
         assert self._processor is not None
         assert admission.record is not None
         decimals = self._processor.decimals(admission.record.network)
+        plan = self.batch_plan or ()
+        items = [item for item, p in zip(items, plan, strict=True) if p.forwarded]
         meters = [
             quote.charge(
                 usage,
+                source="upstream",
                 reply_bytes=size,
                 decimals=decimals,
                 maximum=to_atomic_ceiling(quote.maximum, decimals),
@@ -164,11 +179,11 @@ class Ticket:
 
     @property
     def forward_body(self) -> bytes | None:
-        """The body the model server gets instead of the caller's (metered: output bounded,
-        stream usage asked for), or None."""
-        if not self.metered or self._quote is None or self._item_quotes is not None:
-            return None
-        return self._quote.body
+        """The body the model server gets instead of the caller's (output bounded; metered:
+        stream usage asked for too), or None when admission did not shape it."""
+        if self.metered and self._quote is not None and self._item_quotes is None:
+            return self._quote.body
+        return self._shaped_body
 
     @property
     def strip_usage(self) -> bool:
@@ -178,8 +193,30 @@ class Ticket:
         """The metered reply being streamed, for a meter taken when it ends early."""
         self._watched = (reply, counted)
 
-    def meter(self, usage: Usage | None, *, reply_bytes: int) -> None:
-        """Record what a metered reply used (None: the upstream said nothing), once, before
+    async def measure(self, reply: UpstreamReply, *, reply_bytes: int) -> None:
+        """Meter a metered reply by the best count there is, once, before :meth:`settle`: the
+        usage the engine reported at the end; else its running counts (a stream cut short);
+        else the engine's tokenizer on the completion delivered; else the fallback."""
+        admission = self._admission
+        if not self.metered or admission is None or admission.meter is not None:
+            return
+        assert self._quote is not None
+        if reply.usage is not None:
+            self.meter(reply.usage, source="upstream", reply_bytes=reply_bytes)
+        elif reply.running_usage is not None:
+            self.meter(reply.running_usage, source="running", reply_bytes=reply_bytes)
+        else:
+            counted = None
+            if self.tokenizer is not None:
+                counted = await self.tokenizer.count(reply.completion_text)
+            if counted is not None:
+                usage = usage_from(counted, self._quote.prompt_bound)
+                self.meter(usage, source="tokenizer", reply_bytes=reply_bytes)
+            else:
+                self.meter(None, reply_bytes=reply_bytes)
+
+    def meter(self, usage: Usage | None, *, source: str = "upstream", reply_bytes: int) -> None:
+        """Record what a metered reply used (None: nothing could be counted), once, before
         :meth:`settle`; the charge follows the token prices, capped by the authorization."""
         admission = self._admission
         if not self.metered or admission is None or admission.meter is not None:
@@ -189,6 +226,7 @@ class Ticket:
         assert admission.record is not None
         admission.meter = self._quote.charge(
             usage,
+            source=source,
             reply_bytes=reply_bytes,
             decimals=self._processor.decimals(admission.record.network),
             maximum=admission.record.amount,
@@ -213,6 +251,29 @@ class Ticket:
     def payment_record(self) -> PaymentRecord | None:
         """The ledger's record of this request's payment (None when free)."""
         return self._admission.record if self._admission is not None else None
+
+    @property
+    def metered_usage(self) -> Meter | None:
+        """A metered payment's meter once taken (what it is charged for), else None."""
+        return self._admission.meter if self._admission is not None else None
+
+    @property
+    def charged(self) -> int | None:
+        """Atomic units this payment settles for (the meter's charge, else the amount)."""
+        admission = self._admission
+        return admission.owed if admission is not None and admission.paid else None
+
+    @property
+    def token_price(self) -> TokenPrice | None:
+        """A metered payment's token prices."""
+        return self._quote.price if self.metered and self._quote is not None else None
+
+    async def keep_receipt(self, token: str, usage: Mapping[str, Any] | None) -> None:
+        """Keep a paid reply's signed receipt, and its usage, in the ledger."""
+        admission = self._admission
+        if admission is None or admission.record is None or self._processor is None:
+            return
+        await self._processor.keep_receipt(admission.record, token, usage)
 
     @property
     def valid_before(self) -> int | None:
@@ -256,7 +317,7 @@ class Ticket:
             # what the reader saw, else the fallback.
             if self._watched is not None:
                 reply, counted = self._watched
-                self.meter(reply.usage, reply_bytes=counted.bytes_seen)
+                await self.measure(reply, reply_bytes=counted.bytes_seen)
             else:
                 self.meter(None, reply_bytes=0)
         await self._processor.finish(
@@ -289,9 +350,10 @@ class PaymentStep(Protocol):
         ...
 
     def admit(
-        self, request: web.Request, route: Route, *, body: bytes | None = None
+        self, request: web.Request, route: Route, *, body: bytes | None = None, client: str = ""
     ) -> AbstractAsyncContextManager[Ticket]:
-        """Admit the request for the block (a ticket) or raise :class:`PaymentRefused`."""
+        """Admit the request for the block (a ticket) or raise :class:`PaymentRefused`;
+        ``client`` is the caller's address key (per-address limits of free requests)."""
         ...
 
     async def close(self, timeout: float) -> None:
@@ -304,6 +366,25 @@ def carries_payment(headers: Mapping[str, str]) -> bool:
     return wire.PAYMENT_SIGNATURE in headers or wire.X_PAYMENT in headers
 
 
+@dataclass(frozen=True, slots=True)
+class _Terms:
+    """What admission prices a request at: its model, price, upto quote, a batch's item quotes
+    and plan, the per-item limit checks, and the output-bounded body to forward."""
+
+    model: str | None
+    price: Decimal
+    quote: Quote | None = None
+    items: tuple[Quote, ...] | None = None
+    plan: tuple[ItemPlan, ...] | None = None
+    checks: tuple[tuple[str, str | None], ...] = ()
+    shaped_body: bytes | None = None
+
+
+def _probe(headers: Mapping[str, str]) -> bool:
+    """Neither a payment nor a sign-in: the request can only be answered with a 402."""
+    return not carries_payment(headers) and wire.SIGN_IN_WITH_X not in headers
+
+
 class NoPayments:
     """``payment_mode = "off"``: every request is admitted and nothing is settled."""
 
@@ -311,7 +392,7 @@ class NoPayments:
 
     @contextlib.asynccontextmanager
     async def admit(
-        self, request: web.Request, route: Route, *, body: bytes | None = None
+        self, request: web.Request, route: Route, *, body: bytes | None = None, client: str = ""
     ) -> AsyncIterator[Ticket]:
         yield Ticket(route)
 
@@ -331,8 +412,15 @@ class X402Payments:
         description: str = "paygate inference",
         pricing: TokenPricing | None = None,
         batch_max_items: int = 16,
+        shaper: RequestShaper | None = None,
+        model_limits: bool = False,
+        discovery: Discovery | None = None,
     ) -> None:
+        self._discovery = discovery
         self._batch_max_items = batch_max_items
+        self._shaper = shaper
+        # A payer limit per model: the body's model must be known before the payer check.
+        self._model_limits = model_limits
         self._processor = processor
         self._prices = prices
         self._public_url = public_url
@@ -346,6 +434,7 @@ class X402Payments:
             self._prices.needs_model
             or self._pricing is not None
             or (economics is not None and economics.needs_model)
+            or self._model_limits
         )
 
     @property
@@ -354,38 +443,47 @@ class X402Payments:
 
     @contextlib.asynccontextmanager
     async def admit(
-        self, request: web.Request, route: Route, *, body: bytes | None = None
+        self, request: web.Request, route: Route, *, body: bytes | None = None, client: str = ""
     ) -> AsyncIterator[Ticket]:
         if not route.paid:
             yield Ticket(route)
             return
         try:
-            model = None
-            if route.target == "batch":
-                price, quote, items = self._batch_terms(body or b"")
-            else:
-                model = model_of(body) if body is not None else None
-                price = self._prices.price(method=route.method, path=route.path, model=model)
-                quote, items = None, None
-                if self._pricing is not None and body is not None:
-                    quote = self._pricing.quote(route.path, body)
-        except UntrustedJSONError:
-            raise InvalidJSON from None
+            terms = self._terms(route, body)
+        except (UntrustedJSONError, InvalidJSON, InvalidBatch) as exc:
+            if not _probe(request.headers):
+                if isinstance(exc, UntrustedJSONError):
+                    raise InvalidJSON from None
+                raise
+            # A paymentless probe (a discovery crawler, a client learning the price) gets its
+            # 402 before the body is judged: priced as a request without one.
+            terms = self._terms(route, None)
+        model, price, quote, items = terms.model, terms.price, terms.quote, terms.items
+        description = self._description
+        if self._discovery is not None:
+            description = self._discovery.description(route.method, route.path)
         admitted = await self._processor.admit(
             request.headers,
             price=price,
             resource=ResourceInfo(
                 url=self._resource_url(request),
-                description=self._description,
+                description=description,
                 mime_type=wire.JSON,
             ),
             route=route.name,
             maximum=quote.maximum if quote is not None else None,
-            model=quote.model if quote is not None else None,
+            model=model,
             upto_extra=quote.offer_extra() if quote is not None else (),
             request_model=model,
+            items=terms.checks,
+            client=client,
         )
         if isinstance(admitted, Refusal):
+            if admitted.challenge is not None and self._discovery is not None:
+                challenge = self._discovery.decorate(
+                    admitted.challenge, route.method, route.path, request.path
+                )
+                admitted = dataclasses.replace(admitted, challenge=challenge)
             raise PaymentRefused(refusal_response(admitted, route), admitted.code)
         ticket = Ticket(
             route,
@@ -393,9 +491,11 @@ class X402Payments:
             admission=admitted,
             processor=self._processor,
             quote=quote,
-            fallback=self._pricing.fallback if self._pricing is not None else "max",
+            fallback=self._pricing.fallback if self._pricing is not None else "prompt",
             item_quotes=items,
             model=quote.model if quote is not None else model,
+            shaped_body=terms.shaped_body,
+            batch_plan=terms.plan,
         )
         try:
             yield ticket
@@ -406,25 +506,64 @@ class X402Payments:
             # Shielded: a second cancellation must not cut the ledger write short.
             await asyncio.shield(ticket._finish())
 
-    def _batch_terms(self, body: bytes) -> tuple[Decimal, Quote | None, tuple[Quote, ...] | None]:
-        """A batch's price (the items' prices summed), its upto terms as one quote (the maxima
-        summed; the model of the first item names it) and the items' own quotes."""
+    def _terms(self, route: Route, body: bytes | None) -> _Terms:
+        """What the request is priced at (``body`` None: a probe, priced without its body)."""
+        if route.target == "batch":
+            if body is None:  # a probe: one item's price
+                price = self._prices.price(method="POST", path=BATCH_ITEM_PATH, model=None)
+                return _Terms(None, price)
+            price, quote, items, plan = self._batch_terms(body)
+            forwarded = [p for p in plan if p.forwarded]
+            return _Terms(
+                forwarded[0].model if forwarded else None,
+                price,
+                quote,
+                items,
+                plan,
+                tuple((f"POST {BATCH_ITEM_PATH}", p.model) for p in forwarded),
+            )
+        shaped = None
+        if body is not None and self._shaper is not None:
+            shaped = shape_or_refuse(self._shaper, route.path, body)
+        model = shaped.model if shaped is not None else None
+        if model is None and body is not None:
+            model = model_of(body)
+        price = self._prices.price(method=route.method, path=route.path, model=model)
+        if shaped is None:
+            return _Terms(model, price)
+        return _Terms(model, price, self._quote(body or b"", shaped), shaped_body=shaped.body())
+
+    def _quote(self, body: bytes, shaped: Shaped) -> Quote | None:
+        """The upto terms of a shaped request (None: no token price, or upto not offered)."""
+        if self._pricing is None or self._shaper is None:
+            return None
+        return metered_quote(self._pricing, self._shaper, body, shaped)
+
+    def _batch_terms(
+        self, body: bytes
+    ) -> tuple[Decimal, Quote | None, tuple[Quote, ...] | None, tuple[ItemPlan, ...]]:
+        """A batch's plan (each item shaped or refused, as a single request), its price (the
+        forwarded items' prices summed: a refused item is not priced), its upto terms as one
+        quote (the maxima summed; the first forwarded item's model names it) and the
+        forwarded items' own quotes."""
         try:
             batch = parse_batch(body, max_items=self._batch_max_items)
         except BadBatch as exc:
             raise InvalidBatch(str(exc)) from None
+        plan = plan_batch(self._shaper, batch)
+        forwarded = [p for p in plan if p.forwarded]
         price = sum(
             (
-                self._prices.price(method="POST", path=BATCH_ITEM_PATH, model=m)
-                for m in batch.models
+                self._prices.price(method="POST", path=BATCH_ITEM_PATH, model=p.model)
+                for p in forwarded
             ),
             Decimal(0),
         )
-        if self._pricing is None:
-            return price, None, None
-        quotes = [self._pricing.quote(BATCH_ITEM_PATH, item) for item in batch.items]
+        if self._pricing is None or not forwarded:
+            return price, None, None, plan
+        quotes = [self._quote(p.source, p.shaped) if p.shaped else None for p in forwarded]
         if any(q is None for q in quotes):
-            return price, None, None  # an item without a token price: exact only
+            return price, None, None, plan  # an item without a token price: exact only
         items = tuple(q for q in quotes if q is not None)
         first = items[0]
         total = Quote(
@@ -436,7 +575,12 @@ class X402Payments:
             body=b"",
             strip_usage=False,
         )
-        return price, total, items
+        # The metered bodies (output bounded) replace the planned ones.
+        bodies = iter(q.body for q in items)
+        plan = tuple(
+            ItemPlan(next(bodies), p.model, p.shaped, p.source) if p.forwarded else p for p in plan
+        )
+        return price, total, items, plan
 
     async def close(self, timeout: float) -> None:
         await self._processor.drain(timeout)
@@ -469,24 +613,36 @@ def refusal_response(refusal: Refusal, route: Route) -> web.Response:
     return web.json_response(refusal.challenge.body(), status=refusal.status, headers=headers)
 
 
-def settlement_failed_response(receipt: Receipt, route: Route) -> web.Response:
+def settlement_failed_response(
+    receipt: Receipt, route: Route, *, sealed: bool = False
+) -> web.Response:
     """A reply withheld because its settlement was refused for good, with that receipt."""
     reason = receipt.response.error_reason or "settle_failed"
     error = _RefusalError(
         Refusal(402, "settlement_failed", f"the payment could not be settled: {reason}")
     )
     response = error_response(error, route.api)
-    response.headers[receipt.header] = receipt.encoded()
+    response.headers[receipt.header] = _clear(receipt, sealed).encoded()
     response.headers["Cache-Control"] = "no-store"
     return response
 
 
-def receipt_headers(receipt: Receipt | None) -> dict[str, Any]:
-    """Headers of a paid reply: its receipt (when settled already) and no caching."""
+def receipt_headers(receipt: Receipt | None, *, sealed: bool = False) -> dict[str, Any]:
+    """Headers of a paid reply: its receipt (when settled already) and no caching. A sealed
+    reply's clear receipt says what x402 requires and no usage (that is in the sealed one)."""
     headers: dict[str, Any] = {"Cache-Control": PAID_CACHE_CONTROL}
     if receipt is not None:
-        headers[receipt.header] = receipt.encoded()
+        headers[receipt.header] = _clear(receipt, sealed).encoded()
     return headers
+
+
+def _clear(receipt: Receipt, sealed: bool) -> Receipt:
+    extensions = receipt.response.extensions
+    if not sealed or not extensions or USAGE_EXTENSION not in extensions:
+        return receipt
+    rest = {k: v for k, v in extensions.items() if k != USAGE_EXTENSION}
+    response = receipt.response.model_copy(update={"extensions": rest or None})
+    return dataclasses.replace(receipt, response=response)
 
 
 def seconds_left(valid_before: int | None) -> float | None:

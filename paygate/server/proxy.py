@@ -1,4 +1,7 @@
-"""Streaming forwarding to the model server over one shared aiohttp ClientSession.
+"""Streaming forwarding to the model server over a pool of HTTP/1.1 connections.
+
+The exchanges go through ``paygate.upstream.http1`` (asyncio protocols, httptools' C parser);
+the readiness probe keeps the shared aiohttp ClientSession.
 
 Each upstream exchange has four clocks (connect, first byte, idle between chunks, total), each
 failing with its own 504; broken connections and malformed replies are 502. Headers are
@@ -13,9 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -23,6 +25,7 @@ from pydantic import SecretStr
 
 from paygate.server.errors import UpstreamDown, UpstreamFault, UpstreamTimeout, UpstreamUnavailable
 from paygate.server.metrics import Metrics
+from paygate.upstream import http1
 from paygate.upstream.breaker import CircuitBreaker
 from paygate.upstream.usage import Usage, UsageReader
 
@@ -55,7 +58,6 @@ _DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {
     "alt-svc",
     "strict-transport-security",
 }
-T = TypeVar("T")
 RETRY_BASE = 0.05  # seconds before the first retry; doubles each time, with jitter
 RETRY_CAP = 2.0  # longest backoff between two attempts (a Retry-After may ask for more)
 _DROPPED_RESPONSE_PREFIXES = ("payment-", "x-payment", "x-paygate-", "x-obol-")
@@ -119,7 +121,7 @@ class UpstreamReply:
 
     def __init__(
         self,
-        response: aiohttp.ClientResponse,
+        response: http1.Response,
         clock: _Clock,
         on_usage: Callable[[Usage], None] | None = None,
     ) -> None:
@@ -130,12 +132,27 @@ class UpstreamReply:
         # Token usage as the model server states it, read from the body as it passes (set
         # once the body has been read to its end; None if it said nothing).
         self.usage: Usage | None = None
-        self._usage_reader = UsageReader(self.content_type) if self.status < 400 else None
+        self._reader = UsageReader(self.content_type) if self.status < 400 else None
+        self._usage_reader = self._reader  # None once the body has ended
         self._on_usage = on_usage
         self.headers = relayed_response_headers(response.headers)
-        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
         # The length still describes the body we relay only if nothing had to be decoded.
-        self.plain_length = response.content_length if encoding == "identity" else None
+        self.plain_length = response.content_length if response.identity else None
+
+    @property
+    def running_usage(self) -> Usage | None:
+        """The counts the body stated so far (a stream's running usage), even if cut short."""
+        return self._reader.running if self._reader is not None else None
+
+    def keep_text(self) -> None:
+        """Keep the completion text as it passes (a metered reply; bounded)."""
+        if self._reader is not None:
+            self._reader.keep_text = True
+
+    @property
+    def completion_text(self) -> str:
+        """The completion text the body carried so far (bounded), for counting an early end."""
+        return self._reader.text if self._reader is not None else ""
 
     @property
     def waited(self) -> float:
@@ -144,15 +161,15 @@ class UpstreamReply:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The decoded body, chunk by chunk as it arrives (idle and total clocks apply)."""
-        content = self._response.content
+        body = self._response
         while True:
             try:
                 # What already arrived (often the whole of a small reply, with its headers) is
-                # taken without starting a clock; the clocks rule every actual wait.
-                chunk = content.read_nowait()
-                if not chunk and not content.is_eof():
-                    chunk = await self._clock.wait(content.readany(), "idle")
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+                # taken without arming a timer; the clocks rule every actual wait.
+                chunk = body.read_nowait()
+                if not chunk and not body.is_eof():
+                    chunk = await self._clock.read(body)
+            except http1.Http1Error:
                 raise UpstreamFault from None
             if not chunk:
                 self._finish_usage()
@@ -172,10 +189,9 @@ class UpstreamReply:
     def arrived_whole(self) -> bytes | None:
         """The whole body if it has all arrived already (a small reply usually comes with its
         headers), else None and nothing is consumed. Counted like a body read in chunks."""
-        content = self._response.content
-        if not content.is_eof() or content.exception() is not None:
+        body = self._response.whole()
+        if body is None:
             return None
-        body = content.read_nowait()
         if self._usage_reader is not None:
             self._usage_reader.feed(body)
         self._finish_usage()
@@ -203,19 +219,40 @@ class _Clock:
     def now(self) -> float:
         return self._loop.time()
 
-    async def wait(self, awaitable: Awaitable[T], phase: str, until: float | None = None) -> T:
-        """Await ``awaitable`` under ``phase``'s clock (or ``until``) and the total one; 504 on
-        expiry."""
-        limit = self._timeouts.first_byte if phase == "first_byte" else self._timeouts.idle
+    async def head(
+        self,
+        pool: http1.Pool,
+        method: str,
+        path: str,
+        headers: list[tuple[str, str]],
+        body: bytes | None,
+        until: float,
+    ) -> http1.Response:
+        """Connect (or reuse) and send; the reply's head under the first-byte clock (``until``)
+        and the total one; 504 on expiry (ConnectTimeout is left to the caller)."""
         now = self._loop.time()
-        phase_deadline = now + limit if until is None else until
         try:
-            async with asyncio.timeout_at(min(phase_deadline, self._deadline)) as scope:
-                return await awaitable
-        except TimeoutError:
-            if not scope.expired():
-                raise  # some inner timeout, not ours: the caller maps it
-            raise UpstreamTimeout("total" if self._deadline <= phase_deadline else phase) from None
+            return await pool.request(
+                method,
+                path,
+                headers,
+                body,
+                connect_timeout=self._timeouts.connect,
+                deadline=min(until, self._deadline),
+            )
+        except http1.ReadTimeout:
+            raise UpstreamTimeout("total" if self._deadline <= until else "first_byte") from None
+        finally:
+            self.waited += self._loop.time() - now
+
+    async def read(self, response: http1.Response) -> bytes:
+        """The next body bytes under the idle clock and the total one; 504 on expiry."""
+        now = self._loop.time()
+        idle_end = now + self._timeouts.idle
+        try:
+            return await response.read(min(idle_end, self._deadline))
+        except http1.ReadTimeout:
+            raise UpstreamTimeout("total" if self._deadline <= idle_end else "idle") from None
         finally:
             self.waited += self._loop.time() - now
 
@@ -229,7 +266,8 @@ class _Clock:
 
 
 class Upstream:
-    """The model server: a base URL, a shared session and the exchange clocks.
+    """The model server: a connection pool for the exchanges, the session for the readiness
+    probe, and the exchange clocks.
 
     With a ``breaker``, an open circuit answers 503 at once and refused connections count
     toward opening it. With an ``api_key`` (an attached remote server), every request carries
@@ -249,21 +287,20 @@ class Upstream:
         base_url: str,
         timeouts: Timeouts,
         *,
+        pool: http1.Pool,
         breaker: CircuitBreaker | None = None,
         api_key: SecretStr | None = None,
         retries: int = 0,
         metrics: Metrics | None = None,
     ) -> None:
         self._session = session
+        self._pool = pool
         self._base_url = base_url.rstrip("/")
         self.timeouts = timeouts
         self._breaker = breaker
         self._api_key = api_key
         self._retries = retries
         self._metrics = metrics
-        self._connect_timeout = aiohttp.ClientTimeout(
-            total=None, connect=timeouts.connect, sock_connect=timeouts.connect
-        )
 
     @property
     def breaker_open(self) -> bool | None:
@@ -304,22 +341,16 @@ class Upstream:
         clock = _Clock(self.timeouts)
         first_byte_end = clock.now() + self.timeouts.first_byte
         attempt = 0
+        sent = list(self._with_key(headers).items())
         while True:
-            request = self._session.request(
-                method,
-                self._base_url + path,
-                data=body if body else None,
-                headers=self._with_key(headers),
-                timeout=self._connect_timeout,
-                allow_redirects=False,
-                auto_decompress=True,
-            )
             try:
-                response = await clock.wait(request, "first_byte", until=first_byte_end)
-            except aiohttp.ConnectionTimeoutError:
+                response = await clock.head(
+                    self._pool, method, path, sent, body or None, first_byte_end
+                )
+            except http1.ConnectTimeout:
                 self._failed("connect timeout")
                 raise UpstreamTimeout("connect") from None
-            except aiohttp.ClientConnectorError:
+            except http1.ConnectFailed:
                 # Not even connected: nothing was sent, so trying again is safe.
                 delay = self._retry_delay(attempt, None, clock, first_byte_end)
                 if delay is None:
@@ -328,7 +359,7 @@ class Upstream:
                 await self._before_retry("connect", delay, clock)
                 attempt += 1
                 continue
-            except (aiohttp.ClientError, TimeoutError):
+            except http1.Http1Error:
                 raise UpstreamFault from None
             if response.status == 503:
                 retry_after = response.headers.get("Retry-After")
@@ -349,7 +380,7 @@ class Upstream:
             # The caller's socket (a write to it failed), not the upstream: no mapping.
             response.close()
             raise
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+        except http1.Http1Error:
             response.close()
             raise UpstreamFault from None
         except BaseException:

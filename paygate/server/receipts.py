@@ -1,38 +1,65 @@
 """Signed receipts on replies (enclave.receipts signs; this module decides what and where).
 
-Every paid or sealed reply gets one, signed by the receipt key the attestation certified:
+Every paid or sealed reply below 400 gets one, signed by the receipt key the attestation
+certified. ``reply_digest`` is the SHA-256 of the reply's plaintext up to the receipt:
 
-- **whole replies**: the ``X-Paygate-Receipt`` header; ``reply_digest`` is the SHA-256 of the
-  body as sent (the sealed blob for a sealed reply, so the clear header reveals nothing about
-  the plaintext). Any such header from the upstream was dropped with every ``X-Paygate-*``.
+- **whole replies**: the ``X-Paygate-Receipt`` header over the whole plaintext body. On a
+  sealed reply the header is itself sealed to the caller (enclave.sealed_receipt): the model
+  and usage it names never travel in clear. Any such header from the upstream was dropped
+  with every ``X-Paygate-*``.
 - **streams**: in-band, after everything else (the x402 payment receipt included), as the
-  stream's last SSE comment ``: paygate-receipt <token>`` or a ``paygate_receipt`` key on
-  NDJSON's final ``"done": true`` object; for v2 inside the final sealed frame.
-  ``reply_digest`` is a running SHA-256 over the bytes sent before the receipt: plaintext
-  streams up to the comment (or up to the done line), v2 streams up to the final frame.
+  stream's last SSE comment ``: paygate-receipt <token>`` (digest of the bytes before that
+  line), or a ``paygate_receipt`` entry joined to NDJSON's final ``"done": true`` object
+  (digest of the bytes before that line and the line as it was without the entry); for v2
+  both inside the final sealed frame, over the plaintext.
 
-``request_digest`` is the SHA-256 of the request body as received (the sealed bytes).
+``request_digest`` is enclave.receipts.request_digest over the request as received: method,
+path, the body (the sealed bytes of a sealed request), the caller's fresh nonce (v2: derived
+from the reply secret inside the seal; plaintext and v1: the ``X-Paygate-Request-Nonce``
+header, absent for callers that send none) and v1's clear reply key.
+
+A paid request's receipt also goes to the ledger (which records its usage, whatever the
+scheme); its settlement receipt is signed when first asked for at ``GET /v1/receipts/{id}``
+(:class:`ReceiptEndpoint`) and kept, so its bytes never change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
-from enclave import receipts
+from aiohttp import web
+
+from enclave import receipts, sealed_receipt
 from enclave.attestation.binding import ModelDigest
+from enclave.envelope_v2 import request_nonce
 from enclave.keys.base import ReceiptSigner
 from paygate import wire
+from paygate.server.errors import GatewayError, InvalidRequestNonce
+from paygate.server.opening import INLINE_BACKENDS, OpenedBody, ReplyPlan, V1Reply, V2Reply
 from paygate.upstream.usage import Usage
 from paygate.x402.inband import DoneLineHolder, done_object
-from paygate.x402.processor import Receipt
+from paygate.x402.ledger import Ledger, LedgerError, Meter, PaymentRecord, PaymentState
+from paygate.x402.metering import TokenPrice
+from paygate.x402.results import Receipt
+
+log = logging.getLogger("paygate.server")
 
 SSE_PREFIX = b": paygate-receipt "
 NDJSON_KEY = "paygate_receipt"
+REPLY = "reply"
+SETTLEMENT = "settlement"
+_NONCE_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
+_PAYMENT_ID = re.compile(r"^0x[0-9a-fA-F]{64}$")
+# The metering result's word for how usage was counted → the receipt's.
+_SOURCES = {"upstream": "reported"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,27 +72,96 @@ class RequestFacts:
     model_digest: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class PaymentFacts:
-    scheme: str
-    network: str
-    amount: str
-    payer: str
+def request_nonce_header(headers: Mapping[str, str]) -> bytes | None:
+    """The caller's ``X-Paygate-Request-Nonce`` (64 hex digits), None when absent;
+    :class:`InvalidRequestNonce` when malformed (checked before anything is paid)."""
+    values = headers.getall(wire.REQUEST_NONCE_HEADER, [])  # type: ignore[attr-defined]
+    if not values:
+        return None
+    if len(values) != 1 or not _NONCE_HEX.match(values[0].strip()):
+        raise InvalidRequestNonce
+    return bytes.fromhex(values[0].strip())
 
-    def claims(self, receipt: Receipt | None) -> dict[str, str]:
-        transaction = receipt.response.transaction if receipt is not None else ""
-        return {
-            "scheme": self.scheme,
-            "network": self.network,
-            "amount": self.amount,
-            "payer": self.payer,
-            "transaction": transaction or "pending",
+
+def request_facts(
+    *, method: str, path: str, received: bytes, opened: OpenedBody, nonce: bytes | None,
+    model: str | None, model_digest: str | None = None,
+) -> RequestFacts:  # fmt: skip
+    """The request's digest as the caller computes it (see the module docstring)."""
+    plan = opened.reply
+    reply_key = None
+    if isinstance(plan, V2Reply):
+        nonce = request_nonce(plan.keys)  # inside the seal; a clear header is not used
+    elif isinstance(plan, V1Reply):
+        reply_key = plan.public_key
+    digest = receipts.request_digest(
+        method=method, path=path, body=received, nonce=nonce, reply_key=reply_key
+    )
+    return RequestFacts(request_digest=digest, model=model, model_digest=model_digest)
+
+
+def usage_claims(usage: Usage | None, meter: Meter | None) -> dict[str, Any] | None:
+    """The receipt's ``usage``: what was charged for (a metered payment's meter), else what the
+    model server stated; ``source`` says how it was counted (``reported`` by the model server,
+    or the metering fallback)."""
+    if meter is not None:
+        obtained = getattr(meter, "obtained", None)
+        source = obtained or _SOURCES.get(meter.source, meter.source)
+        prompt, completion = meter.tokens_in, meter.tokens_out
+    elif usage is not None:
+        source, prompt, completion = "reported", usage.prompt_tokens, usage.completion_tokens
+    else:
+        return None
+    cached = getattr(usage, "cached_tokens", None) if usage is not None else None
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cached_tokens": cached if isinstance(cached, int) and cached >= 0 else None,
+        "total_tokens": prompt + completion,
+        "source": str(source),
+    }
+
+
+def payment_claims(
+    record: PaymentRecord | None,
+    *,
+    charged: int | None,
+    price: TokenPrice | None,
+    receipt: Receipt | None,
+) -> dict[str, Any] | None:
+    """The receipt's ``payment``: the payment whole, with what it was charged."""
+    if record is None:
+        return None
+    # A hash only once settled: a pending settlement's hash proves nothing yet.
+    if receipt is not None:
+        transaction = receipt.response.transaction if receipt.response.success else None
+    else:
+        transaction = record.transaction if record.state is PaymentState.SETTLED else None
+    prices = None
+    if price is not None:
+        prices = {
+            "input_per_million": str(price.input),
+            "output_per_million": str(price.output),
+            "minimum": str(price.minimum),
         }
+    return {
+        "id": record.nonce,
+        "scheme": record.scheme,
+        "network": record.network,
+        "asset": record.asset,
+        "pay_to": record.pay_to,
+        "payer": record.payer,
+        "authorized": str(record.amount),
+        "charged": str(record.owed if charged is None else charged),
+        "prices": prices,
+        "transaction": transaction or "pending",
+    }
 
 
 class ReceiptIssuer:
-    """Signs receipts with the key backend's receipt key (off the event loop: a TPM or token
-    round trip)."""
+    """Signs receipts with the key backend's receipt key: off the event loop for a TPM or token
+    (a round trip), on it for a key in this process's memory (an ECDSA signature costs less
+    than the hand-off to a thread and back)."""
 
     def __init__(
         self,
@@ -79,62 +175,71 @@ class ReceiptIssuer:
         self._models = {m.name: m.digest for m in models}
         self._clock = clock
         self._on_signed = on_signed  # the transparency log keeps each token's leaf hash
+        info = getattr(signer, "info", None)  # every key backend has it; the protocol not
+        self._inline = info is not None and info().backend in INLINE_BACKENDS
 
     async def token(
         self,
         request: RequestFacts,
         reply_digest: str,
         *,
-        payment: PaymentFacts | None,
-        receipt: Receipt | None,
-        usage: Mapping[str, Any] | None = None,
+        payment: dict[str, Any] | None,
+        usage: dict[str, Any] | None = None,
     ) -> str:
-        claims = {
-            "request_digest": request.request_digest,
-            "reply_digest": reply_digest,
-            "model": request.model,
-            "model_digest": (request.model_digest or self._models.get(request.model))
-            if request.model
-            else None,
-            "usage": dict(usage) if usage else None,
-            "payment": payment.claims(receipt) if payment is not None else None,
-            "issued_at": int(self._clock()),
-        }
-        loop = asyncio.get_running_loop()
-        token = await loop.run_in_executor(None, receipts.sign, claims, self._signer)
+        return await self._sign(
+            {
+                "kind": REPLY,
+                "request_digest": request.request_digest,
+                "reply_digest": reply_digest,
+                "model": request.model,
+                # The weights that served it (several upstreams may serve one name), else the
+                # digest the binding states for the name.
+                "model_digest": (request.model_digest or self._models.get(request.model))
+                if request.model
+                else None,
+                "usage": usage,
+                "payment": payment,
+            }
+        )
+
+    async def settlement(self, payment: dict[str, Any], request_digest: str | None) -> str:
+        return await self._sign(
+            {"kind": SETTLEMENT, "request_digest": request_digest, "payment": payment}
+        )
+
+    async def _sign(self, claims: dict[str, Any]) -> str:
+        claims["issued_at"] = int(self._clock())
+        if self._inline:  # a software or TEE-memory key: cheaper than a thread hop
+            token = receipts.sign(claims, self._signer)
+        else:  # a TPM or token round trip: off the event loop
+            loop = asyncio.get_running_loop()
+            token = await loop.run_in_executor(None, receipts.sign, claims, self._signer)
         if self._on_signed is not None:
             await self._on_signed(token)
         return token
 
 
-def usage_claims(usage: Usage | None) -> dict[str, int] | None:
-    """The receipt's ``usage``: the tokens the model server stated (paygate.upstream.usage)."""
-    if usage is None:
-        return None
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
+def sealed_header(plan: ReplyPlan, token: str) -> str:
+    """A whole sealed reply's receipt header: the token sealed to the caller."""
+    if isinstance(plan, V2Reply):
+        return sealed_receipt.seal_v2(plan.keys, token)
+    if isinstance(plan, V1Reply):
+        return sealed_receipt.seal_v1(plan.public_key, token)
+    return token
 
 
 class InbandSignedReceipt:
-    """The stream's signed receipt, last: a body transform (see paygate.server.replies).
+    """The stream's signed receipt, last: a body transform (see paygate.server.replies), on
+    the plaintext (before a v2 sealer).
 
-    ``digest`` gives the reply digest at the end: this transform's own running hash of what
-    it passed on (plaintext streams), or the wire hash of the frames sent so far (v2).
+    ``reply_digest`` covers what it passed on before the receipt: SSE up to the comment,
+    NDJSON up to the done line plus that line as it came (without the joined entry).
     """
 
-    def __init__(
-        self,
-        media_type: str,
-        sign: Callable[[str], Any],
-        digest: Callable[[], str] | None = None,
-    ) -> None:
+    def __init__(self, media_type: str, sign: Callable[[str, object], Any]) -> None:
         self._ndjson = media_type == wire.NDJSON
         self._sign = sign
         self._own = receipts.RunningHash()
-        self._digest = digest or self._own.digest
         self._holder = DoneLineHolder()
 
     def feed(self, chunk: bytes) -> bytes:
@@ -145,36 +250,137 @@ class InbandSignedReceipt:
     async def finish(self, tail: bytes, end: object) -> bytes:
         if self._ndjson:
             rest = self.feed(tail) + self._holder.release()
-            token = await self._sign(self._digest(), end)
             first, sep, after = rest.partition(b"\n")
             done = done_object(first) if first else None
-            if done is None:
-                # No done object to carry it (an upstream cut short): a final line of its own.
+            if done is None or after:
+                # No done object to carry it (an upstream cut short, or lines after it): a
+                # final line of its own, after everything.
+                self._own.update(rest)
+                token = await self._sign(self._own.digest(), end)
                 line = json.dumps({NDJSON_KEY: token, "done": True}, separators=(",", ":"))
                 return rest + line.encode() + b"\n"
-            # The upstream's bytes stay as they were: the key is inserted before the last "}".
+            # The upstream's bytes stay as they were: the entry goes before the last "}".
+            self._own.update(first + sep)
+            token = await self._sign(self._own.digest(), end)
             body = first.rstrip()
             entry = json.dumps({NDJSON_KEY: token}, separators=(",", ":")).encode()[1:]
             joined = body[:-1] + (b"," if done else b"") + entry
-            return joined + first[len(body) :] + sep + after
+            return joined + first[len(body) :] + sep
         self._own.update(tail)
-        token = await self._sign(self._digest(), end)
+        token = await self._sign(self._own.digest(), end)
         return tail + SSE_PREFIX + token.encode("ascii") + b"\n\n"
 
 
-class WireHash:
-    """Hashes the bytes as sent (after the sealer); its digest before the final frame is what a
-    v2 stream's receipt covers."""
+# --- GET /v1/receipts/{payment_id} ---------------------------------------------------------
+
+
+class ReceiptNotFound(GatewayError):
+    """no payment with that id is known here"""
+
+    status = 404
+    code = "receipt_not_found"
+
+
+class ReceiptPending(GatewayError):
+    """the payment is not settled yet: ask again later"""
+
+    status = 404
+    code = "receipt_pending"
 
     def __init__(self) -> None:
-        self._hash = receipts.RunningHash()
+        super().__init__(headers={"Retry-After": "5"})
 
-    def digest(self) -> str:
-        return self._hash.digest()
 
-    def feed(self, chunk: bytes) -> bytes:
-        self._hash.update(chunk)
-        return chunk
+class SettlementFailed(GatewayError):
+    """the payment did not settle: there is no settlement receipt"""
 
-    async def finish(self, tail: bytes, end: object) -> bytes:
-        return tail  # the final frame (it carries the receipt) is not covered
+    status = 409
+    code = "settlement_failed"
+
+
+class InvalidPaymentId(GatewayError):
+    """a payment id is its authorization nonce: 0x and 64 hex digits"""
+
+    status = 400
+    code = "invalid_payment_id"
+
+
+class ReceiptsUnavailable(GatewayError):
+    """the ledger cannot be read now"""
+
+    status = 503
+    code = "ledger_unavailable"
+
+
+class ReceiptEndpoint:
+    """``GET /v1/receipts/{payment_id}``: the signed settlement receipt of a payment, by its
+    authorization nonce. It states only what the chain shows (no model, no usage), so anyone
+    who knows the nonce may read it."""
+
+    def __init__(self, ledger: Ledger | None, issuer: ReceiptIssuer | None) -> None:
+        self._ledger = ledger
+        self._issuer = issuer
+
+    async def handle(self, request: web.Request) -> web.Response:
+        payment_id = request.path.rsplit("/", 1)[-1]
+        if not _PAYMENT_ID.match(payment_id):
+            raise InvalidPaymentId
+        payment_id = payment_id.lower()
+        if self._ledger is None or self._issuer is None:
+            raise ReceiptNotFound
+        try:
+            token, record = await self.settlement_receipt(payment_id)
+        except LedgerError:
+            raise ReceiptsUnavailable from None
+        return web.json_response(
+            {"payment_id": payment_id, "state": record.state.value, "receipt": token},
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def settlement_receipt(self, payment_id: str) -> tuple[str, PaymentRecord]:
+        assert self._ledger is not None
+        assert self._issuer is not None
+        records = await self._ledger.by_nonce(payment_id)
+        if not records:
+            raise ReceiptNotFound
+        settled = [r for r in records if r.state is PaymentState.SETTLED]
+        if not settled:
+            if all(r.state in (PaymentState.FAILED, PaymentState.RELEASED) for r in records):
+                raise SettlementFailed
+            raise ReceiptPending
+        record = settled[0]
+        stored = await self._ledger.receipts(record.id)
+        for kept in stored:
+            if kept.kind == SETTLEMENT:
+                return kept.token, record
+        request_digest = None
+        for kept in stored:
+            if kept.kind == REPLY:
+                request_digest = receipts.unverified_claims(kept.token)["request_digest"]
+        payment = payment_claims(
+            record, charged=record.settled_amount, price=_price_of(stored), receipt=None
+        )
+        assert payment is not None
+        token = await self._issuer.settlement(payment, request_digest)
+        # The first one kept wins (two replicas may sign at once): its bytes never change.
+        await self._ledger.add_receipt(record.id, SETTLEMENT, token)
+        for kept in await self._ledger.receipts(record.id):
+            if kept.kind == SETTLEMENT:
+                return kept.token, record
+        return token, record
+
+
+def _price_of(stored: list[Any]) -> TokenPrice | None:
+    """The token prices the reply receipt stated (a metered payment), for its settlement's."""
+    for kept in stored:
+        if kept.kind != REPLY:
+            continue
+        payment = receipts.unverified_claims(kept.token).get("payment") or {}
+        prices = payment.get("prices")
+        if isinstance(prices, dict):
+            return TokenPrice(
+                Decimal(prices["input_per_million"]),
+                Decimal(prices["output_per_million"]),
+                Decimal(prices["minimum"]),
+            )
+    return None

@@ -41,10 +41,10 @@ from paygate.server.payments import Ticket, receipt_headers, settlement_failed_r
 from paygate.server.proxy import UpstreamReply
 from paygate.server.receipts import (
     InbandSignedReceipt,
-    PaymentFacts,
     ReceiptIssuer,
     RequestFacts,
-    WireHash,
+    payment_claims,
+    sealed_header,
     usage_claims,
 )
 from paygate.upstream.usage import Usage, usage_of
@@ -53,8 +53,9 @@ from paygate.x402.processor import Receipt
 
 log = logging.getLogger("paygate.server")
 
-# Validators of the plaintext that a sealed reply would make stale or misleading.
-_SEALED_DROPPED = ("etag", "content-md5", "digest", "content-type")
+# The only upstream headers a sealed reply keeps in clear: anything else (validators, the
+# model server's own names, counts, timings) could say what the sealed body holds.
+_SEALED_KEPT = frozenset({"retry-after"})
 AUTHORIZATION_EXPIRING = "authorization_expiring"
 MAX_HELD_EVENT = 1024 * 1024  # bytes of one SSE event held while stripping usage
 
@@ -269,6 +270,7 @@ class Replies:
         body: bytes,
         *,
         items: list[tuple[bool, Usage | None, int]],
+        facts: RequestFacts | None = None,
     ) -> web.Response:
         """A reply the gateway composed (the batch's results), sent whole like ``_whole``:
         settled first when any item succeeded (else released), sealed per the plan."""
@@ -279,8 +281,9 @@ class Replies:
         if ticket.settles:
             ticket.meter_items(items)
         receipt = await ticket.settle() if ticket.settles else ticket.known_receipt
+        sealed = not isinstance(plan, PlainReply)
         if receipt is not None and receipt.withhold:
-            return settlement_failed_response(receipt, ticket.route)
+            return settlement_failed_response(receipt, ticket.route, sealed=sealed)
         headers: CIMultiDict[str] = CIMultiDict()
         if isinstance(plan, PlainReply):
             payload = body
@@ -289,9 +292,38 @@ class Replies:
             payload = seal_whole(plan, body)
             headers.update(sealed_headers(plan, wire.JSON))
         if ticket.paid:
-            headers.update(receipt_headers(receipt))
+            headers.update(receipt_headers(receipt, sealed=sealed))
+        if succeeded and facts is not None and (ticket.paid or sealed):
+            total = [u for ok, u, _ in items if ok and u is not None]
+            usage = Usage(
+                sum(u.prompt_tokens for u in total), sum(u.completion_tokens for u in total)
+            )
+            await self._sign_whole(headers, plan, ticket, facts, body, receipt, usage)
         ticket.delivered = True
         return web.Response(status=200, body=payload, headers=headers)
+
+    async def _sign_whole(
+        self,
+        headers: CIMultiDict[str],
+        plan: ReplyPlan,
+        ticket: Ticket,
+        facts: RequestFacts,
+        body: bytes,
+        receipt: Receipt | None,
+        usage: Usage | None,
+    ) -> None:
+        """A whole reply's signed receipt header (sealed to the caller on a sealed reply)."""
+        if self._receipts is None:
+            return
+        stated = usage_claims(usage, ticket.metered_usage)
+        token = await self._receipts.token(
+            facts,
+            receipts.body_digest(body),
+            payment=_payment(ticket, receipt),
+            usage=stated,
+        )
+        headers[wire.RECEIPT_HEADER] = sealed_header(plan, token)
+        await ticket.keep_receipt(token, stated)
 
     async def _whole(
         self,
@@ -315,12 +347,13 @@ class Replies:
         if ticket.paid and not ticket.settles:
             await ticket.give_up()
         if ticket.settles:
-            ticket.meter(reply.usage, reply_bytes=len(body))
+            await ticket.measure(reply, reply_bytes=len(body))
         receipt = await ticket.settle() if ticket.settles else ticket.known_receipt
+        sealed = not isinstance(plan, PlainReply)
         if receipt is not None and receipt.withhold:
             # Refused for good after serving (e.g. the payer emptied the wallet since verify,
             # or the authorization expired): the reply stays here rather than going out unpaid.
-            return settlement_failed_response(receipt, ticket.route)
+            return settlement_failed_response(receipt, ticket.route, sealed=sealed)
         if isinstance(plan, PlainReply):
             headers = CIMultiDict(reply.headers)
             payload = body
@@ -328,19 +361,11 @@ class Replies:
             payload = seal_whole(plan, body)
             headers = _sealed_headers(reply, plan)
         if ticket.paid:
-            headers.update(receipt_headers(receipt))
+            headers.update(receipt_headers(receipt, sealed=sealed))
         if ticket.free_remaining is not None:
             headers[wire.FREE_REMAINING_HEADER] = str(ticket.free_remaining)
-        if facts is not None and self._receipts is not None:
-            # The body as sent: for a sealed reply the blob, so the clear header reveals
-            # nothing about the plaintext.
-            headers[wire.RECEIPT_HEADER] = await self._receipts.token(
-                facts,
-                receipts.body_digest(payload),
-                payment=_payment_facts(ticket),
-                receipt=receipt,
-                usage=usage_claims(reply.usage),
-            )
+        if facts is not None:
+            await self._sign_whole(headers, plan, ticket, facts, body, receipt, reply.usage)
         headers[wire.OVERHEAD_HEADER] = self._overhead(ticket, started, reply)
         self._observer.first_chunk(ticket.route.name, _since(started))
         ticket.delivered = True
@@ -368,34 +393,31 @@ class Replies:
             transforms.append(meter)
         if inband:
             transforms.append(InbandReceipt(media))
-        signed = None
+        kept: list[tuple[str, dict[str, object] | None]] = []
         if facts is not None and self._receipts is not None and media in wire.STREAM_MEDIA_TYPES:
-            issuer, payment = self._receipts, _payment_facts(ticket)
+            issuer = self._receipts
 
             async def sign(digest: str, end: StreamEnd) -> str:
-                # The upstream's body has ended: its stated usage (if any) is known now.
-                return await issuer.token(
-                    facts,
-                    digest,
-                    payment=payment,
-                    receipt=end.receipt or known,
-                    usage=usage_claims(reply.usage),
+                # The upstream's body has ended and the payment settled: usage and charge are
+                # known now.
+                usage = usage_claims(reply.usage, ticket.metered_usage)
+                token = await issuer.token(
+                    facts, digest, payment=_payment(ticket, end.receipt or known), usage=usage
                 )
+                kept.append((token, usage))
+                return token
 
-            wire_hash = WireHash() if isinstance(plan, V2Reply) else None
-            signed = InbandSignedReceipt(media, sign, wire_hash.digest if wire_hash else None)
-            transforms.append(signed)
+            # On the plaintext: for v2 it is sealed into the final frame with the rest.
+            transforms.append(InbandSignedReceipt(media, sign))
         if isinstance(plan, V2Reply):
             transforms.append(FrameSealer(plan.keys.sealer()))
-            if signed is not None and wire_hash is not None:
-                transforms.append(wire_hash)
             headers = _sealed_headers(reply, plan)
         else:
             headers = CIMultiDict(reply.headers)
         chain = Chain(transforms)
         if ticket.paid:
             # An upfront settlement's receipt is known now; otherwise it comes in-band.
-            headers.update(receipt_headers(known))
+            headers.update(receipt_headers(known, sealed=isinstance(plan, V2Reply)))
         if ticket.free_remaining is not None:
             headers[wire.FREE_REMAINING_HEADER] = str(ticket.free_remaining)
         if not chain and reply.plain_length is not None:
@@ -422,11 +444,13 @@ class Replies:
                 lambda: self._observer.first_chunk(route, _since(started)),
             )
             if meter is not None:
-                ticket.meter(reply.usage, reply_bytes=meter.bytes_seen)
+                await ticket.measure(reply, reply_bytes=meter.bytes_seen)
             receipt = await ticket.settle() if inband else None
             tail = await chain.finish(StreamEnd(receipt=receipt, error=error))
             if tail:
                 await response.write(tail)
+            for token, usage in kept:
+                await ticket.keep_receipt(token, usage)
         except ConnectionResetError:
             raise  # the caller went away; nothing to tell it
         except Exception as exc:
@@ -435,7 +459,10 @@ class Replies:
             code = exc.code if isinstance(exc, GatewayError) else type(exc).__name__
             self._observer.error(code)
             log.warning("reply cut mid-stream: %s", code)
-            ticket.status = 0 if ticket.status < 400 else ticket.status
+            if meter is None:
+                ticket.status = 0 if ticket.status < 400 else ticket.status
+            # else metered: what was produced before the cut is charged (the ticket's exit
+            # counts it: running usage, the engine's tokenizer, else the fallback).
             if request.transport is not None:
                 request.transport.close()
             return response
@@ -491,11 +518,11 @@ class Replies:
         return None
 
 
-def _payment_facts(ticket: Ticket) -> PaymentFacts | None:
-    record = ticket.payment_record
-    if record is None:
-        return None
-    return PaymentFacts("exact", record.network, str(record.amount), record.payer)
+def _payment(ticket: Ticket, receipt: Receipt | None) -> dict[str, object] | None:
+    """The receipt's payment claims, once the charge is known (after metering and settling)."""
+    return payment_claims(
+        ticket.payment_record, charged=ticket.charged, price=ticket.token_price, receipt=receipt
+    )
 
 
 def seal_whole(plan: V1Reply | V2Reply, body: bytes) -> bytes:
@@ -517,12 +544,14 @@ def sealed_headers(plan: V1Reply | V2Reply, original_content_type: str | None) -
 
 
 def _sealed_headers(reply: UpstreamReply, plan: V1Reply | V2Reply) -> CIMultiDict[str]:
-    """The upstream's headers minus the plaintext's validators, plus :func:`sealed_headers`."""
+    """:func:`sealed_headers` and, of the upstream's, only what transport needs
+    (:data:`_SEALED_KEPT`); a sealed reply is never cached."""
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in reply.headers.items():
-        if name.lower() not in _SEALED_DROPPED:
+        if name.lower() in _SEALED_KEPT:
             headers.add(name, value)
     headers.update(sealed_headers(plan, reply.content_type))
+    headers["Cache-Control"] = "no-store"
     return headers
 
 

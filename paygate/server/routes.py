@@ -32,6 +32,7 @@ Target = Literal[
     "attestation",
     "activate",
     "log",
+    "receipts",
 ]
 
 
@@ -170,6 +171,9 @@ def engine_routes(served: Iterable[ServedRoute], price: PriceHook | None = None)
                 paid=False,
                 target="log",
                 query=frozenset({"leaf"}),
+            ),
+            Route(
+                "GET", wire.RECEIPTS_PATH + "/{payment_id}", "openai", paid=False, target="receipts"
             ),
         ]
     )

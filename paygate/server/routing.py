@@ -135,6 +135,14 @@ class Router:
     def backends(self) -> tuple[Backend, ...]:
         return self._backends
 
+    def client_of(self, name: str | None) -> Upstream:
+        """The client of the upstream named ``name`` (the one that answered a request: its
+        engine's tokenizer counts a cut reply), no retries; the first when unknown."""
+        for backend in self._backends:
+            if backend.name == name:
+                return backend.quick
+        return self._backends[0].quick
+
     @property
     def several(self) -> bool:
         return len(self._backends) > 1

@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from enclave import receipts
 from enclave.attestation.binding import LogIdentity
 from enclave.keys.base import LogSigner
+from enclave.receipts import ReceiptInvalid
 from enclave.tlog import checkpoint as cp
 from enclave.tlog import entries, merkle, note, tiles
 from paygate.server.errors import GatewayError
@@ -158,11 +160,11 @@ class TransparencyLog:
     async def record_receipt(self, token: str) -> None:
         """Keep a signed receipt's leaf hash (the exact signed bytes) for the next period."""
         try:
-            payload = _unb64url(token.partition(".")[0])
+            payload = receipts.signed_bytes(token)
             await self._store.record_receipt(
                 merkle.leaf_hash(payload), _charged(payload), self.config.replica, _issued(payload)
             )
-        except (LogStoreError, ValueError) as exc:
+        except (LogStoreError, ValueError, ReceiptInvalid) as exc:
             # The reply still goes out; the missing receipt shows in `paygate receipts audit`.
             log.error("a signed receipt was not recorded in the log: %s", type(exc).__name__)
 
@@ -398,8 +400,11 @@ def _claims(payload: bytes) -> dict[str, object]:
 
 
 def _charged(payload: bytes) -> int:
-    payment = _claims(payload).get("payment")
-    amount = payment.get("amount") if isinstance(payment, dict) else None
+    """What a reply receipt says was charged. A settlement receipt restates its reply's payment,
+    so it adds nothing to a period's total (each payment is counted once)."""
+    claims = _claims(payload)
+    payment = claims.get("payment") if claims.get("kind") == "reply" else None
+    amount = payment.get("charged") if isinstance(payment, dict) else None
     return int(amount) if isinstance(amount, str) and amount.isdigit() and len(amount) < 78 else 0
 
 

@@ -25,6 +25,7 @@ from paygate.upstream.engine import connect
 from paygate.upstream.engines import profile_for
 from paygate.upstream.engines.base import ModelDigest
 from paygate.upstream.errors import ModelDigestMismatch
+from paygate.upstream.http1 import Endpoint
 from paygate.upstream.monitor import HealthMonitor
 from paygate.upstream.readiness import ProbeResult, probe, wait_ready
 from paygate.upstream.spec import container_spec
@@ -79,6 +80,15 @@ def connector(config: UpstreamConfig, *, limit: int) -> aiohttp.BaseConnector:
     if config.mode == "container":
         return aiohttp.UnixConnector(path=str(container_spec(config).socket_path), limit=limit)
     return aiohttp.TCPConnector(limit=limit, enable_cleanup_closed=True)
+
+
+def endpoint(config: UpstreamConfig) -> Endpoint:
+    """Where the forwarding pool connects: the relay's unix socket in container mode, else the
+    configured URL (TCP, TLS for https)."""
+    if config.mode == "container":
+        spec = container_spec(config)
+        return Endpoint.from_url(spec.base_url, unix_path=str(spec.socket_path))
+    return Endpoint.from_url(config.url)
 
 
 def auth_headers(key: SecretStr | None) -> dict[str, str]:

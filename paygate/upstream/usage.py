@@ -14,6 +14,11 @@ Shapes (engine profiles say which routes speak which):
   in a stream the input on ``message_start``'s ``message`` and the running output count on each
   ``message_delta``: the reader keeps the last value stated of each.
 
+While a stream passes, the reader also keeps the *running* counts — the last ``usage`` any
+chunk carried (vLLM's ``continuous_usage_stats``), or llama-server's per-token ``timings``
+(``prompt_n``, ``predicted_n``) — and the completion text delivered so far (bounded), so that a
+stream that ends early can be charged for what was produced.
+
 :class:`UsageReader` takes chunks in any split, holds at most ``limit`` bytes (a whole JSON
 reply, or one stream line), never raises on bad input, and answers None when the reply says
 nothing about usage. Metering prices what it returns.
@@ -27,6 +32,7 @@ from typing import Any
 from paygate import jsonsafe, wire
 
 DEFAULT_LIMIT = 1 << 20  # bytes of one JSON reply or stream line read for usage
+TEXT_LIMIT = 1 << 20  # characters of completion text kept for counting an early end
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +104,64 @@ def usage_of(document: Any) -> Usage | None:
     return None
 
 
+def running_of(document: Any) -> Usage | None:
+    """The counts one stream event states so far: its usage, else llama-server's timings."""
+    found = usage_of(document)
+    if found is not None or not isinstance(document, dict):
+        return found
+    timings = document.get("timings")
+    if isinstance(timings, dict):
+        prompt, predicted = _count(timings.get("prompt_n")), _count(timings.get("predicted_n"))
+        if predicted is not None:
+            return Usage(prompt or 0, predicted)
+    return None
+
+
+def text_of(document: Any) -> str:
+    """The completion text one stream event carries (OpenAI chunks, Ollama objects, the
+    Responses API's and Anthropic's text deltas)."""
+    if not isinstance(document, dict):
+        return ""
+    pieces: list[str] = []
+    choices = document.get("choices")
+    for choice in choices if isinstance(choices, list) else []:
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta") or choice.get("message")
+        if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+            pieces.append(delta["content"])
+        elif isinstance(choice.get("text"), str):
+            pieces.append(choice["text"])
+    message = document.get("message")
+    if isinstance(message, dict) and isinstance(message.get("content"), str):
+        pieces.append(message["content"])
+    if isinstance(document.get("response"), str):
+        pieces.append(document["response"])
+    delta = document.get("delta")
+    if document.get("type") == "response.output_text.delta" and isinstance(delta, str):
+        pieces.append(delta)  # the Responses API's text, in a stream
+    elif isinstance(delta, dict) and isinstance(delta.get("text"), str):
+        pieces.append(delta["text"])  # Anthropic's content_block_delta (text_delta)
+    return "".join(pieces)
+
+
+def _merged(before: Usage | None, counts: tuple[int | None, int | None]) -> Usage:
+    """``before`` with the counts an event states (a None keeps the count stated before)."""
+    prompt, completion = counts
+    if prompt is None:
+        prompt = before.prompt_tokens if before is not None else 0
+    if completion is None:
+        completion = before.completion_tokens if before is not None else 0
+    return Usage(prompt, completion)
+
+
+def _parsed(line: bytes) -> Any:
+    try:
+        return jsonsafe.loads(line, max_bytes=len(line), max_depth=None)
+    except jsonsafe.UntrustedJSONError:
+        return None
+
+
 def usage_from_body(body: bytes) -> Usage | None:
     """The usage a whole (non-streamed) JSON reply states."""
     try:
@@ -125,6 +189,22 @@ class UsageReader:
         self._buffer = bytearray()
         self._overflow = False  # the current line (or whole body) passed the limit: skip it
         self._usage: Usage | None = None
+        self._running: Usage | None = None
+        self._text: list[str] = []
+        self._text_size = 0
+        # Keep the completion text (a metered reply: counted by the engine's tokenizer if it
+        # ends early); off by default, so other replies hold no copy of it.
+        self.keep_text = False
+
+    @property
+    def running(self) -> Usage | None:
+        """The last counts any stream event stated so far (usage or per-token timings)."""
+        return self._running
+
+    @property
+    def text(self) -> str:
+        """The completion text streamed so far (at most TEXT_LIMIT characters)."""
+        return "".join(self._text)
 
     def feed(self, chunk: bytes) -> None:
         if self._framing == "whole":
@@ -161,30 +241,31 @@ class UsageReader:
             line = line[5:].strip()
             if line == b"[DONE]":
                 return
-        if not line.strip():
-            return
-        try:
-            document = jsonsafe.loads(line, max_bytes=len(line), max_depth=None)
-        except jsonsafe.UntrustedJSONError:
-            return
+        document = _parsed(line) if line.strip() else None
         counts = stated_counts(document)
-        if counts is None:
-            return
-        # Each count as last stated: Anthropic states input and output in different events.
-        before = self._usage
-        prompt = counts[0] if counts[0] is not None else (before.prompt_tokens if before else 0)
-        if counts[1] is not None:
-            completion = counts[1]
-        else:
-            completion = before.completion_tokens if before else 0
-        self._usage = Usage(prompt, completion)
+        if counts is not None:
+            # Each count as last stated: Anthropic states input and output in different events.
+            self._usage = _merged(self._usage, counts)
+        running = running_of(document)
+        if counts is not None and running is None:
+            running = _merged(self._running, counts)  # an Anthropic message_delta
+        if running is not None:
+            self._running = running
+        piece = text_of(document) if self.keep_text else ""
+        if piece and self._text_size < TEXT_LIMIT:
+            piece = piece[: TEXT_LIMIT - self._text_size]
+            self._text.append(piece)
+            self._text_size += len(piece)
 
     def result(self) -> Usage | None:
         """The usage stated so far (call at the end of the body)."""
         if self._framing == "whole":
             if self._overflow or not self._buffer:
                 return None
-            return usage_from_body(bytes(self._buffer))
+            document = _parsed(bytes(self._buffer))
+            if self.keep_text:
+                self._text = [text_of(document)[:TEXT_LIMIT]]
+            return usage_of(document)
         if self._buffer and not self._overflow:
             self._line()  # a last line without its newline
         return self._usage

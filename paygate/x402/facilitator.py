@@ -1,7 +1,8 @@
 """A facilitator over x402's HTTP API: POST /verify, POST /settle, GET /supported.
 
-Every call carries the operator's facilitator headers (a hosted facilitator's API key, from a
-secret file): they are held as ``SecretStr`` and never logged; only exception classes are.
+Every call carries the operator's authentication (:mod:`paygate.x402.facilitator_auth`: static
+headers from a secret file, or a short-lived JWT per call); never logged, only exception
+classes are.
 
 Retries only where they are safe: verification is read-only, so it is retried on connection
 errors, time-outs, 5xx and garbage; a settlement is re-sent only when the request never left
@@ -26,6 +27,7 @@ from pydantic import SecretStr, ValidationError
 
 from paygate import jsonsafe
 from paygate.x402.chain_upto import UptoChain
+from paygate.x402.facilitator_auth import FacilitatorAuth, StaticHeaders
 from paygate.x402.models import (
     AnyPaymentPayload,
     SettleResponse,
@@ -68,10 +70,11 @@ class FacilitatorSettler:
         backoff: float = 0.2,
         chain: ChainReader | None = None,
         headers: Mapping[str, SecretStr] | None = None,
+        auth: FacilitatorAuth | None = None,
     ) -> None:
         self._session = session
         self._chain = chain
-        self._headers = dict(headers or {})
+        self._authenticator: FacilitatorAuth = auth if auth is not None else StaticHeaders(headers)
         self._url = url.rstrip("/")
         self._timeout = timeout
         self._settle_timeout = settle_timeout
@@ -194,7 +197,7 @@ class FacilitatorSettler:
         try:
             async with self._session.get(
                 self._url + "/supported",
-                headers=self._auth(),
+                headers=self._auth("GET", "/supported"),
                 timeout=aiohttp.ClientTimeout(
                     total=self._timeout, sock_connect=min(self._timeout, 5.0)
                 ),
@@ -269,15 +272,16 @@ class FacilitatorSettler:
     async def close(self) -> None:
         return None  # the session belongs to the app
 
-    def _auth(self) -> dict[str, str]:
-        """The operator's headers, on every call (a hosted facilitator guards /supported too)."""
-        return {name: value.get_secret_value() for name, value in self._headers.items()}
+    def _auth(self, method: str, path: str) -> dict[str, str]:
+        """The operator's authentication, on every call (a hosted facilitator guards
+        /supported too); a JWT names this call's method and URL."""
+        return self._authenticator.headers(method, self._url + path)
 
     async def _post(self, path: str, body: dict[str, Any], model: type[_M], timeout: float) -> _M:
         async with self._session.post(
             self._url + path,
             json=body,
-            headers=self._auth(),
+            headers=self._auth("POST", path),
             timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 5.0)),
             allow_redirects=False,
         ) as response:

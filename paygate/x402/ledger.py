@@ -143,7 +143,7 @@ class PaymentRecord:
     # Metering (upto): recorded with SERVED, before settlement, so a restart settles the same.
     tokens_in: int | None = None
     tokens_out: int | None = None
-    usage_source: str | None = None  # "upstream" | "fallback-max" | "fallback-estimate"
+    usage_source: str | None = None  # one of USAGE_SOURCES
     settle_amount: int | None = None  # atomic units owed; None: ``amount`` (exact)
     settled_amount: int | None = None  # atomic units moved, once SETTLED
 
@@ -208,9 +208,12 @@ class Ledger(Protocol):
         With a ``budget``, in the same transaction: the payer's spend on this asset since
         ``budget.since`` (authorized amounts until settled, then what moved; released and
         failed payments count nothing) plus ``amount`` must stay within ``budget.limit``, else
-        :class:`BudgetExceeded` — so concurrent requests cannot overspend. ``budgets`` (the
-        economics controls' windows, ``paygate.economics``) are checked the same way, each
-        with its own ``since``; the exception names the one passed.
+        :class:`BudgetExceeded` — so concurrent requests cannot overspend. A payment counts
+        in the window it was last admitted (reserved, or re-reserved after a release) or
+        settled in, never by its record's creation: an authorization released yesterday and
+        served today counts today. ``budgets`` (the economics
+        controls' windows, ``paygate.economics``) are checked the same way, each with its own
+        ``since``; the exception names the one passed.
 
         A RELEASED record with that key is re-claimed instead (same id, attempts kept). Any
         other existing record raises :class:`AlreadyReserved` carrying it. An idempotency key
@@ -288,6 +291,20 @@ class Ledger(Protocol):
 
     async def by_idempotency_key(self, key: str) -> PaymentRecord | None: ...
 
+    async def forget_idempotency_key(
+        self,
+        key: str,
+        *,
+        payment_id: str,
+        ended: tuple[PaymentState, ...],
+        before: float,
+    ) -> bool:
+        """Free payment-identifier ``key`` from record ``payment_id`` (so that it may name a
+        new payment) when that record was RELEASED, or is in one of the ``ended`` states and
+        was last changed before ``before`` (unix seconds); in one statement, so a record that
+        moved on meanwhile keeps it. True when freed (paygate.x402.idempotency)."""
+        ...
+
     async def unfinished(self, *, limit: int = MAX_LIST_LIMIT) -> list[PaymentRecord]:
         """SERVED (settlement owed) and SETTLING (outcome unknown) records, oldest first."""
         ...
@@ -310,12 +327,80 @@ class Ledger(Protocol):
         this one, or None when none was left (nothing recorded)."""
         ...
 
+    async def signin_key(self) -> bytes:
+        """The secret that proves a sign-in-with-x nonce was issued by this deployment (made
+        once, kept in the store: every process and replica shares it)."""
+        ...
+
     async def earnings(self, *, since: float, by: str) -> list[Earnings]:
         """SETTLED payments created since ``since``, grouped ``by`` "model", "day" (UTC) or
         "payer", ordered by that key."""
         ...
 
+    async def by_nonce(self, nonce: str) -> list[PaymentRecord]:
+        """The records of an authorization nonce on any network (a receipt's payment id)."""
+        ...
+
+    async def add_receipt(
+        self,
+        payment_id: str,
+        kind: str,
+        token: str,
+        *,
+        usage: ReceiptUsage | None = None,
+        lease: int | None = None,
+    ) -> None:
+        """Keep a signed receipt of a payment (one per ``kind``: the first kept stays, so its
+        bytes never change). With ``usage``, a ``reply`` receipt also records the usage it
+        states on the payment, whatever the scheme, where none is recorded yet — fenced by
+        ``lease`` when given (a replica whose payment was claimed away changes no record)."""
+        ...
+
+    async def receipts(self, payment_id: str) -> list[StoredReceipt]:
+        """A payment's kept receipts, oldest first."""
+        ...
+
+    async def list_receipts(self, *, limit: int = 50) -> list[StoredReceipt]:
+        """Kept receipts, newest first, at most ``min(limit, MAX_LIST_LIMIT)``."""
+        ...
+
     async def close(self) -> None: ...
+
+
+RECEIPT_KINDS = ("reply", "settlement")
+MAX_RECEIPT_CHARS = 8 * 1024  # a token is about a kilobyte (enclave.receipts.MAX_TOKEN)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReceipt:
+    """A signed receipt as the ledger keeps it (the token, byte for byte)."""
+
+    payment_id: str
+    kind: str  # "reply" | "settlement"
+    token: str = field(repr=False)
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptUsage:
+    """The usage a reply receipt states, recorded on its payment (any scheme)."""
+
+    tokens_in: int
+    tokens_out: int
+    source: str  # the ledger's words: "upstream" (reported) or the metering fallback
+
+    def __post_init__(self) -> None:
+        check_amount(self.tokens_in)
+        check_amount(self.tokens_out)
+        if not isinstance(self.source, str) or not 0 < len(self.source) <= 32:
+            raise ValueError("usage source must be a short name")
+
+
+def check_receipt(kind: str, token: str) -> None:
+    if kind not in RECEIPT_KINDS:
+        raise ValueError(f"receipt kind must be one of {', '.join(RECEIPT_KINDS)}")
+    if not isinstance(token, str) or not 0 < len(token) <= MAX_RECEIPT_CHARS:
+        raise ValueError(f"a receipt token is 1-{MAX_RECEIPT_CHARS} characters")
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,7 +433,7 @@ class Meter:
 
     tokens_in: int
     tokens_out: int
-    source: str  # "upstream" | "fallback-max" | "fallback-estimate"
+    source: str  # how the usage was obtained: one of USAGE_SOURCES
     settle_amount: int  # atomic units, at most the authorized amount
 
     def __post_init__(self) -> None:
@@ -358,7 +443,16 @@ class Meter:
             raise ValueError(f"usage source must be one of {', '.join(USAGE_SOURCES)}")
 
 
-USAGE_SOURCES = ("upstream", "fallback-max", "fallback-estimate")
+# How a metered request's usage was obtained: the engine's final report, its running counts
+# (a stream cut short), its tokenizer on what was delivered, or the operator's fallback.
+USAGE_SOURCES = (
+    "upstream",
+    "running",
+    "tokenizer",
+    "fallback-prompt",
+    "fallback-max",
+    "fallback-estimate",
+)
 SCHEME_NAMES = ("exact", "upto")
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -50,18 +51,22 @@ from paygate.x402.ledger import (
     PaymentNotFound,
     PaymentRecord,
     PaymentState,
+    ReceiptUsage,
     SignInReused,
+    StoredReceipt,
     check_amount,
     check_error,
     check_fence,
     check_lease_seconds,
     check_limit,
     check_move,
+    check_receipt,
     check_replica,
     check_transaction,
     default_replica_id,
     normalise_address,
     normalise_key,
+    normalise_nonce,
     reservation,
 )
 
@@ -80,8 +85,9 @@ T = TypeVar("T")
 Conn = Any  # psycopg.AsyncConnection[dict[str, Any]]
 
 #: Same numbering as the SQLite ledger: v1 the first ledger, v2 leases and history, v3 metering
-#: and the free quota, v4 the economics controls and the console's tables, v5 the transparency log.
-SCHEMA_VERSION = 5
+#: and the free quota, v4 the economics controls and the console's tables, v5 the transparency log,
+#: v6 signed receipts, v7 budgets by when a payment counted and the sign-in key.
+SCHEMA_VERSION = 7
 _STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
 _MIGRATION_LOCK = 0x70617967  # pg_advisory_xact_lock key: one migrator at a time ("payg")
 
@@ -172,6 +178,27 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         " issued_at double precision NOT NULL, entry bigint, position bigint)",
         "CREATE INDEX tlog_receipts_open ON tlog_receipts (entry, seq)",
         "CREATE INDEX tlog_receipts_leaf ON tlog_receipts (leaf)",
+    ),
+    # Signed receipts (one per payment and kind), and payments found by their nonce.
+    6: (
+        """CREATE TABLE receipts (
+            payment_id text NOT NULL REFERENCES payments (id),
+            kind text NOT NULL CHECK (kind IN ('reply', 'settlement')),
+            token text NOT NULL,
+            created_at double precision NOT NULL,
+            seq bigserial NOT NULL,
+            PRIMARY KEY (payment_id, kind)
+        )""",
+        "CREATE INDEX receipts_created ON receipts (created_at)",
+        "CREATE INDEX payments_nonce ON payments (nonce)",
+    ),
+    # Budgets by when a payment last counted (admitted, re-admitted, settled); the sign-in
+    # nonce key. See ledger_sqlite's step 7.
+    7: (
+        "ALTER TABLE payments ADD COLUMN counted_at double precision",
+        "UPDATE payments SET counted_at = updated_at",
+        "CREATE INDEX payments_payer_counted ON payments (payer, counted_at)",
+        "CREATE TABLE signin_key (id integer PRIMARY KEY CHECK (id = 1), secret text NOT NULL)",
     ),
 }
 
@@ -371,6 +398,17 @@ class PostgresLedger:
             raise ValueError("nonce, day or limit out of range")
         return await self._run(self._take_free, checked, nonce, day, limit)
 
+    async def signin_key(self) -> bytes:
+        return await self._run(self._signin_key)
+
+    async def _signin_key(self, conn: Conn) -> bytes:
+        await conn.execute(
+            "INSERT INTO signin_key (id, secret) VALUES (1, %s) ON CONFLICT (id) DO NOTHING",
+            (secrets.token_hex(32),),
+        )
+        row = await (await conn.execute("SELECT secret FROM signin_key WHERE id = 1")).fetchone()
+        return bytes.fromhex(str(row["secret"]))
+
     async def earnings(self, *, since: float, by: str) -> builtins.list[Earnings]:
         if by not in _GROUPS:
             raise ValueError(f"by must be one of {', '.join(_GROUPS)}")
@@ -378,6 +416,69 @@ class PostgresLedger:
 
     async def mark_served(self, payment_id: str) -> PaymentRecord:
         return await self._run(self._mark_served, payment_id)
+
+    async def by_nonce(self, nonce: str) -> builtins.list[PaymentRecord]:
+        return await self._run(
+            self._many, "WHERE nonce = %s ORDER BY created_at LIMIT 10", (normalise_nonce(nonce),)
+        )
+
+    async def add_receipt(
+        self,
+        payment_id: str,
+        kind: str,
+        token: str,
+        *,
+        usage: ReceiptUsage | None = None,
+        lease: int | None = None,
+    ) -> None:
+        check_receipt(kind, token)
+        await self._run(self._add_receipt, payment_id, kind, token, usage, lease)
+
+    async def _add_receipt(
+        self,
+        conn: Conn,
+        payment_id: str,
+        kind: str,
+        token: str,
+        usage: ReceiptUsage | None,
+        lease: int | None,
+    ) -> None:
+        await self._must(conn, payment_id)
+        await conn.execute(
+            "INSERT INTO receipts (payment_id, kind, token, created_at) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (payment_id, kind) DO NOTHING",
+            (payment_id, kind, token, await self._now(conn)),
+        )
+        if usage is not None and kind == "reply":
+            await conn.execute(
+                "UPDATE payments SET tokens_in = %s, tokens_out = %s, usage_source = %s"
+                " WHERE id = %s AND tokens_in IS NULL AND (%s::bigint IS NULL OR lease = %s)",
+                (usage.tokens_in, usage.tokens_out, usage.source, payment_id, lease, lease),
+            )
+
+    async def receipts(self, payment_id: str) -> builtins.list[StoredReceipt]:
+        return await self._run(
+            self._receipts, "WHERE payment_id = %s ORDER BY created_at, kind", (payment_id,)
+        )
+
+    async def list_receipts(self, *, limit: int = 50) -> builtins.list[StoredReceipt]:
+        return await self._run(
+            self._receipts, "ORDER BY created_at DESC, seq DESC LIMIT %s", (check_limit(limit),)
+        )
+
+    async def _receipts(
+        self, conn: Conn, tail: str, params: tuple[Any, ...]
+    ) -> builtins.list[StoredReceipt]:
+        rows = await (
+            await conn.execute(
+                f"SELECT payment_id, kind, token, created_at FROM receipts {tail}",  # noqa: S608 - constant
+                params,
+            )
+        ).fetchall()
+        return [
+            StoredReceipt(r["payment_id"], r["kind"], r["token"], float(r["created_at"]))
+            for r in rows
+        ]
 
     async def get(self, payment_id: str) -> PaymentRecord | None:
         return await self._run(self._one, "WHERE id = %s", (payment_id,))
@@ -392,6 +493,37 @@ class PostgresLedger:
 
     async def by_idempotency_key(self, key: str) -> PaymentRecord | None:
         return await self._run(self._one, "WHERE idempotency_key = %s", (key,))
+
+    async def forget_idempotency_key(
+        self,
+        key: str,
+        *,
+        payment_id: str,
+        ended: tuple[PaymentState, ...],
+        before: float,
+    ) -> bool:
+        return await self._run(self._forget_idempotency_key, key, payment_id, ended, before)
+
+    async def _forget_idempotency_key(
+        self,
+        conn: Conn,
+        key: str,
+        payment_id: str,
+        ended: tuple[PaymentState, ...],
+        before: float,
+    ) -> bool:
+        cursor = await conn.execute(
+            "UPDATE payments SET idempotency_key = NULL WHERE id = %s AND idempotency_key = %s"
+            " AND (state = %s OR (state = ANY(%s) AND updated_at < %s))",
+            (
+                payment_id,
+                key,
+                PaymentState.RELEASED.value,
+                [state.value for state in ended],
+                before,
+            ),
+        )
+        return cursor.rowcount == 1
 
     async def unfinished(self, *, limit: int = MAX_LIST_LIMIT) -> builtins.list[PaymentRecord]:
         return await self._run(
@@ -623,7 +755,7 @@ class PostgresLedger:
             row = await (
                 await conn.execute(
                     "SELECT COALESCE(SUM(COALESCE(settled_amount, settle_amount, amount)), 0)"
-                    " AS spent FROM payments WHERE asset = %s AND payer = %s AND created_at >= %s"
+                    " AS spent FROM payments WHERE asset = %s AND payer = %s AND counted_at >= %s"
                     " AND state <> ALL(%s) AND NOT (network = %s AND nonce = %s)",
                     (key[1], key[2], budget.since, ["released", "failed"], key[0], key[3]),
                 )
@@ -636,9 +768,10 @@ class PostgresLedger:
             await conn.execute(
                 "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount,"  # noqa: S608 - constant columns
                 " x402_version, route, state, served, payload, requirements, idempotency_key,"
-                " attempts, created_at, updated_at, owner, lease, lease_until, scheme, model)"
+                " attempts, created_at, updated_at, owner, lease, lease_until, scheme, model,"
+                " counted_at)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s::numeric, %s, %s, 'reserved', false,"
-                " %s, %s, %s, 0, %s, %s, %s, 1, %s, %s, %s)"
+                " %s, %s, %s, 0, %s, %s, %s, 1, %s, %s, %s, %s)"
                 " ON CONFLICT (network, asset, payer, nonce) DO UPDATE SET"
                 " state = 'reserved', served = false, pay_to = excluded.pay_to,"
                 " amount = excluded.amount, x402_version = excluded.x402_version,"
@@ -648,6 +781,7 @@ class PostgresLedger:
                 " error = NULL, updated_at = excluded.updated_at, owner = excluded.owner,"
                 " scheme = excluded.scheme, model = excluded.model, tokens_in = NULL,"
                 " tokens_out = NULL, usage_source = NULL, settle_amount = NULL,"
+                " counted_at = excluded.counted_at,"
                 " lease = payments.lease + 1, lease_until = excluded.lease_until"
                 " WHERE payments.state = 'released'"
                 f" RETURNING {_COLUMNS}",
@@ -667,6 +801,7 @@ class PostgresLedger:
                     now + self.lease_seconds,
                     values["scheme"],
                     values["model"],
+                    now,
                 ),
             )
         ).fetchone()
@@ -712,7 +847,8 @@ class PostgresLedger:
                 " tokens_in = COALESCE(%s, tokens_in), tokens_out = COALESCE(%s, tokens_out),"
                 " usage_source = COALESCE(%s, usage_source),"
                 " settle_amount = COALESCE(%s::numeric, settle_amount),"
-                " settled_amount = COALESCE(%s::numeric, settled_amount)"
+                " settled_amount = COALESCE(%s::numeric, settled_amount),"
+                " counted_at = CASE WHEN %s THEN %s ELSE counted_at END"
                 f" WHERE id = %s AND state = %s AND lease = %s RETURNING {_COLUMNS}",
                 (
                     to.value,
@@ -728,6 +864,8 @@ class PostgresLedger:
                     m.source if m else None,
                     str(m.settle_amount) if m else None,
                     None if settled_amount is None else str(settled_amount),
+                    to is PaymentState.SETTLED,
+                    now,
                     current.id,
                     current.state.value,
                     current.lease,

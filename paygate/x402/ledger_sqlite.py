@@ -21,6 +21,7 @@ import asyncio
 import builtins
 import functools
 import os
+import secrets
 import sqlite3
 import time
 import uuid
@@ -53,18 +54,22 @@ from paygate.x402.ledger import (
     PaymentNotFound,
     PaymentRecord,
     PaymentState,
+    ReceiptUsage,
     SignInReused,
+    StoredReceipt,
     check_amount,
     check_error,
     check_fence,
     check_lease_seconds,
     check_limit,
     check_move,
+    check_receipt,
     check_replica,
     check_transaction,
     default_replica_id,
     normalise_address,
     normalise_key,
+    normalise_nonce,
     reservation,
 )
 
@@ -74,8 +79,9 @@ T = TypeVar("T")
 #: expiry) and the payment_events history. v3: metering (scheme, model, usage, amounts owed and
 #: moved) and the free quota's tables. v4: the economics controls and the console (token usage,
 #: limit events, alert claims, one-time console logins; paygate.economics, paygate.console).
-#: v5: the transparency log (paygate.tlog).
-SCHEMA_VERSION = 5
+#: v5: the transparency log (paygate.tlog). v6: signed receipts, payments by nonce.
+#: v7: budgets by when a payment counted, the sign-in key.
+SCHEMA_VERSION = 7
 _STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
 
 # MIGRATIONS[n] takes a ledger from schema n-1 to n. Append, never edit a released step.
@@ -173,6 +179,27 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         " entry INTEGER, position INTEGER)",
         "CREATE INDEX tlog_receipts_open ON tlog_receipts (entry, seq)",
         "CREATE INDEX tlog_receipts_leaf ON tlog_receipts (leaf)",
+    ),
+    # Signed receipts (one per payment and kind), and payments found by their nonce.
+    6: (
+        """CREATE TABLE receipts (
+            payment_id TEXT NOT NULL REFERENCES payments (id),
+            kind TEXT NOT NULL CHECK (kind IN ('reply', 'settlement')),
+            token TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (payment_id, kind)
+        )""",
+        "CREATE INDEX receipts_created ON receipts (created_at)",
+        "CREATE INDEX payments_nonce ON payments (nonce)",
+    ),
+    # Budgets count a payment by when it last counted (admitted, re-admitted after a release,
+    # settled), not by when its record was created; the key that proves a sign-in nonce was
+    # issued here (shared by every process on the ledger).
+    7: (
+        "ALTER TABLE payments ADD COLUMN counted_at REAL",
+        "UPDATE payments SET counted_at = updated_at",
+        "CREATE INDEX payments_payer_counted ON payments (payer, counted_at)",
+        "CREATE TABLE signin_key (id INTEGER PRIMARY KEY CHECK (id = 1), secret TEXT NOT NULL)",
     ),
 }
 
@@ -379,6 +406,34 @@ class SqliteLedger:
 
     async def by_idempotency_key(self, key: str) -> PaymentRecord | None:
         return await self._run(self._one, "WHERE idempotency_key = ?", (key,))
+
+    async def forget_idempotency_key(
+        self,
+        key: str,
+        *,
+        payment_id: str,
+        ended: tuple[PaymentState, ...],
+        before: float,
+    ) -> bool:
+        return await self._run(self._forget_idempotency_key, key, payment_id, ended, before)
+
+    def _forget_idempotency_key(
+        self, key: str, payment_id: str, ended: tuple[PaymentState, ...], before: float
+    ) -> bool:
+        states = ",".join("?" * len(ended)) or "NULL"
+        with self._write():
+            cursor = self._conn.execute(
+                "UPDATE payments SET idempotency_key = NULL WHERE id = ? AND idempotency_key = ?"  # noqa: S608 - placeholders only
+                f" AND (state = ? OR (state IN ({states}) AND updated_at < ?))",
+                (
+                    payment_id,
+                    key,
+                    PaymentState.RELEASED.value,
+                    *(state.value for state in ended),
+                    before,
+                ),
+            )
+            return cursor.rowcount == 1
 
     async def unfinished(self, *, limit: int = MAX_LIST_LIMIT) -> list[PaymentRecord]:
         marks = ", ".join("?" for _ in UNFINISHED_STATES)
@@ -587,8 +642,9 @@ class SqliteLedger:
                 self._conn.execute(
                     "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount,"
                     " x402_version, route, state, served, payload, requirements, idempotency_key,"
-                    " attempts, created_at, updated_at, owner, lease, lease_until, scheme, model)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?, ?, 1, ?, ?, ?)",
+                    " attempts, created_at, updated_at, owner, lease, lease_until, scheme, model,"
+                    " counted_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?, ?, 1, ?, ?, ?, ?)",
                     (
                         payment_id,
                         *key,
@@ -606,6 +662,7 @@ class SqliteLedger:
                         until,
                         values["scheme"],
                         values["model"],
+                        now,
                     ),
                 )
             elif existing.state is PaymentState.RELEASED:
@@ -617,7 +674,7 @@ class SqliteLedger:
                     " x402_version = ?, route = ?, payload = ?, requirements = ?,"
                     " idempotency_key = COALESCE(?, idempotency_key), error = NULL,"
                     " scheme = ?, model = ?, tokens_in = NULL, tokens_out = NULL,"
-                    " usage_source = NULL, settle_amount = NULL,"
+                    " usage_source = NULL, settle_amount = NULL, counted_at = ?,"
                     " updated_at = ?, owner = ?, lease = lease + 1, lease_until = ?"
                     " WHERE id = ? AND state = ?",
                     (
@@ -632,6 +689,7 @@ class SqliteLedger:
                         values["scheme"],
                         values["model"],
                         now,
+                        now,
                         self.replica,
                         until,
                         payment_id,
@@ -645,10 +703,11 @@ class SqliteLedger:
             return record
 
     def _spent(self, asset: str, payer: str, since: float) -> int:
-        """What ``payer`` has committed on ``asset`` since ``since`` (see ``reserve``)."""
+        """What ``payer`` has committed on ``asset`` since ``since``, by when each payment last
+        counted (admitted or settled; see ``reserve``)."""
         row = self._conn.execute(
             "SELECT COALESCE(SUM(CAST(COALESCE(settled_amount, settle_amount, amount) AS INTEGER)),"
-            " 0) FROM payments WHERE asset = ? AND payer = ? AND created_at >= ?"
+            " 0) FROM payments WHERE asset = ? AND payer = ? AND counted_at >= ?"
             " AND state NOT IN (?, ?)",
             (asset, payer, since, PaymentState.RELEASED.value, PaymentState.FAILED.value),
         ).fetchone()
@@ -680,6 +739,75 @@ class SqliteLedger:
                 (payer, day),
             )
             return limit - count - 1
+
+    async def by_nonce(self, nonce: str) -> builtins.list[PaymentRecord]:
+        return await self._run(
+            self._many, "WHERE nonce = ? ORDER BY created_at LIMIT 10", (normalise_nonce(nonce),)
+        )
+
+    async def add_receipt(
+        self,
+        payment_id: str,
+        kind: str,
+        token: str,
+        *,
+        usage: ReceiptUsage | None = None,
+        lease: int | None = None,
+    ) -> None:
+        check_receipt(kind, token)
+        await self._run(self._add_receipt, payment_id, kind, token, usage, lease)
+
+    def _add_receipt(
+        self,
+        payment_id: str,
+        kind: str,
+        token: str,
+        usage: ReceiptUsage | None,
+        lease: int | None,
+    ) -> None:
+        with self._write() as db:
+            self._must(payment_id)
+            db.execute(
+                "INSERT INTO receipts (payment_id, kind, token, created_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (payment_id, kind) DO NOTHING",
+                (payment_id, kind, token, self._clock()),
+            )
+            if usage is not None and kind == "reply":
+                db.execute(
+                    "UPDATE payments SET tokens_in = ?, tokens_out = ?, usage_source = ?"
+                    " WHERE id = ? AND tokens_in IS NULL AND (? IS NULL OR lease = ?)",
+                    (usage.tokens_in, usage.tokens_out, usage.source, payment_id, lease, lease),
+                )
+
+    async def receipts(self, payment_id: str) -> builtins.list[StoredReceipt]:
+        return await self._run(
+            self._receipts, "WHERE payment_id = ? ORDER BY created_at, kind", (payment_id,)
+        )
+
+    async def list_receipts(self, *, limit: int = 50) -> builtins.list[StoredReceipt]:
+        return await self._run(
+            self._receipts, "ORDER BY created_at DESC, rowid DESC LIMIT ?", (check_limit(limit),)
+        )
+
+    def _receipts(self, tail: str, params: tuple[Any, ...]) -> builtins.list[StoredReceipt]:
+        rows = self._conn.execute(
+            f"SELECT payment_id, kind, token, created_at FROM receipts {tail}",  # noqa: S608 - constant
+            params,
+        ).fetchall()
+        return [StoredReceipt(r[0], r[1], r[2], float(r[3])) for r in rows]
+
+    async def signin_key(self) -> bytes:
+        return await self._run(self._signin_key)
+
+    def _signin_key(self) -> bytes:
+        with self._write() as db:
+            row = db.execute("SELECT secret FROM signin_key WHERE id = 1").fetchone()
+            if row is None:
+                secret = secrets.token_hex(32)
+                db.execute("INSERT INTO signin_key (id, secret) VALUES (1, ?)", (secret,))
+            else:
+                secret = str(row[0])
+        return bytes.fromhex(secret)
 
     async def earnings(self, *, since: float, by: str) -> builtins.list[Earnings]:
         if by not in _GROUPS:
@@ -726,7 +854,8 @@ class SqliteLedger:
                 " tokens_in = COALESCE(?, tokens_in), tokens_out = COALESCE(?, tokens_out),"
                 " usage_source = COALESCE(?, usage_source),"
                 " settle_amount = COALESCE(?, settle_amount),"
-                " settled_amount = COALESCE(?, settled_amount)"
+                " settled_amount = COALESCE(?, settled_amount),"
+                " counted_at = CASE WHEN ? THEN ? ELSE counted_at END"
                 " WHERE id = ? AND state = ? AND lease = ?",
                 (
                     to.value,
@@ -742,6 +871,8 @@ class SqliteLedger:
                     m.source if m else None,
                     str(m.settle_amount) if m else None,
                     None if settled_amount is None else str(settled_amount),
+                    to is PaymentState.SETTLED,
+                    now,
                     current.id,
                     current.state.value,
                     current.lease,

@@ -61,10 +61,11 @@ def token_charge(
     maximum: int,
 ) -> int:
     """A metered (upto) request's charge in atomic units: min(max(usage x price, minimum),
-    maximum), rounded half up; nothing when nothing was generated. Prices are whole tokens
-    per million tokens. Shared by the gateway (what it settles) and the client (what it
+    maximum), rounded half up; the prompt is charged even when no output was generated (it
+    cost model time), nothing when nothing was read or written. Prices are whole tokens per
+    million tokens. Shared by the gateway (what it settles) and the client (what it
     checks its receipt against)."""
-    if tokens_out <= 0:
+    if tokens_in <= 0 and tokens_out <= 0:
         return 0
     cost = max((input_price * tokens_in + output_price * tokens_out) / MILLION, minimum)
     atomic = int(cost.scaleb(decimals).quantize(Decimal(1), rounding=ROUND_HALF_UP))
@@ -75,8 +76,12 @@ def prompt_token_bound(body_bytes: int, messages: object) -> int:
     """An upper bound on a request's prompt tokens: byte-level BPE tokens are at least one
     byte each, plus a chat-template allowance. Shared by the gateway (an upto maximum) and the
     client (which holds an offered maximum against the attested prices)."""
-    count = len(messages) if isinstance(messages, list) else 1
-    return body_bytes + TEMPLATE_TOKENS + TEMPLATE_TOKENS_PER_MESSAGE * count
+    # ``messages``: the body's messages (a list) or their count; at least one is allowed for.
+    if isinstance(messages, int) and not isinstance(messages, bool):
+        count = messages
+    else:
+        count = len(messages) if isinstance(messages, list) else 1
+    return body_bytes + TEMPLATE_TOKENS + TEMPLATE_TOKENS_PER_MESSAGE * max(count, 1)
 
 
 def model_of(body: bytes, *, limit: int = 4 * 1024 * 1024) -> str | None:

@@ -33,7 +33,9 @@ import contextlib
 import json
 import logging
 import re
+import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any, Protocol
@@ -41,6 +43,7 @@ from urllib.parse import urlsplit
 
 from paygate import wire
 from paygate.x402 import codec, siwx
+from paygate.x402.idempotency import DEFAULT_TTL_SECONDS, PaymentIdentifiers, fingerprint
 from paygate.x402.ledger import (
     TRANSITIONS,
     AlreadyReserved,
@@ -54,6 +57,7 @@ from paygate.x402.ledger import (
     Meter,
     PaymentRecord,
     PaymentState,
+    ReceiptUsage,
     SignInReused,
     review_error,
 )
@@ -149,6 +153,7 @@ class NoEvents:
 
 
 _CODE = re.compile(r"[a-z0-9_]{1,64}")
+MAX_FREE_ADDRESSES = 100_000  # address keys whose free requests today are counted
 _SCHEMES = frozenset({"exact", "upto"})
 
 
@@ -183,12 +188,14 @@ class PaymentProcessor:
         payer_check: PayerCheck | None = None,
         daily_budget: Decimal | None = None,
         free_per_day: int = 0,
+        free_per_address: int | None = None,
         skew_seconds: int = 5,
         min_remaining_seconds: float = 0.0,
         retry_after_seconds: int = 1,
         clock: Callable[[], float] = time.time,
         events: PaymentEvents | None = None,
         economics: EconomicsCheck | None = None,
+        payment_identifier_ttl: float = DEFAULT_TTL_SECONDS,
     ) -> None:
         self.terms = terms
         self.economics = economics
@@ -201,6 +208,12 @@ class PaymentProcessor:
         self._payer_check = payer_check
         self._daily_budget = daily_budget
         self._free_per_day = free_per_day
+        # Free requests per client address key and UTC day (in memory, per process, bounded):
+        # fresh wallets from one host share the host's allowance.
+        self._free_per_address = free_per_address if free_per_address else free_per_day
+        self._free_by_address: OrderedDict[tuple[str, str], int] = OrderedDict()
+        # Proves a sign-in nonce was issued here (the ledger's, from load_signin_key).
+        self._signin_key: bytes | None = None
         self._skew = skew_seconds
         self._min_remaining = min_remaining_seconds
         self._retry_after = str(retry_after_seconds)
@@ -208,12 +221,35 @@ class PaymentProcessor:
         self._background: set[asyncio.Task[Any]] = set()
         # Payments this process works on right now: id -> the lease epoch it holds.
         self._held: dict[str, int] = {}
+        self._identifiers = PaymentIdentifiers(
+            ledger,
+            receipt=lambda record: Receipt(record.x402_version, _record_receipt(record)),
+            settles=settlement.settles_owed,
+            ttl=payment_identifier_ttl,
+            retry_after=self._retry_after,
+            clock=clock,
+        )
+
+    async def load_signin_key(self) -> None:
+        """At start, with a free quota: the deployment's sign-in key, from the ledger."""
+        if self._free_per_day > 0:
+            self._signin_key = await self._ledger.signin_key()
+
+    @property
+    def signin_key(self) -> bytes:
+        if self._signin_key is None:  # not loaded (a processor built without a start)
+            self._signin_key = secrets.token_bytes(32)
+        return self._signin_key
 
     # --- admission ---
 
     @property
     def schemes(self) -> tuple[str, ...]:
         return tuple(self._schemes)
+
+    @property
+    def ledger(self) -> Ledger:
+        return self._ledger
 
     def decimals(self, network: str) -> int:
         """The decimals of the asset accepted on ``network`` (CAIP-2)."""
@@ -250,8 +286,13 @@ class PaymentProcessor:
         model: str | None = None,
         upto_extra: tuple[tuple[str, str], ...] = (),
         request_model: str | None = None,
+        items: tuple[tuple[str, str | None], ...] = (),
+        client: str = "",
     ) -> Admission | Refusal:
-        """:meth:`_admit`, reported to the events (outcome and scheme, never caller data)."""
+        """:meth:`_admit`, reported to the events (outcome and scheme, never caller data).
+
+        ``items``: a batch's items as (route, model), each taking its own payer rate-limit
+        token as the single request would; a free sign-in covers one item, not a batch."""
         result = await self._admit(
             headers,
             price=price,
@@ -261,6 +302,8 @@ class PaymentProcessor:
             model=model,
             upto_extra=upto_extra,
             request_model=request_model,
+            items=items,
+            client=client,
         )
         if isinstance(result, Admission):
             outcome, scheme = "admitted", result.scheme.name if result.paid else "none"
@@ -280,6 +323,8 @@ class PaymentProcessor:
         model: str | None = None,
         upto_extra: tuple[tuple[str, str], ...] = (),
         request_model: str | None = None,
+        items: tuple[tuple[str, str | None], ...] = (),
+        client: str = "",
     ) -> Admission | Refusal:
         """Admit a request at ``price`` (exact) or up to ``maximum`` (upto), or refuse it; a
         request with nothing to offer is free and needs no payment."""
@@ -290,7 +335,14 @@ class PaymentProcessor:
         if raw is None:
             signin = headers.get(wire.SIGN_IN_WITH_X)
             if signin is not None and self._free_per_day > 0:
-                return await self._free(signin, price, offers, resource, route, model)
+                if len(items) > 1:
+                    return self.challenge(
+                        402, "free_quota_one_item", "a free request covers one item: pay for a "
+                        "batch", offers, resource,
+                    )  # fmt: skip
+                return await self._free(
+                    signin, price, offers, resource, route, model, items, client
+                )
             return self.challenge(402, "payment_required", "payment required", offers, resource)
         try:
             payment = codec.decode_payment(raw, header=header)
@@ -319,12 +371,15 @@ class PaymentProcessor:
             )
         except PaymentRejected as exc:
             return self.challenge(402, exc.reason, str(exc), offers, resource)
-        if self._payer_check is not None:
-            limited = self._payer_check(route, model, authorized.payer)
-            if limited is not None:  # before the reservation: the authorization stays usable
-                return Refusal(
-                    429, "rate_limited", "too many requests from this payer", headers=limited
-                )
+        wanted = _fingerprint(route, offer, authorized) if key is not None else ""
+        if key is not None:
+            # A retry (same identifier): its recorded outcome, never a second charge.
+            known = await self._identified(key, wanted)
+            if known is not None:
+                return known
+        limited = self._payer_limited(route, model, items, authorized.payer)
+        if limited is not None:  # before the reservation: the authorization stays usable
+            return limited
         budgets: tuple[Budget, ...] = ()
         if self.economics is not None:
             verdict = await self.economics.admit(
@@ -356,7 +411,9 @@ class PaymentProcessor:
                 headers={"Retry-After": str(_seconds_to_utc_midnight(self._clock()))},
             )
         except IdempotencyKeyReused:
-            return Refusal(
+            assert key is not None
+            known = await self._identified(key, wanted)  # a concurrent retry took it first
+            return known or Refusal(
                 409,
                 "idempotency_key_reused",
                 "this payment-identifier belongs to another payment",
@@ -376,6 +433,12 @@ class PaymentProcessor:
         )
         return await self._verify(admission, offers, resource)
 
+    async def _identified(self, key: str, wanted: str) -> Refusal | None:
+        try:
+            return await self._identifiers.outcome(key, wanted)
+        except LedgerUnavailable:
+            return self.unavailable("ledger_unavailable", "the payment ledger is unavailable")
+
     async def _free(
         self,
         signin: str,
@@ -384,8 +447,11 @@ class PaymentProcessor:
         resource: ResourceInfo,
         route: str,
         model: str | None,
+        items: tuple[tuple[str, str | None], ...] = (),
+        client: str = "",
     ) -> Admission | Refusal:
-        """One of the wallet's free requests today, proven with sign-in-with-x, or a 402."""
+        """One of the wallet's free requests today, proven with sign-in-with-x, or a 402;
+        the caller's address (key) has its own daily allowance, whatever the wallet."""
         now = self._clock()
         parts = urlsplit(resource.url)
         try:
@@ -395,16 +461,22 @@ class PaymentProcessor:
                 origin=f"{parts.scheme}://{parts.netloc}",
                 networks=[a.network.caip2 for a in self.terms.accepted],
                 now=now,
+                key=self.signin_key,
             )
         except siwx.SiwxRejected as exc:
             return self.challenge(402, exc.reason, str(exc), offers, resource)
-        if self._payer_check is not None:
-            limited = self._payer_check(route, model, payer)
-            if limited is not None:
-                return Refusal(
-                    429, "rate_limited", "too many requests from this payer", headers=limited
-                )
+        limited = self._payer_limited(route, model, items, payer)
+        if limited is not None:
+            return limited
         day = time.strftime("%Y-%m-%d", time.gmtime(now))
+        if not self._take_free_address(client, day):
+            return self.challenge(
+                402,
+                "free_quota_exhausted",
+                "today's free requests from this address are used: pay",
+                offers,
+                resource,
+            )
         try:
             left = await self._ledger.take_free(
                 payer=payer, nonce=proof.nonce, day=day, limit=self._free_per_day
@@ -420,6 +492,34 @@ class PaymentProcessor:
                 402, "free_quota_exhausted", "today's free requests are used: pay", offers, resource
             )
         return Admission(price=price, free_remaining=left)
+
+    def _take_free_address(self, client: str, day: str) -> bool:
+        """One of ``client``'s free requests today (False: none left)."""
+        key = (client, day)
+        used = self._free_by_address.pop(key, 0)
+        self._free_by_address[key] = used + (used < self._free_per_address)
+        while len(self._free_by_address) > MAX_FREE_ADDRESSES:
+            self._free_by_address.popitem(last=False)
+        return used < self._free_per_address
+
+    def _payer_limited(
+        self,
+        route: str,
+        model: str | None,
+        items: tuple[tuple[str, str | None], ...],
+        payer: str,
+    ) -> Refusal | None:
+        """The payer's rate limits: one token for the request (its model's limit first, every
+        scheme), one more per batch item on the item's route; the 429 when one is refused."""
+        if self._payer_check is None:
+            return None
+        for item_route, item_model in ((route, model), *items):
+            limited = self._payer_check(item_route, item_model, payer)
+            if limited is not None:
+                return Refusal(
+                    429, "rate_limited", "too many requests from this payer", headers=limited
+                )
+        return None
 
     async def _reserve(
         self,
@@ -858,6 +958,26 @@ class PaymentProcessor:
         except LedgerError as exc:
             log.warning("payment %s: cannot mark served: %s", record.id, exc.code)
 
+    async def keep_receipt(
+        self, record: PaymentRecord, token: str, usage: Mapping[str, Any] | None
+    ) -> None:
+        """Keep a paid reply's signed receipt in the ledger with the usage it states (every
+        scheme). A failing ledger loses only this copy: the caller holds the receipt."""
+        stated = None
+        if usage is not None:
+            source = str(usage.get("source") or "reported")
+            stated = ReceiptUsage(
+                int(usage["prompt_tokens"]),
+                int(usage["completion_tokens"]),
+                "upstream" if source == "reported" else source,
+            )
+        try:
+            await self._ledger.add_receipt(
+                record.id, "reply", token, usage=stated, lease=record.lease
+            )
+        except (LedgerError, ValueError) as exc:
+            log.warning("payment %s: cannot keep its receipt: %s", record.id, type(exc).__name__)
+
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
@@ -889,6 +1009,7 @@ class PaymentProcessor:
                     networks=[a.network.caip2 for a in self.terms.accepted],
                     now=self._clock(),
                     statement="Sign in for today's free requests",
+                    key=self.signin_key,
                 )
             }
         return Refusal(
@@ -907,6 +1028,19 @@ class PaymentProcessor:
 
     def unavailable(self, code: str, message: str) -> Refusal:
         return Refusal(503, code, message, headers={"Retry-After": self._retry_after})
+
+
+def _fingerprint(route: str, offer: Offer, authorized: Authorized) -> str:
+    """What this payment buys and who buys it (paygate.x402.idempotency)."""
+    return fingerprint(
+        route=route,
+        payer=authorized.payer,
+        network=offer.network.caip2,
+        asset=offer.asset.address,
+        pay_to=offer.pay_to,
+        amount=authorized.maximum if offer.scheme != SCHEME else offer.amount,
+        scheme=offer.scheme,
+    )
 
 
 def _seconds_to_utc_midnight(now: float) -> int:

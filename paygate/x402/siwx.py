@@ -8,12 +8,20 @@ and the signature base64-JSON-encoded in the ``SIGN-IN-WITH-X`` header (the offi
 2.25's shape). We check the domain and URI origin, the times (issued within ``max_age``, not
 expired, not before its ``notBefore``), the chain, and that the signature recovers the
 address; the nonce's single use is the ledger's business. Contract wallets are not verified.
+
+Only nonces this deployment issued are taken (CAIP-122 leaves the nonce to the relying party):
+a nonce is the time it was issued, a random part and a MAC of both under the deployment's
+sign-in key (kept in the ledger, shared by every process), so it is checked without storing
+one row per 402 (an unpaid flood must not become database writes); it expires with the
+sign-in's ``MAX_AGE_SECONDS``, and its single use is recorded when it is spent.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 import re
 import secrets
@@ -75,8 +83,28 @@ class SiwxProof(X402Model):
     signature: str = Field(max_length=2 + 2 * 65)
 
 
-def new_nonce() -> str:
-    return secrets.token_hex(16)
+_MAC_HEX = 32  # hex characters of the nonce's MAC (128 bits)
+
+
+def new_nonce(key: bytes, now: float) -> str:
+    """A nonce issued now under ``key``: ``<issued, hex><random, 16 hex><mac, 32 hex>``."""
+    body = f"{int(now):x}{secrets.token_hex(8)}"
+    return body + _mac(key, body)
+
+
+def issued_at(key: bytes, nonce: str) -> float | None:
+    """When ``nonce`` was issued under ``key``, or None when this key did not issue it."""
+    body, mac = nonce[:-_MAC_HEX], nonce[-_MAC_HEX:]
+    if len(body) <= 16 or not hmac.compare_digest(mac, _mac(key, body)):
+        return None
+    try:
+        return float(int(body[:-16], 16))
+    except ValueError:
+        return None
+
+
+def _mac(key: bytes, body: str) -> str:
+    return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()[:_MAC_HEX]
 
 
 def stamp(moment: float) -> str:
@@ -85,16 +113,17 @@ def stamp(moment: float) -> str:
 
 
 def declaration(
-    *, domain: str, uri: str, networks: list[str], now: float, statement: str
+    *, domain: str, uri: str, networks: list[str], now: float, statement: str, key: bytes
 ) -> dict[str, Any]:
-    """``extensions["sign-in-with-x"]`` of a 402 (fresh nonce, valid MAX_AGE_SECONDS)."""
+    """``extensions["sign-in-with-x"]`` of a 402 (a nonce issued now under ``key``, valid
+    MAX_AGE_SECONDS)."""
     return {
         "info": {
             "domain": domain,
             "uri": uri,
             "statement": statement,
             "version": "1",
-            "nonce": new_nonce(),
+            "nonce": new_nonce(key, now),
             "issuedAt": stamp(now),
             "expirationTime": stamp(now + MAX_AGE_SECONDS),
             "resources": [uri],
@@ -161,9 +190,11 @@ def verify(
     origin: str,
     networks: list[str],
     now: float,
+    key: bytes,
     max_age: int = MAX_AGE_SECONDS,
 ) -> str:
-    """The wallet the proof signs in (checksummed), or SiwxRejected with the reason."""
+    """The wallet the proof signs in (checksummed), or SiwxRejected with the reason; its
+    nonce must be one issued under ``key`` within ``max_age``."""
     parts = urlsplit(origin)
     if proof.domain != parts.netloc:
         raise SiwxRejected("invalid_siwx_domain_mismatch", "the sign-in names another domain")
@@ -174,6 +205,11 @@ def verify(
         raise SiwxRejected("invalid_siwx_unsupported_chain", "the sign-in's chain is not offered")
     if not _NONCE.match(proof.nonce):
         raise SiwxRejected("invalid_siwx_nonce", "the sign-in's nonce is malformed")
+    issued_nonce = issued_at(key, proof.nonce)
+    if issued_nonce is None:
+        raise SiwxRejected("invalid_siwx_nonce", "the sign-in's nonce was not issued here")
+    if not now - max_age <= issued_nonce <= now + 60:
+        raise SiwxRejected("invalid_siwx_nonce", "the sign-in's nonce has expired")
     issued = _time(proof.issued_at, "invalid_siwx_issued_at")
     if issued > now + 60:
         raise SiwxRejected("invalid_siwx_issued_at_in_future", "the sign-in is from the future")

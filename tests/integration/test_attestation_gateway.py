@@ -312,8 +312,9 @@ def test_bad_attestation_requests_get_stable_codes(stack: Stack) -> None:
 def test_signed_receipts_on_whole_and_streamed_replies(
     stack: Stack, ek_ca: EkCa, payer: Any, seller: str
 ) -> None:
-    """v2 whole (header), v2 SSE stream (inside the final frame), v1 (header over the blob),
-    v2 NDJSON (the done object): each receipt verifies under the attested key."""
+    """v2 whole and v1 (the header, sealed to the caller), v2 SSE stream (inside the final
+    frame), v2 NDJSON (the done object): each receipt verifies under the attested key and
+    names this payment."""
     for envelope in ("v2", "v1"):
         transport = PaygateTransport(
             envelope=envelope, wallet=payer, spend=SPEND, attestation=_policy(ek_ca, seller)
@@ -327,8 +328,13 @@ def test_signed_receipts_on_whole_and_streamed_replies(
         assert claims["usage"]["completion_tokens"] > 0  # as the model server stated it
         payment = claims["payment"]
         assert payment["payer"] == payer.address
-        assert payment["amount"] == str(PRICE_ATOMIC)
+        assert payment["pay_to"] == seller
+        assert payment["scheme"] == "exact"
+        assert payment["authorized"] == payment["charged"] == str(PRICE_ATOMIC)
+        assert transport.last_payment is not None
+        assert payment["id"] == transport.last_payment.nonce.lower()  # the authorization signed
         assert payment["transaction"].startswith("0x")
+        assert claims["usage"]["source"] == "reported"
         if envelope == "v2":
             chunks = client.chat.completions.create(
                 model=MODEL,

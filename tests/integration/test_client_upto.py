@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from paygate.client import PaygateTransport, SpendPolicy, SpendRefused
+from paygate.client import AttestationPolicy, PaygateTransport, SpendPolicy, SpendRefused
 from tests.fixtures.chain import PAYER_FUNDS
 from tests.integration.gateway_support import Stack, ThreadedStack
 from tests.integration.payment_support import paid_settings
@@ -110,3 +110,47 @@ def test_the_authorized_maximum_counts_against_the_total_until_the_receipt(
     # Settled for far less than its maximum, so the next one fits again.
     client.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
     assert usdc.balance_of(seller) == 2 * charge(2, 4)
+
+
+def test_the_verified_receipt_equals_the_chain_and_the_model_servers_usage(
+    stack: Stack, usdc: Any, upto_payer: Any, seller: str
+) -> None:
+    """Attested (the policy accepts this software key's kind ``none``), sealed and metered:
+    the signed receipt the client verified names exactly what moved on chain and the usage the
+    model server reported."""
+    transport = PaygateTransport(
+        wallet=upto_payer, spend=SPEND, attestation=AttestationPolicy(allow_unattested=True)
+    )
+    for stream in (False, True):
+        before = usdc.balance_of(seller)
+        completion = _openai(stack, transport).chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=stream,
+            **({"stream_options": {"include_usage": True}} if stream else {}),
+        )
+        if stream:
+            usage = [c.usage for c in completion if c.usage is not None][-1]  # type: ignore[union-attr]
+        else:
+            usage = completion.usage  # type: ignore[union-attr]
+        claims = transport.last_signed_receipt
+        assert claims is not None
+        assert usage is not None
+        payment = claims["payment"]
+        record = transport.last_payment
+        assert record is not None
+        assert payment["scheme"] == "upto"
+        assert payment["id"] == record.nonce.lower()
+        assert int(payment["authorized"]) == record.amount_atomic
+        # The model server's own count, and the charge it makes at the offered prices.
+        assert claims["usage"]["prompt_tokens"] == usage.prompt_tokens
+        assert claims["usage"]["completion_tokens"] == usage.completion_tokens
+        assert claims["usage"]["source"] == "reported"
+        assert int(payment["charged"]) == charge(usage.prompt_tokens, usage.completion_tokens)
+        # The chain's settlement: the transaction moved that amount from the payer to payTo.
+        mined = usdc.chain.wait_for_receipt(payment["transaction"])
+        (moved,) = usdc.chain.token().events.Transfer().process_receipt(mined)
+        assert moved["args"]["from"] == payment["payer"] == upto_payer.address
+        assert moved["args"]["to"] == payment["pay_to"] == seller
+        assert moved["args"]["value"] == int(payment["charged"])
+        assert usdc.balance_of(seller) - before == int(payment["charged"])

@@ -85,11 +85,20 @@ async def test_deep_json_and_huge_integers_are_400_and_no_rpc_key_is_logged(
             url = f"http://127.0.0.1:{port}"
             await _wait_live(url, proc)
             for body in (DEEP, HUGE):
+                # With a payment, the model-priced body is judged first: the caller's 400.
                 async with s.client.post(
-                    url + CHAT, data=body, headers={"Content-Type": "application/json"}
+                    url + CHAT,
+                    data=body,
+                    headers={"Content-Type": "application/json", wire.PAYMENT_SIGNATURE: "e30="},
                 ) as response:
                     assert response.status == 400
                     assert response.headers[wire.ERROR_HEADER] == "invalid_json"
+                    assert b"999" not in await response.read()
+                # Without one it is a probe: the 402 comes before the body is judged.
+                async with s.client.post(
+                    url + CHAT, data=body, headers={"Content-Type": "application/json"}
+                ) as response:
+                    assert response.status == 402
                     assert b"999" not in await response.read()
             # Still serving, and paying works: a settled receipt from the chain.
             gateway = _Gateway(url, s.client)

@@ -604,11 +604,12 @@ async def test_payment_identifier_is_an_idempotency_key(facilitator, usdc, payer
         assert "payment-identifier" in json.loads(body)["error"]
         status, _, _ = await post(stack, _with_payment_id(first, key))
         assert status == 200
-        # The same key on another authorization is a client bug, not a second purchase.
+        # The same key on another authorization for the same purchase is a retry: answered
+        # with the recorded outcome (paygate.x402.idempotency), not a second purchase.
         second = await v2_header(stack, payer)
         status, headers, _ = await post(stack, _with_payment_id(second, key))
         assert status == 409
-        assert headers["X-Paygate-Error"] == "idempotency_key_reused"
+        assert headers["X-Paygate-Error"] == "payment_already_served"
         # A malformed key is the caller's error, with the reason.
         status, _, body = await post(stack, _with_payment_id(second, "short"))
         assert status == 400

@@ -94,3 +94,78 @@ async def test_another_payer_has_its_own_budget_and_bucket(
     assert [status for status, _, _ in first] == [200, 200]
     assert again[0] == 429
     assert usdc.balance_of(seller) == 2 * PRICE_ATOMIC
+
+
+async def test_a_model_limit_applies_to_exact_payments_too(
+    facilitator, usdc, payer, seller, ledger
+):
+    limits = {"model:fake-llama": {"per_payer": 60, "burst": 1}}
+    async with paid_stack(
+        seller=seller, facilitator_url=facilitator.url, ledger=ledger, rate_limits=limits
+    ) as stack:
+        first = await post(stack, await v2_header(stack, payer))
+        second = await post(stack, await v2_header(stack, payer))
+    assert first[0] == 200
+    assert (second[0], second[1]["X-Paygate-Error"]) == (429, "rate_limited")
+    assert usdc.balance_of(seller) == PRICE_ATOMIC
+
+
+async def test_released_authorizations_do_not_overspend_across_midnight(
+    facilitator, usdc, payer, seller, tmp_path
+):
+    import time
+
+    import aiohttp
+
+    from paygate.config import load_settings
+    from paygate.server.assembly import x402_payments
+    from paygate.x402.facilitator import FacilitatorSettler
+    from paygate.x402.ledger_sqlite import SqliteLedger
+    from tests.fixtures.chain import encode_header, sign_v2_payment
+    from tests.integration.payment_support import CHAT_BODY, challenge_of, paid_settings
+
+    day = 86_400
+    real = time.time()
+    # The gateway's clock (processor and ledger alike): one minute before a UTC midnight.
+    offset = [(real - real % day + day - 60) - real]
+
+    def clock() -> float:
+        return time.time() + offset[0]
+
+    values = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / "payments.db",
+        payer_daily_budget="0.0035",  # three and a half requests at 0.001
+        max_timeout_seconds=3 * day,  # authorizations that outlive the night
+    )
+    settings = load_settings(None, **values)
+    ledger = await SqliteLedger.open(tmp_path / "payments.db", clock=clock)
+    async with aiohttp.ClientSession() as session:
+        settler = FacilitatorSettler(session, facilitator.url, timeout=2.0, settle_timeout=5.0)
+        payments = x402_payments(settings, ledger=ledger, settler=settler, clock=clock)
+        failing = {**CHAT_BODY, "model": "fake-error-500"}
+        async with paid_stack(
+            seller=seller,
+            facilitator_url=facilitator.url,
+            ledger=tmp_path / "payments.db",
+            payments=payments,
+        ) as stack:
+            headers = []
+            for _ in range(4):  # yesterday: four authorizations, each released (upstream 500)
+                required = await challenge_of(stack, body=failing)
+                header = encode_header(
+                    sign_v2_payment(
+                        payer, required["accepts"][0], resource=required["resource"]["url"]
+                    )
+                )
+                status, _, _ = await post(stack, header, json=failing)
+                assert status == 500
+                headers.append(header)
+            offset[0] += 120  # past midnight: a new budget day
+            answers = [await post(stack, header) for header in headers]
+        await ledger.close()
+    statuses = [status for status, _, _ in answers]
+    assert statuses == [200, 200, 200, 429]  # today's budget, however old the records
+    assert answers[3][1]["X-Paygate-Error"] == "budget_exceeded"
+    assert usdc.balance_of(seller) == 3 * PRICE_ATOMIC

@@ -173,23 +173,35 @@ async def test_ollama_generate_is_metered_from_eval_counts(
     assert usdc.balance_of(seller) == charge(2, 3)
 
 
-async def test_a_zero_token_reply_settles_nothing(facilitator, usdc, upto_payer, seller, ledger):
-    body = {**CHAT_BODY, "max_tokens": 0}
+async def test_max_tokens_zero_is_no_limit_to_ollama_so_it_is_priced_at_the_cap(
+    facilitator, usdc, upto_payer, seller, ledger
+):
+    # Ollama runs a num_predict of 0 without limit: pricing it as zero output would sell
+    # unbounded model time for the price of the prompt.
+    body = {**CHAT_BODY, "max_tokens": 0, "fake": {"chunks": 10_000}}
+    async with stack_for(facilitator, seller, ledger) as stack:
+        header, payment = await upto_header(stack, upto_payer, body)
+        status, _, raw = await post(stack, header, json=body)
+        (forwarded,) = [r for r in stack.fake.received if r.path == CHAT]
+    assert status == 200, raw
+    assert json.loads(forwarded.body)["max_tokens"] == CAP
+    assert json.loads(raw)["usage"]["completion_tokens"] == CAP
+    maximum = int(payment["payload"]["permit2Authorization"]["permitted"]["amount"])
+    assert usdc.balance_of(seller) == charge(1, CAP) <= maximum
+
+
+async def test_a_spent_upto_authorization_is_refused_in_its_own_scheme_s_words(
+    facilitator, usdc, upto_payer, seller, ledger
+):
+    body = {**CHAT_BODY, "max_tokens": 4}
     async with stack_for(facilitator, seller, ledger) as stack:
         header, _ = await upto_header(stack, upto_payer, body)
-        status, headers, raw = await post(stack, header, json=body)
+        status, _, raw = await post(stack, header, json=body)
         assert status == 200, raw
-    receipt = receipt_header(headers)
-    assert receipt["success"] is True
-    assert receipt["amount"] == "0"
-    assert receipt["transaction"] == ""
-    assert usdc.balance_of(seller) == 0
-    assert facilitator.stats.settle_calls == 0
-    (record,) = await records(ledger)
-    assert record.state is PaymentState.SETTLED
-    assert record.settled_amount == 0
-    # The authorization is spent for this gateway all the same: a replay is refused, in the
-    # words of its own scheme (not exact's EIP-3009 code).
+    paid = usdc.balance_of(seller)
+    assert paid > 0
+    # The authorization is spent for this gateway: a replay is refused in the words of its
+    # own scheme (not exact's EIP-3009 code), with the original receipt, and nothing moves.
     async with stack_for(facilitator, seller, ledger) as stack:
         status, headers, raw = await post(stack, header, json=body)
     assert status == 402
@@ -197,7 +209,8 @@ async def test_a_zero_token_reply_settles_nothing(facilitator, usdc, upto_payer,
     assert decoded(headers[wire.PAYMENT_REQUIRED])["error"] == (
         "invalid_upto_evm_nonce_already_used"
     )
-    assert receipt_header(headers)["amount"] == "0"  # the original receipt comes along
+    assert receipt_header(headers)["amount"] == str(paid)
+    assert usdc.balance_of(seller) == paid
 
 
 async def test_without_max_tokens_a_model_that_never_stops_is_cut_at_the_cap(

@@ -443,7 +443,7 @@ async def test_log_cli_and_receipts_audit(tmp_path: Path) -> None:
         tokens = []
         for _ in range(3):
             response = await chat(stack.url, policy())
-            tokens.append(response.headers["X-Paygate-Receipt"])
+            tokens.append(response.extensions["paygate_receipt"].token)  # opened and verified
         pending = await asyncio.to_thread(
             cli, "receipts", "audit", stack.url, tokens[0], "--log-key", vkey
         )

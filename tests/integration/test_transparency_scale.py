@@ -117,7 +117,7 @@ async def test_three_replicas_share_one_log_and_any_receipt_is_proven(
                             replica.url + "/v1/chat/completions", json=CHAT
                         )
                         assert response.status_code == 200
-                        tokens.append(response.headers["X-Paygate-Receipt"])
+                        tokens.append(response.extensions["paygate_receipt"].token)
             async with asyncio.timeout(30):
                 while True:
                     result = await asyncio.to_thread(audit, group[0].url, tokens, vkey)

@@ -224,7 +224,13 @@ async def test_each_tenant_has_its_own_cache_and_reuses_it(
         assert other == prompt  # another tenant never reuses it, same prompt or not
         _, back = await evaluated("10.0.0.1")
         assert back < prompt // 4  # and the first tenant's slot is still its own
-        # A caller may not pick its cache domain itself, under any of the engine's names.
-        for knob in ({"cache_salt": "x"}, {"id_slot": 0}, {"cache_prompt": True}):
+        # A caller may not pick its cache domain itself, under any of the engine's names
+        # (llama-server's id_slot is also a load-time option: refused first, as that).
+        refusals = (
+            ({"cache_salt": "x"}, "cache_parameter_refused"),
+            ({"id_slot": 0}, "engine_option_refused"),
+            ({"cache_prompt": True}, "cache_parameter_refused"),
+        )
+        for knob, code in refusals:
             status, headers, _ = await _post(stack, {**long_prompt, **knob})
-            assert (status, headers[wire.ERROR_HEADER]) == (400, "cache_parameter_refused")
+            assert (status, headers[wire.ERROR_HEADER]) == (400, code)

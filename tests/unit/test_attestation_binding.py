@@ -106,11 +106,18 @@ def test_malformed_bindings_are_refused(change: dict[str, object]) -> None:
 def test_receipt_signs_and_verifies_and_refuses_tampering() -> None:
     key = SoftwareKey.generate()
     claims = {
+        "kind": "reply",
         "request_digest": receipts.body_digest(b"sealed"),
         "reply_digest": receipts.body_digest(b"reply"),
         "model": "fake-model",
         "model_digest": "sha256:" + "ab" * 32,
-        "usage": {"prompt_tokens": 3, "completion_tokens": 5},
+        "usage": {
+            "prompt_tokens": 3,
+            "completion_tokens": 5,
+            "cached_tokens": None,
+            "total_tokens": 8,
+            "source": "reported",
+        },
         "payment": None,
         "issued_at": 1_700_000_000,
     }

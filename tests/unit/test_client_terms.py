@@ -15,6 +15,9 @@ from enclave.attestation.binding import AcceptedAsset, PaymentTerms, TokenPriceT
 from paygate.client.errors import OfferNotAttested, PaymentNotAttested
 from paygate.client.payer import Challenge, Offer, SpendPolicy
 from paygate.client.terms import check_challenge
+from paygate.server.shaping import metered_quote
+from paygate.upstream.engines import profile_for
+from paygate.upstream.shaping import RequestShaper
 from paygate.x402.metering import TokenPrice, TokenPricing
 from paygate.x402.networks import to_atomic_ceiling
 
@@ -89,14 +92,18 @@ def test_exact_prices_by_route_model_and_batch() -> None:
 
 
 def _server_maximum(body: dict[str, Any]) -> int:
+    """The maximum the gateway's own metering quotes for ``body`` (shaped as it forwards it)."""
     pricing = TokenPricing(
         prices={
             "*": TokenPrice(Decimal(100), Decimal(400)),
             "big": TokenPrice(Decimal(1000), Decimal(4000), Decimal("0.01")),
         },
-        max_tokens_cap=64,
     )
-    quote = pricing.quote(CHAT, json.dumps(body).encode())
+    shaper = RequestShaper(profile_for("openai"), cap=64)
+    raw = json.dumps(body).encode()
+    shaped = shaper.shape(CHAT, raw)
+    assert shaped is not None
+    quote = metered_quote(pricing, shaper, raw, shaped)
     assert quote is not None
     return to_atomic_ceiling(quote.maximum, 6)
 
@@ -108,6 +115,7 @@ def _server_maximum(body: dict[str, Any]) -> int:
         {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
         {"model": "m", "messages": [], "max_tokens": 10_000},
         {"model": "big", "prompt": "x" * 300, "stream": True},
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 3},
     ],
 )
 def test_the_gateways_own_upto_maximum_is_within_the_attested_bound(body: dict[str, Any]) -> None:
@@ -124,8 +132,9 @@ def test_the_gateways_own_upto_maximum_is_within_the_attested_bound(body: dict[s
     raw = json.dumps(body).encode()
     price_in, price_out = (1000, 4000) if body["model"] == "big" else (100, 400)
     messages = body.get("messages")
-    prompt = len(raw) + 16 + 8 * (len(messages) if isinstance(messages, list) else 1)
-    ceiling = price_in * prompt + price_out * 64  # atomic units: N per million = N per token
+    prompt = len(raw) + 16 + 8 * max(len(messages) if isinstance(messages, list) else 1, 1)
+    choices = body.get("n", 1)  # the output cap is priced once per sequence asked for
+    ceiling = price_in * prompt + price_out * 64 * choices  # atomic: N per million = N per token
     assert code_of(offer("upto", ceiling + 1, **prices), body=body) == "offer_maximum_exceeded"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import inspect
 import itertools
 import sqlite3
@@ -535,7 +536,8 @@ def test_the_ledger_imports_neither_aiohttp_nor_the_server() -> None:
 @pytest.mark.parametrize("implementation", [SqliteLedger, PostgresLedger])
 def test_both_ledgers_have_the_protocol_signatures(implementation: type) -> None:
     methods = [n for n, v in vars(Ledger).items() if inspect.iscoroutinefunction(v)]
-    assert len(methods) == 17  # + take_free, earnings (issue 14)
+    assert len(methods) == 23  # + take_free, earnings (14); receipts (22); signin_key (21);
+    # forget_idempotency_key (25)
     for name in methods:
         wanted = inspect.signature(getattr(Ledger, name))
         built = inspect.signature(getattr(implementation, name))
@@ -611,3 +613,101 @@ async def test_earnings_group_settled_payments(ledger: Ledger) -> None:
     (day,) = await ledger.earnings(since=0.0, by="day")
     assert (day.payments, day.settled) == (3, 600)
     assert await ledger.earnings(since=4_000_000_000.0, by="payer") == []
+
+
+async def test_receipts_are_kept_once_per_kind_with_the_usage_they_state(ledger: Ledger) -> None:
+    from paygate.x402.ledger import ReceiptUsage
+
+    record = await ledger.reserve(**request(1))
+    other = await ledger.reserve(**request(2))
+    usage = ReceiptUsage(tokens_in=12, tokens_out=34, source="upstream")
+    await ledger.add_receipt(record.id, "reply", "first.token", usage=usage)
+    # The first kept stays (its bytes never change), and so does the usage it recorded.
+    await ledger.add_receipt(record.id, "reply", "second.token", usage=ReceiptUsage(1, 1, "x"))
+    await ledger.add_receipt(record.id, "settlement", "settled.token")
+    await ledger.add_receipt(other.id, "reply", "other.token")
+    kept = await ledger.receipts(record.id)
+    assert [(k.kind, k.token) for k in kept] == [
+        ("reply", "first.token"),
+        ("settlement", "settled.token"),
+    ]
+    stored = await ledger.get(record.id)
+    assert stored is not None
+    assert (stored.tokens_in, stored.tokens_out, stored.usage_source) == (12, 34, "upstream")
+    assert stored.scheme == "exact"  # usage recorded whatever the scheme
+    assert [r.id for r in await ledger.by_nonce(nonce(1).upper().replace("0X", "0x"))] == [
+        record.id
+    ]
+    assert await ledger.by_nonce(nonce(3)) == []
+    newest = await ledger.list_receipts(limit=2)
+    assert len(newest) == 2
+    assert newest[0].token == "other.token"
+    with pytest.raises(ValueError, match="receipt kind"):
+        await ledger.add_receipt(record.id, "other", "x.y")
+    with pytest.raises(ValueError, match="receipt token"):
+        await ledger.add_receipt(record.id, "reply", "x" * 10_000)
+    with pytest.raises(PaymentNotFound):
+        await ledger.add_receipt("f" * 32, "reply", "x.y")
+
+
+async def test_a_receipt_from_a_replica_that_lost_the_lease_records_no_usage(
+    ledger: Ledger,
+) -> None:
+    from paygate.x402.ledger import ReceiptUsage
+
+    record = await ledger.reserve(**request(1))
+    await ledger.add_receipt(
+        record.id,
+        "reply",
+        "late.token",
+        usage=ReceiptUsage(5, 6, "upstream"),
+        lease=record.lease + 1,
+    )
+    stored = await ledger.get(record.id)
+    assert stored == record  # the payment is untouched: its epoch moved on
+    assert [k.token for k in await ledger.receipts(record.id)] == ["late.token"]
+
+
+# --- budgets by admission/settlement time, the sign-in key (issue 21), on both stores -------
+
+DAY = 86_400.0
+
+
+async def test_a_budget_counts_released_authorizations_served_again_today(
+    ledger_store: Opener,
+) -> None:
+    # Yesterday, 23:50: four authorizations are reserved and released (the upstream failed).
+    now = [20 * DAY - 600.0]
+    ledger = await ledger_store(clock=lambda: now[0])
+    for n in range(1, 5):
+        record = await ledger.reserve(**request(n), budget=Budget(limit=10_000, since=19 * DAY))
+        await ledger.transition(record.id, S.RELEASED)
+    # The clock crosses midnight; the same authorizations come back today.
+    now[0] = 20 * DAY + 60.0
+    today = Budget(limit=3500, since=20 * DAY)
+    served = []
+    for n in range(1, 5):
+        with contextlib.suppress(BudgetExceeded):
+            served.append(await ledger.reserve(**request(n), budget=today))
+    # Three fit today's budget of 3500 (1000 each): the fourth is refused, however old its
+    # record (before: all four passed, counted on the day they were created).
+    assert len(served) == 3
+
+
+async def test_a_payment_settled_today_counts_today(ledger_store: Opener) -> None:
+    now = [20 * DAY - 60.0]
+    ledger = await ledger_store(clock=lambda: now[0])
+    record = await ledger.reserve(**request(1))
+    for state in (S.VERIFIED, S.SERVED, S.SETTLING):
+        record = await ledger.transition(record.id, state)
+    now[0] = 20 * DAY + 60.0
+    await ledger.transition(record.id, S.SETTLED, settled_amount=1000)
+    with pytest.raises(BudgetExceeded):
+        await ledger.reserve(**request(2), budget=Budget(limit=1500, since=20 * DAY))
+
+
+async def test_the_signin_key_is_made_once_and_shared(ledger_store: Opener) -> None:
+    first, second = await ledger_store(), await ledger_store()
+    key = await first.signin_key()
+    assert len(key) == 32
+    assert await second.signin_key() == key

@@ -13,14 +13,33 @@ from pydantic import ValidationError
 from paygate.config import Settings
 from paygate.server.ratelimit import Rate, RateLimited, RateLimits, RateLimitTable, TokenBuckets
 from paygate.server.replies import StreamEnd, UsageMeter
-from paygate.x402.metering import TokenPrice, TokenPricing
+from paygate.server.shaping import metered_quote
+from paygate.upstream.engines import profile_for
+from paygate.upstream.shaping import RequestShaper
+from paygate.x402.metering import Quote, TokenPrice, TokenPricing
 
-PRICES = TokenPricing(
-    prices={
-        "*": TokenPrice(Decimal(100), Decimal(400)),
-        "cheap": TokenPrice(Decimal(1), Decimal(2)),
-    },
-    max_tokens_cap=64,
+
+@dataclass(frozen=True)
+class Priced:
+    """Prices and a cap, quoting as the gateway does: shaped for the engine, then priced."""
+
+    pricing: TokenPricing
+    cap: int = 64
+    engine: str = "ollama"
+
+    def quote(self, path: str, raw: bytes) -> Quote | None:
+        shaper = RequestShaper(profile_for(self.engine), cap=self.cap)
+        shaped = shaper.shape(path, raw)
+        return None if shaped is None else metered_quote(self.pricing, shaper, raw, shaped)
+
+
+PRICES = Priced(
+    TokenPricing(
+        prices={
+            "*": TokenPrice(Decimal(100), Decimal(400)),
+            "cheap": TokenPrice(Decimal(1), Decimal(2)),
+        }
+    )
 )
 
 
@@ -51,8 +70,11 @@ def test_the_maximum_bounds_prompt_and_output_and_sets_max_tokens() -> None:
     [
         ({"max_tokens": 5}, 5, {"max_tokens": 5}),
         ({"max_tokens": 500}, 64, {"max_tokens": 64}),
-        ({"max_completion_tokens": 7}, 7, {"max_completion_tokens": 7}),
-        ({"max_tokens": "9"}, 64, {"max_tokens": 64}),
+        # Ollama does not read max_completion_tokens: its max_tokens gets the priced limit.
+        ({"max_completion_tokens": 7}, 64, {"max_completion_tokens": 64, "max_tokens": 64}),
+        ({"max_tokens": 1, "max_completion_tokens": 64}, 1, {"max_completion_tokens": 1}),
+        ({"max_tokens": 0}, 64, {"max_tokens": 64}),  # 0 is "no limit" to Ollama
+        ({"max_tokens": -3}, 64, {"max_tokens": 64}),
     ],
 )
 def test_a_requests_own_limit_counts_only_within_the_cap(fields, expected, sent) -> None:
@@ -87,29 +109,36 @@ def test_only_generation_routes_are_metered(path) -> None:
 
 
 def test_no_price_for_the_model_is_not_metered() -> None:
-    only = TokenPricing(prices={"cheap": TokenPrice(Decimal(1), Decimal(1))}, max_tokens_cap=8)
+    only = Priced(TokenPricing(prices={"cheap": TokenPrice(Decimal(1), Decimal(1))}), cap=8)
     assert only.quote("/v1/chat/completions", body()) is None
 
 
-def test_the_charge_is_usage_times_price_capped_and_zero_output_is_free() -> None:
+def test_the_charge_is_usage_times_price_capped_and_the_prompt_is_always_charged() -> None:
     quote = PRICES.quote("/v1/chat/completions", body())
     assert quote is not None
     charge = quote.charge(U(3, 5), reply_bytes=0, decimals=6, maximum=10_000, fallback="max")
     assert (charge.settle_amount, charge.source) == (100 * 3 + 400 * 5, "upstream")
     capped = quote.charge(U(3, 500), reply_bytes=0, decimals=6, maximum=10_000, fallback="max")
     assert capped.settle_amount == 10_000
+    # No output, but the prompt cost model time: it is charged.
     assert (
         quote.charge(
             U(9, 0), reply_bytes=0, decimals=6, maximum=10_000, fallback="max"
+        ).settle_amount
+        == 100 * 9
+    )
+    assert (
+        quote.charge(
+            U(0, 0), reply_bytes=0, decimals=6, maximum=10_000, fallback="max"
         ).settle_amount
         == 0
     )
 
 
 def test_the_minimum_and_half_up_rounding() -> None:
-    pricing = TokenPricing(
-        prices={"*": TokenPrice(Decimal("0.5"), Decimal("0.5"), Decimal("0.00001"))},
-        max_tokens_cap=8,
+    pricing = Priced(
+        TokenPricing(prices={"*": TokenPrice(Decimal("0.5"), Decimal("0.5"), Decimal("0.00001"))}),
+        cap=8,
     )
     quote = pricing.quote("/v1/chat/completions", body())
     assert quote is not None
@@ -121,9 +150,7 @@ def test_the_minimum_and_half_up_rounding() -> None:
         quote.charge(U(1, 2), reply_bytes=0, decimals=6, maximum=99, fallback="max").settle_amount
         == 10
     )
-    pricing = TokenPricing(
-        prices={"*": TokenPrice(Decimal("0.5"), Decimal("0.5"))}, max_tokens_cap=8
-    )
+    pricing = Priced(TokenPricing(prices={"*": TokenPrice(Decimal("0.5"), Decimal("0.5"))}), cap=8)
     quote = pricing.quote("/v1/chat/completions", body())
     assert quote is not None
     # 2 tokens x 0.5 per million = 1e-6 USDC = 1 atomic; 1 token = 0.5 atomic → rounds half up to 1
@@ -141,6 +168,10 @@ def test_fallbacks_never_charge_zero_for_silence() -> None:
     guess = quote.charge(None, reply_bytes=40, decimals=6, maximum=10**9, fallback="estimate")
     assert guess.tokens_out == 10
     assert guess.settle_amount == 100 * quote.prompt_bound + 400 * 10
+    # The default favours the caller: the prompt bound only, and says so.
+    prompt = quote.charge(None, reply_bytes=40, decimals=6, maximum=10**9, fallback="prompt")
+    assert (prompt.tokens_out, prompt.source) == (0, "fallback-prompt")
+    assert prompt.settle_amount == 100 * quote.prompt_bound
 
 
 def test_the_usage_meter_strips_only_what_the_caller_did_not_ask_for() -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from enclave.attestation import binding
-from paygate.config import ConfigError, load_settings
+from paygate.config import ConfigError, Settings, load_settings
+from paygate.server.assembly import request_shaper
 from paygate.server.isolation import (
     CacheParameterRefused,
     Salts,
@@ -21,9 +22,13 @@ from paygate.server.isolation import (
     refuse_caller_keys,
     stateless_fields,
 )
+from paygate.server.shaping import metered_quote
+from paygate.upstream.engines import profile_for
+from paygate.upstream.engines.limits import LimitRefused
+from paygate.upstream.shaping import ApiNotServed, LengthKeyRefused, RequestShaper
 from paygate.upstream.spec import container_spec, serving_kwargs
 from paygate.upstream.usage import Usage, UsageReader, usage_from_body
-from paygate.x402.metering import TokenPrice, TokenPricing
+from paygate.x402.metering import Quote, TokenPrice, TokenPricing
 
 TINY = {"name": "a", "kind": "llama-server", "url": "http://127.0.0.1:9001", "models": ["tiny"]}
 
@@ -183,6 +188,15 @@ def test_an_ollama_reply_still_reads_its_counts() -> None:
     assert reader.result() == Usage(4, 2)
 
 
+def _quote(path: str, request: dict[str, object], engine: str = "vllm") -> Quote | None:
+    """Shaped for ``engine`` and priced, as the gateway does (one RequestShaper)."""
+    pricing = TokenPricing({"*": TokenPrice(Decimal(1), Decimal(2))})
+    shaper = RequestShaper(profile_for(engine), cap=100)
+    raw = json.dumps(request).encode()
+    shaped = shaper.shape(path, raw)
+    return None if shaped is None else metered_quote(pricing, shaper, raw, shaped)
+
+
 @pytest.mark.parametrize(
     ("path", "limit_key", "body"),
     [
@@ -193,16 +207,79 @@ def test_an_ollama_reply_still_reads_its_counts() -> None:
 def test_metered_apis_are_bounded_by_their_own_limit(
     path: str, limit_key: str, body: dict[str, object]
 ) -> None:
-    pricing = TokenPricing({"*": TokenPrice(Decimal(1), Decimal(2))}, max_tokens_cap=100)
-    for asked, bound in ((None, 100), (10, 10), (10_000, 100), (-1, 100)):
-        request = {"model": "m", **body}
-        if asked is not None:
-            request[limit_key] = asked
-        quote = pricing.quote(path, json.dumps(request).encode())
+    for asked, bound in ((10, 10), (10_000, 100), (100, 100), (1, 1)):
+        quote = _quote(path, {"model": "m", **body, limit_key: asked})
         assert quote is not None
         assert quote.max_tokens == bound
-        assert json.loads(quote.body)[limit_key] == (asked if asked == bound else bound)
+        # The one key the engine reads carries the priced limit, and nothing else is added.
+        sent = json.loads(quote.body)
+        assert sent[limit_key] == bound
+        assert set(sent) == {"model", limit_key, *body}
         assert quote.strip_usage is False  # both APIs always state their usage
+    for refused in (0, -1, "10", 1.5):
+        with pytest.raises(LimitRefused):
+            _quote(path, {"model": "m", **body, limit_key: refused})
+
+
+def test_responses_without_a_limit_get_the_cap_and_messages_must_name_one() -> None:
+    quote = _quote("/v1/responses", {"model": "m", "input": "hello"})
+    assert quote is not None
+    assert (quote.max_tokens, json.loads(quote.body)["max_output_tokens"]) == (100, 100)
+    with pytest.raises(LimitRefused, match="max_tokens is required"):
+        _quote("/v1/messages", {"model": "m", "messages": []})
+
+
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [
+        # Other APIs' names for the same knob, and more sequences: never forwarded unpriced.
+        ("/v1/responses", "max_tokens"),
+        ("/v1/responses", "max_completion_tokens"),
+        ("/v1/responses", "n"),
+        ("/v1/messages", "max_output_tokens"),
+        ("/v1/messages", "max_completion_tokens"),
+        ("/v1/messages", "n"),
+        ("/v1/messages", "max_tokens_to_sample"),
+    ],
+)
+def test_other_length_keys_on_these_apis_are_refused(path: str, key: str) -> None:
+    limit = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
+    with pytest.raises(LengthKeyRefused):
+        _quote(path, {"model": "m", "input": "x", limit: 10, key: 50})
+
+
+@pytest.mark.parametrize("engine", ["llama-server", "ollama", "openai"])
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/messages"])
+def test_an_engine_that_does_not_serve_these_apis_is_never_priced_for_them(
+    engine: str, path: str
+) -> None:
+    with pytest.raises(ApiNotServed):
+        _quote(path, {"model": "m", "input": "x", "max_tokens": 5}, engine=engine)
+
+
+def test_each_model_is_shaped_by_the_rules_of_the_engine_serving_it() -> None:
+    shaper = RequestShaper(
+        profile_for("llama-server"), cap=100, by_model={"big": profile_for("vllm")}
+    )
+    chat = {"messages": [{"role": "user", "content": "hi"}], "n_predict": 7}
+    small = shaper.shape("/v1/chat/completions", json.dumps({"model": "tiny", **chat}).encode())
+    assert small is not None
+    assert small.max_output == 7  # llama-server reads n_predict
+    with pytest.raises(LengthKeyRefused):  # vLLM does not: never forwarded unpriced
+        shaper.shape("/v1/chat/completions", json.dumps({"model": "big", **chat}).encode())
+    body = json.dumps({"model": "tiny", "input": "x"}).encode()
+    with pytest.raises(ApiNotServed):
+        shaper.shape("/v1/responses", body)
+    shaped = shaper.shape("/v1/responses", json.dumps({"model": "big", "input": "x"}).encode())
+    assert shaped is not None
+    assert shaped.data["max_output_tokens"] == 100
+
+
+def test_one_model_name_on_engines_of_different_kinds_does_not_start() -> None:
+    other = {**TINY, "name": "b", "kind": "vllm", "url": "http://127.0.0.1:9002"}
+    settings = Settings(upstreams=[TINY, other])
+    with pytest.raises(ConfigError, match="different kinds"):
+        request_shaper(settings)
 
 
 def test_the_binding_names_each_models_upstream() -> None:
@@ -239,3 +316,47 @@ def test_container_upstreams_are_isolated_deployments_of_their_own(tmp_path: Pat
     for spec in specs:
         assert serving_kwargs(spec)["network_mode"] == "none"
         assert spec.alias == "m"
+
+
+def _events(*documents: dict[str, object]) -> bytes:
+    return b"".join(f"data: {json.dumps(d)}\n\n".encode() for d in documents)
+
+
+def test_a_cut_messages_stream_keeps_its_running_counts_and_its_text() -> None:
+    reader = UsageReader("text/event-stream")
+    reader.keep_text = True
+    reader.feed(
+        _events(
+            {
+                "type": "message_start",
+                "message": {"usage": {"input_tokens": 9, "output_tokens": 1}},
+            },
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": " a"},
+            },
+            {"type": "message_delta", "usage": {"output_tokens": 4}},
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": " b"},
+            },
+        )
+    )  # cut: no message_stop
+    assert reader.running == Usage(9, 4)
+    assert reader.text == " a b"
+
+
+def test_a_cut_responses_stream_keeps_its_text() -> None:
+    reader = UsageReader("text/event-stream")
+    reader.keep_text = True
+    reader.feed(
+        _events(
+            {"type": "response.created", "response": {"usage": None}},
+            {"type": "response.output_text.delta", "delta": " one"},
+            {"type": "response.output_text.delta", "delta": " two"},
+        )
+    )
+    assert reader.text == " one two"
+    assert reader.result() is None  # nothing stated: counted by the engine's tokenizer

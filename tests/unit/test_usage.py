@@ -69,3 +69,26 @@ def test_buffers_are_bounded() -> None:
     stream.feed(b"data: " + b"x" * 200 + b"\n\n")
     stream.feed(b'data: {"usage":{"prompt_tokens":2,"completion_tokens":1}}\n\n')
     assert stream.result() == Usage(2, 1)  # a long line is skipped, the next one still read
+
+
+def test_running_counts_and_text_of_a_stream_cut_short() -> None:
+    # llama-server's per-token timings, then vLLM's continuous usage: the last one is running.
+    llama = (
+        b'data: {"choices":[{"delta":{"content":"The"}}],"timings":{"prompt_n":9,"predicted_n":1}}'
+        b'\n\ndata: {"choices":[{"delta":{"content":" sea"}}],'
+        b'"timings":{"prompt_n":9,"predicted_n":2}}\n\n'
+    )
+    reader = UsageReader("text/event-stream")
+    reader.keep_text = True
+    for i in range(0, len(llama), 5):
+        reader.feed(llama[i : i + 5])
+    assert reader.running == Usage(9, 2)
+    assert reader.text == "The sea"
+    vllm = (
+        b'data: {"choices":[{"delta":{"content":"x"}}],'
+        b'"usage":{"prompt_tokens":4,"completion_tokens":3}}\n\n'
+    )
+    other = UsageReader("text/event-stream")
+    other.feed(vllm)
+    assert other.running == Usage(4, 3)
+    assert other.text == ""  # kept only when asked (a metered reply)

@@ -40,6 +40,7 @@ from x402.schemas.helpers import parse_payment_payload, parse_payment_requiremen
 from paygate.errors import PaygateError
 from paygate_dev.chain.anvil import NETWORK
 from paygate_dev.chain.faults import FacilitatorStats, Fault, FaultControls, FaultError
+from paygate_dev.chain.jwt_guard import JwtGuard
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ class FacilitatorSettings:
     settle_timeout: float = 60.0
     # Headers every API call must carry (a hosted facilitator's API key); 401 without them.
     required_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # A CDP-style JWT every API call must carry (Authorization: Bearer), checked with this
+    # key; 401 without a valid one (paygate_dev.chain.jwt_guard).
+    jwt_guard: JwtGuard | None = None
 
 
 def build_sdk_facilitator(settings: FacilitatorSettings) -> tuple[x402FacilitatorSync, str]:
@@ -135,6 +139,16 @@ class FacilitatorApp:
                 if request.headers.get(name) != value:
                     self.stats.record("unauthorized", None)
                     return web.json_response({"error": "unauthorized"}, status=401)
+            guard = self._settings.jwt_guard
+            if guard is not None:
+                refused = guard.refuse(
+                    request.headers.get("Authorization"), request.method, request.host, request.path
+                )
+                if refused is not None:
+                    self.stats.record("unauthorized", {"reason": refused})
+                    return web.json_response(
+                        {"error": "unauthorized", "reason": refused}, status=401
+                    )
         return await handler(request)
 
     # -- the facilitator API -------------------------------------------------------------

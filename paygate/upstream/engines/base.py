@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from paygate.upstream.engines.limits import ApiShape, GenerationRules
 from paygate.upstream.errors import UpstreamError
 
 EngineKind = Literal["ollama", "llama-server", "vllm", "openai"]
-ApiShape = Literal["openai", "ollama"]  # the error shape and wire format of a route
 _HASH_CHUNK = 1 << 20
 
 
@@ -128,8 +128,12 @@ class ProfileError(UpstreamError):
     code = "engine_profile"
 
 
-class EngineProfile(Protocol):
+class EngineProfile(GenerationRules, Protocol):
     """One engine. Implementations: ollama, llama_server, vllm, openai (this package).
+
+    Its :class:`~paygate.upstream.engines.limits.GenerationRules` state how the engine bounds
+    a generation request's output, which options it loads models with, and how to ask it for
+    running usage and token counts (each with the engine source it comes from).
 
     Where usage appears follows the route's ``api``: OpenAI routes carry ``usage`` (in a
     stream, the last chunk before ``[DONE]`` when the caller set

@@ -4,10 +4,30 @@
 the served GGUF file's SHA-256 (``upstream_model_path``). In a container the file is
 bind-mounted read-only and named with ``--alias``; it gets one compute thread per CPU the
 container is granted (``upstream_cpus``).
+
+Generation (llama.cpp ``tools/server/server.cpp``, ``params_from_json_cmpl``, and
+``utils.hpp``, ``oaicompat_*_params_parse``; checked against the server built from
+llama.cpp 4227c9b that the tests run):
+
+- the output limit is ``n_predict``, else ``max_tokens``
+  (``json_value(data, "n_predict", json_value(data, "max_tokens", …))``); a null or a value
+  of another type counts as absent. ``max_completion_tokens`` is not read: alone it leaves the
+  request unbounded (it ran to the 4096-token context in our test);
+- ``-1`` means no limit; ``0`` and other negatives still produce one token (the budget is
+  checked after each token);
+- ``n`` other than 1 is refused ("Only one completion choice is allowed"), and so is
+  ``best_of`` on completions ("Unsupported param: best_of");
+- ``timings_per_token: true`` puts ``timings.prompt_n`` / ``timings.predicted_n`` on every
+  streamed chunk (running counts; ``prompt_n`` leaves out a cached prefix);
+- ``POST /tokenize {"content", "add_special"}`` answers ``{"tokens": [...]}`` and
+  ``POST /apply-template {"messages"}`` the chat-templated prompt: the engine's own counts;
+- ``id_slot`` (pin a slot, its cache) and ``lora`` (per-request adapters) steer the server's
+  shared state: load-time options.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +43,20 @@ from paygate.upstream.engines.base import (
     ServedRoute,
     gguf_digests,
     openai_model_ids,
+)
+from paygate.upstream.engines.limits import (
+    SINGLE_LIMIT_KEYS,
+    ApiShape,
+    EngineLimit,
+    LimitRefused,
+    Post,
+    prompt_text,
+    stated,
+    token_count,
+)
+
+_KNOWN = frozenset(
+    {"max_tokens", "max_completion_tokens", "n_predict", "n", "best_of", "ignore_eos"}
 )
 
 
@@ -75,3 +109,48 @@ class LlamaServerProfile:
             caller_keys=frozenset({"cache_salt", "id_slot", "cache_prompt"}),
             slots_path="/props",
         )
+
+    # --- generation (see the module docstring) ---
+
+    def limit_keys(self, api: ApiShape) -> tuple[str, ...]:
+        return () if api in SINGLE_LIMIT_KEYS else ("n_predict", "max_tokens")
+
+    def known_keys(self, api: ApiShape) -> frozenset[str]:
+        return frozenset() if api in SINGLE_LIMIT_KEYS else _KNOWN
+
+    def limit(self, api: ApiShape, data: Mapping[str, Any]) -> EngineLimit:
+        n = stated(data, "n")
+        if n is not None and n != 1:
+            raise LimitRefused("llama-server generates one choice: n must be 1")
+        best_of = stated(data, "best_of")
+        if best_of is not None and best_of != 1:
+            raise LimitRefused("llama-server does not take best_of")
+        value = stated(data, "n_predict")
+        if value is None:
+            value = stated(data, "max_tokens")
+        if value is None or value == -1:
+            return EngineLimit(None)
+        return EngineLimit(max(value, 1))
+
+    def dropped_keys(self, api: ApiShape) -> tuple[str, ...]:
+        return ()
+
+    def load_options(self, api: ApiShape) -> frozenset[str]:
+        return frozenset({"id_slot", "lora"})
+
+    def ask_running_usage(self, api: ApiShape, data: dict[str, Any]) -> None:
+        data["timings_per_token"] = True
+
+    async def count_text(self, post: Post, model: str, text: str) -> int | None:
+        answer = await post("/tokenize", {"content": text, "add_special": False})
+        return token_count(answer, field="tokens")
+
+    async def count_prompt(self, post: Post, path: str, data: Mapping[str, Any]) -> int | None:
+        text = prompt_text(data)
+        if path.endswith("/chat/completions"):
+            rendered = await post("/apply-template", {"messages": data.get("messages")})
+            text = rendered.get("prompt") if isinstance(rendered, dict) else None
+        if not isinstance(text, str):
+            return None
+        answer = await post("/tokenize", {"content": text, "add_special": True})
+        return token_count(answer, field="tokens")

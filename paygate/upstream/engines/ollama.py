@@ -8,12 +8,28 @@ the attested digest is that of the bytes served, not a claim in a text file. ``/
 shows the *manifest's* digest, which also changes with the template or parameters, so it is
 not the weights'. Ollama keeps its models in the deployment's
 volume and is the one engine ``paygate upstream pull`` can ask to download (``/api/pull``).
+
+Generation (Ollama ``openai/openai.go``, ``api/types.go``, the runners'
+``numPredict > 0 && numPredicted >= numPredict`` stop, ``llm`` bounding of ``num_predict``):
+
+- native routes: the output limit is ``options.num_predict`` (a model's Modelfile default
+  when absent, ``-1`` unless set); 0 and negatives mean *no limit* (Ollama then bounds the
+  request by a multiple of the context only);
+- OpenAI routes: ``max_tokens`` becomes ``num_predict``; ``max_completion_tokens`` is not
+  read, nor are ``n`` and ``best_of`` (one choice);
+- usage comes only on the final object (``prompt_eval_count``, ``eval_count``): there is no
+  running count and no tokenize route to ask;
+- ``keep_alive`` and the runner options (``num_ctx``, ``num_batch``, ``num_gpu``,
+  ``main_gpu``, ``use_mmap``, ``use_mlock``, ``num_thread``, ``numa``, ``low_vram``,
+  ``vocab_only``, ``f16_kv``, ``draft_num_predict``) reload or unload the model for everyone:
+  load-time options.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +45,13 @@ from paygate.upstream.engines.base import (
     ServedRoute,
     file_digest,
 )
+from paygate.upstream.engines.limits import SINGLE_LIMIT_KEYS, ApiShape, EngineLimit, Post, stated
+
+_RUNNER_OPTIONS = (
+    "num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "use_mlock",
+    "num_thread", "numa", "low_vram", "vocab_only", "f16_kv", "draft_num_predict",
+)  # fmt: skip
+_LOAD_OPTIONS = frozenset({"keep_alive", *(f"options.{name}" for name in _RUNNER_OPTIONS)})
 
 MODEL_LAYER = "application/vnd.ollama.image.model"
 # Also names the blob file: nothing but hex may reach a path.
@@ -96,6 +119,39 @@ class OllamaProfile:
     def cache_controls(self) -> CacheControls:
         # Ollama keeps a runner's context between requests and offers no per-request control.
         return CacheControls("none", caller_keys=frozenset({"cache_salt"}))
+
+    # --- generation (see the module docstring) ---
+
+    def limit_keys(self, api: ApiShape) -> tuple[str, ...]:
+        if api in SINGLE_LIMIT_KEYS:
+            return ()  # no /v1/responses, /v1/messages (api_routes)
+        return ("options.num_predict",) if api == "ollama" else ("max_tokens",)
+
+    def known_keys(self, api: ApiShape) -> frozenset[str]:
+        if api in SINGLE_LIMIT_KEYS:
+            return frozenset()
+        if api == "ollama":
+            return frozenset({"options.num_predict"})
+        return frozenset({"max_tokens", "max_completion_tokens", "n", "best_of"})
+
+    def limit(self, api: ApiShape, data: Mapping[str, Any]) -> EngineLimit:
+        value = stated(data, self.limit_keys(api)[0])
+        return EngineLimit(value if value is not None and value > 0 else None)
+
+    def dropped_keys(self, api: ApiShape) -> tuple[str, ...]:
+        return ("n", "best_of") if api == "openai" else ()
+
+    def load_options(self, api: ApiShape) -> frozenset[str]:
+        return _LOAD_OPTIONS if api == "ollama" else frozenset()
+
+    def ask_running_usage(self, api: ApiShape, data: dict[str, Any]) -> None:
+        return None
+
+    async def count_text(self, post: Post, model: str, text: str) -> int | None:
+        return None
+
+    async def count_prompt(self, post: Post, path: str, data: Mapping[str, Any]) -> int | None:
+        return None
 
 
 def manifest_digests(manifests: Path) -> list[ModelDigest]:

@@ -3,11 +3,32 @@
 Container mode runs the ``vllm/vllm-openai`` image with the model directory (or file) mounted
 read-only and served under ``--served-model-name``. vLLM cannot run on the test machines, so
 this profile is tested against the FAKE model server speaking vLLM's shapes.
+
+Generation (vLLM ``vllm/entrypoints/utils.py`` ``get_max_tokens``,
+``vllm/entrypoints/openai/protocol.py``, ``vllm/sampling_params.py``):
+
+- the output limit is ``max_completion_tokens or max_tokens`` (Python ``or``: a 0 or null
+  falls through to the other), then the smaller of that and what the context leaves
+  (``max_model_len - prompt``); absent, the context's remainder;
+- below 1 the request is refused ("max_tokens must be at least 1");
+- ``n`` sequences are generated (``best_of``, where taken, generates ``best_of`` ≥ ``n``;
+  ``use_beam_search`` has ``n`` beams): the work is the limit times the largest;
+- ``min_tokens`` and ``ignore_eos`` stay within the limit;
+- ``stream_options.continuous_usage_stats: true`` puts ``usage`` on every streamed chunk;
+- ``POST /tokenize`` takes ``{"model", "prompt"}`` or ``{"model", "messages"}`` (chat template
+  applied) and answers ``{"count", "tokens", "max_model_len"}``;
+- ``priority`` (scheduling), ``kv_transfer_params``, ``vllm_xargs`` and
+  ``logits_processors`` reach the scheduler and extensions: load-time options;
+- ``/v1/responses`` (``vllm/entrypoints/openai/protocol.py`` ``ResponsesRequest``) is bounded
+  by ``max_output_tokens`` alone (absent: the context's remainder), one sequence;
+  ``/v1/messages`` (``vllm/entrypoints/anthropic/protocol.py``) by ``max_tokens``, which
+  Anthropic's API requires; below 1 either is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +47,22 @@ from paygate.upstream.engines.base import (
     file_digest,
     openai_model_ids,
 )
+from paygate.upstream.engines.limits import (
+    SINGLE_LIMIT_KEYS,
+    ApiShape,
+    EngineLimit,
+    LimitRefused,
+    Post,
+    choices_of,
+    prompt_text,
+    stated,
+    token_count,
+)
+
+_KNOWN = frozenset(
+    {"max_tokens", "max_completion_tokens", "n", "best_of", "use_beam_search", "min_tokens",
+     "ignore_eos"}
+)  # fmt: skip
 
 
 class VllmProfile:
@@ -81,3 +118,60 @@ class VllmProfile:
             paths=frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"}),
             caller_keys=frozenset({"cache_salt"}),
         )
+
+    # --- generation (see the module docstring) ---
+
+    def limit_keys(self, api: ApiShape) -> tuple[str, ...]:
+        single = SINGLE_LIMIT_KEYS.get(api)
+        if single is not None:
+            return (single,)
+        return ("max_completion_tokens", "max_tokens") if api == "openai" else ()
+
+    def known_keys(self, api: ApiShape) -> frozenset[str]:
+        single = SINGLE_LIMIT_KEYS.get(api)
+        if single is not None:
+            return frozenset({single})
+        return _KNOWN if api == "openai" else frozenset()
+
+    def limit(self, api: ApiShape, data: Mapping[str, Any]) -> EngineLimit:
+        single = SINGLE_LIMIT_KEYS.get(api)
+        if single is not None:
+            # One sequence; Anthropic's max_tokens is required, Responses' optional.
+            value = stated(data, single)
+            if value is None and api == "messages":
+                raise LimitRefused("max_tokens is required")
+            if value is not None and value < 1:
+                raise LimitRefused(f"{single} must be at least 1")
+            return EngineLimit(value)
+        value = stated(data, "max_completion_tokens") or stated(data, "max_tokens")
+        if value is not None and value < 1:
+            raise LimitRefused("max_tokens must be at least 1")
+        return EngineLimit(value, choices_of(data, "n", "best_of"))
+
+    def dropped_keys(self, api: ApiShape) -> tuple[str, ...]:
+        return ()
+
+    def load_options(self, api: ApiShape) -> frozenset[str]:
+        return frozenset({"priority", "kv_transfer_params", "vllm_xargs", "logits_processors"})
+
+    def ask_running_usage(self, api: ApiShape, data: dict[str, Any]) -> None:
+        options = data.get("stream_options")
+        options = dict(options) if isinstance(options, dict) else {}
+        options["continuous_usage_stats"] = True
+        data["stream_options"] = options
+
+    async def count_text(self, post: Post, model: str, text: str) -> int | None:
+        answer = await post(
+            "/tokenize", {"model": model, "prompt": text, "add_special_tokens": False}
+        )
+        return token_count(answer, field="count")
+
+    async def count_prompt(self, post: Post, path: str, data: Mapping[str, Any]) -> int | None:
+        model = data.get("model")
+        if path.endswith("/chat/completions"):
+            body = {"model": model, "messages": data.get("messages")}
+        elif (text := prompt_text(data)) is not None:
+            body = {"model": model, "prompt": text}
+        else:
+            return None
+        return token_count(await post("/tokenize", body), field="count")

@@ -1,0 +1,137 @@
+"""Instructions per request of one proxy under valgrind's callgrind: a figure the machine's load
+does not move (user space only: the kernel's share, the system calls, is not counted).
+
+The proxy runs under callgrind with instrumentation off; after a warm-up it is switched on
+(``callgrind_control -i on``), ``--requests`` requests go through on 4 keep-alive connections,
+it is switched off and dumped, and the dump's total is divided by the requests.
+
+    .venv/bin/python -m bench.instructions aiohttp-70
+    .venv/bin/python -m bench.instructions paygate [--sealed] [--tree DIR] [--env NAME=VALUE ...]
+
+Needs Debian ``valgrind`` (callgrind_control included). docs/PERFORMANCE.md has the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import enclave
+from bench import compare
+
+WARM_UP = 200
+
+
+async def _load(port: int, bodies: list[bytes], content_type: str, count: int) -> None:
+    """``count`` requests on 4 keep-alive connections, each reply read to its end."""
+    left = count
+
+    async def connection() -> None:
+        nonlocal left
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while left > 0:
+                left -= 1
+                body = bodies[left % len(bodies)]
+                writer.write(
+                    f"POST {compare.PATH} HTTP/1.1\r\nHost: bench\r\nContent-Type: "
+                    f"{content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 120)
+                if not head.startswith(b"HTTP/1.1 200"):
+                    raise RuntimeError(head[:80].decode(errors="replace"))
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                if length:
+                    await reader.readexactly(int(length.group(1)))
+                    continue
+                while size := int((await reader.readline()).strip(), 16):  # chunked
+                    await reader.readexactly(size + 2)
+                await reader.readline()
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(connection() for _ in range(4)))
+
+
+def measure(
+    target: str, *, requests: int, sealed: bool, tree: Path | None, env: dict[str, str]
+) -> float:
+    """Thousands of instructions per request of ``target`` (aiohttp-70 or paygate)."""
+    with tempfile.TemporaryDirectory(prefix="paygate-instructions-") as name:
+        tmp = Path(name)
+        upstream_port, port = compare._port(), compare._port()
+        upstream = compare._spawn(
+            [compare.PY, "-m", "bench.fast_upstream", "--port", str(upstream_port)], cpu=None
+        )
+        grind = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
+        grind.append(f"--callgrind-out-file={tmp}/callgrind.out")
+        if target == "aiohttp-70":
+            upstream_url = f"http://127.0.0.1:{upstream_port}"
+            argv = [compare.PY, "-m", "bench.mini_proxy", "--port", str(port)]
+            proxy_env = dict(os.environ)
+            argv += ["--upstream", upstream_url]
+        else:
+            key_file = str(tmp / "key.pem")
+            create = ["keys", "create", "--backend", "software", "--key-file", key_file]
+            subprocess.run([compare.PAYGATE, *create], check=True, capture_output=True, timeout=60)
+            proxy_env = compare._paygate_env(tmp, port, upstream_port, **env)
+            if tree is not None:
+                proxy_env["PYTHONPATH"] = f"{tree}:{tree / 'devtools'}"
+            argv = [compare.PY, compare.PAYGATE, "serve"]
+        proxy = compare._spawn(grind + argv, cpu=None, env=proxy_env, log=tmp / "proxy.log")
+        try:
+            compare._wait_port(port, timeout=600)  # imports under valgrind take a while
+            plain = compare.json.dumps(compare.CHAT).encode()
+
+            def bodies(n: int) -> tuple[list[bytes], str]:
+                if not sealed:
+                    return [plain], "application/json"
+                key = enclave.SoftwareKey.load_file(tmp / "key.pem").public_key
+                sealed_bodies = [
+                    enclave.seal_v2(key, plain, method="POST", path=compare.PATH).blob
+                    for _ in range(n)
+                ]
+                return sealed_bodies, enclave.CONTENT_TYPE
+
+            asyncio.run(_load(port, *bodies(WARM_UP), WARM_UP))
+            measured = bodies(requests)
+            control = ["callgrind_control"]
+            subprocess.run([*control, "-i", "on", str(proxy.pid)], check=True, capture_output=True)
+            asyncio.run(_load(port, *measured, requests))
+            subprocess.run([*control, "-i", "off", str(proxy.pid)], check=True, capture_output=True)
+            subprocess.run([*control, "-d", str(proxy.pid)], check=True, capture_output=True)
+            time.sleep(1)
+            total = 0
+            for dump in tmp.glob("callgrind.out*"):
+                for line in dump.read_text(errors="replace").splitlines():
+                    if line.startswith("totals:"):
+                        total += int(line.split()[1])
+            return total / requests / 1000
+        finally:
+            compare._stop([proxy, upstream])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("target", choices=("aiohttp-70", "paygate"))
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--sealed", action="store_true", help="v2 envelopes (paygate)")
+    parser.add_argument("--tree", type=Path, help="paygate from this source tree")
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for paygate")
+    args = parser.parse_args()
+    env = dict(item.split("=", 1) for item in args.env)
+    k = measure(args.target, requests=args.requests, sealed=args.sealed, tree=args.tree, env=env)
+    print(f"{args.target}: {k:,.1f} k instructions per request ({args.requests} requests)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Signed receipts, sans-IO: the request digest and its nonce, the claims' form, the sealed
+receipt header, and the client's check that holds a reply's end until its receipt verifies."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from enclave import DecryptionError, SoftwareKey, receipts, seal_v2, sealed_receipt
+from enclave.attestation import binding
+from enclave.envelope_v2 import request_nonce
+from paygate.client.attestation import Attested
+from paygate.client.errors import ContentAfterReceipt, ReceiptMismatch, ReceiptMissing
+from paygate.client.payer import PaymentRecord
+from paygate.client.receipts import ReceiptCheck, SignedReceipt, check_payment
+from paygate.server.receipts import payment_claims
+from paygate.x402.ledger import PaymentRecord as LedgerRecord
+from paygate.x402.ledger import PaymentState
+from paygate.x402.metering import TokenPrice
+from paygate.x402.pricing import token_charge
+
+KEY = SoftwareKey.generate()
+REQUEST = "sha256:" + "00" * 32
+USAGE = {
+    "prompt_tokens": 2,
+    "completion_tokens": 4,
+    "cached_tokens": None,
+    "total_tokens": 6,
+    "source": "reported",
+}
+PAYER = "0x" + "aa" * 20
+PAY_TO = "0x" + "bb" * 20
+ASSET = "0x" + "cc" * 20
+NONCE = "0x" + "dd" * 32
+
+
+def _attested() -> Attested:
+    bound = binding.Binding(
+        nonce=b"\x07" * 32,
+        sealing_key=KEY.public_key,
+        receipt_key=KEY.receipt_public_key,
+        models=(),
+        payment=None,
+        gateway_version="0.1.0",
+        code_digest="sha256:" + "ef" * 32,
+        issued_at=1_700_000_000,
+    )
+    return Attested("http://appliance", "none", bound, ())
+
+
+def _token(reply_digest: str, **changes: Any) -> str:
+    claims = {
+        "kind": "reply",
+        "request_digest": REQUEST,
+        "reply_digest": reply_digest,
+        "model": None,
+        "model_digest": None,
+        "usage": USAGE,
+        "payment": None,
+        "issued_at": 1_700_000_000,
+        **changes,
+    }
+    return receipts.sign(claims, KEY)
+
+
+def _check(content_type: str, record: PaymentRecord | None = None, **kw: Any) -> ReceiptCheck:
+    return ReceiptCheck(
+        _attested(),
+        request_digest=REQUEST,
+        header_token=kw.pop("header", None),
+        content_type=content_type,
+        payment=record,
+        result=SignedReceipt(),
+        **kw,
+    )
+
+
+# --- the request digest --------------------------------------------------------------------
+
+
+def test_the_request_digest_binds_the_nonce_the_body_the_route_and_v1s_reply_key() -> None:
+    base = {"method": "POST", "path": "/v1/chat/completions", "body": b"{}"}
+    one = receipts.request_digest(**base, nonce=b"\x01" * 32)
+    assert one == receipts.request_digest(**base, nonce=b"\x01" * 32)
+    others = {
+        receipts.request_digest(**base, nonce=b"\x02" * 32),  # the same prompt, again
+        receipts.request_digest(**base, nonce=None),  # an Obol v1 caller sends none
+        receipts.request_digest(**{**base, "body": b"{ }"}, nonce=b"\x01" * 32),
+        receipts.request_digest(**{**base, "path": "/v1/completions"}, nonce=b"\x01" * 32),
+        receipts.request_digest(**base, nonce=b"\x01" * 32, reply_key=KEY.public_key),
+    }
+    assert one not in others
+    assert len(others) == 5
+    with pytest.raises(ValueError, match="32 bytes"):
+        receipts.request_digest(**base, nonce=b"\x01" * 31)
+
+
+def test_v2s_nonce_comes_from_the_reply_secret_inside_the_seal() -> None:
+    first = seal_v2(KEY.public_key, b"{}", method="POST", path="/v1/x").reply
+    second = seal_v2(KEY.public_key, b"{}", method="POST", path="/v1/x").reply
+    assert request_nonce(first) == request_nonce(first)
+    assert request_nonce(first) != request_nonce(second)
+    assert len(request_nonce(first)) == 32
+
+
+# --- the claims -----------------------------------------------------------------------------
+
+
+def _payment(**changes: Any) -> dict[str, Any]:
+    return {
+        "id": NONCE,
+        "scheme": "exact",
+        "network": "eip155:84532",
+        "asset": ASSET,
+        "pay_to": PAY_TO,
+        "payer": PAYER,
+        "authorized": "1000",
+        "charged": "1000",
+        "prices": None,
+        "transaction": "pending",
+        **changes,
+    }
+
+
+def test_signed_bytes_are_what_the_signature_covers() -> None:
+    token = _token(receipts.body_digest(b"x"), payment=_payment())
+    raw = receipts.signed_bytes(token)
+    assert raw == binding.canonical(json.loads(raw))
+    assert receipts.verify(token, KEY.receipt_public_key) == json.loads(raw)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"kind": "other"},
+        {"payment": _payment(charged="1001")},  # more than authorized
+        {"payment": _payment(charged="-1")},
+        {"payment": _payment(charged="01")},
+        {"payment": {**_payment(), "extra": 1}},
+        {"usage": {**USAGE, "completion_tokens": -1}},
+        {"usage": {**USAGE, "cached_tokens": True}},
+    ],
+)
+def test_malformed_claims_are_neither_signed_nor_accepted(change: dict[str, Any]) -> None:
+    with pytest.raises(receipts.ReceiptInvalid):
+        _token(receipts.body_digest(b"x"), **{"payment": _payment(), **change})
+
+
+def test_a_settlement_receipt_names_its_payment() -> None:
+    claims = {"kind": "settlement", "request_digest": None, "payment": None, "issued_at": 1}
+    with pytest.raises(receipts.ReceiptInvalid):
+        receipts.sign(claims, KEY)
+    token = receipts.sign({**claims, "payment": _payment(transaction="0x" + "12" * 32)}, KEY)
+    assert receipts.verify(token, KEY.receipt_public_key)["kind"] == "settlement"
+
+
+def test_an_upto_receipt_says_upto_and_what_was_charged() -> None:
+    record = LedgerRecord(
+        id="a" * 32, network="eip155:84532", asset=ASSET, payer=PAYER, nonce=NONCE,
+        pay_to=PAY_TO, amount=40_000, x402_version=2, route="chat", state=PaymentState.SETTLED,
+        served=True, payload="{}", requirements="{}", idempotency_key=None,
+        transaction="0x" + "12" * 32, error=None, attempts=1, created_at=0.0, updated_at=0.0,
+        scheme="upto", settle_amount=1800,
+    )  # fmt: skip
+    claims = payment_claims(
+        record, charged=1800, price=TokenPrice(Decimal(100), Decimal(400)), receipt=None
+    )
+    assert claims is not None
+    assert (claims["scheme"], claims["authorized"], claims["charged"]) == ("upto", "40000", "1800")
+    assert claims["prices"] == {"input_per_million": "100", "output_per_million": "400",
+                                "minimum": "0"}  # fmt: skip
+    assert claims["transaction"] == "0x" + "12" * 32
+
+
+# --- the sealed receipt header --------------------------------------------------------------
+
+
+def test_the_sealed_header_opens_only_for_its_request_and_hides_the_length() -> None:
+    keys = seal_v2(KEY.public_key, b"{}", method="POST", path="/v1/x").reply
+    other = seal_v2(KEY.public_key, b"{}", method="POST", path="/v1/x").reply
+    token = _token(receipts.body_digest(b"x"))
+    sealed = sealed_receipt.seal_v2(keys, token)
+    assert sealed_receipt.open_v2(keys, sealed) == token
+    assert len(sealed_receipt.seal_v2(keys, token + "A" * 50)) == len(sealed)  # padded
+    for bad in (other,):
+        with pytest.raises(DecryptionError):
+            sealed_receipt.open_v2(bad, sealed)
+    with pytest.raises(DecryptionError):
+        sealed_receipt.open_v2(keys, sealed[:-4] + "AAAA")
+    caller = SoftwareKey.generate()
+    assert sealed_receipt.open_v1(caller, sealed_receipt.seal_v1(caller.public_key, token)) == token
+    with pytest.raises(DecryptionError):
+        sealed_receipt.open_v1(
+            SoftwareKey.generate(), sealed_receipt.seal_v1(caller.public_key, token)
+        )
+
+
+# --- the client's check ---------------------------------------------------------------------
+
+CONTENT = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+TAIL = b"data: [DONE]\n\n: x402-payment-response e30\n\n"
+
+
+def _sse(content: bytes = CONTENT, tail: bytes = TAIL, **claims: Any) -> bytes:
+    before = content + tail
+    token = _token(receipts.body_digest(before), **claims)
+    return before + b": paygate-receipt " + token.encode() + b"\n\n"
+
+
+def _run(check: ReceiptCheck, body: bytes, step: int = 7) -> bytes:
+    out = b""
+    for at in range(0, len(body), step):
+        out += check.feed(body[at : at + step])
+    return out
+
+
+def _run_to_end(check: ReceiptCheck, body: bytes, out: list[bytes]) -> None:
+    out.append(_run(check, body))
+    out.append(check.end())
+
+
+def test_the_end_of_a_stream_comes_out_only_once_its_receipt_verified() -> None:
+    body = _sse()
+    check = _check("text/event-stream")
+    passed = _run(check, body)
+    assert passed == CONTENT  # the content as it came; [DONE] and after held
+    assert check.in_tail
+    assert passed + check.end() == body
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (_sse() + b'data: {"choices":[]}\n\n', ContentAfterReceipt),
+        (CONTENT + TAIL, ReceiptMissing),  # stripped
+        (CONTENT + b"data: [DONE]\n\n" + b": " + b"p" * 70_000 + b"\n" + TAIL, ReceiptMissing),
+        (CONTENT.replace(b"hi", b"HI") + _sse()[len(CONTENT) :], ReceiptMismatch),  # flipped
+    ],
+)
+def test_a_bad_tail_raises_before_the_end_comes_out(body: bytes, error: type[Exception]) -> None:
+    check = _check("text/event-stream")
+    out: list[bytes] = []
+    with pytest.raises(error):
+        _run_to_end(check, body, out)
+    assert b"[DONE]" not in b"".join(out)
+
+
+def test_padding_past_the_bound_raises_even_before_the_body_ends() -> None:
+    check = _check("text/event-stream")
+    check.feed(CONTENT + b"data: [DONE]\n\n")
+    with pytest.raises(ReceiptMissing, match="bytes after"):
+        _run(check, (b": " + b"p" * 1000 + b"\n") * 100, step=1000)
+
+
+def test_ndjson_receipt_joined_to_the_final_object_covers_that_object() -> None:
+    lines = b'{"message":{"content":"hi"},"done":false}\n'
+    final = b'{"done":true,"eval_count":4}'
+    token = _token(receipts.body_digest(lines + final + b"\n"))
+    joined = final[:-1] + b',"paygate_receipt":"' + token.encode() + b'"}\n'
+    check = _check("application/x-ndjson")
+    assert _run(check, lines + joined) == lines
+    assert check.end() == joined
+    # The final object changed by a middlebox (the receipt moved with it): refused.
+    forged = joined.replace(b'"eval_count":4', b'"eval_count":1')
+    with pytest.raises(ReceiptMismatch):
+        _run(_check("application/x-ndjson"), lines + forged)
+
+
+def test_a_whole_reply_holds_its_last_chunk_until_the_header_verifies() -> None:
+    body = b'{"choices":[{"message":{"content":"hi"}}]}'
+    check = _check("application/json", header=_token(receipts.body_digest(body)))
+    assert check.feed(body[:10]) == b""
+    assert check.feed(body[10:]) == body[:10]
+    assert check.end() == body[10:]
+    wrong = _check("application/json", header=_token(receipts.body_digest(b"other")))
+    wrong.feed(body)
+    with pytest.raises(ReceiptMismatch):
+        wrong.end()
+
+
+def _record(**changes: Any) -> PaymentRecord:
+    values: dict[str, Any] = {
+        "url": "http://appliance/v1/chat/completions", "x402_version": 2,
+        "network": "eip155:84532", "chain_id": 84532, "asset": ASSET, "amount": Decimal("0.04"),
+        "amount_atomic": 40_000, "pay_to": PAY_TO, "payer": PAYER, "nonce": NONCE,
+        "valid_before": 0, "scheme": "upto",
+        "prices": (Decimal(100), Decimal(400), Decimal(0)), "decimals": 6,
+        **changes,
+    }  # fmt: skip
+    return PaymentRecord(**values)
+
+
+def _upto(**changes: Any) -> dict[str, Any]:
+    charged = token_charge(
+        input_price=Decimal(100), output_price=Decimal(400), minimum=Decimal(0),
+        tokens_in=2, tokens_out=4, decimals=6, maximum=40_000,
+    )  # fmt: skip
+    return _payment(
+        **{
+            "scheme": "upto",
+            "authorized": "40000",
+            "charged": str(charged),
+            "prices": {"input_per_million": "100", "output_per_million": "400", "minimum": "0"},
+            **changes,
+        }
+    )
+
+
+def test_the_payment_must_be_the_one_signed_and_charged_what_its_usage_costs() -> None:
+    check_payment({"usage": USAGE, "payment": _upto()}, _record())
+    for payment, match in (
+        (_upto(id="0x" + "ee" * 32), "payment id"),  # another authorization's receipt
+        (_upto(pay_to="0x" + "99" * 20), "pay to"),
+        (_upto(authorized="50000"), "authorized"),
+        (_upto(charged="1801"), "charges 1801"),  # more than the usage at the prices
+        (
+            _upto(prices={"input_per_million": "1", "output_per_million": "400", "minimum": "0"}),
+            "prices",
+        ),
+        (_upto(scheme="exact"), "scheme"),
+    ):
+        with pytest.raises(ReceiptMismatch, match=match):
+            check_payment({"usage": USAGE, "payment": payment}, _record())
+    with pytest.raises(ReceiptMismatch, match="no usage"):
+        check_payment({"usage": None, "payment": _upto()}, _record())
+    with pytest.raises(ReceiptMismatch, match="did not make"):
+        check_payment({"usage": USAGE, "payment": _upto()}, None)
+    with pytest.raises(ReceiptMismatch, match="names no payment"):
+        check_payment({"usage": USAGE, "payment": None}, _record())
