@@ -13,8 +13,8 @@ fields (type/length/value, field 3 driver version, 6 VBIOS version).
 from __future__ import annotations
 
 import binascii
-import itertools
 import hmac
+import itertools
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
