@@ -136,6 +136,7 @@ class EpochKeys(ClosingKey):
         epoch_seconds: float,
         grace_seconds: float,
         base: KeyBackend | None = None,
+        close_base: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if epoch_seconds <= 0 or grace_seconds < 0 or grace_seconds >= epoch_seconds:
@@ -145,6 +146,7 @@ class EpochKeys(ClosingKey):
         self._epoch_seconds = epoch_seconds
         self._grace = grace_seconds
         self._base = base
+        self._close_base = close_base
         self._clock = clock
         self._lock = threading.RLock()
         self._live: list[Epoch] = []  # current first, then previous
@@ -253,9 +255,11 @@ class EpochKeys(ClosingKey):
         retired (or unknown past) epochs, :class:`WrongReplica` for another replica's."""
         now = self._clock()
         with self._lock:
-            for epoch in self._live:
+            for index, epoch in enumerate(self._live):
                 if epoch.id == key_id:
-                    if now > epoch.not_after or epoch.key is None:
+                    # The current epoch is served until it is replaced, even if a rotation is
+                    # late; a previous one only until its not_after.
+                    if epoch.key is None or (index and now > epoch.not_after):
                         raise EpochRetired
                     return epoch
         owner = replica_of(key_id)
@@ -268,7 +272,11 @@ class EpochKeys(ClosingKey):
         current one first, then the previous one within its grace."""
         now = self._clock()
         with self._lock:
-            return [e for e in self._live if e.key is not None and now <= e.not_after]
+            return [
+                e
+                for index, e in enumerate(self._live)
+                if e.key is not None and (index == 0 or now <= e.not_after)
+            ]
 
     # --- the request being served ---------------------------------------------------------
 
@@ -320,7 +328,7 @@ class EpochKeys(ClosingKey):
             live, self._live = self._live, []
         for epoch in live:
             self._retire(epoch)
-        if self._base is not None:
+        if self._base is not None and self._close_base:
             self._base.close()
 
     # --- ReceiptSigner ---------------------------------------------------------------------

@@ -32,6 +32,7 @@ from enclave import receipts
 from paygate import jsonsafe
 from paygate.jsonsafe import UntrustedJSONError
 from paygate.server.admission import Admission
+from paygate.server.epochs import check_key_header
 from paygate.server.errors import GatewayError, InvalidBatch, QueryNotAllowed, RouteNotFound
 from paygate.server.health import LocalHandler
 from paygate.server.limits import ConcurrencyLimiter
@@ -121,6 +122,7 @@ class Gateway:
         self, request: web.Request, match: RouteMatch, started: float
     ) -> web.StreamResponse:
         info = facts(request)
+        check_key_header(self._opener.epochs, request.headers)  # before any payment work
         async with self._admission.admit(request, match.route) as admitted:
             info.payment = "paid" if admitted.ticket.paid else "free"
             opened = admitted.opened or await self._opener.open(request, admitted.body)
@@ -161,6 +163,7 @@ class Gateway:
         then each item forwarded to ``/v1/chat/completions`` (at most ``concurrency`` at once,
         each holding an upstream slot), answered ``{"results": [...]}`` in order."""
         limits = self._batch_limits
+        check_key_header(self._opener.epochs, request.headers)
         async with self._admission.admit(request, match.route) as admitted:
             opened = admitted.opened or await self._opener.open(request, admitted.body)
             try:

@@ -16,7 +16,9 @@ from aiohttp import web
 
 import enclave
 from enclave import KeyBackend, hpke, p256
+from enclave.keys.epochs import EpochKeys
 from paygate.server.attestation import AttestationService
+from paygate.server.epochs import epochs_document
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.metrics import CONTENT_TYPE, Metrics
 from paygate.server.proxy import Upstream
@@ -67,8 +69,10 @@ class LocalEndpoints:
         upstream_status: Callable[[], Mapping[str, Any]] | None = None,
         models: Sequence[Mapping[str, str]] = (),
         attestation: AttestationService | None = None,
+        epochs: EpochKeys | None = None,
     ) -> None:
         self._key = key
+        self._epochs = epochs
         self._upstream = upstream
         self._limiter = limiter
         self._metrics = metrics
@@ -162,4 +166,8 @@ class LocalEndpoints:
         )
 
     async def pubkey(self, request: web.Request) -> web.Response:
-        return web.json_response(self._pubkey)
+        if self._epochs is None:
+            return web.json_response(self._pubkey)
+        # Key epochs: the current key (what Obol clients seal to) and the live epochs, now.
+        document = {**pubkey_document(self._key), **epochs_document(self._epochs)}
+        return web.json_response(document, headers={"Cache-Control": "no-store"})

@@ -26,6 +26,7 @@ from typing import Any
 from enclave import receipts
 from enclave.attestation.binding import ModelDigest
 from enclave.keys.base import ReceiptSigner
+from enclave.keys.epochs import request_signer
 from paygate import wire
 from paygate.upstream.usage import Usage
 from paygate.x402.inband import DoneLineHolder, done_object
@@ -97,7 +98,9 @@ class ReceiptIssuer:
             "issued_at": int(self._clock()),
         }
         loop = asyncio.get_running_loop()
-        token = await loop.run_in_executor(None, receipts.sign, claims, self._signer)
+        # Under key epochs: the receipt key of the epoch this request was sealed to.
+        signer = request_signer(self._signer)
+        token = await loop.run_in_executor(None, receipts.sign, claims, signer)
         if self._on_signed is not None:
             await self._on_signed(token)
         return token
