@@ -271,7 +271,8 @@ class NvidiaGpuVerifier:
                 ok = version_tuple(shown) >= minimum
             except ValueError:
                 ok = False
-            wanted = ".".join(str(p) for p in minimum)
+            spell = "{:02x}" if name == "vbios_min" else "{}"
+            wanted = ".".join(spell.format(p) for p in minimum)
             checks.expect(
                 name, ok, Code.TCB_TOO_LOW, f"{shown} {'>=' if ok else '<'} {wanted} (minimum)"
             )
