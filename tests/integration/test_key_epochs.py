@@ -79,7 +79,8 @@ async def test_rotation_under_load_drops_no_request_then_the_client_reattests_on
             warm = await client.post(CHAT, json=CHAT_BODY)
             assert warm.status_code == 200, warm.text
             key = transport.key(stack.url)
-            assert key is not None and key.key_id == first["key_id"]
+            assert key is not None
+            assert key.key_id == first["key_id"]
             # A request sealed to the first epoch, kept to be sent after its retirement.
             kept = enclave.seal_v2(
                 key.public_key, BODY, method="POST", path=CHAT, key_id=key.key_id
@@ -104,7 +105,8 @@ async def test_rotation_under_load_drops_no_request_then_the_client_reattests_on
             assert (await _post_sealed(stack, kept, first["key_id"]))[0] == 200
             stop.set()
             await asyncio.gather(*workers)
-            assert statuses and set(statuses) == {200}, statuses
+            assert statuses
+            assert set(statuses) == {200}, statuses
             assert inner.count(wire.ATTESTATION_PATH) == 1  # the load never re-attested
 
             # After the grace period the previous epoch is retired: its keys are gone.
@@ -130,7 +132,8 @@ async def test_rotation_under_load_drops_no_request_then_the_client_reattests_on
             assert again.status_code == 200, again.text
             assert inner.count(wire.ATTESTATION_PATH) == 2
             renewed = transport.key(stack.url)
-            assert renewed is not None and renewed.key_id == status["key_id"]
+            assert renewed is not None
+            assert renewed.key_id == status["key_id"]
             assert again.extensions["paygate"].key_fingerprint == p256.fingerprint(
                 bytes.fromhex(status["epochs"][0]["sealing_key"])
             )
@@ -193,7 +196,8 @@ def test_sync_client_reattests_after_a_rotation_past_the_grace(tmp_path: Path) -
             reply = client.post(CHAT, json=CHAT_BODY)
             assert reply.status_code == 200
             after = transport.key(stack.url)
-            assert before is not None and after is not None
+            assert before is not None
+            assert after is not None
             assert (before.key_id, after.key_id) == (
                 status["epochs"][1]["id"],
                 status["key_id"],
