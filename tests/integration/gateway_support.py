@@ -55,6 +55,7 @@ async def running_stack(
     upstream_url: str | None = None,
     fake: FakeModelServer | None = None,
     key: KeyBackend | None = None,
+    gpu: Any = None,
     **overrides: Any,
 ) -> AsyncIterator[Stack]:
     """The fake on a free port, and a gateway (software key in memory unless ``key`` is given,
@@ -66,7 +67,8 @@ async def running_stack(
     # monitor (nor breaker) unless a test asks; those have their own tests (test_upstream_*).
     overrides.setdefault("upstream_monitor", False)
     settings = load_settings(None, upstream_url=upstream_url or fake_url, **overrides)
-    gateway_runner, url = await _serve(build_app(settings, key=key), **server_options(settings))
+    app = build_app(settings, key=key, gpu=gpu)
+    gateway_runner, url = await _serve(app, **server_options(settings))
     client = aiohttp.ClientSession(timeout=TIMEOUT)
     try:
         yield Stack(fake, key, settings, url, fake_url, client)
