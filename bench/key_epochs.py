@@ -149,7 +149,17 @@ async def client_paths(rounds: int, work: Path) -> dict[str, Any]:
         policy = AttestationPolicy(
             allow_unattested=True, code_digests=frozenset({release.code_digest()})
         )
-        transport = AsyncPaygateTransport(envelope="v2", attestation=policy)
+        fetched: list[str] = []
+
+        class Counting(httpx.AsyncBaseTransport):
+            def __init__(self) -> None:
+                self._inner = httpx.AsyncHTTPTransport()
+
+            async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+                fetched.append(request.url.path)
+                return await self._inner.handle_async_request(request)
+
+        transport = AsyncPaygateTransport(transport=Counting(), envelope="v2", attestation=policy)
         async with httpx.AsyncClient(transport=transport, base_url=stack.url, timeout=30) as c:
             await c.post(CHAT, json=BODY)
             for _ in range(rounds):
@@ -159,8 +169,11 @@ async def client_paths(rounds: int, work: Path) -> dict[str, Any]:
                 await asyncio.to_thread(request_rotation, work / "epochs", 20.0)
                 await asyncio.sleep(1.2)  # grace 0: retired at the loop's next pass
                 started = time.perf_counter()
-                assert (await c.post(CHAT, json=BODY)).status_code == 200
+                reply = await c.post(CHAT, json=BODY)
                 stale.append(time.perf_counter() - started)
+                assert reply.status_code == 200
+        attests = fetched.count("/v1/attestation")
+        assert attests == rounds + 1, attests  # each retired-key request re-attested once
     return {"live_key": _ms(live), "retired_key_reattest": _ms(stale)}
 
 
