@@ -363,3 +363,12 @@ def test_ocsp_is_asked_when_given_and_a_visible_skip_otherwise() -> None:
     offline = {c.name: c for c in _verify(gpu, NvidiaGpuPolicy(), ocsp=unreachable).checks}
     assert offline["revocation"].status == "skip"
     assert "unreachable" in offline["revocation"].detail
+
+
+def test_key_epochs_are_refused_with_several_workers() -> None:
+    from paygate.config import ConfigError
+    from paygate.server.workers import check_workers
+
+    with pytest.raises(ConfigError, match="key_epoch"):
+        check_workers(2, upstream_mode="attach", key_backend="software", tpm_tcti="", key_epoch=60)
+    check_workers(1, upstream_mode="attach", key_backend="software", tpm_tcti="", key_epoch=60)
