@@ -173,6 +173,19 @@ async def test_unkeyed_requests_open_with_the_current_then_the_previous_epoch(
         )
         forged[3 : 3 + len(live[1]["id"])] = live[1]["id"].encode()
         assert await _post_sealed(stack, bytes(forged), None) == (400, "decryption_failed")
+        # The clear header is checked first, whatever the body: bounded, printable, live here.
+        for header, expected in (
+            ("x" * 300, (400, "bad_request")),
+            ("0" * 16 + "@other-replica", (421, "wrong_replica")),
+            ("0" * 16 + "@" + live[0]["id"].partition("@")[2], (410, "key_epoch_retired")),
+        ):
+            async with stack.client.post(
+                stack.url + CHAT, json=CHAT_BODY, headers={wire.KEY_ID_HEADER: header}
+            ) as response:
+                assert (response.status, response.headers.get(wire.ERROR_HEADER)) == expected
+                if expected[1] == "wrong_replica":
+                    assert response.headers[wire.REPLICA_HEADER] == "other-replica"
+        assert stack.fake.hits["POST /v1/chat/completions"] == 4  # v1 and v2, two keys
 
 
 def test_sync_client_reattests_after_a_rotation_past_the_grace(tmp_path: Path) -> None:
@@ -202,3 +215,32 @@ def test_sync_client_reattests_after_a_rotation_past_the_grace(tmp_path: Path) -
                 status["epochs"][1]["id"],
                 status["key_id"],
             )
+
+
+async def test_each_rotation_is_a_key_epoch_entry_in_the_transparency_log(
+    tmp_path: Path,
+) -> None:
+    """With the log on, a client's log check (the key-epoch entry of the attested keys must be
+    in the log) passes before and after a rotation: the new epoch's keys were logged."""
+    from paygate.client.tlog import LogState
+    from tests.integration.test_transparency_gateway import chat, gateway_settings, policy
+
+    epochs_dir = tmp_path / "epochs"
+    settings = gateway_settings(tmp_path, key_epoch=60, key_epoch_grace=1, key_epoch_dir=epochs_dir)
+    async with running_stack(key=SoftwareKey.generate(), **settings) as stack:
+        state = LogState(tmp_path / "log-state.json")
+        assert (await chat(stack.url, policy(state))).status_code == 200
+        status = await asyncio.to_thread(request_rotation, epochs_dir, 20.0)
+
+        async def logged() -> bool:
+            async with stack.client.get(stack.url + "/v1/log/checkpoint") as response:
+                return int((await response.text()).splitlines()[1]) >= 3
+
+        async with asyncio.timeout(15):  # release, first epoch, the rotation's epoch
+            while not await logged():
+                await asyncio.sleep(0.1)
+        reply = await chat(stack.url, policy(state))
+        assert reply.status_code == 200
+        assert reply.extensions["paygate"].key_fingerprint == p256.fingerprint(
+            bytes.fromhex(status["epochs"][0]["sealing_key"])
+        )
