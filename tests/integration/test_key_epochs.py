@@ -244,3 +244,46 @@ async def test_each_rotation_is_a_key_epoch_entry_in_the_transparency_log(
         assert reply.extensions["paygate"].key_fingerprint == p256.fingerprint(
             bytes.fromhex(status["epochs"][0]["sealing_key"])
         )
+
+
+def test_a_paid_request_with_a_retired_key_is_refused_before_any_payment(
+    facilitator: Any, seller: str, payer: Any, usdc: Any, tmp_path: Path
+) -> None:
+    """The stale key is answered before the 402: nothing is signed for it; after one
+    re-attestation the request is paid once and served."""
+    from decimal import Decimal
+
+    from paygate.client import SpendPolicy
+    from tests.fixtures.chain import PAYER_FUNDS
+    from tests.integration.payment_support import PRICE_ATOMIC, paid_settings
+
+    epochs_dir = tmp_path / "epochs"
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / "ledger.db",
+        require_encryption=True,
+        key_epoch=60,
+        key_epoch_grace=1,
+        key_epoch_dir=epochs_dir,
+    )
+    spend = SpendPolicy(max_per_request="0.01", max_total="1", networks=["base-sepolia"])
+    with ThreadedStack(key=SoftwareKey.generate(), **settings) as stack:
+        transport = PaygateTransport(
+            envelope="v2", attestation=_policy(), wallet=payer, spend=spend
+        )
+        with httpx.Client(transport=transport, base_url=stack.url, timeout=30) as client:
+            assert client.post(CHAT, json=CHAT_BODY).status_code == 200
+            request_rotation(epochs_dir, 20.0)
+            for _ in range(150):  # past the grace: the first epoch retired (bounded, 15 s)
+                document = httpx.get(stack.url + wire.PUBKEY_PATH, timeout=5).json()
+                if len(document["epochs"]) == 1:
+                    break
+                time.sleep(0.1)
+            reply = client.post(CHAT, json=CHAT_BODY)
+            assert reply.status_code == 200, reply.text
+        assert len(transport.payments) == 2  # one per request: nothing signed for the stale key
+        assert all(record.settled for record in transport.payments)
+        assert transport.spent == Decimal(2 * PRICE_ATOMIC) / Decimal(10**6)
+        assert usdc.balance_of(seller) == 2 * PRICE_ATOMIC
+        assert usdc.balance_of(payer.address) == PAYER_FUNDS - 2 * PRICE_ATOMIC
