@@ -144,6 +144,8 @@ def load_tee_policies(path: str | os.PathLike[str]) -> dict[str, TeePolicy]:
         raise ValueError(f"{file}: a JSON object keyed by sev-snp, tdx or nitro")
     policies: dict[str, TeePolicy] = {}
     for kind, entry in data.items():
+        if kind == "gpu":  # the GPU's entry (load_gpu_policy), beside the TEE kinds
+            continue
         if kind not in _TEE_POLICY_TYPES or not isinstance(entry, dict):
             raise ValueError(f"{file}: {kind!r} is not a TEE kind with a policy object")
         options = dict(entry)
@@ -183,10 +185,12 @@ class GpuPolicy:
     ocsp: OcspCheck | None = None
 
     @classmethod
-    def from_mapping(cls, m: Mapping[str, Any], base: Path | None = None) -> GpuPolicy:
-        """``{"gpu": "required"|"optional", "measurements", "driver_min", ..., "roots"}``."""
-        options = dict(m)
-        mode = options.pop("gpu", "required")
+    def from_mapping(cls, m: Mapping[str, Any] | str, base: Path | None = None) -> GpuPolicy:
+        """A policy file's ``gpu`` entry: ``"required"``, ``"optional"``, or ``{"mode":
+        "required"|"optional", "measurements", "driver_versions", "vbios_versions",
+        "driver_min", "vbios_min", "roots": "<PEM file>"}``."""
+        options = {"mode": m} if isinstance(m, str) else dict(m)
+        mode = options.pop("mode", "required")
         if mode not in ("required", "optional"):
             raise ValueError("gpu is 'required' or 'optional'")
         roots_file = options.pop("roots", None)
@@ -195,6 +199,24 @@ class GpuPolicy:
             pem = ((base or Path(".")) / str(roots_file)).read_bytes()
             roots = tuple(x509.load_pem_x509_certificates(pem))
         return cls(mode == "required", NvidiaGpuPolicy.from_mapping(options), roots)
+
+
+def load_gpu_policy(path: str | os.PathLike[str]) -> GpuPolicy | None:
+    """The ``gpu`` entry of a policy file (see :meth:`GpuPolicy.from_mapping`), or None."""
+    file = Path(path)
+    try:
+        raw = file.read_bytes()
+        if len(raw) > MAX_POLICY_FILE:
+            raise ValueError(f"larger than {MAX_POLICY_FILE} bytes")
+        data = jsonsafe.loads(raw, max_bytes=MAX_POLICY_FILE)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the policy file {file}: {exc}") from None
+    if not isinstance(data, dict) or "gpu" not in data:
+        return None
+    try:
+        return GpuPolicy.from_mapping(data["gpu"], file.parent)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{file}: gpu: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +291,7 @@ class AttestationPolicy:
             allow_unattested=allow_unattested,
             tee=load_tee_policies(tee_policy) if tee_policy is not None else {},
             code_digests=frozenset(code_digests),
+            gpu=load_gpu_policy(tee_policy) if tee_policy is not None else None,
         )
 
 

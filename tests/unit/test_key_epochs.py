@@ -372,3 +372,33 @@ def test_key_epochs_are_refused_with_several_workers() -> None:
     with pytest.raises(ConfigError, match="key_epoch"):
         check_workers(2, upstream_mode="attach", key_backend="software", tpm_tcti="", key_epoch=60)
     check_workers(1, upstream_mode="attach", key_backend="software", tpm_tcti="", key_epoch=60)
+
+
+def test_a_policy_file_can_require_a_gpu(tmp_path: Any) -> None:
+    import json as json_module
+
+    from paygate.client.attestation import AttestationPolicy, GpuPolicy, load_gpu_policy
+
+    gpu = StandInGpu.make()
+    from cryptography.hazmat.primitives import serialization
+
+    (tmp_path / "gpu-root.pem").write_bytes(gpu.root.public_bytes(serialization.Encoding.PEM))
+    entry = {"mode": "required", "driver_min": "550.90", "measurements": {"2": "ab" * 48},
+             "roots": "gpu-root.pem"}  # fmt: skip
+    path = tmp_path / "policy.json"
+    path.write_text(json_module.dumps({"gpu": entry}))
+    loaded = load_gpu_policy(path)
+    assert loaded is not None
+    assert loaded.required
+    assert loaded.policy.driver_min == (550, 90)
+    assert loaded.roots == (gpu.root,)
+    policy = AttestationPolicy.from_files(
+        None, tee_policy=path, code_digests={"sha256:" + "0" * 64}
+    )
+    assert policy.gpu == loaded
+    assert policy.tee == {}
+    assert GpuPolicy.from_mapping("optional").required is False
+    for bad in ("sometimes", {"mode": "required", "driver_minimum": "1"}):
+        path.write_text(json_module.dumps({"gpu": bad}))
+        with pytest.raises(ValueError, match="gpu"):
+            load_gpu_policy(path)
