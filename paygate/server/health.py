@@ -103,14 +103,16 @@ class LocalEndpoints:
         return handlers
 
     async def health(self, request: web.Request) -> web.Response:
+        # With key epochs the key changes: the current one, not the one at start.
+        pubkey = self._pubkey if self._epochs is None else pubkey_document(self._key)
         return web.json_response(
             {
                 "status": "ok",
                 "payment_mode": self._payment_mode,
                 "key": {
-                    "backend": self._pubkey["backend"],
-                    "persistent": self._pubkey["persistent"],
-                    "fingerprint": self._pubkey["fingerprint"],
+                    "backend": pubkey["backend"],
+                    "persistent": pubkey["persistent"],
+                    "fingerprint": pubkey["fingerprint"],
                 },
                 "in_flight": self._limiter.in_flight,
                 "max_concurrent_requests": self._limiter.limit,
