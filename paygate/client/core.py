@@ -231,10 +231,14 @@ class ClientCore:
             self._keys.clear()
             self._attested.clear()
 
-    def forget_origin(self, origin: str) -> None:
+    def forget_origin(self, origin: str, stale: EnclaveKey | None = None) -> None:
         """Drop one origin's key and attestation (its key epoch is gone): fetch and attest
-        again on the next request."""
+        again on the next request. With ``stale``, only if that is still the cached key (a
+        concurrent request may have renewed it already)."""
         with self._lock:
+            cached = self._keys.get(origin)
+            if stale is not None and cached is not None and cached != stale:
+                return
             self._keys.pop(origin, None)
             self._attested.pop(origin, None)
 
@@ -389,7 +393,7 @@ class ClientCore:
             # balancer moved us): fetch and attest again, once, and re-seal. Nothing was paid.
             retried = True
             yield Discard(response)
-            key = yield from self._renew_key(request, body)
+            key = yield from self._renew_key(request, body, key)
             attempt = self._attempt(request, body, envelope, key, None)
             response = yield Send(attempt.request)
         record: PaymentRecord | None = None
@@ -411,7 +415,7 @@ class ClientCore:
                 # Retired between the 402 and now: the payment was not taken (the gateway
                 # refuses a stale key before the payment is settled); send it again re-sealed.
                 yield Discard(response)
-                key = yield from self._renew_key(request, body)
+                key = yield from self._renew_key(request, body, key)
                 attempt = self._attempt(
                     request, body, envelope, key, (payment.header, payment.value)
                 )
@@ -423,10 +427,10 @@ class ClientCore:
         return (yield from self._reply(attempt, response, record))
 
     def _renew_key(
-        self, request: httpx.Request, body: bytes
+        self, request: httpx.Request, body: bytes, stale: EnclaveKey
     ) -> Generator[Command, Any, EnclaveKey]:
         origin = origin_of(request.url)
-        self.forget_origin(origin)
+        self.forget_origin(origin, stale)
         key: EnclaveKey = yield LoadKey(origin, request)
         self._check_model(origin, body)
         return key
