@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,13 @@ import httpx
 import pytest
 
 import enclave
-from enclave import SoftwareKey, p256
+from enclave import SoftwareKey, p256, receipts
 from paygate import release, wire
 from paygate.client import AsyncPaygateTransport, AttestationPolicy, PaygateTransport
 from paygate.server.epochs import request_rotation
 from tests.integration.gateway_support import Stack, ThreadedStack, eventually, running_stack
 from tests.integration.payment_support import CHAT, CHAT_BODY
+from tests.integration.scale_support import PAYGATE
 
 GRACE = 2.0
 BODY = json.dumps(CHAT_BODY).encode()
@@ -78,6 +80,8 @@ async def test_rotation_under_load_drops_no_request_then_the_client_reattests_on
         async with httpx.AsyncClient(transport=transport, base_url=stack.url, timeout=30) as client:
             warm = await client.post(CHAT, json=CHAT_BODY)
             assert warm.status_code == 200, warm.text
+            old_receipt = warm.extensions["paygate_receipt"].token
+            assert old_receipt is not None
             key = transport.key(stack.url)
             assert key is not None
             assert key.key_id == first["key_id"]
@@ -118,6 +122,9 @@ async def test_rotation_under_load_drops_no_request_then_the_client_reattests_on
                     await asyncio.sleep(0.2)
             document = await _document(stack)
             assert document["retired_receipt_keys"][0]["id"] == first["key_id"]
+            # A receipt of the retired epoch still verifies with its published receipt key.
+            retired_key = bytes.fromhex(document["retired_receipt_keys"][0]["receipt_key"])
+            assert receipts.verify(old_receipt, retired_key)["request_digest"].startswith("sha256:")
             assert await _post_sealed(stack, kept, first["key_id"]) == (410, "key_epoch_retired")
             # Without the clear header the envelope's own key id says the same.
             assert await _post_sealed(stack, kept, None) == (410, "key_epoch_retired")
@@ -155,7 +162,15 @@ async def test_unkeyed_requests_open_with_the_current_then_the_previous_epoch(
         key=SoftwareKey.generate(), key_epoch=60, key_epoch_grace=30, key_epoch_dir=epochs_dir
     ) as stack:
         old = bytes.fromhex((await _document(stack))["pubkey"])
-        await asyncio.to_thread(request_rotation, epochs_dir, 20.0)
+        # As an operator would: `paygate keys rotate` against the running gateway.
+        rotated = await asyncio.to_thread(
+            subprocess.run,
+            [PAYGATE, "keys", "rotate", "--epoch-dir", str(epochs_dir), "--json"],
+            capture_output=True,
+            timeout=60,
+        )
+        assert rotated.returncode == 0, rotated.stderr
+        assert json.loads(rotated.stdout)["epochs"][1]["sealing_key"] == old.hex()
         new = bytes.fromhex((await _document(stack))["pubkey"])
         assert new != old
         for point in (new, old):
@@ -289,3 +304,14 @@ def test_a_paid_request_with_a_retired_key_is_refused_before_any_payment(
         assert transport.spent == Decimal(2 * PRICE_ATOMIC) / Decimal(10**6)
         assert usdc.balance_of(seller) == 2 * PRICE_ATOMIC
         assert usdc.balance_of(payer.address) == PAYER_FUNDS - 2 * PRICE_ATOMIC
+
+
+def test_keys_rotate_without_a_running_gateway_says_so(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [PAYGATE, "keys", "rotate", "--epoch-dir", str(tmp_path / "none"), "--timeout", "1"],
+        capture_output=True,
+        timeout=60,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "no running gateway with key epochs" in result.stderr
