@@ -107,6 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
         upstream_mode=settings.upstream_mode,
         key_backend=settings.key_backend,
         tpm_tcti=settings.tpm_tcti,
+        key_epoch=settings.key_epoch,
     )
     check_payment_settings(settings)  # before forking: one clear error, not N
     metrics_dir = os.environ.get(MULTIPROC_ENV)

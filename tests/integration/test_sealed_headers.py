@@ -22,7 +22,7 @@ import pytest
 from enclave import receipts
 from paygate.client import AttestationPolicy, PaygateTransport, SpendPolicy
 from paygate.server.routes import default_routes
-from paygate.x402.metering import METERED_PATHS
+from paygate.upstream.shaping import GENERATION_PATHS
 from paygate.x402.models import USAGE_EXTENSION
 from tests.integration.gateway_support import Stack, ThreadedStack
 from tests.integration.payment_support import paid_settings
@@ -98,7 +98,7 @@ def _requests(metered_only: bool) -> list[tuple[str, str, Any]]:
     for route in default_routes().routes:
         if route.target not in ("upstream", "batch"):
             continue
-        if metered_only and route.path not in METERED_PATHS and route.target != "batch":
+        if metered_only and route.path not in GENERATION_PATHS and route.target != "batch":
             continue
         path = route.path.replace("{model}", MODEL)
         body = BODIES.get(route.path)
