@@ -69,6 +69,7 @@ from paygate.x402.results import Admission, Receipt, Refusal
 from paygate.x402.schemes import SCHEMES, Authorized
 from paygate.x402.settlement import Settlement
 from paygate.x402.settler import ReviewRequired, SettlementUnknown, Settler, SettlerUnavailable
+from paygate.x402.smartwallet import WalletVerifier
 from paygate.x402.verify import PaymentRejected, match_offer
 
 log = logging.getLogger("paygate.x402")
@@ -189,8 +190,10 @@ class PaymentProcessor:
         clock: Callable[[], float] = time.time,
         events: PaymentEvents | None = None,
         economics: EconomicsCheck | None = None,
+        wallets: WalletVerifier | None = None,
     ) -> None:
         self.terms = terms
+        self._wallets = wallets  # contract-wallet sign-ins: asked on chain (smartwallet)
         self.economics = economics
         self._events: PaymentEvents = events if events is not None else NoEvents()
         self._ledger = ledger
@@ -390,14 +393,17 @@ class PaymentProcessor:
         parts = urlsplit(resource.url)
         try:
             proof = siwx.parse(signin)
-            payer = siwx.verify(
+            payer = await siwx.verify_wallet(
                 proof,
                 origin=f"{parts.scheme}://{parts.netloc}",
                 networks=[a.network.caip2 for a in self.terms.accepted],
                 now=now,
+                wallets=self._wallets,
             )
         except siwx.SiwxRejected as exc:
             return self.challenge(402, exc.reason, str(exc), offers, resource)
+        except SettlerUnavailable as exc:
+            return self.unavailable("payment_verifier_unavailable", str(exc))
         if self._payer_check is not None:
             limited = self._payer_check(route, model, payer)
             if limited is not None:
