@@ -374,8 +374,12 @@ class ChainSettler:
             return None  # deployed since it signed: the wrapper is just unwrapped
         return deployment
 
-    def _deploy_then(self, deployment: smartwallet.Deployment, transfer: Any) -> Any:
-        """One Multicall3 call: deploy the wallet, then the transfer (atomic: both or none)."""
+    def _deploy_then(
+        self, deployment: smartwallet.Deployment, transfer: Any, *, diagnose: bool = False
+    ) -> Any:
+        """One Multicall3 call: deploy the wallet, then the transfer. Sent, it is atomic (both
+        or none; gas is estimated for both). ``diagnose`` (a simulation): a failed transfer
+        does not revert the call, so its revert reason can be read."""
         multicall = self._w3.eth.contract(
             address=to_checksum_address(smartwallet.MULTICALL3_ADDRESS),
             abi=smartwallet.AGGREGATE3_ABI,
@@ -389,7 +393,7 @@ class ChainSettler:
         return multicall.functions.aggregate3(
             [
                 (deployment.factory, False, deployment.calldata),
-                (transfer.address, True, data),
+                (transfer.address, diagnose, data),
             ]
         )
 
@@ -417,7 +421,8 @@ class ChainSettler:
             return smartwallet.FACTORY_NOT_ALLOWED
         try:
             results = await self._call(
-                self._deploy_then(deployment, transfer).call, {"from": self._account.address}
+                self._deploy_then(deployment, transfer, diagnose=True).call,
+                {"from": self._account.address},
             )
         except ContractLogicError:
             return smartwallet.DEPLOYMENT_FAILED  # the factory call itself failed

@@ -67,6 +67,8 @@ class FacilitatorSettings:
     settle_timeout: float = 60.0
     # Headers every API call must carry (a hosted facilitator's API key); 401 without them.
     required_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # ERC-6492 factories the SDK may call to deploy a counterfactual smart-wallet payer.
+    eip6492_factories: tuple[str, ...] = ()
 
 
 def build_sdk_facilitator(settings: FacilitatorSettings) -> tuple[x402FacilitatorSync, str]:
@@ -81,6 +83,7 @@ def build_sdk_facilitator(settings: FacilitatorSettings) -> tuple[x402Facilitato
         facilitator,
         signer,
         networks=settings.network,
+        eip6492_allowed_factories=list(settings.eip6492_factories),
         simulate_in_settle=settings.simulate_in_settle,
     )
     # `upto` (Permit2 through the x402UptoPermit2Proxy), v2 only, as the SDK ships it.
