@@ -14,6 +14,7 @@ from eth_account import Account
 from hypothesis import given
 from hypothesis import strategies as st
 
+from paygate.config import ConfigError, load_settings
 from paygate.x402 import smartwallet
 from paygate.x402.verify import PaymentRejected, check_authorization, match_offer
 from tests.unit.test_x402_core import sdk_payment, terms
@@ -110,3 +111,11 @@ def test_multicall_encoding_round_trips() -> None:
     assert smartwallet.revert_text(b"\xde\xad") == "0xdead"
     call = smartwallet.is_valid_signature_data(b"\x22" * 32, b"\x33")
     assert call[:4] == smartwallet.EIP1271_MAGIC
+
+
+def test_erc6492_factories_setting_splits_and_refuses_non_addresses(monkeypatch) -> None:
+    monkeypatch.setenv("PAYGATE_ERC6492_FACTORIES", f"{FACTORY}, 0x{'ab' * 20}")
+    assert load_settings(None).erc6492_factories == [FACTORY, "0x" + "ab" * 20]
+    for bad in ("0x1234", "factory.example", f"{FACTORY},-1"):
+        with pytest.raises(ConfigError, match="erc6492_factories"):
+            load_settings(None, erc6492_factories=bad)

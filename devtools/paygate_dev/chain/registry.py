@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import posixpath
 import re
 from pathlib import Path
@@ -164,7 +165,7 @@ def permit2() -> Contract:
             "deployedBytecode": "0x" + out["evm"]["deployedBytecode"]["object"],
         }
         cache.parent.mkdir(exist_ok=True)
-        partial = cache.with_suffix(".tmp")
+        partial = cache.with_suffix(f".{os.getpid()}.tmp")  # parallel test processes
         partial.write_text(json.dumps(entry))
         partial.replace(cache)
     contract = Contract("Permit2", entry["abi"], entry["bytecode"], entry["deployedBytecode"])
