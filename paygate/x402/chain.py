@@ -386,7 +386,7 @@ class ChainSettler:
         )
         # The same call, as calldata (web3 encodes it by the exact overload's signature).
         data = bytes.fromhex(
-            transfer.w3.eth.contract(address=transfer.address, abi=EIP3009_ABI)
+            self._w3.eth.contract(address=transfer.address, abi=EIP3009_ABI)
             .encode_abi(transfer.signature, args=transfer.args)
             .removeprefix("0x")
         )
