@@ -1,4 +1,4 @@
-"""The dev chain is real: anvil, our EIP-3009 token, and the official x402 SDK on both ends.
+"""The dev chain is real: anvil, Circle's FiatToken (npm), and the official x402 SDK on both ends.
 
 The SDK's paying client signs, our HTTP facilitator (the SDK's facilitator behind aiohttp)
 verifies and settles on anvil, and balances move on-chain by exactly the amount paid. Every
