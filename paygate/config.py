@@ -234,6 +234,9 @@ class Settings(BaseSettings):
     payment_identifier_ttl_seconds: Annotated[float, Field(ge=60, le=90 * 86_400)] = 86_400.0
     reconcile_interval_seconds: PositiveFloat = 30.0
     chain_rpc_url: str | None = None
+    # ERC-6492 factories trusted to deploy a counterfactual smart-wallet payer (chain-mode
+    # settlement, smart-wallet sign-ins); empty: such wallets pay once deployed.
+    erc6492_factories: Annotated[list[str], NoDecode] = Field(default_factory=list)
     gas_key: SecretStr | None = None
     gas_key_file: Path | None = None
 
@@ -315,6 +318,19 @@ class Settings(BaseSettings):
         if value in (None, ""):
             return None
         split_listen(value)
+        return value
+
+    @field_validator("erc6492_factories", mode="before")
+    @classmethod
+    def _split_factories(cls, value: Any) -> Any:
+        return cls._split_proxies(value)
+
+    @field_validator("erc6492_factories")
+    @classmethod
+    def _check_factories(cls, value: list[str]) -> list[str]:
+        for address in value:
+            if not re.fullmatch(r"0x[0-9a-fA-F]{40}", address):
+                raise ValueError("erc6492_factories must be 0x-prefixed 20-byte hex addresses")
         return value
 
     @field_validator("console_wallets", mode="before")
