@@ -7,6 +7,11 @@ header. A request sealed for one route does not open on another, and the version
 authenticated (it selects the info label). Anyone holding only ``cryptography``'s HPKE can build
 a request: ``b"\\x02" + Suite(P256, HKDF_SHA256, AES_256_GCM).encrypt(secret + body, pk, info)``.
 
+Keyed request (key epochs, per-replica keys): ``0x02 || 0x00 || len (1) || key_id || enc (65) ||
+HPKE ciphertext``, and the key id is appended to ``info`` (``... || 0x00 || key_id``), so it is
+authenticated: a request whose key id was rewritten does not open. A request without one (the
+``0x04`` of ``enc`` follows the version byte) is the unkeyed form above, unchanged.
+
 Reply: ``0x02 || response_nonce (32) || frame ...``, each frame ``header (4) || AES-256-GCM(key,
 base_nonce XOR seq, aad = header, chunk)``, the header a big-endian word whose top bit marks the
 final frame and whose low 31 bits give the sealed length; ``key`` and ``base_nonce`` come
@@ -41,6 +46,8 @@ REPLY_NONCE_LABEL = b"paygate-envelope-v2 reply nonce"
 REQUEST_NONCE_LABEL = b"paygate-envelope-v2 request nonce"
 RECEIPT_KEY_LABEL = b"paygate-envelope-v2 receipt key"
 REPLY_SECRET_LEN = 32
+KEYED = 0x00  # after the version byte: a key id follows (an unkeyed blob has enc's 0x04 there)
+MAX_KEY_ID = 255
 RESPONSE_NONCE_LEN = 32
 REQUEST_OVERHEAD = 1 + hpke.N_ENC + hpke.N_T + REPLY_SECRET_LEN
 REPLY_HEADER_LEN = 1 + RESPONSE_NONCE_LEN
@@ -50,9 +57,35 @@ MAX_FRAME = MAX_CHUNK + hpke.N_T
 _FINAL_BIT = 1 << 31
 
 
-def request_info(method: str, path: str) -> bytes:
-    """The HPKE ``info`` that binds a sealed request to its HTTP method and path (no query)."""
-    return REQUEST_LABEL + b"\x00" + method.upper().encode() + b"\x00" + path.encode()
+def request_info(method: str, path: str, key_id: str | None = None) -> bytes:
+    """The HPKE ``info`` that binds a sealed request to its HTTP method and path (no query),
+    and to the key id it names, when it names one."""
+    info = REQUEST_LABEL + b"\x00" + method.upper().encode() + b"\x00" + path.encode()
+    return info if key_id is None else info + b"\x00" + key_id.encode()
+
+
+def _key_id_bytes(key_id: str) -> bytes:
+    raw = key_id.encode()
+    if not 0 < len(raw) <= MAX_KEY_ID or not key_id.isprintable() or not key_id.isascii():
+        raise ValueError("a key id is 1 to 255 printable ASCII characters")
+    return raw
+
+
+def request_key_id(blob: bytes) -> str | None:
+    """The key id a v2 request names (None: the unkeyed form). Raises DecryptionError for a
+    malformed keyed header; nothing here is authenticated until the request opens."""
+    blob = bytes(blob[: 3 + MAX_KEY_ID])
+    if len(blob) < 2 or blob[0] != VERSION or blob[1] != KEYED:
+        return None
+    if len(blob) < 3 or blob[2] == 0 or len(blob) < 3 + blob[2]:
+        raise DecryptionError
+    try:
+        key_id = blob[3 : 3 + blob[2]].decode("ascii")
+    except UnicodeDecodeError:
+        raise DecryptionError from None
+    if not key_id.isprintable():
+        raise DecryptionError
+    return key_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,11 +115,24 @@ class OpenedRequest:
 
 
 def seal_v2(
-    public_key: bytes, body: bytes, *, method: str, path: str, reply_secret: bytes | None = None
+    public_key: bytes,
+    body: bytes,
+    *,
+    method: str,
+    path: str,
+    reply_secret: bytes | None = None,
+    key_id: str | None = None,
 ) -> SealedRequest:
-    """Seal a request body to the appliance's key, bound to ``method`` and ``path``."""
+    """Seal a request body to the appliance's key, bound to ``method`` and ``path`` (and to
+    ``key_id``, carried in the header for the appliance to pick its key, when given)."""
     return _seal_v2_deterministic(
-        public_key, body, method, path, reply_secret or os.urandom(REPLY_SECRET_LEN), None
+        public_key,
+        body,
+        method,
+        path,
+        reply_secret or os.urandom(REPLY_SECRET_LEN),
+        None,
+        key_id=key_id,
     )
 
 
@@ -97,22 +143,36 @@ def _seal_v2_deterministic(
     path: str,
     reply_secret: bytes,
     ephemeral: ec.EllipticCurvePrivateKey | None,
+    *,
+    key_id: str | None = None,
 ) -> SealedRequest:
     # Test seam: known-answer vectors fix the ephemeral key and the reply secret.
     if len(reply_secret) != REPLY_SECRET_LEN:
         raise ValueError("reply secret must be 32 bytes")
-    enc, ctx = hpke.setup_base_s(public_key, request_info(method, path), ephemeral=ephemeral)
-    blob = bytes([VERSION]) + enc + ctx.seal(b"", reply_secret + body)
+    header = bytes([VERSION])
+    if key_id is not None:
+        raw = _key_id_bytes(key_id)
+        header += bytes([KEYED, len(raw)]) + raw
+    info = request_info(method, path, key_id)
+    enc, ctx = hpke.setup_base_s(public_key, info, ephemeral=ephemeral)
+    blob = header + enc + ctx.seal(b"", reply_secret + body)
     return SealedRequest(blob=blob, reply=ReplyKeys(reply_secret=reply_secret, enc=enc))
 
 
 def open_v2(key: KeyBackend, blob: bytes, *, method: str, path: str) -> OpenedRequest:
-    """Open a v2 request with any key backend; any defect raises the uniform DecryptionError."""
+    """Open a v2 request with any key backend; any defect raises the uniform DecryptionError.
+
+    A keyed request opens only with the key id it names in ``info``: the caller picks ``key``
+    by :func:`request_key_id` first."""
     blob = bytes(blob)
     if len(blob) < REQUEST_OVERHEAD or blob[0] != VERSION:
         raise DecryptionError
-    enc, sealed = blob[1 : 1 + hpke.N_ENC], blob[1 + hpke.N_ENC :]
-    ctx = hpke.setup_base_r(enc, key, request_info(method, path))
+    key_id = request_key_id(blob)
+    start = 1 if key_id is None else 3 + blob[2]
+    if len(blob) - start + 1 < REQUEST_OVERHEAD:
+        raise DecryptionError
+    enc, sealed = blob[start : start + hpke.N_ENC], blob[start + hpke.N_ENC :]
+    ctx = hpke.setup_base_r(enc, key, request_info(method, path, key_id))
     plaintext = ctx.open(b"", sealed)
     return OpenedRequest(
         body=plaintext[REPLY_SECRET_LEN:],

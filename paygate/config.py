@@ -166,6 +166,15 @@ class Settings(BaseSettings):
     pkcs11_pin_file: Path | None = None
     tpm_tcti: str = "device:/dev/tpmrm0"
     tpm_key_dir: Path = Path("/var/lib/paygate/tpm-key")
+    # Key epochs (docs/ATTESTATION.md): seconds (or "90s", "30m", "24h", "7d") between rotations
+    # of the sealing and receipt keys; 0 keeps one long-lived key. The grace period serves the
+    # previous epoch after a rotation, then its keys are destroyed.
+    key_epoch: Annotated[float, Field(ge=0)] = 0.0
+    key_epoch_grace: Annotated[float, Field(ge=0)] = 300.0
+    # Where `paygate keys rotate` asks the running gateway to rotate (a request file).
+    key_epoch_dir: Path = Path("/var/lib/paygate/epochs")
+    # GPU evidence beside the CPU's (docs/ATTESTATION.md): off, or nvml (NVIDIA H100 CC mode).
+    gpu_evidence: Literal["off", "nvml"] = "off"
 
     # --- attestation (docs/ATTESTATION.md) ---
     attestation: Literal["auto", "tpm", "none", "sev-snp", "tdx", "nitro"] = "auto"
@@ -283,6 +292,9 @@ class Settings(BaseSettings):
     payment_identifier_ttl_seconds: Annotated[float, Field(ge=60, le=90 * 86_400)] = 86_400.0
     reconcile_interval_seconds: PositiveFloat = 30.0
     chain_rpc_url: str | None = None
+    # ERC-6492 factories trusted to deploy a counterfactual smart-wallet payer (chain-mode
+    # settlement, smart-wallet sign-ins); empty: such wallets pay once deployed.
+    erc6492_factories: Annotated[list[str], NoDecode] = Field(default_factory=list)
     gas_key: SecretStr | None = None
     gas_key_file: Path | None = None
 
@@ -376,6 +388,19 @@ class Settings(BaseSettings):
         split_listen(value)
         return value
 
+    @field_validator("erc6492_factories", mode="before")
+    @classmethod
+    def _split_factories(cls, value: Any) -> Any:
+        return cls._split_proxies(value)
+
+    @field_validator("erc6492_factories")
+    @classmethod
+    def _check_factories(cls, value: list[str]) -> list[str]:
+        for address in value:
+            if not re.fullmatch(r"0x[0-9a-fA-F]{40}", address):
+                raise ValueError("erc6492_factories must be 0x-prefixed 20-byte hex addresses")
+        return value
+
     @field_validator("console_wallets", mode="before")
     @classmethod
     def _split_wallets(cls, value: Any) -> Any:
@@ -426,6 +451,19 @@ class Settings(BaseSettings):
         text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
         parse_ledger_url(text)  # ValueError says what is wrong, never quoting the URL
         return value
+
+    @field_validator("key_epoch", "key_epoch_grace", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_key_epoch(self) -> Settings:
+        if self.key_epoch and self.key_epoch_grace >= self.key_epoch:
+            raise ValueError("key_epoch_grace must be shorter than key_epoch")
+        if self.key_epoch and self.key_epoch < 10:
+            raise ValueError("key_epoch is at least 10 seconds (0: no rotation)")
+        return self
 
     @field_validator("replica_id")
     @classmethod
@@ -1026,3 +1064,20 @@ def _describe(exc: ValueError) -> str:
         for err in errors(include_input=False)
     ]
     return "invalid settings: " + "; ".join(parts)
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``"90"``, ``"90s"``, ``"30m"``, ``"24h"`` or ``"7d"``."""
+    value = text.strip().lower()
+    unit = _DURATION_UNITS.get(value[-1:])
+    number = value[:-1] if unit is not None else value
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        raise ValueError("a duration is a number of seconds or like 90s, 30m, 24h, 7d") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError("a duration is a finite number of seconds, at least 0")
+    return seconds

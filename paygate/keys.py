@@ -1,4 +1,5 @@
-"""Builds the configured key backend (software file, PKCS#11 token, TPM, TEE memory).
+"""Builds the configured key backend (software file, PKCS#11 token, TPM, TEE memory), and with
+``key_epoch`` the rotating epoch keys beside it (enclave.keys.epochs).
 
 The hardware modules are imported only when chosen, so a software-key appliance never loads
 python-pkcs11 or tpm2-pytss.
@@ -7,6 +8,7 @@ python-pkcs11 or tpm2-pytss.
 from __future__ import annotations
 
 from enclave import KeyBackend, SoftwareKey
+from enclave.keys.epochs import EpochKeys, EpochVault, MemoryEpochVault
 from paygate.config import ConfigError, Settings
 
 
@@ -56,3 +58,41 @@ def _key(settings: Settings, *, create: bool) -> KeyBackend:
 
     tpm = TpmKey.generate if create else TpmKey.open
     return tpm(settings.tpm_tcti, settings.tpm_key_dir)
+
+
+def epoch_keys(
+    settings: Settings, base: KeyBackend, replica: str, *, close_base: bool = True
+) -> EpochKeys:
+    """Key epochs over the long-lived key ``base`` (which keeps the AK and the log key): each
+    epoch's keys are made in the same backend. Sweeps a previous run's epochs, makes the first.
+    """
+    vault: EpochVault
+    if settings.key_backend == "tpm":
+        from enclave.keys.tpm import TpmKey
+        from enclave.keys.tpm_epochs import TpmEpochVault
+
+        if not isinstance(base, TpmKey):
+            raise ConfigError("key epochs in the TPM need the TPM key backend's key")
+        vault = TpmEpochVault(base)
+    elif settings.key_backend == "pkcs11":
+        from enclave.keys.pkcs11_epochs import Pkcs11EpochVault
+
+        vault = Pkcs11EpochVault(
+            str(settings.pkcs11_module),
+            settings.pkcs11_token_label,
+            _pin(settings),
+            settings.pkcs11_key_label,
+        )
+    else:
+        vault = MemoryEpochVault(settings.key_backend)
+    try:
+        return EpochKeys(
+            vault,
+            replica=replica,
+            epoch_seconds=settings.key_epoch,
+            grace_seconds=settings.key_epoch_grace,
+            base=base,
+            close_base=close_base,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"key_epoch: {exc}") from None

@@ -27,6 +27,10 @@ OVERHEAD_HEADER: Final = "X-Paygate-Overhead-Ms"  # time spent in the gateway it
 REQUEST_ID_HEADER: Final = "X-Request-Id"  # from a trusted proxy, or made here; always returned
 RECEIPT_HEADER: Final = "X-Paygate-Receipt"  # a whole reply's signed receipt (sealed if it is)
 REQUEST_NONCE_HEADER: Final = "X-Paygate-Request-Nonce"  # plaintext/v1: the caller's fresh nonce
+# The key id a request is sealed to (also inside a keyed v2 envelope, authenticated there): what
+# a load balancer routes on (sticky by key, docs/SCALING.md) and what the gateway checks first.
+KEY_ID_HEADER: Final = "X-Paygate-Key-Id"
+REPLICA_HEADER: Final = "X-Paygate-Replica"  # on a wrong_replica answer: the replica to use
 
 # --- x402's headers (v2, and v1's X- names) ---
 PAYMENT_REQUIRED: Final = "PAYMENT-REQUIRED"

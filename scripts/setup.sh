@@ -53,7 +53,8 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   .venv/bin/python -m pip install -q -e ".[hardware,postgres,dev,bench]" -e devtools
   echo "$want" > "$stamp"
 fi
-# Local chain tools for the tests and the demo: anvil (a local EVM) and solc, from npm, pinned by
+# Local chain tools for the tests and the demo: anvil (a local EVM), solc and the real contracts the
+# registry ships (Circle's FiatToken, Uniswap's Permit2, Solady's smart account), from npm, pinned by
 # scripts/chain/package-lock.json. Reinstalled only when package.json or the lock changed. Install
 # scripts stay off: anvil's binary comes in its optional platform package, nothing is downloaded.
 if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
@@ -63,7 +64,7 @@ fi
 chain_stamp=scripts/chain/node_modules/.paygate-setup
 chain_want=$(sha256sum scripts/chain/package.json scripts/chain/package-lock.json | sha256sum | cut -c1-64)
 if [[ ! -f $chain_stamp || $(cat "$chain_stamp") != "$chain_want" ]]; then
-  log "npm ci --prefix scripts/chain (anvil, solc)"
+  log "npm ci --prefix scripts/chain (anvil, solc, contracts)"
   npm ci --prefix scripts/chain --ignore-scripts --no-audit --no-fund --loglevel=error
   echo "$chain_want" > "$chain_stamp"
 fi

@@ -5,12 +5,13 @@ Part 1 plays caller and appliance at the envelope level: seal (v1 and v2), open 
 key, stream a sealed reply back, refuse tampering. Part 2 runs the real gateway (``paygate
 serve``'s app) with the TPM key in front of the FAKE model server and sends it sealed requests
 over HTTP: a v2 stream opened chunk by chunk as it arrives, an Obol-style v1 request, and a
-path the route table does not know. Part 3 turns payments on: anvil (a local chain) with a
-USDC stand-in, the official x402 SDK's facilitator, and a caller using the OpenAI SDK over
-paygate's client transport — sealed, paid per request in USDC, streamed, settled on chain,
-balances shown; before its first prompt that caller attests the appliance (the swtpm's EK
-certificates come from a local CA made here, scripts/make_swtpm_ek_state.sh) and prints each
-check, and every reply's signed receipt is verified. Nothing leaves 127.0.0.1.
+path the route table does not know. Part 3 turns payments on: anvil (a local chain) with
+USDC (Circle's FiatToken V2.2 from npm), the official x402 SDK's facilitator, and a caller
+using the OpenAI SDK over paygate's client transport — sealed, paid per request in USDC,
+streamed, settled on chain, balances shown; before its first prompt that caller attests the
+appliance (the swtpm's EK certificates come from a local CA made here,
+scripts/make_swtpm_ek_state.sh) and prints each check, and every reply's signed receipt is
+verified. Nothing leaves 127.0.0.1.
 """
 
 from __future__ import annotations

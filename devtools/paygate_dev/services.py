@@ -4,7 +4,9 @@
   that user owns, listening on 127.0.0.1 (the unix socket in that directory, never /var/run),
   trust authentication for the loopback user ``paygate``; stopped by its postmaster's PID.
 - :class:`Nginx`: a load balancer on 127.0.0.1 in front of given upstreams (round robin, no
-  retry of a POST on another upstream), ``daemon off``, stopped by its PID.
+  retry of a POST on another upstream), ``daemon off``, stopped by its PID. With ``sticky``
+  (replica name → upstream) it routes by key (docs/SCALING.md): a request naming a key id
+  ``...@<replica>`` goes to that replica, the others are its backups for connection failures.
 
 A missing program raises :class:`ComponentMissing` naming the Debian package.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -145,9 +148,12 @@ class Postgres:
 class Nginx:
     """nginx on 127.0.0.1:``port`` balancing over ``upstreams`` (``host:port`` each)."""
 
-    def __init__(self, upstreams: list[str], work_dir: Path) -> None:
+    def __init__(
+        self, upstreams: list[str], work_dir: Path, sticky: dict[str, str] | None = None
+    ) -> None:
         self.binary = require("nginx", "nginx")
         self.upstreams = upstreams
+        self.sticky = sticky
         self.dir = work_dir
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -157,6 +163,8 @@ class Nginx:
         return f"http://127.0.0.1:{self.port}"
 
     def config(self) -> str:
+        if self.sticky is not None:
+            return self.sticky_config(self.sticky)
         d = self.dir
         servers = "\n".join(f"    server {u} max_fails=0;" for u in self.upstreams)
         return f"""worker_processes 1;
@@ -186,6 +194,61 @@ http {{
       proxy_request_buffering off;
       proxy_read_timeout 60s;
       proxy_next_upstream off;  # never replay a paid POST on another replica
+    }}
+  }}
+}}
+"""
+
+    def sticky_config(self, replicas: dict[str, str]) -> str:
+        """Sticky by key: the key id's replica picks the upstream (docs/SCALING.md)."""
+        d = self.dir
+        names = sorted(replicas)
+        routes = "\n".join(f'    "~@{re.escape(n)}$" paygate_{i};' for i, n in enumerate(names))
+        pools = []
+        for i, name in enumerate(names):
+            backups = "".join(
+                f"    server {replicas[o]} backup max_fails=0;\n" for o in names if o != name
+            )
+            pools.append(
+                f"  upstream paygate_{i} {{\n    server {replicas[name]} max_fails=0;\n"
+                f"{backups}    keepalive 16;\n  }}"
+            )
+        anyone = "\n".join(f"    server {replicas[n]} max_fails=0;" for n in names)
+        pools_text = "\n".join(pools)
+        return f"""worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+  log_format upstream '$status $upstream_addr $http_x_paygate_key_id';
+  access_log {d}/access.log upstream;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  map $http_x_paygate_key_id $paygate_pool {{
+    default paygate_any;
+{routes}
+  }}
+  upstream paygate_any {{
+{anyone}
+    keepalive 16;
+  }}
+{pools_text}
+  server {{
+    listen 127.0.0.1:{self.port};
+    client_max_body_size 8m;
+    location / {{
+      proxy_pass http://$paygate_pool;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_request_buffering off;
+      proxy_read_timeout 60s;
+      # Only a connection that could not be made moves on (a dead replica); nginx never
+      # passes a POST it already sent to another server (no non_idempotent).
+      proxy_next_upstream error;
     }}
   }}
 }}

@@ -12,15 +12,22 @@ network, every price) or null when the appliance does not charge; ``gateway`` {`
 ``code_digest``}; ``issued_at`` (Unix seconds); ``replica`` (optional) the identity of the
 replica that answered; ``log`` (optional, present when the appliance keeps a
 transparency log) {``origin``, ``key``}: the log's checkpoint origin line and its signed-note
-verifier key (docs/TRANSPARENCY.md).
+verifier key (docs/TRANSPARENCY.md); ``epochs`` (optional, present with key epochs) the live key
+epochs, current first: [{``id``, ``sealing_key``, ``receipt_key``, ``not_after``}], the first
+being ``sealing_key``/``receipt_key``; ``gpu`` (optional, present with GPU evidence)
+{``kind`` "nvidia", ``evidence_digest``, ``certificates_digest``}: SHA-256 of the GPU's SPDM
+measurement exchange (requested with this document's nonce) and of its certificate chain, as the
+evidence document carries them.
 
 The payment terms are carried whole, not as a digest, so that a client can hold every 402 it
 receives against them before it signs anything: a middlebox that rewrites payTo, the network,
 the asset or an amount is caught by the client, not by a later dispute.
 
 The *configuration digest* is the SHA-256 of the same document without ``nonce`` and
-``issued_at`` (and ``replica``): what the appliance measured into its application PCR at start,
-so replicas that share one key and configuration share one configuration digest.
+``issued_at`` (and ``replica``, ``gpu``): what the appliance measured into its application PCR at
+start, so replicas that share one key and configuration share one configuration digest. With
+key epochs the keys rotate after the measurement, so the configuration digest leaves out
+``sealing_key``, ``receipt_key`` and ``epochs``: each epoch's keys are certified on their own.
 """
 
 from __future__ import annotations
@@ -163,6 +170,40 @@ class LogIdentity:
 
 
 @dataclass(frozen=True, slots=True)
+class EpochEntry:
+    """One live key epoch: its id, its two keys, the last moment it is served."""
+
+    id: str
+    sealing_key: bytes
+    receipt_key: bytes
+    not_after: int
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "sealing_key": self.sealing_key.hex(),
+            "receipt_key": self.receipt_key.hex(),
+            "not_after": self.not_after,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GpuBinding:
+    """The GPU evidence this document vouches for, by digest."""
+
+    evidence_digest: str
+    certificates_digest: str
+    kind: str = "nvidia"
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "evidence_digest": self.evidence_digest,
+            "certificates_digest": self.certificates_digest,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Binding:
     nonce: bytes
     sealing_key: bytes
@@ -174,6 +215,8 @@ class Binding:
     issued_at: int
     replica: str | None = None  # which replica answered (behind a load balancer)
     log: LogIdentity | None = None  # the transparency log (absent when none is kept)
+    epochs: tuple[EpochEntry, ...] = ()  # key epochs, current first (absent without epochs)
+    gpu: GpuBinding | None = None  # GPU evidence (absent without it)
 
     def document(self) -> dict[str, Any]:
         document = {
@@ -184,7 +227,14 @@ class Binding:
         }
         if self.replica is not None:
             document["replica"] = self.replica
+        if self.epochs:
+            document["epochs"] = [e.document() for e in self.epochs]
+        if self.gpu is not None:
+            document["gpu"] = self.gpu.document()
         return document
+
+    def epoch(self, key_id: str) -> EpochEntry | None:
+        return next((e for e in self.epochs if e.id == key_id), None)
 
     def _static(self) -> dict[str, Any]:
         payment = self.payment.document() if self.payment is not None else None
@@ -216,6 +266,7 @@ class Binding:
             self.gateway_version,
             self.code_digest,
             log=self.log,
+            rotating=bool(self.epochs),
         )
 
     def model_digest(self, name: str) -> str | None:
@@ -235,7 +286,10 @@ def config_digest(
     code_digest: str,
     *,
     log: LogIdentity | None = None,
+    rotating: bool = False,
 ) -> bytes:
+    """The configuration digest; ``rotating`` (key epochs): without the keys, which change
+    after the measurement and are certified epoch by epoch."""
     static = Binding(
         b"",
         sealing_key,
@@ -247,6 +301,8 @@ def config_digest(
         0,
         log=log,
     )._static()
+    if rotating:
+        del static["sealing_key"], static["receipt_key"]
     return hashlib.sha256(canonical({"version": VERSION, **static})).digest()
 
 
@@ -258,7 +314,7 @@ def parse(document: Any) -> Binding:
         "version", "nonce", "sealing_key", "receipt_key", "models", "payment", "gateway",
         "issued_at",
     }  # fmt: skip
-    if set(document) - {"replica", "log"} != expected:
+    if set(document) - {"replica", "log", "epochs", "gpu"} != expected:
         raise BindingInvalid("the binding document has missing or unknown fields")
     nonce = _hex(document["nonce"], "nonce")
     if len(nonce) != NONCE_LEN:
@@ -288,7 +344,55 @@ def parse(document: Any) -> Binding:
         issued_at=issued_at,
         replica=_text(document["replica"]) if "replica" in document else None,
         log=_log(document["log"]) if "log" in document else None,
+        epochs=_epochs(document, "epochs" in document),
+        gpu=_gpu(document["gpu"]) if "gpu" in document else None,
     )
+
+
+_MAX_EPOCHS = 4
+
+
+def _epochs(document: Mapping[str, Any], present: bool) -> tuple[EpochEntry, ...]:
+    if not present:
+        return ()
+    value = document["epochs"]
+    if not isinstance(value, list) or not 0 < len(value) <= _MAX_EPOCHS:
+        raise BindingInvalid("epochs is not a list of one to four epochs")
+    entries = []
+    for item in value:
+        if not isinstance(item, Mapping) or set(item) != {
+            "id", "sealing_key", "receipt_key", "not_after",
+        }:  # fmt: skip
+            raise BindingInvalid("an epoch is not {id, sealing_key, receipt_key, not_after}")
+        not_after = item["not_after"]
+        if not isinstance(not_after, int) or isinstance(not_after, bool) or not_after < 0:
+            raise BindingInvalid("an epoch's not_after is not a Unix time")
+        entries.append(
+            EpochEntry(
+                _text(item["id"]),
+                _point(item["sealing_key"]),
+                _point(item["receipt_key"]),
+                not_after,
+            )
+        )
+    if len({e.id for e in entries}) != len(entries):
+        raise BindingInvalid("an epoch id is listed twice")
+    first = entries[0]
+    if first.sealing_key != _point(document["sealing_key"]) or (
+        first.receipt_key != _point(document["receipt_key"])
+    ):
+        raise BindingInvalid("the current epoch is not the document's sealing and receipt key")
+    return tuple(entries)
+
+
+def _gpu(value: Any) -> GpuBinding:
+    if not isinstance(value, Mapping) or set(value) != {
+        "kind", "evidence_digest", "certificates_digest",
+    }:  # fmt: skip
+        raise BindingInvalid("gpu is not {kind, evidence_digest, certificates_digest}")
+    if value["kind"] != "nvidia":
+        raise BindingInvalid("the GPU evidence is not of a known kind")
+    return GpuBinding(_digest(value["evidence_digest"]), _digest(value["certificates_digest"]))
 
 
 def _log(value: Any) -> LogIdentity:

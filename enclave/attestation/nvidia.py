@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import binascii
 import hmac
+import itertools
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
@@ -104,17 +105,41 @@ def _parse(raw: bytes) -> GpuEvidence:
     )
 
 
+def version_tuple(text: str) -> tuple[int, ...]:
+    """``"550.90.07"`` → (550, 90, 7); hex parts for VBIOS ``"96.00.9f.00.01"``."""
+    parts = text.strip().split(".")
+    try:
+        if len(parts) == 5:  # a VBIOS version: hex bytes
+            return tuple(int(p, 16) for p in parts)
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a dotted version") from None
+
+
+def vbios_display(raw_hex: str) -> str:
+    """NVIDIA's spelling of the VBIOS version from the opaque field's 8 little-endian bytes:
+    bytes 3.2.1.0.4 (``"96.00.9f.00.01"``)."""
+    raw = bytes.fromhex(raw_hex)
+    if len(raw) < 5:
+        return raw_hex
+    return ".".join(f"{raw[i]:02x}" for i in (3, 2, 1, 0, 4))
+
+
 @dataclass(frozen=True, slots=True)
 class NvidiaGpuPolicy:
-    """Allow-lists (from NVIDIA's reference integrity manifests); empty means not checked."""
+    """Allow-lists (from NVIDIA's reference integrity manifests); empty means not checked.
+    ``driver_min`` / ``vbios_min``: the lowest driver and VBIOS versions accepted."""
 
     measurements: Mapping[int, frozenset[bytes]] = field(default_factory=dict)
     driver_versions: frozenset[str] = frozenset()
     vbios_versions: frozenset[str] = frozenset()
+    driver_min: tuple[int, ...] | None = None
+    vbios_min: tuple[int, ...] | None = None
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> NvidiaGpuPolicy:
-        unknown = set(m) - {"measurements", "driver_versions", "vbios_versions"}
+        known = {"measurements", "driver_versions", "vbios_versions", "driver_min", "vbios_min"}
+        unknown = set(m) - known
         if unknown:
             raise ValueError(f"unknown NVIDIA policy keys: {', '.join(sorted(unknown))}")
         return cls(
@@ -124,7 +149,14 @@ class NvidiaGpuPolicy:
             },
             driver_versions=frozenset(m.get("driver_versions", ())),
             vbios_versions=frozenset(m.get("vbios_versions", ())),
+            driver_min=version_tuple(m["driver_min"]) if m.get("driver_min") else None,
+            vbios_min=version_tuple(m["vbios_min"]) if m.get("vbios_min") else None,
         )
+
+
+OcspCheck = Callable[[x509.Certificate, x509.Certificate], str]
+"""Online revocation status of a certificate given its issuer: "good", "revoked" or "unknown";
+any exception means the responder could not be asked (recorded as a skip, with the reason)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +168,7 @@ class NvidiaGpuVerifier:
     policy: NvidiaGpuPolicy = field(default_factory=NvidiaGpuPolicy)
     certificates: bytes = b""
     roots: Sequence[x509.Certificate] | None = None
+    ocsp: OcspCheck | None = None  # None: offline, revocation is a visible skip
 
     def verify(self, evidence: bytes, *, at: datetime, binding: ExpectedBinding) -> Verdict:
         checks = Checks()
@@ -164,9 +197,31 @@ class NvidiaGpuVerifier:
             trusted = self.roots if self.roots is not None else [roots.nvidia_device_identity_ca()]
             check_chain(checks, "chain", chain, trusted, at)
             self._signature(checks, gpu, chain[0])
-        checks.skipped("revocation", "OCSP responses for the GPU chain are not checked")
+        self._revocation(checks, chain)
         self._policy(checks, gpu, binding)
         return checks.verdict(self.kind, claims)
+
+    def _revocation(self, checks: Checks, chain: Sequence[x509.Certificate]) -> None:
+        if self.ocsp is None:
+            checks.skipped("revocation", "offline: OCSP not asked (the policy names no responder)")
+            return
+        if len(chain) < 2:
+            checks.skipped("revocation", "no issuer to ask OCSP about")
+            return
+        statuses = []
+        for cert, issuer in itertools.pairwise(chain):
+            try:
+                statuses.append(self.ocsp(cert, issuer))
+            except Exception as exc:  # the responder is unreachable: say so, do not guess
+                checks.skipped("revocation", f"OCSP unreachable: {type(exc).__name__}")
+                return
+        revoked = "revoked" in statuses
+        checks.expect(
+            "revocation",
+            not revoked,
+            Code.CERT_REVOKED,
+            "OCSP: " + ", ".join(statuses),
+        )
 
     def _signature(self, checks: Checks, gpu: GpuEvidence, leaf: x509.Certificate) -> None:
         key = ec_public_key(leaf)
@@ -205,6 +260,22 @@ class NvidiaGpuVerifier:
                 checks.skipped(name, f"{value} (no allow-list)")
             else:
                 checks.expect(name, value in allowed, Code.MEASUREMENT_MISMATCH, value)
+        vbios = vbios_display(gpu.vbios_version)
+        for name, shown, minimum in (
+            ("driver_min", gpu.driver_version, pol.driver_min),
+            ("vbios_min", vbios, pol.vbios_min),
+        ):
+            if minimum is None:
+                continue
+            try:
+                ok = version_tuple(shown) >= minimum
+            except ValueError:
+                ok = False
+            spell = "{:02x}" if name == "vbios_min" else "{}"
+            wanted = ".".join(spell.format(p) for p in minimum)
+            checks.expect(
+                name, ok, Code.TCB_TOO_LOW, f"{shown} {'>=' if ok else '<'} {wanted} (minimum)"
+            )
         if binding.nonce is None:
             checks.skipped("nonce", f"{gpu.nonce.hex()} (no expected nonce given)")
         else:

@@ -271,7 +271,7 @@ class Pkcs11Key(ClosingKey):
         _private: PrivateKey,
         _public_key: bytes,
         _receipt: tuple[PrivateKey, bytes],
-        _log: tuple[PrivateKey, bytes],
+        _log: tuple[PrivateKey | None, bytes],
         token_label: str,
         key_label: str,
     ) -> None:
@@ -300,16 +300,28 @@ class Pkcs11Key(ClosingKey):
         return cls._connect(module_path, token_label, pin, key_label, generate=False)
 
     @classmethod
-    def generate(cls, module_path: str, token_label: str, pin: str, key_label: str) -> Pkcs11Key:
+    def generate(
+        cls, module_path: str, token_label: str, pin: str, key_label: str, *, log_key: bool = True
+    ) -> Pkcs11Key:
         """Generate a persistent P-256 key pair inside the token and open it.
 
         Raises KeyExists when any object on the token already carries ``key_label``.
+        ``log_key=False``: no transparency log key beside it (an epoch key needs none).
         """
-        return cls._connect(module_path, token_label, pin, key_label, generate=True)
+        return cls._connect(
+            module_path, token_label, pin, key_label, generate=True, log_key=log_key
+        )
 
     @classmethod
     def _connect(
-        cls, module_path: str, token_label: str, pin: str, key_label: str, *, generate: bool
+        cls,
+        module_path: str,
+        token_label: str,
+        pin: str,
+        key_label: str,
+        *,
+        generate: bool,
+        log_key: bool = True,
     ) -> Pkcs11Key:
         pkcs11 = _binding()
         module = _acquire_module(module_path)
@@ -334,8 +346,12 @@ class Pkcs11Key(ClosingKey):
                         _generate_pair(session, token_label, receipt_label, sign=True)
                     private, public = _find_key(session, token_label, key_label)
                     receipt = _find_or_add_receipt_key(token, session, token_label, receipt_label)
-                    log = _find_or_add_receipt_key(
-                        token, session, token_label, key_label + LOG_SUFFIX
+                    log = (
+                        _find_or_add_receipt_key(
+                            token, session, token_label, key_label + LOG_SUFFIX
+                        )
+                        if log_key
+                        else (None, b"")
                     )
                     return cls(
                         _module=module,
@@ -474,6 +490,36 @@ class Pkcs11Key(ClosingKey):
                 session.close()
             _logout(self._module, login)
         _release_module(self._module)
+
+    def destroy(self) -> None:
+        """``C_DestroyObject`` on every object of this key (ECDH, receipt and log pairs, private
+        and public halves), then close. The token keeps no copy: the key is gone for good."""
+        pkcs11 = _binding()
+        attr = pkcs11.Attribute
+        labels = {self._key_label, self._key_label + RECEIPT_SUFFIX, self._key_label + LOG_SUFFIX}
+        failed = 0
+        with self._module.lock:
+            if self._session is None:
+                raise KeyBackendError("the PKCS#11 key is closed")
+            try:
+                writer = self._session.token.open(rw=True)
+            except pkcs11.PKCS11Error as exc:
+                raise KeyBackendError(
+                    f"cannot open a session to destroy {self._key_label!r}: {type(exc).__name__}"
+                ) from None
+            try:
+                for label in sorted(labels):
+                    for obj in list(writer.get_objects({attr.LABEL: label})):
+                        try:
+                            obj.destroy()
+                        except pkcs11.PKCS11Error:
+                            failed += 1
+            finally:
+                with contextlib.suppress(Exception):
+                    writer.close()
+        self.close()
+        if failed:
+            raise KeyBackendError(f"{failed} objects of {self._key_label!r} were not destroyed")
 
     # -- conveniences -------------------------------------------------------------------------
 

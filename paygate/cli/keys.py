@@ -1,4 +1,5 @@
-"""``paygate keys create|show``: make and inspect the appliance's envelope key."""
+"""``paygate keys create|show|rotate``: make and inspect the appliance's envelope key; ask the
+running gateway to start a new key epoch."""
 
 from __future__ import annotations
 
@@ -30,6 +31,13 @@ def register(sub: Any) -> None:
         p.add_argument("--tpm-key-dir", help="tpm: directory of the wrapped key blobs")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(run=run)
+    rotate = keys_sub.add_parser(
+        "rotate", help="ask the running gateway to start a new key epoch now (key_epoch)"
+    )
+    rotate.add_argument("--epoch-dir", help="the gateway's key_epoch_dir")
+    rotate.add_argument("--timeout", type=float, default=30.0, help="seconds to wait")
+    rotate.add_argument("--json", action="store_true", help="machine-readable output")
+    rotate.set_defaults(run=_rotate)
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -95,4 +103,25 @@ def _show(args: argparse.Namespace) -> int:
         _print(key, args.json)
     finally:
         key.close()
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    """Write the rotation request into ``key_epoch_dir`` and wait for the new epoch."""
+    from pathlib import Path
+
+    from paygate.config import ConfigError
+    from paygate.server.epochs import request_rotation
+
+    overrides = {"key_epoch_dir": args.epoch_dir} if args.epoch_dir else {}
+    settings = load_settings(args.config, **overrides)
+    try:
+        status = request_rotation(Path(settings.key_epoch_dir), timeout=args.timeout)
+    except (FileNotFoundError, TimeoutError, PermissionError) as exc:
+        raise ConfigError(str(exc)) from None
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    for epoch in status["epochs"]:
+        print(f"{epoch['state']:9} {epoch['id']}  not after {epoch['not_after']}")
     return 0

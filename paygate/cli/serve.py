@@ -110,6 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
         else "attach",
         key_backend=settings.key_backend,
         tpm_tcti=settings.tpm_tcti,
+        key_epoch=settings.key_epoch,
     )
     check_payment_settings(settings)  # before forking: one clear error, not N
     metrics_dir = os.environ.get(MULTIPROC_ENV)

@@ -5,7 +5,13 @@ challenges within a spend policy, and open sealed replies (streams included).
 all an OpenAI SDK program needs. Imports nothing server-only. See docs/CLIENT.md.
 """
 
-from paygate.client.attestation import AttestationPolicy, Attested, TeePolicy, load_tee_policies
+from paygate.client.attestation import (
+    AttestationPolicy,
+    Attested,
+    GpuPolicy,
+    TeePolicy,
+    load_tee_policies,
+)
 from paygate.client.core import Envelope, ReplyInfo
 from paygate.client.errors import (
     ActivationFailed,
@@ -68,6 +74,7 @@ __all__ = [
     "EvidenceMalformed",
     "EvidenceStale",
     "EvidenceUnavailable",
+    "GpuPolicy",
     "InvalidChallenge",
     "KeyNotCertified",
     "KeyPin",

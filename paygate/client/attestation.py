@@ -37,8 +37,9 @@ from cryptography import x509
 from enclave import receipts
 from enclave.attestation import binding as binding_doc
 from enclave.attestation import tpm
-from enclave.attestation.base import Check, EvidenceVerifier
+from enclave.attestation.base import Check, EvidenceVerifier, ExpectedBinding
 from enclave.attestation.nitro import NitroPolicy, NitroVerifier
+from enclave.attestation.nvidia import NvidiaGpuPolicy, NvidiaGpuVerifier, OcspCheck
 from enclave.attestation.sev_snp import SevSnpPolicy, SevSnpVerifier
 from enclave.attestation.tdx import TdxCollateral, TdxPolicy, TdxVerifier
 from paygate import jsonsafe, wire
@@ -51,6 +52,8 @@ from paygate.client.errors import (
     EvidenceMalformed,
     EvidenceStale,
     EvidenceUnavailable,
+    GpuEvidenceMismatch,
+    GpuEvidenceMissing,
     KeyNotCertified,
     KindNotAccepted,
     LogInconsistent,
@@ -64,6 +67,7 @@ from paygate.client.errors import (
     ReceiptMismatch,
     Unattested,
 )
+from paygate.client.pubkey import key_id_matches
 from paygate.client.tlog import LogPolicy, LogRefusal, log_flow
 
 ATTESTATION_PATH = wire.ATTESTATION_PATH
@@ -76,7 +80,7 @@ _ERRORS: dict[str, type[AttestationRefused]] = {
         EvidenceUnavailable, EvidenceMalformed, EvidenceStale, NonceMismatch, Unattested,
         EkUntrusted, AkInvalid, ActivationFailed, QuoteInvalid, PcrMismatch, KeyNotCertified,
         ModelNotAccepted, PayToMismatch, KindNotAccepted, CodeNotAccepted,
-        LogInconsistent, LogUnverified,
+        LogInconsistent, LogUnverified, GpuEvidenceMissing, GpuEvidenceMismatch,
     )
 }  # fmt: skip
 
@@ -140,6 +144,8 @@ def load_tee_policies(path: str | os.PathLike[str]) -> dict[str, TeePolicy]:
         raise ValueError(f"{file}: a JSON object keyed by sev-snp, tdx or nitro")
     policies: dict[str, TeePolicy] = {}
     for kind, entry in data.items():
+        if kind == "gpu":  # the GPU's entry (load_gpu_policy), beside the TEE kinds
+            continue
         if kind not in _TEE_POLICY_TYPES or not isinstance(entry, dict):
             raise ValueError(f"{file}: {kind!r} is not a TEE kind with a policy object")
         options = dict(entry)
@@ -162,6 +168,58 @@ def load_tee_policies(path: str | os.PathLike[str]) -> dict[str, TeePolicy]:
 
 
 @dataclass(frozen=True, slots=True)
+class GpuPolicy:
+    """What the appliance's GPU must show (NVIDIA Hopper CC; docs/ATTESTATION.md).
+
+    Args:
+        required: refuse an appliance that sends no GPU evidence (``gpu: required``).
+        policy: the measurement allow-list (RIM values by index), driver and VBIOS allow-lists
+            and minimums.
+        roots: replaces the shipped NVIDIA Device Identity CA (private PKIs and tests only).
+        ocsp: asks a responder about the GPU's chain when online (None: a visible skip).
+    """
+
+    required: bool = True
+    policy: NvidiaGpuPolicy = field(default_factory=NvidiaGpuPolicy)
+    roots: tuple[x509.Certificate, ...] | None = None
+    ocsp: OcspCheck | None = None
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any] | str, base: Path | None = None) -> GpuPolicy:
+        """A policy file's ``gpu`` entry: ``"required"``, ``"optional"``, or ``{"mode":
+        "required"|"optional", "measurements", "driver_versions", "vbios_versions",
+        "driver_min", "vbios_min", "roots": "<PEM file>"}``."""
+        options = {"mode": m} if isinstance(m, str) else dict(m)
+        mode = options.pop("mode", "required")
+        if mode not in ("required", "optional"):
+            raise ValueError("gpu is 'required' or 'optional'")
+        roots_file = options.pop("roots", None)
+        roots = None
+        if roots_file is not None:
+            pem = ((base or Path(".")) / str(roots_file)).read_bytes()
+            roots = tuple(x509.load_pem_x509_certificates(pem))
+        return cls(mode == "required", NvidiaGpuPolicy.from_mapping(options), roots)
+
+
+def load_gpu_policy(path: str | os.PathLike[str]) -> GpuPolicy | None:
+    """The ``gpu`` entry of a policy file (see :meth:`GpuPolicy.from_mapping`), or None."""
+    file = Path(path)
+    try:
+        raw = file.read_bytes()
+        if len(raw) > MAX_POLICY_FILE:
+            raise ValueError(f"larger than {MAX_POLICY_FILE} bytes")
+        data = jsonsafe.loads(raw, max_bytes=MAX_POLICY_FILE)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the policy file {file}: {exc}") from None
+    if not isinstance(data, dict) or "gpu" not in data:
+        return None
+    try:
+        return GpuPolicy.from_mapping(data["gpu"], file.parent)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{file}: gpu: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
 class AttestationPolicy:
     """What this client requires of an appliance before it seals anything to it.
 
@@ -178,6 +236,7 @@ class AttestationPolicy:
         allow_unattested: accept kind ``none`` (software/PKCS#11 keys, nothing proven).
         tee: the TEE kinds accepted, each with its :class:`TeePolicy` (empty: none accepted).
         log: the transparency log checks (:class:`paygate.client.tlog.LogPolicy`), or None.
+        gpu: the GPU evidence checks (:class:`GpuPolicy`), or None (GPU evidence not checked).
     """
 
     trusted_ek_cas: tuple[x509.Certificate, ...] = ()
@@ -189,6 +248,7 @@ class AttestationPolicy:
     tee: Mapping[str, TeePolicy] = field(default_factory=dict)
     code_digests: frozenset[str] = frozenset()
     log: LogPolicy | None = None
+    gpu: GpuPolicy | None = None
 
     def __post_init__(self) -> None:
         for digest in self.code_digests:
@@ -231,6 +291,7 @@ class AttestationPolicy:
             allow_unattested=allow_unattested,
             tee=load_tee_policies(tee_policy) if tee_policy is not None else {},
             code_digests=frozenset(code_digests),
+            gpu=load_gpu_policy(tee_policy) if tee_policy is not None else None,
         )
 
 
@@ -360,6 +421,7 @@ def attestation_flow(
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             # A field the checks above did not reach is missing or of the wrong type.
             raise checks.fail("evidence_form", "evidence_malformed", type(exc).__name__) from None
+    _gpu_checks(checks, policy, document, bound, nonce, clock)
     _binding_checks(checks, policy, bound, offered_key)
     if policy.log is not None:
         flow = log_flow(origin, policy.log, bound)
@@ -465,27 +527,41 @@ def _tpm_checks(
 
         checks.run("pcrs", pcrs)
     certified = evidence["certify"]
-    keys: list[tuple[str, Callable[[], bytes]]] = [
-        ("sealing", lambda: bound.sealing_key),
-        ("receipt", lambda: bound.receipt_key),
-    ]
+    # name in the checks, its certification, the point it must certify
+    keys: list[tuple[str, Callable[[], Any], Callable[[], bytes]]] = []
+    if bound.epochs:  # key epochs: each live epoch's two keys, certified when they were made
+        for epoch in bound.epochs:
+            for part, point in (("sealing", epoch.sealing_key), ("receipt", epoch.receipt_key)):
+                keys.append(
+                    (
+                        f"epoch {epoch.id} {part}",
+                        lambda e=epoch.id, p=part: evidence["epochs"][e][p],
+                        lambda point=point: point,
+                    )
+                )
+    else:
+        keys.append(("sealing", lambda: certified["sealing"], lambda: bound.sealing_key))
+        keys.append(("receipt", lambda: certified["receipt"], lambda: bound.receipt_key))
     if bound.log is not None:  # the transparency log's key: certified like the receipt key
         log = bound.log
-        keys.append(("log", lambda: log_key_point(log)))
-    for name, point_of in keys:
+        keys.append(("log", lambda: certified["log"], lambda: log_key_point(log)))
+    for name, entry_of, point_of in keys:
 
-        def certify(name: str = name, point_of: Callable[[], bytes] = point_of) -> str:
+        def certify(
+            name: str = name,
+            entry_of: Callable[[], Any] = entry_of,
+            point_of: Callable[[], bytes] = point_of,
+        ) -> str:
             point = point_of()
+            entry = entry_of()
             key = tpm.CertifiedKey(
-                _unb64(certified[name]["public"]),
-                tpm.SignedAttest(
-                    _unb64(certified[name]["attest"]), _unb64(certified[name]["signature"])
-                ),
+                _unb64(entry["public"]),
+                tpm.SignedAttest(_unb64(entry["attest"]), _unb64(entry["signature"])),
             )
             tpm.check_certified(state["ak"], key, point, f"{name} key")
             return "certified by the AK: fixedTPM, fixedParent, sensitiveDataOrigin"
 
-        checks.run(f"certify_{name}_key", certify)
+        checks.run(f"certify_{name.replace(' ', '_')}_key", certify)
 
 
 def log_key_point(log: binding_doc.LogIdentity) -> bytes:
@@ -538,6 +614,57 @@ def _tee_checks(
     checks.adopt(kind, verdict)
 
 
+def _gpu_checks(
+    checks: _Checks,
+    policy: AttestationPolicy,
+    document: Mapping[str, Any],
+    bound: binding_doc.Binding,
+    nonce: bytes,
+    clock: Callable[[], float],
+) -> None:
+    """The GPU's evidence: the one the binding names (by digest), for this nonce, from a GPU
+    the policy accepts; missing under ``gpu: required`` is a refusal."""
+    gpu_policy = policy.gpu
+    sent = document.get("gpu")
+    if sent is None and bound.gpu is None:
+        if gpu_policy is not None and gpu_policy.required:
+            raise checks.fail("gpu", "gpu_evidence_missing", "the policy requires GPU evidence")
+        checks.skipped("gpu", "no GPU evidence (none required)")
+        return
+    parts: dict[str, bytes] = {}
+
+    def bound_to_document() -> str:
+        if not isinstance(sent, Mapping) or bound.gpu is None:
+            raise tpm.TpmEvidenceError(
+                "gpu_evidence_mismatch", "GPU evidence and the binding document disagree"
+            )
+        parts["evidence"] = _unb64(sent["evidence"], MAX_EVIDENCE_BYTES)
+        parts["certificates"] = _unb64(sent["certificates"], MAX_EVIDENCE_BYTES)
+        for name, digest in (
+            ("evidence", bound.gpu.evidence_digest),
+            ("certificates", bound.gpu.certificates_digest),
+        ):
+            if not hmac.compare_digest(binding_doc.sha256_digest(parts[name]), digest):
+                raise tpm.TpmEvidenceError(
+                    "gpu_evidence_mismatch", f"the GPU {name} is not the one the binding names"
+                )
+        return f"{bound.gpu.kind}: the evidence and chain the binding names"
+
+    checks.run("gpu_binding", bound_to_document)
+    if gpu_policy is None:
+        checks.skipped("gpu", "the policy does not check GPU evidence")
+        return
+    verifier = NvidiaGpuVerifier(
+        gpu_policy.policy, parts["certificates"], gpu_policy.roots, gpu_policy.ocsp
+    )
+    verdict = verifier.verify(
+        parts["evidence"],
+        at=datetime.fromtimestamp(clock(), UTC),
+        binding=ExpectedBinding(nonce=nonce),  # the GPU answered this very nonce
+    )
+    checks.adopt("gpu", verdict)
+
+
 def _binding_checks(
     checks: _Checks,
     policy: AttestationPolicy,
@@ -554,14 +681,22 @@ def _binding_checks(
         checks.passed("code", bound.code_digest)
     else:
         checks.skipped("code", "policy accepts any code")
+    if bound.epochs:
+        for epoch in bound.epochs:
+            if not key_id_matches(epoch.id, epoch.sealing_key):
+                raise checks.fail(
+                    "epochs", "evidence_malformed", "an epoch's id does not name its key"
+                )
+        checks.passed("epochs", ", ".join(e.id for e in bound.epochs))
     if offered_key is not None:
-        if not hmac.compare_digest(offered_key, bound.sealing_key):
+        bound_keys = [e.sealing_key for e in bound.epochs] or [bound.sealing_key]
+        if not any(hmac.compare_digest(offered_key, k) for k in bound_keys):
             raise checks.fail(
                 "key_document",
                 "key_not_certified",
                 "the key document offers a key the evidence does not bind",
             )
-        checks.passed("key_document", "the offered key is the attested sealing key")
+        checks.passed("key_document", "the offered key is an attested sealing key")
     if policy.model_digests:
         served = {m.digest for m in bound.models}
         if not served & policy.model_digests:

@@ -8,6 +8,7 @@ hand to httpx, with the decoder its body must pass through.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -21,7 +22,7 @@ import httpx
 from eth_account.signers.local import LocalAccount
 
 import enclave
-from enclave import DecryptionError, ReplyKeys, SoftwareKey, receipts, sealed_receipt
+from enclave import DecryptionError, ReplyKeys, SoftwareKey, p256, receipts, sealed_receipt
 from enclave.envelope_v2 import request_nonce
 from paygate import wire
 from paygate.client.attestation import (
@@ -79,6 +80,7 @@ _REQUEST_HEADERS_DROPPED = frozenset(
         "payment-signature",
         "x-payment",
         "x-paygate-request-nonce",
+        "x-paygate-key-id",
     }
 )
 _SEALED_REPLY_HEADERS_DROPPED = frozenset(
@@ -236,6 +238,17 @@ class ClientCore:
             self._keys.clear()
             self._attested.clear()
 
+    def forget_origin(self, origin: str, stale: EnclaveKey | None = None) -> None:
+        """Drop one origin's key and attestation (its key epoch is gone): fetch and attest
+        again on the next request. With ``stale``, only if that is still the cached key (a
+        concurrent request may have renewed it already)."""
+        with self._lock:
+            cached = self._keys.get(origin)
+            if stale is not None and cached is not None and cached != stale:
+                return
+            self._keys.pop(origin, None)
+            self._attested.pop(origin, None)
+
     # --- attestation -----------------------------------------------------------------------
 
     def attested(self, origin: str) -> Attested | None:
@@ -246,11 +259,17 @@ class ClientCore:
         with self._lock:
             self._attested[attested.origin] = attested
 
-    def exchange_request(self, exchange: Exchange, original: httpx.Request) -> httpx.Request:
+    def exchange_request(
+        self, exchange: Exchange, original: httpx.Request, key: EnclaveKey | None = None
+    ) -> httpx.Request:
         timeout = original.extensions.get("timeout")
         headers = {"Accept": "application/json"}
         if exchange.body is not None:
             headers["Content-Type"] = "application/json"
+        if key is not None and key.key_id is not None:
+            # Behind a load balancer that routes by key: the replica that holds this key
+            # answers the attestation (and its activation), not a sibling.
+            headers[wire.KEY_ID_HEADER] = key.key_id
         return httpx.Request(
             exchange.method,
             exchange.url,
@@ -286,6 +305,19 @@ class ClientCore:
             url,
             headers={"Accept": "application/json"},
             extensions={"timeout": timeout} if timeout is not None else {},
+        )
+
+    def attested_key(self, key: EnclaveKey, attested: Attested) -> EnclaveKey:
+        """The key to seal to once attested: with key epochs the evidence's current epoch (it
+        may be newer than the key document's), named by its key id."""
+        if not attested.binding.epochs:
+            return key
+        current = attested.binding.epochs[0]
+        return dataclasses.replace(
+            key,
+            public_key=current.sealing_key,
+            fingerprint=p256.fingerprint(current.sealing_key),
+            key_id=current.id,
         )
 
     def accept_key(self, origin: str, status: int, body: bytes) -> EnclaveKey:
@@ -365,6 +397,15 @@ class ClientCore:
             self._check_model(origin_of(request.url), body)
         attempt = self._attempt(request, body, envelope, key, None)
         response = yield Send(attempt.request)
+        retried = False
+        if key is not None and _stale_key(response):
+            # The key epoch is retired, or this replica does not hold the key (it died, or the
+            # balancer moved us): fetch and attest again, once, and re-seal. Nothing was paid.
+            retried = True
+            yield Discard(response)
+            key = yield from self._renew_key(request, body, key)
+            attempt = self._attempt(request, body, envelope, key, None)
+            response = yield Send(attempt.request)
         record: PaymentRecord | None = None
         if response.status_code == 402 and self.payer is not None:
             challenge_body = yield ReadBody(response, MAX_CHALLENGE_BYTES, "the 402 challenge")
@@ -380,11 +421,29 @@ class ClientCore:
             # Re-sealed: a fresh reply key for every attempt, never one reused.
             attempt = self._attempt(request, body, envelope, key, (payment.header, payment.value))
             response = yield Send(attempt.request)
+            if key is not None and not retried and _stale_key(response):
+                # Retired between the 402 and now: the payment was not taken (the gateway
+                # refuses a stale key before the payment is settled); send it again re-sealed.
+                yield Discard(response)
+                key = yield from self._renew_key(request, body, key)
+                attempt = self._attempt(
+                    request, body, envelope, key, (payment.header, payment.value)
+                )
+                response = yield Send(attempt.request)
             if response.status_code == 402:
                 refusal = yield ReadBody(response, MAX_CHALLENGE_BYTES, "the 402 refusal")
                 self._header_receipt(record, response.headers)
                 raise PaymentRefused(refusal_reason(response.headers, refusal))
         return (yield from self._reply(attempt, response, record))
+
+    def _renew_key(
+        self, request: httpx.Request, body: bytes, stale: EnclaveKey
+    ) -> Generator[Command, Any, EnclaveKey]:
+        origin = origin_of(request.url)
+        self.forget_origin(origin, stale)
+        key: EnclaveKey = yield LoadKey(origin, request)
+        self._check_model(origin, body)
+        return key
 
     def _attempt(
         self,
@@ -410,7 +469,11 @@ class ClientCore:
         if envelope == "v2":
             assert key is not None
             sealed = enclave.seal_v2(
-                key.public_key, body, method=request.method, path=request.url.path
+                key.public_key,
+                body,
+                method=request.method,
+                path=request.url.path,
+                key_id=key.key_id,
             )
             content, v2_reply = sealed.blob, sealed.reply
             headers["Content-Type"] = enclave.CONTENT_TYPE
@@ -434,6 +497,8 @@ class ClientCore:
         )
         if payment is not None:
             headers[payment[0]] = payment[1]
+        if key is not None and key.key_id is not None:
+            headers[wire.KEY_ID_HEADER] = key.key_id  # what a balancer routes on
         outgoing = httpx.Request(
             request.method,
             request.url,
@@ -613,6 +678,17 @@ def _with_sealed_usage(receipt: SettleResponse, token: str | None) -> SettleResp
     }
     extended = {**extensions, USAGE_EXTENSION: {"info": info}}
     return receipt.model_copy(update={"extensions": extended})
+
+
+_STALE_KEY_CODES = frozenset({"key_epoch_retired", "wrong_replica"})
+
+
+def _stale_key(response: httpx.Response) -> bool:
+    """The gateway says the key this request was sealed to is not (or no longer) served."""
+    return (
+        response.status_code in (410, 421)
+        and response.headers.get(wire.ERROR_HEADER, "") in _STALE_KEY_CODES
+    )
 
 
 def model_of(body: bytes) -> str | None:

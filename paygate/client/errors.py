@@ -240,6 +240,18 @@ class CodeNotAccepted(AttestationRefused):
     code = "code_not_accepted"
 
 
+class GpuEvidenceMissing(AttestationRefused):
+    """the policy requires GPU evidence and the appliance sent none"""
+
+    code = "gpu_evidence_missing"
+
+
+class GpuEvidenceMismatch(AttestationRefused):
+    """the GPU evidence is not the one the binding document names"""
+
+    code = "gpu_evidence_mismatch"
+
+
 class ReceiptInvalid(ClientError):
     """A reply's signed receipt is missing, malformed, not signed by the attested receipt key,
     or does not match the request or the reply received."""

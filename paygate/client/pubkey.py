@@ -29,6 +29,9 @@ class EnclaveKey:
     public_key: bytes
     fingerprint: str
     document: Mapping[str, Any] = field(repr=False, compare=False)
+    # Key epochs: the id requests name (sealed into a keyed v2 envelope and sent as
+    # X-Paygate-Key-Id, which a load balancer routes on); None for a long-lived key.
+    key_id: str | None = None
 
 
 AttestationHook = Callable[[EnclaveKey], None]
@@ -107,4 +110,19 @@ def parse_pubkey_document(origin: str, status: int, body: bytes) -> EnclaveKey:
     stated = document.get("fingerprint")
     if stated is not None and stated != fingerprint:
         raise PubkeyUnavailable(f"{origin}{PUBKEY_PATH}: 'fingerprint' does not match 'pubkey'")
-    return EnclaveKey(origin=origin, public_key=point, fingerprint=fingerprint, document=document)
+    key_id = document.get("key_id")
+    if key_id is not None and not key_id_matches(key_id, point):
+        raise PubkeyUnavailable(f"{origin}{PUBKEY_PATH}: 'key_id' does not name 'pubkey'")
+    return EnclaveKey(
+        origin=origin, public_key=point, fingerprint=fingerprint, document=document, key_id=key_id
+    )
+
+
+def key_id_matches(key_id: object, point: bytes) -> bool:
+    """A key id is ``<16 hex of the key's fingerprint>@<replica>``: it must name this key."""
+    if not isinstance(key_id, str) or not 0 < len(key_id) <= 255:
+        return False
+    if not key_id.isascii() or not key_id.isprintable():
+        return False
+    prefix, separator, replica = key_id.partition("@")
+    return bool(separator and replica) and prefix == p256.fingerprint(point)[:16]

@@ -217,7 +217,9 @@ class PaygateTransport(_Facade, httpx.BaseTransport):
             body = _read_body(response, MAX_PUBKEY_DOCUMENT, "the key document")
             key = self._core.accept_key(command.origin, response.status_code, body)
             if self._core.attestation is not None:
-                self._core.store_attested(self._attest_origin(command, key))
+                attested = self._attest_origin(command, key)
+                self._core.store_attested(attested)
+                key = self._core.attested_key(key, attested)
             if self._attest is not None:
                 try:
                     self._attest(key)
@@ -234,7 +236,7 @@ class PaygateTransport(_Facade, httpx.BaseTransport):
         try:
             exchange = next(flow)
             while True:
-                request = self._core.exchange_request(exchange, command.request)
+                request = self._core.exchange_request(exchange, command.request, key)
                 response = self._inner.handle_request(request)
                 body = _read_body(response, MAX_EVIDENCE_BYTES, "the attestation evidence")
                 exchange = flow.send((response.status_code, body))
@@ -341,7 +343,9 @@ class AsyncPaygateTransport(_Facade, httpx.AsyncBaseTransport):
             body = await _aread_body(response, MAX_PUBKEY_DOCUMENT, "the key document")
             key = self._core.accept_key(command.origin, response.status_code, body)
             if self._core.attestation is not None:
-                self._core.store_attested(await self._attest_origin(command, key))
+                attested = await self._attest_origin(command, key)
+                self._core.store_attested(attested)
+                key = self._core.attested_key(key, attested)
             if self._attest is not None:
                 try:
                     result = self._attest(key)
@@ -360,7 +364,7 @@ class AsyncPaygateTransport(_Facade, httpx.AsyncBaseTransport):
         try:
             exchange = next(flow)
             while True:
-                request = self._core.exchange_request(exchange, command.request)
+                request = self._core.exchange_request(exchange, command.request, key)
                 response = await self._inner.handle_async_request(request)
                 body = await _aread_body(response, MAX_EVIDENCE_BYTES, "the attestation evidence")
                 exchange = flow.send((response.status_code, body))
@@ -519,7 +523,7 @@ class _AsyncBody(httpx.AsyncByteStream):
         try:
             exchange = next(flow)
             while True:
-                request = self._core.exchange_request(exchange, command.request)
+                request = self._core.exchange_request(exchange, command.request, key)
                 response = await self._inner.handle_async_request(request)
                 body = await _aread_body(response, MAX_EVIDENCE_BYTES, "the attestation evidence")
                 exchange = flow.send((response.status_code, body))

@@ -20,13 +20,15 @@ from aiohttp import web
 
 from enclave import KeyBackend
 from enclave.attestation import binding
+from enclave.attestation.gpu import GpuEvidenceProvider, GpuUnavailable
 from enclave.attestation.providers import EvidenceProvider, open_provider
 from enclave.attestation.providers import EvidenceUnavailable as TeeUnavailable
 from enclave.keys.base import ReceiptSigner
+from enclave.keys.epochs import EpochKeys
 from paygate.config import ConfigError, Settings
 from paygate.economics.alerts import WebhookAlerts
 from paygate.economics.watch import attestation_alert, watch_forever
-from paygate.keys import open_key_backend
+from paygate.keys import epoch_keys, open_key_backend
 from paygate.server import malformed
 from paygate.server.admission import Admission, AdmissionLimits
 from paygate.server.assembly import (
@@ -47,6 +49,7 @@ from paygate.server.attestation import (
     parse_models,
     payment_document,
 )
+from paygate.server.epochs import EpochRotation, rotating
 from paygate.server.errors import (
     BodyTooLarge,
     ExpectationFailed,
@@ -90,6 +93,7 @@ UPSTREAM = web.AppKey("upstream", UpstreamSet)
 PAYMENTS = web.AppKey("payments", PaymentStep)  # type: ignore[type-abstract]
 ATTESTATION = web.AppKey("attestation", AttestationService)
 ALERTS = web.AppKey("alerts", WebhookAlerts)
+ROTATION = web.AppKey("rotation", EpochRotation)
 
 log = logging.getLogger("paygate.server")
 LINGERING_SECONDS = 5.0
@@ -137,11 +141,13 @@ def build_app(
     key: KeyBackend | None = None,
     payments: PaymentStep | None = None,
     routes: RouteTable | None = None,
+    gpu: GpuEvidenceProvider | None = None,
 ) -> web.Application:
     """Build the gateway for ``settings``.
 
     ``key`` is opened from the settings at startup (and closed at cleanup) unless given; a
-    given key stays the caller's to close. ``payments`` defaults to the configured payment
+    given key stays the caller's to close. ``gpu``: the GPU evidence provider (default: as
+    ``gpu_evidence`` says). ``payments`` defaults to the configured payment
     mode; payment settings that cannot work raise ConfigError here, before anything listens.
     Below this factory nothing reads ``Settings``: each part gets its own typed view.
     """
@@ -179,10 +185,23 @@ def build_app(
 
     async def key_backend(app: web.Application) -> AsyncIterator[None]:
         owned = key is None
-        app[KEY] = open_key_backend(settings) if key is None else key
+        base = open_key_backend(settings) if key is None else key
+        if settings.key_epoch:
+            # Rotating epoch keys made in the same backend; the base keeps the AK and log key.
+            try:
+                app[KEY] = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: epoch_keys(settings, base, replica, close_base=owned)
+                )
+            except BaseException:
+                if owned:
+                    base.close()
+                raise
+        else:
+            app[KEY] = base
         yield
-        if owned:
-            app[KEY].close()
+        if owned or settings.key_epoch:
+            # Epochs are destroyed at stop (a given base key stays the caller's).
+            await asyncio.get_running_loop().run_in_executor(None, app[KEY].close)
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
         # One session per upstream: TCP, or the relay's unix socket for a container
@@ -299,7 +318,12 @@ def build_app(
             )
         except binding.BindingInvalid as exc:
             raise ConfigError(f"a served model cannot be attested: {exc}") from None
-        service = AttestationService(bound, app[KEY], provider=tee_provider(settings, bound.kind))
+        service = AttestationService(
+            bound,
+            app[KEY],
+            provider=tee_provider(settings, bound.kind),
+            gpu=gpu if gpu is not None else gpu_provider(settings),
+        )
         try:
             await asyncio.get_running_loop().run_in_executor(None, service.start)
         except TypeError as exc:  # a key backend without what this evidence kind needs
@@ -310,6 +334,7 @@ def build_app(
         if bound.log is not None:
             tlog = await tlog_assembly.start_log(settings, app[KEY], service)
         timed_key = TimedKey(app[KEY], app[METRICS])
+        epochs = app[KEY] if isinstance(app[KEY], EpochKeys) else None
         local = LocalEndpoints(
             key=timed_key,
             upstream=upstream,
@@ -321,8 +346,15 @@ def build_app(
             upstream_status=app[UPSTREAM].status if app[UPSTREAM].monitored else None,
             models=app[UPSTREAM].models_document(),
             attestation=service,
+            epochs=epochs,
         )
-        opener = Opener(timed_key, app[METRICS].envelope)
+        metrics = app[METRICS]
+        opener = Opener(
+            timed_key,
+            metrics.envelope,
+            epochs=epochs,
+            timed=lambda epoch_key: TimedKey(epoch_key, metrics),
+        )
         issuer = (
             ReceiptIssuer(
                 app[KEY],
@@ -360,11 +392,18 @@ def build_app(
             tracing=tracing,
         )
         try:
-            if tlog is None:
+            async with contextlib.AsyncExitStack() as stack:
+                if tlog is not None:
+                    await stack.enter_async_context(running_log(tlog))
+                if epochs is not None:
+                    # Each rotation is a key-epoch entry in the transparency log, if one is kept.
+                    listeners = (
+                        [tlog_assembly.on_rotation(tlog, service)] if tlog is not None else []
+                    )
+                    app[ROTATION] = await stack.enter_async_context(
+                        rotating(epochs, settings.key_epoch_dir, listeners)
+                    )
                 yield
-            else:
-                async with running_log(tlog):
-                    yield
         finally:
             for pool in pools.values():
                 await pool.close()
@@ -510,6 +549,18 @@ def tee_provider(settings: Settings, kind: str) -> EvidenceProvider | None:
         )
     except TeeUnavailable as exc:
         raise ConfigError(f"attestation {kind}: {exc}") from None
+
+
+def gpu_provider(settings: Settings) -> GpuEvidenceProvider | None:
+    """The GPU's evidence interface when ``gpu_evidence`` names one; missing: ConfigError."""
+    if settings.gpu_evidence == "off":
+        return None
+    from enclave.attestation.gpu import NvmlProvider
+
+    try:
+        return NvmlProvider()
+    except GpuUnavailable as exc:
+        raise ConfigError(f"gpu_evidence {settings.gpu_evidence}: {exc}") from None
 
 
 def reply_limits(settings: Settings) -> ReplyLimits:

@@ -34,6 +34,7 @@ from paygate.x402.processor import PaymentEvents, PaymentProcessor
 from paygate.x402.schemes.upto import ASSET_TRANSFER_METHOD, FACILITATOR_EXTRA
 from paygate.x402.settlement import SettleAfterReply, Settlement, SettleUpfront, VerifyOnly
 from paygate.x402.settler import Settler, SettlerUnavailable
+from paygate.x402.smartwallet import WalletVerifier
 from paygate.x402.verify import MIN_REMAINING_SECONDS
 
 log = logging.getLogger("paygate.server")
@@ -211,6 +212,7 @@ def settler_for(settings: Settings, session: aiohttp.ClientSession) -> Settler:
                 gas_key,
                 timeout=settings.facilitator_timeout,
                 settle_timeout=settings.settle_timeout,
+                factories=settings.erc6492_factories,
             )
         except ValueError:
             raise ConfigError("gas_key is not a valid private key") from None
@@ -230,6 +232,14 @@ def settler_for(settings: Settings, session: aiohttp.ClientSession) -> Settler:
         chain=chain,
         auth=settings.facilitator_auth_provider(),
     )
+
+
+def wallet_verifier(settings: Settings) -> WalletVerifier | None:
+    """Contract wallets sign in through the RPC endpoint, when there is one (smartwallet)."""
+    if not settings.chain_rpc_url:
+        return None
+    reader = ChainReader(settings.chain_rpc_url, timeout=settings.facilitator_timeout)
+    return WalletVerifier(reader, settings.erc6492_factories)
 
 
 def settlement_for(settings: Settings) -> Settlement:
@@ -272,6 +282,7 @@ def x402_payments(
         min_remaining_seconds=settings.settle_margin_seconds + MIN_REMAINING_SECONDS,
         retry_after_seconds=settings.retry_after_seconds,
         payment_identifier_ttl=settings.payment_identifier_ttl_seconds,
+        wallets=wallet_verifier(settings),
     )
     return X402Payments(
         processor,

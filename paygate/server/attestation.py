@@ -33,10 +33,19 @@ from aiohttp import web
 
 from enclave import KeyBackend, KeyBackendError
 from enclave.attestation import binding
+from enclave.attestation.gpu import GpuEvidenceProvider, GpuUnavailable
 from enclave.attestation.providers import EvidenceProvider
 from enclave.attestation.providers import EvidenceUnavailable as TeeUnavailable
-from enclave.attestation.tpm import APP_PCR, DEFAULT_PCRS, EK_HANDLES, TpmAttester, app_digest
+from enclave.attestation.tpm import (
+    APP_PCR,
+    DEFAULT_PCRS,
+    EK_HANDLES,
+    CertifiedKey,
+    TpmAttester,
+    app_digest,
+)
 from enclave.keys.base import ReceiptSigner
+from enclave.keys.epochs import Epoch, EpochKeys
 from paygate import jsonsafe, release
 from paygate.config import ConfigError
 from paygate.server.errors import BodyTooLarge, GatewayError
@@ -166,6 +175,7 @@ class AttestationService:
         *,
         clock: Callable[[], float] = time.time,
         provider: EvidenceProvider | None = None,
+        gpu: GpuEvidenceProvider | None = None,
     ) -> None:
         if not isinstance(key, ReceiptSigner):
             raise TypeError("the key backend has no receipt-signing key")
@@ -180,10 +190,20 @@ class AttestationService:
         self._global = RateLimiter(config.global_rate_per_minute)
         self._tpm_static: dict[str, Any] = {}
         self._provider = provider
+        self._gpu = gpu
+        # Key epochs: the live epochs are read at each evidence; the long-lived key beside
+        # them holds the TPM's AK and the log key.
+        self._epochs = key if isinstance(key, EpochKeys) else None
 
     @property
     def kind(self) -> EvidenceKind:
         return self._config.kind
+
+    def _tpm_key(self) -> Any:
+        from enclave.keys.tpm import TpmKey
+
+        key = self._epochs.base if self._epochs is not None else self._key
+        return key if isinstance(key, TpmKey) else None
 
     @property
     def receipt_public_key(self) -> bytes:
@@ -191,11 +211,10 @@ class AttestationService:
 
     def ek_certificate_kinds(self) -> list[str]:
         """The EK certificates this TPM holds (reads NV; blocking)."""
-        from enclave.keys.tpm import TpmKey
-
-        if not isinstance(self._key, TpmKey):
+        key = self._tpm_key()
+        if key is None:
             return []
-        return sorted(TpmAttester(self._key).ek_certificates())
+        return sorted(TpmAttester(key).ek_certificates())
 
     def config_digest(self) -> bytes:
         c = self._config
@@ -207,6 +226,7 @@ class AttestationService:
             c.gateway_version,
             c.code_digest,
             log=c.log,
+            rotating=self._epochs is not None,
         )
 
     def start(self) -> None:
@@ -214,29 +234,21 @@ class AttestationService:
         PCR 23 and certify the sealing and receipt keys once."""
         if self._config.kind != "tpm":
             return
-        from enclave.keys.tpm import TpmKey
-
-        if not isinstance(self._key, TpmKey):
+        tpm_key = self._tpm_key()
+        if tpm_key is None:
             raise TypeError("tpm attestation needs the tpm key backend")
-        attester = TpmAttester(self._key)
+        attester = TpmAttester(tpm_key)
         code = bytes.fromhex(self._config.code_digest.removeprefix("sha256:"))
         digest = app_digest(code, self.config_digest())
         # Once per boot: the first worker measures, the others (and a restarted one) find the
         # value there and leave it alone (enclave.attestation.tpm.TpmAttester.extend_app_pcr).
-        with _locked(self._key.key_dir / APP_PCR_LOCK):
+        with _locked(tpm_key.key_dir / APP_PCR_LOCK):
             attester.extend_app_pcr(digest)
         certified = attester.certify_keys()
         self._tpm_static = {
             "ek_certificates": {k: b64(v) for k, v in attester.ek_certificates().items()},
             "ak_public": b64(attester.ak_public),
-            "certify": {
-                name: {
-                    "public": b64(c.public),
-                    "attest": b64(c.certify.attest),
-                    "signature": b64(c.certify.signature),
-                }
-                for name, c in certified.items()
-            },
+            "certify": {name: _certified(c) for name, c in certified.items()},
             "app_pcr": {
                 "index": APP_PCR,
                 "code_digest": self._config.code_digest,
@@ -245,12 +257,17 @@ class AttestationService:
         }
         self._attester = attester
 
-    def _binding(self, nonce: bytes) -> binding.Binding:
+    def _binding(
+        self, nonce: bytes, live: Sequence[Epoch] = (), gpu: binding.GpuBinding | None = None
+    ) -> binding.Binding:
         c = self._config
+        epochs = tuple(
+            binding.EpochEntry(e.id, e.sealing_key, e.receipt_key, int(e.not_after)) for e in live
+        )
         return binding.Binding(
             nonce=nonce,
-            sealing_key=self._key.public_key,
-            receipt_key=self._signer.receipt_public_key,
+            sealing_key=epochs[0].sealing_key if epochs else self._key.public_key,
+            receipt_key=epochs[0].receipt_key if epochs else self._signer.receipt_public_key,
             models=c.models,
             payment=c.payment,
             gateway_version=c.gateway_version,
@@ -258,15 +275,27 @@ class AttestationService:
             issued_at=int(self._clock()),
             replica=c.replica,
             log=c.log,
+            epochs=epochs,
+            gpu=gpu,
         )
 
     def evidence(self, nonce: bytes) -> dict[str, Any]:
-        """The evidence document for ``nonce`` (blocking: one TPM quote or one signature)."""
-        bound = self._binding(nonce)
+        """The evidence document for ``nonce`` (blocking: one TPM quote or one signature; with
+        a GPU, first the GPU's measurements for the same nonce)."""
+        live = self._epochs.live() if self._epochs is not None else []  # one snapshot
+        gpu = self._gpu.attest(nonce) if self._gpu is not None else None
+        bound = self._binding(nonce, live, gpu.binding() if gpu is not None else None)
         document: dict[str, Any] = {"kind": self._config.kind, "binding": bound.document()}
         if self._config.replica is not None:
             # Also unsigned beside the evidence: a reader need not parse the binding to see it.
             document["replica"] = self._config.replica
+        if gpu is not None:
+            document["gpu"] = {
+                "kind": gpu.kind,
+                "evidence": b64(gpu.evidence),
+                "certificates": b64(gpu.certificates),
+                "source": gpu.source,
+            }
         if self._config.kind == "tpm":
             assert self._attester is not None  # start() ran
             quote, pcrs = self._attester.quote(bound.digest(), self._config.pcrs)
@@ -275,6 +304,11 @@ class AttestationService:
                 "quote": {"attest": b64(quote.attest), "signature": b64(quote.signature)},
                 "pcrs": {str(i): v.hex() for i, v in sorted(pcrs.items())},
             }
+            if live:
+                # Each epoch's two keys, certified by the AK when they were made.
+                document["tpm"]["epochs"] = {
+                    e.id: {name: _certified(c) for name, c in e.evidence.items()} for e in live
+                }
         elif self._config.kind in binding.TEE_KINDS:
             if self._provider is None:  # `paygate attest show` builds the service without one
                 raise TeeUnavailable("no TEE evidence provider")
@@ -289,7 +323,9 @@ class AttestationService:
         else:
             # Honest, not attested: the receipt key vouches for the binding, nothing vouches
             # for the receipt key.
-            signature = self._signer.sign_digest(bound.digest())
+            current = live[0].key if live else None
+            signer = current if current is not None else self._signer
+            signature = signer.sign_digest(bound.digest())
             document["none"] = {"signature": b64(signature)}
         return document
 
@@ -332,7 +368,7 @@ class AttestationService:
         self._admit(request)
         try:
             document = await self._blocking(self.evidence, nonce)
-        except (KeyBackendError, TeeUnavailable):
+        except (KeyBackendError, TeeUnavailable, GpuUnavailable):
             raise AttestationUnavailable from None
         return web.json_response(document, headers={"Cache-Control": "no-store"})
 
@@ -363,6 +399,14 @@ class AttestationService:
         except KeyBackendError:
             raise ActivationFailed from None
         return web.json_response({"secret": b64(recovered)}, headers={"Cache-Control": "no-store"})
+
+
+def _certified(c: CertifiedKey) -> dict[str, str]:
+    return {
+        "public": b64(c.public),
+        "attest": b64(c.certify.attest),
+        "signature": b64(c.certify.signature),
+    }
 
 
 APP_PCR_LOCK = "app-pcr.lock"  # in the TPM key's directory: one per appliance, every worker

@@ -32,6 +32,7 @@ from paygate import jsonsafe
 from paygate.jsonsafe import UntrustedJSONError
 from paygate.server.admission import Admission
 from paygate.server.counting import Tokenizer
+from paygate.server.epochs import check_key_header
 from paygate.server.errors import GatewayError, InvalidBatch, QueryNotAllowed, RouteNotFound
 from paygate.server.health import LocalHandler
 from paygate.server.isolation import tenant_of
@@ -128,6 +129,7 @@ class Gateway:
     ) -> web.StreamResponse:
         info = facts(request)
         nonce = request_nonce_header(request.headers)  # a bad one is refused before paying
+        check_key_header(self._opener.epochs, request.headers)  # before any payment work
         async with self._admission.admit(request, match.route) as admitted:
             info.payment = "paid" if admitted.ticket.paid else "free"
             opened = admitted.opened or await self._opener.open(request, admitted.body)
@@ -210,6 +212,7 @@ class Gateway:
         of the others are withheld (``batch_incomplete``). ``upto`` charges each item served."""
         limits = self._batch_limits
         nonce = request_nonce_header(request.headers)
+        check_key_header(self._opener.epochs, request.headers)
         async with self._admission.admit(request, match.route) as admitted:
             opened = admitted.opened or await self._opener.open(request, admitted.body)
             ticket = admitted.ticket

@@ -16,7 +16,9 @@ from aiohttp import web
 
 import enclave
 from enclave import KeyBackend, hpke, p256
+from enclave.keys.epochs import EpochKeys
 from paygate.server.attestation import AttestationService
+from paygate.server.epochs import epochs_document
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.metrics import CONTENT_TYPE, Metrics
 from paygate.server.readiness import ReadinessChecks
@@ -67,8 +69,10 @@ class LocalEndpoints:
         upstream_status: Callable[[], Mapping[str, Any]] | None = None,
         models: Sequence[Mapping[str, str]] = (),
         attestation: AttestationService | None = None,
+        epochs: EpochKeys | None = None,
     ) -> None:
         self._key = key
+        self._epochs = epochs
         self._upstream = upstream
         self._limiter = limiter
         self._metrics = metrics
@@ -99,14 +103,16 @@ class LocalEndpoints:
         return handlers
 
     async def health(self, request: web.Request) -> web.Response:
+        # With key epochs the key changes: the current one, not the one at start.
+        pubkey = self._pubkey if self._epochs is None else pubkey_document(self._key)
         return web.json_response(
             {
                 "status": "ok",
                 "payment_mode": self._payment_mode,
                 "key": {
-                    "backend": self._pubkey["backend"],
-                    "persistent": self._pubkey["persistent"],
-                    "fingerprint": self._pubkey["fingerprint"],
+                    "backend": pubkey["backend"],
+                    "persistent": pubkey["persistent"],
+                    "fingerprint": pubkey["fingerprint"],
                 },
                 "in_flight": self._limiter.in_flight,
                 "max_concurrent_requests": self._limiter.limit,
@@ -162,4 +168,8 @@ class LocalEndpoints:
         )
 
     async def pubkey(self, request: web.Request) -> web.Response:
-        return web.json_response(self._pubkey)
+        if self._epochs is None:
+            return web.json_response(self._pubkey)
+        # Key epochs: the current key (what Obol clients seal to) and the live epochs, now.
+        document = {**pubkey_document(self._key), **epochs_document(self._epochs)}
+        return web.json_response(document, headers={"Cache-Control": "no-store"})

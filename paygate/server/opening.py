@@ -4,6 +4,10 @@ One entry, :func:`open_body`, between admission and forwarding.
 
 - Request: ``Content-Type: application/x-obol-encrypted`` (parameters tolerated) means sealed;
   the first body byte picks v1 or v2. v2 is opened bound to the method and the path (no query).
+- Key epochs (:class:`~enclave.keys.epochs.EpochKeys`): a keyed v2 request opens only with the
+  live epoch it names (a retired one: ``key_epoch_retired``, another replica's:
+  ``wrong_replica``); a request without a key id (v1, unkeyed v2) with the current epoch, then
+  the previous one within its grace period. The epoch that opened the request signs its receipt.
 - Reply: v1 (Obol) seals the whole reply to the clear ``X-Obol-Reply-Pubkey``; v2 seals to the
   reply secret inside the request, frame by frame for streams. Plaintext needs neither.
 Every defect of a sealed body is the one uniform :class:`DecryptionFailed`.
@@ -25,9 +29,12 @@ from enclave import (
     KeyBackend,
     KeyBackendError,
     ReplyKeys,
+    envelope_v2,
     p256,
 )
+from enclave.keys.epochs import Epoch, EpochKeys, EpochRetired, WrongReplica
 from paygate import wire
+from paygate.server.epochs import refusal
 from paygate.server.errors import (
     DecryptionFailed,
     InvalidReplyKey,
@@ -88,6 +95,8 @@ async def open_body(
     body: bytes,
     reply_pubkey: str | None,
     inline: bool = False,
+    epochs: EpochKeys | None = None,
+    timed: Callable[[KeyBackend], KeyBackend] | None = None,
 ) -> OpenedBody:
     """Open ``body`` if it is sealed and decide the reply plan.
 
@@ -101,6 +110,8 @@ async def open_body(
     version = enclave.envelope_version(body)
     if version == 2 and v1_reply is not None:
         raise ReplyKeyNotAllowed
+    if epochs is not None and version in (1, 2):
+        return await _open_epoch(epochs, version, body, method, path, v1_reply, timed)
     loop = asyncio.get_running_loop()
     try:
         if version == 1:
@@ -126,6 +137,49 @@ def _open_v2(key: KeyBackend, body: bytes, method: str, path: str) -> enclave.Op
     return enclave.open_v2(key, body, method=method, path=path)
 
 
+async def _open_epoch(
+    epochs: EpochKeys,
+    version: int,
+    body: bytes,
+    method: str,
+    path: str,
+    v1_reply: bytes | None,
+    timed: Callable[[KeyBackend], KeyBackend] | None,
+) -> OpenedBody:
+    """Open with the epoch the request names, or (unkeyed) the current then the previous."""
+    candidates: list[Epoch]
+    try:
+        key_id = envelope_v2.request_key_id(body) if version == 2 else None
+        candidates = [epochs.lookup(key_id)] if key_id is not None else epochs.unkeyed()
+    except DecryptionError:
+        raise DecryptionFailed from None
+    except (EpochRetired, WrongReplica) as exc:
+        raise refusal(exc) from None
+    loop = asyncio.get_running_loop()
+    for epoch in candidates:
+        key: KeyBackend | None = epoch.key
+        if key is None:  # retired between the lookup and now
+            raise refusal(EpochRetired())
+        if timed is not None:
+            key = timed(key)
+        try:
+            if version == 1:
+                plaintext = await loop.run_in_executor(None, enclave.open_v1, key, body)
+                opened = OpenedBody(plaintext, 1, V1Reply(v1_reply) if v1_reply else PlainReply())
+            else:
+                request = await loop.run_in_executor(None, _open_v2, key, body, method, path)
+                opened = OpenedBody(request.body, 2, V2Reply(request.reply))
+        except KeyBackendError:
+            if epoch.key is None:  # destroyed while this request waited for it
+                raise refusal(EpochRetired()) from None
+            raise KeyUnavailable from None
+        except (DecryptionError, EnclaveError, ValueError):
+            continue
+        epochs.bind(epoch)  # this request's receipt is signed by its epoch's receipt key
+        return opened
+    raise DecryptionFailed
+
+
 #: Backends whose key is in this process's memory: their ECDH never blocks.
 INLINE_BACKENDS = frozenset({"software", "tee-memory"})
 
@@ -133,10 +187,23 @@ INLINE_BACKENDS = frozenset({"software", "tee-memory"})
 class Opener:
     """The open stage for the gateway: the key backend, and the envelope count per request."""
 
-    def __init__(self, key: KeyBackend, on_opened: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        key: KeyBackend,
+        on_opened: Callable[[int], None],
+        *,
+        epochs: EpochKeys | None = None,
+        timed: Callable[[KeyBackend], KeyBackend] | None = None,
+    ) -> None:
         self._key = key
         self._on_opened = on_opened
         self._inline = key.info().backend in INLINE_BACKENDS
+        self._epochs = epochs
+        self._timed = timed
+
+    @property
+    def epochs(self) -> EpochKeys | None:
+        return self._epochs
 
     async def open(self, request: web.Request, body: bytes) -> OpenedBody:
         opened = await open_body(
@@ -147,6 +214,8 @@ class Opener:
             body=body,
             reply_pubkey=request.headers.get(wire.REPLY_PUBKEY_HEADER),
             inline=self._inline,
+            epochs=self._epochs,
+            timed=self._timed,
         )
         self._on_opened(opened.envelope)
         return opened

@@ -41,6 +41,7 @@ from enclave import receipts, sealed_receipt
 from enclave.attestation.binding import ModelDigest
 from enclave.envelope_v2 import request_nonce
 from enclave.keys.base import ReceiptSigner
+from enclave.keys.epochs import request_signer
 from paygate import wire
 from paygate.server.errors import GatewayError, InvalidRequestNonce
 from paygate.server.opening import INLINE_BACKENDS, OpenedBody, ReplyPlan, V1Reply, V2Reply
@@ -209,11 +210,13 @@ class ReceiptIssuer:
 
     async def _sign(self, claims: dict[str, Any]) -> str:
         claims["issued_at"] = int(self._clock())
+        # Under key epochs: the receipt key of the epoch this request was sealed to.
+        signer = request_signer(self._signer)
         if self._inline:  # a software or TEE-memory key: cheaper than a thread hop
-            token = receipts.sign(claims, self._signer)
+            token = receipts.sign(claims, signer)
         else:  # a TPM or token round trip: off the event loop
             loop = asyncio.get_running_loop()
-            token = await loop.run_in_executor(None, receipts.sign, claims, self._signer)
+            token = await loop.run_in_executor(None, receipts.sign, claims, signer)
         if self._on_signed is not None:
             await self._on_signed(token)
         return token

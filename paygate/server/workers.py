@@ -37,10 +37,18 @@ RESTART_WINDOW = 60.0
 POLL_SECONDS = 0.2
 
 
-def check_workers(workers: int, *, upstream_mode: str, key_backend: str, tpm_tcti: str) -> None:
+def check_workers(
+    workers: int, *, upstream_mode: str, key_backend: str, tpm_tcti: str, key_epoch: float = 0
+) -> None:
     """Refuse, before anything listens, a configuration that cannot run as several workers."""
     if workers <= 1:
         return
+    if key_epoch:
+        raise ConfigError(
+            "workers > 1 cannot use key_epoch: each worker would make and rotate its own "
+            "epochs, and a caller must find its key in the process it reaches (run one worker "
+            "per replica and scale with replicas, docs/SCALING.md)"
+        )
     if upstream_mode == "container":
         raise ConfigError(
             "workers > 1 needs upstream_mode attach: each worker would start its own "

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from enclave import KeyBackend
 from enclave.attestation import binding
 from enclave.attestation.binding import LogIdentity
 from enclave.keys.base import LogSigner
+from enclave.keys.epochs import Epoch
 from enclave.tlog import entries
 from paygate.config import ConfigError, Settings
 from paygate.server.attestation import AttestationService
@@ -60,6 +62,31 @@ def log_config(settings: Settings) -> LogConfig:
         witnesses=witnesses,
         witness_timeout=settings.log_witness_timeout,
     )
+
+
+def on_rotation(
+    tlog: TransparencyLog, attestation: AttestationService
+) -> Callable[[Epoch], Awaitable[None]]:
+    """After each key rotation: a key-epoch entry for the new keys, with fresh evidence (its
+    nonce derived from the keys, as at start), so every epoch's keys are in the log."""
+
+    async def append(epoch: Epoch) -> None:
+        nonce = entries.epoch_nonce(epoch.sealing_key, epoch.receipt_key, tlog.identity.key)
+        loop = asyncio.get_running_loop()
+        document = await loop.run_in_executor(None, attestation.evidence, nonce)
+        bound = binding.parse(document["binding"])
+        entry = entries.key_epoch(
+            time=int(time.time()),
+            replica=tlog.config.replica,
+            sealing_key=bound.sealing_key,
+            receipt_key=bound.receipt_key,
+            log_key=tlog.identity.key,
+            evidence_kind=attestation.kind,
+            evidence_digest=evidence_digest(document),
+        )
+        await tlog.append([entry])
+
+    return append
 
 
 async def start_log(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,6 +26,7 @@ from web3 import Web3
 from web3.exceptions import ContractLogicError, TimeExhausted, TransactionNotFound
 
 from paygate import jsonsafe
+from paygate.x402 import smartwallet
 from paygate.x402.chain_upto import UptoChain
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, UptoEvmPayload, VerifyResponse
 from paygate.x402.networks import resolve_network
@@ -75,7 +76,25 @@ EIP3009_ABI: list[dict[str, Any]] = [
         ],
         "outputs": [],
     },
+    {  # FiatToken V2.2's overload for contract wallets (ERC-1271) and any other signature
+        "name": "transferWithAuthorization",
+        "type": "function",
+        "stateMutability": "nonpayable",
+        "inputs": [
+            {"name": "from", "type": "address"},
+            {"name": "to", "type": "address"},
+            {"name": "value", **_UINT},
+            {"name": "validAfter", **_UINT},
+            {"name": "validBefore", **_UINT},
+            {"name": "nonce", "type": "bytes32"},
+            {"name": "signature", "type": "bytes"},
+        ],
+        "outputs": [],
+    },
 ]
+_AUTH_ARGS = "address,address,uint256,uint256,uint256,bytes32"
+_BY_VRS = f"transferWithAuthorization({_AUTH_ARGS},uint8,bytes32,bytes32)"
+_BY_BYTES = f"transferWithAuthorization({_AUTH_ARGS},bytes)"
 # Event topics (keccak256 of the signature), lowercase hex without 0x.
 TRANSFER_TOPIC = "ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 USED_TOPIC = Web3.keccak(text="AuthorizationUsed(address,bytes32)").hex().removeprefix("0x")
@@ -99,6 +118,15 @@ _REVERTS = (
     ("authorization is expired", "invalid_exact_evm_payload_authorization_valid_before"),
     ("transfer amount exceeds balance", INSUFFICIENT_BALANCE),
 )
+
+
+def _reason(message: str) -> str:
+    """x402's reason for a FiatToken revert message."""
+    message = message.lower()
+    return next(
+        (reason for text, reason in _REVERTS if text in message),
+        "invalid_exact_evm_transaction_simulation_failed",
+    )
 
 
 class ChainReader:
@@ -223,9 +251,17 @@ class ChainSettler:
     """Verify and settle on the chain behind ``rpc_url`` with the gas account of ``gas_key``."""
 
     def __init__(
-        self, rpc_url: str, gas_key: SecretStr, *, timeout: float, settle_timeout: float
+        self,
+        rpc_url: str,
+        gas_key: SecretStr,
+        *,
+        timeout: float,
+        settle_timeout: float,
+        factories: Iterable[str] = (),
     ) -> None:
         self._chain = ChainReader(rpc_url, timeout=timeout)
+        # ERC-6492 factories this gateway lets deploy a payer's wallet (in its settlement).
+        self._factories = smartwallet.normalise_factories(factories)
         self._w3 = self._chain.w3
         self._upto = UptoChain(self._chain)
         self._account = Account.from_key(gas_key.get_secret_value())
@@ -309,21 +345,56 @@ class ChainSettler:
         await self._chain.check_chain(requirements)
 
     def _transfer(self, payment: AnyPaymentPayload, requirements: dict[str, Any]) -> Any:
+        """The token's ``transferWithAuthorization`` for ``payment``: (v, r, s) for an EOA's
+        signature, the ``bytes`` overload for a contract wallet's (ERC-6492 wrapper off)."""
         auth = payment.payload.authorization
-        signature = bytes.fromhex(payment.payload.signature[2:])
-        if len(signature) != 65:
-            raise ValueError("chain mode settles 65-byte ECDSA signatures only")
-        v = signature[64] if signature[64] >= 27 else signature[64] + 27
-        return self._chain.token(requirements).functions.transferWithAuthorization(
+        signature = smartwallet.parse_hex(payment.payload.signature)  # ValueError: malformed
+        token = self._chain.token(requirements)
+        args = (
             to_checksum_address(auth.from_),
             to_checksum_address(auth.to),
             int(auth.value),
             int(auth.valid_after),
             int(auth.valid_before),
             bytes.fromhex(auth.nonce[2:]),
-            v,
-            signature[:32],
-            signature[32:64],
+        )
+        if not signature.is_ecdsa:
+            return token.get_function_by_signature(_BY_BYTES)(*args, signature.inner)
+        raw = signature.inner
+        v = raw[64] if raw[64] >= 27 else raw[64] + 27
+        return token.get_function_by_signature(_BY_VRS)(*args, v, raw[:32], raw[32:64])
+
+    async def _deployment(self, payment: AnyPaymentPayload) -> smartwallet.Deployment | None:
+        """The factory call a counterfactual payer needs first (ERC-6492), or None."""
+        deployment = smartwallet.parse_hex(payment.payload.signature).deployment
+        if deployment is None:
+            return None
+        payer = to_checksum_address(payment.payload.authorization.from_)
+        if await self._call(self._w3.eth.get_code, payer):
+            return None  # deployed since it signed: the wrapper is just unwrapped
+        return deployment
+
+    def _deploy_then(
+        self, deployment: smartwallet.Deployment, transfer: Any, *, diagnose: bool = False
+    ) -> Any:
+        """One Multicall3 call: deploy the wallet, then the transfer. Sent, it is atomic (both
+        or none; gas is estimated for both). ``diagnose`` (a simulation): a failed transfer
+        does not revert the call, so its revert reason can be read."""
+        multicall = self._w3.eth.contract(
+            address=to_checksum_address(smartwallet.MULTICALL3_ADDRESS),
+            abi=smartwallet.AGGREGATE3_ABI,
+        )
+        # The same call, as calldata (web3 encodes it by the exact overload's signature).
+        data = bytes.fromhex(
+            self._w3.eth.contract(address=transfer.address, abi=EIP3009_ABI)
+            .encode_abi(transfer.signature, args=transfer.args)
+            .removeprefix("0x")
+        )
+        return multicall.functions.aggregate3(
+            [
+                (deployment.factory, False, deployment.calldata),
+                (transfer.address, diagnose, data),
+            ]
         )
 
     async def _simulate(
@@ -333,15 +404,30 @@ class ChainSettler:
             call = self._transfer(payment, requirements)
         except ValueError:
             return "invalid_exact_evm_payload_signature"
+        deployment = await self._deployment(payment)
+        if deployment is not None:
+            return await self._simulate_deployed(deployment, call)
         try:
             await self._call(call.call, {"from": self._account.address})
         except ContractLogicError as exc:
-            message = str(exc).lower()
-            return next(
-                (reason for text, reason in _REVERTS if text in message),
-                "invalid_exact_evm_transaction_simulation_failed",
-            )
+            return _reason(str(exc))
         return None
+
+    async def _simulate_deployed(
+        self, deployment: smartwallet.Deployment, transfer: Any
+    ) -> str | None:
+        """The transfer of a wallet deployed first, in one ``eth_call``."""
+        if not smartwallet.allowed(deployment.factory, self._factories):
+            return smartwallet.FACTORY_NOT_ALLOWED
+        try:
+            results = await self._call(
+                self._deploy_then(deployment, transfer, diagnose=True).call,
+                {"from": self._account.address},
+            )
+        except ContractLogicError:
+            return smartwallet.DEPLOYMENT_FAILED  # the factory call itself failed
+        ok, data = results[1]
+        return None if ok else _reason(smartwallet.revert_text(bytes(data)))
 
     async def _settle_upto(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]
@@ -363,7 +449,11 @@ class ChainSettler:
         )
 
     async def _send(self, payment: AnyPaymentPayload, requirements: dict[str, Any]) -> str:
-        return await self._send_call(self._transfer(payment, requirements))
+        transfer = self._transfer(payment, requirements)
+        deployment = await self._deployment(payment)
+        if deployment is not None:  # simulated just before: an allowed factory
+            return await self._send_call(self._deploy_then(deployment, transfer))
+        return await self._send_call(transfer)
 
     async def _send_call(self, call: Any) -> str:
         sender = self._account.address

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from eth_utils import keccak, to_checksum_address
 from web3.exceptions import ContractLogicError, TimeExhausted
 
+from paygate.x402 import smartwallet
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, UptoEvmPayload, VerifyResponse
 from paygate.x402.schemes.upto import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
 from paygate.x402.settler import SettlementUnknown
@@ -129,7 +130,10 @@ def settle_args(payment: AnyPaymentPayload, amount: int) -> tuple[Any, ...]:
         to_checksum_address(auth.witness.facilitator),
         int(auth.witness.valid_after),
     )
-    signature = bytes.fromhex(payload.signature[2:])
+    try:  # a counterfactual wallet's ERC-6492 wrapper is not Permit2's business (as the SDK)
+        signature = smartwallet.parse_hex(payload.signature).inner
+    except ValueError:
+        signature = bytes.fromhex(payload.signature[2:])
     return permit, amount, to_checksum_address(auth.from_), witness, signature
 
 

@@ -73,6 +73,7 @@ from paygate.x402.results import Admission, Receipt, Refusal
 from paygate.x402.schemes import SCHEMES, Authorized
 from paygate.x402.settlement import Settlement
 from paygate.x402.settler import ReviewRequired, SettlementUnknown, Settler, SettlerUnavailable
+from paygate.x402.smartwallet import WalletVerifier
 from paygate.x402.verify import PaymentRejected, match_offer
 
 log = logging.getLogger("paygate.x402")
@@ -196,8 +197,10 @@ class PaymentProcessor:
         events: PaymentEvents | None = None,
         economics: EconomicsCheck | None = None,
         payment_identifier_ttl: float = DEFAULT_TTL_SECONDS,
+        wallets: WalletVerifier | None = None,
     ) -> None:
         self.terms = terms
+        self._wallets = wallets  # contract-wallet sign-ins: asked on chain (smartwallet)
         self.economics = economics
         self._events: PaymentEvents = events if events is not None else NoEvents()
         self._ledger = ledger
@@ -456,15 +459,18 @@ class PaymentProcessor:
         parts = urlsplit(resource.url)
         try:
             proof = siwx.parse(signin)
-            payer = siwx.verify(
+            payer = await siwx.verify_wallet(
                 proof,
                 origin=f"{parts.scheme}://{parts.netloc}",
                 networks=[a.network.caip2 for a in self.terms.accepted],
                 now=now,
                 key=self.signin_key,
+                wallets=self._wallets,
             )
         except siwx.SiwxRejected as exc:
             return self.challenge(402, exc.reason, str(exc), offers, resource)
+        except SettlerUnavailable as exc:
+            return self.unavailable("payment_verifier_unavailable", str(exc))
         limited = self._payer_limited(route, model, items, payer)
         if limited is not None:
             return limited

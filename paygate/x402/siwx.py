@@ -7,7 +7,9 @@ wallet signs the EIP-4361 message built from those fields and its address and se
 and the signature base64-JSON-encoded in the ``SIGN-IN-WITH-X`` header (the official x402 SDK
 2.25's shape). We check the domain and URI origin, the times (issued within ``max_age``, not
 expired, not before its ``notBefore``), the chain, and that the signature recovers the
-address; the nonce's single use is the ledger's business. Contract wallets are not verified.
+address; the nonce's single use is the ledger's business. A contract wallet (ERC-1271, or
+ERC-6492 before it is deployed) signs in through :func:`verify_wallet`, which puts a signature
+that recovers no such EOA to the wallet itself on chain (``paygate.x402.smartwallet``).
 
 Only nonces this deployment issued are taken (CAIP-122 leaves the nonce to the relying party):
 a nonce is the time it was issued, a random part and a MAC of both under the deployment's
@@ -26,21 +28,27 @@ import json
 import re
 import secrets
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from eth_account import Account
-from eth_account.messages import encode_defunct
+from eth_account.messages import _hash_eip191_message, encode_defunct
 from eth_utils import is_checksum_address
 from pydantic import Field, ValidationError
 
 from paygate.errors import PaygateError
 from paygate.x402.models import X402Model
 
+if TYPE_CHECKING:
+    from paygate.x402.smartwallet import WalletVerifier
+
 EXTENSION = "sign-in-with-x"
 MAX_HEADER_CHARS = 8 * 1024
 MAX_AGE_SECONDS = 300
 _NONCE = re.compile(r"^[A-Za-z0-9]{8,64}$")
+_HEX = re.compile(r"^0x(?:[0-9a-fA-F]{2})*$")
+# A contract wallet's signature is longer than 65 bytes (ERC-6492 adds the deployment call).
+MAX_SIGNATURE_BYTES = 2048
 _REQUIRED = [
     "domain",
     "address",
@@ -80,7 +88,7 @@ class SiwxProof(X402Model):
     not_before: str | None = Field(default=None, max_length=64)
     request_id: str | None = Field(default=None, max_length=256)
     resources: list[str] | None = Field(default=None, max_length=16)
-    signature: str = Field(max_length=2 + 2 * 65)
+    signature: str = Field(max_length=2 + 2 * MAX_SIGNATURE_BYTES)
 
 
 _MAC_HEX = 32  # hex characters of the nonce's MAC (128 bits)
@@ -193,8 +201,49 @@ def verify(
     key: bytes,
     max_age: int = MAX_AGE_SECONDS,
 ) -> str:
-    """The wallet the proof signs in (checksummed), or SiwxRejected with the reason; its
-    nonce must be one issued under ``key`` within ``max_age``."""
+    """The wallet the proof signs in (checksummed), or SiwxRejected with the reason (EOAs only:
+    no network call); its nonce must be one issued under ``key`` within ``max_age``."""
+    check(proof, origin=origin, networks=networks, now=now, key=key, max_age=max_age)
+    if _eoa_signed(proof):
+        return proof.address
+    raise SiwxRejected("invalid_siwx_signature", "the signature is not the address's")
+
+
+async def verify_wallet(
+    proof: SiwxProof,
+    *,
+    origin: str,
+    networks: list[str],
+    now: float,
+    key: bytes,
+    wallets: WalletVerifier | None,
+    max_age: int = MAX_AGE_SECONDS,
+) -> str:
+    """:func:`verify`, and with ``wallets`` (an RPC) a contract wallet's signature put to the
+    wallet (ERC-1271 ``isValidSignature`` of the EIP-191 digest; ERC-6492 when not deployed).
+    SettlerUnavailable when the chain cannot be asked."""
+    check(proof, origin=origin, networks=networks, now=now, key=key, max_age=max_age)
+    if _eoa_signed(proof):
+        return proof.address
+    if wallets is not None:
+        digest = _hash_eip191_message(encode_defunct(text=message(proof)))
+        signature = bytes.fromhex(proof.signature[2:])
+        if await wallets.signed(proof.address, digest, signature, network=proof.chain_id):
+            return proof.address
+    raise SiwxRejected("invalid_siwx_signature", "the signature is not the address's")
+
+
+def check(
+    proof: SiwxProof,
+    *,
+    origin: str,
+    networks: list[str],
+    now: float,
+    key: bytes,
+    max_age: int = MAX_AGE_SECONDS,
+) -> None:
+    """Everything but the signature's signer: domain, origin, chain, nonce (one issued under
+    ``key`` within ``max_age``), times, address."""
     parts = urlsplit(origin)
     if proof.domain != parts.netloc:
         raise SiwxRejected("invalid_siwx_domain_mismatch", "the sign-in names another domain")
@@ -224,15 +273,20 @@ def verify(
         raise SiwxRejected("invalid_siwx_not_yet_valid", "the sign-in is not valid yet")
     if not is_checksum_address(proof.address):
         raise SiwxRejected("invalid_siwx_payload", "the address is not EIP-55 checksummed")
+    if not _HEX.match(proof.signature):
+        raise SiwxRejected("invalid_siwx_signature", "the sign-in's signature is not hex")
+
+
+def _eoa_signed(proof: SiwxProof) -> bool:
+    """Does the 65-byte EIP-191 signature recover the address?"""
+    raw = bytes.fromhex(proof.signature[2:])
+    if len(raw) != 65:
+        return False
     try:
-        signer = Account.recover_message(
-            encode_defunct(text=message(proof)), signature=bytes.fromhex(proof.signature[2:])
-        )
+        signer = Account.recover_message(encode_defunct(text=message(proof)), signature=raw)
     except Exception:  # malformed (r, s, v) raise several types; all mean "no"
-        raise SiwxRejected("invalid_siwx_signature", "the sign-in's signature is invalid") from None
-    if signer != proof.address:
-        raise SiwxRejected("invalid_siwx_signature", "the signature is not the address's")
-    return proof.address
+        return False
+    return bool(signer == proof.address)
 
 
 def _time(value: str, reason: str) -> float:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from eth_utils import to_checksum_address
 
 from paygate.errors import PaygateError
-from paygate.x402 import eip3009
+from paygate.x402 import eip3009, smartwallet
 from paygate.x402.models import AnyPaymentPayload, ExactEvmPayload, PaymentPayload
 from paygate.x402.offers import SCHEME, Offer
 
@@ -105,7 +105,8 @@ def check_authorization(
         auth, payment.payload.signature, chain_id=offer.network.chain_id, asset=offer.asset
     )
     payer = to_checksum_address(auth.from_)
-    if signer != payer:
+    # A contract wallet's signature (ERC-1271/6492) is the settler's to judge (smartwallet).
+    if signer != payer and not smartwallet.is_contract_signature(payment.payload.signature):
         raise PaymentRejected(
             "invalid_exact_evm_payload_signature", "the signature is not the payer's"
         )

@@ -60,6 +60,7 @@ async def running_stack(
     fake: FakeModelServer | None = None,
     key: KeyBackend | None = None,
     payments: PaymentStep | None = None,
+    gpu: Any = None,
     **overrides: Any,
 ) -> AsyncIterator[Stack]:
     """The fake on a free port, and a gateway (software key in memory unless ``key`` is given,
@@ -77,7 +78,9 @@ async def running_stack(
         overrides["public_url"] = f"http://127.0.0.1:{port}"
     settings = load_settings(None, upstream_url=upstream_url or fake_url, **overrides)
     gateway_runner, url = await _serve(
-        build_app(settings, key=key, payments=payments), port=port, **server_options(settings)
+        build_app(settings, key=key, payments=payments, gpu=gpu),
+        port=port,
+        **server_options(settings),
     )
     client = aiohttp.ClientSession(timeout=TIMEOUT)
     try:

@@ -1,5 +1,6 @@
-"""A paid gateway for the payment tests: the real gateway, the FAKE model server, anvil with the
-USDC stand-in, and the official x402 SDK's facilitator over HTTP (tests/fixtures/chain.py)."""
+"""A paid gateway for the payment tests: the real gateway, the FAKE model server, anvil with
+Circle's FiatToken as USDC, and the official x402 SDK's facilitator over HTTP
+(tests/fixtures/chain.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The dev chain is real: anvil, our EIP-3009 token, and the official x402 SDK on both ends.
+"""The dev chain is real: anvil, Circle's FiatToken (npm), and the official x402 SDK on both ends.
 
 The SDK's paying client signs, our HTTP facilitator (the SDK's facilitator behind aiohttp)
 verifies and settles on anvil, and balances move on-chain by exactly the amount paid. Every
@@ -72,7 +72,7 @@ def test_dev_accounts_are_anvils_funded_accounts(anvil: Anvil) -> None:
     assert anvil.accounts[FACILITATOR].key not in repr(anvil.accounts[FACILITATOR])
 
 
-def test_usdc_clone_has_base_sepolia_domain_at_its_own_address(anvil: Anvil, usdc: Usdc) -> None:
+def test_usdc_has_base_sepolias_domain_at_its_own_address(anvil: Anvil, usdc: Usdc) -> None:
     token = anvil.token()
     assert anvil.w3.eth.chain_id == 84532
     assert (token.functions.name().call(), token.functions.version().call()) == ("USDC", "2")
@@ -83,10 +83,11 @@ def test_usdc_clone_has_base_sepolia_domain_at_its_own_address(anvil: Anvil, usd
         message = encode_typed_data(domain, {"T": [{"name": "x", "type": "uint256"}]}, {"x": 0})
         return bytes(message.header)
 
-    # The code was copied to the USDC address with anvil_setCode: the separator must follow it.
+    # The proxy was moved to the USDC address: the separator must follow it (V2.2 computes it
+    # per call), and another token of the same name elsewhere signs under another domain.
     assert bytes(token.functions.DOMAIN_SEPARATOR().call()) == separator(USDC_ADDRESS)
-    original = anvil.token(anvil.token_address)
-    assert bytes(original.functions.DOMAIN_SEPARATOR().call()) == separator(anvil.token_address)
+    other = anvil.deploy_fiat_token("USDC", "USDC")
+    assert bytes(anvil.token(other).functions.DOMAIN_SEPARATOR().call()) == separator(other)
     assert anvil.w3.eth.get_code(MULTICALL3_ADDRESS).to_0x_hex() == (
         load_contract("Multicall3").deployed_bytecode
     )

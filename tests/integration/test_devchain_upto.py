@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import httpx
 from eth_account import Account
+from paygate_dev.chain import registry
 from paygate_dev.chain.anvil import PERMIT2_ADDRESS, Anvil
-from paygate_dev.chain.build import load_contract
 from paygate_dev.chain.facilitator import FacilitatorServer
 from web3 import Web3
 
@@ -86,7 +86,7 @@ def test_a_nonce_the_payer_burned_cannot_settle(
 ) -> None:
     payment, requirements = _pay(usdc, upto_payer, seller, facilitator)
     nonce = int(payment["payload"]["permit2Authorization"]["nonce"])
-    permit2 = anvil.w3.eth.contract(address=PERMIT2_ADDRESS, abi=load_contract("Permit2").abi)
+    permit2 = anvil.w3.eth.contract(address=PERMIT2_ADDRESS, abi=registry.permit2().abi)
     call = permit2.functions.invalidateUnorderedNonces(nonce >> 8, 1 << (nonce & 0xFF))
     tx = call.build_transaction(
         {

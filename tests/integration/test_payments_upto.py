@@ -1,8 +1,8 @@
 """Metered payments (x402 `upto`) through the real gateway: the official SDK's upto client pays,
-the SDK's upto facilitator settles on anvil through our Permit2/x402UptoPermit2Proxy stand-ins,
-and the FAKE model server reports usage deterministically (prompt tokens = words of the
-messages, completion tokens = words sent). Balances on chain are the proof: the seller gains
-exactly usage x price, never more than the authorized maximum.
+the SDK's upto facilitator settles on anvil through Uniswap's Permit2 and our
+x402UptoPermit2Proxy stand-in, and the FAKE model server reports usage deterministically (prompt
+tokens = words of the messages, completion tokens = words sent). Balances on chain are the proof:
+the seller gains exactly usage x price, never more than the authorized maximum.
 """
 
 from __future__ import annotations

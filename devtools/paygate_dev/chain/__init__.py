@@ -1,8 +1,11 @@
 """Throw-away local chain components for the demo and the tests; nothing here is used in
 production serving.
 
-- :class:`Anvil` / :func:`start_anvil`: a local EVM (npm anvil) with chain id 84532 and a USDC
-  stand-in (our EIP3009Token) at Base Sepolia's USDC address, plus a Multicall3 stand-in.
+- :class:`Anvil` / :func:`start_anvil`: a local EVM (npm anvil) with chain id 84532, Circle's
+  FiatToken V2.2 at Base Sepolia's USDC address and Uniswap's Permit2 at its canonical address
+  (both from npm: ``registry``), our stand-ins for the x402UptoPermit2Proxy and Multicall3.
+- :class:`~paygate_dev.chain.smart_account.SmartAccount`: a smart-wallet payer (Solady's
+  ERC-4337 account), deployed or counterfactual, signing as such wallets do.
 - :class:`FacilitatorServer` (in-process thread) and :class:`FacilitatorProcess` (child process):
   a real x402 facilitator (the official SDK) over HTTP on loopback, with switchable faults.
 - :func:`sign_v2_payment` / :func:`sign_v1_payment`: payments signed by the SDK's paying client.

@@ -21,6 +21,7 @@ ADMIN = 0  # deploys the contracts and mints
 FACILITATOR = 1  # the x402 facilitator's settlement signer
 GATEWAY_GAS = 2  # paygate's own settlement key in chain mode
 SPARE = 3  # a second facilitator in the same test module (its own nonces)
+PROXY_ADMIN = 9  # deploys the FiatTokenProxies: a proxy's admin may not call the token
 
 
 @dataclass(frozen=True, slots=True)

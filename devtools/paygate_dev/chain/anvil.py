@@ -1,10 +1,13 @@
-"""One anvil (local EVM chain) on 127.0.0.1 with the USDC stand-in where x402 expects USDC.
+"""One anvil (local EVM chain) on 127.0.0.1 with USDC, Permit2 and the x402 proxy where x402
+expects them.
 
-anvil runs with ``--chain-id 84532`` (Base Sepolia). :meth:`Anvil.install_usdc` deploys
-EIP3009Token, copies its runtime code to Base Sepolia's USDC address and puts the Multicall3,
-Permit2 and x402UptoPermit2Proxy stand-ins at their canonical addresses, so every x402 default
-(asset address, EIP-712 name "USDC" and version "2", Multicall3 diagnostics, the `upto` scheme's
-Permit2 witness transfer through the proxy) works unchanged against this chain.
+anvil runs with ``--chain-id 84532`` (Base Sepolia) unless told otherwise.
+:meth:`Anvil.install_usdc` puts Circle's FiatToken V2.2 (behind its FiatTokenProxy, as USDC is
+deployed) at Base Sepolia's USDC address, deploys Uniswap's Permit2 to its canonical address
+through the deterministic-deployment proxy (both from npm: ``paygate_dev.chain.registry``), and
+places our stand-ins for the x402UptoPermit2Proxy and Multicall3 (no registry ships those) at
+theirs. So every x402 default (asset address, EIP-712 name "USDC" and version "2", Multicall3
+diagnostics, the `upto` scheme's Permit2 witness transfer through the proxy) works unchanged.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from web3 import Web3
 from web3.contract import Contract as Web3Contract
 
 from paygate.errors import PaygateError
-from paygate_dev.chain.accounts import ADMIN, DevAccount, dev_accounts
+from paygate_dev.chain import registry
+from paygate_dev.chain.accounts import ADMIN, PROXY_ADMIN, DevAccount, dev_accounts
 from paygate_dev.chain.build import load_contract
 from paygate_dev.chain.constants import (
     CHAIN_ID,
@@ -80,7 +84,7 @@ class Anvil:
     port: int = 0
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _w3: Web3 | None = field(default=None, init=False, repr=False)
-    token_address: str | None = field(default=None, init=False)
+    _deployed: dict[str, ChecksumAddress] = field(default_factory=dict, init=False, repr=False)
 
     # -- process ---------------------------------------------------------------------------
 
@@ -198,49 +202,123 @@ class Anvil:
 
     # -- contracts ---------------------------------------------------------------------------
 
-    def deploy(self, contract_name: str, sender: DevAccount | None = None) -> ChecksumAddress:
+    def deploy(
+        self, contract_name: str, sender: DevAccount | None = None, *, args: bytes = b""
+    ) -> ChecksumAddress:
         """Deploy a contract from the checked-in artifact; returns its address."""
-        contract = load_contract(contract_name)
+        return self.deploy_code(load_contract(contract_name).bytecode, sender, args=args)
+
+    def deploy_code(
+        self, creation_code: str, sender: DevAccount | None = None, *, args: bytes = b""
+    ) -> ChecksumAddress:
+        """Deploy creation code (with ABI-encoded constructor ``args``); returns the address."""
         sender = sender or self.accounts[ADMIN]
-        tx_hash = self.w3.eth.send_transaction({"from": sender.address, "data": contract.bytecode})  # type: ignore[typeddict-item]
+        data = creation_code + args.hex()
+        tx_hash = self.w3.eth.send_transaction({"from": sender.address, "data": data})  # type: ignore[typeddict-item]
         receipt = self.wait_for_receipt(tx_hash.to_0x_hex())
         if receipt["status"] != 1 or not receipt["contractAddress"]:
-            raise AnvilError(f"deploying {contract_name} failed")
+            raise AnvilError("a deployment failed")
         return Web3.to_checksum_address(receipt["contractAddress"])
 
-    def install_usdc(self) -> str:
-        """Deploy the token, clone it to the Base Sepolia USDC address, add Multicall3.
+    def transact(self, call: Any, sender: DevAccount | None = None) -> Any:
+        """Send a contract call from a dev account and wait for its successful receipt."""
+        sender = sender or self.accounts[ADMIN]
+        tx_hash = call.transact({"from": sender.address})
+        receipt = self.wait_for_receipt(tx_hash.to_0x_hex())
+        if receipt["status"] != 1:
+            raise AnvilError(f"{call.fn_name} reverted")
+        return receipt
 
-        Returns the USDC address. Idempotent per chain. The deployed original stays usable as a
-        second, unrelated EIP-3009 token (``token_address``).
+    def install_usdc(self) -> str:
+        """USDC, Permit2, the upto proxy and Multicall3 at their canonical addresses.
+
+        Returns the USDC address. Idempotent per chain.
         """
-        if self.token_address is None:
-            self.token_address = self.deploy("EIP3009Token")
-            runtime = self.w3.eth.get_code(self.token_address).to_0x_hex()
-            self.set_code(USDC_ADDRESS, runtime)
+        if "usdc" not in self._deployed:
+            self._deployed["usdc"] = self.deploy_fiat_token(USDC_NAME, "USDC", at=USDC_ADDRESS)
             self.set_code(MULTICALL3_ADDRESS, load_contract("Multicall3").deployed_bytecode)
-            self.set_code(PERMIT2_ADDRESS, load_contract("Permit2").deployed_bytecode)
+            self.install_permit2()
             self.set_code(
                 UPTO_PROXY_ADDRESS, load_contract("X402UptoPermit2Proxy").deployed_bytecode
             )
         return USDC_ADDRESS
 
+    def deploy_fiat_token(
+        self,
+        name: str,
+        symbol: str,
+        *,
+        currency: str = "USD",
+        decimals: int = USDC_DECIMALS,
+        at: str | None = None,
+    ) -> ChecksumAddress:
+        """A new FiatToken V2.2 behind its own FiatTokenProxy, initialised as Circle does
+        (V1, V2, V2.1, V2.2), the admin account as owner, master minter and a minter without
+        limit. ``at``: move the proxy there first (its code and its two slots), as USDC's
+        address is not one we can deploy to. Returns the token's address."""
+        artifacts = registry.fiat_token_artifacts()
+        if "fiat_token_impl" not in self._deployed:
+            library = self.deploy_code(artifacts["SignatureChecker"]["bytecode"])
+            code = registry.linked(artifacts["FiatTokenV2_2"], {"SignatureChecker": library})
+            self._deployed["fiat_token_impl"] = self.deploy_code(code)
+        # The proxy's admin may not call the token through it: a separate account deploys it.
+        proxy = self.deploy_code(
+            artifacts["FiatTokenProxy"]["bytecode"],
+            self.accounts[PROXY_ADMIN],
+            args=bytes(12) + bytes.fromhex(self._deployed["fiat_token_impl"][2:]),
+        )
+        address = proxy
+        if at is not None:
+            address = Web3.to_checksum_address(at)
+            self.set_code(address, self.w3.eth.get_code(proxy).to_0x_hex())
+            for slot in (registry.PROXY_IMPLEMENTATION_SLOT, registry.PROXY_ADMIN_SLOT):
+                value = self.w3.eth.get_storage_at(proxy, int(slot, 16))
+                self.rpc("anvil_setStorageAt", [address, slot, "0x" + bytes(value).hex()])
+        admin = self.accounts[ADMIN].address
+        token = self.token(address)
+        self.transact(
+            token.functions.initialize(name, symbol, currency, decimals, admin, admin, admin, admin)
+        )
+        self.transact(token.functions.initializeV2(name))
+        self.transact(token.functions.initializeV2_1(admin))
+        self.transact(token.functions.initializeV2_2([], symbol))
+        self.transact(token.functions.configureMinter(admin, 2**256 - 1))
+        return address
+
+    def install_permit2(self) -> ChecksumAddress:
+        """Deploy Uniswap's Permit2 as it was deployed everywhere: CREATE2 through the
+        deterministic-deployment proxy (anvil has it) with Permit2's salt."""
+        address = Web3.to_checksum_address(PERMIT2_ADDRESS)
+        if self.w3.eth.get_code(address):
+            return address
+        deployer = Web3.to_checksum_address(registry.CREATE2_DEPLOYER)
+        if not self.w3.eth.get_code(deployer):
+            raise AnvilError("this anvil has no deterministic-deployment proxy")
+        code = registry.permit2().bytecode
+        tx_hash = self.w3.eth.send_transaction(
+            {
+                "from": self.accounts[ADMIN].address,
+                "to": deployer,
+                "data": "0x" + registry.PERMIT2_SALT.hex() + code.removeprefix("0x"),
+            }  # type: ignore[typeddict-item]
+        )
+        if self.wait_for_receipt(tx_hash.to_0x_hex())["status"] != 1 or not self.w3.eth.get_code(
+            address
+        ):
+            raise AnvilError("Permit2 did not land at its canonical address")
+        return address
+
     def token(self, address: str = USDC_ADDRESS) -> Web3Contract:
         return self.w3.eth.contract(
-            address=Web3.to_checksum_address(address), abi=load_contract("EIP3009Token").abi
+            address=Web3.to_checksum_address(address), abi=registry.fiat_token_abi()
         )
 
     def mint(self, to: str, atomic: int, token: str = USDC_ADDRESS) -> str:
         """Mint ``atomic`` units (6 decimals: 1 USDC = 1_000_000) to ``to``; returns the tx hash."""
-        tx_hash = (
-            self.token(token)
-            .functions.mint(Web3.to_checksum_address(to), atomic)
-            .transact({"from": self.accounts[ADMIN].address})
+        receipt = self.transact(
+            self.token(token).functions.mint(Web3.to_checksum_address(to), atomic)
         )
-        receipt = self.wait_for_receipt(tx_hash.to_0x_hex())
-        if receipt["status"] != 1:
-            raise AnvilError("mint failed")
-        return tx_hash.to_0x_hex()
+        return receipt["transactionHash"].to_0x_hex()
 
     def approve_permit2(
         self, account: Any, atomic: int = 2**256 - 1, token: str = USDC_ADDRESS
@@ -271,7 +349,7 @@ class Anvil:
     def permit2_nonce_used(self, owner: str, nonce: int) -> bool:
         """True once a Permit2 unordered nonce of ``owner`` is used (or invalidated)."""
         permit2 = self.w3.eth.contract(
-            address=Web3.to_checksum_address(PERMIT2_ADDRESS), abi=load_contract("Permit2").abi
+            address=Web3.to_checksum_address(PERMIT2_ADDRESS), abi=registry.permit2().abi
         )
         word = int(
             permit2.functions.nonceBitmap(Web3.to_checksum_address(owner), nonce >> 8).call()
@@ -302,9 +380,9 @@ class Anvil:
         """
         signed = authorizer.sign_typed_data(
             domain_data={
-                "name": USDC_NAME,
+                "name": self.token(token).functions.name().call(),
                 "version": USDC_VERSION,
-                "chainId": CHAIN_ID,
+                "chainId": self.chain_id,
                 "verifyingContract": Web3.to_checksum_address(token),
             },
             message_types={
@@ -338,9 +416,11 @@ class Anvil:
         return int(self.w3.eth.get_balance(Web3.to_checksum_address(address)))
 
 
-def start_anvil(log_path: Path | None = None, *, with_usdc: bool = True) -> Anvil:
-    """Start an anvil and, by default, install the USDC stand-in and Multicall3."""
-    chain = Anvil(log_path=log_path).start()
+def start_anvil(
+    log_path: Path | None = None, *, with_usdc: bool = True, chain_id: int = CHAIN_ID
+) -> Anvil:
+    """Start an anvil and, by default, install USDC, Permit2, the upto proxy and Multicall3."""
+    chain = Anvil(log_path=log_path, chain_id=chain_id).start()
     try:
         if with_usdc:
             chain.install_usdc()

@@ -71,6 +71,8 @@ class FacilitatorSettings:
     # A CDP-style JWT every API call must carry (Authorization: Bearer), checked with this
     # key; 401 without a valid one (paygate_dev.chain.jwt_guard).
     jwt_guard: JwtGuard | None = None
+    # ERC-6492 factories the SDK may call to deploy a counterfactual smart-wallet payer.
+    eip6492_factories: tuple[str, ...] = ()
 
 
 def build_sdk_facilitator(settings: FacilitatorSettings) -> tuple[x402FacilitatorSync, str]:
@@ -85,6 +87,7 @@ def build_sdk_facilitator(settings: FacilitatorSettings) -> tuple[x402Facilitato
         facilitator,
         signer,
         networks=settings.network,
+        eip6492_allowed_factories=list(settings.eip6492_factories),
         simulate_in_settle=settings.simulate_in_settle,
     )
     # `upto` (Permit2 through the x402UptoPermit2Proxy), v2 only, as the SDK ships it.

@@ -22,6 +22,7 @@ from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
+from paygate.x402 import smartwallet
 from paygate.x402.models import (
     AnyPaymentPayload,
     PaymentPayload,
@@ -159,7 +160,10 @@ class UptoScheme:
         if int(auth.deadline) < now + max(min_remaining, MIN_REMAINING_SECONDS):
             raise PaymentRejected("permit2_deadline_expired", "the authorization expires too soon")
         payer = to_checksum_address(auth.from_)
-        if recover(auth, payment.payload.signature, chain_id=offer.network.chain_id) != payer:
+        signature = payment.payload.signature
+        if recover(
+            auth, signature, chain_id=offer.network.chain_id
+        ) != payer and not smartwallet.is_contract_signature(signature):
             raise PaymentRejected("invalid_permit2_signature", "the signature is not the payer's")
         return Authorized(
             payer=payer,

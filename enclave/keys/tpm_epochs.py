@@ -1,0 +1,331 @@
+"""Epoch keys in the TPM: persistent objects whose private part never leaves it, evicted to
+destroy them.
+
+Each epoch's ECDH key and receipt key are created under the storage parent (the same templates
+as the long-lived keys: fixedTPM, fixedParent, sensitiveDataOrigin), loaded, and made persistent
+with TPM2_EvictControl at a free handle of :data:`HANDLE_BASE` ... (+ :data:`HANDLE_COUNT`). The
+wrapped private blob that TPM2_Create returns is dropped, never written: the only copy of the
+key is the TPM's own NV object, so evicting it (TPM2_EvictControl again) destroys the key for
+good — no file left behind can be loaded back into this TPM. The attestation key certifies both
+keys at creation (TPM2_Certify), as it certifies the long-lived keys.
+
+Which handles this key directory's gateway made is kept in ``epochs.json`` beside the long-lived
+key's blobs (handles only, nothing secret), so a restart after a crash sweeps exactly its own
+leftovers and never another application's persistent objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from enclave import p256
+from enclave.errors import KeyBackendError
+from enclave.keys.base import KeyInfo
+
+if TYPE_CHECKING:
+    from tpm2_pytss import ESYS_TR
+
+    from enclave.keys.tpm import TpmAccess, TpmKey
+
+HANDLE_BASE = 0x81000100  # owner persistent range (TCG: 0x81000000-0x817FFFFF)
+HANDLE_COUNT = 32
+STATE_FILE = "epochs.json"
+
+
+class TpmEpochKey:
+    """One epoch's ECDH and receipt keys, persistent in the TPM."""
+
+    def __init__(
+        self,
+        vault: TpmEpochVault,
+        handles: dict[str, int],
+        trs: dict[str, ESYS_TR],
+        points: dict[str, bytes],
+        publics: dict[str, bytes],
+    ) -> None:
+        self._vault = vault
+        self.handles = handles  # "sealing" / "receipt" -> persistent handle
+        self._trs: dict[str, ESYS_TR] | None = trs
+        self._points = points
+        self.publics = publics  # marshalled TPM2B_PUBLIC (what a verifier hashes into Names)
+
+    @property
+    def public_key(self) -> bytes:
+        return self._points["sealing"]
+
+    @property
+    def receipt_public_key(self) -> bytes:
+        return self._points["receipt"]
+
+    def _tr(self, tpm: TpmAccess, name: str) -> ESYS_TR:
+        if self._trs is None:
+            raise KeyBackendError("the epoch key was destroyed")
+        return self._trs[name]
+
+    def ecdh(self, peer_public_key: bytes) -> bytes:
+        peer = bytes(peer_public_key)
+        p256.load_public_key(peer)  # an off-curve point never reaches the TPM
+        from tpm2_pytss import TPM2B_ECC_POINT, TPMS_ECC_POINT
+
+        point = TPM2B_ECC_POINT(TPMS_ECC_POINT(x=peer[1:33], y=peer[33:65]))
+        with self._vault.access() as tpm:
+            shared = tpm.run(
+                "ECDH with the epoch key", tpm.esapi.ecdh_zgen, self._tr(tpm, "sealing"), point
+            )
+        x = bytes(shared.point.x.buffer)
+        if len(x) > p256.SCALAR_LEN:
+            raise KeyBackendError("TPM ECDH failed")
+        return x.rjust(p256.SCALAR_LEN, b"\x00")
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        if len(digest) != 32:
+            raise ValueError("a SHA-256 digest is 32 bytes")
+        from tpm2_pytss import (
+            TPM2_ALG,
+            TPM2_RH,
+            TPM2_ST,
+            TPM2B_DIGEST,
+            TPMT_SIG_SCHEME,
+            TPMT_TK_HASHCHECK,
+        )
+
+        from enclave.keys.tpm import ecdsa_raw
+
+        scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
+        scheme.details.ecdsa.hashAlg = TPM2_ALG.SHA256
+        ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
+        with self._vault.access() as tpm:
+            signature = tpm.run(
+                "sign with the epoch receipt key",
+                tpm.esapi.sign,
+                self._tr(tpm, "receipt"),
+                TPM2B_DIGEST(digest),
+                scheme,
+                ticket,
+            )
+        return ecdsa_raw(signature)
+
+    def info(self) -> KeyInfo:
+        return KeyInfo(
+            "tpm-epoch",
+            self.public_key,
+            persistent=False,
+            details={k: f"0x{v:08x}" for k, v in self.handles.items()},
+        )
+
+    def destroy(self) -> None:
+        """TPM2_EvictControl: the persistent objects (the only copies) are removed."""
+        trs, self._trs = self._trs, None
+        if trs is not None:
+            self._vault.evict(self.handles, trs)
+
+    close = destroy
+
+
+class TpmEpochVault:
+    """Makes and evicts epoch keys in the TPM of ``base`` (its connection, its lock, its AK)."""
+
+    backend = "tpm"
+
+    def __init__(self, base: TpmKey) -> None:
+        self._base = base
+        self._state = base.key_dir / STATE_FILE
+
+    @contextlib.contextmanager
+    def access(self) -> Iterator[TpmAccess]:
+        with self._base.tpm_access() as tpm:
+            yield tpm
+
+    # --- the handle list ---------------------------------------------------------------------
+
+    def _read_state(self) -> list[int]:
+        try:
+            data = json.loads(self._state.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            raise KeyBackendError(f"{self._state} is unreadable: {exc}") from None
+        handles = data.get("handles") if isinstance(data, dict) else None
+        if not isinstance(handles, list) or not all(
+            isinstance(h, int) and HANDLE_BASE <= h < HANDLE_BASE + HANDLE_COUNT for h in handles
+        ):
+            raise KeyBackendError(f"{self._state} is not a list of epoch handles")
+        return handles
+
+    def _write_state(self, handles: list[int]) -> None:
+        tmp = self._state.with_name(f".{STATE_FILE}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"handles": sorted(set(handles))}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._state)
+
+    def _persistent(self, tpm: TpmAccess) -> set[int]:
+        from tpm2_pytss import TPM2_CAP
+
+        _, data = tpm.run(
+            "list persistent handles",
+            tpm.esapi.get_capability,
+            TPM2_CAP.HANDLES,
+            HANDLE_BASE,
+            HANDLE_COUNT,
+        )
+        return {
+            int(h) for h in data.data.handles if HANDLE_BASE <= int(h) < HANDLE_BASE + HANDLE_COUNT
+        }
+
+    # --- EpochVault --------------------------------------------------------------------------
+
+    def create(self, key_id: str) -> TpmEpochKey:
+        from tpm2_pytss import ESYS_TR
+
+        from enclave.keys.tpm import (
+            _check_key_public,
+            _check_signing_public,
+            _create_primary,
+            _flush,
+            ecdh_key_template,
+            receipt_key_template,
+        )
+
+        handles: dict[str, int] = {}
+        trs: dict[str, ESYS_TR] = {}
+        points: dict[str, bytes] = {}
+        publics: dict[str, bytes] = {}
+        where = self._base.key_dir / STATE_FILE
+        with self.access() as tpm:
+            used = self._persistent(tpm)
+            free = [h for h in range(HANDLE_BASE, HANDLE_BASE + HANDLE_COUNT) if h not in used]
+            if len(free) < 2:
+                raise KeyBackendError("no free persistent handle for a new key epoch")
+            try:
+                for name, template in (
+                    ("sealing", ecdh_key_template()),
+                    ("receipt", receipt_key_template()),
+                ):
+                    primary = _create_primary(tpm.esapi, tpm.tcti)
+                    try:
+                        private, public = tpm.run(
+                            f"create the epoch {name} key",
+                            tpm.esapi.create,
+                            primary,
+                            None,
+                            template,
+                        )[:2]
+                        loaded = tpm.run(
+                            f"load the epoch {name} key", tpm.esapi.load, primary, private, public
+                        )
+                    finally:
+                        _flush(tpm.esapi, [primary])
+                    del private  # the wrapped blob is never kept: the TPM's NV object is the key
+                    try:
+                        points[name] = (
+                            _check_key_public(public, where)
+                            if name == "sealing"
+                            else _check_signing_public(public, where, restricted=False)
+                        )
+                        handle = free.pop(0)
+                        # Listed before it exists: a crash between the two leaves a name to
+                        # sweep, never an object nobody knows.
+                        self._write_state([*self._read_state(), handle])
+                        trs[name] = tpm.run(
+                            f"make the epoch {name} key persistent",
+                            tpm.esapi.evict_control,
+                            ESYS_TR.OWNER,
+                            loaded,
+                            handle,
+                        )
+                        handles[name] = handle
+                        publics[name] = bytes(public.marshal())
+                    finally:
+                        _flush(tpm.esapi, [loaded])
+            except BaseException:
+                self._evict_locked(tpm, handles, trs)
+                raise
+        return TpmEpochKey(self, handles, trs, points, publics)
+
+    def evidence(self, key: Any) -> Mapping[str, Any]:
+        """TPM2_Certify of the epoch's two keys by the AK: ``{"sealing"|"receipt":
+        CertifiedKey}``."""
+        from tpm2_pytss import TPM2_ALG, TPMT_SIG_SCHEME
+
+        from enclave.attestation.tpm import CertifiedKey, _signed
+
+        assert isinstance(key, TpmEpochKey)
+        null = TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
+        made = {}
+        with self.access() as tpm, tpm.loaded("ak") as ak:
+            for name in ("sealing", "receipt"):
+                attest, signature = tpm.run(
+                    f"certify the epoch {name} key",
+                    tpm.esapi.certify,
+                    key._tr(tpm, name),
+                    ak,
+                    b"",
+                    null,
+                )
+                made[name] = CertifiedKey(key.publics[name], _signed(attest, signature))
+        return made
+
+    def evict(self, handles: Mapping[str, int], trs: Mapping[str, ESYS_TR]) -> None:
+        with self.access() as tpm:
+            self._evict_locked(tpm, handles, trs)
+
+    def _evict_locked(
+        self, tpm: TpmAccess, handles: Mapping[str, int], trs: Mapping[str, ESYS_TR]
+    ) -> None:
+        from tpm2_pytss import ESYS_TR
+
+        failed = []
+        for name, handle in handles.items():
+            try:
+                tpm.run(
+                    "evict an epoch key", tpm.esapi.evict_control, ESYS_TR.OWNER, trs[name], handle
+                )
+            except KeyBackendError:
+                failed.append(handle)
+        gone = set(handles.values()) - set(failed)
+        self._write_state([h for h in self._read_state() if h not in gone])
+        if failed:
+            raise KeyBackendError(f"could not evict epoch keys at {sorted(failed)}")
+
+    def sweep(self) -> int:
+        """Evict every handle ``epochs.json`` lists that the TPM still holds."""
+        from tpm2_pytss import ESYS_TR, TSS2_Exception
+
+        listed = self._read_state()
+        if not listed:
+            return 0
+        swept = 0
+        with self.access() as tpm:
+            present = self._persistent(tpm)
+            for handle in listed:
+                if handle not in present:
+                    continue
+                try:
+                    tr = tpm.esapi.tr_from_tpmpublic(handle)
+                except TSS2_Exception:
+                    continue
+                tpm.run(
+                    "evict a leftover epoch key", tpm.esapi.evict_control, ESYS_TR.OWNER, tr, handle
+                )
+                swept += 1
+            self._write_state([])
+        return swept
+
+    def present(self, handle: int) -> bool:
+        """Whether the TPM still holds a persistent object at ``handle`` (for checks)."""
+        with self.access() as tpm:
+            return handle in self._persistent(tpm)
+
+
+def private_blobs(directory: Path) -> list[Path]:
+    """Files in ``directory`` that hold wrapped private parts (``*.priv``): the long-lived keys
+    only; an epoch key never has one."""
+    return sorted(directory.glob("*.priv"))
