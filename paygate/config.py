@@ -9,6 +9,7 @@ systemd credentials; they never appear in ``repr``, logs or errors.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -39,6 +41,7 @@ from paygate import jsonsafe
 from paygate.errors import PaygateError
 from paygate.upstream.config import UpstreamConfig, UpstreamMode
 from paygate.upstream.engines.base import EngineKind
+from paygate.upstream.fleet import UpstreamEntry
 
 if TYPE_CHECKING:
     from paygate.x402.facilitator_auth import FacilitatorAuth
@@ -89,6 +92,61 @@ class BudgetSetting(BaseModel):
 
     per_payer: NonNegativeDecimal
     shadow: bool = False
+
+
+class UpstreamSetting(BaseModel):
+    """One ``[[upstream]]`` table / ``PAYGATE_UPSTREAMS`` entry (docs/UPSTREAM.md, "Several model
+    servers"). Unset fields take the global ``upstream_*`` settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")]
+    kind: EngineKind | None = None
+    mode: UpstreamMode | None = None
+    url: str | None = None
+    models: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=256)]],
+        Field(min_length=1, max_length=200),
+    ]
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+    model_path: Path | None = None
+    health_path: str | None = None
+    api_key_file: Path | None = None
+    image: str | None = None
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    cpus: PositiveFloat | None = None
+    memory: str | None = None
+    gpus: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        return None if value is None else Settings._check_upstream(value)
+
+    @field_validator("model_path")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @field_validator("health_path")
+    @classmethod
+    def _check_health(cls, value: str | None) -> str | None:
+        return Settings._check_health_path(value)
+
+    @field_validator("image")
+    @classmethod
+    def _check_image(cls, value: str | None) -> str | None:
+        return Settings._check_docker_ref(value)
+
+    @field_validator("memory")
+    @classmethod
+    def _check_memory(cls, value: str | None) -> str | None:
+        return Settings._check_memory(value)
+
+    @field_validator("gpus")
+    @classmethod
+    def _check_gpus(cls, value: str | None) -> str | None:
+        return Settings._check_gpus(value)
 
 
 class Settings(BaseSettings):
@@ -308,6 +366,16 @@ class Settings(BaseSettings):
     upstream_socket_dir: Path = Path("/run/paygate/upstream")
     upstream_pull_network: str = "paygate-pull"
     upstream_pull_timeout: PositiveFloat = 3600.0
+    # Several model servers (PAYGATE_UPSTREAMS, JSON list; [[upstream]] tables in the file).
+    # Empty: the upstream_* settings above are the one upstream.
+    upstreams: list[UpstreamSetting] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("upstreams", "upstream", "PAYGATE_UPSTREAMS"),
+    )
+    # Per-payer prefix-cache isolation (docs/UPSTREAM.md "Cache isolation"): the HMAC key of
+    # the salts; a random one per process when unset (then salts change at restart).
+    cache_salt_secret: SecretStr | None = None
+    cache_salt_secret_file: Path | None = None
     deployments_dir: Path = Path("~/.config/paygate/inference")
     discover_ports: Annotated[list[int], NoDecode] = Field(default_factory=list)
     discover_timeout: PositiveFloat = 2.0
@@ -508,7 +576,57 @@ class Settings(BaseSettings):
             raise ValueError(
                 "upstream_api_key needs an https:// upstream_url (http only on loopback)"
             )
+        names = [entry.name for entry in self.upstreams]
+        if len(set(names)) != len(names):
+            raise ValueError("upstreams: every entry needs its own name")
+        for entry in self.upstreams:
+            parts = urlsplit(entry.url or self.upstream_url)
+            if (
+                entry.api_key_file is not None
+                and parts.scheme == "http"
+                and not _is_loopback(parts.hostname or "")
+            ):
+                raise ValueError(
+                    f"upstream {entry.name}: an API key needs an https:// url"
+                    " (http only on loopback)"
+                )
         return self
+
+    def upstream_entries(self) -> tuple[UpstreamEntry, ...]:
+        """The upstreams as a set: the ``upstreams`` entries, else the ``upstream_*`` settings as
+        a set of one (serving every model name: what it does with one is its own business)."""
+        base = self.upstream()
+        if not self.upstreams:
+            return (UpstreamEntry("default", base, models=()),)
+        out = []
+        for item in self.upstreams:
+            mode = item.mode or base.mode
+            kind = item.kind or base.kind
+            api_key = None
+            if mode == "attach" and item.api_key_file is not None:
+                text = _read_secret_file("upstream_api_key", item.api_key_file)
+                api_key = SecretStr(text.splitlines()[0].strip() if text else "")
+            config = dataclasses.replace(
+                base,
+                mode=mode,
+                kind=kind,
+                url=item.url or base.url,
+                health_path=item.health_path,
+                api_key=api_key if item.api_key_file is not None else None,
+                # The one model a file-serving engine is named by; Ollama serves its volume.
+                model_name=item.models[0] if len(item.models) == 1 else None,
+                model_path=item.model_path,
+                name=f"paygate-{item.name}",
+                image=item.image or (base.image if kind == base.kind else None),
+                port=item.port,
+                cpus=item.cpus if item.cpus is not None else base.cpus,
+                memory=item.memory or base.memory,
+                gpus=item.gpus or base.gpus,
+                volume=None,
+                models_dir=None if kind != base.kind else base.models_dir,
+            )
+            out.append(UpstreamEntry(item.name, config, tuple(item.models), item.weight))
+        return tuple(out)
 
     @field_validator("listen")
     @classmethod
@@ -691,6 +809,7 @@ class Settings(BaseSettings):
         "upstream_api_key",
         "alert_webhook_secret",
         "console_secret",
+        "cache_salt_secret",
         mode="before",
     )
     @classmethod
@@ -711,6 +830,7 @@ class Settings(BaseSettings):
             "upstream_api_key",
             "alert_webhook_secret",
             "console_secret",
+            "cache_salt_secret",
         ],
     ) -> SecretStr | None:
         """A secret from its variable, else its ``*_file``, else the systemd credential of the
@@ -741,6 +861,7 @@ class Settings(BaseSettings):
             "upstream_api_key",
             "alert_webhook_secret",
             "console_secret",
+            "cache_salt_secret",
         ):
             value = self.secret(name)  # type: ignore[arg-type]
             if value is not None:
@@ -840,6 +961,7 @@ CREDENTIALS = (
     "ledger_password",
     "alert_webhook_secret",
     "console_secret",
+    "cache_salt_secret",
 )
 """systemd credential names (``LoadCredential=NAME:...``), each matching a ``NAME_file`` setting."""
 

@@ -1,6 +1,7 @@
 """A FAKE model server for tests, the demo and the bench: it answers like Ollama, it is no model.
 
-It serves the Ollama-native and OpenAI-compatible routes the gateway forwards, with output
+It serves the Ollama-native and OpenAI-compatible routes the gateway forwards, the Responses
+API and Anthropic's Messages API (in their documented shapes, as vLLM serves them), with output
 derived deterministically from the input (a hash picks the words and the vector entries), so a
 test can compute the expected reply. Streams (OpenAI SSE, Ollama NDJSON) are sent at a set pace.
 
@@ -35,7 +36,9 @@ profile in ``paygate.upstream.engines`` cites its source) — still a fake, name
   one token, ``max_completion_tokens`` ignored, ``n`` ≠ 1 refused (500); ``timings_per_token``
   puts ``timings`` (``prompt_n``, ``predicted_n``) on every chunk; ``POST /tokenize`` answers
   ``{"tokens": [...]}`` and ``POST /apply-template`` the prompt;
-- ``"any"`` (the default): the smallest non-negative limit named anywhere.
+- ``"any"`` (the default): the smallest non-negative limit named anywhere;
+- on every engine, ``/v1/responses`` obeys ``max_output_tokens`` and ``/v1/messages``
+  ``max_tokens`` (required), below 1 refused (400), as vLLM serves them.
 
 "No limit" is the request's own ``fake.chunks`` (or the server's ``chunks``) words. A FAKE
 token is a word, for ``/tokenize`` too.
@@ -158,7 +161,11 @@ def output_limit(body: dict[str, Any]) -> int | None:
     """The request's own output limit: max_completion_tokens / max_tokens (OpenAI) or
     options.num_predict (Ollama; negative means none), as a model server honours it."""
     options = body.get("options")
-    candidates = [body.get("max_completion_tokens"), body.get("max_tokens")]
+    candidates = [
+        body.get("max_completion_tokens"),
+        body.get("max_tokens"),
+        body.get("max_output_tokens"),  # the Responses API's
+    ]
     if isinstance(options, dict):
         candidates.append(options.get("num_predict"))
     limits = [v for v in candidates if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
@@ -173,6 +180,13 @@ def engine_limit(engine: str, path: str, body: dict[str, Any]) -> tuple[int | No
     """(output limit or None, sequences generated, refusal message or "") as ``engine`` would
     read ``body`` on ``path`` (see the module docstring)."""
     options = body.get("options") if isinstance(body.get("options"), dict) else {}
+    if path in ("/v1/responses", "/v1/messages"):
+        # One key each (vLLM's ResponsesRequest, its Anthropic request), one sequence.
+        key = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
+        value = _int(body.get(key))
+        if value is not None and value < 1:
+            return None, 1, f"{key} must be at least 1"
+        return value, 1, ""
     if engine == "ollama":
         value = _int(options.get("num_predict")) if path.startswith("/api/") else None
         if not path.startswith("/api/"):
@@ -256,6 +270,8 @@ class FakeModelServer:
         r.add_post("/v1/chat/completions", self._openai_chat)
         r.add_post("/v1/completions", self._openai_completions)
         r.add_post("/v1/embeddings", self._openai_embeddings)
+        r.add_post("/v1/responses", self._responses)
+        r.add_post("/v1/messages", self._messages)
         r.add_get("/v1/models", self._openai_models)
         r.add_post("/tokenize", self._tokenize)
         r.add_post("/apply-template", self._apply_template)
@@ -604,6 +620,110 @@ class FakeModelServer:
         if reports:
             payload["usage"] = usage
         return await self._reply(request, model, payload)
+
+    # --- the Responses API and Anthropic's Messages API, in the documented shapes (vLLM serves
+    # both; the llama-server built for the tests serves neither) ---------------------------------
+
+    def _generated(
+        self, request: web.Request, body: dict[str, Any]
+    ) -> tuple[float, list[str], int, str]:
+        limit, _ = self._limit(request, body)
+        pace, count, pad = self._shape(body, limit)
+        prompt = _prompt(body)
+        words = [word + "." * pad for word in reply_words(prompt, count)]
+        return pace, words, prompt_tokens(body), hashlib.sha256(prompt.encode()).hexdigest()[:12]
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/responses``: a response object, or its SSE events ending with
+        ``response.completed`` (which carries the usage); no ``[DONE]``."""
+        body = await self._json(request)
+        model = str(body.get("model", ""))
+        await self._misbehave_first(request, model)
+        pace, words, read, ident = self._generated(request, body)
+        usage = {
+            "input_tokens": read,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": len(words),
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": read + len(words),
+        }
+        text = " " + " ".join(words)
+
+        def response(status: str, done: bool) -> dict[str, Any]:
+            content = [{"type": "output_text", "text": text if done else "", "annotations": []}]
+            item = {"type": "message", "id": "msg_" + ident, "role": "assistant",
+                    "status": status, "content": content if done else []}  # fmt: skip
+            return {
+                "id": "resp_" + ident, "object": "response", "created_at": 0, "model": model,
+                "status": status, "output": [item] if done else [], "error": None,
+                "incomplete_details": None, "instructions": None, "metadata": None,
+                "parallel_tool_calls": True, "temperature": None, "tool_choice": "auto",
+                "tools": [], "top_p": None, "store": body.get("store", True),
+                "usage": usage if done and model != "fake-no-usage" else None,
+            }  # fmt: skip
+
+        if body.get("stream") is not True:
+            return await self._reply(request, model, response("completed", True))
+
+        def lines() -> Iterator[bytes]:
+            sequence = 0
+
+            def event(kind: str, data: dict[str, Any]) -> bytes:
+                nonlocal sequence
+                payload = {"type": kind, "sequence_number": sequence, **data}
+                sequence += 1
+                return f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode()
+
+            yield event("response.created", {"response": response("in_progress", False)})
+            for word in words:
+                delta = {"item_id": "msg_" + ident, "output_index": 0, "content_index": 0,
+                         "delta": " " + word, "logprobs": []}  # fmt: skip
+                yield event("response.output_text.delta", delta)
+            yield event("response.completed", {"response": response("completed", True)})
+
+        return await self._stream(request, model, pace, lines(), "text/event-stream")
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/messages`` (Anthropic): a message, or its named SSE events (the input
+        count on ``message_start``, the output count on ``message_delta``)."""
+        body = await self._json(request)
+        model = str(body.get("model", ""))
+        await self._misbehave_first(request, model)
+        if not isinstance(body.get("max_tokens"), int):
+            raise _error(request, 400, "max_tokens: Field required")
+        pace, words, read, ident = self._generated(request, body)
+        stop = "max_tokens" if body["max_tokens"] == len(words) else "end_turn"
+        reports = model != "fake-no-usage"
+        message: dict[str, Any] = {
+            "id": "msg_" + ident, "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": " " + " ".join(words)}],
+            "stop_reason": stop, "stop_sequence": None,
+            "usage": {"input_tokens": read, "output_tokens": len(words)},
+        }  # fmt: skip
+        if not reports:
+            message["usage"] = {}
+        if body.get("stream") is not True:
+            return await self._reply(request, model, message)
+
+        def event(kind: str, data: dict[str, Any]) -> bytes:
+            return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode()
+
+        def lines() -> Iterator[bytes]:
+            start = {**message, "content": [], "stop_reason": None}
+            start["usage"] = {"input_tokens": read, "output_tokens": 1} if reports else {}
+            yield event("message_start", {"message": start})
+            block = {"type": "text", "text": ""}
+            yield event("content_block_start", {"index": 0, "content_block": block})
+            for word in words:
+                delta = {"type": "text_delta", "text": " " + word}
+                yield event("content_block_delta", {"index": 0, "delta": delta})
+            yield event("content_block_stop", {"index": 0})
+            end = {"delta": {"stop_reason": stop, "stop_sequence": None}}
+            end["usage"] = {"output_tokens": len(words)} if reports else {}
+            yield event("message_delta", end)
+            yield event("message_stop", {})
+
+        return await self._stream(request, model, pace, lines(), "text/event-stream")
 
     async def _tokenize(self, request: web.Request) -> web.Response:
         """``POST /tokenize``: a FAKE token is a word (vLLM's and llama-server's shapes)."""

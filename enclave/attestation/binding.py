@@ -79,6 +79,13 @@ def sha256_digest(data: bytes) -> str:
 class ModelDigest:
     name: str
     digest: str  # sha256:<hex> of the weights
+    upstream: str | None = None  # which model server serves it (a gateway with several)
+
+    def document(self) -> dict[str, str]:
+        out = {"name": self.name, "digest": self.digest}
+        if self.upstream is not None:
+            out["upstream"] = self.upstream
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +241,7 @@ class Binding:
         static = {
             "sealing_key": self.sealing_key.hex(),
             "receipt_key": self.receipt_key.hex(),
-            "models": [{"name": m.name, "digest": m.digest} for m in self.models],
+            "models": [m.document() for m in self.models],
             "payment": payment,
             "gateway": {"version": self.gateway_version, "code_digest": self.code_digest},
         }
@@ -264,6 +271,10 @@ class Binding:
 
     def model_digest(self, name: str) -> str | None:
         return next((m.digest for m in self.models if m.name == name), None)
+
+    def model_digests(self, name: str) -> frozenset[str]:
+        """Every digest ``name`` is served with (several upstreams may serve one name)."""
+        return frozenset(m.digest for m in self.models if m.name == name)
 
 
 def config_digest(
@@ -313,9 +324,9 @@ def parse(document: Any) -> Binding:
         raise BindingInvalid("models is not a list")
     parsed_models = []
     for item in models:
-        if not isinstance(item, Mapping) or set(item) != {"name", "digest"}:
-            raise BindingInvalid("a model entry is not {name, digest}")
-        parsed_models.append(model_digest(item["name"], item["digest"]))
+        if not isinstance(item, Mapping) or set(item) - {"upstream"} != {"name", "digest"}:
+            raise BindingInvalid("a model entry is not {name, digest[, upstream]}")
+        parsed_models.append(model_digest(item["name"], item["digest"], item.get("upstream")))
     gateway = document["gateway"]
     if not isinstance(gateway, Mapping) or set(gateway) != {"version", "code_digest"}:
         raise BindingInvalid("gateway is not {version, code_digest}")
@@ -393,9 +404,9 @@ def _log(value: Any) -> LogIdentity:
     return LogIdentity(_text(value["origin"]), key)
 
 
-def model_digest(name: Any, digest: Any) -> ModelDigest:
-    """One checked model entry (a name and ``sha256:<64 lower-case hex>``)."""
-    return ModelDigest(_text(name), _digest(digest))
+def model_digest(name: Any, digest: Any, upstream: Any = None) -> ModelDigest:
+    """One checked model entry (a name, ``sha256:<64 lower-case hex>``, maybe its upstream)."""
+    return ModelDigest(_text(name), _digest(digest), None if upstream is None else _text(upstream))
 
 
 _PAYMENT_FIELDS = {

@@ -228,7 +228,15 @@ def _show(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     # The weights' digests as the gateway computes them at start (attach mode: from
     # upstream_model_path; hashing a large file takes a while).
-    served = [item.as_dict() for item in served_digests(settings.upstream(), None)]
+    entries = settings.upstream_entries()
+    if len(entries) == 1:
+        served = [item.as_dict() for item in served_digests(settings.upstream(), None)]
+    else:  # several: each model with its upstream, as the running gateway binds them
+        served = [
+            {**item.as_dict(), "upstream": entry.name}
+            for entry in entries
+            for item in served_digests(entry.config, None)
+        ]
     config = dataclasses.replace(attestation_config(settings), models=parse_models(served))
     key = open_key_backend(settings)
     try:

@@ -104,7 +104,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     check_workers(
         settings.workers,
-        upstream_mode=settings.upstream_mode,
+        # Any container-managed upstream of the set: each worker would start its own.
+        upstream_mode="container"
+        if any(e.config.mode == "container" for e in settings.upstream_entries())
+        else "attach",
         key_backend=settings.key_backend,
         tpm_tcti=settings.tpm_tcti,
         key_epoch=settings.key_epoch,

@@ -719,8 +719,9 @@ def check_model(attested: Attested, policy: AttestationPolicy, model: str | None
     """Before sealing a request for ``model``: it must be served with an accepted digest."""
     if not policy.model_digests or model is None:
         return
-    digest = attested.binding.model_digest(model)
-    if digest is None or digest not in policy.model_digests:
+    # Every digest the name is served with: the gateway may route to any of them.
+    digests = attested.binding.model_digests(model)
+    if not digests or not digests <= policy.model_digests:
         raise ModelNotAccepted(
             f"model {model[:64]!r} is not attested with an accepted digest (nothing was sealed)"
         )
@@ -744,7 +745,10 @@ def check_receipt(
     if claims["reply_digest"] != reply_digest:
         raise ReceiptMismatch("the signed receipt's reply digest does not match the reply")
     model = claims["model"]
-    if model is not None and claims["model_digest"] != attested.binding.model_digest(model):
+    # One of the digests the binding states for the name (several upstreams may serve it), or
+    # none when it states none.
+    attested_digests = attested.binding.model_digests(model) if model is not None else ()
+    if model is not None and claims["model_digest"] not in (attested_digests or {None}):
         raise ReceiptMismatch("the signed receipt's model digest is not the attested one")
     return claims
 

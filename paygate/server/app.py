@@ -61,6 +61,7 @@ from paygate.server.errors import (
 from paygate.server.forwarded import parse_networks
 from paygate.server.gateway import BatchLimits, Gateway
 from paygate.server.health import LocalEndpoints
+from paygate.server.isolation import Salts
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.logs import add_request_id, request_events
 from paygate.server.metrics import Metrics, TimedKey
@@ -70,12 +71,12 @@ from paygate.server.proxy import Timeouts, Upstream
 from paygate.server.receipts import ReceiptEndpoint, ReceiptIssuer
 from paygate.server.replies import Replies, ReplyLimits
 from paygate.server.routes import RouteTable, engine_routes
+from paygate.server.routing import Router, build_backends, served_routes
 from paygate.server.tracing import Tracing
 from paygate.tlog import assembly as tlog_assembly
 from paygate.tlog.service import running as running_log
-from paygate.upstream.engines import profile_for
+from paygate.upstream.fleet import Member, UpstreamSet, running_set
 from paygate.upstream.http1 import Pool
-from paygate.upstream.service import UpstreamService, running_upstream
 from paygate.upstream.service import base_url as upstream_base_url
 from paygate.upstream.service import connector as upstream_connector
 from paygate.upstream.service import endpoint as upstream_endpoint
@@ -88,7 +89,7 @@ OUTBOUND = web.AppKey("outbound", aiohttp.ClientSession)
 GATEWAY = web.AppKey("gateway", Gateway)
 METRICS = web.AppKey("metrics", Metrics)
 LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
-UPSTREAM = web.AppKey("upstream", UpstreamService)
+UPSTREAM = web.AppKey("upstream", UpstreamSet)
 PAYMENTS = web.AppKey("payments", PaymentStep)  # type: ignore[type-abstract]
 ATTESTATION = web.AppKey("attestation", AttestationService)
 ALERTS = web.AppKey("alerts", WebhookAlerts)
@@ -155,15 +156,19 @@ def build_app(
     attestation = attestation_config(settings)
     # One set of token buckets per process, shared by admission (addresses) and payments (payers).
     limits = rate_limits(settings)
+    entries = settings.upstream_entries()
     # One output-limit and options policy for every path (paygate.upstream.shaping).
     shaper = request_shaper(settings)
     if routes is None:
-        routes = engine_routes(profile_for(settings.upstream_kind).routes())
+        # The union of what the upstreams' engines serve (their further APIs included).
+        routes = engine_routes(served_routes(e.config.kind for e in entries))
     alerts = alert_sink(settings)  # ConfigError here, before anything listens
     # OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set; None (and free) otherwise.
     tracing = Tracing.from_environment(system=settings.upstream_kind, version=gateway_version())
     replica = settings.replica_id or default_replica_id()
-    upstream_config = settings.upstream()
+    salt_secret = settings.secret("cache_salt_secret")
+    sessions: dict[str, aiohttp.ClientSession] = {}
+    salts = Salts(salt_secret.get_secret_value().encode() if salt_secret is not None else None)
     app = web.Application(client_max_size=settings.max_body_bytes)
     if tracing is not None:
 
@@ -199,32 +204,35 @@ def build_app(
             await asyncio.get_running_loop().run_in_executor(None, app[KEY].close)
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
-        # TCP, or the relay's unix socket for a container (paygate.upstream, docs/UPSTREAM.md).
-        connector = upstream_connector(upstream_config, limit=settings.max_concurrent_requests)
-        # Timeouts are per exchange (proxy.Timeouts); the session's own stay off.
-        session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None),
-            auto_decompress=True,
-            trust_env=False,
-            # No cookie store: a model server's Set-Cookie must never ride along on the next
-            # caller's request (and filtering a jar per request is wasted work).
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
-        app[SESSION] = session
+        # One session per upstream: TCP, or the relay's unix socket for a container
+        # (paygate.upstream, docs/UPSTREAM.md), each its own pool.
+        for entry in entries:
+            connector = upstream_connector(entry.config, limit=settings.max_concurrent_requests)
+            # Timeouts are per exchange (proxy.Timeouts); the session's own stay off.
+            sessions[entry.name] = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None),
+                auto_decompress=True,
+                trust_env=False,
+                # No cookie store: a model server's Set-Cookie must never ride along on the next
+                # caller's request (and filtering a jar per request is wasted work).
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        app[SESSION] = sessions[entries[0].name]
         # Everything else that leaves the appliance (the facilitator) has its own TCP session:
         # in container mode the session above is bound to the relay's unix socket, which
         # ignores the URL's host and would hand payments to the model server.
         app[OUTBOUND] = outbound_session()
         yield
-        await session.close()
+        for session in sessions.values():
+            await session.close()
         await app[OUTBOUND].close()
 
     async def upstream_runtime(app: web.Application) -> AsyncIterator[None]:
         # Container mode: start the isolated model server and wait for it (bounded) before
         # listening; then the health monitor and the breaker the proxy consults.
-        async with running_upstream(upstream_config, app[SESSION]) as service:
-            app[UPSTREAM] = service
+        async with running_set(entries, sessions) as upstreams:
+            app[UPSTREAM] = upstreams
             yield
 
     async def alerting(app: web.Application) -> AsyncIterator[None]:
@@ -258,23 +266,42 @@ def build_app(
             yield
 
     async def gateway(app: web.Application) -> AsyncIterator[None]:
-        # The forwarding path's own pool (paygate.upstream.http1); the session stays for the
-        # probes and the facilitator.
-        pool = Pool(upstream_endpoint(upstream_config), limit=settings.max_concurrent_requests)
-        upstream = Upstream(
-            app[SESSION],
-            upstream_base_url(upstream_config),
-            Timeouts(
-                connect=settings.connect_timeout,
-                first_byte=settings.first_byte_timeout,
-                idle=settings.idle_timeout,
-                total=settings.total_timeout,
-            ),
-            pool=pool,
-            breaker=app[UPSTREAM].breaker,
-            api_key=app[UPSTREAM].api_key,
-            retries=settings.upstream_max_retries,
-            metrics=app[METRICS],
+        timeouts = Timeouts(
+            connect=settings.connect_timeout,
+            first_byte=settings.first_byte_timeout,
+            idle=settings.idle_timeout,
+            total=settings.total_timeout,
+        )
+        # Each model server's forwarding pool (paygate.upstream.http1), shared by its two
+        # clients; the sessions stay for the probes.
+        pools: dict[str, Pool] = {}
+
+        def client(member: Member, retries: int) -> Upstream:
+            # The upstream client of one model server; the router picks which, before it.
+            pool = pools.get(member.name)
+            if pool is None:
+                pool = Pool(
+                    upstream_endpoint(member.service.config),
+                    limit=settings.max_concurrent_requests,
+                )
+                pools[member.name] = pool
+            return Upstream(
+                sessions[member.name],
+                upstream_base_url(member.service.config),
+                timeouts,
+                pool=pool,
+                breaker=member.service.breaker,
+                api_key=member.service.api_key,
+                retries=retries,
+                metrics=app[METRICS],
+            )
+
+        upstream = Router(
+            build_backends(app[UPSTREAM].members, client, settings.upstream_max_retries),
+            salts=salts,
+            first_byte_timeout=settings.first_byte_timeout,
+            # Slot ownership lives in this process: shared only when it is the only one.
+            exclusive_slots=settings.workers == 1,
         )
         # The binding carries the weights' digests computed at start (paygate.upstream);
         # then PCR 23 measures the application and the keys are certified, before listening.
@@ -378,7 +405,8 @@ def build_app(
                     )
                 yield
         finally:
-            await pool.close()
+            for pool in pools.values():
+                await pool.close()
 
     async def watcher(app: web.Application) -> AsyncIterator[None]:
         # The review queue (shared ledger) and this replica's model server, for alerts.
@@ -490,6 +518,7 @@ def attestation_config(
             price_policy(settings),
             token_pricing(settings),
             settings.payment_schemes,
+            settings.max_tokens_cap,
         )
     return AttestationConfig(
         kind=kind,

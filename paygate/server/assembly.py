@@ -148,9 +148,24 @@ def token_pricing(settings: Settings) -> TokenPricing | None:
 
 
 def request_shaper(settings: Settings) -> RequestShaper:
-    """The engine's generation rules, the output cap and the options callers may send."""
+    """The engines' generation rules, the output cap and the options callers may send.
+
+    With several upstreams, each model is shaped by the rules of the engine serving it; a
+    name served by engines of different kinds is refused (ConfigError): its output limit would
+    not have one meaning, and a failover could hand a priced body to an engine that reads
+    another key."""
+    entries = settings.upstream_entries()
+    kinds: dict[str, str] = {}
+    for entry in entries:
+        for model in entry.models:
+            if kinds.setdefault(model, entry.config.kind) != entry.config.kind:
+                raise ConfigError(
+                    f"upstreams: model {model!r} is served by engines of different kinds "
+                    f"({kinds[model]}, {entry.config.kind}): one name, one engine kind"
+                )
     return RequestShaper(
-        profile_for(settings.upstream_kind),
+        profile_for(entries[0].config.kind),
+        by_model={model: profile_for(kind) for model, kind in kinds.items()},
         cap=settings.max_tokens_cap,
         allowed_options=frozenset(settings.engine_options_allowed),
         running_usage=settings.running_usage,

@@ -458,6 +458,7 @@ def payment_document(
     prices: PricePolicy,
     pricing: TokenPricing | None,
     schemes: Sequence[str],
+    max_tokens_cap: int | None = None,
 ) -> binding.PaymentTerms:
     """The whole payment terms for the binding document: what every 402 of this appliance
     may ask (a client refuses any offer outside them before it signs)."""
@@ -493,7 +494,8 @@ def payment_document(
         )
         if metered and pricing is not None
         else (),
-        max_tokens_cap=pricing.max_tokens_cap if metered and pricing is not None else None,
+        # The output cap the shaper bounds every metered request by (paygate.upstream.shaping).
+        max_tokens_cap=max_tokens_cap if metered else None,
         max_timeout_seconds=terms.max_timeout_seconds,
     )
 
@@ -504,5 +506,8 @@ def _plain(amount: Decimal) -> str:
 
 
 def parse_models(models: Sequence[Mapping[str, str]]) -> tuple[binding.ModelDigest, ...]:
-    """``[{"name", "digest"}]`` of the weights served, checked for the binding document."""
-    return tuple(binding.model_digest(item["name"], item["digest"]) for item in models)
+    """``[{"name", "digest"[, "upstream"]}]`` of the weights served, checked for the binding
+    document."""
+    return tuple(
+        binding.model_digest(item["name"], item["digest"], item.get("upstream")) for item in models
+    )

@@ -35,15 +35,17 @@ from paygate.server.counting import Tokenizer
 from paygate.server.epochs import check_key_header
 from paygate.server.errors import GatewayError, InvalidBatch, QueryNotAllowed, RouteNotFound
 from paygate.server.health import LocalHandler
+from paygate.server.isolation import tenant_of
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.logs import facts
 from paygate.server.metrics import Metrics
 from paygate.server.opening import Opener
 from paygate.server.payments import PaymentRefused
-from paygate.server.proxy import Upstream, upstream_request_headers
+from paygate.server.proxy import upstream_request_headers
 from paygate.server.receipts import request_facts, request_nonce_header
 from paygate.server.replies import Replies
 from paygate.server.routes import RouteMatch, RouteTable, Target
+from paygate.server.routing import Routed, Router
 from paygate.server.shaping import ItemPlan, plan_batch, shape_or_refuse
 from paygate.server.tracing import Tracing, span_facts
 from paygate.upstream.shaping import RequestShaper
@@ -69,7 +71,7 @@ class Gateway:
         routes: RouteTable,
         admission: Admission,
         opener: Opener,
-        upstream: Upstream,
+        upstream: Router,
         replies: Replies,
         limiter: ConcurrencyLimiter,
         metrics: Metrics,
@@ -143,20 +145,38 @@ class Gateway:
                 if self._shaper is not None:
                     shaped = shape_or_refuse(self._shaper, match.route.path, opened.body)
                 body = shaped.body() if shaped is not None else opened.body
-            if ticket.metered and self._shaper is not None:
-                ticket.tokenizer = Tokenizer(
-                    self._upstream, self._shaper.rules, match.route.path, body
-                )
             if body:
                 headers["Content-Type"] = "application/json"
             if self._tracing is not None:
                 self._tracing.inject(headers)  # the model server joins the request's trace
+            model = _model_named(opened.body) or match.params.get("model")
+            # Several upstreams: the gateway lists the models itself (the union).
+            listing = self._upstream.models_listing(request.method, match.route.path)
+            if listing is not None:
+                return await self._replies.send_document(
+                    opened.reply, admitted.ticket, listing, items=[(True, None, len(listing))]
+                )
+            routed = Routed()
             with self._limiter.slot():
                 async with self._upstream.exchange(
-                    request.method, match.upstream_path, body=body, headers=headers
+                    request.method,
+                    match.upstream_path,
+                    body=body,
+                    headers=headers,
+                    route_path=match.route.path,
+                    model=model,
+                    tenant=tenant_of(admitted.ticket.payment_record, admitted.client),
+                    routed=routed,
                 ) as reply:
                     self._metrics.upstream_latency(match.route.name, reply.waited)
-                    if ticket.tokenizer is not None:
+                    if ticket.metered and self._shaper is not None:
+                        # The tokenizer of the engine that answered (routed: one of several).
+                        ticket.tokenizer = Tokenizer(
+                            self._upstream.client_of(routed.upstream),
+                            self._shaper.rules_for(model),
+                            match.route.path,
+                            body,
+                        )
                         reply.keep_text()  # what a cut stream's engine tokenizer counts
                     try:
                         return await self._replies.send(
@@ -172,6 +192,7 @@ class Gateway:
                                 opened=opened,
                                 nonce=nonce,
                                 model=_model_named(opened.body),
+                                model_digest=routed.digest,
                             ),
                         )
                     finally:
@@ -208,6 +229,7 @@ class Gateway:
             )
             headers["Content-Type"] = "application/json"
             gate = asyncio.Semaphore(limits.concurrency)
+            tenant = tenant_of(admitted.ticket.payment_record, admitted.client)
 
             async def one(item: ItemPlan) -> tuple[Any, bool, Any, int]:
                 if item.refusal is not None or item.body is None:
@@ -217,7 +239,12 @@ class Gateway:
                     try:
                         with self._limiter.slot():
                             async with self._upstream.exchange(
-                                "POST", ITEM_PATH, body=item.body, headers=headers
+                                "POST",
+                                ITEM_PATH,
+                                body=item.body,
+                                headers=headers,
+                                model=item.model,
+                                tenant=tenant,
                             ) as reply:
                                 raw = await reply.read_bounded(limits.item_reply_bytes)
                                 status, usage = reply.status, reply.usage

@@ -21,9 +21,9 @@ from paygate.server.attestation import AttestationService
 from paygate.server.epochs import epochs_document
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.metrics import CONTENT_TYPE, Metrics
-from paygate.server.proxy import Upstream
 from paygate.server.readiness import ReadinessChecks
 from paygate.server.routes import Target
+from paygate.server.routing import Router
 
 LocalHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -60,7 +60,7 @@ class LocalEndpoints:
         self,
         *,
         key: KeyBackend,
-        upstream: Upstream,
+        upstream: Router,
         limiter: ConcurrencyLimiter,
         metrics: Metrics,
         payment_mode: str,

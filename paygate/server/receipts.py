@@ -69,6 +69,8 @@ class RequestFacts:
 
     request_digest: str
     model: str | None
+    # The digest of the weights that served it (several upstreams may serve one name).
+    model_digest: str | None = None
 
 
 def request_nonce_header(headers: Mapping[str, str]) -> bytes | None:
@@ -84,7 +86,7 @@ def request_nonce_header(headers: Mapping[str, str]) -> bytes | None:
 
 def request_facts(
     *, method: str, path: str, received: bytes, opened: OpenedBody, nonce: bytes | None,
-    model: str | None,
+    model: str | None, model_digest: str | None = None,
 ) -> RequestFacts:  # fmt: skip
     """The request's digest as the caller computes it (see the module docstring)."""
     plan = opened.reply
@@ -96,7 +98,7 @@ def request_facts(
     digest = receipts.request_digest(
         method=method, path=path, body=received, nonce=nonce, reply_key=reply_key
     )
-    return RequestFacts(request_digest=digest, model=model)
+    return RequestFacts(request_digest=digest, model=model, model_digest=model_digest)
 
 
 def usage_claims(usage: Usage | None, meter: Meter | None) -> dict[str, Any] | None:
@@ -191,7 +193,11 @@ class ReceiptIssuer:
                 "request_digest": request.request_digest,
                 "reply_digest": reply_digest,
                 "model": request.model,
-                "model_digest": self._models.get(request.model) if request.model else None,
+                # The weights that served it (several upstreams may serve one name), else the
+                # digest the binding states for the name.
+                "model_digest": (request.model_digest or self._models.get(request.model))
+                if request.model
+                else None,
                 "usage": usage,
                 "payment": payment,
             }

@@ -7,8 +7,15 @@ from dataclasses import dataclass, field
 
 from paygate.jsonsafe import UntrustedJSONError
 from paygate.server.errors import GatewayError, InvalidJSON
+from paygate.server.routing import ModelNotFound
 from paygate.upstream.engines.limits import LimitRefused
-from paygate.upstream.shaping import LengthKeyRefused, OptionRefused, RequestShaper, Shaped
+from paygate.upstream.shaping import (
+    ApiNotServed,
+    LengthKeyRefused,
+    OptionRefused,
+    RequestShaper,
+    Shaped,
+)
 from paygate.x402.batch import ITEM_PATH, Batch
 from paygate.x402.metering import Quote, TokenPricing
 
@@ -36,6 +43,8 @@ def shape_or_refuse(shaper: RequestShaper, path: str, body: bytes) -> Shaped | N
         raise InvalidJSON from None
     except (LimitRefused, OptionRefused, LengthKeyRefused) as exc:
         raise RequestRefused(exc.code, str(exc)) from None
+    except ApiNotServed as exc:
+        raise ModelNotFound(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,11 +91,18 @@ def metered_quote(
     covers its prompt bound and ``shaped.max_output``; the body forwarded asks for the usage
     it is metered by (in ``shaped``, after the unmetered body was taken)."""
     strip = shaper.ask_usage(shaped)
-    messages = shaped.data.get("messages")
+    # Chat's and Anthropic's messages, the Responses API's input items: each a template turn,
+    # and so is Anthropic's system prompt or the Responses API's instructions beside them.
+    data = shaped.data
+    messages = data.get("messages", data.get("input"))
+    turns = len(messages) if isinstance(messages, list) else 1
+    beside = data.get("system") or data.get("instructions")
+    if shaped.api in ("responses", "messages") and beside:
+        turns += 1
     return pricing.quote(
         model=shaped.model,
         body=body,
-        messages=len(messages) if isinstance(messages, list) else 1,
+        messages=turns,
         max_output=shaped.max_output,
         forward=shaped.body(),
         strip_usage=strip,

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 from pydantic import SecretStr
 
+from paygate import jsonsafe
 from paygate.upstream.breaker import CircuitBreaker
 from paygate.upstream.config import UpstreamConfig
 from paygate.upstream.container import ContainerManager
@@ -30,6 +31,8 @@ from paygate.upstream.readiness import ProbeResult, probe, wait_ready
 from paygate.upstream.spec import container_spec
 
 log = logging.getLogger("paygate.upstream")
+_MAX_PROPS = 1 << 20  # bytes of a /props reply read (it carries the chat template)
+_MAX_SLOTS = 4096
 
 
 def base_url(config: UpstreamConfig) -> str:
@@ -195,6 +198,30 @@ class UpstreamService:
         out: dict[str, Any] = {"mode": self.config.mode, **self.monitor.snapshot()}
         out["kind"] = self.config.kind
         return out
+
+    async def slot_count(self, path: str, *, timeout: float) -> int | None:
+        """How many slots the server runs (llama-server's ``/props`` ``total_slots``), or None
+        when it does not say (unreachable, not JSON, no such field)."""
+        try:
+            async with asyncio.timeout(timeout):
+                async with self.session.get(
+                    base_url(self.config) + path,
+                    allow_redirects=False,
+                    headers={"Accept-Encoding": "identity", **auth_headers(self.api_key)},
+                ) as response:
+                    if response.status != 200:
+                        return None
+                    document = jsonsafe.loads(
+                        await response.content.read(_MAX_PROPS),
+                        max_bytes=_MAX_PROPS,
+                        max_depth=None,
+                    )
+        except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeDecodeError):
+            return None
+        count = document.get("total_slots") if isinstance(document, dict) else None
+        if isinstance(count, int) and not isinstance(count, bool) and 0 < count <= _MAX_SLOTS:
+            return count
+        return None
 
     def models_document(self) -> list[dict[str, str]]:
         """``[{"name", "digest"}]`` of the weights served (public: what attestation binds)."""

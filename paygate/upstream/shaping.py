@@ -12,6 +12,11 @@ For a generation route, :meth:`RequestShaper.shape`:
    is refused here — ``invalid_output_limit``), bounds it by the operator's cap, and writes
    that one limit into every limit key the engine reads and every one the request named.
 
+The Responses API (``max_output_tokens``) and Anthropic's Messages API (``max_tokens``,
+required) are shaped by the same steps on the engines that serve them (vLLM); a model whose
+engine does not serve the route's API is refused (``model_not_found``) before any price. With
+several model servers the rules are those of the engine serving the body's ``model``.
+
 What comes out is what the gateway prices: ``tokens`` per sequence times ``choices``. Other
 routes (embeddings, ``/api/show``) get the options check only, and so does every route when
 payments are off (nothing is sold: the body is forwarded as the caller sent it).
@@ -39,9 +44,18 @@ GENERATION_PATHS: Mapping[str, ApiShape] = {
     "/v1/completions": "openai",
     "/api/chat": "ollama",
     "/api/generate": "ollama",
+    # Where the engine serves them (its profile's api_routes()); limit keys of their own.
+    "/v1/responses": "responses",
+    "/v1/messages": "messages",
 }
 # The limit keys the gateway writes (where a request names them): every spelling it knows.
-_LIMIT_SPELLINGS = ("max_tokens", "max_completion_tokens", "n_predict", "options.num_predict")
+_LIMIT_SPELLINGS = (
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "n_predict",
+    "options.num_predict",
+)
 
 
 class OptionRefused(PaygateError):
@@ -54,6 +68,12 @@ class LengthKeyRefused(PaygateError):
     """A generation-length key the engine's rules do not cover."""
 
     code = "unsupported_limit_key"
+
+
+class ApiNotServed(PaygateError):
+    """The model's engine does not serve this generation API (no limit keys for it)."""
+
+    code = "model_not_found"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,18 +101,23 @@ def api_of(path: str) -> ApiShape:
 
 
 class RequestShaper:
-    """One per gateway: the engine's rules, the output cap, the options the operator allows."""
+    """One per gateway: the engines' rules, the output cap, the options the operator allows.
+
+    ``rules`` are the engine's; with several model servers of different engines, ``by_model``
+    names the rules of the engine serving each model (``rules`` the rest)."""
 
     def __init__(
         self,
         rules: GenerationRules,
         *,
         cap: int,
+        by_model: Mapping[str, GenerationRules] | None = None,
         allowed_options: frozenset[str] = frozenset(),
         running_usage: bool = True,
         limits: bool = True,
     ) -> None:
         self._rules = rules
+        self._by_model = dict(by_model or {})
         # False (payments off: nothing is sold): options are checked, bodies pass unchanged.
         self._limits = limits
         self._cap = cap
@@ -102,6 +127,12 @@ class RequestShaper:
     @property
     def rules(self) -> GenerationRules:
         return self._rules
+
+    def rules_for(self, model: str | None) -> GenerationRules:
+        """The rules of the engine that serves ``model``."""
+        if model is None:
+            return self._rules
+        return self._by_model.get(model, self._rules)
 
     @property
     def cap(self) -> int:
@@ -121,8 +152,13 @@ class RequestShaper:
 
     def shape_data(self, path: str, data: dict[str, Any]) -> Shaped:
         api = GENERATION_PATHS.get(path, api_of(path))
-        self._check_options(api, data)
-        rules = self._rules
+        model = data.get("model")
+        model = model if isinstance(model, str) and 0 < len(model) <= 256 else None
+        rules = self.rules_for(model)
+        self._check_options(rules, api, data)
+        reads = rules.limit_keys(api)
+        if not reads:
+            raise ApiNotServed(f"no model server here serves {path} for this model")
         known = rules.known_keys(api)
         for key in sorted(LENGTH_KEYS):
             if key not in known and present(data, key):
@@ -131,16 +167,14 @@ class RequestShaper:
         tokens = self._cap if limit.tokens is None else min(limit.tokens, self._cap)
         for key in rules.dropped_keys(api):
             data.pop(key, None)
-        reads = rules.limit_keys(api)
         targets = [k for k in (*reads, *_LIMIT_SPELLINGS) if k in known and present(data, k)]
         if not any(k in reads for k in targets):
             targets.append(reads[0])
         for key in dict.fromkeys(targets):
             _put(data, key, tokens)
-        model = data.get("model")
         return Shaped(
             api=api,
-            model=model if isinstance(model, str) and 0 < len(model) <= 256 else None,
+            model=model,
             tokens=tokens,
             choices=limit.choices,
             data=data,
@@ -155,12 +189,15 @@ class RequestShaper:
         except jsonsafe.UntrustedJSONError:
             return  # not JSON: the engine answers it; it carries no option either way
         if isinstance(data, dict):
-            self._check_options(api_of(path), data)
+            model = data.get("model")
+            rules = self.rules_for(model if isinstance(model, str) else None)
+            self._check_options(rules, api_of(path), data)
 
     def ask_usage(self, shaped: Shaped) -> bool:
         """A metered OpenAI stream: ask for usage (final, and running where the engine can)
         in ``shaped.data``; True when the caller did not ask for it (the gateway strips it).
-        Ollama's native routes report their counts on the final object unasked."""
+        Ollama's native routes report their counts on the final object unasked, and the
+        Responses and Messages APIs on their own final events."""
         data = shaped.data
         if shaped.api != "openai" or data.get("stream") is not True:
             return False
@@ -170,11 +207,13 @@ class RequestShaper:
         options["include_usage"] = True
         data["stream_options"] = options
         if self._running_usage:
-            self._rules.ask_running_usage(shaped.api, data)
+            self.rules_for(shaped.model).ask_running_usage(shaped.api, data)
         return strip
 
-    def _check_options(self, api: ApiShape, data: Mapping[str, Any]) -> None:
-        for key in sorted(self._rules.load_options(api) - self._allowed):
+    def _check_options(
+        self, rules: GenerationRules, api: ApiShape, data: Mapping[str, Any]
+    ) -> None:
+        for key in sorted(rules.load_options(api) - self._allowed):
             if present(data, key):
                 raise OptionRefused(f"{key} is the operator's to set on this gateway")
 

@@ -6,7 +6,13 @@ Shapes (engine profiles say which routes speak which):
 - OpenAI, SSE: the chunk that carries a non-null ``usage`` (the last before ``data: [DONE]``,
   sent only when the caller asked with ``stream_options.include_usage``);
 - Ollama, whole or NDJSON: ``prompt_eval_count`` and ``eval_count`` in the final object
-  (``"done": true``).
+  (``"done": true``);
+- OpenAI Responses: ``usage`` ``{input_tokens, output_tokens}`` on the response object, in a
+  stream on the ``response.completed`` event's ``response``;
+- Anthropic Messages: ``usage`` ``{input_tokens, output_tokens}`` (prompt tokens also count
+  ``cache_read_input_tokens`` and ``cache_creation_input_tokens``, as Anthropic defines them);
+  in a stream the input on ``message_start``'s ``message`` and the running output count on each
+  ``message_delta``: the reader keeps the last value stated of each.
 
 While a stream passes, the reader also keeps the *running* counts — the last ``usage`` any
 chunk carried (vLLM's ``continuous_usage_stats``), or llama-server's per-token ``timings``
@@ -45,11 +51,42 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
+def _input_output(usage: dict[str, Any]) -> tuple[int | None, int | None]:
+    """Responses' and Anthropic's counts (Anthropic's cached input is input too)."""
+    prompt = _count(usage.get("input_tokens"))
+    if prompt is not None:
+        for extra in ("cache_read_input_tokens", "cache_creation_input_tokens"):
+            prompt += _count(usage.get(extra)) or 0
+    return prompt, _count(usage.get("output_tokens"))
+
+
+def stated_counts(document: Any) -> tuple[int | None, int | None] | None:
+    """``(prompt, completion)`` as far as one reply object or stream event states them (either
+    may be None: an Anthropic ``message_delta`` carries the output count alone), or None."""
+    if not isinstance(document, dict):
+        return None
+    usage = document.get("usage")
+    if not isinstance(usage, dict):
+        # A Responses stream's response.completed, an Anthropic stream's message_start.
+        nested = document.get("response", document.get("message"))
+        usage = nested.get("usage") if isinstance(nested, dict) else None
+    if isinstance(usage, dict) and "prompt_tokens" not in usage:
+        prompt, completion = _input_output(usage)
+        if prompt is not None or completion is not None:
+            return prompt, completion
+    found = usage_of(document)
+    return (found.prompt_tokens, found.completion_tokens) if found is not None else None
+
+
 def usage_of(document: Any) -> Usage | None:
     """The usage one parsed reply object (a whole reply or one stream event) states, if any."""
     if not isinstance(document, dict):
         return None
     usage = document.get("usage")
+    if isinstance(usage, dict) and "prompt_tokens" not in usage:
+        prompt, completion = _input_output(usage)
+        if prompt is not None:
+            return Usage(prompt, completion or 0)
     if isinstance(usage, dict):
         prompt, completion = (
             _count(usage.get("prompt_tokens")),
@@ -81,7 +118,8 @@ def running_of(document: Any) -> Usage | None:
 
 
 def text_of(document: Any) -> str:
-    """The completion text one stream event carries (OpenAI chunks, Ollama objects)."""
+    """The completion text one stream event carries (OpenAI chunks, Ollama objects, the
+    Responses API's and Anthropic's text deltas)."""
     if not isinstance(document, dict):
         return ""
     pieces: list[str] = []
@@ -99,7 +137,22 @@ def text_of(document: Any) -> str:
         pieces.append(message["content"])
     if isinstance(document.get("response"), str):
         pieces.append(document["response"])
+    delta = document.get("delta")
+    if document.get("type") == "response.output_text.delta" and isinstance(delta, str):
+        pieces.append(delta)  # the Responses API's text, in a stream
+    elif isinstance(delta, dict) and isinstance(delta.get("text"), str):
+        pieces.append(delta["text"])  # Anthropic's content_block_delta (text_delta)
     return "".join(pieces)
+
+
+def _merged(before: Usage | None, counts: tuple[int | None, int | None]) -> Usage:
+    """``before`` with the counts an event states (a None keeps the count stated before)."""
+    prompt, completion = counts
+    if prompt is None:
+        prompt = before.prompt_tokens if before is not None else 0
+    if completion is None:
+        completion = before.completion_tokens if before is not None else 0
+    return Usage(prompt, completion)
 
 
 def _parsed(line: bytes) -> Any:
@@ -189,10 +242,13 @@ class UsageReader:
             if line == b"[DONE]":
                 return
         document = _parsed(line) if line.strip() else None
-        found = usage_of(document)
-        if found is not None:
-            self._usage = found
+        counts = stated_counts(document)
+        if counts is not None:
+            # Each count as last stated: Anthropic states input and output in different events.
+            self._usage = _merged(self._usage, counts)
         running = running_of(document)
+        if counts is not None and running is None:
+            running = _merged(self._running, counts)  # an Anthropic message_delta
         if running is not None:
             self._running = running
         piece = text_of(document) if self.keep_text else ""

@@ -41,6 +41,39 @@ OPENAI_ROUTES: tuple[ServedRoute, ...] = (
 )
 
 
+# The Responses API and Anthropic's Messages API, where an engine serves them (its
+# ``api_routes()``): sealed, paid and metered like chat; usage read from their own objects.
+RESPONSES_ROUTE = ServedRoute("POST", "/v1/responses", "openai")
+MESSAGES_ROUTE = ServedRoute("POST", "/v1/messages", "openai")
+
+CacheIsolationKind = Literal["salt", "slots", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheControls:
+    """What an engine offers to keep one caller's prompt cache from another's (the gateway sets
+    it per payer; docs/UPSTREAM.md "Cache isolation").
+
+    - ``salt``: a per-request field (vLLM ``cache_salt``) mixed into the prefix-cache keys;
+    - ``slots``: llama-server's per-request ``id_slot`` and ``cache_prompt``: the gateway leases
+      a slot per request and lets a request reuse the slot's cache only when that slot last
+      served the same payer (``slots_path`` says how many slots there are);
+    - ``none``: nothing per request (documented; the engine's cache is shared).
+
+    ``paths`` are the routes the parameter applies to; ``caller_keys`` are the request fields
+    a caller may not set itself (refused with a 400: they would pick another cache domain).
+    """
+
+    kind: CacheIsolationKind
+    paths: frozenset[str] = frozenset()
+    caller_keys: frozenset[str] = frozenset()
+    salt_key: str = "cache_salt"
+    slots_path: str | None = None
+
+
+NO_CACHE_CONTROLS = CacheControls("none")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelDigest:
     """A served model and the digest of its weights (``sha256:<hex>``)."""
@@ -128,6 +161,14 @@ class EngineProfile(GenerationRules, Protocol):
 
     def launch(self, target: LaunchTarget) -> ContainerLaunch:
         """The serving container's arguments and environment."""
+        ...
+
+    def api_routes(self) -> tuple[ServedRoute, ...]:
+        """Further APIs the engine serves (``/v1/responses``, ``/v1/messages``), if any."""
+        ...
+
+    def cache_controls(self) -> CacheControls:
+        """How the engine's prompt cache can be isolated per caller (see CacheControls)."""
         ...
 
 

@@ -15,7 +15,12 @@ from typing import Any, Literal, Protocol
 
 from paygate.errors import PaygateError
 
-ApiShape = Literal["openai", "ollama"]  # the error shape and wire format of a route
+# The wire format of a generation route: OpenAI's chat/completions, Ollama's native API,
+# OpenAI's Responses API, Anthropic's Messages API (the last two where an engine serves them).
+# A ServedRoute's errors are shaped as OpenAI's or Ollama's (Responses, Messages: "openai").
+ApiShape = Literal["openai", "ollama", "responses", "messages"]
+# The one key that bounds the output of the Responses and Messages APIs.
+SINGLE_LIMIT_KEYS: Mapping[str, str] = {"responses": "max_output_tokens", "messages": "max_tokens"}
 
 # Keys that set or change how much a request generates, across the engines and APIs paygate
 # knows. A key here that the route's engine does not state a meaning for is refused (400):
@@ -67,7 +72,8 @@ class GenerationRules(Protocol):
 
     def limit_keys(self, api: ApiShape) -> tuple[str, ...]:
         """The keys (dotted: ``options.num_predict``) the engine reads for the output limit;
-        the gateway writes the priced limit into every one of them."""
+        the gateway writes the priced limit into every one of them. Empty: the engine does
+        not serve that API (the gateway refuses the request before pricing it)."""
         ...
 
     def known_keys(self, api: ApiShape) -> frozenset[str]:

@@ -33,6 +33,7 @@ from typing import Any
 
 from paygate.upstream.engines.base import (
     OPENAI_ROUTES,
+    CacheControls,
     ContainerDefaults,
     ContainerLaunch,
     EngineKind,
@@ -44,6 +45,7 @@ from paygate.upstream.engines.base import (
     openai_model_ids,
 )
 from paygate.upstream.engines.limits import (
+    SINGLE_LIMIT_KEYS,
     ApiShape,
     EngineLimit,
     LimitRefused,
@@ -93,13 +95,28 @@ class LlamaServerProfile:
             model_target=inside,
         )  # fmt: skip
 
+    def api_routes(self) -> tuple[ServedRoute, ...]:
+        # The build pinned here (llama.cpp 4227c9b, August 2025) answers 404 to both
+        # /v1/responses and /v1/messages: later llama.cpp releases added them.
+        return ()
+
+    def cache_controls(self) -> CacheControls:
+        # Per request: "id_slot" picks the slot (its KV cache), "cache_prompt" (default true)
+        # lets the request reuse the slot's cached prefix; false re-evaluates the whole prompt.
+        return CacheControls(
+            "slots",
+            paths=frozenset({"/v1/chat/completions", "/v1/completions"}),
+            caller_keys=frozenset({"cache_salt", "id_slot", "cache_prompt"}),
+            slots_path="/props",
+        )
+
     # --- generation (see the module docstring) ---
 
     def limit_keys(self, api: ApiShape) -> tuple[str, ...]:
-        return ("n_predict", "max_tokens")
+        return () if api in SINGLE_LIMIT_KEYS else ("n_predict", "max_tokens")
 
     def known_keys(self, api: ApiShape) -> frozenset[str]:
-        return _KNOWN
+        return frozenset() if api in SINGLE_LIMIT_KEYS else _KNOWN
 
     def limit(self, api: ApiShape, data: Mapping[str, Any]) -> EngineLimit:
         n = stated(data, "n")

@@ -35,6 +35,7 @@ from typing import Any
 
 from paygate.upstream.engines.base import (
     OPENAI_ROUTES,
+    CacheControls,
     ContainerDefaults,
     ContainerLaunch,
     EngineKind,
@@ -44,7 +45,7 @@ from paygate.upstream.engines.base import (
     ServedRoute,
     file_digest,
 )
-from paygate.upstream.engines.limits import ApiShape, EngineLimit, Post, stated
+from paygate.upstream.engines.limits import SINGLE_LIMIT_KEYS, ApiShape, EngineLimit, Post, stated
 
 _RUNNER_OPTIONS = (
     "num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "use_mlock",
@@ -112,12 +113,23 @@ class OllamaProfile:
         environment = {"OLLAMA_HOST": f"{target.listen}:{target.port}", "OLLAMA_MODELS": models}
         return ContainerLaunch(command=(), environment=environment)
 
+    def api_routes(self) -> tuple[ServedRoute, ...]:
+        return ()
+
+    def cache_controls(self) -> CacheControls:
+        # Ollama keeps a runner's context between requests and offers no per-request control.
+        return CacheControls("none", caller_keys=frozenset({"cache_salt"}))
+
     # --- generation (see the module docstring) ---
 
     def limit_keys(self, api: ApiShape) -> tuple[str, ...]:
+        if api in SINGLE_LIMIT_KEYS:
+            return ()  # no /v1/responses, /v1/messages (api_routes)
         return ("options.num_predict",) if api == "ollama" else ("max_tokens",)
 
     def known_keys(self, api: ApiShape) -> frozenset[str]:
+        if api in SINGLE_LIMIT_KEYS:
+            return frozenset()
         if api == "ollama":
             return frozenset({"options.num_predict"})
         return frozenset({"max_tokens", "max_completion_tokens", "n", "best_of"})

@@ -18,6 +18,7 @@ from typing import Any
 
 from paygate.upstream.engines.base import (
     OPENAI_ROUTES,
+    CacheControls,
     ContainerDefaults,
     ContainerLaunch,
     EngineKind,
@@ -29,6 +30,7 @@ from paygate.upstream.engines.base import (
     openai_model_ids,
 )
 from paygate.upstream.engines.limits import (
+    SINGLE_LIMIT_KEYS,
     ApiShape,
     EngineLimit,
     LimitRefused,
@@ -59,13 +61,19 @@ class OpenAIProfile:
     def launch(self, target: LaunchTarget) -> ContainerLaunch:
         raise ProfileError("upstream_kind openai has no container recipe: use attach mode")
 
+    def api_routes(self) -> tuple[ServedRoute, ...]:
+        return ()  # unknown: only the OpenAI surface every engine here serves
+
+    def cache_controls(self) -> CacheControls:
+        return CacheControls("none", caller_keys=frozenset({"cache_salt"}))
+
     # --- generation (see the module docstring) ---
 
     def limit_keys(self, api: ApiShape) -> tuple[str, ...]:
-        return _LIMITS
+        return () if api in SINGLE_LIMIT_KEYS else _LIMITS  # no further APIs known
 
     def known_keys(self, api: ApiShape) -> frozenset[str]:
-        return frozenset({*_LIMITS, "n", "best_of"})
+        return frozenset() if api in SINGLE_LIMIT_KEYS else frozenset({*_LIMITS, "n", "best_of"})
 
     def limit(self, api: ApiShape, data: Mapping[str, Any]) -> EngineLimit:
         values = [v for v in (stated(data, key) for key in _LIMITS) if v is not None]

@@ -18,7 +18,11 @@ Generation (vLLM ``vllm/entrypoints/utils.py`` ``get_max_tokens``,
 - ``POST /tokenize`` takes ``{"model", "prompt"}`` or ``{"model", "messages"}`` (chat template
   applied) and answers ``{"count", "tokens", "max_model_len"}``;
 - ``priority`` (scheduling), ``kv_transfer_params``, ``vllm_xargs`` and
-  ``logits_processors`` reach the scheduler and extensions: load-time options.
+  ``logits_processors`` reach the scheduler and extensions: load-time options;
+- ``/v1/responses`` (``vllm/entrypoints/openai/protocol.py`` ``ResponsesRequest``) is bounded
+  by ``max_output_tokens`` alone (absent: the context's remainder), one sequence;
+  ``/v1/messages`` (``vllm/entrypoints/anthropic/protocol.py``) by ``max_tokens``, which
+  Anthropic's API requires; below 1 either is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from paygate.upstream.engines.base import (
+    MESSAGES_ROUTE,
     OPENAI_ROUTES,
+    RESPONSES_ROUTE,
+    CacheControls,
     ContainerDefaults,
     ContainerLaunch,
     EngineKind,
@@ -41,6 +48,7 @@ from paygate.upstream.engines.base import (
     openai_model_ids,
 )
 from paygate.upstream.engines.limits import (
+    SINGLE_LIMIT_KEYS,
     ApiShape,
     EngineLimit,
     LimitRefused,
@@ -98,15 +106,43 @@ class VllmProfile:
         environment = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
         return ContainerLaunch(command, environment, target.model_path, inside)
 
+    def api_routes(self) -> tuple[ServedRoute, ...]:
+        return (RESPONSES_ROUTE, MESSAGES_ROUTE)
+
+    def cache_controls(self) -> CacheControls:
+        # "cache_salt" (vLLM 0.9+) salts the prefix-cache block hashes of chat, completions and
+        # responses. vLLM's Anthropic endpoint takes no salt (its request model drops unknown
+        # fields): /v1/messages shares one unsalted cache among its callers (documented).
+        return CacheControls(
+            "salt",
+            paths=frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"}),
+            caller_keys=frozenset({"cache_salt"}),
+        )
+
     # --- generation (see the module docstring) ---
 
     def limit_keys(self, api: ApiShape) -> tuple[str, ...]:
-        return ("max_completion_tokens", "max_tokens")
+        single = SINGLE_LIMIT_KEYS.get(api)
+        if single is not None:
+            return (single,)
+        return ("max_completion_tokens", "max_tokens") if api == "openai" else ()
 
     def known_keys(self, api: ApiShape) -> frozenset[str]:
-        return _KNOWN
+        single = SINGLE_LIMIT_KEYS.get(api)
+        if single is not None:
+            return frozenset({single})
+        return _KNOWN if api == "openai" else frozenset()
 
     def limit(self, api: ApiShape, data: Mapping[str, Any]) -> EngineLimit:
+        single = SINGLE_LIMIT_KEYS.get(api)
+        if single is not None:
+            # One sequence; Anthropic's max_tokens is required, Responses' optional.
+            value = stated(data, single)
+            if value is None and api == "messages":
+                raise LimitRefused("max_tokens is required")
+            if value is not None and value < 1:
+                raise LimitRefused(f"{single} must be at least 1")
+            return EngineLimit(value)
         value = stated(data, "max_completion_tokens") or stated(data, "max_tokens")
         if value is not None and value < 1:
             raise LimitRefused("max_tokens must be at least 1")
