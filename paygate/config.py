@@ -26,6 +26,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     SecretStr,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -388,30 +389,17 @@ class Settings(BaseSettings):
         split_listen(value)
         return value
 
-    @field_validator("erc6492_factories", mode="before")
+    @field_validator("erc6492_factories", "console_wallets", mode="before")
     @classmethod
-    def _split_factories(cls, value: Any) -> Any:
+    def _split_addresses(cls, value: Any) -> Any:
         return cls._split_proxies(value)
 
-    @field_validator("erc6492_factories")
+    @field_validator("erc6492_factories", "console_wallets")
     @classmethod
-    def _check_factories(cls, value: list[str]) -> list[str]:
+    def _check_addresses(cls, value: list[str], info: ValidationInfo) -> list[str]:
         for address in value:
             if not re.fullmatch(r"0x[0-9a-fA-F]{40}", address):
-                raise ValueError("erc6492_factories must be 0x-prefixed 20-byte hex addresses")
-        return value
-
-    @field_validator("console_wallets", mode="before")
-    @classmethod
-    def _split_wallets(cls, value: Any) -> Any:
-        return cls._split_proxies(value)
-
-    @field_validator("console_wallets")
-    @classmethod
-    def _check_wallets(cls, value: list[str]) -> list[str]:
-        for item in value:
-            if not re.fullmatch(r"0x[0-9a-fA-F]{40}", item):
-                raise ValueError("console_wallets must be 0x-prefixed 20-byte hex addresses")
+                raise ValueError(f"{info.field_name} must be 0x-prefixed 20-byte hex addresses")
         return value
 
     @field_validator("token_limits")
