@@ -104,7 +104,8 @@ class Admission:
             return OpenGate(
                 slots=limits.unpaid_open_slots,
                 per_address=limits.per_ip_open_slots,
-                per_second=limits.unpaid_opens_per_second,
+                # A rate for keys in hardware only (paygate.server.opengate).
+                per_second=None if opener.inline else limits.unpaid_opens_per_second,
                 busy=lambda: UploadsBusy(headers=retry),
                 too_many=lambda: TooManyUploads(headers=retry),
             )

@@ -202,6 +202,11 @@ class Opener:
         self._timed = timed
 
     @property
+    def inline(self) -> bool:
+        """The key is in this process's memory: an open is one ECDH, never a device trip."""
+        return self._inline
+
+    @property
     def epochs(self) -> EpochKeys | None:
         return self._epochs
 

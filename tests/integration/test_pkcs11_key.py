@@ -132,8 +132,8 @@ def test_derived_secrets_do_not_linger_in_the_token(softhsm_token, key):
     lib = pkcs11.lib(os.path.realpath(softhsm_token.module_path))
     token = lib.get_token(token_label=softhsm_token.token_label)
     with token.open() as session:
-        # The ECDH key and the receipt-signing key, nothing else.
-        assert len(list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))) == 2
+        # The ECDH key, the receipt-signing key and the log-signing key, nothing else.
+        assert len(list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))) == 3
         assert list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY})) == []
 
 

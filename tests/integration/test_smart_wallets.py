@@ -286,6 +286,8 @@ async def test_smart_wallets_sign_in_for_their_free_requests(
         facilitator_url=facilitator6492.url,
         ledger=ledger,
         free_requests_per_day=1,
+        free_requests_per_address_per_day=2,  # two wallets sign in from this one address
+        public_url="self",  # a free quota signs in for this gateway's own origin
         chain_rpc_url=anvil.rpc_url,
         erc6492_factories=[factory],
     ) as stack:
@@ -305,7 +307,12 @@ async def test_smart_wallets_sign_in_for_their_free_requests(
 async def test_smart_wallet_sign_ins_that_do_not_hold(
     anvil, facilitator6492, wallet, counterfactual, seller, ledger
 ):
-    base = {"seller": seller, "facilitator_url": facilitator6492.url, "ledger": ledger}
+    base = {
+        "seller": seller,
+        "facilitator_url": facilitator6492.url,
+        "ledger": ledger,
+        "public_url": "self",
+    }
     stranger = SmartAccount(anvil, new_account())
     stranger.address = wallet.address
     async with paid_stack(**base, free_requests_per_day=5, chain_rpc_url=anvil.rpc_url) as stack:

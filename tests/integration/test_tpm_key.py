@@ -91,9 +91,12 @@ def test_generate_then_open_in_a_new_object_gives_the_same_key(tpm: Swtpm, key_d
         p256.load_public_key(public)
         _, peer_pub = software_peer()
         shared = key.ecdh(peer_pub)
-    # The ECDH key, the attestation key and the receipt key: wrapped blobs only.
+    # The ECDH key, the attestation key, the receipt key and the log key: wrapped blobs only.
     assert sorted(p.name for p in key_dir.iterdir()) == sorted(
-        [PRIVATE_BLOB, PUBLIC_BLOB, "ak.priv", "ak.pub", "receipt.priv", "receipt.pub"]
+        [
+            *(PRIVATE_BLOB, PUBLIC_BLOB, "ak.priv", "ak.pub"),
+            *("log.priv", "log.pub", "receipt.priv", "receipt.pub"),
+        ]
     )
 
     with TpmKey.open(tpm.tcti, key_dir) as reopened:
