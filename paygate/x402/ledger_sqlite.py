@@ -528,7 +528,7 @@ class SqliteLedger:
             db.execute("PRAGMA query_only = ON")
             self._check_schema()
             return
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = self._wal(db)
         if str(mode).lower() != "wal":
             raise LedgerUnavailable(f"ledger {self.path}: cannot use WAL (journal mode {mode})")
         db.execute("PRAGMA synchronous = FULL")
@@ -540,6 +540,19 @@ class SqliteLedger:
                 f"ledger {self.path} is not at schema v{SCHEMA_VERSION}: "
                 "run `paygate ledger migrate`"
             )
+
+    def _wal(self, db: sqlite3.Connection) -> str:
+        """Switch to WAL. A new file's switch takes the database exclusively and SQLite answers
+        a second process that switches at the same moment "locked" without calling the busy
+        handler, so the switch is retried here for as long as the busy timeout allows."""
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                return str(db.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
 
     def _prepare_file(self) -> None:
         parent = self.path.parent
