@@ -22,7 +22,8 @@ from paygate.server.ratelimit import MODEL_PREFIX, Rate, RateLimits, RateLimitTa
 from paygate.upstream.engines import profile_for
 from paygate.upstream.shaping import RequestShaper
 from paygate.x402.bazaar import Discovery
-from paygate.x402.chain import ChainReader, ChainSettler
+from paygate.x402.chain import ChainSettler
+from paygate.x402.chain_reader import ChainReader
 from paygate.x402.facilitator import FacilitatorSettler
 from paygate.x402.ledger import Ledger, PaymentRecord, default_replica_id
 from paygate.x402.ledger_store import open_ledger

@@ -39,10 +39,11 @@ from paygate.x402.batch import BadBatch, parse_batch
 from paygate.x402.bazaar import Discovery
 from paygate.x402.ledger import Meter, PaymentRecord
 from paygate.x402.metering import Fallback, Quote, TokenPrice, TokenPricing, Usage
-from paygate.x402.models import USAGE_EXTENSION, ExactEvmPayload, ResourceInfo
+from paygate.x402.models import USAGE_EXTENSION, ResourceInfo
 from paygate.x402.networks import to_atomic_ceiling
 from paygate.x402.pricing import PricePolicy, model_of
 from paygate.x402.processor import Admission, PaymentProcessor, Receipt, Refusal
+from paygate.x402.schemes import scheme_of
 
 PAID_CACHE_CONTROL = "private, no-store"
 
@@ -283,10 +284,7 @@ class Ticket:
             return None
         if admission.authorized is not None:
             return admission.authorized.valid_before
-        payload = admission.payment.payload
-        if isinstance(payload, ExactEvmPayload):
-            return int(payload.authorization.valid_before)
-        return int(payload.permit2_authorization.deadline)
+        return scheme_of(admission.payment).valid_before(admission.payment)
 
     async def settle(self) -> Receipt | None:
         """Settle now (a good reply, before its end leaves); the receipt to send, if any."""

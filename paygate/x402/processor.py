@@ -389,7 +389,7 @@ class PaymentProcessor:
                 payer=authorized.payer,
                 model=model or request_model,
                 asset=offer.asset.address,
-                amount=authorized.maximum if offer.scheme != SCHEME else offer.amount,
+                amount=SCHEMES[offer.scheme].authorized_amount(authorized, offer),
                 decimals=offer.asset.decimals,
             )
             if verdict.refusal is not None:  # before the reservation, like the rate limits
@@ -546,14 +546,14 @@ class PaymentProcessor:
             payer=authorized.payer,
             nonce=authorized.nonce,
             pay_to=offer.pay_to,
-            amount=authorized.maximum if offer.scheme != SCHEME else offer.amount,
+            amount=SCHEMES[offer.scheme].authorized_amount(authorized, offer),
             x402_version=payment.x402_version,
             route=route,
             payload=json.dumps(payment.wire(), separators=(",", ":")),
             requirements=json.dumps(requirements, separators=(",", ":")),
             idempotency_key=key,
             scheme=offer.scheme,
-            model=model if offer.scheme != SCHEME else None,
+            model=model if SCHEMES[offer.scheme].metered else None,
             budget=self._budget(offer),
             budgets=budgets,
         )
@@ -1044,7 +1044,7 @@ def _fingerprint(route: str, offer: Offer, authorized: Authorized) -> str:
         network=offer.network.caip2,
         asset=offer.asset.address,
         pay_to=offer.pay_to,
-        amount=authorized.maximum if offer.scheme != SCHEME else offer.amount,
+        amount=SCHEMES[offer.scheme].authorized_amount(authorized, offer),
         scheme=offer.scheme,
     )
 
@@ -1062,7 +1062,7 @@ def _payment_header(headers: Mapping[str, str]) -> tuple[str | None, str]:
 
 def _with_usage(answer: SettleResponse, record: PaymentRecord) -> SettleResponse:
     """A metered payment's receipt names the usage it was charged for and its maximum."""
-    if record.scheme == SCHEME or record.tokens_in is None:
+    if not SCHEMES[record.scheme].metered or record.tokens_in is None:
         return answer
     usage = {
         "promptTokens": record.tokens_in,

@@ -33,7 +33,7 @@ from eth_abi.exceptions import DecodingError
 from eth_utils import keccak, to_checksum_address
 
 if TYPE_CHECKING:
-    from paygate.x402.chain import ChainReader
+    from paygate.x402.chain_reader import ChainReader
 
 EIP1271_MAGIC = bytes.fromhex("1626ba7e")  # isValidSignature(bytes32,bytes)
 ERC6492_MAGIC = bytes.fromhex("6492" * 16)
