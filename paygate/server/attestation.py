@@ -78,7 +78,7 @@ class InvalidActivation(GatewayError):
     code = "invalid_activation"
 
 
-class ActivationFailed(GatewayError):
+class CredentialNotActivated(GatewayError):
     """the TPM refused to activate this credential for its attestation key"""
 
     status = 400
@@ -397,7 +397,7 @@ class AttestationService:
         except ValueError:
             raise InvalidActivation from None
         except KeyBackendError:
-            raise ActivationFailed from None
+            raise CredentialNotActivated from None
         return web.json_response({"secret": b64(recovered)}, headers={"Cache-Control": "no-store"})
 
 

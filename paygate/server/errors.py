@@ -211,7 +211,7 @@ class UpstreamFault(GatewayError):
     code = "upstream_fault"
 
 
-class ReplyTooLarge(GatewayError):
+class UpstreamReplyTooLarge(GatewayError):
     """the model server's reply is larger than this gateway seals in one piece"""
 
     # Also for a paid plaintext reply, held until settlement under its own limit.

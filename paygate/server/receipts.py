@@ -64,7 +64,7 @@ _SOURCES = {"upstream": "reported"}
 
 
 @dataclass(frozen=True, slots=True)
-class RequestFacts:
+class ReceiptRequest:
     """What the receipt says about the request, known before the reply."""
 
     request_digest: str
@@ -85,7 +85,7 @@ def request_nonce_header(headers: Mapping[str, str]) -> bytes | None:
 def request_facts(
     *, method: str, path: str, received: bytes, opened: OpenedBody, nonce: bytes | None,
     model: str | None,
-) -> RequestFacts:  # fmt: skip
+) -> ReceiptRequest:  # fmt: skip
     """The request's digest as the caller computes it (see the module docstring)."""
     plan = opened.reply
     reply_key = None
@@ -96,7 +96,7 @@ def request_facts(
     digest = receipts.request_digest(
         method=method, path=path, body=received, nonce=nonce, reply_key=reply_key
     )
-    return RequestFacts(request_digest=digest, model=model)
+    return ReceiptRequest(request_digest=digest, model=model)
 
 
 def usage_claims(usage: Usage | None, meter: Meter | None) -> dict[str, Any] | None:
@@ -179,7 +179,7 @@ class ReceiptIssuer:
 
     async def token(
         self,
-        request: RequestFacts,
+        request: ReceiptRequest,
         reply_digest: str,
         *,
         payment: dict[str, Any] | None,

@@ -205,7 +205,7 @@ class ChainSettler:
         v = raw[64] if raw[64] >= 27 else raw[64] + 27
         return token.get_function_by_signature(_BY_VRS)(*args, v, raw[:32], raw[32:64])
 
-    async def _deployment(self, payment: AnyPaymentPayload) -> smartwallet.Deployment | None:
+    async def _deployment(self, payment: AnyPaymentPayload) -> smartwallet.WalletDeployment | None:
         """The factory call a counterfactual payer needs first (ERC-6492), or None."""
         deployment = smartwallet.parse_hex(payment.payload.signature).deployment
         if deployment is None:
@@ -216,7 +216,7 @@ class ChainSettler:
         return deployment
 
     def _deploy_then(
-        self, deployment: smartwallet.Deployment, transfer: Any, *, diagnose: bool = False
+        self, deployment: smartwallet.WalletDeployment, transfer: Any, *, diagnose: bool = False
     ) -> Any:
         """One Multicall3 call: deploy the wallet, then the transfer. Sent, it is atomic (both
         or none; gas is estimated for both). ``diagnose`` (a simulation): a failed transfer
@@ -255,7 +255,7 @@ class ChainSettler:
         return None
 
     async def _simulate_deployed(
-        self, deployment: smartwallet.Deployment, transfer: Any
+        self, deployment: smartwallet.WalletDeployment, transfer: Any
     ) -> str | None:
         """The transfer of a wallet deployed first, in one ``eth_call``."""
         if not smartwallet.allowed(deployment.factory, self._factories):

@@ -69,7 +69,7 @@ from paygate.x402.models import (
 )
 from paygate.x402.networks import resolve_network, to_atomic
 from paygate.x402.offers import SCHEME, Offer, PaymentTerms, challenge
-from paygate.x402.results import Admission, Receipt, Refusal
+from paygate.x402.results import PaymentAdmission, Receipt, Refusal
 from paygate.x402.schemes import SCHEMES, Authorized
 from paygate.x402.settlement import Settlement
 from paygate.x402.settler import ReviewRequired, SettlementUnknown, Settler, SettlerUnavailable
@@ -291,7 +291,7 @@ class PaymentProcessor:
         request_model: str | None = None,
         items: tuple[tuple[str, str | None], ...] = (),
         client: str = "",
-    ) -> Admission | Refusal:
+    ) -> PaymentAdmission | Refusal:
         """:meth:`_admit`, reported to the events (outcome and scheme, never caller data).
 
         ``items``: a batch's items as (route, model), each taking its own payer rate-limit
@@ -308,7 +308,7 @@ class PaymentProcessor:
             items=items,
             client=client,
         )
-        if isinstance(result, Admission):
+        if isinstance(result, PaymentAdmission):
             outcome, scheme = "admitted", result.scheme.name if result.paid else "none"
         else:
             outcome, scheme = _label(result.code), _scheme_offered(headers)
@@ -328,12 +328,12 @@ class PaymentProcessor:
         request_model: str | None = None,
         items: tuple[tuple[str, str | None], ...] = (),
         client: str = "",
-    ) -> Admission | Refusal:
+    ) -> PaymentAdmission | Refusal:
         """Admit a request at ``price`` (exact) or up to ``maximum`` (upto), or refuse it; a
         request with nothing to offer is free and needs no payment."""
         offers = self.offers(price, maximum, upto_extra)
         if not offers:
-            return Admission(price=price)
+            return PaymentAdmission(price=price)
         raw, header = _payment_header(headers)
         if raw is None:
             signin = headers.get(wire.SIGN_IN_WITH_X)
@@ -426,7 +426,7 @@ class PaymentProcessor:
         except ValueError as exc:  # the ledger's own input checks; the models passed it
             return self.challenge(400, "invalid_payment", str(exc), offers, resource)
         self._hold(record)
-        admission = Admission(
+        admission = PaymentAdmission(
             price=price,
             record=record,
             payment=payment,
@@ -452,7 +452,7 @@ class PaymentProcessor:
         model: str | None,
         items: tuple[tuple[str, str | None], ...] = (),
         client: str = "",
-    ) -> Admission | Refusal:
+    ) -> PaymentAdmission | Refusal:
         """One of the wallet's free requests today, proven with sign-in-with-x, or a 402;
         the caller's address (key) has its own daily allowance, whatever the wallet."""
         now = self._clock()
@@ -497,7 +497,7 @@ class PaymentProcessor:
             return self.challenge(
                 402, "free_quota_exhausted", "today's free requests are used: pay", offers, resource
             )
-        return Admission(price=price, free_remaining=left)
+        return PaymentAdmission(price=price, free_remaining=left)
 
     def _take_free_address(self, client: str, day: str) -> bool:
         """One of ``client``'s free requests today (False: none left)."""
@@ -569,8 +569,8 @@ class PaymentProcessor:
         )
 
     async def _verify(
-        self, admission: Admission, offers: tuple[Offer, ...], resource: ResourceInfo
-    ) -> Admission | Refusal:
+        self, admission: PaymentAdmission, offers: tuple[Offer, ...], resource: ResourceInfo
+    ) -> PaymentAdmission | Refusal:
         record = admission.record
         assert record is not None
         assert admission.payment is not None
@@ -593,8 +593,8 @@ class PaymentProcessor:
         return await self._settlement.verified(self, admission, offers, resource)
 
     async def settle_upfront(
-        self, admission: Admission, offers: tuple[Offer, ...], resource: ResourceInfo
-    ) -> Admission | Refusal:
+        self, admission: PaymentAdmission, offers: tuple[Offer, ...], resource: ResourceInfo
+    ) -> PaymentAdmission | Refusal:
         receipt = await self.settle_now(admission)
         if receipt is None or receipt.withhold:
             reason = receipt.response.error_reason if receipt else "unexpected_settle_error"
@@ -614,7 +614,7 @@ class PaymentProcessor:
         offers: tuple[Offer, ...],
         resource: ResourceInfo,
         requirements: dict[str, Any],
-    ) -> Admission | Refusal:
+    ) -> PaymentAdmission | Refusal:
         if record.state in _IN_PROGRESS:
             return Refusal(
                 409,
@@ -625,7 +625,7 @@ class PaymentProcessor:
         if self._settlement.serves_again(record):
             # Upfront settlement whose answer came too late for its own request: the caller
             # paid, so the same authorization sent again is served (once: finish marks it).
-            return Admission(
+            return PaymentAdmission(
                 price=price,
                 record=record,
                 payment=codec.parse_payment(json.loads(record.payload), header="ledger"),
@@ -648,7 +648,7 @@ class PaymentProcessor:
 
     # --- settlement ---
 
-    async def settle(self, admission: Admission) -> Receipt | None:
+    async def settle(self, admission: PaymentAdmission) -> Receipt | None:
         """Settle an admitted request whose reply succeeded; its receipt (None if free).
 
         Runs as its own task so that a caller who disconnects (which cancels the handler)
@@ -658,7 +658,9 @@ class PaymentProcessor:
             return admission.receipt
         return await self._settlement.reply_ready(self, admission)
 
-    async def finish(self, admission: Admission, *, succeeded: bool, caller_gone: bool) -> None:
+    async def finish(
+        self, admission: PaymentAdmission, *, succeeded: bool, caller_gone: bool
+    ) -> None:
         """The request is over: release an unearned reservation, or settle what is owed.
 
         ``succeeded``: the upstream answered below 400 and the reply was produced.
@@ -676,7 +678,7 @@ class PaymentProcessor:
             await self._let_go(record)
 
     async def record_usage(
-        self, admission: Admission, *, model: str | None, tokens_in: int, tokens_out: int
+        self, admission: PaymentAdmission, *, model: str | None, tokens_in: int, tokens_out: int
     ) -> None:
         """A served paid request's tokens, for the economics controls' token windows."""
         record = admission.record
@@ -686,13 +688,13 @@ class PaymentProcessor:
             payer=record.payer, model=model, tokens_in=tokens_in, tokens_out=tokens_out
         )
 
-    def settle_in_background(self, admission: Admission) -> asyncio.Task[Receipt | None]:
+    def settle_in_background(self, admission: PaymentAdmission) -> asyncio.Task[Receipt | None]:
         """The admission's settlement task, started once (SERVED → SETTLING → outcome)."""
         if admission.settle_task is None:
             admission.settle_task = self._spawn(self._settle_after(admission))
         return admission.settle_task
 
-    async def _settle_after(self, admission: Admission) -> Receipt | None:
+    async def _settle_after(self, admission: PaymentAdmission) -> Receipt | None:
         record = admission.record
         assert record is not None
         try:
@@ -706,7 +708,7 @@ class PaymentProcessor:
             return None
         return await self.settle_now(admission)
 
-    async def settle_now(self, admission: Admission) -> Receipt | None:
+    async def settle_now(self, admission: PaymentAdmission) -> Receipt | None:
         """SETTLING (durable) → settle → SETTLED | FAILED | still SETTLING (reconcile later)."""
         try:
             return await self._settle_now(admission)
@@ -715,7 +717,7 @@ class PaymentProcessor:
             if record is not None and record.id in self._held and not record.terminal:
                 await self._let_go(record)  # not finished here: whoever reconciles takes it
 
-    async def _settle_now(self, admission: Admission) -> Receipt | None:
+    async def _settle_now(self, admission: PaymentAdmission) -> Receipt | None:
         record = admission.record
         payment = admission.payment
         assert record is not None
@@ -752,7 +754,7 @@ class PaymentProcessor:
         admission.receipt = receipt
         return receipt
 
-    async def _record_answer(self, admission: Admission, answer: SettleResponse) -> Receipt:
+    async def _record_answer(self, admission: PaymentAdmission, answer: SettleResponse) -> Receipt:
         record = admission.record
         assert record is not None
         state = PaymentState.SETTLED if answer.success else PaymentState.FAILED
@@ -782,7 +784,7 @@ class PaymentProcessor:
 
     async def _pending(
         self,
-        admission: Admission,
+        admission: PaymentAdmission,
         transaction: str | None,
         *,
         review: str | None = None,
@@ -872,7 +874,7 @@ class PaymentProcessor:
         except (codec.PaymentHeaderError, ValueError):
             log.error("payment %s: stored payload unreadable", record.id)
             return
-        admission = Admission(
+        admission = PaymentAdmission(
             price=Decimal(0),
             record=record,
             payment=payment,
@@ -952,7 +954,7 @@ class PaymentProcessor:
         except LedgerError as exc:
             log.warning("payment %s: cannot release: %s", record.id, exc.code)
 
-    async def mark_served(self, admission: Admission) -> None:
+    async def mark_served(self, admission: PaymentAdmission) -> None:
         """Record that the reply went out; a payment never settled here (verify-only) moves
         VERIFIED → SERVED first."""
         record = admission.record

@@ -50,7 +50,7 @@ class Receipt:
 
 
 @dataclass(slots=True)
-class Admission:
+class PaymentAdmission:
     """An admitted request's payment: free (``record`` None) or a reserved, verified payment."""
 
     price: Decimal
