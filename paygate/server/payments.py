@@ -49,7 +49,8 @@ PAID_CACHE_CONTROL = "private, no-store"
 
 
 class PaymentRefused(GatewayError):
-    """The payment step answered instead of admitting: the answer is ready-made."""
+    """The payment step answered instead of admitting: the answer is ready-made (its code is
+    the message; the response is the refusal's own)."""
 
     def __init__(self, response: web.Response, code: str) -> None:
         super().__init__(code)

@@ -272,14 +272,14 @@ class InbandSignedReceipt:
 
 
 class ReceiptNotFound(GatewayError):
-    """no payment with that id is known here"""
+    message = "no payment with that id is known here"
 
     status = 404
     code = "receipt_not_found"
 
 
 class ReceiptPending(GatewayError):
-    """the payment is not settled yet: ask again later"""
+    message = "the payment is not settled yet: ask again later"
 
     status = 404
     code = "receipt_pending"
@@ -289,21 +289,21 @@ class ReceiptPending(GatewayError):
 
 
 class SettlementFailed(GatewayError):
-    """the payment did not settle: there is no settlement receipt"""
+    message = "the payment did not settle: there is no settlement receipt"
 
     status = 409
     code = "settlement_failed"
 
 
 class InvalidPaymentId(GatewayError):
-    """a payment id is its authorization nonce: 0x and 64 hex digits"""
+    message = "a payment id is its authorization nonce: 0x and 64 hex digits"
 
     status = 400
     code = "invalid_payment_id"
 
 
 class ReceiptsUnavailable(GatewayError):
-    """the ledger cannot be read now"""
+    message = "the ledger cannot be read now"
 
     status = 503
     code = "ledger_unavailable"
