@@ -16,7 +16,7 @@ import aiohttp
 from paygate.config import ConfigError, Settings
 from paygate.economics.alerts import AlertSink, WebhookAlerts
 from paygate.economics.controls import Controls, Economics, controls_from
-from paygate.economics.store import economics_store
+from paygate.economics.open_store import economics_store
 from paygate.server.payments import NoPayments, PaymentStep, X402Payments
 from paygate.server.ratelimit import MODEL_PREFIX, Rate, RateLimits, RateLimitTable
 from paygate.upstream.engines import profile_for
