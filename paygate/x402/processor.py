@@ -44,17 +44,15 @@ from urllib.parse import urlsplit
 from paygate import wire
 from paygate.x402 import codec, siwx
 from paygate.x402.idempotency import DEFAULT_TTL_SECONDS, PaymentIdentifiers, fingerprint
+from paygate.x402.leases import HeldLeases
 from paygate.x402.ledger import (
-    TRANSITIONS,
     AlreadyReserved,
     Budget,
     BudgetExceeded,
     IdempotencyKeyReused,
-    LeaseLost,
     Ledger,
     LedgerError,
     LedgerUnavailable,
-    Meter,
     PaymentRecord,
     PaymentState,
     ReceiptUsage,
@@ -222,8 +220,8 @@ class PaymentProcessor:
         self._retry_after = str(retry_after_seconds)
         self._clock = clock
         self._background: set[asyncio.Task[Any]] = set()
-        # Payments this process works on right now: id -> the lease epoch it holds.
-        self._held: dict[str, int] = {}
+        # Payments this process works on right now, and the fenced moves made under them.
+        self._leases = HeldLeases(ledger)
         self._identifiers = PaymentIdentifiers(
             ledger,
             receipt=lambda record: Receipt(record.x402_version, _record_receipt(record)),
@@ -425,7 +423,7 @@ class PaymentProcessor:
             return self.unavailable("ledger_unavailable", "the payment ledger is unavailable")
         except ValueError as exc:  # the ledger's own input checks; the models passed it
             return self.challenge(400, "invalid_payment", str(exc), offers, resource)
-        self._hold(record)
+        self._leases.hold(record)
         admission = PaymentAdmission(
             price=price,
             record=record,
@@ -586,7 +584,7 @@ class PaymentProcessor:
             reason = answer.invalid_reason or "invalid_payload"
             return self.challenge(402, reason, _reason_text(reason), offers, resource)
         try:
-            admission.record = await self._move(record, PaymentState.VERIFIED)
+            admission.record = await self._leases.move(record, PaymentState.VERIFIED)
         except LedgerError:
             await self.release(record)
             return self.unavailable("ledger_unavailable", "the payment ledger is unavailable")
@@ -672,10 +670,10 @@ class PaymentProcessor:
         earned = succeeded and (not caller_gone or self._settle_on_disconnect)
         await self._settlement.finished(self, admission, earned=earned)
         record = admission.record
-        if admission.settle_task is None and record is not None and record.id in self._held:
+        if admission.settle_task is None and record is not None and self._leases.holds(record):
             # Nothing more happens to it in this request (e.g. verify-only leaves it SERVED):
             # give the lease up so that a reconciler, anywhere, owns what is left.
-            await self._let_go(record)
+            await self._leases.let_go(record)
 
     async def record_usage(
         self, admission: PaymentAdmission, *, model: str | None, tokens_in: int, tokens_out: int
@@ -700,11 +698,13 @@ class PaymentProcessor:
         try:
             # Fenced; a metered request's usage and charge are durable with SERVED, so a
             # restart settles the same amount.
-            admission.record = await self._move(record, PaymentState.SERVED, meter=admission.meter)
+            admission.record = await self._leases.move(
+                record, PaymentState.SERVED, meter=admission.meter
+            )
         except LedgerError as exc:
             log.error("payment %s: cannot record SERVED: %s", record.id, exc.code)
-            if record.id in self._held:
-                await self._let_go(record)
+            if self._leases.holds(record):
+                await self._leases.let_go(record)
             return None
         return await self.settle_now(admission)
 
@@ -714,8 +714,8 @@ class PaymentProcessor:
             return await self._settle_now(admission)
         finally:
             record = admission.record
-            if record is not None and record.id in self._held and not record.terminal:
-                await self._let_go(record)  # not finished here: whoever reconciles takes it
+            if record is not None and self._leases.holds(record) and not record.terminal:
+                await self._leases.let_go(record)  # not finished here: whoever reconciles takes it
 
     async def _settle_now(self, admission: PaymentAdmission) -> Receipt | None:
         record = admission.record
@@ -725,7 +725,7 @@ class PaymentProcessor:
         try:
             # Fenced, and the last word before the settle call: a process that lost its lease
             # (frozen past it, another replica claimed the payment) stops here.
-            record = await self._move(record, PaymentState.SETTLING)
+            record = await self._leases.move(record, PaymentState.SETTLING)
         except LedgerError as exc:
             log.error("payment %s: cannot record SETTLING: %s", record.id, exc.code)
             return None
@@ -764,7 +764,7 @@ class PaymentProcessor:
                 "payment %s settled %s, not the %s asked", record.id, answer.amount, admission.owed
             )
         try:
-            admission.record = await self._move(
+            admission.record = await self._leases.move(
                 record,
                 state,
                 transaction=answer.transaction or None,
@@ -797,13 +797,13 @@ class PaymentProcessor:
         with contextlib.suppress(LedgerError):
             # SETTLING → SETTLING keeps the record owed and stores the hash if we have one;
             # then the lease goes: any replica's reconciler finishes it.
-            admission.record = await self._move(
+            admission.record = await self._leases.move(
                 record,
                 PaymentState.SETTLING,
                 transaction=transaction,
                 error=review_error(review) if review else PENDING,
             )
-            await self._let_go(admission.record)
+            await self._leases.let_go(admission.record)
         if review:
             log.warning("payment %s needs review: %s", record.id, review)
         else:
@@ -845,28 +845,17 @@ class PaymentProcessor:
             return 0
         claimed = [*(adopted or ()), *await self._ledger.claim_unfinished(min_age=min_age)]
         for record in claimed:
-            self._hold(record)
+            self._leases.hold(record)
             try:
                 await self._reconcile(record)
             finally:
-                if record.id in self._held:  # still owed or in doubt: for a later pass
-                    await self._let_go(record)
+                if self._leases.holds(record):  # still owed or in doubt: for a later pass
+                    await self._leases.let_go(record)
         return len(claimed)
 
     async def renew_leases(self) -> int:
-        """Renew the lease of every payment this process works on; a lease found lost is
-        dropped (its next fenced change would fail anyway). Returns how many were renewed."""
-        renewed = 0
-        for payment_id, lease in list(self._held.items()):
-            try:
-                await self._ledger.renew(payment_id, lease)
-                renewed += 1
-            except LeaseLost:
-                log.warning("payment %s: lease lost to another replica; leaving it", payment_id)
-                self._held.pop(payment_id, None)
-            except LedgerError as exc:
-                log.warning("payment %s: cannot renew its lease: %s", payment_id, exc.code)
-        return renewed
+        """Renew the lease of every payment this process works on (see ``HeldLeases``)."""
+        return await self._leases.renew_all()
 
     async def _reconcile(self, record: PaymentRecord) -> None:
         try:
@@ -889,7 +878,7 @@ class PaymentProcessor:
             record = admission.record = await self._ledger.renew(record.id, record.lease)
         except LedgerError as exc:
             log.warning("payment %s: not reconciled: %s", record.id, exc.code)
-            self._held.pop(record.id, None)
+            self._leases.drop(record.id)
             return
         try:
             answer = await admission.scheme.reconcile(
@@ -906,53 +895,8 @@ class PaymentProcessor:
 
     # --- helpers ---
 
-    def _hold(self, record: PaymentRecord) -> None:
-        self._held[record.id] = record.lease
-
-    async def _move(
-        self,
-        record: PaymentRecord,
-        to: PaymentState,
-        *,
-        transaction: str | None = None,
-        error: str | None = None,
-        meter: Meter | None = None,
-        settled_amount: int | None = None,
-    ) -> PaymentRecord:
-        """A fenced transition under the lease this process holds; ends the hold when the
-        payment ends, or when the lease turns out lost."""
-        try:
-            moved = await self._ledger.transition(
-                record.id,
-                to,
-                transaction=transaction,
-                error=error,
-                lease=record.lease,
-                meter=meter,
-                settled_amount=settled_amount,
-            )
-        except LeaseLost:
-            self._held.pop(record.id, None)
-            log.warning("payment %s: lease lost to another replica; leaving it", record.id)
-            raise
-        # The payment id and its state only: never the payload, signature or payer's header.
-        log.debug("payment %s: %s -> %s", moved.id, record.state, moved.state)
-        if not TRANSITIONS[moved.state]:
-            self._held.pop(moved.id, None)
-        return moved
-
-    async def _let_go(self, record: PaymentRecord) -> None:
-        self._held.pop(record.id, None)
-        try:
-            await self._ledger.let_go(record.id, record.lease)
-        except LedgerError as exc:  # lost already, or unreachable: the lease runs out anyway
-            log.warning("payment %s: cannot let its lease go: %s", record.id, exc.code)
-
     async def release(self, record: PaymentRecord) -> None:
-        try:
-            await self._move(record, PaymentState.RELEASED)
-        except LedgerError as exc:
-            log.warning("payment %s: cannot release: %s", record.id, exc.code)
+        await self._leases.release(record)
 
     async def mark_served(self, admission: PaymentAdmission) -> None:
         """Record that the reply went out; a payment never settled here (verify-only) moves
@@ -961,7 +905,7 @@ class PaymentProcessor:
         assert record is not None
         try:
             if record.state is PaymentState.VERIFIED:
-                admission.record = await self._move(record, PaymentState.SERVED)
+                admission.record = await self._leases.move(record, PaymentState.SERVED)
             admission.record = await self._ledger.mark_served(record.id)
         except LedgerError as exc:
             log.warning("payment %s: cannot mark served: %s", record.id, exc.code)
