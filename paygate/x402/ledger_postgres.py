@@ -459,14 +459,10 @@ class PostgresLedger(LedgerBase):
         record: PaymentRecord,
         action: EventAction,
         at: float,
-        *,
-        transaction: str | None = None,
-        error: str | None = None,
-        detail: str | None = None,
+        **details: str | None,
     ) -> None:
-        values = rules.event_values(
-            record, action, at, self.replica, transaction=transaction, error=error, detail=detail
-        )
+        """One history line; ``details``: ``transaction``, ``error``, ``detail``."""
+        values = rules.event_values(record, action, at, self.replica, **details)
         await conn.execute(_INSERT_EVENT, values)
 
     # --- the statements (each in one transaction) -------------------------------------------

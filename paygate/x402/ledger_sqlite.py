@@ -449,18 +449,10 @@ class SqliteLedger(LedgerBase):
         return record
 
     def _event(
-        self,
-        record: PaymentRecord,
-        action: EventAction,
-        at: float,
-        *,
-        transaction: str | None = None,
-        error: str | None = None,
-        detail: str | None = None,
+        self, record: PaymentRecord, action: EventAction, at: float, **details: str | None
     ) -> None:
-        values = rules.event_values(
-            record, action, at, self.replica, transaction=transaction, error=error, detail=detail
-        )
+        """One history line; ``details``: ``transaction``, ``error``, ``detail``."""
+        values = rules.event_values(record, action, at, self.replica, **details)
         self._conn.execute(_INSERT_EVENT, values)
 
     # --- the statements (on the worker thread) ----------------------------------------------

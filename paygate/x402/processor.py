@@ -66,7 +66,7 @@ from paygate.x402.models import (
     SettleResponse,
 )
 from paygate.x402.networks import resolve_network, to_atomic
-from paygate.x402.offers import SCHEME, Offer, PaymentTerms, challenge
+from paygate.x402.offers import EXACT, Offer, PaymentTerms, challenge
 from paygate.x402.results import PaymentAdmission, Receipt, Refusal
 from paygate.x402.schemes import SCHEMES, Authorized
 from paygate.x402.settlement import Settlement
@@ -183,7 +183,7 @@ class PaymentProcessor:
         settler: Settler,
         settlement: Settlement,
         settle_on_disconnect: bool = True,
-        schemes: tuple[str, ...] = (SCHEME,),
+        schemes: tuple[str, ...] = (EXACT,),
         payer_check: PayerCheck | None = None,
         daily_budget: Decimal | None = None,
         free_per_day: int = 0,
@@ -270,7 +270,7 @@ class PaymentProcessor:
         offers: tuple[Offer, ...] = ()
         # A request with no metered price (not a generation route, no token price) is offered
         # `exact` at its flat price even where `exact` is not listed: never free by omission.
-        if price > 0 and (SCHEME in self._schemes or maximum is None):
+        if price > 0 and (EXACT in self._schemes or maximum is None):
             offers += self.terms.offers(price)
         if "upto" in self._schemes and maximum is not None and maximum > 0:
             offers += self.terms.upto_offers(maximum, upto_extra)

@@ -21,7 +21,7 @@ from paygate.x402.models import (
     VerifyResponse,
 )
 from paygate.x402.networks import Asset
-from paygate.x402.offers import SCHEME, Offer
+from paygate.x402.offers import EXACT, Offer
 from paygate.x402.schemes.base import Authorized
 from paygate.x402.verify import check_authorization
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 
 class ExactScheme:
-    name = SCHEME
+    name = EXACT
     metered = False
     replay_code = "invalid_exact_evm_nonce_already_used"  # the SDK facilitator's own code
     payload_type = ExactEvmPayload
