@@ -63,7 +63,7 @@ _ATOMIC = re.compile(r"^(0|[1-9][0-9]{0,77})$")
 
 
 class ReceiptInvalid(EnclaveError):
-    """the receipt is malformed or its signature does not verify"""
+    message = "the receipt is malformed or its signature does not verify"
 
     code = "receipt_invalid"
 

@@ -13,6 +13,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
+from enclave.errors import EnclaveError
+
 
 class Code(StrEnum):
     """Stable failure codes: one per way evidence can be refused."""
@@ -115,8 +117,9 @@ class ExpectedBinding:
     public_key: bytes | None = None
 
 
-class EvidenceError(ValueError):
-    """Evidence or collateral that cannot be used; a verifier turns it into a failed check."""
+class EvidenceError(EnclaveError, ValueError):
+    """Evidence or collateral that cannot be used; a verifier turns it into a failed check.
+    (Still a ValueError, as callers that parse evidence catch it.)"""
 
     def __init__(self, code: Code, message: str) -> None:
         super().__init__(message)

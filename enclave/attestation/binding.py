@@ -57,7 +57,7 @@ _DECIMAL = re.compile(r"[0-9]{1,30}(\.[0-9]{1,36})?")  # a non-negative amount i
 
 
 class BindingInvalid(EnclaveError):
-    """the binding document is malformed"""
+    message = "the binding document is malformed"
 
     code = "evidence_malformed"
 

@@ -27,7 +27,7 @@ NONCE_LEN = 32
 
 
 class GpuUnavailable(EnclaveError):
-    """the GPU could not produce evidence"""
+    message = "the GPU could not produce evidence"
 
     code = "gpu_evidence_unavailable"
 

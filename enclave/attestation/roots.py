@@ -14,6 +14,7 @@ from importlib import resources
 from cryptography import x509
 
 from enclave.attestation.certs import fingerprint, load_certificates
+from enclave.errors import EnclaveError
 
 AMD_ARK_MILAN = "69d063b45344d26a2e94e1f4210de49ef555308287d4c174445c95639a540bcd"
 AMD_ARK_GENOA = "4c6598d19c18719c5dfd4a7d335f674e5bfe1d8f800cea2cf270c10d103db2f1"
@@ -32,8 +33,10 @@ _FILES = {
 }
 
 
-class RootMismatch(RuntimeError):
-    """A shipped root file does not match the fingerprint pinned in code."""
+class RootMismatch(EnclaveError, RuntimeError):
+    """A shipped root file does not match the fingerprint pinned in code (a damaged install)."""
+
+    code = "attestation_root_mismatch"
 
 
 @cache

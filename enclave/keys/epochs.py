@@ -39,13 +39,13 @@ HISTORY = 256  # retired epochs whose public keys are kept (receipts they signed
 
 
 class EpochRetired(EnclaveError):
-    """the key epoch this request was sealed to is retired: fetch the key again"""
+    message = "the key epoch this request was sealed to is retired: fetch the key again"
 
     code = "key_epoch_retired"
 
 
 class WrongReplica(EnclaveError):
-    """this replica does not hold the key this request was sealed to"""
+    message = "this replica does not hold the key this request was sealed to"
 
     code = "wrong_replica"
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from paygate.config import ConfigError, load_settings
 from paygate.console import auth
-from paygate.economics.store import economics_store
+from paygate.economics.open_store import economics_store
 from paygate.x402.ledger_store import open_ledger
 
 

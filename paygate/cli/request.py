@@ -14,7 +14,7 @@ from typing import Any, BinaryIO, TextIO
 
 import httpx
 
-from paygate.client import ClientError, PaygateTransport, PaymentRecord, SpendPolicy
+from paygate.client import ClientError, PaygateTransport, SentPayment, SpendPolicy
 from paygate.client.payer import parse_assets
 from paygate.client.wallet import load_wallet
 
@@ -120,7 +120,7 @@ def _transport(args: argparse.Namespace) -> PaygateTransport:
         raise ClientError(str(exc)) from None
 
 
-def _describe_payment(record: PaymentRecord) -> str:
+def _describe_payment(record: SentPayment) -> str:
     text = f"paid {record.amount:f} on {record.network} to {record.pay_to}"
     if record.receipt is None:
         detail = f" ({record.receipt_error})" if record.receipt_error else ""

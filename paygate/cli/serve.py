@@ -1,4 +1,4 @@
-"""``paygate serve`` (the gateway) and ``paygate fake-upstream`` (the FAKE model server).
+"""``paygate serve``: the gateway (the FAKE model server's ``fake-upstream`` is devtools').
 
 ``serve`` builds the app from settings, listens, tells systemd READY=1 (``Type=notify``; the
 watchdog is pinged from the event loop, or with workers from the supervisor's loop, and

@@ -49,7 +49,7 @@ from paygate.client.errors import (
     Unattested,
     WalletKeyError,
 )
-from paygate.client.payer import PaymentRecord, SpendPolicy
+from paygate.client.payer import SentPayment, SpendPolicy
 from paygate.client.pubkey import EnclaveKey, KeyPin
 from paygate.client.transport import AsyncPaygateTransport, PaygateTransport
 from paygate.client.wallet import load_wallet
@@ -85,7 +85,6 @@ __all__ = [
     "PayToNotAllowed",
     "PaygateTransport",
     "PaymentNotAttested",
-    "PaymentRecord",
     "PaymentRefused",
     "PcrMismatch",
     "PinMismatch",
@@ -99,6 +98,7 @@ __all__ = [
     "ReplyOpenFailed",
     "ReplyTooLarge",
     "RequestTooLarge",
+    "SentPayment",
     "SettleResponse",
     "SpendPolicy",
     "SpendRefused",

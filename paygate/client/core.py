@@ -39,9 +39,9 @@ from paygate.client.errors import (
 )
 from paygate.client.payer import (
     MAX_CHALLENGE_BYTES,
-    Challenge,
     Payer,
-    PaymentRecord,
+    PaymentChallenge,
+    SentPayment,
     SpendPolicy,
     X402Version,
     parse_challenge,
@@ -93,7 +93,7 @@ _SEALED_REPLY_HEADERS_DROPPED = frozenset(
     }
 )
 
-ReceiptCallback = Callable[[PaymentRecord], None]
+ReceiptCallback = Callable[[SentPayment], None]
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ class ReplyInfo:
 
     envelope: Envelope
     key_fingerprint: str | None
-    payment: PaymentRecord | None
+    payment: SentPayment | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +216,7 @@ class ClientCore:
         self.on_receipt = on_receipt
         self.max_request_bytes = max_request_bytes
         self.max_sealed_reply_bytes = max_sealed_reply_bytes
-        self._payments: deque[PaymentRecord] = deque(maxlen=PAYMENT_LOG_SIZE)
+        self._payments: deque[SentPayment] = deque(maxlen=PAYMENT_LOG_SIZE)
         self._keys: dict[str, EnclaveKey] = {}
         self.attestation = attestation
         self._attested: dict[str, Attested] = {}
@@ -285,7 +285,9 @@ class ClientCore:
             return
         check_model(attested, policy, model_of(body))
 
-    def _check_challenge(self, request: httpx.Request, body: bytes, challenge: Challenge) -> None:
+    def _check_challenge(
+        self, request: httpx.Request, body: bytes, challenge: PaymentChallenge
+    ) -> None:
         attested = self.attested(origin_of(request.url))
         if attested is None:
             raise PaymentNotAttested("a 402 before the appliance was attested (nothing signed)")
@@ -329,13 +331,13 @@ class ClientCore:
 
     # --- payments --------------------------------------------------------------------------
 
-    def log(self) -> list[PaymentRecord]:
+    def log(self) -> list[SentPayment]:
         """The payment log, oldest first (a copy: other threads may be paying)."""
         with self._lock:
             return list(self._payments)
 
     @property
-    def last_payment(self) -> PaymentRecord | None:
+    def last_payment(self) -> SentPayment | None:
         log = self.log()
         return log[-1] if log else None
 
@@ -352,7 +354,7 @@ class ClientCore:
 
     def _got_receipt(
         self,
-        record: PaymentRecord,
+        record: SentPayment,
         receipt: SettleResponse | None,
         source: Literal["header", "stream"],
         error: str | None,
@@ -368,7 +370,7 @@ class ClientCore:
             self.on_receipt(record)
 
     def _header_receipt(
-        self, record: PaymentRecord, headers: httpx.Headers, sealed_token: str | None = None
+        self, record: SentPayment, headers: httpx.Headers, sealed_token: str | None = None
     ) -> None:
         for name in (wire.PAYMENT_RESPONSE, wire.X_PAYMENT_RESPONSE):
             value = headers.get(name)
@@ -406,7 +408,7 @@ class ClientCore:
             key = yield from self._renew_key(request, body, key)
             attempt = self._attempt(request, body, envelope, key, None)
             response = yield Send(attempt.request)
-        record: PaymentRecord | None = None
+        record: SentPayment | None = None
         if response.status_code == 402 and self.payer is not None:
             challenge_body = yield ReadBody(response, MAX_CHALLENGE_BYTES, "the 402 challenge")
             challenge = parse_challenge(response.headers, challenge_body, version=self.x402_version)
@@ -509,7 +511,7 @@ class ClientCore:
         return _Attempt(outgoing, envelope, key, v2_reply, v1_reply, digest)
 
     def _reply(
-        self, attempt: _Attempt, response: httpx.Response, record: PaymentRecord | None
+        self, attempt: _Attempt, response: httpx.Response, record: SentPayment | None
     ) -> Generator[Command, Any, Deliver]:
         sealed = wire.is_sealed(response.headers.get("content-type"))
         header = response.headers.get(wire.RECEIPT_HEADER)
@@ -590,7 +592,7 @@ class ClientCore:
         attempt: _Attempt,
         response: httpx.Response,
         sealed: bool,
-        record: PaymentRecord | None,
+        record: SentPayment | None,
         extensions: dict[str, Any],
         token: str | None,
     ) -> Callable[[str | None], ReceiptCheck] | None:
@@ -629,7 +631,7 @@ class ClientCore:
         return None
 
     def _scanner(
-        self, content_type: str | None, record: PaymentRecord | None
+        self, content_type: str | None, record: SentPayment | None
     ) -> ReceiptScanner | None:
         if record is None:
             return None

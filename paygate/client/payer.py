@@ -2,7 +2,7 @@
 
 Sans-IO: :func:`parse_challenge` reads a 402's headers and body, :class:`Payer` turns it into a
 payment header (EIP-3009 ``TransferWithAuthorization`` signed with eth-account) and a
-:class:`PaymentRecord` that later receives the server's receipt. The ``exact`` scheme on EVM
+:class:`SentPayment` that later receives the server's receipt. The ``exact`` scheme on EVM
 networks with EIP-3009 tokens is paid, and ``upto`` (Permit2, metered) when the policy names a
 ``max_price_per_million``; everything else is declined with a reason. A metered payment counts
 its authorized maximum against ``max_total`` until its receipt says what was settled, and the
@@ -221,7 +221,7 @@ def _table_usdc(chain_id: int) -> Asset | None:
 
 
 @dataclass(frozen=True, slots=True)
-class Offer:
+class ChallengeOffer:
     """One payment requirement of a challenge, normalised for choosing."""
 
     version: X402Version
@@ -237,11 +237,11 @@ class Offer:
 
 
 @dataclass(frozen=True, slots=True)
-class Challenge:
+class PaymentChallenge:
     """A 402's payment requirements in the version the client will answer."""
 
     version: X402Version
-    offers: tuple[Offer, ...]
+    offers: tuple[ChallengeOffer, ...]
     error: str | None
     resource: Mapping[str, Any] | None = None
     extensions: Mapping[str, Any] | None = None
@@ -249,7 +249,7 @@ class Challenge:
 
 def parse_challenge(
     headers: Mapping[str, str], body: bytes, *, version: X402Version | None = None
-) -> Challenge:
+) -> PaymentChallenge:
     """The challenge of a 402: the v2 ``PAYMENT-REQUIRED`` header, else the v1 JSON body.
 
     ``version`` restricts the choice to one protocol version (None: prefer v2).
@@ -265,14 +265,14 @@ def parse_challenge(
     raise InvalidChallenge(f"the 402 carries no {wanted}")
 
 
-def _challenge_v2(header: str) -> Challenge:
+def _challenge_v2(header: str) -> PaymentChallenge:
     try:
         model = codec.decode_payment_required(header)
         raw = codec.decode_json(header, header=wire.PAYMENT_REQUIRED)
     except codec.PaymentHeaderError as exc:
         raise InvalidChallenge(str(exc)) from None
     offers = tuple(
-        Offer(
+        ChallengeOffer(
             version=2,
             requirement=raw_req,
             scheme=req.scheme,
@@ -286,10 +286,10 @@ def _challenge_v2(header: str) -> Challenge:
         )
         for req, raw_req in zip(model.accepts, raw["accepts"], strict=True)
     )
-    return Challenge(2, offers, model.error, raw.get("resource"), model.extensions)
+    return PaymentChallenge(2, offers, model.error, raw.get("resource"), model.extensions)
 
 
-def _challenge_v1(body: bytes) -> Challenge | None:
+def _challenge_v1(body: bytes) -> PaymentChallenge | None:
     try:
         data = jsonsafe.loads(body, max_bytes=MAX_CHALLENGE_BYTES) if body else None
     except jsonsafe.UntrustedJSONError:
@@ -301,7 +301,7 @@ def _challenge_v1(body: bytes) -> Challenge | None:
     except ValidationError:
         raise InvalidChallenge("the 402's x402 v1 body is not a valid challenge") from None
     offers = tuple(
-        Offer(
+        ChallengeOffer(
             version=1,
             requirement=req.wire(),
             scheme=req.scheme,
@@ -315,7 +315,7 @@ def _challenge_v1(body: bytes) -> Challenge | None:
         )
         for req in model.accepts
     )
-    return Challenge(1, offers, model.error)
+    return PaymentChallenge(1, offers, model.error)
 
 
 def _offer_chain_id(network: str) -> int | None:
@@ -365,7 +365,7 @@ def _printable(text: str) -> str:
 
 
 @dataclass
-class PaymentRecord:
+class SentPayment:
     """One signed payment and, once the server sends it, its receipt.
 
     Holds no signature: only what identifies the payment (payer, nonce) and what it was for.
@@ -409,7 +409,7 @@ class Payment:
 
     header: str
     value: str = field(repr=False)
-    record: PaymentRecord
+    record: SentPayment
 
 
 class Payer:
@@ -434,9 +434,9 @@ class Payer:
     def __repr__(self) -> str:
         return f"Payer({self.address}, spent={self.spent}, {self.policy!r})"
 
-    def choose(self, challenge: Challenge) -> tuple[Offer, int]:
+    def choose(self, challenge: PaymentChallenge) -> tuple[ChallengeOffer, int]:
         """The cheapest offer the policy allows (first offered on a tie) and its decimals."""
-        best: tuple[Decimal, Offer, int] | None = None
+        best: tuple[Decimal, ChallengeOffer, int] | None = None
         declined: list[str] = []
         with self._lock:
             spent = self._spent
@@ -455,7 +455,7 @@ class Payer:
             raise SpendRefused(f"no offered payment fits the spend policy ({detail})")
         return best[1], best[2]
 
-    def _check(self, offer: Offer, spent: Decimal) -> tuple[int | None, str | None]:
+    def _check(self, offer: ChallengeOffer, spent: Decimal) -> tuple[int | None, str | None]:
         policy = self.policy
         if offer.scheme == UPTO:
             reason = _upto_reason(offer, policy)
@@ -488,7 +488,7 @@ class Payer:
             return None, "token's EIP-712 name/version unknown"
         return decimals, None
 
-    def receipt_arrived(self, record: PaymentRecord) -> None:
+    def receipt_arrived(self, record: SentPayment) -> None:
         """A metered payment's receipt: check it, record usage and charge, and count what was
         settled instead of the maximum (a refused or unreadable one keeps the maximum)."""
         receipt = record.receipt
@@ -502,7 +502,7 @@ class Payer:
         with self._lock:
             self._spent -= record.amount - record.charged
 
-    def _eip712(self, offer: Offer) -> tuple[str, str] | None:
+    def _eip712(self, offer: ChallengeOffer) -> tuple[str, str] | None:
         name, version = offer.extra.get("name"), offer.extra.get("version")
         if isinstance(name, str) and isinstance(version, str):
             return name, version
@@ -511,7 +511,7 @@ class Payer:
             return usdc.name, usdc.version
         return None
 
-    def pay(self, challenge: Challenge, *, url: str) -> Payment:
+    def pay(self, challenge: PaymentChallenge, *, url: str) -> Payment:
         """Choose an offer, reserve its price against the policy, sign it."""
         offer, decimals = self.choose(challenge)
         price = from_atomic(offer.amount, decimals)
@@ -529,7 +529,12 @@ class Payer:
             raise
 
     def _sign(
-        self, challenge: Challenge, offer: Offer, decimals: int, price: Decimal, url: str
+        self,
+        challenge: PaymentChallenge,
+        offer: ChallengeOffer,
+        decimals: int,
+        price: Decimal,
+        url: str,
     ) -> Payment:
         assert offer.chain_id is not None
         valid_for = min(offer.max_timeout_seconds, self.policy.max_valid_seconds)
@@ -582,7 +587,7 @@ class Payer:
             document = payload.wire()
             header = wire.X_PAYMENT
         value = base64.b64encode(json.dumps(document, separators=(",", ":")).encode()).decode()
-        record = PaymentRecord(
+        record = SentPayment(
             url=url,
             x402_version=offer.version,
             network=offer.network,
@@ -601,7 +606,7 @@ class Payer:
         return Payment(header=header, value=value, record=record)
 
 
-def offered_prices(offer: Offer) -> tuple[Decimal, Decimal, Decimal] | None:
+def offered_prices(offer: ChallengeOffer) -> tuple[Decimal, Decimal, Decimal] | None:
     """An upto offer's advertised token prices (input, output per million; minimum)."""
     try:
         values = tuple(
@@ -615,7 +620,7 @@ def offered_prices(offer: Offer) -> tuple[Decimal, Decimal, Decimal] | None:
     return values  # type: ignore[return-value]
 
 
-def _upto_reason(offer: Offer, policy: SpendPolicy) -> str | None:
+def _upto_reason(offer: ChallengeOffer, policy: SpendPolicy) -> str | None:
     """Why a metered offer is declined, or None."""
     if offer.version != 2:
         return "upto needs x402 v2"
@@ -634,7 +639,7 @@ def _upto_reason(offer: Offer, policy: SpendPolicy) -> str | None:
     return None
 
 
-def _check_metered(record: PaymentRecord, receipt: SettleResponse) -> str | None:
+def _check_metered(record: SentPayment, receipt: SettleResponse) -> str | None:
     """Check a metered receipt against the authorization and the offered prices; on success
     fill the record's usage and charge. The problem, or None."""
     if not receipt.success:

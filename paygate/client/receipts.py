@@ -32,7 +32,7 @@ from paygate.client.errors import (
     ReceiptMismatch,
     ReceiptMissing,
 )
-from paygate.client.payer import PaymentRecord
+from paygate.client.payer import SentPayment
 from paygate.client.streams import ReplyDecoder
 from paygate.x402.inband import SSE_PREFIX as X402_SSE_PREFIX
 from paygate.x402.pricing import token_charge
@@ -66,7 +66,7 @@ class ReceiptCheck:
         request_digest: str,
         header_token: str | None,
         content_type: str | None,
-        payment: PaymentRecord | None,
+        payment: SentPayment | None,
         result: SignedReceipt,
         whole: bool = False,
         batch: bool = False,
@@ -229,7 +229,7 @@ class ReceiptCheck:
 
 
 def check_payment(
-    claims: dict[str, Any], record: PaymentRecord | None, *, batch: bool = False
+    claims: dict[str, Any], record: SentPayment | None, *, batch: bool = False
 ) -> None:
     """The receipt's payment is the one this client signed, charged what its usage costs at
     the prices offered, within the authorized maximum; :class:`ReceiptMismatch` otherwise.
@@ -275,7 +275,7 @@ def check_payment(
 def _check_metered_charge(
     claims: dict[str, Any],
     payment: dict[str, Any],
-    record: PaymentRecord,
+    record: SentPayment,
     charged: int,
     batch: bool,
 ) -> None:

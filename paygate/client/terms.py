@@ -36,7 +36,7 @@ from paygate.client.errors import (
     OfferTokenPriceMismatch,
     PaymentNotAttested,
 )
-from paygate.client.payer import Challenge, Offer, offered_prices
+from paygate.client.payer import ChallengeOffer, PaymentChallenge, offered_prices
 from paygate.x402.batch import BATCH_PATH, BadBatch, parse_batch
 from paygate.x402.batch import ITEM_PATH as BATCH_ITEM_PATH
 from paygate.x402.networks import UnknownNetwork, resolve_network, to_atomic, to_atomic_ceiling
@@ -48,7 +48,7 @@ _WILDCARD = "*"
 
 
 def check_challenge(
-    challenge: Challenge,
+    challenge: PaymentChallenge,
     terms: PaymentTerms | None,
     *,
     method: str,
@@ -132,7 +132,7 @@ class _Request:
         return total
 
 
-def _check_offer(offer: Offer, terms: PaymentTerms, request: _Request) -> None:
+def _check_offer(offer: ChallengeOffer, terms: PaymentTerms, request: _Request) -> None:
     what = f"{offer.scheme} offer on {offer.network[:40]}"
     if not is_address(offer.pay_to) or to_checksum_address(offer.pay_to) != (
         to_checksum_address(terms.pay_to)
@@ -167,7 +167,11 @@ def _check_offer(offer: Offer, terms: PaymentTerms, request: _Request) -> None:
 
 
 def _check_upto(
-    offer: Offer, terms: PaymentTerms, accepted: AcceptedAsset, request: _Request, what: str
+    offer: ChallengeOffer,
+    terms: PaymentTerms,
+    accepted: AcceptedAsset,
+    request: _Request,
+    what: str,
 ) -> None:
     if "upto" not in terms.schemes or accepted.upto_facilitator is None:
         raise OfferSchemeMismatch(f"{what}: metered payments are not in the attested terms")

@@ -49,7 +49,7 @@ from paygate.client.errors import (
     ReplyTooLarge,
     RequestTooLarge,
 )
-from paygate.client.payer import PaymentRecord, SpendPolicy, X402Version
+from paygate.client.payer import SentPayment, SpendPolicy, X402Version
 from paygate.client.pubkey import (
     MAX_PUBKEY_DOCUMENT,
     AsyncAttestationHook,
@@ -67,12 +67,12 @@ class _Facade:
     _core: ClientCore
 
     @property
-    def payments(self) -> list[PaymentRecord]:
+    def payments(self) -> list[SentPayment]:
         """Payments made through this transport, oldest first (the last 1000)."""
         return self._core.log()
 
     @property
-    def last_payment(self) -> PaymentRecord | None:
+    def last_payment(self) -> SentPayment | None:
         return self._core.last_payment
 
     @property
@@ -134,7 +134,7 @@ class PaygateTransport(_Facade, httpx.BaseTransport):
         spend: the :class:`SpendPolicy` (required with a wallet).
         x402_version: answer only v1 or only v2 challenges (None: prefer v2).
         pubkey_url: where to fetch the key (default: ``/v1/enclave/pubkey`` at the origin).
-        on_receipt: called with the :class:`PaymentRecord` when a receipt arrives.
+        on_receipt: called with the :class:`SentPayment` when a receipt arrives.
         max_request_bytes, max_sealed_reply_bytes: bounds of what is held in memory.
     """
 

@@ -34,10 +34,10 @@ from aiohttp import web
 from paygate.config import Settings
 from paygate.console import auth
 from paygate.console.charts import bar_chart
+from paygate.economics.open_store import economics_store
 from paygate.economics.store import (
     EconomicsStore,
     PaymentFilter,
-    economics_store,
     percentile,
 )
 from paygate.server.ratelimit import Rate, TokenBuckets

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from paygate.x402.ledger import Ledger, PaymentRecord, PaymentState
+from paygate.x402.ledger import PaymentRecord, PaymentState
 
 MAX_ROWS = 1000
 USAGE_RETENTION_SECONDS = 40 * 86_400  # token usage kept: the monthly window and a margin
@@ -115,22 +115,6 @@ class EconomicsStore(Protocol):
     async def count_states(self, *, since: float) -> dict[str, int]: ...
 
     def now(self) -> float: ...
-
-
-def economics_store(ledger: Ledger) -> EconomicsStore:
-    """The store on ``ledger``'s own connection (SQLite or PostgreSQL)."""
-    from paygate.x402.ledger_sqlite import SqliteLedger
-
-    if isinstance(ledger, SqliteLedger):
-        from paygate.economics.store_sqlite import SqliteEconomicsStore
-
-        return SqliteEconomicsStore(ledger)
-    from paygate.economics.store_postgres import PostgresEconomicsStore
-    from paygate.x402.ledger_postgres import PostgresLedger
-
-    if not isinstance(ledger, PostgresLedger):
-        raise TypeError(f"no economics store for {type(ledger).__name__}")
-    return PostgresEconomicsStore(ledger)
 
 
 def check_rows(limit: int) -> int:

@@ -16,13 +16,14 @@ import aiohttp
 from paygate.config import ConfigError, Settings
 from paygate.economics.alerts import AlertSink, WebhookAlerts
 from paygate.economics.controls import Controls, Economics, controls_from
-from paygate.economics.store import economics_store
+from paygate.economics.open_store import economics_store
 from paygate.server.payments import NoPayments, PaymentStep, X402Payments
 from paygate.server.ratelimit import MODEL_PREFIX, Rate, RateLimits, RateLimitTable
 from paygate.upstream.engines import profile_for
 from paygate.upstream.shaping import RequestShaper
 from paygate.x402.bazaar import Discovery
-from paygate.x402.chain import ChainReader, ChainSettler
+from paygate.x402.chain import ChainSettler
+from paygate.x402.chain_reader import ChainReader
 from paygate.x402.facilitator import FacilitatorSettler
 from paygate.x402.ledger import Ledger, PaymentRecord, default_replica_id
 from paygate.x402.ledger_store import open_ledger

@@ -65,49 +65,51 @@ _NONCE = re.compile(rf"[0-9a-fA-F]{{{2 * binding.NONCE_LEN}}}")
 
 
 class InvalidNonce(GatewayError):
-    """nonce must be 64 hexadecimal digits (32 random bytes), given as ?nonce="""
+    message = "nonce must be 64 hexadecimal digits (32 random bytes), given as ?nonce="
 
     status = 400
     code = "invalid_nonce"
 
 
 class InvalidActivation(GatewayError):
-    """the activation request must be JSON {ek, credential_blob, encrypted_secret} (base64url)"""
+    message = (
+        "the activation request must be JSON {ek, credential_blob, encrypted_secret} (base64url)"
+    )
 
     status = 400
     code = "invalid_activation"
 
 
-class ActivationFailed(GatewayError):
-    """the TPM refused to activate this credential for its attestation key"""
+class CredentialNotActivated(GatewayError):
+    message = "the TPM refused to activate this credential for its attestation key"
 
     status = 400
     code = "activation_failed"
 
 
 class ActivationUnsupported(GatewayError):
-    """this appliance's evidence kind has no credential activation"""
+    message = "this appliance's evidence kind has no credential activation"
 
     status = 400
     code = "activation_unsupported"
 
 
 class AttestationBusy(GatewayError):
-    """too many attestations in progress; retry shortly"""
+    message = "too many attestations in progress; retry shortly"
 
     status = 503
     code = "attestation_busy"
 
 
 class AttestationRateLimited(GatewayError):
-    """too many attestation requests from this address; retry later"""
+    message = "too many attestation requests from this address; retry later"
 
     status = 429
     code = "rate_limited"
 
 
 class AttestationUnavailable(GatewayError):
-    """the TPM or TEE could not produce evidence"""
+    message = "the TPM or TEE could not produce evidence"
 
     status = 503
     code = "attestation_unavailable"
@@ -397,7 +399,7 @@ class AttestationService:
         except ValueError:
             raise InvalidActivation from None
         except KeyBackendError:
-            raise ActivationFailed from None
+            raise CredentialNotActivated from None
         return web.json_response({"secret": b64(recovered)}, headers={"Cache-Control": "no-store"})
 
 

@@ -35,14 +35,16 @@ _MAX_KEY_ID = 255
 
 
 class KeyEpochRetired(GatewayError):
-    """the key epoch this request was sealed to is retired: fetch the key (and attest) again"""
+    message = (
+        "the key epoch this request was sealed to is retired: fetch the key (and attest) again"
+    )
 
     status = 410
     code = "key_epoch_retired"
 
 
 class WrongReplicaError(GatewayError):
-    """this replica does not hold the key this request was sealed to"""
+    message = "this replica does not hold the key this request was sealed to"
 
     status = 421
     code = "wrong_replica"

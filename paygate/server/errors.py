@@ -23,11 +23,13 @@ class GatewayError(PaygateError):
 
     status = 500
     code = "internal_error"
+    #: The wire message when none is given: a fixed text, never a body, header value or key.
+    message = "the gateway could not answer this request"
 
     def __init__(
         self, message: str | None = None, *, headers: dict[str, str] | None = None
     ) -> None:
-        super().__init__(message or self.__doc__ or self.code)
+        super().__init__(message or self.message)
         self.headers = headers or {}
 
     def render(self, api: ApiStyle) -> web.Response:
@@ -36,21 +38,21 @@ class GatewayError(PaygateError):
 
 
 class RouteNotFound(GatewayError):
-    """no such route on this gateway"""
+    message = "no such route on this gateway"
 
     status = 404
     code = "route_not_found"
 
 
 class BadRequest(GatewayError):
-    """the request is malformed"""
+    message = "the request is malformed"
 
     status = 400
     code = "bad_request"
 
 
 class InvalidJSON(GatewayError):
-    """the request body is not JSON within the gateway's bounds (size, depth, number size)"""
+    message = "the request body is not JSON within the gateway's bounds (size, depth, number size)"
 
     # The body is parsed before payment only where the price depends on it (model prices).
     status = 400
@@ -58,14 +60,14 @@ class InvalidJSON(GatewayError):
 
 
 class QueryNotAllowed(GatewayError):
-    """this route takes no query string"""
+    message = "this route takes no query string"
 
     status = 400
     code = "query_not_allowed"
 
 
 class MalformedHTTP(GatewayError):
-    """the request is not valid HTTP/1.1"""
+    message = "the request is not valid HTTP/1.1"
 
     # aiohttp's parser refused it before any handler ran: the message never quotes the bytes.
     status = 400
@@ -73,14 +75,14 @@ class MalformedHTTP(GatewayError):
 
 
 class HeadersTooLarge(GatewayError):
-    """the request's header section is too large (too long or too many header lines)"""
+    message = "the request's header section is too large (too long or too many header lines)"
 
     status = 431
     code = "headers_too_large"
 
 
 class DecryptionFailed(GatewayError):
-    """decryption failed"""
+    message = "decryption failed"
 
     # One message for every way a sealed body can be wrong: no oracle (DESIGN.md, conventions).
     status = 400
@@ -91,91 +93,95 @@ class DecryptionFailed(GatewayError):
 
 
 class InvalidReplyKey(GatewayError):
-    """X-Obol-Reply-Pubkey must be a hex 65-byte uncompressed P-256 public key"""
+    message = "X-Obol-Reply-Pubkey must be a hex 65-byte uncompressed P-256 public key"
 
     status = 400
     code = "invalid_reply_key"
 
 
 class InvalidRequestNonce(GatewayError):
-    """X-Paygate-Request-Nonce must be one value of 64 hex digits (32 random bytes)"""
+    message = "X-Paygate-Request-Nonce must be one value of 64 hex digits (32 random bytes)"
 
     status = 400
     code = "invalid_request_nonce"
 
 
 class ReplyKeyNotAllowed(GatewayError):
-    """X-Obol-Reply-Pubkey is refused with a v2 sealed request: its reply key is inside the seal"""
+    message = (
+        "X-Obol-Reply-Pubkey is refused with a v2 sealed request: its reply key is inside the seal"
+    )
 
     status = 400
     code = "reply_key_not_allowed"
 
 
 class EncryptionRequired(GatewayError):
-    """this gateway requires sealed request bodies (Content-Type: application/x-obol-encrypted)"""
+    message = (
+        "this gateway requires sealed request bodies (Content-Type: application/x-obol-encrypted)"
+    )
 
     status = 415
     code = "encryption_required"
 
 
 class BodyTooLarge(GatewayError):
-    """the request body is larger than this gateway accepts"""
+    message = "the request body is larger than this gateway accepts"
 
     status = 413
     code = "body_too_large"
 
 
 class ExpectationFailed(GatewayError):
-    """only "Expect: 100-continue" is supported"""
+    message = 'only "Expect: 100-continue" is supported'
 
     status = 417
     code = "expectation_failed"
 
 
 class BodyTimeout(GatewayError):
-    """the request body did not arrive in time"""
+    message = "the request body did not arrive in time"
 
     status = 408
     code = "body_timeout"
 
 
 class Overloaded(GatewayError):
-    """the gateway is at its concurrency limit; retry shortly"""
+    message = "the gateway is at its concurrency limit; retry shortly"
 
     status = 503
     code = "overloaded"
 
 
 class TooManyUploads(GatewayError):
-    """too many request bodies in flight from this address; retry shortly"""
+    message = "too many request bodies in flight from this address; retry shortly"
 
     status = 429
     code = "too_many_uploads"
 
 
 class InvalidBatch(GatewayError):
-    """the batch body is not a bounded JSON array of chat requests"""
+    message = "the batch body is not a bounded JSON array of chat requests"
 
     status = 400
     code = "invalid_batch"
 
 
 class UploadsBusy(GatewayError):
-    """the gateway is reading as many unpaid request bodies as it allows; retry shortly"""
+    message = "the gateway is reading as many unpaid request bodies as it allows; retry shortly"
 
     status = 503
     code = "uploads_busy"
 
 
 class KeyUnavailable(GatewayError):
-    """the envelope key is not usable right now"""
+    message = "the envelope key is not usable right now"
 
     status = 503
     code = "key_unavailable"
 
 
 class UpstreamTimeout(GatewayError):
-    """the model server did not answer in time"""
+    message = "the model server did not answer in time"
 
     status = 504
     code = "upstream_timeout"
@@ -187,14 +193,14 @@ class UpstreamTimeout(GatewayError):
 
 
 class UpstreamUnavailable(GatewayError):
-    """the model server could not be reached"""
+    message = "the model server could not be reached"
 
     status = 502
     code = "upstream_unavailable"
 
 
 class UpstreamDown(GatewayError):
-    """the model server is down; retry later"""
+    message = "the model server is down; retry later"
 
     # The circuit breaker is open: answered at once, nothing is sent to the model server.
     status = 503
@@ -205,14 +211,14 @@ class UpstreamDown(GatewayError):
 
 
 class UpstreamFault(GatewayError):
-    """the model server sent a broken response"""
+    message = "the model server sent a broken response"
 
     status = 502
     code = "upstream_fault"
 
 
-class ReplyTooLarge(GatewayError):
-    """the model server's reply is larger than this gateway seals in one piece"""
+class UpstreamReplyTooLarge(GatewayError):
+    message = "the model server's reply is larger than this gateway seals in one piece"
 
     # Also for a paid plaintext reply, held until settlement under its own limit.
 
@@ -221,7 +227,7 @@ class ReplyTooLarge(GatewayError):
 
 
 class InternalError(GatewayError):
-    """internal error"""
+    message = "internal error"
 
     status = 500
     code = "internal_error"

@@ -38,17 +38,19 @@ from paygate.x402.batch import ITEM_PATH as BATCH_ITEM_PATH
 from paygate.x402.batch import BadBatch, parse_batch
 from paygate.x402.bazaar import Discovery
 from paygate.x402.ledger import Meter, PaymentRecord
-from paygate.x402.metering import Fallback, Quote, TokenPrice, TokenPricing, Usage
-from paygate.x402.models import USAGE_EXTENSION, ExactEvmPayload, ResourceInfo
+from paygate.x402.metering import Fallback, Quote, TokenCounts, TokenPrice, TokenPricing
+from paygate.x402.models import USAGE_EXTENSION, ResourceInfo
 from paygate.x402.networks import to_atomic_ceiling
 from paygate.x402.pricing import PricePolicy, model_of
-from paygate.x402.processor import Admission, PaymentProcessor, Receipt, Refusal
+from paygate.x402.processor import PaymentAdmission, PaymentProcessor, Receipt, Refusal
+from paygate.x402.schemes import scheme_of
 
 PAID_CACHE_CONTROL = "private, no-store"
 
 
 class PaymentRefused(GatewayError):
-    """The payment step answered instead of admitting: the answer is ready-made."""
+    """The payment step answered instead of admitting: the answer is ready-made (its code is
+    the message; the response is the refusal's own)."""
 
     def __init__(self, response: web.Response, code: str) -> None:
         super().__init__(code)
@@ -97,7 +99,7 @@ class Ticket:
         route: Route,
         *,
         price: Decimal | None = None,
-        admission: Admission | None = None,
+        admission: PaymentAdmission | None = None,
         processor: PaymentProcessor | None = None,
         quote: Quote | None = None,
         fallback: Fallback = "prompt",
@@ -109,7 +111,7 @@ class Ticket:
         self.route = route
         self.model = model  # the model the request named, when its body was read first
         # The model server's stated usage, set by the gateway when the reply has ended.
-        self.usage: Usage | None = None
+        self.usage: TokenCounts | None = None
         self.settle_seconds: float | None = None  # how long the settle call took (traces)
         # A batch's items as admission planned and priced them (None: not planned yet).
         self.batch_plan = batch_plan
@@ -144,7 +146,7 @@ class Ticket:
             and (self._quote is not None or self._item_quotes is not None)
         )
 
-    def meter_items(self, items: list[tuple[bool, Usage | None, int]]) -> None:
+    def meter_items(self, items: list[tuple[bool, TokenCounts | None, int]]) -> None:
         """A metered batch's meter: per forwarded item (succeeded, usage, reply bytes) priced
         with its own quote (failed and refused items cost nothing), summed, capped by the
         authorization."""
@@ -215,7 +217,9 @@ class Ticket:
             else:
                 self.meter(None, reply_bytes=reply_bytes)
 
-    def meter(self, usage: Usage | None, *, source: str = "upstream", reply_bytes: int) -> None:
+    def meter(
+        self, usage: TokenCounts | None, *, source: str = "upstream", reply_bytes: int
+    ) -> None:
         """Record what a metered reply used (None: nothing could be counted), once, before
         :meth:`settle`; the charge follows the token prices, capped by the authorization."""
         admission = self._admission
@@ -283,10 +287,7 @@ class Ticket:
             return None
         if admission.authorized is not None:
             return admission.authorized.valid_before
-        payload = admission.payment.payload
-        if isinstance(payload, ExactEvmPayload):
-            return int(payload.authorization.valid_before)
-        return int(payload.permit2_authorization.deadline)
+        return scheme_of(admission.payment).valid_before(admission.payment)
 
     async def settle(self) -> Receipt | None:
         """Settle now (a good reply, before its end leaves); the receipt to send, if any."""

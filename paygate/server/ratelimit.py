@@ -26,7 +26,7 @@ MODEL_PREFIX = "model:"
 
 
 class RateLimited(GatewayError):
-    """too many requests; retry after the time in Retry-After"""
+    message = "too many requests; retry after the time in Retry-After"
 
     status = 429
     code = "rate_limited"

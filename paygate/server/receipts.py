@@ -64,7 +64,7 @@ _SOURCES = {"upstream": "reported"}
 
 
 @dataclass(frozen=True, slots=True)
-class RequestFacts:
+class ReceiptRequest:
     """What the receipt says about the request, known before the reply."""
 
     request_digest: str
@@ -87,7 +87,7 @@ def request_nonce_header(headers: Mapping[str, str]) -> bytes | None:
 def request_facts(
     *, method: str, path: str, received: bytes, opened: OpenedBody, nonce: bytes | None,
     model: str | None, model_digest: str | None = None,
-) -> RequestFacts:  # fmt: skip
+) -> ReceiptRequest:  # fmt: skip
     """The request's digest as the caller computes it (see the module docstring)."""
     plan = opened.reply
     reply_key = None
@@ -98,7 +98,7 @@ def request_facts(
     digest = receipts.request_digest(
         method=method, path=path, body=received, nonce=nonce, reply_key=reply_key
     )
-    return RequestFacts(request_digest=digest, model=model, model_digest=model_digest)
+    return ReceiptRequest(request_digest=digest, model=model, model_digest=model_digest)
 
 
 def usage_claims(usage: Usage | None, meter: Meter | None) -> dict[str, Any] | None:
@@ -181,7 +181,7 @@ class ReceiptIssuer:
 
     async def token(
         self,
-        request: RequestFacts,
+        request: ReceiptRequest,
         reply_digest: str,
         *,
         payment: dict[str, Any] | None,
@@ -278,14 +278,14 @@ class InbandSignedReceipt:
 
 
 class ReceiptNotFound(GatewayError):
-    """no payment with that id is known here"""
+    message = "no payment with that id is known here"
 
     status = 404
     code = "receipt_not_found"
 
 
 class ReceiptPending(GatewayError):
-    """the payment is not settled yet: ask again later"""
+    message = "the payment is not settled yet: ask again later"
 
     status = 404
     code = "receipt_pending"
@@ -295,21 +295,21 @@ class ReceiptPending(GatewayError):
 
 
 class SettlementFailed(GatewayError):
-    """the payment did not settle: there is no settlement receipt"""
+    message = "the payment did not settle: there is no settlement receipt"
 
     status = 409
     code = "settlement_failed"
 
 
 class InvalidPaymentId(GatewayError):
-    """a payment id is its authorization nonce: 0x and 64 hex digits"""
+    message = "a payment id is its authorization nonce: 0x and 64 hex digits"
 
     status = 400
     code = "invalid_payment_id"
 
 
 class ReceiptsUnavailable(GatewayError):
-    """the ledger cannot be read now"""
+    message = "the ledger cannot be read now"
 
     status = 503
     code = "ledger_unavailable"

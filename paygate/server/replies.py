@@ -35,14 +35,14 @@ from multidict import CIMultiDict
 import enclave
 from enclave import ReplySealer, receipts
 from paygate import wire
-from paygate.server.errors import GatewayError, ReplyTooLarge
+from paygate.server.errors import GatewayError, UpstreamReplyTooLarge
 from paygate.server.opening import PlainReply, ReplyPlan, V1Reply, V2Reply
 from paygate.server.payments import Ticket, receipt_headers, settlement_failed_response
 from paygate.server.proxy import UpstreamReply
 from paygate.server.receipts import (
     InbandSignedReceipt,
     ReceiptIssuer,
-    RequestFacts,
+    ReceiptRequest,
     payment_claims,
     sealed_header,
     usage_claims,
@@ -238,7 +238,7 @@ class Replies:
         ticket: Ticket,
         *,
         started: float,
-        facts: RequestFacts | None = None,
+        facts: ReceiptRequest | None = None,
     ) -> web.StreamResponse:
         ticket.status = reply.status
         # A signed receipt for every paid or sealed reply that succeeded.
@@ -270,7 +270,7 @@ class Replies:
         body: bytes,
         *,
         items: list[tuple[bool, Usage | None, int]],
-        facts: RequestFacts | None = None,
+        facts: ReceiptRequest | None = None,
     ) -> web.Response:
         """A reply the gateway composed (the batch's results), sent whole like ``_whole``:
         settled first when any item succeeded (else released), sealed per the plan."""
@@ -307,7 +307,7 @@ class Replies:
         headers: CIMultiDict[str],
         plan: ReplyPlan,
         ticket: Ticket,
-        facts: RequestFacts,
+        facts: ReceiptRequest,
         body: bytes,
         receipt: Receipt | None,
         usage: Usage | None,
@@ -331,19 +331,19 @@ class Replies:
         plan: ReplyPlan,
         ticket: Ticket,
         started: float,
-        facts: RequestFacts | None,
+        facts: ReceiptRequest | None,
     ) -> web.Response:
         """A reply sent in one piece once settled (see the module docstring)."""
         if isinstance(plan, PlainReply):
             body = await reply.read_bounded(self._limits.max_plain_reply_bytes)
             if body is None:
-                raise ReplyTooLarge(
+                raise UpstreamReplyTooLarge(
                     "the model server's reply is larger than this gateway holds for settlement"
                 )
         else:
             body = await reply.read_bounded(self._limits.max_sealed_reply_bytes)
             if body is None:
-                raise ReplyTooLarge
+                raise UpstreamReplyTooLarge
         if ticket.paid and not ticket.settles:
             await ticket.give_up()
         if ticket.settles:
@@ -378,7 +378,7 @@ class Replies:
         plan: PlainReply | V2Reply,
         ticket: Ticket,
         started: float,
-        facts: RequestFacts | None,
+        facts: ReceiptRequest | None,
     ) -> web.StreamResponse:
         """Relay chunk by chunk through the transform chain; a paid stream settles after the
         upstream's last chunk and carries its receipts in-band."""

@@ -21,7 +21,7 @@ from paygate.x402.metering import Quote, TokenPricing
 
 
 class RequestRefused(GatewayError):
-    """the request asks the model server for something this gateway does not price"""
+    message = "the request asks the model server for something this gateway does not price"
 
     status = 400
     code = "invalid_output_limit"

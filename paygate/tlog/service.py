@@ -56,22 +56,24 @@ _LEAF = re.compile(r"[0-9a-f]{64}")
 
 
 class InvalidLogPath(GatewayError):
-    """not a log path: /v1/log/checkpoint, /v1/log/tile/<L>/<N>[.p/<W>] or
-    /v1/log/tile/entries/<N>[.p/<W>]"""
+    message = (
+        "not a log path: /v1/log/checkpoint, /v1/log/tile/<L>/<N>[.p/<W>] or "
+        "/v1/log/tile/entries/<N>[.p/<W>]"
+    )
 
     status = 400
     code = "invalid_log_path"
 
 
 class LogNotFound(GatewayError):
-    """the log has no such tile, entry bundle or receipt (yet)"""
+    message = "the log has no such tile, entry bundle or receipt (yet)"
 
     status = 404
     code = "log_not_found"
 
 
 class LogUnavailable(GatewayError):
-    """the transparency log's store cannot be read right now"""
+    message = "the transparency log's store cannot be read right now"
 
     status = 503
     code = "log_unavailable"

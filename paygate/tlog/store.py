@@ -21,7 +21,6 @@ from typing import Protocol, TypeVar
 
 from enclave.tlog import merkle, tiles
 from enclave.tlog.checkpoint import Checkpoint
-from paygate.x402.ledger_store import LedgerLocation
 
 T = TypeVar("T")
 #: pg_advisory_xact_lock key of the log's appends ("tlog").
@@ -145,22 +144,3 @@ async def adrive(
             ref = flow.send(data)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
-
-
-async def open_log_store(location: LedgerLocation, *, pool_size: int = 2) -> LogStore:
-    """The log in the ledger store at ``location``, migrated (the ledger's own migrations)."""
-    from paygate.x402.ledger_store import open_ledger
-
-    ledger = await open_ledger(location, migrate=True, pool_size=1)
-    await ledger.close()
-    if location.kind == "sqlite":
-        from paygate.tlog.store_sqlite import SqliteLogStore
-
-        assert location.path is not None
-        return await SqliteLogStore.open(location.path)
-    from paygate.tlog.store_postgres import PostgresLogStore
-
-    assert location.conninfo is not None
-    return await PostgresLogStore.open(
-        location.conninfo, password=location.password, pool_size=pool_size
-    )

@@ -22,7 +22,7 @@ from paygate.x402.schemes.upto import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
 from paygate.x402.settler import SettlementUnknown
 
 if TYPE_CHECKING:
-    from paygate.x402.chain import ChainReader
+    from paygate.x402.chain_reader import ChainReader
 
 _UINT = {"type": "uint256"}
 _ADDRESS = {"type": "address"}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
@@ -31,10 +31,10 @@ from paygate.x402.facilitator_auth import FacilitatorAuth, StaticHeaders
 from paygate.x402.models import (
     AnyPaymentPayload,
     SettleResponse,
-    UptoEvmPayload,
     VerifyResponse,
     X402Model,
 )
+from paygate.x402.schemes import scheme_of
 from paygate.x402.settler import (
     NONCE_USED,
     SETTLEMENT_PENDING,
@@ -44,13 +44,15 @@ from paygate.x402.settler import (
 )
 
 if TYPE_CHECKING:
-    from paygate.x402.chain import ChainReader
+    from paygate.x402.chain_reader import ChainReader
 
 log = logging.getLogger("paygate.x402")
 _MAX_ANSWER = 64 * 1024
 _VERIFY_ATTEMPTS = 2
 _SETTLE_ATTEMPTS = 2
 _M = TypeVar("_M", bound=X402Model)
+_Judge = Callable[[SettleResponse, AnyPaymentPayload, dict[str, Any]], Awaitable[SettleResponse]]
+_Reconcile = Callable[[AnyPaymentPayload, dict[str, Any], str | None], Awaitable[SettleResponse]]
 
 
 class _Garbage(Exception):
@@ -79,6 +81,13 @@ class FacilitatorSettler:
         self._timeout = timeout
         self._settle_timeout = settle_timeout
         self._backoff = backoff
+        # Each scheme's judgement of an answer and its reconciliation, under the registry's name
+        # for it (paygate.x402.schemes).
+        self._judge_by: dict[str, _Judge] = {"exact": self._judge, "upto": self._judge_upto}
+        self._reconcile_by: dict[str, _Reconcile] = {
+            "exact": self._reconcile_exact,
+            "upto": self._reconcile_upto,
+        }
 
     async def verify(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]
@@ -96,11 +105,8 @@ class FacilitatorSettler:
     async def settle(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> SettleResponse:
-        if isinstance(payment.payload, UptoEvmPayload):
-            return await self._judge_upto(
-                await self._send(payment, requirements), payment, requirements
-            )
-        return await self._judge(await self._send(payment, requirements), payment, requirements)
+        judge = self._judge_by[scheme_of(payment).name]
+        return await judge(await self._send(payment, requirements), payment, requirements)
 
     async def reconcile(
         self,
@@ -108,8 +114,11 @@ class FacilitatorSettler:
         requirements: dict[str, Any],
         transaction: str | None,
     ) -> SettleResponse:
-        if isinstance(payment.payload, UptoEvmPayload):
-            return await self._reconcile_upto(payment, requirements, transaction)
+        return await self._reconcile_by[scheme_of(payment).name](payment, requirements, transaction)
+
+    async def _reconcile_exact(
+        self, payment: AnyPaymentPayload, requirements: dict[str, Any], transaction: str | None
+    ) -> SettleResponse:
         # The facilitator API has no status query: re-send the same authorization (EIP-3009
         # executes it once). If the first attempt went through, the answer is "nonce already
         # used" (or another refusal) — which proves nothing, a cancel looks the same: the

@@ -15,9 +15,11 @@ may *claim* the record (epoch + 1). Every change an owner makes names the epoch 
 refused with :class:`LeaseLost` once the record was claimed away: a process that was frozen past
 its lease (SIGSTOP, a long pause, a partition) cannot record or settle a second time.
 
-This module is the interface (states, record, errors, input normalisation, the lease rules);
-``ledger_sqlite`` and ``ledger_postgres`` implement it, ``ledger_store`` opens one from a
-location. Nothing here does I/O, and nothing here imports aiohttp or ``paygate.server``.
+This module is the interface (states, record, errors, input normalisation, the fence and the
+transition table); ``ledger_rules`` computes what every change writes, ``ledger_base`` checks
+each call before the store runs it, ``ledger_sqlite`` and ``ledger_postgres`` run the SQL, and
+``ledger_store`` opens one from a location. Nothing here does I/O, and nothing here imports
+aiohttp or ``paygate.server``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Protocol
 
 from eth_utils import to_checksum_address
 
@@ -670,39 +672,3 @@ def check_fence(record: PaymentRecord, lease: int | None) -> None:
             f"payment {record.id}: lease {lease} is gone (now {record.lease}, "
             f"held by {record.owner or 'nobody'})"
         )
-
-
-def reservation(
-    *,
-    network: str,
-    asset: str,
-    payer: str,
-    nonce: str,
-    pay_to: str,
-    amount: int,
-    x402_version: int,
-    route: str,
-    payload: str,
-    requirements: str,
-    idempotency_key: str | None,
-    scheme: str,
-    model: str | None,
-    budget: Budget | None,
-    budgets: tuple[Budget, ...] = (),
-) -> dict[str, Any]:
-    """:meth:`Ledger.reserve`'s arguments checked and normalised, as every store writes them
-    (ValueError on bad input, before any I/O)."""
-    return {
-        "scheme": check_scheme(scheme),
-        "model": check_model(model),
-        "budget": budget,
-        "budgets": (*((budget,) if budget is not None else ()), *budgets),
-        "key": normalise_key(network, asset, payer, nonce),
-        "pay_to": normalise_address(pay_to, "pay_to"),
-        "amount": str(check_amount(amount)),
-        "x402_version": check_version(x402_version),
-        "route": check_route(route),
-        "payload": check_document(payload, "payload"),
-        "requirements": check_document(requirements, "requirements"),
-        "idempotency_key": check_idempotency_key(idempotency_key),
-    }

@@ -30,45 +30,28 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from paygate.x402 import ledger_rules as rules
 from paygate.x402.ledger import (
     DEFAULT_LEASE_SECONDS,
     MAX_LIST_LIMIT,
     RESERVATION_STATES,
-    TRANSITIONS,
     UNFINISHED_STATES,
     AlreadyReserved,
-    Budget,
-    BudgetExceeded,
     Earnings,
     EventAction,
     IdempotencyKeyReused,
-    LeaseLost,
     LedgerConflict,
     LedgerError,
     LedgerUnavailable,
     Meter,
     PaymentEvent,
-    PaymentNotFound,
     PaymentRecord,
     PaymentState,
     ReceiptUsage,
     SignInReused,
     StoredReceipt,
-    check_amount,
-    check_error,
-    check_fence,
-    check_lease_seconds,
-    check_limit,
-    check_move,
-    check_receipt,
-    check_replica,
-    check_transaction,
-    default_replica_id,
-    normalise_address,
-    normalise_key,
-    normalise_nonce,
-    reservation,
 )
+from paygate.x402.ledger_base import BY_ID, BY_IDEMPOTENCY_KEY, BY_KEY, LedgerBase
 
 try:
     import psycopg
@@ -202,12 +185,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 
-_COLUMNS = (
-    "id, network, asset, payer, nonce, pay_to, amount, x402_version, route, state, served, "
-    "payload, requirements, idempotency_key, tx_hash, error, attempts, created_at, updated_at, "
-    "owner, lease, lease_until, "
-    "scheme, model, tokens_in, tokens_out, usage_source, settle_amount, settled_amount"
-)
+
+_COLUMNS = rules.RECORD_COLUMNS
 _SELECT = f"SELECT {_COLUMNS} FROM payments"  # noqa: S608 - constant column list
 # `paygate payments summary --by`: the SQL expression of each grouping (constants only).
 _GROUPS = {
@@ -215,14 +194,57 @@ _GROUPS = {
     "day": "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
     "payer": "payer",
 }
-_EVENT_COLUMNS = "payment_id, at, replica, action, state, lease, tx_hash, error, detail"
 _INSERT_EVENT = (
-    f"INSERT INTO payment_events ({_EVENT_COLUMNS})"  # noqa: S608 - constant column list
+    f"INSERT INTO payment_events ({rules.EVENT_COLUMNS})"  # noqa: S608 - constant column list
     " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+_NUMERIC = {"amount", "settle_amount", "settled_amount"}  # uint256 text, cast on the way in
+_COPY = (
+    f"INSERT INTO payments ({_COLUMNS}) VALUES ("  # noqa: S608 - constant column list
+    + ", ".join("%s::numeric" if name.strip() in _NUMERIC else "%s" for name in _COLUMNS.split(","))
+    + ")"
+)
+# The replay guard, in one statement: a new key is inserted; a RELEASED one is claimed again
+# (same id and attempts); any other existing row returns nothing.
+_RESERVE = (
+    "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount,"  # noqa: S608 - constant columns
+    " x402_version, route, state, served, payload, requirements, idempotency_key,"
+    " attempts, created_at, updated_at, owner, lease, lease_until, scheme, model,"
+    " counted_at)"
+    " VALUES (%(id)s, %(network)s, %(asset)s, %(payer)s, %(nonce)s, %(pay_to)s,"
+    " %(amount)s::numeric, %(x402_version)s, %(route)s, %(reserved)s, false,"
+    " %(payload)s, %(requirements)s, %(idempotency_key)s, 0, %(now)s, %(now)s, %(owner)s, 1,"
+    " %(until)s, %(scheme)s, %(model)s, %(now)s)"
+    " ON CONFLICT (network, asset, payer, nonce) DO UPDATE SET"
+    " state = excluded.state, served = false, pay_to = excluded.pay_to,"
+    " amount = excluded.amount, x402_version = excluded.x402_version,"
+    " route = excluded.route, payload = excluded.payload,"
+    " requirements = excluded.requirements,"
+    " idempotency_key = COALESCE(excluded.idempotency_key, payments.idempotency_key),"
+    " error = NULL, updated_at = excluded.updated_at, owner = excluded.owner,"
+    " scheme = excluded.scheme, model = excluded.model, tokens_in = NULL,"
+    " tokens_out = NULL, usage_source = NULL, settle_amount = NULL,"
+    " counted_at = excluded.counted_at,"
+    " lease = payments.lease + 1, lease_until = excluded.lease_until"
+    " WHERE payments.state = %(released)s"
+    f" RETURNING {_COLUMNS}"
+)
+_MOVE = (
+    "UPDATE payments SET state = %(state)s, attempts = attempts + %(attempt)s,"  # noqa: S608 - constant columns
+    " served = served OR %(served)s, tx_hash = COALESCE(%(tx_hash)s, tx_hash),"
+    " error = COALESCE(%(error)s, error), updated_at = %(now)s, owner = %(owner)s,"
+    " lease_until = %(until)s, tokens_in = COALESCE(%(tokens_in)s, tokens_in),"
+    " tokens_out = COALESCE(%(tokens_out)s, tokens_out),"
+    " usage_source = COALESCE(%(usage_source)s, usage_source),"
+    " settle_amount = COALESCE(%(settle_amount)s::numeric, settle_amount),"
+    " settled_amount = COALESCE(%(settled_amount)s::numeric, settled_amount),"
+    " counted_at = CASE WHEN %(counted)s THEN %(now)s ELSE counted_at END"
+    " WHERE id = %(id)s AND state = %(from_state)s AND lease = %(lease)s"
+    f" RETURNING {_COLUMNS}"
 )
 
 
-class PostgresLedger:
+class PostgresLedger(LedgerBase):
     """:class:`paygate.x402.ledger.Ledger` on PostgreSQL. Build it with :meth:`open`."""
 
     def __init__(
@@ -231,12 +253,11 @@ class PostgresLedger:
         *,
         read_only: bool,
         clock: Callable[[], float] | None,
-        replica: str,
+        replica: str | None,
         lease_seconds: float,
     ) -> None:
         self.read_only = read_only
-        self.replica = check_replica(replica)
-        self.lease_seconds = check_lease_seconds(lease_seconds)
+        super().__init__(replica, lease_seconds)
         self.found_version = SCHEMA_VERSION
         self._pool = pool
         self._clock = clock
@@ -296,7 +317,7 @@ class PostgresLedger:
             pool,
             read_only=read_only,
             clock=clock,
-            replica=replica or default_replica_id(),
+            replica=replica,
             lease_seconds=lease_seconds,
         )
         try:
@@ -321,270 +342,6 @@ class PostgresLedger:
             raise
         return ledger
 
-    async def __aenter__(self) -> PostgresLedger:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    # --- the Ledger interface ---------------------------------------------------------------
-
-    async def reserve(
-        self,
-        *,
-        network: str,
-        asset: str,
-        payer: str,
-        nonce: str,
-        pay_to: str,
-        amount: int,
-        x402_version: int,
-        route: str,
-        payload: str,
-        requirements: str,
-        idempotency_key: str | None,
-        scheme: str = "exact",
-        model: str | None = None,
-        budget: Budget | None = None,
-        budgets: tuple[Budget, ...] = (),
-    ) -> PaymentRecord:
-        values = reservation(
-            network=network,
-            asset=asset,
-            payer=payer,
-            nonce=nonce,
-            pay_to=pay_to,
-            amount=amount,
-            x402_version=x402_version,
-            route=route,
-            payload=payload,
-            requirements=requirements,
-            idempotency_key=idempotency_key,
-            scheme=scheme,
-            model=model,
-            budget=budget,
-            budgets=budgets,
-        )
-        return await self._run(self._reserve, values)
-
-    async def transition(
-        self,
-        payment_id: str,
-        to: PaymentState,
-        *,
-        transaction: str | None = None,
-        error: str | None = None,
-        lease: int | None = None,
-        meter: Meter | None = None,
-        settled_amount: int | None = None,
-    ) -> PaymentRecord:
-        target = PaymentState(to)
-        if settled_amount is not None:
-            check_amount(settled_amount)
-        return await self._run(
-            self._transition,
-            payment_id,
-            target,
-            check_transaction(transaction),
-            check_error(error),
-            lease,
-            meter,
-            settled_amount,
-        )
-
-    async def take_free(self, *, payer: str, nonce: str, day: str, limit: int) -> int | None:
-        checked = normalise_address(payer, "payer")
-        if not 0 < len(nonce) <= 128 or not 0 < len(day) <= 16 or limit < 0:
-            raise ValueError("nonce, day or limit out of range")
-        return await self._run(self._take_free, checked, nonce, day, limit)
-
-    async def signin_key(self) -> bytes:
-        return await self._run(self._signin_key)
-
-    async def _signin_key(self, conn: Conn) -> bytes:
-        await conn.execute(
-            "INSERT INTO signin_key (id, secret) VALUES (1, %s) ON CONFLICT (id) DO NOTHING",
-            (secrets.token_hex(32),),
-        )
-        row = await (await conn.execute("SELECT secret FROM signin_key WHERE id = 1")).fetchone()
-        return bytes.fromhex(str(row["secret"]))
-
-    async def earnings(self, *, since: float, by: str) -> builtins.list[Earnings]:
-        if by not in _GROUPS:
-            raise ValueError(f"by must be one of {', '.join(_GROUPS)}")
-        return await self._run(self._earnings, float(since), _GROUPS[by])
-
-    async def mark_served(self, payment_id: str) -> PaymentRecord:
-        return await self._run(self._mark_served, payment_id)
-
-    async def by_nonce(self, nonce: str) -> builtins.list[PaymentRecord]:
-        return await self._run(
-            self._many, "WHERE nonce = %s ORDER BY created_at LIMIT 10", (normalise_nonce(nonce),)
-        )
-
-    async def add_receipt(
-        self,
-        payment_id: str,
-        kind: str,
-        token: str,
-        *,
-        usage: ReceiptUsage | None = None,
-        lease: int | None = None,
-    ) -> None:
-        check_receipt(kind, token)
-        await self._run(self._add_receipt, payment_id, kind, token, usage, lease)
-
-    async def _add_receipt(
-        self,
-        conn: Conn,
-        payment_id: str,
-        kind: str,
-        token: str,
-        usage: ReceiptUsage | None,
-        lease: int | None,
-    ) -> None:
-        await self._must(conn, payment_id)
-        await conn.execute(
-            "INSERT INTO receipts (payment_id, kind, token, created_at) VALUES (%s, %s, %s, %s)"
-            " ON CONFLICT (payment_id, kind) DO NOTHING",
-            (payment_id, kind, token, await self._now(conn)),
-        )
-        if usage is not None and kind == "reply":
-            await conn.execute(
-                "UPDATE payments SET tokens_in = %s, tokens_out = %s, usage_source = %s"
-                " WHERE id = %s AND tokens_in IS NULL AND (%s::bigint IS NULL OR lease = %s)",
-                (usage.tokens_in, usage.tokens_out, usage.source, payment_id, lease, lease),
-            )
-
-    async def receipts(self, payment_id: str) -> builtins.list[StoredReceipt]:
-        return await self._run(
-            self._receipts, "WHERE payment_id = %s ORDER BY created_at, kind", (payment_id,)
-        )
-
-    async def list_receipts(self, *, limit: int = 50) -> builtins.list[StoredReceipt]:
-        return await self._run(
-            self._receipts, "ORDER BY created_at DESC, seq DESC LIMIT %s", (check_limit(limit),)
-        )
-
-    async def _receipts(
-        self, conn: Conn, tail: str, params: tuple[Any, ...]
-    ) -> builtins.list[StoredReceipt]:
-        rows = await (
-            await conn.execute(
-                f"SELECT payment_id, kind, token, created_at FROM receipts {tail}",  # noqa: S608 - constant
-                params,
-            )
-        ).fetchall()
-        return [
-            StoredReceipt(r["payment_id"], r["kind"], r["token"], float(r["created_at"]))
-            for r in rows
-        ]
-
-    async def get(self, payment_id: str) -> PaymentRecord | None:
-        return await self._run(self._one, "WHERE id = %s", (payment_id,))
-
-    async def find(
-        self, *, network: str, asset: str, payer: str, nonce: str
-    ) -> PaymentRecord | None:
-        key = normalise_key(network, asset, payer, nonce)
-        return await self._run(
-            self._one, "WHERE network = %s AND asset = %s AND payer = %s AND nonce = %s", key
-        )
-
-    async def by_idempotency_key(self, key: str) -> PaymentRecord | None:
-        return await self._run(self._one, "WHERE idempotency_key = %s", (key,))
-
-    async def forget_idempotency_key(
-        self,
-        key: str,
-        *,
-        payment_id: str,
-        ended: tuple[PaymentState, ...],
-        before: float,
-    ) -> bool:
-        return await self._run(self._forget_idempotency_key, key, payment_id, ended, before)
-
-    async def _forget_idempotency_key(
-        self,
-        conn: Conn,
-        key: str,
-        payment_id: str,
-        ended: tuple[PaymentState, ...],
-        before: float,
-    ) -> bool:
-        cursor = await conn.execute(
-            "UPDATE payments SET idempotency_key = NULL WHERE id = %s AND idempotency_key = %s"
-            " AND (state = %s OR (state = ANY(%s) AND updated_at < %s))",
-            (
-                payment_id,
-                key,
-                PaymentState.RELEASED.value,
-                [state.value for state in ended],
-                before,
-            ),
-        )
-        return cursor.rowcount == 1
-
-    async def unfinished(self, *, limit: int = MAX_LIST_LIMIT) -> builtins.list[PaymentRecord]:
-        return await self._run(
-            self._many,
-            "WHERE state = ANY(%s) ORDER BY updated_at, seq LIMIT %s",
-            ([s.value for s in UNFINISHED_STATES], check_limit(limit)),
-        )
-
-    async def stale_reservations(
-        self, older_than: float, *, limit: int = MAX_LIST_LIMIT
-    ) -> builtins.list[PaymentRecord]:
-        if not older_than >= 0:
-            raise ValueError("older_than must be a number of seconds >= 0")
-        limit = check_limit(limit)
-
-        async def query(conn: Conn) -> builtins.list[PaymentRecord]:
-            cutoff = await self._now(conn) - older_than
-            return await self._many(
-                conn,
-                "WHERE state = ANY(%s) AND updated_at <= %s ORDER BY updated_at, seq LIMIT %s",
-                ([s.value for s in RESERVATION_STATES], cutoff, limit),
-            )
-
-        return await self._run(query)
-
-    async def list(
-        self, *, state: PaymentState | None = None, limit: int = 50
-    ) -> builtins.list[PaymentRecord]:
-        if state is None:
-            where, params = "", ()
-        else:
-            where, params = "WHERE state = %s", (PaymentState(state).value,)
-        return await self._run(
-            self._many,
-            f"{where} ORDER BY created_at DESC, seq DESC LIMIT %s",
-            (*params, check_limit(limit)),
-        )
-
-    async def renew(self, payment_id: str, lease: int) -> PaymentRecord:
-        return await self._run(self._renew, payment_id, lease)
-
-    async def let_go(self, payment_id: str, lease: int) -> PaymentRecord:
-        return await self._run(self._let_go, payment_id, lease)
-
-    async def claim_unfinished(
-        self, *, min_age: float, own: bool = False, limit: int = MAX_LIST_LIMIT
-    ) -> builtins.list[PaymentRecord]:
-        if not min_age >= 0:
-            raise ValueError("min_age must be a number of seconds >= 0")
-        return await self._run(
-            self._take, UNFINISHED_STATES, min_age, own, check_limit(limit), False
-        )
-
-    async def release_abandoned(
-        self, *, own: bool = False, limit: int = MAX_LIST_LIMIT
-    ) -> builtins.list[PaymentRecord]:
-        return await self._run(self._take, RESERVATION_STATES, 0.0, own, check_limit(limit), True)
-
-    async def history(self, payment_id: str) -> builtins.list[PaymentEvent]:
-        return await self._run(self._history, payment_id)
-
     async def close(self) -> None:
         """Let submitted calls finish, then close the pool. Idempotent."""
         if self._closed:
@@ -593,21 +350,6 @@ class PostgresLedger:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=30)
         await self._pool.close()
-
-    # --- for `paygate ledger copy` (not part of the request path) ----------------------------
-
-    async def page(self, after: str | None, limit: int) -> builtins.list[PaymentRecord]:
-        """Records in id order after ``after``: a stable walk over the whole ledger."""
-        return await self._run(
-            self._many, "WHERE id > %s ORDER BY id LIMIT %s", (after or "", check_limit(limit))
-        )
-
-    async def import_record(
-        self, record: PaymentRecord, events: builtins.list[PaymentEvent]
-    ) -> bool:
-        """Insert a record from another store with its history (unowned); False if its id is
-        here already. Another id holding the same authorization is a :class:`LedgerConflict`."""
-        return await self._run(self._import, record, events)
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -692,21 +434,24 @@ class PostgresLedger:
 
     async def _one(self, conn: Conn, where: str, params: tuple[Any, ...]) -> PaymentRecord | None:
         row = await (await conn.execute(f"{_SELECT} {where}", params)).fetchone()
-        return _record(row) if row else None
+        return rules.record_from_row(row) if row else None
 
     async def _many(
         self, conn: Conn, tail: str, params: tuple[Any, ...]
     ) -> builtins.list[PaymentRecord]:
         rows = await (await conn.execute(f"{_SELECT} {tail}", params)).fetchall()
-        return [_record(row) for row in rows]
+        return [rules.record_from_row(row) for row in rows]
 
     async def _must(self, conn: Conn, payment_id: str, *, lock: bool = False) -> PaymentRecord:
         record = await self._one(
             conn, "WHERE id = %s" + (" FOR UPDATE" if lock else ""), (payment_id,)
         )
         if record is None:
-            raise PaymentNotFound(f"no payment {_printable_id(payment_id)}")
+            raise rules.not_found(payment_id)
         return record
+
+    def _tail(self, clause: str) -> str:
+        return clause.format(seq="seq").replace("?", "%s")
 
     async def _event(
         self,
@@ -714,105 +459,49 @@ class PostgresLedger:
         record: PaymentRecord,
         action: EventAction,
         at: float,
-        *,
-        transaction: str | None = None,
-        error: str | None = None,
-        detail: str | None = None,
+        **details: str | None,
     ) -> None:
-        await conn.execute(
-            _INSERT_EVENT,
-            (
-                record.id,
-                at,
-                self.replica,
-                action.value,
-                record.state.value,
-                record.lease,
-                transaction,
-                error,
-                detail,
-            ),
-        )
+        """One history line; ``details``: ``transaction``, ``error``, ``detail``."""
+        values = rules.event_values(record, action, at, self.replica, **details)
+        await conn.execute(_INSERT_EVENT, values)
 
-    # --- the statements ---------------------------------------------------------------------
+    # --- the statements (each in one transaction) -------------------------------------------
 
-    async def _reserve(self, conn: Conn, values: dict[str, Any]) -> PaymentRecord:
-        key: tuple[str, str, str, str] = values["key"]
-        idem: str | None = values["idempotency_key"]
-        if idem is not None:
-            holder = await self._one(conn, "WHERE idempotency_key = %s", (idem,))
-            if holder is not None and holder.key != key:
-                raise IdempotencyKeyReused(
-                    "the payment identifier already names a different authorization"
-                )
+    async def _reserve(self, conn: Conn, checked: rules.Reservation) -> PaymentRecord:
+        if checked.idempotency_key is not None:
+            holder = await self._one(
+                conn, self._tail(BY_IDEMPOTENCY_KEY), (checked.idempotency_key,)
+            )
+            checked.check_identifier(holder)
         now = await self._now(conn)
-        if values["budgets"]:
+        if checked.budgets:
             # One payer's reservations in turn (the transaction's advisory lock), so that
             # concurrent requests cannot both fit the same remainder of the budget.
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (key[2],))
-        budget: Budget
-        for budget in values["budgets"]:
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (checked.payer,))
+        for budget in checked.budgets:
+            network, asset, payer, nonce = checked.key
             row = await (
                 await conn.execute(
                     "SELECT COALESCE(SUM(COALESCE(settled_amount, settle_amount, amount)), 0)"
                     " AS spent FROM payments WHERE asset = %s AND payer = %s AND counted_at >= %s"
                     " AND state <> ALL(%s) AND NOT (network = %s AND nonce = %s)",
-                    (key[1], key[2], budget.since, ["released", "failed"], key[0], key[3]),
+                    (asset, payer, budget.since, ["released", "failed"], network, nonce),
                 )
             ).fetchone()
-            if int(row["spent"]) + int(values["amount"]) > budget.limit:
-                raise BudgetExceeded("the payer's budget would be passed", budget)
-        # The replay guard, in one statement: a new key is inserted; a RELEASED one is claimed
-        # again (same id and attempts); any other existing row returns nothing.
-        row = await (
-            await conn.execute(
-                "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount,"  # noqa: S608 - constant columns
-                " x402_version, route, state, served, payload, requirements, idempotency_key,"
-                " attempts, created_at, updated_at, owner, lease, lease_until, scheme, model,"
-                " counted_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s::numeric, %s, %s, 'reserved', false,"
-                " %s, %s, %s, 0, %s, %s, %s, 1, %s, %s, %s, %s)"
-                " ON CONFLICT (network, asset, payer, nonce) DO UPDATE SET"
-                " state = 'reserved', served = false, pay_to = excluded.pay_to,"
-                " amount = excluded.amount, x402_version = excluded.x402_version,"
-                " route = excluded.route, payload = excluded.payload,"
-                " requirements = excluded.requirements,"
-                " idempotency_key = COALESCE(excluded.idempotency_key, payments.idempotency_key),"
-                " error = NULL, updated_at = excluded.updated_at, owner = excluded.owner,"
-                " scheme = excluded.scheme, model = excluded.model, tokens_in = NULL,"
-                " tokens_out = NULL, usage_source = NULL, settle_amount = NULL,"
-                " counted_at = excluded.counted_at,"
-                " lease = payments.lease + 1, lease_until = excluded.lease_until"
-                " WHERE payments.state = 'released'"
-                f" RETURNING {_COLUMNS}",
-                (
-                    uuid.uuid4().hex,
-                    *key,
-                    values["pay_to"],
-                    values["amount"],
-                    values["x402_version"],
-                    values["route"],
-                    values["payload"],
-                    values["requirements"],
-                    idem,
-                    now,
-                    now,
-                    self.replica,
-                    now + self.lease_seconds,
-                    values["scheme"],
-                    values["model"],
-                    now,
-                ),
-            )
-        ).fetchone()
+            checked.check_budget(budget, int(row["spent"]))
+        values = checked.values(
+            payment_id=uuid.uuid4().hex,
+            now=now,
+            replica=self.replica,
+            lease_seconds=self.lease_seconds,
+        )
+        row = await (await conn.execute(_RESERVE, values)).fetchone()
         if row is None:
-            existing = await self._one(
-                conn, "WHERE network = %s AND asset = %s AND payer = %s AND nonce = %s", key
-            )
+            existing = await self._one(conn, self._tail(BY_KEY), checked.key)
             if existing is None:  # cannot happen: the conflicting row is committed
                 raise LedgerConflict("the authorization changed concurrently")
             raise AlreadyReserved(existing)
-        record = _record(row)
+        record = rules.record_from_row(row)
         await self._event(conn, record, EventAction.RESERVED, now)
         return record
 
@@ -828,55 +517,24 @@ class PostgresLedger:
         settled_amount: int | None,
     ) -> PaymentRecord:
         current = await self._must(conn, payment_id, lock=True)
-        check_move(current, to, lease)
-        if meter is not None and meter.settle_amount > current.amount:
-            raise ValueError("a metered charge cannot exceed the authorized amount")
-        m = meter
-        now = await self._now(conn)
-        if not TRANSITIONS[to]:
-            owner, until = None, None
-        elif lease is not None:
-            owner, until = self.replica, now + self.lease_seconds
-        else:
-            owner, until = current.owner, current.lease_until
-        row = await (
-            await conn.execute(
-                "UPDATE payments SET state = %s, attempts = attempts + %s,"  # noqa: S608 - constant columns
-                " served = served OR %s, tx_hash = COALESCE(%s, tx_hash),"
-                " error = COALESCE(%s, error), updated_at = %s, owner = %s, lease_until = %s,"
-                " tokens_in = COALESCE(%s, tokens_in), tokens_out = COALESCE(%s, tokens_out),"
-                " usage_source = COALESCE(%s, usage_source),"
-                " settle_amount = COALESCE(%s::numeric, settle_amount),"
-                " settled_amount = COALESCE(%s::numeric, settled_amount),"
-                " counted_at = CASE WHEN %s THEN %s ELSE counted_at END"
-                f" WHERE id = %s AND state = %s AND lease = %s RETURNING {_COLUMNS}",
-                (
-                    to.value,
-                    1 if to is PaymentState.SETTLING else 0,
-                    to is PaymentState.SERVED,
-                    transaction,
-                    error,
-                    now,
-                    owner,
-                    until,
-                    m.tokens_in if m else None,
-                    m.tokens_out if m else None,
-                    m.source if m else None,
-                    str(m.settle_amount) if m else None,
-                    None if settled_amount is None else str(settled_amount),
-                    to is PaymentState.SETTLED,
-                    now,
-                    current.id,
-                    current.state.value,
-                    current.lease,
-                ),
-            )
-        ).fetchone()
+        values = rules.move_values(
+            current,
+            to,
+            transaction=transaction,
+            error=error,
+            lease=lease,
+            meter=meter,
+            settled_amount=settled_amount,
+            now=await self._now(conn),
+            replica=self.replica,
+            lease_seconds=self.lease_seconds,
+        )
+        row = await (await conn.execute(_MOVE, values)).fetchone()
         if row is None:  # cannot happen under the row lock; never guess
             raise LedgerConflict(f"payment {current.id} changed concurrently")
-        record = _record(row)
+        record = rules.record_from_row(row)
         await self._event(
-            conn, record, EventAction.MOVED, now, transaction=transaction, error=error
+            conn, record, EventAction.MOVED, values["now"], transaction=transaction, error=error
         )
         return record
 
@@ -906,10 +564,10 @@ class PostgresLedger:
         )
         return limit - count - 1
 
-    async def _earnings(self, conn: Conn, since: float, group: str) -> builtins.list[Earnings]:
+    async def _earnings(self, conn: Conn, since: float, by: str) -> builtins.list[Earnings]:
         rows = await (
             await conn.execute(
-                f"SELECT {group} AS key, COUNT(*) AS n, COALESCE(SUM(tokens_in), 0) AS i,"  # noqa: S608 - constant
+                f"SELECT {_GROUPS[by]} AS key, COUNT(*) AS n, COALESCE(SUM(tokens_in), 0) AS i,"  # noqa: S608 - constant
                 " COALESCE(SUM(tokens_out), 0) AS o,"
                 " COALESCE(SUM(COALESCE(settled_amount, amount)), 0) AS s"
                 " FROM payments WHERE state = 'settled' AND created_at >= %s"
@@ -932,26 +590,24 @@ class PostgresLedger:
                 (now, current.id),
             )
         ).fetchone()
-        record = _record(row)
+        record = rules.record_from_row(row)
         await self._event(conn, record, EventAction.SERVED, now)
         return record
 
     async def _renew(self, conn: Conn, payment_id: str, lease: int) -> PaymentRecord:
         current = await self._must(conn, payment_id, lock=True)
-        check_fence(current, lease)
-        if current.terminal or current.owner != self.replica:
-            raise LeaseLost(f"payment {current.id}: no lease of ours to renew")
+        rules.check_renewal(current, lease, self.replica)
         row = await (
             await conn.execute(
                 f"UPDATE payments SET lease_until = %s WHERE id = %s RETURNING {_COLUMNS}",  # noqa: S608 - constant columns
                 (await self._now(conn) + self.lease_seconds, current.id),
             )
         ).fetchone()
-        return _record(row)
+        return rules.record_from_row(row)
 
     async def _let_go(self, conn: Conn, payment_id: str, lease: int) -> PaymentRecord:
         current = await self._must(conn, payment_id, lock=True)
-        check_fence(current, lease)
+        rules.check_let_go(current, lease)
         row = await (
             await conn.execute(
                 "UPDATE payments SET owner = NULL, lease_until = NULL WHERE id = %s"  # noqa: S608 - constant columns
@@ -959,9 +615,19 @@ class PostgresLedger:
                 (current.id,),
             )
         ).fetchone()
-        record = _record(row)
+        record = rules.record_from_row(row)
         await self._event(conn, record, EventAction.LET_GO, await self._now(conn))
         return record
+
+    async def _claim_unfinished(
+        self, conn: Conn, min_age: float, own: bool, limit: int
+    ) -> builtins.list[PaymentRecord]:
+        return await self._take(conn, UNFINISHED_STATES, min_age, own, limit, False)
+
+    async def _release_abandoned(
+        self, conn: Conn, own: bool, limit: int
+    ) -> builtins.list[PaymentRecord]:
+        return await self._take(conn, RESERVATION_STATES, 0.0, own, limit, True)
 
     async def _take(
         self,
@@ -1008,7 +674,7 @@ class PostgresLedger:
         taken = []
         action = EventAction.RELEASED if release else EventAction.CLAIMED
         for row in rows:
-            record = _record(row)
+            record = rules.record_from_row(row)
             await self._event(conn, record, action, now, detail=row["former"] or "nobody")
             taken.append(record)
         return taken
@@ -1016,64 +682,103 @@ class PostgresLedger:
     async def _history(self, conn: Conn, payment_id: str) -> builtins.list[PaymentEvent]:
         rows = await (
             await conn.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM payment_events WHERE payment_id = %s"  # noqa: S608
+                f"SELECT {rules.EVENT_COLUMNS} FROM payment_events WHERE payment_id = %s"  # noqa: S608
                 " ORDER BY seq LIMIT %s",
                 (payment_id, MAX_LIST_LIMIT),
             )
         ).fetchall()
-        return [_event(row) for row in rows]
+        return [rules.event_from_row(row) for row in rows]
+
+    async def _in_states(
+        self, conn: Conn, states: tuple[PaymentState, ...], older_than: float | None, limit: int
+    ) -> builtins.list[PaymentRecord]:
+        """Records in ``states`` (not changed for ``older_than`` seconds), oldest first."""
+        if older_than is None:
+            where, params = "WHERE state = ANY(%s)", ()
+        else:
+            where, params = (
+                "WHERE state = ANY(%s) AND updated_at <= %s",
+                (await self._now(conn) - older_than,),
+            )
+        return await self._many(
+            conn,
+            f"{where} ORDER BY updated_at, seq LIMIT %s",
+            ([s.value for s in states], *params, limit),
+        )
+
+    async def _forget_idempotency_key(
+        self,
+        conn: Conn,
+        key: str,
+        payment_id: str,
+        ended: tuple[PaymentState, ...],
+        before: float,
+    ) -> bool:
+        cursor = await conn.execute(
+            "UPDATE payments SET idempotency_key = NULL WHERE id = %s AND idempotency_key = %s"
+            " AND (state = %s OR (state = ANY(%s) AND updated_at < %s))",
+            (
+                payment_id,
+                key,
+                PaymentState.RELEASED.value,
+                [state.value for state in ended],
+                before,
+            ),
+        )
+        return cursor.rowcount == 1
+
+    async def _add_receipt(
+        self,
+        conn: Conn,
+        payment_id: str,
+        kind: str,
+        token: str,
+        usage: ReceiptUsage | None,
+        lease: int | None,
+    ) -> None:
+        await self._must(conn, payment_id)
+        await conn.execute(
+            "INSERT INTO receipts (payment_id, kind, token, created_at) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (payment_id, kind) DO NOTHING",
+            (payment_id, kind, token, await self._now(conn)),
+        )
+        if usage is not None and kind == "reply":
+            await conn.execute(
+                "UPDATE payments SET tokens_in = %s, tokens_out = %s, usage_source = %s"
+                " WHERE id = %s AND tokens_in IS NULL AND (%s::bigint IS NULL OR lease = %s)",
+                (usage.tokens_in, usage.tokens_out, usage.source, payment_id, lease, lease),
+            )
+
+    async def _receipts(
+        self, conn: Conn, tail: str, params: tuple[Any, ...]
+    ) -> builtins.list[StoredReceipt]:
+        rows = await (
+            await conn.execute(
+                f"SELECT payment_id, kind, token, created_at FROM receipts {tail}",  # noqa: S608 - constant
+                params,
+            )
+        ).fetchall()
+        return [
+            StoredReceipt(r["payment_id"], r["kind"], r["token"], float(r["created_at"]))
+            for r in rows
+        ]
+
+    async def _signin_key(self, conn: Conn) -> bytes:
+        await conn.execute(
+            "INSERT INTO signin_key (id, secret) VALUES (1, %s) ON CONFLICT (id) DO NOTHING",
+            (secrets.token_hex(32),),
+        )
+        row = await (await conn.execute("SELECT secret FROM signin_key WHERE id = 1")).fetchone()
+        return bytes.fromhex(str(row["secret"]))
 
     async def _import(
         self, conn: Conn, record: PaymentRecord, events: builtins.list[PaymentEvent]
     ) -> bool:
-        if await self._one(conn, "WHERE id = %s", (record.id,)) is not None:
+        if await self._one(conn, self._tail(BY_ID), (record.id,)) is not None:
             return False
-        await conn.execute(
-            f"INSERT INTO payments ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s::numeric,"  # noqa: S608 - constant columns
-            " %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, %s, NULL,"
-            " %s, %s, %s, %s, %s, %s::numeric, %s::numeric)",
-            (
-                record.id,
-                *record.key,
-                record.pay_to,
-                str(record.amount),
-                record.x402_version,
-                record.route,
-                record.state.value,
-                record.served,
-                record.payload,
-                record.requirements,
-                record.idempotency_key,
-                record.transaction,
-                record.error,
-                record.attempts,
-                record.created_at,
-                record.updated_at,
-                record.lease,
-                record.scheme,
-                record.model,
-                record.tokens_in,
-                record.tokens_out,
-                record.usage_source,
-                None if record.settle_amount is None else str(record.settle_amount),
-                None if record.settled_amount is None else str(record.settled_amount),
-            ),
-        )
+        await conn.execute(_COPY, rules.copied_values(record))
         for event in events:
-            await conn.execute(
-                _INSERT_EVENT,
-                (
-                    record.id,
-                    event.at,
-                    event.replica,
-                    event.action.value,
-                    event.state.value,
-                    event.lease,
-                    event.transaction,
-                    event.error,
-                    event.detail,
-                ),
-            )
+            await conn.execute(_INSERT_EVENT, rules.copied_event_values(record.id, event))
         copied = await self._must(conn, record.id)
         await self._event(conn, copied, EventAction.COPIED, await self._now(conn))
         return True
@@ -1089,56 +794,3 @@ async def _probe(conninfo: str, kwargs: dict[str, Any]) -> None:
             "host, port, user, password and database"
         ) from None
     await conn.close()
-
-
-def _record(row: dict[str, Any]) -> PaymentRecord:
-    return PaymentRecord(
-        id=row["id"],
-        network=row["network"],
-        asset=row["asset"],
-        payer=row["payer"],
-        nonce=row["nonce"],
-        pay_to=row["pay_to"],
-        amount=int(row["amount"]),
-        x402_version=row["x402_version"],
-        route=row["route"],
-        state=PaymentState(row["state"]),
-        served=bool(row["served"]),
-        payload=row["payload"],
-        requirements=row["requirements"],
-        idempotency_key=row["idempotency_key"],
-        transaction=row["tx_hash"],
-        error=row["error"],
-        attempts=row["attempts"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        owner=row["owner"],
-        lease=row["lease"],
-        lease_until=row["lease_until"],
-        scheme=row["scheme"],
-        model=row["model"],
-        tokens_in=row["tokens_in"],
-        tokens_out=row["tokens_out"],
-        usage_source=row["usage_source"],
-        settle_amount=None if row["settle_amount"] is None else int(row["settle_amount"]),
-        settled_amount=None if row["settled_amount"] is None else int(row["settled_amount"]),
-    )
-
-
-def _event(row: dict[str, Any]) -> PaymentEvent:
-    return PaymentEvent(
-        payment_id=row["payment_id"],
-        at=row["at"],
-        replica=row["replica"],
-        action=EventAction(row["action"]),
-        state=PaymentState(row["state"]),
-        lease=row["lease"],
-        transaction=row["tx_hash"],
-        error=row["error"],
-        detail=row["detail"],
-    )
-
-
-def _printable_id(payment_id: str) -> str:
-    text = str(payment_id)
-    return text if len(text) == 32 and all(c in "0123456789abcdef" for c in text) else "(invalid)"

@@ -32,46 +32,27 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+from paygate.x402 import ledger_rules as rules
 from paygate.x402.ledger import (
     DEFAULT_LEASE_SECONDS,
     MAX_LIST_LIMIT,
     RESERVATION_STATES,
-    TRANSITIONS,
     UNFINISHED_STATES,
-    AlreadyReserved,
-    Budget,
-    BudgetExceeded,
     Earnings,
     EventAction,
-    IdempotencyKeyReused,
-    LeaseLost,
     LedgerConflict,
     LedgerError,
     LedgerNotFound,
     LedgerUnavailable,
     Meter,
     PaymentEvent,
-    PaymentNotFound,
     PaymentRecord,
     PaymentState,
     ReceiptUsage,
     SignInReused,
     StoredReceipt,
-    check_amount,
-    check_error,
-    check_fence,
-    check_lease_seconds,
-    check_limit,
-    check_move,
-    check_receipt,
-    check_replica,
-    check_transaction,
-    default_replica_id,
-    normalise_address,
-    normalise_key,
-    normalise_nonce,
-    reservation,
 )
+from paygate.x402.ledger_base import BY_ID, BY_IDEMPOTENCY_KEY, BY_KEY, LedgerBase
 
 T = TypeVar("T")
 
@@ -203,23 +184,49 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 
-_RECORD_COLUMNS = (
-    "id, network, asset, payer, nonce, pay_to, amount, x402_version, route, state, served, "
-    "payload, requirements, idempotency_key, tx_hash, error, attempts, created_at, updated_at, "
-    "owner, lease, lease_until, "
-    "scheme, model, tokens_in, tokens_out, usage_source, settle_amount, settled_amount"
-)
-_SELECT = f"SELECT {_RECORD_COLUMNS} FROM payments"  # noqa: S608 - constant column list
+
+_SELECT = f"SELECT {rules.RECORD_COLUMNS} FROM payments"  # noqa: S608 - constant column list
 # `paygate payments summary --by`: the SQL expression of each grouping (constants only).
 _GROUPS = {
     "model": "COALESCE(model, '-')",
     "day": "date(created_at, 'unixepoch')",
     "payer": "payer",
 }
-_EVENT_COLUMNS = "payment_id, at, replica, action, state, lease, tx_hash, error, detail"
+_INSERT_EVENT = f"INSERT INTO payment_events ({rules.EVENT_COLUMNS}) VALUES ({', '.join('?' * 9)})"  # noqa: S608 - constant
+_COPY = f"INSERT INTO payments ({rules.RECORD_COLUMNS}) VALUES ({', '.join('?' * 29)})"  # noqa: S608 - constant
+_RESERVE = (
+    "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount, x402_version, route,"
+    " state, served, payload, requirements, idempotency_key, attempts, created_at, updated_at,"
+    " owner, lease, lease_until, scheme, model, counted_at)"
+    " VALUES (:id, :network, :asset, :payer, :nonce, :pay_to, :amount, :x402_version, :route,"
+    " :reserved, 0, :payload, :requirements, :idempotency_key, 0, :now, :now,"
+    " :owner, 1, :until, :scheme, :model, :now)"
+)
+# A retry of an authorization whose earlier request failed before settlement.
+_RESERVE_AGAIN = (
+    "UPDATE payments SET state = :reserved, served = 0, pay_to = :pay_to, amount = :amount,"
+    " x402_version = :x402_version, route = :route, payload = :payload,"
+    " requirements = :requirements,"
+    " idempotency_key = COALESCE(:idempotency_key, idempotency_key), error = NULL,"
+    " scheme = :scheme, model = :model, tokens_in = NULL, tokens_out = NULL,"
+    " usage_source = NULL, settle_amount = NULL, counted_at = :now, updated_at = :now,"
+    " owner = :owner, lease = lease + 1, lease_until = :until"
+    " WHERE id = :id AND state = :released"
+)
+_MOVE = (
+    "UPDATE payments SET state = :state, attempts = attempts + :attempt,"
+    " served = MAX(served, :served), tx_hash = COALESCE(:tx_hash, tx_hash),"
+    " error = COALESCE(:error, error), updated_at = :now, owner = :owner, lease_until = :until,"
+    " tokens_in = COALESCE(:tokens_in, tokens_in), tokens_out = COALESCE(:tokens_out, tokens_out),"
+    " usage_source = COALESCE(:usage_source, usage_source),"
+    " settle_amount = COALESCE(:settle_amount, settle_amount),"
+    " settled_amount = COALESCE(:settled_amount, settled_amount),"
+    " counted_at = CASE WHEN :counted THEN :now ELSE counted_at END"
+    " WHERE id = :id AND state = :from_state AND lease = :lease"
+)
 
 
-class SqliteLedger:
+class SqliteLedger(LedgerBase):
     """:class:`paygate.x402.ledger.Ledger` on a SQLite file. Build it with :meth:`open`."""
 
     def __init__(
@@ -230,13 +237,12 @@ class SqliteLedger:
         read_only: bool,
         busy_timeout: float,
         clock: Callable[[], float],
-        replica: str,
+        replica: str | None,
         lease_seconds: float,
     ) -> None:
         self.path = path
         self.read_only = read_only
-        self.replica = check_replica(replica)
-        self.lease_seconds = check_lease_seconds(lease_seconds)
+        super().__init__(replica, lease_seconds)
         self._executor = executor
         self._busy_timeout = busy_timeout
         self._clock = clock
@@ -273,7 +279,7 @@ class SqliteLedger:
             read_only=read_only,
             busy_timeout=busy_timeout,
             clock=clock,
-            replica=replica or default_replica_id(),
+            replica=replica,
             lease_seconds=lease_seconds,
         )
         try:
@@ -282,192 +288,6 @@ class SqliteLedger:
             await ledger.close()
             raise
         return ledger
-
-    async def __aenter__(self) -> SqliteLedger:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    # --- the Ledger interface ---------------------------------------------------------------
-
-    async def reserve(
-        self,
-        *,
-        network: str,
-        asset: str,
-        payer: str,
-        nonce: str,
-        pay_to: str,
-        amount: int,
-        x402_version: int,
-        route: str,
-        payload: str,
-        requirements: str,
-        idempotency_key: str | None,
-        scheme: str = "exact",
-        model: str | None = None,
-        budget: Budget | None = None,
-        budgets: tuple[Budget, ...] = (),
-    ) -> PaymentRecord:
-        values = reservation(
-            network=network,
-            asset=asset,
-            payer=payer,
-            nonce=nonce,
-            pay_to=pay_to,
-            amount=amount,
-            x402_version=x402_version,
-            route=route,
-            payload=payload,
-            requirements=requirements,
-            idempotency_key=idempotency_key,
-            scheme=scheme,
-            model=model,
-            budget=budget,
-            budgets=budgets,
-        )
-        return await self._run(self._reserve, values)
-
-    async def transition(
-        self,
-        payment_id: str,
-        to: PaymentState,
-        *,
-        transaction: str | None = None,
-        error: str | None = None,
-        lease: int | None = None,
-        meter: Meter | None = None,
-        settled_amount: int | None = None,
-    ) -> PaymentRecord:
-        target = PaymentState(to)
-        if settled_amount is not None:
-            check_amount(settled_amount)
-        return await self._run(
-            self._transition,
-            payment_id,
-            target,
-            check_transaction(transaction),
-            check_error(error),
-            lease,
-            meter,
-            settled_amount,
-        )
-
-    async def mark_served(self, payment_id: str) -> PaymentRecord:
-        return await self._run(self._mark_served, payment_id)
-
-    async def renew(self, payment_id: str, lease: int) -> PaymentRecord:
-        return await self._run(self._renew, payment_id, lease)
-
-    async def let_go(self, payment_id: str, lease: int) -> PaymentRecord:
-        return await self._run(self._let_go, payment_id, lease)
-
-    async def claim_unfinished(
-        self, *, min_age: float, own: bool = False, limit: int = MAX_LIST_LIMIT
-    ) -> builtins.list[PaymentRecord]:
-        if not min_age >= 0:
-            raise ValueError("min_age must be a number of seconds >= 0")
-        return await self._run(self._claim_unfinished, min_age, own, check_limit(limit))
-
-    async def release_abandoned(
-        self, *, own: bool = False, limit: int = MAX_LIST_LIMIT
-    ) -> builtins.list[PaymentRecord]:
-        return await self._run(self._release_abandoned, own, check_limit(limit))
-
-    async def history(self, payment_id: str) -> builtins.list[PaymentEvent]:
-        return await self._run(self._history, payment_id)
-
-    # --- for `paygate ledger copy` (not part of the request path) ----------------------------
-
-    async def page(self, after: str | None, limit: int) -> builtins.list[PaymentRecord]:
-        """Records in id order after ``after``: a stable walk over the whole ledger."""
-        return await self._run(
-            self._many, "WHERE id > ? ORDER BY id LIMIT ?", (after or "", check_limit(limit))
-        )
-
-    async def import_record(
-        self, record: PaymentRecord, events: builtins.list[PaymentEvent]
-    ) -> bool:
-        """Insert a record from another store with its history (unowned); False if its id is
-        here already. Another id holding the same authorization is a :class:`LedgerConflict`."""
-        return await self._run(self._import, record, events)
-
-    async def get(self, payment_id: str) -> PaymentRecord | None:
-        return await self._run(self._one, "WHERE id = ?", (payment_id,))
-
-    async def find(
-        self, *, network: str, asset: str, payer: str, nonce: str
-    ) -> PaymentRecord | None:
-        key = normalise_key(network, asset, payer, nonce)
-        return await self._run(
-            self._one, "WHERE network = ? AND asset = ? AND payer = ? AND nonce = ?", key
-        )
-
-    async def by_idempotency_key(self, key: str) -> PaymentRecord | None:
-        return await self._run(self._one, "WHERE idempotency_key = ?", (key,))
-
-    async def forget_idempotency_key(
-        self,
-        key: str,
-        *,
-        payment_id: str,
-        ended: tuple[PaymentState, ...],
-        before: float,
-    ) -> bool:
-        return await self._run(self._forget_idempotency_key, key, payment_id, ended, before)
-
-    def _forget_idempotency_key(
-        self, key: str, payment_id: str, ended: tuple[PaymentState, ...], before: float
-    ) -> bool:
-        states = ",".join("?" * len(ended)) or "NULL"
-        with self._write():
-            cursor = self._conn.execute(
-                "UPDATE payments SET idempotency_key = NULL WHERE id = ? AND idempotency_key = ?"  # noqa: S608 - placeholders only
-                f" AND (state = ? OR (state IN ({states}) AND updated_at < ?))",
-                (
-                    payment_id,
-                    key,
-                    PaymentState.RELEASED.value,
-                    *(state.value for state in ended),
-                    before,
-                ),
-            )
-            return cursor.rowcount == 1
-
-    async def unfinished(self, *, limit: int = MAX_LIST_LIMIT) -> list[PaymentRecord]:
-        marks = ", ".join("?" for _ in UNFINISHED_STATES)
-        return await self._run(
-            self._many,
-            f"WHERE state IN ({marks}) ORDER BY updated_at, rowid LIMIT ?",
-            (*UNFINISHED_STATES, check_limit(limit)),
-        )
-
-    async def stale_reservations(
-        self, older_than: float, *, limit: int = MAX_LIST_LIMIT
-    ) -> list[PaymentRecord]:
-        if not older_than >= 0:
-            raise ValueError("older_than must be a number of seconds >= 0")
-        marks = ", ".join("?" for _ in RESERVATION_STATES)
-        cutoff = self._clock() - older_than
-        return await self._run(
-            self._many,
-            f"WHERE state IN ({marks}) AND updated_at <= ? ORDER BY updated_at, rowid LIMIT ?",
-            (*RESERVATION_STATES, cutoff, check_limit(limit)),
-        )
-
-    async def list(
-        self, *, state: PaymentState | None = None, limit: int = 50
-    ) -> list[PaymentRecord]:
-        if state is None:
-            where, params = "", ()
-        else:
-            where, params = "WHERE state = ?", (PaymentState(state).value,)
-        return await self._run(
-            self._many,
-            f"{where} ORDER BY created_at DESC, rowid DESC LIMIT ?",
-            (*params, check_limit(limit)),
-        )
 
     async def close(self) -> None:
         """Finish queued calls, close the connection and the worker thread. Idempotent."""
@@ -625,217 +445,68 @@ class SqliteLedger:
 
     def _one(self, where: str, params: tuple[Any, ...]) -> PaymentRecord | None:
         row = self._conn.execute(f"{_SELECT} {where}", params).fetchone()
-        return _record(row) if row else None
+        return rules.record_from_row(row) if row else None
 
     def _many(self, tail: str, params: tuple[Any, ...]) -> builtins.list[PaymentRecord]:
-        return [_record(row) for row in self._conn.execute(f"{_SELECT} {tail}", params)]
+        return [
+            rules.record_from_row(row) for row in self._conn.execute(f"{_SELECT} {tail}", params)
+        ]
 
-    def _reserve(self, values: dict[str, Any]) -> PaymentRecord:
-        key: tuple[str, str, str, str] = values["key"]
-        idem: str | None = values["idempotency_key"]
-        with self._write():
-            if idem is not None:
-                owner = self._one("WHERE idempotency_key = ?", (idem,))
-                if owner is not None and owner.key != key:
-                    raise IdempotencyKeyReused(
-                        "the payment identifier already names a different authorization"
-                    )
-            existing = self._one("WHERE network = ? AND asset = ? AND payer = ? AND nonce = ?", key)
+    def _tail(self, clause: str) -> str:
+        return clause.format(seq="rowid")
+
+    def _must(self, payment_id: str) -> PaymentRecord:
+        record = self._one(BY_ID, (payment_id,))
+        if record is None:
+            raise rules.not_found(payment_id)
+        return record
+
+    def _event(
+        self, record: PaymentRecord, action: EventAction, at: float, **details: str | None
+    ) -> None:
+        """One history line; ``details``: ``transaction``, ``error``, ``detail``."""
+        values = rules.event_values(record, action, at, self.replica, **details)
+        self._conn.execute(_INSERT_EVENT, values)
+
+    # --- the statements (on the worker thread) ----------------------------------------------
+
+    def _reserve(self, checked: rules.Reservation) -> PaymentRecord:
+        with self._write() as db:
+            if checked.idempotency_key is not None:
+                holder = self._one(BY_IDEMPOTENCY_KEY, (checked.idempotency_key,))
+                checked.check_identifier(holder)
+            existing = self._one(BY_KEY, checked.key)
+            checked.check_existing(existing)
             now = self._clock()
-            until = now + self.lease_seconds
-            budget: Budget
-            for budget in values["budgets"]:
-                if existing is not None and existing.state is not PaymentState.RELEASED:
-                    break
-                spent = self._spent(key[1], key[2], budget.since)
-                if spent + int(values["amount"]) > budget.limit:
-                    raise BudgetExceeded("the payer's budget would be passed", budget)
-            if existing is None:
-                payment_id = uuid.uuid4().hex
-                self._conn.execute(
-                    "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount,"
-                    " x402_version, route, state, served, payload, requirements, idempotency_key,"
-                    " attempts, created_at, updated_at, owner, lease, lease_until, scheme, model,"
-                    " counted_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?, ?, 1, ?, ?, ?, ?)",
-                    (
-                        payment_id,
-                        *key,
-                        values["pay_to"],
-                        values["amount"],
-                        values["x402_version"],
-                        values["route"],
-                        PaymentState.RESERVED.value,
-                        values["payload"],
-                        values["requirements"],
-                        idem,
-                        now,
-                        now,
-                        self.replica,
-                        until,
-                        values["scheme"],
-                        values["model"],
-                        now,
-                    ),
-                )
-            elif existing.state is PaymentState.RELEASED:
-                # A retry of an authorization whose earlier request failed before settlement:
-                # same id and attempts; the new request's details replace the old ones.
-                payment_id = existing.id
-                self._conn.execute(
-                    "UPDATE payments SET state = ?, served = 0, pay_to = ?, amount = ?,"
-                    " x402_version = ?, route = ?, payload = ?, requirements = ?,"
-                    " idempotency_key = COALESCE(?, idempotency_key), error = NULL,"
-                    " scheme = ?, model = ?, tokens_in = NULL, tokens_out = NULL,"
-                    " usage_source = NULL, settle_amount = NULL, counted_at = ?,"
-                    " updated_at = ?, owner = ?, lease = lease + 1, lease_until = ?"
-                    " WHERE id = ? AND state = ?",
-                    (
-                        PaymentState.RESERVED.value,
-                        values["pay_to"],
-                        values["amount"],
-                        values["x402_version"],
-                        values["route"],
-                        values["payload"],
-                        values["requirements"],
-                        idem,
-                        values["scheme"],
-                        values["model"],
-                        now,
-                        now,
-                        self.replica,
-                        until,
-                        payment_id,
-                        PaymentState.RELEASED.value,
-                    ),
-                )
-            else:
-                raise AlreadyReserved(existing)
-            record = self._must(payment_id)
+            for budget in checked.budgets:
+                checked.check_budget(budget, self._spent(checked, budget.since))
+            values = checked.values(
+                payment_id=existing.id if existing else uuid.uuid4().hex,
+                now=now,
+                replica=self.replica,
+                lease_seconds=self.lease_seconds,
+            )
+            db.execute(_RESERVE if existing is None else _RESERVE_AGAIN, values)
+            record = self._must(values["id"])
             self._event(record, EventAction.RESERVED, now)
             return record
 
-    def _spent(self, asset: str, payer: str, since: float) -> int:
-        """What ``payer`` has committed on ``asset`` since ``since``, by when each payment last
+    def _spent(self, checked: rules.Reservation, since: float) -> int:
+        """What the payer has committed on the asset since ``since``, by when each payment last
         counted (admitted or settled; see ``reserve``)."""
         row = self._conn.execute(
             "SELECT COALESCE(SUM(CAST(COALESCE(settled_amount, settle_amount, amount) AS INTEGER)),"
             " 0) FROM payments WHERE asset = ? AND payer = ? AND counted_at >= ?"
             " AND state NOT IN (?, ?)",
-            (asset, payer, since, PaymentState.RELEASED.value, PaymentState.FAILED.value),
+            (
+                checked.asset,
+                checked.payer,
+                since,
+                PaymentState.RELEASED.value,
+                PaymentState.FAILED.value,
+            ),
         ).fetchone()
         return int(row[0])
-
-    async def take_free(self, *, payer: str, nonce: str, day: str, limit: int) -> int | None:
-        checked = normalise_address(payer, "payer")
-        if not 0 < len(nonce) <= 128 or not 0 < len(day) <= 16 or limit < 0:
-            raise ValueError("nonce, day or limit out of range")
-        return await self._run(self._take_free, checked, nonce, day, limit)
-
-    def _take_free(self, payer: str, nonce: str, day: str, limit: int) -> int | None:
-        with self._write() as db:
-            used = db.execute(
-                "SELECT used FROM free_quota WHERE payer = ? AND day = ?", (payer, day)
-            ).fetchone()
-            count = int(used[0]) if used else 0
-            if count >= limit:
-                return None
-            if db.execute("SELECT 1 FROM signin_nonces WHERE nonce = ?", (nonce,)).fetchone():
-                raise SignInReused("this sign-in was already used")
-            db.execute(
-                "INSERT INTO signin_nonces (nonce, payer, used_at) VALUES (?, ?, ?)",
-                (nonce, payer, self._clock()),
-            )
-            db.execute(
-                "INSERT INTO free_quota (payer, day, used) VALUES (?, ?, 1)"
-                " ON CONFLICT (payer, day) DO UPDATE SET used = used + 1",
-                (payer, day),
-            )
-            return limit - count - 1
-
-    async def by_nonce(self, nonce: str) -> builtins.list[PaymentRecord]:
-        return await self._run(
-            self._many, "WHERE nonce = ? ORDER BY created_at LIMIT 10", (normalise_nonce(nonce),)
-        )
-
-    async def add_receipt(
-        self,
-        payment_id: str,
-        kind: str,
-        token: str,
-        *,
-        usage: ReceiptUsage | None = None,
-        lease: int | None = None,
-    ) -> None:
-        check_receipt(kind, token)
-        await self._run(self._add_receipt, payment_id, kind, token, usage, lease)
-
-    def _add_receipt(
-        self,
-        payment_id: str,
-        kind: str,
-        token: str,
-        usage: ReceiptUsage | None,
-        lease: int | None,
-    ) -> None:
-        with self._write() as db:
-            self._must(payment_id)
-            db.execute(
-                "INSERT INTO receipts (payment_id, kind, token, created_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (payment_id, kind) DO NOTHING",
-                (payment_id, kind, token, self._clock()),
-            )
-            if usage is not None and kind == "reply":
-                db.execute(
-                    "UPDATE payments SET tokens_in = ?, tokens_out = ?, usage_source = ?"
-                    " WHERE id = ? AND tokens_in IS NULL AND (? IS NULL OR lease = ?)",
-                    (usage.tokens_in, usage.tokens_out, usage.source, payment_id, lease, lease),
-                )
-
-    async def receipts(self, payment_id: str) -> builtins.list[StoredReceipt]:
-        return await self._run(
-            self._receipts, "WHERE payment_id = ? ORDER BY created_at, kind", (payment_id,)
-        )
-
-    async def list_receipts(self, *, limit: int = 50) -> builtins.list[StoredReceipt]:
-        return await self._run(
-            self._receipts, "ORDER BY created_at DESC, rowid DESC LIMIT ?", (check_limit(limit),)
-        )
-
-    def _receipts(self, tail: str, params: tuple[Any, ...]) -> builtins.list[StoredReceipt]:
-        rows = self._conn.execute(
-            f"SELECT payment_id, kind, token, created_at FROM receipts {tail}",  # noqa: S608 - constant
-            params,
-        ).fetchall()
-        return [StoredReceipt(r[0], r[1], r[2], float(r[3])) for r in rows]
-
-    async def signin_key(self) -> bytes:
-        return await self._run(self._signin_key)
-
-    def _signin_key(self) -> bytes:
-        with self._write() as db:
-            row = db.execute("SELECT secret FROM signin_key WHERE id = 1").fetchone()
-            if row is None:
-                secret = secrets.token_hex(32)
-                db.execute("INSERT INTO signin_key (id, secret) VALUES (1, ?)", (secret,))
-            else:
-                secret = str(row[0])
-        return bytes.fromhex(secret)
-
-    async def earnings(self, *, since: float, by: str) -> builtins.list[Earnings]:
-        if by not in _GROUPS:
-            raise ValueError(f"by must be one of {', '.join(_GROUPS)}")
-        return await self._run(self._earnings, float(since), _GROUPS[by])
-
-    def _earnings(self, since: float, group: str) -> builtins.list[Earnings]:
-        rows = self._conn.execute(
-            f"SELECT {group} AS key, COUNT(*), COALESCE(SUM(tokens_in), 0),"  # noqa: S608 - constant
-            " COALESCE(SUM(tokens_out), 0),"
-            " COALESCE(SUM(CAST(COALESCE(settled_amount, amount) AS INTEGER)), 0)"
-            " FROM payments WHERE state = ? AND created_at >= ? GROUP BY key ORDER BY key",
-            (PaymentState.SETTLED.value, since),
-        ).fetchall()
-        return [Earnings(str(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows]
 
     def _transition(
         self,
@@ -847,61 +518,33 @@ class SqliteLedger:
         meter: Meter | None,
         settled_amount: int | None,
     ) -> PaymentRecord:
-        with self._write():
+        with self._write() as db:
             current = self._must(payment_id)
-            check_move(current, to, lease)
-            if meter is not None and meter.settle_amount > current.amount:
-                raise ValueError("a metered charge cannot exceed the authorized amount")
-            m = meter
-            now = self._clock()
-            if not TRANSITIONS[to]:  # terminal: nobody works on it any more
-                owner, until = None, None
-            elif lease is not None:  # the owner moves it on: its lease is renewed
-                owner, until = self.replica, now + self.lease_seconds
-            else:
-                owner, until = current.owner, current.lease_until
-            cursor = self._conn.execute(
-                "UPDATE payments SET state = ?, attempts = attempts + ?,"
-                " served = MAX(served, ?), tx_hash = COALESCE(?, tx_hash),"
-                " error = COALESCE(?, error), updated_at = ?, owner = ?, lease_until = ?,"
-                " tokens_in = COALESCE(?, tokens_in), tokens_out = COALESCE(?, tokens_out),"
-                " usage_source = COALESCE(?, usage_source),"
-                " settle_amount = COALESCE(?, settle_amount),"
-                " settled_amount = COALESCE(?, settled_amount),"
-                " counted_at = CASE WHEN ? THEN ? ELSE counted_at END"
-                " WHERE id = ? AND state = ? AND lease = ?",
-                (
-                    to.value,
-                    1 if to is PaymentState.SETTLING else 0,
-                    1 if to is PaymentState.SERVED else 0,
-                    transaction,
-                    error,
-                    now,
-                    owner,
-                    until,
-                    m.tokens_in if m else None,
-                    m.tokens_out if m else None,
-                    m.source if m else None,
-                    str(m.settle_amount) if m else None,
-                    None if settled_amount is None else str(settled_amount),
-                    to is PaymentState.SETTLED,
-                    now,
-                    current.id,
-                    current.state.value,
-                    current.lease,
-                ),
+            values = rules.move_values(
+                current,
+                to,
+                transaction=transaction,
+                error=error,
+                lease=lease,
+                meter=meter,
+                settled_amount=settled_amount,
+                now=self._clock(),
+                replica=self.replica,
+                lease_seconds=self.lease_seconds,
             )
-            if cursor.rowcount != 1:  # cannot happen under the write lock; never guess
+            if db.execute(_MOVE, values).rowcount != 1:  # impossible under the lock: never guess
                 raise LedgerConflict(f"payment {current.id} changed concurrently")
             record = self._must(current.id)
-            self._event(record, EventAction.MOVED, now, transaction=transaction, error=error)
+            self._event(
+                record, EventAction.MOVED, values["now"], transaction=transaction, error=error
+            )
             return record
 
     def _mark_served(self, payment_id: str) -> PaymentRecord:
-        with self._write():
+        with self._write() as db:
             record = self._must(payment_id)
             now = self._clock()
-            self._conn.execute(
+            db.execute(
                 "UPDATE payments SET served = 1, updated_at = ? WHERE id = ?", (now, record.id)
             )
             record = self._must(record.id)
@@ -909,22 +552,20 @@ class SqliteLedger:
             return record
 
     def _renew(self, payment_id: str, lease: int) -> PaymentRecord:
-        with self._write():
+        with self._write() as db:
             current = self._must(payment_id)
-            check_fence(current, lease)
-            if current.terminal or current.owner != self.replica:
-                raise LeaseLost(f"payment {current.id}: no lease of ours to renew")
-            self._conn.execute(
+            rules.check_renewal(current, lease, self.replica)
+            db.execute(
                 "UPDATE payments SET lease_until = ? WHERE id = ? AND lease = ?",
                 (self._clock() + self.lease_seconds, current.id, lease),
             )
             return self._must(current.id)
 
     def _let_go(self, payment_id: str, lease: int) -> PaymentRecord:
-        with self._write():
+        with self._write() as db:
             current = self._must(payment_id)
-            check_fence(current, lease)
-            self._conn.execute(
+            rules.check_let_go(current, lease)
+            db.execute(
                 "UPDATE payments SET owner = NULL, lease_until = NULL WHERE id = ? AND lease = ?",
                 (current.id, lease),
             )
@@ -977,148 +618,118 @@ class SqliteLedger:
 
     def _history(self, payment_id: str) -> builtins.list[PaymentEvent]:
         rows = self._conn.execute(
-            f"SELECT {_EVENT_COLUMNS} FROM payment_events WHERE payment_id = ?"  # noqa: S608
+            f"SELECT {rules.EVENT_COLUMNS} FROM payment_events WHERE payment_id = ?"  # noqa: S608
             " ORDER BY seq LIMIT ?",
             (payment_id, MAX_LIST_LIMIT),
         )
-        return [_event(row) for row in rows]
+        return [rules.event_from_row(row) for row in rows]
 
-    def _event(
-        self,
-        record: PaymentRecord,
-        action: EventAction,
-        at: float,
-        *,
-        transaction: str | None = None,
-        error: str | None = None,
-        detail: str | None = None,
-    ) -> None:
-        self._conn.execute(
-            f"INSERT INTO payment_events ({_EVENT_COLUMNS})"  # noqa: S608
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                record.id,
-                at,
-                self.replica,
-                action.value,
-                record.state.value,
-                record.lease,
-                transaction,
-                error,
-                detail,
-            ),
+    def _in_states(
+        self, states: tuple[PaymentState, ...], older_than: float | None, limit: int
+    ) -> builtins.list[PaymentRecord]:
+        """Records in ``states`` (not changed for ``older_than`` seconds), oldest first."""
+        marks = ", ".join("?" for _ in states)
+        cutoff = "" if older_than is None else " AND updated_at <= ?"
+        ages = () if older_than is None else (self._clock() - older_than,)
+        return self._many(
+            f"WHERE state IN ({marks}){cutoff} ORDER BY updated_at, rowid LIMIT ?",
+            (*states, *ages, limit),
         )
 
-    def _import(self, record: PaymentRecord, events: builtins.list[PaymentEvent]) -> bool:
+    def _forget_idempotency_key(
+        self, key: str, payment_id: str, ended: tuple[PaymentState, ...], before: float
+    ) -> bool:
+        states = ",".join("?" * len(ended)) or "NULL"
         with self._write():
-            if self._one("WHERE id = ?", (record.id,)) is not None:
-                return False
-            self._conn.execute(
-                f"INSERT INTO payments ({_RECORD_COLUMNS})"  # noqa: S608
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, NULL,"
-                " ?, ?, ?, ?, ?, ?, ?)",
+            cursor = self._conn.execute(
+                "UPDATE payments SET idempotency_key = NULL WHERE id = ? AND idempotency_key = ?"  # noqa: S608 - placeholders only
+                f" AND (state = ? OR (state IN ({states}) AND updated_at < ?))",
                 (
-                    record.id,
-                    *record.key,
-                    record.pay_to,
-                    str(record.amount),
-                    record.x402_version,
-                    record.route,
-                    record.state.value,
-                    1 if record.served else 0,
-                    record.payload,
-                    record.requirements,
-                    record.idempotency_key,
-                    record.transaction,
-                    record.error,
-                    record.attempts,
-                    record.created_at,
-                    record.updated_at,
-                    record.lease,
-                    record.scheme,
-                    record.model,
-                    record.tokens_in,
-                    record.tokens_out,
-                    record.usage_source,
-                    None if record.settle_amount is None else str(record.settle_amount),
-                    None if record.settled_amount is None else str(record.settled_amount),
+                    payment_id,
+                    key,
+                    PaymentState.RELEASED.value,
+                    *(state.value for state in ended),
+                    before,
                 ),
             )
-            for event in events:
-                self._conn.execute(
-                    f"INSERT INTO payment_events ({_EVENT_COLUMNS})"  # noqa: S608
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        record.id,
-                        event.at,
-                        event.replica,
-                        event.action.value,
-                        event.state.value,
-                        event.lease,
-                        event.transaction,
-                        event.error,
-                        event.detail,
-                    ),
+            return cursor.rowcount == 1
+
+    def _take_free(self, payer: str, nonce: str, day: str, limit: int) -> int | None:
+        with self._write() as db:
+            used = db.execute(
+                "SELECT used FROM free_quota WHERE payer = ? AND day = ?", (payer, day)
+            ).fetchone()
+            count = int(used[0]) if used else 0
+            if count >= limit:
+                return None
+            if db.execute("SELECT 1 FROM signin_nonces WHERE nonce = ?", (nonce,)).fetchone():
+                raise SignInReused("this sign-in was already used")
+            db.execute(
+                "INSERT INTO signin_nonces (nonce, payer, used_at) VALUES (?, ?, ?)",
+                (nonce, payer, self._clock()),
+            )
+            db.execute(
+                "INSERT INTO free_quota (payer, day, used) VALUES (?, ?, 1)"
+                " ON CONFLICT (payer, day) DO UPDATE SET used = used + 1",
+                (payer, day),
+            )
+            return limit - count - 1
+
+    def _add_receipt(
+        self,
+        payment_id: str,
+        kind: str,
+        token: str,
+        usage: ReceiptUsage | None,
+        lease: int | None,
+    ) -> None:
+        with self._write() as db:
+            self._must(payment_id)
+            db.execute(
+                "INSERT INTO receipts (payment_id, kind, token, created_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (payment_id, kind) DO NOTHING",
+                (payment_id, kind, token, self._clock()),
+            )
+            if usage is not None and kind == "reply":
+                db.execute(
+                    "UPDATE payments SET tokens_in = ?, tokens_out = ?, usage_source = ?"
+                    " WHERE id = ? AND tokens_in IS NULL AND (? IS NULL OR lease = ?)",
+                    (usage.tokens_in, usage.tokens_out, usage.source, payment_id, lease, lease),
                 )
+
+    def _receipts(self, tail: str, params: tuple[Any, ...]) -> builtins.list[StoredReceipt]:
+        rows = self._conn.execute(
+            f"SELECT payment_id, kind, token, created_at FROM receipts {tail}",  # noqa: S608 - constant
+            params,
+        ).fetchall()
+        return [StoredReceipt(r[0], r[1], r[2], float(r[3])) for r in rows]
+
+    def _signin_key(self) -> bytes:
+        with self._write() as db:
+            row = db.execute("SELECT secret FROM signin_key WHERE id = 1").fetchone()
+            if row is None:
+                secret = secrets.token_hex(32)
+                db.execute("INSERT INTO signin_key (id, secret) VALUES (1, ?)", (secret,))
+            else:
+                secret = str(row[0])
+        return bytes.fromhex(secret)
+
+    def _earnings(self, since: float, by: str) -> builtins.list[Earnings]:
+        rows = self._conn.execute(
+            f"SELECT {_GROUPS[by]} AS key, COUNT(*), COALESCE(SUM(tokens_in), 0),"  # noqa: S608 - constant
+            " COALESCE(SUM(tokens_out), 0),"
+            " COALESCE(SUM(CAST(COALESCE(settled_amount, amount) AS INTEGER)), 0)"
+            " FROM payments WHERE state = ? AND created_at >= ? GROUP BY key ORDER BY key",
+            (PaymentState.SETTLED.value, since),
+        ).fetchall()
+        return [Earnings(str(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows]
+
+    def _import(self, record: PaymentRecord, events: builtins.list[PaymentEvent]) -> bool:
+        with self._write() as db:
+            if self._one(BY_ID, (record.id,)) is not None:
+                return False
+            db.execute(_COPY, rules.copied_values(record))
+            for event in events:
+                db.execute(_INSERT_EVENT, rules.copied_event_values(record.id, event))
             self._event(self._must(record.id), EventAction.COPIED, self._clock())
             return True
-
-    def _must(self, payment_id: str) -> PaymentRecord:
-        record = self._one("WHERE id = ?", (payment_id,))
-        if record is None:
-            raise PaymentNotFound(f"no payment {_printable_id(payment_id)}")
-        return record
-
-
-def _record(row: sqlite3.Row) -> PaymentRecord:
-    return PaymentRecord(
-        id=row["id"],
-        network=row["network"],
-        asset=row["asset"],
-        payer=row["payer"],
-        nonce=row["nonce"],
-        pay_to=row["pay_to"],
-        amount=int(row["amount"]),
-        x402_version=row["x402_version"],
-        route=row["route"],
-        state=PaymentState(row["state"]),
-        served=bool(row["served"]),
-        payload=row["payload"],
-        requirements=row["requirements"],
-        idempotency_key=row["idempotency_key"],
-        transaction=row["tx_hash"],
-        error=row["error"],
-        attempts=row["attempts"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        owner=row["owner"],
-        lease=row["lease"],
-        lease_until=row["lease_until"],
-        scheme=row["scheme"],
-        model=row["model"],
-        tokens_in=row["tokens_in"],
-        tokens_out=row["tokens_out"],
-        usage_source=row["usage_source"],
-        settle_amount=None if row["settle_amount"] is None else int(row["settle_amount"]),
-        settled_amount=None if row["settled_amount"] is None else int(row["settled_amount"]),
-    )
-
-
-def _event(row: sqlite3.Row) -> PaymentEvent:
-    return PaymentEvent(
-        payment_id=row["payment_id"],
-        at=row["at"],
-        replica=row["replica"],
-        action=EventAction(row["action"]),
-        state=PaymentState(row["state"]),
-        lease=row["lease"],
-        transaction=row["tx_hash"],
-        error=row["error"],
-        detail=row["detail"],
-    )
-
-
-def _printable_id(payment_id: str) -> str:
-    # Ids come from operators and callers: echo one back only if it looks like ours.
-    text = str(payment_id)
-    return text if len(text) == 32 and all(c in "0123456789abcdef" for c in text) else "(invalid)"

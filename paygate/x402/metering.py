@@ -7,7 +7,7 @@ the charge.
   the output the limit the engine will obey times the sequences it generates — computed and
   written into the forwarded body by ``paygate.upstream.shaping`` (one function for every
   payment path), so the model cannot outrun what was authorized.
-- **Usage** = what the model server reports (read by ``paygate.upstream.usage`` as the reply
+- **TokenCounts** = what the model server reports (read by ``paygate.upstream.usage`` as the reply
   passes): OpenAI ``usage`` (on streams only when asked with ``stream_options.include_usage``,
   which the gateway asks for, and strips again for callers who did not), Ollama
   ``prompt_eval_count``/``eval_count`` on the final object. A stream that ends early is
@@ -55,7 +55,7 @@ class TokenPrice:
         return (self.input * tokens_in + self.output * tokens_out) / MILLION
 
 
-class Usage(Protocol):
+class TokenCounts(Protocol):
     """Tokens the model server says it read and wrote (paygate.upstream.usage reads them)."""
 
     @property
@@ -79,7 +79,7 @@ class Quote:
 
     def charge(
         self,
-        usage: Usage | None,
+        usage: TokenCounts | None,
         *,
         source: str = "upstream",
         reply_bytes: int,

@@ -24,7 +24,7 @@ from paygate.x402.models import (
 )
 from paygate.x402.networks import Asset, Network, to_atomic, to_atomic_ceiling
 
-SCHEME = "exact"  # the default scheme (EIP-3009); `upto` lives in paygate.x402.schemes.upto
+EXACT = "exact"  # the default scheme (EIP-3009; paygate.x402.schemes.exact)
 UPTO = "upto"
 # Keep the header well under common 8 KB header limits (x402.md).
 MAX_CHALLENGE_HEADER = 8 * 1024
@@ -52,7 +52,7 @@ class Offer:
     pay_to: str
     amount: int
     max_timeout_seconds: int
-    scheme: str = SCHEME
+    scheme: str = EXACT
     extra: tuple[tuple[str, str], ...] = ()
 
     def v2(self) -> PaymentRequirements:
@@ -164,6 +164,6 @@ def challenge(
         ),
         # x402 v1 knows `exact` only: other schemes are offered in the v2 header alone.
         v1=PaymentRequiredV1(
-            error=error, accepts=[o.v1(resource) for o in offers if o.scheme == SCHEME]
+            error=error, accepts=[o.v1(resource) for o in offers if o.scheme == EXACT]
         ),
     )

@@ -44,17 +44,15 @@ from urllib.parse import urlsplit
 from paygate import wire
 from paygate.x402 import codec, siwx
 from paygate.x402.idempotency import DEFAULT_TTL_SECONDS, PaymentIdentifiers, fingerprint
+from paygate.x402.leases import HeldLeases
 from paygate.x402.ledger import (
-    TRANSITIONS,
     AlreadyReserved,
     Budget,
     BudgetExceeded,
     IdempotencyKeyReused,
-    LeaseLost,
     Ledger,
     LedgerError,
     LedgerUnavailable,
-    Meter,
     PaymentRecord,
     PaymentState,
     ReceiptUsage,
@@ -68,8 +66,8 @@ from paygate.x402.models import (
     SettleResponse,
 )
 from paygate.x402.networks import resolve_network, to_atomic
-from paygate.x402.offers import SCHEME, Offer, PaymentTerms, challenge
-from paygate.x402.results import Admission, Receipt, Refusal
+from paygate.x402.offers import EXACT, Offer, PaymentTerms, challenge
+from paygate.x402.results import PaymentAdmission, Receipt, Refusal
 from paygate.x402.schemes import SCHEMES, Authorized
 from paygate.x402.settlement import Settlement
 from paygate.x402.settler import ReviewRequired, SettlementUnknown, Settler, SettlerUnavailable
@@ -185,7 +183,7 @@ class PaymentProcessor:
         settler: Settler,
         settlement: Settlement,
         settle_on_disconnect: bool = True,
-        schemes: tuple[str, ...] = (SCHEME,),
+        schemes: tuple[str, ...] = (EXACT,),
         payer_check: PayerCheck | None = None,
         daily_budget: Decimal | None = None,
         free_per_day: int = 0,
@@ -222,8 +220,8 @@ class PaymentProcessor:
         self._retry_after = str(retry_after_seconds)
         self._clock = clock
         self._background: set[asyncio.Task[Any]] = set()
-        # Payments this process works on right now: id -> the lease epoch it holds.
-        self._held: dict[str, int] = {}
+        # Payments this process works on right now, and the fenced moves made under them.
+        self._leases = HeldLeases(ledger)
         self._identifiers = PaymentIdentifiers(
             ledger,
             receipt=lambda record: Receipt(record.x402_version, _record_receipt(record)),
@@ -272,7 +270,7 @@ class PaymentProcessor:
         offers: tuple[Offer, ...] = ()
         # A request with no metered price (not a generation route, no token price) is offered
         # `exact` at its flat price even where `exact` is not listed: never free by omission.
-        if price > 0 and (SCHEME in self._schemes or maximum is None):
+        if price > 0 and (EXACT in self._schemes or maximum is None):
             offers += self.terms.offers(price)
         if "upto" in self._schemes and maximum is not None and maximum > 0:
             offers += self.terms.upto_offers(maximum, upto_extra)
@@ -291,7 +289,7 @@ class PaymentProcessor:
         request_model: str | None = None,
         items: tuple[tuple[str, str | None], ...] = (),
         client: str = "",
-    ) -> Admission | Refusal:
+    ) -> PaymentAdmission | Refusal:
         """:meth:`_admit`, reported to the events (outcome and scheme, never caller data).
 
         ``items``: a batch's items as (route, model), each taking its own payer rate-limit
@@ -308,7 +306,7 @@ class PaymentProcessor:
             items=items,
             client=client,
         )
-        if isinstance(result, Admission):
+        if isinstance(result, PaymentAdmission):
             outcome, scheme = "admitted", result.scheme.name if result.paid else "none"
         else:
             outcome, scheme = _label(result.code), _scheme_offered(headers)
@@ -328,12 +326,12 @@ class PaymentProcessor:
         request_model: str | None = None,
         items: tuple[tuple[str, str | None], ...] = (),
         client: str = "",
-    ) -> Admission | Refusal:
+    ) -> PaymentAdmission | Refusal:
         """Admit a request at ``price`` (exact) or up to ``maximum`` (upto), or refuse it; a
         request with nothing to offer is free and needs no payment."""
         offers = self.offers(price, maximum, upto_extra)
         if not offers:
-            return Admission(price=price)
+            return PaymentAdmission(price=price)
         raw, header = _payment_header(headers)
         if raw is None:
             signin = headers.get(wire.SIGN_IN_WITH_X)
@@ -389,7 +387,7 @@ class PaymentProcessor:
                 payer=authorized.payer,
                 model=model or request_model,
                 asset=offer.asset.address,
-                amount=authorized.maximum if offer.scheme != SCHEME else offer.amount,
+                amount=SCHEMES[offer.scheme].authorized_amount(authorized, offer),
                 decimals=offer.asset.decimals,
             )
             if verdict.refusal is not None:  # before the reservation, like the rate limits
@@ -425,8 +423,8 @@ class PaymentProcessor:
             return self.unavailable("ledger_unavailable", "the payment ledger is unavailable")
         except ValueError as exc:  # the ledger's own input checks; the models passed it
             return self.challenge(400, "invalid_payment", str(exc), offers, resource)
-        self._hold(record)
-        admission = Admission(
+        self._leases.hold(record)
+        admission = PaymentAdmission(
             price=price,
             record=record,
             payment=payment,
@@ -452,7 +450,7 @@ class PaymentProcessor:
         model: str | None,
         items: tuple[tuple[str, str | None], ...] = (),
         client: str = "",
-    ) -> Admission | Refusal:
+    ) -> PaymentAdmission | Refusal:
         """One of the wallet's free requests today, proven with sign-in-with-x, or a 402;
         the caller's address (key) has its own daily allowance, whatever the wallet."""
         now = self._clock()
@@ -497,7 +495,7 @@ class PaymentProcessor:
             return self.challenge(
                 402, "free_quota_exhausted", "today's free requests are used: pay", offers, resource
             )
-        return Admission(price=price, free_remaining=left)
+        return PaymentAdmission(price=price, free_remaining=left)
 
     def _take_free_address(self, client: str, day: str) -> bool:
         """One of ``client``'s free requests today (False: none left)."""
@@ -546,14 +544,14 @@ class PaymentProcessor:
             payer=authorized.payer,
             nonce=authorized.nonce,
             pay_to=offer.pay_to,
-            amount=authorized.maximum if offer.scheme != SCHEME else offer.amount,
+            amount=SCHEMES[offer.scheme].authorized_amount(authorized, offer),
             x402_version=payment.x402_version,
             route=route,
             payload=json.dumps(payment.wire(), separators=(",", ":")),
             requirements=json.dumps(requirements, separators=(",", ":")),
             idempotency_key=key,
             scheme=offer.scheme,
-            model=model if offer.scheme != SCHEME else None,
+            model=model if SCHEMES[offer.scheme].metered else None,
             budget=self._budget(offer),
             budgets=budgets,
         )
@@ -569,8 +567,8 @@ class PaymentProcessor:
         )
 
     async def _verify(
-        self, admission: Admission, offers: tuple[Offer, ...], resource: ResourceInfo
-    ) -> Admission | Refusal:
+        self, admission: PaymentAdmission, offers: tuple[Offer, ...], resource: ResourceInfo
+    ) -> PaymentAdmission | Refusal:
         record = admission.record
         assert record is not None
         assert admission.payment is not None
@@ -586,15 +584,15 @@ class PaymentProcessor:
             reason = answer.invalid_reason or "invalid_payload"
             return self.challenge(402, reason, _reason_text(reason), offers, resource)
         try:
-            admission.record = await self._move(record, PaymentState.VERIFIED)
+            admission.record = await self._leases.move(record, PaymentState.VERIFIED)
         except LedgerError:
             await self.release(record)
             return self.unavailable("ledger_unavailable", "the payment ledger is unavailable")
         return await self._settlement.verified(self, admission, offers, resource)
 
     async def settle_upfront(
-        self, admission: Admission, offers: tuple[Offer, ...], resource: ResourceInfo
-    ) -> Admission | Refusal:
+        self, admission: PaymentAdmission, offers: tuple[Offer, ...], resource: ResourceInfo
+    ) -> PaymentAdmission | Refusal:
         receipt = await self.settle_now(admission)
         if receipt is None or receipt.withhold:
             reason = receipt.response.error_reason if receipt else "unexpected_settle_error"
@@ -614,7 +612,7 @@ class PaymentProcessor:
         offers: tuple[Offer, ...],
         resource: ResourceInfo,
         requirements: dict[str, Any],
-    ) -> Admission | Refusal:
+    ) -> PaymentAdmission | Refusal:
         if record.state in _IN_PROGRESS:
             return Refusal(
                 409,
@@ -625,7 +623,7 @@ class PaymentProcessor:
         if self._settlement.serves_again(record):
             # Upfront settlement whose answer came too late for its own request: the caller
             # paid, so the same authorization sent again is served (once: finish marks it).
-            return Admission(
+            return PaymentAdmission(
                 price=price,
                 record=record,
                 payment=codec.parse_payment(json.loads(record.payload), header="ledger"),
@@ -648,7 +646,7 @@ class PaymentProcessor:
 
     # --- settlement ---
 
-    async def settle(self, admission: Admission) -> Receipt | None:
+    async def settle(self, admission: PaymentAdmission) -> Receipt | None:
         """Settle an admitted request whose reply succeeded; its receipt (None if free).
 
         Runs as its own task so that a caller who disconnects (which cancels the handler)
@@ -658,7 +656,9 @@ class PaymentProcessor:
             return admission.receipt
         return await self._settlement.reply_ready(self, admission)
 
-    async def finish(self, admission: Admission, *, succeeded: bool, caller_gone: bool) -> None:
+    async def finish(
+        self, admission: PaymentAdmission, *, succeeded: bool, caller_gone: bool
+    ) -> None:
         """The request is over: release an unearned reservation, or settle what is owed.
 
         ``succeeded``: the upstream answered below 400 and the reply was produced.
@@ -670,13 +670,13 @@ class PaymentProcessor:
         earned = succeeded and (not caller_gone or self._settle_on_disconnect)
         await self._settlement.finished(self, admission, earned=earned)
         record = admission.record
-        if admission.settle_task is None and record is not None and record.id in self._held:
+        if admission.settle_task is None and record is not None and self._leases.holds(record):
             # Nothing more happens to it in this request (e.g. verify-only leaves it SERVED):
             # give the lease up so that a reconciler, anywhere, owns what is left.
-            await self._let_go(record)
+            await self._leases.let_go(record)
 
     async def record_usage(
-        self, admission: Admission, *, model: str | None, tokens_in: int, tokens_out: int
+        self, admission: PaymentAdmission, *, model: str | None, tokens_in: int, tokens_out: int
     ) -> None:
         """A served paid request's tokens, for the economics controls' token windows."""
         record = admission.record
@@ -686,36 +686,38 @@ class PaymentProcessor:
             payer=record.payer, model=model, tokens_in=tokens_in, tokens_out=tokens_out
         )
 
-    def settle_in_background(self, admission: Admission) -> asyncio.Task[Receipt | None]:
+    def settle_in_background(self, admission: PaymentAdmission) -> asyncio.Task[Receipt | None]:
         """The admission's settlement task, started once (SERVED → SETTLING → outcome)."""
         if admission.settle_task is None:
             admission.settle_task = self._spawn(self._settle_after(admission))
         return admission.settle_task
 
-    async def _settle_after(self, admission: Admission) -> Receipt | None:
+    async def _settle_after(self, admission: PaymentAdmission) -> Receipt | None:
         record = admission.record
         assert record is not None
         try:
             # Fenced; a metered request's usage and charge are durable with SERVED, so a
             # restart settles the same amount.
-            admission.record = await self._move(record, PaymentState.SERVED, meter=admission.meter)
+            admission.record = await self._leases.move(
+                record, PaymentState.SERVED, meter=admission.meter
+            )
         except LedgerError as exc:
             log.error("payment %s: cannot record SERVED: %s", record.id, exc.code)
-            if record.id in self._held:
-                await self._let_go(record)
+            if self._leases.holds(record):
+                await self._leases.let_go(record)
             return None
         return await self.settle_now(admission)
 
-    async def settle_now(self, admission: Admission) -> Receipt | None:
+    async def settle_now(self, admission: PaymentAdmission) -> Receipt | None:
         """SETTLING (durable) → settle → SETTLED | FAILED | still SETTLING (reconcile later)."""
         try:
             return await self._settle_now(admission)
         finally:
             record = admission.record
-            if record is not None and record.id in self._held and not record.terminal:
-                await self._let_go(record)  # not finished here: whoever reconciles takes it
+            if record is not None and self._leases.holds(record) and not record.terminal:
+                await self._leases.let_go(record)  # not finished here: whoever reconciles takes it
 
-    async def _settle_now(self, admission: Admission) -> Receipt | None:
+    async def _settle_now(self, admission: PaymentAdmission) -> Receipt | None:
         record = admission.record
         payment = admission.payment
         assert record is not None
@@ -723,7 +725,7 @@ class PaymentProcessor:
         try:
             # Fenced, and the last word before the settle call: a process that lost its lease
             # (frozen past it, another replica claimed the payment) stops here.
-            record = await self._move(record, PaymentState.SETTLING)
+            record = await self._leases.move(record, PaymentState.SETTLING)
         except LedgerError as exc:
             log.error("payment %s: cannot record SETTLING: %s", record.id, exc.code)
             return None
@@ -752,7 +754,7 @@ class PaymentProcessor:
         admission.receipt = receipt
         return receipt
 
-    async def _record_answer(self, admission: Admission, answer: SettleResponse) -> Receipt:
+    async def _record_answer(self, admission: PaymentAdmission, answer: SettleResponse) -> Receipt:
         record = admission.record
         assert record is not None
         state = PaymentState.SETTLED if answer.success else PaymentState.FAILED
@@ -762,7 +764,7 @@ class PaymentProcessor:
                 "payment %s settled %s, not the %s asked", record.id, answer.amount, admission.owed
             )
         try:
-            admission.record = await self._move(
+            admission.record = await self._leases.move(
                 record,
                 state,
                 transaction=answer.transaction or None,
@@ -782,7 +784,7 @@ class PaymentProcessor:
 
     async def _pending(
         self,
-        admission: Admission,
+        admission: PaymentAdmission,
         transaction: str | None,
         *,
         review: str | None = None,
@@ -795,13 +797,13 @@ class PaymentProcessor:
         with contextlib.suppress(LedgerError):
             # SETTLING → SETTLING keeps the record owed and stores the hash if we have one;
             # then the lease goes: any replica's reconciler finishes it.
-            admission.record = await self._move(
+            admission.record = await self._leases.move(
                 record,
                 PaymentState.SETTLING,
                 transaction=transaction,
                 error=review_error(review) if review else PENDING,
             )
-            await self._let_go(admission.record)
+            await self._leases.let_go(admission.record)
         if review:
             log.warning("payment %s needs review: %s", record.id, review)
         else:
@@ -843,28 +845,17 @@ class PaymentProcessor:
             return 0
         claimed = [*(adopted or ()), *await self._ledger.claim_unfinished(min_age=min_age)]
         for record in claimed:
-            self._hold(record)
+            self._leases.hold(record)
             try:
                 await self._reconcile(record)
             finally:
-                if record.id in self._held:  # still owed or in doubt: for a later pass
-                    await self._let_go(record)
+                if self._leases.holds(record):  # still owed or in doubt: for a later pass
+                    await self._leases.let_go(record)
         return len(claimed)
 
     async def renew_leases(self) -> int:
-        """Renew the lease of every payment this process works on; a lease found lost is
-        dropped (its next fenced change would fail anyway). Returns how many were renewed."""
-        renewed = 0
-        for payment_id, lease in list(self._held.items()):
-            try:
-                await self._ledger.renew(payment_id, lease)
-                renewed += 1
-            except LeaseLost:
-                log.warning("payment %s: lease lost to another replica; leaving it", payment_id)
-                self._held.pop(payment_id, None)
-            except LedgerError as exc:
-                log.warning("payment %s: cannot renew its lease: %s", payment_id, exc.code)
-        return renewed
+        """Renew the lease of every payment this process works on (see ``HeldLeases``)."""
+        return await self._leases.renew_all()
 
     async def _reconcile(self, record: PaymentRecord) -> None:
         try:
@@ -872,7 +863,7 @@ class PaymentProcessor:
         except (codec.PaymentHeaderError, ValueError):
             log.error("payment %s: stored payload unreadable", record.id)
             return
-        admission = Admission(
+        admission = PaymentAdmission(
             price=Decimal(0),
             record=record,
             payment=payment,
@@ -887,7 +878,7 @@ class PaymentProcessor:
             record = admission.record = await self._ledger.renew(record.id, record.lease)
         except LedgerError as exc:
             log.warning("payment %s: not reconciled: %s", record.id, exc.code)
-            self._held.pop(record.id, None)
+            self._leases.drop(record.id)
             return
         try:
             answer = await admission.scheme.reconcile(
@@ -904,62 +895,17 @@ class PaymentProcessor:
 
     # --- helpers ---
 
-    def _hold(self, record: PaymentRecord) -> None:
-        self._held[record.id] = record.lease
-
-    async def _move(
-        self,
-        record: PaymentRecord,
-        to: PaymentState,
-        *,
-        transaction: str | None = None,
-        error: str | None = None,
-        meter: Meter | None = None,
-        settled_amount: int | None = None,
-    ) -> PaymentRecord:
-        """A fenced transition under the lease this process holds; ends the hold when the
-        payment ends, or when the lease turns out lost."""
-        try:
-            moved = await self._ledger.transition(
-                record.id,
-                to,
-                transaction=transaction,
-                error=error,
-                lease=record.lease,
-                meter=meter,
-                settled_amount=settled_amount,
-            )
-        except LeaseLost:
-            self._held.pop(record.id, None)
-            log.warning("payment %s: lease lost to another replica; leaving it", record.id)
-            raise
-        # The payment id and its state only: never the payload, signature or payer's header.
-        log.debug("payment %s: %s -> %s", moved.id, record.state, moved.state)
-        if not TRANSITIONS[moved.state]:
-            self._held.pop(moved.id, None)
-        return moved
-
-    async def _let_go(self, record: PaymentRecord) -> None:
-        self._held.pop(record.id, None)
-        try:
-            await self._ledger.let_go(record.id, record.lease)
-        except LedgerError as exc:  # lost already, or unreachable: the lease runs out anyway
-            log.warning("payment %s: cannot let its lease go: %s", record.id, exc.code)
-
     async def release(self, record: PaymentRecord) -> None:
-        try:
-            await self._move(record, PaymentState.RELEASED)
-        except LedgerError as exc:
-            log.warning("payment %s: cannot release: %s", record.id, exc.code)
+        await self._leases.release(record)
 
-    async def mark_served(self, admission: Admission) -> None:
+    async def mark_served(self, admission: PaymentAdmission) -> None:
         """Record that the reply went out; a payment never settled here (verify-only) moves
         VERIFIED → SERVED first."""
         record = admission.record
         assert record is not None
         try:
             if record.state is PaymentState.VERIFIED:
-                admission.record = await self._move(record, PaymentState.SERVED)
+                admission.record = await self._leases.move(record, PaymentState.SERVED)
             admission.record = await self._ledger.mark_served(record.id)
         except LedgerError as exc:
             log.warning("payment %s: cannot mark served: %s", record.id, exc.code)
@@ -1044,7 +990,7 @@ def _fingerprint(route: str, offer: Offer, authorized: Authorized) -> str:
         network=offer.network.caip2,
         asset=offer.asset.address,
         pay_to=offer.pay_to,
-        amount=authorized.maximum if offer.scheme != SCHEME else offer.amount,
+        amount=SCHEMES[offer.scheme].authorized_amount(authorized, offer),
         scheme=offer.scheme,
     )
 
@@ -1062,7 +1008,7 @@ def _payment_header(headers: Mapping[str, str]) -> tuple[str | None, str]:
 
 def _with_usage(answer: SettleResponse, record: PaymentRecord) -> SettleResponse:
     """A metered payment's receipt names the usage it was charged for and its maximum."""
-    if record.scheme == SCHEME or record.tokens_in is None:
+    if not SCHEMES[record.scheme].metered or record.tokens_in is None:
         return answer
     usage = {
         "promptTokens": record.tokens_in,

@@ -16,7 +16,7 @@ from paygate import wire
 from paygate.x402 import codec
 from paygate.x402.ledger import Meter, PaymentRecord
 from paygate.x402.models import AnyPaymentPayload, SettleResponse
-from paygate.x402.offers import SCHEME, Challenge
+from paygate.x402.offers import EXACT, Challenge
 from paygate.x402.schemes import SCHEMES, Authorized, Scheme
 
 
@@ -50,7 +50,7 @@ class Receipt:
 
 
 @dataclass(slots=True)
-class Admission:
+class PaymentAdmission:
     """An admitted request's payment: free (``record`` None) or a reserved, verified payment."""
 
     price: Decimal
@@ -60,7 +60,7 @@ class Admission:
     receipt: Receipt | None = None
     settle_task: asyncio.Task[Receipt | None] | None = field(default=None, repr=False)
     finished: bool = False
-    scheme: Scheme = field(default=SCHEMES[SCHEME], repr=False)
+    scheme: Scheme = field(default=SCHEMES[EXACT], repr=False)
     authorized: Authorized | None = None
     # A metered (upto) request's usage and charge, set by the reply stage before settling.
     meter: Meter | None = None

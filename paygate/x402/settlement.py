@@ -19,19 +19,19 @@ from typing import Protocol
 from paygate.x402.ledger import PaymentRecord, PaymentState
 from paygate.x402.models import ResourceInfo
 from paygate.x402.offers import Offer
-from paygate.x402.results import Admission, Receipt, Refusal
+from paygate.x402.results import PaymentAdmission, Receipt, Refusal
 
 
-class PaymentProcessor(Protocol):
+class SettlementSteps(Protocol):
     """The processor's primitives a strategy calls (paygate.x402.processor implements them)."""
 
     async def settle_upfront(
-        self, admission: Admission, offers: tuple[Offer, ...], resource: ResourceInfo
-    ) -> Admission | Refusal: ...
+        self, admission: PaymentAdmission, offers: tuple[Offer, ...], resource: ResourceInfo
+    ) -> PaymentAdmission | Refusal: ...
 
-    def settle_in_background(self, admission: Admission) -> asyncio.Task[Receipt | None]: ...
+    def settle_in_background(self, admission: PaymentAdmission) -> asyncio.Task[Receipt | None]: ...
 
-    async def mark_served(self, admission: Admission) -> None: ...
+    async def mark_served(self, admission: PaymentAdmission) -> None: ...
 
     async def release(self, record: PaymentRecord) -> None: ...
 
@@ -41,22 +41,22 @@ class Settlement(Protocol):
 
     async def verified(
         self,
-        processor: PaymentProcessor,
-        admission: Admission,
+        processor: SettlementSteps,
+        admission: PaymentAdmission,
         offers: tuple[Offer, ...],
         resource: ResourceInfo,
-    ) -> Admission | Refusal:
+    ) -> PaymentAdmission | Refusal:
         """The payment is verified (and recorded VERIFIED): admit it, or refuse."""
         ...
 
     async def reply_ready(
-        self, processor: PaymentProcessor, admission: Admission
+        self, processor: SettlementSteps, admission: PaymentAdmission
     ) -> Receipt | None:
         """The reply is good and its end not sent yet: the receipt to send with it, if any."""
         ...
 
     async def finished(
-        self, processor: PaymentProcessor, admission: Admission, *, earned: bool
+        self, processor: SettlementSteps, admission: PaymentAdmission, *, earned: bool
     ) -> None:
         """The request is over (once): settle what is owed, release what was not earned."""
         ...
@@ -77,20 +77,20 @@ class SettleAfterReply:
 
     async def verified(
         self,
-        processor: PaymentProcessor,
-        admission: Admission,
+        processor: SettlementSteps,
+        admission: PaymentAdmission,
         offers: tuple[Offer, ...],
         resource: ResourceInfo,
-    ) -> Admission | Refusal:
+    ) -> PaymentAdmission | Refusal:
         return admission
 
     async def reply_ready(
-        self, processor: PaymentProcessor, admission: Admission
+        self, processor: SettlementSteps, admission: PaymentAdmission
     ) -> Receipt | None:
         return await asyncio.shield(processor.settle_in_background(admission))
 
     async def finished(
-        self, processor: PaymentProcessor, admission: Admission, *, earned: bool
+        self, processor: SettlementSteps, admission: PaymentAdmission, *, earned: bool
     ) -> None:
         if admission.receipt is not None or admission.settle_task is not None:
             return  # settled (or settling) with the reply already
@@ -111,20 +111,20 @@ class SettleUpfront:
 
     async def verified(
         self,
-        processor: PaymentProcessor,
-        admission: Admission,
+        processor: SettlementSteps,
+        admission: PaymentAdmission,
         offers: tuple[Offer, ...],
         resource: ResourceInfo,
-    ) -> Admission | Refusal:
+    ) -> PaymentAdmission | Refusal:
         return await processor.settle_upfront(admission, offers, resource)
 
     async def reply_ready(
-        self, processor: PaymentProcessor, admission: Admission
+        self, processor: SettlementSteps, admission: PaymentAdmission
     ) -> Receipt | None:
         return admission.receipt
 
     async def finished(
-        self, processor: PaymentProcessor, admission: Admission, *, earned: bool
+        self, processor: SettlementSteps, admission: PaymentAdmission, *, earned: bool
     ) -> None:
         # Paid already, whatever happened: record that the authorization bought its reply.
         await processor.mark_served(admission)
@@ -142,21 +142,21 @@ class VerifyOnly:
 
     async def verified(
         self,
-        processor: PaymentProcessor,
-        admission: Admission,
+        processor: SettlementSteps,
+        admission: PaymentAdmission,
         offers: tuple[Offer, ...],
         resource: ResourceInfo,
-    ) -> Admission | Refusal:
+    ) -> PaymentAdmission | Refusal:
         return admission
 
     async def reply_ready(
-        self, processor: PaymentProcessor, admission: Admission
+        self, processor: SettlementSteps, admission: PaymentAdmission
     ) -> Receipt | None:
         await processor.mark_served(admission)
         return None
 
     async def finished(
-        self, processor: PaymentProcessor, admission: Admission, *, earned: bool
+        self, processor: SettlementSteps, admission: PaymentAdmission, *, earned: bool
     ) -> None:
         if earned:
             await processor.mark_served(admission)

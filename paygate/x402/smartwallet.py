@@ -33,7 +33,7 @@ from eth_abi.exceptions import DecodingError
 from eth_utils import keccak, to_checksum_address
 
 if TYPE_CHECKING:
-    from paygate.x402.chain import ChainReader
+    from paygate.x402.chain_reader import ChainReader
 
 EIP1271_MAGIC = bytes.fromhex("1626ba7e")  # isValidSignature(bytes32,bytes)
 ERC6492_MAGIC = bytes.fromhex("6492" * 16)
@@ -74,7 +74,7 @@ DEPLOYMENT_FAILED = "smart_wallet_deployment_failed"
 
 
 @dataclass(frozen=True, slots=True)
-class Deployment:
+class WalletDeployment:
     """An ERC-6492 wallet's way into existence: call ``factory`` with ``calldata``."""
 
     factory: str
@@ -86,7 +86,7 @@ class WalletSignature:
     """A signature with its ERC-6492 wrapper (if any) taken off."""
 
     inner: bytes
-    deployment: Deployment | None = None
+    deployment: WalletDeployment | None = None
 
     @property
     def is_ecdsa(self) -> bool:
@@ -103,7 +103,9 @@ def parse(signature: bytes) -> WalletSignature:
         factory, calldata, inner = decode(["address", "bytes", "bytes"], signature[:-32])
     except (DecodingError, ValueError, OverflowError):
         raise ValueError("a malformed ERC-6492 signature") from None
-    return WalletSignature(bytes(inner), Deployment(to_checksum_address(factory), bytes(calldata)))
+    return WalletSignature(
+        bytes(inner), WalletDeployment(to_checksum_address(factory), bytes(calldata))
+    )
 
 
 def parse_hex(signature: str) -> WalletSignature:

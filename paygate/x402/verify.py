@@ -14,7 +14,7 @@ from eth_utils import to_checksum_address
 from paygate.errors import PaygateError
 from paygate.x402 import eip3009, smartwallet
 from paygate.x402.models import AnyPaymentPayload, ExactEvmPayload, PaymentPayload
-from paygate.x402.offers import SCHEME, Offer
+from paygate.x402.offers import EXACT, Offer
 
 # The facilitator needs time to get the transfer mined before validBefore (x402.md).
 MIN_REMAINING_SECONDS = 6
@@ -37,7 +37,7 @@ def match_offer(payment: AnyPaymentPayload, offers: Sequence[Offer]) -> Offer:
     else:
         scheme, network = payment.scheme, payment.network
     if scheme not in {o.scheme for o in offers} or (
-        not isinstance(payment, PaymentPayload) and scheme != SCHEME
+        not isinstance(payment, PaymentPayload) and scheme != EXACT
     ):
         raise PaymentRejected("unsupported_scheme", f"scheme {scheme!r} is not offered")
     candidates = [
@@ -55,7 +55,7 @@ def match_offer(payment: AnyPaymentPayload, offers: Sequence[Offer]) -> Offer:
             raise PaymentRejected(
                 "invalid_exact_evm_payload_recipient_mismatch", "payTo is not this seller"
             )
-        if offer.scheme == SCHEME and accepted.amount != str(offer.amount):
+        if offer.scheme == EXACT and accepted.amount != str(offer.amount):
             # `upto` compares its signed maximum in its own check (at least the offer's).
             raise PaymentRejected(
                 "invalid_exact_evm_payload_authorization_value_mismatch",

@@ -22,7 +22,7 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 
 from paygate.console import auth
-from paygate.economics.store import economics_store
+from paygate.economics.open_store import economics_store
 from paygate.server.app import PAYMENTS
 from paygate.x402.ledger import PaymentState
 from tests.integration.console_support import SECRET, SHOTS, browser, console_stack

@@ -16,7 +16,7 @@ import pytest
 
 from paygate import wire
 from paygate.economics import alerts as webhook
-from paygate.economics.store import economics_store
+from paygate.economics.open_store import economics_store
 from paygate.server.app import ALERTS
 from paygate.x402.ledger import PaymentState, review_error
 from paygate.x402.ledger_store import open_ledger, parse_ledger_url

@@ -21,7 +21,7 @@ from paygate.x402.ledger import EventAction, PaymentState
 from paygate.x402.models import ResourceInfo
 from paygate.x402.networks import resolve_network
 from paygate.x402.offers import Acceptance, PaymentTerms, challenge
-from paygate.x402.processor import Admission, PaymentProcessor
+from paygate.x402.processor import PaymentAdmission, PaymentProcessor
 from paygate.x402.settlement import SettleAfterReply
 from tests.fixtures.chain import encode_header, sign_v2_payment
 from tests.fixtures.ledgers import Opener
@@ -57,7 +57,7 @@ async def test_a_replica_that_lost_its_lease_makes_no_settle_call(
         admission = await a.admit(
             {wire.PAYMENT_SIGNATURE: header}, price=PRICE, resource=RESOURCE, route="chat"
         )
-        assert isinstance(admission, Admission), admission
+        assert isinstance(admission, PaymentAdmission), admission
         await a.mark_served(admission)  # the reply went out: settlement is owed
         assert admission.record is not None
         assert (admission.record.state, admission.record.owner) == (PaymentState.SERVED, "a")

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from paygate.x402.chain import CANCELED
+from paygate.x402.chain_reader import CANCELED
 from paygate.x402.ledger import PaymentState
 from tests.integration.gateway_support import eventually
 from tests.integration.payment_support import (

@@ -30,8 +30,8 @@ from enclave.tlog import entries, merkle, note
 from paygate.client import AsyncPaygateTransport, AttestationPolicy, ClientError
 from paygate.client.tlog import LogPolicy, LogState, Seen
 from paygate.tlog import assembly as tlog_assembly
+from paygate.tlog.open_store import open_log_store
 from paygate.tlog.service import LogConfig, TransparencyLog, parse_witness
-from paygate.tlog.store import open_log_store
 from paygate.tlog.witness_server import WitnessState, build_witness, witness_app
 from paygate.x402.ledger_store import LedgerLocation
 from tests.integration.gateway_support import Stack, running_stack

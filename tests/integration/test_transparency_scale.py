@@ -22,8 +22,8 @@ from enclave import SoftwareKey
 from enclave.tlog import entries, merkle
 from paygate.client import AsyncPaygateTransport, AttestationPolicy
 from paygate.client.tlog import LogPolicy, LogState
+from paygate.tlog.open_store import open_log_store
 from paygate.tlog.service import LogConfig, TransparencyLog, log_identity
-from paygate.tlog.store import open_log_store
 from paygate.x402.ledger_store import parse_ledger_url
 from tests.integration.scale_support import Env, fake_upstream, make_key, replicas
 

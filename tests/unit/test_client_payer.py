@@ -18,7 +18,13 @@ from eth_account import Account
 
 from paygate import wire
 from paygate.client import InvalidChallenge, SpendPolicy, SpendRefused
-from paygate.client.payer import Challenge, Payer, parse_assets, parse_challenge, refusal_reason
+from paygate.client.payer import (
+    Payer,
+    PaymentChallenge,
+    parse_assets,
+    parse_challenge,
+    refusal_reason,
+)
 from paygate.x402 import codec, eip3009
 from paygate.x402.models import (
     PaymentPayload,
@@ -53,7 +59,7 @@ def _402(*offers: Offer, error: str = "payment required") -> tuple[dict[str, str
     return headers, json.dumps(built.body()).encode()
 
 
-def _challenge(*offers: Offer, version: Any = None) -> Challenge:
+def _challenge(*offers: Offer, version: Any = None) -> PaymentChallenge:
     headers, body = _402(*offers)
     return parse_challenge(headers, body, version=version)
 

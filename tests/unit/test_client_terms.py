@@ -13,7 +13,7 @@ from eth_utils import to_checksum_address
 
 from enclave.attestation.binding import AcceptedAsset, PaymentTerms, TokenPriceTerms
 from paygate.client.errors import OfferNotAttested, PaymentNotAttested
-from paygate.client.payer import Challenge, Offer, SpendPolicy
+from paygate.client.payer import ChallengeOffer, PaymentChallenge, SpendPolicy
 from paygate.client.terms import check_challenge
 from paygate.server.shaping import metered_quote
 from paygate.upstream.engines import profile_for
@@ -40,7 +40,7 @@ TERMS = PaymentTerms(
 )
 
 
-def offer(scheme: str = "exact", amount: int = 1000, **changes: Any) -> Offer:
+def offer(scheme: str = "exact", amount: int = 1000, **changes: Any) -> ChallengeOffer:
     extra: dict[str, Any] = {"name": "USDC", "version": "2"}
     if scheme == "upto":
         extra |= {
@@ -64,15 +64,17 @@ def offer(scheme: str = "exact", amount: int = 1000, **changes: Any) -> Offer:
         "extra": extra,
     }
     fields.update(changes)
-    return Offer(**fields)
+    return ChallengeOffer(**fields)
 
 
-def check(*offers: Offer, path: str = CHAT, body: Any = None, method: str = "POST") -> None:
+def check(
+    *offers: ChallengeOffer, path: str = CHAT, body: Any = None, method: str = "POST"
+) -> None:
     raw = json.dumps(body if body is not None else {"model": "m", "messages": []}).encode()
-    check_challenge(Challenge(2, offers, None), TERMS, method=method, path=path, body=raw)
+    check_challenge(PaymentChallenge(2, offers, None), TERMS, method=method, path=path, body=raw)
 
 
-def code_of(*offers: Offer, **options: Any) -> str:
+def code_of(*offers: ChallengeOffer, **options: Any) -> str:
     with pytest.raises(OfferNotAttested) as caught:
         check(*offers, **options)
     return caught.value.code
@@ -154,7 +156,7 @@ def test_upto_token_prices_facilitator_and_scheme() -> None:
     exact_only = PaymentTerms(pay_to=SELLER, accepts=(TERMS.accepts[0],), price="0.001")
     with pytest.raises(OfferNotAttested) as caught:
         check_challenge(
-            Challenge(2, (offer("upto", ok),), None),
+            PaymentChallenge(2, (offer("upto", ok),), None),
             exact_only,
             method="POST",
             path=CHAT,
@@ -178,7 +180,9 @@ def test_one_bad_offer_refuses_the_whole_challenge_and_addresses_compare_by_valu
 
 def test_an_appliance_attested_as_free_is_never_paid() -> None:
     with pytest.raises(PaymentNotAttested):
-        check_challenge(Challenge(2, (offer(),), None), None, method="POST", path=CHAT, body=b"")
+        check_challenge(
+            PaymentChallenge(2, (offer(),), None), None, method="POST", path=CHAT, body=b""
+        )
 
 
 def test_spend_policy_pay_to_is_an_address_list() -> None:

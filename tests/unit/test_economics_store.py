@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from paygate.economics.store import LimitEvent, PaymentFilter, economics_store
+from paygate.economics.open_store import economics_store
+from paygate.economics.store import LimitEvent, PaymentFilter
 from paygate.x402.ledger import PaymentState
 
 PAYER = "0x" + "11" * 20

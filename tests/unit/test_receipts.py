@@ -14,7 +14,7 @@ from enclave.attestation import binding
 from enclave.envelope_v2 import request_nonce
 from paygate.client.attestation import Attested
 from paygate.client.errors import ContentAfterReceipt, ReceiptMismatch, ReceiptMissing
-from paygate.client.payer import PaymentRecord
+from paygate.client.payer import SentPayment
 from paygate.client.receipts import ReceiptCheck, SignedReceipt, check_payment
 from paygate.server.receipts import payment_claims
 from paygate.x402.ledger import PaymentRecord as LedgerRecord
@@ -66,7 +66,7 @@ def _token(reply_digest: str, **changes: Any) -> str:
     return receipts.sign(claims, KEY)
 
 
-def _check(content_type: str, record: PaymentRecord | None = None, **kw: Any) -> ReceiptCheck:
+def _check(content_type: str, record: SentPayment | None = None, **kw: Any) -> ReceiptCheck:
     return ReceiptCheck(
         _attested(),
         request_digest=REQUEST,
@@ -281,7 +281,7 @@ def test_a_whole_reply_holds_its_last_chunk_until_the_header_verifies() -> None:
         wrong.end()
 
 
-def _record(**changes: Any) -> PaymentRecord:
+def _record(**changes: Any) -> SentPayment:
     values: dict[str, Any] = {
         "url": "http://appliance/v1/chat/completions", "x402_version": 2,
         "network": "eip155:84532", "chain_id": 84532, "asset": ASSET, "amount": Decimal("0.04"),
@@ -290,7 +290,7 @@ def _record(**changes: Any) -> PaymentRecord:
         "prices": (Decimal(100), Decimal(400), Decimal(0)), "decimals": 6,
         **changes,
     }  # fmt: skip
-    return PaymentRecord(**values)
+    return SentPayment(**values)
 
 
 def _upto(**changes: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ MAX_BLOB = 256 * 1024  # reports, quotes, documents and certificate tables are a
 
 
 class EvidenceUnavailable(EnclaveError):
-    """the TEE did not produce evidence"""
+    message = "the TEE did not produce evidence"
 
     code = "evidence_unavailable"
 

@@ -43,6 +43,17 @@ class Scheme(Protocol):
     metered: bool
     #: The refusal code of an authorization of this scheme that was already used here.
     replay_code: str
+    #: The payload model of this scheme's payments: how the registry tells a payment's scheme.
+    payload_type: type[Any]
+
+    def valid_before(self, payment: AnyPaymentPayload) -> int:
+        """The authorization's expiry (unix seconds): it cannot settle after it."""
+        ...
+
+    def authorized_amount(self, authorized: Authorized, offer: Offer) -> int:
+        """What the payer authorized, as the ledger and the budgets count it (exact: the
+        price; upto: the signed maximum)."""
+        ...
 
     def check(
         self,

@@ -1,8 +1,8 @@
 """The ``exact`` scheme (EIP-3009 ``transferWithAuthorization``): the payer signs the price.
 
 Settles exactly the amount signed, once; both x402 versions. The local checks and the
-EIP-712 work are ``paygate.x402.verify`` and ``paygate.x402.eip3009`` (unchanged); this module
-puts them behind the scheme interface, with the client's signing.
+EIP-712 work are ``paygate.x402.verify`` and ``paygate.x402.eip3009``; this module puts them
+behind the scheme interface, with the client's signing.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from paygate.x402.models import (
     VerifyResponse,
 )
 from paygate.x402.networks import Asset
-from paygate.x402.offers import SCHEME, Offer
+from paygate.x402.offers import EXACT, Offer
 from paygate.x402.schemes.base import Authorized
 from paygate.x402.verify import check_authorization
 
@@ -30,9 +30,17 @@ if TYPE_CHECKING:
 
 
 class ExactScheme:
-    name = SCHEME
+    name = EXACT
     metered = False
     replay_code = "invalid_exact_evm_nonce_already_used"  # the SDK facilitator's own code
+    payload_type = ExactEvmPayload
+
+    def valid_before(self, payment: AnyPaymentPayload) -> int:
+        assert isinstance(payment.payload, ExactEvmPayload)
+        return int(payment.payload.authorization.valid_before)
+
+    def authorized_amount(self, authorized: Authorized, offer: Offer) -> int:
+        return offer.amount
 
     def check(
         self,

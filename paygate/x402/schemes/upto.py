@@ -120,6 +120,14 @@ class UptoScheme:
     # The SDK's upto codes are invalid_upto_evm_*; it has none for a replay (on chain a spent
     # Permit2 nonce reverts as permit2_invalid_nonce), so this one is named alike.
     replay_code = "invalid_upto_evm_nonce_already_used"
+    payload_type = UptoEvmPayload
+
+    def valid_before(self, payment: AnyPaymentPayload) -> int:
+        assert isinstance(payment.payload, UptoEvmPayload)
+        return int(payment.payload.permit2_authorization.deadline)
+
+    def authorized_amount(self, authorized: Authorized, offer: Offer) -> int:
+        return authorized.maximum
 
     def check(
         self,

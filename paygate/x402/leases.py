@@ -1,0 +1,104 @@
+"""The leases this process holds on payments, and the fenced ledger moves made under them.
+
+A payment this process works on is *held*: its id and the lease epoch it holds (see
+``paygate.x402.ledger``). Every change goes through :meth:`HeldLeases.move`, which names that
+epoch, so a process frozen past its lease cannot record or settle a second time; a hold ends
+when the payment ends, is let go, or its lease turns out lost. The processor's admit, settle and
+recovery paths all move payments through here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from paygate.x402.ledger import (
+    TRANSITIONS,
+    LeaseLost,
+    Ledger,
+    LedgerError,
+    Meter,
+    PaymentRecord,
+    PaymentState,
+)
+
+log = logging.getLogger("paygate.x402")
+
+
+class HeldLeases:
+    """The payments this process works on right now: id → the lease epoch it holds."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._held: dict[str, int] = {}
+
+    def hold(self, record: PaymentRecord) -> None:
+        self._held[record.id] = record.lease
+
+    def holds(self, record: PaymentRecord) -> bool:
+        return record.id in self._held
+
+    def drop(self, payment_id: str) -> None:
+        """Forget a hold without a word to the ledger (its lease is lost or runs out)."""
+        self._held.pop(payment_id, None)
+
+    async def move(
+        self,
+        record: PaymentRecord,
+        to: PaymentState,
+        *,
+        transaction: str | None = None,
+        error: str | None = None,
+        meter: Meter | None = None,
+        settled_amount: int | None = None,
+    ) -> PaymentRecord:
+        """A fenced transition under the lease this process holds; ends the hold when the
+        payment ends, or when the lease turns out lost."""
+        try:
+            moved = await self._ledger.transition(
+                record.id,
+                to,
+                transaction=transaction,
+                error=error,
+                lease=record.lease,
+                meter=meter,
+                settled_amount=settled_amount,
+            )
+        except LeaseLost:
+            self.drop(record.id)
+            log.warning("payment %s: lease lost to another replica; leaving it", record.id)
+            raise
+        # The payment id and its state only: never the payload, signature or payer's header.
+        log.debug("payment %s: %s -> %s", moved.id, record.state, moved.state)
+        if not TRANSITIONS[moved.state]:
+            self.drop(moved.id)
+        return moved
+
+    async def let_go(self, record: PaymentRecord) -> None:
+        """Give the lease up: any replica's reconciler may take the payment."""
+        self.drop(record.id)
+        try:
+            await self._ledger.let_go(record.id, record.lease)
+        except LedgerError as exc:  # lost already, or unreachable: the lease runs out anyway
+            log.warning("payment %s: cannot let its lease go: %s", record.id, exc.code)
+
+    async def release(self, record: PaymentRecord) -> None:
+        """RELEASED: the authorization may be retried (a failure before anything was earned)."""
+        try:
+            await self.move(record, PaymentState.RELEASED)
+        except LedgerError as exc:
+            log.warning("payment %s: cannot release: %s", record.id, exc.code)
+
+    async def renew_all(self) -> int:
+        """Renew every held lease; a lease found lost is dropped (its next fenced change would
+        fail anyway). Returns how many were renewed."""
+        renewed = 0
+        for payment_id, lease in list(self._held.items()):
+            try:
+                await self._ledger.renew(payment_id, lease)
+                renewed += 1
+            except LeaseLost:
+                log.warning("payment %s: lease lost to another replica; leaving it", payment_id)
+                self.drop(payment_id)
+            except LedgerError as exc:
+                log.warning("payment %s: cannot renew its lease: %s", payment_id, exc.code)
+        return renewed

@@ -1,0 +1,273 @@
+"""The :class:`~paygate.x402.ledger.Ledger` interface as both stores offer it.
+
+:class:`LedgerBase` takes each call, checks its arguments (``ledger_rules``, before any I/O) and
+hands it to the store's statement of the same name through the store's ``_run`` (SQLite: on its
+worker thread; PostgreSQL: in one transaction on a pooled connection). A store supplies
+``_run``, ``_tail`` (its placeholder and tie-breaker spelling of the shared clauses below) and
+the statements; it decides nothing that :mod:`paygate.x402.ledger_rules` decides.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Callable
+from typing import Any, Self
+
+from paygate.x402.ledger import (
+    MAX_LIST_LIMIT,
+    RESERVATION_STATES,
+    UNFINISHED_STATES,
+    Budget,
+    Earnings,
+    Meter,
+    PaymentEvent,
+    PaymentRecord,
+    PaymentState,
+    ReceiptUsage,
+    StoredReceipt,
+    check_amount,
+    check_error,
+    check_lease_seconds,
+    check_limit,
+    check_receipt,
+    check_replica,
+    check_transaction,
+    default_replica_id,
+    normalise_key,
+    normalise_nonce,
+)
+from paygate.x402.ledger_rules import (
+    Reservation,
+    check_free_request,
+    check_group,
+    check_min_age,
+)
+
+# The clauses both stores run, with ``?`` for a value and ``{seq}`` for the insertion order
+# (SQLite's rowid, PostgreSQL's seq column); a store's ``_tail`` spells them its way.
+BY_ID = "WHERE id = ?"
+BY_KEY = "WHERE network = ? AND asset = ? AND payer = ? AND nonce = ?"
+BY_IDEMPOTENCY_KEY = "WHERE idempotency_key = ?"
+BY_NONCE = "WHERE nonce = ? ORDER BY created_at LIMIT 10"
+PAGE = "WHERE id > ? ORDER BY id LIMIT ?"
+NEWEST = "ORDER BY created_at DESC, {seq} DESC LIMIT ?"
+NEWEST_IN_STATE = "WHERE state = ? " + NEWEST
+RECEIPTS_OF = "WHERE payment_id = ? ORDER BY created_at, kind"
+
+
+class LedgerBase:
+    """What every store does before its SQL; see :class:`paygate.x402.ledger.Ledger`."""
+
+    replica: str
+    lease_seconds: float
+    # The store's statements, run by ``_run`` (their arguments after the store's own).
+    _one: Callable[..., Any]
+    _many: Callable[..., Any]
+    _reserve: Callable[..., Any]
+    _transition: Callable[..., Any]
+    _mark_served: Callable[..., Any]
+    _renew: Callable[..., Any]
+    _let_go: Callable[..., Any]
+    _claim_unfinished: Callable[..., Any]
+    _release_abandoned: Callable[..., Any]
+    _history: Callable[..., Any]
+    _in_states: Callable[..., Any]
+    _forget_idempotency_key: Callable[..., Any]
+    _take_free: Callable[..., Any]
+    _add_receipt: Callable[..., Any]
+    _receipts: Callable[..., Any]
+    _signin_key: Callable[..., Any]
+    _earnings: Callable[..., Any]
+    _import: Callable[..., Any]
+
+    def __init__(self, replica: str | None, lease_seconds: float) -> None:
+        self.replica = check_replica(replica or default_replica_id())
+        self.lease_seconds = check_lease_seconds(lease_seconds)
+
+    async def _run(self, fn: Callable[..., Any], /, *args: Any) -> Any:
+        raise NotImplementedError
+
+    def _tail(self, clause: str) -> str:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    # --- changes ------------------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        *,
+        network: str,
+        asset: str,
+        payer: str,
+        nonce: str,
+        pay_to: str,
+        amount: int,
+        x402_version: int,
+        route: str,
+        payload: str,
+        requirements: str,
+        idempotency_key: str | None,
+        scheme: str = "exact",
+        model: str | None = None,
+        budget: Budget | None = None,
+        budgets: tuple[Budget, ...] = (),
+    ) -> PaymentRecord:
+        checked = Reservation.check(
+            network=network,
+            asset=asset,
+            payer=payer,
+            nonce=nonce,
+            pay_to=pay_to,
+            amount=amount,
+            x402_version=x402_version,
+            route=route,
+            payload=payload,
+            requirements=requirements,
+            idempotency_key=idempotency_key,
+            scheme=scheme,
+            model=model,
+            budget=budget,
+            budgets=budgets,
+        )
+        return await self._run(self._reserve, checked)
+
+    async def transition(
+        self,
+        payment_id: str,
+        to: PaymentState,
+        *,
+        transaction: str | None = None,
+        error: str | None = None,
+        lease: int | None = None,
+        meter: Meter | None = None,
+        settled_amount: int | None = None,
+    ) -> PaymentRecord:
+        target = PaymentState(to)
+        if settled_amount is not None:
+            check_amount(settled_amount)
+        return await self._run(
+            self._transition,
+            payment_id,
+            target,
+            check_transaction(transaction),
+            check_error(error),
+            lease,
+            meter,
+            settled_amount,
+        )
+
+    async def mark_served(self, payment_id: str) -> PaymentRecord:
+        return await self._run(self._mark_served, payment_id)
+
+    async def renew(self, payment_id: str, lease: int) -> PaymentRecord:
+        return await self._run(self._renew, payment_id, lease)
+
+    async def let_go(self, payment_id: str, lease: int) -> PaymentRecord:
+        return await self._run(self._let_go, payment_id, lease)
+
+    async def claim_unfinished(
+        self, *, min_age: float, own: bool = False, limit: int = MAX_LIST_LIMIT
+    ) -> builtins.list[PaymentRecord]:
+        check_min_age(min_age)
+        return await self._run(self._claim_unfinished, min_age, own, check_limit(limit))
+
+    async def release_abandoned(
+        self, *, own: bool = False, limit: int = MAX_LIST_LIMIT
+    ) -> builtins.list[PaymentRecord]:
+        return await self._run(self._release_abandoned, own, check_limit(limit))
+
+    async def forget_idempotency_key(
+        self,
+        key: str,
+        *,
+        payment_id: str,
+        ended: tuple[PaymentState, ...],
+        before: float,
+    ) -> bool:
+        return await self._run(self._forget_idempotency_key, key, payment_id, ended, before)
+
+    async def take_free(self, *, payer: str, nonce: str, day: str, limit: int) -> int | None:
+        checked = check_free_request(payer, nonce, day, limit)
+        return await self._run(self._take_free, checked, nonce, day, limit)
+
+    async def signin_key(self) -> bytes:
+        return await self._run(self._signin_key)
+
+    async def add_receipt(
+        self,
+        payment_id: str,
+        kind: str,
+        token: str,
+        *,
+        usage: ReceiptUsage | None = None,
+        lease: int | None = None,
+    ) -> None:
+        check_receipt(kind, token)
+        await self._run(self._add_receipt, payment_id, kind, token, usage, lease)
+
+    # --- reads --------------------------------------------------------------------------------
+
+    async def history(self, payment_id: str) -> builtins.list[PaymentEvent]:
+        return await self._run(self._history, payment_id)
+
+    async def get(self, payment_id: str) -> PaymentRecord | None:
+        return await self._run(self._one, self._tail(BY_ID), (payment_id,))
+
+    async def find(
+        self, *, network: str, asset: str, payer: str, nonce: str
+    ) -> PaymentRecord | None:
+        key = normalise_key(network, asset, payer, nonce)
+        return await self._run(self._one, self._tail(BY_KEY), key)
+
+    async def by_idempotency_key(self, key: str) -> PaymentRecord | None:
+        return await self._run(self._one, self._tail(BY_IDEMPOTENCY_KEY), (key,))
+
+    async def by_nonce(self, nonce: str) -> builtins.list[PaymentRecord]:
+        return await self._run(self._many, self._tail(BY_NONCE), (normalise_nonce(nonce),))
+
+    async def unfinished(self, *, limit: int = MAX_LIST_LIMIT) -> builtins.list[PaymentRecord]:
+        return await self._run(self._in_states, UNFINISHED_STATES, None, check_limit(limit))
+
+    async def stale_reservations(
+        self, older_than: float, *, limit: int = MAX_LIST_LIMIT
+    ) -> builtins.list[PaymentRecord]:
+        check_min_age(older_than, "older_than")
+        return await self._run(self._in_states, RESERVATION_STATES, older_than, check_limit(limit))
+
+    async def list(
+        self, *, state: PaymentState | None = None, limit: int = 50
+    ) -> builtins.list[PaymentRecord]:
+        if state is None:
+            return await self._run(self._many, self._tail(NEWEST), (check_limit(limit),))
+        params = (PaymentState(state).value, check_limit(limit))
+        return await self._run(self._many, self._tail(NEWEST_IN_STATE), params)
+
+    async def receipts(self, payment_id: str) -> builtins.list[StoredReceipt]:
+        return await self._run(self._receipts, self._tail(RECEIPTS_OF), (payment_id,))
+
+    async def list_receipts(self, *, limit: int = 50) -> builtins.list[StoredReceipt]:
+        return await self._run(self._receipts, self._tail(NEWEST), (check_limit(limit),))
+
+    async def earnings(self, *, since: float, by: str) -> builtins.list[Earnings]:
+        return await self._run(self._earnings, float(since), check_group(by))
+
+    # --- for `paygate ledger copy` (not part of the request path) ----------------------------
+
+    async def page(self, after: str | None, limit: int) -> builtins.list[PaymentRecord]:
+        """Records in id order after ``after``: a stable walk over the whole ledger."""
+        return await self._run(self._many, self._tail(PAGE), (after or "", check_limit(limit)))
+
+    async def import_record(
+        self, record: PaymentRecord, events: builtins.list[PaymentEvent]
+    ) -> bool:
+        """Insert a record from another store with its history (unowned); False if its id is
+        here already. Another id holding the same authorization is a :class:`LedgerConflict`."""
+        return await self._run(self._import, record, events)
