@@ -377,7 +377,7 @@ class SqliteLedger(LedgerBase):
     def _prepare_file(self) -> None:
         parent = self.path.parent
         if not parent.exists():
-            parent.mkdir(mode=0o700, parents=True)
+            parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # workers start together
         if self.path.is_dir():
             raise LedgerUnavailable(f"cannot open ledger {self.path}: it is a directory")
         # Create it 0600 ourselves: sqlite3 would use the umask (the payloads hold signatures).
