@@ -178,6 +178,17 @@ class UpstreamReply:
                 self._usage_reader.feed(chunk)
             yield chunk
 
+    def count_cut(self) -> None:
+        """A reply cut short by the caller (gone after the last event it wanted, the OpenAI SDK
+        at ``[DONE]``): the usage its body stated so far still counts in the metrics. ``usage``
+        stays None: metering tells a cut stream's counts by their source (running, tokenizer)."""
+        reader, self._usage_reader = self._usage_reader, None
+        if reader is None or self._on_usage is None:
+            return
+        seen = reader.result()
+        if seen is not None:
+            self._on_usage(seen)
+
     def _finish_usage(self) -> None:
         if self._usage_reader is None:
             return
@@ -372,18 +383,21 @@ class Upstream:
             break
         if self._breaker is not None:
             self._breaker.record_success()
+        reply = UpstreamReply(
+            response, clock, self._metrics.usage if self._metrics is not None else None
+        )
         try:
-            yield UpstreamReply(
-                response, clock, self._metrics.usage if self._metrics is not None else None
-            )
+            yield reply
         except ConnectionResetError:
             # The caller's socket (a write to it failed), not the upstream: no mapping.
+            reply.count_cut()
             response.close()
             raise
         except http1.Http1Error:
             response.close()
             raise UpstreamFault from None
-        except BaseException:
+        except BaseException:  # the caller gone (cancelled), or a fault above
+            reply.count_cut()
             response.close()
             raise
         else:
