@@ -2,7 +2,9 @@
 
 Precedence, highest first: explicit arguments, the environment, the TOML file, defaults.
 Names are flat (``key_backend`` in TOML is ``PAYGATE_KEY_BACKEND`` in the environment) because
-operators script against the environment names; docs/CONFIG.md lists every one.
+operators script against the environment names; docs/CONFIG.md lists every one. The fields are
+declared in one section class per concern (``KeySection``, ``GatewaySection``, ``PaymentSection``,
+…, each with its own checks); ``Settings`` joins them and keeps the checks that span sections.
 Secrets (PINs, passphrases) are ``SecretStr`` and may come from a file (``*_file``), which suits
 systemd credentials; they never appear in ``repr``, logs or errors.
 """
@@ -147,13 +149,11 @@ class UpstreamSetting(BaseModel):
     @field_validator("gpus")
     @classmethod
     def _check_gpus(cls, value: str | None) -> str | None:
-        return Settings._check_gpus(value)
+        return UpstreamSection._check_gpus(value)
 
 
-class Settings(BaseSettings):
-    """Everything the appliance can be told. See docs/CONFIG.md."""
-
-    model_config = SettingsConfigDict(env_prefix="PAYGATE_", extra="forbid", validate_default=True)
+class KeySection(BaseModel):
+    """The enclave key backend and its epochs."""
 
     # --- keys (enclave backends) ---
     key_backend: KeyBackendName = "software"
@@ -177,6 +177,23 @@ class Settings(BaseSettings):
     # GPU evidence beside the CPU's (docs/ATTESTATION.md): off, or nvml (NVIDIA H100 CC mode).
     gpu_evidence: Literal["off", "nvml"] = "off"
 
+    @field_validator("key_epoch", "key_epoch_grace", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_key_epoch(self) -> Settings:
+        if self.key_epoch and self.key_epoch_grace >= self.key_epoch:
+            raise ValueError("key_epoch_grace must be shorter than key_epoch")
+        if self.key_epoch and self.key_epoch < 10:
+            raise ValueError("key_epoch is at least 10 seconds (0: no rotation)")
+        return self
+
+
+class AttestationSection(BaseModel):
+    """What evidence the appliance gives and how often callers may ask."""
+
     # --- attestation (docs/ATTESTATION.md) ---
     attestation: Literal["auto", "tpm", "none", "sev-snp", "tdx", "nitro"] = "auto"
     # Where the TEE kinds get their evidence (enclave.attestation.providers).
@@ -187,6 +204,10 @@ class Settings(BaseSettings):
     attestation_rate_per_minute: PositiveInt = 30
     # All callers together (quotes and activations use the TPM, shared with paid requests).
     attestation_global_rate_per_minute: PositiveInt = 120
+
+
+class GatewaySection(BaseModel):
+    """The listener, body and reply bounds, timeouts, slot pools and proxies."""
 
     # --- gateway (paygate serve) ---
     listen: str = "127.0.0.1:8402"
@@ -223,6 +244,60 @@ class Settings(BaseSettings):
     ipv6_prefix_length: Annotated[int, Field(ge=32, le=128)] = 64
     # uvloop where it is installed (a dependency on Linux): the same behaviour, a cheaper loop.
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        split_listen(value)
+        return value
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _check_upstream(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("must not carry a query, fragment or credentials")
+        return value.rstrip("/")
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)  # ValueError names the bad entry
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_slots(self) -> Settings:
+        # One address must never be able to hold a whole pool (and so refuse everyone else).
+        if self.per_ip_body_slots > min(self.unpaid_body_slots, self.body_slots):
+            raise ValueError("per_ip_body_slots must not exceed unpaid_body_slots nor body_slots")
+        if self.per_ip_open_slots > self.unpaid_open_slots:
+            raise ValueError("per_ip_open_slots must not exceed unpaid_open_slots")
+        return self
+
+    @property
+    def listen_host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return split_listen(self.listen)[1]
+
+
+class PaymentSection(BaseModel):
+    """x402 prices, schemes, limits, the facilitator or chain, alerts."""
 
     # --- payments (x402); docs/PAYMENTS.md ---
     pay_to: str | None = None
@@ -299,6 +374,71 @@ class Settings(BaseSettings):
     gas_key: SecretStr | None = None
     gas_key_file: Path | None = None
 
+    @field_validator("network", "engine_options_allowed", mode="before")
+    @classmethod
+    def _split_networks(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("payment_schemes", mode="before")
+    @classmethod
+    def _split_schemes(cls, value: Any) -> Any:
+        value = _split_list(value)
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one scheme: exact, upto")
+        return value
+
+    @field_validator("pay_to", "asset_address")
+    @classmethod
+    def _check_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.fullmatch(r"0x[0-9a-fA-F]{40}", value.strip()):
+            raise ValueError("must be a 0x-prefixed 20-byte hex address")
+        return value.strip()
+
+    @field_validator("facilitator_url", "chain_rpc_url", "public_url")
+    @classmethod
+    def _check_service_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username or parts.password:
+            raise ValueError("must not carry credentials")
+        return value.rstrip("/")
+
+    @field_validator("token_limits")
+    @classmethod
+    def _check_token_limits(
+        cls, value: dict[str, TokenLimitSetting]
+    ) -> dict[str, TokenLimitSetting]:
+        for key, rule in value.items():
+            if key != "*" and not (key.startswith("model:") and len(key) > len("model:")):
+                raise ValueError(f"token_limits keys are '*' or 'model:NAME', not {key[:80]!r}")
+            if rule.per_payer is None and rule.per_model is None:
+                raise ValueError(f"token_limits {key[:80]!r}: set per_payer and/or per_model")
+            if rule.input_weight == 0 and rule.output_weight == 0:
+                raise ValueError(f"token_limits {key[:80]!r}: a weight must be above 0")
+        return value
+
+    @field_validator("alert_webhook", mode="before")
+    @classmethod
+    def _check_alert_webhook(cls, value: Any) -> Any:
+        if value in ("", None):
+            return None
+        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise ValueError("must be https:// (http:// only on loopback)")
+        return value
+
+
+class LedgerSection(BaseModel):
+    """Where payments are recorded and how replicas share them."""
+
     # --- payments: ledger; docs/SCALING.md ---
     ledger_path: Path = Path("/var/lib/paygate/payments.db")
     # postgresql://… or sqlite:////abs/path; wins over ledger_path. A secret: never shown.
@@ -309,6 +449,57 @@ class Settings(BaseSettings):
     lease_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     workers: Annotated[int, Field(ge=1, le=64)] = 1
 
+    @field_validator("ledger_url", mode="before")
+    @classmethod
+    def _check_ledger_url(cls, value: Any) -> Any:
+        if value in ("", None):
+            return None
+        from paygate.x402.ledger_store import parse_ledger_url
+
+        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        parse_ledger_url(text)  # ValueError says what is wrong, never quoting the URL
+        return value
+
+    @field_validator("replica_id")
+    @classmethod
+    def _check_replica_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9._:@-]{1,80}", value):
+            raise ValueError("must be 1-80 characters of [A-Za-z0-9._:@-]")
+        return value
+
+    def ledger_password(self) -> str | None:
+        """The PostgreSQL password: ``ledger_password_file``, else the systemd credential
+        ``ledger_password`` ($CREDENTIALS_DIRECTORY), else none (the URL or libpq's own)."""
+        file = self.ledger_password_file
+        if file is None:
+            directory = os.environ.get("CREDENTIALS_DIRECTORY")
+            candidate = Path(directory) / "ledger_password" if directory else None
+            if candidate is None or not candidate.is_file():
+                return None
+            file = candidate
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read the ledger password file {file}: {exc.strerror}"
+            ) from None
+        return text.splitlines()[0].strip() if text else ""
+
+    def ledger_location(self, url: str | None = None) -> LedgerLocation:
+        """Where the ledger is: ``url`` (a CLI flag), else ledger_url, else ledger_path."""
+        from paygate.x402.ledger_store import ledger_location
+
+        if url is None and self.ledger_url is not None:
+            url = self.ledger_url.get_secret_value()
+        try:
+            return ledger_location(url=url, path=self.ledger_path, password=self.ledger_password)
+        except ValueError as exc:
+            raise ConfigError(f"ledger_url: {exc}") from None
+
+
+class TransparencySection(BaseModel):
+    """The transparency log and the log format."""
+
     # --- transparency log (paygate.tlog; docs/TRANSPARENCY.md) ---
     transparency_log: bool = False
     log_origin: str | None = None  # default: public_url without the scheme, + "/v1/log"
@@ -318,9 +509,31 @@ class Settings(BaseSettings):
     log_witness_timeout: PositiveFloat = 10.0
     log_wheel_sha256: str | None = None  # sha256:<hex> of the installed wheel, when known
     log_image_digest: str | None = None  # sha256:<hex> of the appliance image, when known
-
     # --- operations (docs/OPERATIONS.md) ---
     log_format: Literal["json", "text"] = "text"
+
+    @field_validator("log_witnesses", mode="before")
+    @classmethod
+    def _split_witnesses(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("log_wheel_sha256", "log_image_digest")
+    @classmethod
+    def _check_log_digest(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+            raise ValueError("must be sha256:<64 lower-case hex digits>")
+        return value
+
+    @field_validator("log_origin")
+    @classmethod
+    def _check_log_origin(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[!-*,-~]{1,255}", value):
+            raise ValueError("must be 1-255 printable characters without spaces or '+'")
+        return value
+
+
+class ConsoleSection(BaseModel):
+    """The operator console."""
 
     # --- the operator console (docs/CONSOLE.md): off unless console_listen is set ---
     console_listen: str | None = None  # e.g. 127.0.0.1:8403; never the public port
@@ -330,6 +543,18 @@ class Settings(BaseSettings):
     console_session_seconds: Annotated[float, Field(ge=60, le=7 * 86_400)] = 8 * 3600.0
     console_url: str | None = None  # how operators reach it (login links, sign-in domain)
     console_tls: bool = False  # behind a TLS proxy: cookies get Secure
+
+    @field_validator("console_listen")
+    @classmethod
+    def _check_console_listen(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        split_listen(value)
+        return value
+
+
+class UpstreamSection(BaseModel):
+    """The model server(s): attach or container mode, health, limits, isolation."""
 
     # --- upstream (paygate.upstream; docs/UPSTREAM.md) ---
     upstream_mode: UpstreamMode = "attach"
@@ -380,114 +605,6 @@ class Settings(BaseSettings):
     deployments_dir: Path = Path("~/.config/paygate/inference")
     discover_ports: Annotated[list[int], NoDecode] = Field(default_factory=list)
     discover_timeout: PositiveFloat = 2.0
-
-    @field_validator("console_listen")
-    @classmethod
-    def _check_console_listen(cls, value: str | None) -> str | None:
-        if value in (None, ""):
-            return None
-        split_listen(value)
-        return value
-
-    @field_validator("erc6492_factories", "console_wallets", mode="before")
-    @classmethod
-    def _split_addresses(cls, value: Any) -> Any:
-        return cls._split_proxies(value)
-
-    @field_validator("erc6492_factories", "console_wallets")
-    @classmethod
-    def _check_addresses(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        for address in value:
-            if not re.fullmatch(r"0x[0-9a-fA-F]{40}", address):
-                raise ValueError(f"{info.field_name} must be 0x-prefixed 20-byte hex addresses")
-        return value
-
-    @field_validator("token_limits")
-    @classmethod
-    def _check_token_limits(
-        cls, value: dict[str, TokenLimitSetting]
-    ) -> dict[str, TokenLimitSetting]:
-        for key, rule in value.items():
-            if key != "*" and not (key.startswith("model:") and len(key) > len("model:")):
-                raise ValueError(f"token_limits keys are '*' or 'model:NAME', not {key[:80]!r}")
-            if rule.per_payer is None and rule.per_model is None:
-                raise ValueError(f"token_limits {key[:80]!r}: set per_payer and/or per_model")
-            if rule.input_weight == 0 and rule.output_weight == 0:
-                raise ValueError(f"token_limits {key[:80]!r}: a weight must be above 0")
-        return value
-
-    @field_validator("alert_webhook", mode="before")
-    @classmethod
-    def _check_alert_webhook(cls, value: Any) -> Any:
-        if value in ("", None):
-            return None
-        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
-        parts = urlsplit(text)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL")
-        if parts.scheme == "http" and not _is_loopback(parts.hostname):
-            raise ValueError("must be https:// (http:// only on loopback)")
-        return value
-
-    @field_validator("ledger_url", mode="before")
-    @classmethod
-    def _check_ledger_url(cls, value: Any) -> Any:
-        if value in ("", None):
-            return None
-        from paygate.x402.ledger_store import parse_ledger_url
-
-        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
-        parse_ledger_url(text)  # ValueError says what is wrong, never quoting the URL
-        return value
-
-    @field_validator("key_epoch", "key_epoch_grace", mode="before")
-    @classmethod
-    def _duration(cls, value: object) -> object:
-        return parse_duration(value) if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _check_key_epoch(self) -> Settings:
-        if self.key_epoch and self.key_epoch_grace >= self.key_epoch:
-            raise ValueError("key_epoch_grace must be shorter than key_epoch")
-        if self.key_epoch and self.key_epoch < 10:
-            raise ValueError("key_epoch is at least 10 seconds (0: no rotation)")
-        return self
-
-    @field_validator("replica_id")
-    @classmethod
-    def _check_replica_id(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9._:@-]{1,80}", value):
-            raise ValueError("must be 1-80 characters of [A-Za-z0-9._:@-]")
-        return value
-
-    def ledger_password(self) -> str | None:
-        """The PostgreSQL password: ``ledger_password_file``, else the systemd credential
-        ``ledger_password`` ($CREDENTIALS_DIRECTORY), else none (the URL or libpq's own)."""
-        file = self.ledger_password_file
-        if file is None:
-            directory = os.environ.get("CREDENTIALS_DIRECTORY")
-            candidate = Path(directory) / "ledger_password" if directory else None
-            if candidate is None or not candidate.is_file():
-                return None
-            file = candidate
-        try:
-            text = file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read the ledger password file {file}: {exc.strerror}"
-            ) from None
-        return text.splitlines()[0].strip() if text else ""
-
-    def ledger_location(self, url: str | None = None) -> LedgerLocation:
-        """Where the ledger is: ``url`` (a CLI flag), else ledger_url, else ledger_path."""
-        from paygate.x402.ledger_store import ledger_location
-
-        if url is None and self.ledger_url is not None:
-            url = self.ledger_url.get_secret_value()
-        try:
-            return ledger_location(url=url, path=self.ledger_path, password=self.ledger_password)
-        except ValueError as exc:
-            raise ConfigError(f"ledger_url: {exc}") from None
 
     @field_validator("upstream_health_path")
     @classmethod
@@ -546,13 +663,42 @@ class Settings(BaseSettings):
     @field_validator("discover_ports", mode="before")
     @classmethod
     def _split_ports(cls, value: Any) -> Any:
-        return cls._split_proxies(value)
+        return _split_list(value)
 
     @field_validator("discover_ports")
     @classmethod
     def _check_ports(cls, value: list[int]) -> list[int]:
         if any(not 1 <= port <= 65535 for port in value):
             raise ValueError("ports must be 1..65535")
+        return value
+
+
+class Settings(
+    KeySection,
+    AttestationSection,
+    GatewaySection,
+    PaymentSection,
+    LedgerSection,
+    TransparencySection,
+    ConsoleSection,
+    UpstreamSection,
+    BaseSettings,
+):
+    """Everything the appliance can be told. See docs/CONFIG.md."""
+
+    model_config = SettingsConfigDict(env_prefix="PAYGATE_", extra="forbid", validate_default=True)
+
+    @field_validator("erc6492_factories", "console_wallets", mode="before")
+    @classmethod
+    def _split_addresses(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("erc6492_factories", "console_wallets")
+    @classmethod
+    def _check_addresses(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        for address in value:
+            if not re.fullmatch(r"0x[0-9a-fA-F]{40}", address):
+                raise ValueError(f"{info.field_name} must be 0x-prefixed 20-byte hex addresses")
         return value
 
     @model_validator(mode="after")
@@ -615,105 +761,6 @@ class Settings(BaseSettings):
             )
             out.append(UpstreamEntry(item.name, config, tuple(item.models), item.weight))
         return tuple(out)
-
-    @field_validator("listen")
-    @classmethod
-    def _check_listen(cls, value: str) -> str:
-        split_listen(value)
-        return value
-
-    @field_validator("upstream_url")
-    @classmethod
-    def _check_upstream(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.query or parts.fragment or parts.username or parts.password:
-            raise ValueError("must not carry a query, fragment or credentials")
-        return value.rstrip("/")
-
-    @field_validator("log_witnesses", mode="before")
-    @classmethod
-    def _split_witnesses(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            if value.lstrip().startswith("["):
-                return jsonsafe.loads(value, max_bytes=64 * 1024)
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
-
-    @field_validator("log_wheel_sha256", "log_image_digest")
-    @classmethod
-    def _check_log_digest(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
-            raise ValueError("must be sha256:<64 lower-case hex digits>")
-        return value
-
-    @field_validator("log_origin")
-    @classmethod
-    def _check_log_origin(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[!-*,-~]{1,255}", value):
-            raise ValueError("must be 1-255 printable characters without spaces or '+'")
-        return value
-
-    @field_validator("trusted_proxies", mode="before")
-    @classmethod
-    def _split_proxies(cls, value: Any) -> Any:
-        # The environment gives one string: accept "10.0.0.1, 10.1.0.0/16" as well as a JSON list.
-        if isinstance(value, str):
-            if value.lstrip().startswith("["):
-                return jsonsafe.loads(value, max_bytes=64 * 1024)  # ValueError when not JSON
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _check_proxies(cls, value: list[str]) -> list[str]:
-        for item in value:
-            ipaddress.ip_network(item, strict=False)  # ValueError names the bad entry
-        return value
-
-    @field_validator("network", "engine_options_allowed", mode="before")
-    @classmethod
-    def _split_networks(cls, value: Any) -> Any:
-        return cls._split_proxies(value)
-
-    @field_validator("payment_schemes", mode="before")
-    @classmethod
-    def _split_schemes(cls, value: Any) -> Any:
-        value = cls._split_proxies(value)
-        if isinstance(value, list) and not value:
-            raise ValueError("name at least one scheme: exact, upto")
-        return value
-
-    @field_validator("pay_to", "asset_address")
-    @classmethod
-    def _check_address(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if not re.fullmatch(r"0x[0-9a-fA-F]{40}", value.strip()):
-            raise ValueError("must be a 0x-prefixed 20-byte hex address")
-        return value.strip()
-
-    @field_validator("facilitator_url", "chain_rpc_url", "public_url")
-    @classmethod
-    def _check_service_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.username or parts.password:
-            raise ValueError("must not carry credentials")
-        return value.rstrip("/")
-
-    @model_validator(mode="after")
-    def _check_slots(self) -> Settings:
-        # One address must never be able to hold a whole pool (and so refuse everyone else).
-        if self.per_ip_body_slots > min(self.unpaid_body_slots, self.body_slots):
-            raise ValueError("per_ip_body_slots must not exceed unpaid_body_slots nor body_slots")
-        if self.per_ip_open_slots > self.unpaid_open_slots:
-            raise ValueError("per_ip_open_slots must not exceed unpaid_open_slots")
-        return self
 
     @model_validator(mode="after")
     def _check_payments(self) -> Settings:
@@ -782,14 +829,6 @@ class Settings(BaseSettings):
             expected_model_digests=dict(self.expected_model_digests),
         )
 
-    @property
-    def listen_host(self) -> str:
-        return split_listen(self.listen)[0]
-
-    @property
-    def listen_port(self) -> int:
-        return split_listen(self.listen)[1]
-
     @field_validator(
         "key_passphrase",
         "pkcs11_pin",
@@ -803,11 +842,6 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_secret_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper_level(cls, value: Any) -> Any:
-        return value.upper() if isinstance(value, str) else value
 
     def secret(
         self,
@@ -928,6 +962,15 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The TOML file comes from model_config, set per call by load_settings.
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def _split_list(value: Any) -> Any:
+    # The environment gives one string: accept "10.0.0.1, 10.1.0.0/16" as well as a JSON list.
+    if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            return jsonsafe.loads(value, max_bytes=64 * 1024)  # ValueError when not JSON
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
 
 
 def _is_loopback(host: str) -> bool:
