@@ -12,10 +12,8 @@ import dataclasses
 import json
 import os
 import threading
-from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any, Literal
 
 import httpx
@@ -47,11 +45,11 @@ from paygate.client.payer import (
     parse_challenge,
     refusal_reason,
 )
+from paygate.client.payment_log import PaymentLog, ReceiptCallback
 from paygate.client.pubkey import EnclaveKey, KeyPin, parse_pubkey_document
 from paygate.client.receipts import CheckedDecoder, ReceiptCheck, SignedReceipt
 from paygate.client.streams import (
     PlainDecoder,
-    ReceiptScanner,
     ReplyDecoder,
     SealedDecoder,
 )
@@ -63,15 +61,12 @@ from paygate.wire import (
     REPLY_PUBKEY_HEADER,
     REQUEST_NONCE_HEADER,
 )
-from paygate.x402 import codec
 from paygate.x402.batch import BATCH_PATH
-from paygate.x402.models import USAGE_EXTENSION, SettleResponse
 
 Envelope = Literal["v2", "v1", "plain"]
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_SEALED_REPLY_BYTES = 32 * 1024 * 1024
 MAX_TAIL_BYTES = 64 * 1024  # read after the caller stops, to collect a pending receipt
-PAYMENT_LOG_SIZE = 1000
 _REQUEST_HEADERS_DROPPED = frozenset(
     {
         "content-length",
@@ -92,8 +87,6 @@ _SEALED_REPLY_HEADERS_DROPPED = frozenset(
         "x-paygate-content-type",
     }
 )
-
-ReceiptCallback = Callable[[SentPayment], None]
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -186,7 +179,7 @@ def origin_of(url: httpx.URL) -> str:
 
 class ClientCore:
     """Configuration and state shared by one transport's requests: the key cache, the payer,
-    the payment log."""
+    the payment log (:class:`PaymentLog`)."""
 
     def __init__(
         self,
@@ -213,14 +206,12 @@ class ClientCore:
         self.payer = Payer(wallet, spend) if wallet is not None and spend is not None else None
         self.x402_version = x402_version
         self.pubkey_url = httpx.URL(pubkey_url) if pubkey_url else None
-        self.on_receipt = on_receipt
         self.max_request_bytes = max_request_bytes
         self.max_sealed_reply_bytes = max_sealed_reply_bytes
-        self._payments: deque[SentPayment] = deque(maxlen=PAYMENT_LOG_SIZE)
         self._keys: dict[str, EnclaveKey] = {}
         self.attestation = attestation
         self._attested: dict[str, Attested] = {}
-        self._signed_receipts: deque[SignedReceipt] = deque(maxlen=PAYMENT_LOG_SIZE)
+        self.payments = PaymentLog(self.payer, on_receipt)
         self._lock = threading.Lock()
 
     # --- keys ------------------------------------------------------------------------------
@@ -329,61 +320,6 @@ class ClientCore:
             self.pin.check(key)
         return key
 
-    # --- payments --------------------------------------------------------------------------
-
-    def log(self) -> list[SentPayment]:
-        """The payment log, oldest first (a copy: other threads may be paying)."""
-        with self._lock:
-            return list(self._payments)
-
-    @property
-    def last_payment(self) -> SentPayment | None:
-        log = self.log()
-        return log[-1] if log else None
-
-    @property
-    def last_receipt(self) -> SettleResponse | None:
-        for record in reversed(self.log()):
-            if record.receipt is not None:
-                return record.receipt
-        return None
-
-    @property
-    def spent(self) -> Decimal:
-        return self.payer.spent if self.payer is not None else Decimal(0)
-
-    def _got_receipt(
-        self,
-        record: SentPayment,
-        receipt: SettleResponse | None,
-        source: Literal["header", "stream"],
-        error: str | None,
-    ) -> None:
-        if receipt is None:
-            record.receipt_error = error
-            return
-        record.receipt = receipt
-        record.receipt_source = source
-        if self.payer is not None:
-            self.payer.receipt_arrived(record)  # a metered receipt is checked and counted
-        if self.on_receipt is not None:
-            self.on_receipt(record)
-
-    def _header_receipt(
-        self, record: SentPayment, headers: httpx.Headers, sealed_token: str | None = None
-    ) -> None:
-        for name in (wire.PAYMENT_RESPONSE, wire.X_PAYMENT_RESPONSE):
-            value = headers.get(name)
-            if value:
-                try:
-                    receipt = codec.decode_settle_response(value, header=name)
-                except codec.PaymentHeaderError as exc:
-                    self._got_receipt(record, None, "header", str(exc))
-                else:
-                    receipt = _with_sealed_usage(receipt, sealed_token)
-                    self._got_receipt(record, receipt, "header", None)
-                return
-
     # --- the flow --------------------------------------------------------------------------
 
     def flow(self, request: httpx.Request) -> Flow:
@@ -397,7 +333,7 @@ class ClientCore:
             # signed receipt is checked against the attested key.
             key = yield LoadKey(origin_of(request.url), request)
             self._check_model(origin_of(request.url), body)
-        attempt = self._attempt(request, body, envelope, key, None)
+        attempt = seal_attempt(request, body, envelope, key, None)
         response = yield Send(attempt.request)
         retried = False
         if key is not None and _stale_key(response):
@@ -406,7 +342,7 @@ class ClientCore:
             retried = True
             yield Discard(response)
             key = yield from self._renew_key(request, body, key)
-            attempt = self._attempt(request, body, envelope, key, None)
+            attempt = seal_attempt(request, body, envelope, key, None)
             response = yield Send(attempt.request)
         record: SentPayment | None = None
         if response.status_code == 402 and self.payer is not None:
@@ -418,23 +354,22 @@ class ClientCore:
             url = str(request.url.copy_with(query=None, fragment=None))
             payment = self.payer.pay(challenge, url=url)
             record = payment.record
-            with self._lock:
-                self._payments.append(record)
+            self.payments.append(record)
             # Re-sealed: a fresh reply key for every attempt, never one reused.
-            attempt = self._attempt(request, body, envelope, key, (payment.header, payment.value))
+            attempt = seal_attempt(request, body, envelope, key, (payment.header, payment.value))
             response = yield Send(attempt.request)
             if key is not None and not retried and _stale_key(response):
                 # Retired between the 402 and now: the payment was not taken (the gateway
                 # refuses a stale key before the payment is settled); send it again re-sealed.
                 yield Discard(response)
                 key = yield from self._renew_key(request, body, key)
-                attempt = self._attempt(
+                attempt = seal_attempt(
                     request, body, envelope, key, (payment.header, payment.value)
                 )
                 response = yield Send(attempt.request)
             if response.status_code == 402:
                 refusal = yield ReadBody(response, MAX_CHALLENGE_BYTES, "the 402 refusal")
-                self._header_receipt(record, response.headers)
+                self.payments.header_receipt(record, response.headers)
                 raise PaymentRefused(refusal_reason(response.headers, refusal))
         return (yield from self._reply(attempt, response, record))
 
@@ -447,69 +382,6 @@ class ClientCore:
         self._check_model(origin, body)
         return key
 
-    def _attempt(
-        self,
-        request: httpx.Request,
-        body: bytes,
-        envelope: Envelope,
-        key: EnclaveKey | None,
-        payment: tuple[str, str] | None,
-    ) -> _Attempt:
-        headers = httpx.Headers(
-            [
-                (name, value)
-                for name, value in request.headers.multi_items()
-                if name.lower() not in _REQUEST_HEADERS_DROPPED
-            ]
-        )
-        v2_reply: ReplyKeys | None = None
-        v1_reply: SoftwareKey | None = None
-        content = body
-        # A fresh nonce for every attempt: no old reply's receipt names this request. v2
-        # derives it from the reply secret inside the seal; otherwise it is a header.
-        nonce: bytes | None = None
-        if envelope == "v2":
-            assert key is not None
-            sealed = enclave.seal_v2(
-                key.public_key,
-                body,
-                method=request.method,
-                path=request.url.path,
-                key_id=key.key_id,
-            )
-            content, v2_reply = sealed.blob, sealed.reply
-            headers["Content-Type"] = enclave.CONTENT_TYPE
-            nonce = request_nonce(v2_reply)
-        else:
-            nonce = os.urandom(receipts.NONCE_LEN)
-            headers[REQUEST_NONCE_HEADER] = nonce.hex()
-        if envelope == "v1":
-            assert key is not None
-            v1_reply = SoftwareKey.generate()
-            headers[REPLY_PUBKEY_HEADER] = v1_reply.public_key.hex()
-            if body:
-                content = enclave.seal_v1(key.public_key, body)
-                headers["Content-Type"] = enclave.CONTENT_TYPE
-        digest = receipts.request_digest(
-            method=request.method,
-            path=request.url.path,
-            body=content,
-            nonce=nonce,
-            reply_key=v1_reply.public_key if v1_reply is not None else None,
-        )
-        if payment is not None:
-            headers[payment[0]] = payment[1]
-        if key is not None and key.key_id is not None:
-            headers[wire.KEY_ID_HEADER] = key.key_id  # what a balancer routes on
-        outgoing = httpx.Request(
-            request.method,
-            request.url,
-            headers=headers,
-            content=content,
-            extensions=request.extensions,
-        )
-        return _Attempt(outgoing, envelope, key, v2_reply, v1_reply, digest)
-
     def _reply(
         self, attempt: _Attempt, response: httpx.Response, record: SentPayment | None
     ) -> Generator[Command, Any, Deliver]:
@@ -518,7 +390,7 @@ class ClientCore:
         # A sealed reply's receipt header is sealed to this request's reply key.
         token = _open_receipt_header(attempt, header) if sealed and header else header
         if record is not None:
-            self._header_receipt(record, response.headers, token if sealed else None)
+            self.payments.header_receipt(record, response.headers, token if sealed else None)
         info = ReplyInfo(
             envelope=attempt.envelope if sealed else "plain",
             key_fingerprint=attempt.key.fingerprint if attempt.key else None,
@@ -529,7 +401,7 @@ class ClientCore:
         if attempt.envelope == "plain" or (not sealed and response.status_code >= 400):
             # In the clear: no sealing asked, or a gateway error (402/4xx/5xx before opening).
             content_type = response.headers.get("content-type")
-            scanner = self._scanner(content_type, record)
+            scanner = self.payments.scanner(content_type, record)
             plain: ReplyDecoder = PlainDecoder(scanner)
             if receipt is not None:
                 plain = CheckedDecoder(plain, receipt(content_type))
@@ -563,7 +435,7 @@ class ClientCore:
             plain_type = plain_type or "application/octet-stream"
             headers.append(("Content-Type", plain_type))
             decoder: ReplyDecoder = SealedDecoder(
-                attempt.v2_reply, self._scanner(plain_type, record)
+                attempt.v2_reply, self.payments.scanner(plain_type, record)
             )
             if receipt is not None:
                 decoder = CheckedDecoder(decoder, receipt(plain_type))
@@ -577,7 +449,7 @@ class ClientCore:
         # Obol's gateway does not say what the plaintext is; its APIs speak JSON or SSE.
         plain_type = plain_type or _sniff(plaintext)
         headers.append(("Content-Type", plain_type))
-        scanner = self._scanner(plain_type, record)
+        scanner = self.payments.scanner(plain_type, record)
         if scanner is not None:
             scanner.feed(plaintext)
             scanner.finish()
@@ -604,8 +476,7 @@ class ClientCore:
             return None
         signed = SignedReceipt()
         extensions["paygate_receipt"] = signed
-        with self._lock:
-            self._signed_receipts.append(signed)
+        self.payments.keep_signed(signed)
 
         def make(content_type: str | None) -> ReceiptCheck:
             return ReceiptCheck(
@@ -621,26 +492,70 @@ class ClientCore:
 
         return make
 
-    @property
-    def last_signed_receipt(self) -> dict[str, Any] | None:
-        """The claims of the most recent verified signed receipt."""
-        with self._lock:
-            for signed in reversed(self._signed_receipts):
-                if signed.claims is not None:
-                    return signed.claims
-        return None
 
-    def _scanner(
-        self, content_type: str | None, record: SentPayment | None
-    ) -> ReceiptScanner | None:
-        if record is None:
-            return None
-
-        def sink(receipt: SettleResponse | None, error: str | None) -> None:
-            self._got_receipt(record, receipt, "stream", error)
-
-        scanner = ReceiptScanner(content_type, sink)
-        return scanner if scanner.active else None
+def seal_attempt(
+    request: httpx.Request,
+    body: bytes,
+    envelope: Envelope,
+    key: EnclaveKey | None,
+    payment: tuple[str, str] | None,
+) -> _Attempt:
+    """The request as sent: sealed to ``key`` (v1/v2) with a fresh reply key and nonce, the
+    payment header when paying, and the digest its signed receipt must name."""
+    headers = httpx.Headers(
+        [
+            (name, value)
+            for name, value in request.headers.multi_items()
+            if name.lower() not in _REQUEST_HEADERS_DROPPED
+        ]
+    )
+    v2_reply: ReplyKeys | None = None
+    v1_reply: SoftwareKey | None = None
+    content = body
+    # A fresh nonce for every attempt: no old reply's receipt names this request. v2
+    # derives it from the reply secret inside the seal; otherwise it is a header.
+    nonce: bytes | None = None
+    if envelope == "v2":
+        assert key is not None
+        sealed = enclave.seal_v2(
+            key.public_key,
+            body,
+            method=request.method,
+            path=request.url.path,
+            key_id=key.key_id,
+        )
+        content, v2_reply = sealed.blob, sealed.reply
+        headers["Content-Type"] = enclave.CONTENT_TYPE
+        nonce = request_nonce(v2_reply)
+    else:
+        nonce = os.urandom(receipts.NONCE_LEN)
+        headers[REQUEST_NONCE_HEADER] = nonce.hex()
+    if envelope == "v1":
+        assert key is not None
+        v1_reply = SoftwareKey.generate()
+        headers[REPLY_PUBKEY_HEADER] = v1_reply.public_key.hex()
+        if body:
+            content = enclave.seal_v1(key.public_key, body)
+            headers["Content-Type"] = enclave.CONTENT_TYPE
+    digest = receipts.request_digest(
+        method=request.method,
+        path=request.url.path,
+        body=content,
+        nonce=nonce,
+        reply_key=v1_reply.public_key if v1_reply is not None else None,
+    )
+    if payment is not None:
+        headers[payment[0]] = payment[1]
+    if key is not None and key.key_id is not None:
+        headers[wire.KEY_ID_HEADER] = key.key_id  # what a balancer routes on
+    outgoing = httpx.Request(
+        request.method,
+        request.url,
+        headers=headers,
+        content=content,
+        extensions=request.extensions,
+    )
+    return _Attempt(outgoing, envelope, key, v2_reply, v1_reply, digest)
 
 
 def _open_receipt_header(attempt: _Attempt, value: str) -> str | None:
@@ -654,32 +569,6 @@ def _open_receipt_header(attempt: _Attempt, value: str) -> str | None:
     except DecryptionError:
         return None
     return None
-
-
-def _with_sealed_usage(receipt: SettleResponse, token: str | None) -> SettleResponse:
-    """A sealed reply's clear payment receipt states no usage (it would show beside a sealed
-    body); the sealed signed receipt does. Its usage (unverified here: the signed receipt's
-    own check verifies it when the origin is attested) joins the payment receipt, in the
-    x402 receipt's own words, for the metered payment's check."""
-    extensions = receipt.extensions or {}
-    if token is None or USAGE_EXTENSION in extensions:
-        return receipt
-    try:
-        claims = receipts.unverified_claims(token)
-    except receipts.ReceiptInvalid:
-        return receipt
-    usage, payment = claims.get("usage"), claims.get("payment")
-    if not isinstance(usage, dict) or not isinstance(payment, dict):
-        return receipt
-    info = {
-        "promptTokens": usage["prompt_tokens"],
-        "completionTokens": usage["completion_tokens"],
-        "source": usage["source"],
-        "maximum": payment["authorized"],
-        "charged": payment["charged"],
-    }
-    extended = {**extensions, USAGE_EXTENSION: {"info": info}}
-    return receipt.model_copy(update={"extensions": extended})
 
 
 _STALE_KEY_CODES = frozenset({"key_epoch_retired", "wrong_replica"})

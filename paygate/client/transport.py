@@ -69,27 +69,27 @@ class _Facade:
     @property
     def payments(self) -> list[SentPayment]:
         """Payments made through this transport, oldest first (the last 1000)."""
-        return self._core.log()
+        return self._core.payments.log()
 
     @property
     def last_payment(self) -> SentPayment | None:
-        return self._core.last_payment
+        return self._core.payments.last_payment
 
     @property
     def last_receipt(self) -> SettleResponse | None:
         """The most recent receipt (header or in-band), e.g. after an OpenAI SDK call."""
-        return self._core.last_receipt
+        return self._core.payments.last_receipt
 
     @property
     def last_signed_receipt(self) -> dict[str, Any] | None:
         """The claims of the most recent signed receipt verified (attested origins only):
         distinct from :attr:`last_receipt`, the x402 payment receipt."""
-        return self._core.last_signed_receipt
+        return self._core.payments.last_signed_receipt
 
     @property
     def spent(self) -> Decimal:
         """Whole tokens signed away so far, settled or not."""
-        return self._core.spent
+        return self._core.payments.spent
 
     @property
     def wallet_address(self) -> str | None:
