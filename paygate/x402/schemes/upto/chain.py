@@ -1,28 +1,27 @@
-"""Chain mode for `upto`: verify and settle Permit2 witness transfers through the
-x402UptoPermit2Proxy with the gateway's own gas key (it is the witness's ``facilitator``).
+"""``upto`` in chain mode, and its proof of payment in both modes (web3; server-only).
 
-Proof of settlement: SETTLED only on a successful receipt holding the asset's
-``Transfer(payer → payTo, amount)`` for the amount settled; a Permit2 nonce used (or burned by
-the payer) without that transfer is FAILED. The calls are web3's, run in worker threads through the
-:class:`~paygate.x402.chain.ChainReader` (one per settler); chain mode's
-:class:`~paygate.x402.chain.ChainSettler` sends, facilitator mode only reads (the proof).
+The gateway's gas account (the witness's ``facilitator``) settles Permit2 witness transfers
+through the x402UptoPermit2Proxy. Proof of settlement: SETTLED only on a successful receipt
+holding the asset's ``Transfer(payer → payTo, amount)`` for the amount settled; a Permit2
+nonce used (or burned by the payer) without that transfer is FAILED.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 from eth_utils import keccak, to_checksum_address
-from web3.exceptions import ContractLogicError, TimeExhausted
+from web3.exceptions import ContractLogicError
 
 from paygate.x402 import smartwallet
-from paygate.x402.models import AnyPaymentPayload, SettleResponse, UptoEvmPayload, VerifyResponse
-from paygate.x402.schemes.upto import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS
+from paygate.x402.evm import TRANSFER_TOPIC, address_word, hex_of, int_of
+from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
+from paygate.x402.schemes.upto.offer import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, payload_of
 from paygate.x402.settler import SettlementUnknown
 
 if TYPE_CHECKING:
     from paygate.x402.chain_reader import ChainReader
+    from paygate.x402.schemes.base import ChainAccess
 
 _UINT = {"type": "uint256"}
 _ADDRESS = {"type": "address"}
@@ -110,12 +109,6 @@ _ERRORS = (
 _SELECTORS = {"0x" + keccak(text=e)[:4].hex(): e.split("(")[0] for e in _ERRORS}
 
 
-def payload_of(payment: AnyPaymentPayload) -> UptoEvmPayload:
-    if not isinstance(payment.payload, UptoEvmPayload):
-        raise ValueError("not an upto payload")
-    return payment.payload
-
-
 def settle_args(payment: AnyPaymentPayload, amount: int) -> tuple[Any, ...]:
     """``x402UptoPermit2Proxy.settle``'s arguments for settling ``amount``."""
     payload = payload_of(payment)
@@ -154,100 +147,98 @@ def revert_reason(message: str) -> str:
 
 
 LOG_WINDOW_BLOCKS = 10_000  # how far back a used nonce's settle transaction is looked for
-TRANSFER_TOPIC = "ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
+
+
+def settle_call(reader: ChainReader, payment: AnyPaymentPayload, amount: int) -> Any:
+    proxy = reader.w3.eth.contract(address=to_checksum_address(UPTO_PROXY_ADDRESS), abi=PROXY_ABI)
+    return proxy.functions.settle(*settle_args(payment, amount))
+
+
+async def simulate(
+    reader: ChainReader, payment: AnyPaymentPayload, amount: int, *, sender: str
+) -> str | None:
+    try:
+        await reader.call(settle_call(reader, payment, amount).call, {"from": sender})
+    except ContractLogicError as exc:
+        return revert_reason(f"{exc} {getattr(exc, 'data', '')}")
+    return None
+
+
+async def nonce_used(reader: ChainReader, payment: AnyPaymentPayload) -> bool:
+    owner, word, bit = nonce_position(payment)
+    permit2 = reader.w3.eth.contract(address=to_checksum_address(PERMIT2_ADDRESS), abi=PERMIT2_ABI)
+    bitmap = await reader.call(permit2.functions.nonceBitmap(owner, word).call)
+    return bool(int(bitmap) >> bit & 1)
 
 
 class UptoChain:
-    """`upto` on one chain: verify, simulate, the settle call, and the proof of an outcome."""
-
-    def __init__(self, reader: ChainReader) -> None:
-        self._reader = reader
-        self._w3 = reader.w3
-
-    def settle_call(self, payment: AnyPaymentPayload, amount: int) -> Any:
-        proxy = self._w3.eth.contract(
-            address=to_checksum_address(UPTO_PROXY_ADDRESS), abi=PROXY_ABI
-        )
-        return proxy.functions.settle(*settle_args(payment, amount))
+    """`upto` on one chain: verify, settle, and the proof of an outcome."""
 
     async def verify(
-        self, payment: AnyPaymentPayload, requirements: dict[str, Any], *, sender: str
+        self, chain: ChainAccess, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> VerifyResponse:
+        reader = chain.reader
         auth = payload_of(payment).permit2_authorization
         payer = to_checksum_address(auth.from_)
         maximum = int(auth.permitted.amount)
-        await self._reader.check_chain(requirements)
-        token = self._w3.eth.contract(
+        await reader.check_chain(requirements)
+        token = reader.w3.eth.contract(
             address=to_checksum_address(str(requirements["asset"])), abi=ALLOWANCE_ABI + _BALANCE
         )
-        if await self._reader.call(token.functions.balanceOf(payer).call) < maximum:
+        if await reader.call(token.functions.balanceOf(payer).call) < maximum:
             return _invalid("permit2_insufficient_balance", payer)
         permit2 = to_checksum_address(PERMIT2_ADDRESS)
-        if await self._reader.call(token.functions.allowance(payer, permit2).call) < maximum:
+        if await reader.call(token.functions.allowance(payer, permit2).call) < maximum:
             return _invalid("permit2_allowance_required", payer)
-        if await self.nonce_used(payment):
+        if await nonce_used(reader, payment):
             return _invalid("permit2_invalid_nonce", payer)
-        reason = await self.simulate(payment, maximum, sender=sender)
+        reason = await simulate(reader, payment, maximum, sender=chain.address)
         if reason is not None:
             return _invalid(reason, payer)
         return VerifyResponse(is_valid=True, payer=payer)
 
-    async def simulate(self, payment: AnyPaymentPayload, amount: int, *, sender: str) -> str | None:
-        try:
-            await self._reader.call(self.settle_call(payment, amount).call, {"from": sender})
-        except ContractLogicError as exc:
-            return revert_reason(f"{exc} {getattr(exc, 'data', '')}")
-        return None
-
-    async def nonce_used(self, payment: AnyPaymentPayload) -> bool:
-        owner, word, bit = nonce_position(payment)
-        permit2 = self._w3.eth.contract(
-            address=to_checksum_address(PERMIT2_ADDRESS), abi=PERMIT2_ABI
-        )
-        bitmap = await self._reader.call(permit2.functions.nonceBitmap(owner, word).call)
-        return bool(int(bitmap) >> bit & 1)
-
-    async def await_receipt(
-        self,
-        tx_hash: str,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        *,
-        wait: float,
-        timeout: float,
+    async def settle(
+        self, chain: ChainAccess, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> SettleResponse:
-        try:
-            receipt = await asyncio.wait_for(
-                asyncio.to_thread(self._w3.eth.wait_for_transaction_receipt, tx_hash, wait, 0.1),
-                wait + timeout,
-            )
-        except (TimeoutError, TimeExhausted):
-            raise SettlementUnknown("no receipt yet", transaction=tx_hash) from None
-        except Exception:  # web3's connection errors have many classes
-            raise SettlementUnknown("no receipt yet", transaction=tx_hash) from None
-        return self.outcome(receipt, tx_hash, payment, requirements)
+        """Settle ``requirements["amount"]`` through the proxy."""
+        reader = chain.reader
+        await reader.check_chain(requirements)
+        amount = int(requirements["amount"])
+        reason = await simulate(reader, payment, amount, sender=chain.address)
+        if reason == "permit2_invalid_nonce":
+            return await self.prove(reader, payment, requirements, None)  # used since verify
+        if reason is not None:
+            payer = to_checksum_address(payload_of(payment).permit2_authorization.from_)
+            network = str(requirements["network"])
+            return SettleResponse(success=False, error_reason=reason, payer=payer, network=network)
+        tx_hash = await chain.send(settle_call(reader, payment, amount))
+        return outcome(await chain.mined(tx_hash), tx_hash, payment, requirements)
 
     async def prove(
-        self, payment: AnyPaymentPayload, requirements: dict[str, Any], transaction: str | None
+        self,
+        reader: ChainReader,
+        payment: AnyPaymentPayload,
+        requirements: dict[str, Any],
+        transaction: str | None,
     ) -> SettleResponse:
         """The outcome as the chain proves it: SETTLED only with the asset's
         Transfer(payer → payTo, ``requirements["amount"]``) through the proxy (``transaction``'s,
         or the proxy settle of this nonce found in the last blocks); FAILED when the nonce was
         used or burned without it. SettlementUnknown while the nonce is unused."""
-        await self._reader.check_chain(requirements)
+        await reader.check_chain(requirements)
         if transaction:
-            receipt = await self._reader.receipt(transaction)
+            receipt = await reader.receipt(transaction)
             if receipt is not None:
-                settled = self.outcome(receipt, transaction, payment, requirements)
+                settled = outcome(receipt, transaction, payment, requirements)
                 if settled.success:
                     return settled
-        if not await self.nonce_used(payment):
+        if not await nonce_used(reader, payment):
             raise SettlementUnknown(
                 "the Permit2 nonce is not used on chain yet", transaction=transaction
             )
-        found = await self._find_settle(payment, requirements)
+        found = await _find_settle(reader, payment, requirements)
         if found is not None:
-            return self.outcome(
+            return outcome(
                 found,
                 "0x" + bytes(found["transactionHash"]).hex().removeprefix("0x"),
                 payment,
@@ -262,76 +253,75 @@ class UptoChain:
             network=str(requirements["network"]),
         )
 
-    async def _find_settle(
-        self, payment: AnyPaymentPayload, requirements: dict[str, Any]
-    ) -> Any | None:
-        """The receipt of the proxy settle of this payment's nonce, among recent transfers
-        payer → payTo (only the witness's facilitator can send one)."""
-        auth = payload_of(payment).permit2_authorization
-        latest = int(await self._reader.call(lambda: self._w3.eth.block_number))
-        logs = await self._reader.call(
-            self._w3.eth.get_logs,
-            {
-                "fromBlock": max(latest - LOG_WINDOW_BLOCKS, 0),
-                "toBlock": latest,
-                "address": to_checksum_address(str(requirements["asset"])),
-                "topics": [
-                    "0x" + TRANSFER_TOPIC,
-                    _topic(auth.from_),
-                    _topic(str(requirements["payTo"])),
-                ],
-            },
-        )
-        nonce = int(auth.nonce)
-        proxy = self._w3.eth.contract(
-            address=to_checksum_address(UPTO_PROXY_ADDRESS), abi=PROXY_ABI
-        )
-        for entry in logs:
-            tx = await self._reader.call(self._w3.eth.get_transaction, entry["transactionHash"])
-            if (tx["to"] or "").lower() != UPTO_PROXY_ADDRESS.lower():
-                continue
-            try:
-                _, args = proxy.decode_function_input(tx["input"])
-            except ValueError:
-                continue
-            permit = args["permit"]  # web3 decodes a tuple as a dict of its named components
-            found = permit["nonce"] if isinstance(permit, dict) else permit[1]
-            if int(found) == nonce:
-                return await self._reader.receipt(tx["hash"])
-        return None
 
-    def outcome(
-        self,
-        receipt: Any,
-        tx_hash: str,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-    ) -> SettleResponse:
-        """SETTLED only with the asset's Transfer(payer → payTo) of the amount asked."""
-        auth = payload_of(payment).permit2_authorization
-        payer = to_checksum_address(auth.from_)
-        network = str(requirements["network"])
-        token = to_checksum_address(str(requirements["asset"]))
-        amount = int(requirements["amount"])
-        moved = receipt["status"] == 1 and any(
-            to_checksum_address(entry["address"]) == token
-            and _hex(entry["topics"][0]) == TRANSFER_TOPIC
-            and "0x" + _hex(entry["topics"][1]) == _topic(payer)
-            and "0x" + _hex(entry["topics"][2]) == _topic(str(requirements["payTo"]))
-            and int.from_bytes(bytes(entry["data"]), "big") == amount
-            for entry in receipt["logs"]
-        )
-        if not moved:
-            return SettleResponse(
-                success=False,
-                error_reason="invalid_transaction_state",
-                payer=payer,
-                transaction=tx_hash,
-                network=network,
-            )
+async def _find_settle(
+    reader: ChainReader, payment: AnyPaymentPayload, requirements: dict[str, Any]
+) -> Any | None:
+    """The receipt of the proxy settle of this payment's nonce, among recent transfers
+    payer → payTo (only the witness's facilitator can send one)."""
+    w3 = reader.w3
+    auth = payload_of(payment).permit2_authorization
+    latest = int(await reader.call(lambda: w3.eth.block_number))
+    logs = await reader.call(
+        w3.eth.get_logs,
+        {
+            "fromBlock": max(latest - LOG_WINDOW_BLOCKS, 0),
+            "toBlock": latest,
+            "address": to_checksum_address(str(requirements["asset"])),
+            "topics": [
+                "0x" + TRANSFER_TOPIC,
+                "0x" + address_word(auth.from_),
+                "0x" + address_word(str(requirements["payTo"])),
+            ],
+        },
+    )
+    nonce = int(auth.nonce)
+    proxy = w3.eth.contract(address=to_checksum_address(UPTO_PROXY_ADDRESS), abi=PROXY_ABI)
+    for entry in logs:
+        tx = await reader.call(w3.eth.get_transaction, entry["transactionHash"])
+        if (tx["to"] or "").lower() != UPTO_PROXY_ADDRESS.lower():
+            continue
+        try:
+            _, args = proxy.decode_function_input(tx["input"])
+        except ValueError:
+            continue
+        permit = args["permit"]  # web3 decodes a tuple as a dict of its named components
+        found = permit["nonce"] if isinstance(permit, dict) else permit[1]
+        if int(found) == nonce:
+            return await reader.receipt(tx["hash"])
+    return None
+
+
+def outcome(
+    receipt: Any,
+    tx_hash: str,
+    payment: AnyPaymentPayload,
+    requirements: dict[str, Any],
+) -> SettleResponse:
+    """SETTLED only with the asset's Transfer(payer → payTo) of the amount asked."""
+    auth = payload_of(payment).permit2_authorization
+    payer = to_checksum_address(auth.from_)
+    network = str(requirements["network"])
+    token = to_checksum_address(str(requirements["asset"]))
+    amount = int(requirements["amount"])
+    moved = receipt["status"] == 1 and any(
+        to_checksum_address(entry["address"]) == token
+        and [hex_of(topic) for topic in entry["topics"][:3]]
+        == [TRANSFER_TOPIC, address_word(payer), address_word(str(requirements["payTo"]))]
+        and int_of(entry["data"]) == amount
+        for entry in receipt["logs"]
+    )
+    if not moved:
         return SettleResponse(
-            success=True, payer=payer, transaction=tx_hash, network=network, amount=str(amount)
+            success=False,
+            error_reason="invalid_transaction_state",
+            payer=payer,
+            transaction=tx_hash,
+            network=network,
         )
+    return SettleResponse(
+        success=True, payer=payer, transaction=tx_hash, network=network, amount=str(amount)
+    )
 
 
 _BALANCE: list[dict[str, Any]] = [
@@ -345,13 +335,8 @@ _BALANCE: list[dict[str, Any]] = [
 ]
 
 
-def _hex(value: Any) -> str:
-    return bytes(value).hex().removeprefix("0x")
-
-
-def _topic(address: str) -> str:
-    return "0x" + "0" * 24 + address.lower().removeprefix("0x")
-
-
 def _invalid(reason: str, payer: str) -> VerifyResponse:
     return VerifyResponse(is_valid=False, invalid_reason=reason, payer=payer)
+
+
+ROLE = UptoChain()
