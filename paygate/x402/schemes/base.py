@@ -365,5 +365,10 @@ def with_amount(requirements: dict[str, Any], amount: int) -> dict[str, Any]:
     return {**requirements, key: str(amount)}
 
 
+def invalid(reason: str, payer: str) -> VerifyResponse:
+    """A verification's refusal for ``reason`` (x402's code)."""
+    return VerifyResponse(is_valid=False, invalid_reason=reason, payer=payer)
+
+
 def same_address(a: str, b: str) -> bool:
     return a.lower() == b.lower()

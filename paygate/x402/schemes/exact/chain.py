@@ -18,6 +18,7 @@ from web3.exceptions import ContractLogicError
 from paygate.x402 import smartwallet
 from paygate.x402.evm import TRANSFER_TOPIC, address_word, hex_of, int_of
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
+from paygate.x402.schemes.base import invalid
 from paygate.x402.schemes.exact.verify import NONCE_USED, payload_of
 from paygate.x402.settler import ReviewRequired, SettlementUnknown
 
@@ -234,12 +235,12 @@ class ExactChain:
         nonce = bytes.fromhex(auth.nonce[2:])
         balance = await reader.call(contract.functions.balanceOf(payer).call)
         if balance < int(auth.value):
-            return _invalid(INSUFFICIENT_BALANCE, payer)
+            return invalid(INSUFFICIENT_BALANCE, payer)
         if await reader.call(contract.functions.authorizationState(payer, nonce).call):
-            return _invalid(NONCE_USED, payer)
+            return invalid(NONCE_USED, payer)
         reason = await _simulate(chain, payment, requirements)
         if reason is not None:
-            return _invalid(reason, payer)
+            return invalid(reason, payer)
         return VerifyResponse(is_valid=True, payer=payer)
 
     async def settle(
@@ -268,14 +269,7 @@ class ExactChain:
         except SettlementUnknown:
             return facts.failed(NOT_PROVEN, tx_hash)
 
-    async def prove(
-        self,
-        reader: ChainReader,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        transaction: str | None,
-    ) -> SettleResponse:
-        return await prove(reader, payment, requirements, transaction)
+    prove = staticmethod(prove)
 
 
 def _transfer(reader: ChainReader, payment: AnyPaymentPayload, requirements: dict[str, Any]) -> Any:
@@ -376,10 +370,6 @@ async def _simulate_deployed(
         return smartwallet.DEPLOYMENT_FAILED  # the factory call itself failed
     ok, data = results[1]
     return None if ok else _reason(smartwallet.revert_text(bytes(data)))
-
-
-def _invalid(reason: str, payer: str) -> VerifyResponse:
-    return VerifyResponse(is_valid=False, invalid_reason=reason, payer=payer)
 
 
 ROLE = ExactChain()

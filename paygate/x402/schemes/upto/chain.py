@@ -16,6 +16,7 @@ from web3.exceptions import ContractLogicError
 from paygate.x402 import smartwallet
 from paygate.x402.evm import TRANSFER_TOPIC, address_word, hex_of, int_of
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
+from paygate.x402.schemes.base import invalid
 from paygate.x402.schemes.upto.offer import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, payload_of
 from paygate.x402.settler import SettlementUnknown
 
@@ -186,15 +187,15 @@ class UptoChain:
             address=to_checksum_address(str(requirements["asset"])), abi=ALLOWANCE_ABI + _BALANCE
         )
         if await reader.call(token.functions.balanceOf(payer).call) < maximum:
-            return _invalid("permit2_insufficient_balance", payer)
+            return invalid("permit2_insufficient_balance", payer)
         permit2 = to_checksum_address(PERMIT2_ADDRESS)
         if await reader.call(token.functions.allowance(payer, permit2).call) < maximum:
-            return _invalid("permit2_allowance_required", payer)
+            return invalid("permit2_allowance_required", payer)
         if await nonce_used(reader, payment):
-            return _invalid("permit2_invalid_nonce", payer)
+            return invalid("permit2_invalid_nonce", payer)
         reason = await simulate(reader, payment, maximum, sender=chain.address)
         if reason is not None:
-            return _invalid(reason, payer)
+            return invalid(reason, payer)
         return VerifyResponse(is_valid=True, payer=payer)
 
     async def settle(
@@ -333,10 +334,6 @@ _BALANCE: list[dict[str, Any]] = [
         "outputs": [{"name": "", **_UINT}],
     }
 ]
-
-
-def _invalid(reason: str, payer: str) -> VerifyResponse:
-    return VerifyResponse(is_valid=False, invalid_reason=reason, payer=payer)
 
 
 ROLE = UptoChain()
