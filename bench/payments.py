@@ -36,7 +36,8 @@ from paygate.x402 import codec
 from paygate.x402.models import ResourceInfo
 from paygate.x402.networks import resolve_network
 from paygate.x402.offers import Acceptance, PaymentTerms, challenge
-from paygate.x402.verify import check_authorization, match_offer
+from paygate.x402.schemes.exact.verify import check_authorization
+from paygate.x402.verify import match_offer
 
 RESULTS = Path(__file__).parent / "results" / "payments.json"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}

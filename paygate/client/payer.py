@@ -1,12 +1,13 @@
 """x402 on the paying side: read a 402, choose a requirement within a spend policy, sign it.
 
 Sans-IO: :func:`parse_challenge` reads a 402's headers and body, :class:`Payer` turns it into a
-payment header (EIP-3009 ``TransferWithAuthorization`` signed with eth-account) and a
-:class:`SentPayment` that later receives the server's receipt. The ``exact`` scheme on EVM
-networks with EIP-3009 tokens is paid, and ``upto`` (Permit2, metered) when the policy names a
-``max_price_per_million``; everything else is declined with a reason. A metered payment counts
-its authorized maximum against ``max_total`` until its receipt says what was settled, and the
-receipt is checked: at most the maximum, and exactly the reported usage at the offered prices.
+payment header (signed with eth-account by the offer's scheme: its ``client`` role, found in
+the registry ``paygate.x402.schemes``) and a :class:`SentPayment` that later receives the
+server's receipt. ``exact`` (EIP-3009) is paid on EVM networks, and ``upto`` (Permit2,
+metered) when the policy names a ``max_price_per_million``; everything else is declined with a
+reason. A metered payment counts its authorized maximum against ``max_total`` until its receipt
+says what was settled, and the receipt is checked: at most the maximum, and exactly the
+reported usage at the offered prices.
 """
 
 from __future__ import annotations
@@ -31,22 +32,14 @@ from paygate.x402 import codec
 from paygate.x402.models import (
     PAYMENT_IDENTIFIER,
     USAGE_EXTENSION,
-    ExactEvmPayload,
     PaymentPayload,
     PaymentPayloadV1,
     PaymentRequiredV1,
     SettleResponse,
-    UptoEvmPayload,
 )
 from paygate.x402.networks import Asset, UnknownNetwork, from_atomic, resolve_network
-from paygate.x402.offers import UPTO
-from paygate.x402.pricing import (
-    INPUT_PRICE_EXTRA,
-    MINIMUM_PRICE_EXTRA,
-    OUTPUT_PRICE_EXTRA,
-    token_charge,
-)
-from paygate.x402.schemes import exact, upto
+from paygate.x402.pricing import token_charge
+from paygate.x402.schemes import by_name
 
 X402Version = Literal[1, 2]
 # A challenge is a few KB (the x402 reference keeps PAYMENT-REQUIRED under 8 KB).
@@ -386,8 +379,8 @@ class SentPayment:
     receipt_source: Literal["header", "stream"] | None = None
     receipt_error: str | None = field(default=None)
     scheme: str = "exact"
-    # upto: the offered prices (input, output, minimum per million/request), and once the
-    # receipt is checked, the usage it reports and what was charged (whole tokens).
+    # A metered scheme: the offered prices (input, output, minimum per million/request), and
+    # once the receipt is checked, the usage it reports and what was charged (whole tokens).
     prices: tuple[Decimal, Decimal, Decimal] | None = None
     decimals: int = 6
     tokens_in: int | None = None
@@ -457,15 +450,12 @@ class Payer:
 
     def _check(self, offer: ChallengeOffer, spent: Decimal) -> tuple[int | None, str | None]:
         policy = self.policy
-        if offer.scheme == UPTO:
-            reason = _upto_reason(offer, policy)
-            if reason is not None:
-                return None, reason
-        elif offer.scheme != "exact":
+        scheme = by_name(offer.scheme)
+        if scheme is None:
             return None, f"scheme {offer.scheme!r} is not supported"
-        method = offer.extra.get("assetTransferMethod")
-        if offer.scheme == "exact" and method not in (None, "eip3009"):
-            return None, f"asset transfer method {method!r} is not supported"
+        reason = scheme.client.decline(offer, max_price_per_million=policy.max_price_per_million)
+        if reason is not None:
+            return None, reason
         if offer.chain_id is None:
             return None, "not a known EVM network"
         if policy.chain_ids is not None and offer.chain_id not in policy.chain_ids:
@@ -484,15 +474,17 @@ class Payer:
             return None, f"price {price} would pass max total {policy.max_total}"
         if offer.max_timeout_seconds < 1:
             return None, "maxTimeoutSeconds is not positive"
-        if offer.scheme == "exact" and self._eip712(offer) is None:
-            return None, "token's EIP-712 name/version unknown"
+        reason = scheme.client.cannot_sign(offer)
+        if reason is not None:
+            return None, reason
         return decimals, None
 
     def receipt_arrived(self, record: SentPayment) -> None:
         """A metered payment's receipt: check it, record usage and charge, and count what was
         settled instead of the maximum (a refused or unreadable one keeps the maximum)."""
         receipt = record.receipt
-        if record.scheme != UPTO or receipt is None or record.charged is not None:
+        scheme = by_name(record.scheme)
+        if scheme is None or not scheme.metered or receipt is None or record.charged is not None:
             return
         problem = _check_metered(record, receipt)
         if problem is not None:
@@ -501,15 +493,6 @@ class Payer:
         assert record.charged is not None
         with self._lock:
             self._spent -= record.amount - record.charged
-
-    def _eip712(self, offer: ChallengeOffer) -> tuple[str, str] | None:
-        name, version = offer.extra.get("name"), offer.extra.get("version")
-        if isinstance(name, str) and isinstance(version, str):
-            return name, version
-        usdc = _table_usdc(offer.chain_id or 0)
-        if usdc is not None and usdc.address == to_checksum_address(offer.asset):
-            return usdc.name, usdc.version
-        return None
 
     def pay(self, challenge: PaymentChallenge, *, url: str) -> Payment:
         """Choose an offer, reserve its price against the policy, sign it."""
@@ -538,35 +521,10 @@ class Payer:
     ) -> Payment:
         assert offer.chain_id is not None
         valid_for = min(offer.max_timeout_seconds, self.policy.max_valid_seconds)
-        inner: ExactEvmPayload | UptoEvmPayload
-        if offer.scheme == UPTO:
-            inner = upto.sign(
-                self._account,
-                chain_id=offer.chain_id,
-                token=offer.asset,
-                pay_to=offer.pay_to,
-                maximum=offer.amount,
-                facilitator=str(offer.extra[upto.FACILITATOR_EXTRA]),
-                valid_for=valid_for,
-            )
-            nonce = upto.nonce_key(inner.permit2_authorization.nonce)
-            valid_before = int(inner.permit2_authorization.deadline)
-            asset_address = to_checksum_address(offer.asset)
-        else:
-            eip712 = self._eip712(offer)
-            assert eip712 is not None
-            asset = Asset(address=offer.asset, name=eip712[0], version=eip712[1], decimals=decimals)
-            inner = exact.sign(
-                self._account,
-                chain_id=offer.chain_id,
-                asset=asset,
-                pay_to=offer.pay_to,
-                amount=offer.amount,
-                valid_for=valid_for,
-            )
-            nonce = inner.authorization.nonce
-            valid_before = int(inner.authorization.valid_before)
-            asset_address = asset.address
+        scheme = by_name(offer.scheme)
+        assert scheme is not None  # chosen: a registered scheme
+        signed = scheme.client.sign(self._account, offer, decimals=decimals, valid_for=valid_for)
+        inner = signed.payload
         document: dict[str, Any]
         if offer.version == 2:
             document = {
@@ -582,9 +540,15 @@ class Payer:
             PaymentPayload.model_validate(document)  # what we send must be what we model
             header = wire.PAYMENT_SIGNATURE
         else:
-            assert isinstance(inner, ExactEvmPayload)  # v1 offers are exact only
-            payload = PaymentPayloadV1(scheme=offer.scheme, network=offer.network, payload=inner)
-            document = payload.wire()
+            # Only a v1 scheme's client signs a v1 offer (the others decline it).
+            document = PaymentPayloadV1.model_validate(
+                {
+                    "x402Version": 1,
+                    "scheme": offer.scheme,
+                    "network": offer.network,
+                    "payload": inner.wire(),
+                }
+            ).wire()
             header = wire.X_PAYMENT
         value = base64.b64encode(json.dumps(document, separators=(",", ":")).encode()).decode()
         record = SentPayment(
@@ -592,51 +556,18 @@ class Payer:
             x402_version=offer.version,
             network=offer.network,
             chain_id=offer.chain_id,
-            asset=asset_address,
+            asset=signed.asset,
             amount=_plain(price),
             amount_atomic=offer.amount,
             pay_to=to_checksum_address(offer.pay_to),
             payer=self.address,
-            nonce=nonce,
-            valid_before=valid_before,
+            nonce=signed.nonce,
+            valid_before=signed.valid_before,
             scheme=offer.scheme,
-            prices=offered_prices(offer) if offer.scheme == UPTO else None,
+            prices=signed.prices,
             decimals=decimals,
         )
         return Payment(header=header, value=value, record=record)
-
-
-def offered_prices(offer: ChallengeOffer) -> tuple[Decimal, Decimal, Decimal] | None:
-    """An upto offer's advertised token prices (input, output per million; minimum)."""
-    try:
-        values = tuple(
-            Decimal(str(offer.extra[name]))
-            for name in (INPUT_PRICE_EXTRA, OUTPUT_PRICE_EXTRA, MINIMUM_PRICE_EXTRA)
-        )
-    except (KeyError, InvalidOperation):
-        return None
-    if not all(v.is_finite() and v >= 0 for v in values):
-        return None
-    return values  # type: ignore[return-value]
-
-
-def _upto_reason(offer: ChallengeOffer, policy: SpendPolicy) -> str | None:
-    """Why a metered offer is declined, or None."""
-    if offer.version != 2:
-        return "upto needs x402 v2"
-    if policy.max_price_per_million is None:
-        return "metered (upto) payments need max_price_per_million in the spend policy"
-    if offer.extra.get("assetTransferMethod") != upto.ASSET_TRANSFER_METHOD:
-        return "upto without Permit2 is not supported"
-    facilitator = offer.extra.get(upto.FACILITATOR_EXTRA)
-    if not isinstance(facilitator, str) or not is_address(facilitator):
-        return "upto offer names no facilitator address"
-    prices = offered_prices(offer)
-    if prices is None:
-        return "upto offer states no token prices"
-    if max(prices[0], prices[1]) > policy.max_price_per_million:
-        return f"token price above max price per million {policy.max_price_per_million}"
-    return None
 
 
 def _check_metered(record: SentPayment, receipt: SettleResponse) -> str | None:

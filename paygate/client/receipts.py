@@ -36,6 +36,7 @@ from paygate.client.payer import SentPayment
 from paygate.client.streams import ReplyDecoder
 from paygate.x402.inband import SSE_PREFIX as X402_SSE_PREFIX
 from paygate.x402.pricing import token_charge
+from paygate.x402.schemes import by_name
 
 SSE_PREFIX = b": paygate-receipt "
 NDJSON_KEY = "paygate_receipt"
@@ -265,7 +266,8 @@ def check_payment(
         and settled.amount != str(charged)
     ):
         raise ReceiptMismatch("the signed receipt's charge is not what the payment settled")
-    if record.scheme != "upto":
+    scheme = by_name(record.scheme)
+    if scheme is None or not scheme.metered:
         if charged != record.amount_atomic:
             raise ReceiptMismatch("the signed receipt charges other than the exact price")
         return

@@ -36,12 +36,18 @@ from paygate.client.errors import (
     OfferTokenPriceMismatch,
     PaymentNotAttested,
 )
-from paygate.client.payer import ChallengeOffer, PaymentChallenge, offered_prices
+from paygate.client.payer import ChallengeOffer, PaymentChallenge
 from paygate.x402.batch import BATCH_PATH, BadBatch, parse_batch
 from paygate.x402.batch import ITEM_PATH as BATCH_ITEM_PATH
 from paygate.x402.networks import UnknownNetwork, resolve_network, to_atomic, to_atomic_ceiling
-from paygate.x402.pricing import MILLION, PricePolicy, model_of, prompt_token_bound
-from paygate.x402.schemes.upto import FACILITATOR_EXTRA
+from paygate.x402.pricing import (
+    MILLION,
+    PricePolicy,
+    model_of,
+    offered_prices,
+    prompt_token_bound,
+)
+from paygate.x402.schemes.upto.offer import FACILITATOR_EXTRA
 
 MAX_BATCH_ITEMS = 256  # the gateway's own bound (batch_max_items) is at most this
 _WILDCARD = "*"
@@ -183,7 +189,7 @@ def _check_upto(
     ):
         raise OfferFacilitatorMismatch(f"{what}: the facilitator is not the attested one")
     attested = request.token_price()
-    stated = offered_prices(offer)
+    stated = offered_prices(offer.extra)
     if attested is None or stated is None or stated != _decimals(attested):
         raise OfferTokenPriceMismatch(f"{what}: the token prices are not the attested ones")
     maximum = request.maximum()

@@ -32,11 +32,11 @@ from paygate.x402.networks import Asset, UnknownNetwork, resolve_network
 from paygate.x402.offers import Acceptance, PaymentTerms
 from paygate.x402.pricing import PricePolicy
 from paygate.x402.processor import PaymentEvents, PaymentProcessor
-from paygate.x402.schemes.upto import ASSET_TRANSFER_METHOD, FACILITATOR_EXTRA
+from paygate.x402.schemes.base import MIN_REMAINING_SECONDS
+from paygate.x402.schemes.upto.offer import FACILITATOR_EXTRA, extra_for
 from paygate.x402.settlement import SettleAfterReply, Settlement, SettleUpfront, VerifyOnly
 from paygate.x402.settler import Settler, SettlerUnavailable
 from paygate.x402.smartwallet import WalletVerifier
-from paygate.x402.verify import MIN_REMAINING_SECONDS
 
 log = logging.getLogger("paygate.server")
 
@@ -89,7 +89,7 @@ async def upto_terms(settings: Settings, settler: Settler) -> dict[str, dict[str
         return {}
     networks = [a.network.caip2 for a in payment_terms(settings).accepted]
     if isinstance(settler, ChainSettler):
-        return {n: _upto_extra(settler.address) for n in networks}
+        return {n: extra_for(settler.address) for n in networks}
     assert isinstance(settler, FacilitatorSettler)
     try:
         kinds = await settler.supported()
@@ -105,17 +105,13 @@ async def upto_terms(settings: Settings, settler: Settler) -> dict[str, dict[str
                 and kind.get("x402Version") == 2
                 and isinstance(address, str)
             ):
-                extra[network] = _upto_extra(address)
+                extra[network] = extra_for(address)
                 break
         else:
             raise ConfigError(
                 f"the facilitator does not support upto on {network} (GET /supported)"
             )
     return extra
-
-
-def _upto_extra(address: str) -> dict[str, str]:
-    return {"assetTransferMethod": ASSET_TRANSFER_METHOD, FACILITATOR_EXTRA: address}
 
 
 def rate_limits(settings: Settings) -> RateLimits | None:

@@ -54,7 +54,7 @@ from paygate.server.limits import read_body
 from paygate.x402.metering import TokenPricing
 from paygate.x402.offers import PaymentTerms
 from paygate.x402.pricing import PricePolicy
-from paygate.x402.schemes.upto import FACILITATOR_EXTRA
+from paygate.x402.schemes.upto.offer import FACILITATOR_EXTRA
 
 EvidenceKind = Literal["tpm", "none", "sev-snp", "tdx", "nitro"]
 MAX_ACTIVATION_BODY = 16 * 1024  # two marshalled TPM2B blobs of a few hundred bytes

@@ -43,7 +43,7 @@ from paygate.x402.models import USAGE_EXTENSION, ResourceInfo
 from paygate.x402.networks import to_atomic_ceiling
 from paygate.x402.pricing import PricePolicy, model_of
 from paygate.x402.processor import PaymentAdmission, PaymentProcessor, Receipt, Refusal
-from paygate.x402.schemes import scheme_of
+from paygate.x402.schemes import SCHEMES, scheme_of
 
 PAID_CACHE_CONTROL = "private, no-store"
 
@@ -426,7 +426,7 @@ class X402Payments:
         self._prices = prices
         self._public_url = public_url
         self._description = description
-        self._pricing = pricing if "upto" in processor.schemes else None
+        self._pricing = pricing if any(SCHEMES[s].metered for s in processor.schemes) else None
 
     @property
     def needs_body(self) -> bool:

@@ -11,22 +11,23 @@ errors, time-outs, 5xx and garbage; a settlement is re-sent only when the reques
 What counts as paid: ``success: true`` with a transaction hash (and, when the gateway can read
 the chain, that transaction's receipt proving the transfer). Every other outcome that is not a
 plain refusal — pending, a lost answer, success without a hash, "nonce already used" — is
-unknown: proven on chain when a :class:`~paygate.x402.chain.ChainReader` is given, otherwise
-left owed and flagged for review (:class:`ReviewRequired`), never recorded as paid.
+unknown: proven on chain when a :class:`~paygate.x402.chain_reader.ChainReader` is given,
+otherwise left owed and flagged for review (:class:`ReviewRequired`), never recorded as paid.
+How an answer is judged and a lost one reconciled is the payment's scheme's
+(``schemes/<scheme>/facilitator.py``, found through the registry).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from pydantic import SecretStr, ValidationError
 
 from paygate import jsonsafe
-from paygate.x402.chain_upto import UptoChain
 from paygate.x402.facilitator_auth import FacilitatorAuth, StaticHeaders
 from paygate.x402.models import (
     AnyPaymentPayload,
@@ -35,13 +36,7 @@ from paygate.x402.models import (
     X402Model,
 )
 from paygate.x402.schemes import scheme_of
-from paygate.x402.settler import (
-    NONCE_USED,
-    SETTLEMENT_PENDING,
-    ReviewRequired,
-    SettlementUnknown,
-    SettlerUnavailable,
-)
+from paygate.x402.settler import SettlementUnknown, SettlerUnavailable
 
 if TYPE_CHECKING:
     from paygate.x402.chain_reader import ChainReader
@@ -51,8 +46,6 @@ _MAX_ANSWER = 64 * 1024
 _VERIFY_ATTEMPTS = 2
 _SETTLE_ATTEMPTS = 2
 _M = TypeVar("_M", bound=X402Model)
-_Judge = Callable[[SettleResponse, AnyPaymentPayload, dict[str, Any]], Awaitable[SettleResponse]]
-_Reconcile = Callable[[AnyPaymentPayload, dict[str, Any], str | None], Awaitable[SettleResponse]]
 
 
 class _Garbage(Exception):
@@ -75,19 +68,12 @@ class FacilitatorSettler:
         auth: FacilitatorAuth | None = None,
     ) -> None:
         self._session = session
-        self._chain = chain
+        self.chain = chain
         self._authenticator: FacilitatorAuth = auth if auth is not None else StaticHeaders(headers)
         self._url = url.rstrip("/")
         self._timeout = timeout
         self._settle_timeout = settle_timeout
         self._backoff = backoff
-        # Each scheme's judgement of an answer and its reconciliation, under the registry's name
-        # for it (paygate.x402.schemes).
-        self._judge_by: dict[str, _Judge] = {"exact": self._judge, "upto": self._judge_upto}
-        self._reconcile_by: dict[str, _Reconcile] = {
-            "exact": self._reconcile_exact,
-            "upto": self._reconcile_upto,
-        }
 
     async def verify(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]
@@ -105,8 +91,8 @@ class FacilitatorSettler:
     async def settle(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> SettleResponse:
-        judge = self._judge_by[scheme_of(payment).name]
-        return await judge(await self._send(payment, requirements), payment, requirements)
+        answer = await self.send(payment, requirements)
+        return await scheme_of(payment).facilitator.judge(self, answer, payment, requirements)
 
     async def reconcile(
         self,
@@ -114,42 +100,14 @@ class FacilitatorSettler:
         requirements: dict[str, Any],
         transaction: str | None,
     ) -> SettleResponse:
-        return await self._reconcile_by[scheme_of(payment).name](payment, requirements, transaction)
+        return await scheme_of(payment).facilitator.reconcile(
+            self, payment, requirements, transaction
+        )
 
-    async def _reconcile_exact(
-        self, payment: AnyPaymentPayload, requirements: dict[str, Any], transaction: str | None
-    ) -> SettleResponse:
-        # The facilitator API has no status query: re-send the same authorization (EIP-3009
-        # executes it once). If the first attempt went through, the answer is "nonce already
-        # used" (or another refusal) — which proves nothing, a cancel looks the same: the
-        # chain decides.
-        try:
-            answer = await self._send(payment, requirements)
-        except SettlementUnknown:
-            if self._chain is None:
-                raise
-            return await self._chain.prove(payment, requirements, transaction)
-        if answer.success or answer.error_reason in (SETTLEMENT_PENDING, NONCE_USED):
-            return await self._judge(answer, payment, requirements, known=transaction)
-        # A refusal of the re-sent authorization says nothing of the first attempt's fate.
-        if self._chain is None:
-            raise ReviewRequired(
-                f"the re-sent authorization was refused ({answer.error_reason}); "
-                "the first attempt is unproven and no chain_rpc_url can prove it",
-                transaction=transaction,
-            )
-        try:
-            return await self._chain.prove(payment, requirements, transaction)
-        except ReviewRequired:
-            raise
-        except SettlementUnknown:
-            if transaction and await self._chain.known(transaction):
-                raise  # our first transaction still waits to be mined
-            return answer  # nothing executed on chain: the refusal stands
-
-    async def _send(
+    async def send(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> SettleResponse:
+        """POST /settle: the answer; re-sent only when the request never left."""
         body = _request(payment, requirements)
         for attempt in range(_SETTLE_ATTEMPTS):
             try:
@@ -163,43 +121,6 @@ class FacilitatorSettler:
                 log.warning("facilitator settle outcome unknown: %s", _what(exc))
                 raise SettlementUnknown("the facilitator's settle answer was lost") from None
         raise SettlerUnavailable("the facilitator could not be reached to settle")
-
-    async def _judge(
-        self,
-        answer: SettleResponse,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        *,
-        known: str | None = None,
-    ) -> SettleResponse:
-        """A settle answer → paid (proven where we can), refused, or unknown (raised)."""
-        pending = not answer.success and answer.error_reason == SETTLEMENT_PENDING
-        used = not answer.success and answer.error_reason == NONCE_USED
-        if not answer.success and not pending and not used:
-            return answer  # a plain refusal: nothing moved
-        transaction = answer.transaction or known
-        if answer.success and answer.transaction and self._chain is None:
-            return answer
-        if self._chain is not None:
-            try:
-                return await self._chain.prove(payment, requirements, transaction)
-            except ReviewRequired:
-                raise
-            except SettlementUnknown:
-                if used:  # used, yet unused on our chain's view: nobody here can tell
-                    raise ReviewRequired(
-                        "the facilitator says the nonce is used; the chain does not show it",
-                        transaction=transaction,
-                        withhold=True,
-                    ) from None
-                raise
-        if answer.success:
-            what = "the facilitator answered success without a transaction"
-        else:
-            what = "the settlement is pending" if pending else "the nonce is already used"
-        raise ReviewRequired(
-            f"{what}; no chain_rpc_url to prove it", transaction=transaction, withhold=used
-        )
 
     async def supported(self) -> list[dict[str, Any]]:
         """``GET /supported``'s ``kinds``: ``{x402Version, scheme, network, extra?}`` each."""
@@ -224,59 +145,6 @@ class FacilitatorSettler:
         if not isinstance(kinds, list):
             raise SettlerUnavailable("the facilitator's /supported lists no kinds")
         return [kind for kind in kinds if isinstance(kind, dict)]
-
-    # --- upto: the proof is the proxy's Transfer of the amount (paygate.x402.chain_upto) ---
-
-    async def _judge_upto(
-        self,
-        answer: SettleResponse,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        *,
-        known: str | None = None,
-    ) -> SettleResponse:
-        pending = not answer.success and answer.error_reason == SETTLEMENT_PENDING
-        if not answer.success and not pending:
-            return answer  # a refusal: nothing moved (the SDK never answers "already used")
-        transaction = answer.transaction or known
-        if self._chain is None:
-            if answer.success and answer.transaction:
-                return answer
-            raise ReviewRequired(
-                "the upto settlement is pending or has no transaction; no chain_rpc_url to "
-                "prove it",
-                transaction=transaction,
-            )
-        return await UptoChain(self._chain).prove(payment, requirements, transaction)
-
-    async def _reconcile_upto(
-        self, payment: AnyPaymentPayload, requirements: dict[str, Any], transaction: str | None
-    ) -> SettleResponse:
-        if self._chain is not None:
-            try:
-                return await UptoChain(self._chain).prove(payment, requirements, transaction)
-            except ReviewRequired:
-                raise
-            except SettlementUnknown:
-                if transaction and await self._chain.known(transaction):
-                    raise  # our first transaction still waits to be mined
-            # The nonce is unused on chain: nothing was settled, sending again is safe.
-            return await self._judge_upto(
-                await self._send(payment, requirements), payment, requirements, known=transaction
-            )
-        try:
-            answer = await self._send(payment, requirements)
-        except SettlementUnknown:
-            raise
-        if answer.success:
-            return answer
-        # The SDK answers a spent Permit2 nonce with "transaction failed", not "already used":
-        # without a chain to read, the first attempt's fate is unknown.
-        raise ReviewRequired(
-            f"the re-sent upto authorization was refused ({answer.error_reason}); the first "
-            "attempt is unproven and no chain_rpc_url can prove it",
-            transaction=transaction,
-        )
 
     async def close(self) -> None:
         return None  # the session belongs to the app

@@ -36,6 +36,7 @@ from eth_utils import to_checksum_address
 
 from paygate.errors import PaygateError
 from paygate.x402.networks import UnknownNetwork, resolve_network
+from paygate.x402.schemes import SCHEMES
 
 MAX_LIST_LIMIT = 1000  # the hard cap of every query that returns several records
 MAX_DOCUMENT_CHARS = 64 * 1024  # payload / requirements JSON: a header is < 8 KB, so generous
@@ -455,7 +456,7 @@ USAGE_SOURCES = (
     "fallback-max",
     "fallback-estimate",
 )
-SCHEME_NAMES = ("exact", "upto")
+SCHEME_NAMES = tuple(SCHEMES)  # the registered payment schemes
 
 
 def check_scheme(value: str) -> str:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from typing import Any
 
 from paygate import jsonsafe
 
@@ -92,3 +93,18 @@ def model_of(body: bytes, *, limit: int = 4 * 1024 * 1024) -> str | None:
     data = jsonsafe.loads(body, max_bytes=limit, max_depth=None)
     model = data.get("model") if isinstance(data, dict) else None
     return model if isinstance(model, str) and 0 < len(model) <= 256 else None
+
+
+def offered_prices(extra: Mapping[str, Any]) -> tuple[Decimal, Decimal, Decimal] | None:
+    """A metered requirement's advertised token prices from its ``extra`` (input, output per
+    million; minimum per request), or None when absent or not finite non-negative amounts."""
+    try:
+        values = tuple(
+            Decimal(str(extra[name]))
+            for name in (INPUT_PRICE_EXTRA, OUTPUT_PRICE_EXTRA, MINIMUM_PRICE_EXTRA)
+        )
+    except (KeyError, InvalidOperation):
+        return None
+    if not all(v.is_finite() and v >= 0 for v in values):
+        return None
+    return values  # type: ignore[return-value]

@@ -153,7 +153,6 @@ class NoEvents:
 
 _CODE = re.compile(r"[a-z0-9_]{1,64}")
 MAX_FREE_ADDRESSES = 100_000  # address keys whose free requests today are counted
-_SCHEMES = frozenset({"exact", "upto"})
 
 
 def _label(code: str) -> str:
@@ -310,7 +309,7 @@ class PaymentProcessor:
             outcome, scheme = "admitted", result.scheme.name if result.paid else "none"
         else:
             outcome, scheme = _label(result.code), _scheme_offered(headers)
-        self._events.admission(outcome, scheme if scheme in _SCHEMES else "other")
+        self._events.admission(outcome, scheme if scheme in SCHEMES else "other")
         return result
 
     async def _admit(

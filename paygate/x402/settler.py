@@ -13,7 +13,6 @@ from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyRespons
 
 # A settle answer that means "broadcast, not yet confirmed": keep the hash, reconcile later.
 SETTLEMENT_PENDING = "settlement_pending"
-NONCE_USED = "invalid_exact_evm_nonce_already_used"
 
 
 class SettlerUnavailable(PaygateError):

@@ -1,33 +1,19 @@
-"""Local checks of a payment, before any network call (sans-IO).
+"""Which offer a payment claims to pay, before any network call (sans-IO).
 
 A forged or mismatched payment must never reach the facilitator or the chain: it costs them
 a call and us a round trip, and a facilitator outage must not turn it into a 503 instead of
-the refusal it deserves. The reasons are x402's own codes.
+the refusal it deserves. The reasons are x402's own codes; each scheme's own checks are its
+``verify`` role (``paygate.x402.schemes.<scheme>.verify``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from eth_utils import to_checksum_address
-
-from paygate.errors import PaygateError
-from paygate.x402 import eip3009, smartwallet
-from paygate.x402.models import AnyPaymentPayload, ExactEvmPayload, PaymentPayload
-from paygate.x402.offers import EXACT, Offer
-
-# The facilitator needs time to get the transfer mined before validBefore (x402.md).
-MIN_REMAINING_SECONDS = 6
-
-
-class PaymentRejected(PaygateError):
-    """A payment that does not pay what was asked; ``reason`` is x402's code for why."""
-
-    code = "payment_rejected"
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+from paygate.x402.models import AnyPaymentPayload, PaymentPayload
+from paygate.x402.offers import Offer
+from paygate.x402.schemes import by_name
+from paygate.x402.schemes.base import PaymentRejected, same_address
 
 
 def match_offer(payment: AnyPaymentPayload, offers: Sequence[Offer]) -> Offer:
@@ -36,8 +22,11 @@ def match_offer(payment: AnyPaymentPayload, offers: Sequence[Offer]) -> Offer:
         scheme, network = payment.accepted.scheme, payment.accepted.network
     else:
         scheme, network = payment.scheme, payment.network
-    if scheme not in {o.scheme for o in offers} or (
-        not isinstance(payment, PaymentPayload) and scheme != EXACT
+    known = by_name(scheme)
+    if (
+        scheme not in {o.scheme for o in offers}
+        or known is None
+        or (not isinstance(payment, PaymentPayload) and not known.offer.v1)
     ):
         raise PaymentRejected("unsupported_scheme", f"scheme {scheme!r} is not offered")
     candidates = [
@@ -55,63 +44,10 @@ def match_offer(payment: AnyPaymentPayload, offers: Sequence[Offer]) -> Offer:
             raise PaymentRejected(
                 "invalid_exact_evm_payload_recipient_mismatch", "payTo is not this seller"
             )
-        if offer.scheme == EXACT and accepted.amount != str(offer.amount):
-            # `upto` compares its signed maximum in its own check (at least the offer's).
+        if not known.offer.accepts_amount(accepted.amount, offer):
             raise PaymentRejected(
                 "invalid_exact_evm_payload_authorization_value_mismatch",
                 "the accepted amount is not the price of this request",
             )
         return offer
     raise PaymentRejected("invalid_payment_requirements", "the accepted asset is not offered")
-
-
-def check_authorization(
-    payment: AnyPaymentPayload,
-    offer: Offer,
-    *,
-    now: int,
-    skew: int,
-    min_remaining: float = MIN_REMAINING_SECONDS,
-) -> str:
-    """Check the ``exact`` scheme's EIP-3009 authorization against ``offer``; the payer's
-    address if it holds.
-
-    ``min_remaining``: seconds the authorization must still be valid for, so that what it buys
-    can be served and settled before it expires (never less than MIN_REMAINING_SECONDS).
-    """
-    if not isinstance(payment.payload, ExactEvmPayload):
-        raise PaymentRejected("invalid_payload", "the payload is not an EIP-3009 authorization")
-    auth = payment.payload.authorization
-    if not same_address(auth.to, offer.pay_to):
-        raise PaymentRejected(
-            "invalid_exact_evm_payload_recipient_mismatch", "the authorization pays someone else"
-        )
-    if int(auth.value) != offer.amount:
-        raise PaymentRejected(
-            "invalid_exact_evm_payload_authorization_value_mismatch",
-            "the authorized value is not the price of this request",
-        )
-    if int(auth.valid_after) > now + skew:
-        raise PaymentRejected(
-            "invalid_exact_evm_payload_authorization_valid_after",
-            "the authorization is not valid yet",
-        )
-    if int(auth.valid_before) < now + max(min_remaining, MIN_REMAINING_SECONDS):
-        raise PaymentRejected(
-            "invalid_exact_evm_payload_authorization_valid_before",
-            "the authorization expires too soon",
-        )
-    signer = eip3009.recover(
-        auth, payment.payload.signature, chain_id=offer.network.chain_id, asset=offer.asset
-    )
-    payer = to_checksum_address(auth.from_)
-    # A contract wallet's signature (ERC-1271/6492) is the settler's to judge (smartwallet).
-    if signer != payer and not smartwallet.is_contract_signature(payment.payload.signature):
-        raise PaymentRejected(
-            "invalid_exact_evm_payload_signature", "the signature is not the payer's"
-        )
-    return payer
-
-
-def same_address(a: str, b: str) -> bool:
-    return a.lower() == b.lower()

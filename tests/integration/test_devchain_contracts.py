@@ -31,8 +31,9 @@ from x402.mechanisms.evm.constants import (
 )
 from x402.mechanisms.evm.constants import PERMIT2_ADDRESS as SDK_PERMIT2_ADDRESS
 
-from paygate.x402 import chain_upto, eip3009
-from paygate.x402.schemes import upto
+from paygate.x402.schemes.exact import verify as exact_verify
+from paygate.x402.schemes.upto import chain as upto_chain
+from paygate.x402.schemes.upto import client as upto_client
 from tests.fixtures.chain import PAYER_FUNDS, Usdc, sign_v2_payment
 
 MAXIMUM = 50_000
@@ -91,7 +92,7 @@ def test_usdc_is_circles_fiat_token_v2_2_behind_its_proxy(anvil: Anvil, usdc: Us
 
 def test_usdcs_eip3009_type_hashes_are_what_paygate_and_the_sdk_sign(anvil: Anvil) -> None:
     token = anvil.token()
-    ours = _struct_type(eip3009._TYPES, "TransferWithAuthorization")
+    ours = _struct_type(exact_verify.TYPES, "TransferWithAuthorization")
     assert bytes(token.functions.TRANSFER_WITH_AUTHORIZATION_TYPEHASH().call()) == keccak(text=ours)
     receive = ours.replace("TransferWithAuthorization", "ReceiveWithAuthorization")
     assert bytes(token.functions.RECEIVE_WITH_AUTHORIZATION_TYPEHASH().call()) == keccak(
@@ -167,7 +168,7 @@ def test_the_upto_proxy_stand_in_has_the_sdks_address_witness_and_abi(anvil: Anv
         for f in proxy.abi
         if f["type"] == "function"
     }
-    settle = chain_upto.PROXY_ABI[0]
+    settle = upto_chain.PROXY_ABI[0]
     with_permit = X402_UPTO_PERMIT2_PROXY_SETTLE_WITH_PERMIT_ABI[0]
     for function in (settle, with_permit):
         types = tuple("tuple" if i["type"] == "tuple" else i["type"] for i in function["inputs"])
@@ -176,7 +177,7 @@ def test_the_upto_proxy_stand_in_has_the_sdks_address_witness_and_abi(anvil: Anv
 
 def _upto_payment(anvil: Anvil, usdc: Usdc, payer, *, facilitator: str, valid_for: int = 300):
     seller = new_account().address
-    payload = upto.sign(
+    payload = upto_client.sign(
         payer,
         chain_id=anvil.chain_id,
         token=usdc.address,
@@ -241,7 +242,7 @@ def test_the_upto_proxy_settles_emits_settled_and_passes_permit2s_refusals_on(
     late, _ = _upto_payment(anvil, usdc, upto_payer, facilitator=facilitator, valid_for=-60)
     assert _error(settle(700, late), facilitator) == "SignatureExpired"
     # ... which paygate's chain mode names as the SDK does.
-    assert [chain_upto.revert_reason(name) for name in ("InvalidNonce", "SignatureExpired")] == [
+    assert [upto_chain.revert_reason(name) for name in ("InvalidNonce", "SignatureExpired")] == [
         "permit2_invalid_nonce",
         "permit2_deadline_expired",
     ]

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from paygate.x402.chain_reader import CANCELED
 from paygate.x402.ledger import PaymentState
+from paygate.x402.schemes.exact.chain import CANCELED
 from tests.integration.gateway_support import eventually
 from tests.integration.payment_support import (
     paid_stack,

@@ -25,7 +25,7 @@ from paygate.client.payer import (
     parse_challenge,
     refusal_reason,
 )
-from paygate.x402 import codec, eip3009
+from paygate.x402 import codec
 from paygate.x402.models import (
     PaymentPayload,
     PaymentPayloadV1,
@@ -34,6 +34,7 @@ from paygate.x402.models import (
 )
 from paygate.x402.networks import Asset, resolve_network
 from paygate.x402.offers import Offer, challenge
+from paygate.x402.schemes.exact import verify as exact_verify
 
 BASE = resolve_network("base")
 SEPOLIA = resolve_network("base-sepolia")
@@ -225,7 +226,7 @@ def test_v2_payment_echoes_the_requirement_and_recovers_to_the_payer() -> None:
     assert auth.to.lower() == SELLER
     assert auth.value == "1000"
     assert int(auth.valid_before) - time.time() <= 121
-    signer = eip3009.recover(
+    signer = exact_verify.recover(
         auth,
         model.payload.signature,
         chain_id=84532,
@@ -242,7 +243,7 @@ def test_v1_payment_names_the_network_and_recovers_to_the_payer() -> None:
     assert payment.header == wire.X_PAYMENT
     model = PaymentPayloadV1.model_validate(_decode(payment.value))
     assert (model.scheme, model.network) == ("exact", "base-sepolia")
-    signer = eip3009.recover(
+    signer = exact_verify.recover(
         model.payload.authorization,
         model.payload.signature,
         chain_id=84532,

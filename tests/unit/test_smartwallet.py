@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 
 from paygate.config import ConfigError, load_settings
 from paygate.x402 import smartwallet
-from paygate.x402.verify import PaymentRejected, check_authorization, match_offer
+from paygate.x402.schemes.base import PaymentRejected
+from paygate.x402.schemes.exact.verify import check_authorization
+from paygate.x402.verify import match_offer
 from tests.unit.test_x402_core import sdk_payment, terms
 
 FACTORY = "0x" + "fa" * 20

@@ -24,13 +24,16 @@ from x402.schemas import PaymentRequiredV1 as SdkPaymentRequiredV1
 
 from paygate.jsonsafe import UntrustedJSONError
 from paygate.wire import NDJSON, SSE
-from paygate.x402 import codec, eip3009
+from paygate.x402 import codec
 from paygate.x402.inband import NDJSON_KEY, InbandReceiptWriter
 from paygate.x402.models import PaymentPayload, PaymentPayloadV1, ResourceInfo
 from paygate.x402.networks import from_atomic, resolve_network, to_atomic
 from paygate.x402.offers import MAX_CHALLENGE_HEADER, Acceptance, PaymentTerms, challenge
 from paygate.x402.pricing import PricePolicy, model_of
-from paygate.x402.verify import PaymentRejected, check_authorization, match_offer
+from paygate.x402.schemes.base import PaymentRejected
+from paygate.x402.schemes.exact.client import new_authorization, sign_authorization
+from paygate.x402.schemes.exact.verify import check_authorization, recover
+from paygate.x402.verify import match_offer
 
 SELLER = Account.create().address
 PAYER = Account.create()
@@ -259,17 +262,12 @@ def test_a_payment_for_another_price_or_network_does_not_match() -> None:
 
 def test_our_signature_matches_the_sdk_domain() -> None:
     # Sign with our code, check with recovery against the same domain the SDK uses.
-    auth = eip3009.new_authorization(payer=PAYER.address, pay_to=SELLER, value=1000, valid_for=60)
+    auth = new_authorization(payer=PAYER.address, pay_to=SELLER, value=1000, valid_for=60)
     assert SEPOLIA.usdc is not None
-    signature = eip3009.sign(PAYER, auth, chain_id=SEPOLIA.chain_id, asset=SEPOLIA.usdc)
-    assert (
-        eip3009.recover(auth, signature, chain_id=SEPOLIA.chain_id, asset=SEPOLIA.usdc)
-        == PAYER.address
-    )
+    signature = sign_authorization(PAYER, auth, chain_id=SEPOLIA.chain_id, asset=SEPOLIA.usdc)
+    assert recover(auth, signature, chain_id=SEPOLIA.chain_id, asset=SEPOLIA.usdc) == PAYER.address
     assert BASE.usdc is not None
-    assert (
-        eip3009.recover(auth, signature, chain_id=BASE.chain_id, asset=BASE.usdc) != PAYER.address
-    )
+    assert recover(auth, signature, chain_id=BASE.chain_id, asset=BASE.usdc) != PAYER.address
 
 
 # --- pricing ---

@@ -1,17 +1,39 @@
-"""Payment schemes as plug-ins (see ``base``): ``exact`` (EIP-3009) and ``upto`` (Permit2).
+"""The payment schemes: one package per scheme, and :data:`SCHEMES`, the one registry.
 
-:data:`SCHEMES` is the one registry: the processor, the settlers and the ticket find a payment's
-scheme through :func:`scheme_of` (by its payload's type) and never test the payload themselves.
+Everything that depends on the kind of payment goes through here: the processor, the
+settlement, the ticket and the receipts find a payment's scheme with :func:`scheme_of` (by its
+payload's type) or :func:`by_name` (an offer's or a ledger record's ``scheme``); the chain and
+facilitator settlers call its ``chain``/``facilitator`` role; the client's payer calls its
+``client`` role. Nothing outside ``schemes/`` tests a payload's type or a scheme's name.
+
+A new scheme is one package ``schemes/<name>/`` providing (protocols in :mod:`.base`):
+
+- ``offer.py``: ``ROLE``, an :class:`~.base.OfferRole` (the requirement verified and settled
+  against; what the ledger counts as authorized; whether x402 v1 carries it);
+- ``verify.py``: ``ROLE``, a :class:`~.base.VerifyRole` (its payload model, replay code,
+  local checks raising :class:`~.base.PaymentRejected`, expiry);
+- ``chain.py``: ``ROLE``, a :class:`~.base.ChainRole` (chain-mode verify/settle and the proof
+  of payment; may import web3: it is loaded only when a settler first needs it);
+- ``facilitator.py``: ``ROLE``, a :class:`~.base.FacilitatorRole` (judging a settle answer,
+  reconciling a lost one; server-only, loaded likewise);
+- ``client.py``: ``ROLE``, a :class:`~.base.ClientRole` (which offers it pays, signing;
+  eth-account only: the client imports it);
+- ``__init__.py``: ``SCHEME``, the :class:`~.base.Scheme` built from those roles (the two
+  server-only ones named by module path).
+
+It is registered by adding its ``SCHEME`` to :data:`SCHEMES` below — the one line outside its
+package. (Its payload model joins ``models.SchemePayload``, the union a v2 payment's
+``payload`` is parsed as; the configuration names it in ``PAYGATE_PAYMENT_SCHEMES``.)
+Importing this module loads only the client-safe roles (no web3, no x402 SDK).
 """
 
 from __future__ import annotations
 
 from paygate.x402.models import AnyPaymentPayload
-from paygate.x402.schemes.base import Authorized, Scheme
-from paygate.x402.schemes.exact import ExactScheme
-from paygate.x402.schemes.upto import UptoScheme
+from paygate.x402.schemes import exact, upto
+from paygate.x402.schemes.base import Authorized, PaymentRejected, Scheme
 
-SCHEMES: dict[str, Scheme] = {"exact": ExactScheme(), "upto": UptoScheme()}
+SCHEMES: dict[str, Scheme] = {scheme.name: scheme for scheme in (exact.SCHEME, upto.SCHEME)}
 
 
 class UnknownScheme(ValueError):
@@ -26,12 +48,17 @@ def scheme_of(payment: AnyPaymentPayload) -> Scheme:
     raise UnknownScheme("the payment's payload belongs to no known scheme")
 
 
+def by_name(name: str) -> Scheme | None:
+    """The registered scheme called ``name`` (an offer's, a challenge's, a record's), or None."""
+    return SCHEMES.get(name)
+
+
 __all__ = [
     "SCHEMES",
     "Authorized",
-    "ExactScheme",
+    "PaymentRejected",
     "Scheme",
     "UnknownScheme",
-    "UptoScheme",
+    "by_name",
     "scheme_of",
 ]

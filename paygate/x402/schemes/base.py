@@ -1,28 +1,56 @@
-"""The payment scheme interface: one protocol, one module per scheme (``exact``, ``upto``).
+"""A payment scheme: one small protocol per role, and :class:`Scheme`, the object that holds them.
 
-A scheme says what a payment of its kind looks like and what it means: the requirement offered
-for a price, the local checks of a payment against that offer (sans-IO: a forged payment never
-costs a network call), the replay key, and how the settler is asked to verify, settle (with an
-amount) and reconcile it. The client side's signing lives in the same module, so the two ends
-of a scheme are read together. Nothing here decides *when* to settle (``x402.settlement``) or
-*who* settles (``x402.settler``).
+A scheme package (``schemes/<name>/``) has one module per role:
+
+- ``offer``: the requirement a payment of this kind is verified and settled against (and the
+  amount the ledger counts for it).
+- ``verify``: the local checks of a payment against the matched offer (sans-IO: a forged
+  payment never costs a network call).
+- ``chain``: chain mode's verification, settlement and proof of payment (web3; server-only).
+- ``facilitator``: how a facilitator's settle answer is judged and a lost one reconciled.
+- ``client``: the paying side: which offers it takes and the signing (eth-account only).
+
+The server-only roles (``chain``, ``facilitator``) are named by module path and imported on
+first use, so the registry stays importable by the client without web3 or the x402 SDK.
+Nothing here decides *when* to settle (``x402.settlement``) or *who* settles (``x402.settler``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
+from paygate.errors import PaygateError
 from paygate.x402.models import (
     AnyPaymentPayload,
     ResourceInfo,
+    SchemePayload,
     SettleResponse,
     VerifyResponse,
 )
 from paygate.x402.offers import Offer
 
 if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+
+    from paygate.x402.chain_reader import ChainReader
     from paygate.x402.settler import Settler
+
+# The settler needs time to get the transfer mined before the authorization expires (x402.md).
+MIN_REMAINING_SECONDS = 6
+
+
+class PaymentRejected(PaygateError):
+    """A payment that does not pay what was asked; ``reason`` is x402's code for why."""
+
+    code = "payment_rejected"
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,25 +63,43 @@ class Authorized:
     valid_before: int  # unix seconds: the payment cannot settle after this
 
 
-class Scheme(Protocol):
-    """One x402 payment scheme on EVM."""
+# --- offer ---
 
-    name: str
-    #: True when the settled amount is decided after the reply (metered), not at admission.
-    metered: bool
-    #: The refusal code of an authorization of this scheme that was already used here.
-    replay_code: str
-    #: The payload model of this scheme's payments: how the registry tells a payment's scheme.
-    payload_type: type[Any]
 
-    def valid_before(self, payment: AnyPaymentPayload) -> int:
-        """The authorization's expiry (unix seconds): it cannot settle after it."""
+class OfferRole(Protocol):
+    #: Offered in x402 v1's body too (v1 knows ``exact`` only).
+    v1: bool
+
+    def accepts_amount(self, accepted: str, offer: Offer) -> bool:
+        """Does a v2 payment's echoed ``accepted.amount`` fit ``offer``?"""
+        ...
+
+    def requirements(
+        self, payment: AnyPaymentPayload, offer: Offer, resource: ResourceInfo
+    ) -> dict[str, Any]:
+        """The requirement (wire dict, in the payment's version) the settler verifies against."""
+        ...
+
+    def for_amount(
+        self, payment: AnyPaymentPayload, requirements: dict[str, Any], amount: int
+    ) -> dict[str, Any] | SettleResponse:
+        """The requirement to settle ``amount`` against, or the receipt when there is nothing
+        to settle (a metered request that cost 0)."""
         ...
 
     def authorized_amount(self, authorized: Authorized, offer: Offer) -> int:
-        """What the payer authorized, as the ledger and the budgets count it (exact: the
-        price; upto: the signed maximum)."""
+        """What the payer authorized, as the ledger and the budgets count it."""
         ...
+
+
+# --- verify ---
+
+
+class VerifyRole(Protocol):
+    #: The payload model of this scheme's payments: how the registry tells a payment's scheme.
+    payload_type: type[Any]
+    #: The refusal code of an authorization of this scheme that was already used here.
+    replay_code: str
 
     def check(
         self,
@@ -67,15 +113,216 @@ class Scheme(Protocol):
         """Local checks of ``payment`` against the matched ``offer``; raises PaymentRejected."""
         ...
 
+    def valid_before(self, payment: AnyPaymentPayload) -> int:
+        """The authorization's expiry (unix seconds): it cannot settle after it."""
+        ...
+
+
+# --- chain (server-only) ---
+
+
+class ChainAccess(Protocol):
+    """What chain mode's settler lends a scheme: the reader, its gas account, and sending."""
+
+    reader: ChainReader
+    factories: frozenset[str]  # ERC-6492 factories allowed to deploy a payer's wallet
+
+    @property
+    def address(self) -> str:
+        """The gas account: the sender of every settlement."""
+        ...
+
+    async def send(self, call: Any) -> str:
+        """Sign and send a web3 contract call from the gas account; its transaction hash."""
+        ...
+
+    async def mined(self, transaction: str) -> Any:
+        """``transaction``'s receipt, waited for; SettlementUnknown when none comes in time."""
+        ...
+
+
+class ChainRole(Protocol):
+    async def verify(
+        self, chain: ChainAccess, payment: AnyPaymentPayload, requirements: dict[str, Any]
+    ) -> VerifyResponse: ...
+
+    async def settle(
+        self, chain: ChainAccess, payment: AnyPaymentPayload, requirements: dict[str, Any]
+    ) -> SettleResponse:
+        """Settle ``requirements``' amount; a proven outcome, or SettlementUnknown."""
+        ...
+
+    async def prove(
+        self,
+        reader: ChainReader,
+        payment: AnyPaymentPayload,
+        requirements: dict[str, Any],
+        transaction: str | None,
+    ) -> SettleResponse:
+        """The outcome as the chain proves it: SETTLED only on a receipt showing the money
+        moved; SettlementUnknown while nothing happened yet; ReviewRequired when nobody can
+        tell."""
+        ...
+
+
+# --- facilitator (server-only) ---
+
+
+class FacilitatorAccess(Protocol):
+    """What the facilitator settler lends a scheme: the chain (to prove) and re-sending."""
+
+    chain: ChainReader | None
+
+    async def send(
+        self, payment: AnyPaymentPayload, requirements: dict[str, Any]
+    ) -> SettleResponse:
+        """POST /settle; the answer, or SettlementUnknown/SettlerUnavailable."""
+        ...
+
+
+class FacilitatorRole(Protocol):
+    async def judge(
+        self,
+        facilitator: FacilitatorAccess,
+        answer: SettleResponse,
+        payment: AnyPaymentPayload,
+        requirements: dict[str, Any],
+        *,
+        known: str | None = None,
+    ) -> SettleResponse:
+        """A settle answer → paid (proven where the chain can be read), refused, or unknown
+        (raised)."""
+        ...
+
+    async def reconcile(
+        self,
+        facilitator: FacilitatorAccess,
+        payment: AnyPaymentPayload,
+        requirements: dict[str, Any],
+        transaction: str | None,
+    ) -> SettleResponse:
+        """The outcome of an earlier settlement whose answer was lost; never a second payment."""
+        ...
+
+
+# --- client ---
+
+
+class OfferedTerms(Protocol):
+    """One requirement of a 402 as the client read it (``paygate.client.payer.ChallengeOffer``)."""
+
+    @property
+    def version(self) -> int: ...
+    @property
+    def network(self) -> str: ...
+    @property
+    def chain_id(self) -> int | None: ...
+    @property
+    def asset(self) -> str: ...
+    @property
+    def amount(self) -> int: ...
+    @property
+    def pay_to(self) -> str: ...
+    @property
+    def extra(self) -> Mapping[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """A client's signed payload and what identifies it."""
+
+    payload: SchemePayload
+    nonce: str  # as the server's ledger keys it
+    valid_before: int
+    asset: str  # checksummed
+    # A metered offer's token prices (input, output per million; minimum per request).
+    prices: tuple[Decimal, Decimal, Decimal] | None = None
+
+
+class ClientRole(Protocol):
+    def decline(self, offer: OfferedTerms, *, max_price_per_million: Decimal | None) -> str | None:
+        """Why the client will not pay ``offer`` (before amounts and policy), or None."""
+        ...
+
+    def cannot_sign(self, offer: OfferedTerms) -> str | None:
+        """Why ``offer``, otherwise acceptable, cannot be signed (the token's EIP-712 domain
+        is unknown), or None; asked last."""
+        ...
+
+    def sign(
+        self, account: LocalAccount, offer: OfferedTerms, *, decimals: int, valid_for: int
+    ) -> Signed: ...
+
+
+# --- the scheme ---
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One x402 payment scheme on EVM, assembled from its roles (see the module docstring)."""
+
+    name: str
+    #: True when the settled amount is decided after the reply (metered), not at admission.
+    metered: bool
+    offer: OfferRole
+    verifier: VerifyRole
+    client: ClientRole
+    chain_module: str  # a module whose ``ROLE`` is the ChainRole (imported on first use)
+    facilitator_module: str  # likewise the FacilitatorRole
+    _loaded: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def payload_type(self) -> type[Any]:
+        return self.verifier.payload_type
+
+    @property
+    def replay_code(self) -> str:
+        return self.verifier.replay_code
+
+    @property
+    def chain(self) -> ChainRole:
+        """The chain-mode role (server-only: loads web3)."""
+        return self._role(self.chain_module)  # type: ignore[no-any-return]
+
+    @property
+    def facilitator(self) -> FacilitatorRole:
+        """The facilitator role (server-only)."""
+        return self._role(self.facilitator_module)  # type: ignore[no-any-return]
+
+    def _role(self, module: str) -> Any:
+        role = self._loaded.get(module)
+        if role is None:
+            role = self._loaded[module] = importlib.import_module(module).ROLE
+        return role
+
+    # What the processor, the settlement and the ticket call: each goes to its role.
+
+    def valid_before(self, payment: AnyPaymentPayload) -> int:
+        return self.verifier.valid_before(payment)
+
+    def authorized_amount(self, authorized: Authorized, offer: Offer) -> int:
+        return self.offer.authorized_amount(authorized, offer)
+
+    def check(
+        self,
+        payment: AnyPaymentPayload,
+        offer: Offer,
+        *,
+        now: int,
+        skew: int,
+        min_remaining: float,
+    ) -> Authorized:
+        return self.verifier.check(payment, offer, now=now, skew=skew, min_remaining=min_remaining)
+
     def requirements(
         self, payment: AnyPaymentPayload, offer: Offer, resource: ResourceInfo
     ) -> dict[str, Any]:
-        """The requirement (wire dict, in the payment's version) the settler verifies against."""
-        ...
+        return self.offer.requirements(payment, offer, resource)
 
     async def verify(
         self, settler: Settler, payment: AnyPaymentPayload, requirements: dict[str, Any]
-    ) -> VerifyResponse: ...
+    ) -> VerifyResponse:
+        return await settler.verify(payment, requirements)
 
     async def settle(
         self,
@@ -85,7 +332,10 @@ class Scheme(Protocol):
         amount: int,
     ) -> SettleResponse:
         """Settle ``amount`` atomic units (exact: always the price)."""
-        ...
+        return await _asked(
+            self.offer.for_amount(payment, requirements, amount),
+            lambda asked: settler.settle(payment, asked),
+        )
 
     async def reconcile(
         self,
@@ -96,10 +346,29 @@ class Scheme(Protocol):
         transaction: str | None,
     ) -> SettleResponse:
         """The outcome of an earlier settlement of ``amount`` whose answer was lost."""
-        ...
+        return await _asked(
+            self.offer.for_amount(payment, requirements, amount),
+            lambda asked: settler.reconcile(payment, asked, transaction),
+        )
+
+
+async def _asked(
+    asked: dict[str, Any] | SettleResponse,
+    call: Callable[[dict[str, Any]], Awaitable[SettleResponse]],
+) -> SettleResponse:
+    return asked if isinstance(asked, SettleResponse) else await call(asked)
 
 
 def with_amount(requirements: dict[str, Any], amount: int) -> dict[str, Any]:
     """``requirements`` asking for ``amount`` (the field is ``maxAmountRequired`` in v1)."""
     key = "amount" if "amount" in requirements else "maxAmountRequired"
     return {**requirements, key: str(amount)}
+
+
+def invalid(reason: str, payer: str) -> VerifyResponse:
+    """A verification's refusal for ``reason`` (x402's code)."""
+    return VerifyResponse(is_valid=False, invalid_reason=reason, payer=payer)
+
+
+def same_address(a: str, b: str) -> bool:
+    return a.lower() == b.lower()

@@ -1,0 +1,94 @@
+"""``exact`` through a facilitator: judging its settle answer and reconciling a lost one.
+
+The facilitator API has no status query; EIP-3009 executes an authorization once, so a lost
+answer is reconciled by re-sending the same authorization and letting the chain decide: "nonce
+already used" proves nothing (a cancel looks the same) and is proven on chain when it can be
+read, otherwise left owed for review — never recorded as paid.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from paygate.x402.models import AnyPaymentPayload, SettleResponse
+from paygate.x402.schemes.exact.chain import prove
+from paygate.x402.schemes.exact.verify import NONCE_USED
+from paygate.x402.settler import SETTLEMENT_PENDING, ReviewRequired, SettlementUnknown
+
+if TYPE_CHECKING:
+    from paygate.x402.schemes.base import FacilitatorAccess
+
+
+class ExactFacilitator:
+    async def judge(
+        self,
+        facilitator: FacilitatorAccess,
+        answer: SettleResponse,
+        payment: AnyPaymentPayload,
+        requirements: dict[str, Any],
+        *,
+        known: str | None = None,
+    ) -> SettleResponse:
+        pending = not answer.success and answer.error_reason == SETTLEMENT_PENDING
+        used = not answer.success and answer.error_reason == NONCE_USED
+        if not answer.success and not pending and not used:
+            return answer  # a plain refusal: nothing moved
+        transaction = answer.transaction or known
+        chain = facilitator.chain
+        if answer.success and answer.transaction and chain is None:
+            return answer
+        if chain is not None:
+            try:
+                return await prove(chain, payment, requirements, transaction)
+            except ReviewRequired:
+                raise
+            except SettlementUnknown:
+                if used:  # used, yet unused on our chain's view: nobody here can tell
+                    raise ReviewRequired(
+                        "the facilitator says the nonce is used; the chain does not show it",
+                        transaction=transaction,
+                        withhold=True,
+                    ) from None
+                raise
+        if answer.success:
+            what = "the facilitator answered success without a transaction"
+        else:
+            what = "the settlement is pending" if pending else "the nonce is already used"
+        raise ReviewRequired(
+            f"{what}; no chain_rpc_url to prove it", transaction=transaction, withhold=used
+        )
+
+    async def reconcile(
+        self,
+        facilitator: FacilitatorAccess,
+        payment: AnyPaymentPayload,
+        requirements: dict[str, Any],
+        transaction: str | None,
+    ) -> SettleResponse:
+        chain = facilitator.chain
+        try:
+            answer = await facilitator.send(payment, requirements)
+        except SettlementUnknown:
+            if chain is None:
+                raise
+            return await prove(chain, payment, requirements, transaction)
+        if answer.success or answer.error_reason in (SETTLEMENT_PENDING, NONCE_USED):
+            return await self.judge(facilitator, answer, payment, requirements, known=transaction)
+        # A refusal of the re-sent authorization says nothing of the first attempt's fate.
+        if chain is None:
+            raise ReviewRequired(
+                f"the re-sent authorization was refused ({answer.error_reason}); "
+                "the first attempt is unproven and no chain_rpc_url can prove it",
+                transaction=transaction,
+            )
+        try:
+            return await prove(chain, payment, requirements, transaction)
+        except ReviewRequired:
+            raise
+        except SettlementUnknown:
+            if transaction and await chain.known(transaction):
+                raise  # our first transaction still waits to be mined
+            return answer  # nothing executed on chain: the refusal stands
+
+
+ROLE = ExactFacilitator()

@@ -1,0 +1,152 @@
+"""``exact``'s local checks (sans-IO): an EIP-3009 ``TransferWithAuthorization`` under EIP-712.
+
+The signature binds every field of the authorization and the token's domain (name, version,
+chain id, token address), so a payment for one token, chain or amount cannot be replayed as
+another. The reasons are x402's own codes (the official SDK facilitator's).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eth_utils import to_checksum_address
+
+from paygate.x402 import evm, smartwallet
+from paygate.x402.models import AnyPaymentPayload, Authorization, ExactEvmPayload
+from paygate.x402.networks import Asset
+from paygate.x402.offers import Offer
+from paygate.x402.schemes.base import (
+    MIN_REMAINING_SECONDS,
+    Authorized,
+    PaymentRejected,
+    same_address,
+)
+
+# The SDK facilitator's code for a used EIP-3009 nonce: also the replay refusal here.
+NONCE_USED = "invalid_exact_evm_nonce_already_used"
+
+TYPES = {
+    "EIP712Domain": [
+        {"name": "name", "type": "string"},
+        {"name": "version", "type": "string"},
+        {"name": "chainId", "type": "uint256"},
+        {"name": "verifyingContract", "type": "address"},
+    ],
+    "TransferWithAuthorization": [
+        {"name": "from", "type": "address"},
+        {"name": "to", "type": "address"},
+        {"name": "value", "type": "uint256"},
+        {"name": "validAfter", "type": "uint256"},
+        {"name": "validBefore", "type": "uint256"},
+        {"name": "nonce", "type": "bytes32"},
+    ],
+}
+
+
+def typed_data(auth: Authorization, *, chain_id: int, asset: Asset) -> dict[str, Any]:
+    """The EIP-712 message a payer signs for ``auth`` on ``asset`` at ``chain_id``."""
+    return {
+        "types": TYPES,
+        "primaryType": "TransferWithAuthorization",
+        "domain": {
+            "name": asset.name,
+            "version": asset.version,
+            "chainId": chain_id,
+            "verifyingContract": asset.address,
+        },
+        "message": {
+            "from": to_checksum_address(auth.from_),
+            "to": to_checksum_address(auth.to),
+            "value": int(auth.value),
+            "validAfter": int(auth.valid_after),
+            "validBefore": int(auth.valid_before),
+            "nonce": bytes.fromhex(auth.nonce[2:]),
+        },
+    }
+
+
+def recover(auth: Authorization, signature: str, *, chain_id: int, asset: Asset) -> str | None:
+    """The checksummed address that signed ``auth``, or None (not a 65-byte ECDSA signature)."""
+    return evm.recover_typed(typed_data(auth, chain_id=chain_id, asset=asset), signature)
+
+
+def check_authorization(
+    payment: AnyPaymentPayload,
+    offer: Offer,
+    *,
+    now: int,
+    skew: int,
+    min_remaining: float = MIN_REMAINING_SECONDS,
+) -> str:
+    """Check the EIP-3009 authorization against ``offer``; the payer's address if it holds.
+
+    ``min_remaining``: seconds the authorization must still be valid for, so that what it buys
+    can be served and settled before it expires (never less than MIN_REMAINING_SECONDS).
+    """
+    if not isinstance(payment.payload, ExactEvmPayload):
+        raise PaymentRejected("invalid_payload", "the payload is not an EIP-3009 authorization")
+    auth = payment.payload.authorization
+    if not same_address(auth.to, offer.pay_to):
+        raise PaymentRejected(
+            "invalid_exact_evm_payload_recipient_mismatch", "the authorization pays someone else"
+        )
+    if int(auth.value) != offer.amount:
+        raise PaymentRejected(
+            "invalid_exact_evm_payload_authorization_value_mismatch",
+            "the authorized value is not the price of this request",
+        )
+    if int(auth.valid_after) > now + skew:
+        raise PaymentRejected(
+            "invalid_exact_evm_payload_authorization_valid_after",
+            "the authorization is not valid yet",
+        )
+    if int(auth.valid_before) < now + max(min_remaining, MIN_REMAINING_SECONDS):
+        raise PaymentRejected(
+            "invalid_exact_evm_payload_authorization_valid_before",
+            "the authorization expires too soon",
+        )
+    signer = recover(
+        auth, payment.payload.signature, chain_id=offer.network.chain_id, asset=offer.asset
+    )
+    payer = to_checksum_address(auth.from_)
+    # A contract wallet's signature (ERC-1271/6492) is the settler's to judge (smartwallet).
+    if signer != payer and not smartwallet.is_contract_signature(payment.payload.signature):
+        raise PaymentRejected(
+            "invalid_exact_evm_payload_signature", "the signature is not the payer's"
+        )
+    return payer
+
+
+def payload_of(payment: AnyPaymentPayload) -> ExactEvmPayload:
+    if not isinstance(payment.payload, ExactEvmPayload):
+        raise ValueError("not an exact payload")
+    return payment.payload
+
+
+class ExactVerify:
+    payload_type = ExactEvmPayload
+    replay_code = NONCE_USED
+
+    def check(
+        self,
+        payment: AnyPaymentPayload,
+        offer: Offer,
+        *,
+        now: int,
+        skew: int,
+        min_remaining: float,
+    ) -> Authorized:
+        payer = check_authorization(payment, offer, now=now, skew=skew, min_remaining=min_remaining)
+        auth = payload_of(payment).authorization
+        return Authorized(
+            payer=payer,
+            nonce=auth.nonce,
+            maximum=int(auth.value),
+            valid_before=int(auth.valid_before),
+        )
+
+    def valid_before(self, payment: AnyPaymentPayload) -> int:
+        return int(payload_of(payment).authorization.valid_before)
+
+
+ROLE = ExactVerify()
