@@ -119,7 +119,7 @@ class _Terms:
     model: str | None
     price: Decimal
     quote: Quote | None = None
-    items: tuple[Quote, ...] | None = None
+    items: tuple[Quote | None, ...] | None = None  # a batch's, per item (None: not forwarded)
     plan: tuple[ItemPlan, ...] | None = None
     checks: tuple[tuple[str, str | None], ...] = ()
     shaped_body: bytes | None = None
@@ -209,14 +209,8 @@ class X402Payments:
             description = self._discovery.description(route.method, route.path)
         metered = None
         if quote is not None:
-            forwarded = iter(items or ())
-            metered = MeteredTerms(
-                quote,
-                None
-                if items is None or terms.plan is None
-                else tuple(next(forwarded) if p.forwarded else None for p in terms.plan),
-                self._pricing.fallback if self._pricing is not None else "prompt",
-            )
+            fallback = self._pricing.fallback if self._pricing is not None else "prompt"
+            metered = MeteredTerms(quote, items, fallback)
         session = await self._processor.admit(
             request.headers,
             price=price,
@@ -286,11 +280,11 @@ class X402Payments:
 
     def _batch_terms(
         self, body: bytes
-    ) -> tuple[Decimal, Quote | None, tuple[Quote, ...] | None, tuple[ItemPlan, ...]]:
+    ) -> tuple[Decimal, Quote | None, tuple[Quote | None, ...] | None, tuple[ItemPlan, ...]]:
         """A batch's plan (each item shaped or refused, as a single request), its price (the
         forwarded items' prices summed: a refused item is not priced), its upto terms as one
-        quote (the maxima summed; the first forwarded item's model names it) and the
-        forwarded items' own quotes."""
+        quote (the maxima summed; the first forwarded item's model names it) and each item's
+        own quote (None for an item not forwarded)."""
         try:
             batch = parse_batch(body, max_items=self._batch_max_items)
         except BadBatch as exc:
@@ -325,7 +319,8 @@ class X402Payments:
         plan = tuple(
             ItemPlan(next(bodies), p.model, p.shaped, p.source) if p.forwarded else p for p in plan
         )
-        return price, total, items, plan
+        quoted = iter(items)
+        return price, total, tuple(next(quoted) if p.forwarded else None for p in plan), plan
 
     async def close(self, timeout: float) -> None:
         await self._processor.settlements.drain(timeout)
