@@ -146,7 +146,8 @@ class NoPayments:
 
 
 class X402Payments:
-    """x402 over HTTP: headers in, challenges and receipts out; policy in the processor."""
+    """x402 over HTTP: headers in, challenges and receipts out; admission in the processor,
+    the payment after it in the session (paygate.x402.session)."""
 
     def __init__(
         self,
