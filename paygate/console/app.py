@@ -51,7 +51,7 @@ from paygate.x402.ledger import (
 )
 from paygate.x402.ledger_store import open_ledger
 from paygate.x402.networks import resolve_network
-from paygate.x402.processor import PENDING
+from paygate.x402.settlements import PENDING
 
 log = logging.getLogger("paygate.console")
 audit = logging.getLogger("paygate.console.audit")
@@ -468,7 +468,9 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
             processor = _processor(gateway)
             if processor is not None:
                 with contextlib.suppress(LedgerError):
-                    await asyncio.wait_for(processor.reconcile_once(min_age=0.0), timeout=30)
+                    await asyncio.wait_for(
+                        processor.recovery.reconcile_once(min_age=0.0), timeout=30
+                    )
         else:
             raise web.HTTPBadRequest(text="unknown action")
         raise web.HTTPSeeOther(f"/review?done={quote(action)}")

@@ -104,7 +104,7 @@ class Verdict:
 
 
 class Economics:
-    """The processor's hook (``paygate.x402.processor.EconomicsCheck``)."""
+    """The processor's hook (``paygate.x402.hooks.EconomicsCheck``)."""
 
     def __init__(
         self,

@@ -25,13 +25,15 @@ from paygate.x402.bazaar import Discovery
 from paygate.x402.chain import ChainSettler
 from paygate.x402.chain_reader import ChainReader
 from paygate.x402.facilitator import FacilitatorSettler
+from paygate.x402.hooks import PaymentEvents
 from paygate.x402.ledger import Ledger, PaymentRecord, default_replica_id
 from paygate.x402.ledger_store import open_ledger
 from paygate.x402.metering import TokenPrice, TokenPricing
 from paygate.x402.networks import Asset, UnknownNetwork, resolve_network
 from paygate.x402.offers import Acceptance, PaymentTerms
 from paygate.x402.pricing import PricePolicy
-from paygate.x402.processor import PaymentEvents, PaymentProcessor
+from paygate.x402.processor import PaymentProcessor
+from paygate.x402.recovery import Recovery
 from paygate.x402.schemes.base import MIN_REMAINING_SECONDS
 from paygate.x402.schemes.upto.offer import FACILITATOR_EXTRA, extra_for
 from paygate.x402.settlement import SettleAfterReply, Settlement, SettleUpfront, VerifyOnly
@@ -379,21 +381,22 @@ async def payment_step(
         )
         processor = payments.processor
         await processor.load_signin_key()
-        released = await processor.release_abandoned(own=True)
+        recovery = processor.recovery
+        released = await recovery.release_abandoned(own=True)
         if released:
             log.info("released %d reservations left by an earlier run", released)
-        adopted = await processor.adopt_own()
+        adopted = await recovery.adopt_own()
         loop = asyncio.get_running_loop()
         tasks = [
             loop.create_task(
                 _reconcile_forever(
-                    processor,
+                    recovery,
                     interval=settings.reconcile_interval_seconds,
                     busy_for=settings.settle_timeout + settings.facilitator_timeout,
                     adopted=adopted,
                 )
             ),
-            loop.create_task(_keep_leases(processor, interval=settings.lease_seconds / 3)),
+            loop.create_task(_keep_leases(recovery, interval=settings.lease_seconds / 3)),
         ]
         try:
             yield payments
@@ -411,7 +414,7 @@ async def payment_step(
 
 
 async def _reconcile_forever(
-    processor: PaymentProcessor,
+    recovery: Recovery,
     *,
     interval: float,
     busy_for: float,
@@ -420,7 +423,7 @@ async def _reconcile_forever(
     min_age = 0.0  # the first pass takes everything unowned, and what this replica adopted
     while True:
         try:
-            touched = await processor.reconcile_once(min_age=min_age, adopted=adopted)
+            touched = await recovery.reconcile_once(min_age=min_age, adopted=adopted)
             if touched:
                 log.info("reconciled %d payments", touched)
         except Exception as exc:  # keep reconciling: one bad pass must not end the loop
@@ -430,10 +433,10 @@ async def _reconcile_forever(
         await asyncio.sleep(interval)
 
 
-async def _keep_leases(processor: PaymentProcessor, *, interval: float) -> None:
+async def _keep_leases(recovery: Recovery, *, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            await processor.renew_leases()
+            await recovery.renew_leases()
         except Exception as exc:  # keep renewing: a passing ledger failure must not end it
             log.error("lease renewal failed: %s", type(exc).__name__)

@@ -64,6 +64,11 @@ class Tokenizer:
             return None
         return Counted(prompt, out)
 
+    async def usage(self, completion: str, prompt_bound: int) -> Usage | None:
+        """:meth:`count` as usage (paygate.x402.session's ``CompletionCounter``)."""
+        counted = await self.count(completion)
+        return usage_from(counted, prompt_bound) if counted is not None else None
+
     async def _post(self, path: str, payload: dict[str, Any]) -> Any | None:
         body = json.dumps(payload, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}

@@ -51,6 +51,7 @@ from paygate.server.tracing import Tracing, span_facts
 from paygate.upstream.shaping import RequestShaper
 from paygate.x402.batch import ITEM_PATH, BadBatch, item_error, parse_batch
 from paygate.x402.pricing import model_of
+from paygate.x402.session import PaymentSession
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +132,7 @@ class Gateway:
         nonce = request_nonce_header(request.headers)  # a bad one is refused before paying
         check_key_header(self._opener.epochs, request.headers)  # before any payment work
         async with self._admission.admit(request, match.route) as admitted:
-            info.payment = "paid" if admitted.ticket.paid else "free"
+            info.payment = "paid" if admitted.ticket.session.paid else "free"
             opened = admitted.opened or await self._opener.open(request, admitted.body)
             headers = upstream_request_headers(
                 request.headers, client_address=admitted.client, scheme=request.scheme
@@ -165,13 +166,13 @@ class Gateway:
                     headers=headers,
                     route_path=match.route.path,
                     model=model,
-                    tenant=tenant_of(admitted.ticket.payment_record, admitted.client),
+                    tenant=tenant_of(ticket.session.record, admitted.client),
                     routed=routed,
                 ) as reply:
                     self._metrics.upstream_latency(match.route.name, reply.waited)
-                    if ticket.metered and self._shaper is not None:
+                    if ticket.session.metered and self._shaper is not None:
                         # The tokenizer of the engine that answered (routed: one of several).
-                        ticket.tokenizer = Tokenizer(
+                        ticket.session.counter = Tokenizer(
                             self._upstream.client_of(routed.upstream),
                             self._shaper.rules_for(model),
                             match.route.path,
@@ -197,9 +198,9 @@ class Gateway:
                         )
                     finally:
                         info.upstream_seconds = reply.waited
-                        admitted.ticket.usage = reply.usage  # known once the body has ended
+                        ticket.session.usage = reply.usage  # known once the body has ended
                         if self._tracing is not None:
-                            _describe(request, admitted.ticket, _model_named(opened.body))
+                            _describe(request, ticket.session, _model_named(opened.body))
 
     async def _batch(self, request: web.Request, match: RouteMatch) -> web.StreamResponse:
         """``POST /v1/batch/chat/completions``: one admission (one payment for every item that
@@ -229,7 +230,7 @@ class Gateway:
             )
             headers["Content-Type"] = "application/json"
             gate = asyncio.Semaphore(limits.concurrency)
-            tenant = tenant_of(admitted.ticket.payment_record, admitted.client)
+            tenant = tenant_of(ticket.session.record, admitted.client)
 
             async def one(item: ItemPlan) -> tuple[Any, bool, Any, int]:
                 if item.refusal is not None or item.body is None:
@@ -266,7 +267,7 @@ class Gateway:
                 return document, True, usage, len(raw)
 
             answers = await asyncio.gather(*(one(item) for item in plan))
-            if ticket.paid and not ticket.metered:
+            if ticket.session.paid and not ticket.session.metered:
                 answers = _whole_or_nothing(plan, answers)
             body = json.dumps(
                 {"results": [document for document, _, _, _ in answers]}, separators=(",", ":")
@@ -287,15 +288,15 @@ class Gateway:
             )
 
 
-def _describe(request: web.Request, ticket: Any, model: str | None) -> None:
+def _describe(request: web.Request, session: PaymentSession, model: str | None) -> None:
     """What the request's span says (counts and timings only, never content)."""
     span = span_facts(request)
     span.model = model
-    span.scheme = ticket.scheme
-    span.settle_seconds = ticket.settle_seconds
-    if ticket.usage is not None:
-        span.input_tokens = ticket.usage.prompt_tokens
-        span.output_tokens = ticket.usage.completion_tokens
+    span.scheme = session.scheme
+    span.settle_seconds = session.settle_seconds
+    if session.usage is not None:
+        span.input_tokens = session.usage.prompt_tokens
+        span.output_tokens = session.usage.completion_tokens
 
 
 def _whole_or_nothing(

@@ -240,7 +240,7 @@ class Metrics:
     def key_operation(self, backend: str, operation: str, seconds: float) -> None:
         self._key_ops.labels(backend, operation).observe(seconds)
 
-    # --- payments (paygate.x402.processor.PaymentEvents) ---
+    # --- payments (paygate.x402.hooks.PaymentEvents) ---
 
     def admission(self, outcome: str, scheme: str) -> None:
         self._payments.labels(outcome, scheme).inc()

@@ -49,7 +49,8 @@ from paygate.server.receipts import (
 )
 from paygate.upstream.usage import Usage, usage_of
 from paygate.x402.inband import InbandReceiptWriter
-from paygate.x402.processor import Receipt
+from paygate.x402.results import Receipt
+from paygate.x402.session import PaymentSession
 
 log = logging.getLogger("paygate.server")
 
@@ -240,27 +241,28 @@ class Replies:
         started: float,
         facts: ReceiptRequest | None = None,
     ) -> web.StreamResponse:
-        ticket.status = reply.status
+        session = ticket.session
+        session.status = reply.status
         # A signed receipt for every paid or sealed reply that succeeded.
         signs = (
             self._receipts is not None
             and facts is not None
             and reply.status < 400
-            and (ticket.paid or not isinstance(plan, PlainReply))
+            and (session.paid or not isinstance(plan, PlainReply))
         )
         sign = facts if signs else None
         streamed = wire.is_stream(reply.content_type)
         # A paid request whose upstream failed goes out whole: released before its error.
-        if not (ticket.paid and reply.status >= 400):
+        if not (session.paid and reply.status >= 400):
             if isinstance(plan, V2Reply) and streamed:
                 return await self._stream(request, reply, plan, ticket, started, sign)
-            if isinstance(plan, PlainReply) and (streamed or not ticket.settles):
+            if isinstance(plan, PlainReply) and (streamed or not session.settles):
                 return await self._stream(request, reply, plan, ticket, started, sign)
         try:
             return await self._whole(reply, plan, ticket, started, sign)
         except GatewayError:
             # Nothing went out (too large, a broken upstream body): nothing was earned.
-            ticket.status = 0
+            session.status = 0
             raise
 
     async def send_document(
@@ -275,12 +277,9 @@ class Replies:
         """A reply the gateway composed (the batch's results), sent whole like ``_whole``:
         settled first when any item succeeded (else released), sealed per the plan."""
         succeeded = any(ok for ok, _, _ in items)
-        ticket.status = 200 if succeeded else 502
-        if ticket.paid and not ticket.settles:
-            await ticket.give_up()
-        if ticket.settles:
-            ticket.meter_items(items)
-        receipt = await ticket.settle() if ticket.settles else ticket.known_receipt
+        session = ticket.session
+        session.status = 200 if succeeded else 502
+        receipt = await session.items_ended(items)
         sealed = not isinstance(plan, PlainReply)
         if receipt is not None and receipt.withhold:
             return settlement_failed_response(receipt, ticket.route, sealed=sealed)
@@ -291,22 +290,21 @@ class Replies:
         else:
             payload = seal_whole(plan, body)
             headers.update(sealed_headers(plan, wire.JSON))
-        if ticket.paid:
+        if session.paid:
             headers.update(receipt_headers(receipt, sealed=sealed))
-        if succeeded and facts is not None and (ticket.paid or sealed):
+        if succeeded and facts is not None and (session.paid or sealed):
             total = [u for ok, u, _ in items if ok and u is not None]
             usage = Usage(
                 sum(u.prompt_tokens for u in total), sum(u.completion_tokens for u in total)
             )
-            await self._sign_whole(headers, plan, ticket, facts, body, receipt, usage)
-        ticket.delivered = True
+            await self._sign_whole(headers, plan, session, facts, body, receipt, usage)
         return web.Response(status=200, body=payload, headers=headers)
 
     async def _sign_whole(
         self,
         headers: CIMultiDict[str],
         plan: ReplyPlan,
-        ticket: Ticket,
+        session: PaymentSession,
         facts: ReceiptRequest,
         body: bytes,
         receipt: Receipt | None,
@@ -315,15 +313,15 @@ class Replies:
         """A whole reply's signed receipt header (sealed to the caller on a sealed reply)."""
         if self._receipts is None:
             return
-        stated = usage_claims(usage, ticket.metered_usage)
+        stated = usage_claims(usage, session.metered_usage)
         token = await self._receipts.token(
             facts,
             receipts.body_digest(body),
-            payment=_payment(ticket, receipt),
+            payment=_payment(session, receipt),
             usage=stated,
         )
         headers[wire.RECEIPT_HEADER] = sealed_header(plan, token)
-        await ticket.keep_receipt(token, stated)
+        await session.keep_receipt(token, stated)
 
     async def _whole(
         self,
@@ -344,11 +342,8 @@ class Replies:
             body = await reply.read_bounded(self._limits.max_sealed_reply_bytes)
             if body is None:
                 raise UpstreamReplyTooLarge
-        if ticket.paid and not ticket.settles:
-            await ticket.give_up()
-        if ticket.settles:
-            await ticket.measure(reply, reply_bytes=len(body))
-        receipt = await ticket.settle() if ticket.settles else ticket.known_receipt
+        session = ticket.session
+        receipt = await session.reply_ended(reply, reply_bytes=len(body))
         sealed = not isinstance(plan, PlainReply)
         if receipt is not None and receipt.withhold:
             # Refused for good after serving (e.g. the payer emptied the wallet since verify,
@@ -360,15 +355,14 @@ class Replies:
         else:
             payload = seal_whole(plan, body)
             headers = _sealed_headers(reply, plan)
-        if ticket.paid:
+        if session.paid:
             headers.update(receipt_headers(receipt, sealed=sealed))
-        if ticket.free_remaining is not None:
-            headers[wire.FREE_REMAINING_HEADER] = str(ticket.free_remaining)
+        if session.free_remaining is not None:
+            headers[wire.FREE_REMAINING_HEADER] = str(session.free_remaining)
         if facts is not None:
-            await self._sign_whole(headers, plan, ticket, facts, body, receipt, reply.usage)
+            await self._sign_whole(headers, plan, session, facts, body, receipt, reply.usage)
         headers[wire.OVERHEAD_HEADER] = self._overhead(ticket, started, reply)
         self._observer.first_chunk(ticket.route.name, _since(started))
-        ticket.delivered = True
         return web.Response(status=reply.status, body=payload, headers=headers)
 
     async def _stream(
@@ -382,14 +376,15 @@ class Replies:
     ) -> web.StreamResponse:
         """Relay chunk by chunk through the transform chain; a paid stream settles after the
         upstream's last chunk and carries its receipts in-band."""
-        known = ticket.known_receipt
-        inband = ticket.settles and known is None
+        session = ticket.session
+        known = session.known_receipt
+        inband = session.settles and known is None  # the receipt goes at the stream's end
         media = wire.media_type(reply.content_type)
         transforms: list[BodyTransform] = []
         meter = None
-        if ticket.settles and ticket.metered:
+        if session.settles and session.metered:
             meter = UsageMeter(wire.media_type(reply.content_type), strip=ticket.strip_usage)
-            ticket.watch(reply, meter)
+            session.watch(reply, meter)
             transforms.append(meter)
         if inband:
             transforms.append(InbandReceipt(media))
@@ -400,9 +395,9 @@ class Replies:
             async def sign(digest: str, end: StreamEnd) -> str:
                 # The upstream's body has ended and the payment settled: usage and charge are
                 # known now.
-                usage = usage_claims(reply.usage, ticket.metered_usage)
+                usage = usage_claims(reply.usage, session.metered_usage)
                 token = await issuer.token(
-                    facts, digest, payment=_payment(ticket, end.receipt or known), usage=usage
+                    facts, digest, payment=_payment(session, end.receipt or known), usage=usage
                 )
                 kept.append((token, usage))
                 return token
@@ -415,11 +410,11 @@ class Replies:
         else:
             headers = CIMultiDict(reply.headers)
         chain = Chain(transforms)
-        if ticket.paid:
+        if session.paid:
             # An upfront settlement's receipt is known now; otherwise it comes in-band.
             headers.update(receipt_headers(known, sealed=isinstance(plan, V2Reply)))
-        if ticket.free_remaining is not None:
-            headers[wire.FREE_REMAINING_HEADER] = str(ticket.free_remaining)
+        if session.free_remaining is not None:
+            headers[wire.FREE_REMAINING_HEADER] = str(session.free_remaining)
         if not chain and reply.plain_length is not None:
             body = reply.arrived_whole()
             if body is not None and len(body) == reply.plain_length:
@@ -427,7 +422,6 @@ class Replies:
                 whole = web.Response(status=reply.status, body=body, headers=headers)
                 whole.headers[wire.OVERHEAD_HEADER] = self._overhead(ticket, started, reply)
                 self._observer.first_chunk(ticket.route.name, _since(started))
-                ticket.delivered = True
                 return whole
         response = web.StreamResponse(status=reply.status, headers=headers)
         if not chain and reply.plain_length is not None:
@@ -440,17 +434,18 @@ class Replies:
                 response,
                 reply,
                 chain,
-                self._settle_deadline(ticket, inband),
+                self._settle_deadline(session, inband),
                 lambda: self._observer.first_chunk(route, _since(started)),
             )
-            if meter is not None:
-                await ticket.measure(reply, reply_bytes=meter.bytes_seen)
-            receipt = await ticket.settle() if inband else None
+            # The body has ended: metered by what passed, settled (the in-band receipt).
+            receipt = await session.reply_ended(
+                reply, reply_bytes=meter.bytes_seen if meter is not None else 0
+            )
             tail = await chain.finish(StreamEnd(receipt=receipt, error=error))
             if tail:
                 await response.write(tail)
             for token, usage in kept:
-                await ticket.keep_receipt(token, usage)
+                await session.keep_receipt(token, usage)
         except ConnectionResetError:
             raise  # the caller went away; nothing to tell it
         except Exception as exc:
@@ -460,20 +455,19 @@ class Replies:
             self._observer.error(code)
             log.warning("reply cut mid-stream: %s", code)
             if meter is None:
-                ticket.status = 0 if ticket.status < 400 else ticket.status
-            # else metered: what was produced before the cut is charged (the ticket's exit
+                session.status = 0 if session.status < 400 else session.status
+            # else metered: what was produced before the cut is charged (the session's exit
             # counts it: running usage, the engine's tokenizer, else the fallback).
             if request.transport is not None:
                 request.transport.close()
             return response
         await response.write_eof()
-        ticket.delivered = True
         return response
 
-    def _settle_deadline(self, ticket: Ticket, inband: bool) -> float | None:
+    def _settle_deadline(self, session: PaymentSession, inband: bool) -> float | None:
         """The loop time by which a paid stream must end so that its authorization can still
         settle (``validBefore`` minus the settle margin), or None."""
-        valid_before = ticket.valid_before
+        valid_before = session.valid_before
         if not inband or valid_before is None:
             return None
         left = valid_before - self._limits.settle_margin_seconds - time.time()
@@ -518,10 +512,10 @@ class Replies:
         return None
 
 
-def _payment(ticket: Ticket, receipt: Receipt | None) -> dict[str, object] | None:
+def _payment(session: PaymentSession, receipt: Receipt | None) -> dict[str, object] | None:
     """The receipt's payment claims, once the charge is known (after metering and settling)."""
     return payment_claims(
-        ticket.payment_record, charged=ticket.charged, price=ticket.token_price, receipt=receipt
+        session.record, charged=session.charged, price=session.token_price, receipt=receipt
     )
 
 

@@ -3,13 +3,16 @@
 A payment this process works on is *held*: its id and the lease epoch it holds (see
 ``paygate.x402.ledger``). Every change goes through :meth:`HeldLeases.move`, which names that
 epoch, so a process frozen past its lease cannot record or settle a second time; a hold ends
-when the payment ends, is let go, or its lease turns out lost. The processor's admit, settle and
-recovery paths all move payments through here.
+when the payment ends, is let go, or its lease turns out lost. Admission, settlement
+(paygate.x402.settlements) and recovery (paygate.x402.recovery) make every ledger change of a
+payment after its reservation through here: one place for a store to make them cheaper.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from paygate.x402.ledger import (
     TRANSITIONS,
@@ -19,6 +22,7 @@ from paygate.x402.ledger import (
     Meter,
     PaymentRecord,
     PaymentState,
+    ReceiptUsage,
 )
 
 log = logging.getLogger("paygate.x402")
@@ -87,6 +91,41 @@ class HeldLeases:
             await self.move(record, PaymentState.RELEASED)
         except LedgerError as exc:
             log.warning("payment %s: cannot release: %s", record.id, exc.code)
+
+    async def served(self, record: PaymentRecord) -> PaymentRecord:
+        """Record that the reply went out; a payment never settled here (verify-only) moves
+        VERIFIED → SERVED first. Returns the record as the ledger now has it."""
+        try:
+            if record.state is PaymentState.VERIFIED:
+                record = await self.move(record, PaymentState.SERVED)
+            record = await self._ledger.mark_served(record.id)
+        except LedgerError as exc:
+            log.warning("payment %s: cannot mark served: %s", record.id, exc.code)
+        return record
+
+    async def keep_receipt(
+        self, record: PaymentRecord, token: str, usage: Mapping[str, Any] | None
+    ) -> None:
+        """Keep a paid reply's signed receipt in the ledger with the usage it states (every
+        scheme). A failing ledger loses only this copy: the caller holds the receipt."""
+        stated = None
+        if usage is not None:
+            source = str(usage.get("source") or "reported")
+            stated = ReceiptUsage(
+                int(usage["prompt_tokens"]),
+                int(usage["completion_tokens"]),
+                "upstream" if source == "reported" else source,
+            )
+        try:
+            await self._ledger.add_receipt(
+                record.id, "reply", token, usage=stated, lease=record.lease
+            )
+        except (LedgerError, ValueError) as exc:
+            log.warning("payment %s: cannot keep its receipt: %s", record.id, type(exc).__name__)
+
+    async def renew(self, record: PaymentRecord) -> PaymentRecord:
+        """Re-check (and extend) the lease held on ``record`` right before acting on it."""
+        return await self._ledger.renew(record.id, record.lease)
 
     async def renew_all(self) -> int:
         """Renew every held lease; a lease found lost is dropped (its next fenced change would

@@ -1,7 +1,7 @@
 """What the payment policy produces for a request: a refusal, an admission, a receipt.
 
-Plain data, shared by the processor (``paygate.x402.processor``) and the settlement strategies
-(``paygate.x402.settlement``) so that neither imports the other's module for its types.
+Plain data, shared by admission (``paygate.x402.processor``), the session, the settlement steps
+and strategies, so that none imports another's module for its types.
 """
 
 from __future__ import annotations

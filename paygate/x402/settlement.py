@@ -7,8 +7,8 @@ request time).
   outcome is a 503 and the same authorization is served once it is reconciled.
 - :class:`VerifyOnly`: verify and serve, never settle (the operator settles out of band).
 
-Each gets the processor and calls its primitives (settle_now, mark_served, release ...); the
-processor owns the ledger and the settler.
+Each gets the settlement steps (:class:`paygate.x402.settlements.Settlements`: settle_now,
+mark_served, release ...), which own the fenced ledger moves and the settler.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from paygate.x402.results import PaymentAdmission, Receipt, Refusal
 
 
 class SettlementSteps(Protocol):
-    """The processor's primitives a strategy calls (paygate.x402.processor implements them)."""
+    """The steps a strategy calls (paygate.x402.settlements.Settlements implements them)."""
 
     async def settle_upfront(
         self, admission: PaymentAdmission, offers: tuple[Offer, ...], resource: ResourceInfo

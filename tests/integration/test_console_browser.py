@@ -89,8 +89,8 @@ async def test_every_page_after_a_real_paid_run(facilitator, usdc, payer, seller
         assert (await pay(console, payer))[0] == 200
         facilitator.reset()
         processor = console.app[PAYMENTS].processor
-        await processor.drain(10)
-        ledger = processor._ledger
+        await processor.settlements.drain(10)
+        ledger = processor.ledger
         records = await ledger.list(limit=10)
         flagged = [r for r in records if r.needs_review]
         assert len(flagged) == 1
@@ -176,7 +176,7 @@ async def test_a_login_link_signs_in_once_and_a_browser_wallet_signs_with_javasc
     )
     async with console_stack(**settings) as console:
         token = auth.new_link_token()
-        store = economics_store(console.app[PAYMENTS].processor._ledger)
+        store = economics_store(console.app[PAYMENTS].processor.ledger)
         await store.put_login(auth.token_hash("link", token), store.now() + 600)
         async with browser(javascript=False) as context:
             page = await context.new_page()

@@ -21,7 +21,8 @@ from paygate.x402.ledger import EventAction, PaymentState
 from paygate.x402.models import ResourceInfo
 from paygate.x402.networks import resolve_network
 from paygate.x402.offers import Acceptance, PaymentTerms, challenge
-from paygate.x402.processor import PaymentAdmission, PaymentProcessor
+from paygate.x402.processor import PaymentProcessor
+from paygate.x402.session import PaymentSession
 from paygate.x402.settlement import SettleAfterReply
 from tests.fixtures.chain import encode_header, sign_v2_payment
 from tests.fixtures.ledgers import Opener
@@ -54,11 +55,12 @@ async def test_a_replica_that_lost_its_lease_makes_no_settle_call(
         (a, _), (b, ledger_b) = await replica("a"), await replica("b")
         accepted = challenge(terms.offers(PRICE), RESOURCE, error="x").v2.accepts[0].wire()
         header = encode_header(sign_v2_payment(payer, accepted, resource=RESOURCE.url))
-        admission = await a.admit(
+        session = await a.admit(
             {wire.PAYMENT_SIGNATURE: header}, price=PRICE, resource=RESOURCE, route="chat"
         )
-        assert isinstance(admission, PaymentAdmission), admission
-        await a.mark_served(admission)  # the reply went out: settlement is owed
+        assert isinstance(session, PaymentSession), session
+        admission = session.admission
+        await a.settlements.mark_served(admission)  # the reply went out: settlement is owed
         assert admission.record is not None
         assert (admission.record.state, admission.record.owner) == (PaymentState.SERVED, "a")
 
@@ -67,11 +69,11 @@ async def test_a_replica_that_lost_its_lease_makes_no_settle_call(
         assert (claimed.owner, claimed.lease) == ("b", admission.record.lease + 1)
 
         # A wakes up and goes on with its settlement.
-        assert await a.settle_now(admission) is None
+        assert await a.settlements.settle_now(admission) is None
         assert facilitator.stats.calls("settle") == 0  # refused before the call
-        assert await a.renew_leases() == 0  # and it holds nothing any more
+        assert await a.recovery.renew_leases() == 0  # and it holds nothing any more
 
-        assert await b.reconcile_once(min_age=0, adopted=[claimed]) == 1
+        assert await b.recovery.reconcile_once(min_age=0, adopted=[claimed]) == 1
         done = await ledger_b.get(claimed.id)
         history = await ledger_b.history(claimed.id)
     assert done is not None

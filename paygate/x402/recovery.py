@@ -1,0 +1,117 @@
+"""Recovery after a crash, across replicas: release reservations nobody serves any more, claim
+the settlements nobody holds (a lease ran out, or was let go) and finish them, keep this
+process's leases alive.
+
+The ledger's leases say who works on a payment: this process holds the lease of every payment
+it is serving or settling (:meth:`Recovery.renew_leases`, called by the app's keeper, keeps them
+alive) and lets go of a pending settlement so that any replica's reconciler may finish it. The
+claim is exclusive, so one dead replica's work is finished once; every step re-checks the lease
+first (fencing), as settling does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from decimal import Decimal
+
+from paygate.x402 import codec
+from paygate.x402.leases import HeldLeases
+from paygate.x402.ledger import Ledger, LedgerError, PaymentRecord, PaymentState
+from paygate.x402.results import PaymentAdmission
+from paygate.x402.schemes import SCHEMES
+from paygate.x402.settlement import Settlement
+from paygate.x402.settlements import Settlements
+from paygate.x402.settler import ReviewRequired, SettlementUnknown, Settler, SettlerUnavailable
+
+log = logging.getLogger("paygate.x402")
+
+
+class Recovery:
+    """Reconciliation, abandoned reservations and lease renewal for one process."""
+
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        leases: HeldLeases,
+        settler: Settler,
+        settlement: Settlement,
+        settlements: Settlements,
+    ) -> None:
+        self._ledger = ledger
+        self._leases = leases
+        self._settler = settler
+        self._settlement = settlement
+        self._settlements = settlements
+
+    async def release_abandoned(self, *, own: bool = False) -> int:
+        """Release reservations whose owner is gone (its lease ran out; with ``own``, also
+        this replica name's, left by its previous run), so their callers can retry."""
+        released = await self._ledger.release_abandoned(own=own)
+        return len(released)
+
+    async def adopt_own(self) -> list[PaymentRecord]:
+        """At start, before serving: claim the settlements this replica name left unfinished
+        (its previous run died); :meth:`reconcile_once` finishes them."""
+        if not self._settlement.settles_owed:
+            return []
+        return await self._ledger.claim_unfinished(min_age=0.0, own=True)
+
+    async def reconcile_once(
+        self, *, min_age: float, adopted: list[PaymentRecord] | None = None
+    ) -> int:
+        """One pass: release abandoned reservations, then claim and finish the settlements
+        nobody holds (lease ran out, or let go ``min_age`` seconds ago), plus ``adopted``."""
+        await self.release_abandoned()
+        if not self._settlement.settles_owed:
+            return 0
+        claimed = [*(adopted or ()), *await self._ledger.claim_unfinished(min_age=min_age)]
+        for record in claimed:
+            self._leases.hold(record)
+            try:
+                await self._reconcile(record)
+            finally:
+                if self._leases.holds(record):  # still owed or in doubt: for a later pass
+                    await self._leases.let_go(record)
+        return len(claimed)
+
+    async def renew_leases(self) -> int:
+        """Renew the lease of every payment this process works on (see ``HeldLeases``)."""
+        return await self._leases.renew_all()
+
+    async def _reconcile(self, record: PaymentRecord) -> None:
+        try:
+            payment = codec.parse_payment(json.loads(record.payload), header="ledger")
+        except (codec.PaymentHeaderError, ValueError):
+            log.error("payment %s: stored payload unreadable", record.id)
+            return
+        admission = PaymentAdmission(
+            price=Decimal(0),
+            record=record,
+            payment=payment,
+            requirements=json.loads(record.requirements),
+            scheme=SCHEMES[record.scheme],
+        )
+        if record.state is PaymentState.SERVED:
+            await self._settlements.settle_now(admission)
+            return
+        try:
+            # Re-check the lease right before asking again (fencing, as in settle_now).
+            record = admission.record = await self._leases.renew(record)
+        except LedgerError as exc:
+            log.warning("payment %s: not reconciled: %s", record.id, exc.code)
+            self._leases.drop(record.id)
+            return
+        try:
+            answer = await admission.scheme.reconcile(
+                self._settler, payment, admission.requirements, record.owed, record.transaction
+            )
+        except ReviewRequired as exc:
+            if not record.needs_review:
+                await self._settlements.pending(admission, exc.transaction, review=str(exc))
+            return
+        except (SettlementUnknown, SettlerUnavailable) as exc:
+            log.warning("payment %s still pending: %s", record.id, exc.code)
+            return
+        await self._settlements.record_answer(admission, answer)

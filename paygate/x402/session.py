@@ -1,0 +1,379 @@
+"""A paid request's life after admission, in one object: :class:`PaymentSession`.
+
+One entry: the processor's admission creates it (``PaymentProcessor.admit``). One exit:
+:meth:`PaymentSession.finish`, idempotent, run by ``async with session:`` whatever happens —
+shielded from cancellation, with ``caller_gone`` set when the caller disconnected. In between,
+the reply stage only reports what it sees (the upstream's ``status``, the reply's usage and
+bytes through :meth:`~PaymentSession.measure` / :meth:`~PaymentSession.meter_items`) and asks for
+the receipt to send (:meth:`~PaymentSession.settle`) or says nothing was earned
+(:meth:`~PaymentSession.give_up`). The session decides the rest:
+
+- **metering** (a metered scheme, ``upto``): usage → charge by the quote's token prices, within
+  the authorized maximum; a reply that ended without usage (caller gone, stream cut short) is
+  counted by the best count there is — the engine's running counts, its tokenizer on what was
+  delivered, else the operator's fallback — never a silent zero;
+- **finish**: settle what is owed (a good reply), release what was not earned, record the tokens
+  for the economics controls — through the settlement steps (paygate.x402.settlements), whose
+  strategy says *when* a payment settles;
+- **receipts' payment facts**: the ledger record, the charge, the token prices, the paying
+  authorization's expiry (asked of the payment's scheme).
+
+No HTTP here: the server's adapter (paygate.server.payments) turns headers into an admission and
+refusals into responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, Protocol
+
+from paygate.x402.hooks import EconomicsCheck
+from paygate.x402.ledger import Meter, PaymentRecord
+from paygate.x402.metering import Fallback, Quote, TokenCounts, TokenPrice
+from paygate.x402.networks import to_atomic_ceiling
+from paygate.x402.results import PaymentAdmission, Receipt
+from paygate.x402.settlements import Settlements
+
+
+class MeteredReply(Protocol):
+    """What the session reads of a metered reply (paygate.server.proxy.UpstreamReply)."""
+
+    @property
+    def usage(self) -> TokenCounts | None:
+        """The usage the engine reported at the end (None: not reported)."""
+        ...
+
+    @property
+    def running_usage(self) -> TokenCounts | None:
+        """The engine's counts so far (a stream cut short)."""
+        ...
+
+    @property
+    def completion_text(self) -> str:
+        """The completion delivered so far (bounded)."""
+        ...
+
+
+class CompletionCounter(Protocol):
+    """The engine's tokenizer for this request (paygate.server.counting.Tokenizer)."""
+
+    async def usage(self, completion: str, prompt_bound: int) -> TokenCounts | None:
+        """The prompt and ``completion`` in the engine's tokens (the prompt at most
+        ``prompt_bound``), or None when it cannot count them."""
+        ...
+
+
+class ByteCount(Protocol):
+    @property
+    def bytes_seen(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MeteredTerms:
+    """How a metered request is charged: the quote of a single request, or a batch's quotes
+    aligned with its items (None: an item not forwarded, never charged), and the fallback."""
+
+    quote: Quote | None = None
+    items: tuple[Quote | None, ...] | None = None
+    fallback: Fallback = "prompt"
+
+
+class PaymentSession:
+    """One admitted request's payment, from admission to its one exit (see the module)."""
+
+    __slots__ = (
+        "_admission",
+        "_decimals",
+        "_economics",
+        "_finished",
+        "_model",
+        "_settlements",
+        "_terms",
+        "_watched",
+        "caller_gone",
+        "counter",
+        "settle_seconds",
+        "status",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        admission: PaymentAdmission,
+        *,
+        settlements: Settlements | None = None,
+        terms: MeteredTerms | None = None,
+        decimals: int = 0,
+        economics: EconomicsCheck | None = None,
+        model: str | None = None,
+    ) -> None:
+        self._admission = admission
+        self._settlements = settlements  # None: nothing to settle (payments off, free route)
+        self._terms = terms if terms is not None else MeteredTerms()
+        self._decimals = decimals  # of the paid asset on the payment's network
+        self._economics = economics
+        self._model = model  # the model the request named, for the economics' token windows
+        self._finished = False
+        # Reported by the reply stage: the upstream's status, the engine's stated usage (once
+        # the body has ended), whether the caller went away before the end.
+        self.status = 0
+        self.usage: TokenCounts | None = None
+        self.caller_gone = False
+        # The engine's tokenizer (set by the gateway): counts a stream that ended early.
+        self.counter: CompletionCounter | None = None
+        self.settle_seconds: float | None = None  # how long the settle call took (traces)
+        # A metered stream's reply and byte count: what the meter reads when it ends early.
+        self._watched: tuple[MeteredReply, ByteCount] | None = None
+
+    @classmethod
+    def unpaid(cls) -> PaymentSession:
+        """A request with nothing to pay (payments off, a free route)."""
+        return cls(PaymentAdmission(price=Decimal(0)))
+
+    # --- the one exit ---
+
+    async def __aenter__(self) -> PaymentSession:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if kind is not None and issubclass(kind, asyncio.CancelledError | ConnectionResetError):
+            self.caller_gone = True
+        # Shielded: a second cancellation must not cut the ledger write short.
+        await asyncio.shield(self.finish())
+
+    async def finish(self) -> None:
+        """The request is over (once): meter a reply that ended without its meter, settle what
+        is owed or release what was not earned, record the tokens for the economics."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._settlements is None:
+            return
+        admission = self._admission
+        if self.settles:
+            # A metered reply that ended without its meter (caller gone, stream cut short):
+            # what the reader saw, else the fallback.
+            if self._watched is not None:
+                reply, counted = self._watched
+                await self.measure(reply, reply_bytes=counted.bytes_seen)
+            else:
+                self.meter(None, reply_bytes=0)
+        await self._settlements.finish(
+            admission, succeeded=0 < self.status < 400, caller_gone=self.caller_gone
+        )
+        if self.settles and self._economics is not None and admission.record is not None:
+            meter = admission.meter
+            usage = self.usage
+            tokens = (
+                (meter.tokens_in, meter.tokens_out)
+                if meter is not None
+                else (usage.prompt_tokens, usage.completion_tokens)
+                if usage is not None
+                else None
+            )
+            if tokens is not None:
+                await self._economics.record(
+                    payer=admission.record.payer,
+                    model=self._model,
+                    tokens_in=tokens[0],
+                    tokens_out=tokens[1],
+                )
+
+    async def give_up(self) -> None:
+        """Nothing was earned (the upstream failed): release now, before the error is sent,
+        so the caller's immediate retry with the same authorization is not "in progress"."""
+        await self.finish()
+
+    async def reply_ended(
+        self, reply: MeteredReply | None = None, *, reply_bytes: int = 0
+    ) -> Receipt | None:
+        """The reply is here and its end not sent yet: the receipt to send with it, if any.
+        Nothing earned (the upstream failed): released now, before the error goes out, so the
+        caller's immediate retry with the same authorization is not "in progress". Earned:
+        metered (a metered scheme) by ``reply``, then settled as the strategy says."""
+        if not self.settles:
+            if self.paid:
+                await self.give_up()
+            return self.known_receipt
+        if reply is not None:
+            await self.measure(reply, reply_bytes=reply_bytes)
+        return await self.settle()
+
+    async def items_ended(
+        self, items: list[tuple[bool, TokenCounts | None, int]]
+    ) -> Receipt | None:
+        """A batch's items are here (succeeded, usage, reply bytes, in order): as
+        :meth:`reply_ended`, metered per item."""
+        if self.settles:
+            self.meter_items(items)
+        return await self.reply_ended()
+
+    async def settle(self) -> Receipt | None:
+        """Settle now (a good reply, before its end leaves); the receipt to send, if any."""
+        if self._settlements is None:
+            return None
+        started = time.monotonic()
+        try:
+            return await self._settlements.settle(self._admission)
+        finally:
+            self.settle_seconds = time.monotonic() - started
+
+    # --- metering ---
+
+    @property
+    def metered(self) -> bool:
+        """Paid with a metered scheme (upto): the charge follows the reported usage."""
+        terms = self._terms
+        return self._admission.metered and (terms.quote is not None or terms.items is not None)
+
+    def watch(self, reply: MeteredReply, counted: ByteCount) -> None:
+        """The metered reply being streamed, for a meter taken when it ends early."""
+        self._watched = (reply, counted)
+
+    async def measure(self, reply: MeteredReply, *, reply_bytes: int) -> None:
+        """Meter a metered reply by the best count there is, once, before :meth:`settle`: the
+        usage the engine reported at the end; else its running counts (a stream cut short);
+        else the engine's tokenizer on the completion delivered; else the fallback."""
+        quote = self._terms.quote
+        if not self.metered or self._admission.meter is not None or quote is None:
+            return
+        if reply.usage is not None:
+            self.meter(reply.usage, source="upstream", reply_bytes=reply_bytes)
+        elif reply.running_usage is not None:
+            self.meter(reply.running_usage, source="running", reply_bytes=reply_bytes)
+        else:
+            counted = None
+            if self.counter is not None:
+                counted = await self.counter.usage(reply.completion_text, quote.prompt_bound)
+            if counted is not None:
+                self.meter(counted, source="tokenizer", reply_bytes=reply_bytes)
+            else:
+                self.meter(None, reply_bytes=reply_bytes)
+
+    def meter(
+        self, usage: TokenCounts | None, *, source: str = "upstream", reply_bytes: int
+    ) -> None:
+        """Record what a metered reply used (None: nothing could be counted), once, before
+        :meth:`settle`; the charge follows the token prices, capped by the authorization."""
+        admission = self._admission
+        quote = self._terms.quote
+        if not self.metered or admission.meter is not None or quote is None:
+            return
+        assert admission.record is not None
+        admission.meter = quote.charge(
+            usage,
+            source=source,
+            reply_bytes=reply_bytes,
+            decimals=self._decimals,
+            maximum=admission.record.amount,
+            fallback=self._terms.fallback,
+        )
+
+    def meter_items(self, items: list[tuple[bool, TokenCounts | None, int]]) -> None:
+        """A metered batch's meter: per item (succeeded, usage, reply bytes) priced with its
+        own quote (failed and refused items cost nothing), summed, capped by the
+        authorization."""
+        admission = self._admission
+        quotes = self._terms.items
+        if not self.metered or admission.meter is not None or quotes is None:
+            return
+        assert admission.record is not None
+        decimals = self._decimals
+        meters = [
+            quote.charge(
+                usage,
+                source="upstream",
+                reply_bytes=size,
+                decimals=decimals,
+                maximum=to_atomic_ceiling(quote.maximum, decimals),
+                fallback=self._terms.fallback,
+            )
+            for quote, (ok, usage, size) in zip(quotes, items, strict=True)
+            if quote is not None and ok
+        ]
+        sources = {m.source for m in meters} - {"upstream"}
+        admission.meter = Meter(
+            tokens_in=sum(m.tokens_in for m in meters),
+            tokens_out=sum(m.tokens_out for m in meters),
+            source=min(sources) if sources else "upstream",
+            settle_amount=min(sum(m.settle_amount for m in meters), admission.record.amount),
+        )
+
+    # --- what the reply stage and the receipts read ---
+
+    @property
+    def admission(self) -> PaymentAdmission:
+        """What was admitted (scheme, payment, record, meter)."""
+        return self._admission
+
+    @property
+    def paid(self) -> bool:
+        return self._admission.paid
+
+    @property
+    def settles(self) -> bool:
+        """Paid, and the upstream answered below 400: settlement is owed."""
+        return self.paid and 0 < self.status < 400
+
+    @property
+    def scheme(self) -> str | None:
+        """The paying scheme's name (None when free)."""
+        return self._admission.scheme.name if self.paid else None
+
+    @property
+    def free_remaining(self) -> int | None:
+        """A free (sign-in-with-x) request: how many are left today."""
+        return self._admission.free_remaining
+
+    @property
+    def known_receipt(self) -> Receipt | None:
+        """A receipt known before the reply (upfront settlement), else None."""
+        return self._admission.receipt
+
+    @property
+    def record(self) -> PaymentRecord | None:
+        """The ledger's record of this request's payment (None when free)."""
+        return self._admission.record
+
+    @property
+    def metered_usage(self) -> Meter | None:
+        """A metered payment's meter once taken (what it is charged for), else None."""
+        return self._admission.meter
+
+    @property
+    def charged(self) -> int | None:
+        """Atomic units this payment settles for (the meter's charge, else the amount)."""
+        return self._admission.owed if self.paid else None
+
+    @property
+    def token_price(self) -> TokenPrice | None:
+        """A metered payment's token prices."""
+        quote = self._terms.quote
+        return quote.price if self.metered and quote is not None else None
+
+    @property
+    def valid_before(self) -> int | None:
+        """The paying authorization's expiry (unix seconds): it cannot settle after it."""
+        admission = self._admission
+        if admission.payment is None:
+            return None
+        if admission.authorized is not None:
+            return admission.authorized.valid_before
+        return admission.scheme.valid_before(admission.payment)
+
+    async def keep_receipt(self, token: str, usage: Mapping[str, Any] | None) -> None:
+        """Keep a paid reply's signed receipt, and its usage, in the ledger."""
+        record = self._admission.record
+        if record is None or self._settlements is None:
+            return
+        await self._settlements.keep_receipt(record, token, usage)

@@ -1,0 +1,263 @@
+"""Settling admitted payments: SERVED → SETTLING → SETTLED | FAILED | still SETTLING (reconciled
+later), exactly once per payment, each step a fenced ledger move (paygate.x402.leases).
+
+*When* a payment settles is the :class:`paygate.x402.settlement.Settlement` strategy chosen at
+start; this module holds the steps every strategy calls (:class:`SettlementSteps`). A settlement
+runs as its own task, so that a caller who disconnects (which cancels the handler) cannot cut it
+between its durable record and its side effect. An unknown outcome keeps the transaction hash
+and lets the lease go: any replica's reconciler (paygate.x402.recovery) finishes it — never
+re-signed, never re-charged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from paygate.x402.hooks import PaymentEvents
+from paygate.x402.leases import HeldLeases
+from paygate.x402.ledger import LedgerError, PaymentRecord, PaymentState, review_error
+from paygate.x402.models import ResourceInfo, SettleResponse
+from paygate.x402.offers import Offer
+from paygate.x402.refusals import Refusals
+from paygate.x402.responses import moved, reason_text, wire_network, with_usage
+from paygate.x402.results import PaymentAdmission, Receipt, Refusal
+from paygate.x402.settlement import Settlement
+from paygate.x402.settler import ReviewRequired, SettlementUnknown, Settler, SettlerUnavailable
+
+log = logging.getLogger("paygate.x402")
+
+PENDING = "settlement_pending"
+
+
+class Settlements:
+    """This process's settlements over one settler; implements
+    :class:`~paygate.x402.settlement.SettlementSteps` for the strategy."""
+
+    def __init__(
+        self,
+        *,
+        leases: HeldLeases,
+        settler: Settler,
+        settlement: Settlement,
+        refusals: Refusals,
+        events: PaymentEvents,
+        settle_on_disconnect: bool = True,
+    ) -> None:
+        self._leases = leases
+        self._settler = settler
+        self.strategy = settlement
+        self._refusals = refusals
+        self._events = events
+        self._settle_on_disconnect = settle_on_disconnect
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # --- what a request's session calls ---
+
+    async def settle(self, admission: PaymentAdmission) -> Receipt | None:
+        """Settle an admitted request whose reply succeeded; its receipt (None if free)."""
+        if not admission.paid or admission.receipt is not None:
+            return admission.receipt
+        return await self.strategy.reply_ready(self, admission)
+
+    async def finish(
+        self, admission: PaymentAdmission, *, succeeded: bool, caller_gone: bool
+    ) -> None:
+        """The request is over: release an unearned reservation, or settle what is owed.
+
+        ``succeeded``: the upstream answered below 400 and the reply was produced.
+        ``caller_gone``: the caller disconnected before the end of the reply.
+        """
+        if admission.finished or not admission.paid:
+            return
+        admission.finished = True
+        earned = succeeded and (not caller_gone or self._settle_on_disconnect)
+        await self.strategy.finished(self, admission, earned=earned)
+        record = admission.record
+        if admission.settle_task is None and record is not None and self._leases.holds(record):
+            # Nothing more happens to it in this request (e.g. verify-only leaves it SERVED):
+            # give the lease up so that a reconciler, anywhere, owns what is left.
+            await self._leases.let_go(record)
+
+    async def keep_receipt(
+        self, record: PaymentRecord, token: str, usage: Mapping[str, Any] | None
+    ) -> None:
+        """Keep a paid reply's signed receipt, and the usage it states, in the ledger."""
+        await self._leases.keep_receipt(record, token, usage)
+
+    # --- the steps a settlement strategy calls ---
+
+    async def settle_upfront(
+        self, admission: PaymentAdmission, offers: tuple[Offer, ...], resource: ResourceInfo
+    ) -> PaymentAdmission | Refusal:
+        receipt = await self.settle_now(admission)
+        if receipt is None or receipt.withhold:
+            reason = receipt.response.error_reason if receipt else "unexpected_settle_error"
+            reason = reason or "unexpected_settle_error"
+            return self._refusals.challenge(402, reason, reason_text(reason), offers, resource)
+        if not receipt.response.success:
+            # Outcome unknown: do not serve on a maybe. The same authorization, sent again
+            # once reconciled, is served then (the processor's replay check).
+            return self._refusals.unavailable(PENDING, "the settlement is pending; retry shortly")
+        admission.receipt = receipt
+        return admission
+
+    def settle_in_background(self, admission: PaymentAdmission) -> asyncio.Task[Receipt | None]:
+        """The admission's settlement task, started once (SERVED → SETTLING → outcome)."""
+        if admission.settle_task is None:
+            admission.settle_task = self._spawn(self._settle_after(admission))
+        return admission.settle_task
+
+    async def mark_served(self, admission: PaymentAdmission) -> None:
+        """Record that the reply went out (a payment never settled here stays SERVED)."""
+        assert admission.record is not None
+        admission.record = await self._leases.served(admission.record)
+
+    async def release(self, record: PaymentRecord) -> None:
+        await self._leases.release(record)
+
+    async def _settle_after(self, admission: PaymentAdmission) -> Receipt | None:
+        record = admission.record
+        assert record is not None
+        try:
+            # Fenced; a metered request's usage and charge are durable with SERVED, so a
+            # restart settles the same amount.
+            admission.record = await self._leases.move(
+                record, PaymentState.SERVED, meter=admission.meter
+            )
+        except LedgerError as exc:
+            log.error("payment %s: cannot record SERVED: %s", record.id, exc.code)
+            if self._leases.holds(record):
+                await self._leases.let_go(record)
+            return None
+        return await self.settle_now(admission)
+
+    async def settle_now(self, admission: PaymentAdmission) -> Receipt | None:
+        """SETTLING (durable) → settle → SETTLED | FAILED | still SETTLING (reconcile later)."""
+        try:
+            return await self._settle_now(admission)
+        finally:
+            record = admission.record
+            if record is not None and self._leases.holds(record) and not record.terminal:
+                await self._leases.let_go(record)  # not finished here: whoever reconciles takes it
+
+    async def _settle_now(self, admission: PaymentAdmission) -> Receipt | None:
+        record = admission.record
+        payment = admission.payment
+        assert record is not None
+        assert payment is not None
+        try:
+            # Fenced, and the last word before the settle call: a process that lost its lease
+            # (frozen past it, another replica claimed the payment) stops here.
+            record = await self._leases.move(record, PaymentState.SETTLING)
+        except LedgerError as exc:
+            log.error("payment %s: cannot record SETTLING: %s", record.id, exc.code)
+            return None
+        admission.record = record
+        started = time.monotonic()
+        self._events.settling(1)
+        try:
+            answer = await admission.scheme.settle(
+                self._settler, payment, admission.requirements, admission.owed
+            )
+        except ReviewRequired as exc:
+            return await self.pending(
+                admission, exc.transaction, review=str(exc), withhold=exc.withhold
+            )
+        except SettlementUnknown as exc:
+            self._events.settlement("pending", time.monotonic() - started)
+            return await self.pending(admission, exc.transaction)
+        except SettlerUnavailable:
+            self._events.settlement("unavailable", time.monotonic() - started)
+            return await self.pending(admission, None)
+        finally:
+            self._events.settling(-1)
+        outcome = "settled" if answer.success else "refused"
+        self._events.settlement(outcome, time.monotonic() - started)
+        receipt = await self.record_answer(admission, answer)
+        admission.receipt = receipt
+        return receipt
+
+    # --- outcomes (also recovery's) ---
+
+    async def record_answer(self, admission: PaymentAdmission, answer: SettleResponse) -> Receipt:
+        """The settler's answer, recorded: SETTLED (what moved) or FAILED; the receipt."""
+        record = admission.record
+        assert record is not None
+        state = PaymentState.SETTLED if answer.success else PaymentState.FAILED
+        if answer.success and answer.amount is not None and answer.amount != str(admission.owed):
+            # Money moved, but not what we asked: record what moved and say so.
+            log.error(
+                "payment %s settled %s, not the %s asked", record.id, answer.amount, admission.owed
+            )
+        try:
+            admission.record = await self._leases.move(
+                record,
+                state,
+                transaction=answer.transaction or None,
+                error=None if answer.success else (answer.error_reason or "settle_failed"),
+                settled_amount=moved(answer, admission.owed) if answer.success else None,
+            )
+        except LedgerError as exc:
+            log.error("payment %s: cannot record %s: %s", record.id, state, exc.code)
+        if answer.success:
+            self._events.earned(record.network, record.asset, moved(answer, admission.owed))
+            log.info("payment %s settled", record.id)
+        else:
+            log.warning("payment %s settlement refused: %s", record.id, answer.error_reason)
+        return Receipt(record.x402_version, with_usage(answer, record), withhold=not answer.success)
+
+    async def pending(
+        self,
+        admission: PaymentAdmission,
+        transaction: str | None,
+        *,
+        review: str | None = None,
+        withhold: bool = False,
+    ) -> Receipt:
+        """Still owed, outcome unknown: SETTLING again, the hash kept; ``review`` flags it for
+        an operator (an outcome nobody here can prove), never as paid."""
+        record = admission.record
+        assert record is not None
+        with contextlib.suppress(LedgerError):
+            # SETTLING → SETTLING keeps the record owed and stores the hash if we have one;
+            # then the lease goes: any replica's reconciler finishes it.
+            admission.record = await self._leases.move(
+                record,
+                PaymentState.SETTLING,
+                transaction=transaction,
+                error=review_error(review) if review else PENDING,
+            )
+            await self._leases.let_go(admission.record)
+        if review:
+            log.warning("payment %s needs review: %s", record.id, review)
+        else:
+            log.warning("payment %s settlement pending; will reconcile", record.id)
+        return Receipt(
+            record.x402_version,
+            SettleResponse(
+                success=False,
+                error_reason=PENDING,
+                payer=record.payer,
+                transaction=transaction or "",
+                network=wire_network(record),
+            ),
+            withhold=withhold,
+        )
+
+    # --- background tasks ---
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (bounded) for settlements still running; what is left is reconciled at start."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout)
