@@ -29,6 +29,7 @@ from paygate.x402.chain_reader import (
     TransferFacts,
 )
 from paygate.x402.chain_upto import UptoChain
+from paygate.x402.exact_multicall import ExactMulticall
 from paygate.x402.models import AnyPaymentPayload, ExactEvmPayload, SettleResponse, VerifyResponse
 from paygate.x402.schemes import scheme_of
 from paygate.x402.settler import (
@@ -81,6 +82,8 @@ class ChainSettler:
         timeout: float,
         settle_timeout: float,
         factories: Iterable[str] = (),
+        batch_window: float = 0.0,
+        batch_max: int = 1,
     ) -> None:
         self._chain = ChainReader(rpc_url, timeout=timeout)
         # ERC-6492 factories this gateway lets deploy a payer's wallet (in its settlement).
@@ -103,6 +106,22 @@ class ChainSettler:
         self._timeout = timeout
         self._settle_timeout = settle_timeout
         self._send_lock = asyncio.Lock()
+        self._batcher: ExactMulticall | None = None
+        if batch_max > 1:  # exact settlements share Multicall3 transactions (exact_multicall)
+            self._batcher = ExactMulticall(
+                self._chain,
+                sender=self.address,
+                transfer=self._transfer,
+                send=self._send_call,
+                send_lock=self._send_lock,
+                single=self._settle_exact,
+                reason=_reason,
+                window=batch_window,
+                max_batch=batch_max,
+                settle_timeout=settle_timeout,
+                timeout=timeout,
+            )
+            self._settle_by["exact"] = self._batcher.settle
 
     @property
     def address(self) -> str:
@@ -175,7 +194,8 @@ class ChainSettler:
             return await self.settle(payment, requirements)
 
     async def close(self) -> None:
-        return None
+        if self._batcher is not None:
+            await self._batcher.close()
 
     # --- internals ---
 
@@ -296,13 +316,13 @@ class ChainSettler:
             return await self._send_call(self._deploy_then(deployment, transfer))
         return await self._send_call(transfer)
 
-    async def _send_call(self, call: Any) -> str:
+    async def _send_call(self, call: Any, *, gas: int | None = None) -> str:
         sender = self._account.address
         nonce = await self._call(self._w3.eth.get_transaction_count, sender, "pending")
-        tx = await self._call(
-            call.build_transaction,
-            {"from": sender, "nonce": nonce, "chainId": self._chain.chain_id or 0},
-        )
+        fields = {"from": sender, "nonce": nonce, "chainId": self._chain.chain_id or 0}
+        if gas is not None:  # given: not estimated (see exact_multicall)
+            fields["gas"] = gas
+        tx = await self._call(call.build_transaction, fields)
         signed = self._account.sign_transaction(tx)
         tx_hash = "0x" + bytes(signed.hash).hex()
         try:

@@ -1,0 +1,334 @@
+"""Chain mode, batched: several exact (EIP-3009) settlements in one Multicall3 transaction.
+
+Payments due for settlement wait up to a short window (or until the batch is full) and go out
+as ONE ``aggregate3`` call with ``allowFailure`` per call, so that one bad authorization (used,
+expired, an empty wallet) does not sink the others. Each payment is then proven by its own logs
+(:func:`proven_each`): the token's ``AuthorizationUsed(payer, nonce)`` followed by that call's
+``Transfer(payer → payTo, value)`` — matched by authorizer and nonce, checked by amount and
+recipient, never by position alone, and never one log for two payments.
+
+Nothing here changes the settle-exactly-once rules: each payment is SETTLING in the ledger
+before its batch is sent; if the process dies before the answers are recorded, reconcile reads
+the chain by nonce (``authorizationState`` and the nonce's event) as for one settlement, and the
+batch's receipt proves each payment as a single transaction's would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from eth_utils import to_checksum_address
+from web3.exceptions import ContractLogicError, TimeExhausted
+
+from paygate.x402 import smartwallet
+from paygate.x402.chain_reader import (
+    EIP3009_ABI,
+    TRANSFER_TOPIC,
+    USED_TOPIC,
+    ChainReader,
+    TransferFacts,
+    hex_of,
+    int_of,
+    word,
+)
+from paygate.x402.models import AnyPaymentPayload, ExactEvmPayload, SettleResponse
+from paygate.x402.settler import (
+    NONCE_USED,
+    ReviewRequired,
+    SettlementUnknown,
+    SettlerUnavailable,
+)
+
+log = logging.getLogger("paygate.x402")
+
+_Settle = Callable[[AnyPaymentPayload, dict[str, Any]], Awaitable[SettleResponse]]
+_Reason = Callable[[str], str]
+
+# The same authorization twice in one batch: one log proves one payment, so the later ones are
+# answered as a replay (the ledger never holds two records of one authorization).
+DUPLICATE_IN_BATCH = NONCE_USED
+# Gas when the strict estimate fails (the chain moved since the simulation): generous per call,
+# as a call starved of gas fails alone under allowFailure and would only be retried by itself.
+_GAS_BASE = 60_000
+_GAS_PER_CALL = 150_000
+
+
+def proven_each(receipt: Any, facts: Sequence[TransferFacts]) -> list[bool]:
+    """For each payment in ``facts``: does ``receipt`` prove it by its own logs?
+
+    A payment is proven by an ``AuthorizationUsed(payer, nonce)`` log of its token directly
+    followed by a ``Transfer(payer → payTo, value)`` log of the same token (FiatToken emits the
+    two back to back in one ``transferWithAuthorization``). A log proves at most one payment; a
+    failed receipt proves none. Sans-IO: ``receipt`` is the JSON-RPC receipt as web3 returns it.
+    """
+    if receipt.get("status") != 1:
+        return [False] * len(facts)
+    logs = [
+        (
+            to_checksum_address(entry["address"]),
+            [hex_of(topic) for topic in entry["topics"]],
+            entry["data"],
+        )
+        for entry in receipt.get("logs") or ()
+    ]
+    used_logs: set[int] = set()
+    answers = []
+    for fact in facts:
+        payer = word(bytes.fromhex(fact.payer[2:]))
+        pay_to = word(bytes.fromhex(fact.pay_to[2:]))
+        proven = False
+        for index, (address, topics, _) in enumerate(logs[:-1]):
+            if address != fact.token or topics != [USED_TOPIC, payer, fact.nonce.hex()]:
+                continue
+            following, moved, data = logs[index + 1]
+            if (
+                index not in used_logs
+                and index + 1 not in used_logs
+                and following == fact.token
+                and moved == [TRANSFER_TOPIC, payer, pay_to]
+                and int_of(data) == fact.value
+            ):
+                used_logs.update((index, index + 1))
+                proven = True
+            break  # one AuthorizationUsed per (payer, nonce) on a token: no other can match
+        answers.append(proven)
+    return answers
+
+
+@dataclass(eq=False)
+class _Due:
+    """One payment waiting for its batch, and where its answer goes."""
+
+    payment: AnyPaymentPayload
+    requirements: dict[str, Any]
+    answer: asyncio.Future[SettleResponse]
+    facts: TransferFacts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.facts = TransferFacts.of(self.payment, self.requirements)
+
+    @property
+    def key(self) -> tuple[str, str, bytes]:
+        return (self.facts.token, self.facts.payer, self.facts.nonce)
+
+    def give(self, response: SettleResponse) -> None:
+        if not self.answer.done():
+            self.answer.set_result(response)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(exc)
+
+
+class ExactMulticall:
+    """Collects exact settlements for up to ``window`` seconds or ``max_batch`` payments and
+    settles them in one Multicall3 ``aggregate3`` transaction, each proven by its own logs.
+
+    The chain settler lends it what one settlement uses: the transfer call of a payment
+    (``transfer``), the serialised sender (``send`` under ``send_lock``), its one-by-one
+    settlement (``single``, for what a batch cannot carry) and FiatToken's revert reasons.
+    """
+
+    def __init__(
+        self,
+        chain: ChainReader,
+        *,
+        sender: str,
+        transfer: Callable[[AnyPaymentPayload, dict[str, Any]], Any],
+        send: Callable[..., Awaitable[str]],
+        send_lock: asyncio.Lock,
+        single: _Settle,
+        reason: _Reason,
+        window: float,
+        max_batch: int,
+        settle_timeout: float,
+        timeout: float,
+    ) -> None:
+        if max_batch < 2:
+            raise ValueError("a batch holds at least two payments")
+        self._chain = chain
+        self._sender = to_checksum_address(sender)
+        self._transfer = transfer
+        self._send = send
+        self._send_lock = send_lock
+        self._single = single
+        self._reason = reason
+        self._window = window
+        self._max = max_batch
+        self._settle_timeout = settle_timeout
+        self._timeout = timeout
+        self._due: list[_Due] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._multicall = chain.w3.eth.contract(
+            address=to_checksum_address(smartwallet.MULTICALL3_ADDRESS),
+            abi=smartwallet.AGGREGATE3_ABI,
+        )
+
+    async def settle(
+        self, payment: AnyPaymentPayload, requirements: dict[str, Any]
+    ) -> SettleResponse:
+        """Settle ``payment`` in the next batch; the same answers as a single settlement."""
+        assert isinstance(payment.payload, ExactEvmPayload)
+        try:
+            deploys = smartwallet.parse_hex(payment.payload.signature).deployment is not None
+        except ValueError:
+            deploys = False  # malformed: the batch's own check answers it
+        if deploys:
+            # A counterfactual wallet is deployed and paid atomically in its own transaction.
+            return await self._single(payment, requirements)
+        due = _Due(payment, requirements, asyncio.get_running_loop().create_future())
+        self._due.append(due)
+        if len(self._due) >= self._max:
+            self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._window, self._flush)
+        return await due.answer
+
+    async def close(self) -> None:
+        """Stop taking payments: the waiting ones are told nothing was done (their records stay
+        owed and are settled by the reconciler); batches already sent run to their answer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiting, self._due = self._due, []
+        for due in waiting:
+            due.fail(SettlerUnavailable("the gateway is stopping"))
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=self._settle_timeout + self._timeout)
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._due:
+            batch, self._due = self._due[: self._max], self._due[self._max :]
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[_Due]) -> None:
+        try:
+            await self._settle_batch([due for due in batch if not due.answer.done()])
+        except (SettlementUnknown, SettlerUnavailable) as exc:
+            for due in batch:
+                due.fail(exc)
+        except BaseException as exc:
+            # Never leave a waiter hanging: an outcome unknown is reconciled by nonce.
+            for due in batch:
+                due.fail(SettlementUnknown(f"batch settlement failed: {type(exc).__name__}"))
+            if not isinstance(exc, Exception):
+                raise
+            log.error("batch settlement failed: %s", type(exc).__name__)
+
+    async def _settle_batch(self, batch: list[_Due]) -> None:
+        if not batch:
+            return
+        calls: list[tuple[_Due, str, bytes]] = []
+        seen: set[tuple[str, str, bytes]] = set()
+        for due in batch:
+            await self._chain.check_chain(due.requirements)
+            if due.key in seen:
+                due.give(due.facts.failed(DUPLICATE_IN_BATCH, ""))
+                continue
+            seen.add(due.key)
+            try:
+                calls.append((due, due.facts.token, self._calldata(due)))
+            except ValueError:
+                due.give(due.facts.failed("invalid_exact_evm_payload_signature", ""))
+        simulated = await self._simulate([(target, data) for _, target, data in calls])
+        sending: list[tuple[_Due, str, bytes]] = []
+        for (due, target, data), (ok, raw) in zip(calls, simulated, strict=True):
+            if ok:
+                sending.append((due, target, data))
+                continue
+            reason = self._reason(smartwallet.revert_text(raw))
+            if reason == NONCE_USED:
+                # Used since verify: by a transfer to us (paid) or a cancel (not): the chain says.
+                await self._answer_from_chain(due, None)
+            else:
+                due.give(due.facts.failed(reason, ""))
+        if not sending:
+            return
+        tx_hash = await self._send_batch([(target, data) for _, target, data in sending])
+        receipt = await self._receipt(tx_hash)
+        dues = [due for due, _, _ in sending]
+        proofs = proven_each(receipt, [due.facts for due in dues])
+        log.info("batch settlement %s: %d of %d proven", tx_hash, sum(proofs), len(dues))
+        for due, proven in zip(dues, proofs, strict=True):
+            if proven:
+                due.give(due.facts.settled(tx_hash))
+            else:
+                await self._answer_from_chain(due, tx_hash)
+
+    async def _answer_from_chain(self, due: _Due, tx_hash: str | None) -> None:
+        """A payment its batch did not prove: the nonce's own event says what happened (a
+        front-running transfer to us, a cancel); an unused nonce is settled by itself once."""
+        try:
+            due.give(await self._chain.prove(due.payment, due.requirements, None))
+        except ReviewRequired as exc:
+            due.fail(exc)  # used, its event out of reach: in doubt, for an operator
+        except SettlerUnavailable:
+            due.fail(SettlementUnknown("the chain is unavailable", transaction=tx_hash))
+        except SettlementUnknown:
+            # Its call failed inside the batch and nothing used the nonce (a call starved of
+            # gas, a state change between simulation and mining): one settlement of its own.
+            log.warning("a batched payment failed alone (in %s); settling it by itself", tx_hash)
+            try:
+                due.give(await self._single(due.payment, due.requirements))
+            except (SettlementUnknown, SettlerUnavailable) as again:
+                due.fail(again)
+
+    def _calldata(self, due: _Due) -> bytes:
+        """The token's ``transferWithAuthorization`` calldata for one payment (ValueError: a
+        malformed signature)."""
+        call = self._transfer(due.payment, due.requirements)
+        token = self._chain.w3.eth.contract(address=call.address, abi=EIP3009_ABI)
+        return bytes.fromhex(token.encode_abi(call.signature, args=call.args).removeprefix("0x"))
+
+    async def _simulate(self, calls: list[tuple[str, bytes]]) -> list[tuple[bool, bytes]]:
+        """Each call's outcome in one ``eth_call`` of the whole batch, in order (each sees the
+        state the calls before it leave, as in the transaction)."""
+        if not calls:
+            return []
+        data = smartwallet.aggregate3_data((target, True, raw) for target, raw in calls)
+        answer = await self._chain.call(
+            self._chain.w3.eth.call,
+            {"from": self._sender, "to": self._multicall.address, "data": "0x" + data.hex()},
+        )
+        return smartwallet.aggregate3_results(bytes(answer))
+
+    async def _send_batch(self, calls: list[tuple[str, bytes]]) -> str:
+        rows = [(to_checksum_address(target), True, raw) for target, raw in calls]
+        strict = smartwallet.aggregate3_data((target, False, raw) for target, raw in calls)
+        try:
+            # allowFailure lets a call starved of gas fail quietly, so estimate as if every
+            # call must succeed (they all did in the simulation).
+            gas = await self._chain.call(
+                self._chain.w3.eth.estimate_gas,
+                {"from": self._sender, "to": self._multicall.address, "data": "0x" + strict.hex()},
+            )
+            gas = int(gas) * 6 // 5
+        except ContractLogicError:
+            gas = _GAS_BASE + _GAS_PER_CALL * len(calls)
+        async with self._send_lock:
+            return await self._send(self._multicall.functions.aggregate3(rows), gas=gas)
+
+    async def _receipt(self, tx_hash: str) -> Any:
+        w3 = self._chain.w3
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(
+                    w3.eth.wait_for_transaction_receipt, tx_hash, self._settle_timeout, 0.1
+                ),
+                self._settle_timeout + self._timeout,
+            )
+        except (TimeoutError, TimeExhausted):
+            raise SettlementUnknown("no receipt yet", transaction=tx_hash) from None
+        except Exception as exc:
+            log.warning("waiting for a batch receipt failed: %s", type(exc).__name__)
+            raise SettlementUnknown("no receipt yet", transaction=tx_hash) from None
