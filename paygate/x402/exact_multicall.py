@@ -99,6 +99,19 @@ def proven_each(receipt: Any, facts: Sequence[TransferFacts]) -> list[bool]:
     return answers
 
 
+_ERROR_STRING = bytes.fromhex("08c379a0")  # Error(string)
+
+
+def revert_message(data: bytes) -> str:
+    """An ``Error(string)`` revert's message, read leniently (FiatToken's can carry dirty
+    padding, which strict ABI decoding refuses); else the data as hex."""
+    if data[:4] == _ERROR_STRING and len(data) >= 68:
+        length = int.from_bytes(data[36:68], "big")
+        if length <= len(data) - 68:
+            return data[68 : 68 + length].decode("utf-8", "replace")
+    return "0x" + data.hex()
+
+
 @dataclass(eq=False)
 class _Due:
     """One payment waiting for its batch, and where its answer goes."""
@@ -246,7 +259,7 @@ class ExactMulticall:
             if ok:
                 sending.append((due, target, data))
                 continue
-            reason = self._reason(smartwallet.revert_text(raw))
+            reason = self._reason(revert_message(raw))
             if reason == NONCE_USED:
                 # Used since verify: by a transfer to us (paid) or a cancel (not): the chain says.
                 await self._answer_from_chain(due, None)
