@@ -177,6 +177,7 @@ class ExactMulticall:
         self._due: list[_Due] = []
         self._timer: asyncio.TimerHandle | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._multicall_code: bool | None = None
         self._multicall = chain.w3.eth.contract(
             address=to_checksum_address(smartwallet.MULTICALL3_ADDRESS),
             abi=smartwallet.AGGREGATE3_ABI,
@@ -241,10 +242,37 @@ class ExactMulticall:
     async def _settle_batch(self, batch: list[_Due]) -> None:
         if not batch:
             return
+        try:
+            sending = await self._prepare(batch)
+        except (SettlementUnknown, SettlerUnavailable):
+            raise
+        except Exception as exc:  # an RPC's odd answer before anything was sent
+            log.error("a settlement batch could not be prepared: %s", type(exc).__name__)
+            raise SettlerUnavailable("the settlement batch could not be prepared") from None
+        if not sending:
+            return
+        tx_hash = await self._send_batch([(target, data) for _, target, data in sending])
+        receipt = await self._receipt(tx_hash)
+        dues = [due for due, _, _ in sending]
+        proofs = proven_each(receipt, [due.facts for due in dues])
+        log.info("batch settlement %s: %d of %d proven", tx_hash, sum(proofs), len(dues))
+        for due, proven in zip(dues, proofs, strict=True):
+            if proven:
+                due.give(due.facts.settled(tx_hash))
+            else:
+                await self._answer_from_chain(due, tx_hash)
+
+    async def _prepare(self, batch: list[_Due]) -> list[tuple[_Due, str, bytes]]:
+        """The calls to send (target, calldata); every payment left out is answered here."""
+        for due in batch:
+            await self._chain.check_chain(due.requirements)
+        if not await self._has_multicall():
+            for due in batch:  # a chain without Multicall3: one transaction each, as before
+                await self._one_by_one(due)
+            return []
         calls: list[tuple[_Due, str, bytes]] = []
         seen: set[tuple[str, str, bytes]] = set()
         for due in batch:
-            await self._chain.check_chain(due.requirements)
             if due.key in seen:
                 due.give(due.facts.failed(DUPLICATE_IN_BATCH, ""))
                 continue
@@ -265,18 +293,22 @@ class ExactMulticall:
                 await self._answer_from_chain(due, None)
             else:
                 due.give(due.facts.failed(reason, ""))
-        if not sending:
-            return
-        tx_hash = await self._send_batch([(target, data) for _, target, data in sending])
-        receipt = await self._receipt(tx_hash)
-        dues = [due for due, _, _ in sending]
-        proofs = proven_each(receipt, [due.facts for due in dues])
-        log.info("batch settlement %s: %d of %d proven", tx_hash, sum(proofs), len(dues))
-        for due, proven in zip(dues, proofs, strict=True):
-            if proven:
-                due.give(due.facts.settled(tx_hash))
-            else:
-                await self._answer_from_chain(due, tx_hash)
+        return sending
+
+    async def _has_multicall(self) -> bool:
+        """Is there code at Multicall3's canonical address (asked once)?"""
+        if self._multicall_code is None:
+            code = await self._chain.call(self._chain.w3.eth.get_code, self._multicall.address)
+            self._multicall_code = bool(code)
+            if not code:
+                log.error("no Multicall3 at %s: settling one by one", self._multicall.address)
+        return self._multicall_code
+
+    async def _one_by_one(self, due: _Due) -> None:
+        try:
+            due.give(await self._single(due.payment, due.requirements))
+        except (SettlementUnknown, SettlerUnavailable) as exc:
+            due.fail(exc)
 
     async def _answer_from_chain(self, due: _Due, tx_hash: str | None) -> None:
         """A payment its batch did not prove: the nonce's own event says what happened (a
@@ -291,10 +323,7 @@ class ExactMulticall:
             # Its call failed inside the batch and nothing used the nonce (a call starved of
             # gas, a state change between simulation and mining): one settlement of its own.
             log.warning("a batched payment failed alone (in %s); settling it by itself", tx_hash)
-            try:
-                due.give(await self._single(due.payment, due.requirements))
-            except (SettlementUnknown, SettlerUnavailable) as again:
-                due.fail(again)
+            await self._one_by_one(due)
 
     def _calldata(self, due: _Due) -> bytes:
         """The token's ``transferWithAuthorization`` calldata for one payment (ValueError: a

@@ -349,3 +349,23 @@ async def test_batching_off_sends_one_transaction_per_payment(anvil, usdc, selle
         receipt = anvil.w3.eth.get_transaction_receipt(answer.transaction)
         assert receipt["to"] == usdc.address  # the token itself, no Multicall3
     assert usdc.balance_of(seller) == 3 * PRICE
+
+
+async def test_a_chain_without_multicall3_settles_one_by_one(anvil, usdc, seller, gas_key):
+    from paygate_dev.chain.build import load_contract
+
+    payments = [pay(funded(anvil), usdc.requirements_v2(seller, PRICE)) for _ in range(2)]
+    anvil.set_code(smartwallet.MULTICALL3_ADDRESS, "0x")
+    try:
+        chain = settler(anvil, gas_key)
+        try:
+            answers = await settle_all(chain, payments)
+        finally:
+            await chain.close()
+    finally:
+        anvil.set_code(
+            smartwallet.MULTICALL3_ADDRESS, load_contract("Multicall3").deployed_bytecode
+        )
+    assert all(a.success for a in answers)
+    assert len({a.transaction for a in answers}) == 2  # no batch, nothing lost
+    assert usdc.balance_of(seller) == 2 * PRICE

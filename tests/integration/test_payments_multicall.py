@@ -57,6 +57,10 @@ async def test_paid_requests_settle_in_one_transaction_each_on_its_own_proof(
     async with paid_stack(**batched(seller, ledger, anvil, gas_key)) as stack:
         headers = [await v2_header(stack, payer) for _ in range(N)]
         answers = await asyncio.gather(*(post(stack, header) for header in headers))
+        # A replayed authorization is refused before it could reach a batch.
+        status, replayed, _ = await post(stack, headers[0])
+        assert status == 402
+        assert replayed["X-Paygate-Error"] == "invalid_exact_evm_nonce_already_used"
     assert [status for status, _, _ in answers] == [200] * N
     receipts = [receipt_of(h) for _, h, _ in answers]
     assert all(r["success"] for r in receipts)
