@@ -178,6 +178,7 @@ class ExactMulticall:
         self._timer: asyncio.TimerHandle | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._multicall_code: bool | None = None
+        self._closed = False
         self._multicall = chain.w3.eth.contract(
             address=to_checksum_address(smartwallet.MULTICALL3_ADDRESS),
             abi=smartwallet.AGGREGATE3_ABI,
@@ -195,6 +196,8 @@ class ExactMulticall:
         if deploys:
             # A counterfactual wallet is deployed and paid atomically in its own transaction.
             return await self._single(payment, requirements)
+        if self._closed:
+            raise SettlerUnavailable("the gateway is stopping")
         due = _Due(payment, requirements, asyncio.get_running_loop().create_future())
         self._due.append(due)
         if len(self._due) >= self._max:
@@ -206,6 +209,7 @@ class ExactMulticall:
     async def close(self) -> None:
         """Stop taking payments: the waiting ones are told nothing was done (their records stay
         owed and are settled by the reconciler); batches already sent run to their answer."""
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
