@@ -16,7 +16,9 @@ chunk spacing of SSE streams (8 events 5 ms apart), RSS; then the stream rate (e
 second of proxy CPU over 32 concurrent streams) of aiohttp-70, paygate and paygate sealed.
 paygate runs as shipped: every setting at its default. Then, for paygate alone: RSS growth over
 100k requests, and RSS with 1,000 slow streams held open (a gateway of its own with the
-concurrency limits raised). Prints a table and the load average, writes
+concurrency limits raised). With ``gas`` in ``--only`` (the default), bench.gas's gas per exact
+payment settled on anvil one by one vs batched in Multicall3. Prints a table and the load
+average, writes
 bench/results/compare.json and bench/results/compare.png.
 
     .venv/bin/python -m bench.compare [--rounds 3] [--seconds 3] [--skip-memory]
@@ -49,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import enclave
+from bench import gas
 from bench.presign import payment_headers
 from paygate import wire
 
@@ -779,8 +782,8 @@ def main() -> int:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument(
         "--only",
-        default="nginx,aiohttp,paygate,workers",
-        help="comma-separated subset of nginx,aiohttp,paygate,workers",
+        default="nginx,aiohttp,paygate,workers,gas",
+        help="comma-separated subset of nginx,aiohttp,paygate,workers,gas (bench.gas)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
@@ -807,9 +810,14 @@ def main() -> int:
         args.before.resolve() if args.before else None,
         args.litellm,
     )
+    if "gas" in args.only.split(","):  # gas per payment, one by one vs batched (bench.gas)
+        result["gas"] = gas.run()
     _print(result)
     print()
     print(markdown(result))
+    if "gas" in result:
+        print()
+        print(gas.markdown(result["gas"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.out == RESULTS:

@@ -373,6 +373,10 @@ class PaymentSection(BaseModel):
     erc6492_factories: Annotated[list[str], NoDecode] = Field(default_factory=list)
     gas_key: SecretStr | None = None
     gas_key_file: Path | None = None
+    # Chain mode: exact settlements due within the window share one Multicall3 transaction, at
+    # most chain_batch_max each (x402.schemes.exact.multicall); 1: one transaction per payment.
+    chain_batch_max: Annotated[int, Field(ge=1, le=200)] = 1
+    chain_batch_window_ms: Annotated[int, Field(ge=0, le=10_000)] = 50
 
     @field_validator("network", "engine_options_allowed", mode="before")
     @classmethod

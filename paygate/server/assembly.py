@@ -184,6 +184,9 @@ def price_policy(settings: Settings) -> PricePolicy:
 
 def check_payment_settings(settings: Settings) -> None:
     """Refuse at startup, before anything listens, a payment mode that cannot work."""
+    if settings.chain_batch_max > 1 and settings.payment_mode != "chain":
+        # Only the gateway's own gas account batches: elsewhere the knob would do nothing.
+        raise ConfigError("chain_batch_max > 1 needs payment_mode chain (PAYGATE_CHAIN_BATCH_MAX)")
     if settings.payment_mode == "off":
         return
     payment_terms(settings)
@@ -212,6 +215,8 @@ def settler_for(settings: Settings, session: aiohttp.ClientSession) -> Settler:
                 timeout=settings.facilitator_timeout,
                 settle_timeout=settings.settle_timeout,
                 factories=settings.erc6492_factories,
+                batch_window=settings.chain_batch_window_ms / 1000,
+                batch_max=settings.chain_batch_max,
             )
         except ValueError:
             raise ConfigError("gas_key is not a valid private key") from None

@@ -3,16 +3,19 @@
 The gateway's own gas key sends each settlement; what is sent, simulated and proven is the
 payment's scheme's (``schemes/<scheme>/chain.py``, found through the registry). This settler
 lends the schemes what they share: the :class:`~paygate.x402.chain_reader.ChainReader`, the gas
-account, sending (serialised, so that the gas account's transaction nonces never collide) and
-waiting for a receipt. web3 is synchronous: every call runs in a worker thread under a time-out.
+account, sending (serialised, so that the gas account's transaction nonces never collide),
+waiting for a receipt, and the batching options (``chain_batch_max``/``_window_ms``): the settler
+says how many settlements may share a transaction, the scheme decides whether it can (exact does,
+in ``schemes/exact/multicall.py``), so nothing here names a scheme. web3 is synchronous: every
+call runs in a worker thread under a time-out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from eth_account import Account
 from pydantic import SecretStr
@@ -22,9 +25,12 @@ from paygate.x402 import smartwallet
 from paygate.x402.chain_reader import ChainReader
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
 from paygate.x402.schemes import scheme_of
+from paygate.x402.schemes.base import Batching, Closable
 from paygate.x402.settler import ReviewRequired, SettlementUnknown, SettlerUnavailable
 
 log = logging.getLogger("paygate.x402")
+
+_Kept = TypeVar("_Kept", bound=Closable)
 
 
 class ChainSettler:
@@ -38,6 +44,8 @@ class ChainSettler:
         timeout: float,
         settle_timeout: float,
         factories: Iterable[str] = (),
+        batch_window: float = 0.0,
+        batch_max: int = 1,
     ) -> None:
         self.reader = ChainReader(rpc_url, timeout=timeout)
         # ERC-6492 factories this gateway lets deploy a payer's wallet (in its settlement).
@@ -47,6 +55,10 @@ class ChainSettler:
         self._timeout = timeout
         self._settle_timeout = settle_timeout
         self._send_lock = asyncio.Lock()
+        # Options, not a batcher: the scheme that can batch builds its own (self.kept).
+        self.batching = Batching(max=batch_max, window=batch_window)
+        self._kept: dict[str, Closable] = {}
+        self._closed = False
 
     @property
     def address(self) -> str:
@@ -85,19 +97,30 @@ class ChainSettler:
             return await self.settle(payment, requirements)
 
     async def close(self) -> None:
-        return None
+        """Close what the schemes keep here (a batch being filled), each within the time a
+        settlement may take."""
+        self._closed = True
+        kept, self._kept = list(self._kept.values()), {}
+        for thing in kept:
+            try:
+                await asyncio.wait_for(thing.close(), self._settle_timeout + self._timeout)
+            except TimeoutError:
+                log.warning("a settlement still running at close: reconciled after restart")
 
     # --- what the schemes' chain roles use (schemes.base.ChainAccess) ---
 
-    async def send(self, call: Any) -> str:
-        """Sign ``call`` with the gas account and send it; its hash. One at a time."""
+    async def send(self, call: Any, *, gas: int | None = None) -> str:
+        """Sign ``call`` with the gas account and send it; its hash. One at a time.
+        ``gas``: the limit, not estimated (a batch's: see schemes/exact/multicall.py)."""
+        # Asked here too, never "0": a settlement after a restart may come before any verify.
+        chain_id = await self.reader.served_chain()
         async with self._send_lock:
             sender = self._account.address
             nonce = await self.reader.call(self._w3.eth.get_transaction_count, sender, "pending")
-            tx = await self.reader.call(
-                call.build_transaction,
-                {"from": sender, "nonce": nonce, "chainId": self.reader.chain_id or 0},
-            )
+            fields = {"from": sender, "nonce": nonce, "chainId": chain_id}
+            if gas is not None:
+                fields["gas"] = gas
+            tx = await self.reader.call(call.build_transaction, fields)
             signed = self._account.sign_transaction(tx)
             tx_hash = "0x" + bytes(signed.hash).hex()
             try:
@@ -126,3 +149,12 @@ class ChainSettler:
         except Exception as exc:  # web3's connection errors have many classes
             log.warning("waiting for a receipt failed: %s", type(exc).__name__)
             raise SettlementUnknown("no receipt yet", transaction=transaction) from None
+
+    def kept(self, key: str, make: Callable[[], _Kept]) -> _Kept:
+        """The object a scheme keeps with this settler under ``key`` (made on first use)."""
+        if self._closed:
+            raise SettlerUnavailable("the gateway is stopping")
+        thing = self._kept.get(key)
+        if thing is None:
+            thing = self._kept[key] = make()
+        return thing  # type: ignore[return-value]

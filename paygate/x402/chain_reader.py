@@ -58,11 +58,15 @@ class ChainReader:
             log.warning("chain call failed: %s", type(exc).__name__)
             raise SettlerUnavailable("the chain's RPC endpoint is unavailable") from None
 
-    async def check_chain(self, requirements: dict[str, Any]) -> None:
-        """The endpoint must serve the payment's chain: another chain's state proves nothing."""
+    async def served_chain(self) -> int:
+        """The id of the chain the endpoint serves (asked once)."""
         if self.chain_id is None:
             self.chain_id = int(await self.call(lambda: self.w3.eth.chain_id))
-        if resolve_network(str(requirements["network"])).chain_id != self.chain_id:
+        return self.chain_id
+
+    async def check_chain(self, requirements: dict[str, Any]) -> None:
+        """The endpoint must serve the payment's chain: another chain's state proves nothing."""
+        if resolve_network(str(requirements["network"])).chain_id != await self.served_chain():
             raise SettlerUnavailable("the RPC endpoint serves another chain")
 
     async def receipt(self, transaction: str) -> Any | None:

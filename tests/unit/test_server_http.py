@@ -191,6 +191,17 @@ PAY_TO = "0x" + "ab" * 20
             },
             "unknown network",
         ),
+        # Batching is the gateway's own gas account's: in any other mode the knob does nothing.
+        (
+            {
+                "payment_mode": "facilitator",
+                "pay_to": PAY_TO,
+                "facilitator_url": "https://f.example",
+                "chain_batch_max": 10,
+            },
+            "chain_batch_max",
+        ),
+        ({"payment_mode": "off", "chain_batch_max": 2}, "chain_batch_max"),
     ],
 )
 def test_payment_modes_refuse_to_start_incomplete(overrides: dict[str, object], match: str) -> None:
@@ -210,6 +221,36 @@ def test_payment_settings_checks() -> None:
         load_settings(facilitator_url="http://facilitator.example")
     with pytest.raises(ConfigError, match="custom asset"):
         load_settings(asset_address=PAY_TO)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"chain_batch_max": 0},
+        {"chain_batch_max": -1},
+        {"chain_batch_max": 201},
+        {"chain_batch_window_ms": -1},
+        {"chain_batch_window_ms": 10_001},
+    ],
+)
+def test_chain_batch_settings_are_bounded(overrides: dict[str, object]) -> None:
+    with pytest.raises(ConfigError, match="chain_batch"):
+        load_settings(**overrides)
+
+
+def test_chain_batch_settings_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("PAYGATE_CHAIN_BATCH_MAX", "25")
+    monkeypatch.setenv("PAYGATE_CHAIN_BATCH_WINDOW_MS", "0")
+    settings = load_settings(
+        payment_mode="chain",
+        pay_to=PAY_TO,
+        chain_rpc_url="http://127.0.0.1:8545",
+        gas_key="0x" + "11" * 32,
+    )
+    assert (settings.chain_batch_max, settings.chain_batch_window_ms) == (25, 0)
+    check_payment_settings(settings)
+    monkeypatch.delenv("PAYGATE_CHAIN_BATCH_MAX")
+    assert load_settings().chain_batch_max == 1  # off unless asked
 
 
 def test_config_file_toml(tmp_path) -> None:

@@ -21,7 +21,7 @@ import importlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from paygate.errors import PaygateError
 from paygate.x402.models import (
@@ -121,23 +121,48 @@ class VerifyRole(Protocol):
 # --- chain (server-only) ---
 
 
+@dataclass(frozen=True, slots=True)
+class Batching:
+    """Chain mode's leave to send settlements due together in one transaction: at most
+    ``max`` payments, the first waiting at most ``window`` seconds for others (``max`` 1: one
+    transaction each). Whether and how a scheme batches is the scheme's own business."""
+
+    max: int = 1
+    window: float = 0.0
+
+
+class Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+_Kept = TypeVar("_Kept", bound=Closable)
+
+
 class ChainAccess(Protocol):
-    """What chain mode's settler lends a scheme: the reader, its gas account, and sending."""
+    """What chain mode's settler lends a scheme: the reader, its gas account, sending, the
+    batching options, and a place to keep per-settler state (a batch being filled)."""
 
     reader: ChainReader
     factories: frozenset[str]  # ERC-6492 factories allowed to deploy a payer's wallet
+    batching: Batching
 
     @property
     def address(self) -> str:
         """The gas account: the sender of every settlement."""
         ...
 
-    async def send(self, call: Any) -> str:
-        """Sign and send a web3 contract call from the gas account; its transaction hash."""
+    async def send(self, call: Any, *, gas: int | None = None) -> str:
+        """Sign and send a web3 contract call from the gas account (one at a time); its
+        transaction hash. ``gas``: the limit to use instead of an estimate."""
         ...
 
     async def mined(self, transaction: str) -> Any:
         """``transaction``'s receipt, waited for; SettlementUnknown when none comes in time."""
+        ...
+
+    def kept(self, key: str, make: Callable[[], _Kept]) -> _Kept:
+        """The object a scheme keeps with this settler under ``key``: made on first use,
+        closed (bounded) when the settler closes."""
         ...
 
 

@@ -95,7 +95,7 @@ USED_WITHOUT_TRANSFER = "authorization_used_without_transfer"
 NOT_PROVEN = "invalid_transaction_state"
 
 
-def _reason(message: str) -> str:
+def revert_reason(message: str) -> str:
     """x402's reason for a FiatToken revert message."""
     message = message.lower()
     return next(
@@ -246,33 +246,55 @@ class ExactChain:
     async def settle(
         self, chain: ChainAccess, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> SettleResponse:
-        payer = to_checksum_address(payload_of(payment).authorization.from_)
-        network = str(requirements["network"])
-        reason = await _simulate(chain, payment, requirements)
-        if reason == NONCE_USED:
-            # Used since verify: by a transfer to us (paid) or a cancel (not): the chain says.
-            return await prove(chain.reader, payment, requirements, None)
-        if reason is not None:
-            return SettleResponse(success=False, error_reason=reason, payer=payer, network=network)
-        transfer = _transfer(chain.reader, payment, requirements)
-        deployment = await _deployment(chain.reader, payment)
-        if deployment is not None:  # simulated just before: an allowed factory
-            transfer = _deploy_then(chain.reader, deployment, transfer)
-        tx_hash = await chain.send(transfer)
-        receipt = await chain.mined(tx_hash)
-        facts = TransferFacts.of(payment, requirements)
-        if facts.proven_by(receipt):
-            return facts.settled(tx_hash)
-        # Reverted (or moved nothing): the nonce's own event says why — a cancel mined first?
-        try:
-            return await prove(chain.reader, payment, requirements, None)
-        except SettlementUnknown:
-            return facts.failed(NOT_PROVEN, tx_hash)
+        if chain.batching.max > 1:  # the batch checks each payment's chain before sending
+            return await _batcher(chain).settle(payment, requirements)
+        return await settle_one(chain, payment, requirements)
 
     prove = staticmethod(prove)
 
 
-def _transfer(reader: ChainReader, payment: AnyPaymentPayload, requirements: dict[str, Any]) -> Any:
+def _batcher(chain: ChainAccess) -> Any:
+    """The settler's batch of exact settlements being filled (made on first use)."""
+    # Imported here: the batcher builds on this module's transfer, simulation and proof.
+    from paygate.x402.schemes.exact.multicall import ExactMulticall
+
+    return chain.kept("exact.multicall", lambda: ExactMulticall(chain))
+
+
+async def settle_one(
+    chain: ChainAccess, payment: AnyPaymentPayload, requirements: dict[str, Any]
+) -> SettleResponse:
+    """Settle ``payment`` in a transaction of its own (deploying its wallet first if needed)."""
+    # As verify does: the endpoint must serve the payment's chain (and its id is known before
+    # anything is signed: after a restart a settlement may come with no verify first).
+    await chain.reader.check_chain(requirements)
+    payer = to_checksum_address(payload_of(payment).authorization.from_)
+    network = str(requirements["network"])
+    reason = await _simulate(chain, payment, requirements)
+    if reason == NONCE_USED:
+        # Used since verify: by a transfer to us (paid) or a cancel (not): the chain says.
+        return await prove(chain.reader, payment, requirements, None)
+    if reason is not None:
+        return SettleResponse(success=False, error_reason=reason, payer=payer, network=network)
+    transfer = transfer_call(chain.reader, payment, requirements)
+    deployment = await _deployment(chain.reader, payment)
+    if deployment is not None:  # simulated just before: an allowed factory
+        transfer = _deploy_then(chain.reader, deployment, transfer)
+    tx_hash = await chain.send(transfer)
+    receipt = await chain.mined(tx_hash)
+    facts = TransferFacts.of(payment, requirements)
+    if facts.proven_by(receipt):
+        return facts.settled(tx_hash)
+    # Reverted (or moved nothing): the nonce's own event says why — a cancel mined first?
+    try:
+        return await prove(chain.reader, payment, requirements, None)
+    except SettlementUnknown:
+        return facts.failed(NOT_PROVEN, tx_hash)
+
+
+def transfer_call(
+    reader: ChainReader, payment: AnyPaymentPayload, requirements: dict[str, Any]
+) -> Any:
     """The token's ``transferWithAuthorization`` for ``payment``: (v, r, s) for an EOA's
     signature, the ``bytes`` overload for a contract wallet's (ERC-6492 wrapper off)."""
     payload = payload_of(payment)
@@ -342,7 +364,7 @@ async def _simulate(
 ) -> str | None:
     reader = chain.reader
     try:
-        call = _transfer(reader, payment, requirements)
+        call = transfer_call(reader, payment, requirements)
     except ValueError:
         return "invalid_exact_evm_payload_signature"
     deployment = await _deployment(reader, payment)
@@ -351,7 +373,7 @@ async def _simulate(
     try:
         await reader.call(call.call, {"from": chain.address})
     except ContractLogicError as exc:
-        return _reason(str(exc))
+        return revert_reason(str(exc))
     return None
 
 
@@ -369,7 +391,7 @@ async def _simulate_deployed(
     except ContractLogicError:
         return smartwallet.DEPLOYMENT_FAILED  # the factory call itself failed
     ok, data = results[1]
-    return None if ok else _reason(smartwallet.revert_text(bytes(data)))
+    return None if ok else revert_reason(smartwallet.revert_text(bytes(data)))
 
 
 ROLE = ExactChain()
