@@ -145,7 +145,7 @@ class Checks:
     def passed(self, name: str, detail: str = "") -> None:
         self.items.append(Check(name, "pass", detail))
 
-    def failed(self, name: str, code: Code, detail: str) -> None:
+    def failed(self, name: str, code: Code | str, detail: str) -> None:
         self.items.append(Check(name, "fail", detail, str(code)))
 
     def skipped(self, name: str, detail: str) -> None:
