@@ -1023,6 +1023,8 @@ def split_listen(value: str) -> tuple[str, int]:
 class ConfigError(PaygateError):
     """The configuration is unusable; the message says which setting and why (never a secret)."""
 
+    message = "the configuration is unusable"
+
     code = "config_error"
 
 

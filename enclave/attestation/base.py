@@ -121,6 +121,8 @@ class EvidenceError(EnclaveError, ValueError):
     """Evidence or collateral that cannot be used; a verifier turns it into a failed check.
     (Still a ValueError, as callers that parse evidence catch it.)"""
 
+    message = "the evidence or collateral cannot be used"
+
     def __init__(self, code: Code, message: str) -> None:
         super().__init__(message)
         self.code = code

@@ -88,8 +88,11 @@ ACTIVATION_FAILED = "activation_failed"
 EVIDENCE_UNAVAILABLE = "evidence_unavailable"
 
 
-class TpmEvidenceError(ValueError):
+class TpmEvidenceError(EnclaveError, ValueError):
     """One check failed; ``code`` says which (stable), the message says why (no secrets)."""
+
+    code = EVIDENCE_MALFORMED
+    message = "the TPM evidence does not verify"
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)

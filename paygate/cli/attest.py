@@ -34,6 +34,8 @@ CERT_SUFFIXES = (".pem", ".der", ".crt", ".cer")
 class AttestUsageError(PaygateError):
     """the attest command was given something it cannot use"""
 
+    message = "the attest command was given something it cannot use"
+
     code = "attest_usage"
 
 

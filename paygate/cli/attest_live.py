@@ -39,6 +39,8 @@ _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 class AttestUsage(PaygateError):
     """the attest command was given something it cannot use"""
 
+    message = "the attest command was given something it cannot use"
+
     code = "attest_usage"
 
 

@@ -632,7 +632,7 @@ def check_receipt(
     exactly this reply, with the attested digest of its model."""
     try:
         claims = receipts.verify(token, attested.receipt_key)
-    except receipts.ReceiptInvalid as exc:
+    except receipts.ReceiptTokenInvalid as exc:
         raise ReceiptInvalid(f"signed receipt refused: {exc}") from None
     if request_digest is not None and claims["request_digest"] != request_digest:
         raise ReceiptMismatch("the signed receipt is for another request")

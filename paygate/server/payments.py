@@ -1,7 +1,7 @@
 """The payment stage over HTTP: one entry, one exit.
 
 ``async with payments.admit(request, route, body=...) as ticket:`` either raises
-:class:`PaymentRefused` (a 402 challenge, 400, 409, 503 …) or yields a :class:`Ticket` for the
+:class:`HttpPaymentRefusal` (a 402 challenge, 400, 409, 503 …) or yields a :class:`Ticket` for the
 rest of the request. The reply stage asks the ticket for its receipt (``await ticket.settle()``)
 before the reply's end leaves, and records how the reply went (``status``, ``delivered``); the
 block's exit finishes the payment exactly once — release what was not earned, settle what is
@@ -48,7 +48,7 @@ from paygate.x402.schemes import scheme_of
 PAID_CACHE_CONTROL = "private, no-store"
 
 
-class PaymentRefused(GatewayError):
+class HttpPaymentRefusal(GatewayError):
     """The payment step answered instead of admitting: the answer is ready-made (its code is
     the message; the response is the refusal's own)."""
 
@@ -353,7 +353,7 @@ class PaymentStep(Protocol):
     def admit(
         self, request: web.Request, route: Route, *, body: bytes | None = None, client: str = ""
     ) -> AbstractAsyncContextManager[Ticket]:
-        """Admit the request for the block (a ticket) or raise :class:`PaymentRefused`;
+        """Admit the request for the block (a ticket) or raise :class:`HttpPaymentRefusal`;
         ``client`` is the caller's address key (per-address limits of free requests)."""
         ...
 
@@ -485,7 +485,7 @@ class X402Payments:
                     admitted.challenge, route.method, route.path, request.path
                 )
                 admitted = dataclasses.replace(admitted, challenge=challenge)
-            raise PaymentRefused(refusal_response(admitted, route), admitted.code)
+            raise HttpPaymentRefusal(refusal_response(admitted, route), admitted.code)
         ticket = Ticket(
             route,
             price=price,

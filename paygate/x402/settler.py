@@ -19,11 +19,15 @@ NONCE_USED = "invalid_exact_evm_nonce_already_used"
 class SettlerUnavailable(PaygateError):
     """The facilitator or chain could not be asked; nothing was done (safe to retry later)."""
 
+    message = "the facilitator or chain could not be asked"
+
     code = "settler_unavailable"
 
 
 class SettlementUnknown(PaygateError):
     """A settlement was (maybe) sent and its outcome is not known yet: reconcile, never re-sign."""
+
+    message = "a settlement was (maybe) sent and its outcome is not known yet"
 
     code = "settlement_unknown"
 
@@ -35,6 +39,8 @@ class SettlementUnknown(PaygateError):
 class ReviewRequired(SettlementUnknown):
     """An unknown outcome nobody here can prove (no chain to read, or the nonce's event is out
     of reach): the payment stays owed, never SETTLED, and is flagged for an operator."""
+
+    message = "the settlement's outcome cannot be proven here: an operator must review it"
 
     code = "review_required"
 
