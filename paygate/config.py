@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     ConfigDict,
@@ -95,6 +96,48 @@ class BudgetSetting(BaseModel):
     shadow: bool = False
 
 
+def _upstream_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("must not carry a query, fragment or credentials")
+    return value.rstrip("/")
+
+
+def _health_path(value: str) -> str:
+    if not value.startswith("/") or "?" in value or "#" in value:
+        raise ValueError("must be an absolute path without query, e.g. /health")
+    return value
+
+
+def _docker_ref(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}", value):
+        raise ValueError("must be a docker image or volume name")
+    return value
+
+
+def _memory(value: str) -> str:
+    if not re.fullmatch(r"[1-9][0-9]*[bkmg]?", value.lower()):
+        raise ValueError("must be a size like 512m or 8g")
+    return value.lower()
+
+
+def _gpus(value: str) -> str | None:
+    if value and not re.fullmatch(r"all|[A-Za-z0-9-]+(,[A-Za-z0-9-]+)*", value.strip()):
+        raise ValueError("must be 'all' or comma-separated device ids")
+    return value.strip() if value else None
+
+
+# The checks a global ``upstream_*`` setting and an ``[[upstream]]`` entry's field share.
+UpstreamUrl = Annotated[str, AfterValidator(_upstream_url)]
+HealthPath = Annotated[str, AfterValidator(_health_path)]
+DockerRef = Annotated[str, AfterValidator(_docker_ref)]
+MemorySize = Annotated[str, AfterValidator(_memory)]
+GpuDevices = Annotated[str, AfterValidator(_gpus)]
+HomePath = Annotated[Path, AfterValidator(Path.expanduser)]
+
+
 class UpstreamSetting(BaseModel):
     """One ``[[upstream]]`` table / ``PAYGATE_UPSTREAMS`` entry (docs/UPSTREAM.md, "Several model
     servers"). Unset fields take the global ``upstream_*`` settings."""
@@ -104,50 +147,20 @@ class UpstreamSetting(BaseModel):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")]
     kind: EngineKind | None = None
     mode: UpstreamMode | None = None
-    url: str | None = None
+    url: UpstreamUrl | None = None
     models: Annotated[
         list[Annotated[str, Field(min_length=1, max_length=256)]],
         Field(min_length=1, max_length=200),
     ]
     weight: Annotated[int, Field(ge=1, le=1000)] = 1
-    model_path: Path | None = None
-    health_path: str | None = None
+    model_path: HomePath | None = None
+    health_path: HealthPath | None = None
     api_key_file: Path | None = None
-    image: str | None = None
+    image: DockerRef | None = None
     port: Annotated[int, Field(ge=1, le=65535)] | None = None
     cpus: PositiveFloat | None = None
-    memory: str | None = None
-    gpus: str | None = None
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str | None) -> str | None:
-        return None if value is None else Settings._check_upstream(value)
-
-    @field_validator("model_path")
-    @classmethod
-    def _expand(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
-
-    @field_validator("health_path")
-    @classmethod
-    def _check_health(cls, value: str | None) -> str | None:
-        return Settings._check_health_path(value)
-
-    @field_validator("image")
-    @classmethod
-    def _check_image(cls, value: str | None) -> str | None:
-        return Settings._check_docker_ref(value)
-
-    @field_validator("memory")
-    @classmethod
-    def _check_memory(cls, value: str | None) -> str | None:
-        return Settings._check_memory(value)
-
-    @field_validator("gpus")
-    @classmethod
-    def _check_gpus(cls, value: str | None) -> str | None:
-        return Settings._check_gpus(value)
+    memory: MemorySize | None = None
+    gpus: GpuDevices | None = None
 
 
 class Settings(BaseSettings):
@@ -190,7 +203,7 @@ class Settings(BaseSettings):
 
     # --- gateway (paygate serve) ---
     listen: str = "127.0.0.1:8402"
-    upstream_url: str = "http://127.0.0.1:11434"
+    upstream_url: UpstreamUrl = "http://127.0.0.1:11434"
     payment_mode: PaymentMode = "off"
     require_encryption: bool = False
     # The gateway's log level; dependencies' RPC tracing stays at WARNING (server.logs).
@@ -334,7 +347,7 @@ class Settings(BaseSettings):
     # --- upstream (paygate.upstream; docs/UPSTREAM.md) ---
     upstream_mode: UpstreamMode = "attach"
     upstream_kind: EngineKind = "ollama"
-    upstream_health_path: str | None = None
+    upstream_health_path: HealthPath | None = None
     upstream_api_key: SecretStr | None = None
     upstream_api_key_file: Path | None = None
     upstream_monitor: bool = True
@@ -346,25 +359,25 @@ class Settings(BaseSettings):
     # The served weights (a GGUF file; Ollama: its models directory) and the name they are
     # served under; their digest is shown in /health/ready and checked against
     # expected_model_digests (JSON: model name -> "sha256:<hex>") at start.
-    upstream_model_path: Path | None = None
+    upstream_model_path: HomePath | None = None
     upstream_model_name: str | None = None
     expected_model_digests: dict[str, str] = Field(default_factory=dict)
     docker_host: str | None = None
     # Container mode: None means the engine profile's default for upstream_kind.
     upstream_name: str | None = None
-    upstream_image: str | None = None
-    upstream_relay_image: str = "python:3-slim"
-    upstream_volume: str | None = None
+    upstream_image: DockerRef | None = None
+    upstream_relay_image: DockerRef = "python:3-slim"
+    upstream_volume: DockerRef | None = None
     upstream_models_dir: str | None = None
     upstream_port: Annotated[int, Field(ge=1, le=65535)] | None = None
     upstream_cpus: PositiveFloat | None = None
-    upstream_memory: str | None = None
+    upstream_memory: MemorySize | None = None
     upstream_pids_limit: PositiveInt = 512
-    upstream_gpus: str | None = None
+    upstream_gpus: GpuDevices | None = None
     upstream_tmpfs: dict[str, str] = Field(
         default_factory=lambda: {"/tmp": "rw,nosuid,nodev,noexec,size=512m"}  # noqa: S108
     )
-    upstream_socket_dir: Path = Path("/run/paygate/upstream")
+    upstream_socket_dir: HomePath = Path("/run/paygate/upstream")
     upstream_pull_network: str = "paygate-pull"
     upstream_pull_timeout: PositiveFloat = 3600.0
     # Several model servers (PAYGATE_UPSTREAMS, JSON list; [[upstream]] tables in the file).
@@ -377,7 +390,7 @@ class Settings(BaseSettings):
     # the salts; a random one per process when unset (then salts change at restart).
     cache_salt_secret: SecretStr | None = None
     cache_salt_secret_file: Path | None = None
-    deployments_dir: Path = Path("~/.config/paygate/inference")
+    deployments_dir: HomePath = Path("~/.config/paygate/inference")
     discover_ports: Annotated[list[int], NoDecode] = Field(default_factory=list)
     discover_timeout: PositiveFloat = 2.0
 
@@ -489,20 +502,6 @@ class Settings(BaseSettings):
         except ValueError as exc:
             raise ConfigError(f"ledger_url: {exc}") from None
 
-    @field_validator("upstream_health_path")
-    @classmethod
-    def _check_health_path(cls, value: str | None) -> str | None:
-        if value is not None and (not value.startswith("/") or "?" in value or "#" in value):
-            raise ValueError("must be an absolute path without query, e.g. /health")
-        return value
-
-    @field_validator("upstream_image", "upstream_relay_image", "upstream_volume")
-    @classmethod
-    def _check_docker_ref(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}", value):
-            raise ValueError("must be a docker image or volume name")
-        return value
-
     @field_validator("expected_model_digests")
     @classmethod
     def _check_digests(cls, value: dict[str, str]) -> dict[str, str]:
@@ -511,25 +510,6 @@ class Settings(BaseSettings):
                 raise ValueError(f"the digest for {name[:80]!r} must be sha256:<64 hex digits>")
         return {name: digest.strip().lower() for name, digest in value.items()}
 
-    @field_validator("upstream_model_path")
-    @classmethod
-    def _expand_model_path(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
-
-    @field_validator("upstream_memory")
-    @classmethod
-    def _check_memory(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[1-9][0-9]*[bkmg]?", value.lower()):
-            raise ValueError("must be a size like 512m or 8g")
-        return value.lower() if value else value
-
-    @field_validator("upstream_gpus")
-    @classmethod
-    def _check_gpus(cls, value: str | None) -> str | None:
-        if value and not re.fullmatch(r"all|[A-Za-z0-9-]+(,[A-Za-z0-9-]+)*", value.strip()):
-            raise ValueError("must be 'all' or comma-separated device ids")
-        return value.strip() if value else None
-
     @field_validator("upstream_tmpfs")
     @classmethod
     def _check_tmpfs(cls, value: dict[str, str]) -> dict[str, str]:
@@ -537,11 +517,6 @@ class Settings(BaseSettings):
             if not path.startswith("/"):
                 raise ValueError("tmpfs mount points must be absolute paths")
         return value
-
-    @field_validator("deployments_dir", "upstream_socket_dir")
-    @classmethod
-    def _expand_home(cls, value: Path) -> Path:
-        return value.expanduser()
 
     @field_validator("discover_ports", mode="before")
     @classmethod
@@ -621,16 +596,6 @@ class Settings(BaseSettings):
     def _check_listen(cls, value: str) -> str:
         split_listen(value)
         return value
-
-    @field_validator("upstream_url")
-    @classmethod
-    def _check_upstream(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.query or parts.fragment or parts.username or parts.password:
-            raise ValueError("must not carry a query, fragment or credentials")
-        return value.rstrip("/")
 
     @field_validator("log_witnesses", mode="before")
     @classmethod
