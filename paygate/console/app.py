@@ -169,16 +169,20 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
         pre = held if len(held) == 32 and set(held) <= _HEX_ID else secrets.token_hex(16)
         return {"pre": pre, "message": None, "fields": None, "wallet": ""}
 
-    def with_pre(response: web.Response, pre: str) -> web.Response:
+    def strict_cookie(response: web.StreamResponse, name: str, value: str, seconds: float) -> None:
+        # Never readable by scripts, never sent cross-site, HTTPS-only when served over TLS.
         response.set_cookie(
-            auth.PRE_COOKIE,
-            pre,
-            max_age=int(auth.NONCE_SECONDS),
+            name,
+            value,
+            max_age=int(seconds),
             httponly=True,
             samesite="Strict",
             secure=settings.console_tls,
             path="/",
         )
+
+    def with_pre(response: web.Response, pre: str) -> web.Response:
+        strict_cookie(response, auth.PRE_COOKIE, pre, auth.NONCE_SECONDS)
         return response
 
     def origin(request: web.Request) -> tuple[str, str]:
@@ -193,15 +197,7 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
         audit.info("console sign-in: %s by %s from %s", operator, method, client(request))
         target = _safe_next(request.query.get("next"))
         response = web.HTTPSeeOther(target)
-        response.set_cookie(
-            auth.COOKIE,
-            cookie,
-            max_age=int(sessions.seconds),
-            httponly=True,
-            samesite="Strict",
-            secure=settings.console_tls,
-            path="/",
-        )
+        strict_cookie(response, auth.COOKIE, cookie, sessions.seconds)
         response.del_cookie(auth.PRE_COOKIE, path="/")
         raise response
 
