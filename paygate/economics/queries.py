@@ -1,13 +1,14 @@
 """The economics store's rules, once for both databases (sans-IO): each method returns the SQL
 and its parameters, and the readers turn rows (tuples in SELECT order; every column is named, as
-PostgreSQL's dict rows need) into the store's values. ``store_sqlite`` and ``store_postgres``
-only run them on the ledger's connection; what differs between the two dialects is the
-:class:`Dialect`'s.
+PostgreSQL's dict rows need) into the store's values. :class:`QueryStore` answers the store's
+protocol with them; ``store_sqlite`` and ``store_postgres`` only run statements on the ledger's
+connection. What differs between the two dialects is the :class:`Dialect`'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,3 +263,85 @@ class EconomicsQueries:
     @staticmethod
     def states_of(rows: Sequence[Row]) -> dict[str, int]:
         return {str(r[0]): int(r[1]) for r in rows}
+
+
+class QueryStore(ABC):
+    """:class:`~paygate.economics.store.EconomicsStore` over four ways to run a statement;
+    a database store implements those (and ``now``) only."""
+
+    _queries: EconomicsQueries
+
+    @abstractmethod
+    def now(self) -> float: ...
+
+    @abstractmethod
+    async def _one(self, query: Query) -> Row:
+        """The first row (a tuple in SELECT order)."""
+
+    @abstractmethod
+    async def _all(self, query: Query) -> list[Row]: ...
+
+    @abstractmethod
+    async def _write(self, queries: Callable[[float], list[Query]]) -> None:
+        """One transaction: ``queries(now)``, now by the store's clock."""
+
+    @abstractmethod
+    async def _took(self, query: Callable[[float], Query]) -> bool:
+        """One write whose single row is the answer (an insert or update that took)."""
+
+    @abstractmethod
+    async def _payments(self, tail: str, params: tuple[Any, ...]) -> list[PaymentRecord]:
+        """The ledger's own payment select with this WHERE/ORDER/LIMIT tail."""
+
+    async def record_tokens(
+        self, *, payer: str, model: str, tokens_in: int, tokens_out: int
+    ) -> None:
+        q = self._queries
+        await self._write(lambda now: q.record_tokens(now, payer, model, tokens_in, tokens_out))
+
+    async def tokens(
+        self, *, since: float, payer: str | None = None, model: str | None = None
+    ) -> Tokens:
+        return self._queries.tokens_of(await self._one(self._queries.tokens(since, payer, model)))
+
+    async def top_token_payers(self, *, since: float, limit: int) -> list[PayerTokens]:
+        rows = await self._all(self._queries.top_token_payers(since, limit))
+        return [self._queries.payer_tokens_of(r) for r in rows]
+
+    async def spent(self, *, payer: str, asset: str, since: float) -> int:
+        return int((await self._one(self._queries.spent(payer, asset, since)))[0])
+
+    async def top_spenders(self, *, since: float, limit: int) -> list[PayerSpend]:
+        rows = await self._all(self._queries.top_spenders(since, limit))
+        return [self._queries.payer_spend_of(r) for r in rows]
+
+    async def record_limit_event(self, event: LimitEvent) -> None:
+        await self._write(lambda now: [self._queries.record_limit_event(event)])
+
+    async def limit_events(self, *, since: float, limit: int) -> list[LimitEvent]:
+        rows = await self._all(self._queries.limit_events(since, limit))
+        return [self._queries.limit_event_of(r) for r in rows]
+
+    async def claim_alert(self, key: str) -> bool:
+        return await self._took(lambda now: self._queries.claim_alert(key, now))
+
+    async def put_login(self, token_hash: str, expires_at: float) -> None:
+        await self._write(lambda now: self._queries.put_login(token_hash, expires_at, now))
+
+    async def take_login(self, token_hash: str) -> bool:
+        return await self._took(lambda now: self._queries.take_login(token_hash, now))
+
+    async def search(self, where: PaymentFilter, *, limit: int) -> list[PaymentRecord]:
+        records = await self._payments(*self._queries.search(where, limit))
+        return self._queries.picked(records, where, limit)
+
+    async def earnings(self, *, since: float, group: str) -> list[EarningsRow]:
+        rows = await self._all(self._queries.earnings(since, group))
+        return [self._queries.earnings_of(r) for r in rows]
+
+    async def settle_latencies(self, *, since: float) -> list[float]:
+        rows = await self._all(self._queries.settle_latencies(since))
+        return [self._queries.latency_of(r) for r in rows]
+
+    async def count_states(self, *, since: float) -> dict[str, int]:
+        return self._queries.states_of(await self._all(self._queries.count_states(since)))
