@@ -201,6 +201,23 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
         response.del_cookie(auth.PRE_COOKIE, path="/")
         raise response
 
+    async def signin_form(request: web.Request) -> tuple[web.Response | None, Any]:
+        """A sign-in POST's form, or the answer to give instead: rate-limited, or without the
+        double-submit token."""
+        refused = limited(request)
+        if refused is not None:
+            return refused, None
+        form = await request.post()
+        if not pre_ok(request, form):
+            return _refuse_csrf(request, page), None
+        return None, form
+
+    def signin_refused(request: web.Request, error: str) -> web.Response:
+        context = _pre(request)
+        response = page(request, "signin.html", error=error, **context)
+        response.set_status(403)
+        return with_pre(response, context["pre"])
+
     def pre_ok(request: web.Request, form: Any) -> bool:
         cookie = request.cookies.get(auth.PRE_COOKIE, "")
         return bool(cookie) and secrets.compare_digest(cookie, str(form.get("pre", "")))
@@ -242,12 +259,9 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
         return with_pre(page(request, "signin.html", **context), context["pre"])
 
     async def signin_wallet(request: web.Request) -> web.Response:
-        refused = limited(request)
+        refused, form = await signin_form(request)
         if refused is not None:
             return refused
-        form = await request.post()
-        if not pre_ok(request, form):
-            return _refuse_csrf(request, page)
         address = str(form.get("address", ""))
         nonce = str(form.get("nonce", ""))
         signature = str(form.get("signature", "")).strip()
@@ -286,10 +300,7 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
                 client(request),
                 error,
             )
-            context = _pre(request)
-            response = page(request, "signin.html", error=error, **context)
-            response.set_status(403)
-            return with_pre(response, context["pre"])
+            return signin_refused(request, error)
         return signed_in(request, to_checksum(address), "wallet")
 
     async def login_link(request: web.Request) -> web.Response:
@@ -299,24 +310,16 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
         return with_pre(page(request, "login.html", token=token, **context), context["pre"])
 
     async def login_post(request: web.Request) -> web.Response:
-        refused = limited(request)
+        refused, form = await signin_form(request)
         if refused is not None:
             return refused
-        form = await request.post()
-        if not pre_ok(request, form):
-            return _refuse_csrf(request, page)
         token = str(form.get("token", ""))
         if 0 < len(token) <= 128 and await request.app[STORE].take_login(
             auth.token_hash("link", token)
         ):
             return signed_in(request, "login-link", "link")
         audit.warning("console login link refused from %s", client(request))
-        context = _pre(request)
-        response = page(
-            request, "signin.html", error="This login link was used or has expired.", **context
-        )
-        response.set_status(403)
-        return with_pre(response, context["pre"])
+        return signin_refused(request, "This login link was used or has expired.")
 
     async def signout(request: web.Request) -> web.Response:
         session = request[SESSION]
