@@ -129,19 +129,24 @@ class TeePolicy:
         raise ValueError(f"the policy for {kind} is a {type(self.policy).__name__}")
 
 
+def _policy_file(file: Path) -> Any:
+    """A policy file's JSON, bounded."""
+    try:
+        raw = file.read_bytes()
+        if len(raw) > MAX_POLICY_FILE:
+            raise ValueError(f"larger than {MAX_POLICY_FILE} bytes")
+        return jsonsafe.loads(raw, max_bytes=MAX_POLICY_FILE)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the policy file {file}: {exc}") from None
+
+
 def load_tee_policies(path: str | os.PathLike[str]) -> dict[str, TeePolicy]:
     """A policy file: a JSON object keyed by kind (``sev-snp``, ``tdx``, ``nitro``), each the
     verifier's policy object (docs/ATTESTATION.md) plus optional ``roots`` (a PEM file) and, for
     tdx, ``collateral`` (a directory as ``paygate attest verify-file --collateral`` reads).
     Relative paths are relative to the policy file. A kind not in the file is refused."""
     file = Path(path)
-    try:
-        raw = file.read_bytes()
-        if len(raw) > MAX_POLICY_FILE:
-            raise ValueError(f"larger than {MAX_POLICY_FILE} bytes")
-        data = jsonsafe.loads(raw, max_bytes=MAX_POLICY_FILE)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the TEE policy file {file}: {exc}") from None
+    data = _policy_file(file)
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{file}: a JSON object keyed by sev-snp, tdx or nitro")
     policies: dict[str, TeePolicy] = {}
@@ -206,13 +211,7 @@ class GpuPolicy:
 def load_gpu_policy(path: str | os.PathLike[str]) -> GpuPolicy | None:
     """The ``gpu`` entry of a policy file (see :meth:`GpuPolicy.from_mapping`), or None."""
     file = Path(path)
-    try:
-        raw = file.read_bytes()
-        if len(raw) > MAX_POLICY_FILE:
-            raise ValueError(f"larger than {MAX_POLICY_FILE} bytes")
-        data = jsonsafe.loads(raw, max_bytes=MAX_POLICY_FILE)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the policy file {file}: {exc}") from None
+    data = _policy_file(file)
     if not isinstance(data, dict) or "gpu" not in data:
         return None
     try:
