@@ -111,10 +111,16 @@ def _health_path(value: str) -> str:
     return value
 
 
-def _docker_ref(value: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}", value):
-        raise ValueError("must be a docker image or volume name")
-    return value
+def _matching(pattern: str, message: str) -> AfterValidator:
+    """A text setting that must match ``pattern`` whole (an unset one is not checked)."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise ValueError(message)
+        return value
+
+    return AfterValidator(check)
 
 
 def _memory(value: str) -> str:
@@ -132,7 +138,20 @@ def _gpus(value: str) -> str | None:
 # The checks a global ``upstream_*`` setting and an ``[[upstream]]`` entry's field share.
 UpstreamUrl = Annotated[str, AfterValidator(_upstream_url)]
 HealthPath = Annotated[str, AfterValidator(_health_path)]
-DockerRef = Annotated[str, AfterValidator(_docker_ref)]
+DockerRef = Annotated[
+    str,
+    _matching(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}", "must be a docker image or volume name"),
+]
+ReplicaId = Annotated[
+    str, _matching(r"[A-Za-z0-9._:@-]{1,80}", "must be 1-80 characters of [A-Za-z0-9._:@-]")
+]
+Sha256Digest = Annotated[
+    str, _matching(r"sha256:[0-9a-f]{64}", "must be sha256:<64 lower-case hex digits>")
+]
+LogOrigin = Annotated[
+    str,
+    _matching(r"[!-*,-~]{1,255}", "must be 1-255 printable characters without spaces or '+'"),
+]
 MemorySize = Annotated[str, AfterValidator(_memory)]
 GpuDevices = Annotated[str, AfterValidator(_gpus)]
 HomePath = Annotated[Path, AfterValidator(Path.expanduser)]
@@ -318,19 +337,19 @@ class Settings(BaseSettings):
     ledger_url: SecretStr | None = None
     ledger_password_file: Path | None = None  # else the systemd credential "ledger_password"
     ledger_pool_size: Annotated[int, Field(ge=1, le=100)] = 10
-    replica_id: str | None = None  # default <hostname>:<pid>
+    replica_id: ReplicaId | None = None  # default <hostname>:<pid>
     lease_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     workers: Annotated[int, Field(ge=1, le=64)] = 1
 
     # --- transparency log (paygate.tlog; docs/TRANSPARENCY.md) ---
     transparency_log: bool = False
-    log_origin: str | None = None  # default: public_url without the scheme, + "/v1/log"
+    log_origin: LogOrigin | None = None  # default: public_url without the scheme, + "/v1/log"
     log_receipt_period: Annotated[float, Field(ge=1, le=31 * 86400)] = 3600.0
     # "<add-checkpoint URL prefix> <witness vkey>" items (comma-separated or a JSON list).
     log_witnesses: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_witness_timeout: PositiveFloat = 10.0
-    log_wheel_sha256: str | None = None  # sha256:<hex> of the installed wheel, when known
-    log_image_digest: str | None = None  # sha256:<hex> of the appliance image, when known
+    log_wheel_sha256: Sha256Digest | None = None  # of the installed wheel, when known
+    log_image_digest: Sha256Digest | None = None  # of the appliance image, when known
 
     # --- operations (docs/OPERATIONS.md) ---
     log_format: Literal["json", "text"] = "text"
@@ -466,13 +485,6 @@ class Settings(BaseSettings):
             raise ValueError("key_epoch is at least 10 seconds (0: no rotation)")
         return self
 
-    @field_validator("replica_id")
-    @classmethod
-    def _check_replica_id(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9._:@-]{1,80}", value):
-            raise ValueError("must be 1-80 characters of [A-Za-z0-9._:@-]")
-        return value
-
     def ledger_password(self) -> str | None:
         """The PostgreSQL password: ``ledger_password_file``, else the systemd credential
         ``ledger_password`` ($CREDENTIALS_DIRECTORY), else none (the URL or libpq's own)."""
@@ -604,20 +616,6 @@ class Settings(BaseSettings):
             if value.lstrip().startswith("["):
                 return jsonsafe.loads(value, max_bytes=64 * 1024)
             return [item.strip() for item in value.split(",") if item.strip()]
-        return value
-
-    @field_validator("log_wheel_sha256", "log_image_digest")
-    @classmethod
-    def _check_log_digest(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
-            raise ValueError("must be sha256:<64 lower-case hex digits>")
-        return value
-
-    @field_validator("log_origin")
-    @classmethod
-    def _check_log_origin(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[!-*,-~]{1,255}", value):
-            raise ValueError("must be 1-255 printable characters without spaces or '+'")
         return value
 
     @field_validator("trusted_proxies", mode="before")
