@@ -111,6 +111,13 @@ def _health_path(value: str) -> str:
     return value
 
 
+def _secret_text(value: Any) -> str | None:
+    """A secret URL setting's text before validation (None when unset or empty)."""
+    if value in ("", None):
+        return None
+    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
 def _matching(pattern: str, message: str) -> AfterValidator:
     """A text setting that must match ``pattern`` whole (an unset one is not checked)."""
     compiled = re.compile(pattern)
@@ -451,9 +458,9 @@ class Settings(BaseSettings):
     @field_validator("alert_webhook", mode="before")
     @classmethod
     def _check_alert_webhook(cls, value: Any) -> Any:
-        if value in ("", None):
+        text = _secret_text(value)
+        if text is None:
             return None
-        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
         parts = urlsplit(text)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL")
@@ -464,11 +471,11 @@ class Settings(BaseSettings):
     @field_validator("ledger_url", mode="before")
     @classmethod
     def _check_ledger_url(cls, value: Any) -> Any:
-        if value in ("", None):
-            return None
         from paygate.x402.ledger_store import parse_ledger_url
 
-        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        text = _secret_text(value)
+        if text is None:
+            return None
         parse_ledger_url(text)  # ValueError says what is wrong, never quoting the URL
         return value
 
