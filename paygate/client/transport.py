@@ -157,25 +157,28 @@ def _attestation_failed(exc: Exception) -> AttestationFailed:
 
 
 @dataclass(frozen=True, slots=True)
-class _Fetch:
-    """One exchange a key load needs → ``(status, body)``, the body read within ``limit``."""
-
-    request: httpx.Request
-    limit: int
-    what: str
-
-
-@dataclass(frozen=True, slots=True)
 class _Hook:
     """Ask the caller's attestation hook about ``key`` (→ None, or it raises)."""
 
     key: EnclaveKey
 
 
-def _key_flow(core: ClientCore, command: LoadKey) -> Generator[_Fetch | _Hook, Any, EnclaveKey]:
+KeyStep = Send | ReadBody | _Hook
+
+
+def _fetch(
+    request: httpx.Request, limit: int, what: str
+) -> Generator[KeyStep, Any, tuple[int, bytes]]:
+    response: httpx.Response = yield Send(request)
+    body: bytes = yield ReadBody(response, limit, what)
+    return response.status_code, body
+
+
+def _key_flow(core: ClientCore, command: LoadKey) -> Generator[KeyStep, Any, EnclaveKey]:
     """Fetch an origin's key, verify it as the AttestationPolicy asks, ask the hook, cache it
     (sans-IO: both transports carry out the steps, under their own per-transport lock)."""
-    status, body = yield _Fetch(core.key_request(command), MAX_PUBKEY_DOCUMENT, "the key document")
+    request = core.key_request(command)
+    status, body = yield from _fetch(request, MAX_PUBKEY_DOCUMENT, "the key document")
     key = core.accept_key(command.origin, status, body)
     if core.attestation is not None:
         flow = attestation_flow(command.origin, core.attestation, key.public_key)
@@ -183,7 +186,7 @@ def _key_flow(core: ClientCore, command: LoadKey) -> Generator[_Fetch | _Hook, A
             exchange = next(flow)
             while True:
                 request = core.exchange_request(exchange, command.request, key)
-                answer = yield _Fetch(request, MAX_EVIDENCE_BYTES, "the attestation evidence")
+                answer = yield from _fetch(request, MAX_EVIDENCE_BYTES, "the attestation evidence")
                 exchange = flow.send(answer)
         except StopIteration as stop:
             attested: Attested = stop.value
@@ -277,10 +280,9 @@ class PaygateTransport(_Facade, httpx.BaseTransport):
                 loaded: EnclaveKey = stop.value
                 return loaded
 
-    def _key_step(self, step: _Fetch | _Hook) -> object:
-        if isinstance(step, _Fetch):
-            response = self._inner.handle_request(step.request)
-            return response.status_code, _read_body(response, step.limit, step.what)
+    def _key_step(self, step: KeyStep) -> object:
+        if not isinstance(step, _Hook):
+            return self._run(step, [])  # the body is read (and closed) by the next step
         if self._attest is not None:
             try:
                 self._attest(step.key)
@@ -374,10 +376,9 @@ class AsyncPaygateTransport(_Facade, httpx.AsyncBaseTransport):
                 loaded: EnclaveKey = stop.value
                 return loaded
 
-    async def _key_step(self, step: _Fetch | _Hook) -> object:
-        if isinstance(step, _Fetch):
-            response = await self._inner.handle_async_request(step.request)
-            return response.status_code, await _aread_body(response, step.limit, step.what)
+    async def _key_step(self, step: KeyStep) -> object:
+        if not isinstance(step, _Hook):
+            return await self._run(step, [])  # the body is read (and closed) by the next step
         if self._attest is not None:
             try:
                 result = self._attest(step.key)
