@@ -4,6 +4,9 @@ A verifier takes evidence as bytes, the time to check at and the binding it expe
 :class:`Verdict`: every check it ran, in order, each passed, failed (with a stable ``code``) or
 skipped (nothing was asked of it). Verifiers never touch the network; collateral (certificates,
 CRLs, vendor TCB data) is handed to them, so recorded evidence can be re-verified offline later.
+TPM evidence needs one round trip (credential activation): its verifier,
+:class:`enclave.attestation.tpm.TpmVerifier`, is a generator that yields the challenge and is
+sent the answer, then returns the same :class:`Verdict`.
 """
 
 from __future__ import annotations
