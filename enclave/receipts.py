@@ -62,7 +62,7 @@ USAGE_CLAIMS = frozenset(
 _ATOMIC = re.compile(r"^(0|[1-9][0-9]{0,77})$")
 
 
-class ReceiptInvalid(EnclaveError):
+class ReceiptTokenInvalid(EnclaveError):
     message = "the receipt is malformed or its signature does not verify"
 
     code = "receipt_invalid"
@@ -120,7 +120,7 @@ def _unb64(text: str) -> bytes:
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except ValueError:
-        raise ReceiptInvalid("the receipt is not base64url") from None
+        raise ReceiptTokenInvalid("the receipt is not base64url") from None
 
 
 def sign(claims: Mapping[str, Any], signer: ReceiptSigner) -> str:
@@ -139,7 +139,7 @@ def sign(claims: Mapping[str, Any], signer: ReceiptSigner) -> str:
 
 def _split(token: str) -> tuple[bytes, bytes]:
     if not isinstance(token, str) or len(token) > MAX_TOKEN or token.count(".") != 1:
-        raise ReceiptInvalid("the receipt is not a token of two base64url parts")
+        raise ReceiptTokenInvalid("the receipt is not a token of two base64url parts")
     encoded, signature = token.split(".")
     return _unb64(encoded), _unb64(signature)
 
@@ -149,7 +149,7 @@ def signed_bytes(token: str) -> bytes:
     log hashes. The one definition of a receipt's identity: the signature part is not read, so
     a token whose signature was swapped names the same receipt."""
     if not isinstance(token, str) or len(token) > MAX_TOKEN or token.count(".") != 1:
-        raise ReceiptInvalid("the receipt is not a token of two base64url parts")
+        raise ReceiptTokenInvalid("the receipt is not a token of two base64url parts")
     return _unb64(token.partition(".")[0])
 
 
@@ -159,27 +159,27 @@ def unverified_claims(token: str) -> dict[str, Any]:
     try:
         claims = json.loads(signed_bytes(token))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise ReceiptInvalid("the receipt is not JSON") from None
+        raise ReceiptTokenInvalid("the receipt is not JSON") from None
     if not isinstance(claims, dict):
-        raise ReceiptInvalid("the receipt is not a JSON object")
+        raise ReceiptTokenInvalid("the receipt is not a JSON object")
     _check_form(claims)
     return claims
 
 
 def verify(token: str, receipt_key: bytes) -> dict[str, Any]:
     """The claims of ``token`` once its signature verifies under ``receipt_key`` (the attested
-    point) and its form is right; :class:`ReceiptInvalid` otherwise."""
+    point) and its form is right; :class:`ReceiptTokenInvalid` otherwise."""
     payload, signature = _split(token)
     if not verify_signature(receipt_key, payload, signature):
-        raise ReceiptInvalid("the receipt's signature does not verify under the attested key")
+        raise ReceiptTokenInvalid("the receipt's signature does not verify under the attested key")
     claims = unverified_claims(token)
     try:
         if canonical(claims) != payload:
-            raise ReceiptInvalid("the receipt is not canonical JSON")
+            raise ReceiptTokenInvalid("the receipt is not canonical JSON")
     except BindingInvalid:
-        raise ReceiptInvalid("the receipt is not canonical JSON") from None
+        raise ReceiptTokenInvalid("the receipt is not canonical JSON") from None
     if claims["receipt_key"] != p256.fingerprint(receipt_key):
-        raise ReceiptInvalid("the receipt names another key")
+        raise ReceiptTokenInvalid("the receipt names another key")
     return claims
 
 
@@ -187,28 +187,28 @@ def _check_form(claims: Mapping[str, Any]) -> None:
     """The claims of a version 2 receipt of a known kind, with well-formed payment and usage."""
     kind = claims.get("kind")
     if claims.get("version") != VERSION or kind not in KINDS or set(claims) != KINDS[kind]:
-        raise ReceiptInvalid("the receipt does not have the version 2 claims of its kind")
+        raise ReceiptTokenInvalid("the receipt does not have the version 2 claims of its kind")
     payment = claims["payment"]
     if kind == "settlement" and payment is None:
-        raise ReceiptInvalid("a settlement receipt names no payment")
+        raise ReceiptTokenInvalid("a settlement receipt names no payment")
     if payment is not None:
         if not isinstance(payment, dict) or set(payment) != PAYMENT_CLAIMS:
-            raise ReceiptInvalid("the receipt's payment does not have the payment claims")
+            raise ReceiptTokenInvalid("the receipt's payment does not have the payment claims")
         for name in ("authorized", "charged"):
             value = payment[name]
             if not isinstance(value, str) or not _ATOMIC.match(value):
-                raise ReceiptInvalid(f"the receipt's {name} amount is not atomic units")
+                raise ReceiptTokenInvalid(f"the receipt's {name} amount is not atomic units")
         if int(payment["charged"]) > int(payment["authorized"]):
-            raise ReceiptInvalid("the receipt charges more than was authorized")
+            raise ReceiptTokenInvalid("the receipt charges more than was authorized")
     usage = claims.get("usage")
     if usage is not None:
         if not isinstance(usage, dict) or set(usage) != USAGE_CLAIMS:
-            raise ReceiptInvalid("the receipt's usage does not have the usage claims")
+            raise ReceiptTokenInvalid("the receipt's usage does not have the usage claims")
         for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
             if not _count(usage[name]):
-                raise ReceiptInvalid(f"the receipt's {name} is not a count")
+                raise ReceiptTokenInvalid(f"the receipt's {name} is not a count")
         if usage["cached_tokens"] is not None and not _count(usage["cached_tokens"]):
-            raise ReceiptInvalid("the receipt's cached_tokens is not a count")
+            raise ReceiptTokenInvalid("the receipt's cached_tokens is not a count")
 
 
 def _count(value: Any) -> bool:

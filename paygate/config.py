@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     ConfigDict,
@@ -97,6 +98,74 @@ class BudgetSetting(BaseModel):
     shadow: bool = False
 
 
+def _upstream_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("must not carry a query, fragment or credentials")
+    return value.rstrip("/")
+
+
+def _health_path(value: str) -> str:
+    if not value.startswith("/") or "?" in value or "#" in value:
+        raise ValueError("must be an absolute path without query, e.g. /health")
+    return value
+
+
+def _secret_text(value: Any) -> str | None:
+    """A secret URL setting's text before validation (None when unset or empty)."""
+    if value in ("", None):
+        return None
+    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
+def _matching(pattern: str, message: str) -> AfterValidator:
+    """A text setting that must match ``pattern`` whole (an unset one is not checked)."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise ValueError(message)
+        return value
+
+    return AfterValidator(check)
+
+
+def _memory(value: str) -> str:
+    if not re.fullmatch(r"[1-9][0-9]*[bkmg]?", value.lower()):
+        raise ValueError("must be a size like 512m or 8g")
+    return value.lower()
+
+
+def _gpus(value: str) -> str | None:
+    if value and not re.fullmatch(r"all|[A-Za-z0-9-]+(,[A-Za-z0-9-]+)*", value.strip()):
+        raise ValueError("must be 'all' or comma-separated device ids")
+    return value.strip() if value else None
+
+
+# The checks a global ``upstream_*`` setting and an ``[[upstream]]`` entry's field share.
+UpstreamUrl = Annotated[str, AfterValidator(_upstream_url)]
+HealthPath = Annotated[str, AfterValidator(_health_path)]
+DockerRef = Annotated[
+    str,
+    _matching(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}", "must be a docker image or volume name"),
+]
+ReplicaId = Annotated[
+    str, _matching(r"[A-Za-z0-9._:@-]{1,80}", "must be 1-80 characters of [A-Za-z0-9._:@-]")
+]
+Sha256Digest = Annotated[
+    str, _matching(r"sha256:[0-9a-f]{64}", "must be sha256:<64 lower-case hex digits>")
+]
+LogOrigin = Annotated[
+    str,
+    _matching(r"[!-*,-~]{1,255}", "must be 1-255 printable characters without spaces or '+'"),
+]
+MemorySize = Annotated[str, AfterValidator(_memory)]
+GpuDevices = Annotated[str, AfterValidator(_gpus)]
+HomePath = Annotated[Path, AfterValidator(Path.expanduser)]
+
+
 class UpstreamSetting(BaseModel):
     """One ``[[upstream]]`` table / ``PAYGATE_UPSTREAMS`` entry (docs/UPSTREAM.md, "Several model
     servers"). Unset fields take the global ``upstream_*`` settings."""
@@ -106,50 +175,20 @@ class UpstreamSetting(BaseModel):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")]
     kind: EngineKind | None = None
     mode: UpstreamMode | None = None
-    url: str | None = None
+    url: UpstreamUrl | None = None
     models: Annotated[
         list[Annotated[str, Field(min_length=1, max_length=256)]],
         Field(min_length=1, max_length=200),
     ]
     weight: Annotated[int, Field(ge=1, le=1000)] = 1
-    model_path: Path | None = None
-    health_path: str | None = None
+    model_path: HomePath | None = None
+    health_path: HealthPath | None = None
     api_key_file: Path | None = None
-    image: str | None = None
+    image: DockerRef | None = None
     port: Annotated[int, Field(ge=1, le=65535)] | None = None
     cpus: PositiveFloat | None = None
-    memory: str | None = None
-    gpus: str | None = None
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str | None) -> str | None:
-        return None if value is None else Settings._check_upstream(value)
-
-    @field_validator("model_path")
-    @classmethod
-    def _expand(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
-
-    @field_validator("health_path")
-    @classmethod
-    def _check_health(cls, value: str | None) -> str | None:
-        return Settings._check_health_path(value)
-
-    @field_validator("image")
-    @classmethod
-    def _check_image(cls, value: str | None) -> str | None:
-        return Settings._check_docker_ref(value)
-
-    @field_validator("memory")
-    @classmethod
-    def _check_memory(cls, value: str | None) -> str | None:
-        return Settings._check_memory(value)
-
-    @field_validator("gpus")
-    @classmethod
-    def _check_gpus(cls, value: str | None) -> str | None:
-        return UpstreamSection._check_gpus(value)
+    memory: MemorySize | None = None
+    gpus: GpuDevices | None = None
 
 
 class KeySection(BaseModel):
@@ -211,7 +250,7 @@ class GatewaySection(BaseModel):
 
     # --- gateway (paygate serve) ---
     listen: str = "127.0.0.1:8402"
-    upstream_url: str = "http://127.0.0.1:11434"
+    upstream_url: UpstreamUrl = "http://127.0.0.1:11434"
     payment_mode: PaymentMode = "off"
     require_encryption: bool = False
     # The gateway's log level; dependencies' RPC tracing stays at WARNING (server.logs).
@@ -250,16 +289,6 @@ class GatewaySection(BaseModel):
     def _check_listen(cls, value: str) -> str:
         split_listen(value)
         return value
-
-    @field_validator("upstream_url")
-    @classmethod
-    def _check_upstream(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.query or parts.fragment or parts.username or parts.password:
-            raise ValueError("must not carry a query, fragment or credentials")
-        return value.rstrip("/")
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
@@ -368,15 +397,15 @@ class PaymentSection(BaseModel):
     payment_identifier_ttl_seconds: Annotated[float, Field(ge=60, le=90 * 86_400)] = 86_400.0
     reconcile_interval_seconds: PositiveFloat = 30.0
     chain_rpc_url: str | None = None
+    # Chain mode: exact settlements due within the window share one Multicall3 transaction, at
+    # most chain_batch_max each (x402.schemes.exact.multicall); 1: one transaction per payment.
+    chain_batch_max: Annotated[int, Field(ge=1, le=200)] = 1
+    chain_batch_window_ms: Annotated[int, Field(ge=0, le=10_000)] = 50
     # ERC-6492 factories trusted to deploy a counterfactual smart-wallet payer (chain-mode
     # settlement, smart-wallet sign-ins); empty: such wallets pay once deployed.
     erc6492_factories: Annotated[list[str], NoDecode] = Field(default_factory=list)
     gas_key: SecretStr | None = None
     gas_key_file: Path | None = None
-    # Chain mode: exact settlements due within the window share one Multicall3 transaction, at
-    # most chain_batch_max each (x402.schemes.exact.multicall); 1: one transaction per payment.
-    chain_batch_max: Annotated[int, Field(ge=1, le=200)] = 1
-    chain_batch_window_ms: Annotated[int, Field(ge=0, le=10_000)] = 50
 
     @field_validator("network", "engine_options_allowed", mode="before")
     @classmethod
@@ -429,9 +458,9 @@ class PaymentSection(BaseModel):
     @field_validator("alert_webhook", mode="before")
     @classmethod
     def _check_alert_webhook(cls, value: Any) -> Any:
-        if value in ("", None):
+        text = _secret_text(value)
+        if text is None:
             return None
-        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
         parts = urlsplit(text)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL")
@@ -449,26 +478,19 @@ class LedgerSection(BaseModel):
     ledger_url: SecretStr | None = None
     ledger_password_file: Path | None = None  # else the systemd credential "ledger_password"
     ledger_pool_size: Annotated[int, Field(ge=1, le=100)] = 10
-    replica_id: str | None = None  # default <hostname>:<pid>
+    replica_id: ReplicaId | None = None  # default <hostname>:<pid>
     lease_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     workers: Annotated[int, Field(ge=1, le=64)] = 1
 
     @field_validator("ledger_url", mode="before")
     @classmethod
     def _check_ledger_url(cls, value: Any) -> Any:
-        if value in ("", None):
-            return None
         from paygate.x402.ledger_store import parse_ledger_url
 
-        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        text = _secret_text(value)
+        if text is None:
+            return None
         parse_ledger_url(text)  # ValueError says what is wrong, never quoting the URL
-        return value
-
-    @field_validator("replica_id")
-    @classmethod
-    def _check_replica_id(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9._:@-]{1,80}", value):
-            raise ValueError("must be 1-80 characters of [A-Za-z0-9._:@-]")
         return value
 
     def ledger_password(self) -> str | None:
@@ -506,13 +528,13 @@ class TransparencySection(BaseModel):
 
     # --- transparency log (paygate.tlog; docs/TRANSPARENCY.md) ---
     transparency_log: bool = False
-    log_origin: str | None = None  # default: public_url without the scheme, + "/v1/log"
+    log_origin: LogOrigin | None = None  # default: public_url without the scheme, + "/v1/log"
     log_receipt_period: Annotated[float, Field(ge=1, le=31 * 86400)] = 3600.0
     # "<add-checkpoint URL prefix> <witness vkey>" items (comma-separated or a JSON list).
     log_witnesses: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_witness_timeout: PositiveFloat = 10.0
-    log_wheel_sha256: str | None = None  # sha256:<hex> of the installed wheel, when known
-    log_image_digest: str | None = None  # sha256:<hex> of the appliance image, when known
+    log_wheel_sha256: Sha256Digest | None = None  # of the installed wheel, when known
+    log_image_digest: Sha256Digest | None = None  # of the appliance image, when known
     # --- operations (docs/OPERATIONS.md) ---
     log_format: Literal["json", "text"] = "text"
 
@@ -520,20 +542,6 @@ class TransparencySection(BaseModel):
     @classmethod
     def _split_witnesses(cls, value: Any) -> Any:
         return _split_list(value)
-
-    @field_validator("log_wheel_sha256", "log_image_digest")
-    @classmethod
-    def _check_log_digest(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
-            raise ValueError("must be sha256:<64 lower-case hex digits>")
-        return value
-
-    @field_validator("log_origin")
-    @classmethod
-    def _check_log_origin(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[!-*,-~]{1,255}", value):
-            raise ValueError("must be 1-255 printable characters without spaces or '+'")
-        return value
 
 
 class ConsoleSection(BaseModel):
@@ -563,7 +571,7 @@ class UpstreamSection(BaseModel):
     # --- upstream (paygate.upstream; docs/UPSTREAM.md) ---
     upstream_mode: UpstreamMode = "attach"
     upstream_kind: EngineKind = "ollama"
-    upstream_health_path: str | None = None
+    upstream_health_path: HealthPath | None = None
     upstream_api_key: SecretStr | None = None
     upstream_api_key_file: Path | None = None
     upstream_monitor: bool = True
@@ -575,25 +583,25 @@ class UpstreamSection(BaseModel):
     # The served weights (a GGUF file; Ollama: its models directory) and the name they are
     # served under; their digest is shown in /health/ready and checked against
     # expected_model_digests (JSON: model name -> "sha256:<hex>") at start.
-    upstream_model_path: Path | None = None
+    upstream_model_path: HomePath | None = None
     upstream_model_name: str | None = None
     expected_model_digests: dict[str, str] = Field(default_factory=dict)
     docker_host: str | None = None
     # Container mode: None means the engine profile's default for upstream_kind.
     upstream_name: str | None = None
-    upstream_image: str | None = None
-    upstream_relay_image: str = "python:3-slim"
-    upstream_volume: str | None = None
+    upstream_image: DockerRef | None = None
+    upstream_relay_image: DockerRef = "python:3-slim"
+    upstream_volume: DockerRef | None = None
     upstream_models_dir: str | None = None
     upstream_port: Annotated[int, Field(ge=1, le=65535)] | None = None
     upstream_cpus: PositiveFloat | None = None
-    upstream_memory: str | None = None
+    upstream_memory: MemorySize | None = None
     upstream_pids_limit: PositiveInt = 512
-    upstream_gpus: str | None = None
+    upstream_gpus: GpuDevices | None = None
     upstream_tmpfs: dict[str, str] = Field(
         default_factory=lambda: {"/tmp": "rw,nosuid,nodev,noexec,size=512m"}  # noqa: S108
     )
-    upstream_socket_dir: Path = Path("/run/paygate/upstream")
+    upstream_socket_dir: HomePath = Path("/run/paygate/upstream")
     upstream_pull_network: str = "paygate-pull"
     upstream_pull_timeout: PositiveFloat = 3600.0
     # Several model servers (PAYGATE_UPSTREAMS, JSON list; [[upstream]] tables in the file).
@@ -606,23 +614,9 @@ class UpstreamSection(BaseModel):
     # the salts; a random one per process when unset (then salts change at restart).
     cache_salt_secret: SecretStr | None = None
     cache_salt_secret_file: Path | None = None
-    deployments_dir: Path = Path("~/.config/paygate/inference")
+    deployments_dir: HomePath = Path("~/.config/paygate/inference")
     discover_ports: Annotated[list[int], NoDecode] = Field(default_factory=list)
     discover_timeout: PositiveFloat = 2.0
-
-    @field_validator("upstream_health_path")
-    @classmethod
-    def _check_health_path(cls, value: str | None) -> str | None:
-        if value is not None and (not value.startswith("/") or "?" in value or "#" in value):
-            raise ValueError("must be an absolute path without query, e.g. /health")
-        return value
-
-    @field_validator("upstream_image", "upstream_relay_image", "upstream_volume")
-    @classmethod
-    def _check_docker_ref(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}", value):
-            raise ValueError("must be a docker image or volume name")
-        return value
 
     @field_validator("expected_model_digests")
     @classmethod
@@ -632,25 +626,6 @@ class UpstreamSection(BaseModel):
                 raise ValueError(f"the digest for {name[:80]!r} must be sha256:<64 hex digits>")
         return {name: digest.strip().lower() for name, digest in value.items()}
 
-    @field_validator("upstream_model_path")
-    @classmethod
-    def _expand_model_path(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
-
-    @field_validator("upstream_memory")
-    @classmethod
-    def _check_memory(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[1-9][0-9]*[bkmg]?", value.lower()):
-            raise ValueError("must be a size like 512m or 8g")
-        return value.lower() if value else value
-
-    @field_validator("upstream_gpus")
-    @classmethod
-    def _check_gpus(cls, value: str | None) -> str | None:
-        if value and not re.fullmatch(r"all|[A-Za-z0-9-]+(,[A-Za-z0-9-]+)*", value.strip()):
-            raise ValueError("must be 'all' or comma-separated device ids")
-        return value.strip() if value else None
-
     @field_validator("upstream_tmpfs")
     @classmethod
     def _check_tmpfs(cls, value: dict[str, str]) -> dict[str, str]:
@@ -658,11 +633,6 @@ class UpstreamSection(BaseModel):
             if not path.startswith("/"):
                 raise ValueError("tmpfs mount points must be absolute paths")
         return value
-
-    @field_validator("deployments_dir", "upstream_socket_dir")
-    @classmethod
-    def _expand_home(cls, value: Path) -> Path:
-        return value.expanduser()
 
     @field_validator("discover_ports", mode="before")
     @classmethod
@@ -1069,6 +1039,8 @@ def split_listen(value: str) -> tuple[str, int]:
 
 class ConfigError(PaygateError):
     """The configuration is unusable; the message says which setting and why (never a secret)."""
+
+    message = "the configuration is unusable"
 
     code = "config_error"
 

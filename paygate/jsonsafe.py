@@ -30,6 +30,8 @@ PARSER_DEPTH_LIMIT = 1024
 class UntrustedJSONError(PaygateError, ValueError):
     """The document is too large, too deep, or not JSON (the message never quotes it)."""
 
+    message = "the document is too large, too deep, or not JSON"
+
     code = "invalid_json"
 
 

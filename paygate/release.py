@@ -30,6 +30,8 @@ _MAX_WHEEL_MEMBER = 64 * 1024 * 1024  # a source file or root certificate is far
 class ReleaseError(PaygateError):
     """the code digest cannot be computed (a package or wheel is missing or unreadable)"""
 
+    message = "the code digest cannot be computed (a package or wheel is missing or unreadable)"
+
     code = "release_unreadable"
 
 

@@ -4,6 +4,9 @@ A verifier takes evidence as bytes, the time to check at and the binding it expe
 :class:`Verdict`: every check it ran, in order, each passed, failed (with a stable ``code``) or
 skipped (nothing was asked of it). Verifiers never touch the network; collateral (certificates,
 CRLs, vendor TCB data) is handed to them, so recorded evidence can be re-verified offline later.
+TPM evidence needs one round trip (credential activation): its verifier,
+:class:`enclave.attestation.tpm.TpmVerifier`, is a generator that yields the challenge and is
+sent the answer, then returns the same :class:`Verdict`.
 """
 
 from __future__ import annotations
@@ -121,6 +124,8 @@ class EvidenceError(EnclaveError, ValueError):
     """Evidence or collateral that cannot be used; a verifier turns it into a failed check.
     (Still a ValueError, as callers that parse evidence catch it.)"""
 
+    message = "the evidence or collateral cannot be used"
+
     def __init__(self, code: Code, message: str) -> None:
         super().__init__(message)
         self.code = code
@@ -145,7 +150,7 @@ class Checks:
     def passed(self, name: str, detail: str = "") -> None:
         self.items.append(Check(name, "pass", detail))
 
-    def failed(self, name: str, code: Code, detail: str) -> None:
+    def failed(self, name: str, code: Code | str, detail: str) -> None:
         self.items.append(Check(name, "fail", detail, str(code)))
 
     def skipped(self, name: str, detail: str) -> None:

@@ -36,6 +36,10 @@ _FILES = {
 class RootMismatch(EnclaveError, RuntimeError):
     """A shipped root file does not match the fingerprint pinned in code (a damaged install)."""
 
+    message = (
+        "a shipped root file does not match the fingerprint pinned in code (a damaged install)"
+    )
+
     code = "attestation_root_mismatch"
 
 

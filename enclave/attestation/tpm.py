@@ -13,21 +13,24 @@ Appliance side (:class:`TpmAttester`, over an open :class:`~enclave.keys.tpm.Tpm
 
 Verifier side (no TPM, no tpm2-pytss: a client needs only ``cryptography``): parsing of
 TPM2B_PUBLIC and TPMS_ATTEST, a key's Name, MakeCredential (TPM 2.0 Part 1 §24, KDFa/KDFe of
-Part 1 §11.4.10), the EK certificate chain, the quote and the certifications. Each check fails
-with an :class:`TpmEvidenceError` carrying one of this module's codes.
+Part 1 §11.4.10), the EK certificate chain, the quote and the certifications, run in order by
+:class:`TpmVerifier` (sans-IO: it yields the one credential challenge the appliance must answer
+and returns a :class:`~enclave.attestation.base.Verdict` like the TEE verifiers). Each check
+fails with a :class:`TpmEvidenceError` carrying one of this module's codes.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import hmac
 import os
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -38,9 +41,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from enclave import p256
-from enclave.errors import KeyBackendError
+from enclave.attestation.base import Checks, Code, Verdict
+from enclave.errors import EnclaveError, KeyBackendError
 
 if TYPE_CHECKING:
+    from enclave.attestation.binding import Binding, LogIdentity
     from enclave.keys.tpm import TpmAccess, TpmKey
 
 # --- constants of the TPM 2.0 specification (Part 2) --------------------------------------
@@ -79,10 +84,15 @@ QUOTE_INVALID = "quote_invalid"
 PCR_MISMATCH = "pcr_mismatch"
 KEY_NOT_CERTIFIED = "key_not_certified"
 EVIDENCE_MALFORMED = "evidence_malformed"
+ACTIVATION_FAILED = "activation_failed"
+EVIDENCE_UNAVAILABLE = "evidence_unavailable"
 
 
-class TpmEvidenceError(ValueError):
+class TpmEvidenceError(EnclaveError, ValueError):
     """One check failed; ``code`` says which (stable), the message says why (no secrets)."""
+
+    code = EVIDENCE_MALFORMED
+    message = "the TPM evidence does not verify"
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -441,6 +451,215 @@ def app_pcr_value(app_digest: bytes) -> bytes:
 def app_digest(code_digest: bytes, config_digest: bytes) -> bytes:
     """What the service extends into PCR 23: SHA-256(code digest || configuration digest)."""
     return hashlib.sha256(code_digest + config_digest).digest()
+
+
+# --- the verifier: every check of a TPM evidence, sans-IO ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialChallenge:
+    """What the appliance's TPM must open (TPM2_ActivateCredential) to prove it holds the AK
+    beside the certified EK; the caller carries it to the appliance and back."""
+
+    ek: str  # which EK: a key of EK_HANDLES
+    credential_blob: bytes
+    encrypted_secret: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ActivationAnswer:
+    """How the appliance answered a :class:`CredentialChallenge`."""
+
+    secret: bytes | None  # what its TPM recovered; None when it sent none
+    detail: str = ""  # how it answered (e.g. "HTTP 500"), for the check's detail
+    busy: bool = False  # rate-limited or busy: says nothing about the AK, ask again later
+
+
+class TpmVerifier:
+    """TPM evidence (the attestation document's ``tpm`` entry) against the trusted EK CAs, the
+    binding document and the expected PCRs. Like the other verifiers it never raises on bad
+    evidence and stops at the first failed check; unlike them it needs one round trip, so
+    :meth:`verify` is a generator: it yields one :class:`CredentialChallenge`, is sent the
+    :class:`ActivationAnswer` and returns the :class:`~enclave.attestation.base.Verdict`.
+
+    Checks, in order: ek_chain, ak, activation, quote, app_pcr, pcrs, then certify_<name>_key for
+    the sealing and receipt keys (or each key epoch's two) and the log key.
+    """
+
+    kind: ClassVar[str] = "tpm"
+
+    def __init__(
+        self, trusted_ek_cas: Sequence[x509.Certificate], pcrs: Mapping[int, bytes] | None = None
+    ) -> None:
+        self.trusted_ek_cas = tuple(trusted_ek_cas)
+        self.pcrs = pcrs  # expected sha256 PCR values by index; None accepts any boot state
+
+    def verify(
+        self, evidence: Any, *, at: datetime, binding: Binding
+    ) -> Generator[CredentialChallenge, ActivationAnswer, Verdict]:
+        """``evidence`` is the ``tpm`` entry as parsed JSON, of any shape (a wrong one fails
+        the check that reads it, as ``evidence_malformed``)."""
+        checks = Checks()
+        state: dict[str, Any] = {}
+
+        def step(name: str, call: Callable[[], str]) -> bool:
+            try:
+                detail = call()
+            except TpmEvidenceError as exc:
+                checks.failed(name, exc.code, str(exc))
+                return False
+            except (KeyError, TypeError, ValueError, AttributeError, EnclaveError) as exc:
+                # a field is missing or of the wrong type: the evidence's form, not a forgery
+                detail = str(exc) if isinstance(exc, EnclaveError) else type(exc).__name__
+                checks.failed(name, Code.EVIDENCE_MALFORMED, detail)
+                return False
+            checks.passed(name, detail)
+            return True
+
+        def ek_chain() -> str:
+            certs = evidence["ek_certificates"]
+            failure: TpmEvidenceError | None = None
+            for kind in EK_ACTIVATION_ORDER:
+                if kind not in certs:
+                    continue
+                try:
+                    state["ek"] = verify_ek_chain(_unb64(certs[kind]), self.trusted_ek_cas, at)
+                except TpmEvidenceError as exc:
+                    failure = exc
+                    continue
+                state["ek_kind"] = kind
+                return f"{kind} EK certificate chains to a trusted CA"
+            raise failure or TpmEvidenceError(EK_UNTRUSTED, "no usable EK certificate")
+
+        def ak() -> str:
+            state["ak"] = check_ak(_unb64(evidence["ak_public"]))
+            return "restricted, fixedTPM signing key"
+
+        if not (step("ek_chain", ek_chain) and step("ak", ak)):
+            return checks.verdict(self.kind, {})
+        secret = os.urandom(CREDENTIAL_SECRET_LEN)
+        try:
+            blob, encrypted = make_credential(state["ek"].public_key(), state["ak"].name, secret)
+        except ValueError as exc:  # an EK of a kind activation does not support
+            checks.failed("activation", Code.EVIDENCE_MALFORMED, str(exc))
+            return checks.verdict(self.kind, {})
+        answer = yield CredentialChallenge(state["ek_kind"], blob, encrypted)
+        if answer.busy:
+            checks.failed("activation", EVIDENCE_UNAVAILABLE, answer.detail)
+            return checks.verdict(self.kind, {})
+        if answer.secret is None or not hmac.compare_digest(answer.secret, secret):
+            checks.failed(
+                "activation",
+                ACTIVATION_FAILED,
+                f"the AK is not in the TPM of the certified EK ({answer.detail})",
+            )
+            return checks.verdict(self.kind, {})
+        checks.passed("activation", f"the TPM of the {state['ek_kind']} EK holds the AK")
+
+        def quote() -> str:
+            pcrs = {int(i): bytes.fromhex(v) for i, v in evidence["pcrs"].items()}
+            signed = SignedAttest(
+                _unb64(evidence["quote"]["attest"]), _unb64(evidence["quote"]["signature"])
+            )
+            check_quote(state["ak"], signed, pcrs, binding.digest())
+            state["pcrs"] = pcrs
+            return "signed by the AK over the binding document's digest"
+
+        def app_pcr() -> str:
+            code = bytes.fromhex(binding.code_digest.removeprefix("sha256:"))
+            expected = app_pcr_value(app_digest(code, binding.config_digest()))
+            if not hmac.compare_digest(state["pcrs"].get(APP_PCR, b""), expected):
+                raise TpmEvidenceError(
+                    PCR_MISMATCH, "PCR 23 does not measure this code and configuration"
+                )
+            return "PCR 23 = code digest and configuration digest"
+
+        if not (step("quote", quote) and step("app_pcr", app_pcr)):
+            return checks.verdict(self.kind, {})
+        expected_pcrs = self.pcrs
+        if expected_pcrs is None:
+            checks.skipped("pcrs", "policy accepts any boot state")
+        else:
+
+            def pcrs() -> str:
+                for index, value in sorted(expected_pcrs.items()):
+                    if not hmac.compare_digest(state["pcrs"].get(index, b""), value):
+                        raise TpmEvidenceError(PCR_MISMATCH, f"PCR {index} differs")
+                return f"PCRs {sorted(expected_pcrs)} as expected"
+
+            if not step("pcrs", pcrs):
+                return checks.verdict(self.kind, {})
+        for name, entry_of, point_of in _certified_keys(evidence, binding):
+
+            def certify(
+                name: str = name,
+                entry_of: Callable[[], Any] = entry_of,
+                point_of: Callable[[], bytes] = point_of,
+            ) -> str:
+                point = point_of()
+                entry = entry_of()
+                key = CertifiedKey(
+                    _unb64(entry["public"]),
+                    SignedAttest(_unb64(entry["attest"]), _unb64(entry["signature"])),
+                )
+                check_certified(state["ak"], key, point, f"{name} key")
+                return "certified by the AK: fixedTPM, fixedParent, sensitiveDataOrigin"
+
+            if not step(f"certify_{name.replace(' ', '_')}_key", certify):
+                break
+        return checks.verdict(self.kind, {"ek": state["ek_kind"]})
+
+
+def _certified_keys(
+    evidence: Any, binding: Binding
+) -> list[tuple[str, Callable[[], Any], Callable[[], bytes]]]:
+    """Each key the AK must have certified: its name in the checks, its certification in the
+    evidence, the point it must certify (read lazily: a missing entry fails its own check)."""
+    keys: list[tuple[str, Callable[[], Any], Callable[[], bytes]]] = []
+    if binding.epochs:  # key epochs: each live epoch's two keys, certified when they were made
+        for epoch in binding.epochs:
+            for part, point in (("sealing", epoch.sealing_key), ("receipt", epoch.receipt_key)):
+                keys.append(
+                    (
+                        f"epoch {epoch.id} {part}",
+                        lambda e=epoch.id, p=part: evidence["epochs"][e][p],
+                        lambda point=point: point,
+                    )
+                )
+    else:
+        keys.append(
+            ("sealing", lambda: evidence["certify"]["sealing"], lambda: binding.sealing_key)
+        )
+        keys.append(
+            ("receipt", lambda: evidence["certify"]["receipt"], lambda: binding.receipt_key)
+        )
+    if binding.log is not None:  # the transparency log's key: certified like the receipt key
+        log = binding.log
+        keys.append(("log", lambda: evidence["certify"]["log"], lambda: log_key_point(log)))
+    return keys
+
+
+def log_key_point(log: LogIdentity) -> bytes:
+    """The P-256 point of a TPM-held log key (a type 0x02 vkey); anything else is not a key the
+    TPM could have certified."""
+    from cryptography.hazmat.primitives import serialization
+
+    from enclave.tlog import note
+
+    verifier = note.parse_vkey(log.key)
+    if not isinstance(verifier, note.EcdsaVerifier):
+        raise TpmEvidenceError(KEY_NOT_CERTIFIED, "the log key is not a TPM-held key")
+    key = serialization.load_der_public_key(verifier.spki)
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise TpmEvidenceError(KEY_NOT_CERTIFIED, "the log key is not a P-256 key")
+    return p256.encode_public_key(key)
+
+
+def _unb64(text: object, limit: int = 16 * 1024) -> bytes:
+    """A base64url field of the evidence (unpadded), bounded."""
+    if not isinstance(text, str) or len(text) > limit:
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 # --- appliance side ------------------------------------------------------------------------

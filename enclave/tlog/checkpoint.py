@@ -21,6 +21,7 @@ MAX_SIZE = (1 << 64) - 1
 
 class CheckpointError(note.NoteError):
     code = "checkpoint_malformed"
+    message = "the checkpoint is malformed"
 
 
 @dataclass(frozen=True, slots=True)

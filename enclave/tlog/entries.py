@@ -27,6 +27,8 @@ from typing import Any
 
 import rfc8785
 
+from enclave.errors import EnclaveError
+
 VERSION = 1
 MAX_ENTRY = 16 * 1024
 TYPES = ("release", "key-epoch", "receipts")
@@ -50,8 +52,9 @@ _FIELDS: dict[str, frozenset[str]] = {
 _COMMON = frozenset({"v", "type", "time", "replica"})
 
 
-class EntryInvalid(ValueError):
+class EntryInvalid(EnclaveError, ValueError):
     code = "log_entry_invalid"
+    message = "the log entry is malformed"
 
 
 def encode(kind: str, time: int, replica: str, fields: Mapping[str, Any]) -> bytes:

@@ -18,13 +18,18 @@ import hmac
 from collections.abc import Sequence
 from typing import Protocol
 
+from enclave.errors import EnclaveError
+
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 MAX_PROOF = 64  # a tree of at most 2**64 leaves has proofs of at most 64 hashes
 
 
-class ProofError(ValueError):
+class ProofError(EnclaveError, ValueError):
     """A proof that does not verify, or a request for one that cannot exist."""
+
+    code = "log_proof_invalid"
+    message = "the Merkle proof does not verify"
 
 
 def leaf_hash(data: bytes) -> bytes:

@@ -32,6 +32,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from enclave.errors import EnclaveError
+
 ED25519 = 0x01
 ECDSA = 0x02
 COSIGNATURE_V1 = 0x04
@@ -43,22 +45,25 @@ _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
 _SPACE = re.compile(r"\s")
 
 
-class NoteError(ValueError):
+class NoteError(EnclaveError, ValueError):
     """A malformed note, vkey or signature, or a note no trusted key verifies."""
 
     code = "note_malformed"
+    message = "the signed note is malformed"
 
 
 class UnverifiedNote(NoteError):
     """No signature by a known key verifies."""
 
     code = "note_unverified"
+    message = "no known key's signature on the note verifies"
 
 
 class BadSignature(NoteError):
     """A known key's signature does not verify: the whole note is refused."""
 
     code = "note_bad_signature"
+    message = "a known key's signature on the note does not verify"
 
 
 def key_id(name: str, key_type: int, public_key: bytes) -> int:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from enclave.errors import EnclaveError
 from enclave.tlog.merkle import HASH_SIZE, ProofError, node_hash
 
 WIDTH = 256
@@ -33,8 +34,11 @@ _LEVEL = re.compile(r"0|[1-9][0-9]?")
 T = TypeVar("T")
 
 
-class TilePathError(ValueError):
+class TilePathError(EnclaveError, ValueError):
     """A path that is not a tile or entry bundle path of the spec."""
+
+    code = "tile_path_invalid"
+    message = "not a tile or entry bundle path"
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +165,10 @@ def decode_bundle(data: bytes, width: int) -> list[bytes]:
     return entries
 
 
-class MissingTile(LookupError):
+class MissingTile(EnclaveError, LookupError):
+    code = "tile_missing"
+    message = "a tile the proof needs was not fetched"
+
     def __init__(self, ref: TileRef) -> None:
         super().__init__(ref.path())
         self.ref = ref

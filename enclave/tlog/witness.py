@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from enclave.errors import EnclaveError
 from enclave.tlog import checkpoint as cp
 from enclave.tlog import note
 from enclave.tlog.merkle import HASH_SIZE, ProofError, verify_consistency
@@ -42,8 +43,9 @@ class AddCheckpoint:
     checkpoint: str
 
 
-class BadRequest(ValueError):
-    pass
+class BadRequest(EnclaveError, ValueError):
+    code = "witness_bad_request"
+    message = "the witness request is malformed"
 
 
 def parse_request(body: bytes) -> AddCheckpoint:

@@ -24,17 +24,11 @@ from enclave.attestation.nvidia import NvidiaGpuPolicy, NvidiaGpuVerifier
 from enclave.attestation.sev_snp import SevSnpPolicy, SevSnpVerifier
 from enclave.attestation.tdx import TdxCollateral, TdxPolicy, TdxVerifier
 from paygate.cli import attest_live
-from paygate.errors import PaygateError
+from paygate.cli.attest_live import AttestUsageError
 
 KINDS = ("sev-snp", "tdx", "nitro", "nvidia")
 MAX_FILE = 1024 * 1024  # evidence, certificates, policies and collateral are a few KiB
 CERT_SUFFIXES = (".pem", ".der", ".crt", ".cer")
-
-
-class AttestUsageError(PaygateError):
-    """the attest command was given something it cannot use"""
-
-    code = "attest_usage"
 
 
 def register(sub: Any) -> None:

@@ -36,8 +36,10 @@ _PCR = re.compile(r"(\d{1,2})=([0-9a-fA-F]{64})")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
-class AttestUsage(PaygateError):
-    """the attest command was given something it cannot use"""
+class AttestUsageError(PaygateError):
+    """An ``attest`` action (show, verify, verify-file) was given something it cannot use."""
+
+    message = "the attest command was given something it cannot use"
 
     code = "attest_usage"
 
@@ -89,18 +91,18 @@ def _policy(args: argparse.Namespace) -> AttestationPolicy:
     for item in args.pcr:
         match = _PCR.fullmatch(item.strip())
         if match is None or int(match[1]) > 23:
-            raise AttestUsage(f"--pcr takes N=HEX (N 0..23, 64 hex digits), not {item[:80]!r}")
+            raise AttestUsageError(f"--pcr takes N=HEX (N 0..23, 64 hex digits), not {item[:80]!r}")
         pcrs[int(match[1])] = bytes.fromhex(match[2])
     for digest in args.model_digest:
         if not _DIGEST.fullmatch(digest):
-            raise AttestUsage("--model-digest takes sha256:<64 lower-case hex digits>")
+            raise AttestUsageError("--model-digest takes sha256:<64 lower-case hex digits>")
     for digest in args.code_digest:
         if not _DIGEST.fullmatch(digest):
-            raise AttestUsage("--code-digest takes sha256:<64 lower-case hex digits>")
+            raise AttestUsageError("--code-digest takes sha256:<64 lower-case hex digits>")
     if args.pay_to is not None and not re.fullmatch(r"0x[0-9a-fA-F]{40}", args.pay_to):
-        raise AttestUsage("--pay-to takes a 0x-prefixed 20-byte address")
+        raise AttestUsageError("--pay-to takes a 0x-prefixed 20-byte address")
     if args.ek_ca is None and args.policy is None and not args.allow_unattested:
-        raise AttestUsage(
+        raise AttestUsageError(
             "--ek-ca (TPM) or --policy (TEE kinds) is required"
             " (or --allow-unattested for kind none only)"
         )
@@ -110,7 +112,7 @@ def _policy(args: argparse.Namespace) -> AttestationPolicy:
             warnings.simplefilter("ignore", UnpinnedCode)
             return _from_files(args, pcrs)
     except ValueError as exc:
-        raise AttestUsage(str(exc)) from None
+        raise AttestUsageError(str(exc)) from None
 
 
 def _from_files(args: argparse.Namespace, pcrs: dict[int, bytes]) -> AttestationPolicy:
@@ -131,8 +133,8 @@ def _verify(args: argparse.Namespace) -> int:
         policy = _policy(args)
         url = httpx.URL(args.url)
         if url.scheme not in ("http", "https") or not url.host:
-            raise AttestUsage("the URL must be http:// or https:// with a host")
-    except AttestUsage as exc:
+            raise AttestUsageError("the URL must be http:// or https:// with a host")
+    except AttestUsageError as exc:
         print(f"error [{exc.code}]: {exc}", file=sys.stderr)
         return 2
     origin = f"{url.scheme}://{url.host}" + (f":{url.port}" if url.port else "")

@@ -28,6 +28,8 @@ from paygate.redact import redact_url
 from paygate.x402.networks import UnknownNetwork, resolve_network
 
 PROBE_TIMEOUT = 5.0  # seconds per network check
+PROBE_BODY_BYTES = 256 * 1024  # of an answer read
+_CHAIN_ID = {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}
 # Past this, authorizations look expired or not yet valid to the facilitator and the chain
 # (validAfter/validBefore are checked against block time), and receipts carry a wrong time.
 CLOCK_SKEW_LIMIT = 30.0  # seconds
@@ -126,17 +128,44 @@ async def _key(settings: Settings) -> Check:
     return Check("key", True, f"{backend} key answers ECDH")
 
 
-async def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: int
+    date: str | None  # the Date header
+    at: float  # local time when the headers arrived
+    body: bytes  # at most PROBE_BODY_BYTES
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
+
+
+async def _probe(
+    method: str,
+    url: str,
+    *,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    redirects: bool = False,
+) -> _Answer:
+    """One bounded exchange (PROBE_TIMEOUT, PROBE_BODY_BYTES), no proxy from the environment."""
     timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
     async with (
         aiohttp.ClientSession(timeout=timeout, trust_env=False) as session,
-        session.get(url, headers=headers, allow_redirects=False) as response,
+        session.request(
+            method, url, json=body, headers=headers, allow_redirects=redirects
+        ) as response,
     ):
-        raw = await response.content.read(256 * 1024)
-    try:
-        return response.status, json.loads(raw)
-    except ValueError:
-        return response.status, None
+        at = time.time()
+        raw = await response.content.read(PROBE_BODY_BYTES)
+    return _Answer(response.status, response.headers.get("Date"), at, raw)
+
+
+async def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    answer = await _probe("GET", url, headers=headers)
+    return answer.status, answer.json()
 
 
 async def _upstream(settings: Settings) -> Check | None:
@@ -305,15 +334,9 @@ async def facilitator_check(url: str, headers: dict[str, str], networks: list[st
 async def _chain(settings: Settings) -> Check | None:
     if not settings.chain_rpc_url:
         return None
-    timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
-    body = {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}
     try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout, trust_env=False) as session,
-            session.post(settings.chain_rpc_url, json=body) as response,
-        ):
-            answer = await response.json(content_type=None)
-        chain_id = int(answer["result"], 16)
+        answer = await _probe("POST", settings.chain_rpc_url, body=_CHAIN_ID, redirects=True)
+        chain_id = int(json.loads(answer.body)["result"], 16)
     except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
         return Check(
             "chain",
@@ -340,7 +363,7 @@ async def _clock(settings: Settings) -> Check | None:
     HTTP answer. A Date header has one-second resolution, far below the limit."""
     if settings.chain_rpc_url:
         source, url, method = "chain RPC", settings.chain_rpc_url, "POST"
-        body: Any = {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}
+        body: Any = _CHAIN_ID
         headers: dict[str, str] = {}
     elif settings.payment_mode in ("facilitator", "verify-only") and settings.facilitator_url:
         source, url, method, body = (
@@ -352,17 +375,10 @@ async def _clock(settings: Settings) -> Check | None:
         headers = settings.facilitator_auth_provider().headers("GET", url)
     else:
         return None
-    timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
     try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout, trust_env=False) as session,
-            session.request(
-                method, url, json=body, headers=headers, allow_redirects=False
-            ) as response,
-        ):
-            now = time.time()
-            date = response.headers.get("Date")
-        remote = parsedate_to_datetime(date).timestamp() if date else None
+        answer = await _probe(method, url, body=body, headers=headers)
+        now = answer.at
+        remote = parsedate_to_datetime(answer.date).timestamp() if answer.date else None
     except (aiohttp.ClientError, TimeoutError, ValueError, TypeError) as exc:
         return Check(
             "clock",

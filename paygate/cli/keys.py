@@ -89,18 +89,16 @@ def _print(key: enclave.KeyBackend, as_json: bool) -> None:
 
 
 def _create(args: argparse.Namespace) -> int:
-    key = create_key(_settings(args))
-    try:
-        _print(key, args.json)
-    finally:
-        key.close()
-    return 0
+    return _print_closed(create_key(_settings(args)), args.json)
 
 
 def _show(args: argparse.Namespace) -> int:
-    key = open_key_backend(_settings(args))
+    return _print_closed(open_key_backend(_settings(args)), args.json)
+
+
+def _print_closed(key: enclave.KeyBackend, as_json: bool) -> int:
     try:
-        _print(key, args.json)
+        _print(key, as_json)
     finally:
         key.close()
     return 0

@@ -39,6 +39,7 @@ MAX_BODY = 4 * 1024 * 1024
 
 
 class LogCheckFailed(PaygateError):
+    message = "the transparency log check failed"
     code = "log_unverified"
 
 

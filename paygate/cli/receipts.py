@@ -32,6 +32,7 @@ MAX_FETCHED = 64 * 1024
 
 
 class ReceiptCommandError(PaygateError):
+    message = "the receipts command failed"
     code = "receipt_invalid"
 
 
@@ -172,7 +173,7 @@ def _verify(args: argparse.Namespace) -> int:
         raise ReceiptCommandError("give a token (or a file, or -), or --url and --payment-id")
     try:
         claims = receipts.verify(token, key)
-    except receipts.ReceiptInvalid as exc:
+    except receipts.ReceiptTokenInvalid as exc:
         raise ReceiptCommandError(f"the receipt does not verify: {exc}") from None
     if args.json:
         print(json.dumps({"verified": True, "claims": claims}, indent=2))

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from enclave import receipts
-from enclave.receipts import ReceiptInvalid
+from enclave.receipts import ReceiptTokenInvalid
 from enclave.tlog import entries, merkle
 from paygate.errors import PaygateError
 
@@ -39,7 +39,7 @@ def add_audit(actions: Any) -> None:
 def leaf_of(token: str) -> bytes:
     try:
         return merkle.leaf_hash(receipts.signed_bytes(token.strip()))
-    except ReceiptInvalid:
+    except ReceiptTokenInvalid:
         raise PaygateError("a receipt token is not base64url") from None
 
 

@@ -24,6 +24,8 @@ MAX_DATA_BYTES = 32 * 1024 * 1024
 class RequestFailed(ClientError):
     """The HTTP exchange itself failed (connection refused, timeout, broken stream)."""
 
+    message = "the HTTP exchange failed (connection refused, timeout, broken stream)"
+
     code = "request_failed"
 
 

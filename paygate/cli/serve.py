@@ -1,12 +1,15 @@
-"""``paygate serve``: the gateway (the FAKE model server's ``fake-upstream`` is devtools').
+"""``paygate serve [NAME]``: the gateway (a named deployment's settings, or the file's and the
+environment's; the FAKE model server's ``fake-upstream`` command is devtools').
 
-``serve`` builds the app from settings, listens, tells systemd READY=1 (``Type=notify``; the
-watchdog is pinged from the event loop, or with workers from the supervisor's loop, and
-STOPPING=1 is sent on the way out), and on SIGTERM or SIGINT stops accepting,
-lets in-flight requests and streams finish for up to ``shutdown_grace_seconds``, then closes
-the upstream session and the key backend and exits 0. With ``--workers N`` (``workers``) the
-parent binds the port and forks N workers that share it (``paygate.server.workers``); SIGTERM
-to the parent stops them all the same way.
+``serve`` builds the app from the settings (refusing what cannot work before listening),
+listens, starts the operator console when ``console_listen`` is set, tells systemd READY=1
+(``Type=notify``; the watchdog is pinged from the event loop, or with workers from the
+supervisor's loop, and STOPPING=1 is sent on the way out), and on SIGTERM or SIGINT stops
+accepting, lets in-flight requests and streams finish for up to ``shutdown_grace_seconds``, then
+closes the app's resources in reverse (``paygate.server.app``: the gateway, payments, alerts, the
+upstreams and their sessions, the key backend) and exits 0. With ``--workers N`` (``workers``) the
+parent binds the port (and the console's) and forks N workers that share it, each its own
+replica (``paygate.server.workers``); SIGTERM to the parent stops them all the same way.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ the activation, the quote (signature, qualifying data = SHA-256 of the binding d
 digest), the application PCR, the policy's PCRs, the certifications of the sealing and receipt
 keys, that the key document's key is the certified one, the model digests and payTo. Any
 failure raises its own :class:`AttestationRefused` subclass before anything is sealed or paid.
+The TPM evidence's own checks (EK chain to the quote and certifications) are
+:class:`enclave.attestation.tpm.TpmVerifier`'s; this module carries its credential challenge.
 
 Sans-IO: :func:`attestation_flow` yields :class:`Exchange` requests; the sync and async
 transports (and ``paygate attest verify``) carry them out.
@@ -37,7 +39,7 @@ from cryptography import x509
 from enclave import receipts
 from enclave.attestation import binding as binding_doc
 from enclave.attestation import tpm
-from enclave.attestation.base import Check, EvidenceVerifier, ExpectedBinding
+from enclave.attestation.base import Check, EvidenceVerifier, ExpectedBinding, Verdict
 from enclave.attestation.nitro import NitroPolicy, NitroVerifier
 from enclave.attestation.nvidia import NvidiaGpuPolicy, NvidiaGpuVerifier, OcspCheck
 from enclave.attestation.sev_snp import SevSnpPolicy, SevSnpVerifier
@@ -127,19 +129,24 @@ class TeePolicy:
         raise ValueError(f"the policy for {kind} is a {type(self.policy).__name__}")
 
 
+def _policy_file(file: Path) -> Any:
+    """A policy file's JSON, bounded."""
+    try:
+        raw = file.read_bytes()
+        if len(raw) > MAX_POLICY_FILE:
+            raise ValueError(f"larger than {MAX_POLICY_FILE} bytes")
+        return jsonsafe.loads(raw, max_bytes=MAX_POLICY_FILE)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the policy file {file}: {exc}") from None
+
+
 def load_tee_policies(path: str | os.PathLike[str]) -> dict[str, TeePolicy]:
     """A policy file: a JSON object keyed by kind (``sev-snp``, ``tdx``, ``nitro``), each the
     verifier's policy object (docs/ATTESTATION.md) plus optional ``roots`` (a PEM file) and, for
     tdx, ``collateral`` (a directory as ``paygate attest verify-file --collateral`` reads).
     Relative paths are relative to the policy file. A kind not in the file is refused."""
     file = Path(path)
-    try:
-        raw = file.read_bytes()
-        if len(raw) > MAX_POLICY_FILE:
-            raise ValueError(f"larger than {MAX_POLICY_FILE} bytes")
-        data = jsonsafe.loads(raw, max_bytes=MAX_POLICY_FILE)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the TEE policy file {file}: {exc}") from None
+    data = _policy_file(file)
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{file}: a JSON object keyed by sev-snp, tdx or nitro")
     policies: dict[str, TeePolicy] = {}
@@ -204,13 +211,7 @@ class GpuPolicy:
 def load_gpu_policy(path: str | os.PathLike[str]) -> GpuPolicy | None:
     """The ``gpu`` entry of a policy file (see :meth:`GpuPolicy.from_mapping`), or None."""
     file = Path(path)
-    try:
-        raw = file.read_bytes()
-        if len(raw) > MAX_POLICY_FILE:
-            raise ValueError(f"larger than {MAX_POLICY_FILE} bytes")
-        data = jsonsafe.loads(raw, max_bytes=MAX_POLICY_FILE)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the policy file {file}: {exc}") from None
+    data = _policy_file(file)
     if not isinstance(data, dict) or "gpu" not in data:
         return None
     try:
@@ -339,13 +340,15 @@ class _Checks:
         cls = _ERRORS.get(code, AttestationRefused)
         return cls(f"attestation refused ({name}): {detail}", tuple(self.done))
 
-    def adopt(self, kind: str, verdict: Any) -> None:
-        """A TEE verifier's checks, in order; its first failure refuses with its own code."""
+    def adopt(self, verdict: Verdict, kind: str = "") -> None:
+        """A verifier's checks, in order; its first failure refuses with its own code. ``kind``
+        prefixes the failed check's name in the message (the TPM's checks are named alone)."""
         self.done.extend(verdict.checks)
         if not verdict.ok:
             failed = next(c for c in verdict.checks if not c.ok)
-            refusal = _ERRORS.get(verdict.code, AttestationRefused)(
-                f"attestation refused ({kind} {failed.name}): {failed.detail}", tuple(self.done)
+            where = f"{kind} {failed.name}" if kind else failed.name
+            refusal = _ERRORS.get(verdict.code or "", AttestationRefused)(
+                f"attestation refused ({where}): {failed.detail}", tuple(self.done)
             )
             refusal.code = verdict.code  # the verifier's stable code (docs/ATTESTATION.md)
             raise refusal
@@ -416,11 +419,7 @@ def attestation_flow(
     elif document["kind"] in binding_doc.TEE_KINDS:
         _tee_checks(checks, policy, document, bound, clock)
     else:
-        try:
-            yield from _tpm_checks(checks, origin, policy, document["tpm"], bound, clock)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            # A field the checks above did not reach is missing or of the wrong type.
-            raise checks.fail("evidence_form", "evidence_malformed", type(exc).__name__) from None
+        yield from _tpm_checks(checks, origin, policy, document.get("tpm"), bound, clock)
     _gpu_checks(checks, policy, document, bound, nonce, clock)
     _binding_checks(checks, policy, bound, offered_key)
     if policy.log is not None:
@@ -440,145 +439,39 @@ def _tpm_checks(
     checks: _Checks,
     origin: str,
     policy: AttestationPolicy,
-    evidence: Mapping[str, Any],
+    evidence: Any,
     bound: binding_doc.Binding,
     clock: Callable[[], float],
 ) -> Generator[Exchange, tuple[int, bytes], None]:
-    state: dict[str, Any] = {}
-    at = datetime.fromtimestamp(clock(), UTC)
+    """The TPM verifier's checks; this side only carries its credential challenge over HTTP."""
+    verifier = tpm.TpmVerifier(policy.trusted_ek_cas, None if policy.pcrs == "any" else policy.pcrs)
+    flow = verifier.verify(evidence, at=datetime.fromtimestamp(clock(), UTC), binding=bound)
+    try:
+        challenge = next(flow)
+        while True:
+            request = json.dumps(
+                {
+                    "ek": challenge.ek,
+                    "credential_blob": _b64(challenge.credential_blob),
+                    "encrypted_secret": _b64(challenge.encrypted_secret),
+                }
+            ).encode()
+            status, body = yield Exchange("POST", f"{origin}{ACTIVATE_PATH}", request)
+            challenge = flow.send(_activation_answer(status, body))
+    except StopIteration as stop:
+        checks.adopt(stop.value)
 
-    def ek_chain() -> str:
-        certs = evidence["ek_certificates"]
-        failure: tpm.TpmEvidenceError | None = None
-        for kind in tpm.EK_ACTIVATION_ORDER:
-            if kind not in certs:
-                continue
-            try:
-                state["ek"] = tpm.verify_ek_chain(_unb64(certs[kind]), policy.trusted_ek_cas, at)
-            except tpm.TpmEvidenceError as exc:
-                failure = exc
-                continue
-            state["ek_kind"] = kind
-            return f"{kind} EK certificate chains to a trusted CA"
-        raise failure or tpm.TpmEvidenceError(tpm.EK_UNTRUSTED, "no usable EK certificate")
 
-    checks.run("ek_chain", ek_chain)
-
-    def ak() -> str:
-        state["ak"] = tpm.check_ak(_unb64(evidence["ak_public"]))
-        return "restricted, fixedTPM signing key"
-
-    checks.run("ak", ak)
-    secret = os.urandom(tpm.CREDENTIAL_SECRET_LEN)
-    blob, encrypted = tpm.make_credential(state["ek"].public_key(), state["ak"].name, secret)
-    request = json.dumps(
-        {"ek": state["ek_kind"], "credential_blob": _b64(blob), "encrypted_secret": _b64(encrypted)}
-    ).encode()
-    status, body = yield Exchange("POST", f"{origin}{ACTIVATE_PATH}", request)
+def _activation_answer(status: int, body: bytes) -> tpm.ActivationAnswer:
     if status in (429, 503):  # rate-limited or busy: says nothing about the AK, try later
-        raise checks.fail(
-            "activation", "evidence_unavailable", f"{ACTIVATE_PATH} answered HTTP {status}"
-        )
-    recovered = b""
+        return tpm.ActivationAnswer(None, f"{ACTIVATE_PATH} answered HTTP {status}", busy=True)
+    secret = None
     if status == 200:
         try:
-            recovered = _unb64(jsonsafe.loads(body, max_bytes=64 * 1024, max_depth=2)["secret"])
+            secret = _unb64(jsonsafe.loads(body, max_bytes=64 * 1024, max_depth=2)["secret"])
         except (ValueError, KeyError, TypeError):
-            recovered = b""
-    if not hmac.compare_digest(recovered, secret):
-        raise checks.fail(
-            "activation",
-            "activation_failed",
-            f"the AK is not in the TPM of the certified EK (HTTP {status})",
-        )
-    checks.passed("activation", f"the TPM of the {state['ek_kind']} EK holds the AK")
-
-    def quote() -> str:
-        pcrs = {int(i): bytes.fromhex(v) for i, v in evidence["pcrs"].items()}
-        signed = tpm.SignedAttest(
-            _unb64(evidence["quote"]["attest"]), _unb64(evidence["quote"]["signature"])
-        )
-        tpm.check_quote(state["ak"], signed, pcrs, bound.digest())
-        state["pcrs"] = pcrs
-        return "signed by the AK over the binding document's digest"
-
-    checks.run("quote", quote)
-
-    def app_pcr() -> str:
-        code = bytes.fromhex(bound.code_digest.removeprefix("sha256:"))
-        expected = tpm.app_pcr_value(tpm.app_digest(code, bound.config_digest()))
-        if not hmac.compare_digest(state["pcrs"].get(tpm.APP_PCR, b""), expected):
-            raise tpm.TpmEvidenceError(
-                tpm.PCR_MISMATCH, "PCR 23 does not measure this code and configuration"
-            )
-        return "PCR 23 = code digest and configuration digest"
-
-    checks.run("app_pcr", app_pcr)
-    if policy.pcrs == "any":
-        checks.skipped("pcrs", "policy accepts any boot state")
-    else:
-        expected_pcrs = policy.pcrs
-
-        def pcrs() -> str:
-            for index, value in sorted(expected_pcrs.items()):
-                if not hmac.compare_digest(state["pcrs"].get(index, b""), value):
-                    raise tpm.TpmEvidenceError(tpm.PCR_MISMATCH, f"PCR {index} differs")
-            return f"PCRs {sorted(expected_pcrs)} as expected"
-
-        checks.run("pcrs", pcrs)
-    certified = evidence["certify"]
-    # name in the checks, its certification, the point it must certify
-    keys: list[tuple[str, Callable[[], Any], Callable[[], bytes]]] = []
-    if bound.epochs:  # key epochs: each live epoch's two keys, certified when they were made
-        for epoch in bound.epochs:
-            for part, point in (("sealing", epoch.sealing_key), ("receipt", epoch.receipt_key)):
-                keys.append(
-                    (
-                        f"epoch {epoch.id} {part}",
-                        lambda e=epoch.id, p=part: evidence["epochs"][e][p],
-                        lambda point=point: point,
-                    )
-                )
-    else:
-        keys.append(("sealing", lambda: certified["sealing"], lambda: bound.sealing_key))
-        keys.append(("receipt", lambda: certified["receipt"], lambda: bound.receipt_key))
-    if bound.log is not None:  # the transparency log's key: certified like the receipt key
-        log = bound.log
-        keys.append(("log", lambda: certified["log"], lambda: log_key_point(log)))
-    for name, entry_of, point_of in keys:
-
-        def certify(
-            name: str = name,
-            entry_of: Callable[[], Any] = entry_of,
-            point_of: Callable[[], bytes] = point_of,
-        ) -> str:
-            point = point_of()
-            entry = entry_of()
-            key = tpm.CertifiedKey(
-                _unb64(entry["public"]),
-                tpm.SignedAttest(_unb64(entry["attest"]), _unb64(entry["signature"])),
-            )
-            tpm.check_certified(state["ak"], key, point, f"{name} key")
-            return "certified by the AK: fixedTPM, fixedParent, sensitiveDataOrigin"
-
-        checks.run(f"certify_{name.replace(' ', '_')}_key", certify)
-
-
-def log_key_point(log: binding_doc.LogIdentity) -> bytes:
-    """The P-256 point of a TPM-held log key (a type 0x02 vkey); anything else is not a key the
-    TPM could have certified."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from enclave import p256
-    from enclave.tlog import note
-
-    verifier = note.parse_vkey(log.key)
-    if not isinstance(verifier, note.EcdsaVerifier):
-        raise tpm.TpmEvidenceError(tpm.KEY_NOT_CERTIFIED, "the log key is not a TPM-held key")
-    key = serialization.load_der_public_key(verifier.spki)
-    assert isinstance(key, ec.EllipticCurvePublicKey)
-    return p256.encode_public_key(key)
+            secret = None
+    return tpm.ActivationAnswer(secret, f"HTTP {status}")
 
 
 def _tee_checks(
@@ -611,7 +504,7 @@ def _tee_checks(
         at=datetime.fromtimestamp(clock(), UTC),
         binding=binding_doc.tee_expected(kind, bound),
     )
-    checks.adopt(kind, verdict)
+    checks.adopt(verdict, kind)
 
 
 def _gpu_checks(
@@ -662,7 +555,7 @@ def _gpu_checks(
         at=datetime.fromtimestamp(clock(), UTC),
         binding=ExpectedBinding(nonce=nonce),  # the GPU answered this very nonce
     )
-    checks.adopt("gpu", verdict)
+    checks.adopt(verdict, "gpu")
 
 
 def _binding_checks(
@@ -738,7 +631,7 @@ def check_receipt(
     exactly this reply, with the attested digest of its model."""
     try:
         claims = receipts.verify(token, attested.receipt_key)
-    except receipts.ReceiptInvalid as exc:
+    except receipts.ReceiptTokenInvalid as exc:
         raise ReceiptInvalid(f"signed receipt refused: {exc}") from None
     if request_digest is not None and claims["request_digest"] != request_digest:
         raise ReceiptMismatch("the signed receipt is for another request")

@@ -133,7 +133,7 @@ def _with_sealed_usage(receipt: SettleResponse, token: str | None) -> SettleResp
         return receipt
     try:
         claims = receipts.unverified_claims(token)
-    except receipts.ReceiptInvalid:
+    except receipts.ReceiptTokenInvalid:
         return receipt
     usage, payment = claims.get("usage"), claims.get("payment")
     if not isinstance(usage, dict) or not isinstance(payment, dict):

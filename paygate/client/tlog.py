@@ -32,6 +32,7 @@ from enclave.attestation.binding import Binding
 from enclave.tlog import checkpoint as cp
 from enclave.tlog import entries, merkle, note, tiles
 from paygate import jsonsafe
+from paygate.errors import PaygateError
 from paygate.wire import LOG_CHECKPOINT_PATH
 
 LOG_PREFIX = LOG_CHECKPOINT_PATH.removesuffix("checkpoint")
@@ -39,8 +40,9 @@ MAX_STATE_BYTES = 1 << 20
 MAX_ORIGINS = 1000
 
 
-class LogRefusal(Exception):
+class LogRefusal(PaygateError):
     code = "log_unverified"
+    message = "the transparency log does not show what the policy requires"
 
     def __init__(self, code: str, detail: str) -> None:
         super().__init__(detail)

@@ -12,10 +12,11 @@ import asyncio
 import inspect
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
+from dataclasses import dataclass
 from decimal import Decimal
 from types import TracebackType
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import httpx
 from eth_account.signers.local import LocalAccount
@@ -59,6 +60,42 @@ from paygate.client.pubkey import (
 from paygate.client.receipts import MAX_TAIL_SECONDS
 from paygate.client.streams import ReplyDecoder
 from paygate.x402.models import SettleResponse
+
+
+class TransportOptions(TypedDict, total=False):
+    """What both transports take beside ``transport`` and ``attest`` (see
+    :class:`PaygateTransport` for each)."""
+
+    envelope: Envelope
+    pin: str | bytes | None
+    wallet: LocalAccount | None
+    spend: SpendPolicy | None
+    x402_version: X402Version | None
+    pubkey_url: str | None
+    on_receipt: ReceiptCallback | None
+    max_request_bytes: int
+    max_sealed_reply_bytes: int
+    attestation: AttestationPolicy | None
+
+
+def _core(options: TransportOptions) -> ClientCore:
+    unknown = set(options) - set(TransportOptions.__annotations__)
+    if unknown:  # a misspelt option must not be dropped silently (a pin, a spend policy...)
+        raise TypeError(f"unexpected keyword argument {sorted(unknown)[0]!r}")
+    return ClientCore(
+        envelope=options.get("envelope", "v2"),
+        pin=options.get("pin"),
+        wallet=options.get("wallet"),
+        spend=options.get("spend"),
+        x402_version=options.get("x402_version"),
+        pubkey_url=options.get("pubkey_url"),
+        on_receipt=options.get("on_receipt"),
+        max_request_bytes=options.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
+        max_sealed_reply_bytes=options.get(
+            "max_sealed_reply_bytes", DEFAULT_MAX_SEALED_REPLY_BYTES
+        ),
+        attestation=options.get("attestation"),
+    )
 
 
 class _Facade:
@@ -119,6 +156,47 @@ def _attestation_failed(exc: Exception) -> AttestationFailed:
     return AttestationFailed(f"the attestation hook refused the appliance key: {detail}")
 
 
+@dataclass(frozen=True, slots=True)
+class _Hook:
+    """Ask the caller's attestation hook about ``key`` (→ None, or it raises)."""
+
+    key: EnclaveKey
+
+
+KeyStep = Send | ReadBody | _Hook
+
+
+def _fetch(
+    request: httpx.Request, limit: int, what: str
+) -> Generator[KeyStep, Any, tuple[int, bytes]]:
+    response: httpx.Response = yield Send(request)
+    body: bytes = yield ReadBody(response, limit, what)
+    return response.status_code, body
+
+
+def _key_flow(core: ClientCore, command: LoadKey) -> Generator[KeyStep, Any, EnclaveKey]:
+    """Fetch an origin's key, verify it as the AttestationPolicy asks, ask the hook, cache it
+    (sans-IO: both transports carry out the steps, under their own per-transport lock)."""
+    request = core.key_request(command)
+    status, body = yield from _fetch(request, MAX_PUBKEY_DOCUMENT, "the key document")
+    key = core.accept_key(command.origin, status, body)
+    if core.attestation is not None:
+        flow = attestation_flow(command.origin, core.attestation, key.public_key)
+        try:
+            exchange = next(flow)
+            while True:
+                request = core.exchange_request(exchange, command.request, key)
+                answer = yield from _fetch(request, MAX_EVIDENCE_BYTES, "the attestation evidence")
+                exchange = flow.send(answer)
+        except StopIteration as stop:
+            attested: Attested = stop.value
+        core.store_attested(attested)
+        key = core.attested_key(key, attested)
+    yield _Hook(key)
+    core.store_key(key)
+    return key
+
+
 class PaygateTransport(_Facade, httpx.BaseTransport):
     """Seal, pay, open — for ``httpx.Client``.
 
@@ -142,30 +220,10 @@ class PaygateTransport(_Facade, httpx.BaseTransport):
         self,
         *,
         transport: httpx.BaseTransport | None = None,
-        envelope: Envelope = "v2",
-        pin: str | bytes | None = None,
         attest: AttestationHook | None = None,
-        wallet: LocalAccount | None = None,
-        spend: SpendPolicy | None = None,
-        x402_version: X402Version | None = None,
-        pubkey_url: str | None = None,
-        on_receipt: ReceiptCallback | None = None,
-        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-        max_sealed_reply_bytes: int = DEFAULT_MAX_SEALED_REPLY_BYTES,
-        attestation: AttestationPolicy | None = None,
+        **options: Unpack[TransportOptions],
     ) -> None:
-        self._core = ClientCore(
-            envelope=envelope,
-            pin=pin,
-            wallet=wallet,
-            spend=spend,
-            x402_version=x402_version,
-            pubkey_url=pubkey_url,
-            on_receipt=on_receipt,
-            max_request_bytes=max_request_bytes,
-            max_sealed_reply_bytes=max_sealed_reply_bytes,
-            attestation=attestation,
-        )
+        self._core = _core(options)
         self._inner = transport if transport is not None else httpx.HTTPTransport()
         self._attest = attest
         self._key_lock = threading.Lock()
@@ -213,36 +271,26 @@ class PaygateTransport(_Facade, httpx.BaseTransport):
             key = self._core.cached_key(command.origin)
             if key is not None:
                 return key
-            response = self._inner.handle_request(self._core.key_request(command))
-            body = _read_body(response, MAX_PUBKEY_DOCUMENT, "the key document")
-            key = self._core.accept_key(command.origin, response.status_code, body)
-            if self._core.attestation is not None:
-                attested = self._attest_origin(command, key)
-                self._core.store_attested(attested)
-                key = self._core.attested_key(key, attested)
-            if self._attest is not None:
-                try:
-                    self._attest(key)
-                except ClientError:
-                    raise
-                except Exception as exc:
-                    raise _attestation_failed(exc) from exc
-            self._core.store_key(key)
-            return key
+            flow = _key_flow(self._core, command)
+            try:
+                step = next(flow)
+                while True:
+                    step = flow.send(self._key_step(step))
+            except StopIteration as stop:
+                loaded: EnclaveKey = stop.value
+                return loaded
 
-    def _attest_origin(self, command: LoadKey, key: EnclaveKey) -> Attested:
-        assert self._core.attestation is not None
-        flow = attestation_flow(command.origin, self._core.attestation, key.public_key)
-        try:
-            exchange = next(flow)
-            while True:
-                request = self._core.exchange_request(exchange, command.request, key)
-                response = self._inner.handle_request(request)
-                body = _read_body(response, MAX_EVIDENCE_BYTES, "the attestation evidence")
-                exchange = flow.send((response.status_code, body))
-        except StopIteration as stop:
-            attested: Attested = stop.value
-            return attested
+    def _key_step(self, step: KeyStep) -> object:
+        if not isinstance(step, _Hook):
+            return self._run(step, [])  # the body is read (and closed) by the next step
+        if self._attest is not None:
+            try:
+                self._attest(step.key)
+            except ClientError:
+                raise
+            except Exception as exc:
+                raise _attestation_failed(exc) from exc
+        return None
 
     def close(self) -> None:
         self._inner.close()
@@ -268,30 +316,10 @@ class AsyncPaygateTransport(_Facade, httpx.AsyncBaseTransport):
         self,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
-        envelope: Envelope = "v2",
-        pin: str | bytes | None = None,
         attest: AsyncAttestationHook | None = None,
-        wallet: LocalAccount | None = None,
-        spend: SpendPolicy | None = None,
-        x402_version: X402Version | None = None,
-        pubkey_url: str | None = None,
-        on_receipt: ReceiptCallback | None = None,
-        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-        max_sealed_reply_bytes: int = DEFAULT_MAX_SEALED_REPLY_BYTES,
-        attestation: AttestationPolicy | None = None,
+        **options: Unpack[TransportOptions],
     ) -> None:
-        self._core = ClientCore(
-            envelope=envelope,
-            pin=pin,
-            wallet=wallet,
-            spend=spend,
-            x402_version=x402_version,
-            pubkey_url=pubkey_url,
-            on_receipt=on_receipt,
-            max_request_bytes=max_request_bytes,
-            max_sealed_reply_bytes=max_sealed_reply_bytes,
-            attestation=attestation,
-        )
+        self._core = _core(options)
         self._inner = transport if transport is not None else httpx.AsyncHTTPTransport()
         self._attest = attest
         self._key_lock = asyncio.Lock()
@@ -339,38 +367,28 @@ class AsyncPaygateTransport(_Facade, httpx.AsyncBaseTransport):
             key = self._core.cached_key(command.origin)
             if key is not None:
                 return key
-            response = await self._inner.handle_async_request(self._core.key_request(command))
-            body = await _aread_body(response, MAX_PUBKEY_DOCUMENT, "the key document")
-            key = self._core.accept_key(command.origin, response.status_code, body)
-            if self._core.attestation is not None:
-                attested = await self._attest_origin(command, key)
-                self._core.store_attested(attested)
-                key = self._core.attested_key(key, attested)
-            if self._attest is not None:
-                try:
-                    result = self._attest(key)
-                    if inspect.isawaitable(result):
-                        await result
-                except ClientError:
-                    raise
-                except Exception as exc:
-                    raise _attestation_failed(exc) from exc
-            self._core.store_key(key)
-            return key
+            flow = _key_flow(self._core, command)
+            try:
+                step = next(flow)
+                while True:
+                    step = flow.send(await self._key_step(step))
+            except StopIteration as stop:
+                loaded: EnclaveKey = stop.value
+                return loaded
 
-    async def _attest_origin(self, command: LoadKey, key: EnclaveKey) -> Attested:
-        assert self._core.attestation is not None
-        flow = attestation_flow(command.origin, self._core.attestation, key.public_key)
-        try:
-            exchange = next(flow)
-            while True:
-                request = self._core.exchange_request(exchange, command.request, key)
-                response = await self._inner.handle_async_request(request)
-                body = await _aread_body(response, MAX_EVIDENCE_BYTES, "the attestation evidence")
-                exchange = flow.send((response.status_code, body))
-        except StopIteration as stop:
-            attested: Attested = stop.value
-            return attested
+    async def _key_step(self, step: KeyStep) -> object:
+        if not isinstance(step, _Hook):
+            return await self._run(step, [])  # the body is read (and closed) by the next step
+        if self._attest is not None:
+            try:
+                result = self._attest(step.key)
+                if inspect.isawaitable(result):
+                    await result
+            except ClientError:
+                raise
+            except Exception as exc:
+                raise _attestation_failed(exc) from exc
+        return None
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -516,20 +534,6 @@ class _AsyncBody(httpx.AsyncByteStream):
         self._ended = True
         for chunk in self._decoder.end():
             yield chunk
-
-    async def _attest_origin(self, command: LoadKey, key: EnclaveKey) -> Attested:
-        assert self._core.attestation is not None
-        flow = attestation_flow(command.origin, self._core.attestation, key.public_key)
-        try:
-            exchange = next(flow)
-            while True:
-                request = self._core.exchange_request(exchange, command.request, key)
-                response = await self._inner.handle_async_request(request)
-                body = await _aread_body(response, MAX_EVIDENCE_BYTES, "the attestation evidence")
-                exchange = flow.send((response.status_code, body))
-        except StopIteration as stop:
-            attested: Attested = stop.value
-            return attested
 
     async def aclose(self) -> None:
         try:

@@ -169,16 +169,20 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
         pre = held if len(held) == 32 and set(held) <= _HEX_ID else secrets.token_hex(16)
         return {"pre": pre, "message": None, "fields": None, "wallet": ""}
 
-    def with_pre(response: web.Response, pre: str) -> web.Response:
+    def strict_cookie(response: web.StreamResponse, name: str, value: str, seconds: float) -> None:
+        # Never readable by scripts, never sent cross-site, HTTPS-only when served over TLS.
         response.set_cookie(
-            auth.PRE_COOKIE,
-            pre,
-            max_age=int(auth.NONCE_SECONDS),
+            name,
+            value,
+            max_age=int(seconds),
             httponly=True,
             samesite="Strict",
             secure=settings.console_tls,
             path="/",
         )
+
+    def with_pre(response: web.Response, pre: str) -> web.Response:
+        strict_cookie(response, auth.PRE_COOKIE, pre, auth.NONCE_SECONDS)
         return response
 
     def origin(request: web.Request) -> tuple[str, str]:
@@ -193,17 +197,26 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
         audit.info("console sign-in: %s by %s from %s", operator, method, client(request))
         target = _safe_next(request.query.get("next"))
         response = web.HTTPSeeOther(target)
-        response.set_cookie(
-            auth.COOKIE,
-            cookie,
-            max_age=int(sessions.seconds),
-            httponly=True,
-            samesite="Strict",
-            secure=settings.console_tls,
-            path="/",
-        )
+        strict_cookie(response, auth.COOKIE, cookie, sessions.seconds)
         response.del_cookie(auth.PRE_COOKIE, path="/")
         raise response
+
+    async def signin_form(request: web.Request) -> tuple[web.Response | None, Any]:
+        """A sign-in POST's form, or the answer to give instead: rate-limited, or without the
+        double-submit token."""
+        refused = limited(request)
+        if refused is not None:
+            return refused, None
+        form = await request.post()
+        if not pre_ok(request, form):
+            return _refuse_csrf(request, page), None
+        return None, form
+
+    def signin_refused(request: web.Request, error: str) -> web.Response:
+        context = _pre(request)
+        response = page(request, "signin.html", error=error, **context)
+        response.set_status(403)
+        return with_pre(response, context["pre"])
 
     def pre_ok(request: web.Request, form: Any) -> bool:
         cookie = request.cookies.get(auth.PRE_COOKIE, "")
@@ -246,12 +259,9 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
         return with_pre(page(request, "signin.html", **context), context["pre"])
 
     async def signin_wallet(request: web.Request) -> web.Response:
-        refused = limited(request)
+        refused, form = await signin_form(request)
         if refused is not None:
             return refused
-        form = await request.post()
-        if not pre_ok(request, form):
-            return _refuse_csrf(request, page)
         address = str(form.get("address", ""))
         nonce = str(form.get("nonce", ""))
         signature = str(form.get("signature", "")).strip()
@@ -290,10 +300,7 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
                 client(request),
                 error,
             )
-            context = _pre(request)
-            response = page(request, "signin.html", error=error, **context)
-            response.set_status(403)
-            return with_pre(response, context["pre"])
+            return signin_refused(request, error)
         return signed_in(request, to_checksum(address), "wallet")
 
     async def login_link(request: web.Request) -> web.Response:
@@ -303,24 +310,16 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
         return with_pre(page(request, "login.html", token=token, **context), context["pre"])
 
     async def login_post(request: web.Request) -> web.Response:
-        refused = limited(request)
+        refused, form = await signin_form(request)
         if refused is not None:
             return refused
-        form = await request.post()
-        if not pre_ok(request, form):
-            return _refuse_csrf(request, page)
         token = str(form.get("token", ""))
         if 0 < len(token) <= 128 and await request.app[STORE].take_login(
             auth.token_hash("link", token)
         ):
             return signed_in(request, "login-link", "link")
         audit.warning("console login link refused from %s", client(request))
-        context = _pre(request)
-        response = page(
-            request, "signin.html", error="This login link was used or has expired.", **context
-        )
-        response.set_status(403)
-        return with_pre(response, context["pre"])
+        return signin_refused(request, "This login link was used or has expired.")
 
     async def signout(request: web.Request) -> web.Response:
         session = request[SESSION]

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import aiohttp
@@ -68,6 +69,7 @@ from paygate.server.metrics import Metrics, TimedKey
 from paygate.server.opening import Opener
 from paygate.server.payments import PaymentStep, X402Payments
 from paygate.server.proxy import Timeouts, Upstream
+from paygate.server.ratelimit import RateLimits
 from paygate.server.receipts import ReceiptEndpoint, ReceiptIssuer
 from paygate.server.replies import Replies, ReplyLimits
 from paygate.server.routes import RouteTable, engine_routes
@@ -75,14 +77,14 @@ from paygate.server.routing import Router, build_backends, served_routes
 from paygate.server.tracing import Tracing
 from paygate.tlog import assembly as tlog_assembly
 from paygate.tlog.service import running as running_log
-from paygate.upstream.fleet import Member, UpstreamSet, running_set
+from paygate.upstream.fleet import Member, UpstreamEntry, UpstreamSet, running_set
 from paygate.upstream.http1 import Pool
 from paygate.upstream.service import base_url as upstream_base_url
 from paygate.upstream.service import connector as upstream_connector
 from paygate.upstream.service import endpoint as upstream_endpoint
+from paygate.upstream.shaping import RequestShaper
 from paygate.x402.ledger import default_replica_id
 
-SETTINGS = web.AppKey("settings", Settings)
 KEY = web.AppKey("key", KeyBackend)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 OUTBOUND = web.AppKey("outbound", aiohttp.ClientSession)
@@ -135,6 +137,28 @@ async def answer_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return error_response(InternalError(), api)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    """What the factory works out from the settings before anything opens (every ConfigError it
+    can raise is raised here); each resource below is handed it."""
+
+    settings: Settings
+    key: KeyBackend | None  # given by the caller (and closed by the caller), or None: opened
+    payments: PaymentStep | None  # given, or None: the configured payment step
+    routes: RouteTable
+    gpu: GpuEvidenceProvider | None  # given, or None: as ``gpu_evidence`` says
+    attestation: AttestationConfig
+    limits: RateLimits | None  # one set of token buckets: addresses (admission) and payers
+    entries: tuple[UpstreamEntry, ...]
+    shaper: RequestShaper  # one output-limit and options policy for every path
+    alerts: WebhookAlerts | None
+    tracing: Tracing | None  # OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    replica: str
+    salts: Salts
+    # One ClientSession per upstream, opened by client_session, used by the gateway's router.
+    sessions: dict[str, aiohttp.ClientSession] = dataclasses.field(default_factory=dict)
+
+
 def build_app(
     settings: Settings,
     *,
@@ -151,293 +175,347 @@ def build_app(
     mode; payment settings that cannot work raise ConfigError here, before anything listens.
     Below this factory nothing reads ``Settings``: each part gets its own typed view.
     """
-    if payments is None:
-        check_payment_settings(settings)
-    attestation = attestation_config(settings)
-    # One set of token buckets per process, shared by admission (addresses) and payments (payers).
-    limits = rate_limits(settings)
-    entries = settings.upstream_entries()
-    # One output-limit and options policy for every path (paygate.upstream.shaping).
-    shaper = request_shaper(settings)
-    if routes is None:
-        # The union of what the upstreams' engines serve (their further APIs included).
-        routes = engine_routes(served_routes(e.config.kind for e in entries))
-    alerts = alert_sink(settings)  # ConfigError here, before anything listens
-    # OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set; None (and free) otherwise.
-    tracing = Tracing.from_environment(system=settings.upstream_kind, version=gateway_version())
-    replica = settings.replica_id or default_replica_id()
-    salt_secret = settings.secret("cache_salt_secret")
-    sessions: dict[str, aiohttp.ClientSession] = {}
-    salts = Salts(salt_secret.get_secret_value().encode() if salt_secret is not None else None)
+    plan = make_plan(settings, key=key, payments=payments, routes=routes, gpu=gpu)
     app = web.Application(client_max_size=settings.max_body_bytes)
-    if tracing is not None:
-
-        async def stop_tracing(app: web.Application) -> None:
-            await asyncio.to_thread(tracing.shutdown)  # what is batched goes out, bounded
-
-        app.on_cleanup.append(stop_tracing)
+    if plan.tracing is not None:
+        app.on_cleanup.append(functools.partial(stop_tracing, plan.tracing))
     app.on_response_prepare.append(add_request_id)
-    app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[LIMITER] = ConcurrencyLimiter(
         settings.max_concurrent_requests, settings.retry_after_seconds
     )
+    # Opened in this order at start, closed in reverse at cleanup.
+    for resource in (
+        key_backend,
+        client_session,
+        upstream_runtime,
+        alerting,
+        payment,
+        gateway,
+        watcher,
+    ):
+        app.cleanup_ctx.append(functools.partial(resource, plan))
+    catch_all(app, plan)
+    return app
 
-    async def key_backend(app: web.Application) -> AsyncIterator[None]:
-        owned = key is None
-        base = open_key_backend(settings) if key is None else key
-        if settings.key_epoch:
-            # Rotating epoch keys made in the same backend; the base keeps the AK and log key.
-            try:
-                app[KEY] = await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: epoch_keys(settings, base, replica, close_base=owned)
-                )
-            except BaseException:
-                if owned:
-                    base.close()
-                raise
-        else:
-            app[KEY] = base
-        yield
-        if owned or settings.key_epoch:
-            # Epochs are destroyed at stop (a given base key stays the caller's).
-            await asyncio.get_running_loop().run_in_executor(None, app[KEY].close)
 
-    async def client_session(app: web.Application) -> AsyncIterator[None]:
-        # One session per upstream: TCP, or the relay's unix socket for a container
-        # (paygate.upstream, docs/UPSTREAM.md), each its own pool.
-        for entry in entries:
-            connector = upstream_connector(entry.config, limit=settings.max_concurrent_requests)
-            # Timeouts are per exchange (proxy.Timeouts); the session's own stay off.
-            sessions[entry.name] = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=None),
-                auto_decompress=True,
-                trust_env=False,
-                # No cookie store: a model server's Set-Cookie must never ride along on the next
-                # caller's request (and filtering a jar per request is wasted work).
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        app[SESSION] = sessions[entries[0].name]
-        # Everything else that leaves the appliance (the facilitator) has its own TCP session:
-        # in container mode the session above is bound to the relay's unix socket, which
-        # ignores the URL's host and would hand payments to the model server.
-        app[OUTBOUND] = outbound_session()
-        yield
-        for session in sessions.values():
-            await session.close()
-        await app[OUTBOUND].close()
-
-    async def upstream_runtime(app: web.Application) -> AsyncIterator[None]:
-        # Container mode: start the isolated model server and wait for it (bounded) before
-        # listening; then the health monitor and the breaker the proxy consults.
-        async with running_set(entries, sessions) as upstreams:
-            app[UPSTREAM] = upstreams
-            yield
-
-    async def alerting(app: web.Application) -> AsyncIterator[None]:
-        # Webhook alerts: delivered by one background task, never on a request's path.
-        if alerts is None:
-            yield
-            return
-        app[ALERTS] = alerts
-        app[METRICS].on_error = attestation_alert(alerts, replica)
-        task = asyncio.get_running_loop().create_task(alerts.run())
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    async def payment(app: web.Application) -> AsyncIterator[None]:
-        if payments is not None:
-            app[PAYMENTS] = payments
-            yield
-            return
-        async with payment_step(
-            settings,
-            app[OUTBOUND],
-            limits,
-            app[METRICS],
-            alerts=alerts,
-            on_limit_event=app[METRICS].limit_event,
-            shaper=shaper,
-        ) as built:
-            app[PAYMENTS] = built
-            yield
-
-    async def gateway(app: web.Application) -> AsyncIterator[None]:
-        timeouts = Timeouts(
-            connect=settings.connect_timeout,
-            first_byte=settings.first_byte_timeout,
-            idle=settings.idle_timeout,
-            total=settings.total_timeout,
-        )
-        # Each model server's forwarding pool (paygate.upstream.http1), shared by its two
-        # clients; the sessions stay for the probes.
-        pools: dict[str, Pool] = {}
-
-        def client(member: Member, retries: int) -> Upstream:
-            # The upstream client of one model server; the router picks which, before it.
-            pool = pools.get(member.name)
-            if pool is None:
-                pool = Pool(
-                    upstream_endpoint(member.service.config),
-                    limit=settings.max_concurrent_requests,
-                )
-                pools[member.name] = pool
-            return Upstream(
-                sessions[member.name],
-                upstream_base_url(member.service.config),
-                timeouts,
-                pool=pool,
-                breaker=member.service.breaker,
-                api_key=member.service.api_key,
-                retries=retries,
-                metrics=app[METRICS],
-            )
-
-        upstream = Router(
-            build_backends(app[UPSTREAM].members, client, settings.upstream_max_retries),
-            salts=salts,
-            first_byte_timeout=settings.first_byte_timeout,
-            # Slot ownership lives in this process: shared only when it is the only one.
-            exclusive_slots=settings.workers == 1,
-        )
-        # The binding carries the weights' digests computed at start (paygate.upstream);
-        # then PCR 23 measures the application and the keys are certified, before listening.
-        payment = attestation.payment
-        if payment is not None and isinstance(app[PAYMENTS], X402Payments):
-            # The payment terms as offered, with the upto facilitator the settler named.
-            payment = attestation_config(settings, app[PAYMENTS].processor.terms.upto_extra).payment
-        try:
-            bound = dataclasses.replace(
-                attestation,
-                models=parse_models(app[UPSTREAM].models_document()),
-                payment=payment,
-                log=tlog_assembly.identity(settings, app[KEY]),  # None unless transparency_log
-            )
-        except binding.BindingInvalid as exc:
-            raise ConfigError(f"a served model cannot be attested: {exc}") from None
-        service = AttestationService(
-            bound,
-            app[KEY],
-            provider=tee_provider(settings, bound.kind),
-            gpu=gpu if gpu is not None else gpu_provider(settings),
-        )
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, service.start)
-        except TypeError as exc:  # a key backend without what this evidence kind needs
-            raise ConfigError(f"attestation {attestation.kind}: {exc}") from None
-        app[ATTESTATION] = service
-        # The release and key epoch are logged before the gateway listens (docs/TRANSPARENCY.md).
-        tlog = None
-        if bound.log is not None:
-            tlog = await tlog_assembly.start_log(settings, app[KEY], service)
-        timed_key = TimedKey(app[KEY], app[METRICS])
-        epochs = app[KEY] if isinstance(app[KEY], EpochKeys) else None
-        local = LocalEndpoints(
-            key=timed_key,
-            upstream=upstream,
-            limiter=app[LIMITER],
-            metrics=app[METRICS],
-            payment_mode=settings.payment_mode,
-            probe_timeout=settings.ready_probe_timeout,
-            check_interval=settings.upstream_health_interval,
-            upstream_status=app[UPSTREAM].status if app[UPSTREAM].monitored else None,
-            models=app[UPSTREAM].models_document(),
-            attestation=service,
-            epochs=epochs,
-        )
-        metrics = app[METRICS]
-        opener = Opener(
-            timed_key,
-            metrics.envelope,
-            epochs=epochs,
-            timed=lambda epoch_key: TimedKey(epoch_key, metrics),
-        )
-        issuer = (
-            ReceiptIssuer(
-                app[KEY],
-                bound.models,
-                on_signed=tlog.record_receipt if tlog is not None else None,
-            )
-            if isinstance(app[KEY], ReceiptSigner)
-            else None
-        )
-        payments = app[PAYMENTS]
-        receipts = ReceiptEndpoint(
-            payments.processor.ledger if isinstance(payments, X402Payments) else None, issuer
-        )
-        app[GATEWAY] = Gateway(
-            routes=routes,
-            admission=Admission(
-                admission_limits(settings), app[PAYMENTS], opener, rate_limits=limits
-            ),
-            opener=opener,
-            upstream=upstream,
-            replies=Replies(reply_limits(settings), app[METRICS], issuer),
-            limiter=app[LIMITER],
-            metrics=app[METRICS],
-            local={
-                **local.handlers(),
-                "receipts": receipts.handle,
-                **({"log": tlog.handle} if tlog is not None else {}),
-            },
-            batch=BatchLimits(
-                max_items=settings.batch_max_items,
-                concurrency=settings.batch_concurrency,
-                item_reply_bytes=settings.max_plain_reply_bytes,
-            ),
-            shaper=shaper,
-            tracing=tracing,
-        )
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                if tlog is not None:
-                    await stack.enter_async_context(running_log(tlog))
-                if epochs is not None:
-                    # Each rotation is a key-epoch entry in the transparency log, if one is kept.
-                    listeners = (
-                        [tlog_assembly.on_rotation(tlog, service)] if tlog is not None else []
-                    )
-                    app[ROTATION] = await stack.enter_async_context(
-                        rotating(epochs, settings.key_epoch_dir, listeners)
-                    )
-                yield
-        finally:
-            for pool in pools.values():
-                await pool.close()
-
-    async def watcher(app: web.Application) -> AsyncIterator[None]:
-        # The review queue (shared ledger) and this replica's model server, for alerts.
-        if alerts is None:
-            yield
-            return
-        service = app[UPSTREAM]
-        task = asyncio.get_running_loop().create_task(
-            watch_forever(
-                alerts,
-                store=lambda: alerts.store,
-                upstream=service.status if service.monitored else None,
-                replica=replica,
-                interval=settings.alert_interval_seconds,
-            )
-        )
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    app.cleanup_ctx.extend(
-        [key_backend, client_session, upstream_runtime, alerting, payment, gateway, watcher]
+def make_plan(
+    settings: Settings,
+    *,
+    key: KeyBackend | None,
+    payments: PaymentStep | None,
+    routes: RouteTable | None,
+    gpu: GpuEvidenceProvider | None,
+) -> Plan:
+    if payments is None:
+        check_payment_settings(settings)
+    entries = settings.upstream_entries()
+    if routes is None:
+        # The union of what the upstreams' engines serve (their further APIs included).
+        routes = engine_routes(served_routes(e.config.kind for e in entries))
+    salt_secret = settings.secret("cache_salt_secret")
+    return Plan(
+        settings=settings,
+        key=key,
+        payments=payments,
+        routes=routes,
+        gpu=gpu,
+        attestation=attestation_config(settings),
+        limits=rate_limits(settings),
+        entries=entries,
+        shaper=request_shaper(settings),
+        alerts=alert_sink(settings),  # ConfigError here, before anything listens
+        tracing=Tracing.from_environment(system=settings.upstream_kind, version=gateway_version()),
+        replica=settings.replica_id or default_replica_id(),
+        salts=Salts(salt_secret.get_secret_value().encode() if salt_secret is not None else None),
     )
 
-    events = request_events(parse_networks(settings.trusted_proxies))
+
+async def stop_tracing(tracing: Tracing, app: web.Application) -> None:
+    await asyncio.to_thread(tracing.shutdown)  # what is batched goes out, bounded
+
+
+async def key_backend(plan: Plan, app: web.Application) -> AsyncIterator[None]:
+    settings, owned = plan.settings, plan.key is None
+    base = open_key_backend(settings) if plan.key is None else plan.key
+    if settings.key_epoch:
+        # Rotating epoch keys made in the same backend; the base keeps the AK and log key.
+        try:
+            app[KEY] = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: epoch_keys(settings, base, plan.replica, close_base=owned)
+            )
+        except BaseException:
+            if owned:
+                base.close()
+            raise
+    else:
+        app[KEY] = base
+    yield
+    if owned or settings.key_epoch:
+        # Epochs are destroyed at stop (a given base key stays the caller's).
+        await asyncio.get_running_loop().run_in_executor(None, app[KEY].close)
+
+
+async def client_session(plan: Plan, app: web.Application) -> AsyncIterator[None]:
+    # One session per upstream: TCP, or the relay's unix socket for a container
+    # (paygate.upstream, docs/UPSTREAM.md), each its own pool.
+    sessions = plan.sessions
+    for entry in plan.entries:
+        connector = upstream_connector(entry.config, limit=plan.settings.max_concurrent_requests)
+        # Timeouts are per exchange (proxy.Timeouts); the session's own stay off.
+        sessions[entry.name] = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),
+            auto_decompress=True,
+            trust_env=False,
+            # No cookie store: a model server's Set-Cookie must never ride along on the next
+            # caller's request (and filtering a jar per request is wasted work).
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+    app[SESSION] = sessions[plan.entries[0].name]
+    # Everything else that leaves the appliance (the facilitator) has its own TCP session:
+    # in container mode the session above is bound to the relay's unix socket, which
+    # ignores the URL's host and would hand payments to the model server.
+    app[OUTBOUND] = outbound_session()
+    yield
+    for session in sessions.values():
+        await session.close()
+    await app[OUTBOUND].close()
+
+
+async def upstream_runtime(plan: Plan, app: web.Application) -> AsyncIterator[None]:
+    # Container mode: start the isolated model server and wait for it (bounded) before
+    # listening; then the health monitor and the breaker the proxy consults.
+    async with running_set(plan.entries, plan.sessions) as upstreams:
+        app[UPSTREAM] = upstreams
+        yield
+
+
+async def alerting(plan: Plan, app: web.Application) -> AsyncIterator[None]:
+    # Webhook alerts: delivered by one background task, never on a request's path.
+    alerts = plan.alerts
+    if alerts is None:
+        yield
+        return
+    app[ALERTS] = alerts
+    app[METRICS].on_error = attestation_alert(alerts, plan.replica)
+    async with background(alerts.run()):
+        yield
+
+
+async def payment(plan: Plan, app: web.Application) -> AsyncIterator[None]:
+    if plan.payments is not None:
+        app[PAYMENTS] = plan.payments
+        yield
+        return
+    async with payment_step(
+        plan.settings,
+        app[OUTBOUND],
+        plan.limits,
+        app[METRICS],
+        alerts=plan.alerts,
+        on_limit_event=app[METRICS].limit_event,
+        shaper=plan.shaper,
+    ) as built:
+        app[PAYMENTS] = built
+        yield
+
+
+async def gateway(plan: Plan, app: web.Application) -> AsyncIterator[None]:
+    """The request path: attestation (measured and certified before listening), the router
+    over the upstreams, receipts, the transparency log and key rotation, the Gateway."""
+    settings = plan.settings
+    # Each model server's forwarding pool (paygate.upstream.http1), shared by its two
+    # clients; the sessions stay for the probes.
+    pools: dict[str, Pool] = {}
+    upstream = router(plan, app, pools)
+    bound, service = await attestation_service(plan, app)
+    # The release and key epoch are logged before the gateway listens (docs/TRANSPARENCY.md).
+    tlog = None
+    if bound.log is not None:
+        tlog = await tlog_assembly.start_log(settings, app[KEY], service)
+    metrics = app[METRICS]
+    timed_key = TimedKey(app[KEY], metrics)
+    epochs = app[KEY] if isinstance(app[KEY], EpochKeys) else None
+    local = LocalEndpoints(
+        key=timed_key,
+        upstream=upstream,
+        limiter=app[LIMITER],
+        metrics=metrics,
+        payment_mode=settings.payment_mode,
+        probe_timeout=settings.ready_probe_timeout,
+        check_interval=settings.upstream_health_interval,
+        upstream_status=app[UPSTREAM].status if app[UPSTREAM].monitored else None,
+        models=app[UPSTREAM].models_document(),
+        attestation=service,
+        epochs=epochs,
+    )
+    opener = Opener(
+        timed_key,
+        metrics.envelope,
+        epochs=epochs,
+        timed=lambda epoch_key: TimedKey(epoch_key, metrics),
+    )
+    issuer = (
+        ReceiptIssuer(
+            app[KEY], bound.models, on_signed=tlog.record_receipt if tlog is not None else None
+        )
+        if isinstance(app[KEY], ReceiptSigner)
+        else None
+    )
+    payments = app[PAYMENTS]
+    receipts = ReceiptEndpoint(
+        payments.processor.ledger if isinstance(payments, X402Payments) else None, issuer
+    )
+    app[GATEWAY] = Gateway(
+        routes=plan.routes,
+        admission=Admission(admission_limits(settings), payments, opener, rate_limits=plan.limits),
+        opener=opener,
+        upstream=upstream,
+        replies=Replies(reply_limits(settings), metrics, issuer),
+        limiter=app[LIMITER],
+        metrics=metrics,
+        local={
+            **local.handlers(),
+            "receipts": receipts.handle,
+            **({"log": tlog.handle} if tlog is not None else {}),
+        },
+        batch=BatchLimits(
+            max_items=settings.batch_max_items,
+            concurrency=settings.batch_concurrency,
+            item_reply_bytes=settings.max_plain_reply_bytes,
+        ),
+        shaper=plan.shaper,
+        tracing=plan.tracing,
+    )
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            if tlog is not None:
+                await stack.enter_async_context(running_log(tlog))
+            if epochs is not None:
+                # Each rotation is a key-epoch entry in the transparency log, if one is kept.
+                listeners = [tlog_assembly.on_rotation(tlog, service)] if tlog is not None else []
+                app[ROTATION] = await stack.enter_async_context(
+                    rotating(epochs, settings.key_epoch_dir, listeners)
+                )
+            yield
+    finally:
+        for pool in pools.values():
+            await pool.close()
+
+
+def router(plan: Plan, app: web.Application, pools: dict[str, Pool]) -> Router:
+    """The router over every upstream's client; ``pools`` collects their forwarding pools."""
+    settings = plan.settings
+    timeouts = Timeouts(
+        connect=settings.connect_timeout,
+        first_byte=settings.first_byte_timeout,
+        idle=settings.idle_timeout,
+        total=settings.total_timeout,
+    )
+
+    def client(member: Member, retries: int) -> Upstream:
+        # The upstream client of one model server; the router picks which, before it.
+        pool = pools.get(member.name)
+        if pool is None:
+            pool = Pool(
+                upstream_endpoint(member.service.config),
+                limit=settings.max_concurrent_requests,
+            )
+            pools[member.name] = pool
+        return Upstream(
+            plan.sessions[member.name],
+            upstream_base_url(member.service.config),
+            timeouts,
+            pool=pool,
+            breaker=member.service.breaker,
+            api_key=member.service.api_key,
+            retries=retries,
+            metrics=app[METRICS],
+        )
+
+    return Router(
+        build_backends(app[UPSTREAM].members, client, settings.upstream_max_retries),
+        salts=plan.salts,
+        first_byte_timeout=settings.first_byte_timeout,
+        # Slot ownership lives in this process: shared only when it is the only one.
+        exclusive_slots=settings.workers == 1,
+    )
+
+
+async def attestation_service(
+    plan: Plan, app: web.Application
+) -> tuple[AttestationConfig, AttestationService]:
+    """The binding (the weights' digests computed at start, the payment terms as offered, the
+    log's identity), then PCR 23 measures the application and the keys are certified."""
+    settings, attestation = plan.settings, plan.attestation
+    payment = attestation.payment
+    if payment is not None and isinstance(app[PAYMENTS], X402Payments):
+        # The payment terms as offered, with the upto facilitator the settler named.
+        payment = attestation_config(settings, app[PAYMENTS].processor.terms.upto_extra).payment
+    try:
+        bound = dataclasses.replace(
+            attestation,
+            models=parse_models(app[UPSTREAM].models_document()),
+            payment=payment,
+            log=tlog_assembly.identity(settings, app[KEY]),  # None unless transparency_log
+        )
+    except binding.BindingInvalid as exc:
+        raise ConfigError(f"a served model cannot be attested: {exc}") from None
+    service = AttestationService(
+        bound,
+        app[KEY],
+        provider=tee_provider(settings, bound.kind),
+        gpu=plan.gpu if plan.gpu is not None else gpu_provider(settings),
+    )
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, service.start)
+    except TypeError as exc:  # a key backend without what this evidence kind needs
+        raise ConfigError(f"attestation {attestation.kind}: {exc}") from None
+    app[ATTESTATION] = service
+    return bound, service
+
+
+async def watcher(plan: Plan, app: web.Application) -> AsyncIterator[None]:
+    # The review queue (shared ledger) and this replica's model server, for alerts.
+    alerts = plan.alerts
+    if alerts is None:
+        yield
+        return
+    service = app[UPSTREAM]
+    watching = watch_forever(
+        alerts,
+        store=lambda: alerts.store,
+        upstream=service.status if service.monitored else None,
+        replica=plan.replica,
+        interval=plan.settings.alert_interval_seconds,
+    )
+    async with background(watching):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def background(work: Coroutine[Any, Any, Any]) -> AsyncIterator[None]:
+    """``work`` as a task for the block; cancelled (and awaited) at its end."""
+    task = asyncio.get_running_loop().create_task(work)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def catch_all(app: web.Application, plan: Plan) -> None:
+    """One route for everything: the closed RouteTable, not aiohttp's router, decides what
+    exists; the Expect handler refuses an oversized body before inviting it."""
+    events = request_events(parse_networks(plan.settings.trusted_proxies))
+    max_body_bytes = plan.settings.max_body_bytes
 
     async def answer(request: web.Request) -> web.StreamResponse:
         return await answer_errors(request, request.app[GATEWAY].handle)
 
-    traced = tracing.wrap(answer) if tracing is not None else answer
+    traced = plan.tracing.wrap(answer) if plan.tracing is not None else answer
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
         return await events(request, traced)
@@ -448,7 +526,7 @@ def build_app(
         api = api_style_for_path(request.path)
         if request.headers.get("Expect", "").lower() != "100-continue":
             return error_response(ExpectationFailed(), api)
-        if (request.content_length or 0) > settings.max_body_bytes:
+        if (request.content_length or 0) > max_body_bytes:
             response = error_response(BodyTooLarge(), api)
             response.force_close()
             return response
@@ -457,11 +535,9 @@ def build_app(
             request.writer.output_size = 0  # the real response has not started yet
         return None
 
-    # One catch-all: the closed RouteTable, not aiohttp's router, decides what exists.
-    catch_all = app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=expect)
+    route = app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=expect)
     # aiohttp's own 400s, and its 404 for targets that are not a path, in the caller's shape
-    malformed.install(app, catch_all)
-    return app
+    malformed.install(app, route)
 
 
 def outbound_session() -> aiohttp.ClientSession:

@@ -40,7 +40,7 @@ from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.logs import facts
 from paygate.server.metrics import Metrics
 from paygate.server.opening import Opener
-from paygate.server.payments import PaymentRefused
+from paygate.server.payments import HttpPaymentRefusal
 from paygate.server.proxy import upstream_request_headers
 from paygate.server.receipts import request_facts, request_nonce_header
 from paygate.server.replies import Replies
@@ -115,7 +115,7 @@ class Gateway:
             else:
                 response = await self._forward(request, match, started)
         except GatewayError as exc:
-            if isinstance(exc, PaymentRefused):
+            if isinstance(exc, HttpPaymentRefusal):
                 info.payment = exc.code
             self._metrics.observe(route.name, exc.status)
             self._metrics.error(exc.code)

@@ -47,6 +47,8 @@ Domain = Literal["payer", "free"]
 class CacheParameterRefused(GatewayError):
     """the request sets a cache-isolation parameter: the gateway sets it per payer"""
 
+    message = "the request sets a cache-isolation parameter"
+
     status = 400
     code = "cache_parameter_refused"
 
@@ -156,6 +158,8 @@ class SlotTable:
 
 class ServerStateRefused(GatewayError):
     """stored responses are not offered here: send the conversation itself"""
+
+    message = "stored responses are not offered here"
 
     status = 400
     code = "server_state_refused"

@@ -3,7 +3,7 @@ headers out. No payment policy here.
 
 ``async with payments.admit(request, route, body=...) as ticket:`` prices the request (its
 model, a metered quote, a batch's plan), hands the headers to the processor's admission and
-either raises :class:`PaymentRefused` (a 402 challenge, 400, 409, 503 …) or yields a
+either raises :class:`HttpPaymentRefusal` (a 402 challenge, 400, 409, 503 …) or yields a
 :class:`Ticket` whose ``session`` (:class:`paygate.x402.session.PaymentSession`) owns the
 payment for the rest of the request. The block's exit is the session's one exit: it finishes
 the payment exactly once — release what was not earned, settle what is owed — also when the
@@ -44,7 +44,7 @@ from paygate.x402.session import MeteredTerms, PaymentSession
 PAID_CACHE_CONTROL = "private, no-store"
 
 
-class PaymentRefused(GatewayError):
+class HttpPaymentRefusal(GatewayError):
     """The payment step answered instead of admitting: the answer is ready-made (its code is
     the message; the response is the refusal's own)."""
 
@@ -98,7 +98,7 @@ class PaymentStep(Protocol):
     def admit(
         self, request: web.Request, route: Route, *, body: bytes | None = None, client: str = ""
     ) -> AbstractAsyncContextManager[Ticket]:
-        """Admit the request for the block (a ticket) or raise :class:`PaymentRefused`;
+        """Admit the request for the block (a ticket) or raise :class:`HttpPaymentRefusal`;
         ``client`` is the caller's address key (per-address limits of free requests)."""
         ...
 
@@ -234,7 +234,7 @@ class X402Payments:
                     session.challenge, route.method, route.path, request.path
                 )
                 session = dataclasses.replace(session, challenge=challenge)
-            raise PaymentRefused(refusal_response(session, route), session.code)
+            raise HttpPaymentRefusal(refusal_response(session, route), session.code)
         forward = terms.shaped_body
         if session.metered and quote is not None and items is None:
             forward = quote.body

@@ -59,12 +59,16 @@ MODELS_PATH = "/v1/models"
 class ModelNotFound(GatewayError):
     """no upstream of this gateway serves that model"""
 
+    message = "no upstream of this gateway serves that model"
+
     status = 404
     code = "model_not_found"
 
 
 class ModelRequired(BadRequest):
     """name the model: this gateway serves several"""
+
+    message = "the request names no model"
 
     code = "model_required"
 

@@ -33,25 +33,33 @@ MAX_FILE = 1 << 20  # bytes: a deployment file is small; anything bigger is not 
 class StoreError(PaygateError):
     """The deployment store could not do what was asked."""
 
+    message = "the deployment store could not do what was asked"
+
     code = "deployment_error"
 
 
 class InvalidDeploymentName(StoreError):
     """A deployment name is not ``[a-z0-9][a-z0-9-]{0,62}``."""
 
+    message = "a deployment name is [a-z0-9][a-z0-9-]{0,62}"
+
     code = "invalid_deployment_name"
 
 
 class DeploymentExists(StoreError):
+    message = "a deployment with that name already exists"
     code = "deployment_exists"
 
 
 class DeploymentNotFound(StoreError):
+    message = "no deployment with that name"
     code = "deployment_not_found"
 
 
 class InvalidDeployment(StoreError):
     """A field value is unusable; the message names the field, never the value."""
+
+    message = "a field value is unusable"
 
     code = "invalid_deployment"
 

@@ -32,7 +32,7 @@ from aiohttp import web
 from enclave import receipts
 from enclave.attestation.binding import LogIdentity
 from enclave.keys.base import LogSigner
-from enclave.receipts import ReceiptInvalid
+from enclave.receipts import ReceiptTokenInvalid
 from enclave.tlog import checkpoint as cp
 from enclave.tlog import entries, merkle, note, tiles
 from paygate.server.errors import GatewayError
@@ -166,7 +166,7 @@ class TransparencyLog:
             await self._store.record_receipt(
                 merkle.leaf_hash(payload), _charged(payload), self.config.replica, _issued(payload)
             )
-        except (LogStoreError, ValueError, ReceiptInvalid) as exc:
+        except (LogStoreError, ValueError, ReceiptTokenInvalid) as exc:
             # The reply still goes out; the missing receipt shows in `paygate receipts audit`.
             log.error("a signed receipt was not recorded in the log: %s", type(exc).__name__)
 

@@ -13,23 +13,18 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from enclave.tlog import merkle, tiles
 from enclave.tlog.checkpoint import Checkpoint
 from paygate.tlog.store import (
     APPEND_LOCK,
     Appended,
-    LogOriginMismatch,
     LogStoreError,
     NoteSigner,
-    OpenReceipt,
     PeriodEntry,
     ReceiptPeriod,
     StoredCheckpoint,
-    adrive,
     check_entries,
-    completed_tiles,
-    root_flow,
 )
+from paygate.tlog.store_rules import HashRows, LogQueries, Query, append_flow
 
 try:
     import psycopg
@@ -41,6 +36,7 @@ except ImportError:  # pragma: no cover - reported by open()
 logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
 T = TypeVar("T")
 Conn = Any
+SQL = LogQueries("%s", lock_rows=" FOR UPDATE")
 
 
 class PostgresLogStore:
@@ -111,7 +107,7 @@ class PostgresLogStore:
             self._closed = True
             await self._pool.close()
 
-    # --- the log ---------------------------------------------------------------------------
+    # --- the log: the statements of store_rules, one transaction each (rows as tuples) -----
 
     async def claim_origin(self, origin: str) -> None:
         await self._run(_claim_origin, origin)
@@ -128,143 +124,78 @@ class PostgresLogStore:
     async def record_receipt(
         self, leaf: bytes, amount: int, replica: str, issued_at: float
     ) -> None:
-        async def insert(conn: Conn) -> None:
-            await conn.execute(
-                "INSERT INTO tlog_receipts (leaf, amount, replica, issued_at)"
-                " VALUES (%s, %s, %s, %s)",
-                (leaf, amount, replica, issued_at),
-            )
-
-        await self._run(insert)
+        await self._run(_execute, SQL.record_receipt(leaf, amount, replica, issued_at))
 
     async def latest(self) -> StoredCheckpoint | None:
-        return await self._run(_checkpoint, None)
+        return SQL.checkpoint_of(await self._run(_one, SQL.checkpoint(None)))
 
     async def checkpoint(self, size: int) -> StoredCheckpoint | None:
-        return await self._run(_checkpoint, size)
+        return SQL.checkpoint_of(await self._run(_one, SQL.checkpoint(size)))
 
     async def set_cosignatures(self, size: int, lines: str) -> None:
-        async def update(conn: Conn) -> None:
-            await conn.execute(
-                "UPDATE tlog_checkpoints SET cosignatures = %s WHERE size = %s", (lines, size)
-            )
-
-        await self._run(update)
+        await self._run(_execute, SQL.set_cosignatures(size, lines))
 
     async def tile(self, level: int, index: int, width: int) -> bytes | None:
         return await self._run(_tile, level, index, width)
 
     async def bundle(self, index: int, width: int) -> list[bytes] | None:
-        async def read(conn: Conn) -> list[bytes] | None:
-            start = index * tiles.WIDTH
-            rows = await (
-                await conn.execute(
-                    "SELECT data FROM tlog_entries WHERE idx >= %s AND idx < %s ORDER BY idx",
-                    (start, start + width),
-                )
-            ).fetchall()
-            return [bytes(r["data"]) for r in rows] if len(rows) == width else None
-
-        return await self._run(read)
+        return SQL.bundle_of(await self._run(_all, SQL.bundle(index, width)), width)
 
     async def receipt_period(self, leaf: bytes) -> ReceiptPeriod | None:
-        async def read(conn: Conn) -> ReceiptPeriod | None:
-            row = await (
-                await conn.execute(
-                    "SELECT entry, position FROM tlog_receipts"
-                    " WHERE leaf = %s AND entry IS NOT NULL ORDER BY seq LIMIT 1",
-                    (leaf,),
-                )
-            ).fetchone()
-            if row is None:
-                return None
-            leaves = await (
-                await conn.execute(
-                    "SELECT leaf FROM tlog_receipts WHERE entry = %s ORDER BY position",
-                    (row["entry"],),
-                )
-            ).fetchall()
-            return ReceiptPeriod(
-                int(row["entry"]), int(row["position"]), tuple(bytes(r["leaf"]) for r in leaves)
-            )
-
-        return await self._run(read)
+        return await self._run(_receipt_period, leaf)
 
 
-async def _checkpoint(conn: Conn, size: int | None) -> StoredCheckpoint | None:
-    query = "SELECT size, root, note, cosignatures FROM tlog_checkpoints"
-    if size is None:
-        cursor = await conn.execute(query + " ORDER BY size DESC LIMIT 1")
-    else:
-        cursor = await conn.execute(query + " WHERE size = %s", (size,))
-    row = await cursor.fetchone()
-    if row is None:
-        return None
-    return StoredCheckpoint(int(row["size"]), bytes(row["root"]), row["note"], row["cosignatures"])
+async def _execute(conn: Conn, query: Query) -> None:
+    await conn.execute(*query)
+
+
+async def _one(conn: Conn, query: Query) -> tuple[Any, ...] | None:
+    row = await (await conn.execute(*query)).fetchone()
+    return tuple(row.values()) if row is not None else None
+
+
+async def _all(conn: Conn, query: Query) -> list[tuple[Any, ...]]:
+    return [tuple(r.values()) for r in await (await conn.execute(*query)).fetchall()]
 
 
 async def _tile(conn: Conn, level: int, index: int, width: int) -> bytes | None:
-    start = index * tiles.WIDTH
-    rows = await (
-        await conn.execute(
-            "SELECT hash FROM tlog_hashes WHERE level = %s AND idx >= %s AND idx < %s ORDER BY idx",
-            (level, start, start + width),
-        )
-    ).fetchall()
-    return b"".join(bytes(r["hash"]) for r in rows) if len(rows) == width else None
+    return SQL.tile_of(await _all(conn, SQL.tile(level, index, width)), width)
 
 
 async def _claim_origin(conn: Conn, origin: str) -> None:
     await conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
-    row = await (await conn.execute("SELECT origin FROM tlog_meta WHERE id = 1")).fetchone()
-    if row is None:
-        await conn.execute("INSERT INTO tlog_meta (id, origin) VALUES (1, %s)", (origin,))
-    elif row["origin"] != origin:
-        raise LogOriginMismatch("the ledger store holds the log of another origin")
+    claim = SQL.claim_origin(await _one(conn, (SQL.origin, ())), origin)
+    if claim is not None:
+        await conn.execute(*claim)
 
 
 async def _append(conn: Conn, entries: list[bytes], sign: NoteSigner, replica: str) -> Appended:
     await conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
-    row = await (
-        await conn.execute("SELECT COALESCE(MAX(idx) + 1, 0) AS size FROM tlog_entries")
-    ).fetchone()
-    old = int(row["size"])
-    now = await (await conn.execute("SELECT extract(epoch FROM now()) AS t")).fetchone()
+    size = await _one(conn, (SQL.size, ()))
+    old = int(size[0]) if size is not None else 0
+    clock = await _one(conn, ("SELECT extract(epoch FROM now()) AS t", ()))
+    now = float(clock[0]) if clock is not None else 0.0
     async with conn.cursor() as cursor:
-        await cursor.executemany(
-            "INSERT INTO tlog_entries (idx, data, replica, created_at) VALUES (%s, %s, %s, %s)",
-            [(old + i, data, replica, float(now["t"])) for i, data in enumerate(entries)],
-        )
-        await cursor.executemany(
-            "INSERT INTO tlog_hashes (level, idx, hash) VALUES (0, %s, %s)",
-            [(old + i, merkle.leaf_hash(data)) for i, data in enumerate(entries)],
-        )
+        await cursor.executemany(SQL.insert_entry, SQL.entries(old, entries, replica, now))
+    flow = append_flow(old, entries)
+    try:
+        step = next(flow)
+        while True:
+            if isinstance(step, HashRows):
+                async with conn.cursor() as cursor:
+                    await cursor.executemany(SQL.insert_hash, step.rows)
+                step = flow.send(b"")
+            else:
+                tile = await _tile(conn, step.level or 0, step.index, step.width)
+                step = flow.send(tile or b"")
+    except StopIteration as done:
+        root: bytes = done.value
     new = old + len(entries)
-    level = 1
-    while new >> (tiles.HEIGHT * level):
-        for index in completed_tiles(old, new, level):
-            below = await _tile(conn, level - 1, index, tiles.WIDTH)
-            assert below is not None
-            await conn.execute(
-                "INSERT INTO tlog_hashes (level, idx, hash) VALUES (%s, %s, %s)",
-                (level, index, tiles.hash_tile(tiles.split_hashes(below, tiles.WIDTH))),
-            )
-        level += 1
-
-    async def fetch(ref: tiles.TileRef) -> bytes:
-        return await _tile(conn, ref.level or 0, ref.index, ref.width) or b""
-
-    root = await adrive(root_flow(new), fetch)
-    origin = await (await conn.execute("SELECT origin FROM tlog_meta WHERE id = 1")).fetchone()
-    if origin is None:
-        raise LogStoreError("the log has no origin yet")
+    origin = SQL.origin_of(await _one(conn, (SQL.origin, ())))
     # A key backend call (a TPM or token round trip): off the event loop, still under the lock.
     loop = asyncio.get_running_loop()
-    signed = await loop.run_in_executor(None, sign, Checkpoint(origin["origin"], new, root))
-    await conn.execute(
-        "INSERT INTO tlog_checkpoints (size, root, note, created_at) VALUES (%s, %s, %s, %s)",
-        (new, root, signed, float(now["t"])),
-    )
+    signed = await loop.run_in_executor(None, sign, Checkpoint(origin, new, root))
+    await conn.execute(*SQL.insert_checkpoint(new, root, signed, now))
     return Appended(old, StoredCheckpoint(new, root, signed))
 
 
@@ -272,23 +203,17 @@ async def _append_receipts(
     conn: Conn, build: PeriodEntry, sign: NoteSigner, replica: str, limit: int
 ) -> Appended | None:
     await conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
-    rows = await (
-        await conn.execute(
-            "SELECT seq, leaf, amount, issued_at FROM tlog_receipts WHERE entry IS NULL"
-            " ORDER BY seq LIMIT %s FOR UPDATE",
-            (limit,),
-        )
-    ).fetchall()
-    if not rows:
+    period = [SQL.open_receipt_of(r) for r in await _all(conn, SQL.open_receipts(limit))]
+    if not period:
         return None
-    period = [
-        OpenReceipt(int(r["seq"]), bytes(r["leaf"]), int(r["amount"]), float(r["issued_at"]))
-        for r in rows
-    ]
     appended = await _append(conn, [build(period)], sign, replica)  # the lock is re-entrant
     async with conn.cursor() as cursor:
-        await cursor.executemany(
-            "UPDATE tlog_receipts SET entry = %s, position = %s WHERE seq = %s",
-            [(appended.first, position, r.seq) for position, r in enumerate(period)],
-        )
+        await cursor.executemany(SQL.close_receipts, SQL.closed(appended.first, period))
     return appended
+
+
+async def _receipt_period(conn: Conn, leaf: bytes) -> ReceiptPeriod | None:
+    row = await _one(conn, SQL.receipt_entry(leaf))
+    if row is None:
+        return None
+    return SQL.period_of(row, await _all(conn, SQL.period_leaves(row[0])))

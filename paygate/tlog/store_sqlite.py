@@ -12,23 +12,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from enclave.tlog import merkle, tiles
 from enclave.tlog.checkpoint import Checkpoint
 from paygate.tlog.store import (
     Appended,
-    LogOriginMismatch,
     LogStoreError,
     NoteSigner,
-    OpenReceipt,
     PeriodEntry,
     ReceiptPeriod,
     StoredCheckpoint,
     check_entries,
-    completed_tiles,
-    root_flow,
 )
+from paygate.tlog.store_rules import HashRows, LogQueries, append_flow
 
 T = TypeVar("T")
+SQL = LogQueries("?", amounts_as_text=True)
 
 
 class SqliteLogStore:
@@ -101,7 +98,7 @@ class SqliteLogStore:
             self._db.close()
             self._db = None
 
-    # --- the log ---------------------------------------------------------------------------
+    # --- the log: the statements of store_rules, run in one write transaction each ------
 
     async def claim_origin(self, origin: str) -> None:
         await self._run(self._write, _claim_origin, origin)
@@ -118,7 +115,8 @@ class SqliteLogStore:
     async def record_receipt(
         self, leaf: bytes, amount: int, replica: str, issued_at: float
     ) -> None:
-        await self._run(self._write, _record_receipt, leaf, str(amount), replica, issued_at)
+        query = SQL.record_receipt(leaf, amount, replica, issued_at)
+        await self._run(self._write, lambda db: db.execute(*query))
 
     async def latest(self) -> StoredCheckpoint | None:
         return await self._run(self._checkpoint, None)
@@ -127,135 +125,70 @@ class SqliteLogStore:
         return await self._run(self._checkpoint, size)
 
     def _checkpoint(self, size: int | None) -> StoredCheckpoint | None:
-        query = "SELECT size, root, note, cosignatures FROM tlog_checkpoints"
-        if size is None:
-            row = self._conn.execute(query + " ORDER BY size DESC LIMIT 1").fetchone()
-        else:
-            row = self._conn.execute(query + " WHERE size = ?", (size,)).fetchone()
-        return StoredCheckpoint(row[0], bytes(row[1]), row[2], row[3]) if row else None
+        return SQL.checkpoint_of(self._conn.execute(*SQL.checkpoint(size)).fetchone())
 
     async def set_cosignatures(self, size: int, lines: str) -> None:
-        await self._run(
-            self._write,
-            lambda db: db.execute(
-                "UPDATE tlog_checkpoints SET cosignatures = ? WHERE size = ?", (lines, size)
-            ),
-        )
+        query = SQL.set_cosignatures(size, lines)
+        await self._run(self._write, lambda db: db.execute(*query))
 
     async def tile(self, level: int, index: int, width: int) -> bytes | None:
         return await self._run(_tile, self._conn, level, index, width)
 
     async def bundle(self, index: int, width: int) -> list[bytes] | None:
-        start = index * tiles.WIDTH
-        rows = await self._run(
-            lambda: self._conn.execute(
-                "SELECT data FROM tlog_entries WHERE idx >= ? AND idx < ? ORDER BY idx",
-                (start, start + width),
-            ).fetchall()
-        )
-        return [bytes(r[0]) for r in rows] if len(rows) == width else None
+        query = SQL.bundle(index, width)
+        rows = await self._run(lambda: self._conn.execute(*query).fetchall())
+        return SQL.bundle_of(rows, width)
 
     async def receipt_period(self, leaf: bytes) -> ReceiptPeriod | None:
         return await self._run(_receipt_period, self._conn, leaf)
 
 
 def _tile(db: sqlite3.Connection, level: int, index: int, width: int) -> bytes | None:
-    start = index * tiles.WIDTH
-    rows = db.execute(
-        "SELECT hash FROM tlog_hashes WHERE level = ? AND idx >= ? AND idx < ? ORDER BY idx",
-        (level, start, start + width),
-    ).fetchall()
-    return b"".join(bytes(r[0]) for r in rows) if len(rows) == width else None
+    return SQL.tile_of(db.execute(*SQL.tile(level, index, width)).fetchall(), width)
 
 
 def _claim_origin(db: sqlite3.Connection, origin: str) -> None:
-    row = db.execute("SELECT origin FROM tlog_meta WHERE id = 1").fetchone()
-    if row is None:
-        db.execute("INSERT INTO tlog_meta (id, origin) VALUES (1, ?)", (origin,))
-    elif row[0] != origin:
-        raise LogOriginMismatch("the ledger store holds the log of another origin")
-
-
-def _size(db: sqlite3.Connection) -> int:
-    return int(db.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM tlog_entries").fetchone()[0])
+    claim = SQL.claim_origin(db.execute(SQL.origin).fetchone(), origin)
+    if claim is not None:
+        db.execute(*claim)
 
 
 def _append(
     db: sqlite3.Connection, entries: list[bytes], sign: NoteSigner, replica: str
 ) -> Appended:
-    old = _size(db)
+    old = int(db.execute(SQL.size).fetchone()[0])
     now = time.time()
-    for offset, data in enumerate(entries):
-        db.execute(
-            "INSERT INTO tlog_entries (idx, data, replica, created_at) VALUES (?, ?, ?, ?)",
-            (old + offset, data, replica, now),
-        )
-        db.execute(
-            "INSERT INTO tlog_hashes (level, idx, hash) VALUES (0, ?, ?)",
-            (old + offset, merkle.leaf_hash(data)),
-        )
+    db.executemany(SQL.insert_entry, SQL.entries(old, entries, replica, now))
+    flow = append_flow(old, entries)
+    try:
+        step = next(flow)
+        while True:
+            if isinstance(step, HashRows):
+                db.executemany(SQL.insert_hash, step.rows)
+                step = flow.send(b"")
+            else:
+                step = flow.send(_tile(db, step.level or 0, step.index, step.width) or b"")
+    except StopIteration as done:
+        root: bytes = done.value
     new = old + len(entries)
-    level = 1
-    while new >> (tiles.HEIGHT * level):
-        for index in completed_tiles(old, new, level):
-            below = _tile(db, level - 1, index, tiles.WIDTH)
-            assert below is not None
-            db.execute(
-                "INSERT INTO tlog_hashes (level, idx, hash) VALUES (?, ?, ?)",
-                (level, index, tiles.hash_tile(tiles.split_hashes(below, tiles.WIDTH))),
-            )
-        level += 1
-    root = tiles.drive(
-        root_flow(new), lambda ref: _tile(db, ref.level or 0, ref.index, ref.width) or b""
-    )
-    origin = db.execute("SELECT origin FROM tlog_meta WHERE id = 1").fetchone()
-    if origin is None:
-        raise LogStoreError("the log has no origin yet")
-    signed = sign(Checkpoint(origin[0], new, root))
-    db.execute(
-        "INSERT INTO tlog_checkpoints (size, root, note, created_at) VALUES (?, ?, ?, ?)",
-        (new, root, signed, now),
-    )
+    signed = sign(Checkpoint(SQL.origin_of(db.execute(SQL.origin).fetchone()), new, root))
+    db.execute(*SQL.insert_checkpoint(new, root, signed, now))
     return Appended(old, StoredCheckpoint(new, root, signed))
 
 
 def _append_receipts(
     db: sqlite3.Connection, build: PeriodEntry, sign: NoteSigner, replica: str, limit: int
 ) -> Appended | None:
-    rows = db.execute(
-        "SELECT seq, leaf, amount, issued_at FROM tlog_receipts WHERE entry IS NULL"
-        " ORDER BY seq LIMIT ?",
-        (limit,),
-    ).fetchall()
-    if not rows:
+    period = [SQL.open_receipt_of(r) for r in db.execute(*SQL.open_receipts(limit)).fetchall()]
+    if not period:
         return None
-    period = [OpenReceipt(r[0], bytes(r[1]), int(r[2]), r[3]) for r in rows]
     appended = _append(db, [build(period)], sign, replica)
-    db.executemany(
-        "UPDATE tlog_receipts SET entry = ?, position = ? WHERE seq = ?",
-        [(appended.first, position, r.seq) for position, r in enumerate(period)],
-    )
+    db.executemany(SQL.close_receipts, SQL.closed(appended.first, period))
     return appended
 
 
-def _record_receipt(
-    db: sqlite3.Connection, leaf: bytes, amount: str, replica: str, issued_at: float
-) -> None:
-    db.execute(
-        "INSERT INTO tlog_receipts (leaf, amount, replica, issued_at) VALUES (?, ?, ?, ?)",
-        (leaf, amount, replica, issued_at),
-    )
-
-
 def _receipt_period(db: sqlite3.Connection, leaf: bytes) -> ReceiptPeriod | None:
-    row = db.execute(
-        "SELECT entry, position FROM tlog_receipts WHERE leaf = ? AND entry IS NOT NULL"
-        " ORDER BY seq LIMIT 1",
-        (leaf,),
-    ).fetchone()
+    row = db.execute(*SQL.receipt_entry(leaf)).fetchone()
     if row is None:
         return None
-    leaves = db.execute(
-        "SELECT leaf FROM tlog_receipts WHERE entry = ? ORDER BY position", (row[0],)
-    ).fetchall()
-    return ReceiptPeriod(row[0], row[1], tuple(bytes(r[0]) for r in leaves))
+    return SQL.period_of(row, db.execute(*SQL.period_leaves(row[0])).fetchall())

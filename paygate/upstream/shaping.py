@@ -61,17 +61,23 @@ _LIMIT_SPELLINGS = (
 class OptionRefused(PaygateError):
     """A load-time engine option the operator did not allow."""
 
+    message = "a load-time engine option the operator did not allow"
+
     code = "engine_option_refused"
 
 
 class LengthKeyRefused(PaygateError):
     """A generation-length key the engine's rules do not cover."""
 
+    message = "a generation-length key the engine's rules do not cover"
+
     code = "unsupported_limit_key"
 
 
 class ApiNotServed(PaygateError):
     """The model's engine does not serve this generation API (no limit keys for it)."""
+
+    message = "the model's engine does not serve this generation API"
 
     code = "model_not_found"
 

@@ -19,6 +19,8 @@ ITEM_PATH = "/v1/chat/completions"  # where each item goes upstream
 class BadBatch(PaygateError):
     """The batch body is not a bounded JSON array of chat request objects."""
 
+    message = "the batch body is not a bounded JSON array of chat request objects"
+
     code = "invalid_batch"
 
 

@@ -32,6 +32,8 @@ MAX_HEADER_CHARS = 16 * 1024
 class PaymentHeaderError(PaygateError):
     """A payment header that cannot be read; the message is safe to return to the caller."""
 
+    message = "a payment header that cannot be read"
+
     code = "invalid_payment_header"
 
 

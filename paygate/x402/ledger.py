@@ -477,11 +477,15 @@ def check_model(value: str | None) -> str | None:
 class LedgerError(PaygateError):
     """Base of the ledger's errors. Messages name payment ids and states, never payloads."""
 
+    message = "the payment ledger failed"
+
     code = "ledger_error"
 
 
 class AlreadyReserved(LedgerError):
     """The authorization is already claimed: a replay, or a concurrent duplicate."""
+
+    message = "the authorization is already claimed"
 
     code = "payment_replayed"
 
@@ -493,6 +497,8 @@ class AlreadyReserved(LedgerError):
 class BudgetExceeded(LedgerError):
     """The payer's budget would be passed by this payment."""
 
+    message = "the payer's budget would be passed by this payment"
+
     code = "budget_exceeded"
 
     def __init__(self, message: str, budget: Budget | None = None) -> None:
@@ -503,11 +509,15 @@ class BudgetExceeded(LedgerError):
 class SignInReused(LedgerError):
     """A sign-in-with-x nonce was already used."""
 
+    message = "a sign-in-with-x nonce was already used"
+
     code = "siwx_nonce_reused"
 
 
 class IdempotencyKeyReused(LedgerError):
     """The payment-identifier already names a different authorization."""
+
+    message = "the payment-identifier already names a different authorization"
 
     code = "idempotency_key_reused"
 
@@ -515,11 +525,15 @@ class IdempotencyKeyReused(LedgerError):
 class LedgerConflict(LedgerError):
     """A state change the table does not allow, or that lost a race."""
 
+    message = "a state change the table does not allow, or that lost a race"
+
     code = "ledger_conflict"
 
 
 class PaymentNotFound(LedgerConflict):
     """No record has that payment id."""
+
+    message = "no record has that payment id"
 
     code = "payment_not_found"
 
@@ -527,17 +541,23 @@ class PaymentNotFound(LedgerConflict):
 class LeaseLost(LedgerConflict):
     """The record was claimed by another replica (its epoch moved on): leave it alone."""
 
+    message = "the record was claimed by another replica (its epoch moved on)"
+
     code = "lease_lost"
 
 
 class LedgerUnavailable(LedgerError):
     """The store cannot be opened or written (missing, unwritable, disk full, locked too long)."""
 
+    message = "the ledger store cannot be opened or written"
+
     code = "ledger_unavailable"
 
 
 class LedgerNotFound(LedgerUnavailable):
     """Opening without ``create``: there is no ledger at that path."""
+
+    message = "the ledger does not exist (and was not to be created)"
 
     code = "ledger_not_found"
 

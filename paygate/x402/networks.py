@@ -16,6 +16,7 @@ from paygate.errors import PaygateError
 
 
 class UnknownNetwork(PaygateError):
+    message = "the network is not one paygate knows"
     code = "unknown_network"
 
 

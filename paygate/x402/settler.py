@@ -18,11 +18,15 @@ SETTLEMENT_PENDING = "settlement_pending"
 class SettlerUnavailable(PaygateError):
     """The facilitator or chain could not be asked; nothing was done (safe to retry later)."""
 
+    message = "the facilitator or chain could not be asked"
+
     code = "settler_unavailable"
 
 
 class SettlementUnknown(PaygateError):
     """A settlement was (maybe) sent and its outcome is not known yet: reconcile, never re-sign."""
+
+    message = "a settlement was (maybe) sent and its outcome is not known yet"
 
     code = "settlement_unknown"
 
@@ -34,6 +38,8 @@ class SettlementUnknown(PaygateError):
 class ReviewRequired(SettlementUnknown):
     """An unknown outcome nobody here can prove (no chain to read, or the nonce's event is out
     of reach): the payment stays owed, never SETTLED, and is flagged for an operator."""
+
+    message = "the settlement's outcome cannot be proven here: an operator must review it"
 
     code = "review_required"
 

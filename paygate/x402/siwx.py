@@ -65,6 +65,8 @@ _REQUIRED = [
 class SiwxRejected(PaygateError):
     """A sign-in that does not prove the wallet; ``reason`` is the extension's code."""
 
+    message = "a sign-in that does not prove the wallet"
+
     code = "siwx_rejected"
 
     def __init__(self, reason: str, message: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from paygate.console.serve import start_console
-from paygate.server.app import SETTINGS
+from tests.integration import economics_support
 from tests.integration.economics_support import gateways
 
 CHROMIUM = "/usr/bin/chromium"
@@ -44,7 +44,7 @@ async def console_stack(**settings: Any) -> AsyncIterator[Console]:
     port = free_port()
     settings.setdefault("console_secret", SECRET)
     async with gateways(1, console_listen=f"127.0.0.1:{port}", **settings) as [(app, url)]:
-        runner = await start_console(app[SETTINGS], app)
+        runner = await start_console(economics_support.last_settings[0], app)
         assert runner is not None
         try:
             yield Console(app, url, f"http://127.0.0.1:{port}")

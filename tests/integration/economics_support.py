@@ -12,6 +12,7 @@ from aiohttp import web
 
 SECRET = b"alert-secret-for-tests-0123456789"
 last_fake: Any = None  # the FAKE model server of the latest `gateways` (its received requests)
+last_settings: list[Any] = []  # the Settings of each gateway of the latest `gateways`, in order
 
 
 @dataclass
@@ -63,6 +64,7 @@ async def gateways(
 
     global last_fake
     fake = last_fake = FakeModelServer()
+    last_settings.clear()
     fake_runner = web.AppRunner(fake.app)
     await fake_runner.setup()
     await web.TCPSite(fake_runner, "127.0.0.1", 0).start()
@@ -80,6 +82,7 @@ async def gateways(
                 **overrides,
             )
             app = build_app(settings, key=key)
+            last_settings.append(settings)
             runner = web.AppRunner(app, shutdown_timeout=2.0, **server_options(settings))
             await runner.setup()
             runners.append(runner)

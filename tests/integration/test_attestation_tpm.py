@@ -8,6 +8,7 @@ are all refused.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 from collections.abc import Callable, Iterator
@@ -19,7 +20,9 @@ from cryptography import x509
 from paygate_dev.stack import Swtpm
 
 from enclave import KeyBackendError
+from enclave.attestation import binding
 from enclave.attestation import tpm as att
+from enclave.attestation.base import Verdict
 from enclave.keys.tpm import TpmKey
 from tests.fixtures.swtpm import EkCa
 
@@ -190,3 +193,91 @@ def test_a_key_directory_without_attestation_keys_gets_them_on_open(
         assert (directory / "ak.pub").exists()
         assert (directory / "receipt.priv").stat().st_mode & 0o777 == 0o600
         assert len(upgraded.sign_digest(b"\x00" * 32)) == 64
+
+
+def _tpm_evidence(attester: att.TpmAttester, bound: binding.Binding) -> dict[str, object]:
+    """The ``tpm`` entry the appliance sends (paygate.server.attestation), from the real TPM."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    code = bytes.fromhex(bound.code_digest.removeprefix("sha256:"))
+    attester.extend_app_pcr(att.app_digest(code, bound.config_digest()))
+    quote, pcrs = attester.quote(bound.digest())
+    return {
+        "ek_certificates": {k: b64(v) for k, v in attester.ek_certificates().items()},
+        "ak_public": b64(attester.ak_public),
+        "certify": {
+            name: {
+                "public": b64(c.public),
+                "attest": b64(c.certify.attest),
+                "signature": b64(c.certify.signature),
+            }
+            for name, c in attester.certify_keys().items()
+        },
+        "quote": {"attest": b64(quote.attest), "signature": b64(quote.signature)},
+        "pcrs": {str(i): v.hex() for i, v in sorted(pcrs.items())},
+    }
+
+
+def _bound(key: TpmKey) -> binding.Binding:
+    return binding.Binding(
+        nonce=os.urandom(32),
+        sealing_key=key.public_key,
+        receipt_key=key.receipt_public_key,
+        models=(),
+        payment=None,
+        gateway_version="0.1.0",
+        code_digest="sha256:" + "ef" * 32,
+        issued_at=1_700_000_000,
+    )
+
+
+def test_verifier_passes_real_evidence_only_when_the_tpm_answers_the_challenge(
+    attester: att.TpmAttester, key: TpmKey, ek_ca: EkCa
+) -> None:
+    bound = _bound(key)
+    evidence = _tpm_evidence(attester, bound)
+    verifier = att.TpmVerifier(_trusted(ek_ca))
+
+    def run(answer: Callable[[att.CredentialChallenge], att.ActivationAnswer]) -> Verdict:
+        flow = verifier.verify(evidence, at=now(), binding=bound)
+        challenge = next(flow)
+        with pytest.raises(StopIteration) as done:
+            flow.send(answer(challenge))
+        verdict: Verdict = done.value.value
+        return verdict
+
+    def by_the_tpm(c: att.CredentialChallenge) -> att.ActivationAnswer:
+        return att.ActivationAnswer(attester.activate(c.ek, c.credential_blob, c.encrypted_secret))
+
+    verdict = run(by_the_tpm)
+    assert verdict.ok, verdict.to_json()
+    assert [c.name for c in verdict.checks] == [
+        "ek_chain", "ak", "activation", "quote", "app_pcr", "pcrs",
+        "certify_sealing_key", "certify_receipt_key",
+    ]  # fmt: skip
+    # Another secret (an appliance without this TPM), or a busy one: refused, nothing after.
+    wrong = run(lambda c: att.ActivationAnswer(os.urandom(32), "HTTP 200"))
+    assert (wrong.code, wrong.checks[-1].name) == (att.ACTIVATION_FAILED, "activation")
+    busy = run(lambda c: att.ActivationAnswer(None, "HTTP 503", busy=True))
+    assert busy.code == att.EVIDENCE_UNAVAILABLE
+    # Evidence quoted over another binding document: the quote check refuses it.
+    other = verifier.verify(evidence, at=now(), binding=_bound(key))
+    challenge = next(other)
+    with pytest.raises(StopIteration) as done:
+        other.send(by_the_tpm(challenge))
+    assert done.value.value.code == att.QUOTE_INVALID
+
+
+@pytest.mark.parametrize("evidence", [None, [], {"ek_certificates": "x"}, {"ek_certificates": {}}])
+def test_verifier_refuses_malformed_evidence_without_a_challenge(
+    evidence: object, key: TpmKey, ek_ca: EkCa
+) -> None:
+    flow = att.TpmVerifier(_trusted(ek_ca)).verify(evidence, at=now(), binding=_bound(key))
+    with pytest.raises(StopIteration) as done:
+        next(flow)
+    verdict = done.value.value
+    assert not verdict.ok
+    assert verdict.checks[-1].name == "ek_chain"
+    assert verdict.code in (att.EVIDENCE_MALFORMED, att.EK_UNTRUSTED)

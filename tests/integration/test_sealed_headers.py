@@ -182,7 +182,7 @@ def test_no_clear_header_of_a_sealed_reply_names_the_model_or_a_token_count(
 def _receipts_say_nothing(headers: httpx.Headers) -> None:
     sealed = headers.get("x-paygate-receipt")
     if sealed is not None:
-        with pytest.raises(receipts.ReceiptInvalid):
+        with pytest.raises(receipts.ReceiptTokenInvalid):
             receipts.unverified_claims(sealed)  # not a token: sealed to the caller
     for name in ("payment-response", "x-payment-response"):
         value = headers.get(name)

@@ -129,9 +129,9 @@ def test_receipt_signs_and_verifies_and_refuses_tampering() -> None:
     forged["reply_digest"] = receipts.body_digest(b"other")
     tampered = receipts._b64(binding.canonical(forged)) + "." + signature
     for bad in (tampered, token[:-2] + "AA", token + ".x", "", "x" * 10_000):
-        with pytest.raises(receipts.ReceiptInvalid):
+        with pytest.raises(receipts.ReceiptTokenInvalid):
             receipts.verify(bad, key.receipt_public_key)
-    with pytest.raises(receipts.ReceiptInvalid):
+    with pytest.raises(receipts.ReceiptTokenInvalid):
         receipts.verify(token, SoftwareKey.generate().receipt_public_key)  # another key
 
 

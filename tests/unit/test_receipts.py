@@ -145,13 +145,13 @@ def test_signed_bytes_are_what_the_signature_covers() -> None:
     ],
 )
 def test_malformed_claims_are_neither_signed_nor_accepted(change: dict[str, Any]) -> None:
-    with pytest.raises(receipts.ReceiptInvalid):
+    with pytest.raises(receipts.ReceiptTokenInvalid):
         _token(receipts.body_digest(b"x"), **{"payment": _payment(), **change})
 
 
 def test_a_settlement_receipt_names_its_payment() -> None:
     claims = {"kind": "settlement", "request_digest": None, "payment": None, "issued_at": 1}
-    with pytest.raises(receipts.ReceiptInvalid):
+    with pytest.raises(receipts.ReceiptTokenInvalid):
         receipts.sign(claims, KEY)
     token = receipts.sign({**claims, "payment": _payment(transaction="0x" + "12" * 32)}, KEY)
     assert receipts.verify(token, KEY.receipt_public_key)["kind"] == "settlement"

@@ -125,6 +125,8 @@ class LaunchTarget:
 class ProfileError(UpstreamError):
     """A profile cannot do what the settings ask (a missing model path, say)."""
 
+    message = "the engine profile cannot do what the settings ask"
+
     code = "engine_profile"
 
 

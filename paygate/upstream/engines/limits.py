@@ -51,6 +51,8 @@ MAX_CHOICES = 16  # the most sequences one request may ask an engine to generate
 class LimitRefused(PaygateError):
     """The request's output limit cannot be made one the gateway prices (a stable 400)."""
 
+    message = "the request's output limit cannot be made one the gateway prices"
+
     code = "invalid_output_limit"
 
 
