@@ -10,6 +10,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from typing import cast
 
 import aiohttp
 
@@ -32,6 +33,8 @@ from paygate.x402.networks import Asset, UnknownNetwork, resolve_network
 from paygate.x402.offers import Acceptance, PaymentTerms
 from paygate.x402.pricing import PricePolicy
 from paygate.x402.processor import PaymentEvents, PaymentProcessor
+from paygate.x402.schemes import Scheme
+from paygate.x402.schemes.batch_settlement import BoundBatchSettlement
 from paygate.x402.schemes.upto import ASSET_TRANSFER_METHOD, FACILITATOR_EXTRA
 from paygate.x402.settlement import SettleAfterReply, Settlement, SettleUpfront, VerifyOnly
 from paygate.x402.settler import Settler, SettlerUnavailable
@@ -263,8 +266,10 @@ def x402_payments(
     economics: Economics | None = None,
     shaper: RequestShaper | None = None,
     clock: Callable[[], float] = time.time,
+    bound_schemes: Mapping[str, Scheme] | None = None,
 ) -> X402Payments:
     processor = PaymentProcessor(
+        bound_schemes=bound_schemes,
         clock=clock,
         economics=economics,
         events=events,
@@ -301,6 +306,36 @@ def x402_payments(
         if settings.bazaar_discovery
         else None,
     )
+
+
+def channel_schemes(settings: Settings, ledger: Ledger, replica: str) -> dict[str, Scheme]:
+    """batch-settlement bound to this ledger and the chain (chain mode), when it is taken."""
+    if "batch-settlement" not in settings.payment_schemes or settings.payment_mode != "chain":
+        return {}
+    from paygate.x402.schemes.batch_settlement import BoundBatchSettlement
+    from paygate.x402.schemes.batch_settlement.chain import BatchChain
+    from paygate.x402.schemes.batch_settlement.claims import Channels
+    from paygate.x402.schemes.batch_settlement.store import SchemeSql
+
+    gas_key = settings.secret("gas_key")
+    assert gas_key is not None
+    assert settings.chain_rpc_url is not None
+    chain = BatchChain(
+        settings.chain_rpc_url,
+        gas_key,
+        timeout=settings.facilitator_timeout,
+        settle_timeout=settings.settle_timeout,
+    )
+    channels = Channels(
+        cast(SchemeSql, ledger),
+        chain,
+        replica=replica,
+        withdraw_delay=settings.batch_withdraw_delay,
+        pending_seconds=float(settings.max_timeout_seconds),
+        claim_interval=settings.batch_claim_interval,
+        max_per_claim=settings.batch_max_vouchers_per_claim,
+    )
+    return {"batch-settlement": BoundBatchSettlement(channels)}
 
 
 def economics_controls(settings: Settings) -> Controls:
@@ -371,10 +406,12 @@ async def payment_step(
             if controls.empty
             else Economics(controls, store, alerts=alerts, on_event=on_limit_event)
         )
+        bound = channel_schemes(settings, ledger, replica)
         payments = x402_payments(
             settings,
             ledger=ledger,
             settler=settler,
+            bound_schemes=bound,
             upto_extra=upto_extra,
             limits=limits,
             events=events,
@@ -399,6 +436,11 @@ async def payment_step(
             ),
             loop.create_task(_keep_leases(processor, interval=settings.lease_seconds / 3)),
         ]
+        tasks += [
+            loop.create_task(scheme.channels.claim_forever())
+            for scheme in bound.values()
+            if isinstance(scheme, BoundBatchSettlement)
+        ]
         try:
             yield payments
         finally:
@@ -406,9 +448,10 @@ async def payment_step(
             with contextlib.suppress(asyncio.CancelledError):
                 await tasks[0]
             await payments.close(settings.shutdown_grace_seconds)
-            tasks[1].cancel()  # after the drain: settlements still running keep their leases
-            with contextlib.suppress(asyncio.CancelledError):
-                await tasks[1]
+            for task in tasks[1:]:  # after the drain: settlements still running keep their leases
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
     finally:
         await settler.close()
         await ledger.close()

@@ -68,7 +68,7 @@ from paygate.x402.models import (
 from paygate.x402.networks import resolve_network, to_atomic
 from paygate.x402.offers import EXACT, Offer, PaymentTerms, challenge
 from paygate.x402.results import PaymentAdmission, Receipt, Refusal
-from paygate.x402.schemes import SCHEMES, Authorized
+from paygate.x402.schemes import SCHEMES, Authorized, ChannelScheme, Scheme
 from paygate.x402.settlement import Settlement
 from paygate.x402.settler import ReviewRequired, SettlementUnknown, Settler, SettlerUnavailable
 from paygate.x402.smartwallet import WalletVerifier
@@ -153,7 +153,7 @@ class NoEvents:
 
 _CODE = re.compile(r"[a-z0-9_]{1,64}")
 MAX_FREE_ADDRESSES = 100_000  # address keys whose free requests today are counted
-_SCHEMES = frozenset({"exact", "upto"})
+_SCHEMES = frozenset({"exact", "upto", "batch-settlement"})
 
 
 def _label(code: str) -> str:
@@ -196,6 +196,7 @@ class PaymentProcessor:
         economics: EconomicsCheck | None = None,
         payment_identifier_ttl: float = DEFAULT_TTL_SECONDS,
         wallets: WalletVerifier | None = None,
+        bound_schemes: Mapping[str, Scheme] | None = None,
     ) -> None:
         self.terms = terms
         self._wallets = wallets  # contract-wallet sign-ins: asked on chain (smartwallet)
@@ -205,7 +206,10 @@ class PaymentProcessor:
         self._settler = settler
         self._settlement = settlement
         self._settle_on_disconnect = settle_on_disconnect
-        self._schemes = {name: SCHEMES[name] for name in schemes}
+        # A scheme bound to this processor's ledger and chain (batch-settlement's channels)
+        # replaces the registry's stateless entry.
+        bound = bound_schemes or {}
+        self._schemes = {name: bound.get(name, SCHEMES[name]) for name in schemes}
         self._payer_check = payer_check
         self._daily_budget = daily_budget
         self._free_per_day = free_per_day
@@ -230,6 +234,10 @@ class PaymentProcessor:
             retry_after=self._retry_after,
             clock=clock,
         )
+
+    def _scheme(self, name: str) -> Scheme:
+        """This processor's scheme of that name (bound, where it is), else the registry's."""
+        return self._schemes.get(name) or SCHEMES[name]
 
     async def load_signin_key(self) -> None:
         """At start, with a free quota: the deployment's sign-in key, from the ledger."""
@@ -274,6 +282,9 @@ class PaymentProcessor:
             offers += self.terms.offers(price)
         if "upto" in self._schemes and maximum is not None and maximum > 0:
             offers += self.terms.upto_offers(maximum, upto_extra)
+        for scheme in self._schemes.values():
+            if isinstance(scheme, ChannelScheme):
+                offers += scheme.offers(self.terms, price=price, maximum=maximum)
         return offers
 
     async def admit(
@@ -363,6 +374,11 @@ class PaymentProcessor:
         try:
             offer = match_offer(payment, offers)
             scheme = self._schemes[offer.scheme]
+            if isinstance(scheme, ChannelScheme):
+                # A payment operation that is not a paid request (a channel's refund).
+                done = await scheme.operation(payment, offer)
+                if done is not None:
+                    return _operation_done(payment, done)
             authorized = scheme.check(
                 payment,
                 offer,
@@ -387,7 +403,7 @@ class PaymentProcessor:
                 payer=authorized.payer,
                 model=model or request_model,
                 asset=offer.asset.address,
-                amount=SCHEMES[offer.scheme].authorized_amount(authorized, offer),
+                amount=self._scheme(offer.scheme).authorized_amount(authorized, offer),
                 decimals=offer.asset.decimals,
             )
             if verdict.refusal is not None:  # before the reservation, like the rate limits
@@ -544,14 +560,14 @@ class PaymentProcessor:
             payer=authorized.payer,
             nonce=authorized.nonce,
             pay_to=offer.pay_to,
-            amount=SCHEMES[offer.scheme].authorized_amount(authorized, offer),
+            amount=self._scheme(offer.scheme).authorized_amount(authorized, offer),
             x402_version=payment.x402_version,
             route=route,
             payload=json.dumps(payment.wire(), separators=(",", ":")),
             requirements=json.dumps(requirements, separators=(",", ":")),
             idempotency_key=key,
             scheme=offer.scheme,
-            model=model if SCHEMES[offer.scheme].metered else None,
+            model=model if self._scheme(offer.scheme).metered else None,
             budget=self._budget(offer),
             budgets=budgets,
         )
@@ -629,7 +645,7 @@ class PaymentProcessor:
                 payment=codec.parse_payment(json.loads(record.payload), header="ledger"),
                 requirements=requirements,
                 receipt=Receipt(record.x402_version, _record_receipt(record)),
-                scheme=SCHEMES[record.scheme],
+                scheme=self._scheme(record.scheme),
             )
         headers: dict[str, str] = {}
         if record.state is PaymentState.SETTLED:
@@ -637,7 +653,7 @@ class PaymentProcessor:
             headers[receipt.header] = receipt.encoded()
         return self.challenge(
             402,
-            SCHEMES[record.scheme].replay_code,
+            self._scheme(record.scheme).replay_code,
             "this payment authorization was already used",
             offers,
             resource,
@@ -868,7 +884,7 @@ class PaymentProcessor:
             record=record,
             payment=payment,
             requirements=json.loads(record.requirements),
-            scheme=SCHEMES[record.scheme],
+            scheme=self._scheme(record.scheme),
         )
         if record.state is PaymentState.SERVED:
             await self.settle_now(admission)
@@ -992,6 +1008,18 @@ def _fingerprint(route: str, offer: Offer, authorized: Authorized) -> str:
         pay_to=offer.pay_to,
         amount=SCHEMES[offer.scheme].authorized_amount(authorized, offer),
         scheme=offer.scheme,
+    )
+
+
+def _operation_done(payment: AnyPaymentPayload, answer: SettleResponse) -> Refusal:
+    """A payment operation's answer in place of the route's (a refund is not served): 200 with
+    the operation's receipt in the PAYMENT-RESPONSE header."""
+    receipt = Receipt(payment.x402_version, answer)
+    return Refusal(
+        200,
+        "payment_operation_done",
+        "refund acknowledged",
+        headers={receipt.header: receipt.encoded()},
     )
 
 

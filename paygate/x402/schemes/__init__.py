@@ -1,4 +1,5 @@
-"""Payment schemes as plug-ins (see ``base``): ``exact`` (EIP-3009) and ``upto`` (Permit2).
+"""Payment schemes as plug-ins (see ``base``): ``exact`` (EIP-3009), ``upto`` (Permit2) and
+``batch-settlement`` (a channel: one deposit, a voucher per request).
 
 :data:`SCHEMES` is the one registry: the processor, the settlers and the ticket find a payment's
 scheme through :func:`scheme_of` (by its payload's type) and never test the payload themselves.
@@ -7,11 +8,16 @@ scheme through :func:`scheme_of` (by its payload's type) and never test the payl
 from __future__ import annotations
 
 from paygate.x402.models import AnyPaymentPayload
-from paygate.x402.schemes.base import Authorized, Scheme
+from paygate.x402.schemes.base import Authorized, ChannelScheme, Scheme
+from paygate.x402.schemes.batch_settlement import BatchSettlementScheme
 from paygate.x402.schemes.exact import ExactScheme
 from paygate.x402.schemes.upto import UptoScheme
 
-SCHEMES: dict[str, Scheme] = {"exact": ExactScheme(), "upto": UptoScheme()}
+SCHEMES: dict[str, Scheme] = {
+    "exact": ExactScheme(),
+    "upto": UptoScheme(),
+    "batch-settlement": BatchSettlementScheme(),
+}
 
 
 class UnknownScheme(ValueError):
@@ -29,6 +35,8 @@ def scheme_of(payment: AnyPaymentPayload) -> Scheme:
 __all__ = [
     "SCHEMES",
     "Authorized",
+    "BatchSettlementScheme",
+    "ChannelScheme",
     "ExactScheme",
     "Scheme",
     "UnknownScheme",

@@ -11,7 +11,8 @@ of a scheme are read together. Nothing here decides *when* to settle (``x402.set
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from paygate.x402.models import (
     AnyPaymentPayload,
@@ -19,7 +20,7 @@ from paygate.x402.models import (
     SettleResponse,
     VerifyResponse,
 )
-from paygate.x402.offers import Offer
+from paygate.x402.offers import Offer, PaymentTerms
 
 if TYPE_CHECKING:
     from paygate.x402.settler import Settler
@@ -96,6 +97,23 @@ class Scheme(Protocol):
         transaction: str | None,
     ) -> SettleResponse:
         """The outcome of an earlier settlement of ``amount`` whose answer was lost."""
+        ...
+
+
+@runtime_checkable
+class ChannelScheme(Protocol):
+    """The roles of a scheme whose payments live in a channel (``batch-settlement``), on top of
+    :class:`Scheme`: bound to one processor's ledger and chain, it makes its own offers (its
+    terms name the gateway's receiver authorizer) and answers payment operations that are not
+    paid requests (a cooperative refund) without serving the route."""
+
+    def offers(
+        self, terms: PaymentTerms, *, price: Decimal, maximum: Decimal | None
+    ) -> tuple[Offer, ...]: ...
+
+    async def operation(self, payment: AnyPaymentPayload, offer: Offer) -> SettleResponse | None:
+        """The operation's answer (the PAYMENT-RESPONSE), None for a paid request; raises
+        PaymentRejected when the operation is refused."""
         ...
 
 

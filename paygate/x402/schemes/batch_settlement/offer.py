@@ -1,0 +1,55 @@
+"""The `batch-settlement` entry of a 402's ``accepts`` (the x402 specification's requirement).
+
+``amount`` is the most one request may cost (its flat price, or a metered route's maximum:
+the charge is then what the request used, up to it). ``extra`` carries the channel terms a
+payer builds its channel from: ``receiverAuthorizer`` (the gateway's gas account, which signs
+claims and refunds), ``withdrawDelay``, the deposit method (EIP-3009) and a ``minDeposit`` hint
+(ten requests' worth, as the SDK's server announces by default).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from paygate.x402.networks import to_atomic, to_atomic_ceiling
+from paygate.x402.offers import Offer, PaymentTerms
+from paygate.x402.schemes.batch_settlement.channel import SCHEME
+
+MIN_DEPOSIT_REQUESTS = 10
+
+
+def offers(
+    terms: PaymentTerms,
+    *,
+    price: Decimal,
+    maximum: Decimal | None,
+    receiver_authorizer: str,
+    withdraw_delay: int,
+) -> tuple[Offer, ...]:
+    """One offer per accepted asset; none when the request costs nothing."""
+    found: list[Offer] = []
+    for a in terms.accepted:
+        if maximum is not None and maximum > 0:
+            amount = to_atomic_ceiling(maximum, a.asset.decimals)
+        else:
+            amount = to_atomic(price, a.asset.decimals)
+        if amount <= 0:
+            continue
+        extra = {
+            "assetTransferMethod": "eip3009",
+            "minDeposit": str(amount * MIN_DEPOSIT_REQUESTS),
+            "receiverAuthorizer": receiver_authorizer,
+            "withdrawDelay": str(withdraw_delay),
+        }
+        found.append(
+            Offer(
+                network=a.network,
+                asset=a.asset,
+                pay_to=terms.pay_to,
+                amount=amount,
+                max_timeout_seconds=terms.max_timeout_seconds,
+                scheme=SCHEME,
+                extra=tuple(sorted(extra.items())),
+            )
+        )
+    return tuple(found)
