@@ -455,7 +455,7 @@ USAGE_SOURCES = (
     "fallback-max",
     "fallback-estimate",
 )
-SCHEME_NAMES = ("exact", "upto")
+SCHEME_NAMES = ("exact", "upto", "batch-settlement")
 
 
 def check_scheme(value: str) -> str:

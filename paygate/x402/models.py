@@ -275,6 +275,8 @@ class SettleResponse(X402Model):
     network: str
     amount: str | None = None
     extensions: dict[str, Any] | None = None
+    # The scheme's own answer (batch-settlement: ``chargedAmount`` and the channel's state).
+    extra: dict[str, Any] | None = None
 
 
 #: The receipt extension of a metered payment: the usage it was charged for.

@@ -73,7 +73,7 @@ class ChannelTerms:
     def of_offer(cls, offer: Offer) -> ChannelTerms:
         extra = dict(offer.extra)
         return cls(
-            chain_id=offer.chain_id,
+            chain_id=offer.network.chain_id,
             pay_to=offer.pay_to,
             token=offer.asset.address,
             receiver_authorizer=extra.get("receiverAuthorizer", ""),

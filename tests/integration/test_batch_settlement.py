@@ -1,0 +1,159 @@
+"""`batch-settlement` end to end: the official SDK's batch-settlement client pays paygate (chain
+mode) on a real anvil with Circle's FiatToken as USDC and our x402BatchSettlement stand-in at its
+canonical address. The chain is the proof: the seller's balance is what was claimed, the payer's
+is what it deposited minus that plus the refund."""
+
+from __future__ import annotations
+
+import asyncio
+
+from x402.mechanisms.evm.batch_settlement.client.refund import RefundOptions, _RefundResponse
+
+from paygate import wire
+from paygate.x402.models import PaymentPayload
+from paygate.x402.schemes.batch_settlement.channel import SETTLEMENT_ADDRESS
+from paygate.x402.schemes.batch_settlement.client import PayerChannel
+from tests.fixtures.chain import PAYER_FUNDS, encode_header
+from tests.integration.batch_settlement_support import (
+    chain_batch,
+    claimer,
+    sdk_batch_client,
+    sdk_batch_scheme,
+)
+from tests.integration.payment_support import (
+    CHAT,
+    CHAT_BODY,
+    PRICE_ATOMIC,
+    challenge_of,
+    post,
+    receipt_of,
+)
+
+CHAIN_ID = 84532
+
+
+def batch_offer(required: dict) -> dict:
+    (offer,) = [o for o in required["accepts"] if o["scheme"] == "batch-settlement"]
+    return offer
+
+
+def header_for(required: dict, payload: dict) -> str:
+    offer = batch_offer(required)
+    payment = {
+        "x402Version": 2,
+        "resource": required["resource"],
+        "accepted": offer,
+        "payload": payload,
+    }
+    PaymentPayload.model_validate(payment)  # the shape paygate parses
+    return encode_header(payment)
+
+
+async def test_the_402_offers_batch_settlement_with_the_channel_terms(
+    anvil, usdc, seller, tmp_path, gas_key
+):
+    async with chain_batch(seller, tmp_path / "l.db", anvil, gas_key) as stack:
+        offer = batch_offer(await challenge_of(stack))
+    assert offer["amount"] == str(PRICE_ATOMIC)
+    assert offer["payTo"] == seller
+    assert offer["extra"]["receiverAuthorizer"] == gas_key.address
+    assert offer["extra"]["withdrawDelay"] == "900"
+    assert offer["extra"]["assetTransferMethod"] == "eip3009"
+
+
+async def test_sdk_client_pays_100_requests_on_one_deposit_claimed_in_one_transaction(
+    anvil, usdc, payer, seller, tmp_path, gas_key
+):
+    ledger = tmp_path / "payments.db"
+    deposit = 150 * PRICE_ATOMIC
+    scheme = sdk_batch_scheme(payer, deposit=deposit)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        async with sdk_batch_client(scheme) as client:
+            for _ in range(100):
+                response = await client.post(stack.url + CHAT, json=CHAT_BODY)
+                assert response.status_code == 200, response.text
+                receipt = receipt_of(response.headers)
+                assert receipt["success"] is True
+                assert receipt["extra"]["chargedAmount"] == str(PRICE_ATOMIC)
+        # One deposit moved the payer's money into the channel; nothing reached the seller yet.
+        assert usdc.balance_of(payer.address) == PAYER_FUNDS - deposit
+        assert usdc.balance_of(SETTLEMENT_ADDRESS) >= deposit
+        assert usdc.balance_of(seller) == 0
+
+        async with claimer(ledger, anvil, gas_key) as channels:
+            assert await channels.claim_once() == 1
+            assert await channels.claim_once() == 0  # nothing more is owed
+            claims = await channels.store.claims()
+        assert [c.state for c in claims] == ["settled"]
+        (claim,) = claims
+        assert claim.entries[0].total == 100 * PRICE_ATOMIC
+        mined = anvil.wait_for_receipt(claim.tx_hash)
+        assert mined["to"].lower() == SETTLEMENT_ADDRESS.lower()
+        assert usdc.balance_of(seller) == 100 * PRICE_ATOMIC
+
+        # The refund returns the rest, through the route, in the SDK's own flow.
+        def fetch(url: str, headers: dict[str, str]) -> _RefundResponse:
+            import httpx
+
+            reply = httpx.post(url, json=CHAT_BODY, headers=headers, timeout=30)
+            return _RefundResponse(status=reply.status_code, headers=dict(reply.headers))
+
+        answer = await asyncio.to_thread(
+            scheme.refund, stack.url + CHAT, RefundOptions(fetch=fetch)
+        )
+    assert answer.success is True
+    assert int(answer.amount) == deposit - 100 * PRICE_ATOMIC
+    assert usdc.balance_of(payer.address) == PAYER_FUNDS - 100 * PRICE_ATOMIC
+    assert usdc.balance_of(seller) == 100 * PRICE_ATOMIC
+
+
+async def test_forged_replayed_and_out_of_order_vouchers_are_refused_with_stable_codes(
+    anvil, usdc, payer, seller, tmp_path, gas_key
+):
+    from eth_account import Account
+
+    async with chain_batch(seller, tmp_path / "l.db", anvil, gas_key) as stack:
+        required = await challenge_of(stack)
+        offer = batch_offer(required)
+        channel = PayerChannel.open(payer, offer, CHAIN_ID)
+        first = header_for(required, channel.pay(offer, deposit=3 * PRICE_ATOMIC))
+        status, headers, body = await post(stack, first)
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+
+        # Replayed: the voucher that just paid, sent again.
+        status, headers, _ = await post(stack, first)
+        assert (status, headers[wire.ERROR_HEADER]) == (
+            402,
+            "invalid_batch_settlement_evm_voucher_already_used",
+        )
+        # Forged: the next voucher signed by someone else.
+        payload = channel.pay(offer)
+        forger = PayerChannel(Account.create(), channel.config, CHAIN_ID)
+        payload["voucher"] = forger.voucher(int(payload["voucher"]["maxClaimableAmount"]))
+        status, headers, _ = await post(stack, header_for(required, payload))
+        assert (status, headers[wire.ERROR_HEADER]) == (
+            402,
+            "invalid_batch_settlement_evm_voucher_signature",
+        )
+        # Not monotonic: a ceiling below what was charged, and one skipping ahead.
+        for ceiling in (PRICE_ATOMIC // 2, 3 * PRICE_ATOMIC):
+            payload = {**channel.pay(offer), "voucher": channel.voucher(ceiling)}
+            status, headers, _ = await post(stack, header_for(required, payload))
+            assert (status, headers[wire.ERROR_HEADER]) == (
+                402,
+                "invalid_batch_settlement_evm_cumulative_amount_mismatch",
+            )
+        # The honest next vouchers still pay: nothing above moved the channel.
+        for n in (2, 3):
+            status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+            assert status == 200, body
+            state = receipt_of(headers)["extra"]["channelState"]
+            assert state["chargedCumulativeAmount"] == str(n * PRICE_ATOMIC)
+            channel.charged_by(receipt_of(headers), offer)
+        # Over the deposit: the channel held three requests' worth, all spent.
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers[wire.ERROR_HEADER]) == (
+            402,
+            "invalid_batch_settlement_evm_cumulative_exceeds_balance",
+        )
