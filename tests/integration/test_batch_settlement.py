@@ -6,6 +6,8 @@ is what it deposited minus that plus the refund."""
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 
 from x402.mechanisms.evm.batch_settlement.client.refund import RefundOptions, _RefundResponse
 
@@ -13,6 +15,7 @@ from paygate import wire
 from paygate.x402.models import PaymentPayload
 from paygate.x402.schemes.batch_settlement.channel import SETTLEMENT_ADDRESS
 from paygate.x402.schemes.batch_settlement.client import PayerChannel
+from paygate.x402.schemes.batch_settlement.store import ClaimEntry
 from tests.fixtures.chain import PAYER_FUNDS, encode_header
 from tests.integration.batch_settlement_support import (
     chain_batch,
@@ -20,6 +23,7 @@ from tests.integration.batch_settlement_support import (
     sdk_batch_client,
     sdk_batch_scheme,
 )
+from tests.integration.gateway_support import running_stack
 from tests.integration.payment_support import (
     CHAT,
     CHAT_BODY,
@@ -28,6 +32,7 @@ from tests.integration.payment_support import (
     post,
     receipt_of,
 )
+from tests.integration.test_payments_crash import PAYGATE, gateway_process
 
 CHAIN_ID = 84532
 
@@ -157,3 +162,119 @@ async def test_forged_replayed_and_out_of_order_vouchers_are_refused_with_stable
             402,
             "invalid_batch_settlement_evm_cumulative_exceeds_balance",
         )
+
+
+# --- replicas and crashes -------------------------------------------------------------------
+
+
+async def test_two_replicas_on_one_postgresql_ledger_share_one_channel(
+    anvil, usdc, payer, seller, tmp_path, gas_key, pg_url
+):
+    scheme = sdk_batch_scheme(payer, deposit=40 * PRICE_ATOMIC)
+    replica = {"ledger_url": pg_url}
+    async with (
+        chain_batch(
+            seller, tmp_path / "unused.db", anvil, gas_key, replica_id="r1", **replica
+        ) as one,
+        chain_batch(
+            seller, tmp_path / "unused.db", anvil, gas_key, replica_id="r2", **replica
+        ) as two,
+        sdk_batch_client(scheme) as client,
+    ):
+        cumulative = []
+        for n in range(20):  # the caller alternates: each voucher follows the other's charges
+            stack = (one, two)[n % 2]
+            response = await client.post(stack.url + CHAT, json=CHAT_BODY)
+            assert response.status_code == 200, response.text
+            state = receipt_of(response.headers)["extra"]["channelState"]
+            cumulative.append(int(state["chargedCumulativeAmount"]))
+    assert cumulative == [PRICE_ATOMIC * (n + 1) for n in range(20)]
+    async with claimer(pg_url, anvil, gas_key) as channels:
+        assert await channels.claim_once() == 1
+        (claim,) = await channels.store.claims()
+    assert (claim.state, claim.entries[0].total) == ("settled", 20 * PRICE_ATOMIC)
+    assert usdc.balance_of(seller) == 20 * PRICE_ATOMIC
+
+
+async def test_a_claimer_killed_after_sending_its_claim_is_finished_once_by_the_next(
+    anvil, usdc, payer, seller, tmp_path, gas_key
+):
+    ledger = tmp_path / "payments.db"
+    scheme = sdk_batch_scheme(payer, deposit=20 * PRICE_ATOMIC)
+    async with (
+        chain_batch(seller, ledger, anvil, gas_key) as stack,
+        sdk_batch_client(scheme) as client,
+    ):
+        for _ in range(5):
+            response = await client.post(stack.url + CHAT, json=CHAT_BODY)
+            assert response.status_code == 200, response.text
+    async with claimer(ledger, anvil, gas_key, replica="dies") as dying:
+        # What a claimer does up to its death: the claim recorded, the transaction sent, its
+        # hash never written down.
+        assert await dying.store.take_claimer("dies", 1.0)
+        (owed,) = await dying.store.claimable(10)
+        entries = [ClaimEntry(owed.channel_id, owed.config, owed.signed_max, owed.signature, 5000)]
+        await dying.store.new_claim("the-dead-one", entries)
+        sent = await dying.chain.send_claim(entries)
+        anvil.wait_for_receipt(sent)
+    await asyncio.sleep(1.1)  # its claim lease runs out
+    blocks_before = anvil.w3.eth.block_number
+    async with claimer(ledger, anvil, gas_key, replica="next") as channels:
+        assert await channels.claim_once() == 0  # the open claim proven; nothing else owed
+        claims = await channels.store.claims()
+    assert [(c.id, c.state) for c in claims] == [("the-dead-one", "settled")]
+    assert anvil.w3.eth.block_number == blocks_before  # no second claim transaction
+    assert usdc.balance_of(seller) == 5 * PRICE_ATOMIC
+
+
+async def test_a_gateway_killed_between_vouchers_and_their_claim_loses_nothing_and_claims_once(
+    anvil, usdc, payer, seller, tmp_path, gas_key
+):
+    key = tmp_path / "key.pem"
+    subprocess.run(
+        [PAYGATE, "keys", "create", "--backend", "software", "--key-file", str(key)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    ledger = tmp_path / "payments.db"
+    env = {
+        "PAYGATE_PAYMENT_MODE": "chain",
+        "PAYGATE_PAYMENT_SCHEMES": "batch-settlement",
+        "PAYGATE_GAS_KEY": gas_key.key,
+        "PAYGATE_BATCH_CLAIM_INTERVAL": "3600",
+    }
+    scheme = sdk_batch_scheme(payer, deposit=20 * PRICE_ATOMIC)
+    async with running_stack() as fake, sdk_batch_client(scheme) as client:
+        common = {
+            "key_file": key,
+            "ledger": ledger,
+            "seller": seller,
+            "facilitator_url": "http://127.0.0.1:9",
+            "upstream": fake.fake_url,
+            "chain_rpc_url": anvil.rpc_url,
+        }
+        async with gateway_process(**common, extra_env=env) as (url, proc):
+            for _ in range(7):
+                response = await client.post(url + CHAT, json=CHAT_BODY)
+                assert response.status_code == 200, response.text
+            proc.send_signal(signal.SIGKILL)  # before any claim
+            await asyncio.to_thread(proc.wait, 10)
+        assert usdc.balance_of(seller) == 0
+        # Restarted with a short claim interval: it claims what the killed run charged, and
+        # its caller goes on paying on the same channel.
+        env["PAYGATE_BATCH_CLAIM_INTERVAL"] = "0.5"
+        async with gateway_process(**common, extra_env=env) as (url, _):
+            response = await client.post(url + CHAT, json=CHAT_BODY)
+            assert response.status_code == 200, response.text
+            async with asyncio.timeout(20):
+                while usdc.balance_of(seller) < 8 * PRICE_ATOMIC:
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(1.5)  # more passes: nothing more is claimed
+    assert usdc.balance_of(seller) == 8 * PRICE_ATOMIC
+    async with claimer(ledger, anvil, gas_key) as channels:
+        claims = await channels.store.claims()
+    # One claim, or two when the restarted run's first pass came before its first request:
+    # either way each charge was claimed once (the seller's balance above).
+    assert [c.state for c in claims] in (["settled"], ["settled", "settled"])
+    assert claims[-1].entries[0].total == 8 * PRICE_ATOMIC

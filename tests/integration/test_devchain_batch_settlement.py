@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 from eth_account import Account
+from paygate_dev.chain.build import load_contract
+from paygate_dev.chain.constants import BATCH_SETTLEMENT_ADDRESS, NETWORK
 from web3 import Web3
 from web3.exceptions import ContractLogicError
 from x402.mechanisms.evm import EthAccountSigner, FacilitatorWeb3Signer
@@ -33,8 +35,6 @@ from x402.mechanisms.evm.batch_settlement.types import (
 from x402.mechanisms.evm.batch_settlement.utils import compute_channel_id
 from x402.schemas import PaymentPayload, PaymentRequirements
 
-from paygate_dev.chain.build import load_contract
-from paygate_dev.chain.constants import BATCH_SETTLEMENT_ADDRESS, NETWORK
 from tests.fixtures.chain import PAYER_FUNDS
 
 DEPOSIT = 50_000
