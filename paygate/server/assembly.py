@@ -140,7 +140,10 @@ def rate_limits(settings: Settings) -> RateLimits | None:
 
 
 def token_pricing(settings: Settings) -> TokenPricing | None:
-    if "upto" not in settings.payment_schemes:
+    """The token prices of the metered schemes (upto; batch-settlement charges by them too)."""
+    if not {"upto", "batch-settlement"} & set(settings.payment_schemes) or not (
+        settings.token_prices
+    ):
         return None
     return TokenPricing(
         prices={

@@ -426,7 +426,7 @@ class X402Payments:
         self._prices = prices
         self._public_url = public_url
         self._description = description
-        self._pricing = pricing if "upto" in processor.schemes else None
+        self._pricing = pricing if {"upto", "batch-settlement"} & set(processor.schemes) else None
 
     @property
     def needs_body(self) -> bool:

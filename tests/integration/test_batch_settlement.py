@@ -278,3 +278,81 @@ async def test_a_gateway_killed_between_vouchers_and_their_claim_loses_nothing_a
     # either way each charge was claimed once (the seller's balance above).
     assert [c.state for c in claims] in (["settled"], ["settled", "settled"])
     assert claims[-1].entries[0].total == 8 * PRICE_ATOMIC
+
+
+async def test_a_metered_route_charges_what_each_request_used_up_to_its_voucher(
+    anvil, usdc, payer, seller, tmp_path, gas_key
+):
+    from tests.integration.upto_support import CAP, TOKEN_PRICES, charge
+
+    ledger = tmp_path / "payments.db"
+    scheme = sdk_batch_scheme(payer, deposit=10**6)
+    metered = {"token_prices": TOKEN_PRICES, "max_tokens_cap": CAP}
+    async with chain_batch(seller, ledger, anvil, gas_key, **metered) as stack:
+        maximum = int(batch_offer(await challenge_of(stack))["amount"])
+        charged = []
+        async with sdk_batch_client(scheme) as client:
+            for chunks in (3, 5):
+                body = {**CHAT_BODY, "fake": {"chunks": chunks}}
+                response = await client.post(stack.url + CHAT, json=body)
+                assert response.status_code == 200, response.text
+                charged.append(int(receipt_of(response.headers)["extra"]["chargedAmount"]))
+        async with claimer(ledger, anvil, gas_key) as channels:
+            assert await channels.claim_once() == 1
+    assert charged == [charge(1, 3), charge(1, 5)]
+    assert all(c < maximum for c in charged)
+    assert usdc.balance_of(seller) == sum(charged)
+
+
+async def test_a_payer_who_withdraws_before_the_claim_leaves_a_claim_that_does_not_revert(
+    anvil, usdc, payer, seller, tmp_path, gas_key
+):
+    from paygate_dev.chain.build import load_contract
+    from web3 import Web3
+
+    from paygate.x402.schemes.batch_settlement.chain import config_tuple
+
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required = await challenge_of(stack)
+        offer = batch_offer(required)
+        channel = PayerChannel.open(payer, offer, CHAIN_ID)
+        status, headers, body = await post(
+            stack, header_for(required, channel.pay(offer, deposit=5 * PRICE_ATOMIC))
+        )
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+        # The payer withdraws everything through the contract's escape hatch, unclaimed.
+        anvil.rpc("anvil_setBalance", [payer.address, hex(10**18)])
+        bs = anvil.w3.eth.contract(
+            address=Web3.to_checksum_address(SETTLEMENT_ADDRESS),
+            abi=load_contract("X402BatchSettlement").abi,
+        )
+        for call in (
+            bs.functions.initiateWithdraw(config_tuple(channel.config), 5 * PRICE_ATOMIC),
+            bs.functions.finalizeWithdraw(config_tuple(channel.config)),
+        ):
+            tx = call.build_transaction(
+                {
+                    "from": payer.address,
+                    "nonce": anvil.w3.eth.get_transaction_count(payer.address),
+                    "chainId": CHAIN_ID,
+                }
+            )
+            anvil.wait_for_receipt(
+                anvil.w3.eth.send_raw_transaction(payer.sign_transaction(tx).raw_transaction).hex()
+            )
+            anvil.rpc("evm_increaseTime", [901])
+            anvil.mine()
+        assert usdc.balance_of(payer.address) == PAYER_FUNDS
+        async with claimer(ledger, anvil, gas_key) as channels:
+            blocks = anvil.w3.eth.block_number
+            assert await channels.claim_once() == 0  # nothing claimable: no reverting batch
+            assert anvil.w3.eth.block_number == blocks
+            assert (await channels.store.get(channel.channel_id)).balance == 0
+        # The gateway's mirror followed the chain: the next voucher is past the deposit.
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers[wire.ERROR_HEADER]) == (
+            402,
+            "invalid_batch_settlement_evm_cumulative_exceeds_balance",
+        )

@@ -208,10 +208,27 @@ class Channels:
             owed = await self.store.claimable(self.max_per_claim)
             if not owed:
                 return 0
-            entries = [
-                ClaimEntry(c.channel_id, c.config, c.signed_max, c.signature, c.charged)
-                for c in owed
-            ]
+            entries = []
+            for c in owed:
+                # The chain's word on the channel now: a payer's finished withdrawal lowers the
+                # balance under what was charged; claiming more would revert the whole batch.
+                # The mirror follows, so later vouchers past it are refused.
+                on_chain = await self.chain.state(c.channel_id)
+                if on_chain.balance != c.balance:
+                    await self.store.refunded(c.channel_id, on_chain.balance, c.total_claimed)
+                total = min(c.charged, on_chain.balance)
+                if total < c.charged:
+                    log.warning(
+                        "a channel holds less than was charged: %d unclaimable", c.charged - total
+                    )
+                if total > on_chain.total_claimed:
+                    entries.append(
+                        ClaimEntry(c.channel_id, c.config, c.signed_max, c.signature, total)
+                    )
+                elif on_chain.total_claimed > c.total_claimed:
+                    await self.store.claimed(c.channel_id, on_chain.total_claimed)
+            if not entries:
+                return 0
             claim = await self.store.new_claim(uuid.uuid4().hex, entries)
             try:
                 tx_hash = await self.chain.send_claim(entries)
