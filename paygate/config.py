@@ -751,10 +751,15 @@ class Settings(BaseSettings):
                 " payment_schemes"
             )
         if "batch-settlement" in self.payment_schemes:
-            if self.payment_mode not in ("chain", "off"):
+            if self.payment_mode == "verify-only":
                 raise ValueError(
-                    "batch-settlement is settled in chain mode only (payment_mode chain): its"
-                    " deposits, claims and refunds are the gateway's own transactions"
+                    "batch-settlement charges a channel after each reply: not payment_mode"
+                    " verify-only"
+                )
+            if self.payment_mode != "off" and not self.chain_rpc_url:
+                raise ValueError(
+                    "batch-settlement needs chain_rpc_url (PAYGATE_CHAIN_RPC_URL): every deposit,"
+                    " claim and refund is proven on chain"
                 )
             if self.settle_timing == "upfront":
                 raise ValueError(

@@ -311,27 +311,42 @@ def x402_payments(
     )
 
 
-def channel_schemes(settings: Settings, ledger: Ledger, replica: str) -> dict[str, Scheme]:
-    """batch-settlement bound to this ledger and the chain (chain mode), when it is taken."""
-    if "batch-settlement" not in settings.payment_schemes or settings.payment_mode != "chain":
+async def channel_schemes(
+    settings: Settings, ledger: Ledger, replica: str, settler: Settler
+) -> dict[str, Scheme]:
+    """batch-settlement bound to this ledger, moving money with the gas key (chain mode) or
+    through the facilitator (its receiver authorizer, from GET /supported), when it is taken.
+    ConfigError when the facilitator does not offer it."""
+    if "batch-settlement" not in settings.payment_schemes:
         return {}
-    from paygate.x402.schemes.batch_settlement import BoundBatchSettlement
-    from paygate.x402.schemes.batch_settlement.chain import BatchChain
+    from paygate.x402.schemes.batch_settlement.chain import BatchChain, ChannelChain
     from paygate.x402.schemes.batch_settlement.claims import Channels
+    from paygate.x402.schemes.batch_settlement.facilitator import (
+        BatchFacilitator,
+        receiver_authorizer,
+    )
     from paygate.x402.schemes.batch_settlement.store import SchemeSql
 
-    gas_key = settings.secret("gas_key")
-    assert gas_key is not None
-    assert settings.chain_rpc_url is not None
+    assert settings.chain_rpc_url is not None  # checked with the settings
     chain = BatchChain(
         settings.chain_rpc_url,
-        gas_key,
+        settings.secret("gas_key") if isinstance(settler, ChainSettler) else None,
         timeout=settings.facilitator_timeout,
         settle_timeout=settings.settle_timeout,
     )
+    mover: ChannelChain = chain
+    authorizer = chain.address if isinstance(settler, ChainSettler) else ""
+    if isinstance(settler, FacilitatorSettler):
+        network = payment_terms(settings).accepted[0].network.caip2
+        try:
+            authorizer = await receiver_authorizer(settler, network)
+        except SettlerUnavailable as exc:
+            raise ConfigError(f"batch-settlement needs the facilitator: {exc}") from None
+        mover = BatchFacilitator(settler, chain, network)
     channels = Channels(
         cast(SchemeSql, ledger),
-        chain,
+        mover,
+        receiver_authorizer=authorizer,
         replica=replica,
         withdraw_delay=settings.batch_withdraw_delay,
         pending_seconds=float(settings.max_timeout_seconds),
@@ -409,7 +424,7 @@ async def payment_step(
             if controls.empty
             else Economics(controls, store, alerts=alerts, on_event=on_limit_event)
         )
-        bound = channel_schemes(settings, ledger, replica)
+        bound = await channel_schemes(settings, ledger, replica, settler)
         payments = x402_payments(
             settings,
             ledger=ledger,

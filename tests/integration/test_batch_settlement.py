@@ -356,3 +356,40 @@ async def test_a_payer_who_withdraws_before_the_claim_leaves_a_claim_that_does_n
             402,
             "invalid_batch_settlement_evm_cumulative_exceeds_balance",
         )
+
+
+async def test_through_the_sdk_facilitator_deposits_claims_and_refunds_are_proven_on_chain(
+    anvil, usdc, payer, seller, tmp_path, facilitator, gas_key
+):
+    from paygate_dev.chain.accounts import FACILITATOR
+
+    ledger = tmp_path / "payments.db"
+    deposit = 30 * PRICE_ATOMIC
+    scheme = sdk_batch_scheme(payer, deposit=deposit)
+    settings = {"payment_mode": "facilitator", "facilitator_url": facilitator.url}
+    async with chain_batch(seller, ledger, anvil, gas_key, **settings) as stack:
+        offer = batch_offer(await challenge_of(stack))
+        # The facilitator's announced receiver authorizer signs this gateway's claims.
+        assert offer["extra"]["receiverAuthorizer"] == anvil.accounts[FACILITATOR].address
+        async with sdk_batch_client(scheme) as client:
+            for _ in range(20):
+                response = await client.post(stack.url + CHAT, json=CHAT_BODY)
+                assert response.status_code == 200, response.text
+        async with claimer(ledger, anvil, gas_key, facilitator_url=facilitator.url) as channels:
+            assert await channels.claim_once() == 1
+            (claim,) = await channels.store.claims()
+        assert claim.state == "settled"
+        assert usdc.balance_of(seller) == 20 * PRICE_ATOMIC
+
+        def fetch(url: str, headers: dict[str, str]) -> _RefundResponse:
+            import httpx
+
+            reply = httpx.post(url, json=CHAT_BODY, headers=headers, timeout=30)
+            return _RefundResponse(status=reply.status_code, headers=dict(reply.headers))
+
+        answer = await asyncio.to_thread(
+            scheme.refund, stack.url + CHAT, RefundOptions(fetch=fetch)
+        )
+    assert answer.success is True
+    assert int(answer.amount) == deposit - 20 * PRICE_ATOMIC
+    assert usdc.balance_of(payer.address) == PAYER_FUNDS - 20 * PRICE_ATOMIC

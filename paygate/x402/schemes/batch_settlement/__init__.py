@@ -186,7 +186,7 @@ class BoundBatchSettlement(BatchSettlementScheme):
         try:
             checked = self._checked(payment, requirements)
             if checked.payload.type == "deposit":
-                await self.channels.deposit(checked, requirements)
+                await self.channels.deposit(checked, payment.wire(), requirements)
             channel = await self.channels.take(checked)
             try:
                 check_against(checked, channel, int(requirements["amount"]), refund=False)

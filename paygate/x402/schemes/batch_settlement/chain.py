@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from eth_abi import encode as abi_encode
 from eth_account import Account
@@ -138,15 +138,45 @@ def config_tuple(config: ChannelConfig) -> tuple[Any, ...]:
     )
 
 
+class ChannelChain(Protocol):
+    """Who moves a channel's money: the gateway's own gas account (:class:`BatchChain`) or a
+    facilitator (``facilitator.BatchFacilitator``); both prove every move on chain."""
+
+    async def state(self, channel_id: str) -> OnChain: ...
+
+    async def deposit(
+        self,
+        payment: dict[str, Any],
+        requirements: dict[str, Any],
+        payload: BatchSettlementPayload,
+        channel_id: str,
+    ) -> OnChain: ...
+
+    async def send_claim(self, entries: list[ClaimEntry]) -> str: ...
+
+    async def proven_claim(self, tx_hash: str | None, entries: tuple[ClaimEntry, ...]) -> bool: ...
+
+    async def refund(
+        self,
+        config: ChannelConfig,
+        channel_id: str,
+        amount: int,
+        claim: ClaimEntry | None,
+        voucher: dict[str, Any],
+        requirements: dict[str, Any],
+    ) -> tuple[str, OnChain, int]: ...
+
+
 class BatchChain:
-    """The settlement contract behind ``rpc_url``, driven by the gas account of ``gas_key``."""
+    """The settlement contract behind ``rpc_url``, driven by the gas account of ``gas_key``
+    (read-only without one: a facilitator's moves are proven with it)."""
 
     def __init__(
-        self, rpc_url: str, gas_key: SecretStr, *, timeout: float, settle_timeout: float
+        self, rpc_url: str, gas_key: SecretStr | None, *, timeout: float, settle_timeout: float
     ) -> None:
         self._reader = ChainReader(rpc_url, timeout=timeout)
         self._w3 = self._reader.w3
-        self._account = Account.from_key(gas_key.get_secret_value())
+        self._account = Account.from_key(gas_key.get_secret_value()) if gas_key else None
         self._contract = self._w3.eth.contract(
             address=to_checksum_address(ch.SETTLEMENT_ADDRESS), abi=SETTLEMENT_ABI
         )
@@ -158,7 +188,13 @@ class BatchChain:
     @property
     def address(self) -> str:
         """The relayer and receiver authorizer."""
-        return str(self._account.address)
+        return str(self._signer.address)
+
+    @property
+    def _signer(self) -> Any:
+        if self._account is None:
+            raise SettlerUnavailable("no gas key: this chain client only reads")
+        return self._account
 
     async def chain_id(self) -> int:
         if self._chain_id is None:
@@ -193,7 +229,13 @@ class BatchChain:
             data,
         )
 
-    async def deposit(self, payload: BatchSettlementPayload, channel_id: str) -> OnChain:
+    async def deposit(
+        self,
+        payment: dict[str, Any],
+        requirements: dict[str, Any],
+        payload: BatchSettlementPayload,
+        channel_id: str,
+    ) -> OnChain:
         """Simulate, send and prove the deposit; the channel's state after it. ValueError
         (an x402 reason) when the chain refuses it; SettlementUnknown when no receipt came."""
         call = self._deposit_call(payload)
@@ -203,7 +245,13 @@ class BatchChain:
             raise ValueError("invalid_batch_settlement_evm_deposit_simulation_failed") from None
         async with self._send_lock:
             tx_hash = await self._send(call)
-        receipt = await self._receipt(tx_hash)
+        return await self.proven_deposit(tx_hash, payload, channel_id)
+
+    async def proven_deposit(
+        self, tx_hash: str, payload: BatchSettlementPayload, channel_id: str
+    ) -> OnChain:
+        """The deposit's proof: its receipt moved the amount into the settlement contract."""
+        receipt = await self.receipt(tx_hash)
         deposit = payload.deposit
         assert deposit is not None
         if not _moved_in(receipt, payload.channel_config.token, int(deposit.amount)):
@@ -214,7 +262,7 @@ class BatchChain:
 
     def _claim_calls(self, entries: list[ClaimEntry], chain_id: int) -> list[bytes]:
         signature = ch.sign_claim_batch(
-            self._account,
+            self._signer,
             [(e.channel_id, e.max_claimable, e.total) for e in entries],
             chain_id,
         )
@@ -251,7 +299,7 @@ class BatchChain:
         """The claim's proof: its receipt succeeded with a ``Settled`` event (when the hash
         is known), and every channel's on-chain ``totalClaimed`` reached its entry's total."""
         if tx_hash is not None:
-            receipt = await self._receipt(tx_hash)
+            receipt = await self.receipt(tx_hash)
             contract = to_checksum_address(ch.SETTLEMENT_ADDRESS)
             settled = any(
                 log_["topics"]
@@ -269,15 +317,20 @@ class BatchChain:
     # --- refunds ---
 
     async def refund(
-        self, config: ChannelConfig, channel_id: str, amount: int, claim: ClaimEntry | None
+        self,
+        config: ChannelConfig,
+        channel_id: str,
+        amount: int,
+        claim: ClaimEntry | None,
+        voucher: dict[str, Any],
+        requirements: dict[str, Any],
     ) -> tuple[str, OnChain, int]:
         """Claim what was charged (if anything is unclaimed) and refund ``amount`` in one
         transaction: (its hash, the channel after it, what came back to the payer)."""
         chain_id = await self.chain_id()
-        raw = bytes.fromhex(channel_id[2:])
         before = await self.state(channel_id)
-        nonce = int(await self._reader.call(self._contract.functions.refundNonce(raw).call))
-        signature = ch.sign_refund(self._account, channel_id, nonce, amount, chain_id)
+        nonce = await self.refund_nonce(channel_id)
+        signature = ch.sign_refund(self._signer, channel_id, nonce, amount, chain_id)
         refund = self._contract.encode_abi(
             "refundWithSignature",
             args=[config_tuple(config), amount, nonce, bytes.fromhex(signature[2:])],
@@ -292,22 +345,27 @@ class BatchChain:
             raise ValueError("invalid_batch_settlement_evm_refund_simulation_failed") from None
         async with self._send_lock:
             tx_hash = await self._send(multicall)
-        receipt = await self._receipt(tx_hash)
+        receipt = await self.receipt(tx_hash)
         if receipt["status"] != 1:
             raise ValueError("invalid_batch_settlement_evm_refund_transaction_failed")
         after = await self.state(channel_id)
         return tx_hash, after, before.balance - after.balance
 
+    async def refund_nonce(self, channel_id: str) -> int:
+        raw = bytes.fromhex(channel_id[2:])
+        return int(await self._reader.call(self._contract.functions.refundNonce(raw).call))
+
     # --- sending ---
 
     async def _send(self, call: Any) -> str:
-        sender = self._account.address
+        account = self._signer
+        sender = account.address
         nonce = await self._reader.call(self._w3.eth.get_transaction_count, sender, "pending")
         tx = await self._reader.call(
             call.build_transaction,
             {"from": sender, "nonce": nonce, "chainId": await self.chain_id()},
         )
-        signed = self._account.sign_transaction(tx)
+        signed = account.sign_transaction(tx)
         tx_hash = "0x" + bytes(signed.hash).hex()
         try:
             await self._reader.call(self._w3.eth.send_raw_transaction, signed.raw_transaction)
@@ -317,7 +375,7 @@ class BatchChain:
             ) from None
         return tx_hash
 
-    async def _receipt(self, tx_hash: str) -> Any:
+    async def receipt(self, tx_hash: str) -> Any:
         try:
             return await asyncio.wait_for(
                 asyncio.to_thread(

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from paygate.x402.models import SettleResponse
-from paygate.x402.schemes.batch_settlement.chain import BatchChain
+from paygate.x402.schemes.batch_settlement.chain import ChannelChain
 from paygate.x402.schemes.batch_settlement.store import (
     Channel,
     ChannelBusy,
@@ -49,8 +49,9 @@ class Channels:
     def __init__(
         self,
         ledger: SchemeSql,
-        chain: BatchChain,
+        chain: ChannelChain,
         *,
+        receiver_authorizer: str,
         replica: str,
         withdraw_delay: int,
         pending_seconds: float,
@@ -60,6 +61,7 @@ class Channels:
     ) -> None:
         self.store = ChannelStore(ledger, clock=clock, pending_seconds=pending_seconds)
         self.chain = chain
+        self.receiver_authorizer = receiver_authorizer
         self.replica = replica
         self.withdraw_delay = withdraw_delay
         self.pending_seconds = pending_seconds
@@ -68,17 +70,17 @@ class Channels:
         self._clock = clock
         self._owed = asyncio.Event()  # set when a claim is worth sending before the interval
 
-    @property
-    def receiver_authorizer(self) -> str:
-        return self.chain.address
-
     # --- requests ---
 
-    async def deposit(self, checked: Checked, requirements: dict[str, Any]) -> Channel:
+    async def deposit(
+        self, checked: Checked, payment: dict[str, Any], requirements: dict[str, Any]
+    ) -> Channel:
         """Send and prove the payment's deposit, then mirror the channel (PaymentRejected when
         the chain refuses it; SettlerUnavailable/SettlementUnknown when it cannot be asked)."""
         try:
-            state = await self.chain.deposit(checked.payload, checked.channel_id)
+            state = await self.chain.deposit(
+                payment, requirements, checked.payload, checked.channel_id
+            )
         except ValueError as exc:
             raise PaymentRejected(str(exc), "the deposit was refused on chain") from None
         except SettlementUnknown as exc:
@@ -163,7 +165,12 @@ class Channels:
                 )
             try:
                 tx_hash, after, returned = await self.chain.refund(
-                    payload.channel_config, checked.channel_id, amount, claim
+                    payload.channel_config,
+                    checked.channel_id,
+                    amount,
+                    claim,
+                    payload.voucher.wire(),
+                    requirements,
                 )
             except ValueError as exc:
                 raise PaymentRejected(str(exc), "the refund was refused on chain") from None
