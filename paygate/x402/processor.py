@@ -415,7 +415,11 @@ class PaymentProcessor:
                 payment, offer, authorized, requirements, route, key, model=model, budgets=budgets
             )
         except AlreadyReserved as exc:
-            return await self._replayed(exc.record, price, offers, resource, requirements)
+            return await self._corrected(
+                scheme,
+                payment,
+                await self._replayed(exc.record, price, offers, resource, requirements),
+            )
         except BudgetExceeded as exc:
             if self.economics is not None and exc.budget is not None and exc.budget in budgets:
                 return await self.economics.budget_reached(
@@ -448,7 +452,17 @@ class PaymentProcessor:
             scheme=scheme,
             authorized=authorized,
         )
-        return await self._verify(admission, offers, resource)
+        return await self._corrected(
+            scheme, payment, await self._verify(admission, offers, resource)
+        )
+
+    async def _corrected(
+        self, scheme: Scheme, payment: AnyPaymentPayload, result: PaymentAdmission | Refusal
+    ) -> PaymentAdmission | Refusal:
+        """A channel scheme's refusal with what its payer needs to resynchronise."""
+        if isinstance(result, Refusal) and isinstance(scheme, ChannelScheme):
+            return await scheme.corrective(result, payment)
+        return result
 
     async def _identified(self, key: str, wanted: str) -> Refusal | None:
         try:

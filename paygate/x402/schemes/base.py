@@ -23,6 +23,7 @@ from paygate.x402.models import (
 from paygate.x402.offers import Offer, PaymentTerms
 
 if TYPE_CHECKING:
+    from paygate.x402.results import Refusal
     from paygate.x402.settler import Settler
 
 
@@ -114,6 +115,11 @@ class ChannelScheme(Protocol):
     async def operation(self, payment: AnyPaymentPayload, offer: Offer) -> SettleResponse | None:
         """The operation's answer (the PAYMENT-RESPONSE), None for a paid request; raises
         PaymentRejected when the operation is refused."""
+        ...
+
+    async def corrective(self, refusal: Refusal, payment: AnyPaymentPayload) -> Refusal:
+        """``refusal`` of ``payment``, with what the payer needs to resynchronise with the
+        channel (the corrective 402), or as it is."""
         ...
 
 

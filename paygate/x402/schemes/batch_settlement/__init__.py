@@ -10,16 +10,18 @@ with the voucher, and the seller claims many channels' latest vouchers in one tr
 later (:mod:`.claims`, :mod:`.chain`). A refund request returns what was not charged.
 
 Roles: :mod:`.offer` (the 402's entry), :mod:`.verify` (local checks), :mod:`.store` (channel
-state in the ledger), :mod:`.chain` (deposits, claims and refunds on chain; server-only),
+state in the ledger), :mod:`.chain` (deposits, claims and refunds with the gas key, and their
+proof; server-only), :mod:`.facilitator` (the same through a facilitator, proven on chain),
 :mod:`.claims` (the claim loop and refunds), :mod:`.client` (the payer's side, client-safe).
 
 The registry holds :class:`BatchSettlementScheme` (stateless: what the payload is, its replay
 code); the processor works with :class:`BoundBatchSettlement`, the same scheme bound to its
-ledger and chain (``runtime``). Only chain mode settles it (a facilitator is not asked).
+ledger and chain (``paygate.server.assembly.channel_schemes``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from decimal import Decimal
@@ -38,6 +40,7 @@ from paygate.x402.schemes.base import Authorized
 from paygate.x402.schemes.batch_settlement import offer as offer_role
 from paygate.x402.schemes.batch_settlement.channel import MIN_WITHDRAW_DELAY, SCHEME
 from paygate.x402.schemes.batch_settlement.verify import (
+    NOT_CUMULATIVE,
     REPLAYED,
     ChannelTerms,
     Checked,
@@ -47,6 +50,7 @@ from paygate.x402.schemes.batch_settlement.verify import (
 from paygate.x402.verify import PaymentRejected
 
 if TYPE_CHECKING:
+    from paygate.x402.results import Refusal
     from paygate.x402.schemes.batch_settlement.claims import Channels
     from paygate.x402.settler import Settler
 
@@ -229,6 +233,45 @@ class BoundBatchSettlement(BatchSettlementScheme):
         # Committing is idempotent (a voucher commits once): a charge whose answer was lost is
         # simply committed again.
         return await self.settle(settler, payment, requirements, amount)
+
+    # --- the corrective 402 ---
+
+    async def corrective(self, refusal: Refusal, payment: AnyPaymentPayload) -> Refusal:
+        """A stale voucher's 402 (``…_cumulative_amount_mismatch``) carries the channel's state
+        and the last voucher it committed (``extra.channelState``/``voucherState``), so the payer
+        can check that voucher's signature and resynchronise; other refusals as they are."""
+        from paygate.x402.ledger import LedgerError
+
+        if refusal.code != NOT_CUMULATIVE or refusal.challenge is None:
+            return refusal
+        try:
+            payload = _payload(payment)
+            channel = await self.channels.store.get(payload.voucher.channel_id)
+        except (PaymentRejected, LedgerError):
+            return refusal
+        if channel is None or channel.config != payload.channel_config:
+            return refusal
+        state = {
+            "channelState": {
+                "channelId": channel.channel_id,
+                "balance": str(channel.balance),
+                "totalClaimed": str(channel.total_claimed),
+                "withdrawRequestedAt": 0,
+                "refundNonce": "0",
+                "chargedCumulativeAmount": str(channel.charged),
+            },
+            "voucherState": {
+                "signedMaxClaimable": str(channel.signed_max),
+                "signature": channel.signature,
+            },
+        }
+        challenge = refusal.challenge
+        accepts = [
+            r.model_copy(update={"extra": {**r.extra, **state}}) if r.scheme == SCHEME else r
+            for r in challenge.v2.accepts
+        ]
+        v2 = challenge.v2.model_copy(update={"accepts": accepts})
+        return dataclasses.replace(refusal, challenge=dataclasses.replace(challenge, v2=v2))
 
     # --- payment operations that are not paid requests ---
 

@@ -30,9 +30,10 @@ from paygate.x402.verify import PaymentRejected, same_address
 FORGED = "invalid_batch_settlement_evm_voucher_signature"
 NOT_CUMULATIVE = "invalid_batch_settlement_evm_cumulative_amount_mismatch"
 OVER_DEPOSIT = "invalid_batch_settlement_evm_cumulative_exceeds_balance"
-# The SDK has no code for a voucher sent again after it paid (its cumulative check would catch
-# it as a mismatch); the ledger's replay guard sees it first, so it gets its own, named alike.
-REPLAYED = "invalid_batch_settlement_evm_voucher_already_used"
+# A voucher sent again after it paid is a stale cumulative amount to the spec (and to the SDK's
+# client, which resynchronises from the corrective 402 on this code only — a caller whose reply
+# was lost would otherwise be stuck): the ledger's replay guard answers it with the same code.
+REPLAYED = NOT_CUMULATIVE
 NO_CHANNEL = "invalid_batch_settlement_evm_channel_not_found"
 BUSY = "invalid_batch_settlement_evm_channel_busy"
 PAYLOAD_TYPE = "invalid_batch_settlement_evm_payload_type"
