@@ -121,7 +121,16 @@ async def test_forged_replayed_and_out_of_order_vouchers_are_refused_with_stable
         required = await challenge_of(stack)
         offer = batch_offer(required)
         channel = PayerChannel.open(payer, offer, CHAIN_ID)
-        first = header_for(required, channel.pay(offer, deposit=3 * PRICE_ATOMIC))
+        # A deposit below the announced minimum (ten requests' worth) costs the gateway a
+        # transaction's gas for crumbs: refused before anything is sent.
+        status, headers, _ = await post(
+            stack, header_for(required, channel.pay(offer, deposit=9 * PRICE_ATOMIC))
+        )
+        assert (status, headers[wire.ERROR_HEADER]) == (
+            402,
+            "invalid_batch_settlement_evm_deposit_below_min_deposit",
+        )
+        first = header_for(required, channel.pay(offer, deposit=10 * PRICE_ATOMIC))
         status, headers, body = await post(stack, first)
         assert status == 200, body
         channel.charged_by(receipt_of(headers), offer)
@@ -157,13 +166,13 @@ async def test_forged_replayed_and_out_of_order_vouchers_are_refused_with_stable
                 "invalid_batch_settlement_evm_cumulative_amount_mismatch",
             )
         # The honest next vouchers still pay: nothing above moved the channel.
-        for n in (2, 3):
+        for n in range(2, 11):
             status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
             assert status == 200, body
             state = receipt_of(headers)["extra"]["channelState"]
             assert state["chargedCumulativeAmount"] == str(n * PRICE_ATOMIC)
             channel.charged_by(receipt_of(headers), offer)
-        # Over the deposit: the channel held three requests' worth, all spent.
+        # Over the deposit: the channel held ten requests' worth, all spent.
         status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
         assert (status, headers[wire.ERROR_HEADER]) == (
             402,

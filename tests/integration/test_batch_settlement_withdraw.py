@@ -27,7 +27,7 @@ async def test_a_payer_who_withdraws_before_the_claim_leaves_a_claim_that_does_n
         offer = batch_offer(required)
         channel = PayerChannel.open(payer, offer, CHAIN_ID)
         status, headers, body = await post(
-            stack, header_for(required, channel.pay(offer, deposit=5 * PRICE_ATOMIC))
+            stack, header_for(required, channel.pay(offer, deposit=10 * PRICE_ATOMIC))
         )
         assert status == 200, body
         channel.charged_by(receipt_of(headers), offer)
@@ -38,7 +38,7 @@ async def test_a_payer_who_withdraws_before_the_claim_leaves_a_claim_that_does_n
             abi=load_contract("X402BatchSettlement").abi,
         )
         for call in (
-            bs.functions.initiateWithdraw(config_tuple(channel.config), 5 * PRICE_ATOMIC),
+            bs.functions.initiateWithdraw(config_tuple(channel.config), 10 * PRICE_ATOMIC),
             bs.functions.finalizeWithdraw(config_tuple(channel.config)),
         ):
             tx = call.build_transaction(

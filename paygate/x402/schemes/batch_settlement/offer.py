@@ -2,9 +2,9 @@
 
 ``amount`` is the most one request may cost (its flat price, or a metered route's maximum:
 the charge is then what the request used, up to it). ``extra`` carries the channel terms a
-payer builds its channel from: ``receiverAuthorizer`` (the gateway's gas account, which signs
-claims and refunds), ``withdrawDelay``, the deposit method (EIP-3009) and a ``minDeposit`` hint
-(ten requests' worth, as the SDK's server announces by default).
+payer builds its channel from: ``receiverAuthorizer`` (who signs claims and refunds),
+``withdrawDelay``, the deposit method (EIP-3009) and ``minDeposit`` (ten requests' worth, as the
+SDK's server announces by default; enforced: each deposit costs the gateway a transaction).
 """
 
 from __future__ import annotations

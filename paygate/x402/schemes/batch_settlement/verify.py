@@ -69,6 +69,7 @@ class ChannelTerms:
     token: str
     receiver_authorizer: str
     withdraw_delay: str
+    min_deposit: int = 0
 
     @classmethod
     def of_offer(cls, offer: Offer) -> ChannelTerms:
@@ -79,6 +80,7 @@ class ChannelTerms:
             token=offer.asset.address,
             receiver_authorizer=extra.get("receiverAuthorizer", ""),
             withdraw_delay=extra.get("withdrawDelay", ""),
+            min_deposit=int(extra.get("minDeposit", "0")),
         )
 
     @classmethod
@@ -90,6 +92,7 @@ class ChannelTerms:
             token=requirements["asset"],
             receiver_authorizer=str(extra.get("receiverAuthorizer", "")),
             withdraw_delay=str(extra.get("withdrawDelay", "")),
+            min_deposit=int(str(extra.get("minDeposit", "0"))),
         )
 
 
@@ -141,6 +144,12 @@ def check_payload(payload: object, offer: ChannelTerms) -> Checked:
         if int(deposit.amount) <= 0 or int(deposit.amount) > ch.UINT128_MAX:
             raise PaymentRejected(
                 "invalid_batch_settlement_evm_deposit_payload", "the deposit amount is invalid"
+            )
+        # Each deposit is a transaction the gateway pays gas for: not for crumbs.
+        if int(deposit.amount) < offer.min_deposit:
+            raise PaymentRejected(
+                "invalid_batch_settlement_evm_deposit_below_min_deposit",
+                "the deposit is below the announced minDeposit",
             )
     return Checked(payload, channel_id, to_checksum_address(config.payer), maximum)
 
