@@ -198,13 +198,14 @@ class ChannelStore:
             )
             if held:
                 raise ChannelBusy("another request on this channel is in progress")
-            changed, _ = await self._sql(
-                "UPDATE bs_channels SET pending_owner = ?, pending_until = ?,"
-                " version = version + 1, updated_at = ? WHERE channel_id = ? AND version = ?",
+            _, rows = await self._sql(
+                "UPDATE bs_channels SET pending_owner = ?, pending_until = ?,"  # noqa: S608 - constant
+                " version = version + 1, updated_at = ? WHERE channel_id = ? AND version = ?"
+                f" RETURNING {_COLUMNS}",
                 (owner, now + self._pending_seconds, now, channel_id, current.version),
             )
-            if changed:
-                return await self.get(channel_id)
+            if rows:
+                return _channel(rows[0])
         raise ChannelBusy("the channel changed too often to take")
 
     async def release(self, channel_id: str, owner: str) -> None:
@@ -247,10 +248,10 @@ class ChannelStore:
                 raise ValueError("invalid_batch_settlement_evm_channel_busy")
             if current.charged + charge > max_claimable:
                 raise ValueError("invalid_batch_settlement_evm_charge_exceeds_signed_cumulative")
-            changed, _ = await self._sql(
-                "UPDATE bs_channels SET charged = ?, signed_max = ?, signature = ?,"
+            _, rows = await self._sql(
+                "UPDATE bs_channels SET charged = ?, signed_max = ?, signature = ?,"  # noqa: S608 - constant
                 " pending_owner = NULL, pending_until = NULL, version = version + 1,"
-                " updated_at = ? WHERE channel_id = ? AND version = ?",
+                f" updated_at = ? WHERE channel_id = ? AND version = ? RETURNING {_COLUMNS}",
                 (
                     str(current.charged + charge),
                     str(max_claimable),
@@ -260,10 +261,8 @@ class ChannelStore:
                     current.version,
                 ),
             )
-            if changed:
-                committed = await self.get(channel_id)
-                assert committed is not None
-                return committed, charge
+            if rows:
+                return _channel(rows[0]), charge
         raise ValueError("invalid_batch_settlement_evm_channel_busy")
 
     async def claimable(self, limit: int) -> list[Channel]:
