@@ -23,8 +23,9 @@ from eth_account import Account
 from paygate.x402.models import PaymentPayload, PaymentPayloadV1, ResourceInfo
 from paygate.x402.networks import resolve_network
 from paygate.x402.offers import Acceptance, PaymentTerms
+from paygate.x402.results import Refusal
 from paygate.x402.schemes import SCHEMES, UnknownScheme, by_name, scheme_of
-from paygate.x402.schemes.base import PaymentRejected
+from paygate.x402.schemes.base import Binding, PaymentRejected
 from paygate.x402.schemes.exact import client as exact_client
 from paygate.x402.schemes.upto import client as upto_client
 from paygate.x402.schemes.upto.offer import extra_for
@@ -208,3 +209,24 @@ def test_no_code_outside_the_scheme_packages_branches_on_a_scheme() -> None:
         if count:
             found[relative] = count
     assert found == KNOWN_BRANCHES
+
+
+async def test_a_scheme_without_a_binding_role_binds_as_itself_and_its_hooks_do_nothing() -> None:
+    # The hooks the processor and the assembly call on every scheme: exact and upto add no
+    # offers, no operation, no correction and no background work.
+    binding = Binding(ledger=None, settler=None, replica="r", network="eip155:84532", settings=None)  # type: ignore[arg-type]
+    exact = _exact()
+    offer = TERMS.offers(Decimal("0.001"))[0]
+    for name in ("exact", "upto"):
+        scheme = SCHEMES[name]
+        assert scheme.binding_module is None
+        assert await scheme.bind(binding) is scheme
+        assert scheme.own_offers(TERMS, price=Decimal("0.001"), maximum=Decimal("0.01")) == ()
+        assert await scheme.operation(exact, offer) is None
+        refusal = Refusal(402, "payment_required", "payment required")
+        assert await scheme.corrective(refusal, exact) is refusal
+        assert scheme.tasks() == ()
+    # batch-settlement's binding role lives in its own package (server-only, loaded lazily).
+    assert (
+        SCHEMES["batch-settlement"].binding_module == "paygate.x402.schemes.batch_settlement.bound"
+    )
