@@ -54,7 +54,12 @@ if TYPE_CHECKING:
 KeyBackendName = Literal["software", "pkcs11", "tpm", "tee-memory"]
 NonNegativeDecimal = Annotated[Decimal, Field(ge=0, max_digits=40, decimal_places=18)]
 PaymentMode = Literal["off", "facilitator", "chain", "verify-only"]
-PaymentScheme = Literal["exact", "upto"]
+PaymentScheme = Literal["exact", "upto", "batch-settlement"]
+# What schemes ask of the other settings (checked in Settings; docs/PAYMENTS.md): the schemes
+# token_prices drive, and those that charge a channel after each reply, every deposit, claim and
+# refund proven on chain (the configuration does not import the payment code's registry).
+METERED_SCHEMES = ("upto", "batch-settlement")
+CHANNEL_SCHEMES = ("batch-settlement",)
 
 
 class RateLimitSetting(BaseModel):
@@ -341,6 +346,12 @@ class PaymentSection(BaseModel):
         default_factory=lambda: ["exact"]
     )
     token_prices: dict[str, TokenPriceSetting] = Field(default_factory=dict)
+    # batch-settlement (docs/PAYMENTS.md "Batch settlement"): how often owed channels are
+    # claimed on chain, the most channels (each its latest voucher) per claim transaction,
+    # and the withdraw delay a payer's channel must name.
+    batch_claim_interval: Annotated[float, Field(gt=0, le=86_400)] = 60.0
+    batch_max_vouchers_per_claim: Annotated[int, Field(ge=1, le=500)] = 100
+    batch_withdraw_delay: Annotated[int, Field(ge=900, le=2_592_000)] = 900
     # Every generation request's output bound (free, exact, upto, batch items, payments off).
     max_tokens_cap: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
     # A metered reply nothing could count: charge the prompt bound (default), an estimate, max.
@@ -417,7 +428,7 @@ class PaymentSection(BaseModel):
     def _split_schemes(cls, value: Any) -> Any:
         value = _split_list(value)
         if isinstance(value, list) and not value:
-            raise ValueError("name at least one scheme: exact, upto")
+            raise ValueError("name at least one scheme: exact, upto, batch-settlement")
         return value
 
     @field_validator("pay_to", "asset_address")
@@ -760,8 +771,25 @@ class Settings(
                 raise ValueError(
                     "upto settles what was used, after the reply: not settle_timing upfront"
                 )
-        elif self.token_prices:
-            raise ValueError("token_prices drive upto only: add upto to payment_schemes")
+        elif self.token_prices and not set(METERED_SCHEMES) & set(self.payment_schemes):
+            raise ValueError(
+                "token_prices drive metered schemes only: add upto or batch-settlement to"
+                " payment_schemes"
+            )
+        for name in sorted(set(CHANNEL_SCHEMES) & set(self.payment_schemes)):
+            if self.payment_mode == "verify-only":
+                raise ValueError(
+                    f"{name} charges a channel after each reply: not payment_mode verify-only"
+                )
+            if self.payment_mode != "off" and not self.chain_rpc_url:
+                raise ValueError(
+                    f"{name} needs chain_rpc_url (PAYGATE_CHAIN_RPC_URL): every deposit, claim"
+                    " and refund is proven on chain"
+                )
+            if self.settle_timing == "upfront":
+                raise ValueError(
+                    f"{name} charges a channel after the reply: not settle_timing upfront"
+                )
         if self.free_requests_per_day > 0 and self.payment_mode != "off" and not self.public_url:
             # A sign-in names the site it is for: without our own URL the only check left
             # would be the caller's Host header, which the caller writes.

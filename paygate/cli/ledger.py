@@ -20,7 +20,7 @@ from paygate.config import load_settings
 from paygate.x402.ledger import MAX_LIST_LIMIT, LedgerConflict
 from paygate.x402.ledger_store import LedgerLocation, open_ledger
 
-SCHEMA_VERSION = 7  # both stores number their schemas alike (ledger_sqlite, ledger_postgres)
+SCHEMA_VERSION = 8  # both stores number their schemas alike (ledger_sqlite, ledger_postgres)
 
 
 def register(sub: Any) -> None:

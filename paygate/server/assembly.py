@@ -34,6 +34,7 @@ from paygate.x402.offers import Acceptance, PaymentTerms
 from paygate.x402.pricing import PricePolicy
 from paygate.x402.processor import PaymentProcessor
 from paygate.x402.recovery import Recovery
+from paygate.x402.schemes import SCHEMES, Binding, Scheme
 from paygate.x402.schemes.base import MIN_REMAINING_SECONDS
 from paygate.x402.schemes.upto.offer import FACILITATOR_EXTRA, extra_for
 from paygate.x402.settlement import SettleAfterReply, Settlement, SettleUpfront, VerifyOnly
@@ -135,7 +136,9 @@ def rate_limits(settings: Settings) -> RateLimits | None:
 
 
 def token_pricing(settings: Settings) -> TokenPricing | None:
-    if "upto" not in settings.payment_schemes:
+    """The token prices of the metered schemes (a scheme charging what a request used)."""
+    metered = any(SCHEMES[name].metered for name in settings.payment_schemes)
+    if not metered or not settings.token_prices:
         return None
     return TokenPricing(
         prices={
@@ -266,8 +269,10 @@ def x402_payments(
     economics: Economics | None = None,
     shaper: RequestShaper | None = None,
     clock: Callable[[], float] = time.time,
+    bound: Mapping[str, Scheme] | None = None,
 ) -> X402Payments:
     processor = PaymentProcessor(
+        bound=bound,
         clock=clock,
         economics=economics,
         events=events,
@@ -304,6 +309,28 @@ def x402_payments(
         if settings.bazaar_discovery
         else None,
     )
+
+
+async def bound_schemes(
+    settings: Settings, ledger: Ledger, replica: str, settler: Settler
+) -> dict[str, Scheme]:
+    """Each configured scheme bound to this gateway (``Scheme.bind``: a scheme with its own
+    state, batch-settlement's channels, gets the ledger, the settler and the settings; the
+    others are the registry's as they are). ConfigError when one cannot start."""
+    binding = Binding(
+        ledger=ledger,
+        settler=settler,
+        replica=replica,
+        network=payment_terms(settings).accepted[0].network.caip2,
+        settings=settings,
+    )
+    bound: dict[str, Scheme] = {}
+    for name in dict.fromkeys(settings.payment_schemes):
+        try:
+            bound[name] = await SCHEMES[name].bind(binding)
+        except SettlerUnavailable as exc:
+            raise ConfigError(f"{name} needs the facilitator: {exc}") from None
+    return bound
 
 
 def economics_controls(settings: Settings) -> Controls:
@@ -374,10 +401,12 @@ async def payment_step(
             if controls.empty
             else Economics(controls, store, alerts=alerts, on_event=on_limit_event)
         )
+        bound = await bound_schemes(settings, ledger, replica, settler)
         payments = x402_payments(
             settings,
             ledger=ledger,
             settler=settler,
+            bound=bound,
             upto_extra=upto_extra,
             limits=limits,
             events=events,
@@ -403,6 +432,8 @@ async def payment_step(
             ),
             loop.create_task(_keep_leases(recovery, interval=settings.lease_seconds / 3)),
         ]
+        # What each scheme runs while the gateway serves (batch-settlement's claim loop).
+        tasks += [loop.create_task(task()) for scheme in bound.values() for task in scheme.tasks()]
         try:
             yield payments
         finally:
@@ -410,9 +441,10 @@ async def payment_step(
             with contextlib.suppress(asyncio.CancelledError):
                 await tasks[0]
             await payments.close(settings.shutdown_grace_seconds)
-            tasks[1].cancel()  # after the drain: settlements still running keep their leases
-            with contextlib.suppress(asyncio.CancelledError):
-                await tasks[1]
+            for task in tasks[1:]:  # after the drain: settlements still running keep their leases
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
     finally:
         await settler.close()
         await ledger.close()

@@ -343,7 +343,13 @@ class _RefusalError(GatewayError):
 
 def refusal_response(refusal: Refusal, route: Route) -> web.Response:
     """A refusal as HTTP: challenges in x402's shape (v1 body + v2 header), others in the
-    route's own error shape."""
+    route's own error shape; a payment operation's answer (``Scheme.operation``: a channel's
+    refund, not an error) is its message with the operation's headers."""
+    if refusal.status < 400:
+        headers = {"Cache-Control": "no-store", **refusal.headers}
+        return web.json_response(
+            {"message": refusal.message}, status=refusal.status, headers=headers
+        )
     if refusal.challenge is None:
         return error_response(_RefusalError(refusal), route.api)
     headers = {

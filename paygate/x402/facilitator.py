@@ -108,7 +108,11 @@ class FacilitatorSettler:
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> SettleResponse:
         """POST /settle: the answer; re-sent only when the request never left."""
-        body = _request(payment, requirements)
+        return await self.settle_body(_request(payment, requirements))
+
+    async def settle_body(self, body: dict[str, Any]) -> SettleResponse:
+        """POST /settle with a body a scheme built itself (batch-settlement's deposits, claims,
+        sweeps and refunds are not one payment's settlement); the answer as it came."""
         for attempt in range(_SETTLE_ATTEMPTS):
             try:
                 return await self._post("/settle", body, SettleResponse, self._settle_timeout)

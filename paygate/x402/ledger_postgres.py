@@ -70,7 +70,7 @@ Conn = Any  # psycopg.AsyncConnection[dict[str, Any]]
 #: Same numbering as the SQLite ledger: v1 the first ledger, v2 leases and history, v3 metering
 #: and the free quota, v4 the economics controls and the console's tables, v5 the transparency log,
 #: v6 signed receipts, v7 budgets by when a payment counted and the sign-in key.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 _STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
 _MIGRATION_LOCK = 0x70617967  # pg_advisory_xact_lock key: one migrator at a time ("payg")
 
@@ -183,8 +183,45 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX payments_payer_counted ON payments (payer, counted_at)",
         "CREATE TABLE signin_key (id integer PRIMARY KEY CHECK (id = 1), secret text NOT NULL)",
     ),
+    # batch settlement (paygate.x402.schemes.batch_settlement): payment channels, every voucher
+    # accepted, and the claims that move the money (their tables are that package's).
+    8: (
+        """CREATE TABLE bs_channels (
+            channel_id TEXT PRIMARY KEY,
+            network TEXT NOT NULL,
+            payer TEXT NOT NULL,
+            config TEXT NOT NULL,
+            balance TEXT NOT NULL,
+            total_claimed TEXT NOT NULL,
+            charged TEXT NOT NULL,
+            signed_max TEXT NOT NULL,
+            signature TEXT NOT NULL,
+            pending_owner TEXT,
+            pending_until double precision,
+            version bigint NOT NULL,
+            updated_at double precision NOT NULL
+        )""",
+        """CREATE TABLE bs_vouchers (
+            channel_id TEXT NOT NULL,
+            max_claimable TEXT NOT NULL,
+            signature TEXT NOT NULL,
+            payment_id TEXT NOT NULL,
+            charge TEXT NOT NULL,
+            created_at double precision NOT NULL,
+            PRIMARY KEY (channel_id, max_claimable)
+        )""",
+        """CREATE TABLE bs_claims (
+            id TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            entries TEXT NOT NULL,
+            tx_hash TEXT,
+            owner TEXT,
+            lease_until double precision,
+            created_at double precision NOT NULL,
+            updated_at double precision NOT NULL
+        )""",
+    ),
 }
-
 
 _COLUMNS = rules.RECORD_COLUMNS
 _SELECT = f"SELECT {_COLUMNS} FROM payments"  # noqa: S608 - constant column list
@@ -388,6 +425,20 @@ class PostgresLedger(LedgerBase):
             raise LedgerUnavailable(
                 f"the PostgreSQL ledger failed: {type(exc).__name__}{state}"
             ) from None
+
+    async def scheme_sql(
+        self, sql: str, params: tuple[Any, ...]
+    ) -> tuple[int, builtins.list[tuple[Any, ...]]]:
+        """One statement on a scheme package's own tables (batch settlement's ``bs_*``), in its
+        own transaction: (rows changed, rows returned). ``?`` placeholders, as SQLite's."""
+
+        async def run(conn: Conn) -> tuple[int, builtins.list[tuple[Any, ...]]]:
+            cursor = await conn.execute(sql.replace("?", "%s"), params)
+            rows = await cursor.fetchall() if cursor.description else []
+            # Rows come as dicts (the pool's row factory): their values, in column order.
+            return cursor.rowcount, [tuple(row.values()) for row in rows]
+
+        return await self._run(run)
 
     async def _now(self, conn: Conn) -> float:
         if self._clock is not None:

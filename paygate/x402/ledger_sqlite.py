@@ -61,8 +61,9 @@ T = TypeVar("T")
 #: moved) and the free quota's tables. v4: the economics controls and the console (token usage,
 #: limit events, alert claims, one-time console logins; paygate.economics, paygate.console).
 #: v5: the transparency log (paygate.tlog). v6: signed receipts, payments by nonce.
-#: v7: budgets by when a payment counted, the sign-in key.
-SCHEMA_VERSION = 7
+#: v7: budgets by when a payment counted, the sign-in key. v8: batch settlement's channels,
+#: vouchers and claims.
+SCHEMA_VERSION = 8
 _STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
 
 # MIGRATIONS[n] takes a ledger from schema n-1 to n. Append, never edit a released step.
@@ -182,8 +183,45 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX payments_payer_counted ON payments (payer, counted_at)",
         "CREATE TABLE signin_key (id INTEGER PRIMARY KEY CHECK (id = 1), secret TEXT NOT NULL)",
     ),
+    # batch settlement (paygate.x402.schemes.batch_settlement): payment channels, every voucher
+    # accepted, and the claims that move the money (their tables are that package's).
+    8: (
+        """CREATE TABLE bs_channels (
+            channel_id TEXT PRIMARY KEY,
+            network TEXT NOT NULL,
+            payer TEXT NOT NULL,
+            config TEXT NOT NULL,
+            balance TEXT NOT NULL,
+            total_claimed TEXT NOT NULL,
+            charged TEXT NOT NULL,
+            signed_max TEXT NOT NULL,
+            signature TEXT NOT NULL,
+            pending_owner TEXT,
+            pending_until REAL,
+            version INTEGER NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        """CREATE TABLE bs_vouchers (
+            channel_id TEXT NOT NULL,
+            max_claimable TEXT NOT NULL,
+            signature TEXT NOT NULL,
+            payment_id TEXT NOT NULL,
+            charge TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (channel_id, max_claimable)
+        )""",
+        """CREATE TABLE bs_claims (
+            id TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            entries TEXT NOT NULL,
+            tx_hash TEXT,
+            owner TEXT,
+            lease_until REAL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+    ),
 }
-
 
 _SELECT = f"SELECT {rules.RECORD_COLUMNS} FROM payments"  # noqa: S608 - constant column list
 # `paygate payments summary --by`: the SQL expression of each grouping (constants only).
@@ -442,6 +480,20 @@ class SqliteLedger(LedgerBase):
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+
+    async def scheme_sql(
+        self, sql: str, params: tuple[Any, ...]
+    ) -> tuple[int, builtins.list[tuple[Any, ...]]]:
+        """One statement on a scheme package's own tables (batch settlement's ``bs_*``), in its
+        own write transaction: (rows changed, rows returned). ``?`` placeholders."""
+
+        def run() -> tuple[int, builtins.list[tuple[Any, ...]]]:
+            with self._write() as db:
+                cursor = db.execute(sql, params)
+                rows = cursor.fetchall()
+                return cursor.rowcount, rows
+
+        return await self._run(run)
 
     def _one(self, where: str, params: tuple[Any, ...]) -> PaymentRecord | None:
         row = self._conn.execute(f"{_SELECT} {where}", params).fetchone()

@@ -164,8 +164,59 @@ class UptoEvmPayload(X402Model):
     signature: Signature
 
 
+class ChannelConfig(X402Model):
+    """A `batch-settlement` channel's immutable identity (its EIP-712 hash is the channel id)."""
+
+    payer: Address
+    payer_authorizer: Address
+    receiver: Address
+    receiver_authorizer: Address
+    token: Address
+    withdraw_delay: int = Field(ge=0, lt=2**40)
+    salt: Nonce  # bytes32
+
+
+class ChannelVoucher(X402Model):
+    """A cumulative voucher: the most the receiver may ever claim from the channel."""
+
+    channel_id: Nonce  # bytes32
+    max_claimable_amount: Uint256
+    signature: Signature
+
+
+class DepositErc3009(X402Model):
+    """A deposit's EIP-3009 ``receiveWithAuthorization`` to the deposit collector."""
+
+    valid_after: Uint256
+    valid_before: Uint256
+    salt: Nonce
+    signature: Signature
+
+
+class DepositAuthorization(X402Model):
+    erc3009_authorization: DepositErc3009 | None = None
+    permit2_authorization: dict[str, Any] | None = None
+
+
+class ChannelDeposit(X402Model):
+    amount: Uint256
+    authorization: DepositAuthorization
+
+
+class BatchSettlementPayload(X402Model):
+    """The `batch-settlement` scheme's payload: a deposit (with its first voucher), a voucher,
+    or a cooperative refund request (a zero-charge voucher); see
+    ``paygate.x402.schemes.batch_settlement``."""
+
+    type: Literal["deposit", "voucher", "refund"]
+    channel_config: ChannelConfig
+    voucher: ChannelVoucher
+    deposit: ChannelDeposit | None = None
+    amount: Uint256 | None = None  # refund: part of the remainder (omitted: all of it)
+
+
 #: What a v2 payment's ``payload`` may be; the scheme named in ``accepted`` says which it must be.
-SchemePayload = ExactEvmPayload | UptoEvmPayload
+SchemePayload = ExactEvmPayload | UptoEvmPayload | BatchSettlementPayload
 
 
 class PaymentPayload(X402Model):
@@ -224,6 +275,8 @@ class SettleResponse(X402Model):
     network: str
     amount: str | None = None
     extensions: dict[str, Any] | None = None
+    # The scheme's own answer (batch-settlement: ``chargedAmount`` and the channel's state).
+    extra: dict[str, Any] | None = None
 
 
 #: The receipt extension of a metered payment: the usage it was charged for.

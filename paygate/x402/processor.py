@@ -49,10 +49,10 @@ from paygate.x402.models import AnyPaymentPayload, ResourceInfo
 from paygate.x402.networks import to_atomic
 from paygate.x402.offers import EXACT, Offer, PaymentTerms
 from paygate.x402.recovery import Recovery
-from paygate.x402.refusals import Refusals, payer_limited
+from paygate.x402.refusals import Refusals, operation_done, payer_limited
 from paygate.x402.responses import reason_text, recorded_receipt
 from paygate.x402.results import PaymentAdmission, Refusal
-from paygate.x402.schemes import SCHEMES, Authorized
+from paygate.x402.schemes import SCHEMES, Authorized, Scheme
 from paygate.x402.session import MeteredTerms, PaymentSession
 from paygate.x402.settlement import Settlement
 from paygate.x402.settlements import Settlements
@@ -112,6 +112,7 @@ class PaymentProcessor:
         economics: EconomicsCheck | None = None,
         payment_identifier_ttl: float = DEFAULT_TTL_SECONDS,
         wallets: WalletVerifier | None = None,
+        bound: Mapping[str, Scheme] | None = None,
     ) -> None:
         self.terms = terms
         self.economics = economics
@@ -119,7 +120,8 @@ class PaymentProcessor:
         self._ledger = ledger
         self._settler = settler
         self._settlement = settlement
-        self._schemes = {name: SCHEMES[name] for name in schemes}
+        # A scheme bound to this gateway at start (``Scheme.bind``) replaces the registry's.
+        self._schemes = {name: (bound or {}).get(name, SCHEMES[name]) for name in schemes}
         self._payer_check = payer_check
         self._daily_budget = daily_budget
         self._skew = skew_seconds
@@ -154,6 +156,7 @@ class PaymentProcessor:
             settler=settler,
             settlement=settlement,
             settlements=self.settlements,
+            schemes=self.scheme,
         )
         self._identifiers = PaymentIdentifiers(
             ledger,
@@ -171,6 +174,10 @@ class PaymentProcessor:
     @property
     def schemes(self) -> tuple[str, ...]:
         return tuple(self._schemes)
+
+    def scheme(self, name: str) -> Scheme:
+        """This processor's scheme of that name (bound, where it is), else the registry's."""
+        return self._schemes.get(name) or SCHEMES[name]
 
     @property
     def ledger(self) -> Ledger:
@@ -190,7 +197,8 @@ class PaymentProcessor:
         upto_extra: tuple[tuple[str, str], ...] = (),
     ) -> tuple[Offer, ...]:
         """What the 402 offers: ``exact`` at ``price`` (when > 0) and ``upto`` up to
-        ``maximum`` (when given and > 0), for each scheme this processor takes."""
+        ``maximum`` (when given and > 0), for each scheme this processor takes, and what each
+        scheme offers itself (``Scheme.own_offers``)."""
         offers: tuple[Offer, ...] = ()
         # A request with no metered price (not a generation route, no token price) is offered
         # `exact` at its flat price even where `exact` is not listed: never free by omission.
@@ -198,6 +206,8 @@ class PaymentProcessor:
             offers += self.terms.offers(price)
         if "upto" in self._schemes and maximum is not None and maximum > 0:
             offers += self.terms.upto_offers(maximum, upto_extra)
+        for scheme in self._schemes.values():
+            offers += scheme.own_offers(self.terms, price=price, maximum=maximum)
         return offers
 
     async def admit(
@@ -301,6 +311,10 @@ class PaymentProcessor:
         try:
             offer = match_offer(payment, offers)
             scheme = self._schemes[offer.scheme]
+            # A payment operation that is not a paid request (a channel's refund).
+            done = await scheme.operation(payment, offer)
+            if done is not None:
+                return operation_done(payment, done)
             authorized = scheme.check(
                 payment,
                 offer,
@@ -325,7 +339,7 @@ class PaymentProcessor:
                 payer=authorized.payer,
                 model=model or request_model,
                 asset=offer.asset.address,
-                amount=SCHEMES[offer.scheme].authorized_amount(authorized, offer),
+                amount=scheme.authorized_amount(authorized, offer),
                 decimals=offer.asset.decimals,
             )
             if verdict.refusal is not None:  # before the reservation, like the rate limits
@@ -337,7 +351,8 @@ class PaymentProcessor:
                 payment, offer, authorized, requirements, route, key, model=model, budgets=budgets
             )
         except AlreadyReserved as exc:
-            return await self._replayed(exc.record, price, offers, resource, requirements)
+            replayed = await self._replayed(exc.record, price, offers, resource, requirements)
+            return await _corrected(scheme, payment, replayed)
         except BudgetExceeded as exc:
             if self.economics is not None and exc.budget is not None and exc.budget in budgets:
                 return await self.economics.budget_reached(
@@ -365,7 +380,7 @@ class PaymentProcessor:
             scheme=scheme,
             authorized=authorized,
         )
-        return await self._verify(admission, offers, resource)
+        return await _corrected(scheme, payment, await self._verify(admission, offers, resource))
 
     async def _identified(self, key: str, wanted: str) -> Refusal | None:
         try:
@@ -392,14 +407,14 @@ class PaymentProcessor:
             payer=authorized.payer,
             nonce=authorized.nonce,
             pay_to=offer.pay_to,
-            amount=SCHEMES[offer.scheme].authorized_amount(authorized, offer),
+            amount=self.scheme(offer.scheme).authorized_amount(authorized, offer),
             x402_version=payment.x402_version,
             route=route,
             payload=json.dumps(payment.wire(), separators=(",", ":")),
             requirements=json.dumps(requirements, separators=(",", ":")),
             idempotency_key=key,
             scheme=offer.scheme,
-            model=model if SCHEMES[offer.scheme].metered else None,
+            model=model if self.scheme(offer.scheme).metered else None,
             budget=self._budget(offer),
             budgets=budgets,
         )
@@ -462,7 +477,7 @@ class PaymentProcessor:
                 payment=codec.parse_payment(json.loads(record.payload), header="ledger"),
                 requirements=requirements,
                 receipt=recorded_receipt(record),
-                scheme=SCHEMES[record.scheme],
+                scheme=self.scheme(record.scheme),
             )
         headers: dict[str, str] = {}
         if record.state is PaymentState.SETTLED:
@@ -470,12 +485,21 @@ class PaymentProcessor:
             headers[receipt.header] = receipt.encoded()
         return self._refusals.challenge(
             402,
-            SCHEMES[record.scheme].replay_code,
+            self.scheme(record.scheme).replay_code,
             "this payment authorization was already used",
             offers,
             resource,
             headers=headers,
         )
+
+
+async def _corrected(
+    scheme: Scheme, payment: AnyPaymentPayload, result: PaymentAdmission | Refusal
+) -> PaymentAdmission | Refusal:
+    """A refusal as the payment's scheme completes it (``Scheme.corrective``)."""
+    if isinstance(result, Refusal):
+        return await scheme.corrective(result, payment)
+    return result
 
 
 def _fingerprint(route: str, offer: Offer, authorized: Authorized) -> str:

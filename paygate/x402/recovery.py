@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from decimal import Decimal
 
 from paygate.x402 import codec
 from paygate.x402.leases import HeldLeases
 from paygate.x402.ledger import Ledger, LedgerError, PaymentRecord, PaymentState
 from paygate.x402.results import PaymentAdmission
-from paygate.x402.schemes import SCHEMES
+from paygate.x402.schemes import SCHEMES, Scheme
 from paygate.x402.settlement import Settlement
 from paygate.x402.settlements import Settlements
 from paygate.x402.settler import ReviewRequired, SettlementUnknown, Settler, SettlerUnavailable
@@ -38,12 +39,14 @@ class Recovery:
         settler: Settler,
         settlement: Settlement,
         settlements: Settlements,
+        schemes: Callable[[str], Scheme] = SCHEMES.__getitem__,
     ) -> None:
         self._ledger = ledger
         self._leases = leases
         self._settler = settler
         self._settlement = settlement
         self._settlements = settlements
+        self._schemes = schemes  # a record's scheme by name (as bound to this gateway)
 
     async def release_abandoned(self, *, own: bool = False) -> int:
         """Release reservations whose owner is gone (its lease ran out; with ``own``, also
@@ -91,7 +94,7 @@ class Recovery:
             record=record,
             payment=payment,
             requirements=json.loads(record.requirements),
-            scheme=SCHEMES[record.scheme],
+            scheme=self._schemes(record.scheme),
         )
         if record.state is PaymentState.SERVED:
             await self._settlements.settle_now(admission)

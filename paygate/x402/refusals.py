@@ -12,9 +12,9 @@ from urllib.parse import urlsplit
 
 from paygate.x402 import siwx
 from paygate.x402.hooks import PayerCheck
-from paygate.x402.models import ResourceInfo
+from paygate.x402.models import AnyPaymentPayload, ResourceInfo, SettleResponse
 from paygate.x402.offers import Offer, PaymentTerms, challenge
-from paygate.x402.results import Refusal
+from paygate.x402.results import Receipt, Refusal
 
 
 class Refusals:
@@ -99,6 +99,18 @@ class Refusals:
             "this payer's daily budget is spent",
             headers={"Retry-After": str(max(1, int(86_400 - now % 86_400)))},
         )
+
+
+def operation_done(payment: AnyPaymentPayload, answer: SettleResponse) -> Refusal:
+    """A payment operation's answer in place of the route's (``Scheme.operation``: a channel's
+    refund is not served): 200 with the operation's receipt in the PAYMENT-RESPONSE header."""
+    receipt = Receipt(payment.x402_version, answer)
+    return Refusal(
+        200,
+        "payment_operation_done",
+        "payment operation done",
+        headers={receipt.header: receipt.encoded()},
+    )
 
 
 def payer_limited(

@@ -237,6 +237,13 @@ def test_the_most_specific_limit_applies() -> None:
             "settle_timing": "upfront",
         },
         {"payment_schemes": "exact,bogus"},
+        # batch-settlement: the gateway's own transactions (chain mode), charged after the reply.
+        {"payment_schemes": "batch-settlement", "payment_mode": "facilitator"},
+        {"payment_schemes": "batch-settlement", "payment_mode": "verify-only"},
+        {"payment_schemes": "batch-settlement", "settle_timing": "upfront"},
+        {"payment_schemes": "batch-settlement", "batch_withdraw_delay": 899},
+        {"payment_schemes": "batch-settlement", "batch_max_vouchers_per_claim": 0},
+        {"payment_schemes": "batch-settlement", "batch_claim_interval": 0},
     ],
 )
 def test_settings_that_contradict_themselves_refuse_to_start(fields) -> None:

@@ -23,8 +23,9 @@ from eth_account import Account
 from paygate.x402.models import PaymentPayload, PaymentPayloadV1, ResourceInfo
 from paygate.x402.networks import resolve_network
 from paygate.x402.offers import Acceptance, PaymentTerms
+from paygate.x402.results import Refusal
 from paygate.x402.schemes import SCHEMES, UnknownScheme, by_name, scheme_of
-from paygate.x402.schemes.base import PaymentRejected
+from paygate.x402.schemes.base import Binding, PaymentRejected
 from paygate.x402.schemes.exact import client as exact_client
 from paygate.x402.schemes.upto import client as upto_client
 from paygate.x402.schemes.upto.offer import extra_for
@@ -80,14 +81,15 @@ def test_each_registered_scheme_is_one_package_with_one_module_per_role(name: st
     scheme = SCHEMES[name]
     assert scheme.name == name
     assert by_name(name) is scheme
+    package = f"paygate.x402.schemes.{name.replace('-', '_')}"  # a module name: no hyphen
     for role in ROLES:
-        module = importlib.import_module(f"paygate.x402.schemes.{name}.{role}")
+        module = importlib.import_module(f"{package}.{role}")
         assert hasattr(module, "ROLE"), (name, role)
-    assert scheme.chain is importlib.import_module(f"paygate.x402.schemes.{name}.chain").ROLE
-    assert (
-        scheme.facilitator
-        is importlib.import_module(f"paygate.x402.schemes.{name}.facilitator").ROLE
-    )
+    assert scheme.chain is importlib.import_module(f"{package}.chain").ROLE
+    assert scheme.facilitator is importlib.import_module(f"{package}.facilitator").ROLE
+    if scheme.binding_module is not None:  # the optional role, in the same package
+        assert scheme.binding_module.startswith(f"{package}.")
+        assert callable(importlib.import_module(scheme.binding_module).ROLE.bind)
     for role, calls in (
         (scheme.offer, ("accepts_amount", "requirements", "for_amount", "authorized_amount")),
         (scheme.verifier, ("check", "valid_before")),
@@ -163,11 +165,12 @@ def test_a_payment_checked_under_another_schemes_offer_is_refused() -> None:
 
 # Branches on a scheme outside its package that are known and named in docs/ARCHITECTURE.md
 # ("Payment schemes"): the offers built per scheme, the facilitator's upto address read at
-# start, the settings' checks and the attested payment terms. No new one may appear.
+# start, the settings' checks and the attested payment terms. No new one may appear (a scheme
+# with its own offers, operations or background work answers Scheme's hooks instead).
 KNOWN_BRANCHES = {
     "paygate/x402/processor.py": 2,  # PaymentProcessor.offers
     "paygate/x402/offers.py": 1,  # the v1 body lists exact offers only
-    "paygate/server/assembly.py": 3,  # upto_terms, token_pricing
+    "paygate/server/assembly.py": 2,  # upto_terms
     "paygate/server/attestation.py": 1,  # the attested upto facilitator
     "paygate/client/terms.py": 3,  # offers held against the attested terms
     "paygate/config.py": 1,  # upto needs token_prices
@@ -175,8 +178,8 @@ KNOWN_BRANCHES = {
 
 
 def _scheme_branches(tree: ast.AST) -> int:
-    names = {"exact", "upto"}
-    payloads = {"ExactEvmPayload", "UptoEvmPayload"}
+    names = {"exact", "upto", "batch-settlement"}
+    payloads = {"ExactEvmPayload", "UptoEvmPayload", "BatchSettlementPayload"}
 
     def named(node: ast.AST) -> bool:
         return (isinstance(node, ast.Constant) and node.value in names) or (
@@ -206,3 +209,24 @@ def test_no_code_outside_the_scheme_packages_branches_on_a_scheme() -> None:
         if count:
             found[relative] = count
     assert found == KNOWN_BRANCHES
+
+
+async def test_a_scheme_without_a_binding_role_binds_as_itself_and_its_hooks_do_nothing() -> None:
+    # The hooks the processor and the assembly call on every scheme: exact and upto add no
+    # offers, no operation, no correction and no background work.
+    binding = Binding(ledger=None, settler=None, replica="r", network="eip155:84532", settings=None)  # type: ignore[arg-type]
+    exact = _exact()
+    offer = TERMS.offers(Decimal("0.001"))[0]
+    for name in ("exact", "upto"):
+        scheme = SCHEMES[name]
+        assert scheme.binding_module is None
+        assert await scheme.bind(binding) is scheme
+        assert scheme.own_offers(TERMS, price=Decimal("0.001"), maximum=Decimal("0.01")) == ()
+        assert await scheme.operation(exact, offer) is None
+        refusal = Refusal(402, "payment_required", "payment required")
+        assert await scheme.corrective(refusal, exact) is refusal
+        assert scheme.tasks() == ()
+    # batch-settlement's binding role lives in its own package (server-only, loaded lazily).
+    assert (
+        SCHEMES["batch-settlement"].binding_module == "paygate.x402.schemes.batch_settlement.bound"
+    )

@@ -30,11 +30,14 @@ from paygate_dev.chain import registry
 from paygate_dev.chain.accounts import ADMIN, PROXY_ADMIN, DevAccount, dev_accounts
 from paygate_dev.chain.build import load_contract
 from paygate_dev.chain.constants import (
+    BATCH_SETTLEMENT_ADDRESS,
     CHAIN_ID,
+    ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
     MULTICALL3_ADDRESS,
     NETWORK,
     NETWORK_V1,
     PERMIT2_ADDRESS,
+    PERMIT2_DEPOSIT_COLLECTOR_ADDRESS,
     UPTO_PROXY_ADDRESS,
     USDC_ADDRESS,
     USDC_DECIMALS,
@@ -230,7 +233,8 @@ class Anvil:
         return receipt
 
     def install_usdc(self) -> str:
-        """USDC, Permit2, the upto proxy and Multicall3 at their canonical addresses.
+        """USDC, Permit2, the upto proxy, the batch-settlement contract and its collectors, and
+        Multicall3 at their canonical addresses.
 
         Returns the USDC address. Idempotent per chain.
         """
@@ -241,6 +245,12 @@ class Anvil:
             self.set_code(
                 UPTO_PROXY_ADDRESS, load_contract("X402UptoPermit2Proxy").deployed_bytecode
             )
+            for address, name in (
+                (BATCH_SETTLEMENT_ADDRESS, "X402BatchSettlement"),
+                (ERC3009_DEPOSIT_COLLECTOR_ADDRESS, "ERC3009DepositCollector"),
+                (PERMIT2_DEPOSIT_COLLECTOR_ADDRESS, "Permit2DepositCollector"),
+            ):
+                self.set_code(address, load_contract(name).deployed_bytecode)
         return USDC_ADDRESS
 
     def deploy_fiat_token(

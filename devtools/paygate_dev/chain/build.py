@@ -24,7 +24,12 @@ from paygate_dev.chain.tools import node_binary, node_modules, solc_module
 
 CONTRACTS_DIR = Path(__file__).resolve().parent / "contracts"
 ARTIFACT = CONTRACTS_DIR / "build.json"
-SOURCES = ("Multicall3.sol", "SmartAccount.sol", "X402UptoPermit2Proxy.sol")
+SOURCES = (
+    "Multicall3.sol",
+    "SmartAccount.sol",
+    "X402BatchSettlement.sol",
+    "X402UptoPermit2Proxy.sol",
+)
 # Registry packages our sources may import from, and the contracts of theirs we deploy as they are.
 PACKAGES = ("solady/",)
 EXTERNAL = {"solady/src/accounts/ERC4337Factory.sol": ("ERC4337Factory",)}

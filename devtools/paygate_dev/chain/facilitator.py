@@ -2,7 +2,8 @@
 
 The official SDK does the work (``x402FacilitatorSync`` + ``register_exact_evm_facilitator`` with a
 ``FacilitatorWeb3Signer``: v2 on ``eip155:84532`` and v1 on the SDK's legacy names such as
-``base-sepolia``; and the SDK's ``upto`` facilitator scheme, v2 on ``eip155:84532``); this
+``base-sepolia``; the SDK's ``upto`` and ``batch-settlement`` facilitator schemes, v2 on
+``eip155:84532``); this
 module only puts the standard HTTP API in front of it:
 POST /verify and POST /settle with ``{x402Version, paymentPayload, paymentRequirements}``, and
 GET /supported. The SDK's EVM code is synchronous web3, so every call runs on a worker thread with
@@ -32,6 +33,8 @@ from aiohttp import web
 from pydantic import ValidationError
 from x402 import SchemeNotFoundError, x402FacilitatorSync
 from x402.mechanisms.evm import FacilitatorWeb3Signer
+from x402.mechanisms.evm.batch_settlement.authorizer_signer import LocalAuthorizerSigner
+from x402.mechanisms.evm.batch_settlement.facilitator import BatchSettlementEvmFacilitator
 from x402.mechanisms.evm.exact import register_exact_evm_facilitator
 from x402.mechanisms.evm.upto import UptoEvmFacilitatorScheme, UptoEvmSchemeConfig
 from x402.schemas import SettleResponse, VerifyResponse
@@ -95,6 +98,14 @@ def build_sdk_facilitator(settings: FacilitatorSettings) -> tuple[x402Facilitato
         [settings.network],
         UptoEvmFacilitatorScheme(
             signer, UptoEvmSchemeConfig(simulate_in_settle=settings.simulate_in_settle)
+        ),
+    )
+    # `batch-settlement` (channels in the x402BatchSettlement contract), v2 only; its own key is
+    # the receiver authorizer it announces in /supported and signs claims and refunds with.
+    facilitator.register(
+        [settings.network],
+        BatchSettlementEvmFacilitator(
+            signer, authorizer_signer=LocalAuthorizerSigner(settings.private_key)
         ),
     )
     return facilitator, signer.address

@@ -19,7 +19,11 @@ A new scheme is one package ``schemes/<name>/`` providing (protocols in :mod:`.b
 - ``client.py``: ``ROLE``, a :class:`~.base.ClientRole` (which offers it pays, signing;
   eth-account only: the client imports it);
 - ``__init__.py``: ``SCHEME``, the :class:`~.base.Scheme` built from those roles (the two
-  server-only ones named by module path).
+  server-only ones named by module path);
+- optionally a binding role (``binding_module``, server-only, a :class:`~.base.BindingRole`):
+  a scheme whose payments live in the gateway's own state is bound at start to its ledger,
+  settler and settings, and its bound ``Scheme`` answers the hooks every scheme has (its own
+  offers, operations that are not paid requests, corrective refusals, background tasks).
 
 It is registered by adding its ``SCHEME`` to :data:`SCHEMES` below — the one line outside its
 package. (Its payload model joins ``models.SchemePayload``, the union a v2 payment's
@@ -30,10 +34,12 @@ Importing this module loads only the client-safe roles (no web3, no x402 SDK).
 from __future__ import annotations
 
 from paygate.x402.models import AnyPaymentPayload
-from paygate.x402.schemes import exact, upto
-from paygate.x402.schemes.base import Authorized, PaymentRejected, Scheme
+from paygate.x402.schemes import batch_settlement, exact, upto
+from paygate.x402.schemes.base import Authorized, Binding, PaymentRejected, Scheme
 
-SCHEMES: dict[str, Scheme] = {scheme.name: scheme for scheme in (exact.SCHEME, upto.SCHEME)}
+SCHEMES: dict[str, Scheme] = {
+    scheme.name: scheme for scheme in (exact.SCHEME, upto.SCHEME, batch_settlement.SCHEME)
+}
 
 
 class UnknownScheme(ValueError):
@@ -56,6 +62,7 @@ def by_name(name: str) -> Scheme | None:
 __all__ = [
     "SCHEMES",
     "Authorized",
+    "Binding",
     "PaymentRejected",
     "Scheme",
     "UnknownScheme",

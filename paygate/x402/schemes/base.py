@@ -10,8 +10,15 @@ A scheme package (``schemes/<name>/``) has one module per role:
 - ``facilitator``: how a facilitator's settle answer is judged and a lost one reconciled.
 - ``client``: the paying side: which offers it takes and the signing (eth-account only).
 
-The server-only roles (``chain``, ``facilitator``) are named by module path and imported on
-first use, so the registry stays importable by the client without web3 or the x402 SDK.
+A scheme whose payments live in this gateway's own state (``batch-settlement``: a channel in the
+ledger, claimed in the background) adds an optional server-only role, ``binding``: at start it
+binds the scheme to the gateway's ledger, settler and settings (:class:`Binding`) and returns
+the bound :class:`Scheme`, which may answer the hooks every scheme has (:meth:`Scheme.own_offers`,
+:meth:`Scheme.operation`, :meth:`Scheme.corrective`, :meth:`Scheme.tasks`; no-ops by default)
+and verify/settle/reconcile itself instead of through the settler.
+
+The server-only roles (``chain``, ``facilitator``, ``binding``) are named by module path and
+imported on first use, so the registry stays importable by the client without web3 or the x402 SDK.
 Nothing here decides *when* to settle (``x402.settlement``) or *who* settles (``x402.settler``).
 """
 
@@ -31,12 +38,14 @@ from paygate.x402.models import (
     SettleResponse,
     VerifyResponse,
 )
-from paygate.x402.offers import Offer
+from paygate.x402.offers import Offer, PaymentTerms
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
 
     from paygate.x402.chain_reader import ChainReader
+    from paygate.x402.ledger import Ledger
+    from paygate.x402.results import Refusal
     from paygate.x402.settler import Settler
 
 # The settler needs time to get the transfer mined before the authorization expires (x402.md).
@@ -279,6 +288,29 @@ class ClientRole(Protocol):
     ) -> Signed: ...
 
 
+# --- binding (optional, server-only) ---
+
+
+@dataclass(frozen=True)
+class Binding:
+    """What the gateway lends a scheme at start: its ledger, who settles, and the settings."""
+
+    ledger: Ledger
+    settler: Settler
+    replica: str  # this process's replica name (leases, the claimer)
+    network: str  # CAIP-2 of the first accepted network
+    #: ``paygate.config.Settings`` (x402 does not import the configuration): a scheme reads
+    #: its own settings from it.
+    settings: Any
+
+
+class BindingRole(Protocol):
+    async def bind(self, scheme: Scheme, binding: Binding) -> Scheme:
+        """``scheme`` bound to this gateway (its own state, background work); raises
+        SettlerUnavailable when what it needs at start cannot be reached."""
+        ...
+
+
 # --- the scheme ---
 
 
@@ -294,6 +326,7 @@ class Scheme:
     client: ClientRole
     chain_module: str  # a module whose ``ROLE`` is the ChainRole (imported on first use)
     facilitator_module: str  # likewise the FacilitatorRole
+    binding_module: str | None = None  # likewise an optional BindingRole
     _loaded: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -313,6 +346,13 @@ class Scheme:
     def facilitator(self) -> FacilitatorRole:
         """The facilitator role (server-only)."""
         return self._role(self.facilitator_module)  # type: ignore[no-any-return]
+
+    async def bind(self, binding: Binding) -> Scheme:
+        """This scheme bound to the gateway (its binding role's), or itself when it has none."""
+        if self.binding_module is None:
+            return self
+        role: BindingRole = self._role(self.binding_module)
+        return await role.bind(self, binding)
 
     def _role(self, module: str) -> Any:
         role = self._loaded.get(module)
@@ -375,6 +415,32 @@ class Scheme:
             self.offer.for_amount(payment, requirements, amount),
             lambda asked: settler.reconcile(payment, asked, transaction),
         )
+
+    # Hooks the processor and the assembly call on every scheme; a bound scheme (see
+    # ``binding``) overrides the ones it needs. The defaults do nothing.
+
+    def own_offers(
+        self, terms: PaymentTerms, *, price: Decimal, maximum: Decimal | None
+    ) -> tuple[Offer, ...]:
+        """Offers this scheme makes itself (their terms are the bound gateway's), beside the
+        ones ``PaymentTerms`` builds."""
+        return ()
+
+    async def operation(self, payment: AnyPaymentPayload, offer: Offer) -> SettleResponse | None:
+        """A payment operation that is not a paid request (a channel's refund), answered
+        without serving the route: its receipt; None for a paid request. Raises
+        PaymentRejected when the operation is refused."""
+        return None
+
+    async def corrective(self, refusal: Refusal, payment: AnyPaymentPayload) -> Refusal:
+        """``refusal`` of ``payment`` with what the payer needs to resynchronise (a channel's
+        state in the 402), or as it is."""
+        return refusal
+
+    def tasks(self) -> tuple[Callable[[], Awaitable[None]], ...]:
+        """Background work the gateway runs for this scheme while it serves (a claim loop);
+        each is cancelled at shutdown, after the drain."""
+        return ()
 
 
 async def _asked(

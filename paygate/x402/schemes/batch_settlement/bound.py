@@ -1,0 +1,224 @@
+"""``batch-settlement``'s binding role (server-only): the scheme bound to one gateway.
+
+:class:`BoundBatchSettlement` is the registry's :data:`~..SCHEME` plus the gateway's
+:class:`~.claims.Channels` (the channel state in its ledger, and who moves the money: the gas
+key in chain mode, the facilitator — the channels' receiver authorizer, read from its
+``GET /supported`` at start — in facilitator mode). It answers the hooks every scheme has
+(``schemes.base.Scheme``): its own offers (naming the receiver authorizer and withdraw delay),
+the refund (an operation, not a paid request), the corrective 402 and the claim loop; and it
+verifies and commits vouchers against the channel itself, never through the settler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import Any, cast
+
+from paygate.x402.chain import ChainSettler
+from paygate.x402.facilitator import FacilitatorSettler
+from paygate.x402.ledger import LedgerError
+from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
+from paygate.x402.offers import Offer, PaymentTerms
+from paygate.x402.results import Refusal
+from paygate.x402.schemes.base import Authorized, Binding, PaymentRejected, Scheme
+from paygate.x402.schemes.batch_settlement import offer as offer_role
+from paygate.x402.schemes.batch_settlement.chain import BatchChain, ChannelChain, not_bound
+from paygate.x402.schemes.batch_settlement.channel import NAME
+from paygate.x402.schemes.batch_settlement.claims import Channels
+from paygate.x402.schemes.batch_settlement.facilitator import BatchFacilitator, receiver_authorizer
+from paygate.x402.schemes.batch_settlement.store import SchemeSql
+from paygate.x402.schemes.batch_settlement.verify import (
+    NOT_CUMULATIVE,
+    ChannelTerms,
+    Checked,
+    check_against,
+    check_payload,
+    payload_of,
+)
+from paygate.x402.settler import Settler
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundBatchSettlement(Scheme):
+    """The scheme bound to a processor's ledger and chain: verifies against the channel state,
+    commits charges, answers refunds; its :class:`Channels` also claims in the background."""
+
+    channels: Channels | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def _channels(self) -> Channels:
+        assert self.channels is not None  # built by BatchSettlementBinding.bind
+        return self.channels
+
+    # --- the hooks every scheme has ---
+
+    def own_offers(
+        self, terms: PaymentTerms, *, price: Decimal, maximum: Decimal | None
+    ) -> tuple[Offer, ...]:
+        return offer_role.offers(
+            terms,
+            price=price,
+            maximum=maximum,
+            receiver_authorizer=self._channels.receiver_authorizer,
+            withdraw_delay=self._channels.withdraw_delay,
+        )
+
+    async def operation(self, payment: AnyPaymentPayload, offer: Offer) -> SettleResponse | None:
+        """A cooperative refund request (answered without serving the route), else None.
+        Raises PaymentRejected when the refund is refused."""
+        payload = payload_of(payment)
+        if payload.type != "refund":
+            return None
+        checked = check_payload(payload, ChannelTerms.of_offer(offer))
+        return await self._channels.refund(checked, offer.v2().wire())
+
+    async def corrective(self, refusal: Refusal, payment: AnyPaymentPayload) -> Refusal:
+        """A stale voucher's 402 (``…_cumulative_amount_mismatch``) carries the channel's state
+        and the last voucher it committed (``extra.channelState``/``voucherState``), so the payer
+        can check that voucher's signature and resynchronise; other refusals as they are."""
+        if refusal.code != NOT_CUMULATIVE or refusal.challenge is None:
+            return refusal
+        try:
+            payload = payload_of(payment)
+            channel = await self._channels.store.get(payload.voucher.channel_id)
+        except (PaymentRejected, LedgerError):
+            return refusal
+        if channel is None or channel.config != payload.channel_config:
+            return refusal
+        state = {
+            "channelState": {
+                "channelId": channel.channel_id,
+                "balance": str(channel.balance),
+                "totalClaimed": str(channel.total_claimed),
+                "withdrawRequestedAt": 0,
+                "refundNonce": "0",
+                "chargedCumulativeAmount": str(channel.charged),
+            },
+            "voucherState": {
+                "signedMaxClaimable": str(channel.signed_max),
+                "signature": channel.signature,
+            },
+        }
+        challenge = refusal.challenge
+        accepts = [
+            r.model_copy(update={"extra": {**r.extra, **state}}) if r.scheme == NAME else r
+            for r in challenge.v2.accepts
+        ]
+        v2 = challenge.v2.model_copy(update={"accepts": accepts})
+        return dataclasses.replace(refusal, challenge=dataclasses.replace(challenge, v2=v2))
+
+    def tasks(self) -> tuple[Callable[[], Awaitable[None]], ...]:
+        return (self._channels.claim_forever,)
+
+    # --- a paid request ---
+
+    def check(
+        self,
+        payment: AnyPaymentPayload,
+        offer: Offer,
+        *,
+        now: int,
+        skew: int,
+        min_remaining: float,
+    ) -> Authorized:
+        authorized = super().check(payment, offer, now=now, skew=skew, min_remaining=min_remaining)
+        # The charge must be committed while this request holds the channel.
+        return dataclasses.replace(
+            authorized, valid_before=now + int(self._channels.pending_seconds)
+        )
+
+    def _checked(self, payment: AnyPaymentPayload, requirements: dict[str, Any]) -> Checked:
+        return check_payload(payload_of(payment), ChannelTerms.of_requirements(requirements))
+
+    async def verify(
+        self, settler: Settler, payment: AnyPaymentPayload, requirements: dict[str, Any]
+    ) -> VerifyResponse:
+        """A deposit is sent and proven on chain first; then the voucher is checked against
+        the channel's state in the ledger and the channel taken for this request."""
+        channels = self._channels
+        try:
+            checked = self._checked(payment, requirements)
+            if checked.payload.type == "deposit":
+                await channels.deposit(checked, payment.wire(), requirements)
+            channel = await channels.take(checked)
+            try:
+                check_against(checked, channel, int(requirements["amount"]), refund=False)
+            except PaymentRejected:
+                await channels.store.release(checked.channel_id, checked.voucher_key)
+                raise
+        except PaymentRejected as exc:
+            return VerifyResponse(
+                is_valid=False, invalid_reason=exc.reason, invalid_message=str(exc)
+            )
+        except LedgerError as exc:
+            raise not_bound(f"the channel ledger is unavailable: {exc.code}") from None
+        return VerifyResponse(is_valid=True, payer=checked.payer)
+
+    async def settle(
+        self,
+        settler: Settler,
+        payment: AnyPaymentPayload,
+        requirements: dict[str, Any],
+        amount: int,
+    ) -> SettleResponse:
+        """Commit ``amount`` (at most the price) to the channel under this voucher. No money
+        moves here: it moves when the claim loop claims the channel (proven on chain)."""
+        checked = self._checked(payment, requirements)
+        try:
+            return await self._channels.commit(checked, requirements, amount)
+        except LedgerError as exc:  # not committed, or not known to be: committed again later
+            raise not_bound(f"the channel ledger is unavailable: {exc.code}") from None
+
+    async def reconcile(
+        self,
+        settler: Settler,
+        payment: AnyPaymentPayload,
+        requirements: dict[str, Any],
+        amount: int,
+        transaction: str | None,
+    ) -> SettleResponse:
+        # Committing is idempotent (a voucher commits once): a charge whose answer was lost is
+        # simply committed again.
+        return await self.settle(settler, payment, requirements, amount)
+
+
+class BatchSettlementBinding:
+    async def bind(self, scheme: Scheme, binding: Binding) -> Scheme:
+        """The scheme over this gateway's ledger, moving money with the gas key (chain mode)
+        or through the facilitator (its receiver authorizer, from GET /supported).
+        SettlerUnavailable when the facilitator does not offer batch-settlement."""
+        settings = binding.settings
+        settler = binding.settler
+        chain_mode = isinstance(settler, ChainSettler)
+        assert settings.chain_rpc_url is not None  # checked with the settings
+        chain = BatchChain(
+            settings.chain_rpc_url,
+            settings.secret("gas_key") if chain_mode else None,
+            timeout=settings.facilitator_timeout,
+            settle_timeout=settings.settle_timeout,
+        )
+        mover: ChannelChain = chain
+        authorizer = chain.address if chain_mode else ""
+        if isinstance(settler, FacilitatorSettler):
+            authorizer = await receiver_authorizer(settler, binding.network)
+            mover = BatchFacilitator(settler, chain, binding.network)
+        channels = Channels(
+            cast(SchemeSql, binding.ledger),
+            mover,
+            receiver_authorizer=authorizer,
+            replica=binding.replica,
+            withdraw_delay=settings.batch_withdraw_delay,
+            pending_seconds=float(settings.max_timeout_seconds),
+            claim_interval=settings.batch_claim_interval,
+            max_per_claim=settings.batch_max_vouchers_per_claim,
+            clock=time.time,
+        )
+        fields = {f.name: getattr(scheme, f.name) for f in dataclasses.fields(Scheme) if f.init}
+        fields.pop("_loaded")
+        return BoundBatchSettlement(**fields, channels=channels)
+
+
+ROLE = BatchSettlementBinding()

@@ -1,0 +1,448 @@
+"""Chain mode for `batch-settlement` (server-only, web3): deposits, batched claims, refunds.
+
+The gateway's gas account relays every transaction to the x402BatchSettlement contract and its
+key is the channels' receiver authorizer (it signs ``ClaimBatch`` and ``Refund``). Nothing
+counts until the chain proves it:
+
+* a deposit: a successful receipt carrying the token's ``Transfer`` of the amount into the
+  settlement contract, then the channel's balance read back;
+* a claim: one ``multicall`` transaction — ``claimWithSignature`` of every channel's latest
+  voucher and ``settle(receiver, token)`` — proven by its receipt's ``Settled`` event and each
+  channel's ``totalClaimed`` read back at or above what was claimed (a claim at or below the
+  on-chain total is a no-op, so a claim sent twice never pays twice);
+* a refund: ``refundWithSignature`` (after claiming what was charged, in the same multicall),
+  proven by the receipt and the balance read back.
+
+web3 is synchronous: each call runs in a worker thread under a time-out (``ChainReader.call``);
+sends are serialised so the gas account's nonces never collide within this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from eth_abi import encode as abi_encode
+from eth_account import Account
+from eth_utils import keccak, to_checksum_address
+from pydantic import SecretStr
+from web3.exceptions import ContractLogicError, TimeExhausted
+
+from paygate.x402.chain_reader import ChainReader
+from paygate.x402.models import (
+    AnyPaymentPayload,
+    BatchSettlementPayload,
+    ChannelConfig,
+    SettleResponse,
+    VerifyResponse,
+)
+from paygate.x402.schemes.base import ChainAccess
+from paygate.x402.schemes.batch_settlement import channel as ch
+from paygate.x402.schemes.batch_settlement.store import ClaimEntry
+from paygate.x402.settler import SettlementUnknown, SettlerUnavailable
+
+log = logging.getLogger("paygate.x402")
+
+_CONFIG = {
+    "type": "tuple",
+    "name": "config",
+    "components": [
+        {"name": "payer", "type": "address"},
+        {"name": "payerAuthorizer", "type": "address"},
+        {"name": "receiver", "type": "address"},
+        {"name": "receiverAuthorizer", "type": "address"},
+        {"name": "token", "type": "address"},
+        {"name": "withdrawDelay", "type": "uint40"},
+        {"name": "salt", "type": "bytes32"},
+    ],
+}
+_CLAIMS = {
+    "type": "tuple[]",
+    "name": "voucherClaims",
+    "components": [
+        {
+            "name": "voucher",
+            "type": "tuple",
+            "components": [
+                {**_CONFIG, "name": "channel"},
+                {"name": "maxClaimableAmount", "type": "uint128"},
+            ],
+        },
+        {"name": "signature", "type": "bytes"},
+        {"name": "totalClaimed", "type": "uint128"},
+    ],
+}
+
+
+def _fn(
+    name: str, inputs: list[dict[str, Any]], outputs: list[str] = (), view: bool = False
+) -> dict[str, Any]:  # type: ignore[assignment]
+    return {
+        "type": "function",
+        "name": name,
+        "inputs": inputs,
+        "outputs": [{"name": "", "type": t} for t in outputs],
+        "stateMutability": "view" if view else "nonpayable",
+    }
+
+
+# What paygate calls and reads (the x402 SDK 2.25's ABI of x402BatchSettlement, in part).
+SETTLEMENT_ABI: list[dict[str, Any]] = [
+    _fn(
+        "deposit",
+        [
+            _CONFIG,
+            {"name": "amount", "type": "uint128"},
+            {"name": "collector", "type": "address"},
+            {"name": "collectorData", "type": "bytes"},
+        ],
+    ),
+    _fn("claimWithSignature", [_CLAIMS, {"name": "authorizerSignature", "type": "bytes"}]),
+    _fn("settle", [{"name": "receiver", "type": "address"}, {"name": "token", "type": "address"}]),
+    _fn(
+        "refundWithSignature",
+        [
+            _CONFIG,
+            {"name": "amount", "type": "uint128"},
+            {"name": "nonce", "type": "uint256"},
+            {"name": "receiverAuthorizerSignature", "type": "bytes"},
+        ],
+    ),
+    _fn("multicall", [{"name": "data", "type": "bytes[]"}], ["bytes[]"]),
+    _fn("channels", [{"name": "channelId", "type": "bytes32"}], ["uint128", "uint128"], True),
+    _fn("refundNonce", [{"name": "channelId", "type": "bytes32"}], ["uint256"], True),
+]
+# keccak256 of the event signatures, as log topics (hex without 0x).
+_TRANSFER = keccak(text="Transfer(address,address,uint256)").hex()
+_SETTLED = keccak(text="Settled(address,address,address,uint128)").hex()
+
+
+def _topic(value: Any) -> str:
+    return bytes(value).hex() if not isinstance(value, str) else value.removeprefix("0x").lower()
+
+
+def _word_address(address: str) -> str:
+    return "00" * 12 + address.lower().removeprefix("0x")
+
+
+@dataclass(frozen=True, slots=True)
+class OnChain:
+    balance: int
+    total_claimed: int
+
+
+def config_tuple(config: ChannelConfig) -> tuple[Any, ...]:
+    return (
+        to_checksum_address(config.payer),
+        to_checksum_address(config.payer_authorizer),
+        to_checksum_address(config.receiver),
+        to_checksum_address(config.receiver_authorizer),
+        to_checksum_address(config.token),
+        config.withdraw_delay,
+        bytes.fromhex(config.salt[2:]),
+    )
+
+
+class ChannelChain(Protocol):
+    """Who moves a channel's money: the gateway's own gas account (:class:`BatchChain`) or a
+    facilitator (``facilitator.BatchFacilitator``); both prove every move on chain."""
+
+    async def state(self, channel_id: str) -> OnChain: ...
+
+    async def deposit(
+        self,
+        payment: dict[str, Any],
+        requirements: dict[str, Any],
+        payload: BatchSettlementPayload,
+        channel_id: str,
+    ) -> OnChain: ...
+
+    async def send_claim(self, entries: list[ClaimEntry]) -> str: ...
+
+    async def proven_claim(self, tx_hash: str | None, entries: tuple[ClaimEntry, ...]) -> bool: ...
+
+    async def refund(
+        self,
+        config: ChannelConfig,
+        channel_id: str,
+        amount: int,
+        claim: ClaimEntry | None,
+        voucher: dict[str, Any],
+        requirements: dict[str, Any],
+    ) -> tuple[str, OnChain, int]: ...
+
+
+class BatchChain:
+    """The settlement contract behind ``rpc_url``, driven by the gas account of ``gas_key``
+    (read-only without one: a facilitator's moves are proven with it)."""
+
+    def __init__(
+        self, rpc_url: str, gas_key: SecretStr | None, *, timeout: float, settle_timeout: float
+    ) -> None:
+        self._reader = ChainReader(rpc_url, timeout=timeout)
+        self._w3 = self._reader.w3
+        self._account = Account.from_key(gas_key.get_secret_value()) if gas_key else None
+        self._contract = self._w3.eth.contract(
+            address=to_checksum_address(ch.SETTLEMENT_ADDRESS), abi=SETTLEMENT_ABI
+        )
+        self._timeout = timeout
+        self._settle_timeout = settle_timeout
+        self._send_lock = asyncio.Lock()
+        self._chain_id: int | None = None
+
+    @property
+    def address(self) -> str:
+        """The relayer and receiver authorizer."""
+        return str(self._signer.address)
+
+    @property
+    def _signer(self) -> Any:
+        if self._account is None:
+            raise SettlerUnavailable("no gas key: this chain client only reads")
+        return self._account
+
+    async def chain_id(self) -> int:
+        if self._chain_id is None:
+            self._chain_id = int(await self._reader.call(lambda: self._w3.eth.chain_id))
+        return self._chain_id
+
+    async def state(self, channel_id: str) -> OnChain:
+        raw = bytes.fromhex(channel_id[2:])
+        balance, total = await self._reader.call(self._contract.functions.channels(raw).call)
+        return OnChain(int(balance), int(total))
+
+    # --- deposits ---
+
+    def _deposit_call(self, payload: BatchSettlementPayload) -> Any:
+        deposit = payload.deposit
+        assert deposit is not None
+        assert deposit.authorization.erc3009_authorization is not None
+        auth = deposit.authorization.erc3009_authorization
+        data = abi_encode(
+            ["uint256", "uint256", "uint256", "bytes"],
+            [
+                int(auth.valid_after),
+                int(auth.valid_before),
+                int(auth.salt, 16),
+                bytes.fromhex(auth.signature[2:]),
+            ],
+        )
+        return self._contract.functions.deposit(
+            config_tuple(payload.channel_config),
+            int(deposit.amount),
+            to_checksum_address(ch.ERC3009_COLLECTOR_ADDRESS),
+            data,
+        )
+
+    async def deposit(
+        self,
+        payment: dict[str, Any],
+        requirements: dict[str, Any],
+        payload: BatchSettlementPayload,
+        channel_id: str,
+    ) -> OnChain:
+        """Simulate, send and prove the deposit; the channel's state after it. ValueError
+        (an x402 reason) when the chain refuses it; SettlementUnknown when no receipt came."""
+        call = self._deposit_call(payload)
+        try:
+            await self._reader.call(call.call, {"from": self.address})
+        except ContractLogicError:
+            raise ValueError("invalid_batch_settlement_evm_deposit_simulation_failed") from None
+        async with self._send_lock:
+            tx_hash = await self._send(call)
+        return await self.proven_deposit(tx_hash, payload, channel_id)
+
+    async def proven_deposit(
+        self, tx_hash: str, payload: BatchSettlementPayload, channel_id: str
+    ) -> OnChain:
+        """The deposit's proof: its receipt moved the amount into the settlement contract."""
+        receipt = await self.receipt(tx_hash)
+        deposit = payload.deposit
+        assert deposit is not None
+        if not _moved_in(receipt, payload.channel_config.token, int(deposit.amount)):
+            raise ValueError("invalid_batch_settlement_evm_deposit_transaction_failed")
+        return await self.state(channel_id)
+
+    # --- claims ---
+
+    def _claim_calls(self, entries: list[ClaimEntry], chain_id: int) -> list[bytes]:
+        signature = ch.sign_claim_batch(
+            self._signer,
+            [(e.channel_id, e.max_claimable, e.total) for e in entries],
+            chain_id,
+        )
+        rows = [
+            (
+                (config_tuple(e.config), e.max_claimable),
+                bytes.fromhex(e.signature[2:]),
+                e.total,
+            )
+            for e in entries
+        ]
+        claim = self._contract.encode_abi(
+            "claimWithSignature", args=[rows, bytes.fromhex(signature[2:])]
+        )
+        sweeps = {
+            (to_checksum_address(e.config.receiver), to_checksum_address(e.config.token))
+            for e in entries
+        }
+        settles = [self._contract.encode_abi("settle", args=list(pair)) for pair in sorted(sweeps)]
+        return [bytes.fromhex(c[2:]) for c in (claim, *settles)]
+
+    async def send_claim(self, entries: list[ClaimEntry]) -> str:
+        """Send one transaction claiming ``entries`` and sweeping to the receivers: its hash."""
+        calls = self._claim_calls(entries, await self.chain_id())
+        multicall = self._contract.functions.multicall(calls)
+        try:
+            await self._reader.call(multicall.call, {"from": self.address})
+        except ContractLogicError as exc:
+            raise ValueError(f"the claim would revert: {exc}") from None
+        async with self._send_lock:
+            return await self._send(multicall)
+
+    async def proven_claim(self, tx_hash: str | None, entries: tuple[ClaimEntry, ...]) -> bool:
+        """The claim's proof: its receipt succeeded with a ``Settled`` event (when the hash
+        is known), and every channel's on-chain ``totalClaimed`` reached its entry's total."""
+        if tx_hash is not None:
+            receipt = await self.receipt(tx_hash)
+            contract = to_checksum_address(ch.SETTLEMENT_ADDRESS)
+            settled = any(
+                log_["topics"]
+                and _topic(log_["topics"][0]) == _SETTLED
+                and to_checksum_address(log_["address"]) == contract
+                for log_ in receipt["logs"]
+            )
+            if receipt["status"] != 1 or not settled:
+                return False
+        for entry in entries:
+            if (await self.state(entry.channel_id)).total_claimed < entry.total:
+                return False
+        return True
+
+    # --- refunds ---
+
+    async def refund(
+        self,
+        config: ChannelConfig,
+        channel_id: str,
+        amount: int,
+        claim: ClaimEntry | None,
+        voucher: dict[str, Any],
+        requirements: dict[str, Any],
+    ) -> tuple[str, OnChain, int]:
+        """Claim what was charged (if anything is unclaimed) and refund ``amount`` in one
+        transaction: (its hash, the channel after it, what came back to the payer)."""
+        chain_id = await self.chain_id()
+        before = await self.state(channel_id)
+        nonce = await self.refund_nonce(channel_id)
+        signature = ch.sign_refund(self._signer, channel_id, nonce, amount, chain_id)
+        refund = self._contract.encode_abi(
+            "refundWithSignature",
+            args=[config_tuple(config), amount, nonce, bytes.fromhex(signature[2:])],
+        )
+        calls = [bytes.fromhex(refund[2:])]
+        if claim is not None:
+            calls = self._claim_calls([claim], chain_id) + calls
+        multicall = self._contract.functions.multicall(calls)
+        try:
+            await self._reader.call(multicall.call, {"from": self.address})
+        except ContractLogicError:
+            raise ValueError("invalid_batch_settlement_evm_refund_simulation_failed") from None
+        async with self._send_lock:
+            tx_hash = await self._send(multicall)
+        receipt = await self.receipt(tx_hash)
+        if receipt["status"] != 1:
+            raise ValueError("invalid_batch_settlement_evm_refund_transaction_failed")
+        after = await self.state(channel_id)
+        return tx_hash, after, before.balance - after.balance
+
+    async def refund_nonce(self, channel_id: str) -> int:
+        raw = bytes.fromhex(channel_id[2:])
+        return int(await self._reader.call(self._contract.functions.refundNonce(raw).call))
+
+    # --- sending ---
+
+    async def _send(self, call: Any) -> str:
+        account = self._signer
+        sender = account.address
+        nonce = await self._reader.call(self._w3.eth.get_transaction_count, sender, "pending")
+        tx = await self._reader.call(
+            call.build_transaction,
+            {"from": sender, "nonce": nonce, "chainId": await self.chain_id()},
+        )
+        signed = account.sign_transaction(tx)
+        tx_hash = "0x" + bytes(signed.hash).hex()
+        try:
+            await self._reader.call(self._w3.eth.send_raw_transaction, signed.raw_transaction)
+        except SettlerUnavailable:
+            raise SettlementUnknown(
+                "the transaction may not have been sent", transaction=tx_hash
+            ) from None
+        return tx_hash
+
+    async def receipt(self, tx_hash: str) -> Any:
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(
+                    self._w3.eth.wait_for_transaction_receipt, tx_hash, self._settle_timeout, 0.1
+                ),
+                self._settle_timeout + self._timeout,
+            )
+        except (TimeoutError, TimeExhausted):
+            raise SettlementUnknown("no receipt yet", transaction=tx_hash) from None
+        except Exception as exc:
+            log.warning("waiting for a receipt failed: %s", type(exc).__name__)
+            raise SettlementUnknown("no receipt yet", transaction=tx_hash) from None
+
+
+def _moved_in(receipt: Any, token: str, amount: int) -> bool:
+    """The receipt succeeded and the token moved ``amount`` into the settlement contract."""
+    if receipt["status"] != 1:
+        return False
+    to = _word_address(ch.SETTLEMENT_ADDRESS)
+    for log_ in receipt["logs"]:
+        topics = [_topic(t) for t in log_["topics"]]
+        if (
+            to_checksum_address(log_["address"]) == to_checksum_address(token)
+            and len(topics) == 3
+            and topics[0] == _TRANSFER
+            and topics[2] == to
+            and int(_topic(log_["data"]) or "0", 16) == amount
+        ):
+            return True
+    return False
+
+
+class BatchSettlementChain:
+    """The settler's chain role. A channel payment never reaches a settler: the bound scheme
+    (:mod:`.bound`) verifies and commits it against the channel, and :class:`BatchChain` moves
+    the money. Asked anyway (the scheme was not bound at start), it is unavailable: never
+    served, never settled."""
+
+    async def verify(
+        self, chain: ChainAccess, payment: AnyPaymentPayload, requirements: dict[str, Any]
+    ) -> VerifyResponse:
+        raise not_bound()
+
+    async def settle(
+        self, chain: ChainAccess, payment: AnyPaymentPayload, requirements: dict[str, Any]
+    ) -> SettleResponse:
+        raise not_bound()
+
+    async def prove(
+        self,
+        reader: ChainReader,
+        payment: AnyPaymentPayload,
+        requirements: dict[str, Any],
+        transaction: str | None,
+    ) -> SettleResponse:
+        raise not_bound()
+
+
+def not_bound(message: str = "batch-settlement is not set up on this gateway") -> Exception:
+    return SettlerUnavailable(message)
+
+
+ROLE = BatchSettlementChain()

@@ -1,0 +1,164 @@
+"""A `batch-settlement` channel's identity and the EIP-712 messages around it (sans-IO,
+client-safe: eth_account and eth_utils only).
+
+Every signature of the scheme is EIP-712 under the domain ``{name "x402 Batch Settlement",
+version "1", chainId, verifyingContract: the x402BatchSettlement contract}``: the channel id is
+the hash of its ``ChannelConfig``; the payer signs ``Voucher(channelId, maxClaimableAmount)``
+(a cumulative ceiling); the receiver authorizer signs ``ClaimBatch`` and ``Refund``. The type
+strings are the x402 specification's (and the official SDK 2.25's).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from eth_account.signers.local import LocalAccount
+from eth_utils import keccak, to_checksum_address
+
+from paygate.x402.models import ChannelConfig
+
+NAME = "batch-settlement"
+# The contracts' canonical CREATE2 addresses (the SDK's constants; the same on every chain).
+SETTLEMENT_ADDRESS = "0x4020074e9dF2ce1deE5A9C1b5c3f541D02a10003"
+ERC3009_COLLECTOR_ADDRESS = "0x4020806089470a89826cB9fB1f4059150b550004"
+PERMIT2_COLLECTOR_ADDRESS = "0x4020425FAf3B746C082C2f942b4E5159887B0005"
+# The contract's bounds on a channel's withdraw delay (seconds): 15 minutes to 30 days.
+MIN_WITHDRAW_DELAY = 900
+MAX_WITHDRAW_DELAY = 2_592_000
+ZERO_ADDRESS = "0x" + "00" * 20
+UINT128_MAX = 2**128 - 1
+
+_CHANNEL_CONFIG = [
+    {"name": "payer", "type": "address"},
+    {"name": "payerAuthorizer", "type": "address"},
+    {"name": "receiver", "type": "address"},
+    {"name": "receiverAuthorizer", "type": "address"},
+    {"name": "token", "type": "address"},
+    {"name": "withdrawDelay", "type": "uint40"},
+    {"name": "salt", "type": "bytes32"},
+]
+_VOUCHER = [
+    {"name": "channelId", "type": "bytes32"},
+    {"name": "maxClaimableAmount", "type": "uint128"},
+]
+_CLAIM_ENTRY = [
+    {"name": "channelId", "type": "bytes32"},
+    {"name": "maxClaimableAmount", "type": "uint128"},
+    {"name": "totalClaimed", "type": "uint128"},
+]
+_REFUND = [
+    {"name": "channelId", "type": "bytes32"},
+    {"name": "nonce", "type": "uint256"},
+    {"name": "amount", "type": "uint128"},
+]
+
+
+def domain(chain_id: int) -> dict[str, Any]:
+    return {
+        "name": "x402 Batch Settlement",
+        "version": "1",
+        "chainId": chain_id,
+        "verifyingContract": SETTLEMENT_ADDRESS,
+    }
+
+
+def _digest(chain_id: int, types: dict[str, Any], primary: str, message: dict[str, Any]) -> bytes:
+    signable = encode_typed_data(
+        full_message={
+            "types": {
+                "EIP712Domain": [
+                    {"name": "name", "type": "string"},
+                    {"name": "version", "type": "string"},
+                    {"name": "chainId", "type": "uint256"},
+                    {"name": "verifyingContract", "type": "address"},
+                ],
+                **types,
+            },
+            "primaryType": primary,
+            "domain": domain(chain_id),
+            "message": message,
+        }
+    )
+    return keccak(b"\x19\x01" + signable.header + signable.body)
+
+
+def config_message(config: ChannelConfig) -> dict[str, Any]:
+    return {
+        "payer": to_checksum_address(config.payer),
+        "payerAuthorizer": to_checksum_address(config.payer_authorizer),
+        "receiver": to_checksum_address(config.receiver),
+        "receiverAuthorizer": to_checksum_address(config.receiver_authorizer),
+        "token": to_checksum_address(config.token),
+        "withdrawDelay": config.withdraw_delay,
+        "salt": bytes.fromhex(config.salt[2:]),
+    }
+
+
+def channel_id(config: ChannelConfig, chain_id: int) -> str:
+    """The channel's id: the EIP-712 hash of its config (bound to the chain and contract)."""
+    return (
+        "0x"
+        + _digest(
+            chain_id, {"ChannelConfig": _CHANNEL_CONFIG}, "ChannelConfig", config_message(config)
+        ).hex()
+    )
+
+
+def _voucher_message(channel: str, max_claimable: int) -> dict[str, Any]:
+    return {"channelId": bytes.fromhex(channel[2:]), "maxClaimableAmount": max_claimable}
+
+
+def voucher_signer(channel: str, max_claimable: int, signature: str, chain_id: int) -> str | None:
+    """The checksummed address that signed the voucher, or None (not a 65-byte ECDSA
+    signature, or malformed)."""
+    raw = bytes.fromhex(signature[2:])
+    if len(raw) != 65 or not 0 <= max_claimable <= UINT128_MAX:
+        return None
+    digest = _digest(
+        chain_id, {"Voucher": _VOUCHER}, "Voucher", _voucher_message(channel, max_claimable)
+    )
+    try:
+        return str(Account._recover_hash(digest, signature=raw))
+    except Exception:  # eth-keys raises several types for malformed (r, s, v); all mean "no"
+        return None
+
+
+def _sign(account: LocalAccount, digest: bytes) -> str:
+    return "0x" + bytes(account.unsafe_sign_hash(digest).signature).hex()
+
+
+def sign_voucher(account: LocalAccount, channel: str, max_claimable: int, chain_id: int) -> str:
+    """The payer side: a voucher letting the receiver claim up to ``max_claimable`` in total."""
+    return _sign(
+        account,
+        _digest(
+            chain_id, {"Voucher": _VOUCHER}, "Voucher", _voucher_message(channel, max_claimable)
+        ),
+    )
+
+
+def sign_claim_batch(
+    account: LocalAccount, entries: list[tuple[str, int, int]], chain_id: int
+) -> str:
+    """The receiver authorizer's consent to claim ``(channelId, maxClaimable, totalClaimed)``
+    rows in one ``claimWithSignature``."""
+    message = {
+        "claims": [
+            {"channelId": bytes.fromhex(c[2:]), "maxClaimableAmount": m, "totalClaimed": t}
+            for c, m, t in entries
+        ]
+    }
+    types = {"ClaimBatch": [{"name": "claims", "type": "ClaimEntry[]"}], "ClaimEntry": _CLAIM_ENTRY}
+    return _sign(account, _digest(chain_id, types, "ClaimBatch", message))
+
+
+def sign_refund(account: LocalAccount, channel: str, nonce: int, amount: int, chain_id: int) -> str:
+    """The receiver authorizer's consent to ``refundWithSignature`` (nonce: the channel's)."""
+    message = {"channelId": bytes.fromhex(channel[2:]), "nonce": nonce, "amount": amount}
+    return _sign(account, _digest(chain_id, {"Refund": _REFUND}, "Refund", message))
+
+
+def is_zero(address: str) -> bool:
+    return int(address, 16) == 0

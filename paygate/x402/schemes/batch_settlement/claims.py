@@ -1,0 +1,293 @@
+"""The gateway's side of its channels: deposits, charges, batched claims and refunds.
+
+:class:`Channels` joins the ledger's channel state (:mod:`.store`) and the chain
+(:mod:`.chain`). Requests call :meth:`Channels.deposit`, :meth:`~Channels.take` and
+:meth:`~Channels.commit`; :meth:`~Channels.claim_forever` runs beside the reconciler and, every
+``claim_interval`` seconds (sooner when ``max_per_claim`` channels are owed), claims the latest
+voucher of up to ``max_per_claim`` channels in one transaction, under the claim lease (one
+claimer among the replicas). A claim is recorded ``settled`` only when the chain proves it; a
+claim left open by a claimer that died is proven or sent again by the next one (a claim at or
+below the channel's on-chain total is a no-op, so nothing is ever claimed twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from paygate.x402.models import SettleResponse
+from paygate.x402.schemes.base import PaymentRejected
+from paygate.x402.schemes.batch_settlement.chain import ChannelChain
+from paygate.x402.schemes.batch_settlement.store import (
+    Channel,
+    ChannelBusy,
+    ChannelStore,
+    Claim,
+    ClaimEntry,
+    SchemeSql,
+)
+from paygate.x402.schemes.batch_settlement.verify import (
+    BUSY,
+    NO_CHANNEL,
+    Checked,
+    check_against,
+)
+from paygate.x402.settler import SettlementUnknown, SettlerUnavailable
+
+log = logging.getLogger("paygate.x402")
+
+REFUND_NO_BALANCE = "invalid_batch_settlement_evm_refund_no_balance"
+REFUND_AMOUNT_INVALID = "invalid_batch_settlement_evm_refund_amount_invalid"
+
+
+class Channels:
+    def __init__(
+        self,
+        ledger: SchemeSql,
+        chain: ChannelChain,
+        *,
+        receiver_authorizer: str,
+        replica: str,
+        withdraw_delay: int,
+        pending_seconds: float,
+        claim_interval: float,
+        max_per_claim: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = ChannelStore(ledger, clock=clock, pending_seconds=pending_seconds)
+        self.chain = chain
+        self.receiver_authorizer = receiver_authorizer
+        self.replica = replica
+        self.withdraw_delay = withdraw_delay
+        self.pending_seconds = pending_seconds
+        self.claim_interval = claim_interval
+        self.max_per_claim = max_per_claim
+        self._clock = clock
+        self._owed = asyncio.Event()  # set when a claim is worth sending before the interval
+        self._charged_since: set[str] = set()  # channels charged here since the last claim
+
+    # --- requests ---
+
+    async def deposit(
+        self, checked: Checked, payment: dict[str, Any], requirements: dict[str, Any]
+    ) -> Channel:
+        """Send and prove the payment's deposit, then mirror the channel (PaymentRejected when
+        the chain refuses it; SettlerUnavailable/SettlementUnknown when it cannot be asked)."""
+        try:
+            state = await self.chain.deposit(
+                payment, requirements, checked.payload, checked.channel_id
+            )
+        except ValueError as exc:
+            raise PaymentRejected(str(exc), "the deposit was refused on chain") from None
+        except SettlementUnknown as exc:
+            raise SettlerUnavailable(f"the deposit's outcome is unknown: {exc}") from None
+        return await self.store.deposited(
+            checked.channel_id,
+            str(requirements["network"]),
+            checked.payload.channel_config,
+            balance=state.balance,
+            total_claimed=state.total_claimed,
+        )
+
+    async def take(self, checked: Checked) -> Channel | None:
+        try:
+            return await self.store.take(checked.channel_id, checked.voucher_key)
+        except ChannelBusy:
+            raise PaymentRejected(BUSY, "another request on this channel is in progress") from None
+
+    async def commit(
+        self, checked: Checked, requirements: dict[str, Any], amount: int
+    ) -> SettleResponse:
+        network = str(requirements["network"])
+        charge = min(amount, int(requirements["amount"]))
+        try:
+            channel, _ = await self.store.commit(
+                checked.channel_id,
+                checked.voucher_key,
+                max_claimable=checked.max_claimable,
+                signature=checked.payload.voucher.signature,
+                charge=charge,
+                payment_id=checked.voucher_key,
+            )
+        except ValueError as exc:
+            return SettleResponse(
+                success=False, error_reason=str(exc), payer=checked.payer, network=network
+            )
+        # Enough channels owed for a full claim: claim now rather than at the interval (counted
+        # in memory: no ledger read on the request's path).
+        self._charged_since.add(checked.channel_id)
+        if len(self._charged_since) >= self.max_per_claim:
+            self._owed.set()
+        return SettleResponse(
+            success=True,
+            payer=checked.payer,
+            transaction="",
+            network=network,
+            amount=str(charge),
+            extra={
+                "chargedAmount": str(charge),
+                "channelState": _state(channel),
+            },
+        )
+
+    # --- refunds ---
+
+    async def refund(self, checked: Checked, requirements: dict[str, Any]) -> SettleResponse:
+        """A cooperative refund: claim what was charged and return (part of) the rest, in one
+        transaction. PaymentRejected when it cannot be done."""
+        payload = checked.payload
+        channel = await self.take(checked)
+        if channel is None:
+            raise PaymentRejected(NO_CHANNEL, "no deposit is known for this channel")
+        try:
+            check_against(checked, channel, 0, refund=True)
+            remainder = channel.balance - channel.charged
+            if remainder <= 0:
+                raise PaymentRejected(REFUND_NO_BALANCE, "nothing is left to refund")
+            amount = remainder
+            if payload.amount is not None:
+                amount = int(payload.amount)
+                if amount <= 0:
+                    raise PaymentRejected(REFUND_AMOUNT_INVALID, "the refund amount is invalid")
+                if amount > remainder:
+                    raise PaymentRejected(REFUND_NO_BALANCE, "less than that is left to refund")
+            claim = None
+            if channel.charged > channel.total_claimed:
+                claim = ClaimEntry(
+                    channel.channel_id,
+                    channel.config,
+                    channel.signed_max,
+                    channel.signature,
+                    channel.charged,
+                )
+            try:
+                tx_hash, after, returned = await self.chain.refund(
+                    payload.channel_config,
+                    checked.channel_id,
+                    amount,
+                    claim,
+                    payload.voucher.wire(),
+                    requirements,
+                )
+            except ValueError as exc:
+                raise PaymentRejected(str(exc), "the refund was refused on chain") from None
+            except (SettlementUnknown, SettlerUnavailable):
+                raise PaymentRejected(
+                    "invalid_batch_settlement_evm_refund_transaction_failed",
+                    "the refund's outcome is not known yet: ask again",
+                ) from None
+            await self.store.refunded(checked.channel_id, after.balance, after.total_claimed)
+        finally:
+            await self.store.release(checked.channel_id, checked.voucher_key)
+        log.info("channel refunded: %d returned to the payer", returned)
+        return SettleResponse(
+            success=True,
+            payer=checked.payer,
+            transaction=tx_hash,
+            network=str(requirements["network"]),
+            amount=str(returned),
+            extra={
+                "channelState": {
+                    "channelId": checked.channel_id,
+                    "balance": str(after.balance),
+                    "totalClaimed": str(after.total_claimed),
+                    "withdrawRequestedAt": 0,
+                    "refundNonce": "0",
+                    "chargedCumulativeAmount": str(channel.charged),
+                }
+            },
+        )
+
+    # --- claims ---
+
+    async def claim_once(self) -> int:
+        """Under the claim lease: finish claims left open, then claim up to ``max_per_claim``
+        owed channels in one transaction and prove it. Returns the channels claimed."""
+        lease = max(self.claim_interval, 30.0) * 2
+        if not await self.store.take_claimer(self.replica, lease):
+            return 0
+        try:
+            for claim in await self.store.open_claims():
+                await self._finish(claim)
+            owed = await self.store.claimable(self.max_per_claim)
+            if not owed:
+                return 0
+            entries = []
+            for c in owed:
+                # The chain's word on the channel now: a payer's finished withdrawal lowers the
+                # balance under what was charged; claiming more would revert the whole batch.
+                # The mirror follows, so later vouchers past it are refused.
+                on_chain = await self.chain.state(c.channel_id)
+                if on_chain.balance != c.balance:
+                    await self.store.refunded(c.channel_id, on_chain.balance, c.total_claimed)
+                total = min(c.charged, on_chain.balance)
+                if total < c.charged:
+                    log.warning(
+                        "a channel holds less than was charged: %d unclaimable", c.charged - total
+                    )
+                if total > on_chain.total_claimed:
+                    entries.append(
+                        ClaimEntry(c.channel_id, c.config, c.signed_max, c.signature, total)
+                    )
+                elif on_chain.total_claimed > c.total_claimed:
+                    await self.store.claimed(c.channel_id, on_chain.total_claimed)
+            if not entries:
+                return 0
+            claim = await self.store.new_claim(uuid.uuid4().hex, entries)
+            try:
+                tx_hash = await self.chain.send_claim(entries)
+            except SettlementUnknown as exc:  # sent or not: the next pass proves it by state
+                await self.store.claim_moved(claim.id, "pending", exc.transaction)
+                return 0
+            except ValueError as exc:
+                log.error("claim refused before sending: %s", exc)
+                await self.store.claim_moved(claim.id, "failed", None)
+                return 0
+            await self.store.claim_moved(claim.id, "submitted", tx_hash)
+            await self._finish(Claim(claim.id, "submitted", claim.entries, tx_hash))
+            return len(entries)
+        finally:
+            await self.store.let_go_claimer(self.replica)
+
+    async def _finish(self, claim: Claim) -> None:
+        try:
+            proven = await self.chain.proven_claim(claim.tx_hash, claim.entries)
+        except (SettlementUnknown, SettlerUnavailable):
+            return  # no answer yet: the next pass asks again
+        if proven:
+            for entry in claim.entries:
+                await self.store.claimed(entry.channel_id, entry.total)
+            await self.store.claim_moved(claim.id, "settled", None)
+            log.info("claim settled: %d channels", len(claim.entries))
+            return
+        # Not (or not all) on chain: a reverted or never-sent claim. Drop it; the channels are
+        # still owed and the next claim takes them again.
+        log.warning("claim not proven on chain; the channels will be claimed again")
+        await self.store.claim_moved(claim.id, "failed", None)
+
+    async def claim_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._owed.wait(), self.claim_interval)
+            self._owed.clear()
+            self._charged_since.clear()
+            try:
+                await self.claim_once()
+            except Exception as exc:  # a loop that must outlive one bad pass
+                log.error("claim pass failed: %s", type(exc).__name__)
+
+
+def _state(channel: Channel) -> dict[str, Any]:
+    return {
+        "channelId": channel.channel_id,
+        "balance": str(channel.balance),
+        "totalClaimed": str(channel.total_claimed),
+        "withdrawRequestedAt": 0,
+        "refundNonce": "0",
+        "chargedCumulativeAmount": str(channel.charged),
+    }

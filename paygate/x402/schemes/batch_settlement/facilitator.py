@@ -1,0 +1,195 @@
+"""Facilitator mode for `batch-settlement` (server-only): what is sent to a facilitator's
+``POST /settle`` and how its word is checked on chain.
+
+The facilitator is the channels' receiver authorizer (its ``GET /supported`` announces
+``kinds[].extra.receiverAuthorizer``); it relays and signs. The bodies are the x402
+specification's (the official SDK 2.25's): the payer's deposit payload as it came; a ``claim``
+of the channels' latest vouchers, then a ``settle`` sweeping the claimed funds to the receiver
+(two transactions); a ``refund`` completed with the channel's refund nonce and a claim of what
+was charged. The facilitator's answer is never taken for the fact: each move is proven on
+chain as in chain mode (the deposit's transfer into the settlement contract, the channels'
+claimed totals, the refund's balance) with the gateway's own RPC endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from eth_utils import to_checksum_address
+
+from paygate.x402.facilitator import FacilitatorSettler
+from paygate.x402.models import (
+    AnyPaymentPayload,
+    BatchSettlementPayload,
+    ChannelConfig,
+    SettleResponse,
+)
+from paygate.x402.schemes.base import FacilitatorAccess
+from paygate.x402.schemes.batch_settlement.chain import BatchChain, OnChain, not_bound
+from paygate.x402.schemes.batch_settlement.channel import NAME
+from paygate.x402.schemes.batch_settlement.store import ClaimEntry
+from paygate.x402.settler import SettlerUnavailable
+
+log = logging.getLogger("paygate.x402")
+
+
+async def receiver_authorizer(settler: FacilitatorSettler, network: str) -> str:
+    """The facilitator's receiver authorizer on ``network`` (its ``GET /supported``)."""
+    for kind in await settler.supported():
+        address = (kind.get("extra") or {}).get("receiverAuthorizer")
+        if (
+            kind.get("scheme") == NAME
+            and kind.get("network") == network
+            and kind.get("x402Version") == 2
+            and isinstance(address, str)
+        ):
+            return to_checksum_address(address)
+    raise SettlerUnavailable(f"the facilitator does not offer batch-settlement on {network}")
+
+
+def _claim_row(entry: ClaimEntry) -> dict[str, Any]:
+    return {
+        "voucher": {"channel": entry.config.wire(), "maxClaimableAmount": str(entry.max_claimable)},
+        "signature": entry.signature,
+        "totalClaimed": str(entry.total),
+    }
+
+
+class BatchFacilitator:
+    """The channels' moves through a facilitator, each proven with ``proof`` (read-only)."""
+
+    def __init__(self, settler: FacilitatorSettler, proof: BatchChain, network: str) -> None:
+        self._settler = settler
+        self._proof = proof
+        self._network = network
+
+    async def state(self, channel_id: str) -> OnChain:
+        return await self._proof.state(channel_id)
+
+    def _requirements(self, config: ChannelConfig) -> dict[str, Any]:
+        """A requirement naming the channel's receiver and token (what the facilitator routes a
+        claim, sweep or refund by)."""
+        return {
+            "scheme": NAME,
+            "network": self._network,
+            "asset": to_checksum_address(config.token),
+            "amount": "0",
+            "payTo": to_checksum_address(config.receiver),
+            "maxTimeoutSeconds": 300,
+            "extra": {
+                "receiverAuthorizer": config.receiver_authorizer,
+                "withdrawDelay": config.withdraw_delay,
+            },
+        }
+
+    async def _settle(self, requirements: dict[str, Any], payload: dict[str, Any]) -> Any:
+        return await self._settler.settle_body(
+            {
+                "x402Version": 2,
+                "paymentPayload": {"x402Version": 2, "accepted": requirements, "payload": payload},
+                "paymentRequirements": requirements,
+            }
+        )
+
+    async def deposit(
+        self,
+        payment: dict[str, Any],
+        requirements: dict[str, Any],
+        payload: BatchSettlementPayload,
+        channel_id: str,
+    ) -> OnChain:
+        answer = await self._settler.settle_body(
+            {"x402Version": 2, "paymentPayload": payment, "paymentRequirements": requirements}
+        )
+        if not answer.success or not answer.transaction:
+            raise ValueError(
+                answer.error_reason or "invalid_batch_settlement_evm_deposit_transaction_failed"
+            )
+        return await self._proof.proven_deposit(answer.transaction, payload, channel_id)
+
+    async def send_claim(self, entries: list[ClaimEntry]) -> str:
+        """The claim, then the sweep of what it claimed (best effort: a later sweep takes
+        whatever is left); the claim's transaction hash."""
+        requirements = self._requirements(entries[0].config)
+        answer = await self._settle(
+            requirements, {"type": "claim", "claims": [_claim_row(e) for e in entries]}
+        )
+        if not answer.success or not answer.transaction:
+            raise ValueError(f"the facilitator refused the claim: {answer.error_reason}")
+        sweeps = {
+            (to_checksum_address(e.config.receiver), to_checksum_address(e.config.token))
+            for e in entries
+        }
+        for receiver, token in sorted(sweeps):
+            swept = await self._settle(
+                requirements, {"type": "settle", "receiver": receiver, "token": token}
+            )
+            if not swept.success:
+                log.warning("the facilitator did not sweep: %s", swept.error_reason)
+        return answer.transaction
+
+    async def proven_claim(self, tx_hash: str | None, entries: tuple[ClaimEntry, ...]) -> bool:
+        if tx_hash is not None and (await self._proof.receipt(tx_hash))["status"] != 1:
+            return False
+        for entry in entries:
+            if (await self.state(entry.channel_id)).total_claimed < entry.total:
+                return False
+        return True
+
+    async def refund(
+        self,
+        config: ChannelConfig,
+        channel_id: str,
+        amount: int,
+        claim: ClaimEntry | None,
+        voucher: dict[str, Any],
+        requirements: dict[str, Any],
+    ) -> tuple[str, OnChain, int]:
+        before = await self.state(channel_id)
+        payload = {
+            "type": "refund",
+            "channelConfig": config.wire(),
+            "voucher": voucher,
+            "amount": str(amount),
+            "refundNonce": str(await self._proof.refund_nonce(channel_id)),
+            "claims": [_claim_row(claim)] if claim is not None else [],
+        }
+        answer = await self._settle(requirements, payload)
+        if not answer.success or not answer.transaction:
+            raise ValueError(
+                answer.error_reason or "invalid_batch_settlement_evm_refund_transaction_failed"
+            )
+        if (await self._proof.receipt(answer.transaction))["status"] != 1:
+            raise ValueError("invalid_batch_settlement_evm_refund_transaction_failed")
+        after = await self.state(channel_id)
+        return answer.transaction, after, before.balance - after.balance
+
+
+class BatchSettlementFacilitator:
+    """The facilitator settler's role: as in chain mode (``chain.BatchSettlementChain``), a
+    channel payment is committed by the bound scheme, never sent to /settle as a payment;
+    :class:`BatchFacilitator` is what moves a channel's money through a facilitator."""
+
+    async def judge(
+        self,
+        facilitator: FacilitatorAccess,
+        answer: SettleResponse,
+        payment: AnyPaymentPayload,
+        requirements: dict[str, Any],
+        *,
+        known: str | None = None,
+    ) -> SettleResponse:
+        raise not_bound()
+
+    async def reconcile(
+        self,
+        facilitator: FacilitatorAccess,
+        payment: AnyPaymentPayload,
+        requirements: dict[str, Any],
+        transaction: str | None,
+    ) -> SettleResponse:
+        raise not_bound()
+
+
+ROLE = BatchSettlementFacilitator()

@@ -1,0 +1,365 @@
+"""Channel state in the payment ledger (both stores): channels, every voucher accepted, claims.
+
+The ledger's ``bs_*`` tables (migration step 8) are reached through one store method,
+``scheme_sql(sql, params)``: each statement is its own transaction, so every change here is a
+compare-and-set on the row's ``version`` (or a guarded insert), never a read-modify-write
+across statements. That is what lets replicas on one PostgreSQL ledger serve one channel:
+
+* a request takes the channel's *pending* lease (owner: its voucher) at verify and lets it go
+  when its charge is committed; another voucher meanwhile is refused ``channel_busy`` (the
+  spec: process a channel's requests one at a time). A lease left by a failed or dead request
+  runs out after ``pending_seconds``; the same voucher sent again takes it back at once.
+* a charge is committed only by a voucher above the one last committed (monotonic): sent
+  twice, the second commit finds it done and changes nothing.
+* one claimer at a time holds the claim lease (the ``bs_claims`` row ``claimer``).
+
+Amounts are decimal text (uint128 does not fit SQLite's integer).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from paygate.x402.models import ChannelConfig
+
+CLAIMER = "claimer"  # the claim lease's row in bs_claims
+
+
+class SchemeSql(Protocol):
+    """What a ledger store offers a scheme package (ledger_sqlite / ledger_postgres)."""
+
+    async def scheme_sql(
+        self, sql: str, params: tuple[Any, ...]
+    ) -> tuple[int, list[tuple[Any, ...]]]: ...
+
+
+class ChannelBusy(Exception):
+    """Another voucher holds the channel (its request is in progress)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    channel_id: str
+    network: str
+    payer: str
+    config: ChannelConfig
+    balance: int  # on chain: deposits minus refunds and withdrawals
+    total_claimed: int  # on chain: what claims have proven
+    charged: int  # what requests here have been charged in all (chargedCumulativeAmount)
+    signed_max: int  # the last committed voucher's ceiling
+    signature: str  # ... and its signature
+    pending_owner: str | None
+    pending_until: float | None
+    version: int
+
+    @property
+    def unclaimed(self) -> int:
+        return self.charged - self.total_claimed
+
+
+_COLUMNS = (
+    "channel_id, network, payer, config, balance, total_claimed, charged, signed_max, signature,"
+    " pending_owner, pending_until, version"
+)
+
+
+def _channel(row: tuple[Any, ...]) -> Channel:
+    return Channel(
+        channel_id=row[0],
+        network=row[1],
+        payer=row[2],
+        config=ChannelConfig.model_validate_json(row[3]),
+        balance=int(row[4]),
+        total_claimed=int(row[5]),
+        charged=int(row[6]),
+        signed_max=int(row[7]),
+        signature=row[8],
+        pending_owner=row[9],
+        pending_until=None if row[10] is None else float(row[10]),
+        version=int(row[11]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimEntry:
+    """One channel's row in a claim: its latest voucher and the total to claim under it."""
+
+    channel_id: str
+    config: ChannelConfig
+    max_claimable: int
+    signature: str
+    total: int
+
+    def wire(self) -> dict[str, Any]:
+        return {
+            "channelId": self.channel_id,
+            "config": self.config.wire(),
+            "maxClaimable": str(self.max_claimable),
+            "signature": self.signature,
+            "total": str(self.total),
+        }
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> ClaimEntry:
+        return cls(
+            channel_id=data["channelId"],
+            config=ChannelConfig.model_validate(data["config"]),
+            max_claimable=int(data["maxClaimable"]),
+            signature=data["signature"],
+            total=int(data["total"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    id: str
+    state: str  # pending (maybe sent) | submitted (hash known) | settled (proven)
+    entries: tuple[ClaimEntry, ...]
+    tx_hash: str | None
+
+
+class ChannelStore:
+    def __init__(self, ledger: SchemeSql, *, clock: Any, pending_seconds: float) -> None:
+        self._sql = ledger.scheme_sql
+        self._clock = clock
+        self._pending_seconds = pending_seconds
+
+    async def get(self, channel_id: str) -> Channel | None:
+        _, rows = await self._sql(
+            f"SELECT {_COLUMNS} FROM bs_channels WHERE channel_id = ?",  # noqa: S608 - constant
+            (channel_id,),
+        )
+        return _channel(rows[0]) if rows else None
+
+    async def deposited(
+        self,
+        channel_id: str,
+        network: str,
+        config: ChannelConfig,
+        *,
+        balance: int,
+        total_claimed: int,
+    ) -> Channel:
+        """Mirror the channel's on-chain state after a proven deposit (a new channel starts
+        charged at what was claimed before: the spec's baseline after state loss)."""
+        for _ in range(16):
+            current = await self.get(channel_id)
+            now = self._clock()
+            if current is None:
+                changed, _ = await self._sql(
+                    "INSERT INTO bs_channels (channel_id, network, payer, config, balance,"
+                    " total_claimed, charged, signed_max, signature, pending_owner, pending_until,"
+                    " version, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '0x', NULL, NULL, 1, ?)"
+                    " ON CONFLICT (channel_id) DO NOTHING",
+                    (
+                        channel_id,
+                        network,
+                        config.payer,
+                        config.model_dump_json(by_alias=True),
+                        str(balance),
+                        str(total_claimed),
+                        str(total_claimed),
+                        str(total_claimed),
+                        now,
+                    ),
+                )
+            else:
+                changed, _ = await self._sql(
+                    "UPDATE bs_channels SET balance = ?, total_claimed = ?, charged = ?,"
+                    " version = version + 1, updated_at = ? WHERE channel_id = ? AND version = ?",
+                    (
+                        str(max(balance, current.balance)),
+                        str(max(total_claimed, current.total_claimed)),
+                        str(max(current.charged, total_claimed)),
+                        now,
+                        channel_id,
+                        current.version,
+                    ),
+                )
+            if changed:
+                found = await self.get(channel_id)
+                assert found is not None
+                return found
+        raise ChannelBusy("the channel changed too often to record the deposit")
+
+    async def take(self, channel_id: str, owner: str) -> Channel | None:
+        """Take the channel's pending lease for ``owner`` (a voucher); None if no channel."""
+        for _ in range(16):
+            current = await self.get(channel_id)
+            if current is None:
+                return None
+            now = self._clock()
+            held = (
+                current.pending_owner is not None
+                and current.pending_owner != owner
+                and (current.pending_until or 0) > now
+            )
+            if held:
+                raise ChannelBusy("another request on this channel is in progress")
+            _, rows = await self._sql(
+                "UPDATE bs_channels SET pending_owner = ?, pending_until = ?,"  # noqa: S608 - constant
+                " version = version + 1, updated_at = ? WHERE channel_id = ? AND version = ?"
+                f" RETURNING {_COLUMNS}",
+                (owner, now + self._pending_seconds, now, channel_id, current.version),
+            )
+            if rows:
+                return _channel(rows[0])
+        raise ChannelBusy("the channel changed too often to take")
+
+    async def release(self, channel_id: str, owner: str) -> None:
+        """Let the channel go (``owner``'s request ended without a charge to commit)."""
+        await self._sql(
+            "UPDATE bs_channels SET pending_owner = NULL, pending_until = NULL,"
+            " version = version + 1 WHERE channel_id = ? AND pending_owner = ?",
+            (channel_id, owner),
+        )
+
+    async def commit(
+        self,
+        channel_id: str,
+        owner: str,
+        *,
+        max_claimable: int,
+        signature: str,
+        charge: int,
+        payment_id: str,
+    ) -> tuple[Channel, int]:
+        """Charge ``charge`` under the voucher ``max_claimable`` (once): (the channel, what was
+        charged now — 0 when this voucher was committed before). ValueError: the charge would
+        pass the voucher's ceiling, or a later voucher holds the channel."""
+        await self._sql(
+            "INSERT INTO bs_vouchers (channel_id, max_claimable, signature, payment_id, charge,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (channel_id, max_claimable)"
+            " DO NOTHING",
+            (channel_id, str(max_claimable), signature, payment_id, str(charge), self._clock()),
+        )
+        for _ in range(16):
+            current = await self.get(channel_id)
+            if current is None:
+                raise ValueError("invalid_batch_settlement_evm_missing_channel")
+            if current.signed_max >= max_claimable:
+                return current, 0  # this voucher (or a later one) is committed already
+            if (
+                current.pending_owner not in (None, owner)
+                and (current.pending_until or 0) > self._clock()
+            ):
+                raise ValueError("invalid_batch_settlement_evm_channel_busy")
+            if current.charged + charge > max_claimable:
+                raise ValueError("invalid_batch_settlement_evm_charge_exceeds_signed_cumulative")
+            _, rows = await self._sql(
+                "UPDATE bs_channels SET charged = ?, signed_max = ?, signature = ?,"  # noqa: S608 - constant
+                " pending_owner = NULL, pending_until = NULL, version = version + 1,"
+                f" updated_at = ? WHERE channel_id = ? AND version = ? RETURNING {_COLUMNS}",
+                (
+                    str(current.charged + charge),
+                    str(max_claimable),
+                    signature,
+                    self._clock(),
+                    channel_id,
+                    current.version,
+                ),
+            )
+            if rows:
+                return _channel(rows[0]), charge
+        raise ValueError("invalid_batch_settlement_evm_channel_busy")
+
+    async def claimable(self, limit: int) -> list[Channel]:
+        """Channels charged beyond what was claimed, oldest change first."""
+        _, rows = await self._sql(
+            f"SELECT {_COLUMNS} FROM bs_channels ORDER BY updated_at",  # noqa: S608 - constant
+            (),
+        )
+        found = [c for c in map(_channel, rows) if c.charged > c.total_claimed and c.signed_max]
+        return found[:limit]
+
+    async def claimed(self, channel_id: str, total: int) -> None:
+        """A claim of ``total`` is proven on chain: mirror it (never lowering it)."""
+        for _ in range(16):
+            current = await self.get(channel_id)
+            if current is None or current.total_claimed >= total:
+                return
+            changed, _ = await self._sql(
+                "UPDATE bs_channels SET total_claimed = ?, version = version + 1"
+                " WHERE channel_id = ? AND version = ?",
+                (str(total), channel_id, current.version),
+            )
+            if changed:
+                return
+
+    async def refunded(self, channel_id: str, balance: int, total_claimed: int) -> None:
+        """A proven refund: the channel's on-chain balance and claims, as read after it."""
+        for _ in range(16):
+            current = await self.get(channel_id)
+            if current is None:
+                return
+            changed, _ = await self._sql(
+                "UPDATE bs_channels SET balance = ?, total_claimed = ?, version = version + 1,"
+                " updated_at = ? WHERE channel_id = ? AND version = ?",
+                (str(balance), str(total_claimed), self._clock(), channel_id, current.version),
+            )
+            if changed:
+                return
+
+    # --- claims ---
+
+    async def take_claimer(self, owner: str, seconds: float) -> bool:
+        """The claim lease: one claimer among the replicas at a time."""
+        now = self._clock()
+        await self._sql(
+            "INSERT INTO bs_claims (id, state, entries, created_at, updated_at)"
+            " VALUES (?, 'lease', '[]', ?, ?) ON CONFLICT (id) DO NOTHING",
+            (CLAIMER, now, now),
+        )
+        changed, _ = await self._sql(
+            "UPDATE bs_claims SET owner = ?, lease_until = ?, updated_at = ?"
+            " WHERE id = ? AND (owner IS NULL OR owner = ? OR lease_until < ?)",
+            (owner, now + seconds, now, CLAIMER, owner, now),
+        )
+        return changed == 1
+
+    async def let_go_claimer(self, owner: str) -> None:
+        await self._sql(
+            "UPDATE bs_claims SET owner = NULL, lease_until = NULL WHERE id = ? AND owner = ?",
+            (CLAIMER, owner),
+        )
+
+    async def new_claim(self, claim_id: str, entries: list[ClaimEntry]) -> Claim:
+        now = self._clock()
+        await self._sql(
+            "INSERT INTO bs_claims (id, state, entries, created_at, updated_at)"
+            " VALUES (?, 'pending', ?, ?, ?)",
+            (claim_id, json.dumps([e.wire() for e in entries]), now, now),
+        )
+        return Claim(claim_id, "pending", tuple(entries), None)
+
+    async def claim_moved(self, claim_id: str, state: str, tx_hash: str | None) -> None:
+        await self._sql(
+            "UPDATE bs_claims SET state = ?, tx_hash = COALESCE(?, tx_hash), updated_at = ?"
+            " WHERE id = ?",
+            (state, tx_hash, self._clock(), claim_id),
+        )
+
+    async def open_claims(self) -> list[Claim]:
+        """Claims started and not proven (a claimer died, or the chain had not answered)."""
+        _, rows = await self._sql(
+            "SELECT id, state, entries, tx_hash FROM bs_claims"
+            " WHERE state IN ('pending', 'submitted') ORDER BY created_at",
+            (),
+        )
+        return [
+            Claim(r[0], r[1], tuple(ClaimEntry.parse(e) for e in json.loads(r[2])), r[3])
+            for r in rows
+        ]
+
+    async def claims(self) -> list[Claim]:
+        """Every claim (the lease row aside), oldest first: for operators and tests."""
+        _, rows = await self._sql(
+            "SELECT id, state, entries, tx_hash FROM bs_claims WHERE id <> ? ORDER BY created_at",
+            (CLAIMER,),
+        )
+        return [
+            Claim(r[0], r[1], tuple(ClaimEntry.parse(e) for e in json.loads(r[2])), r[3])
+            for r in rows
+        ]

@@ -1,0 +1,212 @@
+"""Local checks of a `batch-settlement` payment (sans-IO: no network, no ledger).
+
+Two stages, both without a network call:
+
+* :func:`check_payload` — the payment alone against the offer: the channel config is this
+  seller's (receiver, token, receiver authorizer, withdraw delay), the channel id is the hash of
+  that config, and the voucher is signed by the channel's payer authorizer (ECDSA; a channel
+  whose vouchers are EIP-1271 — payerAuthorizer zero — is refused here: checking it needs a
+  chain call on every request, which this scheme exists to avoid).
+* :func:`check_against` — the voucher against the channel's state in the ledger: cumulative
+  (exactly what was charged so far plus this request's price: anything else is stale or out of
+  order) and within the deposit.
+
+The refusal codes are the x402 specification's ``invalid_batch_settlement_evm_*``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from eth_utils import keccak, to_checksum_address
+
+from paygate.x402.models import AnyPaymentPayload, BatchSettlementPayload, PaymentPayload
+from paygate.x402.offers import Offer
+from paygate.x402.schemes.base import Authorized, PaymentRejected, same_address
+from paygate.x402.schemes.batch_settlement import channel as ch
+from paygate.x402.schemes.batch_settlement.store import Channel
+
+FORGED = "invalid_batch_settlement_evm_voucher_signature"
+NOT_CUMULATIVE = "invalid_batch_settlement_evm_cumulative_amount_mismatch"
+OVER_DEPOSIT = "invalid_batch_settlement_evm_cumulative_exceeds_balance"
+# A voucher sent again after it paid is a stale cumulative amount to the spec (and to the SDK's
+# client, which resynchronises from the corrective 402 on this code only — a caller whose reply
+# was lost would otherwise be stuck): the ledger's replay guard answers it with the same code.
+REPLAYED = NOT_CUMULATIVE
+NO_CHANNEL = "invalid_batch_settlement_evm_channel_not_found"
+BUSY = "invalid_batch_settlement_evm_channel_busy"
+PAYLOAD_TYPE = "invalid_batch_settlement_evm_payload_type"
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A payload that passed :func:`check_payload`."""
+
+    payload: BatchSettlementPayload
+    channel_id: str  # lowercase 0x + 64 hex
+    payer: str  # checksummed
+    max_claimable: int
+
+    @property
+    def voucher_key(self) -> str:
+        """The voucher's replay key (and its pending-lease owner): one per (channel, ceiling)."""
+        return (
+            "0x"
+            + keccak(
+                bytes.fromhex(self.channel_id[2:]) + self.max_claimable.to_bytes(16, "big")
+            ).hex()
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelTerms:
+    """What a channel must name to pay this seller: from an offer, or from the requirement
+    recorded with a payment (the gateway's own)."""
+
+    chain_id: int
+    pay_to: str
+    token: str
+    receiver_authorizer: str
+    withdraw_delay: str
+    min_deposit: int = 0
+
+    @classmethod
+    def of_offer(cls, offer: Offer) -> ChannelTerms:
+        extra = dict(offer.extra)
+        return cls(
+            chain_id=offer.network.chain_id,
+            pay_to=offer.pay_to,
+            token=offer.asset.address,
+            receiver_authorizer=extra.get("receiverAuthorizer", ""),
+            withdraw_delay=extra.get("withdrawDelay", ""),
+            min_deposit=int(extra.get("minDeposit", "0")),
+        )
+
+    @classmethod
+    def of_requirements(cls, requirements: dict[str, Any]) -> ChannelTerms:
+        extra = requirements.get("extra") or {}
+        return cls(
+            chain_id=int(str(requirements["network"]).removeprefix("eip155:")),
+            pay_to=requirements["payTo"],
+            token=requirements["asset"],
+            receiver_authorizer=str(extra.get("receiverAuthorizer", "")),
+            withdraw_delay=str(extra.get("withdrawDelay", "")),
+            min_deposit=int(str(extra.get("minDeposit", "0"))),
+        )
+
+
+def check_payload(payload: object, offer: ChannelTerms) -> Checked:
+    """The payment's own checks against the seller's terms; raises PaymentRejected."""
+    if not isinstance(payload, BatchSettlementPayload):
+        raise PaymentRejected(PAYLOAD_TYPE, "the payload is not a batch-settlement payload")
+    config = payload.channel_config
+    if not same_address(config.receiver, offer.pay_to):
+        raise PaymentRejected(
+            "invalid_batch_settlement_evm_receiver_mismatch", "the channel pays someone else"
+        )
+    if not same_address(config.token, offer.token):
+        raise PaymentRejected(
+            "invalid_batch_settlement_evm_token_mismatch", "the channel holds another token"
+        )
+    if not same_address(config.receiver_authorizer, offer.receiver_authorizer):
+        raise PaymentRejected(
+            "invalid_batch_settlement_evm_receiver_authorizer_mismatch",
+            "the channel names another receiver authorizer",
+        )
+    if str(config.withdraw_delay) != offer.withdraw_delay:
+        raise PaymentRejected(
+            "invalid_batch_settlement_evm_withdraw_delay_mismatch",
+            "the channel's withdraw delay is not the one offered",
+        )
+    channel_id = ch.channel_id(config, offer.chain_id)
+    if payload.voucher.channel_id != channel_id:
+        raise PaymentRejected(
+            "invalid_batch_settlement_evm_channel_id_mismatch",
+            "the voucher's channel is not the config's",
+        )
+    if ch.is_zero(config.payer_authorizer):
+        raise PaymentRejected(
+            FORGED, "vouchers must be signed by a payer authorizer key (EIP-1271 vouchers are not"
+            " accepted)",
+        )  # fmt: skip
+    maximum = int(payload.voucher.max_claimable_amount)
+    signer = ch.voucher_signer(channel_id, maximum, payload.voucher.signature, offer.chain_id)
+    if signer is None or signer != to_checksum_address(config.payer_authorizer):
+        raise PaymentRejected(FORGED, "the voucher is not signed by the channel's payer")
+    if payload.type == "deposit":
+        deposit = payload.deposit
+        if deposit is None or deposit.authorization.erc3009_authorization is None:
+            raise PaymentRejected(
+                "invalid_batch_settlement_evm_erc3009_authorization_required",
+                "a deposit needs its EIP-3009 authorization (Permit2 deposits are not taken)",
+            )
+        if int(deposit.amount) <= 0 or int(deposit.amount) > ch.UINT128_MAX:
+            raise PaymentRejected(
+                "invalid_batch_settlement_evm_deposit_payload", "the deposit amount is invalid"
+            )
+        # Each deposit is a transaction the gateway pays gas for: not for crumbs.
+        if int(deposit.amount) < offer.min_deposit:
+            raise PaymentRejected(
+                "invalid_batch_settlement_evm_deposit_below_min_deposit",
+                "the deposit is below the announced minDeposit",
+            )
+    return Checked(payload, channel_id, to_checksum_address(config.payer), maximum)
+
+
+def check_against(checked: Checked, channel: Channel | None, price: int, *, refund: bool) -> None:
+    """The voucher against the channel's state: raises PaymentRejected."""
+    if channel is None:
+        raise PaymentRejected(NO_CHANNEL, "no deposit is known for this channel")
+    expected = channel.charged if refund else channel.charged + price
+    if checked.max_claimable != expected:
+        raise PaymentRejected(
+            NOT_CUMULATIVE, "the voucher's cumulative amount does not follow the channel's charges"
+        )
+    if checked.max_claimable > channel.balance:
+        raise PaymentRejected(OVER_DEPOSIT, "the voucher asks for more than the channel holds")
+
+
+def payload_of(payment: AnyPaymentPayload) -> BatchSettlementPayload:
+    if not isinstance(payment, PaymentPayload) or not isinstance(
+        payment.payload, BatchSettlementPayload
+    ):
+        raise PaymentRejected(PAYLOAD_TYPE, "not a batch-settlement payment")
+    return payment.payload
+
+
+class BatchSettlementVerify:
+    """A voucher's own checks (:func:`check_payload`); the channel's state is checked when the
+    bound scheme verifies (``bound``)."""
+
+    payload_type = BatchSettlementPayload
+    replay_code = REPLAYED
+
+    def check(
+        self,
+        payment: AnyPaymentPayload,
+        offer: Offer,
+        *,
+        now: int,
+        skew: int,
+        min_remaining: float,
+    ) -> Authorized:
+        payload = payload_of(payment)
+        if payload.type == "refund":
+            raise PaymentRejected(PAYLOAD_TYPE, "a refund is not a payment")
+        checked = check_payload(payload, ChannelTerms.of_offer(offer))
+        return Authorized(
+            payer=checked.payer,
+            nonce=checked.voucher_key,
+            maximum=offer.amount,
+            valid_before=now + ch.MIN_WITHDRAW_DELAY,
+        )
+
+    def valid_before(self, payment: AnyPaymentPayload) -> int:
+        # A voucher has no expiry of its own: the channel holds the money until its payer's
+        # withdrawal, which takes at least the minimum withdraw delay.
+        return int(time.time()) + ch.MIN_WITHDRAW_DELAY
+
+
+ROLE = BatchSettlementVerify()
