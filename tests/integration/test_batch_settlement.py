@@ -31,6 +31,8 @@ from tests.integration.payment_support import (
     challenge_of,
     post,
     receipt_of,
+    records,
+    v2_header,
 )
 from tests.integration.test_payments_crash import PAYGATE, gateway_process
 
@@ -355,3 +357,38 @@ async def test_through_the_sdk_facilitator_deposits_claims_and_refunds_are_prove
     assert answer.success is True
     assert int(answer.amount) == deposit - 20 * PRICE_ATOMIC
     assert usdc.balance_of(payer.address) == PAYER_FUNDS - 20 * PRICE_ATOMIC
+
+
+async def test_exact_and_batch_settlement_in_chain_mode_share_one_gas_account_nonce_sequence(
+    anvil, usdc, payer, seller, tmp_path, gas_key
+):
+    """Both schemes send from the one gas account: exact settlements and a channel deposit
+    at the same moment all land (two senders each asking for the pending nonce would race
+    and one transaction would replace or lose to the other)."""
+    ledger = tmp_path / "payments.db"
+    deposit = 20 * PRICE_ATOMIC
+    scheme = sdk_batch_scheme(payer, deposit=deposit)
+    schemes = ["exact", "batch-settlement"]
+    async with chain_batch(seller, ledger, anvil, gas_key, payment_schemes=schemes) as stack:
+        headers = [await v2_header(stack, payer) for _ in range(4)]
+        async with sdk_batch_client(scheme) as client:
+
+            async def by_channel() -> list[int]:
+                replies = [await client.post(stack.url + CHAT, json=CHAT_BODY) for _ in range(3)]
+                return [reply.status_code for reply in replies]
+
+            exact, channel = await asyncio.gather(
+                asyncio.gather(*(post(stack, header) for header in headers)), by_channel()
+            )
+        assert [status for status, _, _ in exact] == [200] * 4
+        assert channel == [200] * 3
+        settled: list[str] = []
+        for _ in range(200):  # exact settles after each reply, in the background
+            settled = [r.state for r in await records(ledger) if r.scheme == "exact"]
+            if settled == ["settled"] * 4:
+                break
+            await asyncio.sleep(0.05)
+        assert settled == ["settled"] * 4
+    # Every exact transfer and the deposit moved: nothing was lost to a nonce collision.
+    assert usdc.balance_of(seller) == 4 * PRICE_ATOMIC
+    assert usdc.balance_of(payer.address) == PAYER_FUNDS - 4 * PRICE_ATOMIC - deposit

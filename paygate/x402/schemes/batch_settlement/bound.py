@@ -199,6 +199,7 @@ class BatchSettlementBinding:
             settings.secret("gas_key") if chain_mode else None,
             timeout=settings.facilitator_timeout,
             settle_timeout=settings.settle_timeout,
+            send=settler.send if isinstance(settler, ChainSettler) else None,
         )
         mover: ChannelChain = chain
         authorizer = chain.address if chain_mode else ""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -179,9 +180,18 @@ class BatchChain:
     (read-only without one: a facilitator's moves are proven with it)."""
 
     def __init__(
-        self, rpc_url: str, gas_key: SecretStr | None, *, timeout: float, settle_timeout: float
+        self,
+        rpc_url: str,
+        gas_key: SecretStr | None,
+        *,
+        timeout: float,
+        settle_timeout: float,
+        send: Callable[[Any], Awaitable[str]] | None = None,
     ) -> None:
         self._reader = ChainReader(rpc_url, timeout=timeout)
+        # The chain settler's send when it shares our gas account: one lock and one nonce
+        # sequence for every scheme's transactions (two would race for the same nonce).
+        self._shared_send = send
         self._w3 = self._reader.w3
         self._account = Account.from_key(gas_key.get_secret_value()) if gas_key else None
         self._contract = self._w3.eth.contract(
@@ -365,6 +375,8 @@ class BatchChain:
     # --- sending ---
 
     async def _send(self, call: Any) -> str:
+        if self._shared_send is not None:
+            return await self._shared_send(call)
         account = self._signer
         sender = account.address
         nonce = await self._reader.call(self._w3.eth.get_transaction_count, sender, "pending")
