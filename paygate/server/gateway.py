@@ -92,6 +92,11 @@ class Gateway:
         self._metrics = metrics
         self._local = local
 
+    def forwards(self, method: str, path: str) -> bool:
+        """Whether ``method path`` is a forwarding route (paygate.server.frontend serves it)."""
+        match = self._routes.match(method, path)
+        return match is not None and match.route.target == "upstream"
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         match = self._routes.match(request.method, request.path)
         if match is None:
