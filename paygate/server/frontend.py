@@ -32,7 +32,10 @@ from typing import Any
 import httptools
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_writer import HttpVersion11, StreamWriter
+from aiohttp.http_writer import _serialize_headers as serialize_head
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 from yarl import URL
@@ -343,7 +346,7 @@ class FastProtocol(BaseProtocol):
             path = url.decode()
             if not self._server.forwards(method, path):
                 raise _HandOff
-        except (_HandOff, httptools.HttpParserError, ValueError):
+        except Exception:  # _HandOff, any parser complaint (an upgrade too): aiohttp decides
             self._hand_off()
             return
         del buf[:end]
@@ -383,11 +386,13 @@ class FastProtocol(BaseProtocol):
         try:
             response = await self._server.dispatch(request)
             if response.prepared:
-                keep_alive = response.keep_alive
+                keep_alive = bool(response.keep_alive)
+            elif _whole(response):
+                keep_alive = await self._write_whole(request, response)  # type: ignore[arg-type]
             else:
                 await response.prepare(request)  # type: ignore[arg-type]
                 await response.write_eof()
-                keep_alive = response.keep_alive
+                keep_alive = bool(response.keep_alive)
         except asyncio.CancelledError:
             return  # the caller went away (connection_lost)
         except Exception:
@@ -410,6 +415,31 @@ class FastProtocol(BaseProtocol):
         self._idle()
         if self._buf:
             self._next()
+
+    async def _write_whole(self, request: FastRequest, response: web.Response) -> bool:
+        """A whole reply's head and body in one write, with the headers aiohttp's
+        ``Response.prepare`` gives it (length, type, date, server, connection); whether the
+        connection stays open."""
+        await request._prepare_hook(response)  # the request id header
+        body: bytes = response.body  # type: ignore[assignment]
+        headers = response.headers
+        headers.setdefault("Content-Length", str(len(body)))
+        if body:
+            headers.setdefault("Content-Type", "application/octet-stream")
+        if "Date" not in headers:
+            headers["Date"] = rfc822_formatted_time()
+        headers.setdefault("Server", SERVER_SOFTWARE)
+        keep_alive = response.keep_alive
+        if keep_alive is None:
+            keep_alive = request.keep_alive
+        if not keep_alive and "Connection" not in headers:
+            headers["Connection"] = "close"
+        head = serialize_head(f"HTTP/1.1 {response.status} {response.reason}", headers)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the caller closed the connection")
+        transport.write(head + body)
+        return keep_alive
 
     def _lingered(self) -> None:
         """The rest of an answered request's body has arrived: the next request may start."""
@@ -492,6 +522,20 @@ class FastProtocol(BaseProtocol):
                 await asyncio.wait([task], timeout=timeout)
         if self.transport is not None:
             self.transport.close()
+
+
+def _whole(response: web.StreamResponse) -> bool:
+    """A reply the front end writes itself: a ``web.Response`` of bytes with a body (no
+    1xx/204/304), no compression, no cookies — what every stage answers whole."""
+    return (
+        type(response) is web.Response
+        and type(response.body) is bytes
+        and response.status >= 200
+        and response.status not in (204, 304)
+        and not response.chunked
+        and response.compression is False
+        and not response._cookies
+    )
 
 
 class FastServer(GatewayServer):
