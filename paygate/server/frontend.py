@@ -245,6 +245,7 @@ class FastProtocol(BaseProtocol):
         self._headers: list[tuple[str, str]] = []
         self._length: int | None = None
         self._fields = 0
+        self._hosts = 0
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -297,8 +298,11 @@ class FastProtocol(BaseProtocol):
             or name.lower() in _HAND_OFF_HEADERS
         ):
             raise _HandOff
-        if name.lower() == b"content-length":
+        lower = name.lower()
+        if lower == b"content-length":
             self._length = int(value) if value.isdigit() else -1
+        elif lower == b"host":
+            self._hosts += 1
         self._headers.append(
             (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         )
@@ -331,6 +335,7 @@ class FastProtocol(BaseProtocol):
         self._headers = []
         self._length = None
         self._fields = 0
+        self._hosts = 0
         parser = self._parser
         try:
             parser.feed_data(bytes(buf[:end]))
@@ -339,6 +344,7 @@ class FastProtocol(BaseProtocol):
             if (
                 parser.get_http_version() != "1.1"
                 or self._length == -1
+                or self._hosts != 1  # HTTP/1.1 requires exactly one (aiohttp refuses the rest)
                 or len(url) > self._server.limits[0]
                 or not _PLAIN_PATH.fullmatch(url)
             ):
