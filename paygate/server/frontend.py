@@ -152,8 +152,9 @@ class FastRequest:
     """What the gateway's stages read of a request (the same names as ``web.Request``)."""
 
     __slots__ = (
-        "_payload_writer",
+        "_protocol",
         "_state",
+        "_writer",
         "app",
         "body_exists",
         "content",
@@ -191,12 +192,18 @@ class FastRequest:
         self.keep_alive = keep_alive
         self.transport = protocol.transport
         self.remote = protocol.remote
-        self._payload_writer = StreamWriter(protocol, protocol.loop)
+        self._protocol = protocol
+        self._writer: StreamWriter | None = None
         self._state: dict[Any, Any] = {}
 
     @property
-    def writer(self) -> StreamWriter:
-        return self._payload_writer
+    def _payload_writer(self) -> StreamWriter:
+        # Made only for a streamed reply: a whole one is written without it.
+        if self._writer is None:
+            self._writer = StreamWriter(self._protocol, self._protocol.loop)
+        return self._writer
+
+    writer = _payload_writer
 
     @property
     def host(self) -> str:
@@ -470,7 +477,8 @@ class FastProtocol(BaseProtocol):
 
     def _keepalive_expired(self) -> None:
         self._timer = None
-        if self._task is None and not self._buf and self.transport is not None:
+        # Idle, or a head still incomplete (a slow sender): closed, as aiohttp closes it.
+        if self._task is None and self.transport is not None:
             self.transport.close()
 
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
