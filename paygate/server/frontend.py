@@ -99,10 +99,7 @@ class FastBody:
                 waiter.set_result(None)
 
     def is_eof(self) -> bool:
-        return self._eof and not self._chunks
-
-    def at_end(self) -> bool:
-        """The whole body has arrived (read or not)."""
+        """The whole body has arrived, read or not (aiohttp's ``StreamReader.is_eof``)."""
         return self._eof
 
     def exception(self) -> BaseException | None:
@@ -271,7 +268,7 @@ class FastProtocol(BaseProtocol):
         self._server.connection_lost(self, exc)  # type: ignore[arg-type]
         self._cancel_timer()
         body = self._body
-        if body is not None and not body.at_end():
+        if body is not None and not body.is_eof():
             body.set_exception(ConnectionResetError("the caller closed the connection"))
         task = self._task
         if task is not None and not task.done():
