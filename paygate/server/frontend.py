@@ -409,8 +409,8 @@ class FastProtocol(BaseProtocol):
             keep_alive = False  # the handler chain answers every error; this is the socket
         finally:
             self._task = None
-        if self.transport is None:
-            return
+        if self.transport is None or self.transport.is_closing():
+            return  # gone, or closed by the reply stage (a stream cut short)
         if not keep_alive or self._close:
             self.transport.close()
             return
@@ -419,6 +419,7 @@ class FastProtocol(BaseProtocol):
             # Answered before the body was read: drop the rest for a while, as aiohttp lingers,
             # so the caller reads the answer instead of a reset.
             body.discard = True
+            body.read_nowait()  # what is held goes too, and a paused socket reads again
             self._arm(self._server.lingering, self._linger_expired)
             return
         self._body = None

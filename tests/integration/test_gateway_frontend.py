@@ -150,9 +150,10 @@ async def test_side_doors_of_a_request_head_are_answered_as_aiohttp_answers_them
     assert await _outcome("fast", raw) == await _outcome("aiohttp", raw)
 
 
+@pytest.mark.parametrize("padding", [0, 600 * 1024])  # the second: above the read pause
 @pytest.mark.parametrize("front_end", FRONT_ENDS)
 async def test_an_answer_before_the_body_drops_the_rest_and_serves_the_next_request(
-    front_end: str,
+    front_end: str, padding: int
 ) -> None:
     """A refusal from the head alone (a malformed request nonce) goes out before the body is
     read; the rest of that body is read and dropped, and the next request on the connection
@@ -160,7 +161,8 @@ async def test_an_answer_before_the_body_drops_the_rest_and_serves_the_next_requ
     async with running_stack(http_frontend=front_end) as s:
         reader, writer = await asyncio.open_connection(*s.host_port)
         try:
-            smuggled = chat()  # inside the refused request's body: must never be served
+            # Inside the refused request's body: must never be served.
+            smuggled = chat() + b" " * padding
             writer.write(
                 b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Paygate-Request-Nonce: zz\r\n"
                 b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled[:10]
