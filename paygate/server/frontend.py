@@ -294,15 +294,15 @@ class FastProtocol(BaseProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         limits = self._server.limits
+        lower = name.lower()
         self._fields += 1
         if (
             self._fields > limits[2]
             or len(name) > limits[1]
             or len(value) > limits[1]
-            or name.lower() in _HAND_OFF_HEADERS
+            or lower in _HAND_OFF_HEADERS
         ):
             raise _HandOff
-        lower = name.lower()
         if lower == b"content-length":
             self._length = int(value) if value.isdigit() else -1
         elif lower == b"host":
@@ -330,8 +330,10 @@ class FastProtocol(BaseProtocol):
             return
         end = buf.find(b"\r\n\r\n")
         if end < 0:
-            if len(buf) > self._server.limits[0] + 8192:
-                self._hand_off()  # too long a head: aiohttp refuses it in our shape
+            # Too long a head, or lines ended by a bare LF (whose end this framing would never
+            # find): aiohttp's parser answers them, in our error shape.
+            if len(buf) > self._server.limits[0] + 8192 or buf.count(b"\n") != buf.count(b"\r\n"):
+                self._hand_off()
             return
         end += 4
         self._cancel_timer()

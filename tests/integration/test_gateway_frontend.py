@@ -119,6 +119,8 @@ SIDE_DOORS = {
     "chunked": b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
                b"Content-Type: application/json\r\n\r\n%x\r\n" % len(BODY) + BODY
                + b"\r\n0\r\n\r\n",
+    "bare LF line endings": chat().replace(b"\r\n", b"\n"),
+    "a bare LF in one line": chat().replace(b"Host: x\r\n", b"Host: x\n"),
     "lower-case method": chat().replace(b"POST", b"post", 1),
     "HEAD": b"HEAD /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n",
     "OPTIONS": b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n",
