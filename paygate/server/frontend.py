@@ -25,6 +25,7 @@ and is an internal API; httptools is a stable callback API (the upstream client'
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -40,7 +41,10 @@ from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 from yarl import URL
 
+from paygate.server.errors import InternalError, api_style_for_path, error_response
 from paygate.server.malformed import GatewayServer
+
+log = logging.getLogger("paygate.server")
 
 Dispatch = Callable[[Any], Awaitable[web.StreamResponse]]
 Forwards = Callable[[str, str], bool]
@@ -150,6 +154,7 @@ class FastRequest:
 
     __slots__ = (
         "_protocol",
+        "_started",
         "_state",
         "_writer",
         "app",
@@ -191,6 +196,7 @@ class FastRequest:
         self.remote = protocol.remote
         self._protocol = protocol
         self._writer: StreamWriter | None = None
+        self._started = False
         self._state: dict[Any, Any] = {}
 
     @property
@@ -213,8 +219,14 @@ class FastRequest:
         except ValueError:  # a Host header that is not an authority
             return URL.build(scheme=self.scheme, host="localhost", path=self.path, encoded=True)
 
+    @property
+    def started(self) -> bool:
+        """A reply's head has been prepared (nothing else may be sent in its place)."""
+        return self._started
+
     async def _prepare_hook(self, response: web.StreamResponse) -> None:
         # The app's on_response_prepare signal, as aiohttp's request sends it.
+        self._started = True
         await self.app.on_response_prepare.send(self, response)
 
     def get(self, key: Any, default: Any = None) -> Any:
@@ -407,8 +419,12 @@ class FastProtocol(BaseProtocol):
                 keep_alive = bool(response.keep_alive)
         except asyncio.CancelledError:
             return  # the caller went away (connection_lost)
-        except Exception:
-            keep_alive = False  # the handler chain answers every error; this is the socket
+        except Exception as exc:
+            # The handler chain answers every error it knows; what escapes it gets the 500 that
+            # aiohttp's handler gives (paygate.server.malformed), if nothing went out yet.
+            log.error("unexpected %s while serving a request", type(exc).__name__)
+            self._answer_internal_error(request)
+            keep_alive = False
         finally:
             self._task = None
         if self.transport is None or self.transport.is_closing():
@@ -453,6 +469,19 @@ class FastProtocol(BaseProtocol):
             raise ConnectionResetError("the caller closed the connection")
         transport.write(head + body)
         return keep_alive
+
+    def _answer_internal_error(self, request: FastRequest) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing() or request.started:
+            return
+        response = error_response(InternalError(), api_style_for_path(request.path))
+        body: bytes = response.body  # type: ignore[assignment]
+        headers = CIMultiDict(response.headers)
+        headers["Content-Length"] = str(len(body))
+        headers["Date"] = rfc822_formatted_time()
+        headers["Server"] = SERVER_SOFTWARE
+        headers["Connection"] = "close"
+        transport.write(serialize_head(f"HTTP/1.1 500 {response.reason}", headers) + body)
 
     def _lingered(self) -> None:
         """The rest of an answered request's body has arrived: the next request may start."""

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from paygate.server import frontend
+from paygate.server import frontend, logs
 from tests.integration.gateway_support import running_stack
 
 BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
@@ -183,3 +183,23 @@ async def test_an_answer_before_the_body_drops_the_rest_and_serves_the_next_requ
         finally:
             writer.close()
         assert s.fake.hits["POST /v1/chat/completions"] == 1
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+async def test_a_failure_outside_the_error_answering_is_a_json_500(
+    front_end: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Something failing around the handler (here: the request event) is the same bare 500
+    in the caller's shape from both front ends, quoting nothing."""
+
+    def broken(*_: object) -> str:
+        raise RuntimeError("Zq9MarkXy")
+
+    monkeypatch.setattr(logs, "request_id_for", broken)
+    async with running_stack(http_frontend=front_end) as s:
+        [(status, headers, body)] = await _answers(*s.host_port, chat(), 1)
+        assert status == 500
+        assert headers["x-paygate-error"] == "internal_error"
+        assert json.loads(body)["error"]["code"] == "internal_error"
+        assert b"Zq9MarkXy" not in body
+        assert s.fake.hits["POST /v1/chat/completions"] == 0
