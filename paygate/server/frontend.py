@@ -419,6 +419,8 @@ class FastProtocol(BaseProtocol):
                 keep_alive = bool(response.keep_alive)
         except asyncio.CancelledError:
             return  # the caller went away (connection_lost)
+        except ConnectionError:
+            keep_alive = False  # the caller went away while its reply was being written
         except Exception as exc:
             # The handler chain answers every error it knows; what escapes it gets the 500 that
             # aiohttp's handler gives (paygate.server.malformed), if nothing went out yet.
