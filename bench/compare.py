@@ -3,7 +3,9 @@
 Every target sits in front of the same fast fake upstream (bench.fast_upstream) and gets the
 same load (Debian ``wrk``, one thread): nothing (the upstream itself, the ceiling), nginx
 (proxy_buffering off, keep-alive upstream), bench.mini_proxy (70 lines of aiohttp), paygate
-plain, paygate sealed v2 (software key; the same process, a sealed body) and paygate paid in
+plain, paygate with aiohttp serving every request (``PAYGATE_HTTP_FRONTEND=aiohttp``; the
+shipped default is the fast front end), paygate sealed v2 (software key; the same process, a
+sealed body) and paygate paid in
 verify-only mode against a loopback facilitator that answers /verify valid at once; with
 ``--before DIR`` paygate from another source tree too, with ``--litellm BIN`` LiteLLM's proxy,
 and (``workers`` in ``--only``) ``paygate serve --workers 1`` and ``2`` unpinned.
@@ -515,6 +517,11 @@ def _targets(
             if "paygate" in which:
                 variants["paygate"] = ({}, None, PROXY_CPU)
                 variants["paygate-asyncio"] = ({"PAYGATE_EVENT_LOOP": "asyncio"}, None, PROXY_CPU)
+                variants["paygate-aiohttp-front"] = (
+                    {"PAYGATE_HTTP_FRONTEND": "aiohttp"},
+                    None,
+                    PROXY_CPU,
+                )
                 variants["paygate-paid"] = (
                     {
                         "PAYGATE_PAYMENT_MODE": "verify-only",

@@ -22,19 +22,16 @@ truncation; the per-request key catches splicing from another reply. Layout: doc
 
 from __future__ import annotations
 
-import hmac
 import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from enclave import hpke
+from enclave import hmac256, hpke
 from enclave.errors import DecryptionError
 from enclave.keys.base import KeyBackend
 
@@ -183,23 +180,27 @@ def open_v2(key: KeyBackend, blob: bytes, *, method: str, path: str) -> OpenedRe
 def request_nonce(keys: ReplyKeys) -> bytes:
     """The request's fresh nonce for its receipt (enclave.receipts.request_digest): derived from
     the reply secret, so it travels inside the seal and costs no byte on the wire."""
-    hkdf = HKDF(hashes.SHA256(), 32, salt=keys.enc, info=REQUEST_NONCE_LABEL)
-    return hkdf.derive(keys.reply_secret)
+    return _hkdf32(keys.enc, keys.reply_secret, REQUEST_NONCE_LABEL)
 
 
 def receipt_cipher(keys: ReplyKeys) -> AESGCM:
     """The AEAD that seals a whole reply's receipt header to the caller (enclave.sealed_receipt)."""
-    hkdf = HKDF(hashes.SHA256(), 32, salt=keys.enc, info=RECEIPT_KEY_LABEL)
-    return AESGCM(hkdf.derive(keys.reply_secret))
+    return AESGCM(_hkdf32(keys.enc, keys.reply_secret, RECEIPT_KEY_LABEL))
+
+
+def _hkdf32(salt: bytes, ikm: bytes, info: bytes) -> bytes:
+    """HKDF-SHA256 of 32 bytes (RFC 5869): one extract, one expand block (an output of one
+    block is ``HMAC(PRK, info || 0x01)``)."""
+    return hmac256.digest(hmac256.digest(salt, ikm), info + b"\x01")
 
 
 def _reply_cipher(keys: ReplyKeys, response_nonce: bytes) -> tuple[AESGCM, int]:
     """The reply's AEAD and base nonce (as an integer): HKDF-SHA256 with one extract shared by
     both labels. Each output fits one SHA-256 block, so HKDF-Expand is one HMAC of
     ``label || 0x01`` (RFC 5869, section 2.3): the same bytes as two full HKDF calls."""
-    prk = hmac.digest(keys.enc + response_nonce, keys.reply_secret, "sha256")
-    key = hmac.digest(prk, REPLY_KEY_LABEL + b"\x01", "sha256")
-    nonce = hmac.digest(prk, REPLY_NONCE_LABEL + b"\x01", "sha256")[:12]
+    prk = hmac256.digest(keys.enc + response_nonce, keys.reply_secret)
+    key = hmac256.digest(prk, REPLY_KEY_LABEL + b"\x01")
+    nonce = hmac256.digest(prk, REPLY_NONCE_LABEL + b"\x01")[:12]
     return AESGCM(key), int.from_bytes(nonce, "big")
 
 

@@ -11,7 +11,6 @@ and exposes the exporter. It is checked against the RFC 9180 vectors and against
 from __future__ import annotations
 
 import functools
-import hmac
 import struct
 from dataclasses import dataclass, field
 
@@ -19,7 +18,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from enclave import p256
+from enclave import hmac256, p256
 from enclave.errors import DecryptionError, InvalidPublicKey
 from enclave.keys.base import KeyBackend
 
@@ -40,13 +39,13 @@ _HPKE_SUITE = b"HPKE" + struct.pack(">HHH", KEM_ID, KDF_ID, AEAD_ID)
 
 
 def _extract(salt: bytes, ikm: bytes) -> bytes:
-    return hmac.digest(salt or b"\x00" * N_H, ikm, "sha256")
+    return hmac256.digest(salt or b"\x00" * N_H, ikm)
 
 
 def _expand(prk: bytes, info: bytes, length: int) -> bytes:
     out, block, counter = b"", b"", 1
     while len(out) < length:
-        block = hmac.digest(prk, block + info + bytes([counter]), "sha256")
+        block = hmac256.digest(prk, block + info + bytes([counter]))
         out += block
         counter += 1
     return out[:length]

@@ -288,6 +288,9 @@ class GatewaySection(BaseModel):
     ipv6_prefix_length: Annotated[int, Field(ge=32, le=128)] = 64
     # uvloop where it is installed (a dependency on Linux): the same behaviour, a cheaper loop.
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    # fast: the forwarding routes parsed and answered below aiohttp's web.Request
+    # (paygate.server.frontend); aiohttp: every request through aiohttp's server.
+    http_frontend: Literal["fast", "aiohttp"] = "fast"
 
     @field_validator("listen")
     @classmethod

@@ -41,7 +41,7 @@ from typing import Any
 import rfc8785
 from cryptography.hazmat.primitives import serialization
 
-from enclave import p256
+from enclave import jcs, p256
 from enclave.attestation.base import ExpectedBinding
 from enclave.errors import EnclaveError, InvalidPublicKey
 
@@ -65,7 +65,7 @@ class BindingInvalid(EnclaveError):
 def canonical(document: Any) -> bytes:
     """RFC 8785 canonical JSON bytes."""
     try:
-        return rfc8785.dumps(document)
+        return jcs.dumps(document)  # rfc8785's bytes; the common documents by a faster path
     except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
         raise BindingInvalid(f"not canonicalisable JSON: {type(exc).__name__}") from None
 

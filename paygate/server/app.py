@@ -30,7 +30,7 @@ from paygate.config import ConfigError, Settings
 from paygate.economics.alerts import WebhookAlerts
 from paygate.economics.watch import attestation_alert, watch_forever
 from paygate.keys import epoch_keys, open_key_backend
-from paygate.server import malformed
+from paygate.server import frontend, malformed
 from paygate.server.admission import Admission, AdmissionLimits
 from paygate.server.assembly import (
     alert_sink,
@@ -538,6 +538,9 @@ def catch_all(app: web.Application, plan: Plan) -> None:
     route = app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=expect)
     # aiohttp's own 400s, and its 404 for targets that are not a path, in the caller's shape
     malformed.install(app, route)
+    if plan.settings.http_frontend == "fast":
+        # The forwarding routes served below web.Request, through the same `dispatch`.
+        frontend.install(app, dispatch, lambda method, path: app[GATEWAY].forwards(method, path))
 
 
 def outbound_session() -> aiohttp.ClientSession:

@@ -12,13 +12,18 @@ addresses inside it is free).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_IPV6_PREFIX = 64
+# Parsing an address costs more than the rest of a request's address work: the peers seen
+# recently are remembered (bounded; a caller rotating addresses only evicts its own).
+_REMEMBERED = 4096
 
 
+@functools.lru_cache(maxsize=_REMEMBERED)
 def address_key(address: str, ipv6_prefix: int = DEFAULT_IPV6_PREFIX) -> str:
     """The key per-address limits use for ``address``: IPv4 as is (an IPv4-mapped IPv6
     address as its IPv4), IPv6 as ``network/prefix``; anything unparsable as given."""
@@ -64,6 +69,7 @@ def client_address(
     return address
 
 
+@functools.lru_cache(maxsize=_REMEMBERED)
 def _unmapped(address: str) -> str:
     """``::ffff:198.51.100.9`` (a dual-stack socket's IPv4 peer) as ``198.51.100.9``."""
     try:

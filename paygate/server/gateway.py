@@ -39,7 +39,7 @@ from paygate.server.isolation import tenant_of
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.logs import facts
 from paygate.server.metrics import Metrics
-from paygate.server.opening import Opener
+from paygate.server.opening import Opener, PlainReply
 from paygate.server.payments import HttpPaymentRefusal
 from paygate.server.proxy import upstream_request_headers
 from paygate.server.receipts import request_facts, request_nonce_header
@@ -92,6 +92,11 @@ class Gateway:
         self._limiter = limiter
         self._metrics = metrics
         self._local = local
+
+    def forwards(self, method: str, path: str) -> bool:
+        """Whether ``method path`` is a forwarding route (paygate.server.frontend serves it)."""
+        match = self._routes.match(method, path)
+        return match is not None and match.route.target == "upstream"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         match = self._routes.match(request.method, request.path)
@@ -179,6 +184,9 @@ class Gateway:
                             body,
                         )
                         reply.keep_text()  # what a cut stream's engine tokenizer counts
+                    # The signed receipt's facts (a canonical-JSON digest of the request): only
+                    # a paid or sealed reply carries one.
+                    signed = ticket.paid or not isinstance(opened.reply, PlainReply)
                     try:
                         return await self._replies.send(
                             request,
@@ -194,7 +202,9 @@ class Gateway:
                                 nonce=nonce,
                                 model=_model_named(opened.body),
                                 model_digest=routed.digest,
-                            ),
+                            )
+                            if signed
+                            else None,
                         )
                     finally:
                         info.upstream_seconds = reply.waited
