@@ -49,15 +49,7 @@ log = logging.getLogger("paygate.x402")
 _CONFIG = {
     "type": "tuple",
     "name": "config",
-    "components": [
-        {"name": "payer", "type": "address"},
-        {"name": "payerAuthorizer", "type": "address"},
-        {"name": "receiver", "type": "address"},
-        {"name": "receiverAuthorizer", "type": "address"},
-        {"name": "token", "type": "address"},
-        {"name": "withdrawDelay", "type": "uint40"},
-        {"name": "salt", "type": "bytes32"},
-    ],
+    "components": ch.CHANNEL_CONFIG,
 }
 _CLAIMS = {
     "type": "tuple[]",
@@ -173,6 +165,14 @@ class ChannelChain(Protocol):
         voucher: dict[str, Any],
         requirements: dict[str, Any],
     ) -> tuple[str, OnChain, int]: ...
+
+
+async def claimed_on_chain(chain: ChannelChain, entries: tuple[ClaimEntry, ...]) -> bool:
+    """Every channel's on-chain ``totalClaimed`` reached its entry's total."""
+    for entry in entries:
+        if (await chain.state(entry.channel_id)).total_claimed < entry.total:
+            return False
+    return True
 
 
 class BatchChain:
@@ -326,10 +326,7 @@ class BatchChain:
             )
             if receipt["status"] != 1 or not settled:
                 return False
-        for entry in entries:
-            if (await self.state(entry.channel_id)).total_claimed < entry.total:
-                return False
-        return True
+        return await claimed_on_chain(self, entries)
 
     # --- refunds ---
 
