@@ -131,7 +131,7 @@ class Channels:
             amount=str(charge),
             extra={
                 "chargedAmount": str(charge),
-                "channelState": _state(channel),
+                "channelState": channel_state(channel),
             },
         )
 
@@ -282,7 +282,9 @@ class Channels:
                 log.error("claim pass failed: %s", type(exc).__name__)
 
 
-def _state(channel: Channel) -> dict[str, Any]:
+def channel_state(channel: Channel) -> dict[str, Any]:
+    """The ``channelState`` the seller reports of ``channel`` (a refund's answer, the
+    corrective 402)."""
     return {
         "channelId": channel.channel_id,
         "balance": str(channel.balance),
