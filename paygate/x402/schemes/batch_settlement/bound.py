@@ -33,7 +33,7 @@ from paygate.x402.schemes.batch_settlement.store import SchemeSql
 from paygate.x402.schemes.batch_settlement.verify import (
     NOT_CUMULATIVE,
     ChannelTerms,
-    Checked,
+    CheckedVoucher,
     check_against,
     check_payload,
     payload_of,
@@ -123,7 +123,7 @@ class BoundBatchSettlement(Scheme):
             authorized, valid_before=now + int(self._channels.pending_seconds)
         )
 
-    def _checked(self, payment: AnyPaymentPayload, requirements: dict[str, Any]) -> Checked:
+    def _checked(self, payment: AnyPaymentPayload, requirements: dict[str, Any]) -> CheckedVoucher:
         return check_payload(payload_of(payment), ChannelTerms.of_requirements(requirements))
 
     async def verify(
