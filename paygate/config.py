@@ -17,13 +17,14 @@ import os
 import re
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
     AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PositiveFloat,
@@ -116,6 +117,32 @@ def _health_path(value: str) -> str:
     if not value.startswith("/") or "?" in value or "#" in value:
         raise ValueError("must be an absolute path without query, e.g. /health")
     return value
+
+
+def _split_list(value: Any) -> Any:
+    # The environment gives one string: accept "10.0.0.1, 10.1.0.0/16" as well as a JSON list.
+    if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            return jsonsafe.loads(value, max_bytes=64 * 1024)  # ValueError when not JSON
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+# The secret settings: each also read from its ``*_file`` or a systemd credential (secret()).
+SecretName = Literal[
+    "key_passphrase",
+    "pkcs11_pin",
+    "gas_key",
+    "upstream_api_key",
+    "alert_webhook_secret",
+    "console_secret",
+    "cache_salt_secret",
+]
+SECRET_NAMES: tuple[SecretName, ...] = get_args(SecretName)
+
+_Item = TypeVar("_Item")
+# A list setting: a list in the TOML file, one string ("a, b" or a JSON list) in the environment.
+SplitList = Annotated[list[_Item], NoDecode, BeforeValidator(_split_list)]
 
 
 def _secret_text(value: Any) -> str | None:
@@ -283,7 +310,7 @@ class GatewaySection(BaseModel):
     total_timeout: PositiveFloat = 1800.0
     ready_probe_timeout: PositiveFloat = 2.0
     shutdown_grace_seconds: PositiveFloat = 30.0
-    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    trusted_proxies: SplitList[str] = Field(default_factory=list)
     # Per-address limits and slot pools key an IPv6 caller by this prefix (a host gets a /64).
     ipv6_prefix_length: Annotated[int, Field(ge=32, le=128)] = 64
     # uvloop where it is installed (a dependency on Linux): the same behaviour, a cheaper loop.
@@ -297,11 +324,6 @@ class GatewaySection(BaseModel):
     def _check_listen(cls, value: str) -> str:
         split_listen(value)
         return value
-
-    @field_validator("trusted_proxies", mode="before")
-    @classmethod
-    def _split_proxies(cls, value: Any) -> Any:
-        return _split_list(value)
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -338,7 +360,7 @@ class PaymentSection(BaseModel):
 
     # --- payments (x402); docs/PAYMENTS.md ---
     pay_to: str | None = None
-    network: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["base"])
+    network: SplitList[str] = Field(default_factory=lambda: ["base"])
     price: NonNegativeDecimal = Decimal("0.001")
     route_prices: dict[str, NonNegativeDecimal] = Field(default_factory=dict)
     model_prices: dict[str, NonNegativeDecimal] = Field(default_factory=dict)
@@ -362,7 +384,7 @@ class PaymentSection(BaseModel):
     # Ask the engine for usage on every streamed chunk (llama-server, vLLM) when metering.
     running_usage: bool = True
     # Load-time engine options callers may send (docs/PAYMENTS.md "Engine options").
-    engine_options_allowed: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    engine_options_allowed: SplitList[str] = Field(default_factory=list)
     # Limits and budgets: docs/PAYMENTS.md "Budgets and rate limits".
     rate_limits: dict[str, RateLimitSetting] = Field(default_factory=dict)
     payer_daily_budget: NonNegativeDecimal | None = None
@@ -417,14 +439,9 @@ class PaymentSection(BaseModel):
     chain_batch_window_ms: Annotated[int, Field(ge=0, le=10_000)] = 50
     # ERC-6492 factories trusted to deploy a counterfactual smart-wallet payer (chain-mode
     # settlement, smart-wallet sign-ins); empty: such wallets pay once deployed.
-    erc6492_factories: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    erc6492_factories: SplitList[str] = Field(default_factory=list)
     gas_key: SecretStr | None = None
     gas_key_file: Path | None = None
-
-    @field_validator("network", "engine_options_allowed", mode="before")
-    @classmethod
-    def _split_networks(cls, value: Any) -> Any:
-        return _split_list(value)
 
     @field_validator("payment_schemes", mode="before")
     @classmethod
@@ -545,17 +562,12 @@ class TransparencySection(BaseModel):
     log_origin: LogOrigin | None = None  # default: public_url without the scheme, + "/v1/log"
     log_receipt_period: Annotated[float, Field(ge=1, le=31 * 86400)] = 3600.0
     # "<add-checkpoint URL prefix> <witness vkey>" items (comma-separated or a JSON list).
-    log_witnesses: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    log_witnesses: SplitList[str] = Field(default_factory=list)
     log_witness_timeout: PositiveFloat = 10.0
     log_wheel_sha256: Sha256Digest | None = None  # of the installed wheel, when known
     log_image_digest: Sha256Digest | None = None  # of the appliance image, when known
     # --- operations (docs/OPERATIONS.md) ---
     log_format: Literal["json", "text"] = "text"
-
-    @field_validator("log_witnesses", mode="before")
-    @classmethod
-    def _split_witnesses(cls, value: Any) -> Any:
-        return _split_list(value)
 
 
 class ConsoleSection(BaseModel):
@@ -563,7 +575,7 @@ class ConsoleSection(BaseModel):
 
     # --- the operator console (docs/CONSOLE.md): off unless console_listen is set ---
     console_listen: str | None = None  # e.g. 127.0.0.1:8403; never the public port
-    console_wallets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    console_wallets: SplitList[str] = Field(default_factory=list)
     console_secret: SecretStr | None = None  # signs session cookies: the same on every replica
     console_secret_file: Path | None = None
     console_session_seconds: Annotated[float, Field(ge=60, le=7 * 86_400)] = 8 * 3600.0
@@ -629,7 +641,7 @@ class UpstreamSection(BaseModel):
     cache_salt_secret: SecretStr | None = None
     cache_salt_secret_file: Path | None = None
     deployments_dir: HomePath = Path("~/.config/paygate/inference")
-    discover_ports: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    discover_ports: SplitList[int] = Field(default_factory=list)
     discover_timeout: PositiveFloat = 2.0
 
     @field_validator("expected_model_digests")
@@ -647,11 +659,6 @@ class UpstreamSection(BaseModel):
             if not path.startswith("/"):
                 raise ValueError("tmpfs mount points must be absolute paths")
         return value
-
-    @field_validator("discover_ports", mode="before")
-    @classmethod
-    def _split_ports(cls, value: Any) -> Any:
-        return _split_list(value)
 
     @field_validator("discover_ports")
     @classmethod
@@ -675,11 +682,6 @@ class Settings(
     """Everything the appliance can be told. See docs/CONFIG.md."""
 
     model_config = SettingsConfigDict(env_prefix="PAYGATE_", extra="forbid", validate_default=True)
-
-    @field_validator("erc6492_factories", "console_wallets", mode="before")
-    @classmethod
-    def _split_addresses(cls, value: Any) -> Any:
-        return _split_list(value)
 
     @field_validator("erc6492_factories", "console_wallets")
     @classmethod
@@ -834,31 +836,14 @@ class Settings(
             expected_model_digests=dict(self.expected_model_digests),
         )
 
-    @field_validator(
-        "key_passphrase",
-        "pkcs11_pin",
-        "gas_key",
-        "upstream_api_key",
-        "alert_webhook_secret",
-        "console_secret",
-        "cache_salt_secret",
-        mode="before",
-    )
+    @field_validator(*SECRET_NAMES, mode="before")
     @classmethod
     def _empty_secret_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
 
     def secret(
         self,
-        name: Literal[
-            "key_passphrase",
-            "pkcs11_pin",
-            "gas_key",
-            "upstream_api_key",
-            "alert_webhook_secret",
-            "console_secret",
-            "cache_salt_secret",
-        ],
+        name: SecretName,
     ) -> SecretStr | None:
         """A secret from its variable, else its ``*_file``, else the systemd credential of the
         same name (first line, stripped)."""
@@ -881,16 +866,8 @@ class Settings(
         """Every configured secret value, for the log formatter to redact: keys, PINs, API
         keys, facilitator header values, and the credential-bearing parts of service URLs."""
         found: list[str] = []
-        for name in (
-            "key_passphrase",
-            "pkcs11_pin",
-            "gas_key",
-            "upstream_api_key",
-            "alert_webhook_secret",
-            "console_secret",
-            "cache_salt_secret",
-        ):
-            value = self.secret(name)  # type: ignore[arg-type]
+        for name in SECRET_NAMES:
+            value = self.secret(name)
             if value is not None:
                 found.append(value.get_secret_value())
         found += [value.get_secret_value() for value in self.facilitator_headers().values()]
@@ -967,15 +944,6 @@ class Settings(
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The TOML file comes from model_config, set per call by load_settings.
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
-
-
-def _split_list(value: Any) -> Any:
-    # The environment gives one string: accept "10.0.0.1, 10.1.0.0/16" as well as a JSON list.
-    if isinstance(value, str):
-        if value.lstrip().startswith("["):
-            return jsonsafe.loads(value, max_bytes=64 * 1024)  # ValueError when not JSON
-        return [item.strip() for item in value.split(",") if item.strip()]
-    return value
 
 
 def _is_loopback(host: str) -> bool:

@@ -7,6 +7,7 @@ message types and contracts; nothing here touches the network.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from eth_account import Account
@@ -15,6 +16,24 @@ from eth_account.signers.local import LocalAccount
 
 # keccak256("Transfer(address,address,uint256)"): the ERC-20 event every proof looks for.
 TRANSFER_TOPIC = "ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
+
+
+def abi_function(
+    name: str,
+    inputs: list[dict[str, Any]],
+    outputs: Sequence[str | dict[str, Any]] = (),
+    *,
+    mutability: str = "nonpayable",
+) -> dict[str, Any]:
+    """A function's entry in a contract ABI (the part paygate calls); an output given as a
+    bare type is unnamed."""
+    return {
+        "type": "function",
+        "name": name,
+        "inputs": inputs,
+        "outputs": [{"name": "", "type": o} if isinstance(o, str) else o for o in outputs],
+        "stateMutability": mutability,
+    }
 
 
 def sign_typed(account: LocalAccount, typed_data: dict[str, Any]) -> str:

@@ -99,16 +99,7 @@ class PaymentTerms:
             raise ValueError("at least one network must be accepted")
 
     def offers(self, price: Decimal) -> tuple[Offer, ...]:
-        return tuple(
-            Offer(
-                network=a.network,
-                asset=a.asset,
-                pay_to=self.pay_to,
-                amount=to_atomic(price, a.asset.decimals),
-                max_timeout_seconds=self.max_timeout_seconds,
-            )
-            for a in self.accepted
-        )
+        return tuple(self._offer(a, to_atomic(price, a.asset.decimals)) for a in self.accepted)
 
     def upto_offers(
         self, maximum: Decimal, extra: tuple[tuple[str, str], ...] = ()
@@ -116,16 +107,24 @@ class PaymentTerms:
         """`upto` offers authorizing at most ``maximum`` (rounded up to whole atomic units);
         ``extra``: more requirement fields (the token prices)."""
         return tuple(
-            Offer(
-                network=a.network,
-                asset=a.asset,
-                pay_to=self.pay_to,
-                amount=to_atomic_ceiling(maximum, a.asset.decimals),
-                max_timeout_seconds=self.max_timeout_seconds,
+            self._offer(
+                a,
+                to_atomic_ceiling(maximum, a.asset.decimals),
                 scheme=UPTO,
                 extra=tuple(sorted(self.upto_extra.get(a.network.caip2, {}).items())) + extra,
             )
             for a in self.accepted
+        )
+
+    def _offer(self, accepted: Acceptance, amount: int, **scheme_fields: Any) -> Offer:
+        """An offer of ``amount`` in ``accepted``'s asset to our wallet."""
+        return Offer(
+            network=accepted.network,
+            asset=accepted.asset,
+            pay_to=self.pay_to,
+            amount=amount,
+            max_timeout_seconds=self.max_timeout_seconds,
+            **scheme_fields,
         )
 
 

@@ -36,8 +36,13 @@ class SettlementSteps(Protocol):
     async def release(self, record: PaymentRecord) -> None: ...
 
 
-class Settlement(Protocol):
-    """The three moments where settlement policies differ."""
+class Settlement:
+    """The moments where settlement policies differ; a policy overrides only where it does.
+    By default a verified payment is admitted as it is, a replayed authorization is refused
+    as used, and the reconciler settles what was served and not settled (after a crash, say)."""
+
+    #: The reconciler settles what was served and not settled.
+    settles_owed: bool = True
 
     async def verified(
         self,
@@ -47,42 +52,34 @@ class Settlement(Protocol):
         resource: ResourceInfo,
     ) -> PaymentAdmission | Refusal:
         """The payment is verified (and recorded VERIFIED): admit it, or refuse."""
-        ...
+        return admission
 
     async def reply_ready(
         self, processor: SettlementSteps, admission: PaymentAdmission
     ) -> Receipt | None:
         """The reply is good and its end not sent yet: the receipt to send with it, if any."""
-        ...
+        raise NotImplementedError
 
     async def finished(
         self, processor: SettlementSteps, admission: PaymentAdmission, *, earned: bool
     ) -> None:
         """The request is over (once): settle what is owed, release what was not earned."""
-        ...
+        raise NotImplementedError
 
     def serves_again(self, record: PaymentRecord) -> bool:
         """A replayed authorization in ``record``'s state is served (once more) instead of
         refused as used."""
-        ...
-
-    @property
-    def settles_owed(self) -> bool:
-        """The reconciler settles what was served and not settled (after a crash, say)."""
-        ...
+        return False
 
 
-class SettleAfterReply:
+async def _release(processor: SettlementSteps, admission: PaymentAdmission) -> None:
+    """Give back what a request that did not earn its payment held."""
+    assert admission.record is not None
+    await processor.release(admission.record)
+
+
+class SettleAfterReply(Settlement):
     """Settle after the reply is produced: nothing is charged for a failed request."""
-
-    async def verified(
-        self,
-        processor: SettlementSteps,
-        admission: PaymentAdmission,
-        offers: tuple[Offer, ...],
-        resource: ResourceInfo,
-    ) -> PaymentAdmission | Refusal:
-        return admission
 
     async def reply_ready(
         self, processor: SettlementSteps, admission: PaymentAdmission
@@ -97,16 +94,10 @@ class SettleAfterReply:
         if earned:
             processor.settle_in_background(admission)
         else:
-            assert admission.record is not None
-            await processor.release(admission.record)
-
-    def serves_again(self, record: PaymentRecord) -> bool:
-        return False
-
-    settles_owed = True
+            await _release(processor, admission)
 
 
-class SettleUpfront:
+class SettleUpfront(Settlement):
     """Settle before forwarding: the operator never serves on credit."""
 
     async def verified(
@@ -134,20 +125,12 @@ class SettleUpfront:
         # same authorization sent again is served (once: finished marks it served).
         return record.state is PaymentState.SETTLED and not record.served
 
-    settles_owed = True
 
-
-class VerifyOnly:
+class VerifyOnly(Settlement):
     """Verify and serve; settlement is the operator's business (e.g. batched off-line)."""
 
-    async def verified(
-        self,
-        processor: SettlementSteps,
-        admission: PaymentAdmission,
-        offers: tuple[Offer, ...],
-        resource: ResourceInfo,
-    ) -> PaymentAdmission | Refusal:
-        return admission
+    # What was served stays SERVED: paygate never settles it, not even after a restart.
+    settles_owed = False
 
     async def reply_ready(
         self, processor: SettlementSteps, admission: PaymentAdmission
@@ -161,11 +144,4 @@ class VerifyOnly:
         if earned:
             await processor.mark_served(admission)
         else:
-            assert admission.record is not None
-            await processor.release(admission.record)
-
-    def serves_again(self, record: PaymentRecord) -> bool:
-        return False
-
-    # What was served stays SERVED: paygate never settles it, not even after a restart.
-    settles_owed = False
+            await _release(processor, admission)

@@ -194,23 +194,6 @@ def message(proof: SiwxProof) -> str:
     return head + "\n\n" + "\n".join(lines)
 
 
-def verify(
-    proof: SiwxProof,
-    *,
-    origin: str,
-    networks: list[str],
-    now: float,
-    key: bytes,
-    max_age: int = MAX_AGE_SECONDS,
-) -> str:
-    """The wallet the proof signs in (checksummed), or SiwxRejected with the reason (EOAs only:
-    no network call); its nonce must be one issued under ``key`` within ``max_age``."""
-    check(proof, origin=origin, networks=networks, now=now, key=key, max_age=max_age)
-    if _eoa_signed(proof):
-        return proof.address
-    raise SiwxRejected("invalid_siwx_signature", "the signature is not the address's")
-
-
 async def verify_wallet(
     proof: SiwxProof,
     *,
@@ -221,9 +204,11 @@ async def verify_wallet(
     wallets: WalletVerifier | None,
     max_age: int = MAX_AGE_SECONDS,
 ) -> str:
-    """:func:`verify`, and with ``wallets`` (an RPC) a contract wallet's signature put to the
-    wallet (ERC-1271 ``isValidSignature`` of the EIP-191 digest; ERC-6492 when not deployed).
-    SettlerUnavailable when the chain cannot be asked."""
+    """The wallet the proof signs in (checksummed), or SiwxRejected with the reason; its nonce
+    must be one issued under ``key`` within ``max_age``. An EOA's signature is checked here;
+    with ``wallets`` (an RPC) a contract wallet's is put to the wallet (ERC-1271
+    ``isValidSignature`` of the EIP-191 digest; ERC-6492 when not deployed); without, only EOAs
+    sign in. SettlerUnavailable when the chain cannot be asked."""
     check(proof, origin=origin, networks=networks, now=now, key=key, max_age=max_age)
     if _eoa_signed(proof):
         return proof.address

@@ -32,6 +32,8 @@ from eth_abi import decode, encode
 from eth_abi.exceptions import DecodingError
 from eth_utils import keccak, to_checksum_address
 
+from paygate.x402.evm import abi_function
+
 if TYPE_CHECKING:
     from paygate.x402.chain_reader import ChainReader
 
@@ -40,11 +42,9 @@ ERC6492_MAGIC = bytes.fromhex("6492" * 16)
 MULTICALL3_ADDRESS = "0xcA11bde05977b3631167028862bE2a173976CA11"
 _AGGREGATE3 = keccak(text="aggregate3((address,bool,bytes)[])")[:4]
 AGGREGATE3_ABI: list[dict[str, Any]] = [
-    {
-        "name": "aggregate3",
-        "type": "function",
-        "stateMutability": "payable",
-        "inputs": [
+    abi_function(
+        "aggregate3",
+        [
             {
                 "name": "calls",
                 "type": "tuple[]",
@@ -55,7 +55,7 @@ AGGREGATE3_ABI: list[dict[str, Any]] = [
                 ],
             }
         ],
-        "outputs": [
+        [
             {
                 "name": "returnData",
                 "type": "tuple[]",
@@ -65,7 +65,8 @@ AGGREGATE3_ABI: list[dict[str, Any]] = [
                 ],
             }
         ],
-    }
+        mutability="payable",
+    )
 ]
 # The SDK facilitator's reasons, so chain mode answers as a facilitator would.
 FACTORY_NOT_ALLOWED = "eip6492_factory_not_allowed"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from paygate.upstream.engines.limits import ApiShape, GenerationRules
+from paygate.upstream.engines.limits import SINGLE_LIMIT_KEYS, ApiShape, GenerationRules, Post
 from paygate.upstream.errors import UpstreamError
 
 EngineKind = Literal["ollama", "llama-server", "vllm", "openai"]
@@ -202,3 +202,59 @@ def gguf_digests(model_path: Path | None, model_name: str | None) -> list[ModelD
     if model_path is None:
         return []
     return [ModelDigest(model_name or model_path.name, file_digest(model_path))]
+
+
+class OpenAICompatible:
+    """What a profile does where it says nothing else: an OpenAI-compatible server. The OpenAI
+    routes and model list, one GGUF file's digest, no container recipe, no further APIs, no
+    per-caller cache; on OpenAI routes the output limit keys ``openai_limit_keys`` (nothing
+    known on Responses or Messages), nothing dropped, no load-time options, no running usage,
+    no tokenize route. Each profile states its own ``kind`` and ``limit``."""
+
+    kind: EngineKind
+    health_path: str = "/v1/models"
+    models_path: str = "/v1/models"
+    pull_path: str | None = None
+    container: ContainerDefaults | None = None
+    #: On OpenAI routes: the keys that bound the output, and every generation key it knows.
+    openai_limit_keys: tuple[str, ...] = ()
+    openai_known_keys: frozenset[str] = frozenset()
+
+    def routes(self) -> tuple[ServedRoute, ...]:
+        return OPENAI_ROUTES
+
+    def model_names(self, listing: Any) -> list[str]:
+        return openai_model_ids(listing)
+
+    def digests(self, model_path: Path | None, model_name: str | None) -> list[ModelDigest]:
+        return gguf_digests(model_path, model_name)
+
+    def launch(self, target: LaunchTarget) -> ContainerLaunch:
+        raise ProfileError(f"upstream_kind {self.kind} has no container recipe: use attach mode")
+
+    def api_routes(self) -> tuple[ServedRoute, ...]:
+        return ()
+
+    def cache_controls(self) -> CacheControls:
+        return CacheControls("none", caller_keys=frozenset({"cache_salt"}))
+
+    def limit_keys(self, api: ApiShape) -> tuple[str, ...]:
+        return () if api in SINGLE_LIMIT_KEYS else self.openai_limit_keys
+
+    def known_keys(self, api: ApiShape) -> frozenset[str]:
+        return frozenset() if api in SINGLE_LIMIT_KEYS else self.openai_known_keys
+
+    def dropped_keys(self, api: ApiShape) -> tuple[str, ...]:
+        return ()
+
+    def load_options(self, api: ApiShape) -> frozenset[str]:
+        return frozenset()
+
+    def ask_running_usage(self, api: ApiShape, data: dict[str, Any]) -> None:
+        return None
+
+    async def count_text(self, post: Post, model: str, text: str) -> int | None:
+        return None
+
+    async def count_prompt(self, post: Post, path: str, data: Mapping[str, Any]) -> int | None:
+        return None

@@ -28,24 +28,19 @@ llama.cpp 4227c9b that the tests run):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from paygate.upstream.engines.base import (
-    OPENAI_ROUTES,
     CacheControls,
     ContainerDefaults,
     ContainerLaunch,
     EngineKind,
     LaunchTarget,
-    ModelDigest,
+    OpenAICompatible,
     ProfileError,
     ServedRoute,
-    gguf_digests,
-    openai_model_ids,
 )
 from paygate.upstream.engines.limits import (
-    SINGLE_LIMIT_KEYS,
     ApiShape,
     EngineLimit,
     LimitRefused,
@@ -60,10 +55,9 @@ _KNOWN = frozenset(
 )
 
 
-class LlamaServerProfile:
+class LlamaServerProfile(OpenAICompatible):
     kind: EngineKind = "llama-server"
     health_path: str = "/health"
-    models_path: str = "/v1/models"
     pull_path: str | None = None  # built without libcurl: it serves the file it was given
     container: ContainerDefaults | None = ContainerDefaults(
         image="ghcr.io/ggml-org/llama.cpp:server",  # entrypoint: the llama-server binary
@@ -71,15 +65,8 @@ class LlamaServerProfile:
         models_dir="/models",
         name="paygate-llama-server",
     )
-
-    def routes(self) -> tuple[ServedRoute, ...]:
-        return OPENAI_ROUTES
-
-    def model_names(self, listing: Any) -> list[str]:
-        return openai_model_ids(listing)
-
-    def digests(self, model_path: Path | None, model_name: str | None) -> list[ModelDigest]:
-        return gguf_digests(model_path, model_name)
+    openai_limit_keys = ("n_predict", "max_tokens")
+    openai_known_keys = _KNOWN
 
     def launch(self, target: LaunchTarget) -> ContainerLaunch:
         if target.model_path is None:
@@ -112,12 +99,6 @@ class LlamaServerProfile:
 
     # --- generation (see the module docstring) ---
 
-    def limit_keys(self, api: ApiShape) -> tuple[str, ...]:
-        return () if api in SINGLE_LIMIT_KEYS else ("n_predict", "max_tokens")
-
-    def known_keys(self, api: ApiShape) -> frozenset[str]:
-        return frozenset() if api in SINGLE_LIMIT_KEYS else _KNOWN
-
     def limit(self, api: ApiShape, data: Mapping[str, Any]) -> EngineLimit:
         n = stated(data, "n")
         if n is not None and n != 1:
@@ -131,9 +112,6 @@ class LlamaServerProfile:
         if value is None or value == -1:
             return EngineLimit(None)
         return EngineLimit(max(value, 1))
-
-    def dropped_keys(self, api: ApiShape) -> tuple[str, ...]:
-        return ()
 
     def load_options(self, api: ApiShape) -> frozenset[str]:
         return frozenset({"id_slot", "lora"})

@@ -35,17 +35,17 @@ from typing import Any
 
 from paygate.upstream.engines.base import (
     OPENAI_ROUTES,
-    CacheControls,
     ContainerDefaults,
     ContainerLaunch,
     EngineKind,
     LaunchTarget,
     ModelDigest,
+    OpenAICompatible,
     ProfileError,
     ServedRoute,
     file_digest,
 )
-from paygate.upstream.engines.limits import SINGLE_LIMIT_KEYS, ApiShape, EngineLimit, Post, stated
+from paygate.upstream.engines.limits import SINGLE_LIMIT_KEYS, ApiShape, EngineLimit, stated
 
 _RUNNER_OPTIONS = (
     "num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "use_mlock",
@@ -71,7 +71,9 @@ OLLAMA_ROUTES: tuple[ServedRoute, ...] = (
 )
 
 
-class OllamaProfile:
+class OllamaProfile(OpenAICompatible):
+    # Ollama keeps a runner's context between requests and offers no per-request cache control
+    # (cache_controls), no further APIs, no running usage and no tokenize route.
     kind: EngineKind = "ollama"
     health_path: str = "/api/version"
     models_path: str = "/api/tags"
@@ -113,13 +115,6 @@ class OllamaProfile:
         environment = {"OLLAMA_HOST": f"{target.listen}:{target.port}", "OLLAMA_MODELS": models}
         return ContainerLaunch(command=(), environment=environment)
 
-    def api_routes(self) -> tuple[ServedRoute, ...]:
-        return ()
-
-    def cache_controls(self) -> CacheControls:
-        # Ollama keeps a runner's context between requests and offers no per-request control.
-        return CacheControls("none", caller_keys=frozenset({"cache_salt"}))
-
     # --- generation (see the module docstring) ---
 
     def limit_keys(self, api: ApiShape) -> tuple[str, ...]:
@@ -143,15 +138,6 @@ class OllamaProfile:
 
     def load_options(self, api: ApiShape) -> frozenset[str]:
         return _LOAD_OPTIONS if api == "ollama" else frozenset()
-
-    def ask_running_usage(self, api: ApiShape, data: dict[str, Any]) -> None:
-        return None
-
-    async def count_text(self, post: Post, model: str, text: str) -> int | None:
-        return None
-
-    async def count_prompt(self, post: Post, path: str, data: Mapping[str, Any]) -> int | None:
-        return None
 
 
 def manifest_digests(manifests: Path) -> list[ModelDigest]:

@@ -34,7 +34,6 @@ from typing import Any
 
 from paygate.upstream.engines.base import (
     MESSAGES_ROUTE,
-    OPENAI_ROUTES,
     RESPONSES_ROUTE,
     CacheControls,
     ContainerDefaults,
@@ -42,10 +41,10 @@ from paygate.upstream.engines.base import (
     EngineKind,
     LaunchTarget,
     ModelDigest,
+    OpenAICompatible,
     ProfileError,
     ServedRoute,
     file_digest,
-    openai_model_ids,
 )
 from paygate.upstream.engines.limits import (
     SINGLE_LIMIT_KEYS,
@@ -65,20 +64,13 @@ _KNOWN = frozenset(
 )  # fmt: skip
 
 
-class VllmProfile:
+class VllmProfile(OpenAICompatible):
     kind: EngineKind = "vllm"
     health_path: str = "/health"
-    models_path: str = "/v1/models"
     pull_path: str | None = None  # it loads what it is given; downloads happen elsewhere
     container: ContainerDefaults | None = ContainerDefaults(
         image="vllm/vllm-openai", port=8000, models_dir="/models", name="paygate-vllm"
     )
-
-    def routes(self) -> tuple[ServedRoute, ...]:
-        return OPENAI_ROUTES
-
-    def model_names(self, listing: Any) -> list[str]:
-        return openai_model_ids(listing)
 
     def digests(self, model_path: Path | None, model_name: str | None) -> list[ModelDigest]:
         # A file (GGUF) hashes as itself; a Hugging Face directory as its weight files in
@@ -147,9 +139,6 @@ class VllmProfile:
         if value is not None and value < 1:
             raise LimitRefused("max_tokens must be at least 1")
         return EngineLimit(value, choices_of(data, "n", "best_of"))
-
-    def dropped_keys(self, api: ApiShape) -> tuple[str, ...]:
-        return ()
 
     def load_options(self, api: ApiShape) -> frozenset[str]:
         return frozenset({"priority", "kv_transfer_params", "vllm_xargs", "logits_processors"})

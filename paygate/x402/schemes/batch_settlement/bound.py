@@ -27,13 +27,13 @@ from paygate.x402.schemes.base import Authorized, Binding, PaymentRejected, Sche
 from paygate.x402.schemes.batch_settlement import offer as offer_role
 from paygate.x402.schemes.batch_settlement.chain import BatchChain, ChannelChain, not_bound
 from paygate.x402.schemes.batch_settlement.channel import NAME
-from paygate.x402.schemes.batch_settlement.claims import Channels
+from paygate.x402.schemes.batch_settlement.claims import Channels, channel_state
 from paygate.x402.schemes.batch_settlement.facilitator import BatchFacilitator, receiver_authorizer
 from paygate.x402.schemes.batch_settlement.store import SchemeSql
 from paygate.x402.schemes.batch_settlement.verify import (
     NOT_CUMULATIVE,
     ChannelTerms,
-    Checked,
+    CheckedVoucher,
     check_against,
     check_payload,
     payload_of,
@@ -89,14 +89,7 @@ class BoundBatchSettlement(Scheme):
         if channel is None or channel.config != payload.channel_config:
             return refusal
         state = {
-            "channelState": {
-                "channelId": channel.channel_id,
-                "balance": str(channel.balance),
-                "totalClaimed": str(channel.total_claimed),
-                "withdrawRequestedAt": 0,
-                "refundNonce": "0",
-                "chargedCumulativeAmount": str(channel.charged),
-            },
+            "channelState": channel_state(channel),
             "voucherState": {
                 "signedMaxClaimable": str(channel.signed_max),
                 "signature": channel.signature,
@@ -130,7 +123,7 @@ class BoundBatchSettlement(Scheme):
             authorized, valid_before=now + int(self._channels.pending_seconds)
         )
 
-    def _checked(self, payment: AnyPaymentPayload, requirements: dict[str, Any]) -> Checked:
+    def _checked(self, payment: AnyPaymentPayload, requirements: dict[str, Any]) -> CheckedVoucher:
         return check_payload(payload_of(payment), ChannelTerms.of_requirements(requirements))
 
     async def verify(

@@ -32,6 +32,7 @@ from pydantic import SecretStr
 from web3.exceptions import ContractLogicError, TimeExhausted
 
 from paygate.x402.chain_reader import ChainReader
+from paygate.x402.evm import abi_function
 from paygate.x402.models import (
     AnyPaymentPayload,
     BatchSettlementPayload,
@@ -49,15 +50,7 @@ log = logging.getLogger("paygate.x402")
 _CONFIG = {
     "type": "tuple",
     "name": "config",
-    "components": [
-        {"name": "payer", "type": "address"},
-        {"name": "payerAuthorizer", "type": "address"},
-        {"name": "receiver", "type": "address"},
-        {"name": "receiverAuthorizer", "type": "address"},
-        {"name": "token", "type": "address"},
-        {"name": "withdrawDelay", "type": "uint40"},
-        {"name": "salt", "type": "bytes32"},
-    ],
+    "components": ch.CHANNEL_CONFIG,
 }
 _CLAIMS = {
     "type": "tuple[]",
@@ -77,21 +70,9 @@ _CLAIMS = {
 }
 
 
-def _fn(
-    name: str, inputs: list[dict[str, Any]], outputs: list[str] = (), view: bool = False
-) -> dict[str, Any]:  # type: ignore[assignment]
-    return {
-        "type": "function",
-        "name": name,
-        "inputs": inputs,
-        "outputs": [{"name": "", "type": t} for t in outputs],
-        "stateMutability": "view" if view else "nonpayable",
-    }
-
-
 # What paygate calls and reads (the x402 SDK 2.25's ABI of x402BatchSettlement, in part).
 SETTLEMENT_ABI: list[dict[str, Any]] = [
-    _fn(
+    abi_function(
         "deposit",
         [
             _CONFIG,
@@ -100,9 +81,11 @@ SETTLEMENT_ABI: list[dict[str, Any]] = [
             {"name": "collectorData", "type": "bytes"},
         ],
     ),
-    _fn("claimWithSignature", [_CLAIMS, {"name": "authorizerSignature", "type": "bytes"}]),
-    _fn("settle", [{"name": "receiver", "type": "address"}, {"name": "token", "type": "address"}]),
-    _fn(
+    abi_function("claimWithSignature", [_CLAIMS, {"name": "authorizerSignature", "type": "bytes"}]),
+    abi_function(
+        "settle", [{"name": "receiver", "type": "address"}, {"name": "token", "type": "address"}]
+    ),
+    abi_function(
         "refundWithSignature",
         [
             _CONFIG,
@@ -111,9 +94,16 @@ SETTLEMENT_ABI: list[dict[str, Any]] = [
             {"name": "receiverAuthorizerSignature", "type": "bytes"},
         ],
     ),
-    _fn("multicall", [{"name": "data", "type": "bytes[]"}], ["bytes[]"]),
-    _fn("channels", [{"name": "channelId", "type": "bytes32"}], ["uint128", "uint128"], True),
-    _fn("refundNonce", [{"name": "channelId", "type": "bytes32"}], ["uint256"], True),
+    abi_function("multicall", [{"name": "data", "type": "bytes[]"}], ["bytes[]"]),
+    abi_function(
+        "channels",
+        [{"name": "channelId", "type": "bytes32"}],
+        ["uint128", "uint128"],
+        mutability="view",
+    ),
+    abi_function(
+        "refundNonce", [{"name": "channelId", "type": "bytes32"}], ["uint256"], mutability="view"
+    ),
 ]
 # keccak256 of the event signatures, as log topics (hex without 0x).
 _TRANSFER = keccak(text="Transfer(address,address,uint256)").hex()
@@ -173,6 +163,14 @@ class ChannelChain(Protocol):
         voucher: dict[str, Any],
         requirements: dict[str, Any],
     ) -> tuple[str, OnChain, int]: ...
+
+
+async def claimed_on_chain(chain: ChannelChain, entries: tuple[ClaimEntry, ...]) -> bool:
+    """Every channel's on-chain ``totalClaimed`` reached its entry's total."""
+    for entry in entries:
+        if (await chain.state(entry.channel_id)).total_claimed < entry.total:
+            return False
+    return True
 
 
 class BatchChain:
@@ -326,10 +324,7 @@ class BatchChain:
             )
             if receipt["status"] != 1 or not settled:
                 return False
-        for entry in entries:
-            if (await self.state(entry.channel_id)).total_claimed < entry.total:
-                return False
-        return True
+        return await claimed_on_chain(self, entries)
 
     # --- refunds ---
 

@@ -30,7 +30,8 @@ MAX_WITHDRAW_DELAY = 2_592_000
 ZERO_ADDRESS = "0x" + "00" * 20
 UINT128_MAX = 2**128 - 1
 
-_CHANNEL_CONFIG = [
+# The ChannelConfig struct: EIP-712 fields here, the ABI tuple's components in chain.py.
+CHANNEL_CONFIG = [
     {"name": "payer", "type": "address"},
     {"name": "payerAuthorizer", "type": "address"},
     {"name": "receiver", "type": "address"},
@@ -101,7 +102,7 @@ def channel_id(config: ChannelConfig, chain_id: int) -> str:
     return (
         "0x"
         + _digest(
-            chain_id, {"ChannelConfig": _CHANNEL_CONFIG}, "ChannelConfig", config_message(config)
+            chain_id, {"ChannelConfig": CHANNEL_CONFIG}, "ChannelConfig", config_message(config)
         ).hex()
     )
 

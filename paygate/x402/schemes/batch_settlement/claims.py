@@ -34,7 +34,7 @@ from paygate.x402.schemes.batch_settlement.store import (
 from paygate.x402.schemes.batch_settlement.verify import (
     BUSY,
     NO_CHANNEL,
-    Checked,
+    CheckedVoucher,
     check_against,
 )
 from paygate.x402.settler import SettlementUnknown, SettlerUnavailable
@@ -74,7 +74,7 @@ class Channels:
     # --- requests ---
 
     async def deposit(
-        self, checked: Checked, payment: dict[str, Any], requirements: dict[str, Any]
+        self, checked: CheckedVoucher, payment: dict[str, Any], requirements: dict[str, Any]
     ) -> Channel:
         """Send and prove the payment's deposit, then mirror the channel (PaymentRejected when
         the chain refuses it; SettlerUnavailable/SettlementUnknown when it cannot be asked)."""
@@ -94,14 +94,14 @@ class Channels:
             total_claimed=state.total_claimed,
         )
 
-    async def take(self, checked: Checked) -> Channel | None:
+    async def take(self, checked: CheckedVoucher) -> Channel | None:
         try:
             return await self.store.take(checked.channel_id, checked.voucher_key)
         except ChannelBusy:
             raise PaymentRejected(BUSY, "another request on this channel is in progress") from None
 
     async def commit(
-        self, checked: Checked, requirements: dict[str, Any], amount: int
+        self, checked: CheckedVoucher, requirements: dict[str, Any], amount: int
     ) -> SettleResponse:
         network = str(requirements["network"])
         charge = min(amount, int(requirements["amount"]))
@@ -131,13 +131,13 @@ class Channels:
             amount=str(charge),
             extra={
                 "chargedAmount": str(charge),
-                "channelState": _state(channel),
+                "channelState": channel_state(channel),
             },
         )
 
     # --- refunds ---
 
-    async def refund(self, checked: Checked, requirements: dict[str, Any]) -> SettleResponse:
+    async def refund(self, checked: CheckedVoucher, requirements: dict[str, Any]) -> SettleResponse:
         """A cooperative refund: claim what was charged and return (part of) the rest, in one
         transaction. PaymentRejected when it cannot be done."""
         payload = checked.payload
@@ -282,7 +282,9 @@ class Channels:
                 log.error("claim pass failed: %s", type(exc).__name__)
 
 
-def _state(channel: Channel) -> dict[str, Any]:
+def channel_state(channel: Channel) -> dict[str, Any]:
+    """The ``channelState`` the seller reports of ``channel`` (a refund's answer, the
+    corrective 402)."""
     return {
         "channelId": channel.channel_id,
         "balance": str(channel.balance),

@@ -26,7 +26,12 @@ from paygate.x402.models import (
     SettleResponse,
 )
 from paygate.x402.schemes.base import FacilitatorAccess
-from paygate.x402.schemes.batch_settlement.chain import BatchChain, OnChain, not_bound
+from paygate.x402.schemes.batch_settlement.chain import (
+    BatchChain,
+    OnChain,
+    claimed_on_chain,
+    not_bound,
+)
 from paygate.x402.schemes.batch_settlement.channel import NAME
 from paygate.x402.schemes.batch_settlement.store import ClaimEntry
 from paygate.x402.settler import SettlerUnavailable
@@ -132,10 +137,7 @@ class BatchFacilitator:
     async def proven_claim(self, tx_hash: str | None, entries: tuple[ClaimEntry, ...]) -> bool:
         if tx_hash is not None and (await self._proof.receipt(tx_hash))["status"] != 1:
             return False
-        for entry in entries:
-            if (await self.state(entry.channel_id)).total_claimed < entry.total:
-                return False
-        return True
+        return await claimed_on_chain(self, entries)
 
     async def refund(
         self,

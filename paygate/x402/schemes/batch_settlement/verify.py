@@ -41,7 +41,7 @@ PAYLOAD_TYPE = "invalid_batch_settlement_evm_payload_type"
 
 
 @dataclass(frozen=True, slots=True)
-class Checked:
+class CheckedVoucher:
     """A payload that passed :func:`check_payload`."""
 
     payload: BatchSettlementPayload
@@ -97,7 +97,7 @@ class ChannelTerms:
         )
 
 
-def check_payload(payload: object, offer: ChannelTerms) -> Checked:
+def check_payload(payload: object, offer: ChannelTerms) -> CheckedVoucher:
     """The payment's own checks against the seller's terms; raises PaymentRejected."""
     if not isinstance(payload, BatchSettlementPayload):
         raise PaymentRejected(PAYLOAD_TYPE, "the payload is not a batch-settlement payload")
@@ -152,10 +152,12 @@ def check_payload(payload: object, offer: ChannelTerms) -> Checked:
                 "invalid_batch_settlement_evm_deposit_below_min_deposit",
                 "the deposit is below the announced minDeposit",
             )
-    return Checked(payload, channel_id, to_checksum_address(config.payer), maximum)
+    return CheckedVoucher(payload, channel_id, to_checksum_address(config.payer), maximum)
 
 
-def check_against(checked: Checked, channel: Channel | None, price: int, *, refund: bool) -> None:
+def check_against(
+    checked: CheckedVoucher, channel: Channel | None, price: int, *, refund: bool
+) -> None:
     """The voucher against the channel's state: raises PaymentRejected."""
     if channel is None:
         raise PaymentRejected(NO_CHANNEL, "no deposit is known for this channel")

@@ -16,7 +16,7 @@ from eth_utils import keccak, to_checksum_address
 from web3.exceptions import ContractLogicError
 
 from paygate.x402 import smartwallet
-from paygate.x402.evm import TRANSFER_TOPIC, address_word, hex_of, int_of
+from paygate.x402.evm import TRANSFER_TOPIC, abi_function, address_word, hex_of, int_of
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
 from paygate.x402.schemes.base import invalid
 from paygate.x402.schemes.exact.verify import NONCE_USED, payload_of
@@ -36,42 +36,28 @@ _AUTH_INPUTS = [
     {"name": "nonce", "type": "bytes32"},
 ]
 EIP3009_ABI: list[dict[str, Any]] = [
-    {
-        "name": "balanceOf",
-        "type": "function",
-        "stateMutability": "view",
-        "inputs": [{"name": "account", "type": "address"}],
-        "outputs": [{"name": "", **_UINT}],
-    },
-    {
-        "name": "authorizationState",
-        "type": "function",
-        "stateMutability": "view",
-        "inputs": [
-            {"name": "authorizer", "type": "address"},
-            {"name": "nonce", "type": "bytes32"},
-        ],
-        "outputs": [{"name": "", "type": "bool"}],
-    },
-    {
-        "name": "transferWithAuthorization",
-        "type": "function",
-        "stateMutability": "nonpayable",
-        "inputs": [
+    abi_function(
+        "balanceOf", [{"name": "account", "type": "address"}], ["uint256"], mutability="view"
+    ),
+    abi_function(
+        "authorizationState",
+        [{"name": "authorizer", "type": "address"}, {"name": "nonce", "type": "bytes32"}],
+        ["bool"],
+        mutability="view",
+    ),
+    abi_function(
+        "transferWithAuthorization",
+        [
             *_AUTH_INPUTS,
             {"name": "v", "type": "uint8"},
             {"name": "r", "type": "bytes32"},
             {"name": "s", "type": "bytes32"},
         ],
-        "outputs": [],
-    },
-    {  # FiatToken V2.2's overload for contract wallets (ERC-1271) and any other signature
-        "name": "transferWithAuthorization",
-        "type": "function",
-        "stateMutability": "nonpayable",
-        "inputs": [*_AUTH_INPUTS, {"name": "signature", "type": "bytes"}],
-        "outputs": [],
-    },
+    ),
+    # FiatToken V2.2's overload for contract wallets (ERC-1271) and any other signature
+    abi_function(
+        "transferWithAuthorization", [*_AUTH_INPUTS, {"name": "signature", "type": "bytes"}]
+    ),
 ]
 _AUTH_ARGS = "address,address,uint256,uint256,uint256,bytes32"
 _BY_VRS = f"transferWithAuthorization({_AUTH_ARGS},uint8,bytes32,bytes32)"

@@ -14,7 +14,7 @@ from eth_utils import keccak, to_checksum_address
 from web3.exceptions import ContractLogicError
 
 from paygate.x402 import smartwallet
-from paygate.x402.evm import TRANSFER_TOPIC, address_word, hex_of, int_of
+from paygate.x402.evm import TRANSFER_TOPIC, abi_function, address_word, hex_of, int_of
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
 from paygate.x402.schemes.base import invalid
 from paygate.x402.schemes.upto.offer import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, payload_of
@@ -27,11 +27,9 @@ if TYPE_CHECKING:
 _UINT = {"type": "uint256"}
 _ADDRESS = {"type": "address"}
 PROXY_ABI: list[dict[str, Any]] = [
-    {
-        "name": "settle",
-        "type": "function",
-        "stateMutability": "nonpayable",
-        "inputs": [
+    abi_function(
+        "settle",
+        [
             {
                 "name": "permit",
                 "type": "tuple",
@@ -61,26 +59,23 @@ PROXY_ABI: list[dict[str, Any]] = [
             },
             {"name": "signature", "type": "bytes"},
         ],
-        "outputs": [],
-    }
+    )
 ]
 PERMIT2_ABI: list[dict[str, Any]] = [
-    {
-        "name": "nonceBitmap",
-        "type": "function",
-        "stateMutability": "view",
-        "inputs": [{"name": "owner", **_ADDRESS}, {"name": "word", **_UINT}],
-        "outputs": [{"name": "", **_UINT}],
-    }
+    abi_function(
+        "nonceBitmap",
+        [{"name": "owner", **_ADDRESS}, {"name": "word", **_UINT}],
+        ["uint256"],
+        mutability="view",
+    )
 ]
 ALLOWANCE_ABI: list[dict[str, Any]] = [
-    {
-        "name": "allowance",
-        "type": "function",
-        "stateMutability": "view",
-        "inputs": [{"name": "owner", **_ADDRESS}, {"name": "spender", **_ADDRESS}],
-        "outputs": [{"name": "", **_UINT}],
-    }
+    abi_function(
+        "allowance",
+        [{"name": "owner", **_ADDRESS}, {"name": "spender", **_ADDRESS}],
+        ["uint256"],
+        mutability="view",
+    )
 ]
 # The proxy's and Permit2's custom errors → the SDK's reasons (x402 mechanisms/evm/upto).
 REVERTS = (
@@ -326,13 +321,7 @@ def outcome(
 
 
 _BALANCE: list[dict[str, Any]] = [
-    {
-        "name": "balanceOf",
-        "type": "function",
-        "stateMutability": "view",
-        "inputs": [{"name": "account", **_ADDRESS}],
-        "outputs": [{"name": "", **_UINT}],
-    }
+    abi_function("balanceOf", [{"name": "account", **_ADDRESS}], ["uint256"], mutability="view")
 ]
 
 
