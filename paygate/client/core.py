@@ -23,13 +23,16 @@ import enclave
 from enclave import DecryptionError, ReplyKeys, SoftwareKey, p256, receipts, sealed_receipt
 from enclave.envelope_v2 import request_nonce
 from paygate import wire
+from paygate.client import retries
 from paygate.client.attestation import (
     AttestationPolicy,
     Attested,
     Exchange,
     check_model,
 )
+from paygate.client.channels import NAME as CHANNEL_SCHEME
 from paygate.client.errors import (
+    InvalidChallenge,
     PaymentNotAttested,
     PaymentRefused,
     ReplyNotSealed,
@@ -38,6 +41,7 @@ from paygate.client.errors import (
 from paygate.client.payer import (
     MAX_CHALLENGE_BYTES,
     Payer,
+    Payment,
     PaymentChallenge,
     SentPayment,
     SpendPolicy,
@@ -64,6 +68,8 @@ from paygate.wire import (
 from paygate.x402.batch import BATCH_PATH
 
 Envelope = Literal["v2", "v1", "plain"]
+# A request extension: a payment header (name, value) to send with the first attempt.
+PRESET_PAYMENT = "paygate_payment"
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_SEALED_REPLY_BYTES = 32 * 1024 * 1024
 MAX_TAIL_BYTES = 64 * 1024  # read after the caller stops, to collect a pending receipt
@@ -326,14 +332,17 @@ class ClientCore:
         """One request: seal, send, pay once if asked to, open."""
         body = yield ReadRequest(request, self.max_request_bytes)
         local = wire.is_local(request.url.path)
-        envelope: Envelope = "plain" if local else self.envelope
+        preset: tuple[str, str] | None = request.extensions.get(PRESET_PAYMENT)
+        # A refund carries nothing but its payment: it goes unsealed.
+        envelope: Envelope = "plain" if local or preset is not None else self.envelope
         key: EnclaveKey | None = None
         if envelope != "plain" or (self.attestation is not None and not local):
             # With a policy even a plaintext request waits for attestation: its reply's
             # signed receipt is checked against the attested key.
             key = yield LoadKey(origin_of(request.url), request)
             self._check_model(origin_of(request.url), body)
-        attempt = seal_attempt(request, body, envelope, key, None)
+        # A payment made beforehand (a channel refund: paygate.client.refunds) rides along.
+        attempt = seal_attempt(request, body, envelope, key, preset)
         response = yield Send(attempt.request)
         retried = False
         if key is not None and _stale_key(response):
@@ -345,7 +354,7 @@ class ClientCore:
             attempt = seal_attempt(request, body, envelope, key, None)
             response = yield Send(attempt.request)
         record: SentPayment | None = None
-        if response.status_code == 402 and self.payer is not None:
+        if response.status_code == 402 and self.payer is not None and preset is None:
             challenge_body = yield ReadBody(response, MAX_CHALLENGE_BYTES, "the 402 challenge")
             challenge = parse_challenge(response.headers, challenge_body, version=self.x402_version)
             if self.attestation is not None:
@@ -356,8 +365,10 @@ class ClientCore:
             record = payment.record
             self.payments.append(record)
             # Re-sealed: a fresh reply key for every attempt, never one reused.
-            attempt = seal_attempt(request, body, envelope, key, (payment.header, payment.value))
-            response = yield Send(attempt.request)
+            attempt, response = yield from retries.send_paid(
+                lambda: seal_attempt(request, body, envelope, key, (payment.header, payment.value)),
+                record,
+            )
             if key is not None and not retried and _stale_key(response):
                 # Retired between the 402 and now: the payment was not taken (the gateway
                 # refuses a stale key before the payment is settled); send it again re-sealed.
@@ -370,8 +381,36 @@ class ClientCore:
             if response.status_code == 402:
                 refusal = yield ReadBody(response, MAX_CHALLENGE_BYTES, "the 402 refusal")
                 self.payments.header_receipt(record, response.headers)
-                raise PaymentRefused(refusal_reason(response.headers, refusal))
+                again = self._resync(record, response.headers, refusal, url)
+                if again is not None:
+                    # A channel's corrective 402, checked against our own record: pay once
+                    # more on the seller's state.
+                    record = again.record
+                    self.payments.append(record)
+                    attempt = seal_attempt(
+                        request, body, envelope, key, (again.header, again.value)
+                    )
+                    response = yield Send(attempt.request)
+                if response.status_code == 402:
+                    if again is not None:
+                        refusal = yield ReadBody(response, MAX_CHALLENGE_BYTES, "the 402 refusal")
+                        self.payments.header_receipt(record, response.headers)
+                    self.payer.channel_ended(record)
+                    raise PaymentRefused(refusal_reason(response.headers, refusal))
         return (yield from self._reply(attempt, response, record))
+
+    def _resync(
+        self, record: SentPayment, headers: httpx.Headers, body: bytes, url: str
+    ) -> Payment | None:
+        assert self.payer is not None
+        if record.scheme != CHANNEL_SCHEME:
+            return None
+        try:
+            challenge = parse_challenge(headers, body, version=2)
+        except InvalidChallenge:
+            self.payer.channel_ended(record)
+            return None
+        return self.payer.resync(record, challenge, url=url)
 
     def _renew_key(
         self, request: httpx.Request, body: bytes, stale: EnclaveKey
@@ -391,6 +430,8 @@ class ClientCore:
         token = _open_receipt_header(attempt, header) if sealed and header else header
         if record is not None:
             self.payments.header_receipt(record, response.headers, token if sealed else None)
+            if response.status_code >= 400 and record.receipt is None:
+                self.payer_ended(record)
         info = ReplyInfo(
             envelope=attempt.envelope if sealed else "plain",
             key_fingerprint=attempt.key.fingerprint if attempt.key else None,
@@ -491,6 +532,10 @@ class ClientCore:
             )
 
         return make
+
+    def payer_ended(self, record: SentPayment) -> None:
+        if self.payer is not None:
+            self.payer.channel_ended(record)
 
 
 def seal_attempt(

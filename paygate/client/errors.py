@@ -196,6 +196,16 @@ class PaymentRefused(ClientError):
         self.status = status
 
 
+class ChannelStateRejected(ClientError):
+    """A batch-settlement seller's channel state (a corrective 402, a receipt) is not one our
+    own record allows: not signed by us, above the vouchers we signed, or older than the
+    receipts we hold. Nothing more was signed."""
+
+    message = "the seller's channel state was refused"
+
+    code = "channel_state_rejected"
+
+
 class WalletKeyError(ClientError):
     """The wallet key file cannot be used (missing, unreadable by us, readable by others, or
     not a private key). The message never shows the key."""

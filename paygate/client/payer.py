@@ -13,6 +13,7 @@ reported usage at the offered prices.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import secrets
@@ -27,6 +28,8 @@ from eth_utils import is_address, to_checksum_address
 from pydantic import ValidationError
 
 from paygate import jsonsafe, wire
+from paygate.client.channels import NAME as CHANNEL_SCHEME
+from paygate.client.channels import ChannelBook
 from paygate.client.errors import InvalidChallenge, PayToNotAllowed, SpendRefused
 from paygate.x402 import codec
 from paygate.x402.models import (
@@ -40,6 +43,7 @@ from paygate.x402.models import (
 from paygate.x402.networks import Asset, UnknownNetwork, from_atomic, resolve_network
 from paygate.x402.pricing import token_charge
 from paygate.x402.schemes import by_name
+from paygate.x402.schemes.base import Signed
 
 X402Version = Literal[1, 2]
 # A challenge is a few KB (the x402 reference keeps PAYMENT-REQUIRED under 8 KB).
@@ -64,6 +68,7 @@ class SpendPolicy:
     __slots__ = (
         "assets",
         "chain_ids",
+        "channel_deposit",
         "max_per_request",
         "max_price_per_million",
         "max_total",
@@ -81,6 +86,7 @@ class SpendPolicy:
         max_valid_seconds: int = MAX_VALID_SECONDS,
         max_price_per_million: Decimal | str | int | None = None,
         pay_to: Iterable[str] | None = None,
+        channel_deposit: Decimal | str | int | None = None,
     ) -> None:
         self.max_per_request: Decimal = _amount(max_per_request, "max_per_request")
         # Metered (upto) offers: the most per million tokens, input or output (None: decline).
@@ -107,6 +113,15 @@ class SpendPolicy:
             self.assets = {_address(a): _decimals(d) for a, d in assets.items()}
         if max_valid_seconds < 1:
             raise ValueError("max_valid_seconds must be positive")
+        # batch-settlement (paygate.client.channels): the deposit one channel gets (None:
+        # such offers are declined). Each deposit counts against max_total when signed.
+        self.channel_deposit: Decimal | None = None
+        if channel_deposit is not None:
+            self.channel_deposit = _amount(channel_deposit, "channel_deposit")
+            if self.channel_deposit <= 0:
+                raise ValueError("channel_deposit must be positive (None declines channels)")
+            if self.max_total is not None and self.channel_deposit > self.max_total:
+                raise ValueError("channel_deposit is above max_total: no deposit could be made")
         self.max_valid_seconds = max_valid_seconds
 
     @classmethod
@@ -152,6 +167,7 @@ class SpendPolicy:
         return (
             f"SpendPolicy(max_per_request={self.max_per_request}, max_total={self.max_total}, "
             f"max_price_per_million={self.max_price_per_million}, "
+            f"channel_deposit={self.channel_deposit}, "
             f"chain_ids={sorted(self.chain_ids) if self.chain_ids else None}, "
             f"pay_to={sorted(self.pay_to) if self.pay_to is not None else None}, "
             f"assets={dict(self.assets) if self.assets is not None else 'USDC'})"
@@ -379,6 +395,11 @@ class SentPayment:
     receipt_source: Literal["header", "stream"] | None = None
     receipt_error: str | None = field(default=None)
     scheme: str = "exact"
+    # The payment-identifier id the payment carries (None: the server declared none).
+    identifier: str | None = None
+    retries: int = 0  # times re-sent after a dropped connection (paygate.client.retries)
+    # batch-settlement: the deposit this payment signed (whole tokens; 0 for a voucher).
+    deposit: Decimal | None = None
     # A metered scheme: the offered prices (input, output, minimum per million/request), and
     # once the receipt is checked, the usage it reports and what was charged (whole tokens).
     prices: tuple[Decimal, Decimal, Decimal] | None = None
@@ -413,6 +434,11 @@ class Payer:
         self.policy = policy
         self._spent = Decimal(0)
         self._lock = threading.Lock()
+        self.channels = (
+            ChannelBook(account, policy.channel_deposit)
+            if policy.channel_deposit is not None
+            else None
+        )
 
     @property
     def address(self) -> str:
@@ -427,19 +453,27 @@ class Payer:
     def __repr__(self) -> str:
         return f"Payer({self.address}, spent={self.spent}, {self.policy!r})"
 
-    def choose(self, challenge: PaymentChallenge) -> tuple[ChallengeOffer, int]:
-        """The cheapest offer the policy allows (first offered on a tie) and its decimals."""
+    def choose(self, challenge: PaymentChallenge, *, url: str = "") -> tuple[ChallengeOffer, int]:
+        """The cheapest offer the policy allows (a channel's, else the first offered, on a tie)
+        and its decimals."""
         best: tuple[Decimal, ChallengeOffer, int] | None = None
         declined: list[str] = []
         with self._lock:
             spent = self._spent
         for offer in challenge.offers:
-            decimals, reason = self._check(offer, spent)
+            decimals, reason = self._check(offer, spent, url)
             if reason is not None or decimals is None:
                 declined.append(f"{offer.network} {offer.asset}: {reason}")
                 continue
             price = from_atomic(offer.amount, decimals)
-            if best is None or price < best[0]:
+            # Opted into channels: a channel offer wins a tie (no settlement per request).
+            channel_tie = (
+                best is not None
+                and price == best[0]
+                and offer.scheme == CHANNEL_SCHEME
+                and best[1].scheme != CHANNEL_SCHEME
+            )
+            if best is None or price < best[0] or channel_tie:
                 best = (price, offer, decimals)
         if best is None:
             detail = "; ".join(declined[:5]) or "the server offered nothing"
@@ -448,14 +482,20 @@ class Payer:
             raise SpendRefused(f"no offered payment fits the spend policy ({detail})")
         return best[1], best[2]
 
-    def _check(self, offer: ChallengeOffer, spent: Decimal) -> tuple[int | None, str | None]:
+    def _check(
+        self, offer: ChallengeOffer, spent: Decimal, url: str
+    ) -> tuple[int | None, str | None]:
         policy = self.policy
         scheme = by_name(offer.scheme)
         if scheme is None:
             return None, f"scheme {offer.scheme!r} is not supported"
-        reason = scheme.client.decline(offer, max_price_per_million=policy.max_price_per_million)
-        if reason is not None:
-            return None, reason
+        channel = offer.scheme == CHANNEL_SCHEME and self.channels is not None
+        if not channel:
+            reason = scheme.client.decline(
+                offer, max_price_per_million=policy.max_price_per_million
+            )
+            if reason is not None:
+                return None, reason
         if offer.chain_id is None:
             return None, "not a known EVM network"
         if policy.chain_ids is not None and offer.chain_id not in policy.chain_ids:
@@ -470,10 +510,20 @@ class Payer:
         price = from_atomic(offer.amount, decimals)
         if price > policy.max_per_request:
             return None, f"price {price} above max per request {policy.max_per_request}"
-        if policy.max_total is not None and spent + price > policy.max_total:
-            return None, f"price {price} would pass max total {policy.max_total}"
         if offer.max_timeout_seconds < 1:
             return None, "maxTimeoutSeconds is not positive"
+        if channel:
+            assert self.channels is not None
+            reason = self.channels.decline(offer, url=url, decimals=decimals)
+            if reason is not None:
+                return None, reason
+            price = from_atomic(
+                self.channels.commitment(offer, url=url, decimals=decimals), decimals
+            )
+        if policy.max_total is not None and spent + price > policy.max_total:
+            return None, f"price {price} would pass max total {policy.max_total}"
+        if channel:
+            return decimals, None
         reason = scheme.client.cannot_sign(offer)
         if reason is not None:
             return None, reason
@@ -486,6 +536,8 @@ class Payer:
         scheme = by_name(record.scheme)
         if scheme is None or not scheme.metered or receipt is None or record.charged is not None:
             return
+        if record.scheme == CHANNEL_SCHEME:
+            return  # counted by its channel (channel_receipt): the deposit was the spend
         problem = _check_metered(record, receipt)
         if problem is not None:
             record.receipt_error = problem
@@ -494,10 +546,51 @@ class Payer:
         with self._lock:
             self._spent -= record.amount - record.charged
 
+    def channel_receipt(self, record: SentPayment) -> None:
+        """A batch-settlement receipt: the channel counts the charge and is free again."""
+        if self.channels is None or record.scheme != CHANNEL_SCHEME or record.receipt is None:
+            return
+        problem = self.channels.receipt(record.nonce, record.amount_atomic, record.receipt)
+        if problem is not None:
+            record.receipt_error = problem
+
+    def channel_ended(self, record: SentPayment) -> None:
+        """A channel payment's request ended without a receipt: its channel is free again."""
+        if self.channels is not None and record.scheme == CHANNEL_SCHEME:
+            self.channels.release(record.nonce)
+
+    def resync(
+        self, record: SentPayment, challenge: PaymentChallenge, *, url: str
+    ) -> Payment | None:
+        """A corrective 402 answered a channel payment: the payment again on the seller's
+        state once it checks out against ours (None: nothing to resync)."""
+        if self.channels is None or record.scheme != CHANNEL_SCHEME:
+            return None
+        offers = tuple(o for o in challenge.offers if o.scheme == CHANNEL_SCHEME)
+        matching = [
+            o
+            for o in offers
+            if to_checksum_address(o.pay_to) == record.pay_to
+            and o.network == record.network
+            and is_address(o.asset)
+            and to_checksum_address(o.asset) == record.asset
+        ]
+        if not matching or not self.channels.resync(record.nonce, matching[0], challenge.error):
+            self.channels.release(record.nonce)
+            return None
+        return self.pay(dataclasses.replace(challenge, offers=(matching[0],)), url=url)
+
+    def refunded(self, amount: Decimal) -> None:
+        """A channel refund came back: it no longer counts against ``max_total``."""
+        with self._lock:
+            self._spent -= min(amount, self._spent)
+
     def pay(self, challenge: PaymentChallenge, *, url: str) -> Payment:
         """Choose an offer, reserve its price against the policy, sign it."""
-        offer, decimals = self.choose(challenge)
+        offer, decimals = self.choose(challenge, url=url)
         price = from_atomic(offer.amount, decimals)
+        if offer.scheme == CHANNEL_SCHEME and self.channels is not None:
+            return self._pay_channel(challenge, offer, decimals, price, url)
         with self._lock:
             # Re-checked under the lock: concurrent requests must not overshoot max_total.
             limit = self.policy.max_total
@@ -510,6 +603,45 @@ class Payer:
             with self._lock:
                 self._spent -= price
             raise
+
+    def _pay_channel(
+        self,
+        challenge: PaymentChallenge,
+        offer: ChallengeOffer,
+        decimals: int,
+        price: Decimal,
+        url: str,
+    ) -> Payment:
+        """A voucher on the offer's channel, with a deposit counted against the policy when
+        the channel needs one (reserved before signing, as every payment is)."""
+        assert self.channels is not None
+        assert offer.chain_id is not None
+        needed = from_atomic(self.channels.commitment(offer, url=url, decimals=decimals), decimals)
+        with self._lock:
+            limit = self.policy.max_total
+            if limit is not None and self._spent + needed > limit:
+                raise SpendRefused(f"deposit {needed} would pass max total {limit}")
+            self._spent += needed
+        try:
+            made = self.channels.sign(
+                offer,
+                offer.requirement,
+                url=url,
+                decimals=decimals,
+                resource=challenge.resource,
+                chain_id=offer.chain_id,
+            )
+        except BaseException:
+            with self._lock:
+                self._spent -= needed
+            raise
+        deposit = from_atomic(made.deposit, decimals)
+        if deposit != needed:  # another request topped the channel up meanwhile
+            with self._lock:
+                self._spent += deposit - needed
+        payment = self._document(challenge, offer, decimals, price, url, made.signed)
+        payment.record.deposit = _plain(deposit)
+        return payment
 
     def _sign(
         self,
@@ -524,6 +656,19 @@ class Payer:
         scheme = by_name(offer.scheme)
         assert scheme is not None  # chosen: a registered scheme
         signed = scheme.client.sign(self._account, offer, decimals=decimals, valid_for=valid_for)
+        return self._document(challenge, offer, decimals, price, url, signed)
+
+    def _document(
+        self,
+        challenge: PaymentChallenge,
+        offer: ChallengeOffer,
+        decimals: int,
+        price: Decimal,
+        url: str,
+        signed: Signed,
+    ) -> Payment:
+        """The payment header carrying ``signed``, and its record."""
+        assert offer.chain_id is not None
         inner = signed.payload
         document: dict[str, Any]
         if offer.version == 2:
@@ -566,6 +711,7 @@ class Payer:
             scheme=offer.scheme,
             prices=signed.prices,
             decimals=decimals,
+            identifier=_identifier(document.get("extensions")),
         )
         return Payment(header=header, value=value, record=record)
 
@@ -600,6 +746,13 @@ def _check_metered(record: SentPayment, receipt: SettleResponse) -> str | None:
     record.tokens_in, record.tokens_out = tokens_in, tokens_out
     record.charged = _plain(from_atomic(settled, record.decimals))
     return None
+
+
+def _identifier(extensions: object) -> str | None:
+    entry = extensions.get(PAYMENT_IDENTIFIER) if isinstance(extensions, dict) else None
+    info = entry.get("info") if isinstance(entry, dict) else None
+    value = info.get("id") if isinstance(info, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _plain(amount: Decimal) -> Decimal:

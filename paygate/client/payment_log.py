@@ -90,6 +90,7 @@ class PaymentLog:
         record.receipt_source = source
         if self.payer is not None:
             self.payer.receipt_arrived(record)  # a metered receipt is checked and counted
+            self.payer.channel_receipt(record)  # a channel's charge is counted
         if self.on_receipt is not None:
             self.on_receipt(record)
 

@@ -58,8 +58,11 @@ from paygate.client.pubkey import (
     EnclaveKey,
 )
 from paygate.client.receipts import MAX_TAIL_SECONDS
+from paygate.client.refunds import refund_answer, refund_requests
 from paygate.client.streams import ReplyDecoder
 from paygate.x402.models import SettleResponse
+
+MAX_REFUND_ANSWER = 64 * 1024
 
 
 class TransportOptions(TypedDict, total=False):
@@ -234,7 +237,14 @@ class PaygateTransport(_Facade, httpx.BaseTransport):
         try:
             command = next(flow)
             while True:
-                command = flow.send(self._run(command, opened))
+                try:
+                    result = self._run(command, opened)
+                except httpx.TransportError as exc:
+                    if not isinstance(command, Send):
+                        raise
+                    command = flow.throw(exc)  # the flow may re-send (client.retries)
+                    continue
+                command = flow.send(result)
         except StopIteration as stop:
             deliver: Deliver = stop.value
         except BaseException:
@@ -292,6 +302,25 @@ class PaygateTransport(_Facade, httpx.BaseTransport):
                 raise _attestation_failed(exc) from exc
         return None
 
+    def refund(
+        self, url: str, *, amount: Decimal | str | None = None, timeout: float | None = 30.0
+    ) -> list[SettleResponse]:
+        """Refund what is left in this transport's batch-settlement channels with ``url``'s
+        origin (``amount``, whole tokens: part of the one channel's rest); their receipts.
+        What came back stops counting against the spend policy's ``max_total``."""
+        out: list[SettleResponse] = []
+        for asked in refund_requests(self._core.payer, url, amount, timeout):
+            response = self.handle_request(asked.request)
+            try:
+                body = _read_body(response, MAX_REFUND_ANSWER, "the refund's answer")
+            finally:
+                response.close()
+            assert self._core.payer is not None
+            out.append(
+                refund_answer(self._core.payer, asked, response.status_code, response.headers, body)
+            )
+        return out
+
     def close(self) -> None:
         self._inner.close()
 
@@ -330,7 +359,14 @@ class AsyncPaygateTransport(_Facade, httpx.AsyncBaseTransport):
         try:
             command = next(flow)
             while True:
-                command = flow.send(await self._run(command, opened))
+                try:
+                    result = await self._run(command, opened)
+                except httpx.TransportError as exc:
+                    if not isinstance(command, Send):
+                        raise
+                    command = flow.throw(exc)  # the flow may re-send (client.retries)
+                    continue
+                command = flow.send(result)
         except StopIteration as stop:
             deliver: Deliver = stop.value
         except BaseException:
@@ -389,6 +425,23 @@ class AsyncPaygateTransport(_Facade, httpx.AsyncBaseTransport):
             except Exception as exc:
                 raise _attestation_failed(exc) from exc
         return None
+
+    async def refund(
+        self, url: str, *, amount: Decimal | str | None = None, timeout: float | None = 30.0
+    ) -> list[SettleResponse]:
+        """As :meth:`PaygateTransport.refund`."""
+        out: list[SettleResponse] = []
+        for asked in refund_requests(self._core.payer, url, amount, timeout):
+            response = await self.handle_async_request(asked.request)
+            try:
+                body = await _aread_body(response, MAX_REFUND_ANSWER, "the refund's answer")
+            finally:
+                await response.aclose()
+            assert self._core.payer is not None
+            out.append(
+                refund_answer(self._core.payer, asked, response.status_code, response.headers, body)
+            )
+        return out
 
     async def aclose(self) -> None:
         await self._inner.aclose()

@@ -1,0 +1,344 @@
+"""The client's `batch-settlement` channels: a deposit once, then a cumulative voucher a request.
+
+Opt-in: a :class:`~paygate.client.payer.SpendPolicy` with ``channel_deposit`` (whole tokens) pays
+batch-settlement offers; without it they are declined as before. The limits, all checked
+before anything is signed:
+
+- a deposit is exactly ``channel_deposit`` (one more of the same when the channel runs dry), and
+  an offer whose ``minDeposit`` asks for more is declined: the server does not choose how much
+  of the caller's money is locked up;
+- each deposit counts against ``max_total`` when it is signed (the money leaves the wallet);
+  the vouchers spend the deposit and count nothing more; a refund takes off what came back;
+- each request's price is held to ``max_per_request``, as any offer's;
+- at most :data:`MAX_CHANNELS` channels (one per origin, network, asset and payTo) are kept, in
+  memory only: a transport that is dropped leaves its deposits to be refunded by the contract's
+  timed withdrawal (or by :meth:`refund` before).
+
+The seller's word is checked against our own record: a receipt's ``chargedAmount`` is at most
+the price; a corrective 402 (``channelState``/``voucherState``) is taken only when its voucher is
+signed by us, for no more than the highest voucher we signed, and charges no less than the
+receipts we were given — so a server can never make us sign past what we agreed to pay, nor
+move our count back with an old voucher state. Sans-IO; thread-safe.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import httpx
+from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
+
+from paygate.client.errors import ChannelStateRejected, SpendRefused
+from paygate.x402.models import BatchSettlementPayload, SettleResponse
+from paygate.x402.networks import from_atomic, to_atomic
+from paygate.x402.schemes.base import OfferedTerms, Signed
+from paygate.x402.schemes.batch_settlement import channel as ch
+from paygate.x402.schemes.batch_settlement.client import PayerChannel
+
+NAME = ch.NAME
+MAX_CHANNELS = 64
+# A request's hold on its channel ends with its receipt or refusal, at the latest after this
+# (a connection dropped without either): the next request then resynchronises if need be.
+MAX_HOLD_SECONDS = 300
+# The corrective 402 errors the SDK's client resynchronises from.
+CORRECTIVE_ERRORS = frozenset(
+    {
+        "invalid_batch_settlement_evm_cumulative_amount_mismatch",
+        "invalid_batch_settlement_evm_cumulative_amount_below_claimed",
+    }
+)
+
+ChannelKey = tuple[str, str, str, str]  # origin, network, asset, payTo
+
+
+def origin_of(url: str) -> str:
+    parsed = httpx.URL(url)
+    port = f":{parsed.port}" if parsed.port is not None else ""
+    return f"{parsed.scheme}://{parsed.host}{port}"
+
+
+@dataclass
+class Channel:
+    """One channel as this client knows it (atomic units)."""
+
+    key: ChannelKey
+    payer: PayerChannel
+    requirement: dict[str, Any]
+    resource: dict[str, Any] | None
+    url: str
+    decimals: int
+    deposited: int = 0  # deposits signed (the channel's balance as far as we put it there)
+    refunded: int = 0
+    signed: int = 0  # the highest voucher signed
+    held_until: float = 0.0
+    pending: int | None = None  # the voucher of the request in flight
+
+    @property
+    def channel_id(self) -> str:
+        return self.payer.channel_id
+
+    @property
+    def charged(self) -> int:
+        return self.payer.charged
+
+    @property
+    def balance(self) -> int:
+        return self.deposited - self.refunded
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelPayment:
+    """What a channel payment commits: the signed payload and the deposit it carries."""
+
+    signed: Signed
+    deposit: int  # atomic; 0 for a voucher alone
+    channel: Channel = field(repr=False)
+
+
+class ChannelBook:
+    """The payer's channels (see the module's docstring)."""
+
+    def __init__(self, account: LocalAccount, deposit: Decimal) -> None:
+        self._account = account
+        self.deposit = deposit
+        self._channels: dict[ChannelKey, Channel] = {}
+        self._by_id: dict[str, Channel] = {}
+        self._lock = threading.Lock()
+
+    # --- choosing --------------------------------------------------------------------------
+
+    def decline(self, offer: OfferedTerms, *, url: str, decimals: int) -> str | None:
+        """Why this channel offer is not paid now (before amounts against the total), or None."""
+        extra = offer.extra
+        authorizer = extra.get("receiverAuthorizer")
+        if not isinstance(authorizer, str) or not _is_address(authorizer):
+            return "batch-settlement offer without a receiverAuthorizer"
+        if ch.is_zero(authorizer):
+            return "batch-settlement offer with a zero receiverAuthorizer"
+        method = extra.get("assetTransferMethod", "eip3009")
+        if method != "eip3009":
+            return f"batch-settlement deposit by {str(method)[:16]!r}: only eip3009 is paid"
+        if not isinstance(extra.get("name"), str) or not isinstance(extra.get("version"), str):
+            return "the token's EIP-712 domain is not in the offer"
+        try:
+            delay = int(extra.get("withdrawDelay"))
+        except (TypeError, ValueError):
+            return "batch-settlement offer without a withdrawDelay"
+        if not ch.MIN_WITHDRAW_DELAY <= delay <= ch.MAX_WITHDRAW_DELAY:
+            return "batch-settlement withdrawDelay outside the contract's bounds"
+        deposit = to_atomic(self.deposit, decimals)
+        minimum = _digits(extra.get("minDeposit"))
+        if minimum is None and "minDeposit" in extra:
+            return "batch-settlement minDeposit is not an amount"
+        if minimum is not None and minimum > deposit:
+            return (
+                f"minDeposit {from_atomic(minimum, decimals)} is above the policy's "
+                f"channel_deposit {self.deposit}"
+            )
+        if offer.amount > deposit:
+            return f"price above the policy's channel_deposit {self.deposit}"
+        with self._lock:
+            known = self._channels.get(_key(offer, url))
+            if known is None and len(self._channels) >= MAX_CHANNELS:
+                return f"{MAX_CHANNELS} channels are open: no more"
+            if known is not None and known.held_until > time.monotonic():
+                return "the channel is in use by another request"
+        return None
+
+    def commitment(self, offer: OfferedTerms, *, url: str, decimals: int) -> int:
+        """The deposit paying this offer needs now (atomic; 0: the channel holds enough)."""
+        with self._lock:
+            known = self._channels.get(_key(offer, url))
+            if known is not None and known.charged + offer.amount <= known.balance:
+                return 0
+        return to_atomic(self.deposit, decimals)
+
+    # --- signing ---------------------------------------------------------------------------
+
+    def sign(
+        self,
+        offer: OfferedTerms,
+        requirement_of: Mapping[str, Any],
+        *,
+        url: str,
+        decimals: int,
+        resource: Mapping[str, Any] | None,
+        chain_id: int,
+    ) -> ChannelPayment:
+        """The voucher (with a deposit first when the channel needs one) for ``offer``; the
+        channel is held by this request until its receipt or refusal."""
+        requirement = dict(requirement_of)
+        key = _key(offer, url)
+        deposit_size = to_atomic(self.deposit, decimals)
+        with self._lock:
+            channel = self._channels.get(key)
+            if channel is None:
+                if len(self._channels) >= MAX_CHANNELS:
+                    raise SpendRefused(f"{MAX_CHANNELS} channels are open: no more")
+                salt = "0x" + secrets.token_bytes(32).hex()  # a new channel, never a stale one
+                payer = PayerChannel.open(self._account, requirement, chain_id, salt=salt)
+                channel = Channel(key, payer, requirement, None, url, decimals)
+                self._channels[key] = channel
+                self._by_id[channel.channel_id.lower()] = channel
+            if channel.held_until > time.monotonic():
+                raise SpendRefused("the channel is in use by another request")
+            maximum = channel.charged + offer.amount
+            deposit = deposit_size if maximum > channel.balance else 0
+            if maximum > channel.balance + deposit:
+                raise SpendRefused("the price does not fit a channel deposit")
+            payload = channel.payer.pay(requirement, deposit=deposit)
+            channel.requirement = requirement
+            channel.resource = dict(resource) if resource is not None else None
+            channel.url = url
+            channel.deposited += deposit
+            channel.signed = max(channel.signed, maximum)
+            channel.pending = maximum
+            hold = min(offer.max_timeout_seconds, MAX_HOLD_SECONDS)
+            channel.held_until = time.monotonic() + hold
+        signed = Signed(
+            payload=BatchSettlementPayload.model_validate(payload),
+            nonce=f"{channel.channel_id}:{maximum}",
+            valid_before=int(time.time()) + hold,
+            asset=to_checksum_address(offer.asset),
+        )
+        return ChannelPayment(signed, deposit, channel)
+
+    # --- what the seller says --------------------------------------------------------------
+
+    def receipt(self, nonce: str, price: int, receipt: SettleResponse) -> str | None:
+        """A paid request's receipt: count its charge (at most the price); the problem, or
+        None. The channel is free again either way."""
+        channel = self._channel(nonce)
+        if channel is None:
+            return None
+        with self._lock:
+            channel.held_until, pending, channel.pending = 0.0, channel.pending, None
+            if not receipt.success:
+                return None
+            extra = receipt.extra or {}
+            charged = _digits(extra.get("chargedAmount"))
+            if charged is None:
+                charged = price  # a server that does not say charged the price it asked
+            if charged > price:
+                return "the receipt charges more than the price"
+            if pending is not None and channel.charged + charged > pending:
+                return "the receipt charges more than the voucher"
+            channel.payer.charged += charged
+            state = extra.get("channelState")
+            stated = (
+                _digits(state.get("chargedCumulativeAmount")) if isinstance(state, dict) else None
+            )
+            if stated is not None and stated > channel.charged:
+                return "the receipt's channel state charges more than our own count"
+        return None
+
+    def release(self, nonce: str) -> None:
+        """The request ended without a receipt (refused, an error): the channel is free."""
+        channel = self._channel(nonce)
+        if channel is not None:
+            with self._lock:
+                channel.held_until, channel.pending = 0.0, None
+
+    def resync(self, nonce: str, offer: OfferedTerms, error: str | None) -> bool:
+        """A corrective 402 for this request's channel: take the seller's state when it is
+        signed by us, within what we signed and not behind our receipts (True: pay again);
+        raise :class:`ChannelStateRejected` when it is not; False when it is no corrective."""
+        channel = self._channel(nonce)
+        if channel is None or error not in CORRECTIVE_ERRORS:
+            return False
+        extra = offer.extra
+        state, voucher = extra.get("channelState"), extra.get("voucherState")
+        if not isinstance(state, dict) or not isinstance(voucher, dict):
+            raise ChannelStateRejected("the corrective 402 carries no voucher state to check")
+        charged = _digits(state.get("chargedCumulativeAmount"))
+        signed = _digits(voucher.get("signedMaxClaimable"))
+        signature = voucher.get("signature")
+        if charged is None or signed is None or not isinstance(signature, str):
+            raise ChannelStateRejected("the corrective 402's channel state is not readable")
+        if not _is_hex(signature):
+            raise ChannelStateRejected("the corrective 402's voucher signature is malformed")
+        signer = ch.voucher_signer(channel.channel_id, signed, signature, channel.payer.chain_id)
+        with self._lock:
+            if signer is None or signer != channel.payer.account.address:
+                raise ChannelStateRejected("the corrective 402's voucher is not signed by us")
+            if signed > channel.signed:
+                raise ChannelStateRejected("the corrective 402 names a voucher above any we signed")
+            if charged > signed:
+                raise ChannelStateRejected("the corrective 402 charges more than its voucher")
+            if charged < channel.charged:
+                raise ChannelStateRejected(
+                    "the corrective 402 charges less than the receipts we hold (an old state)"
+                )
+            channel.payer.charged = charged
+            channel.held_until, channel.pending = 0.0, None
+        return True
+
+    # --- refunds ---------------------------------------------------------------------------
+
+    def channels(self, url: str | None = None) -> list[Channel]:
+        """The open channels (of ``url``'s origin), oldest first."""
+        origin = origin_of(url) if url is not None else None
+        with self._lock:
+            return [c for c in self._channels.values() if origin is None or c.key[0] == origin]
+
+    def refund_payload(self, channel: Channel, amount: int | None) -> dict[str, Any]:
+        with self._lock:
+            rest = channel.balance - channel.charged
+            if rest <= 0:
+                raise SpendRefused("the channel has nothing left to refund")
+            if amount is not None and not 0 < amount <= rest:
+                raise ValueError(f"a refund is between 1 and {rest} (atomic units)")
+            return channel.payer.refund(amount)
+
+    def refunded(self, channel: Channel, amount: int) -> int:
+        """The seller refunded ``amount`` (bounded by what the channel held): what came back."""
+        with self._lock:
+            back = max(0, min(amount, channel.balance - channel.charged))
+            channel.refunded += back
+            if channel.balance <= channel.charged:  # drained: forget it
+                self._channels.pop(channel.key, None)
+                self._by_id.pop(channel.channel_id.lower(), None)
+            return back
+
+    def _channel(self, nonce: str) -> Channel | None:
+        channel_id = nonce.partition(":")[0].lower()
+        with self._lock:
+            return self._by_id.get(channel_id)
+
+
+def _key(offer: OfferedTerms, url: str) -> ChannelKey:
+    return (
+        origin_of(url),
+        offer.network,
+        to_checksum_address(offer.asset),
+        to_checksum_address(offer.pay_to),
+    )
+
+
+def _digits(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isdigit() and len(value) <= 78:
+        return int(value)
+    return None
+
+
+def _is_address(value: str) -> bool:
+    return len(value) == 42 and value[:2] == "0x" and _is_hex(value)
+
+
+def _is_hex(value: str) -> bool:
+    if value[:2] != "0x" or len(value) % 2:
+        return False
+    try:
+        bytes.fromhex(value[2:])
+    except ValueError:
+        return False
+    return True
