@@ -38,33 +38,35 @@ async def test_transport_pays_n_requests_on_one_deposit_then_claim_and_refund(
     ledger = tmp_path / "payments.db"
     transport = AsyncPaygateTransport(wallet=payer, spend=spend())
     escrow = usdc.balance_of(SETTLEMENT_ADDRESS)
-    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
-        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
-            for _ in range(7):
-                reply = await http.post(stack.url + CHAT, json=CHAT_BODY)
-                assert reply.status_code == 200, reply.text
-                assert reply.json()["choices"]  # the sealed reply opened
-            records = transport.payments
-            assert [r.scheme for r in records] == ["batch-settlement"] * 7
-            assert [r.deposit for r in records] == [Decimal("0.02")] + [Decimal(0)] * 6
-            assert [(r.settled, r.receipt_error) for r in records] == [(True, None)] * 7
-            # Only the deposit counts against max_total, once.
-            assert transport.spent == Decimal("0.02")
-            # One deposit moved the payer's money into escrow; the seller has nothing yet.
-            assert usdc.balance_of(payer.address) == PAYER_FUNDS - DEPOSIT_ATOMIC
-            assert usdc.balance_of(seller) == 0
+    async with (
+        chain_batch(seller, ledger, anvil, gas_key) as stack,
+        httpx.AsyncClient(transport=transport, timeout=60) as http,
+    ):
+        for _ in range(7):
+            reply = await http.post(stack.url + CHAT, json=CHAT_BODY)
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["choices"]  # the sealed reply opened
+        records = transport.payments
+        assert [r.scheme for r in records] == ["batch-settlement"] * 7
+        assert [r.deposit for r in records] == [Decimal("0.02")] + [Decimal(0)] * 6
+        assert [(r.settled, r.receipt_error) for r in records] == [(True, None)] * 7
+        # Only the deposit counts against max_total, once.
+        assert transport.spent == Decimal("0.02")
+        # One deposit moved the payer's money into escrow; the seller has nothing yet.
+        assert usdc.balance_of(payer.address) == PAYER_FUNDS - DEPOSIT_ATOMIC
+        assert usdc.balance_of(seller) == 0
 
-            async with claimer(ledger, anvil, gas_key) as channels:
-                assert await channels.claim_once() == 1
-            assert usdc.balance_of(seller) == 7 * PRICE_ATOMIC
+        async with claimer(ledger, anvil, gas_key) as channels:
+            assert await channels.claim_once() == 1
+        assert usdc.balance_of(seller) == 7 * PRICE_ATOMIC
 
-            (receipt,) = await transport.refund(stack.url)
-            assert receipt.success
-            assert receipt.transaction
-            # The refund came back, and no longer counts against the policy.
-            assert transport.spent == Decimal("0.007")
-            with pytest.raises(SpendRefused):
-                await transport.refund(stack.url)  # the drained channel is forgotten
+        (receipt,) = await transport.refund(stack.url)
+        assert receipt.success
+        assert receipt.transaction
+        # The refund came back, and no longer counts against the policy.
+        assert transport.spent == Decimal("0.007")
+        with pytest.raises(SpendRefused):
+            await transport.refund(stack.url)  # the drained channel is forgotten
     assert usdc.balance_of(payer.address) == PAYER_FUNDS - 7 * PRICE_ATOMIC
     assert usdc.balance_of(seller) == 7 * PRICE_ATOMIC
     assert usdc.balance_of(SETTLEMENT_ADDRESS) == escrow
@@ -111,8 +113,10 @@ async def test_a_min_deposit_above_the_policy_is_never_signed(
     signs one (the 402 also offers `exact`, which the client may pay instead)."""
     transport = AsyncPaygateTransport(wallet=payer, spend=spend(channel_deposit="0.005"))
     escrow = usdc.balance_of(SETTLEMENT_ADDRESS)
-    async with chain_batch(seller, tmp_path / "l.db", anvil, gas_key) as stack:
-        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
-            await http.post(stack.url + CHAT, json=CHAT_BODY)
+    async with (
+        chain_batch(seller, tmp_path / "l.db", anvil, gas_key) as stack,
+        httpx.AsyncClient(transport=transport, timeout=60) as http,
+    ):
+        await http.post(stack.url + CHAT, json=CHAT_BODY)
     assert [p.scheme for p in transport.payments if p.scheme == "batch-settlement"] == []
     assert usdc.balance_of(SETTLEMENT_ADDRESS) == escrow
