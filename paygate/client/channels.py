@@ -65,7 +65,7 @@ def origin_of(url: str) -> str:
 
 
 @dataclass
-class Channel:
+class OpenChannel:
     """One channel as this client knows it (atomic units)."""
 
     key: ChannelKey
@@ -99,7 +99,7 @@ class ChannelPayment:
 
     signed: Signed
     deposit: int  # atomic; 0 for a voucher alone
-    channel: Channel = field(repr=False)
+    channel: OpenChannel = field(repr=False)
 
 
 class ChannelBook:
@@ -108,8 +108,8 @@ class ChannelBook:
     def __init__(self, account: LocalAccount, deposit: Decimal) -> None:
         self._account = account
         self.deposit = deposit
-        self._channels: dict[ChannelKey, Channel] = {}
-        self._by_id: dict[str, Channel] = {}
+        self._channels: dict[ChannelKey, OpenChannel] = {}
+        self._by_id: dict[str, OpenChannel] = {}
         self._lock = threading.Lock()
 
     # --- choosing --------------------------------------------------------------------------
@@ -184,7 +184,7 @@ class ChannelBook:
                     raise SpendRefused(f"{MAX_CHANNELS} channels are open: no more")
                 salt = "0x" + secrets.token_bytes(32).hex()  # a new channel, never a stale one
                 payer = PayerChannel.open(self._account, requirement, chain_id, salt=salt)
-                channel = Channel(key, payer, requirement, None, url, decimals)
+                channel = OpenChannel(key, payer, requirement, None, url, decimals)
                 self._channels[key] = channel
                 self._by_id[channel.channel_id.lower()] = channel
             if channel.held_until > time.monotonic():
@@ -282,13 +282,13 @@ class ChannelBook:
 
     # --- refunds ---------------------------------------------------------------------------
 
-    def channels(self, url: str | None = None) -> list[Channel]:
+    def channels(self, url: str | None = None) -> list[OpenChannel]:
         """The open channels (of ``url``'s origin), oldest first."""
         origin = origin_of(url) if url is not None else None
         with self._lock:
             return [c for c in self._channels.values() if origin is None or c.key[0] == origin]
 
-    def refund_payload(self, channel: Channel, amount: int | None) -> dict[str, Any]:
+    def refund_payload(self, channel: OpenChannel, amount: int | None) -> dict[str, Any]:
         with self._lock:
             rest = channel.balance - channel.charged
             if rest <= 0:
@@ -297,7 +297,7 @@ class ChannelBook:
                 raise ValueError(f"a refund is between 1 and {rest} (atomic units)")
             return channel.payer.refund(amount)
 
-    def refunded(self, channel: Channel, amount: int) -> int:
+    def refunded(self, channel: OpenChannel, amount: int) -> int:
         """The seller refunded ``amount`` (bounded by what the channel held): what came back."""
         with self._lock:
             back = max(0, min(amount, channel.balance - channel.charged))
@@ -307,7 +307,7 @@ class ChannelBook:
                 self._by_id.pop(channel.channel_id.lower(), None)
             return back
 
-    def _channel(self, nonce: str) -> Channel | None:
+    def _channel(self, nonce: str) -> OpenChannel | None:
         channel_id = nonce.partition(":")[0].lower()
         with self._lock:
             return self._by_id.get(channel_id)

@@ -18,7 +18,7 @@ from decimal import Decimal
 import httpx
 
 from paygate import wire
-from paygate.client.channels import Channel, origin_of
+from paygate.client.channels import OpenChannel, origin_of
 from paygate.client.core import PRESET_PAYMENT
 from paygate.client.errors import PaymentRefused, SpendRefused
 from paygate.client.payer import Payer, refusal_reason
@@ -29,7 +29,7 @@ from paygate.x402.networks import from_atomic, to_atomic
 
 @dataclass(frozen=True, slots=True)
 class RefundRequest:
-    channel: Channel
+    channel: OpenChannel
     request: httpx.Request
     amount: int | None
 
