@@ -41,6 +41,7 @@ from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 from yarl import URL
 
+from paygate.errors import PaygateError
 from paygate.server.errors import InternalError, api_style_for_path, error_response
 from paygate.server.malformed import GatewayServer
 
@@ -59,8 +60,12 @@ _PIPELINE_HIGH = 64 * 1024  # bytes of the next request(s) held while one is ser
 _EMPTY_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 
 
-class _HandOff(Exception):
-    """This request is aiohttp's to serve (raised inside the parser's callbacks)."""
+class _HandOff(PaygateError):
+    """This request is aiohttp's to serve (raised inside the parser's callbacks; never
+    leaves the front end)."""
+
+    code = "hand_off"
+    message = "the request is handed to aiohttp"
 
 
 class FastBody:

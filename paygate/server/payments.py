@@ -48,6 +48,8 @@ class HttpPaymentRefusal(GatewayError):
     """The payment step answered instead of admitting: the answer is ready-made (its code is
     the message; the response is the refusal's own)."""
 
+    message = "the payment step answered instead of admitting"
+
     def __init__(self, response: web.Response, code: str) -> None:
         super().__init__(code)
         self.status = response.status
@@ -335,6 +337,10 @@ class X402Payments:
 
 
 class _RefusalError(GatewayError):
+    """A processor refusal answered as an error (its status, code and headers)."""
+
+    message = "the payment was refused"
+
     def __init__(self, refusal: Refusal) -> None:
         super().__init__(refusal.message, headers=dict(refusal.headers))
         self.status = refusal.status

@@ -53,6 +53,8 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from paygate.errors import PaygateError
+
 MAX_HEAD_BYTES = 64 * 1024  # status line and headers of one reply
 MAX_HEADERS = 128
 READ_CHUNK = 256 * 1024  # most decoded bytes one read returns
@@ -61,28 +63,46 @@ LOW_WATER = 64 * 1024
 KEEPALIVE_SECONDS = 15.0  # an idle pooled connection older than this is closed, not reused
 
 
-class Http1Error(Exception):
+class Http1Error(PaygateError):
     """Any failure of an exchange."""
+
+    code = "upstream_exchange_failed"
+    message = "the exchange with the model server failed"
 
 
 class ConnectFailed(Http1Error):
     """No connection could be opened (refused, unreachable, no socket): nothing was sent."""
 
+    code = "upstream_connect_failed"
+    message = "no connection to the model server could be opened"
+
 
 class ConnectTimeout(Http1Error):
     """The connection was not established before the connect deadline."""
+
+    code = "upstream_connect_timeout"
+    message = "the connection to the model server timed out"
 
 
 class ReadTimeout(Http1Error):
     """The deadline given to a wait passed (response head, or the next body bytes)."""
 
+    code = "upstream_read_timeout"
+    message = "the model server did not answer in time"
+
 
 class ProtocolError(Http1Error):
     """A malformed or truncated reply, or a connection lost before the reply's end."""
 
+    code = "upstream_protocol_error"
+    message = "the model server's reply was malformed or cut short"
+
 
 class _Stale(Http1Error):
     """A reused connection closed before a byte of reply: the request may be sent again."""
+
+    code = "upstream_stale_connection"
+    message = "a reused connection to the model server was closed"
 
 
 @dataclass(frozen=True, slots=True)

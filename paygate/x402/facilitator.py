@@ -28,6 +28,7 @@ import aiohttp
 from pydantic import SecretStr, ValidationError
 
 from paygate import jsonsafe
+from paygate.errors import PaygateError
 from paygate.x402.facilitator_auth import FacilitatorAuth, StaticHeaders
 from paygate.x402.models import (
     AnyPaymentPayload,
@@ -48,8 +49,11 @@ _SETTLE_ATTEMPTS = 2
 _M = TypeVar("_M", bound=X402Model)
 
 
-class _Garbage(Exception):
+class _Garbage(PaygateError):
     """The facilitator answered something that is not the expected JSON."""
+
+    code = "facilitator_garbage"
+    message = "the facilitator's answer is not the expected JSON"
 
 
 class FacilitatorSettler:

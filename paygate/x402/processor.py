@@ -200,14 +200,15 @@ class PaymentProcessor:
         ``maximum`` (when given and > 0), for each scheme this processor takes, and what each
         scheme offers itself (``Scheme.own_offers``)."""
         offers: tuple[Offer, ...] = ()
-        # A request with no metered price (not a generation route, no token price) is offered
-        # `exact` at its flat price even where `exact` is not listed: never free by omission.
-        if price > 0 and (EXACT in self._schemes or maximum is None):
-            offers += self.terms.offers(price)
         if "upto" in self._schemes and maximum is not None and maximum > 0:
             offers += self.terms.upto_offers(maximum, upto_extra)
         for scheme in self._schemes.values():
             offers += scheme.own_offers(self.terms, price=price, maximum=maximum)
+        # A request no listed scheme can price (upto alone on a route with no metered price) is
+        # offered `exact` at its flat price even where `exact` is not listed: never free by
+        # omission. Where another scheme prices it, only what the operator listed is offered.
+        if price > 0 and (EXACT in self._schemes or (maximum is None and not offers)):
+            offers = self.terms.offers(price) + offers
         return offers
 
     async def admit(
@@ -310,7 +311,7 @@ class PaymentProcessor:
             )
         try:
             offer = match_offer(payment, offers)
-            scheme = self._schemes[offer.scheme]
+            scheme = self.scheme(offer.scheme)
             # A payment operation that is not a paid request (a channel's refund).
             done = await scheme.operation(payment, offer)
             if done is not None:

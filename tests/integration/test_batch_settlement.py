@@ -60,7 +60,11 @@ async def test_the_402_offers_batch_settlement_with_the_channel_terms(
     anvil, usdc, seller, tmp_path, gas_key
 ):
     async with chain_batch(seller, tmp_path / "l.db", anvil, gas_key) as stack:
-        offer = batch_offer(await challenge_of(stack))
+        required = await challenge_of(stack)
+        offer = batch_offer(required)
+    # Only what the operator listed: no `exact` beside it (an unlisted scheme's payment
+    # would find no scheme to settle it).
+    assert [o["scheme"] for o in required["accepts"]] == ["batch-settlement"]
     assert offer["amount"] == str(PRICE_ATOMIC)
     assert offer["payTo"] == seller
     assert offer["extra"]["receiverAuthorizer"] == gas_key.address

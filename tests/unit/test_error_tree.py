@@ -17,13 +17,7 @@ from paygate.errors import PaygateError
 ROOT = Path(__file__).resolve().parents[2]
 
 # Modules another branch of this session rewrites; their errors join the tree when it lands.
-OWNED_ELSEWHERE = {
-    "paygate.upstream.http1",  # Http1Error (f27)
-    "paygate.x402.facilitator",  # _Garbage, a private sentinel (s24a)
-    "paygate.x402.schemes",  # UnknownScheme (s24a)
-    "paygate.x402.verify",  # PaymentRejected (s24a)
-    "paygate.server.payments",  # _RefusalError (s24b)
-}
+OWNED_ELSEWHERE: set[str] = set()
 
 
 def _owned_elsewhere(cls: type) -> bool:

@@ -33,6 +33,7 @@ Importing this module loads only the client-safe roles (no web3, no x402 SDK).
 
 from __future__ import annotations
 
+from paygate.errors import PaygateError
 from paygate.x402.models import AnyPaymentPayload
 from paygate.x402.schemes import batch_settlement, exact, upto
 from paygate.x402.schemes.base import Authorized, Binding, PaymentRejected, Scheme
@@ -42,8 +43,11 @@ SCHEMES: dict[str, Scheme] = {
 }
 
 
-class UnknownScheme(ValueError):
+class UnknownScheme(PaygateError, ValueError):
     """A payment whose payload belongs to no registered scheme."""
+
+    code = "unsupported_scheme"
+    message = "the payment's payload belongs to no known scheme"
 
 
 def scheme_of(payment: AnyPaymentPayload) -> Scheme:

@@ -56,6 +56,7 @@ class PaymentRejected(PaygateError):
     """A payment that does not pay what was asked; ``reason`` is x402's code for why."""
 
     code = "payment_rejected"
+    message = "the payment does not pay what was asked"
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)

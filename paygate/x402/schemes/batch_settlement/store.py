@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from paygate.errors import PaygateError
 from paygate.x402.models import ChannelConfig
 
 CLAIMER = "claimer"  # the claim lease's row in bs_claims
@@ -35,8 +36,11 @@ class SchemeSql(Protocol):
     ) -> tuple[int, list[tuple[Any, ...]]]: ...
 
 
-class ChannelBusy(Exception):
+class ChannelBusy(PaygateError):
     """Another voucher holds the channel (its request is in progress)."""
+
+    code = "channel_busy"
+    message = "another request holds this payment channel"
 
 
 @dataclass(frozen=True, slots=True)
