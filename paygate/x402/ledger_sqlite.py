@@ -6,6 +6,9 @@ Why these choices:
   (an upstream call, a settlement broadcast). That is the whole point of the ledger.
 * One dedicated worker thread owns the connection: sqlite3 never blocks the event loop, and the
   calls of one process are serialised in submission order.
+* Group commit (``paygate.x402.ledger_commit``): the calls queued while a COMMIT was under way
+  share the next one (one fsync), each in a savepoint of its own; a caller is answered only
+  after the COMMIT of its group, so ``synchronous=FULL`` still holds per call.
 * ``BEGIN IMMEDIATE`` for every read-modify-write: the write lock is taken before the read, so
   two processes sharing the file cannot both claim one authorization.
 * A submitted change runs to its end even if the awaiting task is cancelled (the future is
@@ -19,14 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import functools
 import os
 import secrets
 import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,6 +54,7 @@ from paygate.x402.ledger import (
     StoredReceipt,
 )
 from paygate.x402.ledger_base import BY_ID, BY_IDEMPOTENCY_KEY, BY_KEY, LedgerBase
+from paygate.x402.ledger_commit import GroupCommit
 
 T = TypeVar("T")
 
@@ -232,7 +234,6 @@ class SqliteLedger(LedgerBase):
     def __init__(
         self,
         path: Path,
-        executor: ThreadPoolExecutor,
         *,
         read_only: bool,
         busy_timeout: float,
@@ -243,7 +244,7 @@ class SqliteLedger(LedgerBase):
         self.path = path
         self.read_only = read_only
         super().__init__(replica, lease_seconds)
-        self._executor = executor
+        self._commits = GroupCommit("paygate-ledger", self._lost)
         self._busy_timeout = busy_timeout
         self._clock = clock
         self._db: sqlite3.Connection | None = None  # used only on the worker thread
@@ -272,10 +273,8 @@ class SqliteLedger(LedgerBase):
         how long a call waits for another process's write lock before
         :class:`LedgerUnavailable`.
         """
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paygate-ledger")
         ledger = cls(
             Path(path),
-            executor,
             read_only=read_only,
             busy_timeout=busy_timeout,
             clock=clock,
@@ -283,7 +282,7 @@ class SqliteLedger(LedgerBase):
             lease_seconds=lease_seconds,
         )
         try:
-            await ledger._run(ledger._connect, migrate)
+            await ledger._run_alone(ledger._connect, migrate)
         except BaseException:
             await ledger.close()
             raise
@@ -294,23 +293,37 @@ class SqliteLedger(LedgerBase):
         if self._closed:
             return
         try:
-            await self._run(self._disconnect)
+            await self._run_alone(self._disconnect)
         finally:
             self._closed = True
-            self._executor.shutdown(wait=True)  # the queue is empty: the thread just exits
+            self._commits.stop()  # the queue is empty: the thread just exits
 
     # --- the worker thread ------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], /, *args: Any) -> T:
+        return await self._submit(False, fn, *args)
+
+    async def _run_alone(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """Opening and closing the connection: never inside another call's transaction."""
+        return await self._submit(True, fn, *args)
+
+    async def _submit(self, alone: bool, fn: Callable[..., T], /, *args: Any) -> T:
         if self._closed:
             raise LedgerUnavailable("the ledger is closed")
         try:
-            future = asyncio.get_running_loop().run_in_executor(
-                self._executor, functools.partial(self._guarded, fn, *args)
-            )
-        except RuntimeError:  # executor shut down
+            future = self._commits.submit(self._guarded, fn, *args, alone=alone)
+        except RuntimeError:  # the worker stopped
             raise LedgerUnavailable("the ledger is closed") from None
         return await asyncio.shield(future)
+
+    def _lost(self, exc: sqlite3.Error) -> LedgerError:
+        """The error of a call whose group's transaction did not commit."""
+        return LedgerUnavailable(f"ledger {self.path}: {exc}")
+
+    @property
+    def group_commit(self) -> GroupCommit:
+        """The worker (its ``after_commit`` hook counts COMMITs, i.e. fsyncs)."""
+        return self._commits
 
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
         # sqlite3 messages name a condition or a constraint, never row data: safe to pass on.
@@ -432,16 +445,10 @@ class SqliteLedger(LedgerBase):
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One read-modify-write: the write lock first (BEGIN IMMEDIATE), all or nothing."""
-        db = self._conn
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        """One read-modify-write, all or nothing: a savepoint in its group's transaction,
+        which holds the write lock (BEGIN IMMEDIATE) from the group's first write."""
+        with self._commits.transaction(self._conn) as db:
             yield db
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
 
     def _one(self, where: str, params: tuple[Any, ...]) -> PaymentRecord | None:
         row = self._conn.execute(f"{_SELECT} {where}", params).fetchone()
