@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from eth_utils import to_checksum_address
-
 from paygate.errors import PaygateError
+from paygate.x402 import typed_digest
 from paygate.x402.networks import UnknownNetwork, resolve_network
 
 MAX_LIST_LIMIT = 1000  # the hard cap of every query that returns several records
@@ -548,7 +547,7 @@ def normalise_address(value: str, what: str) -> str:
     """A 20-byte hex address in any case → its EIP-55 checksum form."""
     if not isinstance(value, str) or not _ADDRESS.match(value):
         raise ValueError(f"{what} must be a 0x-prefixed 20-byte hex address")
-    return to_checksum_address(value.lower())
+    return typed_digest.checksum(value.lower())
 
 
 def normalise_nonce(value: str) -> str:

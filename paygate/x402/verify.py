@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from eth_utils import to_checksum_address
-
 from paygate.errors import PaygateError
-from paygate.x402 import eip3009, smartwallet
+from paygate.x402 import eip3009, smartwallet, typed_digest
 from paygate.x402.models import AnyPaymentPayload, ExactEvmPayload, PaymentPayload
 from paygate.x402.offers import EXACT, Offer
 
@@ -104,7 +102,7 @@ def check_authorization(
     signer = eip3009.recover(
         auth, payment.payload.signature, chain_id=offer.network.chain_id, asset=offer.asset
     )
-    payer = to_checksum_address(auth.from_)
+    payer = typed_digest.checksum(auth.from_)
     # A contract wallet's signature (ERC-1271/6492) is the settler's to judge (smartwallet).
     if signer != payer and not smartwallet.is_contract_signature(payment.payload.signature):
         raise PaymentRejected(
