@@ -50,9 +50,11 @@ class HeldLeases:
         error: str | None = None,
         meter: Meter | None = None,
         settled_amount: int | None = None,
+        let_go: bool = False,
     ) -> PaymentRecord:
         """A fenced transition under the lease this process holds; ends the hold when the
-        payment ends, or when the lease turns out lost."""
+        payment ends, when the lease turns out lost, or with ``let_go`` (given up in the same
+        transaction: nothing more happens to it here)."""
         try:
             moved = await self._ledger.transition(
                 record.id,
@@ -62,6 +64,7 @@ class HeldLeases:
                 lease=record.lease,
                 meter=meter,
                 settled_amount=settled_amount,
+                let_go=let_go,
             )
         except LeaseLost:
             self.drop(record.id)
@@ -69,7 +72,7 @@ class HeldLeases:
             raise
         # The payment id and its state only: never the payload, signature or payer's header.
         log.debug("payment %s: %s -> %s", moved.id, record.state, moved.state)
-        if not TRANSITIONS[moved.state]:
+        if let_go or not TRANSITIONS[moved.state]:
             self.drop(moved.id)
         return moved
 

@@ -233,6 +233,7 @@ class Ledger(Protocol):
         lease: int | None = None,
         meter: Meter | None = None,
         settled_amount: int | None = None,
+        let_go: bool = False,
     ) -> PaymentRecord:
         """Move a record along :data:`TRANSITIONS` (compare-and-set in one transaction).
 
@@ -243,6 +244,8 @@ class Ledger(Protocol):
         move is fenced: checked in the same transaction, refused with :class:`LeaseLost` if the
         record was claimed since; a fenced move into a live state renews the lease, into a
         terminal state ends it. Without ``lease`` (operators, tests) it is not fenced.
+        ``let_go``: the move also gives the lease up (as :meth:`let_go` would, in the same
+        transaction): nothing more happens to the payment here.
         """
         ...
 

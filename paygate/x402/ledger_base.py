@@ -149,6 +149,7 @@ class LedgerBase:
         lease: int | None = None,
         meter: Meter | None = None,
         settled_amount: int | None = None,
+        let_go: bool = False,
     ) -> PaymentRecord:
         target = PaymentState(to)
         if settled_amount is not None:
@@ -162,6 +163,7 @@ class LedgerBase:
             lease,
             meter,
             settled_amount,
+            bool(let_go),
         )
 
     async def mark_served(self, payment_id: str) -> PaymentRecord:

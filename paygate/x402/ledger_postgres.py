@@ -515,6 +515,7 @@ class PostgresLedger(LedgerBase):
         lease: int | None,
         meter: Meter | None,
         settled_amount: int | None,
+        let_go: bool = False,
     ) -> PaymentRecord:
         current = await self._must(conn, payment_id, lock=True)
         values = rules.move_values(
@@ -528,6 +529,7 @@ class PostgresLedger(LedgerBase):
             now=await self._now(conn),
             replica=self.replica,
             lease_seconds=self.lease_seconds,
+            let_go=let_go,
         )
         row = await (await conn.execute(_MOVE, values)).fetchone()
         if row is None:  # cannot happen under the row lock; never guess

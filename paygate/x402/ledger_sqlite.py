@@ -524,6 +524,7 @@ class SqliteLedger(LedgerBase):
         lease: int | None,
         meter: Meter | None,
         settled_amount: int | None,
+        let_go: bool = False,
     ) -> PaymentRecord:
         with self._write() as db:
             current = self._must(payment_id)
@@ -538,6 +539,7 @@ class SqliteLedger(LedgerBase):
                 now=self._clock(),
                 replica=self.replica,
                 lease_seconds=self.lease_seconds,
+                let_go=let_go,
             )
             if db.execute(_MOVE, values).rowcount != 1:  # impossible under the lock: never guess
                 raise LedgerConflict(f"payment {current.id} changed concurrently")

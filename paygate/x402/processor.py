@@ -899,14 +899,16 @@ class PaymentProcessor:
         await self._leases.release(record)
 
     async def mark_served(self, admission: PaymentAdmission) -> None:
-        """Record that the reply went out; a payment never settled here (verify-only) moves
-        VERIFIED → SERVED first."""
+        """Record that the reply went out, once; a payment never settled here (verify-only)
+        moves VERIFIED → SERVED (which marks it served) and its lease goes in the same
+        transaction: nothing more happens to it here."""
         record = admission.record
         assert record is not None
         try:
             if record.state is PaymentState.VERIFIED:
-                admission.record = await self._leases.move(record, PaymentState.SERVED)
-            admission.record = await self._ledger.mark_served(record.id)
+                admission.record = await self._leases.move(record, PaymentState.SERVED, let_go=True)
+            elif not record.served:
+                admission.record = await self._ledger.mark_served(record.id)
         except LedgerError as exc:
             log.warning("payment %s: cannot mark served: %s", record.id, exc.code)
 
