@@ -216,7 +216,7 @@ _RESERVE_AGAIN = (
     " WHERE id = :id AND state = :released"
 )
 _MOVE = (
-    "UPDATE payments SET state = :state, attempts = attempts + :attempt,"
+    "UPDATE payments SET state = :state, attempts = attempts + :attempt,"  # noqa: S608 - constant columns
     " served = MAX(served, :served), tx_hash = COALESCE(:tx_hash, tx_hash),"
     " error = COALESCE(:error, error), updated_at = :now, owner = :owner, lease_until = :until,"
     " tokens_in = COALESCE(:tokens_in, tokens_in), tokens_out = COALESCE(:tokens_out, tokens_out),"
@@ -225,6 +225,7 @@ _MOVE = (
     " settled_amount = COALESCE(:settled_amount, settled_amount),"
     " counted_at = CASE WHEN :counted THEN :now ELSE counted_at END"
     " WHERE id = :id AND state = :from_state AND lease = :lease"
+    f" RETURNING {rules.RECORD_COLUMNS}"  # the record as moved: no second read
 )
 
 
@@ -541,9 +542,10 @@ class SqliteLedger(LedgerBase):
                 lease_seconds=self.lease_seconds,
                 let_go=let_go,
             )
-            if db.execute(_MOVE, values).rowcount != 1:  # impossible under the lock: never guess
+            rows = db.execute(_MOVE, values).fetchall()
+            if len(rows) != 1:  # impossible under the lock: never guess
                 raise LedgerConflict(f"payment {current.id} changed concurrently")
-            record = self._must(current.id)
+            record = rules.record_from_row(rows[0])
             self._event(
                 record, EventAction.MOVED, values["now"], transaction=transaction, error=error
             )
