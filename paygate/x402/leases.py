@@ -51,6 +51,7 @@ class HeldLeases:
         meter: Meter | None = None,
         settled_amount: int | None = None,
         let_go: bool = False,
+        via: PaymentState | None = None,
     ) -> PaymentRecord:
         """A fenced transition under the lease this process holds; ends the hold when the
         payment ends, when the lease turns out lost, or with ``let_go`` (given up in the same
@@ -65,6 +66,7 @@ class HeldLeases:
                 meter=meter,
                 settled_amount=settled_amount,
                 let_go=let_go,
+                via=via,
             )
         except LeaseLost:
             self.drop(record.id)

@@ -234,6 +234,7 @@ class Ledger(Protocol):
         meter: Meter | None = None,
         settled_amount: int | None = None,
         let_go: bool = False,
+        via: PaymentState | None = None,
     ) -> PaymentRecord:
         """Move a record along :data:`TRANSITIONS` (compare-and-set in one transaction).
 
@@ -245,7 +246,9 @@ class Ledger(Protocol):
         record was claimed since; a fenced move into a live state renews the lease, into a
         terminal state ends it. Without ``lease`` (operators, tests) it is not fenced.
         ``let_go``: the move also gives the lease up (as :meth:`let_go` would, in the same
-        transaction): nothing more happens to the payment here.
+        transaction): nothing more happens to the payment here. ``via``: move through that
+        state first, in the same transaction (both moves checked against the table and fenced,
+        both in the history), e.g. VERIFIED on the way to SERVED.
         """
         ...
 

@@ -150,6 +150,7 @@ class LedgerBase:
         meter: Meter | None = None,
         settled_amount: int | None = None,
         let_go: bool = False,
+        via: PaymentState | None = None,
     ) -> PaymentRecord:
         target = PaymentState(to)
         if settled_amount is not None:
@@ -164,6 +165,7 @@ class LedgerBase:
             meter,
             settled_amount,
             bool(let_go),
+            None if via is None else PaymentState(via),
         )
 
     async def mark_served(self, payment_id: str) -> PaymentRecord:

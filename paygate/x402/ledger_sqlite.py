@@ -526,9 +526,28 @@ class SqliteLedger(LedgerBase):
         meter: Meter | None,
         settled_amount: int | None,
         let_go: bool = False,
+        via: PaymentState | None = None,
     ) -> PaymentRecord:
         with self._write() as db:
             current = self._must(payment_id)
+            if via is not None:  # the first of two moves in this transaction
+                first = rules.move_values(
+                    current,
+                    via,
+                    transaction=None,
+                    error=None,
+                    lease=lease,
+                    meter=None,
+                    settled_amount=None,
+                    now=self._clock(),
+                    replica=self.replica,
+                    lease_seconds=self.lease_seconds,
+                )
+                rows = db.execute(_MOVE, first).fetchall()
+                if len(rows) != 1:  # impossible under the lock: never guess
+                    raise LedgerConflict(f"payment {current.id} changed concurrently")
+                current = rules.record_from_row(rows[0])
+                self._event(current, EventAction.MOVED, first["now"])
             values = rules.move_values(
                 current,
                 to,

@@ -584,7 +584,8 @@ class PaymentProcessor:
             reason = answer.invalid_reason or "invalid_payload"
             return self.challenge(402, reason, _reason_text(reason), offers, resource)
         try:
-            admission.record = await self._leases.move(record, PaymentState.VERIFIED)
+            if not self._settlement.verified_when_served:  # else one transaction with SERVED
+                admission.record = await self._leases.move(record, PaymentState.VERIFIED)
         except LedgerError:
             await self.release(record)
             return self.unavailable("ledger_unavailable", "the payment ledger is unavailable")
@@ -900,13 +901,18 @@ class PaymentProcessor:
 
     async def mark_served(self, admission: PaymentAdmission) -> None:
         """Record that the reply went out, once; a payment never settled here (verify-only)
-        moves VERIFIED → SERVED (which marks it served) and its lease goes in the same
-        transaction: nothing more happens to it here."""
+        moves (RESERVED →) VERIFIED → SERVED (which marks it served) and its lease goes, all in
+        one transaction: nothing more happens to it here."""
         record = admission.record
         assert record is not None
         try:
-            if record.state is PaymentState.VERIFIED:
-                admission.record = await self._leases.move(record, PaymentState.SERVED, let_go=True)
+            if record.state in (PaymentState.RESERVED, PaymentState.VERIFIED):
+                admission.record = await self._leases.move(
+                    record,
+                    PaymentState.SERVED,
+                    let_go=True,
+                    via=PaymentState.VERIFIED if record.state is PaymentState.RESERVED else None,
+                )
             elif not record.served:
                 admission.record = await self._ledger.mark_served(record.id)
         except LedgerError as exc:
