@@ -900,7 +900,7 @@ class PaymentProcessor:
         await self._leases.release(record)
 
     async def mark_served(self, admission: PaymentAdmission) -> None:
-        """Record that the reply went out, once; a payment never settled here (verify-only)
+        """Record that the reply went out, once. A payment never settled here (verify-only)
         moves (RESERVED →) VERIFIED → SERVED (which marks it served) and its lease goes, all in
         one transaction: nothing more happens to it here."""
         record = admission.record
@@ -910,7 +910,7 @@ class PaymentProcessor:
                 admission.record = await self._leases.move(
                     record,
                     PaymentState.SERVED,
-                    let_go=True,
+                    let_go=not self._settlement.settles_owed,  # verify-only: nothing more here
                     via=PaymentState.VERIFIED if record.state is PaymentState.RESERVED else None,
                 )
             elif not record.served:
