@@ -122,6 +122,15 @@ class GroupCommit:
         if group.db is None:
             db.execute("BEGIN IMMEDIATE")
             group.db = db
+        if len(group.calls) == 1:  # alone in its group: the transaction is its own
+            try:
+                yield db
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                group.db = None  # nothing left to commit
+                raise
+            return
         group.savepoints += 1
         name = f"call{group.savepoints}"
         db.execute(f"SAVEPOINT {name}")

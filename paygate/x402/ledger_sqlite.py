@@ -197,16 +197,17 @@ _GROUPS = {
 _INSERT_EVENT = f"INSERT INTO payment_events ({rules.EVENT_COLUMNS}) VALUES ({', '.join('?' * 9)})"  # noqa: S608 - constant
 _COPY = f"INSERT INTO payments ({rules.RECORD_COLUMNS}) VALUES ({', '.join('?' * 29)})"  # noqa: S608 - constant
 _RESERVE = (
-    "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount, x402_version, route,"
+    "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount, x402_version, route,"  # noqa: S608 - constant columns
     " state, served, payload, requirements, idempotency_key, attempts, created_at, updated_at,"
     " owner, lease, lease_until, scheme, model, counted_at)"
     " VALUES (:id, :network, :asset, :payer, :nonce, :pay_to, :amount, :x402_version, :route,"
     " :reserved, 0, :payload, :requirements, :idempotency_key, 0, :now, :now,"
     " :owner, 1, :until, :scheme, :model, :now)"
+    f" RETURNING {rules.RECORD_COLUMNS}"
 )
 # A retry of an authorization whose earlier request failed before settlement.
 _RESERVE_AGAIN = (
-    "UPDATE payments SET state = :reserved, served = 0, pay_to = :pay_to, amount = :amount,"
+    "UPDATE payments SET state = :reserved, served = 0, pay_to = :pay_to, amount = :amount,"  # noqa: S608 - constant columns
     " x402_version = :x402_version, route = :route, payload = :payload,"
     " requirements = :requirements,"
     " idempotency_key = COALESCE(:idempotency_key, idempotency_key), error = NULL,"
@@ -214,6 +215,7 @@ _RESERVE_AGAIN = (
     " usage_source = NULL, settle_amount = NULL, counted_at = :now, updated_at = :now,"
     " owner = :owner, lease = lease + 1, lease_until = :until"
     " WHERE id = :id AND state = :released"
+    f" RETURNING {rules.RECORD_COLUMNS}"
 )
 _MOVE = (
     "UPDATE payments SET state = :state, attempts = attempts + :attempt,"  # noqa: S608 - constant columns
@@ -494,8 +496,10 @@ class SqliteLedger(LedgerBase):
                 replica=self.replica,
                 lease_seconds=self.lease_seconds,
             )
-            db.execute(_RESERVE if existing is None else _RESERVE_AGAIN, values)
-            record = self._must(values["id"])
+            rows = db.execute(_RESERVE if existing is None else _RESERVE_AGAIN, values).fetchall()
+            if len(rows) != 1:  # impossible under the lock: never guess
+                raise LedgerConflict(f"payment {values['id']} changed concurrently")
+            record = rules.record_from_row(rows[0])
             self._event(record, EventAction.RESERVED, now)
             return record
 
@@ -714,7 +718,8 @@ class SqliteLedger(LedgerBase):
         lease: int | None,
     ) -> None:
         with self._write() as db:
-            self._must(payment_id)
+            if db.execute("SELECT 1 FROM payments WHERE id = ?", (payment_id,)).fetchone() is None:
+                raise rules.not_found(payment_id)
             db.execute(
                 "INSERT INTO receipts (payment_id, kind, token, created_at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (payment_id, kind) DO NOTHING",
