@@ -149,6 +149,8 @@ class LedgerBase:
         lease: int | None = None,
         meter: Meter | None = None,
         settled_amount: int | None = None,
+        let_go: bool = False,
+        via: PaymentState | None = None,
     ) -> PaymentRecord:
         target = PaymentState(to)
         if settled_amount is not None:
@@ -162,6 +164,8 @@ class LedgerBase:
             lease,
             meter,
             settled_amount,
+            bool(let_go),
+            None if via is None else PaymentState(via),
         )
 
     async def mark_served(self, payment_id: str) -> PaymentRecord:

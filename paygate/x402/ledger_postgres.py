@@ -566,8 +566,28 @@ class PostgresLedger(LedgerBase):
         lease: int | None,
         meter: Meter | None,
         settled_amount: int | None,
+        let_go: bool = False,
+        via: PaymentState | None = None,
     ) -> PaymentRecord:
         current = await self._must(conn, payment_id, lock=True)
+        if via is not None:  # the first of two moves in this transaction
+            first = rules.move_values(
+                current,
+                via,
+                transaction=None,
+                error=None,
+                lease=lease,
+                meter=None,
+                settled_amount=None,
+                now=await self._now(conn),
+                replica=self.replica,
+                lease_seconds=self.lease_seconds,
+            )
+            row = await (await conn.execute(_MOVE, first)).fetchone()
+            if row is None:  # cannot happen under the row lock; never guess
+                raise LedgerConflict(f"payment {current.id} changed concurrently")
+            current = rules.record_from_row(row)
+            await self._event(conn, current, EventAction.MOVED, first["now"])
         values = rules.move_values(
             current,
             to,
@@ -579,6 +599,7 @@ class PostgresLedger(LedgerBase):
             now=await self._now(conn),
             replica=self.replica,
             lease_seconds=self.lease_seconds,
+            let_go=let_go,
         )
         row = await (await conn.execute(_MOVE, values)).fetchone()
         if row is None:  # cannot happen under the row lock; never guess

@@ -168,6 +168,7 @@ def move_values(
     now: float,
     replica: str,
     lease_seconds: float,
+    let_go: bool = False,
 ) -> dict[str, Any]:
     """The rules of :meth:`Ledger.transition` applied to the record as read under its lock: the
     fence and the table (:func:`check_move`), the metering cap, and the named values of the
@@ -175,7 +176,7 @@ def move_values(
     check_move(current, to, lease)
     if meter is not None and meter.settle_amount > current.amount:
         raise ValueError("a metered charge cannot exceed the authorized amount")
-    if not TRANSITIONS[to]:  # terminal: nobody works on it any more
+    if not TRANSITIONS[to] or let_go:  # terminal, or given up: nobody here works on it
         owner, until = None, None
     elif lease is not None:  # the owner moves it on: its lease is renewed
         owner, until = replica, now + lease_seconds

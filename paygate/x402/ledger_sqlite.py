@@ -6,6 +6,9 @@ Why these choices:
   (an upstream call, a settlement broadcast). That is the whole point of the ledger.
 * One dedicated worker thread owns the connection: sqlite3 never blocks the event loop, and the
   calls of one process are serialised in submission order.
+* Group commit (``paygate.x402.ledger_commit``): the calls queued while a COMMIT was under way
+  share the next one (one fsync), each in a savepoint of its own; a caller is answered only
+  after the COMMIT of its group, so ``synchronous=FULL`` still holds per call.
 * ``BEGIN IMMEDIATE`` for every read-modify-write: the write lock is taken before the read, so
   two processes sharing the file cannot both claim one authorization.
 * A submitted change runs to its end even if the awaiting task is cancelled (the future is
@@ -19,14 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import functools
 import os
 import secrets
 import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,6 +54,7 @@ from paygate.x402.ledger import (
     StoredReceipt,
 )
 from paygate.x402.ledger_base import BY_ID, BY_IDEMPOTENCY_KEY, BY_KEY, LedgerBase
+from paygate.x402.ledger_commit import GroupCommit
 
 T = TypeVar("T")
 
@@ -233,16 +235,17 @@ _GROUPS = {
 _INSERT_EVENT = f"INSERT INTO payment_events ({rules.EVENT_COLUMNS}) VALUES ({', '.join('?' * 9)})"  # noqa: S608 - constant
 _COPY = f"INSERT INTO payments ({rules.RECORD_COLUMNS}) VALUES ({', '.join('?' * 29)})"  # noqa: S608 - constant
 _RESERVE = (
-    "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount, x402_version, route,"
+    "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount, x402_version, route,"  # noqa: S608 - constant columns
     " state, served, payload, requirements, idempotency_key, attempts, created_at, updated_at,"
     " owner, lease, lease_until, scheme, model, counted_at)"
     " VALUES (:id, :network, :asset, :payer, :nonce, :pay_to, :amount, :x402_version, :route,"
     " :reserved, 0, :payload, :requirements, :idempotency_key, 0, :now, :now,"
     " :owner, 1, :until, :scheme, :model, :now)"
+    f" RETURNING {rules.RECORD_COLUMNS}"
 )
 # A retry of an authorization whose earlier request failed before settlement.
 _RESERVE_AGAIN = (
-    "UPDATE payments SET state = :reserved, served = 0, pay_to = :pay_to, amount = :amount,"
+    "UPDATE payments SET state = :reserved, served = 0, pay_to = :pay_to, amount = :amount,"  # noqa: S608 - constant columns
     " x402_version = :x402_version, route = :route, payload = :payload,"
     " requirements = :requirements,"
     " idempotency_key = COALESCE(:idempotency_key, idempotency_key), error = NULL,"
@@ -250,9 +253,10 @@ _RESERVE_AGAIN = (
     " usage_source = NULL, settle_amount = NULL, counted_at = :now, updated_at = :now,"
     " owner = :owner, lease = lease + 1, lease_until = :until"
     " WHERE id = :id AND state = :released"
+    f" RETURNING {rules.RECORD_COLUMNS}"
 )
 _MOVE = (
-    "UPDATE payments SET state = :state, attempts = attempts + :attempt,"
+    "UPDATE payments SET state = :state, attempts = attempts + :attempt,"  # noqa: S608 - constant columns
     " served = MAX(served, :served), tx_hash = COALESCE(:tx_hash, tx_hash),"
     " error = COALESCE(:error, error), updated_at = :now, owner = :owner, lease_until = :until,"
     " tokens_in = COALESCE(:tokens_in, tokens_in), tokens_out = COALESCE(:tokens_out, tokens_out),"
@@ -261,6 +265,7 @@ _MOVE = (
     " settled_amount = COALESCE(:settled_amount, settled_amount),"
     " counted_at = CASE WHEN :counted THEN :now ELSE counted_at END"
     " WHERE id = :id AND state = :from_state AND lease = :lease"
+    f" RETURNING {rules.RECORD_COLUMNS}"  # the record as moved: no second read
 )
 
 
@@ -270,7 +275,6 @@ class SqliteLedger(LedgerBase):
     def __init__(
         self,
         path: Path,
-        executor: ThreadPoolExecutor,
         *,
         read_only: bool,
         busy_timeout: float,
@@ -281,7 +285,7 @@ class SqliteLedger(LedgerBase):
         self.path = path
         self.read_only = read_only
         super().__init__(replica, lease_seconds)
-        self._executor = executor
+        self._commits = GroupCommit("paygate-ledger", self._lost)
         self._busy_timeout = busy_timeout
         self._clock = clock
         self._db: sqlite3.Connection | None = None  # used only on the worker thread
@@ -310,10 +314,8 @@ class SqliteLedger(LedgerBase):
         how long a call waits for another process's write lock before
         :class:`LedgerUnavailable`.
         """
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paygate-ledger")
         ledger = cls(
             Path(path),
-            executor,
             read_only=read_only,
             busy_timeout=busy_timeout,
             clock=clock,
@@ -321,7 +323,7 @@ class SqliteLedger(LedgerBase):
             lease_seconds=lease_seconds,
         )
         try:
-            await ledger._run(ledger._connect, migrate)
+            await ledger._run_alone(ledger._connect, migrate)
         except BaseException:
             await ledger.close()
             raise
@@ -332,23 +334,37 @@ class SqliteLedger(LedgerBase):
         if self._closed:
             return
         try:
-            await self._run(self._disconnect)
+            await self._run_alone(self._disconnect)
         finally:
             self._closed = True
-            self._executor.shutdown(wait=True)  # the queue is empty: the thread just exits
+            self._commits.stop()  # the queue is empty: the thread just exits
 
     # --- the worker thread ------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], /, *args: Any) -> T:
+        return await self._submit(False, fn, *args)
+
+    async def _run_alone(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """Opening and closing the connection: never inside another call's transaction."""
+        return await self._submit(True, fn, *args)
+
+    async def _submit(self, alone: bool, fn: Callable[..., T], /, *args: Any) -> T:
         if self._closed:
             raise LedgerUnavailable("the ledger is closed")
         try:
-            future = asyncio.get_running_loop().run_in_executor(
-                self._executor, functools.partial(self._guarded, fn, *args)
-            )
-        except RuntimeError:  # executor shut down
+            future = self._commits.submit(self._guarded, fn, *args, alone=alone)
+        except RuntimeError:  # the worker stopped
             raise LedgerUnavailable("the ledger is closed") from None
         return await asyncio.shield(future)
+
+    def _lost(self, exc: sqlite3.Error) -> LedgerError:
+        """The error of a call whose group's transaction did not commit."""
+        return LedgerUnavailable(f"ledger {self.path}: {exc}")
+
+    @property
+    def group_commit(self) -> GroupCommit:
+        """The worker (its ``after_commit`` hook counts COMMITs, i.e. fsyncs)."""
+        return self._commits
 
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
         # sqlite3 messages name a condition or a constraint, never row data: safe to pass on.
@@ -470,16 +486,10 @@ class SqliteLedger(LedgerBase):
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One read-modify-write: the write lock first (BEGIN IMMEDIATE), all or nothing."""
-        db = self._conn
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        """One read-modify-write, all or nothing: a savepoint in its group's transaction,
+        which holds the write lock (BEGIN IMMEDIATE) from the group's first write."""
+        with self._commits.transaction(self._conn) as db:
             yield db
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
 
     async def scheme_sql(
         self, sql: str, params: tuple[Any, ...]
@@ -538,8 +548,10 @@ class SqliteLedger(LedgerBase):
                 replica=self.replica,
                 lease_seconds=self.lease_seconds,
             )
-            db.execute(_RESERVE if existing is None else _RESERVE_AGAIN, values)
-            record = self._must(values["id"])
+            rows = db.execute(_RESERVE if existing is None else _RESERVE_AGAIN, values).fetchall()
+            if len(rows) != 1:  # impossible under the lock: never guess
+                raise LedgerConflict(f"payment {values['id']} changed concurrently")
+            record = rules.record_from_row(rows[0])
             self._event(record, EventAction.RESERVED, now)
             return record
 
@@ -569,9 +581,29 @@ class SqliteLedger(LedgerBase):
         lease: int | None,
         meter: Meter | None,
         settled_amount: int | None,
+        let_go: bool = False,
+        via: PaymentState | None = None,
     ) -> PaymentRecord:
         with self._write() as db:
             current = self._must(payment_id)
+            if via is not None:  # the first of two moves in this transaction
+                first = rules.move_values(
+                    current,
+                    via,
+                    transaction=None,
+                    error=None,
+                    lease=lease,
+                    meter=None,
+                    settled_amount=None,
+                    now=self._clock(),
+                    replica=self.replica,
+                    lease_seconds=self.lease_seconds,
+                )
+                rows = db.execute(_MOVE, first).fetchall()
+                if len(rows) != 1:  # impossible under the lock: never guess
+                    raise LedgerConflict(f"payment {current.id} changed concurrently")
+                current = rules.record_from_row(rows[0])
+                self._event(current, EventAction.MOVED, first["now"])
             values = rules.move_values(
                 current,
                 to,
@@ -583,10 +615,12 @@ class SqliteLedger(LedgerBase):
                 now=self._clock(),
                 replica=self.replica,
                 lease_seconds=self.lease_seconds,
+                let_go=let_go,
             )
-            if db.execute(_MOVE, values).rowcount != 1:  # impossible under the lock: never guess
+            rows = db.execute(_MOVE, values).fetchall()
+            if len(rows) != 1:  # impossible under the lock: never guess
                 raise LedgerConflict(f"payment {current.id} changed concurrently")
-            record = self._must(current.id)
+            record = rules.record_from_row(rows[0])
             self._event(
                 record, EventAction.MOVED, values["now"], transaction=transaction, error=error
             )
@@ -736,7 +770,8 @@ class SqliteLedger(LedgerBase):
         lease: int | None,
     ) -> None:
         with self._write() as db:
-            self._must(payment_id)
+            if db.execute("SELECT 1 FROM payments WHERE id = ?", (payment_id,)).fetchone() is None:
+                raise rules.not_found(payment_id)
             db.execute(
                 "INSERT INTO receipts (payment_id, kind, token, created_at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (payment_id, kind) DO NOTHING",

@@ -71,6 +71,12 @@ class Settlement(Protocol):
         """The reconciler settles what was served and not settled (after a crash, say)."""
         ...
 
+    @property
+    def verified_when_served(self) -> bool:
+        """VERIFIED is recorded with SERVED, in one ledger transaction, not on its own: nothing
+        between the two needs it durable (a crash there releases either state alike)."""
+        ...
+
 
 class SettleAfterReply:
     """Settle after the reply is produced: nothing is charged for a failed request."""
@@ -104,6 +110,7 @@ class SettleAfterReply:
         return False
 
     settles_owed = True
+    verified_when_served = False  # SERVED comes after the reply; settlement reads VERIFIED
 
 
 class SettleUpfront:
@@ -135,6 +142,7 @@ class SettleUpfront:
         return record.state is PaymentState.SETTLED and not record.served
 
     settles_owed = True
+    verified_when_served = False  # it settles from VERIFIED, before serving
 
 
 class VerifyOnly:
@@ -169,3 +177,4 @@ class VerifyOnly:
 
     # What was served stays SERVED: paygate never settles it, not even after a restart.
     settles_owed = False
+    verified_when_served = True
