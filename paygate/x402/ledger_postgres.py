@@ -44,14 +44,8 @@ from paygate.x402.ledger import (
     PaymentState,
 )
 from paygate.x402.ledger_base import BY_ID, BY_IDEMPOTENCY_KEY, BY_KEY, LedgerBase
-from paygate.x402.ledger_postgres_schema import SCHEMA_VERSION, Conn
+from paygate.x402.ledger_postgres_schema import SCHEMA_VERSION, Conn, PoolTimeout, psycopg
 from paygate.x402.ledger_postgres_tables import PostgresTables
-
-try:
-    import psycopg
-    from psycopg_pool import PoolTimeout
-except ImportError:  # pragma: no cover - reported by open()
-    psycopg = None  # type: ignore[assignment]
 
 T = TypeVar("T")
 

@@ -22,6 +22,7 @@ try:
     from psycopg_pool import AsyncConnectionPool, PoolTimeout
 except ImportError:  # pragma: no cover - reported by open_pool()
     psycopg = None  # type: ignore[assignment]
+    PoolTimeout = None  # type: ignore[assignment,misc]
 
 # The pool logs its failed connection attempts with the server's message, which names the host
 # and user of the (secret) URL; our own errors say what failed without them.
