@@ -4,11 +4,9 @@ append is one ``BEGIN IMMEDIATE`` transaction (the file's write lock across proc
 from __future__ import annotations
 
 import asyncio
-import functools
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,36 +21,41 @@ from paygate.tlog.store import (
     check_entries,
 )
 from paygate.tlog.store_rules import HashRows, LogQueries, append_flow
+from paygate.x402.ledger_commit import GroupCommit
 
 T = TypeVar("T")
 SQL = LogQueries("?", amounts_as_text=True)
 
 
 class SqliteLogStore:
-    def __init__(self, path: Path, executor: ThreadPoolExecutor, busy_timeout: float) -> None:
+    def __init__(self, path: Path, busy_timeout: float) -> None:
         self.path = path
-        self._executor = executor
+        # Group commit (paygate.x402.ledger_commit): the receipt leaves recorded by concurrent
+        # replies share one COMMIT (one fsync); each caller still waits for its own.
+        self._commits = GroupCommit("paygate-tlog", _lost)
         self._busy_timeout = busy_timeout
         self._db: sqlite3.Connection | None = None
         self._closed = False
 
     @classmethod
     async def open(cls, path: Path, *, busy_timeout: float = 5.0) -> SqliteLogStore:
-        store = cls(path, ThreadPoolExecutor(1, thread_name_prefix="paygate-tlog"), busy_timeout)
+        store = cls(path, busy_timeout)
         try:
-            await store._run(store._connect)
+            await store._run(store._connect, alone=True)
         except BaseException:
             await store.close()
             raise
         return store
 
-    async def _run(self, fn: Callable[..., T], /, *args: Any) -> T:
+    async def _run(self, fn: Callable[..., T], /, *args: Any, alone: bool = False) -> T:
         if self._closed:
             raise LogStoreError("the log store is closed")
-        future = asyncio.get_running_loop().run_in_executor(
-            self._executor, functools.partial(self._guarded, fn, *args)
-        )
-        return await asyncio.shield(future)
+        try:
+            future = self._commits.submit(self._guarded, fn, *args, alone=alone)
+        except RuntimeError:  # the worker stopped
+            raise LogStoreError("the log store is closed") from None
+        result: T = await asyncio.shield(future)
+        return result
 
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -73,25 +76,18 @@ class SqliteLogStore:
         return self._db
 
     def _write(self, fn: Callable[..., T], *args: Any) -> T:
-        db = self._conn
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(db, *args)
-            db.execute("COMMIT")
-            return result
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+        """All or nothing, under the write lock (a savepoint in its group's transaction)."""
+        with self._commits.transaction(self._conn) as db:
+            return fn(db, *args)
 
     async def close(self) -> None:
         if self._closed:
             return
         try:
-            await self._run(self._disconnect)
+            await self._run(self._disconnect, alone=True)
         finally:
             self._closed = True
-            self._executor.shutdown(wait=True)
+            self._commits.stop()
 
     def _disconnect(self) -> None:
         if self._db is not None:
@@ -192,3 +188,8 @@ def _receipt_period(db: sqlite3.Connection, leaf: bytes) -> ReceiptPeriod | None
     if row is None:
         return None
     return SQL.period_of(row, db.execute(*SQL.period_leaves(row[0])).fetchall())
+
+
+def _lost(exc: sqlite3.Error) -> LogStoreError:
+    """The error of a call whose group's transaction did not commit."""
+    return LogStoreError(f"the log store failed: {type(exc).__name__}")

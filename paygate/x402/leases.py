@@ -54,9 +54,12 @@ class HeldLeases:
         error: str | None = None,
         meter: Meter | None = None,
         settled_amount: int | None = None,
+        let_go: bool = False,
+        via: PaymentState | None = None,
     ) -> PaymentRecord:
         """A fenced transition under the lease this process holds; ends the hold when the
-        payment ends, or when the lease turns out lost."""
+        payment ends, when the lease turns out lost, or with ``let_go`` (given up in the same
+        transaction: nothing more happens to it here)."""
         try:
             moved = await self._ledger.transition(
                 record.id,
@@ -66,6 +69,8 @@ class HeldLeases:
                 lease=record.lease,
                 meter=meter,
                 settled_amount=settled_amount,
+                let_go=let_go,
+                via=via,
             )
         except LeaseLost:
             self.drop(record.id)
@@ -73,7 +78,7 @@ class HeldLeases:
             raise
         # The payment id and its state only: never the payload, signature or payer's header.
         log.debug("payment %s: %s -> %s", moved.id, record.state, moved.state)
-        if not TRANSITIONS[moved.state]:
+        if let_go or not TRANSITIONS[moved.state]:
             self.drop(moved.id)
         return moved
 
@@ -92,13 +97,23 @@ class HeldLeases:
         except LedgerError as exc:
             log.warning("payment %s: cannot release: %s", record.id, exc.code)
 
-    async def served(self, record: PaymentRecord) -> PaymentRecord:
-        """Record that the reply went out; a payment never settled here (verify-only) moves
-        VERIFIED → SERVED first. Returns the record as the ledger now has it."""
+    async def served(self, record: PaymentRecord, *, let_go: bool = False) -> PaymentRecord:
+        """Record that the reply went out, once; returns the record as the ledger now has it.
+
+        A payment not yet SERVED moves (RESERVED →) VERIFIED → SERVED (which marks it served)
+        in one transaction; with ``let_go`` (nothing settles here: verify-only) its lease goes
+        in that transaction too.
+        """
         try:
-            if record.state is PaymentState.VERIFIED:
-                record = await self.move(record, PaymentState.SERVED)
-            record = await self._ledger.mark_served(record.id)
+            if record.state in (PaymentState.RESERVED, PaymentState.VERIFIED):
+                record = await self.move(
+                    record,
+                    PaymentState.SERVED,
+                    let_go=let_go,
+                    via=PaymentState.VERIFIED if record.state is PaymentState.RESERVED else None,
+                )
+            elif not record.served:
+                record = await self._ledger.mark_served(record.id)
         except LedgerError as exc:
             log.warning("payment %s: cannot mark served: %s", record.id, exc.code)
         return record

@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from eth_utils import to_checksum_address
-
 from paygate.errors import PaygateError
+from paygate.x402 import typed_digest
 from paygate.x402.networks import UnknownNetwork, resolve_network
 from paygate.x402.schemes import SCHEMES
 
@@ -235,6 +234,8 @@ class Ledger(Protocol):
         lease: int | None = None,
         meter: Meter | None = None,
         settled_amount: int | None = None,
+        let_go: bool = False,
+        via: PaymentState | None = None,
     ) -> PaymentRecord:
         """Move a record along :data:`TRANSITIONS` (compare-and-set in one transaction).
 
@@ -245,6 +246,10 @@ class Ledger(Protocol):
         move is fenced: checked in the same transaction, refused with :class:`LeaseLost` if the
         record was claimed since; a fenced move into a live state renews the lease, into a
         terminal state ends it. Without ``lease`` (operators, tests) it is not fenced.
+        ``let_go``: the move also gives the lease up (as :meth:`let_go` would, in the same
+        transaction): nothing more happens to the payment here. ``via``: move through that
+        state first, in the same transaction (both moves checked against the table and fenced,
+        both in the history), e.g. VERIFIED on the way to SERVED.
         """
         ...
 
@@ -569,7 +574,7 @@ def normalise_address(value: str, what: str) -> str:
     """A 20-byte hex address in any case → its EIP-55 checksum form."""
     if not isinstance(value, str) or not _ADDRESS.match(value):
         raise ValueError(f"{what} must be a 0x-prefixed 20-byte hex address")
-    return to_checksum_address(value.lower())
+    return typed_digest.checksum(value.lower())
 
 
 def normalise_nonce(value: str) -> str:

@@ -37,6 +37,7 @@ from paygate.x402.ledger import (
     normalise_nonce,
 )
 from paygate.x402.ledger_rules import (
+    Move,
     Reservation,
     check_free_request,
     check_group,
@@ -149,20 +150,23 @@ class LedgerBase:
         lease: int | None = None,
         meter: Meter | None = None,
         settled_amount: int | None = None,
+        let_go: bool = False,
+        via: PaymentState | None = None,
     ) -> PaymentRecord:
         target = PaymentState(to)
         if settled_amount is not None:
             check_amount(settled_amount)
-        return await self._run(
-            self._transition,
-            payment_id,
+        move = Move(
             target,
-            check_transaction(transaction),
-            check_error(error),
-            lease,
-            meter,
-            settled_amount,
+            transaction=check_transaction(transaction),
+            error=check_error(error),
+            lease=lease,
+            meter=meter,
+            settled_amount=settled_amount,
+            let_go=bool(let_go),
+            via=None if via is None else PaymentState(via),
         )
+        return await self._run(self._transition, payment_id, move)
 
     async def mark_served(self, payment_id: str) -> PaymentRecord:
         return await self._run(self._mark_served, payment_id)

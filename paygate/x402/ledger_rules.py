@@ -11,7 +11,7 @@ same mapping.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from paygate.x402.ledger import (
@@ -156,6 +156,46 @@ class Reservation:
         }
 
 
+@dataclass(frozen=True)
+class Move:
+    """One :meth:`Ledger.transition` call, checked: to ``to``, through ``via`` first if given
+    (both moves in one transaction, each checked against the table and fenced, each in the
+    history); ``let_go``: the lease goes with the (last) move."""
+
+    to: PaymentState
+    transaction: str | None = None
+    error: str | None = None
+    lease: int | None = None
+    meter: Meter | None = None
+    settled_amount: int | None = None
+    let_go: bool = False
+    via: PaymentState | None = None
+
+    def steps(self) -> tuple[Move, ...]:
+        """The single moves a store runs, in order."""
+        if self.via is None:
+            return (self,)
+        return (Move(self.via, lease=self.lease), replace(self, via=None))
+
+    def values(
+        self, current: PaymentRecord, *, now: float, replica: str, lease_seconds: float
+    ) -> dict[str, Any]:
+        """This single move's update of ``current`` (:func:`move_values`)."""
+        return move_values(
+            current,
+            self.to,
+            transaction=self.transaction,
+            error=self.error,
+            lease=self.lease,
+            meter=self.meter,
+            settled_amount=self.settled_amount,
+            now=now,
+            replica=replica,
+            lease_seconds=lease_seconds,
+            let_go=self.let_go,
+        )
+
+
 def move_values(
     current: PaymentRecord,
     to: PaymentState,
@@ -168,6 +208,7 @@ def move_values(
     now: float,
     replica: str,
     lease_seconds: float,
+    let_go: bool = False,
 ) -> dict[str, Any]:
     """The rules of :meth:`Ledger.transition` applied to the record as read under its lock: the
     fence and the table (:func:`check_move`), the metering cap, and the named values of the
@@ -175,7 +216,7 @@ def move_values(
     check_move(current, to, lease)
     if meter is not None and meter.settle_amount > current.amount:
         raise ValueError("a metered charge cannot exceed the authorized amount")
-    if not TRANSITIONS[to]:  # terminal: nobody works on it any more
+    if not TRANSITIONS[to] or let_go:  # terminal, or given up: nobody here works on it
         owner, until = None, None
     elif lease is not None:  # the owner moves it on: its lease is renewed
         owner, until = replica, now + lease_seconds

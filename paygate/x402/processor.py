@@ -448,7 +448,8 @@ class PaymentProcessor:
             reason = answer.invalid_reason or "invalid_payload"
             return self._refusals.challenge(402, reason, reason_text(reason), offers, resource)
         try:
-            admission.record = await self._leases.move(record, PaymentState.VERIFIED)
+            if not self._settlement.verified_when_served:  # else one transaction with SERVED
+                admission.record = await self._leases.move(record, PaymentState.VERIFIED)
         except LedgerError:
             await self._leases.release(record)
             return self._refusals.ledger_unavailable()

@@ -43,6 +43,10 @@ class Settlement:
 
     #: The reconciler settles what was served and not settled.
     settles_owed: bool = True
+    #: VERIFIED is recorded with SERVED, in one ledger transaction, not on its own: nothing
+    #: between the two needs it durable (a crash there releases either state alike). Not where
+    #: settlement reads VERIFIED (after the reply, or before serving).
+    verified_when_served: bool = False
 
     async def verified(
         self,
@@ -131,6 +135,7 @@ class VerifyOnly(Settlement):
 
     # What was served stays SERVED: paygate never settles it, not even after a restart.
     settles_owed = False
+    verified_when_served = True
 
     async def reply_ready(
         self, processor: SettlementSteps, admission: PaymentAdmission

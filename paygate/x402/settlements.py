@@ -113,9 +113,12 @@ class Settlements:
         return admission.settle_task
 
     async def mark_served(self, admission: PaymentAdmission) -> None:
-        """Record that the reply went out (a payment never settled here stays SERVED)."""
+        """Record that the reply went out (a payment never settled here stays SERVED, and its
+        lease goes in the same transaction: nothing more happens to it here)."""
         assert admission.record is not None
-        admission.record = await self._leases.served(admission.record)
+        admission.record = await self._leases.served(
+            admission.record, let_go=not self.strategy.settles_owed
+        )
 
     async def release(self, record: PaymentRecord) -> None:
         await self._leases.release(record)

@@ -21,7 +21,7 @@ import pytest
 
 from paygate.config import load_settings
 from paygate.x402.ledger import EventAction, PaymentState
-from paygate.x402.ledger_sqlite import MIGRATIONS
+from paygate.x402.ledger_sqlite_schema import MIGRATIONS
 from paygate.x402.ledger_store import open_ledger, parse_ledger_url
 
 ROOT = Path(__file__).resolve().parents[2]

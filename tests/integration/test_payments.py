@@ -19,7 +19,8 @@ from x402.mechanisms.evm.exact import register_exact_evm_client
 
 from paygate import wire
 from paygate.x402.inband import NDJSON_KEY, SSE_PREFIX
-from paygate.x402.ledger import PaymentState
+from paygate.x402.ledger import EventAction, PaymentState
+from paygate.x402.ledger_sqlite import SqliteLedger
 from tests.integration.gateway_support import eventually
 from tests.integration.payment_support import (
     CHAT,
@@ -502,7 +503,17 @@ async def test_verify_only_serves_verified_payments_and_settles_nothing(
         assert status == 200
         assert wire.PAYMENT_RESPONSE not in headers
     (record,) = await records(ledger)
-    assert record.state is PaymentState.SERVED
+    assert (record.state, record.served, record.owner) == (PaymentState.SERVED, True, None)
+    # The fewest ledger transactions: the reservation, then VERIFIED → SERVED with the lease
+    # given up in one (and the reply's receipt); nothing marked twice, no separate let-go.
+    async with await SqliteLedger.open(ledger, read_only=True) as reader:
+        history = [(e.action, e.state) for e in await reader.history(record.id)]
+        assert [r.kind for r in await reader.receipts(record.id)] == ["reply"]
+    assert history == [
+        (EventAction.RESERVED, PaymentState.RESERVED),
+        (EventAction.MOVED, PaymentState.VERIFIED),
+        (EventAction.MOVED, PaymentState.SERVED),
+    ]
     assert facilitator.stats.settle_calls == 0
     assert usdc.balance_of(seller) == 0
     # A restart's reconciler leaves it alone too: settling is the operator's business here.

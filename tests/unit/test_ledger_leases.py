@@ -135,6 +135,61 @@ async def test_let_go_work_waits_min_age_then_anyone_may_claim_it(ledger_store: 
     assert (claimed.owner, claimed.lease, claimed.state) == ("b", pending.lease + 1, S.SETTLING)
 
 
+async def test_a_move_that_lets_go_is_one_change_and_fences_like_let_go(
+    ledger_store: Opener,
+) -> None:
+    """Verify-only's VERIFIED → SERVED gives the lease up in the same transaction: the record
+    is served and unowned at once, the epoch is kept (its holder can still release it), and
+    another replica's claim after the quiet period moves the epoch on (the old holder fenced)."""
+    clock = Clock()
+    a, b = await replicas(ledger_store, clock, "a", "b")
+    record = await a.reserve(**request())
+    verified = await a.transition(record.id, S.VERIFIED, lease=record.lease)
+    loose = await a.transition(verified.id, S.SERVED, lease=verified.lease, let_go=True)
+    assert (loose.state, loose.served, loose.owner, loose.lease_until, loose.lease) == (
+        S.SERVED,
+        True,
+        None,
+        None,
+        verified.lease,
+    )
+    actions = [(e.action, e.state) for e in await a.history(record.id)]
+    assert actions[-1] == (EventAction.MOVED, S.SERVED)  # one change, one history line
+    assert await b.claim_unfinished(min_age=30) == []
+    clock.now += 31
+    (claimed,) = await b.claim_unfinished(min_age=30)
+    assert (claimed.owner, claimed.lease) == ("b", loose.lease + 1)
+    with pytest.raises(LeaseLost):
+        await a.transition(record.id, S.RELEASED, lease=loose.lease)
+
+
+async def test_a_move_via_a_state_is_two_checked_moves_in_one_change(
+    ledger_store: Opener,
+) -> None:
+    """RESERVED → (VERIFIED) → SERVED in one transaction: both moves in the history, both held
+    to the table and the fence; a refused second move leaves the first undone too."""
+    clock = Clock()
+    (a,) = await replicas(ledger_store, clock, "a")
+    record = await a.reserve(**request())
+    with pytest.raises(LedgerConflict):  # VERIFIED → SETTLED is not in the table
+        await a.transition(record.id, S.SETTLED, lease=record.lease, via=S.VERIFIED)
+    assert (await a.get(record.id)).state is S.RESERVED  # type: ignore[union-attr]
+    with pytest.raises(LedgerConflict):  # RESERVED → SERVED is not either
+        await a.transition(record.id, S.SERVED, lease=record.lease, via=S.SERVED)
+    with pytest.raises(LeaseLost):
+        await a.transition(record.id, S.SERVED, lease=record.lease + 1, via=S.VERIFIED)
+    served = await a.transition(
+        record.id, S.SERVED, lease=record.lease, via=S.VERIFIED, let_go=True
+    )
+    assert (served.state, served.served, served.owner) == (S.SERVED, True, None)
+    actions = [(e.action, e.state) for e in await a.history(record.id)]
+    assert actions == [
+        (EventAction.RESERVED, S.RESERVED),
+        (EventAction.MOVED, S.VERIFIED),
+        (EventAction.MOVED, S.SERVED),
+    ]
+
+
 async def test_own_claims_and_releases_take_a_previous_run_s_work_at_once(
     ledger_store: Opener,
 ) -> None:
