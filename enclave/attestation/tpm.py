@@ -41,7 +41,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from enclave import p256
-from enclave.attestation.base import Checks, Code, Verdict
+from enclave.attestation.base import Checks, Code, EvidenceError, Verdict
+from enclave.attestation.certs import load_certificates
 from enclave.errors import EnclaveError, KeyBackendError
 
 if TYPE_CHECKING:
@@ -330,8 +331,10 @@ def verify_ek_chain(
     CA certificates in ``trusted`` (the operator's file: root plus intermediates), every link
     valid at ``at``. Nothing from the evidence other than the leaf is trusted."""
     try:
-        leaf = x509.load_der_x509_certificate(ek_der)
-    except ValueError:
+        # One parser for every certificate of the evidence: it reads the lazily parsed fields
+        # now, so a corrupt one (a duplicated extension, say) is malformed, not a crash later.
+        (leaf,) = load_certificates(ek_der)
+    except (EvidenceError, ValueError):
         raise TpmEvidenceError(EVIDENCE_MALFORMED, "an EK certificate is not DER X.509") from None
     cert = leaf
     for _ in range(6):  # depth bound: EK chains are 2-3 links

@@ -82,3 +82,41 @@ def test_deeply_nested_cbor_is_malformed_not_a_crash() -> None:
         assert VERIFIERS["nitro"].verify(data, at=AT, binding=ExpectedBinding()).code == (
             "evidence_malformed"
         )
+
+
+def test_a_certificate_with_a_duplicated_extension_is_malformed_not_a_crash() -> None:
+    # cryptography raises x509.DuplicateExtension (not a ValueError) for it: found by the
+    # mangling property above, pinned here with a certificate built to have one.
+    from asn1crypto import x509 as asn1_x509
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from enclave.attestation.base import EvidenceError
+    from enclave.attestation.certs import load_certificates
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "duplicate")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    parsed = asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
+    extensions = parsed["tbs_certificate"]["extensions"]
+    extensions.append(extensions[0].copy())
+    doubled = parsed.dump(force=True)
+    try:
+        load_certificates(doubled)
+    except EvidenceError as exc:
+        assert exc.code is Code.EVIDENCE_MALFORMED
+    else:
+        raise AssertionError("a certificate with a duplicated extension was accepted")
