@@ -186,7 +186,7 @@ class Gateway:
                         reply.keep_text()  # what a cut stream's engine tokenizer counts
                     # The signed receipt's facts (a canonical-JSON digest of the request): only
                     # a paid or sealed reply carries one.
-                    signed = ticket.paid or not isinstance(opened.reply, PlainReply)
+                    signed = ticket.session.paid or not isinstance(opened.reply, PlainReply)
                     try:
                         return await self._replies.send(
                             request,
