@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -98,13 +99,13 @@ async def _serve_upstream(port: int) -> None:
 
 
 def _probe_serve() -> None:
-    """``paygate serve`` with marks at each hop, written to $BENCH_TTFC_MARKS on SIGTERM."""
+    """``paygate serve`` with marks at each hop, written to $BENCH_TTFC_MARKS on SIGUSR2."""
     import signal
 
     from aiohttp import http_writer
 
     from paygate.cli.main import main
-    from paygate.server import frontend
+    from paygate.server import admission, frontend, gateway, opening, proxy, routing
     from paygate.upstream import http1
 
     marks: list[tuple[str, int]] = []
@@ -120,6 +121,16 @@ def _probe_serve() -> None:
         setattr(owner, name, probed)
 
     wrap(frontend.FastProtocol, "data_received", "gw_in")
+    wrap(frontend.FastProtocol, "_serve", "gw_task")  # the request's task is made
+    wrap(gateway.Gateway, "handle", "gw_handle")
+    wrap(gateway.Gateway, "_forward", "gw_forward")
+    wrap(admission.Admission, "admit", "gw_admit")
+    wrap(opening.Opener, "open", "gw_open")
+    wrap(gateway, "shape_or_refuse", "gw_shape")
+    wrap(routing.Router, "exchange", "gw_route")
+    wrap(proxy.Upstream, "exchange", "gw_proxy")
+    wrap(http1.Pool, "request", "up_request")
+    wrap(http1.Pool, "_connect", "up_connect")
     wrap(http1._Connection, "send", "up_send")
     wrap(http1._Connection, "data_received", "gw_up_data")
     # The caller's writes: a whole reply, a stream's head, its chunks.
@@ -132,7 +143,7 @@ def _probe_serve() -> None:
         Path(os.environ[MARKS_ENV]).write_text(json.dumps(marks))
         os._exit(0)
 
-    signal.signal(signal.SIGTERM, dump)
+    signal.signal(signal.SIGUSR2, dump)
     sys.argv = ["paygate", "serve"]
     main()
 
@@ -183,6 +194,16 @@ def _pair(samples: list[dict[str, int]], marks: list[tuple[str, int]]) -> None:
 
 ORDER = (
     "gw_in",
+    "gw_task",
+    "gw_handle",
+    "gw_forward",
+    "gw_admit",
+    "gw_open",
+    "gw_shape",
+    "gw_route",
+    "gw_proxy",
+    "up_request",
+    "up_connect",
     "up_send",
     "up_recv",
     "up_sent",
@@ -249,7 +270,7 @@ def main() -> int:
             ceiling = asyncio.run(_streams(upstream_port, args.streams))
             through = asyncio.run(_streams(port, args.streams))
         finally:
-            proxy.terminate()
+            proxy.send_signal(signal.SIGUSR2)
             proxy.wait(10)
             compare._stop([upstream])
         marks = [tuple(m) for m in json.loads((tmp / "marks.json").read_text())]

@@ -178,6 +178,17 @@ class UpstreamReply:
                 self._usage_reader.feed(chunk)
             yield chunk
 
+    def arrived(self) -> bytes:
+        """The body bytes already here, b"" if none yet (or if the reply failed: the relay
+        meets that failure where it always did); taken as :meth:`chunks` takes them."""
+        try:
+            chunk = self._response.read_nowait()
+        except http1.Http1Error:
+            return b""
+        if chunk and self._usage_reader is not None:
+            self._usage_reader.feed(chunk)
+        return chunk
+
     def count_cut(self) -> None:
         """A reply cut short by the caller (gone after the last event it wanted, the OpenAI SDK
         at ``[DONE]``): the usage its body stated so far still counts in the metrics. ``usage``
