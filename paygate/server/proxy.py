@@ -14,10 +14,10 @@ The time spent waiting on the upstream is counted, so the gateway can report its
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from types import TracebackType
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -349,15 +349,19 @@ class Upstream:
         except (aiohttp.ClientError, TimeoutError):
             return False
 
-    @contextlib.asynccontextmanager
-    async def exchange(
+    def exchange(
         self, method: str, path: str, *, body: bytes | None, headers: Mapping[str, str]
-    ) -> AsyncIterator[UpstreamReply]:
-        """Send one request; yields once the response headers are in.
+    ) -> Exchange:
+        """Send one request; ``async with`` yields once the response headers are in.
 
         Leaving the block early (an error, a cancelled caller) closes the upstream connection
         instead of returning it to the pool, so the model server sees the abort and stops.
         """
+        return Exchange(self, method, path, body, headers)
+
+    async def _head(
+        self, method: str, path: str, body: bytes | None, headers: Mapping[str, str]
+    ) -> tuple[http1.Response, UpstreamReply]:
         if self._breaker is not None and not self._breaker.allows():
             raise UpstreamDown(self._breaker.retry_after)
         clock = _Clock(self.timeouts)
@@ -397,22 +401,7 @@ class Upstream:
         reply = UpstreamReply(
             response, clock, self._metrics.usage if self._metrics is not None else None
         )
-        try:
-            yield reply
-        except ConnectionResetError:
-            # The caller's socket (a write to it failed), not the upstream: no mapping.
-            reply.count_cut()
-            response.close()
-            raise
-        except http1.Http1Error:
-            response.close()
-            raise UpstreamFault from None
-        except BaseException:  # the caller gone (cancelled), or a fault above
-            reply.count_cut()
-            response.close()
-            raise
-        else:
-            response.release()
+        return response, reply
 
     def _retry_delay(
         self, attempt: int, retry_after: str | None, clock: _Clock, first_byte_end: float
@@ -437,6 +426,53 @@ class Upstream:
     def _failed(self, reason: str) -> None:
         if self._breaker is not None:
             self._breaker.record_failure(reason)
+
+
+class Exchange:
+    """One exchange as a context manager (a class, not a generator: every request enters
+    one): the reply on entry; on exit the connection back to the pool when the body was read
+    to its end, else closed."""
+
+    __slots__ = ("_args", "_reply", "_response", "_upstream")
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: Mapping[str, str],
+    ) -> None:
+        self._upstream = upstream
+        self._args = (method, path, body, headers)
+        self._response: http1.Response | None = None
+        self._reply: UpstreamReply | None = None
+
+    async def __aenter__(self) -> UpstreamReply:
+        self._response, self._reply = await self._upstream._head(*self._args)
+        return self._reply
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        response, reply = self._response, self._reply
+        assert response is not None
+        assert reply is not None
+        if exc_type is None:
+            response.release()
+        elif issubclass(exc_type, ConnectionResetError):
+            # The caller's socket (a write to it failed), not the upstream: no mapping.
+            reply.count_cut()
+            response.close()
+        elif issubclass(exc_type, http1.Http1Error):
+            response.close()
+            raise UpstreamFault from None
+        else:  # the caller gone (cancelled), or a fault above
+            reply.count_cut()
+            response.close()
 
 
 def _delta_seconds(value: str | None) -> float | None:
