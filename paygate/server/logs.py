@@ -275,6 +275,13 @@ class TextFormatter(logging.Formatter):
         return self._line(_base(record))
 
     def format_event(self, created: float, rid: str, event: dict[str, object]) -> str:
+        if event and (not rid or next(iter(event)) == "request_id"):
+            # The event's own order is the line's (the usual event: its request id first).
+            ms = int((created - int(created)) * 1000)
+            tail = " ".join([f"{key}={value}" for key, value in event.items()])
+            return self._redact(
+                f"{_second(int(created))}.{ms:03d}Z INFO paygate.request: {_EVENT_MESSAGE} {tail}"
+            )
         return self._line(_event_base(created, rid, event))
 
     def _line(self, data: dict[str, object]) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -159,24 +159,27 @@ class UpstreamReply:
         """Seconds spent so far waiting on the upstream (connect, headers, chunks)."""
         return self._clock.waited
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> Chunks:
         """The decoded body, chunk by chunk as it arrives (idle and total clocks apply)."""
+        return Chunks(self)
+
+    async def _next_chunk(self) -> bytes:
+        """The next chunk, b"" at the end."""
         body = self._response
-        while True:
-            try:
-                # What already arrived (often the whole of a small reply, with its headers) is
-                # taken without arming a timer; the clocks rule every actual wait.
-                chunk = body.read_nowait()
-                if not chunk and not body.is_eof():
-                    chunk = await self._clock.read(body)
-            except http1.Http1Error:
-                raise UpstreamFault from None
-            if not chunk:
-                self._finish_usage()
-                return
-            if self._usage_reader is not None:
-                self._usage_reader.feed(chunk)
-            yield chunk
+        try:
+            # What already arrived (often the whole of a small reply, with its headers) is
+            # taken without arming a timer; the clocks rule every actual wait.
+            chunk = body.read_nowait()
+            if not chunk and not body.is_eof():
+                chunk = await self._clock.read(body)
+        except http1.Http1Error:
+            raise UpstreamFault from None
+        if not chunk:
+            self._finish_usage()
+            return b""
+        if self._usage_reader is not None:
+            self._usage_reader.feed(chunk)
+        return chunk
 
     def arrived(self) -> bytes:
         """The body bytes already here, b"" if none yet (or if the reply failed: the relay
@@ -227,6 +230,32 @@ class UpstreamReply:
             if len(body) > limit:
                 return None
         return bytes(body)
+
+
+class Chunks:
+    """``async for chunk in reply.chunks()`` (an iterator object rather than an async
+    generator: one per reply; ``aclose`` is there for ``contextlib.aclosing``)."""
+
+    __slots__ = ("_done", "_reply")
+
+    def __init__(self, reply: UpstreamReply) -> None:
+        self._reply = reply
+        self._done = False
+
+    def __aiter__(self) -> Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._done:
+            raise StopAsyncIteration
+        chunk = await self._reply._next_chunk()
+        if not chunk:
+            self._done = True
+            raise StopAsyncIteration
+        return chunk
+
+    async def aclose(self) -> None:
+        self._done = True
 
 
 class _Clock:

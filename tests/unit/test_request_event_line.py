@@ -48,8 +48,16 @@ def _install(log_format: str, **kwargs: object) -> tuple[logs.DeferredStreamHand
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
+@pytest.mark.parametrize(
+    "event",
+    [
+        EVENT,
+        {k: v for k, v in EVENT.items() if k != "request_id"},  # the context's id goes first
+        {"status": 499, "request_id": "0123abcd", "caller_gone": True},  # in another order
+    ],
+)
 def test_the_recordless_line_equals_the_records(
-    installed: None, log_format: str, monkeypatch: pytest.MonkeyPatch
+    installed: None, log_format: str, event: dict[str, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("time.time", lambda: 1_790_000_000.0421)  # one clock for both lines
     # A secret in the event (a trusted proxy's request id) is redacted on both paths.
@@ -60,8 +68,8 @@ def test_the_recordless_line_equals_the_records(
     async def both() -> None:
         token = logs._current_request.set("0123abcd")
         try:
-            log.info("request", extra={"event": EVENT})
-            handler.defer_event("0123abcd", EVENT)
+            log.info("request", extra={"event": event})
+            handler.defer_event("0123abcd", event)
         finally:
             logs._current_request.reset(token)
 
