@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -112,3 +113,20 @@ def test_a_secret_matching_the_message_keeps_the_record(installed: None) -> None
 def test_warning_level_writes_no_event(installed: None) -> None:
     logs.install_logging("WARNING", "text")
     assert logs._event_sink(logging.getLogger("paygate.request")) is None
+
+
+def test_request_ids_are_random_and_distinct_across_a_fork() -> None:
+    ids = {logs.request_id_for(None, None, ()) for _ in range(1000)}  # several blocks
+    assert len(ids) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    logs.request_id_for(None, None, ())  # the parent holds a block now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id must not be the parent's next
+        os.write(write, logs.request_id_for(None, None, ()).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert child != logs.request_id_for(None, None, ())
