@@ -258,7 +258,7 @@ def main() -> int:
         if args.tree is not None:
             proxy_env["PYTHONPATH"] = f"{args.tree}:{args.tree / 'devtools'}:{Path.cwd()}"
         proxy = compare._spawn(
-            [compare.PY, "-m", "bench.ttfc", "--probe-serve"],
+            [compare.PY, __file__, "--probe-serve"],  # the file: another tree has no bench.ttfc
             cpu=compare.PROXY_CPU,
             env=proxy_env,
             log=tmp / "proxy.log",
