@@ -23,7 +23,6 @@ OWNED_ELSEWHERE = {
     "paygate.x402.schemes",  # UnknownScheme (s24a)
     "paygate.x402.verify",  # PaymentRejected (s24a)
     "paygate.server.payments",  # _RefusalError (s24b)
-    "paygate.server.frontend",  # _HandOff, a private control-flow signal inside the parser (f27)
 }
 
 
