@@ -285,13 +285,13 @@ class Router:
         controls = backend.controls
         if document is None or tenant is None or not applies(controls, method, route_path):
             return {}
-        salt = self._salts.salt(tenant)
         if controls.kind == "salt":
-            return {controls.salt_key: salt}
+            return {controls.salt_key: self._salts.salt(tenant)}
         if controls.kind != "slots":
             return {}
         if not self._exclusive:
-            return slot_fields(None, False)
+            return slot_fields(None, False)  # no lease: the tenant's salt is not needed
+        salt = self._salts.salt(tenant)
         table = await self._slot_table(backend)
         loop = asyncio.get_running_loop()
         try:
