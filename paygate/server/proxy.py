@@ -380,13 +380,13 @@ class Upstream:
 
     def exchange(
         self, method: str, path: str, *, body: bytes | None, headers: Mapping[str, str]
-    ) -> Exchange:
+    ) -> UpstreamExchange:
         """Send one request; ``async with`` yields once the response headers are in.
 
         Leaving the block early (an error, a cancelled caller) closes the upstream connection
         instead of returning it to the pool, so the model server sees the abort and stops.
         """
-        return Exchange(self, method, path, body, headers)
+        return UpstreamExchange(self, method, path, body, headers)
 
     async def _head(
         self, method: str, path: str, body: bytes | None, headers: Mapping[str, str]
@@ -457,7 +457,7 @@ class Upstream:
             self._breaker.record_failure(reason)
 
 
-class Exchange:
+class UpstreamExchange:
     """One exchange as a context manager (a class, not a generator: every request enters
     one): the reply on entry; on exit the connection back to the pool when the body was read
     to its end, else closed."""
