@@ -134,9 +134,11 @@ def setup_base_r(enc: bytes, key: KeyBackend, info: bytes) -> Context:
     A malformed ``enc`` raises :class:`DecryptionError` (uniform with every other open failure).
     """
     try:
-        p256.load_public_key(enc)
+        # Every backend validates the point before its ECDH (KeyBackend.ecdh's contract: an
+        # off-curve point never reaches a TPM or token); parsing it here too cost a second
+        # on-curve check per sealed request.
+        dh = key.ecdh(enc)
     except InvalidPublicKey:
         raise DecryptionError from None
-    dh = key.ecdh(enc)
     shared = _extract_and_expand(dh, enc + key.public_key)
     return key_schedule(shared, info)

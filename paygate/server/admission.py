@@ -28,9 +28,9 @@ full pool are immediate (429 per address, 503 in all), never a queue.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
 
 from aiohttp import web
 
@@ -114,8 +114,11 @@ class Admission:
         self._unverified_opens = open_gate()
         self._claimed_opens = open_gate()
 
-    @contextlib.asynccontextmanager
-    async def admit(self, request: web.Request, route: Route) -> AsyncIterator[Admitted]:
+    def admit(self, request: web.Request, route: Route) -> Admitting:
+        return Admitting(self, request, route)
+
+    async def _enter(self, request: web.Request, route: Route) -> tuple[Admitted, Any]:
+        """Admit ``request``: what the block gets, and the payment step's context to exit."""
         limits = self._limits
         client = client_address(
             request.remote,
@@ -148,12 +151,17 @@ class Admission:
             if route.target == "batch" and self._rate_limits is not None:
                 for _ in range(_items(opened.body)):
                     self._rate_limits.check_address(f"POST {BATCH_ITEM_PATH}", key)
-            async with self._payments.admit(request, route, body=opened.body, client=key) as ticket:
-                yield Admitted(ticket, body, client, opened, key)
-            return
-        async with self._payments.admit(request, route, client=key) as ticket:
+            payment = self._payments.admit(request, route, body=opened.body, client=key)
+            ticket = await payment.__aenter__()
+            return Admitted(ticket, body, client, opened, key), payment
+        payment = self._payments.admit(request, route, client=key)
+        ticket = await payment.__aenter__()
+        try:
             body = await self._read(request, key, self._admitted_bodies)
-            yield Admitted(ticket, body, client, client_key=key)
+        except BaseException as exc:
+            await payment.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return Admitted(ticket, body, client, client_key=key), payment
 
     async def _read(self, request: web.Request, key: str, pool: Slots) -> bytes:
         if not request.body_exists:
@@ -166,6 +174,31 @@ class Admission:
                 timeout=limits.body_read_timeout,
                 first_byte=limits.body_first_byte_timeout,
             )
+
+
+class Admitting:
+    """``async with admission.admit(request, route) as admitted``: the payment step's block
+    spans the caller's (a class rather than a generator: every request enters one)."""
+
+    __slots__ = ("_admission", "_payment", "_request", "_route")
+
+    def __init__(self, admission: Admission, request: web.Request, route: Route) -> None:
+        self._admission = admission
+        self._request = request
+        self._route = route
+        self._payment: Any = None
+
+    async def __aenter__(self) -> Admitted:
+        admitted, self._payment = await self._admission._enter(self._request, self._route)
+        return admitted
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._payment.__aexit__(exc_type, exc, tb)
 
 
 def _items(body: bytes) -> int:

@@ -64,13 +64,24 @@ class Tenant:
 class Salts:
     """Tenant → salt, keyed by the gateway's secret (random per process when none is set)."""
 
+    KEPT = 4096  # salts remembered (a payer's requests repeat); the table is emptied when full
+
     def __init__(self, secret: bytes | None = None) -> None:
         self._secret = secret if secret else secrets.token_bytes(32)
+        self._known: dict[tuple[str, str], str] = {}
 
     def salt(self, tenant: Tenant) -> str:
-        message = f"{tenant.domain}\x00{tenant.id.lower()}".encode()
-        mac = hmac.new(self._secret, message, hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
+        key = (tenant.domain, tenant.id.lower())
+        known = self._known.get(key)
+        if known is not None:
+            return known
+        message = f"{key[0]}\x00{key[1]}".encode()
+        mac = hmac.digest(self._secret, message, hashlib.sha256)
+        salt = base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
+        if len(self._known) >= self.KEPT:
+            self._known.clear()
+        self._known[key] = salt
+        return salt
 
 
 def tenant_of(record: PaymentRecord | None, client: str) -> Tenant:

@@ -9,9 +9,8 @@ body is cut by those deadlines instead of holding a slot.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -31,6 +30,9 @@ class Slots:
         self._limit = limit
         self._refusal = refusal
         self._in_use = 0
+        # One context manager per cap (its state is the count): taken several times per
+        # request, a generator-based one cost more than the counting it does.
+        self._slot = _Slot(self)
 
     @property
     def in_use(self) -> int:
@@ -40,16 +42,32 @@ class Slots:
     def limit(self) -> int:
         return self._limit
 
-    @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
+    def slot(self) -> _Slot:
         """Hold one slot for the duration of the block, or raise the refusal."""
+        return self._slot
+
+    def _take(self) -> None:
         if self._in_use >= self._limit:
             raise self._refusal()
         self._in_use += 1
-        try:
-            yield
-        finally:
-            self._in_use -= 1
+
+    def _give(self) -> None:
+        self._in_use -= 1
+
+
+class _Slot:
+    """``with slots.slot():`` — a slot held for the block."""
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, slots: Slots) -> None:
+        self._slots = slots
+
+    def __enter__(self) -> None:
+        self._slots._take()
+
+    def __exit__(self, *exc: object) -> None:
+        self._slots._give()
 
 
 class PerAddressSlots:
@@ -64,17 +82,34 @@ class PerAddressSlots:
         self._refusal = refusal
         self._held: Counter[str] = Counter()
 
-    @contextlib.contextmanager
-    def slot(self, address: str) -> Iterator[None]:
+    def slot(self, address: str) -> _AddressSlot:
+        return _AddressSlot(self, address)
+
+    def _take(self, address: str) -> None:
         if self._held[address] >= self._limit:
             raise self._refusal()
         self._held[address] += 1
-        try:
-            yield
-        finally:
-            self._held[address] -= 1
-            if self._held[address] <= 0:
-                del self._held[address]
+
+    def _give(self, address: str) -> None:
+        self._held[address] -= 1
+        if self._held[address] <= 0:
+            del self._held[address]
+
+
+class _AddressSlot:
+    """``with per_address.slot(address):`` — one of ``address``'s slots held for the block."""
+
+    __slots__ = ("_address", "_slots")
+
+    def __init__(self, slots: PerAddressSlots, address: str) -> None:
+        self._slots = slots
+        self._address = address
+
+    def __enter__(self) -> None:
+        self._slots._take(self._address)
+
+    def __exit__(self, *exc: object) -> None:
+        self._slots._give(self._address)
 
 
 class ConcurrencyLimiter(Slots):

@@ -91,7 +91,33 @@ def request_id_for(
         and _REQUEST_ID.fullmatch(offered)
     ):
         return offered
-    return os.urandom(16).hex()  # 128 random bits, as hex (a uuid4 has 122 and costs more)
+    return _fresh_ids.next()
+
+
+class _FreshIds:
+    """128 random bits per request id, as hex (a uuid4 has 122 and costs more), drawn from the
+    OS in blocks: one ``getrandom`` system call per 256 ids instead of one per request. A
+    forked worker starts a block of its own (no two processes hand out the same ids)."""
+
+    BLOCK = 4096
+
+    def __init__(self) -> None:
+        self._block = b""
+        self._at = 0
+
+    def reset(self) -> None:
+        self._block, self._at = b"", 0
+
+    def next(self) -> str:
+        at = self._at
+        if at >= len(self._block):
+            self._block, at = os.urandom(self.BLOCK), 0
+        self._at = at + 16
+        return self._block[at : at + 16].hex()
+
+
+_fresh_ids = _FreshIds()
+os.register_at_fork(after_in_child=_fresh_ids.reset)
 
 
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
@@ -132,10 +158,42 @@ def request_events(trusted_proxies: Sequence[Network]) -> Middleware:
                 event["caller_gone"] = True
             if record.upstream_seconds is not None:
                 event["upstream_ms"] = round(record.upstream_seconds * 1000, 2)
-            log.info("request", extra={"event": event})
+            sink = _event_sink(log)
+            if sink is not None:
+                sink.defer_event(rid, event)
+            else:
+                log.info("request", extra={"event": event})
             _current_request.reset(token)
 
     return middleware
+
+
+_EVENT_MESSAGE = "request"
+
+
+def _event_sink(log: logging.Logger) -> DeferredStreamHandler | None:
+    """The handler that may take the request event without a ``LogRecord``: when it is the
+    only place the event could go (no other handler or filter between the logger and the
+    root, the installed filters and formatter unchanged, INFO enabled) — what the record
+    would become is then known, so the handler formats the same line from the event itself.
+    Anything else (a test's capture handler, an operator's extra handler) gets the record."""
+    if log.disabled or not log.isEnabledFor(logging.INFO):
+        return None
+    node: logging.Logger | None = log
+    while node is not None:
+        if node.filters:
+            return None
+        if node.handlers:
+            if node.parent is not None or len(node.handlers) != 1:
+                return None
+            handler = node.handlers[0]
+            if isinstance(handler, DeferredStreamHandler) and handler.takes_events():
+                return handler
+            return None
+        if not node.propagate:
+            return None
+        node = node.parent  # type: ignore[assignment]
+    return None
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -184,6 +242,20 @@ def _second(epoch: int) -> str:
     return _last_second[1]
 
 
+def _event_base(created: float, rid: str, event: dict[str, object]) -> dict[str, object]:
+    """What :func:`_base` makes of the request event's record (logged at ``created``)."""
+    out: dict[str, object] = {
+        "ts": _second(int(created)) + f".{int((created - int(created)) * 1000):03d}Z",
+        "level": "INFO",
+        "logger": "paygate.request",
+        "msg": _EVENT_MESSAGE,
+    }
+    if rid:
+        out["request_id"] = rid
+    out.update(event)
+    return out
+
+
 def _base(record: logging.LogRecord) -> dict[str, object]:
     message = record.getMessage()
     if record.exc_info and record.exc_info[0] is not None:
@@ -213,6 +285,10 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return self._redact(json.dumps(_base(record), separators=(",", ":"), default=str))
 
+    def format_event(self, created: float, rid: str, event: dict[str, object]) -> str:
+        data = _event_base(created, rid, event)
+        return self._redact(json.dumps(data, separators=(",", ":"), default=str))
+
 
 class TextFormatter(logging.Formatter):
     """``ts LEVEL logger: msg key=value ...``, redacted."""
@@ -222,7 +298,19 @@ class TextFormatter(logging.Formatter):
         self._redact = redact
 
     def format(self, record: logging.LogRecord) -> str:
-        data = _base(record)
+        return self._line(_base(record))
+
+    def format_event(self, created: float, rid: str, event: dict[str, object]) -> str:
+        if event and (not rid or next(iter(event)) == "request_id"):
+            # The event's own order is the line's (the usual event: its request id first).
+            ms = int((created - int(created)) * 1000)
+            tail = " ".join([f"{key}={value}" for key, value in event.items()])
+            return self._redact(
+                f"{_second(int(created))}.{ms:03d}Z INFO paygate.request: {_EVENT_MESSAGE} {tail}"
+            )
+        return self._line(_event_base(created, rid, event))
+
+    def _line(self, data: dict[str, object]) -> str:
         head = f"{data.pop('ts')} {data.pop('level')} {data.pop('logger')}: {data.pop('msg')}"
         tail = " ".join(f"{key}={value}" for key, value in data.items())
         return self._redact(f"{head} {tail}" if tail else head)
@@ -258,10 +346,42 @@ class DeferredStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
-        self._pending: list[logging.LogRecord] = []
+        # Records, and request events taken without a record (created, request id, fields).
+        self._pending: list[logging.LogRecord | tuple[float, str, dict[str, object]]] = []
+        # What install_logging set up: while unchanged, the request event's line is known.
+        self._event_setup: tuple[list[logging.Filter], logging.Formatter] | None = None
         # The loop a write is scheduled on (a loop stopped before running it must not leave
         # the records of the next loop waiting).
         self._scheduled: asyncio.AbstractEventLoop | None = None
+
+    def take_events(self, filters: list[logging.Filter]) -> None:
+        """Let the request event skip its ``LogRecord`` while ``filters`` (the ones that turn
+        its record into the line :meth:`format_event` writes) and the formatter stay."""
+        self._event_setup = (list(filters), self.formatter)  # type: ignore[arg-type]
+
+    def takes_events(self) -> bool:
+        setup = self._event_setup
+        return (
+            setup is not None
+            and self.level <= logging.INFO
+            and self.filters == setup[0]
+            and self.formatter is setup[1]
+        )
+
+    def defer_event(self, rid: str, event: dict[str, object]) -> None:
+        """The request event, written as its record would be (INFO: deferred on the loop)."""
+        created = time.time()
+        loop = asyncio._get_running_loop()
+        self.acquire()
+        try:
+            if loop is None:
+                self._write_pending()
+                self._pending.append((created, rid, event))
+                self._write_pending()
+            else:
+                self._defer((created, rid, event), loop)
+        finally:
+            self.release()
 
     def emit(self, record: logging.LogRecord) -> None:
         loop = asyncio._get_running_loop()  # None off the loop's thread, without raising
@@ -269,6 +389,13 @@ class DeferredStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self._write_pending()
             super().emit(record)
             return
+        self._defer(record, loop)
+
+    def _defer(
+        self,
+        record: logging.LogRecord | tuple[float, str, dict[str, object]],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self._pending.append(record)
         if len(self._pending) >= self.MAX_DEFERRED:
             self._write_pending()
@@ -291,14 +418,18 @@ class DeferredStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         lines = []
         for record in records:
             try:
-                lines.append(self.format(record) + self.terminator)
+                if isinstance(record, tuple):
+                    line = self.formatter.format_event(*record)  # type: ignore[union-attr]
+                else:
+                    line = self.format(record)
+                lines.append(line + self.terminator)
             except Exception:
-                self.handleError(record)
+                self.handleError(_as_record(record))
         try:
             self.stream.write("".join(lines))
             super().flush()
         except Exception:
-            self.handleError(records[-1])
+            self.handleError(_as_record(records[-1]))
 
     def flush(self) -> None:
         self.acquire()
@@ -307,6 +438,15 @@ class DeferredStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             super().flush()
         finally:
             self.release()
+
+
+def _as_record(
+    entry: logging.LogRecord | tuple[float, str, dict[str, object]],
+) -> logging.LogRecord:
+    """A record for ``handleError`` (which reports the failing record)."""
+    if isinstance(entry, logging.LogRecord):
+        return entry
+    return logging.makeLogRecord({"name": "paygate.request", "msg": _EVENT_MESSAGE})
 
 
 def quiet_dependencies() -> None:
@@ -354,7 +494,12 @@ def install_logging(
     handler.setFormatter(JsonFormatter(redact) if log_format == "json" else TextFormatter(redact))
     handler.addFilter(_RequestIdFilter())
     handler.addFilter(ExceptionTextFilter())
-    handler.addFilter(SecretTextFilter(secret_parts(secret_urls)))
+    url_secrets = secret_parts(secret_urls)
+    handler.addFilter(SecretTextFilter(url_secrets))
+    if scrub(_EVENT_MESSAGE, url_secrets) == _EVENT_MESSAGE:
+        # The filters leave the request event's record as format_event assumes: its
+        # request id is the one in context, no exception, the message unchanged.
+        handler.take_events(handler.filters)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -174,6 +174,9 @@ class Metrics:
         self._usage_replies = Counter(
             "paygate_usage_replies", "Replies that stated their token usage.", registry=r
         )
+        # Children of the per-request metrics, bound once (labels from closed sets only).
+        self._routes: dict[int, dict[str, Any]] = {}
+        self._answered: dict[tuple[str, int], Any] = {}
         self._limit_events = Counter(
             "paygate_limit_events",
             "Token limits and budgets reached, by kind and mode (enforced: refused; shadow: "
@@ -202,11 +205,25 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
+    def _labelled(self, metric: Any, route: str) -> Any:
+        """``metric.labels(route)`` of a metric with one label, remembered (made on first use,
+        as the series appears then)."""
+        children = self._routes.get(id(metric))
+        if children is None:
+            children = self._routes[id(metric)] = {}
+        child = children.get(route)
+        if child is None:
+            child = children[route] = metric.labels(route)
+        return child
+
     def observe(self, route: str, status: int) -> None:
-        self._child(self._requests, route, str(status)).inc()
+        child = self._answered.get((route, status))
+        if child is None:
+            child = self._answered[(route, status)] = self._requests.labels(route, str(status))
+        child.inc()
 
     def duration(self, route: str, seconds: float) -> None:
-        self._child(self._duration, route).observe(seconds)
+        self._labelled(self._duration, route).observe(seconds)
 
     def error(self, code: str) -> None:
         self._errors.labels(code).inc()
@@ -220,21 +237,22 @@ class Metrics:
         self._child(self._envelopes, f"v{version}" if version else "plaintext").inc()
 
     def upstream_latency(self, route: str, seconds: float) -> None:
-        self._child(self._upstream, route).observe(seconds)
+        self._labelled(self._upstream, route).observe(seconds)
 
     def overhead(self, route: str, seconds: float) -> None:
-        self._child(self._overhead, route).observe(seconds)
+        self._labelled(self._overhead, route).observe(seconds)
 
     def first_chunk(self, route: str, seconds: float) -> None:
-        self._child(self._first_chunk, route).observe(seconds)
+        self._labelled(self._first_chunk, route).observe(seconds)
 
     def retry(self, reason: str) -> None:
         self._retries.labels(reason).inc()
 
     def usage(self, usage: Usage) -> None:
         """Tokens a reply's model server stated (paygate.upstream.usage)."""
-        self._child(self._tokens, "prompt").inc(usage.prompt_tokens)
-        self._child(self._tokens, "completion").inc(usage.completion_tokens)
+        tokens = self._labelled(self._tokens, "prompt"), self._labelled(self._tokens, "completion")
+        tokens[0].inc(usage.prompt_tokens)
+        tokens[1].inc(usage.completion_tokens)
         self._usage_replies.inc()
 
     def key_operation(self, backend: str, operation: str, seconds: float) -> None:

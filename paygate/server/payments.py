@@ -133,16 +133,31 @@ def _probe(headers: Mapping[str, str]) -> bool:
     return not carries_payment(headers) and wire.SIGN_IN_WITH_X not in headers
 
 
+class Unpaid:
+    """The ticket of a request that pays nothing, held for the block (no generator: every
+    unpaid request takes one)."""
+
+    __slots__ = ("_ticket",)
+
+    def __init__(self, route: Route) -> None:
+        self._ticket = Ticket(route)
+
+    async def __aenter__(self) -> Ticket:
+        return self._ticket
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
 class NoPayments:
     """``payment_mode = "off"``: every request is admitted and nothing is settled."""
 
     needs_body = False
 
-    @contextlib.asynccontextmanager
-    async def admit(
+    def admit(
         self, request: web.Request, route: Route, *, body: bytes | None = None, client: str = ""
-    ) -> AsyncIterator[Ticket]:
-        yield Ticket(route)
+    ) -> Unpaid:
+        return Unpaid(route)
 
     async def close(self, timeout: float) -> None:
         return None
@@ -190,13 +205,17 @@ class X402Payments:
     def processor(self) -> PaymentProcessor:
         return self._processor
 
-    @contextlib.asynccontextmanager
-    async def admit(
+    def admit(
         self, request: web.Request, route: Route, *, body: bytes | None = None, client: str = ""
-    ) -> AsyncIterator[Ticket]:
+    ) -> AbstractAsyncContextManager[Ticket]:
         if not route.paid:
-            yield Ticket(route)
-            return
+            return Unpaid(route)
+        return self._admit_paid(request, route, body=body, client=client)
+
+    @contextlib.asynccontextmanager
+    async def _admit_paid(
+        self, request: web.Request, route: Route, *, body: bytes | None, client: str
+    ) -> AsyncIterator[Ticket]:
         try:
             terms = self._terms(route, body)
         except (UntrustedJSONError, InvalidJSON, InvalidBatch) as exc:

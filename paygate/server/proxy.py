@@ -14,10 +14,10 @@ The time spent waiting on the upstream is counted, so the gateway can report its
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import TracebackType
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -159,24 +159,38 @@ class UpstreamReply:
         """Seconds spent so far waiting on the upstream (connect, headers, chunks)."""
         return self._clock.waited
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> Chunks:
         """The decoded body, chunk by chunk as it arrives (idle and total clocks apply)."""
+        return Chunks(self)
+
+    async def _next_chunk(self) -> bytes:
+        """The next chunk, b"" at the end."""
         body = self._response
-        while True:
-            try:
-                # What already arrived (often the whole of a small reply, with its headers) is
-                # taken without arming a timer; the clocks rule every actual wait.
-                chunk = body.read_nowait()
-                if not chunk and not body.is_eof():
-                    chunk = await self._clock.read(body)
-            except http1.Http1Error:
-                raise UpstreamFault from None
-            if not chunk:
-                self._finish_usage()
-                return
-            if self._usage_reader is not None:
-                self._usage_reader.feed(chunk)
-            yield chunk
+        try:
+            # What already arrived (often the whole of a small reply, with its headers) is
+            # taken without arming a timer; the clocks rule every actual wait.
+            chunk = body.read_nowait()
+            if not chunk and not body.is_eof():
+                chunk = await self._clock.read(body)
+        except http1.Http1Error:
+            raise UpstreamFault from None
+        if not chunk:
+            self._finish_usage()
+            return b""
+        if self._usage_reader is not None:
+            self._usage_reader.feed(chunk)
+        return chunk
+
+    def arrived(self) -> bytes:
+        """The body bytes already here, b"" if none yet (or if the reply failed: the relay
+        meets that failure where it always did); taken as :meth:`chunks` takes them."""
+        try:
+            chunk = self._response.read_nowait()
+        except http1.Http1Error:
+            return b""
+        if chunk and self._usage_reader is not None:
+            self._usage_reader.feed(chunk)
+        return chunk
 
     def count_cut(self) -> None:
         """A reply cut short by the caller (gone after the last event it wanted, the OpenAI SDK
@@ -216,6 +230,32 @@ class UpstreamReply:
             if len(body) > limit:
                 return None
         return bytes(body)
+
+
+class Chunks:
+    """``async for chunk in reply.chunks()`` (an iterator object rather than an async
+    generator: one per reply; ``aclose`` is there for ``contextlib.aclosing``)."""
+
+    __slots__ = ("_done", "_reply")
+
+    def __init__(self, reply: UpstreamReply) -> None:
+        self._reply = reply
+        self._done = False
+
+    def __aiter__(self) -> Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._done:
+            raise StopAsyncIteration
+        chunk = await self._reply._next_chunk()
+        if not chunk:
+            self._done = True
+            raise StopAsyncIteration
+        return chunk
+
+    async def aclose(self) -> None:
+        self._done = True
 
 
 class _Clock:
@@ -338,15 +378,19 @@ class Upstream:
         except (aiohttp.ClientError, TimeoutError):
             return False
 
-    @contextlib.asynccontextmanager
-    async def exchange(
+    def exchange(
         self, method: str, path: str, *, body: bytes | None, headers: Mapping[str, str]
-    ) -> AsyncIterator[UpstreamReply]:
-        """Send one request; yields once the response headers are in.
+    ) -> UpstreamExchange:
+        """Send one request; ``async with`` yields once the response headers are in.
 
         Leaving the block early (an error, a cancelled caller) closes the upstream connection
         instead of returning it to the pool, so the model server sees the abort and stops.
         """
+        return UpstreamExchange(self, method, path, body, headers)
+
+    async def _head(
+        self, method: str, path: str, body: bytes | None, headers: Mapping[str, str]
+    ) -> tuple[http1.Response, UpstreamReply]:
         if self._breaker is not None and not self._breaker.allows():
             raise UpstreamDown(self._breaker.retry_after)
         clock = _Clock(self.timeouts)
@@ -386,22 +430,7 @@ class Upstream:
         reply = UpstreamReply(
             response, clock, self._metrics.usage if self._metrics is not None else None
         )
-        try:
-            yield reply
-        except ConnectionResetError:
-            # The caller's socket (a write to it failed), not the upstream: no mapping.
-            reply.count_cut()
-            response.close()
-            raise
-        except http1.Http1Error:
-            response.close()
-            raise UpstreamFault from None
-        except BaseException:  # the caller gone (cancelled), or a fault above
-            reply.count_cut()
-            response.close()
-            raise
-        else:
-            response.release()
+        return response, reply
 
     def _retry_delay(
         self, attempt: int, retry_after: str | None, clock: _Clock, first_byte_end: float
@@ -426,6 +455,53 @@ class Upstream:
     def _failed(self, reason: str) -> None:
         if self._breaker is not None:
             self._breaker.record_failure(reason)
+
+
+class UpstreamExchange:
+    """One exchange as a context manager (a class, not a generator: every request enters
+    one): the reply on entry; on exit the connection back to the pool when the body was read
+    to its end, else closed."""
+
+    __slots__ = ("_args", "_reply", "_response", "_upstream")
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: Mapping[str, str],
+    ) -> None:
+        self._upstream = upstream
+        self._args = (method, path, body, headers)
+        self._response: http1.Response | None = None
+        self._reply: UpstreamReply | None = None
+
+    async def __aenter__(self) -> UpstreamReply:
+        self._response, self._reply = await self._upstream._head(*self._args)
+        return self._reply
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        response, reply = self._response, self._reply
+        assert response is not None
+        assert reply is not None
+        if exc_type is None:
+            response.release()
+        elif issubclass(exc_type, ConnectionResetError):
+            # The caller's socket (a write to it failed), not the upstream: no mapping.
+            reply.count_cut()
+            response.close()
+        elif issubclass(exc_type, http1.Http1Error):
+            response.close()
+            raise UpstreamFault from None
+        else:  # the caller gone (cancelled), or a fault above
+            reply.count_cut()
+            response.close()
 
 
 def _delta_seconds(value: str | None) -> float | None:

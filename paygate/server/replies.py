@@ -427,6 +427,12 @@ class Replies:
         if not chain and reply.plain_length is not None:
             response.content_length = reply.plain_length
         response.headers[wire.OVERHEAD_HEADER] = self._overhead(ticket, started, reply)
+        # The first chunk often came with the upstream's head: then the stream's head and it go
+        # out in one write. When it has not (a slow first token), the head goes now, alone.
+        early = reply.arrived()
+        first = chain.feed(early) if early else b""
+        if first:
+            response._send_headers_immediately = False  # sent with the first write
         await response.prepare(request)
         route = ticket.route.name
         try:
@@ -436,6 +442,7 @@ class Replies:
                 chain,
                 self._settle_deadline(session, inband),
                 lambda: self._observer.first_chunk(route, _since(started)),
+                first,
             )
             # The body has ended: metered by what passed, settled (the in-band receipt).
             receipt = await session.reply_ended(
@@ -486,18 +493,31 @@ class Replies:
         chain: Chain,
         deadline: float | None,
         on_first: Callable[[], None],
+        early: bytes = b"",
     ) -> str | None:
-        """Relay every chunk; with a deadline, stop there and say why (an in-band error)."""
+        """Relay every chunk (``early``: what the chain made of the bytes already here, the
+        first write, which carries the head); with a deadline, stop there and say why (an
+        in-band error)."""
         first = True
         async with contextlib.aclosing(reply.chunks()) as chunks:
             if deadline is None:  # the usual case: no scope to set up and tear down
+                if early:
+                    await response.write(early)
+                    on_first()
                 async for chunk in chunks:
                     out = chain.feed(chunk)
                     if out:
                         await response.write(out)
+                        if first and not early:
+                            first = False
+                            on_first()
                 return None
             try:
                 async with asyncio.timeout_at(deadline) as scope:
+                    if early:
+                        first = False
+                        await response.write(early)
+                        on_first()
                     async for chunk in chunks:
                         out = chain.feed(chunk)
                         if out:

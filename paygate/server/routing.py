@@ -22,10 +22,11 @@ hands the exchange to that upstream's client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import json
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 from paygate.server.errors import (
@@ -195,8 +196,7 @@ class Router:
         healthy = [b for b in pool if b.allows()]
         return min(healthy or pool, key=Backend.score)
 
-    @contextlib.asynccontextmanager
-    async def exchange(
+    def exchange(
         self,
         method: str,
         path: str,
@@ -207,9 +207,17 @@ class Router:
         model: str | None = None,
         tenant: Tenant | None = None,
         routed: Routed | None = None,
-    ) -> AsyncIterator[UpstreamReply]:
-        """One request, to the chosen upstream (failing over before the first byte); yields
-        once the response headers are in, like :meth:`Upstream.exchange`."""
+    ) -> RoutedExchange:
+        """One request, to the chosen upstream (failing over before the first byte);
+        ``async with`` yields once the response headers are in, like
+        :meth:`Upstream.exchange`."""
+        return RoutedExchange(self, method, path, body, headers, route_path, model, tenant, routed)
+
+    async def _open(self, held: RoutedExchange) -> UpstreamReply:
+        """The reply of the first backend that gives one; ``held`` keeps what its exit undoes
+        (the exchange, a slot lease, the backend's in-flight count)."""
+        method, path, body, headers = held.method, held.path, held.body, held.headers
+        route_path, model, tenant, routed = held.route_path, held.model, held.tenant, held.routed
         pool = self._serving(method, route_path or path, model)
         if not pool:
             raise ModelNotFound("no model server here serves this route")
@@ -228,18 +236,16 @@ class Router:
         while True:
             remaining = [b for b in group if b not in tried]
             client = backend.quick if remaining else backend.upstream
-            async with contextlib.AsyncExitStack() as stack:
-                backend.in_flight += 1
-                stack.callback(_leave, backend)
+            held.enter(backend)
+            try:
                 fields = await self._isolated(
-                    stack, backend, method, route_path or path, document, tenant
+                    held.undo, backend, method, route_path or path, document, tenant
                 )
                 fields.update(stateless)
                 send = with_fields(document, fields) if document is not None and fields else body
+                exchange = client.exchange(method, path, body=send, headers=headers)
                 try:
-                    reply = await stack.enter_async_context(
-                        client.exchange(method, path, body=send, headers=headers)
-                    )
+                    reply = await exchange.__aenter__()
                 except _FAILOVER as exc:
                     if isinstance(exc, UpstreamFault):
                         _failed(backend, "broken before reply")
@@ -247,16 +253,20 @@ class Router:
                         raise
                     failure: GatewayError | None = exc
                 else:
+                    held.exchange = exchange
                     failure = None
                     if reply.status == 503 and remaining:
                         failure = UpstreamUnavailable()  # still loading: try another now
-                if failure is None:
-                    backend.served += 1
-                    if routed is not None:
-                        routed.upstream = backend.name
-                        routed.digest = backend.member.digest(model)
-                    yield reply
-                    return
+            except BaseException as exc:
+                await held.leave(type(exc), exc, exc.__traceback__)
+                raise
+            if failure is None:
+                backend.served += 1
+                if routed is not None:
+                    routed.upstream = backend.name
+                    routed.digest = backend.member.digest(model)
+                return reply
+            await held.leave(None, None, None)
             tried.append(backend)
             if routed is not None:
                 routed.failovers += 1
@@ -264,7 +274,7 @@ class Router:
 
     async def _isolated(
         self,
-        stack: contextlib.AsyncExitStack,
+        undo: list[Callable[[], Awaitable[object]]],
         backend: Backend,
         method: str,
         route_path: str,
@@ -275,20 +285,20 @@ class Router:
         controls = backend.controls
         if document is None or tenant is None or not applies(controls, method, route_path):
             return {}
-        salt = self._salts.salt(tenant)
         if controls.kind == "salt":
-            return {controls.salt_key: salt}
+            return {controls.salt_key: self._salts.salt(tenant)}
         if controls.kind != "slots":
             return {}
         if not self._exclusive:
-            return slot_fields(None, False)
+            return slot_fields(None, False)  # no lease: the tenant's salt is not needed
+        salt = self._salts.salt(tenant)
         table = await self._slot_table(backend)
         loop = asyncio.get_running_loop()
         try:
             index, reuse = await table.lease(salt, loop.time() + self._first_byte)
         except TimeoutError:
             raise UpstreamTimeout("first_byte") from None
-        stack.push_async_callback(table.release, index)
+        undo.append(functools.partial(table.release, index))
         return slot_fields(index, reuse)
 
     async def _slot_table(self, backend: Backend) -> SlotTable:
@@ -307,8 +317,80 @@ class Router:
             return backend.slots
 
 
-def _leave(backend: Backend) -> None:
-    backend.in_flight -= 1
+class RoutedExchange:
+    """:meth:`Router.exchange` as a context manager (a class, not a generator and an exit
+    stack: every request enters one). Exit undoes, last first: the upstream exchange, a slot
+    lease, the backend's in-flight count."""
+
+    __slots__ = (
+        "_router",
+        "backend",
+        "body",
+        "exchange",
+        "headers",
+        "method",
+        "model",
+        "path",
+        "route_path",
+        "routed",
+        "tenant",
+        "undo",
+    )
+
+    def __init__(
+        self,
+        router: Router,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: Mapping[str, str],
+        route_path: str | None,
+        model: str | None,
+        tenant: Tenant | None,
+        routed: Routed | None,
+    ) -> None:
+        self._router = router
+        self.method, self.path, self.body, self.headers = method, path, body, headers
+        self.route_path, self.model, self.tenant, self.routed = route_path, model, tenant, routed
+        self.backend: Backend | None = None
+        self.exchange: Any = None
+        self.undo: list[Callable[[], Awaitable[object]]] = []
+
+    def enter(self, backend: Backend) -> None:
+        backend.in_flight += 1
+        self.backend = backend
+
+    async def leave(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Undo what entering the current backend did (each step even if one before fails)."""
+        exchange, self.exchange = self.exchange, None
+        backend, self.backend = self.backend, None
+        undo, self.undo = self.undo, []
+        try:
+            if exchange is not None:
+                await exchange.__aexit__(exc_type, exc, tb)
+        finally:
+            try:
+                for step in reversed(undo):
+                    await step()
+            finally:
+                if backend is not None:
+                    backend.in_flight -= 1
+
+    async def __aenter__(self) -> UpstreamReply:
+        return await self._router._open(self)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.leave(exc_type, exc, tb)
 
 
 def _failed(backend: Backend, reason: str) -> None:
