@@ -110,13 +110,17 @@ async def test_a_min_deposit_above_the_policy_is_never_signed(
     anvil, usdc, payer, seller, tmp_path, gas_key
 ):
     """paygate asks a deposit of ten requests' worth (0.01): a policy depositing 0.005 never
-    signs one (the 402 also offers `exact`, which the client may pay instead)."""
+    signs one. The gateway offers batch-settlement alone, so nothing is paid at all: the
+    caller hears why, and no money moves."""
     transport = AsyncPaygateTransport(wallet=payer, spend=spend(channel_deposit="0.005"))
     escrow = usdc.balance_of(SETTLEMENT_ADDRESS)
+    payer_funds = usdc.balance_of(payer.address)
     async with (
         chain_batch(seller, tmp_path / "l.db", anvil, gas_key) as stack,
         httpx.AsyncClient(transport=transport, timeout=60) as http,
     ):
-        await http.post(stack.url + CHAT, json=CHAT_BODY)
-    assert [p.scheme for p in transport.payments if p.scheme == "batch-settlement"] == []
+        with pytest.raises(SpendRefused, match="minDeposit"):
+            await http.post(stack.url + CHAT, json=CHAT_BODY)
+    assert transport.payments == []
     assert usdc.balance_of(SETTLEMENT_ADDRESS) == escrow
+    assert usdc.balance_of(payer.address) == payer_funds
