@@ -82,8 +82,8 @@ async def _settle(
 
 
 def _gas_per_payment(anvil: Any, payments: list[Any], answers: list[Any]) -> dict[str, Any]:
-    from paygate.x402.schemes.exact.chain import TransferFacts
     from paygate.x402.schemes.exact.multicall import proven_each
+    from paygate.x402.schemes.exact.transfer import TransferFacts
 
     by_tx: dict[str, list[int]] = {}
     for index, answer in enumerate(answers):

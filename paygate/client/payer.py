@@ -397,7 +397,7 @@ class SentPayment:
     scheme: str = "exact"
     # The payment-identifier id the payment carries (None: the server declared none).
     identifier: str | None = None
-    retries: int = 0  # times re-sent after a dropped connection (paygate.client.retries)
+    retries: int = 0  # times re-sent after a dropped connection (paygate.client.core.send_paid)
     # batch-settlement: the deposit this payment signed (whole tokens; 0 for a voucher).
     deposit: Decimal | None = None
     # A metered scheme: the offered prices (input, output, minimum per million/request), and

@@ -242,7 +242,7 @@ class PaygateTransport(_Facade, httpx.BaseTransport):
                 except httpx.TransportError as exc:
                     if not isinstance(command, Send):
                         raise
-                    command = flow.throw(exc)  # the flow may re-send (client.retries)
+                    command = flow.throw(exc)  # the flow may re-send (core.send_paid)
                     continue
                 command = flow.send(result)
         except StopIteration as stop:
@@ -364,7 +364,7 @@ class AsyncPaygateTransport(_Facade, httpx.AsyncBaseTransport):
                 except httpx.TransportError as exc:
                     if not isinstance(command, Send):
                         raise
-                    command = flow.throw(exc)  # the flow may re-send (client.retries)
+                    command = flow.throw(exc)  # the flow may re-send (core.send_paid)
                     continue
                 command = flow.send(result)
         except StopIteration as stop:

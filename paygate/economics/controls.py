@@ -27,7 +27,7 @@ from paygate.economics.alerts import Alert, AlertSink, NoAlerts
 from paygate.economics.store import EconomicsStore, LimitEvent
 from paygate.x402.ledger import Budget, LedgerError
 from paygate.x402.networks import to_atomic
-from paygate.x402.results import Refusal
+from paygate.x402.refusal import Refusal
 
 log = logging.getLogger("paygate.economics")
 WINDOW_SECONDS = 60.0

@@ -37,7 +37,8 @@ from paygate.x402.metering import Quote, TokenPricing
 from paygate.x402.models import USAGE_EXTENSION, ResourceInfo
 from paygate.x402.pricing import PricePolicy, model_of
 from paygate.x402.processor import PaymentProcessor
-from paygate.x402.results import Receipt, Refusal
+from paygate.x402.refusal import Refusal
+from paygate.x402.results import Receipt
 from paygate.x402.schemes import SCHEMES
 from paygate.x402.session import MeteredTerms, PaymentSession
 

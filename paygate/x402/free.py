@@ -15,8 +15,9 @@ from paygate.x402.hooks import PayerCheck
 from paygate.x402.ledger import Ledger, LedgerUnavailable, SignInReused
 from paygate.x402.models import ResourceInfo
 from paygate.x402.offers import Offer, PaymentTerms
+from paygate.x402.refusal import Refusal
 from paygate.x402.refusals import Refusals, payer_limited
-from paygate.x402.results import PaymentAdmission, Refusal
+from paygate.x402.results import PaymentAdmission
 from paygate.x402.settler import SettlerUnavailable
 from paygate.x402.smartwallet import WalletVerifier
 

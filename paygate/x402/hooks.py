@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from paygate.x402.ledger import Budget
-from paygate.x402.results import Refusal
+from paygate.x402.refusal import Refusal
 
 #: (route, model, payer) → the 429's headers when the payer is over its rate, else None.
 PayerCheck = Callable[[str, str | None, str], Mapping[str, str] | None]

@@ -42,7 +42,8 @@ import logging
 from collections.abc import Callable
 
 from paygate.x402.ledger import Ledger, PaymentRecord, PaymentState
-from paygate.x402.results import Receipt, Refusal
+from paygate.x402.refusal import Refusal
+from paygate.x402.results import Receipt
 
 log = logging.getLogger("paygate.x402")
 

@@ -35,7 +35,6 @@ from typing import Protocol
 from paygate.errors import PaygateError
 from paygate.x402 import typed_digest
 from paygate.x402.networks import UnknownNetwork, resolve_network
-from paygate.x402.schemes import SCHEMES
 
 MAX_LIST_LIMIT = 1000  # the hard cap of every query that returns several records
 MAX_DOCUMENT_CHARS = 64 * 1024  # payload / requirements JSON: a header is < 8 KB, so generous
@@ -461,12 +460,14 @@ USAGE_SOURCES = (
     "fallback-max",
     "fallback-estimate",
 )
-SCHEME_NAMES = tuple(SCHEMES)  # the registered payment schemes
+# An x402 scheme name ("exact", "batch-settlement"). Which schemes exist is the registry's
+# business (x402.schemes, above the ledger): the processor records only a registered one.
+_SCHEME_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 
 
 def check_scheme(value: str) -> str:
-    if value not in SCHEME_NAMES:
-        raise ValueError(f"scheme must be one of {', '.join(SCHEME_NAMES)}")
+    if not isinstance(value, str) or not _SCHEME_NAME.match(value):
+        raise ValueError("scheme must be an x402 scheme name")
     return value
 
 

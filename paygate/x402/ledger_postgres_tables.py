@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import builtins
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from paygate.x402 import ledger_tables as sql
 from paygate.x402.ledger import (
     Earnings,
     PaymentEvent,
+    PaymentRecord,
     PaymentState,
     ReceiptUsage,
     SignInReused,
@@ -18,8 +19,14 @@ from paygate.x402.ledger import (
 )
 from paygate.x402.ledger_postgres_schema import Conn
 
-if TYPE_CHECKING:
-    from paygate.x402.ledger_postgres import PostgresLedger
+
+class _PostgresStore(Protocol):
+    """What the tables use of the PostgreSQL ledger (ledger_postgres.PostgresLedger)."""
+
+    async def _now(self, conn: Conn) -> float: ...
+
+    async def _must(self, conn: Conn, payment_id: str, *, lock: bool = False) -> PaymentRecord: ...
+
 
 # `paygate payments summary --by`: the SQL expression of each grouping (constants only).
 GROUPS = {
@@ -34,7 +41,7 @@ def _pg(statement: str) -> str:
 
 
 class PostgresTables:
-    def __init__(self, store: PostgresLedger) -> None:
+    def __init__(self, store: _PostgresStore) -> None:
         self._store = store
 
     async def _all(self, conn: Conn, statement: str, params: tuple[Any, ...]) -> list[Any]:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import builtins
 import secrets
-from typing import TYPE_CHECKING, Any
+import sqlite3
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from paygate.x402 import ledger_rules as rules
 from paygate.x402 import ledger_tables as sql
@@ -18,8 +21,17 @@ from paygate.x402.ledger import (
     StoredReceipt,
 )
 
-if TYPE_CHECKING:
-    from paygate.x402.ledger_sqlite import SqliteLedger
+
+class _SqliteStore(Protocol):
+    """What the tables use of the SQLite ledger (ledger_sqlite.SqliteLedger)."""
+
+    _clock: Callable[[], float]
+
+    @property
+    def _conn(self) -> sqlite3.Connection: ...
+
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]: ...
+
 
 # `paygate payments summary --by`: the SQL expression of each grouping (constants only).
 GROUPS = {
@@ -32,7 +44,7 @@ _MOVED = "SUM(CAST(COALESCE(settled_amount, amount) AS INTEGER))"
 
 
 class SqliteTables:
-    def __init__(self, store: SqliteLedger) -> None:
+    def __init__(self, store: _SqliteStore) -> None:
         self._store = store
 
     def take_free(self, payer: str, nonce: str, day: str, limit: int) -> int | None:

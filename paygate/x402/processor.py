@@ -49,9 +49,10 @@ from paygate.x402.models import AnyPaymentPayload, ResourceInfo
 from paygate.x402.networks import to_atomic
 from paygate.x402.offers import EXACT, Offer, PaymentTerms
 from paygate.x402.recovery import Recovery
+from paygate.x402.refusal import Refusal
 from paygate.x402.refusals import Refusals, operation_done, payer_limited
 from paygate.x402.responses import reason_text, recorded_receipt
-from paygate.x402.results import PaymentAdmission, Refusal
+from paygate.x402.results import PaymentAdmission
 from paygate.x402.schemes import SCHEMES, Authorized, Scheme
 from paygate.x402.session import MeteredTerms, PaymentSession
 from paygate.x402.settlement import Settlement

@@ -14,7 +14,8 @@ from paygate.x402 import siwx
 from paygate.x402.hooks import PayerCheck
 from paygate.x402.models import AnyPaymentPayload, ResourceInfo, SettleResponse
 from paygate.x402.offers import Offer, PaymentTerms, challenge
-from paygate.x402.results import Receipt, Refusal
+from paygate.x402.refusal import Refusal
+from paygate.x402.results import Receipt
 
 
 class Refusals:

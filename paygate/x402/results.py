@@ -7,7 +7,6 @@ and strategies, so that none imports another's module for its types.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -16,19 +15,8 @@ from paygate import wire
 from paygate.x402 import codec
 from paygate.x402.ledger import Meter, PaymentRecord
 from paygate.x402.models import AnyPaymentPayload, SettleResponse
-from paygate.x402.offers import EXACT, Challenge
+from paygate.x402.offers import EXACT
 from paygate.x402.schemes import SCHEMES, Authorized, Scheme
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """An answer instead of service. ``challenge`` is set for 400/402 (x402's body shape)."""
-
-    status: int
-    code: str
-    message: str
-    challenge: Challenge | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,8 @@ from typing import Protocol
 from paygate.x402.ledger import PaymentRecord, PaymentState
 from paygate.x402.models import ResourceInfo
 from paygate.x402.offers import Offer
-from paygate.x402.results import PaymentAdmission, Receipt, Refusal
+from paygate.x402.refusal import Refusal
+from paygate.x402.results import PaymentAdmission, Receipt
 
 
 class SettlementSteps(Protocol):

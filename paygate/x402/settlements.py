@@ -23,9 +23,10 @@ from paygate.x402.leases import HeldLeases
 from paygate.x402.ledger import LedgerError, PaymentRecord, PaymentState, review_error
 from paygate.x402.models import ResourceInfo, SettleResponse
 from paygate.x402.offers import Offer
+from paygate.x402.refusal import Refusal
 from paygate.x402.refusals import Refusals
 from paygate.x402.responses import moved, reason_text, wire_network, with_usage
-from paygate.x402.results import PaymentAdmission, Receipt, Refusal
+from paygate.x402.results import PaymentAdmission, Receipt
 from paygate.x402.settlement import Settlement
 from paygate.x402.settler import ReviewRequired, SettlementUnknown, Settler, SettlerUnavailable
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from paygate.x402.ledger import PaymentState
-from paygate.x402.schemes.exact.chain import CANCELED
+from paygate.x402.schemes.exact.transfer import CANCELED
 from tests.integration.gateway_support import eventually
 from tests.integration.payment_support import (
     paid_stack,

@@ -23,7 +23,7 @@ from eth_account import Account
 from paygate.x402.models import PaymentPayload, PaymentPayloadV1, ResourceInfo
 from paygate.x402.networks import resolve_network
 from paygate.x402.offers import Acceptance, PaymentTerms
-from paygate.x402.results import Refusal
+from paygate.x402.refusal import Refusal
 from paygate.x402.schemes import SCHEMES, UnknownScheme, by_name, scheme_of
 from paygate.x402.schemes.base import Binding, PaymentRejected
 from paygate.x402.schemes.exact import client as exact_client

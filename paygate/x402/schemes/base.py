@@ -44,8 +44,7 @@ if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
 
     from paygate.x402.chain_reader import ChainReader
-    from paygate.x402.ledger import Ledger
-    from paygate.x402.results import Refusal
+    from paygate.x402.refusal import Refusal
     from paygate.x402.settler import Settler
 
 # The settler needs time to get the transfer mined before the authorization expires (x402.md).
@@ -292,11 +291,20 @@ class ClientRole(Protocol):
 # --- binding (optional, server-only) ---
 
 
+class SchemeSql(Protocol):
+    """What a ledger store lends a scheme package: its own tables, through SQL the scheme writes
+    for both stores (ledger_sqlite / ledger_postgres)."""
+
+    async def scheme_sql(
+        self, sql: str, params: tuple[Any, ...]
+    ) -> tuple[int, list[tuple[Any, ...]]]: ...
+
+
 @dataclass(frozen=True)
 class Binding:
     """What the gateway lends a scheme at start: its ledger, who settles, and the settings."""
 
-    ledger: Ledger
+    ledger: SchemeSql
     settler: Settler
     replica: str  # this process's replica name (leases, the claimer)
     network: str  # CAIP-2 of the first accepted network

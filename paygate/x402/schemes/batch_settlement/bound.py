@@ -15,21 +15,20 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any
 
 from paygate.x402.chain import ChainSettler
 from paygate.x402.facilitator import FacilitatorSettler
 from paygate.x402.ledger import LedgerError
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
 from paygate.x402.offers import Offer, PaymentTerms
-from paygate.x402.results import Refusal
+from paygate.x402.refusal import Refusal
 from paygate.x402.schemes.base import Authorized, Binding, PaymentRejected, Scheme
 from paygate.x402.schemes.batch_settlement import offer as offer_role
 from paygate.x402.schemes.batch_settlement.chain import BatchChain, ChannelChain, not_bound
 from paygate.x402.schemes.batch_settlement.channel import NAME
 from paygate.x402.schemes.batch_settlement.claims import Channels, channel_state
 from paygate.x402.schemes.batch_settlement.facilitator import BatchFacilitator, receiver_authorizer
-from paygate.x402.schemes.batch_settlement.store import SchemeSql
 from paygate.x402.schemes.batch_settlement.verify import (
     NOT_CUMULATIVE,
     ChannelTerms,
@@ -200,7 +199,7 @@ class BatchSettlementBinding:
             authorizer = await receiver_authorizer(settler, binding.network)
             mover = BatchFacilitator(settler, chain, binding.network)
         channels = Channels(
-            cast(SchemeSql, binding.ledger),
+            binding.ledger,
             mover,
             receiver_authorizer=authorizer,
             replica=binding.replica,

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from paygate.x402.models import SettleResponse
-from paygate.x402.schemes.base import PaymentRejected
+from paygate.x402.schemes.base import PaymentRejected, SchemeSql
 from paygate.x402.schemes.batch_settlement.chain import ChannelChain
 from paygate.x402.schemes.batch_settlement.store import (
     Channel,
@@ -29,7 +29,6 @@ from paygate.x402.schemes.batch_settlement.store import (
     ChannelStore,
     Claim,
     ClaimEntry,
-    SchemeSql,
 )
 from paygate.x402.schemes.batch_settlement.verify import (
     BUSY,

@@ -20,20 +20,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from paygate.errors import PaygateError
 from paygate.x402.models import ChannelConfig
+from paygate.x402.schemes.base import SchemeSql
 
 CLAIMER = "claimer"  # the claim lease's row in bs_claims
-
-
-class SchemeSql(Protocol):
-    """What a ledger store offers a scheme package (ledger_sqlite / ledger_postgres)."""
-
-    async def scheme_sql(
-        self, sql: str, params: tuple[Any, ...]
-    ) -> tuple[int, list[tuple[Any, ...]]]: ...
 
 
 class ChannelBusy(PaygateError):

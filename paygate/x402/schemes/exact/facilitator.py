@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from paygate.x402.models import AnyPaymentPayload, SettleResponse
-from paygate.x402.schemes.exact.chain import prove
+from paygate.x402.schemes.exact.transfer import prove
 from paygate.x402.schemes.exact.verify import NONCE_USED
 from paygate.x402.settler import SETTLEMENT_PENDING, ReviewRequired, SettlementUnknown
 

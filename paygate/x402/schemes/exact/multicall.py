@@ -34,7 +34,7 @@ from paygate.x402 import smartwallet
 from paygate.x402.evm import TRANSFER_TOPIC, address_word, hex_of, int_of
 from paygate.x402.models import AnyPaymentPayload, SettleResponse
 from paygate.x402.schemes.base import ChainAccess
-from paygate.x402.schemes.exact.chain import (
+from paygate.x402.schemes.exact.transfer import (
     EIP3009_ABI,
     USED_TOPIC,
     TransferFacts,
