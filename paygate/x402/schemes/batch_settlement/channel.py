@@ -156,9 +156,11 @@ def _config_id(fields: tuple[str, str, str, str, str, int, str], chain_id: int) 
     return "0x" + td.digest(_separator(chain_id), td.keccak(_CONFIG_TYPE + words)).hex()
 
 
+@functools.lru_cache(maxsize=1024)
 def voucher_signer(channel: str, max_claimable: int, signature: str, chain_id: int) -> str | None:
     """The checksummed address that signed the voucher, or None (not a 65-byte ECDSA
-    signature, or malformed)."""
+    signature, or malformed). A pure function, remembered: a request's voucher is checked when
+    admitted, verified and committed."""
     try:
         raw = bytes.fromhex(signature[2:])
         digest = voucher_digest(channel, max_claimable, chain_id)

@@ -190,6 +190,18 @@ class ChannelStore:
 
     async def take(self, channel_id: str, owner: str) -> Channel | None:
         """Take the channel's pending lease for ``owner`` (a voucher); None if no channel."""
+        # The usual case in one statement: the lease is free, ours, or run out.
+        now = self._clock()
+        _, rows = await self._sql(
+            "UPDATE bs_channels SET pending_owner = ?, pending_until = ?,"  # noqa: S608 - constant
+            " version = version + 1, updated_at = ? WHERE channel_id = ? AND (pending_owner IS"
+            " NULL OR pending_owner = ? OR pending_until IS NULL OR pending_until <= ?)"
+            f" RETURNING {_COLUMNS}",
+            (owner, now + self._pending_seconds, now, channel_id, owner, now),
+        )
+        if rows:
+            return _channel(rows[0])
+        # No such channel, or held by another request: read it to tell which.
         for _ in range(16):
             current = await self.get(channel_id)
             if current is None:
@@ -229,18 +241,29 @@ class ChannelStore:
         signature: str,
         charge: int,
         payment_id: str,
+        taken: Channel | None = None,
     ) -> tuple[Channel, int]:
         """Charge ``charge`` under the voucher ``max_claimable`` (once): (the channel, what was
         charged now — 0 when this voucher was committed before). ValueError: the charge would
-        pass the voucher's ceiling, or a later voucher holds the channel."""
+        pass the voucher's ceiling, or a later voucher holds the channel. ``taken``: the
+        channel as this request took it, tried first (compare-and-set on its version: no read
+        when nothing changed it since)."""
         await self._sql(
             "INSERT INTO bs_vouchers (channel_id, max_claimable, signature, payment_id, charge,"
             " created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (channel_id, max_claimable)"
             " DO NOTHING",
             (channel_id, str(max_claimable), signature, payment_id, str(charge), self._clock()),
         )
-        for _ in range(16):
-            current = await self.get(channel_id)
+        for attempt in range(17):
+            hinted = attempt == 0 and taken is not None
+            current = taken if hinted else await self.get(channel_id)
+            if hinted and (
+                current is None
+                or current.signed_max >= max_claimable
+                or current.charged + charge > max_claimable
+                or current.pending_owner != owner
+            ):
+                continue  # any answer but a charge is decided on the channel as it is now
             if current is None:
                 raise ValueError("invalid_batch_settlement_evm_missing_channel")
             if current.signed_max >= max_claimable:
