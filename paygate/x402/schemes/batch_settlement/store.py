@@ -1,9 +1,10 @@
 """Channel state in the payment ledger (both stores): channels, every voucher accepted, claims.
 
-The ledger's ``bs_*`` tables (migration step 8) are reached through one store method,
-``scheme_sql(sql, params)``: each statement is its own transaction, so every change here is a
-compare-and-set on the row's ``version`` (or a guarded insert), never a read-modify-write
-across statements. That is what lets replicas on one PostgreSQL ledger serve one channel:
+The ledger's ``bs_*`` tables (migration step 8) are reached through two store methods,
+``scheme_sql(sql, params)`` (a statement in its own transaction) and ``scheme_sql_all`` (several
+in one: a voucher's record with its charge), so every change here is a compare-and-set on the
+row's ``version`` (or a guarded insert), never a read-modify-write across statements. That is
+what lets replicas on one PostgreSQL ledger serve one channel:
 
 * a request takes the channel's *pending* lease (owner: its voucher) at verify and lets it go
   when its charge is committed; another voucher meanwhile is refused ``channel_busy`` (the
@@ -34,6 +35,10 @@ class SchemeSql(Protocol):
     async def scheme_sql(
         self, sql: str, params: tuple[Any, ...]
     ) -> tuple[int, list[tuple[Any, ...]]]: ...
+
+    async def scheme_sql_all(
+        self, statements: list[tuple[str, tuple[Any, ...]]]
+    ) -> list[tuple[int, list[tuple[Any, ...]]]]: ...
 
 
 class ChannelBusy(PaygateError):
@@ -127,6 +132,7 @@ class Claim:
 class ChannelStore:
     def __init__(self, ledger: SchemeSql, *, clock: Any, pending_seconds: float) -> None:
         self._sql = ledger.scheme_sql
+        self._sql_all = ledger.scheme_sql_all
         self._clock = clock
         self._pending_seconds = pending_seconds
 
@@ -248,22 +254,29 @@ class ChannelStore:
         pass the voucher's ceiling, or a later voucher holds the channel. ``taken``: the
         channel as this request took it, tried first (compare-and-set on its version: no read
         when nothing changed it since)."""
-        await self._sql(
+        record = (
             "INSERT INTO bs_vouchers (channel_id, max_claimable, signature, payment_id, charge,"
             " created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (channel_id, max_claimable)"
             " DO NOTHING",
             (channel_id, str(max_claimable), signature, payment_id, str(charge), self._clock()),
         )
-        for attempt in range(17):
-            hinted = attempt == 0 and taken is not None
-            current = taken if hinted else await self.get(channel_id)
-            if hinted and (
-                current is None
-                or current.signed_max >= max_claimable
-                or current.charged + charge > max_claimable
-                or current.pending_owner != owner
-            ):
-                continue  # any answer but a charge is decided on the channel as it is now
+        if (
+            taken is not None
+            and taken.channel_id == channel_id
+            and taken.signed_max < max_claimable
+            and taken.charged + charge <= max_claimable
+            and taken.pending_owner == owner
+        ):
+            # The usual case, one transaction: the voucher recorded and the channel charged
+            # if nothing changed it since this request took it.
+            charged = self._charge(taken, charge, max_claimable, signature)
+            (_, (_, rows)) = await self._sql_all([record, charged])
+            if rows:
+                return _channel(rows[0]), charge
+        else:
+            await self._sql(*record)
+        for _ in range(16):
+            current = await self.get(channel_id)
             if current is None:
                 raise ValueError("invalid_batch_settlement_evm_missing_channel")
             if current.signed_max >= max_claimable:
@@ -275,22 +288,28 @@ class ChannelStore:
                 raise ValueError("invalid_batch_settlement_evm_channel_busy")
             if current.charged + charge > max_claimable:
                 raise ValueError("invalid_batch_settlement_evm_charge_exceeds_signed_cumulative")
-            _, rows = await self._sql(
-                "UPDATE bs_channels SET charged = ?, signed_max = ?, signature = ?,"  # noqa: S608 - constant
-                " pending_owner = NULL, pending_until = NULL, version = version + 1,"
-                f" updated_at = ? WHERE channel_id = ? AND version = ? RETURNING {_COLUMNS}",
-                (
-                    str(current.charged + charge),
-                    str(max_claimable),
-                    signature,
-                    self._clock(),
-                    channel_id,
-                    current.version,
-                ),
-            )
+            _, rows = await self._sql(*self._charge(current, charge, max_claimable, signature))
             if rows:
                 return _channel(rows[0]), charge
         raise ValueError("invalid_batch_settlement_evm_channel_busy")
+
+    def _charge(
+        self, current: Channel, charge: int, max_claimable: int, signature: str
+    ) -> tuple[str, tuple[Any, ...]]:
+        """The compare-and-set charging ``current`` (by its version) under a voucher."""
+        return (
+            "UPDATE bs_channels SET charged = ?, signed_max = ?, signature = ?,"  # noqa: S608 - constant
+            " pending_owner = NULL, pending_until = NULL, version = version + 1,"
+            f" updated_at = ? WHERE channel_id = ? AND version = ? RETURNING {_COLUMNS}",
+            (
+                str(current.charged + charge),
+                str(max_claimable),
+                signature,
+                self._clock(),
+                current.channel_id,
+                current.version,
+            ),
+        )
 
     async def claimable(self, limit: int) -> list[Channel]:
         """Channels charged beyond what was claimed, oldest change first."""

@@ -20,14 +20,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from eth_utils import keccak
-
 from paygate.x402.models import AnyPaymentPayload, BatchSettlementPayload, PaymentPayload
 from paygate.x402.offers import Offer
 from paygate.x402.schemes.base import Authorized, PaymentRejected, same_address
 from paygate.x402.schemes.batch_settlement import channel as ch
 from paygate.x402.schemes.batch_settlement.store import Channel
-from paygate.x402.typed_digest import checksum
+from paygate.x402.typed_digest import checksum, keccak
 
 FORGED = "invalid_batch_settlement_evm_voucher_signature"
 NOT_CUMULATIVE = "invalid_batch_settlement_evm_cumulative_amount_mismatch"
