@@ -5,8 +5,10 @@ same load (Debian ``wrk``, one thread): nothing (the upstream itself, the ceilin
 (proxy_buffering off, keep-alive upstream), bench.mini_proxy (70 lines of aiohttp), paygate
 plain, paygate with aiohttp serving every request (``PAYGATE_HTTP_FRONTEND=aiohttp``; the
 shipped default is the fast front end), paygate sealed v2 (software key; the same process, a
-sealed body) and paygate paid in
-verify-only mode against a loopback facilitator that answers /verify valid at once; with
+sealed body), paygate paid in
+verify-only mode against a loopback facilitator that answers /verify valid at once, and paygate
+paid by batch-settlement vouchers (chain mode on anvil, each load connection on a channel opened
+before the run, bench.channels); with
 ``--before DIR`` paygate from another source tree too (free and paid), with ``--litellm BIN``
 LiteLLM's proxy, and (``workers`` in ``--only``) ``paygate serve --workers 1`` and ``2`` unpinned.
 
@@ -52,8 +54,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from paygate_dev.chain.accounts import GATEWAY_GAS
+
 import enclave
 from bench import gas
+from bench.channels import ChannelSource
 from bench.presign import payment_headers
 from paygate import wire
 
@@ -62,6 +67,7 @@ RESULTS = HERE / "results" / "compare.json"
 PLOT = HERE / "results" / "compare.png"
 LUA = HERE / "wrk_report.lua"
 PAID_LUA = HERE / "wrk_paid.lua"
+PAID_BATCH_LUA = HERE / "wrk_paid_batch.lua"
 PY = sys.executable
 PAYGATE = str(Path(PY).with_name("paygate"))
 PATH = "/v1/chat/completions"
@@ -124,6 +130,7 @@ class Target:
     sealed_key: bytes | None = None  # paygate's public key: seal each stream request
     payments: Path | None = None  # pre-signed PAYMENT-SIGNATURE values, one a line
     spent: int = 0  # how many of them earlier runs may have used
+    channels: ChannelSource | None = None  # batch-settlement: fresh channels for each run
 
     @property
     def pids(self) -> list[int]:
@@ -199,11 +206,20 @@ def _paygate_env(tmp: Path, port: int, upstream: int, **extra: str) -> dict[str,
 
 
 # The paid rows beside the free one (issue 25): ``paygate-paid`` pays each request with its own
-# exact EIP-3009 authorization (verify-only); ``paygate-paid-batch`` would pay each with a
-# batch-settlement voucher on one channel. That scheme is not built yet: its row is reported as
-# missing until its package (x402/schemes/batch_settlement) sets the environment and the
-# voucher source here.
-PAID_BATCH_ENV: dict[str, str] | None = None
+# exact EIP-3009 authorization (verify-only); ``paygate-paid-batch`` pays each with a
+# batch-settlement voucher, each load connection on a channel of its own opened before the run
+# (bench.channels: a real deposit on anvil, with the FiatToken and the settlement contract
+# stand-in). No claim runs during the load (one claim carries up to 500 channels; its gas is
+# bench.gas's): what is measured is a voucher request's own CPU.
+PAID_BATCH_ENV = {
+    "PAYGATE_PAYMENT_MODE": "chain",
+    "PAYGATE_PAYMENT_SCHEMES": "batch-settlement",
+    "PAYGATE_PAY_TO": "0x" + "5e11e7" * 6 + "5e11",
+    "PAYGATE_NETWORK": "base-sepolia",
+    "PAYGATE_BATCH_CLAIM_INTERVAL": "3600",
+    "PAYGATE_BATCH_MAX_VOUCHERS_PER_CLAIM": "500",
+}
+VOUCHERS_PER_SECOND = 4000  # more than a connection can spend: a channel never runs dry
 
 # The 1,000-stream case only: the default (64 concurrent requests) would answer 503 past 64.
 RAISED_LIMITS = {"PAYGATE_MAX_CONCURRENT_REQUESTS": "2000", "PAYGATE_BODY_SLOTS": "2000"}
@@ -217,9 +233,15 @@ def _wrk(target: Target, connections: int, seconds: float, tmp: Path) -> dict[st
     body.write_bytes(target.body)
     env = dict(os.environ, BENCH_BODY=str(body), BENCH_CTYPE=target.content_type)
     script = LUA
+    threads = 1
     if target.payments is not None:
         script = PAID_LUA
         env.update(BENCH_PAYMENTS=str(target.payments), BENCH_OFFSET=str(target.spent))
+    if target.channels is not None:
+        vouchers = round(seconds * VOUCHERS_PER_SECOND / connections) + 64
+        stem = target.channels.fresh(connections, vouchers)
+        script, threads = PAID_BATCH_LUA, connections  # one channel a connection
+        env.update(BENCH_PAYMENTS=str(stem))
     pids = target.pids
     cpu_before = _cpu_seconds(pids) if pids else 0.0
     out = subprocess.run(
@@ -228,7 +250,7 @@ def _wrk(target: Target, connections: int, seconds: float, tmp: Path) -> dict[st
             "-c",
             LOAD_CPU,
             "wrk",
-            "-t1",
+            f"-t{threads}",
             f"-c{connections}",
             f"-d{round(seconds)}s",
             "--latency",
@@ -281,6 +303,7 @@ async def _streams(target: Target, n: int) -> dict[str, float]:
     reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
     ttfc: list[float] = []
     gaps: list[float] = []
+    vouchers = iter(ChannelSource.lines(target.channels.fresh(1, n + 5)) if target.channels else ())
     plain = dict(
         CHAT, stream=True, bench_chunks=STREAM_CHUNKS, bench_interval_ms=STREAM_INTERVAL_MS
     )
@@ -294,6 +317,8 @@ async def _streams(target: Target, n: int) -> dict[str, float]:
             paid = ""
             if target.payments is not None:
                 paid = f"PAYMENT-SIGNATURE: {_next_payment(target)}\r\n"
+            if target.channels is not None:
+                paid = f"PAYMENT-SIGNATURE: {next(vouchers)}\r\n"
             head = (
                 f"POST {PATH} HTTP/1.1\r\nHost: bench\r\nContent-Type: {ctype}\r\n"
                 f"{paid}Content-Length: {len(body)}\r\n\r\n"
@@ -475,6 +500,7 @@ def _targets(
     procs = [_spawn([PY, "-m", "bench.fast_upstream", "--port", str(up)], cpu=LOAD_CPU)]
     targets: dict[str, Target] = {}
     chat = json.dumps(CHAT).encode()
+    anvil: Any = None
     try:
         _wait_port(up)
         targets["ceiling"] = Target("ceiling", up, body=chat)
@@ -541,8 +567,17 @@ def _targets(
                     None,
                     PROXY_CPU,
                 )
-                if PAID_BATCH_ENV is not None:
-                    variants["paygate-paid-batch"] = (dict(PAID_BATCH_ENV), None, PROXY_CPU)
+                anvil = _anvil(tmp)
+                variants["paygate-paid-batch"] = (
+                    {
+                        **PAID_BATCH_ENV,
+                        "PAYGATE_CHAIN_RPC_URL": anvil.rpc_url,
+                        "PAYGATE_GAS_KEY": anvil.accounts[GATEWAY_GAS].key,
+                        "PAYGATE_LEDGER_PATH": str(tmp / "ledger-batch.db"),
+                    },
+                    None,
+                    PROXY_CPU,
+                )
             if before is not None:
                 variants["paygate-before"] = ({}, f"{before}:{before / 'devtools'}", PROXY_CPU)
                 if "paygate-paid" in variants:  # the paid path of that tree, its own ledger
@@ -578,6 +613,11 @@ def _targets(
                 if name in targets:
                     _wait_port(targets[name].port)
                     targets[name].payments = _presign(targets[name], tmp)
+            if "paygate-paid-batch" in targets:
+                batch = targets["paygate-paid-batch"]
+                _wait_port(batch.port)
+                url = f"http://127.0.0.1:{batch.port}{PATH}"
+                batch.channels = ChannelSource(anvil, url, batch.body, tmp)
         if litellm is not None:
             port = _port()
             config = tmp / "litellm.yaml"
@@ -602,6 +642,18 @@ def _targets(
         yield targets
     finally:
         _stop(procs)
+        if anvil is not None:
+            anvil.stop()
+
+
+def _anvil(tmp: Path) -> Any:
+    """anvil with the FiatToken and the batch-settlement contracts (paygate_dev.chain)."""
+    from paygate_dev.chain.anvil import Anvil
+
+    anvil = Anvil(log_path=tmp / "anvil.log")
+    anvil.start()
+    anvil.install_usdc()
+    return anvil
 
 
 def _median(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -686,8 +738,9 @@ def _summarise(
     base = table["ceiling"]
     for name, row in table.items():
         row["added_p50_us"] = row["p50_us"] - base["p50_us"]
-        if name.startswith("paygate-paid"):
-            # Its facilitator is the fast upstream: one more round trip like the ceiling's.
+        if name in ("paygate-paid", "paygate-paid-before"):
+            # Its facilitator is the fast upstream: one more round trip like the ceiling's
+            # (the batch-settlement row calls nothing on a voucher).
             row["added_p50_us"] -= base["p50_us"]
         row["added_ttfc_ms"] = row["ttfc_ms"] - base["ttfc_ms"]
     mini = table.get("aiohttp-70")

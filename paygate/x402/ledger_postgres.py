@@ -221,6 +221,22 @@ class PostgresLedger(LedgerBase):
 
         return await self._run(run)
 
+    async def scheme_sql_all(
+        self, statements: builtins.list[tuple[str, tuple[Any, ...]]]
+    ) -> builtins.list[tuple[int, builtins.list[tuple[Any, ...]]]]:
+        """Several statements in one transaction (all or nothing): each one's (rows changed,
+        rows returned)."""
+
+        async def run(conn: Conn) -> builtins.list[tuple[int, builtins.list[tuple[Any, ...]]]]:
+            out = []
+            for sql, params in statements:
+                cursor = await conn.execute(sql.replace("?", "%s"), params)
+                rows = await cursor.fetchall() if cursor.description else []
+                out.append((cursor.rowcount, [tuple(row.values()) for row in rows]))
+            return out
+
+        return await self._run(run)
+
     async def _now(self, conn: Conn) -> float:
         if self._clock is not None:
             return self._clock()

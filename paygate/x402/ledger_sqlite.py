@@ -247,6 +247,22 @@ class SqliteLedger(LedgerBase):
 
         return await self._run(run)
 
+    async def scheme_sql_all(
+        self, statements: builtins.list[tuple[str, tuple[Any, ...]]]
+    ) -> builtins.list[tuple[int, builtins.list[tuple[Any, ...]]]]:
+        """Several statements in one write transaction (all or nothing): each one's (rows
+        changed, rows returned)."""
+
+        def run() -> builtins.list[tuple[int, builtins.list[tuple[Any, ...]]]]:
+            out = []
+            with self._write() as db:
+                for sql, params in statements:
+                    cursor = db.execute(sql, params)
+                    out.append((cursor.rowcount, cursor.fetchall()))
+            return out
+
+        return await self._run(run)
+
     def _one(self, where: str, params: tuple[Any, ...]) -> PaymentRecord | None:
         row = self._conn.execute(f"{_SELECT} {where}", params).fetchone()
         return rules.record_from_row(row) if row else None

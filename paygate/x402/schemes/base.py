@@ -299,6 +299,12 @@ class SchemeSql(Protocol):
         self, sql: str, params: tuple[Any, ...]
     ) -> tuple[int, list[tuple[Any, ...]]]: ...
 
+    async def scheme_sql_all(
+        self, statements: list[tuple[str, tuple[Any, ...]]]
+    ) -> list[tuple[int, list[tuple[Any, ...]]]]:
+        """Several statements in one transaction, all or nothing."""
+        ...
+
 
 @dataclass(frozen=True)
 class Binding:

@@ -10,6 +10,7 @@ strings are the x402 specification's (and the official SDK 2.25's).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from eth_account import Account
@@ -17,6 +18,7 @@ from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak, to_checksum_address
 
+from paygate.x402 import typed_digest as td
 from paygate.x402.models import ChannelConfig
 
 NAME = "batch-settlement"
@@ -99,6 +101,20 @@ def config_message(config: ChannelConfig) -> dict[str, Any]:
 
 def channel_id(config: ChannelConfig, chain_id: int) -> str:
     """The channel's id: the EIP-712 hash of its config (bound to the chain and contract)."""
+    if 0 <= config.withdraw_delay < 2**40:
+        fields = (
+            config.payer,
+            config.payer_authorizer,
+            config.receiver,
+            config.receiver_authorizer,
+            config.token,
+            config.withdraw_delay,
+            config.salt,
+        )
+        try:
+            return _config_id(fields, chain_id)
+        except ValueError:
+            pass  # not the types' shapes: eth-account's encoder gives its own error
     return (
         "0x"
         + _digest(
@@ -111,15 +127,49 @@ def _voucher_message(channel: str, max_claimable: int) -> dict[str, Any]:
     return {"channelId": bytes.fromhex(channel[2:]), "maxClaimableAmount": max_claimable}
 
 
+# The hot path's digests written out (``typed_digest``): one voucher per paid request, and
+# its channel's id, checked against eth-account's generic encoder by the unit tests.
+_VOUCHER_TYPE = td.keccak(b"Voucher(bytes32 channelId,uint128 maxClaimableAmount)")
+_CONFIG_TYPE = td.keccak(
+    b"ChannelConfig(address payer,address payerAuthorizer,address receiver,"
+    b"address receiverAuthorizer,address token,uint40 withdrawDelay,bytes32 salt)"
+)
+
+
+def _separator(chain_id: int) -> bytes:
+    return td.domain_separator("x402 Batch Settlement", "1", chain_id, SETTLEMENT_ADDRESS)
+
+
+def voucher_digest(channel: str, max_claimable: int, chain_id: int) -> bytes:
+    """The EIP-712 digest a voucher signs (ValueError/OverflowError when out of its types)."""
+    if not 0 <= max_claimable <= UINT128_MAX:
+        raise ValueError("maxClaimableAmount out of uint128")
+    words = td.bytes32_word(channel) + td.uint_word(max_claimable)
+    return td.digest(_separator(chain_id), td.keccak(_VOUCHER_TYPE + words))
+
+
+@functools.lru_cache(maxsize=4096)
+def _config_id(fields: tuple[str, str, str, str, str, int, str], chain_id: int) -> str:
+    payer, payer_auth, receiver, receiver_auth, token, delay, salt = fields
+    words = b"".join(td.address_word(a) for a in (payer, payer_auth, receiver, receiver_auth))
+    words += td.address_word(token) + td.uint_word(delay) + td.bytes32_word(salt)
+    return "0x" + td.digest(_separator(chain_id), td.keccak(_CONFIG_TYPE + words)).hex()
+
+
+@functools.lru_cache(maxsize=1024)
 def voucher_signer(channel: str, max_claimable: int, signature: str, chain_id: int) -> str | None:
     """The checksummed address that signed the voucher, or None (not a 65-byte ECDSA
-    signature, or malformed)."""
-    raw = bytes.fromhex(signature[2:])
-    if len(raw) != 65 or not 0 <= max_claimable <= UINT128_MAX:
+    signature, or malformed). A pure function, remembered: a request's voucher is checked when
+    admitted, verified and committed."""
+    try:
+        raw = bytes.fromhex(signature[2:])
+        digest = voucher_digest(channel, max_claimable, chain_id)
+    except (ValueError, OverflowError):
         return None
-    digest = _digest(
-        chain_id, {"Voucher": _VOUCHER}, "Voucher", _voucher_message(channel, max_claimable)
-    )
+    if len(raw) != 65:
+        return None
+    if raw[64] in (27, 28):  # libsecp256k1; another v goes through eth-account as before
+        return td.recover(digest, raw)
     try:
         return str(Account._recover_hash(digest, signature=raw))
     except Exception:  # eth-keys raises several types for malformed (r, s, v); all mean "no"

@@ -40,6 +40,7 @@ from paygate.x402.settler import SettlementUnknown, SettlerUnavailable
 
 log = logging.getLogger("paygate.x402")
 
+_TAKEN_MAX = 4096  # requests in progress whose taken channel is remembered
 REFUND_NO_BALANCE = "invalid_batch_settlement_evm_refund_no_balance"
 REFUND_AMOUNT_INVALID = "invalid_batch_settlement_evm_refund_amount_invalid"
 
@@ -69,6 +70,9 @@ class Channels:
         self._clock = clock
         self._owed = asyncio.Event()  # set when a claim is worth sending before the interval
         self._charged_since: set[str] = set()  # channels charged here since the last claim
+        # Each request's channel as it took it (by voucher), for its commit's compare-and-set;
+        # a hint only: the commit re-reads whenever the channel changed since.
+        self._taken: dict[str, Channel] = {}
 
     # --- requests ---
 
@@ -95,9 +99,14 @@ class Channels:
 
     async def take(self, checked: CheckedVoucher) -> Channel | None:
         try:
-            return await self.store.take(checked.channel_id, checked.voucher_key)
+            channel = await self.store.take(checked.channel_id, checked.voucher_key)
         except ChannelBusy:
             raise PaymentRejected(BUSY, "another request on this channel is in progress") from None
+        if channel is not None:  # the commit's first compare-and-set starts from it
+            if len(self._taken) >= _TAKEN_MAX:
+                self._taken.pop(next(iter(self._taken)))
+            self._taken[checked.voucher_key] = channel
+        return channel
 
     async def commit(
         self, checked: CheckedVoucher, requirements: dict[str, Any], amount: int
@@ -112,6 +121,7 @@ class Channels:
                 signature=checked.payload.voucher.signature,
                 charge=charge,
                 payment_id=checked.voucher_key,
+                taken=self._taken.pop(checked.voucher_key, None),
             )
         except ValueError as exc:
             return SettleResponse(

@@ -1,9 +1,10 @@
 """Channel state in the payment ledger (both stores): channels, every voucher accepted, claims.
 
-The ledger's ``bs_*`` tables (migration step 8) are reached through one store method,
-``scheme_sql(sql, params)``: each statement is its own transaction, so every change here is a
-compare-and-set on the row's ``version`` (or a guarded insert), never a read-modify-write
-across statements. That is what lets replicas on one PostgreSQL ledger serve one channel:
+The ledger's ``bs_*`` tables (migration step 8) are reached through two store methods,
+``scheme_sql(sql, params)`` (a statement in its own transaction) and ``scheme_sql_all`` (several
+in one: a voucher's record with its charge), so every change here is a compare-and-set on the
+row's ``version`` (or a guarded insert), never a read-modify-write across statements. That is
+what lets replicas on one PostgreSQL ledger serve one channel:
 
 * a request takes the channel's *pending* lease (owner: its voucher) at verify and lets it go
   when its charge is committed; another voucher meanwhile is refused ``channel_busy`` (the
@@ -120,6 +121,7 @@ class Claim:
 class ChannelStore:
     def __init__(self, ledger: SchemeSql, *, clock: Any, pending_seconds: float) -> None:
         self._sql = ledger.scheme_sql
+        self._sql_all = ledger.scheme_sql_all
         self._clock = clock
         self._pending_seconds = pending_seconds
 
@@ -183,6 +185,18 @@ class ChannelStore:
 
     async def take(self, channel_id: str, owner: str) -> Channel | None:
         """Take the channel's pending lease for ``owner`` (a voucher); None if no channel."""
+        # The usual case in one statement: the lease is free, ours, or run out.
+        now = self._clock()
+        _, rows = await self._sql(
+            "UPDATE bs_channels SET pending_owner = ?, pending_until = ?,"  # noqa: S608 - constant
+            " version = version + 1, updated_at = ? WHERE channel_id = ? AND (pending_owner IS"
+            " NULL OR pending_owner = ? OR pending_until IS NULL OR pending_until <= ?)"
+            f" RETURNING {_COLUMNS}",
+            (owner, now + self._pending_seconds, now, channel_id, owner, now),
+        )
+        if rows:
+            return _channel(rows[0])
+        # No such channel, or held by another request: read it to tell which.
         for _ in range(16):
             current = await self.get(channel_id)
             if current is None:
@@ -222,16 +236,34 @@ class ChannelStore:
         signature: str,
         charge: int,
         payment_id: str,
+        taken: Channel | None = None,
     ) -> tuple[Channel, int]:
         """Charge ``charge`` under the voucher ``max_claimable`` (once): (the channel, what was
         charged now — 0 when this voucher was committed before). ValueError: the charge would
-        pass the voucher's ceiling, or a later voucher holds the channel."""
-        await self._sql(
+        pass the voucher's ceiling, or a later voucher holds the channel. ``taken``: the
+        channel as this request took it, tried first (compare-and-set on its version: no read
+        when nothing changed it since)."""
+        record = (
             "INSERT INTO bs_vouchers (channel_id, max_claimable, signature, payment_id, charge,"
             " created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (channel_id, max_claimable)"
             " DO NOTHING",
             (channel_id, str(max_claimable), signature, payment_id, str(charge), self._clock()),
         )
+        if (
+            taken is not None
+            and taken.channel_id == channel_id
+            and taken.signed_max < max_claimable
+            and taken.charged + charge <= max_claimable
+            and taken.pending_owner == owner
+        ):
+            # The usual case, one transaction: the voucher recorded and the channel charged
+            # if nothing changed it since this request took it.
+            charged = self._charge(taken, charge, max_claimable, signature)
+            (_, (_, rows)) = await self._sql_all([record, charged])
+            if rows:
+                return _channel(rows[0]), charge
+        else:
+            await self._sql(*record)
         for _ in range(16):
             current = await self.get(channel_id)
             if current is None:
@@ -245,22 +277,28 @@ class ChannelStore:
                 raise ValueError("invalid_batch_settlement_evm_channel_busy")
             if current.charged + charge > max_claimable:
                 raise ValueError("invalid_batch_settlement_evm_charge_exceeds_signed_cumulative")
-            _, rows = await self._sql(
-                "UPDATE bs_channels SET charged = ?, signed_max = ?, signature = ?,"  # noqa: S608 - constant
-                " pending_owner = NULL, pending_until = NULL, version = version + 1,"
-                f" updated_at = ? WHERE channel_id = ? AND version = ? RETURNING {_COLUMNS}",
-                (
-                    str(current.charged + charge),
-                    str(max_claimable),
-                    signature,
-                    self._clock(),
-                    channel_id,
-                    current.version,
-                ),
-            )
+            _, rows = await self._sql(*self._charge(current, charge, max_claimable, signature))
             if rows:
                 return _channel(rows[0]), charge
         raise ValueError("invalid_batch_settlement_evm_channel_busy")
+
+    def _charge(
+        self, current: Channel, charge: int, max_claimable: int, signature: str
+    ) -> tuple[str, tuple[Any, ...]]:
+        """The compare-and-set charging ``current`` (by its version) under a voucher."""
+        return (
+            "UPDATE bs_channels SET charged = ?, signed_max = ?, signature = ?,"  # noqa: S608 - constant
+            " pending_owner = NULL, pending_until = NULL, version = version + 1,"
+            f" updated_at = ? WHERE channel_id = ? AND version = ? RETURNING {_COLUMNS}",
+            (
+                str(current.charged + charge),
+                str(max_claimable),
+                signature,
+                self._clock(),
+                current.channel_id,
+                current.version,
+            ),
+        )
 
     async def claimable(self, limit: int) -> list[Channel]:
         """Channels charged beyond what was claimed, oldest change first."""

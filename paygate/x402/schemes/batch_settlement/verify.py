@@ -20,13 +20,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from eth_utils import keccak, to_checksum_address
-
 from paygate.x402.models import AnyPaymentPayload, BatchSettlementPayload, PaymentPayload
 from paygate.x402.offers import Offer
 from paygate.x402.schemes.base import Authorized, PaymentRejected, same_address
 from paygate.x402.schemes.batch_settlement import channel as ch
 from paygate.x402.schemes.batch_settlement.store import Channel
+from paygate.x402.typed_digest import checksum, keccak
 
 FORGED = "invalid_batch_settlement_evm_voucher_signature"
 NOT_CUMULATIVE = "invalid_batch_settlement_evm_cumulative_amount_mismatch"
@@ -133,7 +132,7 @@ def check_payload(payload: object, offer: ChannelTerms) -> CheckedVoucher:
         )  # fmt: skip
     maximum = int(payload.voucher.max_claimable_amount)
     signer = ch.voucher_signer(channel_id, maximum, payload.voucher.signature, offer.chain_id)
-    if signer is None or signer != to_checksum_address(config.payer_authorizer):
+    if signer is None or signer != checksum(config.payer_authorizer):
         raise PaymentRejected(FORGED, "the voucher is not signed by the channel's payer")
     if payload.type == "deposit":
         deposit = payload.deposit
@@ -152,7 +151,7 @@ def check_payload(payload: object, offer: ChannelTerms) -> CheckedVoucher:
                 "invalid_batch_settlement_evm_deposit_below_min_deposit",
                 "the deposit is below the announced minDeposit",
             )
-    return CheckedVoucher(payload, channel_id, to_checksum_address(config.payer), maximum)
+    return CheckedVoucher(payload, channel_id, checksum(config.payer), maximum)
 
 
 def check_against(
