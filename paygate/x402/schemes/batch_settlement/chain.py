@@ -40,7 +40,7 @@ from paygate.x402.models import (
     SettleResponse,
     VerifyResponse,
 )
-from paygate.x402.schemes.base import ChainAccess
+from paygate.x402.schemes.base import ChainAccess, SettlementSubject
 from paygate.x402.schemes.batch_settlement import channel as ch
 from paygate.x402.schemes.batch_settlement.store import ClaimEntry
 from paygate.x402.settler import SettlementUnknown, SettlerUnavailable
@@ -438,13 +438,7 @@ class BatchSettlementChain:
     ) -> SettleResponse:
         raise not_bound()
 
-    async def prove(
-        self,
-        reader: ChainReader,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        transaction: str | None,
-    ) -> SettleResponse:
+    async def prove(self, reader: ChainReader, subject: SettlementSubject) -> SettleResponse:
         raise not_bound()
 
 

@@ -20,12 +20,11 @@ from eth_utils import to_checksum_address
 
 from paygate.x402.facilitator import FacilitatorSettler
 from paygate.x402.models import (
-    AnyPaymentPayload,
     BatchSettlementPayload,
     ChannelConfig,
     SettleResponse,
 )
-from paygate.x402.schemes.base import FacilitatorAccess
+from paygate.x402.schemes.base import FacilitatorAccess, SettlementSubject
 from paygate.x402.schemes.batch_settlement.chain import (
     BatchChain,
     OnChain,
@@ -174,22 +173,12 @@ class BatchSettlementFacilitator:
     :class:`BatchFacilitator` is what moves a channel's money through a facilitator."""
 
     async def judge(
-        self,
-        facilitator: FacilitatorAccess,
-        answer: SettleResponse,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        *,
-        known: str | None = None,
+        self, facilitator: FacilitatorAccess, answer: SettleResponse, subject: SettlementSubject
     ) -> SettleResponse:
         raise not_bound()
 
     async def reconcile(
-        self,
-        facilitator: FacilitatorAccess,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        transaction: str | None,
+        self, facilitator: FacilitatorAccess, subject: SettlementSubject
     ) -> SettleResponse:
         raise not_bound()
 

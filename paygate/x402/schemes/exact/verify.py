@@ -18,6 +18,7 @@ from paygate.x402.offers import Offer
 from paygate.x402.schemes.base import (
     MIN_REMAINING_SECONDS,
     Authorized,
+    CheckTime,
     PaymentRejected,
     same_address,
 )
@@ -146,16 +147,10 @@ class ExactVerify:
     payload_type = ExactEvmPayload
     replay_code = NONCE_USED
 
-    def check(
-        self,
-        payment: AnyPaymentPayload,
-        offer: Offer,
-        *,
-        now: int,
-        skew: int,
-        min_remaining: float,
-    ) -> Authorized:
-        payer = check_authorization(payment, offer, now=now, skew=skew, min_remaining=min_remaining)
+    def check(self, payment: AnyPaymentPayload, offer: Offer, when: CheckTime) -> Authorized:
+        payer = check_authorization(
+            payment, offer, now=when.now, skew=when.skew, min_remaining=when.min_remaining
+        )
         auth = payload_of(payment).authorization
         return Authorized(
             payer=payer,
