@@ -381,16 +381,12 @@ class Scheme:
         return await settler.verify(payment, requirements)
 
     async def settle(
-        self,
-        settler: Settler,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        amount: int,
+        self, settler: Settler, subject: SettlementSubject, amount: int
     ) -> SettleResponse:
         """Settle ``amount`` atomic units (exact: always the price)."""
         return await _asked(
-            self.offer.for_amount(payment, requirements, amount),
-            lambda asked: settler.settle(payment, asked),
+            self.offer.for_amount(subject.payment, subject.requirements, amount),
+            lambda asked: settler.settle(subject.payment, asked),
         )
 
     async def reconcile(

@@ -150,17 +150,13 @@ class BoundBatchSettlement(Scheme):
         return VerifyResponse(is_valid=True, payer=checked.payer)
 
     async def settle(
-        self,
-        settler: Settler,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        amount: int,
+        self, settler: Settler, subject: SettlementSubject, amount: int
     ) -> SettleResponse:
         """Commit ``amount`` (at most the price) to the channel under this voucher. No money
         moves here: it moves when the claim loop claims the channel (proven on chain)."""
-        checked = self._checked(payment, requirements)
+        checked = self._checked(subject.payment, subject.requirements)
         try:
-            return await self._channels.commit(checked, requirements, amount)
+            return await self._channels.commit(checked, subject.requirements, amount)
         except LedgerError as exc:  # not committed, or not known to be: committed again later
             raise not_bound(f"the channel ledger is unavailable: {exc.code}") from None
 
@@ -169,7 +165,7 @@ class BoundBatchSettlement(Scheme):
     ) -> SettleResponse:
         # Committing is idempotent (a voucher commits once): a charge whose answer was lost is
         # simply committed again.
-        return await self.settle(settler, subject.payment, subject.requirements, amount)
+        return await self.settle(settler, subject, amount)
 
 
 class BatchSettlementBinding:
