@@ -21,12 +21,7 @@ from paygate.x402.ledger_postgres_schema import Conn
 if TYPE_CHECKING:
     from paygate.x402.ledger_postgres import PostgresLedger
 
-# `paygate payments summary --by`: the SQL expression of each grouping (constants only).
-GROUPS = {
-    "model": "COALESCE(model, '-')",
-    "day": "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
-    "payer": "payer",
-}
+GROUPS = sql.groups(day="to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')")
 
 
 def _pg(statement: str) -> str:
