@@ -26,22 +26,7 @@ from paygate.x402.schemes.base import (
 # The SDK facilitator's code for a used EIP-3009 nonce: also the replay refusal here.
 NONCE_USED = "invalid_exact_evm_nonce_already_used"
 
-TYPES = {
-    "EIP712Domain": [
-        {"name": "name", "type": "string"},
-        {"name": "version", "type": "string"},
-        {"name": "chainId", "type": "uint256"},
-        {"name": "verifyingContract", "type": "address"},
-    ],
-    "TransferWithAuthorization": [
-        {"name": "from", "type": "address"},
-        {"name": "to", "type": "address"},
-        {"name": "value", "type": "uint256"},
-        {"name": "validAfter", "type": "uint256"},
-        {"name": "validBefore", "type": "uint256"},
-        {"name": "nonce", "type": "bytes32"},
-    ],
-}
+TYPES = {"EIP712Domain": evm.EIP712_DOMAIN, "TransferWithAuthorization": evm.EIP3009_AUTHORIZATION}
 
 
 def typed_data(auth: Authorization, *, chain_id: int, asset: Asset) -> dict[str, Any]:
