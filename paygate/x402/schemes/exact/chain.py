@@ -16,7 +16,14 @@ from eth_utils import keccak, to_checksum_address
 from web3.exceptions import ContractLogicError
 
 from paygate.x402 import smartwallet
-from paygate.x402.evm import TRANSFER_TOPIC, abi_function, address_word, hex_of, int_of
+from paygate.x402.evm import (
+    EIP3009_AUTHORIZATION,
+    TRANSFER_TOPIC,
+    abi_function,
+    address_word,
+    hex_of,
+    int_of,
+)
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
 from paygate.x402.schemes.base import SettlementSubject, invalid
 from paygate.x402.schemes.exact.verify import NONCE_USED, payload_of
@@ -26,15 +33,8 @@ if TYPE_CHECKING:
     from paygate.x402.chain_reader import ChainReader
     from paygate.x402.schemes.base import ChainAccess
 
-_UINT = {"type": "uint256"}
-_AUTH_INPUTS = [
-    {"name": "from", "type": "address"},
-    {"name": "to", "type": "address"},
-    {"name": "value", **_UINT},
-    {"name": "validAfter", **_UINT},
-    {"name": "validBefore", **_UINT},
-    {"name": "nonce", "type": "bytes32"},
-]
+# The token's *WithAuthorization functions take the signed authorization's fields first.
+_AUTH_INPUTS = EIP3009_AUTHORIZATION
 EIP3009_ABI: list[dict[str, Any]] = [
     abi_function(
         "balanceOf", [{"name": "account", "type": "address"}], ["uint256"], mutability="view"
