@@ -13,11 +13,10 @@ import json
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
+from paygate.cli.ledger_reading import add_limit, add_where, ledger_at
 from paygate.cli.tables import print_table
-from paygate.config import load_settings
 from paygate.x402.ledger import (
     MAX_LIST_LIMIT,
     SUMMARY_KEYS,
@@ -43,9 +42,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="only payments flagged for review: owed, outcome unknown, unprovable here",
     )
-    listing.add_argument(
-        "--limit", type=_limit, default=50, help=f"at most N rows (1-{MAX_LIST_LIMIT}, default 50)"
-    )
+    add_limit(listing)
     listing.set_defaults(run=_list)
 
     show = actions.add_parser("show", help="one payment in full (never its signed payload)")
@@ -64,16 +61,7 @@ def register(sub: Any) -> None:
     summary.set_defaults(run=_summary)
 
     for parser in (listing, show, summary):
-        where = parser.add_mutually_exclusive_group()
-        where.add_argument("--ledger-path", type=Path, help="SQLite ledger file")
-        where.add_argument("--ledger-url", help="postgresql://… or sqlite:////abs/path")
-        parser.add_argument("--json", action="store_true", help="machine-readable output")
-
-
-def _limit(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIST_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_LIST_LIMIT}")
-    return int(text)
+        add_where(parser)
 
 
 _UNITS = {"m": 60, "h": 3600, "d": 86400}
@@ -87,12 +75,6 @@ def _since(text: str) -> float:
         return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
     except ValueError:
         raise argparse.ArgumentTypeError("use 30m, 24h, 7d or a date like 2026-12-01") from None
-
-
-def _ledger(args: argparse.Namespace) -> LedgerLocation:
-    if args.ledger_path is not None:
-        return LedgerLocation(kind="sqlite", path=Path(args.ledger_path))
-    return load_settings(args.config).ledger_location(args.ledger_url)
 
 
 def describe(record: PaymentRecord, now: float) -> dict[str, Any]:
@@ -196,7 +178,7 @@ async def _read_one(
 
 def _list(args: argparse.Namespace) -> int:
     state = PaymentState(args.state) if args.state else None
-    records = asyncio.run(_read_list(_ledger(args), state, args.limit, review=args.review))
+    records = asyncio.run(_read_list(ledger_at(args), state, args.limit, review=args.review))
     now = time.time()
     if args.json:
         print(json.dumps([describe(record, now) for record in records], indent=2))
@@ -228,7 +210,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    record, history = asyncio.run(_read_one(_ledger(args), args.id))
+    record, history = asyncio.run(_read_one(ledger_at(args), args.id))
     if record is None:
         raise PaymentNotFound(f"no payment {args.id[:64]!r} in the ledger")
     facts = describe(record, time.time())
@@ -296,7 +278,7 @@ async def _read_earnings(where: LedgerLocation, since: float, by: str) -> list[E
 
 
 def _summary(args: argparse.Namespace) -> int:
-    groups = asyncio.run(_read_earnings(_ledger(args), args.since, args.by))
+    groups = asyncio.run(_read_earnings(ledger_at(args), args.since, args.by))
     total = sum(g.settled for g in groups)
     if args.json:
         document = {

@@ -19,12 +19,12 @@ from typing import Any
 
 from enclave import p256, receipts
 from enclave.errors import InvalidPublicKey
+from paygate.cli.ledger_reading import add_limit, add_where, ledger_at
 from paygate.cli.receipts_audit import add_audit
 from paygate.cli.tables import print_table
-from paygate.config import load_settings
 from paygate.errors import PaygateError
 from paygate.wire import RECEIPTS_PATH
-from paygate.x402.ledger import MAX_LIST_LIMIT, StoredReceipt
+from paygate.x402.ledger import StoredReceipt
 from paygate.x402.ledger_store import LedgerLocation, open_ledger
 
 FETCH_TIMEOUT = 15.0
@@ -42,9 +42,7 @@ def register(sub: Any) -> None:
     add_audit(actions)  # prove them included in the transparency log (paygate.cli.receipts_audit)
 
     listing = actions.add_parser("list", help="receipts kept in the ledger, newest first")
-    listing.add_argument(
-        "--limit", type=_limit, default=50, help=f"at most N rows (1-{MAX_LIST_LIMIT}, default 50)"
-    )
+    add_limit(listing)
     listing.set_defaults(run=_list)
 
     show = actions.add_parser("show", help="a payment's receipts, decoded (unverified)")
@@ -52,10 +50,7 @@ def register(sub: Any) -> None:
     show.set_defaults(run=_show)
 
     for parser in (listing, show):
-        where = parser.add_mutually_exclusive_group()
-        where.add_argument("--ledger-path", type=Path, help="SQLite ledger file")
-        where.add_argument("--ledger-url", help="postgresql://… or sqlite:////abs/path")
-        parser.add_argument("--json", action="store_true", help="machine-readable output")
+        add_where(parser)
 
     verify = actions.add_parser("verify", help="check a receipt against a trusted receipt key")
     verify.add_argument(
@@ -70,18 +65,6 @@ def register(sub: Any) -> None:
     verify.add_argument("--payment-id", help="with --url: the authorization nonce (0x + 64 hex)")
     verify.add_argument("--json", action="store_true", help="machine-readable output")
     verify.set_defaults(run=_verify)
-
-
-def _limit(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIST_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_LIST_LIMIT}")
-    return int(text)
-
-
-def _ledger(args: argparse.Namespace) -> LedgerLocation:
-    if args.ledger_path is not None:
-        return LedgerLocation(kind="sqlite", path=Path(args.ledger_path))
-    return load_settings(args.config).ledger_location(args.ledger_url)
 
 
 def describe(kept: StoredReceipt) -> dict[str, Any]:
@@ -119,7 +102,7 @@ async def _read_show(where: LedgerLocation, payment: str) -> list[StoredReceipt]
 
 
 def _list(args: argparse.Namespace) -> int:
-    kept = asyncio.run(_read_list(_ledger(args), args.limit))
+    kept = asyncio.run(_read_list(ledger_at(args), args.limit))
     described = [describe(k) for k in kept]
     if args.json:
         print(json.dumps(described, indent=2))
@@ -144,7 +127,7 @@ def _list(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     if not args.payment or len(args.payment) > 66:
         raise ReceiptCommandError("a payment id is 32 hex digits, or 0x and 64 hex digits")
-    kept = asyncio.run(_read_show(_ledger(args), args.payment))
+    kept = asyncio.run(_read_show(ledger_at(args), args.payment))
     if not kept:
         print(f"no receipts for {args.payment}", file=sys.stderr)
         return 1

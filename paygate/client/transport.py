@@ -13,6 +13,7 @@ import inspect
 import threading
 import time
 from collections.abc import AsyncIterator, Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from types import TracebackType
@@ -154,9 +155,19 @@ class _Facade:
         )
 
 
-def _attestation_failed(exc: Exception) -> AttestationFailed:
-    detail = str(exc)[:200] or type(exc).__name__
-    return AttestationFailed(f"the attestation hook refused the appliance key: {detail}")
+@contextmanager
+def _hook_refusal() -> Iterator[None]:
+    """Around the caller's attestation hook: what it raises (other than our own ClientError)
+    is the refusal of the key, as AttestationFailed."""
+    try:
+        yield
+    except ClientError:
+        raise
+    except Exception as exc:
+        detail = str(exc)[:200] or type(exc).__name__
+        raise AttestationFailed(
+            f"the attestation hook refused the appliance key: {detail}"
+        ) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,12 +305,8 @@ class PaygateTransport(_Facade, httpx.BaseTransport):
         if not isinstance(step, _Hook):
             return self._run(step, [])  # the body is read (and closed) by the next step
         if self._attest is not None:
-            try:
+            with _hook_refusal():
                 self._attest(step.key)
-            except ClientError:
-                raise
-            except Exception as exc:
-                raise _attestation_failed(exc) from exc
         return None
 
     def refund(
@@ -416,14 +423,10 @@ class AsyncPaygateTransport(_Facade, httpx.AsyncBaseTransport):
         if not isinstance(step, _Hook):
             return await self._run(step, [])  # the body is read (and closed) by the next step
         if self._attest is not None:
-            try:
+            with _hook_refusal():
                 result = self._attest(step.key)
                 if inspect.isawaitable(result):
                     await result
-            except ClientError:
-                raise
-            except Exception as exc:
-                raise _attestation_failed(exc) from exc
         return None
 
     async def refund(

@@ -9,11 +9,11 @@ timeout); the connection string is never quoted in an error.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from enclave.tlog.checkpoint import Checkpoint
+from paygate.postgres import Conn, PoolTimeout, connect_kwargs, open_pool, psycopg
 from paygate.tlog.store import (
     APPEND_LOCK,
     Appended,
@@ -26,16 +26,7 @@ from paygate.tlog.store import (
 )
 from paygate.tlog.store_rules import HashRows, LogQueries, Query, append_flow
 
-try:
-    import psycopg
-    from psycopg.rows import dict_row
-    from psycopg_pool import AsyncConnectionPool, PoolTimeout
-except ImportError:  # pragma: no cover - reported by open()
-    psycopg = None  # type: ignore[assignment]
-
-logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
 T = TypeVar("T")
-Conn = Any
 SQL = LogQueries("%s", lock_rows=" FOR UPDATE")
 
 
@@ -56,31 +47,17 @@ class PostgresLogStore:
     ) -> PostgresLogStore:
         if psycopg is None:
             raise LogStoreError("the PostgreSQL log needs psycopg: pip install 'paygate[postgres]'")
-        # Appends wait for each other on the advisory lock: allow them longer than a row lock.
-        settings = f"SET lock_timeout = {int(lock_timeout * 1000)}"
-
-        async def configure(conn: Conn) -> None:
-            await conn.execute(settings)
-            await conn.commit()
-
-        kwargs: dict[str, Any] = {"row_factory": dict_row, "connect_timeout": max(1, int(timeout))}
-        if password is not None:
-            kwargs["password"] = password
-        pool = AsyncConnectionPool(
-            conninfo,
-            kwargs=kwargs,
-            min_size=1,
-            max_size=max(1, pool_size),
-            open=False,
-            timeout=timeout,
-            configure=configure,
-            check=AsyncConnectionPool.check_connection,
-            name="paygate-tlog",
-        )
         try:
-            await pool.open(wait=True, timeout=timeout)
+            pool = await open_pool(
+                conninfo,
+                connect_kwargs(password, timeout),
+                name="paygate-tlog",
+                pool_size=pool_size,
+                timeout=timeout,
+                # Appends wait for each other on the advisory lock: longer than a row lock.
+                lock_timeout=lock_timeout,
+            )
         except PoolTimeout:
-            await pool.close()
             raise LogStoreError("cannot connect to the PostgreSQL log store in time") from None
         return cls(pool)
 

@@ -25,7 +25,7 @@ from paygate.x402 import smartwallet
 from paygate.x402.chain_reader import ChainReader
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
 from paygate.x402.schemes import scheme_of
-from paygate.x402.schemes.base import Batching, Closable
+from paygate.x402.schemes.base import Batching, Closable, SettlementSubject
 from paygate.x402.settler import ReviewRequired, SettlementUnknown, SettlerUnavailable
 
 log = logging.getLogger("paygate.x402")
@@ -75,16 +75,10 @@ class ChainSettler:
     ) -> SettleResponse:
         return await scheme_of(payment).chain.settle(self, payment, requirements)
 
-    async def reconcile(
-        self,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        transaction: str | None,
-    ) -> SettleResponse:
+    async def reconcile(self, subject: SettlementSubject) -> SettleResponse:
+        transaction = subject.transaction
         try:
-            return await scheme_of(payment).chain.prove(
-                self.reader, payment, requirements, transaction
-            )
+            return await scheme_of(subject.payment).chain.prove(self.reader, subject)
         except ReviewRequired:
             raise
         except SettlementUnknown:
@@ -94,7 +88,7 @@ class ChainSettler:
                 raise SettlementUnknown(
                     "the transaction is not mined yet", transaction=transaction
                 ) from None
-            return await self.settle(payment, requirements)
+            return await self.settle(subject.payment, subject.requirements)
 
     async def close(self) -> None:
         """Close what the schemes keep here (a batch being filled), each within the time a

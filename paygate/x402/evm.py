@@ -17,6 +17,25 @@ from eth_account.signers.local import LocalAccount
 # keccak256("Transfer(address,address,uint256)"): the ERC-20 event every proof looks for.
 TRANSFER_TOPIC = "ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 
+# The EIP-712 domain of a contract with a name and a version (EIP-3009 tokens, x402's
+# settlement contract).
+EIP712_DOMAIN = [
+    {"name": "name", "type": "string"},
+    {"name": "version", "type": "string"},
+    {"name": "chainId", "type": "uint256"},
+    {"name": "verifyingContract", "type": "address"},
+]
+# EIP-3009's authorization: TransferWithAuthorization and ReceiveWithAuthorization have these
+# same fields (only the primary type's name differs).
+EIP3009_AUTHORIZATION = [
+    {"name": "from", "type": "address"},
+    {"name": "to", "type": "address"},
+    {"name": "value", "type": "uint256"},
+    {"name": "validAfter", "type": "uint256"},
+    {"name": "validBefore", "type": "uint256"},
+    {"name": "nonce", "type": "bytes32"},
+]
+
 
 def abi_function(
     name: str,

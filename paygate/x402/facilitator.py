@@ -37,6 +37,7 @@ from paygate.x402.models import (
     X402Model,
 )
 from paygate.x402.schemes import scheme_of
+from paygate.x402.schemes.base import SettlementSubject
 from paygate.x402.settler import SettlementUnknown, SettlerUnavailable
 
 if TYPE_CHECKING:
@@ -96,17 +97,11 @@ class FacilitatorSettler:
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> SettleResponse:
         answer = await self.send(payment, requirements)
-        return await scheme_of(payment).facilitator.judge(self, answer, payment, requirements)
+        subject = SettlementSubject(payment, requirements)
+        return await scheme_of(payment).facilitator.judge(self, answer, subject)
 
-    async def reconcile(
-        self,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        transaction: str | None,
-    ) -> SettleResponse:
-        return await scheme_of(payment).facilitator.reconcile(
-            self, payment, requirements, transaction
-        )
+    async def reconcile(self, subject: SettlementSubject) -> SettleResponse:
+        return await scheme_of(subject.payment).facilitator.reconcile(self, subject)
 
     async def send(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]

@@ -85,6 +85,13 @@ class LedgerBase:
         self.replica = check_replica(replica or default_replica_id())
         self.lease_seconds = check_lease_seconds(lease_seconds)
 
+    def _use_tables(self, tables: Any) -> None:
+        """Run the side tables' statements (the store's ``*Tables``) like the store's own."""
+        self._take_free, self._signin_key = tables.take_free, tables.signin_key
+        self._add_receipt, self._receipts = tables.add_receipt, tables.receipts
+        self._history, self._earnings = tables.history, tables.earnings
+        self._forget_idempotency_key = tables.forget_idempotency_key
+
     async def _run(self, fn: Callable[..., Any], /, *args: Any) -> Any:
         raise NotImplementedError
 

@@ -120,11 +120,8 @@ class PostgresLedger(LedgerBase):
         self._clock = clock
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
-        tables = PostgresTables(self)  # the side tables' statements, in each call's transaction
-        self._take_free, self._signin_key = tables.take_free, tables.signin_key
-        self._add_receipt, self._receipts = tables.add_receipt, tables.receipts
-        self._history, self._earnings = tables.history, tables.earnings
-        self._forget_idempotency_key = tables.forget_idempotency_key
+        # The side tables' statements, in each call's transaction.
+        self._use_tables(PostgresTables(self))
 
     @classmethod
     async def open(

@@ -5,9 +5,10 @@ migrations (one migrator at a time) and the schema check. The statements on the 
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
+from paygate.postgres import Conn, PoolTimeout, connect_kwargs, psycopg
+from paygate.postgres import open_pool as open_postgres_pool
 from paygate.x402.ledger import (
     IdempotencyKeyReused,
     LedgerConflict,
@@ -15,20 +16,6 @@ from paygate.x402.ledger import (
     LedgerUnavailable,
     PaymentState,
 )
-
-try:
-    import psycopg
-    from psycopg.rows import dict_row
-    from psycopg_pool import AsyncConnectionPool, PoolTimeout
-except ImportError:  # pragma: no cover - reported by open_pool()
-    psycopg = None  # type: ignore[assignment]
-    PoolTimeout = None  # type: ignore[assignment,misc]
-
-# The pool logs its failed connection attempts with the server's message, which names the host
-# and user of the (secret) URL; our own errors say what failed without them.
-logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
-
-Conn = Any  # psycopg.AsyncConnection[dict[str, Any]]
 
 #: Same numbering as the SQLite ledger: v1 the first ledger, v2 leases and history, v3 metering
 #: and the free quota, v4 the economics controls and the console's tables, v5 the transparency log,
@@ -203,41 +190,23 @@ async def open_pool(
         raise LedgerUnavailable(
             "the PostgreSQL ledger needs psycopg: pip install 'paygate[postgres]'"
         )
-    settings = f"SET lock_timeout = {int(lock_timeout * 1000)}"
-
-    async def configure(conn: Conn) -> None:
-        await conn.execute(settings)
-        await conn.commit()
-        if read_only:
-            await conn.set_read_only(True)
-
-    kwargs: dict[str, Any] = {"row_factory": dict_row, "connect_timeout": max(1, int(timeout))}
-    if password is not None:
-        kwargs["password"] = password
+    kwargs = connect_kwargs(password, timeout)
     await _probe(conninfo, kwargs)  # fail fast (refused, bad password) rather than retry
-    pool = AsyncConnectionPool(
-        conninfo,
-        kwargs=kwargs,
-        min_size=1,
-        max_size=max(1, pool_size),
-        open=False,
-        timeout=timeout,
-        configure=configure,
-        check=AsyncConnectionPool.check_connection,
-        name="paygate-ledger",
-    )
     try:
-        await pool.open(wait=True, timeout=timeout)
+        return await open_postgres_pool(
+            conninfo,
+            kwargs,
+            name="paygate-ledger",
+            pool_size=pool_size,
+            timeout=timeout,
+            lock_timeout=lock_timeout,
+            read_only=read_only,
+        )
     except PoolTimeout:
-        await pool.close()
         raise LedgerUnavailable(
             "cannot connect to the PostgreSQL ledger (PAYGATE_LEDGER_URL) within "
             f"{timeout:g}s: check the host, port, user, password and database"
         ) from None
-    except BaseException:
-        await pool.close()
-        raise
-    return pool
 
 
 async def _probe(conninfo: str, kwargs: dict[str, Any]) -> None:

@@ -28,12 +28,7 @@ class _PostgresStore(Protocol):
     async def _must(self, conn: Conn, payment_id: str, *, lock: bool = False) -> PaymentRecord: ...
 
 
-# `paygate payments summary --by`: the SQL expression of each grouping (constants only).
-GROUPS = {
-    "model": "COALESCE(model, '-')",
-    "day": "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
-    "payer": "payer",
-}
+GROUPS = sql.groups(day="to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')")
 
 
 def _pg(statement: str) -> str:

@@ -111,11 +111,7 @@ class SqliteLedger(LedgerBase):
         self._db: sqlite3.Connection | None = None  # used only on the worker thread
         self._closed = False
         self.found_version = SCHEMA_VERSION  # the schema it had when opened (before migrating)
-        tables = SqliteTables(self)  # the side tables' statements, on this worker thread
-        self._take_free, self._signin_key = tables.take_free, tables.signin_key
-        self._add_receipt, self._receipts = tables.add_receipt, tables.receipts
-        self._history, self._earnings = tables.history, tables.earnings
-        self._forget_idempotency_key = tables.forget_idempotency_key
+        self._use_tables(SqliteTables(self))  # the side tables' statements, on this thread
 
     @classmethod
     async def open(

@@ -33,12 +33,7 @@ class _SqliteStore(Protocol):
     def _write(self) -> AbstractContextManager[sqlite3.Connection]: ...
 
 
-# `paygate payments summary --by`: the SQL expression of each grouping (constants only).
-GROUPS = {
-    "model": "COALESCE(model, '-')",
-    "day": "date(created_at, 'unixepoch')",
-    "payer": "payer",
-}
+GROUPS = sql.groups(day="date(created_at, 'unixepoch')")
 # Amounts are decimal text (a uint256 does not fit SQLite's INTEGER); a day's sum does.
 _MOVED = "SUM(CAST(COALESCE(settled_amount, amount) AS INTEGER))"
 

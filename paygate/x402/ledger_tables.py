@@ -75,6 +75,12 @@ def events_from(rows: Iterable[Row]) -> list[PaymentEvent]:
     return [rules.event_from_row(row) for row in rows]
 
 
+def groups(*, day: str) -> dict[str, str]:
+    """`paygate payments summary --by`: the SQL expression of each grouping (constants only),
+    given the store's expression of a payment's UTC day."""
+    return {"model": "COALESCE(model, '-')", "day": day, "payer": "payer"}
+
+
 def earnings(group: str, amount: str, since: float) -> tuple[str, tuple[Any, ...]]:
     """Settled payments since ``since`` by ``group`` (a store's SQL expression of the grouping);
     ``amount``: the store's expression of the sum of what moved."""

@@ -54,6 +54,7 @@ from paygate.x402.refusals import Refusals, operation_done, payer_limited
 from paygate.x402.responses import reason_text, recorded_receipt
 from paygate.x402.results import PaymentAdmission
 from paygate.x402.schemes import SCHEMES, Authorized, Scheme
+from paygate.x402.schemes.base import CheckTime
 from paygate.x402.session import MeteredTerms, PaymentSession
 from paygate.x402.settlement import Settlement
 from paygate.x402.settlements import Settlements
@@ -317,13 +318,8 @@ class PaymentProcessor:
             done = await scheme.operation(payment, offer)
             if done is not None:
                 return operation_done(payment, done)
-            authorized = scheme.check(
-                payment,
-                offer,
-                now=int(self._clock()),
-                skew=self._skew,
-                min_remaining=self._min_remaining,
-            )
+            when = CheckTime(int(self._clock()), self._skew, self._min_remaining)
+            authorized = scheme.check(payment, offer, when)
         except PaymentRejected as exc:
             return self._refusals.challenge(402, exc.reason, str(exc), offers, resource)
         wanted = _fingerprint(route, offer, authorized) if key is not None else ""

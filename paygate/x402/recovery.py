@@ -21,6 +21,7 @@ from paygate.x402.leases import HeldLeases
 from paygate.x402.ledger import Ledger, LedgerError, PaymentRecord, PaymentState
 from paygate.x402.results import PaymentAdmission
 from paygate.x402.schemes import SCHEMES, Scheme
+from paygate.x402.schemes.base import SettlementSubject
 from paygate.x402.settlement import Settlement
 from paygate.x402.settlements import Settlements
 from paygate.x402.settler import ReviewRequired, SettlementUnknown, Settler, SettlerUnavailable
@@ -107,9 +108,8 @@ class Recovery:
             self._leases.drop(record.id)
             return
         try:
-            answer = await admission.scheme.reconcile(
-                self._settler, payment, admission.requirements, record.owed, record.transaction
-            )
+            subject = SettlementSubject(payment, admission.requirements, record.transaction)
+            answer = await admission.scheme.reconcile(self._settler, subject, record.owed)
         except ReviewRequired as exc:
             if not record.needs_review:
                 await self._settlements.pending(admission, exc.transaction, review=str(exc))

@@ -27,6 +27,7 @@ from paygate.x402.refusal import Refusal
 from paygate.x402.refusals import Refusals
 from paygate.x402.responses import moved, reason_text, wire_network, with_usage
 from paygate.x402.results import PaymentAdmission, Receipt
+from paygate.x402.schemes.base import SettlementSubject
 from paygate.x402.settlement import Settlement
 from paygate.x402.settler import ReviewRequired, SettlementUnknown, Settler, SettlerUnavailable
 
@@ -165,9 +166,8 @@ class Settlements:
         started = time.monotonic()
         self._events.settling(1)
         try:
-            answer = await admission.scheme.settle(
-                self._settler, payment, admission.requirements, admission.owed
-            )
+            subject = SettlementSubject(payment, admission.requirements)
+            answer = await admission.scheme.settle(self._settler, subject, admission.owed)
         except ReviewRequired as exc:
             return await self.pending(
                 admission, exc.transaction, review=str(exc), withhold=exc.withhold

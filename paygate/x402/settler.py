@@ -6,10 +6,13 @@ only the two exceptions below, so the gate's policy does not depend on who settl
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from paygate.errors import PaygateError
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
+
+if TYPE_CHECKING:
+    from paygate.x402.schemes.base import SettlementSubject
 
 # A settle answer that means "broadcast, not yet confirmed": keep the hash, reconcile later.
 SETTLEMENT_PENDING = "settlement_pending"
@@ -65,13 +68,9 @@ class Settler(Protocol):
         """Execute the transfer; a definitive answer, or SettlementUnknown/SettlerUnavailable."""
         ...
 
-    async def reconcile(
-        self,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        transaction: str | None,
-    ) -> SettleResponse:
-        """The outcome of an earlier settlement whose answer was lost or pending.
+    async def reconcile(self, subject: SettlementSubject) -> SettleResponse:
+        """The outcome of an earlier settlement (``subject.transaction``, when one was sent)
+        whose answer was lost or pending.
 
         Must never execute a second, different payment: re-sending the same authorization is
         safe because EIP-3009 nonces execute once.

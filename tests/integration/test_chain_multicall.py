@@ -19,6 +19,7 @@ from web3 import Web3
 from paygate.x402 import codec, smartwallet
 from paygate.x402.chain import ChainSettler
 from paygate.x402.models import AnyPaymentPayload, SettleResponse
+from paygate.x402.schemes.base import SettlementSubject
 from paygate.x402.schemes.exact.multicall import DUPLICATE_IN_BATCH, proven_each
 from paygate.x402.schemes.exact.transfer import CANCELED, TransferFacts
 from paygate.x402.settler import SettlerUnavailable
@@ -368,7 +369,7 @@ async def test_a_fresh_settler_settles_and_reconciles_with_no_verify_first(
             if not answers:
                 answers.append(await chain.settle(payment, requirements))
             else:
-                answers.append(await chain.reconcile(payment, requirements, None))
+                answers.append(await chain.reconcile(SettlementSubject(payment, requirements)))
         finally:
             await chain.close()
     assert [a.success for a in answers] == [True, True]

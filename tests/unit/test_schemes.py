@@ -25,7 +25,7 @@ from paygate.x402.networks import resolve_network
 from paygate.x402.offers import Acceptance, PaymentTerms
 from paygate.x402.refusal import Refusal
 from paygate.x402.schemes import SCHEMES, UnknownScheme, by_name, scheme_of
-from paygate.x402.schemes.base import Binding, PaymentRejected
+from paygate.x402.schemes.base import Binding, CheckTime, PaymentRejected
 from paygate.x402.schemes.exact import client as exact_client
 from paygate.x402.schemes.upto import client as upto_client
 from paygate.x402.schemes.upto.offer import extra_for
@@ -159,7 +159,7 @@ def test_a_payment_checked_under_another_schemes_offer_is_refused() -> None:
         offers = TERMS.offers(Decimal("0.001")) + TERMS.upto_offers(Decimal("0.01"))
         offer = next(o for o in offers if o.scheme == other)
         with pytest.raises(PaymentRejected) as info:
-            SCHEMES[other].check(payment, offer, now=now, skew=5, min_remaining=0)
+            SCHEMES[other].check(payment, offer, CheckTime(now, 5, 0))
         assert info.value.reason == "invalid_payload"
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -72,6 +72,27 @@ class Authorized:
     valid_before: int  # unix seconds: the payment cannot settle after this
 
 
+@dataclass(frozen=True, slots=True)
+class CheckTime:
+    """The clock terms a payment is checked under: ``now`` (unix seconds), the ``skew``
+    allowed on its start, and the seconds it must still be valid for (``min_remaining``, never
+    less than MIN_REMAINING_SECONDS) so that what it buys can be served and settled."""
+
+    now: int
+    skew: int
+    min_remaining: float = MIN_REMAINING_SECONDS
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementSubject:
+    """What a settlement is about: the payment, the requirement (wire dict) it settles
+    against, and the transaction already sent for it, when one is known."""
+
+    payment: AnyPaymentPayload
+    requirements: dict[str, Any]
+    transaction: str | None = None
+
+
 # --- offer ---
 
 
@@ -110,15 +131,7 @@ class VerifyRole(Protocol):
     #: The refusal code of an authorization of this scheme that was already used here.
     replay_code: str
 
-    def check(
-        self,
-        payment: AnyPaymentPayload,
-        offer: Offer,
-        *,
-        now: int,
-        skew: int,
-        min_remaining: float,
-    ) -> Authorized:
+    def check(self, payment: AnyPaymentPayload, offer: Offer, when: CheckTime) -> Authorized:
         """Local checks of ``payment`` against the matched ``offer``; raises PaymentRejected."""
         ...
 
@@ -186,14 +199,9 @@ class ChainRole(Protocol):
         """Settle ``requirements``' amount; a proven outcome, or SettlementUnknown."""
         ...
 
-    async def prove(
-        self,
-        reader: ChainReader,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        transaction: str | None,
-    ) -> SettleResponse:
-        """The outcome as the chain proves it: SETTLED only on a receipt showing the money
+    async def prove(self, reader: ChainReader, subject: SettlementSubject) -> SettleResponse:
+        """The outcome as the chain proves it (``subject.transaction``'s, or the one that used
+        the authorization): SETTLED only on a receipt showing the money
         moved; SettlementUnknown while nothing happened yet; ReviewRequired when nobody can
         tell."""
         ...
@@ -216,24 +224,14 @@ class FacilitatorAccess(Protocol):
 
 class FacilitatorRole(Protocol):
     async def judge(
-        self,
-        facilitator: FacilitatorAccess,
-        answer: SettleResponse,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        *,
-        known: str | None = None,
+        self, facilitator: FacilitatorAccess, answer: SettleResponse, subject: SettlementSubject
     ) -> SettleResponse:
-        """A settle answer → paid (proven where the chain can be read), refused, or unknown
-        (raised)."""
+        """A settle answer to ``subject`` → paid (proven where the chain can be read), refused,
+        or unknown (raised); ``subject.transaction``: the hash known from an earlier attempt."""
         ...
 
     async def reconcile(
-        self,
-        facilitator: FacilitatorAccess,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        transaction: str | None,
+        self, facilitator: FacilitatorAccess, subject: SettlementSubject
     ) -> SettleResponse:
         """The outcome of an earlier settlement whose answer was lost; never a second payment."""
         ...
@@ -383,16 +381,8 @@ class Scheme:
     def authorized_amount(self, authorized: Authorized, offer: Offer) -> int:
         return self.offer.authorized_amount(authorized, offer)
 
-    def check(
-        self,
-        payment: AnyPaymentPayload,
-        offer: Offer,
-        *,
-        now: int,
-        skew: int,
-        min_remaining: float,
-    ) -> Authorized:
-        return self.verifier.check(payment, offer, now=now, skew=skew, min_remaining=min_remaining)
+    def check(self, payment: AnyPaymentPayload, offer: Offer, when: CheckTime) -> Authorized:
+        return self.verifier.check(payment, offer, when)
 
     def requirements(
         self, payment: AnyPaymentPayload, offer: Offer, resource: ResourceInfo
@@ -405,30 +395,21 @@ class Scheme:
         return await settler.verify(payment, requirements)
 
     async def settle(
-        self,
-        settler: Settler,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        amount: int,
+        self, settler: Settler, subject: SettlementSubject, amount: int
     ) -> SettleResponse:
         """Settle ``amount`` atomic units (exact: always the price)."""
         return await _asked(
-            self.offer.for_amount(payment, requirements, amount),
-            lambda asked: settler.settle(payment, asked),
+            self.offer.for_amount(subject.payment, subject.requirements, amount),
+            lambda asked: settler.settle(subject.payment, asked),
         )
 
     async def reconcile(
-        self,
-        settler: Settler,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        amount: int,
-        transaction: str | None,
+        self, settler: Settler, subject: SettlementSubject, amount: int
     ) -> SettleResponse:
         """The outcome of an earlier settlement of ``amount`` whose answer was lost."""
         return await _asked(
-            self.offer.for_amount(payment, requirements, amount),
-            lambda asked: settler.reconcile(payment, asked, transaction),
+            self.offer.for_amount(subject.payment, subject.requirements, amount),
+            lambda asked: settler.reconcile(replace(subject, requirements=asked)),
         )
 
     # Hooks the processor and the assembly call on every scheme; a bound scheme (see

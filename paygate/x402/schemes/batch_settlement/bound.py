@@ -23,7 +23,14 @@ from paygate.x402.ledger import LedgerError
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
 from paygate.x402.offers import Offer, PaymentTerms
 from paygate.x402.refusal import Refusal
-from paygate.x402.schemes.base import Authorized, Binding, PaymentRejected, Scheme
+from paygate.x402.schemes.base import (
+    Authorized,
+    Binding,
+    CheckTime,
+    PaymentRejected,
+    Scheme,
+    SettlementSubject,
+)
 from paygate.x402.schemes.batch_settlement import offer as offer_role
 from paygate.x402.schemes.batch_settlement.chain import BatchChain, ChannelChain, not_bound
 from paygate.x402.schemes.batch_settlement.channel import NAME
@@ -107,19 +114,11 @@ class BoundBatchSettlement(Scheme):
 
     # --- a paid request ---
 
-    def check(
-        self,
-        payment: AnyPaymentPayload,
-        offer: Offer,
-        *,
-        now: int,
-        skew: int,
-        min_remaining: float,
-    ) -> Authorized:
-        authorized = super().check(payment, offer, now=now, skew=skew, min_remaining=min_remaining)
+    def check(self, payment: AnyPaymentPayload, offer: Offer, when: CheckTime) -> Authorized:
+        authorized = super().check(payment, offer, when)
         # The charge must be committed while this request holds the channel.
         return dataclasses.replace(
-            authorized, valid_before=now + int(self._channels.pending_seconds)
+            authorized, valid_before=when.now + int(self._channels.pending_seconds)
         )
 
     def _checked(self, payment: AnyPaymentPayload, requirements: dict[str, Any]) -> CheckedVoucher:
@@ -150,31 +149,22 @@ class BoundBatchSettlement(Scheme):
         return VerifyResponse(is_valid=True, payer=checked.payer)
 
     async def settle(
-        self,
-        settler: Settler,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        amount: int,
+        self, settler: Settler, subject: SettlementSubject, amount: int
     ) -> SettleResponse:
         """Commit ``amount`` (at most the price) to the channel under this voucher. No money
         moves here: it moves when the claim loop claims the channel (proven on chain)."""
-        checked = self._checked(payment, requirements)
+        checked = self._checked(subject.payment, subject.requirements)
         try:
-            return await self._channels.commit(checked, requirements, amount)
+            return await self._channels.commit(checked, subject.requirements, amount)
         except LedgerError as exc:  # not committed, or not known to be: committed again later
             raise not_bound(f"the channel ledger is unavailable: {exc.code}") from None
 
     async def reconcile(
-        self,
-        settler: Settler,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        amount: int,
-        transaction: str | None,
+        self, settler: Settler, subject: SettlementSubject, amount: int
     ) -> SettleResponse:
         # Committing is idempotent (a voucher commits once): a charge whose answer was lost is
         # simply committed again.
-        return await self.settle(settler, payment, requirements, amount)
+        return await self.settle(settler, subject, amount)
 
 
 class BatchSettlementBinding:

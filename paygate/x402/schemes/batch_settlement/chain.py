@@ -40,7 +40,7 @@ from paygate.x402.models import (
     SettleResponse,
     VerifyResponse,
 )
-from paygate.x402.schemes.base import ChainAccess
+from paygate.x402.schemes.base import ChainAccess, SettlementSubject
 from paygate.x402.schemes.batch_settlement import channel as ch
 from paygate.x402.schemes.batch_settlement.store import ClaimEntry
 from paygate.x402.settler import SettlementUnknown, SettlerUnavailable
@@ -136,33 +136,54 @@ def config_tuple(config: ChannelConfig) -> tuple[Any, ...]:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Deposit:
+    """A payer's deposit into a channel: the payment (wire dict) and requirement it came with."""
+
+    payment: dict[str, Any]
+    requirements: dict[str, Any]
+    payload: BatchSettlementPayload
+    channel_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refund:
+    """A cooperative refund of ``amount`` to the payer, after claiming what was charged
+    (``claim``, None when everything charged is claimed already)."""
+
+    config: ChannelConfig
+    channel_id: str
+    amount: int
+    claim: ClaimEntry | None
+    voucher: dict[str, Any]  # the payer's refund voucher, as it came
+    requirements: dict[str, Any]
+
+
 class ChannelChain(Protocol):
     """Who moves a channel's money: the gateway's own gas account (:class:`BatchChain`) or a
     facilitator (``facilitator.BatchFacilitator``); both prove every move on chain."""
 
     async def state(self, channel_id: str) -> OnChain: ...
 
-    async def deposit(
-        self,
-        payment: dict[str, Any],
-        requirements: dict[str, Any],
-        payload: BatchSettlementPayload,
-        channel_id: str,
-    ) -> OnChain: ...
+    async def deposit(self, deposit: Deposit) -> OnChain: ...
 
     async def send_claim(self, entries: list[ClaimEntry]) -> str: ...
 
     async def proven_claim(self, tx_hash: str | None, entries: tuple[ClaimEntry, ...]) -> bool: ...
 
-    async def refund(
-        self,
-        config: ChannelConfig,
-        channel_id: str,
-        amount: int,
-        claim: ClaimEntry | None,
-        voucher: dict[str, Any],
-        requirements: dict[str, Any],
-    ) -> tuple[str, OnChain, int]: ...
+    async def refund(self, refund: Refund) -> tuple[str, OnChain, int]:
+        """(the refund's transaction hash, the channel after it, what came back to the payer)."""
+        ...
+
+
+def sweeps(entries: list[ClaimEntry]) -> list[tuple[str, str]]:
+    """The (receiver, token) pairs whose claimed funds a claim of ``entries`` sweeps, in order."""
+    return sorted(
+        {
+            (to_checksum_address(e.config.receiver), to_checksum_address(e.config.token))
+            for e in entries
+        }
+    )
 
 
 async def claimed_on_chain(chain: ChannelChain, entries: tuple[ClaimEntry, ...]) -> bool:
@@ -244,34 +265,26 @@ class BatchChain:
             data,
         )
 
-    async def deposit(
-        self,
-        payment: dict[str, Any],
-        requirements: dict[str, Any],
-        payload: BatchSettlementPayload,
-        channel_id: str,
-    ) -> OnChain:
+    async def deposit(self, deposit: Deposit) -> OnChain:
         """Simulate, send and prove the deposit; the channel's state after it. ValueError
         (an x402 reason) when the chain refuses it; SettlementUnknown when no receipt came."""
-        call = self._deposit_call(payload)
+        call = self._deposit_call(deposit.payload)
         try:
             await self._reader.call(call.call, {"from": self.address})
         except ContractLogicError:
             raise ValueError("invalid_batch_settlement_evm_deposit_simulation_failed") from None
         async with self._send_lock:
             tx_hash = await self._send(call)
-        return await self.proven_deposit(tx_hash, payload, channel_id)
+        return await self.proven_deposit(tx_hash, deposit)
 
-    async def proven_deposit(
-        self, tx_hash: str, payload: BatchSettlementPayload, channel_id: str
-    ) -> OnChain:
+    async def proven_deposit(self, tx_hash: str, deposit: Deposit) -> OnChain:
         """The deposit's proof: its receipt moved the amount into the settlement contract."""
         receipt = await self.receipt(tx_hash)
-        deposit = payload.deposit
-        assert deposit is not None
-        if not _moved_in(receipt, payload.channel_config.token, int(deposit.amount)):
+        payload = deposit.payload
+        assert payload.deposit is not None
+        if not _moved_in(receipt, payload.channel_config.token, int(payload.deposit.amount)):
             raise ValueError("invalid_batch_settlement_evm_deposit_transaction_failed")
-        return await self.state(channel_id)
+        return await self.state(deposit.channel_id)
 
     # --- claims ---
 
@@ -292,11 +305,7 @@ class BatchChain:
         claim = self._contract.encode_abi(
             "claimWithSignature", args=[rows, bytes.fromhex(signature[2:])]
         )
-        sweeps = {
-            (to_checksum_address(e.config.receiver), to_checksum_address(e.config.token))
-            for e in entries
-        }
-        settles = [self._contract.encode_abi("settle", args=list(pair)) for pair in sorted(sweeps)]
+        settles = [self._contract.encode_abi("settle", args=list(pair)) for pair in sweeps(entries)]
         return [bytes.fromhex(c[2:]) for c in (claim, *settles)]
 
     async def send_claim(self, entries: list[ClaimEntry]) -> str:
@@ -328,28 +337,21 @@ class BatchChain:
 
     # --- refunds ---
 
-    async def refund(
-        self,
-        config: ChannelConfig,
-        channel_id: str,
-        amount: int,
-        claim: ClaimEntry | None,
-        voucher: dict[str, Any],
-        requirements: dict[str, Any],
-    ) -> tuple[str, OnChain, int]:
+    async def refund(self, refund: Refund) -> tuple[str, OnChain, int]:
         """Claim what was charged (if anything is unclaimed) and refund ``amount`` in one
         transaction: (its hash, the channel after it, what came back to the payer)."""
         chain_id = await self.chain_id()
+        channel_id, amount = refund.channel_id, refund.amount
         before = await self.state(channel_id)
         nonce = await self.refund_nonce(channel_id)
         signature = ch.sign_refund(self._signer, channel_id, nonce, amount, chain_id)
-        refund = self._contract.encode_abi(
+        data = self._contract.encode_abi(
             "refundWithSignature",
-            args=[config_tuple(config), amount, nonce, bytes.fromhex(signature[2:])],
+            args=[config_tuple(refund.config), amount, nonce, bytes.fromhex(signature[2:])],
         )
-        calls = [bytes.fromhex(refund[2:])]
-        if claim is not None:
-            calls = self._claim_calls([claim], chain_id) + calls
+        calls = [bytes.fromhex(data[2:])]
+        if refund.claim is not None:
+            calls = self._claim_calls([refund.claim], chain_id) + calls
         multicall = self._contract.functions.multicall(calls)
         try:
             await self._reader.call(multicall.call, {"from": self.address})
@@ -438,13 +440,7 @@ class BatchSettlementChain:
     ) -> SettleResponse:
         raise not_bound()
 
-    async def prove(
-        self,
-        reader: ChainReader,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        transaction: str | None,
-    ) -> SettleResponse:
+    async def prove(self, reader: ChainReader, subject: SettlementSubject) -> SettleResponse:
         raise not_bound()
 
 

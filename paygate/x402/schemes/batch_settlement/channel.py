@@ -19,6 +19,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak, to_checksum_address
 
 from paygate.x402 import typed_digest as td
+from paygate.x402.evm import EIP712_DOMAIN
 from paygate.x402.models import ChannelConfig
 
 NAME = "batch-settlement"
@@ -70,15 +71,7 @@ def domain(chain_id: int) -> dict[str, Any]:
 def _digest(chain_id: int, types: dict[str, Any], primary: str, message: dict[str, Any]) -> bytes:
     signable = encode_typed_data(
         full_message={
-            "types": {
-                "EIP712Domain": [
-                    {"name": "name", "type": "string"},
-                    {"name": "version", "type": "string"},
-                    {"name": "chainId", "type": "uint256"},
-                    {"name": "verifyingContract", "type": "address"},
-                ],
-                **types,
-            },
+            "types": {"EIP712Domain": EIP712_DOMAIN, **types},
             "primaryType": primary,
             "domain": domain(chain_id),
             "message": message,

@@ -22,7 +22,7 @@ from typing import Any
 
 from paygate.x402.models import SettleResponse
 from paygate.x402.schemes.base import PaymentRejected, SchemeSql
-from paygate.x402.schemes.batch_settlement.chain import ChannelChain
+from paygate.x402.schemes.batch_settlement.chain import ChannelChain, Deposit, Refund
 from paygate.x402.schemes.batch_settlement.store import (
     Channel,
     ChannelBusy,
@@ -83,7 +83,7 @@ class Channels:
         the chain refuses it; SettlerUnavailable/SettlementUnknown when it cannot be asked)."""
         try:
             state = await self.chain.deposit(
-                payment, requirements, checked.payload, checked.channel_id
+                Deposit(payment, requirements, checked.payload, checked.channel_id)
             )
         except ValueError as exc:
             raise PaymentRejected(str(exc), "the deposit was refused on chain") from None
@@ -176,12 +176,14 @@ class Channels:
                 )
             try:
                 tx_hash, after, returned = await self.chain.refund(
-                    payload.channel_config,
-                    checked.channel_id,
-                    amount,
-                    claim,
-                    payload.voucher.wire(),
-                    requirements,
+                    Refund(
+                        payload.channel_config,
+                        checked.channel_id,
+                        amount,
+                        claim,
+                        payload.voucher.wire(),
+                        requirements,
+                    )
                 )
             except ValueError as exc:
                 raise PaymentRejected(str(exc), "the refund was refused on chain") from None

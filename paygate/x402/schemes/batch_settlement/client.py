@@ -19,26 +19,12 @@ from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak, to_checksum_address
 
+from paygate.x402.evm import EIP712_DOMAIN, EIP3009_AUTHORIZATION
 from paygate.x402.models import ChannelConfig
 from paygate.x402.schemes.base import OfferedTerms, Signed
 from paygate.x402.schemes.batch_settlement import channel as ch
 
-_RECEIVE = {
-    "EIP712Domain": [
-        {"name": "name", "type": "string"},
-        {"name": "version", "type": "string"},
-        {"name": "chainId", "type": "uint256"},
-        {"name": "verifyingContract", "type": "address"},
-    ],
-    "ReceiveWithAuthorization": [
-        {"name": "from", "type": "address"},
-        {"name": "to", "type": "address"},
-        {"name": "value", "type": "uint256"},
-        {"name": "validAfter", "type": "uint256"},
-        {"name": "validBefore", "type": "uint256"},
-        {"name": "nonce", "type": "bytes32"},
-    ],
-}
+_RECEIVE = {"EIP712Domain": EIP712_DOMAIN, "ReceiveWithAuthorization": EIP3009_AUTHORIZATION}
 
 
 @dataclass

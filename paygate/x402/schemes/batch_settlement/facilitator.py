@@ -20,17 +20,18 @@ from eth_utils import to_checksum_address
 
 from paygate.x402.facilitator import FacilitatorSettler
 from paygate.x402.models import (
-    AnyPaymentPayload,
-    BatchSettlementPayload,
     ChannelConfig,
     SettleResponse,
 )
-from paygate.x402.schemes.base import FacilitatorAccess
+from paygate.x402.schemes.base import FacilitatorAccess, SettlementSubject
 from paygate.x402.schemes.batch_settlement.chain import (
     BatchChain,
+    Deposit,
     OnChain,
+    Refund,
     claimed_on_chain,
     not_bound,
+    sweeps,
 )
 from paygate.x402.schemes.batch_settlement.channel import NAME
 from paygate.x402.schemes.batch_settlement.store import ClaimEntry
@@ -97,21 +98,19 @@ class BatchFacilitator:
             }
         )
 
-    async def deposit(
-        self,
-        payment: dict[str, Any],
-        requirements: dict[str, Any],
-        payload: BatchSettlementPayload,
-        channel_id: str,
-    ) -> OnChain:
+    async def deposit(self, deposit: Deposit) -> OnChain:
         answer = await self._settler.settle_body(
-            {"x402Version": 2, "paymentPayload": payment, "paymentRequirements": requirements}
+            {
+                "x402Version": 2,
+                "paymentPayload": deposit.payment,
+                "paymentRequirements": deposit.requirements,
+            }
         )
         if not answer.success or not answer.transaction:
             raise ValueError(
                 answer.error_reason or "invalid_batch_settlement_evm_deposit_transaction_failed"
             )
-        return await self._proof.proven_deposit(answer.transaction, payload, channel_id)
+        return await self._proof.proven_deposit(answer.transaction, deposit)
 
     async def send_claim(self, entries: list[ClaimEntry]) -> str:
         """The claim, then the sweep of what it claimed (best effort: a later sweep takes
@@ -122,11 +121,7 @@ class BatchFacilitator:
         )
         if not answer.success or not answer.transaction:
             raise ValueError(f"the facilitator refused the claim: {answer.error_reason}")
-        sweeps = {
-            (to_checksum_address(e.config.receiver), to_checksum_address(e.config.token))
-            for e in entries
-        }
-        for receiver, token in sorted(sweeps):
+        for receiver, token in sweeps(entries):
             swept = await self._settle(
                 requirements, {"type": "settle", "receiver": receiver, "token": token}
             )
@@ -139,32 +134,24 @@ class BatchFacilitator:
             return False
         return await claimed_on_chain(self, entries)
 
-    async def refund(
-        self,
-        config: ChannelConfig,
-        channel_id: str,
-        amount: int,
-        claim: ClaimEntry | None,
-        voucher: dict[str, Any],
-        requirements: dict[str, Any],
-    ) -> tuple[str, OnChain, int]:
-        before = await self.state(channel_id)
+    async def refund(self, refund: Refund) -> tuple[str, OnChain, int]:
+        before = await self.state(refund.channel_id)
         payload = {
             "type": "refund",
-            "channelConfig": config.wire(),
-            "voucher": voucher,
-            "amount": str(amount),
-            "refundNonce": str(await self._proof.refund_nonce(channel_id)),
-            "claims": [_claim_row(claim)] if claim is not None else [],
+            "channelConfig": refund.config.wire(),
+            "voucher": refund.voucher,
+            "amount": str(refund.amount),
+            "refundNonce": str(await self._proof.refund_nonce(refund.channel_id)),
+            "claims": [_claim_row(refund.claim)] if refund.claim is not None else [],
         }
-        answer = await self._settle(requirements, payload)
+        answer = await self._settle(refund.requirements, payload)
         if not answer.success or not answer.transaction:
             raise ValueError(
                 answer.error_reason or "invalid_batch_settlement_evm_refund_transaction_failed"
             )
         if (await self._proof.receipt(answer.transaction))["status"] != 1:
             raise ValueError("invalid_batch_settlement_evm_refund_transaction_failed")
-        after = await self.state(channel_id)
+        after = await self.state(refund.channel_id)
         return answer.transaction, after, before.balance - after.balance
 
 
@@ -174,22 +161,12 @@ class BatchSettlementFacilitator:
     :class:`BatchFacilitator` is what moves a channel's money through a facilitator."""
 
     async def judge(
-        self,
-        facilitator: FacilitatorAccess,
-        answer: SettleResponse,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        *,
-        known: str | None = None,
+        self, facilitator: FacilitatorAccess, answer: SettleResponse, subject: SettlementSubject
     ) -> SettleResponse:
         raise not_bound()
 
     async def reconcile(
-        self,
-        facilitator: FacilitatorAccess,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        transaction: str | None,
+        self, facilitator: FacilitatorAccess, subject: SettlementSubject
     ) -> SettleResponse:
         raise not_bound()
 

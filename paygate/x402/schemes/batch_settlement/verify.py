@@ -22,7 +22,7 @@ from typing import Any
 
 from paygate.x402.models import AnyPaymentPayload, BatchSettlementPayload, PaymentPayload
 from paygate.x402.offers import Offer
-from paygate.x402.schemes.base import Authorized, PaymentRejected, same_address
+from paygate.x402.schemes.base import Authorized, CheckTime, PaymentRejected, same_address
 from paygate.x402.schemes.batch_settlement import channel as ch
 from paygate.x402.schemes.batch_settlement.store import Channel
 from paygate.x402.typed_digest import checksum, keccak
@@ -184,15 +184,7 @@ class BatchSettlementVerify:
     payload_type = BatchSettlementPayload
     replay_code = REPLAYED
 
-    def check(
-        self,
-        payment: AnyPaymentPayload,
-        offer: Offer,
-        *,
-        now: int,
-        skew: int,
-        min_remaining: float,
-    ) -> Authorized:
+    def check(self, payment: AnyPaymentPayload, offer: Offer, when: CheckTime) -> Authorized:
         payload = payload_of(payment)
         if payload.type == "refund":
             raise PaymentRejected(PAYLOAD_TYPE, "a refund is not a payment")
@@ -201,7 +193,7 @@ class BatchSettlementVerify:
             payer=checked.payer,
             nonce=checked.voucher_key,
             maximum=offer.amount,
-            valid_before=now + ch.MIN_WITHDRAW_DELAY,
+            valid_before=when.now + ch.MIN_WITHDRAW_DELAY,
         )
 
     def valid_before(self, payment: AnyPaymentPayload) -> int:

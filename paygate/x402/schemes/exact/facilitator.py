@@ -8,38 +8,33 @@ read, otherwise left owed for review — never recorded as paid.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from paygate.x402.models import AnyPaymentPayload, SettleResponse
+from paygate.x402.models import SettleResponse
 from paygate.x402.schemes.exact.transfer import prove
 from paygate.x402.schemes.exact.verify import NONCE_USED
 from paygate.x402.settler import SETTLEMENT_PENDING, ReviewRequired, SettlementUnknown
 
 if TYPE_CHECKING:
-    from paygate.x402.schemes.base import FacilitatorAccess
+    from paygate.x402.schemes.base import FacilitatorAccess, SettlementSubject
 
 
 class ExactFacilitator:
     async def judge(
-        self,
-        facilitator: FacilitatorAccess,
-        answer: SettleResponse,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        *,
-        known: str | None = None,
+        self, facilitator: FacilitatorAccess, answer: SettleResponse, subject: SettlementSubject
     ) -> SettleResponse:
         pending = not answer.success and answer.error_reason == SETTLEMENT_PENDING
         used = not answer.success and answer.error_reason == NONCE_USED
         if not answer.success and not pending and not used:
             return answer  # a plain refusal: nothing moved
-        transaction = answer.transaction or known
+        transaction = answer.transaction or subject.transaction
         chain = facilitator.chain
         if answer.success and answer.transaction and chain is None:
             return answer
         if chain is not None:
             try:
-                return await prove(chain, payment, requirements, transaction)
+                return await prove(chain, replace(subject, transaction=transaction))
             except ReviewRequired:
                 raise
             except SettlementUnknown:
@@ -59,21 +54,17 @@ class ExactFacilitator:
         )
 
     async def reconcile(
-        self,
-        facilitator: FacilitatorAccess,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        transaction: str | None,
+        self, facilitator: FacilitatorAccess, subject: SettlementSubject
     ) -> SettleResponse:
-        chain = facilitator.chain
+        chain, transaction = facilitator.chain, subject.transaction
         try:
-            answer = await facilitator.send(payment, requirements)
+            answer = await facilitator.send(subject.payment, subject.requirements)
         except SettlementUnknown:
             if chain is None:
                 raise
-            return await prove(chain, payment, requirements, transaction)
+            return await prove(chain, subject)
         if answer.success or answer.error_reason in (SETTLEMENT_PENDING, NONCE_USED):
-            return await self.judge(facilitator, answer, payment, requirements, known=transaction)
+            return await self.judge(facilitator, answer, subject)
         # A refusal of the re-sent authorization says nothing of the first attempt's fate.
         if chain is None:
             raise ReviewRequired(
@@ -82,7 +73,7 @@ class ExactFacilitator:
                 transaction=transaction,
             )
         try:
-            return await prove(chain, payment, requirements, transaction)
+            return await prove(chain, subject)
         except ReviewRequired:
             raise
         except SettlementUnknown:

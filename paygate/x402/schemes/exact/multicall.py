@@ -33,7 +33,7 @@ from web3.exceptions import ContractLogicError
 from paygate.x402 import smartwallet
 from paygate.x402.evm import TRANSFER_TOPIC, address_word, hex_of, int_of
 from paygate.x402.models import AnyPaymentPayload, SettleResponse
-from paygate.x402.schemes.base import ChainAccess
+from paygate.x402.schemes.base import ChainAccess, SettlementSubject
 from paygate.x402.schemes.exact.transfer import (
     EIP3009_ABI,
     USED_TOPIC,
@@ -306,7 +306,8 @@ class ExactMulticall:
         """A payment its batch did not prove: the nonce's own event says what happened (a
         front-running transfer to us, a cancel); an unused nonce is settled by itself once."""
         try:
-            due.give(await prove(self._chain, due.payment, due.requirements, None))
+            subject = SettlementSubject(due.payment, due.requirements)
+            due.give(await prove(self._chain, subject))
         except ReviewRequired as exc:
             due.fail(exc)  # used, its event out of reach: in doubt, for an operator
         except SettlerUnavailable:

@@ -17,8 +17,16 @@ from eth_utils import keccak, to_checksum_address
 from web3.exceptions import ContractLogicError
 
 from paygate.x402 import smartwallet
-from paygate.x402.evm import TRANSFER_TOPIC, abi_function, address_word, hex_of, int_of
+from paygate.x402.evm import (
+    EIP3009_AUTHORIZATION,
+    TRANSFER_TOPIC,
+    abi_function,
+    address_word,
+    hex_of,
+    int_of,
+)
 from paygate.x402.models import AnyPaymentPayload, SettleResponse
+from paygate.x402.schemes.base import SettlementSubject
 from paygate.x402.schemes.exact.verify import NONCE_USED, payload_of
 from paygate.x402.settler import ReviewRequired, SettlementUnknown
 
@@ -26,15 +34,8 @@ if TYPE_CHECKING:
     from paygate.x402.chain_reader import ChainReader
     from paygate.x402.schemes.base import ChainAccess
 
-_UINT = {"type": "uint256"}
-_AUTH_INPUTS = [
-    {"name": "from", "type": "address"},
-    {"name": "to", "type": "address"},
-    {"name": "value", **_UINT},
-    {"name": "validAfter", **_UINT},
-    {"name": "validBefore", **_UINT},
-    {"name": "nonce", "type": "bytes32"},
-]
+# The token's *WithAuthorization functions take the signed authorization's fields first.
+_AUTH_INPUTS = EIP3009_AUTHORIZATION
 EIP3009_ABI: list[dict[str, Any]] = [
     abi_function(
         "balanceOf", [{"name": "account", "type": "address"}], ["uint256"], mutability="view"
@@ -155,12 +156,7 @@ class TransferFacts:
         )
 
 
-async def prove(
-    reader: ChainReader,
-    payment: AnyPaymentPayload,
-    requirements: dict[str, Any],
-    transaction: str | None,
-) -> SettleResponse:
+async def prove(reader: ChainReader, subject: SettlementSubject) -> SettleResponse:
     """The settlement's outcome as the chain proves it.
 
     SETTLED only on a receipt holding both logs (``transaction``'s, or the one that used the
@@ -168,8 +164,9 @@ async def prove(
     :class:`SettlementUnknown` while the nonce is unused (nothing happened yet),
     :class:`ReviewRequired` when it is used but its event is out of reach.
     """
+    requirements, transaction = subject.requirements, subject.transaction
     await reader.check_chain(requirements)
-    facts = TransferFacts.of(payment, requirements)
+    facts = TransferFacts.of(subject.payment, requirements)
     if transaction:
         receipt = await reader.receipt(transaction)
         if receipt is not None and facts.proven_by(receipt):
@@ -221,7 +218,7 @@ async def settle_one(
     reason = await simulate(chain, payment, requirements)
     if reason == NONCE_USED:
         # Used since verify: by a transfer to us (paid) or a cancel (not): the chain says.
-        return await prove(chain.reader, payment, requirements, None)
+        return await prove(chain.reader, SettlementSubject(payment, requirements))
     if reason is not None:
         return SettleResponse(success=False, error_reason=reason, payer=payer, network=network)
     transfer = transfer_call(chain.reader, payment, requirements)
@@ -235,7 +232,7 @@ async def settle_one(
         return facts.settled(tx_hash)
     # Reverted (or moved nothing): the nonce's own event says why — a cancel mined first?
     try:
-        return await prove(chain.reader, payment, requirements, None)
+        return await prove(chain.reader, SettlementSubject(payment, requirements))
     except SettlementUnknown:
         return facts.failed(NOT_PROVEN, tx_hash)
 

@@ -18,6 +18,7 @@ from paygate.x402.offers import Offer
 from paygate.x402.schemes.base import (
     MIN_REMAINING_SECONDS,
     Authorized,
+    CheckTime,
     PaymentRejected,
     same_address,
 )
@@ -25,22 +26,7 @@ from paygate.x402.schemes.base import (
 # The SDK facilitator's code for a used EIP-3009 nonce: also the replay refusal here.
 NONCE_USED = "invalid_exact_evm_nonce_already_used"
 
-TYPES = {
-    "EIP712Domain": [
-        {"name": "name", "type": "string"},
-        {"name": "version", "type": "string"},
-        {"name": "chainId", "type": "uint256"},
-        {"name": "verifyingContract", "type": "address"},
-    ],
-    "TransferWithAuthorization": [
-        {"name": "from", "type": "address"},
-        {"name": "to", "type": "address"},
-        {"name": "value", "type": "uint256"},
-        {"name": "validAfter", "type": "uint256"},
-        {"name": "validBefore", "type": "uint256"},
-        {"name": "nonce", "type": "bytes32"},
-    ],
-}
+TYPES = {"EIP712Domain": evm.EIP712_DOMAIN, "TransferWithAuthorization": evm.EIP3009_AUTHORIZATION}
 
 
 def typed_data(auth: Authorization, *, chain_id: int, asset: Asset) -> dict[str, Any]:
@@ -146,16 +132,10 @@ class ExactVerify:
     payload_type = ExactEvmPayload
     replay_code = NONCE_USED
 
-    def check(
-        self,
-        payment: AnyPaymentPayload,
-        offer: Offer,
-        *,
-        now: int,
-        skew: int,
-        min_remaining: float,
-    ) -> Authorized:
-        payer = check_authorization(payment, offer, now=now, skew=skew, min_remaining=min_remaining)
+    def check(self, payment: AnyPaymentPayload, offer: Offer, when: CheckTime) -> Authorized:
+        payer = check_authorization(
+            payment, offer, now=when.now, skew=when.skew, min_remaining=when.min_remaining
+        )
         auth = payload_of(payment).authorization
         return Authorized(
             payer=payer,

@@ -16,7 +16,7 @@ from web3.exceptions import ContractLogicError
 from paygate.x402 import smartwallet
 from paygate.x402.evm import TRANSFER_TOPIC, abi_function, address_word, hex_of, int_of
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
-from paygate.x402.schemes.base import invalid
+from paygate.x402.schemes.base import SettlementSubject, invalid
 from paygate.x402.schemes.upto.offer import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, payload_of
 from paygate.x402.settler import SettlementUnknown
 
@@ -202,7 +202,8 @@ class UptoChain:
         amount = int(requirements["amount"])
         reason = await simulate(reader, payment, amount, sender=chain.address)
         if reason == "permit2_invalid_nonce":
-            return await self.prove(reader, payment, requirements, None)  # used since verify
+            # Used since verify: the chain says by whom.
+            return await self.prove(reader, SettlementSubject(payment, requirements))
         if reason is not None:
             payer = to_checksum_address(payload_of(payment).permit2_authorization.from_)
             network = str(requirements["network"])
@@ -210,17 +211,13 @@ class UptoChain:
         tx_hash = await chain.send(settle_call(reader, payment, amount))
         return outcome(await chain.mined(tx_hash), tx_hash, payment, requirements)
 
-    async def prove(
-        self,
-        reader: ChainReader,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        transaction: str | None,
-    ) -> SettleResponse:
+    async def prove(self, reader: ChainReader, subject: SettlementSubject) -> SettleResponse:
         """The outcome as the chain proves it: SETTLED only with the asset's
         Transfer(payer → payTo, ``requirements["amount"]``) through the proxy (``transaction``'s,
         or the proxy settle of this nonce found in the last blocks); FAILED when the nonce was
         used or burned without it. SettlementUnknown while the nonce is unused."""
+        payment, requirements = subject.payment, subject.requirements
+        transaction = subject.transaction
         await reader.check_chain(requirements)
         if transaction:
             receipt = await reader.receipt(transaction)

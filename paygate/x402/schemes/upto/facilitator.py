@@ -8,30 +8,25 @@ when it can be read, otherwise left owed for review. A lost answer is reconciled
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from paygate.x402.models import AnyPaymentPayload, SettleResponse
+from paygate.x402.models import SettleResponse
 from paygate.x402.schemes.upto.chain import ROLE as CHAIN
 from paygate.x402.settler import SETTLEMENT_PENDING, ReviewRequired, SettlementUnknown
 
 if TYPE_CHECKING:
-    from paygate.x402.schemes.base import FacilitatorAccess
+    from paygate.x402.schemes.base import FacilitatorAccess, SettlementSubject
 
 
 class UptoFacilitator:
     async def judge(
-        self,
-        facilitator: FacilitatorAccess,
-        answer: SettleResponse,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        *,
-        known: str | None = None,
+        self, facilitator: FacilitatorAccess, answer: SettleResponse, subject: SettlementSubject
     ) -> SettleResponse:
         pending = not answer.success and answer.error_reason == SETTLEMENT_PENDING
         if not answer.success and not pending:
             return answer  # a refusal: nothing moved (the SDK never answers "already used")
-        transaction = answer.transaction or known
+        transaction = answer.transaction or subject.transaction
         if facilitator.chain is None:
             if answer.success and answer.transaction:
                 return answer
@@ -40,28 +35,24 @@ class UptoFacilitator:
                 "prove it",
                 transaction=transaction,
             )
-        return await CHAIN.prove(facilitator.chain, payment, requirements, transaction)
+        return await CHAIN.prove(facilitator.chain, replace(subject, transaction=transaction))
 
     async def reconcile(
-        self,
-        facilitator: FacilitatorAccess,
-        payment: AnyPaymentPayload,
-        requirements: dict[str, Any],
-        transaction: str | None,
+        self, facilitator: FacilitatorAccess, subject: SettlementSubject
     ) -> SettleResponse:
-        chain = facilitator.chain
+        chain, transaction = facilitator.chain, subject.transaction
         if chain is not None:
             try:
-                return await CHAIN.prove(chain, payment, requirements, transaction)
+                return await CHAIN.prove(chain, subject)
             except ReviewRequired:
                 raise
             except SettlementUnknown:
                 if transaction and await chain.known(transaction):
                     raise  # our first transaction still waits to be mined
             # The nonce is unused on chain: nothing was settled, sending again is safe.
-            answer = await facilitator.send(payment, requirements)
-            return await self.judge(facilitator, answer, payment, requirements, known=transaction)
-        answer = await facilitator.send(payment, requirements)
+            answer = await facilitator.send(subject.payment, subject.requirements)
+            return await self.judge(facilitator, answer, subject)
+        answer = await facilitator.send(subject.payment, subject.requirements)
         if answer.success:
             return answer
         # The SDK answers a spent Permit2 nonce with "transaction failed", not "already used":

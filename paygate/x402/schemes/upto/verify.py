@@ -24,6 +24,7 @@ from paygate.x402.offers import Offer
 from paygate.x402.schemes.base import (
     MIN_REMAINING_SECONDS,
     Authorized,
+    CheckTime,
     PaymentRejected,
     same_address,
 )
@@ -101,15 +102,7 @@ class UptoVerify:
     def valid_before(self, payment: AnyPaymentPayload) -> int:
         return int(payload_of(payment).permit2_authorization.deadline)
 
-    def check(
-        self,
-        payment: AnyPaymentPayload,
-        offer: Offer,
-        *,
-        now: int,
-        skew: int,
-        min_remaining: float,
-    ) -> Authorized:
+    def check(self, payment: AnyPaymentPayload, offer: Offer, when: CheckTime) -> Authorized:
         if not isinstance(payment, PaymentPayload) or not isinstance(
             payment.payload, UptoEvmPayload
         ):
@@ -135,9 +128,9 @@ class UptoVerify:
                 "permit2_amount_mismatch",
                 "the authorized maximum is below what this request may cost",
             )
-        if int(auth.witness.valid_after) > now + skew:
+        if int(auth.witness.valid_after) > when.now + when.skew:
             raise PaymentRejected("permit2_not_yet_valid", "the authorization is not valid yet")
-        if int(auth.deadline) < now + max(min_remaining, MIN_REMAINING_SECONDS):
+        if int(auth.deadline) < when.now + max(when.min_remaining, MIN_REMAINING_SECONDS):
             raise PaymentRejected("permit2_deadline_expired", "the authorization expires too soon")
         payer = to_checksum_address(auth.from_)
         signature = payment.payload.signature
