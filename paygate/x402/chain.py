@@ -25,8 +25,13 @@ from paygate.x402 import smartwallet
 from paygate.x402.chain_reader import ChainReader
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
 from paygate.x402.schemes import scheme_of
-from paygate.x402.schemes.base import Batching, Closable, SettlementSubject
-from paygate.x402.settler import ReviewRequired, SettlementUnknown, SettlerUnavailable
+from paygate.x402.schemes.base import Batching, Closable
+from paygate.x402.settler import (
+    ReviewRequired,
+    SettlementSubject,
+    SettlementUnknown,
+    SettlerUnavailable,
+)
 
 log = logging.getLogger("paygate.x402")
 

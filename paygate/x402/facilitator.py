@@ -37,8 +37,7 @@ from paygate.x402.models import (
     X402Model,
 )
 from paygate.x402.schemes import scheme_of
-from paygate.x402.schemes.base import SettlementSubject
-from paygate.x402.settler import SettlementUnknown, SettlerUnavailable
+from paygate.x402.settler import SettlementSubject, SettlementUnknown, SettlerUnavailable
 
 if TYPE_CHECKING:
     from paygate.x402.chain_reader import ChainReader

@@ -21,10 +21,15 @@ from paygate.x402.leases import HeldLeases
 from paygate.x402.ledger import Ledger, LedgerError, PaymentRecord, PaymentState
 from paygate.x402.results import PaymentAdmission
 from paygate.x402.schemes import SCHEMES, Scheme
-from paygate.x402.schemes.base import SettlementSubject
 from paygate.x402.settlement import Settlement
 from paygate.x402.settlements import Settlements
-from paygate.x402.settler import ReviewRequired, SettlementUnknown, Settler, SettlerUnavailable
+from paygate.x402.settler import (
+    ReviewRequired,
+    SettlementSubject,
+    SettlementUnknown,
+    Settler,
+    SettlerUnavailable,
+)
 
 log = logging.getLogger("paygate.x402")
 

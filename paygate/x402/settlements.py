@@ -27,9 +27,14 @@ from paygate.x402.refusal import Refusal
 from paygate.x402.refusals import Refusals
 from paygate.x402.responses import moved, reason_text, wire_network, with_usage
 from paygate.x402.results import PaymentAdmission, Receipt
-from paygate.x402.schemes.base import SettlementSubject
 from paygate.x402.settlement import Settlement
-from paygate.x402.settler import ReviewRequired, SettlementUnknown, Settler, SettlerUnavailable
+from paygate.x402.settler import (
+    ReviewRequired,
+    SettlementSubject,
+    SettlementUnknown,
+    Settler,
+    SettlerUnavailable,
+)
 
 log = logging.getLogger("paygate.x402")
 

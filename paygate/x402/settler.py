@@ -6,13 +6,22 @@ only the two exceptions below, so the gate's policy does not depend on who settl
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from paygate.errors import PaygateError
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
 
-if TYPE_CHECKING:
-    from paygate.x402.schemes.base import SettlementSubject
+
+@dataclass(frozen=True, slots=True)
+class SettlementSubject:
+    """What a settlement is about: the payment, the requirement (wire dict) it settles
+    against, and the transaction already sent for it, when one is known."""
+
+    payment: AnyPaymentPayload
+    requirements: dict[str, Any]
+    transaction: str | None = None
+
 
 # A settle answer that means "broadcast, not yet confirmed": keep the hash, reconcile later.
 SETTLEMENT_PENDING = "settlement_pending"

@@ -19,10 +19,9 @@ from web3 import Web3
 from paygate.x402 import codec, smartwallet
 from paygate.x402.chain import ChainSettler
 from paygate.x402.models import AnyPaymentPayload, SettleResponse
-from paygate.x402.schemes.base import SettlementSubject
 from paygate.x402.schemes.exact.multicall import DUPLICATE_IN_BATCH, proven_each
 from paygate.x402.schemes.exact.transfer import CANCELED, TransferFacts
-from paygate.x402.settler import SettlerUnavailable
+from paygate.x402.settler import SettlementSubject, SettlerUnavailable
 from tests.fixtures.chain import sign_v2_payment
 
 PRICE = 1000

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     from paygate.x402.chain_reader import ChainReader
     from paygate.x402.refusal import Refusal
-    from paygate.x402.settler import Settler
+    from paygate.x402.settler import SettlementSubject, Settler
 
 # The settler needs time to get the transfer mined before the authorization expires (x402.md).
 MIN_REMAINING_SECONDS = 6
@@ -81,16 +81,6 @@ class CheckTime:
     now: int
     skew: int
     min_remaining: float = MIN_REMAINING_SECONDS
-
-
-@dataclass(frozen=True, slots=True)
-class SettlementSubject:
-    """What a settlement is about: the payment, the requirement (wire dict) it settles
-    against, and the transaction already sent for it, when one is known."""
-
-    payment: AnyPaymentPayload
-    requirements: dict[str, Any]
-    transaction: str | None = None
 
 
 # --- offer ---

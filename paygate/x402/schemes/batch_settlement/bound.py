@@ -29,7 +29,6 @@ from paygate.x402.schemes.base import (
     CheckTime,
     PaymentRejected,
     Scheme,
-    SettlementSubject,
 )
 from paygate.x402.schemes.batch_settlement import offer as offer_role
 from paygate.x402.schemes.batch_settlement.chain import BatchChain, ChannelChain, not_bound
@@ -44,7 +43,7 @@ from paygate.x402.schemes.batch_settlement.verify import (
     check_payload,
     payload_of,
 )
-from paygate.x402.settler import Settler
+from paygate.x402.settler import SettlementSubject, Settler
 
 
 @dataclasses.dataclass(frozen=True)

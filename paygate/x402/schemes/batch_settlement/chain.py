@@ -40,10 +40,10 @@ from paygate.x402.models import (
     SettleResponse,
     VerifyResponse,
 )
-from paygate.x402.schemes.base import ChainAccess, SettlementSubject
+from paygate.x402.schemes.base import ChainAccess
 from paygate.x402.schemes.batch_settlement import channel as ch
 from paygate.x402.schemes.batch_settlement.store import ClaimEntry
-from paygate.x402.settler import SettlementUnknown, SettlerUnavailable
+from paygate.x402.settler import SettlementSubject, SettlementUnknown, SettlerUnavailable
 
 log = logging.getLogger("paygate.x402")
 

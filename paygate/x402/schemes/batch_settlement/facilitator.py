@@ -23,7 +23,7 @@ from paygate.x402.models import (
     ChannelConfig,
     SettleResponse,
 )
-from paygate.x402.schemes.base import FacilitatorAccess, SettlementSubject
+from paygate.x402.schemes.base import FacilitatorAccess
 from paygate.x402.schemes.batch_settlement.chain import (
     BatchChain,
     Deposit,
@@ -35,7 +35,7 @@ from paygate.x402.schemes.batch_settlement.chain import (
 )
 from paygate.x402.schemes.batch_settlement.channel import NAME
 from paygate.x402.schemes.batch_settlement.store import ClaimEntry
-from paygate.x402.settler import SettlerUnavailable
+from paygate.x402.settler import SettlementSubject, SettlerUnavailable
 
 log = logging.getLogger("paygate.x402")
 

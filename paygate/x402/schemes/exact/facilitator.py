@@ -14,10 +14,15 @@ from typing import TYPE_CHECKING
 from paygate.x402.models import SettleResponse
 from paygate.x402.schemes.exact.transfer import prove
 from paygate.x402.schemes.exact.verify import NONCE_USED
-from paygate.x402.settler import SETTLEMENT_PENDING, ReviewRequired, SettlementUnknown
+from paygate.x402.settler import (
+    SETTLEMENT_PENDING,
+    ReviewRequired,
+    SettlementSubject,
+    SettlementUnknown,
+)
 
 if TYPE_CHECKING:
-    from paygate.x402.schemes.base import FacilitatorAccess, SettlementSubject
+    from paygate.x402.schemes.base import FacilitatorAccess
 
 
 class ExactFacilitator:

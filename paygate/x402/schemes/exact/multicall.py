@@ -33,7 +33,7 @@ from web3.exceptions import ContractLogicError
 from paygate.x402 import smartwallet
 from paygate.x402.evm import TRANSFER_TOPIC, address_word, hex_of, int_of
 from paygate.x402.models import AnyPaymentPayload, SettleResponse
-from paygate.x402.schemes.base import ChainAccess, SettlementSubject
+from paygate.x402.schemes.base import ChainAccess
 from paygate.x402.schemes.exact.transfer import (
     EIP3009_ABI,
     USED_TOPIC,
@@ -44,7 +44,12 @@ from paygate.x402.schemes.exact.transfer import (
     transfer_call,
 )
 from paygate.x402.schemes.exact.verify import NONCE_USED, payload_of
-from paygate.x402.settler import ReviewRequired, SettlementUnknown, SettlerUnavailable
+from paygate.x402.settler import (
+    ReviewRequired,
+    SettlementSubject,
+    SettlementUnknown,
+    SettlerUnavailable,
+)
 
 log = logging.getLogger("paygate.x402")
 

@@ -26,9 +26,8 @@ from paygate.x402.evm import (
     int_of,
 )
 from paygate.x402.models import AnyPaymentPayload, SettleResponse
-from paygate.x402.schemes.base import SettlementSubject
 from paygate.x402.schemes.exact.verify import NONCE_USED, payload_of
-from paygate.x402.settler import ReviewRequired, SettlementUnknown
+from paygate.x402.settler import ReviewRequired, SettlementSubject, SettlementUnknown
 
 if TYPE_CHECKING:
     from paygate.x402.chain_reader import ChainReader

@@ -16,9 +16,9 @@ from web3.exceptions import ContractLogicError
 from paygate.x402 import smartwallet
 from paygate.x402.evm import TRANSFER_TOPIC, abi_function, address_word, hex_of, int_of
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
-from paygate.x402.schemes.base import SettlementSubject, invalid
+from paygate.x402.schemes.base import invalid
 from paygate.x402.schemes.upto.offer import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, payload_of
-from paygate.x402.settler import SettlementUnknown
+from paygate.x402.settler import SettlementSubject, SettlementUnknown
 
 if TYPE_CHECKING:
     from paygate.x402.chain_reader import ChainReader
