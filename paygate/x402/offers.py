@@ -98,6 +98,13 @@ class PaymentTerms:
         if not self.accepted:
             raise ValueError("at least one network must be accepted")
 
+    def decimals(self, network: str) -> int:
+        """The decimals of the asset accepted on ``network`` (CAIP-2)."""
+        for acceptance in self.accepted:
+            if acceptance.network.caip2 == network:
+                return acceptance.asset.decimals
+        raise ValueError(f"network {network!r} is not accepted")
+
     def offers(self, price: Decimal) -> tuple[Offer, ...]:
         return tuple(self._offer(a, to_atomic(price, a.asset.decimals)) for a in self.accepted)
 

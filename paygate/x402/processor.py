@@ -185,13 +185,6 @@ class PaymentProcessor:
     def ledger(self) -> Ledger:
         return self._ledger
 
-    def decimals(self, network: str) -> int:
-        """The decimals of the asset accepted on ``network`` (CAIP-2)."""
-        for acceptance in self.terms.accepted:
-            if acceptance.network.caip2 == network:
-                return acceptance.asset.decimals
-        raise ValueError(f"network {network!r} is not accepted")
-
     def offers(
         self,
         price: Decimal,
@@ -257,7 +250,7 @@ class PaymentProcessor:
             result,
             settlements=self.settlements,
             terms=metered,
-            decimals=self.decimals(record.network) if record is not None else 0,
+            decimals=self.terms.decimals(record.network) if record is not None else 0,
             economics=self.economics,
             model=quote.model if quote is not None else model,
         )
@@ -413,18 +406,8 @@ class PaymentProcessor:
             idempotency_key=key,
             scheme=offer.scheme,
             model=model if self.scheme(offer.scheme).metered else None,
-            budget=self._budget(offer),
+            budget=daily_budget(self._daily_budget, offer, self._clock()),
             budgets=budgets,
-        )
-
-    def _budget(self, offer: Offer) -> Budget | None:
-        """Today's (UTC) spend limit for one payer, in the offer's asset units."""
-        if self._daily_budget is None:
-            return None
-        now = self._clock()
-        return Budget(
-            limit=to_atomic(self._daily_budget, offer.asset.decimals),
-            since=now - now % 86_400,
         )
 
     async def _verify(
@@ -519,3 +502,10 @@ def _payment_header(headers: Mapping[str, str]) -> tuple[str | None, str]:
     if value is not None:
         return value, wire.PAYMENT_SIGNATURE
     return headers.get(wire.X_PAYMENT), wire.X_PAYMENT
+
+
+def daily_budget(limit: Decimal | None, offer: Offer, now: float) -> Budget | None:
+    """Today's (UTC) spend limit for one payer, in the offer's asset units."""
+    if limit is None:
+        return None
+    return Budget(limit=to_atomic(limit, offer.asset.decimals), since=now - now % 86_400)
