@@ -137,7 +137,7 @@ async def client_paths(rounds: int, work: Path) -> dict[str, Any]:
     from paygate import release
     from paygate.client import AsyncPaygateTransport, AttestationPolicy
     from paygate.server.epochs import request_rotation
-    from tests.integration.gateway_support import running_stack
+    from tests.fixtures.gateway_support import running_stack
 
     live, stale = [], []
     async with running_stack(

@@ -4,7 +4,7 @@ With OpenSSL 3, ``hmac.digest`` fetches the HMAC implementation on every call: a
 times the cost of the two hashes it computes (4.4 vs 1.5 µs here). The sealed path derives
 about a dozen keys per request, so the pads are made with ``bytes.translate`` and the hashes
 taken with ``hashlib`` directly. The same bytes as ``hmac.digest(key, msg, "sha256")``
-(tests/unit/test_hmac256.py).
+(tests/unit/enclave/test_hmac256.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ single-shot and takes a private key object, but the appliance's private key live
 token or a TPM that offers nothing but ECDH. Decapsulation here needs only ``KeyBackend.ecdh``.
 The same code seals (with a test seam that fixes the ephemeral key for known-answer vectors)
 and exposes the exporter. It is checked against the RFC 9180 vectors and against
-``cryptography``'s HPKE in both directions (tests/unit/test_hpke.py).
+``cryptography``'s HPKE in both directions (tests/unit/enclave/test_hpke.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 # Recompiles devtools/paygate_dev/chain/contracts/*.sol (and the solady sources they import) with the
 # npm solc pinned in scripts/chain and rewrites the checked-in
 # devtools/paygate_dev/chain/contracts/build.json (ABI + creation/runtime code).
-# tests/integration/test_devchain.py fails when the checked-in file differs from a fresh build.
+# tests/integration/paygate_dev/chain/test_devchain.py fails when the checked-in file differs from a fresh build.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"

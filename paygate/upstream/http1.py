@@ -13,7 +13,8 @@ signature changed between minor releases) that builds the very per-message objec
 (``RawResponseMessage``, a multidict proxy, a ``StreamReader`` with its own buffer and
 waiters) this client exists to avoid.
 
-What it keeps from the aiohttp session it replaces (tests/integration/test_gateway_*.py):
+What it keeps from the aiohttp session it replaces
+(tests/integration/paygate/server/test_gateway_*.py):
 
 - **Deadlines, not timeout scopes**: each wait (connect, response head, next body bytes) takes
   an absolute loop time; expiry raises :class:`ReadTimeout` or :class:`ConnectTimeout`, and the

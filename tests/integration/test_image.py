@@ -30,8 +30,8 @@ from paygate.x402.ledger import PaymentState
 from paygate.x402.ledger_store import open_ledger, parse_ledger_url
 from tests.fixtures.chain import encode_header, sign_v2_payment
 from tests.fixtures.components import free_port
-from tests.integration.gateway_support import ThreadedStack
-from tests.integration.payment_support import CHAT, CHAT_BODY, PRICE_ATOMIC
+from tests.fixtures.gateway_support import ThreadedStack
+from tests.fixtures.payment_support import CHAT, CHAT_BODY, PRICE_ATOMIC
 
 ROOT = Path(__file__).resolve().parents[2]
 PAYGATE = str(Path(sys.executable).with_name("paygate"))

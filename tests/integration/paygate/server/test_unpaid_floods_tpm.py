@@ -1,0 +1,203 @@
+"""Unpaid floods against a TPM at a discrete TPM's pace leave a legitimate caller served.
+
+The sealing key is in a real swtpm reached through a relay that holds every TPM command
+``DELAY`` seconds (tests/fixtures/slow_tpm.py): swtpm itself answers in well under a
+millisecond, a discrete TPM takes tens. Floods come from 127.0.0.2, the legitimate caller from
+127.0.0.3; what is asserted is the issue's bar — at least 90 % of the caller's sealed requests
+answered (200) within 2 s — and that the flood's key operations stayed within the bounded rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from paygate_dev.stack import Swtpm
+
+import enclave
+from enclave.envelope_v2 import SealedRequest
+from enclave.keys.tpm import TpmKey
+from paygate import wire
+from tests.fixtures.chain import encode_header, sign_v2_payment
+from tests.fixtures.gateway_support import Stack, running_stack
+from tests.fixtures.payment_support import CHAT, CHAT_BODY, challenge_of, paid_settings
+from tests.fixtures.slow_tpm import SlowTpm
+from tests.integration.paygate.server.test_free_endpoints_cost import _key_operations
+
+FLOOD = "127.0.0.2"
+CALLER = "127.0.0.3"
+DELAY = 0.015  # seconds per TPM command: an ECDH of TpmKey is a few commands, ~50 ms in all
+FLOODERS = 32  # concurrent connections of the flood
+CALLS = 20  # the legitimate caller's requests, one after the other
+WITHIN = 2.0  # seconds
+SEALED = {"Content-Type": enclave.CONTENT_TYPE}
+
+
+@dataclass
+class SlowKey:
+    key: TpmKey
+    tpm: SlowTpm
+    per_ecdh: int  # TPM commands one ECDH of this key takes
+
+
+@pytest.fixture
+def slow_tpm_key(swtpm_factory: Callable[[], Swtpm], tmp_path: Path) -> Iterator[SlowKey]:
+    tpm = swtpm_factory()
+    key_dir = tmp_path / "tpm-key"
+    with TpmKey.generate(tpm.tcti, key_dir):
+        pass
+    with SlowTpm(tpm.port, DELAY) as slow, TpmKey.open(slow.tcti, key_dir) as key:
+        key.ecdh(key.public_key)  # the first loads what later ones find loaded
+        before = slow.commands
+        key.ecdh(key.public_key)
+        yield SlowKey(key, slow, slow.commands - before)
+
+
+def _session(address: str, limit: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(local_addr=(address, 0), limit=limit, force_close=True),
+        timeout=aiohttp.ClientTimeout(total=30),
+    )
+
+
+@contextlib.asynccontextmanager
+async def _flooding(send: Callable[[aiohttp.ClientSession], Any]) -> AsyncIterator[list[int]]:
+    """``FLOODERS`` loops of ``send`` from the flood's address while the block runs; yields
+    the statuses the flood got."""
+    statuses: list[int] = []
+    stop = asyncio.Event()
+    async with _session(FLOOD, FLOODERS) as session:
+
+        async def loop() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    statuses.append(await send(session))
+
+        tasks = [asyncio.ensure_future(loop()) for _ in range(FLOODERS)]
+        try:
+            await asyncio.sleep(1.0)  # the flood is in full swing
+            yield statuses
+        finally:
+            stop.set()
+            async with asyncio.timeout(60):
+                await asyncio.gather(*tasks)
+
+
+def _sealed(stack: Stack, body: dict[str, Any] = CHAT_BODY) -> SealedRequest:
+    return enclave.seal_v2(
+        stack.key.public_key, json.dumps(body).encode(), method="POST", path=CHAT
+    )
+
+
+async def _caller(
+    stack: Stack, headers: Callable[[], dict[str, str]], calls: int = CALLS
+) -> list[tuple[int, float]]:
+    """The legitimate caller's sealed requests: (status, seconds) each."""
+    results = []
+    async with _session(CALLER, 2) as session:
+        for _ in range(calls):
+            sealed = _sealed(stack)
+            started = time.monotonic()
+            async with session.post(
+                stack.url + CHAT, data=sealed.blob, headers={**SEALED, **headers()}
+            ) as response:
+                raw = await response.read()
+                if response.status == 200:
+                    reply = json.loads(enclave.open_reply(sealed.reply, raw))
+                    assert reply["object"] == "chat.completion"
+                results.append((response.status, time.monotonic() - started))
+    return results
+
+
+def _served_in_time(results: list[tuple[int, float]]) -> float:
+    return sum(1 for status, seconds in results if status == 200 and seconds <= WITHIN) / len(
+        results
+    )
+
+
+async def test_a_readiness_flood_leaves_sealed_callers_served(slow_tpm_key: SlowKey) -> None:
+    tpm = slow_tpm_key.tpm
+    async with running_stack(key=slow_tpm_key.key, upstream_health_interval=1.0) as stack:
+        # What one sealed request costs in TPM commands (its ECDH, its receipt's signature).
+        before = tpm.commands
+        assert [status for status, _ in await _caller(stack, dict, calls=1)] == [200]
+        per_call = tpm.commands - before
+        commands = tpm.commands
+
+        async def ready(session: aiohttp.ClientSession) -> int:
+            async with session.get(stack.url + "/health/ready") as response:
+                await response.read()
+                return response.status
+
+        started = time.monotonic()
+        async with _flooding(ready) as flood:
+            results = await _caller(stack, dict)
+        seconds = time.monotonic() - started
+        operations = await _key_operations(stack)
+    assert len(flood) > 200  # the flood ran
+    assert _served_in_time(results) >= 0.9, results
+    # The caller's own opens, plus one readiness check a second at most: counted by the
+    # gateway and, independently of it, in TPM commands at the relay.
+    checks = seconds / 1.0 + 2
+    assert operations <= CALLS + 1 + checks
+    assert tpm.commands - commands <= CALLS * per_call + checks * slow_tpm_key.per_ecdh
+
+
+async def test_an_unpaid_sealed_flood_on_a_body_priced_route_leaves_a_payer_served(
+    slow_tpm_key: SlowKey, facilitator: Any, usdc: Any, payer: Any, seller: str, tmp_path: Path
+) -> None:
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / "payments.db",
+        model_prices={"fake-llama": "0.002"},
+        unpaid_opens_per_second=5.0,
+    )
+    tpm = slow_tpm_key.tpm
+    async with running_stack(key=slow_tpm_key.key, **settings) as stack:
+        # The price of this model, asked in plaintext (no key work): then each request pays.
+        required = await challenge_of(stack, CHAT, CHAT_BODY)
+        offer, resource = required["accepts"][0], required["resource"]["url"]
+        assert offer["amount"] == "2000"
+
+        def pay() -> dict[str, str]:
+            return {
+                wire.PAYMENT_SIGNATURE: encode_header(
+                    sign_v2_payment(payer, offer, resource=resource)
+                )
+            }
+
+        blob = _sealed(stack).blob
+        before = tpm.commands
+        assert [status for status, _ in await _caller(stack, pay, calls=1)] == [200]
+        per_call = tpm.commands - before
+        commands = tpm.commands
+
+        async def unpaid(session: aiohttp.ClientSession) -> int:
+            async with session.post(stack.url + CHAT, data=blob, headers=SEALED) as response:
+                await response.read()
+                return response.status
+
+        started = time.monotonic()
+        async with _flooding(unpaid) as flood:
+            results = await _caller(stack, pay)
+        seconds = time.monotonic() - started
+        operations = await _key_operations(stack)
+    assert len(flood) > 200
+    # Opened and challenged (402) within the bounds; the rest refused at once.
+    assert set(flood) <= {402, 429, 503}, set(flood)
+    assert flood.count(402) <= 5.0 * seconds + 4 + 1
+    assert _served_in_time(results) >= 0.9, results
+    served = sum(1 for status, _ in results if status == 200)
+    opens = 5.0 * seconds + 4 + 1  # the unpaid gate's rate, its burst, one to spare
+    assert operations <= 1 + len(results) + opens
+    assert tpm.commands - commands <= len(results) * per_call + opens * slow_tpm_key.per_ecdh
+    assert usdc.balance_of(seller) == (1 + served) * 2000

@@ -1,0 +1,220 @@
+"""Schema migrations and moving stores, through the operator CLI on real stores.
+
+- from an empty store (SQLite and PostgreSQL 15) to the current schema (v8);
+- from the SQLite schema as it stood on main when leases came (v1, commit 425e611): records kept,
+  unfinished work claimable, the history starting there;
+- `paygate ledger copy` from that SQLite file to PostgreSQL, twice (the second copies nothing);
+- `paygate payments --ledger-url` on PostgreSQL, with the history; URLs and passwords never shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from paygate.config import load_settings
+from paygate.x402.ledger import EventAction, PaymentState
+from paygate.x402.ledger_sqlite_schema import MIGRATIONS
+from paygate.x402.ledger_store import open_ledger, parse_ledger_url
+
+ROOT = Path(__file__).resolve().parents[4]
+S = PaymentState
+USDC = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
+PAYER = "0x857b06519E91e3A54538791bDbb0E22373e36b66"
+PAY_TO = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C"
+SIGNATURE = "0x" + "5a" * 65
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "paygate.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("PAYGATE_")}, **env},
+    )
+
+
+def v1_ledger(path: Path) -> dict[str, str]:
+    """A ledger file exactly as main's v1 code leaves it: its schema (migration step 1, never
+    edited since) and rows as it wrote them: one settled, one owed (SERVED), one reserved."""
+    db = sqlite3.connect(path)
+    try:
+        for statement in MIGRATIONS[1]:
+            db.execute(statement)
+        db.execute(
+            "CREATE TABLE ledger_schema (id INTEGER PRIMARY KEY CHECK (id = 1),"
+            " version INTEGER NOT NULL, migrated_at REAL NOT NULL)"
+        )
+        db.execute("INSERT INTO ledger_schema VALUES (1, 1, 1700000000.0)")
+        ids = {}
+        for n, (state, served, tx) in enumerate(
+            [("settled", 1, "0x" + "cd" * 32), ("served", 1, None), ("reserved", 0, None)], 1
+        ):
+            ids[state] = f"{n:032x}"
+            db.execute(
+                "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount,"
+                " x402_version, route, state, served, payload, requirements, idempotency_key,"
+                " tx_hash, error, attempts, created_at, updated_at)"
+                " VALUES (?, 'eip155:84532', ?, ?, ?, ?, '1000', 2, 'chat.completions', ?, ?,"
+                " ?, '{}', NULL, ?, NULL, ?, ?, ?)",
+                (
+                    ids[state],
+                    USDC,
+                    PAYER,
+                    f"0x{n:064x}",
+                    PAY_TO,
+                    state,
+                    served,
+                    json.dumps({"payload": {"signature": SIGNATURE}}),
+                    tx,
+                    1 if tx else 0,
+                    1700000000.0 + n,
+                    1700000000.0 + n,
+                ),
+            )
+        db.commit()
+    finally:
+        db.close()
+    return ids
+
+
+def test_migrate_from_main_s_sqlite_v1_and_from_empty_stores(tmp_path: Path, pg_url: str) -> None:
+    old = tmp_path / "v1.db"
+    ids = v1_ledger(old)
+    url = f"sqlite:///{old}"
+
+    # A v1 file is refused read-only (never migrated by a reader), migrated on request.
+    listed = cli("payments", "list", "--ledger-url", url)
+    assert listed.returncode == 2
+    assert "v1, not v8" in listed.stderr
+    first = cli("ledger", "migrate", "--ledger-url", url)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == f"ledger sqlite:///{old}: schema v1 -> v8"
+    again = cli("ledger", "migrate", "--ledger-url", url)
+    assert again.stdout.strip().endswith("schema v8, up to date")
+
+    async def check() -> None:
+        ledger = await open_ledger(parse_ledger_url(url), replica="after")
+        try:
+            records = {r.id: r for r in await ledger.list()}
+            assert {r.state for r in records.values()} == {S.SETTLED, S.SERVED, S.RESERVED}
+            assert all(
+                (r.owner, r.lease, r.lease_until) == (None, 0, None) for r in records.values()
+            )
+            assert records[ids["settled"]].transaction == "0x" + "cd" * 32
+            # Unowned: the first reconcile pass takes the owed one, start-up releases the other.
+            (owed,) = await ledger.claim_unfinished(min_age=0)
+            assert (owed.id, owed.owner, owed.lease) == (ids["served"], "after", 1)
+            (released,) = await ledger.release_abandoned(own=True)
+            assert released.id == ids["reserved"]
+            assert [e.action for e in await ledger.history(ids["served"])] == [EventAction.CLAIMED]
+        finally:
+            await ledger.close()
+
+    asyncio.run(check())
+
+    empty = tmp_path / "new" / "payments.db"
+    fresh = cli("ledger", "migrate", "--ledger-url", f"sqlite:///{empty}")
+    assert fresh.stdout.strip().endswith("schema v0 -> v8"), fresh.stderr
+    pg = cli("ledger", "migrate", "--ledger-url", pg_url)
+    assert pg.returncode == 0, pg.stderr
+    assert pg.stdout.strip() == "ledger postgresql (PAYGATE_LEDGER_URL): schema v0 -> v8"
+    assert cli("ledger", "migrate", PAYGATE_LEDGER_URL=pg_url).stdout.strip().endswith("up to date")
+
+
+def test_copy_from_sqlite_to_postgresql_keeps_every_record_and_its_history(
+    tmp_path: Path, pg_url: str
+) -> None:
+    old = tmp_path / "v1.db"
+    ids = v1_ledger(old)
+    source = f"sqlite:///{old}"
+    assert cli("ledger", "migrate", "--ledger-url", source).returncode == 0
+    copied = cli("ledger", "copy", "--from", source, "--to", pg_url)
+    assert copied.returncode == 0, copied.stderr
+    assert copied.stdout.strip() == (
+        f"copied 3 payments from sqlite:///{old} to postgresql (PAYGATE_LEDGER_URL)"
+        " (0 already there)"
+    )
+    twice = cli("ledger", "copy", "--to", pg_url, PAYGATE_LEDGER_PATH=str(old))
+    assert "copied 0 payments" in twice.stdout
+    assert "(3 already there)" in twice.stdout
+
+    async def both() -> tuple[list, list]:
+        out = []
+        for url in (source, pg_url):
+            ledger = await open_ledger(parse_ledger_url(url), read_only=True, replica="check")
+            try:
+                out.append(await ledger.list())
+            finally:
+                await ledger.close()
+        return out[0], out[1]
+
+    before, after = asyncio.run(both())
+    assert after == before  # every field, payload included
+
+    shown = cli("payments", "show", ids["served"], "--json", "--ledger-url", pg_url)
+    assert shown.returncode == 0, shown.stderr
+    facts = json.loads(shown.stdout)
+    assert (facts["state"], facts["owner"]) == ("served", None)
+    assert [e["action"] for e in facts["history"]] == ["copied"]
+    table = cli("payments", "list", PAYGATE_LEDGER_URL=pg_url)
+    assert table.returncode == 0, table.stderr
+    assert len(table.stdout.splitlines()) == 4
+    for output in (copied, twice, shown, table):
+        assert pg_url not in output.stdout + output.stderr
+        assert SIGNATURE[2:12] not in output.stdout
+
+
+def test_ledger_urls_and_passwords_are_never_shown(tmp_path: Path) -> None:
+    secret = "s3cret-Pa55word"
+    unreachable = f"postgresql://paygate:{secret}@127.0.0.1:9/paygate"
+    for args in (
+        ("ledger", "migrate", "--ledger-url", unreachable),
+        ("payments", "list", "--ledger-url", unreachable),
+    ):
+        out = cli(*args)
+        assert out.returncode == 2
+        assert out.stderr.startswith("error [ledger_unavailable]"), out.stderr
+        assert secret not in out.stderr + out.stdout
+        assert "127.0.0.1:9" not in out.stderr
+        assert "Traceback" not in out.stderr
+    bad = cli("ledger", "migrate", PAYGATE_LEDGER_URL=f"mysql://u:{secret}@h/db")
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error [config_error]")
+    assert secret not in bad.stderr
+    relative = cli("ledger", "migrate", "--ledger-url", "sqlite:///relative.db")
+    assert "four slashes" in relative.stderr
+
+
+def test_the_password_comes_from_a_file_or_the_systemd_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = "postgresql://paygate@db.internal/paygate"
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert load_settings(None, ledger_url=url).ledger_location().password is None
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "ledger_password").write_text("from-credential\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    location = load_settings(None, ledger_url=url).ledger_location()
+    assert (location.kind, location.password) == ("postgresql", "from-credential")
+    (tmp_path / "pw").write_text("from-file\n")
+    settings = load_settings(None, ledger_url=url, ledger_password_file=tmp_path / "pw")
+    location = settings.ledger_location()
+    assert location.password == "from-file"
+    assert "from-file" not in repr(location) + location.describe() + repr(settings)
+    assert "db.internal" not in repr(location) + location.describe() + repr(settings)
+    # The URL wins over the path; the path alone is SQLite.
+    assert load_settings(None, ledger_path=tmp_path / "x.db").ledger_location().path == (
+        tmp_path / "x.db"
+    )

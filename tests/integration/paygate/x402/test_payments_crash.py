@@ -1,0 +1,182 @@
+"""`paygate serve` SIGKILLed mid-payment, restarted on the same ledger: settled exactly once.
+
+The gateway is a real process (killed by its own PID); the facilitator, anvil and the FAKE model
+server run in this process. The chain's balances are the proof.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from paygate import wire
+from paygate.x402.ledger import PaymentRecord, PaymentState
+from tests.fixtures.components import free_port
+from tests.fixtures.gateway_support import running_stack
+from tests.fixtures.payment_support import CHAT, CHAT_BODY, PRICE_ATOMIC, records, v2_header
+from tests.integration.paygate.server.test_gateway_shutdown import _wait_live
+
+PAYGATE = str(Path(sys.executable).with_name("paygate"))
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "key.pem"
+    subprocess.run(
+        [PAYGATE, "keys", "create", "--backend", "software", "--key-file", str(path)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return path
+
+
+@asynccontextmanager
+async def gateway_process(
+    *,
+    key_file: Path,
+    ledger: Path,
+    seller: str,
+    facilitator_url: str,
+    upstream: str,
+    chain_rpc_url: str | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PAYGATE_")},
+        "PAYGATE_KEY_BACKEND": "software",
+        "PAYGATE_KEY_FILE": str(key_file),
+        "PAYGATE_LISTEN": f"127.0.0.1:{port}",
+        "PAYGATE_UPSTREAM_URL": upstream,
+        "PAYGATE_PAYMENT_MODE": "facilitator",
+        "PAYGATE_PAY_TO": seller,
+        "PAYGATE_NETWORK": "base-sepolia",
+        "PAYGATE_FACILITATOR_URL": facilitator_url,
+        "PAYGATE_LEDGER_PATH": str(ledger),
+        "PAYGATE_FACILITATOR_TIMEOUT": "2",
+        "PAYGATE_SETTLE_TIMEOUT": "30",
+        # One name across the restart: the new run adopts what the killed one left at once
+        # (with the default <hostname>:<pid> it would wait for the old leases to run out).
+        "PAYGATE_REPLICA_ID": "crash-test",
+        **(extra_env or {}),
+    }
+    if chain_rpc_url:  # the gateway proves settlements on chain (docs/PAYMENTS.md)
+        env["PAYGATE_CHAIN_RPC_URL"] = chain_rpc_url
+    proc = subprocess.Popen(
+        [PAYGATE, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        await _wait_live(url, proc)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(proc.wait, 15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def process_settings(key_file, ledger, seller, facilitator_url, fake_stack) -> dict:
+    return {
+        "key_file": key_file,
+        "ledger": ledger,
+        "seller": seller,
+        "facilitator_url": facilitator_url,
+        "upstream": fake_stack.fake_url,
+    }
+
+
+async def until(ledger: Path, check: Callable[[list[PaymentRecord]], bool]) -> None:
+    async with asyncio.timeout(20):
+        while not check(await records(ledger)):
+            await asyncio.sleep(0.05)
+
+
+def states(found: list[PaymentRecord]) -> list[PaymentState]:
+    return [r.state for r in found]
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "hold_settle",  # killed with the settle request unanswered and not executed
+        "settle_then_hang",  # killed after the transfer went through, before the answer
+    ],
+)
+async def test_killed_between_serving_and_settling_settles_once_after_restart(
+    facilitator, anvil, usdc, payer, seller, tmp_path, key_file, fault
+):
+    ledger = tmp_path / "payments.db"
+    async with running_stack() as fake_stack:
+        settings = process_settings(key_file, ledger, seller, facilitator.url, fake_stack)
+        settings["chain_rpc_url"] = anvil.rpc_url
+        async with gateway_process(**settings) as (url, proc):
+            facilitator.set_fault(fault)
+            fake_stack.url = url  # v2_header asks this gateway for its challenge
+            header = await v2_header(fake_stack, payer)
+            request = asyncio.ensure_future(
+                fake_stack.client.post(
+                    url + CHAT, json=CHAT_BODY, headers={wire.PAYMENT_SIGNATURE: header}
+                )
+            )
+            await until(ledger, lambda found: states(found) == [PaymentState.SETTLING])
+            assert fake_stack.fake.completed["POST /v1/chat/completions"] == 1
+            proc.send_signal(signal.SIGKILL)  # by the gateway's own PID
+            await asyncio.to_thread(proc.wait, 10)
+            with pytest.raises(Exception):  # noqa: B017, PT011 - the connection just died
+                await request
+        sent = facilitator.stats.transactions  # reset() clears them
+        facilitator.reset()
+        # Restart on the same ledger: the owed settlement is finished from the record alone.
+        async with gateway_process(**settings):
+            await until(ledger, lambda found: states(found) == [PaymentState.SETTLED])
+    (record,) = await records(ledger)
+    # Proven on chain: the receipt of the transaction that used the nonce (for settle_then_hang
+    # found through its AuthorizationUsed log: the facilitator's answer never came).
+    assert record.transaction in sent + facilitator.stats.transactions
+    assert usdc.balance_of(seller) == PRICE_ATOMIC  # exactly once
+    assert usdc.balance_of(payer.address) == 100_000_000 - PRICE_ATOMIC
+
+
+async def test_killed_before_serving_releases_the_reservation_on_restart(
+    facilitator, usdc, payer, seller, tmp_path, key_file
+):
+    ledger = tmp_path / "payments.db"
+    held = {**CHAT_BODY, "stream": True, "model": "fake-hold"}
+    async with running_stack() as fake_stack:
+        settings = process_settings(key_file, ledger, seller, facilitator.url, fake_stack)
+        async with gateway_process(**settings) as (url, proc):
+            fake_stack.url = url
+            header = await v2_header(fake_stack, payer, body=held)
+            response = await fake_stack.client.post(
+                url + CHAT, json=held, headers={wire.PAYMENT_SIGNATURE: header}
+            )
+            await asyncio.wait_for(response.content.readline(), 10)
+            assert states(await records(ledger)) == [PaymentState.VERIFIED]
+            proc.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(proc.wait, 10)
+            response.close()
+        async with gateway_process(**settings) as (url, _):
+            assert states(await records(ledger)) == [PaymentState.RELEASED]
+            # The caller was never fully served: the same authorization buys the reply now.
+            async with fake_stack.client.post(
+                url + CHAT, json=CHAT_BODY, headers={wire.PAYMENT_SIGNATURE: header}
+            ) as again:
+                assert again.status == 200
+                await again.read()
+            await until(ledger, lambda found: states(found) == [PaymentState.SETTLED])
+    assert usdc.balance_of(seller) == PRICE_ATOMIC
