@@ -5,15 +5,12 @@ runs on the server side; the chain is the proof."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from x402 import x402ResourceServer
 from x402.http import FacilitatorConfig, HTTPFacilitatorClient
@@ -23,6 +20,7 @@ from x402.mechanisms.evm.batch_settlement.server import BatchSettlementEvmScheme
 from paygate.client import PaygateTransport, SpendPolicy
 from paygate.x402.schemes.batch_settlement.channel import SETTLEMENT_ADDRESS
 from tests.fixtures.chain import PAYER_FUNDS
+from tests.fixtures.uvicorn_thread import UvicornThread
 
 PRICE_ATOMIC = 1000  # "$0.001"
 DEPOSIT_ATOMIC = 20_000
@@ -59,23 +57,13 @@ class SdkBatchServer:
         async def paid(body: dict[str, Any]) -> dict[str, Any]:
             return {"echo": body, "paid": True}
 
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="sdk-batch", daemon=True)
+        self._served = UvicornThread(app, "sdk-batch")
 
     def start(self) -> str:
-        self._thread.start()
-        deadline = time.monotonic() + 15
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the SDK server did not start")
-            time.sleep(0.02)
-        port = self._server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
+        return self._served.start()
 
     def close(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(15)
+        self._served.close()
 
 
 @pytest.fixture

@@ -8,14 +8,11 @@ Nothing of paygate runs on the server side.
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from x402 import x402ResourceServer
 from x402.http import FacilitatorConfig, HTTPFacilitatorClient
@@ -30,6 +27,7 @@ from paygate.client import (
     SpendRefused,
 )
 from tests.fixtures.chain import PAYER_FUNDS
+from tests.fixtures.uvicorn_thread import UvicornThread
 
 PRICE_ATOMIC = 1000  # "$0.001" in USDC (6 decimals)
 SPEND = SpendPolicy(max_per_request="0.01", max_total="0.1", networks=["base-sepolia"])
@@ -67,23 +65,13 @@ class SdkServer:
         async def free() -> dict[str, str]:
             return {"free": "yes"}
 
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="sdk-server", daemon=True)
+        self._served = UvicornThread(app, "sdk-server")
 
     def start(self) -> str:
-        self._thread.start()
-        deadline = time.monotonic() + 15
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the SDK server did not start")
-            time.sleep(0.02)
-        port = self._server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
+        return self._served.start()
 
     def close(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(15)
+        self._served.close()
 
 
 @pytest.fixture
