@@ -63,7 +63,7 @@ async def fill(path: Path) -> bytes:
                 amount=10**30 + n,  # beyond 64 bits: kept as text / numeric(78)
                 x402_version=2,
                 route="chat.completions",
-                payload='{"payload": {"signature": "%s"}}' % SIGNATURE,
+                payload=f'{{"payload": {{"signature": "{SIGNATURE}"}}}}',
                 requirements="{}",
                 idempotency_key=f"payment-identifier-{n:04d}",
                 model="llama",
@@ -161,7 +161,8 @@ def test_copy_sqlite_to_postgresql_to_sqlite_keeps_every_table(tmp_path: Path, p
     assert asyncio.run(dump(b)) == source
     rows = sum(len(r) for r in source.values())
     assert there.stdout.splitlines()[-1] == f"copied {rows} rows (0 already there)"
-    assert "  tlog_hashes: " in there.stdout and "  bs_channels: 1 copied" in there.stdout
+    assert "  tlog_hashes: " in there.stdout
+    assert "  bs_channels: 1 copied" in there.stdout
 
     # The log's tree and checkpoints are the same: same root, and it extends at the target.
     size, copied_root, note = asyncio.run(latest_root(last))
@@ -227,7 +228,8 @@ def test_a_conflicting_target_is_refused_and_nothing_is_written(
     assert "Traceback" not in refused.stderr
     after = asyncio.run(dump(pg_url))
     # signin_key comes after payments in the copy's order: nothing was half-written.
-    assert after["payments"] == [] and after["receipts"] == []
+    assert after["payments"] == []
+    assert after["receipts"] == []
     assert len(after["signin_key"]) == 1
 
     # A different tlog entry under the same index (a fork) is refused the same way.
@@ -242,7 +244,8 @@ def test_a_conflicting_target_is_refused_and_nothing_is_written(
     db.close()
     fork = cli("ledger", "copy", "--from", f"sqlite:///{other}", "--to", f"sqlite:///{first}")
     assert fork.returncode == 2
-    assert "tlog_entries" in fork.stderr and "forked" not in fork.stderr
+    assert "tlog_entries" in fork.stderr
+    assert "forked" not in fork.stderr
 
 
 def test_schemas_must_match(tmp_path: Path, pg_url: str) -> None:
@@ -265,7 +268,8 @@ def test_schemas_must_match(tmp_path: Path, pg_url: str) -> None:
     ):
         refused = cli("ledger", "copy", *args)
         assert refused.returncode == 2
-        assert "v7" in refused.stderr and "paygate ledger migrate" in refused.stderr
+        assert "v7" in refused.stderr
+        assert "paygate ledger migrate" in refused.stderr
     # Not migrated by the copy either.
     assert sqlite3.connect(old).execute("SELECT version FROM ledger_schema").fetchone() == (7,)
 
