@@ -1,10 +1,12 @@
 """``paygate ledger migrate|copy``: the ledger's schema, and moving it to another store.
 
 ``migrate`` brings the configured ledger (or ``--ledger-url``) to this paygate's schema; the
-gateway does the same at start, this lets an operator do it first. ``copy`` moves every record
-and its history from one store to another (an operator moving up from SQLite to PostgreSQL):
-stop the gateways first; copied records are unowned, so the new store's reconcilers finish
-whatever was unfinished. Records already in the destination (same id) are left as they are.
+gateway does the same at start, this lets an operator do it first. ``copy`` copies every
+table of the ledger (payments and their history, receipts, idempotency keys, the free quota and
+the sign-in key, the economics and console tables, the transparency log, batch-settlement
+channels) from one store to another, row for row (:mod:`paygate.x402.ledger_copy`): stop the
+gateways first, and migrate both stores to this paygate's schema. Rows already in the
+destination are left as they are; a different row under the same key refuses the whole copy.
 
 URLs are secrets: nothing here prints them. A PostgreSQL URL without a password takes it from
 ``PAYGATE_LEDGER_PASSWORD_FILE`` or the systemd credential ``ledger_password``.
@@ -17,7 +19,8 @@ import asyncio
 from typing import Any
 
 from paygate.config import load_settings
-from paygate.x402.ledger import MAX_LIST_LIMIT, LedgerConflict
+from paygate.x402.ledger import LedgerConflict
+from paygate.x402.ledger_copy import Counts, Store, copy_tables
 from paygate.x402.ledger_store import LedgerLocation, open_ledger
 
 SCHEMA_VERSION = 8  # both stores number their schemas alike (ledger_sqlite, ledger_postgres)
@@ -35,7 +38,7 @@ def register(sub: Any) -> None:
     )
     migrate.set_defaults(run=_migrate)
 
-    copy = actions.add_parser("copy", help="copy every payment and its history to another store")
+    copy = actions.add_parser("copy", help="copy every table of the ledger to another store")
     copy.add_argument("--from", dest="source", help="source ledger URL (default: settings)")
     copy.add_argument("--to", dest="target", required=True, help="destination ledger URL")
     copy.set_defaults(run=_copy)
@@ -63,24 +66,13 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run_copy(source: LedgerLocation, target: LedgerLocation) -> tuple[int, int]:
-    reader = await open_ledger(source, replica="paygate-ledger-copy")
+async def _run_copy(source: LedgerLocation, target: LedgerLocation) -> list[tuple[str, Counts]]:
+    # Neither store is migrated here: both must be at this paygate's schema already.
+    reader = await open_ledger(source, replica="paygate-ledger-copy", migrate=False)
     try:
-        writer = await open_ledger(target, replica="paygate-ledger-copy")
+        writer = await open_ledger(target, replica="paygate-ledger-copy", migrate=False)
         try:
-            copied = present = 0
-            after: str | None = None
-            while True:
-                page = await reader.page(after, MAX_LIST_LIMIT)  # type: ignore[attr-defined]
-                if not page:
-                    return copied, present
-                for record in page:
-                    events = await reader.history(record.id)
-                    if await writer.import_record(record, events):  # type: ignore[attr-defined]
-                        copied += 1
-                    else:
-                        present += 1
-                after = page[-1].id
+            return await copy_tables(Store(reader, source.kind), Store(writer, target.kind))
         finally:
             await writer.close()
     finally:
@@ -92,9 +84,11 @@ def _copy(args: argparse.Namespace) -> int:
     target = location(args, args.target)
     if source == target:
         raise LedgerConflict("--from and --to are the same ledger")
-    copied, present = asyncio.run(_run_copy(source, target))
-    print(
-        f"copied {copied} payments from {source.describe()} to {target.describe()}"
-        f" ({present} already there)"
-    )
+    tables = asyncio.run(_run_copy(source, target))
+    print(f"ledger copy from {source.describe()} to {target.describe()}:")
+    for name, counts in tables:
+        print(f"  {name}: {counts.copied} copied, {counts.present} already there")
+    copied = sum(counts.copied for _, counts in tables)
+    present = sum(counts.present for _, counts in tables)
+    print(f"copied {copied} rows ({present} already there)")
     return 0
