@@ -50,7 +50,6 @@ BY_ID = "WHERE id = ?"
 BY_KEY = "WHERE network = ? AND asset = ? AND payer = ? AND nonce = ?"
 BY_IDEMPOTENCY_KEY = "WHERE idempotency_key = ?"
 BY_NONCE = "WHERE nonce = ? ORDER BY created_at LIMIT 10"
-PAGE = "WHERE id > ? ORDER BY id LIMIT ?"
 NEWEST = "ORDER BY created_at DESC, {seq} DESC LIMIT ?"
 NEWEST_IN_STATE = "WHERE state = ? " + NEWEST
 RECEIPTS_OF = "WHERE payment_id = ? ORDER BY created_at, kind"
@@ -79,7 +78,6 @@ class LedgerBase:
     _receipts: Callable[..., Any]
     _signin_key: Callable[..., Any]
     _earnings: Callable[..., Any]
-    _import: Callable[..., Any]
 
     def __init__(self, replica: str | None, lease_seconds: float) -> None:
         self.replica = check_replica(replica or default_replica_id())
@@ -269,16 +267,3 @@ class LedgerBase:
 
     async def earnings(self, *, since: float, by: str) -> builtins.list[Earnings]:
         return await self._run(self._earnings, float(since), check_group(by))
-
-    # --- for `paygate ledger copy` (not part of the request path) ----------------------------
-
-    async def page(self, after: str | None, limit: int) -> builtins.list[PaymentRecord]:
-        """Records in id order after ``after``: a stable walk over the whole ledger."""
-        return await self._run(self._many, self._tail(PAGE), (after or "", check_limit(limit)))
-
-    async def import_record(
-        self, record: PaymentRecord, events: builtins.list[PaymentEvent]
-    ) -> bool:
-        """Insert a record from another store with its history (unowned); False if its id is
-        here already. Another id holding the same authorization is a :class:`LedgerConflict`."""
-        return await self._run(self._import, record, events)

@@ -39,11 +39,10 @@ from paygate.x402.ledger import (
     LedgerConflict,
     LedgerError,
     LedgerUnavailable,
-    PaymentEvent,
     PaymentRecord,
     PaymentState,
 )
-from paygate.x402.ledger_base import BY_ID, BY_IDEMPOTENCY_KEY, BY_KEY, LedgerBase
+from paygate.x402.ledger_base import BY_IDEMPOTENCY_KEY, BY_KEY, LedgerBase
 from paygate.x402.ledger_postgres_schema import SCHEMA_VERSION, Conn, PoolTimeout, psycopg
 from paygate.x402.ledger_postgres_tables import PostgresTables
 
@@ -54,12 +53,6 @@ _SELECT = f"SELECT {_COLUMNS} FROM payments"  # noqa: S608 - constant column lis
 _INSERT_EVENT = (
     f"INSERT INTO payment_events ({rules.EVENT_COLUMNS})"  # noqa: S608 - constant column list
     " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-)
-_NUMERIC = {"amount", "settle_amount", "settled_amount"}  # uint256 text, cast on the way in
-_COPY = (
-    f"INSERT INTO payments ({_COLUMNS}) VALUES ("  # noqa: S608 - constant column list
-    + ", ".join("%s::numeric" if name.strip() in _NUMERIC else "%s" for name in _COLUMNS.split(","))
-    + ")"
 )
 # The replay guard, in one statement: a new key is inserted; a RELEASED one is claimed again
 # (same id and attempts); any other existing row returns nothing.
@@ -449,15 +442,3 @@ class PostgresLedger(LedgerBase):
             f"{where} ORDER BY updated_at, seq LIMIT %s",
             ([s.value for s in states], *params, limit),
         )
-
-    async def _import(
-        self, conn: Conn, record: PaymentRecord, events: builtins.list[PaymentEvent]
-    ) -> bool:
-        if await self._one(conn, self._tail(BY_ID), (record.id,)) is not None:
-            return False
-        await conn.execute(_COPY, rules.copied_values(record))
-        for event in events:
-            await conn.execute(_INSERT_EVENT, rules.copied_event_values(record.id, event))
-        copied = await self._must(conn, record.id)
-        await self._event(conn, copied, EventAction.COPIED, await self._now(conn))
-        return True

@@ -279,54 +279,6 @@ def event_values(
     )
 
 
-def copied_event_values(payment_id: str, event: PaymentEvent) -> tuple[Any, ...]:
-    """A history line brought in by ``paygate ledger copy``, as it was."""
-    return (
-        payment_id,
-        event.at,
-        event.replica,
-        event.action.value,
-        event.state.value,
-        event.lease,
-        event.transaction,
-        event.error,
-        event.detail,
-    )
-
-
-def copied_values(record: PaymentRecord) -> tuple[Any, ...]:
-    """A record brought in by ``paygate ledger copy``, in :data:`RECORD_COLUMNS` order: unowned
-    (no owner, no lease expiry), its epoch kept."""
-    return (
-        record.id,
-        *record.key,
-        record.pay_to,
-        str(record.amount),
-        record.x402_version,
-        record.route,
-        record.state.value,
-        record.served,
-        record.payload,
-        record.requirements,
-        record.idempotency_key,
-        record.transaction,
-        record.error,
-        record.attempts,
-        record.created_at,
-        record.updated_at,
-        None,
-        record.lease,
-        None,
-        record.scheme,
-        record.model,
-        record.tokens_in,
-        record.tokens_out,
-        record.usage_source,
-        None if record.settle_amount is None else str(record.settle_amount),
-        None if record.settled_amount is None else str(record.settled_amount),
-    )
-
-
 def record_from_row(row: Mapping[str, Any]) -> PaymentRecord:
     """A payment row (selected as :data:`RECORD_COLUMNS`) as a record."""
     return PaymentRecord(

@@ -40,7 +40,6 @@ from paygate.x402.ledger import (
     LedgerConflict,
     LedgerError,
     LedgerUnavailable,
-    PaymentEvent,
     PaymentRecord,
     PaymentState,
 )
@@ -53,7 +52,6 @@ T = TypeVar("T")
 
 _SELECT = f"SELECT {rules.RECORD_COLUMNS} FROM payments"  # noqa: S608 - constant column list
 _INSERT_EVENT = f"INSERT INTO payment_events ({rules.EVENT_COLUMNS}) VALUES ({', '.join('?' * 9)})"  # noqa: S608 - constant
-_COPY = f"INSERT INTO payments ({rules.RECORD_COLUMNS}) VALUES ({', '.join('?' * 29)})"  # noqa: S608 - constant
 _RESERVE = (
     "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount, x402_version, route,"  # noqa: S608 - constant columns
     " state, served, payload, requirements, idempotency_key, attempts, created_at, updated_at,"
@@ -436,13 +434,3 @@ class SqliteLedger(LedgerBase):
             f"WHERE state IN ({marks}){cutoff} ORDER BY updated_at, rowid LIMIT ?",
             (*states, *ages, limit),
         )
-
-    def _import(self, record: PaymentRecord, events: builtins.list[PaymentEvent]) -> bool:
-        with self._write() as db:
-            if self._one(BY_ID, (record.id,)) is not None:
-                return False
-            db.execute(_COPY, rules.copied_values(record))
-            for event in events:
-                db.execute(_INSERT_EVENT, rules.copied_event_values(record.id, event))
-            self._event(self._must(record.id), EventAction.COPIED, self._clock())
-            return True
