@@ -174,9 +174,9 @@ async def test_a_nonce_this_gateway_never_issued_is_refused(facilitator, payer, 
         declared = required["extensions"]["sign-in-with-x"]
         info = {**declared["info"], **declared["supportedChains"][0]}
         made_up = await sign_in_for(payer, {**info, "nonce": "f" * 48}, stack.url + CHAT)
-        tampered = await sign_in_for(
-            payer, {**info, "nonce": info["nonce"][:-1] + "0"}, stack.url + CHAT
-        )
+        # One character changed (never to itself: an issued nonce may end in "0" already).
+        flipped = info["nonce"][:-1] + ("1" if info["nonce"].endswith("0") else "0")
+        tampered = await sign_in_for(payer, {**info, "nonce": flipped}, stack.url + CHAT)
         answers = [await send(stack, h) for h in (made_up, tampered)]
         served = stack.fake.hits[HITS]
     assert [(s, h[wire.ERROR_HEADER]) for s, h in answers] == [(402, "invalid_siwx_nonce")] * 2
