@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 
 from eth_account import Account
 from pydantic import SecretStr
-from web3.exceptions import TimeExhausted
 
 from paygate.x402 import smartwallet
 from paygate.x402.chain_reader import ChainReader
@@ -133,21 +132,7 @@ class ChainSettler:
 
     async def mined(self, transaction: str) -> Any:
         """The receipt of ``transaction``, waited for up to the settle time-out."""
-        try:
-            return await asyncio.wait_for(
-                asyncio.to_thread(
-                    self._w3.eth.wait_for_transaction_receipt,
-                    transaction,
-                    self._settle_timeout,
-                    0.1,
-                ),
-                self._settle_timeout + self._timeout,
-            )
-        except (TimeoutError, TimeExhausted):
-            raise SettlementUnknown("no receipt yet", transaction=transaction) from None
-        except Exception as exc:  # web3's connection errors have many classes
-            log.warning("waiting for a receipt failed: %s", type(exc).__name__)
-            raise SettlementUnknown("no receipt yet", transaction=transaction) from None
+        return await self.reader.mined(transaction, self._settle_timeout)
 
     def kept(self, key: str, make: Callable[[], _Kept]) -> _Kept:
         """The object a scheme keeps with this settler under ``key`` (made on first use)."""

@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from web3 import Web3
-from web3.exceptions import ContractLogicError, TransactionNotFound
+from web3.exceptions import ContractLogicError, TimeExhausted, TransactionNotFound
 
 from paygate import jsonsafe
 from paygate.x402.networks import resolve_network
-from paygate.x402.settler import SettlerUnavailable
+from paygate.x402.settler import SettlementUnknown, SettlerUnavailable
 
 log = logging.getLogger("paygate.x402")
 _T = TypeVar("_T")
@@ -57,6 +57,22 @@ class ChainReader:
         except Exception as exc:  # requests', web3's and the JSON bound's errors: many classes
             log.warning("chain call failed: %s", type(exc).__name__)
             raise SettlerUnavailable("the chain's RPC endpoint is unavailable") from None
+
+    async def mined(self, transaction: str, settle_timeout: float) -> Any:
+        """The receipt of ``transaction``, waited for up to ``settle_timeout`` (polling every
+        0.1 s); SettlementUnknown when none came (not mined yet, or the endpoint failed)."""
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(
+                    self.w3.eth.wait_for_transaction_receipt, transaction, settle_timeout, 0.1
+                ),
+                settle_timeout + self._timeout,
+            )
+        except (TimeoutError, TimeExhausted):
+            raise SettlementUnknown("no receipt yet", transaction=transaction) from None
+        except Exception as exc:  # web3's connection errors have many classes
+            log.warning("waiting for a receipt failed: %s", type(exc).__name__)
+            raise SettlementUnknown("no receipt yet", transaction=transaction) from None
 
     async def served_chain(self) -> int:
         """The id of the chain the endpoint serves (asked once)."""

@@ -29,7 +29,7 @@ from eth_abi import encode as abi_encode
 from eth_account import Account
 from eth_utils import keccak, to_checksum_address
 from pydantic import SecretStr
-from web3.exceptions import ContractLogicError, TimeExhausted
+from web3.exceptions import ContractLogicError
 
 from paygate.x402.chain_reader import ChainReader
 from paygate.x402.evm import abi_function
@@ -216,7 +216,6 @@ class BatchChain:
         self._contract = self._w3.eth.contract(
             address=to_checksum_address(ch.SETTLEMENT_ADDRESS), abi=SETTLEMENT_ABI
         )
-        self._timeout = timeout
         self._settle_timeout = settle_timeout
         self._send_lock = asyncio.Lock()
         self._chain_id: int | None = None
@@ -392,18 +391,7 @@ class BatchChain:
         return tx_hash
 
     async def receipt(self, tx_hash: str) -> Any:
-        try:
-            return await asyncio.wait_for(
-                asyncio.to_thread(
-                    self._w3.eth.wait_for_transaction_receipt, tx_hash, self._settle_timeout, 0.1
-                ),
-                self._settle_timeout + self._timeout,
-            )
-        except (TimeoutError, TimeExhausted):
-            raise SettlementUnknown("no receipt yet", transaction=tx_hash) from None
-        except Exception as exc:
-            log.warning("waiting for a receipt failed: %s", type(exc).__name__)
-            raise SettlementUnknown("no receipt yet", transaction=tx_hash) from None
+        return await self._reader.mined(tx_hash, self._settle_timeout)
 
 
 def _moved_in(receipt: Any, token: str, amount: int) -> bool:
