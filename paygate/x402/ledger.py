@@ -93,7 +93,7 @@ class EventAction(StrEnum):
     CLAIMED = "claimed"  # took over an expired or unowned lease (detail: the former owner)
     RELEASED = "released"  # released a reservation whose owner is gone (start-up, reconciler)
     LET_GO = "let_go"  # the owner gave the lease up (a pending settlement, for any reconciler)
-    COPIED = "copied"  # brought in by `paygate ledger copy`
+    COPIED = "copied"  # written by the record-by-record copy of earlier releases: still read
 
 
 @dataclass(frozen=True, slots=True)
