@@ -19,6 +19,7 @@ from enclave.keys.epochs import Epoch
 from enclave.tlog import entries
 from paygate.config import ConfigError, Settings
 from paygate.server.attestation import AttestationService
+from paygate.tlog.errors import LogStoreError
 from paygate.tlog.open_store import open_log_store
 from paygate.tlog.service import (
     LogConfig,
@@ -27,7 +28,6 @@ from paygate.tlog.service import (
     log_identity,
     parse_witness,
 )
-from paygate.tlog.store import LogStoreError
 from paygate.x402.ledger import LedgerError, default_replica_id
 
 

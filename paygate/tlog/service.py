@@ -36,10 +36,10 @@ from enclave.receipts import ReceiptTokenInvalid
 from enclave.tlog import checkpoint as cp
 from enclave.tlog import entries, merkle, note, tiles
 from paygate.server.errors import GatewayError
+from paygate.tlog.errors import LogStoreError
 from paygate.tlog.store import (
     Appended,
     LogStore,
-    LogStoreError,
     OpenReceipt,
     StoredCheckpoint,
     adrive,

@@ -21,22 +21,11 @@ from typing import Protocol, TypeVar
 
 from enclave.tlog import merkle, tiles
 from enclave.tlog.checkpoint import Checkpoint
-from paygate.errors import PaygateError
 
 T = TypeVar("T")
 #: pg_advisory_xact_lock key of the log's appends ("tlog").
 APPEND_LOCK = 0x746C6F67
 MAX_APPEND = 1024  # entries in one append: each is a row and a hash
-
-
-class LogStoreError(PaygateError):
-    code = "log_unavailable"
-    message = "the transparency log's store failed"
-
-
-class LogOriginMismatch(LogStoreError):
-    code = "log_origin_mismatch"
-    message = "the log store holds another log (its origin differs)"
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 
 from enclave.tlog.checkpoint import Checkpoint
 from paygate.postgres import Conn, PoolTimeout, connect_kwargs, open_pool, psycopg
+from paygate.tlog.errors import LogStoreError
 from paygate.tlog.store import (
     APPEND_LOCK,
     Appended,
-    LogStoreError,
     NoteSigner,
     PeriodEntry,
     ReceiptPeriod,

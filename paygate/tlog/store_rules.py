@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from enclave.tlog import merkle, tiles
+from paygate.tlog.errors import LogOriginMismatch, LogStoreError
 from paygate.tlog.store import (
-    LogOriginMismatch,
-    LogStoreError,
     OpenReceipt,
     ReceiptPeriod,
     StoredCheckpoint,

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from enclave.tlog.checkpoint import Checkpoint
+from paygate.tlog.errors import LogStoreError
 from paygate.tlog.store import (
     Appended,
-    LogStoreError,
     NoteSigner,
     PeriodEntry,
     ReceiptPeriod,
