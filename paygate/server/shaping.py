@@ -9,13 +9,8 @@ from paygate.jsonsafe import UntrustedJSONError
 from paygate.server.errors import GatewayError, InvalidJSON
 from paygate.server.routing import ModelNotFound
 from paygate.upstream.engines.limits import LimitRefused
-from paygate.upstream.shaping import (
-    ApiNotServed,
-    LengthKeyRefused,
-    OptionRefused,
-    RequestShaper,
-    Shaped,
-)
+from paygate.upstream.errors import ApiNotServed, LengthKeyRefused, OptionRefused
+from paygate.upstream.shaping import RequestShaper, Shaped
 from paygate.x402.batch import ITEM_PATH, Batch
 from paygate.x402.metering import Quote, TokenPricing
 

@@ -1,4 +1,5 @@
-"""The upstream layer's errors: one family, stable machine codes, messages safe to show.
+"""The upstream layer's errors, stable machine codes, messages safe to show: the model
+server's failures (:class:`UpstreamError`) and the shaping stage's refusals of a request.
 
 No message carries an API key, a prompt or a body; docker's own error text is reduced to its
 explanation, which names containers, images and networks only.
@@ -63,3 +64,31 @@ class ModelDigestMismatch(UpstreamError):
     message = "the served weights are not the ones expected_model_digests names"
 
     code = "model_digest_mismatch"
+
+
+# The shaping stage's refusals (:mod:`paygate.upstream.shaping`): the caller asked for what the
+# gateway does not price; the model server is not at fault.
+
+
+class OptionRefused(PaygateError):
+    """A load-time engine option the operator did not allow."""
+
+    message = "a load-time engine option the operator did not allow"
+
+    code = "engine_option_refused"
+
+
+class LengthKeyRefused(PaygateError):
+    """A generation-length key the engine's rules do not cover."""
+
+    message = "a generation-length key the engine's rules do not cover"
+
+    code = "unsupported_limit_key"
+
+
+class ApiNotServed(PaygateError):
+    """The model's engine does not serve this generation API (no limit keys for it)."""
+
+    message = "the model's engine does not serve this generation API"
+
+    code = "model_not_found"

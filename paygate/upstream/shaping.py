@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from paygate import jsonsafe
-from paygate.errors import PaygateError
 from paygate.upstream.engines.limits import (
     LENGTH_KEYS,
     ApiShape,
     GenerationRules,
     present,
 )
+from paygate.upstream.errors import ApiNotServed, LengthKeyRefused, OptionRefused
 
 # Route paths whose replies are generated tokens: output-bounded, metered.
 GENERATION_PATHS: Mapping[str, ApiShape] = {
@@ -56,30 +56,6 @@ _LIMIT_SPELLINGS = (
     "n_predict",
     "options.num_predict",
 )
-
-
-class OptionRefused(PaygateError):
-    """A load-time engine option the operator did not allow."""
-
-    message = "a load-time engine option the operator did not allow"
-
-    code = "engine_option_refused"
-
-
-class LengthKeyRefused(PaygateError):
-    """A generation-length key the engine's rules do not cover."""
-
-    message = "a generation-length key the engine's rules do not cover"
-
-    code = "unsupported_limit_key"
-
-
-class ApiNotServed(PaygateError):
-    """The model's engine does not serve this generation API (no limit keys for it)."""
-
-    message = "the model's engine does not serve this generation API"
-
-    code = "model_not_found"
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,10 +68,6 @@ AGGREGATE3_ABI: list[dict[str, Any]] = [
         mutability="payable",
     )
 ]
-# The SDK facilitator's reasons, so chain mode answers as a facilitator would.
-FACTORY_NOT_ALLOWED = "eip6492_factory_not_allowed"
-UNDEPLOYED = "invalid_exact_evm_payload_undeployed_smart_wallet"
-DEPLOYMENT_FAILED = "smart_wallet_deployment_failed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from paygate.x402.chain_reader import ChainReader
     from paygate.x402.schemes.base import ChainAccess
 
+# The SDK facilitator's reasons for a counterfactual wallet, so chain mode answers as it would.
+FACTORY_NOT_ALLOWED = "eip6492_factory_not_allowed"
+DEPLOYMENT_FAILED = "smart_wallet_deployment_failed"
 # The token's *WithAuthorization functions take the signed authorization's fields first.
 _AUTH_INPUTS = EIP3009_AUTHORIZATION
 EIP3009_ABI: list[dict[str, Any]] = [
@@ -326,13 +329,13 @@ async def _simulate_deployed(
 ) -> str | None:
     """The transfer of a wallet deployed first, in one ``eth_call``."""
     if not smartwallet.allowed(deployment.factory, chain.factories):
-        return smartwallet.FACTORY_NOT_ALLOWED
+        return FACTORY_NOT_ALLOWED
     try:
         results = await chain.reader.call(
             _deploy_then(chain.reader, deployment, transfer, diagnose=True).call,
             {"from": chain.address},
         )
     except ContractLogicError:
-        return smartwallet.DEPLOYMENT_FAILED  # the factory call itself failed
+        return DEPLOYMENT_FAILED  # the factory call itself failed
     ok, data = results[1]
     return None if ok else revert_reason(smartwallet.revert_text(bytes(data)))

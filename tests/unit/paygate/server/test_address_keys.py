@@ -9,7 +9,8 @@ import pytest
 from paygate.server.forwarded import address_key, client_address, parse_networks
 from paygate.upstream.engines import profile_for
 from paygate.upstream.engines.limits import LimitRefused
-from paygate.upstream.shaping import LengthKeyRefused, OptionRefused, RequestShaper
+from paygate.upstream.errors import LengthKeyRefused, OptionRefused
+from paygate.upstream.shaping import RequestShaper
 
 
 @pytest.mark.parametrize(

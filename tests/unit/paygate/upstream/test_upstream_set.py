@@ -25,7 +25,8 @@ from paygate.server.isolation import (
 from paygate.server.shaping import metered_quote
 from paygate.upstream.engines import profile_for
 from paygate.upstream.engines.limits import LimitRefused
-from paygate.upstream.shaping import ApiNotServed, LengthKeyRefused, RequestShaper
+from paygate.upstream.errors import ApiNotServed, LengthKeyRefused
+from paygate.upstream.shaping import RequestShaper
 from paygate.upstream.spec import container_spec, serving_kwargs
 from paygate.upstream.usage import Usage, UsageReader, usage_from_body
 from paygate.x402.metering import Quote, TokenPrice, TokenPricing
