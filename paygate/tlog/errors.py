@@ -1,9 +1,6 @@
-"""The transparency log's errors: every store raises them (``store_sqlite``, ``store_postgres``,
-``store_rules``), the service and the assembly catch them.
-
-The log's HTTP answers (``InvalidLogPath``, ``LogNotFound``, ``LogUnavailable``) stay beside
-their handler in :mod:`paygate.tlog.service`: they are gateway errors, and the stores below
-never import the server.
+"""The log store's errors: both stores and their rules raise them, the service and the
+assembly catch them. (The log routes' HTTP answers are gateway errors: they stay with their
+handler in :mod:`paygate.tlog.service`, since nothing below the service imports the server.)
 """
 
 from __future__ import annotations
