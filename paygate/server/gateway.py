@@ -195,8 +195,7 @@ class Gateway:
                             admitted.ticket,
                             started=started,
                             facts=request_facts(
-                                method=request.method,
-                                path=request.path,
+                                request,
                                 received=admitted.body,
                                 opened=opened,
                                 nonce=nonce,
@@ -288,12 +287,7 @@ class Gateway:
                 body,
                 items=[(ok, usage, size) for _, ok, usage, size in answers],
                 facts=request_facts(
-                    method=request.method,
-                    path=request.path,
-                    received=admitted.body,
-                    opened=opened,
-                    nonce=nonce,
-                    model=None,
+                    request, received=admitted.body, opened=opened, nonce=nonce, model=None
                 ),
             )
 
