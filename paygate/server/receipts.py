@@ -291,9 +291,6 @@ class ReceiptPending(GatewayError):
     status = 404
     code = "receipt_pending"
 
-    def __init__(self) -> None:
-        super().__init__(headers={"Retry-After": "5"})
-
 
 class SettlementFailed(GatewayError):
     message = "the payment did not settle: there is no settlement receipt"
@@ -351,7 +348,7 @@ class ReceiptEndpoint:
         if not settled:
             if all(r.state in (PaymentState.FAILED, PaymentState.RELEASED) for r in records):
                 raise SettlementFailed
-            raise ReceiptPending
+            raise ReceiptPending(retry_after=5)
         record = settled[0]
         stored = await self._ledger.receipts(record.id)
         for kept in stored:
