@@ -29,7 +29,6 @@ full pool are immediate (429 per address, 503 in all), never a queue.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 from aiohttp import web
@@ -192,13 +191,8 @@ class Admitting:
         admitted, self._payment = await self._admission._enter(self._request, self._route)
         return admitted
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        return await self._payment.__aexit__(exc_type, exc, tb)
+    async def __aexit__(self, *exc: object) -> bool | None:
+        return await self._payment.__aexit__(*exc)  # the payment's block ends as the caller's
 
 
 def _items(body: bytes) -> int:

@@ -345,15 +345,15 @@ class AttestationService:
             self._config.trusted_proxies,
         )
         if not self._rate.allow(address_key(caller, self._config.ipv6_prefix) or "unknown"):
-            raise AttestationRateLimited(headers={"Retry-After": "60"})
+            raise AttestationRateLimited(retry_after=60)
         # Then everyone's: many addresses together still get a bounded rate of TPM work.
         if not self._global.allow(""):
-            raise AttestationBusy(headers={"Retry-After": str(self._config.retry_after_seconds)})
+            raise AttestationBusy(retry_after=self._config.retry_after_seconds)
 
     async def _blocking(self, call: Callable[..., Any], *args: object) -> Any:
         # The global cap: a quote holds the TPM (shared with every paid request's ECDH).
         if self._in_progress >= self._config.max_concurrent:
-            raise AttestationBusy(headers={"Retry-After": str(self._config.retry_after_seconds)})
+            raise AttestationBusy(retry_after=self._config.retry_after_seconds)
         self._in_progress += 1
         try:
             async with self._slots:

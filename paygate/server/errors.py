@@ -27,10 +27,16 @@ class GatewayError(PaygateError):
     message = "the gateway could not answer this request"
 
     def __init__(
-        self, message: str | None = None, *, headers: dict[str, str] | None = None
+        self,
+        message: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message or self.message)
         self.headers = headers or {}
+        if retry_after is not None:  # seconds the caller should wait before trying again
+            self.headers = {**self.headers, "Retry-After": str(retry_after)}
 
     def render(self, api: ApiStyle) -> web.Response:
         """This error as a response in the shape of ``api``."""
@@ -205,9 +211,6 @@ class UpstreamDown(GatewayError):
     # The circuit breaker is open: answered at once, nothing is sent to the model server.
     status = 503
     code = "upstream_down"
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(headers={"Retry-After": str(retry_after)})
 
 
 class UpstreamFault(GatewayError):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -63,45 +63,31 @@ class BatchLimits:
     item_reply_bytes: int = 4 * 1024 * 1024
 
 
+@dataclass(slots=True, kw_only=True, eq=False)
 class Gateway:
     """The request path; every stage is built once in the app factory and passed in."""
 
-    def __init__(
-        self,
-        *,
-        routes: RouteTable,
-        admission: Admission,
-        opener: Opener,
-        upstream: Router,
-        replies: Replies,
-        limiter: ConcurrencyLimiter,
-        metrics: Metrics,
-        local: Mapping[Target, LocalHandler],
-        batch: BatchLimits | None = None,
-        tracing: Tracing | None = None,
-        shaper: RequestShaper | None = None,
-    ) -> None:
-        self._tracing = tracing
-        self._batch_limits = batch or BatchLimits()
-        self._shaper = shaper
-        self._routes = routes
-        self._admission = admission
-        self._opener = opener
-        self._upstream = upstream
-        self._replies = replies
-        self._limiter = limiter
-        self._metrics = metrics
-        self._local = local
+    routes: RouteTable
+    admission: Admission
+    opener: Opener
+    upstream: Router
+    replies: Replies
+    limiter: ConcurrencyLimiter
+    metrics: Metrics
+    local: Mapping[Target, LocalHandler]
+    batch: BatchLimits = field(default_factory=BatchLimits)
+    tracing: Tracing | None = None
+    shaper: RequestShaper | None = None
 
     def forwards(self, method: str, path: str) -> bool:
         """Whether ``method path`` is a forwarding route (paygate.server.frontend serves it)."""
-        match = self._routes.match(method, path)
+        match = self.routes.match(method, path)
         return match is not None and match.route.target == "upstream"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        match = self._routes.match(request.method, request.path)
+        match = self.routes.match(request.method, request.path)
         if match is None:
-            self._metrics.observe("unmatched", 404)
+            self.metrics.observe("unmatched", 404)
             raise RouteNotFound
         route = match.route
         info = facts(request)
@@ -113,7 +99,7 @@ class Gateway:
             if route.target == "batch":
                 response = await self._batch(request, match)
             elif route.target != "upstream":
-                local = self._local.get(route.target)
+                local = self.local.get(route.target)
                 if local is None:  # e.g. attestation on a gateway built without it
                     raise RouteNotFound
                 response = await local(request)
@@ -122,12 +108,12 @@ class Gateway:
         except GatewayError as exc:
             if isinstance(exc, HttpPaymentRefusal):
                 info.payment = exc.code
-            self._metrics.observe(route.name, exc.status)
-            self._metrics.error(exc.code)
+            self.metrics.observe(route.name, exc.status)
+            self.metrics.error(exc.code)
             raise
         finally:
-            self._metrics.duration(route.name, asyncio.get_running_loop().time() - started)
-        self._metrics.observe(route.name, response.status)
+            self.metrics.duration(route.name, asyncio.get_running_loop().time() - started)
+        self.metrics.observe(route.name, response.status)
         return response
 
     async def _forward(
@@ -135,10 +121,10 @@ class Gateway:
     ) -> web.StreamResponse:
         info = facts(request)
         nonce = request_nonce_header(request.headers)  # a bad one is refused before paying
-        check_key_header(self._opener.epochs, request.headers)  # before any payment work
-        async with self._admission.admit(request, match.route) as admitted:
+        check_key_header(self.opener.epochs, request.headers)  # before any payment work
+        async with self.admission.admit(request, match.route) as admitted:
             info.payment = "paid" if admitted.ticket.session.paid else "free"
-            opened = admitted.opened or await self._opener.open(request, admitted.body)
+            opened = admitted.opened or await self.opener.open(request, admitted.body)
             headers = upstream_request_headers(
                 request.headers, client_address=admitted.client, scheme=request.scheme
             )
@@ -148,23 +134,23 @@ class Gateway:
             body = ticket.forward_body
             if body is None:
                 shaped = None
-                if self._shaper is not None:
-                    shaped = shape_or_refuse(self._shaper, match.route.path, opened.body)
+                if self.shaper is not None:
+                    shaped = shape_or_refuse(self.shaper, match.route.path, opened.body)
                 body = shaped.body() if shaped is not None else opened.body
             if body:
                 headers["Content-Type"] = "application/json"
-            if self._tracing is not None:
-                self._tracing.inject(headers)  # the model server joins the request's trace
+            if self.tracing is not None:
+                self.tracing.inject(headers)  # the model server joins the request's trace
             model = _model_named(opened.body) or match.params.get("model")
             # Several upstreams: the gateway lists the models itself (the union).
-            listing = self._upstream.models_listing(request.method, match.route.path)
+            listing = self.upstream.models_listing(request.method, match.route.path)
             if listing is not None:
-                return await self._replies.send_document(
+                return await self.replies.send_document(
                     opened.reply, admitted.ticket, listing, items=[(True, None, len(listing))]
                 )
             routed = Routed()
-            with self._limiter.slot():
-                async with self._upstream.exchange(
+            with self.limiter.slot():
+                async with self.upstream.exchange(
                     request.method,
                     match.upstream_path,
                     body=body,
@@ -174,12 +160,12 @@ class Gateway:
                     tenant=tenant_of(ticket.session.record, admitted.client),
                     routed=routed,
                 ) as reply:
-                    self._metrics.upstream_latency(match.route.name, reply.waited)
-                    if ticket.session.metered and self._shaper is not None:
+                    self.metrics.upstream_latency(match.route.name, reply.waited)
+                    if ticket.session.metered and self.shaper is not None:
                         # The tokenizer of the engine that answered (routed: one of several).
                         ticket.session.counter = Tokenizer(
-                            self._upstream.client_of(routed.upstream),
-                            self._shaper.rules_for(model),
+                            self.upstream.client_of(routed.upstream),
+                            self.shaper.rules_for(model),
                             match.route.path,
                             body,
                         )
@@ -188,15 +174,14 @@ class Gateway:
                     # a paid or sealed reply carries one.
                     signed = ticket.session.paid or not isinstance(opened.reply, PlainReply)
                     try:
-                        return await self._replies.send(
+                        return await self.replies.send(
                             request,
                             reply,
                             opened.reply,
                             admitted.ticket,
                             started=started,
                             facts=request_facts(
-                                method=request.method,
-                                path=request.path,
+                                request,
                                 received=admitted.body,
                                 opened=opened,
                                 nonce=nonce,
@@ -209,7 +194,7 @@ class Gateway:
                     finally:
                         info.upstream_seconds = reply.waited
                         ticket.session.usage = reply.usage  # known once the body has ended
-                        if self._tracing is not None:
+                        if self.tracing is not None:
                             _describe(request, ticket.session, _model_named(opened.body))
 
     async def _batch(self, request: web.Request, match: RouteMatch) -> web.StreamResponse:
@@ -221,11 +206,11 @@ class Gateway:
         ``exact`` moves the signed value or nothing (EIP-3009), so a paid exact batch is whole
         or not at all: when a forwarded item fails, nothing is settled and the completions
         of the others are withheld (``batch_incomplete``). ``upto`` charges each item served."""
-        limits = self._batch_limits
+        limits = self.batch
         nonce = request_nonce_header(request.headers)
-        check_key_header(self._opener.epochs, request.headers)
-        async with self._admission.admit(request, match.route) as admitted:
-            opened = admitted.opened or await self._opener.open(request, admitted.body)
+        check_key_header(self.opener.epochs, request.headers)
+        async with self.admission.admit(request, match.route) as admitted:
+            opened = admitted.opened or await self.opener.open(request, admitted.body)
             ticket = admitted.ticket
             plan = ticket.batch_plan
             if plan is None:
@@ -233,7 +218,7 @@ class Gateway:
                     batch = parse_batch(opened.body, max_items=limits.max_items)
                 except BadBatch as exc:
                     raise InvalidBatch(str(exc)) from None
-                plan = plan_batch(self._shaper, batch)
+                plan = plan_batch(self.shaper, batch)
                 ticket.batch_plan = plan
             headers = upstream_request_headers(
                 request.headers, client_address=admitted.client, scheme=request.scheme
@@ -248,8 +233,8 @@ class Gateway:
                     return item_error(message, code, status), False, None, 0
                 async with gate:
                     try:
-                        with self._limiter.slot():
-                            async with self._upstream.exchange(
+                        with self.limiter.slot():
+                            async with self.upstream.exchange(
                                 "POST",
                                 ITEM_PATH,
                                 body=item.body,
@@ -282,18 +267,13 @@ class Gateway:
             body = json.dumps(
                 {"results": [document for document, _, _, _ in answers]}, separators=(",", ":")
             ).encode()
-            return await self._replies.send_document(
+            return await self.replies.send_document(
                 opened.reply,
                 ticket,
                 body,
                 items=[(ok, usage, size) for _, ok, usage, size in answers],
                 facts=request_facts(
-                    method=request.method,
-                    path=request.path,
-                    received=admitted.body,
-                    opened=opened,
-                    nonce=nonce,
-                    model=None,
+                    request, received=admitted.body, opened=opened, nonce=nonce, model=None
                 ),
             )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -53,39 +54,31 @@ def pubkey_document(key: KeyBackend) -> dict[str, Any]:
     }
 
 
+@dataclass(slots=True, kw_only=True, eq=False, repr=False)
 class LocalEndpoints:
     """The handlers of the table's local targets."""
 
-    def __init__(
-        self,
-        *,
-        key: KeyBackend,
-        upstream: Router,
-        limiter: ConcurrencyLimiter,
-        metrics: Metrics,
-        payment_mode: str,
-        probe_timeout: float,
-        check_interval: float,
-        upstream_status: Callable[[], Mapping[str, Any]] | None = None,
-        models: Sequence[Mapping[str, str]] = (),
-        attestation: AttestationService | None = None,
-        epochs: EpochKeys | None = None,
-    ) -> None:
-        self._key = key
-        self._epochs = epochs
-        self._upstream = upstream
-        self._limiter = limiter
-        self._metrics = metrics
-        self._payment_mode = payment_mode
-        self._probe_timeout = probe_timeout
-        self._upstream_status = upstream_status
-        self._models = [dict(item) for item in models]
-        self._pubkey = pubkey_document(key)
-        self._attestation = attestation
-        # A monitored model server: the monitor's state answers, nothing is probed here.
+    key: KeyBackend
+    upstream: Router
+    limiter: ConcurrencyLimiter
+    metrics: Metrics
+    payment_mode: str
+    probe_timeout: float
+    check_interval: InitVar[float]
+    # A monitored model server: the monitor's state answers, nothing is probed here.
+    upstream_status: Callable[[], Mapping[str, Any]] | None = None
+    models: Sequence[Mapping[str, str]] = ()
+    attestation: AttestationService | None = None
+    epochs: EpochKeys | None = None
+    readiness: ReadinessChecks = field(init=False)
+    _pubkey: dict[str, Any] = field(init=False)
+
+    def __post_init__(self, check_interval: float) -> None:
+        self.models = [dict(item) for item in self.models]
+        self._pubkey = pubkey_document(self.key)
         self.readiness = ReadinessChecks(
             check_key=self._key_usable,
-            check_upstream=self._upstream_reachable if upstream_status is None else None,
+            check_upstream=self._upstream_reachable if self.upstream_status is None else None,
             interval=check_interval,
         )
 
@@ -94,28 +87,28 @@ class LocalEndpoints:
             "health": self.health,
             "live": self.live,
             "ready": self.ready,
-            "metrics": self.metrics,
+            "metrics": self.metrics_page,
             "pubkey": self.pubkey,
         }
-        if self._attestation is not None:
-            handlers["attestation"] = self._attestation.handle_evidence
-            handlers["activate"] = self._attestation.handle_activate
+        if self.attestation is not None:
+            handlers["attestation"] = self.attestation.handle_evidence
+            handlers["activate"] = self.attestation.handle_activate
         return handlers
 
     async def health(self, request: web.Request) -> web.Response:
         # With key epochs the key changes: the current one, not the one at start.
-        pubkey = self._pubkey if self._epochs is None else pubkey_document(self._key)
+        pubkey = self._pubkey if self.epochs is None else pubkey_document(self.key)
         return web.json_response(
             {
                 "status": "ok",
-                "payment_mode": self._payment_mode,
+                "payment_mode": self.payment_mode,
                 "key": {
                     "backend": pubkey["backend"],
                     "persistent": pubkey["persistent"],
                     "fingerprint": pubkey["fingerprint"],
                 },
-                "in_flight": self._limiter.in_flight,
-                "max_concurrent_requests": self._limiter.limit,
+                "in_flight": self.limiter.in_flight,
+                "max_concurrent_requests": self.limiter.limit,
             }
         )
 
@@ -125,7 +118,7 @@ class LocalEndpoints:
     async def ready(self, request: web.Request) -> web.Response:
         checked = await self.readiness.current()
         key_ok, upstream_ok = checked.key_ok, checked.upstream_ok
-        status = dict(self._upstream_status()) if self._upstream_status is not None else None
+        status = dict(self.upstream_status()) if self.upstream_status is not None else None
         if status is not None:
             upstream_ok = status.get("state") == "ready"
         ready = key_ok and upstream_ok
@@ -141,26 +134,26 @@ class LocalEndpoints:
             # The monitor's view: container restarts, breaker state (never URLs or keys).
             document["upstream"] = status
         # The served weights' digests (public: attestation binds the same values).
-        document["models"] = self._models
+        document["models"] = self.models
         document = {"status": "ready" if ready else "not_ready", **document}
         return web.json_response(document, status=200 if ready else 503)
 
     async def _upstream_reachable(self) -> bool:
-        return await self._upstream.probe(self._probe_timeout)
+        return await self.upstream.probe(self.probe_timeout)
 
     async def _key_usable(self) -> bool:
         # A real ECDH (with our own public point) exercises the token or TPM session.
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self._probe_timeout):
-                await loop.run_in_executor(None, self._key.ecdh, self._key.public_key)
+            async with asyncio.timeout(self.probe_timeout):
+                await loop.run_in_executor(None, self.key.ecdh, self.key.public_key)
         except Exception:  # any failure means "not ready"; the reason is for the operator's logs
             return False
         return True
 
-    async def metrics(self, request: web.Request) -> web.Response:
-        body = self._metrics.render(
-            in_flight=self._limiter.in_flight, breaker_open=self._upstream.breaker_open
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        body = self.metrics.render(
+            in_flight=self.limiter.in_flight, breaker_open=self.upstream.breaker_open
         )
         return web.Response(
             body=body,
@@ -168,8 +161,8 @@ class LocalEndpoints:
         )
 
     async def pubkey(self, request: web.Request) -> web.Response:
-        if self._epochs is None:
+        if self.epochs is None:
             return web.json_response(self._pubkey)
         # Key epochs: the current key (what Obol clients seal to) and the live epochs, now.
-        document = {**pubkey_document(self._key), **epochs_document(self._epochs)}
+        document = {**pubkey_document(self.key), **epochs_document(self.epochs)}
         return web.json_response(document, headers={"Cache-Control": "no-store"})

@@ -116,7 +116,7 @@ class ConcurrencyLimiter(Slots):
     """The cap on in-flight upstream requests (503 + Retry-After), taken after admission."""
 
     def __init__(self, limit: int, retry_after: int) -> None:
-        super().__init__(limit, lambda: Overloaded(headers={"Retry-After": str(retry_after)}))
+        super().__init__(limit, lambda: Overloaded(retry_after=retry_after))
 
     @property
     def in_flight(self) -> int:

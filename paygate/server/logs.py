@@ -68,6 +68,12 @@ class RequestFacts:
     payment: str = "none"  # none | free | paid | a refusal code
     upstream_seconds: float | None = None
     sent_status: int = 0  # the status whose headers went out (a stream's, before its body)
+    returned_status: int = 0  # the handler's response's; 0 when it raised (the caller left)
+
+    @property
+    def status(self) -> int:
+        """The status the caller got: a stream's sent headers', else the returned one's."""
+        return self.sent_status or self.returned_status
 
 
 def facts(request: web.Request) -> RequestFacts:
@@ -78,6 +84,15 @@ def facts(request: web.Request) -> RequestFacts:
     made = RequestFacts(request_id="")
     request[_REQUEST_KEY] = made
     return made
+
+
+async def answer_noted(
+    handler: Handler, request: web.Request, record: RequestFacts
+) -> web.StreamResponse:
+    """``handler``'s response, its status noted in ``record`` (for the event and the span)."""
+    response = await handler(request)
+    record.returned_status = response.status
+    return response
 
 
 def request_id_for(
@@ -138,23 +153,19 @@ def request_events(trusted_proxies: Sequence[Network]) -> Middleware:
         record = RequestFacts(request_id=rid)
         request[_REQUEST_KEY] = record
         token = _current_request.set(rid)
-        status = 0
         try:
-            response = await handler(request)
-            status = response.status
-            return response
+            return await answer_noted(handler, request, record)
         finally:
             # A stream whose caller left after its headers: the status sent, and say so.
-            sent = record.sent_status or status
             event: dict[str, object] = {
                 "request_id": rid,
                 "method": request.method,
                 "route": record.route,
-                "status": sent or 499,
+                "status": record.status or 499,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 2),
                 "payment": record.payment,
             }
-            if status in (0, 499):
+            if record.returned_status in (0, 499):
                 event["caller_gone"] = True
             if record.upstream_seconds is not None:
                 event["upstream_ms"] = round(record.upstream_seconds * 1000, 2)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,120 @@ def worker_exited(pid: int) -> None:
         prometheus_multiprocess.mark_process_dead(pid, str(directory))
 
 
+@dataclass(frozen=True, slots=True)
+class _Declared:
+    """One metric, created in each app's registry: its type, name, help and label names, and
+    a histogram's buckets or a gauge's multiprocess mode (how the workers' values combine)."""
+
+    kind: Callable[..., Any]
+    name: str
+    help: str
+    labels: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def create(self, registry: CollectorRegistry) -> Any:
+        return self.kind(self.name, self.help, self.labels, registry=registry, **self.options)
+
+
+_ROUTE = ("route",)
+_LIVESUM, _LIVEMAX = {"multiprocess_mode": "livesum"}, {"multiprocess_mode": "livemax"}
+# Every metric of the gateway, by the Metrics attribute that holds it.
+_DECLARED: dict[str, _Declared] = {
+    "_requests": _Declared(
+        Counter, "paygate_requests", "Requests answered, by route and status.", (*_ROUTE, "status")
+    ),
+    "_errors": _Declared(
+        Counter, "paygate_errors", "Errors answered by the gateway, by code.", ("code",)
+    ),
+    "_envelopes": _Declared(
+        Counter, "paygate_request_envelopes", "Forwarded requests by body envelope.", ("envelope",)
+    ),
+    "_in_flight": _Declared(
+        Gauge, "paygate_in_flight", "Upstream requests in flight.", (), _LIVESUM
+    ),
+    "_duration": _Declared(
+        Histogram,
+        "paygate_request_duration_seconds",
+        "Whole request time, arrival to the reply's last byte, by route.",
+        _ROUTE,
+        {"buckets": REQUEST_BUCKETS},
+    ),
+    "_overhead": _Declared(
+        Histogram,
+        "paygate_overhead_seconds",
+        "Gateway time not spent waiting on the model server, up to the reply's start.",
+        _ROUTE,
+        {"buckets": OVERHEAD_BUCKETS},
+    ),
+    "_first_chunk": _Declared(
+        Histogram,
+        "paygate_first_chunk_seconds",
+        "Arrival to the first reply byte sent to the caller (time to first chunk).",
+        _ROUTE,
+        {"buckets": REQUEST_BUCKETS},
+    ),
+    "_upstream": _Declared(
+        Histogram,
+        "paygate_upstream_latency_seconds",
+        "Forwarding to the model server's response headers (connect included).",
+        _ROUTE,
+        {"buckets": REQUEST_BUCKETS},
+    ),
+    "_payments": _Declared(
+        Counter,
+        "paygate_payments",
+        "Payment admissions by outcome (admitted or the refusal code) and scheme.",
+        ("outcome", "scheme"),
+    ),
+    "_earned": _Declared(
+        Counter,
+        "paygate_earned_atomic",
+        "Amount settled to us, in the asset's atomic units.",
+        ("network", "asset"),
+    ),
+    "_settlement": _Declared(
+        Histogram,
+        "paygate_settlement_seconds",
+        "Settlement calls by outcome (settled, refused, pending, unavailable).",
+        ("outcome",),
+        {"buckets": SETTLE_BUCKETS},
+    ),
+    "_pending": _Declared(
+        Gauge, "paygate_settlements_pending", "Settlements under way right now.", (), _LIVESUM
+    ),
+    "_breaker": _Declared(
+        Gauge,
+        "paygate_upstream_breaker_open",
+        "1 while the model server's circuit breaker is open (refusing at once).",
+        (),
+        _LIVEMAX,
+    ),
+    "_retries": _Declared(
+        Counter, "paygate_upstream_retries", "Upstream attempts repeated, by reason.", ("reason",)
+    ),
+    "_tokens": _Declared(
+        Counter, "paygate_tokens", "Tokens the model server reported, by kind.", ("kind",)
+    ),
+    "_usage_replies": _Declared(
+        Counter, "paygate_usage_replies", "Replies that stated their token usage."
+    ),
+    "_limit_events": _Declared(
+        Counter,
+        "paygate_limit_events",
+        "Token limits and budgets reached, by kind and mode (enforced: refused; shadow: "
+        "would have been).",
+        ("kind", "mode"),
+    ),
+    "_key_ops": _Declared(
+        Histogram,
+        "paygate_key_operation_seconds",
+        "Key backend operations (ECDH in the software key, HSM or TPM).",
+        ("backend", "operation"),
+        {"buckets": KEY_BUCKETS},
+    ),
+}
+
+
 class Metrics:
     """Every metric of one gateway app; its methods are the callbacks the stages are given."""
 
@@ -82,117 +197,13 @@ class Metrics:
         self._dir = multiprocess_dir()
         self._children: dict[tuple[object, ...], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        route = ("route",)
-        self._requests = Counter(
-            "paygate_requests", "Requests answered, by route and status.", (*route, "status"),
-            registry=r,
-        )  # fmt: skip
-        self._errors = Counter(
-            "paygate_errors", "Errors answered by the gateway, by code.", ("code",), registry=r
-        )
-        self._envelopes = Counter(
-            "paygate_request_envelopes",
-            "Forwarded requests by body envelope.",
-            ("envelope",),
-            registry=r,
-        )
-        self._in_flight = Gauge(
-            "paygate_in_flight",
-            "Upstream requests in flight.",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self._duration = Histogram(
-            "paygate_request_duration_seconds",
-            "Whole request time, arrival to the reply's last byte, by route.",
-            route,
-            buckets=REQUEST_BUCKETS,
-            registry=r,
-        )
-        self._overhead = Histogram(
-            "paygate_overhead_seconds",
-            "Gateway time not spent waiting on the model server, up to the reply's start.",
-            route,
-            buckets=OVERHEAD_BUCKETS,
-            registry=r,
-        )
-        self._first_chunk = Histogram(
-            "paygate_first_chunk_seconds",
-            "Arrival to the first reply byte sent to the caller (time to first chunk).",
-            route,
-            buckets=REQUEST_BUCKETS,
-            registry=r,
-        )
-        self._upstream = Histogram(
-            "paygate_upstream_latency_seconds",
-            "Forwarding to the model server's response headers (connect included).",
-            route,
-            buckets=REQUEST_BUCKETS,
-            registry=r,
-        )
-        self._payments = Counter(
-            "paygate_payments",
-            "Payment admissions by outcome (admitted or the refusal code) and scheme.",
-            ("outcome", "scheme"),
-            registry=r,
-        )
-        self._earned = Counter(
-            "paygate_earned_atomic",
-            "Amount settled to us, in the asset's atomic units.",
-            ("network", "asset"),
-            registry=r,
-        )
-        self._settlement = Histogram(
-            "paygate_settlement_seconds",
-            "Settlement calls by outcome (settled, refused, pending, unavailable).",
-            ("outcome",),
-            buckets=SETTLE_BUCKETS,
-            registry=r,
-        )
-        self._pending = Gauge(
-            "paygate_settlements_pending",
-            "Settlements under way right now.",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self._breaker = Gauge(
-            "paygate_upstream_breaker_open",
-            "1 while the model server's circuit breaker is open (refusing at once).",
-            registry=r,
-            multiprocess_mode="livemax",
-        )
-        self._retries = Counter(
-            "paygate_upstream_retries",
-            "Upstream attempts repeated, by reason.",
-            ("reason",),
-            registry=r,
-        )
-        self._tokens = Counter(
-            "paygate_tokens", "Tokens the model server reported, by kind.", ("kind",), registry=r
-        )
-        self._usage_replies = Counter(
-            "paygate_usage_replies", "Replies that stated their token usage.", registry=r
-        )
+        for attribute, declared in _DECLARED.items():  # self._requests, self._errors, ...
+            setattr(self, attribute, declared.create(self.registry))
         # Children of the per-request metrics, bound once (labels from closed sets only).
         self._routes: dict[int, dict[str, Any]] = {}
         self._answered: dict[tuple[str, int], Any] = {}
-        self._limit_events = Counter(
-            "paygate_limit_events",
-            "Token limits and budgets reached, by kind and mode (enforced: refused; shadow: "
-            "would have been).",
-            ("kind", "mode"),
-            registry=r,
-        )
         # Called with every error code answered (webhook alerts on attestation failures).
         self.on_error: Callable[[str], None] | None = None
-        self._key_ops = Histogram(
-            "paygate_key_operation_seconds",
-            "Key backend operations (ECDH in the software key, HSM or TPM).",
-            ("backend", "operation"),
-            buckets=KEY_BUCKETS,
-            registry=r,
-        )
 
     # --- the request path (Gateway, Opener, Replies) ---
 

@@ -17,7 +17,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -164,47 +164,36 @@ class NoPayments:
         return None
 
 
+@dataclass(slots=True, eq=False)
 class X402Payments:
     """x402 over HTTP: headers in, challenges and receipts out; admission in the processor,
     the payment after it in the session (paygate.x402.session)."""
 
-    def __init__(
-        self,
-        processor: PaymentProcessor,
-        prices: PricePolicy,
-        *,
-        public_url: str | None = None,
-        description: str = "paygate inference",
-        pricing: TokenPricing | None = None,
-        batch_max_items: int = 16,
-        shaper: RequestShaper | None = None,
-        model_limits: bool = False,
-        discovery: Discovery | None = None,
-    ) -> None:
-        self._discovery = discovery
-        self._batch_max_items = batch_max_items
-        self._shaper = shaper
-        # A payer limit per model: the body's model must be known before the payer check.
-        self._model_limits = model_limits
-        self._processor = processor
-        self._prices = prices
-        self._public_url = public_url
-        self._description = description
-        self._pricing = pricing if any(SCHEMES[s].metered for s in processor.schemes) else None
+    processor: PaymentProcessor
+    prices: PricePolicy
+    _: KW_ONLY
+    public_url: str | None = None
+    description: str = "paygate inference"
+    pricing: TokenPricing | None = None  # kept only when a scheme of the processor is metered
+    batch_max_items: int = 16
+    shaper: RequestShaper | None = None
+    # A payer limit per model: the body's model must be known before the payer check.
+    model_limits: bool = False
+    discovery: Discovery | None = None
+
+    def __post_init__(self) -> None:
+        if not any(SCHEMES[s].metered for s in self.processor.schemes):
+            self.pricing = None
 
     @property
     def needs_body(self) -> bool:
-        economics = self._processor.economics
+        economics = self.processor.economics
         return (
-            self._prices.needs_model
-            or self._pricing is not None
+            self.prices.needs_model
+            or self.pricing is not None
             or (economics is not None and economics.needs_model)
-            or self._model_limits
+            or self.model_limits
         )
-
-    @property
-    def processor(self) -> PaymentProcessor:
-        return self._processor
 
     def admit(
         self, request: web.Request, route: Route, *, body: bytes | None = None, client: str = ""
@@ -228,14 +217,14 @@ class X402Payments:
             # 402 before the body is judged: priced as a request without one.
             terms = self._terms(route, None)
         model, price, quote, items = terms.model, terms.price, terms.quote, terms.items
-        description = self._description
-        if self._discovery is not None:
-            description = self._discovery.description(route.method, route.path)
+        description = self.description
+        if self.discovery is not None:
+            description = self.discovery.description(route.method, route.path)
         metered = None
         if quote is not None:
-            fallback = self._pricing.fallback if self._pricing is not None else "prompt"
+            fallback = self.pricing.fallback if self.pricing is not None else "prompt"
             metered = MeteredTerms(quote, items, fallback)
-        session = await self._processor.admit(
+        session = await self.processor.admit(
             request.headers,
             price=price,
             resource=ResourceInfo(
@@ -251,8 +240,8 @@ class X402Payments:
             client=client,
         )
         if isinstance(session, Refusal):
-            if session.challenge is not None and self._discovery is not None:
-                challenge = self._discovery.decorate(
+            if session.challenge is not None and self.discovery is not None:
+                challenge = self.discovery.decorate(
                     session.challenge, route.method, route.path, request.path
                 )
                 session = dataclasses.replace(session, challenge=challenge)
@@ -273,7 +262,7 @@ class X402Payments:
         """What the request is priced at (``body`` None: a probe, priced without its body)."""
         if route.target == "batch":
             if body is None:  # a probe: one item's price
-                price = self._prices.price(method="POST", path=BATCH_ITEM_PATH, model=None)
+                price = self.prices.price(method="POST", path=BATCH_ITEM_PATH, model=None)
                 return _Terms(None, price)
             price, quote, items, plan = self._batch_terms(body)
             forwarded = [p for p in plan if p.forwarded]
@@ -286,21 +275,21 @@ class X402Payments:
                 tuple((f"POST {BATCH_ITEM_PATH}", p.model) for p in forwarded),
             )
         shaped = None
-        if body is not None and self._shaper is not None:
-            shaped = shape_or_refuse(self._shaper, route.path, body)
+        if body is not None and self.shaper is not None:
+            shaped = shape_or_refuse(self.shaper, route.path, body)
         model = shaped.model if shaped is not None else None
         if model is None and body is not None:
             model = model_of(body)
-        price = self._prices.price(method=route.method, path=route.path, model=model)
+        price = self.prices.price(method=route.method, path=route.path, model=model)
         if shaped is None:
             return _Terms(model, price)
         return _Terms(model, price, self._quote(body or b"", shaped), shaped_body=shaped.body())
 
     def _quote(self, body: bytes, shaped: Shaped) -> Quote | None:
         """The upto terms of a shaped request (None: no token price, or upto not offered)."""
-        if self._pricing is None or self._shaper is None:
+        if self.pricing is None or self.shaper is None:
             return None
-        return metered_quote(self._pricing, self._shaper, body, shaped)
+        return metered_quote(self.pricing, self.shaper, body, shaped)
 
     def _batch_terms(
         self, body: bytes
@@ -310,19 +299,19 @@ class X402Payments:
         quote (the maxima summed; the first forwarded item's model names it) and each item's
         own quote (None for an item not forwarded)."""
         try:
-            batch = parse_batch(body, max_items=self._batch_max_items)
+            batch = parse_batch(body, max_items=self.batch_max_items)
         except BadBatch as exc:
             raise InvalidBatch(str(exc)) from None
-        plan = plan_batch(self._shaper, batch)
+        plan = plan_batch(self.shaper, batch)
         forwarded = [p for p in plan if p.forwarded]
         price = sum(
             (
-                self._prices.price(method="POST", path=BATCH_ITEM_PATH, model=p.model)
+                self.prices.price(method="POST", path=BATCH_ITEM_PATH, model=p.model)
                 for p in forwarded
             ),
             Decimal(0),
         )
-        if self._pricing is None or not forwarded:
+        if self.pricing is None or not forwarded:
             return price, None, None, plan
         quotes = [self._quote(p.source, p.shaped) if p.shaped else None for p in forwarded]
         if any(q is None for q in quotes):
@@ -347,12 +336,12 @@ class X402Payments:
         return price, total, tuple(next(quoted) if p.forwarded else None for p in plan), plan
 
     async def close(self, timeout: float) -> None:
-        await self._processor.settlements.drain(timeout)
+        await self.processor.settlements.drain(timeout)
 
     def _resource_url(self, request: web.Request) -> str:
         # The configured public URL, when set, instead of trusting the Host header.
-        if self._public_url:
-            return self._public_url + request.path
+        if self.public_url:
+            return self.public_url + request.path
         return str(request.url.with_query(None))
 
 

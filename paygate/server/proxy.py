@@ -392,7 +392,7 @@ class Upstream:
         self, method: str, path: str, body: bytes | None, headers: Mapping[str, str]
     ) -> tuple[http1.Response, UpstreamReply]:
         if self._breaker is not None and not self._breaker.allows():
-            raise UpstreamDown(self._breaker.retry_after)
+            raise UpstreamDown(retry_after=self._breaker.retry_after)
         clock = _Clock(self.timeouts)
         first_byte_end = clock.now() + self.timeouts.first_byte
         attempt = 0

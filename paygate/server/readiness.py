@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,33 +25,26 @@ class Checked:
     at: float
 
 
+@dataclass(slots=True, kw_only=True, eq=False)
 class ReadinessChecks:
     """Single-flight, interval-bounded readiness checks.
 
     ``check_upstream`` is None when the health monitor's state is the upstream's answer.
     """
 
-    def __init__(
-        self,
-        *,
-        check_key: Callable[[], Awaitable[bool]],
-        check_upstream: Callable[[], Awaitable[bool]] | None,
-        interval: float,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._check_key = check_key
-        self._check_upstream = check_upstream
-        self._interval = interval
-        self._clock = clock
-        self._last: Checked | None = None
-        self._running: asyncio.Future[Checked] | None = None
-        self.rounds = 0  # checks run so far (for the operator and the tests' arithmetic)
+    check_key: Callable[[], Awaitable[bool]]
+    check_upstream: Callable[[], Awaitable[bool]] | None
+    interval: float
+    clock: Callable[[], float] = time.monotonic
+    rounds: int = field(default=0, init=False)  # checks run so far (for the operator and tests)
+    _last: Checked | None = field(default=None, init=False)
+    _running: asyncio.Future[Checked] | None = field(default=None, init=False)
 
     async def current(self) -> Checked:
         """The last round's result while it is younger than the interval, else a fresh one
         (shared with every caller waiting for it)."""
         last = self._last
-        if last is not None and self._clock() - last.at < self._interval:
+        if last is not None and self.clock() - last.at < self.interval:
             return last
         if self._running is None:
             self._running = asyncio.ensure_future(self._round())
@@ -61,13 +54,11 @@ class ReadinessChecks:
     async def _round(self) -> Checked:
         try:
             self.rounds += 1
-            if self._check_upstream is None:
-                key_ok, upstream_ok = await self._check_key(), True
+            if self.check_upstream is None:
+                key_ok, upstream_ok = await self.check_key(), True
             else:
-                key_ok, upstream_ok = await asyncio.gather(
-                    self._check_key(), self._check_upstream()
-                )
-            self._last = Checked(key_ok, upstream_ok, self._clock())
+                key_ok, upstream_ok = await asyncio.gather(self.check_key(), self.check_upstream())
+            self._last = Checked(key_ok, upstream_ok, self.clock())
             return self._last
         finally:
             self._running = None

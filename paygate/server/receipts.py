@@ -85,10 +85,11 @@ def request_nonce_header(headers: Mapping[str, str]) -> bytes | None:
 
 
 def request_facts(
-    *, method: str, path: str, received: bytes, opened: OpenedBody, nonce: bytes | None,
+    request: web.BaseRequest, *, received: bytes, opened: OpenedBody, nonce: bytes | None,
     model: str | None, model_digest: str | None = None,
 ) -> ReceiptRequest:  # fmt: skip
-    """The request's digest as the caller computes it (see the module docstring)."""
+    """The request's digest as the caller computes it (see the module docstring): its method
+    and path, the body ``received``, and the reply key or nonce."""
     plan = opened.reply
     reply_key = None
     if isinstance(plan, V2Reply):
@@ -96,7 +97,7 @@ def request_facts(
     elif isinstance(plan, V1Reply):
         reply_key = plan.public_key
     digest = receipts.request_digest(
-        method=method, path=path, body=received, nonce=nonce, reply_key=reply_key
+        method=request.method, path=request.path, body=received, nonce=nonce, reply_key=reply_key
     )
     return ReceiptRequest(request_digest=digest, model=model, model_digest=model_digest)
 
@@ -290,9 +291,6 @@ class ReceiptPending(GatewayError):
     status = 404
     code = "receipt_pending"
 
-    def __init__(self) -> None:
-        super().__init__(headers={"Retry-After": "5"})
-
 
 class SettlementFailed(GatewayError):
     message = "the payment did not settle: there is no settlement receipt"
@@ -350,7 +348,7 @@ class ReceiptEndpoint:
         if not settled:
             if all(r.state in (PaymentState.FAILED, PaymentState.RELEASED) for r in records):
                 raise SettlementFailed
-            raise ReceiptPending
+            raise ReceiptPending(retry_after=5)
         record = settled[0]
         stored = await self._ledger.receipts(record.id)
         for kept in stored:

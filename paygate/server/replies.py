@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -498,38 +498,40 @@ class Replies:
         """Relay every chunk (``early``: what the chain made of the bytes already here, the
         first write, which carries the head); with a deadline, stop there and say why (an
         in-band error)."""
-        first = True
         async with contextlib.aclosing(reply.chunks()) as chunks:
             if deadline is None:  # the usual case: no scope to set up and tear down
-                if early:
-                    await response.write(early)
-                    on_first()
-                async for chunk in chunks:
-                    out = chain.feed(chunk)
-                    if out:
-                        await response.write(out)
-                        if first and not early:
-                            first = False
-                            on_first()
+                await _pump(response, chunks, chain, on_first, early)
                 return None
             try:
                 async with asyncio.timeout_at(deadline) as scope:
-                    if early:
-                        first = False
-                        await response.write(early)
-                        on_first()
-                    async for chunk in chunks:
-                        out = chain.feed(chunk)
-                        if out:
-                            await response.write(out)
-                            if first:
-                                first = False
-                                on_first()
+                    await _pump(response, chunks, chain, on_first, early)
             except TimeoutError:
                 if scope.expired():
                     return AUTHORIZATION_EXPIRING
                 raise
         return None
+
+
+async def _pump(
+    response: web.StreamResponse,
+    chunks: AsyncIterator[bytes],
+    chain: Chain,
+    on_first: Callable[[], None],
+    early: bytes,
+) -> None:
+    """Write ``early``, then what the chain makes of each chunk; ``on_first`` after the first
+    write."""
+    first = not early
+    if early:
+        await response.write(early)
+        on_first()
+    async for chunk in chunks:
+        out = chain.feed(chunk)
+        if out:
+            await response.write(out)
+            if first:
+                first = False
+                on_first()
 
 
 def _payment(session: PaymentSession, receipt: Receipt | None) -> dict[str, object] | None:

@@ -384,13 +384,7 @@ class RoutedExchange:
     async def __aenter__(self) -> UpstreamReply:
         return await self._router._open(self)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.leave(exc_type, exc, tb)
+    __aexit__ = leave  # leaving the block leaves the backend
 
 
 def _failed(backend: Backend, reason: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from paygate.server.logs import facts
+from paygate.server.logs import answer_noted, facts
 
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 #: GenAI ``gen_ai.operation.name`` of our routes (the route table's names).
@@ -110,21 +110,18 @@ class Tracing:
                 record_exception=False,
                 set_status_on_exception=False,
             ) as span:
-                status = 0
                 try:
-                    response = await handler(request)
-                    status = response.status
-                    return response
+                    return await answer_noted(handler, request, facts(request))
                 finally:
-                    self._describe(span, request, status)
+                    self._describe(span, request)
 
         return traced
 
-    def _describe(self, span: Any, request: web.Request, status: int) -> None:
+    def _describe(self, span: Any, request: web.Request) -> None:
         info = facts(request)
         more = request.get(_FACTS) or SpanFacts()
         operation = OPERATIONS.get(info.route, "other")
-        sent = info.sent_status or status
+        sent = info.status
         span.update_name(f"{operation} {more.model}" if more.model else operation)
         attributes: dict[str, Any] = {
             "http.request.method": request.method,

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from paygate.errors import PaygateError
@@ -26,30 +27,24 @@ DOWN_PROBE_INTERVAL = 1.0
 log = logging.getLogger("paygate.upstream")
 
 
+@dataclass(slots=True, kw_only=True, eq=False)
 class HealthMonitor:
-    """The upstream's state machine; :meth:`run` is the background task."""
+    """The upstream's state machine; :meth:`run` is the background task.
 
-    def __init__(
-        self,
-        *,
-        check: Callable[[], Awaitable[ProbeResult]],
-        breaker: CircuitBreaker,
-        interval: float,
-        backoff_max: float,
-        crashed: Callable[[], Awaitable[bool]] | None = None,
-        recover: Callable[[], Awaitable[str]] | None = None,
-    ) -> None:
-        self._check = check
-        self._crashed = crashed
-        self._recover = recover
-        self.breaker = breaker
-        self.interval = interval
-        self.backoff_max = backoff_max
-        self.state: State = "starting"
-        self.since = time.time()
-        self.restarts = 0
-        self.last_probe = "not probed"
-        self._attempt = 0
+    ``check`` probes the health route; ``crashed`` asks docker whether the containers still
+    run and ``recover`` restarts them (container mode only)."""
+
+    check: Callable[[], Awaitable[ProbeResult]]
+    breaker: CircuitBreaker
+    interval: float
+    backoff_max: float
+    crashed: Callable[[], Awaitable[bool]] | None = None
+    recover: Callable[[], Awaitable[str]] | None = None
+    state: State = field(default="starting", init=False)
+    since: float = field(default_factory=time.time, init=False)
+    restarts: int = field(default=0, init=False)
+    last_probe: str = field(default="not probed", init=False)
+    _attempt: int = field(default=0, init=False)
 
     def _set(self, state: State) -> None:
         if state != self.state:
@@ -79,7 +74,7 @@ class HealthMonitor:
     async def step(self) -> None:
         """One round: crash check (container mode), then the health probe."""
         try:
-            if self._crashed is not None and await self._crashed():
+            if self.crashed is not None and await self.crashed():
                 self.breaker.trip("container not running")
                 await self._restart()
                 return
@@ -89,7 +84,7 @@ class HealthMonitor:
             self.last_probe = exc.code
             self._set("down")
             return
-        result = await self._check()
+        result = await self.check()
         self.last_probe = "ok" if result.ok else result.detail
         if result.ok:
             self.breaker.record_success()
@@ -101,13 +96,13 @@ class HealthMonitor:
             self._set("down")
 
     async def _restart(self) -> None:
-        assert self._recover is not None
+        assert self.recover is not None
         delay = min(FIRST_BACKOFF * 2**self._attempt, self.backoff_max)
         self._attempt += 1
         self._set("restarting")
         await asyncio.sleep(delay)
         try:
-            action = await self._recover()
+            action = await self.recover()
         except PaygateError as exc:
             log.error("model server restart failed (attempt %d): %s", self._attempt, exc.code)
             self.last_probe = exc.code

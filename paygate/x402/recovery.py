@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal
 
 from paygate.x402 import codec
@@ -34,38 +35,29 @@ from paygate.x402.settler import (
 log = logging.getLogger("paygate.x402")
 
 
+@dataclass(slots=True, kw_only=True, eq=False)
 class Recovery:
     """Reconciliation, abandoned reservations and lease renewal for one process."""
 
-    def __init__(
-        self,
-        *,
-        ledger: Ledger,
-        leases: HeldLeases,
-        settler: Settler,
-        settlement: Settlement,
-        settlements: Settlements,
-        schemes: Callable[[str], Scheme] = SCHEMES.__getitem__,
-    ) -> None:
-        self._ledger = ledger
-        self._leases = leases
-        self._settler = settler
-        self._settlement = settlement
-        self._settlements = settlements
-        self._schemes = schemes  # a record's scheme by name (as bound to this gateway)
+    ledger: Ledger
+    leases: HeldLeases
+    settler: Settler
+    settlement: Settlement
+    settlements: Settlements
+    schemes: Callable[[str], Scheme] = SCHEMES.__getitem__  # a record's scheme, by its name
 
     async def release_abandoned(self, *, own: bool = False) -> int:
         """Release reservations whose owner is gone (its lease ran out; with ``own``, also
         this replica name's, left by its previous run), so their callers can retry."""
-        released = await self._ledger.release_abandoned(own=own)
+        released = await self.ledger.release_abandoned(own=own)
         return len(released)
 
     async def adopt_own(self) -> list[PaymentRecord]:
         """At start, before serving: claim the settlements this replica name left unfinished
         (its previous run died); :meth:`reconcile_once` finishes them."""
-        if not self._settlement.settles_owed:
+        if not self.settlement.settles_owed:
             return []
-        return await self._ledger.claim_unfinished(min_age=0.0, own=True)
+        return await self.ledger.claim_unfinished(min_age=0.0, own=True)
 
     async def reconcile_once(
         self, *, min_age: float, adopted: list[PaymentRecord] | None = None
@@ -73,21 +65,21 @@ class Recovery:
         """One pass: release abandoned reservations, then claim and finish the settlements
         nobody holds (lease ran out, or let go ``min_age`` seconds ago), plus ``adopted``."""
         await self.release_abandoned()
-        if not self._settlement.settles_owed:
+        if not self.settlement.settles_owed:
             return 0
-        claimed = [*(adopted or ()), *await self._ledger.claim_unfinished(min_age=min_age)]
+        claimed = [*(adopted or ()), *await self.ledger.claim_unfinished(min_age=min_age)]
         for record in claimed:
-            self._leases.hold(record)
+            self.leases.hold(record)
             try:
                 await self._reconcile(record)
             finally:
-                if self._leases.holds(record):  # still owed or in doubt: for a later pass
-                    await self._leases.let_go(record)
+                if self.leases.holds(record):  # still owed or in doubt: for a later pass
+                    await self.leases.let_go(record)
         return len(claimed)
 
     async def renew_leases(self) -> int:
         """Renew the lease of every payment this process works on (see ``HeldLeases``)."""
-        return await self._leases.renew_all()
+        return await self.leases.renew_all()
 
     async def _reconcile(self, record: PaymentRecord) -> None:
         try:
@@ -100,26 +92,26 @@ class Recovery:
             record=record,
             payment=payment,
             requirements=json.loads(record.requirements),
-            scheme=self._schemes(record.scheme),
+            scheme=self.schemes(record.scheme),
         )
         if record.state is PaymentState.SERVED:
-            await self._settlements.settle_now(admission)
+            await self.settlements.settle_now(admission)
             return
         try:
             # Re-check the lease right before asking again (fencing, as in settle_now).
-            record = admission.record = await self._leases.renew(record)
+            record = admission.record = await self.leases.renew(record)
         except LedgerError as exc:
             log.warning("payment %s: not reconciled: %s", record.id, exc.code)
-            self._leases.drop(record.id)
+            self.leases.drop(record.id)
             return
         try:
             subject = SettlementSubject(payment, admission.requirements, record.transaction)
-            answer = await admission.scheme.reconcile(self._settler, subject, record.owed)
+            answer = await admission.scheme.reconcile(self.settler, subject, record.owed)
         except ReviewRequired as exc:
             if not record.needs_review:
-                await self._settlements.pending(admission, exc.transaction, review=str(exc))
+                await self.settlements.pending(admission, exc.transaction, review=str(exc))
             return
         except (SettlementUnknown, SettlerUnavailable) as exc:
             log.warning("payment %s still pending: %s", record.id, exc.code)
             return
-        await self._settlements.record_answer(admission, answer)
+        await self.settlements.record_answer(admission, answer)

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from paygate.x402.hooks import PaymentEvents
@@ -41,27 +42,18 @@ log = logging.getLogger("paygate.x402")
 PENDING = "settlement_pending"
 
 
+@dataclass(slots=True, kw_only=True, eq=False)
 class Settlements:
     """This process's settlements over one settler; implements
     :class:`~paygate.x402.settlement.SettlementSteps` for the strategy."""
 
-    def __init__(
-        self,
-        *,
-        leases: HeldLeases,
-        settler: Settler,
-        settlement: Settlement,
-        refusals: Refusals,
-        events: PaymentEvents,
-        settle_on_disconnect: bool = True,
-    ) -> None:
-        self._leases = leases
-        self._settler = settler
-        self.strategy = settlement
-        self._refusals = refusals
-        self._events = events
-        self._settle_on_disconnect = settle_on_disconnect
-        self._background: set[asyncio.Task[Any]] = set()
+    leases: HeldLeases
+    settler: Settler
+    settlement: Settlement  # the strategy: when and how a payment settles
+    refusals: Refusals
+    events: PaymentEvents
+    settle_on_disconnect: bool = True
+    _background: set[asyncio.Task[Any]] = field(default_factory=set, init=False)
 
     # --- what a request's session calls ---
 
@@ -69,7 +61,7 @@ class Settlements:
         """Settle an admitted request whose reply succeeded; its receipt (None if free)."""
         if not admission.paid or admission.receipt is not None:
             return admission.receipt
-        return await self.strategy.reply_ready(self, admission)
+        return await self.settlement.reply_ready(self, admission)
 
     async def finish(
         self, admission: PaymentAdmission, *, succeeded: bool, caller_gone: bool
@@ -82,19 +74,19 @@ class Settlements:
         if admission.finished or not admission.paid:
             return
         admission.finished = True
-        earned = succeeded and (not caller_gone or self._settle_on_disconnect)
-        await self.strategy.finished(self, admission, earned=earned)
+        earned = succeeded and (not caller_gone or self.settle_on_disconnect)
+        await self.settlement.finished(self, admission, earned=earned)
         record = admission.record
-        if admission.settle_task is None and record is not None and self._leases.holds(record):
+        if admission.settle_task is None and record is not None and self.leases.holds(record):
             # Nothing more happens to it in this request (e.g. verify-only leaves it SERVED):
             # give the lease up so that a reconciler, anywhere, owns what is left.
-            await self._leases.let_go(record)
+            await self.leases.let_go(record)
 
     async def keep_receipt(
         self, record: PaymentRecord, token: str, usage: Mapping[str, Any] | None
     ) -> None:
         """Keep a paid reply's signed receipt, and the usage it states, in the ledger."""
-        await self._leases.keep_receipt(record, token, usage)
+        await self.leases.keep_receipt(record, token, usage)
 
     # --- the steps a settlement strategy calls ---
 
@@ -105,11 +97,11 @@ class Settlements:
         if receipt is None or receipt.withhold:
             reason = receipt.response.error_reason if receipt else "unexpected_settle_error"
             reason = reason or "unexpected_settle_error"
-            return self._refusals.challenge(402, reason, reason_text(reason), offers, resource)
+            return self.refusals.challenge(402, reason, reason_text(reason), offers, resource)
         if not receipt.response.success:
             # Outcome unknown: do not serve on a maybe. The same authorization, sent again
             # once reconciled, is served then (the processor's replay check).
-            return self._refusals.unavailable(PENDING, "the settlement is pending; retry shortly")
+            return self.refusals.unavailable(PENDING, "the settlement is pending; retry shortly")
         admission.receipt = receipt
         return admission
 
@@ -123,12 +115,12 @@ class Settlements:
         """Record that the reply went out (a payment never settled here stays SERVED, and its
         lease goes in the same transaction: nothing more happens to it here)."""
         assert admission.record is not None
-        admission.record = await self._leases.served(
-            admission.record, let_go=not self.strategy.settles_owed
+        admission.record = await self.leases.served(
+            admission.record, let_go=not self.settlement.settles_owed
         )
 
     async def release(self, record: PaymentRecord) -> None:
-        await self._leases.release(record)
+        await self.leases.release(record)
 
     async def _settle_after(self, admission: PaymentAdmission) -> Receipt | None:
         record = admission.record
@@ -136,13 +128,13 @@ class Settlements:
         try:
             # Fenced; a metered request's usage and charge are durable with SERVED, so a
             # restart settles the same amount.
-            admission.record = await self._leases.move(
+            admission.record = await self.leases.move(
                 record, PaymentState.SERVED, meter=admission.meter
             )
         except LedgerError as exc:
             log.error("payment %s: cannot record SERVED: %s", record.id, exc.code)
-            if self._leases.holds(record):
-                await self._leases.let_go(record)
+            if self.leases.holds(record):
+                await self.leases.let_go(record)
             return None
         return await self.settle_now(admission)
 
@@ -152,8 +144,8 @@ class Settlements:
             return await self._settle_now(admission)
         finally:
             record = admission.record
-            if record is not None and self._leases.holds(record) and not record.terminal:
-                await self._leases.let_go(record)  # not finished here: whoever reconciles takes it
+            if record is not None and self.leases.holds(record) and not record.terminal:
+                await self.leases.let_go(record)  # not finished here: whoever reconciles takes it
 
     async def _settle_now(self, admission: PaymentAdmission) -> Receipt | None:
         record = admission.record
@@ -163,30 +155,30 @@ class Settlements:
         try:
             # Fenced, and the last word before the settle call: a process that lost its lease
             # (frozen past it, another replica claimed the payment) stops here.
-            record = await self._leases.move(record, PaymentState.SETTLING)
+            record = await self.leases.move(record, PaymentState.SETTLING)
         except LedgerError as exc:
             log.error("payment %s: cannot record SETTLING: %s", record.id, exc.code)
             return None
         admission.record = record
         started = time.monotonic()
-        self._events.settling(1)
+        self.events.settling(1)
         try:
             subject = SettlementSubject(payment, admission.requirements)
-            answer = await admission.scheme.settle(self._settler, subject, admission.owed)
+            answer = await admission.scheme.settle(self.settler, subject, admission.owed)
         except ReviewRequired as exc:
             return await self.pending(
                 admission, exc.transaction, review=str(exc), withhold=exc.withhold
             )
         except SettlementUnknown as exc:
-            self._events.settlement("pending", time.monotonic() - started)
+            self.events.settlement("pending", time.monotonic() - started)
             return await self.pending(admission, exc.transaction)
         except SettlerUnavailable:
-            self._events.settlement("unavailable", time.monotonic() - started)
+            self.events.settlement("unavailable", time.monotonic() - started)
             return await self.pending(admission, None)
         finally:
-            self._events.settling(-1)
+            self.events.settling(-1)
         outcome = "settled" if answer.success else "refused"
-        self._events.settlement(outcome, time.monotonic() - started)
+        self.events.settlement(outcome, time.monotonic() - started)
         receipt = await self.record_answer(admission, answer)
         admission.receipt = receipt
         return receipt
@@ -204,7 +196,7 @@ class Settlements:
                 "payment %s settled %s, not the %s asked", record.id, answer.amount, admission.owed
             )
         try:
-            admission.record = await self._leases.move(
+            admission.record = await self.leases.move(
                 record,
                 state,
                 transaction=answer.transaction or None,
@@ -214,7 +206,7 @@ class Settlements:
         except LedgerError as exc:
             log.error("payment %s: cannot record %s: %s", record.id, state, exc.code)
         if answer.success:
-            self._events.earned(record.network, record.asset, moved(answer, admission.owed))
+            self.events.earned(record.network, record.asset, moved(answer, admission.owed))
             log.info("payment %s settled", record.id)
         else:
             log.warning("payment %s settlement refused: %s", record.id, answer.error_reason)
@@ -235,13 +227,13 @@ class Settlements:
         with contextlib.suppress(LedgerError):
             # SETTLING → SETTLING keeps the record owed and stores the hash if we have one;
             # then the lease goes: any replica's reconciler finishes it.
-            admission.record = await self._leases.move(
+            admission.record = await self.leases.move(
                 record,
                 PaymentState.SETTLING,
                 transaction=transaction,
                 error=review_error(review) if review else PENDING,
             )
-            await self._leases.let_go(admission.record)
+            await self.leases.let_go(admission.record)
         if review:
             log.warning("payment %s needs review: %s", record.id, review)
         else:
