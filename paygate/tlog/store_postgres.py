@@ -13,7 +13,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from enclave.tlog.checkpoint import Checkpoint
-from paygate.postgres import Conn, PoolTimeout, connect_kwargs, open_pool, psycopg
+from paygate.postgres import (
+    Conn,
+    PoolCalls,
+    PoolTimeout,
+    connect_kwargs,
+    fetch_all,
+    fetch_one,
+    open_pool,
+    psycopg,
+)
+from paygate.statements import Query
 from paygate.tlog.store import (
     APPEND_LOCK,
     Appended,
@@ -24,7 +34,7 @@ from paygate.tlog.store import (
     StoredCheckpoint,
     check_entries,
 )
-from paygate.tlog.store_rules import HashRows, LogQueries, Query, append_flow
+from paygate.tlog.store_rules import HashRows, LogQueries, append_flow
 
 T = TypeVar("T")
 SQL = LogQueries("%s", lock_rows=" FOR UPDATE")
@@ -32,8 +42,9 @@ SQL = LogQueries("%s", lock_rows=" FOR UPDATE")
 
 class PostgresLogStore:
     def __init__(self, pool: Any) -> None:
-        self._pool = pool
-        self._closed = False
+        self._calls = PoolCalls(
+            pool, error=_error, closed=lambda: LogStoreError("the log store is closed")
+        )
 
     @classmethod
     async def open(
@@ -62,27 +73,10 @@ class PostgresLogStore:
         return cls(pool)
 
     async def _run(self, fn: Callable[..., Awaitable[T]], /, *args: Any) -> T:
-        if self._closed:
-            raise LogStoreError("the log store is closed")
-        task = asyncio.get_running_loop().create_task(self._transaction(fn, *args))
-        return await asyncio.shield(task)
-
-    async def _transaction(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        try:
-            async with self._pool.connection() as conn, conn.transaction():
-                return await fn(conn, *args)
-        except PoolTimeout:
-            raise LogStoreError("no PostgreSQL log store connection free in time") from None
-        except psycopg.Error as exc:
-            state = f" ({exc.sqlstate})" if exc.sqlstate else ""
-            raise LogStoreError(
-                f"the PostgreSQL log store failed: {type(exc).__name__}{state}"
-            ) from None
+        return await self._calls.run(fn, *args)
 
     async def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            await self._pool.close()
+        await self._calls.close()
 
     # --- the log: the statements of store_rules, one transaction each (rows as tuples) -----
 
@@ -104,10 +98,10 @@ class PostgresLogStore:
         await self._run(_execute, SQL.record_receipt(leaf, amount, replica, issued_at))
 
     async def latest(self) -> StoredCheckpoint | None:
-        return SQL.checkpoint_of(await self._run(_one, SQL.checkpoint(None)))
+        return SQL.checkpoint_of(await self._run(fetch_one, SQL.checkpoint(None)))
 
     async def checkpoint(self, size: int) -> StoredCheckpoint | None:
-        return SQL.checkpoint_of(await self._run(_one, SQL.checkpoint(size)))
+        return SQL.checkpoint_of(await self._run(fetch_one, SQL.checkpoint(size)))
 
     async def set_cosignatures(self, size: int, lines: str) -> None:
         await self._run(_execute, SQL.set_cosignatures(size, lines))
@@ -116,41 +110,40 @@ class PostgresLogStore:
         return await self._run(_tile, level, index, width)
 
     async def bundle(self, index: int, width: int) -> list[bytes] | None:
-        return SQL.bundle_of(await self._run(_all, SQL.bundle(index, width)), width)
+        return SQL.bundle_of(await self._run(fetch_all, SQL.bundle(index, width)), width)
 
     async def receipt_period(self, leaf: bytes) -> ReceiptPeriod | None:
         return await self._run(_receipt_period, leaf)
+
+
+def _error(exc: Exception) -> LogStoreError:
+    """What failed, never the server's message (it may quote the host, the user or data)."""
+    if isinstance(exc, PoolTimeout):
+        return LogStoreError("no PostgreSQL log store connection free in time")
+    state = f" ({exc.sqlstate})" if isinstance(exc, psycopg.Error) and exc.sqlstate else ""
+    return LogStoreError(f"the PostgreSQL log store failed: {type(exc).__name__}{state}")
 
 
 async def _execute(conn: Conn, query: Query) -> None:
     await conn.execute(*query)
 
 
-async def _one(conn: Conn, query: Query) -> tuple[Any, ...] | None:
-    row = await (await conn.execute(*query)).fetchone()
-    return tuple(row.values()) if row is not None else None
-
-
-async def _all(conn: Conn, query: Query) -> list[tuple[Any, ...]]:
-    return [tuple(r.values()) for r in await (await conn.execute(*query)).fetchall()]
-
-
 async def _tile(conn: Conn, level: int, index: int, width: int) -> bytes | None:
-    return SQL.tile_of(await _all(conn, SQL.tile(level, index, width)), width)
+    return SQL.tile_of(await fetch_all(conn, SQL.tile(level, index, width)), width)
 
 
 async def _claim_origin(conn: Conn, origin: str) -> None:
     await conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
-    claim = SQL.claim_origin(await _one(conn, (SQL.origin, ())), origin)
+    claim = SQL.claim_origin(await fetch_one(conn, (SQL.origin, ())), origin)
     if claim is not None:
         await conn.execute(*claim)
 
 
 async def _append(conn: Conn, entries: list[bytes], sign: NoteSigner, replica: str) -> Appended:
     await conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
-    size = await _one(conn, (SQL.size, ()))
+    size = await fetch_one(conn, (SQL.size, ()))
     old = int(size[0]) if size is not None else 0
-    clock = await _one(conn, ("SELECT extract(epoch FROM now()) AS t", ()))
+    clock = await fetch_one(conn, ("SELECT extract(epoch FROM now()) AS t", ()))
     now = float(clock[0]) if clock is not None else 0.0
     async with conn.cursor() as cursor:
         await cursor.executemany(SQL.insert_entry, SQL.entries(old, entries, replica, now))
@@ -168,7 +161,7 @@ async def _append(conn: Conn, entries: list[bytes], sign: NoteSigner, replica: s
     except StopIteration as done:
         root: bytes = done.value
     new = old + len(entries)
-    origin = SQL.origin_of(await _one(conn, (SQL.origin, ())))
+    origin = SQL.origin_of(await fetch_one(conn, (SQL.origin, ())))
     # A key backend call (a TPM or token round trip): off the event loop, still under the lock.
     loop = asyncio.get_running_loop()
     signed = await loop.run_in_executor(None, sign, Checkpoint(origin, new, root))
@@ -180,7 +173,7 @@ async def _append_receipts(
     conn: Conn, build: PeriodEntry, sign: NoteSigner, replica: str, limit: int
 ) -> Appended | None:
     await conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
-    period = [SQL.open_receipt_of(r) for r in await _all(conn, SQL.open_receipts(limit))]
+    period = [SQL.open_receipt_of(r) for r in await fetch_all(conn, SQL.open_receipts(limit))]
     if not period:
         return None
     appended = await _append(conn, [build(period)], sign, replica)  # the lock is re-entrant
@@ -190,7 +183,7 @@ async def _append_receipts(
 
 
 async def _receipt_period(conn: Conn, leaf: bytes) -> ReceiptPeriod | None:
-    row = await _one(conn, SQL.receipt_entry(leaf))
+    row = await fetch_one(conn, SQL.receipt_entry(leaf))
     if row is None:
         return None
-    return SQL.period_of(row, await _all(conn, SQL.period_leaves(row[0])))
+    return SQL.period_of(row, await fetch_all(conn, SQL.period_leaves(row[0])))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from enclave.tlog import merkle, tiles
+from paygate.statements import Query, Row
 from paygate.tlog.store import (
     LogOriginMismatch,
     LogStoreError,
@@ -21,9 +22,6 @@ from paygate.tlog.store import (
     completed_tiles,
     root_flow,
 )
-
-Query = tuple[str, tuple[Any, ...]]
-Row = Sequence[Any]
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,6 @@ append is one ``BEGIN IMMEDIATE`` transaction (the file's write lock across proc
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from paygate.tlog.store import (
 )
 from paygate.tlog.store_rules import HashRows, LogQueries, append_flow
 from paygate.x402.ledger_commit import GroupCommit
+from paygate.x402.ledger_worker import worker_call
 
 T = TypeVar("T")
 SQL = LogQueries("?", amounts_as_text=True)
@@ -49,13 +49,8 @@ class SqliteLogStore:
 
     async def _run(self, fn: Callable[..., T], /, *args: Any, alone: bool = False) -> T:
         if self._closed:
-            raise LogStoreError("the log store is closed")
-        try:
-            future = self._commits.submit(self._guarded, fn, *args, alone=alone)
-        except RuntimeError:  # the worker stopped
-            raise LogStoreError("the log store is closed") from None
-        result: T = await asyncio.shield(future)
-        return result
+            raise _closed()
+        return await worker_call(self._commits, _closed, self._guarded, fn, *args, alone=alone)
 
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -72,7 +67,7 @@ class SqliteLogStore:
     @property
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            raise LogStoreError("the log store is closed")
+            raise _closed()
         return self._db
 
     def _write(self, fn: Callable[..., T], *args: Any) -> T:
@@ -188,6 +183,10 @@ def _receipt_period(db: sqlite3.Connection, leaf: bytes) -> ReceiptPeriod | None
     if row is None:
         return None
     return SQL.period_of(row, db.execute(*SQL.period_leaves(row[0])).fetchall())
+
+
+def _closed() -> LogStoreError:
+    return LogStoreError("the log store is closed")
 
 
 def _lost(exc: sqlite3.Error) -> LogStoreError:
