@@ -32,6 +32,8 @@ _LAST = re.compile(r"[0-9]{3}")
 _WIDTH = re.compile(r"[1-9][0-9]{0,2}")
 _LEVEL = re.compile(r"0|[1-9][0-9]?")
 T = TypeVar("T")
+Q = TypeVar("Q")  # what a flow asks
+A = TypeVar("A")  # what it is answered
 
 
 class TilePathError(EnclaveError, ValueError):
@@ -209,8 +211,8 @@ def resolve(compute: Callable[[], T], nodes: TileNodes) -> Generator[TileRef, by
     raise ProofError("a proof needed more tiles than any tree has")
 
 
-def drive(flow: Generator[TileRef, bytes, T], fetch: Callable[[TileRef], bytes]) -> T:
-    """Run a :func:`resolve` generator with a synchronous fetcher."""
+def drive(flow: Generator[Q, A, T], fetch: Callable[[Q], A]) -> T:
+    """Run a :func:`resolve` generator (or any flow of requests) with a synchronous fetcher."""
     try:
         ref = next(flow)
         while True:

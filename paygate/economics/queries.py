@@ -23,10 +23,8 @@ from paygate.economics.store import (
     check_group,
     check_rows,
 )
+from paygate.statements import Query, Row
 from paygate.x402.ledger import PaymentRecord, PaymentState
-
-Query = tuple[str, tuple[Any, ...]]
-Row = Sequence[Any]
 
 PRUNE_EVERY = 256  # token usage writes between two prunes of expired rows
 LOGIN_RETENTION_SECONDS = 86_400  # expired one-time logins kept a day (then pruned)

@@ -8,7 +8,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from paygate.economics.queries import POSTGRES, EconomicsQueries, Query, QueryStore
+from paygate.economics.queries import POSTGRES, EconomicsQueries, QueryStore
+from paygate.postgres import fetch_all, fetch_one
+from paygate.statements import Query
 from paygate.x402.ledger import PaymentRecord
 from paygate.x402.ledger_postgres import PostgresLedger
 
@@ -28,16 +30,10 @@ class PostgresEconomicsStore(QueryStore):
     # --- one transaction each; rows as tuples in SELECT order ----------------------------
 
     async def _one(self, query: Query) -> Any:
-        async def one(conn: Conn) -> Any:
-            return tuple((await (await conn.execute(*query)).fetchone()).values())
-
-        return await self._ledger._run(one)
+        return await self._ledger._run(fetch_one, query)
 
     async def _all(self, query: Query) -> list[Any]:
-        async def every(conn: Conn) -> list[Any]:
-            return [tuple(r.values()) for r in await (await conn.execute(*query)).fetchall()]
-
-        return await self._ledger._run(every)
+        return await self._ledger._run(fetch_all, query)
 
     async def _write(self, queries: Callable[[float], list[Query]]) -> None:
         async def write(conn: Conn) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from paygate.economics.queries import SQLITE, EconomicsQueries, Query, QueryStore
+from paygate.economics.queries import SQLITE, EconomicsQueries, QueryStore
+from paygate.statements import Query
 from paygate.x402.ledger import PaymentRecord
 from paygate.x402.ledger_sqlite import SqliteLedger
 

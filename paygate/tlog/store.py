@@ -15,7 +15,7 @@ of every signed receipt; ``entry``/``position`` once a receipts entry covers it)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -23,6 +23,8 @@ from enclave.tlog import merkle, tiles
 from enclave.tlog.checkpoint import Checkpoint
 
 T = TypeVar("T")
+Q = TypeVar("Q")  # what a flow asks
+A = TypeVar("A")  # what it is answered
 #: pg_advisory_xact_lock key of the log's appends ("tlog").
 APPEND_LOCK = 0x746C6F67
 MAX_APPEND = 1024  # entries in one append: each is a row and a hash
@@ -125,14 +127,13 @@ def consistency_flow(old: int, new: int) -> Generator[tiles.TileRef, bytes, list
     return tiles.resolve(lambda: merkle.consistency_proof(nodes, old, new), nodes)
 
 
-async def adrive(
-    flow: Generator[tiles.TileRef, bytes, T], fetch: Callable[[tiles.TileRef], object]
-) -> T:
-    """Run a tile flow with an async fetcher (``fetch(ref)`` → awaitable of the tile bytes)."""
+async def adrive(flow: Generator[Q, A, T], fetch: Callable[[Q], Awaitable[A]]) -> T:
+    """Run a tile flow (or any flow of requests) with an async fetcher (``fetch(ref)`` →
+    awaitable of the tile bytes)."""
     try:
         ref = next(flow)
         while True:
-            data = await fetch(ref)  # type: ignore[misc]
+            data = await fetch(ref)
             ref = flow.send(data)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]

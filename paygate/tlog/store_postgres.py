@@ -3,37 +3,46 @@
 Appends take ``pg_advisory_xact_lock`` (released with the transaction, so a replica that dies
 mid-append holds nothing): replicas append one after another, never to the same index, never
 leaving a gap. A small pool of its own, configured like the ledger's (libpq conninfo, lock
-timeout); the connection string is never quoted in an error.
+timeout); the connection string is never quoted in an error. The calls are
+:class:`paygate.tlog.store_rules.QueryLogStore`'s plans, run here, one transaction each.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable
+from functools import partial
 from typing import Any, TypeVar
 
-from enclave.tlog.checkpoint import Checkpoint
-from paygate.postgres import Conn, PoolTimeout, connect_kwargs, open_pool, psycopg
-from paygate.tlog.errors import LogStoreError
-from paygate.tlog.store import (
-    APPEND_LOCK,
-    Appended,
-    NoteSigner,
-    PeriodEntry,
-    ReceiptPeriod,
-    StoredCheckpoint,
-    check_entries,
+from paygate.postgres import (
+    Conn,
+    PoolCalls,
+    PoolTimeout,
+    connect_kwargs,
+    open_pool,
+    psycopg,
+    values,
 )
-from paygate.tlog.store_rules import HashRows, LogQueries, Query, append_flow
+from paygate.statements import Query
+from paygate.tlog.errors import LogStoreError
+from paygate.tlog.store import adrive
+from paygate.tlog.store_rules import LogQueries, Plan, QueryLogStore, SignCheckpoint, route
 
 T = TypeVar("T")
-SQL = LogQueries("%s", lock_rows=" FOR UPDATE")
 
 
-class PostgresLogStore:
+class PostgresLogStore(QueryLogStore):
+    SQL = LogQueries(
+        "%s",
+        lock_rows=" FOR UPDATE",
+        clock="SELECT extract(epoch FROM now()) AS t",
+        advisory_lock=True,
+    )
+
     def __init__(self, pool: Any) -> None:
-        self._pool = pool
-        self._closed = False
+        self._calls = PoolCalls(
+            pool, error=_error, closed=lambda: LogStoreError("the log store is closed")
+        )
 
     @classmethod
     async def open(
@@ -61,136 +70,39 @@ class PostgresLogStore:
             raise LogStoreError("cannot connect to the PostgreSQL log store in time") from None
         return cls(pool)
 
-    async def _run(self, fn: Callable[..., Awaitable[T]], /, *args: Any) -> T:
-        if self._closed:
-            raise LogStoreError("the log store is closed")
-        task = asyncio.get_running_loop().create_task(self._transaction(fn, *args))
-        return await asyncio.shield(task)
-
-    async def _transaction(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        try:
-            async with self._pool.connection() as conn, conn.transaction():
-                return await fn(conn, *args)
-        except PoolTimeout:
-            raise LogStoreError("no PostgreSQL log store connection free in time") from None
-        except psycopg.Error as exc:
-            state = f" ({exc.sqlstate})" if exc.sqlstate else ""
-            raise LogStoreError(
-                f"the PostgreSQL log store failed: {type(exc).__name__}{state}"
-            ) from None
-
     async def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            await self._pool.close()
+        await self._calls.close()
 
-    # --- the log: the statements of store_rules, one transaction each (rows as tuples) -----
+    # --- the plans of store_rules, one transaction each ----------------------------------
 
-    async def claim_origin(self, origin: str) -> None:
-        await self._run(_claim_origin, origin)
+    async def _read(self, plan: Plan[T]) -> T:
+        return await self._calls.run(_drive, plan)
 
-    async def append(self, entries: Sequence[bytes], sign: NoteSigner, replica: str) -> Appended:
-        check_entries(entries)
-        return await self._run(_append, list(entries), sign, replica)
-
-    async def append_receipts(
-        self, build: PeriodEntry, sign: NoteSigner, replica: str, limit: int
-    ) -> Appended | None:
-        return await self._run(_append_receipts, build, sign, replica, limit)
-
-    async def record_receipt(
-        self, leaf: bytes, amount: int, replica: str, issued_at: float
-    ) -> None:
-        await self._run(_execute, SQL.record_receipt(leaf, amount, replica, issued_at))
-
-    async def latest(self) -> StoredCheckpoint | None:
-        return SQL.checkpoint_of(await self._run(_one, SQL.checkpoint(None)))
-
-    async def checkpoint(self, size: int) -> StoredCheckpoint | None:
-        return SQL.checkpoint_of(await self._run(_one, SQL.checkpoint(size)))
-
-    async def set_cosignatures(self, size: int, lines: str) -> None:
-        await self._run(_execute, SQL.set_cosignatures(size, lines))
-
-    async def tile(self, level: int, index: int, width: int) -> bytes | None:
-        return await self._run(_tile, level, index, width)
-
-    async def bundle(self, index: int, width: int) -> list[bytes] | None:
-        return SQL.bundle_of(await self._run(_all, SQL.bundle(index, width)), width)
-
-    async def receipt_period(self, leaf: bytes) -> ReceiptPeriod | None:
-        return await self._run(_receipt_period, leaf)
+    _write = _read  # the advisory lock is the plans' own
 
 
-async def _execute(conn: Conn, query: Query) -> None:
-    await conn.execute(*query)
-
-
-async def _one(conn: Conn, query: Query) -> tuple[Any, ...] | None:
-    row = await (await conn.execute(*query)).fetchone()
-    return tuple(row.values()) if row is not None else None
-
-
-async def _all(conn: Conn, query: Query) -> list[tuple[Any, ...]]:
-    return [tuple(r.values()) for r in await (await conn.execute(*query)).fetchall()]
-
-
-async def _tile(conn: Conn, level: int, index: int, width: int) -> bytes | None:
-    return SQL.tile_of(await _all(conn, SQL.tile(level, index, width)), width)
-
-
-async def _claim_origin(conn: Conn, origin: str) -> None:
-    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
-    claim = SQL.claim_origin(await _one(conn, (SQL.origin, ())), origin)
-    if claim is not None:
-        await conn.execute(*claim)
-
-
-async def _append(conn: Conn, entries: list[bytes], sign: NoteSigner, replica: str) -> Appended:
-    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
-    size = await _one(conn, (SQL.size, ()))
-    old = int(size[0]) if size is not None else 0
-    clock = await _one(conn, ("SELECT extract(epoch FROM now()) AS t", ()))
-    now = float(clock[0]) if clock is not None else 0.0
-    async with conn.cursor() as cursor:
-        await cursor.executemany(SQL.insert_entry, SQL.entries(old, entries, replica, now))
-    flow = append_flow(old, entries)
-    try:
-        step = next(flow)
-        while True:
-            if isinstance(step, HashRows):
-                async with conn.cursor() as cursor:
-                    await cursor.executemany(SQL.insert_hash, step.rows)
-                step = flow.send(b"")
-            else:
-                tile = await _tile(conn, step.level or 0, step.index, step.width)
-                step = flow.send(tile or b"")
-    except StopIteration as done:
-        root: bytes = done.value
-    new = old + len(entries)
-    origin = SQL.origin_of(await _one(conn, (SQL.origin, ())))
-    # A key backend call (a TPM or token round trip): off the event loop, still under the lock.
+async def _drive(conn: Conn, plan: Plan[T]) -> T:
     loop = asyncio.get_running_loop()
-    signed = await loop.run_in_executor(None, sign, Checkpoint(origin, new, root))
-    await conn.execute(*SQL.insert_checkpoint(new, root, signed, now))
-    return Appended(old, StoredCheckpoint(new, root, signed))
+
+    async def rows(query: Query) -> list[tuple[Any, ...]]:
+        cursor = await conn.execute(*query)
+        return [values(row) for row in await cursor.fetchall()] if cursor.description else []
+
+    async def many(sql: str, params: list[tuple[Any, ...]]) -> None:
+        async with conn.cursor() as cursor:
+            await cursor.executemany(sql, params)
+
+    def sign(request: SignCheckpoint) -> Awaitable[str]:
+        # A key backend call (a TPM or token round trip): off the event loop, under the lock.
+        return loop.run_in_executor(None, request.signed)
+
+    result: T = await adrive(plan, partial(route, rows=rows, many=many, sign=sign))
+    return result
 
 
-async def _append_receipts(
-    conn: Conn, build: PeriodEntry, sign: NoteSigner, replica: str, limit: int
-) -> Appended | None:
-    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
-    period = [SQL.open_receipt_of(r) for r in await _all(conn, SQL.open_receipts(limit))]
-    if not period:
-        return None
-    appended = await _append(conn, [build(period)], sign, replica)  # the lock is re-entrant
-    async with conn.cursor() as cursor:
-        await cursor.executemany(SQL.close_receipts, SQL.closed(appended.first, period))
-    return appended
-
-
-async def _receipt_period(conn: Conn, leaf: bytes) -> ReceiptPeriod | None:
-    row = await _one(conn, SQL.receipt_entry(leaf))
-    if row is None:
-        return None
-    return SQL.period_of(row, await _all(conn, SQL.period_leaves(row[0])))
+def _error(exc: Exception) -> LogStoreError:
+    """What failed, never the server's message (it may quote the host, the user or data)."""
+    if isinstance(exc, PoolTimeout):
+        return LogStoreError("no PostgreSQL log store connection free in time")
+    state = f" ({exc.sqlstate})" if isinstance(exc, psycopg.Error) and exc.sqlstate else ""
+    return LogStoreError(f"the PostgreSQL log store failed: {type(exc).__name__}{state}")

@@ -1,28 +1,40 @@
 """The log store's rules, once for both databases (sans-IO): the statements (each the SQL and
 its parameters, in the dialect's placeholder), the readers that turn rows (tuples in SELECT
-order) into the store's values, and :func:`append_flow`, what an append adds — the leaf hashes,
-the tile hashes that became complete, the new root — asking for the tiles it reads.
-``store_sqlite`` and ``store_postgres`` only run them, under their own write lock.
+order) into the store's values, :func:`append_flow`, what an append adds — the leaf hashes,
+the tile hashes that became complete, the new root — asking for the tiles it reads, and each
+call of the store as a plan (a generator of the requests it makes: a statement, answered with
+its rows; many rows for one statement; a checkpoint to sign). :class:`QueryLogStore` answers
+the store's protocol with them; ``store_sqlite`` and ``store_postgres`` only run the plans,
+each in one transaction (a write under their write lock).
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from enclave.tlog import merkle, tiles
+from enclave.tlog.checkpoint import Checkpoint
+from paygate.statements import Query, Row
 from paygate.tlog.errors import LogOriginMismatch, LogStoreError
 from paygate.tlog.store import (
+    APPEND_LOCK,
+    Appended,
+    NoteSigner,
     OpenReceipt,
+    PeriodEntry,
     ReceiptPeriod,
     StoredCheckpoint,
+    check_entries,
     completed_tiles,
     root_flow,
 )
 
-Query = tuple[str, tuple[Any, ...]]
-Row = Sequence[Any]
+T = TypeVar("T")
+A = TypeVar("A")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +64,66 @@ def append_flow(
     return (yield from root_flow(new))
 
 
-class LogQueries:
-    """The log's statements in one dialect (``mark``: the driver's placeholder)."""
+@dataclass(frozen=True, slots=True)
+class ExecuteMany:
+    """One statement run for each of ``rows`` (answered with nothing)."""
 
-    def __init__(self, mark: str, *, lock_rows: str = "", amounts_as_text: bool = False) -> None:
+    sql: str
+    rows: list[tuple[Any, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class SignCheckpoint:
+    """A checkpoint to sign (answered with the signed note): a key backend call, which blocks."""
+
+    sign: NoteSigner
+    checkpoint: Checkpoint
+
+    def signed(self) -> str:
+        return self.sign(self.checkpoint)
+
+
+#: What a plan asks its store: a statement (answered with its rows, [] when it returns none),
+#: many rows for one statement, a checkpoint signed.
+Request = Query | ExecuteMany | SignCheckpoint
+Plan = Generator[Request, Any, T]
+
+
+def route(
+    request: Request,
+    *,
+    rows: Callable[[Query], A],
+    many: Callable[[str, list[tuple[Any, ...]]], A],
+    sign: Callable[[SignCheckpoint], A],
+) -> A:
+    """Hand a plan's request to the store's way of answering it (``A``: the answer, or for an
+    async store an awaitable of it)."""
+    if isinstance(request, ExecuteMany):
+        return many(request.sql, request.rows)
+    if isinstance(request, SignCheckpoint):
+        return sign(request)
+    return rows(request)
+
+
+class LogQueries:
+    """The log's statements in one dialect (``mark``: the driver's placeholder; ``clock``: the
+    database's time, else this host's; ``advisory_lock``: appends take PostgreSQL's
+    transaction-scoped lock, where SQLite's write transaction already holds the file's)."""
+
+    def __init__(
+        self,
+        mark: str,
+        *,
+        lock_rows: str = "",
+        amounts_as_text: bool = False,
+        clock: str | None = None,
+        advisory_lock: bool = False,
+    ) -> None:
         self.mark = mark
+        self.clock = clock
+        self.append_lock: Query | None = (
+            ("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,)) if advisory_lock else None
+        )
         self.lock_rows = lock_rows  # appended to the open receipts' select (" FOR UPDATE")
         self.amounts_as_text = amounts_as_text  # SQLite keeps amounts beyond 64 bits as text
         self.size = "SELECT COALESCE(MAX(idx) + 1, 0) AS size FROM tlog_entries"
@@ -174,3 +241,128 @@ class LogQueries:
     @staticmethod
     def period_of(row: Row, leaves: Sequence[Row]) -> ReceiptPeriod:
         return ReceiptPeriod(int(row[0]), int(row[1]), tuple(bytes(r[0]) for r in leaves))
+
+
+# --- the store's calls, as plans ------------------------------------------------------------
+
+
+def _rows(query: Query) -> Plan[list[Row]]:
+    rows: list[Row] = yield query
+    return rows
+
+
+def _first(rows: Sequence[Row]) -> Row | None:
+    return rows[0] if rows else None
+
+
+def _locked(sql: LogQueries) -> Plan[None]:
+    if sql.append_lock is not None:
+        yield sql.append_lock
+
+
+def claim_origin_plan(sql: LogQueries, origin: str) -> Plan[None]:
+    yield from _locked(sql)
+    claim = sql.claim_origin(_first((yield (sql.origin, ()))), origin)
+    if claim is not None:
+        yield claim
+
+
+def append_plan(
+    sql: LogQueries, entries: list[bytes], sign: NoteSigner, replica: str
+) -> Plan[Appended]:
+    """Append ``entries`` under the write lock: their rows, the tile hashes that became
+    complete, the checkpoint of the new root, signed."""
+    yield from _locked(sql)
+    old = int((yield (sql.size, ()))[0][0])
+    now = float((yield (sql.clock, ()))[0][0]) if sql.clock else time.time()
+    yield ExecuteMany(sql.insert_entry, sql.entries(old, entries, replica, now))
+    flow = append_flow(old, entries)
+    try:
+        step = next(flow)
+        while True:
+            if isinstance(step, HashRows):
+                yield ExecuteMany(sql.insert_hash, step.rows)
+                step = flow.send(b"")
+            else:
+                rows = yield sql.tile(step.level or 0, step.index, step.width)
+                step = flow.send(sql.tile_of(rows, step.width) or b"")
+    except StopIteration as done:
+        root: bytes = done.value
+    new = old + len(entries)
+    origin = sql.origin_of(_first((yield (sql.origin, ()))))
+    signed: str = yield SignCheckpoint(sign, Checkpoint(origin, new, root))
+    yield sql.insert_checkpoint(new, root, signed, now)
+    return Appended(old, StoredCheckpoint(new, root, signed))
+
+
+def append_receipts_plan(
+    sql: LogQueries, build: PeriodEntry, sign: NoteSigner, replica: str, limit: int
+) -> Plan[Appended | None]:
+    """One receipts entry for the receipts no entry covers yet (at most ``limit``)."""
+    yield from _locked(sql)
+    period = [sql.open_receipt_of(r) for r in (yield sql.open_receipts(limit))]
+    if not period:
+        return None
+    appended = yield from append_plan(sql, [build(period)], sign, replica)  # a re-entrant lock
+    yield ExecuteMany(sql.close_receipts, sql.closed(appended.first, period))
+    return appended
+
+
+def receipt_period_plan(sql: LogQueries, leaf: bytes) -> Plan[ReceiptPeriod | None]:
+    row = _first((yield sql.receipt_entry(leaf)))
+    if row is None:
+        return None
+    return sql.period_of(row, (yield sql.period_leaves(row[0])))
+
+
+class QueryLogStore(ABC):
+    """:class:`paygate.tlog.store.LogStore` from the plans above: a store runs each plan in one
+    transaction, a write under its write lock."""
+
+    SQL: LogQueries
+
+    @abstractmethod
+    async def _read(self, plan: Plan[T]) -> T: ...
+
+    @abstractmethod
+    async def _write(self, plan: Plan[T]) -> T: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    async def claim_origin(self, origin: str) -> None:
+        await self._write(claim_origin_plan(self.SQL, origin))
+
+    async def append(self, entries: Sequence[bytes], sign: NoteSigner, replica: str) -> Appended:
+        check_entries(entries)
+        return await self._write(append_plan(self.SQL, list(entries), sign, replica))
+
+    async def append_receipts(
+        self, build: PeriodEntry, sign: NoteSigner, replica: str, limit: int
+    ) -> Appended | None:
+        return await self._write(append_receipts_plan(self.SQL, build, sign, replica, limit))
+
+    async def record_receipt(
+        self, leaf: bytes, amount: int, replica: str, issued_at: float
+    ) -> None:
+        await self._write(_rows(self.SQL.record_receipt(leaf, amount, replica, issued_at)))
+
+    async def latest(self) -> StoredCheckpoint | None:
+        return await self.checkpoint(None)
+
+    async def checkpoint(self, size: int | None) -> StoredCheckpoint | None:
+        """The checkpoint of ``size``, or the latest (None)."""
+        return self.SQL.checkpoint_of(_first(await self._read(_rows(self.SQL.checkpoint(size)))))
+
+    async def set_cosignatures(self, size: int, lines: str) -> None:
+        await self._write(_rows(self.SQL.set_cosignatures(size, lines)))
+
+    async def tile(self, level: int, index: int, width: int) -> bytes | None:
+        rows = await self._read(_rows(self.SQL.tile(level, index, width)))
+        return self.SQL.tile_of(rows, width)
+
+    async def bundle(self, index: int, width: int) -> list[bytes] | None:
+        return self.SQL.bundle_of(await self._read(_rows(self.SQL.bundle(index, width))), width)
+
+    async def receipt_period(self, leaf: bytes) -> ReceiptPeriod | None:
+        return await self._read(receipt_period_plan(self.SQL, leaf))

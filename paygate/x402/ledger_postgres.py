@@ -22,12 +22,12 @@ Why these choices:
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from paygate.postgres import PoolCalls, values
 from paygate.x402 import ledger_postgres_schema as schema
 from paygate.x402 import ledger_rules as rules
 from paygate.x402.ledger import (
@@ -37,13 +37,12 @@ from paygate.x402.ledger import (
     AlreadyReserved,
     EventAction,
     LedgerConflict,
-    LedgerError,
     LedgerUnavailable,
     PaymentRecord,
     PaymentState,
 )
 from paygate.x402.ledger_base import BY_IDEMPOTENCY_KEY, BY_KEY, LedgerBase
-from paygate.x402.ledger_postgres_schema import SCHEMA_VERSION, Conn, PoolTimeout, psycopg
+from paygate.x402.ledger_postgres_schema import SCHEMA_VERSION, Conn
 from paygate.x402.ledger_postgres_tables import PostgresTables
 
 T = TypeVar("T")
@@ -109,10 +108,12 @@ class PostgresLedger(LedgerBase):
         self.read_only = read_only
         super().__init__(replica, lease_seconds)
         self.found_version = SCHEMA_VERSION
-        self._pool = pool
+        self._calls = PoolCalls(
+            pool,
+            error=schema.ledger_error,
+            closed=lambda: LedgerUnavailable("the ledger is closed"),
+        )
         self._clock = clock
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._closed = False
         # The side tables' statements, in each call's transaction.
         self._use_tables(PostgresTables(self))
 
@@ -170,32 +171,13 @@ class PostgresLedger(LedgerBase):
 
     async def close(self) -> None:
         """Let submitted calls finish, then close the pool. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=30)
-        await self._pool.close()
+        await self._calls.close()
 
     # --- plumbing ---------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., Awaitable[T]], /, *args: Any) -> T:
         """``fn(conn, *args)`` in one transaction on a pooled connection, shielded."""
-        if self._closed:
-            raise LedgerUnavailable("the ledger is closed")
-        task = asyncio.get_running_loop().create_task(self._transaction(fn, *args))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return await asyncio.shield(task)
-
-    async def _transaction(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        try:
-            async with self._pool.connection() as conn, conn.transaction():
-                return await fn(conn, *args)
-        except LedgerError:
-            raise
-        except (PoolTimeout, psycopg.Error) as exc:
-            raise schema.ledger_error(exc) from None
+        return await self._calls.run(fn, *args)
 
     async def scheme_sql(
         self, sql: str, params: tuple[Any, ...]
@@ -206,8 +188,7 @@ class PostgresLedger(LedgerBase):
         async def run(conn: Conn) -> tuple[int, builtins.list[tuple[Any, ...]]]:
             cursor = await conn.execute(sql.replace("?", "%s"), params)
             rows = await cursor.fetchall() if cursor.description else []
-            # Rows come as dicts (the pool's row factory): their values, in column order.
-            return cursor.rowcount, [tuple(row.values()) for row in rows]
+            return cursor.rowcount, [values(row) for row in rows]
 
         return await self._run(run)
 
@@ -222,7 +203,7 @@ class PostgresLedger(LedgerBase):
             for sql, params in statements:
                 cursor = await conn.execute(sql.replace("?", "%s"), params)
                 rows = await cursor.fetchall() if cursor.description else []
-                out.append((cursor.rowcount, [tuple(row.values()) for row in rows]))
+                out.append((cursor.rowcount, [values(row) for row in rows]))
             return out
 
         return await self._run(run)

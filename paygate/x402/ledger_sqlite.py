@@ -20,7 +20,6 @@ Why these choices:
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import sqlite3
 import time
@@ -47,6 +46,7 @@ from paygate.x402.ledger_base import BY_ID, BY_IDEMPOTENCY_KEY, BY_KEY, LedgerBa
 from paygate.x402.ledger_commit import GroupCommit
 from paygate.x402.ledger_sqlite_schema import SCHEMA_VERSION
 from paygate.x402.ledger_sqlite_tables import SqliteTables
+from paygate.x402.ledger_worker import worker_call
 
 T = TypeVar("T")
 
@@ -85,6 +85,10 @@ _MOVE = (
     " WHERE id = :id AND state = :from_state AND lease = :lease"
     f" RETURNING {rules.RECORD_COLUMNS}"  # the record as moved: no second read
 )
+
+
+def _closed() -> LedgerUnavailable:
+    return LedgerUnavailable("the ledger is closed")
 
 
 class SqliteLedger(LedgerBase):
@@ -169,12 +173,8 @@ class SqliteLedger(LedgerBase):
 
     async def _submit(self, alone: bool, fn: Callable[..., T], /, *args: Any) -> T:
         if self._closed:
-            raise LedgerUnavailable("the ledger is closed")
-        try:
-            future = self._commits.submit(self._guarded, fn, *args, alone=alone)
-        except RuntimeError:  # the worker stopped
-            raise LedgerUnavailable("the ledger is closed") from None
-        return await asyncio.shield(future)
+            raise _closed()
+        return await worker_call(self._commits, _closed, self._guarded, fn, *args, alone=alone)
 
     def _lost(self, exc: sqlite3.Error) -> LedgerError:
         """The error of a call whose group's transaction did not commit."""

@@ -1,6 +1,7 @@
 """The SQLite ledger's file and schema: opening the file (WAL, ``synchronous=FULL``, a new file
-0600 in a 0700 directory), the versioned migrations, and the schema check of a read-only or
-unmigrated open. The statements on the data are :mod:`paygate.x402.ledger_sqlite`'s."""
+0600 in a 0700 directory), running the versioned migrations (written once for both databases in
+:mod:`paygate.x402.ledger_migrations`), and the schema check of a read-only or unmigrated open.
+The statements on the data are :mod:`paygate.x402.ledger_sqlite`'s."""
 
 from __future__ import annotations
 
@@ -10,174 +11,10 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from paygate.x402.ledger import LedgerNotFound, LedgerUnavailable, PaymentState
+from paygate.x402.ledger import LedgerNotFound, LedgerUnavailable
+from paygate.x402.ledger_migrations import SCHEMA_VERSION, migrations
 
-#: v1: the ledger as first released (payments, ledger_schema). v2: leases (owner, lease epoch,
-#: expiry) and the payment_events history. v3: metering (scheme, model, usage, amounts owed and
-#: moved) and the free quota's tables. v4: the economics controls and the console (token usage,
-#: limit events, alert claims, one-time console logins; paygate.economics, paygate.console).
-#: v5: the transparency log (paygate.tlog). v6: signed receipts, payments by nonce.
-#: v7: budgets by when a payment counted, the sign-in key. v8: batch settlement's channels,
-#: vouchers and claims.
-SCHEMA_VERSION = 8
-_STATES = ", ".join(f"'{state.value}'" for state in PaymentState)
-
-# MIGRATIONS[n] takes a ledger from schema n-1 to n. Append, never edit a released step.
-MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        f"""CREATE TABLE payments (
-            id TEXT PRIMARY KEY,
-            network TEXT NOT NULL,
-            asset TEXT NOT NULL,
-            payer TEXT NOT NULL,
-            nonce TEXT NOT NULL,
-            pay_to TEXT NOT NULL,
-            amount TEXT NOT NULL,  -- decimal: a uint256 does not fit SQLite's 64-bit INTEGER
-            x402_version INTEGER NOT NULL,
-            route TEXT NOT NULL,
-            state TEXT NOT NULL CHECK (state IN ({_STATES})),
-            served INTEGER NOT NULL DEFAULT 0 CHECK (served IN (0, 1)),
-            payload TEXT NOT NULL,
-            requirements TEXT NOT NULL,
-            idempotency_key TEXT UNIQUE,
-            tx_hash TEXT,
-            error TEXT,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL,
-            UNIQUE (network, asset, payer, nonce)
-        )""",
-        "CREATE INDEX payments_state ON payments (state, updated_at)",
-        "CREATE INDEX payments_created ON payments (created_at)",
-    ),
-    2: (
-        "ALTER TABLE payments ADD COLUMN owner TEXT",
-        "ALTER TABLE payments ADD COLUMN lease INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE payments ADD COLUMN lease_until REAL",
-        "CREATE INDEX payments_lease ON payments (state, lease_until)",
-        """CREATE TABLE payment_events (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
-            payment_id TEXT NOT NULL REFERENCES payments (id),
-            at REAL NOT NULL,
-            replica TEXT NOT NULL,
-            action TEXT NOT NULL,
-            state TEXT NOT NULL,
-            lease INTEGER NOT NULL,
-            tx_hash TEXT,
-            error TEXT,
-            detail TEXT
-        )""",
-        "CREATE INDEX payment_events_payment ON payment_events (payment_id, seq)",
-    ),
-    # Metered payments (upto): the scheme, the model, usage and the amounts owed and moved;
-    # the free quota (sign-in-with-x).
-    3: (
-        "ALTER TABLE payments ADD COLUMN scheme TEXT NOT NULL DEFAULT 'exact'",
-        "ALTER TABLE payments ADD COLUMN model TEXT",
-        "ALTER TABLE payments ADD COLUMN tokens_in INTEGER",
-        "ALTER TABLE payments ADD COLUMN tokens_out INTEGER",
-        "ALTER TABLE payments ADD COLUMN usage_source TEXT",
-        "ALTER TABLE payments ADD COLUMN settle_amount TEXT",
-        "ALTER TABLE payments ADD COLUMN settled_amount TEXT",
-        # A payer's spend today (budgets) without scanning the table.
-        "CREATE INDEX payments_payer ON payments (payer, created_at)",
-        "CREATE TABLE free_quota (payer TEXT NOT NULL, day TEXT NOT NULL,"
-        " used INTEGER NOT NULL, PRIMARY KEY (payer, day))",
-        "CREATE TABLE signin_nonces (nonce TEXT PRIMARY KEY, payer TEXT NOT NULL,"
-        " used_at REAL NOT NULL)",
-    ),
-    # Economics controls and the operator console: self-contained tables (paygate.economics).
-    4: (
-        "CREATE TABLE token_usage (seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,"
-        " payer TEXT NOT NULL, model TEXT NOT NULL, tokens_in INTEGER NOT NULL,"
-        " tokens_out INTEGER NOT NULL)",
-        "CREATE INDEX token_usage_payer ON token_usage (payer, at)",
-        "CREATE INDEX token_usage_model ON token_usage (model, at)",
-        "CREATE INDEX token_usage_at ON token_usage (at)",
-        "CREATE TABLE limit_events (seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,"
-        " kind TEXT NOT NULL, rule TEXT NOT NULL, payer TEXT NOT NULL, model TEXT,"
-        " enforced INTEGER NOT NULL, detail TEXT)",
-        "CREATE INDEX limit_events_at ON limit_events (at)",
-        "CREATE TABLE alert_claims (key TEXT PRIMARY KEY, at REAL NOT NULL)",
-        "CREATE TABLE console_logins (token_hash TEXT PRIMARY KEY, expires_at REAL NOT NULL,"
-        " used_at REAL)",
-    ),
-    # The transparency log (paygate.tlog.store): its entries, the hashes of its tiles, its
-    # signed checkpoints and the leaf hashes of signed receipts waiting for a receipts entry.
-    5: (
-        "CREATE TABLE tlog_meta (id INTEGER PRIMARY KEY CHECK (id = 1), origin TEXT NOT NULL)",
-        "CREATE TABLE tlog_entries (idx INTEGER PRIMARY KEY, data BLOB NOT NULL,"
-        " replica TEXT NOT NULL, created_at REAL NOT NULL)",
-        "CREATE TABLE tlog_hashes (level INTEGER NOT NULL, idx INTEGER NOT NULL,"
-        " hash BLOB NOT NULL, PRIMARY KEY (level, idx))",
-        "CREATE TABLE tlog_checkpoints (size INTEGER PRIMARY KEY, root BLOB NOT NULL,"
-        " note TEXT NOT NULL, cosignatures TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL)",
-        "CREATE TABLE tlog_receipts (seq INTEGER PRIMARY KEY AUTOINCREMENT, leaf BLOB NOT NULL,"
-        " amount TEXT NOT NULL, replica TEXT NOT NULL, issued_at REAL NOT NULL,"
-        " entry INTEGER, position INTEGER)",
-        "CREATE INDEX tlog_receipts_open ON tlog_receipts (entry, seq)",
-        "CREATE INDEX tlog_receipts_leaf ON tlog_receipts (leaf)",
-    ),
-    # Signed receipts (one per payment and kind), and payments found by their nonce.
-    6: (
-        """CREATE TABLE receipts (
-            payment_id TEXT NOT NULL REFERENCES payments (id),
-            kind TEXT NOT NULL CHECK (kind IN ('reply', 'settlement')),
-            token TEXT NOT NULL,
-            created_at REAL NOT NULL,
-            PRIMARY KEY (payment_id, kind)
-        )""",
-        "CREATE INDEX receipts_created ON receipts (created_at)",
-        "CREATE INDEX payments_nonce ON payments (nonce)",
-    ),
-    # Budgets count a payment by when it last counted (admitted, re-admitted after a release,
-    # settled), not by when its record was created; the key that proves a sign-in nonce was
-    # issued here (shared by every process on the ledger).
-    7: (
-        "ALTER TABLE payments ADD COLUMN counted_at REAL",
-        "UPDATE payments SET counted_at = updated_at",
-        "CREATE INDEX payments_payer_counted ON payments (payer, counted_at)",
-        "CREATE TABLE signin_key (id INTEGER PRIMARY KEY CHECK (id = 1), secret TEXT NOT NULL)",
-    ),
-    # batch settlement (paygate.x402.schemes.batch_settlement): payment channels, every voucher
-    # accepted, and the claims that move the money (their tables are that package's).
-    8: (
-        """CREATE TABLE bs_channels (
-            channel_id TEXT PRIMARY KEY,
-            network TEXT NOT NULL,
-            payer TEXT NOT NULL,
-            config TEXT NOT NULL,
-            balance TEXT NOT NULL,
-            total_claimed TEXT NOT NULL,
-            charged TEXT NOT NULL,
-            signed_max TEXT NOT NULL,
-            signature TEXT NOT NULL,
-            pending_owner TEXT,
-            pending_until REAL,
-            version INTEGER NOT NULL,
-            updated_at REAL NOT NULL
-        )""",
-        """CREATE TABLE bs_vouchers (
-            channel_id TEXT NOT NULL,
-            max_claimable TEXT NOT NULL,
-            signature TEXT NOT NULL,
-            payment_id TEXT NOT NULL,
-            charge TEXT NOT NULL,
-            created_at REAL NOT NULL,
-            PRIMARY KEY (channel_id, max_claimable)
-        )""",
-        """CREATE TABLE bs_claims (
-            id TEXT PRIMARY KEY,
-            state TEXT NOT NULL,
-            entries TEXT NOT NULL,
-            tx_hash TEXT,
-            owner TEXT,
-            lease_until REAL,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL
-        )""",
-    ),
-}
+MIGRATIONS = migrations("sqlite")
 
 
 def connect(path: Path, *, read_only: bool, busy_timeout: float) -> sqlite3.Connection:

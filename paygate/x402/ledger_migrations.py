@@ -1,0 +1,242 @@
+"""The ledger's versioned migrations, written once for both databases: each step's SQL with the
+few dialect differences (column types, PostgreSQL's insertion-order column, one ALTER a column
+in SQLite) as substitutions from :data:`_WORDS`. ``ledger_sqlite_schema`` and
+``ledger_postgres_schema`` run them.
+
+A released step runs the same SQL forever, byte for byte
+(tests/unit/paygate/x402/test_ledger_migration_texts.py pins each): append a step, never edit
+one.
+
+v1: the ledger as first released (payments, ledger_schema). v2: leases (owner, lease epoch,
+expiry) and the payment_events history. v3: metering (scheme, model, usage, amounts owed and
+moved) and the free quota's tables. v4: the economics controls and the console (token usage,
+limit events, alert claims, one-time console logins; paygate.economics, paygate.console).
+v5: the transparency log (paygate.tlog). v6: signed receipts, payments by nonce. v7: budgets by
+when a payment counted, the sign-in key. v8: batch settlement's channels, vouchers and claims.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from paygate.x402.ledger import PaymentState
+
+SqlDialect = Literal["sqlite", "postgres"]
+SCHEMA_VERSION = 8
+
+# What differs between the dialects, by name: (SQLite, PostgreSQL).
+_WORDS: dict[str, tuple[str, str]] = {
+    "text": ("TEXT", "text"),
+    "integer": ("INTEGER", "integer"),
+    "bigint": ("INTEGER", "bigint"),  # SQLite's INTEGER is 64-bit
+    "real": ("REAL", "double precision"),
+    "blob": ("BLOB", "bytea"),
+    # A uint256 does not fit SQLite's INTEGER: decimal text there.
+    "amount": ("TEXT", "numeric(78, 0)"),
+    "serial": ("INTEGER PRIMARY KEY AUTOINCREMENT", "bigserial PRIMARY KEY"),
+    "boolean": ("INTEGER", "boolean"),
+    "served": (
+        "INTEGER NOT NULL DEFAULT 0 CHECK (served IN (0, 1))",
+        "boolean NOT NULL DEFAULT false",
+    ),
+    "amount_note": ("decimal: a uint256 does not fit SQLite's 64-bit INTEGER", "a uint256"),
+    # PostgreSQL has no rowid: insertion order (the tie-breaker) is a column of its own.
+    "seq": ("", "seq bigserial NOT NULL"),
+}
+
+
+def migrations(dialect: SqlDialect) -> dict[int, tuple[str, ...]]:
+    """``[n]``: the statements that take a ledger from schema n-1 to n, in ``dialect``."""
+    w = {name: pair[dialect == "postgres"] for name, pair in _WORDS.items()}
+    text, integer, bigint, real, blob = w["text"], w["integer"], w["bigint"], w["real"], w["blob"]
+    amount, serial, seq = w["amount"], w["serial"], w["seq"]
+    states = ", ".join(f"'{state.value}'" for state in PaymentState)
+
+    def add_columns(*columns: str) -> tuple[str, ...]:
+        # SQLite adds one column an ALTER; PostgreSQL all of them in one.
+        if dialect == "sqlite":
+            return tuple(f"ALTER TABLE payments ADD COLUMN {c}" for c in columns)
+        return ("ALTER TABLE payments ADD COLUMN " + ", ADD COLUMN ".join(columns),)
+
+    return {
+        1: (
+            _table(
+                "payments",
+                f"id {text} PRIMARY KEY",
+                seq and f"{seq}  -- insertion order, the tie-breaker SQLite's rowid is",
+                f"network {text} NOT NULL",
+                f"asset {text} NOT NULL",
+                f"payer {text} NOT NULL",
+                f"nonce {text} NOT NULL",
+                f"pay_to {text} NOT NULL",
+                f"amount {amount} NOT NULL  -- {w['amount_note']}",
+                f"x402_version {integer} NOT NULL",
+                f"route {text} NOT NULL",
+                f"state {text} NOT NULL CHECK (state IN ({states}))",
+                f"served {w['served']}",
+                f"payload {text} NOT NULL",
+                f"requirements {text} NOT NULL",
+                f"idempotency_key {text} UNIQUE",
+                f"tx_hash {text}",
+                f"error {text}",
+                f"attempts {integer} NOT NULL DEFAULT 0",
+                f"created_at {real} NOT NULL",
+                f"updated_at {real} NOT NULL",
+                "UNIQUE (network, asset, payer, nonce)",
+            ),
+            "CREATE INDEX payments_state ON payments (state, updated_at)",
+            "CREATE INDEX payments_created ON payments (created_at)",
+        ),
+        2: (
+            *add_columns(
+                f"owner {text}", f"lease {bigint} NOT NULL DEFAULT 0", f"lease_until {real}"
+            ),
+            "CREATE INDEX payments_lease ON payments (state, lease_until)",
+            _table(
+                "payment_events",
+                f"seq {serial}",
+                f"payment_id {text} NOT NULL REFERENCES payments (id)",
+                f"at {real} NOT NULL",
+                f"replica {text} NOT NULL",
+                f"action {text} NOT NULL",
+                f"state {text} NOT NULL",
+                f"lease {bigint} NOT NULL",
+                f"tx_hash {text}",
+                f"error {text}",
+                f"detail {text}",
+            ),
+            "CREATE INDEX payment_events_payment ON payment_events (payment_id, seq)",
+        ),
+        # Metered payments (upto): the scheme, the model, usage and the amounts owed and moved;
+        # the free quota (sign-in-with-x).
+        3: (
+            *add_columns(
+                f"scheme {text} NOT NULL DEFAULT 'exact'",
+                f"model {text}",
+                f"tokens_in {bigint}",
+                f"tokens_out {bigint}",
+                f"usage_source {text}",
+                f"settle_amount {amount}",
+                f"settled_amount {amount}",
+            ),
+            # A payer's spend today (budgets) without scanning the table.
+            "CREATE INDEX payments_payer ON payments (payer, created_at)",
+            f"CREATE TABLE free_quota (payer {text} NOT NULL, day {text} NOT NULL,"
+            f" used {integer} NOT NULL, PRIMARY KEY (payer, day))",
+            f"CREATE TABLE signin_nonces (nonce {text} PRIMARY KEY, payer {text} NOT NULL,"
+            f" used_at {real} NOT NULL)",
+        ),
+        # Economics controls and the operator console: self-contained tables (paygate.economics).
+        4: (
+            f"CREATE TABLE token_usage (seq {serial}, at {real} NOT NULL,"
+            f" payer {text} NOT NULL, model {text} NOT NULL, tokens_in {bigint} NOT NULL,"
+            f" tokens_out {bigint} NOT NULL)",
+            "CREATE INDEX token_usage_payer ON token_usage (payer, at)",
+            "CREATE INDEX token_usage_model ON token_usage (model, at)",
+            "CREATE INDEX token_usage_at ON token_usage (at)",
+            f"CREATE TABLE limit_events (seq {serial}, at {real} NOT NULL,"
+            f" kind {text} NOT NULL, rule {text} NOT NULL, payer {text} NOT NULL, model {text},"
+            f" enforced {w['boolean']} NOT NULL, detail {text})",
+            "CREATE INDEX limit_events_at ON limit_events (at)",
+            f"CREATE TABLE alert_claims (key {text} PRIMARY KEY, at {real} NOT NULL)",
+            f"CREATE TABLE console_logins (token_hash {text} PRIMARY KEY,"
+            f" expires_at {real} NOT NULL, used_at {real})",
+        ),
+        # The transparency log (paygate.tlog.store): its entries, the hashes of its tiles, its
+        # signed checkpoints and the leaf hashes of signed receipts waiting for a receipts entry.
+        5: (
+            f"CREATE TABLE tlog_meta (id {integer} PRIMARY KEY CHECK (id = 1),"
+            f" origin {text} NOT NULL)",
+            f"CREATE TABLE tlog_entries (idx {bigint} PRIMARY KEY, data {blob} NOT NULL,"
+            f" replica {text} NOT NULL, created_at {real} NOT NULL)",
+            f"CREATE TABLE tlog_hashes (level {integer} NOT NULL, idx {bigint} NOT NULL,"
+            f" hash {blob} NOT NULL, PRIMARY KEY (level, idx))",
+            f"CREATE TABLE tlog_checkpoints (size {bigint} PRIMARY KEY, root {blob} NOT NULL,"
+            f" note {text} NOT NULL, cosignatures {text} NOT NULL DEFAULT '',"
+            f" created_at {real} NOT NULL)",
+            f"CREATE TABLE tlog_receipts (seq {serial}, leaf {blob} NOT NULL,"
+            f" amount {amount} NOT NULL, replica {text} NOT NULL,"
+            f" issued_at {real} NOT NULL, entry {bigint}, position {bigint})",
+            "CREATE INDEX tlog_receipts_open ON tlog_receipts (entry, seq)",
+            "CREATE INDEX tlog_receipts_leaf ON tlog_receipts (leaf)",
+        ),
+        # Signed receipts (one per payment and kind), and payments found by their nonce.
+        6: (
+            _table(
+                "receipts",
+                f"payment_id {text} NOT NULL REFERENCES payments (id)",
+                f"kind {text} NOT NULL CHECK (kind IN ('reply', 'settlement'))",
+                f"token {text} NOT NULL",
+                f"created_at {real} NOT NULL",
+                seq,
+                "PRIMARY KEY (payment_id, kind)",
+            ),
+            "CREATE INDEX receipts_created ON receipts (created_at)",
+            "CREATE INDEX payments_nonce ON payments (nonce)",
+        ),
+        # Budgets count a payment by when it last counted (admitted, re-admitted after a
+        # release, settled), not by when its record was created; the key that proves a sign-in
+        # nonce was issued here (shared by every process on the ledger).
+        7: (
+            *add_columns(f"counted_at {real}"),
+            "UPDATE payments SET counted_at = updated_at",
+            "CREATE INDEX payments_payer_counted ON payments (payer, counted_at)",
+            f"CREATE TABLE signin_key (id {integer} PRIMARY KEY CHECK (id = 1),"
+            f" secret {text} NOT NULL)",
+        ),
+        # batch settlement (paygate.x402.schemes.batch_settlement): payment channels, every
+        # voucher accepted, and the claims that move the money (their tables are that
+        # package's). Their text columns are spelled TEXT in both dialects.
+        8: (
+            _table(
+                "bs_channels",
+                "channel_id TEXT PRIMARY KEY",
+                "network TEXT NOT NULL",
+                "payer TEXT NOT NULL",
+                "config TEXT NOT NULL",
+                "balance TEXT NOT NULL",
+                "total_claimed TEXT NOT NULL",
+                "charged TEXT NOT NULL",
+                "signed_max TEXT NOT NULL",
+                "signature TEXT NOT NULL",
+                "pending_owner TEXT",
+                f"pending_until {real}",
+                f"version {bigint} NOT NULL",
+                f"updated_at {real} NOT NULL",
+            ),
+            _table(
+                "bs_vouchers",
+                "channel_id TEXT NOT NULL",
+                "max_claimable TEXT NOT NULL",
+                "signature TEXT NOT NULL",
+                "payment_id TEXT NOT NULL",
+                "charge TEXT NOT NULL",
+                f"created_at {real} NOT NULL",
+                "PRIMARY KEY (channel_id, max_claimable)",
+            ),
+            _table(
+                "bs_claims",
+                "id TEXT PRIMARY KEY",
+                "state TEXT NOT NULL",
+                "entries TEXT NOT NULL",
+                "tx_hash TEXT",
+                "owner TEXT",
+                f"lease_until {real}",
+                f"created_at {real} NOT NULL",
+                f"updated_at {real} NOT NULL",
+            ),
+        ),
+    }
+
+
+def _table(name: str, *columns: str) -> str:
+    """A CREATE TABLE in the layout the released steps have: one column a line (a trailing
+    ``  -- note`` after its comma); empty columns (the other dialect's) are left out."""
+    kept = [c for c in columns if c]
+    lines = []
+    for i, column in enumerate(kept):
+        definition, _, note = column.partition("  -- ")
+        comma = "," if i < len(kept) - 1 else ""
+        lines.append(f"            {definition}{comma}" + (f"  -- {note}" if note else ""))
+    body = "\n".join(lines)
+    return f"CREATE TABLE {name} (\n{body}\n        )"
