@@ -21,9 +21,9 @@ import httpx
 
 from enclave.tlog import checkpoint as cp
 from enclave.tlog import entries, merkle, note, tiles
+from paygate.client.errors import LogInconsistent, LogUnverified
 from paygate.client.tlog import (
     LOG_PREFIX,
-    LogRefusal,
     LogState,
     Request,
     Seen,
@@ -88,7 +88,7 @@ def drive(flow: Generator[Request, tuple[int, bytes], Any], client: httpx.Client
             request = flow.send(_get(client, request.url))
     except StopIteration as stop:
         return stop.value
-    except LogRefusal as exc:
+    except (LogInconsistent, LogUnverified) as exc:
         error = LogCheckFailed(str(exc))
         error.code = exc.code
         raise error from None
@@ -122,7 +122,7 @@ def _checkpoint(
         checkpoint, signed = open_checkpoint(
             body, args.log_key, origin, witnesses or [], getattr(args, "quorum", 0)
         )
-    except LogRefusal as exc:
+    except (LogInconsistent, LogUnverified) as exc:
         raise LogCheckFailed(str(exc)) from None
     return base, checkpoint, signed
 

@@ -70,7 +70,7 @@ from paygate.client.errors import (
     Unattested,
 )
 from paygate.client.pubkey import key_id_matches
-from paygate.client.tlog import LogPolicy, LogRefusal, log_flow
+from paygate.client.tlog import LogPolicy, log_flow
 
 ATTESTATION_PATH = wire.ATTESTATION_PATH
 ACTIVATE_PATH = wire.ATTESTATION_ACTIVATE_PATH
@@ -314,14 +314,6 @@ class Attested:
     binding: binding_doc.Binding
     checks: tuple[Check, ...] = field(repr=False)
 
-    @property
-    def sealing_key(self) -> bytes:
-        return self.binding.sealing_key
-
-    @property
-    def receipt_key(self) -> bytes:
-        return self.binding.receipt_key
-
 
 class _Checks:
     """Runs named checks in order; the first failure raises its error with the list so far."""
@@ -337,8 +329,12 @@ class _Checks:
 
     def fail(self, name: str, code: str, detail: str) -> AttestationRefused:
         self.done.append(Check(name, "fail", detail, code))
-        cls = _ERRORS.get(code, AttestationRefused)
-        return cls(f"attestation refused ({name}): {detail}", tuple(self.done))
+        return self._refusal(code, name, detail)
+
+    def _refusal(self, code: str, where: str, detail: str) -> AttestationRefused:
+        refusal = _ERRORS.get(code, AttestationRefused)(f"attestation refused ({where}): {detail}")
+        refusal.checks = tuple(self.done)
+        return refusal
 
     def adopt(self, verdict: Verdict, kind: str = "") -> None:
         """A verifier's checks, in order; its first failure refuses with its own code. ``kind``
@@ -347,9 +343,7 @@ class _Checks:
         if not verdict.ok:
             failed = next(c for c in verdict.checks if not c.ok)
             where = f"{kind} {failed.name}" if kind else failed.name
-            refusal = _ERRORS.get(verdict.code or "", AttestationRefused)(
-                f"attestation refused ({where}): {failed.detail}", tuple(self.done)
-            )
+            refusal = self._refusal(verdict.code or "", where, failed.detail)
             refusal.code = verdict.code  # the verifier's stable code (docs/ATTESTATION.md)
             raise refusal
 
@@ -430,7 +424,7 @@ def attestation_flow(
                 request = flow.send((yield Exchange("GET", request.url)))
         except StopIteration as stop:
             checks.passed("transparency_log", stop.value)
-        except LogRefusal as exc:
+        except (LogInconsistent, LogUnverified) as exc:
             raise checks.fail("transparency_log", exc.code, str(exc)) from None
     return Attested(origin, document["kind"], bound, tuple(checks.done))
 
@@ -630,7 +624,7 @@ def check_receipt(
     """A reply's signed receipt: signed by the attested receipt key, for this request and
     exactly this reply, with the attested digest of its model."""
     try:
-        claims = receipts.verify(token, attested.receipt_key)
+        claims = receipts.verify(token, attested.binding.receipt_key)
     except receipts.ReceiptTokenInvalid as exc:
         raise ReceiptInvalid(f"signed receipt refused: {exc}") from None
     if request_digest is not None and claims["request_digest"] != request_digest:

@@ -85,12 +85,10 @@ class OpenChannel:
         return self.payer.channel_id
 
     @property
-    def charged(self) -> int:
-        return self.payer.charged
-
-    @property
-    def balance(self) -> int:
-        return self.deposited - self.refunded
+    def rest(self) -> int:
+        """What the channel holds beyond what was charged: what vouchers may still take, and
+        what a refund may bring back."""
+        return self.deposited - self.refunded - self.payer.charged
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +154,7 @@ class ChannelBook:
         """The deposit paying this offer needs now (atomic; 0: the channel holds enough)."""
         with self._lock:
             known = self._channels.get(_key(offer, url))
-            if known is not None and known.charged + offer.amount <= known.balance:
+            if known is not None and offer.amount <= known.rest:
                 return 0
         return to_atomic(self.deposit, decimals)
 
@@ -189,9 +187,9 @@ class ChannelBook:
                 self._by_id[channel.channel_id.lower()] = channel
             if channel.held_until > time.monotonic():
                 raise SpendRefused("the channel is in use by another request")
-            maximum = channel.charged + offer.amount
-            deposit = deposit_size if maximum > channel.balance else 0
-            if maximum > channel.balance + deposit:
+            maximum = channel.payer.charged + offer.amount
+            deposit = deposit_size if offer.amount > channel.rest else 0
+            if offer.amount > channel.rest + deposit:
                 raise SpendRefused("the price does not fit a channel deposit")
             payload = channel.payer.pay(requirement, deposit=deposit)
             channel.requirement = requirement
@@ -228,14 +226,14 @@ class ChannelBook:
                 charged = price  # a server that does not say charged the price it asked
             if charged > price:
                 return "the receipt charges more than the price"
-            if pending is not None and channel.charged + charged > pending:
+            if pending is not None and channel.payer.charged + charged > pending:
                 return "the receipt charges more than the voucher"
             channel.payer.charged += charged
             state = extra.get("channelState")
             stated = (
                 _digits(state.get("chargedCumulativeAmount")) if isinstance(state, dict) else None
             )
-            if stated is not None and stated > channel.charged:
+            if stated is not None and stated > channel.payer.charged:
                 return "the receipt's channel state charges more than our own count"
         return None
 
@@ -272,7 +270,7 @@ class ChannelBook:
                 raise ChannelStateRejected("the corrective 402 names a voucher above any we signed")
             if charged > signed:
                 raise ChannelStateRejected("the corrective 402 charges more than its voucher")
-            if charged < channel.charged:
+            if charged < channel.payer.charged:
                 raise ChannelStateRejected(
                     "the corrective 402 charges less than the receipts we hold (an old state)"
                 )
@@ -290,7 +288,7 @@ class ChannelBook:
 
     def refund_payload(self, channel: OpenChannel, amount: int | None) -> dict[str, Any]:
         with self._lock:
-            rest = channel.balance - channel.charged
+            rest = channel.rest
             if rest <= 0:
                 raise SpendRefused("the channel has nothing left to refund")
             if amount is not None and not 0 < amount <= rest:
@@ -300,9 +298,9 @@ class ChannelBook:
     def refunded(self, channel: OpenChannel, amount: int) -> int:
         """The seller refunded ``amount`` (bounded by what the channel held): what came back."""
         with self._lock:
-            back = max(0, min(amount, channel.balance - channel.charged))
+            back = max(0, min(amount, channel.rest))
             channel.refunded += back
-            if channel.balance <= channel.charged:  # drained: forget it
+            if channel.rest <= 0:  # drained: forget it
                 self._channels.pop(channel.key, None)
                 self._by_id.pop(channel.channel_id.lower(), None)
             return back

@@ -225,9 +225,17 @@ class ClientCore:
         with self._lock:
             return self._keys.get(origin)
 
-    def store_key(self, key: EnclaveKey) -> None:
+    def attested(self, origin: str) -> Attested | None:
+        with self._lock:
+            return self._attested.get(origin)
+
+    def store_key(self, key: EnclaveKey, attested: Attested | None) -> None:
+        """Cache an accepted key (pinned, attested, let through by the hook) and what
+        attested it: both are used from now on, neither before."""
         with self._lock:
             self._keys[key.origin] = key
+            if attested is not None:
+                self._attested[key.origin] = attested
 
     def forget_keys(self) -> None:
         with self._lock:
@@ -246,14 +254,6 @@ class ClientCore:
             self._attested.pop(origin, None)
 
     # --- attestation -----------------------------------------------------------------------
-
-    def attested(self, origin: str) -> Attested | None:
-        with self._lock:
-            return self._attested.get(origin)
-
-    def store_attested(self, attested: Attested) -> None:
-        with self._lock:
-            self._attested[attested.origin] = attested
 
     def exchange_request(
         self, exchange: Exchange, original: httpx.Request, key: EnclaveKey | None = None

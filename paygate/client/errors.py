@@ -231,9 +231,7 @@ class AttestationRefused(AttestationFailed):
 
     code = "attestation_failed"
 
-    def __init__(self, message: str, checks: tuple[object, ...] = ()) -> None:
-        super().__init__(message)
-        self.checks = checks
+    checks: tuple[object, ...] = ()  # set by the flow that refused
 
 
 class KindNotAccepted(AttestationRefused):

@@ -18,10 +18,11 @@ import json
 import os
 import secrets
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 from eth_account.signers.local import LocalAccount
 from eth_utils import is_address, to_checksum_address
@@ -29,7 +30,7 @@ from pydantic import ValidationError
 
 from paygate import jsonsafe, wire
 from paygate.client.channels import NAME as CHANNEL_SCHEME
-from paygate.client.channels import ChannelBook
+from paygate.client.channels import ChannelBook, ChannelPayment
 from paygate.client.errors import InvalidChallenge, PayToNotAllowed, SpendRefused
 from paygate.x402 import codec
 from paygate.x402.models import (
@@ -38,6 +39,8 @@ from paygate.x402.models import (
     PaymentPayload,
     PaymentPayloadV1,
     PaymentRequiredV1,
+    PaymentRequirements,
+    PaymentRequirementsV1,
     SettleResponse,
 )
 from paygate.x402.networks import Asset, UnknownNetwork, from_atomic, resolve_network
@@ -126,35 +129,19 @@ class SpendPolicy:
 
     @classmethod
     def from_env(
-        cls,
-        *,
-        max_per_request: Decimal | str | int,
-        max_total: Decimal | str | int | None = None,
-        networks: Iterable[str] | None = None,
-        assets: Mapping[str, int] | None = None,
-        environ: Mapping[str, str] | None = None,
-        max_price_per_million: Decimal | str | int | None = None,
-        pay_to: Iterable[str] | None = None,
+        cls, *, environ: Mapping[str, str] | None = None, **defaults: Unpack[SpendTerms]
     ) -> SpendPolicy:
         """The arguments as defaults, each overridden by its ``PAYGATE_SPEND_*`` variable:
         ``MAX_PER_REQUEST``, ``MAX_TOTAL``, ``NETWORKS`` (comma-separated), ``ASSETS``
         (comma-separated ``ADDRESS[:DECIMALS]``, 6 decimals if omitted),
         ``MAX_PRICE_PER_MILLION`` and ``PAY_TO`` (comma-separated wallets)."""
         env = os.environ if environ is None else environ
-
-        def get(name: str) -> str | None:
-            value = env.get(f"PAYGATE_SPEND_{name}", "").strip()
-            return value or None
-
-        net_env, asset_env, pay_env = get("NETWORKS"), get("ASSETS"), get("PAY_TO")
-        return cls(
-            max_per_request=get("MAX_PER_REQUEST") or max_per_request,
-            max_total=get("MAX_TOTAL") or max_total,
-            networks=_split(net_env) if net_env else networks,
-            assets=parse_assets(_split(asset_env)) if asset_env else assets,
-            max_price_per_million=get("MAX_PRICE_PER_MILLION") or max_price_per_million,
-            pay_to=_split(pay_env) if pay_env else pay_to,
-        )
+        terms: dict[str, Any] = dict(defaults)
+        for variable, name, read in _SPEND_VARIABLES:
+            value = env.get(f"PAYGATE_SPEND_{variable}", "").strip()
+            if value:  # set but empty: the default stands
+                terms[name] = read(value)
+        return cls(**terms)
 
     def decimals(self, chain_id: int, asset: str) -> int | None:
         """The decimals of an allowed asset on ``chain_id``, or None if it is not allowed."""
@@ -185,6 +172,31 @@ def parse_assets(items: Iterable[str]) -> dict[str, int]:
 
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+class SpendTerms(TypedDict, total=False):
+    """The arguments of :class:`SpendPolicy` (see it for each), as
+    :meth:`SpendPolicy.from_env` takes them for defaults."""
+
+    max_per_request: Decimal | str | int
+    max_total: Decimal | str | int | None
+    networks: Iterable[str] | None
+    assets: Mapping[str, int] | None
+    max_valid_seconds: int
+    max_price_per_million: Decimal | str | int | None
+    pay_to: Iterable[str] | None
+    channel_deposit: Decimal | str | int | None
+
+
+# The PAYGATE_SPEND_* variables: the argument each sets, read from the variable's text.
+_SPEND_VARIABLES: tuple[tuple[str, str, Callable[[str], object]], ...] = (
+    ("MAX_PER_REQUEST", "max_per_request", str),
+    ("MAX_TOTAL", "max_total", str),
+    ("NETWORKS", "networks", _split),
+    ("ASSETS", "assets", lambda text: parse_assets(_split(text))),
+    ("MAX_PRICE_PER_MILLION", "max_price_per_million", str),
+    ("PAY_TO", "pay_to", _split),
+)
 
 
 def _amount(value: Decimal | str | int, name: str) -> Decimal:
@@ -281,18 +293,7 @@ def _challenge_v2(header: str) -> PaymentChallenge:
     except codec.PaymentHeaderError as exc:
         raise InvalidChallenge(str(exc)) from None
     offers = tuple(
-        ChallengeOffer(
-            version=2,
-            requirement=raw_req,
-            scheme=req.scheme,
-            network=req.network,
-            chain_id=_offer_chain_id(req.network),
-            asset=req.asset,
-            amount=_atomic(req.amount),
-            pay_to=req.pay_to,
-            max_timeout_seconds=req.max_timeout_seconds,
-            extra=req.extra,
-        )
+        _offer(2, raw_req, req, req.amount)
         for req, raw_req in zip(model.accepts, raw["accepts"], strict=True)
     )
     return PaymentChallenge(2, offers, model.error, raw.get("resource"), model.extensions)
@@ -309,22 +310,30 @@ def _challenge_v1(body: bytes) -> PaymentChallenge | None:
         model = PaymentRequiredV1.model_validate(data)
     except ValidationError:
         raise InvalidChallenge("the 402's x402 v1 body is not a valid challenge") from None
-    offers = tuple(
-        ChallengeOffer(
-            version=1,
-            requirement=req.wire(),
-            scheme=req.scheme,
-            network=req.network,
-            chain_id=_offer_chain_id(req.network),
-            asset=req.asset,
-            amount=_atomic(req.max_amount_required),
-            pay_to=req.pay_to,
-            max_timeout_seconds=req.max_timeout_seconds,
-            extra=req.extra or {},
-        )
-        for req in model.accepts
-    )
+    offers = tuple(_offer(1, req.wire(), req, req.max_amount_required) for req in model.accepts)
     return PaymentChallenge(1, offers, model.error)
+
+
+def _offer(
+    version: X402Version,
+    requirement: Mapping[str, Any],
+    req: PaymentRequirements | PaymentRequirementsV1,
+    amount: str,
+) -> ChallengeOffer:
+    """One requirement of either version (``amount``: its atomic amount, as the version
+    names it), normalised for choosing."""
+    return ChallengeOffer(
+        version=version,
+        requirement=requirement,
+        scheme=req.scheme,
+        network=req.network,
+        chain_id=_offer_chain_id(req.network),
+        asset=req.asset,
+        amount=_atomic(amount),
+        pay_to=req.pay_to,
+        max_timeout_seconds=req.max_timeout_seconds,
+        extra=req.extra or {},
+    )
 
 
 def _offer_chain_id(network: str) -> int | None:
@@ -590,39 +599,39 @@ class Payer:
         offer, decimals = self.choose(challenge, url=url)
         price = from_atomic(offer.amount, decimals)
         if offer.scheme == CHANNEL_SCHEME and self.channels is not None:
-            return self._pay_channel(challenge, offer, decimals, price, url)
+            made = self._channel_payment(challenge, offer, decimals, url)
+            payment = self._document(challenge, offer, decimals, price, url, made.signed)
+            payment.record.deposit = _plain(from_atomic(made.deposit, decimals))
+            return payment
+        with self._reserved(price, "price"):
+            signed = self._sign(offer, decimals)
+            return self._document(challenge, offer, decimals, price, url, signed)
+
+    @contextmanager
+    def _reserved(self, amount: Decimal, what: str) -> Iterator[None]:
+        """``amount`` counted against ``max_total`` before signing, and given back if signing
+        fails. Checked again under the lock: concurrent requests must not overshoot it."""
         with self._lock:
-            # Re-checked under the lock: concurrent requests must not overshoot max_total.
             limit = self.policy.max_total
-            if limit is not None and self._spent + price > limit:
-                raise SpendRefused(f"price {price} would pass max total {limit}")
-            self._spent += price
+            if limit is not None and self._spent + amount > limit:
+                raise SpendRefused(f"{what} {amount} would pass max total {limit}")
+            self._spent += amount
         try:
-            return self._sign(challenge, offer, decimals, price, url)
+            yield
         except BaseException:
             with self._lock:
-                self._spent -= price
+                self._spent -= amount
             raise
 
-    def _pay_channel(
-        self,
-        challenge: PaymentChallenge,
-        offer: ChallengeOffer,
-        decimals: int,
-        price: Decimal,
-        url: str,
-    ) -> Payment:
+    def _channel_payment(
+        self, challenge: PaymentChallenge, offer: ChallengeOffer, decimals: int, url: str
+    ) -> ChannelPayment:
         """A voucher on the offer's channel, with a deposit counted against the policy when
         the channel needs one (reserved before signing, as every payment is)."""
         assert self.channels is not None
         assert offer.chain_id is not None
         needed = from_atomic(self.channels.commitment(offer, url=url, decimals=decimals), decimals)
-        with self._lock:
-            limit = self.policy.max_total
-            if limit is not None and self._spent + needed > limit:
-                raise SpendRefused(f"deposit {needed} would pass max total {limit}")
-            self._spent += needed
-        try:
+        with self._reserved(needed, "deposit"):
             made = self.channels.sign(
                 offer,
                 offer.requirement,
@@ -631,32 +640,17 @@ class Payer:
                 resource=challenge.resource,
                 chain_id=offer.chain_id,
             )
-        except BaseException:
-            with self._lock:
-                self._spent -= needed
-            raise
         deposit = from_atomic(made.deposit, decimals)
         if deposit != needed:  # another request topped the channel up meanwhile
             with self._lock:
                 self._spent += deposit - needed
-        payment = self._document(challenge, offer, decimals, price, url, made.signed)
-        payment.record.deposit = _plain(deposit)
-        return payment
+        return made
 
-    def _sign(
-        self,
-        challenge: PaymentChallenge,
-        offer: ChallengeOffer,
-        decimals: int,
-        price: Decimal,
-        url: str,
-    ) -> Payment:
-        assert offer.chain_id is not None
+    def _sign(self, offer: ChallengeOffer, decimals: int) -> Signed:
         valid_for = min(offer.max_timeout_seconds, self.policy.max_valid_seconds)
         scheme = by_name(offer.scheme)
         assert scheme is not None  # chosen: a registered scheme
-        signed = scheme.client.sign(self._account, offer, decimals=decimals, valid_for=valid_for)
-        return self._document(challenge, offer, decimals, price, url, signed)
+        return scheme.client.sign(self._account, offer, decimals=decimals, valid_for=valid_for)
 
     def _document(
         self,

@@ -1,4 +1,4 @@
-"""A channel's cooperative refund (batch-settlement), sans-IO: the request, and its answer.
+"""A channel's cooperative refund (batch-settlement), sans-IO: the request, its answer, the steps.
 
 The refund is x402's ``refund`` payload — a zero-charge voucher for what was charged, and an
 optional amount — sent to the route the channel last paid; the route is not served, and the
@@ -22,9 +22,12 @@ from paygate.client.channels import OpenChannel, origin_of
 from paygate.client.core import PRESET_PAYMENT
 from paygate.client.errors import PaymentRefused, SpendRefused
 from paygate.client.payer import Payer, refusal_reason
+from paygate.client.steps import Fetch, Steps
 from paygate.x402 import codec
 from paygate.x402.models import PaymentPayload, SettleResponse
 from paygate.x402.networks import from_atomic, to_atomic
+
+MAX_REFUND_ANSWER = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,19 @@ def refund_requests(
     return out
 
 
+def refund_steps(
+    payer: Payer | None, url: str, amount: Decimal | str | None, timeout: float | None
+) -> Steps[list[SettleResponse]]:
+    """A transport's ``refund`` as steps: each request (:func:`refund_requests`) sent through
+    the transport itself, each answer counted (:func:`refund_answer`); the receipts."""
+    out: list[SettleResponse] = []
+    for asked in refund_requests(payer, url, amount, timeout):
+        response, body = yield Fetch(asked.request, MAX_REFUND_ANSWER, "the refund's answer")
+        assert payer is not None  # refund_requests asks nothing without one
+        out.append(refund_answer(payer, asked, response.status_code, response.headers, body))
+    return out
+
+
 def refund_answer(
     payer: Payer, asked: RefundRequest, status: int, headers: httpx.Headers, body: bytes
 ) -> SettleResponse:
@@ -88,7 +104,7 @@ def refund_answer(
         raise PaymentRefused(refusal_reason(headers, body), status=status)
     channel = asked.channel
     # The answer's "amount" is what was refunded (the SDK's and paygate's receipts).
-    rest = channel.balance - channel.charged
+    rest = channel.rest
     stated = receipt.amount
     back = int(stated) if stated is not None and stated.isdigit() else None
     expected = asked.amount if asked.amount is not None else rest

@@ -32,29 +32,12 @@ from enclave.attestation.binding import Binding
 from enclave.tlog import checkpoint as cp
 from enclave.tlog import entries, merkle, note, tiles
 from paygate import jsonsafe
-from paygate.errors import PaygateError
+from paygate.client.errors import LogInconsistent, LogUnverified
 from paygate.wire import LOG_CHECKPOINT_PATH
 
 LOG_PREFIX = LOG_CHECKPOINT_PATH.removesuffix("checkpoint")
 MAX_STATE_BYTES = 1 << 20
 MAX_ORIGINS = 1000
-
-
-class LogRefusal(PaygateError):
-    code = "log_unverified"
-    message = "the transparency log does not show what the policy requires"
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
-
-
-def inconsistent(detail: str) -> LogRefusal:
-    return LogRefusal("log_inconsistent", detail)
-
-
-def unverified(detail: str) -> LogRefusal:
-    return LogRefusal("log_unverified", detail)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +152,7 @@ def fetch_tiles(base: str, flow: Generator[tiles.TileRef, bytes, Any]) -> Flow:
         while True:
             status, body = yield Request(f"{base}{ref.path()}")
             if status != 200:
-                raise unverified(f"the log did not serve {ref.path()} (HTTP {status})")
+                raise LogUnverified(f"the log did not serve {ref.path()} (HTTP {status})")
             ref = flow.send(body)
     except StopIteration as stop:
         return stop.value
@@ -182,7 +165,9 @@ def open_checkpoint(
     try:
         checkpoint, opened, _ = cp.open_checkpoint(raw, [note.parse_vkey(log_key)], origin=origin)
     except note.NoteError as exc:
-        raise unverified(f"the checkpoint is not signed by the attested log key: {exc}") from None
+        raise LogUnverified(
+            f"the checkpoint is not signed by the attested log key: {exc}"
+        ) from None
     if quorum:
         cosigned = 0
         for vkey in witnesses:
@@ -193,7 +178,7 @@ def open_checkpoint(
             except note.NoteError:
                 continue
         if cosigned < quorum:
-            raise unverified(f"{cosigned} witness cosignatures, the policy needs {quorum}")
+            raise LogUnverified(f"{cosigned} witness cosignatures, the policy needs {quorum}")
     return checkpoint, opened.encode()
 
 
@@ -201,7 +186,7 @@ def consistent(base: str, seen: Seen, checkpoint: cp.Checkpoint) -> Flow:
     """Check ``checkpoint`` against the one ``seen`` before (tiles from ``base``)."""
     if checkpoint.size == seen.size:
         if checkpoint.root != seen.root:
-            raise inconsistent(f"two different roots for tree size {seen.size}: the log forked")
+            raise LogInconsistent(f"two different roots for tree size {seen.size}: the log forked")
         return
     old, new = sorted((seen, checkpoint), key=lambda c: c.size)
     if old.size == 0:
@@ -212,9 +197,11 @@ def consistent(base: str, seen: Seen, checkpoint: cp.Checkpoint) -> Flow:
         proof = yield from fetch_tiles(base, flow)
         merkle.verify_consistency(old.size, new.size, old.root, new.root, proof)
     except merkle.ProofError as exc:
-        raise inconsistent(f"size {old.size} to {new.size}: {exc}") from None
-    except LogRefusal as exc:
-        raise inconsistent(f"the log cannot prove size {old.size} to {new.size}: {exc}") from None
+        raise LogInconsistent(f"size {old.size} to {new.size}: {exc}") from None
+    except LogUnverified as exc:
+        raise LogInconsistent(
+            f"the log cannot prove size {old.size} to {new.size}: {exc}"
+        ) from None
 
 
 def prove_inclusion(base: str, index: int, data: bytes, checkpoint: cp.Checkpoint) -> Flow:
@@ -226,7 +213,7 @@ def prove_inclusion(base: str, index: int, data: bytes, checkpoint: cp.Checkpoin
             merkle.leaf_hash(data), index, checkpoint.size, proof, checkpoint.root
         )
     except merkle.ProofError as exc:
-        raise unverified(f"entry {index} is not in the checkpoint's tree: {exc}") from None
+        raise LogUnverified(f"entry {index} is not in the checkpoint's tree: {exc}") from None
     return proof
 
 
@@ -238,11 +225,11 @@ def read_entries(base: str, size: int, first: int, end: int) -> Flow:
         path = tiles.tile_path(None, bundle, width)
         status, body = yield Request(f"{base}{path}")
         if status != 200:
-            raise unverified(f"the log did not serve {path} (HTTP {status})")
+            raise LogUnverified(f"the log did not serve {path} (HTTP {status})")
         try:
             items = tiles.decode_bundle(body, width)
         except merkle.ProofError as exc:
-            raise unverified(f"{path}: {exc}") from None
+            raise LogUnverified(f"{path}: {exc}") from None
         start = bundle * tiles.WIDTH
         found += [(start + i, e) for i, e in enumerate(items) if first <= start + i < end]
     return found
@@ -279,20 +266,20 @@ def find_attested(base: str, checkpoint: cp.Checkpoint, bound: Binding, max_scan
                 epoch = (index, data)
         end = first
     if release is None:
-        raise unverified(f"no release entry for the attested code digest {bound.code_digest}")
+        raise LogUnverified(f"no release entry for the attested code digest {bound.code_digest}")
     if epoch is None:
-        raise unverified("no key-epoch entry for the attested keys")
+        raise LogUnverified("no key-epoch entry for the attested keys")
     return release, epoch
 
 
 def log_flow(origin_url: str, policy: LogPolicy, bound: Binding) -> Flow:
     """The checks of the module docstring; returns a short description of what passed."""
     if bound.log is None:
-        raise unverified("the appliance's evidence names no transparency log")
+        raise LogUnverified("the appliance's evidence names no transparency log")
     base = f"{origin_url}{LOG_PREFIX}"
     status, body = yield Request(f"{base}checkpoint")
     if status != 200:
-        raise unverified(f"the log's checkpoint is not available (HTTP {status})")
+        raise LogUnverified(f"the log's checkpoint is not available (HTTP {status})")
     checkpoint, signed = open_checkpoint(
         body, bound.log.key, bound.log.origin, policy.witnesses, policy.witness_quorum
     )

@@ -3,7 +3,8 @@
 ``httpx.Client(transport=PaygateTransport(...))`` (or ``AsyncPaygateTransport`` with
 ``httpx.AsyncClient``) seals every request body to the appliance's key, answers one 402 with a
 signed x402 payment within the spend policy, and opens the sealed reply, streams chunk by
-chunk. Both drive the same sans-IO flow (:mod:`paygate.client.core`); only the I/O differs.
+chunk. Both run the same sans-IO steps (:mod:`paygate.client.steps`, around the flow of
+:mod:`paygate.client.core`): each only does a step's I/O, and holds its own kind of key lock.
 """
 
 from __future__ import annotations
@@ -12,28 +13,21 @@ import asyncio
 import inspect
 import threading
 import time
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from decimal import Decimal
 from types import TracebackType
-from typing import Any, TypedDict, Unpack
+from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
 import httpx
 from eth_account.signers.local import LocalAccount
 
-from paygate.client.attestation import (
-    MAX_EVIDENCE_BYTES,
-    AttestationPolicy,
-    Attested,
-    attestation_flow,
-)
+from paygate.client.attestation import AttestationPolicy, Attested
 from paygate.client.core import (
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_SEALED_REPLY_BYTES,
     MAX_TAIL_BYTES,
     ClientCore,
-    Command,
     Deliver,
     Discard,
     Envelope,
@@ -44,7 +38,6 @@ from paygate.client.core import (
     Send,
 )
 from paygate.client.errors import (
-    AttestationFailed,
     ClientError,
     ReceiptInvalid,
     ReceiptMissing,
@@ -52,18 +45,14 @@ from paygate.client.errors import (
     RequestTooLarge,
 )
 from paygate.client.payer import SentPayment, SpendPolicy, X402Version
-from paygate.client.pubkey import (
-    MAX_PUBKEY_DOCUMENT,
-    AsyncAttestationHook,
-    AttestationHook,
-    EnclaveKey,
-)
+from paygate.client.pubkey import AsyncAttestationHook, AttestationHook, EnclaveKey
 from paygate.client.receipts import MAX_TAIL_SECONDS
-from paygate.client.refunds import refund_answer, refund_requests
+from paygate.client.refunds import refund_steps
+from paygate.client.steps import Fetch, Run, Step, Steps, key_steps, request_steps
 from paygate.client.streams import ReplyDecoder
 from paygate.x402.models import SettleResponse
 
-MAX_REFUND_ANSWER = 64 * 1024
+T = TypeVar("T")
 
 
 class TransportOptions(TypedDict, total=False):
@@ -102,10 +91,28 @@ def _core(options: TransportOptions) -> ClientCore:
     )
 
 
-class _Facade:
-    """The read-only view both transports give of their state."""
+HttpT = TypeVar("HttpT", httpx.BaseTransport, httpx.AsyncBaseTransport)
+HookT = TypeVar("HookT", AttestationHook, AsyncAttestationHook)
 
-    _core: ClientCore
+
+class _Transport(Generic[HttpT, HookT]):
+    """What both transports hold and show: the sans-IO core, the transport that does the HTTP
+    (``_http()`` by default), the caller's attestation hook, and the key lock (``_lock()``)."""
+
+    _http: Callable[[], HttpT]
+    _lock: Callable[[], Any]
+
+    def __init__(
+        self,
+        *,
+        transport: HttpT | None = None,
+        attest: HookT | None = None,
+        **options: Unpack[TransportOptions],
+    ) -> None:
+        self._core = _core(options)
+        self._inner: HttpT = transport if transport is not None else self._http()
+        self._attest = attest
+        self._key_lock = self._lock()
 
     @property
     def payments(self) -> list[SentPayment]:
@@ -155,63 +162,7 @@ class _Facade:
         )
 
 
-@contextmanager
-def _hook_refusal() -> Iterator[None]:
-    """Around the caller's attestation hook: what it raises (other than our own ClientError)
-    is the refusal of the key, as AttestationFailed."""
-    try:
-        yield
-    except ClientError:
-        raise
-    except Exception as exc:
-        detail = str(exc)[:200] or type(exc).__name__
-        raise AttestationFailed(
-            f"the attestation hook refused the appliance key: {detail}"
-        ) from exc
-
-
-@dataclass(frozen=True, slots=True)
-class _Hook:
-    """Ask the caller's attestation hook about ``key`` (→ None, or it raises)."""
-
-    key: EnclaveKey
-
-
-KeyStep = Send | ReadBody | _Hook
-
-
-def _fetch(
-    request: httpx.Request, limit: int, what: str
-) -> Generator[KeyStep, Any, tuple[int, bytes]]:
-    response: httpx.Response = yield Send(request)
-    body: bytes = yield ReadBody(response, limit, what)
-    return response.status_code, body
-
-
-def _key_flow(core: ClientCore, command: LoadKey) -> Generator[KeyStep, Any, EnclaveKey]:
-    """Fetch an origin's key, verify it as the AttestationPolicy asks, ask the hook, cache it
-    (sans-IO: both transports carry out the steps, under their own per-transport lock)."""
-    request = core.key_request(command)
-    status, body = yield from _fetch(request, MAX_PUBKEY_DOCUMENT, "the key document")
-    key = core.accept_key(command.origin, status, body)
-    if core.attestation is not None:
-        flow = attestation_flow(command.origin, core.attestation, key.public_key)
-        try:
-            exchange = next(flow)
-            while True:
-                request = core.exchange_request(exchange, command.request, key)
-                answer = yield from _fetch(request, MAX_EVIDENCE_BYTES, "the attestation evidence")
-                exchange = flow.send(answer)
-        except StopIteration as stop:
-            attested: Attested = stop.value
-        core.store_attested(attested)
-        key = core.attested_key(key, attested)
-    yield _Hook(key)
-    core.store_key(key)
-    return key
-
-
-class PaygateTransport(_Facade, httpx.BaseTransport):
+class PaygateTransport(_Transport[httpx.BaseTransport, AttestationHook], httpx.BaseTransport):
     """Seal, pay, open — for ``httpx.Client``.
 
     Args:
@@ -230,84 +181,11 @@ class PaygateTransport(_Facade, httpx.BaseTransport):
         max_request_bytes, max_sealed_reply_bytes: bounds of what is held in memory.
     """
 
-    def __init__(
-        self,
-        *,
-        transport: httpx.BaseTransport | None = None,
-        attest: AttestationHook | None = None,
-        **options: Unpack[TransportOptions],
-    ) -> None:
-        self._core = _core(options)
-        self._inner = transport if transport is not None else httpx.HTTPTransport()
-        self._attest = attest
-        self._key_lock = threading.Lock()
+    _http = httpx.HTTPTransport
+    _lock = threading.Lock  # one key fetch at a time, even with many threads
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        flow = self._core.flow(request)
-        opened: list[httpx.Response] = []
-        try:
-            command = next(flow)
-            while True:
-                try:
-                    result = self._run(command, opened)
-                except httpx.TransportError as exc:
-                    if not isinstance(command, Send):
-                        raise
-                    command = flow.throw(exc)  # the flow may re-send (core.send_paid)
-                    continue
-                command = flow.send(result)
-        except StopIteration as stop:
-            deliver: Deliver = stop.value
-        except BaseException:
-            for response in opened:
-                response.close()
-            flow.close()
-            raise
-        if deliver.source is None:
-            return _whole(deliver)
-        assert deliver.decoder is not None  # a streamed body always has its decoder
-        return _streamed(deliver, _SyncBody(deliver.source, deliver.decoder))
-
-    def _run(self, command: Command, opened: list[httpx.Response]) -> object:
-        if isinstance(command, ReadRequest):
-            return _read_request(command.request, command.limit)
-        if isinstance(command, LoadKey):
-            return self._load_key(command)
-        if isinstance(command, Send):
-            response = self._inner.handle_request(command.request)
-            opened.append(response)
-            return response
-        if isinstance(command, ReadBody):
-            return _read_body(command.response, command.limit, command.what)
-        if isinstance(command, Discard):
-            command.response.close()
-            return None
-        raise TypeError(f"unknown command {command!r}")
-
-    def _load_key(self, command: LoadKey) -> EnclaveKey:
-        key = self._core.cached_key(command.origin)
-        if key is not None:
-            return key
-        with self._key_lock:  # one fetch per origin, even with many threads
-            key = self._core.cached_key(command.origin)
-            if key is not None:
-                return key
-            flow = _key_flow(self._core, command)
-            try:
-                step = next(flow)
-                while True:
-                    step = flow.send(self._key_step(step))
-            except StopIteration as stop:
-                loaded: EnclaveKey = stop.value
-                return loaded
-
-    def _key_step(self, step: KeyStep) -> object:
-        if not isinstance(step, _Hook):
-            return self._run(step, [])  # the body is read (and closed) by the next step
-        if self._attest is not None:
-            with _hook_refusal():
-                self._attest(step.key)
-        return None
+        return _response(self._drive(request_steps(self._core, request)), _SyncBody)
 
     def refund(
         self, url: str, *, amount: Decimal | str | None = None, timeout: float | None = 30.0
@@ -315,18 +193,38 @@ class PaygateTransport(_Facade, httpx.BaseTransport):
         """Refund what is left in this transport's batch-settlement channels with ``url``'s
         origin (``amount``, whole tokens: part of the one channel's rest); their receipts.
         What came back stops counting against the spend policy's ``max_total``."""
-        out: list[SettleResponse] = []
-        for asked in refund_requests(self._core.payer, url, amount, timeout):
-            response = self.handle_request(asked.request)
+        return self._drive(refund_steps(self._core.payer, url, amount, timeout))
+
+    def _drive(self, steps: Steps[T]) -> T:
+        run = Run(steps)
+        while run.step is not None:
             try:
-                body = _read_body(response, MAX_REFUND_ANSWER, "the refund's answer")
-            finally:
-                response.close()
-            assert self._core.payer is not None
-            out.append(
-                refund_answer(self._core.payer, asked, response.status_code, response.headers, body)
-            )
-        return out
+                result = self._do(run.step)
+            except BaseException as exc:
+                run.throw(exc)
+            else:
+                run.send(result)
+        return run.result
+
+    def _do(self, step: Step) -> object:
+        """One step's I/O (see paygate.client.steps)."""
+        if isinstance(step, ReadRequest):
+            return _read_request(step.request, step.limit)
+        if isinstance(step, LoadKey):
+            with self._key_lock:
+                return self._drive(key_steps(self._core, step))
+        if isinstance(step, Send):
+            return self._inner.handle_request(step.request)
+        if isinstance(step, ReadBody):
+            return _read_body(step.response, step.limit, step.what)
+        if isinstance(step, Discard):
+            return step.response.close()
+        if isinstance(step, Fetch):
+            response = self.handle_request(step.request)
+            return response, _read_body(response, step.limit, step.what)
+        if self._attest is not None:  # Hook
+            self._attest(step.key)
+        return None
 
     def close(self) -> None:
         self._inner.close()
@@ -343,108 +241,56 @@ class PaygateTransport(_Facade, httpx.BaseTransport):
         self.close()
 
 
-class AsyncPaygateTransport(_Facade, httpx.AsyncBaseTransport):
+class AsyncPaygateTransport(
+    _Transport[httpx.AsyncBaseTransport, AsyncAttestationHook], httpx.AsyncBaseTransport
+):
     """Seal, pay, open — for ``httpx.AsyncClient``. Same arguments as
     :class:`PaygateTransport`; ``transport`` defaults to ``httpx.AsyncHTTPTransport()`` and
     ``attest`` may be a coroutine function."""
 
-    def __init__(
-        self,
-        *,
-        transport: httpx.AsyncBaseTransport | None = None,
-        attest: AsyncAttestationHook | None = None,
-        **options: Unpack[TransportOptions],
-    ) -> None:
-        self._core = _core(options)
-        self._inner = transport if transport is not None else httpx.AsyncHTTPTransport()
-        self._attest = attest
-        self._key_lock = asyncio.Lock()
+    _http = httpx.AsyncHTTPTransport
+    _lock = asyncio.Lock
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        flow = self._core.flow(request)
-        opened: list[httpx.Response] = []
-        try:
-            command = next(flow)
-            while True:
-                try:
-                    result = await self._run(command, opened)
-                except httpx.TransportError as exc:
-                    if not isinstance(command, Send):
-                        raise
-                    command = flow.throw(exc)  # the flow may re-send (core.send_paid)
-                    continue
-                command = flow.send(result)
-        except StopIteration as stop:
-            deliver: Deliver = stop.value
-        except BaseException:
-            for response in opened:
-                await response.aclose()
-            flow.close()
-            raise
-        if deliver.source is None:
-            return _whole(deliver)
-        assert deliver.decoder is not None  # a streamed body always has its decoder
-        return _streamed(deliver, _AsyncBody(deliver.source, deliver.decoder))
-
-    async def _run(self, command: Command, opened: list[httpx.Response]) -> object:
-        if isinstance(command, ReadRequest):
-            return await _aread_request(command.request, command.limit)
-        if isinstance(command, LoadKey):
-            return await self._load_key(command)
-        if isinstance(command, Send):
-            response = await self._inner.handle_async_request(command.request)
-            opened.append(response)
-            return response
-        if isinstance(command, ReadBody):
-            return await _aread_body(command.response, command.limit, command.what)
-        if isinstance(command, Discard):
-            await command.response.aclose()
-            return None
-        raise TypeError(f"unknown command {command!r}")
-
-    async def _load_key(self, command: LoadKey) -> EnclaveKey:
-        key = self._core.cached_key(command.origin)
-        if key is not None:
-            return key
-        async with self._key_lock:
-            key = self._core.cached_key(command.origin)
-            if key is not None:
-                return key
-            flow = _key_flow(self._core, command)
-            try:
-                step = next(flow)
-                while True:
-                    step = flow.send(await self._key_step(step))
-            except StopIteration as stop:
-                loaded: EnclaveKey = stop.value
-                return loaded
-
-    async def _key_step(self, step: KeyStep) -> object:
-        if not isinstance(step, _Hook):
-            return await self._run(step, [])  # the body is read (and closed) by the next step
-        if self._attest is not None:
-            with _hook_refusal():
-                result = self._attest(step.key)
-                if inspect.isawaitable(result):
-                    await result
-        return None
+        return _response(await self._drive(request_steps(self._core, request)), _AsyncBody)
 
     async def refund(
         self, url: str, *, amount: Decimal | str | None = None, timeout: float | None = 30.0
     ) -> list[SettleResponse]:
         """As :meth:`PaygateTransport.refund`."""
-        out: list[SettleResponse] = []
-        for asked in refund_requests(self._core.payer, url, amount, timeout):
-            response = await self.handle_async_request(asked.request)
+        return await self._drive(refund_steps(self._core.payer, url, amount, timeout))
+
+    async def _drive(self, steps: Steps[T]) -> T:
+        run = Run(steps)
+        while run.step is not None:
             try:
-                body = await _aread_body(response, MAX_REFUND_ANSWER, "the refund's answer")
-            finally:
-                await response.aclose()
-            assert self._core.payer is not None
-            out.append(
-                refund_answer(self._core.payer, asked, response.status_code, response.headers, body)
-            )
-        return out
+                result = await self._do(run.step)
+            except BaseException as exc:
+                run.throw(exc)
+            else:
+                run.send(result)
+        return run.result
+
+    async def _do(self, step: Step) -> object:
+        if isinstance(step, ReadRequest):
+            return await _aread_request(step.request, step.limit)
+        if isinstance(step, LoadKey):
+            async with self._key_lock:
+                return await self._drive(key_steps(self._core, step))
+        if isinstance(step, Send):
+            return await self._inner.handle_async_request(step.request)
+        if isinstance(step, ReadBody):
+            return await _aread_body(step.response, step.limit, step.what)
+        if isinstance(step, Discard):
+            return await step.response.aclose()
+        if isinstance(step, Fetch):
+            response = await self.handle_async_request(step.request)
+            return response, await _aread_body(response, step.limit, step.what)
+        if self._attest is not None:  # Hook
+            called = self._attest(step.key)
+            if inspect.isawaitable(called):
+                await called
+        return None
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -464,31 +310,63 @@ class AsyncPaygateTransport(_Facade, httpx.AsyncBaseTransport):
 # --- bodies --------------------------------------------------------------------------------
 
 
-def _whole(deliver: Deliver) -> httpx.Response:
-    return httpx.Response(
-        deliver.status,
-        headers=deliver.headers,
-        content=deliver.content,
-        extensions=deliver.extensions,
-    )
-
-
-def _streamed(
-    deliver: Deliver, stream: httpx.SyncByteStream | httpx.AsyncByteStream
-) -> httpx.Response:
+def _response(deliver: Deliver, body: type[_SyncBody] | type[_AsyncBody]) -> httpx.Response:
+    """The response for httpx: the whole content, or the source streamed through ``body``."""
+    if deliver.source is None:
+        return httpx.Response(
+            deliver.status,
+            headers=deliver.headers,
+            content=deliver.content,
+            extensions=deliver.extensions,
+        )
+    assert deliver.decoder is not None  # a streamed body always has its decoder
+    stream = body(deliver.source, deliver.decoder)
     return httpx.Response(
         deliver.status, headers=deliver.headers, stream=stream, extensions=deliver.extensions
     )
 
 
-class _SyncBody(httpx.SyncByteStream):
-    """A reply body passed through its decoder as it arrives."""
+class _Body:
+    """What both reply bodies share: the source, its decoder, and the bounded read of the tail
+    when the caller stops after the content (the OpenAI SDK stops at "data: [DONE]"), for the
+    receipt that follows it."""
 
     def __init__(self, source: httpx.Response, decoder: ReplyDecoder) -> None:
         self._source = source
         self._decoder = decoder
-        self._raw: Iterator[bytes] | None = None
         self._ended = False
+        self._tail_read = 0
+
+    def _end(self) -> list[bytes]:
+        self._ended = True
+        return self._decoder.end()
+
+    def _wants_tail(self) -> bool:
+        return not self._ended and self._decoder.wants_tail
+
+    def _tail(self, data: bytes) -> bool:
+        """Feed a chunk of the tail: whether to read on (the receipt is due, within bounds)."""
+        self._decoder.feed(data)
+        self._tail_read += len(data)
+        return self._tail_read <= MAX_TAIL_BYTES and self._decoder.wants_tail
+
+
+@contextmanager
+def _tail_defects_ignored() -> Iterator[None]:
+    """The tail is not content, so its defects are not raised; but a bad signed receipt is
+    never ignored, even after the content."""
+    try:
+        yield
+    except ReceiptInvalid:
+        raise
+    except (ClientError, httpx.HTTPError):
+        pass
+
+
+class _SyncBody(_Body, httpx.SyncByteStream):
+    """A reply body passed through its decoder as it arrives."""
+
+    _raw: Iterator[bytes] | None = None
 
     def _chunks(self) -> Iterator[bytes]:
         if self._raw is None:
@@ -509,35 +387,24 @@ class _SyncBody(httpx.SyncByteStream):
             if self._decoder.in_tail:
                 raise _cut_in_tail() from exc
             raise
-        self._ended = True
-        yield from self._decoder.end()
+        yield from self._end()
 
     def close(self) -> None:
         try:
-            if not self._ended and self._decoder.wants_tail:
+            if self._wants_tail():
                 self._read_tail()
         finally:
             self._source.close()
 
     def _read_tail(self) -> None:
-        # The caller stopped after the content (the OpenAI SDK stops at "data: [DONE]"): read
-        # a bounded tail for the receipt. It is not content, so its defects are not raised.
-        taken = 0
-        try:
+        with _tail_defects_ignored():
             for data in self._chunks():
-                self._decoder.feed(data)
-                taken += len(data)
-                if taken > MAX_TAIL_BYTES or not self._decoder.wants_tail:
+                if not self._tail(data):
                     return
-            self._ended = True
-            self._decoder.end()
-        except ReceiptInvalid:
-            raise  # a bad signed receipt is never ignored, even after the content
-        except (ClientError, httpx.HTTPError):
-            return
+            self._end()
 
 
-class _AsyncBody(httpx.AsyncByteStream):
+class _AsyncBody(_Body, httpx.AsyncByteStream):
     """The async twin of :class:`_SyncBody`.
 
     Each raw read runs as its own task, awaited through ``asyncio.shield``: a reader cancelled
@@ -545,12 +412,8 @@ class _AsyncBody(httpx.AsyncByteStream):
     so ``aclose`` can still collect a receipt that follows the content.
     """
 
-    def __init__(self, source: httpx.Response, decoder: ReplyDecoder) -> None:
-        self._source = source
-        self._decoder = decoder
-        self._raw: AsyncIterator[bytes] | None = None
-        self._pending: asyncio.Future[bytes | None] | None = None
-        self._ended = False
+    _raw: AsyncIterator[bytes] | None = None
+    _pending: asyncio.Future[bytes | None] | None = None
 
     async def _next_raw(self) -> bytes | None:
         if self._raw is None:
@@ -587,13 +450,12 @@ class _AsyncBody(httpx.AsyncByteStream):
                 yield chunk
             if deadline is None and self._decoder.in_tail:
                 deadline = asyncio.get_running_loop().time() + MAX_TAIL_SECONDS
-        self._ended = True
-        for chunk in self._decoder.end():
+        for chunk in self._end():
             yield chunk
 
     async def aclose(self) -> None:
         try:
-            if not self._ended and self._decoder.wants_tail:
+            if self._wants_tail():
                 await self._read_tail()
         finally:
             task, self._pending = self._pending, None
@@ -603,19 +465,11 @@ class _AsyncBody(httpx.AsyncByteStream):
             await self._source.aclose()
 
     async def _read_tail(self) -> None:
-        taken = 0
-        try:
+        with _tail_defects_ignored():
             while (data := await self._next_raw()) is not None:
-                self._decoder.feed(data)
-                taken += len(data)
-                if taken > MAX_TAIL_BYTES or not self._decoder.wants_tail:
+                if not self._tail(data):
                     return
-            self._ended = True
-            self._decoder.end()
-        except ReceiptInvalid:
-            raise  # a bad signed receipt is never ignored, even after the content
-        except (ClientError, httpx.HTTPError):
-            return
+            self._end()
 
 
 def _tail_too_slow() -> ReceiptMissing:

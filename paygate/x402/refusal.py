@@ -1,12 +1,26 @@
 """An answer instead of service: what admission, the payment policy and the schemes refuse
-with. Below the schemes (a scheme's corrective hook returns one) and the results."""
+with, and the error of a proof they reject. Below the schemes (a scheme's corrective hook
+returns one) and the results."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from paygate.errors import PaygateError
 from paygate.x402.offers import Challenge
+
+
+class ProofRejected(PaygateError):
+    """What the client sent as proof (a payment, a sign-in) does not prove what it must;
+    ``reason`` is x402's code for why, which the new 402 challenge names."""
+
+    code = "proof_rejected"
+    message = "what the client sent does not prove what it must"
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,8 +36,8 @@ from eth_account.messages import _hash_eip191_message, encode_defunct
 from eth_utils import is_checksum_address
 from pydantic import Field, ValidationError
 
-from paygate.errors import PaygateError
 from paygate.x402.models import X402Model
+from paygate.x402.refusal import ProofRejected
 
 if TYPE_CHECKING:
     from paygate.x402.smartwallet import WalletVerifier
@@ -62,16 +62,12 @@ _REQUIRED = [
 ]
 
 
-class SiwxRejected(PaygateError):
+class SiwxRejected(ProofRejected):
     """A sign-in that does not prove the wallet; ``reason`` is the extension's code."""
 
     message = "a sign-in that does not prove the wallet"
 
     code = "siwx_rejected"
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class SiwxProof(X402Model):

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from paygate.errors import PaygateError
 from paygate.x402.models import (
     AnyPaymentPayload,
     ResourceInfo,
@@ -39,27 +38,23 @@ from paygate.x402.models import (
     VerifyResponse,
 )
 from paygate.x402.offers import Offer, PaymentTerms
+from paygate.x402.refusal import ProofRejected, Refusal
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
 
     from paygate.x402.chain_reader import ChainReader
-    from paygate.x402.refusal import Refusal
     from paygate.x402.settler import SettlementSubject, Settler
 
 # The settler needs time to get the transfer mined before the authorization expires (x402.md).
 MIN_REMAINING_SECONDS = 6
 
 
-class PaymentRejected(PaygateError):
+class PaymentRejected(ProofRejected):
     """A payment that does not pay what was asked; ``reason`` is x402's code for why."""
 
     code = "payment_rejected"
     message = "the payment does not pay what was asked"
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

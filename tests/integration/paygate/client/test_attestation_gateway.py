@@ -154,7 +154,7 @@ def test_attested_gateway_then_sealed_paid_requests_through_the_openai_sdk(
         "app_pcr", "certify_sealing_key", "certify_receipt_key", "key_document", "models",
         "pay_to",
     ]  # fmt: skip
-    assert attested.sealing_key == stack.key.public_key
+    assert attested.binding.sealing_key == stack.key.public_key
     # The replica that answered: by default <hostname>:<pid> (the stack runs in this process).
     assert attested.binding.replica == f"{socket.gethostname()}:{os.getpid()}"
     assert usdc.balance_of(seller) == 2 * PRICE_ATOMIC  # attested once, paid twice

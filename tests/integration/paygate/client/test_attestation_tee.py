@@ -168,7 +168,7 @@ def test_refused_under_the_amd_roots_accepted_under_the_test_ark(
 
     attested = _attest(snp_stack.url, _policy(sev_snp=TeePolicy(SevSnpPolicy(), roots=(amd.ark,))))
     assert attested.kind == "sev-snp"
-    assert attested.sealing_key == snp_stack.key.public_key
+    assert attested.binding.sealing_key == snp_stack.key.public_key
     names = {c.name for c in attested.checks if c.status == "pass"}
     assert {"report_signature", "report_data", "key_document", "models", "pay_to"} <= names
 

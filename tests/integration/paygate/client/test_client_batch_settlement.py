@@ -91,7 +91,7 @@ async def test_a_lost_receipt_is_resynced_from_the_corrective_402_and_charged_on
             channel.payer.charged -= PRICE_ATOMIC  # as if the second receipt were lost
             reply = await http.post(stack.url + CHAT, json=CHAT_BODY)
             assert reply.status_code == 200, reply.text
-            assert channel.charged == 3 * PRICE_ATOMIC
+            assert channel.payer.charged == 3 * PRICE_ATOMIC
             assert channel.signed == 3 * PRICE_ATOMIC
 
             # A state older than the receipts we hold is refused, nothing more is signed.
@@ -100,7 +100,7 @@ async def test_a_lost_receipt_is_resynced_from_the_corrective_402_and_charged_on
                 await http.post(stack.url + CHAT, json=CHAT_BODY)
             # One voucher on our own count (4 + 1 requests), none on the seller's word.
             assert channel.signed == 5 * PRICE_ATOMIC
-            assert channel.charged == 4 * PRICE_ATOMIC
+            assert channel.payer.charged == 4 * PRICE_ATOMIC
         async with claimer(ledger, anvil, gas_key) as channels:
             assert await channels.claim_once() == 1
     assert usdc.balance_of(seller) == 3 * PRICE_ATOMIC

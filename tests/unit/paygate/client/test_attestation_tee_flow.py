@@ -55,7 +55,7 @@ def test_nitro_evidence_binds_and_is_verified_against_the_given_root() -> None:
         own = AttestationPolicy(tee={"nitro": TeePolicy(NitroPolicy(), roots=(pki.root,))})
         attested = _attest(service, own, key.public_key)
         assert attested.kind == "nitro"
-        assert attested.sealing_key == key.public_key
+        assert attested.binding.sealing_key == key.public_key
 
         other = _service(key, pki)
         with TeeMemoryKey.generate() as stranger:

@@ -95,7 +95,7 @@ def test_channels_are_opt_in_and_the_deposit_counts_once() -> None:
     assert [r.deposit for r in records] == [Decimal("0.02"), 0, 0]
     assert p.spent == Decimal("0.02")
     (channel,) = p.channels.channels()
-    assert (channel.charged, channel.signed, channel.balance) == (3000, 3000, 20000)
+    assert (channel.payer.charged, channel.signed, channel.rest) == (3000, 3000, 17000)
 
 
 def test_a_deposit_above_the_policy_is_never_signed() -> None:
@@ -141,7 +141,7 @@ def test_a_corrective_402_above_what_we_signed_is_refused() -> None:
     with pytest.raises(ChannelStateRejected, match="not signed by us"):
         corrective(p, pending, 3000, 3000, signer=Account.create())
     (channel,) = p.channels.channels()
-    assert (channel.charged, channel.signed) == (2000, 3000)
+    assert (channel.payer.charged, channel.signed) == (2000, 3000)
     assert records[-1].receipt_error is None
 
 
@@ -152,7 +152,7 @@ def test_a_replayed_old_voucher_state_is_refused() -> None:
     with pytest.raises(ChannelStateRejected, match="an old state"):
         corrective(p, pending, 1000, 1000)  # our own, older voucher
     (channel,) = p.channels.channels()
-    assert channel.charged == 3000
+    assert channel.payer.charged == 3000
 
 
 def test_a_lost_receipt_is_resynced_within_what_we_signed() -> None:
@@ -178,7 +178,7 @@ def test_a_receipt_charging_more_than_the_price_is_flagged_and_not_counted() -> 
     p.channel_receipt(record2)
     assert record2.receipt_error == "the receipt's channel state charges more than our own count"
     (channel,) = p.channels.channels()
-    assert channel.charged == 1000
+    assert channel.payer.charged == 1000
 
 
 def test_one_request_per_channel_and_a_bounded_number_of_channels() -> None:

@@ -286,6 +286,17 @@ def test_policy_from_env_overrides_the_programs_defaults() -> None:
     assert SpendPolicy.from_env(max_per_request="0.01", environ={}).chain_ids is None
 
 
+def test_policy_from_env_keeps_a_default_the_environment_leaves_empty_or_cannot_set() -> None:
+    env = {"PAYGATE_SPEND_MAX_TOTAL": "  ", "PAYGATE_SPEND_PAY_TO": ""}
+    policy = SpendPolicy.from_env(
+        max_per_request="0.01", max_total="1", channel_deposit="0.5", environ=env
+    )
+    assert (policy.max_total, policy.pay_to) == (Decimal(1), None)
+    assert policy.channel_deposit == Decimal("0.5")  # no variable sets it: the program's value
+    with pytest.raises(TypeError, match="max_per_requst"):
+        SpendPolicy.from_env(max_per_requst="0.01", environ={})  # type: ignore[call-arg]
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
