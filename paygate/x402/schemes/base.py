@@ -429,6 +429,27 @@ class Scheme:
         return ()
 
 
+def scheme_package(package: str, name: str, *, metered: bool, binding: bool = False) -> Scheme:
+    """The :class:`Scheme` of ``package`` (a ``schemes/<name>/`` package, by its ``__name__``),
+    found by the role modules' names: ``offer``, ``verify`` and ``client`` imported now (they are
+    client-safe), ``chain``, ``facilitator`` and, with ``binding``, ``bound`` named for
+    :class:`Scheme` to import on first use."""
+
+    def role(module: str) -> Any:
+        return importlib.import_module(f"{package}.{module}").ROLE
+
+    return Scheme(
+        name=name,
+        metered=metered,
+        offer=role("offer"),
+        verifier=role("verify"),
+        client=role("client"),
+        chain_module=f"{package}.chain",
+        facilitator_module=f"{package}.facilitator",
+        binding_module=f"{package}.bound" if binding else None,
+    )
+
+
 async def _asked(
     asked: dict[str, Any] | SettleResponse,
     call: Callable[[dict[str, Any]], Awaitable[SettleResponse]],
@@ -449,3 +470,13 @@ def invalid(reason: str, payer: str) -> VerifyResponse:
 
 def same_address(a: str, b: str) -> bool:
     return a.lower() == b.lower()
+
+
+_Payload = TypeVar("_Payload")
+
+
+def payload_as(payment: AnyPaymentPayload, kind: type[_Payload]) -> _Payload:
+    """``payment``'s scheme payload, which the caller knows is a ``kind`` (ValueError if not)."""
+    if not isinstance(payment.payload, kind):
+        raise ValueError(f"not a {kind.__name__}")
+    return payment.payload
