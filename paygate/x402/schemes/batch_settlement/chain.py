@@ -32,7 +32,7 @@ from pydantic import SecretStr
 from web3.exceptions import ContractLogicError
 
 from paygate.x402.chain_reader import ChainReader
-from paygate.x402.evm import abi_function
+from paygate.x402.evm import abi_function, abi_tuple, members
 from paygate.x402.models import (
     AnyPaymentPayload,
     BatchSettlementPayload,
@@ -47,63 +47,36 @@ from paygate.x402.settler import SettlementSubject, SettlementUnknown, SettlerUn
 
 log = logging.getLogger("paygate.x402")
 
-_CONFIG = {
-    "type": "tuple",
-    "name": "config",
-    "components": ch.CHANNEL_CONFIG,
-}
-_CLAIMS = {
-    "type": "tuple[]",
-    "name": "voucherClaims",
-    "components": [
-        {
-            "name": "voucher",
-            "type": "tuple",
-            "components": [
-                {**_CONFIG, "name": "channel"},
-                {"name": "maxClaimableAmount", "type": "uint128"},
-            ],
-        },
-        {"name": "signature", "type": "bytes"},
-        {"name": "totalClaimed", "type": "uint128"},
+_CONFIG = abi_tuple("config", ch.CHANNEL_CONFIG)
+_CLAIMS = abi_tuple(
+    "voucherClaims",
+    [
+        abi_tuple(
+            "voucher",
+            [abi_tuple("channel", ch.CHANNEL_CONFIG), *members("uint128 maxClaimableAmount")],
+        ),
+        *members("bytes signature, uint128 totalClaimed"),
     ],
-}
+    array=True,
+)
 
 
 # What paygate calls and reads (the x402 SDK 2.25's ABI of x402BatchSettlement, in part).
 SETTLEMENT_ABI: list[dict[str, Any]] = [
     abi_function(
-        "deposit",
-        [
-            _CONFIG,
-            {"name": "amount", "type": "uint128"},
-            {"name": "collector", "type": "address"},
-            {"name": "collectorData", "type": "bytes"},
-        ],
+        "deposit", [_CONFIG, *members("uint128 amount, address collector, bytes collectorData")]
     ),
-    abi_function("claimWithSignature", [_CLAIMS, {"name": "authorizerSignature", "type": "bytes"}]),
-    abi_function(
-        "settle", [{"name": "receiver", "type": "address"}, {"name": "token", "type": "address"}]
-    ),
+    abi_function("claimWithSignature", [_CLAIMS, *members("bytes authorizerSignature")]),
+    abi_function("settle", members("address receiver, address token")),
     abi_function(
         "refundWithSignature",
-        [
-            _CONFIG,
-            {"name": "amount", "type": "uint128"},
-            {"name": "nonce", "type": "uint256"},
-            {"name": "receiverAuthorizerSignature", "type": "bytes"},
-        ],
+        [_CONFIG, *members("uint128 amount, uint256 nonce, bytes receiverAuthorizerSignature")],
     ),
-    abi_function("multicall", [{"name": "data", "type": "bytes[]"}], ["bytes[]"]),
+    abi_function("multicall", members("bytes[] data"), ["bytes[]"]),
     abi_function(
-        "channels",
-        [{"name": "channelId", "type": "bytes32"}],
-        ["uint128", "uint128"],
-        mutability="view",
+        "channels", members("bytes32 channelId"), ["uint128", "uint128"], mutability="view"
     ),
-    abi_function(
-        "refundNonce", [{"name": "channelId", "type": "bytes32"}], ["uint256"], mutability="view"
-    ),
+    abi_function("refundNonce", members("bytes32 channelId"), ["uint256"], mutability="view"),
 ]
 # keccak256 of the event signatures, as log topics (hex without 0x).
 _TRANSFER = keccak(text="Transfer(address,address,uint256)").hex()
