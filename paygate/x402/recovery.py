@@ -23,13 +23,6 @@ from paygate.x402.results import PaymentAdmission
 from paygate.x402.schemes import SCHEMES, Scheme
 from paygate.x402.settlement import Settlement
 from paygate.x402.settlements import Settlements
-from paygate.x402.settler import (
-    ReviewRequired,
-    SettlementSubject,
-    SettlementUnknown,
-    Settler,
-    SettlerUnavailable,
-)
 
 log = logging.getLogger("paygate.x402")
 
@@ -42,14 +35,12 @@ class Recovery:
         *,
         ledger: Ledger,
         leases: HeldLeases,
-        settler: Settler,
         settlement: Settlement,
         settlements: Settlements,
         schemes: Callable[[str], Scheme] = SCHEMES.__getitem__,
     ) -> None:
         self._ledger = ledger
         self._leases = leases
-        self._settler = settler
         self._settlement = settlement
         self._settlements = settlements
         self._schemes = schemes  # a record's scheme by name (as bound to this gateway)
@@ -112,14 +103,4 @@ class Recovery:
             log.warning("payment %s: not reconciled: %s", record.id, exc.code)
             self._leases.drop(record.id)
             return
-        try:
-            subject = SettlementSubject(payment, admission.requirements, record.transaction)
-            answer = await admission.scheme.reconcile(self._settler, subject, record.owed)
-        except ReviewRequired as exc:
-            if not record.needs_review:
-                await self._settlements.pending(admission, exc.transaction, review=str(exc))
-            return
-        except (SettlementUnknown, SettlerUnavailable) as exc:
-            log.warning("payment %s still pending: %s", record.id, exc.code)
-            return
-        await self._settlements.record_answer(admission, answer)
+        await self._settlements.reconcile_now(admission)

@@ -39,6 +39,7 @@ from paygate.x402.models import (
     VerifyResponse,
 )
 from paygate.x402.offers import Offer, PaymentTerms
+from paygate.x402.settler import SETTLEMENT_PENDING
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
@@ -466,6 +467,20 @@ def with_amount(requirements: dict[str, Any], amount: int) -> dict[str, Any]:
 def invalid(reason: str, payer: str) -> VerifyResponse:
     """A verification's refusal for ``reason`` (x402's code)."""
     return VerifyResponse(is_valid=False, invalid_reason=reason, payer=payer)
+
+
+def verdict(reason: str | None, payer: str) -> VerifyResponse:
+    """A verification's answer once its last check is done: refused for ``reason``, else valid."""
+    return (
+        invalid(reason, payer) if reason is not None else VerifyResponse(is_valid=True, payer=payer)
+    )
+
+
+def refused(answer: SettleResponse, *unsure: str) -> bool:
+    """A facilitator's settle answer that refuses for good: nothing moved. Not a success, and
+    not pending, nor one of the scheme's ``unsure`` reasons (a refusal that leaves open whether
+    the money moved: the chain decides)."""
+    return not answer.success and answer.error_reason not in (SETTLEMENT_PENDING, *unsure)
 
 
 def same_address(a: str, b: str) -> bool:

@@ -43,7 +43,7 @@ from paygate.x402.models import (
 from paygate.x402.schemes.base import ChainAccess
 from paygate.x402.schemes.batch_settlement import channel as ch
 from paygate.x402.schemes.batch_settlement.store import ClaimEntry
-from paygate.x402.settler import SettlementSubject, SettlementUnknown, SettlerUnavailable
+from paygate.x402.settler import SettlementSubject, SettlerUnavailable
 
 log = logging.getLogger("paygate.x402")
 
@@ -184,14 +184,12 @@ class BatchChain:
         # The chain settler's send when it shares our gas account: one lock and one nonce
         # sequence for every scheme's transactions (two would race for the same nonce).
         self._shared_send = send
-        self._w3 = self._reader.w3
         self._account = Account.from_key(gas_key.get_secret_value()) if gas_key else None
-        self._contract = self._w3.eth.contract(
+        self._contract = self._reader.w3.eth.contract(
             address=to_checksum_address(ch.SETTLEMENT_ADDRESS), abi=SETTLEMENT_ABI
         )
         self._settle_timeout = settle_timeout
         self._send_lock = asyncio.Lock()
-        self._chain_id: int | None = None
 
     @property
     def address(self) -> str:
@@ -205,9 +203,7 @@ class BatchChain:
         return self._account
 
     async def chain_id(self) -> int:
-        if self._chain_id is None:
-            self._chain_id = int(await self._reader.call(lambda: self._w3.eth.chain_id))
-        return self._chain_id
+        return await self._reader.served_chain()
 
     async def state(self, channel_id: str) -> OnChain:
         raw = bytes.fromhex(channel_id[2:])
@@ -241,12 +237,7 @@ class BatchChain:
         """Simulate, send and prove the deposit; the channel's state after it. ValueError
         (an x402 reason) when the chain refuses it; SettlementUnknown when no receipt came."""
         call = self._deposit_call(deposit.payload)
-        try:
-            await self._reader.call(call.call, {"from": self.address})
-        except ContractLogicError:
-            raise ValueError("invalid_batch_settlement_evm_deposit_simulation_failed") from None
-        async with self._send_lock:
-            tx_hash = await self._send(call)
+        tx_hash = await self._sent(call, "invalid_batch_settlement_evm_deposit_simulation_failed")
         return await self.proven_deposit(tx_hash, deposit)
 
     async def proven_deposit(self, tx_hash: str, deposit: Deposit) -> OnChain:
@@ -284,12 +275,7 @@ class BatchChain:
         """Send one transaction claiming ``entries`` and sweeping to the receivers: its hash."""
         calls = self._claim_calls(entries, await self.chain_id())
         multicall = self._contract.functions.multicall(calls)
-        try:
-            await self._reader.call(multicall.call, {"from": self.address})
-        except ContractLogicError as exc:
-            raise ValueError(f"the claim would revert: {exc}") from None
-        async with self._send_lock:
-            return await self._send(multicall)
+        return await self._sent(multicall, "the claim would revert")
 
     async def proven_claim(self, tx_hash: str | None, entries: tuple[ClaimEntry, ...]) -> bool:
         """The claim's proof: its receipt succeeded with a ``Settled`` event (when the hash
@@ -325,12 +311,9 @@ class BatchChain:
         if refund.claim is not None:
             calls = self._claim_calls([refund.claim], chain_id) + calls
         multicall = self._contract.functions.multicall(calls)
-        try:
-            await self._reader.call(multicall.call, {"from": self.address})
-        except ContractLogicError:
-            raise ValueError("invalid_batch_settlement_evm_refund_simulation_failed") from None
-        async with self._send_lock:
-            tx_hash = await self._send(multicall)
+        tx_hash = await self._sent(
+            multicall, "invalid_batch_settlement_evm_refund_simulation_failed"
+        )
         receipt = await self.receipt(tx_hash)
         if receipt["status"] != 1:
             raise ValueError("invalid_batch_settlement_evm_refund_transaction_failed")
@@ -343,25 +326,17 @@ class BatchChain:
 
     # --- sending ---
 
-    async def _send(self, call: Any) -> str:
-        if self._shared_send is not None:
-            return await self._shared_send(call)
-        account = self._signer
-        sender = account.address
-        nonce = await self._reader.call(self._w3.eth.get_transaction_count, sender, "pending")
-        tx = await self._reader.call(
-            call.build_transaction,
-            {"from": sender, "nonce": nonce, "chainId": await self.chain_id()},
-        )
-        signed = account.sign_transaction(tx)
-        tx_hash = "0x" + bytes(signed.hash).hex()
+    async def _sent(self, call: Any, reverted: str) -> str:
+        """``call`` sent once an ``eth_call`` of it passes: its hash; ValueError(``reverted``,
+        the revert its cause) when it would revert."""
         try:
-            await self._reader.call(self._w3.eth.send_raw_transaction, signed.raw_transaction)
-        except SettlerUnavailable:
-            raise SettlementUnknown(
-                "the transaction may not have been sent", transaction=tx_hash
-            ) from None
-        return tx_hash
+            await self._reader.call(call.call, {"from": self.address})
+        except ContractLogicError as exc:
+            raise ValueError(reverted) from exc
+        async with self._send_lock:
+            if self._shared_send is not None:
+                return await self._shared_send(call)
+            return await self._reader.send(self._signer, call, chain_id=await self.chain_id())
 
     async def receipt(self, tx_hash: str) -> Any:
         return await self._reader.mined(tx_hash, self._settle_timeout)

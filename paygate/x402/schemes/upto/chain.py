@@ -24,7 +24,7 @@ from paygate.x402.evm import (
     members,
 )
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
-from paygate.x402.schemes.base import invalid
+from paygate.x402.schemes.base import invalid, verdict
 from paygate.x402.schemes.upto.offer import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, payload_of
 from paygate.x402.settler import SettlementSubject, SettlementUnknown
 
@@ -170,10 +170,7 @@ class UptoChain:
             return invalid("permit2_allowance_required", payer)
         if await nonce_used(reader, payment):
             return invalid("permit2_invalid_nonce", payer)
-        reason = await simulate(reader, payment, maximum, sender=chain.address)
-        if reason is not None:
-            return invalid(reason, payer)
-        return VerifyResponse(is_valid=True, payer=payer)
+        return verdict(await simulate(reader, payment, maximum, sender=chain.address), payer)
 
     async def settle(
         self, chain: ChainAccess, payment: AnyPaymentPayload, requirements: dict[str, Any]
