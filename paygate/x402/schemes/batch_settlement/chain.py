@@ -32,7 +32,15 @@ from pydantic import SecretStr
 from web3.exceptions import ContractLogicError
 
 from paygate.x402.chain_reader import ChainReader
-from paygate.x402.evm import abi_function, abi_tuple, members
+from paygate.x402.evm import (
+    TRANSFER_TOPIC,
+    abi_function,
+    abi_tuple,
+    address_word,
+    hex_of,
+    int_of,
+    members,
+)
 from paygate.x402.models import (
     AnyPaymentPayload,
     BatchSettlementPayload,
@@ -78,17 +86,8 @@ SETTLEMENT_ABI: list[dict[str, Any]] = [
     ),
     abi_function("refundNonce", members("bytes32 channelId"), ["uint256"], mutability="view"),
 ]
-# keccak256 of the event signatures, as log topics (hex without 0x).
-_TRANSFER = keccak(text="Transfer(address,address,uint256)").hex()
+# keccak256 of the contract's Settled event, as a log topic (hex without 0x).
 _SETTLED = keccak(text="Settled(address,address,address,uint128)").hex()
-
-
-def _topic(value: Any) -> str:
-    return bytes(value).hex() if not isinstance(value, str) else value.removeprefix("0x").lower()
-
-
-def _word_address(address: str) -> str:
-    return "00" * 12 + address.lower().removeprefix("0x")
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +284,7 @@ class BatchChain:
             contract = to_checksum_address(ch.SETTLEMENT_ADDRESS)
             settled = any(
                 log_["topics"]
-                and _topic(log_["topics"][0]) == _SETTLED
+                and hex_of(log_["topics"][0]) == _SETTLED
                 and to_checksum_address(log_["address"]) == contract
                 for log_ in receipt["logs"]
             )
@@ -346,15 +345,15 @@ def _moved_in(receipt: Any, token: str, amount: int) -> bool:
     """The receipt succeeded and the token moved ``amount`` into the settlement contract."""
     if receipt["status"] != 1:
         return False
-    to = _word_address(ch.SETTLEMENT_ADDRESS)
+    to = address_word(ch.SETTLEMENT_ADDRESS)
     for log_ in receipt["logs"]:
-        topics = [_topic(t) for t in log_["topics"]]
+        topics = [hex_of(t) for t in log_["topics"]]
         if (
             to_checksum_address(log_["address"]) == to_checksum_address(token)
             and len(topics) == 3
-            and topics[0] == _TRANSFER
+            and topics[0] == TRANSFER_TOPIC
             and topics[2] == to
-            and int(_topic(log_["data"]) or "0", 16) == amount
+            and int_of(log_["data"]) == amount
         ):
             return True
     return False
