@@ -31,16 +31,9 @@ from eth_utils import keccak, to_checksum_address
 from pydantic import SecretStr
 from web3.exceptions import ContractLogicError
 
+from paygate.x402 import evm
 from paygate.x402.chain_reader import ChainReader
-from paygate.x402.evm import (
-    TRANSFER_TOPIC,
-    abi_function,
-    abi_tuple,
-    address_word,
-    hex_of,
-    int_of,
-    members,
-)
+from paygate.x402.evm import abi_function, abi_tuple, members
 from paygate.x402.models import (
     AnyPaymentPayload,
     BatchSettlementPayload,
@@ -284,7 +277,7 @@ class BatchChain:
             contract = to_checksum_address(ch.SETTLEMENT_ADDRESS)
             settled = any(
                 log_["topics"]
-                and hex_of(log_["topics"][0]) == _SETTLED
+                and evm.hex_of(log_["topics"][0]) == _SETTLED
                 and to_checksum_address(log_["address"]) == contract
                 for log_ in receipt["logs"]
             )
@@ -345,15 +338,15 @@ def _moved_in(receipt: Any, token: str, amount: int) -> bool:
     """The receipt succeeded and the token moved ``amount`` into the settlement contract."""
     if receipt["status"] != 1:
         return False
-    to = address_word(ch.SETTLEMENT_ADDRESS)
+    to = evm.address_word(ch.SETTLEMENT_ADDRESS)
     for log_ in receipt["logs"]:
-        topics = [hex_of(t) for t in log_["topics"]]
+        topics = [evm.hex_of(t) for t in log_["topics"]]
         if (
             to_checksum_address(log_["address"]) == to_checksum_address(token)
             and len(topics) == 3
-            and topics[0] == TRANSFER_TOPIC
+            and topics[0] == evm.TRANSFER_TOPIC
             and topics[2] == to
-            and int_of(log_["data"]) == amount
+            and evm.int_of(log_["data"]) == amount
         ):
             return True
     return False
