@@ -157,7 +157,7 @@ class Gateway:
                     headers=headers,
                     route_path=match.route.path,
                     model=model,
-                    tenant=tenant_of(ticket.session.record, admitted.client),
+                    tenant=tenant_of(ticket.session.admission.record, admitted.client),
                     routed=routed,
                 ) as reply:
                     self.metrics.upstream_latency(match.route.name, reply.waited)
@@ -225,7 +225,7 @@ class Gateway:
             )
             headers["Content-Type"] = "application/json"
             gate = asyncio.Semaphore(limits.concurrency)
-            tenant = tenant_of(ticket.session.record, admitted.client)
+            tenant = tenant_of(ticket.session.admission.record, admitted.client)
 
             async def one(item: ItemPlan) -> tuple[Any, bool, Any, int]:
                 if item.refusal is not None or item.body is None:

@@ -313,7 +313,7 @@ class Replies:
         """A whole reply's signed receipt header (sealed to the caller on a sealed reply)."""
         if self._receipts is None:
             return
-        stated = usage_claims(usage, session.metered_usage)
+        stated = usage_claims(usage, session.admission.meter)
         token = await self._receipts.token(
             facts,
             receipts.body_digest(body),
@@ -357,8 +357,8 @@ class Replies:
             headers = _sealed_headers(reply, plan)
         if session.paid:
             headers.update(receipt_headers(receipt, sealed=sealed))
-        if session.free_remaining is not None:
-            headers[wire.FREE_REMAINING_HEADER] = str(session.free_remaining)
+        if session.admission.free_remaining is not None:
+            headers[wire.FREE_REMAINING_HEADER] = str(session.admission.free_remaining)
         if facts is not None:
             await self._sign_whole(headers, plan, session, facts, body, receipt, reply.usage)
         headers[wire.OVERHEAD_HEADER] = self._overhead(ticket, started, reply)
@@ -377,7 +377,7 @@ class Replies:
         """Relay chunk by chunk through the transform chain; a paid stream settles after the
         upstream's last chunk and carries its receipts in-band."""
         session = ticket.session
-        known = session.known_receipt
+        known = session.admission.receipt
         inband = session.settles and known is None  # the receipt goes at the stream's end
         media = wire.media_type(reply.content_type)
         transforms: list[BodyTransform] = []
@@ -395,7 +395,7 @@ class Replies:
             async def sign(digest: str, end: StreamEnd) -> str:
                 # The upstream's body has ended and the payment settled: usage and charge are
                 # known now.
-                usage = usage_claims(reply.usage, session.metered_usage)
+                usage = usage_claims(reply.usage, session.admission.meter)
                 token = await issuer.token(
                     facts, digest, payment=_payment(session, end.receipt or known), usage=usage
                 )
@@ -413,8 +413,8 @@ class Replies:
         if session.paid:
             # An upfront settlement's receipt is known now; otherwise it comes in-band.
             headers.update(receipt_headers(known, sealed=isinstance(plan, V2Reply)))
-        if session.free_remaining is not None:
-            headers[wire.FREE_REMAINING_HEADER] = str(session.free_remaining)
+        if session.admission.free_remaining is not None:
+            headers[wire.FREE_REMAINING_HEADER] = str(session.admission.free_remaining)
         if not chain and reply.plain_length is not None:
             body = reply.arrived_whole()
             if body is not None and len(body) == reply.plain_length:
@@ -537,7 +537,10 @@ async def _pump(
 def _payment(session: PaymentSession, receipt: Receipt | None) -> dict[str, object] | None:
     """The receipt's payment claims, once the charge is known (after metering and settling)."""
     return payment_claims(
-        session.record, charged=session.charged, price=session.token_price, receipt=receipt
+        session.admission.record,
+        charged=session.charged,
+        price=session.token_price,
+        receipt=receipt,
     )
 
 

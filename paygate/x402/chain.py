@@ -54,7 +54,6 @@ class ChainSettler:
         self.reader = ChainReader(rpc_url, timeout=timeout)
         # ERC-6492 factories this gateway lets deploy a payer's wallet (in its settlement).
         self.factories = smartwallet.normalise_factories(factories)
-        self._w3 = self.reader.w3
         self._account = Account.from_key(gas_key.get_secret_value())
         self._timeout = timeout
         self._settle_timeout = settle_timeout
@@ -113,22 +112,7 @@ class ChainSettler:
         # Asked here too, never "0": a settlement after a restart may come before any verify.
         chain_id = await self.reader.served_chain()
         async with self._send_lock:
-            sender = self._account.address
-            nonce = await self.reader.call(self._w3.eth.get_transaction_count, sender, "pending")
-            fields = {"from": sender, "nonce": nonce, "chainId": chain_id}
-            if gas is not None:
-                fields["gas"] = gas
-            tx = await self.reader.call(call.build_transaction, fields)
-            signed = self._account.sign_transaction(tx)
-            tx_hash = "0x" + bytes(signed.hash).hex()
-            try:
-                await self.reader.call(self._w3.eth.send_raw_transaction, signed.raw_transaction)
-            except SettlerUnavailable:
-                # The node may or may not have it: the hash is known, so reconcile by it.
-                raise SettlementUnknown(
-                    "the transaction may not have been sent", transaction=tx_hash
-                ) from None
-            return tx_hash
+            return await self.reader.send(self._account, call, chain_id=chain_id, gas=gas)
 
     async def mined(self, transaction: str) -> Any:
         """The receipt of ``transaction``, waited for up to the settle time-out."""

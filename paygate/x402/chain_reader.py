@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from web3 import Web3
 from web3.exceptions import ContractLogicError, TimeExhausted, TransactionNotFound
@@ -20,6 +20,9 @@ from web3.exceptions import ContractLogicError, TimeExhausted, TransactionNotFou
 from paygate import jsonsafe
 from paygate.x402.networks import resolve_network
 from paygate.x402.settler import SettlementUnknown, SettlerUnavailable
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
 
 log = logging.getLogger("paygate.x402")
 _T = TypeVar("_T")
@@ -73,6 +76,29 @@ class ChainReader:
         except Exception as exc:  # web3's connection errors have many classes
             log.warning("waiting for a receipt failed: %s", type(exc).__name__)
             raise SettlementUnknown("no receipt yet", transaction=transaction) from None
+
+    async def send(
+        self, account: LocalAccount, call: Any, *, chain_id: int, gas: int | None = None
+    ) -> str:
+        """Build ``call`` (a web3 contract call) into a transaction from ``account`` at its
+        pending nonce, sign and send it: its hash. ``gas``: the limit, not estimated. The
+        caller serialises its sends (nonces). SettlementUnknown when the node may or may not
+        have it: the hash is known, so it is reconciled by it."""
+        fields: dict[str, Any] = {"from": account.address, "chainId": chain_id}
+        fields["nonce"] = await self.call(
+            self.w3.eth.get_transaction_count, account.address, "pending"
+        )
+        if gas is not None:
+            fields["gas"] = gas
+        signed = account.sign_transaction(await self.call(call.build_transaction, fields))
+        tx_hash = "0x" + bytes(signed.hash).hex()
+        try:
+            await self.call(self.w3.eth.send_raw_transaction, signed.raw_transaction)
+        except SettlerUnavailable:
+            raise SettlementUnknown(
+                "the transaction may not have been sent", transaction=tx_hash
+            ) from None
+        return tx_hash
 
     async def served_chain(self) -> int:
         """The id of the chain the endpoint serves (asked once)."""

@@ -17,24 +17,30 @@ from eth_account.signers.local import LocalAccount
 # keccak256("Transfer(address,address,uint256)"): the ERC-20 event every proof looks for.
 TRANSFER_TOPIC = "ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 
+
+def members(declaration: str) -> list[dict[str, str]]:
+    """The ``{"name", "type"}`` entries of ``declaration``'s comma-separated ``type name``
+    pairs, written as in a Solidity signature or an EIP-712 type string: a struct's members
+    (EIP-712, an ABI tuple's components) or a function's parameters."""
+    return [dict(zip(("type", "name"), m.split(), strict=True)) for m in declaration.split(",")]
+
+
+def abi_tuple(
+    name: str, components: list[dict[str, Any]], *, array: bool = False
+) -> dict[str, Any]:
+    """An ABI parameter that is a struct (``array``: a list of them)."""
+    return {"name": name, "type": "tuple[]" if array else "tuple", "components": components}
+
+
 # The EIP-712 domain of a contract with a name and a version (EIP-3009 tokens, x402's
 # settlement contract).
-EIP712_DOMAIN = [
-    {"name": "name", "type": "string"},
-    {"name": "version", "type": "string"},
-    {"name": "chainId", "type": "uint256"},
-    {"name": "verifyingContract", "type": "address"},
-]
+EIP712_DOMAIN = members("string name, string version, uint256 chainId, address verifyingContract")
 # EIP-3009's authorization: TransferWithAuthorization and ReceiveWithAuthorization have these
 # same fields (only the primary type's name differs).
-EIP3009_AUTHORIZATION = [
-    {"name": "from", "type": "address"},
-    {"name": "to", "type": "address"},
-    {"name": "value", "type": "uint256"},
-    {"name": "validAfter", "type": "uint256"},
-    {"name": "validBefore", "type": "uint256"},
-    {"name": "nonce", "type": "bytes32"},
-]
+EIP3009_AUTHORIZATION = members(
+    "address from, address to, uint256 value, uint256 validAfter, uint256 validBefore,"
+    " bytes32 nonce"
+)
 
 
 def abi_function(

@@ -155,7 +155,6 @@ class PaymentProcessor:
         self.recovery = Recovery(
             ledger=ledger,
             leases=self._leases,
-            settler=settler,
             settlement=settlement,
             settlements=self.settlements,
             schemes=self.scheme,

@@ -24,13 +24,6 @@ from paygate.x402.results import PaymentAdmission
 from paygate.x402.schemes import SCHEMES, Scheme
 from paygate.x402.settlement import Settlement
 from paygate.x402.settlements import Settlements
-from paygate.x402.settler import (
-    ReviewRequired,
-    SettlementSubject,
-    SettlementUnknown,
-    Settler,
-    SettlerUnavailable,
-)
 
 log = logging.getLogger("paygate.x402")
 
@@ -41,7 +34,6 @@ class Recovery:
 
     ledger: Ledger
     leases: HeldLeases
-    settler: Settler
     settlement: Settlement
     settlements: Settlements
     schemes: Callable[[str], Scheme] = SCHEMES.__getitem__  # a record's scheme, by its name
@@ -104,14 +96,4 @@ class Recovery:
             log.warning("payment %s: not reconciled: %s", record.id, exc.code)
             self.leases.drop(record.id)
             return
-        try:
-            subject = SettlementSubject(payment, admission.requirements, record.transaction)
-            answer = await admission.scheme.reconcile(self.settler, subject, record.owed)
-        except ReviewRequired as exc:
-            if not record.needs_review:
-                await self.settlements.pending(admission, exc.transaction, review=str(exc))
-            return
-        except (SettlementUnknown, SettlerUnavailable) as exc:
-            log.warning("payment %s still pending: %s", record.id, exc.code)
-            return
-        await self.settlements.record_answer(admission, answer)
+        await self.settlements.reconcile_now(admission)

@@ -33,7 +33,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from paygate.x402.hooks import EconomicsCheck
-from paygate.x402.ledger import Meter, PaymentRecord
+from paygate.x402.ledger import Meter
 from paygate.x402.metering import Fallback, Quote, TokenCounts, TokenPrice
 from paygate.x402.networks import to_atomic_ceiling
 from paygate.x402.results import PaymentAdmission, Receipt
@@ -204,7 +204,7 @@ class PaymentSession:
         if not self.settles:
             if self.paid:
                 await self.give_up()
-            return self.known_receipt
+            return self._admission.receipt
         if reply is not None:
             await self.measure(reply, reply_bytes=reply_bytes)
         return await self.settle()
@@ -313,7 +313,9 @@ class PaymentSession:
 
     @property
     def admission(self) -> PaymentAdmission:
-        """What was admitted (scheme, payment, record, meter)."""
+        """What was admitted, as it stands: its ledger ``record`` (None when free), the
+        ``receipt`` known before the reply (upfront settlement), a metered payment's ``meter``
+        once taken (what it is charged for), a free request's ``free_remaining`` today."""
         return self._admission
 
     @property
@@ -329,26 +331,6 @@ class PaymentSession:
     def scheme(self) -> str | None:
         """The paying scheme's name (None when free)."""
         return self._admission.scheme.name if self.paid else None
-
-    @property
-    def free_remaining(self) -> int | None:
-        """A free (sign-in-with-x) request: how many are left today."""
-        return self._admission.free_remaining
-
-    @property
-    def known_receipt(self) -> Receipt | None:
-        """A receipt known before the reply (upfront settlement), else None."""
-        return self._admission.receipt
-
-    @property
-    def record(self) -> PaymentRecord | None:
-        """The ledger's record of this request's payment (None when free)."""
-        return self._admission.record
-
-    @property
-    def metered_usage(self) -> Meter | None:
-        """A metered payment's meter once taken (what it is charged for), else None."""
-        return self._admission.meter
 
     @property
     def charged(self) -> int | None:

@@ -39,8 +39,9 @@ class SettlementSteps(Protocol):
 
 class Settlement:
     """The moments where settlement policies differ; a policy overrides only where it does.
-    By default a verified payment is admitted as it is, a replayed authorization is refused
-    as used, and the reconciler settles what was served and not settled (after a crash, say)."""
+    By default a verified payment is admitted as it is (settled first with
+    ``settles_upfront``), a replayed authorization is refused as used, and the reconciler
+    settles what was served and not settled (after a crash, say)."""
 
     #: The reconciler settles what was served and not settled.
     settles_owed: bool = True
@@ -48,6 +49,9 @@ class Settlement:
     #: between the two needs it durable (a crash there releases either state alike). Not where
     #: settlement reads VERIFIED (after the reply, or before serving).
     verified_when_served: bool = False
+    #: A verified payment is settled before anything is forwarded (the settle outcome admits
+    #: it or refuses it), not admitted as it is.
+    settles_upfront: bool = False
 
     async def verified(
         self,
@@ -57,6 +61,8 @@ class Settlement:
         resource: ResourceInfo,
     ) -> PaymentAdmission | Refusal:
         """The payment is verified (and recorded VERIFIED): admit it, or refuse."""
+        if self.settles_upfront:
+            return await processor.settle_upfront(admission, offers, resource)
         return admission
 
     async def reply_ready(
@@ -105,14 +111,7 @@ class SettleAfterReply(Settlement):
 class SettleUpfront(Settlement):
     """Settle before forwarding: the operator never serves on credit."""
 
-    async def verified(
-        self,
-        processor: SettlementSteps,
-        admission: PaymentAdmission,
-        offers: tuple[Offer, ...],
-        resource: ResourceInfo,
-    ) -> PaymentAdmission | Refusal:
-        return await processor.settle_upfront(admission, offers, resource)
+    settles_upfront = True
 
     async def reply_ready(
         self, processor: SettlementSteps, admission: PaymentAdmission

@@ -183,7 +183,26 @@ class Settlements:
         admission.receipt = receipt
         return receipt
 
-    # --- outcomes (also recovery's) ---
+    async def reconcile_now(self, admission: PaymentAdmission) -> None:
+        """A SETTLING payment whose answer was lost (recovery's, under its lease): the settler
+        asked for its outcome, never a second payment → SETTLED | FAILED | for review | still
+        SETTLING."""
+        record, payment = admission.record, admission.payment
+        assert record is not None
+        assert payment is not None
+        try:
+            subject = SettlementSubject(payment, admission.requirements, record.transaction)
+            answer = await admission.scheme.reconcile(self.settler, subject, record.owed)
+        except ReviewRequired as exc:
+            if not record.needs_review:
+                await self.pending(admission, exc.transaction, review=str(exc))
+            return
+        except (SettlementUnknown, SettlerUnavailable) as exc:
+            log.warning("payment %s still pending: %s", record.id, exc.code)
+            return
+        await self.record_answer(admission, answer)
+
+    # --- outcomes ---
 
     async def record_answer(self, admission: PaymentAdmission, answer: SettleResponse) -> Receipt:
         """The settler's answer, recorded: SETTLED (what moved) or FAILED; the receipt."""

@@ -18,9 +18,10 @@ A new scheme is one package ``schemes/<name>/`` providing (protocols in :mod:`.b
   reconciling a lost one; server-only, loaded likewise);
 - ``client.py``: ``ROLE``, a :class:`~.base.ClientRole` (which offers it pays, signing;
   eth-account only: the client imports it);
-- ``__init__.py``: ``SCHEME``, the :class:`~.base.Scheme` built from those roles (the two
-  server-only ones named by module path);
-- optionally a binding role (``binding_module``, server-only, a :class:`~.base.BindingRole`):
+- ``__init__.py``: ``SCHEME``, the :class:`~.base.Scheme` built from those roles by
+  :func:`~.base.scheme_package` (the server-only ones named by module path);
+- optionally ``bound.py``, a binding role (``binding=True``; server-only, a
+  :class:`~.base.BindingRole`):
   a scheme whose payments live in the gateway's own state is bound at start to its ledger,
   settler and settings, and its bound ``Scheme`` answers the hooks every scheme has (its own
   offers, operations that are not paid requests, corrective refusals, background tasks).

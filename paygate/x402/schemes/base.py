@@ -39,6 +39,7 @@ from paygate.x402.models import (
 )
 from paygate.x402.offers import Offer, PaymentTerms
 from paygate.x402.refusal import ProofRejected, Refusal
+from paygate.x402.settler import SETTLEMENT_PENDING
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
@@ -424,6 +425,27 @@ class Scheme:
         return ()
 
 
+def scheme_package(package: str, name: str, *, metered: bool, binding: bool = False) -> Scheme:
+    """The :class:`Scheme` of ``package`` (a ``schemes/<name>/`` package, by its ``__name__``),
+    found by the role modules' names: ``offer``, ``verify`` and ``client`` imported now (they are
+    client-safe), ``chain``, ``facilitator`` and, with ``binding``, ``bound`` named for
+    :class:`Scheme` to import on first use."""
+
+    def role(module: str) -> Any:
+        return importlib.import_module(f"{package}.{module}").ROLE
+
+    return Scheme(
+        name=name,
+        metered=metered,
+        offer=role("offer"),
+        verifier=role("verify"),
+        client=role("client"),
+        chain_module=f"{package}.chain",
+        facilitator_module=f"{package}.facilitator",
+        binding_module=f"{package}.bound" if binding else None,
+    )
+
+
 async def _asked(
     asked: dict[str, Any] | SettleResponse,
     call: Callable[[dict[str, Any]], Awaitable[SettleResponse]],
@@ -442,5 +464,29 @@ def invalid(reason: str, payer: str) -> VerifyResponse:
     return VerifyResponse(is_valid=False, invalid_reason=reason, payer=payer)
 
 
+def verdict(reason: str | None, payer: str) -> VerifyResponse:
+    """A verification's answer once its last check is done: refused for ``reason``, else valid."""
+    return (
+        invalid(reason, payer) if reason is not None else VerifyResponse(is_valid=True, payer=payer)
+    )
+
+
+def refused(answer: SettleResponse, *unsure: str) -> bool:
+    """A facilitator's settle answer that refuses for good: nothing moved. Not a success, and
+    not pending, nor one of the scheme's ``unsure`` reasons (a refusal that leaves open whether
+    the money moved: the chain decides)."""
+    return not answer.success and answer.error_reason not in (SETTLEMENT_PENDING, *unsure)
+
+
 def same_address(a: str, b: str) -> bool:
     return a.lower() == b.lower()
+
+
+_Payload = TypeVar("_Payload")
+
+
+def payload_as(payment: AnyPaymentPayload, kind: type[_Payload]) -> _Payload:
+    """``payment``'s scheme payload, which the caller knows is a ``kind`` (ValueError if not)."""
+    if not isinstance(payment.payload, kind):
+        raise ValueError(f"not a {kind.__name__}")
+    return payment.payload

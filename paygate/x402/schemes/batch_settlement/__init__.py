@@ -22,21 +22,11 @@ and the corrective 402, and runs the claim loop). :mod:`.channel` holds the EIP-
 
 from __future__ import annotations
 
-from paygate.x402.schemes.base import Scheme
-from paygate.x402.schemes.batch_settlement import client, offer, verify
+from paygate.x402.schemes.base import scheme_package
 from paygate.x402.schemes.batch_settlement.channel import NAME
 
-SCHEME = Scheme(
-    name=NAME,
-    # The charge is decided after the reply (a metered route's usage, up to the voucher's
-    # increment); a flat route charges its price.
-    metered=True,
-    offer=offer.ROLE,
-    verifier=verify.ROLE,
-    client=client.ROLE,
-    chain_module="paygate.x402.schemes.batch_settlement.chain",
-    facilitator_module="paygate.x402.schemes.batch_settlement.facilitator",
-    binding_module="paygate.x402.schemes.batch_settlement.bound",
-)
+# The charge is decided after the reply (a metered route's usage, up to the voucher's
+# increment); a flat route charges its price.
+SCHEME = scheme_package(__name__, NAME, metered=True, binding=True)
 
 __all__ = ["NAME", "SCHEME"]

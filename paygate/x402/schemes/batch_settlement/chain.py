@@ -31,8 +31,9 @@ from eth_utils import keccak, to_checksum_address
 from pydantic import SecretStr
 from web3.exceptions import ContractLogicError
 
+from paygate.x402 import evm
 from paygate.x402.chain_reader import ChainReader
-from paygate.x402.evm import abi_function
+from paygate.x402.evm import abi_function, abi_tuple, members
 from paygate.x402.models import (
     AnyPaymentPayload,
     BatchSettlementPayload,
@@ -43,79 +44,43 @@ from paygate.x402.models import (
 from paygate.x402.schemes.base import ChainAccess
 from paygate.x402.schemes.batch_settlement import channel as ch
 from paygate.x402.schemes.batch_settlement.store import ClaimEntry
-from paygate.x402.settler import SettlementSubject, SettlementUnknown, SettlerUnavailable
+from paygate.x402.settler import SettlementSubject, SettlerUnavailable
 
 log = logging.getLogger("paygate.x402")
 
-_CONFIG = {
-    "type": "tuple",
-    "name": "config",
-    "components": ch.CHANNEL_CONFIG,
-}
-_CLAIMS = {
-    "type": "tuple[]",
-    "name": "voucherClaims",
-    "components": [
-        {
-            "name": "voucher",
-            "type": "tuple",
-            "components": [
-                {**_CONFIG, "name": "channel"},
-                {"name": "maxClaimableAmount", "type": "uint128"},
-            ],
-        },
-        {"name": "signature", "type": "bytes"},
-        {"name": "totalClaimed", "type": "uint128"},
+_CONFIG = abi_tuple("config", ch.CHANNEL_CONFIG)
+_CLAIMS = abi_tuple(
+    "voucherClaims",
+    [
+        abi_tuple(
+            "voucher",
+            [abi_tuple("channel", ch.CHANNEL_CONFIG), *members("uint128 maxClaimableAmount")],
+        ),
+        *members("bytes signature, uint128 totalClaimed"),
     ],
-}
+    array=True,
+)
 
 
 # What paygate calls and reads (the x402 SDK 2.25's ABI of x402BatchSettlement, in part).
 SETTLEMENT_ABI: list[dict[str, Any]] = [
     abi_function(
-        "deposit",
-        [
-            _CONFIG,
-            {"name": "amount", "type": "uint128"},
-            {"name": "collector", "type": "address"},
-            {"name": "collectorData", "type": "bytes"},
-        ],
+        "deposit", [_CONFIG, *members("uint128 amount, address collector, bytes collectorData")]
     ),
-    abi_function("claimWithSignature", [_CLAIMS, {"name": "authorizerSignature", "type": "bytes"}]),
-    abi_function(
-        "settle", [{"name": "receiver", "type": "address"}, {"name": "token", "type": "address"}]
-    ),
+    abi_function("claimWithSignature", [_CLAIMS, *members("bytes authorizerSignature")]),
+    abi_function("settle", members("address receiver, address token")),
     abi_function(
         "refundWithSignature",
-        [
-            _CONFIG,
-            {"name": "amount", "type": "uint128"},
-            {"name": "nonce", "type": "uint256"},
-            {"name": "receiverAuthorizerSignature", "type": "bytes"},
-        ],
+        [_CONFIG, *members("uint128 amount, uint256 nonce, bytes receiverAuthorizerSignature")],
     ),
-    abi_function("multicall", [{"name": "data", "type": "bytes[]"}], ["bytes[]"]),
+    abi_function("multicall", members("bytes[] data"), ["bytes[]"]),
     abi_function(
-        "channels",
-        [{"name": "channelId", "type": "bytes32"}],
-        ["uint128", "uint128"],
-        mutability="view",
+        "channels", members("bytes32 channelId"), ["uint128", "uint128"], mutability="view"
     ),
-    abi_function(
-        "refundNonce", [{"name": "channelId", "type": "bytes32"}], ["uint256"], mutability="view"
-    ),
+    abi_function("refundNonce", members("bytes32 channelId"), ["uint256"], mutability="view"),
 ]
-# keccak256 of the event signatures, as log topics (hex without 0x).
-_TRANSFER = keccak(text="Transfer(address,address,uint256)").hex()
+# keccak256 of the contract's Settled event, as a log topic (hex without 0x).
 _SETTLED = keccak(text="Settled(address,address,address,uint128)").hex()
-
-
-def _topic(value: Any) -> str:
-    return bytes(value).hex() if not isinstance(value, str) else value.removeprefix("0x").lower()
-
-
-def _word_address(address: str) -> str:
-    return "00" * 12 + address.lower().removeprefix("0x")
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,14 +176,12 @@ class BatchChain:
         # The chain settler's send when it shares our gas account: one lock and one nonce
         # sequence for every scheme's transactions (two would race for the same nonce).
         self._shared_send = send
-        self._w3 = self._reader.w3
         self._account = Account.from_key(gas_key.get_secret_value()) if gas_key else None
-        self._contract = self._w3.eth.contract(
+        self._contract = self._reader.w3.eth.contract(
             address=to_checksum_address(ch.SETTLEMENT_ADDRESS), abi=SETTLEMENT_ABI
         )
         self._settle_timeout = settle_timeout
         self._send_lock = asyncio.Lock()
-        self._chain_id: int | None = None
 
     @property
     def address(self) -> str:
@@ -232,9 +195,7 @@ class BatchChain:
         return self._account
 
     async def chain_id(self) -> int:
-        if self._chain_id is None:
-            self._chain_id = int(await self._reader.call(lambda: self._w3.eth.chain_id))
-        return self._chain_id
+        return await self._reader.served_chain()
 
     async def state(self, channel_id: str) -> OnChain:
         raw = bytes.fromhex(channel_id[2:])
@@ -268,12 +229,7 @@ class BatchChain:
         """Simulate, send and prove the deposit; the channel's state after it. ValueError
         (an x402 reason) when the chain refuses it; SettlementUnknown when no receipt came."""
         call = self._deposit_call(deposit.payload)
-        try:
-            await self._reader.call(call.call, {"from": self.address})
-        except ContractLogicError:
-            raise ValueError("invalid_batch_settlement_evm_deposit_simulation_failed") from None
-        async with self._send_lock:
-            tx_hash = await self._send(call)
+        tx_hash = await self._sent(call, "invalid_batch_settlement_evm_deposit_simulation_failed")
         return await self.proven_deposit(tx_hash, deposit)
 
     async def proven_deposit(self, tx_hash: str, deposit: Deposit) -> OnChain:
@@ -311,12 +267,7 @@ class BatchChain:
         """Send one transaction claiming ``entries`` and sweeping to the receivers: its hash."""
         calls = self._claim_calls(entries, await self.chain_id())
         multicall = self._contract.functions.multicall(calls)
-        try:
-            await self._reader.call(multicall.call, {"from": self.address})
-        except ContractLogicError as exc:
-            raise ValueError(f"the claim would revert: {exc}") from None
-        async with self._send_lock:
-            return await self._send(multicall)
+        return await self._sent(multicall, "the claim would revert")
 
     async def proven_claim(self, tx_hash: str | None, entries: tuple[ClaimEntry, ...]) -> bool:
         """The claim's proof: its receipt succeeded with a ``Settled`` event (when the hash
@@ -326,7 +277,7 @@ class BatchChain:
             contract = to_checksum_address(ch.SETTLEMENT_ADDRESS)
             settled = any(
                 log_["topics"]
-                and _topic(log_["topics"][0]) == _SETTLED
+                and evm.hex_of(log_["topics"][0]) == _SETTLED
                 and to_checksum_address(log_["address"]) == contract
                 for log_ in receipt["logs"]
             )
@@ -352,12 +303,9 @@ class BatchChain:
         if refund.claim is not None:
             calls = self._claim_calls([refund.claim], chain_id) + calls
         multicall = self._contract.functions.multicall(calls)
-        try:
-            await self._reader.call(multicall.call, {"from": self.address})
-        except ContractLogicError:
-            raise ValueError("invalid_batch_settlement_evm_refund_simulation_failed") from None
-        async with self._send_lock:
-            tx_hash = await self._send(multicall)
+        tx_hash = await self._sent(
+            multicall, "invalid_batch_settlement_evm_refund_simulation_failed"
+        )
         receipt = await self.receipt(tx_hash)
         if receipt["status"] != 1:
             raise ValueError("invalid_batch_settlement_evm_refund_transaction_failed")
@@ -370,25 +318,17 @@ class BatchChain:
 
     # --- sending ---
 
-    async def _send(self, call: Any) -> str:
-        if self._shared_send is not None:
-            return await self._shared_send(call)
-        account = self._signer
-        sender = account.address
-        nonce = await self._reader.call(self._w3.eth.get_transaction_count, sender, "pending")
-        tx = await self._reader.call(
-            call.build_transaction,
-            {"from": sender, "nonce": nonce, "chainId": await self.chain_id()},
-        )
-        signed = account.sign_transaction(tx)
-        tx_hash = "0x" + bytes(signed.hash).hex()
+    async def _sent(self, call: Any, reverted: str) -> str:
+        """``call`` sent once an ``eth_call`` of it passes: its hash; ValueError(``reverted``,
+        the revert its cause) when it would revert."""
         try:
-            await self._reader.call(self._w3.eth.send_raw_transaction, signed.raw_transaction)
-        except SettlerUnavailable:
-            raise SettlementUnknown(
-                "the transaction may not have been sent", transaction=tx_hash
-            ) from None
-        return tx_hash
+            await self._reader.call(call.call, {"from": self.address})
+        except ContractLogicError as exc:
+            raise ValueError(reverted) from exc
+        async with self._send_lock:
+            if self._shared_send is not None:
+                return await self._shared_send(call)
+            return await self._reader.send(self._signer, call, chain_id=await self.chain_id())
 
     async def receipt(self, tx_hash: str) -> Any:
         return await self._reader.mined(tx_hash, self._settle_timeout)
@@ -398,15 +338,15 @@ def _moved_in(receipt: Any, token: str, amount: int) -> bool:
     """The receipt succeeded and the token moved ``amount`` into the settlement contract."""
     if receipt["status"] != 1:
         return False
-    to = _word_address(ch.SETTLEMENT_ADDRESS)
+    to = evm.address_word(ch.SETTLEMENT_ADDRESS)
     for log_ in receipt["logs"]:
-        topics = [_topic(t) for t in log_["topics"]]
+        topics = [evm.hex_of(t) for t in log_["topics"]]
         if (
             to_checksum_address(log_["address"]) == to_checksum_address(token)
             and len(topics) == 3
-            and topics[0] == _TRANSFER
+            and topics[0] == evm.TRANSFER_TOPIC
             and topics[2] == to
-            and int(_topic(log_["data"]) or "0", 16) == amount
+            and evm.int_of(log_["data"]) == amount
         ):
             return True
     return False

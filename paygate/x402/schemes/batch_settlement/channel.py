@@ -19,7 +19,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak, to_checksum_address
 
 from paygate.x402 import typed_digest as td
-from paygate.x402.evm import EIP712_DOMAIN
+from paygate.x402.evm import EIP712_DOMAIN, members
 from paygate.x402.models import ChannelConfig
 
 NAME = "batch-settlement"
@@ -33,30 +33,17 @@ MAX_WITHDRAW_DELAY = 2_592_000
 ZERO_ADDRESS = "0x" + "00" * 20
 UINT128_MAX = 2**128 - 1
 
-# The ChannelConfig struct: EIP-712 fields here, the ABI tuple's components in chain.py.
-CHANNEL_CONFIG = [
-    {"name": "payer", "type": "address"},
-    {"name": "payerAuthorizer", "type": "address"},
-    {"name": "receiver", "type": "address"},
-    {"name": "receiverAuthorizer", "type": "address"},
-    {"name": "token", "type": "address"},
-    {"name": "withdrawDelay", "type": "uint40"},
-    {"name": "salt", "type": "bytes32"},
-]
-_VOUCHER = [
-    {"name": "channelId", "type": "bytes32"},
-    {"name": "maxClaimableAmount", "type": "uint128"},
-]
-_CLAIM_ENTRY = [
-    {"name": "channelId", "type": "bytes32"},
-    {"name": "maxClaimableAmount", "type": "uint128"},
-    {"name": "totalClaimed", "type": "uint128"},
-]
-_REFUND = [
-    {"name": "channelId", "type": "bytes32"},
-    {"name": "nonce", "type": "uint256"},
-    {"name": "amount", "type": "uint128"},
-]
+# The ChannelConfig struct: EIP-712 fields here, the ABI tuple's components in chain.py. The
+# members as the specification's type strings write them (the type hashes below are of these).
+_CONFIG_MEMBERS = (
+    "address payer,address payerAuthorizer,address receiver,address receiverAuthorizer,"
+    "address token,uint40 withdrawDelay,bytes32 salt"
+)
+_VOUCHER_MEMBERS = "bytes32 channelId,uint128 maxClaimableAmount"
+CHANNEL_CONFIG = members(_CONFIG_MEMBERS)
+_VOUCHER = members(_VOUCHER_MEMBERS)
+_CLAIM_ENTRY = members("bytes32 channelId,uint128 maxClaimableAmount,uint128 totalClaimed")
+_REFUND = members("bytes32 channelId,uint256 nonce,uint128 amount")
 
 
 def domain(chain_id: int) -> dict[str, Any]:
@@ -122,11 +109,8 @@ def _voucher_message(channel: str, max_claimable: int) -> dict[str, Any]:
 
 # The hot path's digests written out (``typed_digest``): one voucher per paid request, and
 # its channel's id, checked against eth-account's generic encoder by the unit tests.
-_VOUCHER_TYPE = td.keccak(b"Voucher(bytes32 channelId,uint128 maxClaimableAmount)")
-_CONFIG_TYPE = td.keccak(
-    b"ChannelConfig(address payer,address payerAuthorizer,address receiver,"
-    b"address receiverAuthorizer,address token,uint40 withdrawDelay,bytes32 salt)"
-)
+_VOUCHER_TYPE = td.keccak(f"Voucher({_VOUCHER_MEMBERS})".encode())
+_CONFIG_TYPE = td.keccak(f"ChannelConfig({_CONFIG_MEMBERS})".encode())
 
 
 def _separator(chain_id: int) -> bytes:
@@ -194,7 +178,7 @@ def sign_claim_batch(
             for c, m, t in entries
         ]
     }
-    types = {"ClaimBatch": [{"name": "claims", "type": "ClaimEntry[]"}], "ClaimEntry": _CLAIM_ENTRY}
+    types = {"ClaimBatch": members("ClaimEntry[] claims"), "ClaimEntry": _CLAIM_ENTRY}
     return _sign(account, _digest(chain_id, types, "ClaimBatch", message))
 
 

@@ -256,7 +256,7 @@ class Channels:
                 await self.store.claim_moved(claim.id, "pending", exc.transaction)
                 return 0
             except ValueError as exc:
-                log.error("claim refused before sending: %s", exc)
+                log.error("claim refused before sending: %s: %s", exc, exc.__cause__)
                 await self.store.claim_moved(claim.id, "failed", None)
                 return 0
             await self.store.claim_moved(claim.id, "submitted", tx_hash)

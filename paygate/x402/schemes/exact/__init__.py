@@ -9,15 +9,6 @@ reconcile), ``client`` (signing).
 from __future__ import annotations
 
 from paygate.x402.offers import EXACT
-from paygate.x402.schemes.base import Scheme
-from paygate.x402.schemes.exact import client, offer, verify
+from paygate.x402.schemes.base import scheme_package
 
-SCHEME = Scheme(
-    name=EXACT,
-    metered=False,
-    offer=offer.ROLE,
-    verifier=verify.ROLE,
-    client=client.ROLE,
-    chain_module="paygate.x402.schemes.exact.chain",
-    facilitator_module="paygate.x402.schemes.exact.facilitator",
-)
+SCHEME = scheme_package(__name__, EXACT, metered=False)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from eth_utils import to_checksum_address
 
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
-from paygate.x402.schemes.base import invalid
+from paygate.x402.schemes.base import invalid, verdict
 from paygate.x402.schemes.exact.multicall import ExactMulticall
 from paygate.x402.schemes.exact.transfer import (
     INSUFFICIENT_BALANCE,
@@ -43,10 +43,7 @@ class ExactChain:
             return invalid(INSUFFICIENT_BALANCE, payer)
         if await reader.call(contract.functions.authorizationState(payer, nonce).call):
             return invalid(NONCE_USED, payer)
-        reason = await simulate(chain, payment, requirements)
-        if reason is not None:
-            return invalid(reason, payer)
-        return VerifyResponse(is_valid=True, payer=payer)
+        return verdict(await simulate(chain, payment, requirements), payer)
 
     async def settle(
         self, chain: ChainAccess, payment: AnyPaymentPayload, requirements: dict[str, Any]

@@ -9,30 +9,21 @@ read, otherwise left owed for review — never recorded as paid.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from paygate.x402.models import SettleResponse
+from paygate.x402.schemes.base import FacilitatorAccess, refused
 from paygate.x402.schemes.exact.transfer import prove
 from paygate.x402.schemes.exact.verify import NONCE_USED
-from paygate.x402.settler import (
-    SETTLEMENT_PENDING,
-    ReviewRequired,
-    SettlementSubject,
-    SettlementUnknown,
-)
-
-if TYPE_CHECKING:
-    from paygate.x402.schemes.base import FacilitatorAccess
+from paygate.x402.settler import ReviewRequired, SettlementSubject, SettlementUnknown
 
 
 class ExactFacilitator:
     async def judge(
         self, facilitator: FacilitatorAccess, answer: SettleResponse, subject: SettlementSubject
     ) -> SettleResponse:
-        pending = not answer.success and answer.error_reason == SETTLEMENT_PENDING
-        used = not answer.success and answer.error_reason == NONCE_USED
-        if not answer.success and not pending and not used:
+        if refused(answer, NONCE_USED):
             return answer  # a plain refusal: nothing moved
+        used = not answer.success and answer.error_reason == NONCE_USED
         transaction = answer.transaction or subject.transaction
         chain = facilitator.chain
         if answer.success and answer.transaction and chain is None:
@@ -53,7 +44,7 @@ class ExactFacilitator:
         if answer.success:
             what = "the facilitator answered success without a transaction"
         else:
-            what = "the settlement is pending" if pending else "the nonce is already used"
+            what = "the nonce is already used" if used else "the settlement is pending"
         raise ReviewRequired(
             f"{what}; no chain_rpc_url to prove it", transaction=transaction, withhold=used
         )
@@ -68,7 +59,7 @@ class ExactFacilitator:
             if chain is None:
                 raise
             return await prove(chain, subject)
-        if answer.success or answer.error_reason in (SETTLEMENT_PENDING, NONCE_USED):
+        if not refused(answer, NONCE_USED):
             return await self.judge(facilitator, answer, subject)
         # A refusal of the re-sent authorization says nothing of the first attempt's fate.
         if chain is None:

@@ -24,6 +24,7 @@ from paygate.x402.evm import (
     address_word,
     hex_of,
     int_of,
+    members,
 )
 from paygate.x402.models import AnyPaymentPayload, SettleResponse
 from paygate.x402.schemes.exact.verify import NONCE_USED, payload_of
@@ -39,28 +40,18 @@ DEPLOYMENT_FAILED = "smart_wallet_deployment_failed"
 # The token's *WithAuthorization functions take the signed authorization's fields first.
 _AUTH_INPUTS = EIP3009_AUTHORIZATION
 EIP3009_ABI: list[dict[str, Any]] = [
-    abi_function(
-        "balanceOf", [{"name": "account", "type": "address"}], ["uint256"], mutability="view"
-    ),
+    abi_function("balanceOf", members("address account"), ["uint256"], mutability="view"),
     abi_function(
         "authorizationState",
-        [{"name": "authorizer", "type": "address"}, {"name": "nonce", "type": "bytes32"}],
+        members("address authorizer, bytes32 nonce"),
         ["bool"],
         mutability="view",
     ),
     abi_function(
-        "transferWithAuthorization",
-        [
-            *_AUTH_INPUTS,
-            {"name": "v", "type": "uint8"},
-            {"name": "r", "type": "bytes32"},
-            {"name": "s", "type": "bytes32"},
-        ],
+        "transferWithAuthorization", [*_AUTH_INPUTS, *members("uint8 v, bytes32 r, bytes32 s")]
     ),
     # FiatToken V2.2's overload for contract wallets (ERC-1271) and any other signature
-    abi_function(
-        "transferWithAuthorization", [*_AUTH_INPUTS, {"name": "signature", "type": "bytes"}]
-    ),
+    abi_function("transferWithAuthorization", [*_AUTH_INPUTS, *members("bytes signature")]),
 ]
 _AUTH_ARGS = "address,address,uint256,uint256,uint256,bytes32"
 _BY_VRS = f"transferWithAuthorization({_AUTH_ARGS},uint8,bytes32,bytes32)"

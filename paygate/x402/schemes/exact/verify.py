@@ -20,6 +20,7 @@ from paygate.x402.schemes.base import (
     Authorized,
     CheckTime,
     PaymentRejected,
+    payload_as,
     same_address,
 )
 
@@ -123,9 +124,7 @@ def check_authorization(
 
 
 def payload_of(payment: AnyPaymentPayload) -> ExactEvmPayload:
-    if not isinstance(payment.payload, ExactEvmPayload):
-        raise ValueError("not an exact payload")
-    return payment.payload
+    return payload_as(payment, ExactEvmPayload)
 
 
 class ExactVerify:

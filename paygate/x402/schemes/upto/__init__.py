@@ -10,15 +10,6 @@ and its Transfer proof), ``facilitator`` (answers, reconciling on chain first), 
 from __future__ import annotations
 
 from paygate.x402.offers import UPTO
-from paygate.x402.schemes.base import Scheme
-from paygate.x402.schemes.upto import client, offer, verify
+from paygate.x402.schemes.base import scheme_package
 
-SCHEME = Scheme(
-    name=UPTO,
-    metered=True,
-    offer=offer.ROLE,
-    verifier=verify.ROLE,
-    client=client.ROLE,
-    chain_module="paygate.x402.schemes.upto.chain",
-    facilitator_module="paygate.x402.schemes.upto.facilitator",
-)
+SCHEME = scheme_package(__name__, UPTO, metered=True)

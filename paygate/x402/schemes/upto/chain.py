@@ -14,9 +14,17 @@ from eth_utils import keccak, to_checksum_address
 from web3.exceptions import ContractLogicError
 
 from paygate.x402 import smartwallet
-from paygate.x402.evm import TRANSFER_TOPIC, abi_function, address_word, hex_of, int_of
+from paygate.x402.evm import (
+    TRANSFER_TOPIC,
+    abi_function,
+    abi_tuple,
+    address_word,
+    hex_of,
+    int_of,
+    members,
+)
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
-from paygate.x402.schemes.base import invalid
+from paygate.x402.schemes.base import invalid, verdict
 from paygate.x402.schemes.upto.offer import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, payload_of
 from paygate.x402.settler import SettlementSubject, SettlementUnknown
 
@@ -24,57 +32,31 @@ if TYPE_CHECKING:
     from paygate.x402.chain_reader import ChainReader
     from paygate.x402.schemes.base import ChainAccess
 
-_UINT = {"type": "uint256"}
-_ADDRESS = {"type": "address"}
 PROXY_ABI: list[dict[str, Any]] = [
     abi_function(
         "settle",
         [
-            {
-                "name": "permit",
-                "type": "tuple",
-                "components": [
-                    {
-                        "name": "permitted",
-                        "type": "tuple",
-                        "components": [
-                            {"name": "token", **_ADDRESS},
-                            {"name": "amount", **_UINT},
-                        ],
-                    },
-                    {"name": "nonce", **_UINT},
-                    {"name": "deadline", **_UINT},
+            abi_tuple(
+                "permit",
+                [
+                    abi_tuple("permitted", members("address token, uint256 amount")),
+                    *members("uint256 nonce, uint256 deadline"),
                 ],
-            },
-            {"name": "amount", **_UINT},
-            {"name": "owner", **_ADDRESS},
-            {
-                "name": "witness",
-                "type": "tuple",
-                "components": [
-                    {"name": "to", **_ADDRESS},
-                    {"name": "facilitator", **_ADDRESS},
-                    {"name": "validAfter", **_UINT},
-                ],
-            },
-            {"name": "signature", "type": "bytes"},
+            ),
+            *members("uint256 amount, address owner"),
+            abi_tuple("witness", members("address to, address facilitator, uint256 validAfter")),
+            *members("bytes signature"),
         ],
     )
 ]
 PERMIT2_ABI: list[dict[str, Any]] = [
     abi_function(
-        "nonceBitmap",
-        [{"name": "owner", **_ADDRESS}, {"name": "word", **_UINT}],
-        ["uint256"],
-        mutability="view",
+        "nonceBitmap", members("address owner, uint256 word"), ["uint256"], mutability="view"
     )
 ]
 ALLOWANCE_ABI: list[dict[str, Any]] = [
     abi_function(
-        "allowance",
-        [{"name": "owner", **_ADDRESS}, {"name": "spender", **_ADDRESS}],
-        ["uint256"],
-        mutability="view",
+        "allowance", members("address owner, address spender"), ["uint256"], mutability="view"
     )
 ]
 # The proxy's and Permit2's custom errors → the SDK's reasons (x402 mechanisms/evm/upto).
@@ -188,10 +170,7 @@ class UptoChain:
             return invalid("permit2_allowance_required", payer)
         if await nonce_used(reader, payment):
             return invalid("permit2_invalid_nonce", payer)
-        reason = await simulate(reader, payment, maximum, sender=chain.address)
-        if reason is not None:
-            return invalid(reason, payer)
-        return VerifyResponse(is_valid=True, payer=payer)
+        return verdict(await simulate(reader, payment, maximum, sender=chain.address), payer)
 
     async def settle(
         self, chain: ChainAccess, payment: AnyPaymentPayload, requirements: dict[str, Any]
@@ -318,7 +297,7 @@ def outcome(
 
 
 _BALANCE: list[dict[str, Any]] = [
-    abi_function("balanceOf", [{"name": "account", **_ADDRESS}], ["uint256"], mutability="view")
+    abi_function("balanceOf", members("address account"), ["uint256"], mutability="view")
 ]
 
 

@@ -9,27 +9,18 @@ when it can be read, otherwise left owed for review. A lost answer is reconciled
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from paygate.x402.models import SettleResponse
+from paygate.x402.schemes.base import FacilitatorAccess, refused
 from paygate.x402.schemes.upto.chain import ROLE as CHAIN
-from paygate.x402.settler import (
-    SETTLEMENT_PENDING,
-    ReviewRequired,
-    SettlementSubject,
-    SettlementUnknown,
-)
-
-if TYPE_CHECKING:
-    from paygate.x402.schemes.base import FacilitatorAccess
+from paygate.x402.settler import ReviewRequired, SettlementSubject, SettlementUnknown
 
 
 class UptoFacilitator:
     async def judge(
         self, facilitator: FacilitatorAccess, answer: SettleResponse, subject: SettlementSubject
     ) -> SettleResponse:
-        pending = not answer.success and answer.error_reason == SETTLEMENT_PENDING
-        if not answer.success and not pending:
+        if refused(answer):
             return answer  # a refusal: nothing moved (the SDK never answers "already used")
         transaction = answer.transaction or subject.transaction
         if facilitator.chain is None:

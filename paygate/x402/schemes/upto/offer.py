@@ -21,7 +21,7 @@ from paygate.x402.models import (
     UptoEvmPayload,
 )
 from paygate.x402.offers import Offer
-from paygate.x402.schemes.base import Authorized, with_amount
+from paygate.x402.schemes.base import Authorized, payload_as, with_amount
 
 # The SDK's constants (x402.mechanisms.evm.constants): the same on every EVM chain.
 PERMIT2_ADDRESS = "0x000000000022D473030F116dDEE9F6B43aC78BA3"
@@ -40,9 +40,7 @@ def facilitator_of(offer: Offer) -> str | None:
 
 
 def payload_of(payment: AnyPaymentPayload) -> UptoEvmPayload:
-    if not isinstance(payment.payload, UptoEvmPayload):
-        raise ValueError("not an upto payload")
-    return payment.payload
+    return payload_as(payment, UptoEvmPayload)
 
 
 class UptoOffer:

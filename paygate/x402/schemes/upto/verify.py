@@ -36,27 +36,13 @@ from paygate.x402.schemes.upto.offer import (
 )
 
 _TYPES = {
-    "EIP712Domain": [
-        {"name": "name", "type": "string"},
-        {"name": "chainId", "type": "uint256"},
-        {"name": "verifyingContract", "type": "address"},
-    ],
-    "PermitWitnessTransferFrom": [
-        {"name": "permitted", "type": "TokenPermissions"},
-        {"name": "spender", "type": "address"},
-        {"name": "nonce", "type": "uint256"},
-        {"name": "deadline", "type": "uint256"},
-        {"name": "witness", "type": "Witness"},
-    ],
-    "TokenPermissions": [
-        {"name": "token", "type": "address"},
-        {"name": "amount", "type": "uint256"},
-    ],
-    "Witness": [
-        {"name": "to", "type": "address"},
-        {"name": "facilitator", "type": "address"},
-        {"name": "validAfter", "type": "uint256"},
-    ],
+    "EIP712Domain": evm.members("string name, uint256 chainId, address verifyingContract"),
+    "PermitWitnessTransferFrom": evm.members(
+        "TokenPermissions permitted, address spender, uint256 nonce, uint256 deadline,"
+        " Witness witness"
+    ),
+    "TokenPermissions": evm.members("address token, uint256 amount"),
+    "Witness": evm.members("address to, address facilitator, uint256 validAfter"),
 }
 
 

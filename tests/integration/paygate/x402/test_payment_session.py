@@ -86,8 +86,8 @@ async def test_a_caller_gone_mid_reply_settles_once(
         await processor.settlements.drain(10)
         await session.finish()  # the exit ran already: nothing more happens
         await processor.settlements.drain(10)
-        assert session.record is not None
-        done = await ledger.get(session.record.id)
+        assert session.admission.record is not None
+        done = await ledger.get(session.admission.record.id)
     assert done is not None
     assert done.state is PaymentState.SETTLED
     assert facilitator.stats.calls("settle") == 1
@@ -103,11 +103,13 @@ async def test_an_upstream_failure_releases_before_the_exit(
         async with await _admit(processor, headers) as session:
             session.status = 502  # the model server failed
             assert await session.reply_ended() is None  # released now, before the error
-            assert session.record is not None
-            record = await ledger.get(session.record.id)
+            assert session.admission.record is not None
+            record = await ledger.get(session.admission.record.id)
             assert record is not None
             assert record.state is PaymentState.RELEASED
-        history = await ledger.history(session.record.id)  # the exit released nothing twice
+        history = await ledger.history(
+            session.admission.record.id
+        )  # the exit released nothing twice
         assert [e.state for e in history].count(PaymentState.RELEASED) == 1
         # The caller's immediate retry with the same authorization is admitted.
         async with await _admit(processor, headers) as retry:
@@ -129,8 +131,8 @@ async def test_a_request_that_failed_before_any_reply_is_released(
             pass
         await processor.settlements.drain(10)
         assert session.caller_gone
-        assert session.record is not None
-        record = await ledger.get(session.record.id)
+        assert session.admission.record is not None
+        record = await ledger.get(session.admission.record.id)
     assert record is not None
     assert record.state is PaymentState.RELEASED
     assert facilitator.stats.calls("settle") == 0
