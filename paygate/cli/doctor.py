@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 
 from enclave import EnclaveError
+from paygate.cli.options import add_config
 from paygate.config import ConfigError, Settings, load_settings
 from paygate.keys import open_key_backend
 from paygate.redact import redact_url
@@ -45,7 +46,7 @@ class Check:
 
 def register(sub: Any) -> None:
     doctor = sub.add_parser("doctor", help="check the configuration and everything it names")
-    doctor.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
+    add_config(doctor)
     doctor.add_argument("--json", action="store_true", help="a list of {check, ok, detail, fix}")
     doctor.set_defaults(run=_doctor)
 
