@@ -82,7 +82,9 @@ def whole_number(low: int, high: int, message: str) -> Callable[[str], int]:
     """An argparse type: a whole number from ``low`` to ``high``, else ``message``."""
 
     def parse(text: str) -> int:
-        if not text.isdigit() or not low <= int(text) <= high:
+        # ASCII only: str.isdigit() also passes "²", which int() refuses (argparse would then
+        # say "invalid parse value" instead of the message).
+        if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
             raise argparse.ArgumentTypeError(message)
         return int(text)
 
