@@ -24,6 +24,7 @@ import aiohttp
 from enclave import EnclaveError
 from paygate.cli.options import add_config
 from paygate.config import ConfigError, Settings, load_settings
+from paygate.errors import PaygateError
 from paygate.keys import open_key_backend
 from paygate.redact import redact_url
 from paygate.x402.networks import UnknownNetwork, resolve_network
@@ -63,19 +64,19 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
-class Fail(Exception):
-    """A check failed: what was found (``detail``) and the one-line ``fix``."""
+class CheckFailed(PaygateError):
+    """``CheckFailed(detail, fix)``: a doctor check found ``detail``; ``fix`` is the one line
+    that says what to do. Raised by a probe and made its Check by the runner."""
 
-    def __init__(self, detail: str, fix: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.fix = fix
+    message = "the check failed"
+    code = "check_failed"
 
     def check(self, name: str) -> Check:
-        return Check(name, False, self.detail, self.fix)
+        detail, fix = self.args
+        return Check(name, False, detail, fix)
 
 
-# A probe: the detail of a check passed, None when it does not apply, or Fail.
+# A probe: the detail of a check passed, None when it does not apply, or CheckFailed.
 Probe = Callable[[Settings], Awaitable[str | None]]
 
 
@@ -96,7 +97,7 @@ async def run_check(name: str, settings: Settings) -> Check | None:
     """The check ``name`` (one of PROBES) against ``settings``; None when it does not apply."""
     try:
         detail = await PROBES[name](settings)
-    except Fail as failed:
+    except CheckFailed as failed:
         return failed.check(name)
     except Exception as exc:  # one broken check must not hide the others
         return Check(name, False, f"check failed: {type(exc).__name__}", "see the detail")
@@ -110,10 +111,10 @@ async def _key_files(settings: Settings) -> str | None:
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except OSError as exc:
-        raise Fail(f"{path}: {exc.strerror}", "paygate keys create") from None
+        raise CheckFailed(f"{path}: {exc.strerror}", "paygate keys create") from None
     if mode & 0o077:
         wanted = "0600" if path.is_file() else "0700"
-        raise Fail(f"{path} is mode {mode:04o}", f"chmod {wanted} {path}")
+        raise CheckFailed(f"{path} is mode {mode:04o}", f"chmod {wanted} {path}")
     return f"{path} mode {mode:04o}"
 
 
@@ -130,7 +131,7 @@ async def _key(settings: Settings) -> str:
         backend = await asyncio.wait_for(asyncio.to_thread(use), PROBE_TIMEOUT * 2)
     except (EnclaveError, ConfigError, OSError, TimeoutError) as exc:
         code = getattr(exc, "code", type(exc).__name__)
-        raise Fail(
+        raise CheckFailed(
             f"{settings.key_backend} key unusable ({code})",
             "check key_file/pkcs11_*/tpm_* and the secret; paygate keys show",
         ) from None
@@ -186,13 +187,13 @@ async def _upstream(settings: Settings) -> str | None:
     try:
         status, _ = await _get(health_url(config), auth_headers(config.api_key))
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise Fail(
+        raise CheckFailed(
             f"{settings.upstream_url} unreachable ({type(exc).__name__})",
             "start the model server or correct upstream_url",
         ) from None
     if status >= 400:
         fix = await _kind_fix(settings) or "see its logs"
-        raise Fail(f"readiness answered HTTP {status}", fix)
+        raise CheckFailed(f"readiness answered HTTP {status}", fix)
     return f"{settings.upstream_url} ready"
 
 
@@ -226,7 +227,7 @@ async def _model(settings: Settings) -> str | None:
             base_url(config) + profile.models_path, auth_headers(config.api_key)
         )
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise Fail(
+        raise CheckFailed(
             f"model list unreachable ({type(exc).__name__})",
             "start the model server or correct upstream_url",
         ) from None
@@ -235,7 +236,7 @@ async def _model(settings: Settings) -> str | None:
     absent = [name for name in wanted if name not in listed]
     if not listed or absent:
         what = ", ".join(absent) if absent else "any model"
-        raise Fail(
+        raise CheckFailed(
             f"the upstream does not list {what} (HTTP {status}, lists {len(listed)})",
             await _kind_fix(settings)
             or "pull or load the model on the server, or correct upstream_model_name",
@@ -246,7 +247,7 @@ async def _model(settings: Settings) -> str | None:
         )
         check_digests(config.expected_model_digests, served)
     except UpstreamError as exc:
-        raise Fail(
+        raise CheckFailed(
             str(exc),
             "serve the expected weights, or correct expected_model_digests / upstream_model_path",
         ) from None
@@ -272,14 +273,14 @@ async def _docker(settings: Settings) -> str | None:
         try:
             client = connect(config.docker_host)
         except UpstreamError as exc:
-            raise Fail(str(exc), "start dockerd or correct docker_host") from None
+            raise CheckFailed(str(exc), "start dockerd or correct docker_host") from None
         try:
             for image in (spec.image, spec.relay_image):
                 try:
                     client.images.get(image)
                 except docker.errors.ImageNotFound:
                     fix = f"docker pull {image} (or docker load it)"
-                    raise Fail(f"image {image} is not on the engine", fix) from None
+                    raise CheckFailed(f"image {image} is not on the engine", fix) from None
         finally:
             client.close()
         return f"engine reachable; {spec.image} present"
@@ -299,7 +300,7 @@ async def facilitator_check(url: str, headers: dict[str, str], networks: list[st
     """The facilitator at ``url`` answers ``/supported`` with `exact` on every network."""
     try:
         return Check("facilitator", True, await _supported(url, headers, networks))
-    except Fail as failed:
+    except CheckFailed as failed:
         return failed.check("facilitator")
 
 
@@ -307,11 +308,11 @@ async def _supported(url: str, headers: dict[str, str], networks: list[str]) -> 
     try:
         status, body = await _get(url + "/supported", headers)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise Fail(
+        raise CheckFailed(
             f"unreachable ({type(exc).__name__})", "check facilitator_url and the network"
         ) from None
     if status in (401, 403):
-        raise Fail(f"HTTP {status}", "set facilitator_headers_file")
+        raise CheckFailed(f"HTTP {status}", "set facilitator_headers_file")
     kinds = body.get("kinds", []) if isinstance(body, dict) else []
     offered = {(k.get("scheme"), k.get("network")) for k in kinds if isinstance(k, dict)}
     missing = []
@@ -320,7 +321,7 @@ async def _supported(url: str, headers: dict[str, str], networks: list[str]) -> 
         if ("exact", network.caip2) not in offered:  # v2 names; our challenges lead with v2
             missing.append(f"{name} ({network.caip2})")
     if missing:
-        raise Fail(
+        raise CheckFailed(
             f"/supported lacks scheme exact on {', '.join(missing)}",
             "use a facilitator that settles these networks, or change network",
         )
@@ -334,15 +335,15 @@ async def _chain(settings: Settings) -> str | None:
         answer = await _probe("POST", settings.chain_rpc_url, body=_CHAIN_ID, redirects=True)
         chain_id = int(json.loads(answer.body)["result"], 16)
     except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
-        raise Fail(
+        raise CheckFailed(
             f"chain RPC unusable ({type(exc).__name__})", "check chain_rpc_url (and its API key)"
         ) from None
     try:
         wanted = {resolve_network(name).chain_id for name in settings.network}
     except UnknownNetwork as exc:
-        raise Fail(str(exc), "correct network") from None
+        raise CheckFailed(str(exc), "correct network") from None
     if chain_id not in wanted:
-        raise Fail(
+        raise CheckFailed(
             f"chain RPC is chain id {chain_id}, network wants {sorted(wanted)}",
             "point chain_rpc_url at the configured network's chain",
         )
@@ -371,18 +372,18 @@ async def _clock(settings: Settings) -> str | None:
         now = answer.at
         remote = parsedate_to_datetime(answer.date).timestamp() if answer.date else None
     except (aiohttp.ClientError, TimeoutError, ValueError, TypeError) as exc:
-        raise Fail(
+        raise CheckFailed(
             f"{source} unreachable ({type(exc).__name__})", f"fix the {source} check first"
         ) from None
     if remote is None:
-        raise Fail(
+        raise CheckFailed(
             f"the {source} answer has no Date header",
             "compare the clock by hand: timedatectl status",
         )
     skew = now - remote
     if abs(skew) > CLOCK_SKEW_LIMIT:
         ahead = "ahead of" if skew > 0 else "behind"
-        raise Fail(
+        raise CheckFailed(
             f"local clock {abs(skew):.0f} s {ahead} the {source} (limit {CLOCK_SKEW_LIMIT:.0f} s)",
             "synchronise the clock: timedatectl set-ntp true",
         )
@@ -398,7 +399,7 @@ async def _ledger(settings: Settings) -> str | None:
         ledger = await SqliteLedger.open(settings.ledger_path)
         await ledger.close()
     except Exception as exc:
-        raise Fail(
+        raise CheckFailed(
             f"{settings.ledger_path}: {getattr(exc, 'code', type(exc).__name__)}",
             "make its directory writable by the service user (0700)",
         ) from None
@@ -418,11 +419,11 @@ async def _console(settings: Settings) -> str | None:
     try:
         check_console(settings)
     except ConfigError as exc:
-        raise Fail(str(exc), "give console_listen its own port") from None
+        raise CheckFailed(str(exc), "give console_listen its own port") from None
     host, port = split_listen(settings.console_listen)
     secret = settings.secret("console_secret")
     if secret is None or len(secret.get_secret_value()) < 16:
-        raise Fail(
+        raise CheckFailed(
             "console_secret is not set (or shorter than 16 characters): sessions end at "
             "restart and do not work across replicas",
             "set console_secret_file to a file of 32+ random characters (the same on every "
@@ -433,7 +434,7 @@ async def _console(settings: Settings) -> str | None:
     except ValueError:
         loopback = False
     if not loopback and not settings.console_tls:
-        raise Fail(
+        raise CheckFailed(
             f"console_listen {settings.console_listen} is beyond loopback without TLS",
             "listen on 127.0.0.1 and reach it through ssh -L, or put it behind a TLS proxy "
             "and set console_tls = true",
@@ -444,7 +445,7 @@ async def _console(settings: Settings) -> str | None:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise Fail(
+            raise CheckFailed(
                 f"cannot listen on {settings.console_listen}: {exc.strerror}",
                 "choose a free port for console_listen (or stop what holds it)",
             ) from None
@@ -461,7 +462,7 @@ async def _alerts(settings: Settings) -> str | None:
         return None
     secret = settings.secret("alert_webhook_secret")
     if secret is None or len(secret.get_secret_value()) < 16:
-        raise Fail(
+        raise CheckFailed(
             "alert_webhook is set but alert_webhook_secret is missing or short",
             "set alert_webhook_secret_file to a file of 32+ random characters",
         )
