@@ -114,7 +114,7 @@ def container_spec(config: UpstreamConfig, name: str | None = None) -> Container
         tmpfs=dict(config.tmpfs),
         model_path=model_path.resolve() if model_path else None,
         alias=alias,
-        **{name: getattr(config, name) for name in _AS_CONFIGURED},
+        **{setting: getattr(config, setting) for setting in _AS_CONFIGURED},
     )
 
 
