@@ -15,6 +15,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args
@@ -145,11 +146,48 @@ _Item = TypeVar("_Item")
 SplitList = Annotated[list[_Item], NoDecode, BeforeValidator(_split_list)]
 
 
-def _secret_text(value: Any) -> str | None:
-    """A secret URL setting's text before validation (None when unset or empty)."""
-    if value in ("", None):
-        return None
-    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+def _checked_secret(check: Callable[[str], object]) -> BeforeValidator:
+    """A secret URL setting (it may carry a token) whose text ``check`` validates before it is
+    hidden, raising a ValueError that never quotes it; unset or empty is None."""
+
+    def validate(value: Any) -> Any:
+        if value in ("", None):
+            return None
+        check(value.get_secret_value() if isinstance(value, SecretStr) else str(value))
+        return value
+
+    return BeforeValidator(validate)
+
+
+def _webhook_url(text: str) -> None:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError("must be https:// (http:// only on loopback)")
+
+
+def _ledger_url(text: str) -> None:
+    from paygate.x402.ledger_store import parse_ledger_url
+
+    parse_ledger_url(text)  # ValueError says what is wrong, never quoting the URL
+
+
+_View = TypeVar("_View")
+
+
+def settings_view(settings: BaseModel, view: type[_View], prefix: str = "", **given: Any) -> _View:
+    """The dataclass ``view`` of the settings: each of its fields not ``given`` is the setting
+    of its name, ``prefix`` + name where there is one (``upstream_port`` for ``port``). Dicts
+    are copied: a view never shares a mutable value with the settings."""
+    names = type(settings).model_fields
+    values = dict(given)
+    for field in dataclasses.fields(view):  # type: ignore[arg-type]
+        if field.init and field.name not in values:
+            name = prefix + field.name if prefix + field.name in names else field.name
+            value = getattr(settings, name)
+            values[field.name] = dict(value) if isinstance(value, dict) else value
+    return view(**values)
 
 
 def _matching(pattern: str, message: str) -> AfterValidator:
@@ -393,7 +431,8 @@ class PaymentSection(BaseModel):
     token_limits: dict[str, TokenLimitSetting] = Field(default_factory=dict)
     budgets: dict[Literal["day", "month"], BudgetSetting] = Field(default_factory=dict)
     # Webhook alerts (review needed, model server down, attestation failed, budget reached).
-    alert_webhook: SecretStr | None = None  # a URL; may carry a token: never shown
+    # A URL; may carry a token: never shown.
+    alert_webhook: Annotated[SecretStr | None, _checked_secret(_webhook_url)] = None
     alert_webhook_secret: SecretStr | None = None
     alert_webhook_secret_file: Path | None = None
     alert_interval_seconds: Annotated[float, Field(ge=1, le=3600)] = 10.0
@@ -486,19 +525,6 @@ class PaymentSection(BaseModel):
                 raise ValueError(f"token_limits {key[:80]!r}: a weight must be above 0")
         return value
 
-    @field_validator("alert_webhook", mode="before")
-    @classmethod
-    def _check_alert_webhook(cls, value: Any) -> Any:
-        text = _secret_text(value)
-        if text is None:
-            return None
-        parts = urlsplit(text)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL")
-        if parts.scheme == "http" and not _is_loopback(parts.hostname):
-            raise ValueError("must be https:// (http:// only on loopback)")
-        return value
-
 
 class LedgerSection(BaseModel):
     """Where payments are recorded and how replicas share them."""
@@ -506,23 +532,12 @@ class LedgerSection(BaseModel):
     # --- payments: ledger; docs/SCALING.md ---
     ledger_path: Path = Path("/var/lib/paygate/payments.db")
     # postgresql://… or sqlite:////abs/path; wins over ledger_path. A secret: never shown.
-    ledger_url: SecretStr | None = None
+    ledger_url: Annotated[SecretStr | None, _checked_secret(_ledger_url)] = None
     ledger_password_file: Path | None = None  # else the systemd credential "ledger_password"
     ledger_pool_size: Annotated[int, Field(ge=1, le=100)] = 10
     replica_id: ReplicaId | None = None  # default <hostname>:<pid>
     lease_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     workers: Annotated[int, Field(ge=1, le=64)] = 1
-
-    @field_validator("ledger_url", mode="before")
-    @classmethod
-    def _check_ledger_url(cls, value: Any) -> Any:
-        from paygate.x402.ledger_store import parse_ledger_url
-
-        text = _secret_text(value)
-        if text is None:
-            return None
-        parse_ledger_url(text)  # ValueError says what is wrong, never quoting the URL
-        return value
 
     def ledger_password(self) -> str | None:
         """The PostgreSQL password: ``ledger_password_file``, else the systemd credential
@@ -803,37 +818,11 @@ class Settings(
 
     def upstream(self) -> UpstreamConfig:
         """The upstream's typed view (secrets resolved from their files)."""
-        return UpstreamConfig(
-            mode=self.upstream_mode,
-            kind=self.upstream_kind,
-            url=self.upstream_url,
-            health_path=self.upstream_health_path,
+        return settings_view(
+            self,
+            UpstreamConfig,
+            prefix="upstream_",
             api_key=self.secret("upstream_api_key") if self.upstream_mode == "attach" else None,
-            monitor=self.upstream_monitor,
-            health_interval=self.upstream_health_interval,
-            failure_threshold=self.upstream_failure_threshold,
-            ready_timeout=self.upstream_ready_timeout,
-            ready_probe_timeout=self.ready_probe_timeout,
-            restart_backoff_max=self.upstream_restart_backoff_max,
-            retry_after_seconds=self.retry_after_seconds,
-            docker_host=self.docker_host,
-            name=self.upstream_name,
-            image=self.upstream_image,
-            relay_image=self.upstream_relay_image,
-            volume=self.upstream_volume,
-            models_dir=self.upstream_models_dir,
-            port=self.upstream_port,
-            cpus=self.upstream_cpus,
-            memory=self.upstream_memory,
-            pids_limit=self.upstream_pids_limit,
-            gpus=self.upstream_gpus,
-            tmpfs=dict(self.upstream_tmpfs),
-            socket_dir=self.upstream_socket_dir,
-            pull_network=self.upstream_pull_network,
-            pull_timeout=self.upstream_pull_timeout,
-            model_path=self.upstream_model_path,
-            model_name=self.upstream_model_name,
-            expected_model_digests=dict(self.expected_model_digests),
         )
 
     @field_validator(*SECRET_NAMES, mode="before")

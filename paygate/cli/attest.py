@@ -25,6 +25,7 @@ from enclave.attestation.sev_snp import SevSnpPolicy, SevSnpVerifier
 from enclave.attestation.tdx import TdxCollateral, TdxPolicy, TdxVerifier
 from paygate.cli import attest_live
 from paygate.cli.attest_live import AttestUsageError
+from paygate.cli.options import add_json, command_actions
 
 KINDS = ("sev-snp", "tdx", "nitro", "nvidia")
 MAX_FILE = 1024 * 1024  # evidence, certificates, policies and collateral are a few KiB
@@ -32,8 +33,7 @@ CERT_SUFFIXES = (".pem", ".der", ".crt", ".cer")
 
 
 def register(sub: Any) -> None:
-    attest = sub.add_parser("attest", help="show or verify attestation evidence")
-    actions = attest.add_subparsers(dest="attest_command", required=True, metavar="ACTION")
+    actions = command_actions(sub, "attest", "show or verify attestation evidence")
     # One function per action adds its parser here.
     attest_live.add_show(actions)
     attest_live.add_verify(actions)
@@ -69,7 +69,7 @@ def _add_verify_file(actions: Any) -> None:
     vf.add_argument("--nonce", help="nitro, nvidia: expected nonce (hex)")
     vf.add_argument("--user-data", help="nitro: expected user_data (hex)")
     vf.add_argument("--public-key", help="nitro: expected public_key (hex SPKI DER)")
-    vf.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json(vf)
     vf.set_defaults(run=_verify_file)
 
 

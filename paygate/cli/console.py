@@ -11,6 +11,7 @@ import asyncio
 import time
 from typing import Any
 
+from paygate.cli.options import add_action, command_actions
 from paygate.config import ConfigError, load_settings
 from paygate.console import auth
 from paygate.economics.open_store import economics_store
@@ -18,10 +19,8 @@ from paygate.x402.ledger_store import open_ledger
 
 
 def register(sub: Any) -> None:
-    console = sub.add_parser("console", help="the operator console (docs/CONSOLE.md)")
-    actions = console.add_subparsers(dest="console_command", required=True, metavar="ACTION")
-    login = actions.add_parser("login", help="print a one-time login link (valid 10 minutes)")
-    login.set_defaults(run=_login)
+    actions = command_actions(sub, "console", "the operator console (docs/CONSOLE.md)")
+    add_action(actions, "login", _login, "print a one-time login link (valid 10 minutes)")
 
 
 async def _issue(settings: Any, token: str) -> None:

@@ -11,72 +11,64 @@ import json
 from pathlib import Path
 from typing import Any
 
+from paygate.cli.options import FieldFlag, FieldFlags, add_action, add_json, command_actions
 from paygate.cli.tables import print_table
 from paygate.config import load_settings
 from paygate.store.deployments import Deployment, DeploymentStore, build
 from paygate.upstream.engines import profile_for
 
 # flag -> deployment field (shared by create and update)
-_FIELDS = (
-    ("--listen", "listen", str, "host:port the gateway listens on"),
-    ("--upstream-url", "upstream_url", str, "attach mode: the model server's URL"),
-    ("--mode", "upstream_mode", str, "attach | container"),
-    ("--wallet", "wallet_address", str, "payee address (0x...)"),
-    ("--price", "price_per_request", str, "price per request (USDC, decimal)"),
-    ("--price-per-million-tokens", "price_per_million_tokens", str, "price per 1M tokens"),
-    ("--tokens-per-request", "approx_tokens_per_request", int, "approximate tokens a request"),
-    ("--chain", "chain", str, "payment network, e.g. base-sepolia"),
-    ("--facilitator-url", "facilitator_url", str, "x402 facilitator URL"),
-    ("--image", "container_image", str, "container mode: model server image"),
-    ("--cpus", "container_cpus", float, "container mode: CPU limit"),
-    ("--memory", "container_memory", str, "container mode: memory limit, e.g. 8g"),
-    ("--host-port", "container_host_port", int, "kept for the reference format; unused"),
-    ("--tee", "tee_type", str, "TEE type"),
-    ("--kind", "upstream_kind", str, "ollama | llama-server | vllm | openai"),
-    ("--model-path", "model_path", str, "the weights file served (llama-server: a GGUF)"),
-    ("--model-name", "model_name", str, "the name it is served under (default: file name)"),
-    ("--model-hash", "model_hash", str, "weights digest (default: computed from --model-path)"),
+_FIELDS = FieldFlags(
+    FieldFlag("--listen", "listen", "host:port the gateway listens on"),
+    FieldFlag("--upstream-url", "upstream_url", "attach mode: the model server's URL"),
+    FieldFlag("--mode", "upstream_mode", "attach | container"),
+    FieldFlag("--wallet", "wallet_address", "payee address (0x...)"),
+    FieldFlag("--price", "price_per_request", "price per request (USDC, decimal)"),
+    FieldFlag("--price-per-million-tokens", "price_per_million_tokens", "price per 1M tokens"),
+    FieldFlag(
+        "--tokens-per-request", "approx_tokens_per_request", "approximate tokens a request", int
+    ),
+    FieldFlag("--chain", "chain", "payment network, e.g. base-sepolia"),
+    FieldFlag("--facilitator-url", "facilitator_url", "x402 facilitator URL"),
+    FieldFlag("--image", "container_image", "container mode: model server image"),
+    FieldFlag("--cpus", "container_cpus", "container mode: CPU limit", float),
+    FieldFlag("--memory", "container_memory", "container mode: memory limit, e.g. 8g"),
+    FieldFlag("--host-port", "container_host_port", "kept for the reference format; unused", int),
+    FieldFlag("--tee", "tee_type", "TEE type"),
+    FieldFlag("--kind", "upstream_kind", "ollama | llama-server | vllm | openai"),
+    FieldFlag("--model-path", "model_path", "the weights file served (llama-server: a GGUF)"),
+    FieldFlag("--model-name", "model_name", "the name it is served under (default: file name)"),
+    FieldFlag("--model-hash", "model_hash", "weights digest (default: computed from --model-path)"),
 )
 
 
 def register(sub: Any) -> None:
-    deploy = sub.add_parser("deploy", help="manage named deployments (paygate serve NAME)")
-    actions = deploy.add_subparsers(dest="deploy_command", required=True, metavar="ACTION")
-    for action, run, text in (
-        ("create", _create, "create a deployment (refuses an existing name unless --force)"),
-        ("update", _update, "change fields of a deployment"),
-    ):
-        p = actions.add_parser(action, help=text)
-        p.add_argument("name")
-        for flag, dest, kind, help_text in _FIELDS:
-            p.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
-        p.add_argument(
-            "--no-payment-gate",
-            dest="no_payment_gate",
-            action="store_const",
-            const=True,
-            default=None,
-            help="serve without payments",
-        )
-        p.add_argument(
-            "--payment-gate",
-            dest="no_payment_gate",
-            action="store_const",
-            const=False,
-            help="serve with payments (the default)",
-        )
-        if action == "create":
-            p.add_argument("--force", action="store_true", help="replace an existing one")
-        p.set_defaults(run=run)
-    listing = actions.add_parser("list", help="list deployments")
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(run=_list)
-    show = actions.add_parser("show", help="print one deployment (JSON)")
-    show.add_argument("name")
-    show.set_defaults(run=_show)
-    delete = actions.add_parser("delete", help="delete a deployment")
-    delete.add_argument("name")
-    delete.set_defaults(run=_delete)
+    fields = argparse.ArgumentParser(add_help=False)
+    fields.add_argument("name")
+    _FIELDS.add_to(fields)
+    fields.add_argument(
+        "--no-payment-gate",
+        dest="no_payment_gate",
+        action="store_const",
+        const=True,
+        default=None,
+        help="serve without payments",
+    )
+    fields.add_argument(
+        "--payment-gate",
+        dest="no_payment_gate",
+        action="store_const",
+        const=False,
+        help="serve with payments (the default)",
+    )
+    actions = command_actions(sub, "deploy", "manage named deployments (paygate serve NAME)")
+    text = "create a deployment (refuses an existing name unless --force)"
+    create = add_action(actions, "create", _create, text, parents=[fields])
+    create.add_argument("--force", action="store_true", help="replace an existing one")
+    add_action(actions, "update", _update, "change fields of a deployment", parents=[fields])
+    add_json(add_action(actions, "list", _list, "list deployments"))
+    add_action(actions, "show", _show, "print one deployment (JSON)").add_argument("name")
+    add_action(actions, "delete", _delete, "delete a deployment").add_argument("name")
 
 
 def _store(args: argparse.Namespace) -> DeploymentStore:
@@ -84,8 +76,10 @@ def _store(args: argparse.Namespace) -> DeploymentStore:
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
-    names = [dest for _, dest, _, _ in _FIELDS] + ["no_payment_gate"]
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    given = _FIELDS.given(args)
+    if args.no_payment_gate is not None:
+        given["no_payment_gate"] = args.no_payment_gate
+    return given
 
 
 def _print(deployment: Deployment) -> None:

@@ -8,25 +8,22 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from paygate.cli.options import add_json, whole_number
 from paygate.cli.tables import print_table
 from paygate.config import load_settings
 from paygate.upstream.discovery import DEFAULT_PORTS, discover, rows
 
+_PORT = whole_number(1, 65535, "a port is 1..65535")
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser("discover", help="find local model servers and their models")
-    p.add_argument("--port", type=_port, action="append", default=[], help="also probe this port")
+    p.add_argument("--port", type=_PORT, action="append", default=[], help="also probe this port")
     p.add_argument("--only", action="store_true", help="probe only the --port ports")
     p.add_argument("--host", default="127.0.0.1", help="host to probe (default loopback)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per port")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json(p)
     p.set_defaults(run=_discover)
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError("a port is 1..65535")
-    return int(text)
 
 
 def _discover(args: argparse.Namespace) -> int:

@@ -22,7 +22,9 @@ from typing import Any
 import aiohttp
 
 from enclave import EnclaveError
+from paygate.cli.options import add_config
 from paygate.config import ConfigError, Settings, load_settings
+from paygate.errors import PaygateError
 from paygate.keys import open_key_backend
 from paygate.redact import redact_url
 from paygate.x402.networks import UnknownNetwork, resolve_network
@@ -45,7 +47,7 @@ class Check:
 
 def register(sub: Any) -> None:
     doctor = sub.add_parser("doctor", help="check the configuration and everything it names")
-    doctor.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
+    add_config(doctor)
     doctor.add_argument("--json", action="store_true", help="a list of {check, ok, detail, fix}")
     doctor.set_defaults(run=_doctor)
 
@@ -62,51 +64,61 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
+class CheckFailed(PaygateError):
+    """``CheckFailed(detail, fix)``: a doctor check found ``detail``; ``fix`` is the one line
+    that says what to do. Raised by a probe and made its Check by the runner."""
+
+    message = "the check failed"
+    code = "check_failed"
+
+    def check(self, name: str) -> Check:
+        detail, fix = self.args
+        return Check(name, False, detail, fix)
+
+
+# A probe: the detail of a check passed, None when it does not apply, or CheckFailed.
+Probe = Callable[[Settings], Awaitable[str | None]]
+
+
 async def run_checks(config: Path | None) -> list[Check]:
     try:
         settings = load_settings(config)
     except ConfigError as exc:
         return [Check("config", False, str(exc), "correct the setting named above")]
     checks = [Check("config", True, f"valid ({config or 'environment and defaults'})")]
-    probes: list[Callable[[Settings], Awaitable[Check | None]]] = [
-        _key_files,
-        _key,
-        _upstream,
-        _model,
-        _docker,
-        _facilitator,
-        _chain,
-        _clock,
-        _ledger,
-        _console,
-        _alerts,
-    ]
-    for probe in probes:
-        try:
-            found = await probe(settings)
-        except Exception as exc:  # one broken check must not hide the others
-            name = probe.__name__.strip("_")
-            found = Check(name, False, f"check failed: {type(exc).__name__}", "see the detail")
+    for name in PROBES:
+        found = await run_check(name, settings)
         if found is not None:
             checks.append(found)
     return checks
 
 
-async def _key_files(settings: Settings) -> Check | None:
+async def run_check(name: str, settings: Settings) -> Check | None:
+    """The check ``name`` (one of PROBES) against ``settings``; None when it does not apply."""
+    try:
+        detail = await PROBES[name](settings)
+    except CheckFailed as failed:
+        return failed.check(name)
+    except Exception as exc:  # one broken check must not hide the others
+        return Check(name, False, f"check failed: {type(exc).__name__}", "see the detail")
+    return None if detail is None else Check(name, True, detail)
+
+
+async def _key_files(settings: Settings) -> str | None:
     if settings.key_backend == "pkcs11":
         return None
     path = settings.key_file if settings.key_backend == "software" else settings.tpm_key_dir
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except OSError as exc:
-        return Check("key-files", False, f"{path}: {exc.strerror}", "paygate keys create")
+        raise CheckFailed(f"{path}: {exc.strerror}", "paygate keys create") from None
     if mode & 0o077:
         wanted = "0600" if path.is_file() else "0700"
-        return Check("key-files", False, f"{path} is mode {mode:04o}", f"chmod {wanted} {path}")
-    return Check("key-files", True, f"{path} mode {mode:04o}")
+        raise CheckFailed(f"{path} is mode {mode:04o}", f"chmod {wanted} {path}")
+    return f"{path} mode {mode:04o}"
 
 
-async def _key(settings: Settings) -> Check:
+async def _key(settings: Settings) -> str:
     def use() -> str:
         key = open_key_backend(settings)
         try:
@@ -119,13 +131,11 @@ async def _key(settings: Settings) -> Check:
         backend = await asyncio.wait_for(asyncio.to_thread(use), PROBE_TIMEOUT * 2)
     except (EnclaveError, ConfigError, OSError, TimeoutError) as exc:
         code = getattr(exc, "code", type(exc).__name__)
-        return Check(
-            "key",
-            False,
+        raise CheckFailed(
             f"{settings.key_backend} key unusable ({code})",
             "check key_file/pkcs11_*/tpm_* and the secret; paygate keys show",
-        )
-    return Check("key", True, f"{backend} key answers ECDH")
+        ) from None
+    return f"{backend} key answers ECDH"
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,26 +178,23 @@ async def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, An
     return answer.status, answer.json()
 
 
-async def _upstream(settings: Settings) -> Check | None:
+async def _upstream(settings: Settings) -> str | None:
     if settings.upstream_mode == "container":
         return None  # its readiness is the container's: paygate upstream status
     from paygate.upstream.service import auth_headers, health_url
 
     config = settings.upstream()
-    headers = auth_headers(config.api_key)
     try:
-        status, _ = await _get(health_url(config), headers)
+        status, _ = await _get(health_url(config), auth_headers(config.api_key))
     except (aiohttp.ClientError, TimeoutError) as exc:
-        return Check(
-            "upstream",
-            False,
+        raise CheckFailed(
             f"{settings.upstream_url} unreachable ({type(exc).__name__})",
             "start the model server or correct upstream_url",
-        )
+        ) from None
     if status >= 400:
         fix = await _kind_fix(settings) or "see its logs"
-        return Check("upstream", False, f"readiness answered HTTP {status}", fix)
-    return Check("upstream", True, f"{settings.upstream_url} ready")
+        raise CheckFailed(f"readiness answered HTTP {status}", fix)
+    return f"{settings.upstream_url} ready"
 
 
 async def _kind_fix(settings: Settings) -> str | None:
@@ -201,7 +208,7 @@ async def _kind_fix(settings: Settings) -> str | None:
     return f'the server at {where} answers like {found.kind}: set upstream_kind = "{found.kind}"'
 
 
-async def _model(settings: Settings) -> Check | None:
+async def _model(settings: Settings) -> str | None:
     """The configured model is listed by the upstream and its weights have the expected digest.
 
     Attach mode only: in container mode the model server (and Ollama's manifests) exist once
@@ -220,20 +227,16 @@ async def _model(settings: Settings) -> Check | None:
             base_url(config) + profile.models_path, auth_headers(config.api_key)
         )
     except (aiohttp.ClientError, TimeoutError) as exc:
-        return Check(
-            "model",
-            False,
+        raise CheckFailed(
             f"model list unreachable ({type(exc).__name__})",
             "start the model server or correct upstream_url",
-        )
+        ) from None
     listed = profile.model_names(listing) if status < 400 else []
     wanted = sorted({*config.expected_model_digests, *filter(None, [config.model_name])})
     absent = [name for name in wanted if name not in listed]
     if not listed or absent:
         what = ", ".join(absent) if absent else "any model"
-        return Check(
-            "model",
-            False,
+        raise CheckFailed(
             f"the upstream does not list {what} (HTTP {status}, lists {len(listed)})",
             await _kind_fix(settings)
             or "pull or load the model on the server, or correct upstream_model_name",
@@ -244,21 +247,17 @@ async def _model(settings: Settings) -> Check | None:
         )
         check_digests(config.expected_model_digests, served)
     except UpstreamError as exc:
-        return Check(
-            "model",
-            False,
+        raise CheckFailed(
             str(exc),
             "serve the expected weights, or correct expected_model_digests / upstream_model_path",
-        )
+        ) from None
     digests = ", ".join(f"{m.name} {m.digest}" for m in served)
-    return Check(
-        "model",
-        True,
-        f"listed: {', '.join(wanted or listed[:3])}" + (f"; weights {digests}" if digests else ""),
+    return f"listed: {', '.join(wanted or listed[:3])}" + (
+        f"; weights {digests}" if digests else ""
     )
 
 
-async def _docker(settings: Settings) -> Check | None:
+async def _docker(settings: Settings) -> str | None:
     if settings.upstream_mode != "container":
         return None
     import docker.errors
@@ -270,50 +269,50 @@ async def _docker(settings: Settings) -> Check | None:
     config = settings.upstream()
     spec = container_spec(config)
 
-    def look() -> Check:
+    def look() -> str:
         try:
             client = connect(config.docker_host)
         except UpstreamError as exc:
-            return Check("docker", False, str(exc), "start dockerd or correct docker_host")
+            raise CheckFailed(str(exc), "start dockerd or correct docker_host") from None
         try:
             for image in (spec.image, spec.relay_image):
                 try:
                     client.images.get(image)
                 except docker.errors.ImageNotFound:
-                    return Check(
-                        "docker",
-                        False,
-                        f"image {image} is not on the engine",
-                        f"docker pull {image} (or docker load it)",
-                    )
+                    fix = f"docker pull {image} (or docker load it)"
+                    raise CheckFailed(f"image {image} is not on the engine", fix) from None
         finally:
             client.close()
-        return Check("docker", True, f"engine reachable; {spec.image} present")
+        return f"engine reachable; {spec.image} present"
 
     return await asyncio.wait_for(asyncio.to_thread(look), PROBE_TIMEOUT * 4)
 
 
-async def _facilitator(settings: Settings) -> Check | None:
+async def _facilitator(settings: Settings) -> str | None:
     if settings.payment_mode not in ("facilitator", "verify-only") or not settings.facilitator_url:
         return None
     url = settings.facilitator_url.rstrip("/")
     headers = settings.facilitator_auth_provider().headers("GET", url + "/supported")
-    return await facilitator_check(url, headers, settings.network)
+    return await _supported(url, headers, settings.network)
 
 
 async def facilitator_check(url: str, headers: dict[str, str], networks: list[str]) -> Check:
     """The facilitator at ``url`` answers ``/supported`` with `exact` on every network."""
     try:
+        return Check("facilitator", True, await _supported(url, headers, networks))
+    except CheckFailed as failed:
+        return failed.check("facilitator")
+
+
+async def _supported(url: str, headers: dict[str, str], networks: list[str]) -> str:
+    try:
         status, body = await _get(url + "/supported", headers)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        return Check(
-            "facilitator",
-            False,
-            f"unreachable ({type(exc).__name__})",
-            "check facilitator_url and the network",
-        )
+        raise CheckFailed(
+            f"unreachable ({type(exc).__name__})", "check facilitator_url and the network"
+        ) from None
     if status in (401, 403):
-        return Check("facilitator", False, f"HTTP {status}", "set facilitator_headers_file")
+        raise CheckFailed(f"HTTP {status}", "set facilitator_headers_file")
     kinds = body.get("kinds", []) if isinstance(body, dict) else []
     offered = {(k.get("scheme"), k.get("network")) for k in kinds if isinstance(k, dict)}
     missing = []
@@ -322,43 +321,36 @@ async def facilitator_check(url: str, headers: dict[str, str], networks: list[st
         if ("exact", network.caip2) not in offered:  # v2 names; our challenges lead with v2
             missing.append(f"{name} ({network.caip2})")
     if missing:
-        return Check(
-            "facilitator",
-            False,
+        raise CheckFailed(
             f"/supported lacks scheme exact on {', '.join(missing)}",
             "use a facilitator that settles these networks, or change network",
         )
-    return Check("facilitator", True, f"/supported lists exact on {', '.join(networks)}")
+    return f"/supported lists exact on {', '.join(networks)}"
 
 
-async def _chain(settings: Settings) -> Check | None:
+async def _chain(settings: Settings) -> str | None:
     if not settings.chain_rpc_url:
         return None
     try:
         answer = await _probe("POST", settings.chain_rpc_url, body=_CHAIN_ID, redirects=True)
         chain_id = int(json.loads(answer.body)["result"], 16)
     except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
-        return Check(
-            "chain",
-            False,
-            f"chain RPC unusable ({type(exc).__name__})",
-            "check chain_rpc_url (and its API key)",
-        )
+        raise CheckFailed(
+            f"chain RPC unusable ({type(exc).__name__})", "check chain_rpc_url (and its API key)"
+        ) from None
     try:
         wanted = {resolve_network(name).chain_id for name in settings.network}
     except UnknownNetwork as exc:
-        return Check("chain", False, str(exc), "correct network")
+        raise CheckFailed(str(exc), "correct network") from None
     if chain_id not in wanted:
-        return Check(
-            "chain",
-            False,
+        raise CheckFailed(
             f"chain RPC is chain id {chain_id}, network wants {sorted(wanted)}",
             "point chain_rpc_url at the configured network's chain",
         )
-    return Check("chain", True, f"chain id {chain_id}")
+    return f"chain id {chain_id}"
 
 
-async def _clock(settings: Settings) -> Check | None:
+async def _clock(settings: Settings) -> str | None:
     """The local clock against the ``Date`` header of the chain RPC's (else the facilitator's)
     HTTP answer. A Date header has one-second resolution, far below the limit."""
     if settings.chain_rpc_url:
@@ -380,32 +372,25 @@ async def _clock(settings: Settings) -> Check | None:
         now = answer.at
         remote = parsedate_to_datetime(answer.date).timestamp() if answer.date else None
     except (aiohttp.ClientError, TimeoutError, ValueError, TypeError) as exc:
-        return Check(
-            "clock",
-            False,
-            f"{source} unreachable ({type(exc).__name__})",
-            f"fix the {source} check first",
-        )
+        raise CheckFailed(
+            f"{source} unreachable ({type(exc).__name__})", f"fix the {source} check first"
+        ) from None
     if remote is None:
-        return Check(
-            "clock",
-            False,
+        raise CheckFailed(
             f"the {source} answer has no Date header",
             "compare the clock by hand: timedatectl status",
         )
     skew = now - remote
     if abs(skew) > CLOCK_SKEW_LIMIT:
         ahead = "ahead of" if skew > 0 else "behind"
-        return Check(
-            "clock",
-            False,
+        raise CheckFailed(
             f"local clock {abs(skew):.0f} s {ahead} the {source} (limit {CLOCK_SKEW_LIMIT:.0f} s)",
             "synchronise the clock: timedatectl set-ntp true",
         )
-    return Check("clock", True, f"within {CLOCK_SKEW_LIMIT:.0f} s of the {source} ({skew:+.0f} s)")
+    return f"within {CLOCK_SKEW_LIMIT:.0f} s of the {source} ({skew:+.0f} s)"
 
 
-async def _ledger(settings: Settings) -> Check | None:
+async def _ledger(settings: Settings) -> str | None:
     if settings.payment_mode == "off":
         return None
     from paygate.x402.ledger_sqlite import SqliteLedger
@@ -414,16 +399,14 @@ async def _ledger(settings: Settings) -> Check | None:
         ledger = await SqliteLedger.open(settings.ledger_path)
         await ledger.close()
     except Exception as exc:
-        return Check(
-            "ledger",
-            False,
+        raise CheckFailed(
             f"{settings.ledger_path}: {getattr(exc, 'code', type(exc).__name__)}",
             "make its directory writable by the service user (0700)",
-        )
-    return Check("ledger", True, f"{settings.ledger_path} writable and migrated")
+        ) from None
+    return f"{settings.ledger_path} writable and migrated"
 
 
-async def _console(settings: Settings) -> Check | None:
+async def _console(settings: Settings) -> str | None:
     """The operator console's settings (docs/CONSOLE.md); nothing when it is off."""
     if settings.console_listen is None:
         return None
@@ -436,13 +419,11 @@ async def _console(settings: Settings) -> Check | None:
     try:
         check_console(settings)
     except ConfigError as exc:
-        return Check("console", False, str(exc), "give console_listen its own port")
+        raise CheckFailed(str(exc), "give console_listen its own port") from None
     host, port = split_listen(settings.console_listen)
     secret = settings.secret("console_secret")
     if secret is None or len(secret.get_secret_value()) < 16:
-        return Check(
-            "console",
-            False,
+        raise CheckFailed(
             "console_secret is not set (or shorter than 16 characters): sessions end at "
             "restart and do not work across replicas",
             "set console_secret_file to a file of 32+ random characters (the same on every "
@@ -453,9 +434,7 @@ async def _console(settings: Settings) -> Check | None:
     except ValueError:
         loopback = False
     if not loopback and not settings.console_tls:
-        return Check(
-            "console",
-            False,
+        raise CheckFailed(
             f"console_listen {settings.console_listen} is beyond loopback without TLS",
             "listen on 127.0.0.1 and reach it through ssh -L, or put it behind a TLS proxy "
             "and set console_tls = true",
@@ -466,29 +445,41 @@ async def _console(settings: Settings) -> Check | None:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            return Check(
-                "console",
-                False,
+            raise CheckFailed(
                 f"cannot listen on {settings.console_listen}: {exc.strerror}",
                 "choose a free port for console_listen (or stop what holds it)",
-            )
+            ) from None
     who = (
         f"{len(settings.console_wallets)} wallet(s) may sign in"
         if settings.console_wallets
         else "no console_wallets: login links only (paygate console login)"
     )
-    return Check("console", True, f"on {settings.console_listen}; {who}")
+    return f"on {settings.console_listen}; {who}"
 
 
-async def _alerts(settings: Settings) -> Check | None:
+async def _alerts(settings: Settings) -> str | None:
     if settings.alert_webhook is None:
         return None
     secret = settings.secret("alert_webhook_secret")
     if secret is None or len(secret.get_secret_value()) < 16:
-        return Check(
-            "alerts",
-            False,
+        raise CheckFailed(
             "alert_webhook is set but alert_webhook_secret is missing or short",
             "set alert_webhook_secret_file to a file of 32+ random characters",
         )
-    return Check("alerts", True, "webhook alerts on, signed (HMAC-SHA256)")
+    return "webhook alerts on, signed (HMAC-SHA256)"
+
+
+# Every check after "config", in the order doctor runs and prints them.
+PROBES: dict[str, Probe] = {
+    "key-files": _key_files,
+    "key": _key,
+    "upstream": _upstream,
+    "model": _model,
+    "docker": _docker,
+    "facilitator": _facilitator,
+    "chain": _chain,
+    "clock": _clock,
+    "ledger": _ledger,
+    "console": _console,
+    "alerts": _alerts,
+}

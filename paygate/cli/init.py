@@ -413,9 +413,11 @@ def _chain_rpc(text: str | None, networks: list[str]) -> str | None:
     if not text:
         return None
     url = _setting("chain_rpc_url", text)
-    from paygate.cli.doctor import _chain
+    from paygate.cli.doctor import run_check
 
-    check = asyncio.run(_chain(load_settings(None, chain_rpc_url=url, network=networks)))
+    check = asyncio.run(
+        run_check("chain", load_settings(None, chain_rpc_url=url, network=networks))
+    )
     if check is not None and not check.ok:
         raise ConfigError(f"chain check failed: {check.detail}")
     return url

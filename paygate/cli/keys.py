@@ -10,51 +10,56 @@ from typing import Any
 import enclave
 from enclave import p256
 from enclave.keys.base import ReceiptSigner
+from paygate.cli.options import FieldFlag, FieldFlags, add_action, add_json, command_actions
 from paygate.config import load_settings
 from paygate.keys import create_key, open_key_backend
 
+# Each backend's settings a flag may set: (flag, setting, what it is).
+_BACKEND_FLAGS = {
+    "software": (("--key-file", "key_file", "PKCS#8 PEM path"),),
+    "pkcs11": (
+        ("--pkcs11-module", "pkcs11_module", "module path"),
+        ("--token-label", "pkcs11_token_label", "token label"),
+        ("--key-label", "pkcs11_key_label", "key label"),
+    ),
+    "tpm": (
+        ("--tcti", "tpm_tcti", "TCTI, e.g. device:/dev/tpmrm0"),
+        ("--tpm-key-dir", "tpm_key_dir", "directory of the wrapped key blobs"),
+    ),
+}
+_KEY_FLAGS = FieldFlags(
+    FieldFlag("--backend", "key_backend", "key backend", choices=tuple(_BACKEND_FLAGS)),
+    *(
+        FieldFlag(flag, setting, f"{backend}: {what}")
+        for backend, flags in _BACKEND_FLAGS.items()
+        for flag, setting, what in flags
+    ),
+)
+
 
 def register(sub: Any) -> None:
-    keys = sub.add_parser("keys", help="create or show the envelope key")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    for name, run, text in (
-        ("create", _create, "generate a key in the chosen backend (never replaces one)"),
-        ("show", _show, "print the public key, backend and algorithms"),
-    ):
-        p = keys_sub.add_parser(name, help=text)
-        p.add_argument("--backend", choices=["software", "pkcs11", "tpm"], help="key backend")
-        p.add_argument("--key-file", help="software: PKCS#8 PEM path")
-        p.add_argument("--pkcs11-module", help="pkcs11: module path")
-        p.add_argument("--token-label", help="pkcs11: token label")
-        p.add_argument("--key-label", help="pkcs11: key label")
-        p.add_argument("--tcti", help="tpm: TCTI, e.g. device:/dev/tpmrm0")
-        p.add_argument("--tpm-key-dir", help="tpm: directory of the wrapped key blobs")
-        p.add_argument("--json", action="store_true", help="machine-readable output")
-        p.set_defaults(run=run)
-    rotate = keys_sub.add_parser(
-        "rotate", help="ask the running gateway to start a new key epoch now (key_epoch)"
+    key = argparse.ArgumentParser(add_help=False)
+    _KEY_FLAGS.add_to(key)
+    add_json(key)
+    actions = command_actions(sub, "keys", "create or show the envelope key")
+    text = "generate a key in the chosen backend (never replaces one)"
+    add_action(actions, "create", _create, text, parents=[key])
+    add_action(
+        actions, "show", _show, "print the public key, backend and algorithms", parents=[key]
+    )
+    rotate = add_action(
+        actions,
+        "rotate",
+        _rotate,
+        "ask the running gateway to start a new key epoch now (key_epoch)",
     )
     rotate.add_argument("--epoch-dir", help="the gateway's key_epoch_dir")
     rotate.add_argument("--timeout", type=float, default=30.0, help="seconds to wait")
-    rotate.add_argument("--json", action="store_true", help="machine-readable output")
-    rotate.set_defaults(run=_rotate)
+    add_json(rotate)
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    overrides = {
-        field: value
-        for field, value in (
-            ("key_backend", args.backend),
-            ("key_file", args.key_file),
-            ("pkcs11_module", args.pkcs11_module),
-            ("pkcs11_token_label", args.token_label),
-            ("pkcs11_key_label", args.key_label),
-            ("tpm_tcti", args.tcti),
-            ("tpm_key_dir", args.tpm_key_dir),
-        )
-        if value is not None
-    }
-    return load_settings(args.config, **overrides)
+    return load_settings(args.config, **_KEY_FLAGS.given(args))
 
 
 def describe(key: enclave.KeyBackend) -> dict[str, Any]:

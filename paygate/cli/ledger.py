@@ -18,6 +18,7 @@ import argparse
 import asyncio
 from typing import Any
 
+from paygate.cli.options import add_action, command_actions
 from paygate.config import load_settings
 from paygate.x402.ledger import LedgerConflict
 from paygate.x402.ledger_copy import Counts, Store, copy_tables
@@ -27,21 +28,18 @@ SCHEMA_VERSION = 8  # both stores number their schemas alike (ledger_sqlite, led
 
 
 def register(sub: Any) -> None:
-    ledger = sub.add_parser(
-        "ledger", help="migrate the payment ledger, or copy it to another store"
+    actions = command_actions(
+        sub, "ledger", "migrate the payment ledger, or copy it to another store"
     )
-    actions = ledger.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
 
-    migrate = actions.add_parser("migrate", help="bring the ledger's schema up to date")
+    migrate = add_action(actions, "migrate", _migrate, "bring the ledger's schema up to date")
     migrate.add_argument(
         "--ledger-url", help="postgresql://… or sqlite:////abs/path (default: settings)"
     )
-    migrate.set_defaults(run=_migrate)
 
-    copy = actions.add_parser("copy", help="copy every table of the ledger to another store")
+    copy = add_action(actions, "copy", _copy, "copy every table of the ledger to another store")
     copy.add_argument("--from", dest="source", help="source ledger URL (default: settings)")
     copy.add_argument("--to", dest="target", required=True, help="destination ledger URL")
-    copy.set_defaults(run=_copy)
 
 
 def location(args: argparse.Namespace, url: str | None) -> LedgerLocation:

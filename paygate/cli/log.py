@@ -21,6 +21,7 @@ import httpx
 
 from enclave.tlog import checkpoint as cp
 from enclave.tlog import entries, merkle, note, tiles
+from paygate.cli.options import add_action, command_actions
 from paygate.client.errors import LogInconsistent, LogUnverified
 from paygate.client.tlog import (
     LOG_PREFIX,
@@ -44,40 +45,38 @@ class LogCheckFailed(PaygateError):
 
 
 def register(sub: Any) -> None:
-    parser = sub.add_parser("log", help="read, verify and witness a transparency log")
-    actions = parser.add_subparsers(dest="log_command", required=True, metavar="ACTION")
+    actions = command_actions(sub, "log", "read, verify and witness a transparency log")
+    # What every action that reads a log over HTTP takes.
+    reader = argparse.ArgumentParser(add_help=False)
+    reader.add_argument("url", help="the gateway's base URL (the log is under /v1/log/)")
+    reader.add_argument("--log-key", required=True, help="the log's vkey (attested)")
+    reader.add_argument("--timeout", type=float, default=10.0)
 
-    def reader(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = actions.add_parser(name, help=help_text)
-        p.add_argument("url", help="the gateway's base URL (the log is under /v1/log/)")
-        p.add_argument("--log-key", required=True, help="the log's vkey (attested)")
-        p.add_argument("--timeout", type=float, default=10.0)
-        return p
-
-    show = reader("show", "the checkpoint and the last entries")
+    show = add_action(
+        actions, "show", _show, "the checkpoint and the last entries", parents=[reader]
+    )
     show.add_argument("--entries", type=int, default=10, help="how many of the last entries")
-    show.set_defaults(run=_show)
 
-    verify = reader("verify", "rebuild the tree from its tiles and check it against the last seen")
+    text = "rebuild the tree from its tiles and check it against the last seen"
+    verify = add_action(actions, "verify", _verify, text, parents=[reader])
     verify.add_argument("--state", type=Path, help="JSON file of the largest checkpoint seen")
     verify.add_argument("--witness", action="append", default=[], help="a witness vkey")
     verify.add_argument("--quorum", type=int, default=0, help="witness cosignatures required")
-    verify.set_defaults(run=_verify)
 
-    prove = reader("prove", "an inclusion proof of one entry")
+    prove = add_action(
+        actions, "prove", _prove, "an inclusion proof of one entry", parents=[reader]
+    )
     which = prove.add_mutually_exclusive_group(required=True)
     which.add_argument("--index", type=int, help="the entry's index")
     which.add_argument("--code-digest", help="the newest release entry of this code digest")
-    prove.set_defaults(run=_prove)
 
-    witness = actions.add_parser("witness", help="run a c2sp.org/tlog-witness service")
+    witness = add_action(actions, "witness", _witness, "run a c2sp.org/tlog-witness service")
     witness.add_argument("--name", required=True, help="the witness's key name")
     witness.add_argument("--key-file", type=Path, required=True, help="Ed25519 key (made if new)")
     witness.add_argument("--log", action="append", default=[], help="a log's vkey to witness")
     witness.add_argument("--state", type=Path, help="SQLite file of the cosigned checkpoints")
     witness.add_argument("--listen", default="127.0.0.1:7380", help="host:port")
     witness.add_argument("--print-vkey", action="store_true", help="print the vkey and exit")
-    witness.set_defaults(run=_witness)
 
 
 def drive(flow: Generator[Request, tuple[int, bytes], Any], client: httpx.Client) -> Any:

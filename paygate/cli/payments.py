@@ -16,6 +16,7 @@ from decimal import Decimal
 from typing import Any
 
 from paygate.cli.ledger_reading import add_limit, add_where, ledger_at
+from paygate.cli.options import add_action, command_actions
 from paygate.cli.tables import print_table
 from paygate.x402.ledger import (
     MAX_LIST_LIMIT,
@@ -32,10 +33,9 @@ USDC_DECIMALS = 6
 
 
 def register(sub: Any) -> None:
-    payments = sub.add_parser("payments", help="list or show payments in the ledger")
-    actions = payments.add_subparsers(dest="payments_command", required=True, metavar="ACTION")
+    actions = command_actions(sub, "payments", "list or show payments in the ledger")
 
-    listing = actions.add_parser("list", help="recent payments, newest first")
+    listing = add_action(actions, "list", _list, "recent payments, newest first")
     listing.add_argument("--state", choices=[state.value for state in PaymentState])
     listing.add_argument(
         "--review",
@@ -43,13 +43,11 @@ def register(sub: Any) -> None:
         help="only payments flagged for review: owed, outcome unknown, unprovable here",
     )
     add_limit(listing)
-    listing.set_defaults(run=_list)
 
-    show = actions.add_parser("show", help="one payment in full (never its signed payload)")
+    show = add_action(actions, "show", _show, "one payment in full (never its signed payload)")
     show.add_argument("id", help="the payment id (32 hex digits)")
-    show.set_defaults(run=_show)
 
-    summary = actions.add_parser("summary", help="earnings: settled payments, grouped")
+    summary = add_action(actions, "summary", _summary, "earnings: settled payments, grouped")
     summary.add_argument(
         "--since",
         type=_since,
@@ -58,7 +56,6 @@ def register(sub: Any) -> None:
         "(2026-12-01); default: all",
     )
     summary.add_argument("--by", choices=SUMMARY_KEYS, default="model")
-    summary.set_defaults(run=_summary)
 
     for parser in (listing, show, summary):
         add_where(parser)

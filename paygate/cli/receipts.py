@@ -20,6 +20,7 @@ from typing import Any
 from enclave import p256, receipts
 from enclave.errors import InvalidPublicKey
 from paygate.cli.ledger_reading import add_limit, add_where, ledger_at
+from paygate.cli.options import add_action, add_json, command_actions
 from paygate.cli.receipts_audit import add_audit
 from paygate.cli.tables import print_table
 from paygate.errors import PaygateError
@@ -37,22 +38,20 @@ class ReceiptCommandError(PaygateError):
 
 
 def register(sub: Any) -> None:
-    command = sub.add_parser("receipts", help="list, show, verify or audit signed receipts")
-    actions = command.add_subparsers(dest="receipts_command", required=True, metavar="ACTION")
+    actions = command_actions(sub, "receipts", "list, show, verify or audit signed receipts")
     add_audit(actions)  # prove them included in the transparency log (paygate.cli.receipts_audit)
 
-    listing = actions.add_parser("list", help="receipts kept in the ledger, newest first")
+    listing = add_action(actions, "list", _list, "receipts kept in the ledger, newest first")
     add_limit(listing)
-    listing.set_defaults(run=_list)
 
-    show = actions.add_parser("show", help="a payment's receipts, decoded (unverified)")
+    show = add_action(actions, "show", _show, "a payment's receipts, decoded (unverified)")
     show.add_argument("payment", help="the ledger's payment id, or the authorization nonce")
-    show.set_defaults(run=_show)
 
     for parser in (listing, show):
         add_where(parser)
 
-    verify = actions.add_parser("verify", help="check a receipt against a trusted receipt key")
+    text = "check a receipt against a trusted receipt key"
+    verify = add_action(actions, "verify", _verify, text)
     verify.add_argument(
         "token", nargs="?", help="the receipt token, a file holding it, or - (stdin)"
     )
@@ -63,8 +62,7 @@ def register(sub: Any) -> None:
     )
     verify.add_argument("--url", help="fetch the settlement receipt from this appliance")
     verify.add_argument("--payment-id", help="with --url: the authorization nonce (0x + 64 hex)")
-    verify.add_argument("--json", action="store_true", help="machine-readable output")
-    verify.set_defaults(run=_verify)
+    add_json(verify)
 
 
 def describe(kept: StoredReceipt) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from paygate import restore_recursion_limit
+from paygate.cli.options import FieldFlag, FieldFlags, add_config, whole_number
 from paygate.config import ConfigError, Settings, load_settings
 from paygate.console.serve import (
     check_console,
@@ -48,25 +49,27 @@ from paygate.store.deployments import DeploymentStore, settings_overrides
 log = logging.getLogger("paygate.serve")
 
 
+# The settings a flag overrides (over a named deployment's, the file's and the environment's).
+_FLAGS = FieldFlags(
+    FieldFlag("--listen", "listen", "host:port to listen on (PAYGATE_LISTEN)"),
+    FieldFlag("--upstream-url", "upstream_url", "model server base URL (PAYGATE_UPSTREAM_URL)"),
+    FieldFlag(
+        "--workers",
+        "workers",
+        "worker processes sharing the port (PAYGATE_WORKERS)",
+        whole_number(1, 64, "must be a whole number from 1 to 64"),
+    ),
+)
+
+
 def register(sub: Any) -> None:
     serve = sub.add_parser("serve", help="run the gateway in front of the model server")
     serve.add_argument(
         "name", nargs="?", default=None, help="a named deployment (paygate deploy) to serve"
     )
-    # SUPPRESS: `paygate --config F serve` and `paygate serve --config F` both work.
-    serve.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML settings")
-    serve.add_argument("--listen", help="host:port to listen on (PAYGATE_LISTEN)")
-    serve.add_argument("--upstream-url", help="model server base URL (PAYGATE_UPSTREAM_URL)")
-    serve.add_argument(
-        "--workers", type=_workers, help="worker processes sharing the port (PAYGATE_WORKERS)"
-    )
+    add_config(serve)
+    _FLAGS.add_to(serve)
     serve.set_defaults(run=_serve)
-
-
-def _workers(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 64:
-        raise argparse.ArgumentTypeError("must be a whole number from 1 to 64")
-    return int(text)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -75,15 +78,7 @@ def _serve(args: argparse.Namespace) -> int:
         # The deployment's fields over the file and environment; flags over the deployment.
         store = DeploymentStore(load_settings(args.config).deployments_dir)
         overrides.update(settings_overrides(store.get(args.name), set(Settings.model_fields)))
-    overrides.update(
-        (name, value)
-        for name, value in (
-            ("listen", args.listen),
-            ("upstream_url", args.upstream_url),
-            ("workers", args.workers),
-        )
-        if value is not None
-    )
+    overrides.update(_FLAGS.given(args))
     settings = load_settings(args.config, **overrides)
     check_console(settings)
     settings = with_console_secret(settings)  # one secret for every worker's console

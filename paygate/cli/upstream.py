@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, TaskID, TextColumn
 from rich.progress import Progress as RichProgress
 
+from paygate.cli.options import add_action, add_json, command_actions
 from paygate.config import Settings, load_settings
 from paygate.store.deployments import DeploymentStore, settings_overrides
 from paygate.upstream import service
@@ -32,18 +33,19 @@ BAR = 30
 
 
 def register(sub: Any) -> None:
-    upstream = sub.add_parser("upstream", help="the model server: status, pull, stop")
-    actions = upstream.add_subparsers(dest="upstream_command", required=True, metavar="ACTION")
-    status = actions.add_parser("status", help="containers (container mode) and a health probe")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(run=_status)
-    pulling = actions.add_parser(
-        "pull", help="download a model into the model volume (the only step with network)"
+    actions = command_actions(sub, "upstream", "the model server: status, pull, stop")
+    status = add_action(
+        actions, "status", _status, "containers (container mode) and a health probe"
+    )
+    add_json(status)
+    pulling = add_action(
+        actions,
+        "pull",
+        _pull,
+        "download a model into the model volume (the only step with network)",
     )
     pulling.add_argument("model", help="model name, e.g. llama3.2:1b")
-    pulling.set_defaults(run=_pull)
-    stop = actions.add_parser("stop", help="stop and remove the containers (the volume stays)")
-    stop.set_defaults(run=_stop)
+    stop = add_action(actions, "stop", _stop, "stop and remove the containers (the volume stays)")
     for p in (status, pulling, stop):
         p.add_argument("--deployment", help="apply this named deployment's settings")
 

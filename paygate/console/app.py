@@ -52,6 +52,7 @@ from paygate.x402.ledger import (
 from paygate.x402.ledger_store import open_ledger
 from paygate.x402.networks import resolve_network
 from paygate.x402.settlements import PENDING
+from paygate.x402.siwx import SiwxProof
 
 log = logging.getLogger("paygate.console")
 audit = logging.getLogger("paygate.console.audit")
@@ -63,6 +64,7 @@ STATIC = Path(__file__).parent / "static"
 USDC_DECIMALS = 6
 _HEX_ID = frozenset("0123456789abcdef")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+FormHandler = Callable[[web.Request, Any], Awaitable[web.StreamResponse]]  # a POST and its form
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; style-src 'self'; img-src 'self'; script-src 'self';"
@@ -114,6 +116,7 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
     )
     env.filters["usdc"] = usdc
     env.filters["when"] = when
+    routes = web.RouteTableDef()  # each page's route stands on its handler
 
     async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
         ledger = await open_ledger(
@@ -185,12 +188,22 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
         strict_cookie(response, auth.PRE_COOKIE, pre, auth.NONCE_SECONDS)
         return response
 
-    def origin(request: web.Request) -> tuple[str, str]:
+    def signin_proof(request: web.Request, address: str, nonce: str, issued_at: float) -> SiwxProof:
+        """A sign-in message's fields: for console_url when set, else the request's host."""
         if settings.console_url:
             parts = urlsplit(settings.console_url)
-            return parts.netloc, f"{parts.scheme}://{parts.netloc}"
-        scheme = "https" if settings.console_tls else "http"
-        return request.host, f"{scheme}://{request.host}"
+            domain, uri = parts.netloc, f"{parts.scheme}://{parts.netloc}"
+        else:
+            scheme = "https" if settings.console_tls else "http"
+            domain, uri = request.host, f"{scheme}://{request.host}"
+        return auth.signin_proof(
+            domain=domain,
+            uri=uri,
+            address=address,
+            chain_id=chain_id,
+            nonce=nonce,
+            issued_at=issued_at,
+        )
 
     def signed_in(request: web.Request, operator: str, method: str) -> web.Response:
         cookie, _session = sessions.issue(operator, method, time.time())
@@ -201,16 +214,20 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
         response.del_cookie(auth.PRE_COOKIE, path="/")
         raise response
 
-    async def signin_form(request: web.Request) -> tuple[web.Response | None, Any]:
-        """A sign-in POST's form, or the answer to give instead: rate-limited, or without the
-        double-submit token."""
-        refused = limited(request)
-        if refused is not None:
-            return refused, None
-        form = await request.post()
-        if not pre_ok(request, form):
-            return _refuse_csrf(request, page), None
-        return None, form
+    def signin_post(handler: FormHandler) -> Handler:
+        """A sign-in POST: rate-limited and its double-submit token checked before ``handler``
+        has the form."""
+
+        async def checked(request: web.Request) -> web.StreamResponse:
+            refused = limited(request)
+            if refused is not None:
+                return refused
+            form = await request.post()
+            if not pre_ok(request, form):
+                return _refuse_csrf(request, page)
+            return await handler(request, form)
+
+        return checked
 
     def signin_refused(request: web.Request, error: str) -> web.Response:
         context = _pre(request)
@@ -224,6 +241,7 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
 
     # --- sign-in ----------------------------------------------------------------------------
 
+    @routes.get("/signin")
     async def signin(request: web.Request) -> web.Response:
         context = _pre(request)
         wallet = request.query.get("wallet", "").strip()
@@ -238,15 +256,7 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
                 await request.app[STORE].put_login(
                     auth.token_hash("nonce", nonce), time.time() + auth.NONCE_SECONDS
                 )
-                domain, uri = origin(request)
-                proof = auth.signin_proof(
-                    domain=domain,
-                    uri=uri,
-                    address=wallet,
-                    chain_id=chain_id,
-                    nonce=nonce,
-                    issued_at=time.time(),
-                )
+                proof = signin_proof(request, wallet, nonce, time.time())
                 context.update(
                     wallet=proof.address,
                     message=auth.signin_message(proof),
@@ -258,10 +268,9 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
                 )
         return with_pre(page(request, "signin.html", **context), context["pre"])
 
-    async def signin_wallet(request: web.Request) -> web.Response:
-        refused, form = await signin_form(request)
-        if refused is not None:
-            return refused
+    @routes.post("/signin")
+    @signin_post
+    async def signin_wallet(request: web.Request, form: Any) -> web.Response:
         address = str(form.get("address", ""))
         nonce = str(form.get("nonce", ""))
         signature = str(form.get("signature", "")).strip()
@@ -271,21 +280,13 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
         elif address.lower() not in wallets:
             error = "This wallet may not sign in here."
         if error is None:
-            domain, uri = origin(request)
             try:
                 issued = datetime.fromisoformat(
                     str(form.get("issued_at", "")).replace("Z", "+00:00")
                 ).timestamp()
             except ValueError:
                 issued = 0.0
-            proof = auth.signin_proof(
-                domain=domain,
-                uri=uri,
-                address=address,
-                chain_id=chain_id,
-                nonce=nonce,
-                issued_at=issued,
-            )
+            proof = signin_proof(request, address, nonce, issued)
             message = auth.signin_message(proof)
             if issued + auth.NONCE_SECONDS < time.time():
                 error = "The sign-in message has expired; ask for a new one."
@@ -303,16 +304,16 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
             return signin_refused(request, error)
         return signed_in(request, to_checksum(address), "wallet")
 
+    @routes.get("/login/{token}")
     async def login_link(request: web.Request) -> web.Response:
         # A GET only shows a button: link previews and scanners must not use the token up.
         context = _pre(request)
         token = request.match_info["token"]
         return with_pre(page(request, "login.html", token=token, **context), context["pre"])
 
-    async def login_post(request: web.Request) -> web.Response:
-        refused, form = await signin_form(request)
-        if refused is not None:
-            return refused
+    @routes.post("/login")
+    @signin_post
+    async def login_post(request: web.Request, form: Any) -> web.Response:
         token = str(form.get("token", ""))
         if 0 < len(token) <= 128 and await request.app[STORE].take_login(
             auth.token_hash("link", token)
@@ -321,6 +322,7 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
         audit.warning("console login link refused from %s", client(request))
         return signin_refused(request, "This login link was used or has expired.")
 
+    @routes.post("/signout")
     async def signout(request: web.Request) -> web.Response:
         session = request[SESSION]
         audit.info("console sign-out: %s", session.operator)
@@ -330,6 +332,7 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
 
     # --- pages ----------------------------------------------------------------------------
 
+    @routes.get("/")
     async def overview(request: web.Request) -> web.Response:
         store = request.app[STORE]
         now = time.time()
@@ -378,6 +381,7 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
             events=events,
         )
 
+    @routes.get("/payments")
     async def payments(request: web.Request) -> web.Response:
         query = request.query
         errors: list[str] = []
@@ -393,6 +397,7 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
             states=[s.value for s in PaymentState],
         )
 
+    @routes.get("/payments/{id}")
     async def payment(request: web.Request) -> web.Response:
         payment_id = request.match_info["id"]
         record = None
@@ -422,6 +427,7 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
             network_name=_network_name(record.network),
         )
 
+    @routes.get("/review")
     async def review(request: web.Request) -> web.Response:
         records = await request.app[STORE].search(PaymentFilter(review=True), limit=200)
         return page(
@@ -433,6 +439,7 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
             reasons={r.id: (r.error or "").removeprefix(REVIEW_PREFIX) for r in records},
         )
 
+    @routes.post("/review/{id}")
     async def review_action(request: web.Request) -> web.Response:
         session = request[SESSION]
         form = await request.post()
@@ -474,6 +481,7 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
             raise web.HTTPBadRequest(text="unknown action")
         raise web.HTTPSeeOther(f"/review?done={quote(action)}")
 
+    @routes.get("/upstream")
     async def upstream(request: web.Request) -> web.Response:
         return page(
             request,
@@ -485,9 +493,11 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
             mode=settings.upstream_mode,
         )
 
+    @routes.get("/trust")
     async def trust(request: web.Request) -> web.Response:
         return page(request, "trust.html", title="Trust", facts=_trust(gateway))
 
+    @routes.get("/limits")
     async def limits(request: web.Request) -> web.Response:
         store = request.app[STORE]
         now = time.time()
@@ -510,19 +520,7 @@ def build_console(settings: Settings, gateway: web.Application) -> web.Applicati
             events=await store.limit_events(since=now - 7 * 86_400, limit=50),
         )
 
-    app.router.add_get("/signin", signin)
-    app.router.add_post("/signin", signin_wallet)
-    app.router.add_get("/login/{token}", login_link)
-    app.router.add_post("/login", login_post)
-    app.router.add_post("/signout", signout)
-    app.router.add_get("/", overview)
-    app.router.add_get("/payments", payments)
-    app.router.add_get("/payments/{id}", payment)
-    app.router.add_get("/review", review)
-    app.router.add_post("/review/{id}", review_action)
-    app.router.add_get("/upstream", upstream)
-    app.router.add_get("/trust", trust)
-    app.router.add_get("/limits", limits)
+    app.add_routes(routes)
     app.router.add_static("/static/", STATIC, show_index=False, follow_symlinks=False)
     return app
 

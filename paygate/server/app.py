@@ -26,7 +26,7 @@ from enclave.attestation.providers import EvidenceProvider, open_provider
 from enclave.attestation.providers import EvidenceUnavailable as TeeUnavailable
 from enclave.keys.base import ReceiptSigner
 from enclave.keys.epochs import EpochKeys
-from paygate.config import ConfigError, Settings
+from paygate.config import ConfigError, Settings, settings_view
 from paygate.economics.alerts import WebhookAlerts
 from paygate.economics.watch import attestation_alert, watch_forever
 from paygate.keys import epoch_keys, open_key_backend
@@ -560,18 +560,9 @@ def outbound_session() -> aiohttp.ClientSession:
 
 
 def admission_limits(settings: Settings) -> AdmissionLimits:
-    return AdmissionLimits(
-        max_body_bytes=settings.max_body_bytes,
-        body_read_timeout=settings.body_read_timeout,
-        body_first_byte_timeout=settings.body_first_byte_timeout,
-        body_slots=settings.body_slots,
-        unpaid_body_slots=settings.unpaid_body_slots,
-        per_ip_body_slots=settings.per_ip_body_slots,
-        unpaid_open_slots=settings.unpaid_open_slots,
-        per_ip_open_slots=settings.per_ip_open_slots,
-        unpaid_opens_per_second=settings.unpaid_opens_per_second,
-        require_encryption=settings.require_encryption,
-        retry_after_seconds=settings.retry_after_seconds,
+    return settings_view(
+        settings,
+        AdmissionLimits,
         trusted_proxies=parse_networks(settings.trusted_proxies),
         ipv6_prefix=settings.ipv6_prefix_length,
     )

@@ -10,6 +10,8 @@ survives everything here, so models are never lost with a container.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,18 @@ from paygate.upstream.errors import ContainerFailed
 from paygate.upstream.spec import ROLE_LABEL, ContainerSpec, relay_kwargs, serving_kwargs
 
 STOP_TIMEOUT = 10  # seconds docker waits after SIGTERM before SIGKILL
+
+
+@contextmanager
+def _starting(name: str, missing: str) -> Iterator[None]:
+    """Starting container ``name``: an absent image is ``missing`` (what to do about it), any
+    other refusal the engine's own words."""
+    try:
+        yield
+    except docker.errors.ImageNotFound:
+        raise ContainerFailed(missing) from None
+    except docker.errors.APIError as exc:
+        raise failure(f"start {name}", exc) from None
 
 
 class ContainerManager:
@@ -64,27 +78,17 @@ class ContainerManager:
         self._remove_stale(self.spec.relay_name)
         self._remove_stale(self.spec.name)
         self._prepare_socket_dir()
-        try:
+        missing = f"image {self.spec.image} is not on this docker engine: docker pull it first"
+        with _starting(self.spec.name, missing):
             serving = self.client.containers.create(**serving_kwargs(self.spec))
             serving.start()
-        except docker.errors.ImageNotFound:
-            raise ContainerFailed(
-                f"image {self.spec.image} is not on this docker engine: docker pull it first"
-            ) from None
-        except docker.errors.APIError as exc:
-            raise failure(f"start {self.spec.name}", exc) from None
         self._start_relay(serving.id)
 
     def _start_relay(self, serving_id: str) -> None:
         self._remove_stale(self.spec.relay_name)
-        try:
+        missing = f"relay image {self.spec.relay_image} is not on this docker engine"
+        with _starting(self.spec.relay_name, missing):
             self.client.containers.run(**relay_kwargs(self.spec, serving_id))
-        except docker.errors.ImageNotFound:
-            raise ContainerFailed(
-                f"relay image {self.spec.relay_image} is not on this docker engine"
-            ) from None
-        except docker.errors.APIError as exc:
-            raise failure(f"start {self.spec.relay_name}", exc) from None
 
     def _prepare_socket_dir(self) -> None:
         directory = self.spec.socket_dir

@@ -39,6 +39,10 @@ _MAX_UNIX_PATH = 107  # sun_path holds 108 bytes including the terminating NUL
 _LOGS = LogConfig(type="json-file", config={"max-size": "10m", "max-file": "2"})
 
 
+# The spec's fields that are the settings of the same name as they are (no engine default).
+_AS_CONFIGURED = ("relay_image", "cpus", "memory", "pids_limit", "gpus", "pull_network", "kind")
+
+
 @dataclass(frozen=True, slots=True)
 class ContainerSpec:
     """One deployment's containers. ``name`` is already a valid container name."""
@@ -103,20 +107,14 @@ def container_spec(config: UpstreamConfig, name: str | None = None) -> Container
     return ContainerSpec(
         name=cname,
         image=config.image or defaults.image,
-        relay_image=config.relay_image,
         volume=config.volume or f"{cname}-models",
         models_mount=config.models_dir or defaults.models_dir,
         port=config.port or defaults.port,
         socket_dir=socket_dir,
-        cpus=config.cpus,
-        memory=config.memory,
-        pids_limit=config.pids_limit,
-        gpus=config.gpus,
         tmpfs=dict(config.tmpfs),
-        pull_network=config.pull_network,
-        kind=config.kind,
         model_path=model_path.resolve() if model_path else None,
         alias=alias,
+        **{setting: getattr(config, setting) for setting in _AS_CONFIGURED},
     )
 
 

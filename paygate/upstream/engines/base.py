@@ -13,6 +13,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
 from paygate.upstream.engines.limits import SINGLE_LIMIT_KEYS, ApiShape, GenerationRules, Post
@@ -31,13 +32,19 @@ class ServedRoute:
     api: ApiShape
 
 
+def route_table(
+    api: ApiShape, *, post: tuple[str, ...] = (), get: tuple[str, ...] = ()
+) -> tuple[ServedRoute, ...]:
+    """One API's routes: its POST paths, then its GET paths."""
+    posts = tuple(ServedRoute("POST", path, api) for path in post)
+    return posts + tuple(ServedRoute("GET", path, api) for path in get)
+
+
 # The OpenAI-compatible surface every engine here serves.
-OPENAI_ROUTES: tuple[ServedRoute, ...] = (
-    ServedRoute("POST", "/v1/chat/completions", "openai"),
-    ServedRoute("POST", "/v1/completions", "openai"),
-    ServedRoute("POST", "/v1/embeddings", "openai"),
-    ServedRoute("GET", "/v1/models", "openai"),
-    ServedRoute("GET", "/v1/models/{model}", "openai"),
+OPENAI_ROUTES = route_table(
+    "openai",
+    post=("/v1/chat/completions", "/v1/completions", "/v1/embeddings"),
+    get=("/v1/models", "/v1/models/{model}"),
 )
 
 
@@ -186,14 +193,14 @@ def file_digest(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def openai_model_ids(listing: Any) -> list[str]:
-    """The ``id``s of an OpenAI ``{"data": [{"id": ...}]}`` model list."""
-    if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
+def listed_names(listing: Any, key: str, name: str) -> list[str]:
+    """The string ``name`` of each object in a parsed model list's ``key`` list: OpenAI's
+    ``{"data": [{"id": ...}]}`` is ``("data", "id")`` ([] if it is not such a list)."""
+    items = listing.get(key) if isinstance(listing, dict) else None
+    if not isinstance(items, list):
         return []
     return [
-        card["id"]
-        for card in listing["data"]
-        if isinstance(card, dict) and isinstance(card.get("id"), str)
+        item[name] for item in items if isinstance(item, dict) and isinstance(item.get(name), str)
     ]
 
 
@@ -224,7 +231,7 @@ class OpenAICompatible:
         return OPENAI_ROUTES
 
     def model_names(self, listing: Any) -> list[str]:
-        return openai_model_ids(listing)
+        return listed_names(listing, "data", "id")
 
     def digests(self, model_path: Path | None, model_name: str | None) -> list[ModelDigest]:
         return gguf_digests(model_path, model_name)
@@ -258,3 +265,22 @@ class OpenAICompatible:
 
     async def count_prompt(self, post: Post, path: str, data: Mapping[str, Any]) -> int | None:
         return None
+
+
+class ServesOneFile(OpenAICompatible):
+    """An engine whose container serves the one weights file (or directory) of
+    ``upstream_model_path``, bind-mounted read-only under its models directory; each states
+    its ``arguments`` and ``environment``."""
+
+    environment: Mapping[str, str] = MappingProxyType({})
+
+    def launch(self, target: LaunchTarget) -> ContainerLaunch:
+        if target.model_path is None:
+            raise ProfileError(f"{self.kind} in container mode needs upstream_model_path")
+        inside = f"{target.models_dir.rstrip('/')}/{target.model_path.name}"
+        command = self.arguments(inside, target)
+        return ContainerLaunch(command, dict(self.environment), target.model_path, inside)
+
+    def arguments(self, model: str, target: LaunchTarget) -> tuple[str, ...]:
+        """The engine's arguments to serve ``model`` (the weights' path in the container)."""
+        raise NotImplementedError

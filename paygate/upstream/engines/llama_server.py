@@ -33,12 +33,10 @@ from typing import Any
 from paygate.upstream.engines.base import (
     CacheControls,
     ContainerDefaults,
-    ContainerLaunch,
     EngineKind,
     LaunchTarget,
-    OpenAICompatible,
-    ProfileError,
     ServedRoute,
+    ServesOneFile,
 )
 from paygate.upstream.engines.limits import (
     ApiShape,
@@ -55,7 +53,7 @@ _KNOWN = frozenset(
 )
 
 
-class LlamaServerProfile(OpenAICompatible):
+class LlamaServerProfile(ServesOneFile):
     kind: EngineKind = "llama-server"
     health_path: str = "/health"
     pull_path: str | None = None  # built without libcurl: it serves the file it was given
@@ -68,19 +66,13 @@ class LlamaServerProfile(OpenAICompatible):
     openai_limit_keys = ("n_predict", "max_tokens")
     openai_known_keys = _KNOWN
 
-    def launch(self, target: LaunchTarget) -> ContainerLaunch:
-        if target.model_path is None:
-            raise ProfileError("llama-server in container mode needs upstream_model_path")
-        inside = f"{target.models_dir.rstrip('/')}/{target.model_path.name}"
-        command = ["-m", inside, "--host", target.listen, "--port", str(target.port)]
-        command += ["--alias", target.alias]
-        if target.threads is not None:
-            # As many compute threads as CPUs granted: more would spin against the HTTP thread.
-            command += ["-t", str(target.threads)]
-        return ContainerLaunch(
-            command=tuple(command), environment={}, model_file=target.model_path,
-            model_target=inside,
-        )  # fmt: skip
+    def arguments(self, model: str, target: LaunchTarget) -> tuple[str, ...]:
+        command = ("-m", model, "--host", target.listen, "--port", str(target.port),
+                   "--alias", target.alias)  # fmt: skip
+        if target.threads is None:
+            return command
+        # As many compute threads as CPUs granted: more would spin against the HTTP thread.
+        return (*command, "-t", str(target.threads))
 
     def api_routes(self) -> tuple[ServedRoute, ...]:
         # The build pinned here (llama.cpp 4227c9b, August 2025) answers 404 to both

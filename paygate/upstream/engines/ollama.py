@@ -44,6 +44,8 @@ from paygate.upstream.engines.base import (
     ProfileError,
     ServedRoute,
     file_digest,
+    listed_names,
+    route_table,
 )
 from paygate.upstream.engines.limits import SINGLE_LIMIT_KEYS, ApiShape, EngineLimit, stated
 
@@ -60,14 +62,10 @@ DEFAULT_REGISTRY = ("registry.ollama.ai", "library")
 _MAX_MANIFEST = 1 << 20
 _MAX_MANIFESTS = 10_000
 
-OLLAMA_ROUTES: tuple[ServedRoute, ...] = (
-    ServedRoute("POST", "/api/chat", "ollama"),
-    ServedRoute("POST", "/api/generate", "ollama"),
-    ServedRoute("POST", "/api/embed", "ollama"),
-    ServedRoute("POST", "/api/embeddings", "ollama"),
-    ServedRoute("POST", "/api/show", "ollama"),
-    ServedRoute("GET", "/api/tags", "ollama"),
-    ServedRoute("GET", "/api/version", "ollama"),
+OLLAMA_ROUTES = route_table(
+    "ollama",
+    post=("/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show"),
+    get=("/api/tags", "/api/version"),
 )
 
 
@@ -86,13 +84,7 @@ class OllamaProfile(OpenAICompatible):
         return OPENAI_ROUTES + OLLAMA_ROUTES
 
     def model_names(self, listing: Any) -> list[str]:
-        if not isinstance(listing, dict) or not isinstance(listing.get("models"), list):
-            return []
-        return [
-            m["name"]
-            for m in listing["models"]
-            if isinstance(m, dict) and isinstance(m.get("name"), str)
-        ]
+        return listed_names(listing, "models", "name")
 
     def digests(self, model_path: Path | None, model_name: str | None) -> list[ModelDigest]:
         """Every pulled model's weights digest; ``model_path`` is Ollama's models directory

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from paygate.upstream.engines.base import (
@@ -37,13 +38,12 @@ from paygate.upstream.engines.base import (
     RESPONSES_ROUTE,
     CacheControls,
     ContainerDefaults,
-    ContainerLaunch,
     EngineKind,
     LaunchTarget,
     ModelDigest,
-    OpenAICompatible,
     ProfileError,
     ServedRoute,
+    ServesOneFile,
     file_digest,
 )
 from paygate.upstream.engines.limits import (
@@ -64,13 +64,15 @@ _KNOWN = frozenset(
 )  # fmt: skip
 
 
-class VllmProfile(OpenAICompatible):
+class VllmProfile(ServesOneFile):
     kind: EngineKind = "vllm"
     health_path: str = "/health"
     pull_path: str | None = None  # it loads what it is given; downloads happen elsewhere
     container: ContainerDefaults | None = ContainerDefaults(
         image="vllm/vllm-openai", port=8000, models_dir="/models", name="paygate-vllm"
     )
+    # Offline: the serving container has no network, so never try the hub.
+    environment = MappingProxyType({"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"})
 
     def digests(self, model_path: Path | None, model_name: str | None) -> list[ModelDigest]:
         # A file (GGUF) hashes as itself; a Hugging Face directory as its weight files in
@@ -88,15 +90,9 @@ class VllmProfile(OpenAICompatible):
         lines = "".join(f"{file_digest(p)}  {p.name}\n" for p in shards)
         return [ModelDigest(name, "sha256:" + hashlib.sha256(lines.encode()).hexdigest())]
 
-    def launch(self, target: LaunchTarget) -> ContainerLaunch:
-        if target.model_path is None:
-            raise ProfileError("vllm in container mode needs upstream_model_path")
-        inside = f"{target.models_dir.rstrip('/')}/{target.model_path.name}"
-        command = ("--model", inside, "--served-model-name", target.alias,
-                   "--host", target.listen, "--port", str(target.port))  # fmt: skip
-        # Offline: the serving container has no network, so never try the hub.
-        environment = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-        return ContainerLaunch(command, environment, target.model_path, inside)
+    def arguments(self, model: str, target: LaunchTarget) -> tuple[str, ...]:
+        return ("--model", model, "--served-model-name", target.alias,
+                "--host", target.listen, "--port", str(target.port))  # fmt: skip
 
     def api_routes(self) -> tuple[ServedRoute, ...]:
         return (RESPONSES_ROUTE, MESSAGES_ROUTE)

@@ -143,8 +143,17 @@ def test_container_launches() -> None:
         "OLLAMA_MODELS": "/root/.ollama/models",
     }
     vllm = profile_for("vllm").launch(_target())
-    assert vllm.environment["HF_HUB_OFFLINE"] == "1"
-    assert "--served-model-name" in vllm.command
+    assert vllm.environment == {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    assert vllm.command == (
+        "--model", "/models/m.gguf", "--served-model-name", "m",
+        "--host", "127.0.0.1", "--port", "8080",
+    )  # fmt: skip
+    assert (vllm.model_file, vllm.model_target) == (Path("/srv/m.gguf"), "/models/m.gguf")
+    with pytest.raises(ProfileError, match="vllm in container mode needs upstream_model_path"):
+        profile_for("vllm").launch(_target(model_path=None))
+    # Each launch has its own environment: changing one never reaches the profile's.
+    vllm.environment["HF_HUB_OFFLINE"] = "0"  # type: ignore[index]
+    assert profile_for("vllm").launch(_target()).environment["HF_HUB_OFFLINE"] == "1"
     with pytest.raises(ProfileError, match="no container recipe"):
         profile_for("openai").launch(_target())
     assert profile_for("openai").container is None
