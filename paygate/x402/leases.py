@@ -17,12 +17,12 @@ from typing import Any
 from paygate.x402.ledger import (
     TRANSITIONS,
     LeaseLost,
-    Ledger,
     LedgerError,
     PaymentRecord,
     PaymentState,
     ReceiptUsage,
 )
+from paygate.x402.ledger_base import Ledger
 
 log = logging.getLogger("paygate.x402")
 
