@@ -80,7 +80,7 @@ SUMMARY_GROUPS = ("model", "day", "payer")
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """:meth:`Ledger.reserve`'s arguments, checked and normalised (``ledger_base``)."""
+    """:meth:`Ledger.reserve`'s arguments, checked and normalised there (before any I/O)."""
 
     key: tuple[str, str, str, str]  # (network, asset, payer, nonce), canonical
     pay_to: str
