@@ -224,10 +224,11 @@ def event_values(
 ) -> tuple[Any, ...]:
     """One history line, in :data:`EVENT_COLUMNS` order: the record as the change left it, and
     the ``details`` given (``transaction``, ``error``, ``detail``; the others NULL)."""
-    if not details.keys() <= _EVENT_DETAILS:
+    if not _EVENT_DETAILS.issuperset(details):
         raise TypeError(f"a history line's details are {', '.join(EVENT_DETAILS)}")
-    head = (record.id, at, replica, action.value, record.state.value, record.lease)
-    return head + tuple(details.get(name) for name in EVENT_DETAILS)
+    get = details.get
+    state, lease = record.state.value, record.lease
+    return (record.id, at, replica, action.value, state, lease, *map(get, EVENT_DETAILS))
 
 
 def record_from_row(row: Mapping[str, Any]) -> PaymentRecord:
