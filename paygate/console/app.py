@@ -43,12 +43,12 @@ from paygate.economics.store import (
 from paygate.server.ratelimit import Rate, TokenBuckets
 from paygate.x402.ledger import (
     REVIEW_PREFIX,
-    Ledger,
     LedgerError,
     PaymentState,
     check_error,
     default_replica_id,
 )
+from paygate.x402.ledger_base import Ledger
 from paygate.x402.ledger_store import open_ledger
 from paygate.x402.networks import resolve_network
 from paygate.x402.settlements import PENDING

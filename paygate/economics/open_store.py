@@ -7,7 +7,7 @@ imports it).
 from __future__ import annotations
 
 from paygate.economics.store import EconomicsStore
-from paygate.x402.ledger import Ledger
+from paygate.x402.ledger_base import Ledger
 
 
 def economics_store(ledger: Ledger) -> EconomicsStore:

@@ -26,7 +26,8 @@ from paygate.x402.chain import ChainSettler
 from paygate.x402.chain_reader import ChainReader
 from paygate.x402.facilitator import FacilitatorSettler
 from paygate.x402.hooks import PaymentEvents
-from paygate.x402.ledger import Ledger, PaymentRecord, default_replica_id
+from paygate.x402.ledger import PaymentRecord, default_replica_id
+from paygate.x402.ledger_base import Ledger
 from paygate.x402.ledger_store import open_ledger
 from paygate.x402.metering import TokenPrice, TokenPricing
 from paygate.x402.networks import Asset, UnknownNetwork, resolve_network

@@ -47,7 +47,8 @@ from paygate.server.errors import GatewayError, InvalidRequestNonce
 from paygate.server.opening import INLINE_BACKENDS, OpenedBody, ReplyPlan, V1Reply, V2Reply
 from paygate.upstream.usage import Usage
 from paygate.x402.inband import DoneLineHolder, done_object
-from paygate.x402.ledger import Ledger, LedgerError, Meter, PaymentRecord, PaymentState
+from paygate.x402.ledger import LedgerError, Meter, PaymentRecord, PaymentState
+from paygate.x402.ledger_base import Ledger
 from paygate.x402.metering import TokenPrice
 from paygate.x402.results import Receipt
 

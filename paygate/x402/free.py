@@ -7,12 +7,14 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from decimal import Decimal
 from urllib.parse import urlsplit
 
 from paygate.x402 import siwx
 from paygate.x402.hooks import PayerCheck
-from paygate.x402.ledger import Ledger, LedgerUnavailable, SignInReused
+from paygate.x402.ledger import LedgerUnavailable, SignInReused
+from paygate.x402.ledger_base import Ledger
 from paygate.x402.models import ResourceInfo
 from paygate.x402.offers import Offer, PaymentTerms
 from paygate.x402.refusal import Refusal
@@ -24,36 +26,27 @@ from paygate.x402.smartwallet import WalletVerifier
 MAX_FREE_ADDRESSES = 100_000  # address keys whose free requests today are counted
 
 
+@dataclass(slots=True, kw_only=True)
 class FreeQuota:
     """Today's free requests per wallet (in the ledger) and per client address key (in memory,
     per process, bounded)."""
 
-    def __init__(
-        self,
-        *,
-        terms: PaymentTerms,
-        ledger: Ledger,
-        refusals: Refusals,
-        per_day: int,
-        per_address: int | None = None,
-        payer_check: PayerCheck | None = None,
-        wallets: WalletVerifier | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._terms = terms
-        self._ledger = ledger
-        self._refusals = refusals
-        self.per_day = per_day
-        self._per_address = per_address if per_address else per_day
-        self._by_address: OrderedDict[tuple[str, str], int] = OrderedDict()
-        self._payer_check = payer_check
-        self._wallets = wallets  # contract-wallet sign-ins: asked on chain (smartwallet)
-        self._clock = clock
+    terms: PaymentTerms
+    ledger: Ledger
+    refusals: Refusals
+    per_day: int
+    per_address: int | None = None  # None or 0: as many as a wallet's (``per_day``)
+    payer_check: PayerCheck | None = None
+    wallets: WalletVerifier | None = None  # contract-wallet sign-ins: asked on chain (smartwallet)
+    clock: Callable[[], float] = time.time
+    _by_address: OrderedDict[tuple[str, str], int] = field(
+        default_factory=OrderedDict, init=False, repr=False
+    )
 
     async def load_signin_key(self) -> None:
         """At start: the deployment's sign-in key, from the ledger."""
         if self.per_day > 0:
-            self._refusals.signin_key = await self._ledger.signin_key()
+            self.refusals.signin_key = await self.ledger.signin_key()
 
     async def admit(
         self,
@@ -68,24 +61,24 @@ class FreeQuota:
     ) -> PaymentAdmission | Refusal:
         """One of the wallet's free requests today, proven with sign-in-with-x, or a 402;
         the caller's address (key) has its own daily allowance, whatever the wallet."""
-        refusals = self._refusals
-        now = self._clock()
+        refusals = self.refusals
+        now = self.clock()
         parts = urlsplit(resource.url)
         try:
             proof = siwx.parse(signin)
             payer = await siwx.verify_wallet(
                 proof,
                 origin=f"{parts.scheme}://{parts.netloc}",
-                networks=[a.network.caip2 for a in self._terms.accepted],
+                networks=[a.network.caip2 for a in self.terms.accepted],
                 now=now,
                 key=refusals.signin_key,
-                wallets=self._wallets,
+                wallets=self.wallets,
             )
         except siwx.SiwxRejected as exc:
             return refusals.challenge(402, exc.reason, str(exc), offers, resource)
         except SettlerUnavailable as exc:
             return refusals.unavailable("payment_verifier_unavailable", str(exc))
-        limited = payer_limited(self._payer_check, route, model, items, payer)
+        limited = payer_limited(self.payer_check, route, model, items, payer)
         if limited is not None:
             return limited
         day = time.strftime("%Y-%m-%d", time.gmtime(now))
@@ -98,7 +91,7 @@ class FreeQuota:
                 resource,
             )
         try:
-            left = await self._ledger.take_free(
+            left = await self.ledger.take_free(
                 payer=payer, nonce=proof.nonce, day=day, limit=self.per_day
             )
         except SignInReused:
@@ -115,9 +108,9 @@ class FreeQuota:
 
     def _take_address(self, client: str, day: str) -> bool:
         """One of ``client``'s free requests today (False: none left)."""
-        key = (client, day)
+        key, allowed = (client, day), self.per_address or self.per_day
         used = self._by_address.pop(key, 0)
-        self._by_address[key] = used + (used < self._per_address)
+        self._by_address[key] = used + (used < allowed)
         while len(self._by_address) > MAX_FREE_ADDRESSES:
             self._by_address.popitem(last=False)
-        return used < self._per_address
+        return used < allowed

@@ -41,7 +41,8 @@ import hashlib
 import logging
 from collections.abc import Callable
 
-from paygate.x402.ledger import Ledger, PaymentRecord, PaymentState
+from paygate.x402.ledger import PaymentRecord, PaymentState
+from paygate.x402.ledger_base import Ledger
 from paygate.x402.refusal import Refusal
 from paygate.x402.results import Receipt
 

@@ -17,13 +17,12 @@ from typing import Any
 from paygate.x402.ledger import (
     TRANSITIONS,
     LeaseLost,
-    Ledger,
     LedgerError,
-    Meter,
     PaymentRecord,
     PaymentState,
     ReceiptUsage,
 )
+from paygate.x402.ledger_base import Ledger
 
 log = logging.getLogger("paygate.x402")
 
@@ -45,40 +44,20 @@ class HeldLeases:
         """Forget a hold without a word to the ledger (its lease is lost or runs out)."""
         self._held.pop(payment_id, None)
 
-    async def move(
-        self,
-        record: PaymentRecord,
-        to: PaymentState,
-        *,
-        transaction: str | None = None,
-        error: str | None = None,
-        meter: Meter | None = None,
-        settled_amount: int | None = None,
-        let_go: bool = False,
-        via: PaymentState | None = None,
-    ) -> PaymentRecord:
-        """A fenced transition under the lease this process holds; ends the hold when the
-        payment ends, when the lease turns out lost, or with ``let_go`` (given up in the same
-        transaction: nothing more happens to it here)."""
+    async def move(self, record: PaymentRecord, to: PaymentState, **change: Any) -> PaymentRecord:
+        """A fenced transition under the lease this process holds (``change``: the keywords of
+        :meth:`Ledger.transition` but ``lease``); ends the hold when the payment ends, when the
+        lease turns out lost, or with ``let_go`` (given up in the same transaction: nothing
+        more happens to it here)."""
         try:
-            moved = await self._ledger.transition(
-                record.id,
-                to,
-                transaction=transaction,
-                error=error,
-                lease=record.lease,
-                meter=meter,
-                settled_amount=settled_amount,
-                let_go=let_go,
-                via=via,
-            )
+            moved = await self._ledger.transition(record.id, to, lease=record.lease, **change)
         except LeaseLost:
             self.drop(record.id)
             log.warning("payment %s: lease lost to another replica; leaving it", record.id)
             raise
         # The payment id and its state only: never the payload, signature or payer's header.
         log.debug("payment %s: %s -> %s", moved.id, record.state, moved.state)
-        if let_go or not TRANSITIONS[moved.state]:
+        if change.get("let_go") or not TRANSITIONS[moved.state]:
             self.drop(moved.id)
         return moved
 

@@ -15,9 +15,10 @@ may *claim* the record (epoch + 1). Every change an owner makes names the epoch 
 refused with :class:`LeaseLost` once the record was claimed away: a process that was frozen past
 its lease (SIGSTOP, a long pause, a partition) cannot record or settle a second time.
 
-This module is the interface (states, record, errors, input normalisation, the fence and the
-transition table); ``ledger_rules`` computes what every change writes, ``ledger_base`` checks
-each call before the store runs it, ``ledger_sqlite`` and ``ledger_postgres`` run the SQL, and
+This module holds what the ledger speaks in (states, record, errors, input normalisation, the
+fence and the transition table); ``ledger_rules`` computes what every change writes,
+``ledger_base`` is the interface (:class:`~paygate.x402.ledger_base.Ledger`: each call checked
+before the store runs it), ``ledger_sqlite`` and ``ledger_postgres`` run the SQL, and
 ``ledger_store`` opens one from a location. Nothing here does I/O, and nothing here imports
 aiohttp or ``paygate.server``.
 """
@@ -30,7 +31,6 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
 
 from paygate.errors import PaygateError
 from paygate.x402 import typed_digest
@@ -166,212 +166,6 @@ class PaymentRecord:
     @property
     def terminal(self) -> bool:
         return not TRANSITIONS[self.state]
-
-
-class Ledger(Protocol):
-    """The payment ledger. All methods are async; implementations are safe for concurrent use
-    from one event loop and across processes (and hosts) sharing the store. Every method that
-    changes a record returns it as stored, and has made it durable before returning.
-
-    A ledger is opened under a replica name (:attr:`replica`) with a lease length
-    (:attr:`lease_seconds`): records it reserves or claims are owned by it until they end,
-    it lets them go, or their lease runs out.
-
-    Infrastructure failures (store unreachable, disk full, locked too long) raise
-    :class:`LedgerUnavailable`: the gate answers 503 and never serves unpaid.
-    """
-
-    replica: str
-    lease_seconds: float
-
-    async def reserve(
-        self,
-        *,
-        network: str,
-        asset: str,
-        payer: str,
-        nonce: str,
-        pay_to: str,
-        amount: int,
-        x402_version: int,
-        route: str,
-        payload: str,
-        requirements: str,
-        idempotency_key: str | None,
-        scheme: str = "exact",
-        model: str | None = None,
-        budget: Budget | None = None,
-        budgets: tuple[Budget, ...] = (),
-    ) -> PaymentRecord:
-        """Claim ``(network, asset, payer, nonce)`` atomically, as a new RESERVED record owned
-        by this replica (a fresh lease).
-
-        With a ``budget``, in the same transaction: the payer's spend on this asset since
-        ``budget.since`` (authorized amounts until settled, then what moved; released and
-        failed payments count nothing) plus ``amount`` must stay within ``budget.limit``, else
-        :class:`BudgetExceeded` — so concurrent requests cannot overspend. A payment counts
-        in the window it was last admitted (reserved, or re-reserved after a release) or
-        settled in, never by its record's creation: an authorization released yesterday and
-        served today counts today. ``budgets`` (the economics
-        controls' windows, ``paygate.economics``) are checked the same way, each with its own
-        ``since``; the exception names the one passed.
-
-        A RELEASED record with that key is re-claimed instead (same id, attempts kept). Any
-        other existing record raises :class:`AlreadyReserved` carrying it. An idempotency key
-        that already belongs to a record with a different key raises
-        :class:`IdempotencyKeyReused`. Inputs are normalised (see :func:`normalise_key`).
-        """
-        ...
-
-    async def transition(
-        self,
-        payment_id: str,
-        to: PaymentState,
-        *,
-        transaction: str | None = None,
-        error: str | None = None,
-        lease: int | None = None,
-        meter: Meter | None = None,
-        settled_amount: int | None = None,
-        let_go: bool = False,
-        via: PaymentState | None = None,
-    ) -> PaymentRecord:
-        """Move a record along :data:`TRANSITIONS` (compare-and-set in one transaction).
-
-        Any move into SETTLING counts an attempt. ``transaction``/``error``/``meter``/
-        ``settled_amount`` overwrite only when given; a ``meter`` above the authorized
-        ``amount`` raises ValueError. A move not in the table raises :class:`LedgerConflict`;
-        an unknown id :class:`PaymentNotFound`. With ``lease`` (the epoch the caller holds) the
-        move is fenced: checked in the same transaction, refused with :class:`LeaseLost` if the
-        record was claimed since; a fenced move into a live state renews the lease, into a
-        terminal state ends it. Without ``lease`` (operators, tests) it is not fenced.
-        ``let_go``: the move also gives the lease up (as :meth:`let_go` would, in the same
-        transaction): nothing more happens to the payment here. ``via``: move through that
-        state first, in the same transaction (both moves checked against the table and fenced,
-        both in the history), e.g. VERIFIED on the way to SERVED.
-        """
-        ...
-
-    async def mark_served(self, payment_id: str) -> PaymentRecord:
-        """Record that the reply was produced, in any state (upfront mode serves after SETTLED)."""
-        ...
-
-    async def renew(self, payment_id: str, lease: int) -> PaymentRecord:
-        """Extend this replica's lease by :attr:`lease_seconds`; :class:`LeaseLost` if the
-        record was claimed since (or has ended)."""
-        ...
-
-    async def let_go(self, payment_id: str, lease: int) -> PaymentRecord:
-        """Give the lease up (owner cleared, epoch kept): any replica's reconciler may take the
-        record; :class:`LeaseLost` if it is no longer ours."""
-        ...
-
-    async def claim_unfinished(
-        self, *, min_age: float, own: bool = False, limit: int = MAX_LIST_LIMIT
-    ) -> list[PaymentRecord]:
-        """Take over SERVED/SETTLING records nobody works on, oldest first: their lease ran out,
-        or they have no owner and were not touched for ``min_age`` seconds (and, with ``own``,
-        those owned by this replica's name: a previous incarnation). Atomic across replicas
-        (``FOR UPDATE SKIP LOCKED``, or SQLite's write lock): each record goes to one claimer,
-        with the epoch + 1.
-        """
-        ...
-
-    async def release_abandoned(
-        self, *, own: bool = False, limit: int = MAX_LIST_LIMIT
-    ) -> list[PaymentRecord]:
-        """Release RESERVED/VERIFIED records whose owner is gone (lease ran out, no owner, or,
-        with ``own``, this replica's name), so their callers can retry; returns them."""
-        ...
-
-    async def history(self, payment_id: str) -> list[PaymentEvent]:
-        """What was done to a payment, by which replica, oldest first (bounded)."""
-        ...
-
-    async def get(self, payment_id: str) -> PaymentRecord | None: ...
-
-    async def find(
-        self, *, network: str, asset: str, payer: str, nonce: str
-    ) -> PaymentRecord | None:
-        """The record of one authorization key (normalised like ``reserve``), or None."""
-        ...
-
-    async def by_idempotency_key(self, key: str) -> PaymentRecord | None: ...
-
-    async def forget_idempotency_key(
-        self,
-        key: str,
-        *,
-        payment_id: str,
-        ended: tuple[PaymentState, ...],
-        before: float,
-    ) -> bool:
-        """Free payment-identifier ``key`` from record ``payment_id`` (so that it may name a
-        new payment) when that record was RELEASED, or is in one of the ``ended`` states and
-        was last changed before ``before`` (unix seconds); in one statement, so a record that
-        moved on meanwhile keeps it. True when freed (paygate.x402.idempotency)."""
-        ...
-
-    async def unfinished(self, *, limit: int = MAX_LIST_LIMIT) -> list[PaymentRecord]:
-        """SERVED (settlement owed) and SETTLING (outcome unknown) records, oldest first."""
-        ...
-
-    async def stale_reservations(
-        self, older_than: float, *, limit: int = MAX_LIST_LIMIT
-    ) -> list[PaymentRecord]:
-        """RESERVED/VERIFIED records not updated for ``older_than`` seconds, oldest first."""
-        ...
-
-    async def list(
-        self, *, state: PaymentState | None = None, limit: int = 50
-    ) -> list[PaymentRecord]:
-        """Records, newest first, at most ``min(limit, MAX_LIST_LIMIT)``."""
-        ...
-
-    async def take_free(self, *, payer: str, nonce: str, day: str, limit: int) -> int | None:
-        """Take one of ``payer``'s ``limit`` free requests of ``day`` (UTC, YYYY-MM-DD) with a
-        sign-in ``nonce`` (used once, ever: :class:`SignInReused`). The requests left after
-        this one, or None when none was left (nothing recorded)."""
-        ...
-
-    async def signin_key(self) -> bytes:
-        """The secret that proves a sign-in-with-x nonce was issued by this deployment (made
-        once, kept in the store: every process and replica shares it)."""
-        ...
-
-    async def earnings(self, *, since: float, by: str) -> list[Earnings]:
-        """SETTLED payments created since ``since``, grouped ``by`` "model", "day" (UTC) or
-        "payer", ordered by that key."""
-        ...
-
-    async def by_nonce(self, nonce: str) -> list[PaymentRecord]:
-        """The records of an authorization nonce on any network (a receipt's payment id)."""
-        ...
-
-    async def add_receipt(
-        self,
-        payment_id: str,
-        kind: str,
-        token: str,
-        *,
-        usage: ReceiptUsage | None = None,
-        lease: int | None = None,
-    ) -> None:
-        """Keep a signed receipt of a payment (one per ``kind``: the first kept stays, so its
-        bytes never change). With ``usage``, a ``reply`` receipt also records the usage it
-        states on the payment, whatever the scheme, where none is recorded yet — fenced by
-        ``lease`` when given (a replica whose payment was claimed away changes no record)."""
-        ...
-
-    async def receipts(self, payment_id: str) -> list[StoredReceipt]:
-        """A payment's kept receipts, oldest first."""
-        ...
-
-    async def list_receipts(self, *, limit: int = 50) -> list[StoredReceipt]:
-        """Kept receipts, newest first, at most ``min(limit, MAX_LIST_LIMIT)``."""
-        ...
-
-    async def close(self) -> None: ...
 
 
 RECEIPT_KINDS = ("reply", "settlement")

@@ -1,6 +1,6 @@
-"""The :class:`~paygate.x402.ledger.Ledger` interface as both stores offer it.
+"""The payment ledger's interface, :class:`Ledger`, as both stores offer it.
 
-:class:`LedgerBase` takes each call, checks its arguments (``ledger_rules``, before any I/O) and
+:class:`Ledger` takes each call, checks its arguments (``ledger_rules``, before any I/O) and
 hands it to the store's statement of the same name through the store's ``_run`` (SQLite: on its
 worker thread; PostgreSQL: in one transaction on a pooled connection). A store supplies
 ``_run``, ``_tail`` (its placeholder and tie-breaker spelling of the shared clauses below) and
@@ -26,13 +26,20 @@ from paygate.x402.ledger import (
     ReceiptUsage,
     StoredReceipt,
     check_amount,
+    check_document,
     check_error,
+    check_idempotency_key,
     check_lease_seconds,
     check_limit,
+    check_model,
     check_receipt,
     check_replica,
+    check_route,
+    check_scheme,
     check_transaction,
+    check_version,
     default_replica_id,
+    normalise_address,
     normalise_key,
     normalise_nonce,
 )
@@ -55,8 +62,21 @@ NEWEST_IN_STATE = "WHERE state = ? " + NEWEST
 RECEIPTS_OF = "WHERE payment_id = ? ORDER BY created_at, kind"
 
 
-class LedgerBase:
-    """What every store does before its SQL; see :class:`paygate.x402.ledger.Ledger`."""
+class Ledger:
+    """The payment ledger. All methods are async; implementations are safe for concurrent use
+    from one event loop and across processes (and hosts) sharing the store. Every method that
+    changes a record returns it as stored, and has made it durable before returning.
+
+    A ledger is opened under a replica name (:attr:`replica`) with a lease length
+    (:attr:`lease_seconds`): records it reserves or claims are owned by it until they end,
+    it lets them go, or their lease runs out.
+
+    Infrastructure failures (store unreachable, disk full, locked too long) raise
+    :class:`LedgerUnavailable`: the gate answers 503 and never serves unpaid.
+
+    A store subclasses this: each call is checked here (``ledger_rules``, before any I/O) and
+    handed to the store's statement of the same name.
+    """
 
     replica: str
     lease_seconds: float
@@ -126,22 +146,36 @@ class LedgerBase:
         budget: Budget | None = None,
         budgets: tuple[Budget, ...] = (),
     ) -> PaymentRecord:
-        checked = Reservation.check(
-            network=network,
-            asset=asset,
-            payer=payer,
-            nonce=nonce,
-            pay_to=pay_to,
-            amount=amount,
-            x402_version=x402_version,
-            route=route,
-            payload=payload,
-            requirements=requirements,
-            idempotency_key=idempotency_key,
-            scheme=scheme,
-            model=model,
-            budget=budget,
-            budgets=budgets,
+        """Claim ``(network, asset, payer, nonce)`` atomically, as a new RESERVED record owned
+        by this replica (a fresh lease).
+
+        With a ``budget``, in the same transaction: the payer's spend on this asset since
+        ``budget.since`` (authorized amounts until settled, then what moved; released and
+        failed payments count nothing) plus ``amount`` must stay within ``budget.limit``, else
+        :class:`BudgetExceeded` — so concurrent requests cannot overspend. A payment counts
+        in the window it was last admitted (reserved, or re-reserved after a release) or
+        settled in, never by its record's creation: an authorization released yesterday and
+        served today counts today. ``budgets`` (the economics
+        controls' windows, ``paygate.economics``) are checked the same way, each with its own
+        ``since``; the exception names the one passed.
+
+        A RELEASED record with that key is re-claimed instead (same id, attempts kept). Any
+        other existing record raises :class:`AlreadyReserved` carrying it. An idempotency key
+        that already belongs to a record with a different key raises
+        :class:`IdempotencyKeyReused`. Inputs are normalised (see :func:`normalise_key`).
+        """
+        checked = Reservation(
+            scheme=check_scheme(scheme),
+            model=check_model(model),
+            budgets=(*((budget,) if budget is not None else ()), *budgets),
+            key=normalise_key(network, asset, payer, nonce),
+            pay_to=normalise_address(pay_to, "pay_to"),
+            amount=check_amount(amount),
+            x402_version=check_version(x402_version),
+            route=check_route(route),
+            payload=check_document(payload, "payload"),
+            requirements=check_document(requirements, "requirements"),
+            idempotency_key=check_idempotency_key(idempotency_key),
         )
         return await self._run(self._reserve, checked)
 
@@ -158,6 +192,20 @@ class LedgerBase:
         let_go: bool = False,
         via: PaymentState | None = None,
     ) -> PaymentRecord:
+        """Move a record along :data:`TRANSITIONS` (compare-and-set in one transaction).
+
+        Any move into SETTLING counts an attempt. ``transaction``/``error``/``meter``/
+        ``settled_amount`` overwrite only when given; a ``meter`` above the authorized
+        ``amount`` raises ValueError. A move not in the table raises :class:`LedgerConflict`;
+        an unknown id :class:`PaymentNotFound`. With ``lease`` (the epoch the caller holds) the
+        move is fenced: checked in the same transaction, refused with :class:`LeaseLost` if the
+        record was claimed since; a fenced move into a live state renews the lease, into a
+        terminal state ends it. Without ``lease`` (operators, tests) it is not fenced.
+        ``let_go``: the move also gives the lease up (as :meth:`let_go` would, in the same
+        transaction): nothing more happens to the payment here. ``via``: move through that
+        state first, in the same transaction (both moves checked against the table and fenced,
+        both in the history), e.g. VERIFIED on the way to SERVED.
+        """
         target = PaymentState(to)
         if settled_amount is not None:
             check_amount(settled_amount)
@@ -174,23 +222,36 @@ class LedgerBase:
         return await self._run(self._transition, payment_id, move)
 
     async def mark_served(self, payment_id: str) -> PaymentRecord:
+        """Record that the reply was produced, in any state (upfront mode serves after SETTLED)."""
         return await self._run(self._mark_served, payment_id)
 
     async def renew(self, payment_id: str, lease: int) -> PaymentRecord:
+        """Extend this replica's lease by :attr:`lease_seconds`; :class:`LeaseLost` if the
+        record was claimed since (or has ended)."""
         return await self._run(self._renew, payment_id, lease)
 
     async def let_go(self, payment_id: str, lease: int) -> PaymentRecord:
+        """Give the lease up (owner cleared, epoch kept): any replica's reconciler may take the
+        record; :class:`LeaseLost` if it is no longer ours."""
         return await self._run(self._let_go, payment_id, lease)
 
     async def claim_unfinished(
         self, *, min_age: float, own: bool = False, limit: int = MAX_LIST_LIMIT
     ) -> builtins.list[PaymentRecord]:
+        """Take over SERVED/SETTLING records nobody works on, oldest first: their lease ran out,
+        or they have no owner and were not touched for ``min_age`` seconds (and, with ``own``,
+        those owned by this replica's name: a previous incarnation). Atomic across replicas
+        (``FOR UPDATE SKIP LOCKED``, or SQLite's write lock): each record goes to one claimer,
+        with the epoch + 1.
+        """
         check_min_age(min_age)
         return await self._run(self._claim_unfinished, min_age, own, check_limit(limit))
 
     async def release_abandoned(
         self, *, own: bool = False, limit: int = MAX_LIST_LIMIT
     ) -> builtins.list[PaymentRecord]:
+        """Release RESERVED/VERIFIED records whose owner is gone (lease ran out, no owner, or,
+        with ``own``, this replica's name), so their callers can retry; returns them."""
         return await self._run(self._release_abandoned, own, check_limit(limit))
 
     async def forget_idempotency_key(
@@ -201,13 +262,22 @@ class LedgerBase:
         ended: tuple[PaymentState, ...],
         before: float,
     ) -> bool:
+        """Free payment-identifier ``key`` from record ``payment_id`` (so that it may name a
+        new payment) when that record was RELEASED, or is in one of the ``ended`` states and
+        was last changed before ``before`` (unix seconds); in one statement, so a record that
+        moved on meanwhile keeps it. True when freed (paygate.x402.idempotency)."""
         return await self._run(self._forget_idempotency_key, key, payment_id, ended, before)
 
     async def take_free(self, *, payer: str, nonce: str, day: str, limit: int) -> int | None:
+        """Take one of ``payer``'s ``limit`` free requests of ``day`` (UTC, YYYY-MM-DD) with a
+        sign-in ``nonce`` (used once, ever: :class:`SignInReused`). The requests left after
+        this one, or None when none was left (nothing recorded)."""
         checked = check_free_request(payer, nonce, day, limit)
         return await self._run(self._take_free, checked, nonce, day, limit)
 
     async def signin_key(self) -> bytes:
+        """The secret that proves a sign-in-with-x nonce was issued by this deployment (made
+        once, kept in the store: every process and replica shares it)."""
         return await self._run(self._signin_key)
 
     async def add_receipt(
@@ -219,12 +289,17 @@ class LedgerBase:
         usage: ReceiptUsage | None = None,
         lease: int | None = None,
     ) -> None:
+        """Keep a signed receipt of a payment (one per ``kind``: the first kept stays, so its
+        bytes never change). With ``usage``, a ``reply`` receipt also records the usage it
+        states on the payment, whatever the scheme, where none is recorded yet — fenced by
+        ``lease`` when given (a replica whose payment was claimed away changes no record)."""
         check_receipt(kind, token)
         await self._run(self._add_receipt, payment_id, kind, token, usage, lease)
 
     # --- reads --------------------------------------------------------------------------------
 
     async def history(self, payment_id: str) -> builtins.list[PaymentEvent]:
+        """What was done to a payment, by which replica, oldest first (bounded)."""
         return await self._run(self._history, payment_id)
 
     async def get(self, payment_id: str) -> PaymentRecord | None:
@@ -233,6 +308,7 @@ class LedgerBase:
     async def find(
         self, *, network: str, asset: str, payer: str, nonce: str
     ) -> PaymentRecord | None:
+        """The record of one authorization key (normalised like ``reserve``), or None."""
         key = normalise_key(network, asset, payer, nonce)
         return await self._run(self._one, self._tail(BY_KEY), key)
 
@@ -240,30 +316,38 @@ class LedgerBase:
         return await self._run(self._one, self._tail(BY_IDEMPOTENCY_KEY), (key,))
 
     async def by_nonce(self, nonce: str) -> builtins.list[PaymentRecord]:
+        """The records of an authorization nonce on any network (a receipt's payment id)."""
         return await self._run(self._many, self._tail(BY_NONCE), (normalise_nonce(nonce),))
 
     async def unfinished(self, *, limit: int = MAX_LIST_LIMIT) -> builtins.list[PaymentRecord]:
+        """SERVED (settlement owed) and SETTLING (outcome unknown) records, oldest first."""
         return await self._run(self._in_states, UNFINISHED_STATES, None, check_limit(limit))
 
     async def stale_reservations(
         self, older_than: float, *, limit: int = MAX_LIST_LIMIT
     ) -> builtins.list[PaymentRecord]:
+        """RESERVED/VERIFIED records not updated for ``older_than`` seconds, oldest first."""
         check_min_age(older_than, "older_than")
         return await self._run(self._in_states, RESERVATION_STATES, older_than, check_limit(limit))
 
     async def list(
         self, *, state: PaymentState | None = None, limit: int = 50
     ) -> builtins.list[PaymentRecord]:
+        """Records, newest first, at most ``min(limit, MAX_LIST_LIMIT)``."""
         if state is None:
             return await self._run(self._many, self._tail(NEWEST), (check_limit(limit),))
         params = (PaymentState(state).value, check_limit(limit))
         return await self._run(self._many, self._tail(NEWEST_IN_STATE), params)
 
     async def receipts(self, payment_id: str) -> builtins.list[StoredReceipt]:
+        """A payment's kept receipts, oldest first."""
         return await self._run(self._receipts, self._tail(RECEIPTS_OF), (payment_id,))
 
     async def list_receipts(self, *, limit: int = 50) -> builtins.list[StoredReceipt]:
+        """Kept receipts, newest first, at most ``min(limit, MAX_LIST_LIMIT)``."""
         return await self._run(self._receipts, self._tail(NEWEST), (check_limit(limit),))
 
     async def earnings(self, *, since: float, by: str) -> builtins.list[Earnings]:
+        """SETTLED payments created since ``since``, grouped ``by`` "model", "day" (UTC) or
+        "payer", ordered by that key."""
         return await self._run(self._earnings, float(since), check_group(by))

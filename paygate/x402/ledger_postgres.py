@@ -41,7 +41,7 @@ from paygate.x402.ledger import (
     PaymentRecord,
     PaymentState,
 )
-from paygate.x402.ledger_base import BY_IDEMPOTENCY_KEY, BY_KEY, LedgerBase
+from paygate.x402.ledger_base import BY_IDEMPOTENCY_KEY, BY_KEY, Ledger
 from paygate.x402.ledger_postgres_schema import SCHEMA_VERSION, Conn
 from paygate.x402.ledger_postgres_tables import PostgresTables
 
@@ -93,8 +93,8 @@ _MOVE = (
 )
 
 
-class PostgresLedger(LedgerBase):
-    """:class:`paygate.x402.ledger.Ledger` on PostgreSQL. Build it with :meth:`open`."""
+class PostgresLedger(Ledger):
+    """:class:`paygate.x402.ledger_base.Ledger` on PostgreSQL. Build it with :meth:`open`."""
 
     def __init__(
         self,

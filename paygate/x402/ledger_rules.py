@@ -10,8 +10,8 @@ same mapping.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from paygate.x402.ledger import (
@@ -27,34 +27,60 @@ from paygate.x402.ledger import (
     PaymentNotFound,
     PaymentRecord,
     PaymentState,
-    check_amount,
-    check_document,
     check_fence,
-    check_idempotency_key,
-    check_model,
     check_move,
-    check_route,
-    check_scheme,
-    check_version,
     normalise_address,
-    normalise_key,
 )
 
-#: A payment row's columns, in the order every store selects and copies them.
-RECORD_COLUMNS = (
-    "id, network, asset, payer, nonce, pay_to, amount, x402_version, route, state, served, "
-    "payload, requirements, idempotency_key, tx_hash, error, attempts, created_at, updated_at, "
-    "owner, lease, lease_until, "
-    "scheme, model, tokens_in, tokens_out, usage_source, settle_amount, settled_amount"
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class _Rows:
+    """How a stored row becomes a record or an event: one column per field, in the fields'
+    order (a transaction hash is stored as ``tx_hash``), some converted on the way."""
+
+    make: Callable[..., Any]
+    columns: tuple[str, ...]
+    convert: tuple[tuple[int, Callable[[Any], Any]], ...]
+
+    @classmethod
+    def of(cls, make: type, **convert: Callable[[Any], Any]) -> _Rows:
+        names = [f.name for f in fields(make)]
+        columns = tuple("tx_hash" if name == "transaction" else name for name in names)
+        return cls(make, columns, tuple((names.index(n), to) for n, to in convert.items()))
+
+    def read(self, row: Mapping[str, Any]) -> Any:
+        values = [row[column] for column in self.columns]
+        for at, to in self.convert:
+            values[at] = to(values[at])
+        return self.make(*values)
+
+
+_RECORDS = _Rows.of(
+    PaymentRecord,
+    amount=int,
+    state=PaymentState,
+    served=bool,
+    settle_amount=_optional_int,
+    settled_amount=_optional_int,
 )
-EVENT_COLUMNS = "payment_id, at, replica, action, state, lease, tx_hash, error, detail"
+_EVENTS = _Rows.of(PaymentEvent, action=EventAction, state=PaymentState)
+#: A payment row's columns, in the order every store selects and copies them.
+RECORD_COLUMNS = ", ".join(_RECORDS.columns)
+EVENT_COLUMNS = ", ".join(_EVENTS.columns)
+#: What a change may add to its history line (the last three of :data:`EVENT_COLUMNS`).
+EVENT_DETAILS = ("transaction", "error", "detail")
+_EVENT_DETAILS = frozenset(EVENT_DETAILS)
 #: ``paygate payments summary --by``: the groupings a store must know.
 SUMMARY_GROUPS = ("model", "day", "payer")
 
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """:meth:`Ledger.reserve`'s arguments checked and normalised (ValueError before any I/O)."""
+    """:meth:`Ledger.reserve`'s arguments, checked and normalised there (before any I/O)."""
 
     key: tuple[str, str, str, str]  # (network, asset, payer, nonce), canonical
     pay_to: str
@@ -67,40 +93,6 @@ class Reservation:
     scheme: str
     model: str | None
     budgets: tuple[Budget, ...]
-
-    @classmethod
-    def check(
-        cls,
-        *,
-        network: str,
-        asset: str,
-        payer: str,
-        nonce: str,
-        pay_to: str,
-        amount: int,
-        x402_version: int,
-        route: str,
-        payload: str,
-        requirements: str,
-        idempotency_key: str | None,
-        scheme: str,
-        model: str | None,
-        budget: Budget | None,
-        budgets: tuple[Budget, ...] = (),
-    ) -> Reservation:
-        return cls(
-            scheme=check_scheme(scheme),
-            model=check_model(model),
-            budgets=(*((budget,) if budget is not None else ()), *budgets),
-            key=normalise_key(network, asset, payer, nonce),
-            pay_to=normalise_address(pay_to, "pay_to"),
-            amount=check_amount(amount),
-            x402_version=check_version(x402_version),
-            route=check_route(route),
-            payload=check_document(payload, "payload"),
-            requirements=check_document(requirements, "requirements"),
-            idempotency_key=check_idempotency_key(idempotency_key),
-        )
 
     @property
     def asset(self) -> str:
@@ -180,67 +172,39 @@ class Move:
     def values(
         self, current: PaymentRecord, *, now: float, replica: str, lease_seconds: float
     ) -> dict[str, Any]:
-        """This single move's update of ``current`` (:func:`move_values`)."""
-        return move_values(
-            current,
-            self.to,
-            transaction=self.transaction,
-            error=self.error,
-            lease=self.lease,
-            meter=self.meter,
-            settled_amount=self.settled_amount,
-            now=now,
-            replica=replica,
-            lease_seconds=lease_seconds,
-            let_go=self.let_go,
-        )
-
-
-def move_values(
-    current: PaymentRecord,
-    to: PaymentState,
-    *,
-    transaction: str | None,
-    error: str | None,
-    lease: int | None,
-    meter: Meter | None,
-    settled_amount: int | None,
-    now: float,
-    replica: str,
-    lease_seconds: float,
-    let_go: bool = False,
-) -> dict[str, Any]:
-    """The rules of :meth:`Ledger.transition` applied to the record as read under its lock: the
-    fence and the table (:func:`check_move`), the metering cap, and the named values of the
-    compare-and-set update (matched on the state and epoch read)."""
-    check_move(current, to, lease)
-    if meter is not None and meter.settle_amount > current.amount:
-        raise ValueError("a metered charge cannot exceed the authorized amount")
-    if not TRANSITIONS[to] or let_go:  # terminal, or given up: nobody here works on it
-        owner, until = None, None
-    elif lease is not None:  # the owner moves it on: its lease is renewed
-        owner, until = replica, now + lease_seconds
-    else:  # an operator's or a test's unfenced move leaves the lease as it is
-        owner, until = current.owner, current.lease_until
-    return {
-        "state": to.value,
-        "attempt": 1 if to is PaymentState.SETTLING else 0,  # every move into SETTLING counts
-        "served": to is PaymentState.SERVED,
-        "tx_hash": transaction,
-        "error": error,
-        "now": now,
-        "owner": owner,
-        "until": until,
-        "tokens_in": meter.tokens_in if meter else None,
-        "tokens_out": meter.tokens_out if meter else None,
-        "usage_source": meter.source if meter else None,
-        "settle_amount": str(meter.settle_amount) if meter else None,
-        "settled_amount": None if settled_amount is None else str(settled_amount),
-        "counted": to is PaymentState.SETTLED,  # a budget counts a payment when it settles
-        "id": current.id,
-        "from_state": current.state.value,
-        "lease": current.lease,
-    }
+        """This single move applied to ``current``, the record as read under its lock: the fence
+        and the table (:func:`check_move`), the metering cap, and the named values of the
+        compare-and-set update (matched on the state and epoch read)."""
+        to, meter = self.to, self.meter
+        check_move(current, to, self.lease)
+        if meter is not None and meter.settle_amount > current.amount:
+            raise ValueError("a metered charge cannot exceed the authorized amount")
+        if not TRANSITIONS[to] or self.let_go:  # terminal, or given up: nobody here works on it
+            owner, until = None, None
+        elif self.lease is not None:  # the owner moves it on: its lease is renewed
+            owner, until = replica, now + lease_seconds
+        else:  # an operator's or a test's unfenced move leaves the lease as it is
+            owner, until = current.owner, current.lease_until
+        settled = self.settled_amount
+        return {
+            "state": to.value,
+            "attempt": 1 if to is PaymentState.SETTLING else 0,  # every move into SETTLING counts
+            "served": to is PaymentState.SERVED,
+            "tx_hash": self.transaction,
+            "error": self.error,
+            "now": now,
+            "owner": owner,
+            "until": until,
+            "tokens_in": meter.tokens_in if meter else None,
+            "tokens_out": meter.tokens_out if meter else None,
+            "usage_source": meter.source if meter else None,
+            "settle_amount": str(meter.settle_amount) if meter else None,
+            "settled_amount": None if settled is None else str(settled),
+            "counted": to is PaymentState.SETTLED,  # a budget counts a payment when it settles
+            "id": current.id,
+            "from_state": current.state.value,
+            "lease": current.lease,
+        }
 
 
 def check_renewal(current: PaymentRecord, lease: int, replica: str) -> None:
@@ -256,76 +220,27 @@ def check_let_go(current: PaymentRecord, lease: int) -> None:
 
 
 def event_values(
-    record: PaymentRecord,
-    action: EventAction,
-    at: float,
-    replica: str,
-    *,
-    transaction: str | None = None,
-    error: str | None = None,
-    detail: str | None = None,
+    record: PaymentRecord, action: EventAction, at: float, replica: str, **details: str | None
 ) -> tuple[Any, ...]:
-    """One history line, in :data:`EVENT_COLUMNS` order: the record as the change left it."""
-    return (
-        record.id,
-        at,
-        replica,
-        action.value,
-        record.state.value,
-        record.lease,
-        transaction,
-        error,
-        detail,
-    )
+    """One history line, in :data:`EVENT_COLUMNS` order: the record as the change left it, and
+    the ``details`` given (``transaction``, ``error``, ``detail``; the others NULL)."""
+    if not _EVENT_DETAILS.issuperset(details):
+        raise TypeError(f"a history line's details are {', '.join(EVENT_DETAILS)}")
+    get = details.get
+    state, lease = record.state.value, record.lease
+    return (record.id, at, replica, action.value, state, lease, *map(get, EVENT_DETAILS))
 
 
 def record_from_row(row: Mapping[str, Any]) -> PaymentRecord:
     """A payment row (selected as :data:`RECORD_COLUMNS`) as a record."""
-    return PaymentRecord(
-        id=row["id"],
-        network=row["network"],
-        asset=row["asset"],
-        payer=row["payer"],
-        nonce=row["nonce"],
-        pay_to=row["pay_to"],
-        amount=int(row["amount"]),
-        x402_version=row["x402_version"],
-        route=row["route"],
-        state=PaymentState(row["state"]),
-        served=bool(row["served"]),
-        payload=row["payload"],
-        requirements=row["requirements"],
-        idempotency_key=row["idempotency_key"],
-        transaction=row["tx_hash"],
-        error=row["error"],
-        attempts=row["attempts"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        owner=row["owner"],
-        lease=row["lease"],
-        lease_until=row["lease_until"],
-        scheme=row["scheme"],
-        model=row["model"],
-        tokens_in=row["tokens_in"],
-        tokens_out=row["tokens_out"],
-        usage_source=row["usage_source"],
-        settle_amount=None if row["settle_amount"] is None else int(row["settle_amount"]),
-        settled_amount=None if row["settled_amount"] is None else int(row["settled_amount"]),
-    )
+    record: PaymentRecord = _RECORDS.read(row)
+    return record
 
 
 def event_from_row(row: Mapping[str, Any]) -> PaymentEvent:
-    return PaymentEvent(
-        payment_id=row["payment_id"],
-        at=row["at"],
-        replica=row["replica"],
-        action=EventAction(row["action"]),
-        state=PaymentState(row["state"]),
-        lease=row["lease"],
-        transaction=row["tx_hash"],
-        error=row["error"],
-        detail=row["detail"],
-    )
+    """A history row (selected as :data:`EVENT_COLUMNS`) as an event."""
+    event: PaymentEvent = _EVENTS.read(row)
+    return event
 
 
 def not_found(payment_id: str) -> PaymentNotFound:

@@ -42,7 +42,7 @@ from paygate.x402.ledger import (
     PaymentRecord,
     PaymentState,
 )
-from paygate.x402.ledger_base import BY_ID, BY_IDEMPOTENCY_KEY, BY_KEY, LedgerBase
+from paygate.x402.ledger_base import BY_ID, BY_IDEMPOTENCY_KEY, BY_KEY, Ledger
 from paygate.x402.ledger_commit import GroupCommit
 from paygate.x402.ledger_sqlite_schema import SCHEMA_VERSION
 from paygate.x402.ledger_sqlite_tables import SqliteTables
@@ -91,8 +91,8 @@ def _closed() -> LedgerUnavailable:
     return LedgerUnavailable("the ledger is closed")
 
 
-class SqliteLedger(LedgerBase):
-    """:class:`paygate.x402.ledger.Ledger` on a SQLite file. Build it with :meth:`open`."""
+class SqliteLedger(Ledger):
+    """:class:`paygate.x402.ledger_base.Ledger` on a SQLite file. Build it with :meth:`open`."""
 
     def __init__(
         self,

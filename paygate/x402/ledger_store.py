@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from paygate.x402.ledger import DEFAULT_LEASE_SECONDS, Ledger
+from paygate.x402.ledger import DEFAULT_LEASE_SECONDS
+from paygate.x402.ledger_base import Ledger
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
@@ -80,28 +81,21 @@ async def open_ledger(
     ``clock`` defaults to this host's for SQLite and to the database's for PostgreSQL (the one
     clock that every replica's leases are measured by).
     """
+    # What both stores are opened with; each adds its own connection settings.
+    common = {
+        "read_only": read_only,
+        "replica": replica,
+        "lease_seconds": lease_seconds,
+        "migrate": migrate,
+    }
     if location.kind == "sqlite":
         from paygate.x402.ledger_sqlite import SqliteLedger
 
         assert location.path is not None
-        return await SqliteLedger.open(
-            location.path,
-            read_only=read_only,
-            clock=clock or time.time,
-            replica=replica,
-            lease_seconds=lease_seconds,
-            migrate=migrate,
-        )
+        return await SqliteLedger.open(location.path, clock=clock or time.time, **common)
     from paygate.x402.ledger_postgres import PostgresLedger
 
     assert location.conninfo is not None
     return await PostgresLedger.open(
-        location.conninfo,
-        password=location.password,
-        read_only=read_only,
-        clock=clock,
-        replica=replica,
-        lease_seconds=lease_seconds,
-        migrate=migrate,
-        pool_size=pool_size,
+        location.conninfo, password=location.password, clock=clock, pool_size=pool_size, **common
     )

@@ -39,12 +39,12 @@ from paygate.x402.ledger import (
     Budget,
     BudgetExceeded,
     IdempotencyKeyReused,
-    Ledger,
     LedgerError,
     LedgerUnavailable,
     PaymentRecord,
     PaymentState,
 )
+from paygate.x402.ledger_base import Ledger
 from paygate.x402.models import AnyPaymentPayload, ResourceInfo
 from paygate.x402.networks import to_atomic
 from paygate.x402.offers import EXACT, Offer, PaymentTerms

@@ -19,7 +19,8 @@ from decimal import Decimal
 
 from paygate.x402 import codec
 from paygate.x402.leases import HeldLeases
-from paygate.x402.ledger import Ledger, LedgerError, PaymentRecord, PaymentState
+from paygate.x402.ledger import LedgerError, PaymentRecord, PaymentState
+from paygate.x402.ledger_base import Ledger
 from paygate.x402.results import PaymentAdmission
 from paygate.x402.schemes import SCHEMES, Scheme
 from paygate.x402.settlement import Settlement

@@ -19,7 +19,8 @@ import aiohttp
 
 from paygate import wire
 from paygate.x402.facilitator import FacilitatorSettler
-from paygate.x402.ledger import Ledger, PaymentState
+from paygate.x402.ledger import PaymentState
+from paygate.x402.ledger_base import Ledger
 from paygate.x402.models import ResourceInfo
 from paygate.x402.networks import resolve_network
 from paygate.x402.offers import Acceptance, PaymentTerms, challenge

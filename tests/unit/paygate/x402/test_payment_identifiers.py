@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from paygate.x402.idempotency import PaymentIdentifiers, record_fingerprint
-from paygate.x402.ledger import Ledger, PaymentRecord, PaymentState
+from paygate.x402.ledger import PaymentRecord, PaymentState
+from paygate.x402.ledger_base import Ledger
 from paygate.x402.models import SettleResponse
 from paygate.x402.results import Receipt
 from tests.fixtures.ledgers import Opener
