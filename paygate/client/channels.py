@@ -11,8 +11,10 @@ before anything is signed:
   the vouchers spend the deposit and count nothing more; a refund takes off what came back;
 - each request's price is held to ``max_per_request``, as any offer's;
 - at most :data:`MAX_CHANNELS` channels (one per origin, network, asset and payTo) are kept, in
-  memory only: a transport that is dropped leaves its deposits to be refunded by the contract's
-  timed withdrawal (or by :meth:`refund` before).
+  memory, and with a state file (:mod:`paygate.client.channel_state`) across restarts too: the
+  file is written before a voucher leaves, and what its channels hold counts against
+  ``max_total`` from the start. Without one, a transport that is dropped leaves its deposits to
+  be refunded by the contract's timed withdrawal (or by :meth:`refund` before).
 
 The seller's word is checked against our own record: a receipt's ``chargedAmount`` is at most
 the price; a corrective 402 (``channelState``/``voucherState``) is taken only when its voucher is
@@ -23,6 +25,7 @@ move our count back with an old voucher state. Sans-IO; thread-safe.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
@@ -35,6 +38,13 @@ import httpx
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
+from paygate.client.channel_state import (
+    ChannelKey,
+    ChannelRecord,
+    ChannelStateFile,
+    SavedBook,
+    offer_fits,
+)
 from paygate.client.errors import ChannelStateRejected, SpendRefused
 from paygate.x402.models import BatchSettlementPayload, SettleResponse
 from paygate.x402.networks import from_atomic, to_atomic
@@ -54,8 +64,8 @@ CORRECTIVE_ERRORS = frozenset(
         "invalid_batch_settlement_evm_cumulative_amount_below_claimed",
     }
 )
-
-ChannelKey = tuple[str, str, str, str]  # origin, network, asset, payTo
+# The seller knows no deposit for the channel: a deposit we signed never landed.
+NO_CHANNEL = "invalid_batch_settlement_evm_channel_not_found"
 
 
 def origin_of(url: str) -> str:
@@ -79,6 +89,7 @@ class OpenChannel:
     signed: int = 0  # the highest voucher signed
     held_until: float = 0.0
     pending: int | None = None  # the voucher of the request in flight
+    confirmed: bool = False  # the seller answered on it: a deposit of ours landed
 
     @property
     def channel_id(self) -> str:
@@ -103,12 +114,40 @@ class ChannelPayment:
 class ChannelBook:
     """The payer's channels (see the module's docstring)."""
 
-    def __init__(self, account: LocalAccount, deposit: Decimal) -> None:
+    def __init__(
+        self, account: LocalAccount, deposit: Decimal, state: ChannelStateFile | None = None
+    ) -> None:
         self._account = account
         self.deposit = deposit
         self._channels: dict[ChannelKey, OpenChannel] = {}
         self._by_id: dict[str, OpenChannel] = {}
         self._lock = threading.Lock()
+        self._state = state
+        self.retired = Decimal(0)  # what drained channels spent (kept with the state)
+        if state is not None:
+            saved = state.load()
+            self.retired = saved.retired
+            for record in saved.channels:
+                self._add(_restored(account, record))
+
+    @property
+    def carried(self) -> Decimal:
+        """Whole tokens the kept channels count against ``max_total`` (deposits less refunds,
+        and what drained channels spent): a restarted payer's starting spend."""
+        with self._lock:
+            held = sum(
+                (
+                    from_atomic(c.deposited - c.refunded, c.decimals)
+                    for c in self._channels.values()
+                ),
+                Decimal(0),
+            )
+        return held + self.retired
+
+    def close(self) -> None:
+        """Let go of the state file (another transport may hold it now)."""
+        if self._state is not None:
+            self._state.close()
 
     # --- choosing --------------------------------------------------------------------------
 
@@ -183,20 +222,36 @@ class ChannelBook:
                 salt = "0x" + secrets.token_bytes(32).hex()  # a new channel, never a stale one
                 payer = PayerChannel.open(self._account, requirement, chain_id, salt=salt)
                 channel = OpenChannel(key, payer, requirement, None, url, decimals)
-                self._channels[key] = channel
-                self._by_id[channel.channel_id.lower()] = channel
+                created = True
+            else:
+                created = False
             if channel.held_until > time.monotonic():
                 raise SpendRefused("the channel is in use by another request")
+            kept = dict(resource) if resource is not None else None
+            if self._state is not None and not offer_fits(requirement, kept):
+                raise SpendRefused("the channel offer is too large to keep in the channel state")
             maximum = channel.payer.charged + offer.amount
             deposit = deposit_size if offer.amount > channel.rest else 0
             if offer.amount > channel.rest + deposit:
                 raise SpendRefused("the price does not fit a channel deposit")
             payload = channel.payer.pay(requirement, deposit=deposit)
-            channel.requirement = requirement
-            channel.resource = dict(resource) if resource is not None else None
-            channel.url = url
+            before = (channel.requirement, channel.resource, channel.url, channel.deposited)
+            channel.requirement, channel.resource, channel.url = requirement, kept, url
             channel.deposited += deposit
-            channel.signed = max(channel.signed, maximum)
+            signed_before, channel.signed = channel.signed, max(channel.signed, maximum)
+            if created:
+                self._add(channel)
+            try:
+                # Written before the voucher leaves: a restart then knows what it may meet.
+                self._save()
+            except (OSError, ValueError) as exc:
+                if created:
+                    self._drop(channel)
+                channel.requirement, channel.resource, channel.url, channel.deposited = before
+                channel.signed = signed_before
+                raise SpendRefused(
+                    f"the channel state was not saved, nothing sent: {exc}"
+                ) from None
             channel.pending = maximum
             hold = min(offer.max_timeout_seconds, MAX_HOLD_SECONDS)
             channel.held_until = time.monotonic() + hold
@@ -224,11 +279,13 @@ class ChannelBook:
             charged = _digits(extra.get("chargedAmount"))
             if charged is None:
                 charged = price  # a server that does not say charged the price it asked
+            channel.confirmed = True
             if charged > price:
                 return "the receipt charges more than the price"
             if pending is not None and channel.payer.charged + charged > pending:
                 return "the receipt charges more than the voucher"
             channel.payer.charged += charged
+            self._save_quietly()
             state = extra.get("channelState")
             stated = (
                 _digits(state.get("chargedCumulativeAmount")) if isinstance(state, dict) else None
@@ -249,6 +306,8 @@ class ChannelBook:
         signed by us, within what we signed and not behind our receipts (True: pay again);
         raise :class:`ChannelStateRejected` when it is not; False when it is no corrective."""
         channel = self._channel(nonce)
+        if channel is not None and error == NO_CHANNEL:
+            return self._not_deposited(channel)
         if channel is None or error not in CORRECTIVE_ERRORS:
             return False
         extra = offer.extra
@@ -276,6 +335,22 @@ class ChannelBook:
                 )
             channel.payer.charged = charged
             channel.held_until, channel.pending = 0.0, None
+            channel.confirmed = True
+            self._save_quietly()
+        return True
+
+    def _not_deposited(self, channel: OpenChannel) -> bool:
+        """The seller knows no deposit for a channel it never answered on (the deposit's
+        request was lost, or refused, or a restart came between): True, pay again with a
+        deposit. The lost deposit still counts against ``max_total`` (its authorization may
+        yet be used until it expires; the money would land in our channel)."""
+        with self._lock:
+            if channel.confirmed or channel.deposited == 0:
+                return False
+            self.retired += from_atomic(channel.deposited - channel.refunded, channel.decimals)
+            channel.deposited = channel.refunded = 0
+            channel.held_until, channel.pending = 0.0, None
+            self._save_quietly()
         return True
 
     # --- refunds ---------------------------------------------------------------------------
@@ -300,15 +375,71 @@ class ChannelBook:
         with self._lock:
             back = max(0, min(amount, channel.rest))
             channel.refunded += back
-            if channel.rest <= 0:  # drained: forget it
-                self._channels.pop(channel.key, None)
-                self._by_id.pop(channel.channel_id.lower(), None)
+            if channel.rest <= 0:  # drained: forget it (what it spent stays counted)
+                self._drop(channel)
+                self.retired += from_atomic(channel.deposited - channel.refunded, channel.decimals)
+            self._save_quietly()
             return back
 
     def _channel(self, nonce: str) -> OpenChannel | None:
         channel_id = nonce.partition(":")[0].lower()
         with self._lock:
             return self._by_id.get(channel_id)
+
+    # --- the state file (under the lock) ---------------------------------------------------
+
+    def _add(self, channel: OpenChannel) -> None:
+        self._channels[channel.key] = channel
+        self._by_id[channel.channel_id.lower()] = channel
+
+    def _drop(self, channel: OpenChannel) -> None:
+        self._channels.pop(channel.key, None)
+        self._by_id.pop(channel.channel_id.lower(), None)
+
+    def _save(self) -> None:
+        if self._state is not None:
+            records = [_record(c) for c in self._channels.values()]
+            self._state.save(SavedBook(records, self.retired))
+
+    def _save_quietly(self) -> None:
+        """A write after the seller's answer: failing, the file keeps an older count (fewer
+        charges, fewer refunds), which the next write or the corrective 402 brings up to date;
+        never one that lets us sign more."""
+        with contextlib.suppress(OSError, ValueError):
+            self._save()
+
+
+def _record(channel: OpenChannel) -> ChannelRecord:
+    return ChannelRecord(
+        channel.key,
+        channel.payer.config,
+        channel.payer.chain_id,
+        channel.requirement,
+        channel.resource,
+        channel.url,
+        channel.decimals,
+        channel.deposited,
+        channel.refunded,
+        channel.payer.charged,
+        channel.signed,
+        channel.confirmed,
+    )
+
+
+def _restored(account: LocalAccount, record: ChannelRecord) -> OpenChannel:
+    payer = PayerChannel(account, record.config, record.chain_id, charged=record.charged)
+    return OpenChannel(
+        record.key,
+        payer,
+        record.requirement,
+        record.resource,
+        record.url,
+        record.decimals,
+        deposited=record.deposited,
+        refunded=record.refunded,
+        signed=record.signed,
+        confirmed=record.confirmed,
+    )
 
 
 def _key(offer: OfferedTerms, url: str) -> ChannelKey:

@@ -199,6 +199,7 @@ class ClientCore:
         max_request_bytes: int,
         max_sealed_reply_bytes: int,
         attestation: AttestationPolicy | None = None,
+        channel_state: str | os.PathLike[str] | None = None,
     ) -> None:
         if envelope not in ("v2", "v1", "plain"):
             raise ValueError("envelope must be 'v2', 'v1' or 'plain'")
@@ -208,7 +209,13 @@ class ClientCore:
             raise ValueError("x402_version must be 1, 2 or None")
         self.envelope: Envelope = envelope
         self.pin = KeyPin(pin) if pin is not None else None
-        self.payer = Payer(wallet, spend) if wallet is not None and spend is not None else None
+        if channel_state is not None and wallet is None:
+            raise ValueError("channel_state keeps a wallet's channels: there is no wallet")
+        self.payer = (
+            Payer(wallet, spend, channel_state)
+            if wallet is not None and spend is not None
+            else None
+        )
         self.x402_version = x402_version
         self.pubkey_url = httpx.URL(pubkey_url) if pubkey_url else None
         self.max_request_bytes = max_request_bytes
@@ -535,6 +542,11 @@ class ClientCore:
     def payer_ended(self, record: SentPayment) -> None:
         if self.payer is not None:
             self.payer.channel_ended(record)
+
+    def close(self) -> None:
+        """Let go of what the transport holds beyond connections (the channel state file)."""
+        if self.payer is not None:
+            self.payer.close()
 
 
 def seal_attempt(

@@ -206,6 +206,25 @@ class ChannelStateRejected(ClientError):
     code = "channel_state_rejected"
 
 
+class ChannelStateInvalid(ClientError):
+    """The transport's channel state file (``channel_state``) is tampered with, truncated,
+    another wallet's or not a channel state: refused whole, nothing in it is used or signed
+    on, and it is left in place. Move it aside to start afresh."""
+
+    message = "the channel state file was refused"
+
+    code = "channel_state_invalid"
+
+
+class ChannelStateInUse(ClientError):
+    """Another transport (in this process or another) holds the channel state file: two
+    would sign vouchers on one channel from two counts."""
+
+    message = "the channel state file is held by another transport"
+
+    code = "channel_state_in_use"
+
+
 class WalletKeyError(ClientError):
     """The wallet key file cannot be used (missing, unreadable by us, readable by others, or
     not a private key). The message never shows the key."""

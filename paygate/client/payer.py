@@ -29,6 +29,7 @@ from eth_utils import is_address, to_checksum_address
 from pydantic import ValidationError
 
 from paygate import jsonsafe, wire
+from paygate.client.channel_state import ChannelStateFile
 from paygate.client.channels import NAME as CHANNEL_SCHEME
 from paygate.client.channels import ChannelBook, ChannelPayment
 from paygate.client.errors import InvalidChallenge, PayToNotAllowed, SpendRefused
@@ -438,16 +439,32 @@ class Payment:
 class Payer:
     """A wallet and its spend policy. Thread-safe; the wallet key never leaves eth-account."""
 
-    def __init__(self, account: LocalAccount, policy: SpendPolicy) -> None:
+    def __init__(
+        self,
+        account: LocalAccount,
+        policy: SpendPolicy,
+        channel_state: str | os.PathLike[str] | None = None,
+    ) -> None:
         self._account = account
         self.policy = policy
-        self._spent = Decimal(0)
         self._lock = threading.Lock()
-        self.channels = (
-            ChannelBook(account, policy.channel_deposit)
-            if policy.channel_deposit is not None
-            else None
-        )
+        self.channels: ChannelBook | None = None
+        if policy.channel_deposit is not None:
+            state = ChannelStateFile(channel_state, account) if channel_state else None
+            try:
+                self.channels = ChannelBook(account, policy.channel_deposit, state)
+            except BaseException:
+                if state is not None:
+                    state.close()
+                raise
+        elif channel_state is not None:
+            raise ValueError("channel_state keeps channels: the SpendPolicy opens none")
+        # A kept channel's money counts from the start: max_total holds across restarts.
+        self._spent = self.channels.carried if self.channels is not None else Decimal(0)
+
+    def close(self) -> None:
+        if self.channels is not None:
+            self.channels.close()
 
     @property
     def address(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -69,6 +70,7 @@ class TransportOptions(TypedDict, total=False):
     max_request_bytes: int
     max_sealed_reply_bytes: int
     attestation: AttestationPolicy | None
+    channel_state: str | os.PathLike[str] | None
 
 
 def _core(options: TransportOptions) -> ClientCore:
@@ -88,6 +90,7 @@ def _core(options: TransportOptions) -> ClientCore:
             "max_sealed_reply_bytes", DEFAULT_MAX_SEALED_REPLY_BYTES
         ),
         attestation=options.get("attestation"),
+        channel_state=options.get("channel_state"),
     )
 
 
@@ -179,6 +182,8 @@ class PaygateTransport(_Transport[httpx.BaseTransport, AttestationHook], httpx.B
         pubkey_url: where to fetch the key (default: ``/v1/enclave/pubkey`` at the origin).
         on_receipt: called with the :class:`SentPayment` when a receipt arrives.
         max_request_bytes, max_sealed_reply_bytes: bounds of what is held in memory.
+        channel_state: a file keeping the batch-settlement channels across restarts
+            (docs/CLIENT.md "Channels across restarts"); held by this transport until closed.
     """
 
     _http = httpx.HTTPTransport
@@ -227,7 +232,10 @@ class PaygateTransport(_Transport[httpx.BaseTransport, AttestationHook], httpx.B
         return None
 
     def close(self) -> None:
-        self._inner.close()
+        try:
+            self._inner.close()
+        finally:
+            self._core.close()
 
     def __enter__(self) -> PaygateTransport:
         return self
@@ -293,7 +301,10 @@ class AsyncPaygateTransport(
         return None
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        try:
+            await self._inner.aclose()
+        finally:
+            self._core.close()
 
     async def __aenter__(self) -> AsyncPaygateTransport:
         return self
