@@ -460,7 +460,7 @@ class Payer:
         elif channel_state is not None:
             raise ValueError("channel_state keeps channels: the SpendPolicy opens none")
         # A kept channel's money counts from the start: max_total holds across restarts.
-        self._spent = self.channels.carried if self.channels is not None else Decimal(0)
+        self._spent = _plain(self.channels.carried) if self.channels is not None else Decimal(0)
 
     def close(self) -> None:
         if self.channels is not None:
