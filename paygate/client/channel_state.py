@@ -30,7 +30,7 @@ import tempfile
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
@@ -85,19 +85,22 @@ class ChannelStateFile:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         lock = self.path.with_name(self.path.name + ".lock")
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        # A file object: a transport dropped without close() lets go when it is collected.
+        held = os.fdopen(fd, "r+b", buffering=0)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
+            held.close()
             raise ChannelStateInUse(
                 f"the channel state {self.path.name} is held by another transport"
             ) from None
-        self._lock_fd: int | None = fd
+        self._held: BinaryIO | None = held
 
     def close(self) -> None:
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            os.close(fd)  # and the lock with it
+        """Let go of the lock; nothing is written after this."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()  # and the lock with it
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -180,7 +183,10 @@ class ChannelStateFile:
     # --- writing ---------------------------------------------------------------------------
 
     def save(self, book: SavedBook) -> None:
-        """Replace the file with ``book``, atomically (ValueError: it would not fit)."""
+        """Replace the file with ``book``, atomically (ValueError: it would not fit, or the
+        file was let go)."""
+        if self._held is None:
+            raise ValueError("the channel state was let go (the transport is closed)")
         document: dict[str, Any] = {
             "format": FORMAT,
             "payer": self._payer,

@@ -123,6 +123,7 @@ class ChannelBook:
         self._by_id: dict[str, OpenChannel] = {}
         self._lock = threading.Lock()
         self._state = state
+        self._behind = False  # receipts counted since the last write
         self.retired = Decimal(0)  # what drained channels spent (kept with the state)
         if state is not None:
             saved = state.load()
@@ -145,9 +146,13 @@ class ChannelBook:
         return held + self.retired
 
     def close(self) -> None:
-        """Let go of the state file (another transport may hold it now)."""
+        """Write the last receipts' count and let go of the state file (another transport may
+        hold it now)."""
         if self._state is not None:
-            self._state.close()
+            with self._lock:
+                if self._behind:
+                    self._save_quietly()
+                self._state.close()
 
     # --- choosing --------------------------------------------------------------------------
 
@@ -279,13 +284,17 @@ class ChannelBook:
             charged = _digits(extra.get("chargedAmount"))
             if charged is None:
                 charged = price  # a server that does not say charged the price it asked
-            channel.confirmed = True
+            first, channel.confirmed = not channel.confirmed, True
+            if first:
+                self._save_quietly()
             if charged > price:
                 return "the receipt charges more than the price"
             if pending is not None and channel.payer.charged + charged > pending:
                 return "the receipt charges more than the voucher"
             channel.payer.charged += charged
-            self._save_quietly()
+            # Written with the next voucher (or at close): a file a receipt behind only costs
+            # a restarted client one corrective 402, and each write is an fsync.
+            self._behind = self._state is not None
             state = extra.get("channelState")
             stated = (
                 _digits(state.get("chargedCumulativeAmount")) if isinstance(state, dict) else None
@@ -400,6 +409,7 @@ class ChannelBook:
         if self._state is not None:
             records = [_record(c) for c in self._channels.values()]
             self._state.save(SavedBook(records, self.retired))
+            self._behind = False
 
     def _save_quietly(self) -> None:
         """A write after the seller's answer: failing, the file keeps an older count (fewer

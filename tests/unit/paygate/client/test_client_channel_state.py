@@ -5,6 +5,7 @@ file refused whole; one holder at a time; max_total across restarts; what the fi
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from decimal import Decimal
@@ -211,7 +212,16 @@ def test_one_holder_at_a_time(account: LocalAccount, tmp_path: Path) -> None:
     assert held.value.code == "channel_state_in_use"
     paid(first, 1)
     first.close()
+    # Closed, it signs nothing more on the file's channels (another may hold it now).
+    with pytest.raises(SpendRefused, match="not saved, nothing sent"):
+        paid(first, 1)
     assert Payer(account, policy(), path).spent == Decimal("0.02")
+    # A payer dropped without close() lets go when it is collected.
+    del first
+    dropped = Payer(account, policy(), tmp_path / "dropped.json")
+    del dropped
+    gc.collect()
+    Payer(account, policy(), tmp_path / "dropped.json").close()
     with pytest.raises(ValueError, match="opens none"):
         Payer(account, SpendPolicy(max_per_request="0.01"), tmp_path / "other.json")
 
