@@ -20,13 +20,11 @@ transport's life; a second one (in this process or another) is refused
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import hmac
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -38,8 +36,10 @@ from pydantic import ValidationError
 
 from paygate import jsonsafe
 from paygate.client.errors import ChannelStateInUse, ChannelStateInvalid
+from paygate.files import replace_atomically
 from paygate.x402.models import ChannelConfig
 from paygate.x402.schemes.batch_settlement import channel as ch
+from paygate.x402.schemes.batch_settlement.client import PayerChannel
 
 FORMAT = "paygate-client-channels/1"
 MAX_STATE_BYTES = 2 * 1024 * 1024
@@ -51,27 +51,37 @@ _MAC_DOMAIN = b"paygate client channel state v1"
 ChannelKey = tuple[str, str, str, str]  # origin, network, asset, payTo
 
 
-@dataclass(slots=True)
-class ChannelRecord:
-    """One channel as the file keeps it (atomic units)."""
+@dataclass
+class OpenChannel:
+    """One channel as this client knows it, and as the state file keeps it (atomic units)."""
 
     key: ChannelKey
-    config: ChannelConfig
-    chain_id: int
+    payer: PayerChannel
     requirement: dict[str, Any]
     resource: dict[str, Any] | None
     url: str
     decimals: int
-    deposited: int
-    refunded: int
-    charged: int
-    signed: int
-    confirmed: bool  # the seller has answered on this channel (its deposit landed)
+    deposited: int = 0  # deposits signed (the channel's balance as far as we put it there)
+    refunded: int = 0
+    signed: int = 0  # the highest voucher signed
+    held_until: float = 0.0
+    pending: int | None = None  # the voucher of the request in flight
+    confirmed: bool = False  # the seller answered on it: a deposit of ours landed
+
+    @property
+    def channel_id(self) -> str:
+        return self.payer.channel_id
+
+    @property
+    def rest(self) -> int:
+        """What the channel holds beyond what was charged: what vouchers may still take, and
+        what a refund may bring back."""
+        return self.deposited - self.refunded - self.payer.charged
 
 
 @dataclass(slots=True)
 class SavedBook:
-    channels: list[ChannelRecord] = field(default_factory=list)
+    channels: list[OpenChannel] = field(default_factory=list)
     retired: Decimal = Decimal(0)  # whole tokens drained channels spent (charged, never back)
 
 
@@ -80,6 +90,7 @@ class ChannelStateFile:
 
     def __init__(self, path: str | os.PathLike[str], account: LocalAccount) -> None:
         self.path = Path(path)
+        self._account = account
         self._payer = str(account.address)
         self._mac_key = hmac.new(bytes(account.key), _MAC_DOMAIN, hashlib.sha256).digest()
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -142,7 +153,7 @@ class ChannelStateFile:
             raise ValueError("a channel twice")
         return SavedBook(channels, retired)
 
-    def _record(self, item: dict[str, Any]) -> ChannelRecord:
+    def _record(self, item: dict[str, Any]) -> OpenChannel:
         config = ChannelConfig.model_validate(item["config"])
         origin, network, asset, pay_to = (str(part) for part in item["key"])
         counts = [_count(item[name]) for name in ("deposited", "refunded", "charged", "signed")]
@@ -165,55 +176,37 @@ class ChannelStateFile:
             or refunded + charged > deposited
         ):
             raise ValueError("inconsistent channel")
-        return ChannelRecord(
+        return OpenChannel(
             (origin, network, asset, pay_to),
-            config,
-            chain_id,
+            PayerChannel(self._account, config, chain_id, charged=charged),
             requirement,
             resource,
             str(item["url"]),
             decimals,
-            deposited,
-            refunded,
-            charged,
-            signed,
-            confirmed,
+            deposited=deposited,
+            refunded=refunded,
+            signed=signed,
+            confirmed=confirmed,
         )
 
     # --- writing ---------------------------------------------------------------------------
 
-    def save(self, book: SavedBook) -> None:
-        """Replace the file with ``book``, atomically (ValueError: it would not fit, or the
-        file was let go)."""
+    def save(self, channels: list[OpenChannel], retired: Decimal) -> None:
+        """Replace the file with ``channels`` and ``retired``, atomically (ValueError: it would
+        not fit, or the file was let go)."""
         if self._held is None:
             raise ValueError("the channel state was let go (the transport is closed)")
         document: dict[str, Any] = {
             "format": FORMAT,
             "payer": self._payer,
-            "retired": str(book.retired),
-            "channels": [_item(c) for c in book.channels],
+            "retired": str(retired),
+            "channels": [_item(c) for c in channels],
         }
         document["mac"] = self._mac(document)
         data = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
         if len(data) > MAX_STATE_BYTES:
             raise ValueError(f"the channel state would pass {MAX_STATE_BYTES} bytes")
-        fd, temp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                os.fchmod(out.fileno(), 0o600)
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            raise
-        directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(directory)  # the rename itself survives a crash
-        finally:
-            os.close(directory)
+        replace_atomically(self.path, data)
 
     def _mac(self, document: dict[str, Any]) -> str:
         canonical = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
@@ -229,21 +222,21 @@ def offer_fits(requirement: dict[str, Any], resource: dict[str, Any] | None) -> 
     return size <= MAX_OFFER_BYTES
 
 
-def _item(record: ChannelRecord) -> dict[str, Any]:
+def _item(channel: OpenChannel) -> dict[str, Any]:
     return {
-        "key": list(record.key),
-        "channelId": ch.channel_id(record.config, record.chain_id),
-        "config": record.config.wire(),
-        "chainId": record.chain_id,
-        "requirement": record.requirement,
-        "resource": record.resource,
-        "url": record.url,
-        "decimals": record.decimals,
-        "deposited": str(record.deposited),
-        "refunded": str(record.refunded),
-        "charged": str(record.charged),
-        "signed": str(record.signed),
-        "confirmed": record.confirmed,
+        "key": list(channel.key),
+        "channelId": channel.channel_id,
+        "config": channel.payer.config.wire(),
+        "chainId": channel.payer.chain_id,
+        "requirement": channel.requirement,
+        "resource": channel.resource,
+        "url": channel.url,
+        "decimals": channel.decimals,
+        "deposited": str(channel.deposited),
+        "refunded": str(channel.refunded),
+        "charged": str(channel.payer.charged),
+        "signed": str(channel.signed),
+        "confirmed": channel.confirmed,
     }
 
 

@@ -40,9 +40,8 @@ from eth_utils import to_checksum_address
 
 from paygate.client.channel_state import (
     ChannelKey,
-    ChannelRecord,
     ChannelStateFile,
-    SavedBook,
+    OpenChannel,
     offer_fits,
 )
 from paygate.client.errors import ChannelStateRejected, SpendRefused
@@ -74,34 +73,6 @@ def origin_of(url: str) -> str:
     return f"{parsed.scheme}://{parsed.host}{port}"
 
 
-@dataclass
-class OpenChannel:
-    """One channel as this client knows it (atomic units)."""
-
-    key: ChannelKey
-    payer: PayerChannel
-    requirement: dict[str, Any]
-    resource: dict[str, Any] | None
-    url: str
-    decimals: int
-    deposited: int = 0  # deposits signed (the channel's balance as far as we put it there)
-    refunded: int = 0
-    signed: int = 0  # the highest voucher signed
-    held_until: float = 0.0
-    pending: int | None = None  # the voucher of the request in flight
-    confirmed: bool = False  # the seller answered on it: a deposit of ours landed
-
-    @property
-    def channel_id(self) -> str:
-        return self.payer.channel_id
-
-    @property
-    def rest(self) -> int:
-        """What the channel holds beyond what was charged: what vouchers may still take, and
-        what a refund may bring back."""
-        return self.deposited - self.refunded - self.payer.charged
-
-
 @dataclass(frozen=True, slots=True)
 class ChannelPayment:
     """What a channel payment commits: the signed payload and the deposit it carries."""
@@ -128,8 +99,8 @@ class ChannelBook:
         if state is not None:
             saved = state.load()
             self.retired = saved.retired
-            for record in saved.channels:
-                self._add(_restored(account, record))
+            for channel in saved.channels:
+                self._add(channel)
 
     @property
     def carried(self) -> Decimal:
@@ -407,8 +378,7 @@ class ChannelBook:
 
     def _save(self) -> None:
         if self._state is not None:
-            records = [_record(c) for c in self._channels.values()]
-            self._state.save(SavedBook(records, self.retired))
+            self._state.save(list(self._channels.values()), self.retired)
             self._behind = False
 
     def _save_quietly(self) -> None:
@@ -417,39 +387,6 @@ class ChannelBook:
         never one that lets us sign more."""
         with contextlib.suppress(OSError, ValueError):
             self._save()
-
-
-def _record(channel: OpenChannel) -> ChannelRecord:
-    return ChannelRecord(
-        channel.key,
-        channel.payer.config,
-        channel.payer.chain_id,
-        channel.requirement,
-        channel.resource,
-        channel.url,
-        channel.decimals,
-        channel.deposited,
-        channel.refunded,
-        channel.payer.charged,
-        channel.signed,
-        channel.confirmed,
-    )
-
-
-def _restored(account: LocalAccount, record: ChannelRecord) -> OpenChannel:
-    payer = PayerChannel(account, record.config, record.chain_id, charged=record.charged)
-    return OpenChannel(
-        record.key,
-        payer,
-        record.requirement,
-        record.resource,
-        record.url,
-        record.decimals,
-        deposited=record.deposited,
-        refunded=record.refunded,
-        signed=record.signed,
-        confirmed=record.confirmed,
-    )
 
 
 def _key(offer: OfferedTerms, url: str) -> ChannelKey:

@@ -18,10 +18,8 @@ The largest checkpoint seen is then stored. :func:`log_flow` yields
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ from enclave.tlog import checkpoint as cp
 from enclave.tlog import entries, merkle, note, tiles
 from paygate import jsonsafe
 from paygate.client.errors import LogInconsistent, LogUnverified
+from paygate.files import replace_atomically
 from paygate.wire import LOG_CHECKPOINT_PATH
 
 LOG_PREFIX = LOG_CHECKPOINT_PATH.removesuffix("checkpoint")
@@ -95,18 +94,7 @@ class LogState:
             o: {"size": s.size, "root": s.root.hex(), "checkpoint": s.checkpoint}
             for o, s in known.items()
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, temp = tempfile.mkstemp(dir=self.path.parent, prefix=".tlog-state-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                json.dump(document, out, sort_keys=True)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            raise
+        replace_atomically(self.path, json.dumps(document, sort_keys=True).encode())
 
 
 @dataclass(frozen=True, slots=True)

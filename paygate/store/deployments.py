@@ -8,11 +8,9 @@ one, the directory fsynced), so a crash leaves the old or the new file, never ha
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import secrets
 import shutil
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -22,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from paygate.errors import PaygateError
+from paygate.files import replace_atomically
 from paygate.upstream.config import UpstreamMode
 from paygate.upstream.engines.base import EngineKind
 
@@ -175,24 +174,7 @@ class DeploymentStore:
         directory.mkdir(exist_ok=True, mode=0o700)
         os.chmod(directory, 0o700)
         data = json.dumps(deployment.document(), indent=2, sort_keys=True).encode() + b"\n"
-        target = directory / CONFIG_FILE
-        tmp = directory / f".{CONFIG_FILE}.{secrets.token_hex(8)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                os.fchmod(fh.fileno(), 0o600)  # whatever the umask
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_atomically(directory / CONFIG_FILE, data)
 
     def create(self, deployment: Deployment, *, force: bool = False) -> Deployment:
         """Store a new deployment; DeploymentExists unless ``force``."""

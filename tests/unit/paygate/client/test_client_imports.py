@@ -45,6 +45,7 @@ def test_client_sources_import_only_client_safe_modules() -> None:
     allowed_paygate = (
         "paygate.client",
         "paygate.errors",
+        "paygate.files",
         "paygate.jsonsafe",
         "paygate.x402",
         "paygate.wire",
