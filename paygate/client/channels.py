@@ -114,7 +114,7 @@ class ChannelBook:
                 ),
                 Decimal(0),
             )
-        return held + self.retired
+            return held + self.retired
 
     def close(self) -> None:
         """Write the last receipts' count and let go of the state file (another transport may
