@@ -8,14 +8,16 @@ continues its channel with the next cumulative voucher — reconciled with the s
 the corrective 402 as any stale count is — instead of locking up a second deposit.
 
 The file is written before a signed voucher or deposit leaves the process (a crash after it
-leaves us knowing the highest voucher the seller may hold) and after each receipt or refund;
-each write is atomic (a temporary file in the same directory, fsynced, renamed over the old one,
-the directory fsynced), mode 0600, at most :data:`MAX_STATE_BYTES`. It holds no key and no
-signature: it is authenticated by an HMAC under a key derived from the wallet's key, so a file
-that is tampered with, truncated or another wallet's is refused (:class:`ChannelStateInvalid`),
-never half-read. One transport at a time holds it: an exclusive lock on ``PATH.lock`` for the
-transport's life; a second one (in this process or another) is refused
-(:class:`ChannelStateInUse`) rather than signing vouchers on a count it does not hold.
+leaves us knowing the highest voucher the seller may hold), on a channel's first receipt, after
+a refund or a resync, and at close (other receipts ride the next write: a file a receipt behind
+costs a restart one corrective 402). Each write is atomic (a temporary file renamed over the old
+one, both fsynced: ``paygate.files``), mode 0600, at most :data:`MAX_STATE_BYTES`. It holds no
+key, no deposit authorization and no voucher we signed (a kept corrective offer may echo the
+seller's copy of one: no secret). An HMAC under a key derived from the wallet's key
+authenticates it, so a file that is tampered with, truncated or another wallet's is refused
+(:class:`ChannelStateInvalid`), never half-read. One transport at a time holds it: an exclusive
+lock on ``PATH.lock`` for the transport's life; a second one (in this process or another) is
+refused (:class:`ChannelStateInUse`) rather than signing vouchers on a count it does not hold.
 """
 
 from __future__ import annotations
