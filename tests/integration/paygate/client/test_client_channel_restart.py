@@ -82,9 +82,13 @@ async def test_a_recreated_client_continues_its_channel_and_refunds_exactly_the_
         async with httpx.AsyncClient(transport=first, timeout=60) as http:
             for _ in range(3):
                 assert (await http.post(stack.url + CHAT, json=CHAT_BODY)).status_code == 200
-            # One holder at a time: a second transport on the file is refused.
+            # One holder at a time: a second transport on the file is refused, in this
+            # process or another, before it pays anything.
             with pytest.raises(ChannelStateInUse):
                 AsyncPaygateTransport(wallet=payer, spend=spend(), channel_state=state)
+            code, lines, err = await caller(payer, stack.url, state, 1)
+            assert (code, lines) == (1, [])
+            assert "ChannelStateInUse" in err
         assert [r.deposit for r in first.payments] == [Decimal("0.02"), 0, 0]
 
         code, lines, err = await caller(payer, stack.url, state, 3)
