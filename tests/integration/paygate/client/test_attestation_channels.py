@@ -120,7 +120,8 @@ def gateway(seller: str, ledger: Path, anvil: Any, gas_key: Any, key: TpmKey, **
 
 def book_of(transport: AsyncPaygateTransport) -> list[Any]:
     payer = transport._core.payer
-    assert payer is not None and payer.channels is not None
+    assert payer is not None
+    assert payer.channels is not None
     return payer.channels.channels()
 
 
@@ -143,7 +144,8 @@ async def test_a_verifying_client_pays_three_requests_through_one_channel(
             assert reply.json()["choices"]  # the sealed reply opened
         # The TPM quoted a binding document that names the channel terms.
         attested = transport.attested(stack.url)
-        assert attested is not None and attested.kind == "tpm"
+        assert attested is not None
+        assert attested.kind == "tpm"
         assert any(c.name == "quote" and c.ok for c in attested.checks)
         assert attested.binding.payment is not None
         (terms,) = attested.binding.payment.channels
@@ -252,7 +254,7 @@ async def test_the_corrective_402_is_held_to_the_attested_terms_too(
                 assert channel.held_until == 0.0
         async with claimer(ledger, anvil, gas_key) as channels:
             assert await channels.claim_once() == 1
-    assert [r.deposit for r in transport.payments][0] == Decimal("0.02")
+    assert next(r.deposit for r in transport.payments) == Decimal("0.02")
     assert all(r.deposit == 0 for r in transport.payments[1:])  # one deposit in all
 
 
@@ -300,7 +302,8 @@ async def test_an_older_gateway_is_paid_by_its_exact_offer_instead(
         reply = await http.post(stack.url + CHAT, json=CHAT_BODY)
         assert reply.status_code == 200, reply.text
         attested = transport.attested(stack.url)
-        assert attested is not None and attested.binding.payment is not None
+        assert attested is not None
+        assert attested.binding.payment is not None
         assert "batch-settlement" in attested.binding.payment.schemes
         assert attested.binding.payment.channels == ()
     (record,) = transport.payments

@@ -138,7 +138,7 @@ def test_a_channel_offer_as_attested_is_paid_as_sent() -> None:
         ({"extra": {"withdrawDelay": "0"}}, "offer_withdraw_delay_mismatch"),
         ({"extra": {"withdrawDelay": "-900"}}, "offer_withdraw_delay_mismatch"),
         ({"extra": {"withdrawDelay": "900.0"}}, "offer_withdraw_delay_mismatch"),
-        ({"extra": {"withdrawDelay": "９００"}}, "offer_withdraw_delay_mismatch"),
+        ({"extra": {"withdrawDelay": "\uff19\uff10\uff10"}}, "offer_withdraw_delay_mismatch"),
         ({"extra": {"withdrawDelay": True}}, "offer_withdraw_delay_mismatch"),
         ({"drop": ("withdrawDelay",)}, "offer_withdraw_delay_mismatch"),
         # How the deposit moves (Permit2 would go to another collector).
@@ -271,11 +271,14 @@ def test_the_gateway_attests_the_channel_terms_its_offers_state() -> None:
         64,
         channels=(attested,),
     )
-    assert document.token_prices and document.max_tokens_cap == 64
+    assert document.token_prices
+    assert document.max_tokens_cap == 64
     assert document.channels == (attested,)
     assert all(a.upto_facilitator is None for a in document.accepts)
     exact = payment_document(seller, PricePolicy(default=Decimal("0.001")), pricing, ["exact"], 64)
-    assert exact.token_prices == () and exact.max_tokens_cap is None and exact.channels == ()
+    assert exact.token_prices == ()
+    assert exact.max_tokens_cap is None
+    assert exact.channels == ()
 
 
 def test_an_asset_outside_the_table_is_attested_as_configured() -> None:
