@@ -106,6 +106,10 @@ class _Request:
         self._body = body
         self._items: tuple[bytes, ...] | None = None
 
+    @property
+    def terms(self) -> PaymentTerms:
+        return self._terms
+
     def items(self) -> tuple[bytes, ...]:
         """The request bodies priced one by one: a batch's items, else the body itself."""
         if self._items is None:
@@ -198,22 +202,18 @@ def _check_offer(offer: ChallengeOffer, terms: PaymentTerms, request: _Request) 
     elif offer.scheme == ch.NAME and ch.NAME in terms.schemes:
         if not terms.channels:
             return False
-        _check_channel(offer, terms, accepted, request, what)
+        _check_channel(offer, accepted, request, what)
     else:
         raise OfferSchemeMismatch(f"{what}: scheme {offer.scheme[:16]!r} is not attested")
     return True
 
 
 def _check_channel(
-    offer: ChallengeOffer,
-    terms: PaymentTerms,
-    accepted: AcceptedAsset,
-    request: _Request,
-    what: str,
+    offer: ChallengeOffer, accepted: AcceptedAsset, request: _Request, what: str
 ) -> None:
     """Every field of the channel the payer would open (where its deposit goes, who may claim
     and refund it, how long it stays locked) as attested, before a deposit is signed."""
-    channel = terms.channel(accepted.network)
+    channel = request.terms.channel(accepted.network)
     if channel is None:
         raise OfferNetworkMismatch(f"{what}: the attested terms open no channel on this chain")
     if not _same_address(offer.pay_to, channel.receiver):
