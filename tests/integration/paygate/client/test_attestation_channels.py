@@ -334,3 +334,94 @@ async def test_an_older_gateway_offering_channels_alone_is_refused_cleanly(
     assert book_of(transport) == []
     assert usdc.balance_of(ch.SETTLEMENT_ADDRESS) == escrow
     assert usdc.balance_of(payer.address) == PAYER_FUNDS
+
+
+@pytest.fixture(scope="module")
+def more_keys(
+    ek_swtpm_factory: Any, ek_ca: EkCa, tmp_path_factory: Any
+) -> Iterator[dict[str, TpmKey]]:
+    keys = {}
+    generators = []
+    for name in ("facilitator", "metered"):
+        generator = _tpm_key(ek_swtpm_factory, ek_ca, tmp_path_factory.mktemp(name))
+        generators.append(generator)
+        keys[name] = next(generator)
+    yield keys
+    for generator in generators:
+        next(generator, None)
+
+
+async def test_in_facilitator_mode_the_facilitators_authorizer_is_attested_and_paid(
+    anvil, usdc, payer, gas_key, ek_ca, module_seller, more_keys, facilitator, tmp_path
+):
+    """The receiver authorizer is the facilitator's (its GET /supported, read at start), not
+    the gateway's own key: the attested terms name it, and a rewrite to another is refused."""
+    from paygate_dev.chain.accounts import FACILITATOR
+
+    ledger = tmp_path / "payments.db"
+    mode = {"payment_mode": "facilitator", "facilitator_url": facilitator.url}
+    transport = AsyncPaygateTransport(
+        wallet=payer, spend=spend(), attestation=policy(ek_ca, module_seller)
+    )
+    async with (
+        gateway(module_seller, ledger, anvil, gas_key, more_keys["facilitator"], **mode) as stack,
+        httpx.AsyncClient(transport=transport, timeout=60) as http,
+    ):
+        for _ in range(3):
+            reply = await http.post(stack.url + CHAT, json=CHAT_BODY)
+            assert reply.status_code == 200, reply.text
+        attested = transport.attested(stack.url)
+        assert attested is not None
+        assert attested.binding.payment is not None
+        (terms,) = attested.binding.payment.channels
+        assert terms.receiver_authorizer == anvil.accounts[FACILITATOR].address
+        assert [r.deposit for r in transport.payments] == [Decimal("0.02"), 0, 0]
+        edit, code = CASES["receiverAuthorizer"]
+        other = AsyncPaygateTransport(
+            wallet=payer, spend=spend(), attestation=policy(ek_ca, module_seller)
+        )
+        with PayTermsProxy(stack.url, rewrite_402(2, edit)) as proxy:
+            async with httpx.AsyncClient(transport=other, timeout=60) as hostile:
+                with pytest.raises(ClientError) as caught:
+                    await hostile.post(proxy.url + CHAT, json=CHAT_BODY)
+            assert caught.value.code == code
+            assert proxy.payments_sent == 0
+        assert other.payments == []
+    assert usdc.balance_of(payer.address) == PAYER_FUNDS - DEPOSIT_ATOMIC
+
+
+async def test_a_metered_route_pays_its_maximum_held_to_the_attested_token_prices(
+    anvil, usdc, payer, gas_key, ek_ca, module_seller, more_keys, tmp_path
+):
+    """With token prices the channel offer states the request's maximum (batch-settlement alone
+    attests the token prices and cap for it); each receipt charges the usage, less."""
+    from tests.fixtures.upto_support import CAP, TOKEN_PRICES, charge
+
+    ledger = tmp_path / "payments.db"
+    seller_before = usdc.balance_of(module_seller)
+    metered = {"token_prices": TOKEN_PRICES, "max_tokens_cap": CAP}
+    wide = SpendPolicy(
+        max_per_request="0.1", max_total="1", networks=["base-sepolia"], channel_deposit="0.5"
+    )
+    transport = AsyncPaygateTransport(
+        wallet=payer, spend=wide, attestation=policy(ek_ca, module_seller)
+    )
+    async with (
+        gateway(module_seller, ledger, anvil, gas_key, more_keys["metered"], **metered) as stack,
+        httpx.AsyncClient(transport=transport, timeout=60) as http,
+    ):
+        for chunks in (3, 5):
+            body = {**CHAT_BODY, "fake": {"chunks": chunks}}
+            reply = await http.post(stack.url + CHAT, json=body)
+            assert reply.status_code == 200, reply.text
+        attested = transport.attested(stack.url)
+        assert attested is not None
+        assert attested.binding.payment is not None
+        assert attested.binding.payment.token_prices
+        assert attested.binding.payment.max_tokens_cap == CAP
+        records = transport.payments
+        assert [(r.settled, r.receipt_error) for r in records] == [(True, None)] * 2
+        assert all(r.amount_atomic > charge(1, 5) for r in records)  # the maxima offered
+        async with claimer(ledger, anvil, gas_key) as channels:
+            assert await channels.claim_once() == 1
+    assert usdc.balance_of(module_seller) == seller_before + charge(1, 3) + charge(1, 5)
