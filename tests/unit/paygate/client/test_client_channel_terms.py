@@ -287,3 +287,39 @@ def test_an_asset_outside_the_table_is_attested_as_configured() -> None:
     seller = SellerTerms(pay_to=SELLER, accepted=(Acceptance(network=network, asset=token),))
     (attested,) = channel_terms(seller, receiver_authorizer=AUTHORIZER, withdraw_delay=3600)
     assert (attested.token, attested.withdraw_delay) == (token.address, 3600)
+
+
+def test_the_channel_terms_are_in_the_quoted_digest_and_the_configuration_digest() -> None:
+    """What the TPM quotes (the binding digest) and what PCR 23 measures (the configuration
+    digest) both change with any channel field: a quote over one set of terms cannot vouch
+    for another."""
+
+    def bound(terms: binding.PaymentTerms) -> binding.Binding:
+        point = bytes.fromhex(
+            "046b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296"
+            "4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5"
+        )  # the P-256 generator: any valid point
+        return binding.Binding(
+            nonce=b"\x07" * 32,
+            sealing_key=point,
+            receipt_key=point,
+            models=(),
+            payment=terms,
+            gateway_version="0.1.0",
+            code_digest="sha256:" + "ef" * 32,
+            issued_at=1_700_000_000,
+        )
+
+    original = bound(TERMS)
+    for change in (
+        {"receiver_authorizer": ATTACKER},
+        {"withdraw_delay": 901},
+        {"contract": "0x" + "c0" * 20},
+        {"receiver": ATTACKER},
+    ):
+        other = bound(
+            dataclasses.replace(TERMS, channels=(dataclasses.replace(CHANNEL, **change),))
+        )
+        assert other.digest() != original.digest(), change
+        assert other.config_digest() != original.config_digest(), change
+    assert binding.parse(json.loads(original.canonical())) == original
