@@ -8,7 +8,8 @@ digest of it into their report data). Fields (docs/ATTESTATION.md):
 ``version`` 2; ``nonce`` the verifier's 32 random bytes (hex); ``sealing_key`` and
 ``receipt_key`` (65-byte points, hex); ``models`` [{``name``, ``digest`` "sha256:<hex>"}];
 ``payment`` the whole payment terms (:class:`PaymentTerms`: who is paid, in which asset on which
-network, every price) or null when the appliance does not charge; ``gateway`` {``version``,
+network, every price and, with `batch-settlement`, each network's channel terms,
+:class:`ChannelTerms`) or null when the appliance does not charge; ``gateway`` {``version``,
 ``code_digest``}; ``issued_at`` (Unix seconds); ``replica`` (optional) the identity of the
 replica that answered; ``log`` (optional, present when the appliance keeps a
 transparency log) {``origin``, ``key``}: the log's checkpoint origin line and its signed-note
@@ -120,6 +121,35 @@ class TokenPriceTerms:
 
 
 @dataclass(frozen=True, slots=True)
+class ChannelTerms:
+    """The `batch-settlement` channel a payer may open on one network: every field of its
+    ``ChannelConfig`` the seller decides (receiver, receiver authorizer, token, withdraw delay),
+    the contract that holds the deposit (the vouchers' EIP-712 ``verifyingContract``) and where
+    an EIP-3009 deposit is authorized to. The payer adds only itself and a salt."""
+
+    network: str  # CAIP-2: the chain the channel id is bound to
+    contract: str  # the x402BatchSettlement contract
+    deposit_collector: str  # the EIP-3009 deposit's recipient (it forwards to the contract)
+    receiver: str  # who claims (and is swept the claims)
+    receiver_authorizer: str  # who signs claims and refunds
+    token: str
+    withdraw_delay: int  # seconds between a payer's withdrawal request and its completion
+    asset_transfer_method: str = "eip3009"
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "network": self.network,
+            "contract": self.contract,
+            "deposit_collector": self.deposit_collector,
+            "receiver": self.receiver,
+            "receiver_authorizer": self.receiver_authorizer,
+            "token": self.token,
+            "withdraw_delay": self.withdraw_delay,
+            "asset_transfer_method": self.asset_transfer_method,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class PaymentTerms:
     """Everything a 402 from this appliance may ask: payTo, the accepted assets, the schemes,
     the exact prices (default, per route, per model, per million tokens on an estimate) and
@@ -136,9 +166,12 @@ class PaymentTerms:
     token_prices: tuple[tuple[str, TokenPriceTerms], ...] = ()
     max_tokens_cap: int | None = None
     max_timeout_seconds: int = 300
+    # batch-settlement's channel terms per network (absent from the document when none: the
+    # documents of appliances without channels, and of older ones, are as before).
+    channels: tuple[ChannelTerms, ...] = ()
 
     def document(self) -> dict[str, Any]:
-        return {
+        document = {
             "pay_to": self.pay_to,
             "accepts": [a.document() for a in self.accepts],
             "schemes": list(self.schemes),
@@ -156,9 +189,15 @@ class PaymentTerms:
             "max_tokens_cap": self.max_tokens_cap,
             "max_timeout_seconds": self.max_timeout_seconds,
         }
+        if self.channels:
+            document["channels"] = [c.document() for c in self.channels]
+        return document
 
     def accepted(self, network: str) -> AcceptedAsset | None:
         return next((a for a in self.accepts if a.network == network), None)
+
+    def channel(self, network: str) -> ChannelTerms | None:
+        return next((c for c in self.channels if c.network == network), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,12 +454,16 @@ _PAYMENT_FIELDS = {
 }  # fmt: skip
 _PRICE_FIELDS = {"default", "routes", "models", "per_million_tokens", "token_estimate"}
 _ACCEPT_FIELDS = {"network", "asset", "name", "version", "decimals", "upto_facilitator"}
+_CHANNEL_FIELDS = {
+    "network", "contract", "deposit_collector", "receiver", "receiver_authorizer", "token",
+    "withdraw_delay", "asset_transfer_method",
+}  # fmt: skip
 
 
 def _payment(value: Any) -> PaymentTerms | None:
     if value is None:
         return None
-    if not isinstance(value, Mapping) or set(value) != _PAYMENT_FIELDS:
+    if not isinstance(value, Mapping) or set(value) - {"channels"} != _PAYMENT_FIELDS:
         raise BindingInvalid("payment is not the payment terms object")
     accepts = value["accepts"]
     if not isinstance(accepts, list) or not 0 < len(accepts) <= _MAX_ACCEPTS:
@@ -463,7 +506,39 @@ def _payment(value: Any) -> PaymentTerms | None:
         token_prices=tuple(parsed_token_prices),
         max_tokens_cap=None if cap is None else _count(cap, "max_tokens_cap"),
         max_timeout_seconds=_count(value["max_timeout_seconds"], "max_timeout_seconds"),
+        channels=_channels(value["channels"], parsed_accepts) if "channels" in value else (),
     )
+
+
+def _channels(value: Any, accepts: Sequence[AcceptedAsset]) -> tuple[ChannelTerms, ...]:
+    # Present only when channels are offered: an empty list is not a document this code makes.
+    if not isinstance(value, list) or not 0 < len(value) <= _MAX_ACCEPTS:
+        raise BindingInvalid("channels is not a list of channel terms")
+    channels = []
+    for item in value:
+        if not isinstance(item, Mapping) or set(item) != _CHANNEL_FIELDS:
+            raise BindingInvalid("a channel is not {network, contract, receiver, ...}")
+        delay = item["withdraw_delay"]
+        if not isinstance(delay, int) or isinstance(delay, bool) or not 0 < delay < 2**40:
+            raise BindingInvalid("a channel's withdraw_delay is not a uint40 of seconds")
+        channels.append(
+            ChannelTerms(
+                network=_text(item["network"]),
+                contract=_address(item["contract"], "contract"),
+                deposit_collector=_address(item["deposit_collector"], "deposit_collector"),
+                receiver=_address(item["receiver"], "receiver"),
+                receiver_authorizer=_address(item["receiver_authorizer"], "receiver_authorizer"),
+                token=_address(item["token"], "token"),
+                withdraw_delay=delay,
+                asset_transfer_method=_text(item["asset_transfer_method"]),
+            )
+        )
+    networks = {c.network for c in channels}
+    if len(networks) != len(channels):
+        raise BindingInvalid("channels names a network twice")
+    if not networks <= {a.network for a in accepts}:
+        raise BindingInvalid("a channel is on a network the terms do not accept")
+    return tuple(channels)
 
 
 def _accepted(item: Any) -> AcceptedAsset:

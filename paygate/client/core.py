@@ -32,6 +32,7 @@ from paygate.client.attestation import (
 from paygate.client.channels import NAME as CHANNEL_SCHEME
 from paygate.client.errors import (
     InvalidChallenge,
+    OfferNotAttested,
     PaymentNotAttested,
     PaymentRefused,
     ReplyNotSealed,
@@ -290,11 +291,11 @@ class ClientCore:
 
     def _check_challenge(
         self, request: httpx.Request, body: bytes, challenge: PaymentChallenge
-    ) -> None:
+    ) -> PaymentChallenge:
         attested = self.attested(origin_of(request.url))
         if attested is None:
             raise PaymentNotAttested("a 402 before the appliance was attested (nothing signed)")
-        check_challenge(
+        return check_challenge(
             challenge,
             attested.binding.payment,
             method=request.method,
@@ -365,7 +366,7 @@ class ClientCore:
             challenge = parse_challenge(response.headers, challenge_body, version=self.x402_version)
             if self.attestation is not None:
                 # Before anything is signed: only the attested appliance's own terms are paid.
-                self._check_challenge(request, body, challenge)
+                challenge = self._check_challenge(request, body, challenge)
             url = str(request.url.copy_with(query=None, fragment=None))
             payment = self.payer.pay(challenge, url=url)
             record = payment.record
@@ -387,7 +388,7 @@ class ClientCore:
             if response.status_code == 402:
                 refusal = yield ReadBody(response, MAX_CHALLENGE_BYTES, "the 402 refusal")
                 self.payments.header_receipt(record, response.headers)
-                again = self._resync(record, response.headers, refusal, url)
+                again = self._resync(record, response.headers, refusal, (request, body))
                 if again is not None:
                     # A channel's corrective 402, checked against our own record: pay once
                     # more on the seller's state.
@@ -406,16 +407,29 @@ class ClientCore:
         return (yield from self._reply(attempt, response, record))
 
     def _resync(
-        self, record: SentPayment, headers: httpx.Headers, body: bytes, url: str
+        self,
+        record: SentPayment,
+        headers: httpx.Headers,
+        body: bytes,
+        sent: tuple[httpx.Request, bytes],
     ) -> Payment | None:
         assert self.payer is not None
         if record.scheme != CHANNEL_SCHEME:
             return None
+        request, request_body = sent
         try:
             challenge = parse_challenge(headers, body, version=2)
+            if self.attestation is not None:
+                # The corrective 402 names the next voucher's price: held to the attested
+                # terms like the first 402, before anything more is signed.
+                challenge = self._check_challenge(request, request_body, challenge)
         except InvalidChallenge:
             self.payer.channel_ended(record)
             return None
+        except OfferNotAttested:
+            self.payer.channel_ended(record)
+            raise
+        url = str(request.url.copy_with(query=None, fragment=None))
         return self.payer.resync(record, challenge, url=url)
 
     def _renew_key(

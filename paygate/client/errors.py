@@ -175,6 +175,43 @@ class OfferFacilitatorMismatch(OfferNotAttested):
     code = "offer_facilitator_mismatch"
 
 
+class OfferReceiverAuthorizerMismatch(OfferNotAttested):
+    """A channel offer names a receiver authorizer (who signs claims and refunds) the attested
+    channel terms do not."""
+
+    message = "a channel offer's receiverAuthorizer is not the attested one"
+
+    code = "offer_receiver_authorizer_mismatch"
+
+
+class OfferWithdrawDelayMismatch(OfferNotAttested):
+    """A channel offer's withdrawDelay (how long a deposit stays locked after a withdrawal
+    request) is not the attested one."""
+
+    message = "a channel offer's withdrawDelay is not the attested one"
+
+    code = "offer_withdraw_delay_mismatch"
+
+
+class OfferChannelContractMismatch(OfferNotAttested):
+    """The attested channel terms name a settlement contract, deposit collector or deposit
+    method other than the ones this client deposits into and signs for, or the offer's
+    deposit method is not the attested one."""
+
+    message = "the channel's contracts or deposit method are not the attested ones"
+
+    code = "offer_channel_contract_mismatch"
+
+
+class OfferChannelNotAttested(OfferNotAttested):
+    """The appliance offers batch-settlement but its attested terms carry no channel terms
+    (an older gateway), and the 402 offers nothing else to pay."""
+
+    message = "the attested terms carry no channel terms: a channel offer cannot be checked"
+
+    code = "offer_channel_not_attested"
+
+
 class OfferTimeoutExceeded(OfferNotAttested):
     """An offer's maxTimeoutSeconds is longer than the attested one."""
 

@@ -37,6 +37,7 @@ from paygate.client.streams import ReplyDecoder
 from paygate.x402.inband import SSE_PREFIX as X402_SSE_PREFIX
 from paygate.x402.pricing import token_charge
 from paygate.x402.schemes import by_name
+from paygate.x402.schemes.batch_settlement import channel as ch
 
 SSE_PREFIX = b": paygate-receipt "
 NDJSON_KEY = "paygate_receipt"
@@ -244,7 +245,7 @@ def check_payment(
     if not isinstance(payment, dict):
         raise ReceiptMismatch("the signed receipt names no payment for a paid request")
     expected = {
-        "id": record.nonce.lower(),
+        "id": _payment_id(record),
         "scheme": record.scheme,
         "network": f"eip155:{record.chain_id}",
         "asset": record.asset.lower(),
@@ -267,11 +268,25 @@ def check_payment(
     ):
         raise ReceiptMismatch("the signed receipt's charge is not what the payment settled")
     scheme = by_name(record.scheme)
+    if record.scheme == ch.NAME and payment.get("prices") is None:
+        scheme = None  # a channel on a flat route: charged its price, as exact
     if scheme is None or not scheme.metered:
         if charged != record.amount_atomic:
             raise ReceiptMismatch("the signed receipt charges other than the exact price")
         return
     _check_metered_charge(claims, payment, record, charged, batch)
+
+
+def _payment_id(record: SentPayment) -> str:
+    """The id the seller records a payment by: the authorization's nonce, or a channel
+    payment's voucher id (its record's nonce is ``<channel id>:<cumulative ceiling>``)."""
+    if record.scheme == ch.NAME:
+        channel, _, ceiling = record.nonce.partition(":")
+        try:
+            return ch.voucher_id(channel, int(ceiling))
+        except (ValueError, OverflowError):
+            return record.nonce.lower()  # not ours: refused as another payment's
+    return record.nonce.lower()
 
 
 def _check_metered_charge(
@@ -286,8 +301,11 @@ def _check_metered_charge(
         raise ReceiptMismatch("the metered receipt states no usage")
     prices = _prices(payment.get("prices"))
     # The offered prices are the attested ones when an attestation policy is set: the payer
-    # checked the offer against the attested payment terms before signing (client.terms).
-    if prices is None or record.prices is None or prices != record.prices:
+    # checked the offer against the attested payment terms before signing (client.terms). A
+    # channel offer states none (its ceiling, held to the attested maximum, bounds the charge):
+    # the charge must then be its usage at the receipt's own prices.
+    offered = record.prices if record.scheme != ch.NAME else prices
+    if prices is None or offered is None or prices != offered:
         raise ReceiptMismatch("the metered receipt's prices are not the ones offered")
     if batch:
         return  # charged <= authorized is checked with the form

@@ -10,30 +10,42 @@ each of its offers must be one the attested appliance could have made for *this*
 - ``exact``: the amount is the attested price of this route/model (batch: the items' sum);
 - ``upto``: the scheme and the facilitator are attested, the offered token prices are the
   attested ones for the model, and the maximum is at most what those prices allow for this
-  request's prompt bound and the attested output cap.
+  request's prompt bound and the attested output cap;
+- ``batch-settlement``: the network's attested channel terms name exactly the offer's receiver
+  (payTo), token, ``receiverAuthorizer``, ``withdrawDelay`` and deposit method, and the
+  settlement contract and deposit collector this client deposits into and signs vouchers
+  for; the amount is the attested price, or within the attested metered maximum.
 
 Any offer outside raises its own :class:`~paygate.client.errors.OfferNotAttested` code: a
-tampered 402 is refused as a whole, never "the other offer" paid instead.
+tampered 402 is refused as a whole, never "the other offer" paid instead. One exception: an
+appliance that attests batch-settlement among its schemes without channel terms (a release
+before they were attested) cannot have its channel offers checked; those are left out and the
+rest paid, or :class:`~paygate.client.errors.OfferChannelNotAttested` when nothing is left.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
 
 from eth_utils import is_address, to_checksum_address
 
-from enclave.attestation.binding import AcceptedAsset, PaymentTerms, TokenPriceTerms
+from enclave.attestation.binding import AcceptedAsset, ChannelTerms, PaymentTerms, TokenPriceTerms
 from paygate import jsonsafe
 from paygate.client.errors import (
     OfferAssetMismatch,
+    OfferChannelContractMismatch,
+    OfferChannelNotAttested,
     OfferFacilitatorMismatch,
     OfferMaximumExceeded,
     OfferNetworkMismatch,
     OfferPayToMismatch,
     OfferPriceMismatch,
+    OfferReceiverAuthorizerMismatch,
     OfferSchemeMismatch,
     OfferTimeoutExceeded,
     OfferTokenPriceMismatch,
+    OfferWithdrawDelayMismatch,
     PaymentNotAttested,
 )
 from paygate.client.payer import ChallengeOffer, PaymentChallenge
@@ -47,6 +59,7 @@ from paygate.x402.pricing import (
     offered_prices,
     prompt_token_bound,
 )
+from paygate.x402.schemes.batch_settlement import channel as ch
 from paygate.x402.schemes.upto.offer import FACILITATOR_EXTRA
 
 MAX_BATCH_ITEMS = 256  # the gateway's own bound (batch_max_items) is at most this
@@ -60,15 +73,27 @@ def check_challenge(
     method: str,
     path: str,
     body: bytes,
-) -> None:
-    """Raise the first offer's refusal, or return: every offer is within ``terms``."""
+) -> PaymentChallenge:
+    """Raise the first offer's refusal, or return the challenge to pay: every offer within
+    ``terms`` (channel offers of an appliance that attests no channel terms left out)."""
     if terms is None:
         raise PaymentNotAttested(
             "the attested appliance does not charge: this 402 is not from it (nothing signed)"
         )
     request = _Request(terms, method=method, path=path, body=body)
+    unchecked = 0
     for offer in challenge.offers:
-        _check_offer(offer, terms, request)
+        if not _check_offer(offer, terms, request):
+            unchecked += 1
+    if not unchecked:
+        return challenge
+    kept = tuple(o for o in challenge.offers if o.scheme != ch.NAME)
+    if not kept:
+        raise OfferChannelNotAttested(
+            "the attested terms carry no channel terms (an older gateway) and the 402 offers "
+            "nothing else: nothing signed"
+        )
+    return dataclasses.replace(challenge, offers=kept)
 
 
 class _Request:
@@ -80,6 +105,10 @@ class _Request:
         self._path = path
         self._body = body
         self._items: tuple[bytes, ...] | None = None
+
+    @property
+    def terms(self) -> PaymentTerms:
+        return self._terms
 
     def items(self) -> tuple[bytes, ...]:
         """The request bodies priced one by one: a batch's items, else the body itself."""
@@ -138,7 +167,9 @@ class _Request:
         return total
 
 
-def _check_offer(offer: ChallengeOffer, terms: PaymentTerms, request: _Request) -> None:
+def _check_offer(offer: ChallengeOffer, terms: PaymentTerms, request: _Request) -> bool:
+    """Raise the offer's refusal; False: a channel offer the terms cannot check (no channel
+    terms attested), True: within the terms."""
     what = f"{offer.scheme} offer on {offer.network[:40]}"
     if not is_address(offer.pay_to) or to_checksum_address(offer.pay_to) != (
         to_checksum_address(terms.pay_to)
@@ -168,8 +199,72 @@ def _check_offer(offer: ChallengeOffer, terms: PaymentTerms, request: _Request) 
             )
     elif offer.scheme == "upto":
         _check_upto(offer, terms, accepted, request, what)
+    elif offer.scheme == ch.NAME and ch.NAME in terms.schemes:
+        if not terms.channels:
+            return False
+        _check_channel(offer, accepted, request, what)
     else:
         raise OfferSchemeMismatch(f"{what}: scheme {offer.scheme[:16]!r} is not attested")
+    return True
+
+
+def _check_channel(
+    offer: ChallengeOffer, accepted: AcceptedAsset, request: _Request, what: str
+) -> None:
+    """Every field of the channel the payer would open (where its deposit goes, who may claim
+    and refund it, how long it stays locked) as attested, before a deposit is signed."""
+    channel = request.terms.channel(accepted.network)
+    if channel is None:
+        raise OfferNetworkMismatch(f"{what}: the attested terms open no channel on this chain")
+    if not _same_address(offer.pay_to, channel.receiver):
+        raise OfferPayToMismatch(f"{what}: the channel's receiver is not the attested one")
+    if not _same_address(offer.asset, channel.token):
+        raise OfferAssetMismatch(f"{what}: the channel's token is not the attested one")
+    authorizer = offer.extra.get("receiverAuthorizer")
+    if not isinstance(authorizer, str) or not _same_address(
+        authorizer, channel.receiver_authorizer
+    ):
+        raise OfferReceiverAuthorizerMismatch(
+            f"{what}: receiverAuthorizer is not the attested {channel.receiver_authorizer}"
+        )
+    if _seconds(offer.extra.get("withdrawDelay")) != channel.withdraw_delay:
+        raise OfferWithdrawDelayMismatch(
+            f"{what}: withdrawDelay is not the attested {channel.withdraw_delay} s"
+        )
+    _check_contracts(offer, channel, what)
+    _check_channel_amount(offer, accepted, request, what)
+
+
+def _check_contracts(offer: ChallengeOffer, channel: ChannelTerms, what: str) -> None:
+    # The offer does not name the contracts: this client deposits into and signs vouchers for
+    # the canonical ones, so the appliance must attest exactly those.
+    if not _same_address(channel.contract, ch.SETTLEMENT_ADDRESS) or not _same_address(
+        channel.deposit_collector, ch.ERC3009_COLLECTOR_ADDRESS
+    ):
+        raise OfferChannelContractMismatch(
+            f"{what}: the attested settlement contract or deposit collector is not the one this "
+            "client deposits into"
+        )
+    method = offer.extra.get("assetTransferMethod", "eip3009")
+    if method != channel.asset_transfer_method:
+        raise OfferChannelContractMismatch(f"{what}: the deposit method is not the attested one")
+
+
+def _check_channel_amount(
+    offer: ChallengeOffer, accepted: AcceptedAsset, request: _Request, what: str
+) -> None:
+    """A channel offer's amount: the attested price, or (a metered route: the charge is what
+    was used, up to it) at most the attested metered maximum."""
+    if offer.amount <= 0:  # the gateway offers no channel for a free request
+        raise OfferPriceMismatch(f"{what}: a channel payment of nothing is not attested")
+    if offer.amount == to_atomic(request.price(), accepted.decimals):
+        return
+    maximum = request.maximum()
+    if maximum is None or offer.amount > to_atomic_ceiling(maximum, accepted.decimals):
+        raise OfferPriceMismatch(
+            f"{what}: asks {offer.amount}, neither the attested price nor within the attested "
+            "metered maximum (atomic units)"
+        )
 
 
 def _check_upto(
@@ -199,6 +294,19 @@ def _check_upto(
             f"{what}: the maximum {offer.amount} is above the {allowed} the attested prices and "
             "output cap allow for this request (atomic units)"
         )
+
+
+def _same_address(stated: str, attested: str) -> bool:
+    return is_address(stated) and to_checksum_address(stated) == to_checksum_address(attested)
+
+
+def _seconds(value: object) -> int | None:
+    """A withdrawDelay as the offer states it (a decimal string, or a number), or None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 12:
+        return int(value)
+    return None
 
 
 def _accepted(terms: PaymentTerms, network: str) -> AcceptedAsset | None:

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -47,6 +47,7 @@ from paygate.server.attestation import (
     AttestationService,
     code_digest,
     gateway_version,
+    offered_channels,
     parse_models,
     payment_document,
 )
@@ -451,8 +452,12 @@ async def attestation_service(
     settings, attestation = plan.settings, plan.attestation
     payment = attestation.payment
     if payment is not None and isinstance(app[PAYMENTS], X402Payments):
-        # The payment terms as offered, with the upto facilitator the settler named.
-        payment = attestation_config(settings, app[PAYMENTS].processor.terms.upto_extra).payment
+        # The payment terms as offered, with the upto facilitator the settler named and the
+        # channel terms of the bound batch-settlement scheme.
+        processor = app[PAYMENTS].processor
+        payment = attestation_config(
+            settings, processor.terms.upto_extra, offered_channels(processor)
+        ).payment
     try:
         bound = dataclasses.replace(
             attestation,
@@ -569,10 +574,13 @@ def admission_limits(settings: Settings) -> AdmissionLimits:
 
 
 def attestation_config(
-    settings: Settings, upto_extra: Mapping[str, Mapping[str, str]] | None = None
+    settings: Settings,
+    upto_extra: Mapping[str, Mapping[str, str]] | None = None,
+    channels: Sequence[binding.ChannelTerms] = (),
 ) -> AttestationConfig:
     """What the attestation endpoints bind and how much they may cost (docs/ATTESTATION.md).
-    ``upto_extra``: the upto facilitator per network, known once the payment step asked it."""
+    ``upto_extra``: the upto facilitator per network, known once the payment step asked it;
+    ``channels``: the batch-settlement channel terms, known once the scheme is bound."""
     kind = settings.attestation
     if kind == "auto":
         kind = "tpm" if settings.key_backend == "tpm" else "none"
@@ -589,6 +597,7 @@ def attestation_config(
             token_pricing(settings),
             settings.payment_schemes,
             settings.max_tokens_cap,
+            channels,
         )
     return AttestationConfig(
         kind=kind,

@@ -54,6 +54,15 @@ from paygate.server.limits import read_body
 from paygate.x402.metering import TokenPricing
 from paygate.x402.offers import PaymentTerms
 from paygate.x402.pricing import PricePolicy
+from paygate.x402.processor import PaymentProcessor
+from paygate.x402.schemes import SCHEMES
+from paygate.x402.schemes.batch_settlement.bound import BoundBatchSettlement
+from paygate.x402.schemes.batch_settlement.channel import (
+    ERC3009_COLLECTOR_ADDRESS,
+    SETTLEMENT_ADDRESS,
+)
+from paygate.x402.schemes.batch_settlement.channel import NAME as CHANNEL_SCHEME
+from paygate.x402.schemes.batch_settlement.offer import DEPOSIT_METHOD
 from paygate.x402.schemes.upto.offer import FACILITATOR_EXTRA
 
 EvidenceKind = Literal["tpm", "none", "sev-snp", "tdx", "nitro"]
@@ -461,10 +470,14 @@ def payment_document(
     pricing: TokenPricing | None,
     schemes: Sequence[str],
     max_tokens_cap: int | None = None,
+    channels: Sequence[binding.ChannelTerms] = (),
 ) -> binding.PaymentTerms:
     """The whole payment terms for the binding document: what every 402 of this appliance
-    may ask (a client refuses any offer outside them before it signs)."""
-    metered = "upto" in schemes and pricing is not None
+    may ask (a client refuses any offer outside them before it signs). ``channels``: the
+    batch-settlement channel terms (:func:`channel_terms`), known once the scheme is bound."""
+    # Token prices bound every metered offer: upto's maximum, and a channel offer's on a
+    # metered route (batch-settlement charges what was used, up to it).
+    metered = pricing is not None and any(s in SCHEMES and SCHEMES[s].metered for s in schemes)
     return binding.PaymentTerms(
         pay_to=terms.pay_to,
         accepts=tuple(
@@ -476,7 +489,7 @@ def payment_document(
                 decimals=a.asset.decimals,
                 upto_facilitator=(
                     terms.upto_extra.get(a.network.caip2, {}).get(FACILITATOR_EXTRA)
-                    if metered
+                    if metered and "upto" in schemes
                     else None
                 ),
             )
@@ -499,6 +512,41 @@ def payment_document(
         # The output cap the shaper bounds every metered request by (paygate.upstream.shaping).
         max_tokens_cap=max_tokens_cap if metered else None,
         max_timeout_seconds=terms.max_timeout_seconds,
+        channels=tuple(channels),
+    )
+
+
+def channel_terms(
+    terms: PaymentTerms, *, receiver_authorizer: str, withdraw_delay: int
+) -> tuple[binding.ChannelTerms, ...]:
+    """batch-settlement's channel terms, one per accepted asset, as its offers state them
+    (``batch_settlement.offer``: payTo the receiver, the asset the token, the bound scheme's
+    receiver authorizer and withdraw delay, EIP-3009 deposits) with the contracts the money goes
+    to: what a verifying client holds a channel offer against before it deposits."""
+    return tuple(
+        binding.ChannelTerms(
+            network=a.network.caip2,
+            contract=SETTLEMENT_ADDRESS,
+            deposit_collector=ERC3009_COLLECTOR_ADDRESS,
+            receiver=terms.pay_to,
+            receiver_authorizer=receiver_authorizer,
+            token=a.asset.address,
+            withdraw_delay=withdraw_delay,
+            asset_transfer_method=DEPOSIT_METHOD,
+        )
+        for a in terms.accepted
+    )
+
+
+def offered_channels(processor: PaymentProcessor) -> tuple[binding.ChannelTerms, ...]:
+    """The channel terms of the processor's bound batch-settlement scheme (none without it)."""
+    scheme = processor.scheme(CHANNEL_SCHEME) if CHANNEL_SCHEME in processor.schemes else None
+    if not isinstance(scheme, BoundBatchSettlement) or scheme.channels is None:
+        return ()
+    return channel_terms(
+        processor.terms,
+        receiver_authorizer=scheme.channels.receiver_authorizer,
+        withdraw_delay=scheme.channels.withdraw_delay,
     )
 
 

@@ -19,6 +19,7 @@ from paygate.x402.schemes.base import Authorized, with_amount
 from paygate.x402.schemes.batch_settlement.channel import NAME
 
 MIN_DEPOSIT_REQUESTS = 10
+DEPOSIT_METHOD = "eip3009"  # how a deposit is authorized (Permit2 deposits are refused)
 
 
 def offers(
@@ -39,7 +40,7 @@ def offers(
         if amount <= 0:
             continue
         extra = {
-            "assetTransferMethod": "eip3009",
+            "assetTransferMethod": DEPOSIT_METHOD,
             "minDeposit": str(amount * MIN_DEPOSIT_REQUESTS),
             "receiverAuthorizer": receiver_authorizer,
             "withdrawDelay": str(withdraw_delay),

@@ -25,7 +25,7 @@ from paygate.x402.offers import Offer
 from paygate.x402.schemes.base import Authorized, CheckTime, PaymentRejected, same_address
 from paygate.x402.schemes.batch_settlement import channel as ch
 from paygate.x402.schemes.batch_settlement.store import Channel
-from paygate.x402.typed_digest import checksum, keccak
+from paygate.x402.typed_digest import checksum
 
 FORGED = "invalid_batch_settlement_evm_voucher_signature"
 NOT_CUMULATIVE = "invalid_batch_settlement_evm_cumulative_amount_mismatch"
@@ -51,12 +51,7 @@ class CheckedVoucher:
     @property
     def voucher_key(self) -> str:
         """The voucher's replay key (and its pending-lease owner): one per (channel, ceiling)."""
-        return (
-            "0x"
-            + keccak(
-                bytes.fromhex(self.channel_id[2:]) + self.max_claimable.to_bytes(16, "big")
-            ).hex()
-        )
+        return ch.voucher_id(self.channel_id, self.max_claimable)
 
 
 @dataclass(frozen=True, slots=True)

@@ -193,8 +193,9 @@ def test_one_request_per_channel_and_a_bounded_number_of_channels() -> None:
 
 
 def test_attested_terms_hold_batch_settlement_offers() -> None:
-    """The attested terms name no receiver authorizer: a channel offer is never paid under
-    attestation, and one with another payee or token says so first."""
+    """Attested terms that do not list batch-settlement: a channel offer is refused as not the
+    appliance's, and one with another payee or token says so first (the channel terms
+    themselves: test_client_channel_terms.py)."""
     body = b'{"model": "m", "messages": []}'
     for bad, code in (
         (offer(), "offer_scheme_mismatch"),
