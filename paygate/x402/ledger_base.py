@@ -285,9 +285,7 @@ class Ledger:
         free requests of ``day`` too, whatever the wallet: :class:`FreeAddressUsed` when none
         is left (nothing recorded). Atomic across processes and replicas."""
         checked = check_free_request(payer, nonce, day, limit, address, address_limit)
-        return await self._run(
-            self._take_free, checked, nonce, day, limit, address, address_limit
-        )
+        return await self._run(self._take_free, checked, nonce, day, limit, address, address_limit)
 
     async def signin_key(self) -> bytes:
         """The secret that proves a sign-in-with-x nonce was issued by this deployment (made

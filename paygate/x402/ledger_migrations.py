@@ -12,8 +12,8 @@ expiry) and the payment_events history. v3: metering (scheme, model, usage, amou
 moved) and the free quota's tables. v4: the economics controls and the console (token usage,
 limit events, alert claims, one-time console logins; paygate.economics, paygate.console).
 v5: the transparency log (paygate.tlog). v6: signed receipts, payments by nonce. v7: budgets by
-when a payment counted, the sign-in key. v8: batch settlement's channels, vouchers and claims. v9: the free requests of
-each client address per day (shared by every process on the ledger).
+when a payment counted, the sign-in key. v8: batch settlement's channels, vouchers and claims.
+v9: the free requests of each client address per day (shared by every process on the ledger).
 """
 
 from __future__ import annotations

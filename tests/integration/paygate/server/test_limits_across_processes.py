@@ -182,9 +182,10 @@ async def test_two_workers_together_keep_to_the_configured_per_ip_burst(
 
 async def unpaid(url: str) -> int:
     connector = aiohttp.TCPConnector(force_close=True)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=30)
-    ) as client:
-        async with client.post(url + CHAT, json=CHAT_BODY) as response:
-            await response.read()
-            return response.status
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=timeout) as client,
+        client.post(url + CHAT, json=CHAT_BODY) as response,
+    ):
+        await response.read()
+        return response.status

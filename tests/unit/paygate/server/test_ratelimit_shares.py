@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from paygate.server.ratelimit import Rate, RateLimitTable, TokenBuckets
+from paygate.server.ratelimit import Rate, RateLimited, RateLimitTable, TokenBuckets
 
 ANY = "*"
 
@@ -65,3 +65,27 @@ def test_workers_together_never_admit_more_than_the_host_s_rate(workers: int) ->
         for j in range(i, len(admitted)):
             within = j - i + 1
             assert within <= burst + per_minute / 60.0 * (admitted[j] - start) + 1e-9
+
+
+def test_each_worker_builds_its_share_and_the_first_says_what_cannot_be_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from paygate.config import Settings
+    from paygate.server.assembly import rate_limits
+
+    settings = Settings(workers=4, rate_limits={"*": {"per_ip": 8, "burst": 2}})
+    with caplog.at_level("WARNING", logger="paygate.server"):
+        limits = [rate_limits(settings, worker) for worker in (1, 2, 3, 4)]
+    warnings = [r.getMessage() for r in caplog.records if "burst below workers" in r.message]
+    assert warnings == [
+        "rate_limits *: burst below workers (4): each worker admits at least one at once,"
+        " so up to 4 at once from one host"
+    ]
+    # Worker 1 of 4: a quarter of the rate, one at once; taken a second time, refused.
+    first = limits[0]
+    assert first is not None
+    first.check_address("POST /v1/chat/completions", "198.51.100.7")
+    with pytest.raises(RateLimited, match="too many requests from this address") as refused:
+        first.check_address("POST /v1/chat/completions", "198.51.100.7")
+    assert refused.value.headers["x-ratelimit-limit-requests"] == "1"
+    assert rate_limits(Settings(workers=4)) is None

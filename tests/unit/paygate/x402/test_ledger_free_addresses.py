@@ -20,7 +20,7 @@ ADDRESS = "a" * 64  # a digest, as paygate.x402.free keeps an address
 
 async def take(
     ledger: Ledger, n: int, *, day: str = DAY, address: str = ADDRESS, cap: int = 2
-) -> int | None | str:
+) -> int | str | None:
     """Wallet ``n``'s free request with sign-in nonce ``n`` (its own cap: 5)."""
     try:
         return await ledger.take_free(
