@@ -10,7 +10,9 @@ model server counting what it serves):
   together admit the configured burst, not twice it.
 
 Which worker answers is made certain by stopping the other one (SIGSTOP, by its PID: the kernel
-then hands every new connection to the one left running), and resuming it after.
+then hands every new connection to the one left running), and resuming it after. The
+reconcilers run every minute here, not every half second: a worker stopped inside one of their
+SQLite transactions would hold the write lock the other needs.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from tests.fixtures.payment_support import CHAT, CHAT_BODY, challenge_of
 from tests.fixtures.scale_support import COMPLETIONS, Env, fake_upstream, make_key, replicas
 
 PUBLIC = "http://gate.test"  # what sign-ins are for (public_url), whatever port is reached
+QUIET = {"PAYGATE_RECONCILE_INTERVAL_SECONDS": "60"}  # (module docs)
 
 
 def free_env(per_address: int, **extra: str) -> dict[str, str]:
@@ -40,6 +43,7 @@ def free_env(per_address: int, **extra: str) -> dict[str, str]:
         "PAYGATE_PUBLIC_URL": PUBLIC,
         "PAYGATE_FREE_REQUESTS_PER_DAY": "5",
         "PAYGATE_FREE_REQUESTS_PER_ADDRESS_PER_DAY": str(per_address),
+        **QUIET,
         **extra,
     }
 
@@ -166,7 +170,7 @@ async def test_two_workers_together_keep_to_the_configured_per_ip_burst(
             facilitator.url,
             upstream,
             tmp_path,
-            {"PAYGATE_RATE_LIMITS": limits},
+            {"PAYGATE_RATE_LIMITS": limits, **QUIET},
         )
         async with replicas(env, ["w"], workers=2) as (parent,):
             workers = sorted(parent.children())
