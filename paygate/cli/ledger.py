@@ -22,9 +22,8 @@ from paygate.cli.options import add_action, command_actions
 from paygate.config import load_settings
 from paygate.x402.ledger import LedgerConflict
 from paygate.x402.ledger_copy import Counts, Store, copy_tables
+from paygate.x402.ledger_migrations import SCHEMA_VERSION  # both stores' (one set of steps)
 from paygate.x402.ledger_store import LedgerLocation, open_ledger
-
-SCHEMA_VERSION = 8  # both stores number their schemas alike (ledger_sqlite, ledger_postgres)
 
 
 def register(sub: Any) -> None:

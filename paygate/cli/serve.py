@@ -125,7 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
         mine = settings
         if settings.replica_id is not None:
             mine = settings.model_copy(update={"replica_id": f"{settings.replica_id}.w{index}"})
-        app = build_app(mine)
+        app = build_app(mine, worker=index)  # its share of the rate limits
         restore_recursion_limit()
         if console is not None:
             app.cleanup_ctx.append(_console_starter(mine, console))

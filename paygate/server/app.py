@@ -167,8 +167,9 @@ def build_app(
     payments: PaymentStep | None = None,
     routes: RouteTable | None = None,
     gpu: GpuEvidenceProvider | None = None,
+    worker: int = 1,
 ) -> web.Application:
-    """Build the gateway for ``settings``.
+    """Build the gateway for ``settings`` (as worker ``worker`` of ``settings.workers``).
 
     ``key`` is opened from the settings at startup (and closed at cleanup) unless given; a
     given key stays the caller's to close. ``gpu``: the GPU evidence provider (default: as
@@ -176,7 +177,7 @@ def build_app(
     mode; payment settings that cannot work raise ConfigError here, before anything listens.
     Below this factory nothing reads ``Settings``: each part gets its own typed view.
     """
-    plan = make_plan(settings, key=key, payments=payments, routes=routes, gpu=gpu)
+    plan = make_plan(settings, key=key, payments=payments, routes=routes, gpu=gpu, worker=worker)
     app = web.Application(client_max_size=settings.max_body_bytes)
     if plan.tracing is not None:
         app.on_cleanup.append(functools.partial(stop_tracing, plan.tracing))
@@ -207,6 +208,7 @@ def make_plan(
     payments: PaymentStep | None,
     routes: RouteTable | None,
     gpu: GpuEvidenceProvider | None,
+    worker: int = 1,
 ) -> Plan:
     if payments is None:
         check_payment_settings(settings)
@@ -222,7 +224,7 @@ def make_plan(
         routes=routes,
         gpu=gpu,
         attestation=attestation_config(settings),
-        limits=rate_limits(settings),
+        limits=rate_limits(settings, worker),
         entries=entries,
         shaper=request_shaper(settings),
         alerts=alert_sink(settings),  # ConfigError here, before anything listens

@@ -118,8 +118,9 @@ async def upto_terms(settings: Settings, settler: Settler) -> dict[str, dict[str
     return extra
 
 
-def rate_limits(settings: Settings) -> RateLimits | None:
-    """The address and payer token buckets, or None when no limit is configured."""
+def rate_limits(settings: Settings, worker: int = 1) -> RateLimits | None:
+    """The address and payer token buckets, or None when no limit is configured; with
+    ``workers`` > 1, worker ``worker``'s share of each rate (paygate.server.ratelimit)."""
     per_ip = {
         key: Rate(limit.per_ip, limit.burst)
         for key, limit in settings.rate_limits.items()
@@ -133,7 +134,12 @@ def rate_limits(settings: Settings) -> RateLimits | None:
     if any(key.startswith(MODEL_PREFIX) for key in per_ip):
         raise ConfigError("rate_limits: a model's limit can be per_payer only (per_ip runs first)")
     table = RateLimitTable(per_ip=per_ip, per_payer=per_payer)
-    return None if table.empty else RateLimits(table)
+    if table.empty:
+        return None
+    warning = table.share_warning(settings.workers)
+    if warning is not None and worker == 1:  # said once, not by every worker
+        log.warning("%s", warning)
+    return RateLimits(table.share(worker, settings.workers))
 
 
 def token_pricing(settings: Settings) -> TokenPricing | None:

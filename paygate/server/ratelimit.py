@@ -8,6 +8,17 @@ limits only: the address limit runs before the body is read), its route (``"POST
 /v1/chat/completions"``), then ``"*"``. Address limits cover unpaid challenges too. The number
 of buckets is bounded; past it the least recently used are forgotten (a forgotten bucket is a
 full one: forgetting never refuses anyone).
+
+With ``--workers N`` every worker keeps its own buckets (a ledger round trip per request, free
+ones included, would cost every request), so each enforces its share (:meth:`RateLimitTable.
+share`): ``per_minute / N``, and the ``burst`` split so that the shares add up to it exactly
+(worker i of N gets ``burst // N``, plus one for the first ``burst % N``). A host then never
+admits more than the configured rate, whichever worker the kernel hands each connection to.
+The price: one client whose requests all reach one worker (one keep-alive connection) gets that
+worker's share, not the whole limit. A share is at least one request, so a ``burst`` below N is
+exceeded (N at once instead of ``burst``; the rate still holds): ``share_warning`` says so
+at start. Replicas on other hosts share nothing here: a fleet-wide limit belongs in the load
+balancer (docs/SCALING.md).
 """
 
 from __future__ import annotations
@@ -54,6 +65,31 @@ class RateLimitTable:
     @property
     def empty(self) -> bool:
         return not self.per_ip and not self.per_payer
+
+    def share(self, worker: int, workers: int) -> RateLimitTable:
+        """Worker ``worker``'s (1..``workers``) share of every rate (module docs)."""
+        if not 1 <= worker <= workers:
+            raise ValueError("worker must be in 1..workers")
+
+        def one(rate: Rate) -> Rate:
+            burst = rate.burst // workers + (worker <= rate.burst % workers)
+            return Rate(rate.per_minute / workers, max(1, burst))
+
+        return RateLimitTable(
+            per_ip={key: one(rate) for key, rate in self.per_ip.items()},
+            per_payer={key: one(rate) for key, rate in self.per_payer.items()},
+        )
+
+    def share_warning(self, workers: int) -> str | None:
+        """What :meth:`share` cannot keep: the limits whose ``burst`` is below ``workers``."""
+        rates = {**self.per_ip, **self.per_payer}
+        low = sorted(key for key, rate in rates.items() if rate.burst < workers)
+        if not low:
+            return None
+        return (
+            f"rate_limits {', '.join(low)}: burst below workers ({workers}): each worker admits "
+            f"at least one at once, so up to {workers} at once from one host"
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,19 +1,25 @@
 """Free requests: a wallet's daily quota, proven with sign-in-with-x (paygate.x402.siwx), and a
 per-address allowance so that fresh wallets from one host share that host's.
+
+Both are counted in the ledger, in one transaction per free request, so that every worker
+(``--workers``) and every replica on the ledger shares them: one address rotating wallets across
+N processes still gets its cap once, not N times. The ledger keeps an address as a keyed digest
+(HMAC-SHA256 under the deployment's sign-in key), not as the address itself.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from urllib.parse import urlsplit
 
 from paygate.x402 import siwx
 from paygate.x402.hooks import PayerCheck
-from paygate.x402.ledger import LedgerUnavailable, SignInReused
+from paygate.x402.ledger import FreeAddressUsed, LedgerUnavailable, SignInReused
 from paygate.x402.ledger_base import Ledger
 from paygate.x402.models import ResourceInfo
 from paygate.x402.offers import Offer, PaymentTerms
@@ -23,13 +29,12 @@ from paygate.x402.results import PaymentAdmission
 from paygate.x402.settler import SettlerUnavailable
 from paygate.x402.smartwallet import WalletVerifier
 
-MAX_FREE_ADDRESSES = 100_000  # address keys whose free requests today are counted
+ADDRESS_DIGEST = b"paygate free address\x00"  # what the address digests are keyed for
 
 
 @dataclass(slots=True, kw_only=True)
 class FreeQuota:
-    """Today's free requests per wallet (in the ledger) and per client address key (in memory,
-    per process, bounded)."""
+    """Today's free requests per wallet and per client address key, both in the ledger."""
 
     terms: PaymentTerms
     ledger: Ledger
@@ -39,9 +44,6 @@ class FreeQuota:
     payer_check: PayerCheck | None = None
     wallets: WalletVerifier | None = None  # contract-wallet sign-ins: asked on chain (smartwallet)
     clock: Callable[[], float] = time.time
-    _by_address: OrderedDict[tuple[str, str], int] = field(
-        default_factory=OrderedDict, init=False, repr=False
-    )
 
     async def load_signin_key(self) -> None:
         """At start: the deployment's sign-in key, from the ledger."""
@@ -82,17 +84,22 @@ class FreeQuota:
         if limited is not None:
             return limited
         day = time.strftime("%Y-%m-%d", time.gmtime(now))
-        if not self._take_address(client, day):
+        try:
+            left = await self.ledger.take_free(
+                payer=payer,
+                nonce=proof.nonce,
+                day=day,
+                limit=self.per_day,
+                address=self.address_digest(client),
+                address_limit=self.per_address or self.per_day,
+            )
+        except FreeAddressUsed:
             return refusals.challenge(
                 402,
                 "free_quota_exhausted",
                 "today's free requests from this address are used: pay",
                 offers,
                 resource,
-            )
-        try:
-            left = await self.ledger.take_free(
-                payer=payer, nonce=proof.nonce, day=day, limit=self.per_day
             )
         except SignInReused:
             return refusals.challenge(
@@ -106,11 +113,8 @@ class FreeQuota:
             )
         return PaymentAdmission(price=price, free_remaining=left)
 
-    def _take_address(self, client: str, day: str) -> bool:
-        """One of ``client``'s free requests today (False: none left)."""
-        key, allowed = (client, day), self.per_address or self.per_day
-        used = self._by_address.pop(key, 0)
-        self._by_address[key] = used + (used < allowed)
-        while len(self._by_address) > MAX_FREE_ADDRESSES:
-            self._by_address.popitem(last=False)
-        return used < allowed
+    def address_digest(self, client: str) -> str:
+        """How the ledger keeps ``client`` (an address key, paygate.server.forwarded): the same
+        in every process on the ledger (one sign-in key), and not the address in clear."""
+        key = self.refusals.signin_key
+        return hmac.new(key, ADDRESS_DIGEST + client.encode(), hashlib.sha256).hexdigest()

@@ -314,6 +314,14 @@ class SignInReused(LedgerError):
     code = "siwx_nonce_reused"
 
 
+class FreeAddressUsed(LedgerError):
+    """The client address's free requests of the day are used (nothing was recorded)."""
+
+    message = "today's free requests from this address are used"
+
+    code = "free_address_exhausted"
+
+
 class IdempotencyKeyReused(LedgerError):
     """The payment-identifier already names a different authorization."""
 

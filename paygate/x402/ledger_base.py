@@ -268,12 +268,24 @@ class Ledger:
         moved on meanwhile keeps it. True when freed (paygate.x402.idempotency)."""
         return await self._run(self._forget_idempotency_key, key, payment_id, ended, before)
 
-    async def take_free(self, *, payer: str, nonce: str, day: str, limit: int) -> int | None:
+    async def take_free(
+        self,
+        *,
+        payer: str,
+        nonce: str,
+        day: str,
+        limit: int,
+        address: str | None = None,
+        address_limit: int = 0,
+    ) -> int | None:
         """Take one of ``payer``'s ``limit`` free requests of ``day`` (UTC, YYYY-MM-DD) with a
         sign-in ``nonce`` (used once, ever: :class:`SignInReused`). The requests left after
-        this one, or None when none was left (nothing recorded)."""
-        checked = check_free_request(payer, nonce, day, limit)
-        return await self._run(self._take_free, checked, nonce, day, limit)
+        this one, or None when none was left (nothing recorded). With ``address`` (the
+        client's address key), in the same transaction, one of that key's ``address_limit``
+        free requests of ``day`` too, whatever the wallet: :class:`FreeAddressUsed` when none
+        is left (nothing recorded). Atomic across processes and replicas."""
+        checked = check_free_request(payer, nonce, day, limit, address, address_limit)
+        return await self._run(self._take_free, checked, nonce, day, limit, address, address_limit)
 
     async def signin_key(self) -> bytes:
         """The secret that proves a sign-in-with-x nonce was issued by this deployment (made

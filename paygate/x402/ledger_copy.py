@@ -35,13 +35,14 @@ class Table:
     unique: tuple[tuple[str, ...], ...] = ()  # other unique keys (a row must not collide)
 
 
-#: Every table of the schema (v8), referenced tables first. ``ledger_schema`` is not copied:
+#: Every table of the schema (v9), referenced tables first. ``ledger_schema`` is not copied:
 #: the versions must already be equal.
 TABLES: tuple[Table, ...] = (
     Table("payments", ("id",), (("idempotency_key",), ("network", "asset", "payer", "nonce"))),
     Table("payment_events", ("seq",)),
     Table("receipts", ("payment_id", "kind")),
     Table("free_quota", ("payer", "day")),
+    Table("free_addresses", ("day", "address")),
     Table("signin_nonces", ("nonce",)),
     Table("signin_key", ("id",)),
     Table("token_usage", ("seq",)),

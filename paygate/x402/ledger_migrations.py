@@ -13,6 +13,7 @@ moved) and the free quota's tables. v4: the economics controls and the console (
 limit events, alert claims, one-time console logins; paygate.economics, paygate.console).
 v5: the transparency log (paygate.tlog). v6: signed receipts, payments by nonce. v7: budgets by
 when a payment counted, the sign-in key. v8: batch settlement's channels, vouchers and claims.
+v9: the free requests of each client address per day (shared by every process on the ledger).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Literal
 from paygate.x402.ledger import PaymentState
 
 SqlDialect = Literal["sqlite", "postgres"]
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 # What differs between the dialects, by name: (SQLite, PostgreSQL).
 _WORDS: dict[str, tuple[str, str]] = {
@@ -224,6 +225,18 @@ def migrations(dialect: SqlDialect) -> dict[int, tuple[str, ...]]:
                 f"lease_until {real}",
                 f"created_at {real} NOT NULL",
                 f"updated_at {real} NOT NULL",
+            ),
+        ),
+        # The free requests of a client address key (paygate.x402.free: a keyed digest, not
+        # the address) per UTC day: counted here so every worker and replica on the ledger
+        # shares one allowance. The day first: a day's rows are one range of the key.
+        9: (
+            _table(
+                "free_addresses",
+                f"day {text} NOT NULL",
+                f"address {text} NOT NULL",
+                f"used {integer} NOT NULL",
+                "PRIMARY KEY (day, address)",
             ),
         ),
     }

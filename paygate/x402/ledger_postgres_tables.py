@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from paygate.x402 import ledger_tables as sql
 from paygate.x402.ledger import (
     Earnings,
+    FreeAddressUsed,
     PaymentEvent,
     PaymentRecord,
     PaymentState,
@@ -43,7 +44,14 @@ class PostgresTables:
         return list(await (await conn.execute(_pg(statement), params)).fetchall())
 
     async def take_free(
-        self, conn: Conn, payer: str, nonce: str, day: str, limit: int
+        self,
+        conn: Conn,
+        payer: str,
+        nonce: str,
+        day: str,
+        limit: int,
+        address: str | None,
+        per_address: int,
     ) -> int | None:
         # One payer's quota at a time (a row lock cannot cover a row not yet there).
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (payer,))
@@ -56,6 +64,11 @@ class PostgresTables:
         if used.rowcount != 1:
             raise SignInReused("this sign-in was already used")
         await conn.execute(_pg(sql.COUNT_FREE), (payer, day))
+        if address is not None:
+            # Last, and no lock of its own: the row lock of one statement (no lock cycle).
+            taken = await conn.execute(_pg(sql.COUNT_FREE_ADDRESS), (day, address, per_address))
+            if taken.rowcount != 1:
+                raise FreeAddressUsed  # the transaction is rolled back: nothing recorded
         return limit - count - 1
 
     async def signin_key(self, conn: Conn) -> bytes:

@@ -256,11 +256,15 @@ def check_min_age(value: float, what: str = "min_age") -> float:
     return value
 
 
-def check_free_request(payer: str, nonce: str, day: str, limit: int) -> str:
+def check_free_request(
+    payer: str, nonce: str, day: str, limit: int, address: str | None, address_limit: int
+) -> str:
     """:meth:`Ledger.take_free`'s arguments; the payer checksummed."""
     checked = normalise_address(payer, "payer")
     if not 0 < len(nonce) <= 128 or not 0 < len(day) <= 16 or limit < 0:
         raise ValueError("nonce, day or limit out of range")
+    if address is not None and (len(address) > 128 or address_limit < 1):
+        raise ValueError("address or address_limit out of range")
     return checked
 
 

@@ -14,6 +14,7 @@ from paygate.x402 import ledger_rules as rules
 from paygate.x402 import ledger_tables as sql
 from paygate.x402.ledger import (
     Earnings,
+    FreeAddressUsed,
     PaymentEvent,
     PaymentState,
     ReceiptUsage,
@@ -42,7 +43,9 @@ class SqliteTables:
     def __init__(self, store: _SqliteStore) -> None:
         self._store = store
 
-    def take_free(self, payer: str, nonce: str, day: str, limit: int) -> int | None:
+    def take_free(
+        self, payer: str, nonce: str, day: str, limit: int, address: str | None, per_address: int
+    ) -> int | None:
         with self._store._write() as db:
             count = sql.free_used(db.execute(sql.FREE_USED, (payer, day)).fetchone())
             if count >= limit:
@@ -51,6 +54,10 @@ class SqliteTables:
             if used.rowcount != 1:
                 raise SignInReused("this sign-in was already used")
             db.execute(sql.COUNT_FREE, (payer, day))
+            if address is not None:
+                taken = db.execute(sql.COUNT_FREE_ADDRESS, (day, address, per_address))
+                if taken.rowcount != 1:
+                    raise FreeAddressUsed  # the savepoint is rolled back: nothing recorded
             return limit - count - 1
 
     def signin_key(self) -> bytes:

@@ -45,6 +45,14 @@ COUNT_FREE = (
     "INSERT INTO free_quota (payer, day, used) VALUES (?, ?, 1)"
     " ON CONFLICT (payer, day) DO UPDATE SET used = free_quota.used + 1"
 )
+# One of an address key's free requests of the day, only while it has one left: a single
+# statement, so two processes racing for the last one cannot both take it (the second waits
+# for the first's row, then finds it full).
+COUNT_FREE_ADDRESS = (
+    "INSERT INTO free_addresses (day, address, used) VALUES (?, ?, 1)"
+    " ON CONFLICT (day, address) DO UPDATE SET used = free_addresses.used + 1"
+    " WHERE free_addresses.used < ?"
+)
 ADD_SIGNIN_KEY = "INSERT INTO signin_key (id, secret) VALUES (1, ?) ON CONFLICT (id) DO NOTHING"
 SIGNIN_KEY = "SELECT secret FROM signin_key WHERE id = 1"
 HISTORY = (

@@ -16,10 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from paygate.economics.open_store import economics_store
 from paygate.economics.store import LimitEvent
 from paygate.tlog.store_sqlite import SqliteLogStore
-from paygate.x402.ledger import ReceiptUsage
+from paygate.x402.ledger import FreeAddressUsed, ReceiptUsage
 from paygate.x402.ledger_copy import NOT_COPIED, STORE_OWN, TABLES, Store, _canon
 from paygate.x402.ledger_sqlite_schema import MIGRATIONS
 from paygate.x402.ledger_store import LedgerLocation, open_ledger, parse_ledger_url
@@ -71,7 +73,14 @@ async def fill(path: Path) -> bytes:
             await ledger.mark_served(record.id)
             usage = ReceiptUsage(tokens_in=12, tokens_out=34, source="upstream")
             await ledger.add_receipt(record.id, "reply", f"{RECEIPT}{n}", usage=usage)
-        assert await ledger.take_free(payer=PAYER, nonce="signin-1", day="2025-01-02", limit=3)
+        assert await ledger.take_free(
+            payer=PAYER,
+            nonce="signin-1",
+            day="2025-01-02",
+            limit=3,
+            address="ad" * 32,
+            address_limit=3,
+        )
         await ledger.signin_key()
         economics = economics_store(ledger)
         await economics.record_tokens(payer=PAYER, model="llama", tokens_in=5, tokens_out=7)
@@ -201,6 +210,16 @@ def test_copy_sqlite_to_postgresql_to_sqlite_keeps_every_table(tmp_path: Path, p
                 await ledger.take_free(payer=PAYER, nonce="signin-2", day="2025-01-02", limit=3)
                 == 1
             )
+            # The address's count came along: its one free request of the day is used.
+            with pytest.raises(FreeAddressUsed):
+                await ledger.take_free(
+                    payer=PAYER,
+                    nonce="signin-3",
+                    day="2025-01-02",
+                    limit=3,
+                    address="ad" * 32,
+                    address_limit=1,
+                )
         finally:
             await ledger.close()
 

@@ -1,6 +1,6 @@
 """Schema migrations and moving stores, through the operator CLI on real stores.
 
-- from an empty store (SQLite and PostgreSQL 15) to the current schema (v8);
+- from an empty store (SQLite and PostgreSQL 15) to the current schema (v9);
 - from the SQLite schema as it stood on main when leases came (v1, commit 425e611): records kept,
   unfinished work claimable, the history starting there;
 - `paygate ledger copy` from that SQLite file to PostgreSQL, twice (the second copies nothing;
@@ -97,12 +97,12 @@ def test_migrate_from_main_s_sqlite_v1_and_from_empty_stores(tmp_path: Path, pg_
     # A v1 file is refused read-only (never migrated by a reader), migrated on request.
     listed = cli("payments", "list", "--ledger-url", url)
     assert listed.returncode == 2
-    assert "v1, not v8" in listed.stderr
+    assert "v1, not v9" in listed.stderr
     first = cli("ledger", "migrate", "--ledger-url", url)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == f"ledger sqlite:///{old}: schema v1 -> v8"
+    assert first.stdout.strip() == f"ledger sqlite:///{old}: schema v1 -> v9"
     again = cli("ledger", "migrate", "--ledger-url", url)
-    assert again.stdout.strip().endswith("schema v8, up to date")
+    assert again.stdout.strip().endswith("schema v9, up to date")
 
     async def check() -> None:
         ledger = await open_ledger(parse_ledger_url(url), replica="after")
@@ -126,10 +126,10 @@ def test_migrate_from_main_s_sqlite_v1_and_from_empty_stores(tmp_path: Path, pg_
 
     empty = tmp_path / "new" / "payments.db"
     fresh = cli("ledger", "migrate", "--ledger-url", f"sqlite:///{empty}")
-    assert fresh.stdout.strip().endswith("schema v0 -> v8"), fresh.stderr
+    assert fresh.stdout.strip().endswith("schema v0 -> v9"), fresh.stderr
     pg = cli("ledger", "migrate", "--ledger-url", pg_url)
     assert pg.returncode == 0, pg.stderr
-    assert pg.stdout.strip() == "ledger postgresql (PAYGATE_LEDGER_URL): schema v0 -> v8"
+    assert pg.stdout.strip() == "ledger postgresql (PAYGATE_LEDGER_URL): schema v0 -> v9"
     assert cli("ledger", "migrate", PAYGATE_LEDGER_URL=pg_url).stdout.strip().endswith("up to date")
 
 

@@ -255,3 +255,35 @@ async def test_a_free_sign_in_buys_one_batch_item_not_a_batch(facilitator, payer
         served = stack.fake.hits[HITS]
     assert answers == [(402, "free_quota_one_item"), (200, None)]
     assert served == 1
+
+
+async def test_refused_sign_ins_spend_nothing_of_the_address_s_allowance(
+    facilitator, payer, seller, ledger
+):
+    # Replaying a used sign-in, or signing in with a wallet whose own quota is used, must not
+    # use up the allowance of everyone behind the same address (a NAT, a /64).
+    from paygate_dev.chain.accounts import new_account
+
+    async with paid_stack(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=ledger,
+        free_requests_per_day=2,
+        free_requests_per_address_per_day=3,
+        public_url="self",
+    ) as stack:
+        good = await signed_in(stack, payer)
+        first = await send(stack, good)
+        replays = [await send(stack, good) for _ in range(4)]
+        wallet = [await send(stack, await signed_in(stack, payer)) for _ in range(4)]
+        fresh = [await send(stack, await signed_in(stack, new_account())) for _ in range(2)]
+        served = stack.fake.hits[HITS]
+    assert first[0] == 200
+    assert {(s, h[wire.ERROR_HEADER]) for s, h in replays} == {(402, "invalid_siwx_nonce")}
+    # The wallet's second request, then its own quota is used.
+    assert [(s, h.get(wire.ERROR_HEADER)) for s, h in wallet] == [(200, None)] + [
+        (402, "free_quota_exhausted")
+    ] * 3
+    # The address's 3: the wallet's two, one fresh wallet's; the next pays.
+    assert [s for s, _ in fresh] == [200, 402]
+    assert served == 3
