@@ -137,7 +137,7 @@ class ChannelStateFile:
         if not isinstance(document, dict) or not isinstance(document.get("mac"), str):
             raise self._invalid("is not a channel state file")
         mac = document.pop("mac")
-        if not hmac.compare_digest(mac, self._mac(document)):
+        if not hmac.compare_digest(mac.encode(), self._mac(document).encode()):
             raise self._invalid("does not verify under this wallet (tampered, or another's)")
         try:
             return self._book(document)

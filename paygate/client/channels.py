@@ -201,6 +201,17 @@ class ChannelBook:
                 created = True
             else:
                 created = False
+                # A kept channel (this process's, or loaded from the channel state) is paid only
+                # when the offer describes the same channel: where its money may go and when it
+                # can be withdrawn are fixed in its config, not in the offer just checked.
+                wanted = PayerChannel.open(
+                    self._account, requirement, chain_id, salt=channel.payer.config.salt
+                )
+                if wanted.config != channel.payer.config or chain_id != channel.payer.chain_id:
+                    raise SpendRefused(
+                        "the offer's channel terms differ from the open channel's"
+                        " (receiver, authorizer, token, withdraw delay or chain): not paid"
+                    )
             if channel.held_until > time.monotonic():
                 raise SpendRefused("the channel is in use by another request")
             kept = dict(resource) if resource is not None else None

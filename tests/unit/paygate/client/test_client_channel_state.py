@@ -148,7 +148,7 @@ def test_a_deposit_that_never_landed_is_paid_again_and_counted_both_times(
 
 @pytest.mark.parametrize(
     "damage",
-    ["truncated", "count", "payTo", "mac", "not-json", "empty", "another-wallet"],
+    ["truncated", "count", "payTo", "mac", "mac-not-ascii", "not-json", "empty", "another-wallet"],
 )
 def test_a_damaged_state_file_is_refused_whole_and_left_in_place(
     account: LocalAccount, tmp_path: Path, damage: str
@@ -172,6 +172,8 @@ def test_a_damaged_state_file_is_refused_whole_and_left_in_place(
             document["channels"][0]["key"][3] = Account.create().address
         elif damage == "mac":
             document["mac"] = "00" * 32
+        elif damage == "mac-not-ascii":  # hmac.compare_digest refuses such a str: a TypeError
+            document["mac"] = "\u00e9" * 64
         changed = json.dumps(document).encode()
     path.write_bytes(changed)
     owner = Account.create() if damage == "another-wallet" else account
@@ -269,3 +271,30 @@ def test_the_file_is_private_holds_no_key_and_a_failed_write_sends_nothing(
         q.pay(challenge(), url=URL)
     assert q.spent == 0
     assert q.channels.channels() == []
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"receiverAuthorizer": "0x" + "b2" * 20},
+        {"withdrawDelay": "864000"},
+    ],
+)
+def test_a_kept_channel_is_paid_only_under_its_own_terms(
+    account: LocalAccount, tmp_path: Path, changed: dict[str, str]
+) -> None:
+    """A channel kept in the file was opened under some authorizer and withdraw delay; an
+    offer (checked against attested terms or not) naming others is not paid through it: its
+    deposit and vouchers would put the money under terms nobody checked."""
+    path = tmp_path / "channels.json"
+    first = restart(account, path, None)
+    paid(first, 2)
+    second = restart(account, path, first)
+    before = path.read_bytes()
+    with pytest.raises(SpendRefused, match="channel terms differ"):
+        second.pay(challenge(offer(**changed)), url=URL)
+    assert path.read_bytes() == before  # nothing signed, nothing written
+    (channel,) = second.channels.channels()
+    assert (channel.payer.charged, channel.signed) == (2000, 2000)
+    # The channel's own terms still pay.
+    assert paid(second, 1)[0].nonce.endswith(":3000")
