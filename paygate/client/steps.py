@@ -112,7 +112,10 @@ def request_steps(core: ClientCore, request: httpx.Request) -> Steps[Deliver]:
         raise
     except BaseException:
         for response in opened:
-            yield Discard(response)
+            try:
+                yield Discard(response)
+            except Exception:  # noqa: S112 - a reply that fails to close: the error raised is the first one
+                continue
         flow.close()
         raise
 

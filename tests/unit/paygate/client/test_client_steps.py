@@ -64,6 +64,18 @@ def test_a_failed_read_after_a_send_discards_the_reply_before_the_error() -> Non
         run.send(None)
 
 
+def test_a_reply_that_fails_to_close_leaves_the_first_error_raised() -> None:
+    c = core("v1")
+    c.store_key(parse_pubkey_document(ORIGIN, 200, DOCUMENT), None)
+    run = Run(request_steps(c, chat()))
+    run.send(b'{"model":"m"}')
+    run.send(httpx.Response(200, headers={"Content-Type": enclave.CONTENT_TYPE}))
+    run.throw(ReplyTooLarge("the sealed v1 reply passed 1024 bytes"))
+    assert isinstance(run.step, Discard)
+    with pytest.raises(ReplyTooLarge):  # not the close's error, and the flow is closed
+        run.throw(httpx.ReadError("the connection broke while closing"))
+
+
 def test_a_connection_error_on_an_unpaid_send_is_raised_as_it_is() -> None:
     run = Run(request_steps(core("plain"), chat()))
     run.send(b"{}")
