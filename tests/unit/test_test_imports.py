@@ -1,7 +1,7 @@
 """No test module imports another (tests/README.md): what tests share lives in tests/fixtures/
-(``*_support.py`` helpers, fixtures as pytest plugins listed in tests/conftest.py). Importing a
-test module runs its module-level setup, registers its fixtures in the importer and ties the two
-files together; moving or deleting one test then breaks another."""
+(``*_support.py`` helpers, fixtures as pytest plugins listed in tests/conftest.py). An import
+of a test module ties two test files together: a fixture imported from one becomes a fixture of
+both, and moving, renaming or deleting one test breaks the other."""
 
 from __future__ import annotations
 
