@@ -8,6 +8,7 @@ pytest_plugins = [
     "tests.fixtures.ledgers",
     "tests.fixtures.postgres",
     "tests.fixtures.softhsm",
+    "tests.fixtures.software_key",
     "tests.fixtures.swtpm",
 ]
 

@@ -11,9 +11,7 @@ of the genuine reply, which a clean run of the same (deterministic) request give
 
 from __future__ import annotations
 
-import asyncio
 import struct
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +31,12 @@ from paygate.client import (
     ReplyNotSealed,
     ReplyOpenFailed,
 )
-from tests.fixtures.gateway_support import Stack, ThreadedStack, without_signed_receipt
+from tests.fixtures.gateway_support import (
+    Stack,
+    ThreadedServer,
+    ThreadedStack,
+    without_signed_receipt,
+)
 
 MODEL = "fake-llama:latest"
 # Paced so that every SSE event leaves the gateway as its own sealed frame.
@@ -223,43 +226,6 @@ class HostileProxy:
             tamper.captured = bytes(relayed)
         await response.write_eof()
         return response
-
-
-class ThreadedServer:
-    """An aiohttp app on 127.0.0.1 in its own thread and loop; every wait bounded."""
-
-    def __init__(self, app: web.Application) -> None:
-        self._app = app
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-        self.url = ""
-
-    async def _main(self) -> None:
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        runner = web.AppRunner(self._app, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            await runner.cleanup()
-
-    def __enter__(self) -> ThreadedServer:
-        self._thread.start()
-        if not self._ready.wait(_TIMEOUT):
-            raise RuntimeError("the proxy did not start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(_TIMEOUT)
 
 
 @dataclass

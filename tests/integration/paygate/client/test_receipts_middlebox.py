@@ -41,9 +41,8 @@ from paygate.client import (
     ReceiptMissing,
     SpendPolicy,
 )
-from tests.fixtures.gateway_support import Stack, ThreadedStack
+from tests.fixtures.gateway_support import Stack, ThreadedServer, ThreadedStack
 from tests.fixtures.payment_support import paid_settings
-from tests.integration.paygate.client.test_client_tamper import ThreadedServer
 
 MODEL = "fake-llama:latest"
 MESSAGES = [{"role": "user", "content": "receipts please"}]

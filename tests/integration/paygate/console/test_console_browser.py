@@ -26,8 +26,7 @@ from paygate.economics.open_store import economics_store
 from paygate.server.app import PAYMENTS
 from paygate.x402.ledger import PaymentState
 from tests.fixtures.console_support import SECRET, SHOTS, browser, console_stack
-from tests.fixtures.payment_support import CHAT
-from tests.integration.paygate.economics.test_economics import paid
+from tests.fixtures.payment_support import CHAT, paid_settings
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,10 +72,10 @@ async def shot(page, name: str) -> None:
 async def test_every_page_after_a_real_paid_run(facilitator, usdc, payer, seller, tmp_path):
     operator = Account.create()
     ledger_url = f"sqlite:///{tmp_path / 'payments.db'}"
-    settings = paid(
-        seller,
-        facilitator.url,
-        ledger_url,
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=ledger_url,
         console_wallets=operator.address,
         token_limits=LIMITS,
         budgets={"day": {"per_payer": "1", "shadow": True}},
@@ -171,8 +170,11 @@ async def test_a_login_link_signs_in_once_and_a_browser_wallet_signs_with_javasc
     facilitator, seller, tmp_path
 ):
     operator = Account.create()
-    settings = paid(
-        seller, facilitator.url, f"sqlite:///{tmp_path / 'p.db'}", console_wallets=operator.address
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=f"sqlite:///{tmp_path / 'p.db'}",
+        console_wallets=operator.address,
     )
     async with console_stack(**settings) as console:
         token = auth.new_link_token()
@@ -215,8 +217,11 @@ async def test_a_login_link_signs_in_once_and_a_browser_wallet_signs_with_javasc
 
 async def test_logged_out_csrf_and_strangers_are_refused(facilitator, seller, tmp_path):
     operator, stranger = Account.create(), Account.create()
-    settings = paid(
-        seller, facilitator.url, f"sqlite:///{tmp_path / 'p.db'}", console_wallets=operator.address
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=f"sqlite:///{tmp_path / 'p.db'}",
+        console_wallets=operator.address,
     )
     async with console_stack(**settings) as console:
         async with browser(javascript=False) as context:

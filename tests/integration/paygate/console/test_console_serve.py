@@ -13,7 +13,8 @@ import aiohttp
 
 from paygate.console import auth
 from tests.fixtures.components import free_port
-from tests.fixtures.scale_support import PAYGATE, Env, fake_upstream, make_key, replicas
+from tests.fixtures.scale_support import Env, fake_upstream, replicas
+from tests.fixtures.serve_support import PAYGATE, make_key
 
 
 async def test_the_console_of_two_workers_and_a_login_link(facilitator, seller, tmp_path):

@@ -21,22 +21,9 @@ from paygate.server.app import ALERTS
 from paygate.x402.ledger import PaymentState, review_error
 from paygate.x402.ledger_store import open_ledger, parse_ledger_url
 from tests.fixtures.economics_support import SECRET, gateways, webhook_receiver
-from tests.fixtures.payment_support import CHAT, CHAT_BODY, PRICE_ATOMIC, v2_header
-from tests.fixtures.scale_support import Env, fake_upstream, make_key, replicas, sign
-
-
-def paid(seller: str, facilitator_url: str, ledger_url: str, **extra: object) -> dict[str, object]:
-    return {
-        "payment_mode": "facilitator",
-        "pay_to": seller,
-        "network": "base-sepolia",
-        "facilitator_url": facilitator_url,
-        "ledger_url": ledger_url,
-        "facilitator_timeout": 2.0,
-        "settle_timeout": 5.0,
-        "reconcile_interval_seconds": 3600.0,
-        **extra,
-    }
+from tests.fixtures.payment_support import CHAT, CHAT_BODY, PRICE_ATOMIC, paid_settings, v2_header
+from tests.fixtures.scale_support import Env, fake_upstream, replicas, sign
+from tests.fixtures.serve_support import make_key
 
 
 async def pay_and_post(client: aiohttp.ClientSession, url: str, payer: object) -> tuple[int, dict]:
@@ -63,14 +50,18 @@ async def test_a_token_limit_holds_across_two_replicas_on_postgresql(
 ):
     async with aiohttp.ClientSession() as client:
         # What one request costs in tokens: the FAKE server's usage is deterministic.
-        async with gateways(1, **paid(seller, facilitator.url, pg_url)) as [(_, url)]:
+        async with gateways(
+            1, **paid_settings(seller=seller, facilitator_url=facilitator.url, ledger=pg_url)
+        ) as [(_, url)]:
             status, first = await pay_and_post(client, url, payer)
             assert status == 200
         usage = first["body"]["usage"]
         per_request = usage["prompt_tokens"] + 2 * usage["completion_tokens"]
         # Two more requests fit (the first one already counted), the window is then full.
         limits = {"*": {"per_payer": 3 * per_request, "output_weight": 2}}
-        settings = paid(seller, facilitator.url, pg_url, token_limits=limits)
+        settings = paid_settings(
+            seller=seller, facilitator_url=facilitator.url, ledger=pg_url, token_limits=limits
+        )
         async with gateways(2, **settings) as [(_, a), (_, b)]:
             assert (await pay_and_post(client, a, payer))[0] == 200
             assert (await pay_and_post(client, b, payer))[0] == 200
@@ -94,7 +85,9 @@ async def test_a_budget_holds_across_two_replicas_on_postgresql(
     facilitator, usdc, payer, seller, pg_url, window
 ):
     budgets = {window: {"per_payer": "0.0025"}}  # two and a half requests at 0.001
-    settings = paid(seller, facilitator.url, pg_url, budgets=budgets)
+    settings = paid_settings(
+        seller=seller, facilitator_url=facilitator.url, ledger=pg_url, budgets=budgets
+    )
     async with gateways(2, **settings) as [(_, a), (_, b)], aiohttp.ClientSession() as client:
         headers = [
             await v2_header(SimpleNamespace(client=client, url=u), payer) for u in [a, b] * 5
@@ -146,10 +139,10 @@ async def test_shadow_mode_records_would_be_refusals_and_refuses_nothing(
     facilitator, usdc, payer, seller, tmp_path
 ):
     ledger_url = f"sqlite:///{tmp_path / 'payments.db'}"
-    settings = paid(
-        seller,
-        facilitator.url,
-        ledger_url,
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=ledger_url,
         token_limits={"*": {"per_payer": 1, "shadow": True}},
         budgets={"day": {"per_payer": "0.0015", "shadow": True}},
     )
@@ -199,10 +192,10 @@ async def flag_for_review(ledger_url: str, payer: str) -> str:
 
 async def test_an_alert_reaches_the_webhook_once_per_event_signed(pg_url, facilitator, seller):
     async with webhook_receiver() as receiver:
-        settings = paid(
-            seller,
-            facilitator.url,
-            pg_url,
+        settings = paid_settings(
+            seller=seller,
+            facilitator_url=facilitator.url,
+            ledger=pg_url,
             alert_webhook=receiver.url,
             alert_webhook_secret=SECRET.decode(),
             alert_interval_seconds=1,
@@ -237,10 +230,10 @@ async def test_a_budget_reached_is_alerted_once_however_often_it_refuses(
 ):
     ledger_url = f"sqlite:///{tmp_path / 'payments.db'}"
     async with webhook_receiver() as receiver:
-        settings = paid(
-            seller,
-            facilitator.url,
-            ledger_url,
+        settings = paid_settings(
+            seller=seller,
+            facilitator_url=facilitator.url,
+            ledger=ledger_url,
             budgets={"day": {"per_payer": "0.001"}},
             alert_webhook=receiver.url,
             alert_webhook_secret=SECRET.decode(),
@@ -263,10 +256,10 @@ async def test_an_unreachable_webhook_blocks_no_request(facilitator, payer, sell
     from tests.fixtures.components import free_port
 
     ledger_url = f"sqlite:///{tmp_path / 'payments.db'}"
-    settings = paid(
-        seller,
-        facilitator.url,
-        ledger_url,
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=ledger_url,
         budgets={"day": {"per_payer": "0.001", "shadow": True}},
         alert_webhook=f"http://127.0.0.1:{free_port()}/nobody",
         alert_webhook_secret=SECRET.decode(),

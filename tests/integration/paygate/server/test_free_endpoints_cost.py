@@ -11,28 +11,11 @@ import asyncio
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures.gateway_support import Stack, running_stack
+from tests.fixtures.gateway_support import Stack, key_operations, running_stack
 
 FLOOD = "127.0.0.2"
 NONCE = "ab" * 32
-
-
-def _ecdh_count(text: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if (
-                sample.name == "paygate_key_operation_seconds_count"
-                and sample.labels.get("operation") == "ecdh"
-            ):
-                return sample.value
-    return 0.0
-
-
-async def _key_operations(stack: Stack) -> float:
-    async with stack.client.get(stack.url + "/metrics") as response:
-        return _ecdh_count(await response.text())
 
 
 def _flood_session() -> aiohttp.ClientSession:
@@ -58,7 +41,7 @@ async def test_a_readiness_flood_costs_one_key_check_and_one_probe() -> None:
         statuses = await _ready_flood(stack, 300)
         assert statuses == [200] * 300
         # One ECDH on the key and one probe of the (unmonitored) model server for all 300.
-        assert await _key_operations(stack) == 1
+        assert await key_operations(stack) == 1
         assert stack.fake.hits["GET /"] == 1
         async with stack.client.get(stack.url + "/health/ready") as response:
             document = await response.json()
@@ -71,7 +54,7 @@ async def test_readiness_is_checked_again_after_the_interval() -> None:
         assert (await stack.client.get(stack.url + "/health/ready")).status == 200
         await asyncio.sleep(0.3)
         assert (await stack.client.get(stack.url + "/health/ready")).status == 200
-        assert await _key_operations(stack) == 2
+        assert await key_operations(stack) == 2
         assert stack.fake.hits["GET /"] == 2
 
 
@@ -81,7 +64,7 @@ async def test_a_monitored_model_server_is_not_probed_by_readiness_callers() -> 
         statuses = await _ready_flood(stack, 100)
         assert statuses == [200] * 100
         assert stack.fake.hits == probes  # the monitor's state answered
-        assert await _key_operations(stack) == 1
+        assert await key_operations(stack) == 1
 
 
 async def test_readiness_reports_a_down_server_from_the_shared_check() -> None:

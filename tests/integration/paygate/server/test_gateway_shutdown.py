@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,33 +14,11 @@ import aiohttp
 
 from tests.fixtures.components import free_port
 from tests.fixtures.gateway_support import running_stack
-
-PAYGATE = str(Path(sys.executable).with_name("paygate"))
-
-
-async def _wait_live(url: str, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as client:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "paygate serve exited early"
-            try:
-                async with client.get(url + "/health/live") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("paygate serve did not come up")
+from tests.fixtures.serve_support import PAYGATE, make_key, wait_live
 
 
 async def test_sigterm_lets_the_stream_finish_and_exits_zero(tmp_path: Path) -> None:
-    key_file = tmp_path / "key.pem"
-    subprocess.run(
-        [PAYGATE, "keys", "create", "--backend", "software", "--key-file", str(key_file)],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
+    key_file = make_key(tmp_path / "key.pem")
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PAYGATE_")},
@@ -59,7 +36,7 @@ async def test_sigterm_lets_the_stream_finish_and_exits_zero(tmp_path: Path) -> 
         )
         try:
             url = f"http://127.0.0.1:{port}"
-            await _wait_live(url, proc)
+            await wait_live(url, proc)
             body = {"model": "m", "prompt": "p", "fake": {"chunks": 20, "pace": 0.1}}
             resp = await s.client.post(url + "/api/generate", json=body)
             first = await asyncio.wait_for(resp.content.readline(), 5)

@@ -3,39 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-from collections.abc import Iterator
 
 import aiohttp
 import pytest
 
 from enclave import SoftwareKey
 from tests.fixtures.gateway_support import eventually, running_stack
+from tests.fixtures.upstream_support import unaccepting_listener
 
 FAST = {"connect_timeout": 0.3, "first_byte_timeout": 0.5, "idle_timeout": 0.5}
-
-
-@contextlib.contextmanager
-def unaccepting_listener() -> Iterator[int]:
-    """A loopback port whose accept queue is full, so new connections hang in SYN-SENT."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    port = server.getsockname()[1]
-    fillers = []
-    try:
-        for _ in range(8):
-            filler = socket.socket()
-            filler.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                filler.connect(("127.0.0.1", port))
-            fillers.append(filler)
-        yield port
-    finally:
-        for filler in fillers:
-            filler.close()
-        server.close()
 
 
 async def test_connect_timeout_is_504() -> None:

@@ -28,7 +28,7 @@ from tests.fixtures.payment_support import (
     receipt_of,
     v2_header,
 )
-from tests.integration.paygate.server.test_gateway_shutdown import PAYGATE, _wait_live
+from tests.fixtures.serve_support import PAYGATE, make_key, wait_live
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
 HUGE = b'{"model": "fake-big", "seed": ' + b"9" * 5000 + b"}"
@@ -55,11 +55,7 @@ class _Gateway:  # what payment_support's helpers need of a stack
 async def test_deep_json_and_huge_integers_are_400_and_no_rpc_key_is_logged(
     tmp_path: Path, anvil, usdc, payer, seller, gas_key
 ) -> None:
-    key_file = tmp_path / "key.pem"
-    subprocess.run(
-        [PAYGATE, "keys", "create", "--backend", "software", "--key-file", str(key_file)],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
+    key_file = make_key(tmp_path / "key.pem")
     host_port = anvil.rpc_url.removeprefix("http://")
     rpc_url = f"http://{host_port}/?apikey={API_KEY}&token={TOKEN}"
     port = free_port()
@@ -84,7 +80,7 @@ async def test_deep_json_and_huge_integers_are_400_and_no_rpc_key_is_logged(
         )  # fmt: skip
         try:
             url = f"http://127.0.0.1:{port}"
-            await _wait_live(url, proc)
+            await wait_live(url, proc)
             for body in (DEEP, HUGE):
                 # With a payment, the model-priced body is judged first: the caller's 400.
                 async with s.client.post(

@@ -22,7 +22,8 @@ from paygate.client import AsyncPaygateTransport, AttestationPolicy, PaygateTran
 from paygate.server.epochs import request_rotation
 from tests.fixtures.gateway_support import Stack, ThreadedStack, eventually, running_stack
 from tests.fixtures.payment_support import CHAT, CHAT_BODY
-from tests.fixtures.scale_support import PAYGATE
+from tests.fixtures.serve_support import PAYGATE
+from tests.fixtures.tlog_support import chat, gateway_settings, policy
 
 GRACE = 2.0
 BODY = json.dumps(CHAT_BODY).encode()
@@ -240,11 +241,6 @@ async def test_each_rotation_is_a_key_epoch_entry_in_the_transparency_log(
     """With the log on, a client's log check (the key-epoch entry of the attested keys must be
     in the log) passes before and after a rotation: the new epoch's keys were logged."""
     from paygate.client.tlog import LogState
-    from tests.integration.paygate.tlog.test_transparency_gateway import (
-        chat,
-        gateway_settings,
-        policy,
-    )
 
     epochs_dir = tmp_path / "epochs"
     settings = gateway_settings(tmp_path, key_epoch=60, key_epoch_grace=1, key_epoch_dir=epochs_dir)

@@ -26,7 +26,8 @@ from paygate import release, wire
 from paygate.client import AttestationPolicy, PaygateTransport
 from tests.fixtures.components import free_port
 from tests.fixtures.payment_support import CHAT, CHAT_BODY
-from tests.fixtures.scale_support import PAYGATE, Replica, fake_upstream, stop, wait_live
+from tests.fixtures.scale_support import Replica, fake_upstream, stop
+from tests.fixtures.serve_support import PAYGATE, wait_live
 from tests.fixtures.swtpm import EkCa
 
 NAMES = ["r1", "r2", "r3"]

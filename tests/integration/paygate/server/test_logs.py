@@ -10,8 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -21,9 +19,8 @@ from tests.fixtures.components import free_port
 from tests.fixtures.gateway_support import running_stack
 from tests.fixtures.ops_support import PROMPT, paid_sealed_run
 from tests.fixtures.payment_support import PRICE_ATOMIC, records
-from tests.integration.paygate.server.test_gateway_shutdown import _wait_live
+from tests.fixtures.serve_support import PAYGATE, make_key, wait_live
 
-PAYGATE = str(Path(sys.executable).with_name("paygate"))
 RPC_API_KEY = "rpcKey0c4f9e2d7b1a"
 B64_PAYMENT_PREFIX = base64.b64encode(b'{"x402Version":').decode()[:16]
 
@@ -31,13 +28,7 @@ B64_PAYMENT_PREFIX = base64.b64encode(b'{"x402Version":').decode()[:16]
 async def test_debug_json_log_of_a_paid_sealed_run_leaks_nothing(
     anvil, usdc, payer, seller, gas_key, tmp_path
 ):
-    key_file = tmp_path / "key.pem"
-    subprocess.run(
-        [PAYGATE, "keys", "create", "--backend", "software", "--key-file", str(key_file)],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
+    key_file = make_key(tmp_path / "key.pem")
     credentials = tmp_path / "credentials"
     credentials.mkdir()
     (credentials / "gas_key").write_text(gas_key.key + "\n")
@@ -64,7 +55,7 @@ async def test_debug_json_log_of_a_paid_sealed_run_leaks_nothing(
         )  # fmt: skip
         try:
             url = f"http://127.0.0.1:{port}"
-            await _wait_live(url, proc)
+            await wait_live(url, proc)
             replies = await paid_sealed_run(url, payer)
             proc.send_signal(signal.SIGTERM)
             await asyncio.wait_for(asyncio.to_thread(proc.wait), 20)

@@ -29,7 +29,6 @@ from tests.fixtures.payment_support import PRICE_ATOMIC
 from tests.fixtures.scale_support import (
     COMPLETIONS,
     LEASE_SECONDS,
-    PAYGATE,
     RECONCILE_SECONDS,
     Env,
     Replica,
@@ -37,14 +36,13 @@ from tests.fixtures.scale_support import (
     fake_upstream,
     ledger_history,
     ledger_records,
-    make_key,
     replicas,
     sign,
     stop,
     storm,
     until_records,
-    wait_live,
 )
+from tests.fixtures.serve_support import PAYGATE, make_key, wait_live
 
 S = PaymentState
 PAYER_FUNDS = 100_000_000

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -19,50 +17,10 @@ import pytest
 
 from paygate.server.sdnotify import Notifier
 from tests.fixtures.components import free_port
+from tests.fixtures.sdnotify_support import Listener
+from tests.fixtures.serve_support import PAYGATE
 
-PAYGATE = str(Path(sys.executable).with_name("paygate"))
 WATCHDOG_USEC = 200_000  # pings every 0.1 s
-
-
-class Listener:
-    """The NOTIFY_SOCKET end systemd would hold: every datagram with its arrival time."""
-
-    def __init__(self, address: str | bytes) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-        self.sock.settimeout(0.05)
-        self.messages: list[tuple[float, list[str]]] = []
-
-    def pump(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            self.messages.append((time.monotonic(), data.decode().split("\n")))
-
-    def until(self, field: str, timeout: float = 20.0) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for at, fields in self.messages:
-                if field in fields:
-                    return at
-            self.pump(0.05)
-        raise AssertionError(f"no {field} within {timeout}s; got {self.messages}")
-
-    def fields(self, prefix: str, since: float = 0.0) -> list[str]:
-        return [f for at, fs in self.messages if at >= since for f in fs if f.startswith(prefix)]
-
-
-@pytest.fixture
-def key_file(tmp_path: Path) -> Path:
-    path = tmp_path / "key.pem"
-    subprocess.run(
-        [PAYGATE, "keys", "create", "--backend", "software", "--key-file", str(path)],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
-    return path
 
 
 @pytest.fixture

@@ -8,16 +8,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 
 from tests.fixtures.components import free_port
+from tests.fixtures.sdnotify_support import Listener
+from tests.fixtures.serve_support import PAYGATE, make_key
 from tests.fixtures.upstream_support import container_settings
-from tests.integration.paygate.server.test_sd_notify import Listener
 
-PAYGATE = str(Path(sys.executable).with_name("paygate"))
 PASSED = (
     "upstream_mode", "docker_host", "upstream_image", "upstream_relay_image", "upstream_name",
     "upstream_volume", "upstream_socket_dir", "upstream_ready_timeout", "upstream_health_interval",
@@ -26,11 +24,7 @@ PASSED = (
 
 def test_ready_only_after_the_model_server_answers(dockerd, test_images, tmp_path) -> None:
     settings = container_settings(dockerd, test_images)
-    key = tmp_path / "key.pem"
-    subprocess.run(
-        [PAYGATE, "keys", "create", "--backend", "software", "--key-file", str(key)],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
+    key = make_key(tmp_path / "key.pem")
     listener = Listener(str(tmp_path / "notify.sock"))
     port = free_port()
     env = {

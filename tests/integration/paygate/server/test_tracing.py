@@ -18,7 +18,7 @@ from paygate_dev.fake_model import reply_words
 from paygate.client import AsyncPaygateTransport, SpendPolicy
 from paygate.server import tracing
 from tests.fixtures.economics_support import gateways
-from tests.integration.paygate.economics.test_economics import paid
+from tests.fixtures.payment_support import paid_settings
 
 PROMPT = "a private prompt about 4711 otters"
 SPEND = SpendPolicy(max_per_request="0.01", max_total="1", networks=["base-sepolia"])
@@ -104,8 +104,11 @@ async def test_a_paid_sealed_stream_is_one_trace_with_genai_attributes_and_no_co
     async with otlp_receiver() as (endpoint, bodies):
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
         monkeypatch.setenv("OTEL_SERVICE_NAME", "paygate-test")
-        settings = paid(
-            seller, facilitator.url, f"sqlite:///{tmp_path / 'p.db'}", require_encryption=True
+        settings = paid_settings(
+            seller=seller,
+            facilitator_url=facilitator.url,
+            ledger=f"sqlite:///{tmp_path / 'p.db'}",
+            require_encryption=True,
         )
         async with gateways(1, **settings) as [(app, url)]:
             text = await paid_stream(url, payer)

@@ -27,10 +27,9 @@ from enclave.envelope_v2 import SealedRequest
 from enclave.keys.tpm import TpmKey
 from paygate import wire
 from tests.fixtures.chain import encode_header, sign_v2_payment
-from tests.fixtures.gateway_support import Stack, running_stack
+from tests.fixtures.gateway_support import Stack, key_operations, running_stack
 from tests.fixtures.payment_support import CHAT, CHAT_BODY, challenge_of, paid_settings
 from tests.fixtures.slow_tpm import SlowTpm
-from tests.integration.paygate.server.test_free_endpoints_cost import _key_operations
 
 FLOOD = "127.0.0.2"
 CALLER = "127.0.0.3"
@@ -141,7 +140,7 @@ async def test_a_readiness_flood_leaves_sealed_callers_served(slow_tpm_key: Slow
         async with _flooding(ready) as flood:
             results = await _caller(stack, dict)
         seconds = time.monotonic() - started
-        operations = await _key_operations(stack)
+        operations = await key_operations(stack)
     assert len(flood) > 200  # the flood ran
     assert _served_in_time(results) >= 0.9, results
     # The caller's own opens, plus one readiness check a second at most: counted by the
@@ -190,7 +189,7 @@ async def test_an_unpaid_sealed_flood_on_a_body_priced_route_leaves_a_payer_serv
         async with _flooding(unpaid) as flood:
             results = await _caller(stack, pay)
         seconds = time.monotonic() - started
-        operations = await _key_operations(stack)
+        operations = await key_operations(stack)
     assert len(flood) > 200
     # Opened and challenged (402) within the bounds; the rest refused at once.
     assert set(flood) <= {402, 429, 503}, set(flood)

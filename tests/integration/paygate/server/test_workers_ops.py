@@ -7,38 +7,21 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.components import free_port
-from tests.fixtures.gateway_support import ThreadedStack
-from tests.integration.paygate.server.test_sd_notify import Listener
+from tests.fixtures.gateway_support import ThreadedStack, metric_value
+from tests.fixtures.sdnotify_support import Listener
+from tests.fixtures.serve_support import PAYGATE, make_key
 
-PAYGATE = str(Path(sys.executable).with_name("paygate"))
 REQUESTS = 12
 
 
-def _health_count(text: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if (
-                sample.name == "paygate_requests_total"
-                and sample.labels.get("route") == "GET /health"
-            ):
-                return sample.value
-    return 0.0
-
-
 def test_two_workers_sum_their_metrics_and_notify_systemd(tmp_path: Path) -> None:
-    key = tmp_path / "key.pem"
-    subprocess.run(
-        [PAYGATE, "keys", "create", "--backend", "software", "--key-file", str(key)],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
+    key = make_key(tmp_path / "key.pem")
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     (metrics_dir / "counter_999999.db").write_bytes(b"stale")  # the parent must clear it
@@ -85,7 +68,9 @@ def test_two_workers_sum_their_metrics_and_notify_systemd(tmp_path: Path) -> Non
                 proc.wait(5)
             listener.sock.close()
     # Every scrape, whichever worker answered it, counts all the requests (the sum).
-    assert [_health_count(text) for text in scrapes] == [float(REQUESTS)] * 4
+    assert [
+        metric_value(text, "paygate_requests_total", route="GET /health") for text in scrapes
+    ] == [float(REQUESTS)] * 4
     assert not (metrics_dir / "counter_999999.db").exists()
     pids = {name.name.split("_")[-1].split(".")[0] for name in metrics_dir.glob("counter_*.db")}
     assert len(pids) >= 2  # two workers wrote their own files

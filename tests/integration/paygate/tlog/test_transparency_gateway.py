@@ -28,39 +28,16 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from enclave import SoftwareKey
 from enclave.tlog import entries, merkle, note
 from paygate.client import AsyncPaygateTransport, AttestationPolicy, ClientError
-from paygate.client.tlog import LogPolicy, LogState, Seen
+from paygate.client.tlog import LogState, Seen
 from paygate.tlog import assembly as tlog_assembly
 from paygate.tlog.open_store import open_log_store
 from paygate.tlog.service import LogConfig, TransparencyLog, parse_witness
 from paygate.tlog.witness_server import WitnessState, build_witness, witness_app
 from paygate.x402.ledger_store import LedgerLocation
 from tests.fixtures.gateway_support import Stack, running_stack
+from tests.fixtures.tlog_support import CHAT, ORIGIN, chat, gateway_settings, policy
 
 ROOT = Path(__file__).resolve().parents[4]
-ORIGIN = "gateway.test/v1/log"
-CHAT = {"model": "fake-llama", "messages": [{"role": "user", "content": "hi"}]}
-
-
-def gateway_settings(tmp_path: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "transparency_log": True,
-        "log_origin": ORIGIN,
-        "ledger_path": tmp_path / "ledger.db",
-        "log_receipt_period": 3600,
-        **extra,
-    }
-
-
-def policy(state: LogState | None = None, **log: Any) -> AttestationPolicy:
-    return AttestationPolicy(allow_unattested=True, log=LogPolicy(state=state or LogState(), **log))
-
-
-async def chat(url: str, attestation: AttestationPolicy) -> httpx.Response:
-    transport = AsyncPaygateTransport(attestation=attestation)
-    async with httpx.AsyncClient(transport=transport, timeout=20) as client:
-        response = await client.post(url + "/v1/chat/completions", json=CHAT)
-        await response.aread()
-        return response
 
 
 async def refused(url: str, attestation: AttestationPolicy) -> ClientError:

@@ -25,7 +25,8 @@ from paygate.client.tlog import LogPolicy, LogState
 from paygate.tlog.open_store import open_log_store
 from paygate.tlog.service import LogConfig, TransparencyLog, log_identity
 from paygate.x402.ledger_store import parse_ledger_url
-from tests.fixtures.scale_support import Env, fake_upstream, make_key, replicas
+from tests.fixtures.scale_support import Env, fake_upstream, replicas
+from tests.fixtures.serve_support import make_key
 
 ORIGIN = "replicas.test/v1/log"
 ROOT = Path(__file__).resolve().parents[4]

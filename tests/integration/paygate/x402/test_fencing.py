@@ -25,8 +25,8 @@ from paygate.x402.processor import PaymentProcessor
 from paygate.x402.session import PaymentSession
 from paygate.x402.settlement import SettleAfterReply
 from tests.fixtures.chain import encode_header, sign_v2_payment
+from tests.fixtures.ledger_support import Clock
 from tests.fixtures.ledgers import Opener
-from tests.unit.paygate.x402.test_ledger import Clock
 
 PRICE = Decimal("0.001")
 LEASE = 10.0

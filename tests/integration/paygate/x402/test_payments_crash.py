@@ -7,107 +7,23 @@ server run in this process. The chain's balances are the proof.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from pathlib import Path
 
 import pytest
 
 from paygate import wire
-from paygate.x402.ledger import PaymentRecord, PaymentState
-from tests.fixtures.components import free_port
+from paygate.x402.ledger import PaymentState
 from tests.fixtures.gateway_support import running_stack
-from tests.fixtures.payment_support import CHAT, CHAT_BODY, PRICE_ATOMIC, records, v2_header
-from tests.integration.paygate.server.test_gateway_shutdown import _wait_live
-
-PAYGATE = str(Path(sys.executable).with_name("paygate"))
-
-
-@pytest.fixture
-def key_file(tmp_path: Path) -> Path:
-    path = tmp_path / "key.pem"
-    subprocess.run(
-        [PAYGATE, "keys", "create", "--backend", "software", "--key-file", str(path)],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    return path
-
-
-@asynccontextmanager
-async def gateway_process(
-    *,
-    key_file: Path,
-    ledger: Path,
-    seller: str,
-    facilitator_url: str,
-    upstream: str,
-    chain_rpc_url: str | None = None,
-    extra_env: dict[str, str] | None = None,
-) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("PAYGATE_")},
-        "PAYGATE_KEY_BACKEND": "software",
-        "PAYGATE_KEY_FILE": str(key_file),
-        "PAYGATE_LISTEN": f"127.0.0.1:{port}",
-        "PAYGATE_UPSTREAM_URL": upstream,
-        "PAYGATE_PAYMENT_MODE": "facilitator",
-        "PAYGATE_PAY_TO": seller,
-        "PAYGATE_NETWORK": "base-sepolia",
-        "PAYGATE_FACILITATOR_URL": facilitator_url,
-        "PAYGATE_LEDGER_PATH": str(ledger),
-        "PAYGATE_FACILITATOR_TIMEOUT": "2",
-        "PAYGATE_SETTLE_TIMEOUT": "30",
-        # One name across the restart: the new run adopts what the killed one left at once
-        # (with the default <hostname>:<pid> it would wait for the old leases to run out).
-        "PAYGATE_REPLICA_ID": "crash-test",
-        **(extra_env or {}),
-    }
-    if chain_rpc_url:  # the gateway proves settlements on chain (docs/PAYMENTS.md)
-        env["PAYGATE_CHAIN_RPC_URL"] = chain_rpc_url
-    proc = subprocess.Popen(
-        [PAYGATE, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        await _wait_live(url, proc)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(proc.wait, 15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if proc.stderr is not None:
-            proc.stderr.close()
-
-
-def process_settings(key_file, ledger, seller, facilitator_url, fake_stack) -> dict:
-    return {
-        "key_file": key_file,
-        "ledger": ledger,
-        "seller": seller,
-        "facilitator_url": facilitator_url,
-        "upstream": fake_stack.fake_url,
-    }
-
-
-async def until(ledger: Path, check: Callable[[list[PaymentRecord]], bool]) -> None:
-    async with asyncio.timeout(20):
-        while not check(await records(ledger)):
-            await asyncio.sleep(0.05)
-
-
-def states(found: list[PaymentRecord]) -> list[PaymentState]:
-    return [r.state for r in found]
+from tests.fixtures.payment_support import (
+    CHAT,
+    CHAT_BODY,
+    PRICE_ATOMIC,
+    records,
+    states,
+    until,
+    v2_header,
+)
+from tests.fixtures.serve_support import gateway_process, process_settings
 
 
 @pytest.mark.parametrize(

@@ -23,16 +23,11 @@ from tests.fixtures.payment_support import (
     post,
     receipt_of,
     records,
-    v2_header,
-)
-from tests.integration.paygate.x402.test_payments_crash import (
-    gateway_process,
-    key_file,
     states,
     until,
+    v2_header,
 )
-
-__all__ = ["key_file"]  # the fixture, shared with the crash tests
+from tests.fixtures.serve_support import gateway_process
 
 N = 5
 

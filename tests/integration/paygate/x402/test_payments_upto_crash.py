@@ -14,15 +14,9 @@ from paygate import wire
 from paygate.x402.ledger import PaymentState
 from tests.fixtures.chain import encode_header, sign_v2_payment
 from tests.fixtures.gateway_support import running_stack
-from tests.fixtures.payment_support import CHAT, CHAT_BODY, challenge_of, records
+from tests.fixtures.payment_support import CHAT, CHAT_BODY, challenge_of, records, states, until
+from tests.fixtures.serve_support import gateway_process, process_settings
 from tests.fixtures.upto_support import CAP, TOKEN_PRICES, charge, upto_offer
-from tests.integration.paygate.x402.test_payments_crash import (
-    gateway_process,
-    process_settings,
-    states,
-    until,
-)
-from tests.integration.paygate.x402.test_payments_crash import key_file as key_file  # the fixture
 
 UPTO_ENV = {
     "PAYGATE_PAYMENT_SCHEMES": "exact,upto",

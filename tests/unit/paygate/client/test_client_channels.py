@@ -18,7 +18,7 @@ from paygate.client.payer import ChallengeOffer, Payer, PaymentChallenge, SpendP
 from paygate.client.terms import check_challenge
 from paygate.x402.models import SettleResponse
 from paygate.x402.schemes.batch_settlement import channel as ch
-from tests.unit.paygate.client.test_client_terms import SELLER, TERMS, USDC
+from tests.fixtures.terms_support import SELLER, TERMS, USDC
 
 AUTHORIZER = "0x" + "a1" * 20
 URL = "http://127.0.0.1:9/v1/chat/completions"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from eth_utils import to_checksum_address
 
-from enclave.attestation.binding import AcceptedAsset, PaymentTerms, TokenPriceTerms
+from enclave.attestation.binding import PaymentTerms
 from paygate.client.errors import OfferNotAttested, PaymentNotAttested
 from paygate.client.payer import ChallengeOffer, PaymentChallenge, SpendPolicy
 from paygate.client.terms import check_challenge
@@ -20,24 +20,9 @@ from paygate.upstream.engines import profile_for
 from paygate.upstream.shaping import RequestShaper
 from paygate.x402.metering import TokenPrice, TokenPricing
 from paygate.x402.networks import to_atomic_ceiling
+from tests.fixtures.terms_support import FACILITATOR, SELLER, TERMS, USDC
 
-SELLER = "0x" + "5e" * 20
-USDC = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"  # base-sepolia
-FACILITATOR = "0x" + "fa" * 20
 CHAT = "/v1/chat/completions"
-TERMS = PaymentTerms(
-    pay_to=SELLER,
-    accepts=(AcceptedAsset("eip155:84532", USDC, "USDC", "2", 6, FACILITATOR),),
-    schemes=("exact", "upto"),
-    price="0.001",
-    route_prices=(("POST /v1/embeddings", "0.0002"), ("/api/tags", "0")),
-    model_prices=(("big", "0.01"),),
-    token_prices=(
-        ("*", TokenPriceTerms("100", "400", "0")),
-        ("big", TokenPriceTerms("1000", "4000", "0.01")),
-    ),
-    max_tokens_cap=64,
-)
 
 
 def offer(scheme: str = "exact", amount: int = 1000, **changes: Any) -> ChallengeOffer:

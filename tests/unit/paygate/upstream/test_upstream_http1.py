@@ -16,7 +16,7 @@ import uvloop
 
 from paygate.upstream import http1, relay
 from paygate.upstream.http1 import Endpoint, Pool
-from tests.integration.paygate.server.test_gateway_timeouts import unaccepting_listener
+from tests.fixtures.upstream_support import unaccepting_listener
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"

@@ -35,14 +35,21 @@ from paygate.x402.ledger import (
 from paygate.x402.ledger_base import Ledger
 from paygate.x402.ledger_postgres import PostgresLedger
 from paygate.x402.ledger_sqlite import SCHEMA_VERSION, SqliteLedger
+from tests.fixtures.ledger_support import (
+    PATHS,
+    PAY_TO,
+    PAYER,
+    SIGNATURE,
+    USDC,
+    Clock,
+    nonce,
+    request,
+    tx,
+)
 from tests.fixtures.ledgers import Opener
 
 S = PaymentState
 ROOT = Path(__file__).resolve().parents[4]
-USDC = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"  # base-sepolia
-PAYER = "0x857b06519E91e3A54538791bDbb0E22373e36b66"
-PAY_TO = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C"
-SIGNATURE = "0x" + "5a" * 65
 
 # The table of the spec, written out again here rather than imported: the test checks the code.
 ALLOWED = {
@@ -60,52 +67,6 @@ ALLOWED = {
     (S.SETTLING, S.FAILED),
     (S.SETTLING, S.SETTLING),
 }
-# How to bring a fresh reservation into each state.
-PATHS: dict[PaymentState, tuple[PaymentState, ...]] = {
-    S.RESERVED: (),
-    S.VERIFIED: (S.VERIFIED,),
-    S.SERVED: (S.VERIFIED, S.SERVED),
-    S.SETTLING: (S.VERIFIED, S.SETTLING),
-    S.SETTLED: (S.VERIFIED, S.SETTLING, S.SETTLED),
-    S.FAILED: (S.FAILED,),
-    S.RELEASED: (S.RELEASED,),
-}
-
-
-class Clock:
-    """A settable clock for the ledger's timestamps (an injected dependency, not a mock)."""
-
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def nonce(n: int) -> str:
-    return "0x" + f"{n:064x}"
-
-
-def tx(n: int) -> str:
-    return "0x" + f"{n:064x}"
-
-
-def request(n: int = 1, **overrides: Any) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "network": "eip155:84532",
-        "asset": USDC,
-        "payer": PAYER,
-        "nonce": nonce(n),
-        "pay_to": PAY_TO,
-        "amount": 1000,
-        "x402_version": 2,
-        "route": "chat.completions",
-        "payload": f'{{"payload":{{"signature":"{SIGNATURE}"}}}}',
-        "requirements": '{"scheme":"exact","amount":"1000"}',
-        "idempotency_key": None,
-    }
-    fields.update(overrides)
-    return fields
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from paygate.x402.ledger import (
     PaymentRecord,
     PaymentState,
 )
+from tests.fixtures.ledger_support import Clock, request, tx
 from tests.fixtures.ledgers import Opener
-from tests.unit.paygate.x402.test_ledger import Clock, request, tx
 
 S = PaymentState
 LEASE = 10.0

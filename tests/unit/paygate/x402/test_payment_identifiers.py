@@ -16,8 +16,8 @@ from paygate.x402.ledger import PaymentRecord, PaymentState
 from paygate.x402.ledger_base import Ledger
 from paygate.x402.models import SettleResponse
 from paygate.x402.results import Receipt
+from tests.fixtures.ledger_support import PATHS, request, tx
 from tests.fixtures.ledgers import Opener
-from tests.unit.paygate.x402.test_ledger import PATHS, request, tx
 
 S = PaymentState
 KEY = "pay_7d5d747be160e280504c099d984bcfe0"

@@ -19,7 +19,7 @@ from paygate.x402 import smartwallet
 from paygate.x402.schemes.base import PaymentRejected
 from paygate.x402.schemes.exact.verify import check_authorization
 from paygate.x402.verify import match_offer
-from tests.unit.paygate.x402.test_x402_core import sdk_payment, terms
+from tests.fixtures.x402_support import sdk_payment, terms
 
 FACTORY = "0x" + "fa" * 20
 WALLET_SIGNATURE = bytes(range(200))  # what a contract wallet signs is its own business

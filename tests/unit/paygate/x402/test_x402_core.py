@@ -13,12 +13,8 @@ import time
 from decimal import Decimal
 
 import pytest
-from eth_account import Account
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from x402 import x402ClientSync
-from x402.mechanisms.evm import EthAccountSigner
-from x402.mechanisms.evm.exact import register_exact_evm_client
 from x402.schemas import PaymentRequired as SdkPaymentRequired
 from x402.schemas import PaymentRequiredV1 as SdkPaymentRequiredV1
 
@@ -26,47 +22,18 @@ from paygate.jsonsafe import UntrustedJSONError
 from paygate.wire import NDJSON, SSE
 from paygate.x402 import codec
 from paygate.x402.inband import NDJSON_KEY, InbandReceiptWriter
-from paygate.x402.models import PaymentPayload, PaymentPayloadV1, ResourceInfo
+from paygate.x402.models import PaymentPayload, PaymentPayloadV1
 from paygate.x402.networks import from_atomic, resolve_network, to_atomic
-from paygate.x402.offers import MAX_CHALLENGE_HEADER, Acceptance, PaymentTerms, challenge
+from paygate.x402.offers import MAX_CHALLENGE_HEADER, challenge
 from paygate.x402.pricing import PricePolicy, model_of
 from paygate.x402.schemes.base import PaymentRejected
 from paygate.x402.schemes.exact.client import new_authorization, sign_authorization
 from paygate.x402.schemes.exact.verify import check_authorization, recover
 from paygate.x402.verify import match_offer
+from tests.fixtures.x402_support import PAYER, RESOURCE, SELLER, sdk_payment, terms
 
-SELLER = Account.create().address
-PAYER = Account.create()
 SEPOLIA = resolve_network("base-sepolia")
 BASE = resolve_network("base")
-RESOURCE = ResourceInfo(
-    url="http://127.0.0.1/v1/chat/completions", description="d", mime_type="application/json"
-)
-
-
-def terms(*networks: str) -> PaymentTerms:
-    accepted = tuple(
-        Acceptance(n, n.usdc) for n in (resolve_network(x) for x in networks or ("base-sepolia",))
-    )
-    return PaymentTerms(pay_to=SELLER, accepted=accepted)
-
-
-def sdk_client(account=PAYER) -> x402ClientSync:
-    client = x402ClientSync()
-    register_exact_evm_client(client, EthAccountSigner(account))
-    return client
-
-
-def sdk_payment(version: int, price: str = "0.001", account=PAYER):
-    """A payment made by the official SDK for our own challenge, as our model."""
-    ch = challenge(terms().offers(Decimal(price)), RESOURCE, error="payment_required")
-    if version == 2:
-        required = SdkPaymentRequired.model_validate(ch.v2.wire())
-    else:
-        required = SdkPaymentRequiredV1.model_validate(ch.v1.wire())
-    payload = sdk_client(account).create_payment_payload(required)
-    header = base64.b64encode(payload.model_dump_json(by_alias=True, exclude_none=True).encode())
-    return codec.decode_payment(header.decode(), header="PAYMENT-SIGNATURE")
 
 
 # --- networks and amounts ---

@@ -7,22 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 
 from x402.mechanisms.evm.batch_settlement.client.refund import RefundOptions, _RefundResponse
 
 from paygate import wire
-from paygate.x402.models import PaymentPayload
 from paygate.x402.schemes.batch_settlement.channel import SETTLEMENT_ADDRESS
 from paygate.x402.schemes.batch_settlement.client import PayerChannel
 from paygate.x402.schemes.batch_settlement.store import ClaimEntry
 from tests.fixtures.batch_settlement_support import (
+    CHAIN_ID,
+    batch_offer,
     chain_batch,
     claimer,
+    header_for,
     sdk_batch_client,
     sdk_batch_scheme,
 )
-from tests.fixtures.chain import PAYER_FUNDS, encode_header
+from tests.fixtures.chain import PAYER_FUNDS
 from tests.fixtures.gateway_support import running_stack
 from tests.fixtures.payment_support import (
     CHAT,
@@ -34,26 +35,7 @@ from tests.fixtures.payment_support import (
     records,
     v2_header,
 )
-from tests.integration.paygate.x402.test_payments_crash import PAYGATE, gateway_process
-
-CHAIN_ID = 84532
-
-
-def batch_offer(required: dict) -> dict:
-    (offer,) = [o for o in required["accepts"] if o["scheme"] == "batch-settlement"]
-    return offer
-
-
-def header_for(required: dict, payload: dict) -> str:
-    offer = batch_offer(required)
-    payment = {
-        "x402Version": 2,
-        "resource": required["resource"],
-        "accepted": offer,
-        "payload": payload,
-    }
-    PaymentPayload.model_validate(payment)  # the shape paygate parses
-    return encode_header(payment)
+from tests.fixtures.serve_support import gateway_process, make_key
 
 
 async def test_the_402_offers_batch_settlement_with_the_channel_terms(
@@ -252,13 +234,7 @@ async def test_a_claimer_killed_after_sending_its_claim_is_finished_once_by_the_
 async def test_a_gateway_killed_between_vouchers_and_their_claim_loses_nothing_and_claims_once(
     anvil, usdc, payer, seller, tmp_path, gas_key
 ):
-    key = tmp_path / "key.pem"
-    subprocess.run(
-        [PAYGATE, "keys", "create", "--backend", "software", "--key-file", str(key)],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
+    key = make_key(tmp_path / "key.pem")
     ledger = tmp_path / "payments.db"
     env = {
         "PAYGATE_PAYMENT_MODE": "chain",

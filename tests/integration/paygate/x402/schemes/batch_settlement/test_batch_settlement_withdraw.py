@@ -12,14 +12,15 @@ from paygate import wire
 from paygate.x402.schemes.batch_settlement.chain import config_tuple
 from paygate.x402.schemes.batch_settlement.channel import SETTLEMENT_ADDRESS
 from paygate.x402.schemes.batch_settlement.client import PayerChannel
-from tests.fixtures.batch_settlement_support import chain_batch, claimer
-from tests.fixtures.chain import PAYER_FUNDS
-from tests.fixtures.payment_support import PRICE_ATOMIC, challenge_of, post, receipt_of
-from tests.integration.paygate.x402.schemes.batch_settlement.test_batch_settlement import (
+from tests.fixtures.batch_settlement_support import (
     CHAIN_ID,
     batch_offer,
+    chain_batch,
+    claimer,
     header_for,
 )
+from tests.fixtures.chain import PAYER_FUNDS
+from tests.fixtures.payment_support import PRICE_ATOMIC, challenge_of, post, receipt_of
 
 
 async def test_a_payer_who_withdraws_before_the_claim_leaves_a_claim_that_does_not_revert(
