@@ -34,42 +34,42 @@ from paygate.x402.schemes.batch_settlement import channel as ch
 from tests.fixtures.batch_settlement_support import chain_batch, claimer
 from tests.fixtures.chain import PAYER_FUNDS
 from tests.fixtures.payment_support import CHAT, CHAT_BODY, PRICE_ATOMIC
-from tests.fixtures.swtpm import EkCa
-from tests.integration.paygate.client.test_attestation_payterms import (
+from tests.fixtures.payterms_support import (
     ATTACKER,
     OTHER_TOKEN,
     Edit,
     PayTermsProxy,
-    _double,
-    _set,
+    double,
     rewrite_402,
+    set_field,
 )
+from tests.fixtures.swtpm import EkCa
 
 DEPOSIT_ATOMIC = 20 * PRICE_ATOMIC
 CORRECTIVE = "invalid_batch_settlement_evm_cumulative_amount_mismatch"
 
 # The channel offer's field → (the rewrite, the refusal's code).
 CASES: dict[str, tuple[Edit, str]] = {
-    "receiver": (_set("payTo", ATTACKER), "offer_pay_to_mismatch"),
+    "receiver": (set_field("payTo", ATTACKER), "offer_pay_to_mismatch"),
     "receiverAuthorizer": (
-        _set("extra.receiverAuthorizer", ATTACKER),
+        set_field("extra.receiverAuthorizer", ATTACKER),
         "offer_receiver_authorizer_mismatch",
     ),
-    "asset": (_set("asset", OTHER_TOKEN), "offer_asset_mismatch"),
-    "chain": (_set("network", "eip155:8453"), "offer_network_mismatch"),
+    "asset": (set_field("asset", OTHER_TOKEN), "offer_asset_mismatch"),
+    "chain": (set_field("network", "eip155:8453"), "offer_network_mismatch"),
     "withdrawDelay-longer": (
-        _set("extra.withdrawDelay", str(ch.MAX_WITHDRAW_DELAY)),
+        set_field("extra.withdrawDelay", str(ch.MAX_WITHDRAW_DELAY)),
         "offer_withdraw_delay_mismatch",
     ),
     "withdrawDelay-shorter": (
-        _set("extra.withdrawDelay", str(ch.MIN_WITHDRAW_DELAY + 1)),
+        set_field("extra.withdrawDelay", str(ch.MIN_WITHDRAW_DELAY + 1)),
         "offer_withdraw_delay_mismatch",
     ),
     "assetTransferMethod": (
-        _set("extra.assetTransferMethod", "permit2"),
+        set_field("extra.assetTransferMethod", "permit2"),
         "offer_channel_contract_mismatch",
     ),
-    "amount": (_double("amount"), "offer_price_mismatch"),
+    "amount": (double("amount"), "offer_price_mismatch"),
 }
 
 
@@ -228,7 +228,7 @@ async def test_the_corrective_402_is_held_to_the_attested_terms_too(
     transport = AsyncPaygateTransport(
         wallet=payer, spend=spend(), attestation=policy(ek_ca, module_seller)
     )
-    rewrite = CorrectiveRewrite(_double("amount"))
+    rewrite = CorrectiveRewrite(double("amount"))
     async with gateway(module_seller, ledger, anvil, gas_key, channel_key) as stack:
         with PayTermsProxy(stack.url, rewrite) as proxy:
             async with httpx.AsyncClient(transport=transport, timeout=60) as http:

@@ -12,23 +12,17 @@ payment in the transport's log, nothing spent, no payment header ever sent, bala
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
-import json
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import httpx
 import openai
 import pytest
-from aiohttp import web
 from paygate_dev.stack import Swtpm
 
 from enclave.keys.tpm import TpmKey
-from paygate import wire
 from paygate.client import (
     AsyncPaygateTransport,
     AttestationPolicy,
@@ -40,6 +34,15 @@ from tests.fixtures.attestation_support import ollama_models_dir
 from tests.fixtures.chain import PAYER_FUNDS
 from tests.fixtures.gateway_support import Stack, ThreadedStack
 from tests.fixtures.payment_support import paid_settings
+from tests.fixtures.payterms_support import (
+    ATTACKER,
+    OTHER_TOKEN,
+    Edit,
+    PayTermsProxy,
+    double,
+    rewrite_402,
+    set_field,
+)
 from tests.fixtures.swtpm import EkCa
 from tests.fixtures.upto_support import upto_settings
 
@@ -47,154 +50,47 @@ MODEL = "fake-llama:latest"
 WEIGHTS = b"fake-llama weights"
 DIGEST = "sha256:" + hashlib.sha256(WEIGHTS).hexdigest()
 MESSAGES = [{"role": "user", "content": "pay only the attested appliance"}]
-ATTACKER = "0x" + "a7" * 20
-OTHER_TOKEN = "0x" + "77" * 20
 SPEND = SpendPolicy(
     max_per_request="1", max_total="5", networks=["base-sepolia"], max_price_per_million="400"
 )
-_HOP = frozenset(
-    {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "date", "server"}
-)
-
-Edit = Callable[[dict[str, Any]], None]
-
-
-def _set(field: str, value: Any) -> Edit:
-    def edit(offer: dict[str, Any]) -> None:
-        if field.startswith("extra."):
-            offer.setdefault("extra", {})[field.removeprefix("extra.")] = value
-        else:
-            offer[field] = value
-
-    return edit
-
-
-def _double(field: str) -> Edit:
-    def edit(offer: dict[str, Any]) -> None:
-        offer[field] = str(int(offer[field]) * 2)
-
-    return edit
 
 
 # (scheme, x402 version, field) → (the rewrite, the refusal's code)
 CASES: dict[tuple[str, int, str], tuple[Edit, str]] = {
-    ("exact", 2, "payTo"): (_set("payTo", ATTACKER), "offer_pay_to_mismatch"),
-    ("exact", 2, "network"): (_set("network", "eip155:8453"), "offer_network_mismatch"),
-    ("exact", 2, "asset"): (_set("asset", OTHER_TOKEN), "offer_asset_mismatch"),
-    ("exact", 2, "amount"): (_double("amount"), "offer_price_mismatch"),
-    ("exact", 2, "extra.name"): (_set("extra.name", "Fake USD"), "offer_asset_mismatch"),
-    ("exact", 2, "extra.version"): (_set("extra.version", "9"), "offer_asset_mismatch"),
+    ("exact", 2, "payTo"): (set_field("payTo", ATTACKER), "offer_pay_to_mismatch"),
+    ("exact", 2, "network"): (set_field("network", "eip155:8453"), "offer_network_mismatch"),
+    ("exact", 2, "asset"): (set_field("asset", OTHER_TOKEN), "offer_asset_mismatch"),
+    ("exact", 2, "amount"): (double("amount"), "offer_price_mismatch"),
+    ("exact", 2, "extra.name"): (set_field("extra.name", "Fake USD"), "offer_asset_mismatch"),
+    ("exact", 2, "extra.version"): (set_field("extra.version", "9"), "offer_asset_mismatch"),
     ("exact", 2, "maxTimeoutSeconds"): (
-        _set("maxTimeoutSeconds", 86_400),
+        set_field("maxTimeoutSeconds", 86_400),
         "offer_timeout_exceeded",
     ),
-    ("exact", 1, "payTo"): (_set("payTo", ATTACKER), "offer_pay_to_mismatch"),
-    ("exact", 1, "network"): (_set("network", "base"), "offer_network_mismatch"),
-    ("exact", 1, "asset"): (_set("asset", OTHER_TOKEN), "offer_asset_mismatch"),
-    ("exact", 1, "maxAmountRequired"): (_double("maxAmountRequired"), "offer_price_mismatch"),
-    ("exact", 1, "extra.name"): (_set("extra.name", "Fake USD"), "offer_asset_mismatch"),
-    ("exact", 1, "extra.version"): (_set("extra.version", "9"), "offer_asset_mismatch"),
-    ("upto", 2, "payTo"): (_set("payTo", ATTACKER), "offer_pay_to_mismatch"),
-    ("upto", 2, "network"): (_set("network", "eip155:8453"), "offer_network_mismatch"),
-    ("upto", 2, "asset"): (_set("asset", OTHER_TOKEN), "offer_asset_mismatch"),
-    ("upto", 2, "amount"): (_double("amount"), "offer_maximum_exceeded"),
-    ("upto", 2, "extra.name"): (_set("extra.name", "Fake USD"), "offer_asset_mismatch"),
+    ("exact", 1, "payTo"): (set_field("payTo", ATTACKER), "offer_pay_to_mismatch"),
+    ("exact", 1, "network"): (set_field("network", "base"), "offer_network_mismatch"),
+    ("exact", 1, "asset"): (set_field("asset", OTHER_TOKEN), "offer_asset_mismatch"),
+    ("exact", 1, "maxAmountRequired"): (double("maxAmountRequired"), "offer_price_mismatch"),
+    ("exact", 1, "extra.name"): (set_field("extra.name", "Fake USD"), "offer_asset_mismatch"),
+    ("exact", 1, "extra.version"): (set_field("extra.version", "9"), "offer_asset_mismatch"),
+    ("upto", 2, "payTo"): (set_field("payTo", ATTACKER), "offer_pay_to_mismatch"),
+    ("upto", 2, "network"): (set_field("network", "eip155:8453"), "offer_network_mismatch"),
+    ("upto", 2, "asset"): (set_field("asset", OTHER_TOKEN), "offer_asset_mismatch"),
+    ("upto", 2, "amount"): (double("amount"), "offer_maximum_exceeded"),
+    ("upto", 2, "extra.name"): (set_field("extra.name", "Fake USD"), "offer_asset_mismatch"),
     ("upto", 2, "extra.facilitatorAddress"): (
-        _set("extra.facilitatorAddress", ATTACKER),
+        set_field("extra.facilitatorAddress", ATTACKER),
         "offer_facilitator_mismatch",
     ),
     ("upto", 2, "extra.inputPricePerMillionTokens"): (
-        _set("extra.inputPricePerMillionTokens", "1"),
+        set_field("extra.inputPricePerMillionTokens", "1"),
         "offer_token_price_mismatch",
     ),
     ("upto", 2, "extra.outputPricePerMillionTokens"): (
-        _set("extra.outputPricePerMillionTokens", "4000"),
+        set_field("extra.outputPricePerMillionTokens", "4000"),
         "offer_token_price_mismatch",
     ),
 }
-
-
-def rewrite_402(version: int, edit: Edit) -> Callable[[dict[str, str], bytes], bytes]:
-    """Rewrite every offer of the 402's v2 header (edits ``headers``) or v1 body."""
-
-    def rewrite(headers: dict[str, str], body: bytes) -> bytes:
-        if version == 2:
-            name = next(k for k in headers if k.lower() == wire.PAYMENT_REQUIRED.lower())
-            document = json.loads(base64.b64decode(headers[name]))
-            for offer in document["accepts"]:
-                edit(offer)
-            headers[name] = base64.b64encode(json.dumps(document).encode()).decode()
-            return body
-        document = json.loads(body)
-        for offer in document["accepts"]:
-            edit(offer)
-        return json.dumps(document).encode()
-
-    return rewrite
-
-
-class PayTermsProxy:
-    """A reverse proxy on 127.0.0.1 (own thread and loop) in front of ``target``: every 402
-    passes through ``rewrite``; ``payments_sent`` counts requests that carried a payment."""
-
-    def __init__(
-        self, target: str, rewrite: Callable[[dict[str, str], bytes], bytes] | None
-    ) -> None:
-        self._target = target
-        self._rewrite = rewrite
-        self.payments_sent = 0
-        self.rewritten = 0
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-        self.url = ""
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-
-            async def handle(request: web.Request) -> web.Response:
-                headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
-                if wire.PAYMENT_SIGNATURE in request.headers or wire.X_PAYMENT in request.headers:
-                    self.payments_sent += 1
-                async with session.request(
-                    request.method,
-                    self._target + request.path_qs,
-                    data=await request.read(),
-                    headers=headers,
-                ) as upstream:
-                    body = await upstream.read()
-                    out = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP}
-                    out.pop("Content-Encoding", None)
-                if upstream.status == 402 and self._rewrite is not None:
-                    body = self._rewrite(out, body)
-                    self.rewritten += 1
-                return web.Response(status=upstream.status, body=body, headers=out)
-
-            app = web.Application(client_max_size=4 * 1024 * 1024)
-            app.router.add_route("*", "/{tail:.*}", handle)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            host, port = runner.addresses[0][:2]
-            self.url = f"http://{host}:{port}"
-            self._ready.set()
-            await self._stop.wait()
-            await runner.cleanup()
-
-    def __enter__(self) -> PayTermsProxy:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("the proxy did not start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -12,24 +12,11 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from paygate.client import AsyncPaygateTransport, ChannelStateRejected, SpendPolicy, SpendRefused
+from paygate.client import AsyncPaygateTransport, ChannelStateRejected, SpendRefused
 from paygate.x402.schemes.batch_settlement.channel import SETTLEMENT_ADDRESS
-from tests.fixtures.batch_settlement_support import chain_batch, claimer
+from tests.fixtures.batch_settlement_support import DEPOSIT_ATOMIC, chain_batch, claimer, spend
 from tests.fixtures.chain import PAYER_FUNDS
 from tests.fixtures.payment_support import CHAT, CHAT_BODY, PRICE_ATOMIC
-
-DEPOSIT_ATOMIC = 20 * PRICE_ATOMIC
-
-
-def spend(**overrides: object) -> SpendPolicy:
-    settings: dict[str, object] = {
-        "max_per_request": "0.01",
-        "max_total": "0.05",
-        "networks": ["base-sepolia"],
-        "channel_deposit": "0.02",
-    }
-    settings.update(overrides)
-    return SpendPolicy(**settings)  # type: ignore[arg-type]
 
 
 async def test_transport_pays_n_requests_on_one_deposit_then_claim_and_refund(

@@ -22,10 +22,9 @@ import pytest
 
 from paygate.client import AsyncPaygateTransport, ChannelStateInUse
 from paygate.x402.schemes.batch_settlement.channel import SETTLEMENT_ADDRESS
-from tests.fixtures.batch_settlement_support import chain_batch, claimer
+from tests.fixtures.batch_settlement_support import DEPOSIT_ATOMIC, chain_batch, claimer, spend
 from tests.fixtures.channel_client import DIED
 from tests.fixtures.payment_support import CHAT, CHAT_BODY, PRICE_ATOMIC
-from tests.integration.paygate.client.test_client_batch_settlement import DEPOSIT_ATOMIC, spend
 
 ROOT = Path(__file__).resolve().parents[4]
 SPEND = {

@@ -24,7 +24,7 @@ from paygate.client.errors import (
     SpendRefused,
 )
 from paygate.client.payer import Payer, SpendPolicy
-from tests.unit.paygate.client.test_client_channels import (
+from tests.fixtures.channels_support import (
     URL,
     challenge,
     corrective,

@@ -14,76 +14,22 @@ from eth_account import Account
 
 from paygate.client.channels import MAX_CHANNELS
 from paygate.client.errors import ChannelStateRejected, OfferNotAttested, SpendRefused
-from paygate.client.payer import ChallengeOffer, Payer, PaymentChallenge, SpendPolicy
+from paygate.client.payer import Payer, SpendPolicy
 from paygate.client.terms import check_challenge
-from paygate.x402.models import SettleResponse
-from paygate.x402.schemes.batch_settlement import channel as ch
-from tests.fixtures.terms_support import SELLER, TERMS, USDC
-
-AUTHORIZER = "0x" + "a1" * 20
-URL = "http://127.0.0.1:9/v1/chat/completions"
-CORRECTIVE = "invalid_batch_settlement_evm_cumulative_amount_mismatch"
-
-
-def offer(amount: int = 1000, **extra: Any) -> ChallengeOffer:
-    fields = {
-        "name": "USDC",
-        "version": "2",
-        "receiverAuthorizer": AUTHORIZER,
-        "withdrawDelay": "900",
-        "assetTransferMethod": "eip3009",
-        "minDeposit": str(10 * amount),
-    } | extra
-    requirement = {
-        "scheme": "batch-settlement",
-        "network": "eip155:84532",
-        "asset": USDC,
-        "amount": str(amount),
-        "payTo": SELLER,
-        "maxTimeoutSeconds": 300,
-        "extra": fields,
-    }
-    return ChallengeOffer(
-        2, requirement, "batch-settlement", "eip155:84532", 84532, USDC, amount, SELLER, 300, fields
-    )
-
-
-def challenge(*offers: ChallengeOffer, error: str | None = None) -> PaymentChallenge:
-    return PaymentChallenge(2, offers or (offer(),), error, {"url": URL})
+from tests.fixtures.channels_support import (
+    URL,
+    challenge,
+    corrective,
+    offer,
+    paid,
+    receipt,
+)
+from tests.fixtures.terms_support import TERMS
 
 
 def payer(**policy: Any) -> Payer:
     settings = {"max_per_request": "0.01", "max_total": "0.05", "channel_deposit": "0.02"}
     return Payer(Account.create(), SpendPolicy(**(settings | policy)))
-
-
-def receipt(charged: int, cumulative: int | None = None) -> SettleResponse:
-    extra: dict[str, Any] = {"chargedAmount": str(charged)}
-    if cumulative is not None:
-        extra["channelState"] = {"chargedCumulativeAmount": str(cumulative)}
-    return SettleResponse(success=True, transaction="", network="eip155:84532", extra=extra)
-
-
-def paid(p: Payer, n: int) -> list[Any]:
-    """n requests paid and answered (each charged the price)."""
-    records = []
-    for _ in range(n):
-        record = p.pay(challenge(), url=URL).record
-        record.receipt = receipt(1000)
-        p.channel_receipt(record)
-        records.append(record)
-    return records
-
-
-def corrective(p: Payer, record: Any, charged: int, signed: int, signer: Any = None) -> Any:
-    channel_id = record.nonce.partition(":")[0]
-    account = signer or p._account
-    signature = ch.sign_voucher(account, channel_id, signed, 84532)
-    stale = offer(
-        channelState={"chargedCumulativeAmount": str(charged)},
-        voucherState={"signedMaxClaimable": str(signed), "signature": signature},
-    )
-    return p.resync(record, challenge(stale, error=CORRECTIVE), url=URL)
 
 
 def test_channels_are_opt_in_and_the_deposit_counts_once() -> None:
