@@ -151,7 +151,7 @@ def payload_model(scheme: str, *, version: int = 2) -> type[X402Model] | None:
 
 @functools.cache
 def _any_payload(version: int) -> TypeAdapter[Any] | None:
-    models = tuple(m for name, (m, v1) in _PAYLOADS.items() if version == 2 or v1)
+    models = tuple(m for m, v1 in _PAYLOADS.values() if version == 2 or v1)
     return TypeAdapter(Union[models]) if models else None  # noqa: UP007 (a runtime tuple)
 
 
@@ -159,9 +159,9 @@ def _scheme_payload(value: Any, scheme: Any, version: int) -> X402Model:
     model = payload_model(scheme, version=version) if isinstance(scheme, str) else None
     if model is not None:
         return model.model_validate(value)
-    # A scheme with no payload model here (or an unreadable one): any known scheme's payload
-    # is read, so that the payment is refused for its scheme (unsupported_scheme), as x402
-    # asks, and one that fits no scheme as an unreadable header.
+    # A scheme with no payload model for this version (or an unreadable name): any registered
+    # scheme's payload is read, so that the offer match refuses the payment for its scheme
+    # (unsupported_scheme); a payload that fits no scheme is an unreadable header.
     adapter = _any_payload(version)
     if adapter is None:
         raise ValueError("no payment scheme is registered")
