@@ -119,9 +119,9 @@ async def _batch_settlement(
     from paygate_dev.chain.payer import requirements_v2
     from pydantic import SecretStr
 
-    from paygate.x402.models import BatchSettlementPayload
     from paygate.x402.schemes.batch_settlement.chain import BatchChain
     from paygate.x402.schemes.batch_settlement.client import PayerChannel
+    from paygate.x402.schemes.batch_settlement.payload import BatchSettlementPayload
     from paygate.x402.schemes.batch_settlement.store import ClaimEntry
 
     chain = BatchChain(anvil.rpc_url, SecretStr(gas_key), timeout=10.0, settle_timeout=60.0)

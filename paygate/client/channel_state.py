@@ -39,9 +39,9 @@ from pydantic import ValidationError
 from paygate import jsonsafe
 from paygate.client.errors import ChannelStateInUse, ChannelStateInvalid
 from paygate.files import replace_atomically
-from paygate.x402.models import ChannelConfig
 from paygate.x402.schemes.batch_settlement import channel as ch
 from paygate.x402.schemes.batch_settlement.client import PayerChannel
+from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
 
 FORMAT = "paygate-client-channels/1"
 MAX_STATE_BYTES = 2 * 1024 * 1024

@@ -45,11 +45,12 @@ from paygate.client.channel_state import (
     offer_fits,
 )
 from paygate.client.errors import ChannelStateRejected, SpendRefused
-from paygate.x402.models import BatchSettlementPayload, SettleResponse
+from paygate.x402.models import SettleResponse
 from paygate.x402.networks import from_atomic, to_atomic
 from paygate.x402.schemes.base import OfferedTerms, Signed
 from paygate.x402.schemes.batch_settlement import channel as ch
 from paygate.x402.schemes.batch_settlement.client import PayerChannel
+from paygate.x402.schemes.batch_settlement.payload import BatchSettlementPayload
 
 NAME = ch.NAME
 MAX_CHANNELS = 64

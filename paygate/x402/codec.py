@@ -16,6 +16,10 @@ from pydantic import ValidationError
 from paygate import jsonsafe
 from paygate.errors import PaygateError
 from paygate.wire import PAYMENT_REQUIRED, PAYMENT_RESPONSE
+
+# The scheme registry: importing it registers every scheme's payload model, so that a payment
+# read here is validated by the model of the scheme it names, whoever imported the codec first.
+from paygate.x402 import schemes as _schemes  # noqa: F401
 from paygate.x402.models import (
     AnyPaymentPayload,
     PaymentPayload,

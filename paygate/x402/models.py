@@ -7,10 +7,20 @@ models are shared by the gateway and the client: nothing here does I/O.
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    TypeAdapter,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.alias_generators import to_camel
 
 PAYMENT_IDENTIFIER = "payment-identifier"
@@ -115,108 +125,47 @@ class PaymentRequiredV1(X402Model):
     accepts: list[PaymentRequirementsV1]
 
 
-class Authorization(X402Model):
-    """EIP-3009 ``TransferWithAuthorization`` fields, numbers as decimal strings."""
+# --- scheme payloads ---
+# A payment's ``payload`` is its scheme's: each scheme package registers its payload model
+# (``schemes/<name>/payload.py``, imported by the scheme registry), and a payment's payload is
+# validated by the model of the scheme it names. This module names no scheme.
 
-    from_: Address = Field(alias="from")
-    to: Address
-    value: Uint256
-    valid_after: Uint256
-    valid_before: Uint256
-    nonce: Nonce
+_PAYLOADS: dict[str, tuple[type[X402Model], bool]] = {}
 
 
-class ExactEvmPayload(X402Model):
-    signature: Signature
-    authorization: Authorization
+def register_payload(scheme: str, model: type[X402Model], *, v1: bool = False) -> None:
+    """``model`` is what a payment naming ``scheme`` carries as ``payload`` (``v1``: in x402
+    v1's ``X-PAYMENT`` too). Called once per scheme, by its ``payload`` module."""
+    known = _PAYLOADS.get(scheme)
+    if known is not None and known != (model, v1):
+        raise ValueError(f"scheme {scheme!r} already has a payload model")
+    _PAYLOADS[scheme] = (model, v1)
+    _any_payload.cache_clear()
 
 
-class TokenPermissions(X402Model):
-    """Permit2's ``TokenPermissions``: the token and the most that may be moved."""
-
-    token: Address
-    amount: Uint256
-
-
-class UptoWitness(X402Model):
-    """The `upto` witness the payer signs into the Permit2 transfer (x402 SDK 2.25's shape)."""
-
-    to: Address
-    facilitator: Address
-    valid_after: Uint256
+def payload_model(scheme: str, *, version: int = 2) -> type[X402Model] | None:
+    """The payload model registered for ``scheme`` in x402 ``version``, or None."""
+    known = _PAYLOADS.get(scheme)
+    return known[0] if known is not None and (version == 2 or known[1]) else None
 
 
-class UptoAuthorization(X402Model):
-    """A Permit2 ``PermitWitnessTransferFrom`` for the x402UptoPermit2Proxy as spender."""
-
-    from_: Address = Field(alias="from")
-    permitted: TokenPermissions
-    spender: Address
-    nonce: Uint256  # Permit2's unordered nonce: a uint256 as a decimal string
-    deadline: Uint256
-    witness: UptoWitness
+@functools.cache
+def _any_payload(version: int) -> TypeAdapter[Any] | None:
+    models = tuple(m for m, v1 in _PAYLOADS.values() if version == 2 or v1)
+    return TypeAdapter(Union[models]) if models else None  # noqa: UP007 (a runtime tuple)
 
 
-class UptoEvmPayload(X402Model):
-    """The `upto` scheme's payload: ``{permit2Authorization, signature}``."""
-
-    permit2_authorization: UptoAuthorization
-    signature: Signature
-
-
-class ChannelConfig(X402Model):
-    """A `batch-settlement` channel's immutable identity (its EIP-712 hash is the channel id)."""
-
-    payer: Address
-    payer_authorizer: Address
-    receiver: Address
-    receiver_authorizer: Address
-    token: Address
-    withdraw_delay: int = Field(ge=0, lt=2**40)
-    salt: Nonce  # bytes32
-
-
-class ChannelVoucher(X402Model):
-    """A cumulative voucher: the most the receiver may ever claim from the channel."""
-
-    channel_id: Nonce  # bytes32
-    max_claimable_amount: Uint256
-    signature: Signature
-
-
-class DepositErc3009(X402Model):
-    """A deposit's EIP-3009 ``receiveWithAuthorization`` to the deposit collector."""
-
-    valid_after: Uint256
-    valid_before: Uint256
-    salt: Nonce
-    signature: Signature
-
-
-class DepositAuthorization(X402Model):
-    erc3009_authorization: DepositErc3009 | None = None
-    permit2_authorization: dict[str, Any] | None = None
-
-
-class ChannelDeposit(X402Model):
-    amount: Uint256
-    authorization: DepositAuthorization
-
-
-class BatchSettlementPayload(X402Model):
-    """The `batch-settlement` scheme's payload: a deposit (with its first voucher), a voucher,
-    or a cooperative refund request (a zero-charge voucher); see
-    ``paygate.x402.schemes.batch_settlement``."""
-
-    type: Literal["deposit", "voucher", "refund"]
-    channel_config: ChannelConfig
-    voucher: ChannelVoucher
-    deposit: ChannelDeposit | None = None
-    amount: Uint256 | None = None  # refund: part of the remainder (omitted: all of it)
-
-
-#: What a v2 payment's ``payload`` may be; the scheme named in ``accepted`` says which it must be.
-SchemePayload = ExactEvmPayload | UptoEvmPayload | BatchSettlementPayload
+def _scheme_payload(value: Any, scheme: Any, version: int) -> X402Model:
+    model = payload_model(scheme, version=version) if isinstance(scheme, str) else None
+    if model is not None:
+        return model.model_validate(value)
+    # A scheme with no payload model for this version (or an unreadable name): any registered
+    # scheme's payload is read, so that the offer match refuses the payment for its scheme
+    # (unsupported_scheme); a payload that fits no scheme is an unreadable header.
+    adapter = _any_payload(version)
+    if adapter is None:
+        raise ValueError("no payment scheme is registered")
+    return adapter.validate_python(value)  # type: ignore[no-any-return]
 
 
 class PaymentPayload(X402Model):
@@ -225,8 +174,14 @@ class PaymentPayload(X402Model):
     x402_version: Literal[2] = 2
     resource: ResourceInfo | None = None
     accepted: PaymentRequirements
-    payload: SchemePayload
+    payload: SerializeAsAny[X402Model]  # the model ``accepted.scheme`` registered
     extensions: dict[str, Any] | None = None
+
+    @field_validator("payload", mode="plain")
+    @classmethod
+    def _payload(cls, value: Any, info: ValidationInfo) -> X402Model:
+        accepted = info.data.get("accepted")
+        return _scheme_payload(value, getattr(accepted, "scheme", None), 2)
 
     @property
     def scheme(self) -> str:
@@ -247,7 +202,12 @@ class PaymentPayloadV1(X402Model):
     x402_version: Literal[1] = 1
     scheme: str
     network: str
-    payload: ExactEvmPayload
+    payload: SerializeAsAny[X402Model]  # the model ``scheme`` registered for v1
+
+    @field_validator("payload", mode="plain")
+    @classmethod
+    def _payload(cls, value: Any, info: ValidationInfo) -> X402Model:
+        return _scheme_payload(value, info.data.get("scheme"), 1)
 
     @property
     def payment_identifier(self) -> str | None:
@@ -275,7 +235,7 @@ class SettleResponse(X402Model):
     network: str
     amount: str | None = None
     extensions: dict[str, Any] | None = None
-    # The scheme's own answer (batch-settlement: ``chargedAmount`` and the channel's state).
+    # The scheme's own answer (a channel's ``chargedAmount`` and state).
     extra: dict[str, Any] | None = None
 
 

@@ -8,6 +8,9 @@ facilitator settlers call its ``chain``/``facilitator`` role; the client's payer
 
 A new scheme is one package ``schemes/<name>/`` providing (protocols in :mod:`.base`):
 
+- ``payload.py``: the scheme's payload models, its payment's ``payload`` registered under the
+  scheme's name with :func:`~paygate.x402.models.register_payload` (imported by
+  :func:`~.base.scheme_package`; a payment naming the scheme is validated by it);
 - ``offer.py``: ``ROLE``, an :class:`~.base.OfferRole` (the requirement verified and settled
   against; what the ledger counts as authorized; whether x402 v1 carries it);
 - ``verify.py``: ``ROLE``, a :class:`~.base.VerifyRole` (its payload model, replay code,
@@ -27,9 +30,9 @@ A new scheme is one package ``schemes/<name>/`` providing (protocols in :mod:`.b
   offers, operations that are not paid requests, corrective refusals, background tasks).
 
 It is registered by adding its ``SCHEME`` to :data:`SCHEMES` below — the one line outside its
-package. (Its payload model joins ``models.SchemePayload``, the union a v2 payment's
-``payload`` is parsed as; the configuration names it in ``PAYGATE_PAYMENT_SCHEMES``.)
-Importing this module loads only the client-safe roles (no web3, no x402 SDK).
+package (the configuration names it in ``PAYGATE_PAYMENT_SCHEMES``). Importing this module
+registers every scheme's payload model, so that every payment parsed afterwards knows them all,
+and loads only the client-safe roles (no web3, no x402 SDK).
 """
 
 from __future__ import annotations

@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from paygate.x402.models import (
     AnyPaymentPayload,
     ResourceInfo,
-    SchemePayload,
     SettleResponse,
     VerifyResponse,
+    X402Model,
 )
 from paygate.x402.offers import Offer, PaymentTerms
 from paygate.x402.refusal import ProofRejected, Refusal
@@ -249,7 +249,7 @@ class OfferedTerms(Protocol):
 class Signed:
     """A client's signed payload and what identifies it."""
 
-    payload: SchemePayload
+    payload: X402Model  # the scheme's payload model
     nonce: str  # as the server's ledger keys it
     valid_before: int
     asset: str  # checksummed
@@ -427,13 +427,15 @@ class Scheme:
 
 def scheme_package(package: str, name: str, *, metered: bool, binding: bool = False) -> Scheme:
     """The :class:`Scheme` of ``package`` (a ``schemes/<name>/`` package, by its ``__name__``),
-    found by the role modules' names: ``offer``, ``verify`` and ``client`` imported now (they are
-    client-safe), ``chain``, ``facilitator`` and, with ``binding``, ``bound`` named for
-    :class:`Scheme` to import on first use."""
+    found by the role modules' names: ``payload`` (which registers the scheme's payload model
+    with :func:`~paygate.x402.models.register_payload`), ``offer``, ``verify`` and ``client``
+    imported now (they are client-safe), ``chain``, ``facilitator`` and, with ``binding``,
+    ``bound`` named for :class:`Scheme` to import on first use."""
 
     def role(module: str) -> Any:
         return importlib.import_module(f"{package}.{module}").ROLE
 
+    importlib.import_module(f"{package}.payload")
     return Scheme(
         name=name,
         metered=metered,

@@ -34,15 +34,10 @@ from web3.exceptions import ContractLogicError
 from paygate.x402 import evm
 from paygate.x402.chain_reader import ChainReader
 from paygate.x402.evm import abi_function, abi_tuple, members
-from paygate.x402.models import (
-    AnyPaymentPayload,
-    BatchSettlementPayload,
-    ChannelConfig,
-    SettleResponse,
-    VerifyResponse,
-)
+from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
 from paygate.x402.schemes.base import ChainAccess
 from paygate.x402.schemes.batch_settlement import channel as ch
+from paygate.x402.schemes.batch_settlement.payload import BatchSettlementPayload, ChannelConfig
 from paygate.x402.schemes.batch_settlement.store import ClaimEntry
 from paygate.x402.settler import SettlementSubject, SettlerUnavailable
 

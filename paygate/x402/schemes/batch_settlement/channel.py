@@ -20,9 +20,11 @@ from eth_utils import keccak, to_checksum_address
 
 from paygate.x402 import typed_digest as td
 from paygate.x402.evm import EIP712_DOMAIN, members
-from paygate.x402.models import ChannelConfig
+from paygate.x402.schemes.batch_settlement import payload
+from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
 
-NAME = "batch-settlement"
+NAME = payload.NAME  # the scheme's name, declared with its payload model
+
 # The contracts' canonical CREATE2 addresses (the SDK's constants; the same on every chain).
 SETTLEMENT_ADDRESS = "0x4020074e9dF2ce1deE5A9C1b5c3f541D02a10003"
 ERC3009_COLLECTOR_ADDRESS = "0x4020806089470a89826cB9fB1f4059150b550004"

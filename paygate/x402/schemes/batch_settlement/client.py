@@ -20,9 +20,9 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak, to_checksum_address
 
 from paygate.x402.evm import EIP712_DOMAIN, EIP3009_AUTHORIZATION
-from paygate.x402.models import ChannelConfig
 from paygate.x402.schemes.base import OfferedTerms, Signed
 from paygate.x402.schemes.batch_settlement import channel as ch
+from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
 
 _RECEIVE = {"EIP712Domain": EIP712_DOMAIN, "ReceiveWithAuthorization": EIP3009_AUTHORIZATION}
 

@@ -19,10 +19,7 @@ from typing import Any
 from eth_utils import to_checksum_address
 
 from paygate.x402.facilitator import FacilitatorSettler
-from paygate.x402.models import (
-    ChannelConfig,
-    SettleResponse,
-)
+from paygate.x402.models import SettleResponse
 from paygate.x402.schemes.base import FacilitatorAccess
 from paygate.x402.schemes.batch_settlement.chain import (
     BatchChain,
@@ -34,6 +31,7 @@ from paygate.x402.schemes.batch_settlement.chain import (
     sweeps,
 )
 from paygate.x402.schemes.batch_settlement.channel import NAME
+from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
 from paygate.x402.schemes.batch_settlement.store import ClaimEntry
 from paygate.x402.settler import SettlementSubject, SettlerUnavailable
 

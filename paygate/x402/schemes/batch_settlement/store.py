@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from paygate.errors import PaygateError
-from paygate.x402.models import ChannelConfig
 from paygate.x402.schemes.base import SchemeSql
+from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
 
 CLAIMER = "claimer"  # the claim lease's row in bs_claims
 

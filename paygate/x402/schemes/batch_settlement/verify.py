@@ -20,10 +20,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from paygate.x402.models import AnyPaymentPayload, BatchSettlementPayload, PaymentPayload
+from paygate.x402.models import AnyPaymentPayload, PaymentPayload
 from paygate.x402.offers import Offer
 from paygate.x402.schemes.base import Authorized, CheckTime, PaymentRejected, same_address
 from paygate.x402.schemes.batch_settlement import channel as ch
+from paygate.x402.schemes.batch_settlement.payload import BatchSettlementPayload
 from paygate.x402.schemes.batch_settlement.store import Channel
 from paygate.x402.typed_digest import checksum
 

@@ -11,9 +11,9 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
 from paygate.x402 import evm
-from paygate.x402.models import Authorization, ExactEvmPayload
 from paygate.x402.networks import Asset, UnknownNetwork, resolve_network
 from paygate.x402.schemes.base import OfferedTerms, Signed
+from paygate.x402.schemes.exact.payload import Authorization, ExactEvmPayload
 from paygate.x402.schemes.exact.verify import typed_data
 
 # The transfer methods of an exact offer this client pays (absent: EIP-3009).

@@ -12,7 +12,7 @@ from typing import Any
 from eth_utils import to_checksum_address
 
 from paygate.x402 import evm, smartwallet, typed_digest
-from paygate.x402.models import AnyPaymentPayload, Authorization, ExactEvmPayload
+from paygate.x402.models import AnyPaymentPayload
 from paygate.x402.networks import Asset
 from paygate.x402.offers import Offer
 from paygate.x402.schemes.base import (
@@ -23,6 +23,7 @@ from paygate.x402.schemes.base import (
     payload_as,
     same_address,
 )
+from paygate.x402.schemes.exact.payload import Authorization, ExactEvmPayload
 
 # The SDK facilitator's code for a used EIP-3009 nonce: also the replay refusal here.
 NONCE_USED = "invalid_exact_evm_nonce_already_used"

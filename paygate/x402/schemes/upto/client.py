@@ -11,7 +11,6 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import is_address, to_checksum_address
 
 from paygate.x402 import evm
-from paygate.x402.models import UptoAuthorization, UptoEvmPayload
 from paygate.x402.pricing import offered_prices
 from paygate.x402.schemes.base import OfferedTerms, Signed
 from paygate.x402.schemes.upto.offer import (
@@ -19,6 +18,7 @@ from paygate.x402.schemes.upto.offer import (
     FACILITATOR_EXTRA,
     UPTO_PROXY_ADDRESS,
 )
+from paygate.x402.schemes.upto.payload import UptoAuthorization, UptoEvmPayload
 from paygate.x402.schemes.upto.verify import nonce_key, typed_data
 
 

@@ -14,14 +14,10 @@ from typing import Any
 
 from eth_utils import to_checksum_address
 
-from paygate.x402.models import (
-    AnyPaymentPayload,
-    ResourceInfo,
-    SettleResponse,
-    UptoEvmPayload,
-)
+from paygate.x402.models import AnyPaymentPayload, ResourceInfo, SettleResponse
 from paygate.x402.offers import Offer
 from paygate.x402.schemes.base import Authorized, payload_as, with_amount
+from paygate.x402.schemes.upto.payload import UptoEvmPayload
 
 # The SDK's constants (x402.mechanisms.evm.constants): the same on every EVM chain.
 PERMIT2_ADDRESS = "0x000000000022D473030F116dDEE9F6B43aC78BA3"

@@ -14,12 +14,7 @@ from typing import Any
 from eth_utils import to_checksum_address
 
 from paygate.x402 import evm, smartwallet
-from paygate.x402.models import (
-    AnyPaymentPayload,
-    PaymentPayload,
-    UptoAuthorization,
-    UptoEvmPayload,
-)
+from paygate.x402.models import AnyPaymentPayload, PaymentPayload
 from paygate.x402.offers import Offer
 from paygate.x402.schemes.base import (
     MIN_REMAINING_SECONDS,
@@ -34,6 +29,7 @@ from paygate.x402.schemes.upto.offer import (
     facilitator_of,
     payload_of,
 )
+from paygate.x402.schemes.upto.payload import UptoAuthorization, UptoEvmPayload
 
 _TYPES = {
     "EIP712Domain": evm.members("string name, uint256 chainId, address verifyingContract"),

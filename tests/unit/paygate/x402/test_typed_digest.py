@@ -9,10 +9,10 @@ import pytest
 from eth_account import Account
 from eth_account.messages import _hash_eip191_message, encode_typed_data
 
-from paygate.x402.models import Authorization
 from paygate.x402.networks import resolve_network
 from paygate.x402.schemes.exact import client as exact_client
 from paygate.x402.schemes.exact import verify as exact_verify
+from paygate.x402.schemes.exact.payload import Authorization
 
 N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 NETWORK = resolve_network("base-sepolia")

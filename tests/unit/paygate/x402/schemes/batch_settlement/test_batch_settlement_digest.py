@@ -8,8 +8,8 @@ import os
 import pytest
 from eth_account import Account
 
-from paygate.x402.models import ChannelConfig
 from paygate.x402.schemes.batch_settlement import channel as ch
+from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
 
 CHAIN = 84532
 _N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141

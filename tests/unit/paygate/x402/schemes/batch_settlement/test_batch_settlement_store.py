@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from paygate.x402.models import ChannelConfig
+from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
 from paygate.x402.schemes.batch_settlement.store import ChannelBusy, ChannelStore, ClaimEntry
 
 CHANNEL = "0x" + "ab" * 32

@@ -9,12 +9,12 @@ from decimal import Decimal
 import pytest
 from eth_account import Account
 
-from paygate.x402.models import BatchSettlementPayload
 from paygate.x402.networks import resolve_network
 from paygate.x402.offers import Acceptance, PaymentTerms
 from paygate.x402.schemes.base import PaymentRejected
 from paygate.x402.schemes.batch_settlement import offer as offer_role
 from paygate.x402.schemes.batch_settlement.client import PayerChannel
+from paygate.x402.schemes.batch_settlement.payload import BatchSettlementPayload
 from paygate.x402.schemes.batch_settlement.store import Channel
 from paygate.x402.schemes.batch_settlement.verify import (
     FORGED,
