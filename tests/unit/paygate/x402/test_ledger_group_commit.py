@@ -192,7 +192,8 @@ async def test_a_lost_commit_fails_every_call_of_its_group(tmp_path: Path) -> No
         opener = asyncio.create_task(ledger.reserve(**request(100)))
         await asyncio.sleep(0.1)
         first = asyncio.create_task(ledger.reserve(**request(1)))
-        vanish = asyncio.create_task(ledger._run(roll_back))
+        # in the same group as its neighbours: on the event loop's path, like theirs
+        vanish = asyncio.create_task(ledger._submit(False, True, roll_back))
         later = asyncio.create_task(ledger.reserve(**request(2)))
         await asyncio.sleep(0.1)
         hold.set()
