@@ -269,3 +269,197 @@ def test_a_kill_with_groups_in_flight_loses_nothing_acknowledged(
     finally:
         db.close()
     assert set(acknowledged) <= stored
+
+
+# --- the event loop's path: statements on the loop, the COMMIT on the worker -----------------
+
+HOLDER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=0)
+db.execute("BEGIN IMMEDIATE")  # the file's write lock, as a second replica or the CLI takes it
+print("held", flush=True)
+sys.stdin.readline()
+db.execute("COMMIT")
+print("released", flush=True)
+"""
+
+
+def hold_write_lock(path: Path) -> subprocess.Popen[str]:
+    """Another process holding the ledger file's write lock until told to let go."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    ready, _, _ = select.select([holder.stdout], [], [], 30)
+    assert ready
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def let_go(holder: subprocess.Popen[str]) -> None:
+    if holder.poll() is None:
+        assert holder.stdin is not None
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        holder.wait(timeout=30)
+
+
+async def test_a_write_lock_held_by_another_process_never_stalls_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    """The loop tries the lock without waiting; the worker waits for it: meanwhile the loop
+    runs everything else, and the call completes, durable, once the lock is free."""
+    path = tmp_path / "ledger.db"
+    ledger = await SqliteLedger.open(path)
+    first = await ledger.reserve(**request(1))
+    holder = hold_write_lock(path)
+    try:
+        pending = asyncio.create_task(ledger.reserve(**request(2)))
+        ticks = 0
+        for _ in range(20):  # the loop keeps turning while the reserve waits for the lock
+            await asyncio.sleep(0.005)
+            ticks += 1
+        assert ticks == 20
+        assert not pending.done()
+        let_go(holder)
+        record = await asyncio.wait_for(pending, 30)
+    finally:
+        let_go(holder)
+        await ledger.close()
+    assert record.state is PaymentState.RESERVED
+    assert durable(path, record.id)
+    assert durable(path, first.id)
+
+
+async def test_a_write_lock_held_past_the_busy_timeout_is_a_clear_error_then_recovers(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = await SqliteLedger.open(path, busy_timeout=0.3)
+    holder = hold_write_lock(path)
+    try:
+        with pytest.raises(LedgerUnavailable):
+            await asyncio.wait_for(ledger.reserve(**request(1)), 30)
+        let_go(holder)
+        # Nothing of the refused call was kept; the same reservation goes through now.
+        record = await asyncio.wait_for(ledger.reserve(**request(1)), 30)
+        assert (await ledger.history(record.id))[0].action.value == "reserved"
+        assert len(await ledger.history(record.id)) == 1
+    finally:
+        let_go(holder)
+        await ledger.close()
+
+
+async def test_calls_arriving_during_a_commit_run_in_order_as_the_next_group(
+    tmp_path: Path,
+) -> None:
+    """While the worker commits, the loop queues; then one group runs them all in the order
+    they came (a reservation and the moves of it that follow it in the same group)."""
+    path = tmp_path / "ledger.db"
+    ledger, commits = await open_counted(path)
+    try:
+        opener = asyncio.create_task(ledger.reserve(**request(100)))
+        await asyncio.sleep(0.1)  # its COMMIT is held at the gate
+        first = asyncio.create_task(ledger.reserve(**request(1)))
+        second = asyncio.create_task(ledger.reserve(**request(1)))  # the same key: a replay
+        listed = asyncio.create_task(ledger.list(limit=10))  # a scan: the worker's, in order
+        await asyncio.sleep(0.1)
+        assert not any(t.done() for t in (first, second, listed))
+        commits.gate.set()
+        await opener
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(first, second, listed, return_exceptions=True), 30
+        )
+    finally:
+        commits.gate.set()
+        await ledger.close()
+    record, replay, rows = outcomes
+    assert not isinstance(record, BaseException)
+    assert isinstance(replay, AlreadyReserved)  # ran after the first, as submitted
+    assert {r.id for r in rows} >= {record.id}  # type: ignore[union-attr]
+    assert commits.sizes[1] == 2  # the two reservations: one COMMIT
+
+
+KILLED_BEFORE_COMMIT = f"""
+import asyncio, os, sys, time
+from paygate.x402.ledger import PaymentState
+from paygate.x402.ledger_sqlite import SqliteLedger
+
+def request(k):
+    return dict(
+        network="eip155:84532", asset="{USDC}", payer="{PAYER}", nonce="0x%064x" % k,
+        pay_to="{PAY_TO}", amount=1000, x402_version=2, route="chat.completions",
+        payload='{{"signature":"0x{"5a" * 65}"}}', requirements="{{}}", idempotency_key=None,
+    )
+"""
+KILLED_BEFORE_COMMIT += """
+async def main(path):
+    ledger = await SqliteLedger.open(path)
+    kept = await ledger.reserve(**request(1))
+    print("acknowledged", kept.id, flush=True)
+    await ledger.scheme_sql("CREATE TABLE IF NOT EXISTS pairs (k INTEGER PRIMARY KEY, v TEXT)", ())
+
+    def stall(calls):  # the statements ran on the loop; the COMMIT never comes
+        print("committing", calls, flush=True)
+        time.sleep(60)
+
+    ledger.group_commit.before_commit = stall
+    await asyncio.gather(
+        ledger.reserve(**request(2)),
+        ledger.transition(kept.id, PaymentState.SERVED, via=PaymentState.VERIFIED),
+        ledger.scheme_sql_all([
+            ("INSERT INTO pairs (k, v) VALUES (1, 'voucher')", ()),
+            ("INSERT INTO pairs (k, v) VALUES (2, 'charge')", ()),
+        ]),
+    )
+    print("answered before the COMMIT", flush=True)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_kill_between_the_loops_statements_and_the_commit_leaves_nothing_half_written(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL after a group's statements ran on the event loop and before the worker's COMMIT:
+    what was acknowledged is there, none of the group is (not a row, not one of two moves, not
+    one of a voucher's two statements), and nobody heard of it."""
+    path = tmp_path / "ledger.db"
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_BEFORE_COMMIT, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    lines: list[str] = []
+    try:
+        assert child.stdout is not None
+        while not lines or not lines[-1].startswith("committing"):
+            ready, _, _ = select.select([child.stdout], [], [], 60)
+            assert ready, "the child stopped"
+            line = child.stdout.readline()
+            assert line, "the child ended"
+            lines.append(line.strip())
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+        lines += [line.strip() for line in child.stdout.read().splitlines() if line]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=30)
+    assert lines[-1] == "committing 3"  # the three calls' statements ran, in one group
+    kept = lines[0].split()[1]
+    db = sqlite3.connect(path)
+    try:
+        payments = db.execute("SELECT id, state FROM payments").fetchall()
+        events = db.execute("SELECT action, state FROM payment_events ORDER BY rowid").fetchall()
+        pairs = db.execute("SELECT k FROM pairs").fetchall()
+    finally:
+        db.close()
+    assert payments == [(kept, "reserved")]  # not served, not half-moved; no second payment
+    assert events == [("reserved", "reserved")]
+    assert pairs == []  # neither of the two statements
