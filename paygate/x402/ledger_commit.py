@@ -50,6 +50,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from paygate.errors import PaygateError
+
 #: Calls per group at most: bounds how long the write lock is held and what one failed COMMIT
 #: can take down.
 MAX_GROUP = 64
@@ -80,8 +82,12 @@ class _Group:
     closed: bool = False  # takes no more calls (full, or a call queued behind it for the worker)
 
 
-class WriteLockBusy(Exception):
-    """On the loop's path: another connection holds the write lock (never waited for)."""
+class WriteLockBusy(PaygateError):
+    """On the loop's path: another connection holds the write lock (never waited for there; the
+    call goes to the worker, which waits). Never reaches a caller."""
+
+    code = "ledger_write_lock_busy"
+    message = "another process holds the ledger's write lock"
 
 
 class GroupCommit:
