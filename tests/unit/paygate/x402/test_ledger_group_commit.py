@@ -463,3 +463,28 @@ def test_a_kill_between_the_loops_statements_and_the_commit_leaves_nothing_half_
     assert payments == [(kept, "reserved")]  # not served, not half-moved; no second payment
     assert events == [("reserved", "reserved")]
     assert pairs == []  # neither of the two statements
+
+
+async def test_calls_from_a_second_event_loop_are_serialised_with_the_first_s(
+    tmp_path: Path,
+) -> None:
+    """The loop that first used the ledger runs its statements itself; another loop's calls
+    (a thread of its own) go to the worker, which takes the connection only between the first
+    loop's groups: both finish, every reservation once, nothing interleaved into a wrong
+    transaction."""
+    path = tmp_path / "ledger.db"
+    ledger = await SqliteLedger.open(path)
+
+    async def many(first: int) -> list[str]:
+        records = await asyncio.gather(*(ledger.reserve(**request(first + n)) for n in range(40)))
+        return [r.id for r in records]
+
+    try:
+        other = asyncio.create_task(asyncio.to_thread(asyncio.run, many(1000)))
+        here = await asyncio.wait_for(many(0), 60)
+        there = await asyncio.wait_for(other, 60)
+    finally:
+        await ledger.close()
+    assert len(set(here) | set(there)) == 80
+    for payment_id in here + there:
+        assert durable(path, payment_id)
