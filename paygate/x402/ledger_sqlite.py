@@ -171,7 +171,10 @@ class SqliteLedger(LedgerBase):
     # --- the worker thread ------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], /, *args: Any) -> T:
-        return await self._submit(False, fn in self._quick, fn, *args)
+        quick = fn in self._quick
+        if fn == self._reserve and args[0].budgets:  # sums the payer's window: may be long
+            quick = False
+        return await self._submit(False, quick, fn, *args)
 
     async def _run_alone(self, fn: Callable[..., T], /, *args: Any) -> T:
         """Opening and closing the connection: never inside another call's transaction."""
