@@ -168,7 +168,8 @@ async def test_killed_before_serving_releases_the_reservation_on_restart(
                 url + CHAT, json=held, headers={wire.PAYMENT_SIGNATURE: header}
             )
             await asyncio.wait_for(response.content.readline(), 10)
-            assert states(await records(ledger)) == [PaymentState.VERIFIED]
+            # verified, not yet served: VERIFIED is recorded with SERVED (one transaction)
+            assert states(await records(ledger)) == [PaymentState.RESERVED]
             proc.send_signal(signal.SIGKILL)
             await asyncio.to_thread(proc.wait, 10)
             response.close()
