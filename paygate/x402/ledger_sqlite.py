@@ -4,11 +4,12 @@ Why these choices:
 
 * ``synchronous=FULL``: each state change is on disk before the side effect that follows it
   (an upstream call, a settlement broadcast). That is the whole point of the ledger.
-* One dedicated worker thread owns the connection: sqlite3 never blocks the event loop, and the
-  calls of one process are serialised in submission order.
 * Group commit (``paygate.x402.ledger_commit``): the calls queued while a COMMIT was under way
   share the next one (one fsync), each in a savepoint of its own; a caller is answered only
-  after the COMMIT of its group, so ``synchronous=FULL`` still holds per call.
+  after the COMMIT of its group, so ``synchronous=FULL`` still holds per call. A payment's
+  indexed statements run on the event loop's thread and only the COMMIT (the fsync) on the
+  worker thread; the loop never waits for the write lock (busy: the worker takes the call) and
+  scans run on the worker. The calls of one process are serialised in submission order.
 * ``BEGIN IMMEDIATE`` for every read-modify-write: the write lock is taken before the read, so
   two processes sharing the file cannot both claim one authorization.
 * A submitted change runs to its end even if the awaiting task is cancelled (the future is
@@ -107,13 +108,22 @@ class SqliteLedger(Ledger):
         self.path = path
         self.read_only = read_only
         super().__init__(replica, lease_seconds)
-        self._commits = GroupCommit("paygate-ledger", self._lost)
+        self._commits = GroupCommit(
+            "paygate-ledger", self._lost, connection=lambda: self._db, busy_timeout=busy_timeout
+        )
         self._busy_timeout = busy_timeout
         self._clock = clock
-        self._db: sqlite3.Connection | None = None  # used only on the worker thread
+        self._db: sqlite3.Connection | None = None  # used by whoever GroupCommit lends it to
         self._closed = False
         self.found_version = SCHEMA_VERSION  # the schema it had when opened (before migrating)
         self._use_tables(SqliteTables(self))  # the side tables' statements, on this thread
+        # Indexed statements, microseconds each: they may run on the event loop's thread.
+        self._quick = frozenset(
+            (
+                *(self._one, self._reserve, self._transition, self._mark_served, self._renew),
+                *(self._let_go, self._add_receipt, self._take_free, self._forget_idempotency_key),
+            )
+        )
 
     @classmethod
     async def open(
@@ -165,16 +175,21 @@ class SqliteLedger(Ledger):
     # --- the worker thread ------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], /, *args: Any) -> T:
-        return await self._submit(False, fn, *args)
+        quick = fn in self._quick
+        if fn == self._reserve and args[0].budgets:  # sums the payer's window: may be long
+            quick = False
+        return await self._submit(False, quick, fn, *args)
 
     async def _run_alone(self, fn: Callable[..., T], /, *args: Any) -> T:
         """Opening and closing the connection: never inside another call's transaction."""
-        return await self._submit(True, fn, *args)
+        return await self._submit(True, False, fn, *args)
 
-    async def _submit(self, alone: bool, fn: Callable[..., T], /, *args: Any) -> T:
+    async def _submit(self, alone: bool, quick: bool, fn: Callable[..., T], /, *args: Any) -> T:
         if self._closed:
             raise _closed()
-        return await worker_call(self._commits, _closed, self._guarded, fn, *args, alone=alone)
+        return await worker_call(
+            self._commits, _closed, self._guarded, fn, *args, alone=alone, quick=quick
+        )
 
     def _lost(self, exc: sqlite3.Error) -> LedgerError:
         """The error of a call whose group's transaction did not commit."""
@@ -182,7 +197,7 @@ class SqliteLedger(Ledger):
 
     @property
     def group_commit(self) -> GroupCommit:
-        """The worker (its ``after_commit`` hook counts COMMITs, i.e. fsyncs)."""
+        """The group commit (its ``after_commit`` hook counts COMMITs, i.e. fsyncs)."""
         return self._commits
 
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
@@ -239,7 +254,8 @@ class SqliteLedger(Ledger):
                 rows = cursor.fetchall()
                 return cursor.rowcount, rows
 
-        return await self._run(run)
+        # A write names its row; a read may scan (the claim loop's): that stays on the worker.
+        return await self._submit(False, not sql.lstrip().upper().startswith("SELECT"), run)
 
     async def scheme_sql_all(
         self, statements: builtins.list[tuple[str, tuple[Any, ...]]]
@@ -255,7 +271,7 @@ class SqliteLedger(Ledger):
                     out.append((cursor.rowcount, cursor.fetchall()))
             return out
 
-        return await self._run(run)
+        return await self._submit(False, True, run)  # a voucher's record and charge
 
     def _one(self, where: str, params: tuple[Any, ...]) -> PaymentRecord | None:
         row = self._conn.execute(f"{_SELECT} {where}", params).fetchone()

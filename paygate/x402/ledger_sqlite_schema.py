@@ -24,10 +24,13 @@ def connect(path: Path, *, read_only: bool, busy_timeout: float) -> sqlite3.Conn
             if not path.is_file():
                 raise LedgerNotFound(f"no ledger at {path}")
             uri = f"file:{quote(str(path.resolve()))}?mode=ro"
-            db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=0)
+            # Used by the event loop's thread and the ledger's worker, one at a time.
+            db = sqlite3.connect(
+                uri, uri=True, isolation_level=None, timeout=0, check_same_thread=False
+            )
         else:
             _prepare_file(path)
-            db = sqlite3.connect(path, isolation_level=None, timeout=0)
+            db = sqlite3.connect(path, isolation_level=None, timeout=0, check_same_thread=False)
     except OSError as exc:
         raise LedgerUnavailable(f"cannot open ledger {path}: {exc.strerror}") from None
     try:

@@ -21,10 +21,13 @@ async def worker_call(
     /,
     *args: Any,
     alone: bool = False,
+    quick: bool = False,
 ) -> T:
-    """``fn(*args)`` on the worker; ``closed()`` is raised once the worker has stopped."""
+    """``fn(*args)`` in the store's group (``quick``: its statements may run on the event loop's
+    thread, only the COMMIT on the worker); ``closed()`` is raised once the worker has
+    stopped."""
     try:
-        future = commits.submit(fn, *args, alone=alone)
+        future = commits.submit(fn, *args, alone=alone, quick=quick)
     except RuntimeError:  # the worker stopped
         raise closed() from None
     result: T = await asyncio.shield(future)

@@ -47,7 +47,7 @@ class Settlement:
     settles_owed: bool = True
     #: VERIFIED is recorded with SERVED, in one ledger transaction, not on its own: nothing
     #: between the two needs it durable (a crash there releases either state alike). Not where
-    #: settlement reads VERIFIED (after the reply, or before serving).
+    #: settlement starts from VERIFIED before serving (upfront).
     verified_when_served: bool = False
     #: A verified payment is settled before anything is forwarded (the settle outcome admits
     #: it or refuses it), not admitted as it is.
@@ -91,6 +91,8 @@ async def _release(processor: SettlementSteps, admission: PaymentAdmission) -> N
 
 class SettleAfterReply(Settlement):
     """Settle after the reply is produced: nothing is charged for a failed request."""
+
+    verified_when_served = True  # SERVED (with VERIFIED before it) opens the settlement
 
     async def reply_ready(
         self, processor: SettlementSteps, admission: PaymentAdmission

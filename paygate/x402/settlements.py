@@ -127,9 +127,13 @@ class Settlements:
         assert record is not None
         try:
             # Fenced; a metered request's usage and charge are durable with SERVED, so a
-            # restart settles the same amount.
+            # restart settles the same amount. VERIFIED goes in the same transaction when the
+            # strategy did not record it alone (verified_when_served).
             admission.record = await self.leases.move(
-                record, PaymentState.SERVED, meter=admission.meter
+                record,
+                PaymentState.SERVED,
+                meter=admission.meter,
+                via=PaymentState.VERIFIED if record.state is PaymentState.RESERVED else None,
             )
         except LedgerError as exc:
             log.error("payment %s: cannot record SERVED: %s", record.id, exc.code)

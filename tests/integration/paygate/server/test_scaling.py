@@ -15,6 +15,8 @@ Leases are 3 s and the reconciler runs every 0.5 s here; every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import signal
 import subprocess
@@ -23,9 +25,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from paygate import wire
 from paygate.x402.ledger import EventAction, PaymentState
 from tests.fixtures.components import free_port
-from tests.fixtures.payment_support import PRICE_ATOMIC
+from tests.fixtures.payment_support import CHAT, CHAT_BODY, PRICE_ATOMIC
 from tests.fixtures.scale_support import (
     COMPLETIONS,
     LEASE_SECONDS,
@@ -194,6 +197,69 @@ async def test_two_workers_on_one_port_serve_and_settle_one_authorization_once(
     assert fake.completed[COMPLETIONS] == 1
     assert usdc.balance_of(seller) == PRICE_ATOMIC
     assert facilitator.stats.calls("settle") == 1
+
+
+def _nonce(header: str) -> str:
+    return str(json.loads(base64.b64decode(header))["payload"]["authorization"]["nonce"]).lower()
+
+
+async def test_two_workers_on_one_sqlite_file_lose_no_answered_payment_when_one_is_killed(
+    facilitator, anvil, usdc, payer, seller, tmp_path
+):
+    """Two workers writing one SQLite file (each runs its statements on its event loop and
+    hands a call to its ledger thread when the other holds the write lock), 24 payments at
+    once, one worker SIGKILLed mid-load: every payment answered 200 is in the ledger, served,
+    and settles exactly once; nothing is left unfinished (a settlement the kill cut short is
+    proven on chain by whoever finishes it: with no chain to read it would await review)."""
+    url = f"sqlite:///{tmp_path / 'ledger' / 'payments.db'}"
+    async with fake_upstream() as (_, upstream):
+        env = Env(make_key(tmp_path / "key.pem"), url, seller, facilitator.url, upstream, tmp_path)
+        env.extra["PAYGATE_CHAIN_RPC_URL"] = anvil.rpc_url
+        async with replicas(env, ["w"], workers=2) as (parent,):
+            workers = parent.children()
+            assert len(workers) == 2
+            async with aiohttp.ClientSession() as client:
+                headers = [await sign(client, parent.url, payer) for _ in range(24)]
+            timeout = aiohttp.ClientTimeout(total=60)
+            connector = aiohttp.TCPConnector(limit=24, force_close=True)
+            async with aiohttp.ClientSession(timeout=timeout, connector=connector) as client:
+
+                async def pay(header: str) -> int | None:
+                    try:
+                        async with client.post(
+                            parent.url + CHAT,
+                            json=CHAT_BODY,
+                            headers={wire.PAYMENT_SIGNATURE: header},
+                        ) as response:
+                            await response.read()
+                            return response.status
+                    except aiohttp.ClientError:  # its worker was killed under it
+                        return None
+
+                paying = [asyncio.create_task(pay(h)) for h in headers]
+                async with asyncio.timeout(60):  # a few answered, the rest still in flight
+                    while sum(t.done() and t.result() == 200 for t in paying) < 4:
+                        await asyncio.sleep(0.005)
+                os.kill(workers[0], signal.SIGKILL)  # by its own PID
+                statuses = await asyncio.gather(*paying)
+            ended = (S.SETTLED, S.RELEASED, S.FAILED)
+            try:
+                found = await until_records(
+                    url, lambda f: all(r.state in ended for r in f), timeout=60
+                )
+            except TimeoutError:
+                left = [(r.state, r.served, r.owner, r.error) for r in await ledger_records(url)]
+                raise AssertionError(f"left unfinished: {left}") from None
+    answered = {_nonce(h) for h, status in zip(headers, statuses, strict=True) if status == 200}
+    assert answered, statuses
+    by_nonce = {r.nonce.lower(): r for r in found}
+    assert len(by_nonce) == len(found)  # one record per authorization
+    for nonce in answered:
+        assert by_nonce[nonce].served
+        assert by_nonce[nonce].state is S.SETTLED
+    settled = [r for r in found if r.state is S.SETTLED]
+    assert usdc.balance_of(seller) == PRICE_ATOMIC * len(settled)  # each exactly once
+    assert usdc.balance_of(payer.address) == PAYER_FUNDS - PRICE_ATOMIC * len(settled)
 
 
 async def test_the_parent_restarts_a_killed_worker_on_the_same_port(tmp_path):

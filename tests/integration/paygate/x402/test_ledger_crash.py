@@ -7,6 +7,7 @@ import json
 import os
 import select
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,34 @@ async def main(path):
     rows = [(r.id, r.state.value, r.attempts, r.transaction) for r in await ledger.unfinished()]
     await ledger.close()
     print(json.dumps(rows), flush=True)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+KILLED_BEFORE_COMMIT = """
+import time
+
+async def main(path):
+    ledger = await SqliteLedger.open(path)
+    kept = await reserve(ledger, 1)
+    print("acknowledged", kept.id, flush=True)
+    await ledger.scheme_sql("CREATE TABLE pairs (k INTEGER PRIMARY KEY, v TEXT)", ())
+
+    def stall(calls):  # the statements ran on the event loop; the COMMIT never comes
+        print("committing", calls, flush=True)
+        time.sleep(60)
+
+    ledger.group_commit.before_commit = stall
+    await asyncio.gather(
+        reserve(ledger, 2),
+        ledger.transition(kept.id, PaymentState.SERVED, via=PaymentState.VERIFIED),
+        ledger.scheme_sql_all([
+            ("INSERT INTO pairs (k, v) VALUES (1, 'voucher')", ()),
+            ("INSERT INTO pairs (k, v) VALUES (2, 'charge')", ()),
+        ]),
+    )
+    print("answered before the COMMIT", flush=True)
 
 asyncio.run(main(sys.argv[1]))
 """
@@ -151,6 +180,41 @@ def test_a_settlement_recorded_before_a_hard_kill_is_found_by_the_next_process(
     out, err = finish(survivor)
     assert survivor.returncode == 0, err
     assert json.loads(out) == [[payment_id, "settling", 1, "0x" + "ab" * 32]]
+
+
+def test_a_kill_between_the_loops_statements_and_the_commit_leaves_nothing_half_written(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL after a group's statements ran on the event loop and before the worker's COMMIT:
+    what was acknowledged is there, none of the group is (not a row, not one of two moves, not
+    one of a voucher's two statements), and nobody heard of it."""
+    path = tmp_path / "payments.db"
+    killed = child(KILLED_BEFORE_COMMIT, str(path))
+    lines: list[str] = []
+    try:
+        while not lines or not lines[-1].startswith("committing"):
+            lines.append(read_line(killed, 60))
+            assert lines[-1], "the child ended"
+        os.kill(killed.pid, signal.SIGKILL)
+        out, err = finish(killed)
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+            killed.wait(timeout=10)
+    assert killed.returncode == -signal.SIGKILL, err
+    assert out.split() == []  # nobody was answered after the statements
+    assert lines[-1] == "committing 3"  # the three calls' statements ran, in one group
+    kept = lines[0].split()[1]
+    db = sqlite3.connect(path)
+    try:
+        payments = db.execute("SELECT id, state FROM payments").fetchall()
+        events = db.execute("SELECT action, state FROM payment_events ORDER BY rowid").fetchall()
+        pairs = db.execute("SELECT k FROM pairs").fetchall()
+    finally:
+        db.close()
+    assert payments == [(kept, "reserved")]  # not served, not half-moved; no second payment
+    assert events == [("reserved", "reserved")]
+    assert pairs == []  # neither of the two statements
 
 
 # --- the operator CLI ---------------------------------------------------------------------

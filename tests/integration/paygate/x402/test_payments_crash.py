@@ -7,7 +7,12 @@ server run in this process. The chain's balances are the proof.
 from __future__ import annotations
 
 import asyncio
+import json
+import select
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -82,7 +87,8 @@ async def test_killed_before_serving_releases_the_reservation_on_restart(
                 url + CHAT, json=held, headers={wire.PAYMENT_SIGNATURE: header}
             )
             await asyncio.wait_for(response.content.readline(), 10)
-            assert states(await records(ledger)) == [PaymentState.VERIFIED]
+            # verified, not yet served: VERIFIED is recorded with SERVED (one transaction)
+            assert states(await records(ledger)) == [PaymentState.RESERVED]
             proc.send_signal(signal.SIGKILL)
             await asyncio.to_thread(proc.wait, 10)
             response.close()
@@ -94,5 +100,73 @@ async def test_killed_before_serving_releases_the_reservation_on_restart(
             ) as again:
                 assert again.status == 200
                 await again.read()
+            await until(ledger, lambda found: states(found) == [PaymentState.SETTLED])
+    assert usdc.balance_of(seller) == PRICE_ATOMIC
+
+
+HOLDER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=0)
+db.execute("BEGIN IMMEDIATE")  # the ledger file's write lock, as the CLI or a replica takes it
+print("held", flush=True)
+sys.stdin.readline()
+db.execute("COMMIT")
+"""
+
+
+def hold_write_lock(path: Path) -> subprocess.Popen[str]:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    ready, _, _ = select.select([holder.stdout], [], [], 30)
+    assert ready
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def let_go(holder: subprocess.Popen[str]) -> None:
+    if holder.poll() is None:
+        assert holder.stdin is not None
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        holder.wait(timeout=30)
+
+
+async def test_free_requests_are_answered_while_another_process_holds_the_ledger_write_lock(
+    facilitator, anvil, usdc, payer, seller, tmp_path, key_file
+):
+    """The gateway runs a payment's ledger statements on its event loop: it must never wait
+    there for the file's write lock. While another process holds it, a paid request waits (its
+    call handed to the ledger's worker thread) and free requests keep being answered."""
+    ledger = tmp_path / "payments.db"
+    async with running_stack() as fake_stack:
+        settings = process_settings(key_file, ledger, seller, facilitator.url, fake_stack)
+        settings["chain_rpc_url"] = anvil.rpc_url
+        settings["extra_env"] = {"PAYGATE_ROUTE_PRICES": json.dumps({"GET /api/tags": "0"})}
+        async with gateway_process(**settings) as (url, _):
+            fake_stack.url = url
+            header = await v2_header(fake_stack, payer)
+            holder = await asyncio.to_thread(hold_write_lock, ledger)
+            try:
+                paid = asyncio.ensure_future(
+                    fake_stack.client.post(
+                        url + CHAT, json=CHAT_BODY, headers={wire.PAYMENT_SIGNATURE: header}
+                    )
+                )
+                for _ in range(5):
+                    async with fake_stack.client.get(url + "/api/tags") as response:
+                        assert response.status == 200
+                assert not paid.done()  # the free ones went by while it waits for the lock
+            finally:
+                await asyncio.to_thread(let_go, holder)
+            async with asyncio.timeout(30):
+                response = await paid
+            async with response:
+                assert response.status == 200, await response.text()
+                await response.read()
             await until(ledger, lambda found: states(found) == [PaymentState.SETTLED])
     assert usdc.balance_of(seller) == PRICE_ATOMIC

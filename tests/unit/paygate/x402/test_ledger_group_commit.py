@@ -192,7 +192,8 @@ async def test_a_lost_commit_fails_every_call_of_its_group(tmp_path: Path) -> No
         opener = asyncio.create_task(ledger.reserve(**request(100)))
         await asyncio.sleep(0.1)
         first = asyncio.create_task(ledger.reserve(**request(1)))
-        vanish = asyncio.create_task(ledger._run(roll_back))
+        # in the same group as its neighbours: on the event loop's path, like theirs
+        vanish = asyncio.create_task(ledger._submit(False, True, roll_back))
         later = asyncio.create_task(ledger.reserve(**request(2)))
         await asyncio.sleep(0.1)
         hold.set()
@@ -268,3 +269,140 @@ def test_a_kill_with_groups_in_flight_loses_nothing_acknowledged(
     finally:
         db.close()
     assert set(acknowledged) <= stored
+
+
+# --- the event loop's path: statements on the loop, the COMMIT on the worker -----------------
+
+HOLDER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=0)
+db.execute("BEGIN IMMEDIATE")  # the file's write lock, as a second replica or the CLI takes it
+print("held", flush=True)
+sys.stdin.readline()
+db.execute("COMMIT")
+print("released", flush=True)
+"""
+
+
+def hold_write_lock(path: Path) -> subprocess.Popen[str]:
+    """Another process holding the ledger file's write lock until told to let go."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    ready, _, _ = select.select([holder.stdout], [], [], 30)
+    assert ready
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def let_go(holder: subprocess.Popen[str]) -> None:
+    if holder.poll() is None:
+        assert holder.stdin is not None
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        holder.wait(timeout=30)
+
+
+async def test_a_write_lock_held_by_another_process_never_stalls_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    """The loop tries the lock without waiting; the worker waits for it: meanwhile the loop
+    runs everything else, and the call completes, durable, once the lock is free."""
+    path = tmp_path / "ledger.db"
+    ledger = await SqliteLedger.open(path)
+    first = await ledger.reserve(**request(1))
+    holder = hold_write_lock(path)
+    try:
+        pending = asyncio.create_task(ledger.reserve(**request(2)))
+        ticks = 0
+        for _ in range(20):  # the loop keeps turning while the reserve waits for the lock
+            await asyncio.sleep(0.005)
+            ticks += 1
+        assert ticks == 20
+        assert not pending.done()
+        let_go(holder)
+        record = await asyncio.wait_for(pending, 30)
+    finally:
+        let_go(holder)
+        await ledger.close()
+    assert record.state is PaymentState.RESERVED
+    assert durable(path, record.id)
+    assert durable(path, first.id)
+
+
+async def test_a_write_lock_held_past_the_busy_timeout_is_a_clear_error_then_recovers(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = await SqliteLedger.open(path, busy_timeout=0.3)
+    holder = hold_write_lock(path)
+    try:
+        with pytest.raises(LedgerUnavailable):
+            await asyncio.wait_for(ledger.reserve(**request(1)), 30)
+        let_go(holder)
+        # Nothing of the refused call was kept; the same reservation goes through now.
+        record = await asyncio.wait_for(ledger.reserve(**request(1)), 30)
+        assert (await ledger.history(record.id))[0].action.value == "reserved"
+        assert len(await ledger.history(record.id)) == 1
+    finally:
+        let_go(holder)
+        await ledger.close()
+
+
+async def test_calls_arriving_during_a_commit_run_in_order_as_the_next_group(
+    tmp_path: Path,
+) -> None:
+    """While the worker commits, the loop queues; then one group runs them all in the order
+    they came (a reservation and the moves of it that follow it in the same group)."""
+    path = tmp_path / "ledger.db"
+    ledger, commits = await open_counted(path)
+    try:
+        opener = asyncio.create_task(ledger.reserve(**request(100)))
+        await asyncio.sleep(0.1)  # its COMMIT is held at the gate
+        first = asyncio.create_task(ledger.reserve(**request(1)))
+        second = asyncio.create_task(ledger.reserve(**request(1)))  # the same key: a replay
+        listed = asyncio.create_task(ledger.list(limit=10))  # a scan: the worker's, in order
+        await asyncio.sleep(0.1)
+        assert not any(t.done() for t in (first, second, listed))
+        commits.gate.set()
+        await opener
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(first, second, listed, return_exceptions=True), 30
+        )
+    finally:
+        commits.gate.set()
+        await ledger.close()
+    record, replay, rows = outcomes
+    assert not isinstance(record, BaseException)
+    assert isinstance(replay, AlreadyReserved)  # ran after the first, as submitted
+    assert {r.id for r in rows} >= {record.id}  # type: ignore[union-attr]
+    assert commits.sizes[1] == 2  # the two reservations: one COMMIT
+
+
+async def test_calls_from_a_second_event_loop_are_serialised_with_the_first_s(
+    tmp_path: Path,
+) -> None:
+    """The loop that first used the ledger runs its statements itself; another loop's calls
+    (a thread of its own) go to the worker, which takes the connection only between the first
+    loop's groups: both finish, every reservation once, nothing interleaved into a wrong
+    transaction."""
+    path = tmp_path / "ledger.db"
+    ledger = await SqliteLedger.open(path)
+
+    async def many(first: int) -> list[str]:
+        records = await asyncio.gather(*(ledger.reserve(**request(first + n)) for n in range(40)))
+        return [r.id for r in records]
+
+    try:
+        other = asyncio.create_task(asyncio.to_thread(asyncio.run, many(1000)))
+        here = await asyncio.wait_for(many(0), 60)
+        there = await asyncio.wait_for(other, 60)
+    finally:
+        await ledger.close()
+    assert len(set(here) | set(there)) == 80
+    for payment_id in here + there:
+        assert durable(path, payment_id)
