@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import select
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from paygate import wire
 from paygate.x402.ledger import PaymentState
 from tests.fixtures.gateway_support import running_stack
+from tests.fixtures.ledger_support import hold_write_lock, let_go
 from tests.fixtures.payment_support import (
     CHAT,
     CHAT_BODY,
@@ -102,38 +99,6 @@ async def test_killed_before_serving_releases_the_reservation_on_restart(
                 await again.read()
             await until(ledger, lambda found: states(found) == [PaymentState.SETTLED])
     assert usdc.balance_of(seller) == PRICE_ATOMIC
-
-
-HOLDER = """
-import sqlite3, sys
-db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=0)
-db.execute("BEGIN IMMEDIATE")  # the ledger file's write lock, as the CLI or a replica takes it
-print("held", flush=True)
-sys.stdin.readline()
-db.execute("COMMIT")
-"""
-
-
-def hold_write_lock(path: Path) -> subprocess.Popen[str]:
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout is not None
-    ready, _, _ = select.select([holder.stdout], [], [], 30)
-    assert ready
-    assert holder.stdout.readline().strip() == "held"
-    return holder
-
-
-def let_go(holder: subprocess.Popen[str]) -> None:
-    if holder.poll() is None:
-        assert holder.stdin is not None
-        holder.stdin.write("go\n")
-        holder.stdin.flush()
-        holder.wait(timeout=30)
 
 
 async def test_free_requests_are_answered_while_another_process_holds_the_ledger_write_lock(

@@ -26,6 +26,7 @@ from paygate.x402.ledger import (
     PaymentState,
 )
 from paygate.x402.ledger_sqlite import SqliteLedger
+from tests.fixtures.ledger_support import hold_write_lock, let_go
 
 ROOT = Path(__file__).resolve().parents[4]
 USDC = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
@@ -272,39 +273,6 @@ def test_a_kill_with_groups_in_flight_loses_nothing_acknowledged(
 
 
 # --- the event loop's path: statements on the loop, the COMMIT on the worker -----------------
-
-HOLDER = """
-import sqlite3, sys
-db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=0)
-db.execute("BEGIN IMMEDIATE")  # the file's write lock, as a second replica or the CLI takes it
-print("held", flush=True)
-sys.stdin.readline()
-db.execute("COMMIT")
-print("released", flush=True)
-"""
-
-
-def hold_write_lock(path: Path) -> subprocess.Popen[str]:
-    """Another process holding the ledger file's write lock until told to let go."""
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout is not None
-    ready, _, _ = select.select([holder.stdout], [], [], 30)
-    assert ready
-    assert holder.stdout.readline().strip() == "held"
-    return holder
-
-
-def let_go(holder: subprocess.Popen[str]) -> None:
-    if holder.poll() is None:
-        assert holder.stdin is not None
-        holder.stdin.write("go\n")
-        holder.stdin.flush()
-        holder.wait(timeout=30)
 
 
 async def test_a_write_lock_held_by_another_process_never_stalls_the_event_loop(
