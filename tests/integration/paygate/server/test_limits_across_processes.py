@@ -32,7 +32,8 @@ from x402.extensions.sign_in_with_x import create_siwx_payload, encode_siwx_head
 
 from paygate import wire
 from tests.fixtures.payment_support import CHAT, CHAT_BODY, challenge_of
-from tests.fixtures.scale_support import COMPLETIONS, Env, fake_upstream, make_key, replicas
+from tests.fixtures.scale_support import COMPLETIONS, Env, fake_upstream, replicas
+from tests.fixtures.serve_support import make_key
 
 PUBLIC = "http://gate.test"  # what sign-ins are for (public_url), whatever port is reached
 QUIET = {"PAYGATE_RECONCILE_INTERVAL_SECONDS": "60"}  # (module docs)
