@@ -471,6 +471,8 @@ class PaymentSection(BaseModel):
     # How long an ended payment's payment-identifier answers retries with its outcome.
     payment_identifier_ttl_seconds: Annotated[float, Field(ge=60, le=90 * 86_400)] = 86_400.0
     reconcile_interval_seconds: PositiveFloat = 30.0
+    # How often the keeper deletes the day-keyed ledger rows of days before yesterday.
+    ledger_prune_interval_seconds: Annotated[float, Field(gt=0, le=86_400)] = 3600.0
     chain_rpc_url: str | None = None
     # Chain mode: exact settlements due within the window share one Multicall3 transaction, at
     # most chain_batch_max each (x402.schemes.exact.multicall); 1: one transaction per payment.

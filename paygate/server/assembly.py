@@ -35,6 +35,7 @@ from paygate.x402.offers import Acceptance, PaymentTerms
 from paygate.x402.pricing import PricePolicy
 from paygate.x402.processor import PaymentProcessor
 from paygate.x402.recovery import Recovery
+from paygate.x402.retention import prune_forever
 from paygate.x402.schemes import SCHEMES, Binding, Scheme
 from paygate.x402.schemes.base import MIN_REMAINING_SECONDS
 from paygate.x402.schemes.upto.offer import FACILITATOR_EXTRA, extra_for
@@ -438,6 +439,9 @@ async def payment_step(
                 )
             ),
             loop.create_task(_keep_leases(recovery, interval=settings.lease_seconds / 3)),
+            loop.create_task(
+                prune_forever(ledger, interval=settings.ledger_prune_interval_seconds)
+            ),
         ]
         # What each scheme runs while the gateway serves (batch-settlement's claim loop).
         tasks += [loop.create_task(task()) for scheme in bound.values() for task in scheme.tasks()]

@@ -49,6 +49,7 @@ from paygate.x402.ledger_rules import (
     check_free_request,
     check_group,
     check_min_age,
+    check_prune,
 )
 
 # The clauses both stores run, with ``?`` for a value and ``{seq}`` for the insertion order
@@ -98,6 +99,7 @@ class Ledger:
     _receipts: Callable[..., Any]
     _signin_key: Callable[..., Any]
     _earnings: Callable[..., Any]
+    _prune_days: Callable[..., Any]
 
     def __init__(self, replica: str | None, lease_seconds: float) -> None:
         self.replica = check_replica(replica or default_replica_id())
@@ -109,6 +111,7 @@ class Ledger:
         self._add_receipt, self._receipts = tables.add_receipt, tables.receipts
         self._history, self._earnings = tables.history, tables.earnings
         self._forget_idempotency_key = tables.forget_idempotency_key
+        self._prune_days = tables.prune_days
 
     async def _run(self, fn: Callable[..., Any], /, *args: Any) -> Any:
         raise NotImplementedError
@@ -307,6 +310,23 @@ class Ledger:
         ``lease`` when given (a replica whose payment was claimed away changes no record)."""
         check_receipt(kind, token)
         await self._run(self._add_receipt, payment_id, kind, token, usage, lease)
+
+    async def prune_days(self, *, before: str, batch: int = 500, batches: int = 100) -> int:
+        """Delete the day-keyed rows of days before ``before`` (UTC, YYYY-MM-DD): free quotas,
+        address allowances, and sign-in nonces used before that day began. At most ``batch``
+        rows per table per transaction, repeated while a table filled its batch, at most
+        ``batches`` times (the rest waits for the next call). Safe to run from several
+        processes at once (rows another pruner holds are skipped; deleting is idempotent).
+        The rows deleted from the fullest table per batch, summed. Which day is safe to prune
+        is the caller's (paygate.x402.retention)."""
+        start = check_prune(before, batch)
+        pruned = 0
+        for _ in range(max(batches, 0)):
+            deleted = await self._run(self._prune_days, before, start, batch)
+            pruned += deleted
+            if deleted < batch:
+                break
+        return pruned
 
     # --- reads --------------------------------------------------------------------------------
 

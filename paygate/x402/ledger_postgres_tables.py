@@ -71,6 +71,12 @@ class PostgresTables:
                 raise FreeAddressUsed  # the transaction is rolled back: nothing recorded
         return limit - count - 1
 
+    async def prune_days(self, conn: Conn, before_day: str, before_time: float, batch: int) -> int:
+        pruned = 0
+        for statement, params in sql.prune(before_day, before_time, batch, skip_locked=True):
+            pruned = max(pruned, (await conn.execute(_pg(statement), params)).rowcount)
+        return pruned
+
     async def signin_key(self, conn: Conn) -> bytes:
         await conn.execute(_pg(sql.ADD_SIGNIN_KEY), (secrets.token_hex(32),))
         rows = await self._all(conn, sql.SIGNIN_KEY, ())

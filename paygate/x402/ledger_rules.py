@@ -10,6 +10,8 @@ same mapping.
 
 from __future__ import annotations
 
+import calendar
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -266,6 +268,20 @@ def check_free_request(
     if address is not None and (len(address) > 128 or address_limit < 1):
         raise ValueError("address or address_limit out of range")
     return checked
+
+
+MAX_PRUNE_BATCH = 10_000
+
+
+def check_prune(before: str, batch: int) -> float:
+    """:meth:`Ledger.prune_days`'s arguments: the start of day ``before`` (UTC, unix seconds)."""
+    try:
+        start = calendar.timegm(time.strptime(before, "%Y-%m-%d"))
+    except (TypeError, ValueError):
+        raise ValueError("before must be a UTC day, YYYY-MM-DD") from None
+    if len(before) != 10 or not 0 < batch <= MAX_PRUNE_BATCH:
+        raise ValueError(f"before must be a UTC day, YYYY-MM-DD; batch in 1..{MAX_PRUNE_BATCH}")
+    return float(start)
 
 
 def check_group(by: str) -> str:

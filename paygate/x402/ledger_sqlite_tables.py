@@ -60,6 +60,11 @@ class SqliteTables:
                     raise FreeAddressUsed  # the savepoint is rolled back: nothing recorded
             return limit - count - 1
 
+    def prune_days(self, before_day: str, before_time: float, batch: int) -> int:
+        with self._store._write() as db:
+            statements = sql.prune(before_day, before_time, batch, skip_locked=False)
+            return max(db.execute(*statement).rowcount for statement in statements)
+
     def signin_key(self) -> bytes:
         with self._store._write() as db:
             db.execute(sql.ADD_SIGNIN_KEY, (secrets.token_hex(32),))

@@ -53,6 +53,18 @@ COUNT_FREE_ADDRESS = (
     " ON CONFLICT (day, address) DO UPDATE SET used = free_addresses.used + 1"
     " WHERE free_addresses.used < ?"
 )
+# Retention (paygate.x402.retention): a bounded batch of a past day's rows, by the rows' own
+# keys. ``{lock}``: PostgreSQL's FOR UPDATE SKIP LOCKED, so two pruners never wait on each other's
+# rows (no lock order to deadlock on) and a pruner never waits on take_free (its advisory lock
+# is never asked for here; today's rows are never selected).
+_PRUNES = (
+    "DELETE FROM free_quota WHERE (payer, day) IN"
+    " (SELECT payer, day FROM free_quota WHERE day < ? LIMIT ?{lock})",
+    "DELETE FROM free_addresses WHERE (day, address) IN"
+    " (SELECT day, address FROM free_addresses WHERE day < ? LIMIT ?{lock})",
+    "DELETE FROM signin_nonces WHERE nonce IN"
+    " (SELECT nonce FROM signin_nonces WHERE used_at < ? LIMIT ?{lock})",
+)
 ADD_SIGNIN_KEY = "INSERT INTO signin_key (id, secret) VALUES (1, ?) ON CONFLICT (id) DO NOTHING"
 SIGNIN_KEY = "SELECT secret FROM signin_key WHERE id = 1"
 HISTORY = (
@@ -121,3 +133,13 @@ def forget_idempotency_key(
         f" AND (state = ? OR (state {test} AND updated_at < ?))",
         (payment_id, key, PaymentState.RELEASED.value, *listed, before),
     )
+
+
+def prune(
+    before_day: str, before_time: float, batch: int, *, skip_locked: bool
+) -> list[tuple[str, tuple[Any, ...]]]:
+    """The day-keyed tables' rows of days before ``before_day`` (sign-in nonces: used before
+    ``before_time``, that day's start), at most ``batch`` rows per statement."""
+    lock = " FOR UPDATE SKIP LOCKED" if skip_locked else ""
+    keys = (before_day, before_day, before_time)
+    return [(text.format(lock=lock), (key, batch)) for text, key in zip(_PRUNES, keys, strict=True)]

@@ -1,0 +1,143 @@
+"""Retention of the day-keyed tables (free quotas, address allowances, used sign-in nonces) on
+both stores: days before the cutoff go, today and yesterday stay, a used nonce stays refused
+while its proof could be accepted, batches are bounded, and two pruners at once are safe."""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import time
+
+import pytest
+
+from paygate.x402 import siwx
+from paygate.x402.ledger import SignInReused
+from paygate.x402.ledger_base import Ledger
+from paygate.x402.retention import DAY, KEPT_DAYS, cutoff, prune_once
+from tests.fixtures.ledgers import Opener
+
+TODAY = "2026-12-06"
+NOON = calendar.timegm(time.strptime(TODAY, "%Y-%m-%d")) + DAY / 2  # today, 12:00 UTC
+WALLETS = [f"0x{n:040x}" for n in range(1, 301)]
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def day_of(moment: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(moment))
+
+
+async def take(ledger: Ledger, n: int, day: str, nonce: str | None = None) -> int | None:
+    return await ledger.take_free(
+        payer=WALLETS[n],
+        nonce=nonce or f"{day}-{n}",
+        day=day,
+        limit=5,
+        address=f"{n:064x}",
+        address_limit=5,
+    )
+
+
+async def left(ledger: Ledger, n: int, day: str) -> int | None:
+    """What wallet ``n`` has left on ``day`` (taking one more request, with a fresh nonce)."""
+    return await take(ledger, n, day, nonce=f"probe-{day}-{n}-{time.monotonic_ns()}")
+
+
+async def test_days_before_yesterday_go_today_and_yesterday_stay(ledger_store: Opener) -> None:
+    clock = Clock(NOON - 3 * DAY)
+    ledger = await ledger_store(clock=clock)
+    days = [day_of(NOON - k * DAY) for k in (3, 2, 1, 0)]  # the nonce of each used that day
+    for k, day in enumerate(days):
+        clock.now = NOON - (3 - k) * DAY
+        assert await take(ledger, 0, day) == 4
+        assert await take(ledger, 0, day, nonce=f"second-{day}") == 3
+    clock.now = NOON
+    assert cutoff(NOON) == days[2]  # yesterday
+    # The fullest table: two days' two used nonces.
+    assert await prune_once(ledger, NOON) == 4
+    # Old days are gone: their counts start again, their nonces are free (and long expired).
+    for day in days[:2]:
+        assert await take(ledger, 0, day) == 4
+    # Yesterday and today keep their counts and their used nonces.
+    for day in days[2:]:
+        assert await left(ledger, 0, day) == 2
+        with pytest.raises(SignInReused):
+            await take(ledger, 0, day)
+    # The re-taken old days' counts only (their nonces were used now: kept).
+    assert await prune_once(ledger, NOON) == 2
+    assert await prune_once(ledger, NOON) == 0
+
+
+async def test_a_used_nonce_stays_refused_for_as_long_as_its_proof_is_valid(
+    ledger_store: Opener,
+) -> None:
+    # The cutoff keeps every nonce used since yesterday began: at least a day, far past the
+    # longest a proof is accepted (siwx: issued at most MAX_AGE_SECONDS ago, a minute ahead).
+    assert siwx.MAX_AGE_SECONDS + 60 < (KEPT_DAYS - 1) * DAY
+    start_of_today = NOON - DAY / 2
+    for used in (start_of_today + 1, start_of_today - 1):  # just after / before midnight
+        clock = Clock(used)
+        ledger = await ledger_store(clock=clock)
+        nonce = f"used-at-{used}"
+        assert await take(ledger, 1, day_of(used), nonce=nonce) == 4
+        # Every prune while the proof could still be accepted (and well beyond) keeps it.
+        for later in (0, siwx.MAX_AGE_SECONDS + 60, 3600, DAY - 1):
+            clock.now = used + later
+            await prune_once(ledger, used + later)
+            with pytest.raises(SignInReused):
+                await take(ledger, 2, day_of(used + later), nonce=nonce)
+
+
+async def test_batches_are_bounded_and_repeated(ledger_store: Opener) -> None:
+    old = day_of(NOON - 5 * DAY)
+    clock = Clock(NOON - 5 * DAY)
+    ledger = await ledger_store(clock=clock)
+    for n in range(25):
+        await take(ledger, n, old)
+    # One batch of 10: ten rows of each table go, the rest stays for the next call.
+    assert await ledger.prune_days(before=TODAY, batch=10, batches=1) == 10
+    assert await ledger.prune_days(before=TODAY, batch=10, batches=2) == 15
+    assert await ledger.prune_days(before=TODAY, batch=10) == 0
+    for n in range(25):  # every count and nonce went
+        assert await take(ledger, n, old) == 4
+
+
+@pytest.mark.parametrize(
+    ("before", "batch"),
+    [("2026-12-6", 10), ("yesterday", 10), ("2026-13-01", 10), ("", 10), (TODAY, 0), (TODAY, -1)],
+)
+async def test_bad_arguments_are_refused_before_any_io(
+    ledger_store: Opener, before: str, batch: int
+) -> None:
+    ledger = await ledger_store()
+    with pytest.raises(ValueError, match="before must be"):
+        await ledger.prune_days(before=before, batch=batch)
+    assert await ledger.prune_days(before=TODAY, batches=0) == 0  # nothing asked, nothing done
+
+
+async def test_concurrent_prunes_from_two_ledgers_are_safe(ledger_store: Opener) -> None:
+    old = day_of(NOON - 4 * DAY)
+    clock = Clock(NOON - 4 * DAY)
+    ledgers = [
+        await ledger_store(replica="w1", clock=clock),
+        await ledger_store(replica="w2", clock=clock),
+    ]
+    for n in range(300):
+        await take(ledgers[n % 2], n, old)
+    clock.now = NOON
+    assert await take(ledgers[0], 0, TODAY) == 4
+    # Both prune at once while free requests of today are taken, in small batches.
+    results = await asyncio.gather(
+        *(ledger.prune_days(before=cutoff(NOON), batch=7) for ledger in ledgers),
+        *(take(ledgers[n % 2], n, TODAY) for n in range(1, 40)),
+    )
+    assert all(isinstance(r, int) for r in results)
+    assert await ledgers[0].prune_days(before=cutoff(NOON)) == 0  # all old rows went
+    for n in range(40):  # today's requests all counted, none lost to the prune
+        assert await left(ledgers[1], n, TODAY) == 3
