@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import time
 
 import aiohttp
 import pytest
@@ -287,3 +289,68 @@ async def test_refused_sign_ins_spend_nothing_of_the_address_s_allowance(
     # The address's 3: the wallet's two, one fresh wallet's; the next pays.
     assert [s for s, _ in fresh] == [200, 402]
     assert served == 3
+
+
+# --- retention: the day-keyed rows do not grow without bound -------------------------------
+
+
+def day_rows(path) -> dict[str, list]:
+    """The free quota's day-keyed rows in the ledger file: days, and nonces' use times."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return {
+            "free_quota": sorted(r[0] for r in db.execute("SELECT day FROM free_quota")),
+            "free_addresses": sorted(r[0] for r in db.execute("SELECT day FROM free_addresses")),
+            "signin_nonces": sorted(r[0] for r in db.execute("SELECT used_at FROM signin_nonces")),
+        }
+
+
+async def test_the_keeper_prunes_days_before_yesterday(facilitator, payer, seller, ledger):
+    from paygate.x402.ledger_store import LedgerLocation, open_ledger
+
+    now = time.time()
+    old = time.strftime("%Y-%m-%d", time.gmtime(now - 3 * 86_400))
+    yesterday = time.strftime("%Y-%m-%d", time.gmtime(now - 86_400))
+    # Rows an earlier run left: three days ago (to go) and yesterday (to stay).
+    for day, at in ((old, now - 3 * 86_400), (yesterday, now - 86_400)):
+        async with await open_ledger(
+            LedgerLocation(kind="sqlite", path=ledger), clock=lambda at=at: at
+        ) as earlier:
+            for n in range(3):
+                await earlier.take_free(
+                    payer=f"0x{n + 1:040x}",
+                    nonce=f"{day}-{n}",
+                    day=day,
+                    limit=2,
+                    address=f"{n:064x}",
+                    address_limit=2,
+                )
+    async with paid_stack(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=ledger,
+        free_requests_per_day=2,
+        public_url="self",
+        ledger_prune_interval_seconds=0.1,
+    ) as stack:
+        assert (await send(stack, await signed_in(stack, payer)))[0] == 200
+        for _ in range(300):  # the keeper's passes, every 0.1 s: at most 30 s
+            rows = day_rows(ledger)
+            if old not in rows["free_quota"]:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)  # more passes: today's and yesterday's rows stay
+        rows = day_rows(ledger)
+        # Today's count survives the passes: the wallet has one free request left.
+        status, headers = await send(stack, await signed_in(stack, payer))
+    today = time.strftime("%Y-%m-%d", time.gmtime(time.time()))
+    assert status == 200
+    assert headers[wire.FREE_REMAINING_HEADER] == "0"
+    assert old not in rows["free_quota"] + rows["free_addresses"]
+    assert rows["free_quota"].count(yesterday) == 3
+    assert rows["free_addresses"].count(yesterday) == 3
+    assert today in rows["free_quota"]
+    assert today in rows["free_addresses"]
+    assert min(rows["signin_nonces"]) > now - 2 * 86_400  # the old day's nonces went
+    assert len(rows["signin_nonces"]) == 4  # yesterday's three and today's
