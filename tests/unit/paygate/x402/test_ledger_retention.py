@@ -9,7 +9,9 @@ import calendar
 import time
 
 import pytest
+from pydantic import ValidationError
 
+from paygate.config import Settings
 from paygate.x402 import siwx
 from paygate.x402.ledger import SignInReused
 from paygate.x402.ledger_base import Ledger
@@ -141,3 +143,16 @@ async def test_concurrent_prunes_from_two_ledgers_are_safe(ledger_store: Opener)
     assert await ledgers[0].prune_days(before=cutoff(NOON)) == 0  # all old rows went
     for n in range(40):  # today's requests all counted, none lost to the prune
         assert await left(ledgers[1], n, TODAY) == 3
+
+
+@pytest.mark.parametrize("interval", [0, -1, 86_401, "nan", "inf"])
+def test_the_prune_interval_is_bounded(interval: object) -> None:
+    with pytest.raises(ValidationError, match="ledger_prune_interval_seconds"):
+        Settings(ledger_prune_interval_seconds=interval)
+
+
+def test_the_prune_interval_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAYGATE_LEDGER_PRUNE_INTERVAL_SECONDS", "5")
+    assert Settings().ledger_prune_interval_seconds == 5.0
+    monkeypatch.delenv("PAYGATE_LEDGER_PRUNE_INTERVAL_SECONDS")
+    assert Settings().ledger_prune_interval_seconds == 3600.0
