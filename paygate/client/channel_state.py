@@ -36,9 +36,8 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from pydantic import ValidationError
 
-from paygate import jsonsafe
+from paygate import files, jsonsafe
 from paygate.client.errors import ChannelStateInUse, ChannelStateInvalid
-from paygate.files import replace_atomically
 from paygate.x402.schemes.batch_settlement import channel as ch
 from paygate.x402.schemes.batch_settlement.client import PayerChannel
 from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
@@ -193,11 +192,9 @@ class ChannelStateFile:
 
     # --- writing ---------------------------------------------------------------------------
 
-    def save(self, channels: list[OpenChannel], retired: Decimal) -> None:
-        """Replace the file with ``channels`` and ``retired``, atomically (ValueError: it would
-        not fit, or the file was let go)."""
-        if self._held is None:
-            raise ValueError("the channel state was let go (the transport is closed)")
+    def encode(self, channels: list[OpenChannel], retired: Decimal) -> bytes:
+        """The file's bytes for ``channels`` and ``retired``: a snapshot, taken while their
+        count is steady (ValueError: it would not fit)."""
         document: dict[str, Any] = {
             "format": FORMAT,
             "payer": self._payer,
@@ -208,7 +205,14 @@ class ChannelStateFile:
         data = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
         if len(data) > MAX_STATE_BYTES:
             raise ValueError(f"the channel state would pass {MAX_STATE_BYTES} bytes")
-        replace_atomically(self.path, data)
+        return data
+
+    def write(self, data: bytes) -> None:
+        """Replace the file with ``data`` atomically and durably: blocking, two fsyncs
+        (ValueError: the file was let go)."""
+        if self._held is None:
+            raise ValueError("the channel state was let go (the transport is closed)")
+        files.replace_atomically(self.path, data)
 
     def _mac(self, document: dict[str, Any]) -> str:
         canonical = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()

@@ -76,11 +76,17 @@ def origin_of(url: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ChannelPayment:
-    """What a channel payment commits: the signed payload and the deposit it carries."""
+    """What a channel payment commits: the signed payload and the deposit it carries; with a
+    state file, the book's version that must be written (:meth:`ChannelBook.commit`) before it
+    leaves, and what the channel held before it, to roll back to when that write fails."""
 
     signed: Signed
     deposit: int  # atomic; 0 for a voucher alone
     channel: OpenChannel = field(repr=False)
+    version: int | None  # None: no state file, nothing to write
+    created: bool
+    # The channel's requirement, resource, url and highest voucher before this payment.
+    before: tuple[dict[str, Any], dict[str, Any] | None, str, int] = field(repr=False)
 
 
 class ChannelBook:
@@ -94,8 +100,13 @@ class ChannelBook:
         self._channels: dict[ChannelKey, OpenChannel] = {}
         self._by_id: dict[str, OpenChannel] = {}
         self._lock = threading.Lock()
+        # Around a write of the file (taken before ``_lock``, never while holding it): writes
+        # go one at a time, each with the book as it is when it starts, so the file never goes
+        # back to an older count; the fsyncs run without ``_lock``.
+        self._write_lock = threading.Lock()
         self._state = state
-        self._behind = False  # receipts counted since the last write
+        self._version = 0  # changes to the book worth writing
+        self._written = 0  # the version the file holds
         self.retired = Decimal(0)  # what drained channels spent (kept with the state)
         if state is not None:
             saved = state.load()
@@ -121,9 +132,8 @@ class ChannelBook:
         """Write the last receipts' count and let go of the state file (another transport may
         hold it now)."""
         if self._state is not None:
-            with self._lock:
-                if self._behind:
-                    self._save_quietly()
+            self._save_quietly()
+            with self._write_lock:
                 self._state.close()
 
     # --- choosing --------------------------------------------------------------------------
@@ -223,33 +233,48 @@ class ChannelBook:
             if offer.amount > channel.rest + deposit:
                 raise SpendRefused("the price does not fit a channel deposit")
             payload = channel.payer.pay(requirement, deposit=deposit)
-            before = (channel.requirement, channel.resource, channel.url, channel.deposited)
+            signed_before = channel.signed
+            before = (channel.requirement, channel.resource, channel.url, signed_before)
             channel.requirement, channel.resource, channel.url = requirement, kept, url
             channel.deposited += deposit
-            signed_before, channel.signed = channel.signed, max(channel.signed, maximum)
+            channel.signed = max(channel.signed, maximum)
             if created:
                 self._add(channel)
-            try:
-                # Written before the voucher leaves: a restart then knows what it may meet.
-                self._save()
-            except (OSError, ValueError) as exc:
-                if created:
-                    self._drop(channel)
-                channel.requirement, channel.resource, channel.url, channel.deposited = before
-                channel.signed = signed_before
-                raise SpendRefused(
-                    f"the channel state was not saved, nothing sent: {exc}"
-                ) from None
+            # Held from now, through the state's write (commit) to its receipt or refusal: no
+            # other request signs on this channel meanwhile, whoever waits for the write.
             channel.pending = maximum
             hold = min(offer.max_timeout_seconds, MAX_HOLD_SECONDS)
             channel.held_until = time.monotonic() + hold
+            version = self._changed() if self._state is not None else None
         signed = Signed(
             payload=BatchSettlementPayload.model_validate(payload),
             nonce=f"{channel.channel_id}:{maximum}",
             valid_before=int(time.time()) + hold,
             asset=to_checksum_address(offer.asset),
         )
-        return ChannelPayment(signed, deposit, channel)
+        return ChannelPayment(signed, deposit, channel, version, created, before)
+
+    def commit(self, made: ChannelPayment) -> None:
+        """Write the state file as it is once ``made`` was signed, before ``made`` leaves the
+        process (a restart then knows what it may meet). Blocking (two fsyncs): the async
+        transport calls it from a worker thread. A write that fails rolls the channel back
+        and frees it: :class:`SpendRefused`, and nothing may be sent."""
+        if made.version is None:
+            return
+        try:
+            self._write(made.version)
+        except (OSError, ValueError) as exc:
+            channel = made.channel
+            with self._lock:
+                if made.created:
+                    self._drop(channel)
+                requirement, resource, url, signed = made.before
+                channel.requirement, channel.resource, channel.url = requirement, resource, url
+                channel.deposited -= made.deposit
+                channel.signed = signed
+                channel.held_until, channel.pending = 0.0, None
+                self._changed()
+            raise SpendRefused(f"the channel state was not saved, nothing sent: {exc}") from None
 
     # --- what the seller says --------------------------------------------------------------
 
@@ -268,22 +293,33 @@ class ChannelBook:
             if charged is None:
                 charged = price  # a server that does not say charged the price it asked
             first, channel.confirmed = not channel.confirmed, True
-            if first:
-                self._save_quietly()
-            if charged > price:
-                return "the receipt charges more than the price"
-            if pending is not None and channel.payer.charged + charged > pending:
-                return "the receipt charges more than the voucher"
-            channel.payer.charged += charged
-            # Written with the next voucher (or at close): a file a receipt behind only costs
-            # a restarted client one corrective 402, and each write is an fsync.
-            self._behind = self._state is not None
-            state = extra.get("channelState")
-            stated = (
-                _digits(state.get("chargedCumulativeAmount")) if isinstance(state, dict) else None
-            )
-            if stated is not None and stated > channel.payer.charged:
-                return "the receipt's channel state charges more than our own count"
+            problem = self._count(channel, charged, price, pending, extra)
+            # Written now on a channel's first receipt, else with the next voucher (or at
+            # close): a file a receipt behind only costs a restarted client one corrective
+            # 402, and each write is an fsync.
+            self._changed()
+        if first:
+            self._save_quietly()
+        return problem
+
+    def _count(
+        self,
+        channel: OpenChannel,
+        charged: int,
+        price: int,
+        pending: int | None,
+        extra: Mapping[str, Any],
+    ) -> str | None:
+        """Count a receipt's charge (under the lock); the problem, or None."""
+        if charged > price:
+            return "the receipt charges more than the price"
+        if pending is not None and channel.payer.charged + charged > pending:
+            return "the receipt charges more than the voucher"
+        channel.payer.charged += charged
+        state = extra.get("channelState")
+        stated = _digits(state.get("chargedCumulativeAmount")) if isinstance(state, dict) else None
+        if stated is not None and stated > channel.payer.charged:
+            return "the receipt's channel state charges more than our own count"
         return None
 
     def release(self, nonce: str) -> None:
@@ -328,7 +364,8 @@ class ChannelBook:
             channel.payer.charged = charged
             channel.held_until, channel.pending = 0.0, None
             channel.confirmed = True
-            self._save_quietly()
+            self._changed()
+        self._save_quietly()
         return True
 
     def _not_deposited(self, channel: OpenChannel) -> bool:
@@ -342,7 +379,8 @@ class ChannelBook:
             self.retired += from_atomic(channel.deposited - channel.refunded, channel.decimals)
             channel.deposited = channel.refunded = 0
             channel.held_until, channel.pending = 0.0, None
-            self._save_quietly()
+            self._changed()
+        self._save_quietly()
         return True
 
     # --- refunds ---------------------------------------------------------------------------
@@ -370,15 +408,16 @@ class ChannelBook:
             if channel.rest <= 0:  # drained: forget it (what it spent stays counted)
                 self._drop(channel)
                 self.retired += from_atomic(channel.deposited - channel.refunded, channel.decimals)
-            self._save_quietly()
-            return back
+            self._changed()
+        self._save_quietly()
+        return back
 
     def _channel(self, nonce: str) -> OpenChannel | None:
         channel_id = nonce.partition(":")[0].lower()
         with self._lock:
             return self._by_id.get(channel_id)
 
-    # --- the state file (under the lock) ---------------------------------------------------
+    # --- the state file --------------------------------------------------------------------
 
     def _add(self, channel: OpenChannel) -> None:
         self._channels[channel.key] = channel
@@ -388,17 +427,35 @@ class ChannelBook:
         self._channels.pop(channel.key, None)
         self._by_id.pop(channel.channel_id.lower(), None)
 
-    def _save(self) -> None:
-        if self._state is not None:
-            self._state.save(list(self._channels.values()), self.retired)
-            self._behind = False
+    def _changed(self) -> int:
+        """(Under the lock.) The book changed: its new version, for a write to carry."""
+        self._version += 1
+        return self._version
+
+    def _write(self, version: int) -> None:
+        """Make the file hold at least ``version`` of the book: written now, with the book as
+        it is (a snapshot under the lock; the fsyncs outside it), unless a write that started
+        later already carried it. Never called holding the lock."""
+        if self._state is None:
+            return
+        with self._write_lock:
+            with self._lock:
+                if self._written >= version:
+                    return
+                current = self._version
+                data = self._state.encode(list(self._channels.values()), self.retired)
+            self._state.write(data)
+            with self._lock:
+                self._written = max(self._written, current)
 
     def _save_quietly(self) -> None:
-        """A write after the seller's answer: failing, the file keeps an older count (fewer
-        charges, fewer refunds), which the next write or the corrective 402 brings up to date;
-        never one that lets us sign more."""
+        """A write after the seller's answer (or at close), when the file is behind: failing,
+        the file keeps an older count (fewer charges, fewer refunds), which the next write or
+        the corrective 402 brings up to date; never one that lets us sign more."""
+        with self._lock:
+            version = self._version
         with contextlib.suppress(OSError, ValueError):
-            self._save()
+            self._write(version)
 
 
 def _key(offer: OfferedTerms, url: str) -> ChannelKey:

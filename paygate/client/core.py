@@ -1,9 +1,9 @@
 """What the transports do, once, without I/O: a request's flow as a generator of commands.
 
-The flow yields :class:`Command` objects (read the request body, load the appliance key, send,
-read a reply body, discard a reply) and the sync or async driver in :mod:`transport` carries
-each out and sends the result back in. It ends by returning a :class:`Deliver`: the response to
-hand to httpx, with the decoder its body must pass through.
+The flow yields :class:`Command` objects (read the request body, load the appliance key, write
+the channel state, send, read a reply body, discard a reply) and the sync or async driver in
+:mod:`transport` carries each out and sends the result back in. It ends by returning a
+:class:`Deliver`: the response to hand to httpx, with the decoder its body must pass through.
 """
 
 from __future__ import annotations
@@ -137,7 +137,16 @@ class Discard:
     response: httpx.Response
 
 
-Command = ReadRequest | LoadKey | Send | ReadBody | Discard
+@dataclass(frozen=True, slots=True)
+class SaveChannels:
+    """Write the channel state before a channel payment is sent → None. Blocking (fsyncs):
+    the async transport runs it in a worker thread. Raising (SpendRefused) refuses the
+    payment, rolled back, with nothing sent."""
+
+    save: Callable[[], None]
+
+
+Command = ReadRequest | LoadKey | Send | ReadBody | Discard | SaveChannels
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,7 +377,9 @@ class ClientCore:
                 # Before anything is signed: only the attested appliance's own terms are paid.
                 challenge = self._check_challenge(request, body, challenge)
             url = str(request.url.copy_with(query=None, fragment=None))
-            payment = self.payer.pay(challenge, url=url)
+            payment = self.payer.pay(challenge, url=url, write=False)
+            if payment.save is not None:
+                yield SaveChannels(payment.save)
             record = payment.record
             self.payments.append(record)
             # Re-sealed: a fresh reply key for every attempt, never one reused.
@@ -392,6 +403,8 @@ class ClientCore:
                 if again is not None:
                     # A channel's corrective 402, checked against our own record: pay once
                     # more on the seller's state.
+                    if again.save is not None:
+                        yield SaveChannels(again.save)
                     record = again.record
                     self.payments.append(record)
                     attempt = seal_attempt(
@@ -430,7 +443,7 @@ class ClientCore:
             self.payer.channel_ended(record)
             raise
         url = str(request.url.copy_with(query=None, fragment=None))
-        return self.payer.resync(record, challenge, url=url)
+        return self.payer.resync(record, challenge, url=url, write=False)
 
     def _renew_key(
         self, request: httpx.Request, body: bytes, stale: EnclaveKey

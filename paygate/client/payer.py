@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import json
 import os
 import secrets
@@ -434,6 +435,9 @@ class Payment:
     header: str
     value: str = field(repr=False)
     record: SentPayment
+    # A channel payment's state write, still to be done before it is sent (``pay(write=
+    # False)``: the transport does it, off the event loop when async); raising refuses it.
+    save: Callable[[], None] | None = field(default=None, repr=False)
 
 
 class Payer:
@@ -586,7 +590,7 @@ class Payer:
             self.channels.release(record.nonce)
 
     def resync(
-        self, record: SentPayment, challenge: PaymentChallenge, *, url: str
+        self, record: SentPayment, challenge: PaymentChallenge, *, url: str, write: bool = True
     ) -> Payment | None:
         """A corrective 402 answered a channel payment: the payment again on the seller's
         state once it checks out against ours (None: nothing to resync)."""
@@ -604,22 +608,30 @@ class Payer:
         if not matching or not self.channels.resync(record.nonce, matching[0], challenge.error):
             self.channels.release(record.nonce)
             return None
-        return self.pay(dataclasses.replace(challenge, offers=(matching[0],)), url=url)
+        return self.pay(dataclasses.replace(challenge, offers=(matching[0],)), url=url, write=write)
 
     def refunded(self, amount: Decimal) -> None:
         """A channel refund came back: it no longer counts against ``max_total``."""
         with self._lock:
             self._spent -= min(amount, self._spent)
 
-    def pay(self, challenge: PaymentChallenge, *, url: str) -> Payment:
-        """Choose an offer, reserve its price against the policy, sign it."""
+    def pay(self, challenge: PaymentChallenge, *, url: str, write: bool = True) -> Payment:
+        """Choose an offer, reserve its price against the policy, sign it. A channel payment
+        with a state file writes it before returning; with ``write=False`` the caller runs
+        :attr:`Payment.save` before sending (it refuses the payment when the write fails)."""
         offer, decimals = self.choose(challenge, url=url)
         price = from_atomic(offer.amount, decimals)
         if offer.scheme == CHANNEL_SCHEME and self.channels is not None:
             made = self._channel_payment(challenge, offer, decimals, url)
             payment = self._document(challenge, offer, decimals, price, url, made.signed)
             payment.record.deposit = _plain(from_atomic(made.deposit, decimals))
-            return payment
+            if made.version is None:
+                return payment
+            save = functools.partial(self._commit, made, from_atomic(made.deposit, decimals))
+            if write:
+                save()
+                return payment
+            return dataclasses.replace(payment, save=save)
         with self._reserved(price, "price"):
             signed = self._sign(offer, decimals)
             return self._document(challenge, offer, decimals, price, url, signed)
@@ -662,6 +674,17 @@ class Payer:
             with self._lock:
                 self._spent += deposit - needed
         return made
+
+    def _commit(self, made: ChannelPayment, deposit: Decimal) -> None:
+        """Write the channel state before ``made`` leaves; failing, its deposit no longer
+        counts (nothing was sent) and :class:`SpendRefused` is raised."""
+        assert self.channels is not None
+        try:
+            self.channels.commit(made)
+        except SpendRefused:
+            with self._lock:
+                self._spent -= deposit
+            raise
 
     def _sign(self, offer: ChallengeOffer, decimals: int) -> Signed:
         valid_for = min(offer.max_timeout_seconds, self.policy.max_valid_seconds)

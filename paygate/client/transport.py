@@ -36,6 +36,7 @@ from paygate.client.core import (
     ReadBody,
     ReadRequest,
     ReceiptCallback,
+    SaveChannels,
     Send,
 )
 from paygate.client.errors import (
@@ -218,6 +219,8 @@ class PaygateTransport(_Transport[httpx.BaseTransport, AttestationHook], httpx.B
         if isinstance(step, LoadKey):
             with self._key_lock:
                 return self._drive(key_steps(self._core, step))
+        if isinstance(step, SaveChannels):
+            return step.save()
         if isinstance(step, Send):
             return self._inner.handle_request(step.request)
         if isinstance(step, ReadBody):
@@ -285,6 +288,10 @@ class AsyncPaygateTransport(
         if isinstance(step, LoadKey):
             async with self._key_lock:
                 return await self._drive(key_steps(self._core, step))
+        if isinstance(step, SaveChannels):
+            # Two fsyncs: in a worker thread, so the event loop runs on; awaited, so the
+            # payment is sent only once the state is on disk.
+            return await asyncio.to_thread(step.save)
         if isinstance(step, Send):
             return await self._inner.handle_async_request(step.request)
         if isinstance(step, ReadBody):

@@ -298,3 +298,23 @@ def test_a_kept_channel_is_paid_only_under_its_own_terms(
     assert (channel.payer.charged, channel.signed) == (2000, 2000)
     # The channel's own terms still pay.
     assert paid(second, 1)[0].nonce.endswith(":3000")
+
+
+def test_a_write_left_to_the_transport_holds_its_channel_and_never_moves_the_file_back(
+    account: LocalAccount, tmp_path: Path
+) -> None:
+    path = tmp_path / "channels.json"
+    p = restart(account, path, None)
+    first = p.pay(challenge(), url=URL, write=False)  # as the transports pay: written later
+    assert first.save is not None
+    assert not path.exists()
+    # Held from signing, not from the write: a second request on the channel is refused.
+    with pytest.raises(SpendRefused, match="in use by another request"):
+        p.pay(challenge(), url=URL, write=False)
+    other = p.pay(challenge(), url="http://127.0.0.1:10/v1/chat/completions", write=False)
+    assert other.save is not None
+    other.save()  # written first, with the book as it is now: both channels' vouchers
+    first.save()  # already on disk: not written over with an older count
+    kept = {c["channelId"]: c["signed"] for c in json.loads(path.read_text())["channels"]}
+    ids = {r.record.nonce.partition(":")[0] for r in (first, other)}
+    assert kept == dict.fromkeys(ids, "1000")
