@@ -26,10 +26,8 @@ from paygate.x402.offers import PaymentTerms as SellerTerms
 from paygate.x402.pricing import PricePolicy
 from paygate.x402.schemes.batch_settlement import channel as ch
 from paygate.x402.schemes.batch_settlement import offer as offer_role
+from tests.fixtures.terms_support import AUTHORIZER, SELLER, USDC, challenge_offer
 
-SELLER = "0x" + "5e" * 20
-USDC = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"  # base-sepolia
-AUTHORIZER = "0x" + "a1" * 20
 ATTACKER = "0x" + "a7" * 20
 BASE_USDC = "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
 BASE_NAME = {"name": "USD Coin"}
@@ -59,31 +57,8 @@ TERMS = binding.PaymentTerms(
 def offer(
     amount: int = 1000, *, scheme: str = "batch-settlement", **changes: Any
 ) -> ChallengeOffer:
-    extra: dict[str, Any] = {"name": "USDC", "version": "2"}
-    if scheme == "batch-settlement":
-        extra |= {
-            "receiverAuthorizer": AUTHORIZER,
-            "withdrawDelay": "900",
-            "assetTransferMethod": "eip3009",
-            "minDeposit": str(10 * amount),
-        }
-    extra |= changes.pop("extra", {})
-    for name in changes.pop("drop", ()):
-        extra.pop(name)
-    fields: dict[str, Any] = {
-        "version": 2,
-        "requirement": {},
-        "scheme": scheme,
-        "network": "eip155:84532",
-        "chain_id": 84532,
-        "asset": USDC,
-        "amount": amount,
-        "pay_to": SELLER,
-        "max_timeout_seconds": 300,
-        "extra": extra,
-    }
-    fields.update(changes)
-    return ChallengeOffer(**fields)
+    extra = changes.pop("extra", {})
+    return challenge_offer(scheme, amount, extra=extra, drop=changes.pop("drop", ()), **changes)
 
 
 def check(

@@ -20,36 +20,13 @@ from paygate.upstream.engines import profile_for
 from paygate.upstream.shaping import RequestShaper
 from paygate.x402.metering import TokenPrice, TokenPricing
 from paygate.x402.networks import to_atomic_ceiling
-from tests.fixtures.terms_support import FACILITATOR, SELLER, TERMS, USDC
+from tests.fixtures.terms_support import FACILITATOR, SELLER, TERMS, USDC, challenge_offer
 
 CHAT = "/v1/chat/completions"
 
 
 def offer(scheme: str = "exact", amount: int = 1000, **changes: Any) -> ChallengeOffer:
-    extra: dict[str, Any] = {"name": "USDC", "version": "2"}
-    if scheme == "upto":
-        extra |= {
-            "assetTransferMethod": "permit2",
-            "facilitatorAddress": FACILITATOR,
-            "inputPricePerMillionTokens": "100",
-            "outputPricePerMillionTokens": "400",
-            "minimumPrice": "0",
-        }
-    extra |= changes.pop("extra", {})
-    fields: dict[str, Any] = {
-        "version": 2,
-        "requirement": {},
-        "scheme": scheme,
-        "network": "eip155:84532",
-        "chain_id": 84532,
-        "asset": USDC,
-        "amount": amount,
-        "pay_to": SELLER,
-        "max_timeout_seconds": 300,
-        "extra": extra,
-    }
-    fields.update(changes)
-    return ChallengeOffer(**fields)
+    return challenge_offer(scheme, amount, extra=changes.pop("extra", {}), **changes)
 
 
 def check(
