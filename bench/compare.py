@@ -211,6 +211,11 @@ def _paygate_env(tmp: Path, port: int, upstream: int, **extra: str) -> dict[str,
 # (bench.channels: a real deposit on anvil, with the FiatToken and the settlement contract
 # stand-in). No claim runs during the load (one claim carries up to 500 channels; its gas is
 # bench.gas's): what is measured is a voucher request's own CPU.
+PAID_EXACT_ENV = {
+    "PAYGATE_PAYMENT_MODE": "verify-only",
+    "PAYGATE_PAY_TO": "0x" + "5e11e7" * 6 + "5e11",
+    "PAYGATE_NETWORK": "base-sepolia",
+}
 PAID_BATCH_ENV = {
     "PAYGATE_PAYMENT_MODE": "chain",
     "PAYGATE_PAYMENT_SCHEMES": "batch-settlement",
@@ -557,9 +562,7 @@ def _targets(
                 )
                 variants["paygate-paid"] = (
                     {
-                        "PAYGATE_PAYMENT_MODE": "verify-only",
-                        "PAYGATE_PAY_TO": "0x" + "5e11e7" * 6 + "5e11",
-                        "PAYGATE_NETWORK": "base-sepolia",
+                        **PAID_EXACT_ENV,
                         # The fast upstream doubles as a facilitator that finds all valid.
                         "PAYGATE_FACILITATOR_URL": f"http://127.0.0.1:{up}",
                         "PAYGATE_LEDGER_PATH": str(tmp / "ledger.db"),

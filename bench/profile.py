@@ -67,15 +67,39 @@ def component(frame: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sealed", action="store_true", help="v2 envelopes")
+    parser.add_argument(
+        "--paid", action="store_true", help="each request paid (exact, verify-only)"
+    )
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for paygate")
     parser.add_argument("--top", type=int, default=0, help="also the N hottest frames")
     parser.add_argument("--stacks", help="print the stacks whose innermost frame has this")
+    parser.add_argument(
+        "--paid-batch", action="store_true", help="each request paid by a channel voucher"
+    )
+    parser.add_argument("--save", help="also keep py-spy's raw stacks in this file")
     args = parser.parse_args()
     extra = dict(item.split("=", 1) for item in args.env)
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         up, port = compare._port(), compare._port()
+        if args.paid:
+            extra = {
+                **compare.PAID_EXACT_ENV,
+                "PAYGATE_FACILITATOR_URL": f"http://127.0.0.1:{up}",
+                "PAYGATE_LEDGER_PATH": str(tmp / "ledger.db"),
+                **extra,
+            }
+        anvil = None
+        if args.paid_batch:
+            anvil = compare._anvil(tmp)
+            extra = {
+                **compare.PAID_BATCH_ENV,
+                "PAYGATE_CHAIN_RPC_URL": anvil.rpc_url,
+                "PAYGATE_GAS_KEY": anvil.accounts[compare.GATEWAY_GAS].key,
+                "PAYGATE_LEDGER_PATH": str(tmp / "ledger.db"),
+                **extra,
+            }
         procs = [
             compare._spawn(
                 [compare.PY, "-m", "bench.fast_upstream", "--port", str(up)], cpu=compare.LOAD_CPU
@@ -102,6 +126,11 @@ def main() -> int:
                 key = enclave.SoftwareKey.load_file(tmp / "key.pem").public_key
                 target.body = enclave.seal_v2(key, chat, method="POST", path=compare.PATH).blob
                 target.content_type = enclave.CONTENT_TYPE
+            if args.paid:
+                target.payments = compare._presign(target, tmp)
+            if anvil is not None:
+                url = f"http://127.0.0.1:{port}{compare.PATH}"
+                target.channels = compare.ChannelSource(anvil, url, target.body, tmp)
             compare._wrk(target, 16, 1.0, tmp)  # warm-up
             out = tmp / "spy.txt"
             spy = subprocess.Popen(
@@ -126,6 +155,10 @@ def main() -> int:
             spy.wait(60)
         finally:
             compare._stop(procs)
+            if anvil is not None:
+                anvil.stop()
+        if args.save:
+            Path(args.save).write_text(out.read_text())
         counts: collections.Counter[str] = collections.Counter()
         frames_seen: collections.Counter[str] = collections.Counter()
         stacks: collections.Counter[str] = collections.Counter()
