@@ -7,7 +7,8 @@ can run with JavaScript off (every page must work without it) and can inject a w
 (``window.ethereum``) backed by a Python signer, and it reads cookies and takes full-page
 screenshots directly.
 
-Screenshots of every page go to docs/console/ (linked from docs/CONSOLE.md).
+Screenshots of every page go to a scratch directory, or to $PAYGATE_CONSOLE_SHOTS
+(`PAYGATE_CONSOLE_SHOTS=docs/console` refreshes the ones docs/CONSOLE.md shows).
 """
 
 from __future__ import annotations
