@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from enclave import p256
+from enclave import KeyBackend, p256
 from enclave.attestation import tpm
 from paygate.client.attestation import (
     AttestationPolicy,
@@ -29,7 +29,7 @@ from paygate.client.attestation import (
 )
 from paygate.client.errors import AttestationRefused, ClientError
 from paygate.client.pubkey import MAX_PUBKEY_DOCUMENT, PUBKEY_PATH, parse_pubkey_document
-from paygate.config import load_settings
+from paygate.config import Settings, load_settings
 from paygate.errors import PaygateError
 
 _PCR = re.compile(r"(\d{1,2})=([0-9a-fA-F]{64})")
@@ -220,14 +220,14 @@ def _report(
         print(f"refused [{failure.code}]: {failure}", file=sys.stderr)
 
 
-def _show(args: argparse.Namespace) -> int:
+def show_facts(settings: Settings, key: KeyBackend) -> dict[str, Any]:
+    """What a gateway with these settings and this key would attest, found without starting
+    it (the facts ``attest show`` prints)."""
     # The server's assembly is the one place that knows what is bound: reuse it.
-    from paygate.keys import open_key_backend
-    from paygate.server.app import attestation_config
+    from paygate.server.app import attestation_config, configured_channels
     from paygate.server.attestation import AttestationService, parse_models
     from paygate.upstream.service import served_digests
 
-    settings = load_settings(args.config)
     # The weights' digests as the gateway computes them at start (attach mode: from
     # upstream_model_path; hashing a large file takes a while).
     entries = settings.upstream_entries()
@@ -239,25 +239,38 @@ def _show(args: argparse.Namespace) -> int:
             for entry in entries
             for item in served_digests(entry.config, None)
         ]
-    config = dataclasses.replace(attestation_config(settings), models=parse_models(served))
+    config = dataclasses.replace(
+        attestation_config(settings, channels=configured_channels(settings)),
+        models=parse_models(served),
+    )
+    service = AttestationService(config, key)
+    code = bytes.fromhex(config.code_digest.removeprefix("sha256:"))
+    config_digest = service.config_digest()
+    facts: dict[str, Any] = {
+        "kind": config.kind,
+        "sealing_key": p256.fingerprint(key.public_key),
+        "receipt_key": p256.fingerprint(service.receipt_public_key),
+        "models": [{"name": m.name, "digest": m.digest} for m in config.models],
+        # Offline, the upto facilitator's address and a facilitator's channel receiver
+        # authorizer are unknown (the gateway asks them at start); in chain mode the
+        # authorizer is the gas key's address, so the channel terms are here.
+        "payment": None if config.payment is None else config.payment.document(),
+        "gateway": {"version": config.gateway_version, "code_digest": config.code_digest},
+        "config_digest": "sha256:" + config_digest.hex(),
+        "pcr23": tpm.app_pcr_value(tpm.app_digest(code, config_digest)).hex(),
+    }
+    if config.kind == "tpm":
+        facts["ek_certificates"] = sorted(service.ek_certificate_kinds())
+    return facts
+
+
+def _show(args: argparse.Namespace) -> int:
+    from paygate.keys import open_key_backend
+
+    settings = load_settings(args.config)
     key = open_key_backend(settings)
     try:
-        service = AttestationService(config, key)
-        code = bytes.fromhex(config.code_digest.removeprefix("sha256:"))
-        config_digest = service.config_digest()
-        facts: dict[str, Any] = {
-            "kind": config.kind,
-            "sealing_key": p256.fingerprint(key.public_key),
-            "receipt_key": p256.fingerprint(service.receipt_public_key),
-            "models": [{"name": m.name, "digest": m.digest} for m in config.models],
-            # Offline, the upto facilitator's address is unknown (the gateway asks it at start).
-            "payment": None if config.payment is None else config.payment.document(),
-            "gateway": {"version": config.gateway_version, "code_digest": config.code_digest},
-            "config_digest": "sha256:" + config_digest.hex(),
-            "pcr23": tpm.app_pcr_value(tpm.app_digest(code, config_digest)).hex(),
-        }
-        if config.kind == "tpm":
-            facts["ek_certificates"] = sorted(service.ek_certificate_kinds())
+        facts = show_facts(settings, key)
     finally:
         key.close()
     if args.json:

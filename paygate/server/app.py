@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from eth_account import Account
 
 from enclave import KeyBackend
 from enclave.attestation import binding
@@ -45,6 +46,7 @@ from paygate.server.assembly import (
 from paygate.server.attestation import (
     AttestationConfig,
     AttestationService,
+    channel_terms,
     code_digest,
     gateway_version,
     offered_channels,
@@ -85,6 +87,7 @@ from paygate.upstream.service import connector as upstream_connector
 from paygate.upstream.service import endpoint as upstream_endpoint
 from paygate.upstream.shaping import RequestShaper
 from paygate.x402.ledger import default_replica_id
+from paygate.x402.schemes.batch_settlement.channel import NAME as CHANNEL_SCHEME
 
 KEY = web.AppKey("key", KeyBackend)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
@@ -572,6 +575,23 @@ def admission_limits(settings: Settings) -> AdmissionLimits:
         AdmissionLimits,
         trusted_proxies=parse_networks(settings.trusted_proxies),
         ipv6_prefix=settings.ipv6_prefix_length,
+    )
+
+
+def configured_channels(settings: Settings) -> tuple[binding.ChannelTerms, ...]:
+    """The channel terms a gateway with these settings binds, known without starting it: in
+    chain mode the receiver authorizer is the gas key's address (``BatchChain``). Under a
+    facilitator it is whatever the facilitator names at start, so nothing is known offline
+    (``attest show`` then omits the channel terms, as it omits upto's facilitator)."""
+    if settings.payment_mode != "chain" or CHANNEL_SCHEME not in settings.payment_schemes:
+        return ()
+    gas_key = settings.secret("gas_key")
+    if gas_key is None:
+        raise ConfigError("chain mode needs gas_key (PAYGATE_GAS_KEY)")
+    return channel_terms(
+        payment_terms(settings),
+        receiver_authorizer=Account.from_key(gas_key.get_secret_value()).address,
+        withdraw_delay=settings.batch_withdraw_delay,
     )
 
 

@@ -425,3 +425,24 @@ async def test_a_metered_route_pays_its_maximum_held_to_the_attested_token_price
         async with claimer(ledger, anvil, gas_key) as channels:
             assert await channels.claim_once() == 1
     assert usdc.balance_of(module_seller) == seller_before + charge(1, 3) + charge(1, 5)
+
+
+async def test_attest_show_states_the_channel_terms_the_running_gateway_binds(
+    anvil, usdc, gas_key, module_seller, tmp_path
+):
+    """An operator pins what ``attest show`` prints (the payment terms, the configuration
+    digest, PCR 23) before the gateway runs: in chain mode its channel terms (the gas key the
+    receiver authorizer) are the ones the running gateway binds, not left out."""
+    from paygate.cli.attest_live import show_facts
+    from tests.fixtures.batch_settlement_support import chain_batch
+
+    async with chain_batch(module_seller, tmp_path / "l.db", anvil, gas_key) as stack:
+        nonce = "00" * 32
+        async with stack.client.get(f"{stack.url}/v1/attestation?nonce={nonce}") as answer:
+            assert answer.status == 200, await answer.text()
+            served = (await answer.json())["binding"]["payment"]
+        facts = show_facts(stack.settings, stack.key)
+    assert served["channels"], served  # the gateway binds channel terms
+    assert facts["payment"] == served
+    (terms,) = facts["payment"]["channels"]
+    assert gas_key.address in terms.values()
