@@ -29,7 +29,7 @@ import contextlib
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -108,6 +108,10 @@ class ChannelBook:
         self._version = 0  # changes to the book worth writing
         self._written = 0  # the version the file holds
         self.retired = Decimal(0)  # what drained channels spent (kept with the state)
+        # Where a write after the seller's answer runs (write_later): None, in the caller's
+        # thread; an async transport hands them to a worker thread of its own.
+        self._later: Callable[[Callable[[], None]], object] | None = None
+        self._queued = False  # a later write is waiting to start (it will carry any change)
         if state is not None:
             saved = state.load()
             self.retired = saved.retired
@@ -128,9 +132,24 @@ class ChannelBook:
             )
             return held + self.retired
 
+    @property
+    def keeps_state(self) -> bool:
+        """Whether the book is kept in a state file (``channel_state``)."""
+        return self._state is not None
+
+    def write_later(self, submit: Callable[[Callable[[], None]], object] | None) -> None:
+        """Run the writes that follow the seller's answer (a first receipt, a corrective 402,
+        a refund) through ``submit`` (e.g. a one-thread executor's ``submit``) instead of the
+        caller's thread: an async transport's event loop never waits for their fsyncs. At most
+        one waits at a time: it writes the book as it is when it starts. The writes before a
+        payment is sent are not affected (the caller awaits those: ``Payment.save``)."""
+        self._later = submit
+
     def close(self) -> None:
         """Write the last receipts' count and let go of the state file (another transport may
-        hold it now)."""
+        hold it now). Blocking; with ``write_later``, the caller first lets the writes it
+        queued finish."""
+        self._later = None
         if self._state is not None:
             self._save_quietly()
             with self._write_lock:
@@ -452,6 +471,27 @@ class ChannelBook:
         """A write after the seller's answer (or at close), when the file is behind: failing,
         the file keeps an older count (fewer charges, fewer refunds), which the next write or
         the corrective 402 brings up to date; never one that lets us sign more."""
+        later = self._later
+        if later is None:
+            self._save_now()
+            return
+        with self._lock:
+            if self._queued:
+                return  # the waiting write snapshots the book when it starts: this change too
+            self._queued = True
+        try:
+            later(self._queued_save)
+        except RuntimeError:  # the executor is shut down (closing): write here instead
+            with self._lock:
+                self._queued = False
+            self._save_now()
+
+    def _queued_save(self) -> None:
+        with self._lock:
+            self._queued = False
+        self._save_now()
+
+    def _save_now(self) -> None:
         with self._lock:
             version = self._version
         with contextlib.suppress(OSError, ValueError):

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from decimal import Decimal
 from types import TracebackType
@@ -262,6 +263,22 @@ class AsyncPaygateTransport(
     _http = httpx.AsyncHTTPTransport
     _lock = asyncio.Lock
 
+    def __init__(
+        self,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        attest: AsyncAttestationHook | None = None,
+        **options: Unpack[TransportOptions],
+    ) -> None:
+        super().__init__(transport=transport, attest=attest, **options)
+        # The channel state file's writes after an answer (two fsyncs each) go to one thread
+        # of our own, so the caller's event loop never waits on the disk.
+        self._writer: ThreadPoolExecutor | None = None
+        payer = self._core.payer
+        if payer is not None and payer.channels is not None and payer.channels.keeps_state:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="paygate-channel-state")
+            payer.channels.write_later(self._writer.submit)
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         return _response(await self._drive(request_steps(self._core, request)), _AsyncBody)
 
@@ -311,7 +328,13 @@ class AsyncPaygateTransport(
         try:
             await self._inner.aclose()
         finally:
-            self._core.close()
+            # The queued writes finish, then the last one: in a thread, off the event loop.
+            await asyncio.to_thread(self._close_core)
+
+    def _close_core(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+        self._core.close()
 
     async def __aenter__(self) -> AsyncPaygateTransport:
         return self

@@ -118,6 +118,38 @@ async def test_the_async_transport_writes_off_the_loop_and_before_each_voucher_l
     assert [at_send for _, at_send in watch.paid()] == vouchers
 
 
+async def test_the_async_transport_writes_after_answers_and_at_close_off_the_loop_too(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    """The writes that follow the seller's answer (the channel's first receipt, a refund) and
+    the last one at close run in the transport's own thread while the event loop runs on, and
+    the file ends holding the last count."""
+    state = tmp_path / "caller" / "channels.json"
+    watch = Watch(state, asyncio.get_running_loop())
+    monkeypatch.setattr(files, "replace_atomically", watch.replace_atomically)
+    async with chain_batch(seller, tmp_path / "payments.db", anvil, gas_key) as stack:
+        transport = AsyncPaygateTransport(
+            transport=AsyncSeen(watch), wallet=payer, spend=spend(), channel_state=state
+        )
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+            for _ in range(2):
+                assert (await http.post(stack.url + CHAT, json=CHAT_BODY)).status_code == 200
+            before_refund = len(watch.events)
+            (refund,) = await transport.refund(stack.url)
+            assert refund.success, refund
+        # aclose (by the client's exit) waited for every queued write and wrote the last.
+        writes = [e for e in watch.events if e[0] == "write"]
+        assert len(writes) >= 4  # two before the vouchers, the first receipt, the refund
+        assert any(e[0] == "write" for e in watch.events[before_refund:])
+        assert [(thread != watch.loop_thread, ran) for _, thread, ran, _ in writes] == [
+            (True, True)
+        ] * len(writes)
+    document = json.loads(state.read_bytes())
+    # The refund drained the channel: the book forgot it and counts what it spent.
+    assert document["channels"] == []
+    assert Decimal(document["retired"]) == Decimal(2 * PRICE_ATOMIC) / 10**6
+
+
 async def test_the_sync_transport_writes_on_the_callers_thread_before_each_voucher_leaves(
     anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
 ):
