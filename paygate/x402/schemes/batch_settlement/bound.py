@@ -15,7 +15,7 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import Any
+from typing import Any, ClassVar
 
 from paygate.x402.chain import ChainSettler
 from paygate.x402.facilitator import FacilitatorSettler
@@ -99,6 +99,9 @@ class CheckedPayments:
 class BoundBatchSettlement(Scheme):
     """The scheme bound to a processor's ledger and chain: verifies against the channel state,
     commits charges, answers refunds; its :class:`Channels` also claims in the background."""
+
+    # Its settle commits the charge to the channel in the ledger, once (idempotent).
+    settles_in_ledger: ClassVar[bool] = True
 
     channels: Channels | None = dataclasses.field(default=None, repr=False, compare=False)
     checks: CheckedPayments = dataclasses.field(
