@@ -77,7 +77,8 @@ def test_the_admission_check_serves_verify_and_commit_once(monkeypatch):
     assert len(checks) == 0
     # Once forgotten (or for an equal payment read back from the ledger): checked again.
     again = checks.checked(paid, terms, last=True)
-    assert again == first and again is not first
+    assert again == first
+    assert again is not first
     assert len(recovered) == 1
 
 
