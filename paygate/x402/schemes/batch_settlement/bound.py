@@ -49,7 +49,7 @@ from paygate.x402.schemes.batch_settlement.verify import (
 )
 from paygate.x402.settler import SettlementSubject, Settler
 
-_CHECKS_MAX = 4096  # requests between their check and their commit whose voucher is remembered
+_CHECKS_MAX = 1024  # requests between their check and their commit whose voucher is remembered
 
 
 class CheckedPayments:
