@@ -158,8 +158,12 @@ class Settlements:
         assert payment is not None
         try:
             # Fenced, and the last word before the settle call: a process that lost its lease
-            # (frozen past it, another replica claimed the payment) stops here.
-            record = await self.leases.move(record, PaymentState.SETTLING)
+            # (frozen past it, another replica claimed the payment) stops here. Not before a
+            # served payment's charge in this ledger (a channel's): a crash after it leaves the
+            # record SERVED, owed, and charging again adds nothing; SETTLING goes in the
+            # outcome's transaction (record_answer).
+            if not (admission.scheme.settles_in_ledger and record.state is PaymentState.SERVED):
+                record = await self.leases.move(record, PaymentState.SETTLING)
         except LedgerError as exc:
             log.error("payment %s: cannot record SETTLING: %s", record.id, exc.code)
             return None
@@ -225,6 +229,7 @@ class Settlements:
                 transaction=answer.transaction or None,
                 error=None if answer.success else (answer.error_reason or "settle_failed"),
                 settled_amount=moved(answer, admission.owed) if answer.success else None,
+                via=PaymentState.SETTLING if record.state is PaymentState.SERVED else None,
             )
         except LedgerError as exc:
             log.error("payment %s: cannot record %s: %s", record.id, state, exc.code)

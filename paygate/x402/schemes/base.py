@@ -28,7 +28,7 @@ import importlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from paygate.x402.models import (
     AnyPaymentPayload,
@@ -327,6 +327,10 @@ class Scheme:
     facilitator_module: str  # likewise the FacilitatorRole
     binding_module: str | None = None  # likewise an optional BindingRole
     _loaded: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    #: Its ``settle`` is a write to this gateway's own ledger, idempotent (a channel's charge,
+    #: committed once), not a payment sent out: a served payment needs no durable SETTLING
+    #: before it (``paygate.x402.settlements``).
+    settles_in_ledger: ClassVar[bool] = False
 
     @property
     def payload_type(self) -> type[Any]:

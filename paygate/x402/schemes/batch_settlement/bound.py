@@ -15,7 +15,7 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import Any
+from typing import Any, ClassVar
 
 from paygate.x402.chain import ChainSettler
 from paygate.x402.facilitator import FacilitatorSettler
@@ -39,11 +39,60 @@ from paygate.x402.schemes.batch_settlement.verify import (
     NOT_CUMULATIVE,
     ChannelTerms,
     CheckedVoucher,
+    authorized,
     check_against,
     check_payload,
     payload_of,
 )
+from paygate.x402.schemes.batch_settlement.verify import (
+    ROLE as VERIFY,
+)
 from paygate.x402.settler import SettlementSubject, Settler
+
+_CHECKS_MAX = 1024  # requests between their check and their commit whose voucher is remembered
+
+
+class CheckedPayments:
+    """Each request's checked voucher, from its admission check through its verify to its
+    commit: a voucher's signature is recovered and its ids hashed once a request, not at each
+    step. Found by the payment object itself (held here, so its ``id`` is not reused while
+    remembered) and the terms it was checked against; anything else (a payment read back from
+    the ledger by the reconciler, other terms) is checked again. Bounded: a request refused
+    between its check and its commit leaves its entry until newer ones push it out."""
+
+    def __init__(self, limit: int = _CHECKS_MAX) -> None:
+        self._limit = limit
+        self._by_payment: dict[int, tuple[AnyPaymentPayload, ChannelTerms, CheckedVoucher]] = {}
+
+    def remember(
+        self, payment: AnyPaymentPayload, terms: ChannelTerms, checked: CheckedVoucher
+    ) -> None:
+        if len(self._by_payment) >= self._limit:
+            self._by_payment.pop(next(iter(self._by_payment)))
+        self._by_payment[id(payment)] = (payment, terms, checked)
+
+    def checked(
+        self, payment: AnyPaymentPayload, terms: ChannelTerms, *, last: bool = False
+    ) -> CheckedVoucher:
+        """``payment``'s voucher checked against ``terms``: as remembered, else checked now
+        (raises PaymentRejected). ``last``: the request's last use (its commit)."""
+        entry = self._by_payment.get(id(payment))
+        if entry is not None and entry[0] is payment and entry[1] == terms:
+            if last:
+                del self._by_payment[id(payment)]
+            return entry[2]
+        checked = check_payload(payload_of(payment), terms)
+        if not last:
+            self.remember(payment, terms, checked)
+        return checked
+
+    def forget(self, payment: AnyPaymentPayload) -> None:
+        entry = self._by_payment.get(id(payment))
+        if entry is not None and entry[0] is payment:
+            del self._by_payment[id(payment)]
+
+    def __len__(self) -> int:
+        return len(self._by_payment)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +100,13 @@ class BoundBatchSettlement(Scheme):
     """The scheme bound to a processor's ledger and chain: verifies against the channel state,
     commits charges, answers refunds; its :class:`Channels` also claims in the background."""
 
+    # Its settle commits the charge to the channel in the ledger, once (idempotent).
+    settles_in_ledger: ClassVar[bool] = True
+
     channels: Channels | None = dataclasses.field(default=None, repr=False, compare=False)
+    checks: CheckedPayments = dataclasses.field(
+        default_factory=CheckedPayments, repr=False, compare=False
+    )
 
     @property
     def _channels(self) -> Channels:
@@ -114,14 +169,12 @@ class BoundBatchSettlement(Scheme):
     # --- a paid request ---
 
     def check(self, payment: AnyPaymentPayload, offer: Offer, when: CheckTime) -> Authorized:
-        authorized = super().check(payment, offer, when)
+        # The requirement verify and settle get is this offer's wire form: the same terms.
+        terms = ChannelTerms.of_offer(offer)
+        checked = VERIFY.checked(payment, terms)
+        self.checks.remember(payment, terms, checked)
         # The charge must be committed while this request holds the channel.
-        return dataclasses.replace(
-            authorized, valid_before=when.now + int(self._channels.pending_seconds)
-        )
-
-    def _checked(self, payment: AnyPaymentPayload, requirements: dict[str, Any]) -> CheckedVoucher:
-        return check_payload(payload_of(payment), ChannelTerms.of_requirements(requirements))
+        return authorized(checked, offer, when.now + int(self._channels.pending_seconds))
 
     async def verify(
         self, settler: Settler, payment: AnyPaymentPayload, requirements: dict[str, Any]
@@ -130,7 +183,7 @@ class BoundBatchSettlement(Scheme):
         the channel's state in the ledger and the channel taken for this request."""
         channels = self._channels
         try:
-            checked = self._checked(payment, requirements)
+            checked = self.checks.checked(payment, ChannelTerms.of_requirements(requirements))
             if checked.payload.type == "deposit":
                 await channels.deposit(checked, payment.wire(), requirements)
             channel = await channels.take(checked)
@@ -140,10 +193,12 @@ class BoundBatchSettlement(Scheme):
                 await channels.store.release(checked.channel_id, checked.voucher_key)
                 raise
         except PaymentRejected as exc:
+            self.checks.forget(payment)
             return VerifyResponse(
                 is_valid=False, invalid_reason=exc.reason, invalid_message=str(exc)
             )
         except LedgerError as exc:
+            self.checks.forget(payment)
             raise not_bound(f"the channel ledger is unavailable: {exc.code}") from None
         return VerifyResponse(is_valid=True, payer=checked.payer)
 
@@ -152,7 +207,8 @@ class BoundBatchSettlement(Scheme):
     ) -> SettleResponse:
         """Commit ``amount`` (at most the price) to the channel under this voucher. No money
         moves here: it moves when the claim loop claims the channel (proven on chain)."""
-        checked = self._checked(subject.payment, subject.requirements)
+        terms = ChannelTerms.of_requirements(subject.requirements)
+        checked = self.checks.checked(subject.payment, terms, last=True)
         try:
             return await self._channels.commit(checked, subject.requirements, amount)
         except LedgerError as exc:  # not committed, or not known to be: committed again later

@@ -108,7 +108,7 @@ def channel_id(config: ChannelConfig, chain_id: int) -> str:
 def voucher_id(channel: str, max_claimable: int) -> str:
     """A voucher's id (0x + 64 hex): the seller's replay key for it, and the payment id its
     ledger records and signed receipts name (one per channel and cumulative ceiling)."""
-    return "0x" + keccak(bytes.fromhex(channel[2:]) + max_claimable.to_bytes(16, "big")).hex()
+    return "0x" + td.keccak(bytes.fromhex(channel[2:]) + max_claimable.to_bytes(16, "big")).hex()
 
 
 def _voucher_message(channel: str, max_claimable: int) -> dict[str, Any]:

@@ -19,6 +19,7 @@ Amounts are decimal text (uint128 does not fit SQLite's integer).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -63,12 +64,19 @@ _COLUMNS = (
 )
 
 
+@functools.lru_cache(maxsize=4096)
+def _config(text: str) -> ChannelConfig:
+    """A channel's config as stored (immutable: it is the channel's identity; the model is
+    frozen, so one parse serves every read of the channel)."""
+    return ChannelConfig.model_validate_json(text)
+
+
 def _channel(row: tuple[Any, ...]) -> Channel:
     return Channel(
         channel_id=row[0],
         network=row[1],
         payer=row[2],
-        config=ChannelConfig.model_validate_json(row[3]),
+        config=_config(row[3]),
         balance=int(row[4]),
         total_claimed=int(row[5]),
         charged=int(row[6]),

@@ -48,11 +48,9 @@ class CheckedVoucher:
     channel_id: str  # lowercase 0x + 64 hex
     payer: str  # checksummed
     max_claimable: int
-
-    @property
-    def voucher_key(self) -> str:
-        """The voucher's replay key (and its pending-lease owner): one per (channel, ceiling)."""
-        return ch.voucher_id(self.channel_id, self.max_claimable)
+    #: The voucher's replay key, its pending-lease owner and its payment id: one per
+    #: (channel, ceiling), hashed once here.
+    voucher_key: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +145,8 @@ def check_payload(payload: object, offer: ChannelTerms) -> CheckedVoucher:
                 "invalid_batch_settlement_evm_deposit_below_min_deposit",
                 "the deposit is below the announced minDeposit",
             )
-    return CheckedVoucher(payload, channel_id, checksum(config.payer), maximum)
+    key = ch.voucher_id(channel_id, maximum)
+    return CheckedVoucher(payload, channel_id, checksum(config.payer), maximum, key)
 
 
 def check_against(
@@ -173,6 +172,16 @@ def payload_of(payment: AnyPaymentPayload) -> BatchSettlementPayload:
     return payment.payload
 
 
+def authorized(checked: CheckedVoucher, offer: Offer, valid_before: int) -> Authorized:
+    """What a checked voucher authorizes: at most the offer's amount, keyed by the voucher."""
+    return Authorized(
+        payer=checked.payer,
+        nonce=checked.voucher_key,
+        maximum=offer.amount,
+        valid_before=valid_before,
+    )
+
+
 class BatchSettlementVerify:
     """A voucher's own checks (:func:`check_payload`); the channel's state is checked when the
     bound scheme verifies (``bound``)."""
@@ -181,16 +190,15 @@ class BatchSettlementVerify:
     replay_code = REPLAYED
 
     def check(self, payment: AnyPaymentPayload, offer: Offer, when: CheckTime) -> Authorized:
+        checked = self.checked(payment, ChannelTerms.of_offer(offer))
+        return authorized(checked, offer, when.now + ch.MIN_WITHDRAW_DELAY)
+
+    def checked(self, payment: AnyPaymentPayload, terms: ChannelTerms) -> CheckedVoucher:
+        """A paid request's voucher checked against ``terms`` (a refund is not a payment)."""
         payload = payload_of(payment)
         if payload.type == "refund":
             raise PaymentRejected(PAYLOAD_TYPE, "a refund is not a payment")
-        checked = check_payload(payload, ChannelTerms.of_offer(offer))
-        return Authorized(
-            payer=checked.payer,
-            nonce=checked.voucher_key,
-            maximum=offer.amount,
-            valid_before=when.now + ch.MIN_WITHDRAW_DELAY,
-        )
+        return check_payload(payload, terms)
 
     def valid_before(self, payment: AnyPaymentPayload) -> int:
         # A voucher has no expiry of its own: the channel holds the money until its payer's
