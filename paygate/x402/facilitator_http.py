@@ -131,7 +131,11 @@ class FacilitatorHttp:
         self._port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self._tls = parsed.scheme == "https"
         self._base = parsed
-        lines = [f"Host: {parsed.host_port_subcomponent}", "Accept: application/json", "User-Agent: paygate"]
+        lines = [
+            f"Host: {parsed.host_port_subcomponent}",
+            "Accept: application/json",
+            "User-Agent: paygate",
+        ]
         if parsed.user is not None:
             pair = f"{parsed.user}:{parsed.password or ''}".encode("latin-1")
             lines.append(f"Authorization: Basic {base64.b64encode(pair).decode('ascii')}")
@@ -292,6 +296,10 @@ class FacilitatorHttp:
                 slot.set_result(None)
                 return
 
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
     async def close(self) -> None:
         """Close the idle connections; one in use closes when its call ends."""
         self._closed = True
@@ -375,15 +383,17 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(Broken("protocol upgrade"))
-            return
+            problem: Broken | None = Broken("protocol upgrade")
         except httptools.HttpParserError:
-            self._fail(self._problem or Broken("malformed answer"))
-            return
-        if self._problem is not None:
-            self._fail(self._problem)
-        elif self._complete:
+            problem = self._problem or Broken("malformed answer")
+        else:
+            problem = self._problem
+        if self._complete:
             self._finish()
+            if problem is not None:
+                self.close()  # bytes after the answer: it stands, the connection does not
+        elif problem is not None:
+            self._fail(problem)
         elif not self._in_body and self._head > MAX_HEAD:
             self._fail(Broken("answer head too large"))
 
@@ -406,6 +416,11 @@ class _Connection(asyncio.Protocol):
             answer.set_exception(Broken("connection lost before the answer's end"))
 
     # --- httptools callbacks ---
+
+    def on_message_begin(self) -> None:
+        if self._complete:
+            self._problem = Broken("bytes after the answer")
+            raise self._problem  # stops the parser
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lowered = name.lower()
