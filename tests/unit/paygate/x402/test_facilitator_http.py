@@ -627,3 +627,20 @@ def test_static_headers_and_a_fresh_jwt_ride_every_call(run: Any) -> None:
             assert "X-Api-Key: k1" in peer.heads()[-1].split("\r\n")
 
     run(scenario)
+
+
+def test_the_settler_resends_a_stale_verification_but_never_a_settlement(run: Any) -> None:
+    async def scenario() -> None:
+        async with Peer(_close_the_second_unanswered) as peer:
+            settler = _settler(peer.url)
+            await _verify(settler)
+            assert (await _verify(settler)).is_valid is True  # resent on a new connection
+            assert len(peer.requests) == 3
+        async with Peer(_close_the_second_unanswered) as peer:
+            settler = _settler(peer.url)
+            await _verify(settler)
+            with pytest.raises(SettlementUnknown):
+                await settler.settle_body({"x402Version": 2})
+            assert len(peer.requests) == 2  # the settlement left once and was not resent
+
+    run(scenario)
