@@ -144,7 +144,8 @@ class FacilitatorHttp:
         self._targets: dict[str, str] = {}
         self._connections = connections
         self._max_answer = max_answer
-        self._ssl: ssl.SSLContext | None = None
+        # The trust store as it is at start (SSL_CERT_FILE/SSL_CERT_DIR name a private CA).
+        self._ssl = ssl.create_default_context() if self._tls else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: collections.deque[_Connection] = collections.deque()
         self._open = 0
@@ -254,15 +255,13 @@ class FacilitatorHttp:
         self._open += 1
         connect_end = min(loop.time() + connect_timeout, deadline)
         expiry = ConnectTimeout if connect_end < deadline else AnswerTimeout
-        if self._tls and self._ssl is None:
-            self._ssl = ssl.create_default_context()  # the trust store as it is now
         try:
             async with asyncio.timeout_at(connect_end):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(self, loop),
                     self._host,
                     self._port,
-                    ssl=self._ssl if self._tls else None,
+                    ssl=self._ssl,
                     server_hostname=self._host if self._tls else None,
                 )
         except TimeoutError:
