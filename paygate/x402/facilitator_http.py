@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import ssl
 import zlib
 from collections.abc import Mapping
@@ -166,9 +167,9 @@ class FacilitatorHttp:
         """``method`` ``path`` (below the URL's own path) with a JSON ``body``; the answer
         whatever its status. Raises the errors in the module docstring."""
         data = self._encode(method, path, headers, body)
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._adopt(loop)
         deadline = loop.time() + timeout
         conn = await self._acquire(loop, deadline, connect_timeout, resend_stale)
         try:
@@ -179,6 +180,15 @@ class FacilitatorHttp:
         # Read-only: once more, on a new connection (a pooled one may be as stale).
         conn = await self._acquire(loop, deadline, connect_timeout, resend_stale, fresh=True)
         return await conn.exchange(data, deadline)
+
+    def _adopt(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Connections belong to the loop that opened them: another loop starts afresh."""
+        for conn in self._idle:
+            conn.abandon()
+        self._idle.clear()
+        self._slots.clear()
+        self._open = 0
+        self._loop = loop
 
     def _target(self, path: str) -> str:
         target = self._targets.get(path)
@@ -280,8 +290,12 @@ class FacilitatorHttp:
             conn.close()
             return
         assert self._loop is not None
-        conn.idle_since = self._loop.time()
-        self._idle.append(conn)
+        now = conn.idle_since = self._loop.time()
+        idle = self._idle
+        # The oldest end: connections closed or expired under newer ones go here, not later.
+        while idle and (idle[0].closed or now - idle[0].idle_since >= IDLE):
+            idle.popleft().close()
+        idle.append(conn)
         self._wake_one()
 
     def _gone(self) -> None:
@@ -403,7 +417,8 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self._counted:
             self._counted = False
-            self._client._gone()
+            if self._client._loop is self._loop:
+                self._client._gone()
         answer = self._answer
         if answer is None or answer.done():
             return
@@ -474,6 +489,12 @@ class _Connection(asyncio.Protocol):
         if answer is not None and not answer.done():
             answer.set_exception(error)
         self.close()
+
+    def abandon(self) -> None:
+        """Forget this connection (its loop is gone or going): never counted again."""
+        self._counted = False
+        with contextlib.suppress(RuntimeError):  # its loop may be closed already
+            self.close()
 
     def close(self) -> None:
         if not self.closed:

@@ -9,7 +9,9 @@ import asyncio
 import base64
 import gzip
 import json
+import socketserver
 import ssl
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -644,3 +646,29 @@ def test_the_settler_resends_a_stale_verification_but_never_a_settlement(run: An
             assert len(peer.requests) == 2  # the settlement left once and was not resent
 
     run(scenario)
+
+
+def test_a_client_used_from_a_new_event_loop_starts_afresh() -> None:
+    # A settler can outlive its loop (a command running asyncio.run per step); the
+    # connections it kept there are dropped, never used on the next loop.
+    class Keep(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            while head := self.rfile.readline():
+                length = 0
+                while head not in (b"\r\n", b""):
+                    if head.lower().startswith(b"content-length:"):
+                        length = int(head.split(b":")[1])
+                    head = self.rfile.readline()
+                self.rfile.read(length)
+                self.wfile.write(ok())
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Keep) as server:
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        client = FacilitatorHttp(f"http://127.0.0.1:{server.server_address[1]}")
+        try:
+            for _ in range(2):
+                assert asyncio.run(call(client)).status == 200
+                assert client.open_connections == 1  # this loop's one connection
+        finally:
+            server.shutdown()
