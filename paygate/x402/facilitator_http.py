@@ -26,7 +26,9 @@ What stays as it was with the aiohttp session:
   :class:`TimeoutError`. A facilitator that answers byte by byte is bounded by the total.
 - :class:`NotSent` (refused, unreachable, no name, a bad certificate, a header that may not be
   sent): the request did not leave. Everything after the first byte left is
-  :class:`Broken` (malformed, cut short, lost) or a timeout: the outcome is unknown.
+  :class:`Broken` (malformed, cut short, lost) or a timeout: the outcome is unknown. A connect
+  timeout stays a timeout, as it was with the session (a settlement's caller then takes the
+  outcome as unknown — over-careful, nothing left, but never a second send).
 - The answer's body is bounded (:data:`MAX_ANSWER`, after decoding ``gzip``/``deflate``);
   past it the connection is closed and the call fails with :class:`TooLarge`. A head is
   bounded too (:data:`MAX_HEAD`).
