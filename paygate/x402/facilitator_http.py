@@ -21,9 +21,10 @@ What stays as it was with the aiohttp session:
 - TLS for ``https://`` against the system trust store (``SSL_CERT_FILE``/``SSL_CERT_DIR`` name
   a private CA), credentials in the URL sent as Basic authorization, redirects never followed
   (a 3xx is an answer like any other).
-- Two clocks: ``connect_timeout`` for the TCP and TLS handshake (:class:`ConnectTimeout`) and
-  ``timeout`` for the whole call, connect included (:class:`AnswerTimeout`); both are
-  :class:`TimeoutError`. A facilitator that answers byte by byte is bounded by the total.
+- Two clocks: ``connect_timeout`` for the TCP and TLS handshake
+  (:class:`FacilitatorConnectTimeout`) and ``timeout`` for the whole call, connect included
+  (:class:`AnswerTimeout`); both are :class:`TimeoutError`. A facilitator that answers byte
+  by byte is bounded by the total.
 - :class:`NotSent` (refused, unreachable, no name, a bad certificate, a header that may not be
   sent): the request did not leave. Everything after the first byte left is
   :class:`Broken` (malformed, cut short, lost) or a timeout: the outcome is unknown. A connect
@@ -101,7 +102,7 @@ class TooLarge(Broken):
     message = "the facilitator's answer is too large"
 
 
-class ConnectTimeout(FacilitatorHttpError, TimeoutError):
+class FacilitatorConnectTimeout(FacilitatorHttpError, TimeoutError):
     code = "facilitator_connect_timeout"
     message = "the connection to the facilitator timed out"
 
@@ -111,8 +112,11 @@ class AnswerTimeout(FacilitatorHttpError, TimeoutError):
     message = "the facilitator did not answer in time"
 
 
-class _Stale(Broken):
+class _StaleConnection(Broken):
     """A reused connection closed before a byte of the answer."""
+
+    code = "facilitator_stale_connection"
+    message = "a kept connection to the facilitator closed before its answer"
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +154,7 @@ class FacilitatorHttp:
         # The trust store as it is at start (SSL_CERT_FILE/SSL_CERT_DIR name a private CA).
         self._ssl = ssl.create_default_context() if self._tls else None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._idle: collections.deque[_Connection] = collections.deque()
+        self._idle: collections.deque[_FacilitatorConnection] = collections.deque()
         self._open = 0
         self._slots: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
@@ -176,7 +180,7 @@ class FacilitatorHttp:
         conn = await self._acquire(loop, deadline, connect_timeout, resend_stale)
         try:
             return await conn.exchange(data, deadline)
-        except _Stale:
+        except _StaleConnection:
             if not resend_stale:
                 raise Broken("the connection closed before any answer") from None
         # Read-only: once more, on a new connection (a pooled one may be as stale).
@@ -223,7 +227,7 @@ class FacilitatorHttp:
         except UnicodeEncodeError:
             raise NotSent("a facilitator header is not latin-1") from None
 
-    def _pooled(self, now: float, max_idle: float) -> _Connection | None:
+    def _pooled(self, now: float, max_idle: float) -> _FacilitatorConnection | None:
         idle = self._idle
         while idle:
             conn = idle.pop()  # the most recently used: the likeliest still open
@@ -243,7 +247,7 @@ class FacilitatorHttp:
         read_only: bool,
         *,
         fresh: bool = False,
-    ) -> _Connection:
+    ) -> _FacilitatorConnection:
         while True:
             if self._closed:
                 raise NotSent("the facilitator client is closed")
@@ -263,14 +267,14 @@ class FacilitatorHttp:
 
     async def _connect(
         self, loop: asyncio.AbstractEventLoop, deadline: float, connect_timeout: float
-    ) -> _Connection:
+    ) -> _FacilitatorConnection:
         self._open += 1
         connect_end = min(loop.time() + connect_timeout, deadline)
-        expiry = ConnectTimeout if connect_end < deadline else AnswerTimeout
+        expiry = FacilitatorConnectTimeout if connect_end < deadline else AnswerTimeout
         try:
             async with asyncio.timeout_at(connect_end):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(self, loop),
+                    lambda: _FacilitatorConnection(self, loop),
                     self._host,
                     self._port,
                     ssl=self._ssl,
@@ -287,7 +291,7 @@ class FacilitatorHttp:
             raise
         return conn
 
-    def _put(self, conn: _Connection) -> None:
+    def _put(self, conn: _FacilitatorConnection) -> None:
         if self._closed:
             conn.close()
             return
@@ -327,7 +331,7 @@ def _expire(future: asyncio.Future[object], error: type[FacilitatorHttpError]) -
         future.set_exception(error())
 
 
-class _Connection(asyncio.Protocol):
+class _FacilitatorConnection(asyncio.Protocol):
     """One connection to the facilitator, one call at a time; the parser's callbacks fill the
     answer and :meth:`data_received` resolves the call's future when it is whole."""
 
@@ -427,7 +431,7 @@ class _Connection(asyncio.Protocol):
         if self._in_body and not self._framed and self._problem is None:
             self._finish()  # no length, not chunked: the end of the connection ends the body
         elif not self._received and self.reused:
-            answer.set_exception(_Stale())
+            answer.set_exception(_StaleConnection())
         else:
             answer.set_exception(Broken("connection lost before the answer's end"))
 

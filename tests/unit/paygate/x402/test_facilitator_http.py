@@ -28,7 +28,7 @@ from paygate.x402.facilitator_auth import CdpJwt, StaticHeaders
 from paygate.x402.facilitator_http import (
     AnswerTimeout,
     Broken,
-    ConnectTimeout,
+    FacilitatorConnectTimeout,
     FacilitatorHttp,
     NotSent,
     TooLarge,
@@ -326,7 +326,7 @@ def test_a_connection_that_never_opens_is_a_connect_timeout(run: Any) -> None:
     async def scenario() -> None:
         with unaccepting_listener() as port:
             client = FacilitatorHttp(f"http://127.0.0.1:{port}")
-            with pytest.raises(ConnectTimeout):
+            with pytest.raises(FacilitatorConnectTimeout):
                 await call(client, timeout=5.0, connect_timeout=0.3)
             assert client.open_connections == 0
 
@@ -387,7 +387,7 @@ def test_a_tls_handshake_that_never_ends_is_a_connect_timeout(run: Any) -> None:
     async def scenario() -> None:
         async with Peer(answer(ok())) as peer:  # plain TCP: never answers a ClientHello
             client = FacilitatorHttp(f"https://127.0.0.1:{peer.port}")
-            with pytest.raises(ConnectTimeout):
+            with pytest.raises(FacilitatorConnectTimeout):
                 await call(client, timeout=5.0, connect_timeout=0.3)
 
     run(scenario)
