@@ -15,21 +15,31 @@ unknown: proven on chain when a :class:`~paygate.x402.chain_reader.ChainReader` 
 otherwise left owed and flagged for review (:class:`ReviewRequired`), never recorded as paid.
 How an answer is judged and a lost one reconciled is the payment's scheme's
 (``schemes/<scheme>/facilitator.py``, found through the registry).
+
+``/verify`` and ``/settle`` run on every paid request, so they go through
+:class:`~paygate.x402.facilitator_http.FacilitatorHttp` (keep-alive connections, a C parser, one
+timer per call; that module says why not aiohttp's session, and the stale-connection rule:
+a verification is resent on a new connection, a settlement never once its bytes left). Their
+body is encoded once with orjson, the JSON library paygate already parses with. ``/supported``
+is asked at start only and stays on the gateway's aiohttp session.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
+import orjson
 from pydantic import SecretStr, ValidationError
 
 from paygate import jsonsafe
 from paygate.errors import PaygateError
 from paygate.x402.facilitator_auth import FacilitatorAuth, StaticHeaders
+from paygate.x402.facilitator_http import MAX_ANSWER, FacilitatorHttp, FacilitatorHttpError, NotSent
 from paygate.x402.models import (
     AnyPaymentPayload,
     SettleResponse,
@@ -43,7 +53,7 @@ if TYPE_CHECKING:
     from paygate.x402.chain_reader import ChainReader
 
 log = logging.getLogger("paygate.x402")
-_MAX_ANSWER = 64 * 1024
+_MAX_ANSWER = MAX_ANSWER
 _VERIFY_ATTEMPTS = 2
 _SETTLE_ATTEMPTS = 2
 _M = TypeVar("_M", bound=X402Model)
@@ -75,6 +85,7 @@ class FacilitatorSettler:
         self.chain = chain
         self._authenticator: FacilitatorAuth = auth if auth is not None else StaticHeaders(headers)
         self._url = url.rstrip("/")
+        self._http = FacilitatorHttp(self._url, max_answer=_MAX_ANSWER)
         self._timeout = timeout
         self._settle_timeout = settle_timeout
         self._backoff = backoff
@@ -82,11 +93,11 @@ class FacilitatorSettler:
     async def verify(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> VerifyResponse:
-        body = _request(payment, requirements)
+        body = _encode(_request(payment, requirements))
         for attempt in range(_VERIFY_ATTEMPTS):
             try:
-                return await self._post("/verify", body, VerifyResponse, self._timeout)
-            except (aiohttp.ClientError, TimeoutError, _Garbage) as exc:
+                return await self._post("/verify", body, VerifyResponse, self._timeout, True)
+            except (FacilitatorHttpError, TimeoutError, _Garbage) as exc:
                 log.warning("facilitator verify failed: %s", _what(exc))
                 if attempt + 1 < _VERIFY_ATTEMPTS:
                     await asyncio.sleep(self._backoff * (attempt + 1))
@@ -111,15 +122,18 @@ class FacilitatorSettler:
     async def settle_body(self, body: dict[str, Any]) -> SettleResponse:
         """POST /settle with a body a scheme built itself (batch-settlement's deposits, claims,
         sweeps and refunds are not one payment's settlement); the answer as it came."""
+        data = _encode(body)
         for attempt in range(_SETTLE_ATTEMPTS):
             try:
-                return await self._post("/settle", body, SettleResponse, self._settle_timeout)
-            except aiohttp.ClientConnectorError as exc:
+                return await self._post(
+                    "/settle", data, SettleResponse, self._settle_timeout, False
+                )
+            except NotSent as exc:
                 # Never connected: the request did not leave, so sending it again is safe.
                 log.warning("facilitator settle not sent: %s", _what(exc))
                 if attempt + 1 < _SETTLE_ATTEMPTS:
                     await asyncio.sleep(self._backoff * (attempt + 1))
-            except (aiohttp.ClientError, TimeoutError, _Garbage) as exc:
+            except (FacilitatorHttpError, TimeoutError, _Garbage) as exc:
                 log.warning("facilitator settle outcome unknown: %s", _what(exc))
                 raise SettlementUnknown("the facilitator's settle answer was lost") from None
         raise SettlerUnavailable("the facilitator could not be reached to settle")
@@ -149,30 +163,31 @@ class FacilitatorSettler:
         return [kind for kind in kinds if isinstance(kind, dict)]
 
     async def close(self) -> None:
-        return None  # the session belongs to the app
+        await self._http.close()  # the session belongs to the app
 
     def _auth(self, method: str, path: str) -> dict[str, str]:
         """The operator's authentication, on every call (a hosted facilitator guards
         /supported too); a JWT names this call's method and URL."""
         return self._authenticator.headers(method, self._url + path)
 
-    async def _post(self, path: str, body: dict[str, Any], model: type[_M], timeout: float) -> _M:
-        async with self._session.post(
-            self._url + path,
-            json=body,
-            headers=self._auth("POST", path),
-            timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 5.0)),
-            allow_redirects=False,
-        ) as response:
-            if response.status >= 500:
-                raise _Garbage(f"HTTP {response.status}")
-            raw = await response.content.read(_MAX_ANSWER + 1)
-        if len(raw) > _MAX_ANSWER:
-            raise _Garbage("answer too large")
+    async def _post(
+        self, path: str, body: bytes, model: type[_M], timeout: float, read_only: bool
+    ) -> _M:
+        answer = await self._http.call(
+            "POST",
+            path,
+            self._auth("POST", path),
+            body,
+            timeout=timeout,
+            connect_timeout=min(timeout, 5.0),
+            resend_stale=read_only,
+        )
+        if answer.status >= 500:
+            raise _Garbage(f"HTTP {answer.status}")
         try:
-            return model.model_validate(jsonsafe.loads(raw, max_bytes=_MAX_ANSWER))
+            return model.model_validate(jsonsafe.loads(answer.body, max_bytes=_MAX_ANSWER))
         except (ValueError, ValidationError):
-            raise _Garbage(f"HTTP {response.status} with an unreadable body") from None
+            raise _Garbage(f"HTTP {answer.status} with an unreadable body") from None
 
 
 def _request(payment: AnyPaymentPayload, requirements: dict[str, Any]) -> dict[str, Any]:
@@ -181,6 +196,13 @@ def _request(payment: AnyPaymentPayload, requirements: dict[str, Any]) -> dict[s
         "paymentPayload": payment.wire(),
         "paymentRequirements": requirements,
     }
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # what orjson does not take (an integer past 64 bits): the stdlib's
+        return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _what(exc: BaseException) -> str:
