@@ -258,6 +258,9 @@ class FastProtocol(BaseProtocol):
         self._task: asyncio.Task[None] | None = None
         self._close = False  # close once the current request is answered
         self._timer: asyncio.TimerHandle | None = None  # keep-alive or lingering
+        # Loop time the connection last went idle; None while a request is served. The
+        # keep-alive timer is not re-armed per request: when it fires it checks this.
+        self._idle_since: float | None = None
         self._held = False
         self._task_handler = None  # web.Server.connection_lost reads it (aiohttp's handlers')
         self.remote: str | None = None
@@ -353,7 +356,7 @@ class FastProtocol(BaseProtocol):
                 self._hand_off()
             return
         end += 4
-        self._cancel_timer()
+        self._idle_since = None  # busy: the keep-alive clock stops
         self._url = b""
         self._headers = []
         self._length = None
@@ -509,12 +512,21 @@ class FastProtocol(BaseProtocol):
 
     def _idle(self) -> None:
         self.hold_reading(False)
-        self._arm(self._server.keepalive, self._keepalive_expired)
+        self._idle_since = now = self.loop.time()
+        if self._timer is None:
+            self._timer = self.loop.call_at(now + self._server.keepalive, self._keepalive_expired)
 
     def _keepalive_expired(self) -> None:
         self._timer = None
+        since = self._idle_since
+        if since is None or self._task is not None:
+            return  # serving: the clock starts again once the connection is idle
+        due = since + self._server.keepalive
+        if self.loop.time() < due - 0.001:  # idle again since the timer was armed
+            self._timer = self.loop.call_at(due, self._keepalive_expired)
+            return
         # Idle, or a head still incomplete (a slow sender): closed, as aiohttp closes it.
-        if self._task is None and self.transport is not None:
+        if self.transport is not None:
             self.transport.close()
 
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:

@@ -154,7 +154,10 @@ def request_events(trusted_proxies: Sequence[Network]) -> Middleware:
         request[_REQUEST_KEY] = record
         token = _current_request.set(rid)
         try:
-            return await answer_noted(handler, request, record)
+            # answer_noted, inline: one coroutine less per request.
+            response = await handler(request)
+            record.returned_status = response.status
+            return response
         finally:
             # A stream whose caller left after its headers: the status sent, and say so.
             event: dict[str, object] = {
