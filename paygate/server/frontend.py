@@ -168,6 +168,7 @@ class FastRequest:
         "content_length",
         "headers",
         "keep_alive",
+        "loop",
         "method",
         "path",
         "remote",
@@ -199,6 +200,7 @@ class FastRequest:
         self.keep_alive = keep_alive
         self.transport = protocol.transport
         self.remote = protocol.remote
+        self.loop = protocol.loop
         self._protocol = protocol
         self._writer: StreamWriter | None = None
         self._started = False
@@ -242,6 +244,15 @@ class FastRequest:
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self._state[key] = value
+
+
+def running_loop(request: Any) -> asyncio.AbstractEventLoop:
+    """The loop serving ``request``: a :class:`FastRequest` knows it; for another request
+    ``asyncio.get_running_loop()``, which in Python 3.11 makes a ``getpid`` system call each
+    time (the request path asked it six times per request)."""
+    if type(request) is FastRequest:
+        return request.loop
+    return asyncio.get_running_loop()
 
 
 class FastProtocol(BaseProtocol):

@@ -554,6 +554,11 @@ class Pool:
         self._head_prefix = f" HTTP/1.1\r\nHost: {endpoint.authority}\r\n"
         self._closed = False
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the pool's connections belong to."""
+        return self._loop
+
     async def request(
         self,
         method: str,
