@@ -37,7 +37,7 @@ from paygate.console.serve import (
     with_console_secret,
 )
 from paygate.redact import redact_url
-from paygate.server.app import LISTEN_BACKLOG, build_app, server_options
+from paygate.server.app import LISTEN_BACKLOG, build_app, server_options, settle_heap
 from paygate.server.assembly import check_payment_settings
 from paygate.server.eventloop import new_event_loop
 from paygate.server.logs import install_logging
@@ -212,6 +212,7 @@ async def _run(
             ).start()
             console = await start_console(settings, app)
             _announce(settings)
+        settle_heap()  # what start built lives as long as the process
         # Ready only now: listening, and in container mode the model server answered.
         notifier.ready(f"serving on {settings.listen}, payment_mode={settings.payment_mode}")
         watchdog = notifier.start_watchdog()

@@ -34,6 +34,7 @@ from paygate.server.admission import Admission
 from paygate.server.counting import Tokenizer
 from paygate.server.epochs import check_key_header
 from paygate.server.errors import GatewayError, InvalidBatch, QueryNotAllowed, RouteNotFound
+from paygate.server.frontend import running_loop
 from paygate.server.health import LocalHandler
 from paygate.server.isolation import tenant_of
 from paygate.server.limits import ConcurrencyLimiter
@@ -92,7 +93,8 @@ class Gateway:
         route = match.route
         info = facts(request)
         info.route = route.name
-        started = asyncio.get_running_loop().time()
+        loop = running_loop(request)
+        started = loop.time()
         try:
             if request.query_string and not set(request.query) <= route.query:
                 raise QueryNotAllowed  # never forwarded, never echoed
@@ -112,7 +114,7 @@ class Gateway:
             self.metrics.error(exc.code)
             raise
         finally:
-            self.metrics.duration(route.name, asyncio.get_running_loop().time() - started)
+            self.metrics.duration(route.name, loop.time() - started)
         self.metrics.observe(route.name, response.status)
         return response
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,20 +191,106 @@ _DECLARED: dict[str, _Declared] = {
 }
 
 
+class _Count:
+    """A counter series' increments since the last scrape, in a plain number: the event loop's
+    thread alone records them, so ``prometheus_client``'s lock per ``inc`` buys nothing."""
+
+    __slots__ = ("_child", "_n")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        self._n: float = 0
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:  # as prometheus_client refuses it, at the call that made it
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self._n += amount
+
+    def flush(self) -> None:
+        n, self._n = self._n, 0
+        if n:
+            self._child.inc(n)
+
+
+class _Observed:
+    """A histogram series' observations since the last scrape: the sum and a count per bucket
+    (the bucket ``prometheus_client`` would count it in: the first bound it does not
+    exceed), added to the series at once when scraped."""
+
+    __slots__ = ("_bounds", "_child", "_counts", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        self._bounds: tuple[float, ...] = tuple(child._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self._sum += amount
+        at = bisect_left(self._bounds, amount)
+        if at < len(self._bounds) and amount <= self._bounds[at]:  # NaN: no bucket, as there
+            self._counts[at] += 1
+
+    def flush(self) -> None:
+        counts, total = self._counts, self._sum
+        if not any(counts) and not total:
+            return
+        self._counts, self._sum = [0] * len(counts), 0.0
+        self._child._sum.inc(total)
+        for bucket, n in zip(self._child._buckets, counts, strict=True):
+            if n:
+                bucket.inc(n)
+
+
+class _Registry(CollectorRegistry):
+    """A registry that adds what was recorded since the last scrape before it is read."""
+
+    def __init__(self, before_collect: Callable[[], None]) -> None:
+        super().__init__(auto_describe=True)
+        self._before_collect = before_collect
+
+    def collect(self) -> Iterator[Any]:
+        self._before_collect()
+        yield from super().collect()
+
+
 class Metrics:
-    """Every metric of one gateway app; its methods are the callbacks the stages are given."""
+    """Every metric of one gateway app; its methods are the callbacks the stages are given.
+
+    The request path's series (requests, durations, overhead, first chunk, upstream latency,
+    envelopes, tokens) are recorded by the event loop's thread into plain numbers and added to
+    ``prometheus_client``'s series when the registry is read (:meth:`render`, any
+    ``registry.collect``): a scrape shows every request answered before it, at a fraction of
+    the locked updates' cost. In multiprocess mode the values go to the shared files at once
+    (another worker may render them). The rest (payments, key operations, which executor
+    threads report too) is recorded directly."""
 
     def __init__(self) -> None:
         self._dir = multiprocess_dir()
         self._children: dict[tuple[object, ...], Any] = {}
-        self.registry = CollectorRegistry(auto_describe=True)
+        self._tallies: list[_Count | _Observed] = []
+        self.registry = _Registry(self._flush)
         for attribute, declared in _DECLARED.items():  # self._requests, self._errors, ...
             setattr(self, attribute, declared.create(self.registry))
         # Children of the per-request metrics, bound once (labels from closed sets only).
         self._routes: dict[int, dict[str, Any]] = {}
         self._answered: dict[tuple[str, int], Any] = {}
+        self._replies_stating_usage = self._recorded(self._usage_replies)
         # Called with every error code answered (webhook alerts on attestation failures).
         self.on_error: Callable[[str], None] | None = None
+
+    def _recorded(self, child: Any) -> Any:
+        """What the request path records ``child``'s values into: a plain tally flushed at
+        scrape time, or (multiprocess) the child itself."""
+        if self._dir is not None:
+            return child
+        tally = _Observed(child) if isinstance(child, Histogram) else _Count(child)
+        self._tallies.append(tally)
+        return tally
+
+    def _flush(self) -> None:
+        for tally in self._tallies:
+            tally.flush()
 
     # --- the request path (Gateway, Opener, Replies) ---
 
@@ -213,7 +300,7 @@ class Metrics:
         key = (id(metric), *labels)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = metric.labels(*labels)
+            child = self._children[key] = self._recorded(metric.labels(*labels))
         return child
 
     def _labelled(self, metric: Any, route: str) -> Any:
@@ -224,13 +311,15 @@ class Metrics:
             children = self._routes[id(metric)] = {}
         child = children.get(route)
         if child is None:
-            child = children[route] = metric.labels(route)
+            child = children[route] = self._recorded(metric.labels(route))
         return child
 
     def observe(self, route: str, status: int) -> None:
         child = self._answered.get((route, status))
         if child is None:
-            child = self._answered[(route, status)] = self._requests.labels(route, str(status))
+            child = self._answered[(route, status)] = self._recorded(
+                self._requests.labels(route, str(status))
+            )
         child.inc()
 
     def duration(self, route: str, seconds: float) -> None:
@@ -264,7 +353,7 @@ class Metrics:
         tokens = self._labelled(self._tokens, "prompt"), self._labelled(self._tokens, "completion")
         tokens[0].inc(usage.prompt_tokens)
         tokens[1].inc(usage.completion_tokens)
-        self._usage_replies.inc()
+        self._replies_stating_usage.inc()
 
     def key_operation(self, backend: str, operation: str, seconds: float) -> None:
         self._key_ops.labels(backend, operation).observe(seconds)

@@ -261,8 +261,8 @@ class Chunks:
 class _Clock:
     """The per-exchange deadlines and the tally of time spent waiting on the upstream."""
 
-    def __init__(self, timeouts: Timeouts) -> None:
-        self._loop = asyncio.get_running_loop()
+    def __init__(self, timeouts: Timeouts, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop  # the pool's (asyncio.get_running_loop costs a getpid() in 3.11)
         self._timeouts = timeouts
         self._deadline = self._loop.time() + timeouts.total
         self.waited = 0.0
@@ -393,7 +393,7 @@ class Upstream:
     ) -> tuple[http1.Response, UpstreamReply]:
         if self._breaker is not None and not self._breaker.allows():
             raise UpstreamDown(retry_after=self._breaker.retry_after)
-        clock = _Clock(self.timeouts)
+        clock = _Clock(self.timeouts, self._pool.loop)
         first_byte_end = clock.now() + self.timeouts.first_byte
         attempt = 0
         sent = list(self._with_key(headers).items())

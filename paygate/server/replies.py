@@ -36,6 +36,7 @@ import enclave
 from enclave import ReplySealer, receipts
 from paygate import wire
 from paygate.server.errors import GatewayError, UpstreamReplyTooLarge
+from paygate.server.frontend import running_loop
 from paygate.server.opening import PlainReply, ReplyPlan, V1Reply, V2Reply
 from paygate.server.payments import Ticket, receipt_headers, settlement_failed_response
 from paygate.server.proxy import UpstreamReply
@@ -420,8 +421,11 @@ class Replies:
             if body is not None and len(body) == reply.plain_length:
                 # All of it is here: one write of head and body instead of a relay loop.
                 whole = web.Response(status=reply.status, body=body, headers=headers)
-                whole.headers[wire.OVERHEAD_HEADER] = self._overhead(ticket, started, reply)
-                self._observer.first_chunk(ticket.route.name, _since(started))
+                elapsed = running_loop(request).time() - started
+                whole.headers[wire.OVERHEAD_HEADER] = self._overhead(
+                    ticket, started, reply, elapsed
+                )
+                self._observer.first_chunk(ticket.route.name, elapsed)
                 return whole
         response = web.StreamResponse(status=reply.status, headers=headers)
         if not chain and reply.plain_length is not None:
@@ -480,9 +484,13 @@ class Replies:
         left = valid_before - self._limits.settle_margin_seconds - time.time()
         return asyncio.get_running_loop().time() + left
 
-    def _overhead(self, ticket: Ticket, started: float, reply: UpstreamReply) -> str:
+    def _overhead(
+        self, ticket: Ticket, started: float, reply: UpstreamReply, elapsed: float | None = None
+    ) -> str:
         # Time not spent waiting on the upstream, up to now (response start for streams).
-        spent = max(_since(started) - reply.waited, 0.0)
+        if elapsed is None:
+            elapsed = _since(started)
+        spent = max(elapsed - reply.waited, 0.0)
         self._observer.overhead(ticket.route.name, spent)
         return f"{spent * 1000:.2f}"
 

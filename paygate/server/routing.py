@@ -193,6 +193,8 @@ class Router:
 
     @staticmethod
     def _pick(pool: Sequence[Backend]) -> Backend:
+        if len(pool) == 1:
+            return pool[0]  # the only one, healthy or not (as below)
         healthy = [b for b in pool if b.allows()]
         return min(healthy or pool, key=Backend.score)
 
@@ -227,11 +229,15 @@ class Router:
         backend = self._pick(pool)
         digest = backend.member.digest(model)
         # Failover candidates: the same model with the same known weights, nothing else.
-        group = [
-            b
-            for b in pool
-            if b is not backend and digest is not None and b.member.digest(model) == digest
-        ]
+        group = (
+            [
+                b
+                for b in pool
+                if b is not backend and digest is not None and b.member.digest(model) == digest
+            ]
+            if len(pool) > 1
+            else []
+        )
         tried: list[Backend] = []
         while True:
             remaining = [b for b in group if b not in tried]

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import ssl
 import zlib
 from collections.abc import Iterable
@@ -62,6 +63,7 @@ READ_CHUNK = 256 * 1024  # most decoded bytes one read returns
 HIGH_WATER = 256 * 1024  # body bytes buffered before the socket read pauses
 LOW_WATER = 64 * 1024
 KEEPALIVE_SECONDS = 15.0  # an idle pooled connection older than this is closed, not reused
+_TIMER_SLACK = 0.001  # seconds a loop's timer may fire before its time
 
 
 class Http1Error(PaygateError):
@@ -492,11 +494,12 @@ class _Connection(asyncio.Protocol):
         if deadline is None:
             await future
             return
-        timer = self._loop.call_at(deadline, _expire, future)
+        deadlines = self._pool._deadlines
+        deadlines.add(future, deadline)
         try:
             await future
         finally:
-            timer.cancel()
+            deadlines.discard(future)
 
     def pause_reading(self) -> None:
         if not self._reading_paused and self._transport is not None:
@@ -540,6 +543,57 @@ def _expire(future: asyncio.Future[object]) -> None:
         future.set_exception(ReadTimeout())
 
 
+class _Deadlines:
+    """The deadlines of every wait on a pool's connections (a reply's head, the next body
+    bytes, a drain) under one timer, armed at the earliest: a wait adds and removes a dict
+    entry instead of arming and cancelling a timer of its own (about a microsecond each in
+    uvloop, once per request and once per streamed chunk). The deadlines of later waits are
+    usually later (the same clocks, started later), so the timer is seldom re-armed; when it
+    fires, the waits due fail with :class:`ReadTimeout` and it is armed at the next one."""
+
+    __slots__ = ("_at", "_loop", "_timer", "_waits")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waits: dict[asyncio.Future[object], float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._at = math.inf  # when the timer fires (inf: not armed)
+
+    def __len__(self) -> int:
+        return len(self._waits)
+
+    def add(self, future: asyncio.Future[object], deadline: float) -> None:
+        self._waits[future] = deadline
+        if deadline < self._at:
+            self._arm(deadline)
+
+    def discard(self, future: asyncio.Future[object]) -> None:
+        self._waits.pop(future, None)
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._at = at
+        self._timer = self._loop.call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        self._timer, self._at = None, math.inf
+        # A timer may fire a little early (uvloop counts milliseconds): as a timer per wait
+        # did, a wait due within that counts as due.
+        now = self._loop.time() + _TIMER_SLACK
+        due = [future for future, deadline in self._waits.items() if deadline <= now]
+        for future in due:
+            del self._waits[future]
+            _expire(future)
+        if self._waits:
+            self._arm(min(self._waits.values()))
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._at = None, math.inf
+
+
 class Pool:
     """Keep-alive connections to one :class:`Endpoint`, at most ``limit`` open at once."""
 
@@ -553,6 +607,12 @@ class Pool:
         self._ssl = ssl.create_default_context() if endpoint.tls else None
         self._head_prefix = f" HTTP/1.1\r\nHost: {endpoint.authority}\r\n"
         self._closed = False
+        self._deadlines = _Deadlines(self._loop)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the pool's connections belong to."""
+        return self._loop
 
     async def request(
         self,
@@ -686,3 +746,5 @@ class Pool:
         self._closed = True
         while self._idle:
             self._idle.pop().close()
+        if not len(self._deadlines):
+            self._deadlines.close()  # else the exchanges under way keep their clocks

@@ -203,3 +203,34 @@ async def test_a_failure_outside_the_error_answering_is_a_json_500(
         assert json.loads(body)["error"]["code"] == "internal_error"
         assert b"Zq9MarkXy" not in body
         assert s.fake.hits["POST /v1/chat/completions"] == 0
+
+
+async def test_the_keep_alive_clock_counts_from_the_last_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The keep-alive timer is not re-armed per request: when the one armed at a connection's
+    first idle moment fires, a connection used since stays open for the full keep-alive time
+    after its last answer, and an idle one closes."""
+    serve = frontend.FastServer.serve
+
+    def short(self: frontend.FastServer, *args: object) -> None:
+        serve(self, *args)  # type: ignore[arg-type]
+        self.keepalive = 1.0
+
+    monkeypatch.setattr(frontend.FastServer, "serve", short)
+    async with running_stack() as s:
+        reader, writer = await asyncio.open_connection(*s.host_port)
+        try:
+            for pause in (0.0, 0.6, 0.6):  # the third comes 1.2 s after the first answer
+                await asyncio.sleep(pause)
+                writer.write(chat())
+                async with asyncio.timeout(10):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    assert json.loads(await reader.readexactly(length))["object"] == (
+                        "chat.completion"
+                    )
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""  # idle past the keep-alive time: closed
+        finally:
+            writer.close()

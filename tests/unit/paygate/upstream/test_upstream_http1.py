@@ -400,6 +400,38 @@ def test_the_head_deadline_closes_the_connection(run: Any) -> None:
     run(scenario)
 
 
+def test_every_wait_keeps_its_own_deadline_under_the_shared_timer(run: Any) -> None:
+    """The waits share one timer: a wait with an earlier deadline than those already waiting
+    still expires at its own; the others keep waiting; a finished wait leaves nothing."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, i: int) -> bool:
+        if b"/slow" in server.requests[i]:
+            await asyncio.sleep(30)
+            return False
+        writer.write(OK)
+        return True
+
+    async def scenario() -> None:
+        nonlocal server
+        async with Scripted(answer) as server:
+            pool = Pool(Endpoint.from_url(server.url), limit=4)
+            late = asyncio.create_task(get(pool, "/slow", deadline=10.0))
+            await asyncio.sleep(0.05)
+            with pytest.raises(http1.ReadTimeout):
+                await get(pool, "/slow", deadline=0.2)  # earlier than the one waiting
+            assert not late.done()
+            assert await body_of(await get(pool)) == b"{}"
+            assert len(pool._deadlines) == 1  # only the late wait is left
+            late.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await late
+            assert len(pool._deadlines) == 0
+            await pool.close()
+
+    server: Scripted
+    run(scenario)
+
+
 def test_the_pool_bounds_its_connections(run: Any) -> None:
     async def scenario() -> None:
         async with Scripted(reply(OK)) as server:

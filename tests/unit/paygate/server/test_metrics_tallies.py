@@ -1,0 +1,92 @@
+"""The request path's series are tallied in plain numbers and added at scrape time: what a
+scrape shows is exactly what prometheus_client shows when every value is recorded at once —
+the same buckets (a value on a bound counts in that bound's bucket), counts and sums — and a
+second scrape counts nothing twice."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from paygate.server.metrics import REQUEST_BUCKETS, Metrics
+from paygate.upstream.usage import Usage
+
+ROUTE = "POST /v1/chat/completions"
+# Below, on and just above bounds, the smallest and beyond the largest.
+SECONDS = (0.0, 0.005, 0.0050001, 0.01, 0.3, 1.0, 2.5, 299.9, 300.0, 301.0, 1e9)
+
+
+def _samples(text: bytes, prefix: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            if sample.name.startswith(prefix) and not sample.name.endswith("_created"):
+                out[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def _direct() -> bytes:
+    """The same values recorded straight into prometheus_client, series by series."""
+    registry = CollectorRegistry()
+    duration = Histogram(
+        "paygate_request_duration_seconds",
+        "d",
+        ("route",),
+        buckets=REQUEST_BUCKETS,
+        registry=registry,
+    )
+    requests = Counter("paygate_requests", "r", ("route", "status"), registry=registry)
+    tokens = Counter("paygate_tokens", "t", ("kind",), registry=registry)
+    for seconds in SECONDS:
+        duration.labels(ROUTE).observe(seconds)
+    for status in (200, 200, 502):
+        requests.labels(ROUTE, str(status)).inc()
+    tokens.labels("prompt").inc(7)
+    tokens.labels("completion").inc(11)
+    return generate_latest(registry)
+
+
+def test_a_scrape_shows_what_direct_recording_shows() -> None:
+    metrics = Metrics()
+    for seconds in SECONDS:
+        metrics.duration(ROUTE, seconds)
+    for status in (200, 200, 502):
+        metrics.observe(ROUTE, status)
+    metrics.usage(Usage(prompt_tokens=7, completion_tokens=11))
+
+    shown = metrics.render(in_flight=0)
+    expected = _direct()
+    for prefix in ("paygate_request_duration_seconds", "paygate_requests", "paygate_tokens"):
+        got, want = _samples(shown, prefix), _samples(expected, prefix)
+        assert want
+        assert set(got) == set(want)
+        for key, value in want.items():
+            assert math.isclose(got[key], value, rel_tol=1e-12), key
+    assert _samples(shown, "paygate_usage_replies_total") == {
+        ("paygate_usage_replies_total", ()): 1.0
+    }
+
+
+def test_a_second_scrape_counts_nothing_twice_and_adds_what_came_since() -> None:
+    metrics = Metrics()
+    metrics.observe(ROUTE, 200)
+    metrics.first_chunk(ROUTE, 0.02)
+    metrics.render(in_flight=0)
+    metrics.observe(ROUTE, 200)
+    again = _samples(metrics.render(in_flight=0), "paygate_")
+    assert again["paygate_requests_total", (("route", ROUTE), ("status", "200"))] == 2.0
+    assert again["paygate_first_chunk_seconds_count", (("route", ROUTE),)] == 1.0
+    # Any reader of the registry sees the tallies, not only render.
+    metrics.overhead(ROUTE, 0.001)
+    assert (
+        metrics.registry.get_sample_value("paygate_overhead_seconds_count", {"route": ROUTE}) == 1.0
+    )
+
+
+def test_a_negative_count_is_refused_where_it_is_made() -> None:
+    metrics = Metrics()
+    with pytest.raises(ValueError, match="non-negative"):
+        metrics.usage(Usage(prompt_tokens=-1, completion_tokens=0))
