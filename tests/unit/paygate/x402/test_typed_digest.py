@@ -4,11 +4,13 @@ answers on the same inputs: digests, signers, and malformed or malleable signatu
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 import pytest
 from Crypto.Hash import keccak
 from eth_account import Account
 from eth_account.messages import _hash_eip191_message, encode_typed_data
+from eth_utils import to_checksum_address
 
 from paygate.x402 import typed_digest
 from paygate.x402.networks import resolve_network
@@ -150,3 +152,23 @@ def test_the_usdc_domain_digest_and_signer_are_what_they_always_were() -> None:
         KNOWN_AUTH, KNOWN_SIGNATURE, chain_id=NETWORK.chain_id, asset=ASSET
     )
     assert recovered == "0x19E7E376E7C213B7E7e7e46cc70A5dD086DAff2A" == KNOWN_PAYER.address
+
+
+def test_checksums_are_eth_utils_in_any_case_and_odd_input_gets_its_answer() -> None:
+    for _ in range(200):
+        lower = "0x" + secrets.token_bytes(20).hex()
+        expected = to_checksum_address(lower)
+        for spelling in (lower, lower.upper().replace("0X", "0x"), expected):
+            assert typed_digest.checksum(spelling) == expected
+    # Not 0x and 40 hex digits: whatever eth-utils makes of it, its errors included.
+    raw = secrets.token_bytes(20)
+    assert typed_digest.checksum(raw) == to_checksum_address(raw)  # type: ignore[arg-type]
+    for bad in ("0x" + "g" * 40, "0x" + "ab" * 19, "0x" + "ab" * 21, "", "0x", "0X" + "ab" * 20):
+        assert _outcome(typed_digest.checksum, bad) == _outcome(to_checksum_address, bad)
+
+
+def _outcome(function: Any, value: str) -> tuple[str, str]:
+    try:
+        return "ok", function(value)
+    except Exception as exc:
+        return type(exc).__name__, str(exc)
