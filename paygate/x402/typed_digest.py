@@ -84,9 +84,10 @@ def struct_hash(type_hash: bytes, *words: bytes) -> bytes:
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 
 
+@functools.lru_cache(maxsize=4096)
 def checksum(address: str) -> str:
     """EIP-55 form of a 0x-hex address (anything not ``0x`` + 40 hex digits: eth-utils' answer
-    or error)."""
+    or error). Cached as spelled, then by the address in lowercase."""
     if type(address) is not str or _ADDRESS.fullmatch(address) is None:
         return to_checksum_address(address)
     return _eip55(address[2:].lower())
