@@ -25,9 +25,10 @@ _DEPTH = 64
 _LEAVES = frozenset({str, bool, type(None)})
 
 
-def _plain(value: Any, depth: int = 0) -> bool:
-    """The value has only what the fast path encodes exactly as JCS does (scalars are checked
-    in the containers' loops: a call per leaf was most of a receipt's canonicalisation)."""
+def plain(value: Any, depth: int = 0) -> bool:
+    """The value has only what the fast path encodes exactly as JCS does: dicts of ASCII keys,
+    lists, strings, booleans, None, integers of at most 53 bits (scalars are checked in the
+    containers' loops: a call per leaf was most of a receipt's canonicalisation)."""
     kind = type(value)
     if kind in _LEAVES:
         return True
@@ -51,14 +52,14 @@ def _plain(value: Any, depth: int = 0) -> bool:
         if kind is int:
             if not -_MAX_INT <= item <= _MAX_INT:
                 return False
-        elif not _plain(item, depth + 1):
+        elif not plain(item, depth + 1):
             return False
     return True
 
 
 def dumps(document: Any) -> bytes:
     """The RFC 8785 bytes of ``document`` (``rfc8785``'s errors for what JCS refuses)."""
-    if _plain(document):
+    if plain(document):
         try:
             return orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
         except orjson.JSONEncodeError:  # a lone surrogate: rfc8785 refuses it in its own words
