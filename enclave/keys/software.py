@@ -18,9 +18,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
 from enclave import p256
 from enclave._files import fsync_dir, write_new_file
@@ -141,11 +140,7 @@ class SoftwareKey(ClosingKey):
         return self._receipt_public
 
     def sign_digest(self, digest: bytes) -> bytes:
-        if len(digest) != 32:
-            raise ValueError("a SHA-256 digest is 32 bytes")
-        der = self._receipt.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
-        r, s = decode_dss_signature(der)
-        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        return p256.sign_digest(self._receipt, digest)
 
     @property
     def log_key_type(self) -> int:

@@ -10,9 +10,8 @@ key (:class:`~enclave.keys.base.ReceiptSigner`) and its transparency log key (Ed
 
 from __future__ import annotations
 
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
 from enclave import p256
 from enclave.errors import KeyBackendError
@@ -59,12 +58,7 @@ class TeeMemoryKey(ClosingKey):
     def sign_digest(self, digest: bytes) -> bytes:
         if self._receipt is None:
             raise KeyBackendError("the in-memory key was closed")
-        if len(digest) != 32:
-            raise ValueError("a SHA-256 digest is 32 bytes")
-        r, s = decode_dss_signature(
-            self._receipt.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
-        )
-        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        return p256.sign_digest(self._receipt, digest)
 
     @property
     def log_key_type(self) -> int:

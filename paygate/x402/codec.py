@@ -11,8 +11,10 @@ import binascii
 import json
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
+from enclave import jcs
 from paygate import jsonsafe
 from paygate.errors import PaygateError
 from paygate.wire import PAYMENT_REQUIRED, PAYMENT_RESPONSE
@@ -43,8 +45,23 @@ class PaymentHeaderError(PaygateError):
 
 def encode(model: X402Model) -> str:
     """A model as header value: standard base64 of compact JSON in wire names."""
-    raw = json.dumps(model.wire(), separators=(",", ":"), sort_keys=True).encode()
-    return base64.b64encode(raw).decode("ascii")
+    return base64.b64encode(compact_json(model.wire())).decode("ascii")
+
+
+def compact_json(document: Any) -> bytes:
+    """``json.dumps(document, separators=(",", ":"), sort_keys=True)``'s bytes (non-ASCII
+    escaped), written by orjson when that gives the same bytes: a plain document (enclave.jcs:
+    no floats, no big integers, ASCII keys) whose output is printable ASCII (a payment
+    receipt's JSON then costs a tenth of what the standard library's encoder takes)."""
+    if jcs.plain(document):
+        try:
+            raw = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:  # a lone surrogate: json.dumps escapes it
+            pass
+        else:
+            if raw.isascii() and b"\x7f" not in raw:  # json.dumps escapes DEL too
+                return raw
+    return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
 
 
 def decode_json(value: str, *, header: str) -> dict[str, Any]:

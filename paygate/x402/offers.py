@@ -6,6 +6,7 @@ JSON body, listing the same offers, so a v1-only and a v2 client can each pay th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -66,6 +67,12 @@ class Offer:
             extra={"name": self.asset.name, "version": self.asset.version, **dict(self.extra)},
         )
 
+    def v2_wire(self) -> dict[str, Any]:
+        """``v2().wire()``, built once per offer (a bounded cache: the same few offers come on
+        every request); a copy, which the caller may change."""
+        made = _v2_wire(self)
+        return {**made, "extra": dict(made["extra"])}
+
     def v1(self, resource: ResourceInfo) -> PaymentRequirementsV1:
         return PaymentRequirementsV1(
             scheme=self.scheme,
@@ -79,6 +86,12 @@ class Offer:
             asset=self.asset.address,
             extra={"name": self.asset.name, "version": self.asset.version},
         )
+
+
+@functools.lru_cache(maxsize=256)
+def _v2_wire(offer: Offer) -> dict[str, Any]:
+    # Keyed by the whole offer (frozen: network, asset, payee, amount, timeout, scheme, extra).
+    return offer.v2().wire()
 
 
 @dataclass(frozen=True, slots=True)

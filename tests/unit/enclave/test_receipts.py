@@ -8,8 +8,9 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from enclave import DecryptionError, SoftwareKey, receipts, seal_v2, sealed_receipt
+from enclave import DecryptionError, SoftwareKey, p256, receipts, seal_v2, sealed_receipt
 from enclave.attestation import binding
 from enclave.envelope_v2 import request_nonce
 from paygate.client.attestation import Attested
@@ -330,3 +331,58 @@ def test_the_payment_must_be_the_one_signed_and_charged_what_its_usage_costs() -
         check_payment({"usage": USAGE, "payment": _upto()}, None)
     with pytest.raises(ReceiptMismatch, match="names no payment"):
         check_payment({"usage": USAGE, "payment": None}, _record())
+
+
+# --- fixed vectors: the bytes a receipt is made of never change -----------------------------
+
+# Computed before the signing path was made cheaper (session 23): a verifier built against
+# any release must keep reading the same digests and the same signed bytes.
+_VECTOR_SIGNED = (
+    b'{"issued_at":1700000000,"kind":"reply","model":"m\xc3\xa9","model_digest":"sha256:'
+    + b"ef" * 32
+    + b'","payment":{"asset":"0x'
+    + b"cc" * 20
+    + b'","authorized":"1000","charged":"1000","id":"0x'
+    + b"dd" * 32
+    + b'","network":"eip155:84532","pay_to":"0x'
+    + b"bb" * 20
+    + b'","payer":"0x'
+    + b"aa" * 20
+    + b'","prices":null,"scheme":"exact","transaction":"pending"},"receipt_key":'
+    b'"152900cb883513826e21639d69839bd12e34163be34f8cc2b53c1e254bd381aa","reply_digest":'
+    b'"sha256:d4a534e3d5ab43de5b09ee16dedc6eec035cf179b072195f128d15ac87be79f0",'
+    b'"request_digest":"sha256:5d09be6bf27d9f551fcd022b6b86426dcfb073b6e180c0c94e957c11cf4f920b"'
+    b',"usage":{"cached_tokens":null,"completion_tokens":4,"prompt_tokens":2,"source":'
+    b'"reported","total_tokens":6},"version":2}'
+)
+
+
+def test_a_receipt_has_the_digests_and_signed_bytes_it_always_had() -> None:
+    key = SoftwareKey(
+        ec.derive_private_key(0x44, p256.CURVE), receipt_key=ec.derive_private_key(0x55, p256.CURVE)
+    )
+    request = receipts.request_digest(
+        method="post", path="/v1/chat/completions", body=b'{"model":"m"}', nonce=b"\x01" * 32
+    )
+    assert request == "sha256:5d09be6bf27d9f551fcd022b6b86426dcfb073b6e180c0c94e957c11cf4f920b"
+    assert receipts.request_digest(
+        method="POST", path="/v1/x", body=b"", nonce=None, reply_key=key.public_key
+    ) == ("sha256:2382267bfaacd665a34a3ebb813349a4d7d25a7769ee768076d8d184286fa5ca")
+    reply = receipts.body_digest(b'{"choices":[]}')
+    assert reply == "sha256:d4a534e3d5ab43de5b09ee16dedc6eec035cf179b072195f128d15ac87be79f0"
+    claims = {
+        "kind": "reply",
+        "request_digest": request,
+        "reply_digest": reply,
+        "model": "m\u00e9",
+        "model_digest": "sha256:" + "ef" * 32,
+        "usage": USAGE,
+        "payment": _payment(),
+        "issued_at": 1_700_000_000,
+    }
+    for _ in range(2):  # the second time through whatever was kept from the first
+        token = receipts.sign(claims, key)
+        assert receipts.signed_bytes(token) == _VECTOR_SIGNED
+        assert token.split(".")[0] == receipts._b64(_VECTOR_SIGNED)
+        assert receipts.verify(token, key.receipt_public_key) == json.loads(_VECTOR_SIGNED)
+    assert "version" not in claims  # the caller's dict is not changed

@@ -25,7 +25,7 @@ class ExactOffer:
     ) -> dict[str, Any]:
         if isinstance(payment, PaymentPayloadV1):
             return offer.v1(resource).wire()
-        return offer.v2().wire()
+        return offer.v2_wire()
 
     def for_amount(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any], amount: int

@@ -98,6 +98,24 @@ def test_challenge_is_dual_stack_with_one_requirement_per_network() -> None:
     SdkPaymentRequiredV1.model_validate(v1)
 
 
+def test_an_offers_v2_requirement_is_built_once_and_each_caller_gets_its_own_copy() -> None:
+    everything = ("base", "base-sepolia", "polygon")
+    offers = terms(*everything).offers(Decimal("0.001")) + terms(*everything).upto_offers(
+        Decimal("0.5"), (("inputPerMillion", "3"),)
+    )
+    for offer in offers:
+        first = offer.v2_wire()
+        assert first == offer.v2().wire()
+        assert list(first) == list(offer.v2().wire())  # the same order: stored and sent as JSON
+        first["amount"] = "1"
+        first["extra"]["name"] = "changed"
+        assert offer.v2_wire() == offer.v2().wire()  # one caller's change is not the next's
+    cheaper = terms("base").offers(Decimal("0.0001"))[0]
+    assert (
+        cheaper.v2_wire()["amount"] != terms("base").offers(Decimal("0.001"))[0].v2_wire()["amount"]
+    )
+
+
 def test_challenge_header_stays_small_with_every_network() -> None:
     everything = ("base", "base-sepolia", "ethereum", "polygon", "polygon-amoy", "avalanche")
     ch = challenge(terms(*everything).offers(Decimal("0.001")), RESOURCE, error="x" * 100)
