@@ -49,7 +49,7 @@ class UptoOffer:
         self, payment: AnyPaymentPayload, offer: Offer, resource: ResourceInfo
     ) -> dict[str, Any]:
         maximum = int(payload_of(payment).permit2_authorization.permitted.amount)
-        return with_amount(offer.v2().wire(), maximum)
+        return with_amount(offer.v2_wire(), maximum)
 
     def for_amount(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any], amount: int
