@@ -194,6 +194,8 @@ class Ledger:
         settled_amount: int | None = None,
         let_go: bool = False,
         via: PaymentState | None = None,
+        reply_receipt: str | None = None,
+        receipt_usage: ReceiptUsage | None = None,
     ) -> PaymentRecord:
         """Move a record along :data:`TRANSITIONS` (compare-and-set in one transaction).
 
@@ -207,11 +209,15 @@ class Ledger:
         ``let_go``: the move also gives the lease up (as :meth:`let_go` would, in the same
         transaction): nothing more happens to the payment here. ``via``: move through that
         state first, in the same transaction (both moves checked against the table and fenced,
-        both in the history), e.g. VERIFIED on the way to SERVED.
+        both in the history), e.g. VERIFIED on the way to SERVED. ``reply_receipt``: the reply's
+        signed receipt, kept in the same transaction, with the usage it states
+        (``receipt_usage``), as :meth:`add_receipt` (``"reply"``, fenced by ``lease``) would.
         """
         target = PaymentState(to)
         if settled_amount is not None:
             check_amount(settled_amount)
+        if reply_receipt is not None:
+            check_receipt("reply", reply_receipt)
         move = Move(
             target,
             transaction=check_transaction(transaction),
@@ -221,6 +227,8 @@ class Ledger:
             settled_amount=settled_amount,
             let_go=bool(let_go),
             via=None if via is None else PaymentState(via),
+            reply_receipt=reply_receipt,
+            receipt_usage=receipt_usage if reply_receipt is not None else None,
         )
         return await self._run(self._transition, payment_id, move)
 

@@ -44,6 +44,7 @@ from paygate.x402.ledger import (
 from paygate.x402.ledger_base import BY_IDEMPOTENCY_KEY, BY_KEY, Ledger
 from paygate.x402.ledger_postgres_schema import SCHEMA_VERSION, Conn
 from paygate.x402.ledger_postgres_tables import PostgresTables
+from paygate.x402.ledger_tables import ADD_RECEIPT
 
 T = TypeVar("T")
 
@@ -78,6 +79,7 @@ _RESERVE = (
     " WHERE payments.state = %(released)s"
     f" RETURNING {_COLUMNS}"
 )
+_ADD_RECEIPT = ADD_RECEIPT.replace("?", "%s")
 _MOVE = (
     "UPDATE payments SET state = %(state)s, attempts = attempts + %(attempt)s,"  # noqa: S608 - constant columns
     " served = served OR %(served)s, tx_hash = COALESCE(%(tx_hash)s, tx_hash),"
@@ -293,19 +295,19 @@ class PostgresLedger(Ledger):
         return record
 
     async def _transition(self, conn: Conn, payment_id: str, move: rules.Move) -> PaymentRecord:
-        record = await self._must(conn, payment_id, lock=True)
-        for step in move.steps():
-            now = await self._now(conn)
-            values = step.values(
-                record, now=now, replica=self.replica, lease_seconds=self.lease_seconds
-            )
-            row = await (await conn.execute(_MOVE, values)).fetchone()
-            if row is None:  # cannot happen under the row lock; never guess
-                raise LedgerConflict(f"payment {record.id} changed concurrently")
-            record = rules.record_from_row(row)
-            await self._event(
-                conn, record, EventAction.MOVED, now, transaction=step.transaction, error=step.error
-            )
+        current = await self._must(conn, payment_id, lock=True)
+        now = await self._now(conn)
+        values, steps = move.change(
+            current, now=now, replica=self.replica, lease_seconds=self.lease_seconds
+        )
+        row = await (await conn.execute(_MOVE, values)).fetchone()
+        if row is None:  # cannot happen under the row lock; never guess
+            raise LedgerConflict(f"payment {current.id} changed concurrently")
+        record = rules.record_from_row(row)
+        async with conn.cursor() as cursor:  # the history lines in one batch
+            await cursor.executemany(_INSERT_EVENT, move.events(record, steps, now, self.replica))
+        if move.reply_receipt is not None:
+            await conn.execute(_ADD_RECEIPT, (record.id, "reply", move.reply_receipt, now))
         return record
 
     async def _mark_served(self, conn: Conn, payment_id: str) -> PaymentRecord:

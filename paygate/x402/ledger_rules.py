@@ -29,6 +29,7 @@ from paygate.x402.ledger import (
     PaymentNotFound,
     PaymentRecord,
     PaymentState,
+    ReceiptUsage,
     check_fence,
     check_move,
     normalise_address,
@@ -154,7 +155,9 @@ class Reservation:
 class Move:
     """One :meth:`Ledger.transition` call, checked: to ``to``, through ``via`` first if given
     (both moves in one transaction, each checked against the table and fenced, each in the
-    history); ``let_go``: the lease goes with the (last) move."""
+    history); ``let_go``: the lease goes with the (last) move; ``reply_receipt``: the reply's
+    signed receipt, kept with the (last) move, and the usage it states (``receipt_usage``)
+    recorded where none is (as :meth:`Ledger.add_receipt` would, in the same transaction)."""
 
     to: PaymentState
     transaction: str | None = None
@@ -164,19 +167,41 @@ class Move:
     settled_amount: int | None = None
     let_go: bool = False
     via: PaymentState | None = None
+    reply_receipt: str | None = None
+    receipt_usage: ReceiptUsage | None = None
 
     def steps(self) -> tuple[Move, ...]:
-        """The single moves a store runs, in order."""
+        """The single moves, in order."""
         if self.via is None:
             return (self,)
         return (Move(self.via, lease=self.lease), replace(self, via=None))
 
+    def change(
+        self, current: PaymentRecord, *, now: float, replica: str, lease_seconds: float
+    ) -> tuple[dict[str, Any], tuple[Move, ...]]:
+        """The whole call as one compare-and-set update of ``current`` (the record as read
+        under its lock): its named values (see :meth:`values`), each step checked on the
+        record as the steps before it left it; and the steps, for their history lines."""
+        steps = self.steps()
+        values = steps[0].values(current, now=now, replica=replica, lease_seconds=lease_seconds)
+        for step in steps[1:]:
+            # What the next step's rules read of the record as the update so far leaves it.
+            moved = replace(
+                current,
+                state=PaymentState(values["state"]),
+                owner=values["owner"],
+                lease_until=values["until"],
+            )
+            after = step.values(moved, now=now, replica=replica, lease_seconds=lease_seconds)
+            values = _then(values, after)
+        return values, steps
+
     def values(
         self, current: PaymentRecord, *, now: float, replica: str, lease_seconds: float
     ) -> dict[str, Any]:
-        """This single move applied to ``current``, the record as read under its lock: the fence
-        and the table (:func:`check_move`), the metering cap, and the named values of the
-        compare-and-set update (matched on the state and epoch read)."""
+        """This single move applied to ``current``: the fence and the table
+        (:func:`check_move`), the metering cap, and the named values of the compare-and-set
+        update (matched on the state and epoch read)."""
         to, meter = self.to, self.meter
         check_move(current, to, self.lease)
         if meter is not None and meter.settle_amount > current.amount:
@@ -188,6 +213,8 @@ class Move:
         else:  # an operator's or a test's unfenced move leaves the lease as it is
             owner, until = current.owner, current.lease_until
         settled = self.settled_amount
+        # A receipt's usage is kept once: not over a meter, nor over usage recorded before.
+        usage = self.receipt_usage if meter is None and current.tokens_in is None else None
         return {
             "state": to.value,
             "attempt": 1 if to is PaymentState.SETTLING else 0,  # every move into SETTLING counts
@@ -197,9 +224,9 @@ class Move:
             "now": now,
             "owner": owner,
             "until": until,
-            "tokens_in": meter.tokens_in if meter else None,
-            "tokens_out": meter.tokens_out if meter else None,
-            "usage_source": meter.source if meter else None,
+            "tokens_in": meter.tokens_in if meter else usage.tokens_in if usage else None,
+            "tokens_out": meter.tokens_out if meter else usage.tokens_out if usage else None,
+            "usage_source": meter.source if meter else usage.source if usage else None,
             "settle_amount": str(meter.settle_amount) if meter else None,
             "settled_amount": None if settled is None else str(settled),
             "counted": to is PaymentState.SETTLED,  # a budget counts a payment when it settles
@@ -207,6 +234,50 @@ class Move:
             "from_state": current.state.value,
             "lease": current.lease,
         }
+
+    def events(
+        self, record: PaymentRecord, steps: tuple[Move, ...], at: float, replica: str
+    ) -> list[tuple[Any, ...]]:
+        """The history lines of ``steps`` (from :meth:`change`), one a step, oldest first;
+        ``record``: the record as the update left it (the epoch does not move)."""
+        return [
+            _event_row(
+                record.id,
+                record.lease,
+                step.to,
+                EventAction.MOVED,
+                at,
+                replica,
+                (step.transaction, step.error, None),
+            )
+            for step in steps
+        ]
+
+
+# A step's values overwrite the ones before it, but for what the update adds up (``attempts``,
+# ``served``, ``counted_at``), what it keeps unless given (COALESCE), and what it matches on.
+_COALESCED = (
+    "tx_hash",
+    "error",
+    "tokens_in",
+    "tokens_out",
+    "usage_source",
+    "settle_amount",
+    "settled_amount",
+)
+
+
+def _then(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The values of one update that does what ``before``'s then ``after``'s would."""
+    values = dict(after)
+    values["attempt"] = before["attempt"] + after["attempt"]
+    values["served"] = before["served"] or after["served"]
+    values["counted"] = before["counted"] or after["counted"]
+    values["from_state"], values["lease"] = before["from_state"], before["lease"]
+    for name in _COALESCED:
+        if values[name] is None:
+            values[name] = before[name]
+    return values
 
 
 def check_renewal(current: PaymentRecord, lease: int, replica: str) -> None:
@@ -228,9 +299,20 @@ def event_values(
     the ``details`` given (``transaction``, ``error``, ``detail``; the others NULL)."""
     if not _EVENT_DETAILS.issuperset(details):
         raise TypeError(f"a history line's details are {', '.join(EVENT_DETAILS)}")
-    get = details.get
-    state, lease = record.state.value, record.lease
-    return (record.id, at, replica, action.value, state, lease, *map(get, EVENT_DETAILS))
+    listed = tuple(map(details.get, EVENT_DETAILS))
+    return _event_row(record.id, record.lease, record.state, action, at, replica, listed)
+
+
+def _event_row(
+    payment_id: str,
+    lease: int,
+    state: PaymentState,
+    action: EventAction,
+    at: float,
+    replica: str,
+    details: tuple[str | None, ...],
+) -> tuple[Any, ...]:
+    return (payment_id, at, replica, action.value, state.value, lease, *details)
 
 
 def record_from_row(row: Mapping[str, Any]) -> PaymentRecord:
