@@ -83,9 +83,18 @@ class Settlements:
             await self.leases.let_go(record)
 
     async def keep_receipt(
-        self, record: PaymentRecord, token: str, usage: Mapping[str, Any] | None
+        self, admission: PaymentAdmission, token: str, usage: Mapping[str, Any] | None
     ) -> None:
-        """Keep a paid reply's signed receipt, and the usage it states, in the ledger."""
+        """Keep a paid reply's signed receipt, and the usage it states, in the ledger: with
+        SERVED, in one transaction, when that waited for it (:meth:`mark_served`)."""
+        record = admission.record
+        assert record is not None
+        if admission.served_deferred:
+            admission.served_deferred = False
+            admission.record = await self.leases.served(
+                record, let_go=not self.settlement.settles_owed, receipt=(token, usage)
+            )
+            return
         await self.leases.keep_receipt(record, token, usage)
 
     # --- the steps a settlement strategy calls ---
@@ -113,8 +122,17 @@ class Settlements:
 
     async def mark_served(self, admission: PaymentAdmission) -> None:
         """Record that the reply went out (a payment never settled here stays SERVED, and its
-        lease goes in the same transaction: nothing more happens to it here)."""
+        lease goes in the same transaction: nothing more happens to it here).
+
+        At the reply, when its signed receipt follows before the reply's end leaves
+        (``receipt_follows``), SERVED waits for it and is recorded with it in one transaction
+        (:meth:`keep_receipt`), still before the end leaves; at the request's end
+        (``finished``) it is recorded whatever came of that."""
         assert admission.record is not None
+        if admission.receipt_follows and not admission.finished:
+            admission.served_deferred = True
+            return
+        admission.served_deferred = False
         admission.record = await self.leases.served(
             admission.record, let_go=not self.settlement.settles_owed
         )
