@@ -13,7 +13,7 @@ from __future__ import annotations
 import calendar
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 from paygate.x402.ledger import (
@@ -56,7 +56,13 @@ class _Rows:
         return cls(make, columns, tuple((names.index(n), to) for n, to in convert.items()))
 
     def read(self, row: Mapping[str, Any]) -> Any:
-        values = [row[column] for column in self.columns]
+        columns = self.columns
+        if isinstance(row, dict):  # PostgreSQL's rows: by name
+            values = [row[column] for column in columns]
+        elif tuple(row.keys()[: len(columns)]) == columns:  # selected in order: by position
+            values = list(row)[: len(columns)]  # (sqlite3.Row finds a name by a linear search)
+        else:
+            values = [row[column] for column in columns]
         for at, to in self.convert:
             values[at] = to(values[at])
         return self.make(*values)
@@ -151,6 +157,39 @@ class Reservation:
         }
 
 
+def reserved_record(values: Mapping[str, Any], reservation: Reservation) -> PaymentRecord:
+    """The record a new reservation's row holds (``values``: :meth:`Reservation.values`, as
+    written), without reading it back."""
+    network, asset, payer, nonce = reservation.key
+    now = values["now"]
+    return PaymentRecord(
+        values["id"],
+        network,
+        asset,
+        payer,
+        nonce,
+        reservation.pay_to,
+        reservation.amount,
+        reservation.x402_version,
+        reservation.route,
+        PaymentState.RESERVED,
+        False,
+        reservation.payload,
+        reservation.requirements,
+        reservation.idempotency_key,
+        None,  # no transaction
+        None,  # no error
+        0,  # no attempt
+        now,
+        now,
+        values["owner"],
+        1,  # the first lease epoch
+        values["until"],
+        reservation.scheme,
+        reservation.model,
+    )
+
+
 @dataclass(frozen=True)
 class Move:
     """One :meth:`Ledger.transition` call, checked: to ``to``, through ``via`` first if given
@@ -170,57 +209,57 @@ class Move:
     reply_receipt: str | None = None
     receipt_usage: ReceiptUsage | None = None
 
-    def steps(self) -> tuple[Move, ...]:
-        """The single moves, in order."""
-        if self.via is None:
-            return (self,)
-        return (Move(self.via, lease=self.lease), replace(self, via=None))
-
     def change(
         self, current: PaymentRecord, *, now: float, replica: str, lease_seconds: float
-    ) -> tuple[dict[str, Any], tuple[Move, ...]]:
-        """The whole call as one compare-and-set update of ``current`` (the record as read
-        under its lock): its named values (see :meth:`values`), each step checked on the
-        record as the steps before it left it; and the steps, for their history lines."""
-        steps = self.steps()
-        values = steps[0].values(current, now=now, replica=replica, lease_seconds=lease_seconds)
-        for step in steps[1:]:
-            # What the next step's rules read of the record as the update so far leaves it.
-            moved = replace(
-                current,
-                state=PaymentState(values["state"]),
-                owner=values["owner"],
-                lease_until=values["until"],
-            )
-            after = step.values(moved, now=now, replica=replica, lease_seconds=lease_seconds)
-            values = _then(values, after)
-        return values, steps
+    ) -> tuple[dict[str, Any], tuple[Step, ...]]:
+        """The whole call as one compare-and-set update of ``current``, the record as read
+        under its lock (matched on the state and epoch read): its named values, each move
+        checked on the record as the moves before it left it (the fence and the table:
+        :func:`check_move`; the metering cap); and the moves, for their history lines."""
+        last = (self.to, self.transaction, self.error)
+        if self.via is None:
+            values = self._values(current, current.state, None, True, now, replica, lease_seconds)
+            return values, (last,)
+        first = self._values(current, current.state, None, False, now, replica, lease_seconds)
+        # The last move's rules read the record as the first left it.
+        values = self._values(current, self.via, first, True, now, replica, lease_seconds)
+        return _then(first, values), ((self.via, None, None), last)
 
-    def values(
-        self, current: PaymentRecord, *, now: float, replica: str, lease_seconds: float
+    def _values(
+        self,
+        current: PaymentRecord,
+        state: PaymentState,
+        before: dict[str, Any] | None,
+        last: bool,
+        now: float,
+        replica: str,
+        lease_seconds: float,
     ) -> dict[str, Any]:
-        """This single move applied to ``current``: the fence and the table
-        (:func:`check_move`), the metering cap, and the named values of the compare-and-set
-        update (matched on the state and epoch read)."""
-        to, meter = self.to, self.meter
-        check_move(current, to, self.lease)
+        """One move from ``state`` (``before``: the values of the move that led there): to
+        ``via`` unless ``last``; the last carries the call's details."""
+        to = self.to if last else self.via
+        assert to is not None
+        meter = self.meter if last else None
+        check_move(current, to, self.lease, state)
         if meter is not None and meter.settle_amount > current.amount:
             raise ValueError("a metered charge cannot exceed the authorized amount")
-        if not TRANSITIONS[to] or self.let_go:  # terminal, or given up: nobody here works on it
+        if not TRANSITIONS[to] or (last and self.let_go):  # terminal, or given up
             owner, until = None, None
         elif self.lease is not None:  # the owner moves it on: its lease is renewed
             owner, until = replica, now + lease_seconds
+        elif before is not None:  # an unfenced move leaves the lease as the one before left it
+            owner, until = before["owner"], before["until"]
         else:  # an operator's or a test's unfenced move leaves the lease as it is
             owner, until = current.owner, current.lease_until
-        settled = self.settled_amount
+        settled = self.settled_amount if last else None
         # A receipt's usage is kept once: not over a meter, nor over usage recorded before.
-        usage = self.receipt_usage if meter is None and current.tokens_in is None else None
+        usage = self.receipt_usage if last and meter is None and current.tokens_in is None else None
         return {
             "state": to.value,
             "attempt": 1 if to is PaymentState.SETTLING else 0,  # every move into SETTLING counts
             "served": to is PaymentState.SERVED,
-            "tx_hash": self.transaction,
-            "error": self.error,
+            "tx_hash": self.transaction if last else None,
+            "error": self.error if last else None,
             "now": now,
             "owner": owner,
             "until": until,
@@ -231,27 +270,26 @@ class Move:
             "settled_amount": None if settled is None else str(settled),
             "counted": to is PaymentState.SETTLED,  # a budget counts a payment when it settles
             "id": current.id,
-            "from_state": current.state.value,
+            "from_state": state.value,
             "lease": current.lease,
         }
 
+    @staticmethod
     def events(
-        self, record: PaymentRecord, steps: tuple[Move, ...], at: float, replica: str
+        record: PaymentRecord, steps: tuple[Step, ...], at: float, replica: str
     ) -> list[tuple[Any, ...]]:
-        """The history lines of ``steps`` (from :meth:`change`), one a step, oldest first;
+        """The history lines of ``steps`` (from :meth:`change`), one a move, oldest first;
         ``record``: the record as the update left it (the epoch does not move)."""
         return [
             _event_row(
-                record.id,
-                record.lease,
-                step.to,
-                EventAction.MOVED,
-                at,
-                replica,
-                (step.transaction, step.error, None),
+                record.id, record.lease, to, EventAction.MOVED, at, replica, (tx, error, None)
             )
-            for step in steps
+            for to, tx, error in steps
         ]
+
+
+#: One move of a :class:`Move`, for its history line: the state it went to, its details.
+Step = tuple[PaymentState, str | None, str | None]
 
 
 # A step's values overwrite the ones before it, but for what the update adds up (``attempts``,

@@ -55,14 +55,13 @@ T = TypeVar("T")
 _SELECT = f"SELECT {rules.RECORD_COLUMNS} FROM payments"  # noqa: S608 - constant column list
 _INSERT_EVENT = f"INSERT INTO payment_events ({rules.EVENT_COLUMNS}) VALUES ({', '.join('?' * 9)})"  # noqa: S608 - constant
 _RESERVE = (
-    "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount, x402_version, route,"  # noqa: S608 - constant columns
+    "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount, x402_version, route,"
     " state, served, payload, requirements, idempotency_key, attempts, created_at, updated_at,"
     " owner, lease, lease_until, scheme, model, counted_at)"
     " VALUES (:id, :network, :asset, :payer, :nonce, :pay_to, :amount, :x402_version, :route,"
     " :reserved, 0, :payload, :requirements, :idempotency_key, 0, :now, :now,"
     " :owner, 1, :until, :scheme, :model, :now)"
-    " ON CONFLICT (network, asset, payer, nonce) DO NOTHING"  # taken: nothing returned
-    f" RETURNING {rules.RECORD_COLUMNS}"
+    " ON CONFLICT (network, asset, payer, nonce) DO NOTHING"  # taken: no row inserted
 )
 # A retry of an authorization whose earlier request failed before settlement.
 _RESERVE_AGAIN = (
@@ -315,17 +314,21 @@ class SqliteLedger(Ledger):
             now = self._clock()
             for budget in checked.budgets:
                 checked.check_budget(budget, self._spent(checked, budget.since))
-            rows: builtins.list[sqlite3.Row] = []
+            record = None
             if existing is None:  # most likely a new key: no read first, the insert tells
-                rows = db.execute(_RESERVE, self._values(checked, None, now)).fetchall()
-                if not rows:  # the key is taken: a replay, or a RELEASED record to claim again
+                values = self._values(checked, None, now)
+                if db.execute(_RESERVE, values).rowcount == 1:
+                    record = rules.reserved_record(values, checked)  # as written: no read-back
+                else:  # the key is taken: a replay, or a RELEASED record to claim again
                     existing = self._one(BY_KEY, checked.key)
                     checked.check_existing(existing)
             if existing is not None:
                 rows = db.execute(_RESERVE_AGAIN, self._values(checked, existing, now)).fetchall()
-            if len(rows) != 1:  # impossible under the lock: never guess
+                if len(rows) != 1:  # impossible under the lock: never guess
+                    raise LedgerConflict("the authorization changed concurrently")
+                record = rules.record_from_row(rows[0])
+            if record is None:  # the key was taken and is gone: impossible under the lock
                 raise LedgerConflict("the authorization changed concurrently")
-            record = rules.record_from_row(rows[0])
             self._event(record, EventAction.RESERVED, now)
             return record
 
