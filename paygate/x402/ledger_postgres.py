@@ -81,17 +81,13 @@ _RESERVE = (
 )
 _ADD_RECEIPT = ADD_RECEIPT.replace("?", "%s")
 _MOVE = (
-    "UPDATE payments SET state = %(state)s, attempts = attempts + %(attempt)s,"  # noqa: S608 - constant columns
-    " served = served OR %(served)s, tx_hash = COALESCE(%(tx_hash)s, tx_hash),"
-    " error = COALESCE(%(error)s, error), updated_at = %(now)s, owner = %(owner)s,"
-    " lease_until = %(until)s, tokens_in = COALESCE(%(tokens_in)s, tokens_in),"
-    " tokens_out = COALESCE(%(tokens_out)s, tokens_out),"
-    " usage_source = COALESCE(%(usage_source)s, usage_source),"
-    " settle_amount = COALESCE(%(settle_amount)s::numeric, settle_amount),"
-    " settled_amount = COALESCE(%(settled_amount)s::numeric, settled_amount),"
+    "UPDATE payments SET state = %(state)s, attempts = %(attempts)s, served = %(served)s,"
+    " tx_hash = %(tx_hash)s, error = %(error)s, updated_at = %(now)s, owner = %(owner)s,"
+    " lease_until = %(until)s, tokens_in = %(tokens_in)s, tokens_out = %(tokens_out)s,"
+    " usage_source = %(usage_source)s, settle_amount = %(settle_amount)s::numeric,"
+    " settled_amount = %(settled_amount)s::numeric,"
     " counted_at = CASE WHEN %(counted)s THEN %(now)s ELSE counted_at END"
-    " WHERE id = %(id)s AND state = %(from_state)s AND lease = %(lease)s"
-    f" RETURNING {_COLUMNS}"
+    " WHERE id = %(id)s AND state = %(from_state)s AND lease = %(lease)s"  # as read, locked
 )
 
 
@@ -297,13 +293,11 @@ class PostgresLedger(Ledger):
     async def _transition(self, conn: Conn, payment_id: str, move: rules.Move) -> PaymentRecord:
         current = await self._must(conn, payment_id, lock=True)
         now = await self._now(conn)
-        values, steps = move.change(
+        values, record, steps = move.change(
             current, now=now, replica=self.replica, lease_seconds=self.lease_seconds
         )
-        row = await (await conn.execute(_MOVE, values)).fetchone()
-        if row is None:  # cannot happen under the row lock; never guess
+        if (await conn.execute(_MOVE, values)).rowcount != 1:  # cannot happen under the lock
             raise LedgerConflict(f"payment {current.id} changed concurrently")
-        record = rules.record_from_row(row)
         async with conn.cursor() as cursor:  # the history lines in one batch
             await cursor.executemany(_INSERT_EVENT, move.events(record, steps, now, self.replica))
         if move.reply_receipt is not None:

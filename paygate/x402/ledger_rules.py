@@ -211,19 +211,20 @@ class Move:
 
     def change(
         self, current: PaymentRecord, *, now: float, replica: str, lease_seconds: float
-    ) -> tuple[dict[str, Any], tuple[Step, ...]]:
+    ) -> tuple[dict[str, Any], PaymentRecord, tuple[Step, ...]]:
         """The whole call as one compare-and-set update of ``current``, the record as read
         under its lock (matched on the state and epoch read): its named values, each move
         checked on the record as the moves before it left it (the fence and the table:
-        :func:`check_move`; the metering cap); and the moves, for their history lines."""
+        :func:`check_move`; the metering cap); the record as the update leaves it (no
+        read-back); and the moves, for their history lines."""
         last = (self.to, self.transaction, self.error)
         if self.via is None:
             values = self._values(current, current.state, None, True, now, replica, lease_seconds)
-            return values, (last,)
+            return (*_applied(current, values), (last,))
         first = self._values(current, current.state, None, False, now, replica, lease_seconds)
         # The last move's rules read the record as the first left it.
         values = self._values(current, self.via, first, True, now, replica, lease_seconds)
-        return _then(first, values), ((self.via, None, None), last)
+        return (*_applied(current, _then(first, values)), ((self.via, None, None), last))
 
     def _values(
         self,
@@ -316,6 +317,73 @@ def _then(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         if values[name] is None:
             values[name] = before[name]
     return values
+
+
+def _applied(current: PaymentRecord, move: dict[str, Any]) -> tuple[dict[str, Any], PaymentRecord]:
+    """``move``'s values applied to ``current``: what adds up (attempts), what is kept unless
+    given, the rest overwritten. The update's named values (every column it sets, as it sets
+    it; ``counted``: a budget counts the payment from ``now``) and the record it leaves."""
+
+    def kept(name: str, old: Any) -> Any:
+        new = move[name]
+        return old if new is None else new
+
+    settle, settled = move["settle_amount"], move["settled_amount"]
+    record = PaymentRecord(
+        id=current.id,
+        network=current.network,
+        asset=current.asset,
+        payer=current.payer,
+        nonce=current.nonce,
+        pay_to=current.pay_to,
+        amount=current.amount,
+        x402_version=current.x402_version,
+        route=current.route,
+        state=PaymentState(move["state"]),
+        served=current.served or move["served"],
+        payload=current.payload,
+        requirements=current.requirements,
+        idempotency_key=current.idempotency_key,
+        transaction=kept("tx_hash", current.transaction),
+        error=kept("error", current.error),
+        attempts=current.attempts + move["attempt"],
+        created_at=current.created_at,
+        updated_at=move["now"],
+        owner=move["owner"],
+        lease=current.lease,
+        lease_until=move["until"],
+        scheme=current.scheme,
+        model=current.model,
+        tokens_in=kept("tokens_in", current.tokens_in),
+        tokens_out=kept("tokens_out", current.tokens_out),
+        usage_source=kept("usage_source", current.usage_source),
+        settle_amount=current.settle_amount if settle is None else int(settle),
+        settled_amount=current.settled_amount if settled is None else int(settled),
+    )
+    values = {
+        "state": move["state"],
+        "attempts": record.attempts,
+        "served": record.served,
+        "tx_hash": record.transaction,
+        "error": record.error,
+        "now": move["now"],
+        "owner": record.owner,
+        "until": record.lease_until,
+        "tokens_in": record.tokens_in,
+        "tokens_out": record.tokens_out,
+        "usage_source": record.usage_source,
+        "settle_amount": _text(record.settle_amount),
+        "settled_amount": _text(record.settled_amount),
+        "counted": move["counted"],
+        "id": current.id,
+        "from_state": move["from_state"],
+        "lease": move["lease"],
+    }
+    return values, record
+
+
+def _text(amount: int | None) -> str | None:
+    return None if amount is None else str(amount)  # a uint256: decimal text in both stores
 
 
 def check_renewal(current: PaymentRecord, lease: int, replica: str) -> None:

@@ -76,16 +76,13 @@ _RESERVE_AGAIN = (
     f" RETURNING {rules.RECORD_COLUMNS}"
 )
 _MOVE = (
-    "UPDATE payments SET state = :state, attempts = attempts + :attempt,"  # noqa: S608 - constant columns
-    " served = MAX(served, :served), tx_hash = COALESCE(:tx_hash, tx_hash),"
-    " error = COALESCE(:error, error), updated_at = :now, owner = :owner, lease_until = :until,"
-    " tokens_in = COALESCE(:tokens_in, tokens_in), tokens_out = COALESCE(:tokens_out, tokens_out),"
-    " usage_source = COALESCE(:usage_source, usage_source),"
-    " settle_amount = COALESCE(:settle_amount, settle_amount),"
-    " settled_amount = COALESCE(:settled_amount, settled_amount),"
+    "UPDATE payments SET state = :state, attempts = :attempts, served = :served,"
+    " tx_hash = :tx_hash, error = :error, updated_at = :now, owner = :owner,"
+    " lease_until = :until, tokens_in = :tokens_in, tokens_out = :tokens_out,"
+    " usage_source = :usage_source, settle_amount = :settle_amount,"
+    " settled_amount = :settled_amount,"
     " counted_at = CASE WHEN :counted THEN :now ELSE counted_at END"
-    " WHERE id = :id AND state = :from_state AND lease = :lease"
-    f" RETURNING {rules.RECORD_COLUMNS}"  # the record as moved: no second read
+    " WHERE id = :id AND state = :from_state AND lease = :lease"  # as read, under the lock
 )
 
 
@@ -363,13 +360,11 @@ class SqliteLedger(Ledger):
         with self._write() as db:
             current = self._must(payment_id)
             now = self._clock()
-            values, steps = move.change(
+            values, record, steps = move.change(
                 current, now=now, replica=self.replica, lease_seconds=self.lease_seconds
             )
-            rows = db.execute(_MOVE, values).fetchall()
-            if len(rows) != 1:  # impossible under the lock: never guess
+            if db.execute(_MOVE, values).rowcount != 1:  # impossible under the lock
                 raise LedgerConflict(f"payment {current.id} changed concurrently")
-            record = rules.record_from_row(rows[0])
             db.executemany(_INSERT_EVENT, move.events(record, steps, now, self.replica))
             if move.reply_receipt is not None:
                 db.execute(ADD_RECEIPT, (record.id, "reply", move.reply_receipt, now))
