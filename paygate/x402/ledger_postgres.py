@@ -85,10 +85,11 @@ _MOVE = (
     " tx_hash = %(tx_hash)s, error = %(error)s, updated_at = %(now)s, owner = %(owner)s,"
     " lease_until = %(until)s, tokens_in = %(tokens_in)s, tokens_out = %(tokens_out)s,"
     " usage_source = %(usage_source)s, settle_amount = %(settle_amount)s::numeric,"
-    " settled_amount = %(settled_amount)s::numeric,"
-    " counted_at = CASE WHEN %(counted)s THEN %(now)s ELSE counted_at END"
+    " settled_amount = %(settled_amount)s::numeric{counted}"
     " WHERE id = %(id)s AND state = %(from_state)s AND lease = %(lease)s"  # as read, locked
 )
+# counted_at is set only when the move counts the payment (as the SQLite store does).
+_MOVES = {False: _MOVE.format(counted=""), True: _MOVE.format(counted=", counted_at = %(now)s")}
 
 
 class PostgresLedger(Ledger):
@@ -296,7 +297,9 @@ class PostgresLedger(Ledger):
         values, record, steps = move.change(
             current, now=now, replica=self.replica, lease_seconds=self.lease_seconds
         )
-        if (await conn.execute(_MOVE, values)).rowcount != 1:  # cannot happen under the lock
+        if (
+            await conn.execute(_MOVES[values["counted"]], values)
+        ).rowcount != 1:  # cannot happen under the lock
             raise LedgerConflict(f"payment {current.id} changed concurrently")
         async with conn.cursor() as cursor:  # the history lines in one batch
             await cursor.executemany(_INSERT_EVENT, move.events(record, steps, now, self.replica))

@@ -80,10 +80,12 @@ _MOVE = (
     " tx_hash = :tx_hash, error = :error, updated_at = :now, owner = :owner,"
     " lease_until = :until, tokens_in = :tokens_in, tokens_out = :tokens_out,"
     " usage_source = :usage_source, settle_amount = :settle_amount,"
-    " settled_amount = :settled_amount,"
-    " counted_at = CASE WHEN :counted THEN :now ELSE counted_at END"
+    " settled_amount = :settled_amount{counted}"
     " WHERE id = :id AND state = :from_state AND lease = :lease"  # as read, under the lock
 )
+# counted_at is set only when it changes: an index holds it (a payer's spend), and SQLite
+# rewrites an index entry whenever the SET names one of its columns, changed or not.
+_MOVES = {False: _MOVE.format(counted=""), True: _MOVE.format(counted=", counted_at = :now")}
 
 
 def _closed() -> LedgerUnavailable:
@@ -363,7 +365,9 @@ class SqliteLedger(Ledger):
             values, record, steps = move.change(
                 current, now=now, replica=self.replica, lease_seconds=self.lease_seconds
             )
-            if db.execute(_MOVE, values).rowcount != 1:  # impossible under the lock
+            if (
+                db.execute(_MOVES[values["counted"]], values).rowcount != 1
+            ):  # impossible under the lock
                 raise LedgerConflict(f"payment {current.id} changed concurrently")
             db.executemany(_INSERT_EVENT, move.events(record, steps, now, self.replica))
             if move.reply_receipt is not None:
