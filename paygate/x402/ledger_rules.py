@@ -192,11 +192,12 @@ def reserved_record(values: Mapping[str, Any], reservation: Reservation) -> Paym
 
 @dataclass(frozen=True)
 class Move:
-    """One :meth:`Ledger.transition` call, checked: to ``to``, through ``via`` first if given
-    (both moves in one transaction, each checked against the table and fenced, each in the
-    history); ``let_go``: the lease goes with the (last) move; ``reply_receipt``: the reply's
-    signed receipt, kept with the (last) move, and the usage it states (``receipt_usage``)
-    recorded where none is (as :meth:`Ledger.add_receipt` would, in the same transaction)."""
+    """One :meth:`Ledger.transition` call, checked: to ``to``, through the states of ``via``
+    first, in order (every move in one transaction, each checked against the table and fenced,
+    each in the history); ``let_go``: the lease goes with the (last) move; ``reply_receipt``:
+    the reply's signed receipt, kept with the (last) move, and the usage it states
+    (``receipt_usage``) recorded where none is (as :meth:`Ledger.add_receipt` would, in the
+    same transaction)."""
 
     to: PaymentState
     transaction: str | None = None
@@ -205,7 +206,7 @@ class Move:
     meter: Meter | None = None
     settled_amount: int | None = None
     let_go: bool = False
-    via: PaymentState | None = None
+    via: tuple[PaymentState, ...] = ()
     reply_receipt: str | None = None
     receipt_usage: ReceiptUsage | None = None
 
@@ -218,28 +219,32 @@ class Move:
         :func:`check_move`; the metering cap); the record as the update leaves it (no
         read-back); and the moves, for their history lines."""
         last = (self.to, self.transaction, self.error)
-        if self.via is None:
-            values = self._values(current, current.state, None, True, now, replica, lease_seconds)
-            return (*_applied(current, values), (last,))
-        first = self._values(current, current.state, None, False, now, replica, lease_seconds)
-        # The last move's rules read the record as the first left it.
-        values = self._values(current, self.via, first, True, now, replica, lease_seconds)
-        return (*_applied(current, _then(first, values)), ((self.via, None, None), last))
+        values, state = None, current.state
+        steps: list[Step] = []
+        for to in self.via:
+            step = self._values(current, state, to, values, False, now, replica, lease_seconds)
+            values = step if values is None else _then(values, step)
+            state = to  # the next move's rules read the record as this one left it
+            steps.append((to, None, None))
+        final = self._values(current, state, self.to, values, True, now, replica, lease_seconds)
+        return (
+            *_applied(current, final if values is None else _then(values, final)),
+            (*steps, last),
+        )
 
     def _values(
         self,
         current: PaymentRecord,
         state: PaymentState,
+        to: PaymentState,
         before: dict[str, Any] | None,
         last: bool,
         now: float,
         replica: str,
         lease_seconds: float,
     ) -> dict[str, Any]:
-        """One move from ``state`` (``before``: the values of the move that led there): to
-        ``via`` unless ``last``; the last carries the call's details."""
-        to = self.to if last else self.via
-        assert to is not None
+        """One move from ``state`` to ``to`` (``before``: the values of the moves that led
+        there); the ``last`` carries the call's details."""
         meter = self.meter if last else None
         check_move(current, to, self.lease, state)
         if meter is not None and meter.settle_amount > current.amount:

@@ -143,33 +143,30 @@ class Settlements:
     async def _settle_after(self, admission: PaymentAdmission) -> Receipt | None:
         record = admission.record
         assert record is not None
-        try:
-            # Fenced; a metered request's usage and charge are durable with SERVED, so a
-            # restart settles the same amount. VERIFIED goes in the same transaction when the
-            # strategy did not record it alone (verified_when_served).
-            admission.record = await self.leases.move(
-                record,
-                PaymentState.SERVED,
-                meter=admission.meter,
-                via=PaymentState.VERIFIED if record.state is PaymentState.RESERVED else None,
-            )
-        except LedgerError as exc:
-            log.error("payment %s: cannot record SERVED: %s", record.id, exc.code)
-            if self.leases.holds(record):
-                await self.leases.let_go(record)
-            return None
-        return await self.settle_now(admission)
+        # SERVED (the reply is produced) and SETTLING (the last word before the settle call) in
+        # one transaction, with VERIFIED before them when the strategy did not record it alone
+        # (verified_when_served); a metered request's usage and charge go with them, so a
+        # restart settles the same amount.
+        served = (PaymentState.SERVED,)
+        if record.state is PaymentState.RESERVED:
+            served = (PaymentState.VERIFIED, *served)
+        return await self.settle_now(admission, via=served)
 
-    async def settle_now(self, admission: PaymentAdmission) -> Receipt | None:
-        """SETTLING (durable) → settle → SETTLED | FAILED | still SETTLING (reconcile later)."""
+    async def settle_now(
+        self, admission: PaymentAdmission, *, via: tuple[PaymentState, ...] = ()
+    ) -> Receipt | None:
+        """SETTLING (durable; through ``via`` first, in the same transaction) → settle →
+        SETTLED | FAILED | still SETTLING (reconcile later)."""
         try:
-            return await self._settle_now(admission)
+            return await self._settle_now(admission, via)
         finally:
             record = admission.record
             if record is not None and self.leases.holds(record) and not record.terminal:
                 await self.leases.let_go(record)  # not finished here: whoever reconciles takes it
 
-    async def _settle_now(self, admission: PaymentAdmission) -> Receipt | None:
+    async def _settle_now(
+        self, admission: PaymentAdmission, via: tuple[PaymentState, ...]
+    ) -> Receipt | None:
         record = admission.record
         payment = admission.payment
         assert record is not None
@@ -177,7 +174,9 @@ class Settlements:
         try:
             # Fenced, and the last word before the settle call: a process that lost its lease
             # (frozen past it, another replica claimed the payment) stops here.
-            record = await self.leases.move(record, PaymentState.SETTLING)
+            record = await self.leases.move(
+                record, PaymentState.SETTLING, via=via, meter=admission.meter if via else None
+            )
         except LedgerError as exc:
             log.error("payment %s: cannot record SETTLING: %s", record.id, exc.code)
             return None

@@ -21,7 +21,7 @@ import aiohttp
 
 from paygate import wire
 from paygate.x402.facilitator import FacilitatorSettler
-from paygate.x402.ledger import PaymentState
+from paygate.x402.ledger import EventAction, PaymentState
 from paygate.x402.ledger_base import Ledger
 from paygate.x402.models import ResourceInfo
 from paygate.x402.networks import resolve_network
@@ -99,6 +99,16 @@ async def test_a_caller_gone_mid_reply_settles_once(
     assert done.state is PaymentState.SETTLED
     assert facilitator.stats.calls("settle") == 1
     assert usdc.balance_of(seller) == 1000
+    # VERIFIED, SERVED and SETTLING are one transaction before the settle call (one instant).
+    history = await ledger.history(done.id)
+    moved = [(e.state, e.at) for e in history if e.action is EventAction.MOVED]
+    assert [state for state, _ in moved] == [
+        PaymentState.VERIFIED,
+        PaymentState.SERVED,
+        PaymentState.SETTLING,
+        PaymentState.SETTLED,
+    ]
+    assert moved[0][1] == moved[1][1] == moved[2][1] < moved[3][1]
 
 
 async def test_an_upstream_failure_releases_before_the_exit(

@@ -722,6 +722,23 @@ async def test_a_move_through_a_state_is_both_moves_in_one(ledger: Ledger) -> No
         (EventAction.MOVED, S.SETTLING, None),
         (EventAction.MOVED, S.SETTLED, tx(3)),
     ]
+    # Through two states: every move checked and in the history, the attempt counted once.
+    fresh = await ledger.reserve(**request(3))
+    settling = await ledger.transition(
+        fresh.id, S.SETTLING, via=(S.VERIFIED, S.SERVED), lease=fresh.lease
+    )
+    assert (settling.state, settling.served, settling.attempts) == (S.SETTLING, True, 1)
+    assert await ledger.get(fresh.id) == settling
+    assert [e.state for e in await ledger.history(fresh.id)] == [
+        S.RESERVED,
+        S.VERIFIED,
+        S.SERVED,
+        S.SETTLING,
+    ]
+    verified = await in_state(ledger, S.VERIFIED, 4)
+    with pytest.raises(LedgerConflict, match="served -> verified"):
+        await ledger.transition(verified.id, S.SETTLED, via=(S.SERVED, S.VERIFIED))
+    assert await ledger.get(verified.id) == verified
     # The second move is checked on the state the first left: SETTLING -> VERIFIED is not.
     other = await in_state(ledger, S.VERIFIED, 2)
     with pytest.raises(LedgerConflict):
