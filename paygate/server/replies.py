@@ -344,7 +344,12 @@ class Replies:
             if body is None:
                 raise UpstreamReplyTooLarge
         session = ticket.session
-        receipt = await session.reply_ended(reply, reply_bytes=len(body))
+        receipt = await session.reply_ended(
+            reply,
+            reply_bytes=len(body),
+            # _sign_whole keeps it before this returns: SERVED may go with it (one write).
+            receipt_follows=facts is not None and self._receipts is not None,
+        )
         sealed = not isinstance(plan, PlainReply)
         if receipt is not None and receipt.withhold:
             # Refused for good after serving (e.g. the payer emptied the wallet since verify,

@@ -76,13 +76,30 @@ class HeldLeases:
         except LedgerError as exc:
             log.warning("payment %s: cannot release: %s", record.id, exc.code)
 
-    async def served(self, record: PaymentRecord, *, let_go: bool = False) -> PaymentRecord:
+    async def served(
+        self,
+        record: PaymentRecord,
+        *,
+        let_go: bool = False,
+        receipt: tuple[str, Mapping[str, Any] | None] | None = None,
+    ) -> PaymentRecord:
         """Record that the reply went out, once; returns the record as the ledger now has it.
 
         A payment not yet SERVED moves (RESERVED →) VERIFIED → SERVED (which marks it served)
         in one transaction; with ``let_go`` (nothing settles here: verify-only) its lease goes
-        in that transaction too.
+        in that transaction too, and so does the reply's signed ``receipt`` (its token and the
+        usage it states), if given. A receipt that could not go with the move is kept alone.
         """
+        token, usage = receipt if receipt is not None else (None, None)
+        stated = None
+        if token is not None:
+            try:
+                stated = _stated(usage)
+            except ValueError as exc:
+                log.warning(
+                    "payment %s: cannot keep its receipt: %s", record.id, type(exc).__name__
+                )
+                token = None
         try:
             if record.state in (PaymentState.RESERVED, PaymentState.VERIFIED):
                 record = await self.move(
@@ -90,11 +107,16 @@ class HeldLeases:
                     PaymentState.SERVED,
                     let_go=let_go,
                     via=PaymentState.VERIFIED if record.state is PaymentState.RESERVED else None,
+                    reply_receipt=token,
+                    receipt_usage=stated,
                 )
+                token = None  # kept with the move
             elif not record.served:
                 record = await self._ledger.mark_served(record.id)
         except LedgerError as exc:
             log.warning("payment %s: cannot mark served: %s", record.id, exc.code)
+        if token is not None:
+            await self.keep_receipt(record, token, usage)
         return record
 
     async def keep_receipt(
@@ -102,17 +124,9 @@ class HeldLeases:
     ) -> None:
         """Keep a paid reply's signed receipt in the ledger with the usage it states (every
         scheme). A failing ledger loses only this copy: the caller holds the receipt."""
-        stated = None
-        if usage is not None:
-            source = str(usage.get("source") or "reported")
-            stated = ReceiptUsage(
-                int(usage["prompt_tokens"]),
-                int(usage["completion_tokens"]),
-                "upstream" if source == "reported" else source,
-            )
         try:
             await self._ledger.add_receipt(
-                record.id, "reply", token, usage=stated, lease=record.lease
+                record.id, "reply", token, usage=_stated(usage), lease=record.lease
             )
         except (LedgerError, ValueError) as exc:
             log.warning("payment %s: cannot keep its receipt: %s", record.id, type(exc).__name__)
@@ -135,3 +149,15 @@ class HeldLeases:
             except LedgerError as exc:
                 log.warning("payment %s: cannot renew its lease: %s", payment_id, exc.code)
         return renewed
+
+
+def _stated(usage: Mapping[str, Any] | None) -> ReceiptUsage | None:
+    """The usage a receipt states, in the ledger's words (ValueError: not a usage)."""
+    if usage is None:
+        return None
+    source = str(usage.get("source") or "reported")
+    return ReceiptUsage(
+        int(usage["prompt_tokens"]),
+        int(usage["completion_tokens"]),
+        "upstream" if source == "reported" else source,
+    )

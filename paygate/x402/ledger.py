@@ -485,14 +485,16 @@ def check_lease_seconds(value: float) -> float:
     return float(value)
 
 
-def check_move(record: PaymentRecord, to: PaymentState, lease: int | None) -> None:
+def check_move(
+    record: PaymentRecord, to: PaymentState, lease: int | None, state: PaymentState | None = None
+) -> None:
     """The rules of :meth:`Ledger.transition`, for every store: the fence (a caller whose lease
-    is gone learns that first, whatever became of the record), then the table."""
+    is gone learns that first, whatever became of the record), then the table (from ``state``,
+    where a move before this one in the same call left the record; else its own)."""
     check_fence(record, lease)
-    if to not in TRANSITIONS[record.state]:
-        raise LedgerConflict(
-            f"payment {record.id}: {record.state.value} -> {to.value} is not allowed"
-        )
+    state = record.state if state is None else state
+    if to not in TRANSITIONS[state]:
+        raise LedgerConflict(f"payment {record.id}: {state.value} -> {to.value} is not allowed")
 
 
 def check_fence(record: PaymentRecord, lease: int | None) -> None:

@@ -193,7 +193,9 @@ class Ledger:
         meter: Meter | None = None,
         settled_amount: int | None = None,
         let_go: bool = False,
-        via: PaymentState | None = None,
+        via: PaymentState | tuple[PaymentState, ...] | None = None,
+        reply_receipt: str | None = None,
+        receipt_usage: ReceiptUsage | None = None,
     ) -> PaymentRecord:
         """Move a record along :data:`TRANSITIONS` (compare-and-set in one transaction).
 
@@ -206,12 +208,17 @@ class Ledger:
         terminal state ends it. Without ``lease`` (operators, tests) it is not fenced.
         ``let_go``: the move also gives the lease up (as :meth:`let_go` would, in the same
         transaction): nothing more happens to the payment here. ``via``: move through that
-        state first, in the same transaction (both moves checked against the table and fenced,
-        both in the history), e.g. VERIFIED on the way to SERVED.
+        state (or those states, in order) first, in the same transaction (every move checked
+        against the table and fenced, every one in the history), e.g. VERIFIED on the way to
+        SERVED. ``reply_receipt``: the reply's
+        signed receipt, kept in the same transaction, with the usage it states
+        (``receipt_usage``), as :meth:`add_receipt` (``"reply"``, fenced by ``lease``) would.
         """
         target = PaymentState(to)
         if settled_amount is not None:
             check_amount(settled_amount)
+        if reply_receipt is not None:
+            check_receipt("reply", reply_receipt)
         move = Move(
             target,
             transaction=check_transaction(transaction),
@@ -220,7 +227,9 @@ class Ledger:
             meter=meter,
             settled_amount=settled_amount,
             let_go=bool(let_go),
-            via=None if via is None else PaymentState(via),
+            via=_states(via),
+            reply_receipt=reply_receipt,
+            receipt_usage=receipt_usage if reply_receipt is not None else None,
         )
         return await self._run(self._transition, payment_id, move)
 
@@ -383,3 +392,11 @@ class Ledger:
         """SETTLED payments created since ``since``, grouped ``by`` "model", "day" (UTC) or
         "payer", ordered by that key."""
         return await self._run(self._earnings, float(since), check_group(by))
+
+
+def _states(via: PaymentState | tuple[PaymentState, ...] | None) -> tuple[PaymentState, ...]:
+    if via is None:
+        return ()
+    if isinstance(via, str):  # one state (a StrEnum)
+        return (PaymentState(via),)
+    return tuple(PaymentState(state) for state in via)

@@ -14,6 +14,7 @@ limit events, alert claims, one-time console logins; paygate.economics, paygate.
 v5: the transparency log (paygate.tlog). v6: signed receipts, payments by nonce. v7: budgets by
 when a payment counted, the sign-in key. v8: batch settlement's channels, vouchers and claims.
 v9: the free requests of each client address per day (shared by every process on the ledger).
+v10: two payment indexes fewer (pages every paid request writes; see the step).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Literal
 from paygate.x402.ledger import PaymentState
 
 SqlDialect = Literal["sqlite", "postgres"]
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 # What differs between the dialects, by name: (SQLite, PostgreSQL).
 _WORDS: dict[str, tuple[str, str]] = {
@@ -238,6 +239,26 @@ def migrations(dialect: SqlDialect) -> dict[int, tuple[str, ...]]:
                 f"used {integer} NOT NULL",
                 "PRIMARY KEY (day, address)",
             ),
+        ),
+        # Every index of payments is written by every paid request (the insert, and each move
+        # for those on the state): two that no query needs any more go. Their queries (plans
+        # checked with EXPLAIN QUERY PLAN and EXPLAIN on both stores):
+        # * payments_payer (payer, created_at), for budgets until v7: a payer's spend is summed
+        #   by counted_at since (payments_payer_counted). What is left of it, the console's
+        #   search by payer (newest first, operators only), takes payments_payer_counted's
+        #   payer prefix and sorts that payer's rows.
+        # * payments_lease (state, lease_until): the lease test is inside an OR (lease ran out,
+        #   or no owner and idle, or ours), which no index range serves; only its state prefix
+        #   was ever used, and payments_state (state, updated_at) has the same prefix and the
+        #   order the reconciler's claims and the stale-reservation sweep read in.
+        # Kept: the primary key and both UNIQUEs (lookups by id, the replay guard, payment
+        # identifiers), payments_state (recovery, leases, the sweeps, earnings), payments_created
+        # (newest first: console, CLI; appended to, cheap), payments_nonce (the public receipts
+        # endpoint finds a payment by its nonce: never a scan), payments_payer_counted
+        # (budgets: a payer's spend today).
+        10: (
+            "DROP INDEX IF EXISTS payments_payer",
+            "DROP INDEX IF EXISTS payments_lease",
         ),
     }
 

@@ -44,6 +44,7 @@ from paygate.x402.ledger import (
 from paygate.x402.ledger_base import BY_IDEMPOTENCY_KEY, BY_KEY, Ledger
 from paygate.x402.ledger_postgres_schema import SCHEMA_VERSION, Conn
 from paygate.x402.ledger_postgres_tables import PostgresTables
+from paygate.x402.ledger_tables import ADD_RECEIPT
 
 T = TypeVar("T")
 
@@ -78,19 +79,17 @@ _RESERVE = (
     " WHERE payments.state = %(released)s"
     f" RETURNING {_COLUMNS}"
 )
+_ADD_RECEIPT = ADD_RECEIPT.replace("?", "%s")
 _MOVE = (
-    "UPDATE payments SET state = %(state)s, attempts = attempts + %(attempt)s,"  # noqa: S608 - constant columns
-    " served = served OR %(served)s, tx_hash = COALESCE(%(tx_hash)s, tx_hash),"
-    " error = COALESCE(%(error)s, error), updated_at = %(now)s, owner = %(owner)s,"
-    " lease_until = %(until)s, tokens_in = COALESCE(%(tokens_in)s, tokens_in),"
-    " tokens_out = COALESCE(%(tokens_out)s, tokens_out),"
-    " usage_source = COALESCE(%(usage_source)s, usage_source),"
-    " settle_amount = COALESCE(%(settle_amount)s::numeric, settle_amount),"
-    " settled_amount = COALESCE(%(settled_amount)s::numeric, settled_amount),"
-    " counted_at = CASE WHEN %(counted)s THEN %(now)s ELSE counted_at END"
-    " WHERE id = %(id)s AND state = %(from_state)s AND lease = %(lease)s"
-    f" RETURNING {_COLUMNS}"
+    "UPDATE payments SET state = %(state)s, attempts = %(attempts)s, served = %(served)s,"
+    " tx_hash = %(tx_hash)s, error = %(error)s, updated_at = %(now)s, owner = %(owner)s,"
+    " lease_until = %(until)s, tokens_in = %(tokens_in)s, tokens_out = %(tokens_out)s,"
+    " usage_source = %(usage_source)s, settle_amount = %(settle_amount)s::numeric,"
+    " settled_amount = %(settled_amount)s::numeric{counted}"
+    " WHERE id = %(id)s AND state = %(from_state)s AND lease = %(lease)s"  # as read, locked
 )
+# counted_at is set only when the move counts the payment (as the SQLite store does).
+_MOVES = {False: _MOVE.format(counted=""), True: _MOVE.format(counted=", counted_at = %(now)s")}
 
 
 class PostgresLedger(Ledger):
@@ -293,19 +292,19 @@ class PostgresLedger(Ledger):
         return record
 
     async def _transition(self, conn: Conn, payment_id: str, move: rules.Move) -> PaymentRecord:
-        record = await self._must(conn, payment_id, lock=True)
-        for step in move.steps():
-            now = await self._now(conn)
-            values = step.values(
-                record, now=now, replica=self.replica, lease_seconds=self.lease_seconds
-            )
-            row = await (await conn.execute(_MOVE, values)).fetchone()
-            if row is None:  # cannot happen under the row lock; never guess
-                raise LedgerConflict(f"payment {record.id} changed concurrently")
-            record = rules.record_from_row(row)
-            await self._event(
-                conn, record, EventAction.MOVED, now, transaction=step.transaction, error=step.error
-            )
+        current = await self._must(conn, payment_id, lock=True)
+        now = await self._now(conn)
+        values, record, steps = move.change(
+            current, now=now, replica=self.replica, lease_seconds=self.lease_seconds
+        )
+        if (
+            await conn.execute(_MOVES[values["counted"]], values)
+        ).rowcount != 1:  # cannot happen under the lock
+            raise LedgerConflict(f"payment {current.id} changed concurrently")
+        async with conn.cursor() as cursor:  # the history lines in one batch
+            await cursor.executemany(_INSERT_EVENT, move.events(record, steps, now, self.replica))
+        if move.reply_receipt is not None:
+            await conn.execute(_ADD_RECEIPT, (record.id, "reply", move.reply_receipt, now))
         return record
 
     async def _mark_served(self, conn: Conn, payment_id: str) -> PaymentRecord:

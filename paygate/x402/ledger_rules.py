@@ -13,7 +13,7 @@ from __future__ import annotations
 import calendar
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 from paygate.x402.ledger import (
@@ -29,6 +29,7 @@ from paygate.x402.ledger import (
     PaymentNotFound,
     PaymentRecord,
     PaymentState,
+    ReceiptUsage,
     check_fence,
     check_move,
     normalise_address,
@@ -55,7 +56,13 @@ class _Rows:
         return cls(make, columns, tuple((names.index(n), to) for n, to in convert.items()))
 
     def read(self, row: Mapping[str, Any]) -> Any:
-        values = [row[column] for column in self.columns]
+        columns = self.columns
+        if isinstance(row, dict):  # PostgreSQL's rows: by name
+            values = [row[column] for column in columns]
+        elif tuple(row.keys()[: len(columns)]) == columns:  # selected in order: by position
+            values = list(row)[: len(columns)]  # (sqlite3.Row finds a name by a linear search)
+        else:
+            values = [row[column] for column in columns]
         for at, to in self.convert:
             values[at] = to(values[at])
         return self.make(*values)
@@ -150,11 +157,47 @@ class Reservation:
         }
 
 
+def reserved_record(values: Mapping[str, Any], reservation: Reservation) -> PaymentRecord:
+    """The record a new reservation's row holds (``values``: :meth:`Reservation.values`, as
+    written), without reading it back."""
+    network, asset, payer, nonce = reservation.key
+    now = values["now"]
+    return PaymentRecord(
+        values["id"],
+        network,
+        asset,
+        payer,
+        nonce,
+        reservation.pay_to,
+        reservation.amount,
+        reservation.x402_version,
+        reservation.route,
+        PaymentState.RESERVED,
+        False,
+        reservation.payload,
+        reservation.requirements,
+        reservation.idempotency_key,
+        None,  # no transaction
+        None,  # no error
+        0,  # no attempt
+        now,
+        now,
+        values["owner"],
+        1,  # the first lease epoch
+        values["until"],
+        reservation.scheme,
+        reservation.model,
+    )
+
+
 @dataclass(frozen=True)
 class Move:
-    """One :meth:`Ledger.transition` call, checked: to ``to``, through ``via`` first if given
-    (both moves in one transaction, each checked against the table and fenced, each in the
-    history); ``let_go``: the lease goes with the (last) move."""
+    """One :meth:`Ledger.transition` call, checked: to ``to``, through the states of ``via``
+    first, in order (every move in one transaction, each checked against the table and fenced,
+    each in the history); ``let_go``: the lease goes with the (last) move; ``reply_receipt``:
+    the reply's signed receipt, kept with the (last) move, and the usage it states
+    (``receipt_usage``) recorded where none is (as :meth:`Ledger.add_receipt` would, in the
+    same transaction)."""
 
     to: PaymentState
     transaction: str | None = None
@@ -163,50 +206,189 @@ class Move:
     meter: Meter | None = None
     settled_amount: int | None = None
     let_go: bool = False
-    via: PaymentState | None = None
+    via: tuple[PaymentState, ...] = ()
+    reply_receipt: str | None = None
+    receipt_usage: ReceiptUsage | None = None
 
-    def steps(self) -> tuple[Move, ...]:
-        """The single moves a store runs, in order."""
-        if self.via is None:
-            return (self,)
-        return (Move(self.via, lease=self.lease), replace(self, via=None))
-
-    def values(
+    def change(
         self, current: PaymentRecord, *, now: float, replica: str, lease_seconds: float
+    ) -> tuple[dict[str, Any], PaymentRecord, tuple[Step, ...]]:
+        """The whole call as one compare-and-set update of ``current``, the record as read
+        under its lock (matched on the state and epoch read): its named values, each move
+        checked on the record as the moves before it left it (the fence and the table:
+        :func:`check_move`; the metering cap); the record as the update leaves it (no
+        read-back); and the moves, for their history lines."""
+        last = (self.to, self.transaction, self.error)
+        values, state = None, current.state
+        steps: list[Step] = []
+        for to in self.via:
+            step = self._values(current, state, to, values, False, now, replica, lease_seconds)
+            values = step if values is None else _then(values, step)
+            state = to  # the next move's rules read the record as this one left it
+            steps.append((to, None, None))
+        final = self._values(current, state, self.to, values, True, now, replica, lease_seconds)
+        return (
+            *_applied(current, final if values is None else _then(values, final)),
+            (*steps, last),
+        )
+
+    def _values(
+        self,
+        current: PaymentRecord,
+        state: PaymentState,
+        to: PaymentState,
+        before: dict[str, Any] | None,
+        last: bool,
+        now: float,
+        replica: str,
+        lease_seconds: float,
     ) -> dict[str, Any]:
-        """This single move applied to ``current``, the record as read under its lock: the fence
-        and the table (:func:`check_move`), the metering cap, and the named values of the
-        compare-and-set update (matched on the state and epoch read)."""
-        to, meter = self.to, self.meter
-        check_move(current, to, self.lease)
+        """One move from ``state`` to ``to`` (``before``: the values of the moves that led
+        there); the ``last`` carries the call's details."""
+        meter = self.meter if last else None
+        check_move(current, to, self.lease, state)
         if meter is not None and meter.settle_amount > current.amount:
             raise ValueError("a metered charge cannot exceed the authorized amount")
-        if not TRANSITIONS[to] or self.let_go:  # terminal, or given up: nobody here works on it
+        if not TRANSITIONS[to] or (last and self.let_go):  # terminal, or given up
             owner, until = None, None
         elif self.lease is not None:  # the owner moves it on: its lease is renewed
             owner, until = replica, now + lease_seconds
+        elif before is not None:  # an unfenced move leaves the lease as the one before left it
+            owner, until = before["owner"], before["until"]
         else:  # an operator's or a test's unfenced move leaves the lease as it is
             owner, until = current.owner, current.lease_until
-        settled = self.settled_amount
+        settled = self.settled_amount if last else None
+        # A receipt's usage is kept once: not over a meter, nor over usage recorded before.
+        usage = self.receipt_usage if last and meter is None and current.tokens_in is None else None
         return {
             "state": to.value,
             "attempt": 1 if to is PaymentState.SETTLING else 0,  # every move into SETTLING counts
             "served": to is PaymentState.SERVED,
-            "tx_hash": self.transaction,
-            "error": self.error,
+            "tx_hash": self.transaction if last else None,
+            "error": self.error if last else None,
             "now": now,
             "owner": owner,
             "until": until,
-            "tokens_in": meter.tokens_in if meter else None,
-            "tokens_out": meter.tokens_out if meter else None,
-            "usage_source": meter.source if meter else None,
+            "tokens_in": meter.tokens_in if meter else usage.tokens_in if usage else None,
+            "tokens_out": meter.tokens_out if meter else usage.tokens_out if usage else None,
+            "usage_source": meter.source if meter else usage.source if usage else None,
             "settle_amount": str(meter.settle_amount) if meter else None,
             "settled_amount": None if settled is None else str(settled),
             "counted": to is PaymentState.SETTLED,  # a budget counts a payment when it settles
             "id": current.id,
-            "from_state": current.state.value,
+            "from_state": state.value,
             "lease": current.lease,
         }
+
+    @staticmethod
+    def events(
+        record: PaymentRecord, steps: tuple[Step, ...], at: float, replica: str
+    ) -> list[tuple[Any, ...]]:
+        """The history lines of ``steps`` (from :meth:`change`), one a move, oldest first;
+        ``record``: the record as the update left it (the epoch does not move)."""
+        return [
+            _event_row(
+                record.id, record.lease, to, EventAction.MOVED, at, replica, (tx, error, None)
+            )
+            for to, tx, error in steps
+        ]
+
+
+#: One move of a :class:`Move`, for its history line: the state it went to, its details.
+Step = tuple[PaymentState, str | None, str | None]
+
+
+# A step's values overwrite the ones before it, but for what the update adds up (``attempts``,
+# ``served``, ``counted_at``), what it keeps unless given (COALESCE), and what it matches on.
+_COALESCED = (
+    "tx_hash",
+    "error",
+    "tokens_in",
+    "tokens_out",
+    "usage_source",
+    "settle_amount",
+    "settled_amount",
+)
+
+
+def _then(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The values of one update that does what ``before``'s then ``after``'s would."""
+    values = dict(after)
+    values["attempt"] = before["attempt"] + after["attempt"]
+    values["served"] = before["served"] or after["served"]
+    values["counted"] = before["counted"] or after["counted"]
+    values["from_state"], values["lease"] = before["from_state"], before["lease"]
+    for name in _COALESCED:
+        if values[name] is None:
+            values[name] = before[name]
+    return values
+
+
+def _applied(current: PaymentRecord, move: dict[str, Any]) -> tuple[dict[str, Any], PaymentRecord]:
+    """``move``'s values applied to ``current``: what adds up (attempts), what is kept unless
+    given, the rest overwritten. The update's named values (every column it sets, as it sets
+    it; ``counted``: a budget counts the payment from ``now``) and the record it leaves."""
+
+    def kept(name: str, old: Any) -> Any:
+        new = move[name]
+        return old if new is None else new
+
+    settle, settled = move["settle_amount"], move["settled_amount"]
+    record = PaymentRecord(
+        id=current.id,
+        network=current.network,
+        asset=current.asset,
+        payer=current.payer,
+        nonce=current.nonce,
+        pay_to=current.pay_to,
+        amount=current.amount,
+        x402_version=current.x402_version,
+        route=current.route,
+        state=PaymentState(move["state"]),
+        served=current.served or move["served"],
+        payload=current.payload,
+        requirements=current.requirements,
+        idempotency_key=current.idempotency_key,
+        transaction=kept("tx_hash", current.transaction),
+        error=kept("error", current.error),
+        attempts=current.attempts + move["attempt"],
+        created_at=current.created_at,
+        updated_at=move["now"],
+        owner=move["owner"],
+        lease=current.lease,
+        lease_until=move["until"],
+        scheme=current.scheme,
+        model=current.model,
+        tokens_in=kept("tokens_in", current.tokens_in),
+        tokens_out=kept("tokens_out", current.tokens_out),
+        usage_source=kept("usage_source", current.usage_source),
+        settle_amount=current.settle_amount if settle is None else int(settle),
+        settled_amount=current.settled_amount if settled is None else int(settled),
+    )
+    values = {
+        "state": move["state"],
+        "attempts": record.attempts,
+        "served": record.served,
+        "tx_hash": record.transaction,
+        "error": record.error,
+        "now": move["now"],
+        "owner": record.owner,
+        "until": record.lease_until,
+        "tokens_in": record.tokens_in,
+        "tokens_out": record.tokens_out,
+        "usage_source": record.usage_source,
+        "settle_amount": _text(record.settle_amount),
+        "settled_amount": _text(record.settled_amount),
+        "counted": move["counted"],
+        "id": current.id,
+        "from_state": move["from_state"],
+        "lease": move["lease"],
+    }
+    return values, record
+
+
+def _text(amount: int | None) -> str | None:
+    return None if amount is None else str(amount)  # a uint256: decimal text in both stores
 
 
 def check_renewal(current: PaymentRecord, lease: int, replica: str) -> None:
@@ -228,9 +410,20 @@ def event_values(
     the ``details`` given (``transaction``, ``error``, ``detail``; the others NULL)."""
     if not _EVENT_DETAILS.issuperset(details):
         raise TypeError(f"a history line's details are {', '.join(EVENT_DETAILS)}")
-    get = details.get
-    state, lease = record.state.value, record.lease
-    return (record.id, at, replica, action.value, state, lease, *map(get, EVENT_DETAILS))
+    listed = tuple(map(details.get, EVENT_DETAILS))
+    return _event_row(record.id, record.lease, record.state, action, at, replica, listed)
+
+
+def _event_row(
+    payment_id: str,
+    lease: int,
+    state: PaymentState,
+    action: EventAction,
+    at: float,
+    replica: str,
+    details: tuple[str | None, ...],
+) -> tuple[Any, ...]:
+    return (payment_id, at, replica, action.value, state.value, lease, *details)
 
 
 def record_from_row(row: Mapping[str, Any]) -> PaymentRecord:

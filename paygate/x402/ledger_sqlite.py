@@ -47,6 +47,7 @@ from paygate.x402.ledger_base import BY_ID, BY_IDEMPOTENCY_KEY, BY_KEY, Ledger
 from paygate.x402.ledger_commit import GroupCommit
 from paygate.x402.ledger_sqlite_schema import SCHEMA_VERSION
 from paygate.x402.ledger_sqlite_tables import SqliteTables
+from paygate.x402.ledger_tables import ADD_RECEIPT
 from paygate.x402.ledger_worker import worker_call
 
 T = TypeVar("T")
@@ -54,13 +55,13 @@ T = TypeVar("T")
 _SELECT = f"SELECT {rules.RECORD_COLUMNS} FROM payments"  # noqa: S608 - constant column list
 _INSERT_EVENT = f"INSERT INTO payment_events ({rules.EVENT_COLUMNS}) VALUES ({', '.join('?' * 9)})"  # noqa: S608 - constant
 _RESERVE = (
-    "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount, x402_version, route,"  # noqa: S608 - constant columns
+    "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount, x402_version, route,"
     " state, served, payload, requirements, idempotency_key, attempts, created_at, updated_at,"
     " owner, lease, lease_until, scheme, model, counted_at)"
     " VALUES (:id, :network, :asset, :payer, :nonce, :pay_to, :amount, :x402_version, :route,"
     " :reserved, 0, :payload, :requirements, :idempotency_key, 0, :now, :now,"
     " :owner, 1, :until, :scheme, :model, :now)"
-    f" RETURNING {rules.RECORD_COLUMNS}"
+    " ON CONFLICT (network, asset, payer, nonce) DO NOTHING"  # taken: no row inserted
 )
 # A retry of an authorization whose earlier request failed before settlement.
 _RESERVE_AGAIN = (
@@ -75,17 +76,16 @@ _RESERVE_AGAIN = (
     f" RETURNING {rules.RECORD_COLUMNS}"
 )
 _MOVE = (
-    "UPDATE payments SET state = :state, attempts = attempts + :attempt,"  # noqa: S608 - constant columns
-    " served = MAX(served, :served), tx_hash = COALESCE(:tx_hash, tx_hash),"
-    " error = COALESCE(:error, error), updated_at = :now, owner = :owner, lease_until = :until,"
-    " tokens_in = COALESCE(:tokens_in, tokens_in), tokens_out = COALESCE(:tokens_out, tokens_out),"
-    " usage_source = COALESCE(:usage_source, usage_source),"
-    " settle_amount = COALESCE(:settle_amount, settle_amount),"
-    " settled_amount = COALESCE(:settled_amount, settled_amount),"
-    " counted_at = CASE WHEN :counted THEN :now ELSE counted_at END"
-    " WHERE id = :id AND state = :from_state AND lease = :lease"
-    f" RETURNING {rules.RECORD_COLUMNS}"  # the record as moved: no second read
+    "UPDATE payments SET state = :state, attempts = :attempts, served = :served,"
+    " tx_hash = :tx_hash, error = :error, updated_at = :now, owner = :owner,"
+    " lease_until = :until, tokens_in = :tokens_in, tokens_out = :tokens_out,"
+    " usage_source = :usage_source, settle_amount = :settle_amount,"
+    " settled_amount = :settled_amount{counted}"
+    " WHERE id = :id AND state = :from_state AND lease = :lease"  # as read, under the lock
 )
+# counted_at is set only when it changes: an index holds it (a payer's spend), and SQLite
+# rewrites an index entry whenever the SET names one of its columns, changed or not.
+_MOVES = {False: _MOVE.format(counted=""), True: _MOVE.format(counted=", counted_at = :now")}
 
 
 def _closed() -> LedgerUnavailable:
@@ -302,26 +302,44 @@ class SqliteLedger(Ledger):
 
     def _reserve(self, checked: rules.Reservation) -> PaymentRecord:
         with self._write() as db:
+            existing = None
             if checked.idempotency_key is not None:
-                holder = self._one(BY_IDEMPOTENCY_KEY, (checked.idempotency_key,))
-                checked.check_identifier(holder)
-            existing = self._one(BY_KEY, checked.key)
+                existing = self._one(BY_IDEMPOTENCY_KEY, (checked.idempotency_key,))
+                checked.check_identifier(existing)  # so the holder has this key, if any
+            if existing is None and checked.budgets:
+                # A replay is refused as one before any budget is summed.
+                existing = self._one(BY_KEY, checked.key)
             checked.check_existing(existing)
             now = self._clock()
             for budget in checked.budgets:
                 checked.check_budget(budget, self._spent(checked, budget.since))
-            values = checked.values(
-                payment_id=existing.id if existing else uuid.uuid4().hex,
-                now=now,
-                replica=self.replica,
-                lease_seconds=self.lease_seconds,
-            )
-            rows = db.execute(_RESERVE if existing is None else _RESERVE_AGAIN, values).fetchall()
-            if len(rows) != 1:  # impossible under the lock: never guess
-                raise LedgerConflict(f"payment {values['id']} changed concurrently")
-            record = rules.record_from_row(rows[0])
+            record = None
+            if existing is None:  # most likely a new key: no read first, the insert tells
+                values = self._values(checked, None, now)
+                if db.execute(_RESERVE, values).rowcount == 1:
+                    record = rules.reserved_record(values, checked)  # as written: no read-back
+                else:  # the key is taken: a replay, or a RELEASED record to claim again
+                    existing = self._one(BY_KEY, checked.key)
+                    checked.check_existing(existing)
+            if existing is not None:
+                rows = db.execute(_RESERVE_AGAIN, self._values(checked, existing, now)).fetchall()
+                if len(rows) != 1:  # impossible under the lock: never guess
+                    raise LedgerConflict("the authorization changed concurrently")
+                record = rules.record_from_row(rows[0])
+            if record is None:  # the key was taken and is gone: impossible under the lock
+                raise LedgerConflict("the authorization changed concurrently")
             self._event(record, EventAction.RESERVED, now)
             return record
+
+    def _values(
+        self, checked: rules.Reservation, existing: PaymentRecord | None, now: float
+    ) -> dict[str, Any]:
+        return checked.values(
+            payment_id=existing.id if existing else uuid.uuid4().hex,
+            now=now,
+            replica=self.replica,
+            lease_seconds=self.lease_seconds,
+        )
 
     def _spent(self, checked: rules.Reservation, since: float) -> int:
         """What the payer has committed on the asset since ``since``, by when each payment last
@@ -342,35 +360,31 @@ class SqliteLedger(Ledger):
 
     def _transition(self, payment_id: str, move: rules.Move) -> PaymentRecord:
         with self._write() as db:
-            record = self._must(payment_id)
-            for step in move.steps():
-                values = step.values(
-                    record,
-                    now=self._clock(),
-                    replica=self.replica,
-                    lease_seconds=self.lease_seconds,
-                )
-                rows = db.execute(_MOVE, values).fetchall()
-                if len(rows) != 1:  # impossible under the lock: never guess
-                    raise LedgerConflict(f"payment {record.id} changed concurrently")
-                record = rules.record_from_row(rows[0])
-                self._event(
-                    record,
-                    EventAction.MOVED,
-                    values["now"],
-                    transaction=step.transaction,
-                    error=step.error,
-                )
+            current = self._must(payment_id)
+            now = self._clock()
+            values, record, steps = move.change(
+                current, now=now, replica=self.replica, lease_seconds=self.lease_seconds
+            )
+            if (
+                db.execute(_MOVES[values["counted"]], values).rowcount != 1
+            ):  # impossible under the lock
+                raise LedgerConflict(f"payment {current.id} changed concurrently")
+            db.executemany(_INSERT_EVENT, move.events(record, steps, now, self.replica))
+            if move.reply_receipt is not None:
+                db.execute(ADD_RECEIPT, (record.id, "reply", move.reply_receipt, now))
             return record
 
     def _mark_served(self, payment_id: str) -> PaymentRecord:
         with self._write() as db:
-            record = self._must(payment_id)
+            current = self._must(payment_id)
             now = self._clock()
-            db.execute(
-                "UPDATE payments SET served = 1, updated_at = ? WHERE id = ?", (now, record.id)
+            record = self._changed(
+                db.execute(
+                    "UPDATE payments SET served = 1, updated_at = ? WHERE id = ?"  # noqa: S608 - constant columns
+                    f" RETURNING {rules.RECORD_COLUMNS}",
+                    (now, current.id),
+                )
             )
-            record = self._must(record.id)
             self._event(record, EventAction.SERVED, now)
             return record
 
@@ -378,23 +392,35 @@ class SqliteLedger(Ledger):
         with self._write() as db:
             current = self._must(payment_id)
             rules.check_renewal(current, lease, self.replica)
-            db.execute(
-                "UPDATE payments SET lease_until = ? WHERE id = ? AND lease = ?",
-                (self._clock() + self.lease_seconds, current.id, lease),
+            return self._changed(
+                db.execute(
+                    "UPDATE payments SET lease_until = ? WHERE id = ? AND lease = ?"  # noqa: S608 - constant columns
+                    f" RETURNING {rules.RECORD_COLUMNS}",
+                    (self._clock() + self.lease_seconds, current.id, lease),
+                )
             )
-            return self._must(current.id)
 
     def _let_go(self, payment_id: str, lease: int) -> PaymentRecord:
         with self._write() as db:
             current = self._must(payment_id)
             rules.check_let_go(current, lease)
-            db.execute(
-                "UPDATE payments SET owner = NULL, lease_until = NULL WHERE id = ? AND lease = ?",
-                (current.id, lease),
+            record = self._changed(
+                db.execute(
+                    "UPDATE payments SET owner = NULL, lease_until = NULL WHERE id = ?"  # noqa: S608 - constant columns
+                    f" AND lease = ? RETURNING {rules.RECORD_COLUMNS}",
+                    (current.id, lease),
+                )
             )
-            record = self._must(current.id)
             self._event(record, EventAction.LET_GO, self._clock())
             return record
+
+    @staticmethod
+    def _changed(cursor: sqlite3.Cursor) -> PaymentRecord:
+        """The one record an update under the lock returned (its read-back, no second read)."""
+        rows = cursor.fetchall()
+        if len(rows) != 1:  # impossible under the lock: never guess
+            raise LedgerConflict("a payment changed concurrently")
+        return rules.record_from_row(rows[0])
 
     def _abandoned(
         self, states: tuple[PaymentState, ...], now: float, min_age: float, own: bool, limit: int

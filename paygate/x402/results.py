@@ -54,6 +54,11 @@ class PaymentAdmission:
     meter: Meter | None = None
     # A free request (sign-in-with-x): how many are left today.
     free_remaining: int | None = None
+    # The reply stage keeps a signed receipt of this reply before its end leaves: a SERVED
+    # recorded at the reply (verify-only) waits for it and goes in its ledger transaction
+    # (``served_deferred``), else at the request's end.
+    receipt_follows: bool = False
+    served_deferred: bool = False
 
     @property
     def paid(self) -> bool:

@@ -195,12 +195,20 @@ class PaymentSession:
         await self.finish()
 
     async def reply_ended(
-        self, reply: MeteredReply | None = None, *, reply_bytes: int = 0
+        self,
+        reply: MeteredReply | None = None,
+        *,
+        reply_bytes: int = 0,
+        receipt_follows: bool = False,
     ) -> Receipt | None:
         """The reply is here and its end not sent yet: the receipt to send with it, if any.
         Nothing earned (the upstream failed): released now, before the error goes out, so the
         caller's immediate retry with the same authorization is not "in progress". Earned:
-        metered (a metered scheme) by ``reply``, then settled as the strategy says."""
+        metered (a metered scheme) by ``reply``, then settled as the strategy says.
+        ``receipt_follows``: the caller keeps a signed receipt (:meth:`keep_receipt`) before
+        the reply's end leaves, so a SERVED recorded now may wait for it (one ledger
+        transaction for both)."""
+        self._admission.receipt_follows = receipt_follows and self.settles
         if not self.settles:
             if self.paid:
                 await self.give_up()
@@ -355,7 +363,6 @@ class PaymentSession:
 
     async def keep_receipt(self, token: str, usage: Mapping[str, Any] | None) -> None:
         """Keep a paid reply's signed receipt, and its usage, in the ledger."""
-        record = self._admission.record
-        if record is None or self._settlements is None:
+        if self._admission.record is None or self._settlements is None:
             return
-        await self._settlements.keep_receipt(record, token, usage)
+        await self._settlements.keep_receipt(self._admission, token, usage)

@@ -83,9 +83,18 @@ class Settlements:
             await self.leases.let_go(record)
 
     async def keep_receipt(
-        self, record: PaymentRecord, token: str, usage: Mapping[str, Any] | None
+        self, admission: PaymentAdmission, token: str, usage: Mapping[str, Any] | None
     ) -> None:
-        """Keep a paid reply's signed receipt, and the usage it states, in the ledger."""
+        """Keep a paid reply's signed receipt, and the usage it states, in the ledger: with
+        SERVED, in one transaction, when that waited for it (:meth:`mark_served`)."""
+        record = admission.record
+        assert record is not None
+        if admission.served_deferred:
+            admission.served_deferred = False
+            admission.record = await self.leases.served(
+                record, let_go=not self.settlement.settles_owed, receipt=(token, usage)
+            )
+            return
         await self.leases.keep_receipt(record, token, usage)
 
     # --- the steps a settlement strategy calls ---
@@ -113,8 +122,17 @@ class Settlements:
 
     async def mark_served(self, admission: PaymentAdmission) -> None:
         """Record that the reply went out (a payment never settled here stays SERVED, and its
-        lease goes in the same transaction: nothing more happens to it here)."""
+        lease goes in the same transaction: nothing more happens to it here).
+
+        At the reply, when its signed receipt follows before the reply's end leaves
+        (``receipt_follows``), SERVED waits for it and is recorded with it in one transaction
+        (:meth:`keep_receipt`), still before the end leaves; at the request's end
+        (``finished``) it is recorded whatever came of that."""
         assert admission.record is not None
+        if admission.receipt_follows and not admission.finished:
+            admission.served_deferred = True
+            return
+        admission.served_deferred = False
         admission.record = await self.leases.served(
             admission.record, let_go=not self.settlement.settles_owed
         )
@@ -125,45 +143,47 @@ class Settlements:
     async def _settle_after(self, admission: PaymentAdmission) -> Receipt | None:
         record = admission.record
         assert record is not None
-        try:
-            # Fenced; a metered request's usage and charge are durable with SERVED, so a
-            # restart settles the same amount. VERIFIED goes in the same transaction when the
-            # strategy did not record it alone (verified_when_served).
-            admission.record = await self.leases.move(
-                record,
-                PaymentState.SERVED,
-                meter=admission.meter,
-                via=PaymentState.VERIFIED if record.state is PaymentState.RESERVED else None,
-            )
-        except LedgerError as exc:
-            log.error("payment %s: cannot record SERVED: %s", record.id, exc.code)
-            if self.leases.holds(record):
-                await self.leases.let_go(record)
-            return None
-        return await self.settle_now(admission)
+        # SERVED (the reply is produced) and SETTLING (the last word before the settle call) in
+        # one transaction, with VERIFIED before them when the strategy did not record it alone
+        # (verified_when_served); a metered request's usage and charge go with them, so a
+        # restart settles the same amount.
+        served = (PaymentState.SERVED,)
+        if record.state is PaymentState.RESERVED:
+            served = (PaymentState.VERIFIED, *served)
+        return await self.settle_now(admission, via=served)
 
-    async def settle_now(self, admission: PaymentAdmission) -> Receipt | None:
-        """SETTLING (durable) → settle → SETTLED | FAILED | still SETTLING (reconcile later)."""
+    async def settle_now(
+        self, admission: PaymentAdmission, *, via: tuple[PaymentState, ...] = ()
+    ) -> Receipt | None:
+        """SETTLING (durable; through ``via`` first, in the same transaction) → settle →
+        SETTLED | FAILED | still SETTLING (reconcile later)."""
         try:
-            return await self._settle_now(admission)
+            return await self._settle_now(admission, via)
         finally:
             record = admission.record
             if record is not None and self.leases.holds(record) and not record.terminal:
                 await self.leases.let_go(record)  # not finished here: whoever reconciles takes it
 
-    async def _settle_now(self, admission: PaymentAdmission) -> Receipt | None:
+    async def _settle_now(
+        self, admission: PaymentAdmission, via: tuple[PaymentState, ...]
+    ) -> Receipt | None:
         record = admission.record
         payment = admission.payment
         assert record is not None
         assert payment is not None
         try:
             # Fenced, and the last word before the settle call: a process that lost its lease
-            # (frozen past it, another replica claimed the payment) stops here. Not before a
-            # served payment's charge in this ledger (a channel's): a crash after it leaves the
-            # record SERVED, owed, and charging again adds nothing; SETTLING goes in the
-            # outcome's transaction (record_answer).
-            if not (admission.scheme.settles_in_ledger and record.state is PaymentState.SERVED):
-                record = await self.leases.move(record, PaymentState.SETTLING)
+            # (frozen past it, another replica claimed the payment) stops here. A payment
+            # already SERVED whose settle is a charge in this ledger (a channel's) skips it: a
+            # crash after the charge leaves the record SERVED, owed, and charging again adds
+            # nothing; SETTLING then goes in the outcome's transaction (record_answer). With
+            # ``via`` (SERVED not yet written) SETTLING rides in the same one transaction.
+            if via or not (
+                admission.scheme.settles_in_ledger and record.state is PaymentState.SERVED
+            ):
+                record = await self.leases.move(
+                    record, PaymentState.SETTLING, via=via, meter=admission.meter if via else None
+                )
         except LedgerError as exc:
             log.error("payment %s: cannot record SETTLING: %s", record.id, exc.code)
             return None

@@ -1,6 +1,8 @@
 """Schema migrations and moving stores, through the operator CLI on real stores.
 
-- from an empty store (SQLite and PostgreSQL 15) to the current schema (v9);
+- from an empty store (SQLite and PostgreSQL 15) to the current schema (v10);
+- from v9 with records, on both stores, to v10 (two payment indexes fewer): every record, its
+  history and receipts kept and readable, the queries that used those indexes still answered;
 - from the SQLite schema as it stood on main when leases came (v1, commit 425e611): records kept,
   unfinished work claimable, the history starting there;
 - `paygate ledger copy` from that SQLite file to PostgreSQL, twice (the second copies nothing;
@@ -21,9 +23,19 @@ from pathlib import Path
 import pytest
 
 from paygate.config import load_settings
-from paygate.x402.ledger import EventAction, PaymentState
+from paygate.x402.ledger import (
+    Budget,
+    BudgetExceeded,
+    EventAction,
+    Meter,
+    PaymentState,
+    ReceiptUsage,
+)
+from paygate.x402.ledger_postgres import PostgresLedger
 from paygate.x402.ledger_sqlite_schema import MIGRATIONS
 from paygate.x402.ledger_store import open_ledger, parse_ledger_url
+from tests.fixtures.ledger_support import request, tx
+from tests.fixtures.ledgers import Opener
 
 ROOT = Path(__file__).resolve().parents[4]
 S = PaymentState
@@ -97,12 +109,12 @@ def test_migrate_from_main_s_sqlite_v1_and_from_empty_stores(tmp_path: Path, pg_
     # A v1 file is refused read-only (never migrated by a reader), migrated on request.
     listed = cli("payments", "list", "--ledger-url", url)
     assert listed.returncode == 2
-    assert "v1, not v9" in listed.stderr
+    assert "v1, not v10" in listed.stderr
     first = cli("ledger", "migrate", "--ledger-url", url)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == f"ledger sqlite:///{old}: schema v1 -> v9"
+    assert first.stdout.strip() == f"ledger sqlite:///{old}: schema v1 -> v10"
     again = cli("ledger", "migrate", "--ledger-url", url)
-    assert again.stdout.strip().endswith("schema v9, up to date")
+    assert again.stdout.strip().endswith("schema v10, up to date")
 
     async def check() -> None:
         ledger = await open_ledger(parse_ledger_url(url), replica="after")
@@ -126,10 +138,10 @@ def test_migrate_from_main_s_sqlite_v1_and_from_empty_stores(tmp_path: Path, pg_
 
     empty = tmp_path / "new" / "payments.db"
     fresh = cli("ledger", "migrate", "--ledger-url", f"sqlite:///{empty}")
-    assert fresh.stdout.strip().endswith("schema v0 -> v9"), fresh.stderr
+    assert fresh.stdout.strip().endswith("schema v0 -> v10"), fresh.stderr
     pg = cli("ledger", "migrate", "--ledger-url", pg_url)
     assert pg.returncode == 0, pg.stderr
-    assert pg.stdout.strip() == "ledger postgresql (PAYGATE_LEDGER_URL): schema v0 -> v9"
+    assert pg.stdout.strip() == "ledger postgresql (PAYGATE_LEDGER_URL): schema v0 -> v10"
     assert cli("ledger", "migrate", PAYGATE_LEDGER_URL=pg_url).stdout.strip().endswith("up to date")
 
 
@@ -220,3 +232,72 @@ def test_the_password_comes_from_a_file_or_the_systemd_credential(
     assert load_settings(None, ledger_path=tmp_path / "x.db").ledger_location().path == (
         tmp_path / "x.db"
     )
+
+
+# The indexes step 10 drops, as v9 had them (their released statements).
+V9_ONLY = {
+    "payments_lease": next(s for s in MIGRATIONS[2] if "payments_lease" in s),
+    "payments_payer": next(s for s in MIGRATIONS[3] if "payments_payer " in s),
+}
+
+
+async def _indexes(ledger: object) -> set[str]:
+    if isinstance(ledger, PostgresLedger):
+        sql = "SELECT indexname FROM pg_indexes WHERE tablename = 'payments'"
+    else:
+        sql = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'payments'"
+    _, rows = await ledger.scheme_sql(sql, ())  # type: ignore[attr-defined]
+    return {row[0] for row in rows}
+
+
+async def test_a_v9_ledger_with_records_migrates_to_v10_and_keeps_every_record(
+    ledger_store: Opener,
+) -> None:
+    ledger = await ledger_store(replica="v9")
+    settled = await ledger.reserve(**request(1, idempotency_key="payment-identifier-1"))
+    for to in (S.VERIFIED, S.SETTLING):
+        settled = await ledger.transition(settled.id, to, lease=settled.lease)
+    settled = await ledger.transition(
+        settled.id, S.SETTLED, lease=settled.lease, transaction=tx(1), settled_amount=900
+    )
+    await ledger.add_receipt(settled.id, "reply", "token-1", usage=ReceiptUsage(3, 4, "upstream"))
+    served = await ledger.reserve(**request(2, model="m"))
+    served = await ledger.transition(
+        served.id,
+        S.SERVED,
+        via=S.VERIFIED,
+        lease=served.lease,
+        let_go=True,
+        meter=Meter(tokens_in=5, tokens_out=6, source="upstream", settle_amount=700),
+    )
+    released = await ledger.reserve(**request(3))
+    released = await ledger.transition(released.id, S.RELEASED, lease=released.lease)
+    reserved = await ledger.reserve(**request(4))
+    # The store as v9 left it: the two indexes back (their released statements), v9 recorded.
+    for statement in V9_ONLY.values():
+        await ledger.scheme_sql(statement, ())
+    await ledger.scheme_sql("UPDATE ledger_schema SET version = 9 WHERE id = 1", ())
+    assert set(V9_ONLY) <= await _indexes(ledger)
+    before = {r.id: r for r in await ledger.list()}
+    ids = [settled.id, served.id, released.id, reserved.id]
+    histories = {i: await ledger.history(i) for i in ids}
+    receipts = await ledger.receipts(settled.id)
+    await ledger.close()
+
+    migrated = await ledger_store(replica="v9")
+    assert migrated.found_version == 9  # type: ignore[attr-defined]
+    assert not set(V9_ONLY) & await _indexes(migrated)
+    assert {r.id: r for r in await migrated.list()} == before
+    assert [await migrated.get(i) for i in ids] == [before[i] for i in ids]
+    assert {i: await migrated.history(i) for i in ids} == histories
+    assert await migrated.receipts(settled.id) == receipts
+    assert await migrated.by_idempotency_key("payment-identifier-1") == before[settled.id]
+    assert [r.id for r in await migrated.by_nonce(request(2)["nonce"])] == [served.id]
+    # What the dropped indexes served: a payer's spend (budgets), the sweeps by state.
+    spent = 900 + 700 + 1000  # settled (what moved), served (its meter), reserved
+    with pytest.raises(BudgetExceeded):
+        await migrated.reserve(**request(5), budget=Budget(limit=spent + 999, since=0.0))
+    fifth = await migrated.reserve(**request(5), budget=Budget(limit=spent + 1000, since=0.0))
+    assert [r.id for r in await migrated.unfinished()] == [served.id]
+    gone = await migrated.release_abandoned(own=True)
+    assert [r.id for r in gone] == [reserved.id, fifth.id]

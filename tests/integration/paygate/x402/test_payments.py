@@ -507,8 +507,12 @@ async def test_verify_only_serves_verified_payments_and_settles_nothing(
     # The fewest ledger transactions: the reservation, then VERIFIED → SERVED with the lease
     # given up in one (and the reply's receipt); nothing marked twice, no separate let-go.
     async with await SqliteLedger.open(ledger, read_only=True) as reader:
-        history = [(e.action, e.state) for e in await reader.history(record.id)]
-        assert [r.kind for r in await reader.receipts(record.id)] == ["reply"]
+        events = await reader.history(record.id)
+        history = [(e.action, e.state) for e in events]
+        (kept,) = await reader.receipts(record.id)
+    # The reply's signed receipt is kept in SERVED's transaction (one write, the same instant),
+    # before the reply went out.
+    assert (kept.kind, kept.created_at) == ("reply", events[-1].at)
     assert history == [
         (EventAction.RESERVED, PaymentState.RESERVED),
         (EventAction.MOVED, PaymentState.VERIFIED),

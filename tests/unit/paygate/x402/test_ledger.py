@@ -632,6 +632,120 @@ async def test_a_receipt_from_a_replica_that_lost_the_lease_records_no_usage(
     assert [k.token for k in await ledger.receipts(record.id)] == ["late.token"]
 
 
+async def test_a_move_keeps_the_reply_receipt_in_its_own_transaction(ledger: Ledger) -> None:
+    from paygate.x402.ledger import EventAction, LeaseLost, ReceiptUsage
+
+    record = await ledger.reserve(**request(1))
+    usage = ReceiptUsage(7, 8, "upstream")
+    # Fenced: a stale epoch moves nothing and keeps nothing.
+    with pytest.raises(LeaseLost):
+        await ledger.transition(
+            record.id,
+            S.SERVED,
+            via=S.VERIFIED,
+            lease=record.lease + 1,
+            reply_receipt="stale.token",
+            receipt_usage=usage,
+        )
+    assert await ledger.receipts(record.id) == []
+    assert await ledger.get(record.id) == record
+    with pytest.raises(ValueError, match="receipt token"):
+        await ledger.transition(
+            record.id, S.SERVED, via=S.VERIFIED, lease=record.lease, reply_receipt="x" * 10_000
+        )
+    served = await ledger.transition(
+        record.id,
+        S.SERVED,
+        via=S.VERIFIED,
+        lease=record.lease,
+        let_go=True,
+        reply_receipt="reply.token",
+        receipt_usage=usage,
+    )
+    assert (served.state, served.served, served.owner, served.lease_until) == (
+        S.SERVED,
+        True,
+        None,
+        None,
+    )
+    assert (served.tokens_in, served.tokens_out, served.usage_source) == (7, 8, "upstream")
+    assert await ledger.get(record.id) == served
+    assert [(k.kind, k.token) for k in await ledger.receipts(record.id)] == [
+        ("reply", "reply.token")
+    ]
+    assert [(e.action, e.state, e.lease) for e in await ledger.history(record.id)] == [
+        (EventAction.RESERVED, S.RESERVED, 1),
+        (EventAction.MOVED, S.VERIFIED, 1),
+        (EventAction.MOVED, S.SERVED, 1),
+    ]
+    # A metered payment's usage is its meter's, not the receipt's; a receipt kept earlier stays.
+    metered = await ledger.reserve(**request(2))
+    await ledger.add_receipt(metered.id, "reply", "earlier.token")
+    meter = Meter(tokens_in=1, tokens_out=2, source="upstream", settle_amount=500)
+    moved = await ledger.transition(
+        metered.id,
+        S.SERVED,
+        via=S.VERIFIED,
+        lease=metered.lease,
+        meter=meter,
+        reply_receipt="later.token",
+        receipt_usage=usage,
+    )
+    assert (moved.tokens_in, moved.tokens_out, moved.settle_amount) == (1, 2, 500)
+    assert [k.token for k in await ledger.receipts(metered.id)] == ["earlier.token"]
+
+
+async def test_a_move_through_a_state_is_both_moves_in_one(ledger: Ledger) -> None:
+    from paygate.x402.ledger import EventAction
+
+    record = await in_state(ledger, S.VERIFIED)
+    settled = await ledger.transition(
+        record.id,
+        S.SETTLED,
+        via=S.SETTLING,
+        lease=record.lease,
+        transaction=tx(3),
+        settled_amount=900,
+    )
+    # The move into SETTLING counted its attempt; the hash and the amount moved are the last
+    # move's; the lease ended with the payment.
+    assert (settled.state, settled.attempts, settled.transaction, settled.settled_amount) == (
+        S.SETTLED,
+        1,
+        tx(3),
+        900,
+    )
+    assert (settled.owner, settled.lease_until) == (None, None)
+    assert await ledger.get(record.id) == settled
+    history = await ledger.history(record.id)
+    assert [(e.action, e.state, e.transaction) for e in history[-2:]] == [
+        (EventAction.MOVED, S.SETTLING, None),
+        (EventAction.MOVED, S.SETTLED, tx(3)),
+    ]
+    # Through two states: every move checked and in the history, the attempt counted once.
+    fresh = await ledger.reserve(**request(3))
+    settling = await ledger.transition(
+        fresh.id, S.SETTLING, via=(S.VERIFIED, S.SERVED), lease=fresh.lease
+    )
+    assert (settling.state, settling.served, settling.attempts) == (S.SETTLING, True, 1)
+    assert await ledger.get(fresh.id) == settling
+    assert [e.state for e in await ledger.history(fresh.id)] == [
+        S.RESERVED,
+        S.VERIFIED,
+        S.SERVED,
+        S.SETTLING,
+    ]
+    verified = await in_state(ledger, S.VERIFIED, 4)
+    with pytest.raises(LedgerConflict, match="served -> verified"):
+        await ledger.transition(verified.id, S.SETTLED, via=(S.SERVED, S.VERIFIED))
+    assert await ledger.get(verified.id) == verified
+    # The second move is checked on the state the first left: SETTLING -> VERIFIED is not.
+    other = await in_state(ledger, S.VERIFIED, 2)
+    with pytest.raises(LedgerConflict):
+        await ledger.transition(other.id, S.VERIFIED, via=S.SETTLING, lease=other.lease)
+    assert await ledger.get(other.id) == other
+
+
 # --- budgets by admission/settlement time, the sign-in key (issue 21), on both stores -------
 
 DAY = 86_400.0

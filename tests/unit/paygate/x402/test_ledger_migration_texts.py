@@ -21,6 +21,7 @@ RELEASED = {
         7: (4, "bea5bb23688f2b3c4c2b7b10caa155eb9f71f92a8d88ce8ef7d576cee6bd8695"),
         8: (3, "354f06a92edc08886658aa8a2448eacf3cc3ec97b0cd1b5746341e5eb22c7391"),
         9: (1, "9dc1b651c4cf7ce612a8fc75b67fe70c2255b80e07cbdaa88d92a0e7b06e5cf1"),
+        10: (2, "6375b494c6d5b93dfd317ed8935141a5feaab00da06bc2ad2b48c98b4534f71e"),
     },
     "postgres": {
         1: (3, "15ace1f755611ae0eaf8703d904ff812b0821970032826b6790c3bd58050fd37"),
@@ -32,6 +33,7 @@ RELEASED = {
         7: (4, "791db816421b157b36cc649eb01c2058b2bc56f7cff48c8746234ef155ba5dec"),
         8: (3, "6de188e192a9581a2f1b2bb473a8c9a96e02e3dbdb9e9339d6240e73b0913b3a"),
         9: (1, "ce6bc0d9fc1ea5ce40af64af3e4f569dbb3b84146861628845a7cbdc20d33ff3"),
+        10: (2, "6375b494c6d5b93dfd317ed8935141a5feaab00da06bc2ad2b48c98b4534f71e"),
     },
 }
 MIGRATIONS = {
