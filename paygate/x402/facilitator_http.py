@@ -33,7 +33,8 @@ What stays as it was with the aiohttp session:
 - The answer's body is bounded (:data:`MAX_ANSWER`, after decoding ``gzip``/``deflate``);
   past it the connection is closed and the call fails with :class:`TooLarge`. A head is
   bounded too (:data:`MAX_HEAD`).
-- At most :data:`CONNECTIONS` open at once; a call waits for a free one within its deadline.
+- At most :data:`CONNECTIONS` open at once; a call waits for a free one within its deadline
+  (an idle one the call may not ride, e.g. too old for a settlement, is closed to make room).
 
 The stale-connection rule. A pooled connection can be closed by the facilitator (its idle timer)
 while our request is on the wire; the request then meets a closed socket and not one byte of
@@ -255,6 +256,11 @@ class FacilitatorHttp:
                 conn = self._pooled(loop.time(), IDLE if read_only else SETTLE_IDLE)
                 if conn is not None:
                     return conn
+            if self._open >= self._connections and self._idle:
+                # Full, but with idle connections this call may not ride (too old for a
+                # settlement, or a resend's fresh one): the oldest makes room, rather than
+                # the call waiting out its deadline on a pool nobody will hand back.
+                self._evict(self._idle.popleft())
             if self._open < self._connections:
                 return await self._connect(loop, deadline, connect_timeout)
             slot = loop.create_future()  # woken when a connection is back or gone
@@ -303,6 +309,14 @@ class FacilitatorHttp:
             idle.popleft().close()
         idle.append(conn)
         self._wake_one()
+
+    def _evict(self, conn: _FacilitatorConnection) -> None:
+        """Close an idle connection and count it gone now (its end arrives later)."""
+        if conn.counted:
+            conn.abandon()
+            self._gone()
+        else:
+            conn.close()
 
     def _gone(self) -> None:
         self._open -= 1
@@ -495,6 +509,11 @@ class _FacilitatorConnection(asyncio.Protocol):
         if answer is not None and not answer.done():
             answer.set_exception(error)
         self.close()
+
+    @property
+    def counted(self) -> bool:
+        """Whether the pool still counts this connection as open."""
+        return self._counted
 
     def abandon(self) -> None:
         """Forget this connection (its loop is gone or going): never counted again."""

@@ -460,6 +460,27 @@ def test_a_settlement_rides_only_a_recently_used_connection(
     run(scenario)
 
 
+def test_a_settlement_on_a_full_pool_of_old_connections_makes_room(
+    run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every open connection is idle but too old for a settlement: it must not wait out its
+    # deadline (a timeout: an "unknown" outcome for a settlement that never left).
+    monkeypatch.setattr(facilitator_http, "SETTLE_IDLE", 0.0)
+
+    async def scenario() -> None:
+        async with Peer(answer(ok(SETTLED))) as peer:
+            client = FacilitatorHttp(peer.url, connections=1)
+            await call(client)
+            got = await call(client, path="/settle", read_only=False, timeout=2.0)
+            assert (got.status, got.body) == (200, SETTLED)
+            assert peer.connections == 2  # the old one closed, a new one opened
+            assert client.open_connections == 1  # the limit holds
+            await client.close()
+            await until(lambda: client.open_connections == 0)
+
+    run(scenario)
+
+
 def test_bytes_nobody_asked_for_drop_the_connection(run: Any) -> None:
     async def scenario() -> None:
         async def chatty(writer: asyncio.StreamWriter, index: int) -> bool:
