@@ -598,10 +598,14 @@ def configured_channels(settings: Settings) -> tuple[binding.ChannelTerms, ...]:
         return ()
     gas_key = settings.secret("gas_key")
     if gas_key is None:
-        raise ConfigError("chain mode needs gas_key (PAYGATE_GAS_KEY)")
+        raise ConfigError("payment_mode chain needs gas_key or gas_key_file (PAYGATE_GAS_KEY)")
+    try:
+        authorizer = Account.from_key(gas_key.get_secret_value()).address
+    except ValueError:  # as the gateway's start says it (assembly.settler_for)
+        raise ConfigError("gas_key is not a valid private key") from None
     return channel_terms(
         payment_terms(settings),
-        receiver_authorizer=Account.from_key(gas_key.get_secret_value()).address,
+        receiver_authorizer=authorizer,
         withdraw_delay=settings.batch_withdraw_delay,
     )
 

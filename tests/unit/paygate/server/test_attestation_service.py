@@ -61,3 +61,22 @@ def test_a_none_evidence_document_is_signed_by_the_receipt_key() -> None:
     assert bound.sealing_key == key.public_key
     signature = unb64(document["none"]["signature"])
     assert verify_signature(key.receipt_public_key, bound.canonical(), signature)
+
+
+@pytest.mark.parametrize("gas_key", ["0x1234", "0x" + "zz" * 32])
+def test_attest_show_refuses_a_malformed_gas_key_as_configuration(gas_key: str) -> None:
+    """``attest show`` in chain mode with channels: a bad gas key is the same clear
+    configuration error the gateway's start gives, never a traceback quoting the key."""
+    from paygate.config import ConfigError, load_settings
+    from paygate.server.app import configured_channels
+
+    settings = load_settings(
+        payment_mode="chain",
+        pay_to="0x" + "22" * 20,
+        chain_rpc_url="http://127.0.0.1:8545",
+        gas_key=gas_key,
+        payment_schemes=["exact", "batch-settlement"],
+    )
+    with pytest.raises(ConfigError, match="gas_key is not a valid private key") as caught:
+        configured_channels(settings)
+    assert gas_key not in str(caught.value)
