@@ -26,6 +26,7 @@ move our count back with an old voucher state. Sans-IO; thread-safe.
 from __future__ import annotations
 
 import contextlib
+import functools
 import secrets
 import threading
 import time
@@ -110,8 +111,7 @@ class ChannelBook:
         self.retired = Decimal(0)  # what drained channels spent (kept with the state)
         # Where a write after the seller's answer runs (write_later): None, in the caller's
         # thread; an async transport hands them to a worker thread of its own.
-        self._later: Callable[[Callable[[], None]], object] | None = None
-        self._queued = False  # a later write is waiting to start (it will carry any change)
+        self._later: _LaterWrites | None = None
         if state is not None:
             saved = state.load()
             self.retired = saved.retired
@@ -143,7 +143,7 @@ class ChannelBook:
         caller's thread: an async transport's event loop never waits for their fsyncs. At most
         one waits at a time: it writes the book as it is when it starts. The writes before a
         payment is sent are not affected (the caller awaits those: ``Payment.save``)."""
-        self._later = submit
+        self._later = None if submit is None else _LaterWrites(submit)
 
     def close(self) -> None:
         """Write the last receipts' count and let go of the state file (another transport may
@@ -472,30 +472,44 @@ class ChannelBook:
         the file keeps an older count (fewer charges, fewer refunds), which the next write or
         the corrective 402 brings up to date; never one that lets us sign more."""
         later = self._later
-        if later is None:
+        if later is None or not later.queue(self._save_now):
             self._save_now()
-            return
-        with self._lock:
-            if self._queued:
-                return  # the waiting write snapshots the book when it starts: this change too
-            self._queued = True
-        try:
-            later(self._queued_save)
-        except RuntimeError:  # the executor is shut down (closing): write here instead
-            with self._lock:
-                self._queued = False
-            self._save_now()
-
-    def _queued_save(self) -> None:
-        with self._lock:
-            self._queued = False
-        self._save_now()
 
     def _save_now(self) -> None:
         with self._lock:
             version = self._version
         with contextlib.suppress(OSError, ValueError):
             self._write(version)
+
+
+class _LaterWrites:
+    """A book's writes handed to another thread (:meth:`ChannelBook.write_later`), at most one
+    waiting: it writes the book as it is when it starts, so a change meanwhile needs no other."""
+
+    def __init__(self, submit: Callable[[Callable[[], None]], object]) -> None:
+        self._submit = submit
+        self._lock = threading.Lock()
+        self._queued = False  # a write is waiting to start (it will carry any change)
+
+    def queue(self, save: Callable[[], None]) -> bool:
+        """``save`` queued (or one waiting already); False: not taken (the executor is shut
+        down, closing), the caller writes itself."""
+        with self._lock:
+            if self._queued:
+                return True
+            self._queued = True
+        try:
+            self._submit(functools.partial(self._run, save))
+        except RuntimeError:
+            with self._lock:
+                self._queued = False
+            return False
+        return True
+
+    def _run(self, save: Callable[[], None]) -> None:
+        with self._lock:
+            self._queued = False
+        save()
 
 
 def _key(offer: OfferedTerms, url: str) -> ChannelKey:
