@@ -277,25 +277,40 @@ class FacilitatorHttp:
         self._open += 1
         connect_end = min(loop.time() + connect_timeout, deadline)
         expiry = FacilitatorConnectTimeout if connect_end < deadline else AnswerTimeout
+        made: list[_FacilitatorConnection] = []
+
+        def connection() -> _FacilitatorConnection:
+            made.append(_FacilitatorConnection(self, loop))
+            return made[0]
+
         try:
             async with asyncio.timeout_at(connect_end):
                 _, conn = await loop.create_connection(
-                    lambda: _FacilitatorConnection(self, loop),
+                    connection,
                     self._host,
                     self._port,
                     ssl=self._ssl,
                     server_hostname=self._host if self._tls else None,
                 )
         except TimeoutError:
-            self._gone()
+            self._failed(made)
             raise expiry() from None
         except (OSError, ssl.SSLError, ssl.CertificateError) as exc:
-            self._gone()
+            self._failed(made)
             raise NotSent(type(exc).__name__) from None
         except BaseException:
-            self._gone()
+            self._failed(made)
             raise
         return conn
+
+    def _failed(self, made: list[_FacilitatorConnection]) -> None:
+        """A connect that failed is gone, once: a transport made before the failure is closed
+        by asyncio, and its end must not count it gone again."""
+        if made and not made[0].counted:
+            return  # its end came first and counted it
+        if made:
+            made[0].abandon()
+        self._gone()
 
     def _put(self, conn: _FacilitatorConnection) -> None:
         if self._closed:

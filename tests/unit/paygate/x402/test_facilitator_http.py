@@ -333,6 +333,38 @@ def test_a_connection_that_never_opens_is_a_connect_timeout(run: Any) -> None:
     run(scenario)
 
 
+def test_a_call_cancelled_as_its_connection_opens_counts_it_gone_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The caller goes away (its task cancelled; a connect timeout is the same) after the
+    # socket connected but before create_connection returned: asyncio closes that transport,
+    # whose end reaches the connection. The pool must count it gone once, not twice (the
+    # limit would then let one more open for every such call).
+    class CancelledOpening(facilitator_http._FacilitatorConnection):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            asyncio.get_running_loop().call_soon(task.cancel)  # before connection_made
+
+    async def scenario() -> None:
+        nonlocal task
+        async with Peer(answer(ok())) as peer:
+            client = FacilitatorHttp(peer.url)
+            with monkeypatch.context() as patch:
+                patch.setattr(facilitator_http, "_FacilitatorConnection", CancelledOpening)
+                task = asyncio.ensure_future(call(client))
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            for _ in range(5):  # the transport's end arrives on later turns of the loop
+                await asyncio.sleep(0)
+            assert client.open_connections == 0
+            assert (await call(client)).status == 200
+            assert client.open_connections == 1
+
+    task: asyncio.Future[Any] = None  # type: ignore[assignment]
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        runner.run(scenario())
+
+
 def test_a_refused_connection_is_not_sent(run: Any) -> None:
     async def scenario() -> None:
         async with Peer(answer(ok())) as peer:
