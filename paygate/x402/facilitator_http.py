@@ -32,7 +32,8 @@ What stays as it was with the aiohttp session:
   outcome as unknown — over-careful, nothing left, but never a second send).
 - The answer's body is bounded (:data:`MAX_ANSWER`, after decoding ``gzip``/``deflate``);
   past it the connection is closed and the call fails with :class:`TooLarge`. A head is
-  bounded too (:data:`MAX_HEAD`).
+  bounded too (:data:`MAX_HEAD`), and so is all the rest (:data:`MAX_FRAMING`: interim
+  answers, chunk sizes, trailers).
 - At most :data:`CONNECTIONS` open at once; a call waits for a free one within its deadline
   (an idle one the call may not ride, e.g. too old for a settlement, is closed to make room).
 
@@ -68,6 +69,9 @@ from paygate.errors import PaygateError
 
 MAX_ANSWER = 64 * 1024  # bytes of an answer's body (decoded)
 MAX_HEAD = 16 * 1024  # bytes of an answer's status line and headers
+# Bytes an answer may send besides its body: its heads (interim ones too), chunk sizes and
+# trailers (which httptools gathers in memory, past the head's and the body's bounds).
+MAX_FRAMING = 2 * MAX_HEAD
 CONNECTIONS = 100  # open at once (the session's pool size before)
 IDLE = 15.0  # a pooled connection idle longer than this is closed, not reused
 SETTLE_IDLE = 2.0  # a settlement only rides a connection used this recently
@@ -373,6 +377,7 @@ class _FacilitatorConnection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._size = 0
         self._head = 0  # bytes fed before the head was whole
+        self._wire = 0  # bytes fed for this answer, body included
         self._in_body = False
         self._complete = False
         self._keep_alive = False
@@ -394,7 +399,7 @@ class _FacilitatorConnection(asyncio.Protocol):
             raise NotSent("the connection closed before the request was sent")
         loop = self._loop
         answer = self._answer = loop.create_future()
-        self._body, self._size, self._head = [], 0, 0
+        self._body, self._size, self._head, self._wire = [], 0, 0, 0
         self._in_body = self._complete = self._interim = self._framed = self._received = False
         self._keep_alive = False
         self._encoding = b""
@@ -426,6 +431,7 @@ class _FacilitatorConnection(asyncio.Protocol):
             self.close()  # bytes nobody asked for: this connection is not trusted again
             return
         self._received = True
+        self._wire += len(data)
         if not self._in_body:
             self._head += len(data)
         try:
@@ -444,6 +450,8 @@ class _FacilitatorConnection(asyncio.Protocol):
             self._fail(problem)
         elif not self._in_body and self._head > MAX_HEAD:
             self._fail(Broken("answer head too large"))
+        elif self._wire - self._size > MAX_FRAMING:
+            self._fail(TooLarge("answer framing too large"))
 
     def eof_received(self) -> bool:
         return False  # close our side too

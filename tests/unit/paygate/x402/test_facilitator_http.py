@@ -275,13 +275,31 @@ async def _endless(writer: asyncio.StreamWriter, head: bytes, piece: bytes) -> b
             Broken,
         ),
         (
+            lambda w, i: _endless(
+                w,
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-T: ",
+                b"z" * 32768,
+            ),
+            TooLarge,
+        ),
+        (lambda w, i: _endless(w, b"", b"HTTP/1.1 100 Continue\r\n\r\n" * 1024), TooLarge),
+        (
             answer(ok(gzip.compress(b" " * (8 * 1024 * 1024)), b"Content-Encoding: gzip\r\n")),
             TooLarge,
         ),
         (answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", keep=False), Broken),
         (answer(b"NOT HTTP AT ALL\r\n\r\n"), Broken),
     ],
-    ids=["huge-length", "huge-chunked", "endless-head", "gzip-bomb", "cut-short", "not-http"],
+    ids=[
+        "huge-length",
+        "huge-chunked",
+        "endless-head",
+        "endless-trailer",
+        "endless-interim",
+        "gzip-bomb",
+        "cut-short",
+        "not-http",
+    ],
 )
 def test_oversized_or_broken_answers_fail_and_the_connection_is_dropped(
     run: Any, script: Script, error: type[Exception]
