@@ -99,10 +99,10 @@ async def test_the_next_two_vouchers_racing_are_charged_as_they_were_served(
 async def test_a_charge_whose_settled_record_was_lost_is_settled_once_by_the_next_run(
     anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
 ):
-    """A channel's charge is a write to the ledger itself, made once: no SETTLING mark comes
-    before it, and SETTLED comes after it. A ledger failure (or a crash) between the two
-    leaves the payment SERVED and owed; the next run settles it from the record and the
-    channel is charged once."""
+    """A channel's charge is a write to the ledger itself, made once: SERVED and SETTLING come
+    before it in one transaction, SETTLED after it. A ledger failure (or a crash) between the
+    charge and SETTLED leaves the payment SETTLING; the next run asks the channel for the
+    outcome (never a second charge) and the channel is charged once."""
     ledger = tmp_path / "payments.db"
     real = SqliteLedger.transition
     lost: list[str] = []
@@ -125,7 +125,7 @@ async def test_a_charge_whose_settled_record_was_lost_is_settled_once_by_the_nex
         channel.charged_by(receipt_of(headers), offer)
     (payment_id,) = lost
     left = {r.id: r for r in await records(ledger)}[payment_id]
-    assert left.state is PaymentState.SERVED  # owed: no SETTLING was written before the charge
+    assert left.state is PaymentState.SETTLING  # written with SERVED, before the charge
     assert await charged(ledger, anvil, gas_key, channel) == 2 * PRICE_ATOMIC
     async with chain_batch(seller, ledger, anvil, gas_key) as stack:
         for _ in range(200):
