@@ -23,8 +23,8 @@ What it keeps from the aiohttp session it replaces
 - **Connect failures are told apart**: :class:`ConnectFailed` (refused, unreachable, no
   socket: nothing was sent, so retrying is safe) vs :class:`ConnectTimeout`.
 - **Malformed replies** (the parser's errors, a connection lost before the message's end, an
-  undecodable ``Content-Encoding``, heads over :data:`MAX_HEAD_BYTES`) are
-  :class:`ProtocolError`.
+  undecodable ``Content-Encoding``, heads over :data:`MAX_HEAD_BYTES`, and as many bytes
+  that are not body in a row after the head: chunk sizes, a trailer) are :class:`ProtocolError`.
 - **gzip and deflate** bodies are decoded as they are read, at most :data:`READ_CHUNK` decoded
   bytes per read (a small compressed body cannot balloon a buffer).
 - **Pooling**: a connection goes back to the pool only when its reply was read to its end and
@@ -342,6 +342,9 @@ class _Connection(asyncio.Protocol):
         self._head_names: list[bytes] = []
         self._head_values: list[bytes] = []
         self._head_bytes = 0  # bytes fed while a head is incomplete (the parser holds them)
+        # Bytes fed since the last body byte once the head is read: chunk sizes and a trailer,
+        # which the parser gathers in memory past the head's bound and the body's.
+        self._framing_bytes = 0
         self._parsed_head = 0  # bytes of the head's status and headers
         self._interim = False
         self._head_only = False
@@ -368,6 +371,8 @@ class _Connection(asyncio.Protocol):
             self._lost(ProtocolError("bytes without a request"))  # never pooled again
             return
         self._received = True
+        # Reset by each body byte (on_body): only a run of bytes that are not body counts.
+        self._framing_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -382,6 +387,8 @@ class _Connection(asyncio.Protocol):
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._lost(ProtocolError("reply head too large"))
+        elif self._framing_bytes > MAX_HEAD_BYTES:
+            self._lost(ProtocolError("reply trailer too large"))
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -448,6 +455,7 @@ class _Connection(asyncio.Protocol):
             response._finish()
 
     def on_body(self, body: bytes) -> None:
+        self._framing_bytes = 0
         if self._response is not None and not self._head_only:
             self._response._feed(body)
 
@@ -466,7 +474,7 @@ class _Connection(asyncio.Protocol):
     def send(self, data: bytes, head_only: bool) -> None:
         assert self._transport is not None
         self._waiting, self._received, self._head_only = True, False, head_only
-        self._head_bytes = 0
+        self._head_bytes = self._framing_bytes = 0
         self._head = self._loop.create_future()
         self._transport.write(data)
 

@@ -204,6 +204,37 @@ def test_a_reply_head_is_bounded(run: Any) -> None:
     run(scenario)
 
 
+def test_an_endless_trailer_after_the_body_is_a_protocol_error(run: Any) -> None:
+    """A chunked reply's trailer never ends: the parser would gather it in memory past every
+    bound (the head's is over, the body's counts body bytes only). The bytes that are not body
+    since the last body byte are bounded: the reply fails, it does not grow."""
+    piece = b"a" * 16384
+    sent: list[int] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, i: int) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        writer.write(b"0\r\nX-Trailer: ")
+        try:
+            for _ in range(4 * http1.MAX_HEAD_BYTES // len(piece)):
+                writer.write(piece)
+                await writer.drain()
+                sent.append(len(piece))
+            await reader.read()  # hold the trailer open: only the bound ends the reply
+        except ConnectionError:
+            pass
+        return False
+
+    async def scenario() -> None:
+        async with Scripted(answer) as server:
+            pool = Pool(Endpoint.from_url(server.url), limit=4)
+            response = await get(pool)
+            with pytest.raises(http1.ProtocolError):
+                await body_of(response)
+            await pool.close()
+
+    run(scenario)
+
+
 def test_a_body_cut_before_its_end_is_a_protocol_error(run: Any) -> None:
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, i: int) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
