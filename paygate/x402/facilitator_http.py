@@ -26,10 +26,12 @@ What stays as it was with the aiohttp session:
   (:class:`AnswerTimeout`); both are :class:`TimeoutError`. A facilitator that answers byte
   by byte is bounded by the total.
 - :class:`NotSent` (refused, unreachable, no name, a bad certificate, a header that may not be
-  sent): the request did not leave. Everything after the first byte left is
-  :class:`Broken` (malformed, cut short, lost) or a timeout: the outcome is unknown. A connect
-  timeout stays a timeout, as it was with the session (a settlement's caller then takes the
-  outcome as unknown — over-careful, nothing left, but never a second send).
+  sent, every connection busy until the deadline: :class:`PoolBusy`, the client closed while
+  the call waited for a connection): the request did not leave. Everything after the first
+  byte left is :class:`Broken` (malformed, cut short, lost) or a timeout: the outcome is
+  unknown. A connect timeout stays a timeout, as it was with the session (a settlement's
+  caller then takes the outcome as unknown — over-careful, nothing left, but never a second
+  send).
 - The answer's body is bounded (:data:`MAX_ANSWER`, after decoding ``gzip``/``deflate``);
   past it the connection is closed and the call fails with :class:`TooLarge`. A head is
   bounded too (:data:`MAX_HEAD`), and so is all the rest (:data:`MAX_FRAMING`: interim
@@ -93,6 +95,14 @@ class NotSent(FacilitatorHttpError):
 
     code = "facilitator_unreachable"
     message = "the facilitator could not be reached"
+
+
+class PoolBusy(NotSent):
+    """Every connection stayed in use until the call's deadline: the request never left (a
+    settlement is then unavailable, not of unknown outcome)."""
+
+    code = "facilitator_connections_busy"
+    message = "every connection to the facilitator stayed busy until the call's deadline"
 
 
 class Broken(FacilitatorHttpError):
@@ -269,7 +279,7 @@ class FacilitatorHttp:
                 return await self._connect(loop, deadline, connect_timeout)
             slot = loop.create_future()  # woken when a connection is back or gone
             self._slots.append(slot)
-            timer = loop.call_at(deadline, _expire, slot, AnswerTimeout)
+            timer = loop.call_at(deadline, _expire, slot, PoolBusy)
             try:
                 await slot
             finally:
@@ -353,10 +363,15 @@ class FacilitatorHttp:
         return self._open
 
     async def close(self) -> None:
-        """Close the idle connections; one in use closes when its call ends."""
+        """Close the idle connections; one in use closes when its call ends. A call waiting
+        for a connection is woken and refused (NotSent) now, not at its deadline."""
         self._closed = True
         while self._idle:
             self._idle.pop().close()
+        while self._slots:
+            slot = self._slots.popleft()
+            if not slot.done():
+                slot.set_result(None)
 
 
 def _expire(future: asyncio.Future[object], error: type[FacilitatorHttpError]) -> None:

@@ -406,6 +406,62 @@ def test_the_pool_limit_queues_calls_on_the_open_connection(run: Any) -> None:
     run(scenario)
 
 
+def test_a_call_that_never_gets_a_connection_was_not_sent(run: Any) -> None:
+    """Every connection busy until the deadline: the call fails as not sent (a settlement is
+    unavailable, not of unknown outcome), and the facilitator saw nothing of it."""
+    held = asyncio.Event()
+
+    async def slow(writer: asyncio.StreamWriter, index: int) -> bool:
+        await held.wait()  # the first call holds the one connection
+        writer.write(ok())
+        return True
+
+    async def scenario() -> None:
+        async with Peer(slow) as peer:
+            client = FacilitatorHttp(peer.url, connections=1)
+            first = asyncio.ensure_future(call(client, timeout=10))
+            while not peer.requests:
+                await asyncio.sleep(0.01)
+            with pytest.raises(facilitator_http.PoolBusy) as caught:
+                await call(client, path="/settle", read_only=False, timeout=0.3)
+            assert isinstance(caught.value, NotSent)
+            assert len(peer.requests) == 1  # the second never left
+            held.set()
+            assert (await first).status == 200
+            await client.close()
+
+    run(scenario)
+
+
+def test_close_refuses_a_call_waiting_for_a_connection_at_once(run: Any) -> None:
+    held = asyncio.Event()
+
+    async def slow(writer: asyncio.StreamWriter, index: int) -> bool:
+        await held.wait()
+        writer.write(ok())
+        return True
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        async with Peer(slow) as peer:
+            client = FacilitatorHttp(peer.url, connections=1)
+            first = asyncio.ensure_future(call(client, timeout=10))
+            while not peer.requests:
+                await asyncio.sleep(0.01)
+            waiting = asyncio.ensure_future(call(client, timeout=10))
+            await asyncio.sleep(0.05)
+            started = loop.time()
+            await client.close()
+            with pytest.raises(NotSent):
+                await waiting
+            assert loop.time() - started < 5  # woken by close, not by its 10 s deadline
+            assert len(peer.requests) == 1
+            held.set()
+            await first
+
+    run(scenario)
+
+
 # --- TLS ---
 
 
