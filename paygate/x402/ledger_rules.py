@@ -11,6 +11,7 @@ same mapping.
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -334,31 +335,18 @@ def _applied(current: PaymentRecord, move: dict[str, Any]) -> tuple[dict[str, An
         return old if new is None else new
 
     settle, settled = move["settle_amount"], move["settled_amount"]
-    record = PaymentRecord(
-        id=current.id,
-        network=current.network,
-        asset=current.asset,
-        payer=current.payer,
-        nonce=current.nonce,
-        pay_to=current.pay_to,
-        amount=current.amount,
-        x402_version=current.x402_version,
-        route=current.route,
+    # Only what a move changes is named: every other field (a column added later too) is
+    # the current record's.
+    record = dataclasses.replace(
+        current,
         state=PaymentState(move["state"]),
         served=current.served or move["served"],
-        payload=current.payload,
-        requirements=current.requirements,
-        idempotency_key=current.idempotency_key,
         transaction=kept("tx_hash", current.transaction),
         error=kept("error", current.error),
         attempts=current.attempts + move["attempt"],
-        created_at=current.created_at,
         updated_at=move["now"],
         owner=move["owner"],
-        lease=current.lease,
         lease_until=move["until"],
-        scheme=current.scheme,
-        model=current.model,
         tokens_in=kept("tokens_in", current.tokens_in),
         tokens_out=kept("tokens_out", current.tokens_out),
         usage_source=kept("usage_source", current.usage_source),
