@@ -95,16 +95,26 @@ class SyncSeen(httpx.HTTPTransport):
         return super().handle_request(request)
 
 
+def watched(state: Path, monkeypatch: pytest.MonkeyPatch) -> Watch:
+    """Every write of ``state`` seen (the real write still runs), against the running loop."""
+    watch = Watch(state, asyncio.get_running_loop())
+    monkeypatch.setattr(files, "replace_atomically", watch.replace_atomically)
+    return watch
+
+
+def async_transport(watch: Watch, payer: Any) -> AsyncPaygateTransport:
+    return AsyncPaygateTransport(
+        transport=AsyncSeen(watch), wallet=payer, spend=spend(), channel_state=watch.state
+    )
+
+
 async def test_the_async_transport_writes_off_the_loop_and_before_each_voucher_leaves(
     anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
 ):
     state = tmp_path / "caller" / "channels.json"
-    watch = Watch(state, asyncio.get_running_loop())
-    monkeypatch.setattr(files, "replace_atomically", watch.replace_atomically)
+    watch = watched(state, monkeypatch)
     async with chain_batch(seller, tmp_path / "payments.db", anvil, gas_key) as stack:
-        transport = AsyncPaygateTransport(
-            transport=AsyncSeen(watch), wallet=payer, spend=spend(), channel_state=state
-        )
+        transport = async_transport(watch, payer)
         async with httpx.AsyncClient(transport=transport, timeout=60) as http:
             for _ in range(3):
                 assert (await http.post(stack.url + CHAT, json=CHAT_BODY)).status_code == 200
@@ -125,12 +135,9 @@ async def test_the_async_transport_writes_after_answers_and_at_close_off_the_loo
     the last one at close run in the transport's own thread while the event loop runs on, and
     the file ends holding the last count."""
     state = tmp_path / "caller" / "channels.json"
-    watch = Watch(state, asyncio.get_running_loop())
-    monkeypatch.setattr(files, "replace_atomically", watch.replace_atomically)
+    watch = watched(state, monkeypatch)
     async with chain_batch(seller, tmp_path / "payments.db", anvil, gas_key) as stack:
-        transport = AsyncPaygateTransport(
-            transport=AsyncSeen(watch), wallet=payer, spend=spend(), channel_state=state
-        )
+        transport = async_transport(watch, payer)
         async with httpx.AsyncClient(transport=transport, timeout=60) as http:
             for _ in range(2):
                 assert (await http.post(stack.url + CHAT, json=CHAT_BODY)).status_code == 200
@@ -180,11 +187,8 @@ async def test_a_failed_write_refuses_the_payment_with_nothing_sent_on_both_tran
     async with chain_batch(seller, tmp_path / "payments.db", anvil, gas_key) as stack:
         # Async: the write fails in its worker thread; the request is refused, nothing paid.
         state = tmp_path / "async" / "channels.json"
-        watch = Watch(state, asyncio.get_running_loop())
-        monkeypatch.setattr(files, "replace_atomically", watch.replace_atomically)
-        transport = AsyncPaygateTransport(
-            transport=AsyncSeen(watch), wallet=payer, spend=spend(), channel_state=state
-        )
+        watch = watched(state, monkeypatch)
+        transport = async_transport(watch, payer)
         async with httpx.AsyncClient(transport=transport, timeout=60) as http:
             os.mkdir(state)  # the write cannot replace a directory
             with pytest.raises(SpendRefused, match="not saved, nothing sent"):
