@@ -99,6 +99,16 @@ def _tpm_key(factory: Callable[[EkCa], Swtpm], ca: EkCa, directory: Path) -> Ite
         yield key
 
 
+def _tpm_keys(
+    factory: Callable[[EkCa], Swtpm], ca: EkCa, tmp_path_factory: Any, *names: str
+) -> Iterator[dict[str, TpmKey]]:
+    """A TPM key per name (each its own TPM), closed when the caller is done with them."""
+    generators = {name: _tpm_key(factory, ca, tmp_path_factory.mktemp(name)) for name in names}
+    yield {name: next(generator) for name, generator in generators.items()}
+    for generator in generators.values():
+        next(generator, None)
+
+
 @pytest.fixture(scope="module")
 def channel_key(ek_swtpm_factory: Any, ek_ca: EkCa, tmp_path_factory: Any) -> Iterator[TpmKey]:
     yield from _tpm_key(ek_swtpm_factory, ek_ca, tmp_path_factory.mktemp("channels"))
@@ -262,15 +272,7 @@ async def test_the_corrective_402_is_held_to_the_attested_terms_too(
 def older_keys(
     ek_swtpm_factory: Any, ek_ca: EkCa, tmp_path_factory: Any
 ) -> Iterator[dict[str, TpmKey]]:
-    keys = {}
-    generators = []
-    for name in ("exact", "channels-only"):
-        generator = _tpm_key(ek_swtpm_factory, ek_ca, tmp_path_factory.mktemp(name))
-        generators.append(generator)
-        keys[name] = next(generator)
-    yield keys
-    for generator in generators:
-        next(generator, None)
+    yield from _tpm_keys(ek_swtpm_factory, ek_ca, tmp_path_factory, "exact", "channels-only")
 
 
 @pytest.fixture
@@ -340,15 +342,7 @@ async def test_an_older_gateway_offering_channels_alone_is_refused_cleanly(
 def more_keys(
     ek_swtpm_factory: Any, ek_ca: EkCa, tmp_path_factory: Any
 ) -> Iterator[dict[str, TpmKey]]:
-    keys = {}
-    generators = []
-    for name in ("facilitator", "metered"):
-        generator = _tpm_key(ek_swtpm_factory, ek_ca, tmp_path_factory.mktemp(name))
-        generators.append(generator)
-        keys[name] = next(generator)
-    yield keys
-    for generator in generators:
-        next(generator, None)
+    yield from _tpm_keys(ek_swtpm_factory, ek_ca, tmp_path_factory, "facilitator", "metered")
 
 
 async def test_in_facilitator_mode_the_facilitators_authorizer_is_attested_and_paid(
