@@ -27,6 +27,7 @@ from paygate.client.payer import Payer, SpendPolicy
 from tests.fixtures.channels_support import (
     URL,
     challenge,
+    channel_policy,
     corrective,
     offer,
     paid,
@@ -34,17 +35,12 @@ from tests.fixtures.channels_support import (
 )
 
 
-def policy(**overrides: Any) -> SpendPolicy:
-    settings = {"max_per_request": "0.01", "max_total": "0.05", "channel_deposit": "0.02"}
-    return SpendPolicy(**(settings | overrides))
-
-
 def restart(account: LocalAccount, path: Path, before: Payer | None, **overrides: Any) -> Payer:
     """The process ends (its payer lets go of the file, as a dying process does) and a new one
     starts on the same file."""
     if before is not None:
         before.close()
-    return Payer(account, policy(**overrides), path)
+    return Payer(account, channel_policy(**overrides), path)
 
 
 @pytest.fixture
@@ -178,13 +174,13 @@ def test_a_damaged_state_file_is_refused_whole_and_left_in_place(
     path.write_bytes(changed)
     owner = Account.create() if damage == "another-wallet" else account
     with pytest.raises(ChannelStateInvalid) as refused:
-        Payer(owner, policy(), path)
+        Payer(owner, channel_policy(), path)
     assert refused.value.code == "channel_state_invalid"
     assert str(path.parent) not in str(refused.value)  # the file's name, not the whole path
     assert path.read_bytes() == changed  # kept for whoever looks into it
     # The lock went with the refusal: the same file, once made whole, is taken again.
     path.write_bytes(raw)
-    again = Payer(account, policy(), path)
+    again = Payer(account, channel_policy(), path)
     assert again.spent == Decimal("0.02")
 
 
@@ -200,7 +196,7 @@ def test_an_older_state_file_is_refused_by_the_sellers_own_voucher(
     paid(first, 2)
     first.close()
     path.write_bytes(old)
-    restored = Payer(account, policy(), path)
+    restored = Payer(account, channel_policy(), path)
     stale = restored.pay(challenge(), url=URL).record
     with pytest.raises(ChannelStateRejected, match="above any we signed"):
         corrective(restored, stale, 4000, 4000)
@@ -210,20 +206,20 @@ def test_one_holder_at_a_time(account: LocalAccount, tmp_path: Path) -> None:
     path = tmp_path / "channels.json"
     first = restart(account, path, None)
     with pytest.raises(ChannelStateInUse) as held:
-        Payer(account, policy(), path)
+        Payer(account, channel_policy(), path)
     assert held.value.code == "channel_state_in_use"
     paid(first, 1)
     first.close()
     # Closed, it signs nothing more on the file's channels (another may hold it now).
     with pytest.raises(SpendRefused, match="not saved, nothing sent"):
         paid(first, 1)
-    assert Payer(account, policy(), path).spent == Decimal("0.02")
+    assert Payer(account, channel_policy(), path).spent == Decimal("0.02")
     # A payer dropped without close() lets go when it is collected.
     del first
-    dropped = Payer(account, policy(), tmp_path / "dropped.json")
+    dropped = Payer(account, channel_policy(), tmp_path / "dropped.json")
     del dropped
     gc.collect()
-    Payer(account, policy(), tmp_path / "dropped.json").close()
+    Payer(account, channel_policy(), tmp_path / "dropped.json").close()
     with pytest.raises(ValueError, match="opens none"):
         Payer(account, SpendPolicy(max_per_request="0.01"), tmp_path / "other.json")
 
@@ -265,7 +261,7 @@ def test_the_file_is_private_holds_no_key_and_a_failed_write_sends_nothing(
     p.close()
 
     other = tmp_path / "other.json"
-    q = Payer(account, policy(), other)
+    q = Payer(account, channel_policy(), other)
     os.mkdir(other)  # the next write cannot replace it
     with pytest.raises(SpendRefused, match="not saved, nothing sent"):
         q.pay(challenge(), url=URL)

@@ -19,6 +19,7 @@ from paygate.client.terms import check_challenge
 from tests.fixtures.channels_support import (
     URL,
     challenge,
+    channel_policy,
     corrective,
     offer,
     paid,
@@ -28,8 +29,7 @@ from tests.fixtures.terms_support import TERMS
 
 
 def payer(**policy: Any) -> Payer:
-    settings = {"max_per_request": "0.01", "max_total": "0.05", "channel_deposit": "0.02"}
-    return Payer(Account.create(), SpendPolicy(**(settings | policy)))
+    return Payer(Account.create(), channel_policy(**policy))
 
 
 def test_channels_are_opt_in_and_the_deposit_counts_once() -> None:
