@@ -14,6 +14,7 @@ document.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -85,3 +86,13 @@ def depth(value: Any) -> int:
         deepest = max(deepest, level)
         stack.extend((child, level) for child in children)
     return deepest
+
+
+def dumps_compact(value: Any) -> bytes:
+    """``value`` as compact JSON (no spaces, keys in their order): by orjson, a few µs less than
+    the standard library on the paid path; by ``json`` where orjson refuses (an integer beyond
+    64 bits). Both parse back to the same document."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(value, separators=(",", ":")).encode()

@@ -27,13 +27,11 @@ is asked at start only and stays on the gateway's aiohttp session.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
-import orjson
 from pydantic import SecretStr, ValidationError
 
 from paygate import jsonsafe
@@ -93,7 +91,7 @@ class FacilitatorSettler:
     async def verify(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> VerifyResponse:
-        body = _encode(_request(payment, requirements))
+        body = jsonsafe.dumps_compact(_request(payment, requirements))
         for attempt in range(_VERIFY_ATTEMPTS):
             try:
                 return await self._post("/verify", body, VerifyResponse, self._timeout, True)
@@ -122,7 +120,7 @@ class FacilitatorSettler:
     async def settle_body(self, body: dict[str, Any]) -> SettleResponse:
         """POST /settle with a body a scheme built itself (batch-settlement's deposits, claims,
         sweeps and refunds are not one payment's settlement); the answer as it came."""
-        data = _encode(body)
+        data = jsonsafe.dumps_compact(body)
         for attempt in range(_SETTLE_ATTEMPTS):
             try:
                 return await self._post(
@@ -163,7 +161,7 @@ class FacilitatorSettler:
         return [kind for kind in kinds if isinstance(kind, dict)]
 
     async def close(self) -> None:
-        await self._http.close()  # the session belongs to the app
+        await self._http.close()  # its own connections; the aiohttp session is the app's
 
     def _auth(self, method: str, path: str) -> dict[str, str]:
         """The operator's authentication, on every call (a hosted facilitator guards
@@ -196,13 +194,6 @@ def _request(payment: AnyPaymentPayload, requirements: dict[str, Any]) -> dict[s
         "paymentPayload": payment.wire(),
         "paymentRequirements": requirements,
     }
-
-
-def _encode(body: dict[str, Any]) -> bytes:
-    try:
-        return orjson.dumps(body)
-    except TypeError:  # what orjson does not take (an integer past 64 bits): the stdlib's
-        return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _what(exc: BaseException) -> str:

@@ -28,9 +28,7 @@ from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
-import orjson
-
-from paygate import wire
+from paygate import jsonsafe, wire
 from paygate.x402 import codec
 from paygate.x402.free import FreeQuota
 from paygate.x402.hooks import EconomicsCheck, NoEvents, PayerCheck, PaymentEvents
@@ -402,8 +400,8 @@ class PaymentProcessor:
             amount=self.scheme(offer.scheme).authorized_amount(authorized, offer),
             x402_version=payment.x402_version,
             route=route,
-            payload=_document(payment.wire()),
-            requirements=_document(requirements),
+            payload=jsonsafe.dumps_compact(payment.wire()).decode(),
+            requirements=jsonsafe.dumps_compact(requirements).decode(),
             idempotency_key=key,
             scheme=offer.scheme,
             model=model if self.scheme(offer.scheme).metered else None,
@@ -510,12 +508,3 @@ def daily_budget(limit: Decimal | None, offer: Offer, now: float) -> Budget | No
     if limit is None:
         return None
     return Budget(limit=to_atomic(limit, offer.asset.decimals), since=now - now % 86_400)
-
-
-def _document(value: Any) -> str:
-    """A document the ledger keeps (parsed again to resume a payment): compact JSON, by orjson
-    (a few µs less a request); by json where orjson refuses (an integer beyond 64 bits)."""
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:  # orjson.JSONEncodeError is a TypeError
-        return json.dumps(value, separators=(",", ":"))

@@ -37,6 +37,18 @@ def test_untrusted_json_parses_within_bounds() -> None:
         jsonsafe.loads(deep, max_bytes=1 << 20)  # the default bound: 32
 
 
+def test_compact_json_is_the_standard_librarys_document_big_integers_too() -> None:
+    import json
+
+    for value in (
+        {"a": 1, "b": [True, None, "é"], "c": {"d": "x"}},
+        {"amount": 2**200, "nested": [{"big": -(2**70)}]},  # past 64 bits: orjson refuses
+    ):
+        raw = jsonsafe.dumps_compact(value)
+        assert json.loads(raw) == value
+        assert b" " not in raw
+
+
 @pytest.mark.parametrize(
     ("url", "shown", "hidden"),
     [
