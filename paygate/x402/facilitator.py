@@ -51,7 +51,6 @@ if TYPE_CHECKING:
     from paygate.x402.chain_reader import ChainReader
 
 log = logging.getLogger("paygate.x402")
-_MAX_ANSWER = MAX_ANSWER
 _VERIFY_ATTEMPTS = 2
 _SETTLE_ATTEMPTS = 2
 _M = TypeVar("_M", bound=X402Model)
@@ -83,7 +82,7 @@ class FacilitatorSettler:
         self.chain = chain
         self._authenticator: FacilitatorAuth = auth if auth is not None else StaticHeaders(headers)
         self._url = url.rstrip("/")
-        self._http = FacilitatorHttp(self._url, max_answer=_MAX_ANSWER)
+        self._http = FacilitatorHttp(self._url, max_answer=MAX_ANSWER)
         self._timeout = timeout
         self._settle_timeout = settle_timeout
         self._backoff = backoff
@@ -149,10 +148,10 @@ class FacilitatorSettler:
             ) as response:
                 if response.status != 200:
                     raise _Garbage(f"HTTP {response.status}")
-                raw = await response.content.read(_MAX_ANSWER + 1)
-            if len(raw) > _MAX_ANSWER:
+                raw = await response.content.read(MAX_ANSWER + 1)
+            if len(raw) > MAX_ANSWER:
                 raise _Garbage("answer too large")
-            document = jsonsafe.loads(raw, max_bytes=_MAX_ANSWER)
+            document = jsonsafe.loads(raw, max_bytes=MAX_ANSWER)
             kinds = document.get("kinds") if isinstance(document, dict) else None
         except (aiohttp.ClientError, TimeoutError, _Garbage, ValueError) as exc:
             raise SettlerUnavailable(f"the facilitator's /supported failed: {_what(exc)}") from None
@@ -183,7 +182,7 @@ class FacilitatorSettler:
         if answer.status >= 500:
             raise _Garbage(f"HTTP {answer.status}")
         try:
-            return model.model_validate(jsonsafe.loads(answer.body, max_bytes=_MAX_ANSWER))
+            return model.model_validate(jsonsafe.loads(answer.body, max_bytes=MAX_ANSWER))
         except (ValueError, ValidationError):
             raise _Garbage(f"HTTP {answer.status} with an unreadable body") from None
 
