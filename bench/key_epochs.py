@@ -133,11 +133,12 @@ def backends(rounds: int, work: Path) -> list[dict[str, Any]]:
 
 async def client_paths(rounds: int, work: Path) -> dict[str, Any]:
     """Live key vs. retired key (410, re-attest once, re-seal, resend), through the client."""
+    from paygate_dev.gateway_stack import running_stack
+
     from enclave import SoftwareKey
     from paygate import release
     from paygate.client import AsyncPaygateTransport, AttestationPolicy
     from paygate.server.epochs import request_rotation
-    from tests.fixtures.gateway_support import running_stack
 
     live, stale = [], []
     async with running_stack(
