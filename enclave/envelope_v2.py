@@ -91,6 +91,9 @@ class ReplyKeys:
 
     reply_secret: bytes = field(repr=False)
     enc: bytes
+    # HKDF-Extract(enc, reply_secret), the PRK of the request nonce and the receipt key: made
+    # on first use and kept (both are needed for one sealed request's receipt).
+    _receipt_prk: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def sealer(self, *, response_nonce: bytes | None = None) -> ReplySealer:
         return ReplySealer(self, response_nonce=response_nonce)
@@ -169,8 +172,7 @@ def open_v2(key: KeyBackend, blob: bytes, *, method: str, path: str) -> OpenedRe
     if len(blob) - start + 1 < REQUEST_OVERHEAD:
         raise DecryptionError
     enc, sealed = blob[start : start + hpke.N_ENC], blob[start + hpke.N_ENC :]
-    ctx = hpke.setup_base_r(enc, key, request_info(method, path, key_id))
-    plaintext = ctx.open(b"", sealed)
+    plaintext = hpke.open_base(enc, key, request_info(method, path, key_id), b"", sealed)
     return OpenedRequest(
         body=plaintext[REPLY_SECRET_LEN:],
         reply=ReplyKeys(reply_secret=plaintext[:REPLY_SECRET_LEN], enc=enc),
@@ -180,18 +182,22 @@ def open_v2(key: KeyBackend, blob: bytes, *, method: str, path: str) -> OpenedRe
 def request_nonce(keys: ReplyKeys) -> bytes:
     """The request's fresh nonce for its receipt (enclave.receipts.request_digest): derived from
     the reply secret, so it travels inside the seal and costs no byte on the wire."""
-    return _hkdf32(keys.enc, keys.reply_secret, REQUEST_NONCE_LABEL)
+    return hmac256.digest(_receipt_prk(keys), REQUEST_NONCE_LABEL + b"\x01")
 
 
 def receipt_cipher(keys: ReplyKeys) -> AESGCM:
     """The AEAD that seals a whole reply's receipt header to the caller (enclave.sealed_receipt)."""
-    return AESGCM(_hkdf32(keys.enc, keys.reply_secret, RECEIPT_KEY_LABEL))
+    return AESGCM(hmac256.digest(_receipt_prk(keys), RECEIPT_KEY_LABEL + b"\x01"))
 
 
-def _hkdf32(salt: bytes, ikm: bytes, info: bytes) -> bytes:
-    """HKDF-SHA256 of 32 bytes (RFC 5869): one extract, one expand block (an output of one
-    block is ``HMAC(PRK, info || 0x01)``)."""
-    return hmac256.digest(hmac256.digest(salt, ikm), info + b"\x01")
+def _receipt_prk(keys: ReplyKeys) -> bytes:
+    """HKDF-SHA256 (RFC 5869) with salt ``enc`` and IKM the reply secret, extracted once per
+    request: each 32-byte output is then one expand block, ``HMAC(PRK, info || 0x01)``."""
+    prk = keys._receipt_prk
+    if prk is None:
+        prk = hmac256.digest(keys.enc, keys.reply_secret)
+        object.__setattr__(keys, "_receipt_prk", prk)  # a cache, not state: frozen otherwise
+    return prk
 
 
 def _reply_cipher(keys: ReplyKeys, response_nonce: bytes) -> tuple[AESGCM, int]:

@@ -43,6 +43,8 @@ def _extract(salt: bytes, ikm: bytes) -> bytes:
 
 
 def _expand(prk: bytes, info: bytes, length: int) -> bytes:
+    if length <= N_H:  # one block (every length this suite uses): HMAC(PRK, info || 0x01)
+        return hmac256.digest(prk, info + b"\x01")[:length]
     out, block, counter = b"", b"", 1
     while len(out) < length:
         block = hmac256.digest(prk, block + info + bytes([counter]))
@@ -105,10 +107,14 @@ def _base_context(info: bytes) -> bytes:
     return bytes([MODE_BASE]) + psk_id_hash + info_hash
 
 
+def _secret(shared_secret: bytes) -> bytes:
+    return _labeled_extract(_HPKE_SUITE, shared_secret, b"secret", b"")
+
+
 def key_schedule(shared_secret: bytes, info: bytes) -> Context:
     """KeySchedule for mode_base (no PSK)."""
     context = _base_context(info)
-    secret = _labeled_extract(_HPKE_SUITE, shared_secret, b"secret", b"")
+    secret = _secret(shared_secret)
     return Context(
         key=_labeled_expand(_HPKE_SUITE, secret, b"key", context, N_K),
         base_nonce=_labeled_expand(_HPKE_SUITE, secret, b"base_nonce", context, N_N),
@@ -128,11 +134,7 @@ def setup_base_s(
     return enc, key_schedule(shared, info)
 
 
-def setup_base_r(enc: bytes, key: KeyBackend, info: bytes) -> Context:
-    """Receiver setup over any key backend: the only private-key operation is ECDH.
-
-    A malformed ``enc`` raises :class:`DecryptionError` (uniform with every other open failure).
-    """
+def _shared_secret_r(enc: bytes, key: KeyBackend) -> bytes:
     try:
         # Every backend validates the point before its ECDH (KeyBackend.ecdh's contract: an
         # off-curve point never reaches a TPM or token); parsing it here too cost a second
@@ -140,5 +142,27 @@ def setup_base_r(enc: bytes, key: KeyBackend, info: bytes) -> Context:
         dh = key.ecdh(enc)
     except InvalidPublicKey:
         raise DecryptionError from None
-    shared = _extract_and_expand(dh, enc + key.public_key)
-    return key_schedule(shared, info)
+    return _extract_and_expand(dh, enc + key.public_key)
+
+
+def setup_base_r(enc: bytes, key: KeyBackend, info: bytes) -> Context:
+    """Receiver setup over any key backend: the only private-key operation is ECDH.
+
+    A malformed ``enc`` raises :class:`DecryptionError` (uniform with every other open failure).
+    """
+    return key_schedule(_shared_secret_r(enc, key), info)
+
+
+def open_base(enc: bytes, key: KeyBackend, info: bytes, aad: bytes, ciphertext: bytes) -> bytes:
+    """Single-shot open (RFC 9180 section 6.1, ``OpenBase``): :func:`setup_base_r` and one
+    ``open`` at sequence 0, whose nonce is the base nonce. Only the AEAD key and base nonce
+    are derived: a single message has no use for the exporter secret (one HMAC fewer).
+    Any defect raises :class:`DecryptionError`."""
+    secret = _secret(_shared_secret_r(enc, key))
+    context = _base_context(info)
+    aead_key = _labeled_expand(_HPKE_SUITE, secret, b"key", context, N_K)
+    base_nonce = _labeled_expand(_HPKE_SUITE, secret, b"base_nonce", context, N_N)
+    try:
+        return AESGCM(aead_key).decrypt(base_nonce, ciphertext, aad)
+    except InvalidTag:
+        raise DecryptionError from None

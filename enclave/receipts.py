@@ -23,6 +23,7 @@ null, ``transaction`` (hash, or "pending").
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import re
@@ -112,6 +113,12 @@ def request_digest(
     return "sha256:" + hashlib.sha256(canonical(document)).hexdigest()
 
 
+@functools.lru_cache(maxsize=64)
+def _fingerprint(point: bytes) -> str:
+    """p256.fingerprint of a receipt key: the same few keys sign every receipt."""
+    return p256.fingerprint(point)
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -129,7 +136,7 @@ def sign(claims: Mapping[str, Any], signer: ReceiptSigner) -> str:
     document = {
         **claims,
         "version": VERSION,
-        "receipt_key": p256.fingerprint(signer.receipt_public_key),
+        "receipt_key": _fingerprint(signer.receipt_public_key),
     }
     _check_form(document)
     payload = canonical(document)

@@ -143,7 +143,8 @@ class Gateway:
                 headers["Content-Type"] = "application/json"
             if self.tracing is not None:
                 self.tracing.inject(headers)  # the model server joins the request's trace
-            model = _model_named(opened.body) or match.params.get("model")
+            named = _model_named(opened.body)  # one parse for the routing, receipt and trace
+            model = named or match.params.get("model")
             # Several upstreams: the gateway lists the models itself (the union).
             listing = self.upstream.models_listing(request.method, match.route.path)
             if listing is not None:
@@ -187,7 +188,7 @@ class Gateway:
                                 received=admitted.body,
                                 opened=opened,
                                 nonce=nonce,
-                                model=_model_named(opened.body),
+                                model=named,
                                 model_digest=routed.digest,
                             )
                             if signed
@@ -197,7 +198,7 @@ class Gateway:
                         info.upstream_seconds = reply.waited
                         ticket.session.usage = reply.usage  # known once the body has ended
                         if self.tracing is not None:
-                            _describe(request, ticket.session, _model_named(opened.body))
+                            _describe(request, ticket.session, named)
 
     async def _batch(self, request: web.Request, match: RouteMatch) -> web.StreamResponse:
         """``POST /v1/batch/chat/completions``: one admission (one payment for every item that

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
@@ -262,13 +263,16 @@ class Metrics:
     ``prometheus_client``'s series when the registry is read (:meth:`render`, any
     ``registry.collect``): a scrape shows every request answered before it, at a fraction of
     the locked updates' cost. In multiprocess mode the values go to the shared files at once
-    (another worker may render them). The rest (payments, key operations, which executor
-    threads report too) is recorded directly."""
+    (another worker may render them). Key operations are tallied when the main thread (the
+    event loop's: a key in this process's memory) reports them; from an executor thread (a
+    TPM or token round trip, any key under epochs) they are recorded directly, as is the rest
+    (payments, which executor threads report too)."""
 
     def __init__(self) -> None:
         self._dir = multiprocess_dir()
         self._children: dict[tuple[object, ...], Any] = {}
         self._tallies: list[_Count | _Observed] = []
+        self._main_thread = threading.main_thread().ident
         self.registry = _Registry(self._flush)
         for attribute, declared in _DECLARED.items():  # self._requests, self._errors, ...
             setattr(self, attribute, declared.create(self.registry))
@@ -356,7 +360,10 @@ class Metrics:
         self._replies_stating_usage.inc()
 
     def key_operation(self, backend: str, operation: str, seconds: float) -> None:
-        self._key_ops.labels(backend, operation).observe(seconds)
+        if threading.get_ident() == self._main_thread:  # the loop's thread: an inline key
+            self._child(self._key_ops, backend, operation).observe(seconds)
+        else:  # an executor thread: the tallies belong to the loop's thread alone
+            self._key_ops.labels(backend, operation).observe(seconds)
 
     # --- payments (paygate.x402.hooks.PaymentEvents) ---
 

@@ -112,18 +112,19 @@ async def open_body(
         raise ReplyKeyNotAllowed
     if epochs is not None and version in (1, 2):
         return await _open_epoch(epochs, version, body, method, path, v1_reply, timed)
-    loop = asyncio.get_running_loop()
     try:
         if version == 1:
             if inline:
                 plaintext = enclave.open_v1(key, body)
             else:
+                loop = asyncio.get_running_loop()  # a getpid() in 3.11: only when needed
                 plaintext = await loop.run_in_executor(None, enclave.open_v1, key, body)
             return OpenedBody(plaintext, 1, V1Reply(v1_reply) if v1_reply else PlainReply())
         if version == 2:
             if inline:
                 opened = _open_v2(key, body, method, path)
             else:
+                loop = asyncio.get_running_loop()
                 opened = await loop.run_in_executor(None, _open_v2, key, body, method, path)
             return OpenedBody(opened.body, 2, V2Reply(opened.reply))
     except KeyBackendError:

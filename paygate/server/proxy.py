@@ -224,6 +224,14 @@ class UpstreamReply:
 
     async def read_bounded(self, limit: int) -> bytes | None:
         """The whole decoded body, or None if it exceeds ``limit`` bytes (reading stops there)."""
+        whole = self._response.whole()
+        if whole is not None:  # all of it came already (a small reply usually does)
+            if len(whole) > limit:
+                return None
+            if whole and self._usage_reader is not None:
+                self._usage_reader.feed(whole)
+            self._finish_usage()
+            return whole
         body = bytearray()
         async for chunk in self.chunks():
             body += chunk

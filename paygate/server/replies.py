@@ -260,7 +260,7 @@ class Replies:
             if isinstance(plan, PlainReply) and (streamed or not session.settles):
                 return await self._stream(request, reply, plan, ticket, started, sign)
         try:
-            return await self._whole(reply, plan, ticket, started, sign)
+            return await self._whole(request, reply, plan, ticket, started, sign)
         except GatewayError:
             # Nothing went out (too large, a broken upstream body): nothing was earned.
             session.status = 0
@@ -326,6 +326,7 @@ class Replies:
 
     async def _whole(
         self,
+        request: web.Request,
         reply: UpstreamReply,
         plan: ReplyPlan,
         ticket: Ticket,
@@ -367,8 +368,9 @@ class Replies:
             headers[wire.FREE_REMAINING_HEADER] = str(session.admission.free_remaining)
         if facts is not None:
             await self._sign_whole(headers, plan, session, facts, body, receipt, reply.usage)
-        headers[wire.OVERHEAD_HEADER] = self._overhead(ticket, started, reply)
-        self._observer.first_chunk(ticket.route.name, _since(started))
+        elapsed = running_loop(request).time() - started
+        headers[wire.OVERHEAD_HEADER] = self._overhead(ticket, started, reply, elapsed)
+        self._observer.first_chunk(ticket.route.name, elapsed)
         return web.Response(status=reply.status, body=payload, headers=headers)
 
     async def _stream(

@@ -36,3 +36,11 @@ def test_the_v2_derivations_are_rfc5869_hkdf(secret: bytes, enc: bytes) -> None:
     nonce = bytes(12)
     sealed = envelope_v2.receipt_cipher(keys).encrypt(nonce, b"token", b"aad")
     assert sealed == AESGCM(hkdf(envelope_v2.RECEIPT_KEY_LABEL)).encrypt(nonce, b"token", b"aad")
+    # In the other order, on fresh keys: the extract kept by the first derivation is the one
+    # the second needs, whichever comes first; the keys stay equal to keys never used.
+    fresh = envelope_v2.ReplyKeys(reply_secret=secret, enc=enc)
+    assert envelope_v2.receipt_cipher(fresh).encrypt(nonce, b"token", b"aad") == sealed
+    assert envelope_v2.request_nonce(fresh) == hkdf(envelope_v2.REQUEST_NONCE_LABEL)
+    unused = envelope_v2.ReplyKeys(reply_secret=secret, enc=enc)
+    assert fresh == unused
+    assert hash(fresh) == hash(unused)

@@ -51,6 +51,29 @@ def test_receiver_setup_over_a_key_backend_matches_rfc_vector() -> None:
         assert got.hex() == item["exported_value"]
 
 
+def test_single_shot_open_matches_rfc_vector_and_refuses_later_messages() -> None:
+    """``open_base`` (the v2 request's open: no exporter secret derived) opens the vector's
+    first message, at sequence 0, and no other: a later message's nonce is not the base."""
+    recipient = SoftwareKey.from_private_bytes(_h("skRm"))
+    first, second = VECTOR["encryptions"][:2]
+    opened = hpke.open_base(
+        _h("enc"), recipient, _h("info"), bytes.fromhex(first["aad"]), bytes.fromhex(first["ct"])
+    )
+    assert opened.hex() == first["pt"]
+    with pytest.raises(DecryptionError):
+        hpke.open_base(
+            _h("enc"),
+            recipient,
+            _h("info"),
+            bytes.fromhex(second["aad"]),
+            bytes.fromhex(second["ct"]),
+        )
+    with pytest.raises(DecryptionError):  # another info: another key
+        hpke.open_base(
+            _h("enc"), recipient, b"other", bytes.fromhex(first["aad"]), bytes.fromhex(first["ct"])
+        )
+
+
 def test_receiver_refuses_out_of_order_message() -> None:
     ctx = hpke.setup_base_r(_h("enc"), SoftwareKey.from_private_bytes(_h("skRm")), _h("info"))
     second = VECTOR["encryptions"][1]

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import enclave
-from enclave import SoftwareKey
+from enclave import SoftwareKey, receipts, sealed_receipt
 from tests.fixtures.gateway_support import running_stack, without_signed_receipt
 
 SEALED = {"Content-Type": enclave.CONTENT_TYPE}
@@ -192,3 +192,22 @@ async def test_require_encryption_refuses_plaintext_bodies_on_paid_routes() -> N
         resp = await s.client.post(s.url + "/api/chat", data=sealed.blob, headers=SEALED)
         assert resp.status == 200
         assert s.fake.hits["POST /api/chat"] == 1
+
+
+async def test_v2_whole_reply_receipt_names_its_plaintext_and_stated_usage() -> None:
+    """A small whole reply arrives with its head and is taken in one piece: its sealed receipt
+    header still names the digest of the plaintext and the usage the model server stated."""
+    async with running_stack() as s:
+        sealed = enclave.seal_v2(
+            s.key.public_key, json.dumps(CHAT).encode(), method="POST", path="/v1/chat/completions"
+        )
+        resp = await s.client.post(s.url + "/v1/chat/completions", data=sealed.blob, headers=SEALED)
+        assert resp.status == 200
+        reply = enclave.open_reply(sealed.reply, await resp.read())
+        token = sealed_receipt.open_v2(sealed.reply, resp.headers["X-Paygate-Receipt"])
+        claims = receipts.unverified_claims(token)
+        assert claims["reply_digest"] == receipts.body_digest(reply)
+        stated = json.loads(reply)["usage"]
+        assert claims["usage"]["prompt_tokens"] == stated["prompt_tokens"]
+        assert claims["usage"]["completion_tokens"] == stated["completion_tokens"]
+        assert claims["usage"]["source"] == "reported"

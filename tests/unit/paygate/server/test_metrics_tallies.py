@@ -6,12 +6,13 @@ second scrape counts nothing twice."""
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from paygate.server.metrics import REQUEST_BUCKETS, Metrics
+from paygate.server.metrics import KEY_BUCKETS, REQUEST_BUCKETS, Metrics
 from paygate.upstream.usage import Usage
 
 ROUTE = "POST /v1/chat/completions"
@@ -90,3 +91,35 @@ def test_a_negative_count_is_refused_where_it_is_made() -> None:
     metrics = Metrics()
     with pytest.raises(ValueError, match="non-negative"):
         metrics.usage(Usage(prompt_tokens=-1, completion_tokens=0))
+
+
+def test_key_operations_from_the_loop_and_from_executor_threads_all_show() -> None:
+    """An inline key's ECDH reports on the main thread (tallied), a TPM's or token's from an
+    executor thread (recorded at once): a scrape shows both, in the same series."""
+    metrics = Metrics()
+    metrics.key_operation("software", "ecdh", 0.0002)
+    metrics.key_operation("software", "ecdh", 0.00005)
+    worker = threading.Thread(target=metrics.key_operation, args=("software", "ecdh", 0.003))
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+
+    registry = CollectorRegistry()
+    direct = Histogram(
+        "paygate_key_operation_seconds",
+        "k",
+        ("backend", "operation"),
+        buckets=KEY_BUCKETS,
+        registry=registry,
+    )
+    for seconds in (0.0002, 0.00005, 0.003):
+        direct.labels("software", "ecdh").observe(seconds)
+    prefix = "paygate_key_operation_seconds"
+    got = _samples(metrics.render(in_flight=0), prefix)
+    want = _samples(generate_latest(registry), prefix)
+    assert want
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert math.isclose(got[key], value, rel_tol=1e-12), key
+    # Nothing counted twice by a second scrape.
+    assert _samples(metrics.render(in_flight=0), prefix) == got
