@@ -6,7 +6,8 @@ classes are.
 
 Retries only where they are safe: verification is read-only, so it is retried on connection
 errors, time-outs, 5xx and garbage; a settlement is re-sent only when the request never left
-(connection refused), because after that its outcome is unknown and must be reconciled.
+(connection refused or not made in time, every connection busy), because after that its outcome
+is unknown and must be reconciled.
 
 What counts as paid: ``success: true`` with a transaction hash (and, when the gateway can read
 the chain, that transaction's receipt proving the transfer). Every other outcome that is not a
