@@ -679,6 +679,35 @@ def test_verify_and_settle_read_their_answers(run: Any) -> None:
     run(scenario)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_verify_and_settle_send_the_x402_request_document(run: Any, version: int) -> None:
+    # The body is the document's compact JSON byte for byte, the payment's part made once.
+    async def scenario() -> None:
+        async def by_path(writer: asyncio.StreamWriter, index: int) -> bool:
+            verify = peer.requests[index].startswith(b"POST /verify ")
+            writer.write(ok(VALID if verify else SETTLED))
+            return True
+
+        async with Peer(by_path) as peer:
+            settler = _settler(peer.url)
+            payment = sdk_payment(version)
+            requirements = {"scheme": "exact", "n": 2**70, "s": "r\u00e9seau"}
+            document = {
+                "x402Version": version,
+                "paymentPayload": payment.wire(),
+                "paymentRequirements": requirements,
+            }
+            assert (await settler.verify(payment, requirements)).is_valid is True
+            assert (await settler.send(payment, requirements)).success is True
+            bodies = [r.split(b"\r\n\r\n", 1)[1] for r in peer.requests]
+            assert [json.loads(b) for b in bodies] == [document, document]
+            assert bodies[0] == bodies[1]
+            assert bodies[0].startswith(b'{"x402Version":%d,"paymentPayload":{' % version)
+            await settler.close()
+
+    run(scenario)
+
+
 @pytest.mark.parametrize(
     ("script", "verify_sends"),
     [
