@@ -320,10 +320,12 @@ class PaymentProcessor:
         try:
             offer = match_offer(payment, offers)
             scheme = self.scheme(offer.scheme)
-            # A payment operation that is not a paid request (a channel's refund).
-            done = await scheme.operation(payment, offer)
-            if done is not None:
-                return operation_done(payment, done)
+            # A payment operation that is not a paid request (a channel's refund); a scheme
+            # without the hook (``Scheme.operation``'s None) is not asked.
+            if type(scheme).operation is not Scheme.operation:
+                done = await scheme.operation(payment, offer)
+                if done is not None:
+                    return operation_done(payment, done)
             when = CheckTime(int(self._clock()), self._skew, self._min_remaining)
             authorized = scheme.check(payment, offer, when)
         except PaymentRejected as exc:
@@ -384,7 +386,10 @@ class PaymentProcessor:
             scheme=scheme,
             authorized=authorized,
         )
-        return await _corrected(scheme, payment, await self._verify(admission, offers, resource))
+        verified = await self._verify(admission, offers, resource)
+        if isinstance(verified, Refusal):
+            return await scheme.corrective(verified, payment)
+        return verified
 
     async def _identified(self, key: str, wanted: str) -> Refusal | None:
         try:
