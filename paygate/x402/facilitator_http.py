@@ -31,8 +31,9 @@ What stays as it was with the aiohttp session:
   every connection busy until the deadline: :class:`PoolBusy`, the client closed while the
   call waited for a connection): the request did not leave — no byte of it is written before
   the connection (TLS included) is made — so a settlement is unavailable and sent again, not of
-  unknown outcome. Everything after the request's bytes left is :class:`Broken` (malformed,
-  cut short, lost) or :class:`AnswerTimeout`: the outcome is unknown.
+  unknown outcome (with the session a connect timeout was a plain timeout, and a settlement's
+  caller took it as unknown). Everything after the request's bytes left is :class:`Broken`
+  (malformed, cut short, lost) or :class:`AnswerTimeout`: the outcome is unknown.
 - The answer's body is bounded (:data:`MAX_ANSWER`, after decoding ``gzip``/``deflate``);
   past it the connection is closed and the call fails with :class:`TooLarge`. A head is
   bounded too (:data:`MAX_HEAD`), and so is all the rest (:data:`MAX_FRAMING`: interim
