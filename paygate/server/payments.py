@@ -344,8 +344,9 @@ class X402Payments:
     def _resource(self, request: web.Request, description: str | None) -> ResourceInfo:
         """What the request pays for, as the 402 and a v1 requirement name it: made once per
         URL and description (the same few paid routes on every request)."""
-        # The request's URL is its scheme, Host header and raw path (the query dropped); a
-        # request object without ``raw_path`` (the fast front end's) has its raw path as path.
+        # The URL (its query dropped) follows from the scheme, Host header and raw path (an
+        # aiohttp request's ``raw_path`` has the query too: only a wider key); a request
+        # without ``raw_path`` (the fast front end's) has its raw path as ``path``.
         key = (
             request.scheme,
             request.host,
