@@ -6,7 +6,11 @@ The proxy runs under callgrind with instrumentation off; after a warm-up it is s
 it is switched off and dumped, and the dump's total is divided by the requests.
 
     .venv/bin/python -m bench.instructions aiohttp-70
-    .venv/bin/python -m bench.instructions paygate [--sealed] [--tree DIR] [--env NAME=VALUE ...]
+    .venv/bin/python -m bench.instructions paygate [--sealed|--paid] [--tree DIR]
+        [--env NAME=VALUE ...]
+
+``--paid``: each request paid (exact, verify-only; the fast upstream answers ``/verify``), a
+distinct presigned payment each, as ``bench.compare``'s ``paygate-paid`` row.
 
 Needs Debian ``valgrind`` (callgrind_control included). docs/PERFORMANCE.md has the figures.
 """
@@ -17,10 +21,12 @@ import argparse
 import asyncio
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import enclave
@@ -29,9 +35,13 @@ from bench import compare
 WARM_UP = 200
 
 
-async def _load(port: int, bodies: list[bytes], content_type: str, count: int) -> None:
-    """``count`` requests on 4 keep-alive connections, each reply read to its end."""
+async def _load(
+    port: int, bodies: list[bytes], content_type: str, count: int, payments: Sequence[str] = ()
+) -> None:
+    """``count`` requests on 4 keep-alive connections, each reply read to its end (each with
+    the next of ``payments`` as its PAYMENT-SIGNATURE, when given)."""
     left = count
+    paying = iter(payments)
 
     async def connection() -> None:
         nonlocal left
@@ -40,8 +50,9 @@ async def _load(port: int, bodies: list[bytes], content_type: str, count: int) -
             while left > 0:
                 left -= 1
                 body = bodies[left % len(bodies)]
+                paid = f"PAYMENT-SIGNATURE: {next(paying)}\r\n" if payments else ""
                 writer.write(
-                    f"POST {compare.PATH} HTTP/1.1\r\nHost: bench\r\nContent-Type: "
+                    f"POST {compare.PATH} HTTP/1.1\r\nHost: bench\r\n{paid}Content-Type: "
                     f"{content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
                     + body
                 )
@@ -62,7 +73,14 @@ async def _load(port: int, bodies: list[bytes], content_type: str, count: int) -
 
 
 def measure(
-    target: str, *, requests: int, sealed: bool, tree: Path | None, env: dict[str, str]
+    target: str,
+    *,
+    requests: int,
+    sealed: bool,
+    tree: Path | None,
+    env: dict[str, str],
+    paid: bool = False,
+    keep: Path | None = None,
 ) -> float:
     """Thousands of instructions per request of ``target`` (aiohttp-70 or paygate)."""
     with tempfile.TemporaryDirectory(prefix="paygate-instructions-") as name:
@@ -82,6 +100,14 @@ def measure(
             key_file = str(tmp / "key.pem")
             create = ["keys", "create", "--backend", "software", "--key-file", key_file]
             subprocess.run([compare.PAYGATE, *create], check=True, capture_output=True, timeout=60)
+            if paid:
+                env = {
+                    **compare.PAID_EXACT_ENV,
+                    # The fast upstream doubles as a facilitator that finds all valid.
+                    "PAYGATE_FACILITATOR_URL": f"http://127.0.0.1:{upstream_port}",
+                    "PAYGATE_LEDGER_PATH": str(tmp / "ledger.db"),
+                    **env,
+                }
             proxy_env = compare._paygate_env(tmp, port, upstream_port, **env)
             if tree is not None:
                 proxy_env["PYTHONPATH"] = f"{tree}:{tree / 'devtools'}"
@@ -101,15 +127,24 @@ def measure(
                 ]
                 return sealed_bodies, enclave.CONTENT_TYPE
 
-            asyncio.run(_load(port, *bodies(WARM_UP), WARM_UP))
+            payments: list[str] = []
+            if paid:
+                probe = compare.Target("paygate", port, [proxy], body=plain)
+                payments = compare._presign(probe, tmp).read_text().split()
+                if len(payments) < WARM_UP + requests:
+                    raise SystemExit(f"at most {len(payments) - WARM_UP} paid requests")
+            asyncio.run(_load(port, *bodies(WARM_UP), WARM_UP, payments[:WARM_UP]))
             measured = bodies(requests)
             control = ["callgrind_control"]
             subprocess.run([*control, "-i", "on", str(proxy.pid)], check=True, capture_output=True)
-            asyncio.run(_load(port, *measured, requests))
+            asyncio.run(_load(port, *measured, requests, payments[WARM_UP:]))
             subprocess.run([*control, "-i", "off", str(proxy.pid)], check=True, capture_output=True)
             subprocess.run([*control, "-d", str(proxy.pid)], check=True, capture_output=True)
             time.sleep(1)
             total = 0
+            if keep is not None:  # for callgrind_annotate: which libraries and C functions
+                for dump in tmp.glob("callgrind.out*"):
+                    shutil.copy(dump, keep / dump.name)
             for dump in tmp.glob("callgrind.out*"):
                 for line in dump.read_text(errors="replace").splitlines():
                     if line.startswith("totals:"):
@@ -124,11 +159,23 @@ def main() -> int:
     parser.add_argument("target", choices=("aiohttp-70", "paygate"))
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--sealed", action="store_true", help="v2 envelopes (paygate)")
+    parser.add_argument(
+        "--paid", action="store_true", help="each request paid (exact, verify-only; paygate)"
+    )
+    parser.add_argument("--keep", type=Path, help="copy the callgrind dumps into this directory")
     parser.add_argument("--tree", type=Path, help="paygate from this source tree")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for paygate")
     args = parser.parse_args()
     env = dict(item.split("=", 1) for item in args.env)
-    k = measure(args.target, requests=args.requests, sealed=args.sealed, tree=args.tree, env=env)
+    k = measure(
+        args.target,
+        requests=args.requests,
+        sealed=args.sealed,
+        tree=args.tree,
+        env=env,
+        paid=args.paid,
+        keep=args.keep,
+    )
     print(f"{args.target}: {k:,.1f} k instructions per request ({args.requests} requests)")
     return 0
 

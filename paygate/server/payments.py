@@ -12,13 +12,13 @@ caller disconnects or anything fails, shielded from cancellation.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from decimal import Decimal
+from types import TracebackType
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -43,6 +43,8 @@ from paygate.x402.schemes import SCHEMES
 from paygate.x402.session import MeteredTerms, PaymentSession
 
 PAID_CACHE_CONTROL = "private, no-store"
+# Resources (URL and description) kept for the 402s and requirements: more are made afresh.
+_RESOURCES = 256
 
 
 class HttpPaymentRefusal(GatewayError):
@@ -181,6 +183,10 @@ class X402Payments:
     model_limits: bool = False
     discovery: Discovery | None = None
 
+    _resources: dict[tuple[str, str, str, str | None], ResourceInfo] = field(
+        default_factory=dict, init=False, repr=False
+    )
+
     def __post_init__(self) -> None:
         if not any(SCHEMES[s].metered for s in self.processor.schemes):
             self.pricing = None
@@ -200,12 +206,13 @@ class X402Payments:
     ) -> AbstractAsyncContextManager[Ticket]:
         if not route.paid:
             return Unpaid(route)
-        return self._admit_paid(request, route, body=body, client=client)
+        return Paid(self, request, route, body, client)
 
-    @contextlib.asynccontextmanager
     async def _admit_paid(
         self, request: web.Request, route: Route, *, body: bytes | None, client: str
-    ) -> AsyncIterator[Ticket]:
+    ) -> Ticket:
+        """The ticket of an admitted request (its session entered: the caller's block exit is
+        the session's), or :class:`HttpPaymentRefusal`."""
         try:
             terms = self._terms(route, body)
         except (UntrustedJSONError, InvalidJSON, InvalidBatch) as exc:
@@ -227,11 +234,7 @@ class X402Payments:
         session = await self.processor.admit(
             request.headers,
             price=price,
-            resource=ResourceInfo(
-                url=self._resource_url(request),
-                description=description,
-                mime_type=wire.JSON,
-            ),
+            resource=self._resource(request, description),
             route=route.name,
             metered=metered,
             model=model,
@@ -249,14 +252,14 @@ class X402Payments:
         forward = terms.shaped_body
         if session.metered and quote is not None and items is None:
             forward = quote.body
-        async with session:  # the one exit: finishes the payment, whatever happens
-            yield Ticket(
-                route,
-                session,
-                forward_body=forward,
-                strip_usage=quote is not None and quote.strip_usage,
-                batch_plan=terms.plan,
-            )
+        await session.__aenter__()  # its exit is the block's (Paid.__aexit__)
+        return Ticket(
+            route,
+            session,
+            forward_body=forward,
+            strip_usage=quote is not None and quote.strip_usage,
+            batch_plan=terms.plan,
+        )
 
     def _terms(self, route: Route, body: bytes | None) -> _Terms:
         """What the request is priced at (``body`` None: a probe, priced without its body)."""
@@ -338,11 +341,73 @@ class X402Payments:
     async def close(self, timeout: float) -> None:
         await self.processor.settlements.drain(timeout)
 
+    def _resource(self, request: web.Request, description: str | None) -> ResourceInfo:
+        """What the request pays for, as the 402 and a v1 requirement name it: made once per
+        URL and description (the same few paid routes on every request)."""
+        # The URL (its query dropped) follows from the scheme, Host header and raw path (an
+        # aiohttp request's ``raw_path`` has the query too: only a wider key); a request
+        # without ``raw_path`` (the fast front end's) has its raw path as ``path``.
+        key = (
+            request.scheme,
+            request.host,
+            getattr(request, "raw_path", None) or request.path,
+            description,
+        )
+        made = self._resources.get(key)
+        if made is None:
+            made = ResourceInfo(
+                url=self._resource_url(request), description=description, mime_type=wire.JSON
+            )
+            if len(self._resources) >= _RESOURCES:  # Host is the caller's: bounded
+                self._resources.clear()
+            self._resources[key] = made
+        return made
+
     def _resource_url(self, request: web.Request) -> str:
         # The configured public URL, when set, instead of trusting the Host header.
         if self.public_url:
             return self.public_url + request.path
         return str(request.url.with_query(None))
+
+
+class Paid:
+    """``async with`` a paid request's admission: enter admits (a ticket) or raises
+    :class:`HttpPaymentRefusal`; the exit is the payment session's one exit (it finishes the
+    payment, whatever ended the block). A class rather than a generator: every paid request
+    enters one."""
+
+    __slots__ = ("_body", "_client", "_payments", "_request", "_route", "_session")
+
+    def __init__(
+        self,
+        payments: X402Payments,
+        request: web.Request,
+        route: Route,
+        body: bytes | None,
+        client: str,
+    ) -> None:
+        self._payments = payments
+        self._request = request
+        self._route = route
+        self._body = body
+        self._client = client
+        self._session: PaymentSession | None = None
+
+    async def __aenter__(self) -> Ticket:
+        ticket = await self._payments._admit_paid(
+            self._request, self._route, body=self._body, client=self._client
+        )
+        self._session = ticket.session
+        return ticket
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        assert self._session is not None  # entered: an admission that raised has no exit
+        await self._session.__aexit__(kind, error, traceback)
 
 
 class _RefusalError(GatewayError):

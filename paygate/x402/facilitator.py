@@ -6,7 +6,8 @@ classes are.
 
 Retries only where they are safe: verification is read-only, so it is retried on connection
 errors, time-outs, 5xx and garbage; a settlement is re-sent only when the request never left
-(connection refused), because after that its outcome is unknown and must be reconciled.
+(connection refused or not made in time, every connection busy), because after that its outcome
+is unknown and must be reconciled.
 
 What counts as paid: ``success: true`` with a transaction hash (and, when the gateway can read
 the chain, that transaction's receipt proving the transfer). Every other outcome that is not a
@@ -90,7 +91,7 @@ class FacilitatorSettler:
     async def verify(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> VerifyResponse:
-        body = jsonsafe.dumps_compact(_request(payment, requirements))
+        body = _request(payment, requirements)
         for attempt in range(_VERIFY_ATTEMPTS):
             try:
                 return await self._post("/verify", body, VerifyResponse, self._timeout, True)
@@ -114,12 +115,14 @@ class FacilitatorSettler:
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> SettleResponse:
         """POST /settle: the answer; re-sent only when the request never left."""
-        return await self.settle_body(_request(payment, requirements))
+        return await self._settle(_request(payment, requirements))
 
     async def settle_body(self, body: dict[str, Any]) -> SettleResponse:
         """POST /settle with a body a scheme built itself (batch-settlement's deposits, claims,
         sweeps and refunds are not one payment's settlement); the answer as it came."""
-        data = jsonsafe.dumps_compact(body)
+        return await self._settle(jsonsafe.dumps_compact(body))
+
+    async def _settle(self, data: bytes) -> SettleResponse:
         for attempt in range(_SETTLE_ATTEMPTS):
             try:
                 return await self._post(
@@ -187,12 +190,14 @@ class FacilitatorSettler:
             raise _Garbage(f"HTTP {answer.status} with an unreadable body") from None
 
 
-def _request(payment: AnyPaymentPayload, requirements: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "x402Version": payment.x402_version,
-        "paymentPayload": payment.wire(),
-        "paymentRequirements": requirements,
-    }
+def _request(payment: AnyPaymentPayload, requirements: dict[str, Any]) -> bytes:
+    """The /verify and /settle body, ``dumps_compact({"x402Version", "paymentPayload",
+    "paymentRequirements"})``'s bytes, around the payment's JSON made once (``wire_json``)."""
+    return b'{"x402Version":%d,"paymentPayload":%s,"paymentRequirements":%s}' % (
+        payment.x402_version,
+        payment.wire_json(),
+        jsonsafe.dumps_compact(requirements),
+    )
 
 
 def _what(exc: BaseException) -> str:

@@ -21,17 +21,19 @@ What stays as it was with the aiohttp session:
 - TLS for ``https://`` against the system trust store (``SSL_CERT_FILE``/``SSL_CERT_DIR`` name
   a private CA), credentials in the URL sent as Basic authorization, redirects never followed
   (a 3xx is an answer like any other).
-- Two clocks: ``connect_timeout`` for the TCP and TLS handshake
-  (:class:`FacilitatorConnectTimeout`) and ``timeout`` for the whole call, connect included
-  (:class:`AnswerTimeout`); both are :class:`TimeoutError`. A facilitator that answers byte
-  by byte is bounded by the total.
-- :class:`NotSent` (refused, unreachable, no name, a bad certificate, a header that may not be
-  sent, every connection busy until the deadline: :class:`PoolBusy`, the client closed while
-  the call waited for a connection): the request did not leave. Everything after the first
-  byte left is :class:`Broken` (malformed, cut short, lost) or a timeout: the outcome is
-  unknown. A connect timeout stays a timeout, as it was with the session (a settlement's
-  caller then takes the outcome as unknown — over-careful, nothing left, but never a second
-  send).
+- Two clocks: ``connect_timeout`` for the TCP and TLS handshake and ``timeout`` for the whole
+  call, connect included. Either expiring before the connection is made is
+  :class:`FacilitatorConnectTimeout`; the total expiring after it is :class:`AnswerTimeout`.
+  Both are :class:`TimeoutError`. A facilitator that answers byte by byte is bounded by the
+  total.
+- :class:`NotSent` (refused, unreachable, no name, a bad certificate, a connect or handshake
+  that never completed: :class:`FacilitatorConnectTimeout`, a header that may not be sent,
+  every connection busy until the deadline: :class:`PoolBusy`, the client closed while the
+  call waited for a connection): the request did not leave — no byte of it is written before
+  the connection (TLS included) is made — so a settlement is unavailable and sent again, not of
+  unknown outcome (with the session a connect timeout was a plain timeout, and a settlement's
+  caller took it as unknown). Everything after the request's bytes left is :class:`Broken`
+  (malformed, cut short, lost) or :class:`AnswerTimeout`: the outcome is unknown.
 - The answer's body is bounded (:data:`MAX_ANSWER`, after decoding ``gzip``/``deflate``);
   past it the connection is closed and the call fails with :class:`TooLarge`. A head is
   bounded too (:data:`MAX_HEAD`), and so is all the rest (:data:`MAX_FRAMING`: interim
@@ -117,7 +119,10 @@ class TooLarge(Broken):
     message = "the facilitator's answer is too large"
 
 
-class FacilitatorConnectTimeout(FacilitatorHttpError, TimeoutError):
+class FacilitatorConnectTimeout(NotSent, TimeoutError):
+    """The connection (TCP, and TLS for https) was not made in time: nothing of the request was
+    written, so it did not leave (a settlement is unavailable, not of unknown outcome)."""
+
     code = "facilitator_connect_timeout"
     message = "the connection to the facilitator timed out"
 
@@ -290,7 +295,6 @@ class FacilitatorHttp:
     ) -> _FacilitatorConnection:
         self._open += 1
         connect_end = min(loop.time() + connect_timeout, deadline)
-        expiry = FacilitatorConnectTimeout if connect_end < deadline else AnswerTimeout
         made: list[_FacilitatorConnection] = []
 
         def connection() -> _FacilitatorConnection:
@@ -306,9 +310,9 @@ class FacilitatorHttp:
                     ssl=self._ssl,
                     server_hostname=self._host if self._tls else None,
                 )
-        except TimeoutError:
+        except TimeoutError:  # the connect's clock or the call's: either way nothing left
             self._failed(made)
-            raise expiry() from None
+            raise FacilitatorConnectTimeout() from None
         except (OSError, ssl.SSLError, ssl.CertificateError) as exc:
             self._failed(made)
             raise NotSent(type(exc).__name__) from None

@@ -23,6 +23,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from paygate import jsonsafe
+
 PAYMENT_IDENTIFIER = "payment-identifier"
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _NONCE = re.compile(r"^0x[0-9a-fA-F]{64}$")
@@ -168,7 +170,25 @@ def _scheme_payload(value: Any, scheme: Any, version: int) -> X402Model:
     return adapter.validate_python(value)  # type: ignore[no-any-return]
 
 
-class PaymentPayload(X402Model):
+class _Payment(X402Model):
+    """A payment of either version: a received, signed fact, read once and never changed."""
+
+    # Not a field nor a private attribute: a plain slot, so it is neither compared, dumped nor
+    # carried by ``model_copy`` (a copy, maybe changed, makes its own).
+    __slots__ = ("_wire_json",)
+
+    def wire_json(self) -> bytes:
+        """``wire()`` as compact JSON (``jsonsafe.dumps_compact``), made once per payment: the
+        ledger stores it and the facilitator's /verify and /settle bodies embed it."""
+        try:
+            return self._wire_json  # type: ignore[no-any-return]
+        except AttributeError:
+            made = jsonsafe.dumps_compact(self.wire())
+            object.__setattr__(self, "_wire_json", made)
+            return made
+
+
+class PaymentPayload(_Payment):
     """The v2 payment (``PAYMENT-SIGNATURE``): the chosen requirement echoed as ``accepted``."""
 
     x402_version: Literal[2] = 2
@@ -196,7 +216,7 @@ class PaymentPayload(X402Model):
         return payment_identifier(self.extensions)
 
 
-class PaymentPayloadV1(X402Model):
+class PaymentPayloadV1(_Payment):
     """The v1 payment (``X-PAYMENT``): scheme and network at the top level."""
 
     x402_version: Literal[1] = 1

@@ -71,6 +71,8 @@ _IN_PROGRESS = (
 
 
 _CODE = re.compile(r"[a-z0-9_]{1,64}")
+# Prices whose offers are kept (a route's price, a model's): more are made afresh.
+_OFFER_PRICES = 256
 
 
 def _label(code: str) -> str:
@@ -117,6 +119,7 @@ class PaymentProcessor:
         bound: Mapping[str, Scheme] | None = None,
     ) -> None:
         self.terms = terms
+        self._offers_at: dict[Decimal, tuple[Offer, ...]] = {}
         self.economics = economics
         self._events: PaymentEvents = events if events is not None else NoEvents()
         self._ledger = ledger
@@ -202,8 +205,19 @@ class PaymentProcessor:
         # offered `exact` at its flat price even where `exact` is not listed: never free by
         # omission. Where another scheme prices it, only what the operator listed is offered.
         if price > 0 and (EXACT in self._schemes or (maximum is None and not offers)):
-            offers = self.terms.offers(price) + offers
+            offers = self._priced(price) + offers
         return offers
+
+    def _priced(self, price: Decimal) -> tuple[Offer, ...]:
+        """``terms.offers(price)``, made once per price (the terms are fixed at start and a
+        deployment has a handful of prices; bounded all the same)."""
+        made = self._offers_at.get(price)
+        if made is None:
+            made = self.terms.offers(price)
+            if len(self._offers_at) >= _OFFER_PRICES:
+                self._offers_at.clear()
+            self._offers_at[price] = made
+        return made
 
     async def admit(
         self,
@@ -306,10 +320,12 @@ class PaymentProcessor:
         try:
             offer = match_offer(payment, offers)
             scheme = self.scheme(offer.scheme)
-            # A payment operation that is not a paid request (a channel's refund).
-            done = await scheme.operation(payment, offer)
-            if done is not None:
-                return operation_done(payment, done)
+            # A payment operation that is not a paid request (a channel's refund); a scheme
+            # without the hook (``Scheme.operation``'s None) is not asked.
+            if type(scheme).operation is not Scheme.operation:
+                done = await scheme.operation(payment, offer)
+                if done is not None:
+                    return operation_done(payment, done)
             when = CheckTime(int(self._clock()), self._skew, self._min_remaining)
             authorized = scheme.check(payment, offer, when)
         except PaymentRejected as exc:
@@ -370,7 +386,10 @@ class PaymentProcessor:
             scheme=scheme,
             authorized=authorized,
         )
-        return await _corrected(scheme, payment, await self._verify(admission, offers, resource))
+        verified = await self._verify(admission, offers, resource)
+        if isinstance(verified, Refusal):
+            return await scheme.corrective(verified, payment)
+        return verified
 
     async def _identified(self, key: str, wanted: str) -> Refusal | None:
         try:
@@ -400,7 +419,7 @@ class PaymentProcessor:
             amount=self.scheme(offer.scheme).authorized_amount(authorized, offer),
             x402_version=payment.x402_version,
             route=route,
-            payload=jsonsafe.dumps_compact(payment.wire()).decode(),
+            payload=payment.wire_json().decode(),
             requirements=jsonsafe.dumps_compact(requirements).decode(),
             idempotency_key=key,
             scheme=offer.scheme,

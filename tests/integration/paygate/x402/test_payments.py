@@ -155,6 +155,36 @@ async def test_challenge_is_dual_stack_and_nothing_reaches_the_upstream(
     assert facilitator.stats.verify_calls == 0
 
 
+async def test_each_challenge_names_the_url_it_was_asked_at(facilitator, seller, ledger):
+    # Without a public URL the resource is the request's own URL (its Host header and path):
+    # kept per URL, never one caller's host named in another's challenge.
+    async with paid_stack(seller=seller, facilitator_url=facilitator.url, ledger=ledger) as stack:
+        asked = [
+            ("a.example", CHAT),
+            ("b.example:8080", CHAT),
+            ("a.example", CHAT),
+            ("a.example", "/v1/completions"),
+            ("b.example:8080", CHAT),
+        ]
+        named = []
+        for host, path in asked:
+            async with stack.client.post(
+                stack.url + path, json=CHAT_BODY, headers={"Host": host}
+            ) as response:
+                assert response.status == 402
+                v1 = await response.json()
+                v2 = json.loads(base64.b64decode(response.headers[wire.PAYMENT_REQUIRED]))
+            assert v1["accepts"][0]["resource"] == v2["resource"]["url"]
+            named.append(v2["resource"]["url"])
+    assert named == [
+        "http://a.example/v1/chat/completions",
+        "http://b.example:8080/v1/chat/completions",
+        "http://a.example/v1/chat/completions",
+        "http://a.example/v1/completions",
+        "http://b.example:8080/v1/chat/completions",
+    ]
+
+
 @pytest.mark.parametrize(
     ("value", "reason"),
     [

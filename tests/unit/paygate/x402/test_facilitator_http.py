@@ -351,6 +351,20 @@ def test_a_connection_that_never_opens_is_a_connect_timeout(run: Any) -> None:
     run(scenario)
 
 
+def test_a_connect_cut_by_the_call_deadline_was_not_sent(run: Any) -> None:
+    # The call's own deadline (not the connect clock) ends the connect: still nothing left.
+    async def scenario() -> None:
+        with unaccepting_listener() as port:
+            client = FacilitatorHttp(f"http://127.0.0.1:{port}")
+            with pytest.raises(FacilitatorConnectTimeout) as caught:
+                await call(client, timeout=0.3, connect_timeout=5.0, read_only=False)
+            assert isinstance(caught.value, NotSent)
+            assert isinstance(caught.value, TimeoutError)
+            assert client.open_connections == 0
+
+    run(scenario)
+
+
 def test_a_call_cancelled_as_its_connection_opens_counts_it_gone_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -665,6 +679,35 @@ def test_verify_and_settle_read_their_answers(run: Any) -> None:
     run(scenario)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_verify_and_settle_send_the_x402_request_document(run: Any, version: int) -> None:
+    # The body is the document's compact JSON byte for byte, the payment's part made once.
+    async def scenario() -> None:
+        async def by_path(writer: asyncio.StreamWriter, index: int) -> bool:
+            verify = peer.requests[index].startswith(b"POST /verify ")
+            writer.write(ok(VALID if verify else SETTLED))
+            return True
+
+        async with Peer(by_path) as peer:
+            settler = _settler(peer.url)
+            payment = sdk_payment(version)
+            requirements = {"scheme": "exact", "n": 2**70, "s": "r\u00e9seau"}
+            document = {
+                "x402Version": version,
+                "paymentPayload": payment.wire(),
+                "paymentRequirements": requirements,
+            }
+            assert (await settler.verify(payment, requirements)).is_valid is True
+            assert (await settler.send(payment, requirements)).success is True
+            bodies = [r.split(b"\r\n\r\n", 1)[1] for r in peer.requests]
+            assert [json.loads(b) for b in bodies] == [document, document]
+            assert bodies[0] == bodies[1]
+            assert bodies[0].startswith(b'{"x402Version":%d,"paymentPayload":{' % version)
+            await settler.close()
+
+    run(scenario)
+
+
 @pytest.mark.parametrize(
     ("script", "verify_sends"),
     [
@@ -709,6 +752,47 @@ def test_a_dead_facilitator_is_unavailable_and_nothing_is_left_unknown(run: Any)
             await _verify(settler)
         with pytest.raises(SettlerUnavailable):  # never connected: not an unknown outcome
             await settler.settle_body({"x402Version": 2})
+
+    run(scenario)
+
+
+def test_a_settlement_whose_connect_times_out_is_unavailable_not_unknown(run: Any) -> None:
+    """A connect that never completed sent nothing: the settlement is unavailable (retried
+    later), never an unknown outcome handed to the reconciler."""
+
+    async def scenario() -> None:
+        with unaccepting_listener() as port:
+            settler = _settler(f"http://127.0.0.1:{port}")
+            with pytest.raises(SettlerUnavailable):
+                await settler.settle_body({"x402Version": 2})
+            with pytest.raises(SettlerUnavailable):
+                await _verify(settler)
+            await settler.close()
+
+    run(scenario)
+
+
+def test_a_settlement_whose_tls_handshake_times_out_is_unavailable_not_unknown(run: Any) -> None:
+    async def scenario() -> None:
+        async with Peer(answer(ok(SETTLED))) as peer:  # plain TCP: never answers a ClientHello
+            settler = _settler(f"https://127.0.0.1:{peer.port}")
+            with pytest.raises(SettlerUnavailable):
+                await settler.settle_body({"x402Version": 2})
+            assert peer.requests == []
+            await settler.close()
+
+    run(scenario)
+
+
+def test_a_settlement_timing_out_after_it_left_is_unknown_and_sent_once(run: Any) -> None:
+    async def scenario() -> None:
+        async with Peer(_silent) as peer:  # connects, reads the settlement, never answers
+            settler = _settler(peer.url)
+            with pytest.raises(SettlementUnknown):
+                await settler.settle_body({"x402Version": 2})
+            assert peer.connections == 1
+            assert [h.split(" ")[:2] for h in peer.heads()] == [["POST", "/settle"]]
+            await settler.close()
 
     run(scenario)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from paygate import jsonsafe
 from paygate.x402 import codec
 from paygate.x402.models import PaymentPayload, PaymentPayloadV1, payload_model, register_payload
 from paygate.x402.networks import resolve_network
@@ -131,6 +132,32 @@ def test_each_schemes_payload_round_trips_through_the_header(name: str) -> None:
     again = codec.decode_payment(codec.encode(payment), header="PAYMENT-SIGNATURE")
     assert again == payment
     assert codec.parse_payment(payment.wire(), header="ledger") == payment
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_a_payments_json_is_made_once_and_is_its_wire_forms(name: str) -> None:
+    # The ledger stores it and the facilitator's bodies embed it: the bytes of ``wire()``.
+    payment = codec.decode_payment(_header(_v2(name, SAMPLES[name])), header="PAYMENT-SIGNATURE")
+    made = payment.wire_json()
+    assert made == jsonsafe.dumps_compact(payment.wire())
+    assert payment.wire_json() is made  # kept, not made again
+    # Not a field: never compared, dumped or carried into a changed copy.
+    fresh = codec.decode_payment(_header(_v2(name, SAMPLES[name])), header="PAYMENT-SIGNATURE")
+    assert fresh == payment
+    assert payment == fresh
+    assert "wire_json" not in json.dumps(payment.wire())
+    changed = payment.model_copy(update={"extensions": {"x": {"info": {}}}})
+    assert json.loads(changed.wire_json())["extensions"] == {"x": {"info": {}}}
+    assert payment.wire_json() is made
+
+
+def test_a_v1_payments_json_is_its_wire_forms() -> None:
+    v1 = {"x402Version": 1, "scheme": "exact", "network": "base-sepolia"}
+    v1["payload"] = SAMPLES["exact"]
+    payment = codec.decode_payment(_header(v1), header="X-PAYMENT")
+    assert isinstance(payment, PaymentPayloadV1)
+    assert payment.wire_json() == jsonsafe.dumps_compact(payment.wire())
+    assert json.loads(payment.wire_json()) == v1
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMES))

@@ -26,9 +26,11 @@ from paygate.x402.models import PaymentPayload, PaymentPayloadV1
 from paygate.x402.networks import from_atomic, resolve_network, to_atomic
 from paygate.x402.offers import MAX_CHALLENGE_HEADER, challenge
 from paygate.x402.pricing import PricePolicy, model_of
+from paygate.x402.processor import PaymentProcessor
 from paygate.x402.schemes.base import PaymentRejected
 from paygate.x402.schemes.exact.client import new_authorization, sign_authorization
 from paygate.x402.schemes.exact.verify import check_authorization, recover
+from paygate.x402.settlement import VerifyOnly
 from paygate.x402.verify import match_offer
 from tests.fixtures.x402_support import PAYER, RESOURCE, SELLER, sdk_payment, terms
 
@@ -314,3 +316,23 @@ def test_ndjson_lines_before_done_are_not_delayed() -> None:
     assert writer.feed(b'{"done":false,"t":"x"}\n') == b'{"done":false,"t":"x"}\n'
     assert writer.feed(b'{"done":true}\n') == b""
     assert writer.close(None) == b'{"done":true}\n'
+
+
+def test_a_processors_offers_are_each_prices_own_whatever_came_before() -> None:
+    # Offers are kept per price (a bounded map): a price never gets another price's offers,
+    # also past the bound, and the kept ones are the terms' own.
+    fixed = terms("base-sepolia", "base")
+    processor = PaymentProcessor(
+        terms=fixed,
+        ledger=None,  # type: ignore[arg-type]  # offers touch neither ledger nor settler
+        settler=None,  # type: ignore[arg-type]
+        settlement=VerifyOnly(),
+    )
+    for round_ in range(2):
+        for micro in range(1, 600, 7):  # more prices than the map keeps
+            price = Decimal(micro) / 1_000_000
+            offers = processor.offers(price, None)
+            assert offers == fixed.offers(price), (round_, price)
+            assert [o.amount for o in offers] == [micro, micro]
+    assert processor.offers(Decimal("0.0010"), None) == fixed.offers(Decimal("0.001"))
+    assert processor.offers(Decimal(0), None) == ()
