@@ -35,6 +35,7 @@ from paygate.x402.schemes.batch_settlement.chain import BatchChain, ChannelChain
 from paygate.x402.schemes.batch_settlement.channel import NAME
 from paygate.x402.schemes.batch_settlement.claims import Channels, channel_state
 from paygate.x402.schemes.batch_settlement.facilitator import BatchFacilitator, receiver_authorizer
+from paygate.x402.schemes.batch_settlement.store import ChannelBusy
 from paygate.x402.schemes.batch_settlement.verify import (
     NOT_CUMULATIVE,
     ChannelTerms,
@@ -213,12 +214,15 @@ class BoundBatchSettlement(Scheme):
             return await self._channels.commit(checked, subject.requirements, amount)
         except LedgerError as exc:  # not committed, or not known to be: committed again later
             raise not_bound(f"the channel ledger is unavailable: {exc.code}") from None
+        except ChannelBusy:  # another request holds the channel: committed again later
+            raise not_bound("another request holds the channel") from None
 
     async def reconcile(
         self, settler: Settler, subject: SettlementSubject, amount: int
     ) -> SettleResponse:
-        # Committing is idempotent (a voucher commits once): a charge whose answer was lost is
-        # simply committed again.
+        # Committing is idempotent (a voucher's charge is made once, marked with it): a charge
+        # whose answer was lost is simply committed again; one lost and since passed by a later
+        # voucher is FAILED (store.ChannelStore.commit).
         return await self.settle(settler, subject, amount)
 
 
