@@ -322,7 +322,8 @@ class Ledger:
 
     async def prune_days(self, *, before: str, batch: int = 500, batches: int = 100) -> int:
         """Delete the day-keyed rows of days before ``before`` (UTC, YYYY-MM-DD): free quotas,
-        address allowances, and sign-in nonces used before that day began. At most ``batch``
+        address allowances, sign-in nonces used before that day began, and channel vouchers
+        recorded before it whose payment is finished. At most ``batch``
         rows per table per transaction, repeated while a table filled its batch, at most
         ``batches`` times (the rest waits for the next call). Safe to run from several
         processes at once (rows another pruner holds are skipped; deleting is idempotent).
