@@ -24,6 +24,7 @@ from paygate.x402.ledger import (
     PaymentRecord,
     PaymentState,
     ReceiptUsage,
+    SchemeWrite,
     StoredReceipt,
     check_amount,
     check_document,
@@ -196,6 +197,7 @@ class Ledger:
         via: PaymentState | tuple[PaymentState, ...] | None = None,
         reply_receipt: str | None = None,
         receipt_usage: ReceiptUsage | None = None,
+        write: SchemeWrite | None = None,
     ) -> PaymentRecord:
         """Move a record along :data:`TRANSITIONS` (compare-and-set in one transaction).
 
@@ -213,6 +215,9 @@ class Ledger:
         SERVED. ``reply_receipt``: the reply's
         signed receipt, kept in the same transaction, with the usage it states
         (``receipt_usage``), as :meth:`add_receipt` (``"reply"``, fenced by ``lease``) would.
+        ``write``: a scheme's statements on its own tables, made in the same transaction after
+        the moves (:class:`SchemeWrite`: its required statement returned no row, everything is
+        rolled back and :class:`WriteNotMade` raised).
         """
         target = PaymentState(to)
         if settled_amount is not None:
@@ -230,6 +235,7 @@ class Ledger:
             via=_states(via),
             reply_receipt=reply_receipt,
             receipt_usage=receipt_usage if reply_receipt is not None else None,
+            write=write,
         )
         return await self._run(self._transition, payment_id, move)
 

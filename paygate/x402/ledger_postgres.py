@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from paygate.postgres import PoolCalls, values
+from paygate.postgres import values as row_values  # _transition's ``values`` are its own
 from paygate.x402 import ledger_postgres_schema as schema
 from paygate.x402 import ledger_rules as rules
 from paygate.x402.ledger import (
@@ -305,6 +306,13 @@ class PostgresLedger(Ledger):
             await cursor.executemany(_INSERT_EVENT, move.events(record, steps, now, self.replica))
         if move.reply_receipt is not None:
             await conn.execute(_ADD_RECEIPT, (record.id, "reply", move.reply_receipt, now))
+        if move.write is not None:  # the transaction rolls all of it back if not made
+            move.write.results.clear()
+            for sql, params in move.write.statements:
+                cursor = await conn.execute(sql.replace("?", "%s"), params)
+                rows = await cursor.fetchall() if cursor.description else []
+                move.write.results.append((cursor.rowcount, [row_values(r) for r in rows]))
+            rules.check_write(move.write)
         return record
 
     async def _mark_served(self, conn: Conn, payment_id: str) -> PaymentRecord:

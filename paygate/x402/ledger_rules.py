@@ -31,6 +31,8 @@ from paygate.x402.ledger import (
     PaymentRecord,
     PaymentState,
     ReceiptUsage,
+    SchemeWrite,
+    WriteNotMade,
     check_fence,
     check_move,
     normalise_address,
@@ -210,6 +212,7 @@ class Move:
     via: tuple[PaymentState, ...] = ()
     reply_receipt: str | None = None
     receipt_usage: ReceiptUsage | None = None
+    write: SchemeWrite | None = None  # a scheme's statements, made with the move (all or none)
 
     def change(
         self, current: PaymentRecord, *, now: float, replica: str, lease_seconds: float
@@ -452,6 +455,13 @@ def check_free_request(
 
 
 MAX_PRUNE_BATCH = 10_000
+
+
+def check_write(write: SchemeWrite) -> None:
+    """A transition's scheme write, made: its required statement returned a row, else
+    :class:`WriteNotMade` (raised inside the transaction, which rolls it all back)."""
+    if not write.results[write.required][1]:
+        raise WriteNotMade("the scheme's write with this move was not made")
 
 
 def check_prune(before: str, batch: int) -> float:

@@ -372,6 +372,12 @@ class SqliteLedger(Ledger):
             db.executemany(_INSERT_EVENT, move.events(record, steps, now, self.replica))
             if move.reply_receipt is not None:
                 db.execute(ADD_RECEIPT, (record.id, "reply", move.reply_receipt, now))
+            if move.write is not None:  # the savepoint rolls all of it back if not made
+                move.write.results.clear()
+                for sql, params in move.write.statements:
+                    cursor = db.execute(sql, params)
+                    move.write.results.append((cursor.rowcount, cursor.fetchall()))
+                rules.check_write(move.write)
             return record
 
     def _mark_served(self, payment_id: str) -> PaymentRecord:

@@ -27,6 +27,7 @@ from paygate.x402.schemes.base import (
     Authorized,
     Binding,
     CheckTime,
+    LedgerSettlement,
     PaymentRejected,
     Scheme,
 )
@@ -216,6 +217,26 @@ class BoundBatchSettlement(Scheme):
             raise not_bound(f"the channel ledger is unavailable: {exc.code}") from None
         except ChannelBusy:  # another request holds the channel: committed again later
             raise not_bound("another request holds the channel") from None
+
+    def ledger_settlement(self, subject: SettlementSubject, amount: int) -> LedgerSettlement | None:
+        """The charge as it would be committed on the request's path (the channel as this
+        request took it, unchanged since), to be made with SETTLED in one transaction; None
+        when this process did not take the channel for it (then :meth:`settle`)."""
+        terms = ChannelTerms.of_requirements(subject.requirements)
+        try:
+            checked = self.checks.checked(subject.payment, terms)
+        except PaymentRejected:
+            return None  # settle() answers it
+        found = self._channels.charge(checked, subject.requirements, amount)
+        if found is None:
+            return None
+        write, charge, answer = found
+
+        def answered() -> SettleResponse:
+            self.checks.forget(subject.payment)
+            return answer()
+
+        return LedgerSettlement(write, charge, answered)
 
     async def reconcile(
         self, settler: Settler, subject: SettlementSubject, amount: int

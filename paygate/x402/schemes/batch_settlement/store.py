@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from paygate.errors import PaygateError
+from paygate.x402.ledger import SchemeWrite
 from paygate.x402.schemes.base import SchemeSql
 from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
 from paygate.x402.settler import ReviewRequired
@@ -95,6 +96,21 @@ def _channel(row: tuple[Any, ...]) -> Channel:
         pending_until=None if row[10] is None else float(row[10]),
         version=int(row[11]),
     )
+
+
+def _fits(taken: Channel, channel_id: str, owner: str, max_claimable: int, charge: int) -> bool:
+    """The channel as a request took it can take this voucher's charge (if unchanged since)."""
+    return (
+        taken.channel_id == channel_id
+        and taken.signed_max < max_claimable
+        and taken.charged + charge <= max_claimable
+        and taken.pending_owner == owner
+    )
+
+
+def charged(write: SchemeWrite) -> Channel:
+    """The channel a made :meth:`ChannelStore.charge` write left."""
+    return _channel(write.results[1][1][0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,13 +290,7 @@ class ChannelStore:
         SETTLED. Other ValueError: the charge would pass the voucher's ceiling. ChannelBusy:
         another request holds the channel (not known yet: commit again later). ReviewRequired:
         a row from before ledger v11 whose charge cannot be proven either way."""
-        if (
-            taken is not None
-            and taken.channel_id == channel_id
-            and taken.signed_max < max_claimable
-            and taken.charged + charge <= max_claimable
-            and taken.pending_owner == owner
-        ):
+        if taken is not None and _fits(taken, channel_id, owner, max_claimable, charge):
             # The usual case, one transaction: the voucher recorded, the channel charged and
             # the voucher marked charged if nothing changed the channel since this request
             # took it (else the record alone commits, unmarked, and the loop below goes on).
@@ -319,6 +329,27 @@ class ChannelStore:
             if rows:
                 return _channel(rows[0]), charge
         raise ChannelBusy("the channel changed too often to commit")
+
+    def charge(
+        self,
+        taken: Channel,
+        owner: str,
+        *,
+        max_claimable: int,
+        signature: str,
+        charge: int,
+        payment_id: str,
+    ) -> SchemeWrite | None:
+        """:meth:`commit`'s usual case as a write for the ledger to make with the payment's
+        SETTLED record (``Ledger.transition``'s ``write``): the voucher's record, the charge
+        (compare-and-set on ``taken``'s version: required, else nothing of the transaction is
+        made) and its mark, all or nothing with SETTLED. None when ``taken`` cannot take this
+        charge; the channel is :func:`charged`'s of the write once made."""
+        if not _fits(taken, taken.channel_id, owner, max_claimable, charge):
+            return None
+        return SchemeWrite(
+            self._charged(taken, charge, max_claimable, signature, payment_id), required=1
+        )
 
     async def _marked(self, channel_id: str, max_claimable: int) -> tuple[Channel | None, int]:
         """The channel and its voucher ``max_claimable``'s mark (None: no such row)."""

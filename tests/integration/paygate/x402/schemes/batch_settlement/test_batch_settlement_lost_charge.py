@@ -13,6 +13,7 @@ from paygate.x402.ledger import LedgerUnavailable, PaymentState
 from paygate.x402.ledger_postgres import PostgresLedger
 from paygate.x402.ledger_sqlite import SqliteLedger
 from paygate.x402.ledger_store import LedgerLocation, open_ledger
+from paygate.x402.schemes.batch_settlement.claims import Channels
 from paygate.x402.schemes.batch_settlement.client import PayerChannel
 from paygate.x402.schemes.batch_settlement.store import CHARGE_LOST
 from tests.fixtures.batch_settlement_support import (
@@ -68,15 +69,23 @@ async def test_a_lost_charge_passed_by_a_later_voucher_is_failed_not_settled(
     ceiling (3P) is past v1's (2P), but v1's charge is not in its total. Before the fix it was
     recorded SETTLED (the seller's books one price over what any claim can take)."""
     armed: list[int] = []
-    loser: list[Any] = []
+    real_take = Channels.take
+
+    async def take(self: Channels, checked: Any) -> Any:
+        taken = await real_take(self, checked)
+        if armed:  # after this request took the channel: another replica's claim lands on it
+            async with claimer(ledger, anvil, gas_key, replica="other") as channels:
+                assert await channels.claim_once() == 1
+        return taken
 
     def dies(statements: list[tuple[str, Any]]) -> None:
         if armed and any(s.startswith("UPDATE bs_channels SET charged") for s, _ in statements):
             armed[0] += 1
-            if armed[0] == 2:  # the fallback's charge
+            if armed[0] == 2:  # the fallback's charge, after the first compare-and-set lost
                 armed.clear()
                 raise LedgerUnavailable("the process died here")
 
+    monkeypatch.setattr(Channels, "take", take)
     for store in (SqliteLedger, PostgresLedger):
         one, all_ = store.scheme_sql, store.scheme_sql_all
 
@@ -85,11 +94,6 @@ async def test_a_lost_charge_passed_by_a_later_voucher_is_failed_not_settled(
             return await one(self, sql, params)
 
         async def scheme_sql_all(self, statements, all_=all_):
-            if armed and armed[0] == 0 and loser:
-                # Between this request's take and its commit: another replica's claim.
-                async with claimer(ledger, anvil, gas_key, replica="other") as channels:
-                    assert await channels.claim_once() == 1
-                loser.clear()
             dies(statements)
             return await all_(self, statements)
 
@@ -109,7 +113,6 @@ async def test_a_lost_charge_passed_by_a_later_voucher_is_failed_not_settled(
         assert channel.charged == PRICE_ATOMIC
         # v1: served, its charge lost.
         armed.append(0)
-        loser.append(True)
         v1 = channel.pay(offer)
         await post(stack, header_for(required, v1))
         assert not armed, "the fault did not happen"

@@ -8,10 +8,17 @@ import asyncio
 
 import pytest
 
-from paygate.x402.ledger import LedgerUnavailable
+from paygate.x402.ledger import LedgerUnavailable, WriteNotMade
+from paygate.x402.ledger import PaymentState as S
 from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
-from paygate.x402.schemes.batch_settlement.store import ChannelBusy, ChannelStore, ClaimEntry
+from paygate.x402.schemes.batch_settlement.store import (
+    ChannelBusy,
+    ChannelStore,
+    ClaimEntry,
+    charged,
+)
 from paygate.x402.settler import ReviewRequired
+from tests.fixtures.ledger_support import nonce, request
 
 CHANNEL = "0x" + "ab" * 32
 CONFIG = ChannelConfig(
@@ -284,3 +291,53 @@ async def test_a_lost_charge_waits_while_another_request_holds_the_channel(ledge
         CHANNEL, "v2", max_claimable=2_000, signature=SIG2, charge=1_000, payment_id="p2"
     )
     assert (channel.charged, charged) == (2_000, 1_000)
+
+
+async def test_a_charge_made_with_settled_is_all_or_nothing(ledger_store):
+    """The request's path: the charge (its compare-and-set on the channel as the request took
+    it), the voucher's record and mark go in the transaction that records the payment SERVED,
+    SETTLING and SETTLED. The channel changed since its take: nothing at all is recorded (the
+    payment as it was, no voucher row, no charge) and the usual steps follow."""
+    clock = Clock()
+    ledger = await ledger_store(replica="a")
+    other = ChannelStore(await ledger_store(replica="b"), clock=clock, pending_seconds=30.0)
+    store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    via = (S.VERIFIED, S.SERVED, S.SETTLING)
+
+    record = await ledger.reserve(**request(1, nonce=nonce(1)))
+    taken = await store.take(CHANNEL, "v1")
+    write = store.charge(
+        taken, "v1", max_claimable=1_000, signature=SIG, charge=1_000, payment_id=nonce(1)
+    )
+    settled = await ledger.transition(
+        record.id, S.SETTLED, via=via, lease=record.lease, settled_amount=1_000, write=write
+    )
+    assert (settled.state, settled.settled_amount) == (S.SETTLED, 1_000)
+    assert (charged(write).charged, charged(write).pending_owner) == (1_000, None)
+    _, again = await store.commit(
+        CHANNEL, "v1", max_claimable=1_000, signature=SIG, charge=1_000, payment_id=nonce(1)
+    )
+    assert again == 0  # marked with the charge
+
+    record = await ledger.reserve(**request(2, nonce=nonce(2)))
+    taken = await store.take(CHANNEL, "v2")
+    await other.claimed(CHANNEL, 1_000)  # another replica changed the channel since
+    write = store.charge(
+        taken, "v2", max_claimable=2_000, signature=SIG2, charge=1_000, payment_id=nonce(2)
+    )
+    with pytest.raises(WriteNotMade):
+        await ledger.transition(
+            record.id, S.SETTLED, via=via, lease=record.lease, settled_amount=1_000, write=write
+        )
+    assert await ledger.get(record.id) == record
+    _, rows = await ledger.scheme_sql("SELECT max_claimable FROM bs_vouchers", ())
+    assert [str(r[0]) for r in rows] == ["1000"]
+    assert (await store.get(CHANNEL)).charged == 1_000
+    # A charge that does not fit what the request took is never offered as a write.
+    assert (
+        store.charge(
+            taken, "v2", max_claimable=2_000, signature=SIG2, charge=1_001, payment_id=nonce(2)
+        )
+        is None
+    )
