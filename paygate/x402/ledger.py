@@ -275,13 +275,14 @@ def check_model(value: str | None) -> str | None:
 @dataclass(slots=True, eq=False)
 class SchemeWrite:
     """Statements on a scheme package's own tables (``?`` placeholders, both stores' SQL: a
-    channel's charge) made in the transaction of a payment's move (:meth:`Ledger.transition`
-    ``write``), after it: all or nothing with it. When statement ``required`` returns no row,
-    the whole transaction is rolled back and :class:`WriteNotMade` raised. ``results``: each
-    statement's (rows changed, rows returned), filled in by the store."""
+    channel's charge, its take) made in the transaction of a payment's move or reservation
+    (:meth:`Ledger.transition`, :meth:`Ledger.reserve` ``write``), after it: all or nothing
+    with it. When statement ``required`` (if any) returns no row, the whole transaction is
+    rolled back and :class:`WriteNotMade` raised. ``results``: each statement's (rows changed,
+    rows returned), filled in by the store once made."""
 
     statements: list[tuple[str, tuple[Any, ...]]]
-    required: int
+    required: int | None = None
     results: list[tuple[int, list[tuple[Any, ...]]]] = field(default_factory=list)
 
 

@@ -149,6 +149,7 @@ class Ledger:
         model: str | None = None,
         budget: Budget | None = None,
         budgets: tuple[Budget, ...] = (),
+        write: SchemeWrite | None = None,
     ) -> PaymentRecord:
         """Claim ``(network, asset, payer, nonce)`` atomically, as a new RESERVED record owned
         by this replica (a fresh lease).
@@ -167,6 +168,8 @@ class Ledger:
         other existing record raises :class:`AlreadyReserved` carrying it. An idempotency key
         that already belongs to a record with a different key raises
         :class:`IdempotencyKeyReused`. Inputs are normalised (see :func:`normalise_key`).
+        ``write``: a scheme's statements on its own tables, made in the same transaction after
+        the reservation (as :meth:`transition`'s; not made when the reservation is refused).
         """
         checked = Reservation(
             scheme=check_scheme(scheme),
@@ -180,6 +183,7 @@ class Ledger:
             payload=check_document(payload, "payload"),
             requirements=check_document(requirements, "requirements"),
             idempotency_key=check_idempotency_key(idempotency_key),
+            write=write,
         )
         return await self._run(self._reserve, checked)
 

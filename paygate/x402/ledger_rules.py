@@ -105,6 +105,7 @@ class Reservation:
     scheme: str
     model: str | None
     budgets: tuple[Budget, ...]
+    write: SchemeWrite | None = None  # a scheme's statements, made with the reservation
 
     @property
     def asset(self) -> str:
@@ -460,7 +461,7 @@ MAX_PRUNE_BATCH = 10_000
 def check_write(write: SchemeWrite) -> None:
     """A transition's scheme write, made: its required statement returned a row, else
     :class:`WriteNotMade` (raised inside the transaction, which rolls it all back)."""
-    if not write.results[write.required][1]:
+    if write.required is not None and not write.results[write.required][1]:
         raise WriteNotMade("the scheme's write with this move was not made")
 
 

@@ -405,6 +405,11 @@ class Scheme:
             lambda asked: settler.settle(subject.payment, asked),
         )
 
+    def reserve_write(self, payment: AnyPaymentPayload, offer: Offer) -> SchemeWrite | None:
+        """A write on the scheme's own tables to make with the payment's reservation (a
+        channel's take), after :meth:`check`; None: nothing."""
+        return None
+
     def ledger_settlement(self, subject: SettlementSubject, amount: int) -> LedgerSettlement | None:
         """A request's settle of ``amount`` as a write made with its SETTLED record (schemes
         that ``settles_in_ledger``), or None: then :meth:`settle`, as usual."""

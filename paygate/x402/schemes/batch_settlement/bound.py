@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from paygate.x402.chain import ChainSettler
 from paygate.x402.facilitator import FacilitatorSettler
-from paygate.x402.ledger import LedgerError
+from paygate.x402.ledger import LedgerError, SchemeWrite
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
 from paygate.x402.offers import Offer, PaymentTerms
 from paygate.x402.refusal import Refusal
@@ -65,6 +65,18 @@ class CheckedPayments:
     def __init__(self, limit: int = _CHECKS_MAX) -> None:
         self._limit = limit
         self._by_payment: dict[int, tuple[AnyPaymentPayload, ChannelTerms, CheckedVoucher]] = {}
+        # The channel's take made with each request's reservation, for its verify.
+        self._takes: dict[int, tuple[AnyPaymentPayload, SchemeWrite]] = {}
+
+    def remember_take(self, payment: AnyPaymentPayload, write: SchemeWrite) -> None:
+        if len(self._takes) >= self._limit:
+            self._takes.pop(next(iter(self._takes)))
+        self._takes[id(payment)] = (payment, write)
+
+    def take_of(self, payment: AnyPaymentPayload) -> SchemeWrite | None:
+        """The take written with ``payment``'s reservation (once), if any."""
+        entry = self._takes.pop(id(payment), None)
+        return entry[1] if entry is not None and entry[0] is payment else None
 
     def remember(
         self, payment: AnyPaymentPayload, terms: ChannelTerms, checked: CheckedVoucher
@@ -92,6 +104,7 @@ class CheckedPayments:
         entry = self._by_payment.get(id(payment))
         if entry is not None and entry[0] is payment:
             del self._by_payment[id(payment)]
+        self.take_of(payment)
 
     def __len__(self) -> int:
         return len(self._by_payment)
@@ -178,17 +191,32 @@ class BoundBatchSettlement(Scheme):
         # The charge must be committed while this request holds the channel.
         return authorized(checked, offer, when.now + int(self._channels.pending_seconds))
 
+    def reserve_write(self, payment: AnyPaymentPayload, offer: Offer) -> SchemeWrite | None:
+        """A voucher's channel taken in the transaction of its reservation (one ledger call
+        fewer; verify reads what it found). Not a deposit's: its channel is made at verify."""
+        try:
+            checked = self.checks.checked(payment, ChannelTerms.of_offer(offer))
+        except PaymentRejected:
+            return None
+        if checked.payload.type != "voucher":
+            return None
+        write = self._channels.store.take_write(checked.channel_id, checked.voucher_key)
+        self.checks.remember_take(payment, write)
+        return write
+
     async def verify(
         self, settler: Settler, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> VerifyResponse:
         """A deposit is sent and proven on chain first; then the voucher is checked against
-        the channel's state in the ledger and the channel taken for this request."""
+        the channel's state in the ledger and the channel taken for this request (taken with
+        its reservation already, when that found it free)."""
         channels = self._channels
+        reserved = self.checks.take_of(payment)
         try:
             checked = self.checks.checked(payment, ChannelTerms.of_requirements(requirements))
             if checked.payload.type == "deposit":
                 await channels.deposit(checked, payment.wire(), requirements)
-            channel = await channels.take(checked)
+            channel = await channels.take(checked, reserved)
             try:
                 check_against(checked, channel, int(requirements["amount"]), refund=False)
             except PaymentRejected:

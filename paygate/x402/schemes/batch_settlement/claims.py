@@ -31,6 +31,7 @@ from paygate.x402.schemes.batch_settlement.store import (
     Claim,
     ClaimEntry,
     charged,
+    taken,
 )
 from paygate.x402.schemes.batch_settlement.verify import (
     BUSY,
@@ -99,9 +100,15 @@ class Channels:
             total_claimed=state.total_claimed,
         )
 
-    async def take(self, checked: CheckedVoucher) -> Channel | None:
+    async def take(
+        self, checked: CheckedVoucher, reserved: SchemeWrite | None = None
+    ) -> Channel | None:
+        """Take the channel for this request; ``reserved``: its take made with the request's
+        reservation (:meth:`ChannelStore.take_write`), used when it found the channel free."""
         try:
-            channel = await self.store.take(checked.channel_id, checked.voucher_key)
+            channel = taken(reserved) if reserved is not None else None
+            if channel is None:
+                channel = await self.store.take(checked.channel_id, checked.voucher_key)
         except ChannelBusy:
             raise PaymentRejected(BUSY, "another request on this channel is in progress") from None
         if channel is not None:  # the commit's first compare-and-set starts from it

@@ -108,6 +108,13 @@ def _fits(taken: Channel, channel_id: str, owner: str, max_claimable: int, charg
     )
 
 
+def taken(write: SchemeWrite) -> Channel | None:
+    """The channel a made :meth:`ChannelStore.take_write` took; None when it was not free or
+    the write was not made."""
+    rows = write.results[0][1] if write.results else []
+    return _channel(rows[0]) if rows else None
+
+
 def charged(write: SchemeWrite) -> Channel:
     """The channel a made :meth:`ChannelStore.charge` write left."""
     return _channel(write.results[1][1][0])
@@ -216,17 +223,28 @@ class ChannelStore:
                 return found
         raise ChannelBusy("the channel changed too often to record the deposit")
 
+    def take_write(self, channel_id: str, owner: str) -> SchemeWrite:
+        """:meth:`take`'s usual case, one statement — the lease is free, ours, or run out — as
+        a write for the ledger to make with the request's reservation (:func:`taken` reads it;
+        not required: a busy or unknown channel is told apart by :meth:`take` after)."""
+        now = self._clock()
+        return SchemeWrite(
+            [
+                (
+                    "UPDATE bs_channels SET pending_owner = ?, pending_until = ?,"  # noqa: S608 - constant
+                    " version = version + 1, updated_at = ? WHERE channel_id = ? AND"
+                    " (pending_owner IS NULL OR pending_owner = ? OR pending_until IS NULL OR"
+                    f" pending_until <= ?) RETURNING {_COLUMNS}",
+                    (owner, now + self._pending_seconds, now, channel_id, owner, now),
+                )
+            ]
+        )
+
     async def take(self, channel_id: str, owner: str) -> Channel | None:
         """Take the channel's pending lease for ``owner`` (a voucher); None if no channel."""
         # The usual case in one statement: the lease is free, ours, or run out.
-        now = self._clock()
-        _, rows = await self._sql(
-            "UPDATE bs_channels SET pending_owner = ?, pending_until = ?,"  # noqa: S608 - constant
-            " version = version + 1, updated_at = ? WHERE channel_id = ? AND (pending_owner IS"
-            " NULL OR pending_owner = ? OR pending_until IS NULL OR pending_until <= ?)"
-            f" RETURNING {_COLUMNS}",
-            (owner, now + self._pending_seconds, now, channel_id, owner, now),
-        )
+        (statement,) = self.take_write(channel_id, owner).statements
+        _, rows = await self._sql(*statement)
         if rows:
             return _channel(rows[0])
         # No such channel, or held by another request: read it to tell which.

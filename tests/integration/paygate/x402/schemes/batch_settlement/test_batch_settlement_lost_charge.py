@@ -71,8 +71,8 @@ async def test_a_lost_charge_passed_by_a_later_voucher_is_failed_not_settled(
     armed: list[int] = []
     real_take = Channels.take
 
-    async def take(self: Channels, checked: Any) -> Any:
-        taken = await real_take(self, checked)
+    async def take(self: Channels, checked: Any, *args: Any) -> Any:
+        taken = await real_take(self, checked, *args)
         if armed:  # after this request took the channel: another replica's claim lands on it
             async with claimer(ledger, anvil, gas_key, replica="other") as channels:
                 assert await channels.claim_once() == 1

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from paygate.x402.ledger import LedgerUnavailable, WriteNotMade
+from paygate.x402.ledger import AlreadyReserved, LedgerUnavailable, WriteNotMade
 from paygate.x402.ledger import PaymentState as S
 from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
 from paygate.x402.schemes.batch_settlement.store import (
@@ -16,6 +16,7 @@ from paygate.x402.schemes.batch_settlement.store import (
     ChannelStore,
     ClaimEntry,
     charged,
+    taken,
 )
 from paygate.x402.settler import ReviewRequired
 from tests.fixtures.ledger_support import nonce, request
@@ -341,3 +342,32 @@ async def test_a_charge_made_with_settled_is_all_or_nothing(ledger_store):
         )
         is None
     )
+
+
+async def test_a_channel_taken_with_the_reservation_goes_with_it_or_not_at_all(ledger_store):
+    """A voucher's channel is taken in the transaction of its payment's reservation: a
+    reservation refused (a replay) takes nothing; a channel held by another request is not
+    taken (the reservation stands; verify tells busy from unknown after)."""
+    clock = Clock()
+    ledger = await ledger_store(replica="a")
+    store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+
+    write = store.take_write(CHANNEL, "v1")
+    await ledger.reserve(**request(1), write=write)
+    assert taken(write).pending_owner == "v1"
+    assert (await store.get(CHANNEL)).pending_owner == "v1"
+    await store.release(CHANNEL, "v1")
+
+    replay = store.take_write(CHANNEL, "v1")
+    with pytest.raises(AlreadyReserved):
+        await ledger.reserve(**request(1), write=replay)
+    assert taken(replay) is None
+    assert (await store.get(CHANNEL)).pending_owner is None  # rolled back with it
+
+    await store.take(CHANNEL, "v2")
+    busy = store.take_write(CHANNEL, "v3")
+    record = await ledger.reserve(**request(3), write=busy)
+    assert taken(busy) is None
+    assert record.state is S.RESERVED
+    assert (await store.get(CHANNEL)).pending_owner == "v2"
