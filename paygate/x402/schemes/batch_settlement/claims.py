@@ -124,12 +124,12 @@ class Channels:
         compare-and-set), to be made with the payment's SETTLED record: the write, the charge,
         and the answer once the write is made. None when the channel was not taken here, or
         the charge does not fit its voucher (then :meth:`commit`)."""
-        taken = self._taken.get(checked.voucher_key)
+        took = self._taken.get(checked.voucher_key)
         charge = min(amount, int(requirements["amount"]))
-        if taken is None:
+        if took is None:
             return None
         write = self.store.charge(
-            taken,
+            took,
             checked.voucher_key,
             max_claimable=checked.max_claimable,
             signature=checked.payload.voucher.signature,
