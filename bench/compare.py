@@ -9,7 +9,8 @@ sealed body), paygate paid in
 verify-only mode against a loopback facilitator that answers /verify valid at once, and paygate
 paid by batch-settlement vouchers (chain mode on anvil, each load connection on a channel opened
 before the run, bench.channels); with ``--before DIR`` paygate from another source tree too
-(free, paid and voucher), with ``--litellm BIN`` LiteLLM's proxy, and (``workers`` in ``--only``) ``paygate serve --workers 1`` and ``2`` unpinned.
+(free, paid and voucher), with ``--litellm BIN`` LiteLLM's proxy, and (``workers`` in
+``--only``) ``paygate serve --workers 1`` and ``2`` unpinned.
 
 The proxy under test is pinned to CPU 0; wrk, the upstream and the stream client to CPU 1.
 Rounds are interleaved (every target once per round) and medians reported. Per target:
