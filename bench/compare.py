@@ -8,9 +8,9 @@ shipped default is the fast front end), paygate sealed v2 (software key; the sam
 sealed body), paygate paid in
 verify-only mode against a loopback facilitator that answers /verify valid at once, and paygate
 paid by batch-settlement vouchers (chain mode on anvil, each load connection on a channel opened
-before the run, bench.channels); with
-``--before DIR`` paygate from another source tree too (free and paid), with ``--litellm BIN``
-LiteLLM's proxy, and (``workers`` in ``--only``) ``paygate serve --workers 1`` and ``2`` unpinned.
+before the run, bench.channels); with ``--before DIR`` paygate from another source tree too
+(free, paid and voucher), with ``--litellm BIN`` LiteLLM's proxy, and (``workers`` in
+``--only``) ``paygate serve --workers 1`` and ``2`` unpinned.
 
 The proxy under test is pinned to CPU 0; wrk, the upstream and the stream client to CPU 1.
 Rounds are interleaved (every target once per round) and medians reported. Per target:
@@ -591,6 +591,14 @@ def _targets(
                         f"{before}:{before / 'devtools'}",
                         PROXY_CPU,
                     )
+                if "paygate-paid-batch" in variants:  # and its batch-settlement path
+                    batch_env = dict(variants["paygate-paid-batch"][0])
+                    batch_env["PAYGATE_LEDGER_PATH"] = str(tmp / "ledger-batch-before.db")
+                    variants["paygate-paid-batch-before"] = (
+                        batch_env,
+                        f"{before}:{before / 'devtools'}",
+                        PROXY_CPU,
+                    )
             if "workers" in which:
                 # Scale-out (serve --workers): unpinned, so a second worker can use CPU 1.
                 for n in (1, 2):
@@ -616,11 +624,13 @@ def _targets(
                 if name in targets:
                     _wait_port(targets[name].port)
                     targets[name].payments = _presign(targets[name], tmp)
-            if "paygate-paid-batch" in targets:
-                batch = targets["paygate-paid-batch"]
-                _wait_port(batch.port)
-                url = f"http://127.0.0.1:{batch.port}{PATH}"
-                batch.channels = ChannelSource(anvil, url, batch.body, tmp)
+            for name in ("paygate-paid-batch", "paygate-paid-batch-before"):
+                if name in targets:
+                    batch = targets[name]
+                    _wait_port(batch.port)
+                    url = f"http://127.0.0.1:{batch.port}{PATH}"
+                    (tmp / name).mkdir(exist_ok=True)  # its own voucher files
+                    batch.channels = ChannelSource(anvil, url, batch.body, tmp / name)
         if litellm is not None:
             port = _port()
             config = tmp / "litellm.yaml"
@@ -760,6 +770,7 @@ def _summarise(
         "paygate-paid": "paygate",
         "paygate-paid-before": "paygate-before",
         "paygate-paid-batch": "paygate",
+        "paygate-paid-batch-before": "paygate-before",
     }
     paid_vs_free = {
         paid: (

@@ -31,6 +31,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from paygate.errors import PaygateError
 from paygate.x402 import typed_digest
@@ -271,6 +272,20 @@ def check_model(value: str | None) -> str | None:
     return value
 
 
+@dataclass(slots=True, eq=False)
+class SchemeWrite:
+    """Statements on a scheme package's own tables (``?`` placeholders, both stores' SQL: a
+    channel's charge, its take) made in the transaction of a payment's move or reservation
+    (:meth:`Ledger.transition`, :meth:`Ledger.reserve` ``write``), after it: all or nothing
+    with it. When statement ``required`` (if any) returns no row, the whole transaction is
+    rolled back and :class:`WriteNotMade` raised. ``results``: each statement's (rows changed,
+    rows returned), filled in by the store once made."""
+
+    statements: list[tuple[str, tuple[Any, ...]]]
+    required: int | None = None
+    results: list[tuple[int, list[tuple[Any, ...]]]] = field(default_factory=list)
+
+
 # --- errors -------------------------------------------------------------------------------
 
 
@@ -336,6 +351,15 @@ class LedgerConflict(LedgerError):
     message = "a state change the table does not allow, or that lost a race"
 
     code = "ledger_conflict"
+
+
+class WriteNotMade(LedgerConflict):
+    """A :class:`SchemeWrite`'s required statement changed nothing: the whole transition was
+    rolled back (nothing recorded)."""
+
+    message = "the scheme's write with this move was not made; nothing was recorded"
+
+    code = "ledger_write_not_made"
 
 
 class PaymentNotFound(LedgerConflict):

@@ -24,6 +24,7 @@ from paygate.x402.ledger import (
     PaymentRecord,
     PaymentState,
     ReceiptUsage,
+    SchemeWrite,
     StoredReceipt,
     check_amount,
     check_document,
@@ -148,6 +149,7 @@ class Ledger:
         model: str | None = None,
         budget: Budget | None = None,
         budgets: tuple[Budget, ...] = (),
+        write: SchemeWrite | None = None,
     ) -> PaymentRecord:
         """Claim ``(network, asset, payer, nonce)`` atomically, as a new RESERVED record owned
         by this replica (a fresh lease).
@@ -166,6 +168,8 @@ class Ledger:
         other existing record raises :class:`AlreadyReserved` carrying it. An idempotency key
         that already belongs to a record with a different key raises
         :class:`IdempotencyKeyReused`. Inputs are normalised (see :func:`normalise_key`).
+        ``write``: a scheme's statements on its own tables, made in the same transaction after
+        the reservation (as :meth:`transition`'s; not made when the reservation is refused).
         """
         checked = Reservation(
             scheme=check_scheme(scheme),
@@ -179,6 +183,7 @@ class Ledger:
             payload=check_document(payload, "payload"),
             requirements=check_document(requirements, "requirements"),
             idempotency_key=check_idempotency_key(idempotency_key),
+            write=write,
         )
         return await self._run(self._reserve, checked)
 
@@ -196,6 +201,7 @@ class Ledger:
         via: PaymentState | tuple[PaymentState, ...] | None = None,
         reply_receipt: str | None = None,
         receipt_usage: ReceiptUsage | None = None,
+        write: SchemeWrite | None = None,
     ) -> PaymentRecord:
         """Move a record along :data:`TRANSITIONS` (compare-and-set in one transaction).
 
@@ -213,6 +219,9 @@ class Ledger:
         SERVED. ``reply_receipt``: the reply's
         signed receipt, kept in the same transaction, with the usage it states
         (``receipt_usage``), as :meth:`add_receipt` (``"reply"``, fenced by ``lease``) would.
+        ``write``: a scheme's statements on its own tables, made in the same transaction after
+        the moves (:class:`SchemeWrite`: its required statement returned no row, everything is
+        rolled back and :class:`WriteNotMade` raised).
         """
         target = PaymentState(to)
         if settled_amount is not None:
@@ -230,6 +239,7 @@ class Ledger:
             via=_states(via),
             reply_receipt=reply_receipt,
             receipt_usage=receipt_usage if reply_receipt is not None else None,
+            write=write,
         )
         return await self._run(self._transition, payment_id, move)
 
@@ -322,7 +332,8 @@ class Ledger:
 
     async def prune_days(self, *, before: str, batch: int = 500, batches: int = 100) -> int:
         """Delete the day-keyed rows of days before ``before`` (UTC, YYYY-MM-DD): free quotas,
-        address allowances, and sign-in nonces used before that day began. At most ``batch``
+        address allowances, sign-in nonces used before that day began, and channel vouchers
+        recorded before it whose payment is finished. At most ``batch``
         rows per table per transaction, repeated while a table filled its batch, at most
         ``batches`` times (the rest waits for the next call). Safe to run from several
         processes at once (rows another pruner holds are skipped; deleting is idempotent).

@@ -14,7 +14,8 @@ limit events, alert claims, one-time console logins; paygate.economics, paygate.
 v5: the transparency log (paygate.tlog). v6: signed receipts, payments by nonce. v7: budgets by
 when a payment counted, the sign-in key. v8: batch settlement's channels, vouchers and claims.
 v9: the free requests of each client address per day (shared by every process on the ledger).
-v10: two payment indexes fewer (pages every paid request writes; see the step).
+v10: two payment indexes fewer (pages every paid request writes; see the step). v11: each
+batch-settlement voucher's charge marked in its own row (``bs_vouchers.charged``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Literal
 from paygate.x402.ledger import PaymentState
 
 SqlDialect = Literal["sqlite", "postgres"]
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 # What differs between the dialects, by name: (SQLite, PostgreSQL).
 _WORDS: dict[str, tuple[str, str]] = {
@@ -259,6 +260,19 @@ def migrations(dialect: SqlDialect) -> dict[int, tuple[str, ...]]:
         10: (
             "DROP INDEX IF EXISTS payments_payer",
             "DROP INDEX IF EXISTS payments_lease",
+        ),
+        # A voucher is committed when its charge is in its channel's ``charged`` total, not
+        # when the channel's ceiling passed it (a charge lost before a later voucher was
+        # committed was taken as made): 1 = charged, in the charge's own transaction; 0 =
+        # recorded, not charged. Rows from before this step: charged when the channel's last
+        # committed voucher is theirs (that commit made their charge); the others stay NULL,
+        # unknown (batch_settlement.store: flagged for review if ever committed again).
+        11: (
+            f"ALTER TABLE bs_vouchers ADD COLUMN charged {integer}",
+            "UPDATE bs_vouchers SET charged = 1 WHERE EXISTS (SELECT 1 FROM bs_channels c"
+            " WHERE c.channel_id = bs_vouchers.channel_id"
+            " AND c.signed_max = bs_vouchers.max_claimable"
+            " AND c.signature = bs_vouchers.signature)",
         ),
     }
 

@@ -40,6 +40,7 @@ from paygate.x402.ledger import (
     LedgerUnavailable,
     PaymentRecord,
     PaymentState,
+    SchemeWrite,
 )
 from paygate.x402.ledger_base import BY_IDEMPOTENCY_KEY, BY_KEY, Ledger
 from paygate.x402.ledger_postgres_schema import SCHEMA_VERSION, Conn
@@ -289,6 +290,8 @@ class PostgresLedger(Ledger):
             raise AlreadyReserved(existing)
         record = rules.record_from_row(row)
         await self._event(conn, record, EventAction.RESERVED, now)
+        if checked.write is not None:
+            await self._make(conn, checked.write)
         return record
 
     async def _transition(self, conn: Conn, payment_id: str, move: rules.Move) -> PaymentRecord:
@@ -305,7 +308,19 @@ class PostgresLedger(Ledger):
             await cursor.executemany(_INSERT_EVENT, move.events(record, steps, now, self.replica))
         if move.reply_receipt is not None:
             await conn.execute(_ADD_RECEIPT, (record.id, "reply", move.reply_receipt, now))
+        if move.write is not None:
+            await self._make(conn, move.write)
         return record
+
+    @staticmethod
+    async def _make(conn: Conn, write: SchemeWrite) -> None:
+        """A scheme's write in the current transaction (rolled back with it if not made)."""
+        write.results.clear()
+        for sql, params in write.statements:
+            cursor = await conn.execute(sql.replace("?", "%s"), params)
+            rows = await cursor.fetchall() if cursor.description else []
+            write.results.append((cursor.rowcount, [values(row) for row in rows]))
+        rules.check_write(write)
 
     async def _mark_served(self, conn: Conn, payment_id: str) -> PaymentRecord:
         current = await self._must(conn, payment_id, lock=True)

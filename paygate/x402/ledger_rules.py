@@ -31,6 +31,8 @@ from paygate.x402.ledger import (
     PaymentRecord,
     PaymentState,
     ReceiptUsage,
+    SchemeWrite,
+    WriteNotMade,
     check_fence,
     check_move,
     normalise_address,
@@ -103,6 +105,7 @@ class Reservation:
     scheme: str
     model: str | None
     budgets: tuple[Budget, ...]
+    write: SchemeWrite | None = None  # a scheme's statements, made with the reservation
 
     @property
     def asset(self) -> str:
@@ -210,6 +213,7 @@ class Move:
     via: tuple[PaymentState, ...] = ()
     reply_receipt: str | None = None
     receipt_usage: ReceiptUsage | None = None
+    write: SchemeWrite | None = None  # a scheme's statements, made with the move (all or none)
 
     def change(
         self, current: PaymentRecord, *, now: float, replica: str, lease_seconds: float
@@ -452,6 +456,13 @@ def check_free_request(
 
 
 MAX_PRUNE_BATCH = 10_000
+
+
+def check_write(write: SchemeWrite) -> None:
+    """A transition's scheme write, made: its required statement returned a row, else
+    :class:`WriteNotMade` (raised inside the transaction, which rolls it all back)."""
+    if write.required is not None and not write.results[write.required][1]:
+        raise WriteNotMade("the scheme's write with this move was not made")
 
 
 def check_prune(before: str, batch: int) -> float:

@@ -42,6 +42,7 @@ from paygate.x402.ledger import (
     LedgerUnavailable,
     PaymentRecord,
     PaymentState,
+    SchemeWrite,
 )
 from paygate.x402.ledger_base import BY_ID, BY_IDEMPOTENCY_KEY, BY_KEY, Ledger
 from paygate.x402.ledger_commit import GroupCommit
@@ -329,6 +330,8 @@ class SqliteLedger(Ledger):
             if record is None:  # the key was taken and is gone: impossible under the lock
                 raise LedgerConflict("the authorization changed concurrently")
             self._event(record, EventAction.RESERVED, now)
+            if checked.write is not None:
+                self._make(db, checked.write)
             return record
 
     def _values(
@@ -372,7 +375,18 @@ class SqliteLedger(Ledger):
             db.executemany(_INSERT_EVENT, move.events(record, steps, now, self.replica))
             if move.reply_receipt is not None:
                 db.execute(ADD_RECEIPT, (record.id, "reply", move.reply_receipt, now))
+            if move.write is not None:
+                self._make(db, move.write)
             return record
+
+    @staticmethod
+    def _make(db: sqlite3.Connection, write: SchemeWrite) -> None:
+        """A scheme's write in the current savepoint (rolled back with it if not made)."""
+        write.results.clear()
+        for sql, params in write.statements:
+            cursor = db.execute(sql, params)
+            write.results.append((cursor.rowcount, cursor.fetchall()))
+        rules.check_write(write)
 
     def _mark_served(self, payment_id: str) -> PaymentRecord:
         with self._write() as db:

@@ -53,6 +53,7 @@ COUNT_FREE_ADDRESS = (
     " ON CONFLICT (day, address) DO UPDATE SET used = free_addresses.used + 1"
     " WHERE free_addresses.used < ?"
 )
+_NOT_FINISHED = ", ".join(f"'{s.value}'" for s in PaymentState if rules.TRANSITIONS[s])
 # Retention (paygate.x402.retention): a bounded batch of a past day's rows, by the rows' own
 # keys. ``{lock}``: PostgreSQL's FOR UPDATE SKIP LOCKED, so two pruners never wait on each other's
 # rows (no lock order to deadlock on) and a pruner never waits on take_free (its advisory lock
@@ -64,6 +65,14 @@ _PRUNES = (
     " (SELECT day, address FROM free_addresses WHERE day < ? LIMIT ?{lock})",
     "DELETE FROM signin_nonces WHERE nonce IN"
     " (SELECT nonce FROM signin_nonces WHERE used_at < ? LIMIT ?{lock})",
+    # batch settlement's vouchers (one row per voucher accepted), recorded before that day,
+    # except those whose payment may still be committed (not finished: the reconciler reads
+    # the voucher's mark to tell a charge made from one lost). Claims read the channel's row,
+    # not these. A voucher's payment id is the payment's nonce (payments_nonce).
+    "DELETE FROM bs_vouchers WHERE (channel_id, max_claimable) IN"  # noqa: S608 - constants
+    " (SELECT v.channel_id, v.max_claimable FROM bs_vouchers v WHERE v.created_at < ?"
+    " AND NOT EXISTS (SELECT 1 FROM payments p WHERE p.nonce = v.payment_id"
+    f" AND p.state IN ({_NOT_FINISHED})) LIMIT ?{{lock}})",
 )
 ADD_SIGNIN_KEY = "INSERT INTO signin_key (id, secret) VALUES (1, ?) ON CONFLICT (id) DO NOTHING"
 SIGNIN_KEY = "SELECT secret FROM signin_key WHERE id = 1"
@@ -139,7 +148,8 @@ def prune(
     before_day: str, before_time: float, batch: int, *, skip_locked: bool
 ) -> list[tuple[str, tuple[Any, ...]]]:
     """The day-keyed tables' rows of days before ``before_day`` (sign-in nonces: used before
-    ``before_time``, that day's start), at most ``batch`` rows per statement."""
+    ``before_time``, that day's start; channel vouchers: recorded before it, their payment
+    finished), at most ``batch`` rows per statement."""
     lock = " FOR UPDATE SKIP LOCKED" if skip_locked else ""
-    keys = (before_day, before_day, before_time)
+    keys = (before_day, before_day, before_time, before_time)
     return [(text.format(lock=lock), (key, batch)) for text, key in zip(_PRUNES, keys, strict=True)]

@@ -410,22 +410,24 @@ class PaymentProcessor:
         budgets: tuple[Budget, ...] = (),
     ) -> PaymentRecord:
         # ``amount`` is what the payer authorized: the price (exact) or the maximum (upto).
+        scheme = self.scheme(offer.scheme)
         return await self._ledger.reserve(
             network=offer.network.caip2,
             asset=offer.asset.address,
             payer=authorized.payer,
             nonce=authorized.nonce,
             pay_to=offer.pay_to,
-            amount=self.scheme(offer.scheme).authorized_amount(authorized, offer),
+            amount=scheme.authorized_amount(authorized, offer),
             x402_version=payment.x402_version,
             route=route,
             payload=payment.wire_json().decode(),
             requirements=jsonsafe.dumps_compact(requirements).decode(),
             idempotency_key=key,
             scheme=offer.scheme,
-            model=model if self.scheme(offer.scheme).metered else None,
+            model=model if scheme.metered else None,
             budget=daily_budget(self._daily_budget, offer, self._clock()),
             budgets=budgets,
+            write=scheme.reserve_write(payment, offer),  # a channel's take, in the same transaction
         )
 
     async def _verify(

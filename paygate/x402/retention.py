@@ -1,6 +1,7 @@
 """Retention of the ledger's day-keyed tables: free quotas, address allowances and used sign-in
-nonces get a row per key per UTC day, which an unpaid caller can grow with every fresh wallet;
-the app's keeper deletes the days nobody can use any more.
+nonces get a row per key per UTC day, which an unpaid caller can grow with every fresh wallet,
+and batch settlement records a row per voucher accepted; the app's keeper deletes the days
+nobody can use any more.
 
 Which days: everything before yesterday (UTC). Today's counts are live and yesterday's may
 still be written by a request admitted just before midnight, or by a worker whose clock lags.
@@ -9,7 +10,10 @@ nonce only while it was issued at most ``MAX_AGE_SECONDS`` ago and at most a min
 the verifier's clock, so a nonce used at time t is accepted nowhere after t + MAX_AGE_SECONDS
 + 60 (give or take the clock skew between replicas). Nonces used since yesterday began are
 kept: at least 24 hours, far past that window, so a replay of a pruned nonce is refused as
-expired before the ledger is asked.
+expired before the ledger is asked. A voucher's row (``bs_vouchers``: its charge's mark) goes
+by the same day once its payment is finished; one whose payment may still be committed (not
+SETTLED, FAILED or RELEASED) stays, however old, since the reconciler reads its mark. A
+voucher without its row is never taken as charged (never SETTLED, never charged twice).
 """
 
 from __future__ import annotations

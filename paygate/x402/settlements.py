@@ -171,6 +171,10 @@ class Settlements:
         payment = admission.payment
         assert record is not None
         assert payment is not None
+        if via and admission.scheme.settles_in_ledger:
+            settled = await self._settle_in_ledger(admission, via)
+            if settled is not None:
+                return settled
         try:
             # Fenced, and the last word before the settle call: a process that lost its lease
             # (frozen past it, another replica claimed the payment) stops here. A payment
@@ -210,6 +214,40 @@ class Settlements:
         receipt = await self.record_answer(admission, answer)
         admission.receipt = receipt
         return receipt
+
+    async def _settle_in_ledger(
+        self, admission: PaymentAdmission, via: tuple[PaymentState, ...]
+    ) -> Receipt | None:
+        """A settle that is only a write to this ledger (a channel's charge), made in the one
+        transaction that records the payment SERVED, SETTLING and SETTLED: nothing moves outside
+        the ledger, so there is nothing between the charge and its record to lose, and SETTLED
+        is written only with the charge it records. None when the scheme cannot make it so or
+        the write was not made (nothing recorded): the usual steps follow."""
+        record = admission.record
+        assert record is not None
+        assert admission.payment is not None
+        subject = SettlementSubject(admission.payment, admission.requirements)
+        settlement = admission.scheme.ledger_settlement(subject, admission.owed)
+        if settlement is None:
+            return None
+        started = time.monotonic()
+        try:
+            admission.record = await self.leases.move(
+                record,
+                PaymentState.SETTLED,
+                via=(*via, PaymentState.SETTLING),
+                meter=admission.meter,
+                settled_amount=settlement.amount,
+                write=settlement.write,
+            )
+        except LedgerError:  # not made (rolled back), or not known: the usual steps decide
+            return None
+        answer = settlement.answer()
+        self.events.settlement("settled", time.monotonic() - started)
+        self.events.earned(record.network, record.asset, settlement.amount)
+        log.info("payment %s settled", record.id)
+        admission.receipt = Receipt(record.x402_version, with_usage(answer, admission.record))
+        return admission.receipt
 
     async def reconcile_now(self, admission: PaymentAdmission) -> None:
         """A SETTLING payment whose answer was lost (recovery's, under its lease): the settler

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
 
     from paygate.x402.chain_reader import ChainReader
+    from paygate.x402.ledger import SchemeWrite
     from paygate.x402.settler import SettlementSubject, Settler
 
 # The settler needs time to get the transfer mined before the authorization expires (x402.md).
@@ -291,6 +292,17 @@ class SchemeSql(Protocol):
 
 
 @dataclass(frozen=True)
+class LedgerSettlement:
+    """A settle that is only a write to the gateway's ledger (a channel's charge), to be made
+    in the one transaction that records the payment SETTLED: the write, what it settles, and
+    the settler's answer once it is made (called then, once)."""
+
+    write: SchemeWrite
+    amount: int
+    answer: Callable[[], SettleResponse]
+
+
+@dataclass(frozen=True)
 class Binding:
     """What the gateway lends a scheme at start: its ledger, who settles, and the settings."""
 
@@ -392,6 +404,16 @@ class Scheme:
             self.offer.for_amount(subject.payment, subject.requirements, amount),
             lambda asked: settler.settle(subject.payment, asked),
         )
+
+    def reserve_write(self, payment: AnyPaymentPayload, offer: Offer) -> SchemeWrite | None:
+        """A write on the scheme's own tables to make with the payment's reservation (a
+        channel's take), after :meth:`check`; None: nothing."""
+        return None
+
+    def ledger_settlement(self, subject: SettlementSubject, amount: int) -> LedgerSettlement | None:
+        """A request's settle of ``amount`` as a write made with its SETTLED record (schemes
+        that ``settles_in_ledger``), or None: then :meth:`settle`, as usual."""
+        return None
 
     async def reconcile(
         self, settler: Settler, subject: SettlementSubject, amount: int

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from paygate.x402.chain import ChainSettler
 from paygate.x402.facilitator import FacilitatorSettler
-from paygate.x402.ledger import LedgerError
+from paygate.x402.ledger import LedgerError, SchemeWrite
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
 from paygate.x402.offers import Offer, PaymentTerms
 from paygate.x402.refusal import Refusal
@@ -27,6 +27,7 @@ from paygate.x402.schemes.base import (
     Authorized,
     Binding,
     CheckTime,
+    LedgerSettlement,
     PaymentRejected,
     Scheme,
 )
@@ -35,6 +36,7 @@ from paygate.x402.schemes.batch_settlement.chain import BatchChain, ChannelChain
 from paygate.x402.schemes.batch_settlement.channel import NAME
 from paygate.x402.schemes.batch_settlement.claims import Channels, channel_state
 from paygate.x402.schemes.batch_settlement.facilitator import BatchFacilitator, receiver_authorizer
+from paygate.x402.schemes.batch_settlement.store import ChannelBusy
 from paygate.x402.schemes.batch_settlement.verify import (
     NOT_CUMULATIVE,
     ChannelTerms,
@@ -50,6 +52,7 @@ from paygate.x402.schemes.batch_settlement.verify import (
 from paygate.x402.settler import SettlementSubject, Settler
 
 _CHECKS_MAX = 1024  # requests between their check and their commit whose voucher is remembered
+_OFFERS_MAX = 256  # (terms, price, maximum) whose offers are remembered
 
 
 class CheckedPayments:
@@ -63,6 +66,18 @@ class CheckedPayments:
     def __init__(self, limit: int = _CHECKS_MAX) -> None:
         self._limit = limit
         self._by_payment: dict[int, tuple[AnyPaymentPayload, ChannelTerms, CheckedVoucher]] = {}
+        # The channel's take made with each request's reservation, for its verify.
+        self._takes: dict[int, tuple[AnyPaymentPayload, SchemeWrite]] = {}
+
+    def remember_take(self, payment: AnyPaymentPayload, write: SchemeWrite) -> None:
+        if len(self._takes) >= self._limit:
+            self._takes.pop(next(iter(self._takes)))
+        self._takes[id(payment)] = (payment, write)
+
+    def take_of(self, payment: AnyPaymentPayload) -> SchemeWrite | None:
+        """The take written with ``payment``'s reservation (once), if any."""
+        entry = self._takes.pop(id(payment), None)
+        return entry[1] if entry is not None and entry[0] is payment else None
 
     def remember(
         self, payment: AnyPaymentPayload, terms: ChannelTerms, checked: CheckedVoucher
@@ -90,6 +105,7 @@ class CheckedPayments:
         entry = self._by_payment.get(id(payment))
         if entry is not None and entry[0] is payment:
             del self._by_payment[id(payment)]
+        self.take_of(payment)
 
     def __len__(self) -> int:
         return len(self._by_payment)
@@ -107,6 +123,10 @@ class BoundBatchSettlement(Scheme):
     checks: CheckedPayments = dataclasses.field(
         default_factory=CheckedPayments, repr=False, compare=False
     )
+    # The offers made for each (terms, price, maximum): the same few on every request.
+    _offers: dict[tuple[int, Decimal, Decimal | None], tuple[PaymentTerms, tuple[Offer, ...]]] = (
+        dataclasses.field(default_factory=dict, repr=False, compare=False)
+    )
 
     @property
     def _channels(self) -> Channels:
@@ -118,13 +138,21 @@ class BoundBatchSettlement(Scheme):
     def own_offers(
         self, terms: PaymentTerms, *, price: Decimal, maximum: Decimal | None
     ) -> tuple[Offer, ...]:
-        return offer_role.offers(
+        key = (id(terms), price, maximum)
+        found = self._offers.get(key)
+        if found is not None and found[0] is terms:
+            return found[1]
+        made = offer_role.offers(
             terms,
             price=price,
             maximum=maximum,
             receiver_authorizer=self._channels.receiver_authorizer,
             withdraw_delay=self._channels.withdraw_delay,
         )
+        if len(self._offers) >= _OFFERS_MAX:
+            self._offers.pop(next(iter(self._offers)))
+        self._offers[key] = (terms, made)  # holds terms: its id is not reused meanwhile
+        return made
 
     async def operation(self, payment: AnyPaymentPayload, offer: Offer) -> SettleResponse | None:
         """A cooperative refund request (answered without serving the route), else None.
@@ -176,17 +204,32 @@ class BoundBatchSettlement(Scheme):
         # The charge must be committed while this request holds the channel.
         return authorized(checked, offer, when.now + int(self._channels.pending_seconds))
 
+    def reserve_write(self, payment: AnyPaymentPayload, offer: Offer) -> SchemeWrite | None:
+        """A voucher's channel taken in the transaction of its reservation (one ledger call
+        fewer; verify reads what it found). Not a deposit's: its channel is made at verify."""
+        try:
+            checked = self.checks.checked(payment, ChannelTerms.of_offer(offer))
+        except PaymentRejected:
+            return None
+        if checked.payload.type != "voucher":
+            return None
+        write = self._channels.store.take_write(checked.channel_id, checked.voucher_key)
+        self.checks.remember_take(payment, write)
+        return write
+
     async def verify(
         self, settler: Settler, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> VerifyResponse:
         """A deposit is sent and proven on chain first; then the voucher is checked against
-        the channel's state in the ledger and the channel taken for this request."""
+        the channel's state in the ledger and the channel taken for this request (taken with
+        its reservation already, when that found it free)."""
         channels = self._channels
+        reserved = self.checks.take_of(payment)
         try:
             checked = self.checks.checked(payment, ChannelTerms.of_requirements(requirements))
             if checked.payload.type == "deposit":
                 await channels.deposit(checked, payment.wire(), requirements)
-            channel = await channels.take(checked)
+            channel = await channels.take(checked, reserved)
             try:
                 check_against(checked, channel, int(requirements["amount"]), refund=False)
             except PaymentRejected:
@@ -213,12 +256,35 @@ class BoundBatchSettlement(Scheme):
             return await self._channels.commit(checked, subject.requirements, amount)
         except LedgerError as exc:  # not committed, or not known to be: committed again later
             raise not_bound(f"the channel ledger is unavailable: {exc.code}") from None
+        except ChannelBusy:  # another request holds the channel: committed again later
+            raise not_bound("another request holds the channel") from None
+
+    def ledger_settlement(self, subject: SettlementSubject, amount: int) -> LedgerSettlement | None:
+        """The charge as it would be committed on the request's path (the channel as this
+        request took it, unchanged since), to be made with SETTLED in one transaction; None
+        when this process did not take the channel for it (then :meth:`settle`)."""
+        terms = ChannelTerms.of_requirements(subject.requirements)
+        try:
+            checked = self.checks.checked(subject.payment, terms)
+        except PaymentRejected:
+            return None  # settle() answers it
+        found = self._channels.charge(checked, subject.requirements, amount)
+        if found is None:
+            return None
+        write, charge, answer = found
+
+        def answered() -> SettleResponse:
+            self.checks.forget(subject.payment)
+            return answer()
+
+        return LedgerSettlement(write, charge, answered)
 
     async def reconcile(
         self, settler: Settler, subject: SettlementSubject, amount: int
     ) -> SettleResponse:
-        # Committing is idempotent (a voucher commits once): a charge whose answer was lost is
-        # simply committed again.
+        # Committing is idempotent (a voucher's charge is made once, marked with it): a charge
+        # whose answer was lost is simply committed again; one lost and since passed by a later
+        # voucher is FAILED (store.ChannelStore.commit).
         return await self.settle(settler, subject, amount)
 
 

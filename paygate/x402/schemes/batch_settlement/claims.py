@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from paygate.x402.ledger import SchemeWrite
 from paygate.x402.models import SettleResponse
 from paygate.x402.schemes.base import PaymentRejected, SchemeSql
 from paygate.x402.schemes.batch_settlement.chain import ChannelChain, Deposit, Refund
@@ -29,6 +30,8 @@ from paygate.x402.schemes.batch_settlement.store import (
     ChannelStore,
     Claim,
     ClaimEntry,
+    charged,
+    taken,
 )
 from paygate.x402.schemes.batch_settlement.verify import (
     BUSY,
@@ -97,9 +100,15 @@ class Channels:
             total_claimed=state.total_claimed,
         )
 
-    async def take(self, checked: CheckedVoucher) -> Channel | None:
+    async def take(
+        self, checked: CheckedVoucher, reserved: SchemeWrite | None = None
+    ) -> Channel | None:
+        """Take the channel for this request; ``reserved``: its take made with the request's
+        reservation (:meth:`ChannelStore.take_write`), used when it found the channel free."""
         try:
-            channel = await self.store.take(checked.channel_id, checked.voucher_key)
+            channel = taken(reserved) if reserved is not None else None
+            if channel is None:
+                channel = await self.store.take(checked.channel_id, checked.voucher_key)
         except ChannelBusy:
             raise PaymentRejected(BUSY, "another request on this channel is in progress") from None
         if channel is not None:  # the commit's first compare-and-set starts from it
@@ -107,6 +116,34 @@ class Channels:
                 self._taken.pop(next(iter(self._taken)))
             self._taken[checked.voucher_key] = channel
         return channel
+
+    def charge(
+        self, checked: CheckedVoucher, requirements: dict[str, Any], amount: int
+    ) -> tuple[SchemeWrite, int, Callable[[], SettleResponse]] | None:
+        """The request's charge as one write from the channel this request took (its
+        compare-and-set), to be made with the payment's SETTLED record: the write, the charge,
+        and the answer once the write is made. None when the channel was not taken here, or
+        the charge does not fit its voucher (then :meth:`commit`)."""
+        took = self._taken.get(checked.voucher_key)
+        charge = min(amount, int(requirements["amount"]))
+        if took is None:
+            return None
+        write = self.store.charge(
+            took,
+            checked.voucher_key,
+            max_claimable=checked.max_claimable,
+            signature=checked.payload.voucher.signature,
+            charge=charge,
+            payment_id=checked.voucher_key,
+        )
+        if write is None:
+            return None
+
+        def answer() -> SettleResponse:
+            self._taken.pop(checked.voucher_key, None)
+            return self._committed(checked, requirements, charged(write), charge)
+
+        return write, charge, answer
 
     async def commit(
         self, checked: CheckedVoucher, requirements: dict[str, Any], amount: int
@@ -127,6 +164,13 @@ class Channels:
             return SettleResponse(
                 success=False, error_reason=str(exc), payer=checked.payer, network=network
             )
+        return self._committed(checked, requirements, channel, charge)
+
+    def _committed(
+        self, checked: CheckedVoucher, requirements: dict[str, Any], channel: Channel, charge: int
+    ) -> SettleResponse:
+        """A committed charge's answer (the receipt's ``chargedAmount`` and channel state)."""
+        network = str(requirements["network"])
         # Enough channels owed for a full claim: claim now rather than at the interval (counted
         # in memory: no ledger read on the request's path).
         self._charged_since.add(checked.channel_id)

@@ -10,8 +10,10 @@ what lets replicas on one PostgreSQL ledger serve one channel:
   when its charge is committed; another voucher meanwhile is refused ``channel_busy`` (the
   spec: process a channel's requests one at a time). A lease left by a failed or dead request
   runs out after ``pending_seconds``; the same voucher sent again takes it back at once.
-* a charge is committed only by a voucher above the one last committed (monotonic): sent
-  twice, the second commit finds it done and changes nothing.
+* a charge is committed only by a voucher above the one last committed (monotonic), with its
+  row in ``bs_vouchers`` marked ``charged`` in the same transaction (ledger step 11): sent
+  twice, the second commit finds it marked and changes nothing; a voucher the channel passed
+  unmarked (its charge lost) is never taken as committed (:meth:`ChannelStore.commit`).
 * one claimer at a time holds the claim lease (the ``bs_claims`` row ``claimer``).
 
 Amounts are decimal text (uint128 does not fit SQLite's integer).
@@ -25,10 +27,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from paygate.errors import PaygateError
+from paygate.x402.ledger import SchemeWrite
 from paygate.x402.schemes.base import SchemeSql
 from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
+from paygate.x402.settler import ReviewRequired
 
 CLAIMER = "claimer"  # the claim lease's row in bs_claims
+# A voucher's charge lost and a later voucher committed without it: never chargeable.
+CHARGE_LOST = "invalid_batch_settlement_evm_charge_lost"
+# bs_vouchers.charged (ledger v11), as read by ``ChannelStore._marked``.
+CHARGED = 1  # its charge is in the channel's total
+UNKNOWN = -1  # recorded before v11 and not provably charged
+NOT_RECORDED = -2  # no row (its charge was never made)
 
 
 class ChannelBusy(PaygateError):
@@ -86,6 +96,28 @@ def _channel(row: tuple[Any, ...]) -> Channel:
         pending_until=None if row[10] is None else float(row[10]),
         version=int(row[11]),
     )
+
+
+def _fits(taken: Channel, channel_id: str, owner: str, max_claimable: int, charge: int) -> bool:
+    """The channel as a request took it can take this voucher's charge (if unchanged since)."""
+    return (
+        taken.channel_id == channel_id
+        and taken.signed_max < max_claimable
+        and taken.charged + charge <= max_claimable
+        and taken.pending_owner == owner
+    )
+
+
+def taken(write: SchemeWrite) -> Channel | None:
+    """The channel a made :meth:`ChannelStore.take_write` took; None when it was not free or
+    the write was not made."""
+    rows = write.results[0][1] if write.results else []
+    return _channel(rows[0]) if rows else None
+
+
+def charged(write: SchemeWrite) -> Channel:
+    """The channel a made :meth:`ChannelStore.charge` write left."""
+    return _channel(write.results[1][1][0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,17 +223,28 @@ class ChannelStore:
                 return found
         raise ChannelBusy("the channel changed too often to record the deposit")
 
+    def take_write(self, channel_id: str, owner: str) -> SchemeWrite:
+        """:meth:`take`'s usual case, one statement — the lease is free, ours, or run out — as
+        a write for the ledger to make with the request's reservation (:func:`taken` reads it;
+        not required: a busy or unknown channel is told apart by :meth:`take` after)."""
+        now = self._clock()
+        return SchemeWrite(
+            [
+                (
+                    "UPDATE bs_channels SET pending_owner = ?, pending_until = ?,"  # noqa: S608 - constant
+                    " version = version + 1, updated_at = ? WHERE channel_id = ? AND"
+                    " (pending_owner IS NULL OR pending_owner = ? OR pending_until IS NULL OR"
+                    f" pending_until <= ?) RETURNING {_COLUMNS}",
+                    (owner, now + self._pending_seconds, now, channel_id, owner, now),
+                )
+            ]
+        )
+
     async def take(self, channel_id: str, owner: str) -> Channel | None:
         """Take the channel's pending lease for ``owner`` (a voucher); None if no channel."""
         # The usual case in one statement: the lease is free, ours, or run out.
-        now = self._clock()
-        _, rows = await self._sql(
-            "UPDATE bs_channels SET pending_owner = ?, pending_until = ?,"  # noqa: S608 - constant
-            " version = version + 1, updated_at = ? WHERE channel_id = ? AND (pending_owner IS"
-            " NULL OR pending_owner = ? OR pending_until IS NULL OR pending_until <= ?)"
-            f" RETURNING {_COLUMNS}",
-            (owner, now + self._pending_seconds, now, channel_id, owner, now),
-        )
+        (statement,) = self.take_write(channel_id, owner).statements
+        _, rows = await self._sql(*statement)
         if rows:
             return _channel(rows[0])
         # No such channel, or held by another request: read it to tell which.
@@ -247,48 +290,133 @@ class ChannelStore:
         taken: Channel | None = None,
     ) -> tuple[Channel, int]:
         """Charge ``charge`` under the voucher ``max_claimable`` (once): (the channel, what was
-        charged now — 0 when this voucher was committed before). ValueError: the charge would
-        pass the voucher's ceiling, or a later voucher holds the channel. ``taken``: the
-        channel as this request took it, tried first (compare-and-set on its version: no read
-        when nothing changed it since)."""
-        record = (
-            "INSERT INTO bs_vouchers (channel_id, max_claimable, signature, payment_id, charge,"
-            " created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (channel_id, max_claimable)"
-            " DO NOTHING",
-            (channel_id, str(max_claimable), signature, payment_id, str(charge), self._clock()),
-        )
-        if (
-            taken is not None
-            and taken.channel_id == channel_id
-            and taken.signed_max < max_claimable
-            and taken.charged + charge <= max_claimable
-            and taken.pending_owner == owner
-        ):
-            # The usual case, one transaction: the voucher recorded and the channel charged
-            # if nothing changed it since this request took it.
-            charged = self._charge(taken, charge, max_claimable, signature)
-            (_, (_, rows)) = await self._sql_all([record, charged])
+        charged now — 0 when this voucher's charge was made before). ``taken``: the channel as
+        this request took it, tried first (compare-and-set on its version: no read when nothing
+        changed it since).
+
+        A voucher is committed when its charge is in the channel's ``charged`` total — the
+        total the claim takes under the channel's last voucher — and that is what its row in
+        ``bs_vouchers`` says (``charged``, set in the charge's own transaction), not the
+        channel's ceiling having passed it. A voucher recorded whose charge was lost (a crash
+        or a failed write after a first compare-and-set lost to another writer) is charged
+        when committed again (the reconciler, a retry) if it is still above the channel's
+        last voucher and its charge fits under its own ceiling: the payer signed that the
+        seller may claim up to it in all. Once a later voucher has been committed without it,
+        it can never be: that voucher was checked to be exactly the channel's charges (without
+        this one) plus its own price, so the payer's signature does not count this charge and
+        no claim may take it — ValueError ``CHARGE_LOST``, the payment recorded FAILED, never
+        SETTLED. Other ValueError: the charge would pass the voucher's ceiling. ChannelBusy:
+        another request holds the channel (not known yet: commit again later). ReviewRequired:
+        a row from before ledger v11 whose charge cannot be proven either way."""
+        if taken is not None and _fits(taken, channel_id, owner, max_claimable, charge):
+            # The usual case, one transaction: the voucher recorded, the channel charged and
+            # the voucher marked charged if nothing changed the channel since this request
+            # took it (else the record alone commits, unmarked, and the loop below goes on).
+            found = await self._sql_all(
+                self._charged(taken, charge, max_claimable, signature, payment_id)
+            )
+            rows = found[1][1]
             if rows:
                 return _channel(rows[0]), charge
-        else:
-            await self._sql(*record)
         for _ in range(16):
-            current = await self.get(channel_id)
+            current, mark = await self._marked(channel_id, max_claimable)
             if current is None:
                 raise ValueError("invalid_batch_settlement_evm_missing_channel")
+            if mark == CHARGED:
+                return current, 0  # this voucher's charge is in the channel's total already
             if current.signed_max >= max_claimable:
-                return current, 0  # this voucher (or a later one) is committed already
+                if mark == UNKNOWN:
+                    raise ReviewRequired(
+                        "a voucher recorded before ledger v11, passed by a later one: whether"
+                        " its charge was made cannot be proven"
+                    )
+                raise ValueError(CHARGE_LOST)
             if (
                 current.pending_owner not in (None, owner)
                 and (current.pending_until or 0) > self._clock()
             ):
-                raise ValueError("invalid_batch_settlement_evm_channel_busy")
+                # Not a refusal: once that request ends (committed: this charge is lost; or
+                # not), committing again decides.
+                raise ChannelBusy("another request holds the channel")
             if current.charged + charge > max_claimable:
                 raise ValueError("invalid_batch_settlement_evm_charge_exceeds_signed_cumulative")
-            _, rows = await self._sql(*self._charge(current, charge, max_claimable, signature))
+            found = await self._sql_all(
+                self._charged(current, charge, max_claimable, signature, payment_id)
+            )
+            rows = found[1][1]
             if rows:
                 return _channel(rows[0]), charge
-        raise ValueError("invalid_batch_settlement_evm_channel_busy")
+        raise ChannelBusy("the channel changed too often to commit")
+
+    def charge(
+        self,
+        taken: Channel,
+        owner: str,
+        *,
+        max_claimable: int,
+        signature: str,
+        charge: int,
+        payment_id: str,
+    ) -> SchemeWrite | None:
+        """:meth:`commit`'s usual case as a write for the ledger to make with the payment's
+        SETTLED record (``Ledger.transition``'s ``write``): the voucher's record, the charge
+        (compare-and-set on ``taken``'s version: required, else nothing of the transaction is
+        made) and its mark, all or nothing with SETTLED. None when ``taken`` cannot take this
+        charge; the channel is :func:`charged`'s of the write once made."""
+        if not _fits(taken, taken.channel_id, owner, max_claimable, charge):
+            return None
+        return SchemeWrite(
+            self._charged(taken, charge, max_claimable, signature, payment_id), required=1
+        )
+
+    async def _marked(self, channel_id: str, max_claimable: int) -> tuple[Channel | None, int]:
+        """The channel and its voucher ``max_claimable``'s mark (None: no such row)."""
+        _, rows = await self._sql(
+            f"SELECT {_COLUMNS}, (SELECT COALESCE(v.charged, -1) FROM bs_vouchers v"  # noqa: S608 - constant
+            " WHERE v.channel_id = bs_channels.channel_id AND v.max_claimable = ?)"
+            " FROM bs_channels WHERE channel_id = ?",
+            (str(max_claimable), channel_id),
+        )
+        if not rows:
+            return None, NOT_RECORDED
+        mark = rows[0][len(rows[0]) - 1]
+        return _channel(rows[0]), NOT_RECORDED if mark is None else int(mark)
+
+    def _charged(
+        self, current: Channel, charge: int, max_claimable: int, signature: str, payment_id: str
+    ) -> list[tuple[str, tuple[Any, ...]]]:
+        """One transaction: the voucher's record (once), the channel's charge (compare-and-set
+        on ``current``'s version) and the voucher marked charged when the channel's last
+        committed voucher is now this one — true only after its charge (this one, or another
+        replica's commit of the same voucher): a lost compare-and-set leaves it unmarked."""
+        return [
+            (
+                "INSERT INTO bs_vouchers (channel_id, max_claimable, signature, payment_id,"
+                " charge, created_at, charged) VALUES (?, ?, ?, ?, ?, ?, 0)"
+                " ON CONFLICT (channel_id, max_claimable) DO NOTHING",
+                (
+                    current.channel_id,
+                    str(max_claimable),
+                    signature,
+                    payment_id,
+                    str(charge),
+                    self._clock(),
+                ),
+            ),
+            self._charge(current, charge, max_claimable, signature),
+            (
+                "UPDATE bs_vouchers SET charged = 1 WHERE channel_id = ? AND max_claimable = ?"
+                " AND EXISTS (SELECT 1 FROM bs_channels c WHERE c.channel_id = ?"
+                " AND c.signed_max = ? AND c.signature = ?)",
+                (
+                    current.channel_id,
+                    str(max_claimable),
+                    current.channel_id,
+                    str(max_claimable),
+                    signature,
+                ),
+            ),
+        ]
 
     def _charge(
         self, current: Channel, charge: int, max_claimable: int, signature: str

@@ -98,7 +98,7 @@ async def fill(path: Path) -> bytes:
                     ("0x" + "c1" * 32, PAYER, str(10**25), "500", "800", SIGNATURE),
                 ),
                 (
-                    "INSERT INTO bs_vouchers VALUES (?, '800', ?, 'pay-1', '300', 1.7e9)",
+                    "INSERT INTO bs_vouchers VALUES (?, '800', ?, 'pay-1', '300', 1.7e9, 1)",
                     ("0x" + "c1" * 32, SIGNATURE),
                 ),
                 (

@@ -1,8 +1,11 @@
 """Schema migrations and moving stores, through the operator CLI on real stores.
 
-- from an empty store (SQLite and PostgreSQL 15) to the current schema (v10);
-- from v9 with records, on both stores, to v10 (two payment indexes fewer): every record, its
-  history and receipts kept and readable, the queries that used those indexes still answered;
+- from an empty store (SQLite and PostgreSQL 15) to the current schema (v11);
+- from v9 with records, on both stores, to the current schema (step 10: two payment indexes
+  fewer): every record, its history and receipts kept and readable, the queries that used those
+  indexes still answered;
+- from v10 with channel vouchers, on both stores, to v11: each voucher's charge marked where
+  it can be proven (tests/unit/.../batch_settlement/test_batch_settlement_store.py);
 - from the SQLite schema as it stood on main when leases came (v1, commit 425e611): records kept,
   unfinished work claimable, the history starting there;
 - `paygate ledger copy` from that SQLite file to PostgreSQL, twice (the second copies nothing;
@@ -109,12 +112,12 @@ def test_migrate_from_main_s_sqlite_v1_and_from_empty_stores(tmp_path: Path, pg_
     # A v1 file is refused read-only (never migrated by a reader), migrated on request.
     listed = cli("payments", "list", "--ledger-url", url)
     assert listed.returncode == 2
-    assert "v1, not v10" in listed.stderr
+    assert "v1, not v11" in listed.stderr
     first = cli("ledger", "migrate", "--ledger-url", url)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == f"ledger sqlite:///{old}: schema v1 -> v10"
+    assert first.stdout.strip() == f"ledger sqlite:///{old}: schema v1 -> v11"
     again = cli("ledger", "migrate", "--ledger-url", url)
-    assert again.stdout.strip().endswith("schema v10, up to date")
+    assert again.stdout.strip().endswith("schema v11, up to date")
 
     async def check() -> None:
         ledger = await open_ledger(parse_ledger_url(url), replica="after")
@@ -138,10 +141,10 @@ def test_migrate_from_main_s_sqlite_v1_and_from_empty_stores(tmp_path: Path, pg_
 
     empty = tmp_path / "new" / "payments.db"
     fresh = cli("ledger", "migrate", "--ledger-url", f"sqlite:///{empty}")
-    assert fresh.stdout.strip().endswith("schema v0 -> v10"), fresh.stderr
+    assert fresh.stdout.strip().endswith("schema v0 -> v11"), fresh.stderr
     pg = cli("ledger", "migrate", "--ledger-url", pg_url)
     assert pg.returncode == 0, pg.stderr
-    assert pg.stdout.strip() == "ledger postgresql (PAYGATE_LEDGER_URL): schema v0 -> v10"
+    assert pg.stdout.strip() == "ledger postgresql (PAYGATE_LEDGER_URL): schema v0 -> v11"
     assert cli("ledger", "migrate", PAYGATE_LEDGER_URL=pg_url).stdout.strip().endswith("up to date")
 
 
@@ -276,6 +279,7 @@ async def test_a_v9_ledger_with_records_migrates_to_v10_and_keeps_every_record(
     # The store as v9 left it: the two indexes back (their released statements), v9 recorded.
     for statement in V9_ONLY.values():
         await ledger.scheme_sql(statement, ())
+    await ledger.scheme_sql("ALTER TABLE bs_vouchers DROP COLUMN charged", ())  # step 11's
     await ledger.scheme_sql("UPDATE ledger_schema SET version = 9 WHERE id = 1", ())
     assert set(V9_ONLY) <= await _indexes(ledger)
     before = {r.id: r for r in await ledger.list()}

@@ -13,14 +13,28 @@ from pydantic import ValidationError
 
 from paygate.config import Settings
 from paygate.x402 import siwx
+from paygate.x402.ledger import PaymentState as S
 from paygate.x402.ledger import SignInReused
 from paygate.x402.ledger_base import Ledger
 from paygate.x402.retention import DAY, KEPT_DAYS, cutoff, prune_once
+from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
+from paygate.x402.schemes.batch_settlement.store import ChannelStore
+from tests.fixtures.ledger_support import SIGNATURE, nonce, request
 from tests.fixtures.ledgers import Opener
 
 TODAY = "2026-12-06"
 NOON = calendar.timegm(time.strptime(TODAY, "%Y-%m-%d")) + DAY / 2  # today, 12:00 UTC
 WALLETS = [f"0x{n:040x}" for n in range(1, 301)]
+CHANNEL = "0x" + "ab" * 32
+CONFIG = ChannelConfig(
+    payer="0x" + "11" * 20,
+    payer_authorizer="0x" + "11" * 20,
+    receiver="0x" + "22" * 20,
+    receiver_authorizer="0x" + "33" * 20,
+    token="0x" + "44" * 20,
+    withdraw_delay=900,
+    salt="0x" + "00" * 32,
+)
 
 
 class Clock:
@@ -156,3 +170,51 @@ def test_the_prune_interval_is_read_from_the_environment(monkeypatch: pytest.Mon
     assert Settings().ledger_prune_interval_seconds == 5.0
     monkeypatch.delenv("PAYGATE_LEDGER_PRUNE_INTERVAL_SECONDS")
     assert Settings().ledger_prune_interval_seconds == 3600.0
+
+
+async def test_channel_vouchers_go_with_their_day_unless_their_payment_may_still_commit(
+    ledger_store: Opener,
+) -> None:
+    """``bs_vouchers`` (a row per voucher accepted) is pruned by the same cutoff, except the
+    rows a reconciler still reads: a voucher whose payment is not finished (SERVED, SETTLING…)
+    keeps its charge's mark however old, so committing it again still finds its charge made."""
+    clock = Clock(NOON - 3 * DAY)
+    ledger = await ledger_store(clock=clock)
+    channels = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+    await channels.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10**6, total_claimed=0)
+
+    async def voucher(n: int) -> None:
+        taken = await channels.take(CHANNEL, nonce(n))
+        await channels.commit(
+            CHANNEL, nonce(n), max_claimable=1_000 * n, signature=SIGNATURE,
+            charge=1_000, payment_id=nonce(n), taken=taken,
+        )  # fmt: skip
+
+    # Three days ago: v1 SETTLED, v2 left SETTLING (its answer lost), v3 RELEASED, v4 with no
+    # payment record; today: v5, SETTLED.
+    settled = await ledger.reserve(**request(1))
+    for to in (S.VERIFIED, S.SETTLING):
+        settled = await ledger.transition(settled.id, to, lease=settled.lease)
+    await voucher(1)
+    await ledger.transition(settled.id, S.SETTLED, lease=settled.lease, settled_amount=1_000)
+    settling = await ledger.reserve(**request(2))
+    for to in (S.VERIFIED, S.SETTLING):
+        settling = await ledger.transition(settling.id, to, lease=settling.lease)
+    await voucher(2)
+    released = await ledger.reserve(**request(3))
+    await ledger.transition(released.id, S.RELEASED, lease=released.lease)
+    await voucher(3)
+    await voucher(4)
+    clock.now = NOON
+    await voucher(5)
+
+    assert await prune_once(ledger, NOON) == 3
+    _, rows = await ledger.scheme_sql("SELECT payment_id FROM bs_vouchers ORDER BY 1", ())
+    assert [row[0] for row in rows] == [nonce(2), nonce(5)]
+    # The payment still SETTLING commits again and finds its charge made (nothing charged).
+    _, again = await channels.commit(
+        CHANNEL, nonce(2), max_claimable=2_000, signature=SIGNATURE, charge=1_000,
+        payment_id=nonce(2),
+    )  # fmt: skip
+    assert again == 0
+    assert await prune_once(ledger, NOON) == 0

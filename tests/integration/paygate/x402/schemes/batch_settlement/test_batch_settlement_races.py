@@ -99,18 +99,23 @@ async def test_the_next_two_vouchers_racing_are_charged_as_they_were_served(
 async def test_a_charge_whose_settled_record_was_lost_is_settled_once_by_the_next_run(
     anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
 ):
-    """A channel's charge is a write to the ledger itself, made once: SERVED and SETTLING come
-    before it in one transaction, SETTLED after it. A ledger failure (or a crash) between the
-    charge and SETTLED leaves the payment SETTLING; the next run asks the channel for the
-    outcome (never a second charge) and the channel is charged once."""
+    """A channel's charge is a write to the ledger itself, made once: on the request's path
+    with SERVED, SETTLING and SETTLED in one transaction; when that fails (here: the disk
+    failed, nothing recorded), SERVED and SETTLING come before the charge in one transaction,
+    SETTLED after it. A ledger failure (or a crash) between the charge and SETTLED leaves the
+    payment SETTLING; the next run asks the channel for the outcome (never a second charge)
+    and the channel is charged once."""
     ledger = tmp_path / "payments.db"
     real = SqliteLedger.transition
     lost: list[str] = []
 
     async def transition(self, payment_id, to, **change):
-        if to is PaymentState.SETTLED and lost == ["armed"]:
-            lost[0] = payment_id
-            raise LedgerUnavailable("the disk failed")  # the fault, once
+        if to is PaymentState.SETTLED and lost and lost[-1] == "armed":
+            # The fault, twice: the one transaction with the charge, then SETTLED after it.
+            lost[-1] = payment_id
+            if len(lost) == 1:
+                lost.append("armed")
+            raise LedgerUnavailable("the disk failed")
         return await real(self, payment_id, to, **change)
 
     monkeypatch.setattr(SqliteLedger, "transition", transition)
@@ -123,7 +128,8 @@ async def test_a_charge_whose_settled_record_was_lost_is_settled_once_by_the_nex
             2 * PRICE_ATOMIC
         )
         channel.charged_by(receipt_of(headers), offer)
-    (payment_id,) = lost
+    payment_id, again = lost
+    assert again == payment_id
     left = {r.id: r for r in await records(ledger)}[payment_id]
     assert left.state is PaymentState.SETTLING  # written with SERVED, before the charge
     assert await charged(ledger, anvil, gas_key, channel) == 2 * PRICE_ATOMIC

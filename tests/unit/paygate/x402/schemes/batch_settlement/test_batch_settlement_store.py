@@ -8,8 +8,18 @@ import asyncio
 
 import pytest
 
+from paygate.x402.ledger import AlreadyReserved, LedgerUnavailable, WriteNotMade
+from paygate.x402.ledger import PaymentState as S
 from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
-from paygate.x402.schemes.batch_settlement.store import ChannelBusy, ChannelStore, ClaimEntry
+from paygate.x402.schemes.batch_settlement.store import (
+    ChannelBusy,
+    ChannelStore,
+    ClaimEntry,
+    charged,
+    taken,
+)
+from paygate.x402.settler import ReviewRequired
+from tests.fixtures.ledger_support import nonce, request
 
 CHANNEL = "0x" + "ab" * 32
 CONFIG = ChannelConfig(
@@ -22,6 +32,9 @@ CONFIG = ChannelConfig(
     salt="0x" + "00" * 32,
 )
 SIG = "0x" + "5" * 130
+SIG2 = "0x" + "6" * 130
+SIG3 = "0x" + "7" * 130
+CHARGE_LOST = "invalid_batch_settlement_evm_charge_lost"
 
 
 class Clock:
@@ -87,11 +100,12 @@ async def test_a_charge_commits_once_and_never_past_its_voucher(ledger_store):
         await a.commit(
             CHANNEL, "v2", max_claimable=1_500, signature=SIG, charge=600, payment_id="p2"
         )
-    # An older voucher never lowers the channel.
-    channel, charged = await a.commit(
-        CHANNEL, "v0", max_claimable=500, signature=SIG, charge=500, payment_id="p0"
-    )
-    assert (channel.charged, channel.signed_max, charged) == (1_000, 1_000, 0)
+    # An older voucher never charged never lowers the channel, nor passes for committed: the
+    # channel went past it without its charge.
+    with pytest.raises(ValueError, match=CHARGE_LOST):
+        await a.commit(CHANNEL, "v0", max_claimable=500, signature=SIG, charge=500, payment_id="p0")
+    channel = await a.get(CHANNEL)
+    assert (channel.charged, channel.signed_max) == (1_000, 1_000)
 
 
 async def test_one_claimer_at_a_time_and_claims_are_durable(ledger_store):
@@ -114,3 +128,246 @@ async def test_one_claimer_at_a_time_and_claims_are_durable(ledger_store):
     await b.claim_moved(claim.id, "settled", None)
     assert await b.claimable(10) == []
     assert await a.open_claims() == []
+
+
+class LosesTheCharge:
+    """A real ledger on which, once armed, the process dies at its second try to charge the
+    channel: the commit's fallback, after its first compare-and-set (in one transaction with
+    the voucher's record) lost to another writer — the record committed, the charge never
+    made."""
+
+    def __init__(self, ledger) -> None:
+        self.ledger = ledger
+        self.armed = False
+        self.tries = 0
+
+    def _dies(self, statements) -> None:
+        if self.armed and any(
+            sql.startswith("UPDATE bs_channels SET charged") for sql, _ in statements
+        ):
+            self.tries += 1
+            if self.tries == 2:
+                self.armed = False
+                raise LedgerUnavailable("the process died here")
+
+    async def scheme_sql(self, sql, params):
+        self._dies([(sql, params)])
+        return await self.ledger.scheme_sql(sql, params)
+
+    async def scheme_sql_all(self, statements):
+        self._dies(statements)
+        return await self.ledger.scheme_sql_all(statements)
+
+
+async def lost_charge(ledger_store, clock) -> tuple[ChannelStore, ChannelStore, LosesTheCharge]:
+    """A channel charged 1 000 (voucher v1), then voucher v2 (ceiling 2 000, charge 1 000)
+    recorded but never charged: between its take and its commit another replica's claim
+    mirror changed the channel (the commit's compare-and-set lost; the voucher's record
+    committed), and the process died before the fallback's charge."""
+    faulty = LosesTheCharge(await ledger_store(replica="a"))
+    a = ChannelStore(faulty, clock=clock, pending_seconds=30.0)
+    b = ChannelStore(await ledger_store(replica="b"), clock=clock, pending_seconds=30.0)
+    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    taken = await a.take(CHANNEL, "v1")
+    await a.commit(
+        CHANNEL, "v1", max_claimable=1_000, signature=SIG, charge=1_000, payment_id="p1",
+        taken=taken,
+    )  # fmt: skip
+    taken = await a.take(CHANNEL, "v2")
+    await b.claimed(CHANNEL, 1_000)  # the claim loop's mirror, on another replica
+    faulty.armed = True
+    with pytest.raises(LedgerUnavailable):
+        await a.commit(
+            CHANNEL, "v2", max_claimable=2_000, signature=SIG2, charge=1_000, payment_id="p2",
+            taken=taken,
+        )  # fmt: skip
+    assert (await b.get(CHANNEL)).charged == 1_000  # v2's charge is lost
+    return a, b, faulty
+
+
+async def test_a_lost_charge_overtaken_by_a_later_voucher_is_never_taken_as_committed(
+    ledger_store,
+):
+    """The payer, told the channel is charged 1 000, signs its next (pricier, 2 000) request's
+    voucher for 3 000: it never counted v2's charge. v2 committed again (the reconciler, or a
+    retry) must not answer "committed already" because the channel's ceiling passed v2's:
+    its charge is not in the total the claim takes, and the payer never signed for it."""
+    clock = Clock()
+    a, b, _ = await lost_charge(ledger_store, clock)
+    clock.now += 31  # v2's request died: its hold on the channel runs out
+    taken = await b.take(CHANNEL, "v3")
+    channel, charged = await b.commit(
+        CHANNEL, "v3", max_claimable=3_000, signature=SIG3, charge=2_000, payment_id="p3",
+        taken=taken,
+    )  # fmt: skip
+    assert (channel.charged, channel.signed_max, charged) == (3_000, 3_000, 2_000)
+    with pytest.raises(ValueError, match=CHARGE_LOST):
+        await a.commit(
+            CHANNEL, "v2", max_claimable=2_000, signature=SIG2, charge=1_000, payment_id="p2"
+        )
+    # Nothing changed; the vouchers that were charged still commit as done (charging nothing).
+    assert (await a.get(CHANNEL)).charged == 3_000
+    for key, ceiling, charge in (("v1", 1_000, 1_000), ("v3", 3_000, 2_000)):
+        _, again = await b.commit(
+            CHANNEL, key, max_claimable=ceiling, signature=SIG, charge=charge, payment_id=key
+        )
+        assert again == 0
+    assert (await a.get(CHANNEL)).charged == 3_000
+
+
+async def test_a_lost_charge_still_next_is_charged_once_when_committed_again(ledger_store):
+    clock = Clock()
+    a, b, _ = await lost_charge(ledger_store, clock)
+    # The reconciler (any replica) commits v2 again: nothing was committed above it, so its
+    # charge is made now, and only once.
+    commits = await asyncio.gather(
+        a.commit(CHANNEL, "v2", max_claimable=2_000, signature=SIG2, charge=1_000, payment_id="p2"),
+        b.commit(CHANNEL, "v2", max_claimable=2_000, signature=SIG2, charge=1_000, payment_id="p2"),
+    )
+    assert sorted(charged for _, charged in commits) == [0, 1_000]
+    channel = await a.get(CHANNEL)
+    assert (channel.charged, channel.signed_max, channel.pending_owner) == (2_000, 2_000, None)
+
+
+async def test_vouchers_recorded_before_v11_are_marked_charged_only_where_proven(ledger_store):
+    """Ledger step 11 on a v10 store: the channel's last committed voucher is marked charged
+    (that commit made its charge); an earlier one, passed by it, cannot be told apart from a
+    lost charge and is flagged for review if ever committed again, never SETTLED on a maybe;
+    one recorded above the channel's ceiling was never charged and is charged as usual."""
+    clock = Clock()
+    ledger = await ledger_store(replica="v10")
+    store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    for key, ceiling, sig in (("v1", 1_000, SIG), ("v2", 2_000, SIG2)):
+        taken = await store.take(CHANNEL, key)
+        await store.commit(
+            CHANNEL, key, max_claimable=ceiling, signature=sig, charge=1_000, payment_id=key,
+            taken=taken,
+        )  # fmt: skip
+    await ledger.scheme_sql(
+        "INSERT INTO bs_vouchers (channel_id, max_claimable, signature, payment_id, charge,"
+        " created_at) VALUES (?, '3000', ?, 'v3', '1000', 1)",
+        (CHANNEL, SIG3),
+    )
+    # The store as v10 left it.
+    await ledger.scheme_sql("ALTER TABLE bs_vouchers DROP COLUMN charged", ())
+    await ledger.scheme_sql("UPDATE ledger_schema SET version = 10 WHERE id = 1", ())
+    await ledger.close()
+
+    migrated = await ledger_store(replica="v11")
+    assert migrated.found_version == 10
+    _, rows = await migrated.scheme_sql(
+        "SELECT max_claimable, charged FROM bs_vouchers ORDER BY payment_id", ()
+    )
+    assert [(str(m), c) for m, c in rows] == [("1000", None), ("2000", 1), ("3000", None)]
+    store = ChannelStore(migrated, clock=clock, pending_seconds=30.0)
+    _, again = await store.commit(
+        CHANNEL, "v2", max_claimable=2_000, signature=SIG2, charge=1_000, payment_id="v2"
+    )
+    assert again == 0
+    with pytest.raises(ReviewRequired):
+        await store.commit(
+            CHANNEL, "v1", max_claimable=1_000, signature=SIG, charge=1_000, payment_id="v1"
+        )
+    channel, charged = await store.commit(
+        CHANNEL, "v3", max_claimable=3_000, signature=SIG3, charge=1_000, payment_id="v3"
+    )
+    assert (channel.charged, charged) == (3_000, 1_000)
+
+
+async def test_a_lost_charge_waits_while_another_request_holds_the_channel(ledger_store):
+    """Committed again while another voucher's request holds the channel, a lost charge is
+    neither refused for good nor charged: the other request decides (its commit passes it: it
+    is lost; its release leaves it next: it is charged)."""
+    clock = Clock()
+    a, b, _ = await lost_charge(ledger_store, clock)
+    clock.now += 31
+    await b.take(CHANNEL, "v3")
+    with pytest.raises(ChannelBusy):
+        await a.commit(
+            CHANNEL, "v2", max_claimable=2_000, signature=SIG2, charge=1_000, payment_id="p2"
+        )
+    await b.release(CHANNEL, "v3")
+    channel, charged = await a.commit(
+        CHANNEL, "v2", max_claimable=2_000, signature=SIG2, charge=1_000, payment_id="p2"
+    )
+    assert (channel.charged, charged) == (2_000, 1_000)
+
+
+async def test_a_charge_made_with_settled_is_all_or_nothing(ledger_store):
+    """The request's path: the charge (its compare-and-set on the channel as the request took
+    it), the voucher's record and mark go in the transaction that records the payment SERVED,
+    SETTLING and SETTLED. The channel changed since its take: nothing at all is recorded (the
+    payment as it was, no voucher row, no charge) and the usual steps follow."""
+    clock = Clock()
+    ledger = await ledger_store(replica="a")
+    other = ChannelStore(await ledger_store(replica="b"), clock=clock, pending_seconds=30.0)
+    store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    via = (S.VERIFIED, S.SERVED, S.SETTLING)
+
+    record = await ledger.reserve(**request(1, nonce=nonce(1)))
+    taken = await store.take(CHANNEL, "v1")
+    write = store.charge(
+        taken, "v1", max_claimable=1_000, signature=SIG, charge=1_000, payment_id=nonce(1)
+    )
+    settled = await ledger.transition(
+        record.id, S.SETTLED, via=via, lease=record.lease, settled_amount=1_000, write=write
+    )
+    assert (settled.state, settled.settled_amount) == (S.SETTLED, 1_000)
+    assert (charged(write).charged, charged(write).pending_owner) == (1_000, None)
+    _, again = await store.commit(
+        CHANNEL, "v1", max_claimable=1_000, signature=SIG, charge=1_000, payment_id=nonce(1)
+    )
+    assert again == 0  # marked with the charge
+
+    record = await ledger.reserve(**request(2, nonce=nonce(2)))
+    taken = await store.take(CHANNEL, "v2")
+    await other.claimed(CHANNEL, 1_000)  # another replica changed the channel since
+    write = store.charge(
+        taken, "v2", max_claimable=2_000, signature=SIG2, charge=1_000, payment_id=nonce(2)
+    )
+    with pytest.raises(WriteNotMade):
+        await ledger.transition(
+            record.id, S.SETTLED, via=via, lease=record.lease, settled_amount=1_000, write=write
+        )
+    assert await ledger.get(record.id) == record
+    _, rows = await ledger.scheme_sql("SELECT max_claimable FROM bs_vouchers", ())
+    assert [str(r[0]) for r in rows] == ["1000"]
+    assert (await store.get(CHANNEL)).charged == 1_000
+    # A charge that does not fit what the request took is never offered as a write.
+    assert (
+        store.charge(
+            taken, "v2", max_claimable=2_000, signature=SIG2, charge=1_001, payment_id=nonce(2)
+        )
+        is None
+    )
+
+
+async def test_a_channel_taken_with_the_reservation_goes_with_it_or_not_at_all(ledger_store):
+    """A voucher's channel is taken in the transaction of its payment's reservation: a
+    reservation refused (a replay) takes nothing; a channel held by another request is not
+    taken (the reservation stands; verify tells busy from unknown after)."""
+    clock = Clock()
+    ledger = await ledger_store(replica="a")
+    store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+
+    write = store.take_write(CHANNEL, "v1")
+    await ledger.reserve(**request(1), write=write)
+    assert taken(write).pending_owner == "v1"
+    assert (await store.get(CHANNEL)).pending_owner == "v1"
+    await store.release(CHANNEL, "v1")
+
+    replay = store.take_write(CHANNEL, "v1")
+    with pytest.raises(AlreadyReserved):
+        await ledger.reserve(**request(1), write=replay)
+    assert taken(replay) is None
+    assert (await store.get(CHANNEL)).pending_owner is None  # rolled back with it
+
+    await store.take(CHANNEL, "v2")
+    busy = store.take_write(CHANNEL, "v3")
+    record = await ledger.reserve(**request(3), write=busy)
+    assert taken(busy) is None
+    assert record.state is S.RESERVED
+    assert (await store.get(CHANNEL)).pending_owner == "v2"
