@@ -23,7 +23,6 @@ Why these choices:
 from __future__ import annotations
 
 import builtins
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -276,7 +275,7 @@ class PostgresLedger(Ledger):
             ).fetchone()
             checked.check_budget(budget, int(row["spent"]))
         values = checked.values(
-            payment_id=uuid.uuid4().hex,
+            payment_id=rules.new_payment_id(),
             now=now,
             replica=self.replica,
             lease_seconds=self.lease_seconds,

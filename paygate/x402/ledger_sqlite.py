@@ -24,7 +24,6 @@ from __future__ import annotations
 import builtins
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -335,7 +334,7 @@ class SqliteLedger(Ledger):
         self, checked: rules.Reservation, existing: PaymentRecord | None, now: float
     ) -> dict[str, Any]:
         return checked.values(
-            payment_id=existing.id if existing else uuid.uuid4().hex,
+            payment_id=existing.id if existing else rules.new_payment_id(),
             now=now,
             replica=self.replica,
             lease_seconds=self.lease_seconds,

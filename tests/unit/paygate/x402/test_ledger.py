@@ -102,6 +102,21 @@ async def test_reserve_records_a_new_reservation(ledger: Ledger) -> None:
     assert await ledger.get(record.id) == record
 
 
+async def test_payment_ids_are_unique_hex_in_creation_order(ledger: Ledger) -> None:
+    # Time-ordered ids put new payments at the right edge of every index keyed by the id.
+    ids = []
+    for n in range(1, 41):
+        ids.append((await ledger.reserve(**request(n))).id)
+        if n % 10 == 0:
+            await asyncio.sleep(0.002)  # a later millisecond
+    assert all(len(i) == 32 and set(i) <= set("0123456789abcdef") for i in ids)
+    assert len(set(ids)) == len(ids)
+    prefixes = [i[:12] for i in ids]  # the creation millisecond
+    assert prefixes == sorted(prefixes)
+    assert len(set(prefixes)) >= 4
+    assert len({i[12:] for i in ids}) == len(ids)  # the random part differs within a millisecond
+
+
 async def test_reserve_twice_is_a_replay_carrying_the_first_record(ledger: Ledger) -> None:
     first = await ledger.reserve(**request())
     verified = await ledger.transition(first.id, S.VERIFIED)
