@@ -76,7 +76,7 @@ _RESERVE = (
     " counted_at = excluded.counted_at,"
     " lease = payments.lease + 1, lease_until = excluded.lease_until"
     " WHERE payments.state = %(released)s"
-    f" RETURNING {_COLUMNS}, history"  # set: a new row; NULL: a RELEASED one claimed again
+    f" RETURNING {_COLUMNS}"
 )
 _ADD_RECEIPT = ADD_RECEIPT.replace("?", "%s")
 _MOVE = (
@@ -305,8 +305,9 @@ class PostgresLedger(Ledger):
                 raise LedgerConflict("the authorization changed concurrently")
             raise AlreadyReserved(existing)
         record = rules.record_from_row(row)
-        if row["history"] is None:  # claimed again: its history is in payment_events
+        if record.id != values["id"]:  # a RELEASED one claimed again: a line of its own
             await self._event(conn, record, EventAction.RESERVED, now)
+        # (a new row holds its reservation's line: ``history`` in ``values``)
         return record
 
     async def _transition(self, conn: Conn, payment_id: str, move: rules.Move) -> PaymentRecord:
