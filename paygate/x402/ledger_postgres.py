@@ -43,7 +43,7 @@ from paygate.x402.ledger import (
 from paygate.x402.ledger_base import BY_IDEMPOTENCY_KEY, BY_KEY, Ledger
 from paygate.x402.ledger_postgres_schema import SCHEMA_VERSION, Conn
 from paygate.x402.ledger_postgres_tables import PostgresTables
-from paygate.x402.ledger_tables import ADD_RECEIPT
+from paygate.x402.ledger_tables import ADD_RECEIPT, HELD_HISTORY, SET_HISTORY
 
 T = TypeVar("T")
 
@@ -87,8 +87,8 @@ _MOVE = (
     " settled_amount = %(settled_amount)s::numeric, history = %(history)s{counted}"
     " WHERE id = %(id)s AND state = %(from_state)s AND lease = %(lease)s"  # as read, locked
 )
-_HISTORY_OF = "SELECT history FROM payments WHERE id = %s"
-_SET_HISTORY = "UPDATE payments SET history = %s WHERE id = %s"
+_HISTORY_OF = HELD_HISTORY.replace("?", "%s")
+_SET_HISTORY = SET_HISTORY.replace("?", "%s")
 _SELECT_HELD = f"SELECT {_COLUMNS}, history FROM payments WHERE id = %s FOR UPDATE"  # noqa: S608 - constant column list
 # counted_at is set only when the move counts the payment (as the SQLite store does).
 _MOVES = {False: _MOVE.format(counted=""), True: _MOVE.format(counted=", counted_at = %(now)s")}

@@ -452,8 +452,6 @@ _INLINE = frozenset(
 )
 #: Lines at most in a row (the ordinary course leaves three); past it, payment_events.
 MAX_INLINE_LINES = 4
-#: The row's own history, as stores select it beside :data:`RECORD_COLUMNS`.
-HISTORY_COLUMN = "history"
 
 
 def _inline_text(lines: tuple[tuple[Any, ...], ...] | list[tuple[Any, ...]]) -> str:

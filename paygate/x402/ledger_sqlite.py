@@ -46,7 +46,7 @@ from paygate.x402.ledger_base import BY_ID, BY_IDEMPOTENCY_KEY, BY_KEY, Ledger
 from paygate.x402.ledger_commit import GroupCommit
 from paygate.x402.ledger_sqlite_schema import SCHEMA_VERSION
 from paygate.x402.ledger_sqlite_tables import SqliteTables
-from paygate.x402.ledger_tables import ADD_RECEIPT
+from paygate.x402.ledger_tables import ADD_RECEIPT, HELD_HISTORY, SET_HISTORY
 from paygate.x402.ledger_worker import worker_call
 
 T = TypeVar("T")
@@ -82,8 +82,6 @@ _MOVE = (
     " settled_amount = :settled_amount, history = :history{counted}"
     " WHERE id = :id AND state = :from_state AND lease = :lease"  # as read, under the lock
 )
-_HISTORY_OF = "SELECT history FROM payments WHERE id = ?"
-_SET_HISTORY = "UPDATE payments SET history = ? WHERE id = ?"
 _SELECT_HELD = f"SELECT {rules.RECORD_COLUMNS}, history FROM payments WHERE id = ?"  # noqa: S608 - constant column list
 # counted_at is set only when it changes: an index holds it (a payer's spend), and SQLite
 # rewrites an index entry whenever the SET names one of its columns, changed or not.
@@ -299,7 +297,7 @@ class SqliteLedger(Ledger):
         """One history line (a change off the ordinary course: payment_events, after the lines
         the row kept, if any); ``details``: ``transaction``, ``error``, ``detail``."""
         line = rules.event_values(record, action, at, self.replica, **details)
-        held = self._conn.execute(_HISTORY_OF, (record.id,)).fetchone()
+        held = self._conn.execute(HELD_HISTORY, (record.id,)).fetchone()
         self._keep_lines(record.id, held[0] if held else None, [line])
 
     def _keep_lines(self, payment_id: str, held: str | None, lines: list[tuple[Any, ...]]) -> None:
@@ -307,7 +305,7 @@ class SqliteLedger(Ledger):
         that did not write the row's history itself (see ``rules.kept_history``)."""
         history, rows = rules.kept_history(payment_id, held, lines)
         if history != held:
-            self._conn.execute(_SET_HISTORY, (history, payment_id))
+            self._conn.execute(SET_HISTORY, (history, payment_id))
         if rows:
             self._conn.executemany(_INSERT_EVENT, rows)
 

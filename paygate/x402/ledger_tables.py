@@ -87,8 +87,10 @@ def free_used(row: Row | None) -> int:
     return int(row["used"]) if row else 0
 
 
-#: A payment's history kept in its own row (schema v12; NULL: it is all in payment_events).
+#: A payment's history kept in its own row (schema v12; NULL: it is all in payment_events),
+#: read, and set by a change that does not write the row's history itself.
 HELD_HISTORY = "SELECT history FROM payments WHERE id = ?"
+SET_HISTORY = "UPDATE payments SET history = ? WHERE id = ?"
 
 
 def history(payment_id: str) -> tuple[str, tuple[Any, ...]]:
