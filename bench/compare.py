@@ -101,11 +101,14 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
-def _cpu_seconds(pids: list[int]) -> float:
+def _cpu_seconds(pids: list[int], *, system: bool = False) -> float:
+    """The processes' CPU time: user + system, or (``system``) the kernel's part alone (the
+    ledger's pwrite/fdatasync, the sockets' syscalls)."""
     total = 0
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        # utime, stime (fields 14, 15)
+        total += int(fields[12]) if system else int(fields[11]) + int(fields[12])
     return total / TICK
 
 
@@ -249,6 +252,7 @@ def _wrk(target: Target, connections: int, seconds: float, tmp: Path) -> dict[st
         env.update(BENCH_PAYMENTS=str(stem))
     pids = target.pids
     cpu_before = _cpu_seconds(pids) if pids else 0.0
+    system_before = _cpu_seconds(pids, system=True) if pids else 0.0
     out = subprocess.run(
         [
             "taskset",
@@ -272,6 +276,7 @@ def _wrk(target: Target, connections: int, seconds: float, tmp: Path) -> dict[st
         check=True,
     ).stdout
     cpu = (_cpu_seconds(pids) - cpu_before) if pids else None
+    system = (_cpu_seconds(pids, system=True) - system_before) if pids else None
     line = next(x for x in out.splitlines() if x.startswith("BENCH "))
     result: dict[str, Any] = json.loads(line[6:])
     # Those in flight at the end, and one more per reconnect (a timeout or a socket error):
@@ -280,6 +285,7 @@ def _wrk(target: Target, connections: int, seconds: float, tmp: Path) -> dict[st
     result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
     if cpu is not None and result["requests"]:
         result["cpu_us_per_request"] = cpu / result["requests"] * 1e6
+        result["system_us_per_request"] = (system or 0.0) / result["requests"] * 1e6
     if result["non2xx"] or result["errors"]:
         print(
             f"  ! {target.name} c{connections}: {result['non2xx']} non-2xx, "
@@ -699,6 +705,7 @@ def run(
                     c16 = _wrk(target, 16, seconds, tmp)
                     row["rps16"] = c16["rps"]
                     row["cpu_us"] = c16.get("cpu_us_per_request")
+                    row["system_us"] = c16.get("system_us_per_request")
                     row["rps64"] = _wrk(target, 64, seconds, tmp)["rps"]
                     row.update(asyncio.run(_streams(target, 30)))
                     row["rss_mb"] = _rss_mb(target.pids) if target.pids else None
@@ -742,6 +749,7 @@ def _summarise(
         "rps16",
         "rps64",
         "cpu_us",
+        "system_us",
         "ttfc_ms",
         "gap_median_ms",
         "gap_max_ms",
@@ -816,6 +824,12 @@ def _print(result: dict[str, Any]) -> None:
             f"{f(row['rss_mb'], '7.1f')}  {f(vs.get('added_p50'), '.2f')}/"
             f"{f(vs.get('rps16'), '.2f')}/{f(vs.get('cpu'), '.2f')}"
         )
+    for name, row in result["table"].items():
+        if row.get("cpu_us") and row.get("system_us") is not None:
+            user = row["cpu_us"] - row["system_us"]
+            print(
+                f"{name} proxy CPU per request: user {user:.0f} + system {row['system_us']:.0f} µs"
+            )
     for name, ratio in result.get("paid_vs_free", {}).items():
         shown = f"{ratio:.2f}x" if ratio is not None else "not measured (no such target yet)"
         print(f"{name} CPU per request vs the free one of its tree: {shown}")

@@ -116,7 +116,7 @@ class PaymentEvent:
 class PaymentRecord:
     """One payment as the ledger holds it. ``repr`` never shows the payload or requirements."""
 
-    id: str  # uuid4 hex, the payment id shown to operators
+    id: str  # 32 hex digits, time-ordered (ledger_rules.new_payment_id): shown to operators
     network: str  # CAIP-2, e.g. "eip155:84532"
     asset: str  # checksummed token address
     payer: str  # checksummed authorization `from`

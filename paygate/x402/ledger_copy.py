@@ -35,7 +35,7 @@ class Table:
     unique: tuple[tuple[str, ...], ...] = ()  # other unique keys (a row must not collide)
 
 
-#: Every table of the schema (v11), referenced tables first. ``ledger_schema`` is not copied:
+#: Every table of the schema (v12), referenced tables first. ``ledger_schema`` is not copied:
 #: the versions must already be equal.
 TABLES: tuple[Table, ...] = (
     Table("payments", ("id",), (("idempotency_key",), ("network", "asset", "payer", "nonce"))),

@@ -15,7 +15,8 @@ v5: the transparency log (paygate.tlog). v6: signed receipts, payments by nonce.
 when a payment counted, the sign-in key. v8: batch settlement's channels, vouchers and claims.
 v9: the free requests of each client address per day (shared by every process on the ledger).
 v10: two payment indexes fewer (pages every paid request writes; see the step). v11: each
-batch-settlement voucher's charge marked in its own row (``bs_vouchers.charged``).
+batch-settlement voucher's charge marked in its own row (``bs_vouchers.charged``). v12: a
+payment's history in its own row while it is the ordinary course's (ledger_rules.kept_history).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Literal
 from paygate.x402.ledger import PaymentState
 
 SqlDialect = Literal["sqlite", "postgres"]
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 # What differs between the dialects, by name: (SQLite, PostgreSQL).
 _WORDS: dict[str, tuple[str, str]] = {
@@ -274,6 +275,11 @@ def migrations(dialect: SqlDialect) -> dict[int, tuple[str, ...]]:
             " AND c.signed_max = bs_vouchers.max_claimable"
             " AND c.signature = bs_vouchers.signature)",
         ),
+        # The history lines of a paid request's ordinary course (reserved; moved to VERIFIED,
+        # to SERVED) in the payment's own row, a JSON list, instead of a payment_events row and
+        # its index entry per move: ledger_rules.kept_history. NULL (every row written before
+        # this step): the history is all in payment_events, as it was.
+        12: add_columns(f"history {text}"),
     }
 
 

@@ -23,7 +23,6 @@ Why these choices:
 from __future__ import annotations
 
 import builtins
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -45,7 +44,7 @@ from paygate.x402.ledger import (
 from paygate.x402.ledger_base import BY_IDEMPOTENCY_KEY, BY_KEY, Ledger
 from paygate.x402.ledger_postgres_schema import SCHEMA_VERSION, Conn
 from paygate.x402.ledger_postgres_tables import PostgresTables
-from paygate.x402.ledger_tables import ADD_RECEIPT
+from paygate.x402.ledger_tables import ADD_RECEIPT, HELD_HISTORY, SET_HISTORY
 
 T = TypeVar("T")
 
@@ -61,11 +60,11 @@ _RESERVE = (
     "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount,"  # noqa: S608 - constant columns
     " x402_version, route, state, served, payload, requirements, idempotency_key,"
     " attempts, created_at, updated_at, owner, lease, lease_until, scheme, model,"
-    " counted_at)"
+    " counted_at, history)"
     " VALUES (%(id)s, %(network)s, %(asset)s, %(payer)s, %(nonce)s, %(pay_to)s,"
     " %(amount)s::numeric, %(x402_version)s, %(route)s, %(reserved)s, false,"
     " %(payload)s, %(requirements)s, %(idempotency_key)s, 0, %(now)s, %(now)s, %(owner)s, 1,"
-    " %(until)s, %(scheme)s, %(model)s, %(now)s)"
+    " %(until)s, %(scheme)s, %(model)s, %(now)s, %(history)s)"
     " ON CONFLICT (network, asset, payer, nonce) DO UPDATE SET"
     " state = excluded.state, served = false, pay_to = excluded.pay_to,"
     " amount = excluded.amount, x402_version = excluded.x402_version,"
@@ -86,9 +85,12 @@ _MOVE = (
     " tx_hash = %(tx_hash)s, error = %(error)s, updated_at = %(now)s, owner = %(owner)s,"
     " lease_until = %(until)s, tokens_in = %(tokens_in)s, tokens_out = %(tokens_out)s,"
     " usage_source = %(usage_source)s, settle_amount = %(settle_amount)s::numeric,"
-    " settled_amount = %(settled_amount)s::numeric{counted}"
+    " settled_amount = %(settled_amount)s::numeric, history = %(history)s{counted}"
     " WHERE id = %(id)s AND state = %(from_state)s AND lease = %(lease)s"  # as read, locked
 )
+_HISTORY_OF = HELD_HISTORY.replace("?", "%s")
+_SET_HISTORY = SET_HISTORY.replace("?", "%s")
+_SELECT_HELD = f"SELECT {_COLUMNS}, history FROM payments WHERE id = %s FOR UPDATE"  # noqa: S608 - constant column list
 # counted_at is set only when the move counts the payment (as the SQLite store does).
 _MOVES = {False: _MOVE.format(counted=""), True: _MOVE.format(counted=", counted_at = %(now)s")}
 
@@ -248,9 +250,24 @@ class PostgresLedger(Ledger):
         at: float,
         **details: str | None,
     ) -> None:
-        """One history line; ``details``: ``transaction``, ``error``, ``detail``."""
-        values = rules.event_values(record, action, at, self.replica, **details)
-        await conn.execute(_INSERT_EVENT, values)
+        """One history line (a change off the ordinary course: payment_events, after the lines
+        the row kept, if any); ``details``: ``transaction``, ``error``, ``detail``. The row is
+        locked by the change."""
+        line = rules.event_values(record, action, at, self.replica, **details)
+        held = await (await conn.execute(_HISTORY_OF, (record.id,))).fetchone()
+        await self._keep_lines(conn, record.id, held["history"] if held else None, [line])
+
+    async def _keep_lines(
+        self, conn: Conn, payment_id: str, held: str | None, lines: builtins.list[tuple[Any, ...]]
+    ) -> None:
+        """History ``lines`` of a change whose row was read with its own ``held`` history, and
+        that did not write the row's history itself (see ``rules.kept_history``)."""
+        history, rows = rules.kept_history(payment_id, held, lines)
+        if history != held:
+            await conn.execute(_SET_HISTORY, (history, payment_id))
+        if rows:
+            async with conn.cursor() as cursor:  # in one batch
+                await cursor.executemany(_INSERT_EVENT, rows)
 
     # --- the statements (each in one transaction) -------------------------------------------
 
@@ -277,7 +294,7 @@ class PostgresLedger(Ledger):
             ).fetchone()
             checked.check_budget(budget, int(row["spent"]))
         values = checked.values(
-            payment_id=uuid.uuid4().hex,
+            payment_id=rules.new_payment_id(),
             now=now,
             replica=self.replica,
             lease_seconds=self.lease_seconds,
@@ -289,23 +306,31 @@ class PostgresLedger(Ledger):
                 raise LedgerConflict("the authorization changed concurrently")
             raise AlreadyReserved(existing)
         record = rules.record_from_row(row)
-        await self._event(conn, record, EventAction.RESERVED, now)
+        if record.id != values["id"]:  # a RELEASED one claimed again: a line of its own
+            await self._event(conn, record, EventAction.RESERVED, now)
+        # (a new row holds its reservation's line: ``history`` in ``values``)
         if checked.write is not None:
             await self._make(conn, checked.write)
         return record
 
     async def _transition(self, conn: Conn, payment_id: str, move: rules.Move) -> PaymentRecord:
-        current = await self._must(conn, payment_id, lock=True)
+        row = await (await conn.execute(_SELECT_HELD, (payment_id,))).fetchone()
+        if row is None:
+            raise rules.not_found(payment_id)
+        current = rules.record_from_row(row)
         now = await self._now(conn)
         values, record, steps = move.change(
             current, now=now, replica=self.replica, lease_seconds=self.lease_seconds
         )
+        lines = move.events(record, steps, now, self.replica)
+        values["history"], lines = rules.kept_history(current.id, row["history"], lines)
         if (
             await conn.execute(_MOVES[values["counted"]], values)
         ).rowcount != 1:  # cannot happen under the lock
             raise LedgerConflict(f"payment {current.id} changed concurrently")
-        async with conn.cursor() as cursor:  # the history lines in one batch
-            await cursor.executemany(_INSERT_EVENT, move.events(record, steps, now, self.replica))
+        if lines:
+            async with conn.cursor() as cursor:  # the history lines in one batch
+                await cursor.executemany(_INSERT_EVENT, lines)
         if move.reply_receipt is not None:
             await conn.execute(_ADD_RECEIPT, (record.id, "reply", move.reply_receipt, now))
         if move.write is not None:

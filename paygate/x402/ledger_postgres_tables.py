@@ -103,6 +103,10 @@ class PostgresTables:
         return sql.receipts_from(await self._all(conn, sql.RECEIPTS + tail, params))
 
     async def history(self, conn: Conn, payment_id: str) -> builtins.list[PaymentEvent]:
+        rows = await self._all(conn, sql.HELD_HISTORY, (payment_id,))
+        held = sql.held_history(payment_id, rows[0] if rows else None)
+        if held is not None:
+            return held
         return sql.events_from(await self._all(conn, *sql.history(payment_id)))
 
     async def earnings(self, conn: Conn, since: float, by: str) -> builtins.list[Earnings]:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import calendar
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
+
+import orjson
 
 from paygate.x402.ledger import (
     TRANSITIONS,
@@ -90,6 +93,17 @@ _EVENT_DETAILS = frozenset(EVENT_DETAILS)
 SUMMARY_GROUPS = ("model", "day", "payer")
 
 
+def new_payment_id() -> str:
+    """A new payment's id: 32 hex digits, the creation time in milliseconds (48 bits) then 80
+    random bits. Ids in creation order put each new payment at the right edge of every index
+    keyed by it (the primary key, the history's and the receipts' by payment): the pages a
+    request dirties there are the pages its neighbours in time dirty too, shared by one COMMIT,
+    where a random id dirties a page of its own in each (an id is no secret: operators see it;
+    callers find a payment by its nonce)."""
+    millis = (time.time_ns() // 1_000_000) & 0xFFFF_FFFF_FFFF
+    return f"{millis:012x}{os.urandom(10).hex()}"
+
+
 @dataclass(frozen=True, slots=True)
 class Reservation:
     """:meth:`Ledger.reserve`'s arguments, checked and normalised there (before any I/O)."""
@@ -158,6 +172,9 @@ class Reservation:
             "until": now + lease_seconds,
             "scheme": self.scheme,
             "model": self.model,
+            # A new row's history: its reservation (a RELEASED row claimed again keeps its own,
+            # in payment_events: see kept_history).
+            "history": _inline_text(((now, replica, _RESERVED_LINE, _RESERVED_LINE, 1),)),
         }
 
 
@@ -416,6 +433,66 @@ def _event_row(
     details: tuple[str | None, ...],
 ) -> tuple[Any, ...]:
     return (payment_id, at, replica, action.value, state.value, lease, *details)
+
+
+# --- a payment's history in its own row ---------------------------------------------------------
+#
+# The lines a paid request's ordinary course leaves (reserved; moved to VERIFIED, to SERVED) are
+# kept in the payment's own row (``payments.history``, a JSON list), not as a payment_events row
+# each: no row and no index entry per move on the hot path; the row is written by those moves
+# anyway. A payment's history is either all in its row (the column set) or all in payment_events
+# (NULL; every row from before schema v12): a line of any other kind moves the row's lines to
+# payment_events first, in order, and goes there after them. So a history is one ordered list
+# wherever it is, and what reads payment_events itself (the console's settlement latencies:
+# SETTLING and SETTLED lines) finds every line it reads there.
+
+_RESERVED_LINE = EventAction.RESERVED.value
+_INLINE = frozenset(
+    {
+        (EventAction.RESERVED.value, PaymentState.RESERVED.value),
+        (EventAction.MOVED.value, PaymentState.VERIFIED.value),
+        (EventAction.MOVED.value, PaymentState.SERVED.value),
+    }
+)
+#: Lines at most in a row (the ordinary course leaves three); past it, payment_events.
+MAX_INLINE_LINES = 4
+
+
+def _inline_text(lines: tuple[tuple[Any, ...], ...] | list[tuple[Any, ...]]) -> str:
+    """Lines as the row keeps them: ``[at, replica, action, state, lease]`` each."""
+    return orjson.dumps(lines).decode()
+
+
+def _inline(line: tuple[Any, ...]) -> bool:
+    """May this history line (:data:`EVENT_COLUMNS` order) be kept in the row?"""
+    _, _, _, action, state, _, *details = line
+    return (action, state) in _INLINE and not any(details)
+
+
+def kept_history(
+    payment_id: str, history: str | None, lines: list[tuple[Any, ...]]
+) -> tuple[str | None, list[tuple[Any, ...]]]:
+    """Where a change's history ``lines`` (:data:`EVENT_COLUMNS` order, oldest first) go, given
+    the row's ``history`` as read under its lock: the row's history after the change, and the
+    lines to insert into payment_events, in order (the row's own first when they move there)."""
+    if history is not None:
+        kept = orjson.loads(history)
+        if all(map(_inline, lines)) and len(kept) + len(lines) <= MAX_INLINE_LINES:
+            kept.extend([line[1], line[2], line[3], line[4], line[5]] for line in lines)
+            return _inline_text(kept), []
+        moved = [(payment_id, *line, None, None, None) for line in kept]
+        return None, [*moved, *lines]
+    return None, lines
+
+
+def inline_events(payment_id: str, history: str) -> list[PaymentEvent]:
+    """A row's own history (``history`` set) as events, oldest first."""
+    return [
+        PaymentEvent(
+            payment_id, float(at), replica, EventAction(action), PaymentState(state), lease
+        )
+        for at, replica, action, state, lease in orjson.loads(history)
+    ]
 
 
 def record_from_row(row: Mapping[str, Any]) -> PaymentRecord:

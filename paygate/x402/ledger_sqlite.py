@@ -24,7 +24,6 @@ from __future__ import annotations
 import builtins
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,7 +47,7 @@ from paygate.x402.ledger_base import BY_ID, BY_IDEMPOTENCY_KEY, BY_KEY, Ledger
 from paygate.x402.ledger_commit import GroupCommit
 from paygate.x402.ledger_sqlite_schema import SCHEMA_VERSION
 from paygate.x402.ledger_sqlite_tables import SqliteTables
-from paygate.x402.ledger_tables import ADD_RECEIPT
+from paygate.x402.ledger_tables import ADD_RECEIPT, HELD_HISTORY, SET_HISTORY
 from paygate.x402.ledger_worker import worker_call
 
 T = TypeVar("T")
@@ -58,10 +57,10 @@ _INSERT_EVENT = f"INSERT INTO payment_events ({rules.EVENT_COLUMNS}) VALUES ({',
 _RESERVE = (
     "INSERT INTO payments (id, network, asset, payer, nonce, pay_to, amount, x402_version, route,"
     " state, served, payload, requirements, idempotency_key, attempts, created_at, updated_at,"
-    " owner, lease, lease_until, scheme, model, counted_at)"
+    " owner, lease, lease_until, scheme, model, counted_at, history)"
     " VALUES (:id, :network, :asset, :payer, :nonce, :pay_to, :amount, :x402_version, :route,"
     " :reserved, 0, :payload, :requirements, :idempotency_key, 0, :now, :now,"
-    " :owner, 1, :until, :scheme, :model, :now)"
+    " :owner, 1, :until, :scheme, :model, :now, :history)"
     " ON CONFLICT (network, asset, payer, nonce) DO NOTHING"  # taken: no row inserted
 )
 # A retry of an authorization whose earlier request failed before settlement.
@@ -81,9 +80,10 @@ _MOVE = (
     " tx_hash = :tx_hash, error = :error, updated_at = :now, owner = :owner,"
     " lease_until = :until, tokens_in = :tokens_in, tokens_out = :tokens_out,"
     " usage_source = :usage_source, settle_amount = :settle_amount,"
-    " settled_amount = :settled_amount{counted}"
+    " settled_amount = :settled_amount, history = :history{counted}"
     " WHERE id = :id AND state = :from_state AND lease = :lease"  # as read, under the lock
 )
+_SELECT_HELD = f"SELECT {rules.RECORD_COLUMNS}, history FROM payments WHERE id = ?"  # noqa: S608 - constant column list
 # counted_at is set only when it changes: an index holds it (a payer's spend), and SQLite
 # rewrites an index entry whenever the SET names one of its columns, changed or not.
 _MOVES = {False: _MOVE.format(counted=""), True: _MOVE.format(counted=", counted_at = :now")}
@@ -295,9 +295,20 @@ class SqliteLedger(Ledger):
     def _event(
         self, record: PaymentRecord, action: EventAction, at: float, **details: str | None
     ) -> None:
-        """One history line; ``details``: ``transaction``, ``error``, ``detail``."""
-        values = rules.event_values(record, action, at, self.replica, **details)
-        self._conn.execute(_INSERT_EVENT, values)
+        """One history line (a change off the ordinary course: payment_events, after the lines
+        the row kept, if any); ``details``: ``transaction``, ``error``, ``detail``."""
+        line = rules.event_values(record, action, at, self.replica, **details)
+        held = self._conn.execute(HELD_HISTORY, (record.id,)).fetchone()
+        self._keep_lines(record.id, held[0] if held else None, [line])
+
+    def _keep_lines(self, payment_id: str, held: str | None, lines: list[tuple[Any, ...]]) -> None:
+        """History ``lines`` of a change whose row was read with its own ``held`` history, and
+        that did not write the row's history itself (see ``rules.kept_history``)."""
+        history, rows = rules.kept_history(payment_id, held, lines)
+        if history != held:
+            self._conn.execute(SET_HISTORY, (history, payment_id))
+        if rows:
+            self._conn.executemany(_INSERT_EVENT, rows)
 
     # --- the statements (on the worker thread) ----------------------------------------------
 
@@ -314,21 +325,23 @@ class SqliteLedger(Ledger):
             now = self._clock()
             for budget in checked.budgets:
                 checked.check_budget(budget, self._spent(checked, budget.since))
-            record = None
             if existing is None:  # most likely a new key: no read first, the insert tells
                 values = self._values(checked, None, now)
                 if db.execute(_RESERVE, values).rowcount == 1:
-                    record = rules.reserved_record(values, checked)  # as written: no read-back
-                else:  # the key is taken: a replay, or a RELEASED record to claim again
-                    existing = self._one(BY_KEY, checked.key)
-                    checked.check_existing(existing)
-            if existing is not None:
-                rows = db.execute(_RESERVE_AGAIN, self._values(checked, existing, now)).fetchall()
-                if len(rows) != 1:  # impossible under the lock: never guess
-                    raise LedgerConflict("the authorization changed concurrently")
-                record = rules.record_from_row(rows[0])
-            if record is None:  # the key was taken and is gone: impossible under the lock
+                    # As written, its history line too (in the row): no read-back.
+                    record = rules.reserved_record(values, checked)
+                    if checked.write is not None:
+                        self._make(db, checked.write)
+                    return record
+                # The key is taken: a replay, or a RELEASED record to claim again.
+                existing = self._one(BY_KEY, checked.key)
+                checked.check_existing(existing)
+            if existing is None:  # the key was taken and is gone: impossible under the lock
                 raise LedgerConflict("the authorization changed concurrently")
+            rows = db.execute(_RESERVE_AGAIN, self._values(checked, existing, now)).fetchall()
+            if len(rows) != 1:  # impossible under the lock: never guess
+                raise LedgerConflict("the authorization changed concurrently")
+            record = rules.record_from_row(rows[0])
             self._event(record, EventAction.RESERVED, now)
             if checked.write is not None:
                 self._make(db, checked.write)
@@ -338,7 +351,7 @@ class SqliteLedger(Ledger):
         self, checked: rules.Reservation, existing: PaymentRecord | None, now: float
     ) -> dict[str, Any]:
         return checked.values(
-            payment_id=existing.id if existing else uuid.uuid4().hex,
+            payment_id=existing.id if existing else rules.new_payment_id(),
             now=now,
             replica=self.replica,
             lease_seconds=self.lease_seconds,
@@ -363,16 +376,22 @@ class SqliteLedger(Ledger):
 
     def _transition(self, payment_id: str, move: rules.Move) -> PaymentRecord:
         with self._write() as db:
-            current = self._must(payment_id)
+            row = db.execute(_SELECT_HELD, (payment_id,)).fetchone()
+            if row is None:
+                raise rules.not_found(payment_id)
+            current = rules.record_from_row(row)
             now = self._clock()
             values, record, steps = move.change(
                 current, now=now, replica=self.replica, lease_seconds=self.lease_seconds
             )
+            lines = move.events(record, steps, now, self.replica)
+            values["history"], lines = rules.kept_history(current.id, row["history"], lines)
             if (
                 db.execute(_MOVES[values["counted"]], values).rowcount != 1
             ):  # impossible under the lock
                 raise LedgerConflict(f"payment {current.id} changed concurrently")
-            db.executemany(_INSERT_EVENT, move.events(record, steps, now, self.replica))
+            if lines:
+                db.executemany(_INSERT_EVENT, lines)
             if move.reply_receipt is not None:
                 db.execute(ADD_RECEIPT, (record.id, "reply", move.reply_receipt, now))
             if move.write is not None:

@@ -89,7 +89,11 @@ class SqliteTables:
         return sql.receipts_from(self._store._conn.execute(sql.RECEIPTS + tail, params))
 
     def history(self, payment_id: str) -> builtins.list[PaymentEvent]:
-        return sql.events_from(self._store._conn.execute(*sql.history(payment_id)))
+        conn = self._store._conn
+        held = sql.held_history(
+            payment_id, conn.execute(sql.HELD_HISTORY, (payment_id,)).fetchone()
+        )
+        return held if held is not None else sql.events_from(conn.execute(*sql.history(payment_id)))
 
     def earnings(self, since: float, by: str) -> builtins.list[Earnings]:
         return sql.earnings_from(

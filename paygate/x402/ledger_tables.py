@@ -96,8 +96,22 @@ def free_used(row: Row | None) -> int:
     return int(row["used"]) if row else 0
 
 
+#: A payment's history kept in its own row (schema v12; NULL: it is all in payment_events),
+#: read, and set by a change that does not write the row's history itself.
+HELD_HISTORY = "SELECT history FROM payments WHERE id = ?"
+SET_HISTORY = "UPDATE payments SET history = ? WHERE id = ?"
+
+
 def history(payment_id: str) -> tuple[str, tuple[Any, ...]]:
     return HISTORY, (payment_id, MAX_LIST_LIMIT)
+
+
+def held_history(payment_id: str, row: Row | None) -> list[PaymentEvent] | None:
+    """The history its row holds (``row``: :data:`HELD_HISTORY`'s), or None: read
+    payment_events (:func:`history`)."""
+    if row is None or row["history"] is None:
+        return None
+    return rules.inline_events(payment_id, row["history"])
 
 
 def events_from(rows: Iterable[Row]) -> list[PaymentEvent]:

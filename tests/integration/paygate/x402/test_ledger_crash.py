@@ -209,11 +209,16 @@ def test_a_kill_between_the_loops_statements_and_the_commit_leaves_nothing_half_
     try:
         payments = db.execute("SELECT id, state FROM payments").fetchall()
         events = db.execute("SELECT action, state FROM payment_events ORDER BY rowid").fetchall()
+        held = db.execute("SELECT history FROM payments").fetchall()
         pairs = db.execute("SELECT k FROM pairs").fetchall()
     finally:
         db.close()
     assert payments == [(kept, "reserved")]  # not served, not half-moved; no second payment
-    assert events == [("reserved", "reserved")]
+    # Its history, kept in its row (schema v12): the reservation alone.
+    assert events == []
+    assert [[(a, s) for _, _, a, s, _ in json.loads(h)] for (h,) in held] == [
+        [("reserved", "reserved")]
+    ]
     assert pairs == []  # neither of the two statements
 
 

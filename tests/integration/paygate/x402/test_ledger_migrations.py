@@ -1,11 +1,14 @@
 """Schema migrations and moving stores, through the operator CLI on real stores.
 
-- from an empty store (SQLite and PostgreSQL 15) to the current schema (v11);
+- from an empty store (SQLite and PostgreSQL 15) to the current schema;
 - from v9 with records, on both stores, to the current schema (step 10: two payment indexes
   fewer): every record, its history and receipts kept and readable, the queries that used those
   indexes still answered;
 - from v10 with channel vouchers, on both stores, to v11: each voucher's charge marked where
   it can be proven (tests/unit/.../batch_settlement/test_batch_settlement_store.py);
+- from v10 with records, on both stores, to v12 (a paid request's history in its own row): every
+  record and history kept, the old records' new moves after their old lines, new records' in
+  their row;
 - from the SQLite schema as it stood on main when leases came (v1, commit 425e611): records kept,
   unfinished work claimable, the history starting there;
 - `paygate ledger copy` from that SQLite file to PostgreSQL, twice (the second copies nothing;
@@ -26,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from paygate.config import load_settings
+from paygate.x402 import ledger_rules
 from paygate.x402.ledger import (
     Budget,
     BudgetExceeded,
@@ -35,7 +39,7 @@ from paygate.x402.ledger import (
     ReceiptUsage,
 )
 from paygate.x402.ledger_postgres import PostgresLedger
-from paygate.x402.ledger_sqlite_schema import MIGRATIONS
+from paygate.x402.ledger_sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from paygate.x402.ledger_store import open_ledger, parse_ledger_url
 from tests.fixtures.ledger_support import request, tx
 from tests.fixtures.ledgers import Opener
@@ -112,12 +116,12 @@ def test_migrate_from_main_s_sqlite_v1_and_from_empty_stores(tmp_path: Path, pg_
     # A v1 file is refused read-only (never migrated by a reader), migrated on request.
     listed = cli("payments", "list", "--ledger-url", url)
     assert listed.returncode == 2
-    assert "v1, not v11" in listed.stderr
+    assert f"v1, not v{SCHEMA_VERSION}" in listed.stderr
     first = cli("ledger", "migrate", "--ledger-url", url)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == f"ledger sqlite:///{old}: schema v1 -> v11"
+    assert first.stdout.strip() == f"ledger sqlite:///{old}: schema v1 -> v{SCHEMA_VERSION}"
     again = cli("ledger", "migrate", "--ledger-url", url)
-    assert again.stdout.strip().endswith("schema v11, up to date")
+    assert again.stdout.strip().endswith(f"schema v{SCHEMA_VERSION}, up to date")
 
     async def check() -> None:
         ledger = await open_ledger(parse_ledger_url(url), replica="after")
@@ -141,10 +145,12 @@ def test_migrate_from_main_s_sqlite_v1_and_from_empty_stores(tmp_path: Path, pg_
 
     empty = tmp_path / "new" / "payments.db"
     fresh = cli("ledger", "migrate", "--ledger-url", f"sqlite:///{empty}")
-    assert fresh.stdout.strip().endswith("schema v0 -> v11"), fresh.stderr
+    assert fresh.stdout.strip().endswith(f"schema v0 -> v{SCHEMA_VERSION}"), fresh.stderr
     pg = cli("ledger", "migrate", "--ledger-url", pg_url)
     assert pg.returncode == 0, pg.stderr
-    assert pg.stdout.strip() == "ledger postgresql (PAYGATE_LEDGER_URL): schema v0 -> v11"
+    assert pg.stdout.strip() == (
+        f"ledger postgresql (PAYGATE_LEDGER_URL): schema v0 -> v{SCHEMA_VERSION}"
+    )
     assert cli("ledger", "migrate", PAYGATE_LEDGER_URL=pg_url).stdout.strip().endswith("up to date")
 
 
@@ -237,6 +243,80 @@ def test_the_password_comes_from_a_file_or_the_systemd_credential(
     )
 
 
+async def as_v10(ledger: object) -> None:
+    """Take a store written by this code back to schema v10 as v10 would have left it: every
+    history line in payment_events (each payment's in its order), no ``history`` column (step
+    12), no ``bs_vouchers.charged`` column (step 11)."""
+    run = ledger.scheme_sql  # type: ignore[attr-defined]
+    _, held = await run(
+        "SELECT id, history FROM payments WHERE history IS NOT NULL ORDER BY created_at", ()
+    )
+    for payment_id, history in held:
+        for e in ledger_rules.inline_events(payment_id, history):
+            await run(
+                "INSERT INTO payment_events (payment_id, at, replica, action, state, lease)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (e.payment_id, e.at, e.replica, e.action.value, e.state.value, e.lease),
+            )
+    await run("ALTER TABLE payments DROP COLUMN history", ())
+    await run("ALTER TABLE bs_vouchers DROP COLUMN charged", ())  # step 11's
+    await run("UPDATE ledger_schema SET version = 10 WHERE id = 1", ())
+
+
+async def test_a_v10_ledger_with_records_migrates_to_v12_and_keeps_every_record(
+    ledger_store: Opener,
+) -> None:
+    ledger = await ledger_store(replica="v10")
+    settled = await ledger.reserve(**request(1))
+    settled = await ledger.transition(settled.id, S.SETTLING, via=S.VERIFIED, lease=settled.lease)
+    settled = await ledger.transition(
+        settled.id, S.SETTLED, lease=settled.lease, transaction=tx(1), settled_amount=900
+    )
+    served = await ledger.reserve(**request(2))
+    served = await ledger.transition(
+        served.id, S.SERVED, via=S.VERIFIED, lease=served.lease, let_go=True
+    )
+    released = await ledger.reserve(**request(3))
+    released = await ledger.transition(released.id, S.RELEASED, lease=released.lease)
+    reserved = await ledger.reserve(**request(4))
+    before = {r.id: r for r in await ledger.list()}
+    ids = [settled.id, served.id, released.id, reserved.id]
+    histories = {i: await ledger.history(i) for i in ids}
+    assert [len(histories[i]) for i in ids] == [4, 3, 2, 1]
+    await as_v10(ledger)  # (read back through v10's own table below, once migrated)
+    await ledger.close()
+
+    migrated = await ledger_store(replica="v12")
+    assert migrated.found_version == 10  # type: ignore[attr-defined]
+    assert {r.id: r for r in await migrated.list()} == before
+    assert {i: await migrated.history(i) for i in ids} == histories
+    _, rows = await migrated.scheme_sql("SELECT COUNT(*) FROM payments WHERE history IS NULL", ())
+    assert rows[0][0] == 4  # the old rows' history stays where it was
+    # An old reservation served now: its new lines follow its old ones, in payment_events.
+    done = await migrated.transition(
+        reserved.id, S.SERVED, via=S.VERIFIED, lease=reserved.lease, let_go=True
+    )
+    lines = [(e.replica, e.action, e.state) for e in await migrated.history(done.id)]
+    assert lines == [
+        ("v10", EventAction.RESERVED, S.RESERVED),
+        ("v12", EventAction.MOVED, S.VERIFIED),
+        ("v12", EventAction.MOVED, S.SERVED),
+    ]
+    # A released authorization reserved again: its history goes on where it is.
+    again = await migrated.reserve(**request(3))
+    assert [e.action for e in await migrated.history(again.id)][-1] is EventAction.RESERVED
+    assert len(await migrated.history(again.id)) == 3
+    # A new payment's ordinary course is kept in its own row.
+    fresh = await migrated.reserve(**request(5))
+    await migrated.transition(fresh.id, S.SERVED, via=S.VERIFIED, lease=fresh.lease)
+    assert [e.state for e in await migrated.history(fresh.id)] == [S.RESERVED, S.VERIFIED, S.SERVED]
+    _, rows = await migrated.scheme_sql(
+        "SELECT COUNT(*) FROM payment_events WHERE payment_id = ?", (fresh.id,)
+    )
+    assert rows[0][0] == 0
+    await migrated.close()
+
+
 # The indexes step 10 drops, as v9 had them (their released statements).
 V9_ONLY = {
     "payments_lease": next(s for s in MIGRATIONS[2] if "payments_lease" in s),
@@ -276,16 +356,16 @@ async def test_a_v9_ledger_with_records_migrates_to_v10_and_keeps_every_record(
     released = await ledger.reserve(**request(3))
     released = await ledger.transition(released.id, S.RELEASED, lease=released.lease)
     reserved = await ledger.reserve(**request(4))
-    # The store as v9 left it: the two indexes back (their released statements), v9 recorded.
-    for statement in V9_ONLY.values():
-        await ledger.scheme_sql(statement, ())
-    await ledger.scheme_sql("ALTER TABLE bs_vouchers DROP COLUMN charged", ())  # step 11's
-    await ledger.scheme_sql("UPDATE ledger_schema SET version = 9 WHERE id = 1", ())
-    assert set(V9_ONLY) <= await _indexes(ledger)
     before = {r.id: r for r in await ledger.list()}
     ids = [settled.id, served.id, released.id, reserved.id]
     histories = {i: await ledger.history(i) for i in ids}
     receipts = await ledger.receipts(settled.id)
+    # The store as v9 left it: the two indexes back (their released statements), v9 recorded.
+    await as_v10(ledger)
+    for statement in V9_ONLY.values():
+        await ledger.scheme_sql(statement, ())
+    await ledger.scheme_sql("UPDATE ledger_schema SET version = 9 WHERE id = 1", ())
+    assert set(V9_ONLY) <= await _indexes(ledger)
     await ledger.close()
 
     migrated = await ledger_store(replica="v9")

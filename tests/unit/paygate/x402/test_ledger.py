@@ -102,6 +102,21 @@ async def test_reserve_records_a_new_reservation(ledger: Ledger) -> None:
     assert await ledger.get(record.id) == record
 
 
+async def test_payment_ids_are_unique_hex_in_creation_order(ledger: Ledger) -> None:
+    # Time-ordered ids put new payments at the right edge of every index keyed by the id.
+    ids = []
+    for n in range(1, 41):
+        ids.append((await ledger.reserve(**request(n))).id)
+        if n % 10 == 0:
+            await asyncio.sleep(0.002)  # a later millisecond
+    assert all(len(i) == 32 and set(i) <= set("0123456789abcdef") for i in ids)
+    assert len(set(ids)) == len(ids)
+    prefixes = [i[:12] for i in ids]  # the creation millisecond
+    assert prefixes == sorted(prefixes)
+    assert len(set(prefixes)) >= 4
+    assert len({i[12:] for i in ids}) == len(ids)  # the random part differs within a millisecond
+
+
 async def test_reserve_twice_is_a_replay_carrying_the_first_record(ledger: Ledger) -> None:
     first = await ledger.reserve(**request())
     verified = await ledger.transition(first.id, S.VERIFIED)
@@ -744,6 +759,94 @@ async def test_a_move_through_a_state_is_both_moves_in_one(ledger: Ledger) -> No
     with pytest.raises(LedgerConflict):
         await ledger.transition(other.id, S.VERIFIED, via=S.SETTLING, lease=other.lease)
     assert await ledger.get(other.id) == other
+
+
+async def _table_lines(ledger: Ledger, payment_id: str) -> list[tuple[str, str]]:
+    """The payment's lines in payment_events itself, in order."""
+    _, rows = await ledger.scheme_sql(  # type: ignore[attr-defined]
+        "SELECT action, state FROM payment_events WHERE payment_id = ? ORDER BY at, seq",
+        (payment_id,),
+    )
+    return [(str(a), str(s)) for a, s in rows]
+
+
+async def test_a_paid_request_s_history_is_kept_in_its_row_until_an_unusual_line(
+    ledger_store: Opener,
+) -> None:
+    from paygate.x402.ledger import EventAction as A
+
+    clock = Clock()
+    ledger = await ledger_store(clock=clock, replica="one")
+    # The ordinary course (reserved, VERIFIED, SERVED): the same history, no payment_events row.
+    record = await ledger.reserve(**request(1))
+    clock.now += 1
+    served = await ledger.transition(
+        record.id, S.SERVED, via=S.VERIFIED, lease=record.lease, let_go=True
+    )
+    ordinary = [
+        (A.RESERVED, S.RESERVED, 1, clock.now - 1),
+        (A.MOVED, S.VERIFIED, 1, clock.now),
+        (A.MOVED, S.SERVED, 1, clock.now),
+    ]
+    history = await ledger.history(record.id)
+    assert [(e.action, e.state, e.lease, e.at) for e in history] == ordinary
+    assert {(e.payment_id, e.replica, e.transaction, e.error, e.detail) for e in history} == {
+        (record.id, "one", None, None, None)
+    }
+    assert await _table_lines(ledger, record.id) == []
+    # Any other line (a claim, then settlement) moves the row's lines to payment_events first,
+    # in order: the history reads the same, and payment_events holds all of it.
+    clock.now += 1
+    (claimed,) = await ledger.claim_unfinished(min_age=0)
+    await ledger.transition(claimed.id, S.SETTLING, lease=claimed.lease)
+    clock.now += 1
+    await ledger.transition(claimed.id, S.SETTLED, lease=claimed.lease, transaction=tx(1))
+    after = await ledger.history(record.id)
+    assert after[:3] == history
+    assert [(e.action, e.state, e.detail) for e in after[3:]] == [
+        (A.CLAIMED, S.SERVED, "nobody"),
+        (A.MOVED, S.SETTLING, None),
+        (A.MOVED, S.SETTLED, None),
+    ]
+    assert await _table_lines(ledger, record.id) == [(e.action.value, e.state.value) for e in after]
+    assert (await ledger.get(record.id)) == (await ledger.get(served.id))
+    # A move with a line of its own kind (SETTLING with the ordinary ones) goes there whole.
+    settle = await ledger.reserve(**request(2))
+    await ledger.transition(settle.id, S.SETTLING, via=(S.VERIFIED, S.SERVED), lease=settle.lease)
+    assert await _table_lines(ledger, settle.id) == [
+        ("reserved", "reserved"),
+        ("moved", "verified"),
+        ("moved", "served"),
+        ("moved", "settling"),
+    ]
+    # A release (the reservation's owner gone), then the authorization reserved again.
+    gone = await ledger.reserve(**request(3))
+    await ledger.transition(gone.id, S.VERIFIED, lease=gone.lease)
+    assert [r.id for r in await ledger.release_abandoned(own=True)] == [gone.id]
+    again = await ledger.reserve(**request(3))
+    await ledger.transition(again.id, S.VERIFIED, lease=again.lease)
+    lines = [(e.action, e.state, e.lease) for e in await ledger.history(gone.id)]
+    assert lines == [
+        (A.RESERVED, S.RESERVED, 1),
+        (A.MOVED, S.VERIFIED, 1),
+        (A.RELEASED, S.RELEASED, 2),
+        (A.RESERVED, S.RESERVED, 3),
+        (A.MOVED, S.VERIFIED, 3),
+    ]
+    assert await _table_lines(ledger, gone.id) == [(a.value, s.value) for a, s, _ in lines]
+    # Letting a lease go and marking served (off the ordinary course) move it too.
+    let_go = await ledger.reserve(**request(4))
+    await ledger.let_go(let_go.id, let_go.lease)
+    marked = await ledger.reserve(**request(5))
+    await ledger.mark_served(marked.id)
+    assert await _table_lines(ledger, let_go.id) == [
+        ("reserved", "reserved"),
+        ("let_go", "reserved"),
+    ]
+    assert await _table_lines(ledger, marked.id) == [
+        ("reserved", "reserved"),
+        ("served", "reserved"),
+    ]
 
 
 # --- budgets by admission/settlement time, the sign-in key (issue 21), on both stores -------

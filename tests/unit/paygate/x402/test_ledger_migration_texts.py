@@ -22,6 +22,8 @@ RELEASED = {
         8: (3, "354f06a92edc08886658aa8a2448eacf3cc3ec97b0cd1b5746341e5eb22c7391"),
         9: (1, "9dc1b651c4cf7ce612a8fc75b67fe70c2255b80e07cbdaa88d92a0e7b06e5cf1"),
         10: (2, "6375b494c6d5b93dfd317ed8935141a5feaab00da06bc2ad2b48c98b4534f71e"),
+        # 11: batch settlement's step, pinned on its own branch.
+        12: (1, "b67aab37aa74467fbf5c1ba94add8402c349427863fbfb3183eeec7c2ee77db1"),
     },
     "postgres": {
         1: (3, "15ace1f755611ae0eaf8703d904ff812b0821970032826b6790c3bd58050fd37"),
@@ -34,6 +36,7 @@ RELEASED = {
         8: (3, "6de188e192a9581a2f1b2bb473a8c9a96e02e3dbdb9e9339d6240e73b0913b3a"),
         9: (1, "ce6bc0d9fc1ea5ce40af64af3e4f569dbb3b84146861628845a7cbdc20d33ff3"),
         10: (2, "6375b494c6d5b93dfd317ed8935141a5feaab00da06bc2ad2b48c98b4534f71e"),
+        12: (1, "feef3d4de3d729c0de40a663617cb3ea836ea41e3cf0a15b32ba4a2255fbf154"),
     },
 }
 MIGRATIONS = {

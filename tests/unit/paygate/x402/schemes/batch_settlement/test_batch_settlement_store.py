@@ -249,8 +249,9 @@ async def test_vouchers_recorded_before_v11_are_marked_charged_only_where_proven
         " created_at) VALUES (?, '3000', ?, 'v3', '1000', 1)",
         (CHANNEL, SIG3),
     )
-    # The store as v10 left it.
+    # The store as v10 left it (nor step 12's column).
     await ledger.scheme_sql("ALTER TABLE bs_vouchers DROP COLUMN charged", ())
+    await ledger.scheme_sql("ALTER TABLE payments DROP COLUMN history", ())
     await ledger.scheme_sql("UPDATE ledger_schema SET version = 10 WHERE id = 1", ())
     await ledger.close()
 
