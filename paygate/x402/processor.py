@@ -21,6 +21,7 @@ ledger change after the reservation is a fenced move (:mod:`paygate.x402.leases`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -437,23 +438,40 @@ class PaymentProcessor:
         assert record is not None
         assert admission.payment is not None
         try:
-            answer = await admission.scheme.verify(
-                self._settler, admission.payment, admission.requirements
-            )
-        except SettlerUnavailable as exc:
-            await self._leases.release(record)
-            return self._refusals.unavailable("payment_verifier_unavailable", str(exc))
-        if not answer.is_valid:
-            await self._leases.release(record)
-            reason = answer.invalid_reason or "invalid_payload"
-            return self._refusals.challenge(402, reason, reason_text(reason), offers, resource)
-        try:
-            if not self._settlement.verified_when_served:  # else one transaction with SERVED
-                admission.record = await self._leases.move(record, PaymentState.VERIFIED)
-        except LedgerError:
-            await self._leases.release(record)
-            return self._refusals.ledger_unavailable()
+            try:
+                answer = await admission.scheme.verify(
+                    self._settler, admission.payment, admission.requirements
+                )
+            except SettlerUnavailable as exc:
+                await self._leases.release(record)
+                return self._refusals.unavailable("payment_verifier_unavailable", str(exc))
+            if not answer.is_valid:
+                await self._leases.release(record)
+                reason = answer.invalid_reason or "invalid_payload"
+                return self._refusals.challenge(402, reason, reason_text(reason), offers, resource)
+            try:
+                if not self._settlement.verified_when_served:  # else one transaction with SERVED
+                    admission.record = await self._leases.move(record, PaymentState.VERIFIED)
+            except LedgerError:
+                await self._leases.release(record)
+                return self._refusals.ledger_unavailable()
+        except BaseException:
+            # Cut short while verifying (the caller gone: its handler cancelled) or failed
+            # unexpectedly: no session will finish this payment, and a hold kept would have its
+            # lease renewed for ever (the payer's retries refused as in progress). Nothing was
+            # earned or sent to settle: released, shielded from a second cancellation.
+            await asyncio.shield(self._let_down(admission.record or record))
+            raise
         return await self._settlement.verified(self.settlements, admission, offers, resource)
+
+    async def _let_down(self, record: PaymentRecord) -> None:
+        """Release a reservation no request will finish (the ledger's compare-and-set refuses
+        it past verification); a hold left after that is given up for the reconciler."""
+        if not self._leases.holds(record):
+            return
+        await self._leases.release(record)
+        if self._leases.holds(record):  # not released (the ledger unreachable): not ours now
+            await self._leases.let_go(record)
 
     async def _replayed(
         self,
