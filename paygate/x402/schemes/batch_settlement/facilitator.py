@@ -33,7 +33,7 @@ from paygate.x402.schemes.batch_settlement.chain import (
 from paygate.x402.schemes.batch_settlement.channel import NAME
 from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
 from paygate.x402.schemes.batch_settlement.store import ClaimEntry
-from paygate.x402.settler import SettlementSubject, SettlerUnavailable
+from paygate.x402.settler import SettlementSubject, SettlementUnknown, SettlerUnavailable
 
 log = logging.getLogger("paygate.x402")
 
@@ -120,9 +120,16 @@ class BatchFacilitator:
         if not answer.success or not answer.transaction:
             raise ValueError(f"the facilitator refused the claim: {answer.error_reason}")
         for receiver, token in sweeps(entries):
-            swept = await self._settle(
-                requirements, {"type": "settle", "receiver": receiver, "token": token}
-            )
+            # Best effort, and nothing the claim's outcome hangs on: the claim is made, and its
+            # transaction hash is what proves it. A sweep whose answer is lost (unknown) or
+            # that could not be sent (unavailable) is left to the next claim's sweep.
+            try:
+                swept = await self._settle(
+                    requirements, {"type": "settle", "receiver": receiver, "token": token}
+                )
+            except (SettlerUnavailable, SettlementUnknown) as exc:
+                log.warning("the facilitator's sweep did not answer: %s", exc.code)
+                continue
             if not swept.success:
                 log.warning("the facilitator did not sweep: %s", swept.error_reason)
         return answer.transaction

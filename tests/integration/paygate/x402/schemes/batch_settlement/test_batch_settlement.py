@@ -339,6 +339,73 @@ async def test_through_the_sdk_facilitator_deposits_claims_and_refunds_are_prove
     assert usdc.balance_of(payer.address) == PAYER_FUNDS - 20 * PRICE_ATOMIC
 
 
+async def test_a_sweep_whose_answer_is_lost_leaves_the_claim_proven_and_settled(
+    anvil, usdc, payer, seller, tmp_path, facilitator, gas_key
+):
+    """Through a facilitator, the sweep after a claim is best effort: a facilitator whose
+    answer to the sweep is lost (the connection cut after the request was read) does not make
+    the claim's outcome unknown or failed. The claim, made and proven by its own transaction,
+    is settled in the same pass; the next claim's sweep takes what is left."""
+    import json
+
+    from aiohttp import ClientSession, web
+
+    ledger = tmp_path / "payments.db"
+    scheme = sdk_batch_scheme(payer, deposit=10 * PRICE_ATOMIC)
+    settings = {"payment_mode": "facilitator", "facilitator_url": facilitator.url}
+    async with (
+        chain_batch(seller, ledger, anvil, gas_key, **settings) as stack,
+        sdk_batch_client(scheme) as client,
+    ):
+        for _ in range(3):
+            response = await client.post(stack.url + CHAT, json=CHAT_BODY)
+            assert response.status_code == 200, response.text
+
+    swept: list[str] = []
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if request.path == "/settle":
+            payload = json.loads(body)["paymentPayload"]["payload"]
+            if payload.get("type") == "settle":
+                swept.append(payload["receiver"])
+                assert request.transport is not None
+                request.transport.abort()  # read, never answered
+                return web.Response()
+        headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+        async with (
+            ClientSession() as session,
+            session.request(
+                request.method, facilitator.url + request.path_qs, data=body, headers=headers
+            ) as upstream,
+        ):
+            return web.Response(
+                status=upstream.status,
+                body=await upstream.read(),
+                content_type=upstream.content_type,
+            )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        async with claimer(
+            ledger, anvil, gas_key, facilitator_url=f"http://{host}:{port}"
+        ) as channels:
+            assert await channels.claim_once() == 1
+            (claim,) = await channels.store.claims()
+    finally:
+        await runner.cleanup()
+    assert swept, "the sweep was asked for"
+    assert claim.state == "settled"
+    assert claim.tx_hash is not None
+    assert claim.tx_hash.startswith("0x")
+
+
 async def test_exact_and_batch_settlement_in_chain_mode_share_one_gas_account_nonce_sequence(
     anvil, usdc, payer, seller, tmp_path, gas_key
 ):
