@@ -447,3 +447,21 @@ async def test_a_write_not_made_in_a_shared_group_rolls_back_only_its_own_call(t
         assert (await store.get(third)).pending_owner is None  # the replay took nothing
         assert (await store.get(fourth)).pending_owner == "v5"
         assert taken(fresh_take).pending_owner == "v5"
+
+
+async def test_reservations_racing_on_two_replicas_take_the_channel_once(ledger_store):
+    """Vouchers on one channel reserved at once on two replicas (their own connections): each
+    reservation is made, and exactly one of their takes holds the channel — the one the
+    channel names; the others found it held and took nothing."""
+    clock = Clock()
+    ledgers = [await ledger_store(replica="a"), await ledger_store(replica="b")]
+    stores = [ChannelStore(ledger, clock=clock, pending_seconds=30.0) for ledger in ledgers]
+    await stores[0].deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    writes = [stores[n % 2].take_write(CHANNEL, f"v{n}") for n in range(8)]
+    records = await asyncio.gather(
+        *(ledgers[n % 2].reserve(**request(n + 1), write=w) for n, w in enumerate(writes))
+    )
+    assert all(r.state is S.RESERVED for r in records)
+    held = [taken(w).pending_owner for w in writes if taken(w) is not None]
+    assert len(held) == 1
+    assert (await stores[1].get(CHANNEL)).pending_owner == held[0]
