@@ -465,3 +465,41 @@ async def test_reservations_racing_on_two_replicas_take_the_channel_once(ledger_
     held = [taken(w).pending_owner for w in writes if taken(w) is not None]
     assert len(held) == 1
     assert (await stores[1].get(CHANNEL)).pending_owner == held[0]
+
+
+async def test_a_charge_made_with_settled_racing_another_replicas_commit_is_made_once(
+    ledger_store,
+):
+    """The request's one-transaction charge (with SETTLED) and another replica committing the
+    same voucher at once (a reconciler that took the payment over): the channel is charged
+    once. Whichever lost finds it made: the write is not made (nothing recorded) and the
+    voucher commits again as done, or the other's commit charges nothing."""
+    clock = Clock()
+    ledger = await ledger_store(replica="a")
+    store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+    other = ChannelStore(await ledger_store(replica="b"), clock=clock, pending_seconds=30.0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    via = (S.VERIFIED, S.SERVED, S.SETTLING)
+    for n in range(1, 9):
+        record = await ledger.reserve(**request(n))
+        took = await store.take(CHANNEL, f"v{n}")
+        voucher = {"max_claimable": 1_000 * n, "signature": SIG, "charge": 1_000}
+        write = store.charge(took, f"v{n}", payment_id=nonce(n), **voucher)
+        settled, (_, by_other) = await asyncio.gather(
+            ledger.transition(
+                record.id, S.SETTLED, via=via, lease=record.lease, settled_amount=1_000,
+                write=write,
+            ),
+            other.commit(CHANNEL, f"v{n}", payment_id=nonce(n), **voucher),
+            return_exceptions=True,
+        )  # fmt: skip
+        if isinstance(settled, WriteNotMade):
+            assert by_other == 1_000
+            assert await ledger.get(record.id) == record
+            _, again = await store.commit(CHANNEL, f"v{n}", payment_id=nonce(n), **voucher)
+            assert again == 0
+        else:
+            assert settled.state is S.SETTLED
+            assert by_other == 0
+        channel = await store.get(CHANNEL)
+        assert (channel.charged, channel.signed_max) == (1_000 * n, 1_000 * n)
