@@ -2,14 +2,17 @@
 
 The ledger's ``bs_*`` tables (migration step 8) are reached through two store methods,
 ``scheme_sql(sql, params)`` (a statement in its own transaction) and ``scheme_sql_all`` (several
-in one: a voucher's record with its charge), so every change here is a compare-and-set on the
-row's ``version`` (or a guarded insert), never a read-modify-write across statements. That is
-what lets replicas on one PostgreSQL ledger serve one channel:
+in one: a voucher's record with its charge), or as a ``SchemeWrite`` the ledger makes in the
+transaction of a payment's reservation (the take) or of its SETTLED record (the charge), so
+every change here is a compare-and-set on the row's ``version`` (or a guarded insert), never a
+read-modify-write across statements. That is what lets replicas on one PostgreSQL ledger serve
+one channel:
 
-* a request takes the channel's *pending* lease (owner: its voucher) at verify and lets it go
-  when its charge is committed; another voucher meanwhile is refused ``channel_busy`` (the
-  spec: process a channel's requests one at a time). A lease left by a failed or dead request
-  runs out after ``pending_seconds``; the same voucher sent again takes it back at once.
+* a request takes the channel's *pending* lease (owner: its voucher) with its reservation (or
+  at verify, when that found it held) and lets it go when its charge is committed; another
+  voucher meanwhile is refused ``channel_busy`` (the spec: process a channel's requests one at
+  a time). A lease left by a failed or dead request runs out after ``pending_seconds``; the
+  same voucher sent again takes it back at once.
 * a charge is committed only by a voucher above the one last committed (monotonic), with its
   row in ``bs_vouchers`` marked ``charged`` in the same transaction (ledger step 11): sent
   twice, the second commit finds it marked and changes nothing; a voucher the channel passed

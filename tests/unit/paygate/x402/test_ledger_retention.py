@@ -218,3 +218,35 @@ async def test_channel_vouchers_go_with_their_day_unless_their_payment_may_still
     )  # fmt: skip
     assert again == 0
     assert await prune_once(ledger, NOON) == 0
+
+
+async def test_an_old_voucher_whose_payment_is_reserved_verified_or_served_is_kept(
+    ledger_store: Opener,
+) -> None:
+    """Every payment state that may still commit keeps its voucher's row, not only SETTLING:
+    a SERVED record whose charge was made before its crash (the reconciler resumes it from
+    SERVED, needing no SETTLING mark) must find that charge marked days later, or it would be
+    taken as lost and recorded FAILED while the claim takes its money."""
+    clock = Clock(NOON - 3 * DAY)
+    ledger = await ledger_store(clock=clock)
+    channels = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+    await channels.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10**6, total_claimed=0)
+    for n, states in ((1, ()), (2, (S.VERIFIED,)), (3, (S.VERIFIED, S.SERVED))):
+        record = await ledger.reserve(**request(n))
+        for to in states:
+            record = await ledger.transition(record.id, to, lease=record.lease)
+        taken = await channels.take(CHANNEL, nonce(n))
+        await channels.commit(
+            CHANNEL, nonce(n), max_claimable=1_000 * n, signature=SIGNATURE,
+            charge=1_000, payment_id=nonce(n), taken=taken,
+        )  # fmt: skip
+    clock.now = NOON
+
+    assert await prune_once(ledger, NOON) == 0
+    _, rows = await ledger.scheme_sql("SELECT payment_id FROM bs_vouchers ORDER BY 1", ())
+    assert [row[0] for row in rows] == [nonce(1), nonce(2), nonce(3)]
+    _, again = await channels.commit(
+        CHANNEL, nonce(3), max_claimable=3_000, signature=SIGNATURE, charge=1_000,
+        payment_id=nonce(3),
+    )  # fmt: skip
+    assert again == 0  # found charged: never FAILED as lost, never charged twice

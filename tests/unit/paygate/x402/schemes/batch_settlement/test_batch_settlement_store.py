@@ -5,11 +5,13 @@ once and only under a voucher that covers it, one claimer at a time."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
 from paygate.x402.ledger import AlreadyReserved, LedgerUnavailable, WriteNotMade
 from paygate.x402.ledger import PaymentState as S
+from paygate.x402.ledger_sqlite import SqliteLedger
 from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
 from paygate.x402.schemes.batch_settlement.store import (
     ChannelBusy,
@@ -372,3 +374,133 @@ async def test_a_channel_taken_with_the_reservation_goes_with_it_or_not_at_all(l
     assert taken(busy) is None
     assert record.state is S.RESERVED
     assert (await store.get(CHANNEL)).pending_owner == "v2"
+
+
+async def test_a_write_not_made_in_a_shared_group_rolls_back_only_its_own_call(tmp_path):
+    """SQLite's group commit runs concurrent calls in one transaction, each in a savepoint of
+    its own. A settlement whose charge was not made there (WriteNotMade, after its moves, its
+    history and its voucher's record were written in that savepoint) leaves nothing of them,
+    nor does a refused reservation's take; the calls around them in the same COMMIT keep
+    everything of theirs."""
+    other, third, fourth = ("0x" + c * 32 for c in ("cd", "ce", "cf"))
+    clock = Clock()
+    ledger = await SqliteLedger.open(tmp_path / "ledger.db")
+    store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+    sizes: list[int] = []
+    hold = threading.Event()
+
+    def held(calls: int) -> None:
+        sizes.append(calls)
+        if len(sizes) == 1:
+            hold.wait(timeout=30)
+
+    try:
+        for channel in (CHANNEL, other, third, fourth):
+            await store.deposited(channel, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+        good = await ledger.reserve(**request(1))
+        stale = await ledger.reserve(**request(2))
+        took = await store.take(CHANNEL, "v1")
+        took_stale = await store.take(other, "v2")
+        await store.take(other, "v2")  # the channel changed since that take (its version)
+        via = (S.VERIFIED, S.SERVED, S.SETTLING)
+        charge = {"max_claimable": 1_000, "charge": 1_000}
+        good_write = store.charge(took, "v1", signature=SIG, payment_id=nonce(1), **charge)
+        stale_write = store.charge(took_stale, "v2", signature=SIG2, payment_id=nonce(2), **charge)
+        replay_take, fresh_take = store.take_write(third, "v9"), store.take_write(fourth, "v5")
+        ledger.group_commit.after_commit = held
+        opener = asyncio.create_task(ledger.reserve(**request(100)))
+        await asyncio.sleep(0.1)  # its COMMIT is held: what follows queues into one group
+        calls = [
+            ledger.transition(
+                good.id, S.SETTLED, via=via, lease=good.lease, settled_amount=1_000,
+                write=good_write,
+            ),
+            ledger.transition(
+                stale.id, S.SETTLED, via=via, lease=stale.lease, settled_amount=1_000,
+                write=stale_write,
+            ),
+            ledger.reserve(**request(1), write=replay_take),  # a replay: AlreadyReserved
+            ledger.reserve(**request(5), write=fresh_take),
+        ]  # fmt: skip
+        tasks = [asyncio.create_task(c) for c in calls]
+        await asyncio.sleep(0.1)
+        hold.set()
+        await opener
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+    finally:
+        hold.set()
+        await ledger.close()
+    settled, not_made, replay, reserved = outcomes
+    assert sizes[1] == len(calls)  # one group: one COMMIT for all four
+    assert isinstance(not_made, WriteNotMade)
+    assert isinstance(replay, AlreadyReserved)
+    assert (settled.state, reserved.state) == (S.SETTLED, S.RESERVED)
+    async with await SqliteLedger.open(tmp_path / "ledger.db") as again:
+        store = ChannelStore(again, clock=clock, pending_seconds=30.0)
+        assert (await again.get(good.id)).state is S.SETTLED
+        assert await again.get(stale.id) == stale  # as it was: no move, no SETTLED
+        assert [e.state for e in await again.history(stale.id)] == [S.RESERVED]  # no moves
+        _, rows = await again.scheme_sql("SELECT channel_id, charged FROM bs_vouchers", ())
+        assert [tuple(r) for r in rows] == [
+            (CHANNEL, 1)
+        ]  # the stale call's voucher record went with it
+        assert [(await store.get(c)).charged for c in (CHANNEL, other)] == [1_000, 0]
+        assert (await store.get(third)).pending_owner is None  # the replay took nothing
+        assert (await store.get(fourth)).pending_owner == "v5"
+        assert taken(fresh_take).pending_owner == "v5"
+
+
+async def test_reservations_racing_on_two_replicas_take_the_channel_once(ledger_store):
+    """Vouchers on one channel reserved at once on two replicas (their own connections): each
+    reservation is made, and exactly one of their takes holds the channel — the one the
+    channel names; the others found it held and took nothing."""
+    clock = Clock()
+    ledgers = [await ledger_store(replica="a"), await ledger_store(replica="b")]
+    stores = [ChannelStore(ledger, clock=clock, pending_seconds=30.0) for ledger in ledgers]
+    await stores[0].deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    writes = [stores[n % 2].take_write(CHANNEL, f"v{n}") for n in range(8)]
+    records = await asyncio.gather(
+        *(ledgers[n % 2].reserve(**request(n + 1), write=w) for n, w in enumerate(writes))
+    )
+    assert all(r.state is S.RESERVED for r in records)
+    held = [taken(w).pending_owner for w in writes if taken(w) is not None]
+    assert len(held) == 1
+    assert (await stores[1].get(CHANNEL)).pending_owner == held[0]
+
+
+async def test_a_charge_made_with_settled_racing_another_replicas_commit_is_made_once(
+    ledger_store,
+):
+    """The request's one-transaction charge (with SETTLED) and another replica committing the
+    same voucher at once (a reconciler that took the payment over): the channel is charged
+    once. Whichever lost finds it made: the write is not made (nothing recorded) and the
+    voucher commits again as done, or the other's commit charges nothing."""
+    clock = Clock()
+    ledger = await ledger_store(replica="a")
+    store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+    other = ChannelStore(await ledger_store(replica="b"), clock=clock, pending_seconds=30.0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    via = (S.VERIFIED, S.SERVED, S.SETTLING)
+    for n in range(1, 9):
+        record = await ledger.reserve(**request(n))
+        took = await store.take(CHANNEL, f"v{n}")
+        voucher = {"max_claimable": 1_000 * n, "signature": SIG, "charge": 1_000}
+        write = store.charge(took, f"v{n}", payment_id=nonce(n), **voucher)
+        settled, (_, by_other) = await asyncio.gather(
+            ledger.transition(
+                record.id, S.SETTLED, via=via, lease=record.lease, settled_amount=1_000,
+                write=write,
+            ),
+            other.commit(CHANNEL, f"v{n}", payment_id=nonce(n), **voucher),
+            return_exceptions=True,
+        )  # fmt: skip
+        if isinstance(settled, WriteNotMade):
+            assert by_other == 1_000
+            assert await ledger.get(record.id) == record
+            _, again = await store.commit(CHANNEL, f"v{n}", payment_id=nonce(n), **voucher)
+            assert again == 0
+        else:
+            assert settled.state is S.SETTLED
+            assert by_other == 0
+        channel = await store.get(CHANNEL)
+        assert (channel.charged, channel.signed_max) == (1_000 * n, 1_000 * n)
