@@ -188,7 +188,11 @@ class ReceiptIssuer:
         *,
         payment: dict[str, Any] | None,
         usage: dict[str, Any] | None = None,
+        publish: bool = True,
     ) -> str:
+        """A reply's receipt. ``publish``: recorded in the transparency log now; else the
+        caller does it (:meth:`publish`) once the reply is sure to go out (a receipt signed
+        before its settlement, whose reply a refused settlement withholds)."""
         return await self._sign(
             {
                 "kind": REPLY,
@@ -202,7 +206,8 @@ class ReceiptIssuer:
                 else None,
                 "usage": usage,
                 "payment": payment,
-            }
+            },
+            publish=publish,
         )
 
     async def settlement(self, payment: dict[str, Any], request_digest: str | None) -> str:
@@ -210,7 +215,12 @@ class ReceiptIssuer:
             {"kind": SETTLEMENT, "request_digest": request_digest, "payment": payment}
         )
 
-    async def _sign(self, claims: dict[str, Any]) -> str:
+    async def publish(self, token: str) -> None:
+        """Record a token signed with ``publish=False`` in the transparency log."""
+        if self._on_signed is not None:
+            await self._on_signed(token)
+
+    async def _sign(self, claims: dict[str, Any], *, publish: bool = True) -> str:
         claims["issued_at"] = int(self._clock())
         # Under key epochs: the receipt key of the epoch this request was sealed to.
         signer = request_signer(self._signer)
@@ -219,8 +229,8 @@ class ReceiptIssuer:
         else:  # a TPM or token round trip: off the event loop
             loop = asyncio.get_running_loop()
             token = await loop.run_in_executor(None, receipts.sign, claims, signer)
-        if self._on_signed is not None:
-            await self._on_signed(token)
+        if publish:
+            await self.publish(token)
         return token
 
 

@@ -345,11 +345,31 @@ class Replies:
             if body is None:
                 raise UpstreamReplyTooLarge
         session = ticket.session
+        issuer = self._receipts
+        sign = None
+        if facts is not None and issuer is not None and session.settles:
+            known = facts
+
+            async def sign() -> tuple[str, dict[str, object] | None]:
+                # Before a settlement that is a charge in this ledger (the session decides):
+                # the same claims as after it, kept in its transaction; recorded in the log
+                # only once the reply is sure to go out.
+                usage = usage_claims(reply.usage, session.admission.meter)
+                token = await issuer.token(
+                    known,
+                    receipts.body_digest(body),
+                    payment=_payment(session, None),
+                    usage=usage,
+                    publish=False,
+                )
+                return token, usage
+
         receipt = await session.reply_ended(
             reply,
             reply_bytes=len(body),
             # _sign_whole keeps it before this returns: SERVED may go with it (one write).
-            receipt_follows=facts is not None and self._receipts is not None,
+            receipt_follows=facts is not None and issuer is not None,
+            sign=sign,
         )
         sealed = not isinstance(plan, PlainReply)
         if receipt is not None and receipt.withhold:
@@ -366,7 +386,14 @@ class Replies:
             headers.update(receipt_headers(receipt, sealed=sealed))
         if session.admission.free_remaining is not None:
             headers[wire.FREE_REMAINING_HEADER] = str(session.admission.free_remaining)
-        if facts is not None:
+        signed = session.admission.reply_receipt
+        if signed is not None and issuer is not None:
+            token, usage = signed
+            headers[wire.RECEIPT_HEADER] = sealed_header(plan, token)
+            await issuer.publish(token)
+            if not session.admission.receipt_kept:  # else kept with the settlement
+                await session.keep_receipt(token, usage)
+        elif facts is not None:
             await self._sign_whole(headers, plan, session, facts, body, receipt, reply.usage)
         elapsed = running_loop(request).time() - started
         headers[wire.OVERHEAD_HEADER] = self._overhead(ticket, started, reply, elapsed)

@@ -94,7 +94,7 @@ class HeldLeases:
         stated = None
         if token is not None:
             try:
-                stated = _stated(usage)
+                stated = receipt_usage(usage)
             except ValueError as exc:
                 log.warning(
                     "payment %s: cannot keep its receipt: %s", record.id, type(exc).__name__
@@ -126,7 +126,7 @@ class HeldLeases:
         scheme). A failing ledger loses only this copy: the caller holds the receipt."""
         try:
             await self._ledger.add_receipt(
-                record.id, "reply", token, usage=_stated(usage), lease=record.lease
+                record.id, "reply", token, usage=receipt_usage(usage), lease=record.lease
             )
         except (LedgerError, ValueError) as exc:
             log.warning("payment %s: cannot keep its receipt: %s", record.id, type(exc).__name__)
@@ -151,7 +151,7 @@ class HeldLeases:
         return renewed
 
 
-def _stated(usage: Mapping[str, Any] | None) -> ReceiptUsage | None:
+def receipt_usage(usage: Mapping[str, Any] | None) -> ReceiptUsage | None:
     """The usage a receipt states, in the ledger's words (ValueError: not a usage)."""
     if usage is None:
         return None

@@ -7,6 +7,7 @@ and strategies, so that none imports another's module for its types.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -59,6 +60,12 @@ class PaymentAdmission:
     # (``served_deferred``), else at the request's end.
     receipt_follows: bool = False
     served_deferred: bool = False
+    # The reply's signed receipt (token, the usage it states), signed before a settlement
+    # that is a charge in this ledger (its claims are the same before the charge as after:
+    # such a charge names no transaction), for that settlement's transaction to keep;
+    # ``receipt_kept`` once it did.
+    reply_receipt: tuple[str, Mapping[str, Any] | None] | None = field(default=None, repr=False)
+    receipt_kept: bool = False
 
     @property
     def paid(self) -> bool:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from types import TracebackType
@@ -200,6 +200,7 @@ class PaymentSession:
         *,
         reply_bytes: int = 0,
         receipt_follows: bool = False,
+        sign: Callable[[], Awaitable[tuple[str, Mapping[str, Any] | None]]] | None = None,
     ) -> Receipt | None:
         """The reply is here and its end not sent yet: the receipt to send with it, if any.
         Nothing earned (the upstream failed): released now, before the error goes out, so the
@@ -207,14 +208,24 @@ class PaymentSession:
         metered (a metered scheme) by ``reply``, then settled as the strategy says.
         ``receipt_follows``: the caller keeps a signed receipt (:meth:`keep_receipt`) before
         the reply's end leaves, so a SERVED recorded now may wait for it (one ledger
-        transaction for both)."""
-        self._admission.receipt_follows = receipt_follows and self.settles
+        transaction for both). ``sign``: makes that receipt (token, the usage it states) once
+        metered; called here, before settling, when the settlement is a charge in this ledger
+        (its transaction keeps the receipt too: see ``PaymentAdmission.reply_receipt``)."""
+        admission = self._admission
+        admission.receipt_follows = receipt_follows and self.settles
         if not self.settles:
             if self.paid:
                 await self.give_up()
-            return self._admission.receipt
+            return admission.receipt
         if reply is not None:
             await self.measure(reply, reply_bytes=reply_bytes)
+        if (
+            sign is not None
+            and admission.scheme.settles_in_ledger
+            and admission.receipt is None
+            and admission.settle_task is None
+        ):
+            admission.reply_receipt = await sign()
         return await self.settle()
 
     async def items_ended(

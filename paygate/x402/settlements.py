@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from paygate.x402.hooks import PaymentEvents
-from paygate.x402.leases import HeldLeases
+from paygate.x402.leases import HeldLeases, receipt_usage
 from paygate.x402.ledger import LedgerError, PaymentRecord, PaymentState, review_error
 from paygate.x402.models import ResourceInfo, SettleResponse
 from paygate.x402.offers import Offer
@@ -89,6 +89,8 @@ class Settlements:
         SERVED, in one transaction, when that waited for it (:meth:`mark_served`)."""
         record = admission.record
         assert record is not None
+        if admission.receipt_kept and not admission.served_deferred:
+            return  # kept with the payment's settlement (:meth:`_settle_in_ledger`)
         if admission.served_deferred:
             admission.served_deferred = False
             admission.record = await self.leases.served(
@@ -230,6 +232,15 @@ class Settlements:
         settlement = admission.scheme.ledger_settlement(subject, admission.owed)
         if settlement is None:
             return None
+        # The reply's receipt, when signed already, goes in the same transaction (kept only
+        # if the charge is made: a reply withheld after a refused charge leaves no receipt).
+        token, stated = None, None
+        if admission.reply_receipt is not None:
+            token, usage = admission.reply_receipt
+            try:
+                stated = receipt_usage(usage)
+            except ValueError:
+                token = None  # not a usage the ledger keeps: kept alone, as it reports then
         started = time.monotonic()
         try:
             admission.record = await self.leases.move(
@@ -239,9 +250,12 @@ class Settlements:
                 meter=admission.meter,
                 settled_amount=settlement.amount,
                 write=settlement.write,
+                reply_receipt=token,
+                receipt_usage=stated,
             )
         except LedgerError:  # not made (rolled back), or not known: the usual steps decide
             return None
+        admission.receipt_kept = token is not None
         answer = settlement.answer()
         self.events.settlement("settled", time.monotonic() - started)
         self.events.earned(record.network, record.asset, settlement.amount)

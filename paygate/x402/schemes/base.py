@@ -341,7 +341,9 @@ class Scheme:
     _loaded: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     #: Its ``settle`` is a write to this gateway's own ledger, idempotent (a channel's charge,
     #: committed once), not a payment sent out: a served payment needs no durable SETTLING
-    #: before it (``paygate.x402.settlements``).
+    #: before it (``paygate.x402.settlements``). Its answers name no transaction (nothing is
+    #: sent), so a reply's signed receipt states the same payment before the charge as after
+    #: it and is signed first, to be kept in the charge's transaction (``session.reply_ended``).
     settles_in_ledger: ClassVar[bool] = False
 
     @property

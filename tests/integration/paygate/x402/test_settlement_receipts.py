@@ -138,3 +138,29 @@ async def test_a_settlement_after_the_reply_gets_its_signed_receipt(
     refused = _cli("verify", body["receipt"], "--receipt-key", other)
     assert refused.returncode != 0
     assert "does not verify" in refused.stderr
+
+
+async def test_a_reply_settled_on_chain_before_it_leaves_names_its_transaction(
+    facilitator: Any, anvil: Any, usdc: Any, payer: Any, seller: str, tmp_path: Path
+) -> None:
+    """Only a charge in the ledger (no transaction to name) has its reply receipt signed
+    before it: a payment settled through the facilitator has it signed after, naming the
+    hash, and kept in the ledger as sent."""
+    key = SoftwareKey.generate()
+    ledger = tmp_path / "ledger.db"
+    async with paid_stack(
+        seller=seller, facilitator_url=facilitator.url, ledger=ledger, key=key
+    ) as stack:
+        header = await v2_header(stack, payer)
+        async with stack.client.post(
+            stack.url + CHAT, json=CHAT_BODY, headers={wire.PAYMENT_SIGNATURE: header}
+        ) as response:
+            assert response.status == 200
+            token = response.headers[wire.RECEIPT_HEADER]
+    (transaction,) = facilitator.stats.transactions
+    payment = receipts.verify(token, key.receipt_public_key)["payment"]
+    assert payment["transaction"] == transaction
+    (record,) = await records(ledger)
+    assert (record.state, record.transaction) == (PaymentState.SETTLED, transaction)
+    async with await SqliteLedger.open(ledger, read_only=True) as reader:
+        assert [(r.kind, r.token) for r in await reader.receipts(record.id)] == [("reply", token)]

@@ -1,0 +1,169 @@
+"""A voucher request's signed reply receipt (chain mode, a real anvil, a software receipt key).
+
+The reply receipt states no channel state and, for a charge made in the ledger, no transaction:
+it is signed before the charge and kept in the one transaction that records the charge and
+SETTLED. When that transaction is not made, the usual steps charge and the receipt is kept on
+its own; when the charge is refused for good the reply is withheld and its receipt is neither
+kept nor given out. In every case the receipt the caller gets is the one the ledger keeps."""
+
+from __future__ import annotations
+
+from enclave import SoftwareKey, receipts
+from paygate import wire
+from paygate.server.receipts import ReceiptIssuer
+from paygate.x402.ledger import LedgerUnavailable, PaymentState
+from paygate.x402.ledger_sqlite import SqliteLedger
+from paygate.x402.schemes.batch_settlement import store as channel_store
+from paygate.x402.schemes.batch_settlement.client import PayerChannel
+from paygate.x402.schemes.batch_settlement.store import CHARGE_LOST, ChannelStore
+from tests.fixtures.batch_settlement_support import CHAIN_ID, batch_offer, chain_batch, header_for
+from tests.fixtures.payment_support import (
+    CHAT,
+    CHAT_BODY,
+    PRICE_ATOMIC,
+    challenge_of,
+    receipt_of,
+    records,
+)
+
+DEPOSIT = 10 * PRICE_ATOMIC
+
+
+async def _post(stack, header: str) -> tuple[int, dict, bytes]:
+    async with stack.client.post(
+        stack.url + CHAT, json=CHAT_BODY, headers={wire.PAYMENT_SIGNATURE: header}
+    ) as response:
+        return response.status, dict(response.headers), await response.read()
+
+
+async def _opened(stack, payer) -> tuple[dict, dict, PayerChannel]:
+    required = await challenge_of(stack)
+    offer = batch_offer(required)
+    channel = PayerChannel.open(payer, offer, CHAIN_ID)
+    status, headers, body = await _post(
+        stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+    )
+    assert status == 200, body
+    channel.charged_by(receipt_of(headers), offer)
+    return required, offer, channel
+
+
+async def _kept(ledger, payment_id: str) -> list[tuple[str, str]]:
+    async with await SqliteLedger.open(ledger, read_only=True) as reader:
+        return [(r.kind, r.token) for r in await reader.receipts(payment_id)]
+
+
+def _calls(monkeypatch) -> list[tuple[str, str, str | None]]:
+    """The ledger's transition and add_receipt calls: (call, payment id, receipt token)."""
+    seen: list[tuple[str, str, str | None]] = []
+    transition, add_receipt = SqliteLedger.transition, SqliteLedger.add_receipt
+
+    async def watched_transition(self, payment_id, to, **change):
+        seen.append((f"transition {to.value}", payment_id, change.get("reply_receipt")))
+        return await transition(self, payment_id, to, **change)
+
+    async def watched_add_receipt(self, payment_id, kind, token, **more):
+        seen.append((f"add_receipt {kind}", payment_id, token))
+        return await add_receipt(self, payment_id, kind, token, **more)
+
+    monkeypatch.setattr(SqliteLedger, "transition", watched_transition)
+    monkeypatch.setattr(SqliteLedger, "add_receipt", watched_add_receipt)
+    return seen
+
+
+def _published(monkeypatch) -> list[str]:
+    """The tokens given to the transparency log (its hook is ReceiptIssuer.publish)."""
+    tokens: list[str] = []
+    publish = ReceiptIssuer.publish
+
+    async def watched(self, token):
+        tokens.append(token)
+        await publish(self, token)
+
+    monkeypatch.setattr(ReceiptIssuer, "publish", watched)
+    return tokens
+
+
+async def test_the_reply_receipt_is_kept_in_the_transaction_of_the_charge_and_settled(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    ledger = tmp_path / "payments.db"
+    key = SoftwareKey.generate()
+    async with chain_batch(seller, ledger, anvil, gas_key, key=key) as stack:
+        required, offer, channel = await _opened(stack, payer)
+        seen = _calls(monkeypatch)
+        published = _published(monkeypatch)
+        status, headers, body = await _post(stack, header_for(required, channel.pay(offer)))
+        assert status == 200, body
+        token = headers[wire.RECEIPT_HEADER]
+        state = receipt_of(headers)["extra"]["channelState"]
+        assert state["chargedCumulativeAmount"] == str(2 * PRICE_ATOMIC)
+    claims = receipts.verify(token, key.receipt_public_key)
+    assert claims["reply_digest"] == receipts.body_digest(body)
+    payment = claims["payment"]
+    assert (payment["charged"], payment["transaction"]) == (str(PRICE_ATOMIC), "pending")
+    settled = [r for r in await records(ledger) if r.nonce == payment["id"]]
+    assert [(r.state, r.settled_amount) for r in settled] == [(PaymentState.SETTLED, PRICE_ATOMIC)]
+    payment_id = settled[0].id
+    # One ledger call after the reservation: the charge, SETTLED and the receipt together.
+    assert seen == [("transition settled", payment_id, token)]
+    assert await _kept(ledger, payment_id) == [("reply", token)]
+    assert published == [token]
+
+
+async def test_a_charge_not_made_with_settled_still_keeps_the_receipt_the_caller_got(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    ledger = tmp_path / "payments.db"
+    key = SoftwareKey.generate()
+    real = SqliteLedger.transition
+    armed: list[bool] = []
+
+    async def transition(self, payment_id, to, **change):
+        if to is PaymentState.SETTLED and armed and change.get("write") is not None:
+            armed.clear()  # the one transaction with the charge fails; nothing is recorded
+            raise LedgerUnavailable("the disk failed")
+        return await real(self, payment_id, to, **change)
+
+    monkeypatch.setattr(SqliteLedger, "transition", transition)
+    async with chain_batch(seller, ledger, anvil, gas_key, key=key) as stack:
+        required, offer, channel = await _opened(stack, payer)
+        armed.append(True)
+        status, headers, body = await _post(stack, header_for(required, channel.pay(offer)))
+        assert status == 200, body
+        assert not armed
+        token = headers[wire.RECEIPT_HEADER]
+        state = receipt_of(headers)["extra"]["channelState"]
+        assert state["chargedCumulativeAmount"] == str(2 * PRICE_ATOMIC)
+    payment = receipts.verify(token, key.receipt_public_key)["payment"]
+    assert (payment["charged"], payment["transaction"]) == (str(PRICE_ATOMIC), "pending")
+    (settled,) = [r for r in await records(ledger) if r.nonce == payment["id"]]
+    assert (settled.state, settled.settled_amount) == (PaymentState.SETTLED, PRICE_ATOMIC)
+    assert await _kept(ledger, settled.id) == [("reply", token)]
+
+
+async def test_a_charge_refused_for_good_withholds_the_reply_and_keeps_no_receipt(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    ledger = tmp_path / "payments.db"
+    key = SoftwareKey.generate()
+
+    async def lost(*args, **kwargs):
+        raise ValueError(CHARGE_LOST)
+
+    async with chain_batch(seller, ledger, anvil, gas_key, key=key) as stack:
+        required, offer, channel = await _opened(stack, payer)
+        # The charge cannot go with SETTLED (the channel as taken is not chargeable) and the
+        # store refuses it: the voucher's charge was lost (store.ChannelStore.commit).
+        monkeypatch.setattr(channel_store, "_fits", lambda *args: False)
+        monkeypatch.setattr(ChannelStore, "commit", lost)
+        published = _published(monkeypatch)
+        status, headers, body = await _post(stack, header_for(required, channel.pay(offer)))
+        assert status == 402, body
+        assert wire.RECEIPT_HEADER not in headers
+        assert headers[wire.ERROR_HEADER] == "settlement_failed"
+        assert receipt_of(headers)["errorReason"] == CHARGE_LOST
+        assert published == []  # signed before the charge, never given out nor logged
+    (failed,) = [r for r in await records(ledger) if r.state is PaymentState.FAILED]
+    assert failed.error == CHARGE_LOST
+    assert await _kept(ledger, failed.id) == []
