@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import sqlite3
 import threading
 from collections import deque
@@ -118,8 +119,12 @@ class GroupCommit:
         self._lost = lost
         self._connection = connection
         self._busy_ms = int(busy_timeout * 1000)
-        # Shared by the two threads, under _cond (held for microseconds, never across I/O):
-        self._cond = threading.Condition()
+        # Shared by the two threads, under _lock (held for microseconds, never across I/O).
+        # The worker sleeps on _wake: one token put after each change it may be waiting for
+        # (a plain lock and a C queue: no Condition's Python frames and per-wait lock, on the
+        # loop's side of every group's hand-off). A token too many only makes it look again.
+        self._lock = threading.Lock()
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._owner: str | None = None  # "loop" | "worker": who may use the connection
         self._queue: deque[_Call | None] = deque()  # the worker's calls (None: stop)
         self._commit: _Group | None = None  # a loop group whose COMMIT the worker owes
@@ -170,9 +175,9 @@ class GroupCommit:
         """Run what is queued, then end the thread (blocks until it has ended)."""
         if not self._stopped:
             self._stopped = True
-            with self._cond:
+            with self._lock:
                 self._queue.append(None)
-                self._cond.notify_all()
+            self._wake.put(None)
         self._thread.join()
 
     @contextlib.contextmanager
@@ -228,7 +233,7 @@ class GroupCommit:
 
     def _take(self) -> bool:
         """The connection for the loop, if nobody has it and the worker has nothing queued."""
-        with self._cond:
+        with self._lock:
             if self._owner is None and not self._queue:
                 self._owner = "loop"
                 return True
@@ -275,13 +280,13 @@ class GroupCommit:
         """End of the loop iteration that opened the group: its COMMIT goes to the worker."""
         group, self._open = self._open, None
         assert group is not None
-        with self._cond:
+        with self._lock:
             self._queue.extend(group.handed)
             if group.db is not None:
                 self._commit = group
             else:
                 self._owner = None
-            self._cond.notify_all()
+        self._wake.put(None)
         if group.db is None:  # nothing to commit: the failed and the lost are answered now
             _resolve(group.calls)
             self._resume()
@@ -317,20 +322,18 @@ class GroupCommit:
             self._here(call)
 
     def _to_worker(self, calls: list[_Call]) -> None:
-        with self._cond:
+        with self._lock:
             self._queue.extend(calls)
-            self._cond.notify_all()
+        self._wake.put(None)
 
     # --- the worker thread --------------------------------------------------------------------
 
     def _work(self) -> None:
         while True:
-            with self._cond:
-                while self._commit is None and not (self._queue and self._owner is None):
-                    self._cond.wait()
+            calls: list[_Call] = []
+            with self._lock:
                 group, self._commit = self._commit, None
-                calls: list[_Call] = []
-                if group is None:
+                if group is None and self._queue and self._owner is None:
                     first = self._queue.popleft()
                     if first is None:
                         return
@@ -343,12 +346,14 @@ class GroupCommit:
                     self._owner = "worker"
             if group is not None:
                 self._finish(group)
-            else:
+            elif calls:
                 self._run(calls)
-            with self._cond:
+            else:  # nothing for it yet: sleep until the loop changes something
+                self._wake.get()
+                continue
+            with self._lock:
                 self._owner = None
                 kick, self._kick = self._kick, False
-                self._cond.notify_all()
             if group is not None or kick:
                 self._post(group)
 

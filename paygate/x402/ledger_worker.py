@@ -5,7 +5,6 @@ store is never half-done)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -30,5 +29,8 @@ async def worker_call(
         future = commits.submit(fn, *args, alone=alone, quick=quick)
     except RuntimeError:  # the worker stopped
         raise closed() from None
-    result: T = await asyncio.shield(future)
+    # Awaited directly, not through asyncio.shield: cancelling the caller cancels this future,
+    # which only means nobody hears the outcome (GroupCommit runs the call all the same and
+    # skips answering a future that is done).
+    result: T = await future
     return result
