@@ -24,8 +24,8 @@ from __future__ import annotations
 import builtins
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -236,12 +236,10 @@ class SqliteLedger(Ledger):
             self._db.close()
             self._db = None
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
         """One read-modify-write, all or nothing: a savepoint in its group's transaction,
         which holds the write lock (BEGIN IMMEDIATE) from the group's first write."""
-        with self._commits.transaction(self._conn) as db:
-            yield db
+        return self._commits.transaction(self._conn)
 
     async def scheme_sql(
         self, sql: str, params: tuple[Any, ...]
