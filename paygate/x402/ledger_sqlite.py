@@ -12,8 +12,9 @@ Why these choices:
   scans run on the worker. The calls of one process are serialised in submission order.
 * ``BEGIN IMMEDIATE`` for every read-modify-write: the write lock is taken before the read, so
   two processes sharing the file cannot both claim one authorization.
-* A submitted change runs to its end even if the awaiting task is cancelled (the future is
-  shielded): a cancelled caller does not know the outcome, but the store is never half-done.
+* A submitted change runs to its end even if the awaiting task is cancelled (the group commit
+  runs every submitted call, and answers only the callers still waiting): a cancelled caller
+  does not know the outcome, but the store is never half-done.
 * Leases (see ``paygate.x402.ledger``) are read and written under that same write lock, so a
   claim is exclusive across every process on the host, like PostgreSQL's SKIP LOCKED. The
   clock is this host's: one SQLite file is never shared across hosts.
