@@ -180,7 +180,9 @@ class SqliteLedger(Ledger):
         quick = fn in self._quick
         if fn == self._reserve and args[0].budgets:  # sums the payer's window: may be long
             quick = False
-        return await self._submit(False, quick, fn, *args)
+        if self._closed:  # as _submit, inline: this is every ledger call's path
+            raise _closed()
+        return await worker_call(self._commits, _closed, self._guarded, fn, *args, quick=quick)
 
     async def _run_alone(self, fn: Callable[..., T], /, *args: Any) -> T:
         """Opening and closing the connection: never inside another call's transaction."""
