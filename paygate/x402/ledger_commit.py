@@ -43,10 +43,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import sqlite3
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,11 +76,66 @@ class _Call:
 @dataclass(slots=True, eq=False)
 class _Group:
     db: sqlite3.Connection | None = None  # set by the first write: BEGIN IMMEDIATE was run
-    savepoints: int = 0
     calls: list[_Call] = field(default_factory=list)
     on_loop: bool = False  # its statements run on the event loop (busy: hand over, never wait)
     handed: list[_Call] = field(default_factory=list)  # found the write lock busy: the worker's
     closed: bool = False  # takes no more calls (full, or a call queued behind it for the worker)
+
+
+class _Transaction:
+    """:meth:`GroupCommit.transaction`: a context manager written out (not a generator's: this
+    is on every ledger call's path)."""
+
+    __slots__ = ("_db", "_group", "_kind")
+
+    def __init__(self, group: _Group | None, db: sqlite3.Connection) -> None:
+        self._group = group
+        self._db = db
+        self._kind = 0  # 1: a plain transaction, 2: its group's BEGIN, 3: a savepoint
+
+    def __enter__(self) -> sqlite3.Connection:
+        db, group = self._db, self._group
+        if group is None:  # not inside a group (cannot happen for submitted calls): plain
+            db.execute("BEGIN IMMEDIATE")
+            self._kind = 1
+        elif group.db is None:  # this call begins the transaction: it is all its own so far
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if group.on_loop and _busy(exc):
+                    raise WriteLockBusy from None
+                raise
+            group.db = db
+            self._kind = 2
+        else:
+            # One savepoint at a time (each is released before the next call runs): one name.
+            db.execute("SAVEPOINT call")
+            self._kind = 3
+        return db
+
+    def __exit__(self, kind: type[BaseException] | None, error: object, tb: object) -> None:
+        db = self._db
+        if self._kind == 1:
+            if kind is None:
+                try:
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            elif db.in_transaction:
+                db.execute("ROLLBACK")
+        elif self._kind == 2:
+            if kind is not None:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                assert self._group is not None
+                self._group.db = None  # nothing left to commit
+        elif kind is None:
+            db.execute("RELEASE call")
+        elif db.in_transaction:  # else SQLite already rolled the whole transaction back
+            db.execute("ROLLBACK TO call")
+            db.execute("RELEASE call")
 
 
 class WriteLockBusy(PaygateError):
@@ -118,8 +174,12 @@ class GroupCommit:
         self._lost = lost
         self._connection = connection
         self._busy_ms = int(busy_timeout * 1000)
-        # Shared by the two threads, under _cond (held for microseconds, never across I/O):
-        self._cond = threading.Condition()
+        # Shared by the two threads, under _lock (held for microseconds, never across I/O).
+        # The worker sleeps on _wake: one token put after each change it may be waiting for
+        # (a plain lock and a C queue: no Condition's Python frames and per-wait lock, on the
+        # loop's side of every group's hand-off). A token too many only makes it look again.
+        self._lock = threading.Lock()
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._owner: str | None = None  # "loop" | "worker": who may use the connection
         self._queue: deque[_Call | None] = deque()  # the worker's calls (None: stop)
         self._commit: _Group | None = None  # a loop group whose COMMIT the worker owes
@@ -170,53 +230,15 @@ class GroupCommit:
         """Run what is queued, then end the thread (blocks until it has ended)."""
         if not self._stopped:
             self._stopped = True
-            with self._cond:
+            with self._lock:
                 self._queue.append(None)
-                self._cond.notify_all()
+            self._wake.put(None)
         self._thread.join()
 
-    @contextlib.contextmanager
-    def transaction(self, db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    def transaction(self, db: sqlite3.Connection) -> _Transaction:
         """One call's read-modify-write, all or nothing (a savepoint in its group's transaction,
         opened with ``BEGIN IMMEDIATE`` by the group's first write). Only while a call runs."""
-        group = self._group
-        if group is None:  # not inside a group (cannot happen for submitted calls): plain
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-            return
-        if group.db is None:  # this call begins the transaction: it is all its own so far
-            try:
-                db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if group.on_loop and _busy(exc):
-                    raise WriteLockBusy from None
-                raise
-            group.db = db
-            try:
-                yield db
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                group.db = None  # nothing left to commit
-                raise
-            return
-        group.savepoints += 1
-        name = f"call{group.savepoints}"
-        db.execute(f"SAVEPOINT {name}")
-        try:
-            yield db
-        except BaseException:
-            if db.in_transaction:  # else SQLite already rolled the whole transaction back
-                db.execute(f"ROLLBACK TO {name}")
-                db.execute(f"RELEASE {name}")
-            raise
-        db.execute(f"RELEASE {name}")
+        return _Transaction(self._group, db)
 
     # --- the event loop's path ------------------------------------------------------------------
 
@@ -228,7 +250,7 @@ class GroupCommit:
 
     def _take(self) -> bool:
         """The connection for the loop, if nobody has it and the worker has nothing queued."""
-        with self._cond:
+        with self._lock:
             if self._owner is None and not self._queue:
                 self._owner = "loop"
                 return True
@@ -264,7 +286,7 @@ class GroupCommit:
         call.in_transaction = began or group.db is not None
         if group.db is not None and not group.db.in_transaction:
             self._fail(group, sqlite3.OperationalError("transaction rolled back"))
-            group.db, group.savepoints = None, 0
+            group.db = None
         if not call.in_transaction:  # read committed rows only (or failed alone): answer now
             group.calls.pop()
             _resolve([call])
@@ -275,13 +297,13 @@ class GroupCommit:
         """End of the loop iteration that opened the group: its COMMIT goes to the worker."""
         group, self._open = self._open, None
         assert group is not None
-        with self._cond:
+        with self._lock:
             self._queue.extend(group.handed)
             if group.db is not None:
                 self._commit = group
             else:
                 self._owner = None
-            self._cond.notify_all()
+        self._wake.put(None)
         if group.db is None:  # nothing to commit: the failed and the lost are answered now
             _resolve(group.calls)
             self._resume()
@@ -317,20 +339,18 @@ class GroupCommit:
             self._here(call)
 
     def _to_worker(self, calls: list[_Call]) -> None:
-        with self._cond:
+        with self._lock:
             self._queue.extend(calls)
-            self._cond.notify_all()
+        self._wake.put(None)
 
     # --- the worker thread --------------------------------------------------------------------
 
     def _work(self) -> None:
         while True:
-            with self._cond:
-                while self._commit is None and not (self._queue and self._owner is None):
-                    self._cond.wait()
+            calls: list[_Call] = []
+            with self._lock:
                 group, self._commit = self._commit, None
-                calls: list[_Call] = []
-                if group is None:
+                if group is None and self._queue and self._owner is None:
                     first = self._queue.popleft()
                     if first is None:
                         return
@@ -343,12 +363,14 @@ class GroupCommit:
                     self._owner = "worker"
             if group is not None:
                 self._finish(group)
-            else:
+            elif calls:
                 self._run(calls)
-            with self._cond:
+            else:  # nothing for it yet: sleep until the loop changes something
+                self._wake.get()
+                continue
+            with self._lock:
                 self._owner = None
                 kick, self._kick = self._kick, False
-                self._cond.notify_all()
             if group is not None or kick:
                 self._post(group)
 
@@ -398,7 +420,7 @@ class GroupCommit:
                     # SQLite rolled the whole transaction back (I/O error, disk full, ...):
                     # every earlier write of the group is gone with it.
                     self._fail(group, sqlite3.OperationalError("transaction rolled back"))
-                    group.db, group.savepoints = None, 0
+                    group.db = None
             if group.db is not None:
                 if self.before_commit is not None:
                     self.before_commit(sum(1 for c in calls if c.in_transaction))

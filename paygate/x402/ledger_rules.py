@@ -74,10 +74,20 @@ class _Rows:
         return self.make(*values)
 
 
+_STATES = {state.value: state for state in PaymentState}
+
+
+def _state(value: str) -> PaymentState:
+    """``PaymentState(value)`` by a dict look-up (an Enum's call is several frames; this is on
+    every record read); an unknown value still fails as the Enum's call does."""
+    state = _STATES.get(value)
+    return state if state is not None else PaymentState(value)
+
+
 _RECORDS = _Rows.of(
     PaymentRecord,
     amount=int,
-    state=PaymentState,
+    state=_state,
     served=bool,
     settle_amount=_optional_int,
     settled_amount=_optional_int,
@@ -360,7 +370,7 @@ def _applied(current: PaymentRecord, move: dict[str, Any]) -> tuple[dict[str, An
     # the current record's.
     record = dataclasses.replace(
         current,
-        state=PaymentState(move["state"]),
+        state=_state(move["state"]),
         served=current.served or move["served"],
         transaction=kept("tx_hash", current.transaction),
         error=kept("error", current.error),

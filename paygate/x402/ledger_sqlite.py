@@ -12,8 +12,9 @@ Why these choices:
   scans run on the worker. The calls of one process are serialised in submission order.
 * ``BEGIN IMMEDIATE`` for every read-modify-write: the write lock is taken before the read, so
   two processes sharing the file cannot both claim one authorization.
-* A submitted change runs to its end even if the awaiting task is cancelled (the future is
-  shielded): a cancelled caller does not know the outcome, but the store is never half-done.
+* A submitted change runs to its end even if the awaiting task is cancelled (the group commit
+  runs every submitted call, and answers only the callers still waiting): a cancelled caller
+  does not know the outcome, but the store is never half-done.
 * Leases (see ``paygate.x402.ledger``) are read and written under that same write lock, so a
   claim is exclusive across every process on the host, like PostgreSQL's SKIP LOCKED. The
   clock is this host's: one SQLite file is never shared across hosts.
@@ -24,8 +25,8 @@ from __future__ import annotations
 import builtins
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -179,7 +180,9 @@ class SqliteLedger(Ledger):
         quick = fn in self._quick
         if fn == self._reserve and args[0].budgets:  # sums the payer's window: may be long
             quick = False
-        return await self._submit(False, quick, fn, *args)
+        if self._closed:  # as _submit, inline: this is every ledger call's path
+            raise _closed()
+        return await worker_call(self._commits, _closed, self._guarded, fn, *args, quick=quick)
 
     async def _run_alone(self, fn: Callable[..., T], /, *args: Any) -> T:
         """Opening and closing the connection: never inside another call's transaction."""
@@ -236,12 +239,10 @@ class SqliteLedger(Ledger):
             self._db.close()
             self._db = None
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
         """One read-modify-write, all or nothing: a savepoint in its group's transaction,
         which holds the write lock (BEGIN IMMEDIATE) from the group's first write."""
-        with self._commits.transaction(self._conn) as db:
-            yield db
+        return self._commits.transaction(self._conn)
 
     async def scheme_sql(
         self, sql: str, params: tuple[Any, ...]

@@ -38,6 +38,7 @@ from paygate.x402.metering import Fallback, Quote, TokenCounts, TokenPrice
 from paygate.x402.networks import to_atomic_ceiling
 from paygate.x402.results import PaymentAdmission, Receipt
 from paygate.x402.settlements import Settlements
+from paygate.x402.to_the_end import to_the_end
 
 
 class MeteredReply(Protocol):
@@ -148,8 +149,10 @@ class PaymentSession:
     ) -> None:
         if kind is not None and issubclass(kind, asyncio.CancelledError | ConnectionResetError):
             self.caller_gone = True
-        # Shielded: a second cancellation must not cut the ledger write short.
-        await asyncio.shield(self.finish())
+        if self._finished:
+            return
+        # To its end: a second cancellation must not cut the ledger write short.
+        await to_the_end(self.finish())
 
     async def finish(self) -> None:
         """The request is over (once): meter a reply that ended without its meter, settle what

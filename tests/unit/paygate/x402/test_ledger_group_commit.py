@@ -374,3 +374,97 @@ async def test_calls_from_a_second_event_loop_are_serialised_with_the_first_s(
     assert len(set(here) | set(there)) == 80
     for payment_id in here + there:
         assert durable(path, payment_id)
+
+
+async def _one_group_behind(ledger: SqliteLedger, hold: threading.Event) -> None:
+    """Holds the worker in a first group's COMMIT (``hold``) so that the calls that follow run
+    on the event loop as the next group."""
+    ledger.group_commit.after_commit = lambda calls: hold.wait(timeout=30)
+    opener = asyncio.create_task(ledger.reserve(**request(100)))
+    await asyncio.sleep(0.1)
+    assert not opener.done()  # answered only after its COMMIT, which is held
+
+
+async def test_a_failed_commit_fails_every_call_of_its_group(tmp_path: Path) -> None:
+    """The COMMIT of a group of several requests fails (played by a ROLLBACK on the worker
+    just before it): every caller of the group gets an error, none a record, none of their
+    rows is there, and the next call commits as usual."""
+    path = tmp_path / "ledger.db"
+    ledger = await SqliteLedger.open(path)
+    conn = ledger._conn
+    sizes: list[int] = []
+
+    def fail_the_group(calls: int) -> None:
+        sizes.append(calls)
+        if calls == 3:
+            conn.execute("ROLLBACK")  # the COMMIT after it fails: no transaction is active
+
+    hold = threading.Event()
+    try:
+        await _one_group_behind(ledger, hold)
+        ledger.group_commit.before_commit = fail_the_group
+        group = [asyncio.create_task(ledger.reserve(**request(n))) for n in (1, 2, 3)]
+        await asyncio.sleep(0.1)
+        assert not any(task.done() for task in group)  # none answered before its COMMIT
+        hold.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(*group, return_exceptions=True), 30)
+        after = await asyncio.wait_for(ledger.reserve(**request(4)), 30)
+    finally:
+        hold.set()
+        await ledger.close()
+    assert 3 in sizes  # the three shared one COMMIT
+    assert all(isinstance(outcome, LedgerUnavailable) for outcome in outcomes), outcomes
+    async with await SqliteLedger.open(path) as again:
+        for n in (1, 2, 3):
+            assert (
+                await again.find(
+                    network="eip155:84532", asset=USDC, payer=PAYER, nonce=f"0x{n:064x}"
+                )
+                is None
+            )
+        assert await again.get(after.id) is not None
+
+
+async def test_a_caller_cancelled_in_the_middle_of_a_group_still_gets_its_change_made(
+    tmp_path: Path,
+) -> None:
+    """Callers of one group cancelled while they wait (one whose call is queued behind a
+    COMMIT, one whose statements already ran and waits for its group's COMMIT): their changes
+    are made and committed as submitted, and the rest of the group is answered."""
+    path = tmp_path / "ledger.db"
+    ledger = await SqliteLedger.open(path)
+    hold, in_commit = threading.Event(), threading.Event()
+    second = threading.Event()
+
+    def hold_second_group(calls: int) -> None:
+        if calls == 3:
+            in_commit.set()
+            second.wait(timeout=30)
+
+    try:
+        await _one_group_behind(ledger, hold)
+        group = [asyncio.create_task(ledger.reserve(**request(n))) for n in (1, 2, 3)]
+        await asyncio.sleep(0.05)
+        group[0].cancel()  # queued: its call has not run yet
+        ledger.group_commit.before_commit = hold_second_group
+        hold.set()
+        async with asyncio.timeout(30):
+            while not in_commit.is_set():
+                await asyncio.sleep(0.01)
+        group[1].cancel()  # its statements ran: it waits for the group's COMMIT
+        second.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(*group, return_exceptions=True), 30)
+    finally:
+        hold.set()
+        second.set()
+        await ledger.close()
+    assert isinstance(outcomes[0], asyncio.CancelledError)
+    assert isinstance(outcomes[1], asyncio.CancelledError)
+    assert not isinstance(outcomes[2], BaseException)
+    db = sqlite3.connect(path)  # another connection: what is committed
+    try:
+        for n in (1, 2, 3):
+            found = db.execute("SELECT state FROM payments WHERE nonce = ?", (f"0x{n:064x}",))
+            assert found.fetchone() == (PaymentState.RESERVED.value,), n
+    finally:
+        db.close()
