@@ -8,6 +8,9 @@ kept nor given out. In every case the receipt the caller gets is the one the led
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from enclave import SoftwareKey, receipts
 from paygate import wire
 from paygate.server.receipts import ReceiptIssuer
@@ -16,6 +19,7 @@ from paygate.x402.ledger_sqlite import SqliteLedger
 from paygate.x402.schemes.batch_settlement import store as channel_store
 from paygate.x402.schemes.batch_settlement.client import PayerChannel
 from paygate.x402.schemes.batch_settlement.store import CHARGE_LOST, ChannelStore
+from paygate.x402.settlements import Settlements
 from tests.fixtures.batch_settlement_support import CHAIN_ID, batch_offer, chain_batch, header_for
 from tests.fixtures.payment_support import (
     CHAT,
@@ -24,6 +28,7 @@ from tests.fixtures.payment_support import (
     challenge_of,
     receipt_of,
     records,
+    until,
 )
 
 DEPOSIT = 10 * PRICE_ATOMIC
@@ -167,3 +172,52 @@ async def test_a_charge_refused_for_good_withholds_the_reply_and_keeps_no_receip
     (failed,) = [r for r in await records(ledger) if r.state is PaymentState.FAILED]
     assert failed.error == CHARGE_LOST
     assert await _kept(ledger, failed.id) == []
+
+
+async def test_a_caller_gone_during_the_charge_leaves_its_kept_receipt_logged(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    """The caller disconnects while the charge's transaction (shielded: it goes on) is being
+    made: the reply receipt that transaction keeps is logged all the same, so the ledger never
+    keeps a reply receipt the transparency log was not given (its periods would miss the
+    charge it states)."""
+    ledger = tmp_path / "payments.db"
+    key = SoftwareKey.generate()
+    real_transition, real_finish = SqliteLedger.transition, Settlements.finish
+    charging, ended = asyncio.Event(), asyncio.Event()
+    gone: list[bool] = []
+    armed: list[bool] = []
+
+    async def transition(self, payment_id, to, **change):
+        if to is PaymentState.SETTLED and armed and change.get("write") is not None:
+            charging.set()
+            await asyncio.wait_for(ended.wait(), 10)  # the request ends (cancelled) first
+        return await real_transition(self, payment_id, to, **change)
+
+    async def finish(self, admission, *, succeeded, caller_gone):
+        gone.append(caller_gone)
+        await real_finish(self, admission, succeeded=succeeded, caller_gone=caller_gone)
+        ended.set()
+
+    monkeypatch.setattr(SqliteLedger, "transition", transition)
+    async with chain_batch(seller, ledger, anvil, gas_key, key=key) as stack:
+        required, offer, channel = await _opened(stack, payer)
+        monkeypatch.setattr(Settlements, "finish", finish)
+        armed.append(True)
+        published = _published(monkeypatch)
+        post = asyncio.create_task(_post(stack, header_for(required, channel.pay(offer))))
+        await asyncio.wait_for(charging.wait(), 10)
+        post.cancel()  # the caller goes away: its connection closes, its handler is cancelled
+        with contextlib.suppress(asyncio.CancelledError):
+            await post
+        await asyncio.wait_for(ended.wait(), 10)
+        assert gone == [True]
+        await until(ledger, lambda found: sum(r.state is PaymentState.SETTLED for r in found) == 2)
+        for _ in range(40):  # the settlement's task goes on after its record (bounded)
+            if published:
+                break
+            await asyncio.sleep(0.05)
+    payment_id = max(r.id for r in await records(ledger) if r.state is PaymentState.SETTLED)
+    kept = await _kept(ledger, payment_id)
+    assert [kind for kind, _ in kept] == ["reply"]
+    assert published == [kept[0][1]]
