@@ -134,6 +134,7 @@ async def test_a_charge_not_made_with_settled_still_keeps_the_receipt_the_caller
     async with chain_batch(seller, ledger, anvil, gas_key, key=key) as stack:
         required, offer, channel = await _opened(stack, payer)
         armed.append(True)
+        published = _published(monkeypatch)
         status, headers, body = await _post(stack, header_for(required, channel.pay(offer)))
         assert status == 200, body
         assert not armed
@@ -145,6 +146,7 @@ async def test_a_charge_not_made_with_settled_still_keeps_the_receipt_the_caller
     (settled,) = [r for r in await records(ledger) if r.nonce == payment["id"]]
     assert (settled.state, settled.settled_amount) == (PaymentState.SETTLED, PRICE_ATOMIC)
     assert await _kept(ledger, settled.id) == [("reply", token)]
+    assert published == [token]  # logged once, by the usual steps' path
 
 
 async def test_a_charge_refused_for_good_withholds_the_reply_and_keeps_no_receipt(
