@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 
 from enclave import SoftwareKey, receipts
 from paygate import wire
@@ -223,3 +224,44 @@ async def test_a_caller_gone_during_the_charge_leaves_its_kept_receipt_logged(
     kept = await _kept(ledger, payment_id)
     assert [kind for kind, _ in kept] == ["reply"]
     assert published == [kept[0][1]]
+
+
+async def test_a_charge_whose_channel_moved_keeps_no_receipt_when_then_refused(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    """The one transaction is tried (the receipt in it) but the channel changed since it was
+    taken: its compare-and-set fails and the whole transaction, the receipt too, is rolled
+    back; the usual steps' charge is then refused for good and the reply withheld: no receipt
+    is left in the ledger, none logged."""
+    ledger = tmp_path / "payments.db"
+    key = SoftwareKey.generate()
+    real = SqliteLedger.transition
+    armed: list[bool] = []
+    tried: list[str | None] = []
+
+    async def transition(self, payment_id, to, **change):
+        if to is PaymentState.SETTLED and armed and change.get("write") is not None:
+            armed.clear()
+            tried.append(change.get("reply_receipt"))
+            with contextlib.closing(sqlite3.connect(ledger, timeout=10)) as db, db:
+                db.execute("UPDATE bs_channels SET version = version + 1")  # another's change
+        return await real(self, payment_id, to, **change)
+
+    async def lost(*args, **kwargs):
+        raise ValueError(CHARGE_LOST)
+
+    monkeypatch.setattr(SqliteLedger, "transition", transition)
+    async with chain_batch(seller, ledger, anvil, gas_key, key=key) as stack:
+        required, offer, channel = await _opened(stack, payer)
+        monkeypatch.setattr(ChannelStore, "commit", lost)
+        published = _published(monkeypatch)
+        armed.append(True)
+        status, headers, body = await _post(stack, header_for(required, channel.pay(offer)))
+        assert status == 402, body
+        assert headers[wire.ERROR_HEADER] == "settlement_failed"
+        assert wire.RECEIPT_HEADER not in headers
+        assert published == []
+    assert len(tried) == 1
+    assert tried[0] is not None  # the receipt was in the transaction tried
+    (failed,) = [r for r in await records(ledger) if r.state is PaymentState.FAILED]
+    assert await _kept(ledger, failed.id) == []
