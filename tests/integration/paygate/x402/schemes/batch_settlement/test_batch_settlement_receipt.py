@@ -13,6 +13,7 @@ import contextlib
 import sqlite3
 
 from enclave import SoftwareKey, receipts
+from enclave.tlog import merkle
 from paygate import wire
 from paygate.server.receipts import ReceiptIssuer
 from paygate.x402.ledger import LedgerUnavailable, PaymentState
@@ -31,6 +32,7 @@ from tests.fixtures.payment_support import (
     records,
     until,
 )
+from tests.fixtures.tlog_support import ORIGIN
 
 DEPOSIT = 10 * PRICE_ATOMIC
 
@@ -203,7 +205,8 @@ async def test_a_caller_gone_during_the_charge_leaves_its_kept_receipt_logged(
         ended.set()
 
     monkeypatch.setattr(SqliteLedger, "transition", transition)
-    async with chain_batch(seller, ledger, anvil, gas_key, key=key) as stack:
+    logged = {"transparency_log": True, "log_origin": ORIGIN, "log_receipt_period": 3600}
+    async with chain_batch(seller, ledger, anvil, gas_key, key=key, **logged) as stack:
         required, offer, channel = await _opened(stack, payer)
         monkeypatch.setattr(Settlements, "finish", finish)
         armed.append(True)
@@ -224,6 +227,11 @@ async def test_a_caller_gone_during_the_charge_leaves_its_kept_receipt_logged(
     kept = await _kept(ledger, payment_id)
     assert [kind for kind, _ in kept] == ["reply"]
     assert published == [kept[0][1]]
+    # In the log's own store (the ledger's database): the receipt's leaf, once.
+    leaf = merkle.leaf_hash(receipts.signed_bytes(kept[0][1]))
+    with contextlib.closing(sqlite3.connect(ledger, timeout=10)) as db:
+        leaves = [bytes(row[0]) for row in db.execute("SELECT leaf FROM tlog_receipts")]
+    assert leaves.count(leaf) == 1
 
 
 async def test_a_charge_whose_channel_moved_keeps_no_receipt_when_then_refused(
