@@ -370,6 +370,7 @@ class Replies:
             # _sign_whole keeps it before this returns: SERVED may go with it (one write).
             receipt_follows=facts is not None and issuer is not None,
             sign=sign,
+            publish=issuer.publish if issuer is not None else None,
         )
         sealed = not isinstance(plan, PlainReply)
         if receipt is not None and receipt.withhold:
@@ -390,8 +391,8 @@ class Replies:
         if signed is not None and issuer is not None:
             token, usage = signed
             headers[wire.RECEIPT_HEADER] = sealed_header(plan, token)
-            await issuer.publish(token)
-            if not session.admission.receipt_kept:  # else kept with the settlement
+            if not session.admission.receipt_kept:  # else kept and logged with the settlement
+                await issuer.publish(token)
                 await session.keep_receipt(token, usage)
         elif facts is not None:
             await self._sign_whole(headers, plan, session, facts, body, receipt, reply.usage)

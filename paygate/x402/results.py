@@ -7,7 +7,7 @@ and strategies, so that none imports another's module for its types.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -63,8 +63,11 @@ class PaymentAdmission:
     # The reply's signed receipt (token, the usage it states), signed before a settlement
     # that is a charge in this ledger (its claims are the same before the charge as after:
     # such a charge names no transaction), for that settlement's transaction to keep;
-    # ``receipt_kept`` once it did.
+    # ``receipt_kept`` once it did. ``publish_receipt`` records it in the transparency log,
+    # called by that transaction's task once it is made (whether or not the caller is still
+    # there): the ledger keeps no reply receipt the log was not given.
     reply_receipt: tuple[str, Mapping[str, Any] | None] | None = field(default=None, repr=False)
+    publish_receipt: Callable[[str], Awaitable[None]] | None = field(default=None, repr=False)
     receipt_kept: bool = False
 
     @property

@@ -204,6 +204,7 @@ class PaymentSession:
         reply_bytes: int = 0,
         receipt_follows: bool = False,
         sign: Callable[[], Awaitable[tuple[str, Mapping[str, Any] | None]]] | None = None,
+        publish: Callable[[str], Awaitable[None]] | None = None,
     ) -> Receipt | None:
         """The reply is here and its end not sent yet: the receipt to send with it, if any.
         Nothing earned (the upstream failed): released now, before the error goes out, so the
@@ -213,7 +214,8 @@ class PaymentSession:
         the reply's end leaves, so a SERVED recorded now may wait for it (one ledger
         transaction for both). ``sign``: makes that receipt (token, the usage it states) once
         metered; called here, before settling, when the settlement is a charge in this ledger
-        (its transaction keeps the receipt too: see ``PaymentAdmission.reply_receipt``)."""
+        (its transaction keeps the receipt too: see ``PaymentAdmission.reply_receipt``);
+        ``publish`` logs it once that transaction is made (else the caller does)."""
         admission = self._admission
         admission.receipt_follows = receipt_follows and self.settles
         if not self.settles:
@@ -229,6 +231,7 @@ class PaymentSession:
             and admission.settle_task is None
         ):
             admission.reply_receipt = await sign()
+            admission.publish_receipt = publish
         return await self.settle()
 
     async def items_ended(

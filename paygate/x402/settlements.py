@@ -261,6 +261,10 @@ class Settlements:
         self.events.earned(record.network, record.asset, settlement.amount)
         log.info("payment %s settled", record.id)
         admission.receipt = Receipt(record.x402_version, with_usage(answer, admission.record))
+        if token is not None and admission.publish_receipt is not None:
+            # In this (shielded) task, not the request's: a caller gone now leaves no kept
+            # receipt unlogged; the reply cannot be withheld any more.
+            await admission.publish_receipt(token)
         return admission.receipt
 
     async def reconcile_now(self, admission: PaymentAdmission) -> None:
