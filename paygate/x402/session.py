@@ -38,7 +38,6 @@ from paygate.x402.metering import Fallback, Quote, TokenCounts, TokenPrice
 from paygate.x402.networks import to_atomic_ceiling
 from paygate.x402.results import PaymentAdmission, Receipt
 from paygate.x402.settlements import Settlements
-from paygate.x402.to_the_end import to_the_end
 
 
 class MeteredReply(Protocol):
@@ -151,8 +150,10 @@ class PaymentSession:
             self.caller_gone = True
         if self._finished:
             return
-        # To its end: a second cancellation must not cut the ledger write short.
-        await to_the_end(self.finish())
+        # Shielded: a second cancellation must not cut the ledger write short. Its own task from
+        # the first step: whatever the exit binds to its task (an ``asyncio.timeout``, say)
+        # binds to the task that runs it to its end, never to the request's, which is leaving.
+        await asyncio.shield(self.finish())
 
     async def finish(self) -> None:
         """The request is over (once): meter a reply that ended without its meter, settle what
