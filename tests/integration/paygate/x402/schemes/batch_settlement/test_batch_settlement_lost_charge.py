@@ -14,14 +14,13 @@ from paygate.x402.ledger_postgres import PostgresLedger
 from paygate.x402.ledger_sqlite import SqliteLedger
 from paygate.x402.ledger_store import LedgerLocation, open_ledger
 from paygate.x402.schemes.batch_settlement.claims import Channels
-from paygate.x402.schemes.batch_settlement.client import PayerChannel
 from paygate.x402.schemes.batch_settlement.store import CHARGE_LOST
 from tests.fixtures.batch_settlement_support import (
-    CHAIN_ID,
     batch_offer,
     chain_batch,
     claimer,
     header_for,
+    opened_channel,
 )
 from tests.fixtures.payment_support import (
     CHAT_BODY,
@@ -102,14 +101,7 @@ async def test_a_lost_charge_passed_by_a_later_voucher_is_failed_not_settled(
 
     settings = {"model_prices": {"fake-big": "0.002"}, "max_timeout_seconds": HOLD}
     async with chain_batch(seller, ledger, anvil, gas_key, **settings) as stack:
-        required = await challenge_of(stack)
-        offer = batch_offer(required)
-        channel = PayerChannel.open(payer, offer, CHAIN_ID)
-        status, headers, body = await post(
-            stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
-        )
-        assert status == 200, body
-        channel.charged_by(receipt_of(headers), offer)
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
         assert channel.charged == PRICE_ATOMIC
         # v1: served, its charge lost.
         armed.append(0)

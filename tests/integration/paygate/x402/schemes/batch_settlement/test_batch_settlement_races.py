@@ -13,33 +13,19 @@ from paygate.x402.ledger_sqlite import SqliteLedger
 from paygate.x402.schemes.batch_settlement.client import PayerChannel
 from tests.fixtures.batch_settlement_support import (
     CHAIN_ID,
-    batch_offer,
     chain_batch,
     claimer,
     header_for,
+    opened_channel,
 )
 from tests.fixtures.payment_support import (
     PRICE_ATOMIC,
-    challenge_of,
     post,
     receipt_of,
     records,
 )
 
 DEPOSIT = 10 * PRICE_ATOMIC
-
-
-async def opened(stack, payer) -> tuple[dict, dict, PayerChannel]:
-    """A channel opened through the gateway (its deposit request paid the first request)."""
-    required = await challenge_of(stack)
-    offer = batch_offer(required)
-    channel = PayerChannel.open(payer, offer, CHAIN_ID)
-    status, headers, body = await post(
-        stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
-    )
-    assert status == 200, body
-    channel.charged_by(receipt_of(headers), offer)
-    return required, offer, channel
 
 
 async def charged(ledger, anvil, gas_key, channel: PayerChannel) -> int:
@@ -54,7 +40,7 @@ async def test_one_voucher_on_two_connections_at_once_is_served_and_charged_once
 ):
     ledger = tmp_path / "payments.db"
     async with chain_batch(seller, ledger, anvil, gas_key) as stack:
-        required, offer, channel = await opened(stack, payer)
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
         header = header_for(required, channel.pay(offer))
         served = stack.fake.completed["POST /v1/chat/completions"]
         answers = await asyncio.gather(post(stack, header), post(stack, header))
@@ -76,7 +62,7 @@ async def test_the_next_two_vouchers_racing_are_charged_as_they_were_served(
 ):
     ledger = tmp_path / "payments.db"
     async with chain_batch(seller, ledger, anvil, gas_key) as stack:
-        required, offer, channel = await opened(stack, payer)
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
         following = PayerChannel(payer, channel.config, CHAIN_ID, charged=channel.charged)
         following.charged += PRICE_ATOMIC  # the voucher after the next, signed ahead
         headers = [header_for(required, c.pay(offer)) for c in (channel, following)]
@@ -120,7 +106,7 @@ async def test_a_charge_whose_settled_record_was_lost_is_settled_once_by_the_nex
 
     monkeypatch.setattr(SqliteLedger, "transition", transition)
     async with chain_batch(seller, ledger, anvil, gas_key) as stack:
-        required, offer, channel = await opened(stack, payer)
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
         lost.append("armed")
         status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
         assert status == 200, body  # charged: the receipt says so

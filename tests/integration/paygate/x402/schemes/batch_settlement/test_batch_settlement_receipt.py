@@ -19,15 +19,12 @@ from paygate.server.receipts import ReceiptIssuer
 from paygate.x402.ledger import LedgerUnavailable, PaymentState
 from paygate.x402.ledger_sqlite import SqliteLedger
 from paygate.x402.schemes.batch_settlement import store as channel_store
-from paygate.x402.schemes.batch_settlement.client import PayerChannel
 from paygate.x402.schemes.batch_settlement.store import CHARGE_LOST, ChannelStore
 from paygate.x402.settlements import Settlements
-from tests.fixtures.batch_settlement_support import CHAIN_ID, batch_offer, chain_batch, header_for
+from tests.fixtures.batch_settlement_support import chain_batch, header_for, opened_channel
 from tests.fixtures.payment_support import (
-    CHAT,
-    CHAT_BODY,
     PRICE_ATOMIC,
-    challenge_of,
+    post,
     receipt_of,
     records,
     until,
@@ -35,25 +32,6 @@ from tests.fixtures.payment_support import (
 from tests.fixtures.tlog_support import ORIGIN
 
 DEPOSIT = 10 * PRICE_ATOMIC
-
-
-async def _post(stack, header: str) -> tuple[int, dict, bytes]:
-    async with stack.client.post(
-        stack.url + CHAT, json=CHAT_BODY, headers={wire.PAYMENT_SIGNATURE: header}
-    ) as response:
-        return response.status, dict(response.headers), await response.read()
-
-
-async def _opened(stack, payer) -> tuple[dict, dict, PayerChannel]:
-    required = await challenge_of(stack)
-    offer = batch_offer(required)
-    channel = PayerChannel.open(payer, offer, CHAIN_ID)
-    status, headers, body = await _post(
-        stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
-    )
-    assert status == 200, body
-    channel.charged_by(receipt_of(headers), offer)
-    return required, offer, channel
 
 
 async def _kept(ledger, payment_id: str) -> list[tuple[str, str]]:
@@ -98,10 +76,10 @@ async def test_the_reply_receipt_is_kept_in_the_transaction_of_the_charge_and_se
     ledger = tmp_path / "payments.db"
     key = SoftwareKey.generate()
     async with chain_batch(seller, ledger, anvil, gas_key, key=key) as stack:
-        required, offer, channel = await _opened(stack, payer)
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
         seen = _calls(monkeypatch)
         published = _published(monkeypatch)
-        status, headers, body = await _post(stack, header_for(required, channel.pay(offer)))
+        status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
         assert status == 200, body
         token = headers[wire.RECEIPT_HEADER]
         state = receipt_of(headers)["extra"]["channelState"]
@@ -135,10 +113,10 @@ async def test_a_charge_not_made_with_settled_still_keeps_the_receipt_the_caller
 
     monkeypatch.setattr(SqliteLedger, "transition", transition)
     async with chain_batch(seller, ledger, anvil, gas_key, key=key) as stack:
-        required, offer, channel = await _opened(stack, payer)
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
         armed.append(True)
         published = _published(monkeypatch)
-        status, headers, body = await _post(stack, header_for(required, channel.pay(offer)))
+        status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
         assert status == 200, body
         assert not armed
         token = headers[wire.RECEIPT_HEADER]
@@ -162,13 +140,13 @@ async def test_a_charge_refused_for_good_withholds_the_reply_and_keeps_no_receip
         raise ValueError(CHARGE_LOST)
 
     async with chain_batch(seller, ledger, anvil, gas_key, key=key) as stack:
-        required, offer, channel = await _opened(stack, payer)
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
         # The charge cannot go with SETTLED (the channel as taken is not chargeable) and the
         # store refuses it: the voucher's charge was lost (store.ChannelStore.commit).
         monkeypatch.setattr(channel_store, "_fits", lambda *args: False)
         monkeypatch.setattr(ChannelStore, "commit", lost)
         published = _published(monkeypatch)
-        status, headers, body = await _post(stack, header_for(required, channel.pay(offer)))
+        status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
         assert status == 402, body
         assert wire.RECEIPT_HEADER not in headers
         assert headers[wire.ERROR_HEADER] == "settlement_failed"
@@ -207,15 +185,15 @@ async def test_a_caller_gone_during_the_charge_leaves_its_kept_receipt_logged(
     monkeypatch.setattr(SqliteLedger, "transition", transition)
     logged = {"transparency_log": True, "log_origin": ORIGIN, "log_receipt_period": 3600}
     async with chain_batch(seller, ledger, anvil, gas_key, key=key, **logged) as stack:
-        required, offer, channel = await _opened(stack, payer)
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
         monkeypatch.setattr(Settlements, "finish", finish)
         armed.append(True)
         published = _published(monkeypatch)
-        post = asyncio.create_task(_post(stack, header_for(required, channel.pay(offer))))
+        caller = asyncio.create_task(post(stack, header_for(required, channel.pay(offer))))
         await asyncio.wait_for(charging.wait(), 10)
-        post.cancel()  # the caller goes away: its connection closes, its handler is cancelled
+        caller.cancel()  # the caller goes away: its connection closes, its handler is cancelled
         with contextlib.suppress(asyncio.CancelledError):
-            await post
+            await caller
         await asyncio.wait_for(ended.wait(), 10)
         assert gone == [True]
         await until(ledger, lambda found: sum(r.state is PaymentState.SETTLED for r in found) == 2)
@@ -260,11 +238,11 @@ async def test_a_charge_whose_channel_moved_keeps_no_receipt_when_then_refused(
 
     monkeypatch.setattr(SqliteLedger, "transition", transition)
     async with chain_batch(seller, ledger, anvil, gas_key, key=key) as stack:
-        required, offer, channel = await _opened(stack, payer)
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
         monkeypatch.setattr(ChannelStore, "commit", lost)
         published = _published(monkeypatch)
         armed.append(True)
-        status, headers, body = await _post(stack, header_for(required, channel.pay(offer)))
+        status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
         assert status == 402, body
         assert headers[wire.ERROR_HEADER] == "settlement_failed"
         assert wire.RECEIPT_HEADER not in headers
