@@ -72,8 +72,8 @@ _IN_PROGRESS = (
 
 
 _CODE = re.compile(r"[a-z0-9_]{1,64}")
-# Prices whose offers are kept (a route's price, a model's): more are made afresh.
-_OFFER_PRICES = 256
+# (price, maximum, extra) whose offers are kept (a route's, a model's): past it, all made afresh.
+_OFFERS_KEPT = 256
 
 
 def _label(code: str) -> str:
@@ -120,7 +120,9 @@ class PaymentProcessor:
         bound: Mapping[str, Scheme] | None = None,
     ) -> None:
         self.terms = terms
-        self._offers_at: dict[Decimal, tuple[Offer, ...]] = {}
+        self._offers_made: dict[
+            tuple[Decimal, Decimal | None, tuple[tuple[str, str], ...]], tuple[Offer, ...]
+        ] = {}
         self.economics = economics
         self._events: PaymentEvents = events if events is not None else NoEvents()
         self._ledger = ledger
@@ -196,7 +198,21 @@ class PaymentProcessor:
     ) -> tuple[Offer, ...]:
         """What the 402 offers: ``exact`` at ``price`` (when > 0) and ``upto`` up to
         ``maximum`` (when given and > 0), for each scheme this processor takes, and what each
-        scheme offers itself (``Scheme.own_offers``)."""
+        scheme offers itself (``Scheme.own_offers``). Made once per (price, maximum, extra):
+        the terms and the bound schemes are fixed at start and a deployment has a handful of
+        prices (bounded all the same: an upto route's extra comes from its token prices)."""
+        key = (price, maximum, upto_extra)
+        made = self._offers_made.get(key)
+        if made is None:
+            made = self._make_offers(price, maximum, upto_extra)
+            if len(self._offers_made) >= _OFFERS_KEPT:
+                self._offers_made.clear()
+            self._offers_made[key] = made
+        return made
+
+    def _make_offers(
+        self, price: Decimal, maximum: Decimal | None, upto_extra: tuple[tuple[str, str], ...]
+    ) -> tuple[Offer, ...]:
         offers: tuple[Offer, ...] = ()
         if "upto" in self._schemes and maximum is not None and maximum > 0:
             offers += self.terms.upto_offers(maximum, upto_extra)
@@ -206,19 +222,8 @@ class PaymentProcessor:
         # offered `exact` at its flat price even where `exact` is not listed: never free by
         # omission. Where another scheme prices it, only what the operator listed is offered.
         if price > 0 and (EXACT in self._schemes or (maximum is None and not offers)):
-            offers = self._priced(price) + offers
+            offers = self.terms.offers(price) + offers
         return offers
-
-    def _priced(self, price: Decimal) -> tuple[Offer, ...]:
-        """``terms.offers(price)``, made once per price (the terms are fixed at start and a
-        deployment has a handful of prices; bounded all the same)."""
-        made = self._offers_at.get(price)
-        if made is None:
-            made = self.terms.offers(price)
-            if len(self._offers_at) >= _OFFER_PRICES:
-                self._offers_at.clear()
-            self._offers_at[price] = made
-        return made
 
     async def admit(
         self,

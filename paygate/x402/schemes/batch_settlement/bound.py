@@ -52,7 +52,6 @@ from paygate.x402.schemes.batch_settlement.verify import (
 from paygate.x402.settler import SettlementSubject, Settler
 
 _CHECKS_MAX = 1024  # requests between their check and their commit whose voucher is remembered
-_OFFERS_MAX = 256  # (terms, price, maximum) whose offers are remembered
 
 
 class CheckedPayments:
@@ -123,10 +122,6 @@ class BoundBatchSettlement(Scheme):
     checks: CheckedPayments = dataclasses.field(
         default_factory=CheckedPayments, repr=False, compare=False
     )
-    # The offers made for each (terms, price, maximum): the same few on every request.
-    _offers: dict[tuple[int, Decimal, Decimal | None], tuple[PaymentTerms, tuple[Offer, ...]]] = (
-        dataclasses.field(default_factory=dict, repr=False, compare=False)
-    )
 
     @property
     def _channels(self) -> Channels:
@@ -138,21 +133,13 @@ class BoundBatchSettlement(Scheme):
     def own_offers(
         self, terms: PaymentTerms, *, price: Decimal, maximum: Decimal | None
     ) -> tuple[Offer, ...]:
-        key = (id(terms), price, maximum)
-        found = self._offers.get(key)
-        if found is not None and found[0] is terms:
-            return found[1]
-        made = offer_role.offers(
+        return offer_role.offers(
             terms,
             price=price,
             maximum=maximum,
             receiver_authorizer=self._channels.receiver_authorizer,
             withdraw_delay=self._channels.withdraw_delay,
         )
-        if len(self._offers) >= _OFFERS_MAX:
-            self._offers.pop(next(iter(self._offers)))
-        self._offers[key] = (terms, made)  # holds terms: its id is not reused meanwhile
-        return made
 
     async def operation(self, payment: AnyPaymentPayload, offer: Offer) -> SettleResponse | None:
         """A cooperative refund request (answered without serving the route), else None.
