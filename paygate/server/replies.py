@@ -314,15 +314,34 @@ class Replies:
         """A whole reply's signed receipt header (sealed to the caller on a sealed reply)."""
         if self._receipts is None:
             return
+        token, stated = await self._whole_receipt(
+            self._receipts, session, facts, body, receipt, usage, publish=True
+        )
+        headers[wire.RECEIPT_HEADER] = sealed_header(plan, token)
+        await session.keep_receipt(token, stated)
+
+    @staticmethod
+    async def _whole_receipt(
+        issuer: ReceiptIssuer,
+        session: PaymentSession,
+        facts: ReceiptRequest,
+        body: bytes,
+        receipt: Receipt | None,
+        usage: Usage | None,
+        *,
+        publish: bool,
+    ) -> tuple[str, dict[str, object] | None]:
+        """A whole reply's signed receipt and the usage it states (``publish``: recorded in the
+        transparency log now)."""
         stated = usage_claims(usage, session.admission.meter)
-        token = await self._receipts.token(
+        token = await issuer.token(
             facts,
             receipts.body_digest(body),
             payment=_payment(session, receipt),
             usage=stated,
+            publish=publish,
         )
-        headers[wire.RECEIPT_HEADER] = sealed_header(plan, token)
-        await session.keep_receipt(token, stated)
+        return token, stated
 
     async def _whole(
         self,
@@ -354,15 +373,9 @@ class Replies:
                 # Before a settlement that is a charge in this ledger (the session decides):
                 # the same claims as after it, kept in its transaction; recorded in the log
                 # only once the reply is sure to go out.
-                usage = usage_claims(reply.usage, session.admission.meter)
-                token = await issuer.token(
-                    known,
-                    receipts.body_digest(body),
-                    payment=_payment(session, None),
-                    usage=usage,
-                    publish=False,
+                return await self._whole_receipt(
+                    issuer, session, known, body, None, reply.usage, publish=False
                 )
-                return token, usage
 
         receipt = await session.reply_ended(
             reply,
