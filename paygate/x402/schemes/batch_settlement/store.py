@@ -101,6 +101,17 @@ def _channel(row: tuple[Any, ...]) -> Channel:
     )
 
 
+def _larger(column: str, given: str | None = None) -> str:
+    """The larger of the row's ``column`` and the upsert's ``given`` (default: the same
+    column) as SQL: amounts are decimal text without leading zeros, so a longer one is larger
+    and ones of a length compare as text (digits sort alike in every collation)."""
+    old, new = f"bs_channels.{column}", f"excluded.{given or column}"
+    return (
+        f"CASE WHEN length({new}) > length({old}) OR (length({new}) = length({old})"
+        f" AND {new} > {old}) THEN {new} ELSE {old} END"
+    )
+
+
 def _fits(taken: Channel, channel_id: str, owner: str, max_claimable: int, charge: int) -> bool:
     """The channel as a request took it can take this voucher's charge (if unchanged since)."""
     return (
@@ -185,46 +196,34 @@ class ChannelStore:
         total_claimed: int,
     ) -> Channel:
         """Mirror the channel's on-chain state after a proven deposit (a new channel starts
-        charged at what was claimed before: the spec's baseline after state loss)."""
-        for _ in range(16):
-            current = await self.get(channel_id)
-            now = self._clock()
-            if current is None:
-                changed, _ = await self._sql(
-                    "INSERT INTO bs_channels (channel_id, network, payer, config, balance,"
-                    " total_claimed, charged, signed_max, signature, pending_owner, pending_until,"
-                    " version, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '0x', NULL, NULL, 1, ?)"
-                    " ON CONFLICT (channel_id) DO NOTHING",
-                    (
-                        channel_id,
-                        network,
-                        config.payer,
-                        config.model_dump_json(by_alias=True),
-                        str(balance),
-                        str(total_claimed),
-                        str(total_claimed),
-                        str(total_claimed),
-                        now,
-                    ),
-                )
-            else:
-                changed, _ = await self._sql(
-                    "UPDATE bs_channels SET balance = ?, total_claimed = ?, charged = ?,"
-                    " version = version + 1, updated_at = ? WHERE channel_id = ? AND version = ?",
-                    (
-                        str(max(balance, current.balance)),
-                        str(max(total_claimed, current.total_claimed)),
-                        str(max(current.charged, total_claimed)),
-                        now,
-                        channel_id,
-                        current.version,
-                    ),
-                )
-            if changed:
-                found = await self.get(channel_id)
-                assert found is not None
-                return found
-        raise ChannelBusy("the channel changed too often to record the deposit")
+        charged at what was claimed before: the spec's baseline after state loss).
+
+        One statement, never a compare-and-set that could lose: the deposit has moved on chain
+        already, so its mirror must not give up however busy the channel is (another replica's
+        take, release or charge between a read and a write). Each amount only ever rises (the
+        larger of the row's and this reading), so readings applied in any order agree."""
+        _, rows = await self._sql(
+            "INSERT INTO bs_channels (channel_id, network, payer, config, balance,"  # noqa: S608 - constant
+            " total_claimed, charged, signed_max, signature, pending_owner, pending_until,"
+            " version, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '0x', NULL, NULL, 1, ?)"
+            f" ON CONFLICT (channel_id) DO UPDATE SET balance = {_larger('balance')},"
+            f" total_claimed = {_larger('total_claimed')},"
+            f" charged = {_larger('charged', 'total_claimed')},"
+            " version = bs_channels.version + 1, updated_at = excluded.updated_at"
+            f" RETURNING {_COLUMNS}",
+            (
+                channel_id,
+                network,
+                config.payer,
+                config.model_dump_json(by_alias=True),
+                str(balance),
+                str(total_claimed),
+                str(total_claimed),
+                str(total_claimed),
+                self._clock(),
+            ),
+        )
+        return _channel(rows[0])
 
     def take_write(self, channel_id: str, owner: str) -> SchemeWrite:
         """:meth:`take`'s usual case, one statement — the lease is free, ours, or run out — as

@@ -504,3 +504,39 @@ async def test_a_charge_made_with_settled_racing_another_replicas_commit_is_made
             assert by_other == 0
         channel = await store.get(CHANNEL)
         assert (channel.charged, channel.signed_max) == (1_000 * n, 1_000 * n)
+
+
+async def test_deposits_mirrored_by_two_replicas_at_once_keep_the_largest_reading(ledger_store):
+    """A deposit's mirror is one statement that only raises each amount (it cannot lose a
+    compare-and-set and give up: the money moved on chain already): readings of the chain
+    applied concurrently, out of order, beside the channel's own takes and charges, leave the
+    largest; amounts past 64 bits and of different lengths compare as numbers."""
+    clock = Clock()
+    a, b = await two_replicas(ledger_store, clock)
+    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=999, total_claimed=0)
+    readings = [10**30 + n for n in range(0, 12, 3)] + [1_000, 10**29, 5 * 10**29]
+    results = await asyncio.gather(
+        *(
+            (a, b)[n % 2].deposited(CHANNEL, "eip155:84532", CONFIG, balance=r, total_claimed=0)
+            for n, r in enumerate(readings)
+        ),
+        a.take(CHANNEL, "v1"),
+        return_exceptions=True,
+    )
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    channel = await b.get(CHANNEL)
+    assert (channel.balance, channel.charged, channel.total_claimed) == (10**30 + 9, 0, 0)
+    assert channel.pending_owner == "v1"  # the take held: the mirror does not touch the lease
+    committed, _ = await a.commit(
+        CHANNEL, "v1", max_claimable=1_000, signature=SIG, charge=1_000, payment_id=nonce(1)
+    )
+    assert committed.charged == 1_000
+    # A later reading with claims proven on chain (a baseline after state loss) raises
+    # total_claimed and charged at least to it; a stale one lowers nothing.
+    after = await b.deposited(
+        CHANNEL, "eip155:84532", CONFIG, balance=10**30 + 9, total_claimed=5_000
+    )
+    assert (after.balance, after.charged, after.total_claimed) == (10**30 + 9, 5_000, 5_000)
+    stale = await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    assert (stale.balance, stale.charged, stale.total_claimed) == (10**30 + 9, 5_000, 5_000)
+    assert (stale.signed_max, stale.signature) == (1_000, SIG)
