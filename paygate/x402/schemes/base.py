@@ -412,6 +412,14 @@ class Scheme:
         channel's take), after :meth:`check`; None: nothing."""
         return None
 
+    def release_write(
+        self, payment: AnyPaymentPayload, requirements: dict[str, Any]
+    ) -> SchemeWrite | None:
+        """A write on the scheme's own tables to make with the payment's release (a request
+        that ends without earning it gives back what :meth:`reserve_write` or its verify
+        took: a channel's hold); None: nothing."""
+        return None
+
     def ledger_settlement(self, subject: SettlementSubject, amount: int) -> LedgerSettlement | None:
         """A request's settle of ``amount`` as a write made with its SETTLED record (schemes
         that ``settles_in_ledger``), or None: then :meth:`settle`, as usual."""

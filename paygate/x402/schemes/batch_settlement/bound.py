@@ -204,6 +204,22 @@ class BoundBatchSettlement(Scheme):
         self.checks.remember_take(payment, write)
         return write
 
+    def release_write(
+        self, payment: AnyPaymentPayload, requirements: dict[str, Any]
+    ) -> SchemeWrite | None:
+        """The channel's hold let go with the payment's release (a request that ended before
+        its charge: refused after its take, cut short, or its upstream failed), so the payer's
+        next voucher is served at once rather than refused busy until the hold runs out.
+        Guarded by the owner: only this voucher's hold goes, never another request's."""
+        try:
+            checked = self.checks.checked(
+                payment, ChannelTerms.of_requirements(requirements), last=True
+            )
+        except (PaymentRejected, KeyError, ValueError):
+            return None
+        self.checks.forget(payment)
+        return self._channels.release_write(checked)
+
     async def verify(
         self, settler: Settler, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> VerifyResponse:

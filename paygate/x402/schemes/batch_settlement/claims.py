@@ -117,6 +117,11 @@ class Channels:
             self._taken[checked.voucher_key] = channel
         return channel
 
+    def release_write(self, checked: CheckedVoucher) -> SchemeWrite:
+        """The request's hold on the channel, let go with its payment's release."""
+        self._taken.pop(checked.voucher_key, None)
+        return self.store.release_write(checked.channel_id, checked.voucher_key)
+
     def charge(
         self, checked: CheckedVoucher, requirements: dict[str, Any], amount: int
     ) -> tuple[SchemeWrite, int, Callable[[], SettleResponse]] | None:

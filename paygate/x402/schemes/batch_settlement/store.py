@@ -272,13 +272,23 @@ class ChannelStore:
                 return _channel(rows[0])
         raise ChannelBusy("the channel changed too often to take")
 
+    def release_write(self, channel_id: str, owner: str) -> SchemeWrite:
+        """:meth:`release` as a write for the ledger to make with the payment's release (its
+        RELEASED record): the hold goes with the reservation, all or nothing."""
+        return SchemeWrite(
+            [
+                (
+                    "UPDATE bs_channels SET pending_owner = NULL, pending_until = NULL,"
+                    " version = version + 1 WHERE channel_id = ? AND pending_owner = ?",
+                    (channel_id, owner),
+                )
+            ]
+        )
+
     async def release(self, channel_id: str, owner: str) -> None:
         """Let the channel go (``owner``'s request ended without a charge to commit)."""
-        await self._sql(
-            "UPDATE bs_channels SET pending_owner = NULL, pending_until = NULL,"
-            " version = version + 1 WHERE channel_id = ? AND pending_owner = ?",
-            (channel_id, owner),
-        )
+        (statement,) = self.release_write(channel_id, owner).statements
+        await self._sql(*statement)
 
     async def commit(
         self,
