@@ -345,6 +345,8 @@ class Scheme:
     #: sent), so a reply's signed receipt states the same payment before the charge as after
     #: it and is signed first, to be kept in the charge's transaction (``session.reply_ended``).
     settles_in_ledger: ClassVar[bool] = False
+    #: The least a metered request is charged (atomic units) when its usage rounds below it.
+    least_charge: ClassVar[int] = 0
 
     @property
     def payload_type(self) -> type[Any]:

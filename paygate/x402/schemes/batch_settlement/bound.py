@@ -117,6 +117,10 @@ class BoundBatchSettlement(Scheme):
 
     # Its settle commits the charge to the channel in the ledger, once (idempotent).
     settles_in_ledger: ClassVar[bool] = True
+    # Each voucher must raise the channel's cumulative (it is exactly what was charged plus
+    # this request's price, and the voucher is the payment's replay key): a metered request
+    # charged 0 would leave the payer's next voucher the same one, refused as used for ever.
+    least_charge: ClassVar[int] = 1
 
     channels: Channels | None = dataclasses.field(default=None, repr=False, compare=False)
     checks: CheckedPayments = dataclasses.field(

@@ -130,7 +130,7 @@ class Channels:
         and the answer once the write is made. None when the channel was not taken here, or
         the charge does not fit its voucher (then :meth:`commit`)."""
         took = self._taken.get(checked.voucher_key)
-        charge = min(amount, int(requirements["amount"]))
+        charge = amount  # exactly what the receipt states, or nothing (not fitting: commit)
         if took is None:
             return None
         write = self.store.charge(
@@ -154,7 +154,10 @@ class Channels:
         self, checked: CheckedVoucher, requirements: dict[str, Any], amount: int
     ) -> SettleResponse:
         network = str(requirements["network"])
-        charge = min(amount, int(requirements["amount"]))
+        # Exactly the amount owed — what the reply's signed receipt states — or nothing: a
+        # charge past the voucher's increment is refused by the store (its ceiling), never
+        # cut to fit under it.
+        charge = amount
         try:
             channel, _ = await self.store.commit(
                 checked.channel_id,

@@ -1,12 +1,15 @@
-"""`batch-settlement` when the channel is contended or a request ends early (chain mode, a real
-anvil, the real gateway and ledger): a deposit that moved on chain is always mirrored however
-busy the channel is, and a request cut short before its verify leaves the channel free for the
-payer's next voucher at once."""
+"""`batch-settlement` when the channel is contended, a request ends early or is metered (chain
+mode, a real anvil, the real gateway and ledger, the official SDK's client): a deposit that moved
+on chain is always mirrored however busy the channel is; a request that ends without earning
+its payment leaves the channel free for the payer's next voucher at once; a metered charge is
+exactly what the signed receipt states, and never 0 (a stalled channel)."""
 
 from __future__ import annotations
 
 import asyncio
 
+from enclave import SoftwareKey, receipts
+from paygate import wire
 from paygate.x402.ledger import PaymentState
 from paygate.x402.schemes.batch_settlement.bound import BoundBatchSettlement
 from paygate.x402.schemes.batch_settlement.store import ChannelStore
@@ -16,13 +19,17 @@ from tests.fixtures.batch_settlement_support import (
     claimer,
     header_for,
     opened_channel,
+    sdk_batch_client,
+    sdk_batch_scheme,
 )
 from tests.fixtures.payment_support import (
+    CHAT,
     CHAT_BODY,
     PRICE_ATOMIC,
     challenge_of,
     post,
     receipt_of,
+    records,
     states,
     until,
 )
@@ -155,3 +162,67 @@ async def test_a_caller_gone_during_verification_leaves_the_channel_free_for_the
         assert (let_go.pending_owner, let_go.charged) == (None, PRICE_ATOMIC)
         await _next_voucher_is_served_at_once(stack, channel)
         assert stack.fake.completed["POST /v1/chat/completions"] == served + 1
+
+
+async def _metered_requests(ledger, anvil, gas_key, seller, payer, prices, count):
+    """``count`` requests paid by the SDK's client on a metered route (token prices, a signed
+    receipt key): per request (signed receipt's charged, PAYMENT-RESPONSE chargedAmount, the
+    channel's charged total after it)."""
+    key = SoftwareKey.generate()
+    scheme = sdk_batch_scheme(payer, deposit=10**6)
+    metered = {"token_prices": prices, "max_tokens_cap": 64, "key": key}
+    seen = []
+    async with chain_batch(seller, ledger, anvil, gas_key, **metered) as stack:
+        maximum = int(batch_offer(await challenge_of(stack))["amount"])
+        async with sdk_batch_client(scheme) as client:
+            for chunks in range(3, 3 + count):
+                body = {**CHAT_BODY, "fake": {"chunks": chunks}}
+                response = await client.post(stack.url + CHAT, json=body)
+                assert response.status_code == 200, (response.headers, response.text)
+                signed = receipts.verify(
+                    response.headers[wire.RECEIPT_HEADER], key.receipt_public_key
+                )
+                answer = receipt_of(response.headers)
+                seen.append(
+                    (
+                        int(signed["payment"]["charged"]),
+                        int(answer["extra"]["chargedAmount"]),
+                        int(answer["extra"]["channelState"]["chargedCumulativeAmount"]),
+                    )
+                )
+    settled = sorted(
+        (r.created_at, r.settled_amount) for r in await records(ledger) if r.settled_amount
+    )
+    return maximum, seen, [amount for _, amount in settled]
+
+
+async def test_a_metered_channel_charge_is_what_the_signed_receipt_states(
+    anvil, usdc, payer, seller, tmp_path, gas_key
+):
+    """The signed reply receipt's ``charged``, the PAYMENT-RESPONSE's ``chargedAmount``, the
+    channel's charge and the ledger's settled amount are one number: what the request used."""
+    from tests.fixtures.upto_support import TOKEN_PRICES, charge
+
+    ledger = tmp_path / "payments.db"
+    maximum, seen, settled = await _metered_requests(
+        ledger, anvil, gas_key, seller, payer, TOKEN_PRICES, 2
+    )
+    expected = [charge(1, 3), charge(1, 4)]
+    assert [s for s, _, _ in seen] == [a for _, a, _ in seen] == settled == expected
+    assert all(c < maximum for c in expected)
+    assert [total for _, _, total in seen] == [expected[0], sum(expected)]
+
+
+async def test_a_metered_request_whose_usage_rounds_to_nothing_does_not_stall_the_channel(
+    anvil, usdc, payer, seller, tmp_path, gas_key
+):
+    """Usage at tiny token prices rounds to 0 atomic units. Charged 0, the channel's total
+    would not move, so the payer's next voucher (what was charged plus the price) would be the
+    very voucher just paid — refused as used (`…_cumulative_amount_mismatch`) for ever, the
+    SDK's resynchronisation landing on it again. A channel charges at least one unit; the
+    signed receipt and the PAYMENT-RESPONSE say so."""
+    ledger = tmp_path / "payments.db"
+    tiny = {"*": {"input": "0.01", "output": "0.01"}}
+    _, seen, settled = await _metered_requests(ledger, anvil, gas_key, seller, payer, tiny, 3)
+    assert seen == [(1, 1, 1), (1, 1, 2), (1, 1, 3)]
+    assert settled == [1, 1, 1]
