@@ -76,6 +76,7 @@ class Channels:
         # Each request's channel as it took it (by voucher), for its commit's compare-and-set;
         # a hint only: the commit re-reads whenever the channel changed since.
         self._taken: dict[str, Channel] = {}
+        self._deposits: set[asyncio.Task[Channel]] = set()  # deposits finishing (shielded)
 
     # --- requests ---
 
@@ -83,7 +84,25 @@ class Channels:
         self, checked: CheckedVoucher, payment: dict[str, Any], requirements: dict[str, Any]
     ) -> Channel:
         """Send and prove the payment's deposit, then mirror the channel (PaymentRejected when
-        the chain refuses it; SettlerUnavailable/SettlementUnknown when it cannot be asked)."""
+        the chain refuses it; SettlerUnavailable/SettlementUnknown when it cannot be asked).
+
+        Shielded: once sent, the deposit's money moves whether or not the caller waits, so a
+        request cut short (the caller gone) still finishes its proof and its mirror — the
+        channel's balance in the ledger never misses money that is in the contract."""
+        task = asyncio.ensure_future(self._deposit(checked, payment, requirements))
+        self._deposits.add(task)
+        task.add_done_callback(self._deposit_done)
+        return await asyncio.shield(task)
+
+    def _deposit_done(self, task: asyncio.Task[Channel]) -> None:
+        self._deposits.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Its request's answer, when it still waits; logged for a request gone.
+            log.debug("deposit ended: %s", type(task.exception()).__name__)
+
+    async def _deposit(
+        self, checked: CheckedVoucher, payment: dict[str, Any], requirements: dict[str, Any]
+    ) -> Channel:
         try:
             state = await self.chain.deposit(
                 Deposit(payment, requirements, checked.payload, checked.channel_id)

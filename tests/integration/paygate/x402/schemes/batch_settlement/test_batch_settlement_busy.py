@@ -12,6 +12,7 @@ from enclave import SoftwareKey, receipts
 from paygate import wire
 from paygate.x402.ledger import PaymentState
 from paygate.x402.schemes.batch_settlement.bound import BoundBatchSettlement
+from paygate.x402.schemes.batch_settlement.chain import BatchChain
 from paygate.x402.schemes.batch_settlement.store import ChannelStore
 from tests.fixtures.batch_settlement_support import (
     batch_offer,
@@ -226,3 +227,47 @@ async def test_a_metered_request_whose_usage_rounds_to_nothing_does_not_stall_th
     _, seen, settled = await _metered_requests(ledger, anvil, gas_key, seller, payer, tiny, 3)
     assert seen == [(1, 1, 1), (1, 1, 2), (1, 1, 3)]
     assert settled == [1, 1, 1]
+
+
+async def test_a_caller_gone_after_its_deposit_was_sent_still_has_the_deposit_mirrored(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    """The caller went away while the gateway waited on its top-up's proof (sent: the money
+    is in the contract): the deposit is still proven and mirrored, so the channel's balance in
+    the ledger counts it (vouchers up to it are taken), though this request is not served."""
+    ledger = tmp_path / "payments.db"
+    sent, proceed = asyncio.Event(), asyncio.Event()
+    armed: list[bool] = []
+    real = BatchChain.deposit
+
+    async def deposit(self, request):
+        state = await real(self, request)  # moved on chain
+        if armed:
+            armed.clear()
+            sent.set()
+            await proceed.wait()  # the proof still out when the caller gives up
+        return state
+
+    monkeypatch.setattr(BatchChain, "deposit", deposit)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        armed.append(True)
+        served = stack.fake.completed["POST /v1/chat/completions"]
+        gone = asyncio.ensure_future(
+            post(stack, header_for(required, channel.pay(offer, deposit=DEPOSIT)))
+        )
+        await asyncio.wait_for(sent.wait(), timeout=10)
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        await until(ledger, lambda found: PaymentState.RELEASED in states(found))
+        proceed.set()
+        async with asyncio.timeout(10):
+            while (await _state(ledger, anvil, gas_key, channel.channel_id)).balance != (
+                2 * DEPOSIT
+            ):
+                await asyncio.sleep(0.05)
+        assert stack.fake.completed["POST /v1/chat/completions"] == served
+        # The payer goes on under the larger balance at once: its next voucher is taken.
+        status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+        assert status == 200, (status, dict(headers), body)
+        assert receipt_of(headers)["extra"]["channelState"]["balance"] == str(2 * DEPOSIT)
