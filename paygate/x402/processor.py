@@ -336,6 +336,8 @@ class PaymentProcessor:
             authorized = scheme.check(payment, offer, when)
         except PaymentRejected as exc:
             return self._refusals.challenge(402, exc.reason, str(exc), offers, resource)
+        except LedgerError:  # an operation's ledger (a channel's refund): asked again later
+            return self._refusals.ledger_unavailable()
         wanted = _fingerprint(route, offer, authorized) if key is not None else ""
         if key is not None:
             # A retry (same identifier): its recorded outcome, never a second charge.

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from paygate.x402.ledger import SchemeWrite
+from paygate.x402.ledger import LedgerError, SchemeWrite
 from paygate.x402.models import SettleResponse
 from paygate.x402.schemes.base import PaymentRejected, SchemeSql
 from paygate.x402.schemes.batch_settlement.chain import ChannelChain, Deposit, Refund
@@ -224,7 +225,9 @@ class Channels:
         channel = await self.take(checked)
         if channel is None:
             raise PaymentRejected(NO_CHANNEL, "no deposit is known for this channel")
+        release = True
         try:
+            channel = await self._as_on_chain(channel)
             check_against(checked, channel, 0, refund=True)
             remainder = channel.balance - channel.charged
             if remainder <= 0:
@@ -263,9 +266,17 @@ class Channels:
                     "invalid_batch_settlement_evm_refund_transaction_failed",
                     "the refund's outcome is not known yet: ask again",
                 ) from None
-            await self.store.refunded(checked.channel_id, after.balance, after.total_claimed)
+            try:
+                await self.store.refunded(checked.channel_id, after.balance, after.total_claimed)
+            except LedgerError:
+                # The money moved, its mirror did not: the channel stays held meanwhile (a
+                # voucher past the contract's balance is refused busy, never taken), and the
+                # refund asked again mirrors the chain first (_as_on_chain).
+                release = False
+                raise
         finally:
-            await self.store.release(checked.channel_id, checked.voucher_key)
+            if release:
+                await self.store.release(checked.channel_id, checked.voucher_key)
         log.info("channel refunded: %d returned to the payer", returned)
         return SettleResponse(
             success=True,
@@ -283,6 +294,26 @@ class Channels:
                     "chargedCumulativeAmount": str(channel.charged),
                 }
             },
+        )
+
+    async def _as_on_chain(self, channel: Channel) -> Channel:
+        """``channel`` as the contract holds it now (a refund is a chain operation: one read
+        more), its mirror corrected where it differs (a refund or deposit whose mirror was
+        lost). PaymentRejected when the chain cannot be read."""
+        try:
+            on_chain = await self.chain.state(channel.channel_id)
+        except (SettlementUnknown, SettlerUnavailable):
+            raise PaymentRejected(
+                "invalid_batch_settlement_evm_refund_transaction_failed",
+                "the channel cannot be read on chain now: ask again",
+            ) from None
+        if (on_chain.balance, on_chain.total_claimed) == (channel.balance, channel.total_claimed):
+            return channel
+        await self.store.refunded(channel.channel_id, on_chain.balance, on_chain.total_claimed)
+        return dataclasses.replace(
+            channel,
+            balance=on_chain.balance,
+            total_claimed=max(on_chain.total_claimed, channel.total_claimed),
         )
 
     # --- claims ---

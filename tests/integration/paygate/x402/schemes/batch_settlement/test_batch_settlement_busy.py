@@ -10,7 +10,7 @@ import asyncio
 
 from enclave import SoftwareKey, receipts
 from paygate import wire
-from paygate.x402.ledger import PaymentState
+from paygate.x402.ledger import LedgerUnavailable, PaymentState
 from paygate.x402.schemes.batch_settlement.bound import BoundBatchSettlement
 from paygate.x402.schemes.batch_settlement.chain import BatchChain
 from paygate.x402.schemes.batch_settlement.store import ChannelStore
@@ -23,6 +23,7 @@ from tests.fixtures.batch_settlement_support import (
     sdk_batch_client,
     sdk_batch_scheme,
 )
+from tests.fixtures.chain import PAYER_FUNDS
 from tests.fixtures.payment_support import (
     CHAT,
     CHAT_BODY,
@@ -271,3 +272,75 @@ async def test_a_caller_gone_after_its_deposit_was_sent_still_has_the_deposit_mi
         status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
         assert status == 200, (status, dict(headers), body)
         assert receipt_of(headers)["extra"]["channelState"]["balance"] == str(2 * DEPOSIT)
+
+
+async def test_a_refund_asked_while_the_ledger_is_unavailable_is_a_503_to_retry(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    """A refund is an operation answered without serving the route: the ledger failing under
+    it is a stable, retryable 503 (it was an internal error, a 500), and asked again it is
+    made."""
+    ledger = tmp_path / "payments.db"
+    armed: list[bool] = []
+    real = ChannelStore.take
+
+    async def take(self, channel_id, owner):
+        if armed:
+            raise LedgerUnavailable("the disk failed")
+        return await real(self, channel_id, owner)
+
+    monkeypatch.setattr(ChannelStore, "take", take)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, _, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        armed.append(True)
+        status, headers, body = await post(stack, header_for(required, channel.refund()))
+        assert (status, headers[wire.ERROR_HEADER]) == (503, "ledger_unavailable"), body
+        assert int(headers["Retry-After"]) >= 1
+        armed.clear()
+        status, headers, body = await post(stack, header_for(required, channel.refund()))
+        assert status == 200, body
+        assert int(receipt_of(headers)["amount"]) == DEPOSIT - PRICE_ATOMIC
+
+
+async def test_a_refund_whose_mirror_failed_leaves_no_balance_to_spend_that_the_contract_lacks(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    """The refund moved on chain, then the ledger failed to mirror it: a 503, and meanwhile
+    the channel stays held — a voucher under the old balance (more than the contract holds
+    now) is refused, never served for a charge no claim could pay. The refund asked again
+    mirrors the chain first: nothing is left to refund, and the books match the contract."""
+    ledger = tmp_path / "payments.db"
+    armed: list[bool] = []
+    real = ChannelStore.refunded
+
+    async def refunded(self, channel_id, balance, total_claimed):
+        if armed:
+            armed.clear()
+            raise LedgerUnavailable("the disk failed")
+        return await real(self, channel_id, balance, total_claimed)
+
+    monkeypatch.setattr(ChannelStore, "refunded", refunded)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        armed.append(True)
+        status, headers, body = await post(stack, header_for(required, channel.refund()))
+        assert (status, headers[wire.ERROR_HEADER]) == (503, "ledger_unavailable"), body
+        assert usdc.balance_of(payer.address) == PAYER_FUNDS - PRICE_ATOMIC  # it moved
+        served = stack.fake.completed["POST /v1/chat/completions"]
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers[wire.ERROR_HEADER]) == (
+            402,
+            "invalid_batch_settlement_evm_channel_busy",
+        )
+        assert stack.fake.completed["POST /v1/chat/completions"] == served
+        status, headers, _ = await post(stack, header_for(required, channel.refund()))
+        assert (status, headers[wire.ERROR_HEADER]) == (
+            402,
+            "invalid_batch_settlement_evm_refund_no_balance",
+        )
+        mirrored = await _state(ledger, anvil, gas_key, channel.channel_id)
+        assert (mirrored.balance, mirrored.charged, mirrored.pending_owner) == (
+            PRICE_ATOMIC,
+            PRICE_ATOMIC,
+            None,
+        )
