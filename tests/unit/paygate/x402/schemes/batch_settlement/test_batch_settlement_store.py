@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from paygate.x402.ledger import AlreadyReserved, LedgerUnavailable, WriteNotMade
+from paygate.x402.ledger import AlreadyReserved, LeaseLost, LedgerUnavailable, WriteNotMade
 from paygate.x402.ledger import PaymentState as S
 from paygate.x402.ledger_sqlite import SqliteLedger
 from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
@@ -565,3 +565,33 @@ async def test_claims_and_refunds_are_mirrored_however_busy_the_channel_is(ledge
     await b.refunded(CHANNEL, 10**21, 0)
     channel = await a.get(CHANNEL)
     assert (channel.balance, channel.total_claimed) == (10**21, 10**21)
+
+
+async def test_a_release_gives_back_its_own_hold_in_the_same_transaction_only(ledger_store):
+    """A reservation released (its request ended unearned) with the channel's release write:
+    its own hold goes in that transaction; a release naming another voucher (a request
+    refused busy while another holds the channel) leaves the holder's hold; a release whose
+    move is refused (its lease lost) gives nothing back."""
+    clock = Clock()
+    ledger = await ledger_store(replica="a")
+    store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    held = await ledger.reserve(**request(1), write=store.take_write(CHANNEL, "v1"))
+    refused = await ledger.reserve(**request(2), write=store.take_write(CHANNEL, "v2"))
+    assert (await store.get(CHANNEL)).pending_owner == "v1"
+    await ledger.transition(
+        refused.id, S.RELEASED, lease=refused.lease, write=store.release_write(CHANNEL, "v2")
+    )
+    assert (await store.get(CHANNEL)).pending_owner == "v1"
+    with pytest.raises(LeaseLost):
+        await ledger.transition(
+            held.id, S.RELEASED, lease=held.lease + 1, write=store.release_write(CHANNEL, "v1")
+        )
+    assert (await store.get(CHANNEL)).pending_owner == "v1"
+    released = await ledger.transition(
+        held.id, S.RELEASED, lease=held.lease, write=store.release_write(CHANNEL, "v1")
+    )
+    assert released.state is S.RELEASED
+    assert (await store.get(CHANNEL)).pending_owner is None
+    # The next voucher takes it at once.
+    assert (await store.take(CHANNEL, "v3")).pending_owner == "v3"
