@@ -38,6 +38,7 @@ from paygate.x402.schemes.batch_settlement.claims import Channels, channel_state
 from paygate.x402.schemes.batch_settlement.facilitator import BatchFacilitator, receiver_authorizer
 from paygate.x402.schemes.batch_settlement.store import ChannelBusy
 from paygate.x402.schemes.batch_settlement.verify import (
+    BUSY,
     NOT_CUMULATIVE,
     ChannelTerms,
     CheckedVoucher,
@@ -51,6 +52,7 @@ from paygate.x402.schemes.batch_settlement.verify import (
 )
 from paygate.x402.settler import SettlementSubject, Settler
 
+BUSY_RETRY_AFTER = "1"  # seconds: a channel is held for the length of one request
 _CHECKS_MAX = 1024  # requests between their check and their commit whose voucher is remembered
 
 
@@ -157,7 +159,13 @@ class BoundBatchSettlement(Scheme):
     async def corrective(self, refusal: Refusal, payment: AnyPaymentPayload) -> Refusal:
         """A stale voucher's 402 (``…_cumulative_amount_mismatch``) carries the channel's state
         and the last voucher it committed (``extra.channelState``/``voucherState``), so the payer
-        can check that voucher's signature and resynchronise; other refusals as they are."""
+        can check that voucher's signature and resynchronise. A busy channel's 402 says when to
+        try again (``Retry-After``: the request holding it is in progress); other refusals as
+        they are."""
+        if refusal.code == BUSY:
+            return dataclasses.replace(
+                refusal, headers={**refusal.headers, "Retry-After": BUSY_RETRY_AFTER}
+            )
         if refusal.code != NOT_CUMULATIVE or refusal.challenge is None:
             return refusal
         try:

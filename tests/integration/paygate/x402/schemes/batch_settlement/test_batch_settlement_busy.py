@@ -349,3 +349,28 @@ async def test_a_refund_whose_mirror_failed_leaves_no_balance_to_spend_that_the_
             PRICE_ATOMIC,
             None,
         )
+
+
+async def test_a_voucher_on_a_channel_another_request_holds_is_told_when_to_retry(
+    anvil, usdc, payer, seller, tmp_path, gas_key
+):
+    """Another request (here: another replica's) holds the channel: the voucher is refused
+    with the spec's `…_channel_busy` 402 and a Retry-After, nothing served; once that request
+    let go, the same voucher is served."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        header = header_for(required, channel.pay(offer))
+        async with claimer(ledger, anvil, gas_key) as other:
+            assert await other.store.take(channel.channel_id, "another request") is not None
+            served = stack.fake.completed["POST /v1/chat/completions"]
+            status, headers, _ = await post(stack, header)
+            assert (status, headers[wire.ERROR_HEADER], headers["Retry-After"]) == (
+                402,
+                "invalid_batch_settlement_evm_channel_busy",
+                "1",
+            )
+            assert stack.fake.completed["POST /v1/chat/completions"] == served
+            await other.store.release(channel.channel_id, "another request")
+        status, headers, body = await post(stack, header)
+        assert status == 200, body
