@@ -321,6 +321,10 @@ def _check_metered_charge(
             decimals=record.decimals,
             maximum=record.amount_atomic,
         )
+        if record.scheme == ch.NAME:
+            # A channel charges each request at least one unit (every voucher must raise
+            # the cumulative: the gateway's BoundBatchSettlement.least_charge).
+            expected = max(expected, min(1, record.amount_atomic))
     if charged != expected:
         raise ReceiptMismatch(
             f"the metered receipt charges {charged}, not {expected} for its usage at its prices"

@@ -21,6 +21,7 @@ from paygate.x402.ledger import (
     PaymentRecord,
     PaymentState,
     ReceiptUsage,
+    SchemeWrite,
 )
 from paygate.x402.ledger_base import Ledger
 
@@ -69,10 +70,11 @@ class HeldLeases:
         except LedgerError as exc:  # lost already, or unreachable: the lease runs out anyway
             log.warning("payment %s: cannot let its lease go: %s", record.id, exc.code)
 
-    async def release(self, record: PaymentRecord) -> None:
-        """RELEASED: the authorization may be retried (a failure before anything was earned)."""
+    async def release(self, record: PaymentRecord, write: SchemeWrite | None = None) -> None:
+        """RELEASED: the authorization may be retried (a failure before anything was earned);
+        ``write``: the scheme's own hold given back in the same transaction."""
         try:
-            await self.move(record, PaymentState.RELEASED)
+            await self.move(record, PaymentState.RELEASED, write=write)
         except LedgerError as exc:
             log.warning("payment %s: cannot release: %s", record.id, exc.code)
 

@@ -17,6 +17,7 @@ v9: the free requests of each client address per day (shared by every process on
 v10: two payment indexes fewer (pages every paid request writes; see the step). v11: each
 batch-settlement voucher's charge marked in its own row (``bs_vouchers.charged``). v12: a
 payment's history in its own row while it is the ordinary course's (ledger_rules.kept_history).
+v13: batch-settlement vouchers by when they were recorded (retention's prune).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Literal
 from paygate.x402.ledger import PaymentState
 
 SqlDialect = Literal["sqlite", "postgres"]
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 
 # What differs between the dialects, by name: (SQLite, PostgreSQL).
 _WORDS: dict[str, tuple[str, str]] = {
@@ -280,6 +281,11 @@ def migrations(dialect: SqlDialect) -> dict[int, tuple[str, ...]]:
         # its index entry per move: ledger_rules.kept_history. NULL (every row written before
         # this step): the history is all in payment_events, as it was.
         12: add_columns(f"history {text}"),
+        # Retention prunes bs_vouchers by ``created_at`` (a past day's, in bounded batches):
+        # without an index each batch scanned every voucher ever accepted (one row a paid
+        # request on a channel). Kept small: only the prune reads it; a voucher's commit
+        # finds its row by the primary key.
+        13: ("CREATE INDEX IF NOT EXISTS bs_vouchers_created ON bs_vouchers (created_at)",),
     }
 
 

@@ -336,6 +336,8 @@ class PaymentProcessor:
             authorized = scheme.check(payment, offer, when)
         except PaymentRejected as exc:
             return self._refusals.challenge(402, exc.reason, str(exc), offers, resource)
+        except LedgerError:  # an operation's ledger (a channel's refund): asked again later
+            return self._refusals.ledger_unavailable()
         wanted = _fingerprint(route, offer, authorized) if key is not None else ""
         if key is not None:
             # A retry (same identifier): its recorded outcome, never a second charge.
@@ -448,7 +450,7 @@ class PaymentProcessor:
                     self._settler, admission.payment, admission.requirements
                 )
             except SettlerUnavailable as exc:
-                await self._leases.release(record)
+                await self._release(admission, record)
                 return self._refusals.unavailable("payment_verifier_unavailable", str(exc))
             if not answer.is_valid:
                 await self._leases.release(record)
@@ -458,25 +460,32 @@ class PaymentProcessor:
                 if not self._settlement.verified_when_served:  # else one transaction with SERVED
                     admission.record = await self._leases.move(record, PaymentState.VERIFIED)
             except LedgerError:
-                await self._leases.release(record)
+                await self._release(admission, record)
                 return self._refusals.ledger_unavailable()
         except BaseException:
             # Cut short while verifying (the caller gone: its handler cancelled) or failed
             # unexpectedly: no session will finish this payment, and a hold kept would have its
             # lease renewed for ever (the payer's retries refused as in progress). Nothing was
             # earned or sent to settle: released, shielded from a second cancellation.
-            await asyncio.shield(self._let_down(admission.record or record))
+            await asyncio.shield(self._let_down(admission, admission.record or record))
             raise
         return await self._settlement.verified(self.settlements, admission, offers, resource)
 
-    async def _let_down(self, record: PaymentRecord) -> None:
+    async def _let_down(self, admission: PaymentAdmission, record: PaymentRecord) -> None:
         """Release a reservation no request will finish (the ledger's compare-and-set refuses
         it past verification); a hold left after that is given up for the reconciler."""
         if not self._leases.holds(record):
             return
-        await self._leases.release(record)
+        await self._release(admission, record)
         if self._leases.holds(record):  # not released (the ledger unreachable): not ours now
             await self._leases.let_go(record)
+
+    async def _release(self, admission: PaymentAdmission, record: PaymentRecord) -> None:
+        """RELEASED, with what the scheme took for the request (a channel's hold) given back
+        in the same transaction: the payer's next payment need not wait for it to run out."""
+        assert admission.payment is not None
+        write = admission.scheme.release_write(admission.payment, admission.requirements)
+        await self._leases.release(record, write)
 
     async def _replayed(
         self,

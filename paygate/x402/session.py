@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, Protocol
@@ -296,13 +296,15 @@ class PaymentSession:
         if not self.metered or admission.meter is not None or quote is None:
             return
         assert admission.record is not None
-        admission.meter = quote.charge(
-            usage,
-            source=source,
-            reply_bytes=reply_bytes,
-            decimals=self._decimals,
-            maximum=admission.record.amount,
-            fallback=self._terms.fallback,
+        admission.meter = self._at_least(
+            quote.charge(
+                usage,
+                source=source,
+                reply_bytes=reply_bytes,
+                decimals=self._decimals,
+                maximum=admission.record.amount,
+                fallback=self._terms.fallback,
+            )
         )
 
     def meter_items(self, items: list[tuple[bool, TokenCounts | None, int]]) -> None:
@@ -328,12 +330,24 @@ class PaymentSession:
             if quote is not None and ok
         ]
         sources = {m.source for m in meters} - {"upstream"}
-        admission.meter = Meter(
-            tokens_in=sum(m.tokens_in for m in meters),
-            tokens_out=sum(m.tokens_out for m in meters),
-            source=min(sources) if sources else "upstream",
-            settle_amount=min(sum(m.settle_amount for m in meters), admission.record.amount),
+        admission.meter = self._at_least(
+            Meter(
+                tokens_in=sum(m.tokens_in for m in meters),
+                tokens_out=sum(m.tokens_out for m in meters),
+                source=min(sources) if sources else "upstream",
+                settle_amount=min(sum(m.settle_amount for m in meters), admission.record.amount),
+            )
         )
+
+    def _at_least(self, meter: Meter) -> Meter:
+        """``meter`` charging at least the scheme's ``least_charge`` (a channel's: 1), within
+        the authorization: the receipt, the record and the charge all state that amount."""
+        admission = self._admission
+        assert admission.record is not None
+        least = min(admission.scheme.least_charge, admission.record.amount)
+        if meter.settle_amount >= least:
+            return meter
+        return replace(meter, settle_amount=least)
 
     # --- what the reply stage and the receipts read ---
 

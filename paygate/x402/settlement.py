@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-from paygate.x402.ledger import PaymentRecord, PaymentState
+from paygate.x402.ledger import PaymentRecord, PaymentState, SchemeWrite
 from paygate.x402.models import ResourceInfo
 from paygate.x402.offers import Offer
 from paygate.x402.refusal import Refusal
@@ -34,7 +34,7 @@ class SettlementSteps(Protocol):
 
     async def mark_served(self, admission: PaymentAdmission) -> None: ...
 
-    async def release(self, record: PaymentRecord) -> None: ...
+    async def release(self, record: PaymentRecord, write: SchemeWrite | None = None) -> None: ...
 
 
 class Settlement:
@@ -86,7 +86,9 @@ class Settlement:
 async def _release(processor: SettlementSteps, admission: PaymentAdmission) -> None:
     """Give back what a request that did not earn its payment held."""
     assert admission.record is not None
-    await processor.release(admission.record)
+    assert admission.payment is not None
+    write = admission.scheme.release_write(admission.payment, admission.requirements)
+    await processor.release(admission.record, write)
 
 
 class SettleAfterReply(Settlement):

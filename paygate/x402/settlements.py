@@ -21,7 +21,13 @@ from typing import Any
 
 from paygate.x402.hooks import PaymentEvents
 from paygate.x402.leases import HeldLeases, receipt_usage
-from paygate.x402.ledger import LedgerError, PaymentRecord, PaymentState, review_error
+from paygate.x402.ledger import (
+    LedgerError,
+    PaymentRecord,
+    PaymentState,
+    SchemeWrite,
+    review_error,
+)
 from paygate.x402.models import ResourceInfo, SettleResponse
 from paygate.x402.offers import Offer
 from paygate.x402.refusal import Refusal
@@ -139,8 +145,8 @@ class Settlements:
             admission.record, let_go=not self.settlement.settles_owed
         )
 
-    async def release(self, record: PaymentRecord) -> None:
-        await self.leases.release(record)
+    async def release(self, record: PaymentRecord, write: SchemeWrite | None = None) -> None:
+        await self.leases.release(record, write)
 
     async def _settle_after(self, admission: PaymentAdmission) -> Receipt | None:
         record = admission.record

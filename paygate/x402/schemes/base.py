@@ -345,6 +345,8 @@ class Scheme:
     #: sent), so a reply's signed receipt states the same payment before the charge as after
     #: it and is signed first, to be kept in the charge's transaction (``session.reply_ended``).
     settles_in_ledger: ClassVar[bool] = False
+    #: The least a metered request is charged (atomic units) when its usage rounds below it.
+    least_charge: ClassVar[int] = 0
 
     @property
     def payload_type(self) -> type[Any]:
@@ -410,6 +412,14 @@ class Scheme:
     def reserve_write(self, payment: AnyPaymentPayload, offer: Offer) -> SchemeWrite | None:
         """A write on the scheme's own tables to make with the payment's reservation (a
         channel's take), after :meth:`check`; None: nothing."""
+        return None
+
+    def release_write(
+        self, payment: AnyPaymentPayload, requirements: dict[str, Any]
+    ) -> SchemeWrite | None:
+        """A write on the scheme's own tables to make with the payment's release (a request
+        that ends without earning it gives back what :meth:`reserve_write` or its verify
+        took: a channel's hold); None: nothing."""
         return None
 
     def ledger_settlement(self, subject: SettlementSubject, amount: int) -> LedgerSettlement | None:

@@ -38,6 +38,7 @@ from paygate.x402.schemes.batch_settlement.claims import Channels, channel_state
 from paygate.x402.schemes.batch_settlement.facilitator import BatchFacilitator, receiver_authorizer
 from paygate.x402.schemes.batch_settlement.store import ChannelBusy
 from paygate.x402.schemes.batch_settlement.verify import (
+    BUSY,
     NOT_CUMULATIVE,
     ChannelTerms,
     CheckedVoucher,
@@ -51,6 +52,7 @@ from paygate.x402.schemes.batch_settlement.verify import (
 )
 from paygate.x402.settler import SettlementSubject, Settler
 
+BUSY_RETRY_AFTER = "1"  # seconds: a channel is held for the length of one request
 _CHECKS_MAX = 1024  # requests between their check and their commit whose voucher is remembered
 
 
@@ -117,6 +119,10 @@ class BoundBatchSettlement(Scheme):
 
     # Its settle commits the charge to the channel in the ledger, once (idempotent).
     settles_in_ledger: ClassVar[bool] = True
+    # Each voucher must raise the channel's cumulative (it is exactly what was charged plus
+    # this request's price, and the voucher is the payment's replay key): a metered request
+    # charged 0 would leave the payer's next voucher the same one, refused as used for ever.
+    least_charge: ClassVar[int] = 1
 
     channels: Channels | None = dataclasses.field(default=None, repr=False, compare=False)
     checks: CheckedPayments = dataclasses.field(
@@ -153,7 +159,13 @@ class BoundBatchSettlement(Scheme):
     async def corrective(self, refusal: Refusal, payment: AnyPaymentPayload) -> Refusal:
         """A stale voucher's 402 (``…_cumulative_amount_mismatch``) carries the channel's state
         and the last voucher it committed (``extra.channelState``/``voucherState``), so the payer
-        can check that voucher's signature and resynchronise; other refusals as they are."""
+        can check that voucher's signature and resynchronise. A busy channel's 402 says when to
+        try again (``Retry-After``: the request holding it is in progress); other refusals as
+        they are."""
+        if refusal.code == BUSY:
+            return dataclasses.replace(
+                refusal, headers={**refusal.headers, "Retry-After": BUSY_RETRY_AFTER}
+            )
         if refusal.code != NOT_CUMULATIVE or refusal.challenge is None:
             return refusal
         try:
@@ -203,6 +215,22 @@ class BoundBatchSettlement(Scheme):
         write = self._channels.store.take_write(checked.channel_id, checked.voucher_key)
         self.checks.remember_take(payment, write)
         return write
+
+    def release_write(
+        self, payment: AnyPaymentPayload, requirements: dict[str, Any]
+    ) -> SchemeWrite | None:
+        """The channel's hold let go with the payment's release (a request that ended before
+        its charge: refused after its take, cut short, or its upstream failed), so the payer's
+        next voucher is served at once rather than refused busy until the hold runs out.
+        Guarded by the owner: only this voucher's hold goes, never another request's."""
+        try:
+            checked = self.checks.checked(
+                payment, ChannelTerms.of_requirements(requirements), last=True
+            )
+        except (PaymentRejected, KeyError, ValueError):
+            return None
+        self.checks.forget(payment)
+        return self._channels.release_write(checked)
 
     async def verify(
         self, settler: Settler, payment: AnyPaymentPayload, requirements: dict[str, Any]

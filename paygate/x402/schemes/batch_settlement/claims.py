@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from paygate.x402.ledger import SchemeWrite
+from paygate.x402.ledger import LedgerError, SchemeWrite
 from paygate.x402.models import SettleResponse
 from paygate.x402.schemes.base import PaymentRejected, SchemeSql
 from paygate.x402.schemes.batch_settlement.chain import ChannelChain, Deposit, Refund
@@ -76,6 +77,7 @@ class Channels:
         # Each request's channel as it took it (by voucher), for its commit's compare-and-set;
         # a hint only: the commit re-reads whenever the channel changed since.
         self._taken: dict[str, Channel] = {}
+        self._deposits: set[asyncio.Task[Channel]] = set()  # deposits finishing (shielded)
 
     # --- requests ---
 
@@ -83,7 +85,25 @@ class Channels:
         self, checked: CheckedVoucher, payment: dict[str, Any], requirements: dict[str, Any]
     ) -> Channel:
         """Send and prove the payment's deposit, then mirror the channel (PaymentRejected when
-        the chain refuses it; SettlerUnavailable/SettlementUnknown when it cannot be asked)."""
+        the chain refuses it; SettlerUnavailable/SettlementUnknown when it cannot be asked).
+
+        Shielded: once sent, the deposit's money moves whether or not the caller waits, so a
+        request cut short (the caller gone) still finishes its proof and its mirror — the
+        channel's balance in the ledger never misses money that is in the contract."""
+        task = asyncio.ensure_future(self._deposit(checked, payment, requirements))
+        self._deposits.add(task)
+        task.add_done_callback(self._deposit_done)
+        return await asyncio.shield(task)
+
+    def _deposit_done(self, task: asyncio.Task[Channel]) -> None:
+        self._deposits.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Its request's answer, when it still waits; logged for a request gone.
+            log.debug("deposit ended: %s", type(task.exception()).__name__)
+
+    async def _deposit(
+        self, checked: CheckedVoucher, payment: dict[str, Any], requirements: dict[str, Any]
+    ) -> Channel:
         try:
             state = await self.chain.deposit(
                 Deposit(payment, requirements, checked.payload, checked.channel_id)
@@ -117,6 +137,11 @@ class Channels:
             self._taken[checked.voucher_key] = channel
         return channel
 
+    def release_write(self, checked: CheckedVoucher) -> SchemeWrite:
+        """The request's hold on the channel, let go with its payment's release."""
+        self._taken.pop(checked.voucher_key, None)
+        return self.store.release_write(checked.channel_id, checked.voucher_key)
+
     def charge(
         self, checked: CheckedVoucher, requirements: dict[str, Any], amount: int
     ) -> tuple[SchemeWrite, int, Callable[[], SettleResponse]] | None:
@@ -125,7 +150,7 @@ class Channels:
         and the answer once the write is made. None when the channel was not taken here, or
         the charge does not fit its voucher (then :meth:`commit`)."""
         took = self._taken.get(checked.voucher_key)
-        charge = min(amount, int(requirements["amount"]))
+        charge = amount  # exactly what the receipt states, or nothing (not fitting: commit)
         if took is None:
             return None
         write = self.store.charge(
@@ -149,7 +174,10 @@ class Channels:
         self, checked: CheckedVoucher, requirements: dict[str, Any], amount: int
     ) -> SettleResponse:
         network = str(requirements["network"])
-        charge = min(amount, int(requirements["amount"]))
+        # Exactly the amount owed — what the reply's signed receipt states — or nothing: a
+        # charge past the voucher's increment is refused by the store (its ceiling), never
+        # cut to fit under it.
+        charge = amount
         try:
             channel, _ = await self.store.commit(
                 checked.channel_id,
@@ -197,7 +225,9 @@ class Channels:
         channel = await self.take(checked)
         if channel is None:
             raise PaymentRejected(NO_CHANNEL, "no deposit is known for this channel")
+        release = True
         try:
+            channel = await self._as_on_chain(channel)
             check_against(checked, channel, 0, refund=True)
             remainder = channel.balance - channel.charged
             if remainder <= 0:
@@ -236,9 +266,17 @@ class Channels:
                     "invalid_batch_settlement_evm_refund_transaction_failed",
                     "the refund's outcome is not known yet: ask again",
                 ) from None
-            await self.store.refunded(checked.channel_id, after.balance, after.total_claimed)
+            try:
+                await self.store.refunded(checked.channel_id, after.balance, after.total_claimed)
+            except LedgerError:
+                # The money moved, its mirror did not: the channel stays held meanwhile (a
+                # voucher past the contract's balance is refused busy, never taken), and the
+                # refund asked again mirrors the chain first (_as_on_chain).
+                release = False
+                raise
         finally:
-            await self.store.release(checked.channel_id, checked.voucher_key)
+            if release:
+                await self.store.release(checked.channel_id, checked.voucher_key)
         log.info("channel refunded: %d returned to the payer", returned)
         return SettleResponse(
             success=True,
@@ -256,6 +294,26 @@ class Channels:
                     "chargedCumulativeAmount": str(channel.charged),
                 }
             },
+        )
+
+    async def _as_on_chain(self, channel: Channel) -> Channel:
+        """``channel`` as the contract holds it now (a refund is a chain operation: one read
+        more), its mirror corrected where it differs (a refund or deposit whose mirror was
+        lost). PaymentRejected when the chain cannot be read."""
+        try:
+            on_chain = await self.chain.state(channel.channel_id)
+        except (SettlementUnknown, SettlerUnavailable):
+            raise PaymentRejected(
+                "invalid_batch_settlement_evm_refund_transaction_failed",
+                "the channel cannot be read on chain now: ask again",
+            ) from None
+        if (on_chain.balance, on_chain.total_claimed) == (channel.balance, channel.total_claimed):
+            return channel
+        await self.store.refunded(channel.channel_id, on_chain.balance, on_chain.total_claimed)
+        return dataclasses.replace(
+            channel,
+            balance=on_chain.balance,
+            total_claimed=max(on_chain.total_claimed, channel.total_claimed),
         )
 
     # --- claims ---

@@ -101,6 +101,19 @@ def _channel(row: tuple[Any, ...]) -> Channel:
     )
 
 
+def _larger(column: str, given: str | None = None) -> str:
+    """The larger of the row's ``column`` and the upsert's ``given`` (default: the same
+    column; ``?``: a parameter) as SQL: amounts are decimal text without leading zeros, so a
+    longer one is larger and ones of a length compare as text (digits sort alike in every
+    collation)."""
+    old = f"bs_channels.{column}"
+    new = "CAST(? AS TEXT)" if given == "?" else f"excluded.{given or column}"
+    return (
+        f"CASE WHEN length({new}) > length({old}) OR (length({new}) = length({old})"
+        f" AND {new} > {old}) THEN {new} ELSE {old} END"
+    )
+
+
 def _fits(taken: Channel, channel_id: str, owner: str, max_claimable: int, charge: int) -> bool:
     """The channel as a request took it can take this voucher's charge (if unchanged since)."""
     return (
@@ -185,46 +198,34 @@ class ChannelStore:
         total_claimed: int,
     ) -> Channel:
         """Mirror the channel's on-chain state after a proven deposit (a new channel starts
-        charged at what was claimed before: the spec's baseline after state loss)."""
-        for _ in range(16):
-            current = await self.get(channel_id)
-            now = self._clock()
-            if current is None:
-                changed, _ = await self._sql(
-                    "INSERT INTO bs_channels (channel_id, network, payer, config, balance,"
-                    " total_claimed, charged, signed_max, signature, pending_owner, pending_until,"
-                    " version, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '0x', NULL, NULL, 1, ?)"
-                    " ON CONFLICT (channel_id) DO NOTHING",
-                    (
-                        channel_id,
-                        network,
-                        config.payer,
-                        config.model_dump_json(by_alias=True),
-                        str(balance),
-                        str(total_claimed),
-                        str(total_claimed),
-                        str(total_claimed),
-                        now,
-                    ),
-                )
-            else:
-                changed, _ = await self._sql(
-                    "UPDATE bs_channels SET balance = ?, total_claimed = ?, charged = ?,"
-                    " version = version + 1, updated_at = ? WHERE channel_id = ? AND version = ?",
-                    (
-                        str(max(balance, current.balance)),
-                        str(max(total_claimed, current.total_claimed)),
-                        str(max(current.charged, total_claimed)),
-                        now,
-                        channel_id,
-                        current.version,
-                    ),
-                )
-            if changed:
-                found = await self.get(channel_id)
-                assert found is not None
-                return found
-        raise ChannelBusy("the channel changed too often to record the deposit")
+        charged at what was claimed before: the spec's baseline after state loss).
+
+        One statement, never a compare-and-set that could lose: the deposit has moved on chain
+        already, so its mirror must not give up however busy the channel is (another replica's
+        take, release or charge between a read and a write). Each amount only ever rises (the
+        larger of the row's and this reading), so readings applied in any order agree."""
+        _, rows = await self._sql(
+            "INSERT INTO bs_channels (channel_id, network, payer, config, balance,"  # noqa: S608 - constant
+            " total_claimed, charged, signed_max, signature, pending_owner, pending_until,"
+            " version, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '0x', NULL, NULL, 1, ?)"
+            f" ON CONFLICT (channel_id) DO UPDATE SET balance = {_larger('balance')},"
+            f" total_claimed = {_larger('total_claimed')},"
+            f" charged = {_larger('charged', 'total_claimed')},"
+            " version = bs_channels.version + 1, updated_at = excluded.updated_at"
+            f" RETURNING {_COLUMNS}",
+            (
+                channel_id,
+                network,
+                config.payer,
+                config.model_dump_json(by_alias=True),
+                str(balance),
+                str(total_claimed),
+                str(total_claimed),
+                str(total_claimed),
+                self._clock(),
+            ),
+        )
+        return _channel(rows[0])
 
     def take_write(self, channel_id: str, owner: str) -> SchemeWrite:
         """:meth:`take`'s usual case, one statement — the lease is free, ours, or run out — as
@@ -273,13 +274,23 @@ class ChannelStore:
                 return _channel(rows[0])
         raise ChannelBusy("the channel changed too often to take")
 
+    def release_write(self, channel_id: str, owner: str) -> SchemeWrite:
+        """:meth:`release` as a write for the ledger to make with the payment's release (its
+        RELEASED record): the hold goes with the reservation, all or nothing."""
+        return SchemeWrite(
+            [
+                (
+                    "UPDATE bs_channels SET pending_owner = NULL, pending_until = NULL,"
+                    " version = version + 1 WHERE channel_id = ? AND pending_owner = ?",
+                    (channel_id, owner),
+                )
+            ]
+        )
+
     async def release(self, channel_id: str, owner: str) -> None:
         """Let the channel go (``owner``'s request ended without a charge to commit)."""
-        await self._sql(
-            "UPDATE bs_channels SET pending_owner = NULL, pending_until = NULL,"
-            " version = version + 1 WHERE channel_id = ? AND pending_owner = ?",
-            (channel_id, owner),
-        )
+        (statement,) = self.release_write(channel_id, owner).statements
+        await self._sql(*statement)
 
     async def commit(
         self,
@@ -449,32 +460,25 @@ class ChannelStore:
         return found[:limit]
 
     async def claimed(self, channel_id: str, total: int) -> None:
-        """A claim of ``total`` is proven on chain: mirror it (never lowering it)."""
-        for _ in range(16):
-            current = await self.get(channel_id)
-            if current is None or current.total_claimed >= total:
-                return
-            changed, _ = await self._sql(
-                "UPDATE bs_channels SET total_claimed = ?, version = version + 1"
-                " WHERE channel_id = ? AND version = ?",
-                (str(total), channel_id, current.version),
-            )
-            if changed:
-                return
+        """A claim of ``total`` is proven on chain: mirror it (never lowering it). One
+        statement: a compare-and-set here could lose to a busy channel and give up."""
+        value = str(total)
+        await self._sql(
+            f"UPDATE bs_channels SET total_claimed = {_larger('total_claimed', '?')},"  # noqa: S608 - constant
+            " version = version + 1 WHERE channel_id = ?",
+            (value, value, value, value, channel_id),
+        )
 
     async def refunded(self, channel_id: str, balance: int, total_claimed: int) -> None:
-        """A proven refund: the channel's on-chain balance and claims, as read after it."""
-        for _ in range(16):
-            current = await self.get(channel_id)
-            if current is None:
-                return
-            changed, _ = await self._sql(
-                "UPDATE bs_channels SET balance = ?, total_claimed = ?, version = version + 1,"
-                " updated_at = ? WHERE channel_id = ? AND version = ?",
-                (str(balance), str(total_claimed), self._clock(), channel_id, current.version),
-            )
-            if changed:
-                return
+        """A proven refund (or withdrawal): the channel's on-chain balance, as read after it,
+        and its claims (never lowered). One statement, never a compare-and-set that could
+        give up: a balance left above the contract's would take vouchers no claim can pay."""
+        claimed = str(total_claimed)
+        await self._sql(
+            f"UPDATE bs_channels SET balance = ?, total_claimed = {_larger('total_claimed', '?')},"  # noqa: S608 - constant
+            " version = version + 1, updated_at = ? WHERE channel_id = ?",
+            (str(balance), claimed, claimed, claimed, claimed, self._clock(), channel_id),
+        )
 
     # --- claims ---
 

@@ -24,6 +24,7 @@ RELEASED = {
         10: (2, "6375b494c6d5b93dfd317ed8935141a5feaab00da06bc2ad2b48c98b4534f71e"),
         # 11: batch settlement's step, pinned on its own branch.
         12: (1, "b67aab37aa74467fbf5c1ba94add8402c349427863fbfb3183eeec7c2ee77db1"),
+        13: (1, "bde02db6dbce8964da1c2ae5c3ebe640288b5a11509d1a8821805df722caa199"),
     },
     "postgres": {
         1: (3, "15ace1f755611ae0eaf8703d904ff812b0821970032826b6790c3bd58050fd37"),
@@ -37,6 +38,7 @@ RELEASED = {
         9: (1, "ce6bc0d9fc1ea5ce40af64af3e4f569dbb3b84146861628845a7cbdc20d33ff3"),
         10: (2, "6375b494c6d5b93dfd317ed8935141a5feaab00da06bc2ad2b48c98b4534f71e"),
         12: (1, "feef3d4de3d729c0de40a663617cb3ea836ea41e3cf0a15b32ba4a2255fbf154"),
+        13: (1, "bde02db6dbce8964da1c2ae5c3ebe640288b5a11509d1a8821805df722caa199"),
     },
 }
 MIGRATIONS = {

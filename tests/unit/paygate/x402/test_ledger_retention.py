@@ -16,6 +16,8 @@ from paygate.x402 import siwx
 from paygate.x402.ledger import PaymentState as S
 from paygate.x402.ledger import SignInReused
 from paygate.x402.ledger_base import Ledger
+from paygate.x402.ledger_sqlite import SqliteLedger
+from paygate.x402.ledger_tables import prune
 from paygate.x402.retention import DAY, KEPT_DAYS, cutoff, prune_once
 from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
 from paygate.x402.schemes.batch_settlement.store import ChannelStore
@@ -250,3 +252,25 @@ async def test_an_old_voucher_whose_payment_is_reserved_verified_or_served_is_ke
         payment_id=nonce(3),
     )  # fmt: skip
     assert again == 0  # found charged: never FAILED as lost, never charged twice
+
+
+async def test_the_voucher_prune_reads_vouchers_by_when_they_were_recorded(
+    ledger_store: Opener,
+) -> None:
+    """Ledger step 13: ``bs_vouchers`` has an index on ``created_at`` on both stores, and
+    SQLite's plan for the prune's batch takes it (a search, not a scan of every voucher ever
+    accepted)."""
+    ledger = await ledger_store()
+    if isinstance(ledger, SqliteLedger):
+        found = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'bs_vouchers'"
+    else:
+        found = "SELECT indexname FROM pg_indexes WHERE tablename = 'bs_vouchers'"
+    _, rows = await ledger.scheme_sql(found, ())
+    assert "bs_vouchers_created" in {row[0] for row in rows}
+    if isinstance(ledger, SqliteLedger):
+        statement, params = prune("2026-01-01", float(NOON), 100, skip_locked=False)[3]
+        assert "bs_vouchers" in statement
+        _, plan = await ledger.scheme_sql(f"EXPLAIN QUERY PLAN {statement}", params)
+        steps = [str(row[-1]) for row in plan]
+        assert any("bs_vouchers_created" in step for step in steps), steps
+        assert not any(step == "SCAN v" for step in steps), steps

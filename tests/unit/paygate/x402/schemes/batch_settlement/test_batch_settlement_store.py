@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from paygate.x402.ledger import AlreadyReserved, LedgerUnavailable, WriteNotMade
+from paygate.x402.ledger import AlreadyReserved, LeaseLost, LedgerUnavailable, WriteNotMade
 from paygate.x402.ledger import PaymentState as S
 from paygate.x402.ledger_sqlite import SqliteLedger
 from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
@@ -504,3 +504,94 @@ async def test_a_charge_made_with_settled_racing_another_replicas_commit_is_made
             assert by_other == 0
         channel = await store.get(CHANNEL)
         assert (channel.charged, channel.signed_max) == (1_000 * n, 1_000 * n)
+
+
+async def test_deposits_mirrored_by_two_replicas_at_once_keep_the_largest_reading(ledger_store):
+    """A deposit's mirror is one statement that only raises each amount (it cannot lose a
+    compare-and-set and give up: the money moved on chain already): readings of the chain
+    applied concurrently, out of order, beside the channel's own takes and charges, leave the
+    largest; amounts past 64 bits and of different lengths compare as numbers."""
+    clock = Clock()
+    a, b = await two_replicas(ledger_store, clock)
+    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=999, total_claimed=0)
+    readings = [10**30 + n for n in range(0, 12, 3)] + [1_000, 10**29, 5 * 10**29]
+    results = await asyncio.gather(
+        *(
+            (a, b)[n % 2].deposited(CHANNEL, "eip155:84532", CONFIG, balance=r, total_claimed=0)
+            for n, r in enumerate(readings)
+        ),
+        a.take(CHANNEL, "v1"),
+        return_exceptions=True,
+    )
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    channel = await b.get(CHANNEL)
+    assert (channel.balance, channel.charged, channel.total_claimed) == (10**30 + 9, 0, 0)
+    assert channel.pending_owner == "v1"  # the take held: the mirror does not touch the lease
+    committed, _ = await a.commit(
+        CHANNEL, "v1", max_claimable=1_000, signature=SIG, charge=1_000, payment_id=nonce(1)
+    )
+    assert committed.charged == 1_000
+    # A later reading with claims proven on chain (a baseline after state loss) raises
+    # total_claimed and charged at least to it; a stale one lowers nothing.
+    after = await b.deposited(
+        CHANNEL, "eip155:84532", CONFIG, balance=10**30 + 9, total_claimed=5_000
+    )
+    assert (after.balance, after.charged, after.total_claimed) == (10**30 + 9, 5_000, 5_000)
+    stale = await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    assert (stale.balance, stale.charged, stale.total_claimed) == (10**30 + 9, 5_000, 5_000)
+    assert (stale.signed_max, stale.signature) == (1_000, SIG)
+
+
+async def test_claims_and_refunds_are_mirrored_however_busy_the_channel_is(ledger_store):
+    """A proven claim or refund is mirrored by one statement each (it used to be a
+    compare-and-set that, losing 16 times to a busy channel, gave up silently: a balance left
+    above the contract's takes vouchers no claim can pay). Claims are never lowered."""
+    clock = Clock()
+    a, b = await two_replicas(ledger_store, clock)
+    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10**21, total_claimed=0)
+    owners = [f"v{n}" for n in range(20)]
+    results = await asyncio.gather(
+        *(b.take(CHANNEL, owner) for owner in owners),
+        *(b.release(CHANNEL, owner) for owner in owners),
+        a.claimed(CHANNEL, 9 * 10**20),
+        a.claimed(CHANNEL, 10**20),
+        a.refunded(CHANNEL, 95 * 10**19, 10**20),
+        return_exceptions=True,
+    )
+    assert not [r for r in results if isinstance(r, Exception) and not isinstance(r, ChannelBusy)]
+    channel = await a.get(CHANNEL)
+    assert (channel.balance, channel.total_claimed) == (95 * 10**19, 9 * 10**20)
+    await b.claimed(CHANNEL, 10**21)
+    await b.refunded(CHANNEL, 10**21, 0)
+    channel = await a.get(CHANNEL)
+    assert (channel.balance, channel.total_claimed) == (10**21, 10**21)
+
+
+async def test_a_release_gives_back_its_own_hold_in_the_same_transaction_only(ledger_store):
+    """A reservation released (its request ended unearned) with the channel's release write:
+    its own hold goes in that transaction; a release naming another voucher (a request
+    refused busy while another holds the channel) leaves the holder's hold; a release whose
+    move is refused (its lease lost) gives nothing back."""
+    clock = Clock()
+    ledger = await ledger_store(replica="a")
+    store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    held = await ledger.reserve(**request(1), write=store.take_write(CHANNEL, "v1"))
+    refused = await ledger.reserve(**request(2), write=store.take_write(CHANNEL, "v2"))
+    assert (await store.get(CHANNEL)).pending_owner == "v1"
+    await ledger.transition(
+        refused.id, S.RELEASED, lease=refused.lease, write=store.release_write(CHANNEL, "v2")
+    )
+    assert (await store.get(CHANNEL)).pending_owner == "v1"
+    with pytest.raises(LeaseLost):
+        await ledger.transition(
+            held.id, S.RELEASED, lease=held.lease + 1, write=store.release_write(CHANNEL, "v1")
+        )
+    assert (await store.get(CHANNEL)).pending_owner == "v1"
+    released = await ledger.transition(
+        held.id, S.RELEASED, lease=held.lease, write=store.release_write(CHANNEL, "v1")
+    )
+    assert released.state is S.RELEASED
+    assert (await store.get(CHANNEL)).pending_owner is None
+    # The next voucher takes it at once.
+    assert (await store.take(CHANNEL, "v3")).pending_owner == "v3"
