@@ -28,6 +28,7 @@ import pytest
 
 from enclave import SoftwareKey, receipts
 from enclave.tlog import entries, merkle
+from paygate.tlog.errors import LogStoreError
 from paygate.tlog.open_store import open_log_store
 from paygate.tlog.recovery import Pass, RecoveryConfig
 from paygate.tlog.service import LogConfig, TransparencyLog, log_identity, receipt_facts
@@ -311,3 +312,38 @@ async def test_an_unreadable_kept_token_is_passed_over(location):
         assert (done.read, done.recorded) == (2, 1)
         assert await _leaves(tlog, [tokens[2]]) == [1]
         assert (await tlog.recovery.pass_once()).read == 0  # its place moved past both
+
+
+async def test_a_failed_write_is_retried_from_the_same_place(location):
+    tokens = {1: _token(1, 3), 2: _token(2, 4)}
+    await _keep(location, tokens)
+    async with _log(location) as tlog:
+        await tlog.start([b"genesis"])
+        store: Any = tlog._store
+        real = store.record_missing
+
+        async def fails(missing: Any, replica: str) -> int:
+            store.record_missing = real  # once
+            raise LogStoreError("the log store failed: OperationalError")
+
+        store.record_missing = fails
+        with pytest.raises(LogStoreError):
+            await tlog.recovery.pass_once()
+        assert (await tlog.recovery.pass_once()).recorded == 2
+        assert await _leaves(tlog, list(tokens.values())) == [1, 1]
+
+
+async def test_a_backlog_is_read_batch_after_batch_without_waiting_the_interval(location):
+    tokens = {n: _token(n, 1) for n in range(1, 8)}
+    await _keep(location, tokens)
+    async with _log(location, batch=2, interval=3600.0) as tlog:
+        await tlog.start([b"genesis"])
+        runner = asyncio.create_task(tlog.recovery.run())
+        try:
+            async with asyncio.timeout(20):
+                while await _leaves(tlog, list(tokens.values())) != [1] * 7:
+                    await asyncio.sleep(0.05)
+        finally:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
