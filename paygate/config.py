@@ -581,6 +581,11 @@ class TransparencySection(BaseModel):
     # "<add-checkpoint URL prefix> <witness vkey>" items (comma-separated or a JSON list).
     log_witnesses: SplitList[str] = Field(default_factory=list)
     log_witness_timeout: PositiveFloat = 10.0
+    # Receipts the ledger kept that the log lacks (paygate.tlog.recovery): read per pass, left
+    # to the process recording them for, and a first pass's reach before the newest kept one.
+    log_recovery_batch: Annotated[int, Field(ge=1, le=1000)] = 500
+    log_recovery_grace: Annotated[float, Field(ge=0, le=86400)] = 120.0
+    log_recovery_window: Annotated[float, Field(ge=0, le=31 * 86400)] = 900.0
     log_wheel_sha256: Sha256Digest | None = None  # of the installed wheel, when known
     log_image_digest: Sha256Digest | None = None  # of the appliance image, when known
     # --- operations (docs/OPERATIONS.md) ---

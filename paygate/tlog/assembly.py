@@ -21,6 +21,7 @@ from paygate.config import ConfigError, Settings
 from paygate.server.attestation import AttestationService
 from paygate.tlog.errors import LogStoreError
 from paygate.tlog.open_store import open_log_store
+from paygate.tlog.recovery import RecoveryConfig
 from paygate.tlog.service import (
     LogConfig,
     TransparencyLog,
@@ -62,6 +63,12 @@ def log_config(settings: Settings) -> LogConfig:
         receipt_period=settings.log_receipt_period,
         witnesses=witnesses,
         witness_timeout=settings.log_witness_timeout,
+        recovery=RecoveryConfig(
+            batch=settings.log_recovery_batch,
+            grace=settings.log_recovery_grace,
+            window=settings.log_recovery_window,
+            interval=settings.reconcile_interval_seconds,
+        ),
     )
 
 

@@ -37,9 +37,11 @@ from enclave.tlog import checkpoint as cp
 from enclave.tlog import entries, merkle, note, tiles
 from paygate.server.errors import GatewayError
 from paygate.tlog.errors import LogStoreError
+from paygate.tlog.recovery import ReceiptRecovery, RecoveryConfig
 from paygate.tlog.store import (
     Appended,
     LogStore,
+    MissingReceipt,
     OpenReceipt,
     StoredCheckpoint,
     adrive,
@@ -104,6 +106,7 @@ class LogConfig:
     witnesses: tuple[WitnessEndpoint, ...] = ()
     witness_timeout: float = 10.0
     period_limit: int = 100_000  # receipts in one receipts entry (the rest: the next one)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)  # paygate.tlog.recovery
 
 
 @dataclass
@@ -136,6 +139,8 @@ class TransparencyLog:
         self._own = _Signed()
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[object]] = set()
+        # Receipts the ledger kept that this log was never given (a crash between the two).
+        self.recovery = ReceiptRecovery(store, config.replica, receipt_facts, config.recovery)
 
     # --- signing ---------------------------------------------------------------------------
 
@@ -371,9 +376,11 @@ class TransparencyLog:
         await self._store.close()
 
     def spawn_periods(self) -> None:
-        task = asyncio.get_running_loop().create_task(self.run_periods())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """The receipts periods and the recovery of kept receipts, in the background."""
+        for work in (self.run_periods(), self.recovery.run()):
+            task = asyncio.get_running_loop().create_task(work)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
 
 def _merge_lines(existing: str, new: Sequence[str]) -> str:
@@ -408,6 +415,16 @@ def _charged(payload: bytes) -> int:
     payment = claims.get("payment") if claims.get("kind") == "reply" else None
     amount = payment.get("charged") if isinstance(payment, dict) else None
     return int(amount) if isinstance(amount, str) and amount.isdigit() and len(amount) < 78 else 0
+
+
+def receipt_facts(token: str) -> MissingReceipt:
+    """A signed receipt's leaf hash, amount and time, as :meth:`TransparencyLog.record_receipt`
+    records them (ValueError: not a receipt token)."""
+    try:
+        payload = receipts.signed_bytes(token)
+    except (ReceiptTokenInvalid, ValueError):
+        raise ValueError("not a receipt token") from None
+    return MissingReceipt(merkle.leaf_hash(payload), _charged(payload), _issued(payload))
 
 
 def _issued(payload: bytes) -> float:

@@ -11,6 +11,10 @@ Stored: ``tlog_entries`` (index, bytes), ``tlog_hashes`` (the hashes of each til
 signed checkpoint and its witnesses' cosignatures), ``tlog_receipts`` (the leaf hash and amount
 of every signed receipt; ``entry``/``position`` once a receipts entry covers it) and
 ``tlog_meta`` (the origin: one store never holds two logs).
+
+Recovery (:mod:`paygate.tlog.recovery`) reads the ledger's own ``receipts`` table, in the same
+database: a receipt kept there that ``tlog_receipts`` lacks is recorded, once, under the append
+lock (``tlog_receipts`` has no unique key on the leaf: the lock is what makes it once).
 """
 
 from __future__ import annotations
@@ -55,6 +59,34 @@ class OpenReceipt:
     issued_at: float
 
 
+#: Where a scan of the ledger's receipts stands: after this (created_at, payment_id, kind).
+Position = tuple[float, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class KeptReceipt:
+    """A signed receipt the ledger keeps (its ``receipts`` table), in the order recovery reads
+    them: by when it was kept, then its key."""
+
+    created_at: float
+    payment_id: str
+    kind: str
+    token: str
+
+    @property
+    def position(self) -> Position:
+        return (self.created_at, self.payment_id, self.kind)
+
+
+@dataclass(frozen=True, slots=True)
+class MissingReceipt:
+    """A receipt's leaf, amount and time, to record if the log does not have its leaf yet."""
+
+    leaf: bytes
+    amount: int
+    issued_at: float
+
+
 @dataclass(frozen=True, slots=True)
 class ReceiptPeriod:
     entry: int  # the receipts entry's index in the log
@@ -94,6 +126,14 @@ class LogStore(Protocol):
     async def bundle(self, index: int, width: int) -> list[bytes] | None: ...
 
     async def receipt_period(self, leaf: bytes) -> ReceiptPeriod | None: ...
+
+    async def kept_receipts(
+        self, after: Position | None, *, window: float, grace: float, limit: int
+    ) -> tuple[Position | None, list[KeptReceipt]]: ...
+
+    async def known_leaves(self, leaves: Sequence[bytes]) -> set[bytes]: ...
+
+    async def record_missing(self, missing: Sequence[MissingReceipt], replica: str) -> int: ...
 
     async def close(self) -> None: ...
 

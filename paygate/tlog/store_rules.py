@@ -23,9 +23,12 @@ from paygate.tlog.errors import LogOriginMismatch, LogStoreError
 from paygate.tlog.store import (
     APPEND_LOCK,
     Appended,
+    KeptReceipt,
+    MissingReceipt,
     NoteSigner,
     OpenReceipt,
     PeriodEntry,
+    Position,
     ReceiptPeriod,
     StoredCheckpoint,
     check_entries,
@@ -242,6 +245,34 @@ class LogQueries:
     def period_of(row: Row, leaves: Sequence[Row]) -> ReceiptPeriod:
         return ReceiptPeriod(int(row[0]), int(row[1]), tuple(bytes(r[0]) for r in leaves))
 
+    # --- recovery: the ledger's kept receipts the log lacks ----------------------------------
+
+    #: When the ledger kept its newest receipt (receipts_created: the index's last entry).
+    newest_kept = "SELECT MAX(created_at) AS newest FROM receipts"
+
+    def kept_after(self, after: Position, until: float, limit: int) -> Query:
+        """The ledger's receipts after ``after`` kept by ``until``, in (created_at, key) order
+        (a range of receipts_created)."""
+        at, payment_id, kind = after
+        return self._sql(
+            "SELECT created_at, payment_id, kind, token FROM receipts"
+            " WHERE created_at >= ? AND created_at <= ?"
+            " AND (created_at > ? OR payment_id > ? OR (payment_id = ? AND kind > ?))"
+            " ORDER BY created_at, payment_id, kind LIMIT ?"
+        ), (at, until, at, payment_id, payment_id, kind, limit)
+
+    @staticmethod
+    def kept_of(row: Row) -> KeptReceipt:
+        return KeptReceipt(float(row[0]), str(row[1]), str(row[2]), str(row[3]))
+
+    def known_leaves(self, leaves: Sequence[bytes]) -> Query:
+        """Which of ``leaves`` the log has recorded (tlog_receipts_leaf)."""
+        marks = ", ".join([self.mark] * len(leaves))
+        return (
+            f"SELECT leaf FROM tlog_receipts WHERE leaf IN ({marks})",  # noqa: S608 - placeholders only
+            tuple(leaves),
+        )
+
 
 # --- the store's calls, as plans ------------------------------------------------------------
 
@@ -308,6 +339,45 @@ def append_receipts_plan(
     return appended
 
 
+def kept_receipts_plan(
+    sql: LogQueries, after: Position | None, window: float, grace: float, limit: int
+) -> Plan[tuple[Position | None, list[KeptReceipt]]]:
+    """Up to ``limit`` receipts the ledger kept after ``after`` and at least ``grace`` seconds
+    ago (by the database's clock where it has one); with no ``after``, from ``window`` seconds
+    before the newest kept receipt. Returns where the scan started and what it read."""
+    now = float((yield (sql.clock, ()))[0][0]) if sql.clock else time.time()
+    if after is None:
+        newest = _first((yield (sql.newest_kept, ())))
+        if newest is None or newest[0] is None:
+            return None, []
+        after = (float(newest[0]) - window, "", "")
+    rows = yield sql.kept_after(after, now - grace, limit)
+    return after, [sql.kept_of(r) for r in rows]
+
+
+def known_leaves_plan(sql: LogQueries, leaves: Sequence[bytes]) -> Plan[set[bytes]]:
+    if not leaves:
+        return set()
+    return {bytes(r[0]) for r in (yield sql.known_leaves(leaves))}
+
+
+def record_missing_plan(
+    sql: LogQueries, missing: Sequence[MissingReceipt], replica: str
+) -> Plan[int]:
+    """Record the receipts whose leaf the log does not have, under the append lock (SQLite's
+    write transaction, PostgreSQL's advisory lock): two recoveries at once record each once."""
+    yield from _locked(sql)
+    known = yield from known_leaves_plan(sql, [m.leaf for m in missing])
+    recorded = 0
+    for receipt in missing:
+        if receipt.leaf in known:
+            continue
+        known.add(receipt.leaf)
+        yield sql.record_receipt(receipt.leaf, receipt.amount, replica, receipt.issued_at)
+        recorded += 1
+    return recorded
+
+
 def receipt_period_plan(sql: LogQueries, leaf: bytes) -> Plan[ReceiptPeriod | None]:
     row = _first((yield sql.receipt_entry(leaf)))
     if row is None:
@@ -366,3 +436,16 @@ class QueryLogStore(ABC):
 
     async def receipt_period(self, leaf: bytes) -> ReceiptPeriod | None:
         return await self._read(receipt_period_plan(self.SQL, leaf))
+
+    async def kept_receipts(
+        self, after: Position | None, *, window: float, grace: float, limit: int
+    ) -> tuple[Position | None, list[KeptReceipt]]:
+        return await self._read(kept_receipts_plan(self.SQL, after, window, grace, limit))
+
+    async def known_leaves(self, leaves: Sequence[bytes]) -> set[bytes]:
+        return await self._read(known_leaves_plan(self.SQL, leaves))
+
+    async def record_missing(self, missing: Sequence[MissingReceipt], replica: str) -> int:
+        if not missing:
+            return 0
+        return await self._write(record_missing_plan(self.SQL, missing, replica))

@@ -1,0 +1,95 @@
+"""Receipts the ledger keeps but the log was never given: found and recorded, once.
+
+A receipt is recorded in the log (``tlog_receipts``) by the process that signed it, and kept in
+the ledger (``receipts``) by that request. Where the ledger keeps it first — a batch-settlement
+voucher's whole-reply receipt goes in the one transaction of the channel's charge and SETTLED,
+and is recorded only after that commits — a process that dies in between leaves a charge the
+log's period totals never count; so does a log store that failed at the record (the error is
+logged and the reply goes out). Recovery closes both: every pass reads the next ``batch``
+receipts the ledger kept (in (created_at, payment id, kind) order, only those kept at least
+``grace`` seconds ago: a live process may still be recording them), asks the log which of their
+leaf hashes it has (one read), and records the others in one write under the append lock, which
+re-checks them there: two replicas or workers recovering at once record each receipt once.
+
+The scan's place is this process's own (no schema of its own): it starts ``window`` seconds
+before the newest receipt the ledger kept, so a restart after any downtime still covers the
+receipts kept just before the crash; a process that keeps running covers everything kept after
+its start. A pass that read a full batch is followed by the next one at once (after a short
+pause), so a backlog is read ``batch`` receipts to a transaction, never in one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from paygate.tlog.store import LogStore, MissingReceipt, Position
+
+log = logging.getLogger("paygate.tlog")
+CATCH_UP_PAUSE = 0.05  # seconds between two full batches: the store serves requests between
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryConfig:
+    batch: int = 500  # ledger receipts read per pass (and per transaction)
+    grace: float = 120.0  # seconds a kept receipt is left to the process recording it
+    window: float = 900.0  # seconds before the newest kept receipt a first pass starts
+    interval: float = 30.0  # seconds between passes once caught up
+
+
+@dataclass(frozen=True, slots=True)
+class Pass:
+    read: int  # ledger receipts read
+    recorded: int  # of them, recorded in the log now (the log did not have them)
+
+
+class ReceiptRecovery:
+    """One process's scan of the ledger's receipts into the log (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: LogStore,
+        replica: str,
+        facts: Callable[[str], MissingReceipt],
+        config: RecoveryConfig,
+    ) -> None:
+        self._store = store
+        self._replica = replica
+        self._facts = facts  # a token → its leaf hash, amount and time (ValueError: unreadable)
+        self.config = config
+        self.after: Position | None = None
+
+    async def pass_once(self) -> Pass:
+        """Read the next batch and record what the log lacks; the place moves on only when
+        that is done (a failure is retried from the same place)."""
+        start, kept = await self._store.kept_receipts(
+            self.after,
+            window=self.config.window,
+            grace=self.config.grace,
+            limit=self.config.batch,
+        )
+        candidates: list[MissingReceipt] = []
+        for receipt in kept:
+            try:
+                candidates.append(self._facts(receipt.token))
+            except ValueError:
+                log.error("a kept receipt of payment %s is unreadable", receipt.payment_id)
+        known = await self._store.known_leaves([c.leaf for c in candidates])
+        missing = [c for c in candidates if c.leaf not in known]
+        recorded = await self._store.record_missing(missing, self._replica) if missing else 0
+        if recorded:
+            log.warning("recorded %d kept receipts the log did not have", recorded)
+        self.after = kept[-1].position if kept else start
+        return Pass(len(kept), recorded)
+
+    async def run(self) -> None:
+        """Passes for as long as the log runs: at once at start, then every ``interval``."""
+        while True:
+            full = False
+            try:
+                full = (await self.pass_once()).read >= self.config.batch
+            except Exception as exc:  # keep recovering: one failed pass must not end it
+                log.error("the receipts recovery pass failed: %s", type(exc).__name__)
+            await asyncio.sleep(CATCH_UP_PAUSE if full else self.config.interval)
