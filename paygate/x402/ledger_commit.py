@@ -57,6 +57,13 @@ from paygate.errors import PaygateError
 #: can take down.
 MAX_GROUP = 64
 
+#: Seconds the idle worker sleeps before it looks again even unwoken (every wait has a
+#: timeout; each change it waits for puts a wake token, so this costs nothing per call).
+IDLE_WAIT = 1.0
+
+#: Seconds :meth:`GroupCommit.stop` waits for the worker to finish what was queued.
+STOP_TIMEOUT = 60.0
+
 _SQLITE_BUSY = 5  # the primary result code; extended codes (BUSY_RECOVERY, …) share its low byte
 
 
@@ -226,14 +233,31 @@ class GroupCommit:
             self._waiting.append(call)
         return future
 
-    def stop(self) -> None:
-        """Run what is queued, then end the thread (blocks until it has ended)."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Run what is queued, then end the thread (blocks until it has ended, at most
+        ``timeout`` seconds, default :data:`STOP_TIMEOUT`: then RuntimeError).
+
+        Called on the event loop's thread, it blocks the loop, which then cannot run the
+        callbacks it has pending: an open group's hand-off of its COMMIT to the worker (who
+        would wait for it for ever while this waits for the worker), and its calls waiting
+        for the connection. So it hands them over itself, in submission order: the open
+        group's COMMIT first, then its calls that found the write lock busy, then the waiting
+        ones, all ahead of the stop. Every accepted call is run and committed (or fails with
+        its error); the answers reach the loop's callers once it runs again."""
         if not self._stopped:
             self._stopped = True
+            waiting: list[_Call] = []
+            if self._home is not None and _running_loop() is self._home:
+                waiting, self._waiting = self._waiting, []
+                if self._open is not None:
+                    self._hand_off()
             with self._lock:
+                self._queue.extend(waiting)
                 self._queue.append(None)
             self._wake.put(None)
-        self._thread.join()
+        self._thread.join(STOP_TIMEOUT if timeout is None else timeout)
+        if self._thread.is_alive():
+            raise RuntimeError(f"the {self._thread.name} worker did not finish in time")
 
     def transaction(self, db: sqlite3.Connection) -> _Transaction:
         """One call's read-modify-write, all or nothing (a savepoint in its group's transaction,
@@ -296,7 +320,8 @@ class GroupCommit:
     def _hand_off(self) -> None:
         """End of the loop iteration that opened the group: its COMMIT goes to the worker."""
         group, self._open = self._open, None
-        assert group is not None
+        if group is None:  # stop() handed it off already
+            return
         with self._lock:
             self._queue.extend(group.handed)
             if group.db is not None:
@@ -366,7 +391,8 @@ class GroupCommit:
             elif calls:
                 self._run(calls)
             else:  # nothing for it yet: sleep until the loop changes something
-                self._wake.get()
+                with contextlib.suppress(queue.Empty):
+                    self._wake.get(timeout=IDLE_WAIT)
                 continue
             with self._lock:
                 self._owner = None
@@ -450,6 +476,13 @@ class GroupCommit:
         for loop, answered in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting
                 loop.call_soon_threadsafe(_resolve, answered)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # not on an event loop's thread
+        return None
 
 
 def _busy(exc: BaseException) -> bool:
