@@ -39,12 +39,17 @@ from aiohttp import web
 
 from paygate import jsonsafe, wire
 from paygate.server.claims import REFUSED, DoubtedClaims
-from paygate.server.errors import EncryptionRequired, TooManyUploads, UploadsBusy
+from paygate.server.errors import (
+    EncryptionRequired,
+    GatewayError,
+    TooManyUploads,
+    UploadsBusy,
+)
 from paygate.server.forwarded import DEFAULT_IPV6_PREFIX, Network, address_key, client_address
 from paygate.server.limits import PerAddressSlots, Slots, read_body
 from paygate.server.opengate import OpenGate
 from paygate.server.opening import OpenedBody, Opener
-from paygate.server.payments import HttpPaymentRefusal, PaymentStep, Ticket, carries_payment
+from paygate.server.payments import PaymentStep, Ticket, carries_payment
 from paygate.server.ratelimit import RateLimits
 from paygate.server.routes import Route
 from paygate.x402.batch import ITEM_PATH as BATCH_ITEM_PATH
@@ -150,20 +155,14 @@ class Admission:
             claimed = paying and self._claims.believed(key)
             pool = self._admitted_bodies if claimed else self._unverified_bodies
             body = await self._read(request, key, pool)
-            if wire.is_sealed(request.headers.get("Content-Type")):
-                gate = self._claimed_opens if claimed else self._unverified_opens
-                with gate.slot(key):
-                    opened = await self._opener.open(request, body)
-            else:  # plaintext: nothing to open, no key operation
-                opened = await self._opener.open(request, body)
-            if route.target == "batch" and self._rate_limits is not None:
-                for _ in range(_items(opened.body)):
-                    self._rate_limits.check_address(f"POST {BATCH_ITEM_PATH}", key)
-            payment = self._payments.admit(request, route, body=opened.body, client=key)
             try:
-                ticket = await payment.__aenter__()
-            except HttpPaymentRefusal as refusal:
-                if paying and refusal.status in REFUSED:  # a claim that was not a payment
+                opened, payment, ticket = await self._open_and_pay(
+                    request, route, body, key, claimed
+                )
+            except GatewayError as refusal:
+                # The sender's doing (a body that does not open or parse, a payment that is no
+                # payment), after a key operation on a claim's word: doubt its next claims.
+                if paying and refusal.status in REFUSED:
                     self._claims.refused(key)
                 raise
             if paying:
@@ -177,6 +176,23 @@ class Admission:
             await payment.__aexit__(type(exc), exc, exc.__traceback__)
             raise
         return Admitted(ticket, body, client, client_key=key), payment
+
+    async def _open_and_pay(
+        self, request: web.Request, route: Route, body: bytes, key: str, claimed: bool
+    ) -> tuple[OpenedBody, Any, Ticket]:
+        """A body-priced request, its body read: opened (sealed: through its kind's gate),
+        then the payment step entered (its context, to exit with the caller's block)."""
+        if wire.is_sealed(request.headers.get("Content-Type")):
+            gate = self._claimed_opens if claimed else self._unverified_opens
+            with gate.slot(key):
+                opened = await self._opener.open(request, body)
+        else:  # plaintext: nothing to open, no key operation
+            opened = await self._opener.open(request, body)
+        if route.target == "batch" and self._rate_limits is not None:
+            for _ in range(_items(opened.body)):
+                self._rate_limits.check_address(f"POST {BATCH_ITEM_PATH}", key)
+        payment = self._payments.admit(request, route, body=opened.body, client=key)
+        return opened, payment, await payment.__aenter__()
 
     async def _read(self, request: web.Request, key: str, pool: Slots) -> bytes:
         if not request.body_exists:

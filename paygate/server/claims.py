@@ -7,7 +7,8 @@ callers' rate so that a payer making paid calls one after another is not held to
 costs nothing to forge, though: a flood of forged claims would take that gate's whole rate, and
 so the real payers' opens.
 
-So a claim that fails (its payment refused as invalid: 400/402) costs its sender: its address
+So a claim that fails once the key's work is done — its body does not open or parse, or its
+payment is refused as invalid (400/402 either way) — costs its sender: its address
 is *doubted* for :data:`DOUBT_SECONDS`, and while doubted, its requests are admitted as unpaid
 ones whatever header they carry (the unpaid pool and gate: its one slot per address and the
 unpaid rate it shares with every other unpaid caller). A payment verified from the address
@@ -37,7 +38,7 @@ from collections.abc import Callable
 DOUBT_SECONDS = 60.0
 #: Addresses remembered at most (each a few hundred bytes).
 MAX_DOUBTED = 65_536
-#: Refusals of a claimed payment that are the sender's doing: invalid or unpaid.
+#: Refusals of a claim that are the sender's doing: a body or a payment that is no good.
 REFUSED = frozenset((400, 402))
 
 
@@ -69,7 +70,7 @@ class DoubtedClaims:
         return True
 
     def refused(self, address: str) -> None:
-        """A claim from ``address`` was refused as invalid: doubt it from now on."""
+        """A claim from ``address`` was refused (:data:`REFUSED`): doubt it from now on."""
         self._until.pop(address, None)
         self._until[address] = self._clock() + self.seconds
         while len(self._until) > self.max_addresses:

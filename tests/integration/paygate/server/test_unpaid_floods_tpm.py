@@ -261,11 +261,19 @@ async def test_a_payer_faster_than_the_unpaid_open_rate_is_served(
 FORGERS = ("127.0.1.1", "127.0.1.2", "127.0.1.3", "127.0.1.4")  # the forged claims' addresses
 
 
+@pytest.mark.parametrize("forgery", ["unfunded", "undecryptable"])
 async def test_a_forged_claim_flood_is_bounded_and_leaves_a_payer_served(
-    slow_tpm_key: SlowKey, facilitator: Any, usdc: Any, payer: Any, seller: str, tmp_path: Path
+    slow_tpm_key: SlowKey,
+    facilitator: Any,
+    usdc: Any,
+    payer: Any,
+    seller: str,
+    tmp_path: Path,
+    forgery: str,
 ) -> None:
-    """Sealed requests with well-formed payment headers from a wallet with no funds (each
-    refused at verification, 402), from several addresses, as fast as they go: the payer's
+    """Sealed requests with well-formed payment headers from a wallet with no funds, from
+    several addresses, as fast as they go — each refused at verification (402), or, with a
+    sealed body whose last byte is flipped, once the key's work is done (400): the payer's
     claims are still served, and the flood's key operations stay within the unpaid gate's rate
     plus a few per address (each address's claims are believed until the first is refused)."""
     claimed = 20.0  # above what the TPM at a discrete TPM's pace does: the rate alone is no bound
@@ -294,9 +302,11 @@ async def test_a_forged_claim_flood_is_bounded_and_leaves_a_payer_served(
         async def forger(session: aiohttp.ClientSession) -> None:
             while not stop.is_set():
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    sealed = _sealed(stack)
+                    blob = _sealed(stack).blob
+                    if forgery == "undecryptable":
+                        blob = blob[:-1] + bytes([blob[-1] ^ 1])
                     async with session.post(
-                        stack.url + CHAT, data=sealed.blob, headers={**SEALED, **forge()}
+                        stack.url + CHAT, data=blob, headers={**SEALED, **forge()}
                     ) as response:
                         await response.read()
                         statuses.append(response.status)
@@ -320,13 +330,14 @@ async def test_a_forged_claim_flood_is_bounded_and_leaves_a_payer_served(
         seconds = time.monotonic() - started
         operations = await key_operations(stack) - operations_before
     assert len(statuses) > 200  # the flood ran
-    assert set(statuses) <= {402, 429, 503}, set(statuses)
+    refused = 402 if forgery == "unfunded" else 400  # after the key's work
+    assert set(statuses) <= {refused, 429, 503}, set(statuses)
     assert _served_in_time(results) >= 0.9, results
     served = sum(1 for status, _ in results if status == 200)
     # The flood's opens: the unpaid gate's (rate, burst, one to spare), and before each
     # address's first refusal at most its per-address slot's worth in flight, a few.
     flood_opens = OPENS_PER_SECOND * seconds + 4 + 1 + 4 * len(FORGERS)
-    assert statuses.count(402) <= flood_opens
+    assert statuses.count(refused) <= flood_opens
     assert operations <= len(results) + flood_opens
     assert tpm.commands - commands <= len(results) * per_call + flood_opens * slow_tpm_key.per_ecdh
     assert usdc.balance_of(seller) == (1 + served) * 2000
