@@ -42,7 +42,9 @@ def _rows(path: Path) -> list[int]:
         db.close()
 
 
-def _bounded(scenario: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+def _bounded(
+    scenario: Callable[[], Coroutine[Any, Any, Any]], hung: str = "stop() deadlocked"
+) -> Any:
     """Run ``scenario`` on an event loop of its own thread; fail (not hang) if it does not end."""
     outcome: list[Any] = []
 
@@ -55,7 +57,7 @@ def _bounded(scenario: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     thread = threading.Thread(target=run, name="scenario", daemon=True)
     thread.start()
     thread.join(BOUND)
-    assert not thread.is_alive(), "stop() deadlocked"
+    assert not thread.is_alive(), hung
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     return outcome[0]
@@ -170,8 +172,8 @@ def test_calls_after_stop_are_refused(tmp_path: Path) -> None:
 def test_the_idle_worker_looks_again_without_a_wake(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The worker's idle wait has a timeout: work it was not woken for (a lost wake) is still
-    done, within the idle wait."""
+    """The worker's idle wait has a timeout (kept by the ticker): work it was not woken for
+    (a lost wake) is still done, within the idle wait."""
     monkeypatch.setattr(ledger_commit, "IDLE_WAIT", 0.05, raising=False)
     path = tmp_path / "t.db"
     db = _connect(path)
@@ -190,7 +192,7 @@ def test_the_idle_worker_looks_again_without_a_wake(
             commits.stop()
 
     try:
-        assert _bounded(scenario) == 9
+        assert _bounded(scenario, "the idle worker never looked again") == 9
     finally:
         db.close()
     assert _rows(path) == [9]
