@@ -16,8 +16,9 @@ starving paid ones. One entry: ``async with admission.admit(request, route) as a
    unpaid, ``claimed_opens_per_second`` for those with a payment): no flood, from however many
    addresses, takes more than a bounded share of the TPM/HSM. A payment header is only a
    claim until verified, and costs nothing to forge: an address whose claim is refused after
-   its open (400/402: a body or a payment that is no good) is admitted as unpaid for a while (:mod:`paygate.server.claims`), so forged claims
-   cannot take the claimed gate's rate from real payers.
+   its open (400/402: a body or a payment that is no good) is admitted as unpaid for a while
+   (:mod:`paygate.server.claims`), so forged claims cannot take the claimed gate's rate from
+   real payers.
 4. Every body read holds a per-address slot too (``per_ip_body_slots``, never more than a
    pool): one address cannot exhaust another's share.
 5. A batch is N requests: once its body is read, every item takes its own token of the item
