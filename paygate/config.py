@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from paygate.x402.ledger_store import LedgerLocation
 
 KeyBackendName = Literal["software", "pkcs11", "tpm", "tee-memory"]
+# A rate of key operations a second: finite and above 0 (inf would be no bound at all).
+OpsPerSecond = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeDecimal = Annotated[Decimal, Field(ge=0, max_digits=40, decimal_places=18)]
 PaymentMode = Literal["off", "facilitator", "chain", "verify-only"]
 PaymentScheme = Literal["exact", "upto", "batch-settlement"]
@@ -339,9 +341,12 @@ class GatewaySection(BaseModel):
     per_ip_body_slots: PositiveInt = 8
     unpaid_open_slots: PositiveInt = 4
     # Opening a sealed body before its payment is verified (body-priced routes): per address at
-    # once, and at most this many a second in all (a key operation each, on the TPM/HSM).
+    # once, and at most this many a second in all (a key operation each, on the TPM/HSM), for
+    # callers without a payment and, in a gate of their own, those with one (a claim, not yet
+    # verified: paygate.server.claims).
     per_ip_open_slots: PositiveInt = 1
-    unpaid_opens_per_second: PositiveFloat = 10.0
+    unpaid_opens_per_second: OpsPerSecond = 10.0
+    claimed_opens_per_second: OpsPerSecond = 50.0
     connect_timeout: PositiveFloat = 5.0
     first_byte_timeout: PositiveFloat = 300.0
     idle_timeout: PositiveFloat = 120.0

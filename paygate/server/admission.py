@@ -12,8 +12,13 @@ starving paid ones. One entry: ``async with admission.admit(request, route) as a
    *unverified* pool (``unpaid_body_slots`` in all, the first bytes within
    ``body_first_byte_timeout``), so an unpaid flood cannot fill the paid callers' pool. Each
    kind opens through its own :class:`~paygate.server.opengate.OpenGate` (``unpaid_open_slots``
-   at once, ``per_ip_open_slots`` per address, ``unpaid_opens_per_second`` in all): no flood,
-   from however many addresses, takes more than a bounded share of the TPM/HSM.
+   at once, ``per_ip_open_slots`` per address, and in all ``unpaid_opens_per_second`` for the
+   unpaid, ``claimed_opens_per_second`` for those with a payment): no flood, from however many
+   addresses, takes more than a bounded share of the TPM/HSM. A payment header is only a
+   claim until verified, and costs nothing to forge: an address whose claim is refused after
+   its open (400/402: a body or a payment that is no good) is admitted as unpaid for a while
+   (:mod:`paygate.server.claims`), so forged claims cannot take the claimed gate's rate from
+   real payers.
 4. Every body read holds a per-address slot too (``per_ip_body_slots``, never more than a
    pool): one address cannot exhaust another's share.
 5. A batch is N requests: once its body is read, every item takes its own token of the item
@@ -34,7 +39,13 @@ from typing import Any
 from aiohttp import web
 
 from paygate import jsonsafe, wire
-from paygate.server.errors import EncryptionRequired, TooManyUploads, UploadsBusy
+from paygate.server.claims import REFUSED, DoubtedClaims
+from paygate.server.errors import (
+    EncryptionRequired,
+    GatewayError,
+    TooManyUploads,
+    UploadsBusy,
+)
 from paygate.server.forwarded import DEFAULT_IPV6_PREFIX, Network, address_key, client_address
 from paygate.server.limits import PerAddressSlots, Slots, read_body
 from paygate.server.opengate import OpenGate
@@ -61,6 +72,7 @@ class AdmissionLimits:
     trusted_proxies: tuple[Network, ...] = ()
     per_ip_open_slots: int = 1
     unpaid_opens_per_second: float = 10.0
+    claimed_opens_per_second: float = 50.0
     ipv6_prefix: int = DEFAULT_IPV6_PREFIX
 
 
@@ -99,19 +111,21 @@ class Admission:
             limits.per_ip_body_slots, lambda: TooManyUploads(headers=retry)
         )
 
-        def open_gate() -> OpenGate:
+        def open_gate(per_second: float) -> OpenGate:
             return OpenGate(
                 slots=limits.unpaid_open_slots,
                 per_address=limits.per_ip_open_slots,
                 # A rate for keys in hardware only (paygate.server.opengate).
-                per_second=None if opener.inline else limits.unpaid_opens_per_second,
+                per_second=None if opener.inline else per_second,
                 busy=lambda: UploadsBusy(headers=retry),
                 too_many=lambda: TooManyUploads(headers=retry),
             )
 
-        # Separate gates: callers without a payment cannot use up those with one.
-        self._unverified_opens = open_gate()
-        self._claimed_opens = open_gate()
+        # Separate gates: callers without a payment cannot use up those with one, and those
+        # whose claims were refused are admitted as the former (paygate.server.claims).
+        self._unverified_opens = open_gate(limits.unpaid_opens_per_second)
+        self._claimed_opens = open_gate(limits.claimed_opens_per_second)
+        self._claims = DoubtedClaims()
 
     def admit(self, request: web.Request, route: Route) -> Admitting:
         return Admitting(self, request, route)
@@ -138,20 +152,22 @@ class Admission:
         if route.paid and (self._payments.needs_body or route.target == "batch"):
             # The price needs the body (its model, its tokens): read and open it before
             # payment, tightly bounded.
-            claimed = carries_payment(request.headers)
+            paying = carries_payment(request.headers)
+            claimed = paying and self._claims.believed(key)
             pool = self._admitted_bodies if claimed else self._unverified_bodies
             body = await self._read(request, key, pool)
-            if wire.is_sealed(request.headers.get("Content-Type")):
-                gate = self._claimed_opens if claimed else self._unverified_opens
-                with gate.slot(key):
-                    opened = await self._opener.open(request, body)
-            else:  # plaintext: nothing to open, no key operation
-                opened = await self._opener.open(request, body)
-            if route.target == "batch" and self._rate_limits is not None:
-                for _ in range(_items(opened.body)):
-                    self._rate_limits.check_address(f"POST {BATCH_ITEM_PATH}", key)
-            payment = self._payments.admit(request, route, body=opened.body, client=key)
-            ticket = await payment.__aenter__()
+            try:
+                opened, payment, ticket = await self._open_and_pay(
+                    request, route, body, key, claimed
+                )
+            except GatewayError as refusal:
+                # The sender's doing (a body that does not open or parse, a payment that is no
+                # payment), after a key operation on a claim's word: doubt its next claims.
+                if paying and refusal.status in REFUSED:
+                    self._claims.refused(key)
+                raise
+            if paying:
+                self._claims.verified(key)
             return Admitted(ticket, body, client, opened, key), payment
         payment = self._payments.admit(request, route, client=key)
         ticket = await payment.__aenter__()
@@ -161,6 +177,23 @@ class Admission:
             await payment.__aexit__(type(exc), exc, exc.__traceback__)
             raise
         return Admitted(ticket, body, client, client_key=key), payment
+
+    async def _open_and_pay(
+        self, request: web.Request, route: Route, body: bytes, key: str, claimed: bool
+    ) -> tuple[OpenedBody, Any, Ticket]:
+        """A body-priced request, its body read: opened (sealed: through its kind's gate),
+        then the payment step entered (its context, to exit with the caller's block)."""
+        if wire.is_sealed(request.headers.get("Content-Type")):
+            gate = self._claimed_opens if claimed else self._unverified_opens
+            with gate.slot(key):
+                opened = await self._opener.open(request, body)
+        else:  # plaintext: nothing to open, no key operation
+            opened = await self._opener.open(request, body)
+        if route.target == "batch" and self._rate_limits is not None:
+            for _ in range(_items(opened.body)):
+                self._rate_limits.check_address(f"POST {BATCH_ITEM_PATH}", key)
+        payment = self._payments.admit(request, route, body=opened.body, client=key)
+        return opened, payment, await payment.__aenter__()
 
     async def _read(self, request: web.Request, key: str, pool: Slots) -> bytes:
         if not request.body_exists:

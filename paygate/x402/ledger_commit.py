@@ -43,9 +43,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +58,15 @@ from paygate.errors import PaygateError
 #: Calls per group at most: bounds how long the write lock is held and what one failed COMMIT
 #: can take down.
 MAX_GROUP = 64
+
+#: Seconds the idle worker sleeps at most before it looks again, woken or not (every wait has
+#: a timeout). Kept by :class:`_Ticker`, not by a timed wait: a timed sleep arms a kernel timer
+#: each time the worker sleeps (measured: ~1.5 µs of CPU a sleep, i.e. a group, with
+#: SimpleQueue.get(timeout=…) against get()), where the ticker's token costs one wake a second.
+IDLE_WAIT = 1.0
+
+#: Seconds :meth:`GroupCommit.stop` waits for the worker to finish what was queued.
+STOP_TIMEOUT = 60.0
 
 _SQLITE_BUSY = 5  # the primary result code; extended codes (BUSY_RECOVERY, …) share its low byte
 
@@ -192,6 +203,7 @@ class GroupCommit:
         self._group: _Group | None = None  # the group whose call is running
         self._stopped = False
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        _TICKER.keep(self._wake)
         self._thread.start()
 
     def submit(
@@ -226,14 +238,31 @@ class GroupCommit:
             self._waiting.append(call)
         return future
 
-    def stop(self) -> None:
-        """Run what is queued, then end the thread (blocks until it has ended)."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Run what is queued, then end the thread (blocks until it has ended, at most
+        ``timeout`` seconds, default :data:`STOP_TIMEOUT`: then RuntimeError).
+
+        Called on the event loop's thread, it blocks the loop, which then cannot run the
+        callbacks it has pending: an open group's hand-off of its COMMIT to the worker (who
+        would wait for it for ever while this waits for the worker), and its calls waiting
+        for the connection. So it hands them over itself, in submission order: the open
+        group's COMMIT first, then its calls that found the write lock busy, then the waiting
+        ones, all ahead of the stop. Every accepted call is run and committed (or fails with
+        its error); the answers reach the loop's callers once it runs again."""
         if not self._stopped:
             self._stopped = True
+            waiting: list[_Call] = []
+            if self._home is not None and _running_loop() is self._home:
+                waiting, self._waiting = self._waiting, []
+                if self._open is not None:
+                    self._hand_off()
             with self._lock:
+                self._queue.extend(waiting)
                 self._queue.append(None)
             self._wake.put(None)
-        self._thread.join()
+        self._thread.join(STOP_TIMEOUT if timeout is None else timeout)
+        if self._thread.is_alive():
+            raise RuntimeError(f"the {self._thread.name} worker did not finish in time")
 
     def transaction(self, db: sqlite3.Connection) -> _Transaction:
         """One call's read-modify-write, all or nothing (a savepoint in its group's transaction,
@@ -296,7 +325,8 @@ class GroupCommit:
     def _hand_off(self) -> None:
         """End of the loop iteration that opened the group: its COMMIT goes to the worker."""
         group, self._open = self._open, None
-        assert group is not None
+        if group is None:  # stop() handed it off already
+            return
         with self._lock:
             self._queue.extend(group.handed)
             if group.db is not None:
@@ -353,6 +383,7 @@ class GroupCommit:
                 if group is None and self._queue and self._owner is None:
                     first = self._queue.popleft()
                     if first is None:
+                        _TICKER.forget(self._wake)
                         return
                     calls.append(first)
                     while not first.alone and self._queue and len(calls) < self.max_group:
@@ -365,7 +396,7 @@ class GroupCommit:
                 self._finish(group)
             elif calls:
                 self._run(calls)
-            else:  # nothing for it yet: sleep until the loop changes something
+            else:  # nothing for it yet: sleep until the loop changes something (or a tick)
                 self._wake.get()
                 continue
             with self._lock:
@@ -450,6 +481,49 @@ class GroupCommit:
         for loop, answered in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting
                 loop.call_soon_threadsafe(_resolve, answered)
+
+
+class _Ticker:
+    """The idle workers' timeout: one thread for the process puts a wake token into every
+    worker's queue each :data:`IDLE_WAIT` seconds, so no worker sleeps longer unwoken."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wakes: set[queue.SimpleQueue[None]] = set()
+        self._thread: threading.Thread | None = None
+
+    def keep(self, wake: queue.SimpleQueue[None]) -> None:
+        with self._lock:
+            self._wakes.add(wake)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._tick, name="paygate-commit-ticker", daemon=True
+                )
+                self._thread.start()
+
+    def forget(self, wake: queue.SimpleQueue[None]) -> None:
+        with self._lock:
+            self._wakes.discard(wake)
+
+    def _tick(self) -> None:
+        while True:
+            time.sleep(IDLE_WAIT)
+            with self._lock:
+                wakes = list(self._wakes)
+            for wake in wakes:
+                wake.put(None)
+
+
+_TICKER = _Ticker()
+# A forked child has none of the parent's threads: its group commits start their own ticker.
+os.register_at_fork(after_in_child=_TICKER.__init__)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # not on an event loop's thread
+        return None
 
 
 def _busy(exc: BaseException) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from paygate_dev.chain.accounts import new_account
 from paygate_dev.stack import Swtpm
 
 import enclave
@@ -204,4 +205,139 @@ async def test_an_unpaid_sealed_flood_on_a_body_priced_route_leaves_a_payer_serv
     opens = OPENS_PER_SECOND * seconds + 4 + 1  # the unpaid gate's rate, its burst, one to spare
     assert operations <= 1 + len(results) + opens
     assert tpm.commands - commands <= len(results) * per_call + opens * slow_tpm_key.per_ecdh
+    assert usdc.balance_of(seller) == (1 + served) * 2000
+
+
+# --- callers with a payment header: their own gate, at claimed_opens_per_second -------------
+
+
+@pytest.fixture
+def tpm_key(swtpm_factory: Callable[[], Swtpm], tmp_path: Path) -> Iterator[TpmKey]:
+    """A key in a real swtpm, reached directly (at swtpm's own pace)."""
+    tpm = swtpm_factory()
+    key_dir = tmp_path / "tpm-key"
+    with TpmKey.generate(tpm.tcti, key_dir):
+        pass
+    with TpmKey.open(tpm.tcti, key_dir) as key:
+        yield key
+
+
+def _payments(stack: Stack, required: dict[str, Any], account: Any) -> Callable[[], dict[str, str]]:
+    """Fresh payment headers of ``account`` for the offer in ``required``."""
+    offer, resource = required["accepts"][0], required["resource"]["url"]
+
+    def pay() -> dict[str, str]:
+        return {
+            wire.PAYMENT_SIGNATURE: encode_header(
+                sign_v2_payment(account, offer, resource=resource)
+            )
+        }
+
+    return pay
+
+
+async def test_a_payer_faster_than_the_unpaid_open_rate_is_served(
+    tpm_key: TpmKey, facilitator: Any, usdc: Any, payer: Any, seller: str, tmp_path: Path
+) -> None:
+    """Paid calls one after the other, unpaced, on a body-priced route with the key in a TPM:
+    far more than ``unpaid_opens_per_second`` (1 here, burst 4) in the time they take, within
+    ``claimed_opens_per_second`` (its default): every one is served."""
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / "payments.db",
+        model_prices={"fake-llama": "0.002"},
+        unpaid_opens_per_second=1.0,
+    )
+    calls = 16  # four times the unpaid gate's burst, in a few seconds
+    async with running_stack(key=tpm_key, **settings) as stack:
+        required = await challenge_of(stack, CHAT, CHAT_BODY)
+        assert required["accepts"][0]["amount"] == "2000"
+        results = await _caller(stack, _payments(stack, required, payer), calls=calls)
+    assert [status for status, _ in results] == [200] * calls, results
+    assert usdc.balance_of(seller) == calls * 2000
+
+
+FORGERS = ("127.0.1.1", "127.0.1.2", "127.0.1.3", "127.0.1.4")  # the forged claims' addresses
+
+
+@pytest.mark.parametrize("forgery", ["unfunded", "undecryptable"])
+async def test_a_forged_claim_flood_is_bounded_and_leaves_a_payer_served(
+    slow_tpm_key: SlowKey,
+    facilitator: Any,
+    usdc: Any,
+    payer: Any,
+    seller: str,
+    tmp_path: Path,
+    forgery: str,
+) -> None:
+    """Sealed requests with well-formed payment headers from a wallet with no funds, from
+    several addresses, as fast as they go — each refused at verification (402), or, with a
+    sealed body whose last byte is flipped, once the key's work is done (400): the payer's
+    claims are still served, and the flood's key operations stay within the unpaid gate's rate
+    plus a few per address (each address's claims are believed until the first is refused)."""
+    claimed = 20.0  # above what the TPM at a discrete TPM's pace does: the rate alone is no bound
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / "payments.db",
+        model_prices={"fake-llama": "0.002"},
+        unpaid_opens_per_second=OPENS_PER_SECOND,
+        claimed_opens_per_second=claimed,
+    )
+    tpm = slow_tpm_key.tpm
+    async with running_stack(key=slow_tpm_key.key, **settings) as stack:
+        required = await challenge_of(stack, CHAT, CHAT_BODY)
+        pay = _payments(stack, required, payer)
+        forge = _payments(stack, required, new_account())  # signed, valid, never funded
+        before = tpm.commands
+        assert [status for status, _ in await _caller(stack, pay, calls=1)] == [200]
+        per_call = tpm.commands - before
+        commands = tpm.commands
+        operations_before = await key_operations(stack)
+
+        statuses: list[int] = []
+        stop = asyncio.Event()
+
+        async def forger(session: aiohttp.ClientSession) -> None:
+            while not stop.is_set():
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    blob = _sealed(stack).blob
+                    if forgery == "undecryptable":
+                        blob = blob[:-1] + bytes([blob[-1] ^ 1])
+                    async with session.post(
+                        stack.url + CHAT, data=blob, headers={**SEALED, **forge()}
+                    ) as response:
+                        await response.read()
+                        statuses.append(response.status)
+
+        sessions = [_session(address, FLOODERS) for address in FORGERS]
+        started = time.monotonic()
+        tasks = [
+            asyncio.ensure_future(forger(session))
+            for session in sessions
+            for _ in range(FLOODERS // len(FORGERS))
+        ]
+        try:
+            await asyncio.sleep(1.0)  # the flood is in full swing
+            results = await _caller(stack, pay)
+        finally:
+            stop.set()
+            async with asyncio.timeout(60):
+                await asyncio.gather(*tasks)
+            for session in sessions:
+                await session.close()
+        seconds = time.monotonic() - started
+        operations = await key_operations(stack) - operations_before
+    assert len(statuses) > 200  # the flood ran
+    refused = 402 if forgery == "unfunded" else 400  # after the key's work
+    assert set(statuses) <= {refused, 429, 503}, set(statuses)
+    assert _served_in_time(results) >= 0.9, results
+    served = sum(1 for status, _ in results if status == 200)
+    # The flood's opens: the unpaid gate's (rate, burst, one to spare), and before each
+    # address's first refusal at most its per-address slot's worth in flight, a few.
+    flood_opens = OPENS_PER_SECOND * seconds + 4 + 1 + 4 * len(FORGERS)
+    assert statuses.count(refused) <= flood_opens
+    assert operations <= len(results) + flood_opens
+    assert tpm.commands - commands <= len(results) * per_call + flood_opens * slow_tpm_key.per_ecdh
     assert usdc.balance_of(seller) == (1 + served) * 2000

@@ -1,0 +1,198 @@
+"""Stopping the group commit (paygate.x402.ledger_commit.GroupCommit.stop) while the event loop
+has a group open — its statements ran on the loop, the hand-off of its COMMIT to the worker is
+still to come in the same loop iteration: this is what a store's close() meets when requests
+are still in flight. stop() blocks the loop's thread, so it must hand the group off itself:
+it returns, and every call it had accepted is committed (or failed with a clear error), never
+silently dropped. Each scenario runs on a thread of its own under a bounded wait, so that a
+deadlock fails the test instead of hanging it."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from paygate.x402 import ledger_commit
+from paygate.x402.ledger_commit import GroupCommit
+
+BOUND = 30.0  # seconds: far beyond what any scenario takes when nothing deadlocks
+
+
+class Lost(Exception):
+    pass
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # As the ledger's: transactions by hand, shared by the loop's thread and the worker.
+    db = sqlite3.connect(path, isolation_level=None, timeout=0, check_same_thread=False)
+    db.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER PRIMARY KEY)")
+    return db
+
+
+def _rows(path: Path) -> list[int]:
+    db = sqlite3.connect(path)  # another connection: sees committed rows only
+    try:
+        return [row[0] for row in db.execute("SELECT n FROM t ORDER BY n")]
+    finally:
+        db.close()
+
+
+def _bounded(
+    scenario: Callable[[], Coroutine[Any, Any, Any]], hung: str = "stop() deadlocked"
+) -> Any:
+    """Run ``scenario`` on an event loop of its own thread; fail (not hang) if it does not end."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(asyncio.run(scenario()))
+        except BaseException as exc:  # reported below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name="scenario", daemon=True)
+    thread.start()
+    thread.join(BOUND)
+    assert not thread.is_alive(), hung
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _group_commit(db: sqlite3.Connection) -> tuple[GroupCommit, Callable[[int], int]]:
+    commits = GroupCommit("test-group-commit", Lost, connection=lambda: db)
+
+    def write(n: int) -> int:
+        with commits.transaction(db) as conn:
+            conn.execute("INSERT INTO t VALUES (?)", (n,))
+        return n
+
+    return commits, write
+
+
+@pytest.mark.parametrize("behind", [False, True])
+def test_stop_on_the_loop_with_a_group_open_commits_what_it_accepted(
+    tmp_path: Path, behind: bool
+) -> None:
+    """Writes of an open group (and, ``behind``, calls queued on the loop behind it: one for
+    the worker, one quick) are all committed, in order, and answered."""
+    path = tmp_path / "t.db"
+    db = _connect(path)
+
+    async def scenario() -> list[Any]:
+        commits, write = _group_commit(db)
+        futures = [commits.submit(write, n, quick=True) for n in (1, 2, 3)]
+        if behind:
+            futures.append(commits.submit(write, 4))  # not quick: waits behind the group
+            futures.append(commits.submit(write, 5, quick=True))  # in order, after it
+        assert _rows(path) == []  # the group's statements ran; its COMMIT is not handed off
+        commits.stop()  # on the loop's thread, in the same iteration
+        async with asyncio.timeout(BOUND):
+            return await asyncio.gather(*futures, return_exceptions=True)
+
+    try:
+        outcomes = _bounded(scenario)
+    finally:
+        db.close()
+    expected = [1, 2, 3, 4, 5] if behind else [1, 2, 3]
+    assert outcomes == expected
+    assert _rows(path) == expected
+
+
+def test_stop_on_the_loop_with_a_group_that_only_read_returns(tmp_path: Path) -> None:
+    """A group that wrote nothing (a read, a call that failed — the store's close() meeting
+    calls that found the connection closed) still holds the connection for the loop."""
+    path = tmp_path / "t.db"
+    db = _connect(path)
+    db.execute("INSERT INTO t VALUES (7)")
+
+    async def scenario() -> list[Any]:
+        commits = GroupCommit("test-group-commit", Lost, connection=lambda: db)
+
+        def fails() -> None:
+            raise Lost("the store is closed")
+
+        read = commits.submit(lambda: db.execute("SELECT n FROM t").fetchall(), quick=True)
+        failed = commits.submit(fails, quick=True)
+        commits.stop()
+        async with asyncio.timeout(BOUND):
+            return await asyncio.gather(read, failed, return_exceptions=True)
+
+    try:
+        rows, failed = _bounded(scenario)
+    finally:
+        db.close()
+    assert rows == [(7,)]
+    assert isinstance(failed, Lost)
+
+
+def test_stop_from_another_thread_with_a_group_open_commits_it(tmp_path: Path) -> None:
+    """The loop keeps running while another thread stops the worker: the loop hands the group
+    off as usual and the worker commits it before it ends."""
+    path = tmp_path / "t.db"
+    db = _connect(path)
+
+    async def scenario() -> list[Any]:
+        commits, write = _group_commit(db)
+        futures = [commits.submit(write, n, quick=True) for n in (1, 2)]
+        stopping = asyncio.ensure_future(asyncio.to_thread(commits.stop))
+        async with asyncio.timeout(BOUND):
+            await stopping
+            return await asyncio.gather(*futures, return_exceptions=True)
+
+    try:
+        outcomes = _bounded(scenario)
+    finally:
+        db.close()
+    assert outcomes == [1, 2]
+    assert _rows(path) == [1, 2]
+
+
+def test_calls_after_stop_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    db = _connect(path)
+
+    async def scenario() -> None:
+        commits, write = _group_commit(db)
+        commits.stop()
+        with pytest.raises(RuntimeError, match="stopped"):
+            commits.submit(write, 1, quick=True)
+
+    try:
+        _bounded(scenario)
+    finally:
+        db.close()
+    assert _rows(path) == []
+
+
+def test_the_idle_worker_looks_again_without_a_wake(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's idle wait has a timeout (kept by the ticker): work it was not woken for
+    (a lost wake) is still done, within the idle wait."""
+    monkeypatch.setattr(ledger_commit, "IDLE_WAIT", 0.05, raising=False)
+    path = tmp_path / "t.db"
+    db = _connect(path)
+
+    async def scenario() -> Any:
+        commits, write = _group_commit(db)
+        try:
+            loop = asyncio.get_running_loop()
+            future = loop.create_future()
+            call = ledger_commit._Call(write, (9,), loop, future)
+            with commits._lock:  # queued, and no wake token put: as if it had been lost
+                commits._queue.append(call)
+            async with asyncio.timeout(BOUND):
+                return await future
+        finally:
+            commits.stop()
+
+    try:
+        assert _bounded(scenario, "the idle worker never looked again") == 9
+    finally:
+        db.close()
+    assert _rows(path) == [9]
