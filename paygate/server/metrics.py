@@ -368,7 +368,9 @@ class Metrics:
     # --- payments (paygate.x402.hooks.PaymentEvents) ---
 
     def admission(self, outcome: str, scheme: str) -> None:
-        self._payments.labels(outcome, scheme).inc()
+        # On the loop's thread, every paid request: each series looked up once (one entry per
+        # series, which prometheus_client keeps anyway).
+        self._child(self._payments, outcome, scheme).inc()
 
     def settlement(self, outcome: str, seconds: float) -> None:
         self._settlement.labels(outcome).observe(seconds)

@@ -11,7 +11,7 @@ same mapping.
 from __future__ import annotations
 
 import calendar
-import dataclasses
+import operator
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -356,6 +356,21 @@ def _then(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+# A record's fields in order, read in one call: a changed copy without dataclasses.replace's
+# walk of the fields (half the cost of a move's record).
+_RECORD_FIELDS = tuple(f.name for f in fields(PaymentRecord))
+_RECORD_VALUES = operator.attrgetter(*_RECORD_FIELDS)
+_RECORD_AT = {name: at for at, name in enumerate(_RECORD_FIELDS)}
+
+
+def _replaced(record: PaymentRecord, **changes: Any) -> PaymentRecord:
+    """``dataclasses.replace(record, **changes)`` (every field not named is kept)."""
+    values = list(_RECORD_VALUES(record))
+    for name, value in changes.items():
+        values[_RECORD_AT[name]] = value
+    return PaymentRecord(*values)
+
+
 def _applied(current: PaymentRecord, move: dict[str, Any]) -> tuple[dict[str, Any], PaymentRecord]:
     """``move``'s values applied to ``current``: what adds up (attempts), what is kept unless
     given, the rest overwritten. The update's named values (every column it sets, as it sets
@@ -368,7 +383,7 @@ def _applied(current: PaymentRecord, move: dict[str, Any]) -> tuple[dict[str, An
     settle, settled = move["settle_amount"], move["settled_amount"]
     # Only what a move changes is named: every other field (a column added later too) is
     # the current record's.
-    record = dataclasses.replace(
+    record = _replaced(
         current,
         state=_state(move["state"]),
         served=current.served or move["served"],

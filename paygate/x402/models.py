@@ -23,8 +23,6 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from paygate import jsonsafe
-
 PAYMENT_IDENTIFIER = "payment-identifier"
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _NONCE = re.compile(r"^0x[0-9a-fA-F]{64}$")
@@ -178,14 +176,20 @@ class _Payment(X402Model):
     __slots__ = ("_wire_json",)
 
     def wire_json(self) -> bytes:
-        """``wire()`` as compact JSON (``jsonsafe.dumps_compact``), made once per payment: the
-        ledger stores it and the facilitator's /verify and /settle bodies embed it."""
+        """``wire()`` as compact JSON (the bytes ``jsonsafe.dumps_compact(wire())`` gives),
+        made once per payment: the ledger stores it and the facilitator's /verify and /settle
+        bodies embed it. Serialised by pydantic's own JSON writer, not through a dict."""
         try:
-            return self._wire_json  # type: ignore[no-any-return]
+            # The slot read straight from its descriptor: a miss is an AttributeError here,
+            # not a detour through pydantic's ``__getattr__``.
+            return _WIRE_JSON.__get__(self)  # type: ignore[no-any-return]
         except AttributeError:
-            made = jsonsafe.dumps_compact(self.wire())
+            made = self.model_dump_json(by_alias=True, exclude_none=True).encode()
             object.__setattr__(self, "_wire_json", made)
             return made
+
+
+_WIRE_JSON = _Payment.__dict__["_wire_json"]
 
 
 class PaymentPayload(_Payment):

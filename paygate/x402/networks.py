@@ -7,7 +7,7 @@ version, decimals) on any EVM chain id.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
 
 from eth_utils import to_checksum_address
@@ -38,10 +38,11 @@ class Network:
     name: str  # the v1 name
     chain_id: int
     usdc: Asset | None
+    # The CAIP-2 id, made once: every paid request reads it several times.
+    caip2: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def caip2(self) -> str:
-        return f"eip155:{self.chain_id}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "caip2", f"eip155:{self.chain_id}")
 
 
 def _usdc(address: str, name: str = "USD Coin") -> Asset:
@@ -60,14 +61,17 @@ NETWORKS: tuple[Network, ...] = (
     Network("arbitrum-sepolia", 421614, _usdc("0x75faf114eafb1BDbe2F0316DF893fd58CE46AA4d")),
 )
 
+# Each table network by its v1 name and by its CAIP-2 id.
+_BY_NAME = {key: n for n in NETWORKS for key in (n.name, n.caip2)}
+
 
 def resolve_network(value: str) -> Network:
     """A network by v1 name or CAIP-2 id; ``eip155:N`` for a chain outside the table works too
     (with no default asset: it then needs a custom one)."""
     text = value.strip().lower()
-    for network in NETWORKS:
-        if text in (network.name, network.caip2):
-            return network
+    known = _BY_NAME.get(text)
+    if known is not None:
+        return known
     if text.startswith("eip155:") and text[7:].isdigit() and int(text[7:]) > 0:
         chain_id = int(text[7:])
         return Network(f"eip155-{chain_id}", chain_id, None)

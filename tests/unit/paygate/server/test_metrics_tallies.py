@@ -123,3 +123,23 @@ def test_key_operations_from_the_loop_and_from_executor_threads_all_show() -> No
         assert math.isclose(got[key], value, rel_tol=1e-12), key
     # Nothing counted twice by a second scrape.
     assert _samples(metrics.render(in_flight=0), prefix) == got
+
+
+def test_payment_admissions_are_tallied_per_outcome_and_scheme_across_scrapes() -> None:
+    metrics = Metrics()
+    for outcome, scheme in (("admitted", "exact"), ("admitted", "exact"), ("other", "none")):
+        metrics.admission(outcome, scheme)
+    first = _samples(metrics.render(in_flight=0), "paygate_payments_total")
+    metrics.admission("admitted", "exact")
+    metrics.admission("admitted", "upto")
+    again = _samples(metrics.render(in_flight=0), "paygate_payments_total")
+    series = "paygate_payments_total"
+    assert first == {
+        (series, (("outcome", "admitted"), ("scheme", "exact"))): 2.0,
+        (series, (("outcome", "other"), ("scheme", "none"))): 1.0,
+    }
+    assert again == {
+        (series, (("outcome", "admitted"), ("scheme", "exact"))): 3.0,
+        (series, (("outcome", "admitted"), ("scheme", "upto"))): 1.0,
+        (series, (("outcome", "other"), ("scheme", "none"))): 1.0,
+    }

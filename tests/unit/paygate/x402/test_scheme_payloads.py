@@ -14,7 +14,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from paygate import jsonsafe
 from paygate.x402 import codec
@@ -149,6 +152,39 @@ def test_a_payments_json_is_made_once_and_is_its_wire_forms(name: str) -> None:
     changed = payment.model_copy(update={"extensions": {"x": {"info": {}}}})
     assert json.loads(changed.wire_json())["extensions"] == {"x": {"info": {}}}
     assert payment.wire_json() is made
+
+
+# What a caller may put in a payment's extensions, as the header's JSON parser reads it: any
+# text (non-ASCII, U+2028, escapes), integers past 64 bits, floats of every magnitude.
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(st.text(), _JSON, max_size=4))
+def test_a_payments_json_is_the_bytes_of_its_wire_form_whatever_its_extensions(
+    extensions: dict[str, Any],
+) -> None:
+    # Written by pydantic's JSON serialiser: the document jsonsafe.dumps_compact makes of
+    # ``wire()`` (the ledger's payload, parsed back by recovery, and the facilitator's
+    # bodies), byte for byte but where that fell back to ``json.dumps`` (an integer past 64
+    # bits), whose output escapes what is not printable ASCII.
+    document = {**_v2("exact", SAMPLES["exact"]), "extensions": extensions}
+    payment = codec.parse_payment(json.loads(json.dumps(document)), header="PAYMENT-SIGNATURE")
+    made, before = payment.wire_json(), jsonsafe.dumps_compact(payment.wire())
+    assert json.loads(made) == json.loads(before)
+    assert codec.parse_payment(json.loads(made), header="ledger") == payment
+    try:
+        orjson.dumps(payment.wire())
+    except TypeError:  # past 64 bits: json.dumps wrote it
+        return
+    assert made == before
 
 
 def test_a_v1_payments_json_is_its_wire_forms() -> None:

@@ -23,7 +23,14 @@ from paygate.wire import NDJSON, SSE
 from paygate.x402 import codec
 from paygate.x402.inband import NDJSON_KEY, InbandReceiptWriter
 from paygate.x402.models import PaymentPayload, PaymentPayloadV1
-from paygate.x402.networks import from_atomic, resolve_network, to_atomic
+from paygate.x402.networks import (
+    NETWORKS,
+    Network,
+    UnknownNetwork,
+    from_atomic,
+    resolve_network,
+    to_atomic,
+)
 from paygate.x402.offers import MAX_CHALLENGE_HEADER, challenge
 from paygate.x402.pricing import PricePolicy, model_of
 from paygate.x402.processor import PaymentProcessor
@@ -50,6 +57,21 @@ def test_usdc_table_and_names() -> None:
     assert BASE.usdc is not None
     assert BASE.usdc.name == "USD Coin"
     assert resolve_network("eip155:31337").usdc is None
+
+
+def test_every_table_network_by_either_name_in_any_spelling_and_chains_outside_it() -> None:
+    for network in NETWORKS:
+        assert network.caip2 == f"eip155:{network.chain_id}"
+        for name in (network.name, network.caip2):
+            assert resolve_network(f"  {name.upper()} ") is network
+    custom = resolve_network("EIP155:31337")
+    assert (custom.name, custom.chain_id, custom.caip2) == ("eip155-31337", 31337, "eip155:31337")
+    assert custom == Network("eip155-31337", 31337, None)
+    assert hash(custom) == hash(Network("eip155-31337", 31337, None))
+    assert "caip2" not in repr(custom)
+    for unknown in ("eip155:0", "eip155:-1", "eip155:", "eip155:1x", "base-mainnet", ""):
+        with pytest.raises(UnknownNetwork):
+            resolve_network(unknown)
 
 
 @pytest.mark.parametrize(
