@@ -112,13 +112,47 @@ class Channels:
             raise PaymentRejected(str(exc), "the deposit was refused on chain") from None
         except SettlementUnknown as exc:
             raise SettlerUnavailable(f"the deposit's outcome is unknown: {exc}") from None
-        return await self.store.deposited(
-            checked.channel_id,
-            str(requirements["network"]),
-            checked.payload.channel_config,
-            balance=state.balance,
-            total_claimed=state.total_claimed,
-        )
+        exists, held = await self._hold_for_mirror(checked)
+        try:
+            if exists:
+                # The deposit's own reading may predate a refund made since (mirrored before
+                # this write): the mirror only raises, so that stale reading would put back
+                # money the contract no longer holds — vouchers served that no claim can pay.
+                # Read under the hold instead: no refund runs meanwhile (it holds the channel
+                # from its chain read to its mirror), and any before it is on chain already.
+                # (No channel yet: no refund can have been made; the proof's reading stands.)
+                try:
+                    state = await self.chain.state(checked.channel_id)
+                except SettlementUnknown as exc:
+                    raise SettlerUnavailable(f"the channel cannot be read: {exc}") from None
+            return await self.store.deposited(
+                checked.channel_id,
+                str(requirements["network"]),
+                checked.payload.channel_config,
+                balance=state.balance,
+                total_claimed=state.total_claimed,
+            )
+        finally:
+            if held:  # its request takes it again at verify; a caller gone leaves it free
+                await self.store.release(checked.channel_id, checked.voucher_key)
+
+    async def _hold_for_mirror(self, checked: CheckedVoucher) -> tuple[bool, bool]:
+        """(the channel exists, it is held for this deposit's mirror), waiting while another
+        request holds it — at most until such a hold runs out (``pending_seconds``); past
+        that, written unheld from a fresh reading all the same (logged)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.pending_seconds + 1.0
+        pause = 0.05
+        while True:
+            try:
+                channel = await self.store.take(checked.channel_id, checked.voucher_key)
+                return channel is not None, channel is not None
+            except ChannelBusy:
+                if loop.time() >= deadline:
+                    log.warning("a deposit's mirror found its channel held past its lease")
+                    return True, False
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
 
     async def take(
         self, checked: CheckedVoucher, reserved: SchemeWrite | None = None

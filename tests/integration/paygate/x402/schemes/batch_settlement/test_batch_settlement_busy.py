@@ -374,3 +374,52 @@ async def test_a_voucher_on_a_channel_another_request_holds_is_told_when_to_retr
             await other.store.release(channel.channel_id, "another request")
         status, headers, body = await post(stack, header)
         assert status == 200, body
+
+
+async def test_a_top_up_read_before_a_refund_never_raises_the_balance_past_the_contract(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    """A top-up proven and read on chain, then — before its mirror is written — the payer's
+    refund takes the rest (the top-up included) and is mirrored: the top-up's reading is
+    stale. Its mirror must not raise the balance back above the contract's (a voucher then
+    served for a charge no claim can pay): the books match the contract, and the top-up's
+    voucher, past what the contract holds now, is refused and not served."""
+    ledger = tmp_path / "payments.db"
+    read, proceed = asyncio.Event(), asyncio.Event()
+    armed: list[bool] = []
+    real = BatchChain.deposit
+
+    async def deposit(self, request):
+        state = await real(self, request)  # moved on chain and read back
+        if armed:
+            armed.clear()
+            read.set()
+            await asyncio.wait_for(proceed.wait(), timeout=30)  # its mirror not written yet
+        return state
+
+    monkeypatch.setattr(BatchChain, "deposit", deposit)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        armed.append(True)
+        served = stack.fake.completed["POST /v1/chat/completions"]
+        top_up = asyncio.ensure_future(
+            post(stack, header_for(required, channel.pay(offer, deposit=DEPOSIT)))
+        )
+        await asyncio.wait_for(read.wait(), timeout=30)
+        status, headers, body = await post(stack, header_for(required, channel.refund()))
+        assert status == 200, body
+        # Everything but the first request's charge came back, the top-up included.
+        assert int(receipt_of(headers)["amount"]) == 2 * DEPOSIT - PRICE_ATOMIC
+        proceed.set()
+        status, headers, body = await asyncio.wait_for(top_up, timeout=30)
+        assert (status, headers.get(wire.ERROR_HEADER)) == (
+            402,
+            "invalid_batch_settlement_evm_cumulative_exceeds_balance",
+        ), body
+        assert stack.fake.completed["POST /v1/chat/completions"] == served
+    async with claimer(ledger, anvil, gas_key) as channels:
+        mirrored = await channels.store.get(channel.channel_id)
+        on_chain = await channels.chain.state(channel.channel_id)
+    assert mirrored is not None
+    assert (mirrored.balance, mirrored.pending_owner) == (on_chain.balance, None)
+    assert on_chain.balance == PRICE_ATOMIC
