@@ -423,3 +423,28 @@ async def test_a_top_up_read_before_a_refund_never_raises_the_balance_past_the_c
     assert mirrored is not None
     assert (mirrored.balance, mirrored.pending_owner) == (on_chain.balance, None)
     assert on_chain.balance == PRICE_ATOMIC
+
+
+async def test_a_top_up_on_a_held_channel_is_mirrored_once_the_hold_is_let_go(
+    anvil, usdc, payer, seller, tmp_path, gas_key
+):
+    """Another request (another replica's) holds the channel when a top-up is proven: the
+    mirror waits for that hold (it may be a refund's, whose mirror a reading taken now would
+    undo), then counts the deposit, and the top-up's request is served."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        async with claimer(ledger, anvil, gas_key) as other:
+            assert await other.store.take(channel.channel_id, "another request") is not None
+            top_up = asyncio.ensure_future(
+                post(stack, header_for(required, channel.pay(offer, deposit=DEPOSIT)))
+            )
+            async with asyncio.timeout(30):  # the deposit moved: the top-up waits on the hold
+                while (await other.chain.state(channel.channel_id)).balance != 2 * DEPOSIT:
+                    await asyncio.sleep(0.05)
+            assert not top_up.done()
+            assert (await other.store.get(channel.channel_id)).balance == DEPOSIT
+            await other.store.release(channel.channel_id, "another request")
+        status, headers, body = await asyncio.wait_for(top_up, timeout=30)
+        assert status == 200, body
+        assert receipt_of(headers)["extra"]["channelState"]["balance"] == str(2 * DEPOSIT)
