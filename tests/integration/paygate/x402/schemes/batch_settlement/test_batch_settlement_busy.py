@@ -448,3 +448,31 @@ async def test_a_top_up_on_a_held_channel_is_mirrored_once_the_hold_is_let_go(
         status, headers, body = await asyncio.wait_for(top_up, timeout=30)
         assert status == 200, body
         assert receipt_of(headers)["extra"]["channelState"]["balance"] == str(2 * DEPOSIT)
+
+
+async def test_a_top_up_whose_hold_could_not_be_let_go_is_still_served(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    """The ledger failed to let go the hold a top-up's mirror took (the mirror written): the
+    hold is the request's own voucher's, so the request takes it again and is served — not a
+    503 for a deposit that moved and was counted."""
+    ledger = tmp_path / "payments.db"
+    armed: list[bool] = []
+    real = ChannelStore.release
+
+    async def release(self, channel_id, owner):
+        if armed:
+            armed.clear()
+            raise LedgerUnavailable("the disk failed")
+        return await real(self, channel_id, owner)
+
+    monkeypatch.setattr(ChannelStore, "release", release)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        armed.append(True)
+        status, headers, body = await post(
+            stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+        )
+        assert not armed  # the failure was met
+        assert status == 200, body
+        assert receipt_of(headers)["extra"]["channelState"]["balance"] == str(2 * DEPOSIT)
