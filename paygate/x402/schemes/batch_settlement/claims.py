@@ -299,6 +299,9 @@ class Channels:
             except ValueError as exc:
                 raise PaymentRejected(str(exc), "the refund was refused on chain") from None
             except (SettlementUnknown, SettlerUnavailable):
+                # Sent, maybe, and moved (or read after it, not known): held as for a mirror
+                # that failed — a voucher under the old balance is never served meanwhile.
+                release = False
                 raise PaymentRejected(
                     "invalid_batch_settlement_evm_refund_transaction_failed",
                     "the refund's outcome is not known yet: ask again",

@@ -16,6 +16,7 @@ from paygate.x402.ledger import LedgerUnavailable, PaymentState
 from paygate.x402.schemes.batch_settlement.bound import BoundBatchSettlement
 from paygate.x402.schemes.batch_settlement.chain import BatchChain
 from paygate.x402.schemes.batch_settlement.store import ChannelStore
+from paygate.x402.settler import SettlementUnknown
 from tests.fixtures.batch_settlement_support import (
     batch_offer,
     chain_batch,
@@ -476,3 +477,52 @@ async def test_a_top_up_whose_hold_could_not_be_let_go_is_still_served(
         assert not armed  # the failure was met
         assert status == 200, body
         assert receipt_of(headers)["extra"]["channelState"]["balance"] == str(2 * DEPOSIT)
+
+
+async def test_a_refund_whose_outcome_is_unknown_leaves_no_balance_to_spend_that_the_contract_lacks(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    """The refund was sent and moved on chain, but its receipt never came back to the gateway
+    (the RPC failed, the wait ran out): the payer is told to ask again, and meanwhile the
+    channel stays held — a voucher under the old balance, more than the contract may hold now,
+    is refused, never served for a charge no claim could pay. Asked again, the refund mirrors
+    the chain: nothing is left to refund, and the books match the contract."""
+    ledger = tmp_path / "payments.db"
+    armed: list[bool] = []
+    real = BatchChain.refund
+
+    async def refund(self, request):
+        done = await real(self, request)  # moved on chain
+        if armed:
+            armed.clear()
+            raise SettlementUnknown("no receipt yet", transaction=done[0])
+        return done
+
+    monkeypatch.setattr(BatchChain, "refund", refund)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        armed.append(True)
+        status, headers, _ = await post(stack, header_for(required, channel.refund()))
+        assert (status, headers[wire.ERROR_HEADER]) == (
+            402,
+            "invalid_batch_settlement_evm_refund_transaction_failed",
+        )
+        assert usdc.balance_of(payer.address) == PAYER_FUNDS - PRICE_ATOMIC  # it moved
+        served = stack.fake.completed["POST /v1/chat/completions"]
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers[wire.ERROR_HEADER]) == (
+            402,
+            "invalid_batch_settlement_evm_channel_busy",
+        )
+        assert stack.fake.completed["POST /v1/chat/completions"] == served
+        status, headers, _ = await post(stack, header_for(required, channel.refund()))
+        assert (status, headers[wire.ERROR_HEADER]) == (
+            402,
+            "invalid_batch_settlement_evm_refund_no_balance",
+        )
+        mirrored = await _state(ledger, anvil, gas_key, channel.channel_id)
+        assert (mirrored.balance, mirrored.charged, mirrored.pending_owner) == (
+            PRICE_ATOMIC,
+            PRICE_ATOMIC,
+            None,
+        )
