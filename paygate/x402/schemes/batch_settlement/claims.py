@@ -116,11 +116,12 @@ class Channels:
         try:
             if exists:
                 # The deposit's own reading may predate a refund made since (mirrored before
-                # this write): the mirror only raises, so that stale reading would put back
-                # money the contract no longer holds — vouchers served that no claim can pay.
-                # Read under the hold instead: no refund runs meanwhile (it holds the channel
-                # from its chain read to its mirror), and any before it is on chain already.
-                # (No channel yet: no refund can have been made; the proof's reading stands.)
+                # this write): raised to, it would put back money the contract no longer holds
+                # — vouchers served that no claim can pay. Read under the hold instead: no
+                # refund runs meanwhile (it holds the channel from its chain read to its
+                # mirror) and any before it is on chain already, so the balance is set to this
+                # reading (lower too: a withdrawal not mirrored yet). No channel yet: no refund
+                # can have been made; the proof's reading stands.
                 try:
                     state = await self.chain.state(checked.channel_id)
                 except SettlementUnknown as exc:
@@ -131,6 +132,7 @@ class Channels:
                 checked.payload.channel_config,
                 balance=state.balance,
                 total_claimed=state.total_claimed,
+                exact=held,
             )
         finally:
             if held:  # its request takes it again at verify; a caller gone leaves it free

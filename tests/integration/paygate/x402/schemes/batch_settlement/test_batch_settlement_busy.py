@@ -526,3 +526,27 @@ async def test_a_refund_whose_outcome_is_unknown_leaves_no_balance_to_spend_that
             PRICE_ATOMIC,
             None,
         )
+
+
+async def test_a_top_up_puts_a_balance_left_above_the_contract_back_at_the_contract(
+    anvil, usdc, payer, seller, tmp_path, gas_key
+):
+    """The ledger's balance above the contract's (a payer's timed withdrawal nothing has
+    mirrored yet, here written as such): a top-up's mirror, read on chain under the deposit's
+    hold, sets the balance to the contract's — not the larger of the two, which would keep
+    money the contract lacks spendable."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        async with claimer(ledger, anvil, gas_key) as other:
+            await other.store._sql(
+                "UPDATE bs_channels SET balance = ? WHERE channel_id = ?",
+                (str(100 * DEPOSIT), channel.channel_id),
+            )
+        status, headers, body = await post(
+            stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+        )
+        assert status == 200, body
+        assert receipt_of(headers)["extra"]["channelState"]["balance"] == str(2 * DEPOSIT)
+    mirrored = await _state(ledger, anvil, gas_key, channel.channel_id)
+    assert mirrored.balance == 2 * DEPOSIT
