@@ -299,6 +299,13 @@ class Channels:
                     )
                 )
             except ValueError as exc:
+                # Refused or reverted: this one moved nothing, but an earlier refund whose
+                # outcome was unknown may have been mined since the channel was read (its
+                # refund nonce the one this reverted on): the mirror follows the chain before
+                # the channel is let go (held still when the chain cannot be read).
+                release = False
+                await self._as_on_chain(channel)
+                release = True
                 raise PaymentRejected(str(exc), "the refund was refused on chain") from None
             except (SettlementUnknown, SettlerUnavailable):
                 # Sent, maybe, and moved (or read after it, not known): held as for a mirror

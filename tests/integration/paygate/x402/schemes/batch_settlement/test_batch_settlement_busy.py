@@ -550,3 +550,43 @@ async def test_a_top_up_puts_a_balance_left_above_the_contract_back_at_the_contr
         assert receipt_of(headers)["extra"]["channelState"]["balance"] == str(2 * DEPOSIT)
     mirrored = await _state(ledger, anvil, gas_key, channel.channel_id)
     assert mirrored.balance == 2 * DEPOSIT
+
+
+async def test_a_refund_refused_after_an_earlier_one_moved_mirrors_the_chain_before_letting_go(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    """A refund whose outcome was unknown (held), asked again: the earlier one is mined only
+    now, after the retry read the channel, so the retry's own transaction reverts (its refund
+    nonce spent). The channel is read on chain before it is let go: the books follow the
+    contract, and a voucher under the old balance is refused, never served for a charge no
+    claim could pay."""
+    ledger = tmp_path / "payments.db"
+    calls: list[int] = []
+    real = BatchChain.refund
+
+    async def refund(self, request):
+        calls.append(1)
+        if len(calls) == 1:
+            raise SettlementUnknown("no receipt yet")  # sent, maybe: mined only later
+        await real(self, request)  # the earlier refund, mined now
+        raise ValueError("invalid_batch_settlement_evm_refund_transaction_failed")
+
+    monkeypatch.setattr(BatchChain, "refund", refund)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        for _ in range(2):
+            status, headers, _ = await post(stack, header_for(required, channel.refund()))
+            assert (status, headers[wire.ERROR_HEADER]) == (
+                402,
+                "invalid_batch_settlement_evm_refund_transaction_failed",
+            )
+        assert usdc.balance_of(payer.address) == PAYER_FUNDS - PRICE_ATOMIC  # it moved
+        served = stack.fake.completed["POST /v1/chat/completions"]
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers.get(wire.ERROR_HEADER)) == (
+            402,
+            "invalid_batch_settlement_evm_cumulative_exceeds_balance",
+        )
+        assert stack.fake.completed["POST /v1/chat/completions"] == served
+    mirrored = await _state(ledger, anvil, gas_key, channel.channel_id)
+    assert (mirrored.balance, mirrored.pending_owner) == (PRICE_ATOMIC, None)
