@@ -112,13 +112,52 @@ class Channels:
             raise PaymentRejected(str(exc), "the deposit was refused on chain") from None
         except SettlementUnknown as exc:
             raise SettlerUnavailable(f"the deposit's outcome is unknown: {exc}") from None
-        return await self.store.deposited(
-            checked.channel_id,
-            str(requirements["network"]),
-            checked.payload.channel_config,
-            balance=state.balance,
-            total_claimed=state.total_claimed,
-        )
+        exists, held = await self._hold_for_mirror(checked)
+        try:
+            if exists:
+                # The deposit's own reading may predate a refund made since (mirrored before
+                # this write): raised to, it would put back money the contract no longer holds
+                # — vouchers served that no claim can pay. Read under the hold instead: no
+                # refund runs meanwhile (it holds the channel from its chain read to its
+                # mirror) and any before it is on chain already, so the balance is set to this
+                # reading (lower too: a withdrawal not mirrored yet). No channel yet: no refund
+                # can have been made; the proof's reading stands.
+                try:
+                    state = await self.chain.state(checked.channel_id)
+                except SettlementUnknown as exc:
+                    raise SettlerUnavailable(f"the channel cannot be read: {exc}") from None
+            return await self.store.deposited(
+                checked.channel_id,
+                str(requirements["network"]),
+                checked.payload.channel_config,
+                balance=state.balance,
+                total_claimed=state.total_claimed,
+                exact=held,
+            )
+        finally:
+            if held:  # its request takes it again at verify; a caller gone leaves it free
+                try:
+                    await self.store.release(checked.channel_id, checked.voucher_key)
+                except LedgerError as exc:  # the request's own take finds it its own
+                    log.warning("a deposit's hold not let go: %s", exc.code)
+
+    async def _hold_for_mirror(self, checked: CheckedVoucher) -> tuple[bool, bool]:
+        """(the channel exists, it is held for this deposit's mirror), waiting while another
+        request holds it — at most until such a hold runs out (``pending_seconds``); past
+        that, written unheld from a fresh reading all the same (logged)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.pending_seconds + 1.0
+        pause = 0.05
+        while True:
+            try:
+                channel = await self.store.take(checked.channel_id, checked.voucher_key)
+                return channel is not None, channel is not None
+            except ChannelBusy:
+                if loop.time() >= deadline:
+                    log.warning("a deposit's mirror found its channel held past its lease")
+                    return True, False
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
 
     async def take(
         self, checked: CheckedVoucher, reserved: SchemeWrite | None = None
@@ -260,8 +299,18 @@ class Channels:
                     )
                 )
             except ValueError as exc:
+                # Refused or reverted: this one moved nothing, but an earlier refund whose
+                # outcome was unknown may have been mined since the channel was read (its
+                # refund nonce the one this reverted on): the mirror follows the chain before
+                # the channel is let go (held still when the chain cannot be read).
+                release = False
+                await self._as_on_chain(channel)
+                release = True
                 raise PaymentRejected(str(exc), "the refund was refused on chain") from None
             except (SettlementUnknown, SettlerUnavailable):
+                # Sent, maybe, and moved (or read after it, not known): held as for a mirror
+                # that failed — a voucher under the old balance is never served meanwhile.
+                release = False
                 raise PaymentRejected(
                     "invalid_batch_settlement_evm_refund_transaction_failed",
                     "the refund's outcome is not known yet: ask again",

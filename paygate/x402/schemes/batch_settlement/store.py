@@ -196,6 +196,7 @@ class ChannelStore:
         *,
         balance: int,
         total_claimed: int,
+        exact: bool = False,
     ) -> Channel:
         """Mirror the channel's on-chain state after a proven deposit (a new channel starts
         charged at what was claimed before: the spec's baseline after state loss).
@@ -203,12 +204,16 @@ class ChannelStore:
         One statement, never a compare-and-set that could lose: the deposit has moved on chain
         already, so its mirror must not give up however busy the channel is (another replica's
         take, release or charge between a read and a write). Each amount only ever rises (the
-        larger of the row's and this reading), so readings applied in any order agree."""
+        larger of the row's and this reading), so readings applied in any order agree — but
+        with ``exact`` the balance is this reading's (read while the deposit held the channel:
+        no refund between, so it is the contract's, lower too after an unmirrored withdrawal);
+        claims are never lowered."""
+        balance_sql = "excluded.balance" if exact else _larger("balance")
         _, rows = await self._sql(
             "INSERT INTO bs_channels (channel_id, network, payer, config, balance,"  # noqa: S608 - constant
             " total_claimed, charged, signed_max, signature, pending_owner, pending_until,"
             " version, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '0x', NULL, NULL, 1, ?)"
-            f" ON CONFLICT (channel_id) DO UPDATE SET balance = {_larger('balance')},"
+            f" ON CONFLICT (channel_id) DO UPDATE SET balance = {balance_sql},"
             f" total_claimed = {_larger('total_claimed')},"
             f" charged = {_larger('charged', 'total_claimed')},"
             " version = bs_channels.version + 1, updated_at = excluded.updated_at"

@@ -16,6 +16,7 @@ from paygate.x402.ledger import LedgerUnavailable, PaymentState
 from paygate.x402.schemes.batch_settlement.bound import BoundBatchSettlement
 from paygate.x402.schemes.batch_settlement.chain import BatchChain
 from paygate.x402.schemes.batch_settlement.store import ChannelStore
+from paygate.x402.settler import SettlementUnknown
 from tests.fixtures.batch_settlement_support import (
     batch_offer,
     chain_batch,
@@ -374,3 +375,218 @@ async def test_a_voucher_on_a_channel_another_request_holds_is_told_when_to_retr
             await other.store.release(channel.channel_id, "another request")
         status, headers, body = await post(stack, header)
         assert status == 200, body
+
+
+async def test_a_top_up_read_before_a_refund_never_raises_the_balance_past_the_contract(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    """A top-up proven and read on chain, then — before its mirror is written — the payer's
+    refund takes the rest (the top-up included) and is mirrored: the top-up's reading is
+    stale. Its mirror must not raise the balance back above the contract's (a voucher then
+    served for a charge no claim can pay): the books match the contract, and the top-up's
+    voucher, past what the contract holds now, is refused and not served."""
+    ledger = tmp_path / "payments.db"
+    read, proceed = asyncio.Event(), asyncio.Event()
+    armed: list[bool] = []
+    real = BatchChain.deposit
+
+    async def deposit(self, request):
+        state = await real(self, request)  # moved on chain and read back
+        if armed:
+            armed.clear()
+            read.set()
+            await asyncio.wait_for(proceed.wait(), timeout=30)  # its mirror not written yet
+        return state
+
+    monkeypatch.setattr(BatchChain, "deposit", deposit)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        armed.append(True)
+        served = stack.fake.completed["POST /v1/chat/completions"]
+        top_up = asyncio.ensure_future(
+            post(stack, header_for(required, channel.pay(offer, deposit=DEPOSIT)))
+        )
+        await asyncio.wait_for(read.wait(), timeout=30)
+        status, headers, body = await post(stack, header_for(required, channel.refund()))
+        assert status == 200, body
+        # Everything but the first request's charge came back, the top-up included.
+        assert int(receipt_of(headers)["amount"]) == 2 * DEPOSIT - PRICE_ATOMIC
+        proceed.set()
+        status, headers, body = await asyncio.wait_for(top_up, timeout=30)
+        assert (status, headers.get(wire.ERROR_HEADER)) == (
+            402,
+            "invalid_batch_settlement_evm_cumulative_exceeds_balance",
+        ), body
+        assert stack.fake.completed["POST /v1/chat/completions"] == served
+    async with claimer(ledger, anvil, gas_key) as channels:
+        mirrored = await channels.store.get(channel.channel_id)
+        on_chain = await channels.chain.state(channel.channel_id)
+    assert mirrored is not None
+    assert (mirrored.balance, mirrored.pending_owner) == (on_chain.balance, None)
+    assert on_chain.balance == PRICE_ATOMIC
+
+
+async def test_a_top_up_on_a_held_channel_is_mirrored_once_the_hold_is_let_go(
+    anvil, usdc, payer, seller, tmp_path, gas_key
+):
+    """Another request (another replica's) holds the channel when a top-up is proven: the
+    mirror waits for that hold (it may be a refund's, whose mirror a reading taken now would
+    undo), then counts the deposit, and the top-up's request is served."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        async with claimer(ledger, anvil, gas_key) as other:
+            assert await other.store.take(channel.channel_id, "another request") is not None
+            top_up = asyncio.ensure_future(
+                post(stack, header_for(required, channel.pay(offer, deposit=DEPOSIT)))
+            )
+            async with asyncio.timeout(30):  # the deposit moved: the top-up waits on the hold
+                while (await other.chain.state(channel.channel_id)).balance != 2 * DEPOSIT:
+                    await asyncio.sleep(0.05)
+            assert not top_up.done()
+            assert (await other.store.get(channel.channel_id)).balance == DEPOSIT
+            await other.store.release(channel.channel_id, "another request")
+        status, headers, body = await asyncio.wait_for(top_up, timeout=30)
+        assert status == 200, body
+        assert receipt_of(headers)["extra"]["channelState"]["balance"] == str(2 * DEPOSIT)
+
+
+async def test_a_top_up_whose_hold_could_not_be_let_go_is_still_served(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    """The ledger failed to let go the hold a top-up's mirror took (the mirror written): the
+    hold is the request's own voucher's, so the request takes it again and is served — not a
+    503 for a deposit that moved and was counted."""
+    ledger = tmp_path / "payments.db"
+    armed: list[bool] = []
+    real = ChannelStore.release
+
+    async def release(self, channel_id, owner):
+        if armed:
+            armed.clear()
+            raise LedgerUnavailable("the disk failed")
+        return await real(self, channel_id, owner)
+
+    monkeypatch.setattr(ChannelStore, "release", release)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        armed.append(True)
+        status, headers, body = await post(
+            stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+        )
+        assert not armed  # the failure was met
+        assert status == 200, body
+        assert receipt_of(headers)["extra"]["channelState"]["balance"] == str(2 * DEPOSIT)
+
+
+async def test_a_refund_whose_outcome_is_unknown_leaves_no_balance_to_spend_that_the_contract_lacks(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    """The refund was sent and moved on chain, but its receipt never came back to the gateway
+    (the RPC failed, the wait ran out): the payer is told to ask again, and meanwhile the
+    channel stays held — a voucher under the old balance, more than the contract may hold now,
+    is refused, never served for a charge no claim could pay. Asked again, the refund mirrors
+    the chain: nothing is left to refund, and the books match the contract."""
+    ledger = tmp_path / "payments.db"
+    armed: list[bool] = []
+    real = BatchChain.refund
+
+    async def refund(self, request):
+        done = await real(self, request)  # moved on chain
+        if armed:
+            armed.clear()
+            raise SettlementUnknown("no receipt yet", transaction=done[0])
+        return done
+
+    monkeypatch.setattr(BatchChain, "refund", refund)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        armed.append(True)
+        status, headers, _ = await post(stack, header_for(required, channel.refund()))
+        assert (status, headers[wire.ERROR_HEADER]) == (
+            402,
+            "invalid_batch_settlement_evm_refund_transaction_failed",
+        )
+        assert usdc.balance_of(payer.address) == PAYER_FUNDS - PRICE_ATOMIC  # it moved
+        served = stack.fake.completed["POST /v1/chat/completions"]
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers[wire.ERROR_HEADER]) == (
+            402,
+            "invalid_batch_settlement_evm_channel_busy",
+        )
+        assert stack.fake.completed["POST /v1/chat/completions"] == served
+        status, headers, _ = await post(stack, header_for(required, channel.refund()))
+        assert (status, headers[wire.ERROR_HEADER]) == (
+            402,
+            "invalid_batch_settlement_evm_refund_no_balance",
+        )
+        mirrored = await _state(ledger, anvil, gas_key, channel.channel_id)
+        assert (mirrored.balance, mirrored.charged, mirrored.pending_owner) == (
+            PRICE_ATOMIC,
+            PRICE_ATOMIC,
+            None,
+        )
+
+
+async def test_a_top_up_puts_a_balance_left_above_the_contract_back_at_the_contract(
+    anvil, usdc, payer, seller, tmp_path, gas_key
+):
+    """The ledger's balance above the contract's (a payer's timed withdrawal nothing has
+    mirrored yet, here written as such): a top-up's mirror, read on chain under the deposit's
+    hold, sets the balance to the contract's — not the larger of the two, which would keep
+    money the contract lacks spendable."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        async with claimer(ledger, anvil, gas_key) as other:
+            await other.store._sql(
+                "UPDATE bs_channels SET balance = ? WHERE channel_id = ?",
+                (str(100 * DEPOSIT), channel.channel_id),
+            )
+        status, headers, body = await post(
+            stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+        )
+        assert status == 200, body
+        assert receipt_of(headers)["extra"]["channelState"]["balance"] == str(2 * DEPOSIT)
+    mirrored = await _state(ledger, anvil, gas_key, channel.channel_id)
+    assert mirrored.balance == 2 * DEPOSIT
+
+
+async def test_a_refund_refused_after_an_earlier_one_moved_mirrors_the_chain_before_letting_go(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    """A refund whose outcome was unknown (held), asked again: the earlier one is mined only
+    now, after the retry read the channel, so the retry's own transaction reverts (its refund
+    nonce spent). The channel is read on chain before it is let go: the books follow the
+    contract, and a voucher under the old balance is refused, never served for a charge no
+    claim could pay."""
+    ledger = tmp_path / "payments.db"
+    calls: list[int] = []
+    real = BatchChain.refund
+
+    async def refund(self, request):
+        calls.append(1)
+        if len(calls) == 1:
+            raise SettlementUnknown("no receipt yet")  # sent, maybe: mined only later
+        await real(self, request)  # the earlier refund, mined now
+        raise ValueError("invalid_batch_settlement_evm_refund_transaction_failed")
+
+    monkeypatch.setattr(BatchChain, "refund", refund)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        for _ in range(2):
+            status, headers, _ = await post(stack, header_for(required, channel.refund()))
+            assert (status, headers[wire.ERROR_HEADER]) == (
+                402,
+                "invalid_batch_settlement_evm_refund_transaction_failed",
+            )
+        assert usdc.balance_of(payer.address) == PAYER_FUNDS - PRICE_ATOMIC  # it moved
+        served = stack.fake.completed["POST /v1/chat/completions"]
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers.get(wire.ERROR_HEADER)) == (
+            402,
+            "invalid_batch_settlement_evm_cumulative_exceeds_balance",
+        )
+        assert stack.fake.completed["POST /v1/chat/completions"] == served
+    mirrored = await _state(ledger, anvil, gas_key, channel.channel_id)
+    assert (mirrored.balance, mirrored.pending_owner) == (PRICE_ATOMIC, None)

@@ -595,3 +595,18 @@ async def test_a_release_gives_back_its_own_hold_in_the_same_transaction_only(le
     assert (await store.get(CHANNEL)).pending_owner is None
     # The next voucher takes it at once.
     assert (await store.take(CHANNEL, "v3")).pending_owner == "v3"
+
+
+async def test_a_deposit_read_under_its_hold_sets_the_balance_exactly(ledger_store):
+    """A top-up's mirror read while its deposit held the channel (``exact``) is the contract's
+    balance, lower too (a withdrawal not mirrored yet); claims and charges are never lowered.
+    Without ``exact`` the larger reading stays."""
+    clock = Clock()
+    a, b = await two_replicas(ledger_store, clock)
+    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10**21, total_claimed=500)
+    lower = await b.deposited(
+        CHANNEL, "eip155:84532", CONFIG, balance=10**20, total_claimed=0, exact=True
+    )
+    assert (lower.balance, lower.total_claimed, lower.charged) == (10**20, 500, 500)
+    kept = await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10**19, total_claimed=0)
+    assert kept.balance == 10**20
