@@ -166,7 +166,9 @@ class Admission:
                 if paying and refusal.status in REFUSED:
                     self._claims.refused(key)
                 raise
-            if paying:
+            if paying and ticket.session.paid:
+                # A payment verified, not merely admitted: a request priced at nothing is
+                # admitted without its header being looked at, and clears nothing.
                 self._claims.verified(key)
             return Admitted(ticket, body, client, opened, key), payment
         payment = self._payments.admit(request, route, client=key)

@@ -341,3 +341,65 @@ async def test_a_forged_claim_flood_is_bounded_and_leaves_a_payer_served(
     assert operations <= len(results) + flood_opens
     assert tpm.commands - commands <= len(results) * per_call + flood_opens * slow_tpm_key.per_ecdh
     assert usdc.balance_of(seller) == (1 + served) * 2000
+
+
+# --- doubted claims: what clears a doubt, and what a doubted payer gets ---------------------
+
+
+async def _post(
+    session: aiohttp.ClientSession, stack: Stack, data: bytes, headers: dict[str, str]
+) -> int:
+    async with session.post(stack.url + CHAT, data=data, headers=headers) as response:
+        await response.read()
+        return response.status
+
+
+async def _drain_unpaid_gate(session: aiohttp.ClientSession, stack: Stack) -> list[int]:
+    """Sealed requests without a payment until the unpaid gate refuses one (its burst spent,
+    its rate too slow to refill within the test)."""
+    statuses: list[int] = []
+    while not statuses or statuses[-1] != 503:
+        assert len(statuses) < 16, statuses
+        statuses.append(await _post(session, stack, _sealed(stack).blob, SEALED))
+    return statuses
+
+
+async def test_a_doubt_is_cleared_by_a_verified_payment_only(
+    tpm_key: TpmKey, facilitator: Any, usdc: Any, payer: Any, seller: str, tmp_path: Path
+) -> None:
+    """A request with a payment header to a model priced at 0 is admitted without its payment
+    being looked at: it must not clear its address's doubt (else forged claims alternate with
+    free plaintext ones and keep the claimed gate). A doubted payer's valid payment is served
+    and charged (through the unpaid gate), and clears the doubt."""
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / "payments.db",
+        model_prices={"fake-llama": "0.002", "free-llama": "0"},
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+    )
+    free_body = json.dumps({**CHAT_BODY, "model": "free-llama"}).encode()
+    async with running_stack(key=tpm_key, **settings) as stack:
+        required = await challenge_of(stack, CHAT, CHAT_BODY)
+        forge = _payments(stack, required, new_account())
+        pay = _payments(stack, required, payer)
+        async with _session(FLOOD, 2) as forger, _session(CALLER, 2) as caller:
+            # The forger's claim is refused once opened: doubted, it is an unpaid caller now.
+            assert await _post(forger, stack, _sealed(stack).blob, {**SEALED, **forge()}) == 402
+            # A doubted payer: served and charged, through the unpaid gate (a token of it).
+            assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **forge()}) == 402
+            assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 200
+            assert usdc.balance_of(seller) == 2000
+            # The unpaid gate spent (the forger's unpaid requests): claims the forger makes
+            # are refused before any open, and a free request with a header clears nothing.
+            drained = await _drain_unpaid_gate(forger, stack)
+            assert set(drained) <= {402, 503}, drained
+            forged = {**SEALED, **forge()}
+            assert await _post(forger, stack, _sealed(stack).blob, forged) == 503
+            plain = {"Content-Type": "application/json", **forge()}
+            assert await _post(forger, stack, free_body, plain) == 200  # priced 0: free
+            assert await _post(forger, stack, _sealed(stack).blob, {**SEALED, **forge()}) == 503
+            # The payer's verified payment cleared its doubt: its claims use the claimed gate,
+            # which the unpaid gate's exhaustion does not touch.
+            assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 200
+    assert usdc.balance_of(seller) == 2 * 2000
