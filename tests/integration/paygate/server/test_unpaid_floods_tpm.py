@@ -10,6 +10,7 @@ answered (200) within 2 s — and that the flood's key operations stayed within 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import time
@@ -403,3 +404,39 @@ async def test_a_doubt_is_cleared_by_a_verified_payment_only(
             # which the unpaid gate's exhaustion does not touch.
             assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 200
     assert usdc.balance_of(seller) == 2 * 2000
+
+
+def _with_id(header: str, payment_id: str) -> str:
+    # Extensions are outside the signature: the caller names its payment-identifier.
+    payment = json.loads(base64.b64decode(header))
+    payment.setdefault("extensions", {})["payment-identifier"] = {
+        "info": {"required": False, "id": payment_id}
+    }
+    return base64.b64encode(json.dumps(payment).encode()).decode()
+
+
+async def test_claims_answered_409_or_429_after_their_open_are_doubted(
+    tpm_key: TpmKey, facilitator: Any, usdc: Any, payer: Any, seller: str, tmp_path: Path
+) -> None:
+    """One payment served, then its header sent again and again (its payment-identifier's
+    outcome: 409, never verified again): each is a key operation on a claim that never
+    verifies. Unless the address is doubted, one paid call buys a claimed-gate flood."""
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / "payments.db",
+        model_prices={"fake-llama": "0.002"},
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+    )
+    async with running_stack(key=tpm_key, **settings) as stack:
+        required = await challenge_of(stack, CHAT, CHAT_BODY)
+        header = _payments(stack, required, payer)()[wire.PAYMENT_SIGNATURE]
+        replay = {**SEALED, wire.PAYMENT_SIGNATURE: _with_id(header, "pay_" + "7" * 32)}
+        async with _session(FLOOD, 2) as session:
+            assert await _post(session, stack, _sealed(stack).blob, replay) == 200
+            assert await _post(session, stack, _sealed(stack).blob, replay) == 409
+            # Doubted now: its next claims are unpaid ones, and the unpaid gate is spent.
+            drained = await _drain_unpaid_gate(session, stack)
+            assert set(drained) <= {402, 409, 503}, drained
+            assert await _post(session, stack, _sealed(stack).blob, replay) == 503
+    assert usdc.balance_of(seller) == 2000
