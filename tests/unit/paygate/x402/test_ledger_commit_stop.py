@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -196,3 +197,103 @@ def test_the_idle_worker_looks_again_without_a_wake(
     finally:
         db.close()
     assert _rows(path) == [9]
+
+
+class NotMade(Exception):
+    """As the ledger's WriteNotMade: raised inside a call's transaction after a statement."""
+
+
+def test_stop_on_the_loop_keeps_each_calls_savepoint(tmp_path: Path) -> None:
+    """A call of the open group that wrote and then failed inside its transaction (the ledger's
+    WriteNotMade) is rolled back to its savepoint and gets its error; the calls before and after
+    it in the group are committed by the stop's hand-off."""
+    path = tmp_path / "t.db"
+    db = _connect(path)
+
+    async def scenario() -> list[Any]:
+        commits, write = _group_commit(db)
+
+        def not_made(n: int) -> None:
+            with commits.transaction(db) as conn:
+                conn.execute("INSERT INTO t VALUES (?)", (n,))
+                raise NotMade(n)
+
+        futures = [
+            commits.submit(write, 1, quick=True),
+            commits.submit(not_made, 2, quick=True),
+            commits.submit(write, 3, quick=True),
+        ]
+        commits.stop()
+        async with asyncio.timeout(BOUND):
+            return await asyncio.gather(*futures, return_exceptions=True)
+
+    try:
+        one, failed, three = _bounded(scenario)
+    finally:
+        db.close()
+    assert (one, three) == (1, 3)
+    assert isinstance(failed, NotMade)
+    assert _rows(path) == [1, 3]
+
+
+def test_stop_on_the_loop_with_the_write_lock_busy_runs_the_handed_calls(tmp_path: Path) -> None:
+    """Another connection holds the write lock: the open group's calls are handed to the worker
+    (which waits for the lock); stop() on the loop runs them before the worker ends."""
+    path = tmp_path / "t.db"
+    db = _connect(path)
+    db.execute("PRAGMA journal_mode = WAL")
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+
+    async def scenario() -> list[Any]:
+        commits, write = _group_commit(db)
+        futures = [commits.submit(write, n, quick=True) for n in (1, 2)]
+        threading.Timer(0.2, other.execute, ("COMMIT",)).start()  # the lock, soon let go
+        commits.stop()
+        async with asyncio.timeout(BOUND):
+            return await asyncio.gather(*futures, return_exceptions=True)
+
+    try:
+        outcomes = _bounded(scenario)
+    finally:
+        db.close()
+        other.close()
+    assert outcomes == [1, 2]
+    assert _rows(path) == [1, 2]
+
+
+def test_stop_from_another_thread_before_the_hand_off_runs_the_handed_calls(
+    tmp_path: Path,
+) -> None:
+    """Another thread stops the worker while the loop's open group has calls that found the
+    write lock busy, before the loop hands the group off: those calls still run (and are
+    answered) before the worker ends, not queued behind its stop for nobody."""
+    path = tmp_path / "t.db"
+    db = _connect(path)
+    db.execute("PRAGMA journal_mode = WAL")
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+
+    async def scenario() -> list[Any]:
+        commits, write = _group_commit(db)
+        futures = [commits.submit(write, n, quick=True) for n in (1, 2)]  # handed: lock busy
+        stopper = threading.Thread(target=commits.stop, name="stopper", daemon=True)
+        stopper.start()
+        for _ in range(10_000):  # its stop queued (still in this loop iteration)
+            with commits._lock:
+                if commits._queue and commits._queue[-1] is None:
+                    break
+            time.sleep(0.001)  # blocking on purpose: the hand-off must not run yet
+        other.execute("COMMIT")
+        async with asyncio.timeout(5):
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        stopper.join(BOUND)
+        return outcomes
+
+    try:
+        outcomes = _bounded(scenario)
+    finally:
+        db.close()
+        other.close()
+    assert outcomes == [1, 2]
+    assert _rows(path) == [1, 2]
