@@ -297,3 +297,65 @@ def test_stop_from_another_thread_before_the_hand_off_runs_the_handed_calls(
         other.close()
     assert outcomes == [1, 2]
     assert _rows(path) == [1, 2]
+
+
+def test_stop_is_bounded_when_the_worker_is_stuck(tmp_path: Path) -> None:
+    """A call that does not return (a disk that hangs): stop() gives up after its timeout with
+    a clear error instead of blocking its caller for ever."""
+    release = threading.Event()
+
+    async def scenario() -> str:
+        commits = GroupCommit("test-stuck", Lost)
+        stuck = commits.submit(release.wait, BOUND)  # on the worker
+        try:
+            with pytest.raises(RuntimeError, match="did not finish in time"):
+                commits.stop(timeout=0.2)
+        finally:
+            release.set()
+        commits.stop()  # once it is free, the stop completes
+        return "stopped" if await stuck else "not released"
+
+    assert _bounded(scenario) == "stopped"
+
+
+_FORKED = """
+import asyncio, os, sys
+from paygate.x402 import ledger_commit
+from paygate.x402.ledger_commit import GroupCommit
+
+ledger_commit.IDLE_WAIT = 0.05
+
+async def lost_wake(commits):
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    with commits._lock:  # queued without a wake token: only the ticker finds it
+        commits._queue.append(ledger_commit._Call(lambda: 7, (), loop, future))
+    async with asyncio.timeout(10):
+        return await future
+
+parent = GroupCommit("parent", Exception)
+assert asyncio.run(lost_wake(parent)) == 7
+with ledger_commit._TICKER._lock:  # a fork while the ticker holds its lock
+    pid = os.fork()
+if pid == 0:
+    child = GroupCommit("child", Exception)
+    ok = asyncio.run(lost_wake(child)) == 7
+    child.stop()
+    os._exit(0 if ok else 1)
+_, status = os.waitpid(pid, 0)
+parent.stop()
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_worker_process_has_its_own_ticker() -> None:
+    """``paygate serve --workers`` forks: a child's group commits get idle-wait ticks of their
+    own (the parent's ticker thread is not in the child), even when the fork caught the
+    ticker's lock held."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", _FORKED], capture_output=True, text=True, timeout=BOUND
+    )
+    assert run.returncode == 0, run.stderr
