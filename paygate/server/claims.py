@@ -29,8 +29,9 @@ request priced at nothing is admitted without its header being looked at.
 
 Per address is :func:`~paygate.server.forwarded.address_key` (an IPv6 host by its prefix), the
 key of every per-address limit, and per worker process (each ``--workers`` process doubts on
-its own: a flood gets one believed claim per address in each). The record is bounded (:data:`MAX_DOUBTED` addresses, the oldest forgotten first): forgetting one
-only gives that address its one claimed open again.
+its own: a flood gets one believed claim per address in each). The record is bounded
+(:data:`MAX_DOUBTED` addresses, the oldest forgotten first): forgetting one only gives that
+address its one claimed open again.
 """
 
 from __future__ import annotations
