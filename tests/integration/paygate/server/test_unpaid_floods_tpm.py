@@ -440,3 +440,27 @@ async def test_claims_answered_409_or_429_after_their_open_are_doubted(
             assert set(drained) <= {402, 409, 503}, drained
             assert await _post(session, stack, _sealed(stack).blob, replay) == 503
     assert usdc.balance_of(seller) == 2000
+
+
+@pytest.mark.parametrize("header", [wire.X_PAYMENT, wire.PAYMENT_SIGNATURE])
+async def test_a_malformed_claim_in_either_header_is_doubted(
+    tpm_key: TpmKey, facilitator: Any, seller: str, tmp_path: Path, header: str
+) -> None:
+    """x402 v1's header and v2's: a claim that is no payment at all is refused (400) after its
+    open, and its address's next claims wait in the unpaid gate (spent: 503 before any open)."""
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / "payments.db",
+        model_prices={"fake-llama": "0.002"},
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+    )
+    forged = {**SEALED, header: "bm90IGEgcGF5bWVudA=="}  # base64 of "not a payment"
+    async with running_stack(key=tpm_key, **settings) as stack:
+        async with _session(FLOOD, 2) as session:
+            assert await _post(session, stack, _sealed(stack).blob, forged) == 400
+            drained = await _drain_unpaid_gate(session, stack)
+            assert set(drained) <= {402, 503}, drained
+            assert await _post(session, stack, _sealed(stack).blob, forged) == 503
+        async with _session(CALLER, 2) as session:  # another address: still believed
+            assert await _post(session, stack, _sealed(stack).blob, forged) == 400
