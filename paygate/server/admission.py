@@ -39,7 +39,7 @@ from typing import Any
 from aiohttp import web
 
 from paygate import jsonsafe, wire
-from paygate.server.claims import REFUSED, DoubtedClaims
+from paygate.server.claims import DoubtedClaims, doubts
 from paygate.server.errors import (
     EncryptionRequired,
     GatewayError,
@@ -162,11 +162,14 @@ class Admission:
                 )
             except GatewayError as refusal:
                 # The sender's doing (a body that does not open or parse, a payment that is no
-                # payment), after a key operation on a claim's word: doubt its next claims.
-                if paying and refusal.status in REFUSED:
+                # payment, or never verified again), after a key operation on a claim's word:
+                # doubt its next claims.
+                if paying and doubts(refusal):
                     self._claims.refused(key)
                 raise
-            if paying:
+            if paying and ticket.session.paid:
+                # A payment verified, not merely admitted: a request priced at nothing is
+                # admitted without its header being looked at, and clears nothing.
                 self._claims.verified(key)
             return Admitted(ticket, body, client, opened, key), payment
         payment = self._payments.admit(request, route, client=key)

@@ -7,8 +7,10 @@ callers' rate so that a payer making paid calls one after another is not held to
 costs nothing to forge, though: a flood of forged claims would take that gate's whole rate, and
 so the real payers' opens.
 
-So a claim that fails once the key's work is done — its body does not open or parse, or its
-payment is refused as invalid (400/402 either way) — costs its sender: its address
+So a claim that fails once the key's work is done — its body does not open or parse, its
+payment is refused (402), is an identifier's recorded outcome or one in progress (409: never
+verified again, so one paid call would otherwise buy a flood of opens), or a payer's rate is
+spent (429): any 4xx of the sender's doing — costs its sender: its address
 is *doubted* for :data:`DOUBT_SECONDS`, and while doubted, its requests are admitted as unpaid
 ones whatever header they carry (the unpaid pool and gate: its one slot per address and the
 unpaid rate it shares with every other unpaid caller). A payment verified from the address
@@ -21,11 +23,15 @@ Why the unpaid *gate*, and not merely a token of the unpaid bucket taken after t
 token charged for every failed claim would let forged claims drain the unpaid callers' rate as
 well as the claimed one; moving the doubted address into the unpaid gate bounds it exactly as an
 unpaid caller is bounded, no more (it could send unpaid requests anyway). A refusal that is not
-the sender's doing (503: a dependency down; 429: a payer's rate) doubts nobody.
+the sender's doing (5xx: a dependency down) doubts nobody, nor does the gate's own 429 (the
+address's open slot taken: nothing was opened). Only a *verified* payment clears a doubt: a
+request priced at nothing is admitted without its header being looked at.
 
-Per address is :func:`~paygate.server.forwarded.address_key` (an IPv6 host by its prefix). The
-record is bounded (:data:`MAX_DOUBTED` addresses, the oldest forgotten first): forgetting one
-only gives that address its one claimed open again.
+Per address is :func:`~paygate.server.forwarded.address_key` (an IPv6 host by its prefix), the
+key of every per-address limit, and per worker process (each ``--workers`` process doubts on
+its own: a flood gets one believed claim per address in each). The record is bounded
+(:data:`MAX_DOUBTED` addresses, the oldest forgotten first): forgetting one only gives that
+address its one claimed open again.
 """
 
 from __future__ import annotations
@@ -34,12 +40,18 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from paygate.server.errors import GatewayError, TooManyUploads
+
 #: Seconds an address whose claim failed is admitted as unpaid (unless a payment verifies).
 DOUBT_SECONDS = 60.0
-#: Addresses remembered at most (each a few hundred bytes).
+#: Addresses remembered at most (each ~170 bytes with its key, measured: ~11 MB in all).
 MAX_DOUBTED = 65_536
-#: Refusals of a claim that are the sender's doing: a body or a payment that is no good.
-REFUSED = frozenset((400, 402))
+
+
+def doubts(refusal: GatewayError) -> bool:
+    """Does ``refusal`` of a claim, met once its body was read, doubt its address? Any 4xx of
+    the sender's doing; not the open gate's own per-address refusal (raised before an open)."""
+    return 400 <= refusal.status < 500 and not isinstance(refusal, TooManyUploads)
 
 
 class DoubtedClaims:
@@ -70,7 +82,7 @@ class DoubtedClaims:
         return True
 
     def refused(self, address: str) -> None:
-        """A claim from ``address`` was refused (:data:`REFUSED`): doubt it from now on."""
+        """A claim from ``address`` was refused (:func:`doubts`): doubt it from now on."""
         self._until.pop(address, None)
         self._until[address] = self._clock() + self.seconds
         while len(self._until) > self.max_addresses:

@@ -328,7 +328,14 @@ class GroupCommit:
         if group is None:  # stop() handed it off already
             return
         with self._lock:
-            self._queue.extend(group.handed)
+            if self._queue and self._queue[-1] is None:
+                # Stopped from another thread meanwhile: the worker waits for this group (the
+                # connection is the loop's), so its handed calls still go ahead of the stop.
+                self._queue.pop()
+                self._queue.extend(group.handed)
+                self._queue.append(None)
+            else:
+                self._queue.extend(group.handed)
             if group.db is not None:
                 self._commit = group
             else:

@@ -10,6 +10,7 @@ answered (200) within 2 s — and that the flood's key operations stayed within 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import time
@@ -341,3 +342,125 @@ async def test_a_forged_claim_flood_is_bounded_and_leaves_a_payer_served(
     assert operations <= len(results) + flood_opens
     assert tpm.commands - commands <= len(results) * per_call + flood_opens * slow_tpm_key.per_ecdh
     assert usdc.balance_of(seller) == (1 + served) * 2000
+
+
+# --- doubted claims: what clears a doubt, and what a doubted payer gets ---------------------
+
+
+async def _post(
+    session: aiohttp.ClientSession, stack: Stack, data: bytes, headers: dict[str, str]
+) -> int:
+    async with session.post(stack.url + CHAT, data=data, headers=headers) as response:
+        await response.read()
+        return response.status
+
+
+async def _drain_unpaid_gate(session: aiohttp.ClientSession, stack: Stack) -> list[int]:
+    """Sealed requests without a payment until the unpaid gate refuses one (its burst spent,
+    its rate too slow to refill within the test)."""
+    statuses: list[int] = []
+    while not statuses or statuses[-1] != 503:
+        assert len(statuses) < 16, statuses
+        statuses.append(await _post(session, stack, _sealed(stack).blob, SEALED))
+    return statuses
+
+
+async def test_a_doubt_is_cleared_by_a_verified_payment_only(
+    tpm_key: TpmKey, facilitator: Any, usdc: Any, payer: Any, seller: str, tmp_path: Path
+) -> None:
+    """A request with a payment header to a model priced at 0 is admitted without its payment
+    being looked at: it must not clear its address's doubt (else forged claims alternate with
+    free plaintext ones and keep the claimed gate). A doubted payer's valid payment is served
+    and charged (through the unpaid gate), and clears the doubt."""
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / "payments.db",
+        model_prices={"fake-llama": "0.002", "free-llama": "0"},
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+    )
+    free_body = json.dumps({**CHAT_BODY, "model": "free-llama"}).encode()
+    async with running_stack(key=tpm_key, **settings) as stack:
+        required = await challenge_of(stack, CHAT, CHAT_BODY)
+        forge = _payments(stack, required, new_account())
+        pay = _payments(stack, required, payer)
+        async with _session(FLOOD, 2) as forger, _session(CALLER, 2) as caller:
+            # The forger's claim is refused once opened: doubted, it is an unpaid caller now.
+            assert await _post(forger, stack, _sealed(stack).blob, {**SEALED, **forge()}) == 402
+            # A doubted payer: served and charged, through the unpaid gate (a token of it).
+            assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **forge()}) == 402
+            assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 200
+            assert usdc.balance_of(seller) == 2000
+            # The unpaid gate spent (the forger's unpaid requests): claims the forger makes
+            # are refused before any open, and a free request with a header clears nothing.
+            drained = await _drain_unpaid_gate(forger, stack)
+            assert set(drained) <= {402, 503}, drained
+            forged = {**SEALED, **forge()}
+            assert await _post(forger, stack, _sealed(stack).blob, forged) == 503
+            plain = {"Content-Type": "application/json", **forge()}
+            assert await _post(forger, stack, free_body, plain) == 200  # priced 0: free
+            assert await _post(forger, stack, _sealed(stack).blob, {**SEALED, **forge()}) == 503
+            # The payer's verified payment cleared its doubt: its claims use the claimed gate,
+            # which the unpaid gate's exhaustion does not touch.
+            assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 200
+    assert usdc.balance_of(seller) == 2 * 2000
+
+
+def _with_id(header: str, payment_id: str) -> str:
+    # Extensions are outside the signature: the caller names its payment-identifier.
+    payment = json.loads(base64.b64decode(header))
+    payment.setdefault("extensions", {})["payment-identifier"] = {
+        "info": {"required": False, "id": payment_id}
+    }
+    return base64.b64encode(json.dumps(payment).encode()).decode()
+
+
+async def test_claims_answered_409_or_429_after_their_open_are_doubted(
+    tpm_key: TpmKey, facilitator: Any, usdc: Any, payer: Any, seller: str, tmp_path: Path
+) -> None:
+    """One payment served, then its header sent again and again (its payment-identifier's
+    outcome: 409, never verified again): each is a key operation on a claim that never
+    verifies. Unless the address is doubted, one paid call buys a claimed-gate flood."""
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / "payments.db",
+        model_prices={"fake-llama": "0.002"},
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+    )
+    async with running_stack(key=tpm_key, **settings) as stack:
+        required = await challenge_of(stack, CHAT, CHAT_BODY)
+        header = _payments(stack, required, payer)()[wire.PAYMENT_SIGNATURE]
+        replay = {**SEALED, wire.PAYMENT_SIGNATURE: _with_id(header, "pay_" + "7" * 32)}
+        async with _session(FLOOD, 2) as session:
+            assert await _post(session, stack, _sealed(stack).blob, replay) == 200
+            assert await _post(session, stack, _sealed(stack).blob, replay) == 409
+            # Doubted now: its next claims are unpaid ones, and the unpaid gate is spent.
+            drained = await _drain_unpaid_gate(session, stack)
+            assert set(drained) <= {402, 409, 503}, drained
+            assert await _post(session, stack, _sealed(stack).blob, replay) == 503
+    assert usdc.balance_of(seller) == 2000
+
+
+@pytest.mark.parametrize("header", [wire.X_PAYMENT, wire.PAYMENT_SIGNATURE])
+async def test_a_malformed_claim_in_either_header_is_doubted(
+    tpm_key: TpmKey, facilitator: Any, seller: str, tmp_path: Path, header: str
+) -> None:
+    """x402 v1's header and v2's: a claim that is no payment at all is refused (400) after its
+    open, and its address's next claims wait in the unpaid gate (spent: 503 before any open)."""
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / "payments.db",
+        model_prices={"fake-llama": "0.002"},
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+    )
+    forged = {**SEALED, header: "bm90IGEgcGF5bWVudA=="}  # base64 of "not a payment"
+    async with running_stack(key=tpm_key, **settings) as stack:
+        async with _session(FLOOD, 2) as session:
+            assert await _post(session, stack, _sealed(stack).blob, forged) == 400
+            drained = await _drain_unpaid_gate(session, stack)
+            assert set(drained) <= {402, 503}, drained
+            assert await _post(session, stack, _sealed(stack).blob, forged) == 503
+        async with _session(CALLER, 2) as session:  # another address: still believed
+            assert await _post(session, stack, _sealed(stack).blob, forged) == 400

@@ -83,3 +83,20 @@ def test_the_claimed_open_rate_is_its_own_setting(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("PAYGATE_CLAIMED_OPENS_PER_SECOND", "nan")
     with pytest.raises(ConfigError, match="claimed_opens_per_second"):
         load_settings(None)
+
+
+def test_which_refusals_of_a_claim_doubt_its_address() -> None:
+    from paygate.server.claims import doubts
+    from paygate.server.errors import GatewayError, TooManyUploads, UploadsBusy
+
+    def refusal(status: int) -> GatewayError:
+        error = GatewayError("refused")
+        error.status = status
+        return error
+
+    # The sender's doing: a body or payment no good, an outcome already recorded, a payer's rate.
+    assert all(doubts(refusal(status)) for status in (400, 402, 409, 429))
+    # Not the sender's doing, or nothing opened: a dependency down, the gate's own refusals.
+    assert not any(doubts(refusal(status)) for status in (500, 502, 503, 504))
+    assert not doubts(TooManyUploads())
+    assert not doubts(UploadsBusy())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -196,3 +197,165 @@ def test_the_idle_worker_looks_again_without_a_wake(
     finally:
         db.close()
     assert _rows(path) == [9]
+
+
+class NotMade(Exception):
+    """As the ledger's WriteNotMade: raised inside a call's transaction after a statement."""
+
+
+def test_stop_on_the_loop_keeps_each_calls_savepoint(tmp_path: Path) -> None:
+    """A call of the open group that wrote and then failed inside its transaction (the ledger's
+    WriteNotMade) is rolled back to its savepoint and gets its error; the calls before and after
+    it in the group are committed by the stop's hand-off."""
+    path = tmp_path / "t.db"
+    db = _connect(path)
+
+    async def scenario() -> list[Any]:
+        commits, write = _group_commit(db)
+
+        def not_made(n: int) -> None:
+            with commits.transaction(db) as conn:
+                conn.execute("INSERT INTO t VALUES (?)", (n,))
+                raise NotMade(n)
+
+        futures = [
+            commits.submit(write, 1, quick=True),
+            commits.submit(not_made, 2, quick=True),
+            commits.submit(write, 3, quick=True),
+        ]
+        commits.stop()
+        async with asyncio.timeout(BOUND):
+            return await asyncio.gather(*futures, return_exceptions=True)
+
+    try:
+        one, failed, three = _bounded(scenario)
+    finally:
+        db.close()
+    assert (one, three) == (1, 3)
+    assert isinstance(failed, NotMade)
+    assert _rows(path) == [1, 3]
+
+
+def test_stop_on_the_loop_with_the_write_lock_busy_runs_the_handed_calls(tmp_path: Path) -> None:
+    """Another connection holds the write lock: the open group's calls are handed to the worker
+    (which waits for the lock); stop() on the loop runs them before the worker ends."""
+    path = tmp_path / "t.db"
+    db = _connect(path)
+    db.execute("PRAGMA journal_mode = WAL")
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+
+    async def scenario() -> list[Any]:
+        commits, write = _group_commit(db)
+        futures = [commits.submit(write, n, quick=True) for n in (1, 2)]
+        threading.Timer(0.2, other.execute, ("COMMIT",)).start()  # the lock, soon let go
+        commits.stop()
+        async with asyncio.timeout(BOUND):
+            return await asyncio.gather(*futures, return_exceptions=True)
+
+    try:
+        outcomes = _bounded(scenario)
+    finally:
+        db.close()
+        other.close()
+    assert outcomes == [1, 2]
+    assert _rows(path) == [1, 2]
+
+
+def test_stop_from_another_thread_before_the_hand_off_runs_the_handed_calls(
+    tmp_path: Path,
+) -> None:
+    """Another thread stops the worker while the loop's open group has calls that found the
+    write lock busy, before the loop hands the group off: those calls still run (and are
+    answered) before the worker ends, not queued behind its stop for nobody."""
+    path = tmp_path / "t.db"
+    db = _connect(path)
+    db.execute("PRAGMA journal_mode = WAL")
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+
+    async def scenario() -> list[Any]:
+        commits, write = _group_commit(db)
+        futures = [commits.submit(write, n, quick=True) for n in (1, 2)]  # handed: lock busy
+        stopper = threading.Thread(target=commits.stop, name="stopper", daemon=True)
+        stopper.start()
+        for _ in range(10_000):  # its stop queued (still in this loop iteration)
+            with commits._lock:
+                if commits._queue and commits._queue[-1] is None:
+                    break
+            time.sleep(0.001)  # blocking on purpose: the hand-off must not run yet
+        other.execute("COMMIT")
+        async with asyncio.timeout(5):
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        stopper.join(BOUND)
+        return outcomes
+
+    try:
+        outcomes = _bounded(scenario)
+    finally:
+        db.close()
+        other.close()
+    assert outcomes == [1, 2]
+    assert _rows(path) == [1, 2]
+
+
+def test_stop_is_bounded_when_the_worker_is_stuck(tmp_path: Path) -> None:
+    """A call that does not return (a disk that hangs): stop() gives up after its timeout with
+    a clear error instead of blocking its caller for ever."""
+    release = threading.Event()
+
+    async def scenario() -> str:
+        commits = GroupCommit("test-stuck", Lost)
+        stuck = commits.submit(release.wait, BOUND)  # on the worker
+        try:
+            with pytest.raises(RuntimeError, match="did not finish in time"):
+                commits.stop(timeout=0.2)
+        finally:
+            release.set()
+        commits.stop()  # once it is free, the stop completes
+        return "stopped" if await stuck else "not released"
+
+    assert _bounded(scenario) == "stopped"
+
+
+_FORKED = """
+import asyncio, os, sys
+from paygate.x402 import ledger_commit
+from paygate.x402.ledger_commit import GroupCommit
+
+ledger_commit.IDLE_WAIT = 0.05
+
+async def lost_wake(commits):
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    with commits._lock:  # queued without a wake token: only the ticker finds it
+        commits._queue.append(ledger_commit._Call(lambda: 7, (), loop, future))
+    async with asyncio.timeout(10):
+        return await future
+
+parent = GroupCommit("parent", Exception)
+assert asyncio.run(lost_wake(parent)) == 7
+with ledger_commit._TICKER._lock:  # a fork while the ticker holds its lock
+    pid = os.fork()
+if pid == 0:
+    child = GroupCommit("child", Exception)
+    ok = asyncio.run(lost_wake(child)) == 7
+    child.stop()
+    os._exit(0 if ok else 1)
+_, status = os.waitpid(pid, 0)
+parent.stop()
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_worker_process_has_its_own_ticker() -> None:
+    """``paygate serve --workers`` forks: a child's group commits get idle-wait ticks of their
+    own (the parent's ticker thread is not in the child), even when the fork caught the
+    ticker's lock held."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", _FORKED], capture_output=True, text=True, timeout=BOUND
+    )
+    assert run.returncode == 0, run.stderr
