@@ -347,3 +347,25 @@ async def test_a_backlog_is_read_batch_after_batch_without_waiting_the_interval(
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
+
+
+async def test_a_receipt_its_frozen_process_records_after_recovery_is_counted_once(location):
+    """The residual race: a process frozen past the grace between keeping a receipt and
+    recording it wakes after recovery recorded it and records it again (the request path does
+    not look first). The period cut counts that leaf once: its charge is in one period's
+    total, before or after the first period covering it was published."""
+    tokens = {1: _token(1, 500), 2: _token(2, 700)}
+    await _keep(location, tokens)
+    async with _log(location) as tlog:
+        await tlog.start([b"genesis"])
+        assert (await tlog.recovery.pass_once()).recorded == 2
+        await tlog.record_receipt(tokens[2])  # woke before the cut: both open at once
+        assert await tlog.append_period() is not None
+        entry = await _last_entry(tlog)
+        assert (entry["count"], entry["charged"]) == (2, "1200")
+        await tlog.record_receipt(tokens[1])  # woke after the cut: its period is published
+        assert await tlog.append_period() is None  # no second period counting it again
+        period = await tlog._store.receipt_period(receipt_facts(tokens[1]).leaf)
+        assert period is not None
+        assert len(period.leaves) == 2
+        assert await _leaves(tlog, list(tokens.values())) == [1, 1]
