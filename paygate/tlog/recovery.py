@@ -12,7 +12,8 @@ leaf hashes it has (one read), and records the others in one write under the app
 re-checks them there: two replicas or workers recovering at once record each receipt once.
 
 The scan's place is this process's own (no schema of its own): it starts ``window`` seconds
-before the newest receipt the ledger kept, so a restart after any downtime still covers the
+(at least ``grace`` + ``interval``: where a process that died had got to) before the newest
+receipt the ledger kept, so a restart after any downtime still covers the
 receipts kept just before the crash; a process that keeps running covers everything kept after
 its start. A pass that read a full batch is followed by the next one at once (after a short
 pause), so a backlog is read ``batch`` receipts to a transaction, never in one.
@@ -37,6 +38,12 @@ class RecoveryConfig:
     grace: float = 120.0  # seconds a kept receipt is left to the process recording it
     window: float = 900.0  # seconds before the newest kept receipt a first pass starts
     interval: float = 30.0  # seconds between passes once caught up
+
+    @property
+    def reach(self) -> float:
+        """How far before the newest kept receipt a first pass starts: ``window``, and at least
+        as far back as a process that died had scanned (``grace`` plus one ``interval``)."""
+        return max(self.window, self.grace + self.interval)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +73,7 @@ class ReceiptRecovery:
         that is done (a failure is retried from the same place)."""
         start, kept = await self._store.kept_receipts(
             self.after,
-            window=self.config.window,
+            window=self.config.reach,
             grace=self.config.grace,
             limit=self.config.batch,
         )

@@ -369,3 +369,31 @@ async def test_a_receipt_its_frozen_process_records_after_recovery_is_counted_on
         assert period is not None
         assert len(period.leaves) == 2
         assert await _leaves(tlog, list(tokens.values())) == [1, 1]
+
+
+def _kept_earlier_plan(sql: Any, payment_nonce_n: int, seconds: float) -> Any:
+    """Move a kept receipt ``seconds`` back in the ledger's time (as if kept that long ago)."""
+    yield (
+        sql._sql(
+            "UPDATE receipts SET created_at = created_at - ?"
+            " WHERE payment_id = (SELECT id FROM payments WHERE nonce = ?)"
+        ),
+        (seconds, request(payment_nonce_n)["nonce"]),
+    )
+    return None
+
+
+async def test_a_restart_reaches_back_past_the_grace_and_interval_whatever_the_window(location):
+    """The process that died had scanned up to ``grace`` (plus at most one ``interval``) before
+    its last pass: a restart's first pass must reach that far back before the newest receipt,
+    even where ``log_recovery_window`` was set shorter, or the receipts kept in between are
+    never recovered."""
+    tokens = {1: _token(1, 11), 2: _token(2, 13)}
+    await _keep(location, tokens)
+    async with _log(location, window=0.0, grace=0.0, interval=60.0) as tlog:
+        store: Any = tlog._store
+        await store._write(_kept_earlier_plan(store.SQL, 1, 40.0))  # 40 s before the newest
+        await tlog.start([b"genesis"])
+        done = await tlog.recovery.pass_once()
+        assert (done.read, done.recorded) == (2, 2)
+        assert await _leaves(tlog, list(tokens.values())) == [1, 1]
