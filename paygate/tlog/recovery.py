@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,6 +68,8 @@ class ReceiptRecovery:
         self._facts = facts  # a token → its leaf hash, amount and time (ValueError: unreadable)
         self.config = config
         self.after: Position | None = None
+        self.behind = False  # the last pass read a full batch: more waits to be read
+        self._caught_up = Pass(0, 0)  # read and recorded since it fell behind
 
     async def pass_once(self) -> Pass:
         """Read the next batch and record what the log lacks; the place moves on only when
@@ -88,15 +91,39 @@ class ReceiptRecovery:
         recorded = await self._store.record_missing(missing, self._replica) if missing else 0
         if recorded:
             log.warning("recorded %d kept receipts the log did not have", recorded)
+        if self.after is None and start is not None:  # what is older is never looked at
+            log.info("receipts recovery starts at the receipts kept from %s", _utc(start[0]))
         self.after = kept[-1].position if kept else start
+        self._tell(Pass(len(kept), recorded))
         return Pass(len(kept), recorded)
+
+    def _tell(self, done: Pass) -> None:
+        """Say when recovery falls behind (a full batch; once, not per batch) and when it has
+        caught up, with what it read and recorded in between."""
+        full = done.read >= self.config.batch
+        if full and not self.behind and self.after is not None:
+            log.warning("receipts recovery is behind: reading receipts kept from %s, %d a pass",
+                        _utc(self.after[0]), self.config.batch)  # fmt: skip
+        if self.behind or full:
+            seen = self._caught_up
+            self._caught_up = Pass(seen.read + done.read, seen.recorded + done.recorded)
+        if self.behind and not full:
+            log.info("receipts recovery caught up: read %d kept receipts, recorded %d",
+                     self._caught_up.read, self._caught_up.recorded)  # fmt: skip
+            self._caught_up = Pass(0, 0)
+        self.behind = full
 
     async def run(self) -> None:
         """Passes for as long as the log runs: at once at start, then every ``interval``."""
         while True:
             full = False
             try:
-                full = (await self.pass_once()).read >= self.config.batch
+                await self.pass_once()
+                full = self.behind
             except Exception as exc:  # keep recovering: one failed pass must not end it
                 log.error("the receipts recovery pass failed: %s", type(exc).__name__)
             await asyncio.sleep(CATCH_UP_PAUSE if full else self.config.interval)
+
+
+def _utc(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))

@@ -397,3 +397,22 @@ async def test_a_restart_reaches_back_past_the_grace_and_interval_whatever_the_w
         done = await tlog.recovery.pass_once()
         assert (done.read, done.recorded) == (2, 2)
         assert await _leaves(tlog, list(tokens.values())) == [1, 1]
+
+
+async def test_the_operator_is_told_where_recovery_starts_and_when_it_is_behind(location, caplog):
+    """A first pass says from when it reads (what is older is not looked at), a full batch
+    says recovery is behind (once, not per batch), and the pass that catches up says so."""
+    tokens = {n: _token(n, 1) for n in range(1, 6)}
+    await _keep(location, tokens)
+    async with _log(location, batch=2) as tlog:
+        await tlog.start([b"genesis"])
+        with caplog.at_level("INFO", logger="paygate.tlog"):
+            for _ in range(4):
+                await tlog.recovery.pass_once()
+    said = [r.getMessage() for r in caplog.records if "recovery" in r.getMessage()]
+    assert len([m for m in said if m.startswith("receipts recovery starts")]) == 1
+    assert len([m for m in said if m.startswith("receipts recovery is behind")]) == 1
+    assert len([m for m in said if m.startswith("receipts recovery caught up")]) == 1
+    assert said.index(next(m for m in said if "behind" in m)) < said.index(
+        next(m for m in said if "caught up" in m)
+    )
