@@ -429,7 +429,9 @@ def receipt_facts(token: str) -> MissingReceipt:
 
 def _issued(payload: bytes) -> float:
     issued = _claims(payload).get("issued_at")
-    return float(issued) if isinstance(issued, int) and not isinstance(issued, bool) else 0.0
+    # Bounded as the receipts entry's times are (a float must hold it: no OverflowError).
+    valid = isinstance(issued, int) and not isinstance(issued, bool) and 0 <= issued < 1 << 63
+    return float(issued) if valid else 0.0
 
 
 def evidence_digest(document: object) -> str:

@@ -416,3 +416,18 @@ async def test_the_operator_is_told_where_recovery_starts_and_when_it_is_behind(
     assert said.index(next(m for m in said if "behind" in m)) < said.index(
         next(m for m in said if "caught up" in m)
     )
+
+
+async def test_a_kept_token_with_an_absurd_time_does_not_stall_recovery(location):
+    """A kept token whose ``issued_at`` no float holds (10**400): the pass records the others
+    and moves past it, rather than failing at the same place on every pass for ever."""
+    absurd = b'{"issued_at":1' + b"0" * 400 + b',"kind":"reply"}'
+    token = base64.urlsafe_b64encode(absurd).decode().rstrip("=") + ".AA"
+    tokens = {1: token, 2: _token(2, 9)}
+    await _keep(location, tokens)
+    async with _log(location) as tlog:
+        await tlog.start([b"genesis"])
+        done = await tlog.recovery.pass_once()
+        assert done.read == 2
+        assert await _leaves(tlog, [tokens[2]]) == [1]
+        assert (await tlog.recovery.pass_once()).read == 0
