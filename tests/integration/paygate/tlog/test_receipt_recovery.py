@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import os
 import sqlite3
@@ -431,3 +432,38 @@ async def test_a_kept_token_with_an_absurd_time_does_not_stall_recovery(location
         assert done.read == 2
         assert await _leaves(tlog, [tokens[2]]) == [1]
         assert (await tlog.recovery.pass_once()).read == 0
+
+
+async def test_a_pass_lets_requests_run_between_short_runs_of_kept_receipts(location):
+    """Hashing a batch (up to 1000 tokens) is tens of milliseconds of the event loop: a pass
+    lets other tasks (the requests of this worker) run between short runs of it."""
+    tokens = {n: _token(n, 1) for n in range(1, 201)}
+    await _keep(location, tokens)
+    async with _log(location, batch=200) as tlog:
+        await tlog.start([b"genesis"])
+        seen = 0
+        real = tlog.recovery._facts
+
+        def counted(token: str) -> Any:
+            nonlocal seen
+            seen += 1
+            return real(token)
+
+        tlog.recovery._facts = counted
+        ticks: list[int] = []
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            while not done.is_set():
+                ticks.append(seen)
+                await asyncio.sleep(0)
+
+        watching = asyncio.create_task(ticker())
+        try:
+            assert (await tlog.recovery.pass_once()).recorded == 200
+        finally:
+            done.set()
+            await asyncio.wait_for(watching, 10)
+        runs = [b - a for a, b in itertools.pairwise(ticks)]
+        assert seen == 200
+        assert max(runs) <= 64  # never the whole batch at once
