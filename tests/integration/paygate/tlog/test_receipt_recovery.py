@@ -467,3 +467,22 @@ async def test_a_pass_lets_requests_run_between_short_runs_of_kept_receipts(loca
         runs = [b - a for a, b in itertools.pairwise(ticks)]
         assert seen == 200
         assert max(runs) <= 64  # never the whole batch at once
+
+
+def _same_time_plan(sql: Any) -> Any:
+    yield "UPDATE receipts SET created_at = (SELECT MAX(created_at) FROM receipts)", ()
+    return None
+
+
+async def test_receipts_kept_at_the_same_time_are_each_read_across_batch_boundaries(location):
+    """Five receipts with one kept time, read two a pass: the place is (time, payment id,
+    kind), so a batch ending inside the tie neither rereads nor skips the rest of it."""
+    tokens = {n: _token(n, 1) for n in range(1, 6)}
+    await _keep(location, tokens)
+    async with _log(location, batch=2) as tlog:
+        store: Any = tlog._store
+        await store._write(_same_time_plan(store.SQL))
+        await tlog.start([b"genesis"])
+        passes = [await tlog.recovery.pass_once() for _ in range(4)]
+        assert [(p.read, p.recorded) for p in passes] == [(2, 2), (2, 2), (1, 1), (0, 0)]
+        assert await _leaves(tlog, list(tokens.values())) == [1] * 5
