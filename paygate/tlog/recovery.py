@@ -71,7 +71,7 @@ class ReceiptRecovery:
         self._facts = facts  # a token → its leaf hash, amount and time (ValueError: unreadable)
         self.config = config
         self.after: Position | None = None
-        self.behind = False  # the last pass read a full batch: more waits to be read
+        self.behind = False  # said to be behind, not caught up since
         self._caught_up = Pass(0, 0)  # read and recorded since it fell behind
 
     async def pass_once(self) -> Pass:
@@ -103,28 +103,31 @@ class ReceiptRecovery:
         return Pass(len(kept), recorded)
 
     def _tell(self, done: Pass) -> None:
-        """Say when recovery falls behind (a full batch; once, not per batch) and when it has
-        caught up, with what it read and recorded in between."""
+        """Say when recovery is behind (a full batch whose last receipt was kept longer ago than
+        ``grace`` and two ``interval``s: a busy ledger fills batches without being behind;
+        said once, not per batch) and when it has caught up, with what it read and recorded."""
         full = done.read >= self.config.batch
-        if full and not self.behind and self.after is not None:
-            log.warning("receipts recovery is behind: reading receipts kept from %s, %d a pass",
-                        _utc(self.after[0]), self.config.batch)  # fmt: skip
-        if self.behind or full:
+        lag = time.time() - self.after[0] if self.after is not None else 0.0
+        late = full and lag > self.config.grace + 2 * self.config.interval
+        if late and not self.behind:
+            log.warning("receipts recovery is behind: reading receipts kept %d s ago, %d a pass",
+                        lag, self.config.batch)  # fmt: skip
+            self.behind = True
+        if self.behind:
             seen = self._caught_up
             self._caught_up = Pass(seen.read + done.read, seen.recorded + done.recorded)
-        if self.behind and not full:
-            log.info("receipts recovery caught up: read %d kept receipts, recorded %d",
-                     self._caught_up.read, self._caught_up.recorded)  # fmt: skip
-            self._caught_up = Pass(0, 0)
-        self.behind = full
+            if not full:
+                log.info("receipts recovery caught up: read %d kept receipts, recorded %d",
+                         self._caught_up.read, self._caught_up.recorded)  # fmt: skip
+                self._caught_up = Pass(0, 0)
+                self.behind = False
 
     async def run(self) -> None:
         """Passes for as long as the log runs: at once at start, then every ``interval``."""
         while True:
             full = False
             try:
-                await self.pass_once()
-                full = self.behind
+                full = (await self.pass_once()).read >= self.config.batch
             except Exception as exc:  # keep recovering: one failed pass must not end it
                 log.error("the receipts recovery pass failed: %s", type(exc).__name__)
             await asyncio.sleep(CATCH_UP_PAUSE if full else self.config.interval)
