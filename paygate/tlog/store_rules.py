@@ -215,9 +215,12 @@ class LogQueries:
         ), (leaf, str(amount) if self.amounts_as_text else amount, replica, issued_at)
 
     def open_receipts(self, limit: int) -> Query:
-        """The receipts no entry covers yet, oldest first (locked where the dialect can)."""
+        """The receipts no entry covers yet, oldest first (locked where the dialect can), but a
+        twin of one the log holds at a lower seq (:attr:`drop_recorded_again`)."""
         return self._sql(
             "SELECT seq, leaf, amount, issued_at FROM tlog_receipts WHERE entry IS NULL"  # noqa: S608 - a constant clause
+            " AND NOT EXISTS (SELECT 1 FROM tlog_receipts AS earlier"  # a twin committed mid-cut
+            " WHERE earlier.leaf = tlog_receipts.leaf AND earlier.seq < tlog_receipts.seq)"
             " ORDER BY seq LIMIT ?" + self.lock_rows
         ), (limit,)
 
