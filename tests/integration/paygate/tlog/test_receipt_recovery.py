@@ -523,3 +523,23 @@ async def test_a_twin_recorded_during_the_cut_is_not_counted_in_that_period(loca
         store: Any = tlog._store
         monkeypatch.setattr(store.SQL, "drop_recorded_again", "SELECT 1")
         assert await tlog.append_period() is None
+
+
+async def test_close_ends_a_recovery_pass_stuck_in_its_store(location):
+    """close() cancels the recovery wherever it waits, here inside a store read that never
+    answers, and returns (the app's cleanup does not hang on it)."""
+    await _keep(location, {1: _token(1, 1)})
+    store = await open_log_store(location)
+    tlog = TransparencyLog(LogConfig(origin=ORIGIN, replica="r1"), store, KEY)
+    await tlog.start([b"genesis"])
+    entered = asyncio.Event()
+
+    async def never(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await asyncio.Event().wait()
+
+    tlog._store.kept_receipts = never  # type: ignore[method-assign]
+    tlog.spawn_periods()
+    await asyncio.wait_for(entered.wait(), 10)
+    await asyncio.wait_for(tlog.close(), 10)
+    assert not tlog._tasks
