@@ -7,7 +7,11 @@
 - on both stores (SQLite file, PostgreSQL 15): each missing receipt recorded once, whatever
   the log already had; a second pass, a second process's first pass and two recoveries at once
   record nothing twice; a pass reads at most its batch; a receipt kept less than ``grace`` ago
-  is left to the process recording it; an unreadable kept token is passed over.
+  is left to the process recording it; an unreadable kept token is passed over;
+- the residual race (a process frozen past the grace records a receipt recovery recorded): no
+  period counts its leaf twice; a restart reaches back grace + interval whatever the window;
+  ties of kept time across batches; a token with an absurd time does not stall the scan; a pass
+  yields the event loop; the operator's log lines; close() ends a stuck pass.
 """
 
 from __future__ import annotations
