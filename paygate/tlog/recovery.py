@@ -12,7 +12,8 @@ leaf hashes it has (one read), and records the others in one write under the app
 re-checks them there: two replicas or workers recovering at once record each receipt once.
 
 The scan's place is this process's own (no schema of its own): it starts ``window`` seconds
-before the newest receipt the ledger kept, so a restart after any downtime still covers the
+(at least ``grace`` + ``interval``: where a process that died had got to) before the newest
+receipt the ledger kept, so a restart after any downtime still covers the
 receipts kept just before the crash; a process that keeps running covers everything kept after
 its start. A pass that read a full batch is followed by the next one at once (after a short
 pause), so a backlog is read ``batch`` receipts to a transaction, never in one.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +31,9 @@ from paygate.tlog.store import LogStore, MissingReceipt, Position
 
 log = logging.getLogger("paygate.tlog")
 CATCH_UP_PAUSE = 0.05  # seconds between two full batches: the store serves requests between
+# Kept receipts hashed between two turns of the event loop (~40 us each): a batch of 1000 would
+# otherwise hold this worker's requests for tens of milliseconds.
+RUN = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +42,12 @@ class RecoveryConfig:
     grace: float = 120.0  # seconds a kept receipt is left to the process recording it
     window: float = 900.0  # seconds before the newest kept receipt a first pass starts
     interval: float = 30.0  # seconds between passes once caught up
+
+    @property
+    def reach(self) -> float:
+        """How far before the newest kept receipt a first pass starts: ``window``, and at least
+        as far back as a process that died had scanned (``grace`` plus one ``interval``)."""
+        return max(self.window, self.grace + self.interval)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,18 +71,22 @@ class ReceiptRecovery:
         self._facts = facts  # a token → its leaf hash, amount and time (ValueError: unreadable)
         self.config = config
         self.after: Position | None = None
+        self.behind = False  # said to be behind, not caught up since
+        self._caught_up = Pass(0, 0)  # read and recorded since it fell behind
 
     async def pass_once(self) -> Pass:
         """Read the next batch and record what the log lacks; the place moves on only when
         that is done (a failure is retried from the same place)."""
         start, kept = await self._store.kept_receipts(
             self.after,
-            window=self.config.window,
+            window=self.config.reach,
             grace=self.config.grace,
             limit=self.config.batch,
         )
         candidates: list[MissingReceipt] = []
-        for receipt in kept:
+        for n, receipt in enumerate(kept):
+            if n and not n % RUN:
+                await asyncio.sleep(0)
             try:
                 candidates.append(self._facts(receipt.token))
             except ValueError:
@@ -81,8 +96,31 @@ class ReceiptRecovery:
         recorded = await self._store.record_missing(missing, self._replica) if missing else 0
         if recorded:
             log.warning("recorded %d kept receipts the log did not have", recorded)
+        if self.after is None and start is not None:  # what is older is never looked at
+            log.info("receipts recovery starts at the receipts kept from %s", _utc(start[0]))
         self.after = kept[-1].position if kept else start
+        self._tell(Pass(len(kept), recorded))
         return Pass(len(kept), recorded)
+
+    def _tell(self, done: Pass) -> None:
+        """Say when recovery is behind (a full batch whose last receipt was kept longer ago than
+        ``grace`` and two ``interval``s: a busy ledger fills batches without being behind;
+        said once, not per batch) and when it has caught up, with what it read and recorded."""
+        full = done.read >= self.config.batch
+        lag = time.time() - self.after[0] if self.after is not None else 0.0
+        late = full and lag > self.config.grace + 2 * self.config.interval
+        if late and not self.behind:
+            log.warning("receipts recovery is behind: reading receipts kept %d s ago, %d a pass",
+                        lag, self.config.batch)  # fmt: skip
+            self.behind = True
+        if self.behind:
+            seen = self._caught_up
+            self._caught_up = Pass(seen.read + done.read, seen.recorded + done.recorded)
+            if not full:
+                log.info("receipts recovery caught up: read %d kept receipts, recorded %d",
+                         self._caught_up.read, self._caught_up.recorded)  # fmt: skip
+                self._caught_up = Pass(0, 0)
+                self.behind = False
 
     async def run(self) -> None:
         """Passes for as long as the log runs: at once at start, then every ``interval``."""
@@ -93,3 +131,7 @@ class ReceiptRecovery:
             except Exception as exc:  # keep recovering: one failed pass must not end it
                 log.error("the receipts recovery pass failed: %s", type(exc).__name__)
             await asyncio.sleep(CATCH_UP_PAUSE if full else self.config.interval)
+
+
+def _utc(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))

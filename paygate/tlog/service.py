@@ -167,9 +167,9 @@ class TransparencyLog:
     async def record_receipt(self, token: str) -> None:
         """Keep a signed receipt's leaf hash (the exact signed bytes) for the next period."""
         try:
-            payload = receipts.signed_bytes(token)
+            facts = receipt_facts(token)  # the claims parsed once
             await self._store.record_receipt(
-                merkle.leaf_hash(payload), _charged(payload), self.config.replica, _issued(payload)
+                facts.leaf, facts.amount, self.config.replica, facts.issued_at
             )
         except (LogStoreError, ValueError, ReceiptTokenInvalid) as exc:
             # The reply still goes out; the missing receipt shows in `paygate receipts audit`.
@@ -408,10 +408,9 @@ def _claims(payload: bytes) -> dict[str, object]:
     return claims if isinstance(claims, dict) else {}
 
 
-def _charged(payload: bytes) -> int:
+def _charged(claims: dict[str, object]) -> int:
     """What a reply receipt says was charged. A settlement receipt restates its reply's payment,
     so it adds nothing to a period's total (each payment is counted once)."""
-    claims = _claims(payload)
     payment = claims.get("payment") if claims.get("kind") == "reply" else None
     amount = payment.get("charged") if isinstance(payment, dict) else None
     return int(amount) if isinstance(amount, str) and amount.isdigit() and len(amount) < 78 else 0
@@ -424,12 +423,15 @@ def receipt_facts(token: str) -> MissingReceipt:
         payload = receipts.signed_bytes(token)
     except (ReceiptTokenInvalid, ValueError):
         raise ValueError("not a receipt token") from None
-    return MissingReceipt(merkle.leaf_hash(payload), _charged(payload), _issued(payload))
+    claims = _claims(payload)
+    return MissingReceipt(merkle.leaf_hash(payload), _charged(claims), _issued(claims))
 
 
-def _issued(payload: bytes) -> float:
-    issued = _claims(payload).get("issued_at")
-    return float(issued) if isinstance(issued, int) and not isinstance(issued, bool) else 0.0
+def _issued(claims: dict[str, object]) -> float:
+    issued = claims.get("issued_at")
+    # Bounded as the receipts entry's times are (a float must hold it: no OverflowError).
+    valid = isinstance(issued, int) and not isinstance(issued, bool) and 0 <= issued < 1 << 63
+    return float(issued) if valid else 0.0
 
 
 def evidence_digest(document: object) -> str:

@@ -215,9 +215,12 @@ class LogQueries:
         ), (leaf, str(amount) if self.amounts_as_text else amount, replica, issued_at)
 
     def open_receipts(self, limit: int) -> Query:
-        """The receipts no entry covers yet, oldest first (locked where the dialect can)."""
+        """The receipts no entry covers yet, oldest first (locked where the dialect can), but a
+        twin of one the log holds at a lower seq (:attr:`drop_recorded_again`)."""
         return self._sql(
             "SELECT seq, leaf, amount, issued_at FROM tlog_receipts WHERE entry IS NULL"  # noqa: S608 - a constant clause
+            " AND NOT EXISTS (SELECT 1 FROM tlog_receipts AS earlier"  # a twin committed mid-cut
+            " WHERE earlier.leaf = tlog_receipts.leaf AND earlier.seq < tlog_receipts.seq)"
             " ORDER BY seq LIMIT ?" + self.lock_rows
         ), (limit,)
 
@@ -229,6 +232,15 @@ class LogQueries:
     def closed(entry: int, period: Sequence[OpenReceipt]) -> list[tuple[int, int, int]]:
         """The rows of :attr:`close_receipts`: each receipt's entry and place in it."""
         return [(entry, position, r.seq) for position, r in enumerate(period)]
+
+    #: Open receipts whose leaf the log already holds at a lower seq: a receipt recorded twice
+    #: (its process froze past the recovery grace, recovery recorded it meanwhile; the request
+    #: path does not look first). Dropped at the cut, under the lock, so a period counts each
+    #: leaf once and never one a published period counts (an index probe per open receipt).
+    drop_recorded_again = (
+        "DELETE FROM tlog_receipts WHERE entry IS NULL AND EXISTS (SELECT 1 FROM tlog_receipts"
+        " AS earlier WHERE earlier.leaf = tlog_receipts.leaf AND earlier.seq < tlog_receipts.seq)"
+    )
 
     def receipt_entry(self, leaf: bytes) -> Query:
         return self._sql(
@@ -331,6 +343,7 @@ def append_receipts_plan(
 ) -> Plan[Appended | None]:
     """One receipts entry for the receipts no entry covers yet (at most ``limit``)."""
     yield from _locked(sql)
+    yield sql.drop_recorded_again, ()
     period = [sql.open_receipt_of(r) for r in (yield sql.open_receipts(limit))]
     if not period:
         return None

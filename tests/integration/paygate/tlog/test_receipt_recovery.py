@@ -7,7 +7,11 @@
 - on both stores (SQLite file, PostgreSQL 15): each missing receipt recorded once, whatever
   the log already had; a second pass, a second process's first pass and two recoveries at once
   record nothing twice; a pass reads at most its batch; a receipt kept less than ``grace`` ago
-  is left to the process recording it; an unreadable kept token is passed over.
+  is left to the process recording it; an unreadable kept token is passed over;
+- the residual race (a process frozen past the grace records a receipt recovery recorded): no
+  period counts its leaf twice; a restart reaches back grace + interval whatever the window;
+  ties of kept time across batches; a token with an absurd time does not stall the scan; a pass
+  yields the event loop; the operator's log lines; close() ends a stuck pass.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import os
 import sqlite3
@@ -347,3 +352,198 @@ async def test_a_backlog_is_read_batch_after_batch_without_waiting_the_interval(
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
+
+
+async def test_a_receipt_its_frozen_process_records_after_recovery_is_counted_once(location):
+    """The residual race: a process frozen past the grace between keeping a receipt and
+    recording it wakes after recovery recorded it and records it again (the request path does
+    not look first). The period cut counts that leaf once: its charge is in one period's
+    total, before or after the first period covering it was published."""
+    tokens = {1: _token(1, 500), 2: _token(2, 700)}
+    await _keep(location, tokens)
+    async with _log(location) as tlog:
+        await tlog.start([b"genesis"])
+        assert (await tlog.recovery.pass_once()).recorded == 2
+        await tlog.record_receipt(tokens[2])  # woke before the cut: both open at once
+        assert await tlog.append_period() is not None
+        entry = await _last_entry(tlog)
+        assert (entry["count"], entry["charged"]) == (2, "1200")
+        await tlog.record_receipt(tokens[1])  # woke after the cut: its period is published
+        assert await tlog.append_period() is None  # no second period counting it again
+        period = await tlog._store.receipt_period(receipt_facts(tokens[1]).leaf)
+        assert period is not None
+        assert len(period.leaves) == 2
+        assert await _leaves(tlog, list(tokens.values())) == [1, 1]
+
+
+def _kept_earlier_plan(sql: Any, payment_nonce_n: int, seconds: float) -> Any:
+    """Move a kept receipt ``seconds`` back in the ledger's time (as if kept that long ago)."""
+    yield (
+        sql._sql(
+            "UPDATE receipts SET created_at = created_at - ?"
+            " WHERE payment_id = (SELECT id FROM payments WHERE nonce = ?)"
+        ),
+        (seconds, request(payment_nonce_n)["nonce"]),
+    )
+    return None
+
+
+async def test_a_restart_reaches_back_past_the_grace_and_interval_whatever_the_window(location):
+    """The process that died had scanned up to ``grace`` (plus at most one ``interval``) before
+    its last pass: a restart's first pass must reach that far back before the newest receipt,
+    even where ``log_recovery_window`` was set shorter, or the receipts kept in between are
+    never recovered."""
+    tokens = {1: _token(1, 11), 2: _token(2, 13)}
+    await _keep(location, tokens)
+    async with _log(location, window=0.0, grace=0.0, interval=60.0) as tlog:
+        store: Any = tlog._store
+        await store._write(_kept_earlier_plan(store.SQL, 1, 40.0))  # 40 s before the newest
+        await tlog.start([b"genesis"])
+        done = await tlog.recovery.pass_once()
+        assert (done.read, done.recorded) == (2, 2)
+        assert await _leaves(tlog, list(tokens.values())) == [1, 1]
+
+
+def _kept_long_ago_plan(sql: Any, seconds: float) -> Any:
+    yield sql._sql("UPDATE receipts SET created_at = created_at - ?"), (seconds,)
+    return None
+
+
+async def _said(location: LedgerLocation, caplog: Any, **recovery: Any) -> list[str]:
+    async with _log(location, batch=2, interval=30.0, **recovery) as tlog:
+        await tlog.start([b"genesis"])
+        with caplog.at_level("INFO", logger="paygate.tlog"):
+            for _ in range(4):
+                await tlog.recovery.pass_once()
+    return [r.getMessage() for r in caplog.records if "receipts recovery" in r.getMessage()]
+
+
+async def test_the_operator_is_told_where_recovery_starts_and_when_it_is_behind(location, caplog):
+    """A first pass says from when it reads (what is older is not looked at); full batches of
+    receipts kept long ago say recovery is behind (once, not per batch), and the pass that
+    catches up says so."""
+    tokens = {n: _token(n, 1) for n in range(1, 6)}
+    await _keep(location, tokens)
+    async with _log(location) as tlog:
+        store: Any = tlog._store
+        await store._write(_kept_long_ago_plan(store.SQL, 600.0))
+    said = await _said(location, caplog, window=3600.0)
+    assert [m.split(":")[0].split(" at ")[0] for m in said] == [
+        "receipts recovery starts",
+        "receipts recovery is behind",
+        "receipts recovery caught up",
+    ]
+    assert said[-1].endswith("read 5 kept receipts, recorded 5")
+
+
+async def test_full_batches_of_fresh_receipts_are_not_called_behind(location, caplog):
+    """A busy ledger fills every batch; that alone is not being behind (no warning at every
+    interval)."""
+    await _keep(location, {n: _token(n, 1) for n in range(1, 6)})
+    said = await _said(location, caplog)
+    assert [m for m in said if "behind" in m or "caught up" in m] == []
+
+
+async def test_a_kept_token_with_an_absurd_time_does_not_stall_recovery(location):
+    """A kept token whose ``issued_at`` no float holds (10**400): the pass records the others
+    and moves past it, rather than failing at the same place on every pass for ever."""
+    absurd = b'{"issued_at":1' + b"0" * 400 + b',"kind":"reply"}'
+    token = base64.urlsafe_b64encode(absurd).decode().rstrip("=") + ".AA"
+    tokens = {1: token, 2: _token(2, 9)}
+    await _keep(location, tokens)
+    async with _log(location) as tlog:
+        await tlog.start([b"genesis"])
+        done = await tlog.recovery.pass_once()
+        assert done.read == 2
+        assert await _leaves(tlog, [tokens[2]]) == [1]
+        assert (await tlog.recovery.pass_once()).read == 0
+
+
+async def test_a_pass_lets_requests_run_between_short_runs_of_kept_receipts(location):
+    """Hashing a batch (up to 1000 tokens) is tens of milliseconds of the event loop: a pass
+    lets other tasks (the requests of this worker) run between short runs of it."""
+    tokens = {n: _token(n, 1) for n in range(1, 201)}
+    await _keep(location, tokens)
+    async with _log(location, batch=200) as tlog:
+        await tlog.start([b"genesis"])
+        seen = 0
+        real = tlog.recovery._facts
+
+        def counted(token: str) -> Any:
+            nonlocal seen
+            seen += 1
+            return real(token)
+
+        tlog.recovery._facts = counted
+        ticks: list[int] = []
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            while not done.is_set():
+                ticks.append(seen)
+                await asyncio.sleep(0)
+
+        watching = asyncio.create_task(ticker())
+        try:
+            assert (await tlog.recovery.pass_once()).recorded == 200
+        finally:
+            done.set()
+            await asyncio.wait_for(watching, 10)
+        runs = [b - a for a, b in itertools.pairwise(ticks)]
+        assert seen == 200
+        assert max(runs) <= 64  # never the whole batch at once
+
+
+def _same_time_plan(sql: Any) -> Any:
+    yield "UPDATE receipts SET created_at = (SELECT MAX(created_at) FROM receipts)", ()
+    return None
+
+
+async def test_receipts_kept_at_the_same_time_are_each_read_across_batch_boundaries(location):
+    """Five receipts with one kept time, read two a pass: the place is (time, payment id,
+    kind), so a batch ending inside the tie neither rereads nor skips the rest of it."""
+    tokens = {n: _token(n, 1) for n in range(1, 6)}
+    await _keep(location, tokens)
+    async with _log(location, batch=2) as tlog:
+        store: Any = tlog._store
+        await store._write(_same_time_plan(store.SQL))
+        await tlog.start([b"genesis"])
+        passes = [await tlog.recovery.pass_once() for _ in range(4)]
+        assert [(p.read, p.recorded) for p in passes] == [(2, 2), (2, 2), (1, 1), (0, 0)]
+        assert await _leaves(tlog, list(tokens.values())) == [1] * 5
+
+
+async def test_a_twin_recorded_during_the_cut_is_not_counted_in_that_period(location, monkeypatch):
+    """The frozen process's second record can commit inside a cut, after its drop of twins
+    and before its read of the open receipts (PostgreSQL reads each statement afresh): that
+    read itself leaves out a leaf the log holds at a lower seq."""
+    tokens = {1: _token(1, 500)}
+    await _keep(location, tokens)
+    async with _log(location) as tlog:
+        await tlog.start([b"genesis"])
+        assert (await tlog.recovery.pass_once()).recorded == 1
+        assert await tlog.append_period() is not None
+        await tlog.record_receipt(tokens[1])  # the twin, as if after the drop
+        store: Any = tlog._store
+        monkeypatch.setattr(store.SQL, "drop_recorded_again", "SELECT 1")
+        assert await tlog.append_period() is None
+
+
+async def test_close_ends_a_recovery_pass_stuck_in_its_store(location):
+    """close() cancels the recovery wherever it waits, here inside a store read that never
+    answers, and returns (the app's cleanup does not hang on it)."""
+    await _keep(location, {1: _token(1, 1)})
+    store = await open_log_store(location)
+    tlog = TransparencyLog(LogConfig(origin=ORIGIN, replica="r1"), store, KEY)
+    await tlog.start([b"genesis"])
+    entered = asyncio.Event()
+
+    async def never(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await asyncio.Event().wait()
+
+    tlog._store.kept_receipts = never  # type: ignore[method-assign]
+    tlog.spawn_periods()
+    await asyncio.wait_for(entered.wait(), 10)
+    await asyncio.wait_for(tlog.close(), 10)
+    assert not tlog._tasks
