@@ -92,8 +92,8 @@ class ReplyKeys:
     reply_secret: bytes = field(repr=False)
     enc: bytes
     # HKDF-Extract(enc, reply_secret), the PRK of the request nonce and the receipt key: made
-    # on first use and kept (both are needed for one sealed request's receipt).
-    _receipt_prk: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    # on first use and kept as an HMAC key (both are needed for one sealed request's receipt).
+    _receipt_prk: hmac256.Key | None = field(default=None, init=False, repr=False, compare=False)
 
     def sealer(self, *, response_nonce: bytes | None = None) -> ReplySealer:
         return ReplySealer(self, response_nonce=response_nonce)
@@ -182,32 +182,38 @@ def open_v2(key: KeyBackend, blob: bytes, *, method: str, path: str) -> OpenedRe
 def request_nonce(keys: ReplyKeys) -> bytes:
     """The request's fresh nonce for its receipt (enclave.receipts.request_digest): derived from
     the reply secret, so it travels inside the seal and costs no byte on the wire."""
-    return hmac256.digest(_receipt_prk(keys), REQUEST_NONCE_LABEL + b"\x01")
+    return _receipt_prk(keys).digest(_REQUEST_NONCE_INFO)
 
 
 def receipt_cipher(keys: ReplyKeys) -> AESGCM:
     """The AEAD that seals a whole reply's receipt header to the caller (enclave.sealed_receipt)."""
-    return AESGCM(hmac256.digest(_receipt_prk(keys), RECEIPT_KEY_LABEL + b"\x01"))
+    return AESGCM(_receipt_prk(keys).digest(_RECEIPT_KEY_INFO))
 
 
-def _receipt_prk(keys: ReplyKeys) -> bytes:
+def _receipt_prk(keys: ReplyKeys) -> hmac256.Key:
     """HKDF-SHA256 (RFC 5869) with salt ``enc`` and IKM the reply secret, extracted once per
     request: each 32-byte output is then one expand block, ``HMAC(PRK, info || 0x01)``."""
     prk = keys._receipt_prk
     if prk is None:
-        prk = hmac256.digest(keys.enc, keys.reply_secret)
+        prk = hmac256.Key(hmac256.digest(keys.enc, keys.reply_secret))
         object.__setattr__(keys, "_receipt_prk", prk)  # a cache, not state: frozen otherwise
     return prk
+
+
+# HKDF-Expand's one block for a 32-byte output: ``info || 0x01``.
+_REQUEST_NONCE_INFO = REQUEST_NONCE_LABEL + b"\x01"
+_RECEIPT_KEY_INFO = RECEIPT_KEY_LABEL + b"\x01"
+_REPLY_KEY_INFO = REPLY_KEY_LABEL + b"\x01"
+_REPLY_NONCE_INFO = REPLY_NONCE_LABEL + b"\x01"
 
 
 def _reply_cipher(keys: ReplyKeys, response_nonce: bytes) -> tuple[AESGCM, int]:
     """The reply's AEAD and base nonce (as an integer): HKDF-SHA256 with one extract shared by
     both labels. Each output fits one SHA-256 block, so HKDF-Expand is one HMAC of
     ``label || 0x01`` (RFC 5869, section 2.3): the same bytes as two full HKDF calls."""
-    prk = hmac256.digest(keys.enc + response_nonce, keys.reply_secret)
-    key = hmac256.digest(prk, REPLY_KEY_LABEL + b"\x01")
-    nonce = hmac256.digest(prk, REPLY_NONCE_LABEL + b"\x01")[:12]
-    return AESGCM(key), int.from_bytes(nonce, "big")
+    prk = hmac256.Key(hmac256.digest(keys.enc + response_nonce, keys.reply_secret))
+    nonce = prk.digest(_REPLY_NONCE_INFO)[:12]
+    return AESGCM(prk.digest(_REPLY_KEY_INFO)), int.from_bytes(nonce, "big")
 
 
 def _nonce(base: int, seq: int) -> bytes:
