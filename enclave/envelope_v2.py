@@ -22,6 +22,7 @@ truncation; the per-request key catches splicing from another reply. Layout: doc
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from collections.abc import Iterator
@@ -54,9 +55,10 @@ MAX_FRAME = MAX_CHUNK + hpke.N_T
 _FINAL_BIT = 1 << 31
 
 
+@functools.lru_cache(maxsize=256)
 def request_info(method: str, path: str, key_id: str | None = None) -> bytes:
     """The HPKE ``info`` that binds a sealed request to its HTTP method and path (no query),
-    and to the key id it names, when it names one."""
+    and to the key id it names, when it names one (the same few for every request: kept)."""
     info = REQUEST_LABEL + b"\x00" + method.upper().encode() + b"\x00" + path.encode()
     return info if key_id is None else info + b"\x00" + key_id.encode()
 

@@ -46,6 +46,9 @@ def _extract(salt: bytes, ikm: bytes) -> bytes:
 
 
 _ZERO_SALT = hmac256.Key(b"\x00" * N_H)
+_EAE_PRK_PREFIX = b"HPKE-v1" + _KEM_SUITE + b"eae_prk"
+_SHARED_SECRET_PREFIX = struct.pack(">H", N_SECRET) + b"HPKE-v1" + _KEM_SUITE + b"shared_secret"
+_SECRET_PREFIX = b"HPKE-v1" + _HPKE_SUITE + b"secret"
 
 
 def _expand(prk: bytes, info: bytes, length: int) -> bytes:
@@ -68,8 +71,11 @@ def _labeled_expand(suite: bytes, prk: bytes, label: bytes, info: bytes, length:
 
 
 def _extract_and_expand(dh: bytes, kem_context: bytes) -> bytes:
-    eae_prk = _labeled_extract(_KEM_SUITE, b"", b"eae_prk", dh)
-    return _labeled_expand(_KEM_SUITE, eae_prk, b"shared_secret", kem_context, N_SECRET)
+    """DHKEM's ExtractAndExpand: ``LabeledExtract("", "eae_prk", dh)`` and one
+    ``LabeledExpand(eae_prk, "shared_secret", kem_context, 32)`` block, their fixed label
+    prefixes made once (every request takes this path)."""
+    eae_prk = _ZERO_SALT.digest(_EAE_PRK_PREFIX + dh)
+    return hmac256.digest(eae_prk, _SHARED_SECRET_PREFIX + kem_context + b"\x01")
 
 
 @dataclass(slots=True)
@@ -132,7 +138,7 @@ _EXPORTER_MESSAGE = _schedule_message(b"exp", N_H)
 
 def _secret(shared_secret: bytes) -> hmac256.Key:
     """The key schedule's ``secret``, as the HMAC key of its two or three expands."""
-    return hmac256.Key(_labeled_extract(_HPKE_SUITE, shared_secret, b"secret", b""))
+    return hmac256.Key(hmac256.digest(shared_secret, _SECRET_PREFIX))  # LabeledExtract
 
 
 def key_schedule(shared_secret: bytes, info: bytes) -> Context:
