@@ -244,7 +244,8 @@ class ReplySealer:
         if len(chunk) <= MAX_CHUNK:  # the usual case: one frame, one concatenation
             word = (len(chunk) + hpke.N_T) | (_FINAL_BIT if final else 0)
             header = word.to_bytes(4, "big")
-            sealed = self._aead.encrypt(_nonce(self._base_nonce, self._seq), chunk, header)
+            nonce = (self._base_nonce ^ self._seq).to_bytes(12, "big")  # _nonce, inline
+            sealed = self._aead.encrypt(nonce, chunk, header)
             self._seq += 1
             self._finished = final
             if self._header is not None:
@@ -346,7 +347,7 @@ class ReplyOpener:
 
 def seal_reply(keys: ReplyKeys, body: bytes, *, response_nonce: bytes | None = None) -> bytes:
     """A whole (non-streaming) reply as one sealed message."""
-    return keys.sealer(response_nonce=response_nonce).finish(body)
+    return ReplySealer(keys, response_nonce=response_nonce).seal(body, final=True)
 
 
 def open_reply(keys: ReplyKeys, blob: bytes) -> bytes:
