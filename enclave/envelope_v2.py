@@ -22,6 +22,7 @@ truncation; the per-request key catches splicing from another reply. Layout: doc
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from collections.abc import Iterator
@@ -54,9 +55,10 @@ MAX_FRAME = MAX_CHUNK + hpke.N_T
 _FINAL_BIT = 1 << 31
 
 
+@functools.lru_cache(maxsize=256)
 def request_info(method: str, path: str, key_id: str | None = None) -> bytes:
     """The HPKE ``info`` that binds a sealed request to its HTTP method and path (no query),
-    and to the key id it names, when it names one."""
+    and to the key id it names, when it names one (the same few for every request: kept)."""
     info = REQUEST_LABEL + b"\x00" + method.upper().encode() + b"\x00" + path.encode()
     return info if key_id is None else info + b"\x00" + key_id.encode()
 
@@ -92,8 +94,8 @@ class ReplyKeys:
     reply_secret: bytes = field(repr=False)
     enc: bytes
     # HKDF-Extract(enc, reply_secret), the PRK of the request nonce and the receipt key: made
-    # on first use and kept (both are needed for one sealed request's receipt).
-    _receipt_prk: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    # on first use and kept as an HMAC key (both are needed for one sealed request's receipt).
+    _receipt_prk: hmac256.Key | None = field(default=None, init=False, repr=False, compare=False)
 
     def sealer(self, *, response_nonce: bytes | None = None) -> ReplySealer:
         return ReplySealer(self, response_nonce=response_nonce)
@@ -182,32 +184,38 @@ def open_v2(key: KeyBackend, blob: bytes, *, method: str, path: str) -> OpenedRe
 def request_nonce(keys: ReplyKeys) -> bytes:
     """The request's fresh nonce for its receipt (enclave.receipts.request_digest): derived from
     the reply secret, so it travels inside the seal and costs no byte on the wire."""
-    return hmac256.digest(_receipt_prk(keys), REQUEST_NONCE_LABEL + b"\x01")
+    return _receipt_prk(keys).digest(_REQUEST_NONCE_INFO)
 
 
 def receipt_cipher(keys: ReplyKeys) -> AESGCM:
     """The AEAD that seals a whole reply's receipt header to the caller (enclave.sealed_receipt)."""
-    return AESGCM(hmac256.digest(_receipt_prk(keys), RECEIPT_KEY_LABEL + b"\x01"))
+    return AESGCM(_receipt_prk(keys).digest(_RECEIPT_KEY_INFO))
 
 
-def _receipt_prk(keys: ReplyKeys) -> bytes:
+def _receipt_prk(keys: ReplyKeys) -> hmac256.Key:
     """HKDF-SHA256 (RFC 5869) with salt ``enc`` and IKM the reply secret, extracted once per
     request: each 32-byte output is then one expand block, ``HMAC(PRK, info || 0x01)``."""
     prk = keys._receipt_prk
     if prk is None:
-        prk = hmac256.digest(keys.enc, keys.reply_secret)
+        prk = hmac256.Key(hmac256.digest(keys.enc, keys.reply_secret))
         object.__setattr__(keys, "_receipt_prk", prk)  # a cache, not state: frozen otherwise
     return prk
+
+
+# HKDF-Expand's one block for a 32-byte output: ``info || 0x01``.
+_REQUEST_NONCE_INFO = REQUEST_NONCE_LABEL + b"\x01"
+_RECEIPT_KEY_INFO = RECEIPT_KEY_LABEL + b"\x01"
+_REPLY_KEY_INFO = REPLY_KEY_LABEL + b"\x01"
+_REPLY_NONCE_INFO = REPLY_NONCE_LABEL + b"\x01"
 
 
 def _reply_cipher(keys: ReplyKeys, response_nonce: bytes) -> tuple[AESGCM, int]:
     """The reply's AEAD and base nonce (as an integer): HKDF-SHA256 with one extract shared by
     both labels. Each output fits one SHA-256 block, so HKDF-Expand is one HMAC of
     ``label || 0x01`` (RFC 5869, section 2.3): the same bytes as two full HKDF calls."""
-    prk = hmac256.digest(keys.enc + response_nonce, keys.reply_secret)
-    key = hmac256.digest(prk, REPLY_KEY_LABEL + b"\x01")
-    nonce = hmac256.digest(prk, REPLY_NONCE_LABEL + b"\x01")[:12]
-    return AESGCM(key), int.from_bytes(nonce, "big")
+    prk = hmac256.Key(hmac256.digest(keys.enc + response_nonce, keys.reply_secret))
+    nonce = prk.digest(_REPLY_NONCE_INFO)[:12]
+    return AESGCM(prk.digest(_REPLY_KEY_INFO)), int.from_bytes(nonce, "big")
 
 
 def _nonce(base: int, seq: int) -> bytes:
@@ -236,7 +244,8 @@ class ReplySealer:
         if len(chunk) <= MAX_CHUNK:  # the usual case: one frame, one concatenation
             word = (len(chunk) + hpke.N_T) | (_FINAL_BIT if final else 0)
             header = word.to_bytes(4, "big")
-            sealed = self._aead.encrypt(_nonce(self._base_nonce, self._seq), chunk, header)
+            nonce = (self._base_nonce ^ self._seq).to_bytes(12, "big")  # _nonce, inline
+            sealed = self._aead.encrypt(nonce, chunk, header)
             self._seq += 1
             self._finished = final
             if self._header is not None:
@@ -338,7 +347,7 @@ class ReplyOpener:
 
 def seal_reply(keys: ReplyKeys, body: bytes, *, response_nonce: bytes | None = None) -> bytes:
     """A whole (non-streaming) reply as one sealed message."""
-    return keys.sealer(response_nonce=response_nonce).finish(body)
+    return ReplySealer(keys, response_nonce=response_nonce).seal(body, final=True)
 
 
 def open_reply(keys: ReplyKeys, blob: bytes) -> bytes:

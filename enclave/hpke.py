@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
@@ -39,7 +40,15 @@ _HPKE_SUITE = b"HPKE" + struct.pack(">HHH", KEM_ID, KDF_ID, AEAD_ID)
 
 
 def _extract(salt: bytes, ikm: bytes) -> bytes:
-    return hmac256.digest(salt or b"\x00" * N_H, ikm)
+    if not salt:  # RFC 5869: HashLen zeros; every request's KEM extract has this key
+        return _ZERO_SALT.digest(ikm)
+    return hmac256.digest(salt, ikm)
+
+
+_ZERO_SALT = hmac256.Key(b"\x00" * N_H)
+_EAE_PRK_PREFIX = b"HPKE-v1" + _KEM_SUITE + b"eae_prk"
+_SHARED_SECRET_PREFIX = struct.pack(">H", N_SECRET) + b"HPKE-v1" + _KEM_SUITE + b"shared_secret"
+_SECRET_PREFIX = b"HPKE-v1" + _HPKE_SUITE + b"secret"
 
 
 def _expand(prk: bytes, info: bytes, length: int) -> bytes:
@@ -62,8 +71,11 @@ def _labeled_expand(suite: bytes, prk: bytes, label: bytes, info: bytes, length:
 
 
 def _extract_and_expand(dh: bytes, kem_context: bytes) -> bytes:
-    eae_prk = _labeled_extract(_KEM_SUITE, b"", b"eae_prk", dh)
-    return _labeled_expand(_KEM_SUITE, eae_prk, b"shared_secret", kem_context, N_SECRET)
+    """DHKEM's ExtractAndExpand: ``LabeledExtract("", "eae_prk", dh)`` and one
+    ``LabeledExpand(eae_prk, "shared_secret", kem_context, 32)`` block, their fixed label
+    prefixes made once (every request takes this path)."""
+    eae_prk = _ZERO_SALT.digest(_EAE_PRK_PREFIX + dh)
+    return hmac256.digest(eae_prk, _SHARED_SECRET_PREFIX + kem_context + b"\x01")
 
 
 @dataclass(slots=True)
@@ -107,18 +119,35 @@ def _base_context(info: bytes) -> bytes:
     return bytes([MODE_BASE]) + psk_id_hash + info_hash
 
 
-def _secret(shared_secret: bytes) -> bytes:
-    return _labeled_extract(_HPKE_SUITE, shared_secret, b"secret", b"")
+def _schedule_message(label: bytes, length: int) -> Callable[[bytes], bytes]:
+    """The one HMAC message of ``LabeledExpand(secret, label, context, length)`` (one block:
+    ``length`` is at most 32) for an ``info``, made once per info like its context."""
+
+    @functools.lru_cache(maxsize=256)
+    def message(info: bytes) -> bytes:
+        labeled = struct.pack(">H", length) + b"HPKE-v1" + _HPKE_SUITE + label
+        return labeled + _base_context(info) + b"\x01"
+
+    return message
+
+
+_KEY_MESSAGE = _schedule_message(b"key", N_K)
+_NONCE_MESSAGE = _schedule_message(b"base_nonce", N_N)
+_EXPORTER_MESSAGE = _schedule_message(b"exp", N_H)
+
+
+def _secret(shared_secret: bytes) -> hmac256.Key:
+    """The key schedule's ``secret``, as the HMAC key of its two or three expands."""
+    return hmac256.Key(hmac256.digest(shared_secret, _SECRET_PREFIX))  # LabeledExtract
 
 
 def key_schedule(shared_secret: bytes, info: bytes) -> Context:
     """KeySchedule for mode_base (no PSK)."""
-    context = _base_context(info)
     secret = _secret(shared_secret)
     return Context(
-        key=_labeled_expand(_HPKE_SUITE, secret, b"key", context, N_K),
-        base_nonce=_labeled_expand(_HPKE_SUITE, secret, b"base_nonce", context, N_N),
-        exporter_secret=_labeled_expand(_HPKE_SUITE, secret, b"exp", context, N_H),
+        key=secret.digest(_KEY_MESSAGE(info)),
+        base_nonce=secret.digest(_NONCE_MESSAGE(info))[:N_N],
+        exporter_secret=secret.digest(_EXPORTER_MESSAGE(info)),
     )
 
 
@@ -159,9 +188,8 @@ def open_base(enc: bytes, key: KeyBackend, info: bytes, aad: bytes, ciphertext: 
     are derived: a single message has no use for the exporter secret (one HMAC fewer).
     Any defect raises :class:`DecryptionError`."""
     secret = _secret(_shared_secret_r(enc, key))
-    context = _base_context(info)
-    aead_key = _labeled_expand(_HPKE_SUITE, secret, b"key", context, N_K)
-    base_nonce = _labeled_expand(_HPKE_SUITE, secret, b"base_nonce", context, N_N)
+    aead_key = secret.digest(_KEY_MESSAGE(info))
+    base_nonce = secret.digest(_NONCE_MESSAGE(info))[:N_N]
     try:
         return AESGCM(aead_key).decrypt(base_nonce, ciphertext, aad)
     except InvalidTag:

@@ -44,3 +44,21 @@ def test_the_v2_derivations_are_rfc5869_hkdf(secret: bytes, enc: bytes) -> None:
     unused = envelope_v2.ReplyKeys(reply_secret=secret, enc=enc)
     assert fresh == unused
     assert hash(fresh) == hash(unused)
+
+
+@given(st.binary(max_size=200), st.lists(st.binary(max_size=300), min_size=1, max_size=4))
+def test_a_key_for_several_messages_gives_the_same_bytes_each_time(
+    key: bytes, messages: list[bytes]
+) -> None:
+    """hmac256.Key hashes the padded key once; each message starts from copies, so a message
+    signed after others (or twice) gives the bytes it gives alone."""
+    keyed = hmac256.Key(key)
+    for msg in [*messages, *messages]:
+        assert keyed.digest(msg) == hmac.digest(key, msg, "sha256")
+
+
+def test_a_key_at_the_block_edges_and_its_repr() -> None:
+    for size in (0, 1, 31, 32, 63, 64, 65, 128):
+        key = bytes(range(size))
+        assert hmac256.Key(key).digest(b"m") == hmac.digest(key, b"m", "sha256")
+    assert "00" not in repr(hmac256.Key(b"\x00" * 32))  # the states are as good as the key
