@@ -210,3 +210,14 @@ def test_whatever_a_header_carries_its_json_is_the_bytes_orjson_gave(
     document["resource"] = {"url": "https://example.test/", "description": description}
     payment = codec.decode_payment(_header(document), header="PAYMENT-SIGNATURE")
     assert payment.wire_json() == jsonsafe.dumps_compact(payment.wire())
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_a_changed_copy_never_carries_the_originals_json(deep: bool) -> None:
+    header, document, stored = DOCUMENTS["v2-exact-extensions"]
+    payment = codec.decode_payment(_header(document), header=header)
+    assert payment.wire_json() == stored  # made and kept on the original
+    changed = payment.model_copy(update={"extensions": None, "resource": None}, deep=deep)
+    assert "extensions" not in json.loads(changed.wire_json())
+    assert changed.wire_json() == jsonsafe.dumps_compact(changed.wire())
+    assert payment.wire_json() == stored
