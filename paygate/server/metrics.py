@@ -265,8 +265,9 @@ class Metrics:
     the locked updates' cost. In multiprocess mode the values go to the shared files at once
     (another worker may render them). Key operations are tallied when the main thread (the
     event loop's: a key in this process's memory) reports them; from an executor thread (a
-    TPM or token round trip, any key under epochs) they are recorded directly, as is the rest
-    (payments, which executor threads report too)."""
+    TPM or token round trip, any key under epochs) they are recorded directly, as are the
+    payments' settlements; a payment's admission (reported by the loop's thread alone, from
+    ``PaymentProcessor.admit``) is tallied."""
 
     def __init__(self) -> None:
         self._dir = multiprocess_dir()
