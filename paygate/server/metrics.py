@@ -45,6 +45,10 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 SETTLE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Distinct payment outcomes a process keeps as series: a refusal's code may be a facilitator's
+# ``invalidReason``, an open set, so refusals past this many are counted as "other" (the first
+# seen keep their own series; "admitted" always does).
+MAX_OUTCOMES = 64
 KEY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 
 
@@ -272,6 +276,7 @@ class Metrics:
     def __init__(self) -> None:
         self._dir = multiprocess_dir()
         self._children: dict[tuple[object, ...], Any] = {}
+        self._outcomes: set[str] = {"admitted", "other"}
         self._tallies: list[_Count | _Observed] = []
         self._main_thread = threading.main_thread().ident
         self.registry = _Registry(self._flush)
@@ -371,6 +376,11 @@ class Metrics:
     def admission(self, outcome: str, scheme: str) -> None:
         # On the loop's thread, every paid request: each series looked up once (one entry per
         # series, which prometheus_client keeps anyway).
+        if outcome not in self._outcomes:
+            if len(self._outcomes) >= MAX_OUTCOMES:
+                outcome = "other"
+            else:
+                self._outcomes.add(outcome)
         self._child(self._payments, outcome, scheme).inc()
 
     def settlement(self, outcome: str, seconds: float) -> None:

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from paygate.server.metrics import KEY_BUCKETS, REQUEST_BUCKETS, Metrics
+from paygate.server.metrics import KEY_BUCKETS, MAX_OUTCOMES, REQUEST_BUCKETS, Metrics
 from paygate.upstream.usage import Usage
 
 ROUTE = "POST /v1/chat/completions"
@@ -143,3 +143,22 @@ def test_payment_admissions_are_tallied_per_outcome_and_scheme_across_scrapes() 
         (series, (("outcome", "admitted"), ("scheme", "upto"))): 1.0,
         (series, (("outcome", "other"), ("scheme", "none"))): 1.0,
     }
+
+
+def test_a_facilitators_open_set_of_refusal_reasons_keeps_the_outcome_series_bounded() -> None:
+    """A refusal's code may be the facilitator's own reason: a facilitator (or a middlebox in
+    front of it) answering a new reason every time must not grow the scrape without end."""
+    metrics = Metrics()
+    for n in range(MAX_OUTCOMES * 4):
+        metrics.admission(f"invalid_reason_{n}", "exact")
+    metrics.admission("admitted", "exact")  # admissions keep their series past the bound
+    got = _samples(metrics.render(in_flight=0), "paygate_payments_total")
+    outcomes = {dict(labels)["outcome"] for _, labels in got}
+    assert len(outcomes) == MAX_OUTCOMES
+    assert sum(got.values()) == MAX_OUTCOMES * 4 + 1  # every admission still counted
+    assert got["paygate_payments_total", (("outcome", "admitted"), ("scheme", "exact"))] == 1
+    # "admitted" and "other" are two of the bound: the first 62 reasons keep their own series.
+    assert got["paygate_payments_total", (("outcome", "invalid_reason_61"), ("scheme", "exact"))]
+    assert got["paygate_payments_total", (("outcome", "other"), ("scheme", "exact"))] == (
+        MAX_OUTCOMES * 4 - (MAX_OUTCOMES - 2)
+    )
