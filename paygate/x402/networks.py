@@ -7,6 +7,7 @@ version, decimals) on any EVM chain id.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
 
@@ -65,6 +66,11 @@ NETWORKS: tuple[Network, ...] = (
 _BY_NAME = {key: n for n in NETWORKS for key in (n.name, n.caip2)}
 
 
+# A chain id as CAIP-2 writes it: ASCII decimal, no sign and no leading zero ("eip155:08453"
+# or Unicode digits would name a table chain as a custom one, without its asset).
+_CHAIN_ID = re.compile(r"eip155:[1-9][0-9]{0,19}")
+
+
 def resolve_network(value: str) -> Network:
     """A network by v1 name or CAIP-2 id; ``eip155:N`` for a chain outside the table works too
     (with no default asset: it then needs a custom one)."""
@@ -72,7 +78,7 @@ def resolve_network(value: str) -> Network:
     known = _BY_NAME.get(text)
     if known is not None:
         return known
-    if text.startswith("eip155:") and text[7:].isdigit() and int(text[7:]) > 0:
+    if _CHAIN_ID.fullmatch(text):
         chain_id = int(text[7:])
         return Network(f"eip155-{chain_id}", chain_id, None)
     raise UnknownNetwork(

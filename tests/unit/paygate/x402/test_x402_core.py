@@ -69,7 +69,10 @@ def test_every_table_network_by_either_name_in_any_spelling_and_chains_outside_i
     assert custom == Network("eip155-31337", 31337, None)
     assert hash(custom) == hash(Network("eip155-31337", 31337, None))
     assert "caip2" not in repr(custom)
-    for unknown in ("eip155:0", "eip155:-1", "eip155:", "eip155:1x", "base-mainnet", ""):
+    unknowns = ("eip155:0", "eip155:-1", "eip155:", "eip155:1x", "base-mainnet", "")
+    # Another spelling of a table chain's id is not a custom chain without its asset.
+    unknowns += ("eip155:08453", "eip155:+8453", "eip155:\u0668453", "eip155:8453.0")
+    for unknown in unknowns:
         with pytest.raises(UnknownNetwork):
             resolve_network(unknown)
 
