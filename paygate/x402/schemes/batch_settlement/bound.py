@@ -220,7 +220,8 @@ class BoundBatchSettlement(Scheme):
         """The channel's hold let go with the payment's release (a request that ended before
         its charge: refused after its take, cut short, or its upstream failed), so the payer's
         next voucher is served at once rather than refused busy until the hold runs out.
-        Guarded by the owner: only this voucher's hold goes, never another request's."""
+        Guarded by the owner: only this voucher's hold goes, never another request's, nor
+        its own deposit's while that is finishing (Channels.release_write)."""
         try:
             checked = self.checks.checked(
                 payment, ChannelTerms.of_requirements(requirements), last=True
