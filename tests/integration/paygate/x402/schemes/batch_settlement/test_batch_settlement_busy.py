@@ -100,6 +100,33 @@ async def _state(ledger, anvil, gas_key, channel_id: str):
     return found
 
 
+async def _held_until_the_refund_is_asked_again(
+    stack, ledger, anvil, gas_key, required, offer, channel
+) -> None:
+    """A refund moved on chain but not mirrored: the payer's next voucher (under the old
+    balance) is refused busy and not served; the refund asked again mirrors the chain first,
+    finds nothing left to refund, and lets the channel go with the books matching the
+    contract (what was charged is what it holds)."""
+    served = stack.fake.completed["POST /v1/chat/completions"]
+    status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+    assert (status, headers[wire.ERROR_HEADER]) == (
+        402,
+        "invalid_batch_settlement_evm_channel_busy",
+    )
+    assert stack.fake.completed["POST /v1/chat/completions"] == served
+    status, headers, _ = await post(stack, header_for(required, channel.refund()))
+    assert (status, headers[wire.ERROR_HEADER]) == (
+        402,
+        "invalid_batch_settlement_evm_refund_no_balance",
+    )
+    mirrored = await _state(ledger, anvil, gas_key, channel.channel_id)
+    assert (mirrored.balance, mirrored.charged, mirrored.pending_owner) == (
+        PRICE_ATOMIC,
+        PRICE_ATOMIC,
+        None,
+    )
+
+
 async def _next_voucher_is_served_at_once(stack, payer_channel) -> None:
     """The payer's next voucher, on the dearer model (another voucher than the one let go):
     served, charged at its price from where the channel stood."""
@@ -332,23 +359,8 @@ async def test_a_refund_whose_mirror_failed_leaves_no_balance_to_spend_that_the_
         status, headers, body = await post(stack, header_for(required, channel.refund()))
         assert (status, headers[wire.ERROR_HEADER]) == (503, "ledger_unavailable"), body
         assert usdc.balance_of(payer.address) == PAYER_FUNDS - PRICE_ATOMIC  # it moved
-        served = stack.fake.completed["POST /v1/chat/completions"]
-        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
-        assert (status, headers[wire.ERROR_HEADER]) == (
-            402,
-            "invalid_batch_settlement_evm_channel_busy",
-        )
-        assert stack.fake.completed["POST /v1/chat/completions"] == served
-        status, headers, _ = await post(stack, header_for(required, channel.refund()))
-        assert (status, headers[wire.ERROR_HEADER]) == (
-            402,
-            "invalid_batch_settlement_evm_refund_no_balance",
-        )
-        mirrored = await _state(ledger, anvil, gas_key, channel.channel_id)
-        assert (mirrored.balance, mirrored.charged, mirrored.pending_owner) == (
-            PRICE_ATOMIC,
-            PRICE_ATOMIC,
-            None,
+        await _held_until_the_refund_is_asked_again(
+            stack, ledger, anvil, gas_key, required, offer, channel
         )
 
 
@@ -508,23 +520,8 @@ async def test_a_refund_whose_outcome_is_unknown_leaves_no_balance_to_spend_that
             "invalid_batch_settlement_evm_refund_transaction_failed",
         )
         assert usdc.balance_of(payer.address) == PAYER_FUNDS - PRICE_ATOMIC  # it moved
-        served = stack.fake.completed["POST /v1/chat/completions"]
-        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
-        assert (status, headers[wire.ERROR_HEADER]) == (
-            402,
-            "invalid_batch_settlement_evm_channel_busy",
-        )
-        assert stack.fake.completed["POST /v1/chat/completions"] == served
-        status, headers, _ = await post(stack, header_for(required, channel.refund()))
-        assert (status, headers[wire.ERROR_HEADER]) == (
-            402,
-            "invalid_batch_settlement_evm_refund_no_balance",
-        )
-        mirrored = await _state(ledger, anvil, gas_key, channel.channel_id)
-        assert (mirrored.balance, mirrored.charged, mirrored.pending_owner) == (
-            PRICE_ATOMIC,
-            PRICE_ATOMIC,
-            None,
+        await _held_until_the_refund_is_asked_again(
+            stack, ledger, anvil, gas_key, required, offer, channel
         )
 
 
