@@ -322,9 +322,9 @@ def _check_metered_charge(
             maximum=record.amount_atomic,
         )
         if record.scheme == ch.NAME:
-            # A channel charges each request at least one unit (every voucher must raise
-            # the cumulative: the gateway's BoundBatchSettlement.least_charge).
-            expected = max(expected, min(1, record.amount_atomic))
+            # A channel charges each request at least ch.LEAST_CHARGE (every voucher must
+            # raise the cumulative), within the authorization, as the gateway does.
+            expected = max(expected, min(ch.LEAST_CHARGE, record.amount_atomic))
     if charged != expected:
         raise ReceiptMismatch(
             f"the metered receipt charges {charged}, not {expected} for its usage at its prices"

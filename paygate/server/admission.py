@@ -16,7 +16,8 @@ starving paid ones. One entry: ``async with admission.admit(request, route) as a
    unpaid, ``claimed_opens_per_second`` for those with a payment): no flood, from however many
    addresses, takes more than a bounded share of the TPM/HSM. A payment header is only a
    claim until verified, and costs nothing to forge: an address whose claim is refused after
-   its open (400/402: a body or a payment that is no good) is admitted as unpaid for a while
+   its open (any 4xx of the sender's: a body or a payment that is no good, an outcome sent
+   again, a rate spent; :func:`paygate.server.claims.doubts`) is admitted as unpaid for a while
    (:mod:`paygate.server.claims`), so forged claims cannot take the claimed gate's rate from
    real payers.
 4. Every body read holds a per-address slot too (``per_ip_body_slots``, never more than a

@@ -33,7 +33,7 @@ from paygate.x402.schemes.base import (
 )
 from paygate.x402.schemes.batch_settlement import offer as offer_role
 from paygate.x402.schemes.batch_settlement.chain import BatchChain, ChannelChain, not_bound
-from paygate.x402.schemes.batch_settlement.channel import NAME
+from paygate.x402.schemes.batch_settlement.channel import LEAST_CHARGE, NAME
 from paygate.x402.schemes.batch_settlement.claims import Channels, channel_state
 from paygate.x402.schemes.batch_settlement.facilitator import BatchFacilitator, receiver_authorizer
 from paygate.x402.schemes.batch_settlement.store import ChannelBusy
@@ -119,10 +119,8 @@ class BoundBatchSettlement(Scheme):
 
     # Its settle commits the charge to the channel in the ledger, once (idempotent).
     settles_in_ledger: ClassVar[bool] = True
-    # Each voucher must raise the channel's cumulative (it is exactly what was charged plus
-    # this request's price, and the voucher is the payment's replay key): a metered request
-    # charged 0 would leave the payer's next voucher the same one, refused as used for ever.
-    least_charge: ClassVar[int] = 1
+    # A metered request is charged at least one unit (channel.LEAST_CHARGE: why).
+    least_charge: ClassVar[int] = LEAST_CHARGE
 
     channels: Channels | None = dataclasses.field(default=None, repr=False, compare=False)
     checks: CheckedPayments = dataclasses.field(
@@ -222,7 +220,8 @@ class BoundBatchSettlement(Scheme):
         """The channel's hold let go with the payment's release (a request that ended before
         its charge: refused after its take, cut short, or its upstream failed), so the payer's
         next voucher is served at once rather than refused busy until the hold runs out.
-        Guarded by the owner: only this voucher's hold goes, never another request's."""
+        Guarded by the owner: only this voucher's hold goes, never another request's, nor
+        its own deposit's while that is finishing (Channels.release_write)."""
         try:
             checked = self.checks.checked(
                 payment, ChannelTerms.of_requirements(requirements), last=True

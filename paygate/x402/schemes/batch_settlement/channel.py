@@ -34,6 +34,12 @@ MIN_WITHDRAW_DELAY = 900
 MAX_WITHDRAW_DELAY = 2_592_000
 ZERO_ADDRESS = "0x" + "00" * 20
 UINT128_MAX = 2**128 - 1
+# The least a channel charges a metered request (atomic units): each voucher must raise the
+# channel's cumulative (it is what was charged plus this request's price, and the voucher is
+# the payment's replay key), so a charge of 0 would leave the payer's next voucher the one
+# just paid, refused as used for ever. The gateway charges it, the client's receipt check
+# expects it.
+LEAST_CHARGE = 1
 
 # The ChannelConfig struct: EIP-712 fields here, the ABI tuple's components in chain.py. The
 # members as the specification's type strings write them (the type hashes below are of these).

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 import uuid
@@ -78,6 +79,9 @@ class Channels:
         # a hint only: the commit re-reads whenever the channel changed since.
         self._taken: dict[str, Channel] = {}
         self._deposits: set[asyncio.Task[Channel]] = set()  # deposits finishing (shielded)
+        # The vouchers whose deposit is finishing, by voucher key (how many at once): their
+        # hold on the channel is the deposit's own, let go by it once the mirror is written.
+        self._depositing: dict[str, int] = {}
 
     # --- requests ---
 
@@ -90,13 +94,18 @@ class Channels:
         Shielded: once sent, the deposit's money moves whether or not the caller waits, so a
         request cut short (the caller gone) still finishes its proof and its mirror — the
         channel's balance in the ledger never misses money that is in the contract."""
+        key = checked.voucher_key
         task = asyncio.ensure_future(self._deposit(checked, payment, requirements))
         self._deposits.add(task)
-        task.add_done_callback(self._deposit_done)
+        self._depositing[key] = self._depositing.get(key, 0) + 1
+        task.add_done_callback(functools.partial(self._deposit_done, key))
         return await asyncio.shield(task)
 
-    def _deposit_done(self, task: asyncio.Task[Channel]) -> None:
+    def _deposit_done(self, key: str, task: asyncio.Task[Channel]) -> None:
         self._deposits.discard(task)
+        left = self._depositing.pop(key, 1) - 1
+        if left:
+            self._depositing[key] = left
         if not task.cancelled() and task.exception() is not None:
             # Its request's answer, when it still waits; logged for a request gone.
             log.debug("deposit ended: %s", type(task.exception()).__name__)
@@ -176,9 +185,14 @@ class Channels:
             self._taken[checked.voucher_key] = channel
         return channel
 
-    def release_write(self, checked: CheckedVoucher) -> SchemeWrite:
-        """The request's hold on the channel, let go with its payment's release."""
+    def release_write(self, checked: CheckedVoucher) -> SchemeWrite | None:
+        """The request's hold on the channel, let go with its payment's release; None while
+        its deposit is still finishing (its caller gone): that hold is the deposit's, kept
+        from its chain reading to its mirror (a refund between them would be undone by the
+        mirror) and let go by the deposit itself."""
         self._taken.pop(checked.voucher_key, None)
+        if checked.voucher_key in self._depositing:
+            return None
         return self.store.release_write(checked.channel_id, checked.voucher_key)
 
     def charge(

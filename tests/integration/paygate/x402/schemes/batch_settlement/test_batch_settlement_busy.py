@@ -100,6 +100,33 @@ async def _state(ledger, anvil, gas_key, channel_id: str):
     return found
 
 
+async def _held_until_the_refund_is_asked_again(
+    stack, ledger, anvil, gas_key, required, offer, channel
+) -> None:
+    """A refund moved on chain but not mirrored: the payer's next voucher (under the old
+    balance) is refused busy and not served; the refund asked again mirrors the chain first,
+    finds nothing left to refund, and lets the channel go with the books matching the
+    contract (what was charged is what it holds)."""
+    served = stack.fake.completed["POST /v1/chat/completions"]
+    status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+    assert (status, headers[wire.ERROR_HEADER]) == (
+        402,
+        "invalid_batch_settlement_evm_channel_busy",
+    )
+    assert stack.fake.completed["POST /v1/chat/completions"] == served
+    status, headers, _ = await post(stack, header_for(required, channel.refund()))
+    assert (status, headers[wire.ERROR_HEADER]) == (
+        402,
+        "invalid_batch_settlement_evm_refund_no_balance",
+    )
+    mirrored = await _state(ledger, anvil, gas_key, channel.channel_id)
+    assert (mirrored.balance, mirrored.charged, mirrored.pending_owner) == (
+        PRICE_ATOMIC,
+        PRICE_ATOMIC,
+        None,
+    )
+
+
 async def _next_voucher_is_served_at_once(stack, payer_channel) -> None:
     """The payer's next voucher, on the dearer model (another voucher than the one let go):
     served, charged at its price from where the channel stood."""
@@ -332,23 +359,8 @@ async def test_a_refund_whose_mirror_failed_leaves_no_balance_to_spend_that_the_
         status, headers, body = await post(stack, header_for(required, channel.refund()))
         assert (status, headers[wire.ERROR_HEADER]) == (503, "ledger_unavailable"), body
         assert usdc.balance_of(payer.address) == PAYER_FUNDS - PRICE_ATOMIC  # it moved
-        served = stack.fake.completed["POST /v1/chat/completions"]
-        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
-        assert (status, headers[wire.ERROR_HEADER]) == (
-            402,
-            "invalid_batch_settlement_evm_channel_busy",
-        )
-        assert stack.fake.completed["POST /v1/chat/completions"] == served
-        status, headers, _ = await post(stack, header_for(required, channel.refund()))
-        assert (status, headers[wire.ERROR_HEADER]) == (
-            402,
-            "invalid_batch_settlement_evm_refund_no_balance",
-        )
-        mirrored = await _state(ledger, anvil, gas_key, channel.channel_id)
-        assert (mirrored.balance, mirrored.charged, mirrored.pending_owner) == (
-            PRICE_ATOMIC,
-            PRICE_ATOMIC,
-            None,
+        await _held_until_the_refund_is_asked_again(
+            stack, ledger, anvil, gas_key, required, offer, channel
         )
 
 
@@ -508,23 +520,8 @@ async def test_a_refund_whose_outcome_is_unknown_leaves_no_balance_to_spend_that
             "invalid_batch_settlement_evm_refund_transaction_failed",
         )
         assert usdc.balance_of(payer.address) == PAYER_FUNDS - PRICE_ATOMIC  # it moved
-        served = stack.fake.completed["POST /v1/chat/completions"]
-        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
-        assert (status, headers[wire.ERROR_HEADER]) == (
-            402,
-            "invalid_batch_settlement_evm_channel_busy",
-        )
-        assert stack.fake.completed["POST /v1/chat/completions"] == served
-        status, headers, _ = await post(stack, header_for(required, channel.refund()))
-        assert (status, headers[wire.ERROR_HEADER]) == (
-            402,
-            "invalid_batch_settlement_evm_refund_no_balance",
-        )
-        mirrored = await _state(ledger, anvil, gas_key, channel.channel_id)
-        assert (mirrored.balance, mirrored.charged, mirrored.pending_owner) == (
-            PRICE_ATOMIC,
-            PRICE_ATOMIC,
-            None,
+        await _held_until_the_refund_is_asked_again(
+            stack, ledger, anvil, gas_key, required, offer, channel
         )
 
 
@@ -590,3 +587,66 @@ async def test_a_refund_refused_after_an_earlier_one_moved_mirrors_the_chain_bef
         assert stack.fake.completed["POST /v1/chat/completions"] == served
     mirrored = await _state(ledger, anvil, gas_key, channel.channel_id)
     assert (mirrored.balance, mirrored.pending_owner) == (PRICE_ATOMIC, None)
+
+
+async def test_a_caller_gone_during_its_top_ups_mirror_leaves_the_channel_held_until_it_is_written(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    """The caller went away while its top-up's mirror was being written (the deposit proven,
+    the channel read on chain under the deposit's hold): the request's release must not let
+    that hold go — a refund taking the channel then would be undone by the mirror's older
+    reading, the balance left above the contract's (vouchers served that no claim can pay).
+    The refund is told the channel is busy until the mirror is written; then it is made, and
+    the books match the contract."""
+    ledger = tmp_path / "payments.db"
+    read, proceed = asyncio.Event(), asyncio.Event()
+    armed: list[bool] = []
+    proven: list[bool] = []  # the top-up proven: the next reading is the one under its hold
+    real_deposit, real_state = BatchChain.deposit, BatchChain.state
+
+    async def deposit(self, request):
+        moved = await real_deposit(self, request)
+        if armed:
+            armed.clear()
+            proven.append(True)
+        return moved
+
+    async def state(self, channel_id):
+        found = await real_state(self, channel_id)
+        if proven:
+            proven.clear()
+            read.set()
+            await asyncio.wait_for(proceed.wait(), timeout=30)  # its mirror not written yet
+        return found
+
+    monkeypatch.setattr(BatchChain, "deposit", deposit)
+    monkeypatch.setattr(BatchChain, "state", state)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        armed.append(True)
+        gone = asyncio.ensure_future(
+            post(stack, header_for(required, channel.pay(offer, deposit=DEPOSIT)))
+        )
+        await asyncio.wait_for(read.wait(), timeout=30)
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        await until(ledger, lambda found: PaymentState.RELEASED in states(found))
+        status, headers, _ = await post(stack, header_for(required, channel.refund()))
+        assert (status, headers[wire.ERROR_HEADER]) == (
+            402,
+            "invalid_batch_settlement_evm_channel_busy",
+        )
+        proceed.set()
+        async with asyncio.timeout(30):  # the mirror written, its hold let go
+            while (found := await _state(ledger, anvil, gas_key, channel.channel_id)).pending_owner:
+                await asyncio.sleep(0.05)
+        assert found.balance == 2 * DEPOSIT
+        status, headers, body = await post(stack, header_for(required, channel.refund()))
+        assert status == 200, body
+        assert int(receipt_of(headers)["amount"]) == 2 * DEPOSIT - PRICE_ATOMIC
+    async with claimer(ledger, anvil, gas_key) as channels:
+        mirrored = await channels.store.get(channel.channel_id)
+        on_chain = await channels.chain.state(channel.channel_id)
+    assert mirrored is not None
+    assert (mirrored.balance, mirrored.pending_owner) == (on_chain.balance, None)
+    assert on_chain.balance == PRICE_ATOMIC
