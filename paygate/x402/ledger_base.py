@@ -270,11 +270,20 @@ class Ledger:
         return await self._run(self._claim_unfinished, min_age, own, check_limit(limit))
 
     async def release_abandoned(
-        self, *, own: bool = False, limit: int = MAX_LIST_LIMIT
+        self,
+        *,
+        own: bool = False,
+        limit: int = MAX_LIST_LIMIT,
+        writes: Callable[[PaymentRecord], SchemeWrite | None] | None = None,
     ) -> builtins.list[PaymentRecord]:
         """Release RESERVED/VERIFIED records whose owner is gone (lease ran out, no owner, or,
-        with ``own``, this replica's name), so their callers can retry; returns them."""
-        return await self._run(self._release_abandoned, own, check_limit(limit))
+        with ``own``, this replica's name), so their callers can retry; returns them.
+
+        ``writes``: each released record's scheme write (what its reservation took: a
+        channel's hold), made in the same transaction. It is called inside that transaction
+        (on SQLite, on the ledger's thread): it only builds the write, never waits or raises.
+        """
+        return await self._run(self._release_abandoned, own, check_limit(limit), writes)
 
     async def forget_idempotency_key(
         self,

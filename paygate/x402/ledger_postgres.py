@@ -392,9 +392,20 @@ class PostgresLedger(Ledger):
         return await self._take(conn, UNFINISHED_STATES, min_age, own, limit, False)
 
     async def _release_abandoned(
-        self, conn: Conn, own: bool, limit: int
+        self,
+        conn: Conn,
+        own: bool,
+        limit: int,
+        writes: Callable[[PaymentRecord], SchemeWrite | None] | None,
     ) -> builtins.list[PaymentRecord]:
-        return await self._take(conn, RESERVATION_STATES, 0.0, own, limit, True)
+        released = await self._take(conn, RESERVATION_STATES, 0.0, own, limit, True)
+        if writes is not None:
+            made = [w for w in map(writes, released) if w is not None]
+            # In one order (a hold's write names its channel first): two replicas releasing
+            # at once take the rows they share in the same order, never each other's first.
+            for write in sorted(made, key=lambda w: repr(w.statements)):
+                await self._make(conn, write)
+        return released
 
     async def _take(
         self,

@@ -493,18 +493,26 @@ class SqliteLedger(Ledger):
                 claimed.append(mine)
         return claimed
 
-    def _release_abandoned(self, own: bool, limit: int) -> builtins.list[PaymentRecord]:
+    def _release_abandoned(
+        self,
+        own: bool,
+        limit: int,
+        writes: Callable[[PaymentRecord], SchemeWrite | None] | None,
+    ) -> builtins.list[PaymentRecord]:
         released = []
-        with self._write():
+        with self._write() as db:
             now = self._clock()
             for record in self._abandoned(RESERVATION_STATES, now, 0.0, own, limit):
-                self._conn.execute(
+                db.execute(
                     "UPDATE payments SET state = ?, owner = NULL, lease_until = NULL,"
                     " lease = lease + 1, updated_at = ? WHERE id = ? AND lease = ?",
                     (PaymentState.RELEASED.value, now, record.id, record.lease),
                 )
                 gone = self._must(record.id)
                 self._event(gone, EventAction.RELEASED, now, detail=record.owner or "nobody")
+                write = writes(gone) if writes is not None else None
+                if write is not None:  # what the reservation held, given back with it
+                    self._make(db, write)
                 released.append(gone)
         return released
 

@@ -323,6 +323,7 @@ class PaymentProcessor:
                 offers,
                 resource,
             )
+        scheme: Scheme | None = None
         try:
             offer = match_offer(payment, offers)
             scheme = self.scheme(offer.scheme)
@@ -335,7 +336,10 @@ class PaymentProcessor:
             when = CheckTime(int(self._clock()), self._skew, self._min_remaining)
             authorized = scheme.check(payment, offer, when)
         except PaymentRejected as exc:
-            return self._refusals.challenge(402, exc.reason, str(exc), offers, resource)
+            refused = self._refusals.challenge(402, exc.reason, str(exc), offers, resource)
+            # Completed by the scheme as a paid request's refusal is (a refund refused on a
+            # busy channel says when to ask again).
+            return refused if scheme is None else await scheme.corrective(refused, payment)
         except LedgerError:  # an operation's ledger (a channel's refund): asked again later
             return self._refusals.ledger_unavailable()
         wanted = _fingerprint(route, offer, authorized) if key is not None else ""

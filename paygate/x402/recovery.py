@@ -19,7 +19,7 @@ from decimal import Decimal
 
 from paygate.x402 import codec
 from paygate.x402.leases import HeldLeases
-from paygate.x402.ledger import LedgerError, PaymentRecord, PaymentState
+from paygate.x402.ledger import LedgerError, PaymentRecord, PaymentState, SchemeWrite
 from paygate.x402.ledger_base import Ledger
 from paygate.x402.results import PaymentAdmission
 from paygate.x402.schemes import SCHEMES, Scheme
@@ -41,9 +41,26 @@ class Recovery:
 
     async def release_abandoned(self, *, own: bool = False) -> int:
         """Release reservations whose owner is gone (its lease ran out; with ``own``, also
-        this replica name's, left by its previous run), so their callers can retry."""
-        released = await self.ledger.release_abandoned(own=own)
+        this replica name's, left by its previous run), so their callers can retry — each
+        with what its scheme took for it (a channel's hold: the payer's next voucher is not
+        refused busy until the hold runs out), in the same transaction."""
+        released = await self.ledger.release_abandoned(own=own, writes=self._release_write)
         return len(released)
+
+    def _release_write(self, record: PaymentRecord) -> SchemeWrite | None:
+        """The scheme's ``release_write`` for a released record, from its stored payment.
+        Called inside the ledger's transaction: it only builds the write (guarded by the
+        scheme: a channel's hold goes only while it is still this voucher's) and never
+        raises — a write that cannot be built leaves the hold to run out, as it would."""
+        try:
+            scheme = self.schemes(record.scheme)
+            if type(scheme).release_write is Scheme.release_write:
+                return None  # the scheme takes nothing with a reservation
+            payment = codec.parse_payment(json.loads(record.payload), header="ledger")
+            return scheme.release_write(payment, json.loads(record.requirements))
+        except Exception as exc:  # inside the ledger's transaction: never raise
+            log.warning("payment %s: hold left to run out: %s", record.id, type(exc).__name__)
+            return None
 
     async def adopt_own(self) -> list[PaymentRecord]:
         """At start, before serving: claim the settlements this replica name left unfinished

@@ -108,9 +108,15 @@ def _larger(column: str, given: str | None = None) -> str:
     collation)."""
     old = f"bs_channels.{column}"
     new = "CAST(? AS TEXT)" if given == "?" else f"excluded.{given or column}"
+    return f"CASE WHEN {_above(new, old)} THEN {new} ELSE {old} END"
+
+
+def _above(column: str, other: str) -> str:
+    """``column`` > ``other`` as numbers, in SQL, for amounts stored as decimal text (a text
+    comparison alone would have "9" above "10"): see :func:`_larger`."""
     return (
-        f"CASE WHEN length({new}) > length({old}) OR (length({new}) = length({old})"
-        f" AND {new} > {old}) THEN {new} ELSE {old} END"
+        f"(length({column}) > length({other})"
+        f" OR (length({column}) = length({other}) AND {column} > {other}))"
     )
 
 
@@ -456,13 +462,15 @@ class ChannelStore:
         )
 
     async def claimable(self, limit: int) -> list[Channel]:
-        """Channels charged beyond what was claimed, oldest change first."""
+        """Channels charged beyond what was claimed (under a voucher), oldest change first:
+        at most ``limit``, selected in SQL — the claim loop's pass reads the channels that owe
+        something, not every channel there is."""
         _, rows = await self._sql(
-            f"SELECT {_COLUMNS} FROM bs_channels ORDER BY updated_at",  # noqa: S608 - constant
-            (),
+            f"SELECT {_COLUMNS} FROM bs_channels WHERE {_above('charged', 'total_claimed')}"  # noqa: S608 - constant
+            " AND signed_max <> '0' ORDER BY updated_at LIMIT ?",
+            (limit,),
         )
-        found = [c for c in map(_channel, rows) if c.charged > c.total_claimed and c.signed_max]
-        return found[:limit]
+        return [c for c in map(_channel, rows) if c.charged > c.total_claimed and c.signed_max]
 
     async def claimed(self, channel_id: str, total: int) -> None:
         """A claim of ``total`` is proven on chain: mirror it (never lowering it). One

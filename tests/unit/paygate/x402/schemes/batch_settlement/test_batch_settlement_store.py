@@ -610,3 +610,105 @@ async def test_a_deposit_read_under_its_hold_sets_the_balance_exactly(ledger_sto
     assert (lower.balance, lower.total_claimed, lower.charged) == (10**20, 500, 500)
     kept = await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10**19, total_claimed=0)
     assert kept.balance == 10**20
+
+
+async def test_an_abandoned_reservation_gives_back_its_channel_hold_only_while_its_own(
+    ledger_store,
+):
+    """A replica died holding two channels with its reservations (and a third reservation
+    that took nothing). The reconcilers of two other replicas, at once, release the records
+    with each one's release write in that transaction — each record once: the hold still its
+    voucher's goes (the payer's next voucher is not refused busy until it runs out); the one
+    that ran out and was taken by another voucher stays that voucher's."""
+    clock = Clock()
+    dead, b, c = [
+        await ledger_store(replica=name, clock=clock, lease_seconds=10.0)
+        for name in ("dead", "b", "c")
+    ]
+    store = ChannelStore(dead, clock=clock, pending_seconds=30.0)
+    survivor = ChannelStore(b, clock=clock, pending_seconds=30.0)
+    other = "0x" + "cd" * 32
+    for channel in (CHANNEL, other):
+        await store.deposited(channel, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    holds = {}
+    for n, (channel, voucher) in enumerate(((CHANNEL, "v1"), (other, "w1")), start=1):
+        record = await dead.reserve(**request(n), write=store.take_write(channel, voucher))
+        holds[record.id] = (channel, voucher)
+    plain = await dead.reserve(**request(3))
+    assert (await store.get(CHANNEL)).pending_owner == "v1"
+    clock.now += 31  # the dead replica's leases ran out, and its holds with them
+    assert (await survivor.take(other, "w2")).pending_owner == "w2"  # another voucher's now
+
+    asked = []
+
+    def writes(record):
+        asked.append(record.id)
+        found = holds.get(record.id)
+        return survivor.release_write(*found) if found else None
+
+    passes = await asyncio.gather(
+        b.release_abandoned(writes=writes), c.release_abandoned(writes=writes)
+    )
+    released = sorted(r.id for found in passes for r in found)
+    assert released == sorted(asked) == sorted([*holds, plain.id])
+    assert {r.state for found in passes for r in found} == {S.RELEASED}
+    assert (await survivor.get(CHANNEL)).pending_owner is None
+    assert (await survivor.get(other)).pending_owner == "w2"
+    assert (await survivor.take(CHANNEL, "v2")).pending_owner == "v2"
+
+
+class ReadRows:
+    """A real ledger whose statements' returned rows are kept: what a store read."""
+
+    def __init__(self, ledger) -> None:
+        self.ledger = ledger
+        self.read: list[list[tuple]] = []
+
+    async def scheme_sql(self, sql, params):
+        changed, rows = await self.ledger.scheme_sql(sql, params)
+        self.read.append(rows)
+        return changed, rows
+
+    async def scheme_sql_all(self, statements):
+        return await self.ledger.scheme_sql_all(statements)
+
+
+async def test_the_claim_pass_reads_only_the_channels_that_owe_something(ledger_store):
+    """The claim loop's read selects in SQL the channels charged beyond what was claimed
+    (under a voucher), oldest change first, at most ``limit`` — not the whole table each
+    pass. Amounts are decimal text: compared as numbers ("10" owes over "9", "9" does not
+    over "10"; amounts past 64 bits), on both stores."""
+    clock = Clock()
+    ledger = await ledger_store(replica="a")
+    reads = ReadRows(ledger)
+    store = ChannelStore(reads, clock=clock, pending_seconds=30.0)
+    big = 2**64
+    channels = {  # (charged, total_claimed, signed_max), oldest change first
+        "claimed-9-charged-10": (10, 9, 10),
+        "settled": (5_000, 5_000, 5_000),
+        "past-64-bits": (big + 1, big, big + 1),
+        "claimed-10-charged-9": (9, 10, 9),
+        "never-vouched": (0, 0, 0),
+        "past-64-bits-settled": (big * 7, big * 7, big * 7),
+        "far-past-64-bits": (10**30, 5, 10**30),
+    }
+    for n, (name, (charged_, claimed, ceiling)) in enumerate(channels.items()):
+        channel_id = "0x" + f"{n:064x}"
+        clock.now += 1
+        await store.deposited(channel_id, "eip155:84532", CONFIG, balance=10**31, total_claimed=0)
+        await ledger.scheme_sql(
+            "UPDATE bs_channels SET charged = ?, total_claimed = ?, signed_max = ?,"
+            " signature = ? WHERE channel_id = ?",
+            (str(charged_), str(claimed), str(ceiling), SIG, channel_id),
+        )
+        channels[name] = channel_id
+    owing = [channels[n] for n in ("claimed-9-charged-10", "past-64-bits", "far-past-64-bits")]
+
+    reads.read.clear()
+    found = await store.claimable(10)
+    assert [c.channel_id for c in found] == owing
+    assert [row[0] for row in reads.read[-1]] == owing  # read: only these rows
+    assert [(c.charged - c.total_claimed) for c in found] == [1, 1, 10**30 - 5]
+    reads.read.clear()
+    assert [c.channel_id for c in await store.claimable(2)] == owing[:2]
+    assert len(reads.read[-1]) == 2  # bounded in the read, not after it
