@@ -62,6 +62,53 @@ def busy_replica(monkeypatch) -> list[bool]:
     return armed
 
 
+class PausedTopUp:
+    """A top-up stopped once its deposit moved on chain: `reached` is set when it stops there,
+    `proceed` lets it go on (waited for at most 30 s)."""
+
+    def __init__(self) -> None:
+        self.reached, self.proceed = asyncio.Event(), asyncio.Event()
+        self.armed = False  # the next deposit is the one to stop
+        self.proven = False  # that deposit moved: the next chain reading is the one to stop
+
+    def arm(self) -> None:
+        self.armed = True
+
+    async def pause(self) -> None:
+        self.reached.set()
+        await asyncio.wait_for(self.proceed.wait(), timeout=30)
+
+
+def pause_top_up(monkeypatch, *, in_next_read: bool = False) -> PausedTopUp:
+    """Armed, the next top-up stops once its deposit moved on chain and was read back — on
+    `BatchChain.deposit`'s return, or with `in_next_read` in the chain reading that follows it
+    (the one its mirror is written from, under the deposit's hold) — its mirror not written."""
+    paused = PausedTopUp()
+    real_deposit, real_state = BatchChain.deposit, BatchChain.state
+
+    async def deposit(self, request):
+        moved = await real_deposit(self, request)
+        if paused.armed:
+            paused.armed = False
+            if in_next_read:
+                paused.proven = True
+            else:
+                await paused.pause()
+        return moved
+
+    async def state(self, channel_id):
+        found = await real_state(self, channel_id)
+        if paused.proven:
+            paused.proven = False
+            await paused.pause()
+        return found
+
+    monkeypatch.setattr(BatchChain, "deposit", deposit)
+    if in_next_read:
+        monkeypatch.setattr(BatchChain, "state", state)
+    return paused
+
+
 async def test_a_top_up_on_a_channel_another_replica_keeps_changing_is_mirrored_and_served(
     anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
 ):
@@ -270,31 +317,19 @@ async def test_a_caller_gone_after_its_deposit_was_sent_still_has_the_deposit_mi
     is in the contract): the deposit is still proven and mirrored, so the channel's balance in
     the ledger counts it (vouchers up to it are taken), though this request is not served."""
     ledger = tmp_path / "payments.db"
-    sent, proceed = asyncio.Event(), asyncio.Event()
-    armed: list[bool] = []
-    real = BatchChain.deposit
-
-    async def deposit(self, request):
-        state = await real(self, request)  # moved on chain
-        if armed:
-            armed.clear()
-            sent.set()
-            await proceed.wait()  # the proof still out when the caller gives up
-        return state
-
-    monkeypatch.setattr(BatchChain, "deposit", deposit)
+    sent = pause_top_up(monkeypatch)  # the proof still out when the caller gives up
     async with chain_batch(seller, ledger, anvil, gas_key) as stack:
         required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
-        armed.append(True)
+        sent.arm()
         served = stack.fake.completed["POST /v1/chat/completions"]
         gone = asyncio.ensure_future(
             post(stack, header_for(required, channel.pay(offer, deposit=DEPOSIT)))
         )
-        await asyncio.wait_for(sent.wait(), timeout=10)
+        await asyncio.wait_for(sent.reached.wait(), timeout=10)
         gone.cancel()
         await asyncio.gather(gone, return_exceptions=True)
         await until(ledger, lambda found: PaymentState.RELEASED in states(found))
-        proceed.set()
+        sent.proceed.set()
         async with asyncio.timeout(10):
             while (await _state(ledger, anvil, gas_key, channel.channel_id)).balance != (
                 2 * DEPOSIT
@@ -398,32 +433,20 @@ async def test_a_top_up_read_before_a_refund_never_raises_the_balance_past_the_c
     served for a charge no claim can pay): the books match the contract, and the top-up's
     voucher, past what the contract holds now, is refused and not served."""
     ledger = tmp_path / "payments.db"
-    read, proceed = asyncio.Event(), asyncio.Event()
-    armed: list[bool] = []
-    real = BatchChain.deposit
-
-    async def deposit(self, request):
-        state = await real(self, request)  # moved on chain and read back
-        if armed:
-            armed.clear()
-            read.set()
-            await asyncio.wait_for(proceed.wait(), timeout=30)  # its mirror not written yet
-        return state
-
-    monkeypatch.setattr(BatchChain, "deposit", deposit)
+    read = pause_top_up(monkeypatch)
     async with chain_batch(seller, ledger, anvil, gas_key) as stack:
         required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
-        armed.append(True)
+        read.arm()
         served = stack.fake.completed["POST /v1/chat/completions"]
         top_up = asyncio.ensure_future(
             post(stack, header_for(required, channel.pay(offer, deposit=DEPOSIT)))
         )
-        await asyncio.wait_for(read.wait(), timeout=30)
+        await asyncio.wait_for(read.reached.wait(), timeout=30)
         status, headers, body = await post(stack, header_for(required, channel.refund()))
         assert status == 200, body
         # Everything but the first request's charge came back, the top-up included.
         assert int(receipt_of(headers)["amount"]) == 2 * DEPOSIT - PRICE_ATOMIC
-        proceed.set()
+        read.proceed.set()
         status, headers, body = await asyncio.wait_for(top_up, timeout=30)
         assert (status, headers.get(wire.ERROR_HEADER)) == (
             402,
@@ -599,35 +622,14 @@ async def test_a_caller_gone_during_its_top_ups_mirror_leaves_the_channel_held_u
     The refund is told the channel is busy until the mirror is written; then it is made, and
     the books match the contract."""
     ledger = tmp_path / "payments.db"
-    read, proceed = asyncio.Event(), asyncio.Event()
-    armed: list[bool] = []
-    proven: list[bool] = []  # the top-up proven: the next reading is the one under its hold
-    real_deposit, real_state = BatchChain.deposit, BatchChain.state
-
-    async def deposit(self, request):
-        moved = await real_deposit(self, request)
-        if armed:
-            armed.clear()
-            proven.append(True)
-        return moved
-
-    async def state(self, channel_id):
-        found = await real_state(self, channel_id)
-        if proven:
-            proven.clear()
-            read.set()
-            await asyncio.wait_for(proceed.wait(), timeout=30)  # its mirror not written yet
-        return found
-
-    monkeypatch.setattr(BatchChain, "deposit", deposit)
-    monkeypatch.setattr(BatchChain, "state", state)
+    read = pause_top_up(monkeypatch, in_next_read=True)
     async with chain_batch(seller, ledger, anvil, gas_key) as stack:
         required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
-        armed.append(True)
+        read.arm()
         gone = asyncio.ensure_future(
             post(stack, header_for(required, channel.pay(offer, deposit=DEPOSIT)))
         )
-        await asyncio.wait_for(read.wait(), timeout=30)
+        await asyncio.wait_for(read.reached.wait(), timeout=30)
         gone.cancel()
         await asyncio.gather(gone, return_exceptions=True)
         await until(ledger, lambda found: PaymentState.RELEASED in states(found))
@@ -636,7 +638,7 @@ async def test_a_caller_gone_during_its_top_ups_mirror_leaves_the_channel_held_u
             402,
             "invalid_batch_settlement_evm_channel_busy",
         )
-        proceed.set()
+        read.proceed.set()
         async with asyncio.timeout(30):  # the mirror written, its hold let go
             while (found := await _state(ledger, anvil, gas_key, channel.channel_id)).pending_owner:
                 await asyncio.sleep(0.05)
