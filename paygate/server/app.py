@@ -165,6 +165,9 @@ class Plan:
     salts: Salts
     # One ClientSession per upstream, opened by client_session, used by the gateway's router.
     sessions: dict[str, aiohttp.ClientSession] = dataclasses.field(default_factory=dict)
+    # With workers > 1 the key epochs are the host's, shared by every worker: their key ids
+    # name the host's replica, not the worker's (paygate.keys.epoch_keys).
+    epoch_replica: str | None = None
 
 
 def build_app(
@@ -175,16 +178,19 @@ def build_app(
     routes: RouteTable | None = None,
     gpu: GpuEvidenceProvider | None = None,
     worker: int = 1,
+    epoch_replica: str | None = None,
 ) -> web.Application:
     """Build the gateway for ``settings`` (as worker ``worker`` of ``settings.workers``).
 
     ``key`` is opened from the settings at startup (and closed at cleanup) unless given; a
     given key stays the caller's to close. ``gpu``: the GPU evidence provider (default: as
-    ``gpu_evidence`` says). ``payments`` defaults to the configured payment
+    ``gpu_evidence`` says). ``epoch_replica``: the replica the key epochs of several workers
+    are named for (default: this one's). ``payments`` defaults to the configured payment
     mode; payment settings that cannot work raise ConfigError here, before anything listens.
     Below this factory nothing reads ``Settings``: each part gets its own typed view.
     """
     plan = make_plan(settings, key=key, payments=payments, routes=routes, gpu=gpu, worker=worker)
+    plan = dataclasses.replace(plan, epoch_replica=epoch_replica)
     app = web.Application(client_max_size=settings.max_body_bytes)
     if plan.tracing is not None:
         app.on_cleanup.append(functools.partial(stop_tracing, plan.tracing))
@@ -252,7 +258,10 @@ async def key_backend(plan: Plan, app: web.Application) -> AsyncIterator[None]:
         # Rotating epoch keys made in the same backend; the base keeps the AK and log key.
         try:
             app[KEY] = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: epoch_keys(settings, base, plan.replica, close_base=owned)
+                None,
+                lambda: epoch_keys(
+                    settings, base, plan.epoch_replica or plan.replica, close_base=owned
+                ),
             )
         except BaseException:
             if owned:
