@@ -392,6 +392,15 @@ class SharedEpochKeys(EpochKeys):
                 self._write(state)
             return self._adopt(state)
 
+    @property
+    def current(self) -> Epoch:
+        self.refresh()  # a stat when nothing changed: what is attested is what is served
+        return super().current
+
+    def live(self) -> list[Epoch]:
+        self.refresh()
+        return super().live()
+
     def lookup(self, key_id: str) -> Epoch:
         try:
             return super().lookup(key_id)
