@@ -99,6 +99,15 @@ def _flocked(path: Path, *, exclusive: bool, timeout: float = LOCK_TIMEOUT) -> I
         os.close(fd)  # releases the lock
 
 
+@contextlib.contextmanager
+def host_lock(directory: Path, *, exclusive: bool = True) -> Iterator[None]:
+    """The lock every change to the shared epochs holds: a worker opening the backend takes it
+    too, since a token being written by another process may refuse to be listed meanwhile."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _flocked(directory / LOCK_FILE, exclusive=exclusive):
+        yield
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -28,6 +28,7 @@ from enclave.attestation.providers import EvidenceProvider, open_provider
 from enclave.attestation.providers import EvidenceUnavailable as TeeUnavailable
 from enclave.keys.base import ReceiptSigner
 from enclave.keys.epochs import EpochKeys
+from enclave.keys.shared_epochs import host_lock
 from paygate.config import ConfigError, Settings, settings_view
 from paygate.economics.alerts import WebhookAlerts
 from paygate.economics.watch import attestation_alert, watch_forever
@@ -253,7 +254,14 @@ async def stop_tracing(tracing: Tracing, app: web.Application) -> None:
 
 async def key_backend(plan: Plan, app: web.Application) -> AsyncIterator[None]:
     settings, owned = plan.settings, plan.key is None
-    base = open_key_backend(settings) if plan.key is None else plan.key
+    if plan.key is not None:
+        base = plan.key
+    elif settings.key_epoch and settings.workers > 1:
+        # Not while another worker makes or destroys epoch keys in the same token or TPM.
+        with host_lock(settings.key_epoch_dir):
+            base = open_key_backend(settings)
+    else:
+        base = open_key_backend(settings)
     if settings.key_epoch:
         # Rotating epoch keys made in the same backend; the base keeps the AK and log key.
         try:

@@ -1,7 +1,8 @@
-"""`paygate serve --workers 2` with key epochs in one SoftHSM2 token: both workers present the
-same epoch keys, a request sealed to them is served by whichever worker takes it, a rotation
-moves both, the previous epoch is served by both within its grace period and refused by both
-after it, and the token holds no epoch key that is not live (none once the gateway stopped).
+"""`paygate serve --workers 2` with key epochs in one SoftHSM2 token (and in one TPM): both
+workers present the same epoch keys, a request sealed to them is served by whichever worker
+takes it, a rotation moves both, the previous epoch is served by both within its grace period
+and refused by both after it, and the backend holds no epoch key that is not live (none once
+the gateway stopped).
 
 Which worker answers is chosen, not hoped for: the other one is paused (SIGSTOP by its own
 pid), so only the chosen one accepts on the shared socket; its attestation names it.
@@ -9,6 +10,7 @@ pid), so only the chosen one accepts on the shared socket; its attestation names
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -16,22 +18,27 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-from paygate_dev.stack import SoftHsmToken
+from paygate_dev.stack import SoftHsmToken, Swtpm
 
 import enclave
 from enclave.attestation import binding
+from enclave.attestation import tpm as att
 from enclave.keys.pkcs11 import Pkcs11Key
 from enclave.keys.pkcs11_epochs import Pkcs11EpochVault
+from enclave.keys.shared_epochs import host_lock
+from enclave.keys.tpm import TpmKey
+from enclave.keys.tpm_epochs import TpmEpochVault
 from paygate import wire
 from paygate.server.epochs import request_rotation
-from tests.fixtures.components import free_port
+from tests.fixtures.components import free_port, require_binary
 from tests.fixtures.gateway_support import ThreadedStack
 from tests.fixtures.payment_support import CHAT, CHAT_BODY
+from tests.fixtures.slow_tpm import SlowTpm, Tabrmd
 
 PAYGATE = str(Path(sys.executable).with_name("paygate"))
 HOST = "epoch-host"
@@ -54,9 +61,24 @@ def attest(url: str) -> binding.Binding:
     nonce = os.urandom(32)
     response = httpx.get(f"{url}{wire.ATTESTATION_PATH}", params={"nonce": nonce.hex()}, timeout=30)
     assert response.status_code == 200, response.text
-    bound = binding.parse(response.json()["binding"])
+    document = response.json()
+    bound = binding.parse(document["binding"])
     assert bound.nonce == nonce
+    if "tpm" in document:  # each epoch's keys, certified by the AK when they were made
+        ak = att.check_ak(_unb64(document["tpm"]["ak_public"]))
+        for epoch in bound.epochs:
+            for part, point in (("sealing", epoch.sealing_key), ("receipt", epoch.receipt_key)):
+                c = document["tpm"]["epochs"][epoch.id][part]
+                certified = att.CertifiedKey(
+                    _unb64(c["public"]),
+                    att.SignedAttest(_unb64(c["attest"]), _unb64(c["signature"])),
+                )
+                att.check_certified(ak, certified, point, f"epoch {epoch.id} {part}")
     return bound
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def send(url: str, epoch: binding.EpochEntry) -> tuple[int, str | None]:
@@ -84,10 +106,12 @@ def only(worker: int, others: list[int]) -> Iterator[None]:
             os.kill(pid, signal.SIGCONT)
 
 
-def epoch_objects(token: SoftHsmToken) -> set[str]:
-    """The epochs whose keys the token holds (one name per epoch)."""
+def token_epochs(token: SoftHsmToken, epochs_dir: Path) -> set[str]:
+    """The epochs whose keys the token holds (one name per epoch); read as a worker reads,
+    not while another writes the token."""
     vault = Pkcs11EpochVault(token.module_path, token.token_label, token.pin, LABEL)
-    return {label.removesuffix("-receipt") for label in vault.labels()}
+    with host_lock(epochs_dir, exclusive=False):
+        return {label.removesuffix("-receipt") for label in vault.labels()}
 
 
 def test_two_workers_serve_one_set_of_epoch_keys_through_a_rotation(
@@ -95,17 +119,68 @@ def test_two_workers_serve_one_set_of_epoch_keys_through_a_rotation(
 ) -> None:
     token = softhsm_token
     Pkcs11Key.generate(token.module_path, token.token_label, token.pin, LABEL).close()
-    epochs_dir = tmp_path / "epochs"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("PAYGATE_")},
+    backend = {
         **token.env(),
         "PAYGATE_KEY_BACKEND": "pkcs11",
         "PAYGATE_PKCS11_MODULE": token.module_path,
         "PAYGATE_PKCS11_TOKEN_LABEL": token.token_label,
         "PAYGATE_PKCS11_KEY_LABEL": LABEL,
         "PAYGATE_PKCS11_PIN": token.pin,
+    }
+    stderr = serve_through_rotation(
+        backend, tmp_path, lambda: token_epochs(token, tmp_path / "epochs")
+    )
+    assert token.pin not in stderr  # the PIN never reaches the logs
+
+
+def test_two_workers_serve_one_set_of_tpm_epoch_keys_through_a_rotation(
+    swtpm_factory: Callable[[], Swtpm], tmp_path: Path
+) -> None:
+    """The same in one TPM (swtpm behind tpm2-abrmd): each worker loads the epoch's persistent
+    handles, and its attestation carries the AK's certifications made by the worker that
+    created them."""
+    dbus = require_binary("dbus-daemon", "dbus")
+    abrmd = require_binary("tpm2-abrmd", "tpm2-abrmd")
+    tpm = swtpm_factory()
+    key_dir = tmp_path / "tpm-key"
+    with TpmKey.generate(tpm.tcti, key_dir):
+        pass  # swtpm serves one connection at a time: this one closes before the broker's
+    with SlowTpm(tpm.port, 0.0) as relay:
+        broker = Tabrmd(relay.tcti, tmp_path / "tabrmd", dbus=dbus, abrmd=abrmd).start()
+        try:
+            os.environ.update(broker.env)
+            backend = {
+                "PAYGATE_KEY_BACKEND": "tpm",
+                "PAYGATE_TPM_TCTI": broker.client_tcti,
+                "PAYGATE_TPM_KEY_DIR": str(key_dir),
+                "PAYGATE_ATTESTATION": "tpm",
+            }
+
+            def handles() -> set[str]:
+                listed = json.loads((key_dir / "epochs.json").read_text())["handles"]
+                with TpmKey.open(broker.client_tcti, key_dir) as base:
+                    vault = TpmEpochVault(base)
+                    held = [h for h in listed if vault.present(h)]
+                assert held == listed  # listed exactly while the TPM holds it
+                return {f"epoch {i}" for i in range(len(held) // 2)}
+
+            serve_through_rotation(backend, tmp_path, handles)
+        finally:
+            os.environ.pop("DBUS_SESSION_BUS_ADDRESS", None)
+            broker.stop()
+
+
+def serve_through_rotation(
+    backend: dict[str, str], tmp_path: Path, epoch_objects: Callable[[], set[str]]
+) -> str:
+    """Two workers through a rotation (module docstring); ``epoch_objects``: the epochs whose
+    keys the backend holds. Returns the gateway's stderr."""
+    epochs_dir = tmp_path / "epochs"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PAYGATE_")},
+        **backend,
         "PAYGATE_KEY_EPOCH": "600",
         "PAYGATE_KEY_EPOCH_GRACE": f"{GRACE:g}",
         "PAYGATE_KEY_EPOCH_DIR": str(epochs_dir),
@@ -136,7 +211,7 @@ def test_two_workers_serve_one_set_of_epoch_keys_through_a_rotation(
             assert len(set(seen.values())) == 1, seen
             (first,) = seen[f"{HOST}.w1"]
             assert first.id.endswith("@" + HOST)  # the host's key, not one worker's
-            assert len(epoch_objects(token)) == 1  # one epoch on the token, not one per worker
+            assert len(epoch_objects()) == 1  # one epoch on the token, not one per worker
 
             # Sealed to the attested key: served by either worker, whichever takes it.
             answered = {}
@@ -156,11 +231,11 @@ def test_two_workers_serve_one_set_of_epoch_keys_through_a_rotation(
                     new = bound.epochs[0]
                     assert send(url, new) == (200, None)
                     assert send(url, first) == (200, None)  # the previous, within its grace
-            assert len(epoch_objects(token)) == 2
+            assert len(epoch_objects()) == 2
 
             # After the grace period: the previous epoch is refused by both, destroyed once.
             retire_by = time.monotonic() + GRACE + 20
-            while len(epoch_objects(token)) != 1:
+            while len(epoch_objects()) != 1:
                 assert time.monotonic() < retire_by, "the previous epoch was never destroyed"
                 time.sleep(0.2)
             for pid in pids:
@@ -183,9 +258,9 @@ def test_two_workers_serve_one_set_of_epoch_keys_through_a_rotation(
             if proc.stderr is not None:
                 proc.stderr.close()
     assert proc.returncode == 0, stderr
-    assert token.pin not in stderr  # the PIN never reaches the logs
-    # The last worker to stop destroyed every epoch: the token holds none.
-    assert epoch_objects(token) == set()
+    # The last worker to stop destroyed every epoch: the backend holds none.
+    assert epoch_objects() == set()
+    return stderr
 
 
 def _live(url: str) -> bool:
