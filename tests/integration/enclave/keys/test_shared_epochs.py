@@ -114,6 +114,16 @@ def _shared_life(vault: object, base: object, directory: Path, labels: Callable[
         assert adopted is not None
         assert made.id == adopted.id
         assert len(labels()) == 2
+        # A member that starts while others serve (a restarted worker) joins their epochs:
+        # it sweeps nothing and makes none.
+        (late,) = _members(vault, base, directory, clock, count=1)
+        try:
+            assert late.swept == 0
+            assert [e.id for e in late.live()] == [e.id for e in first.live()]
+            assert len(labels()) == 2
+        finally:
+            late.close()
+        assert len(labels()) == 2
         # A member that stops while another serves leaves the keys to it.
         first.close()
         assert len(labels()) == 2
