@@ -175,6 +175,16 @@ class SharedEpochKeys(EpochKeys):
             or not isinstance(data.get("number"), int)
         ):
             raise KeyBackendError(f"{self._state_path} is not a shared key epoch state")
+        for entry in data["epochs"]:
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("id"), str)
+                or not isinstance(entry.get("number"), int)
+                or not all(isinstance(entry.get(k), str) for k in ("sealing_key", "receipt_key"))
+                or not all(isinstance(entry.get(k), int | float) for k in ("created", "not_after"))
+                or not isinstance(entry.get("reference"), dict)
+            ):
+                raise KeyBackendError(f"{self._state_path} lists an epoch it cannot describe")
         return data
 
     def _write(self, state: Mapping[str, Any]) -> None:

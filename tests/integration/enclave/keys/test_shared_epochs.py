@@ -13,6 +13,7 @@ import pytest
 from paygate_dev.stack import SoftHsmToken
 
 import enclave
+from enclave import KeyBackendError
 from enclave.keys.epochs import EpochKeys, EpochRetired, MemoryEpochVault
 from enclave.keys.pkcs11 import Pkcs11Key
 from enclave.keys.pkcs11_epochs import Pkcs11EpochVault
@@ -174,3 +175,30 @@ def test_memory_epochs_cannot_be_shared(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="cannot be shared"):
         _members(MemoryEpochVault("software"), None, tmp_path, Clock(), count=1)
     assert not (tmp_path / STATE_FILE).exists()
+
+
+def test_a_state_file_that_names_no_epoch_is_refused_not_served(
+    token_vault: tuple[Pkcs11EpochVault, Pkcs11Key], tmp_path: Path
+) -> None:
+    """A damaged state (or one edited by hand) stops a member with a key backend error; a
+    reference to anything but this key's epochs is never opened."""
+    vault, base = token_vault
+    directory = tmp_path / "epochs"
+    clock = Clock()
+    (member,) = _members(vault, base, directory, clock, count=1)
+    try:
+        state = json.loads((directory / STATE_FILE).read_text())
+        assert (directory / STATE_FILE).stat().st_mode & 0o777 == 0o600
+        assert directory.stat().st_mode & 0o777 == 0o700
+        for damage in (
+            {"epochs": [{"id": 1}]},
+            {"epochs": [{**state["epochs"][0], "id": "x", "reference": {"label": "paygate"}}]},
+        ):
+            (directory / STATE_FILE).write_text(json.dumps({**state, **damage}))
+            with pytest.raises(KeyBackendError):
+                member.lookup("0" * 16 + "@host")
+    finally:
+        (directory / STATE_FILE).write_text(json.dumps(state))
+        member.close()
+    assert vault.labels() == set()
+    assert {p.name for p in directory.iterdir()} == {STATE_FILE, "shared-epochs.lock"}
