@@ -139,6 +139,7 @@ class SharedEpochKeys(EpochKeys):
         self._shared_vault = vault
         self._dir = directory
         self._state_path = directory / STATE_FILE
+        self._state_name = str(self._state_path)
         self._lock_path = directory / LOCK_FILE
         self._lock_timeout = lock_timeout
         self._pid = os.getpid()
@@ -198,7 +199,7 @@ class SharedEpochKeys(EpochKeys):
 
     def _marker(self) -> tuple[int, int, int] | None:
         try:
-            st = self._state_path.stat()
+            st = os.stat(self._state_name)  # per request: a plain stat, no Path overhead
         except FileNotFoundError:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
