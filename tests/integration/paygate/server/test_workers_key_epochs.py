@@ -246,6 +246,29 @@ def serve_through_rotation(
             shared = json.loads((epochs_dir / "shared-epochs.json").read_text())
             assert [e["id"] for e in shared["epochs"]] == [new.id]
             assert sorted(m[0] for m in shared["members"]) == sorted(pids)
+
+            # A worker killed outright is restarted and joins the live epoch: it neither sweeps
+            # it from under the other worker nor makes one of its own.
+            victim, survivor = pids
+            os.kill(victim, signal.SIGKILL)
+            restarted = time.monotonic() + 60
+            while True:
+                workers = _children(proc.pid)
+                if len(workers) == 2 and victim not in workers:
+                    break
+                assert time.monotonic() < restarted, "the worker was not restarted"
+                time.sleep(0.05)
+            (replacement,) = set(workers) - {survivor}
+            while True:  # until the replacement has joined (it listens once it has)
+                with only(replacement, workers):
+                    if _live(url):
+                        break
+                assert time.monotonic() < restarted, "the replacement never served"
+            for pid in (replacement, survivor):
+                with only(pid, workers):
+                    assert [e.id for e in attest(url).epochs] == [new.id]
+                    assert send(url, new) == (200, None)
+            assert len(epoch_objects()) == 1
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
