@@ -60,11 +60,21 @@ def _key(settings: Settings, *, create: bool) -> KeyBackend:
     return tpm(settings.tpm_tcti, settings.tpm_key_dir)
 
 
+SHARED_EPOCHS_REFUSED = (
+    "workers > 1 with key_epoch needs key_backend pkcs11 or tpm: {backend} epoch keys live "
+    "only in one process's memory, and every worker must serve the same epoch keys (run one "
+    "worker, or a token or TPM shared by the workers; docs/SCALING.md)"
+)
+
+
 def epoch_keys(
     settings: Settings, base: KeyBackend, replica: str, *, close_base: bool = True
 ) -> EpochKeys:
     """Key epochs over the long-lived key ``base`` (which keeps the AK and the log key): each
     epoch's keys are made in the same backend. Sweeps a previous run's epochs, makes the first.
+    With ``workers > 1`` one set of epochs per host, shared by every worker through
+    ``key_epoch_dir`` (enclave.keys.shared_epochs); ``replica`` is then the host's, not the
+    worker's, since every worker holds the same keys.
     """
     vault: EpochVault
     if settings.key_backend == "tpm":
@@ -84,8 +94,22 @@ def epoch_keys(
             settings.pkcs11_key_label,
         )
     else:
+        if settings.workers > 1:
+            raise ConfigError(SHARED_EPOCHS_REFUSED.format(backend=settings.key_backend))
         vault = MemoryEpochVault(settings.key_backend)
     try:
+        if settings.workers > 1:
+            from enclave.keys.shared_epochs import SharedEpochKeys
+
+            return SharedEpochKeys(
+                vault,  # type: ignore[arg-type]  # the TPM and PKCS#11 vaults share
+                settings.key_epoch_dir,
+                replica=replica,
+                epoch_seconds=settings.key_epoch,
+                grace_seconds=settings.key_epoch_grace,
+                base=base,
+                close_base=close_base,
+            )
         return EpochKeys(
             vault,
             replica=replica,

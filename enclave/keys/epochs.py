@@ -154,7 +154,12 @@ class EpochKeys(ClosingKey):
         self._number = 0
         self._closed = False
         self._listeners: list[Callable[[Epoch], None]] = []
-        self.swept = vault.sweep()  # a previous run's keys: destroyed before anything else
+        self.swept = 0
+        self._begin()
+
+    def _begin(self) -> None:
+        """Sweep a previous run's keys (destroyed before anything else), make the first."""
+        self.swept = self._vault.sweep()
         self.rotate()
 
     # --- the epochs ------------------------------------------------------------------------

@@ -292,12 +292,17 @@ class Pkcs11Key(ClosingKey):
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, module_path: str, token_label: str, pin: str, key_label: str) -> Pkcs11Key:
-        """Open an existing key by token label and key label.
+    def open(
+        cls, module_path: str, token_label: str, pin: str, key_label: str, *, log_key: bool = True
+    ) -> Pkcs11Key:
+        """Open an existing key by token label and key label (``log_key=False``: an epoch key,
+        which has no log key beside it and must not get one).
 
         Raises ModuleNotFound, TokenNotFound, PinIncorrect, KeyNotFound or BackendUnavailable.
         """
-        return cls._connect(module_path, token_label, pin, key_label, generate=False)
+        return cls._connect(
+            module_path, token_label, pin, key_label, generate=False, log_key=log_key
+        )
 
     @classmethod
     def generate(
@@ -522,6 +527,10 @@ class Pkcs11Key(ClosingKey):
             raise KeyBackendError(f"{failed} objects of {self._key_label!r} were not destroyed")
 
     # -- conveniences -------------------------------------------------------------------------
+
+    @property
+    def label(self) -> str:
+        return self._key_label
 
     @property
     def closed(self) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 
 from enclave.errors import KeyBackendError
 from enclave.keys.pkcs11 import (
+    RECEIPT_SUFFIX,
     Pkcs11Key,
     _acquire_module,
     _binding,
@@ -45,8 +46,34 @@ class Pkcs11EpochVault:
     def evidence(self, key: Any) -> Mapping[str, Any]:
         return {}  # a token has no attestation of its own (evidence kind none)
 
-    def _objects(self, *, destroy: bool) -> set[str]:
-        """The labels of every epoch object on the token; with ``destroy`` each is destroyed.
+    # --- shared between processes (enclave.keys.shared_epochs) -------------------------------
+
+    def reference(self, key: Any, evidence: Mapping[str, Any]) -> dict[str, Any]:
+        assert isinstance(key, Pkcs11Key)
+        return {"label": key.label}
+
+    def _label(self, reference: Mapping[str, Any]) -> str:
+        label = reference.get("label")
+        if not isinstance(label, str) or not label.startswith(self._prefix):
+            raise KeyBackendError("a shared epoch reference is not one of this key's epochs")
+        return label
+
+    def load(self, reference: Mapping[str, Any]) -> tuple[Pkcs11Key, Mapping[str, Any]]:
+        key = Pkcs11Key.open(
+            self._module_path, self._token, self._pin, self._label(reference), log_key=False
+        )
+        return key, {}
+
+    def release(self, key: Any) -> None:
+        key.close()  # this process's session only: the objects stay on the token
+
+    def destroy_reference(self, reference: Mapping[str, Any]) -> None:
+        label = self._label(reference)
+        self._objects(destroy=True, only={label, label + RECEIPT_SUFFIX})
+
+    def _objects(self, *, destroy: bool, only: set[str] | None = None) -> set[str]:
+        """The labels of every epoch object on the token (or of those in ``only``); with
+        ``destroy`` each is destroyed.
         Joins the module's shared login (a second C_Login would be refused)."""
         pkcs11 = _binding()
         module = _acquire_module(self._module_path)
@@ -60,7 +87,7 @@ class Pkcs11EpochVault:
                     try:
                         for obj in list(session.get_objects()):
                             label = str(obj[pkcs11.Attribute.LABEL])
-                            if label.startswith(self._prefix):
+                            if label.startswith(self._prefix) and (only is None or label in only):
                                 found.add(label)
                                 if destroy:
                                     obj.destroy()

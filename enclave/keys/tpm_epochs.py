@@ -295,6 +295,105 @@ class TpmEpochVault:
         if failed:
             raise KeyBackendError(f"could not evict epoch keys at {sorted(failed)}")
 
+    # --- shared between processes (enclave.keys.shared_epochs) -------------------------------
+
+    def reference(self, key: Any, evidence: Mapping[str, Any]) -> dict[str, Any]:
+        """The handles, the public areas and the AK's certifications (all public)."""
+        assert isinstance(key, TpmEpochKey)
+        return {
+            "handles": dict(key.handles),
+            "publics": {name: public.hex() for name, public in key.publics.items()},
+            "certify": {
+                name: {"attest": c.certify.attest.hex(), "signature": c.certify.signature.hex()}
+                for name, c in evidence.items()
+            },
+        }
+
+    def load(self, reference: Mapping[str, Any]) -> tuple[TpmEpochKey, Mapping[str, Any]]:
+        """ESYS handles to the persistent keys another process made; each must still hold the
+        public area the reference names (a reused handle is refused)."""
+        from tpm2_pytss import TPM2B_PUBLIC, TSS2_Exception
+
+        from enclave.attestation.tpm import CertifiedKey, SignedAttest
+        from enclave.keys.tpm import _check_key_public, _check_signing_public
+
+        try:
+            handles = {n: int(reference["handles"][n]) for n in ("sealing", "receipt")}
+            publics = {n: bytes.fromhex(reference["publics"][n]) for n in handles}
+            certify = {
+                n: SignedAttest(
+                    bytes.fromhex(reference["certify"][n]["attest"]),
+                    bytes.fromhex(reference["certify"][n]["signature"]),
+                )
+                for n in reference.get("certify", {})
+            }
+        except (KeyError, TypeError, ValueError):
+            raise KeyBackendError("a shared epoch reference is not a TPM epoch") from None
+        if not all(HANDLE_BASE <= h < HANDLE_BASE + HANDLE_COUNT for h in handles.values()):
+            raise KeyBackendError("a shared epoch reference names a handle outside the range")
+        trs: dict[str, ESYS_TR] = {}
+        points: dict[str, bytes] = {}
+        where = self._state
+        with self.access() as tpm:
+            try:
+                for name, handle in handles.items():
+                    try:
+                        trs[name] = tpm.esapi.tr_from_tpmpublic(handle)
+                    except TSS2_Exception:
+                        raise KeyBackendError("a shared epoch key is gone from the TPM") from None
+                    public = tpm.run("read an epoch key", tpm.esapi.read_public, trs[name])[0]
+                    if bytes(public.marshal()) != publics[name]:
+                        raise KeyBackendError("a shared epoch handle holds another key")
+                    parsed, _ = TPM2B_PUBLIC.unmarshal(publics[name])
+                    points[name] = (
+                        _check_key_public(parsed, where)
+                        if name == "sealing"
+                        else _check_signing_public(parsed, where, restricted=False)
+                    )
+            except BaseException:
+                for tr in trs.values():
+                    with contextlib.suppress(Exception):
+                        tpm.esapi.tr_close(tr)
+                raise
+        evidence = {n: CertifiedKey(publics[n], certify[n]) for n in certify}
+        return TpmEpochKey(self, handles, trs, points, publics), evidence
+
+    def release(self, key: Any) -> None:
+        """Close this process's ESYS handles; the persistent objects stay."""
+        assert isinstance(key, TpmEpochKey)
+        trs, key._trs = key._trs, None
+        if trs:
+            with self.access() as tpm:
+                for tr in trs.values():
+                    with contextlib.suppress(Exception):
+                        tpm.esapi.tr_close(tr)
+
+    def destroy_reference(self, reference: Mapping[str, Any]) -> None:
+        """Evict the handles the reference names, if they still hold its keys."""
+        from tpm2_pytss import TSS2_Exception
+
+        try:
+            handles = {n: int(h) for n, h in reference["handles"].items()}
+            publics = {n: bytes.fromhex(p) for n, p in reference["publics"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise KeyBackendError("a shared epoch reference is not a TPM epoch") from None
+        with self.access() as tpm:
+            present = self._persistent(tpm)
+            trs: dict[str, ESYS_TR] = {}
+            for name, handle in handles.items():
+                if handle not in present:
+                    continue
+                try:
+                    tr = tpm.esapi.tr_from_tpmpublic(handle)
+                except TSS2_Exception:
+                    continue
+                public = tpm.run("read an epoch key", tpm.esapi.read_public, tr)[0]
+                if bytes(public.marshal()) == publics.get(name):
+                    trs[name] = tr
+                else:
+                    tpm.esapi.tr_close(tr)
+            self._evict_locked(tpm, {n: handles[n] for n in trs}, trs)
+
     def sweep(self) -> int:
         """Evict every handle ``epochs.json`` lists that the TPM still holds."""
         from tpm2_pytss import ESYS_TR, TSS2_Exception

@@ -120,12 +120,15 @@ def _serve(args: argparse.Namespace) -> int:
     console = console_socket(settings)
     _announce(settings)
 
+    host = settings.replica_id or socket.gethostname()
+
     def worker(index: int) -> int:
         # Each worker is its own replica: "<replica_id>.w<index>", or its own <hostname>:<pid>.
         mine = settings
         if settings.replica_id is not None:
             mine = settings.model_copy(update={"replica_id": f"{settings.replica_id}.w{index}"})
-        app = build_app(mine, worker=index)  # its share of the rate limits
+        # Key epochs are the host's, one set for every worker (paygate.keys.epoch_keys).
+        app = build_app(mine, worker=index, epoch_replica=host)  # its share of the rate limits
         restore_recursion_limit()
         if console is not None:
             app.cleanup_ctx.append(_console_starter(mine, console))

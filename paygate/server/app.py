@@ -28,6 +28,7 @@ from enclave.attestation.providers import EvidenceProvider, open_provider
 from enclave.attestation.providers import EvidenceUnavailable as TeeUnavailable
 from enclave.keys.base import ReceiptSigner
 from enclave.keys.epochs import EpochKeys
+from enclave.keys.shared_epochs import host_lock
 from paygate.config import ConfigError, Settings, settings_view
 from paygate.economics.alerts import WebhookAlerts
 from paygate.economics.watch import attestation_alert, watch_forever
@@ -165,6 +166,9 @@ class Plan:
     salts: Salts
     # One ClientSession per upstream, opened by client_session, used by the gateway's router.
     sessions: dict[str, aiohttp.ClientSession] = dataclasses.field(default_factory=dict)
+    # With workers > 1 the key epochs are the host's, shared by every worker: their key ids
+    # name the host's replica, not the worker's (paygate.keys.epoch_keys).
+    epoch_replica: str | None = None
 
 
 def build_app(
@@ -175,16 +179,19 @@ def build_app(
     routes: RouteTable | None = None,
     gpu: GpuEvidenceProvider | None = None,
     worker: int = 1,
+    epoch_replica: str | None = None,
 ) -> web.Application:
     """Build the gateway for ``settings`` (as worker ``worker`` of ``settings.workers``).
 
     ``key`` is opened from the settings at startup (and closed at cleanup) unless given; a
     given key stays the caller's to close. ``gpu``: the GPU evidence provider (default: as
-    ``gpu_evidence`` says). ``payments`` defaults to the configured payment
+    ``gpu_evidence`` says). ``epoch_replica``: the replica the key epochs of several workers
+    are named for (default: this one's). ``payments`` defaults to the configured payment
     mode; payment settings that cannot work raise ConfigError here, before anything listens.
     Below this factory nothing reads ``Settings``: each part gets its own typed view.
     """
     plan = make_plan(settings, key=key, payments=payments, routes=routes, gpu=gpu, worker=worker)
+    plan = dataclasses.replace(plan, epoch_replica=epoch_replica)
     app = web.Application(client_max_size=settings.max_body_bytes)
     if plan.tracing is not None:
         app.on_cleanup.append(functools.partial(stop_tracing, plan.tracing))
@@ -247,12 +254,22 @@ async def stop_tracing(tracing: Tracing, app: web.Application) -> None:
 
 async def key_backend(plan: Plan, app: web.Application) -> AsyncIterator[None]:
     settings, owned = plan.settings, plan.key is None
-    base = open_key_backend(settings) if plan.key is None else plan.key
+    if plan.key is not None:
+        base = plan.key
+    elif settings.key_epoch and settings.workers > 1:
+        # Not while another worker makes or destroys epoch keys in the same token or TPM.
+        with host_lock(settings.key_epoch_dir):
+            base = open_key_backend(settings)
+    else:
+        base = open_key_backend(settings)
     if settings.key_epoch:
         # Rotating epoch keys made in the same backend; the base keeps the AK and log key.
         try:
             app[KEY] = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: epoch_keys(settings, base, plan.replica, close_base=owned)
+                None,
+                lambda: epoch_keys(
+                    settings, base, plan.epoch_replica or plan.replica, close_base=owned
+                ),
             )
         except BaseException:
             if owned:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from enclave.keys.epochs import Epoch, EpochKeys, EpochRetired, WrongReplica
+from enclave.keys.shared_epochs import SharedEpochKeys
 from paygate.server.errors import BadRequest, GatewayError
 from paygate.wire import KEY_ID_HEADER, REPLICA_HEADER
 
@@ -133,15 +134,14 @@ class EpochRotation:
             epoch = await loop.run_in_executor(None, self._epochs.rotate)
             log.info("key epoch %s started (number %d)", epoch.id, epoch.number)
             await loop.run_in_executor(None, self._write_status)
-        for listener in self._listeners:
-            try:
-                await listener(epoch)
-            except Exception as exc:  # a listener's failure must not stop rotation
-                log.error("after the key rotation: %s", type(exc).__name__)
+        await self._tell(epoch)
         return epoch
 
     async def step(self) -> None:
         """One pass: a requested or due rotation, then retirement of expired epochs."""
+        if isinstance(self._epochs, SharedEpochKeys):
+            await self._shared_step(self._epochs)
+            return
         asked = self._dir is not None and (self._dir / ROTATE_REQUEST).exists()
         if asked or self._epochs.rotation_due():
             await self.rotate()
@@ -155,6 +155,30 @@ class EpochRotation:
             log.info("key epoch %s retired; its keys were destroyed", epoch.id)
         if gone:
             await loop.run_in_executor(None, self._write_status)
+
+    async def _shared_step(self, epochs: SharedEpochKeys) -> None:
+        """The same pass over the host's epochs (several workers): whichever worker comes
+        first rotates or retires, the others adopt; each tells its own listeners when its
+        current epoch changed, whoever made it."""
+        loop = asyncio.get_running_loop()
+        request = self._dir / ROTATE_REQUEST if self._dir is not None else None
+        async with self._lock:
+            new, gone = await loop.run_in_executor(None, epochs.advance, request)
+            for epoch in gone:
+                log.info("key epoch %s retired; its keys were destroyed", epoch.id)
+            if new is not None:
+                log.info("key epoch %s started (number %d)", new.id, new.number)
+            if new is not None or gone:
+                await loop.run_in_executor(None, self._write_status)
+        if new is not None:
+            await self._tell(new)
+
+    async def _tell(self, epoch: Epoch) -> None:
+        for listener in self._listeners:
+            try:
+                await listener(epoch)
+            except Exception as exc:  # a listener's failure must not stop rotation
+                log.error("after the key rotation: %s", type(exc).__name__)
 
     async def run(self) -> None:
         while True:

@@ -11,7 +11,9 @@ and starts no thread or event loop before forking. Everything else is per worker
 backend session, its ledger connection(s) under its own replica name, its reconciler and lease
 keeper (safe to run N times: claims are exclusive, see docs/SCALING.md). What cannot be per
 worker is refused by :func:`check_workers` (a container-managed upstream; swtpm, which serves
-one connection at a time; a tee-memory key, which would differ per worker).
+one connection at a time; a tee-memory key, which would differ per worker; key epochs in
+process memory). Key epochs in a token or TPM are one set per host, which every worker opens
+(enclave.keys.shared_epochs).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Callable
 from enclave import EnclaveError
 from paygate.config import ConfigError
 from paygate.errors import PaygateError
+from paygate.keys import SHARED_EPOCHS_REFUSED
 
 log = logging.getLogger("paygate.serve")
 
@@ -43,12 +46,10 @@ def check_workers(
     """Refuse, before anything listens, a configuration that cannot run as several workers."""
     if workers <= 1:
         return
-    if key_epoch:
-        raise ConfigError(
-            "workers > 1 cannot use key_epoch: each worker would make and rotate its own "
-            "epochs, and a caller must find its key in the process it reaches (run one worker "
-            "per replica and scale with replicas, docs/SCALING.md)"
-        )
+    if key_epoch and key_backend not in ("pkcs11", "tpm"):
+        # The workers share one set of epochs per host, made in the token or the TPM
+        # (enclave.keys.shared_epochs); memory keys cannot be opened by another process.
+        raise ConfigError(SHARED_EPOCHS_REFUSED.format(backend=key_backend))
     if upstream_mode == "container":
         raise ConfigError(
             "workers > 1 needs upstream_mode attach: each worker would start its own "

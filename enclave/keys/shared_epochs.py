@@ -1,0 +1,464 @@
+"""Key epochs shared by the gateway processes of one host (``--workers N``).
+
+A caller may attest against one worker and send its request to another, so every worker must
+present and accept the same epochs. The epochs therefore live once per host, in the backend,
+and every worker holds handles to the same keys:
+
+- The shared state (``shared-epochs.json`` in the epoch directory, mode 0600) lists the live
+  epochs, current first: their public facts, the backend's *reference* to their keys (a PKCS#11
+  label, TPM persistent handles) and their evidence (the AK's certifications), plus the pids of
+  the member processes. It holds nothing secret: a reference only names a key inside the
+  backend, which never lets the private part out.
+- Every change happens under an exclusive ``flock`` of ``shared-epochs.lock``: a rotation (the
+  current epoch is over, or ``paygate keys rotate`` asked) is made once, by whichever worker
+  gets there first; the others find it in the state and load the keys by reference. A previous
+  epoch past its grace period is destroyed in the backend once, by reference, and every worker
+  drops its handle. A lock dies with its process, so a killed worker never wedges the others.
+- A worker whose view is older than the state (a key id it does not know, an unkeyed request)
+  re-reads it first (a ``stat`` when nothing changed), so a rotation made by another worker is
+  served at once, not at the next poll.
+- The first member (no live pid in the state) sweeps what a previous run left and starts a new
+  epoch; a restarted worker joins the live ones. The last member to stop destroys every epoch.
+
+Backends whose keys exist only in one process's memory (software, tee-memory) cannot be shared
+this way: :class:`enclave.keys.epochs.MemoryEpochVault` is not a :class:`SharedVault`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from enclave.errors import KeyBackendError
+from enclave.keys.base import KeyBackend
+from enclave.keys.epochs import Epoch, EpochKey, EpochKeys, EpochRetired, key_id_for
+
+STATE_FILE = "shared-epochs.json"
+LOCK_FILE = "shared-epochs.lock"
+LOCK_TIMEOUT = 30.0  # a TPM rotation holds the lock for well under a second
+LOCK_POLL = 0.01
+VERSION = 1
+
+
+@runtime_checkable
+class SharedVault(Protocol):
+    """An :class:`~enclave.keys.epochs.EpochVault` whose keys other processes can open."""
+
+    backend: str
+
+    def create(self, key_id: str) -> EpochKey: ...
+
+    def evidence(self, key: EpochKey) -> Mapping[str, Any]: ...
+
+    def sweep(self) -> int: ...
+
+    def reference(self, key: EpochKey, evidence: Mapping[str, Any]) -> dict[str, Any]:
+        """What names ``key`` (and carries its evidence) in the shared state: JSON, public."""
+        ...
+
+    def load(self, reference: Mapping[str, Any]) -> tuple[EpochKey, Mapping[str, Any]]:
+        """Open the key another process made, and its evidence; KeyBackendError if gone."""
+        ...
+
+    def release(self, key: EpochKey) -> None:
+        """Drop this process's handle to ``key`` without destroying it."""
+        ...
+
+    def destroy_reference(self, reference: Mapping[str, Any]) -> None:
+        """Destroy the key ``reference`` names in the backend (idempotent)."""
+        ...
+
+
+@contextlib.contextmanager
+def _flocked(path: Path, *, exclusive: bool, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """``flock`` of ``path``, waited for at most ``timeout`` seconds."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, mode)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise KeyBackendError(
+                        f"the shared key epochs stayed locked for {timeout:g} s ({path})"
+                    ) from None
+                time.sleep(LOCK_POLL)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def host_lock(directory: Path, *, exclusive: bool = True) -> Iterator[None]:
+    """The lock every change to the shared epochs holds: a worker opening the backend takes it
+    too, since a token being written by another process may refuse to be listed meanwhile."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _flocked(directory / LOCK_FILE, exclusive=exclusive):
+        yield
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive, and not ours to judge
+    return True
+
+
+class SharedEpochKeys(EpochKeys):
+    """The epochs of every gateway process on this host (module docstring). Thread-safe."""
+
+    def __init__(
+        self,
+        vault: SharedVault,
+        directory: Path,
+        *,
+        replica: str,
+        epoch_seconds: float,
+        grace_seconds: float,
+        base: KeyBackend | None = None,
+        close_base: bool = True,
+        clock: Callable[[], float] = time.time,
+        lock_timeout: float = LOCK_TIMEOUT,
+    ) -> None:
+        if not isinstance(vault, SharedVault):
+            raise TypeError(f"{vault.backend} epoch keys cannot be shared between processes")
+        self._shared_vault = vault
+        self._dir = directory
+        self._state_path = directory / STATE_FILE
+        self._state_name = str(self._state_path)
+        self._lock_path = directory / LOCK_FILE
+        self._lock_timeout = lock_timeout
+        self._pid = os.getpid()
+        # A member is its pid (alive or not) and a token (two members may share a process).
+        self._member = [self._pid, secrets.token_hex(4)]
+        self._pass = threading.Lock()  # one shared pass at a time in this process
+        self._seen: tuple[int, int, int] | None = None  # the state file this view was read from
+        # epoch id -> the handle this process holds, and the epoch's evidence
+        self._mine: dict[str, tuple[EpochKey, Mapping[str, Any]]] = {}
+        super().__init__(
+            vault,
+            replica=replica,
+            epoch_seconds=epoch_seconds,
+            grace_seconds=grace_seconds,
+            base=base,
+            close_base=close_base,
+            clock=clock,
+        )
+
+    # --- the shared state ------------------------------------------------------------------
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self._state_path.read_text())
+        except FileNotFoundError:
+            return {"version": VERSION, "number": 0, "members": [], "epochs": []}
+        except (OSError, ValueError) as exc:
+            raise KeyBackendError(f"{self._state_path} is unreadable: {exc}") from None
+        if (
+            not isinstance(data, dict)
+            or data.get("version") != VERSION
+            or not isinstance(data.get("epochs"), list)
+            or not isinstance(data.get("members"), list)
+            or not isinstance(data.get("number"), int)
+        ):
+            raise KeyBackendError(f"{self._state_path} is not a shared key epoch state")
+        for entry in data["epochs"]:
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("id"), str)
+                or not isinstance(entry.get("number"), int)
+                or not all(isinstance(entry.get(k), str) for k in ("sealing_key", "receipt_key"))
+                or not all(isinstance(entry.get(k), int | float) for k in ("created", "not_after"))
+                or not isinstance(entry.get("reference"), dict)
+            ):
+                raise KeyBackendError(f"{self._state_path} lists an epoch it cannot describe")
+        return data
+
+    def _write(self, state: Mapping[str, Any]) -> None:
+        tmp = self._dir / f".{STATE_FILE}.{self._pid}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._state_path)
+
+    def _marker(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self._state_name)  # per request: a plain stat, no Path overhead
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    @contextlib.contextmanager
+    def _locked(self, *, exclusive: bool) -> Iterator[None]:
+        with self._pass:
+            self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with _flocked(self._lock_path, exclusive=exclusive, timeout=self._lock_timeout):
+                yield
+
+    # --- changes (under the exclusive lock) ------------------------------------------------
+
+    def _create(self, state: dict[str, Any]) -> None:
+        """A new current epoch in the backend, written into ``state``; the current one becomes
+        previous (served for the grace period), an older previous one is destroyed at once."""
+        now = self._clock()
+        number = int(state["number"]) + 1
+        key = self._shared_vault.create(f"{number}")
+        try:
+            key_id = key_id_for(key.public_key, self._replica)
+            evidence = self._shared_vault.evidence(key)
+            reference = self._shared_vault.reference(key, evidence)
+        except BaseException:
+            key.destroy()
+            raise
+        entries = list(state["epochs"])
+        for older in entries[1:]:
+            self._destroy(older)
+        if entries:
+            entries[0]["not_after"] = now + self._grace
+        state["epochs"] = [
+            {
+                "id": key_id,
+                "number": number,
+                "sealing_key": key.public_key.hex(),
+                "receipt_key": key.receipt_public_key.hex(),
+                "created": now,
+                "not_after": now + self._epoch_seconds + self._grace,
+                "reference": reference,
+            },
+            *entries[:1],
+        ]
+        state["number"] = number
+        self._mine[key_id] = (key, evidence)
+
+    def _destroy(self, entry: Mapping[str, Any]) -> None:
+        mine = self._mine.pop(str(entry["id"]), None)
+        if mine is not None:
+            self._shared_vault.release(mine[0])  # our handle first: the key is going away
+        self._shared_vault.destroy_reference(entry["reference"])
+
+    def _due(self, state: Mapping[str, Any]) -> bool:
+        epochs = state["epochs"]
+        return not epochs or self._clock() >= float(epochs[0]["created"]) + self._epoch_seconds
+
+    def _expire(self, state: dict[str, Any]) -> bool:
+        now = self._clock()
+        entries = list(state["epochs"])
+        gone = [e for e in entries[1:] if now > float(e["not_after"])]
+        for entry in gone:
+            self._destroy(entry)
+        state["epochs"] = [e for e in entries if e not in gone]
+        return bool(gone)
+
+    def _members(self, state: Mapping[str, Any]) -> list[list[Any]]:
+        """The other members whose process is alive."""
+        return [
+            m
+            for m in state["members"]
+            if isinstance(m, list)
+            and len(m) == 2
+            and isinstance(m[0], int)
+            and m != self._member
+            and _alive(m[0])
+        ]
+
+    # --- this process's view ---------------------------------------------------------------
+
+    def _adopt(self, state: Mapping[str, Any]) -> list[Epoch]:
+        """Make this process's live epochs the state's: drop (without destroying) those no
+        longer listed, then load the keys it lacks. Returns the epochs dropped."""
+        listed = {str(entry["id"]) for entry in state["epochs"]}
+        with self._lock:
+            if self._closed:
+                raise KeyBackendError("the epoch keys are closed")
+            gone = [e for e in self._live if e.id not in listed]
+            self._live = [e for e in self._live if e.id in listed]
+            known = {e.id: e for e in self._live}
+        # Handles first: a TPM handle freed by a destroyed epoch may hold the next one's key.
+        for epoch in gone:
+            self._retire(epoch)
+        live: list[Epoch] = []
+        for entry in state["epochs"]:
+            epoch = known.get(entry["id"])
+            if epoch is None:
+                epoch = self._epoch_of(entry)
+            epoch.not_after = float(entry["not_after"])
+            live.append(epoch)
+        with self._lock:
+            self._live = live
+            if live:
+                self._number = live[0].number
+        self._seen = self._marker()
+        return gone
+
+    def _epoch_of(self, entry: Mapping[str, Any]) -> Epoch:
+        mine = self._mine.get(entry["id"])
+        if mine is None:
+            key, evidence = self._shared_vault.load(entry["reference"])
+            if key.public_key.hex() != entry["sealing_key"] or (
+                key.receipt_public_key.hex() != entry["receipt_key"]
+            ):
+                self._shared_vault.release(key)
+                raise KeyBackendError("a shared epoch's reference names other keys")
+            self._mine[entry["id"]] = (key, evidence)
+        else:
+            key, evidence = mine
+        return Epoch(
+            id=str(entry["id"]),
+            number=int(entry["number"]),
+            sealing_key=bytes.fromhex(entry["sealing_key"]),
+            receipt_key=bytes.fromhex(entry["receipt_key"]),
+            created=float(entry["created"]),
+            not_after=float(entry["not_after"]),
+            key=key,
+            evidence=evidence,
+        )
+
+    def _retire(self, epoch: Epoch) -> None:
+        # Locally only: the backend's key is destroyed once, by whoever expires it.
+        key, epoch.key = epoch.key, None
+        epoch.retired = True
+        with self._lock:
+            self._history.append(epoch)
+        if key is not None:
+            self._mine.pop(epoch.id, None)
+            self._shared_vault.release(key)
+
+    def refresh(self) -> bool:
+        """Re-read the state if another process changed it; whether it had changed."""
+        if self._marker() == self._seen:
+            return False
+        with self._locked(exclusive=False):
+            state = self._read()
+            self._adopt(state)
+        return True
+
+    # --- EpochKeys -------------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        with self._locked(exclusive=True):
+            state = self._read()
+            members = self._members(state)
+            if not members:
+                # Nobody serves: whatever is listed (or left unlisted) is a previous run's.
+                self.swept = self._shared_vault.sweep()
+                state = {"version": VERSION, "number": state["number"], "epochs": []}
+            state["members"] = [*members, self._member]
+            if self._due(state):
+                self._create(state)
+            else:
+                self._expire(state)
+            self._write(state)
+            self._adopt(state)
+
+    def advance(self, request: Path | None = None) -> tuple[Epoch | None, list[Epoch]]:
+        """One pass for every process: rotate when the current epoch is over or ``request``
+        (the rotation request file) exists, destroy previous epochs past their grace, adopt.
+        Returns (the new current epoch if it changed, the epochs dropped)."""
+        with self._locked(exclusive=True):
+            state = self._read()
+            asked = request is not None and request.exists()
+            changed = False
+            if asked or self._due(state):
+                self._create(state)
+                changed = True
+            if asked:
+                assert request is not None
+                with contextlib.suppress(FileNotFoundError):
+                    request.unlink()  # inside the lock: one request, one rotation
+            changed = self._expire(state) or changed
+            members = self._members(state)
+            if [*members, self._member] != state["members"]:
+                state["members"] = [*members, self._member]  # a killed worker's entry goes
+                changed = True
+            if changed:
+                self._write(state)
+            with self._lock:
+                before = self._live[0].id if self._live else None
+            gone = self._adopt(state)
+        current = self.current
+        return (current if current.id != before else None), gone
+
+    def rotate(self) -> Epoch:
+        with self._locked(exclusive=True):
+            state = self._read()
+            self._create(state)
+            self._write(state)
+            self._adopt(state)
+        epoch = self.current
+        for listener in self._listeners:
+            listener(epoch)
+        return epoch
+
+    def expire(self) -> list[Epoch]:
+        with self._locked(exclusive=True):
+            state = self._read()
+            if self._expire(state):
+                self._write(state)
+            return self._adopt(state)
+
+    @property
+    def current(self) -> Epoch:
+        self.refresh()  # a stat when nothing changed: what is attested is what is served
+        return super().current
+
+    def live(self) -> list[Epoch]:
+        self.refresh()
+        return super().live()
+
+    def lookup(self, key_id: str) -> Epoch:
+        try:
+            return super().lookup(key_id)
+        except EpochRetired:
+            if not self.refresh():  # a rotation another worker made since this view
+                raise
+        return super().lookup(key_id)
+
+    def unkeyed(self) -> list[Epoch]:
+        self.refresh()
+        return super().unkeyed()
+
+    def close(self) -> None:
+        """Leave the group; the last member destroys every epoch. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+        try:
+            with self._locked(exclusive=True):
+                state = self._read()
+                members = self._members(state)
+                with self._lock:
+                    self._closed = True
+                    live, self._live = self._live, []
+                for epoch in live:
+                    self._retire(epoch)
+                for key, _ in self._mine.values():
+                    self._shared_vault.release(key)
+                self._mine.clear()
+                if not members:
+                    for entry in state["epochs"]:
+                        self._shared_vault.destroy_reference(entry["reference"])
+                    state["epochs"] = []
+                state["members"] = members
+                self._write(state)
+        finally:
+            if self._base is not None and self._close_base:
+                self._base.close()
+
+    def __repr__(self) -> str:
+        return f"SharedEpochKeys(backend={self._vault.backend}, replica={self._replica!r})"
