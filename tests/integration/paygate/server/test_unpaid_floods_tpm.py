@@ -464,3 +464,96 @@ async def test_a_malformed_claim_in_either_header_is_doubted(
             assert await _post(session, stack, _sealed(stack).blob, forged) == 503
         async with _session(CALLER, 2) as session:  # another address: still believed
             assert await _post(session, stack, _sealed(stack).blob, forged) == 400
+
+
+# --- doubts of wide IPv6 allocations, payers behind a doubted address, server failures -----
+
+NOT_A_PAYMENT = "bm90IGEgcGF5bWVudA=="  # base64 of "not a payment": refused 400 once opened
+
+
+async def test_forged_claims_from_many_64s_of_one_48_doubt_the_whole_48(
+    tpm_key: TpmKey, facilitator: Any, seller: str, tmp_path: Path
+) -> None:
+    """Behind a trusted proxy (the caller is the X-Forwarded-For client): forged claims from
+    four /64s of one /48 are each opened and refused; then a fifth /64 of it, never refused
+    itself, is an unpaid caller (the unpaid gate spent: 503 before any open) — a /48's 65,536
+    /64s are not 65,536 believed claims. Another /48 is still believed; an IPv4-mapped client
+    is its IPv4 address, and IPv4 addresses are not grouped."""
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / "payments.db",
+        model_prices={"fake-llama": "0.002"},
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+        claimed_opens_per_second=1000.0,  # its burst (4) back within a request's time
+        trusted_proxies=[FLOOD],
+    )
+
+    def via(client: str) -> dict[str, str]:
+        return {**SEALED, wire.PAYMENT_SIGNATURE: NOT_A_PAYMENT, "X-Forwarded-For": client}
+
+    async with running_stack(key=tpm_key, **settings) as stack, _session(FLOOD, 2) as proxy:
+
+        async def claim(client: str) -> int:
+            return await _post(proxy, stack, _sealed(stack).blob, via(client))
+
+        for n in range(4):
+            assert await claim(f"2001:db8:1:{n:x}::1") == 400
+        assert await claim("::ffff:198.51.100.7") == 400
+        drained = await _drain_unpaid_gate(proxy, stack)  # the proxy's own, unpaid
+        assert set(drained) <= {402, 503}, drained
+        assert await claim("2001:db8:1:ff::1") == 503  # doubted with its /48
+        assert await claim("2001:db8:1:ff::2") == 503
+        assert await claim("198.51.100.7") == 503  # the mapped address's doubt
+        assert await claim("2001:db8:2::1") == 400  # another /48: believed, opened
+        assert await claim("198.51.100.8") == 400  # the neighbouring IPv4 address too
+
+
+def _naming(payer: Any, pay: Callable[[], dict[str, str]]) -> dict[str, str]:
+    """A payment header naming ``payer`` whose signature is not its own."""
+    payment = json.loads(base64.b64decode(pay()[wire.PAYMENT_SIGNATURE]))
+    signature = payment["payload"]["signature"]
+    payment["payload"]["signature"] = signature[:-4] + (
+        "0000" if signature[-4:] != "0000" else "1111"
+    )
+    assert payer.address.lower() in json.dumps(payment).lower()
+    return {wire.PAYMENT_SIGNATURE: base64.b64encode(json.dumps(payment).encode()).decode()}
+
+
+async def test_a_payer_behind_a_doubted_address_is_believed_for_its_verified_payments(
+    tpm_key: TpmKey, facilitator: Any, usdc: Any, payer: Any, seller: str, tmp_path: Path
+) -> None:
+    """A payer and a forger behind one NAT (one address). The forger's claims keep the address
+    doubted, and an unpaid flood has spent the unpaid gate: the payer, whose payment verified
+    from that address before, is still believed there (served through the claimed gate), while
+    the forger's claims wait in the unpaid gate (503). A forged claim naming the payer is
+    believed once for it, refused, and spends that: one believed open per verified payment."""
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / "payments.db",
+        model_prices={"fake-llama": "0.002"},
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+        claimed_opens_per_second=1000.0,  # its burst (4) back within a request's time
+    )
+    async with running_stack(key=tpm_key, **settings) as stack:
+        required = await challenge_of(stack, CHAT, CHAT_BODY)
+        pay = _payments(stack, required, payer)
+        forge = _payments(stack, required, new_account())
+        async with _session(CALLER, 2) as nat, _session(FLOOD, 2) as flood:
+
+            async def claim(headers: dict[str, str]) -> int:
+                return await _post(nat, stack, _sealed(stack).blob, {**SEALED, **headers})
+
+            assert await claim(pay()) == 200  # verified from the NAT's address
+            assert await claim(forge()) == 402  # the neighbour's: the address doubted
+            drained = await _drain_unpaid_gate(flood, stack)
+            assert set(drained) <= {402, 503}, drained
+            assert await claim(forge()) == 503  # the neighbour: an unpaid caller now
+            assert await claim(pay()) == 200  # the payer: believed for its payment
+            assert await claim(forge()) == 402  # the address believed again: one more open
+            assert await claim(forge()) == 503
+            assert await claim(pay()) == 200
+            assert await claim(_naming(payer, pay)) == 402  # named, believed, refused: spent
+            assert await claim(pay()) == 503  # doubted, and no longer vouched for
+    assert usdc.balance_of(seller) == 3 * 2000
