@@ -28,9 +28,19 @@ import enclave
 from enclave.envelope_v2 import SealedRequest
 from enclave.keys.tpm import TpmKey
 from paygate import wire
+from paygate.x402.schemes.batch_settlement.chain import BatchChain
+from paygate.x402.settler import SettlerUnavailable
+from tests.fixtures.batch_settlement_support import chain_batch, header_for, opened_channel
 from tests.fixtures.chain import encode_header, sign_v2_payment
 from tests.fixtures.gateway_support import Stack, key_operations, running_stack
-from tests.fixtures.payment_support import CHAT, CHAT_BODY, challenge_of, paid_settings
+from tests.fixtures.payment_support import (
+    CHAT,
+    CHAT_BODY,
+    PRICE_ATOMIC,
+    challenge_of,
+    paid_settings,
+    post,
+)
 from tests.fixtures.slow_tpm import SlowTpm
 
 FLOOD = "127.0.0.2"
@@ -557,3 +567,49 @@ async def test_a_payer_behind_a_doubted_address_is_believed_for_its_verified_pay
             assert await claim(_naming(payer, pay)) == 402  # named, believed, refused: spent
             assert await claim(pay()) == 503  # doubted, and no longer vouched for
     assert usdc.balance_of(seller) == 3 * 2000
+
+
+async def test_a_refund_refused_for_a_chain_that_cannot_be_read_doubts_nobody(
+    tpm_key: TpmKey,
+    anvil: Any,
+    usdc: Any,
+    payer: Any,
+    seller: str,
+    tmp_path: Path,
+    gas_key: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch-settlement refund asked while the chain cannot be read is answered 402 (ask
+    again): the server's failure, not the payer's. Its address is not doubted: the payer's
+    next voucher is a believed claim, served through the claimed gate while the unpaid gate is
+    spent."""
+    armed: list[bool] = []
+    real = BatchChain.state
+
+    async def state(self: BatchChain, channel_id: str) -> Any:
+        if armed:
+            armed.clear()
+            raise SettlerUnavailable("the chain's RPC does not answer")
+        return await real(self, channel_id)
+
+    monkeypatch.setattr(BatchChain, "state", state)
+    settings = {
+        "key": tpm_key,
+        "model_prices": {"fake-llama": "0.001"},  # body-priced, at the default price
+        "unpaid_opens_per_second": 0.01,  # burst 4, then nothing within the test
+        "claimed_opens_per_second": 1000.0,  # its burst (4) back within a request's time
+    }
+    async with chain_batch(seller, tmp_path / "payments.db", anvil, gas_key, **settings) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=10 * PRICE_ATOMIC)
+        armed.append(True)
+        status, headers, _ = await post(stack, header_for(required, channel.refund()))
+        assert not armed  # the chain was asked, and could not be read
+        assert (status, headers[wire.ERROR_HEADER]) == (
+            402,
+            "invalid_batch_settlement_evm_refund_transaction_failed",
+        )
+        async with _session("127.0.0.1", 2) as own, _session(FLOOD, 2) as flood:
+            drained = await _drain_unpaid_gate(flood, stack)
+            assert set(drained) <= {402, 503}, drained
+            voucher = {**SEALED, wire.PAYMENT_SIGNATURE: header_for(required, channel.pay(offer))}
+            assert await _post(own, stack, _sealed(stack).blob, voucher) == 200
