@@ -55,7 +55,7 @@ naming it (the payer is then admitted as unpaid until one of its payments verifi
 
 Per worker process (each ``--workers`` process doubts on its own: a flood gets one believed claim
 per address in each). Every record is bounded (:data:`MAX_DOUBTED` addresses and prefixes,
-as many strike counts, :data:`MAX_VOUCHED` addresses with at most :data:`PAYERS_PER_ADDRESS`
+:data:`MAX_STRIKES` strike counts, :data:`MAX_VOUCHED` addresses with at most :data:`PAYERS_PER_ADDRESS`
 vouched payers each; the oldest forgotten first): forgetting a doubt only gives that address
 its one claimed open again, forgetting a vouch leaves that payer doubted with its address.
 """
@@ -76,16 +76,19 @@ from paygate.server.payments import HttpPaymentRefusal
 #: Seconds an address whose claim failed is admitted as unpaid (unless a payment verifies).
 DOUBT_SECONDS = 60.0
 #: Addresses and prefixes doubted at most (each ~170 bytes with its key, measured: ~11 MB in
-#: all); as many strike counts of prefixes.
+#: all).
 MAX_DOUBTED = 65_536
+#: Prefixes whose strikes are counted at most (measured: ~4 MB when full).
+MAX_STRIKES = 16_384
 #: IPv6 prefixes wider than ``ipv6_prefix`` a doubt counts against: how many addresses under
 #: one newly doubted within :data:`DOUBT_SECONDS` doubt the whole prefix.
 PREFIX_BUDGETS: tuple[tuple[int, int], ...] = ((48, 4), (32, 16))
 #: Seconds a payer whose payment verified from an address is believed there.
 VOUCH_SECONDS = 3600.0
-#: Addresses with vouched payers remembered at most, and payers vouched per address.
-MAX_VOUCHED = 16_384
-PAYERS_PER_ADDRESS = 8
+#: Addresses with vouched payers remembered at most, and payers vouched per address (the
+#: most recently verified; measured: ~7 MB in all when full).
+MAX_VOUCHED = 8_192
+PAYERS_PER_ADDRESS = 4
 # A payer's name shorter than this could be found in any header by chance: never vouched.
 _MIN_PAYER_CHARS = 16
 _NO_HEADERS: Mapping[str, str] = {}
@@ -208,7 +211,7 @@ class DoubtedClaims:
         if now >= until:
             count, until = 0, now + self.seconds
         self._strikes[prefix] = (count + 1, until)
-        while len(self._strikes) > self.max_addresses:
+        while len(self._strikes) > MAX_STRIKES:
             self._strikes.popitem(last=False)
         return count + 1
 
