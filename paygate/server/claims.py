@@ -55,9 +55,10 @@ naming it (the payer is then admitted as unpaid until one of its payments verifi
 
 Per worker process (each ``--workers`` process doubts on its own: a flood gets one believed claim
 per address in each). Every record is bounded (:data:`MAX_DOUBTED` addresses and prefixes,
-:data:`MAX_STRIKES` strike counts, :data:`MAX_VOUCHED` addresses with at most :data:`PAYERS_PER_ADDRESS`
-vouched payers each; the oldest forgotten first): forgetting a doubt only gives that address
-its one claimed open again, forgetting a vouch leaves that payer doubted with its address.
+:data:`MAX_STRIKES` strike counts, :data:`MAX_VOUCHED` addresses with at most
+:data:`PAYERS_PER_ADDRESS` vouched payers each; the oldest forgotten first): forgetting a doubt
+only gives that address its one claimed open again, forgetting a strike count gives its prefix
+its budget again, forgetting a vouch leaves that payer doubted with its address.
 """
 
 from __future__ import annotations
