@@ -31,14 +31,19 @@ nothing is admitted without its header being looked at.
 
 **Wide IPv6 allocations.** Per address is :func:`~paygate.server.forwarded.address_key` (an
 IPv6 host by its ``ipv6_prefix``, /64 by default): but a /48 holds 65,536 /64s and a /32 four
-billion, each otherwise one believed claim a minute. So doubts add up along the prefix: each
-address newly doubted is a *strike* against its /48 and its /32 (those wider than
-``ipv6_prefix``) for :data:`DOUBT_SECONDS`, and a prefix that gathers its budget
-(:data:`PREFIX_BUDGETS`: 4 under a /48, 16 under a /32) is doubted whole. A wide allocation
-then gets no more believed claims than a few addresses do. An address under a doubted prefix is
-not recorded on its own (the prefix covers it), so one allocation cannot fill the record. IPv4
-addresses (IPv4-mapped IPv6 ones included, keyed as IPv4) and unparsable keys have no prefix.
-Behind trusted proxies the key is the client's X-Forwarded-For address, as for every limit.
+billion, each otherwise one believed claim a minute. So doubts add up along the prefix, one
+level at a time (:data:`PREFIX_LEVELS`: /56, /48, /32, those wider than ``ipv6_prefix``): an
+address newly doubted is a *strike* against its /56; a prefix's first strike in a window of
+:data:`DOUBT_SECONDS` is one against the prefix above it; and a prefix struck from its budget's
+worth of different places below it within the window (4 for a /56 or a /48, 16 for a /32, where
+unrelated customers meet) is doubted whole. A /48 (free from tunnel brokers) then gets some
+sixteen believed claims a minute (4 /56s of 4 addresses), a /32 some two hundred, not one per
+/64; and no single customer can get its neighbours doubted beyond its own allocation (a /56 is
+one strike against its /48, a /48 one against its /32). An address
+under a doubted prefix is not recorded on its own (the prefix covers it), so one allocation
+cannot fill the record. IPv4 addresses (IPv4-mapped IPv6 ones included, keyed as IPv4) and
+unparsable keys have no prefix. Behind trusted proxies the key is the client's
+X-Forwarded-For address, as for every limit.
 
 **Payers behind a doubted address.** Callers sharing an address (a NAT, one /64, a doubted
 prefix) share its doubt, so a neighbour's forged claims would push a payer into the unpaid gate,
@@ -81,9 +86,9 @@ DOUBT_SECONDS = 60.0
 MAX_DOUBTED = 65_536
 #: Prefixes whose strikes are counted at most (measured: ~4 MB when full).
 MAX_STRIKES = 16_384
-#: IPv6 prefixes wider than ``ipv6_prefix`` a doubt counts against: how many addresses under
-#: one newly doubted within :data:`DOUBT_SECONDS` doubt the whole prefix.
-PREFIX_BUDGETS: tuple[tuple[int, int], ...] = ((48, 4), (32, 16))
+#: IPv6 prefixes (those wider than ``ipv6_prefix``) doubts add up to, narrowest first, each with
+#: its budget: how many strikes from below within :data:`DOUBT_SECONDS` doubt it whole.
+PREFIX_LEVELS: tuple[tuple[int, int], ...] = ((56, 4), (48, 4), (32, 16))
 #: Seconds a payer whose payment verified from an address is believed there.
 VOUCH_SECONDS = 3600.0
 #: Addresses with vouched payers remembered at most, and payers vouched per address (the
@@ -160,12 +165,15 @@ class DoubtedClaims:
         wider = _wider(address)
         if any(self._live(prefix, now) for prefix, _ in wider):
             return  # its prefix is doubted: that covers it
-        newly = not self._live(address, now)
+        struck = not self._live(address, now)  # newly doubted: a strike against its prefix
         self._doubt(address, now)
-        if newly:
-            for prefix, budget in wider:
-                if self._strike(prefix, now) >= budget:
-                    self._doubt(prefix, now)
+        for prefix, budget in wider:
+            if not struck:
+                break
+            strikes = self._strike(prefix, now)
+            if strikes >= budget:
+                self._doubt(prefix, now)
+            struck = strikes == 1  # its first in this window: one against the prefix above
 
     def verified(self, address: str, payer: str | None = None) -> None:
         """A payment of ``payer`` from ``address`` was verified: believe the address again
@@ -243,8 +251,8 @@ def _decoded(header: str | None) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _wider(address: str) -> tuple[tuple[str, int], ...]:
-    """The prefixes of :data:`PREFIX_BUDGETS` wider than an IPv6 address key's network, with
-    their budgets; none for IPv4 and unparsable keys."""
+    """The prefixes of :data:`PREFIX_LEVELS` wider than an IPv6 address key's network,
+    narrowest first, with their budgets; none for IPv4 and unparsable keys."""
     if ":" not in address:
         return ()
     try:
@@ -253,6 +261,6 @@ def _wider(address: str) -> tuple[tuple[str, int], ...]:
         return ()
     return tuple(
         (str(network.supernet(new_prefix=bits)), budget)
-        for bits, budget in PREFIX_BUDGETS
+        for bits, budget in PREFIX_LEVELS
         if bits < network.prefixlen
     )

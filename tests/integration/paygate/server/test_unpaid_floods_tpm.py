@@ -481,14 +481,15 @@ async def test_a_malformed_claim_in_either_header_is_doubted(
 NOT_A_PAYMENT = "bm90IGEgcGF5bWVudA=="  # base64 of "not a payment": refused 400 once opened
 
 
-async def test_forged_claims_from_many_64s_of_one_48_doubt_the_whole_48(
+async def test_forged_claims_from_many_64s_of_one_56_doubt_the_whole_56(
     tpm_key: TpmKey, facilitator: Any, seller: str, tmp_path: Path
 ) -> None:
     """Behind a trusted proxy (the caller is the X-Forwarded-For client): forged claims from
-    four /64s of one /48 are each opened and refused; then a fifth /64 of it, never refused
-    itself, is an unpaid caller (the unpaid gate spent: 503 before any open) — a /48's 65,536
-    /64s are not 65,536 believed claims. Another /48 is still believed; an IPv4-mapped client
-    is its IPv4 address, and IPv4 addresses are not grouped."""
+    four /64s of one /56 are each opened and refused; then a fifth /64 of it, never refused
+    itself, is an unpaid caller (the unpaid gate spent: 503 before any open) — a /56's 256
+    /64s are not 256 believed claims. Another /56 of its /48 is still believed (one customer
+    does not get its neighbours doubted); an IPv4-mapped client is its IPv4 address, and IPv4
+    addresses are not grouped."""
     settings = paid_settings(
         seller=seller,
         facilitator_url=facilitator.url,
@@ -512,10 +513,10 @@ async def test_forged_claims_from_many_64s_of_one_48_doubt_the_whole_48(
         assert await claim("::ffff:198.51.100.7") == 400
         drained = await _drain_unpaid_gate(proxy, stack)  # the proxy's own, unpaid
         assert set(drained) <= {402, 503}, drained
-        assert await claim("2001:db8:1:ff::1") == 503  # doubted with its /48
+        assert await claim("2001:db8:1:ff::1") == 503  # doubted with its /56
         assert await claim("2001:db8:1:ff::2") == 503
         assert await claim("198.51.100.7") == 503  # the mapped address's doubt
-        assert await claim("2001:db8:2::1") == 400  # another /48: believed, opened
+        assert await claim("2001:db8:1:100::1") == 400  # another /56: believed, opened
         assert await claim("198.51.100.8") == 400  # the neighbouring IPv4 address too
 
 

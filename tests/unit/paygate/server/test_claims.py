@@ -108,48 +108,73 @@ def test_which_refusals_of_a_claim_doubt_its_address() -> None:
 # --- wide IPv6 allocations: doubts add up along the prefix ---------------------------------
 
 
-def _v6(network: str, subnet: int, prefix: int = 64) -> str:
-    """The limits' key (forwarded.address_key) of a host in /64 number ``subnet`` of the /48
-    ``network`` (its first three groups)."""
-    return address_key(f"{network}:{subnet:x}::1", prefix)
+def _v6(p48: int, p56: int, p64: int, *, p32: int = 0xDB8, prefix: int = 64) -> str:
+    """The limits' key (forwarded.address_key) of a host in /64 number ``p64`` of /56 number
+    ``p56`` of /48 number ``p48`` of the /32 ``2001:p32::``."""
+    return address_key(f"2001:{p32:x}:{p48:x}:{(p56 << 8) | p64:x}::1", prefix)
 
 
-def test_many_doubted_64s_under_one_48_doubt_the_whole_48() -> None:
-    """A /48 holds 65,536 /64s: each must not be one more believed claim a minute."""
+def test_many_doubted_64s_under_one_56_doubt_the_whole_56() -> None:
+    """A /56 holds 256 /64s, a /48 65,536: each must not be one more believed claim a minute."""
     clock = Clock()
     claims = DoubtedClaims(seconds=60.0, clock=clock)
     for n in range(4):
-        key = _v6("2001:db8:1", n)
-        assert claims.believed(key)
-        claims.refused(key)
-    assert not claims.believed(_v6("2001:db8:1", 0xBEEF))  # a /64 never refused: its /48 is
-    assert claims.believed(_v6("2001:db8:2", 0))  # another /48 of the /32: not yet
+        assert claims.believed(_v6(1, 0, n))
+        claims.refused(_v6(1, 0, n))
+    assert not claims.believed(_v6(1, 0, 0xBE))  # a /64 never refused: its /56 is
+    assert claims.believed(_v6(1, 1, 0))  # another /56 of the /48: not
     clock.now += 60.0
-    assert claims.believed(_v6("2001:db8:1", 0xBEEF))  # the prefix's doubt ends as any does
+    assert claims.believed(_v6(1, 0, 0xBE))  # the prefix's doubt ends as any does
 
 
-def test_doubted_64s_spread_over_many_48s_doubt_their_32() -> None:
+def test_56s_struck_under_one_48_doubt_the_48_and_48s_their_32() -> None:
     claims = DoubtedClaims(seconds=60.0, clock=Clock())
-    for n in range(16):  # one /64 in each of 16 /48s: no /48 reaches its budget
-        claims.refused(_v6(f"2001:db8:{n:x}", 0))
-    assert not claims.believed(_v6("2001:db8:ffff", 7))
-    assert claims.believed(_v6("2001:db9:0", 0))  # another /32
-    believed = sum(claims.believed(_v6(f"2001:db8:{n:x}", 1)) for n in range(1000))
-    assert believed == 0
+    for n in range(4):  # one /64 in each of four /56s: no /56 doubted
+        claims.refused(_v6(1, n, 0))
+    assert not claims.believed(_v6(1, 0x77, 5))
+    assert claims.believed(_v6(2, 0, 0))
+    for n in range(2, 16):  # one /64 in each of fifteen /48s
+        claims.refused(_v6(n, 0, 0))
+    assert claims.believed(_v6(0x99, 0, 0))
+    claims.refused(_v6(16, 0, 0))  # the sixteenth
+    assert not claims.believed(_v6(0x99, 0, 0))
+    assert claims.believed(_v6(0, 0, 0, p32=0xDB9))  # another /32
 
 
-def test_a_wide_allocation_gets_a_bounded_number_of_believed_claims() -> None:
-    """A forger rotating through the /64s of a /32, claiming from each address believed:
-    what it gets is the prefix budgets, not one claim per /64."""
+def test_one_customer_cannot_get_its_neighbours_doubted() -> None:
+    """Whatever a /56 does, its /48's other /56s are believed; whatever a /48 does, its /32's
+    other /48s are."""
     claims = DoubtedClaims(seconds=60.0, clock=Clock())
+    for n in range(256):
+        claims.refused(_v6(1, 0, n))
+    assert claims.believed(_v6(1, 1, 0))
+    for m in range(64):
+        for n in range(4):
+            claims.refused(_v6(2, m, n))
+    assert not claims.believed(_v6(2, 0x42, 0x42))
+    assert claims.believed(_v6(3, 0, 0))
+
+
+def _believed_of(claims: DoubtedClaims, keys: list[str]) -> int:
+    """A forger claiming from each of ``keys`` in turn while believed: its believed claims."""
     believed = 0
-    for n in range(20_000):
-        key = _v6(f"2001:db8:{n % 300:x}", n)
+    for key in keys:
         if claims.believed(key):
             believed += 1
             claims.refused(key)
-    assert believed <= 16
-    assert len(claims) <= 16 + 1  # the addresses it used, and its /32: nothing more recorded
+    return believed
+
+
+def test_a_wide_allocation_gets_a_bounded_number_of_believed_claims() -> None:
+    """A forger rotating through the /64s of a /48, then of a /32, in the order that gets it
+    the most: what it gets is the prefix budgets, not one claim per /64."""
+    claims = DoubtedClaims(seconds=60.0, clock=Clock())
+    keys = [_v6(1, m, n) for m in range(64) for n in range(8)]
+    assert _believed_of(claims, keys) <= 3 * 4 + 1  # three /56s' four, and one more
+    claims = DoubtedClaims(seconds=60.0, clock=Clock())
+    keys = [_v6(p48, m, n) for p48 in range(20) for m in range(8) for n in range(8)]
+    assert _believed_of(claims, keys) <= 15 * 13 + 1
+    assert len(claims) <= 15 * 13 + 1 + 15 * 3 + 15 + 1  # its addresses and prefixes only
 
 
 def test_ipv4_addresses_and_mapped_ipv4_are_never_grouped() -> None:
@@ -166,31 +191,30 @@ def test_ipv4_addresses_and_mapped_ipv4_are_never_grouped() -> None:
 
 
 def test_a_wider_address_prefix_is_grouped_only_wider() -> None:
-    """``ipv6_prefix`` 48: the key is the /48; four of them do not doubt their /32 (its
-    budget is sixteen), sixteen do."""
+    """``ipv6_prefix`` 48: the key is the /48, only its /32 is above it (sixteen strikes)."""
     claims = DoubtedClaims(seconds=60.0, clock=Clock())
     for n in range(15):
-        claims.refused(_v6(f"2001:db8:{n:x}", 0, 48))
-    assert claims.believed(_v6("2001:db8:ff", 0, 48))
-    claims.refused(_v6("2001:db8:f0", 0, 48))
-    assert not claims.believed(_v6("2001:db8:ff", 0, 48))
+        claims.refused(_v6(n, 0, 0, prefix=48))
+    assert claims.believed(_v6(0xFF, 0, 0, prefix=48))
+    claims.refused(_v6(0xF0, 0, 0, prefix=48))
+    assert not claims.believed(_v6(0xFF, 0, 0, prefix=48))
 
 
 def test_a_refreshed_doubt_is_not_a_new_strike() -> None:
     """The same /64 refused again and again while doubted (through the unpaid gate) counts
-    once against its /48: one noisy host does not doubt its neighbours."""
+    once against its /56: one noisy host does not doubt its neighbours."""
     claims = DoubtedClaims(seconds=60.0, clock=Clock())
     for _ in range(10):
-        claims.refused(_v6("2001:db8:1", 0))
-    assert claims.believed(_v6("2001:db8:1", 1))
+        claims.refused(_v6(1, 0, 0))
+    assert claims.believed(_v6(1, 0, 1))
 
 
 def test_the_prefix_strikes_are_bounded() -> None:
     from paygate.server.claims import MAX_STRIKES
 
     claims = DoubtedClaims(seconds=60.0, max_addresses=8, clock=Clock())
-    for n in range(MAX_STRIKES):  # a /64 in each of as many /48s (the /32s doubts forgotten)
-        claims.refused(_v6(f"{0x2000 + n // 0x1000:x}:{n % 0x1000:x}:0", 0))
+    for n in range(MAX_STRIKES):  # a /64 in each of as many /32s: three prefixes struck each
+        claims.refused(_v6(0, 0, 0, p32=0x1000 + n))
     assert len(claims) <= 8
     assert len(claims._strikes) == MAX_STRIKES  # more prefixes struck than it holds
 
@@ -225,10 +249,10 @@ def test_a_payer_verified_from_an_address_is_believed_though_a_neighbour_doubts_
 
 def test_a_vouched_payer_is_believed_under_a_doubted_prefix() -> None:
     claims = DoubtedClaims(seconds=60.0, clock=Clock())
-    home = _v6("2001:db8:1", 9)
+    home = _v6(1, 0, 9)
     claims.verified(home, PAYER)
     for n in range(4):
-        claims.refused(_v6("2001:db8:1", n))
+        claims.refused(_v6(1, 0, n))
     claims.refused(home, _claim(OTHER))
     assert not claims.believed(home, _claim(OTHER))
     assert claims.believed(home, _claim(PAYER))
