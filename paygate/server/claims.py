@@ -39,11 +39,11 @@ worth of different places below it within the window (4 for a /56 or a /48, 16 f
 unrelated customers meet) is doubted whole. A /48 (free from tunnel brokers) then gets some
 sixteen believed claims a minute (4 /56s of 4 addresses), a /32 some two hundred, not one per
 /64; and no single customer can get its neighbours doubted beyond its own allocation (a /56 is
-one strike against its /48, a /48 one against its /32). An address
-under a doubted prefix is not recorded on its own (the prefix covers it), so one allocation
-cannot fill the record. IPv4 addresses (IPv4-mapped IPv6 ones included, keyed as IPv4) and
-unparsable keys have no prefix. Behind trusted proxies the key is the client's
-X-Forwarded-For address, as for every limit.
+one strike against its /48, a /48 one against its /32). An address under a doubted prefix is
+not recorded on its own (the prefix covers it), so one allocation cannot fill the record. IPv4
+addresses (IPv4-mapped IPv6 ones included, keyed as IPv4) and unparsable keys have no prefix.
+Behind trusted proxies the key is the client's X-Forwarded-For address, as for every limit.
+A verified payment clears its address's doubt, never a prefix's.
 
 **Payers behind a doubted address.** Callers sharing an address (a NAT, one /64, a doubted
 prefix) share its doubt, so a neighbour's forged claims would push a payer into the unpaid gate,
@@ -53,7 +53,8 @@ address that names that payer — its address appears in the payment header, wha
 scheme's field — is believed whatever doubts the address or its prefixes. A vouch is no
 free pass: a claim believed for it and refused spends it (every vouched payer the header names),
 so forged claims naming a vouched payer get at most one believed open per verified payment of
-that payer there. What is left: a payer with no verified payment from a doubted address yet is
+that payer there (as forged claims naming nobody do: each verified payment from the address
+clears its doubt). What is left: a payer with no verified payment from a doubted address yet is
 admitted as unpaid until the doubt ends (nothing tells it from a forger before verification),
 and a neighbour who knows a vouched payer's address can spend its vouch with a forged claim
 naming it (the payer is then admitted as unpaid until one of its payments verifies again).
@@ -139,7 +140,7 @@ class DoubtedClaims:
         self.max_vouched = max_vouched
         self._clock = clock
         self._until: OrderedDict[str, float] = OrderedDict()  # oldest doubt first
-        # A prefix → (its addresses newly doubted, until when that count holds).
+        # A prefix → (its strikes from below in this window, until when the window runs).
         self._strikes: OrderedDict[str, tuple[int, float]] = OrderedDict()
         # An address → its vouched payers (lowercase hex, no 0x) → until when.
         self._vouched: OrderedDict[str, dict[str, float]] = OrderedDict()
