@@ -64,6 +64,9 @@ class PaymentUnconfirmed(PaymentRejected):
     known yet), not for anything the payment holds: x402 answers it as a refusal to ask again,
     and it counts against nobody (:attr:`Refusal.server_side`)."""
 
+    code = "payment_unconfirmed"
+    message = "the payment cannot be confirmed now: ask again"
+
 
 @dataclass(frozen=True, slots=True)
 class Authorized:
