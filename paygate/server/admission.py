@@ -18,8 +18,9 @@ starving paid ones. One entry: ``async with admission.admit(request, route) as a
    claim until verified, and costs nothing to forge: an address whose claim is refused after
    its open (any 4xx of the sender's: a body or a payment that is no good, an outcome sent
    again, a rate spent; :func:`paygate.server.claims.doubts`) is admitted as unpaid for a while
-   (:mod:`paygate.server.claims`), so forged claims cannot take the claimed gate's rate from
-   real payers.
+   (:mod:`paygate.server.claims`; IPv6 doubts add up to their /48 and /32), so forged claims
+   cannot take the claimed gate's rate from real payers; a payer whose payment verified from
+   the address is still believed there.
 4. Every body read holds a per-address slot too (``per_ip_body_slots``, never more than a
    pool): one address cannot exhaust another's share.
 5. A batch is N requests: once its body is read, every item takes its own token of the item
@@ -154,7 +155,7 @@ class Admission:
             # The price needs the body (its model, its tokens): read and open it before
             # payment, tightly bounded.
             paying = carries_payment(request.headers)
-            claimed = paying and self._claims.believed(key)
+            claimed = paying and self._claims.believed(key, request.headers)
             pool = self._admitted_bodies if claimed else self._unverified_bodies
             body = await self._read(request, key, pool)
             try:
@@ -166,12 +167,13 @@ class Admission:
                 # payment, or never verified again), after a key operation on a claim's word:
                 # doubt its next claims.
                 if paying and doubts(refusal):
-                    self._claims.refused(key)
+                    self._claims.refused(key, request.headers)
                 raise
             if paying and ticket.session.paid:
                 # A payment verified, not merely admitted: a request priced at nothing is
-                # admitted without its header being looked at, and clears nothing.
-                self._claims.verified(key)
+                # admitted without its header being looked at, and clears nothing. Its payer
+                # is believed here from now on, whoever else shares the address.
+                self._claims.verified(key, ticket.session.admission.payer)
             return Admitted(ticket, body, client, opened, key), payment
         payment = self._payments.admit(request, route, client=key)
         ticket = await payment.__aenter__()

@@ -14,83 +14,254 @@ spent (429): any 4xx of the sender's doing — costs its sender: its address
 is *doubted* for :data:`DOUBT_SECONDS`, and while doubted, its requests are admitted as unpaid
 ones whatever header they carry (the unpaid pool and gate: its one slot per address and the
 unpaid rate it shares with every other unpaid caller). A payment verified from the address
-clears the doubt at once. What a forged-claim flood can take of the claimed gate is then one
-open per address per :data:`DOUBT_SECONDS` (plus those in flight before its first refusal,
-``per_ip_open_slots`` at a time), not the gate's rate; past that it is an unpaid flood, which
-the unpaid gate already bounds.
+clears the address's doubt at once. What a forged-claim flood can take of the claimed gate is
+then one open per address per :data:`DOUBT_SECONDS` (plus those in flight before its first
+refusal, ``per_ip_open_slots`` at a time), not the gate's rate; past that it is an unpaid
+flood, which the unpaid gate already bounds.
 
 Why the unpaid *gate*, and not merely a token of the unpaid bucket taken after the fact: a
 token charged for every failed claim would let forged claims drain the unpaid callers' rate as
 well as the claimed one; moving the doubted address into the unpaid gate bounds it exactly as an
 unpaid caller is bounded, no more (it could send unpaid requests anyway). A refusal that is not
-the sender's doing (5xx: a dependency down) doubts nobody, nor does the gate's own 429 (the
-address's open slot taken: nothing was opened). Only a *verified* payment clears a doubt: a
-request priced at nothing is admitted without its header being looked at.
+the sender's doing doubts nobody: a 5xx (a dependency down), the gate's own 429 (the address's
+open slot taken: nothing was opened), or a 4xx the payment step marks as the server's own
+failure (``server_side``: a batch-settlement refund whose channel cannot be read on chain, or
+whose outcome is not known yet). Only a *verified* payment clears a doubt: a request priced at
+nothing is admitted without its header being looked at.
 
-Per address is :func:`~paygate.server.forwarded.address_key` (an IPv6 host by its prefix), the
-key of every per-address limit, and per worker process (each ``--workers`` process doubts on
-its own: a flood gets one believed claim per address in each). The record is bounded
-(:data:`MAX_DOUBTED` addresses, the oldest forgotten first): forgetting one only gives that
-address its one claimed open again.
+**Wide IPv6 allocations.** Per address is :func:`~paygate.server.forwarded.address_key` (an
+IPv6 host by its ``ipv6_prefix``, /64 by default): but a /48 holds 65,536 /64s and a /32 four
+billion, each otherwise one believed claim a minute. So doubts add up along the prefix, one
+level at a time (:data:`PREFIX_LEVELS`: /56, /48, /32, those wider than ``ipv6_prefix``): an
+address newly doubted is a *strike* against its /56; a prefix's first strike in a window of
+:data:`DOUBT_SECONDS` is one against the prefix above it; and a prefix struck from its budget's
+worth of different places below it within the window (4 for a /56 or a /48, 16 for a /32, where
+unrelated customers meet) is doubted whole. A /48 (free from tunnel brokers) then gets some
+sixteen believed claims a minute (4 /56s of 4 addresses), a /32 some two hundred, not one per
+/64; and no single customer can get its neighbours doubted beyond its own allocation (a /56 is
+one strike against its /48, a /48 one against its /32). An address under a doubted prefix is
+not recorded on its own (the prefix covers it), so one allocation cannot fill the record. IPv4
+addresses (IPv4-mapped IPv6 ones included, keyed as IPv4) and unparsable keys have no prefix.
+Behind trusted proxies the key is the client's X-Forwarded-For address, as for every limit.
+A verified payment clears its address's doubt, never a prefix's.
+
+**Payers behind a doubted address.** Callers sharing an address (a NAT, one /64, a doubted
+prefix) share its doubt, so a neighbour's forged claims would push a payer into the unpaid gate,
+where an unpaid flood answers it 503. So a payer whose payment *verified* from an address is
+*vouched* there for :data:`VOUCH_SECONDS` (renewed by each verified payment): a claim from the
+address that names that payer — its address appears in the payment header, whatever the
+scheme's field — is believed whatever doubts the address or its prefixes. A vouch is no
+free pass: a claim believed for it and refused spends it (every vouched payer the header names),
+so forged claims naming a vouched payer get at most one believed open per verified payment of
+that payer there (as forged claims naming nobody do: each verified payment from the address
+clears its doubt). What is left: a payer with no verified payment from a doubted address yet is
+admitted as unpaid until the doubt ends (nothing tells it from a forger before verification),
+and a neighbour who knows a vouched payer's address can spend its vouch with a forged claim
+naming it (the payer is then admitted as unpaid until one of its payments verifies again).
+
+Per worker process (each ``--workers`` process doubts on its own: a flood gets one believed claim
+per address in each). Every record is bounded (:data:`MAX_DOUBTED` addresses and prefixes,
+:data:`MAX_STRIKES` strike counts, :data:`MAX_VOUCHED` addresses with at most
+:data:`PAYERS_PER_ADDRESS` vouched payers each; the oldest forgotten first): forgetting a doubt
+only gives that address its one claimed open again, forgetting a strike count gives its prefix
+its budget again, forgetting a vouch leaves that payer doubted with its address.
 """
 
 from __future__ import annotations
 
+import binascii
+import functools
+import ipaddress
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
+from paygate import wire
 from paygate.server.errors import GatewayError, TooManyUploads
+from paygate.server.payments import HttpPaymentRefusal
 
 #: Seconds an address whose claim failed is admitted as unpaid (unless a payment verifies).
 DOUBT_SECONDS = 60.0
-#: Addresses remembered at most (each ~170 bytes with its key, measured: ~11 MB in all).
+#: Addresses and prefixes doubted at most (each ~170 bytes with its key, measured: ~11 MB in
+#: all).
 MAX_DOUBTED = 65_536
+#: Prefixes whose strikes are counted at most (measured: ~4 MB when full).
+MAX_STRIKES = 16_384
+#: IPv6 prefixes (those wider than ``ipv6_prefix``) doubts add up to, narrowest first, each with
+#: its budget: how many strikes from below within :data:`DOUBT_SECONDS` doubt it whole.
+PREFIX_LEVELS: tuple[tuple[int, int], ...] = ((56, 4), (48, 4), (32, 16))
+#: Seconds a payer whose payment verified from an address is believed there.
+VOUCH_SECONDS = 3600.0
+#: Addresses with vouched payers remembered at most, and payers vouched per address (the
+#: most recently verified; measured: ~7 MB in all when full).
+MAX_VOUCHED = 8_192
+PAYERS_PER_ADDRESS = 4
+# A payer's name shorter than this could be found in any header by chance: never vouched.
+_MIN_PAYER_CHARS = 16
+_NO_HEADERS: Mapping[str, str] = {}
 
 
 def doubts(refusal: GatewayError) -> bool:
     """Does ``refusal`` of a claim, met once its body was read, doubt its address? Any 4xx of
-    the sender's doing; not the open gate's own per-address refusal (raised before an open)."""
+    the sender's doing; not the open gate's own per-address refusal (raised before an open),
+    nor a payment step's refusal for its own failure (``server_side``: a chain unreadable)."""
+    if isinstance(refusal, HttpPaymentRefusal) and refusal.server_side:
+        return False
     return 400 <= refusal.status < 500 and not isinstance(refusal, TooManyUploads)
 
 
 class DoubtedClaims:
-    """The addresses whose last payment claim was refused, until their doubt expires."""
+    """The addresses (and IPv6 prefixes) whose last payment claim was refused, until their
+    doubt expires; and the payers vouched for at an address by a verified payment."""
 
-    __slots__ = ("_clock", "_until", "max_addresses", "seconds")
+    __slots__ = (
+        "_clock",
+        "_strikes",
+        "_until",
+        "_vouched",
+        "max_addresses",
+        "max_vouched",
+        "seconds",
+        "vouch_seconds",
+    )
 
     def __init__(
         self,
         *,
         seconds: float = DOUBT_SECONDS,
         max_addresses: int = MAX_DOUBTED,
+        vouch_seconds: float = VOUCH_SECONDS,
+        max_vouched: int = MAX_VOUCHED,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.seconds = seconds
         self.max_addresses = max_addresses
+        self.vouch_seconds = vouch_seconds
+        self.max_vouched = max_vouched
         self._clock = clock
         self._until: OrderedDict[str, float] = OrderedDict()  # oldest doubt first
+        # A prefix → (its strikes from below in this window, until when the window runs).
+        self._strikes: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        # An address → its vouched payers (lowercase hex, no 0x) → until when.
+        self._vouched: OrderedDict[str, dict[str, float]] = OrderedDict()
 
-    def believed(self, address: str) -> bool:
-        """May a claim from ``address`` be admitted as a claim (not as an unpaid request)?"""
-        until = self._until.get(address)
-        if until is None:
+    def believed(self, address: str, headers: Mapping[str, str] = _NO_HEADERS) -> bool:
+        """May a claim from ``address`` (its request's ``headers``) be admitted as a claim,
+        not as an unpaid request?"""
+        if not self._until or not self._doubted(address, self._clock()):
             return True
-        if self._clock() < until:
-            return False
-        del self._until[address]
-        return True
+        return bool(self._named(address, headers))
 
-    def refused(self, address: str) -> None:
-        """A claim from ``address`` was refused (:func:`doubts`): doubt it from now on."""
-        self._until.pop(address, None)
-        self._until[address] = self._clock() + self.seconds
-        while len(self._until) > self.max_addresses:
-            self._until.popitem(last=False)
+    def refused(self, address: str, headers: Mapping[str, str] = _NO_HEADERS) -> None:
+        """A claim from ``address`` was refused (:func:`doubts`): doubt it from now on (and
+        count it against its prefixes); the vouches of the payers it names are spent."""
+        now = self._clock()
+        named = self._named(address, headers)
+        if named:
+            payers = self._vouched[address]
+            for payer in named:
+                del payers[payer]
+            if not payers:
+                del self._vouched[address]
+        wider = _wider(address)
+        if any(self._live(prefix, now) for prefix, _ in wider):
+            return  # its prefix is doubted: that covers it
+        struck = not self._live(address, now)  # newly doubted: a strike against its prefix
+        self._doubt(address, now)
+        for prefix, budget in wider:
+            if not struck:
+                break
+            strikes = self._strike(prefix, now)
+            if strikes >= budget:
+                self._doubt(prefix, now)
+            struck = strikes == 1  # its first in this window: one against the prefix above
 
-    def verified(self, address: str) -> None:
-        """A payment from ``address`` was verified: believe it again."""
+    def verified(self, address: str, payer: str | None = None) -> None:
+        """A payment of ``payer`` from ``address`` was verified: believe the address again
+        (not its prefixes: one payer's payment does not vouch for its neighbours), and vouch
+        for the payer there."""
         self._until.pop(address, None)
+        name = (payer or "").lower().removeprefix("0x")
+        if len(name) < _MIN_PAYER_CHARS:
+            return
+        payers = self._vouched.pop(address, None) or {}
+        payers.pop(name, None)
+        payers[name] = self._clock() + self.vouch_seconds
+        while len(payers) > PAYERS_PER_ADDRESS:
+            del payers[next(iter(payers))]  # the longest unrenewed
+        self._vouched[address] = payers
+        while len(self._vouched) > self.max_vouched:
+            self._vouched.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._until)
+
+    def _doubted(self, address: str, now: float) -> bool:
+        return self._live(address, now) or any(
+            self._live(prefix, now) for prefix, _ in _wider(address)
+        )
+
+    def _live(self, key: str, now: float) -> bool:
+        until = self._until.get(key)
+        if until is None:
+            return False
+        if now < until:
+            return True
+        del self._until[key]
+        return False
+
+    def _doubt(self, key: str, now: float) -> None:
+        self._until.pop(key, None)
+        self._until[key] = now + self.seconds
+        while len(self._until) > self.max_addresses:
+            self._until.popitem(last=False)
+
+    def _strike(self, prefix: str, now: float) -> int:
+        count, until = self._strikes.pop(prefix, (0, 0.0))
+        if now >= until:
+            count, until = 0, now + self.seconds
+        self._strikes[prefix] = (count + 1, until)
+        while len(self._strikes) > MAX_STRIKES:
+            self._strikes.popitem(last=False)
+        return count + 1
+
+    def _named(self, address: str, headers: Mapping[str, str]) -> list[str]:
+        """The payers vouched at ``address`` whose names the payment header holds."""
+        payers = self._vouched.get(address)
+        if not payers:
+            return []
+        now = self._clock()
+        for payer in [payer for payer, until in payers.items() if now >= until]:
+            del payers[payer]
+        if not payers:
+            del self._vouched[address]
+            return []
+        claim = _decoded(headers.get(wire.PAYMENT_SIGNATURE) or headers.get(wire.X_PAYMENT))
+        return [payer for payer in payers if payer in claim]
+
+
+def _decoded(header: str | None) -> str:
+    """A payment header's JSON text, lowercase ("" when it is no base64)."""
+    if not header:
+        return ""
+    try:
+        return binascii.a2b_base64(header.encode("ascii", "replace")).decode("latin-1").lower()
+    except (binascii.Error, ValueError):
+        return ""
+
+
+@functools.lru_cache(maxsize=4096)
+def _wider(address: str) -> tuple[tuple[str, int], ...]:
+    """The prefixes of :data:`PREFIX_LEVELS` wider than an IPv6 address key's network,
+    narrowest first, with their budgets; none for IPv4 and unparsable keys."""
+    if ":" not in address:
+        return ()
+    try:
+        network = ipaddress.IPv6Network(address)
+    except ValueError:
+        return ()
+    return tuple(
+        (str(network.supernet(new_prefix=bits)), budget)
+        for bits, budget in PREFIX_LEVELS
+        if bits < network.prefixlen
+    )

@@ -53,10 +53,11 @@ class HttpPaymentRefusal(GatewayError):
 
     message = "the payment step answered instead of admitting"
 
-    def __init__(self, response: web.Response, code: str) -> None:
+    def __init__(self, response: web.Response, code: str, *, server_side: bool = False) -> None:
         super().__init__(code)
         self.status = response.status
         self.code = code
+        self.server_side = server_side  # this server's failure, not the caller's doing
         self._response = response
 
     def render(self, api: ApiStyle) -> web.Response:
@@ -248,7 +249,9 @@ class X402Payments:
                     session.challenge, route.method, route.path, request.path
                 )
                 session = dataclasses.replace(session, challenge=challenge)
-            raise HttpPaymentRefusal(refusal_response(session, route), session.code)
+            raise HttpPaymentRefusal(
+                refusal_response(session, route), session.code, server_side=session.server_side
+            )
         forward = terms.shaped_body
         if session.metered and quote is not None and items is None:
             forward = quote.body

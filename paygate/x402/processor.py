@@ -22,6 +22,7 @@ ledger change after the reservation is a fenced move (:mod:`paygate.x402.leases`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import time
@@ -55,7 +56,7 @@ from paygate.x402.refusals import Refusals, operation_done, payer_limited
 from paygate.x402.responses import reason_text, recorded_receipt
 from paygate.x402.results import PaymentAdmission
 from paygate.x402.schemes import SCHEMES, Authorized, Scheme
-from paygate.x402.schemes.base import CheckTime
+from paygate.x402.schemes.base import CheckTime, PaymentUnconfirmed
 from paygate.x402.session import MeteredTerms, PaymentSession
 from paygate.x402.settlement import Settlement
 from paygate.x402.settlements import Settlements
@@ -337,6 +338,8 @@ class PaymentProcessor:
             authorized = scheme.check(payment, offer, when)
         except PaymentRejected as exc:
             refused = self._refusals.challenge(402, exc.reason, str(exc), offers, resource)
+            if isinstance(exc, PaymentUnconfirmed):
+                refused = dataclasses.replace(refused, server_side=True)
             # Completed by the scheme as a paid request's refusal is (a refund refused on a
             # busy channel says when to ask again).
             return refused if scheme is None else await scheme.corrective(refused, payment)

@@ -25,10 +25,13 @@ class ProofRejected(PaygateError):
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """An answer instead of service. ``challenge`` is set for 400/402 (x402's body shape)."""
+    """An answer instead of service. ``challenge`` is set for 400/402 (x402's body shape);
+    ``server_side`` when it is this server's failure (a dependency it could not ask), not the
+    caller's doing, though x402 answers it as a refusal."""
 
     status: int
     code: str
     message: str
     challenge: Challenge | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    server_side: bool = False

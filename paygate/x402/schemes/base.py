@@ -59,6 +59,15 @@ class PaymentRejected(ProofRejected):
     message = "the payment does not pay what was asked"
 
 
+class PaymentUnconfirmed(PaymentRejected):
+    """Refused because a dependency could not be asked (the chain unreadable, an outcome not
+    known yet), not for anything the payment holds: x402 answers it as a refusal to ask again,
+    and it counts against nobody (:attr:`Refusal.server_side`)."""
+
+    code = "payment_unconfirmed"
+    message = "the payment cannot be confirmed now: ask again"
+
+
 @dataclass(frozen=True, slots=True)
 class Authorized:
     """What a payment that passed its scheme's local checks authorizes."""

@@ -24,7 +24,7 @@ from typing import Any
 
 from paygate.x402.ledger import LedgerError, SchemeWrite
 from paygate.x402.models import SettleResponse
-from paygate.x402.schemes.base import PaymentRejected, SchemeSql
+from paygate.x402.schemes.base import PaymentRejected, PaymentUnconfirmed, SchemeSql
 from paygate.x402.schemes.batch_settlement.chain import ChannelChain, Deposit, Refund
 from paygate.x402.schemes.batch_settlement.store import (
     Channel,
@@ -325,7 +325,7 @@ class Channels:
                 # Sent, maybe, and moved (or read after it, not known): held as for a mirror
                 # that failed — a voucher under the old balance is never served meanwhile.
                 release = False
-                raise PaymentRejected(
+                raise PaymentUnconfirmed(
                     "invalid_batch_settlement_evm_refund_transaction_failed",
                     "the refund's outcome is not known yet: ask again",
                 ) from None
@@ -366,7 +366,7 @@ class Channels:
         try:
             on_chain = await self.chain.state(channel.channel_id)
         except (SettlementUnknown, SettlerUnavailable):
-            raise PaymentRejected(
+            raise PaymentUnconfirmed(
                 "invalid_batch_settlement_evm_refund_transaction_failed",
                 "the channel cannot be read on chain now: ask again",
             ) from None

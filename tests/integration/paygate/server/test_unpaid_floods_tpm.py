@@ -28,9 +28,19 @@ import enclave
 from enclave.envelope_v2 import SealedRequest
 from enclave.keys.tpm import TpmKey
 from paygate import wire
+from paygate.x402.schemes.batch_settlement.chain import BatchChain
+from paygate.x402.settler import SettlerUnavailable
+from tests.fixtures.batch_settlement_support import chain_batch, header_for, opened_channel
 from tests.fixtures.chain import encode_header, sign_v2_payment
 from tests.fixtures.gateway_support import Stack, key_operations, running_stack
-from tests.fixtures.payment_support import CHAT, CHAT_BODY, challenge_of, paid_settings
+from tests.fixtures.payment_support import (
+    CHAT,
+    CHAT_BODY,
+    PRICE_ATOMIC,
+    challenge_of,
+    paid_settings,
+    post,
+)
 from tests.fixtures.slow_tpm import SlowTpm
 
 FLOOD = "127.0.0.2"
@@ -464,3 +474,143 @@ async def test_a_malformed_claim_in_either_header_is_doubted(
             assert await _post(session, stack, _sealed(stack).blob, forged) == 503
         async with _session(CALLER, 2) as session:  # another address: still believed
             assert await _post(session, stack, _sealed(stack).blob, forged) == 400
+
+
+# --- doubts of wide IPv6 allocations, payers behind a doubted address, server failures -----
+
+NOT_A_PAYMENT = "bm90IGEgcGF5bWVudA=="  # base64 of "not a payment": refused 400 once opened
+
+
+async def test_forged_claims_from_many_64s_of_one_56_doubt_the_whole_56(
+    tpm_key: TpmKey, facilitator: Any, seller: str, tmp_path: Path
+) -> None:
+    """Behind a trusted proxy (the caller is the X-Forwarded-For client): forged claims from
+    four /64s of one /56 are each opened and refused; then a fifth /64 of it, never refused
+    itself, is an unpaid caller (the unpaid gate spent: 503 before any open) — a /56's 256
+    /64s are not 256 believed claims. Another /56 of its /48 is still believed (one customer
+    does not get its neighbours doubted); an IPv4-mapped client is its IPv4 address, and IPv4
+    addresses are not grouped."""
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / "payments.db",
+        model_prices={"fake-llama": "0.002"},
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+        claimed_opens_per_second=1000.0,  # its burst (4) back within a request's time
+        trusted_proxies=[FLOOD],
+    )
+
+    def via(client: str) -> dict[str, str]:
+        return {**SEALED, wire.PAYMENT_SIGNATURE: NOT_A_PAYMENT, "X-Forwarded-For": client}
+
+    async with running_stack(key=tpm_key, **settings) as stack, _session(FLOOD, 2) as proxy:
+
+        async def claim(client: str) -> int:
+            return await _post(proxy, stack, _sealed(stack).blob, via(client))
+
+        for n in range(4):
+            assert await claim(f"2001:db8:1:{n:x}::1") == 400
+        assert await claim("::ffff:198.51.100.7") == 400
+        drained = await _drain_unpaid_gate(proxy, stack)  # the proxy's own, unpaid
+        assert set(drained) <= {402, 503}, drained
+        assert await claim("2001:db8:1:ff::1") == 503  # doubted with its /56
+        assert await claim("2001:db8:1:ff::2") == 503
+        assert await claim("198.51.100.7") == 503  # the mapped address's doubt
+        assert await claim("2001:db8:1:100::1") == 400  # another /56: believed, opened
+        assert await claim("198.51.100.8") == 400  # the neighbouring IPv4 address too
+
+
+def _naming(payer: Any, pay: Callable[[], dict[str, str]]) -> dict[str, str]:
+    """A payment header naming ``payer`` whose signature is not its own."""
+    payment = json.loads(base64.b64decode(pay()[wire.PAYMENT_SIGNATURE]))
+    signature = payment["payload"]["signature"]
+    payment["payload"]["signature"] = signature[:-4] + (
+        "0000" if signature[-4:] != "0000" else "1111"
+    )
+    assert payer.address.lower() in json.dumps(payment).lower()
+    return {wire.PAYMENT_SIGNATURE: base64.b64encode(json.dumps(payment).encode()).decode()}
+
+
+async def test_a_payer_behind_a_doubted_address_is_believed_for_its_verified_payments(
+    tpm_key: TpmKey, facilitator: Any, usdc: Any, payer: Any, seller: str, tmp_path: Path
+) -> None:
+    """A payer and a forger behind one NAT (one address). The forger's claims keep the address
+    doubted, and an unpaid flood has spent the unpaid gate: the payer, whose payment verified
+    from that address before, is still believed there (served through the claimed gate), while
+    the forger's claims wait in the unpaid gate (503). A forged claim naming the payer is
+    believed once for it, refused, and spends that: one believed open per verified payment."""
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / "payments.db",
+        model_prices={"fake-llama": "0.002"},
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+        claimed_opens_per_second=1000.0,  # its burst (4) back within a request's time
+    )
+    async with running_stack(key=tpm_key, **settings) as stack:
+        required = await challenge_of(stack, CHAT, CHAT_BODY)
+        pay = _payments(stack, required, payer)
+        forge = _payments(stack, required, new_account())
+        async with _session(CALLER, 2) as nat, _session(FLOOD, 2) as flood:
+
+            async def claim(headers: dict[str, str]) -> int:
+                return await _post(nat, stack, _sealed(stack).blob, {**SEALED, **headers})
+
+            assert await claim(pay()) == 200  # verified from the NAT's address
+            assert await claim(forge()) == 402  # the neighbour's: the address doubted
+            drained = await _drain_unpaid_gate(flood, stack)
+            assert set(drained) <= {402, 503}, drained
+            assert await claim(forge()) == 503  # the neighbour: an unpaid caller now
+            assert await claim(pay()) == 200  # the payer: believed for its payment
+            assert await claim(forge()) == 402  # the address believed again: one more open
+            assert await claim(forge()) == 503
+            assert await claim(pay()) == 200
+            assert await claim(_naming(payer, pay)) == 402  # named, believed, refused: spent
+            assert await claim(pay()) == 503  # doubted, and no longer vouched for
+    assert usdc.balance_of(seller) == 3 * 2000
+
+
+async def test_a_refund_refused_for_a_chain_that_cannot_be_read_doubts_nobody(
+    tpm_key: TpmKey,
+    anvil: Any,
+    usdc: Any,
+    payer: Any,
+    seller: str,
+    tmp_path: Path,
+    gas_key: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch-settlement refund asked while the chain cannot be read is answered 402 (ask
+    again): the server's failure, not the payer's. Its address is not doubted: the payer's
+    next voucher is a believed claim, served through the claimed gate while the unpaid gate is
+    spent."""
+    armed: list[bool] = []
+    real = BatchChain.state
+
+    async def state(self: BatchChain, channel_id: str) -> Any:
+        if armed:
+            armed.clear()
+            raise SettlerUnavailable("the chain's RPC does not answer")
+        return await real(self, channel_id)
+
+    monkeypatch.setattr(BatchChain, "state", state)
+    settings = {
+        "key": tpm_key,
+        "model_prices": {"fake-llama": "0.001"},  # body-priced, at the default price
+        "unpaid_opens_per_second": 0.01,  # burst 4, then nothing within the test
+        "claimed_opens_per_second": 1000.0,  # its burst (4) back within a request's time
+    }
+    async with chain_batch(seller, tmp_path / "payments.db", anvil, gas_key, **settings) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=10 * PRICE_ATOMIC)
+        armed.append(True)
+        status, headers, _ = await post(stack, header_for(required, channel.refund()))
+        assert not armed  # the chain was asked, and could not be read
+        assert (status, headers[wire.ERROR_HEADER]) == (
+            402,
+            "invalid_batch_settlement_evm_refund_transaction_failed",
+        )
+        async with _session("127.0.0.1", 2) as own, _session(FLOOD, 2) as flood:
+            drained = await _drain_unpaid_gate(flood, stack)
+            assert set(drained) <= {402, 503}, drained
+            voucher = {**SEALED, wire.PAYMENT_SIGNATURE: header_for(required, channel.pay(offer))}
+            assert await _post(own, stack, _sealed(stack).blob, voucher) == 200
