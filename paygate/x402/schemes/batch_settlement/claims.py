@@ -19,7 +19,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from paygate.x402.ledger import LedgerError, SchemeWrite
@@ -172,13 +172,14 @@ class Channels:
         self, checked: CheckedVoucher, reserved: SchemeWrite | None = None
     ) -> Channel | None:
         """Take the channel for this request; ``reserved``: its take made with the request's
-        reservation (:meth:`ChannelStore.take_write`), used when it found the channel free."""
-        try:
-            channel = taken(reserved) if reserved is not None else None
-            if channel is None:
-                channel = await self.store.take(checked.channel_id, checked.voucher_key)
-        except ChannelBusy:
-            raise PaymentRejected(BUSY, "another request on this channel is in progress") from None
+        reservation (:meth:`ChannelStore.take_write`), used when it found the channel free.
+        Else taken only while the request's payment is still reserved
+        (:meth:`ChannelStore.take_reserved`; LeaseLost once it was released: a replica frozen
+        in its verify and taken for dead takes nothing when it wakes up)."""
+        channel = taken(reserved) if reserved is not None else None
+        if channel is None:
+            key = checked.voucher_key  # the hold's owner, and the payment's nonce
+            channel = await _unless_busy(self.store.take_reserved(checked.channel_id, key, key))
         if channel is not None:  # the commit's first compare-and-set starts from it
             if len(self._taken) >= _TAKEN_MAX:
                 self._taken.pop(next(iter(self._taken)))
@@ -275,7 +276,8 @@ class Channels:
         """A cooperative refund: claim what was charged and return (part of) the rest, in one
         transaction. PaymentRejected when it cannot be done."""
         payload = checked.payload
-        channel = await self.take(checked)
+        # A refund is no payment: its hold is its own, let go below.
+        channel = await _unless_busy(self.store.take(checked.channel_id, checked.voucher_key))
         if channel is None:
             raise PaymentRejected(NO_CHANNEL, "no deposit is known for this channel")
         release = True
@@ -456,6 +458,14 @@ class Channels:
                 await self.claim_once()
             except Exception as exc:  # a loop that must outlive one bad pass
                 log.error("claim pass failed: %s", type(exc).__name__)
+
+
+async def _unless_busy(taking: Awaitable[Channel | None]) -> Channel | None:
+    """A take's channel; PaymentRejected ``…_channel_busy`` when another request holds it."""
+    try:
+        return await taking
+    except ChannelBusy:
+        raise PaymentRejected(BUSY, "another request on this channel is in progress") from None
 
 
 def channel_state(channel: Channel) -> dict[str, Any]:

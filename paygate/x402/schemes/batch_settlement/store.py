@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from paygate.errors import PaygateError
-from paygate.x402.ledger import SchemeWrite
+from paygate.x402.ledger import LeaseLost, PaymentState, SchemeWrite
 from paygate.x402.schemes.base import SchemeSql
 from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
 from paygate.x402.settler import ReviewRequired
@@ -242,48 +242,96 @@ class ChannelStore:
         """:meth:`take`'s usual case, one statement — the lease is free, ours, or run out — as
         a write for the ledger to make with the request's reservation (:func:`taken` reads it;
         not required: a busy or unknown channel is told apart by :meth:`take` after)."""
+        return SchemeWrite([self._take(channel_id, owner, None)])
+
+    def _take(
+        self, channel_id: str, owner: str, version: int | None, reservation: str | None = None
+    ) -> tuple[str, tuple[Any, ...]]:
+        """The statement taking the channel for ``owner``: when its lease is free, ours or run
+        out (``version`` None), or as read at ``version``; with ``reservation``, only while
+        that payment is reserved (:meth:`take`)."""
         now = self._clock()
-        return SchemeWrite(
-            [
-                (
-                    "UPDATE bs_channels SET pending_owner = ?, pending_until = ?,"  # noqa: S608 - constant
-                    " version = version + 1, updated_at = ? WHERE channel_id = ? AND"
-                    " (pending_owner IS NULL OR pending_owner = ? OR pending_until IS NULL OR"
-                    f" pending_until <= ?) RETURNING {_COLUMNS}",
-                    (owner, now + self._pending_seconds, now, channel_id, owner, now),
-                )
-            ]
+        params: tuple[Any, ...] = (owner, now + self._pending_seconds, now, channel_id)
+        if version is None:
+            where = (
+                " AND (pending_owner IS NULL OR pending_owner = ? OR pending_until IS NULL OR"
+                " pending_until <= ?)"
+            )
+            params += (owner, now)
+        else:
+            where = " AND version = ?"
+            params += (version,)
+        if reservation is not None:
+            where += " AND EXISTS (SELECT 1 FROM payments WHERE nonce = ? AND state = ?)"
+            params += (reservation, PaymentState.RESERVED.value)
+        return (
+            "UPDATE bs_channels SET pending_owner = ?, pending_until = ?,"  # noqa: S608 - constant
+            f" version = version + 1, updated_at = ? WHERE channel_id = ?{where}"
+            f" RETURNING {_COLUMNS}",
+            params,
         )
 
     async def take(self, channel_id: str, owner: str) -> Channel | None:
         """Take the channel's pending lease for ``owner`` (a voucher); None if no channel."""
+        return await self._take_held(channel_id, owner, None)
+
+    async def take_reserved(self, channel_id: str, owner: str, nonce: str) -> Channel | None:
+        """:meth:`take` for a payment (its ``nonce``), made only while that payment is
+        reserved, in the same transaction; LeaseLost when it is not. Whoever ends a
+        reservation gives its hold back with it (its request, or the reconciler releasing it
+        for a replica taken for dead), so a hold taken under a live reservation is always
+        given back; one taken after the release (a replica frozen in its verify, waking up)
+        would be nobody's to give back and would refuse the payer busy until it ran out."""
+        return await self._take_held(channel_id, owner, nonce)
+
+    async def _take_held(
+        self, channel_id: str, owner: str, reservation: str | None
+    ) -> Channel | None:
         # The usual case in one statement: the lease is free, ours, or run out.
-        (statement,) = self.take_write(channel_id, owner).statements
-        _, rows = await self._sql(*statement)
-        if rows:
-            return _channel(rows[0])
+        channel = await self._taken(self._take(channel_id, owner, None, reservation), reservation)
+        if channel is not None:
+            return channel
         # No such channel, or held by another request: read it to tell which.
         for _ in range(16):
             current = await self.get(channel_id)
             if current is None:
                 return None
-            now = self._clock()
             held = (
                 current.pending_owner is not None
                 and current.pending_owner != owner
-                and (current.pending_until or 0) > now
+                and (current.pending_until or 0) > self._clock()
             )
             if held:
                 raise ChannelBusy("another request on this channel is in progress")
-            _, rows = await self._sql(
-                "UPDATE bs_channels SET pending_owner = ?, pending_until = ?,"  # noqa: S608 - constant
-                " version = version + 1, updated_at = ? WHERE channel_id = ? AND version = ?"
-                f" RETURNING {_COLUMNS}",
-                (owner, now + self._pending_seconds, now, channel_id, current.version),
+            channel = await self._taken(
+                self._take(channel_id, owner, current.version, reservation), reservation
             )
-            if rows:
-                return _channel(rows[0])
+            if channel is not None:
+                return channel
         raise ChannelBusy("the channel changed too often to take")
+
+    async def _taken(
+        self, statement: tuple[str, tuple[Any, ...]], reservation: str | None
+    ) -> Channel | None:
+        """A take made (the channel it took; None: not free, or no channel). With
+        ``reservation``, in one transaction with that payment's row locked first (a no-op
+        UPDATE, both stores' SQL: a release of it running meanwhile is waited for, then seen);
+        LeaseLost when the payment is not reserved."""
+        if reservation is None:
+            _, rows = await self._sql(*statement)
+            return _channel(rows[0]) if rows else None
+        (locked, _), (_, rows) = await self._sql_all(
+            [
+                (
+                    "UPDATE payments SET lease = lease WHERE nonce = ? AND state = ?",
+                    (reservation, PaymentState.RESERVED.value),
+                ),
+                statement,
+            ]
+        )
+        if not locked:
+            raise LeaseLost("the payment's reservation was released: the channel is not taken")
+        return _channel(rows[0]) if rows else None
 
     def release_write(self, channel_id: str, owner: str) -> SchemeWrite:
         """:meth:`release` as a write for the ledger to make with the payment's release (its

@@ -712,3 +712,38 @@ async def test_the_claim_pass_reads_only_the_channels_that_owe_something(ledger_
     reads.read.clear()
     assert [c.channel_id for c in await store.claimable(2)] == owing[:2]
     assert len(reads.read[-1]) == 2  # bounded in the read, not after it
+
+
+async def test_a_take_for_a_payment_is_made_only_while_its_reservation_holds(ledger_store):
+    """A paid request's take at verify names its payment: made while the payment is reserved
+    (its release then gives the hold back); once the payment was released (a replica frozen
+    in its verify, taken for dead, its reservation released by another replica's reconciler)
+    it takes nothing — LeaseLost, the channel left as it was (free, or held by a voucher
+    whose hold ran out)."""
+    clock = Clock()
+    ledger = await ledger_store(replica="a")
+    store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    live = await ledger.reserve(**request(1))
+    taken_live = await store.take_reserved(CHANNEL, nonce(1), nonce(1))
+    assert taken_live is not None
+    assert taken_live.pending_owner == nonce(1)
+    await ledger.transition(
+        live.id, S.RELEASED, lease=live.lease, write=store.release_write(CHANNEL, nonce(1))
+    )
+    assert (await store.get(CHANNEL)).pending_owner is None
+    late = await ledger.reserve(**request(2))
+    await ledger.transition(late.id, S.RELEASED, lease=late.lease)
+    with pytest.raises(LeaseLost):
+        await store.take_reserved(CHANNEL, nonce(2), nonce(2))
+    assert (await store.get(CHANNEL)).pending_owner is None
+    # Held by another voucher whose hold ran out: not taken from it either.
+    assert (await store.take(CHANNEL, "other")).pending_owner == "other"
+    clock.now += 31
+    with pytest.raises(LeaseLost):
+        await store.take_reserved(CHANNEL, nonce(2), nonce(2))
+    assert (await store.get(CHANNEL)).pending_owner == "other"
+    # Never reserved at all: nothing either; a refund's take (no payment) is not fenced.
+    with pytest.raises(LeaseLost):
+        await store.take_reserved(CHANNEL, nonce(3), nonce(3))
+    assert (await store.take(CHANNEL, "refund")).pending_owner == "refund"
