@@ -142,6 +142,7 @@ class Channels:
                 balance=state.balance,
                 total_claimed=state.total_claimed,
                 exact=held,
+                block=state.block,
             )
         finally:
             if held:  # its request takes it again at verify; a caller gone leaves it free
@@ -332,7 +333,9 @@ class Channels:
                     "the refund's outcome is not known yet: ask again",
                 ) from None
             try:
-                await self.store.refunded(checked.channel_id, after.balance, after.total_claimed)
+                await self.store.refunded(
+                    checked.channel_id, after.balance, after.total_claimed, block=after.block
+                )
             except LedgerError:
                 # The money moved, its mirror did not: the channel stays held meanwhile (a
                 # voucher past the contract's balance is refused busy, never taken), and the
@@ -374,7 +377,9 @@ class Channels:
             ) from None
         if (on_chain.balance, on_chain.total_claimed) == (channel.balance, channel.total_claimed):
             return channel
-        await self.store.refunded(channel.channel_id, on_chain.balance, on_chain.total_claimed)
+        await self.store.refunded(
+            channel.channel_id, on_chain.balance, on_chain.total_claimed, block=on_chain.block
+        )
         return dataclasses.replace(
             channel,
             balance=on_chain.balance,
@@ -399,10 +404,13 @@ class Channels:
             for c in owed:
                 # The chain's word on the channel now: a payer's finished withdrawal lowers the
                 # balance under what was charged; claiming more would revert the whole batch.
-                # The mirror follows, so later vouchers past it are refused.
+                # The mirror follows, so later vouchers past it are refused — written with
+                # its block even when it agrees, so that a reading older than it (a top-up's,
+                # taken before the withdrawal and written after) cannot undo it.
                 on_chain = await self.chain.state(c.channel_id)
-                if on_chain.balance != c.balance:
-                    await self.store.refunded(c.channel_id, on_chain.balance, c.total_claimed)
+                await self.store.refunded(
+                    c.channel_id, on_chain.balance, c.total_claimed, block=on_chain.block
+                )
                 total = min(c.charged, on_chain.balance)
                 if total < c.charged:
                     log.warning(

@@ -203,23 +203,34 @@ class ChannelStore:
         balance: int,
         total_claimed: int,
         exact: bool = False,
+        block: int = 0,
     ) -> Channel:
         """Mirror the channel's on-chain state after a proven deposit (a new channel starts
-        charged at what was claimed before: the spec's baseline after state loss).
+        charged at what was claimed before: the spec's baseline after state loss), as read
+        at ``block``.
 
         One statement, never a compare-and-set that could lose: the deposit has moved on chain
         already, so its mirror must not give up however busy the channel is (another replica's
-        take, release or charge between a read and a write). Each amount only ever rises (the
-        larger of the row's and this reading), so readings applied in any order agree — but
-        with ``exact`` the balance is this reading's (read while the deposit held the channel:
-        no refund between, so it is the contract's, lower too after an unmirrored withdrawal);
-        claims are never lowered."""
-        balance_sql = "excluded.balance" if exact else _larger("balance")
+        take, release or charge between a read and a write). The balance follows chain order:
+        a reading from a later block than the row's last (``read_block``) is the contract's
+        balance, lower too; one from an earlier block changes nothing (a payer's withdrawal or
+        a refund mirrored since from a later reading is never undone). Of one block, each
+        amount only ever rises (the larger of the row's and this reading), so readings
+        applied in any order agree — but with ``exact`` the balance is this reading's (read
+        while the deposit held the channel: no refund between, so it is the contract's, lower
+        too after an unmirrored withdrawal). Claims are never lowered."""
+        of_block = "excluded.balance" if exact else _larger("balance")
+        newer = "excluded.read_block > bs_channels.read_block"
         _, rows = await self._sql(
             "INSERT INTO bs_channels (channel_id, network, payer, config, balance,"  # noqa: S608 - constant
             " total_claimed, charged, signed_max, signature, pending_owner, pending_until,"
-            " version, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '0x', NULL, NULL, 1, ?)"
-            f" ON CONFLICT (channel_id) DO UPDATE SET balance = {balance_sql},"
+            " version, updated_at, read_block)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, '0x', NULL, NULL, 1, ?, ?)"
+            f" ON CONFLICT (channel_id) DO UPDATE SET balance = CASE WHEN {newer}"
+            " THEN excluded.balance WHEN excluded.read_block = bs_channels.read_block"
+            f" THEN {of_block} ELSE bs_channels.balance END,"
+            f" read_block = CASE WHEN {newer} THEN excluded.read_block"
+            " ELSE bs_channels.read_block END,"
             f" total_claimed = {_larger('total_claimed')},"
             f" charged = {_larger('charged', 'total_claimed')},"
             " version = bs_channels.version + 1, updated_at = excluded.updated_at"
@@ -234,6 +245,7 @@ class ChannelStore:
                 str(total_claimed),
                 str(total_claimed),
                 self._clock(),
+                block,
             ),
         )
         return _channel(rows[0])
@@ -530,15 +542,33 @@ class ChannelStore:
             (value, value, value, value, channel_id),
         )
 
-    async def refunded(self, channel_id: str, balance: int, total_claimed: int) -> None:
-        """A proven refund (or withdrawal): the channel's on-chain balance, as read after it,
-        and its claims (never lowered). One statement, never a compare-and-set that could
-        give up: a balance left above the contract's would take vouchers no claim can pay."""
+    async def refunded(
+        self, channel_id: str, balance: int, total_claimed: int, *, block: int = 0
+    ) -> None:
+        """A chain reading of the channel (after a proven refund, or the claim loop's: a
+        withdrawal), read at ``block``: its balance, unless the row's was read at a later
+        block (in chain order: an older reading never undoes a newer one), and its claims
+        (never lowered). One statement, never a compare-and-set that could give up: a
+        balance left above the contract's would take vouchers no claim can pay."""
         claimed = str(total_claimed)
         await self._sql(
-            f"UPDATE bs_channels SET balance = ?, total_claimed = {_larger('total_claimed', '?')},"  # noqa: S608 - constant
+            "UPDATE bs_channels SET balance = CASE WHEN CAST(? AS BIGINT) >= read_block"  # noqa: S608 - constant
+            " THEN CAST(? AS TEXT) ELSE balance END, read_block = CASE WHEN"
+            " CAST(? AS BIGINT) > read_block THEN CAST(? AS BIGINT) ELSE read_block END,"
+            f" total_claimed = {_larger('total_claimed', '?')},"
             " version = version + 1, updated_at = ? WHERE channel_id = ?",
-            (str(balance), claimed, claimed, claimed, claimed, self._clock(), channel_id),
+            (
+                block,
+                str(balance),
+                block,
+                block,
+                claimed,
+                claimed,
+                claimed,
+                claimed,
+                self._clock(),
+                channel_id,
+            ),
         )
 
     # --- claims ---

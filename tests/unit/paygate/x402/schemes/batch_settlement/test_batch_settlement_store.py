@@ -251,9 +251,10 @@ async def test_vouchers_recorded_before_v11_are_marked_charged_only_where_proven
         " created_at) VALUES (?, '3000', ?, 'v3', '1000', 1)",
         (CHANNEL, SIG3),
     )
-    # The store as v10 left it (nor step 12's column).
+    # The store as v10 left it (nor step 12's or 14's columns).
     await ledger.scheme_sql("ALTER TABLE bs_vouchers DROP COLUMN charged", ())
     await ledger.scheme_sql("ALTER TABLE payments DROP COLUMN history", ())
+    await ledger.scheme_sql("ALTER TABLE bs_channels DROP COLUMN read_block", ())
     await ledger.scheme_sql("UPDATE ledger_schema SET version = 10 WHERE id = 1", ())
     await ledger.close()
 
@@ -747,3 +748,35 @@ async def test_a_take_for_a_payment_is_made_only_while_its_reservation_holds(led
     with pytest.raises(LeaseLost):
         await store.take_reserved(CHANNEL, nonce(3), nonce(3))
     assert (await store.take(CHANNEL, "refund")).pending_owner == "refund"
+
+
+async def test_a_chain_reading_never_undoes_a_newer_one(ledger_store):
+    """Readings of a channel reach the ledger out of order (a top-up's, read before a payer's
+    timed withdrawal and written after the claim loop mirrored that withdrawal from a later
+    block): each is written with its block, and one older than the row's changes nothing of
+    the balance — neither a deposit's mirror (held or not) nor a refund's or the claim loop's;
+    a newer one is the contract's balance, lower too; claims are never lowered either way."""
+    clock = Clock()
+    a, b = await two_replicas(ledger_store, clock)
+    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=100)
+    await b.refunded(CHANNEL, 5_000, 0, block=120)  # the withdrawal, mirrored
+    for stale in (True, False):  # the top-up read at block 110, written now
+        kept = await a.deposited(
+            CHANNEL, "eip155:84532", CONFIG, balance=20_000, total_claimed=0, exact=stale,
+            block=110,
+        )  # fmt: skip
+        assert kept.balance == 5_000
+    await b.refunded(CHANNEL, 20_000, 300, block=110)
+    after = await a.get(CHANNEL)
+    assert (after.balance, after.total_claimed) == (5_000, 300)
+    # A newer reading is the contract's, lower or higher; the claims stay the larger.
+    newer = await a.deposited(
+        CHANNEL, "eip155:84532", CONFIG, balance=15_000, total_claimed=0, block=130
+    )
+    assert (newer.balance, newer.total_claimed) == (15_000, 300)
+    await b.refunded(CHANNEL, 1_000, 0, block=131)
+    assert (await a.get(CHANNEL)).balance == 1_000
+    # The same block read twice agrees with itself: written again, nothing moves back.
+    await b.refunded(CHANNEL, 1_000, 0, block=131)
+    await b.refunded(CHANNEL, 9_000, 0, block=130)
+    assert (await a.get(CHANNEL)).balance == 1_000
