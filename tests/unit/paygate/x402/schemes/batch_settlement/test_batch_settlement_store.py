@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import psycopg
 import pytest
 
 from paygate.x402.ledger import AlreadyReserved, LeaseLost, LedgerUnavailable, WriteNotMade
 from paygate.x402.ledger import PaymentState as S
 from paygate.x402.ledger_sqlite import SqliteLedger
+from paygate.x402.ledger_store import open_ledger, parse_ledger_url
 from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
 from paygate.x402.schemes.batch_settlement.store import (
     ChannelBusy,
@@ -780,3 +782,35 @@ async def test_a_chain_reading_never_undoes_a_newer_one(ledger_store):
     await b.refunded(CHANNEL, 1_000, 0, block=131)
     await b.refunded(CHANNEL, 9_000, 0, block=130)
     assert (await a.get(CHANNEL)).balance == 1_000
+
+
+async def test_a_take_for_a_payment_waits_for_a_release_running_meanwhile_and_sees_it(pg_url):
+    """PostgreSQL, replicas at once: a reconciler's release of the payment (the payment
+    RELEASED and the channel's hold given back, one transaction) is running — written, not
+    committed — when the late verify's take comes. The take must wait for it and see it
+    (LeaseLost, nothing taken), never take the channel on the payment's old state: the
+    release found no hold to give back, so that hold would be nobody's."""
+    clock = Clock()
+    ledger = await open_ledger(parse_ledger_url(pg_url), replica="a")
+    try:
+        store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+        await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+        await ledger.reserve(**request(1))
+        async with await psycopg.AsyncConnection.connect(pg_url) as releasing:
+            await releasing.execute(
+                "UPDATE payments SET state = 'released', lease = lease + 1 WHERE nonce = %s",
+                (nonce(1),),
+            )
+            await releasing.execute(
+                "UPDATE bs_channels SET pending_owner = NULL WHERE channel_id = %s"
+                " AND pending_owner = %s",
+                (CHANNEL, nonce(1)),
+            )
+            take = asyncio.ensure_future(store.take_reserved(CHANNEL, nonce(1), nonce(1)))
+            await asyncio.wait({take}, timeout=1.0)  # the take comes while the release runs
+            await releasing.commit()
+        with pytest.raises(LeaseLost):
+            await asyncio.wait_for(take, timeout=30)
+        assert (await store.get(CHANNEL)).pending_owner is None
+    finally:
+        await ledger.close()
