@@ -9,15 +9,18 @@ read-modify-write across statements. That is what lets replicas on one PostgreSQ
 one channel:
 
 * a request takes the channel's *pending* lease (owner: its voucher) with its reservation (or
-  at verify, when that found it held) and lets it go when its charge is committed; another
-  voucher meanwhile is refused ``channel_busy`` (the spec: process a channel's requests one at
-  a time). A lease left by a failed or dead request runs out after ``pending_seconds``; the
+  at verify, when that found it held: then only while its payment is still reserved, so that
+  whoever ends the reservation gives the hold back) and lets it go when its charge is
+  committed; another voucher meanwhile is refused ``channel_busy`` (the spec: process a
+  channel's requests one at a time). A lease left by a failed or dead request runs out after ``pending_seconds``; the
   same voucher sent again takes it back at once.
 * a charge is committed only by a voucher above the one last committed (monotonic), with its
   row in ``bs_vouchers`` marked ``charged`` in the same transaction (ledger step 11): sent
   twice, the second commit finds it marked and changes nothing; a voucher the channel passed
   unmarked (its charge lost) is never taken as committed (:meth:`ChannelStore.commit`).
 * one claimer at a time holds the claim lease (the ``bs_claims`` row ``claimer``).
+* a channel's balance follows chain order: each chain reading is written with the block it was
+  read at (``read_block``, ledger step 14), and one older than the row's changes nothing of it.
 
 Amounts are decimal text (uint128 does not fit SQLite's integer).
 """
