@@ -12,8 +12,8 @@ one channel:
   at verify, when that found it held: then only while its payment is still reserved, so that
   whoever ends the reservation gives the hold back) and lets it go when its charge is
   committed; another voucher meanwhile is refused ``channel_busy`` (the spec: process a
-  channel's requests one at a time). A lease left by a failed or dead request runs out after ``pending_seconds``; the
-  same voucher sent again takes it back at once.
+  channel's requests one at a time). A lease left by a failed or dead request runs out after
+  ``pending_seconds``; the same voucher sent again takes it back at once.
 * a charge is committed only by a voucher above the one last committed (monotonic), with its
   row in ``bs_vouchers`` marked ``charged`` in the same transaction (ledger step 11): sent
   twice, the second commit finds it marked and changes nothing; a voucher the channel passed
