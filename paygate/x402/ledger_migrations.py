@@ -17,7 +17,8 @@ v9: the free requests of each client address per day (shared by every process on
 v10: two payment indexes fewer (pages every paid request writes; see the step). v11: each
 batch-settlement voucher's charge marked in its own row (``bs_vouchers.charged``). v12: a
 payment's history in its own row while it is the ordinary course's (ledger_rules.kept_history).
-v13: batch-settlement vouchers by when they were recorded (retention's prune).
+v13: batch-settlement vouchers by when they were recorded (retention's prune). v14: the chain
+block each batch-settlement channel's balance was read at (a reading never undoes a newer one).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Literal
 from paygate.x402.ledger import PaymentState
 
 SqlDialect = Literal["sqlite", "postgres"]
-SCHEMA_VERSION = 13
+SCHEMA_VERSION = 14
 
 # What differs between the dialects, by name: (SQLite, PostgreSQL).
 _WORDS: dict[str, tuple[str, str]] = {
@@ -286,6 +287,12 @@ def migrations(dialect: SqlDialect) -> dict[int, tuple[str, ...]]:
         # request on a channel). Kept small: only the prune reads it; a voucher's commit
         # finds its row by the primary key.
         13: ("CREATE INDEX IF NOT EXISTS bs_vouchers_created ON bs_vouchers (created_at)",),
+        # A channel's balance is mirrored from chain readings that reach the ledger out of
+        # order (a top-up's, taken before a payer's timed withdrawal that the claim loop's
+        # later reading mirrored first): each is written with the block it was read at, and
+        # one older than the row's changes nothing (batch_settlement.store). 0: no reading
+        # known (rows from before this step), so the next one counts.
+        14: (f"ALTER TABLE bs_channels ADD COLUMN read_block {bigint} NOT NULL DEFAULT 0",),
     }
 
 

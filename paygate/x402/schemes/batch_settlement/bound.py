@@ -34,7 +34,7 @@ from paygate.x402.schemes.base import (
 from paygate.x402.schemes.batch_settlement import offer as offer_role
 from paygate.x402.schemes.batch_settlement.chain import BatchChain, ChannelChain, not_bound
 from paygate.x402.schemes.batch_settlement.channel import LEAST_CHARGE, NAME
-from paygate.x402.schemes.batch_settlement.claims import Channels, channel_state
+from paygate.x402.schemes.batch_settlement.channels import Channels, channel_state
 from paygate.x402.schemes.batch_settlement.facilitator import BatchFacilitator, receiver_authorizer
 from paygate.x402.schemes.batch_settlement.store import ChannelBusy
 from paygate.x402.schemes.batch_settlement.verify import (

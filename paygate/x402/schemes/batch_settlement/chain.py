@@ -80,8 +80,11 @@ _SETTLED = keccak(text="Settled(address,address,address,uint128)").hex()
 
 @dataclass(frozen=True, slots=True)
 class OnChain:
+    """A channel as the contract held it at ``block`` (its place in chain order)."""
+
     balance: int
     total_claimed: int
+    block: int
 
 
 def config_tuple(config: ChannelConfig) -> tuple[Any, ...]:
@@ -193,9 +196,13 @@ class BatchChain:
         return await self._reader.served_chain()
 
     async def state(self, channel_id: str) -> OnChain:
+        """The channel at the newest block, read at that block's number: readings reach the
+        ledger out of order, and its number says which is newer."""
         raw = bytes.fromhex(channel_id[2:])
-        balance, total = await self._reader.call(self._contract.functions.channels(raw).call)
-        return OnChain(int(balance), int(total))
+        block = int(await self._reader.call(lambda: self._reader.w3.eth.block_number))
+        read = self._contract.functions.channels(raw).call
+        balance, total = await self._reader.call(lambda: read(block_identifier=block))
+        return OnChain(int(balance), int(total), block)
 
     # --- deposits ---
 

@@ -9,15 +9,18 @@ read-modify-write across statements. That is what lets replicas on one PostgreSQ
 one channel:
 
 * a request takes the channel's *pending* lease (owner: its voucher) with its reservation (or
-  at verify, when that found it held) and lets it go when its charge is committed; another
-  voucher meanwhile is refused ``channel_busy`` (the spec: process a channel's requests one at
-  a time). A lease left by a failed or dead request runs out after ``pending_seconds``; the
-  same voucher sent again takes it back at once.
+  at verify, when that found it held: then only while its payment is still reserved, so that
+  whoever ends the reservation gives the hold back) and lets it go when its charge is
+  committed; another voucher meanwhile is refused ``channel_busy`` (the spec: process a
+  channel's requests one at a time). A lease left by a failed or dead request runs out after
+  ``pending_seconds``; the same voucher sent again takes it back at once.
 * a charge is committed only by a voucher above the one last committed (monotonic), with its
   row in ``bs_vouchers`` marked ``charged`` in the same transaction (ledger step 11): sent
   twice, the second commit finds it marked and changes nothing; a voucher the channel passed
   unmarked (its charge lost) is never taken as committed (:meth:`ChannelStore.commit`).
 * one claimer at a time holds the claim lease (the ``bs_claims`` row ``claimer``).
+* a channel's balance follows chain order: each chain reading is written with the block it was
+  read at (``read_block``, ledger step 14), and one older than the row's changes nothing of it.
 
 Amounts are decimal text (uint128 does not fit SQLite's integer).
 """
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from paygate.errors import PaygateError
-from paygate.x402.ledger import SchemeWrite
+from paygate.x402.ledger import LeaseLost, PaymentState, SchemeWrite
 from paygate.x402.schemes.base import SchemeSql
 from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
 from paygate.x402.settler import ReviewRequired
@@ -203,23 +206,34 @@ class ChannelStore:
         balance: int,
         total_claimed: int,
         exact: bool = False,
+        block: int = 0,
     ) -> Channel:
         """Mirror the channel's on-chain state after a proven deposit (a new channel starts
-        charged at what was claimed before: the spec's baseline after state loss).
+        charged at what was claimed before: the spec's baseline after state loss), as read
+        at ``block``.
 
         One statement, never a compare-and-set that could lose: the deposit has moved on chain
         already, so its mirror must not give up however busy the channel is (another replica's
-        take, release or charge between a read and a write). Each amount only ever rises (the
-        larger of the row's and this reading), so readings applied in any order agree — but
-        with ``exact`` the balance is this reading's (read while the deposit held the channel:
-        no refund between, so it is the contract's, lower too after an unmirrored withdrawal);
-        claims are never lowered."""
-        balance_sql = "excluded.balance" if exact else _larger("balance")
+        take, release or charge between a read and a write). The balance follows chain order:
+        a reading from a later block than the row's last (``read_block``) is the contract's
+        balance, lower too; one from an earlier block changes nothing (a payer's withdrawal or
+        a refund mirrored since from a later reading is never undone). Of one block, each
+        amount only ever rises (the larger of the row's and this reading), so readings
+        applied in any order agree — but with ``exact`` the balance is this reading's (read
+        while the deposit held the channel: no refund between, so it is the contract's, lower
+        too after an unmirrored withdrawal). Claims are never lowered."""
+        of_block = "excluded.balance" if exact else _larger("balance")
+        newer = "excluded.read_block > bs_channels.read_block"
         _, rows = await self._sql(
             "INSERT INTO bs_channels (channel_id, network, payer, config, balance,"  # noqa: S608 - constant
             " total_claimed, charged, signed_max, signature, pending_owner, pending_until,"
-            " version, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '0x', NULL, NULL, 1, ?)"
-            f" ON CONFLICT (channel_id) DO UPDATE SET balance = {balance_sql},"
+            " version, updated_at, read_block)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, '0x', NULL, NULL, 1, ?, ?)"
+            f" ON CONFLICT (channel_id) DO UPDATE SET balance = CASE WHEN {newer}"
+            " THEN excluded.balance WHEN excluded.read_block = bs_channels.read_block"
+            f" THEN {of_block} ELSE bs_channels.balance END,"
+            f" read_block = CASE WHEN {newer} THEN excluded.read_block"
+            " ELSE bs_channels.read_block END,"
             f" total_claimed = {_larger('total_claimed')},"
             f" charged = {_larger('charged', 'total_claimed')},"
             " version = bs_channels.version + 1, updated_at = excluded.updated_at"
@@ -234,6 +248,7 @@ class ChannelStore:
                 str(total_claimed),
                 str(total_claimed),
                 self._clock(),
+                block,
             ),
         )
         return _channel(rows[0])
@@ -242,48 +257,96 @@ class ChannelStore:
         """:meth:`take`'s usual case, one statement — the lease is free, ours, or run out — as
         a write for the ledger to make with the request's reservation (:func:`taken` reads it;
         not required: a busy or unknown channel is told apart by :meth:`take` after)."""
+        return SchemeWrite([self._take(channel_id, owner, None)])
+
+    def _take(
+        self, channel_id: str, owner: str, version: int | None, reservation: str | None = None
+    ) -> tuple[str, tuple[Any, ...]]:
+        """The statement taking the channel for ``owner``: when its lease is free, ours or run
+        out (``version`` None), or as read at ``version``; with ``reservation``, only while
+        that payment is reserved (:meth:`take`)."""
         now = self._clock()
-        return SchemeWrite(
-            [
-                (
-                    "UPDATE bs_channels SET pending_owner = ?, pending_until = ?,"  # noqa: S608 - constant
-                    " version = version + 1, updated_at = ? WHERE channel_id = ? AND"
-                    " (pending_owner IS NULL OR pending_owner = ? OR pending_until IS NULL OR"
-                    f" pending_until <= ?) RETURNING {_COLUMNS}",
-                    (owner, now + self._pending_seconds, now, channel_id, owner, now),
-                )
-            ]
+        params: tuple[Any, ...] = (owner, now + self._pending_seconds, now, channel_id)
+        if version is None:
+            where = (
+                " AND (pending_owner IS NULL OR pending_owner = ? OR pending_until IS NULL OR"
+                " pending_until <= ?)"
+            )
+            params += (owner, now)
+        else:
+            where = " AND version = ?"
+            params += (version,)
+        if reservation is not None:
+            where += " AND EXISTS (SELECT 1 FROM payments WHERE nonce = ? AND state = ?)"
+            params += (reservation, PaymentState.RESERVED.value)
+        return (
+            "UPDATE bs_channels SET pending_owner = ?, pending_until = ?,"  # noqa: S608 - constant
+            f" version = version + 1, updated_at = ? WHERE channel_id = ?{where}"
+            f" RETURNING {_COLUMNS}",
+            params,
         )
 
     async def take(self, channel_id: str, owner: str) -> Channel | None:
         """Take the channel's pending lease for ``owner`` (a voucher); None if no channel."""
+        return await self._take_held(channel_id, owner, None)
+
+    async def take_reserved(self, channel_id: str, owner: str, nonce: str) -> Channel | None:
+        """:meth:`take` for a payment (its ``nonce``), made only while that payment is
+        reserved, in the same transaction; LeaseLost when it is not. Whoever ends a
+        reservation gives its hold back with it (its request, or the reconciler releasing it
+        for a replica taken for dead), so a hold taken under a live reservation is always
+        given back; one taken after the release (a replica frozen in its verify, waking up)
+        would be nobody's to give back and would refuse the payer busy until it ran out."""
+        return await self._take_held(channel_id, owner, nonce)
+
+    async def _take_held(
+        self, channel_id: str, owner: str, reservation: str | None
+    ) -> Channel | None:
         # The usual case in one statement: the lease is free, ours, or run out.
-        (statement,) = self.take_write(channel_id, owner).statements
-        _, rows = await self._sql(*statement)
-        if rows:
-            return _channel(rows[0])
+        channel = await self._taken(self._take(channel_id, owner, None, reservation), reservation)
+        if channel is not None:
+            return channel
         # No such channel, or held by another request: read it to tell which.
         for _ in range(16):
             current = await self.get(channel_id)
             if current is None:
                 return None
-            now = self._clock()
             held = (
                 current.pending_owner is not None
                 and current.pending_owner != owner
-                and (current.pending_until or 0) > now
+                and (current.pending_until or 0) > self._clock()
             )
             if held:
                 raise ChannelBusy("another request on this channel is in progress")
-            _, rows = await self._sql(
-                "UPDATE bs_channels SET pending_owner = ?, pending_until = ?,"  # noqa: S608 - constant
-                " version = version + 1, updated_at = ? WHERE channel_id = ? AND version = ?"
-                f" RETURNING {_COLUMNS}",
-                (owner, now + self._pending_seconds, now, channel_id, current.version),
+            channel = await self._taken(
+                self._take(channel_id, owner, current.version, reservation), reservation
             )
-            if rows:
-                return _channel(rows[0])
+            if channel is not None:
+                return channel
         raise ChannelBusy("the channel changed too often to take")
+
+    async def _taken(
+        self, statement: tuple[str, tuple[Any, ...]], reservation: str | None
+    ) -> Channel | None:
+        """A take made (the channel it took; None: not free, or no channel). With
+        ``reservation``, in one transaction with that payment's row locked first (a no-op
+        UPDATE, both stores' SQL: a release of it running meanwhile is waited for, then seen);
+        LeaseLost when the payment is not reserved."""
+        if reservation is None:
+            _, rows = await self._sql(*statement)
+            return _channel(rows[0]) if rows else None
+        (locked, _), (_, rows) = await self._sql_all(
+            [
+                (
+                    "UPDATE payments SET lease = lease WHERE nonce = ? AND state = ?",
+                    (reservation, PaymentState.RESERVED.value),
+                ),
+                statement,
+            ]
+        )
+        if not locked:
+            raise LeaseLost("the payment's reservation was released: the channel is not taken")
+        return _channel(rows[0]) if rows else None
 
     def release_write(self, channel_id: str, owner: str) -> SchemeWrite:
         """:meth:`release` as a write for the ledger to make with the payment's release (its
@@ -482,15 +545,33 @@ class ChannelStore:
             (value, value, value, value, channel_id),
         )
 
-    async def refunded(self, channel_id: str, balance: int, total_claimed: int) -> None:
-        """A proven refund (or withdrawal): the channel's on-chain balance, as read after it,
-        and its claims (never lowered). One statement, never a compare-and-set that could
-        give up: a balance left above the contract's would take vouchers no claim can pay."""
+    async def refunded(
+        self, channel_id: str, balance: int, total_claimed: int, *, block: int = 0
+    ) -> None:
+        """A chain reading of the channel (after a proven refund, or the claim loop's: a
+        withdrawal), read at ``block``: its balance, unless the row's was read at a later
+        block (in chain order: an older reading never undoes a newer one), and its claims
+        (never lowered). One statement, never a compare-and-set that could give up: a
+        balance left above the contract's would take vouchers no claim can pay."""
         claimed = str(total_claimed)
         await self._sql(
-            f"UPDATE bs_channels SET balance = ?, total_claimed = {_larger('total_claimed', '?')},"  # noqa: S608 - constant
+            "UPDATE bs_channels SET balance = CASE WHEN CAST(? AS BIGINT) >= read_block"  # noqa: S608 - constant
+            " THEN CAST(? AS TEXT) ELSE balance END, read_block = CASE WHEN"
+            " CAST(? AS BIGINT) > read_block THEN CAST(? AS BIGINT) ELSE read_block END,"
+            f" total_claimed = {_larger('total_claimed', '?')},"
             " version = version + 1, updated_at = ? WHERE channel_id = ?",
-            (str(balance), claimed, claimed, claimed, claimed, self._clock(), channel_id),
+            (
+                block,
+                str(balance),
+                block,
+                block,
+                claimed,
+                claimed,
+                claimed,
+                claimed,
+                self._clock(),
+                channel_id,
+            ),
         )
 
     # --- claims ---

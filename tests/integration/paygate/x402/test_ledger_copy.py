@@ -94,7 +94,7 @@ async def fill(path: Path) -> bytes:
             [
                 (
                     "INSERT INTO bs_channels VALUES (?, 'eip155:84532', ?, '{}', ?, '0', ?,"
-                    " ?, ?, NULL, NULL, 3, 1.7e9)",
+                    " ?, ?, NULL, NULL, 3, 1.7e9, 42)",  # read at block 42 (ledger v14)
                     ("0x" + "c1" * 32, PAYER, str(10**25), "500", "800", SIGNATURE),
                 ),
                 (

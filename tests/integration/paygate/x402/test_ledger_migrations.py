@@ -246,7 +246,7 @@ def test_the_password_comes_from_a_file_or_the_systemd_credential(
 async def as_v10(ledger: object) -> None:
     """Take a store written by this code back to schema v10 as v10 would have left it: every
     history line in payment_events (each payment's in its order), no ``history`` column (step
-    12), no ``bs_vouchers.charged`` column (step 11)."""
+    12), no ``bs_vouchers.charged`` column (step 11), no ``bs_channels.read_block`` (step 14)."""
     run = ledger.scheme_sql  # type: ignore[attr-defined]
     _, held = await run(
         "SELECT id, history FROM payments WHERE history IS NOT NULL ORDER BY created_at", ()
@@ -260,6 +260,7 @@ async def as_v10(ledger: object) -> None:
             )
     await run("ALTER TABLE payments DROP COLUMN history", ())
     await run("ALTER TABLE bs_vouchers DROP COLUMN charged", ())  # step 11's
+    await run("ALTER TABLE bs_channels DROP COLUMN read_block", ())  # step 14's
     await run("UPDATE ledger_schema SET version = 10 WHERE id = 1", ())
 
 

@@ -25,6 +25,7 @@ RELEASED = {
         # 11: batch settlement's step, pinned on its own branch.
         12: (1, "b67aab37aa74467fbf5c1ba94add8402c349427863fbfb3183eeec7c2ee77db1"),
         13: (1, "bde02db6dbce8964da1c2ae5c3ebe640288b5a11509d1a8821805df722caa199"),
+        14: (1, "92b12ee45a3e445c2f4285fa4e6a8ae34ef620badb60f869f4b9f6a321ca08f2"),
     },
     "postgres": {
         1: (3, "15ace1f755611ae0eaf8703d904ff812b0821970032826b6790c3bd58050fd37"),
@@ -39,6 +40,7 @@ RELEASED = {
         10: (2, "6375b494c6d5b93dfd317ed8935141a5feaab00da06bc2ad2b48c98b4534f71e"),
         12: (1, "feef3d4de3d729c0de40a663617cb3ea836ea41e3cf0a15b32ba4a2255fbf154"),
         13: (1, "bde02db6dbce8964da1c2ae5c3ebe640288b5a11509d1a8821805df722caa199"),
+        14: (1, "73e006496a256d7d17abefe87186b35f6f6528fa5f9f46bdcb2a7430e8f51d55"),
     },
 }
 MIGRATIONS = {

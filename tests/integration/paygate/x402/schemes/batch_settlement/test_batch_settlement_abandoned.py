@@ -226,3 +226,67 @@ async def test_a_late_verify_on_a_replica_whose_reservation_was_released_takes_n
             assert response.status_code == 200, (response.headers, response.text)
             state = receipt_of(response.headers)["extra"]["channelState"]
             assert state["chargedCumulativeAmount"] == str(4 * PRICE_ATOMIC)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_a_late_verify_whose_reservation_found_the_channel_held_takes_nothing_once_released(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch, request, store
+):
+    """Replica "a" reserves a voucher while another request holds the channel (its
+    reservation takes nothing: the take waits for its verify), then freezes before that verify
+    (its leases unrenewed). The other request ends; "a" is taken for dead and another
+    replica's reconciler releases its reservation — with nothing of the channel to give back.
+    When "a" wakes up its verify must not take the channel now free: that hold would be
+    nobody's to give back (its reservation is gone) and would refuse the payer busy until it
+    ran out. The payer's voucher, sent again, is served."""
+    ledger = tmp_path / "payments.db" if store == "sqlite" else request.getfixturevalue("pg_url")
+    frozen: list[bool] = []
+    verifying, wake = asyncio.Event(), asyncio.Event()
+    real_verify = BoundBatchSettlement.verify
+    real_renew = HeldLeases.renew_all
+
+    async def verify(self, settler, payment, requirements):
+        if frozen and not verifying.is_set():  # a's verify (b's go on)
+            verifying.set()
+            await asyncio.wait_for(wake.wait(), timeout=60)
+        return await real_verify(self, settler, payment, requirements)
+
+    async def renew_all(self) -> int:
+        return 0 if frozen else await real_renew(self)
+
+    monkeypatch.setattr(BoundBatchSettlement, "verify", verify)
+    monkeypatch.setattr(HeldLeases, "renew_all", renew_all)
+    scheme = sdk_batch_scheme(payer, deposit=DEPOSIT)
+    async with (
+        sdk_batch_client(scheme) as client,
+        chain_batch(
+            seller, ledger, anvil, gas_key, replica_id="a", lease_seconds=LEASE, **PRICES
+        ) as a,
+    ):
+        first = await client.post(a.url + CHAT, json=CHAT_BODY)
+        assert first.status_code == 200, first.text
+        channel_id = receipt_of(first.headers)["extra"]["channelState"]["channelId"]
+        async with claimer(ledger, anvil, gas_key) as other:
+            assert await other.store.take(channel_id, "another request") is not None
+            frozen.append(True)
+            late = asyncio.ensure_future(client.post(a.url + CHAT, json=CHAT_BODY))
+            await asyncio.wait_for(verifying.wait(), timeout=30)
+            held = await other.store.get(channel_id)
+            assert held is not None
+            assert held.pending_owner == "another request"
+            await asyncio.sleep(LEASE + 0.5)  # a's lease runs out
+            await other.store.release(channel_id, "another request")
+        async with chain_batch(seller, ledger, anvil, gas_key, replica_id="b", **PRICES) as b:
+            # b's start released a's reservation (the reconciler's step).
+            frozen.clear()
+            wake.set()  # a wakes up: its verify goes on
+            answered = (await asyncio.gather(late, return_exceptions=True))[0]
+            assert getattr(answered, "status_code", None) != 200
+            after = await _channel(ledger, anvil, gas_key, channel_id)
+            assert (after.pending_owner, after.charged) == (None, PRICE_ATOMIC)
+            served = b.fake.completed["POST /v1/chat/completions"]
+            response = await client.post(b.url + CHAT, json=CHAT_BODY)
+            assert response.status_code == 200, (response.headers, response.text)
+            state = receipt_of(response.headers)["extra"]["channelState"]
+            assert state["chargedCumulativeAmount"] == str(2 * PRICE_ATOMIC)
+            assert b.fake.completed["POST /v1/chat/completions"] == served + 1

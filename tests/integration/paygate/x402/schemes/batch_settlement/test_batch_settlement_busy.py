@@ -23,6 +23,7 @@ from tests.fixtures.batch_settlement_support import (
     claimer,
     header_for,
     opened_channel,
+    pause_top_up,
     sdk_batch_client,
     sdk_batch_scheme,
 )
@@ -60,53 +61,6 @@ def busy_replica(monkeypatch) -> list[bool]:
 
     monkeypatch.setattr(ChannelStore, "get", get)
     return armed
-
-
-class PausedTopUp:
-    """A top-up stopped once its deposit moved on chain: `reached` is set when it stops there,
-    `proceed` lets it go on (waited for at most 30 s)."""
-
-    def __init__(self) -> None:
-        self.reached, self.proceed = asyncio.Event(), asyncio.Event()
-        self.armed = False  # the next deposit is the one to stop
-        self.proven = False  # that deposit moved: the next chain reading is the one to stop
-
-    def arm(self) -> None:
-        self.armed = True
-
-    async def pause(self) -> None:
-        self.reached.set()
-        await asyncio.wait_for(self.proceed.wait(), timeout=30)
-
-
-def pause_top_up(monkeypatch, *, in_next_read: bool = False) -> PausedTopUp:
-    """Armed, the next top-up stops once its deposit moved on chain and was read back — on
-    `BatchChain.deposit`'s return, or with `in_next_read` in the chain reading that follows it
-    (the one its mirror is written from, under the deposit's hold) — its mirror not written."""
-    paused = PausedTopUp()
-    real_deposit, real_state = BatchChain.deposit, BatchChain.state
-
-    async def deposit(self, request):
-        moved = await real_deposit(self, request)
-        if paused.armed:
-            paused.armed = False
-            if in_next_read:
-                paused.proven = True
-            else:
-                await paused.pause()
-        return moved
-
-    async def state(self, channel_id):
-        found = await real_state(self, channel_id)
-        if paused.proven:
-            paused.proven = False
-            await paused.pause()
-        return found
-
-    monkeypatch.setattr(BatchChain, "deposit", deposit)
-    if in_next_read:
-        monkeypatch.setattr(BatchChain, "state", state)
-    return paused
 
 
 async def test_a_top_up_on_a_channel_another_replica_keeps_changing_is_mirrored_and_served(
@@ -381,11 +335,11 @@ async def test_a_refund_whose_mirror_failed_leaves_no_balance_to_spend_that_the_
     armed: list[bool] = []
     real = ChannelStore.refunded
 
-    async def refunded(self, channel_id, balance, total_claimed):
+    async def refunded(self, channel_id, balance, total_claimed, **chain_order):
         if armed:
             armed.clear()
             raise LedgerUnavailable("the disk failed")
-        return await real(self, channel_id, balance, total_claimed)
+        return await real(self, channel_id, balance, total_claimed, **chain_order)
 
     monkeypatch.setattr(ChannelStore, "refunded", refunded)
     async with chain_batch(seller, ledger, anvil, gas_key) as stack:

@@ -13,7 +13,7 @@ from paygate.x402.ledger import LedgerUnavailable, PaymentState
 from paygate.x402.ledger_postgres import PostgresLedger
 from paygate.x402.ledger_sqlite import SqliteLedger
 from paygate.x402.ledger_store import LedgerLocation, open_ledger
-from paygate.x402.schemes.batch_settlement.claims import Channels
+from paygate.x402.schemes.batch_settlement.channels import Channels
 from paygate.x402.schemes.batch_settlement.store import CHARGE_LOST
 from tests.fixtures.batch_settlement_support import (
     batch_offer,

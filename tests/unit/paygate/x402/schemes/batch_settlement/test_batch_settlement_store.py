@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import psycopg
 import pytest
 
 from paygate.x402.ledger import AlreadyReserved, LeaseLost, LedgerUnavailable, WriteNotMade
 from paygate.x402.ledger import PaymentState as S
 from paygate.x402.ledger_sqlite import SqliteLedger
+from paygate.x402.ledger_store import open_ledger, parse_ledger_url
 from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
 from paygate.x402.schemes.batch_settlement.store import (
     ChannelBusy,
@@ -251,9 +253,10 @@ async def test_vouchers_recorded_before_v11_are_marked_charged_only_where_proven
         " created_at) VALUES (?, '3000', ?, 'v3', '1000', 1)",
         (CHANNEL, SIG3),
     )
-    # The store as v10 left it (nor step 12's column).
+    # The store as v10 left it (nor step 12's or 14's columns).
     await ledger.scheme_sql("ALTER TABLE bs_vouchers DROP COLUMN charged", ())
     await ledger.scheme_sql("ALTER TABLE payments DROP COLUMN history", ())
+    await ledger.scheme_sql("ALTER TABLE bs_channels DROP COLUMN read_block", ())
     await ledger.scheme_sql("UPDATE ledger_schema SET version = 10 WHERE id = 1", ())
     await ledger.close()
 
@@ -712,3 +715,102 @@ async def test_the_claim_pass_reads_only_the_channels_that_owe_something(ledger_
     reads.read.clear()
     assert [c.channel_id for c in await store.claimable(2)] == owing[:2]
     assert len(reads.read[-1]) == 2  # bounded in the read, not after it
+
+
+async def test_a_take_for_a_payment_is_made_only_while_its_reservation_holds(ledger_store):
+    """A paid request's take at verify names its payment: made while the payment is reserved
+    (its release then gives the hold back); once the payment was released (a replica frozen
+    in its verify, taken for dead, its reservation released by another replica's reconciler)
+    it takes nothing — LeaseLost, the channel left as it was (free, or held by a voucher
+    whose hold ran out)."""
+    clock = Clock()
+    ledger = await ledger_store(replica="a")
+    store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    live = await ledger.reserve(**request(1))
+    taken_live = await store.take_reserved(CHANNEL, nonce(1), nonce(1))
+    assert taken_live is not None
+    assert taken_live.pending_owner == nonce(1)
+    await ledger.transition(
+        live.id, S.RELEASED, lease=live.lease, write=store.release_write(CHANNEL, nonce(1))
+    )
+    assert (await store.get(CHANNEL)).pending_owner is None
+    late = await ledger.reserve(**request(2))
+    await ledger.transition(late.id, S.RELEASED, lease=late.lease)
+    with pytest.raises(LeaseLost):
+        await store.take_reserved(CHANNEL, nonce(2), nonce(2))
+    assert (await store.get(CHANNEL)).pending_owner is None
+    # Held by another voucher whose hold ran out: not taken from it either.
+    assert (await store.take(CHANNEL, "other")).pending_owner == "other"
+    clock.now += 31
+    with pytest.raises(LeaseLost):
+        await store.take_reserved(CHANNEL, nonce(2), nonce(2))
+    assert (await store.get(CHANNEL)).pending_owner == "other"
+    # Never reserved at all: nothing either; a refund's take (no payment) is not fenced.
+    with pytest.raises(LeaseLost):
+        await store.take_reserved(CHANNEL, nonce(3), nonce(3))
+    assert (await store.take(CHANNEL, "refund")).pending_owner == "refund"
+
+
+async def test_a_chain_reading_never_undoes_a_newer_one(ledger_store):
+    """Readings of a channel reach the ledger out of order (a top-up's, read before a payer's
+    timed withdrawal and written after the claim loop mirrored that withdrawal from a later
+    block): each is written with its block, and one older than the row's changes nothing of
+    the balance — neither a deposit's mirror (held or not) nor a refund's or the claim loop's;
+    a newer one is the contract's balance, lower too; claims are never lowered either way."""
+    clock = Clock()
+    a, b = await two_replicas(ledger_store, clock)
+    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=100)
+    await b.refunded(CHANNEL, 5_000, 0, block=120)  # the withdrawal, mirrored
+    for stale in (True, False):  # the top-up read at block 110, written now
+        kept = await a.deposited(
+            CHANNEL, "eip155:84532", CONFIG, balance=20_000, total_claimed=0, exact=stale,
+            block=110,
+        )  # fmt: skip
+        assert kept.balance == 5_000
+    await b.refunded(CHANNEL, 20_000, 300, block=110)
+    after = await a.get(CHANNEL)
+    assert (after.balance, after.total_claimed) == (5_000, 300)
+    # A newer reading is the contract's, lower or higher; the claims stay the larger.
+    newer = await a.deposited(
+        CHANNEL, "eip155:84532", CONFIG, balance=15_000, total_claimed=0, block=130
+    )
+    assert (newer.balance, newer.total_claimed) == (15_000, 300)
+    await b.refunded(CHANNEL, 1_000, 0, block=131)
+    assert (await a.get(CHANNEL)).balance == 1_000
+    # The same block read twice agrees with itself: written again, nothing moves back.
+    await b.refunded(CHANNEL, 1_000, 0, block=131)
+    await b.refunded(CHANNEL, 9_000, 0, block=130)
+    assert (await a.get(CHANNEL)).balance == 1_000
+
+
+async def test_a_take_for_a_payment_waits_for_a_release_running_meanwhile_and_sees_it(pg_url):
+    """PostgreSQL, replicas at once: a reconciler's release of the payment (the payment
+    RELEASED and the channel's hold given back, one transaction) is running — written, not
+    committed — when the late verify's take comes. The take must wait for it and see it
+    (LeaseLost, nothing taken), never take the channel on the payment's old state: the
+    release found no hold to give back, so that hold would be nobody's."""
+    clock = Clock()
+    ledger = await open_ledger(parse_ledger_url(pg_url), replica="a")
+    try:
+        store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+        await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+        await ledger.reserve(**request(1))
+        async with await psycopg.AsyncConnection.connect(pg_url) as releasing:
+            await releasing.execute(
+                "UPDATE payments SET state = 'released', lease = lease + 1 WHERE nonce = %s",
+                (nonce(1),),
+            )
+            await releasing.execute(
+                "UPDATE bs_channels SET pending_owner = NULL WHERE channel_id = %s"
+                " AND pending_owner = %s",
+                (CHANNEL, nonce(1)),
+            )
+            take = asyncio.ensure_future(store.take_reserved(CHANNEL, nonce(1), nonce(1)))
+            await asyncio.wait({take}, timeout=1.0)  # the take comes while the release runs
+            await releasing.commit()
+        with pytest.raises(LeaseLost):
+            await asyncio.wait_for(take, timeout=30)
+        assert (await store.get(CHANNEL)).pending_owner is None
+    finally:
+        await ledger.close()
