@@ -11,6 +11,7 @@ payment after its reservation through here: one place for a store to make them c
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ from paygate.x402.ledger import (
     TRANSITIONS,
     LeaseLost,
     LedgerError,
+    LedgerUnavailable,
     PaymentRecord,
     PaymentState,
     ReceiptUsage,
@@ -27,6 +29,11 @@ from paygate.x402.ledger_base import Ledger
 
 log = logging.getLogger("paygate.x402")
 
+# The share of a lease this process counts on from its own clock, from when it last took or
+# renewed it (a monotonic time taken after the ledger's answer, so later than the lease's
+# start): the rest covers that call's own time and the clocks' drift.
+_TRUSTED_SHARE = 0.8
+
 
 class HeldLeases:
     """The payments this process works on right now: id → the lease epoch it holds."""
@@ -34,9 +41,14 @@ class HeldLeases:
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
         self._held: dict[str, int] = {}
+        # id -> the monotonic time until which the held lease is surely still ours (a process
+        # stopped past it finds it passed when it wakes: see :meth:`confirm`).
+        self._live_until: dict[str, float] = {}
+        self._trusted = ledger.lease_seconds * _TRUSTED_SHARE
 
     def hold(self, record: PaymentRecord) -> None:
         self._held[record.id] = record.lease
+        self._live_until[record.id] = time.monotonic() + self._trusted
 
     def holds(self, record: PaymentRecord) -> bool:
         return record.id in self._held
@@ -44,6 +56,7 @@ class HeldLeases:
     def drop(self, payment_id: str) -> None:
         """Forget a hold without a word to the ledger (its lease is lost or runs out)."""
         self._held.pop(payment_id, None)
+        self._live_until.pop(payment_id, None)
 
     async def move(self, record: PaymentRecord, to: PaymentState, **change: Any) -> PaymentRecord:
         """A fenced transition under the lease this process holds (``change``: the keywords of
@@ -60,7 +73,30 @@ class HeldLeases:
         log.debug("payment %s: %s -> %s", moved.id, record.state, moved.state)
         if change.get("let_go") or not TRANSITIONS[moved.state]:
             self.drop(moved.id)
+        elif moved.id in self._held:  # a fenced move into a live state renewed the lease
+            self._live_until[moved.id] = time.monotonic() + self._trusted
         return moved
+
+    async def confirm(self, record: PaymentRecord) -> str | None:
+        """None when the lease held on ``record`` is still this process's, else why not
+        (``lease_lost``, ``ledger_unavailable``). Known from this process's clock while the
+        lease it last took or renewed has time left (no ledger call: the usual case); past
+        that (the process was stopped, or its renewals failed) a fenced renewal decides."""
+        until = self._live_until.get(record.id)
+        if until is not None and time.monotonic() < until:
+            return None
+        if record.id not in self._held:
+            return LeaseLost.code  # dropped: found lost by a renewal or a fenced move
+        try:
+            await self.renew(record)
+        except LeaseLost:
+            self.drop(record.id)
+            log.warning("payment %s: lease lost to another replica; leaving it", record.id)
+            return LeaseLost.code
+        except LedgerError as exc:
+            log.warning("payment %s: cannot renew its lease: %s", record.id, exc.code)
+            return LedgerUnavailable.code
+        return None
 
     async def let_go(self, record: PaymentRecord) -> None:
         """Give the lease up: any replica's reconciler may take the payment."""
@@ -135,7 +171,10 @@ class HeldLeases:
 
     async def renew(self, record: PaymentRecord) -> PaymentRecord:
         """Re-check (and extend) the lease held on ``record`` right before acting on it."""
-        return await self._ledger.renew(record.id, record.lease)
+        renewed = await self._ledger.renew(record.id, record.lease)
+        if record.id in self._held:
+            self._live_until[record.id] = time.monotonic() + self._trusted
+        return renewed
 
     async def renew_all(self) -> int:
         """Renew every held lease; a lease found lost is dropped (its next fenced change would
@@ -145,6 +184,8 @@ class HeldLeases:
             try:
                 await self._ledger.renew(payment_id, lease)
                 renewed += 1
+                if payment_id in self._held:
+                    self._live_until[payment_id] = time.monotonic() + self._trusted
             except LeaseLost:
                 log.warning("payment %s: lease lost to another replica; leaving it", payment_id)
                 self.drop(payment_id)

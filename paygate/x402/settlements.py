@@ -22,7 +22,9 @@ from typing import Any
 from paygate.x402.hooks import PaymentEvents
 from paygate.x402.leases import HeldLeases, receipt_usage
 from paygate.x402.ledger import (
+    LeaseLost,
     LedgerError,
+    LedgerUnavailable,
     PaymentRecord,
     PaymentState,
     SchemeWrite,
@@ -87,6 +89,20 @@ class Settlements:
             # Nothing more happens to it in this request (e.g. verify-only leaves it SERVED):
             # give the lease up so that a reconciler, anywhere, owns what is left.
             await self.leases.let_go(record)
+
+    async def confirm_lease(self, admission: PaymentAdmission) -> str | None:
+        """Before a reply starts to leave whose charge is recorded only after it (a stream
+        settled after its reply): None while this process still holds the payment's lease,
+        else why not (``lease_lost``, ``ledger_unavailable``; kept as ``unrecorded``): the
+        reply must not go out, since its charge could not be recorded. No ledger call while the
+        lease is known live from this process's clock (paygate.x402.leases)."""
+        record = admission.record
+        if record is None or admission.receipt is not None or admission.finished:
+            return None
+        code = await self.leases.confirm(record)
+        if code is not None:
+            admission.unrecorded = code
+        return code
 
     async def keep_receipt(
         self, admission: PaymentAdmission, token: str, usage: Mapping[str, Any] | None
@@ -198,6 +214,9 @@ class Settlements:
                 )
         except LedgerError as exc:
             log.error("payment %s: cannot record SETTLING: %s", record.id, exc.code)
+            # Nothing records the charge: no reply may claim it (it is withheld).
+            lost = isinstance(exc, LeaseLost)
+            admission.unrecorded = LeaseLost.code if lost else LedgerUnavailable.code
             return None
         admission.record = record
         started = time.monotonic()
