@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from paygate.x402.ledger import (
@@ -29,8 +29,16 @@ from paygate.x402.ledger_base import Ledger
 
 log = logging.getLogger("paygate.x402")
 
+
+def _uptime() -> float:
+    """Seconds on a clock that never goes back and counts a suspended host's sleep too (Linux's
+    boot time): a process stopped, or a host asleep, past its lease finds it passed."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+_LOCAL_CLOCK = _uptime if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic
 # The share of a lease this process counts on from its own clock, from when it last took or
-# renewed it (a monotonic time taken after the ledger's answer, so later than the lease's
+# renewed it (a local time taken after the ledger's answer, so later than the lease's
 # start): the rest covers that call's own time and the clocks' drift.
 _TRUSTED_SHARE = 0.8
 
@@ -38,17 +46,18 @@ _TRUSTED_SHARE = 0.8
 class HeldLeases:
     """The payments this process works on right now: id → the lease epoch it holds."""
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, *, clock: Callable[[], float] = _LOCAL_CLOCK) -> None:
         self._ledger = ledger
+        self._clock = clock  # the local side of a lease (see :meth:`confirm`)
         self._held: dict[str, int] = {}
-        # id -> the monotonic time until which the held lease is surely still ours (a process
+        # id -> the local clock's time until which the held lease is surely still ours (a process
         # stopped past it finds it passed when it wakes: see :meth:`confirm`).
         self._live_until: dict[str, float] = {}
         self._trusted = ledger.lease_seconds * _TRUSTED_SHARE
 
     def hold(self, record: PaymentRecord) -> None:
         self._held[record.id] = record.lease
-        self._live_until[record.id] = time.monotonic() + self._trusted
+        self._live_until[record.id] = self._clock() + self._trusted
 
     def holds(self, record: PaymentRecord) -> bool:
         return record.id in self._held
@@ -74,7 +83,7 @@ class HeldLeases:
         if change.get("let_go") or not TRANSITIONS[moved.state]:
             self.drop(moved.id)
         elif moved.id in self._held:  # a fenced move into a live state renewed the lease
-            self._live_until[moved.id] = time.monotonic() + self._trusted
+            self._live_until[moved.id] = self._clock() + self._trusted
         return moved
 
     async def confirm(self, record: PaymentRecord) -> str | None:
@@ -83,7 +92,7 @@ class HeldLeases:
         lease it last took or renewed has time left (no ledger call: the usual case); past
         that (the process was stopped, or its renewals failed) a fenced renewal decides."""
         until = self._live_until.get(record.id)
-        if until is not None and time.monotonic() < until:
+        if until is not None and self._clock() < until:
             return None
         if record.id not in self._held:
             return LeaseLost.code  # dropped: found lost by a renewal or a fenced move
@@ -173,7 +182,7 @@ class HeldLeases:
         """Re-check (and extend) the lease held on ``record`` right before acting on it."""
         renewed = await self._ledger.renew(record.id, record.lease)
         if record.id in self._held:
-            self._live_until[record.id] = time.monotonic() + self._trusted
+            self._live_until[record.id] = self._clock() + self._trusted
         return renewed
 
     async def renew_all(self) -> int:
@@ -185,7 +194,7 @@ class HeldLeases:
                 await self._ledger.renew(payment_id, lease)
                 renewed += 1
                 if payment_id in self._held:
-                    self._live_until[payment_id] = time.monotonic() + self._trusted
+                    self._live_until[payment_id] = self._clock() + self._trusted
             except LeaseLost:
                 log.warning("payment %s: lease lost to another replica; leaving it", payment_id)
                 self.drop(payment_id)
