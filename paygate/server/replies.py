@@ -326,6 +326,8 @@ class Replies:
         )
         headers[wire.RECEIPT_HEADER] = sealed_header(plan, token)
         await session.keep_receipt(token, stated)
+        if session.unrecorded is not None:  # SERVED, kept with it, refused (verify-only)
+            raise charge_not_recorded(session.unrecorded)
 
     @staticmethod
     async def _whole_receipt(

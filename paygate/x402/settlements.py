@@ -118,6 +118,7 @@ class Settlements:
             admission.record = await self.leases.served(
                 record, let_go=not self.settlement.settles_owed, receipt=(token, usage)
             )
+            self._served_recorded(admission, record)
             return
         await self.leases.keep_receipt(record, token, usage)
 
@@ -157,9 +158,19 @@ class Settlements:
             admission.served_deferred = True
             return
         admission.served_deferred = False
-        admission.record = await self.leases.served(
-            admission.record, let_go=not self.settlement.settles_owed
-        )
+        before = admission.record
+        admission.record = await self.leases.served(before, let_go=not self.settlement.settles_owed)
+        self._served_recorded(admission, before)
+
+    def _served_recorded(self, admission: PaymentAdmission, before: PaymentRecord) -> None:
+        """A payment not yet SERVED whose move to SERVED was refused (its lease lost) or not made:
+        nothing records what its reply is owed for (verify-only's operator settles what is
+        SERVED), so no reply may claim it (``unrecorded``)."""
+        if admission.record is None or admission.record.served:
+            return
+        if before.state in (PaymentState.RESERVED, PaymentState.VERIFIED):
+            lost = not self.leases.holds(before)
+            admission.unrecorded = LeaseLost.code if lost else LedgerUnavailable.code
 
     async def release(self, record: PaymentRecord, write: SchemeWrite | None = None) -> None:
         await self.leases.release(record, write)

@@ -106,16 +106,23 @@ def _refused_lease_lost(status: int, headers: Any, body: bytes) -> None:
 
 @pytest.mark.parametrize("body", [CHAT_BODY, STREAM_BODY], ids=["buffered", "streamed"])
 @pytest.mark.parametrize("first", ["successor", "woken"])
+@pytest.mark.parametrize("mode", ["facilitator", "verify-only"])
 async def test_exact_a_frozen_replica_woken_after_its_reservation_was_released_claims_no_charge(
-    facilitator, usdc, payer, seller, tmp_path, monkeypatch, first, body
+    facilitator, usdc, payer, seller, tmp_path, monkeypatch, first, body, mode
 ):
     """``successor``: the payer's retry of the same authorization is served and settled by the
     other replica before the frozen one wakes; ``woken``: the frozen one wakes first, refuses,
     and the payer's retry is served and settled then. Either way: settled once, and the only
-    reply the payer got is the one that was charged."""
+    reply the payer got is the one that was charged. Verify-only: the charge recorded is the
+    SERVED the operator settles from, once."""
     freeze = Freeze(monkeypatch)
     ledger = tmp_path / "payments.db"
-    settings = {"seller": seller, "facilitator_url": facilitator.url, "ledger": ledger}
+    settings = {
+        "seller": seller,
+        "facilitator_url": facilitator.url,
+        "ledger": ledger,
+        "payment_mode": mode,
+    }
     async with paid_stack(replica_id="a", lease_seconds=LEASE, **settings) as a:
         header = await v2_header(a, payer, body=body)
         late = asyncio.ensure_future(_post(a.url, header, body))
@@ -133,6 +140,10 @@ async def test_exact_a_frozen_replica_woken_after_its_reservation_was_released_c
                 status, _headers, _ = await _post(b.url, header, body)
                 assert status == 200
     (record,) = await records(ledger)
+    if mode == "verify-only":
+        assert (record.state, record.served) == (PaymentState.SERVED, True)
+        assert facilitator.stats.calls("settle") == 0
+        return
     assert record.state is PaymentState.SETTLED
     assert facilitator.stats.calls("settle") == 1
     assert usdc.balance_of(seller) == PRICE_ATOMIC
