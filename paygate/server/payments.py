@@ -451,7 +451,7 @@ class ChargeNotRecorded(GatewayError):
     message = "the payment ledger could not record the charge: nothing was served or charged"
 
 
-class LeaseLost(ChargeNotRecorded):
+class ReplyLeaseLost(ChargeNotRecorded):
     """This process was stalled past its lease on the payment and another replica released
     (or took) it: this reply is not charged, so it is not sent."""
 
@@ -464,7 +464,7 @@ class LeaseLost(ChargeNotRecorded):
 
 def charge_not_recorded(code: str) -> ChargeNotRecorded:
     """The error that withholds a reply whose charge was not recorded for ``code``."""
-    kind = LeaseLost if code == LeaseLost.code else ChargeNotRecorded
+    kind = ReplyLeaseLost if code == ReplyLeaseLost.code else ChargeNotRecorded
     return kind(retry_after=1)
 
 

@@ -53,11 +53,14 @@ class HeldLeases:
         # id -> the local clock's time until which the held lease is surely still ours (a process
         # stopped past it finds it passed when it wakes: see :meth:`confirm`).
         self._live_until: dict[str, float] = {}
-        self._trusted = ledger.lease_seconds * _TRUSTED_SHARE
+
+    def _counted_on(self) -> float:
+        """The local time until which a lease taken or renewed just now is surely ours."""
+        return self._clock() + self._ledger.lease_seconds * _TRUSTED_SHARE
 
     def hold(self, record: PaymentRecord) -> None:
         self._held[record.id] = record.lease
-        self._live_until[record.id] = self._clock() + self._trusted
+        self._live_until[record.id] = self._counted_on()
 
     def holds(self, record: PaymentRecord) -> bool:
         return record.id in self._held
@@ -83,7 +86,7 @@ class HeldLeases:
         if change.get("let_go") or not TRANSITIONS[moved.state]:
             self.drop(moved.id)
         elif moved.id in self._held:  # a fenced move into a live state renewed the lease
-            self._live_until[moved.id] = self._clock() + self._trusted
+            self._live_until[moved.id] = self._counted_on()
         return moved
 
     async def confirm(self, record: PaymentRecord) -> str | None:
@@ -182,7 +185,7 @@ class HeldLeases:
         """Re-check (and extend) the lease held on ``record`` right before acting on it."""
         renewed = await self._ledger.renew(record.id, record.lease)
         if record.id in self._held:
-            self._live_until[record.id] = self._clock() + self._trusted
+            self._live_until[record.id] = self._counted_on()
         return renewed
 
     async def renew_all(self) -> int:
@@ -194,7 +197,7 @@ class HeldLeases:
                 await self._ledger.renew(payment_id, lease)
                 renewed += 1
                 if payment_id in self._held:
-                    self._live_until[payment_id] = self._clock() + self._trusted
+                    self._live_until[payment_id] = self._counted_on()
             except LeaseLost:
                 log.warning("payment %s: lease lost to another replica; leaving it", payment_id)
                 self.drop(payment_id)
