@@ -10,6 +10,7 @@ payment after its reservation through here: one place for a store to make them c
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -30,13 +31,14 @@ from paygate.x402.ledger_base import Ledger
 log = logging.getLogger("paygate.x402")
 
 
-def _uptime() -> float:
-    """Seconds on a clock that never goes back and counts a suspended host's sleep too (Linux's
-    boot time): a process stopped, or a host asleep, past its lease finds it passed."""
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
-_LOCAL_CLOCK = _uptime if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic
+# The local side of a lease: a clock that never goes back and counts a stopped process's time
+# and a suspended host's sleep too (Linux's boot time), so a process stopped or asleep past its
+# lease finds it passed when it wakes; read in C (no Python frame: it runs on every hold).
+_LOCAL_CLOCK: Callable[[], float] = (
+    functools.partial(time.clock_gettime, time.CLOCK_BOOTTIME)
+    if hasattr(time, "CLOCK_BOOTTIME")
+    else time.monotonic
+)
 # The share of a lease this process counts on from its own clock, from when it last took or
 # renewed it (a local time taken after the ledger's answer, so later than the lease's
 # start): the rest covers that call's own time and the clocks' drift.
@@ -60,7 +62,8 @@ class HeldLeases:
 
     def hold(self, record: PaymentRecord) -> None:
         self._held[record.id] = record.lease
-        self._live_until[record.id] = self._counted_on()
+        # (inline: every paid request takes one)
+        self._live_until[record.id] = self._clock() + self._ledger.lease_seconds * _TRUSTED_SHARE
 
     def holds(self, record: PaymentRecord) -> bool:
         return record.id in self._held
