@@ -42,6 +42,7 @@ from tests.fixtures.payment_support import (
     records,
     v2_header,
 )
+from tests.fixtures.scale_support import ledger_records
 
 LEASE = 3.0  # the frozen replica's leases: they run out soon after it stops renewing
 STREAM_BODY = {**CHAT_BODY, "stream": True, "fake": {"chunks": 4}}
@@ -106,9 +107,12 @@ def _refused_lease_lost(status: int, headers: Any, body: bytes) -> None:
 
 @pytest.mark.parametrize("body", [CHAT_BODY, STREAM_BODY], ids=["buffered", "streamed"])
 @pytest.mark.parametrize("first", ["successor", "woken"])
-@pytest.mark.parametrize("mode", ["facilitator", "verify-only"])
+@pytest.mark.parametrize(
+    ("mode", "store"),
+    [("facilitator", "sqlite"), ("verify-only", "sqlite"), ("facilitator", "postgresql")],
+)
 async def test_exact_a_frozen_replica_woken_after_its_reservation_was_released_claims_no_charge(
-    facilitator, usdc, payer, seller, tmp_path, monkeypatch, first, body, mode
+    facilitator, usdc, payer, seller, tmp_path, monkeypatch, request, first, body, mode, store
 ):
     """``successor``: the payer's retry of the same authorization is served and settled by the
     other replica before the frozen one wakes; ``woken``: the frozen one wakes first, refuses,
@@ -116,7 +120,11 @@ async def test_exact_a_frozen_replica_woken_after_its_reservation_was_released_c
     reply the payer got is the one that was charged. Verify-only: the charge recorded is the
     SERVED the operator settles from, once."""
     freeze = Freeze(monkeypatch)
-    ledger = tmp_path / "payments.db"
+    ledger = (
+        f"sqlite:///{tmp_path / 'payments.db'}"
+        if store == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
     settings = {
         "seller": seller,
         "facilitator_url": facilitator.url,
@@ -127,7 +135,7 @@ async def test_exact_a_frozen_replica_woken_after_its_reservation_was_released_c
         header = await v2_header(a, payer, body=body)
         late = asyncio.ensure_future(_post(a.url, header, body))
         async with freeze.frozen(), paid_stack(replica_id="b", **settings) as b:
-            (released,) = await records(ledger)
+            (released,) = await ledger_records(ledger)
             assert released.state is PaymentState.RELEASED  # b's start let it go
             if first == "successor":
                 status, _, _ = await _post(b.url, header, body)
@@ -139,7 +147,7 @@ async def test_exact_a_frozen_replica_woken_after_its_reservation_was_released_c
                 _refused_lease_lost(*await late)
                 status, _headers, _ = await _post(b.url, header, body)
                 assert status == 200
-    (record,) = await records(ledger)
+    (record,) = await ledger_records(ledger)
     if mode == "verify-only":
         assert (record.state, record.served) == (PaymentState.SERVED, True)
         assert facilitator.stats.calls("settle") == 0
