@@ -118,7 +118,8 @@ class Settlements:
             admission.record = await self.leases.served(
                 record, let_go=not self.settlement.settles_owed, receipt=(token, usage)
             )
-            self._served_recorded(admission, record)
+            if not admission.record.served:
+                self._not_served(admission, record)
             return
         await self.leases.keep_receipt(record, token, usage)
 
@@ -160,14 +161,13 @@ class Settlements:
         admission.served_deferred = False
         before = admission.record
         admission.record = await self.leases.served(before, let_go=not self.settlement.settles_owed)
-        self._served_recorded(admission, before)
+        if not admission.record.served:
+            self._not_served(admission, before)
 
-    def _served_recorded(self, admission: PaymentAdmission, before: PaymentRecord) -> None:
-        """A payment not yet SERVED whose move to SERVED was refused (its lease lost) or not made:
-        nothing records what its reply is owed for (verify-only's operator settles what is
-        SERVED), so no reply may claim it (``unrecorded``)."""
-        if admission.record is None or admission.record.served:
-            return
+    def _not_served(self, admission: PaymentAdmission, before: PaymentRecord) -> None:
+        """SERVED is not recorded: a payment not yet SERVED whose move was refused (its lease
+        lost) or not made has nothing that records what its reply is owed for (verify-only's
+        operator settles what is SERVED), so no reply may claim it (``unrecorded``)."""
         if before.state in (PaymentState.RESERVED, PaymentState.VERIFIED):
             lost = not self.leases.holds(before)
             admission.unrecorded = LeaseLost.code if lost else LedgerUnavailable.code
