@@ -18,9 +18,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import httpx
 import pytest
 
 from paygate import wire
+from paygate.client import AsyncPaygateTransport, ClientError, SpendPolicy
 from paygate.server.receipts import SSE_PREFIX as SIGNED_RECEIPT_LINE
 from paygate.server.replies import Replies
 from paygate.x402.inband import SSE_PREFIX as PAYMENT_RECEIPT_LINE
@@ -191,6 +193,44 @@ async def test_exact_a_stream_whose_replica_froze_before_its_charge_ends_cut_wit
         assert b"data:" in received  # and its body
         assert PAYMENT_RECEIPT_LINE not in received
         assert SIGNED_RECEIPT_LINE not in received
+    (record,) = await records(ledger)
+    assert record.state is PaymentState.RELEASED
+    assert facilitator.stats.calls("settle") == 0
+    assert usdc.balance_of(seller) == 0
+
+
+@pytest.mark.parametrize("at", ["before-its-head", "mid-stream"])
+async def test_a_sealed_v2_stream_of_a_frozen_replica_is_refused_or_cut_never_closed_as_paid(
+    facilitator, usdc, payer, seller, tmp_path, monkeypatch, at
+):
+    """paygate's own client, sealed (v2 frames): frozen before its head left, the stream is
+    refused 503 `lease_lost` in the clear; frozen after its body went out, the stream never
+    gets its final frame (nor the receipts sealed in it), and the client's opener refuses it as
+    truncated. Either way nothing is settled and the authorization is released."""
+    where = (Replies, "send") if at == "before-its-head" else (PaymentSession, "reply_ended")
+    freeze = Freeze(monkeypatch, *where)
+    ledger = tmp_path / "payments.db"
+    settings = {"seller": seller, "facilitator_url": facilitator.url, "ledger": ledger}
+    spend = SpendPolicy(max_per_request="0.01", max_total="1", networks=["base-sepolia"])
+    async with paid_stack(replica_id="a", lease_seconds=LEASE, **settings) as a:
+        transport = AsyncPaygateTransport(envelope="v2", wallet=payer, spend=spend)
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+
+            async def read() -> tuple[int, str | None, bytes]:
+                async with http.stream("POST", a.url + CHAT, json=STREAM_BODY) as response:
+                    body = await response.aread()
+                    return response.status_code, response.headers.get(wire.ERROR_HEADER), body
+
+            late = asyncio.ensure_future(read())
+            async with freeze.frozen(), paid_stack(replica_id="b", **settings):
+                (released,) = await records(ledger)
+                assert released.state is PaymentState.RELEASED
+            if at == "before-its-head":
+                status, code, _ = await late
+                assert (status, code) == (503, "lease_lost")
+            else:
+                with pytest.raises((ClientError, httpx.TransportError)):
+                    await late
     (record,) = await records(ledger)
     assert record.state is PaymentState.RELEASED
     assert facilitator.stats.calls("settle") == 0
