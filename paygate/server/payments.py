@@ -444,6 +444,33 @@ def refusal_response(refusal: Refusal, route: Route) -> web.Response:
     return web.json_response(refusal.challenge.body(), status=refusal.status, headers=headers)
 
 
+class ChargeNotRecorded(GatewayError):
+    """A paid reply withheld because the ledger write that records its charge was refused or
+    not made (paygate.x402.session: ``unrecorded``): it never leaves unpaid, nor with a receipt
+    claiming a charge nobody recorded. Nothing was charged: the same payment may be sent again."""
+
+    status = 503
+    code = "ledger_unavailable"
+    message = "the payment ledger could not record the charge: nothing was served or charged"
+
+
+class ReplyLeaseLost(ChargeNotRecorded):
+    """This process was stalled past its lease on the payment and another replica released
+    (or took) it: this reply is not charged, so it is not sent."""
+
+    code = "lease_lost"
+    message = (
+        "this gateway lost the payment's reservation while the reply was made: nothing was "
+        "served or charged; send the payment again"
+    )
+
+
+def charge_not_recorded(code: str) -> ChargeNotRecorded:
+    """The error that withholds a reply whose charge was not recorded for ``code``."""
+    kind = ReplyLeaseLost if code == ReplyLeaseLost.code else ChargeNotRecorded
+    return kind(retry_after=1)
+
+
 def settlement_failed_response(
     receipt: Receipt, route: Route, *, sealed: bool = False
 ) -> web.Response:

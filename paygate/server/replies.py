@@ -38,7 +38,12 @@ from paygate import wire
 from paygate.server.errors import GatewayError, UpstreamReplyTooLarge
 from paygate.server.frontend import running_loop
 from paygate.server.opening import PlainReply, ReplyPlan, V1Reply, V2Reply
-from paygate.server.payments import Ticket, receipt_headers, settlement_failed_response
+from paygate.server.payments import (
+    Ticket,
+    charge_not_recorded,
+    receipt_headers,
+    settlement_failed_response,
+)
 from paygate.server.proxy import UpstreamReply
 from paygate.server.receipts import (
     InbandSignedReceipt,
@@ -281,6 +286,8 @@ class Replies:
         session = ticket.session
         session.status = 200 if succeeded else 502
         receipt = await session.items_ended(items)
+        if session.unrecorded is not None:  # nothing records the charge: not sent
+            raise charge_not_recorded(session.unrecorded)
         sealed = not isinstance(plan, PlainReply)
         if receipt is not None and receipt.withhold:
             return settlement_failed_response(receipt, ticket.route, sealed=sealed)
@@ -319,6 +326,8 @@ class Replies:
         )
         headers[wire.RECEIPT_HEADER] = sealed_header(plan, token)
         await session.keep_receipt(token, stated)
+        if session.unrecorded is not None:  # SERVED, kept with it, refused (verify-only)
+            raise charge_not_recorded(session.unrecorded)
 
     @staticmethod
     async def _whole_receipt(
@@ -385,6 +394,11 @@ class Replies:
             sign=sign,
             publish=issuer.publish if issuer is not None else None,
         )
+        if session.unrecorded is not None:
+            # The charge's fenced write was refused (this process stalled past its lease,
+            # another replica took the payment) or not made: the reply stays here, and no
+            # receipt claims a charge the ledger never recorded.
+            raise charge_not_recorded(session.unrecorded)
         sealed = not isinstance(plan, PlainReply)
         if receipt is not None and receipt.withhold:
             # Refused for good after serving (e.g. the payer emptied the wallet since verify,
@@ -459,6 +473,11 @@ class Replies:
         else:
             headers = CIMultiDict(reply.headers)
         chain = Chain(transforms)
+        if inband and await session.confirm_lease() is not None:
+            # Its charge is recorded after the reply has left: not sent by a process whose
+            # lease on the payment is gone (stalled past it), which could never charge it.
+            session.status = 0
+            raise charge_not_recorded(session.unrecorded or "")
         if session.paid:
             # An upfront settlement's receipt is known now; otherwise it comes in-band.
             headers.update(receipt_headers(known, sealed=isinstance(plan, V2Reply)))
@@ -500,6 +519,10 @@ class Replies:
             receipt = await session.reply_ended(
                 reply, reply_bytes=meter.bytes_seen if meter is not None else 0
             )
+            if session.unrecorded is not None:
+                # Stalled past its lease mid-stream: the charge was not recorded, so the end
+                # (the receipts, a v2 final frame) never goes: the caller sees it cut.
+                raise charge_not_recorded(session.unrecorded)
             tail = await chain.finish(StreamEnd(receipt=receipt, error=error))
             if tail:
                 await response.write(tail)

@@ -10,14 +10,17 @@ payment after its reservation through here: one place for a store to make them c
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from paygate.x402.ledger import (
     TRANSITIONS,
     LeaseLost,
     LedgerError,
+    LedgerUnavailable,
     PaymentRecord,
     PaymentState,
     ReceiptUsage,
@@ -28,15 +31,39 @@ from paygate.x402.ledger_base import Ledger
 log = logging.getLogger("paygate.x402")
 
 
+# The local side of a lease: a clock that never goes back and counts a stopped process's time
+# and a suspended host's sleep too (Linux's boot time), so a process stopped or asleep past its
+# lease finds it passed when it wakes; read in C (no Python frame: it runs on every hold).
+_LOCAL_CLOCK: Callable[[], float] = (
+    functools.partial(time.clock_gettime, time.CLOCK_BOOTTIME)
+    if hasattr(time, "CLOCK_BOOTTIME")
+    else time.monotonic
+)
+# The share of a lease this process counts on from its own clock, from when it last took or
+# renewed it (a local time taken after the ledger's answer, so later than the lease's
+# start): the rest covers that call's own time and the clocks' drift.
+_TRUSTED_SHARE = 0.8
+
+
 class HeldLeases:
     """The payments this process works on right now: id → the lease epoch it holds."""
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, *, clock: Callable[[], float] = _LOCAL_CLOCK) -> None:
         self._ledger = ledger
+        self._clock = clock  # the local side of a lease (see :meth:`confirm`)
         self._held: dict[str, int] = {}
+        # id -> the local clock's time until which the held lease is surely still ours (a process
+        # stopped past it finds it passed when it wakes: see :meth:`confirm`).
+        self._live_until: dict[str, float] = {}
+
+    def _counted_on(self) -> float:
+        """The local time until which a lease taken or renewed just now is surely ours."""
+        return self._clock() + self._ledger.lease_seconds * _TRUSTED_SHARE
 
     def hold(self, record: PaymentRecord) -> None:
         self._held[record.id] = record.lease
+        # (inline: every paid request takes one)
+        self._live_until[record.id] = self._clock() + self._ledger.lease_seconds * _TRUSTED_SHARE
 
     def holds(self, record: PaymentRecord) -> bool:
         return record.id in self._held
@@ -44,6 +71,7 @@ class HeldLeases:
     def drop(self, payment_id: str) -> None:
         """Forget a hold without a word to the ledger (its lease is lost or runs out)."""
         self._held.pop(payment_id, None)
+        self._live_until.pop(payment_id, None)
 
     async def move(self, record: PaymentRecord, to: PaymentState, **change: Any) -> PaymentRecord:
         """A fenced transition under the lease this process holds (``change``: the keywords of
@@ -60,7 +88,30 @@ class HeldLeases:
         log.debug("payment %s: %s -> %s", moved.id, record.state, moved.state)
         if change.get("let_go") or not TRANSITIONS[moved.state]:
             self.drop(moved.id)
+        elif moved.id in self._held:  # a fenced move into a live state renewed the lease
+            self._live_until[moved.id] = self._counted_on()
         return moved
+
+    async def confirm(self, record: PaymentRecord) -> str | None:
+        """None when the lease held on ``record`` is still this process's, else why not
+        (``lease_lost``, ``ledger_unavailable``). Known from this process's clock while the
+        lease it last took or renewed has time left (no ledger call: the usual case); past
+        that (the process was stopped, or its renewals failed) a fenced renewal decides."""
+        until = self._live_until.get(record.id)
+        if until is not None and self._clock() < until:
+            return None
+        if record.id not in self._held:
+            return LeaseLost.code  # dropped: found lost by a renewal or a fenced move
+        try:
+            await self.renew(record)
+        except LeaseLost:
+            self.drop(record.id)
+            log.warning("payment %s: lease lost to another replica; leaving it", record.id)
+            return LeaseLost.code
+        except LedgerError as exc:
+            log.warning("payment %s: cannot renew its lease: %s", record.id, exc.code)
+            return LedgerUnavailable.code
+        return None
 
     async def let_go(self, record: PaymentRecord) -> None:
         """Give the lease up: any replica's reconciler may take the payment."""
@@ -135,7 +186,10 @@ class HeldLeases:
 
     async def renew(self, record: PaymentRecord) -> PaymentRecord:
         """Re-check (and extend) the lease held on ``record`` right before acting on it."""
-        return await self._ledger.renew(record.id, record.lease)
+        renewed = await self._ledger.renew(record.id, record.lease)
+        if record.id in self._held:
+            self._live_until[record.id] = self._counted_on()
+        return renewed
 
     async def renew_all(self) -> int:
         """Renew every held lease; a lease found lost is dropped (its next fenced change would
@@ -145,6 +199,8 @@ class HeldLeases:
             try:
                 await self._ledger.renew(payment_id, lease)
                 renewed += 1
+                if payment_id in self._held:
+                    self._live_until[payment_id] = self._counted_on()
             except LeaseLost:
                 log.warning("payment %s: lease lost to another replica; leaving it", payment_id)
                 self.drop(payment_id)

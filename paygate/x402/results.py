@@ -69,6 +69,11 @@ class PaymentAdmission:
     reply_receipt: tuple[str, Mapping[str, Any] | None] | None = field(default=None, repr=False)
     publish_receipt: Callable[[str], Awaitable[None]] | None = field(default=None, repr=False)
     receipt_kept: bool = False
+    # The fenced ledger write that records this payment's charge (SETTLING, or a channel's
+    # charge) was refused or not made: ``lease_lost`` (another replica took the payment: this
+    # process was stalled past its lease) or ``ledger_unavailable``. No reply or receipt may
+    # then claim the charge (paygate.server.replies withholds it).
+    unrecorded: str | None = None
 
     @property
     def paid(self) -> bool:

@@ -395,6 +395,21 @@ class PaymentSession:
             return admission.authorized.valid_before
         return admission.scheme.valid_before(admission.payment)
 
+    @property
+    def unrecorded(self) -> str | None:
+        """Why this payment's charge could not be recorded (``lease_lost``: another replica
+        took it while this process was stalled; ``ledger_unavailable``), else None: a reply
+        that would claim the charge is withheld."""
+        return self._admission.unrecorded
+
+    async def confirm_lease(self) -> str | None:
+        """Before a reply whose charge is recorded after it starts to leave (a stream): None
+        while the payment is still this process's to charge, else why not (see
+        :attr:`unrecorded`)."""
+        if self._settlements is None or not self.paid:
+            return None
+        return await self._settlements.confirm_lease(self._admission)
+
     async def keep_receipt(self, token: str, usage: Mapping[str, Any] | None) -> None:
         """Keep a paid reply's signed receipt, and its usage, in the ledger."""
         if self._admission.record is None or self._settlements is None:

@@ -22,7 +22,9 @@ from typing import Any
 from paygate.x402.hooks import PaymentEvents
 from paygate.x402.leases import HeldLeases, receipt_usage
 from paygate.x402.ledger import (
+    LeaseLost,
     LedgerError,
+    LedgerUnavailable,
     PaymentRecord,
     PaymentState,
     SchemeWrite,
@@ -88,6 +90,20 @@ class Settlements:
             # give the lease up so that a reconciler, anywhere, owns what is left.
             await self.leases.let_go(record)
 
+    async def confirm_lease(self, admission: PaymentAdmission) -> str | None:
+        """Before a reply starts to leave whose charge is recorded only after it (a stream
+        settled after its reply): None while this process still holds the payment's lease,
+        else why not (``lease_lost``, ``ledger_unavailable``; kept as ``unrecorded``): the
+        reply must not go out, since its charge could not be recorded. No ledger call while the
+        lease is known live from this process's clock (paygate.x402.leases)."""
+        record = admission.record
+        if record is None or admission.receipt is not None or admission.finished:
+            return None
+        code = await self.leases.confirm(record)
+        if code is not None:
+            admission.unrecorded = code
+        return code
+
     async def keep_receipt(
         self, admission: PaymentAdmission, token: str, usage: Mapping[str, Any] | None
     ) -> None:
@@ -102,6 +118,8 @@ class Settlements:
             admission.record = await self.leases.served(
                 record, let_go=not self.settlement.settles_owed, receipt=(token, usage)
             )
+            if not admission.record.served:
+                self._not_served(admission, record)
             return
         await self.leases.keep_receipt(record, token, usage)
 
@@ -141,9 +159,18 @@ class Settlements:
             admission.served_deferred = True
             return
         admission.served_deferred = False
-        admission.record = await self.leases.served(
-            admission.record, let_go=not self.settlement.settles_owed
-        )
+        before = admission.record
+        admission.record = await self.leases.served(before, let_go=not self.settlement.settles_owed)
+        if not admission.record.served:
+            self._not_served(admission, before)
+
+    def _not_served(self, admission: PaymentAdmission, before: PaymentRecord) -> None:
+        """SERVED is not recorded: a payment not yet SERVED whose move was refused (its lease
+        lost) or not made has nothing that records what its reply is owed for (verify-only's
+        operator settles what is SERVED), so no reply may claim it (``unrecorded``)."""
+        if before.state in (PaymentState.RESERVED, PaymentState.VERIFIED):
+            lost = not self.leases.holds(before)
+            admission.unrecorded = LeaseLost.code if lost else LedgerUnavailable.code
 
     async def release(self, record: PaymentRecord, write: SchemeWrite | None = None) -> None:
         await self.leases.release(record, write)
@@ -198,6 +225,9 @@ class Settlements:
                 )
         except LedgerError as exc:
             log.error("payment %s: cannot record SETTLING: %s", record.id, exc.code)
+            # Nothing records the charge: no reply may claim it (it is withheld).
+            lost = isinstance(exc, LeaseLost)
+            admission.unrecorded = LeaseLost.code if lost else LedgerUnavailable.code
             return None
         admission.record = record
         started = time.monotonic()
