@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from paygate.tlog.store import LogStore, MissingReceipt, Position
 
@@ -50,6 +51,38 @@ class RecoveryConfig:
         return max(self.window, self.grace + self.interval)
 
 
+class RecoveryEvents(Protocol):
+    """What recovery reports as it works (metrics: paygate.server.metrics); each call must be
+    cheap and never raise."""
+
+    def recovery_pass(self, seconds: float, recorded: int) -> None:
+        """A pass ended: how long it took, how many kept receipts it recorded in the log."""
+        ...
+
+    def recovery_failed(self) -> None:
+        """A pass failed (it is retried from the same place)."""
+        ...
+
+    def recovery_checked(self, until: float, grace: float) -> None:
+        """Every receipt kept before ``until`` (epoch seconds) has been checked against the log
+        (receipts younger than ``grace`` are left to their process): the scan's lag is the
+        time since ``until`` + ``grace``."""
+        ...
+
+
+class NoRecoveryEvents:
+    """Reports nowhere."""
+
+    def recovery_pass(self, seconds: float, recorded: int) -> None:
+        return None
+
+    def recovery_failed(self) -> None:
+        return None
+
+    def recovery_checked(self, until: float, grace: float) -> None:
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class Pass:
     read: int  # ledger receipts read
@@ -65,8 +98,10 @@ class ReceiptRecovery:
         replica: str,
         facts: Callable[[str], MissingReceipt],
         config: RecoveryConfig,
+        events: RecoveryEvents | None = None,
     ) -> None:
         self._store = store
+        self._events = events or NoRecoveryEvents()
         self._replica = replica
         self._facts = facts  # a token → its leaf hash, amount and time (ValueError: unreadable)
         self.config = config
@@ -77,7 +112,19 @@ class ReceiptRecovery:
     async def pass_once(self) -> Pass:
         """Read the next batch and record what the log lacks; the place moves on only when
         that is done (a failure is retried from the same place)."""
-        start, kept = await self._store.kept_receipts(
+        started = time.monotonic()
+        try:
+            done, checked = await self._scan()
+        except Exception:
+            self._events.recovery_failed()
+            raise
+        self._events.recovery_pass(time.monotonic() - started, done.recorded)
+        self._events.recovery_checked(checked, self.config.grace)
+        return done
+
+    async def _scan(self) -> tuple[Pass, float]:
+        """One pass; with the kept time before which every receipt has now been checked."""
+        start, kept, until = await self._store.kept_receipts(
             self.after,
             window=self.config.reach,
             grace=self.config.grace,
@@ -99,8 +146,11 @@ class ReceiptRecovery:
         if self.after is None and start is not None:  # what is older is never looked at
             log.info("receipts recovery starts at the receipts kept from %s", _utc(start[0]))
         self.after = kept[-1].position if kept else start
-        self._tell(Pass(len(kept), recorded))
-        return Pass(len(kept), recorded)
+        done = Pass(len(kept), recorded)
+        self._tell(done)
+        # A full batch: checked up to its last receipt's time; else all kept before ``until``.
+        full = len(kept) >= self.config.batch
+        return done, kept[-1].created_at if full else until
 
     def _tell(self, done: Pass) -> None:
         """Say when recovery is behind (a full batch whose last receipt was kept longer ago than

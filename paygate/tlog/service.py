@@ -37,7 +37,7 @@ from enclave.tlog import checkpoint as cp
 from enclave.tlog import entries, merkle, note, tiles
 from paygate.server.errors import GatewayError
 from paygate.tlog.errors import LogStoreError
-from paygate.tlog.recovery import ReceiptRecovery, RecoveryConfig
+from paygate.tlog.recovery import ReceiptRecovery, RecoveryConfig, RecoveryEvents
 from paygate.tlog.store import (
     Appended,
     LogStore,
@@ -129,7 +129,13 @@ def log_verifier(origin: str, signer: LogSigner) -> note.Ed25519Verifier | note.
 
 
 class TransparencyLog:
-    def __init__(self, config: LogConfig, store: LogStore, signer: LogSigner) -> None:
+    def __init__(
+        self,
+        config: LogConfig,
+        store: LogStore,
+        signer: LogSigner,
+        events: RecoveryEvents | None = None,
+    ) -> None:
         self.config = config
         self._store = store
         self._signer = signer
@@ -140,7 +146,9 @@ class TransparencyLog:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         # Receipts the ledger kept that this log was never given (a crash between the two).
-        self.recovery = ReceiptRecovery(store, config.replica, receipt_facts, config.recovery)
+        self.recovery = ReceiptRecovery(
+            store, config.replica, receipt_facts, config.recovery, events
+        )
 
     # --- signing ---------------------------------------------------------------------------
 

@@ -354,18 +354,20 @@ def append_receipts_plan(
 
 def kept_receipts_plan(
     sql: LogQueries, after: Position | None, window: float, grace: float, limit: int
-) -> Plan[tuple[Position | None, list[KeptReceipt]]]:
+) -> Plan[tuple[Position | None, list[KeptReceipt], float]]:
     """Up to ``limit`` receipts the ledger kept after ``after`` and at least ``grace`` seconds
     ago (by the database's clock where it has one); with no ``after``, from ``window`` seconds
-    before the newest kept receipt. Returns where the scan started and what it read."""
+    before the newest kept receipt. Returns where the scan started, what it read and the kept
+    time it read up to (now - ``grace``)."""
     now = float((yield (sql.clock, ()))[0][0]) if sql.clock else time.time()
+    until = now - grace
     if after is None:
         newest = _first((yield (sql.newest_kept, ())))
         if newest is None or newest[0] is None:
-            return None, []
+            return None, [], until
         after = (float(newest[0]) - window, "", "")
-    rows = yield sql.kept_after(after, now - grace, limit)
-    return after, [sql.kept_of(r) for r in rows]
+    rows = yield sql.kept_after(after, until, limit)
+    return after, [sql.kept_of(r) for r in rows], until
 
 
 def known_leaves_plan(sql: LogQueries, leaves: Sequence[bytes]) -> Plan[set[bytes]]:
@@ -452,7 +454,7 @@ class QueryLogStore(ABC):
 
     async def kept_receipts(
         self, after: Position | None, *, window: float, grace: float, limit: int
-    ) -> tuple[Position | None, list[KeptReceipt]]:
+    ) -> tuple[Position | None, list[KeptReceipt], float]:
         return await self._read(kept_receipts_plan(self.SQL, after, window, grace, limit))
 
     async def known_leaves(self, leaves: Sequence[bytes]) -> set[bytes]:
