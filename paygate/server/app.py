@@ -343,7 +343,8 @@ async def gateway(plan: Plan, app: web.Application) -> AsyncIterator[None]:
     # The release and key epoch are logged before the gateway listens (docs/TRANSPARENCY.md).
     tlog = None
     if bound.log is not None:
-        tlog = await tlog_assembly.start_log(settings, app[KEY], service, app[METRICS])
+        tlog = await tlog_assembly.start_log(settings, app[KEY], service)
+        tlog.recovery.events = app[METRICS]  # before its recovery runs (running_log below)
     metrics = app[METRICS]
     timed_key = TimedKey(app[KEY], metrics)
     epochs = app[KEY] if isinstance(app[KEY], EpochKeys) else None

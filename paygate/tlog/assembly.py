@@ -21,7 +21,7 @@ from paygate.config import ConfigError, Settings
 from paygate.server.attestation import AttestationService
 from paygate.tlog.errors import LogStoreError
 from paygate.tlog.open_store import open_log_store
-from paygate.tlog.recovery import RecoveryConfig, RecoveryEvents
+from paygate.tlog.recovery import RecoveryConfig
 from paygate.tlog.service import (
     LogConfig,
     TransparencyLog,
@@ -98,21 +98,17 @@ def on_rotation(
 
 
 async def start_log(
-    settings: Settings,
-    key: KeyBackend,
-    attestation: AttestationService,
-    events: RecoveryEvents | None = None,
+    settings: Settings, key: KeyBackend, attestation: AttestationService
 ) -> TransparencyLog:
     """Open the store, claim it for this origin, append the release and key-epoch entries (the
-    key epoch's evidence is made now, for :func:`enclave.tlog.entries.epoch_nonce`); ``events``:
-    where the recovery of kept receipts reports (the app's metrics)."""
+    key epoch's evidence is made now, for :func:`enclave.tlog.entries.epoch_nonce`)."""
     assert isinstance(key, LogSigner)
     config = log_config(settings)
     try:
         store = await open_log_store(settings.ledger_location())
     except (LedgerError, LogStoreError) as exc:
         raise ConfigError(f"the transparency log's store: {exc}") from None
-    tlog = TransparencyLog(config, store, key, events)
+    tlog = TransparencyLog(config, store, key)
     try:
         loop = asyncio.get_running_loop()
         nonce = entries.epoch_nonce(

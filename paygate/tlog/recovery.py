@@ -101,7 +101,7 @@ class ReceiptRecovery:
         events: RecoveryEvents | None = None,
     ) -> None:
         self._store = store
-        self._events = events or NoRecoveryEvents()
+        self.events: RecoveryEvents = events or NoRecoveryEvents()  # where it reports
         self._replica = replica
         self._facts = facts  # a token → its leaf hash, amount and time (ValueError: unreadable)
         self.config = config
@@ -116,10 +116,10 @@ class ReceiptRecovery:
         try:
             done, checked = await self._scan()
         except Exception:
-            self._events.recovery_failed()
+            self.events.recovery_failed()
             raise
-        self._events.recovery_pass(time.monotonic() - started, done.recorded)
-        self._events.recovery_checked(checked, self.config.grace)
+        self.events.recovery_pass(time.monotonic() - started, done.recorded)
+        self.events.recovery_checked(checked, self.config.grace)
         return done
 
     async def _scan(self) -> tuple[Pass, float]:

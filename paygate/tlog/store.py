@@ -14,7 +14,9 @@ of every signed receipt; ``entry``/``position`` once a receipts entry covers it)
 
 Recovery (:mod:`paygate.tlog.recovery`) reads the ledger's own ``receipts`` table, in the same
 database: a receipt kept there that ``tlog_receipts`` lacks is recorded, once, under the append
-lock (``tlog_receipts`` has no unique key on the leaf: the lock is what makes it once).
+lock. Each leaf is recorded once (schema step 15: a unique key on ``(leaf, twin)``; a second
+record is ignored at its insert; ``twin`` is other than 0 only for a twin recorded before that
+step that a published period counts, kept for that period's root).
 """
 
 from __future__ import annotations

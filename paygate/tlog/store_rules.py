@@ -210,8 +210,11 @@ class LogQueries:
     # --- receipts periods ------------------------------------------------------------------
 
     def record_receipt(self, leaf: bytes, amount: int, replica: str, issued_at: float) -> Query:
+        """Record a receipt's leaf; nothing when the log has it (tlog_receipts_leaf_once: a
+        process frozen past the recovery grace records one recovery recorded meanwhile)."""
         return self._sql(
             "INSERT INTO tlog_receipts (leaf, amount, replica, issued_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (leaf, twin) DO NOTHING"
         ), (leaf, str(amount) if self.amounts_as_text else amount, replica, issued_at)
 
     def open_receipts(self, limit: int) -> Query:
@@ -234,9 +237,10 @@ class LogQueries:
         return [(entry, position, r.seq) for position, r in enumerate(period)]
 
     #: Open receipts whose leaf the log already holds at a lower seq: a receipt recorded twice
-    #: (its process froze past the recovery grace, recovery recorded it meanwhile; the request
-    #: path does not look first). Dropped at the cut, under the lock, so a period counts each
-    #: leaf once and never one a published period counts (an index probe per open receipt).
+    #: (its process froze past the recovery grace, recovery recorded it meanwhile). Since schema
+    #: step 15 the unique key refuses such a twin at its insert; kept as a second guard at the
+    #: cut, under the lock, so a period counts each leaf once and never one a published period
+    #: counts (an index probe per open receipt).
     drop_recorded_again = (
         "DELETE FROM tlog_receipts WHERE entry IS NULL AND EXISTS (SELECT 1 FROM tlog_receipts"
         " AS earlier WHERE earlier.leaf = tlog_receipts.leaf AND earlier.seq < tlog_receipts.seq)"
@@ -278,7 +282,7 @@ class LogQueries:
         return KeptReceipt(float(row[0]), str(row[1]), str(row[2]), str(row[3]))
 
     def known_leaves(self, leaves: Sequence[bytes]) -> Query:
-        """Which of ``leaves`` the log has recorded (tlog_receipts_leaf)."""
+        """Which of ``leaves`` the log has recorded (tlog_receipts_leaf_once)."""
         marks = ", ".join([self.mark] * len(leaves))
         return (
             f"SELECT leaf FROM tlog_receipts WHERE leaf IN ({marks})",  # noqa: S608 - placeholders only

@@ -17,7 +17,8 @@ v9: the free requests of each client address per day (shared by every process on
 v10: two payment indexes fewer (pages every paid request writes; see the step). v11: each
 batch-settlement voucher's charge marked in its own row (``bs_vouchers.charged``). v12: a
 payment's history in its own row while it is the ordinary course's (ledger_rules.kept_history).
-v13: batch-settlement vouchers by when they were recorded (retention's prune).
+v13: batch-settlement vouchers by when they were recorded (retention's prune). v15: a receipt's
+leaf recorded in the transparency log once (``tlog_receipts``: a unique key; twins resolved).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Literal
 from paygate.x402.ledger import PaymentState
 
 SqlDialect = Literal["sqlite", "postgres"]
-SCHEMA_VERSION = 13
+SCHEMA_VERSION = 15
 
 # What differs between the dialects, by name: (SQLite, PostgreSQL).
 _WORDS: dict[str, tuple[str, str]] = {
@@ -286,6 +287,31 @@ def migrations(dialect: SqlDialect) -> dict[int, tuple[str, ...]]:
         # request on a channel). Kept small: only the prune reads it; a voucher's commit
         # finds its row by the primary key.
         13: ("CREATE INDEX IF NOT EXISTS bs_vouchers_created ON bs_vouchers (created_at)",),
+        # Reserved for the batch-settlement channel fixes of this release (another branch);
+        # nothing here.
+        14: (),
+        # A receipt's leaf is recorded in the log once: a unique key on (leaf, twin), which
+        # every record meets (``twin`` 0; the insert ignores a second record). A log may already
+        # hold twins (a process frozen past the recovery grace recorded a receipt recovery had
+        # recorded), resolved first, never touching what a published period counts:
+        # - an open twin (no receipts entry covers it) goes when the leaf has a record a period
+        #   covers or an earlier one: never published, and the charge stays counted once (what
+        #   every cut has done since, ``drop_recorded_again``);
+        # - twins a period already covers stay (that entry's root and count were computed over
+        #   them and are published: deleting one would break the period's inclusion proofs),
+        #   each but the leaf's first marked ``twin`` = its own seq, outside the key.
+        # The key's prefix serves every lookup by leaf (the old index goes).
+        15: (
+            f"ALTER TABLE tlog_receipts ADD COLUMN twin {bigint} NOT NULL DEFAULT 0",
+            "DELETE FROM tlog_receipts WHERE entry IS NULL AND EXISTS (SELECT 1"
+            " FROM tlog_receipts AS kept WHERE kept.leaf = tlog_receipts.leaf"
+            " AND (kept.entry IS NOT NULL OR kept.seq < tlog_receipts.seq))",
+            "UPDATE tlog_receipts SET twin = seq WHERE EXISTS (SELECT 1"
+            " FROM tlog_receipts AS earlier WHERE earlier.leaf = tlog_receipts.leaf"
+            " AND earlier.seq < tlog_receipts.seq)",
+            "DROP INDEX IF EXISTS tlog_receipts_leaf",
+            "CREATE UNIQUE INDEX tlog_receipts_leaf_once ON tlog_receipts (leaf, twin)",
+        ),
     }
 
 

@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from enclave import SoftwareKey, receipts
 from enclave.tlog import entries, merkle
-from prometheus_client.parser import text_string_to_metric_families
-
 from paygate.server.metrics import Metrics
 from paygate.tlog.errors import LogStoreError
 from paygate.tlog.open_store import open_log_store
