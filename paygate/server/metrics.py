@@ -220,6 +220,14 @@ _DECLARED: dict[str, _Declared] = {
         (),
         _LIVEMAX,
     ),
+    "_recovery_turn": _Declared(
+        Gauge,
+        "paygate_tlog_recovery_holding",
+        "1 while this process holds its ledger's transparency log recovery turn (one per "
+        "ledger at a time).",
+        (),
+        _LIVESUM,
+    ),
     "_recovery_lag": _Declared(
         Gauge,
         "paygate_tlog_recovery_lag_seconds",
@@ -442,6 +450,9 @@ class Metrics:
         self._checked = (until, grace)
         self._recovery_checked.set(until)
         self._set_lag()
+
+    def recovery_turn(self, holding: bool) -> None:
+        self._recovery_turn.set(1 if holding else 0)
 
     def _set_lag(self) -> None:
         """The lag now: it grows between passes, and while passes fail or hang."""

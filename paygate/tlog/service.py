@@ -54,6 +54,7 @@ LOG_PREFIX = "/v1/log/"
 CHECKPOINT_CACHE = "public, max-age=2"  # mutable: a few seconds at most (tlog-tiles)
 TILE_CACHE = "public, max-age=31536000, immutable"
 MAX_WITNESS_ANSWER = 16 * 1024
+TURN_HANDOVER = 5.0  # seconds close() waits to hand the recovery turn over
 _LEAF = re.compile(r"[0-9a-f]{64}")
 
 
@@ -379,6 +380,10 @@ class TransparencyLog:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # A clean stop hands the recovery turn over at once (bounded: the store may be down).
+        with contextlib.suppress(LogStoreError, TimeoutError):
+            async with asyncio.timeout(TURN_HANDOVER):
+                await self.recovery.end_turn()
         if self._session is not None:
             await self._session.close()
         await self._store.close()

@@ -81,6 +81,16 @@ class KeptReceipt:
 
 
 @dataclass(frozen=True, slots=True)
+class RecoveryTurn:
+    """The ledger's recovery turn (``tlog_recovery``) as a process found it when it asked."""
+
+    mine: bool  # the asking process holds it now (taken, or renewed)
+    holder: str
+    place: Position | None  # where the scan got to (the last kept receipt read), if anywhere
+    checked: float | None  # every receipt kept before this was checked against the log
+
+
+@dataclass(frozen=True, slots=True)
 class MissingReceipt:
     """A receipt's leaf, amount and time, to record if the log does not have its leaf yet."""
 
@@ -136,6 +146,12 @@ class LogStore(Protocol):
     async def known_leaves(self, leaves: Sequence[bytes]) -> set[bytes]: ...
 
     async def record_missing(self, missing: Sequence[MissingReceipt], replica: str) -> int: ...
+
+    async def recovery_turn(self, holder: str, lease: float) -> RecoveryTurn: ...
+
+    async def save_recovery(self, holder: str, place: Position | None, checked: float) -> None: ...
+
+    async def end_recovery_turn(self, holder: str) -> None: ...
 
     async def close(self) -> None: ...
 

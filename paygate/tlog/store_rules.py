@@ -30,6 +30,7 @@ from paygate.tlog.store import (
     PeriodEntry,
     Position,
     ReceiptPeriod,
+    RecoveryTurn,
     StoredCheckpoint,
     check_entries,
     completed_tiles,
@@ -289,6 +290,39 @@ class LogQueries:
             tuple(leaves),
         )
 
+    # --- recovery's turn: one scan per ledger at a time ------------------------------------
+
+    def take_turn(self, holder: str, now: float, lease: float) -> Query:
+        """Take the turn (none yet, or its lease ran out) or renew it (``holder``'s already)."""
+        return self._sql(
+            "INSERT INTO tlog_recovery (id, holder, lease_until) VALUES (1, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET holder = excluded.holder,"
+            " lease_until = excluded.lease_until"
+            " WHERE tlog_recovery.holder = excluded.holder OR tlog_recovery.lease_until < ?"
+        ), (holder, now + lease, now)
+
+    turn = "SELECT holder, at, payment_id, kind, checked FROM tlog_recovery WHERE id = 1"
+
+    @staticmethod
+    def turn_of(row: Row, holder: str) -> RecoveryTurn:
+        place = None if row[1] is None else (float(row[1]), str(row[2]), str(row[3]))
+        checked = None if row[4] is None else float(row[4])
+        return RecoveryTurn(row[0] == holder, str(row[0]), place, checked)
+
+    def save_place(self, holder: str, place: Position | None, checked: float) -> Query:
+        """Where the scan got to, kept only while ``holder`` holds the turn (a process frozen
+        past its lease does not move its successor's place back)."""
+        at, payment_id, kind = place if place is not None else (None, None, None)
+        return self._sql(
+            "UPDATE tlog_recovery SET at = ?, payment_id = ?, kind = ?, checked = ?"
+            " WHERE id = 1 AND holder = ?"
+        ), (at, payment_id, kind, checked, holder)
+
+    def end_turn(self, holder: str) -> Query:
+        return self._sql("UPDATE tlog_recovery SET lease_until = 0 WHERE id = 1 AND holder = ?"), (
+            holder,
+        )
+
 
 # --- the store's calls, as plans ------------------------------------------------------------
 
@@ -397,6 +431,12 @@ def record_missing_plan(
     return recorded
 
 
+def recovery_turn_plan(sql: LogQueries, holder: str, lease: float) -> Plan[RecoveryTurn]:
+    now = float((yield (sql.clock, ()))[0][0]) if sql.clock else time.time()
+    yield sql.take_turn(holder, now, lease)
+    return sql.turn_of((yield (sql.turn, ()))[0], holder)
+
+
 def receipt_period_plan(sql: LogQueries, leaf: bytes) -> Plan[ReceiptPeriod | None]:
     row = _first((yield sql.receipt_entry(leaf)))
     if row is None:
@@ -468,3 +508,12 @@ class QueryLogStore(ABC):
         if not missing:
             return 0
         return await self._write(record_missing_plan(self.SQL, missing, replica))
+
+    async def recovery_turn(self, holder: str, lease: float) -> RecoveryTurn:
+        return await self._write(recovery_turn_plan(self.SQL, holder, lease))
+
+    async def save_recovery(self, holder: str, place: Position | None, checked: float) -> None:
+        await self._write(_rows(self.SQL.save_place(holder, place, checked)))
+
+    async def end_recovery_turn(self, holder: str) -> None:
+        await self._write(_rows(self.SQL.end_turn(holder)))

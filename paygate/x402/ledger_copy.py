@@ -54,6 +54,7 @@ TABLES: tuple[Table, ...] = (
     Table("tlog_hashes", ("level", "idx")),
     Table("tlog_checkpoints", ("size",)),
     Table("tlog_receipts", ("seq",), (("leaf", "twin"),)),
+    Table("tlog_recovery", ("id",)),
     Table("bs_channels", ("channel_id",)),
     Table("bs_vouchers", ("channel_id", "max_claimable")),
     Table("bs_claims", ("id",)),

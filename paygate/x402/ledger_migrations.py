@@ -18,7 +18,8 @@ v10: two payment indexes fewer (pages every paid request writes; see the step). 
 batch-settlement voucher's charge marked in its own row (``bs_vouchers.charged``). v12: a
 payment's history in its own row while it is the ordinary course's (ledger_rules.kept_history).
 v13: batch-settlement vouchers by when they were recorded (retention's prune). v15: a receipt's
-leaf recorded in the transparency log once (``tlog_receipts``: a unique key; twins resolved).
+leaf recorded in the transparency log once (``tlog_receipts``: a unique key; twins resolved), and
+the log's recovery scanned by one replica at a time (``tlog_recovery``).
 """
 
 from __future__ import annotations
@@ -311,6 +312,20 @@ def migrations(dialect: SqlDialect) -> dict[int, tuple[str, ...]]:
             " AND earlier.seq < tlog_receipts.seq)",
             "DROP INDEX IF EXISTS tlog_receipts_leaf",
             "CREATE UNIQUE INDEX tlog_receipts_leaf_once ON tlog_receipts (leaf, twin)",
+            # The recovery of kept receipts, one scan per ledger at a time (paygate.tlog.
+            # recovery): who holds the turn until when, and where the scan got to, so a
+            # process that takes over goes on from there.
+            _table(
+                "tlog_recovery",
+                f"id {integer} PRIMARY KEY CHECK (id = 1)",
+                f"holder {text} NOT NULL  -- the replica scanning",
+                f"lease_until {real} NOT NULL  -- its turn ends then unless renewed",
+                f"at {real}  -- the place: the last kept receipt read (created_at, payment_id,"
+                " kind)",
+                f"payment_id {text}",
+                f"kind {text}",
+                f"checked {real}  -- every receipt kept before this was checked against the log",
+            ),
         ),
     }
 

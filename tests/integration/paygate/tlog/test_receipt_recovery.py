@@ -97,7 +97,14 @@ async def test_a_receipt_kept_with_its_charge_before_a_kill_is_logged_after_the_
     anvil, usdc, payer, seller, tmp_path, gas_key
 ):
     ledger = tmp_path / "payments.db"
-    logged = {"transparency_log": True, "log_origin": ORIGIN, "log_receipt_period": 3600}
+    # A stable replica name, as a restarted service keeps: the restart takes the recovery turn
+    # its previous run held back at once (another name waits for that turn's lease to run out).
+    logged = {
+        "transparency_log": True,
+        "log_origin": ORIGIN,
+        "log_receipt_period": 3600,
+        "replica_id": "gateway-1",
+    }
     orders = {
         "rpc_url": anvil.rpc_url,
         "gas_key": gas_key.key,

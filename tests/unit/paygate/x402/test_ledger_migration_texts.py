@@ -26,7 +26,7 @@ RELEASED = {
         12: (1, "b67aab37aa74467fbf5c1ba94add8402c349427863fbfb3183eeec7c2ee77db1"),
         13: (1, "bde02db6dbce8964da1c2ae5c3ebe640288b5a11509d1a8821805df722caa199"),
         # 14: the batch-settlement channel fixes' step, pinned on its own branch.
-        15: (5, "6937da48b4f32a9b7a152514b84d0b81a36cf2ae1c79210242a9ba76c0f24b86"),
+        15: (6, "9e6ae26462d5a7e4d4b59522ca6a831c2b8d14e4b8fa8775b6046c0c21d880ca"),
     },
     "postgres": {
         1: (3, "15ace1f755611ae0eaf8703d904ff812b0821970032826b6790c3bd58050fd37"),
@@ -41,7 +41,7 @@ RELEASED = {
         10: (2, "6375b494c6d5b93dfd317ed8935141a5feaab00da06bc2ad2b48c98b4534f71e"),
         12: (1, "feef3d4de3d729c0de40a663617cb3ea836ea41e3cf0a15b32ba4a2255fbf154"),
         13: (1, "bde02db6dbce8964da1c2ae5c3ebe640288b5a11509d1a8821805df722caa199"),
-        15: (5, "e5eb235eb3b02a1e3073786728c633ac0a44aab404e5ff858d1e8ae564a6f316"),
+        15: (6, "7f9098b62f6203ed48a4b4853185f2e2c4fd7d6a3a31a7f49006c692f21caf4f"),
     },
 }
 MIGRATIONS = {
