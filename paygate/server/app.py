@@ -361,6 +361,7 @@ async def gateway(plan: Plan, app: web.Application) -> AsyncIterator[None]:
     tlog = None
     if bound.log is not None:
         tlog = await tlog_assembly.start_log(settings, app[KEY], service)
+        tlog.recovery.events = app[METRICS]  # before its recovery runs (running_log below)
     metrics = app[METRICS]
     timed_key = TimedKey(app[KEY], metrics)
     epochs = app[KEY] if isinstance(app[KEY], EpochKeys) else None

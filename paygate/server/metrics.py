@@ -49,6 +49,8 @@ SETTLE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # ``invalidReason``, an open set, so refusals past this many are counted as "other" (the first
 # seen keep their own series; "admitted" always does).
 MAX_OUTCOMES = 64
+# A recovery pass of the transparency log: two reads, and a write when receipts are missing.
+RECOVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 KEY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 
 
@@ -193,6 +195,47 @@ _DECLARED: dict[str, _Declared] = {
         ("backend", "operation"),
         {"buckets": KEY_BUCKETS},
     ),
+    "_recovered": _Declared(
+        Counter,
+        "paygate_tlog_recovered_receipts",
+        "Receipts the ledger kept that the transparency log lacked, recorded by its recovery.",
+    ),
+    "_recovery_failures": _Declared(
+        Counter,
+        "paygate_tlog_recovery_failures",
+        "Transparency log recovery passes that failed (each retried from the same place).",
+    ),
+    "_recovery_scan": _Declared(
+        Histogram,
+        "paygate_tlog_recovery_scan_seconds",
+        "Transparency log recovery passes that completed, by how long they took.",
+        (),
+        {"buckets": RECOVERY_BUCKETS},
+    ),
+    "_recovery_checked": _Declared(
+        Gauge,
+        "paygate_tlog_recovery_checked_timestamp_seconds",
+        "Every receipt the ledger kept before this time (Unix seconds) was checked against "
+        "the transparency log.",
+        (),
+        _LIVEMAX,
+    ),
+    "_recovery_turn": _Declared(
+        Gauge,
+        "paygate_tlog_recovery_holding",
+        "1 while this process holds its ledger's transparency log recovery turn (one per "
+        "ledger at a time).",
+        (),
+        _LIVESUM,
+    ),
+    "_recovery_lag": _Declared(
+        Gauge,
+        "paygate_tlog_recovery_lag_seconds",
+        "How far the transparency log's recovery is behind: seconds of kept receipts past "
+        "the grace not checked against the log yet (0: caught up).",
+        (),
+        _LIVEMAX,
+    ),
 }
 
 
@@ -286,6 +329,7 @@ class Metrics:
         self._routes: dict[int, dict[str, Any]] = {}
         self._answered: dict[tuple[str, int], Any] = {}
         self._replies_stating_usage = self._recorded(self._usage_replies)
+        self._checked: tuple[float, float] | None = None  # recovery: checked until, grace
         # Called with every error code answered (webhook alerts on attestation failures).
         self.on_error: Callable[[str], None] | None = None
 
@@ -392,6 +436,30 @@ class Metrics:
     def settling(self, delta: int) -> None:
         self._pending.inc(delta)
 
+    # --- the transparency log's recovery (paygate.tlog.recovery.RecoveryEvents) ---
+
+    def recovery_pass(self, seconds: float, recorded: int) -> None:
+        self._recovery_scan.observe(seconds)
+        if recorded:
+            self._recovered.inc(recorded)
+
+    def recovery_failed(self) -> None:
+        self._recovery_failures.inc()
+
+    def recovery_checked(self, until: float, grace: float) -> None:
+        self._checked = (until, grace)
+        self._recovery_checked.set(until)
+        self._set_lag()
+
+    def recovery_turn(self, holding: bool) -> None:
+        self._recovery_turn.set(1 if holding else 0)
+
+    def _set_lag(self) -> None:
+        """The lag now: it grows between passes, and while passes fail or hang."""
+        if self._checked is not None:
+            until, grace = self._checked
+            self._recovery_lag.set(max(0.0, time.time() - grace - until))
+
     # --- exposition ---
 
     def render(self, *, in_flight: int, breaker_open: bool | None = None) -> bytes:
@@ -399,6 +467,7 @@ class Metrics:
         self._in_flight.set(in_flight)
         if breaker_open is not None:
             self._breaker.set(1 if breaker_open else 0)
+        self._set_lag()
         if self._dir is None:
             return generate_latest(self.registry)
         # Multiprocess: the sum over every worker's files, not this process's registry.

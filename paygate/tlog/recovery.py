@@ -11,12 +11,19 @@ receipts the ledger kept (in (created_at, payment id, kind) order, only those ke
 leaf hashes it has (one read), and records the others in one write under the append lock, which
 re-checks them there: two replicas or workers recovering at once record each receipt once.
 
-The scan's place is this process's own (no schema of its own): it starts ``window`` seconds
-(at least ``grace`` + ``interval``: where a process that died had got to) before the newest
-receipt the ledger kept, so a restart after any downtime still covers the
-receipts kept just before the crash; a process that keeps running covers everything kept after
-its start. A pass that read a full batch is followed by the next one at once (after a short
-pause), so a backlog is read ``batch`` receipts to a transaction, never in one.
+One process scans a ledger at a time (every worker and replica runs this loop; they take
+turns): before each pass a process takes or renews the ledger's recovery turn (``tlog_recovery``,
+one row in the same database, both stores) for ``lease`` (three ``interval``s); the others only
+ask, once an ``interval``. The holder keeps its place there after every pass, so a process that
+takes over — when the holder stopped (its turn ended at its close) or died or froze (its lease
+ran out) — goes on from where that scan got to: nothing is skipped. A holder frozen past its
+lease that wakes finishes its pass harmlessly (the record re-checks under the lock; each leaf is
+recorded once) but cannot move its successor's place, and finds the turn gone.
+
+With no place kept yet (the first scan of a ledger), a scan starts ``window`` seconds (at least
+``grace`` + ``interval``) before the newest receipt the ledger kept. A pass that read a full
+batch is followed by the next one at once (after a short pause), so a backlog is read ``batch``
+receipts to a transaction, never in one.
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from paygate.tlog.store import LogStore, MissingReceipt, Position
+from paygate.tlog.store import LogStore, MissingReceipt, Position, RecoveryTurn
 
 log = logging.getLogger("paygate.tlog")
 CATCH_UP_PAUSE = 0.05  # seconds between two full batches: the store serves requests between
@@ -44,10 +52,56 @@ class RecoveryConfig:
     interval: float = 30.0  # seconds between passes once caught up
 
     @property
+    def lease(self) -> float:
+        """How long a recovery turn lasts unless renewed: the holder renews it every pass (every
+        ``interval`` at most), so two missed passes hand it over."""
+        return 3 * self.interval
+
+    @property
     def reach(self) -> float:
         """How far before the newest kept receipt a first pass starts: ``window``, and at least
         as far back as a process that died had scanned (``grace`` plus one ``interval``)."""
         return max(self.window, self.grace + self.interval)
+
+
+class RecoveryEvents(Protocol):
+    """What recovery reports as it works (metrics: paygate.server.metrics); each call must be
+    cheap and never raise."""
+
+    def recovery_pass(self, seconds: float, recorded: int) -> None:
+        """A pass ended: how long it took, how many kept receipts it recorded in the log."""
+        ...
+
+    def recovery_failed(self) -> None:
+        """A pass failed (it is retried from the same place)."""
+        ...
+
+    def recovery_checked(self, until: float, grace: float) -> None:
+        """Every receipt kept before ``until`` (epoch seconds) has been checked against the log
+        (receipts younger than ``grace`` are left to their process): the scan's lag is the
+        time since ``until`` + ``grace``. Reported by the holder of the turn after each pass,
+        and by every other process from the ledger's turn row (the ledger's scan, not its own)."""
+        ...
+
+    def recovery_turn(self, holding: bool) -> None:
+        """Whether this process holds the ledger's recovery turn (asked every ``interval``)."""
+        ...
+
+
+class NoRecoveryEvents:
+    """Reports nowhere."""
+
+    def recovery_pass(self, seconds: float, recorded: int) -> None:
+        return None
+
+    def recovery_failed(self) -> None:
+        return None
+
+    def recovery_checked(self, until: float, grace: float) -> None:
+        return None
+
+    def recovery_turn(self, holding: bool) -> None:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,19 +119,62 @@ class ReceiptRecovery:
         replica: str,
         facts: Callable[[str], MissingReceipt],
         config: RecoveryConfig,
+        events: RecoveryEvents | None = None,
     ) -> None:
         self._store = store
+        self.events: RecoveryEvents = events or NoRecoveryEvents()  # where it reports
         self._replica = replica
         self._facts = facts  # a token → its leaf hash, amount and time (ValueError: unreadable)
         self.config = config
         self.after: Position | None = None
+        self.checked: float | None = None  # kept time before which this scan checked all
+        self.holding = False  # this process holds the ledger's recovery turn
         self.behind = False  # said to be behind, not caught up since
         self._caught_up = Pass(0, 0)  # read and recorded since it fell behind
 
     async def pass_once(self) -> Pass:
         """Read the next batch and record what the log lacks; the place moves on only when
         that is done (a failure is retried from the same place)."""
-        start, kept = await self._store.kept_receipts(
+        started = time.monotonic()
+        try:
+            done, checked = await self._scan()
+        except Exception:
+            self.events.recovery_failed()
+            raise
+        self.checked = checked
+        self.events.recovery_pass(time.monotonic() - started, done.recorded)
+        self.events.recovery_checked(checked, self.config.grace)
+        return done
+
+    async def take_turn(self) -> bool:
+        """Take or renew the ledger's recovery turn; True: this process scans now. Taking it
+        over, the scan goes on from the place its last holder kept."""
+        turn: RecoveryTurn = await self._store.recovery_turn(self._replica, self.config.lease)
+        if turn.mine and not self.holding and turn.place is not None:
+            self.after = turn.place
+            log.info("receipts recovery goes on from the receipts kept at %s", _utc(turn.place[0]))
+        elif not turn.mine and self.holding:
+            log.warning("receipts recovery: the turn went to %s", turn.holder)
+        self.holding = turn.mine
+        self.events.recovery_turn(turn.mine)
+        if turn.checked is not None and not turn.mine:  # the ledger's scan, as its holder kept it
+            self.events.recovery_checked(turn.checked, self.config.grace)
+        return turn.mine
+
+    async def keep_place(self) -> None:
+        """Keep where this scan got to in the ledger (only while holding the turn)."""
+        if self.checked is not None:
+            await self._store.save_recovery(self._replica, self.after, self.checked)
+
+    async def end_turn(self) -> None:
+        """Hand the turn over now (a clean stop): the next process to ask takes it."""
+        if self.holding:
+            self.holding = False
+            await self._store.end_recovery_turn(self._replica)
+
+    async def _scan(self) -> tuple[Pass, float]:
+        """One pass; with the kept time before which every receipt has now been checked."""
+        start, kept, until = await self._store.kept_receipts(
             self.after,
             window=self.config.reach,
             grace=self.config.grace,
@@ -99,8 +196,11 @@ class ReceiptRecovery:
         if self.after is None and start is not None:  # what is older is never looked at
             log.info("receipts recovery starts at the receipts kept from %s", _utc(start[0]))
         self.after = kept[-1].position if kept else start
-        self._tell(Pass(len(kept), recorded))
-        return Pass(len(kept), recorded)
+        done = Pass(len(kept), recorded)
+        self._tell(done)
+        # A full batch: checked up to its last receipt's time; else all kept before ``until``.
+        full = len(kept) >= self.config.batch
+        return done, kept[-1].created_at if full else until
 
     def _tell(self, done: Pass) -> None:
         """Say when recovery is behind (a full batch whose last receipt was kept longer ago than
@@ -123,11 +223,14 @@ class ReceiptRecovery:
                 self.behind = False
 
     async def run(self) -> None:
-        """Passes for as long as the log runs: at once at start, then every ``interval``."""
+        """Passes for as long as the log runs, while this process holds the ledger's turn: at
+        once at start, then every ``interval`` (each time asking for the turn)."""
         while True:
             full = False
             try:
-                full = (await self.pass_once()).read >= self.config.batch
+                if await self.take_turn():
+                    full = (await self.pass_once()).read >= self.config.batch
+                    await self.keep_place()
             except Exception as exc:  # keep recovering: one failed pass must not end it
                 log.error("the receipts recovery pass failed: %s", type(exc).__name__)
             await asyncio.sleep(CATCH_UP_PAUSE if full else self.config.interval)

@@ -37,7 +37,7 @@ from enclave.tlog import checkpoint as cp
 from enclave.tlog import entries, merkle, note, tiles
 from paygate.server.errors import GatewayError
 from paygate.tlog.errors import LogStoreError
-from paygate.tlog.recovery import ReceiptRecovery, RecoveryConfig
+from paygate.tlog.recovery import ReceiptRecovery, RecoveryConfig, RecoveryEvents
 from paygate.tlog.store import (
     Appended,
     LogStore,
@@ -54,6 +54,7 @@ LOG_PREFIX = "/v1/log/"
 CHECKPOINT_CACHE = "public, max-age=2"  # mutable: a few seconds at most (tlog-tiles)
 TILE_CACHE = "public, max-age=31536000, immutable"
 MAX_WITNESS_ANSWER = 16 * 1024
+TURN_HANDOVER = 5.0  # seconds close() waits to hand the recovery turn over
 _LEAF = re.compile(r"[0-9a-f]{64}")
 
 
@@ -129,7 +130,13 @@ def log_verifier(origin: str, signer: LogSigner) -> note.Ed25519Verifier | note.
 
 
 class TransparencyLog:
-    def __init__(self, config: LogConfig, store: LogStore, signer: LogSigner) -> None:
+    def __init__(
+        self,
+        config: LogConfig,
+        store: LogStore,
+        signer: LogSigner,
+        events: RecoveryEvents | None = None,
+    ) -> None:
         self.config = config
         self._store = store
         self._signer = signer
@@ -140,7 +147,9 @@ class TransparencyLog:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         # Receipts the ledger kept that this log was never given (a crash between the two).
-        self.recovery = ReceiptRecovery(store, config.replica, receipt_facts, config.recovery)
+        self.recovery = ReceiptRecovery(
+            store, config.replica, receipt_facts, config.recovery, events
+        )
 
     # --- signing ---------------------------------------------------------------------------
 
@@ -371,6 +380,10 @@ class TransparencyLog:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # A clean stop hands the recovery turn over at once (bounded: the store may be down).
+        with contextlib.suppress(LogStoreError, TimeoutError):
+            async with asyncio.timeout(TURN_HANDOVER):
+                await self.recovery.end_turn()
         if self._session is not None:
             await self._session.close()
         await self._store.close()

@@ -14,7 +14,9 @@ of every signed receipt; ``entry``/``position`` once a receipts entry covers it)
 
 Recovery (:mod:`paygate.tlog.recovery`) reads the ledger's own ``receipts`` table, in the same
 database: a receipt kept there that ``tlog_receipts`` lacks is recorded, once, under the append
-lock (``tlog_receipts`` has no unique key on the leaf: the lock is what makes it once).
+lock. Each leaf is recorded once (schema step 15: a unique key on ``(leaf, twin)``; a second
+record is ignored at its insert; ``twin`` is other than 0 only for a twin recorded before that
+step that a published period counts, kept for that period's root).
 """
 
 from __future__ import annotations
@@ -79,6 +81,16 @@ class KeptReceipt:
 
 
 @dataclass(frozen=True, slots=True)
+class RecoveryTurn:
+    """The ledger's recovery turn (``tlog_recovery``) as a process found it when it asked."""
+
+    mine: bool  # the asking process holds it now (taken, or renewed)
+    holder: str
+    place: Position | None  # where the scan got to (the last kept receipt read), if anywhere
+    checked: float | None  # every receipt kept before this was checked against the log
+
+
+@dataclass(frozen=True, slots=True)
 class MissingReceipt:
     """A receipt's leaf, amount and time, to record if the log does not have its leaf yet."""
 
@@ -129,11 +141,17 @@ class LogStore(Protocol):
 
     async def kept_receipts(
         self, after: Position | None, *, window: float, grace: float, limit: int
-    ) -> tuple[Position | None, list[KeptReceipt]]: ...
+    ) -> tuple[Position | None, list[KeptReceipt], float]: ...
 
     async def known_leaves(self, leaves: Sequence[bytes]) -> set[bytes]: ...
 
     async def record_missing(self, missing: Sequence[MissingReceipt], replica: str) -> int: ...
+
+    async def recovery_turn(self, holder: str, lease: float) -> RecoveryTurn: ...
+
+    async def save_recovery(self, holder: str, place: Position | None, checked: float) -> None: ...
+
+    async def end_recovery_turn(self, holder: str) -> None: ...
 
     async def close(self) -> None: ...
 

@@ -30,6 +30,7 @@ from paygate.tlog.store import (
     PeriodEntry,
     Position,
     ReceiptPeriod,
+    RecoveryTurn,
     StoredCheckpoint,
     check_entries,
     completed_tiles,
@@ -210,8 +211,11 @@ class LogQueries:
     # --- receipts periods ------------------------------------------------------------------
 
     def record_receipt(self, leaf: bytes, amount: int, replica: str, issued_at: float) -> Query:
+        """Record a receipt's leaf; nothing when the log has it (tlog_receipts_leaf_once: a
+        process frozen past the recovery grace records one recovery recorded meanwhile)."""
         return self._sql(
             "INSERT INTO tlog_receipts (leaf, amount, replica, issued_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (leaf, twin) DO NOTHING"
         ), (leaf, str(amount) if self.amounts_as_text else amount, replica, issued_at)
 
     def open_receipts(self, limit: int) -> Query:
@@ -234,9 +238,10 @@ class LogQueries:
         return [(entry, position, r.seq) for position, r in enumerate(period)]
 
     #: Open receipts whose leaf the log already holds at a lower seq: a receipt recorded twice
-    #: (its process froze past the recovery grace, recovery recorded it meanwhile; the request
-    #: path does not look first). Dropped at the cut, under the lock, so a period counts each
-    #: leaf once and never one a published period counts (an index probe per open receipt).
+    #: (its process froze past the recovery grace, recovery recorded it meanwhile). Since schema
+    #: step 15 the unique key refuses such a twin at its insert; kept as a second guard at the
+    #: cut, under the lock, so a period counts each leaf once and never one a published period
+    #: counts (an index probe per open receipt).
     drop_recorded_again = (
         "DELETE FROM tlog_receipts WHERE entry IS NULL AND EXISTS (SELECT 1 FROM tlog_receipts"
         " AS earlier WHERE earlier.leaf = tlog_receipts.leaf AND earlier.seq < tlog_receipts.seq)"
@@ -278,11 +283,44 @@ class LogQueries:
         return KeptReceipt(float(row[0]), str(row[1]), str(row[2]), str(row[3]))
 
     def known_leaves(self, leaves: Sequence[bytes]) -> Query:
-        """Which of ``leaves`` the log has recorded (tlog_receipts_leaf)."""
+        """Which of ``leaves`` the log has recorded (tlog_receipts_leaf_once)."""
         marks = ", ".join([self.mark] * len(leaves))
         return (
             f"SELECT leaf FROM tlog_receipts WHERE leaf IN ({marks})",  # noqa: S608 - placeholders only
             tuple(leaves),
+        )
+
+    # --- recovery's turn: one scan per ledger at a time ------------------------------------
+
+    def take_turn(self, holder: str, now: float, lease: float) -> Query:
+        """Take the turn (none yet, or its lease ran out) or renew it (``holder``'s already)."""
+        return self._sql(
+            "INSERT INTO tlog_recovery (id, holder, lease_until) VALUES (1, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET holder = excluded.holder,"
+            " lease_until = excluded.lease_until"
+            " WHERE tlog_recovery.holder = excluded.holder OR tlog_recovery.lease_until < ?"
+        ), (holder, now + lease, now)
+
+    turn = "SELECT holder, at, payment_id, kind, checked FROM tlog_recovery WHERE id = 1"
+
+    @staticmethod
+    def turn_of(row: Row, holder: str) -> RecoveryTurn:
+        place = None if row[1] is None else (float(row[1]), str(row[2]), str(row[3]))
+        checked = None if row[4] is None else float(row[4])
+        return RecoveryTurn(row[0] == holder, str(row[0]), place, checked)
+
+    def save_place(self, holder: str, place: Position | None, checked: float) -> Query:
+        """Where the scan got to, kept only while ``holder`` holds the turn (a process frozen
+        past its lease does not move its successor's place back)."""
+        at, payment_id, kind = place if place is not None else (None, None, None)
+        return self._sql(
+            "UPDATE tlog_recovery SET at = ?, payment_id = ?, kind = ?, checked = ?"
+            " WHERE id = 1 AND holder = ?"
+        ), (at, payment_id, kind, checked, holder)
+
+    def end_turn(self, holder: str) -> Query:
+        return self._sql("UPDATE tlog_recovery SET lease_until = 0 WHERE id = 1 AND holder = ?"), (
+            holder,
         )
 
 
@@ -354,18 +392,20 @@ def append_receipts_plan(
 
 def kept_receipts_plan(
     sql: LogQueries, after: Position | None, window: float, grace: float, limit: int
-) -> Plan[tuple[Position | None, list[KeptReceipt]]]:
+) -> Plan[tuple[Position | None, list[KeptReceipt], float]]:
     """Up to ``limit`` receipts the ledger kept after ``after`` and at least ``grace`` seconds
     ago (by the database's clock where it has one); with no ``after``, from ``window`` seconds
-    before the newest kept receipt. Returns where the scan started and what it read."""
+    before the newest kept receipt. Returns where the scan started, what it read and the kept
+    time it read up to (now - ``grace``)."""
     now = float((yield (sql.clock, ()))[0][0]) if sql.clock else time.time()
+    until = now - grace
     if after is None:
         newest = _first((yield (sql.newest_kept, ())))
         if newest is None or newest[0] is None:
-            return None, []
+            return None, [], until
         after = (float(newest[0]) - window, "", "")
-    rows = yield sql.kept_after(after, now - grace, limit)
-    return after, [sql.kept_of(r) for r in rows]
+    rows = yield sql.kept_after(after, until, limit)
+    return after, [sql.kept_of(r) for r in rows], until
 
 
 def known_leaves_plan(sql: LogQueries, leaves: Sequence[bytes]) -> Plan[set[bytes]]:
@@ -389,6 +429,12 @@ def record_missing_plan(
         yield sql.record_receipt(receipt.leaf, receipt.amount, replica, receipt.issued_at)
         recorded += 1
     return recorded
+
+
+def recovery_turn_plan(sql: LogQueries, holder: str, lease: float) -> Plan[RecoveryTurn]:
+    now = float((yield (sql.clock, ()))[0][0]) if sql.clock else time.time()
+    yield sql.take_turn(holder, now, lease)
+    return sql.turn_of((yield (sql.turn, ()))[0], holder)
 
 
 def receipt_period_plan(sql: LogQueries, leaf: bytes) -> Plan[ReceiptPeriod | None]:
@@ -452,7 +498,7 @@ class QueryLogStore(ABC):
 
     async def kept_receipts(
         self, after: Position | None, *, window: float, grace: float, limit: int
-    ) -> tuple[Position | None, list[KeptReceipt]]:
+    ) -> tuple[Position | None, list[KeptReceipt], float]:
         return await self._read(kept_receipts_plan(self.SQL, after, window, grace, limit))
 
     async def known_leaves(self, leaves: Sequence[bytes]) -> set[bytes]:
@@ -462,3 +508,12 @@ class QueryLogStore(ABC):
         if not missing:
             return 0
         return await self._write(record_missing_plan(self.SQL, missing, replica))
+
+    async def recovery_turn(self, holder: str, lease: float) -> RecoveryTurn:
+        return await self._write(recovery_turn_plan(self.SQL, holder, lease))
+
+    async def save_recovery(self, holder: str, place: Position | None, checked: float) -> None:
+        await self._write(_rows(self.SQL.save_place(holder, place, checked)))
+
+    async def end_recovery_turn(self, holder: str) -> None:
+        await self._write(_rows(self.SQL.end_turn(holder)))

@@ -19,6 +19,8 @@ batch-settlement voucher's charge marked in its own row (``bs_vouchers.charged``
 payment's history in its own row while it is the ordinary course's (ledger_rules.kept_history).
 v13: batch-settlement vouchers by when they were recorded (retention's prune). v14: the chain
 block each batch-settlement channel's balance was read at (a reading never undoes a newer one).
+v15: a receipt's leaf recorded in the transparency log once (``tlog_receipts``: a unique key;
+twins resolved), and the log's recovery scanned by one replica at a time (``tlog_recovery``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Literal
 from paygate.x402.ledger import PaymentState
 
 SqlDialect = Literal["sqlite", "postgres"]
-SCHEMA_VERSION = 14
+SCHEMA_VERSION = 15
 
 # What differs between the dialects, by name: (SQLite, PostgreSQL).
 _WORDS: dict[str, tuple[str, str]] = {
@@ -293,6 +295,42 @@ def migrations(dialect: SqlDialect) -> dict[int, tuple[str, ...]]:
         # one older than the row's changes nothing (batch_settlement.store). 0: no reading
         # known (rows from before this step), so the next one counts.
         14: (f"ALTER TABLE bs_channels ADD COLUMN read_block {bigint} NOT NULL DEFAULT 0",),
+        # A receipt's leaf is recorded in the log once: a unique key on (leaf, twin), which
+        # every record meets (``twin`` 0; the insert ignores a second record). A log may already
+        # hold twins (a process frozen past the recovery grace recorded a receipt recovery had
+        # recorded), resolved first, never touching what a published period counts:
+        # - an open twin (no receipts entry covers it) goes when the leaf has a record a period
+        #   covers or an earlier one: never published, and the charge stays counted once (what
+        #   every cut has done since, ``drop_recorded_again``);
+        # - twins a period already covers stay (that entry's root and count were computed over
+        #   them and are published: deleting one would break the period's inclusion proofs),
+        #   each but the leaf's first marked ``twin`` = its own seq, outside the key.
+        # The key's prefix serves every lookup by leaf (the old index goes).
+        15: (
+            f"ALTER TABLE tlog_receipts ADD COLUMN twin {bigint} NOT NULL DEFAULT 0",
+            "DELETE FROM tlog_receipts WHERE entry IS NULL AND EXISTS (SELECT 1"
+            " FROM tlog_receipts AS kept WHERE kept.leaf = tlog_receipts.leaf"
+            " AND (kept.entry IS NOT NULL OR kept.seq < tlog_receipts.seq))",
+            "UPDATE tlog_receipts SET twin = seq WHERE EXISTS (SELECT 1"
+            " FROM tlog_receipts AS earlier WHERE earlier.leaf = tlog_receipts.leaf"
+            " AND earlier.seq < tlog_receipts.seq)",
+            "DROP INDEX IF EXISTS tlog_receipts_leaf",
+            "CREATE UNIQUE INDEX tlog_receipts_leaf_once ON tlog_receipts (leaf, twin)",
+            # The recovery of kept receipts, one scan per ledger at a time (paygate.tlog.
+            # recovery): who holds the turn until when, and where the scan got to, so a
+            # process that takes over goes on from there.
+            _table(
+                "tlog_recovery",
+                f"id {integer} PRIMARY KEY CHECK (id = 1)",
+                f"holder {text} NOT NULL  -- the replica scanning",
+                f"lease_until {real} NOT NULL  -- its turn ends then unless renewed",
+                f"at {real}  -- the place: the last kept receipt read (created_at, payment_id,"
+                " kind)",
+                f"payment_id {text}",
+                f"kind {text}",
+                f"checked {real}  -- every receipt kept before this was checked against the log",
+            ),
+        ),
     }
 
 

@@ -11,7 +11,10 @@
 - the residual race (a process frozen past the grace records a receipt recovery recorded): no
   period counts its leaf twice; a restart reaches back grace + interval whatever the window;
   ties of kept time across batches; a token with an absurd time does not stall the scan; a pass
-  yields the event loop; the operator's log lines; close() ends a stuck pass.
+  yields the event loop; the operator's log lines; close() ends a stuck pass;
+- the metrics an operator alerts on: a real gateway whose ledger holds a receipt its log lacks
+  shows it recovered on ``/metrics`` (recorded count, scan time, lag 0, the checked time);
+  a failing pass counts as a failure and its lag grows; a backlog shows as lag.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from enclave import SoftwareKey, receipts
 from enclave.tlog import entries, merkle
+from paygate.server.metrics import Metrics
 from paygate.tlog.errors import LogStoreError
 from paygate.tlog.open_store import open_log_store
 from paygate.tlog.recovery import Pass, RecoveryConfig
@@ -40,9 +45,10 @@ from paygate.tlog.service import LogConfig, TransparencyLog, log_identity, recei
 from paygate.x402.ledger import PaymentState
 from paygate.x402.ledger_store import LedgerLocation, open_ledger, parse_ledger_url
 from tests.fixtures.batch_settlement_support import chain_batch
+from tests.fixtures.gateway_support import running_stack
 from tests.fixtures.ledger_support import request
 from tests.fixtures.payment_support import PRICE_ATOMIC, records
-from tests.fixtures.tlog_support import ORIGIN
+from tests.fixtures.tlog_support import ORIGIN, gateway_settings
 
 ROOT = Path(__file__).resolve().parents[4]
 DEPOSIT = 10 * PRICE_ATOMIC
@@ -91,7 +97,14 @@ async def test_a_receipt_kept_with_its_charge_before_a_kill_is_logged_after_the_
     anvil, usdc, payer, seller, tmp_path, gas_key
 ):
     ledger = tmp_path / "payments.db"
-    logged = {"transparency_log": True, "log_origin": ORIGIN, "log_receipt_period": 3600}
+    # A stable replica name, as a restarted service keeps: the restart takes the recovery turn
+    # its previous run held back at once (another name waits for that turn's lease to run out).
+    logged = {
+        "transparency_log": True,
+        "log_origin": ORIGIN,
+        "log_receipt_period": 3600,
+        "replica_id": "gateway-1",
+    }
     orders = {
         "rpc_url": anvil.rpc_url,
         "gas_key": gas_key.key,
@@ -205,13 +218,13 @@ async def _keep(location: LedgerLocation, tokens: dict[int, str]) -> None:
 
 @contextlib.asynccontextmanager
 async def _log(
-    location: LedgerLocation, replica: str = "r1", **recovery: Any
+    location: LedgerLocation, replica: str = "r1", events: Any = None, **recovery: Any
 ) -> AsyncIterator[TransparencyLog]:
     store = await open_log_store(location)
     config = LogConfig(
         origin=ORIGIN, replica=replica, recovery=RecoveryConfig(**{"grace": 0.0, **recovery})
     )
-    tlog = TransparencyLog(config, store, KEY)
+    tlog = TransparencyLog(config, store, KEY, events)
     try:
         yield tlog
     finally:
@@ -547,3 +560,85 @@ async def test_close_ends_a_recovery_pass_stuck_in_its_store(location):
     await asyncio.wait_for(entered.wait(), 10)
     await asyncio.wait_for(tlog.close(), 10)
     assert not tlog._tasks
+
+
+# --- the metrics an operator alerts on -----------------------------------------------------
+
+
+def _scraped(text: str) -> dict[str, float]:
+    """The unlabelled samples of a scrape, by name."""
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
+
+
+async def test_a_gateway_shows_the_receipts_it_recovered_on_its_metrics(tmp_path):
+    """A real gap: the ledger keeps three receipts its log never recorded; the gateway started
+    on it recovers them, and /metrics says so (and that it is caught up)."""
+    settings = gateway_settings(tmp_path, log_recovery_grace=0)
+    location = LedgerLocation(kind="sqlite", path=settings["ledger_path"])
+    tokens = {n: _token(n, 100 * n) for n in (1, 2, 3)}
+    await _keep(location, tokens)
+    async with running_stack(**settings) as stack:
+        async with asyncio.timeout(30):
+            while True:
+                async with stack.client.get(stack.url + "/metrics") as response:
+                    assert response.status == 200
+                    seen = _scraped(await response.text())
+                if seen.get("paygate_tlog_recovery_scan_seconds_count", 0) >= 1:
+                    break
+                await asyncio.sleep(0.1)
+    assert seen["paygate_tlog_recovered_receipts_total"] == 3
+    assert seen["paygate_tlog_recovery_failures_total"] == 0
+    assert seen["paygate_tlog_recovery_lag_seconds"] < 30  # caught up: a pass ago at most
+    assert seen["paygate_tlog_recovery_checked_timestamp_seconds"] > 0
+    assert _tlog_leaves(settings["ledger_path"]).count(receipt_facts(tokens[2]).leaf) == 1
+
+
+async def test_failed_passes_are_counted_and_their_lag_grows(location):
+    metrics = Metrics()
+    await _keep(location, {1: _token(1, 3)})
+    async with _log(location, events=metrics, grace=5.0) as tlog:
+        await tlog.start([b"genesis"])
+        store: Any = tlog._store
+        await store._write(_kept_long_ago_plan(store.SQL, 60.0))
+        assert (await tlog.recovery.pass_once()).recorded == 1
+        caught_up = _scraped(metrics.render(in_flight=0).decode())
+        assert caught_up["paygate_tlog_recovered_receipts_total"] == 1
+        assert caught_up["paygate_tlog_recovery_lag_seconds"] < 5
+        checked = caught_up["paygate_tlog_recovery_checked_timestamp_seconds"]
+
+        async def fails(*args: Any, **kwargs: Any) -> Any:
+            raise LogStoreError("the log store failed: OperationalError")
+
+        store.kept_receipts = fails
+        for _ in range(2):
+            with pytest.raises(LogStoreError):
+                await tlog.recovery.pass_once()
+        metrics.recovery_checked(checked - 600.0, 5.0)  # as if that pass was ten minutes ago
+        failing = _scraped(metrics.render(in_flight=0).decode())
+    assert failing["paygate_tlog_recovery_failures_total"] == 2
+    assert failing["paygate_tlog_recovery_scan_seconds_count"] == 1  # failures are not passes
+    assert failing["paygate_tlog_recovery_lag_seconds"] >= 595
+
+
+async def test_a_backlog_shows_as_lag_until_it_is_read(location):
+    """Full batches of receipts kept ten minutes ago: the lag says how far behind the scan is,
+    and drops to 0 once the pass that reads the rest has run."""
+    metrics = Metrics()
+    await _keep(location, {n: _token(n, 1) for n in range(1, 6)})
+    async with _log(location, events=metrics, batch=2, window=3600.0) as tlog:
+        store: Any = tlog._store
+        await store._write(_kept_long_ago_plan(store.SQL, 600.0))
+        await tlog.start([b"genesis"])
+        await tlog.recovery.pass_once()
+        behind = _scraped(metrics.render(in_flight=0).decode())
+        for _ in range(2):
+            await tlog.recovery.pass_once()
+        caught_up = _scraped(metrics.render(in_flight=0).decode())
+    assert 590 <= behind["paygate_tlog_recovery_lag_seconds"] < 700
+    assert caught_up["paygate_tlog_recovery_lag_seconds"] < 5
+    assert caught_up["paygate_tlog_recovered_receipts_total"] == 5

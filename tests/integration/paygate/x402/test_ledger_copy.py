@@ -117,6 +117,8 @@ async def fill(path: Path) -> bytes:
         appended = await log.append([f"leaf {i}".encode() for i in range(300)], sign, "filler")
         await log.set_cosignatures(appended.checkpoint.size, "— witness sig\n")
         await log.record_receipt(b"\x01" * 32, 1000, "filler", 1.7e9)
+        await log.recovery_turn("filler", 60.0)  # the recovery's turn and its kept place
+        await log.save_recovery("filler", (1.7e9, "pay-1", "reply"), 1.7e9)
         return appended.checkpoint.root
     finally:
         await log.close()

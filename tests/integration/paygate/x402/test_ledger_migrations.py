@@ -41,7 +41,7 @@ from paygate.x402.ledger import (
 from paygate.x402.ledger_postgres import PostgresLedger
 from paygate.x402.ledger_sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from paygate.x402.ledger_store import open_ledger, parse_ledger_url
-from tests.fixtures.ledger_support import request, tx
+from tests.fixtures.ledger_support import BEFORE_V15, request, tx
 from tests.fixtures.ledgers import Opener
 
 ROOT = Path(__file__).resolve().parents[4]
@@ -260,6 +260,8 @@ async def as_v10(ledger: object) -> None:
             )
     await run("ALTER TABLE payments DROP COLUMN history", ())
     await run("ALTER TABLE bs_vouchers DROP COLUMN charged", ())  # step 11's
+    for statement in BEFORE_V15:  # step 15's (re-run from v10)
+        await run(statement, ())
     await run("ALTER TABLE bs_channels DROP COLUMN read_block", ())  # step 14's
     await run("UPDATE ledger_schema SET version = 10 WHERE id = 1", ())
 

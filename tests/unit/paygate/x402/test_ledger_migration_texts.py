@@ -26,6 +26,7 @@ RELEASED = {
         12: (1, "b67aab37aa74467fbf5c1ba94add8402c349427863fbfb3183eeec7c2ee77db1"),
         13: (1, "bde02db6dbce8964da1c2ae5c3ebe640288b5a11509d1a8821805df722caa199"),
         14: (1, "92b12ee45a3e445c2f4285fa4e6a8ae34ef620badb60f869f4b9f6a321ca08f2"),
+        15: (6, "9e6ae26462d5a7e4d4b59522ca6a831c2b8d14e4b8fa8775b6046c0c21d880ca"),
     },
     "postgres": {
         1: (3, "15ace1f755611ae0eaf8703d904ff812b0821970032826b6790c3bd58050fd37"),

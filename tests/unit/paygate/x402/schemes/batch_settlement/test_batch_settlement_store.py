@@ -23,7 +23,7 @@ from paygate.x402.schemes.batch_settlement.store import (
     taken,
 )
 from paygate.x402.settler import ReviewRequired
-from tests.fixtures.ledger_support import nonce, request
+from tests.fixtures.ledger_support import BEFORE_V15, nonce, request
 
 CHANNEL = "0x" + "ab" * 32
 CONFIG = ChannelConfig(
@@ -256,6 +256,8 @@ async def test_vouchers_recorded_before_v11_are_marked_charged_only_where_proven
     # The store as v10 left it (nor step 12's or 14's columns).
     await ledger.scheme_sql("ALTER TABLE bs_vouchers DROP COLUMN charged", ())
     await ledger.scheme_sql("ALTER TABLE payments DROP COLUMN history", ())
+    for statement in BEFORE_V15:  # nor step 15's
+        await ledger.scheme_sql(statement, ())
     await ledger.scheme_sql("ALTER TABLE bs_channels DROP COLUMN read_block", ())
     await ledger.scheme_sql("UPDATE ledger_schema SET version = 10 WHERE id = 1", ())
     await ledger.close()
