@@ -184,14 +184,15 @@ class DoubtedClaims:
         name = (payer or "").lower().removeprefix("0x")
         if len(name) < _MIN_PAYER_CHARS:
             return
+        now = self._clock()
+        if address not in self._vouched and not self._room(now):
+            return  # full of live vouches: a flood of verified payments evicts none of them
         payers = self._vouched.pop(address, None) or {}
         payers.pop(name, None)
-        payers[name] = self._clock() + self.vouch_seconds
+        payers[name] = now + self.vouch_seconds
         while len(payers) > PAYERS_PER_ADDRESS:
             del payers[next(iter(payers))]  # the longest unrenewed
         self._vouched[address] = payers
-        while len(self._vouched) > self.max_vouched:
-            self._vouched.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._until)
@@ -224,6 +225,18 @@ class DoubtedClaims:
         while len(self._strikes) > MAX_STRIKES:
             self._strikes.popitem(last=False)
         return count + 1
+
+    def _room(self, now: float) -> bool:
+        """Is there room for one more vouched address, once those run out are forgotten?
+        (The longest unrenewed first: an address's entry moves last when a payer there
+        verifies, so the first one's vouches all ran out, or none did.)"""
+        vouched = self._vouched
+        while len(vouched) >= self.max_vouched:
+            first = next(iter(vouched))
+            if any(now < until for until in vouched[first].values()):
+                return False
+            del vouched[first]
+        return True
 
     def _named(self, address: str, headers: Mapping[str, str]) -> list[str]:
         """The payers vouched at ``address`` whose names the payment header holds."""
