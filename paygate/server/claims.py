@@ -17,10 +17,10 @@ else a forger dropping each claim before its verdict is believed for ever. Its a
 whatever header they carry (the unpaid pool and gate: its one slot per address and the unpaid
 rate it shares with every other unpaid caller). A payment verified from the address clears the
 address's doubt at once. What a forged-claim flood can take of the claimed gate is then one open
-per address per :data:`DOUBT_SECONDS` (plus those opened before its first refusal,
-``per_ip_open_slots`` at a time: a claim is believed again once its body is in, so bodies read
-at once do not each buy an open), not the gate's rate; past that it is an unpaid flood, which
-the unpaid gate already bounds.
+per address per :data:`DOUBT_SECONDS` (plus those opened before its first refusal comes,
+``per_ip_open_slots`` at a time, while the first is verified: a claim is believed again once its
+body is in, so bodies read at once do not each buy an open), not the gate's rate; past that it
+is an unpaid flood, which the unpaid gate already bounds.
 
 Why the unpaid *gate*, and not merely a token of the unpaid bucket taken after the fact: a
 token charged for every failed claim would let forged claims drain the unpaid callers' rate as
