@@ -158,6 +158,9 @@ class Admission:
             claimed = paying and self._claims.believed(key, request.headers)
             pool = self._admitted_bodies if claimed else self._unverified_bodies
             body = await self._read(request, key, pool)
+            # Believed again once the body is in: a claim refused while this body was read
+            # doubts it too (else each address opens as many as it reads bodies at once).
+            claimed = claimed and self._claims.believed(key, request.headers)
             try:
                 opened, payment, ticket = await self._open_and_pay(
                     request, route, body, key, claimed
@@ -167,6 +170,14 @@ class Admission:
                 # payment, or never verified again), after a key operation on a claim's word:
                 # doubt its next claims.
                 if paying and doubts(refusal):
+                    self._claims.refused(key, request.headers)
+                raise
+            except BaseException:
+                # Cut short once its open began (the caller gone before the verdict: its
+                # handler cancelled) or failed unexpectedly: a key operation on a claim's word
+                # that never verified. Doubted too, else disconnecting before each verdict
+                # keeps an address's (or a vouched payer's) claims believed for ever.
+                if paying:
                     self._claims.refused(key, request.headers)
                 raise
             if paying and ticket.session.paid:

@@ -7,17 +7,20 @@ callers' rate so that a payer making paid calls one after another is not held to
 costs nothing to forge, though: a flood of forged claims would take that gate's whole rate, and
 so the real payers' opens.
 
-So a claim that fails once the key's work is done — its body does not open or parse, its
-payment is refused (402), is an identifier's recorded outcome or one in progress (409: never
-verified again, so one paid call would otherwise buy a flood of opens), or a payer's rate is
-spent (429): any 4xx of the sender's doing — costs its sender: its address
-is *doubted* for :data:`DOUBT_SECONDS`, and while doubted, its requests are admitted as unpaid
-ones whatever header they carry (the unpaid pool and gate: its one slot per address and the
-unpaid rate it shares with every other unpaid caller). A payment verified from the address
-clears the address's doubt at once. What a forged-claim flood can take of the claimed gate is
-then one open per address per :data:`DOUBT_SECONDS` (plus those in flight before its first
-refusal, ``per_ip_open_slots`` at a time), not the gate's rate; past that it is an unpaid
-flood, which the unpaid gate already bounds.
+So a claim that fails once the key's work is done — its body does not open or parse, its payment
+is refused (402), is an identifier's recorded outcome or one in progress (409: never verified
+again, so one paid call would otherwise buy a flood of opens), or a payer's rate is spent (429):
+any 4xx of the sender's doing — costs its sender, and so does a claim cut short once its open
+began (its caller gone before the verdict: the handler cancelled; or an unexpected failure),
+else a forger dropping each claim before its verdict is believed for ever. Its address is
+*doubted* for :data:`DOUBT_SECONDS`, and while doubted, its requests are admitted as unpaid ones
+whatever header they carry (the unpaid pool and gate: its one slot per address and the unpaid
+rate it shares with every other unpaid caller). A payment verified from the address clears the
+address's doubt at once. What a forged-claim flood can take of the claimed gate is then one open
+per address per :data:`DOUBT_SECONDS` (plus those opened before its first refusal comes,
+``per_ip_open_slots`` at a time, while the first is verified: a claim is believed again once its
+body is in, so bodies read at once do not each buy an open), not the gate's rate; past that it
+is an unpaid flood, which the unpaid gate already bounds.
 
 Why the unpaid *gate*, and not merely a token of the unpaid bucket taken after the fact: a
 token charged for every failed claim would let forged claims drain the unpaid callers' rate as
@@ -38,8 +41,12 @@ address newly doubted is a *strike* against its /56; a prefix's first strike in 
 worth of different places below it within the window (4 for a /56 or a /48, 16 for a /32, where
 unrelated customers meet) is doubted whole. A /48 (free from tunnel brokers) then gets some
 sixteen believed claims a minute (4 /56s of 4 addresses), a /32 some two hundred, not one per
-/64; and no single customer can get its neighbours doubted beyond its own allocation (a /56 is
-one strike against its /48, a /48 one against its /32). An address under a doubted prefix is
+/64; and one allocation cannot get its neighbours doubted (a /56 is one strike against its
+/48, a /48 one against its /32). A customer with several allocations can, though: 4 /56s of
+one /48, or 16 /48s of one /32 (a hosting provider's or a tunnel broker's, where thousands of
+unrelated callers meet), struck within the window doubt that whole prefix, and its callers
+without a vouch (below) are admitted as unpaid for as long as the strikes are renewed — the
+price of bounding what one such customer's forged claims get. An address under a doubted prefix is
 not recorded on its own (the prefix covers it), so one allocation cannot fill the record. IPv4
 addresses (IPv4-mapped IPv6 ones included, keyed as IPv4) and unparsable keys have no prefix.
 Behind trusted proxies the key is the client's X-Forwarded-For address, as for every limit.
@@ -49,22 +56,28 @@ A verified payment clears its address's doubt, never a prefix's.
 prefix) share its doubt, so a neighbour's forged claims would push a payer into the unpaid gate,
 where an unpaid flood answers it 503. So a payer whose payment *verified* from an address is
 *vouched* there for :data:`VOUCH_SECONDS` (renewed by each verified payment): a claim from the
-address that names that payer — its address appears in the payment header, whatever the
-scheme's field — is believed whatever doubts the address or its prefixes. A vouch is no
-free pass: a claim believed for it and refused spends it (every vouched payer the header names),
-so forged claims naming a vouched payer get at most one believed open per verified payment of
-that payer there (as forged claims naming nobody do: each verified payment from the address
-clears its doubt). What is left: a payer with no verified payment from a doubted address yet is
-admitted as unpaid until the doubt ends (nothing tells it from a forger before verification),
-and a neighbour who knows a vouched payer's address can spend its vouch with a forged claim
-naming it (the payer is then admitted as unpaid until one of its payments verifies again).
+address that names that payer — its address appears anywhere in the payment header's decoded
+text, whatever the field (no field is proof before verification: a forger can put any payer in
+any of them) — is believed whatever doubts the address or its prefixes. A vouch is no free pass:
+a claim naming it that is refused, or cut short once opened, spends it (every vouched payer the
+header names; the payer's own dropped call too), so forged claims naming a vouched payer get at
+most one believed open per verified payment of that payer there (as forged claims naming nobody
+do: each verified payment from the address clears its doubt). What is left: a payer with no
+verified payment from a doubted address yet is admitted as unpaid until the doubt ends (nothing
+tells it from a forger before verification), and a neighbour who knows a vouched payer's address
+can spend its vouch with a forged claim naming it (the payer is then admitted as unpaid until
+one of its payments verifies again).
 
 Per worker process (each ``--workers`` process doubts on its own: a flood gets one believed claim
 per address in each). Every record is bounded (:data:`MAX_DOUBTED` addresses and prefixes,
-:data:`MAX_STRIKES` strike counts, :data:`MAX_VOUCHED` addresses with at most
-:data:`PAYERS_PER_ADDRESS` vouched payers each; the oldest forgotten first): forgetting a doubt
-only gives that address its one claimed open again, forgetting a strike count gives its prefix
-its budget again, forgetting a vouch leaves that payer doubted with its address.
+:data:`MAX_STRIKES` strike counts, the oldest forgotten first: forgetting a doubt only gives
+that address its one claimed open again, forgetting a strike count gives its prefix its budget
+again; :data:`MAX_VOUCHED` addresses with at most :data:`PAYERS_PER_ADDRESS` vouched payers
+each). A live vouch is never forgotten for a new address: a verified payment costs nothing to
+an attacker who leaves before the reply (released, never charged) and IPv6 addresses are free,
+so evicting the oldest would let one flood of them unvouch every payer. Full of live vouches, a
+new address is not vouched until one runs out (a payer there is as it would be without
+vouches); a payer's verified payment renews its own vouch whatever the table holds.
 """
 
 from __future__ import annotations
@@ -184,14 +197,15 @@ class DoubtedClaims:
         name = (payer or "").lower().removeprefix("0x")
         if len(name) < _MIN_PAYER_CHARS:
             return
+        now = self._clock()
+        if address not in self._vouched and not self._room(now):
+            return  # full of live vouches: a flood of verified payments evicts none of them
         payers = self._vouched.pop(address, None) or {}
         payers.pop(name, None)
-        payers[name] = self._clock() + self.vouch_seconds
+        payers[name] = now + self.vouch_seconds
         while len(payers) > PAYERS_PER_ADDRESS:
             del payers[next(iter(payers))]  # the longest unrenewed
         self._vouched[address] = payers
-        while len(self._vouched) > self.max_vouched:
-            self._vouched.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._until)
@@ -224,6 +238,18 @@ class DoubtedClaims:
         while len(self._strikes) > MAX_STRIKES:
             self._strikes.popitem(last=False)
         return count + 1
+
+    def _room(self, now: float) -> bool:
+        """Is there room for one more vouched address, once those run out are forgotten?
+        (The longest unrenewed first: an address's entry moves last when a payer there
+        verifies, so the first one's vouches all ran out, or none did.)"""
+        vouched = self._vouched
+        while len(vouched) >= self.max_vouched:
+            first = next(iter(vouched))
+            if any(now < until for until in vouched[first].values()):
+                return False
+            del vouched[first]
+        return True
 
     def _named(self, address: str, headers: Mapping[str, str]) -> list[str]:
         """The payers vouched at ``address`` whose names the payment header holds."""

@@ -28,6 +28,8 @@ import enclave
 from enclave.envelope_v2 import SealedRequest
 from enclave.keys.tpm import TpmKey
 from paygate import wire
+from paygate.server.claims import DoubtedClaims
+from paygate.x402.processor import PaymentProcessor
 from paygate.x402.schemes.batch_settlement.chain import BatchChain
 from paygate.x402.settler import SettlerUnavailable
 from tests.fixtures.batch_settlement_support import chain_batch, header_for, opened_channel
@@ -614,3 +616,116 @@ async def test_a_refund_refused_for_a_chain_that_cannot_be_read_doubts_nobody(
             assert set(drained) <= {402, 503}, drained
             voucher = {**SEALED, wire.PAYMENT_SIGNATURE: header_for(required, channel.pay(offer))}
             assert await _post(own, stack, _sealed(stack).blob, voucher) == 200
+
+
+# --- claims cut short, and claims whose bodies were read at once ------------------------------
+
+
+async def test_a_claim_whose_caller_leaves_before_its_verdict_is_doubted(
+    tpm_key: TpmKey,
+    facilitator: Any,
+    seller: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A forged claim opened, then its caller gone while its payment is being checked (the
+    handler cancelled): no refusal ever comes. Unless that doubts the address, a forger
+    dropping each claim before its verdict has its claims believed, and opened through the
+    claimed gate, for ever (and a vouched payer it names never has its vouch spent)."""
+    armed: list[bool] = []
+    held, cancelled = asyncio.Event(), asyncio.Event()
+    real = PaymentProcessor.admit
+
+    async def admit(self: PaymentProcessor, *args: Any, **kwargs: Any) -> Any:
+        if not armed:
+            return await real(self, *args, **kwargs)
+        armed.clear()
+        held.set()
+        try:
+            await asyncio.Event().wait()  # the verdict never comes
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    monkeypatch.setattr(PaymentProcessor, "admit", admit)
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / "payments.db",
+        model_prices={"fake-llama": "0.002"},
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+        claimed_opens_per_second=1000.0,  # its burst (4) back within a request's time
+    )
+    async with running_stack(key=tpm_key, **settings) as stack:
+        required = await challenge_of(stack, CHAT, CHAT_BODY)
+        forge = _payments(stack, required, new_account())
+        operations = await key_operations(stack)
+        async with _session(FLOOD, 2) as forger, _session(CALLER, 2) as caller:
+            armed.append(True)
+            left = asyncio.ensure_future(
+                _post(forger, stack, _sealed(stack).blob, {**SEALED, **forge()})
+            )
+            async with asyncio.timeout(30):
+                await held.wait()  # opened, its payment being checked
+                left.cancel()  # the caller leaves
+                await cancelled.wait()
+            with contextlib.suppress(asyncio.CancelledError):
+                await left
+            assert await key_operations(stack) == operations + 1
+            drained = await _drain_unpaid_gate(caller, stack)
+            assert set(drained) <= {402, 503}, drained
+            # Doubted: its next claim is an unpaid one (the unpaid gate spent), not opened.
+            assert await _post(forger, stack, _sealed(stack).blob, {**SEALED, **forge()}) == 503
+
+
+async def test_claims_whose_bodies_were_read_at_once_are_doubted_by_the_first_refusal(
+    tpm_key: TpmKey,
+    facilitator: Any,
+    seller: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two forged claims from one address, the second's body still coming when the first is
+    refused after its open: the second is doubted too when its body is in (an unpaid request:
+    the unpaid gate spent, 503), not opened on the word of a claim believed before the
+    refusal — else an address opens as many claims as it reads bodies at once
+    (``per_ip_body_slots``), each time its doubt is cleared."""
+    believed: list[str] = []
+    asked = asyncio.Event()
+    real = DoubtedClaims.believed
+
+    def watched(self: DoubtedClaims, address: str, *args: Any) -> bool:
+        believed.append(address)
+        asked.set()
+        return real(self, address, *args)
+
+    monkeypatch.setattr(DoubtedClaims, "believed", watched)
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / "payments.db",
+        model_prices={"fake-llama": "0.002"},
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+        claimed_opens_per_second=1000.0,  # its burst (4) back within a request's time
+    )
+    forged = {**SEALED, wire.PAYMENT_SIGNATURE: NOT_A_PAYMENT}  # refused 400 once opened
+    async with running_stack(key=tpm_key, **settings) as stack:
+        blob = _sealed(stack).blob
+        go = asyncio.Event()
+
+        async def slowly() -> AsyncIterator[bytes]:
+            yield blob[:16]
+            async with asyncio.timeout(30):
+                await go.wait()
+            yield blob[16:]
+
+        async with _session(FLOOD, 4) as forger, _session(CALLER, 2) as caller:
+            second = asyncio.ensure_future(_post(forger, stack, slowly(), forged))  # type: ignore[arg-type]
+            async with asyncio.timeout(30):
+                await asyncio.shield(asked.wait())  # believed, its body being read
+            assert await _post(forger, stack, _sealed(stack).blob, forged) == 400
+            drained = await _drain_unpaid_gate(caller, stack)
+            assert set(drained) <= {402, 503}, drained
+            go.set()
+            async with asyncio.timeout(30):
+                assert await second == 503

@@ -284,15 +284,36 @@ def test_a_vouch_runs_out_and_the_vouches_are_bounded() -> None:
         claims.verified(f"203.0.113.{n}", PAYER)
         claims.refused(f"203.0.113.{n}")
     assert len(claims._vouched) == 4
-    assert claims.believed("203.0.113.9", _claim(PAYER))
-    assert not claims.believed("203.0.113.0", _claim(PAYER))  # the oldest forgotten
+    # Full of live vouches: the first four kept (the one run out made room), none added.
+    assert all(claims.believed(f"203.0.113.{n}", _claim(PAYER)) for n in range(4))
+    assert not claims.believed("203.0.113.9", _claim(PAYER))
     payers = [f"0x{n:040x}" for n in range(1, 20)]
-    for payer in payers:
-        claims.verified("203.0.113.9", payer)
-    claims.refused("203.0.113.9")
-    assert len(claims._vouched["203.0.113.9"]) <= 4
-    assert claims.believed("203.0.113.9", _claim(payers[-1]))
-    assert not claims.believed("203.0.113.9", _claim(payers[0]))
+    for payer in payers:  # at an address vouched for already
+        claims.verified("203.0.113.0", payer)
+    claims.refused("203.0.113.0")
+    assert len(claims._vouched["203.0.113.0"]) <= 4
+    assert claims.believed("203.0.113.0", _claim(payers[-1]))
+    assert not claims.believed("203.0.113.0", _claim(payers[0]))
+
+
+def test_a_flood_of_verified_payments_evicts_no_live_vouch() -> None:
+    """Verified payments cost an attacker nothing once it drops the connection before the
+    reply (released, never charged), and IPv6 addresses are free: the table full, a new
+    address is not vouched rather than a payer's live vouch forgotten. A vouch run out, or
+    renewed, makes room as before."""
+    clock = Clock()
+    claims = DoubtedClaims(seconds=60.0, vouch_seconds=600.0, max_vouched=8, clock=clock)
+    claims.verified("203.0.113.9", PAYER)  # the victim, paying from its NAT
+    clock.now += 1.0
+    for n in range(1000):
+        claims.verified(_v6(7, n >> 8, n & 0xFF), OTHER)  # the flood, from one /48
+    assert len(claims._vouched) == 8
+    claims.refused("203.0.113.9", _claim(OTHER))  # a neighbour's forged claim
+    assert claims.believed("203.0.113.9", _claim(PAYER))
+    clock.now += 600.0  # the victim's vouch runs out (the flood's a second later)
+    claims.verified("203.0.113.10", PAYER)
+    claims.refused("203.0.113.10")
+    assert claims.believed("203.0.113.10", _claim(PAYER))
 
 
 def test_no_payer_or_a_short_one_vouches_for_nothing() -> None:
