@@ -71,9 +71,16 @@ class Pkcs11EpochVault:
         label = self._label(reference)
         self._objects(destroy=True, only={label, label + RECEIPT_SUFFIX})
 
-    def _objects(self, *, destroy: bool, only: set[str] | None = None) -> set[str]:
-        """The labels of every epoch object on the token (or of those in ``only``); with
-        ``destroy`` each is destroyed.
+    def collect(self, keep: list[Mapping[str, Any]]) -> int:
+        """Destroy every epoch object on the token but those the references ``keep`` name."""
+        kept = {self._label(reference) for reference in keep}
+        return len(self._objects(destroy=True, keep=kept | {k + RECEIPT_SUFFIX for k in kept}))
+
+    def _objects(
+        self, *, destroy: bool, only: set[str] | None = None, keep: set[str] | None = None
+    ) -> set[str]:
+        """The labels of every epoch object on the token (or of those in ``only``, but none in
+        ``keep``); with ``destroy`` each is destroyed.
         Joins the module's shared login (a second C_Login would be refused)."""
         pkcs11 = _binding()
         module = _acquire_module(self._module_path)
@@ -87,7 +94,11 @@ class Pkcs11EpochVault:
                     try:
                         for obj in list(session.get_objects()):
                             label = str(obj[pkcs11.Attribute.LABEL])
-                            if label.startswith(self._prefix) and (only is None or label in only):
+                            if (
+                                label.startswith(self._prefix)
+                                and (only is None or label in only)
+                                and (keep is None or label not in keep)
+                            ):
                                 found.add(label)
                                 if destroy:
                                     obj.destroy()

@@ -17,8 +17,14 @@ and every worker holds handles to the same keys:
 - A worker whose view is older than the state (a key id it does not know, an unkeyed request)
   re-reads it first (a ``stat`` when nothing changed), so a rotation made by another worker is
   served at once, not at the next poll.
-- The first member (no live pid in the state) sweeps what a previous run left and starts a new
-  epoch; a restarted worker joins the live ones. The last member to stop destroys every epoch.
+- Every member holds a shared ``flock`` of ``shared-epochs.members`` for its life: who is a
+  member is decided by that lock, which dies with its process, never by a pid (reused by
+  another process, or another pid namespace's). The first member (nobody else holds it) sweeps
+  what a previous run left and starts a new epoch; a restarted worker joins the live ones and
+  destroys a key a rotation cut short by a crash left unlisted (every rotation does too). The
+  last member to stop destroys every epoch.
+- The request path never waits for the lock (it runs on the event loop): while another process
+  holds it, a request is answered from this process's view and the next one re-reads.
 
 Backends whose keys exist only in one process's memory (software, tee-memory) cannot be shared
 this way: :class:`enclave.keys.epochs.MemoryEpochVault` is not a :class:`SharedVault`.
@@ -43,6 +49,7 @@ from enclave.keys.epochs import Epoch, EpochKey, EpochKeys, EpochRetired, key_id
 
 STATE_FILE = "shared-epochs.json"
 LOCK_FILE = "shared-epochs.lock"
+MEMBERS_FILE = "shared-epochs.members"
 LOCK_TIMEOUT = 30.0  # a TPM rotation holds the lock for well under a second
 LOCK_POLL = 0.01
 VERSION = 1
@@ -76,10 +83,19 @@ class SharedVault(Protocol):
         """Destroy the key ``reference`` names in the backend (idempotent)."""
         ...
 
+    def collect(self, keep: list[Mapping[str, Any]]) -> int:
+        """Destroy every epoch key of this vault except those ``keep`` names (a rotation cut
+        short by a crash, between the key's making and the state's writing); how many."""
+        ...
+
+
+class LockBusy(KeyBackendError):
+    """The shared state is locked by another process and the caller would not wait."""
+
 
 @contextlib.contextmanager
 def _flocked(path: Path, *, exclusive: bool, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-    """``flock`` of ``path``, waited for at most ``timeout`` seconds."""
+    """``flock`` of ``path``, waited for at most ``timeout`` seconds (0: LockBusy at once)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
@@ -89,6 +105,8 @@ def _flocked(path: Path, *, exclusive: bool, timeout: float = LOCK_TIMEOUT) -> I
                 fcntl.flock(fd, mode)
                 break
             except BlockingIOError:
+                if timeout <= 0:
+                    raise LockBusy(f"the shared key epochs are locked ({path})") from None
                 if time.monotonic() >= deadline:
                     raise KeyBackendError(
                         f"the shared key epochs stayed locked for {timeout:g} s ({path})"
@@ -145,6 +163,11 @@ class SharedEpochKeys(EpochKeys):
         self._pid = os.getpid()
         # A member is its pid (alive or not) and a token (two members may share a process).
         self._member = [self._pid, secrets.token_hex(4)]
+        # Who is a member is decided by a shared flock each holds for its life, not by its pid:
+        # a lock dies with its process (a pid may be reused by another, or be another pid
+        # namespace's, and look alive or dead wrongly). The pids in the state are information.
+        self._membership: int | None = None
+        self.collected = 0  # keys of a rotation cut short by a crash, destroyed at this start
         self._pass = threading.Lock()  # one shared pass at a time in this process
         self._seen: tuple[int, int, int] | None = None  # the state file this view was read from
         # epoch id -> the handle this process holds, and the epoch's evidence
@@ -205,11 +228,53 @@ class SharedEpochKeys(EpochKeys):
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     @contextlib.contextmanager
-    def _locked(self, *, exclusive: bool) -> Iterator[None]:
-        with self._pass:
+    def _locked(self, *, exclusive: bool, wait: bool = True) -> Iterator[None]:
+        """The state lock; ``wait=False`` (a request on the event loop): LockBusy at once
+        rather than wait for another process's pass, or this one's rotation thread."""
+        if not self._pass.acquire(blocking=wait):
+            raise LockBusy("this process's shared key epoch pass is under way")
+        try:
             self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with _flocked(self._lock_path, exclusive=exclusive, timeout=self._lock_timeout):
+            timeout = self._lock_timeout if wait else 0
+            with _flocked(self._lock_path, exclusive=exclusive, timeout=timeout):
                 yield
+        finally:
+            self._pass.release()
+
+    # --- membership (under the exclusive state lock: nobody joins or leaves meanwhile) -----
+
+    def _join(self) -> bool:
+        """Hold the members lock, shared, for this member's life; whether no other holds it."""
+        fd = os.open(
+            self._dir / MEMBERS_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                alone = True
+            except BlockingIOError:
+                alone = False
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._membership = fd
+        return alone
+
+    def _last(self) -> bool:
+        """Whether this is the only live member (no other process holds the members lock)."""
+        if self._membership is None:
+            return False
+        try:
+            fcntl.flock(self._membership, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _leave(self) -> None:
+        fd, self._membership = self._membership, None
+        if fd is not None:
+            os.close(fd)  # releases the members lock
 
     # --- changes (under the exclusive lock) ------------------------------------------------
 
@@ -218,6 +283,8 @@ class SharedEpochKeys(EpochKeys):
         previous (served for the grace period), an older previous one is destroyed at once."""
         now = self._clock()
         number = int(state["number"]) + 1
+        # Whatever a crashed holder made and never wrote goes first (it holds TPM handles).
+        self._shared_vault.collect([e["reference"] for e in state["epochs"]])
         key = self._shared_vault.create(f"{number}")
         try:
             key_id = key_id_for(key.public_key, self._replica)
@@ -266,7 +333,8 @@ class SharedEpochKeys(EpochKeys):
         return bool(gone)
 
     def _members(self, state: Mapping[str, Any]) -> list[list[Any]]:
-        """The other members whose process is alive."""
+        """The other members whose process is alive (what the state shows, not who decides:
+        see ``_join``)."""
         return [
             m
             for m in state["members"]
@@ -339,13 +407,20 @@ class SharedEpochKeys(EpochKeys):
             self._mine.pop(epoch.id, None)
             self._shared_vault.release(key)
 
-    def refresh(self) -> bool:
-        """Re-read the state if another process changed it; whether it had changed."""
+    def refresh(self, *, wait: bool = True) -> bool:
+        """Re-read the state if another process changed it; whether it was re-read.
+        ``wait=False`` (the request path, on an event loop): if the state is locked, keep this
+        view (the next request tries again) rather than stall every request of the worker."""
         if self._marker() == self._seen:
             return False
-        with self._locked(exclusive=False):
-            state = self._read()
-            self._adopt(state)
+        try:
+            with self._locked(exclusive=False, wait=wait):
+                state = self._read()
+                self._adopt(state)
+        except LockBusy:
+            if wait:
+                raise
+            return False
         return True
 
     # --- EpochKeys -------------------------------------------------------------------------
@@ -353,18 +428,28 @@ class SharedEpochKeys(EpochKeys):
     def _begin(self) -> None:
         with self._locked(exclusive=True):
             state = self._read()
-            members = self._members(state)
-            if not members:
-                # Nobody serves: whatever is listed (or left unlisted) is a previous run's.
-                self.swept = self._shared_vault.sweep()
-                state = {"version": VERSION, "number": state["number"], "epochs": []}
-            state["members"] = [*members, self._member]
-            if self._due(state):
-                self._create(state)
-            else:
-                self._expire(state)
-            self._write(state)
-            self._adopt(state)
+            try:
+                if self._join():
+                    # Nobody serves: whatever is listed (or left unlisted) is a previous run's.
+                    self.swept = self._shared_vault.sweep()
+                    state = {"version": VERSION, "number": state["number"], "epochs": []}
+                    state["members"] = [self._member]
+                else:
+                    # Joining live members (a restarted worker): a rotation its predecessor
+                    # was killed in the middle of left a key nobody lists.
+                    self.collected = self._shared_vault.collect(
+                        [e["reference"] for e in state["epochs"]]
+                    )
+                    state["members"] = [*self._members(state), self._member]
+                if self._due(state):
+                    self._create(state)
+                else:
+                    self._expire(state)
+                self._write(state)
+                self._adopt(state)
+            except BaseException:
+                self._leave()
+                raise
 
     def advance(self, request: Path | None = None) -> tuple[Epoch | None, list[Epoch]]:
         """One pass for every process: rotate when the current epoch is over or ``request``
@@ -412,25 +497,27 @@ class SharedEpochKeys(EpochKeys):
                 self._write(state)
             return self._adopt(state)
 
+    # The request path (an event loop) never waits for the lock: refresh(wait=False).
+
     @property
     def current(self) -> Epoch:
-        self.refresh()  # a stat when nothing changed: what is attested is what is served
+        self.refresh(wait=False)  # a stat when nothing changed: what is attested is served
         return super().current
 
     def live(self) -> list[Epoch]:
-        self.refresh()
+        self.refresh(wait=False)
         return super().live()
 
     def lookup(self, key_id: str) -> Epoch:
         try:
             return super().lookup(key_id)
         except EpochRetired:
-            if not self.refresh():  # a rotation another worker made since this view
+            if not self.refresh(wait=False):  # a rotation another worker made since this view
                 raise
         return super().lookup(key_id)
 
     def unkeyed(self) -> list[Epoch]:
-        self.refresh()
+        self.refresh(wait=False)
         return super().unkeyed()
 
     def close(self) -> None:
@@ -441,7 +528,8 @@ class SharedEpochKeys(EpochKeys):
         try:
             with self._locked(exclusive=True):
                 state = self._read()
-                members = self._members(state)
+                last = self._last()
+                members = [] if last else self._members(state)
                 with self._lock:
                     self._closed = True
                     live, self._live = self._live, []
@@ -450,13 +538,14 @@ class SharedEpochKeys(EpochKeys):
                 for key, _ in self._mine.values():
                     self._shared_vault.release(key)
                 self._mine.clear()
-                if not members:
+                if last:
                     for entry in state["epochs"]:
                         self._shared_vault.destroy_reference(entry["reference"])
                     state["epochs"] = []
                 state["members"] = members
                 self._write(state)
         finally:
+            self._leave()
             if self._base is not None and self._close_base:
                 self._base.close()
 
