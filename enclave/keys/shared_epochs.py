@@ -37,6 +37,7 @@ import fcntl
 import json
 import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -117,11 +118,31 @@ def _flocked(path: Path, *, exclusive: bool, timeout: float = LOCK_TIMEOUT) -> I
         os.close(fd)  # releases the lock
 
 
+MAX_STATE_BYTES = 1 << 20  # a few epochs and members: kilobytes
+
+
+def _trusted(directory: Path) -> None:
+    """Make ``directory`` (0700) or check it: whoever can write it decides which keys are
+    served and which destroyed (the state), and can hold the locks, so it must be this user's
+    own, writable by nobody else, and not a symbolic link."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise KeyBackendError(f"{directory} is not a directory (a symbolic link?)")
+    if st.st_uid != os.geteuid():
+        raise KeyBackendError(f"{directory} is owned by another user")
+    if st.st_mode & 0o022:
+        raise KeyBackendError(
+            f"{directory} has mode {stat.S_IMODE(st.st_mode):04o}: others could rewrite the "
+            "shared key epochs (chmod 700)"
+        )
+
+
 @contextlib.contextmanager
 def host_lock(directory: Path, *, exclusive: bool = True) -> Iterator[None]:
     """The lock every change to the shared epochs holds: a worker opening the backend takes it
     too, since a token being written by another process may refuse to be listed meanwhile."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _trusted(directory)
     with _flocked(directory / LOCK_FILE, exclusive=exclusive):
         yield
 
@@ -186,9 +207,20 @@ class SharedEpochKeys(EpochKeys):
 
     def _read(self) -> dict[str, Any]:
         try:
-            data = json.loads(self._state_path.read_text())
+            fd = os.open(self._state_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return {"version": VERSION, "number": 0, "members": [], "epochs": []}
+        except OSError as exc:  # a symbolic link: ELOOP
+            raise KeyBackendError(f"{self._state_path} is unreadable: {exc.strerror}") from None
+        try:
+            with os.fdopen(fd, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                    raise KeyBackendError(f"{self._state_path} is not this user's own file")
+                raw = fh.read(MAX_STATE_BYTES + 1)
+            if len(raw) > MAX_STATE_BYTES:
+                raise KeyBackendError(f"{self._state_path} is too large")
+            data = json.loads(raw)
         except (OSError, ValueError) as exc:
             raise KeyBackendError(f"{self._state_path} is unreadable: {exc}") from None
         if (
@@ -234,7 +266,8 @@ class SharedEpochKeys(EpochKeys):
         if not self._pass.acquire(blocking=wait):
             raise LockBusy("this process's shared key epoch pass is under way")
         try:
-            self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if wait:
+                _trusted(self._dir)  # an lstat; the request path only re-reads (below)
             timeout = self._lock_timeout if wait else 0
             with _flocked(self._lock_path, exclusive=exclusive, timeout=timeout):
                 yield

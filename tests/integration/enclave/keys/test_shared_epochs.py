@@ -343,3 +343,33 @@ def test_a_request_never_waits_for_the_lock_another_worker_holds(
         second.close()
         first.close()
     assert vault.labels() == set()
+
+
+def test_an_epoch_directory_others_can_write_is_refused(
+    token_vault: tuple[Pkcs11EpochVault, Pkcs11Key], tmp_path: Path
+) -> None:
+    """Whoever can write key_epoch_dir decides which keys are served and which destroyed (the
+    state), and can hold the locks: a directory others may write, or a state file swapped for
+    a symbolic link, is refused before any key is made or opened."""
+    vault, base = token_vault
+    directory = tmp_path / "epochs"
+    directory.mkdir(mode=0o700)
+    directory.chmod(0o777)
+    with pytest.raises(KeyBackendError, match="chmod 700"):
+        _members(vault, base, directory, Clock(), count=1)
+    assert vault.labels() == set()
+    directory.chmod(0o700)
+    (member,) = _members(vault, base, directory, Clock(), count=1)
+    try:
+        elsewhere = tmp_path / "elsewhere.json"
+        elsewhere.write_text((directory / STATE_FILE).read_text())
+        (directory / STATE_FILE).unlink()
+        (directory / STATE_FILE).symlink_to(elsewhere)
+        with pytest.raises(KeyBackendError):
+            member.advance()
+    finally:
+        (directory / STATE_FILE).unlink()
+        (directory / STATE_FILE).write_text(elsewhere.read_text())
+        (directory / STATE_FILE).chmod(0o600)
+        member.close()
+    assert vault.labels() == set()
