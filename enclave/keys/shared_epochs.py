@@ -84,9 +84,11 @@ class SharedVault(Protocol):
         """Destroy the key ``reference`` names in the backend (idempotent)."""
         ...
 
-    def collect(self, keep: list[Mapping[str, Any]]) -> int:
-        """Destroy every epoch key of this vault except those ``keep`` names (a rotation cut
-        short by a crash, between the key's making and the state's writing); how many."""
+    def collect(self, pending: list[str], keep: list[Mapping[str, Any]]) -> int:
+        """Destroy what a rotation cut short by a crash (between the key's making and the
+        state's writing) left: the keys made as one of ``pending`` (the names given to
+        ``create``), or known to this vault only, but none ``keep`` names; how many. Never
+        another host's keys in the same token."""
         ...
 
 
@@ -229,6 +231,8 @@ class SharedEpochKeys(EpochKeys):
             or not isinstance(data.get("epochs"), list)
             or not isinstance(data.get("members"), list)
             or not isinstance(data.get("number"), int)
+            or not isinstance(data.get("pending", []), list)
+            or not all(isinstance(p, str) for p in data.get("pending", []))
         ):
             raise KeyBackendError(f"{self._state_path} is not a shared key epoch state")
         for entry in data["epochs"]:
@@ -317,8 +321,12 @@ class SharedEpochKeys(EpochKeys):
         now = self._clock()
         number = int(state["number"]) + 1
         # Whatever a crashed holder made and never wrote goes first (it holds TPM handles).
-        self._shared_vault.collect([e["reference"] for e in state["epochs"]])
-        key = self._shared_vault.create(f"{number}")
+        self._collect(state)
+        # The key's name is written before the key is made: if this process dies before the
+        # state lists the key, the next holder finds the name and destroys what it names.
+        name = f"{number}-{secrets.token_hex(4)}"
+        self._write({**state, "pending": [name]})
+        key = self._shared_vault.create(name)
         try:
             key_id = key_id_for(key.public_key, self._replica)
             evidence = self._shared_vault.evidence(key)
@@ -345,6 +353,11 @@ class SharedEpochKeys(EpochKeys):
         ]
         state["number"] = number
         self._mine[key_id] = (key, evidence)
+
+    def _collect(self, state: dict[str, Any]) -> int:
+        """Destroy a crashed rotation's unlisted key (under the exclusive lock)."""
+        pending = state.pop("pending", [])
+        return self._shared_vault.collect(pending, [e["reference"] for e in state["epochs"]])
 
     def _destroy(self, entry: Mapping[str, Any]) -> None:
         mine = self._mine.pop(str(entry["id"]), None)
@@ -470,9 +483,7 @@ class SharedEpochKeys(EpochKeys):
                 else:
                     # Joining live members (a restarted worker): a rotation its predecessor
                     # was killed in the middle of left a key nobody lists.
-                    self.collected = self._shared_vault.collect(
-                        [e["reference"] for e in state["epochs"]]
-                    )
+                    self.collected = self._collect(state)
                     state["members"] = [*self._members(state), self._member]
                 if self._due(state):
                     self._create(state)

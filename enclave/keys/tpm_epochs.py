@@ -394,8 +394,9 @@ class TpmEpochVault:
                     tpm.esapi.tr_close(tr)
             self._evict_locked(tpm, {n: handles[n] for n in trs}, trs)
 
-    def collect(self, keep: list[Mapping[str, Any]]) -> int:
-        """Evict every handle ``epochs.json`` lists but those the references ``keep`` name."""
+    def collect(self, pending: list[str], keep: list[Mapping[str, Any]]) -> int:
+        """Evict every handle ``epochs.json`` (this key directory's own) lists but those the
+        references ``keep`` name: a handle is listed before its key is made persistent."""
         try:
             kept = {int(h) for reference in keep for h in reference["handles"].values()}
         except (KeyError, TypeError, ValueError, AttributeError):

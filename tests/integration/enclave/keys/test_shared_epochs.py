@@ -270,37 +270,63 @@ def test_a_live_member_whose_pid_looks_dead_keeps_its_keys(
     assert vault.labels() == set()
 
 
+class _Killed(BaseException):
+    """The holder's process dying right there (nothing after it runs)."""
+
+
+class _DiesAfterMaking(Pkcs11EpochVault):
+    """A vault whose process is killed between making an epoch's key and anything after."""
+
+    def create(self, key_id: str) -> Pkcs11Key:
+        # Its session dies with the process; the objects stay on the token.
+        super().create(key_id).close()
+        raise _Killed
+
+
 def test_a_key_left_by_a_rotation_cut_short_is_destroyed_while_others_serve(
-    token_vault: tuple[Pkcs11EpochVault, Pkcs11Key], tmp_path: Path
+    token_vault: tuple[Pkcs11EpochVault, Pkcs11Key], softhsm_token: SoftHsmToken, tmp_path: Path
 ) -> None:
     """A worker killed between making an epoch's key and writing the state leaves a key no
     state lists; the workers still serving never stop, so the start-up sweep never comes. Its
-    restarted successor, or the next rotation, destroys it."""
+    restarted successor, or the next rotation, destroys it, and nothing of another host that
+    shares the token (the same key label)."""
     vault, base = token_vault
+    token = softhsm_token
+    dying = _DiesAfterMaking(token.module_path, token.token_label, token.pin, "paygate")
     directory = tmp_path / "epochs"
     clock = Clock()
     (first,) = _members(vault, base, directory, clock, count=1)
+    # Another host's live epoch in the same token under the same key label (made after this
+    # host's first start, whose sweep destroys every epoch object of the label).
+    other_host = vault.create("elsewhere")
+    (doomed,) = _members(dying, base, directory, clock, count=1)  # joins: makes nothing
     try:
-        orphan = vault.create("crashed")  # made under the lock; the holder died right after
-        orphan.close()  # its session dies with it; the objects stay on the token
-        assert len(_labels(vault)) == 2
+        kept = {first.current.key.label, other_host.label}  # type: ignore[union-attr]
+        with pytest.raises(_Killed):
+            doomed.rotate()
+        doomed._leave()  # killed: its locks die with it
+        assert len(_labels(vault)) == 3
         (restarted,) = _members(vault, base, directory, clock, count=1)
         try:
             assert restarted.collected == 2  # the orphan's ECDH and receipt objects
-            assert _labels(vault) == {first.current.key.label}  # type: ignore[union-attr]
-            orphan = vault.create("crashed-again")
-            orphan.close()
+            assert _labels(vault) == kept
+            assert restarted.current.id == first.current.id
             clock.now += EPOCH
+            with pytest.raises(_Killed):
+                doomed.advance()  # the same, in a scheduled rotation
+            assert len(_labels(vault)) == 3
             made, _ = restarted.advance()
             assert made is not None
-            # The new epoch and its predecessor (in its grace), never the orphan.
-            assert len(_labels(vault)) == 2
-            assert orphan.label not in _labels(vault)
+            # The new epoch, its predecessor (in its grace), the other host's; no orphan.
+            assert _labels(vault) == kept | {made.key.label}  # type: ignore[union-attr]
         finally:
             restarted.close()
     finally:
         first.close()
-    assert vault.labels() == set()
+        for key, _ in doomed._mine.values():
+            key.close()  # the killed member's sessions
+    assert _labels(vault) == {other_host.label}
+    other_host.destroy()
 
 
 def test_a_request_never_waits_for_the_lock_another_worker_holds(
