@@ -23,8 +23,9 @@ and every worker holds handles to the same keys:
   what a previous run left and starts a new epoch; a restarted worker joins the live ones and
   destroys a key a rotation cut short by a crash left unlisted (every rotation does too). The
   last member to stop destroys every epoch.
-- The request path never waits for the lock (it runs on the event loop): while another process
-  holds it, a request is answered from this process's view and the next one re-reads.
+- The request path (on the event loop) waits for the lock at most ``REQUEST_WAIT``: a holder
+  frozen with it costs one request that wait, then requests are answered from this process's
+  view (trying without waiting) until it lets go, rather than each stalled and then failed.
 
 Backends whose keys exist only in one process's memory (software, tee-memory) cannot be shared
 this way: :class:`enclave.keys.epochs.MemoryEpochVault` is not a :class:`SharedVault`.
@@ -53,6 +54,8 @@ LOCK_FILE = "shared-epochs.lock"
 MEMBERS_FILE = "shared-epochs.members"
 LOCK_TIMEOUT = 30.0  # a TPM rotation holds the lock for well under a second
 LOCK_POLL = 0.01
+REQUEST_WAIT = 0.5  # the most a request (on the event loop) waits for the lock
+REQUEST_BACKOFF = 5.0  # after a wait in vain, requests only try without waiting this long
 VERSION = 1
 
 
@@ -111,7 +114,7 @@ def _flocked(path: Path, *, exclusive: bool, timeout: float = LOCK_TIMEOUT) -> I
                 if timeout <= 0:
                     raise LockBusy(f"the shared key epochs are locked ({path})") from None
                 if time.monotonic() >= deadline:
-                    raise KeyBackendError(
+                    raise LockBusy(
                         f"the shared key epochs stayed locked for {timeout:g} s ({path})"
                     ) from None
                 time.sleep(LOCK_POLL)
@@ -192,6 +195,7 @@ class SharedEpochKeys(EpochKeys):
         self._membership: int | None = None
         self.collected = 0  # keys of a rotation cut short by a crash, destroyed at this start
         self._pass = threading.Lock()  # one shared pass at a time in this process
+        self._busy_until = 0.0  # the request path does not wait for the lock until then
         self._seen: tuple[int, int, int] | None = None  # the state file this view was read from
         # epoch id -> the handle this process holds, and the epoch's evidence
         self._mine: dict[str, tuple[EpochKey, Mapping[str, Any]]] = {}
@@ -264,19 +268,21 @@ class SharedEpochKeys(EpochKeys):
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     @contextlib.contextmanager
-    def _locked(self, *, exclusive: bool, wait: bool = True) -> Iterator[None]:
-        """The state lock; ``wait=False`` (a request on the event loop): LockBusy at once
-        rather than wait for another process's pass, or this one's rotation thread."""
-        if not self._pass.acquire(blocking=wait):
-            raise LockBusy("this process's shared key epoch pass is under way")
-        try:
-            if wait:
-                _trusted(self._dir)  # an lstat; the request path only re-reads (below)
-            timeout = self._lock_timeout if wait else 0
-            with _flocked(self._lock_path, exclusive=exclusive, timeout=timeout):
+    def _locked(self, *, exclusive: bool, timeout: float | None = None) -> Iterator[None]:
+        """The state lock, waited for at most ``timeout`` (default: the lock timeout), then
+        LockBusy. The file lock first: this process's pass lock is only ever held with it, so
+        a thread waiting for another process never holds up this process's requests."""
+        if timeout is None:
+            _trusted(self._dir)  # an lstat; the request path only re-reads
+            timeout = self._lock_timeout
+        deadline = time.monotonic() + timeout
+        with _flocked(self._lock_path, exclusive=exclusive, timeout=timeout):
+            if not self._pass.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise LockBusy("this process's shared key epoch pass is under way")
+            try:
                 yield
-        finally:
-            self._pass.release()
+            finally:
+                self._pass.release()
 
     # --- membership (under the exclusive state lock: nobody joins or leaves meanwhile) -----
 
@@ -455,17 +461,24 @@ class SharedEpochKeys(EpochKeys):
 
     def refresh(self, *, wait: bool = True) -> bool:
         """Re-read the state if another process changed it; whether it was re-read.
-        ``wait=False`` (the request path, on an event loop): if the state is locked, keep this
-        view (the next request tries again) rather than stall every request of the worker."""
+        ``wait=False`` (the request path, on an event loop): wait for the lock at most
+        REQUEST_WAIT (a rotation under way ends well within it), and after a wait in vain
+        (a holder frozen) only try without waiting for REQUEST_BACKOFF: meanwhile this view is
+        served, rather than every request of the worker stalled up to the lock timeout."""
         if self._marker() == self._seen:
             return False
+        timeout = None
+        if not wait:
+            timeout = REQUEST_WAIT if time.monotonic() >= self._busy_until else 0.0
         try:
-            with self._locked(exclusive=False, wait=wait):
+            with self._locked(exclusive=False, timeout=timeout):
                 state = self._read()
                 self._adopt(state)
         except LockBusy:
             if wait:
                 raise
+            if timeout:
+                self._busy_until = time.monotonic() + REQUEST_BACKOFF
             return False
         return True
 
@@ -541,7 +554,7 @@ class SharedEpochKeys(EpochKeys):
                 self._write(state)
             return self._adopt(state)
 
-    # The request path (an event loop) never waits for the lock: refresh(wait=False).
+    # The request path (an event loop) waits for the lock briefly at most: refresh(wait=False).
 
     @property
     def current(self) -> Epoch:
@@ -583,6 +596,7 @@ class SharedEpochKeys(EpochKeys):
                     self._shared_vault.release(key)
                 self._mine.clear()
                 if last:
+                    self._collect(state)  # a crashed rotation's key too
                     for entry in state["epochs"]:
                         self._shared_vault.destroy_reference(entry["reference"])
                     state["epochs"] = []

@@ -319,6 +319,8 @@ def test_a_key_left_by_a_rotation_cut_short_is_destroyed_while_others_serve(
             assert made is not None
             # The new epoch, its predecessor (in its grace), the other host's; no orphan.
             assert _labels(vault) == kept | {made.key.label}  # type: ignore[union-attr]
+            with pytest.raises(_Killed):
+                doomed.rotate()  # once more, and then every worker stops
         finally:
             restarted.close()
     finally:
