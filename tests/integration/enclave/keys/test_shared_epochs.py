@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from paygate_dev.stack import SoftHsmToken
+from paygate_dev.stack import SoftHsmToken, Swtpm
 
 import enclave
 from enclave import KeyBackendError
@@ -20,6 +20,8 @@ from enclave.keys.epochs import EpochKeys, EpochRetired, MemoryEpochVault
 from enclave.keys.pkcs11 import Pkcs11Key
 from enclave.keys.pkcs11_epochs import Pkcs11EpochVault
 from enclave.keys.shared_epochs import LOCK_FILE, STATE_FILE, SharedEpochKeys
+from enclave.keys.tpm import TpmKey
+from enclave.keys.tpm_epochs import HANDLE_BASE, HANDLE_COUNT, TpmEpochKey, TpmEpochVault
 from tests.fixtures.payment_support import CHAT, CHAT_BODY
 
 BODY = json.dumps(CHAT_BODY).encode()
@@ -401,3 +403,49 @@ def test_an_epoch_directory_others_can_write_is_refused(
         (directory / STATE_FILE).chmod(0o600)
         member.close()
     assert vault.labels() == set()
+
+
+class _TpmDiesAfterMaking(TpmEpochVault):
+    """A TPM vault whose process is killed between making an epoch's keys and anything after."""
+
+    def create(self, key_id: str) -> TpmEpochKey:
+        made = super().create(key_id)
+        self.release(made)  # its ESYS handles die with it; the persistent objects stay
+        raise _Killed
+
+
+def test_tpm_handles_left_by_a_rotation_cut_short_are_evicted_while_others_serve(
+    swtpm_factory: Callable[[], Swtpm], tmp_path: Path
+) -> None:
+    """The same in the TPM, where an unlisted epoch also holds two of the few persistent
+    handles: repeated crashes would exhaust them ("no free persistent handle")."""
+    tpm = swtpm_factory()
+    with TpmKey.generate(tpm.tcti, tmp_path / "tpm-key") as base:
+        vault = TpmEpochVault(base)
+
+        def held() -> set[int]:
+            return {h for h in range(HANDLE_BASE, HANDLE_BASE + HANDLE_COUNT) if vault.present(h)}
+
+        directory = tmp_path / "epochs"
+        clock = Clock()
+        (first,) = _members(vault, base, directory, clock, count=1)
+        (doomed,) = _members(_TpmDiesAfterMaking(base), base, directory, clock, count=1)
+        try:
+            serving = set(first.current.key.handles.values())  # type: ignore[union-attr]
+            with pytest.raises(_Killed):
+                doomed.rotate()
+            doomed._leave()
+            assert len(held()) == 4
+            (restarted,) = _members(vault, base, directory, clock, count=1)
+            try:
+                assert restarted.collected == 2
+                assert held() == serving
+                key_id, blob = _sealed(first)
+                assert _open(restarted, key_id, blob) == BODY
+            finally:
+                restarted.close()
+        finally:
+            first.close()
+            for key, _ in doomed._mine.values():
+                vault.release(key)
+        assert held() == set()
