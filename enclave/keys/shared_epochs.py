@@ -52,6 +52,7 @@ from enclave.keys.epochs import Epoch, EpochKey, EpochKeys, EpochRetired, key_id
 STATE_FILE = "shared-epochs.json"
 LOCK_FILE = "shared-epochs.lock"
 MEMBERS_FILE = "shared-epochs.members"
+PENDING_FILE = "shared-epochs.pending"
 LOCK_TIMEOUT = 30.0  # a TPM rotation holds the lock for well under a second
 LOCK_POLL = 0.01
 REQUEST_WAIT = 0.5  # the most a request (on the event loop) waits for the lock
@@ -185,6 +186,7 @@ class SharedEpochKeys(EpochKeys):
         self._state_path = directory / STATE_FILE
         self._state_name = str(self._state_path)
         self._lock_path = directory / LOCK_FILE
+        self._pending_path = directory / PENDING_FILE
         self._lock_timeout = lock_timeout
         self._pid = os.getpid()
         # A member is its pid (alive or not) and a token (two members may share a process).
@@ -235,8 +237,6 @@ class SharedEpochKeys(EpochKeys):
             or not isinstance(data.get("epochs"), list)
             or not isinstance(data.get("members"), list)
             or not isinstance(data.get("number"), int)
-            or not isinstance(data.get("pending", []), list)
-            or not all(isinstance(p, str) for p in data.get("pending", []))
         ):
             raise KeyBackendError(f"{self._state_path} is not a shared key epoch state")
         for entry in data["epochs"]:
@@ -331,7 +331,7 @@ class SharedEpochKeys(EpochKeys):
         # The key's name is written before the key is made: if this process dies before the
         # state lists the key, the next holder finds the name and destroys what it names.
         name = f"{number}-{secrets.token_hex(4)}"
-        self._write({**state, "pending": [name]})
+        self._write_pending([name])
         key = self._shared_vault.create(name)
         try:
             key_id = key_id_for(key.public_key, self._replica)
@@ -362,8 +362,41 @@ class SharedEpochKeys(EpochKeys):
 
     def _collect(self, state: dict[str, Any]) -> int:
         """Destroy a crashed rotation's unlisted key (under the exclusive lock)."""
-        pending = state.pop("pending", [])
-        return self._shared_vault.collect(pending, [e["reference"] for e in state["epochs"]])
+        pending = self._read_pending()
+        if not pending:
+            return 0
+        collected = self._shared_vault.collect(pending, [e["reference"] for e in state["epochs"]])
+        self._write_pending([])
+        return collected
+
+    # The names of keys being made, beside the state (not in it: writing the state would have
+    # every worker re-read it, waiting for the rotation under way).
+
+    def _read_pending(self) -> list[str]:
+        try:
+            fd = os.open(self._pending_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise KeyBackendError(f"{self._pending_path} is unreadable: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as fh:
+            raw = fh.read(MAX_STATE_BYTES + 1)
+        try:
+            names = json.loads(raw)
+        except ValueError:
+            names = None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise KeyBackendError(f"{self._pending_path} is not a list of key names")
+        return names
+
+    def _write_pending(self, names: list[str]) -> None:
+        tmp = self._dir / f".{PENDING_FILE}.{self._pid}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(names, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._pending_path)
 
     def _destroy(self, entry: Mapping[str, Any]) -> None:
         mine = self._mine.pop(str(entry["id"]), None)

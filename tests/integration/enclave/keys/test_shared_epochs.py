@@ -211,6 +211,7 @@ def test_a_state_file_that_names_no_epoch_is_refused_not_served(
         STATE_FILE,
         "shared-epochs.lock",
         "shared-epochs.members",
+        "shared-epochs.pending",
     }
 
 
@@ -304,8 +305,13 @@ def test_a_key_left_by_a_rotation_cut_short_is_destroyed_while_others_serve(
     (doomed,) = _members(dying, base, directory, clock, count=1)  # joins: makes nothing
     try:
         kept = {first.current.key.label, other_host.label}  # type: ignore[union-attr]
+        watched = (directory / STATE_FILE).stat()
         with pytest.raises(_Killed):
             doomed.rotate()
+        # What every worker watches is untouched until a rotation is written: no worker
+        # re-reads (and waits for the lock) while a key is being made.
+        after = (directory / STATE_FILE).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (watched.st_ino, watched.st_mtime_ns)
         doomed._leave()  # killed: its locks die with it
         assert len(_labels(vault)) == 3
         (restarted,) = _members(vault, base, directory, clock, count=1)
