@@ -97,7 +97,9 @@ class SharedVault(Protocol):
 
 
 class LockBusy(KeyBackendError):
-    """The shared state is locked by another process and the caller would not wait."""
+    """The shared state stayed locked by another process as long as the caller would wait."""
+
+    message = "the shared key epochs stayed locked by another process"
 
 
 @contextlib.contextmanager
