@@ -71,9 +71,26 @@ class Pkcs11EpochVault:
         label = self._label(reference)
         self._objects(destroy=True, only={label, label + RECEIPT_SUFFIX})
 
-    def _objects(self, *, destroy: bool, only: set[str] | None = None) -> set[str]:
-        """The labels of every epoch object on the token (or of those in ``only``); with
-        ``destroy`` each is destroyed.
+    def collect(self, pending: list[str], keep: list[Mapping[str, Any]]) -> int:
+        """Destroy the objects made as one of ``pending`` (``create``'s names; a label begins
+        with the name) but none ``keep`` names: a token may hold other hosts' epochs too."""
+        if not pending:
+            return 0
+        kept = {self._label(reference) for reference in keep}
+        kept |= {label + RECEIPT_SUFFIX for label in kept}
+        starts = tuple(f"{self._prefix}{name}-" for name in pending)
+        return len(self._objects(destroy=True, starts=starts, keep=kept))
+
+    def _objects(
+        self,
+        *,
+        destroy: bool,
+        only: set[str] | None = None,
+        starts: tuple[str, ...] | None = None,
+        keep: set[str] | None = None,
+    ) -> set[str]:
+        """The labels of every epoch object on the token (or of those in ``only``, or beginning
+        with one of ``starts``, but none in ``keep``); with ``destroy`` each is destroyed.
         Joins the module's shared login (a second C_Login would be refused)."""
         pkcs11 = _binding()
         module = _acquire_module(self._module_path)
@@ -87,7 +104,12 @@ class Pkcs11EpochVault:
                     try:
                         for obj in list(session.get_objects()):
                             label = str(obj[pkcs11.Attribute.LABEL])
-                            if label.startswith(self._prefix) and (only is None or label in only):
+                            if (
+                                label.startswith(self._prefix)
+                                and (only is None or label in only)
+                                and (starts is None or label.startswith(starts))
+                                and (keep is None or label not in keep)
+                            ):
                                 found.add(label)
                                 if destroy:
                                     obj.destroy()

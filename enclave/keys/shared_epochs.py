@@ -17,8 +17,15 @@ and every worker holds handles to the same keys:
 - A worker whose view is older than the state (a key id it does not know, an unkeyed request)
   re-reads it first (a ``stat`` when nothing changed), so a rotation made by another worker is
   served at once, not at the next poll.
-- The first member (no live pid in the state) sweeps what a previous run left and starts a new
-  epoch; a restarted worker joins the live ones. The last member to stop destroys every epoch.
+- Every member holds a shared ``flock`` of ``shared-epochs.members`` for its life: who is a
+  member is decided by that lock, which dies with its process, never by a pid (reused by
+  another process, or another pid namespace's). The first member (nobody else holds it) sweeps
+  what a previous run left and starts a new epoch; a restarted worker joins the live ones and
+  destroys a key a rotation cut short by a crash left unlisted (every rotation does too). The
+  last member to stop destroys every epoch.
+- The request path (on the event loop) waits for the lock at most ``REQUEST_WAIT``: a holder
+  frozen with it costs one request that wait, then requests are answered from this process's
+  view (trying without waiting) until it lets go, rather than each stalled and then failed.
 
 Backends whose keys exist only in one process's memory (software, tee-memory) cannot be shared
 this way: :class:`enclave.keys.epochs.MemoryEpochVault` is not a :class:`SharedVault`.
@@ -31,6 +38,7 @@ import fcntl
 import json
 import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -43,8 +51,12 @@ from enclave.keys.epochs import Epoch, EpochKey, EpochKeys, EpochRetired, key_id
 
 STATE_FILE = "shared-epochs.json"
 LOCK_FILE = "shared-epochs.lock"
+MEMBERS_FILE = "shared-epochs.members"
+PENDING_FILE = "shared-epochs.pending"
 LOCK_TIMEOUT = 30.0  # a TPM rotation holds the lock for well under a second
 LOCK_POLL = 0.01
+REQUEST_WAIT = 0.5  # the most a request (on the event loop) waits for the lock
+REQUEST_BACKOFF = 5.0  # after a wait in vain, requests only try without waiting this long
 VERSION = 1
 
 
@@ -76,10 +88,23 @@ class SharedVault(Protocol):
         """Destroy the key ``reference`` names in the backend (idempotent)."""
         ...
 
+    def collect(self, pending: list[str], keep: list[Mapping[str, Any]]) -> int:
+        """Destroy what a rotation cut short by a crash (between the key's making and the
+        state's writing) left: the keys made as one of ``pending`` (the names given to
+        ``create``), or known to this vault only, but none ``keep`` names; how many. Never
+        another host's keys in the same token."""
+        ...
+
+
+class LockBusy(KeyBackendError):
+    """The shared state stayed locked by another process as long as the caller would wait."""
+
+    message = "the shared key epochs stayed locked by another process"
+
 
 @contextlib.contextmanager
 def _flocked(path: Path, *, exclusive: bool, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-    """``flock`` of ``path``, waited for at most ``timeout`` seconds."""
+    """``flock`` of ``path``, waited for at most ``timeout`` seconds (0: LockBusy at once)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
@@ -89,8 +114,10 @@ def _flocked(path: Path, *, exclusive: bool, timeout: float = LOCK_TIMEOUT) -> I
                 fcntl.flock(fd, mode)
                 break
             except BlockingIOError:
+                if timeout <= 0:
+                    raise LockBusy(f"the shared key epochs are locked ({path})") from None
                 if time.monotonic() >= deadline:
-                    raise KeyBackendError(
+                    raise LockBusy(
                         f"the shared key epochs stayed locked for {timeout:g} s ({path})"
                     ) from None
                 time.sleep(LOCK_POLL)
@@ -99,11 +126,31 @@ def _flocked(path: Path, *, exclusive: bool, timeout: float = LOCK_TIMEOUT) -> I
         os.close(fd)  # releases the lock
 
 
+MAX_STATE_BYTES = 1 << 20  # a few epochs and members: kilobytes
+
+
+def _trusted(directory: Path) -> None:
+    """Make ``directory`` (0700) or check it: whoever can write it decides which keys are
+    served and which destroyed (the state), and can hold the locks, so it must be this user's
+    own, writable by nobody else, and not a symbolic link."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise KeyBackendError(f"{directory} is not a directory (a symbolic link?)")
+    if st.st_uid != os.geteuid():
+        raise KeyBackendError(f"{directory} is owned by another user")
+    if st.st_mode & 0o022:
+        raise KeyBackendError(
+            f"{directory} has mode {stat.S_IMODE(st.st_mode):04o}: others could rewrite the "
+            "shared key epochs (chmod 700)"
+        )
+
+
 @contextlib.contextmanager
 def host_lock(directory: Path, *, exclusive: bool = True) -> Iterator[None]:
     """The lock every change to the shared epochs holds: a worker opening the backend takes it
     too, since a token being written by another process may refuse to be listed meanwhile."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _trusted(directory)
     with _flocked(directory / LOCK_FILE, exclusive=exclusive):
         yield
 
@@ -141,11 +188,18 @@ class SharedEpochKeys(EpochKeys):
         self._state_path = directory / STATE_FILE
         self._state_name = str(self._state_path)
         self._lock_path = directory / LOCK_FILE
+        self._pending_path = directory / PENDING_FILE
         self._lock_timeout = lock_timeout
         self._pid = os.getpid()
         # A member is its pid (alive or not) and a token (two members may share a process).
         self._member = [self._pid, secrets.token_hex(4)]
+        # Who is a member is decided by a shared flock each holds for its life, not by its pid:
+        # a lock dies with its process (a pid may be reused by another, or be another pid
+        # namespace's, and look alive or dead wrongly). The pids in the state are information.
+        self._membership: int | None = None
+        self.collected = 0  # keys of a rotation cut short by a crash, destroyed at this start
         self._pass = threading.Lock()  # one shared pass at a time in this process
+        self._busy_until = 0.0  # the request path does not wait for the lock until then
         self._seen: tuple[int, int, int] | None = None  # the state file this view was read from
         # epoch id -> the handle this process holds, and the epoch's evidence
         self._mine: dict[str, tuple[EpochKey, Mapping[str, Any]]] = {}
@@ -163,9 +217,20 @@ class SharedEpochKeys(EpochKeys):
 
     def _read(self) -> dict[str, Any]:
         try:
-            data = json.loads(self._state_path.read_text())
+            fd = os.open(self._state_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return {"version": VERSION, "number": 0, "members": [], "epochs": []}
+        except OSError as exc:  # a symbolic link: ELOOP
+            raise KeyBackendError(f"{self._state_path} is unreadable: {exc.strerror}") from None
+        try:
+            with os.fdopen(fd, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                    raise KeyBackendError(f"{self._state_path} is not this user's own file")
+                raw = fh.read(MAX_STATE_BYTES + 1)
+            if len(raw) > MAX_STATE_BYTES:
+                raise KeyBackendError(f"{self._state_path} is too large")
+            data = json.loads(raw)
         except (OSError, ValueError) as exc:
             raise KeyBackendError(f"{self._state_path} is unreadable: {exc}") from None
         if (
@@ -205,11 +270,56 @@ class SharedEpochKeys(EpochKeys):
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     @contextlib.contextmanager
-    def _locked(self, *, exclusive: bool) -> Iterator[None]:
-        with self._pass:
-            self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with _flocked(self._lock_path, exclusive=exclusive, timeout=self._lock_timeout):
+    def _locked(self, *, exclusive: bool, timeout: float | None = None) -> Iterator[None]:
+        """The state lock, waited for at most ``timeout`` (default: the lock timeout), then
+        LockBusy. The file lock first: this process's pass lock is only ever held with it, so
+        a thread waiting for another process never holds up this process's requests."""
+        if timeout is None:
+            _trusted(self._dir)  # an lstat; the request path only re-reads
+            timeout = self._lock_timeout
+        deadline = time.monotonic() + timeout
+        with _flocked(self._lock_path, exclusive=exclusive, timeout=timeout):
+            if not self._pass.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise LockBusy("this process's shared key epoch pass is under way")
+            try:
                 yield
+            finally:
+                self._pass.release()
+
+    # --- membership (under the exclusive state lock: nobody joins or leaves meanwhile) -----
+
+    def _join(self) -> bool:
+        """Hold the members lock, shared, for this member's life; whether no other holds it."""
+        fd = os.open(
+            self._dir / MEMBERS_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                alone = True
+            except BlockingIOError:
+                alone = False
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._membership = fd
+        return alone
+
+    def _last(self) -> bool:
+        """Whether this is the only live member (no other process holds the members lock)."""
+        if self._membership is None:
+            return False
+        try:
+            fcntl.flock(self._membership, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _leave(self) -> None:
+        fd, self._membership = self._membership, None
+        if fd is not None:
+            os.close(fd)  # releases the members lock
 
     # --- changes (under the exclusive lock) ------------------------------------------------
 
@@ -218,7 +328,13 @@ class SharedEpochKeys(EpochKeys):
         previous (served for the grace period), an older previous one is destroyed at once."""
         now = self._clock()
         number = int(state["number"]) + 1
-        key = self._shared_vault.create(f"{number}")
+        # Whatever a crashed holder made and never wrote goes first (it holds TPM handles).
+        self._collect(state)
+        # The key's name is written before the key is made: if this process dies before the
+        # state lists the key, the next holder finds the name and destroys what it names.
+        name = f"{number}-{secrets.token_hex(4)}"
+        self._write_pending([name])
+        key = self._shared_vault.create(name)
         try:
             key_id = key_id_for(key.public_key, self._replica)
             evidence = self._shared_vault.evidence(key)
@@ -246,6 +362,44 @@ class SharedEpochKeys(EpochKeys):
         state["number"] = number
         self._mine[key_id] = (key, evidence)
 
+    def _collect(self, state: dict[str, Any]) -> int:
+        """Destroy a crashed rotation's unlisted key (under the exclusive lock)."""
+        pending = self._read_pending()
+        if not pending:
+            return 0
+        collected = self._shared_vault.collect(pending, [e["reference"] for e in state["epochs"]])
+        self._write_pending([])
+        return collected
+
+    # The names of keys being made, beside the state (not in it: writing the state would have
+    # every worker re-read it, waiting for the rotation under way).
+
+    def _read_pending(self) -> list[str]:
+        try:
+            fd = os.open(self._pending_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise KeyBackendError(f"{self._pending_path} is unreadable: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as fh:
+            raw = fh.read(MAX_STATE_BYTES + 1)
+        try:
+            names = json.loads(raw)
+        except ValueError:
+            names = None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise KeyBackendError(f"{self._pending_path} is not a list of key names")
+        return names
+
+    def _write_pending(self, names: list[str]) -> None:
+        tmp = self._dir / f".{PENDING_FILE}.{self._pid}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(names, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._pending_path)
+
     def _destroy(self, entry: Mapping[str, Any]) -> None:
         mine = self._mine.pop(str(entry["id"]), None)
         if mine is not None:
@@ -266,7 +420,8 @@ class SharedEpochKeys(EpochKeys):
         return bool(gone)
 
     def _members(self, state: Mapping[str, Any]) -> list[list[Any]]:
-        """The other members whose process is alive."""
+        """The other members whose process is alive (what the state shows, not who decides:
+        see ``_join``)."""
         return [
             m
             for m in state["members"]
@@ -339,13 +494,27 @@ class SharedEpochKeys(EpochKeys):
             self._mine.pop(epoch.id, None)
             self._shared_vault.release(key)
 
-    def refresh(self) -> bool:
-        """Re-read the state if another process changed it; whether it had changed."""
+    def refresh(self, *, wait: bool = True) -> bool:
+        """Re-read the state if another process changed it; whether it was re-read.
+        ``wait=False`` (the request path, on an event loop): wait for the lock at most
+        REQUEST_WAIT (a rotation under way ends well within it), and after a wait in vain
+        (a holder frozen) only try without waiting for REQUEST_BACKOFF: meanwhile this view is
+        served, rather than every request of the worker stalled up to the lock timeout."""
         if self._marker() == self._seen:
             return False
-        with self._locked(exclusive=False):
-            state = self._read()
-            self._adopt(state)
+        timeout = None
+        if not wait:
+            timeout = REQUEST_WAIT if time.monotonic() >= self._busy_until else 0.0
+        try:
+            with self._locked(exclusive=False, timeout=timeout):
+                state = self._read()
+                self._adopt(state)
+        except LockBusy:
+            if wait:
+                raise
+            if timeout:
+                self._busy_until = time.monotonic() + REQUEST_BACKOFF
+            return False
         return True
 
     # --- EpochKeys -------------------------------------------------------------------------
@@ -353,18 +522,26 @@ class SharedEpochKeys(EpochKeys):
     def _begin(self) -> None:
         with self._locked(exclusive=True):
             state = self._read()
-            members = self._members(state)
-            if not members:
-                # Nobody serves: whatever is listed (or left unlisted) is a previous run's.
-                self.swept = self._shared_vault.sweep()
-                state = {"version": VERSION, "number": state["number"], "epochs": []}
-            state["members"] = [*members, self._member]
-            if self._due(state):
-                self._create(state)
-            else:
-                self._expire(state)
-            self._write(state)
-            self._adopt(state)
+            try:
+                if self._join():
+                    # Nobody serves: whatever is listed (or left unlisted) is a previous run's.
+                    self.swept = self._shared_vault.sweep()
+                    state = {"version": VERSION, "number": state["number"], "epochs": []}
+                    state["members"] = [self._member]
+                else:
+                    # Joining live members (a restarted worker): a rotation its predecessor
+                    # was killed in the middle of left a key nobody lists.
+                    self.collected = self._collect(state)
+                    state["members"] = [*self._members(state), self._member]
+                if self._due(state):
+                    self._create(state)
+                else:
+                    self._expire(state)
+                self._write(state)
+                self._adopt(state)
+            except BaseException:
+                self._leave()
+                raise
 
     def advance(self, request: Path | None = None) -> tuple[Epoch | None, list[Epoch]]:
         """One pass for every process: rotate when the current epoch is over or ``request``
@@ -412,25 +589,27 @@ class SharedEpochKeys(EpochKeys):
                 self._write(state)
             return self._adopt(state)
 
+    # The request path (an event loop) waits for the lock briefly at most: refresh(wait=False).
+
     @property
     def current(self) -> Epoch:
-        self.refresh()  # a stat when nothing changed: what is attested is what is served
+        self.refresh(wait=False)  # a stat when nothing changed: what is attested is served
         return super().current
 
     def live(self) -> list[Epoch]:
-        self.refresh()
+        self.refresh(wait=False)
         return super().live()
 
     def lookup(self, key_id: str) -> Epoch:
         try:
             return super().lookup(key_id)
         except EpochRetired:
-            if not self.refresh():  # a rotation another worker made since this view
+            if not self.refresh(wait=False):  # a rotation another worker made since this view
                 raise
         return super().lookup(key_id)
 
     def unkeyed(self) -> list[Epoch]:
-        self.refresh()
+        self.refresh(wait=False)
         return super().unkeyed()
 
     def close(self) -> None:
@@ -441,7 +620,8 @@ class SharedEpochKeys(EpochKeys):
         try:
             with self._locked(exclusive=True):
                 state = self._read()
-                members = self._members(state)
+                last = self._last()
+                members = [] if last else self._members(state)
                 with self._lock:
                     self._closed = True
                     live, self._live = self._live, []
@@ -450,13 +630,15 @@ class SharedEpochKeys(EpochKeys):
                 for key, _ in self._mine.values():
                     self._shared_vault.release(key)
                 self._mine.clear()
-                if not members:
+                if last:
+                    self._collect(state)  # a crashed rotation's key too
                     for entry in state["epochs"]:
                         self._shared_vault.destroy_reference(entry["reference"])
                     state["epochs"] = []
                 state["members"] = members
                 self._write(state)
         finally:
+            self._leave()
             if self._base is not None and self._close_base:
                 self._base.close()
 

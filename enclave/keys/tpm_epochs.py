@@ -394,11 +394,22 @@ class TpmEpochVault:
                     tpm.esapi.tr_close(tr)
             self._evict_locked(tpm, {n: handles[n] for n in trs}, trs)
 
-    def sweep(self) -> int:
-        """Evict every handle ``epochs.json`` lists that the TPM still holds."""
+    def collect(self, pending: list[str], keep: list[Mapping[str, Any]]) -> int:
+        """Evict every handle ``epochs.json`` (this key directory's own) lists but those the
+        references ``keep`` name: a handle is listed before its key is made persistent."""
+        try:
+            kept = {int(h) for reference in keep for h in reference["handles"].values()}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise KeyBackendError("a shared epoch reference is not a TPM epoch") from None
+        return self.sweep(keep=kept)
+
+    def sweep(self, keep: set[int] | None = None) -> int:
+        """Evict every handle ``epochs.json`` lists (but those in ``keep``) that the TPM still
+        holds."""
         from tpm2_pytss import ESYS_TR, TSS2_Exception
 
-        listed = self._read_state()
+        kept = keep or set()
+        listed = [h for h in self._read_state() if h not in kept]
         if not listed:
             return 0
         swept = 0
@@ -415,7 +426,7 @@ class TpmEpochVault:
                     "evict a leftover epoch key", tpm.esapi.evict_control, ESYS_TR.OWNER, tr, handle
                 )
                 swept += 1
-            self._write_state([])
+            self._write_state([h for h in self._read_state() if h in kept])
         return swept
 
     def present(self, handle: int) -> bool:

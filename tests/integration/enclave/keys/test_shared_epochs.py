@@ -5,19 +5,23 @@ holds no epoch key once the last member has stopped."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from paygate_dev.stack import SoftHsmToken
+from paygate_dev.stack import SoftHsmToken, Swtpm
 
 import enclave
 from enclave import KeyBackendError
 from enclave.keys.epochs import EpochKeys, EpochRetired, MemoryEpochVault
 from enclave.keys.pkcs11 import Pkcs11Key
 from enclave.keys.pkcs11_epochs import Pkcs11EpochVault
-from enclave.keys.shared_epochs import STATE_FILE, SharedEpochKeys
+from enclave.keys.shared_epochs import LOCK_FILE, STATE_FILE, SharedEpochKeys
+from enclave.keys.tpm import TpmKey
+from enclave.keys.tpm_epochs import HANDLE_BASE, HANDLE_COUNT, TpmEpochKey, TpmEpochVault
 from tests.fixtures.payment_support import CHAT, CHAT_BODY
 
 BODY = json.dumps(CHAT_BODY).encode()
@@ -155,7 +159,9 @@ def test_a_member_killed_without_closing_leaves_its_epochs_to_the_next_start(
     clock = Clock()
     (gone,) = _members(vault, base, directory, clock, count=1)
     old = gone.current.id
-    # As if its process had been killed: the state names a pid that no longer runs.
+    # As if its process had been killed: its locks die with it, and the state names a pid
+    # that no longer runs.
+    gone._leave()
     state = json.loads((directory / STATE_FILE).read_text())
     state["members"] = [[2**22 + 7, "dead"]]
     (directory / STATE_FILE).write_text(json.dumps(state))
@@ -201,4 +207,251 @@ def test_a_state_file_that_names_no_epoch_is_refused_not_served(
         (directory / STATE_FILE).write_text(json.dumps(state))
         member.close()
     assert vault.labels() == set()
-    assert {p.name for p in directory.iterdir()} == {STATE_FILE, "shared-epochs.lock"}
+    assert {p.name for p in directory.iterdir()} == {
+        STATE_FILE,
+        "shared-epochs.lock",
+        "shared-epochs.members",
+        "shared-epochs.pending",
+    }
+
+
+def _labels(vault: Pkcs11EpochVault) -> set[str]:
+    return {label.removesuffix("-receipt") for label in vault.labels()}
+
+
+def test_a_dead_members_pid_reused_by_another_process_does_not_stop_the_sweep(
+    token_vault: tuple[Pkcs11EpochVault, Pkcs11Key], tmp_path: Path
+) -> None:
+    """Membership is a lock held for life, not a pid: a killed member whose pid now belongs
+    to another live process (pid reuse) must not keep its epochs from the next start's sweep
+    (nor, at the last stop, from being destroyed)."""
+    vault, base = token_vault
+    directory = tmp_path / "epochs"
+    clock = Clock()
+    (gone,) = _members(vault, base, directory, clock, count=1)
+    gone._leave()  # killed: its locks die with it
+    state = json.loads((directory / STATE_FILE).read_text())
+    state["members"] = [[os.getppid(), "reused"]]  # its pid, now another live process's
+    (directory / STATE_FILE).write_text(json.dumps(state))
+    (fresh,) = _members(vault, base, directory, clock, count=1)
+    try:
+        assert fresh.swept == 2
+        assert len(_labels(vault)) == 1
+    finally:
+        fresh.close()
+        for key, _ in gone._mine.values():
+            key.close()
+    assert vault.labels() == set()  # the only live member was the last: all destroyed
+
+
+def test_a_live_member_whose_pid_looks_dead_keeps_its_keys(
+    token_vault: tuple[Pkcs11EpochVault, Pkcs11Key], tmp_path: Path
+) -> None:
+    """A member alive but named by a pid this process cannot see (another pid namespace, a
+    damaged list) is still a member: a start joins its epochs instead of sweeping them."""
+    vault, base = token_vault
+    directory = tmp_path / "epochs"
+    clock = Clock()
+    (serving,) = _members(vault, base, directory, clock, count=1)
+    try:
+        key_id, blob = _sealed(serving)
+        state = json.loads((directory / STATE_FILE).read_text())
+        state["members"] = [[2**22 + 7, "elsewhere"]]
+        (directory / STATE_FILE).write_text(json.dumps(state))
+        (late,) = _members(vault, base, directory, clock, count=1)
+        try:
+            assert late.swept == 0
+            assert late.current.id == key_id
+            assert _open(serving, key_id, blob) == BODY
+            assert _open(late, key_id, blob) == BODY
+        finally:
+            late.close()
+        assert len(_labels(vault)) == 1  # the first member still serves: nothing destroyed
+        assert _open(serving, key_id, blob) == BODY
+    finally:
+        serving.close()
+    assert vault.labels() == set()
+
+
+class _Killed(BaseException):
+    """The holder's process dying right there (nothing after it runs)."""
+
+
+class _DiesAfterMaking(Pkcs11EpochVault):
+    """A vault whose process is killed between making an epoch's key and anything after."""
+
+    def create(self, key_id: str) -> Pkcs11Key:
+        # Its session dies with the process; the objects stay on the token.
+        super().create(key_id).close()
+        raise _Killed
+
+
+def test_a_key_left_by_a_rotation_cut_short_is_destroyed_while_others_serve(
+    token_vault: tuple[Pkcs11EpochVault, Pkcs11Key], softhsm_token: SoftHsmToken, tmp_path: Path
+) -> None:
+    """A worker killed between making an epoch's key and writing the state leaves a key no
+    state lists; the workers still serving never stop, so the start-up sweep never comes. Its
+    restarted successor, or the next rotation, destroys it, and nothing of another host that
+    shares the token (the same key label)."""
+    vault, base = token_vault
+    token = softhsm_token
+    dying = _DiesAfterMaking(token.module_path, token.token_label, token.pin, "paygate")
+    directory = tmp_path / "epochs"
+    clock = Clock()
+    (first,) = _members(vault, base, directory, clock, count=1)
+    # Another host's live epoch in the same token under the same key label (made after this
+    # host's first start, whose sweep destroys every epoch object of the label).
+    other_host = vault.create("elsewhere")
+    (doomed,) = _members(dying, base, directory, clock, count=1)  # joins: makes nothing
+    try:
+        kept = {first.current.key.label, other_host.label}  # type: ignore[union-attr]
+        watched = (directory / STATE_FILE).stat()
+        with pytest.raises(_Killed):
+            doomed.rotate()
+        # What every worker watches is untouched until a rotation is written: no worker
+        # re-reads (and waits for the lock) while a key is being made.
+        after = (directory / STATE_FILE).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (watched.st_ino, watched.st_mtime_ns)
+        doomed._leave()  # killed: its locks die with it
+        assert len(_labels(vault)) == 3
+        (restarted,) = _members(vault, base, directory, clock, count=1)
+        try:
+            assert restarted.collected == 2  # the orphan's ECDH and receipt objects
+            assert _labels(vault) == kept
+            assert restarted.current.id == first.current.id
+            clock.now += EPOCH
+            with pytest.raises(_Killed):
+                doomed.advance()  # the same, in a scheduled rotation
+            assert len(_labels(vault)) == 3
+            made, _ = restarted.advance()
+            assert made is not None
+            # The new epoch, its predecessor (in its grace), the other host's; no orphan.
+            assert _labels(vault) == kept | {made.key.label}  # type: ignore[union-attr]
+            with pytest.raises(_Killed):
+                doomed.rotate()  # once more, and then every worker stops
+        finally:
+            restarted.close()
+    finally:
+        first.close()
+        for key, _ in doomed._mine.values():
+            key.close()  # the killed member's sessions
+    assert _labels(vault) == {other_host.label}
+    other_host.destroy()
+
+
+def test_a_request_never_waits_for_the_lock_another_worker_holds(
+    token_vault: tuple[Pkcs11EpochVault, Pkcs11Key], tmp_path: Path
+) -> None:
+    """The request path runs on a worker's event loop: while another process holds the state
+    lock (a rotation under way, a holder frozen) a request is answered from this worker's view
+    rather than stalling every request of the worker up to the lock timeout and then failing;
+    the next request once the lock is free sees the rotation."""
+    vault, base = token_vault
+    directory = tmp_path / "epochs"
+    clock = Clock()
+    (first,) = _members(vault, base, directory, clock, count=1)
+    second = SharedEpochKeys(
+        vault,
+        directory,
+        replica="host",
+        epoch_seconds=EPOCH,
+        grace_seconds=GRACE,
+        base=base,
+        close_base=False,
+        clock=clock,
+        lock_timeout=2.0,
+    )
+    try:
+        old = second.current.id
+        new = first.rotate()
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a holder that does not let go
+            assert second.current.id == old  # this worker's view, at once
+            assert [e.id for e in second.unkeyed()] == [old]
+            with pytest.raises(EpochRetired):
+                second.lookup(new.id)  # not yet known here: the caller attests again
+        finally:
+            os.close(fd)
+        assert second.current.id == new.id
+        assert second.lookup(new.id).id == new.id
+    finally:
+        second.close()
+        first.close()
+    assert vault.labels() == set()
+
+
+def test_an_epoch_directory_others_can_write_is_refused(
+    token_vault: tuple[Pkcs11EpochVault, Pkcs11Key], tmp_path: Path
+) -> None:
+    """Whoever can write key_epoch_dir decides which keys are served and which destroyed (the
+    state), and can hold the locks: a directory others may write, or a state file swapped for
+    a symbolic link, is refused before any key is made or opened."""
+    vault, base = token_vault
+    directory = tmp_path / "epochs"
+    directory.mkdir(mode=0o700)
+    directory.chmod(0o777)
+    with pytest.raises(KeyBackendError, match="chmod 700"):
+        _members(vault, base, directory, Clock(), count=1)
+    assert vault.labels() == set()
+    directory.chmod(0o700)
+    (member,) = _members(vault, base, directory, Clock(), count=1)
+    try:
+        elsewhere = tmp_path / "elsewhere.json"
+        elsewhere.write_text((directory / STATE_FILE).read_text())
+        (directory / STATE_FILE).unlink()
+        (directory / STATE_FILE).symlink_to(elsewhere)
+        with pytest.raises(KeyBackendError):
+            member.advance()
+    finally:
+        (directory / STATE_FILE).unlink()
+        (directory / STATE_FILE).write_text(elsewhere.read_text())
+        (directory / STATE_FILE).chmod(0o600)
+        member.close()
+    assert vault.labels() == set()
+
+
+class _TpmDiesAfterMaking(TpmEpochVault):
+    """A TPM vault whose process is killed between making an epoch's keys and anything after."""
+
+    def create(self, key_id: str) -> TpmEpochKey:
+        made = super().create(key_id)
+        self.release(made)  # its ESYS handles die with it; the persistent objects stay
+        raise _Killed
+
+
+def test_tpm_handles_left_by_a_rotation_cut_short_are_evicted_while_others_serve(
+    swtpm_factory: Callable[[], Swtpm], tmp_path: Path
+) -> None:
+    """The same in the TPM, where an unlisted epoch also holds two of the few persistent
+    handles: repeated crashes would exhaust them ("no free persistent handle")."""
+    tpm = swtpm_factory()
+    with TpmKey.generate(tpm.tcti, tmp_path / "tpm-key") as base:
+        vault = TpmEpochVault(base)
+
+        def held() -> set[int]:
+            return {h for h in range(HANDLE_BASE, HANDLE_BASE + HANDLE_COUNT) if vault.present(h)}
+
+        directory = tmp_path / "epochs"
+        clock = Clock()
+        (first,) = _members(vault, base, directory, clock, count=1)
+        (doomed,) = _members(_TpmDiesAfterMaking(base), base, directory, clock, count=1)
+        try:
+            serving = set(first.current.key.handles.values())  # type: ignore[union-attr]
+            with pytest.raises(_Killed):
+                doomed.rotate()
+            doomed._leave()
+            assert len(held()) == 4
+            (restarted,) = _members(vault, base, directory, clock, count=1)
+            try:
+                assert restarted.collected == 2
+                assert held() == serving
+                key_id, blob = _sealed(first)
+                assert _open(restarted, key_id, blob) == BODY
+            finally:
+                restarted.close()
+        finally:
+            first.close()
+            for key, _ in doomed._mine.values():
+                vault.release(key)
+        assert held() == set()

@@ -157,10 +157,12 @@ def test_two_workers_serve_one_set_of_tpm_epoch_keys_through_a_rotation(
             }
 
             def handles() -> set[str]:
-                listed = json.loads((key_dir / "epochs.json").read_text())["handles"]
-                with TpmKey.open(broker.client_tcti, key_dir) as base:
-                    vault = TpmEpochVault(base)
-                    held = [h for h in listed if vault.present(h)]
+                # Read as a worker reads: not between a worker's eviction and its listing.
+                with host_lock(tmp_path / "epochs", exclusive=False):
+                    listed = json.loads((key_dir / "epochs.json").read_text())["handles"]
+                    with TpmKey.open(broker.client_tcti, key_dir) as base:
+                        vault = TpmEpochVault(base)
+                        held = [h for h in listed if vault.present(h)]
                 assert held == listed  # listed exactly while the TPM holds it
                 return {f"epoch {i}" for i in range(len(held) // 2)}
 
