@@ -6,11 +6,15 @@ The proxy runs under callgrind with instrumentation off; after a warm-up it is s
 it is switched off and dumped, and the dump's total is divided by the requests.
 
     .venv/bin/python -m bench.instructions aiohttp-70
-    .venv/bin/python -m bench.instructions paygate [--sealed|--paid] [--tree DIR]
+    .venv/bin/python -m bench.instructions paygate [--sealed|--paid|--paid-batch] [--tree DIR]
         [--env NAME=VALUE ...]
 
 ``--paid``: each request paid (exact, verify-only; the fast upstream answers ``/verify``), a
 distinct presigned payment each, as ``bench.compare``'s ``paygate-paid`` row.
+``--paid-batch``: each request paid by a batch-settlement voucher, as ``bench.compare``'s
+``paygate-paid-batch`` row: chain mode on anvil, each of the 4 connections on a channel of its
+own opened through the gateway before the measurement (``bench.channels``; a channel's requests
+go one after another, as its vouchers are cumulative), no claim during the load.
 
 Needs Debian ``valgrind`` (callgrind_control included). docs/PERFORMANCE.md has the figures.
 """
@@ -26,31 +30,40 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import enclave
 from bench import compare
+from bench.channels import ChannelSource
 
 WARM_UP = 200
 
 
-async def _load(
-    port: int, bodies: list[bytes], content_type: str, count: int, payments: Sequence[str] = ()
-) -> None:
-    """``count`` requests on 4 keep-alive connections, each reply read to its end (each with
-    the next of ``payments`` as its PAYMENT-SIGNATURE, when given)."""
-    left = count
-    paying = iter(payments)
+CONNECTIONS = 4
 
-    async def connection() -> None:
+
+async def _load(
+    port: int,
+    bodies: list[bytes],
+    content_type: str,
+    count: int,
+    payments: Sequence[Iterator[str]] = (),
+) -> None:
+    """``count`` requests on 4 keep-alive connections, each reply read to its end (when
+    ``payments`` is given, connection ``i`` sends the next of ``payments[i]`` as each
+    request's PAYMENT-SIGNATURE)."""
+    left = count
+
+    async def connection(index: int) -> None:
         nonlocal left
+        paying = payments[index] if payments else None
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             while left > 0:
                 left -= 1
                 body = bodies[left % len(bodies)]
-                paid = f"PAYMENT-SIGNATURE: {next(paying)}\r\n" if payments else ""
+                paid = f"PAYMENT-SIGNATURE: {next(paying)}\r\n" if paying else ""
                 writer.write(
                     f"POST {compare.PATH} HTTP/1.1\r\nHost: bench\r\n{paid}Content-Type: "
                     f"{content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
@@ -69,7 +82,7 @@ async def _load(
         finally:
             writer.close()
 
-    await asyncio.gather(*(connection() for _ in range(4)))
+    await asyncio.gather(*(connection(i) for i in range(CONNECTIONS)))
 
 
 def measure(
@@ -80,12 +93,14 @@ def measure(
     tree: Path | None,
     env: dict[str, str],
     paid: bool = False,
+    paid_batch: bool = False,
     keep: Path | None = None,
 ) -> float:
     """Thousands of instructions per request of ``target`` (aiohttp-70 or paygate)."""
     with tempfile.TemporaryDirectory(prefix="paygate-instructions-") as name:
         tmp = Path(name)
         upstream_port, port = compare._port(), compare._port()
+        anvil = compare._anvil(tmp) if paid_batch else None
         upstream = compare._spawn(
             [compare.PY, "-m", "bench.fast_upstream", "--port", str(upstream_port)], cpu=None
         )
@@ -108,6 +123,14 @@ def measure(
                     "PAYGATE_LEDGER_PATH": str(tmp / "ledger.db"),
                     **env,
                 }
+            if anvil is not None:
+                env = {
+                    **compare.PAID_BATCH_ENV,
+                    "PAYGATE_CHAIN_RPC_URL": anvil.rpc_url,
+                    "PAYGATE_GAS_KEY": anvil.accounts[compare.GATEWAY_GAS].key,
+                    "PAYGATE_LEDGER_PATH": str(tmp / "ledger.db"),
+                    **env,
+                }
             proxy_env = compare._paygate_env(tmp, port, upstream_port, **env)
             if tree is not None:
                 proxy_env["PYTHONPATH"] = f"{tree}:{tree / 'devtools'}"
@@ -127,17 +150,24 @@ def measure(
                 ]
                 return sealed_bodies, enclave.CONTENT_TYPE
 
-            payments: list[str] = []
+            payments: list[Iterator[str]] = []
             if paid:
                 probe = compare.Target("paygate", port, [proxy], body=plain)
-                payments = compare._presign(probe, tmp).read_text().split()
-                if len(payments) < WARM_UP + requests:
-                    raise SystemExit(f"at most {len(payments) - WARM_UP} paid requests")
-            asyncio.run(_load(port, *bodies(WARM_UP), WARM_UP, payments[:WARM_UP]))
+                presigned = compare._presign(probe, tmp).read_text().split()
+                if len(presigned) < WARM_UP + requests:
+                    raise SystemExit(f"at most {len(presigned) - WARM_UP} paid requests")
+                payments = [iter(presigned)] * CONNECTIONS  # one pool, any order
+            if anvil is not None:
+                url = f"http://127.0.0.1:{port}{compare.PATH}"
+                source = ChannelSource(anvil, url, plain, tmp)
+                # Any connection may send any share of the requests: each channel holds enough.
+                stem = source.fresh(CONNECTIONS, WARM_UP + requests)
+                payments = [iter(ChannelSource.lines(stem, i + 1)) for i in range(CONNECTIONS)]
+            asyncio.run(_load(port, *bodies(WARM_UP), WARM_UP, payments))
             measured = bodies(requests)
             control = ["callgrind_control"]
             subprocess.run([*control, "-i", "on", str(proxy.pid)], check=True, capture_output=True)
-            asyncio.run(_load(port, *measured, requests, payments[WARM_UP:]))
+            asyncio.run(_load(port, *measured, requests, payments))
             subprocess.run([*control, "-i", "off", str(proxy.pid)], check=True, capture_output=True)
             subprocess.run([*control, "-d", str(proxy.pid)], check=True, capture_output=True)
             time.sleep(1)
@@ -152,6 +182,8 @@ def measure(
             return total / requests / 1000
         finally:
             compare._stop([proxy, upstream])
+            if anvil is not None:
+                anvil.stop()
 
 
 def main() -> int:
@@ -161,6 +193,11 @@ def main() -> int:
     parser.add_argument("--sealed", action="store_true", help="v2 envelopes (paygate)")
     parser.add_argument(
         "--paid", action="store_true", help="each request paid (exact, verify-only; paygate)"
+    )
+    parser.add_argument(
+        "--paid-batch",
+        action="store_true",
+        help="each request paid by a batch-settlement voucher (paygate; anvil)",
     )
     parser.add_argument("--keep", type=Path, help="copy the callgrind dumps into this directory")
     parser.add_argument("--tree", type=Path, help="paygate from this source tree")
@@ -174,6 +211,7 @@ def main() -> int:
         tree=args.tree,
         env=env,
         paid=args.paid,
+        paid_batch=args.paid_batch,
         keep=args.keep,
     )
     print(f"{args.target}: {k:,.1f} k instructions per request ({args.requests} requests)")

@@ -93,7 +93,7 @@ class CheckedPayments:
         """``payment``'s voucher checked against ``terms``: as remembered, else checked now
         (raises PaymentRejected). ``last``: the request's last use (its commit)."""
         entry = self._by_payment.get(id(payment))
-        if entry is not None and entry[0] is payment and entry[1] == terms:
+        if entry is not None and entry[0] is payment and (entry[1] is terms or entry[1] == terms):
             if last:
                 del self._by_payment[id(payment)]
             return entry[2]

@@ -450,11 +450,29 @@ class ChannelStore:
         SETTLED record (``Ledger.transition``'s ``write``): the voucher's record, the charge
         (compare-and-set on ``taken``'s version: required, else nothing of the transaction is
         made) and its mark, all or nothing with SETTLED. None when ``taken`` cannot take this
-        charge; the channel is :func:`charged`'s of the write once made."""
+        charge; the channel is :func:`charged`'s of the write once made.
+
+        Two statements, where :meth:`commit`'s usual steps take three: the compare-and-set is
+        required (not made: the whole transaction rolls back), so the record is written marked
+        charged at once (a row already there, unmarked, is marked) — the mark's own statement
+        would find exactly that true."""
         if not _fits(taken, taken.channel_id, owner, max_claimable, charge):
             return None
+        record = (
+            "INSERT INTO bs_vouchers (channel_id, max_claimable, signature, payment_id,"
+            " charge, created_at, charged) VALUES (?, ?, ?, ?, ?, ?, 1)"
+            " ON CONFLICT (channel_id, max_claimable) DO UPDATE SET charged = 1",
+            (
+                taken.channel_id,
+                str(max_claimable),
+                signature,
+                payment_id,
+                str(charge),
+                self._clock(),
+            ),
+        )
         return SchemeWrite(
-            self._charged(taken, charge, max_claimable, signature, payment_id), required=1
+            [record, self._charge(taken, charge, max_claimable, signature)], required=1
         )
 
     async def _marked(self, channel_id: str, max_claimable: int) -> tuple[Channel | None, int]:

@@ -16,6 +16,7 @@ The refusal codes are the x402 specification's ``invalid_batch_settlement_evm_*`
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -68,26 +69,54 @@ class ChannelTerms:
     @classmethod
     def of_offer(cls, offer: Offer) -> ChannelTerms:
         extra = dict(offer.extra)
-        return cls(
-            chain_id=offer.network.chain_id,
-            pay_to=offer.pay_to,
-            token=offer.asset.address,
-            receiver_authorizer=extra.get("receiverAuthorizer", ""),
-            withdraw_delay=extra.get("withdrawDelay", ""),
-            min_deposit=int(extra.get("minDeposit", "0")),
+        return _made(
+            offer.network.caip2,  # as its requirement names it: one key for both
+            offer.pay_to,
+            offer.asset.address,
+            extra.get("receiverAuthorizer", ""),
+            extra.get("withdrawDelay", ""),
+            extra.get("minDeposit", "0"),
         )
 
     @classmethod
     def of_requirements(cls, requirements: dict[str, Any]) -> ChannelTerms:
         extra = requirements.get("extra") or {}
-        return cls(
-            chain_id=int(str(requirements["network"]).removeprefix("eip155:")),
-            pay_to=requirements["payTo"],
-            token=requirements["asset"],
-            receiver_authorizer=str(extra.get("receiverAuthorizer", "")),
-            withdraw_delay=str(extra.get("withdrawDelay", "")),
-            min_deposit=int(str(extra.get("minDeposit", "0"))),
+        return _made(
+            requirements["network"],
+            requirements["payTo"],
+            requirements["asset"],
+            extra.get("receiverAuthorizer", ""),
+            extra.get("withdrawDelay", ""),
+            extra.get("minDeposit", "0"),
         )
+
+
+def _made(*values: Any) -> ChannelTerms:
+    try:
+        return _terms(*values)
+    except TypeError:  # a value that cannot be a key (not one of the gateway's requirements)
+        return _terms.__wrapped__(*values)
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _terms(
+    network: object,
+    pay_to: str,
+    token: str,
+    receiver_authorizer: object,
+    withdraw_delay: object,
+    min_deposit: object,
+) -> ChannelTerms:
+    """The terms of these values (a gateway has a handful: made once each, and the request's
+    checked voucher is found by the same object at each step). ``network``: its CAIP-2 name."""
+    return ChannelTerms(
+        chain_id=int(str(network).removeprefix("eip155:")),
+        pay_to=pay_to,
+        token=token,
+        receiver_authorizer=str(receiver_authorizer),
+        withdraw_delay=str(withdraw_delay),
+        min_deposit=int(str(min_deposit)),
+    )
 
 
 def check_payload(payload: object, offer: ChannelTerms) -> CheckedVoucher:

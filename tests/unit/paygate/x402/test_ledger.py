@@ -849,6 +849,52 @@ async def test_a_paid_request_s_history_is_kept_in_its_row_until_an_unusual_line
     ]
 
 
+async def test_a_settlement_made_in_the_ledger_keeps_its_history_in_the_row(
+    ledger_store: Opener,
+) -> None:
+    """A batch-settlement voucher's charge is SERVED, SETTLING and SETTLED in one transaction
+    (nothing moves outside the ledger between them): its scheme's ordinary course, kept in the
+    row like reserved/VERIFIED/SERVED — no payment_events row per voucher request. A settlement
+    that names a transaction, or SETTLING on its own, still moves it all to payment_events
+    (the console's settle latencies read SETTLING and SETTLED lines there)."""
+    from paygate.x402.ledger import EventAction as A
+
+    clock = Clock()
+    ledger = await ledger_store(clock=clock, replica="one")
+    record = await ledger.reserve(**request(1))
+    clock.now += 1
+    via = (S.VERIFIED, S.SERVED, S.SETTLING)
+    await ledger.transition(record.id, S.SETTLED, via=via, lease=record.lease, settled_amount=7)
+    history = await ledger.history(record.id)
+    assert [(e.action, e.state, e.lease, e.at) for e in history] == [
+        (A.RESERVED, S.RESERVED, 1, clock.now - 1),
+        (A.MOVED, S.VERIFIED, 1, clock.now),
+        (A.MOVED, S.SERVED, 1, clock.now),
+        (A.MOVED, S.SETTLING, 1, clock.now),
+        (A.MOVED, S.SETTLED, 1, clock.now),
+    ]
+    assert {(e.transaction, e.error, e.detail) for e in history} == {(None, None, None)}
+    assert await _table_lines(ledger, record.id) == []
+    # Settled with a transaction (money moved outside the ledger): payment_events, whole.
+    chain = await ledger.reserve(**request(2))
+    await ledger.transition(
+        chain.id, S.SETTLED, via=via, lease=chain.lease, transaction=tx(2), settled_amount=7
+    )
+    assert await _table_lines(ledger, chain.id) == [
+        ("reserved", "reserved"),
+        ("moved", "verified"),
+        ("moved", "served"),
+        ("moved", "settling"),
+        ("moved", "settled"),
+    ]
+    assert (await ledger.history(chain.id))[-1].transaction == tx(2)
+    # SETTLED reached from SETTLING in a later change: the SETTLING change moved it already.
+    later = await ledger.reserve(**request(3))
+    await ledger.transition(later.id, S.SETTLING, via=via[:2], lease=later.lease)
+    await ledger.transition(later.id, S.SETTLED, lease=later.lease, settled_amount=7)
+    assert [s for _, s in await _table_lines(ledger, later.id)][-2:] == ["settling", "settled"]
+
+
 # --- budgets by admission/settlement time, the sign-in key (issue 21), on both stores -------
 
 DAY = 86_400.0

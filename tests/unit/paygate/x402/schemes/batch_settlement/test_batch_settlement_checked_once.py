@@ -147,3 +147,29 @@ def test_a_voucher_signed_for_another_channel_chain_or_contract_is_refused():
     assert refused({**channel.voucher(amount), "signature": other_contract}) == FORGED
     # The honest one passes.
     assert check_payload(payment(channel, offer).payload, terms).max_claimable == amount
+
+
+def test_the_terms_of_an_offer_and_its_requirement_are_made_once_and_read_as_before():
+    """A request's terms are looked up at its check, reservation, verify and settlement: made
+    once per set of values (the same object), equal to what the values say; a requirement
+    whose values cannot be a cache key is still read, and a malformed one still refused."""
+    offer = the_offer()
+    requirement = offer.v2().wire()
+    terms = ChannelTerms.of_offer(offer)
+    assert ChannelTerms.of_requirements(requirement) is terms
+    assert ChannelTerms.of_offer(the_offer()) is terms
+    assert terms == ChannelTerms(
+        chain_id=NETWORK.chain_id,
+        pay_to=offer.pay_to,
+        token=offer.asset.address,
+        receiver_authorizer=AUTHORIZER,
+        withdraw_delay="900",
+        min_deposit=int(dict(offer.extra)["minDeposit"]),
+    )
+    other = ChannelTerms.of_offer(the_offer(pay_to="0x" + "55" * 20))
+    assert other.pay_to == "0x" + "55" * 20
+    assert other is not terms
+    odd = {**requirement, "extra": {**requirement["extra"], "receiverAuthorizer": ["x"]}}
+    assert ChannelTerms.of_requirements(odd).receiver_authorizer == "['x']"
+    with pytest.raises(ValueError, match="invalid literal"):
+        ChannelTerms.of_requirements({**requirement, "network": "eip155:base"})

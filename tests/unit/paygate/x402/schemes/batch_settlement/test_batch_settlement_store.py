@@ -352,6 +352,38 @@ async def test_a_charge_made_with_settled_is_all_or_nothing(ledger_store):
     )
 
 
+async def test_a_charge_made_with_settled_marks_its_voucher_in_two_statements(ledger_store):
+    """The request's charge is two statements (the record written marked, the required
+    compare-and-set), and marks a record already there unmarked (an earlier attempt's whose
+    compare-and-set lost): committed again, it is found charged, never charged twice."""
+    clock = Clock()
+    ledger = await ledger_store(replica="a")
+    store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    via = (S.VERIFIED, S.SERVED, S.SETTLING)
+    record = await ledger.reserve(**request(1, nonce=nonce(1)))
+    took = await store.take(CHANNEL, "v1")
+    await ledger.scheme_sql(  # recorded, not charged (no mark)
+        "INSERT INTO bs_vouchers (channel_id, max_claimable, signature, payment_id, charge,"
+        " created_at, charged) VALUES (?, '1000', ?, ?, '1000', 1.0, 0)",
+        (CHANNEL, SIG, nonce(1)),
+    )
+    write = store.charge(
+        took, "v1", max_claimable=1_000, signature=SIG, charge=1_000, payment_id=nonce(1)
+    )
+    assert write is not None
+    assert len(write.statements) == 2
+    await ledger.transition(
+        record.id, S.SETTLED, via=via, lease=record.lease, settled_amount=1_000, write=write
+    )
+    _, rows = await ledger.scheme_sql("SELECT max_claimable, charged FROM bs_vouchers", ())
+    assert [(str(m), int(c)) for m, c in rows] == [("1000", 1)]
+    channel, again = await store.commit(
+        CHANNEL, "v1", max_claimable=1_000, signature=SIG, charge=1_000, payment_id=nonce(1)
+    )
+    assert (again, channel.charged) == (0, 1_000)
+
+
 async def test_a_channel_taken_with_the_reservation_goes_with_it_or_not_at_all(ledger_store):
     """A voucher's channel is taken in the transaction of its payment's reservation: a
     reservation refused (a replay) takes nothing; a channel held by another request is not
