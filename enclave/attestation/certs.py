@@ -47,8 +47,14 @@ def load_certificates(data: bytes) -> list[x509.Certificate]:
                 # corrupt certificate is refused here rather than failing mid-verification.
                 _ = (cert.subject, cert.issuer, cert.extensions, cert.signature_algorithm_oid)
                 _ = (cert.not_valid_before_utc, cert.not_valid_after_utc)
-        except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
-            # The last two are cryptography's own exceptions, not ValueErrors.
+        except (
+            ValueError,
+            x509.DuplicateExtension,
+            x509.UnsupportedGeneralNameType,
+            x509.InvalidVersion,
+        ):
+            # The last three are cryptography's own exceptions, not ValueErrors (a version
+            # field other than v1 to v3 raises InvalidVersion at load).
             raise EvidenceError(Code.EVIDENCE_MALFORMED, "not a DER or PEM certificate") from None
         return certs
 

@@ -118,3 +118,37 @@ def test_a_certificate_with_a_duplicated_extension_is_malformed_not_a_crash() ->
     with pytest.raises(EvidenceError) as refused:
         load_certificates(doubled)
     assert refused.value.code is Code.EVIDENCE_MALFORMED
+
+
+def test_a_certificate_of_an_unknown_version_is_malformed_not_a_crash() -> None:
+    # cryptography raises x509.InvalidVersion (not a ValueError) at load for a version field
+    # past v3: found by the mangling property above on a Nitro document's cabundle.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from enclave.attestation.base import EvidenceError
+    from enclave.attestation.certs import load_certificates
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "version")])
+    now = datetime.now(UTC)
+    der = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now)
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    v3 = bytes.fromhex("a003020102")  # [0] EXPLICIT INTEGER 2: the version field, v3
+    assert der.count(v3) == 1
+    v4 = der.replace(v3, bytes.fromhex("a003020103"))
+    with pytest.raises(EvidenceError) as refused:
+        load_certificates(v4)
+    assert refused.value.code is Code.EVIDENCE_MALFORMED
+    assert load_certificates(der)[0].version is x509.Version.v3  # the same one, unmangled
