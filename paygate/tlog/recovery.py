@@ -228,12 +228,25 @@ class ReceiptRecovery:
         while True:
             full = False
             try:
-                if await self.take_turn():
+                if await self._ask():
                     full = (await self.pass_once()).read >= self.config.batch
                     await self.keep_place()
             except Exception as exc:  # keep recovering: one failed pass must not end it
                 log.error("the receipts recovery pass failed: %s", type(exc).__name__)
             await asyncio.sleep(CATCH_UP_PAUSE if full else self.config.interval)
+
+    async def _ask(self) -> bool:
+        """:meth:`take_turn`; a failed ask is a failure too (a store down at the turn's write
+        fails no pass, and would otherwise go uncounted), and no longer claims the turn: its
+        lease may run out meanwhile, and on taking it again the scan goes on from the kept
+        place."""
+        try:
+            return await self.take_turn()
+        except Exception:
+            self.holding = False
+            self.events.recovery_turn(False)
+            self.events.recovery_failed()
+            raise
 
 
 def _utc(at: float) -> str:

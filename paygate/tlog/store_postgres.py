@@ -37,6 +37,7 @@ class PostgresLogStore(QueryLogStore):
         lock_rows=" FOR UPDATE",
         clock="SELECT extract(epoch FROM now()) AS t",
         advisory_lock=True,
+        returning=True,
     )
 
     def __init__(self, pool: Any) -> None:

@@ -122,8 +122,12 @@ class LogQueries:
         amounts_as_text: bool = False,
         clock: str | None = None,
         advisory_lock: bool = False,
+        returning: bool = False,
     ) -> None:
         self.mark = mark
+        # Whether an insert ignored at its conflict added a row: its RETURNING row where the
+        # dialect has one (SQLite has it only from 3.35), else the connection's changes().
+        self.returning = returning
         self.clock = clock
         self.append_lock: Query | None = (
             ("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,)) if advisory_lock else None
@@ -217,6 +221,16 @@ class LogQueries:
             "INSERT INTO tlog_receipts (leaf, amount, replica, issued_at) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (leaf, twin) DO NOTHING"
         ), (leaf, str(amount) if self.amounts_as_text else amount, replica, issued_at)
+
+    def recover_receipt(self, leaf: bytes, amount: int, replica: str, issued_at: float) -> Query:
+        """:meth:`record_receipt`, answering a row when it added one (see :attr:`added`)."""
+        text, params = self.record_receipt(leaf, amount, replica, issued_at)
+        return (text + " RETURNING seq" if self.returning else text), params
+
+    @property
+    def added(self) -> str | None:
+        """Where there is no RETURNING: how many rows the last insert added."""
+        return None if self.returning else "SELECT changes()"
 
     def open_receipts(self, limit: int) -> Query:
         """The receipts no entry covers yet, oldest first (locked where the dialect can), but a
@@ -418,7 +432,10 @@ def record_missing_plan(
     sql: LogQueries, missing: Sequence[MissingReceipt], replica: str
 ) -> Plan[int]:
     """Record the receipts whose leaf the log does not have, under the append lock (SQLite's
-    write transaction, PostgreSQL's advisory lock): two recoveries at once record each once."""
+    write transaction, PostgreSQL's advisory lock): two recoveries at once record each once.
+    Counts only the rows added: on PostgreSQL the request path's own record (not under the lock:
+    its process froze past the grace) may land between the check and the insert, which then
+    adds nothing, and that receipt was not recovered."""
     yield from _locked(sql)
     known = yield from known_leaves_plan(sql, [m.leaf for m in missing])
     recorded = 0
@@ -426,8 +443,10 @@ def record_missing_plan(
         if receipt.leaf in known:
             continue
         known.add(receipt.leaf)
-        yield sql.record_receipt(receipt.leaf, receipt.amount, replica, receipt.issued_at)
-        recorded += 1
+        rows = yield sql.recover_receipt(receipt.leaf, receipt.amount, replica, receipt.issued_at)
+        if sql.added is not None:
+            rows = yield (sql.added, ())
+        recorded += 1 if rows and rows[0][0] else 0
     return recorded
 
 

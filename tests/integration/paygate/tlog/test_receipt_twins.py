@@ -2,8 +2,9 @@
 ``tlog_receipts (leaf, twin)``), on both stores (SQLite file, PostgreSQL 15).
 
 - a second record of a leaf (a process frozen past the recovery grace) is ignored at its insert,
-  before any cut; recovery's record of a leaf the log has adds nothing;
-- a v13 log already holding twins migrates: the open twins go, the twins a published period
+  before any cut; recovery's record of a leaf the log has adds nothing, and is not counted as
+  recovered when the leaf's record lands between recovery's check and its insert;
+- a v14 log already holding twins migrates: the open twins go, the twins a published period
   counts stay (its root, count and every receipt's inclusion proof unchanged), each leaf is
   recorded once from then on, and the next period counts only what was never counted.
 """
@@ -20,6 +21,7 @@ from enclave.tlog import entries, merkle
 from paygate.tlog.open_store import open_log_store
 from paygate.tlog.service import LogConfig, TransparencyLog, receipt_facts
 from paygate.tlog.store import MissingReceipt
+from paygate.tlog.store_rules import record_missing_plan
 from paygate.x402.ledger_store import LedgerLocation, open_ledger, parse_ledger_url
 from tests.fixtures.ledger_support import BEFORE_V15
 from tests.fixtures.tlog_support import ORIGIN
@@ -108,13 +110,47 @@ async def test_a_second_record_of_a_leaf_is_ignored_at_its_insert(location):
         await tlog.close()
 
 
-async def _back_to_v13(tlog: TransparencyLog) -> None:
-    """The log as schema v13 left it: no ``twin`` column, the plain index on the leaf."""
+def _raced(sql: Any, missing: list[MissingReceipt]) -> Any:
+    """Recovery's record, with the frozen request path's record of the same leaf landing just
+    before recovery's insert (on PostgreSQL the request path does not take the append lock, so
+    it can commit between recovery's check and its insert; here in the same transaction)."""
+    plan = record_missing_plan(sql, missing, "r2")
+    request = next(plan)
+    raced = False
+    while True:
+        if not raced and isinstance(request, tuple) and "INSERT INTO tlog_receipts" in request[0]:
+            raced = True
+            first = missing[0]
+            yield sql.record_receipt(first.leaf, first.amount, "r1", first.issued_at)
+        answer = yield request
+        try:
+            request = plan.send(answer)
+        except StopIteration as done:
+            return done.value
+
+
+async def test_a_record_ignored_at_its_insert_is_not_counted_as_recovered(location):
+    """The count is what recovery's metric and its warning report: a receipt the request path
+    recorded after all is not one recovery recorded."""
+    tlog = await _opened(location)
+    try:
+        await tlog.start([b"genesis"])
+        first, second = (receipt_facts(_token(n, 500)) for n in (1, 2))
+        missing = [MissingReceipt(f.leaf, f.amount, f.issued_at) for f in (first, second)]
+        store: Any = tlog._store
+        assert await store._write(_raced(store.SQL, missing)) == 1  # the second only
+        assert [leaf for leaf, _, _ in await _rows(tlog)] == [first.leaf, second.leaf]
+    finally:
+        await tlog.close()
+
+
+async def _back_to_v14(tlog: TransparencyLog) -> None:
+    """The log as schema v14 left it: no ``twin`` column, the plain index on the leaf."""
     back = [(statement, ()) for statement in BEFORE_V15]
-    await _run(tlog, *back, ("UPDATE ledger_schema SET version = 13 WHERE id = 1", ()))
+    await _run(tlog, *back, ("UPDATE ledger_schema SET version = 14 WHERE id = 1", ()))
 
 
-async def test_a_v13_log_holding_twins_migrates_without_touching_a_published_period(
+async def test_a_v14_log_holding_twins_migrates_without_touching_a_published_period(
     location, monkeypatch
 ):
     a, b, c = (_token(n, 100 * n) for n in (1, 2, 3))
@@ -122,7 +158,7 @@ async def test_a_v13_log_holding_twins_migrates_without_touching_a_published_per
     tlog = await _opened(location)
     try:
         await tlog.start([b"genesis"])
-        await _back_to_v13(tlog)
+        await _back_to_v14(tlog)
         store: Any = tlog._store
         amount = (lambda n: str(n)) if store.SQL.amounts_as_text else (lambda n: n)
 
@@ -154,7 +190,7 @@ async def test_a_v13_log_holding_twins_migrates_without_touching_a_published_per
 
     ledger = await open_ledger(location, migrate=True, pool_size=1)
     try:
-        assert ledger.found_version == 13  # type: ignore[attr-defined]
+        assert ledger.found_version == 14  # type: ignore[attr-defined]
     finally:
         await ledger.close()
 

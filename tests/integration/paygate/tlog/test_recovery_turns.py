@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from enclave import SoftwareKey, receipts
 from paygate.server.metrics import Metrics
+from paygate.tlog.errors import LogStoreError
 from paygate.tlog.open_store import open_log_store
 from paygate.tlog.recovery import RecoveryConfig
 from paygate.tlog.service import LogConfig, TransparencyLog, receipt_facts
@@ -267,3 +268,34 @@ async def test_two_gateways_on_one_ledger_scan_it_once(tmp_path):
     assert idle["paygate_tlog_recovered_receipts_total"] == 0
     async with _log(location, "reader") as reader:
         assert await _counts(reader, tokens) == [1, 1, 1]
+
+
+async def test_a_failed_ask_for_the_turn_is_counted_and_no_longer_claims_the_turn(location):
+    """A store that fails at the turn's own write (down, locked): the recovery loop counts it
+    as a failure (what an operator alerts on) and stops saying it holds the turn, which another
+    process takes once the lease runs out."""
+    metrics = Metrics()
+    async with _log(location, "r1", events=metrics) as one:
+        await one.start([b"genesis"])
+        assert await one.recovery.take_turn()
+        assert _scraped(metrics)["paygate_tlog_recovery_holding"] == 1
+        asked = asyncio.Event()
+
+        async def fails(*args: Any, **kwargs: Any) -> Any:
+            asked.set()
+            raise LogStoreError("the log store failed: OperationalError")
+
+        store: Any = one._store
+        store.recovery_turn = fails
+        task = asyncio.create_task(one.recovery.run())
+        try:
+            await asyncio.wait_for(asked.wait(), 10)
+            await asyncio.sleep(0)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        seen = _scraped(metrics)
+        assert seen["paygate_tlog_recovery_failures_total"] == 1
+        assert seen["paygate_tlog_recovery_holding"] == 0
+        assert not one.recovery.holding
