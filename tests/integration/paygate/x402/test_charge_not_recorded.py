@@ -1,0 +1,129 @@
+"""A paid reply whose charge the ledger failed to record — the write that records it (SETTLING
+before the settle call, or verify-only's SERVED) refused once by the store (locked too long,
+disk full): the ledger is otherwise fine, and the payer is told so (503 `ledger_unavailable`,
+"send the payment again"). On real components (a gateway on SQLite, the FAKE model server,
+anvil with the SDK's facilitator); the one fault is made in the process, at the ledger's own
+``transition``, as the store would raise it.
+
+Nothing may be lost or charged for a reply withheld so: the reservation is released at once
+(not left in progress until its lease runs out and a reconciler's pass, up to
+``reconcile_interval_seconds`` later, which would refuse the retry the 503 invites), and the
+withheld reply is not marked served afterwards by the request's exit (which would charge it and
+refuse the retry as already served). The payer's retry of the same authorization is served and
+charged once."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import aiohttp
+import pytest
+
+from paygate import wire
+from paygate.server.receipts import SSE_PREFIX as SIGNED_RECEIPT_LINE
+from paygate.x402.inband import SSE_PREFIX as PAYMENT_RECEIPT_LINE
+from paygate.x402.ledger import LedgerUnavailable, PaymentState
+from paygate.x402.ledger_base import Ledger
+from tests.fixtures.chain import encode_header, sign_v2_payment
+from tests.fixtures.payment_support import (
+    CHAT,
+    CHAT_BODY,
+    PRICE_ATOMIC,
+    challenge_of,
+    paid_stack,
+    post,
+    records,
+)
+
+BATCH = "/v1/batch/chat/completions"
+BATCH_BODY = [
+    {"model": "fake-llama", "messages": [{"role": "user", "content": "hi"}], "fake": {"chunks": 2}},
+    {"model": "fake-llama", "messages": [{"role": "user", "content": "yo"}], "fake": {"chunks": 3}},
+]
+STREAM_BODY = {**CHAT_BODY, "stream": True, "fake": {"chunks": 4}}
+
+
+async def _read_cut(url: str, header: str, body: Any) -> tuple[int, bytes]:
+    """A stream's status and what arrived of it before it ended or was cut."""
+    received = bytearray()
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as client,
+        client.post(url + CHAT, json=body, headers={wire.PAYMENT_SIGNATURE: header}) as response,
+    ):
+        with contextlib.suppress(aiohttp.ClientPayloadError):
+            async for chunk in response.content.iter_any():
+                received.extend(chunk)
+        return response.status, bytes(received)
+
+
+def fail_once(monkeypatch: pytest.MonkeyPatch, into: PaymentState) -> list[str]:
+    """The next ledger move into ``into`` is refused as the store would refuse it; returns the
+    ids it was refused for."""
+    real = Ledger.transition
+    refused: list[str] = []
+
+    async def transition(self: Ledger, payment_id: str, to: PaymentState, **kw: Any) -> Any:
+        if to is into and not refused:
+            refused.append(payment_id)
+            raise LedgerUnavailable("the store refused this write (injected)")
+        return await real(self, payment_id, to, **kw)
+
+    monkeypatch.setattr(Ledger, "transition", transition)
+    return refused
+
+
+@pytest.mark.parametrize(
+    ("mode", "path", "body"),
+    [
+        ("facilitator", CHAT, CHAT_BODY),
+        ("facilitator", CHAT, STREAM_BODY),
+        ("facilitator", BATCH, BATCH_BODY),
+        ("verify-only", CHAT, CHAT_BODY),
+        ("verify-only", BATCH, BATCH_BODY),
+    ],
+    ids=["exact-buffered", "exact-streamed", "exact-batch", "verify-only", "verify-only-batch"],
+)
+async def test_a_reply_whose_charge_the_ledger_failed_to_record_is_released_and_the_retry_served(
+    facilitator, usdc, payer, seller, tmp_path, monkeypatch, mode, path, body
+):
+    ledger = tmp_path / "payments.db"
+    settings = {"seller": seller, "facilitator_url": facilitator.url, "ledger": ledger}
+    async with paid_stack(payment_mode=mode, **settings) as stack:
+        required = await challenge_of(stack, path, body)
+        offer = required["accepts"][0]
+        header = encode_header(sign_v2_payment(payer, offer, resource=required["resource"]["url"]))
+        into = PaymentState.SERVED if mode == "verify-only" else PaymentState.SETTLING
+        refused = fail_once(monkeypatch, into)
+        if body is STREAM_BODY:
+            # Its head went before its charge: the stream is cut without its end (no receipt).
+            status, raw = await _read_cut(stack.url, header, body)
+            assert refused, "the charge's write was not made"
+            assert status == 200
+            assert b"data:" in raw
+            assert PAYMENT_RECEIPT_LINE not in raw
+            assert SIGNED_RECEIPT_LINE not in raw
+        else:
+            status, headers, raw = await post(stack, header, path=path, json=body)
+            assert refused, "the charge's write was not made"
+            assert (status, headers.get(wire.ERROR_HEADER)) == (503, "ledger_unavailable"), raw
+            assert headers.get("Retry-After")
+            assert wire.RECEIPT_HEADER not in headers
+            assert wire.PAYMENT_RESPONSE not in headers
+            assert b"fake" not in raw  # the model's reply stayed here
+        (withheld,) = await records(ledger)
+        assert withheld.state is PaymentState.RELEASED  # at once: nothing charged or held
+        assert not withheld.served
+        # The retry the 503 invites: the same authorization, served now and charged once.
+        status, headers, raw = await post(stack, header, path=path, json=body)
+        assert status == 200, (headers.get(wire.ERROR_HEADER), raw)
+    (record,) = await records(ledger)
+    assert record.served
+    if mode == "verify-only":
+        assert record.state is PaymentState.SERVED
+        assert facilitator.stats.calls("settle") == 0
+        return
+    assert record.state is PaymentState.SETTLED
+    assert facilitator.stats.calls("settle") == 1
+    assert usdc.balance_of(seller) == int(offer["amount"])
+    assert int(offer["amount"]) in (PRICE_ATOMIC, 2 * PRICE_ATOMIC)
