@@ -322,12 +322,15 @@ class Replies:
         if self._receipts is None:
             return
         token, stated = await self._whole_receipt(
-            self._receipts, session, facts, body, receipt, usage, publish=True
+            self._receipts, session, facts, body, receipt, usage, publish=False
         )
         headers[wire.RECEIPT_HEADER] = sealed_header(plan, token)
         await session.keep_receipt(token, stated)
         if session.unrecorded is not None:  # SERVED, kept with it, refused (verify-only)
             raise _withheld(session)
+        # Logged only now, the reply sure to go out: a withheld reply's receipt never reaches
+        # the public log (one kept but not logged, a crash here, is recovered: paygate.tlog).
+        await self._receipts.publish(token)
 
     @staticmethod
     async def _whole_receipt(

@@ -15,11 +15,15 @@ charged once."""
 from __future__ import annotations
 
 import contextlib
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from enclave import receipts
+from enclave.tlog import merkle
 from paygate import wire
 from paygate.server.receipts import SSE_PREFIX as SIGNED_RECEIPT_LINE
 from paygate.x402.inband import SSE_PREFIX as PAYMENT_RECEIPT_LINE
@@ -34,7 +38,9 @@ from tests.fixtures.payment_support import (
     paid_stack,
     post,
     records,
+    v2_header,
 )
+from tests.fixtures.tlog_support import ORIGIN
 
 BATCH = "/v1/batch/chat/completions"
 BATCH_BODY = [
@@ -127,3 +133,32 @@ async def test_a_reply_whose_charge_the_ledger_failed_to_record_is_released_and_
     assert facilitator.stats.calls("settle") == 1
     assert usdc.balance_of(seller) == int(offer["amount"])
     assert int(offer["amount"]) in (PRICE_ATOMIC, 2 * PRICE_ATOMIC)
+
+
+def _logged_leaves(ledger: Path) -> list[bytes]:
+    """The receipt leaves the transparency log (in the ledger's database) has recorded."""
+    with contextlib.closing(sqlite3.connect(ledger, timeout=10)) as db:
+        return [bytes(row[0]) for row in db.execute("SELECT leaf FROM tlog_receipts")]
+
+
+async def test_a_withheld_replys_receipt_is_never_published_in_the_transparency_log(
+    facilitator, payer, seller, tmp_path, monkeypatch
+):
+    """Verify-only keeps a whole reply's signed receipt with its SERVED, in one write: that
+    write refused, the reply is withheld, and its receipt — signed already — must not reach
+    the public log either (it would state a charge for a reply nobody got, and a second
+    receipt for the same payment once the retry is served). The retry's receipt is logged."""
+    ledger = tmp_path / "payments.db"
+    settings = {"seller": seller, "facilitator_url": facilitator.url, "ledger": ledger}
+    logged = {"transparency_log": True, "log_origin": ORIGIN, "log_receipt_period": 3600}
+    async with paid_stack(payment_mode="verify-only", **settings, **logged) as stack:
+        header = await v2_header(stack, payer)
+        refused = fail_once(monkeypatch, PaymentState.SERVED)
+        status, headers, raw = await post(stack, header)
+        assert refused
+        assert (status, headers.get(wire.ERROR_HEADER)) == (503, "ledger_unavailable"), raw
+        assert _logged_leaves(ledger) == []
+        status, headers, raw = await post(stack, header)
+        assert status == 200, raw
+        token = headers[wire.RECEIPT_HEADER]
+        assert _logged_leaves(ledger) == [merkle.leaf_hash(receipts.signed_bytes(token))]
