@@ -31,14 +31,19 @@ from paygate.x402.ledger_base import Ledger
 log = logging.getLogger("paygate.x402")
 
 
-# The local side of a lease: a clock that never goes back and counts a stopped process's time
-# and a suspended host's sleep too (Linux's boot time), so a process stopped or asleep past its
-# lease finds it passed when it wakes; read in C (no Python frame: it runs on every hold).
-_LOCAL_CLOCK: Callable[[], float] = (
-    functools.partial(time.clock_gettime, time.CLOCK_BOOTTIME)
-    if hasattr(time, "CLOCK_BOOTTIME")
-    else time.monotonic
-)
+def boot_clock(clocks: Any = time) -> Callable[[], float] | None:
+    """The local side of a lease: a clock that never goes back and counts a stopped process's
+    time and a suspended host's sleep too (Linux's boot time), so a process stopped or asleep
+    past its lease finds it passed when it wakes; read in C (no Python frame: it runs on every
+    hold). None where there is none: a monotonic clock that stops while the host sleeps (macOS's,
+    Linux's own) would let a woken process count on a lease long gone, so then nothing is
+    counted on locally (every confirmation asks the ledger)."""
+    if not hasattr(clocks, "CLOCK_BOOTTIME"):
+        return None
+    return functools.partial(clocks.clock_gettime, clocks.CLOCK_BOOTTIME)
+
+
+_LOCAL_CLOCK = boot_clock()
 # The share of a lease this process counts on from its own clock, from when it last asked for
 # it (taken, renewed, moved under): a local time read *before* the ledger call, so never later
 # than the lease's start on the ledger's clock, however late the answer is read (a process
@@ -50,9 +55,11 @@ _TRUSTED_SHARE = 0.8
 class HeldLeases:
     """The payments this process works on right now: id → the lease epoch it holds."""
 
-    def __init__(self, ledger: Ledger, *, clock: Callable[[], float] = _LOCAL_CLOCK) -> None:
+    def __init__(self, ledger: Ledger, *, clock: Callable[[], float] | None = _LOCAL_CLOCK) -> None:
         self._ledger = ledger
-        self._clock = clock  # the local side of a lease (see :meth:`confirm`)
+        # The local side of a lease (see :meth:`confirm`); None: none to count on (boot_clock).
+        self._clock = clock if clock is not None else time.monotonic
+        self._share = _TRUSTED_SHARE if clock is not None else 0.0
         self._held: dict[str, int] = {}
         # id -> the local clock's time until which the held lease is surely still ours (a process
         # stopped past it finds it passed when it wakes: see :meth:`confirm`).
@@ -64,7 +71,7 @@ class HeldLeases:
 
     def _counted_on(self, asked: float) -> float:
         """The local time until which a lease asked for at ``asked`` is surely ours."""
-        return asked + self._ledger.lease_seconds * _TRUSTED_SHARE
+        return asked + self._ledger.lease_seconds * self._share
 
     def hold(self, record: PaymentRecord, *, asked: float | None = None) -> None:
         """Hold ``record``'s lease, counted on from ``asked`` (:meth:`now` read before the
@@ -72,7 +79,7 @@ class HeldLeases:
         self._held[record.id] = record.lease
         # (inline: every paid request takes one)
         start = self._clock() if asked is None else asked
-        self._live_until[record.id] = start + self._ledger.lease_seconds * _TRUSTED_SHARE
+        self._live_until[record.id] = start + self._ledger.lease_seconds * self._share
 
     def holds(self, record: PaymentRecord) -> bool:
         return record.id in self._held

@@ -7,9 +7,11 @@ ledger's and the process's local one, both moving through the stall."""
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
 from typing import Any
 
-from paygate.x402.leases import HeldLeases
+from paygate.x402.leases import HeldLeases, boot_clock
 from paygate.x402.ledger import LeaseLost, PaymentState
 from paygate.x402.ledger_base import Ledger
 from tests.fixtures.ledger_support import Clock, request
@@ -88,5 +90,31 @@ async def test_a_reservation_answered_late_is_held_from_when_it_was_asked(
     leases.hold(record, asked=asked)
     clock.now += 0.6 * LEASE
     local.now += 0.6 * LEASE
+    await _released_by_b(b, record.id)
+    assert await leases.confirm(record) == LeaseLost.code
+
+
+def test_a_platform_without_a_boot_time_clock_has_none_to_count_on() -> None:
+    without = SimpleNamespace(clock_gettime=time.clock_gettime, monotonic=time.monotonic)
+    assert boot_clock(without) is None
+    if hasattr(time, "CLOCK_BOOTTIME"):  # Linux: the boot time, which counts a host's sleep
+        clock = boot_clock(time)
+        assert clock is not None
+        assert clock() <= time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+async def test_without_a_boot_time_clock_every_confirmation_asks_the_ledger(
+    ledger_store: Opener,
+) -> None:
+    """No clock that counts a sleeping host's time: a lease is never counted on locally, so a
+    host woken past its lease learns it is lost however little its own (stopped) clock moved."""
+    clock = Clock()
+    a = await ledger_store(clock=clock, replica="a", lease_seconds=LEASE)
+    b = await ledger_store(clock=clock, replica="b", lease_seconds=LEASE)
+    leases = HeldLeases(a, clock=None)
+    record = await a.reserve(**request())
+    leases.hold(record, asked=leases.now())
+    assert await leases.confirm(record) is None  # asked, and still ours
+    clock.now += LEASE + 1  # the host slept; its monotonic clock did not move
     await _released_by_b(b, record.id)
     assert await leases.confirm(record) == LeaseLost.code
