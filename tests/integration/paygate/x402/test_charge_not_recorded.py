@@ -29,6 +29,12 @@ from paygate.server.receipts import SSE_PREFIX as SIGNED_RECEIPT_LINE
 from paygate.x402.inband import SSE_PREFIX as PAYMENT_RECEIPT_LINE
 from paygate.x402.ledger import LedgerUnavailable, PaymentState
 from paygate.x402.ledger_base import Ledger
+from tests.fixtures.batch_settlement_support import (
+    chain_batch,
+    claimer,
+    sdk_batch_client,
+    sdk_batch_scheme,
+)
 from tests.fixtures.chain import encode_header, sign_v2_payment
 from tests.fixtures.payment_support import (
     CHAT,
@@ -37,6 +43,7 @@ from tests.fixtures.payment_support import (
     challenge_of,
     paid_stack,
     post,
+    receipt_of,
     records,
     v2_header,
 )
@@ -162,3 +169,43 @@ async def test_a_withheld_replys_receipt_is_never_published_in_the_transparency_
         assert status == 200, raw
         token = headers[wire.RECEIPT_HEADER]
         assert _logged_leaves(ledger) == [merkle.leaf_hash(receipts.signed_bytes(token))]
+
+
+async def test_a_vouchers_charge_the_ledger_failed_to_record_gives_its_channel_back_at_once(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    """batch-settlement (chain mode, the SDK's client): the channel's charge and its SETTLING
+    both refused once by the store. The reply is withheld (503 `ledger_unavailable`), the
+    voucher is not charged, and the hold its reservation took on the channel is given back
+    with the release — not left until the reconciler's next pass — so the payer's next
+    request on the channel is served at once, and the channel is charged for it alone."""
+    ledger = tmp_path / "payments.db"
+    scheme = sdk_batch_scheme(payer, deposit=10 * PRICE_ATOMIC)
+    async with (
+        sdk_batch_client(scheme) as client,
+        chain_batch(seller, ledger, anvil, gas_key) as stack,
+    ):
+        first = await client.post(stack.url + CHAT, json=CHAT_BODY)
+        assert first.status_code == 200, first.text
+        channel_id = receipt_of(first.headers)["extra"]["channelState"]["channelId"]
+        charge = fail_once(monkeypatch, PaymentState.SETTLED)
+        usual = fail_once(monkeypatch, PaymentState.SETTLING)
+        withheld = await client.post(stack.url + CHAT, json=CHAT_BODY)
+        assert charge, "the channel's charge was not refused"
+        assert usual, "the usual SETTLING was not refused"
+        assert (withheld.status_code, withheld.headers.get(wire.ERROR_HEADER)) == (
+            503,
+            "ledger_unavailable",
+        ), withheld.text
+        assert wire.PAYMENT_RESPONSE not in withheld.headers
+        assert wire.RECEIPT_HEADER not in withheld.headers
+        again = await client.post(stack.url + CHAT, json=CHAT_BODY)
+        assert again.status_code == 200, (again.headers, again.text)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            channel = await channels.store.get(channel_id)
+    assert channel is not None
+    assert (channel.pending_owner, channel.charged) == (None, 2 * PRICE_ATOMIC)
+    found = await records(ledger)
+    states = [r.state for r in found]
+    assert states.count(PaymentState.SETTLED) == 2  # the first request's, and the retry's
+    assert set(states) <= {PaymentState.SETTLED, PaymentState.RELEASED}
