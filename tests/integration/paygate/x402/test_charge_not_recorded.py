@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import pytest
 
 from enclave import receipts
 from enclave.tlog import merkle
 from paygate import wire
+from paygate.client import AsyncPaygateTransport, SpendPolicy
 from paygate.server.receipts import SSE_PREFIX as SIGNED_RECEIPT_LINE
 from paygate.x402.inband import SSE_PREFIX as PAYMENT_RECEIPT_LINE
 from paygate.x402.ledger import LedgerUnavailable, PaymentState
@@ -209,3 +211,34 @@ async def test_a_vouchers_charge_the_ledger_failed_to_record_gives_its_channel_b
     states = [r.state for r in found]
     assert states.count(PaymentState.SETTLED) == 2  # the first request's, and the retry's
     assert set(states) <= {PaymentState.SETTLED, PaymentState.RELEASED}
+
+
+@pytest.mark.parametrize("envelope", ["v1", "v2"])
+async def test_a_sealed_whole_reply_whose_charge_was_not_recorded_is_refused_in_the_clear(
+    facilitator, usdc, payer, seller, tmp_path, monkeypatch, envelope
+):
+    """paygate's own client, sealed (v1; v2 with a whole reply): the refusal comes in the
+    clear with its code and nothing sealed; the app's retry (the client pays anew) is served and
+    charged once, the withheld payment released."""
+    ledger = tmp_path / "payments.db"
+    settings = {"seller": seller, "facilitator_url": facilitator.url, "ledger": ledger}
+    spend = SpendPolicy(max_per_request="0.01", max_total="1", networks=["base-sepolia"])
+    async with paid_stack(**settings) as stack:
+        transport = AsyncPaygateTransport(envelope=envelope, wallet=payer, spend=spend)
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+            refused = fail_once(monkeypatch, PaymentState.SETTLING)
+            withheld = await http.post(stack.url + CHAT, json=CHAT_BODY)
+            assert refused
+            assert (withheld.status_code, withheld.headers.get(wire.ERROR_HEADER)) == (
+                503,
+                "ledger_unavailable",
+            )
+            assert not wire.is_sealed(withheld.headers.get("content-type"))
+            assert wire.RECEIPT_HEADER not in withheld.headers
+            assert wire.PAYMENT_RESPONSE not in withheld.headers
+            served = await http.post(stack.url + CHAT, json=CHAT_BODY)
+            assert served.status_code == 200, served.text
+    states = sorted(r.state.value for r in await records(ledger))
+    assert states == ["released", "settled"]
+    assert facilitator.stats.calls("settle") == 1
+    assert usdc.balance_of(seller) == PRICE_ATOMIC
