@@ -287,7 +287,7 @@ class Replies:
         session.status = 200 if succeeded else 502
         receipt = await session.items_ended(items)
         if session.unrecorded is not None:  # nothing records the charge: not sent
-            raise charge_not_recorded(session.unrecorded)
+            raise _withheld(session)
         sealed = not isinstance(plan, PlainReply)
         if receipt is not None and receipt.withhold:
             return settlement_failed_response(receipt, ticket.route, sealed=sealed)
@@ -322,12 +322,15 @@ class Replies:
         if self._receipts is None:
             return
         token, stated = await self._whole_receipt(
-            self._receipts, session, facts, body, receipt, usage, publish=True
+            self._receipts, session, facts, body, receipt, usage, publish=False
         )
         headers[wire.RECEIPT_HEADER] = sealed_header(plan, token)
         await session.keep_receipt(token, stated)
         if session.unrecorded is not None:  # SERVED, kept with it, refused (verify-only)
-            raise charge_not_recorded(session.unrecorded)
+            raise _withheld(session)
+        # Logged only now, the reply sure to go out: a withheld reply's receipt never reaches
+        # the public log (one kept but not logged, a crash here, is recovered: paygate.tlog).
+        await self._receipts.publish(token)
 
     @staticmethod
     async def _whole_receipt(
@@ -398,7 +401,7 @@ class Replies:
             # The charge's fenced write was refused (this process stalled past its lease,
             # another replica took the payment) or not made: the reply stays here, and no
             # receipt claims a charge the ledger never recorded.
-            raise charge_not_recorded(session.unrecorded)
+            raise _withheld(session)
         sealed = not isinstance(plan, PlainReply)
         if receipt is not None and receipt.withhold:
             # Refused for good after serving (e.g. the payer emptied the wallet since verify,
@@ -476,8 +479,7 @@ class Replies:
         if inband and await session.confirm_lease() is not None:
             # Its charge is recorded after the reply has left: not sent by a process whose
             # lease on the payment is gone (stalled past it), which could never charge it.
-            session.status = 0
-            raise charge_not_recorded(session.unrecorded or "")
+            raise _withheld(session)
         if session.paid:
             # An upfront settlement's receipt is known now; otherwise it comes in-band.
             headers.update(receipt_headers(known, sealed=isinstance(plan, V2Reply)))
@@ -522,7 +524,7 @@ class Replies:
             if session.unrecorded is not None:
                 # Stalled past its lease mid-stream: the charge was not recorded, so the end
                 # (the receipts, a v2 final frame) never goes: the caller sees it cut.
-                raise charge_not_recorded(session.unrecorded)
+                raise _withheld(session)
             tail = await chain.finish(StreamEnd(receipt=receipt, error=error))
             if tail:
                 await response.write(tail)
@@ -611,6 +613,14 @@ async def _pump(
             if first:
                 first = False
                 on_first()
+
+
+def _withheld(session: PaymentSession) -> GatewayError:
+    """The error that withholds a reply whose charge was not recorded. The reply counts as not
+    made (status 0): the request's exit releases what is left rather than mark it served,
+    which would charge a reply nobody got (verify-only's SERVED) and refuse its retry."""
+    session.status = 0
+    return charge_not_recorded(session.unrecorded or "")
 
 
 def _payment(session: PaymentSession, receipt: Receipt | None) -> dict[str, object] | None:

@@ -31,39 +31,55 @@ from paygate.x402.ledger_base import Ledger
 log = logging.getLogger("paygate.x402")
 
 
-# The local side of a lease: a clock that never goes back and counts a stopped process's time
-# and a suspended host's sleep too (Linux's boot time), so a process stopped or asleep past its
-# lease finds it passed when it wakes; read in C (no Python frame: it runs on every hold).
-_LOCAL_CLOCK: Callable[[], float] = (
-    functools.partial(time.clock_gettime, time.CLOCK_BOOTTIME)
-    if hasattr(time, "CLOCK_BOOTTIME")
-    else time.monotonic
-)
-# The share of a lease this process counts on from its own clock, from when it last took or
-# renewed it (a local time taken after the ledger's answer, so later than the lease's
-# start): the rest covers that call's own time and the clocks' drift.
+def boot_clock(clocks: Any = time) -> Callable[[], float] | None:
+    """The local side of a lease: a clock that never goes back and counts a stopped process's
+    time and a suspended host's sleep too (Linux's boot time), so a process stopped or asleep
+    past its lease finds it passed when it wakes; read in C (no Python frame: it runs on every
+    hold). None where there is none: a monotonic clock that stops while the host sleeps (macOS's,
+    Linux's own) would let a woken process count on a lease long gone, so then nothing is
+    counted on locally (every confirmation asks the ledger)."""
+    if not hasattr(clocks, "CLOCK_BOOTTIME"):
+        return None
+    return functools.partial(clocks.clock_gettime, clocks.CLOCK_BOOTTIME)
+
+
+_LOCAL_CLOCK = boot_clock()
+# The share of a lease this process counts on from its own clock, from when it last asked for
+# it (taken, renewed, moved under): a local time read *before* the ledger call, so never later
+# than the lease's start on the ledger's clock, however late the answer is read (a process
+# stopped between the ledger's write and its answer wakes with a lease begun long before).
+# The rest covers the clocks' drift.
 _TRUSTED_SHARE = 0.8
 
 
 class HeldLeases:
     """The payments this process works on right now: id → the lease epoch it holds."""
 
-    def __init__(self, ledger: Ledger, *, clock: Callable[[], float] = _LOCAL_CLOCK) -> None:
+    def __init__(self, ledger: Ledger, *, clock: Callable[[], float] | None = _LOCAL_CLOCK) -> None:
         self._ledger = ledger
-        self._clock = clock  # the local side of a lease (see :meth:`confirm`)
+        # The local side of a lease (see :meth:`confirm`); None: none to count on (boot_clock).
+        self._clock = clock if clock is not None else time.monotonic
+        self._share = _TRUSTED_SHARE if clock is not None else 0.0
         self._held: dict[str, int] = {}
         # id -> the local clock's time until which the held lease is surely still ours (a process
         # stopped past it finds it passed when it wakes: see :meth:`confirm`).
         self._live_until: dict[str, float] = {}
 
-    def _counted_on(self) -> float:
-        """The local time until which a lease taken or renewed just now is surely ours."""
-        return self._clock() + self._ledger.lease_seconds * _TRUSTED_SHARE
+    def now(self) -> float:
+        """The local time, read before asking the ledger for a lease (see :meth:`hold`)."""
+        return self._clock()
 
-    def hold(self, record: PaymentRecord) -> None:
+    def _counted_on(self, asked: float) -> float:
+        """The local time until which a lease asked for at ``asked`` is surely ours."""
+        return asked + self._ledger.lease_seconds * self._share
+
+    def hold(self, record: PaymentRecord, *, asked: float | None = None) -> None:
+        """Hold ``record``'s lease, counted on from ``asked`` (:meth:`now` read before the
+        ledger call that took it; else now, for a hold no reply relies on)."""
         self._held[record.id] = record.lease
         # (inline: every paid request takes one)
-        self._live_until[record.id] = self._clock() + self._ledger.lease_seconds * _TRUSTED_SHARE
+        start = self._clock() if asked is None else asked
+        self._live_until[record.id] = start + self._ledger.lease_seconds * self._share
 
     def holds(self, record: PaymentRecord) -> bool:
         return record.id in self._held
@@ -78,6 +94,7 @@ class HeldLeases:
         :meth:`Ledger.transition` but ``lease``); ends the hold when the payment ends, when the
         lease turns out lost, or with ``let_go`` (given up in the same transaction: nothing
         more happens to it here)."""
+        asked = self._clock()
         try:
             moved = await self._ledger.transition(record.id, to, lease=record.lease, **change)
         except LeaseLost:
@@ -89,7 +106,7 @@ class HeldLeases:
         if change.get("let_go") or not TRANSITIONS[moved.state]:
             self.drop(moved.id)
         elif moved.id in self._held:  # a fenced move into a live state renewed the lease
-            self._live_until[moved.id] = self._counted_on()
+            self._live_until[moved.id] = self._counted_on(asked)
         return moved
 
     async def confirm(self, record: PaymentRecord) -> str | None:
@@ -186,9 +203,10 @@ class HeldLeases:
 
     async def renew(self, record: PaymentRecord) -> PaymentRecord:
         """Re-check (and extend) the lease held on ``record`` right before acting on it."""
+        asked = self._clock()
         renewed = await self._ledger.renew(record.id, record.lease)
         if record.id in self._held:
-            self._live_until[record.id] = self._counted_on()
+            self._live_until[record.id] = self._counted_on(asked)
         return renewed
 
     async def renew_all(self) -> int:
@@ -196,11 +214,12 @@ class HeldLeases:
         fail anyway). Returns how many were renewed."""
         renewed = 0
         for payment_id, lease in list(self._held.items()):
+            asked = self._clock()
             try:
                 await self._ledger.renew(payment_id, lease)
                 renewed += 1
                 if payment_id in self._held:
-                    self._live_until[payment_id] = self._counted_on()
+                    self._live_until[payment_id] = self._counted_on(asked)
             except LeaseLost:
                 log.warning("payment %s: lease lost to another replica; leaving it", payment_id)
                 self.drop(payment_id)

@@ -367,6 +367,7 @@ class PaymentProcessor:
                 return verdict.refusal
             budgets = verdict.budgets
         requirements = scheme.requirements(payment, offer, resource)
+        asked = self._leases.now()  # the lease is counted on from here (HeldLeases.hold)
         try:
             record = await self._reserve(
                 payment, offer, authorized, requirements, route, key, model=model, budgets=budgets
@@ -392,7 +393,7 @@ class PaymentProcessor:
             return self._refusals.ledger_unavailable()
         except ValueError as exc:  # the ledger's own input checks; the models passed it
             return self._refusals.challenge(400, "invalid_payment", str(exc), offers, resource)
-        self._leases.hold(record)
+        self._leases.hold(record, asked=asked)
         admission = PaymentAdmission(
             price=price,
             record=record,

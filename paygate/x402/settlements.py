@@ -175,6 +175,12 @@ class Settlements:
     async def release(self, record: PaymentRecord, write: SchemeWrite | None = None) -> None:
         await self.leases.release(record, write)
 
+    async def _give_back(self, admission: PaymentAdmission, record: PaymentRecord) -> None:
+        """RELEASED, with the scheme's hold (a channel's) given back in the same transaction."""
+        assert admission.payment is not None
+        write = admission.scheme.release_write(admission.payment, admission.requirements)
+        await self.leases.release(record, write)
+
     async def _settle_after(self, admission: PaymentAdmission) -> Receipt | None:
         record = admission.record
         assert record is not None
@@ -228,6 +234,12 @@ class Settlements:
             # Nothing records the charge: no reply may claim it (it is withheld).
             lost = isinstance(exc, LeaseLost)
             admission.unrecorded = LeaseLost.code if lost else LedgerUnavailable.code
+            if via and not lost:
+                # The reply's charge, not made (another replica released it when lost): released
+                # now with what the scheme took, so the retry the withheld reply invites is
+                # served, not refused in progress until the lease runs out. (A COMMIT whose
+                # answer was lost left it SETTLING: the release's compare-and-set refuses it.)
+                await self._give_back(admission, record)
             return None
         admission.record = record
         started = time.monotonic()
