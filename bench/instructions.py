@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -97,13 +98,19 @@ def measure(
     keep: Path | None = None,
 ) -> float:
     """Thousands of instructions per request of ``target`` (aiohttp-70 or paygate)."""
-    with tempfile.TemporaryDirectory(prefix="paygate-instructions-") as name:
+    with (
+        tempfile.TemporaryDirectory(prefix="paygate-instructions-") as name,
+        contextlib.ExitStack() as started,  # each component stopped, whatever fails first
+    ):
         tmp = Path(name)
         upstream_port, port = compare._port(), compare._port()
         anvil = compare._anvil(tmp) if paid_batch else None
+        if anvil is not None:
+            started.callback(anvil.stop)
         upstream = compare._spawn(
             [compare.PY, "-m", "bench.fast_upstream", "--port", str(upstream_port)], cpu=None
         )
+        started.callback(compare._stop, [upstream])
         grind = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
         grind.append(f"--callgrind-out-file={tmp}/callgrind.out")
         if target == "aiohttp-70":
@@ -181,9 +188,7 @@ def measure(
                         total += int(line.split()[1])
             return total / requests / 1000
         finally:
-            compare._stop([proxy, upstream])
-            if anvil is not None:
-                anvil.stop()
+            compare._stop([proxy])
 
 
 def main() -> int:
@@ -203,6 +208,10 @@ def main() -> int:
     parser.add_argument("--tree", type=Path, help="paygate from this source tree")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for paygate")
     args = parser.parse_args()
+    if (args.paid or args.paid_batch) and args.target != "paygate":
+        parser.error("--paid and --paid-batch measure paygate")
+    if args.paid and args.paid_batch:
+        parser.error("--paid or --paid-batch, not both")
     env = dict(item.split("=", 1) for item in args.env)
     k = measure(
         args.target,

@@ -494,12 +494,17 @@ class ChannelStore:
         """One transaction: the voucher's record (once), the channel's charge (compare-and-set
         on ``current``'s version) and the voucher marked charged when the channel's last
         committed voucher is now this one — true only after its charge (this one, or another
-        replica's commit of the same voucher): a lost compare-and-set leaves it unmarked."""
+        replica's commit of the same voucher): a lost compare-and-set leaves it unmarked.
+
+        A record already there is locked by its (no-op) update, as :meth:`charge`'s write
+        locks it: both take the voucher's row before the channel's, so a commit and a charge of
+        the same voucher on two replicas wait for each other, never deadlock (PostgreSQL)."""
         return [
             (
                 "INSERT INTO bs_vouchers (channel_id, max_claimable, signature, payment_id,"
                 " charge, created_at, charged) VALUES (?, ?, ?, ?, ?, ?, 0)"
-                " ON CONFLICT (channel_id, max_claimable) DO NOTHING",
+                " ON CONFLICT (channel_id, max_claimable)"
+                " DO UPDATE SET charged = bs_vouchers.charged",
                 (
                     current.channel_id,
                     str(max_claimable),

@@ -384,6 +384,47 @@ async def test_a_charge_made_with_settled_marks_its_voucher_in_two_statements(le
     assert (again, channel.charged) == (0, 1_000)
 
 
+async def test_a_charge_with_settled_not_made_leaves_a_recorded_voucher_unmarked(ledger_store):
+    """The request's charge writes its voucher's record marked before its compare-and-set:
+    the channel changed since its take (the compare-and-set finds no row), an unmarked record
+    already there (an earlier attempt's) must stay unmarked — the mark rolled back with the
+    rest — or a commit would take the voucher as charged and its payment SETTLED with nothing
+    in the channel. Committed again, it is charged, once."""
+    clock = Clock()
+    ledger = await ledger_store(replica="a")
+    other = ChannelStore(await ledger_store(replica="b"), clock=clock, pending_seconds=30.0)
+    store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    record = await ledger.reserve(**request(1, nonce=nonce(1)))
+    took = await store.take(CHANNEL, "v1")
+    await ledger.scheme_sql(
+        "INSERT INTO bs_vouchers (channel_id, max_claimable, signature, payment_id, charge,"
+        " created_at, charged) VALUES (?, '1000', ?, ?, '1000', 1.0, 0)",
+        (CHANNEL, SIG, nonce(1)),
+    )
+    voucher = {"max_claimable": 1_000, "signature": SIG, "payment_id": nonce(1)}
+    write = store.charge(took, "v1", charge=1_000, **voucher)
+    assert write is not None
+    await other.claimed(CHANNEL, 0)  # another replica changed the channel since the take
+    with pytest.raises(WriteNotMade):
+        await ledger.transition(
+            record.id,
+            S.SETTLED,
+            via=(S.VERIFIED, S.SERVED, S.SETTLING),
+            lease=record.lease,
+            settled_amount=1_000,
+            write=write,
+        )
+    assert await ledger.get(record.id) == record
+    _, rows = await ledger.scheme_sql("SELECT charged FROM bs_vouchers", ())
+    assert [int(r[0]) for r in rows] == [0]
+    assert (await store.get(CHANNEL)).charged == 0
+    channel, now = await store.commit(CHANNEL, "v1", charge=1_000, **voucher)
+    assert (now, channel.charged) == (1_000, 1_000)
+    _, again = await store.commit(CHANNEL, "v1", charge=1_000, **voucher)
+    assert again == 0
+
+
 async def test_a_channel_taken_with_the_reservation_goes_with_it_or_not_at_all(ledger_store):
     """A voucher's channel is taken in the transaction of its payment's reservation: a
     reservation refused (a replay) takes nothing; a channel held by another request is not
@@ -541,6 +582,56 @@ async def test_a_charge_made_with_settled_racing_another_replicas_commit_is_made
             assert by_other == 0
         channel = await store.get(CHANNEL)
         assert (channel.charged, channel.signed_max) == (1_000 * n, 1_000 * n)
+
+
+async def test_a_charge_with_settled_and_a_commit_of_its_recorded_voucher_never_deadlock(pg_url):
+    """PostgreSQL, replicas at once, a voucher already recorded unmarked (an earlier attempt
+    whose compare-and-set lost): another replica's commit of it is running — its record
+    written, the channel charged, not yet marked nor committed — when the request's charge
+    (with SETTLED) comes. Both take the voucher's row before the channel's, so the charge
+    waits for the commit and finds it made (not made itself: nothing recorded), never a
+    deadlock that aborts one of them; the channel is charged once, the voucher marked."""
+    clock = Clock()
+    ledger = await open_ledger(parse_ledger_url(pg_url), replica="a")
+    try:
+        store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+        await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+        via = (S.VERIFIED, S.SERVED, S.SETTLING)
+        record = await ledger.reserve(**request(1, nonce=nonce(1)))
+        took = await store.take(CHANNEL, "v1")
+        await ledger.scheme_sql(
+            "INSERT INTO bs_vouchers (channel_id, max_claimable, signature, payment_id, charge,"
+            " created_at, charged) VALUES (?, '1000', ?, ?, '1000', 1.0, 0)",
+            (CHANNEL, SIG, nonce(1)),
+        )
+        voucher = {"max_claimable": 1_000, "signature": SIG, "payment_id": nonce(1)}
+        write = store.charge(took, "v1", charge=1_000, **voucher)
+        assert write is not None
+        record_it, charge_it, mark_it = store._charged(took, 1_000, **voucher)
+        async with await psycopg.AsyncConnection.connect(pg_url) as committing:
+            for sql, params in (record_it, charge_it):
+                await committing.execute(sql.replace("?", "%s"), params)
+            settle = asyncio.ensure_future(
+                ledger.transition(
+                    record.id, S.SETTLED, via=via, lease=record.lease, settled_amount=1_000,
+                    write=write,
+                )
+            )  # fmt: skip
+            await asyncio.wait({settle}, timeout=1.0)  # it comes while the commit runs
+            sql, params = mark_it
+            await committing.execute(sql.replace("?", "%s"), params)
+            await committing.commit()
+        with pytest.raises(WriteNotMade):
+            await asyncio.wait_for(settle, timeout=30)
+        assert await ledger.get(record.id) == record
+        channel = await store.get(CHANNEL)
+        assert (channel.charged, channel.signed_max) == (1_000, 1_000)
+        _, rows = await ledger.scheme_sql("SELECT charged FROM bs_vouchers", ())
+        assert [int(r[0]) for r in rows] == [1]
+        _, again = await store.commit(CHANNEL, "v1", charge=1_000, **voucher)
+        assert again == 0
+    finally:
+        await ledger.close()
 
 
 async def test_deposits_mirrored_by_two_replicas_at_once_keep_the_largest_reading(ledger_store):
