@@ -205,8 +205,8 @@ class ChannelStore:
         *,
         balance: int,
         total_claimed: int,
+        block: int,
         exact: bool = False,
-        block: int = 0,
     ) -> Channel:
         """Mirror the channel's on-chain state after a proven deposit (a new channel starts
         charged at what was claimed before: the spec's baseline after state loss), as read
@@ -221,7 +221,9 @@ class ChannelStore:
         amount only ever rises (the larger of the row's and this reading), so readings
         applied in any order agree — but with ``exact`` the balance is this reading's (read
         while the deposit held the channel: no refund between, so it is the contract's, lower
-        too after an unmirrored withdrawal). Claims are never lowered."""
+        too after an unmirrored withdrawal). Claims are never lowered. ``block`` is required:
+        0 is taken for the oldest reading of all (rows from before ledger v14), so a caller
+        that forgot it would have its balance ignored once the row holds a stamped one."""
         of_block = "excluded.balance" if exact else _larger("balance")
         newer = "excluded.read_block > bs_channels.read_block"
         _, rows = await self._sql(
@@ -546,13 +548,14 @@ class ChannelStore:
         )
 
     async def refunded(
-        self, channel_id: str, balance: int, total_claimed: int, *, block: int = 0
+        self, channel_id: str, balance: int, total_claimed: int, *, block: int
     ) -> None:
         """A chain reading of the channel (after a proven refund, or the claim loop's: a
         withdrawal), read at ``block``: its balance, unless the row's was read at a later
         block (in chain order: an older reading never undoes a newer one), and its claims
         (never lowered). One statement, never a compare-and-set that could give up: a
-        balance left above the contract's would take vouchers no claim can pay."""
+        balance left above the contract's would take vouchers no claim can pay (so ``block``
+        is required, as for :meth:`deposited`: a forgotten one would be ignored)."""
         claimed = str(total_claimed)
         await self._sql(
             "UPDATE bs_channels SET balance = CASE WHEN CAST(? AS BIGINT) >= read_block"  # noqa: S608 - constant
