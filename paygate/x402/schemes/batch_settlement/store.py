@@ -556,19 +556,33 @@ class ChannelStore:
         (never lowered). One statement, never a compare-and-set that could give up: a
         balance left above the contract's would take vouchers no claim can pay (so ``block``
         is required, as for :meth:`deposited`: a forgotten one would be ignored)."""
-        claimed = str(total_claimed)
+        claimed, amount = str(total_claimed), str(balance)
+        # The version (every compare-and-set's) moves only when the balance or the claims do:
+        # the claim loop writes each owed channel's reading every pass, mostly agreeing with
+        # the row and only its block newer — a request's charge in flight on that channel
+        # must not lose its compare-and-set to it (and fall back to the slower commit).
+        moved = (
+            "(CAST(? AS BIGINT) >= read_block AND balance <> CAST(? AS TEXT))"
+            f" OR {_above('CAST(? AS TEXT)', 'bs_channels.total_claimed')}"
+        )
         await self._sql(
             "UPDATE bs_channels SET balance = CASE WHEN CAST(? AS BIGINT) >= read_block"  # noqa: S608 - constant
             " THEN CAST(? AS TEXT) ELSE balance END, read_block = CASE WHEN"
             " CAST(? AS BIGINT) > read_block THEN CAST(? AS BIGINT) ELSE read_block END,"
             f" total_claimed = {_larger('total_claimed', '?')},"
-            " version = version + 1, updated_at = ? WHERE channel_id = ?",
+            f" version = version + CASE WHEN {moved} THEN 1 ELSE 0 END,"
+            " updated_at = ? WHERE channel_id = ?",
             (
                 block,
-                str(balance),
+                amount,
                 block,
                 block,
                 claimed,
+                claimed,
+                claimed,
+                claimed,
+                block,
+                amount,
                 claimed,
                 claimed,
                 claimed,

@@ -352,6 +352,40 @@ async def test_a_charge_made_with_settled_is_all_or_nothing(ledger_store):
     )
 
 
+async def test_a_chain_reading_that_only_agrees_leaves_a_charge_in_flight_its_compare_and_set(
+    ledger_store,
+):
+    """The claim loop writes each owed channel's chain reading every pass (its block, so that
+    an older reading never undoes it), mostly agreeing with the row: a request's charge in
+    flight on that channel, written from the channel as it took it, is still made with its
+    SETTLED record (not rolled back to the slower commit every pass). A reading that moves the
+    balance or the claims does change the channel under it."""
+    clock = Clock()
+    ledger = await ledger_store(replica="a")
+    claimer = ChannelStore(await ledger_store(replica="b"), clock=clock, pending_seconds=30.0)
+    store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+    await store.deposited(
+        CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=10
+    )
+    via = (S.VERIFIED, S.SERVED, S.SETTLING)
+    record = await ledger.reserve(**request(1, nonce=nonce(1)))
+    taken = await store.take(CHANNEL, "v1")
+    for block in (11, 12, 12, 5):  # newer, the same again, an older one: all agree
+        await claimer.refunded(CHANNEL, 10_000, 0, block=block)
+    write = store.charge(
+        taken, "v1", max_claimable=1_000, signature=SIG, charge=1_000, payment_id=nonce(1)
+    )
+    settled = await ledger.transition(
+        record.id, S.SETTLED, via=via, lease=record.lease, settled_amount=1_000, write=write
+    )
+    assert (settled.state, charged(write).charged) == (S.SETTLED, 1_000)
+    for balance, claims, block in ((9_000, 0, 20), (9_000, 500, 21)):  # the balance; claims
+        taken = await store.take(CHANNEL, "v2")
+        await claimer.refunded(CHANNEL, balance, claims, block=block)
+        assert (await store.get(CHANNEL)).version != taken.version
+        await store.release(CHANNEL, "v2")
+
+
 async def test_a_channel_taken_with_the_reservation_goes_with_it_or_not_at_all(ledger_store):
     """A voucher's channel is taken in the transaction of its payment's reservation: a
     reservation refused (a replay) takes nothing; a channel held by another request is not
