@@ -74,8 +74,9 @@ SETTLEMENT_ABI: list[dict[str, Any]] = [
     ),
     abi_function("refundNonce", members("bytes32 channelId"), ["uint256"], mutability="view"),
 ]
-# keccak256 of the contract's Settled event, as a log topic (hex without 0x).
+# keccak256 of the contract's Settled and Refunded events, as log topics (hex without 0x).
 _SETTLED = keccak(text="Settled(address,address,address,uint128)").hex()
+_REFUNDED = keccak(text="Refunded(bytes32,address,uint128)").hex()
 # A channel reading's tries at a block the answering node lacks (a load-balanced RPC's node
 # behind the one that named the block), and the pause before asking one block again.
 _READ_TRIES = 4
@@ -319,7 +320,6 @@ class BatchChain:
         transaction: (its hash, the channel after it, what came back to the payer)."""
         chain_id = await self.chain_id()
         channel_id, amount = refund.channel_id, refund.amount
-        before = await self.state(channel_id)
         nonce = await self.refund_nonce(channel_id)
         signature = ch.sign_refund(self._signer, channel_id, nonce, amount, chain_id)
         data = self._contract.encode_abi(
@@ -337,7 +337,7 @@ class BatchChain:
         if receipt["status"] != 1:
             raise ValueError("invalid_batch_settlement_evm_refund_transaction_failed")
         after = await self.state(channel_id, since=int(receipt["blockNumber"]))
-        return tx_hash, after, before.balance - after.balance
+        return tx_hash, after, refunded_in(receipt, channel_id)
 
     async def refund_nonce(self, channel_id: str) -> int:
         raw = bytes.fromhex(channel_id[2:])
@@ -359,6 +359,24 @@ class BatchChain:
 
     async def receipt(self, tx_hash: str) -> Any:
         return await self._reader.mined(tx_hash, self._settle_timeout)
+
+
+def refunded_in(receipt: Any, channel_id: str) -> int:
+    """What the receipt's ``Refunded`` events of the channel returned to the payer (0: none,
+    a refund that moved nothing). The transaction's own word: two balance readings around it
+    could be made at blocks another move sits between (a top-up; a node behind naming one)."""
+    contract = to_checksum_address(ch.SETTLEMENT_ADDRESS)
+    returned = 0
+    for log_ in receipt["logs"]:
+        topics = [evm.hex_of(t) for t in log_["topics"]]
+        if (
+            to_checksum_address(log_["address"]) == contract
+            and len(topics) == 3
+            and topics[0] == _REFUNDED
+            and topics[1] == channel_id[2:].lower()
+        ):
+            returned += evm.int_of(log_["data"])
+    return returned
 
 
 def _read_at(read: Callable[..., Any], block: int) -> Any:

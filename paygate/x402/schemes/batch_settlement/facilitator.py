@@ -28,6 +28,7 @@ from paygate.x402.schemes.batch_settlement.chain import (
     Refund,
     claimed_on_chain,
     not_bound,
+    refunded_in,
     sweeps,
 )
 from paygate.x402.schemes.batch_settlement.channel import NAME
@@ -143,7 +144,6 @@ class BatchFacilitator:
         return await claimed_on_chain(self, entries, since=int(receipt["blockNumber"]))
 
     async def refund(self, refund: Refund) -> tuple[str, OnChain, int]:
-        before = await self.state(refund.channel_id)
         payload = {
             "type": "refund",
             "channelConfig": refund.config.wire(),
@@ -161,7 +161,7 @@ class BatchFacilitator:
         if receipt["status"] != 1:
             raise ValueError("invalid_batch_settlement_evm_refund_transaction_failed")
         after = await self.state(refund.channel_id, since=int(receipt["blockNumber"]))
-        return answer.transaction, after, before.balance - after.balance
+        return answer.transaction, after, refunded_in(receipt, refund.channel_id)
 
 
 class BatchSettlementFacilitator:

@@ -68,6 +68,7 @@ class Channel:
     pending_owner: str | None
     pending_until: float | None
     version: int
+    read_block: int = 0  # the chain block its balance was read at (0: none known, pre-v14)
 
     @property
     def unclaimed(self) -> int:
@@ -76,7 +77,7 @@ class Channel:
 
 _COLUMNS = (
     "channel_id, network, payer, config, balance, total_claimed, charged, signed_max, signature,"
-    " pending_owner, pending_until, version"
+    " pending_owner, pending_until, version, read_block"
 )
 
 
@@ -101,6 +102,7 @@ def _channel(row: tuple[Any, ...]) -> Channel:
         pending_owner=row[9],
         pending_until=None if row[10] is None else float(row[10]),
         version=int(row[11]),
+        read_block=int(row[12]),
     )
 
 

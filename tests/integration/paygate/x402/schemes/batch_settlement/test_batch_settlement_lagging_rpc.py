@@ -15,6 +15,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -33,7 +34,7 @@ from tests.fixtures.batch_settlement_support import (
     chain_batch,
     header_for,
 )
-from tests.fixtures.payment_support import PRICE_ATOMIC, challenge_of, post
+from tests.fixtures.payment_support import PRICE_ATOMIC, challenge_of, post, receipt_of
 
 DEPOSIT = 10 * PRICE_ATOMIC
 
@@ -171,3 +172,36 @@ async def test_a_reading_served_by_a_node_behind_the_one_naming_the_block_is_mad
             deposit.channel_id
         )
     ).balance == DEPOSIT
+
+
+async def test_a_refund_through_a_node_behind_returns_the_whole_rest_and_says_what_it_returned(
+    anvil, usdc, payer, seller, tmp_path, gas_key
+):
+    """A channel opened and topped up; then the gateway's RPC is a balancer whose newest
+    block is named by a node behind, from before the top-up. A refund of the rest is checked
+    on chain no older than the ledger's own reading (with the top-up), so the whole rest comes
+    back — not the rest before the top-up — and the receipt states what the transaction
+    returned (its Refunded event), not the difference of two readings at blocks the top-up
+    sits between."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required = await challenge_of(stack)
+        offer = batch_offer(required)
+        channel = PayerChannel.open(payer, offer, CHAIN_ID)
+        for _ in range(2):  # the deposit, then a top-up: one request each
+            status, headers, body = await post(
+                stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+            )
+            assert status == 200, body
+            channel.charged_by(receipt_of(headers), offer)
+    topped_up = int(anvil.w3.eth.block_number)
+    rest = 2 * DEPOSIT - 2 * PRICE_ATOMIC
+    paid_before = usdc.balance_of(payer.address)
+    with node_behind(anvil.rpc_url, topped_up - 1) as behind:
+        async with balancer(numbers_from=behind, rest_from=anvil.rpc_url) as url:
+            lagging = SimpleNamespace(rpc_url=url)
+            async with chain_batch(seller, ledger, lagging, gas_key) as stack:
+                status, headers, body = await post(stack, header_for(required, channel.refund()))
+    assert status == 200, body
+    assert usdc.balance_of(payer.address) - paid_before == rest
+    assert int(receipt_of(headers)["amount"]) == rest
