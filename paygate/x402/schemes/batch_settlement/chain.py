@@ -29,7 +29,7 @@ from eth_abi import encode as abi_encode
 from eth_account import Account
 from eth_utils import keccak, to_checksum_address
 from pydantic import SecretStr
-from web3.exceptions import ContractLogicError
+from web3.exceptions import ContractLogicError, Web3RPCError
 
 from paygate.x402 import evm
 from paygate.x402.chain_reader import ChainReader
@@ -74,8 +74,13 @@ SETTLEMENT_ABI: list[dict[str, Any]] = [
     ),
     abi_function("refundNonce", members("bytes32 channelId"), ["uint256"], mutability="view"),
 ]
-# keccak256 of the contract's Settled event, as a log topic (hex without 0x).
+# keccak256 of the contract's Settled and Refunded events, as log topics (hex without 0x).
 _SETTLED = keccak(text="Settled(address,address,address,uint128)").hex()
+_REFUNDED = keccak(text="Refunded(bytes32,address,uint128)").hex()
+# A channel reading's tries at a block the answering node lacks (a load-balanced RPC's node
+# behind the one that named the block), and the pause before asking one block again.
+_READ_TRIES = 4
+_READ_PAUSE = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +131,9 @@ class ChannelChain(Protocol):
     """Who moves a channel's money: the gateway's own gas account (:class:`BatchChain`) or a
     facilitator (``facilitator.BatchFacilitator``); both prove every move on chain."""
 
-    async def state(self, channel_id: str) -> OnChain: ...
+    async def state(self, channel_id: str, *, since: int = 0) -> OnChain:
+        """The channel on chain, read at a block no older than ``since``."""
+        ...
 
     async def deposit(self, deposit: Deposit) -> OnChain: ...
 
@@ -149,10 +156,13 @@ def sweeps(entries: list[ClaimEntry]) -> list[tuple[str, str]]:
     )
 
 
-async def claimed_on_chain(chain: ChannelChain, entries: tuple[ClaimEntry, ...]) -> bool:
-    """Every channel's on-chain ``totalClaimed`` reached its entry's total."""
+async def claimed_on_chain(
+    chain: ChannelChain, entries: tuple[ClaimEntry, ...], *, since: int = 0
+) -> bool:
+    """Every channel's on-chain ``totalClaimed`` reached its entry's total (read at a block
+    no older than ``since``: the claim's own, when known)."""
     for entry in entries:
-        if (await chain.state(entry.channel_id)).total_claimed < entry.total:
+        if (await chain.state(entry.channel_id, since=since)).total_claimed < entry.total:
             return False
     return True
 
@@ -195,14 +205,29 @@ class BatchChain:
     async def chain_id(self) -> int:
         return await self._reader.served_chain()
 
-    async def state(self, channel_id: str) -> OnChain:
+    async def state(self, channel_id: str, *, since: int = 0) -> OnChain:
         """The channel at the newest block, read at that block's number: readings reach the
-        ledger out of order, and its number says which is newer."""
-        raw = bytes.fromhex(channel_id[2:])
-        block = int(await self._reader.call(lambda: self._reader.w3.eth.block_number))
-        read = self._contract.functions.channels(raw).call
-        balance, total = await self._reader.call(lambda: read(block_identifier=block))
-        return OnChain(int(balance), int(total), block)
+        ledger out of order, and its number says which is newer. Never read at a block older
+        than ``since`` (a transaction's own: a reading after it must show it, even when the
+        node naming the newest block is behind the one that mined it).
+
+        Behind a load-balanced RPC the number and the read may be answered by different
+        nodes, the reader behind: it answers an error for a block it lacks (geth "header not
+        found", anvil ``BlockOutOfRange``). The block before is read then (an older reading,
+        stamped as such, is still right in chain order), down to ``since``, where the same
+        block is asked again after a pause; SettlerUnavailable after ``_READ_TRIES``."""
+        read = self._contract.functions.channels(bytes.fromhex(channel_id[2:])).call
+        newest = int(await self._reader.call(lambda: self._reader.w3.eth.block_number))
+        block = max(newest, since)
+        for _ in range(_READ_TRIES):
+            found = await self._reader.call(_read_at, read, block)
+            if found is not None:
+                return OnChain(int(found[0]), int(found[1]), block)
+            if block > since:
+                block -= 1
+            else:
+                await asyncio.sleep(_READ_PAUSE)
+        raise SettlerUnavailable("the chain's RPC endpoint lacks the blocks it names")
 
     # --- deposits ---
 
@@ -241,7 +266,7 @@ class BatchChain:
         assert payload.deposit is not None
         if not _moved_in(receipt, payload.channel_config.token, int(payload.deposit.amount)):
             raise ValueError("invalid_batch_settlement_evm_deposit_transaction_failed")
-        return await self.state(deposit.channel_id)
+        return await self.state(deposit.channel_id, since=int(receipt["blockNumber"]))
 
     # --- claims ---
 
@@ -285,6 +310,7 @@ class BatchChain:
             )
             if receipt["status"] != 1 or not settled:
                 return False
+            return await claimed_on_chain(self, entries, since=int(receipt["blockNumber"]))
         return await claimed_on_chain(self, entries)
 
     # --- refunds ---
@@ -294,7 +320,6 @@ class BatchChain:
         transaction: (its hash, the channel after it, what came back to the payer)."""
         chain_id = await self.chain_id()
         channel_id, amount = refund.channel_id, refund.amount
-        before = await self.state(channel_id)
         nonce = await self.refund_nonce(channel_id)
         signature = ch.sign_refund(self._signer, channel_id, nonce, amount, chain_id)
         data = self._contract.encode_abi(
@@ -311,8 +336,8 @@ class BatchChain:
         receipt = await self.receipt(tx_hash)
         if receipt["status"] != 1:
             raise ValueError("invalid_batch_settlement_evm_refund_transaction_failed")
-        after = await self.state(channel_id)
-        return tx_hash, after, before.balance - after.balance
+        after = await self.state(channel_id, since=int(receipt["blockNumber"]))
+        return tx_hash, after, refunded_in(receipt, channel_id)
 
     async def refund_nonce(self, channel_id: str) -> int:
         raw = bytes.fromhex(channel_id[2:])
@@ -334,6 +359,33 @@ class BatchChain:
 
     async def receipt(self, tx_hash: str) -> Any:
         return await self._reader.mined(tx_hash, self._settle_timeout)
+
+
+def refunded_in(receipt: Any, channel_id: str) -> int:
+    """What the receipt's ``Refunded`` events of the channel returned to the payer (0: none,
+    a refund that moved nothing). The transaction's own word: two balance readings around it
+    could be made at blocks another move sits between (a top-up; a node behind naming one)."""
+    contract = to_checksum_address(ch.SETTLEMENT_ADDRESS)
+    returned = 0
+    for log_ in receipt["logs"]:
+        topics = [evm.hex_of(t) for t in log_["topics"]]
+        if (
+            to_checksum_address(log_["address"]) == contract
+            and len(topics) == 3
+            and topics[0] == _REFUNDED
+            and topics[1] == channel_id[2:].lower()
+        ):
+            returned += evm.int_of(log_["data"])
+    return returned
+
+
+def _read_at(read: Callable[..., Any], block: int) -> Any:
+    """``read`` (a view call) at ``block``; None when the node answered an error for it (one
+    that lacks the block: see :meth:`BatchChain.state`)."""
+    try:
+        return read(block_identifier=block)
+    except Web3RPCError:
+        return None
 
 
 def _moved_in(receipt: Any, token: str, amount: int) -> bool:

@@ -66,7 +66,9 @@ class ClaimLoop:
                 # balance under what was charged; claiming more would revert the whole batch.
                 # The mirror follows, so later vouchers past it are refused — written with
                 # its block even when it agrees, so that a reading older than it (a top-up's,
-                # taken before the withdrawal and written after) cannot undo it.
+                # taken before the withdrawal and written after) cannot undo it. One write per
+                # owed channel a pass (at most max_per_claim); one that only agrees moves no
+                # version, so a request's charge in flight keeps its compare-and-set.
                 on_chain = await self.chain.state(c.channel_id)
                 await self.store.refunded(
                     c.channel_id, on_chain.balance, c.total_claimed, block=on_chain.block

@@ -84,8 +84,8 @@ class Deposits:
                 # mirror) and any before it is on chain already, so the balance is set to this
                 # reading (lower too: a withdrawal not mirrored yet). No channel yet: no refund
                 # can have been made; the proof's reading stands.
-                try:
-                    state = await self.chain.state(checked.channel_id)
+                try:  # never older than the proof's reading (a node behind answering)
+                    state = await self.chain.state(checked.channel_id, since=state.block)
                 except SettlementUnknown as exc:
                     raise SettlerUnavailable(f"the channel cannot be read: {exc}") from None
             return await self.store.deposited(

@@ -28,6 +28,7 @@ from paygate.x402.schemes.batch_settlement.chain import (
     Refund,
     claimed_on_chain,
     not_bound,
+    refunded_in,
     sweeps,
 )
 from paygate.x402.schemes.batch_settlement.channel import NAME
@@ -68,8 +69,8 @@ class BatchFacilitator:
         self._proof = proof
         self._network = network
 
-    async def state(self, channel_id: str) -> OnChain:
-        return await self._proof.state(channel_id)
+    async def state(self, channel_id: str, *, since: int = 0) -> OnChain:
+        return await self._proof.state(channel_id, since=since)
 
     def _requirements(self, config: ChannelConfig) -> dict[str, Any]:
         """A requirement naming the channel's receiver and token (what the facilitator routes a
@@ -135,12 +136,14 @@ class BatchFacilitator:
         return answer.transaction
 
     async def proven_claim(self, tx_hash: str | None, entries: tuple[ClaimEntry, ...]) -> bool:
-        if tx_hash is not None and (await self._proof.receipt(tx_hash))["status"] != 1:
+        if tx_hash is None:
+            return await claimed_on_chain(self, entries)
+        receipt = await self._proof.receipt(tx_hash)
+        if receipt["status"] != 1:
             return False
-        return await claimed_on_chain(self, entries)
+        return await claimed_on_chain(self, entries, since=int(receipt["blockNumber"]))
 
     async def refund(self, refund: Refund) -> tuple[str, OnChain, int]:
-        before = await self.state(refund.channel_id)
         payload = {
             "type": "refund",
             "channelConfig": refund.config.wire(),
@@ -154,10 +157,11 @@ class BatchFacilitator:
             raise ValueError(
                 answer.error_reason or "invalid_batch_settlement_evm_refund_transaction_failed"
             )
-        if (await self._proof.receipt(answer.transaction))["status"] != 1:
+        receipt = await self._proof.receipt(answer.transaction)
+        if receipt["status"] != 1:
             raise ValueError("invalid_batch_settlement_evm_refund_transaction_failed")
-        after = await self.state(refund.channel_id)
-        return answer.transaction, after, before.balance - after.balance
+        after = await self.state(refund.channel_id, since=int(receipt["blockNumber"]))
+        return answer.transaction, after, refunded_in(receipt, refund.channel_id)
 
 
 class BatchSettlementFacilitator:

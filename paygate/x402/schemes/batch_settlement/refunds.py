@@ -139,9 +139,12 @@ class Refunds:
     async def _as_on_chain(self, channel: Channel) -> Channel:
         """``channel`` as the contract holds it now (a refund is a chain operation: one read
         more), its mirror corrected where it differs (a refund or deposit whose mirror was
-        lost). PaymentUnconfirmed when the chain cannot be read."""
+        lost): read at no older block than the mirror's own reading (a load-balanced RPC's
+        node behind naming the newest block would give a balance before a top-up mirrored
+        already, and the refund of "the rest" would return less). PaymentUnconfirmed when
+        the chain cannot be read."""
         try:
-            on_chain = await self.chain.state(channel.channel_id)
+            on_chain = await self.chain.state(channel.channel_id, since=channel.read_block)
         except (SettlementUnknown, SettlerUnavailable):
             raise PaymentUnconfirmed(
                 "invalid_batch_settlement_evm_refund_transaction_failed",

@@ -68,6 +68,7 @@ class Channel:
     pending_owner: str | None
     pending_until: float | None
     version: int
+    read_block: int = 0  # the chain block its balance was read at (0: none known, pre-v14)
 
     @property
     def unclaimed(self) -> int:
@@ -76,7 +77,7 @@ class Channel:
 
 _COLUMNS = (
     "channel_id, network, payer, config, balance, total_claimed, charged, signed_max, signature,"
-    " pending_owner, pending_until, version"
+    " pending_owner, pending_until, version, read_block"
 )
 
 
@@ -101,6 +102,7 @@ def _channel(row: tuple[Any, ...]) -> Channel:
         pending_owner=row[9],
         pending_until=None if row[10] is None else float(row[10]),
         version=int(row[11]),
+        read_block=int(row[12]),
     )
 
 
@@ -205,8 +207,8 @@ class ChannelStore:
         *,
         balance: int,
         total_claimed: int,
+        block: int,
         exact: bool = False,
-        block: int = 0,
     ) -> Channel:
         """Mirror the channel's on-chain state after a proven deposit (a new channel starts
         charged at what was claimed before: the spec's baseline after state loss), as read
@@ -221,7 +223,9 @@ class ChannelStore:
         amount only ever rises (the larger of the row's and this reading), so readings
         applied in any order agree — but with ``exact`` the balance is this reading's (read
         while the deposit held the channel: no refund between, so it is the contract's, lower
-        too after an unmirrored withdrawal). Claims are never lowered."""
+        too after an unmirrored withdrawal). Claims are never lowered. ``block`` is required:
+        0 is taken for the oldest reading of all (rows from before ledger v14), so a caller
+        that forgot it would have its balance ignored once the row holds a stamped one."""
         of_block = "excluded.balance" if exact else _larger("balance")
         newer = "excluded.read_block > bs_channels.read_block"
         _, rows = await self._sql(
@@ -569,26 +573,41 @@ class ChannelStore:
         )
 
     async def refunded(
-        self, channel_id: str, balance: int, total_claimed: int, *, block: int = 0
+        self, channel_id: str, balance: int, total_claimed: int, *, block: int
     ) -> None:
         """A chain reading of the channel (after a proven refund, or the claim loop's: a
         withdrawal), read at ``block``: its balance, unless the row's was read at a later
         block (in chain order: an older reading never undoes a newer one), and its claims
         (never lowered). One statement, never a compare-and-set that could give up: a
-        balance left above the contract's would take vouchers no claim can pay."""
-        claimed = str(total_claimed)
+        balance left above the contract's would take vouchers no claim can pay (so ``block``
+        is required, as for :meth:`deposited`: a forgotten one would be ignored)."""
+        claimed, amount = str(total_claimed), str(balance)
+        # The version (every compare-and-set's) moves only when the balance or the claims do:
+        # the claim loop writes each owed channel's reading every pass, mostly agreeing with
+        # the row and only its block newer — a request's charge in flight on that channel
+        # must not lose its compare-and-set to it (and fall back to the slower commit).
+        moved = (
+            "(CAST(? AS BIGINT) >= read_block AND balance <> CAST(? AS TEXT))"
+            f" OR {_above('CAST(? AS TEXT)', 'bs_channels.total_claimed')}"
+        )
         await self._sql(
             "UPDATE bs_channels SET balance = CASE WHEN CAST(? AS BIGINT) >= read_block"  # noqa: S608 - constant
             " THEN CAST(? AS TEXT) ELSE balance END, read_block = CASE WHEN"
             " CAST(? AS BIGINT) > read_block THEN CAST(? AS BIGINT) ELSE read_block END,"
             f" total_claimed = {_larger('total_claimed', '?')},"
-            " version = version + 1, updated_at = ? WHERE channel_id = ?",
+            f" version = version + CASE WHEN {moved} THEN 1 ELSE 0 END,"
+            " updated_at = ? WHERE channel_id = ?",
             (
                 block,
-                str(balance),
+                amount,
                 block,
                 block,
                 claimed,
+                claimed,
+                claimed,
+                claimed,
+                block,
+                amount,
                 claimed,
                 claimed,
                 claimed,

@@ -589,11 +589,11 @@ async def test_a_refund_refused_for_a_chain_that_cannot_be_read_doubts_nobody(
     armed: list[bool] = []
     real = BatchChain.state
 
-    async def state(self: BatchChain, channel_id: str) -> Any:
+    async def state(self: BatchChain, channel_id: str, **kw: Any) -> Any:
         if armed:
             armed.clear()
             raise SettlerUnavailable("the chain's RPC does not answer")
-        return await real(self, channel_id)
+        return await real(self, channel_id, **kw)
 
     monkeypatch.setattr(BatchChain, "state", state)
     settings = {

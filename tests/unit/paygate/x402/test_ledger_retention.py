@@ -183,7 +183,9 @@ async def test_channel_vouchers_go_with_their_day_unless_their_payment_may_still
     clock = Clock(NOON - 3 * DAY)
     ledger = await ledger_store(clock=clock)
     channels = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
-    await channels.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10**6, total_claimed=0)
+    await channels.deposited(
+        CHANNEL, "eip155:84532", CONFIG, balance=10**6, total_claimed=0, block=0
+    )
 
     async def voucher(n: int) -> None:
         taken = await channels.take(CHANNEL, nonce(n))
@@ -232,7 +234,9 @@ async def test_an_old_voucher_whose_payment_is_reserved_verified_or_served_is_ke
     clock = Clock(NOON - 3 * DAY)
     ledger = await ledger_store(clock=clock)
     channels = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
-    await channels.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10**6, total_claimed=0)
+    await channels.deposited(
+        CHANNEL, "eip155:84532", CONFIG, balance=10**6, total_claimed=0, block=0
+    )
     for n, states in ((1, ()), (2, (S.VERIFIED,)), (3, (S.VERIFIED, S.SERVED))):
         record = await ledger.reserve(**request(n))
         for to in states:

@@ -61,7 +61,7 @@ async def two_replicas(ledger_store, clock) -> tuple[ChannelStore, ChannelStore]
 async def test_a_channel_serves_one_voucher_at_a_time_across_replicas(ledger_store):
     clock = Clock()
     a, b = await two_replicas(ledger_store, clock)
-    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=0)
     assert (await a.take(CHANNEL, "voucher-1")).pending_owner == "voucher-1"
     with pytest.raises(ChannelBusy):
         await b.take(CHANNEL, "voucher-2")
@@ -82,7 +82,7 @@ async def test_a_channel_serves_one_voucher_at_a_time_across_replicas(ledger_sto
 async def test_a_lease_left_by_a_dead_request_runs_out(ledger_store):
     clock = Clock()
     a, b = await two_replicas(ledger_store, clock)
-    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=0)
     await a.take(CHANNEL, "dead")
     clock.now += 31
     assert (await b.take(CHANNEL, "next")).pending_owner == "next"
@@ -91,7 +91,7 @@ async def test_a_lease_left_by_a_dead_request_runs_out(ledger_store):
 async def test_a_charge_commits_once_and_never_past_its_voucher(ledger_store):
     clock = Clock()
     a, b = await two_replicas(ledger_store, clock)
-    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=0)
     await a.take(CHANNEL, "v1")
     commits = await asyncio.gather(
         a.commit(CHANNEL, "v1", max_claimable=1_000, signature=SIG, charge=1_000, payment_id="p"),
@@ -115,7 +115,7 @@ async def test_a_charge_commits_once_and_never_past_its_voucher(ledger_store):
 async def test_one_claimer_at_a_time_and_claims_are_durable(ledger_store):
     clock = Clock()
     a, b = await two_replicas(ledger_store, clock)
-    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=0)
     await a.take(CHANNEL, "v1")
     await a.commit(CHANNEL, "v1", max_claimable=1_000, signature=SIG, charge=900, payment_id="p")
     assert await a.take_claimer("a", 60)
@@ -171,7 +171,7 @@ async def lost_charge(ledger_store, clock) -> tuple[ChannelStore, ChannelStore, 
     faulty = LosesTheCharge(await ledger_store(replica="a"))
     a = ChannelStore(faulty, clock=clock, pending_seconds=30.0)
     b = ChannelStore(await ledger_store(replica="b"), clock=clock, pending_seconds=30.0)
-    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=0)
     taken = await a.take(CHANNEL, "v1")
     await a.commit(
         CHANNEL, "v1", max_claimable=1_000, signature=SIG, charge=1_000, payment_id="p1",
@@ -241,7 +241,7 @@ async def test_vouchers_recorded_before_v11_are_marked_charged_only_where_proven
     clock = Clock()
     ledger = await ledger_store(replica="v10")
     store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
-    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=0)
     for key, ceiling, sig in (("v1", 1_000, SIG), ("v2", 2_000, SIG2)):
         taken = await store.take(CHANNEL, key)
         await store.commit(
@@ -311,7 +311,7 @@ async def test_a_charge_made_with_settled_is_all_or_nothing(ledger_store):
     ledger = await ledger_store(replica="a")
     other = ChannelStore(await ledger_store(replica="b"), clock=clock, pending_seconds=30.0)
     store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
-    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=0)
     via = (S.VERIFIED, S.SERVED, S.SETTLING)
 
     record = await ledger.reserve(**request(1, nonce=nonce(1)))
@@ -359,7 +359,7 @@ async def test_a_charge_made_with_settled_marks_its_voucher_in_two_statements(le
     clock = Clock()
     ledger = await ledger_store(replica="a")
     store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
-    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=0)
     via = (S.VERIFIED, S.SERVED, S.SETTLING)
     record = await ledger.reserve(**request(1, nonce=nonce(1)))
     took = await store.take(CHANNEL, "v1")
@@ -394,7 +394,7 @@ async def test_a_charge_with_settled_not_made_leaves_a_recorded_voucher_unmarked
     ledger = await ledger_store(replica="a")
     other = ChannelStore(await ledger_store(replica="b"), clock=clock, pending_seconds=30.0)
     store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
-    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=0)
     record = await ledger.reserve(**request(1, nonce=nonce(1)))
     took = await store.take(CHANNEL, "v1")
     await ledger.scheme_sql(
@@ -425,6 +425,40 @@ async def test_a_charge_with_settled_not_made_leaves_a_recorded_voucher_unmarked
     assert again == 0
 
 
+async def test_a_chain_reading_that_only_agrees_leaves_a_charge_in_flight_its_compare_and_set(
+    ledger_store,
+):
+    """The claim loop writes each owed channel's chain reading every pass (its block, so that
+    an older reading never undoes it), mostly agreeing with the row: a request's charge in
+    flight on that channel, written from the channel as it took it, is still made with its
+    SETTLED record (not rolled back to the slower commit every pass). A reading that moves the
+    balance or the claims does change the channel under it."""
+    clock = Clock()
+    ledger = await ledger_store(replica="a")
+    claimer = ChannelStore(await ledger_store(replica="b"), clock=clock, pending_seconds=30.0)
+    store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+    await store.deposited(
+        CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=10
+    )
+    via = (S.VERIFIED, S.SERVED, S.SETTLING)
+    record = await ledger.reserve(**request(1, nonce=nonce(1)))
+    taken = await store.take(CHANNEL, "v1")
+    for block in (11, 12, 12, 5):  # newer, the same again, an older one: all agree
+        await claimer.refunded(CHANNEL, 10_000, 0, block=block)
+    write = store.charge(
+        taken, "v1", max_claimable=1_000, signature=SIG, charge=1_000, payment_id=nonce(1)
+    )
+    settled = await ledger.transition(
+        record.id, S.SETTLED, via=via, lease=record.lease, settled_amount=1_000, write=write
+    )
+    assert (settled.state, charged(write).charged) == (S.SETTLED, 1_000)
+    for balance, claims, block in ((9_000, 0, 20), (9_000, 500, 21)):  # the balance; claims
+        taken = await store.take(CHANNEL, "v2")
+        await claimer.refunded(CHANNEL, balance, claims, block=block)
+        assert (await store.get(CHANNEL)).version != taken.version
+        await store.release(CHANNEL, "v2")
+
+
 async def test_a_channel_taken_with_the_reservation_goes_with_it_or_not_at_all(ledger_store):
     """A voucher's channel is taken in the transaction of its payment's reservation: a
     reservation refused (a replay) takes nothing; a channel held by another request is not
@@ -432,7 +466,7 @@ async def test_a_channel_taken_with_the_reservation_goes_with_it_or_not_at_all(l
     clock = Clock()
     ledger = await ledger_store(replica="a")
     store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
-    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=0)
 
     write = store.take_write(CHANNEL, "v1")
     await ledger.reserve(**request(1), write=write)
@@ -474,7 +508,9 @@ async def test_a_write_not_made_in_a_shared_group_rolls_back_only_its_own_call(t
 
     try:
         for channel in (CHANNEL, other, third, fourth):
-            await store.deposited(channel, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+            await store.deposited(
+                channel, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=0
+            )
         good = await ledger.reserve(**request(1))
         stale = await ledger.reserve(**request(2))
         took = await store.take(CHANNEL, "v1")
@@ -535,7 +571,9 @@ async def test_reservations_racing_on_two_replicas_take_the_channel_once(ledger_
     clock = Clock()
     ledgers = [await ledger_store(replica="a"), await ledger_store(replica="b")]
     stores = [ChannelStore(ledger, clock=clock, pending_seconds=30.0) for ledger in ledgers]
-    await stores[0].deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    await stores[0].deposited(
+        CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=0
+    )
     writes = [stores[n % 2].take_write(CHANNEL, f"v{n}") for n in range(8)]
     records = await asyncio.gather(
         *(ledgers[n % 2].reserve(**request(n + 1), write=w) for n, w in enumerate(writes))
@@ -557,7 +595,7 @@ async def test_a_charge_made_with_settled_racing_another_replicas_commit_is_made
     ledger = await ledger_store(replica="a")
     store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
     other = ChannelStore(await ledger_store(replica="b"), clock=clock, pending_seconds=30.0)
-    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=0)
     via = (S.VERIFIED, S.SERVED, S.SETTLING)
     for n in range(1, 9):
         record = await ledger.reserve(**request(n))
@@ -595,7 +633,9 @@ async def test_a_charge_with_settled_and_a_commit_of_its_recorded_voucher_never_
     ledger = await open_ledger(parse_ledger_url(pg_url), replica="a")
     try:
         store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
-        await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+        await store.deposited(
+            CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=0
+        )
         via = (S.VERIFIED, S.SERVED, S.SETTLING)
         record = await ledger.reserve(**request(1, nonce=nonce(1)))
         took = await store.take(CHANNEL, "v1")
@@ -641,11 +681,13 @@ async def test_deposits_mirrored_by_two_replicas_at_once_keep_the_largest_readin
     largest; amounts past 64 bits and of different lengths compare as numbers."""
     clock = Clock()
     a, b = await two_replicas(ledger_store, clock)
-    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=999, total_claimed=0)
+    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=999, total_claimed=0, block=0)
     readings = [10**30 + n for n in range(0, 12, 3)] + [1_000, 10**29, 5 * 10**29]
     results = await asyncio.gather(
         *(
-            (a, b)[n % 2].deposited(CHANNEL, "eip155:84532", CONFIG, balance=r, total_claimed=0)
+            (a, b)[n % 2].deposited(
+                CHANNEL, "eip155:84532", CONFIG, balance=r, total_claimed=0, block=0
+            )
             for n, r in enumerate(readings)
         ),
         a.take(CHANNEL, "v1"),
@@ -662,10 +704,12 @@ async def test_deposits_mirrored_by_two_replicas_at_once_keep_the_largest_readin
     # A later reading with claims proven on chain (a baseline after state loss) raises
     # total_claimed and charged at least to it; a stale one lowers nothing.
     after = await b.deposited(
-        CHANNEL, "eip155:84532", CONFIG, balance=10**30 + 9, total_claimed=5_000
+        CHANNEL, "eip155:84532", CONFIG, balance=10**30 + 9, total_claimed=5_000, block=0
     )
     assert (after.balance, after.charged, after.total_claimed) == (10**30 + 9, 5_000, 5_000)
-    stale = await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    stale = await a.deposited(
+        CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=0
+    )
     assert (stale.balance, stale.charged, stale.total_claimed) == (10**30 + 9, 5_000, 5_000)
     assert (stale.signed_max, stale.signature) == (1_000, SIG)
 
@@ -676,21 +720,21 @@ async def test_claims_and_refunds_are_mirrored_however_busy_the_channel_is(ledge
     above the contract's takes vouchers no claim can pay). Claims are never lowered."""
     clock = Clock()
     a, b = await two_replicas(ledger_store, clock)
-    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10**21, total_claimed=0)
+    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10**21, total_claimed=0, block=0)
     owners = [f"v{n}" for n in range(20)]
     results = await asyncio.gather(
         *(b.take(CHANNEL, owner) for owner in owners),
         *(b.release(CHANNEL, owner) for owner in owners),
         a.claimed(CHANNEL, 9 * 10**20),
         a.claimed(CHANNEL, 10**20),
-        a.refunded(CHANNEL, 95 * 10**19, 10**20),
+        a.refunded(CHANNEL, 95 * 10**19, 10**20, block=0),
         return_exceptions=True,
     )
     assert not [r for r in results if isinstance(r, Exception) and not isinstance(r, ChannelBusy)]
     channel = await a.get(CHANNEL)
     assert (channel.balance, channel.total_claimed) == (95 * 10**19, 9 * 10**20)
     await b.claimed(CHANNEL, 10**21)
-    await b.refunded(CHANNEL, 10**21, 0)
+    await b.refunded(CHANNEL, 10**21, 0, block=0)
     channel = await a.get(CHANNEL)
     assert (channel.balance, channel.total_claimed) == (10**21, 10**21)
 
@@ -703,7 +747,7 @@ async def test_a_release_gives_back_its_own_hold_in_the_same_transaction_only(le
     clock = Clock()
     ledger = await ledger_store(replica="a")
     store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
-    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=0)
     held = await ledger.reserve(**request(1), write=store.take_write(CHANNEL, "v1"))
     refused = await ledger.reserve(**request(2), write=store.take_write(CHANNEL, "v2"))
     assert (await store.get(CHANNEL)).pending_owner == "v1"
@@ -731,12 +775,14 @@ async def test_a_deposit_read_under_its_hold_sets_the_balance_exactly(ledger_sto
     Without ``exact`` the larger reading stays."""
     clock = Clock()
     a, b = await two_replicas(ledger_store, clock)
-    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10**21, total_claimed=500)
+    await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10**21, total_claimed=500, block=0)
     lower = await b.deposited(
-        CHANNEL, "eip155:84532", CONFIG, balance=10**20, total_claimed=0, exact=True
+        CHANNEL, "eip155:84532", CONFIG, balance=10**20, total_claimed=0, exact=True, block=0
     )
     assert (lower.balance, lower.total_claimed, lower.charged) == (10**20, 500, 500)
-    kept = await a.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10**19, total_claimed=0)
+    kept = await a.deposited(
+        CHANNEL, "eip155:84532", CONFIG, balance=10**19, total_claimed=0, block=0
+    )
     assert kept.balance == 10**20
 
 
@@ -757,7 +803,9 @@ async def test_an_abandoned_reservation_gives_back_its_channel_hold_only_while_i
     survivor = ChannelStore(b, clock=clock, pending_seconds=30.0)
     other = "0x" + "cd" * 32
     for channel in (CHANNEL, other):
-        await store.deposited(channel, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+        await store.deposited(
+            channel, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=0
+        )
     holds = {}
     for n, (channel, voucher) in enumerate(((CHANNEL, "v1"), (other, "w1")), start=1):
         record = await dead.reserve(**request(n), write=store.take_write(channel, voucher))
@@ -823,7 +871,9 @@ async def test_the_claim_pass_reads_only_the_channels_that_owe_something(ledger_
     for n, (name, (charged_, claimed, ceiling)) in enumerate(channels.items()):
         channel_id = "0x" + f"{n:064x}"
         clock.now += 1
-        await store.deposited(channel_id, "eip155:84532", CONFIG, balance=10**31, total_claimed=0)
+        await store.deposited(
+            channel_id, "eip155:84532", CONFIG, balance=10**31, total_claimed=0, block=0
+        )
         await ledger.scheme_sql(
             "UPDATE bs_channels SET charged = ?, total_claimed = ?, signed_max = ?,"
             " signature = ? WHERE channel_id = ?",
@@ -851,7 +901,7 @@ async def test_a_take_for_a_payment_is_made_only_while_its_reservation_holds(led
     clock = Clock()
     ledger = await ledger_store(replica="a")
     store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
-    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+    await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=0)
     live = await ledger.reserve(**request(1))
     taken_live = await store.take_reserved(CHANNEL, nonce(1), nonce(1))
     assert taken_live is not None
@@ -875,6 +925,24 @@ async def test_a_take_for_a_payment_is_made_only_while_its_reservation_holds(led
     with pytest.raises(LeaseLost):
         await store.take_reserved(CHANNEL, nonce(3), nonce(3))
     assert (await store.take(CHANNEL, "refund")).pending_owner == "refund"
+
+
+async def test_a_chain_reading_cannot_be_written_without_its_block(ledger_store):
+    """A caller that forgets a reading's block must fail at once, not write block 0 — taken
+    for the oldest reading of all, so silently ignored once the row holds a stamped one: a
+    refund or withdrawal left unmirrored, the balance above the contract's (vouchers served
+    that no claim can pay)."""
+    store = ChannelStore(await ledger_store(replica="a"), clock=Clock(), pending_seconds=30.0)
+    await store.deposited(
+        CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=100
+    )
+    with pytest.raises(TypeError):
+        await store.refunded(CHANNEL, 5_000, 0)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        await store.deposited(  # type: ignore[call-arg]
+            CHANNEL, "eip155:84532", CONFIG, balance=20_000, total_claimed=0
+        )
+    assert (await store.get(CHANNEL)).balance == 10_000
 
 
 async def test_a_chain_reading_never_undoes_a_newer_one(ledger_store):
@@ -919,7 +987,9 @@ async def test_a_take_for_a_payment_waits_for_a_release_running_meanwhile_and_se
     ledger = await open_ledger(parse_ledger_url(pg_url), replica="a")
     try:
         store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
-        await store.deposited(CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0)
+        await store.deposited(
+            CHANNEL, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=0
+        )
         await ledger.reserve(**request(1))
         async with await psycopg.AsyncConnection.connect(pg_url) as releasing:
             await releasing.execute(

@@ -1,0 +1,207 @@
+"""`batch-settlement` chain readings through a load-balanced RPC whose nodes are not at one
+height (real anvils: the chain, and a second node forked from it a block before the channel's
+deposit — a node behind; a loopback balancer in front). A reading is stamped with the block it
+was read at (``bs_channels.read_block``), which the balancer may name from one node and serve
+from another: the node behind answers an error for a block it lacks, and a block named by it
+is older than a transaction the other one mined. Neither may fail every reading, nor give a
+deposit's proof a reading from before the deposit (its mirror would miss the money)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import subprocess
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from types import SimpleNamespace
+
+import aiohttp
+import pytest
+from aiohttp import web
+from paygate_dev.chain.tools import anvil_binary
+from paygate_dev.stack import free_port
+
+from paygate.x402.schemes.batch_settlement.chain import BatchChain, Deposit
+from paygate.x402.schemes.batch_settlement.channel import SETTLEMENT_ADDRESS
+from paygate.x402.schemes.batch_settlement.client import PayerChannel
+from paygate.x402.schemes.batch_settlement.payload import BatchSettlementPayload
+from paygate.x402.settler import SettlerUnavailable
+from tests.fixtures.batch_settlement_support import (
+    CHAIN_ID,
+    batch_offer,
+    chain_batch,
+    header_for,
+)
+from tests.fixtures.payment_support import PRICE_ATOMIC, challenge_of, post, receipt_of
+
+DEPOSIT = 10 * PRICE_ATOMIC
+
+
+@contextlib.contextmanager
+def node_behind(rpc_url: str, block: int) -> Iterator[str]:
+    """A second node of the chain behind ``rpc_url``, at ``block`` (an anvil forked there):
+    its RPC URL. Stopped by its own PID."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            anvil_binary(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--silent",
+            "--chain-id",
+            str(CHAIN_ID),
+            "--fork-url",
+            rpc_url,
+            "--fork-block-number",
+            str(block),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                ask = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber"})
+                request = urllib.request.Request(
+                    url, ask.encode(), {"content-type": "application/json"}
+                )
+                with urllib.request.urlopen(request, timeout=2) as answer:  # noqa: S310 - loopback
+                    if int(json.loads(answer.read())["result"], 16) == block:
+                        break
+            assert proc.poll() is None, "the fork did not start"
+            assert time.monotonic() < deadline, "the fork did not answer"
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+@contextlib.asynccontextmanager
+async def balancer(numbers_from: str, rest_from: str) -> AsyncIterator[str]:
+    """A loopback JSON-RPC balancer: ``eth_blockNumber`` answered by ``numbers_from``, every
+    other request by ``rest_from`` (a balancer may send any request to any node; pinned per
+    method here so that each case is the same every run)."""
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+
+    async def forward(request: web.Request) -> web.Response:
+        body = await request.read()
+        method = json.loads(body).get("method")
+        node = numbers_from if method == "eth_blockNumber" else rest_from
+        async with session.post(
+            node, data=body, headers={"content-type": "application/json"}
+        ) as answer:
+            return web.Response(body=await answer.read(), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+        await session.close()
+
+
+async def _deposited(stack, anvil, payer) -> tuple[Deposit, str, int]:
+    """A channel opened through the gateway: (its deposit, the deposit's transaction, the
+    block that mined it)."""
+    required = await challenge_of(stack)
+    offer = batch_offer(required)
+    channel = PayerChannel.open(payer, offer, CHAIN_ID)
+    payload = channel.pay(offer, deposit=DEPOSIT)
+    status, _, body = await post(stack, header_for(required, payload))
+    assert status == 200, body
+    block = anvil.w3.eth.get_block("latest", full_transactions=True)
+    (tx,) = [t for t in block["transactions"] if t["to"].lower() == SETTLEMENT_ADDRESS.lower()]
+    payment = json.loads(base64.b64decode(header_for(required, payload)))
+    parsed = BatchSettlementPayload.model_validate(payload)
+    deposit = Deposit(payment, dict(offer), parsed, channel.channel_id)
+    return deposit, "0x" + bytes(tx["hash"]).hex(), int(block["number"])
+
+
+async def test_a_deposits_proof_is_read_at_its_receipts_block_when_a_node_behind_names_the_newest(
+    anvil, usdc, payer, seller, tmp_path, gas_key
+):
+    """The balancer's newest block is named by the node behind (before the deposit): the
+    deposit's proof reads the channel at the block that mined it all the same, never at that
+    older number — where the channel did not hold the deposit yet, and its mirror would have
+    missed the payer's money (vouchers refused, the payer depositing again)."""
+    async with chain_batch(seller, tmp_path / "payments.db", anvil, gas_key) as stack:
+        deposit, tx_hash, mined = await _deposited(stack, anvil, payer)
+    with node_behind(anvil.rpc_url, mined - 1) as behind:
+        async with balancer(numbers_from=behind, rest_from=anvil.rpc_url) as url:
+            chain = BatchChain(url, None, timeout=10.0, settle_timeout=30.0)
+            proven = await chain.proven_deposit(tx_hash, deposit)
+    assert (proven.balance, proven.block) == (DEPOSIT, mined)
+
+
+async def test_a_reading_served_by_a_node_behind_the_one_naming_the_block_is_made_at_an_older_one(
+    anvil, usdc, payer, seller, tmp_path, gas_key
+):
+    """The balancer names the newest block from the chain and reads from the node a block
+    behind, which lacks it: the channel is read at the block before, stamped with it (right in
+    chain order: the channel as it was there), rather than every reading failing — the claim
+    loop's pass, a refund's check. Asked for a reading no older than a block the reader lacks,
+    it fails rather than answer older (SettlerUnavailable)."""
+    async with chain_batch(seller, tmp_path / "payments.db", anvil, gas_key) as stack:
+        deposit, _, mined = await _deposited(stack, anvil, payer)
+    with node_behind(anvil.rpc_url, mined - 1) as behind:
+        async with balancer(numbers_from=anvil.rpc_url, rest_from=behind) as url:
+            chain = BatchChain(url, None, timeout=10.0, settle_timeout=30.0)
+            before = await chain.state(deposit.channel_id)
+            with pytest.raises(SettlerUnavailable):
+                await chain.state(deposit.channel_id, since=mined)
+    assert (before.balance, before.total_claimed, before.block) == (0, 0, mined - 1)
+    assert (
+        await BatchChain(anvil.rpc_url, None, timeout=10.0, settle_timeout=30.0).state(
+            deposit.channel_id
+        )
+    ).balance == DEPOSIT
+
+
+async def test_a_refund_through_a_node_behind_returns_the_whole_rest_and_says_what_it_returned(
+    anvil, usdc, payer, seller, tmp_path, gas_key
+):
+    """A channel opened and topped up; then the gateway's RPC is a balancer whose newest
+    block is named by a node behind, from before the top-up. A refund of the rest is checked
+    on chain no older than the ledger's own reading (with the top-up), so the whole rest comes
+    back — not the rest before the top-up — and the receipt states what the transaction
+    returned (its Refunded event), not the difference of two readings at blocks the top-up
+    sits between."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required = await challenge_of(stack)
+        offer = batch_offer(required)
+        channel = PayerChannel.open(payer, offer, CHAIN_ID)
+        for _ in range(2):  # the deposit, then a top-up: one request each
+            status, headers, body = await post(
+                stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+            )
+            assert status == 200, body
+            channel.charged_by(receipt_of(headers), offer)
+    topped_up = int(anvil.w3.eth.block_number)
+    rest = 2 * DEPOSIT - 2 * PRICE_ATOMIC
+    paid_before = usdc.balance_of(payer.address)
+    with node_behind(anvil.rpc_url, topped_up - 1) as behind:
+        async with balancer(numbers_from=behind, rest_from=anvil.rpc_url) as url:
+            lagging = SimpleNamespace(rpc_url=url)
+            async with chain_batch(seller, ledger, lagging, gas_key) as stack:
+                status, headers, body = await post(stack, header_for(required, channel.refund()))
+    assert status == 200, body
+    assert usdc.balance_of(payer.address) - paid_before == rest
+    assert int(receipt_of(headers)["amount"]) == rest
