@@ -69,11 +69,10 @@ def withheld(response: httpx.Response) -> bool:
 
 
 def retry_after(value: str | None) -> float:
-    """A ``Retry-After`` in seconds (delta-seconds; a date or anything else: the default)."""
+    """A ``Retry-After`` in seconds (delta-seconds, however long; a date or anything else:
+    the gateway's default)."""
     text = (value or "").strip()
-    if text.isdigit() and len(text) <= 6:
-        return float(text)
-    return _UNSTATED_WAIT
+    return float(text) if text.isascii() and text.isdigit() else _UNSTATED_WAIT
 
 
 def resend_value(value: str, scheme: str) -> str:

@@ -20,7 +20,8 @@ from paygate import wire
 from paygate.client import AsyncPaygateTransport, PaygateTransport, SpendPolicy
 from paygate.x402.ledger import LedgerUnavailable, PaymentState
 from paygate.x402.ledger_base import Ledger
-from tests.fixtures.batch_settlement_support import chain_batch, claimer, spend
+from paygate.x402.schemes.batch_settlement.channel import SETTLEMENT_ADDRESS
+from tests.fixtures.batch_settlement_support import DEPOSIT_ATOMIC, chain_batch, claimer, spend
 from tests.fixtures.gateway_support import ThreadedStack
 from tests.fixtures.payment_support import (
     CHAT,
@@ -184,3 +185,40 @@ async def test_a_withheld_deposit_is_sent_again_as_its_voucher_alone_and_charged
     states = [r.state for r in await records(ledger)]
     assert states.count(PaymentState.SETTLED) == 2
     assert set(states) <= {PaymentState.SETTLED, PaymentState.RELEASED}
+
+
+async def test_a_deposit_withheld_before_it_was_made_is_made_on_the_retry(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    """The other ``ledger_unavailable``: the ledger refuses the reservation, before the deposit
+    is sent. The voucher sent alone again finds no channel (402 ``channel_not_found``) and the
+    transport deposits anew, as for any deposit that never landed: served, charged once, one
+    deposit in escrow (the unused first authorization still counts against max_total)."""
+    ledger = tmp_path / "payments.db"
+    transport = AsyncPaygateTransport(wallet=payer, spend=spend())
+    real = Ledger.reserve
+    refused: list[bool] = []
+
+    async def reserve(self: Ledger, **kw: Any) -> Any:
+        if not refused:
+            refused.append(True)
+            raise LedgerUnavailable("the store refused this write (injected)")
+        return await real(self, **kw)
+
+    monkeypatch.setattr(Ledger, "reserve", reserve)
+    escrow = usdc.balance_of(SETTLEMENT_ADDRESS)
+    async with (
+        chain_batch(seller, ledger, anvil, gas_key) as stack,
+        httpx.AsyncClient(transport=transport, timeout=60) as http,
+    ):
+        reply = await http.post(stack.url + CHAT, json=CHAT_BODY)
+        assert refused
+        assert reply.status_code == 200, (reply.headers, reply.text)
+        withheld, paid = transport.payments
+        assert withheld.withheld == 1
+        assert (paid.deposit, paid.settled) == (Decimal("0.02"), True)
+        assert transport.spent == Decimal("0.04")
+        async with claimer(ledger, anvil, gas_key) as channels:
+            assert await channels.claim_once() == 1
+    assert usdc.balance_of(seller) == PRICE_ATOMIC
+    assert usdc.balance_of(SETTLEMENT_ADDRESS) == escrow + DEPOSIT_ATOMIC - PRICE_ATOMIC
