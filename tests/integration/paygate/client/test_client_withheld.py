@@ -31,6 +31,7 @@ from tests.fixtures.payment_support import (
     paid_stack,
     records,
 )
+from tests.fixtures.upto_support import upto_settings
 
 SPEND = SpendPolicy(max_per_request="0.01", max_total="1", networks=["base-sepolia"])
 PRICE = Decimal(PRICE_ATOMIC) / 10**6
@@ -222,3 +223,34 @@ async def test_a_deposit_withheld_before_it_was_made_is_made_on_the_retry(
             assert await channels.claim_once() == 1
     assert usdc.balance_of(seller) == PRICE_ATOMIC
     assert usdc.balance_of(SETTLEMENT_ADDRESS) == escrow + DEPOSIT_ATOMIC - PRICE_ATOMIC
+
+
+async def test_a_withheld_metered_reply_is_sent_again_and_counts_what_was_settled(
+    facilitator, usdc, upto_payer, seller, tmp_path, monkeypatch
+):
+    """``upto`` (Permit2): the same authorization sent again; its maximum is counted once while
+    in flight, and what was settled once the receipt came."""
+    ledger = tmp_path / "payments.db"
+    settings = {"seller": seller, "facilitator_url": facilitator.url, "ledger": ledger}
+    metered = SpendPolicy(
+        max_per_request="0.1",
+        max_total="1",
+        networks=["base-sepolia"],
+        max_price_per_million="400",
+    )
+    async with paid_stack(**settings, **upto_settings(payment_schemes=["upto"])) as stack:
+        transport = AsyncPaygateTransport(wallet=upto_payer, spend=metered)
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+            refused = refuse(monkeypatch, PaymentState.SETTLING)
+            reply = await http.post(stack.url + CHAT, json=CHAT_BODY)
+            assert refused
+            assert reply.status_code == 200, reply.text
+            (payment,) = transport.payments
+            assert payment.withheld == 1
+            assert payment.charged is not None
+            assert payment.receipt_error is None
+            assert 0 < payment.charged < payment.amount
+            assert transport.spent == payment.charged
+    (record,) = await records(ledger)
+    assert record.state is PaymentState.SETTLED
+    assert usdc.balance_of(seller) == int(payment.charged * 10**6)
