@@ -9,6 +9,7 @@ the channel state, send, read a reply body, discard a reply) and the sync or asy
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import threading
@@ -58,6 +59,7 @@ from paygate.client.streams import (
     SealedDecoder,
 )
 from paygate.client.terms import check_challenge
+from paygate.client.withheld import Withheld, resend_value
 from paygate.wire import (
     ENVELOPE_HEADER,
     ORIGINAL_TYPE_HEADER,
@@ -146,7 +148,14 @@ class SaveChannels:
     save: Callable[[], None]
 
 
-Command = ReadRequest | LoadKey | Send | ReadBody | Discard | SaveChannels
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Sleep ``seconds`` (a withheld reply's Retry-After, bounded) → None."""
+
+    seconds: float
+
+
+Command = ReadRequest | LoadKey | Send | ReadBody | Discard | SaveChannels | Wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +219,7 @@ class ClientCore:
         max_sealed_reply_bytes: int,
         attestation: AttestationPolicy | None = None,
         channel_state: str | os.PathLike[str] | None = None,
+        withheld: Withheld | None = None,
     ) -> None:
         if envelope not in ("v2", "v1", "plain"):
             raise ValueError("envelope must be 'v2', 'v1' or 'plain'")
@@ -234,6 +244,7 @@ class ClientCore:
         self.attestation = attestation
         self._attested: dict[str, Attested] = {}
         self.payments = PaymentLog(self.payer, on_receipt)
+        self.withheld = withheld if withheld is not None else Withheld()
         self._lock = threading.Lock()
 
     # --- keys ------------------------------------------------------------------------------
@@ -382,20 +393,24 @@ class ClientCore:
                 yield SaveChannels(payment.save)
             record = payment.record
             self.payments.append(record)
+            sent = (payment.header, payment.value)
             # Re-sealed: a fresh reply key for every attempt, never one reused.
             attempt, response = yield from send_paid(
-                lambda: seal_attempt(request, body, envelope, key, (payment.header, payment.value)),
-                record,
+                lambda: seal_attempt(request, body, envelope, key, sent), record
             )
             if key is not None and not retried and _stale_key(response):
                 # Retired between the 402 and now: the payment was not taken (the gateway
                 # refuses a stale key before the payment is settled); send it again re-sealed.
                 yield Discard(response)
                 key = yield from self._renew_key(request, body, key)
-                attempt = seal_attempt(
-                    request, body, envelope, key, (payment.header, payment.value)
-                )
+                attempt = seal_attempt(request, body, envelope, key, sent)
                 response = yield Send(attempt.request)
+            attempt, response = yield from self._withheld(
+                lambda paid: seal_attempt(request, body, envelope, key, paid),
+                sent,
+                record,
+                (attempt, response),
+            )
             if response.status_code == 402:
                 refusal = yield ReadBody(response, MAX_CHALLENGE_BYTES, "the 402 refusal")
                 self.payments.header_receipt(record, response.headers)
@@ -411,6 +426,12 @@ class ClientCore:
                         request, body, envelope, key, (again.header, again.value)
                     )
                     response = yield Send(attempt.request)
+                    attempt, response = yield from self._withheld(
+                        lambda paid: seal_attempt(request, body, envelope, key, paid),
+                        (again.header, again.value),
+                        record,
+                        (attempt, response),
+                    )
                 if response.status_code == 402:
                     if again is not None:
                         refusal = yield ReadBody(response, MAX_CHALLENGE_BYTES, "the 402 refusal")
@@ -418,6 +439,27 @@ class ClientCore:
                     self.payer.channel_ended(record)
                     raise PaymentRefused(refusal_reason(response.headers, refusal))
         return (yield from self._reply(attempt, response, record))
+
+    def _withheld(
+        self,
+        make: Callable[[tuple[str, str]], _Attempt],
+        sent: tuple[str, str],
+        record: SentPayment,
+        answered: tuple[_Attempt, httpx.Response],
+    ) -> Generator[Command, Any, tuple[_Attempt, httpx.Response]]:
+        """A paid reply the gateway withheld (503 ``lease_lost`` / ``ledger_unavailable``: its
+        charge not recorded, the payment released) sent again with the same payment, re-sealed,
+        after its Retry-After, within :class:`Withheld`'s bounds; else the answer as it came.
+        Nothing new is signed, so nothing more counts against ``max_total``."""
+        attempt, response = answered
+        while (wait := self.withheld.delay(response, record.withheld)) is not None:
+            yield Discard(response)
+            if wait > 0:
+                yield Wait(wait)
+            record.withheld += 1
+            paid = (sent[0], resend_value(sent[1], record.scheme))
+            attempt, response = yield from send_paid(functools.partial(make, paid), record)
+        return attempt, response
 
     def _resync(
         self,

@@ -409,6 +409,9 @@ class SentPayment:
     # The payment-identifier id the payment carries (None: the server declared none).
     identifier: str | None = None
     retries: int = 0  # times re-sent after a dropped connection (paygate.client.core.send_paid)
+    # times re-sent after the gateway withheld its reply, the payment released
+    # (paygate.client.withheld)
+    withheld: int = 0
     # batch-settlement: the deposit this payment signed (whole tokens; 0 for a voucher).
     deposit: Decimal | None = None
     # A metered scheme: the offered prices (input, output, minimum per million/request), and

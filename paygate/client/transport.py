@@ -39,6 +39,7 @@ from paygate.client.core import (
     ReceiptCallback,
     SaveChannels,
     Send,
+    Wait,
 )
 from paygate.client.errors import (
     ClientError,
@@ -53,6 +54,7 @@ from paygate.client.receipts import MAX_TAIL_SECONDS
 from paygate.client.refunds import refund_steps
 from paygate.client.steps import Fetch, Run, Step, Steps, key_steps, request_steps
 from paygate.client.streams import ReplyDecoder
+from paygate.client.withheld import DEFAULT_MAX_WAIT, DEFAULT_RETRIES, Withheld
 from paygate.x402.models import SettleResponse
 
 T = TypeVar("T")
@@ -73,6 +75,8 @@ class TransportOptions(TypedDict, total=False):
     max_sealed_reply_bytes: int
     attestation: AttestationPolicy | None
     channel_state: str | os.PathLike[str] | None
+    withheld_retries: int
+    withheld_max_wait: float
 
 
 def _core(options: TransportOptions) -> ClientCore:
@@ -93,6 +97,10 @@ def _core(options: TransportOptions) -> ClientCore:
         ),
         attestation=options.get("attestation"),
         channel_state=options.get("channel_state"),
+        withheld=Withheld(
+            options.get("withheld_retries", DEFAULT_RETRIES),
+            options.get("withheld_max_wait", DEFAULT_MAX_WAIT),
+        ),
     )
 
 
@@ -186,6 +194,11 @@ class PaygateTransport(_Transport[httpx.BaseTransport, AttestationHook], httpx.B
         max_request_bytes, max_sealed_reply_bytes: bounds of what is held in memory.
         channel_state: a file keeping the batch-settlement channels across restarts
             (docs/CLIENT.md "Channels across restarts"); held by this transport until closed.
+        withheld_retries: times a paid reply the gateway withheld (503 ``lease_lost`` or
+            ``ledger_unavailable``: its charge not recorded, the payment released) is sent
+            again with the same payment (default 1; 0: the 503 goes to the caller).
+        withheld_max_wait: the longest ``Retry-After`` (seconds) waited for such a retry
+            (default 5); the gateway asking longer, the 503 goes to the caller.
     """
 
     _http = httpx.HTTPTransport
@@ -222,6 +235,8 @@ class PaygateTransport(_Transport[httpx.BaseTransport, AttestationHook], httpx.B
                 return self._drive(key_steps(self._core, step))
         if isinstance(step, SaveChannels):
             return step.save()
+        if isinstance(step, Wait):
+            return time.sleep(step.seconds)
         if isinstance(step, Send):
             return self._inner.handle_request(step.request)
         if isinstance(step, ReadBody):
@@ -309,6 +324,8 @@ class AsyncPaygateTransport(
             # Two fsyncs: in a worker thread, so the event loop runs on; awaited, so the
             # payment is sent only once the state is on disk.
             return await asyncio.to_thread(step.save)
+        if isinstance(step, Wait):
+            return await asyncio.sleep(step.seconds)
         if isinstance(step, Send):
             return await self._inner.handle_async_request(step.request)
         if isinstance(step, ReadBody):

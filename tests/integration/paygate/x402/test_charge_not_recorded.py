@@ -217,14 +217,17 @@ async def test_a_vouchers_charge_the_ledger_failed_to_record_gives_its_channel_b
 async def test_a_sealed_whole_reply_whose_charge_was_not_recorded_is_refused_in_the_clear(
     facilitator, usdc, payer, seller, tmp_path, monkeypatch, envelope
 ):
-    """paygate's own client, sealed (v1; v2 with a whole reply): the refusal comes in the
-    clear with its code and nothing sealed; the app's retry (the client pays anew) is served and
-    charged once, the withheld payment released."""
+    """paygate's own client, sealed (v1; v2 with a whole reply), its own retry of a withheld
+    reply off (on: tests/integration/paygate/client/test_client_withheld.py): the refusal
+    comes in the clear with its code and nothing sealed; the app's retry (the client pays anew)
+    is served and charged once, the withheld payment released."""
     ledger = tmp_path / "payments.db"
     settings = {"seller": seller, "facilitator_url": facilitator.url, "ledger": ledger}
     spend = SpendPolicy(max_per_request="0.01", max_total="1", networks=["base-sepolia"])
     async with paid_stack(**settings) as stack:
-        transport = AsyncPaygateTransport(envelope=envelope, wallet=payer, spend=spend)
+        transport = AsyncPaygateTransport(
+            envelope=envelope, wallet=payer, spend=spend, withheld_retries=0
+        )
         async with httpx.AsyncClient(transport=transport, timeout=60) as http:
             refused = fail_once(monkeypatch, PaymentState.SETTLING)
             withheld = await http.post(stack.url + CHAT, json=CHAT_BODY)

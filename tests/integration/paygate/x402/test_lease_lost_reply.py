@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -204,16 +205,21 @@ async def test_a_sealed_v2_stream_of_a_frozen_replica_is_refused_or_cut_never_cl
     facilitator, usdc, payer, seller, tmp_path, monkeypatch, at
 ):
     """paygate's own client, sealed (v2 frames): frozen before its head left, the stream is
-    refused 503 `lease_lost` in the clear; frozen after its body went out, the stream never
-    gets its final frame (nor the receipts sealed in it), and the client's opener refuses it as
-    truncated. Either way nothing is settled and the authorization is released."""
+    refused 503 `lease_lost` in the clear (the client's own retry of a withheld reply off:
+    on, below); frozen after its body went out, the stream never gets its final frame (nor the
+    receipts sealed in it), and the client's opener refuses it as truncated — never sent again
+    (its retry on: a stream that started is not withheld). Either way nothing is settled and the
+    authorization is released."""
     where = (Replies, "send") if at == "before-its-head" else (PaymentSession, "reply_ended")
     freeze = Freeze(monkeypatch, *where)
     ledger = tmp_path / "payments.db"
     settings = {"seller": seller, "facilitator_url": facilitator.url, "ledger": ledger}
     spend = SpendPolicy(max_per_request="0.01", max_total="1", networks=["base-sepolia"])
     async with paid_stack(replica_id="a", lease_seconds=LEASE, **settings) as a:
-        transport = AsyncPaygateTransport(envelope="v2", wallet=payer, spend=spend)
+        retries = 0 if at == "before-its-head" else 1
+        transport = AsyncPaygateTransport(
+            envelope="v2", wallet=payer, spend=spend, withheld_retries=retries
+        )
         async with httpx.AsyncClient(transport=transport, timeout=60) as http:
 
             async def read() -> tuple[int, str | None, bytes]:
@@ -231,10 +237,46 @@ async def test_a_sealed_v2_stream_of_a_frozen_replica_is_refused_or_cut_never_cl
             else:
                 with pytest.raises((ClientError, httpx.TransportError)):
                     await late
+            assert transport.payments[0].withheld == 0
     (record,) = await records(ledger)
     assert record.state is PaymentState.RELEASED
     assert facilitator.stats.calls("settle") == 0
     assert usdc.balance_of(seller) == 0
+
+
+async def test_paygates_client_sends_a_stream_withheld_by_a_frozen_replica_again_charged_once(
+    facilitator, usdc, payer, seller, tmp_path, monkeypatch
+):
+    """The same freeze before the stream's head, the client's retry on (its default): the 503
+    `lease_lost` never reaches the app — after its Retry-After the client sends the same
+    authorization again (re-sealed), the woken replica serves it, and it is settled once; the
+    released payment counts once against max_total."""
+    freeze = Freeze(monkeypatch)
+    ledger = tmp_path / "payments.db"
+    settings = {"seller": seller, "facilitator_url": facilitator.url, "ledger": ledger}
+    spend = SpendPolicy(max_per_request="0.01", max_total="1", networks=["base-sepolia"])
+    async with paid_stack(replica_id="a", lease_seconds=LEASE, **settings) as a:
+        transport = AsyncPaygateTransport(envelope="v2", wallet=payer, spend=spend)
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+
+            async def read() -> tuple[int, bytes]:
+                async with http.stream("POST", a.url + CHAT, json=STREAM_BODY) as response:
+                    return response.status_code, await response.aread()
+
+            late = asyncio.ensure_future(read())
+            async with freeze.frozen(), paid_stack(replica_id="b", **settings):
+                (released,) = await records(ledger)
+                assert released.state is PaymentState.RELEASED
+            status, body = await late
+            assert status == 200, body
+            assert body.count(b"data:") >= 4
+            (payment,) = transport.payments
+            assert (payment.withheld, payment.settled) == (1, True)
+            assert transport.spent == Decimal(PRICE_ATOMIC) / 10**6
+    (record,) = await records(ledger)
+    assert record.state is PaymentState.SETTLED
+    assert facilitator.stats.calls("settle") == 1
+    assert usdc.balance_of(seller) == PRICE_ATOMIC
 
 
 async def test_batch_settlement_a_frozen_replica_woken_after_its_reservation_was_released_claims_no_charge(  # noqa: E501
