@@ -33,8 +33,9 @@ whose outcome is not known yet; a model's token limit for everyone together, ``p
 spent — a payer's own limits, rate and budgets are that payer's doing). A sealed claim refused
 410 ``key_epoch_retired`` or 421 ``wrong_replica`` is doubted although a rotation or a
 balancer's routing may cause it: its open spent a token of the claimed gate's rate, so a
-flood of claims naming a retired key would otherwise take that rate undoubted. Only a *verified* payment clears a doubt: a request priced at
-nothing is admitted without its header being looked at.
+flood of claims naming a retired key would otherwise take that rate undoubted. Only a
+*verified* payment clears a doubt: a request priced at nothing is admitted without its header
+being looked at.
 
 **Wide IPv6 allocations.** Per address is :func:`~paygate.server.forwarded.address_key` (an
 IPv6 host by its ``ipv6_prefix``, /64 by default): but a /48 holds 65,536 /64s and a /32 four
