@@ -15,7 +15,7 @@ from typing import Protocol
 
 from enclave import DecryptionError, ReplyKeys
 from paygate import jsonsafe, wire
-from paygate.client.errors import ReplyOpenFailed
+from paygate.client.errors import PaymentRefused, ReplyOpenFailed
 from paygate.wire import NDJSON, SSE
 from paygate.x402 import codec
 from paygate.x402.inband import NDJSON_KEY as NDJSON_RECEIPT_KEY
@@ -23,6 +23,7 @@ from paygate.x402.inband import SSE_PREFIX as SSE_RECEIPT_PREFIX
 from paygate.x402.models import SettleResponse
 
 _SSE_DONE = b"data: [DONE]"
+SETTLEMENT_PENDING = "settlement_pending"  # the seller settles later: not a refusal
 _NDJSON_DONE = re.compile(rb'"done"\s*:\s*true')
 # The receipt line is short; an NDJSON final line may carry Ollama's context array. Longer
 # lines are passed through unscanned.
@@ -43,6 +44,7 @@ class ReceiptScanner:
         self._overflow = False
         self.found = False
         self.content_ended = False  # the last event/line of content has been seen
+        self.refused: str | None = None  # the receipt says its settlement failed: why
 
     @property
     def active(self) -> bool:
@@ -101,6 +103,9 @@ class ReceiptScanner:
         except codec.PaymentHeaderError as exc:
             self._sink(None, str(exc))
             return
+        if not receipt.success and receipt.error_reason != SETTLEMENT_PENDING:
+            # Refused for good after the content went out (a pending one settles later).
+            self.refused = receipt.error_reason or "settle_failed"
         self._sink(receipt, None)
 
 
@@ -139,6 +144,10 @@ class PlainDecoder:
     def end(self) -> list[bytes]:
         if self._scanner is not None:
             self._scanner.finish()
+            if self._scanner.refused is not None:
+                # The seller could not settle the payment: the reply is not paid for, as a
+                # whole reply's 402 says; its end is not handed out as a clean one.
+                raise PaymentRefused(self._scanner.refused)
         return []
 
     @property

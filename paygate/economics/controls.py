@@ -183,6 +183,9 @@ class Economics:
                         "token_limit_exceeded",
                         "too many tokens in the last minute; retry later",
                         headers={"Retry-After": str(int(WINDOW_SECONDS))},
+                        # Everyone's tokens together: this server's budget, not the caller's
+                        # doing (a claim refused so is not doubted: paygate.server.claims).
+                        server_side=who is None,
                     )
         return None
 

@@ -28,9 +28,14 @@ well as the claimed one; moving the doubted address into the unpaid gate bounds 
 unpaid caller is bounded, no more (it could send unpaid requests anyway). A refusal that is not
 the sender's doing doubts nobody: a 5xx (a dependency down), the gate's own 429 (the address's
 open slot taken: nothing was opened), or a 4xx the payment step marks as the server's own
-failure (``server_side``: a batch-settlement refund whose channel cannot be read on chain, or
-whose outcome is not known yet). Only a *verified* payment clears a doubt: a request priced at
-nothing is admitted without its header being looked at.
+doing (``server_side``: a batch-settlement refund whose channel cannot be read on chain, or
+whose outcome is not known yet; a model's token limit for everyone together, ``per_model``,
+spent — a payer's own limits, rate and budgets are that payer's doing). A sealed claim refused
+410 ``key_epoch_retired`` or 421 ``wrong_replica`` is doubted although a rotation or a
+balancer's routing may cause it: its open spent a token of the claimed gate's rate, so a
+flood of claims naming a retired key would otherwise take that rate undoubted. Only a
+*verified* payment clears a doubt: a request priced at nothing is admitted without its header
+being looked at.
 
 **Wide IPv6 allocations.** Per address is :func:`~paygate.server.forwarded.address_key` (an
 IPv6 host by its ``ipv6_prefix``, /64 by default): but a /48 holds 65,536 /64s and a /32 four
@@ -117,7 +122,8 @@ _NO_HEADERS: Mapping[str, str] = {}
 def doubts(refusal: GatewayError) -> bool:
     """Does ``refusal`` of a claim, met once its body was read, doubt its address? Any 4xx of
     the sender's doing; not the open gate's own per-address refusal (raised before an open),
-    nor a payment step's refusal for its own failure (``server_side``: a chain unreadable)."""
+    nor a payment step's refusal of its own doing (``server_side``: a chain unreadable, a
+    model-wide token limit)."""
     if isinstance(refusal, HttpPaymentRefusal) and refusal.server_side:
         return False
     return 400 <= refusal.status < 500 and not isinstance(refusal, TooManyUploads)

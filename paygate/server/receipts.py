@@ -249,6 +249,8 @@ class InbandSignedReceipt:
 
     ``reply_digest`` covers what it passed on before the receipt: SSE up to the comment,
     NDJSON up to the done line plus that line as it came (without the joined entry).
+    ``sign`` returns None when no receipt may be signed (a charge refused for good): the end
+    then goes without one.
     """
 
     def __init__(self, media_type: str, sign: Callable[[str, object], Any]) -> None:
@@ -272,17 +274,23 @@ class InbandSignedReceipt:
                 # final line of its own, after everything.
                 self._own.update(rest)
                 token = await self._sign(self._own.digest(), end)
+                if token is None:
+                    return rest
                 line = json.dumps({NDJSON_KEY: token, "done": True}, separators=(",", ":"))
                 return rest + line.encode() + b"\n"
             # The upstream's bytes stay as they were: the entry goes before the last "}".
             self._own.update(first + sep)
             token = await self._sign(self._own.digest(), end)
+            if token is None:
+                return first + sep
             body = first.rstrip()
             entry = json.dumps({NDJSON_KEY: token}, separators=(",", ":")).encode()[1:]
             joined = body[:-1] + (b"," if done else b"") + entry
             return joined + first[len(body) :] + sep
         self._own.update(tail)
         token = await self._sign(self._own.digest(), end)
+        if token is None:
+            return tail
         return tail + SSE_PREFIX + token.encode("ascii") + b"\n\n"
 
 

@@ -83,6 +83,12 @@ class StreamEnd:
     receipt: Receipt | None = None
     error: str | None = None  # an in-band error code: the stream was ended early on purpose
 
+    @property
+    def charged(self) -> bool:
+        """Whether a signed receipt may state the charge: not when its settlement was refused
+        for good (or its outcome is withheld for review): no receipt claims a failed charge."""
+        return self.receipt is None or not self.receipt.withhold
+
 
 class BodyTransform(Protocol):
     """One step of a streamed reply's body pipeline (sans-IO)."""
@@ -458,9 +464,11 @@ class Replies:
         if facts is not None and self._receipts is not None and media in wire.STREAM_MEDIA_TYPES:
             issuer = self._receipts
 
-            async def sign(digest: str, end: StreamEnd) -> str:
+            async def sign(digest: str, end: StreamEnd) -> str | None:
                 # The upstream's body has ended and the payment settled: usage and charge are
-                # known now.
+                # known now. None when the charge was refused for good: nothing may claim it.
+                if not end.charged:
+                    return None
                 usage = usage_claims(reply.usage, session.admission.meter)
                 token = await issuer.token(
                     facts, digest, payment=_payment(session, end.receipt or known), usage=usage
@@ -525,6 +533,10 @@ class Replies:
                 # Stalled past its lease mid-stream: the charge was not recorded, so the end
                 # (the receipts, a v2 final frame) never goes: the caller sees it cut.
                 raise _withheld(session)
+            # Settled, or refused for good (the payer moved the funds since verify, the
+            # facilitator said invalid): then what went out is not paid for, and the end says
+            # so with the refusing x402 receipt (what a whole reply's 402 carries) and no
+            # signed receipt, which would claim the charge (StreamEnd.charged).
             tail = await chain.finish(StreamEnd(receipt=receipt, error=error))
             if tail:
                 await response.write(tail)

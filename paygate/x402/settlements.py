@@ -307,7 +307,9 @@ class Settlements:
         answer = settlement.answer()
         self.events.settlement("settled", time.monotonic() - started)
         self.events.earned(record.network, record.asset, settlement.amount)
-        log.info("payment %s settled", record.id)
+        # A charge to the channel, not money moved (that is the claim's, logged at INFO once
+        # per transaction); at INFO, a line per voucher request (~1.3 % of its CPU, profiled).
+        log.debug("payment %s charged to its channel", record.id)
         admission.receipt = Receipt(record.x402_version, with_usage(answer, admission.record))
         if token is not None and admission.publish_receipt is not None:
             # In this (shielded) task, not the request's: a caller gone now leaves no kept
@@ -359,7 +361,10 @@ class Settlements:
             log.error("payment %s: cannot record %s: %s", record.id, state, exc.code)
         if answer.success:
             self.events.earned(record.network, record.asset, moved(answer, admission.owed))
-            log.info("payment %s settled", record.id)
+            if admission.scheme.settles_in_ledger:  # a channel's charge: see _settle_in_ledger
+                log.debug("payment %s charged to its channel", record.id)
+            else:
+                log.info("payment %s settled", record.id)
         else:
             log.warning("payment %s settlement refused: %s", record.id, answer.error_reason)
         return Receipt(record.x402_version, with_usage(answer, record), withhold=not answer.success)

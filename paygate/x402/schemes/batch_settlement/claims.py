@@ -111,7 +111,13 @@ class ClaimLoop:
             for entry in claim.entries:
                 await self.store.claimed(entry.channel_id, entry.total)
             await self.store.claim_moved(claim.id, "settled", None)
-            log.info("claim settled: %d channels", len(claim.entries))
+            count = len(claim.entries)
+            log.info(
+                "claim %s settled on chain: %d channel%s",
+                claim.tx_hash,
+                count,
+                "" if count == 1 else "s",
+            )
             return
         # Not (or not all) on chain: a reverted or never-sent claim. Drop it; the channels are
         # still owed and the next claim takes them again.

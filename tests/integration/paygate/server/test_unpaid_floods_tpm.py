@@ -729,3 +729,39 @@ async def test_claims_whose_bodies_were_read_at_once_are_doubted_by_the_first_re
             go.set()
             async with asyncio.timeout(30):
                 assert await second == 503
+
+
+@pytest.mark.parametrize(("scope", "doubted"), [("per_model", False), ("per_payer", True)])
+async def test_a_model_wide_token_limit_doubts_nobody(
+    tpm_key: TpmKey,
+    facilitator: Any,
+    usdc: Any,
+    payer: Any,
+    seller: str,
+    tmp_path: Path,
+    scope: str,
+    doubted: bool,
+) -> None:
+    """A model's token limit for everyone together (``per_model``) is the server's budget, not
+    the caller's doing: a claim it refuses (429 after the claim's open) leaves its address
+    believed — its next claim goes through the claimed gate while the unpaid gate is spent, and
+    is answered by the limit again, not 503. A payer's own limit (``per_payer``) is that
+    payer's doing, like its rate: doubted."""
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / "payments.db",
+        model_prices={"fake-llama": "0.002"},
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+        token_limits={"*": {scope: 1}},  # the first request fills the window
+    )
+    async with running_stack(key=tpm_key, **settings) as stack:
+        pay = _payments(stack, await challenge_of(stack, CHAT, CHAT_BODY), payer)
+        async with _session(CALLER, 2) as caller, _session(FLOOD, 2) as refused:
+            assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 200
+            assert await _post(refused, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 429
+            drained = await _drain_unpaid_gate(refused, stack)
+            assert set(drained) <= {402, 503}, drained
+            again = await _post(refused, stack, _sealed(stack).blob, {**SEALED, **pay()})
+    assert again == (503 if doubted else 429)
+    assert usdc.balance_of(seller) == 2000

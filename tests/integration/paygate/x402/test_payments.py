@@ -27,6 +27,7 @@ from tests.fixtures.payment_support import (
     CHAT_BODY,
     PRICE_ATOMIC,
     challenge_of,
+    drain_wallet,
     paid_stack,
     post,
     receipt_of,
@@ -398,7 +399,7 @@ async def test_settle_refused_for_good_withholds_a_whole_reply(
         header = await v2_header(stack, payer)
         request = asyncio.ensure_future(post(stack, header))
         await eventually(lambda: facilitator.stats.settle_calls == 1, timeout=10)
-        await asyncio.to_thread(_drain_wallet, anvil, payer)
+        await asyncio.to_thread(drain_wallet, anvil, payer)
         status, headers, raw = await request
     assert status == 402
     assert headers["X-Paygate-Error"] == "settlement_failed"
@@ -407,18 +408,6 @@ async def test_settle_refused_for_good_withholds_a_whole_reply(
     (record,) = await records(ledger)
     assert record.state is PaymentState.FAILED
     assert usdc.balance_of(seller) == 0
-
-
-def _drain_wallet(anvil, payer) -> None:
-    # Anvil impersonation moves the payer's tokens away without the payer's ETH.
-    token = anvil.token()
-    balance = token.functions.balanceOf(payer.address).call()
-    anvil.rpc("anvil_impersonateAccount", [payer.address])
-    anvil.rpc("anvil_setBalance", [payer.address, hex(10**18)])
-    tx = token.functions.transfer("0x" + "00" * 19 + "01", balance).transact(
-        {"from": payer.address}
-    )
-    anvil.wait_for_receipt(tx.hex() if hasattr(tx, "hex") else tx)
 
 
 async def test_caller_disconnect_mid_stream_still_settles(facilitator, usdc, payer, seller, ledger):

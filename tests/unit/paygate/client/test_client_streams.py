@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from enclave import SoftwareKey, seal_v2
-from paygate.client import ReplyOpenFailed
+from paygate.client import PaymentRefused, ReplyOpenFailed
 from paygate.client.streams import (
     MAX_SCANNED_LINE,
     NDJSON,
@@ -148,3 +148,29 @@ def test_tail_is_wanted_only_between_content_end_and_receipt() -> None:
     decoder.feed(b": x402-payment-response " + codec.encode(RECEIPT).encode() + b"\n\n")
     assert not decoder.wants_tail
     assert not PlainDecoder(None).wants_tail
+
+
+@pytest.mark.parametrize("media", [SSE, NDJSON])
+@pytest.mark.parametrize(
+    ("reason", "refused"),
+    [("invalid_exact_evm_insufficient_balance", True), ("settlement_pending", False)],
+)
+def test_a_stream_whose_settlement_was_refused_raises_at_its_end(
+    media: str, reason: str, refused: bool
+) -> None:
+    """The content is handed out; the end raises the refusal (a pending settlement ends
+    cleanly: it settles later)."""
+    failed = SettleResponse(success=False, error_reason=reason, transaction="", network="eip155:1")
+    writer = InbandReceiptWriter(media)
+    chunks = SSE_EVENTS if media == SSE else NDJSON_LINES
+    data = b"".join(writer.feed(chunk) for chunk in chunks) + writer.close(codec.encode(failed))
+    sink = Sink()
+    decoder = PlainDecoder(ReceiptScanner(media, sink))
+    assert b"".join(decoder.feed(data)) == data
+    if refused:
+        with pytest.raises(PaymentRefused) as raised:
+            decoder.end()
+        assert raised.value.reason == reason
+    else:
+        assert decoder.end() == []
+    assert sink.receipts == [failed]

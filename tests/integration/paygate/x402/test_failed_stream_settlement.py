@@ -1,0 +1,126 @@
+"""A stream whose settlement is refused for good after its content went out: the payer moves
+the funds between verify and settle, so the transfer the facilitator sends reverts. On real
+components (the gateway, the FAKE model server, anvil with the SDK's facilitator).
+
+The content cannot be taken back, but nothing may claim it was paid for: the stream's end
+carries the refusing x402 receipt (what a whole reply's 402 carries) and no signed receipt —
+one would state ``charged`` with ``transaction: pending`` for a charge that failed. paygate's
+client raises the refusal at the stream's end rather than ending it cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+
+from paygate import wire
+from paygate.client import AsyncPaygateTransport, PaymentRefused, SpendPolicy
+from paygate.server.receipts import NDJSON_KEY as SIGNED_RECEIPT_KEY
+from paygate.server.receipts import SSE_PREFIX as SIGNED_RECEIPT_LINE
+from paygate.x402.inband import NDJSON_KEY as PAYMENT_RECEIPT_KEY
+from paygate.x402.inband import SSE_PREFIX as PAYMENT_RECEIPT_LINE
+from paygate.x402.ledger import PaymentState
+from tests.fixtures.gateway_support import eventually
+from tests.fixtures.payment_support import (
+    CHAT,
+    CHAT_BODY,
+    drain_wallet,
+    paid_stack,
+    records,
+    v2_header,
+)
+
+GENERATE = "/api/generate"
+STREAMS = [
+    (CHAT, {**CHAT_BODY, "stream": True, "fake": {"chunks": 4}}),
+    (GENERATE, {"model": "fake-llama", "prompt": "hi", "fake": {"chunks": 4}}),
+]
+
+
+async def _read(url: str, path: str, header: str, body: Any) -> tuple[int, bytes]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as client,
+        client.post(url + path, json=body, headers={wire.PAYMENT_SIGNATURE: header}) as response,
+    ):
+        return response.status, await response.read()  # raises if the stream was cut
+
+
+def _payment_receipt(path: str, raw: bytes) -> dict[str, Any]:
+    if path == CHAT:
+        (line,) = [ln for ln in raw.splitlines() if ln.startswith(PAYMENT_RECEIPT_LINE)]
+        value = line[len(PAYMENT_RECEIPT_LINE) :]
+    else:
+        done = json.loads(raw.splitlines()[-1])
+        assert done["done"] is True
+        value = done[PAYMENT_RECEIPT_KEY]
+    return json.loads(base64.b64decode(value))
+
+
+@pytest.mark.parametrize(("path", "body"), STREAMS, ids=["sse", "ndjson"])
+async def test_a_stream_whose_settlement_failed_ends_with_the_refusal_and_no_signed_receipt(
+    facilitator, usdc, anvil, payer, seller, tmp_path, path, body
+):
+    ledger = tmp_path / "payments.db"
+    facilitator.set_fault("slow", "settle", delay=2.0)
+    async with paid_stack(seller=seller, facilitator_url=facilitator.url, ledger=ledger) as stack:
+        header = await v2_header(stack, payer, path, body)
+        reading = asyncio.ensure_future(_read(stack.url, path, header, body))
+        await eventually(lambda: facilitator.stats.settle_calls == 1, timeout=10)
+        await asyncio.to_thread(drain_wallet, anvil, payer)
+        status, raw = await reading
+    assert status == 200
+    assert b"fake" in raw  # the content went before its settlement
+    receipt = _payment_receipt(path, raw)
+    assert receipt["success"] is False
+    assert receipt["errorReason"]
+    assert SIGNED_RECEIPT_LINE not in raw
+    assert SIGNED_RECEIPT_KEY.encode() not in raw
+    (record,) = await records(ledger)
+    assert record.state is PaymentState.FAILED
+    assert usdc.balance_of(seller) == 0
+
+
+async def test_paygate_client_raises_the_refusal_at_a_sealed_streams_end(
+    facilitator, usdc, anvil, payer, seller, tmp_path
+):
+    """Sealed v2: the final frame comes (the stream is whole, not cut) and holds the refusal
+    and no signed receipt; the client hands out the content, then raises PaymentRefused."""
+    ledger = tmp_path / "payments.db"
+    facilitator.set_fault("slow", "settle", delay=2.0)
+    spend = SpendPolicy(max_per_request="0.01", max_total="1", networks=["base-sepolia"])
+    body = STREAMS[0][1]
+    async with paid_stack(seller=seller, facilitator_url=facilitator.url, ledger=ledger) as stack:
+        transport = AsyncPaygateTransport(envelope="v2", wallet=payer, spend=spend)
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+
+            async def read() -> tuple[bytes, BaseException | None]:
+                plain = bytearray()
+                async with http.stream("POST", stack.url + CHAT, json=body) as response:
+                    assert response.status_code == 200
+                    assert response.headers.get(wire.ENVELOPE_HEADER) == "v2"
+                    try:
+                        async for chunk in response.aiter_bytes():
+                            plain.extend(chunk)
+                    except PaymentRefused as exc:
+                        return bytes(plain), exc
+                return bytes(plain), None
+
+            reading = asyncio.ensure_future(read())
+            await eventually(lambda: facilitator.stats.settle_calls == 1, timeout=10)
+            await asyncio.to_thread(drain_wallet, anvil, payer)
+            plain, error = await reading
+            sent = transport.last_payment
+    assert isinstance(error, PaymentRefused), error
+    assert b"data: [DONE]" in plain
+    assert SIGNED_RECEIPT_LINE not in plain
+    assert sent.receipt is not None
+    assert not sent.settled
+    assert error.reason == sent.receipt.error_reason
+    (record,) = await records(ledger)
+    assert record.state is PaymentState.FAILED
+    assert usdc.balance_of(seller) == 0
