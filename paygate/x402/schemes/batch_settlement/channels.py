@@ -194,9 +194,9 @@ class Channels:
         """A cooperative refund (:meth:`.Refunds.refund`)."""
         return await self.refunds.refund(checked, requirements)
 
-    async def claim_once(self) -> int:
+    async def claim_once(self, *, withdrawing_only: bool = False) -> int:
         """One claim pass (:meth:`.ClaimLoop.claim_once`): the channels claimed."""
-        return await self.claims.claim_once()
+        return await self.claims.claim_once(withdrawing_only=withdrawing_only)
 
     async def claim_forever(self) -> None:
         await self.claims.claim_forever()

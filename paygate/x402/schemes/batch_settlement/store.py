@@ -589,6 +589,15 @@ class ChannelStore:
         )
         return [_channel(r) for r in rows]
 
+    async def withdrawing(self, limit: int) -> list[Channel]:
+        """Channels whose payer's withdrawal is pending, soonest due first: at most ``limit``."""
+        _, rows = await self._sql(
+            f"SELECT {_COLUMNS} FROM bs_channels WHERE withdraw_due IS NOT NULL"  # noqa: S608 - constant
+            " ORDER BY withdraw_due LIMIT ?",
+            (limit,),
+        )
+        return [_channel(r) for r in rows]
+
     async def unspent_after(self, after: str, limit: int) -> list[Channel]:
         """Channels holding more than was claimed, by id after ``after``: at most ``limit``."""
         _, rows = await self._sql(

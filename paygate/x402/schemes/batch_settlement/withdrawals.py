@@ -10,7 +10,8 @@ is kept in the ledger, ``bs_scan``), and for each of this ledger's channels they
 the contract's views (``pendingWithdrawals``, ``channels``) at the newest block and mirrors
 them: the withdrawal pending (``withdraw_requested_at``, its amount, and when it can finish
 by this host's clock) and the balance (lowered once it finished). Events only say which
-channels to read; the views are the truth, so readings are idempotent and order-free.
+channels to read; the views are the truth, so readings are idempotent and order-free. The
+channels whose withdrawal is pending are read again every pass.
 
 The first scan of a ledger starts at the newest block and reads the channels already there
 (those holding more than was claimed, a page a pass), so a withdrawal requested before the
@@ -43,8 +44,10 @@ MAX_RANGES = 10
 # Blocks scanned again each pass: an event in a block reorganised away and mined again in a
 # later block at or below the last one scanned is still seen.
 REORG_BLOCKS = 8
-# Channels read per pass by the first scan's check of the channels already in the ledger.
+# Channels read per pass by the first scan's check of the channels already in the ledger, and
+# of the channels whose withdrawal is pending (soonest due first).
 CHECK_PAGE = 100
+WITHDRAWING_READ = 500
 
 
 class WithdrawalScan:
@@ -77,6 +80,9 @@ class WithdrawalScan:
                 if channel.channel_id in starts or channel.withdraw_due is not None:
                     ids.add(channel.channel_id)
             first = last + 1
+        # The withdrawals known are read again each pass: their due time follows the chain's
+        # clock, and a finish whose event a lagging node had not returned yet is still seen.
+        ids.update(c.channel_id for c in await self.store.withdrawing(WITHDRAWING_READ))
         read = 0
         for channel in await self.store.known(sorted(ids)):
             await self._read(channel, head)
