@@ -107,6 +107,13 @@ async def test_vouchers_after_a_withdrawal_request_are_refused_before_it_can_fin
         status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
         assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
         assert stack.fake.completed[COMPLETIONS] == served
+        # The 402 states the channel as the SDK reports it: its withdrawal requested then.
+        state = batch_offer(receipt_of(headers, wire.PAYMENT_REQUIRED))["extra"]["channelState"]
+        requested = anvil.w3.eth.get_block("latest")["timestamp"] - 901
+        assert requested - 5 <= state["withdrawRequestedAt"] <= requested
+        assert (
+            "voucherState" not in batch_offer(receipt_of(headers, wire.PAYMENT_REQUIRED))["extra"]
+        )
         # The payer finishes: the next pass mirrors the balance it left.
         _payer_sends(anvil, payer, settlement.functions.finalizeWithdraw(config))
         await _pass(ledger, anvil, gas_key)
