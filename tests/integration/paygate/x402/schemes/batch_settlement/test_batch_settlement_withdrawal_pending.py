@@ -212,3 +212,44 @@ async def test_a_top_up_covering_the_withdrawal_serves_the_channel_again(
         channel.charged_by(receipt_of(headers), offer)
         status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
         assert status == 200, body
+
+
+async def test_a_withdrawal_cancelled_by_a_refund_serves_the_channel_again_at_once(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """The contract cancels a pending withdrawal when a refund returns at least its amount:
+    the refund's own reading clears it in the ledger (no wait for the claim loop's scan), so
+    after a top-up every voucher the balance covers is served — not only those under what the
+    cancelled withdrawal would have left."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        _payer_sends(
+            anvil,
+            payer,
+            _settlement(anvil).functions.initiateWithdraw(
+                config_tuple(channel.config), DEPOSIT - PRICE_ATOMIC
+            ),
+        )
+        _later(anvil, monkeypatch, 901)
+        await _pass(ledger, anvil, gas_key)
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
+        status, headers, body = await post(
+            stack, header_for(required, channel.refund(DEPOSIT - PRICE_ATOMIC))
+        )
+        assert status == 200, body
+        async with claimer(ledger, anvil, gas_key) as channels:
+            cleared = await channels.store.get(channel.channel_id)
+        assert cleared is not None
+        assert (cleared.withdraw_due, cleared.withdraw_requested_at) == (None, 0)
+        assert cleared.balance == PRICE_ATOMIC
+        status, headers, body = await post(
+            stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+        )
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+        for _ in range(3):  # past what the cancelled withdrawal would have left (2 prices)
+            status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+            assert status == 200, body
+            channel.charged_by(receipt_of(headers), offer)
