@@ -32,8 +32,7 @@ from paygate.x402.settler import SettlementUnknown, SettlerUnavailable
 log = logging.getLogger("paygate.x402")
 
 # Seconds a channel's voucher must be claimable before its payer's withdrawal can finish:
-# the claim's transaction mined, a claimer's lease taken over, this host's clock against the
-# chain's.
+# the claim's transaction mined, this host's clock against the chain's and the replicas'.
 WITHDRAW_MARGIN = 120.0
 
 
@@ -79,7 +78,9 @@ class ClaimLoop:
         claim up to ``max_per_claim`` owed channels (those whose withdrawal is pending first;
         with ``withdrawing_only``, only those) in one transaction and prove it. Returns the
         channels claimed."""
-        lease = max(self.claim_interval, 30.0) * 2
+        # Let go at the end of the pass; a claimer that died in one holds it this long: scaled
+        # to the wakes, not the claim interval (a withdrawal must be learnt within its delay).
+        lease = max(self.scan_every, 30.0) * 2
         if not await self.store.take_claimer(self.replica, lease):
             return 0
         try:
