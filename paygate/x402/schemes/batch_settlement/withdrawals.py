@@ -34,13 +34,16 @@ from paygate.x402.schemes.batch_settlement.chain import (
     Head,
 )
 from paygate.x402.schemes.batch_settlement.store import Channel, ChannelStore
+from paygate.x402.settler import SettlerUnavailable
 
 log = logging.getLogger("paygate.x402")
 
 # Blocks asked for in one eth_getLogs (public RPC endpoints cap a range near this), and the
 # ranges one pass scans at most (a claimer far behind catches up over several passes).
 RANGE_BLOCKS = 2_000
-MAX_RANGES = 10
+MAX_RANGES = 10  # (a range refused by the endpoint is asked again a quarter the size)
+# Channel ids looked up in the ledger in one query (the events name any receiver's channels).
+KNOWN_BATCH = 500
 # Blocks scanned again each pass: an event in a block reorganised away and mined again in a
 # later block at or below the last one scanned is still seen.
 REORG_BLOCKS = 8
@@ -69,24 +72,37 @@ class WithdrawalScan:
         ids: set[str] = set()
         last = scanned
         first = max(0, scanned + 1 - REORG_BLOCKS)
+        size = RANGE_BLOCKS
         for _ in range(MAX_RANGES):
             if first > head.block:
                 break
-            last = min(first + RANGE_BLOCKS - 1, head.block)
-            moves = await self.chain.withdrawal_moves(first, last)
+            end = min(first + size - 1, head.block)
+            try:
+                moves = await self.chain.withdrawal_moves(first, end)
+            except SettlerUnavailable:
+                if end == first:
+                    raise
+                # An endpoint refusing the range (too many logs, too many blocks): smaller.
+                size = max(1, (end - first + 1) // 4)
+                continue
+            last = end
             starts = {cid for cid, topic in moves if topic in (WITHDRAW_REQUESTED, WITHDRAWN)}
-            for channel in await self.store.known(sorted({cid for cid, _ in moves})):
-                # A refund's or deposit's event matters only to a withdrawal already known.
-                if channel.channel_id in starts or channel.withdraw_due is not None:
-                    ids.add(channel.channel_id)
+            named = sorted({cid for cid, _ in moves})
+            for at in range(0, len(named), KNOWN_BATCH):
+                for channel in await self.store.known(named[at : at + KNOWN_BATCH]):
+                    # A refund's or deposit's event matters only to a withdrawal already known.
+                    if channel.channel_id in starts or channel.withdraw_due is not None:
+                        ids.add(channel.channel_id)
             first = last + 1
         # The withdrawals known are read again each pass: their due time follows the chain's
         # clock, and a finish whose event a lagging node had not returned yet is still seen.
         ids.update(c.channel_id for c in await self.store.withdrawing(WITHDRAWING_READ))
         read = 0
-        for channel in await self.store.known(sorted(ids)):
-            await self._read(channel, head)
-            read += 1
+        wanted = sorted(ids)
+        for at in range(0, len(wanted), KNOWN_BATCH):
+            for channel in await self.store.known(wanted[at : at + KNOWN_BATCH]):
+                await self._read(channel, head)
+                read += 1
         if checked_after is not None:  # the first scan's check, a page a pass
             page = await self.store.unspent_after(checked_after, CHECK_PAGE)
             for channel in page:
@@ -98,20 +114,35 @@ class WithdrawalScan:
 
     async def _read(self, channel: Channel, head: Head) -> None:
         """Mirror the channel's withdrawal and balance as the contract holds them at ``head``."""
-        pending = await self.chain.pending_withdrawal(channel.channel_id, head.block)
         on_chain = await self.chain.state(channel.channel_id, since=head.block)
         await self.store.refunded(
             channel.channel_id, on_chain.balance, on_chain.total_claimed, block=on_chain.block
         )
-        due = None
-        if pending.amount > 0:
-            ahead = max(0.0, head.timestamp - self._clock())
-            due = pending.requested_at + channel.config.withdraw_delay - ahead
-            if channel.withdraw_due is None:
-                log.warning("a payer requested a withdrawal from a channel: claimed first")
-        await self.store.withdrawal(
-            channel.channel_id,
-            requested_at=pending.requested_at if pending.amount > 0 else 0,
-            amount=pending.amount,
-            due=due,
-        )
+        await mirror_withdrawal(self.store, self.chain, channel, head, self._clock)
+
+
+async def mirror_withdrawal(
+    store: ChannelStore,
+    chain: ChannelChain,
+    channel: Channel,
+    head: Head | None,
+    clock: Callable[[], float],
+) -> None:
+    """Mirror the payer's withdrawal pending on ``channel`` as the contract holds it at
+    ``head`` (None: the newest block)."""
+    head = head or await chain.head()
+    pending = await chain.pending_withdrawal(channel.channel_id, head.block)
+    due = None
+    if pending.amount > 0:
+        ahead = max(0.0, head.timestamp - clock())
+        due = pending.requested_at + channel.config.withdraw_delay - ahead
+        if channel.withdraw_due is None:
+            log.warning("a payer requested a withdrawal from a channel: claimed first")
+    elif channel.withdraw_due is None:
+        return  # nothing pending, nothing known: no write
+    await store.withdrawal(
+        channel.channel_id,
+        requested_at=pending.requested_at if pending.amount > 0 else 0,
+        amount=pending.amount,
+        due=due,
+    )

@@ -253,3 +253,35 @@ async def test_a_withdrawal_cancelled_by_a_refund_serves_the_channel_again_at_on
             status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
             assert status == 200, body
             channel.charged_by(receipt_of(headers), offer)
+
+
+async def test_a_channel_new_to_the_ledger_has_its_earlier_withdrawal_read_at_its_deposit(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """A channel funded before this ledger knew it (on chain, or through another gateway's
+    ledger), its withdrawal requested then — in blocks the claimer's scan may have passed
+    before the channel was this ledger's: the first deposit here reads it, so vouchers past
+    what the withdrawal leaves are refused at once, with no claim pass between."""
+    async with chain_batch(seller, tmp_path / "elsewhere.db", anvil, gas_key) as stack:
+        _, _, elsewhere = await opened_channel(stack, payer, deposit=DEPOSIT)
+    _payer_sends(
+        anvil,
+        payer,
+        _settlement(anvil).functions.initiateWithdraw(config_tuple(elsewhere.config), DEPOSIT),
+    )
+    _later(anvil, monkeypatch, 901)
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        assert channel.channel_id == elsewhere.channel_id
+        async with claimer(ledger, anvil, gas_key) as channels:
+            known = await channels.store.get(channel.channel_id)
+        assert known is not None
+        assert (known.balance, known.withdraw_amount) == (2 * DEPOSIT, DEPOSIT)
+        assert known.withdraw_due is not None
+        while channel.charged + PRICE_ATOMIC <= DEPOSIT:  # what the withdrawal leaves
+            status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+            assert status == 200, body
+            channel.charged_by(receipt_of(headers), offer)
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
