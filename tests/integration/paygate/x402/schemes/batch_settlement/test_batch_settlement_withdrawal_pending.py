@@ -286,3 +286,34 @@ async def test_a_channel_new_to_the_ledger_has_its_earlier_withdrawal_read_at_it
             channel.charged_by(receipt_of(headers), offer)
         status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
         assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
+
+
+async def test_through_the_sdk_facilitator_a_withdrawing_channel_is_claimed_before_its_delay(
+    anvil, usdc, payer, seller, tmp_path, facilitator, gas_key, rewound
+):
+    """Facilitator mode: the scan reads the chain with the gateway's own RPC endpoint, and the
+    withdrawing channel's claim goes through the facilitator, proven on chain: the seller is
+    paid before the payer's withdrawal can finish."""
+    ledger = tmp_path / "payments.db"
+    seller_before = usdc.balance_of(seller)
+    settings = {"payment_mode": "facilitator", "facilitator_url": facilitator.url}
+    async with chain_batch(seller, ledger, anvil, gas_key, **settings) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+        async with claimer(ledger, anvil, gas_key, facilitator_url=facilitator.url) as channels:
+            assert await channels.claim_once(withdrawing_only=True) == 0
+            _payer_sends(
+                anvil,
+                payer,
+                _settlement(anvil).functions.initiateWithdraw(
+                    config_tuple(channel.config), DEPOSIT
+                ),
+            )
+            assert await channels.claim_once(withdrawing_only=True) == 1
+            claimed = await channels.store.get(channel.channel_id)
+        assert claimed is not None
+        assert claimed.total_claimed == 2 * PRICE_ATOMIC
+        assert claimed.withdraw_amount == DEPOSIT
+        assert usdc.balance_of(seller) == seller_before + 2 * PRICE_ATOMIC
