@@ -58,6 +58,7 @@ TABLES: tuple[Table, ...] = (
     Table("bs_channels", ("channel_id",)),
     Table("bs_vouchers", ("channel_id", "max_claimable")),
     Table("bs_claims", ("id",)),
+    Table("bs_scan", ("id",)),
 )
 #: Tables of the schema that are the store's own, not data.
 NOT_COPIED = frozenset({"ledger_schema", "sqlite_sequence"})

@@ -21,6 +21,9 @@ v13: batch-settlement vouchers by when they were recorded (retention's prune). v
 block each batch-settlement channel's balance was read at (a reading never undoes a newer one).
 v15: a receipt's leaf recorded in the transparency log once (``tlog_receipts``: a unique key;
 twins resolved), and the log's recovery scanned by one replica at a time (``tlog_recovery``).
+v16: a batch-settlement payer's timed withdrawal, learnt from the contract's events
+(``bs_channels.withdraw_requested_at``/``withdraw_amount``/``withdraw_due``; the scan's place
+in ``bs_scan``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Literal
 from paygate.x402.ledger import PaymentState
 
 SqlDialect = Literal["sqlite", "postgres"]
-SCHEMA_VERSION = 15
+SCHEMA_VERSION = 16
 
 # What differs between the dialects, by name: (SQLite, PostgreSQL).
 _WORDS: dict[str, tuple[str, str]] = {
@@ -329,6 +332,23 @@ def migrations(dialect: SqlDialect) -> dict[int, tuple[str, ...]]:
                 f"payment_id {text}",
                 f"kind {text}",
                 f"checked {real}  -- every receipt kept before this was checked against the log",
+            ),
+        ),
+        # A payer's timed withdrawal, learnt by the claimer's scan of the settlement contract's
+        # withdrawal events (batch_settlement.withdrawals): when it was requested (the chain's
+        # clock, 0: none pending), its amount, and when it can finish by this ledger's clock
+        # (NULL: none), so vouchers that could not be claimed before it are refused; and where
+        # the scan got to (one row), so the next claimer goes on from there.
+        16: (
+            f"ALTER TABLE bs_channels ADD COLUMN withdraw_requested_at {bigint} NOT NULL DEFAULT 0",
+            "ALTER TABLE bs_channels ADD COLUMN withdraw_amount TEXT NOT NULL DEFAULT '0'",
+            f"ALTER TABLE bs_channels ADD COLUMN withdraw_due {real}",
+            _table(
+                "bs_scan",
+                f"id {integer} PRIMARY KEY CHECK (id = 1)",
+                f"scanned_block {bigint} NOT NULL  -- every block up to this one was scanned",
+                f"checked_after {text}  -- the first scan's check of the channels there were:"
+                " the last channel read (NULL: done)",
             ),
         ),
     }

@@ -40,6 +40,7 @@ from paygate.x402.schemes.batch_settlement.store import ChannelBusy
 from paygate.x402.schemes.batch_settlement.verify import (
     BUSY,
     NOT_CUMULATIVE,
+    WITHDRAWING,
     ChannelTerms,
     CheckedVoucher,
     authorized,
@@ -157,14 +158,15 @@ class BoundBatchSettlement(Scheme):
     async def corrective(self, refusal: Refusal, payment: AnyPaymentPayload) -> Refusal:
         """A stale voucher's 402 (``…_cumulative_amount_mismatch``) carries the channel's state
         and the last voucher it committed (``extra.channelState``/``voucherState``), so the payer
-        can check that voucher's signature and resynchronise. A busy channel's 402 says when to
-        try again (``Retry-After``: the request holding it is in progress); other refusals as
-        they are."""
+        can check that voucher's signature and resynchronise; a withdrawing channel's
+        (``…_withdrawal_pending``) its state, ``withdrawRequestedAt`` set. A busy channel's 402
+        says when to try again (``Retry-After``: the request holding it is in progress); other
+        refusals as they are."""
         if refusal.code == BUSY:
             return dataclasses.replace(
                 refusal, headers={**refusal.headers, "Retry-After": BUSY_RETRY_AFTER}
             )
-        if refusal.code != NOT_CUMULATIVE or refusal.challenge is None:
+        if refusal.code not in (NOT_CUMULATIVE, WITHDRAWING) or refusal.challenge is None:
             return refusal
         try:
             payload = payload_of(payment)
@@ -173,13 +175,12 @@ class BoundBatchSettlement(Scheme):
             return refusal
         if channel is None or channel.config != payload.channel_config:
             return refusal
-        state = {
-            "channelState": channel_state(channel),
-            "voucherState": {
+        state: dict[str, Any] = {"channelState": channel_state(channel)}
+        if refusal.code == NOT_CUMULATIVE:
+            state["voucherState"] = {
                 "signedMaxClaimable": str(channel.signed_max),
                 "signature": channel.signature,
-            },
-        }
+            }
         challenge = refusal.challenge
         accepts = [
             r.model_copy(update={"extra": {**r.extra, **state}}) if r.scheme == NAME else r
@@ -245,7 +246,13 @@ class BoundBatchSettlement(Scheme):
                 await channels.deposit(checked, payment.wire(), requirements)
             channel = await channels.take(checked, reserved)
             try:
-                check_against(checked, channel, int(requirements["amount"]), refund=False)
+                check_against(
+                    checked,
+                    channel,
+                    int(requirements["amount"]),
+                    refund=False,
+                    claimable_by=channels.claimable_by(),
+                )
             except PaymentRejected:
                 await channels.store.release(checked.channel_id, checked.voucher_key)
                 raise

@@ -73,10 +73,27 @@ SETTLEMENT_ABI: list[dict[str, Any]] = [
         "channels", members("bytes32 channelId"), ["uint128", "uint128"], mutability="view"
     ),
     abi_function("refundNonce", members("bytes32 channelId"), ["uint256"], mutability="view"),
+    abi_function(
+        "pendingWithdrawals",
+        members("bytes32 channelId"),
+        ["uint128", "uint40"],
+        mutability="view",
+    ),
 ]
 # keccak256 of the contract's Settled and Refunded events, as log topics (hex without 0x).
 _SETTLED = keccak(text="Settled(address,address,address,uint128)").hex()
 _REFUNDED = keccak(text="Refunded(bytes32,address,uint128)").hex()
+# The events that start, end or change a payer's timed withdrawal (channel id: the first indexed
+# topic of each): its request, its finish, and a refund or deposit (a refund lowers or cancels
+# a pending withdrawal; the x402 spec lets a deposit cancel one).
+WITHDRAW_REQUESTED = keccak(text="WithdrawInitiated(bytes32,uint128,uint40)").hex()
+WITHDRAWN = keccak(text="Withdrawn(bytes32,uint128)").hex()
+_WITHDRAW_MOVES = (
+    WITHDRAW_REQUESTED,
+    WITHDRAWN,
+    _REFUNDED,
+    keccak(text="Deposited(bytes32,address,uint128,uint128)").hex(),
+)
 # A channel reading's tries at a block the answering node lacks (a load-balanced RPC's node
 # behind the one that named the block), and the pause before asking one block again.
 _READ_TRIES = 4
@@ -127,6 +144,22 @@ class Refund:
     requirements: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The newest block: its number and timestamp (the chain's clock)."""
+
+    block: int
+    timestamp: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A payer's timed withdrawal pending on chain (amount 0: none)."""
+
+    amount: int
+    requested_at: int
+
+
 class ChannelChain(Protocol):
     """Who moves a channel's money: the gateway's own gas account (:class:`BatchChain`) or a
     facilitator (``facilitator.BatchFacilitator``); both prove every move on chain."""
@@ -144,6 +177,15 @@ class ChannelChain(Protocol):
     async def refund(self, refund: Refund) -> tuple[str, OnChain, int]:
         """(the refund's transaction hash, the channel after it, what came back to the payer)."""
         ...
+
+    async def head(self) -> Head: ...
+
+    async def withdrawal_moves(self, first: int, last: int) -> list[tuple[str, str]]:
+        """(channel id, event topic) of the contract's withdrawal-moving events in blocks
+        ``first``..``last``, any receiver's."""
+        ...
+
+    async def pending_withdrawal(self, channel_id: str, block: int) -> Pending: ...
 
 
 def sweeps(entries: list[ClaimEntry]) -> list[tuple[str, str]]:
@@ -227,6 +269,38 @@ class BatchChain:
                 block -= 1
             else:
                 await asyncio.sleep(_READ_PAUSE)
+        raise SettlerUnavailable("the chain's RPC endpoint lacks the blocks it names")
+
+    # --- withdrawals (withdrawals.py) ---
+
+    async def head(self) -> Head:
+        block = await self._reader.call(lambda: self._reader.w3.eth.get_block("latest"))
+        return Head(int(block["number"]), int(block["timestamp"]))
+
+    async def withdrawal_moves(self, first: int, last: int) -> list[tuple[str, str]]:
+        logs = await self._reader.call(
+            self._reader.w3.eth.get_logs,
+            {
+                "address": to_checksum_address(ch.SETTLEMENT_ADDRESS),
+                "fromBlock": first,
+                "toBlock": last,
+                "topics": [["0x" + t for t in _WITHDRAW_MOVES]],
+            },
+        )
+        moves = []
+        for log_ in logs:
+            topics = [evm.hex_of(t) for t in log_["topics"]]
+            if len(topics) >= 2 and topics[0] in _WITHDRAW_MOVES:
+                moves.append(("0x" + topics[1], topics[0]))
+        return moves
+
+    async def pending_withdrawal(self, channel_id: str, block: int) -> Pending:
+        read = self._contract.functions.pendingWithdrawals(bytes.fromhex(channel_id[2:])).call
+        for _ in range(_READ_TRIES):
+            found = await self._reader.call(_read_at, read, block)
+            if found is not None:
+                return Pending(int(found[0]), int(found[1]))
+            await asyncio.sleep(_READ_PAUSE)
         raise SettlerUnavailable("the chain's RPC endpoint lacks the blocks it names")
 
     # --- deposits ---

@@ -19,7 +19,7 @@ from paygate.x402.ledger import SchemeWrite
 from paygate.x402.models import SettleResponse
 from paygate.x402.schemes.base import PaymentRejected, SchemeSql
 from paygate.x402.schemes.batch_settlement.chain import ChannelChain
-from paygate.x402.schemes.batch_settlement.claims import ClaimLoop
+from paygate.x402.schemes.batch_settlement.claims import WITHDRAW_MARGIN, ClaimLoop
 from paygate.x402.schemes.batch_settlement.deposits import Deposits
 from paygate.x402.schemes.batch_settlement.refunds import Refunds
 from paygate.x402.schemes.batch_settlement.store import (
@@ -65,10 +65,17 @@ class Channels:
             replica=replica,
             claim_interval=claim_interval,
             max_per_claim=max_per_claim,
+            withdraw_delay=withdraw_delay,
+            clock=clock,
         )
         # Each request's channel as it took it (by voucher), for its commit's compare-and-set;
         # a hint only: the commit re-reads whenever the channel changed since.
         self._taken: dict[str, Channel] = {}
+
+    def claimable_by(self) -> float:
+        """When a voucher taken now is claimed at the latest (this host's clock), with the
+        margin: the claim loop's next wake claims a withdrawing channel (claims.scan_every)."""
+        return self._clock() + self.claims.scan_every + WITHDRAW_MARGIN
 
     # --- requests ---
 
@@ -187,9 +194,9 @@ class Channels:
         """A cooperative refund (:meth:`.Refunds.refund`)."""
         return await self.refunds.refund(checked, requirements)
 
-    async def claim_once(self) -> int:
+    async def claim_once(self, *, withdrawing_only: bool = False) -> int:
         """One claim pass (:meth:`.ClaimLoop.claim_once`): the channels claimed."""
-        return await self.claims.claim_once()
+        return await self.claims.claim_once(withdrawing_only=withdrawing_only)
 
     async def claim_forever(self) -> None:
         await self.claims.claim_forever()
@@ -202,7 +209,7 @@ def channel_state(channel: Channel) -> dict[str, Any]:
         "channelId": channel.channel_id,
         "balance": str(channel.balance),
         "totalClaimed": str(channel.total_claimed),
-        "withdrawRequestedAt": 0,
+        "withdrawRequestedAt": channel.withdraw_requested_at,
         "refundNonce": "0",
         "chargedCumulativeAmount": str(channel.charged),
     }

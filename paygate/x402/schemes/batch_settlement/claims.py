@@ -6,6 +6,11 @@ A claim is recorded ``settled`` only when the chain proves it; a claim left open
 that died is proven or sent again by the next one (a claim at or below the channel's on-chain
 total is a no-op, so nothing is ever claimed twice). Each channel claimed is read on chain
 first and its mirror follows that reading (a payer's finished withdrawal).
+
+Each pass also scans the contract's withdrawal events (:mod:`.withdrawals`), and the loop
+wakes at least every :func:`scan_every` seconds (a third of the withdraw delay less
+:data:`WITHDRAW_MARGIN`, or the claim interval if shorter): a channel whose payer's withdrawal
+is pending is claimed at the next wake, before it can finish, however long the claim interval.
 """
 
 from __future__ import annotations
@@ -13,13 +18,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
+from collections.abc import Callable
+
+from web3.exceptions import Web3Exception
 
 from paygate.x402.schemes.batch_settlement.chain import ChannelChain
 from paygate.x402.schemes.batch_settlement.store import ChannelStore, Claim, ClaimEntry
+from paygate.x402.schemes.batch_settlement.withdrawals import WithdrawalScan
 from paygate.x402.settler import SettlementUnknown, SettlerUnavailable
 
 log = logging.getLogger("paygate.x402")
+
+# Seconds a channel's voucher must be claimable before its payer's withdrawal can finish:
+# the claim's transaction mined, this host's clock against the chain's and the replicas'.
+WITHDRAW_MARGIN = 120.0
+
+
+def scan_every(claim_interval: float, withdraw_delay: int) -> float:
+    """How often the claim loop wakes to scan withdrawals and claim withdrawing channels:
+    three wakes within a withdrawal's delay (less the margin), so one learns it and the next
+    claims its channel with time to spare."""
+    return min(claim_interval, max(1.0, (withdraw_delay - WITHDRAW_MARGIN) / 3))
 
 
 class ClaimLoop:
@@ -31,12 +52,16 @@ class ClaimLoop:
         replica: str,
         claim_interval: float,
         max_per_claim: int,
+        withdraw_delay: int = 900,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.chain = chain
         self.replica = replica
         self.claim_interval = claim_interval
         self.max_per_claim = max_per_claim
+        self.scan_every = scan_every(claim_interval, withdraw_delay)
+        self.withdrawals = WithdrawalScan(store, chain, clock=clock)
         self._owed = asyncio.Event()  # set when a claim is worth sending before the interval
         self._charged_since: set[str] = set()  # channels charged here since the last claim
 
@@ -48,16 +73,24 @@ class ClaimLoop:
         if len(self._charged_since) >= self.max_per_claim:
             self._owed.set()
 
-    async def claim_once(self) -> int:
-        """Under the claim lease: finish claims left open, then claim up to ``max_per_claim``
-        owed channels in one transaction and prove it. Returns the channels claimed."""
-        lease = max(self.claim_interval, 30.0) * 2
+    async def claim_once(self, *, withdrawing_only: bool = False) -> int:
+        """Under the claim lease: finish claims left open, scan the payers' withdrawals, then
+        claim up to ``max_per_claim`` owed channels (those whose withdrawal is pending first;
+        with ``withdrawing_only``, only those) in one transaction and prove it. Returns the
+        channels claimed."""
+        # Let go at the end of the pass; a claimer that died in one holds it this long: scaled
+        # to the wakes, not the claim interval (a withdrawal must be learnt within its delay).
+        lease = max(self.scan_every, 30.0) * 2
         if not await self.store.take_claimer(self.replica, lease):
             return 0
         try:
             for claim in await self.store.open_claims():
                 await self._finish(claim)
-            owed = await self.store.claimable(self.max_per_claim)
+            try:
+                await self.withdrawals.scan()
+            except (SettlerUnavailable, Web3Exception, OSError, TimeoutError) as exc:
+                log.error("withdrawal scan failed: %s", type(exc).__name__)
+            owed = await self.store.claimable(self.max_per_claim, withdrawing_only=withdrawing_only)
             if not owed:
                 return 0
             entries = []
@@ -125,12 +158,18 @@ class ClaimLoop:
         await self.store.claim_moved(claim.id, "failed", None)
 
     async def claim_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_claim = loop.time()
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._owed.wait(), self.claim_interval)
-            self._owed.clear()
-            self._charged_since.clear()
+                await asyncio.wait_for(self._owed.wait(), self.scan_every)
+            # Between claim intervals a wake scans and claims only withdrawing channels.
+            full = self._owed.is_set() or loop.time() - last_claim >= self.claim_interval
+            if full:
+                self._owed.clear()
+                self._charged_since.clear()
+                last_claim = loop.time()
             try:
-                await self.claim_once()
+                await self.claim_once(withdrawing_only=not full)
             except Exception as exc:  # a loop that must outlive one bad pass
                 log.error("claim pass failed: %s", type(exc).__name__)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from typing import Any
 
 from paygate.x402.ledger import LedgerError
@@ -19,6 +20,7 @@ from paygate.x402.schemes.base import PaymentRejected
 from paygate.x402.schemes.batch_settlement.chain import ChannelChain, Deposit
 from paygate.x402.schemes.batch_settlement.store import Channel, ChannelBusy, ChannelStore
 from paygate.x402.schemes.batch_settlement.verify import CheckedVoucher
+from paygate.x402.schemes.batch_settlement.withdrawals import mirror_withdrawal
 from paygate.x402.settler import SettlementUnknown, SettlerUnavailable
 
 log = logging.getLogger("paygate.x402")
@@ -88,7 +90,7 @@ class Deposits:
                     state = await self.chain.state(checked.channel_id, since=state.block)
                 except SettlementUnknown as exc:
                     raise SettlerUnavailable(f"the channel cannot be read: {exc}") from None
-            return await self.store.deposited(
+            mirrored = await self.store.deposited(
                 checked.channel_id,
                 str(requirements["network"]),
                 checked.payload.channel_config,
@@ -97,6 +99,15 @@ class Deposits:
                 exact=held,
                 block=state.block,
             )
+            if not exists:
+                # New to this ledger: a withdrawal its payer requested before (a channel
+                # funded on chain first) is in blocks the claimer's scan may have passed
+                # before the channel was this ledger's — read it now (withdrawals.py).
+                try:
+                    await mirror_withdrawal(self.store, self.chain, mirrored, None, time.time)
+                except (SettlerUnavailable, SettlementUnknown):
+                    log.warning("a new channel's pending withdrawal not read: left to the scan")
+            return mirrored
         finally:
             if held:  # its request takes it again at verify; a caller gone leaves it free
                 try:

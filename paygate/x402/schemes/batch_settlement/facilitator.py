@@ -24,7 +24,9 @@ from paygate.x402.schemes.base import FacilitatorAccess
 from paygate.x402.schemes.batch_settlement.chain import (
     BatchChain,
     Deposit,
+    Head,
     OnChain,
+    Pending,
     Refund,
     claimed_on_chain,
     not_bound,
@@ -71,6 +73,15 @@ class BatchFacilitator:
 
     async def state(self, channel_id: str, *, since: int = 0) -> OnChain:
         return await self._proof.state(channel_id, since=since)
+
+    async def head(self) -> Head:
+        return await self._proof.head()
+
+    async def withdrawal_moves(self, first: int, last: int) -> list[tuple[str, str]]:
+        return await self._proof.withdrawal_moves(first, last)
+
+    async def pending_withdrawal(self, channel_id: str, block: int) -> Pending:
+        return await self._proof.pending_withdrawal(channel_id, block)
 
     def _requirements(self, config: ChannelConfig) -> dict[str, Any]:
         """A requirement naming the channel's receiver and token (what the facilitator routes a

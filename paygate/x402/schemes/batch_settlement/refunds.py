@@ -114,6 +114,8 @@ class Refunds:
                 # refund asked again mirrors the chain first (_as_on_chain).
                 release = False
                 raise
+            if channel.withdraw_due is not None:
+                await self._withdrawal_after(channel, after.block)
         finally:
             if release:
                 await self.store.release(checked.channel_id, checked.voucher_key)
@@ -135,6 +137,25 @@ class Refunds:
                 }
             },
         )
+
+    async def _withdrawal_after(self, channel: Channel, block: int) -> None:
+        """The payer's pending withdrawal after this refund (the contract lowers it by what a
+        refund returns, and cancels it once the refund covers it): mirrored at once, so a
+        channel whose withdrawal was cancelled is served again without waiting for the claim
+        loop's scan (which also reads it: left to it when the chain or ledger fails now)."""
+        try:
+            pending = await self.chain.pending_withdrawal(channel.channel_id, block)
+            if pending.amount == 0:
+                await self.store.withdrawal(channel.channel_id, requested_at=0, amount=0, due=None)
+            elif pending.amount < channel.withdraw_amount:
+                await self.store.withdrawal(
+                    channel.channel_id,
+                    requested_at=channel.withdraw_requested_at,
+                    amount=pending.amount,
+                    due=channel.withdraw_due,
+                )
+        except (SettlementUnknown, SettlerUnavailable, LedgerError):
+            return  # the refund is done; the scan mirrors the withdrawal
 
     async def _as_on_chain(self, channel: Channel) -> Channel:
         """``channel`` as the contract holds it now (a refund is a chain operation: one read

@@ -69,6 +69,12 @@ class Channel:
     pending_until: float | None
     version: int
     read_block: int = 0  # the chain block its balance was read at (0: none known, pre-v14)
+    # The payer's timed withdrawal pending on chain (ledger v16; withdrawals.py): when it was
+    # requested (the chain's clock; 0: none), its amount, and when it can finish (this ledger's
+    # clock; None: none pending).
+    withdraw_requested_at: int = 0
+    withdraw_amount: int = 0
+    withdraw_due: float | None = None
 
     @property
     def unclaimed(self) -> int:
@@ -77,7 +83,8 @@ class Channel:
 
 _COLUMNS = (
     "channel_id, network, payer, config, balance, total_claimed, charged, signed_max, signature,"
-    " pending_owner, pending_until, version, read_block"
+    " pending_owner, pending_until, version, read_block, withdraw_requested_at, withdraw_amount,"
+    " withdraw_due"
 )
 
 
@@ -103,6 +110,9 @@ def _channel(row: tuple[Any, ...]) -> Channel:
         pending_until=None if row[10] is None else float(row[10]),
         version=int(row[11]),
         read_block=int(row[12]),
+        withdraw_requested_at=int(row[13]),
+        withdraw_amount=int(row[14]),
+        withdraw_due=None if row[15] is None else float(row[15]),
     )
 
 
@@ -551,16 +561,77 @@ class ChannelStore:
             ),
         )
 
-    async def claimable(self, limit: int) -> list[Channel]:
-        """Channels charged beyond what was claimed (under a voucher), oldest change first:
-        at most ``limit``, selected in SQL — the claim loop's pass reads the channels that owe
-        something, not every channel there is."""
+    async def claimable(self, limit: int, *, withdrawing_only: bool = False) -> list[Channel]:
+        """Channels charged beyond what was claimed (under a voucher): those whose payer's
+        withdrawal is pending first (soonest due first: its unclaimed vouchers are lost once
+        it finishes), then oldest change first; at most ``limit``, selected in SQL — the claim
+        loop's pass reads the channels that owe something, not every channel there is. With
+        ``withdrawing_only``, only the former."""
+        only = " AND withdraw_due IS NOT NULL" if withdrawing_only else ""
         _, rows = await self._sql(
             f"SELECT {_COLUMNS} FROM bs_channels WHERE {_above('charged', 'total_claimed')}"  # noqa: S608 - constant
-            " AND signed_max <> '0' ORDER BY updated_at LIMIT ?",
+            f" AND signed_max <> '0'{only} ORDER BY CASE WHEN withdraw_due IS NULL THEN 1"
+            " ELSE 0 END, withdraw_due, updated_at LIMIT ?",
             (limit,),
         )
         return [c for c in map(_channel, rows) if c.charged > c.total_claimed and c.signed_max]
+
+    # --- withdrawals (withdrawals.py) ---
+
+    async def known(self, channel_ids: list[str]) -> list[Channel]:
+        """Those of ``channel_ids`` that are this ledger's channels."""
+        if not channel_ids:
+            return []
+        marks = ", ".join("?" for _ in channel_ids)
+        _, rows = await self._sql(
+            f"SELECT {_COLUMNS} FROM bs_channels WHERE channel_id IN ({marks})",  # noqa: S608 - constant
+            tuple(channel_ids),
+        )
+        return [_channel(r) for r in rows]
+
+    async def withdrawing(self, limit: int) -> list[Channel]:
+        """Channels whose payer's withdrawal is pending, soonest due first: at most ``limit``."""
+        _, rows = await self._sql(
+            f"SELECT {_COLUMNS} FROM bs_channels WHERE withdraw_due IS NOT NULL"  # noqa: S608 - constant
+            " ORDER BY withdraw_due LIMIT ?",
+            (limit,),
+        )
+        return [_channel(r) for r in rows]
+
+    async def unspent_after(self, after: str, limit: int) -> list[Channel]:
+        """Channels holding more than was claimed, by id after ``after``: at most ``limit``."""
+        _, rows = await self._sql(
+            f"SELECT {_COLUMNS} FROM bs_channels WHERE channel_id > ?"  # noqa: S608 - constant
+            f" AND {_above('balance', 'total_claimed')} ORDER BY channel_id LIMIT ?",
+            (after, limit),
+        )
+        return [_channel(r) for r in rows]
+
+    async def withdrawal(
+        self, channel_id: str, *, requested_at: int, amount: int, due: float | None
+    ) -> None:
+        """The payer's withdrawal pending on chain (``due`` None: none). Not a move of the
+        channel's version: a charge in flight keeps its compare-and-set (its voucher was
+        taken before; the claim pass claims it first)."""
+        await self._sql(
+            "UPDATE bs_channels SET withdraw_requested_at = ?, withdraw_amount = ?,"
+            " withdraw_due = ? WHERE channel_id = ?",
+            (requested_at, str(amount), due, channel_id),
+        )
+
+    async def scan_place(self) -> tuple[int, str | None] | None:
+        """Where the withdrawal scan got to: (the last block scanned, the first scan's check
+        of the channels: the last read, None when done); None before the first scan."""
+        _, rows = await self._sql("SELECT scanned_block, checked_after FROM bs_scan", ())
+        return (int(rows[0][0]), rows[0][1]) if rows else None
+
+    async def scanned(self, block: int, checked_after: str | None) -> None:
+        await self._sql(
+            "INSERT INTO bs_scan (id, scanned_block, checked_after) VALUES (1, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET scanned_block = excluded.scanned_block,"
+            " checked_after = excluded.checked_after",
+            (block, checked_after),
+        )
 
     async def claimed(self, channel_id: str, total: int) -> None:
         """A claim of ``total`` is proven on chain: mirror it (never lowering it). One

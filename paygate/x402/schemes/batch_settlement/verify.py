@@ -38,6 +38,8 @@ OVER_DEPOSIT = "invalid_batch_settlement_evm_cumulative_exceeds_balance"
 REPLAYED = NOT_CUMULATIVE
 NO_CHANNEL = "invalid_batch_settlement_evm_channel_not_found"
 BUSY = "invalid_batch_settlement_evm_channel_busy"
+# The payer's timed withdrawal could finish before this voucher is claimed (withdrawals.py).
+WITHDRAWING = "invalid_batch_settlement_evm_withdrawal_pending"
 PAYLOAD_TYPE = "invalid_batch_settlement_evm_payload_type"
 
 
@@ -179,9 +181,16 @@ def check_payload(payload: object, offer: ChannelTerms) -> CheckedVoucher:
 
 
 def check_against(
-    checked: CheckedVoucher, channel: Channel | None, price: int, *, refund: bool
+    checked: CheckedVoucher,
+    channel: Channel | None,
+    price: int,
+    *,
+    refund: bool,
+    claimable_by: float | None = None,
 ) -> None:
-    """The voucher against the channel's state: raises PaymentRejected."""
+    """The voucher against the channel's state: raises PaymentRejected. ``claimable_by``:
+    when the voucher would be claimed at the latest; one whose payer's withdrawal can finish
+    by then is refused unless it fits under what the withdrawal leaves in the channel."""
     if channel is None:
         raise PaymentRejected(NO_CHANNEL, "no deposit is known for this channel")
     expected = channel.charged if refund else channel.charged + price
@@ -191,6 +200,17 @@ def check_against(
         )
     if checked.max_claimable > channel.balance:
         raise PaymentRejected(OVER_DEPOSIT, "the voucher asks for more than the channel holds")
+    if (
+        claimable_by is not None
+        and channel.withdraw_due is not None
+        and channel.withdraw_due <= claimable_by
+        and checked.max_claimable > channel.balance - channel.withdraw_amount
+    ):
+        raise PaymentRejected(
+            WITHDRAWING,
+            "the channel's payer is withdrawing its deposit: a voucher now could not be"
+            " claimed before the withdrawal finishes (open another channel, or top this one up)",
+        )
 
 
 def payload_of(payment: AnyPaymentPayload) -> BatchSettlementPayload:

@@ -1009,3 +1009,50 @@ async def test_a_take_for_a_payment_waits_for_a_release_running_meanwhile_and_se
         assert (await store.get(CHANNEL)).pending_owner is None
     finally:
         await ledger.close()
+
+
+async def test_withdrawing_channels_are_claimed_first_and_the_scan_place_kept(ledger_store):
+    """Ledger step 16: a channel whose payer's withdrawal is pending comes first among the
+    owed ones (soonest due first), ahead of older changes, and alone when only withdrawing
+    channels are asked for; the withdrawal cleared, it is an owed channel like any; the
+    withdrawal scan's place survives a reopen (another claimer goes on from it)."""
+    clock = Clock()
+    ledger = await ledger_store(replica="a")
+    store = ChannelStore(ledger, clock=clock, pending_seconds=30.0)
+    ids = ["0x" + f"{n:02x}" * 32 for n in (1, 2, 3)]
+    for n, channel_id in enumerate(ids):
+        clock.now += 1
+        await store.deposited(
+            channel_id, "eip155:84532", CONFIG, balance=10_000, total_claimed=0, block=1
+        )
+        taken = await store.take(channel_id, f"v{n}")
+        await store.commit(
+            channel_id, f"v{n}", max_claimable=1_000, signature=SIG, charge=1_000,
+            payment_id=f"v{n}", taken=taken,
+        )  # fmt: skip
+    assert [c.channel_id for c in await store.claimable(10)] == ids
+    await store.withdrawal(ids[2], requested_at=1_700_000_000, amount=9_000, due=2_000.5)
+    await store.withdrawal(ids[1], requested_at=1_700_000_001, amount=5, due=2_500.0)
+    assert [c.channel_id for c in await store.claimable(10)] == [ids[2], ids[1], ids[0]]
+    assert [c.channel_id for c in await store.claimable(1)] == [ids[2]]
+    assert [c.channel_id for c in await store.claimable(10, withdrawing_only=True)] == [
+        ids[2],
+        ids[1],
+    ]
+    leaving = await store.get(ids[2])
+    assert (leaving.withdraw_requested_at, leaving.withdraw_amount, leaving.withdraw_due) == (
+        1_700_000_000,
+        9_000,
+        2_000.5,
+    )
+    assert [c.channel_id for c in await store.withdrawing(10)] == [ids[2], ids[1]]
+    await store.withdrawal(ids[2], requested_at=0, amount=0, due=None)
+    assert [c.channel_id for c in await store.claimable(10, withdrawing_only=True)] == [ids[1]]
+    assert [c.channel_id for c in await store.known([ids[0], "0x" + "ff" * 32])] == [ids[0]]
+    assert [c.channel_id for c in await store.unspent_after(ids[0], 10)] == ids[1:]
+    assert await store.scan_place() is None
+    await store.scanned(120, "")
+    await store.scanned(150, ids[1])
+    await ledger.close()
+    again = ChannelStore(await ledger_store(replica="b"), clock=clock, pending_seconds=30.0)
+    assert await again.scan_place() == (150, ids[1])

@@ -21,6 +21,7 @@ from paygate.x402.schemes.batch_settlement.verify import (
     NO_CHANNEL,
     NOT_CUMULATIVE,
     OVER_DEPOSIT,
+    WITHDRAWING,
     ChannelTerms,
     check_against,
     check_payload,
@@ -147,3 +148,34 @@ def test_the_channel_state_rules():
     rejected(NOT_CUMULATIVE, lambda: check_against(checked, state(1, 10_000), 1000, refund=False))
     rejected(OVER_DEPOSIT, lambda: check_against(checked, state(0, 999), 1000, refund=False))
     check_against(checked, state(1000, 1000), 0, refund=True)  # a refund's zero-charge voucher
+
+
+def test_a_voucher_a_pending_withdrawal_could_outrun_is_refused_unless_it_fits_what_is_left():
+    """The edges: due at or before the voucher's latest claim is refused, a second after is
+    served; a voucher under balance - withdrawal is served however soon it is due (what the
+    withdrawal leaves pays it); no withdrawal, a refund, or no deadline given: as before."""
+    offer = the_offer()
+    channel = PayerChannel.open(PAYER, requirement(offer), NETWORK.chain_id)
+    checked = check_payload(payload(channel, offer), ChannelTerms.of_offer(offer))
+
+    def state(balance: int, amount: int, due: float | None) -> Channel:
+        return Channel(
+            checked.channel_id, NETWORK.caip2, PAYER.address, channel.config,
+            balance, 0, 0, 0, "0x", None, None, 1,
+            withdraw_requested_at=0 if due is None else 1, withdraw_amount=amount,
+            withdraw_due=due,
+        )  # fmt: skip
+
+    by = 5_000.0
+    rejected(
+        WITHDRAWING,
+        lambda: check_against(checked, state(1000, 1, by), 1000, refund=False, claimable_by=by),
+    )
+    check_against(checked, state(1000, 1, by + 1), 1000, refund=False, claimable_by=by)
+    check_against(checked, state(1999, 999, by), 1000, refund=False, claimable_by=by)
+    rejected(
+        WITHDRAWING,
+        lambda: check_against(checked, state(1999, 1000, 0.0), 1000, refund=False, claimable_by=by),
+    )
+    check_against(checked, state(1000, 0, None), 1000, refund=False, claimable_by=by)
+    check_against(checked, state(1000, 1000, by), 1000, refund=False)

@@ -1,0 +1,148 @@
+"""A payer's timed withdrawal, learnt from the settlement contract's events (server-only).
+
+The contract's escape hatch: the payer requests a withdrawal (``initiateWithdraw``) and after
+the channel's ``withdrawDelay`` finishes it (``finalizeWithdraw``), taking what the seller has
+not claimed by then. Vouchers served and not claimed by that time are lost, and vouchers served
+after it are never claimable. So the claimer, on each pass, scans the contract's events that
+start, end or change a withdrawal (``WithdrawInitiated``, ``Withdrawn``, ``Refunded``,
+``Deposited``) from the last block it scanned, in bounded block ranges (resumable: the place
+is kept in the ledger, ``bs_scan``), and for each of this ledger's channels they name reads
+the contract's views (``pendingWithdrawals``, ``channels``) at the newest block and mirrors
+them: the withdrawal pending (``withdraw_requested_at``, its amount, and when it can finish
+by this host's clock) and the balance (lowered once it finished). Events only say which
+channels to read; the views are the truth, so readings are idempotent and order-free. The
+channels whose withdrawal is pending are read again every pass.
+
+The first scan of a ledger starts at the newest block and reads the channels already there
+(those holding more than was claimed, a page a pass), so a withdrawal requested before the
+scan existed is learnt too.
+
+The chain's clock is its newest block's timestamp; a chain running ahead of this host's clock
+(a block producer's skew, or a test chain whose time was moved) brings a withdrawal's due time
+earlier by as much; one behind (an idle chain's last block is old) is never taken to delay it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from paygate.x402.schemes.batch_settlement.chain import (
+    WITHDRAW_REQUESTED,
+    WITHDRAWN,
+    ChannelChain,
+    Head,
+)
+from paygate.x402.schemes.batch_settlement.store import Channel, ChannelStore
+from paygate.x402.settler import SettlerUnavailable
+
+log = logging.getLogger("paygate.x402")
+
+# Blocks asked for in one eth_getLogs (public RPC endpoints cap a range near this), and the
+# ranges one pass scans at most (a claimer far behind catches up over several passes).
+RANGE_BLOCKS = 2_000
+MAX_RANGES = 10  # (a range refused by the endpoint is asked again a quarter the size)
+# Channel ids looked up in the ledger in one query (the events name any receiver's channels).
+KNOWN_BATCH = 500
+# Blocks scanned again each pass: an event in a block reorganised away and mined again in a
+# later block at or below the last one scanned is still seen.
+REORG_BLOCKS = 8
+# Channels read per pass by the first scan's check of the channels already in the ledger, and
+# of the channels whose withdrawal is pending (soonest due first).
+CHECK_PAGE = 100
+WITHDRAWING_READ = 500
+
+
+class WithdrawalScan:
+    def __init__(
+        self, store: ChannelStore, chain: ChannelChain, *, clock: Callable[[], float]
+    ) -> None:
+        self.store = store
+        self.chain = chain
+        self._clock = clock
+
+    async def scan(self) -> int:
+        """One pass (the claim lease held): the channels whose withdrawal state was read."""
+        head = await self.chain.head()
+        place = await self.store.scan_place()
+        if place is None:  # the first scan: from here on, and the channels there are checked
+            place = (head.block, "")
+            await self.store.scanned(head.block, "")
+        scanned, checked_after = place
+        ids: set[str] = set()
+        last = scanned
+        first = max(0, scanned + 1 - REORG_BLOCKS)
+        size = RANGE_BLOCKS
+        for _ in range(MAX_RANGES):
+            if first > head.block:
+                break
+            end = min(first + size - 1, head.block)
+            try:
+                moves = await self.chain.withdrawal_moves(first, end)
+            except SettlerUnavailable:
+                if end == first:
+                    raise
+                # An endpoint refusing the range (too many logs, too many blocks): smaller.
+                size = max(1, (end - first + 1) // 4)
+                continue
+            last = end
+            starts = {cid for cid, topic in moves if topic in (WITHDRAW_REQUESTED, WITHDRAWN)}
+            named = sorted({cid for cid, _ in moves})
+            for at in range(0, len(named), KNOWN_BATCH):
+                for channel in await self.store.known(named[at : at + KNOWN_BATCH]):
+                    # A refund's or deposit's event matters only to a withdrawal already known.
+                    if channel.channel_id in starts or channel.withdraw_due is not None:
+                        ids.add(channel.channel_id)
+            first = last + 1
+        # The withdrawals known are read again each pass: their due time follows the chain's
+        # clock, and a finish whose event a lagging node had not returned yet is still seen.
+        ids.update(c.channel_id for c in await self.store.withdrawing(WITHDRAWING_READ))
+        read = 0
+        wanted = sorted(ids)
+        for at in range(0, len(wanted), KNOWN_BATCH):
+            for channel in await self.store.known(wanted[at : at + KNOWN_BATCH]):
+                await self._read(channel, head)
+                read += 1
+        if checked_after is not None:  # the first scan's check, a page a pass
+            page = await self.store.unspent_after(checked_after, CHECK_PAGE)
+            for channel in page:
+                await self._read(channel, head)
+            read += len(page)
+            checked_after = page[-1].channel_id if len(page) == CHECK_PAGE else None
+        await self.store.scanned(max(last, scanned), checked_after)
+        return read
+
+    async def _read(self, channel: Channel, head: Head) -> None:
+        """Mirror the channel's withdrawal and balance as the contract holds them at ``head``."""
+        on_chain = await self.chain.state(channel.channel_id, since=head.block)
+        await self.store.refunded(
+            channel.channel_id, on_chain.balance, on_chain.total_claimed, block=on_chain.block
+        )
+        await mirror_withdrawal(self.store, self.chain, channel, head, self._clock)
+
+
+async def mirror_withdrawal(
+    store: ChannelStore,
+    chain: ChannelChain,
+    channel: Channel,
+    head: Head | None,
+    clock: Callable[[], float],
+) -> None:
+    """Mirror the payer's withdrawal pending on ``channel`` as the contract holds it at
+    ``head`` (None: the newest block)."""
+    head = head or await chain.head()
+    pending = await chain.pending_withdrawal(channel.channel_id, head.block)
+    due = None
+    if pending.amount > 0:
+        ahead = max(0.0, head.timestamp - clock())
+        due = pending.requested_at + channel.config.withdraw_delay - ahead
+        if channel.withdraw_due is None:
+            log.warning("a payer requested a withdrawal from a channel: claimed first")
+    elif channel.withdraw_due is None:
+        return  # nothing pending, nothing known: no write
+    await store.withdrawal(
+        channel.channel_id,
+        requested_at=pending.requested_at if pending.amount > 0 else 0,
+        amount=pending.amount,
+        due=due,
+    )

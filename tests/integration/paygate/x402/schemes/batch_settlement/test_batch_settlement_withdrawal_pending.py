@@ -1,0 +1,319 @@
+"""A `batch-settlement` payer's timed withdrawal learnt while it is pending (chain mode, a real
+anvil, the real gateway and ledger, a claimer on the same ledger as a second replica): the claim
+pass scans the contract's withdrawal events, claims the withdrawing channel before the delay
+ends, and the gateway refuses vouchers the withdrawal could outrun. Its own module: it moves the
+chain's clock forward (the withdraw delay), which other tests' fresh authorizations must not see
+(each case puts the chain back after it)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from paygate_dev.chain.build import load_contract
+from web3 import Web3
+
+from paygate import wire
+from paygate.x402.schemes.batch_settlement import client as payer_client
+from paygate.x402.schemes.batch_settlement.chain import config_tuple
+from paygate.x402.schemes.batch_settlement.channel import SETTLEMENT_ADDRESS
+from paygate.x402.schemes.batch_settlement.client import PayerChannel
+from tests.fixtures.batch_settlement_support import (
+    CHAIN_ID,
+    batch_offer,
+    chain_batch,
+    claimer,
+    header_for,
+    opened_channel,
+)
+from tests.fixtures.chain import PAYER_FUNDS
+from tests.fixtures.payment_support import PRICE_ATOMIC, post, receipt_of
+
+DEPOSIT = 10 * PRICE_ATOMIC
+WITHDRAWING = "invalid_batch_settlement_evm_withdrawal_pending"
+COMPLETIONS = "POST /v1/chat/completions"
+
+
+@pytest.fixture
+def rewound(anvil):
+    """The chain (its clock too) put back after the test."""
+    snapshot = anvil.rpc("evm_snapshot")
+    yield
+    anvil.rpc("evm_revert", [snapshot])
+
+
+def _ledger(store, tmp_path, request):
+    return tmp_path / "payments.db" if store == "sqlite" else request.getfixturevalue("pg_url")
+
+
+def _settlement(anvil):
+    return anvil.w3.eth.contract(
+        address=Web3.to_checksum_address(SETTLEMENT_ADDRESS),
+        abi=load_contract("X402BatchSettlement").abi,
+    )
+
+
+def _payer_sends(anvil, payer, call) -> int:
+    """The payer's transaction, mined: its block's timestamp."""
+    anvil.rpc("anvil_setBalance", [payer.address, hex(10**18)])
+    tx = call.build_transaction(
+        {
+            "from": payer.address,
+            "nonce": anvil.w3.eth.get_transaction_count(payer.address),
+            "chainId": CHAIN_ID,
+        }
+    )
+    signed = payer.sign_transaction(tx).raw_transaction
+    receipt = anvil.wait_for_receipt(anvil.w3.eth.send_raw_transaction(signed).hex())
+    assert receipt["status"] == 1
+    return int(anvil.w3.eth.get_block(receipt["blockNumber"])["timestamp"])
+
+
+def _later(anvil, monkeypatch, seconds: int) -> None:
+    """The chain's clock moved on; the payer's deposit authorizations dated by it (their
+    validity window is the contract's to check, against its own clock)."""
+    anvil.rpc("evm_increaseTime", [seconds])
+    anvil.mine()
+    now = int(anvil.w3.eth.get_block("latest")["timestamp"])
+    monkeypatch.setattr(payer_client, "time", SimpleNamespace(time=lambda: now))
+
+
+async def _pass(ledger, anvil, gas_key, **kw) -> int:
+    async with claimer(ledger, anvil, gas_key) as channels:
+        return await channels.claim_once(**kw)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_vouchers_after_a_withdrawal_request_are_refused_before_it_can_finish(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, request, store, monkeypatch
+):
+    """The attack: a channel that owes nothing (its charge claimed), the payer requests a
+    withdrawal of everything unclaimed, waits the delay, and sends vouchers before (and after)
+    finishing it. The claim pass learns the request from the contract's events while it is
+    pending; a voucher once it could finish before the voucher is claimed is refused
+    `…_withdrawal_pending` and nothing is served; once it finished, the balance is lowered
+    (`…_cumulative_exceeds_balance`); a top-up serves the channel again."""
+    ledger = _ledger(store, tmp_path, request)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        assert await _pass(ledger, anvil, gas_key) == 1  # the channel owes nothing now
+        config = config_tuple(channel.config)
+        settlement = _settlement(anvil)
+        requested = _payer_sends(
+            anvil, payer, settlement.functions.initiateWithdraw(config, DEPOSIT - PRICE_ATOMIC)
+        )
+        await _pass(ledger, anvil, gas_key)  # the request learnt while it is pending
+        _later(anvil, monkeypatch, 901)
+        await _pass(ledger, anvil, gas_key)  # (a pass runs every scan_every seconds)
+        served = stack.fake.completed[COMPLETIONS]
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
+        assert stack.fake.completed[COMPLETIONS] == served
+        # The 402 states the channel as the SDK reports it: its withdrawal requested then.
+        state = batch_offer(receipt_of(headers, wire.PAYMENT_REQUIRED))["extra"]["channelState"]
+        assert state["withdrawRequestedAt"] == requested
+        assert (
+            "voucherState" not in batch_offer(receipt_of(headers, wire.PAYMENT_REQUIRED))["extra"]
+        )
+        # The payer finishes: the next pass mirrors the balance it left.
+        _payer_sends(anvil, payer, settlement.functions.finalizeWithdraw(config))
+        await _pass(ledger, anvil, gas_key)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            mirrored = await channels.store.get(channel.channel_id)
+        assert mirrored is not None
+        assert (mirrored.balance, mirrored.withdraw_due) == (PRICE_ATOMIC, None)
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers[wire.ERROR_HEADER]) == (
+            402,
+            "invalid_batch_settlement_evm_cumulative_exceeds_balance",
+        )
+        assert stack.fake.completed[COMPLETIONS] == served
+        # A top-up: the channel is served again.
+        status, headers, body = await post(
+            stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+        )
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+
+
+async def test_a_withdrawing_channel_is_claimed_first_before_its_delay_and_the_seller_paid(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """Two channels owe; the one whose payer requested a withdrawal is claimed at the loop's
+    next wake (withdrawing channels only, between claim intervals; first in a full claim)
+    before the delay ends: the seller is paid what was served, the payer's withdrawal takes
+    only the rest."""
+    ledger = tmp_path / "payments.db"
+    seller_before = usdc.balance_of(seller)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, other = await opened_channel(stack, payer, deposit=DEPOSIT)
+        leaving = PayerChannel.open(payer, batch_offer(required), CHAIN_ID, salt="0x" + "11" * 32)
+        for n in range(3):
+            deposit = DEPOSIT if n == 0 else 0
+            status, headers, body = await post(
+                stack, header_for(required, leaving.pay(offer, deposit=deposit))
+            )
+            assert status == 200, body
+            leaving.charged_by(receipt_of(headers), offer)
+        payer_before = usdc.balance_of(payer.address)
+        # A wake between claim intervals: nothing withdrawing, nothing claimed (the scan's
+        # place set: the request below is learnt from its event).
+        assert await _pass(ledger, anvil, gas_key, withdrawing_only=True) == 0
+        _payer_sends(
+            anvil,
+            payer,
+            _settlement(anvil).functions.initiateWithdraw(config_tuple(leaving.config), DEPOSIT),
+        )
+        async with claimer(ledger, anvil, gas_key, max_per_claim=1) as channels:
+            assert await channels.claim_once(withdrawing_only=True) == 1
+            claimed = await channels.store.get(leaving.channel_id)
+            untouched = await channels.store.get(other.channel_id)
+        assert claimed is not None
+        assert untouched is not None
+        assert claimed.total_claimed == 3 * PRICE_ATOMIC
+        assert claimed.withdraw_due is not None
+        assert claimed.withdraw_amount == DEPOSIT
+        assert untouched.total_claimed == 0  # only the withdrawing channel, at that wake
+        assert usdc.balance_of(seller) == seller_before + 3 * PRICE_ATOMIC
+        _later(anvil, monkeypatch, 901)
+        _payer_sends(
+            anvil,
+            payer,
+            _settlement(anvil).functions.finalizeWithdraw(config_tuple(leaving.config)),
+        )
+        assert usdc.balance_of(payer.address) == payer_before + DEPOSIT - 3 * PRICE_ATOMIC
+        assert usdc.balance_of(payer.address) <= PAYER_FUNDS
+
+
+async def test_a_top_up_covering_the_withdrawal_serves_the_channel_again(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """A channel refused while its withdrawal is pending is served again once the payer tops
+    it up by more than the withdrawal takes (the contract keeps the withdrawal pending on a
+    deposit; what it leaves covers the voucher): vouchers under balance - withdrawal are
+    always claimable, finished or not."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        _payer_sends(
+            anvil,
+            payer,
+            _settlement(anvil).functions.initiateWithdraw(
+                config_tuple(channel.config), DEPOSIT - PRICE_ATOMIC
+            ),
+        )
+        _later(anvil, monkeypatch, 901)
+        await _pass(ledger, anvil, gas_key)
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
+        status, headers, body = await post(
+            stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+        )
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+        status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+        assert status == 200, body
+
+
+async def test_a_withdrawal_cancelled_by_a_refund_serves_the_channel_again_at_once(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """The contract cancels a pending withdrawal when a refund returns at least its amount:
+    the refund's own reading clears it in the ledger (no wait for the claim loop's scan), so
+    after a top-up every voucher the balance covers is served — not only those under what the
+    cancelled withdrawal would have left."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        _payer_sends(
+            anvil,
+            payer,
+            _settlement(anvil).functions.initiateWithdraw(
+                config_tuple(channel.config), DEPOSIT - PRICE_ATOMIC
+            ),
+        )
+        _later(anvil, monkeypatch, 901)
+        await _pass(ledger, anvil, gas_key)
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
+        status, headers, body = await post(
+            stack, header_for(required, channel.refund(DEPOSIT - PRICE_ATOMIC))
+        )
+        assert status == 200, body
+        async with claimer(ledger, anvil, gas_key) as channels:
+            cleared = await channels.store.get(channel.channel_id)
+        assert cleared is not None
+        assert (cleared.withdraw_due, cleared.withdraw_requested_at) == (None, 0)
+        assert cleared.balance == PRICE_ATOMIC
+        status, headers, body = await post(
+            stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+        )
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+        for _ in range(3):  # past what the cancelled withdrawal would have left (2 prices)
+            status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+            assert status == 200, body
+            channel.charged_by(receipt_of(headers), offer)
+
+
+async def test_a_channel_new_to_the_ledger_has_its_earlier_withdrawal_read_at_its_deposit(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """A channel funded before this ledger knew it (on chain, or through another gateway's
+    ledger), its withdrawal requested then — in blocks the claimer's scan may have passed
+    before the channel was this ledger's: the first deposit here reads it, so vouchers past
+    what the withdrawal leaves are refused at once, with no claim pass between."""
+    async with chain_batch(seller, tmp_path / "elsewhere.db", anvil, gas_key) as stack:
+        _, _, elsewhere = await opened_channel(stack, payer, deposit=DEPOSIT)
+    _payer_sends(
+        anvil,
+        payer,
+        _settlement(anvil).functions.initiateWithdraw(config_tuple(elsewhere.config), DEPOSIT),
+    )
+    _later(anvil, monkeypatch, 901)
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        assert channel.channel_id == elsewhere.channel_id
+        async with claimer(ledger, anvil, gas_key) as channels:
+            known = await channels.store.get(channel.channel_id)
+        assert known is not None
+        assert (known.balance, known.withdraw_amount) == (2 * DEPOSIT, DEPOSIT)
+        assert known.withdraw_due is not None
+        while channel.charged + PRICE_ATOMIC <= DEPOSIT:  # what the withdrawal leaves
+            status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+            assert status == 200, body
+            channel.charged_by(receipt_of(headers), offer)
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
+
+
+async def test_through_the_sdk_facilitator_a_withdrawing_channel_is_claimed_before_its_delay(
+    anvil, usdc, payer, seller, tmp_path, facilitator, gas_key, rewound
+):
+    """Facilitator mode: the scan reads the chain with the gateway's own RPC endpoint, and the
+    withdrawing channel's claim goes through the facilitator, proven on chain: the seller is
+    paid before the payer's withdrawal can finish."""
+    ledger = tmp_path / "payments.db"
+    seller_before = usdc.balance_of(seller)
+    settings = {"payment_mode": "facilitator", "facilitator_url": facilitator.url}
+    async with chain_batch(seller, ledger, anvil, gas_key, **settings) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+        async with claimer(ledger, anvil, gas_key, facilitator_url=facilitator.url) as channels:
+            assert await channels.claim_once(withdrawing_only=True) == 0
+            _payer_sends(
+                anvil,
+                payer,
+                _settlement(anvil).functions.initiateWithdraw(
+                    config_tuple(channel.config), DEPOSIT
+                ),
+            )
+            assert await channels.claim_once(withdrawing_only=True) == 1
+            claimed = await channels.store.get(channel.channel_id)
+        assert claimed is not None
+        assert claimed.total_claimed == 2 * PRICE_ATOMIC
+        assert claimed.withdraw_amount == DEPOSIT
+        assert usdc.balance_of(seller) == seller_before + 2 * PRICE_ATOMIC
