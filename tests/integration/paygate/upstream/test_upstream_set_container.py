@@ -195,16 +195,7 @@ async def test_each_deployment_is_isolated_from_the_network_and_from_the_other(
 async def test_upstream_status_reports_both(
     gateway: Gateway, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    settings = gateway.settings
-    env = {
-        "PAYGATE_UPSTREAM_MODE": "container",
-        "PAYGATE_DOCKER_HOST": settings.docker_host or "",
-        "PAYGATE_UPSTREAM_IMAGE": settings.upstream_image or "",
-        "PAYGATE_UPSTREAM_SOCKET_DIR": str(settings.upstream_socket_dir),
-        "PAYGATE_UPSTREAMS": json.dumps(
-            [e.model_dump(mode="json", exclude_none=True) for e in settings.upstreams]
-        ),
-    }
+    env = _cli_environment(gateway)
     with _environment(env):
         code = await asyncio.to_thread(cli, ["upstream", "status", "--json"])
     out = capsys.readouterr().out
@@ -235,6 +226,21 @@ async def test_upstream_status_reports_both(
     assert text.count("serving  state=running") == 2
 
 
+def _cli_environment(gw: Gateway, **extra: str) -> dict[str, str]:
+    """The gateway's upstream settings as the CLI reads them (the environment)."""
+    settings = gw.settings
+    return {
+        "PAYGATE_UPSTREAM_MODE": "container",
+        "PAYGATE_DOCKER_HOST": settings.docker_host or "",
+        "PAYGATE_UPSTREAM_IMAGE": settings.upstream_image or "",
+        "PAYGATE_UPSTREAM_SOCKET_DIR": str(settings.upstream_socket_dir),
+        "PAYGATE_UPSTREAMS": json.dumps(
+            [e.model_dump(mode="json", exclude_none=True) for e in settings.upstreams]
+        ),
+        **extra,
+    }
+
+
 async def _ready(gw: Gateway) -> dict[str, Any]:
     async with gw.client.get(gw.url + "/health/ready") as response:
         result: dict[str, Any] = await response.json()
@@ -259,6 +265,61 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
+async def test_pull_goes_into_the_named_upstreams_volume(
+    gateway: Gateway, docker_client: docker.DockerClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    network = f"t{TOKEN}-pull"
+    env = _cli_environment(gateway, PAYGATE_UPSTREAM_PULL_NETWORK=network)
+    try:
+        with _environment(env):
+            # Two container upstreams: which volume is meant must be said.
+            assert await asyncio.to_thread(cli, ["upstream", "pull", "fake-tiny:1b"]) == 2
+            assert "--upstream" in capsys.readouterr().err
+            code = await asyncio.to_thread(cli, ["upstream", "pull", "--upstream", "nobody", "x"])
+            assert code == 2
+            assert "no upstream named 'nobody'" in capsys.readouterr().err
+            pull = ["upstream", "pull", "--upstream", FAKE, "fake-tiny:1b"]
+            assert await asyncio.to_thread(cli, pull) == 0
+        assert capsys.readouterr().out.strip() == "pulled fake-tiny:1b"
+    finally:
+        with contextlib.suppress(docker.errors.NotFound):
+            docker_client.networks.get(network).remove()
+    # The running FAKE deployment sees it in its own volume (through the gateway).
+    async with gateway.client.get(gateway.url + "/api/tags") as response:
+        assert response.status == 200
+        tags = await response.json()
+    assert "fake-tiny:1b" in [m["name"] for m in tags["models"]]
+    assert _specs(gateway)[FAKE].pull_name not in {
+        c.name for c in docker_client.containers.list(all=True)
+    }
+
+
+async def test_stopping_one_upstream_leaves_the_other_and_the_monitor_recreates_it(
+    gateway: Gateway, docker_client: docker.DockerClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    specs = _specs(gateway)
+    tiny_id = docker_client.containers.get(specs[TINY].name).id
+    old_fake = docker_client.containers.get(specs[FAKE].name).id
+    restarts = (await _ready(gateway))["upstream"]["upstreams"][FAKE]["restarts"]
+    with _environment(_cli_environment(gateway)):
+        assert await asyncio.to_thread(cli, ["upstream", "stop", "--upstream", FAKE]) == 0
+    assert capsys.readouterr().out.strip() == f"stopped {specs[FAKE].name}"
+    assert docker_client.containers.get(specs[TINY].name).status == "running"
+    status, _, reply = await _post(gateway, CHAT, _chat("tiny"))
+    assert status == 200, reply
+    # The monitor sees the deployment gone and creates it again (new containers).
+    async with asyncio.timeout(30):
+        while True:
+            state = (await _ready(gateway))["upstream"]["upstreams"][FAKE]
+            if state["state"] == "ready" and state["restarts"] > restarts:
+                break
+            await asyncio.sleep(0.1)
+    assert docker_client.containers.get(specs[FAKE].name).id != old_fake
+    status, _, reply = await _post(gateway, CHAT, _chat("fake-llama"))
+    assert status == 200, reply
+    assert docker_client.containers.get(specs[TINY].name).id == tiny_id
+
+
 async def test_a_crash_of_one_fails_only_its_model_and_it_comes_back(
     gateway: Gateway, docker_client: docker.DockerClient
 ) -> None:
@@ -268,6 +329,7 @@ async def test_a_crash_of_one_fails_only_its_model_and_it_comes_back(
     tiny_relay = docker_client.containers.get(specs[TINY].relay_name)
     fake_started = fake.attrs["State"]["StartedAt"]
     tiny_started = (tiny.attrs["State"]["StartedAt"], tiny_relay.attrs["State"]["StartedAt"])
+    restarts_before = (await _ready(gateway))["upstream"]["upstreams"][FAKE]["restarts"]
     await asyncio.to_thread(fake.kill)  # SIGKILL: a crash, not a stop
     refused = None
     async with asyncio.timeout(15):
@@ -292,7 +354,7 @@ async def test_a_crash_of_one_fails_only_its_model_and_it_comes_back(
                 break
             assert ready["upstream"]["upstreams"][TINY]["state"] == "ready", ready
             await asyncio.sleep(0.1)
-    assert state["restarts"] >= 1
+    assert state["restarts"] > restarts_before
     assert state["breaker"]["trips"] >= 1
     assert ready["upstream"]["upstreams"][TINY]["restarts"] == 0
     fake.reload()
