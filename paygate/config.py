@@ -48,6 +48,7 @@ from paygate.errors import PaygateError
 from paygate.upstream.config import UpstreamConfig, UpstreamMode
 from paygate.upstream.engines.base import EngineKind
 from paygate.upstream.fleet import UpstreamEntry
+from paygate.upstream.names import deployment_containers, member_deployment
 
 if TYPE_CHECKING:
     from paygate.x402.facilitator_auth import FacilitatorAuth
@@ -730,6 +731,19 @@ class Settings(
         names = [entry.name for entry in self.upstreams]
         if len(set(names)) != len(names):
             raise ValueError("upstreams: every entry needs its own name")
+        # One deployment's relay or pull container must never be another's serving one:
+        # starting either would replace the other's as a leftover.
+        owners: dict[str, str] = {}
+        for entry in self.upstreams:
+            if (entry.mode or self.upstream_mode) != "container":
+                continue
+            for container in deployment_containers(member_deployment(entry.name)):
+                owner = owners.setdefault(container, entry.name)
+                if owner != entry.name:
+                    raise ValueError(
+                        f"upstreams {owner} and {entry.name} both need the container"
+                        f" {container}: rename one"
+                    )
         for entry in self.upstreams:
             parts = urlsplit(entry.url or self.upstream_url)
             if (
@@ -767,7 +781,7 @@ class Settings(
                 # The one model a file-serving engine is named by; Ollama serves its volume.
                 model_name=item.models[0] if len(item.models) == 1 else None,
                 model_path=item.model_path,
-                name=f"paygate-{item.name}",
+                name=member_deployment(item.name),
                 image=item.image or (base.image if kind == base.kind else None),
                 port=item.port,
                 cpus=item.cpus if item.cpus is not None else base.cpus,

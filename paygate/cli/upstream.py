@@ -25,6 +25,7 @@ from paygate.upstream.container import ContainerManager
 from paygate.upstream.engine import connect
 from paygate.upstream.engines.base import ModelDigest
 from paygate.upstream.errors import UpstreamError
+from paygate.upstream.fleet import UpstreamEntry
 from paygate.upstream.pull import Progress, pull
 from paygate.upstream.readiness import probe
 from paygate.upstream.spec import container_spec
@@ -48,6 +49,11 @@ def register(sub: Any) -> None:
     stop = add_action(actions, "stop", _stop, "stop and remove the containers (the volume stays)")
     for p in (status, pulling, stop):
         p.add_argument("--deployment", help="apply this named deployment's settings")
+        p.add_argument(
+            "--upstream",
+            metavar="NAME",
+            help="only this upstream of the set (PAYGATE_UPSTREAMS / [[upstream]])",
+        )
 
 
 def settings_for(args: argparse.Namespace) -> Settings:
@@ -65,6 +71,31 @@ def _require_container(config: UpstreamConfig, action: str) -> None:
         raise UpstreamError(f"upstream {action} needs upstream_mode = container")
 
 
+def _entries(args: argparse.Namespace) -> tuple[bool, tuple[UpstreamEntry, ...]]:
+    """(several upstreams configured, the ones the command acts on): every upstream of the
+    set, or the one ``--upstream`` names."""
+    settings = settings_for(args)
+    entries = settings.upstream_entries()
+    several = bool(settings.upstreams)
+    wanted = getattr(args, "upstream", None)
+    if wanted is None:
+        return several, entries
+    chosen = tuple(e for e in entries if e.name == wanted)
+    if not several or not chosen:
+        names = ", ".join(e.name for e in entries) if several else "none configured"
+        raise UpstreamError(f"no upstream named {wanted[:64]!r} (upstreams: {names})")
+    return several, chosen
+
+
+def _containers(args: argparse.Namespace, action: str) -> tuple[UpstreamConfig, ...]:
+    """The container-mode upstreams ``action`` applies to (refused when there are none)."""
+    _, entries = _entries(args)
+    configs = tuple(e.config for e in entries if e.config.mode == "container")
+    if not configs:
+        _require_container(entries[0].config, action)
+    return configs
+
+
 async def _probe(config: UpstreamConfig) -> str:
     async with aiohttp.ClientSession(
         connector=service.connector(config, limit=1), trust_env=False
@@ -79,7 +110,37 @@ async def _probe(config: UpstreamConfig) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    config = settings_for(args).upstream()
+    several, entries = _entries(args)
+    if not several:
+        return _report(_status_of(entries[0].config), args.json)
+    reports = {e.name: _status_of(e.config) for e in entries}
+    if args.json:
+        print(json.dumps({"upstreams": reports}, indent=2))
+        return 0
+    for name, report in reports.items():
+        print(f"upstream {name}")
+        _print_lines(report, indent="  ")
+    return 0
+
+
+def _report(out: dict[str, Any], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(out, indent=2))
+        return 0
+    _print_lines(out)
+    return 0
+
+
+def _print_lines(out: dict[str, Any], indent: str = "") -> None:
+    for key, value in out.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
+        print(f"{indent}{key:8} {value}")
+
+
+def _status_of(config: UpstreamConfig) -> dict[str, Any]:
+    """What docker says of one upstream's containers (container mode), its weights and a
+    live probe."""
     out: dict[str, Any] = {"mode": config.mode}
     if config.mode == "container":
         manager = ContainerManager(connect(config.docker_host), container_spec(config))
@@ -92,14 +153,7 @@ def _status(args: argparse.Namespace) -> int:
         out["url"] = config.url
         out["models"] = _models(service.served_digests(config, None))
     out["health"] = asyncio.run(_probe(config))
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    for key, value in out.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
-        print(f"{key:8} {value}")
-    return 0
+    return out
 
 
 def _models(served: list[ModelDigest]) -> dict[str, str]:
@@ -108,12 +162,13 @@ def _models(served: list[ModelDigest]) -> dict[str, str]:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    config = settings_for(args).upstream()
-    _require_container(config, "stop")
-    manager = ContainerManager(connect(config.docker_host), container_spec(config))
-    manager.stop()
-    manager.client.close()
-    print(f"stopped {manager.spec.name}")
+    for config in _containers(args, "stop"):
+        manager = ContainerManager(connect(config.docker_host), container_spec(config))
+        try:
+            manager.stop()
+        finally:
+            manager.client.close()
+        print(f"stopped {manager.spec.name}")
     return 0
 
 
@@ -171,8 +226,12 @@ def render(progress: Progress) -> str:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    config = settings_for(args).upstream()
-    _require_container(config, "pull")
+    configs = _containers(args, "pull")
+    if len(configs) > 1:
+        raise UpstreamError(
+            "several container upstreams: name the one to pull into with --upstream"
+        )
+    config = configs[0]
     client = connect(config.docker_host)
     printer = ProgressPrinter(sys.stderr)
     try:

@@ -28,3 +28,14 @@ def derived_name(base: str, suffix: str) -> str:
     """``base-suffix`` kept within the limit by shortening ``base``, never the suffix."""
     room = MAX_NAME - len(suffix) - 1
     return container_name(f"{container_name(base)[:room].rstrip('-')}-{suffix}")
+
+
+def member_deployment(upstream: str) -> str:
+    """The deployment (serving container) name of upstream ``upstream`` of a set."""
+    return container_name(f"paygate-{upstream}")
+
+
+def deployment_containers(name: str) -> tuple[str, ...]:
+    """Every container deployment ``name`` may create: serving, relay and pull (as
+    :class:`paygate.upstream.spec.ContainerSpec` names them)."""
+    return (name, derived_name(name, "relay"), derived_name(name, "pull"))

@@ -28,7 +28,7 @@ from paygate.upstream.config import UpstreamConfig
 from paygate.upstream.engines import profile_for
 from paygate.upstream.engines.base import EngineKind, LaunchTarget
 from paygate.upstream.errors import InvalidName
-from paygate.upstream.names import container_name, derived_name
+from paygate.upstream.names import container_name, deployment_containers
 
 ROLE_LABEL = "io.paygate.role"
 DEPLOYMENT_LABEL = "io.paygate.deployment"
@@ -68,11 +68,11 @@ class ContainerSpec:
 
     @property
     def relay_name(self) -> str:
-        return derived_name(self.name, "relay")
+        return deployment_containers(self.name)[1]
 
     @property
     def pull_name(self) -> str:
-        return derived_name(self.name, "pull")
+        return deployment_containers(self.name)[2]
 
     @property
     def socket_path(self) -> Path:

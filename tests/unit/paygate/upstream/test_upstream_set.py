@@ -361,3 +361,21 @@ def test_a_cut_responses_stream_keeps_its_text() -> None:
     )
     assert reader.text == " one two"
     assert reader.result() is None  # nothing stated: counted by the engine's tokenizer
+
+
+@pytest.mark.parametrize("suffix", ["relay", "pull"])
+def test_container_upstreams_whose_container_names_clash_are_refused(
+    tmp_path: Path, suffix: str
+) -> None:
+    # Upstream "a"'s relay (or pull) container is paygate-a-relay, which is also the serving
+    # container of an upstream named "a-relay": starting one would remove the other's.
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    entry = {"kind": "llama-server", "mode": "container", "models": ["m"], "model_path": str(model)}
+    clashing = [{**entry, "name": "a"}, {**entry, "name": f"a-{suffix}"}]
+    with pytest.raises(ConfigError, match=f"paygate-a-{suffix}"):
+        load_settings(None, upstreams=clashing)
+    # Either attached: it has no containers, so nothing clashes.
+    attached = {**clashing[1], "mode": "attach", "url": "http://127.0.0.1:9001"}
+    settings = load_settings(None, upstreams=[clashing[0], attached])
+    assert [e.name for e in settings.upstream_entries()] == ["a", f"a-{suffix}"]
