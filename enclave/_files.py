@@ -1,4 +1,5 @@
-"""Private files for key material: created whole or not at all, mode 0600, never replaced."""
+"""Private files for key material: created whole or not at all, mode 0600 (a key never
+replaced; a state file that lists keys replaced whole)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,26 @@ def write_new_file(target: Path, data: bytes) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def replace_file(target: Path, data: bytes) -> None:
+    """Write ``target`` whole with mode 0600, replacing what is there (a state file listing
+    keys, rewritten as they change): a reader or a crash finds the old text or the new, never a
+    part. The temporary file is this writer's alone (created exclusively, never through a
+    link), so two processes writing at once cannot write into each other's."""
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o600)  # independent of the umask
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    fsync_dir(target.parent)
 
 
 def fsync_dir(directory: Path) -> None:
