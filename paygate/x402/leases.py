@@ -109,6 +109,22 @@ class HeldLeases:
             self._live_until[moved.id] = self._counted_on(asked)
         return moved
 
+    async def made(self, record: PaymentRecord, state: PaymentState) -> PaymentRecord | None:
+        """After a move of ``record`` to ``state`` refused as the ledger unavailable: the record
+        if the move was made nonetheless (its COMMIT went, its answer was lost: a connection
+        cut), else None (not made, another replica's since, or the ledger unreadable too). A
+        move keeps the lease epoch and a claim raises it, so the state with this process's
+        epoch is this process's move."""
+        try:
+            found = await self._ledger.get(record.id)
+        except LedgerError:
+            return None
+        if found is None or found.state is not state or found.lease != record.lease:
+            return None
+        if not TRANSITIONS[found.state]:
+            self.drop(found.id)
+        return found
+
     async def confirm(self, record: PaymentRecord) -> str | None:
         """None when the lease held on ``record`` is still this process's, else why not
         (``lease_lost``, ``ledger_unavailable``). Known from this process's clock while the
@@ -184,7 +200,16 @@ class HeldLeases:
             elif not record.served:
                 record = await self._ledger.mark_served(record.id)
         except LedgerError as exc:
-            log.warning("payment %s: cannot mark served: %s", record.id, exc.code)
+            # Its COMMIT's answer lost? Then SERVED (owed) is recorded, its receipt with it.
+            made = None
+            if not isinstance(exc, LeaseLost) and not record.served:
+                made = await self.made(record, PaymentState.SERVED)
+            if made is None:
+                log.warning("payment %s: cannot mark served: %s", record.id, exc.code)
+            else:
+                record, token = made, None
+                if let_go:
+                    self.drop(record.id)
         if token is not None:
             await self.keep_receipt(record, token, usage)
         return record

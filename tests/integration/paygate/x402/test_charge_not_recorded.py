@@ -242,3 +242,84 @@ async def test_a_sealed_whole_reply_whose_charge_was_not_recorded_is_refused_in_
     assert states == ["released", "settled"]
     assert facilitator.stats.calls("settle") == 1
     assert usdc.balance_of(seller) == PRICE_ATOMIC
+
+
+def made_but_answer_lost(monkeypatch: pytest.MonkeyPatch, into: PaymentState) -> list[str]:
+    """The next ledger move into ``into`` is made, and its answer lost (a PostgreSQL connection
+    cut after its COMMIT went: the store raises as for a write not made); returns the ids."""
+    real = Ledger.transition
+    lost: list[str] = []
+
+    async def transition(self: Ledger, payment_id: str, to: PaymentState, **kw: Any) -> Any:
+        moved = await real(self, payment_id, to, **kw)
+        if to is into and not lost:
+            lost.append(payment_id)
+            raise LedgerUnavailable("the connection was lost after the COMMIT (injected)")
+        return moved
+
+    monkeypatch.setattr(Ledger, "transition", transition)
+    return lost
+
+
+@pytest.mark.parametrize("mode", ["facilitator", "verify-only"], ids=["exact", "verify-only"])
+async def test_a_charge_recorded_whose_answer_was_lost_is_served_not_withheld(
+    facilitator, usdc, payer, seller, tmp_path, monkeypatch, mode
+):
+    """exact: SETTLING was written, only its answer lost; verify-only: SERVED (what its
+    operator settles). The ledger holds the charge, so withholding the reply as "nothing
+    charged" would charge a reply never sent, and the payer's retry a second time: the ledger
+    is asked what it holds, and the reply is served (exact: settled once)."""
+    ledger = tmp_path / "payments.db"
+    settings = {"seller": seller, "facilitator_url": facilitator.url, "ledger": ledger}
+    async with paid_stack(payment_mode=mode, **settings) as stack:
+        required = await challenge_of(stack, CHAT, CHAT_BODY)
+        offer = required["accepts"][0]
+        header = encode_header(sign_v2_payment(payer, offer, resource=required["resource"]["url"]))
+        into = PaymentState.SERVED if mode == "verify-only" else PaymentState.SETTLING
+        lost = made_but_answer_lost(monkeypatch, into)
+        status, headers, raw = await post(stack, header)
+        assert lost, "the charge's write was not made"
+        assert status == 200, (headers.get(wire.ERROR_HEADER), raw)
+        assert wire.RECEIPT_HEADER in headers
+    (record,) = await records(ledger)
+    assert record.served
+    if mode == "verify-only":
+        assert (record.state, record.owner) == (PaymentState.SERVED, None)  # its lease let go
+        assert facilitator.stats.calls("settle") == 0
+        return
+    assert receipt_of(headers)["success"] is True
+    assert record.state is PaymentState.SETTLED
+    assert facilitator.stats.calls("settle") == 1
+    assert usdc.balance_of(seller) == int(offer["amount"])
+
+
+async def test_a_vouchers_charge_recorded_whose_answer_was_lost_is_served_not_withheld(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    """batch-settlement (chain mode, the SDK's client): the channel's charge and its SETTLED
+    record were made in one transaction whose answer was lost. The channel holds the charge,
+    so the reply is served with its receipt (not a 503 telling the payer nothing was charged),
+    and the payer's next request is charged once more, on top of it."""
+    ledger = tmp_path / "payments.db"
+    scheme = sdk_batch_scheme(payer, deposit=10 * PRICE_ATOMIC)
+    async with (
+        sdk_batch_client(scheme) as client,
+        chain_batch(seller, ledger, anvil, gas_key) as stack,
+    ):
+        first = await client.post(stack.url + CHAT, json=CHAT_BODY)
+        assert first.status_code == 200, first.text
+        channel_id = receipt_of(first.headers)["extra"]["channelState"]["channelId"]
+        lost = made_but_answer_lost(monkeypatch, PaymentState.SETTLED)
+        second = await client.post(stack.url + CHAT, json=CHAT_BODY)
+        assert lost, "the channel's charge was not made"
+        assert second.status_code == 200, (second.headers, second.text)
+        assert wire.RECEIPT_HEADER in second.headers
+        monkeypatch.undo()
+        third = await client.post(stack.url + CHAT, json=CHAT_BODY)
+        assert third.status_code == 200, (third.headers, third.text)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            channel = await channels.store.get(channel_id)
+    assert channel is not None
+    assert (channel.pending_owner, channel.charged) == (None, 3 * PRICE_ATOMIC)
+    states = [r.state for r in await records(ledger)]
+    assert states == [PaymentState.SETTLED] * 3
