@@ -174,7 +174,9 @@ class HeldLeases:
         A payment not yet SERVED moves (RESERVED →) VERIFIED → SERVED (which marks it served)
         in one transaction; with ``let_go`` (nothing settles here: verify-only) its lease goes
         in that transaction too, and so does the reply's signed ``receipt`` (its token and the
-        usage it states), if given. A receipt that could not go with the move is kept alone.
+        usage it states), if given. A receipt that could not go with a move made (or with no move:
+        SERVED already) is kept alone; one whose move to SERVED was not made is not kept at all:
+        its reply is withheld.
         """
         token, usage = receipt if receipt is not None else (None, None)
         stated = None
@@ -186,8 +188,9 @@ class HeldLeases:
                     "payment %s: cannot keep its receipt: %s", record.id, type(exc).__name__
                 )
                 token = None
+        moving = record.state in (PaymentState.RESERVED, PaymentState.VERIFIED)
         try:
-            if record.state in (PaymentState.RESERVED, PaymentState.VERIFIED):
+            if moving:
                 record = await self.move(
                     record,
                     PaymentState.SERVED,
@@ -202,10 +205,14 @@ class HeldLeases:
         except LedgerError as exc:
             # Its COMMIT's answer lost? Then SERVED (owed) is recorded, its receipt with it.
             made = None
-            if not isinstance(exc, LeaseLost) and not record.served:
+            if moving and not isinstance(exc, LeaseLost):
                 made = await self.made(record, PaymentState.SERVED)
             if made is None:
                 log.warning("payment %s: cannot mark served: %s", record.id, exc.code)
+                if moving:
+                    # Not SERVED: its reply is withheld (paygate.x402.settlements), so its
+                    # receipt is not kept alone either, which the log's recovery would publish.
+                    token = None
             else:
                 record, token = made, None
                 if let_go:

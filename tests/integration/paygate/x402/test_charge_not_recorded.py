@@ -14,6 +14,7 @@ charged once."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from pathlib import Path
@@ -23,14 +24,18 @@ import aiohttp
 import httpx
 import pytest
 
-from enclave import receipts
+from enclave import SoftwareKey, receipts
 from enclave.tlog import merkle
 from paygate import wire
 from paygate.client import AsyncPaygateTransport, SpendPolicy
 from paygate.server.receipts import SSE_PREFIX as SIGNED_RECEIPT_LINE
+from paygate.tlog.open_store import open_log_store
+from paygate.tlog.recovery import RecoveryConfig
+from paygate.tlog.service import LogConfig, TransparencyLog
 from paygate.x402.inband import SSE_PREFIX as PAYMENT_RECEIPT_LINE
 from paygate.x402.ledger import LedgerUnavailable, PaymentState
 from paygate.x402.ledger_base import Ledger
+from paygate.x402.ledger_store import LedgerLocation
 from tests.fixtures.batch_settlement_support import (
     chain_batch,
     claimer,
@@ -171,6 +176,48 @@ async def test_a_withheld_replys_receipt_is_never_published_in_the_transparency_
         assert status == 200, raw
         token = headers[wire.RECEIPT_HEADER]
         assert _logged_leaves(ledger) == [merkle.leaf_hash(receipts.signed_bytes(token))]
+
+
+async def test_a_withheld_replys_receipt_is_not_kept_for_the_logs_recovery_to_publish(
+    facilitator, payer, seller, tmp_path, monkeypatch
+):
+    """The log's recovery records every receipt the ledger kept that the log lacks
+    (paygate.tlog.recovery: a crash between the two). So a withheld reply's receipt must not be
+    kept either — verify-only's SERVED refused once, the receipt was kept on its own — else a
+    recovery pass, any replica's, publishes it: a charge for a reply nobody got, beside the
+    served retry's. After the retry, the ledger keeps the retry's receipt alone, and a recovery
+    pass finds nothing to add."""
+    ledger = tmp_path / "payments.db"
+    settings = {"seller": seller, "facilitator_url": facilitator.url, "ledger": ledger}
+    logged = {"transparency_log": True, "log_origin": ORIGIN, "log_receipt_period": 3600}
+    async with paid_stack(payment_mode="verify-only", **settings, **logged) as stack:
+        header = await v2_header(stack, payer)
+        refused = fail_once(monkeypatch, PaymentState.SERVED)
+        status, headers, raw = await post(stack, header)
+        assert refused
+        assert (status, headers.get(wire.ERROR_HEADER)) == (503, "ledger_unavailable"), raw
+        assert _kept_tokens(ledger) == []
+        # The retry in the next second: its receipt (issued_at in seconds) differs from the
+        # withheld one's, so the log would tell the two apart.
+        await asyncio.sleep(1.1)
+        status, headers, raw = await post(stack, header)
+        assert status == 200, raw
+        token = headers[wire.RECEIPT_HEADER]
+    assert _kept_tokens(ledger) == [token]
+    store = await open_log_store(LedgerLocation(kind="sqlite", path=ledger))
+    config = LogConfig(origin=ORIGIN, replica="later", recovery=RecoveryConfig(grace=0.0))
+    recovering = TransparencyLog(config, store, SoftwareKey.generate())
+    try:
+        assert (await recovering.recovery.pass_once()).recorded == 0
+    finally:
+        await recovering.close()
+    assert _logged_leaves(ledger) == [merkle.leaf_hash(receipts.signed_bytes(token))]
+
+
+def _kept_tokens(ledger: Path) -> list[str]:
+    """The signed reply receipts the ledger keeps (what the log's recovery reads)."""
+    with contextlib.closing(sqlite3.connect(ledger, timeout=10)) as db:
+        return [str(row[0]) for row in db.execute("SELECT token FROM receipts")]
 
 
 async def test_a_vouchers_charge_the_ledger_failed_to_record_gives_its_channel_back_at_once(
