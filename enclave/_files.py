@@ -1,10 +1,12 @@
-"""Private files for key material: created whole or not at all, mode 0600, never replaced."""
+"""Private files for key material: created whole or not at all, mode 0600 (a key never
+replaced; a state file that lists keys replaced whole)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -15,6 +17,24 @@ def write_new_file(target: Path, data: bytes) -> None:
     the link is the no-clobber "rename", so an existing file (or a concurrent writer) wins
     instead of being overwritten, and a crash never leaves a half-written key.
     """
+    with _temporary(target, data) as tmp:
+        os.link(tmp, target)
+
+
+def replace_file(target: Path, data: bytes) -> None:
+    """Write ``target`` whole with mode 0600, replacing what is there (a state file listing
+    keys, rewritten as they change): a reader or a crash finds the old text or the new, never a
+    part. The temporary file is this writer's alone (created exclusively, never through a
+    link), so two processes writing at once cannot write into each other's."""
+    with _temporary(target, data) as tmp:
+        os.replace(tmp, target)
+    fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def _temporary(target: Path, data: bytes) -> Iterator[Path]:
+    """``data`` in a new file of its own beside ``target`` (mode 0600, fsynced), removed after
+    (once linked or moved into place, what is removed is only its old name)."""
     tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
@@ -23,7 +43,7 @@ def write_new_file(target: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.link(tmp, target)
+        yield tmp
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from enclave._files import replace_file
 from enclave.errors import KeyBackendError
 from enclave.keys.base import KeyBackend
 from enclave.keys.epochs import Epoch, EpochKey, EpochKeys, EpochRetired, key_id_for
@@ -254,13 +255,7 @@ class SharedEpochKeys(EpochKeys):
         return data
 
     def _write(self, state: Mapping[str, Any]) -> None:
-        tmp = self._dir / f".{STATE_FILE}.{self._pid}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._state_path)
+        replace_file(self._state_path, json.dumps(state).encode())
 
     def _marker(self) -> tuple[int, int, int] | None:
         try:
@@ -392,13 +387,7 @@ class SharedEpochKeys(EpochKeys):
         return names
 
     def _write_pending(self, names: list[str]) -> None:
-        tmp = self._dir / f".{PENDING_FILE}.{self._pid}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(names, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._pending_path)
+        replace_file(self._pending_path, json.dumps(names).encode())
 
     def _destroy(self, entry: Mapping[str, Any]) -> None:
         mine = self._mine.pop(str(entry["id"]), None)

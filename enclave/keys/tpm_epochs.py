@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from enclave import p256
+from enclave._files import replace_file
 from enclave.errors import KeyBackendError
 from enclave.keys.base import KeyInfo
 
@@ -158,13 +158,7 @@ class TpmEpochVault:
         return handles
 
     def _write_state(self, handles: list[int]) -> None:
-        tmp = self._state.with_name(f".{STATE_FILE}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"handles": sorted(set(handles))}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._state)
+        replace_file(self._state, json.dumps({"handles": sorted(set(handles))}).encode())
 
     def _persistent(self, tpm: TpmAccess) -> set[int]:
         from tpm2_pytss import TPM2_CAP

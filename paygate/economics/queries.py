@@ -26,6 +26,10 @@ from paygate.economics.store import (
 from paygate.statements import Query, Row
 from paygate.x402.ledger import PaymentRecord, PaymentState
 
+# The scheme whose charge is made in the ledger (paygate.x402.schemes.batch_settlement; its name
+# as the ledger records it, not imported: that package brings the chain clients).
+BATCH_SETTLEMENT = "batch-settlement"
+
 PRUNE_EVERY = 256  # token usage writes between two prunes of expired rows
 LOGIN_RETENTION_SECONDS = 86_400  # expired one-time logins kept a day (then pruned)
 _REVIEW_OVERFETCH = 4  # review rows are SETTLING rows that need review: fetch more, then pick
@@ -241,13 +245,22 @@ class EconomicsQueries:
         return EarningsRow(str(row[0]), int(row[1]), int(row[2]))
 
     def settle_latencies(self, since: float) -> Query:
+        # Not a batch-settlement voucher's: its charge is made in the ledger, no settlement
+        # with a latency (its lines are mostly in its row, but in payment_events when its row
+        # was reserved again after a release; ledger_rules.kept_history).
         return self._sql(
             "SELECT done.at - MIN(start.at) AS seconds FROM payment_events AS done"
             " JOIN payment_events AS start ON start.payment_id = done.payment_id"
             " AND start.state = ? AND start.seq < done.seq"
-            " WHERE done.state = ? AND done.at >= ? GROUP BY done.seq ORDER BY done.seq DESC"
-            " LIMIT 1000"
-        ), (PaymentState.SETTLING.value, PaymentState.SETTLED.value, since)
+            " WHERE done.state = ? AND done.at >= ? AND NOT EXISTS (SELECT 1 FROM payments"
+            " WHERE payments.id = done.payment_id AND payments.scheme = ?)"
+            " GROUP BY done.seq ORDER BY done.seq DESC LIMIT 1000"
+        ), (
+            PaymentState.SETTLING.value,
+            PaymentState.SETTLED.value,
+            since,
+            BATCH_SETTLEMENT,
+        )
 
     @staticmethod
     def latency_of(row: Row) -> float:

@@ -109,6 +109,22 @@ class HeldLeases:
             self._live_until[moved.id] = self._counted_on(asked)
         return moved
 
+    async def made(self, record: PaymentRecord, state: PaymentState) -> PaymentRecord | None:
+        """After a move of ``record`` to ``state`` refused as the ledger unavailable: the record
+        if the move was made nonetheless (its COMMIT went, its answer was lost: a connection
+        cut), else None (not made, another replica's since, or the ledger unreadable too). A
+        move keeps the lease epoch and a claim raises it, so the state with this process's
+        epoch is this process's move."""
+        try:
+            found = await self._ledger.get(record.id)
+        except LedgerError:
+            return None
+        if found is None or found.state is not state or found.lease != record.lease:
+            return None
+        if not TRANSITIONS[found.state]:
+            self.drop(found.id)
+        return found
+
     async def confirm(self, record: PaymentRecord) -> str | None:
         """None when the lease held on ``record`` is still this process's, else why not
         (``lease_lost``, ``ledger_unavailable``). Known from this process's clock while the
@@ -158,7 +174,9 @@ class HeldLeases:
         A payment not yet SERVED moves (RESERVED →) VERIFIED → SERVED (which marks it served)
         in one transaction; with ``let_go`` (nothing settles here: verify-only) its lease goes
         in that transaction too, and so does the reply's signed ``receipt`` (its token and the
-        usage it states), if given. A receipt that could not go with the move is kept alone.
+        usage it states), if given. A receipt that could not go with a move made (or with no move:
+        SERVED already) is kept alone; one whose move to SERVED was not made is not kept at all:
+        its reply is withheld.
         """
         token, usage = receipt if receipt is not None else (None, None)
         stated = None
@@ -170,8 +188,9 @@ class HeldLeases:
                     "payment %s: cannot keep its receipt: %s", record.id, type(exc).__name__
                 )
                 token = None
+        moving = record.state in (PaymentState.RESERVED, PaymentState.VERIFIED)
         try:
-            if record.state in (PaymentState.RESERVED, PaymentState.VERIFIED):
+            if moving:
                 record = await self.move(
                     record,
                     PaymentState.SERVED,
@@ -184,7 +203,20 @@ class HeldLeases:
             elif not record.served:
                 record = await self._ledger.mark_served(record.id)
         except LedgerError as exc:
-            log.warning("payment %s: cannot mark served: %s", record.id, exc.code)
+            # Its COMMIT's answer lost? Then SERVED (owed) is recorded, its receipt with it.
+            made = None
+            if moving and not isinstance(exc, LeaseLost):
+                made = await self.made(record, PaymentState.SERVED)
+            if made is None:
+                log.warning("payment %s: cannot mark served: %s", record.id, exc.code)
+                if moving:
+                    # Not SERVED: its reply is withheld (paygate.x402.settlements), so its
+                    # receipt is not kept alone either, which the log's recovery would publish.
+                    token = None
+            else:
+                record, token = made, None
+                if let_go:
+                    self.drop(record.id)
         if token is not None:
             await self.keep_receipt(record, token, usage)
         return record

@@ -230,17 +230,21 @@ class Settlements:
                     record, PaymentState.SETTLING, via=via, meter=admission.meter if via else None
                 )
         except LedgerError as exc:
-            log.error("payment %s: cannot record SETTLING: %s", record.id, exc.code)
-            # Nothing records the charge: no reply may claim it (it is withheld).
             lost = isinstance(exc, LeaseLost)
-            admission.unrecorded = LeaseLost.code if lost else LedgerUnavailable.code
-            if via and not lost:
-                # The reply's charge, not made (another replica released it when lost): released
-                # now with what the scheme took, so the retry the withheld reply invites is
-                # served, not refused in progress until the lease runs out. (A COMMIT whose
-                # answer was lost left it SETTLING: the release's compare-and-set refuses it.)
-                await self._give_back(admission, record)
-            return None
+            # A COMMIT whose answer was lost recorded the charge: the ledger is asked. (Else the
+            # reply, withheld as "nothing charged", would be charged by whoever settles it.)
+            made = None if lost else await self.leases.made(record, PaymentState.SETTLING)
+            if made is None:
+                log.error("payment %s: cannot record SETTLING: %s", record.id, exc.code)
+                # Nothing records the charge: no reply may claim it (it is withheld).
+                admission.unrecorded = LeaseLost.code if lost else LedgerUnavailable.code
+                if via and not lost:
+                    # The reply's charge, not made (another replica released it when lost):
+                    # released now with what the scheme took, so the retry the withheld reply
+                    # invites is served, not refused in progress until the lease runs out.
+                    await self._give_back(admission, record)
+                return None
+            record = made
         admission.record = record
         started = time.monotonic()
         self.events.settling(1)
@@ -301,8 +305,13 @@ class Settlements:
                 reply_receipt=token,
                 receipt_usage=stated,
             )
-        except LedgerError:  # not made (rolled back), or not known: the usual steps decide
-            return None
+        except LedgerError as exc:  # not made (rolled back), or not known: the usual steps decide
+            made = None
+            if not isinstance(exc, LeaseLost):  # its answer lost? the ledger says what it holds
+                made = await self.leases.made(record, PaymentState.SETTLED)
+            if made is None:
+                return None
+            admission.record = made
         admission.receipt_kept = token is not None
         answer = settlement.answer()
         self.events.settlement("settled", time.monotonic() - started)

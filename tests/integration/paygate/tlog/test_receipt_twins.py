@@ -6,7 +6,9 @@
   recovered when the leaf's record lands between recovery's check and its insert;
 - a v14 log already holding twins migrates: the open twins go, the twins a published period
   counts stay (its root, count and every receipt's inclusion proof unchanged), each leaf is
-  recorded once from then on, and the next period counts only what was never counted.
+  recorded once from then on, and the next period counts only what was never counted;
+- a v13 ledger (main before this session's two steps) takes steps 14 and 15 in one migration:
+  its channels' readings are ordered from then on, its log's open twins go.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from paygate.tlog.service import LogConfig, TransparencyLog, receipt_facts
 from paygate.tlog.store import MissingReceipt
 from paygate.tlog.store_rules import record_missing_plan
 from paygate.x402.ledger_store import LedgerLocation, open_ledger, parse_ledger_url
+from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
+from paygate.x402.schemes.batch_settlement.store import ChannelStore
 from tests.fixtures.ledger_support import BEFORE_V15
 from tests.fixtures.tlog_support import ORIGIN
 
@@ -221,5 +225,74 @@ async def test_a_v14_log_holding_twins_migrates_without_touching_a_published_per
         after = await _last_entry(tlog)
         assert (after["count"], after["charged"]) == (1, "300")
         assert await tlog.append_period() is None
+    finally:
+        await tlog.close()
+
+
+CHANNEL = "0x" + "ab" * 32
+CONFIG = ChannelConfig(
+    payer="0x" + "11" * 20,
+    payer_authorizer="0x" + "11" * 20,
+    receiver="0x" + "22" * 20,
+    receiver_authorizer="0x" + "33" * 20,
+    token="0x" + "44" * 20,
+    withdraw_delay=900,
+    salt="0x" + "00" * 32,
+)
+
+
+async def test_a_v13_ledger_takes_steps_14_and_15_in_one_migration(location):
+    """Both steps of this schema at once, from v13 with a channel and an open twin: the channel
+    keeps its balance, its reading block unknown (0: the next reading counts, and one older
+    than that changes nothing); the twin goes; the log records each leaf once."""
+    a, b = _token(1, 100), _token(2, 200)
+    leaf_a = receipt_facts(a).leaf
+    tlog = await _opened(location)
+    try:
+        await tlog.start([b"genesis"])
+        ledger = await open_ledger(location, migrate=True, pool_size=1)
+        try:
+            channels = ChannelStore(ledger, clock=lambda: 1_000.0, pending_seconds=30.0)
+            await channels.deposited(
+                CHANNEL, "eip155:84532", CONFIG, balance=1_000, total_claimed=0, block=7
+            )
+        finally:
+            await ledger.close()
+        await _back_to_v14(tlog)
+        record = (
+            "INSERT INTO tlog_receipts (leaf, amount, replica, issued_at) VALUES (?, ?, 'v13', ?)",
+            (leaf_a, "100" if tlog._store.SQL.amounts_as_text else 100, 1_700_000_000.0),  # type: ignore[attr-defined]
+        )
+        await _run(
+            tlog,
+            record,
+            record,
+            ("ALTER TABLE bs_channels DROP COLUMN read_block", ()),
+            ("UPDATE ledger_schema SET version = 13 WHERE id = 1", ()),
+        )
+    finally:
+        await tlog.close()
+
+    ledger = await open_ledger(location, migrate=True, pool_size=1)
+    try:
+        assert ledger.found_version == 13  # type: ignore[attr-defined]
+        channels = ChannelStore(ledger, clock=lambda: 2_000.0, pending_seconds=30.0)
+        channel = await channels.get(CHANNEL)
+        assert channel is not None
+        assert (channel.balance, channel.read_block) == (1_000, 0)
+        await channels.refunded(CHANNEL, 900, 0, block=5)
+        await channels.refunded(CHANNEL, 800, 0, block=4)  # read before it: changes nothing
+        channel = await channels.get(CHANNEL)
+        assert channel is not None
+        assert (channel.balance, channel.read_block) == (900, 5)
+    finally:
+        await ledger.close()
+
+    tlog = await _opened(location)
+    try:
+        assert await _rows(tlog) == [(leaf_a, None, 0)]
+        for token in (a, b, a):
+            await tlog.record_receipt(token)
+        assert [leaf for leaf, _, _ in await _rows(tlog)] == [leaf_a, receipt_facts(b).leaf]
     finally:
         await tlog.close()

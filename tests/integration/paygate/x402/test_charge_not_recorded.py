@@ -14,6 +14,7 @@ charged once."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from pathlib import Path
@@ -23,14 +24,18 @@ import aiohttp
 import httpx
 import pytest
 
-from enclave import receipts
+from enclave import SoftwareKey, receipts
 from enclave.tlog import merkle
 from paygate import wire
 from paygate.client import AsyncPaygateTransport, SpendPolicy
 from paygate.server.receipts import SSE_PREFIX as SIGNED_RECEIPT_LINE
+from paygate.tlog.open_store import open_log_store
+from paygate.tlog.recovery import RecoveryConfig
+from paygate.tlog.service import LogConfig, TransparencyLog
 from paygate.x402.inband import SSE_PREFIX as PAYMENT_RECEIPT_LINE
 from paygate.x402.ledger import LedgerUnavailable, PaymentState
 from paygate.x402.ledger_base import Ledger
+from paygate.x402.ledger_store import LedgerLocation
 from tests.fixtures.batch_settlement_support import (
     chain_batch,
     claimer,
@@ -173,6 +178,48 @@ async def test_a_withheld_replys_receipt_is_never_published_in_the_transparency_
         assert _logged_leaves(ledger) == [merkle.leaf_hash(receipts.signed_bytes(token))]
 
 
+async def test_a_withheld_replys_receipt_is_not_kept_for_the_logs_recovery_to_publish(
+    facilitator, payer, seller, tmp_path, monkeypatch
+):
+    """The log's recovery records every receipt the ledger kept that the log lacks
+    (paygate.tlog.recovery: a crash between the two). So a withheld reply's receipt must not be
+    kept either — verify-only's SERVED refused once, the receipt was kept on its own — else a
+    recovery pass, any replica's, publishes it: a charge for a reply nobody got, beside the
+    served retry's. After the retry, the ledger keeps the retry's receipt alone, and a recovery
+    pass finds nothing to add."""
+    ledger = tmp_path / "payments.db"
+    settings = {"seller": seller, "facilitator_url": facilitator.url, "ledger": ledger}
+    logged = {"transparency_log": True, "log_origin": ORIGIN, "log_receipt_period": 3600}
+    async with paid_stack(payment_mode="verify-only", **settings, **logged) as stack:
+        header = await v2_header(stack, payer)
+        refused = fail_once(monkeypatch, PaymentState.SERVED)
+        status, headers, raw = await post(stack, header)
+        assert refused
+        assert (status, headers.get(wire.ERROR_HEADER)) == (503, "ledger_unavailable"), raw
+        assert _kept_tokens(ledger) == []
+        # The retry in the next second: its receipt (issued_at in seconds) differs from the
+        # withheld one's, so the log would tell the two apart.
+        await asyncio.sleep(1.1)
+        status, headers, raw = await post(stack, header)
+        assert status == 200, raw
+        token = headers[wire.RECEIPT_HEADER]
+    assert _kept_tokens(ledger) == [token]
+    store = await open_log_store(LedgerLocation(kind="sqlite", path=ledger))
+    config = LogConfig(origin=ORIGIN, replica="later", recovery=RecoveryConfig(grace=0.0))
+    recovering = TransparencyLog(config, store, SoftwareKey.generate())
+    try:
+        assert (await recovering.recovery.pass_once()).recorded == 0
+    finally:
+        await recovering.close()
+    assert _logged_leaves(ledger) == [merkle.leaf_hash(receipts.signed_bytes(token))]
+
+
+def _kept_tokens(ledger: Path) -> list[str]:
+    """The signed reply receipts the ledger keeps (what the log's recovery reads)."""
+    with contextlib.closing(sqlite3.connect(ledger, timeout=10)) as db:
+        return [str(row[0]) for row in db.execute("SELECT token FROM receipts")]
+
+
 async def test_a_vouchers_charge_the_ledger_failed_to_record_gives_its_channel_back_at_once(
     anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
 ):
@@ -245,3 +292,84 @@ async def test_a_sealed_whole_reply_whose_charge_was_not_recorded_is_refused_in_
     assert states == ["released", "settled"]
     assert facilitator.stats.calls("settle") == 1
     assert usdc.balance_of(seller) == PRICE_ATOMIC
+
+
+def made_but_answer_lost(monkeypatch: pytest.MonkeyPatch, into: PaymentState) -> list[str]:
+    """The next ledger move into ``into`` is made, and its answer lost (a PostgreSQL connection
+    cut after its COMMIT went: the store raises as for a write not made); returns the ids."""
+    real = Ledger.transition
+    lost: list[str] = []
+
+    async def transition(self: Ledger, payment_id: str, to: PaymentState, **kw: Any) -> Any:
+        moved = await real(self, payment_id, to, **kw)
+        if to is into and not lost:
+            lost.append(payment_id)
+            raise LedgerUnavailable("the connection was lost after the COMMIT (injected)")
+        return moved
+
+    monkeypatch.setattr(Ledger, "transition", transition)
+    return lost
+
+
+@pytest.mark.parametrize("mode", ["facilitator", "verify-only"], ids=["exact", "verify-only"])
+async def test_a_charge_recorded_whose_answer_was_lost_is_served_not_withheld(
+    facilitator, usdc, payer, seller, tmp_path, monkeypatch, mode
+):
+    """exact: SETTLING was written, only its answer lost; verify-only: SERVED (what its
+    operator settles). The ledger holds the charge, so withholding the reply as "nothing
+    charged" would charge a reply never sent, and the payer's retry a second time: the ledger
+    is asked what it holds, and the reply is served (exact: settled once)."""
+    ledger = tmp_path / "payments.db"
+    settings = {"seller": seller, "facilitator_url": facilitator.url, "ledger": ledger}
+    async with paid_stack(payment_mode=mode, **settings) as stack:
+        required = await challenge_of(stack, CHAT, CHAT_BODY)
+        offer = required["accepts"][0]
+        header = encode_header(sign_v2_payment(payer, offer, resource=required["resource"]["url"]))
+        into = PaymentState.SERVED if mode == "verify-only" else PaymentState.SETTLING
+        lost = made_but_answer_lost(monkeypatch, into)
+        status, headers, raw = await post(stack, header)
+        assert lost, "the charge's write was not made"
+        assert status == 200, (headers.get(wire.ERROR_HEADER), raw)
+        assert wire.RECEIPT_HEADER in headers
+    (record,) = await records(ledger)
+    assert record.served
+    if mode == "verify-only":
+        assert (record.state, record.owner) == (PaymentState.SERVED, None)  # its lease let go
+        assert facilitator.stats.calls("settle") == 0
+        return
+    assert receipt_of(headers)["success"] is True
+    assert record.state is PaymentState.SETTLED
+    assert facilitator.stats.calls("settle") == 1
+    assert usdc.balance_of(seller) == int(offer["amount"])
+
+
+async def test_a_vouchers_charge_recorded_whose_answer_was_lost_is_served_not_withheld(
+    anvil, usdc, payer, seller, tmp_path, gas_key, monkeypatch
+):
+    """batch-settlement (chain mode, the SDK's client): the channel's charge and its SETTLED
+    record were made in one transaction whose answer was lost. The channel holds the charge,
+    so the reply is served with its receipt (not a 503 telling the payer nothing was charged),
+    and the payer's next request is charged once more, on top of it."""
+    ledger = tmp_path / "payments.db"
+    scheme = sdk_batch_scheme(payer, deposit=10 * PRICE_ATOMIC)
+    async with (
+        sdk_batch_client(scheme) as client,
+        chain_batch(seller, ledger, anvil, gas_key) as stack,
+    ):
+        first = await client.post(stack.url + CHAT, json=CHAT_BODY)
+        assert first.status_code == 200, first.text
+        channel_id = receipt_of(first.headers)["extra"]["channelState"]["channelId"]
+        lost = made_but_answer_lost(monkeypatch, PaymentState.SETTLED)
+        second = await client.post(stack.url + CHAT, json=CHAT_BODY)
+        assert lost, "the channel's charge was not made"
+        assert second.status_code == 200, (second.headers, second.text)
+        assert wire.RECEIPT_HEADER in second.headers
+        monkeypatch.undo()
+        third = await client.post(stack.url + CHAT, json=CHAT_BODY)
+        assert third.status_code == 200, (third.headers, third.text)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            channel = await channels.store.get(channel_id)
+    assert channel is not None
+    assert (channel.pending_owner, channel.charged) == (None, 3 * PRICE_ATOMIC)
+    states = [r.state for r in await records(ledger)]
+    assert states == [PaymentState.SETTLED] * 3

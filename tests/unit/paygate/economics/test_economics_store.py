@@ -102,3 +102,33 @@ async def test_limit_events_newest_first(ledger_store):
     events = await store.limit_events(since=1, limit=10)
     assert [e.detail for e in events] == ["e2", "e1"]
     assert [e.enforced for e in events] == [True, False]
+
+
+async def test_settle_latencies_leave_out_vouchers_charged_in_the_ledger(ledger_store):
+    """A batch-settlement voucher's charge is SERVED, SETTLING and SETTLED in one ledger
+    transaction: no settlement with a latency (its money moves at the channel's claim;
+    docs/CONSOLE.md). Kept in its row, it is not read; nor is one whose history is in
+    payment_events (reserved again after a release: a withheld reply's retry). An exact
+    payment's settlement is counted, SETTLING to SETTLED."""
+    from paygate.x402.ledger import PaymentState as S
+    from tests.fixtures.ledger_support import Clock, request, tx
+
+    clock = Clock()
+    ledger = await ledger_store(clock=clock, replica="one")
+    store = economics_store(ledger)
+    voucher = request(1, scheme="batch-settlement")
+    released = await ledger.reserve(**voucher)
+    await ledger.transition(released.id, S.RELEASED, lease=released.lease)
+    again = await ledger.reserve(**voucher)  # the released row, claimed again
+    assert again.id == released.id
+    charged = (S.VERIFIED, S.SERVED, S.SETTLING)
+    await ledger.transition(
+        again.id, S.SETTLED, via=charged, lease=again.lease, settled_amount=1000
+    )
+    exact = await ledger.reserve(**request(2))
+    await ledger.transition(exact.id, S.SETTLING, via=charged[:2], lease=exact.lease)
+    clock.now += 3
+    await ledger.transition(
+        exact.id, S.SETTLED, lease=exact.lease, transaction=tx(2), settled_amount=1000
+    )
+    assert await store.settle_latencies(since=0) == [3.0]
