@@ -317,3 +317,31 @@ async def test_through_the_sdk_facilitator_a_withdrawing_channel_is_claimed_befo
         assert claimed.total_claimed == 2 * PRICE_ATOMIC
         assert claimed.withdraw_amount == DEPOSIT
         assert usdc.balance_of(seller) == seller_before + 2 * PRICE_ATOMIC
+
+
+async def test_a_voucher_above_what_the_withdrawal_leaves_is_refused_as_soon_as_it_is_known(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound
+):
+    """The payer outrunning the claim: requests a withdrawal, then floods vouchers long before
+    it can finish. Once the claim loop's wake has learnt it, a voucher above what it leaves is
+    refused at once — not only near its due time, which would leave every voucher served
+    meanwhile relying on a claim landing before the finish (a claimer that died holds the
+    claim lease for two wakes)."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        _payer_sends(
+            anvil,
+            payer,
+            _settlement(anvil).functions.initiateWithdraw(
+                config_tuple(channel.config), DEPOSIT - 2 * PRICE_ATOMIC
+            ),
+        )
+        await _pass(ledger, anvil, gas_key, withdrawing_only=True)  # learnt; due in ~900 s
+        status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+        assert status == 200, body  # 2 prices: what the withdrawal leaves
+        channel.charged_by(receipt_of(headers), offer)
+        served = stack.fake.completed[COMPLETIONS]
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
+        assert stack.fake.completed[COMPLETIONS] == served
