@@ -345,3 +345,44 @@ async def test_a_voucher_above_what_the_withdrawal_leaves_is_refused_as_soon_as_
         status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
         assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
         assert stack.fake.completed[COMPLETIONS] == served
+
+
+async def test_more_withdrawing_channels_than_one_claim_takes_are_all_claimed_at_one_wake(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound
+):
+    """The payer opens more channels than one claim transaction takes, runs each up, and
+    requests a withdrawal from all of them at once: a single wake claims every one (a
+    transaction per max_per_claim), not max_per_claim a wake — the rest would wait wakes the
+    delay may not hold, and what they owe would be lost at the finish."""
+    ledger = tmp_path / "payments.db"
+    seller_before = usdc.balance_of(seller)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, first = await opened_channel(stack, payer, deposit=DEPOSIT)
+        leaving = [first]
+        for n in range(1, 3):  # two more channels of the same payer (another salt each)
+            channel = PayerChannel.open(payer, offer, CHAIN_ID, salt="0x" + f"{n:02x}" * 32)
+            status, headers, body = await post(
+                stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+            )
+            assert status == 200, body
+            channel.charged_by(receipt_of(headers), offer)
+            leaving.append(channel)
+        assert await _pass(ledger, anvil, gas_key, withdrawing_only=True) == 0
+        for channel in leaving:
+            status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+            assert status == 200, body
+            channel.charged_by(receipt_of(headers), offer)
+            _payer_sends(
+                anvil,
+                payer,
+                _settlement(anvil).functions.initiateWithdraw(
+                    config_tuple(channel.config), DEPOSIT
+                ),
+            )
+        async with claimer(ledger, anvil, gas_key, max_per_claim=1) as channels:
+            assert await channels.claim_once(withdrawing_only=True) == 3
+            for channel in leaving:
+                claimed = await channels.store.get(channel.channel_id)
+                assert claimed is not None
+                assert claimed.total_claimed == 2 * PRICE_ATOMIC
+        assert usdc.balance_of(seller) == seller_before + 6 * PRICE_ATOMIC
