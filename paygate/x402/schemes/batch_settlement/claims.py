@@ -26,7 +26,7 @@ from web3.exceptions import Web3Exception
 
 from paygate.x402.schemes.batch_settlement.chain import ChannelChain
 from paygate.x402.schemes.batch_settlement.store import Channel, ChannelStore, Claim, ClaimEntry
-from paygate.x402.schemes.batch_settlement.withdrawals import WithdrawalScan
+from paygate.x402.schemes.batch_settlement.withdrawals import SCAN_SECONDS, WithdrawalScan
 from paygate.x402.settler import SettlementUnknown, SettlerUnavailable
 
 log = logging.getLogger("paygate.x402")
@@ -91,7 +91,8 @@ class ClaimLoop:
             for claim in await self.store.open_claims():
                 await self._finish(claim)
             try:
-                await self.withdrawals.scan()
+                # Well within the lease: the claims after it must fit too.
+                await self.withdrawals.scan(budget=min(SCAN_SECONDS, lease / 4))
             except (SettlerUnavailable, Web3Exception, OSError, TimeoutError) as exc:
                 log.error("withdrawal scan failed: %s", type(exc).__name__)
             owed = await self.store.claimable(self.max_per_claim, withdrawing_only=withdrawing_only)

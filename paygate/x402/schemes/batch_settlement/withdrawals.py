@@ -25,6 +25,7 @@ earlier by as much; one behind (an idle chain's last block is old) is never take
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from paygate.x402.schemes.batch_settlement.chain import (
@@ -39,9 +40,13 @@ from paygate.x402.settler import SettlerUnavailable
 log = logging.getLogger("paygate.x402")
 
 # Blocks asked for in one eth_getLogs (public RPC endpoints cap a range near this), and the
-# ranges one pass scans at most (a claimer far behind catches up over several passes).
+# ranges one pass scans at most: as many as its time budget allows (a claimer far behind —
+# the gateway down for a week is 300,000 of Base's 2-second blocks — must catch up within a
+# withdrawal's delay: a request in the newest blocks is learnt only once the scan gets there;
+# ten ranges a pass took over an hour), a claimer further behind catching up over passes.
 RANGE_BLOCKS = 2_000
-MAX_RANGES = 10  # (a range refused by the endpoint is asked again a quarter the size)
+MAX_RANGES = 1_000  # (a range refused by the endpoint is asked again a quarter the size)
+SCAN_SECONDS = 60.0  # a pass's budget for the ranges (the claim loop's lease bounds it lower)
 # Channel ids looked up in the ledger in one query (the events name any receiver's channels).
 KNOWN_BATCH = 500
 # Blocks scanned again each pass: an event in a block reorganised away and mined again in a
@@ -61,8 +66,10 @@ class WithdrawalScan:
         self.chain = chain
         self._clock = clock
 
-    async def scan(self) -> int:
-        """One pass (the claim lease held): the channels whose withdrawal state was read."""
+    async def scan(self, budget: float = SCAN_SECONDS) -> int:
+        """One pass (the claim lease held): the channels whose withdrawal state was read.
+        Ranges are scanned for ``budget`` seconds at most (at least one range)."""
+        give_up = time.monotonic() + budget
         head = await self.chain.head()
         place = await self.store.scan_place()
         if place is None:  # the first scan: from here on, and the channels there are checked
@@ -74,7 +81,7 @@ class WithdrawalScan:
         first = max(0, scanned + 1 - REORG_BLOCKS)
         size = RANGE_BLOCKS
         for _ in range(MAX_RANGES):
-            if first > head.block:
+            if first > head.block or (last > scanned and time.monotonic() > give_up):
                 break
             end = min(first + size - 1, head.block)
             try:

@@ -15,6 +15,7 @@ from web3 import Web3
 
 from paygate import wire
 from paygate.x402.schemes.batch_settlement import client as payer_client
+from paygate.x402.schemes.batch_settlement import withdrawals
 from paygate.x402.schemes.batch_settlement.chain import config_tuple
 from paygate.x402.schemes.batch_settlement.channel import SETTLEMENT_ADDRESS
 from paygate.x402.schemes.batch_settlement.client import PayerChannel
@@ -386,3 +387,37 @@ async def test_more_withdrawing_channels_than_one_claim_takes_are_all_claimed_at
                 assert claimed is not None
                 assert claimed.total_claimed == 2 * PRICE_ATOMIC
         assert usdc.balance_of(seller) == seller_before + 6 * PRICE_ATOMIC
+
+
+async def test_a_scan_far_behind_catches_up_in_one_pass_and_learns_a_request_in_the_newest_blocks(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """The gateway was down (its scan's place far behind the head: a week is 300,000 of Base's
+    blocks) and the payer requests a withdrawal in the newest block: the next wake's
+    scan catches up within its time budget — not ten ranges of 2,000 blocks a pass, which on
+    a real chain took longer than the delay — so the request is learnt and a voucher above
+    what it leaves is refused."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        assert await _pass(ledger, anvil, gas_key) == 1  # the scan's place: here
+        # Scaled down (ranges of 10 blocks, 300 behind: 30 ranges) so anvil mines it quickly.
+        monkeypatch.setattr(withdrawals, "RANGE_BLOCKS", 10)
+        anvil.mine(300)
+        _payer_sends(
+            anvil,
+            payer,
+            _settlement(anvil).functions.initiateWithdraw(
+                config_tuple(channel.config), DEPOSIT - 2 * PRICE_ATOMIC
+            ),
+        )
+        await _pass(ledger, anvil, gas_key, withdrawing_only=True)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            known = await channels.store.get(channel.channel_id)
+        assert known is not None
+        assert known.withdraw_amount == DEPOSIT - 2 * PRICE_ATOMIC
+        status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
