@@ -16,9 +16,10 @@ from web3 import Web3
 from paygate import wire
 from paygate.x402.schemes.batch_settlement import client as payer_client
 from paygate.x402.schemes.batch_settlement import withdrawals
-from paygate.x402.schemes.batch_settlement.chain import config_tuple
+from paygate.x402.schemes.batch_settlement.chain import BatchChain, config_tuple
 from paygate.x402.schemes.batch_settlement.channel import SETTLEMENT_ADDRESS
 from paygate.x402.schemes.batch_settlement.client import PayerChannel
+from paygate.x402.settler import SettlerUnavailable
 from tests.fixtures.batch_settlement_support import (
     CHAIN_ID,
     batch_offer,
@@ -419,5 +420,45 @@ async def test_a_scan_far_behind_catches_up_in_one_pass_and_learns_a_request_in_
         status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
         assert status == 200, body
         channel.charged_by(receipt_of(headers), offer)
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
+
+
+async def test_a_new_channels_withdrawal_unread_at_its_deposit_is_read_by_the_next_scan(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """A channel funded elsewhere whose payer requested a withdrawal in blocks this ledger's
+    scan has passed, and the endpoint failing the deposit's read of it (`pendingWithdrawals`):
+    the next wake's scan reads it all the same (the channel is marked for it) — left to the
+    scan's events alone it was never learnt, and vouchers above what it leaves were served."""
+    async with chain_batch(seller, tmp_path / "elsewhere.db", anvil, gas_key) as stack:
+        _, _, elsewhere = await opened_channel(stack, payer, deposit=DEPOSIT)
+    _payer_sends(
+        anvil,
+        payer,
+        _settlement(anvil).functions.initiateWithdraw(config_tuple(elsewhere.config), DEPOSIT),
+    )
+    anvil.mine(20)  # past the scan's reorg overlap
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        assert await _pass(ledger, anvil, gas_key) == 0  # the scan's place: here; none to check
+        read = BatchChain.pending_withdrawal
+
+        async def unreadable(self, channel_id, block):
+            raise SettlerUnavailable("the endpoint is down")
+
+        monkeypatch.setattr(BatchChain, "pending_withdrawal", unreadable)
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        monkeypatch.setattr(BatchChain, "pending_withdrawal", read)
+        assert channel.channel_id == elsewhere.channel_id
+        await _pass(ledger, anvil, gas_key, withdrawing_only=True)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            known = await channels.store.get(channel.channel_id)
+        assert known is not None
+        assert (known.withdraw_amount, known.withdraw_due is not None) == (DEPOSIT, True)
+        while channel.charged + PRICE_ATOMIC <= DEPOSIT:  # what the withdrawal leaves
+            status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+            assert status == 200, body
+            channel.charged_by(receipt_of(headers), offer)
         status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
         assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
