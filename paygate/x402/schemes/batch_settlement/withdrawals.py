@@ -139,17 +139,20 @@ async def mirror_withdrawal(
     ``head`` (None: the newest block)."""
     head = head or await chain.head()
     pending = await chain.pending_withdrawal(channel.channel_id, head.block)
-    due = None
-    if pending.amount > 0:
-        ahead = max(0.0, head.timestamp - clock())
-        due = pending.requested_at + channel.config.withdraw_delay - ahead
-        if channel.withdraw_due is None:
-            log.warning("a payer requested a withdrawal from a channel: claimed first")
-    elif channel.withdraw_due is None:
-        return  # nothing pending, nothing known: no write
+    if pending.amount == 0:
+        if channel.withdraw_due is not None:  # the one known ended (unless a newer one since)
+            await store.withdrawal_ended(
+                channel.channel_id,
+                requested_at=channel.withdraw_requested_at,
+                amount=channel.withdraw_amount,
+            )
+        return
+    ahead = max(0.0, head.timestamp - clock())
+    if channel.withdraw_due is None:
+        log.warning("a payer requested a withdrawal from a channel: claimed first")
     await store.withdrawal(
         channel.channel_id,
-        requested_at=pending.requested_at if pending.amount > 0 else 0,
+        requested_at=pending.requested_at,
         amount=pending.amount,
-        due=due,
+        due=pending.requested_at + channel.config.withdraw_delay - ahead,
     )

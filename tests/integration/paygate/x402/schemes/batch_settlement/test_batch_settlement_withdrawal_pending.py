@@ -7,6 +7,7 @@ chain's clock forward (the withdraw delay), which other tests' fresh authorizati
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -16,9 +17,10 @@ from web3 import Web3
 from paygate import wire
 from paygate.x402.schemes.batch_settlement import client as payer_client
 from paygate.x402.schemes.batch_settlement import withdrawals
-from paygate.x402.schemes.batch_settlement.chain import BatchChain, config_tuple
+from paygate.x402.schemes.batch_settlement.chain import BatchChain, Head, config_tuple
 from paygate.x402.schemes.batch_settlement.channel import SETTLEMENT_ADDRESS
 from paygate.x402.schemes.batch_settlement.client import PayerChannel
+from paygate.x402.schemes.batch_settlement.withdrawals import mirror_withdrawal
 from paygate.x402.settler import SettlerUnavailable
 from tests.fixtures.batch_settlement_support import (
     CHAIN_ID,
@@ -460,5 +462,53 @@ async def test_a_new_channels_withdrawal_unread_at_its_deposit_is_read_by_the_ne
             status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
             assert status == 200, body
             channel.charged_by(receipt_of(headers), offer)
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
+
+
+async def test_a_stale_reading_of_a_finished_withdrawal_does_not_clear_a_newer_request(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """A claimer whose lease lapsed mid-pass (or a slow refund) writes a reading older than
+    the ledger's: the payer finished one withdrawal and requested another, the current
+    claimer mirrored the new one, and the stale reading (no withdrawal pending, at the block
+    after the finish) arrives last. It must not clear the new one — the scan has passed its
+    event and would never read it again, and every voucher up to the balance would be served."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        config = config_tuple(channel.config)
+        settlement = _settlement(anvil)
+        _payer_sends(anvil, payer, settlement.functions.initiateWithdraw(config, PRICE_ATOMIC))
+        await _pass(ledger, anvil, gas_key)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            stale = await channels.store.get(channel.channel_id)  # the first one, pending
+        assert stale is not None
+        assert stale.withdraw_amount == PRICE_ATOMIC
+        _later(anvil, monkeypatch, 901)
+        _payer_sends(anvil, payer, settlement.functions.finalizeWithdraw(config))
+        finished = anvil.w3.eth.get_block("latest")
+        _payer_sends(
+            anvil, payer, settlement.functions.initiateWithdraw(config, DEPOSIT - 3 * PRICE_ATOMIC)
+        )
+        await _pass(ledger, anvil, gas_key)  # the current claimer mirrors the new request
+        async with claimer(ledger, anvil, gas_key) as channels:
+            await mirror_withdrawal(
+                channels.store,
+                channels.claims.chain,
+                stale,
+                Head(int(finished["number"]), int(finished["timestamp"])),
+                time.time,
+            )
+            known = await channels.store.get(channel.channel_id)
+        assert known is not None
+        assert (known.withdraw_amount, known.withdraw_due is not None) == (
+            DEPOSIT - 3 * PRICE_ATOMIC,
+            True,
+        )
+        # What the new withdrawal leaves: 9 prices held, 7 withdrawn, 1 charged: one more.
+        status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
         status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
         assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
