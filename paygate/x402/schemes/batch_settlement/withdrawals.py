@@ -14,8 +14,8 @@ channels to read; the views are the truth, so readings are idempotent and order-
 channels whose withdrawal is pending are read again every pass.
 
 The first scan of a ledger starts at the newest block and reads the channels already there
-(those holding more than was claimed, a page a pass), so a withdrawal requested before the
-scan existed is learnt too.
+(those holding more than was claimed), so a withdrawal requested before the
+scan existed is learnt too (as many pages a pass as its time budget allows).
 
 The chain's clock is its newest block's timestamp; a chain running ahead of this host's clock
 (a block producer's skew, or a test chain whose time was moved) brings a withdrawal's due time
@@ -52,8 +52,8 @@ KNOWN_BATCH = 500
 # Blocks scanned again each pass: an event in a block reorganised away and mined again in a
 # later block at or below the last one scanned is still seen.
 REORG_BLOCKS = 8
-# Channels read per pass by the first scan's check of the channels already in the ledger, and
-# of the channels whose withdrawal is pending (soonest due first).
+# Channels read per page by the first scan's check of the channels already in the ledger (pages
+# while the pass's budget lasts), and per pass of those whose withdrawal is pending.
 CHECK_PAGE = 100
 WITHDRAWING_READ = 500
 
@@ -110,12 +110,18 @@ class WithdrawalScan:
             for channel in await self.store.known(wanted[at : at + KNOWN_BATCH]):
                 await self._read(channel, head)
                 read += 1
-        if checked_after is not None:  # the first scan's check, a page a pass
+        # The first scan's check, pages while the budget lasts (one at least): a ledger of
+        # thousands of channels checked a page a wake took longer than a withdrawal's delay.
+        while checked_after is not None:
             page = await self.store.unspent_after(checked_after, CHECK_PAGE)
             for channel in page:
                 await self._read(channel, head)
             read += len(page)
             checked_after = page[-1].channel_id if len(page) == CHECK_PAGE else None
+            if checked_after is not None and time.monotonic() > give_up:
+                break
+            if checked_after is not None:  # its place kept, should this claimer die
+                await self.store.scanned(max(last, scanned), checked_after)
         await self.store.scanned(max(last, scanned), checked_after)
         return read
 

@@ -512,3 +512,39 @@ async def test_a_stale_reading_of_a_finished_withdrawal_does_not_clear_a_newer_r
         channel.charged_by(receipt_of(headers), offer)
         status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
         assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
+
+
+async def test_the_first_scans_check_reads_every_channel_there_is_in_one_pass(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """A ledger upgraded to the withdrawal scan with channels already in it whose payers
+    requested withdrawals before the scan existed (in blocks it never scans): the first pass
+    checks them all within its time budget — a page a pass (100 channels each 260 s) left a
+    large ledger's later channels unread for longer than the delay."""
+    monkeypatch.setattr(withdrawals, "CHECK_PAGE", 1)  # scaled down: three pages
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, _ = await opened_channel(stack, payer, deposit=DEPOSIT)
+        leaving = []
+        for n in range(1, 4):
+            channel = PayerChannel.open(payer, offer, CHAIN_ID, salt="0x" + f"{n:02x}" * 32)
+            status, headers, body = await post(
+                stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+            )
+            assert status == 200, body
+            channel.charged_by(receipt_of(headers), offer)
+            _payer_sends(
+                anvil,
+                payer,
+                _settlement(anvil).functions.initiateWithdraw(
+                    config_tuple(channel.config), DEPOSIT
+                ),
+            )
+            leaving.append(channel)
+        anvil.mine(20)  # past the first scan's reorg overlap
+        await _pass(ledger, anvil, gas_key, withdrawing_only=True)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            for channel in leaving:
+                known = await channels.store.get(channel.channel_id)
+                assert known is not None
+                assert known.withdraw_amount == DEPOSIT
