@@ -246,13 +246,7 @@ class BoundBatchSettlement(Scheme):
                 await channels.deposit(checked, payment.wire(), requirements)
             channel = await channels.take(checked, reserved)
             try:
-                check_against(
-                    checked,
-                    channel,
-                    int(requirements["amount"]),
-                    refund=False,
-                    claimable_by=channels.claimable_by(),
-                )
+                check_against(checked, channel, int(requirements["amount"]), refund=False)
             except PaymentRejected:
                 await channels.store.release(checked.channel_id, checked.voucher_key)
                 raise

@@ -19,7 +19,7 @@ from paygate.x402.ledger import SchemeWrite
 from paygate.x402.models import SettleResponse
 from paygate.x402.schemes.base import PaymentRejected, SchemeSql
 from paygate.x402.schemes.batch_settlement.chain import ChannelChain
-from paygate.x402.schemes.batch_settlement.claims import WITHDRAW_MARGIN, ClaimLoop
+from paygate.x402.schemes.batch_settlement.claims import ClaimLoop
 from paygate.x402.schemes.batch_settlement.deposits import Deposits
 from paygate.x402.schemes.batch_settlement.refunds import Refunds
 from paygate.x402.schemes.batch_settlement.store import (
@@ -71,11 +71,6 @@ class Channels:
         # Each request's channel as it took it (by voucher), for its commit's compare-and-set;
         # a hint only: the commit re-reads whenever the channel changed since.
         self._taken: dict[str, Channel] = {}
-
-    def claimable_by(self) -> float:
-        """When a voucher taken now is claimed at the latest (this host's clock), with the
-        margin: the claim loop's next wake claims a withdrawing channel (claims.scan_every)."""
-        return self._clock() + self.claims.scan_every + WITHDRAW_MARGIN
 
     # --- requests ---
 

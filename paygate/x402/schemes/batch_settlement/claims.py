@@ -25,8 +25,8 @@ from collections.abc import Callable
 from web3.exceptions import Web3Exception
 
 from paygate.x402.schemes.batch_settlement.chain import ChannelChain
-from paygate.x402.schemes.batch_settlement.store import ChannelStore, Claim, ClaimEntry
-from paygate.x402.schemes.batch_settlement.withdrawals import WithdrawalScan
+from paygate.x402.schemes.batch_settlement.store import Channel, ChannelStore, Claim, ClaimEntry
+from paygate.x402.schemes.batch_settlement.withdrawals import SCAN_SECONDS, WithdrawalScan
 from paygate.x402.settler import SettlementUnknown, SettlerUnavailable
 
 log = logging.getLogger("paygate.x402")
@@ -34,6 +34,9 @@ log = logging.getLogger("paygate.x402")
 # Seconds a channel's voucher must be claimable before its payer's withdrawal can finish:
 # the claim's transaction mined, this host's clock against the chain's and the replicas'.
 WITHDRAW_MARGIN = 120.0
+# Claim transactions one pass sends at most for channels whose withdrawal is pending (each of
+# max_per_claim channels; the rest at the next wake, soonest due first).
+MAX_WITHDRAWING_BATCHES = 10
 
 
 def scan_every(claim_interval: float, withdraw_delay: int) -> float:
@@ -76,8 +79,9 @@ class ClaimLoop:
     async def claim_once(self, *, withdrawing_only: bool = False) -> int:
         """Under the claim lease: finish claims left open, scan the payers' withdrawals, then
         claim up to ``max_per_claim`` owed channels (those whose withdrawal is pending first;
-        with ``withdrawing_only``, only those) in one transaction and prove it. Returns the
-        channels claimed."""
+        with ``withdrawing_only``, only those) in one transaction and prove it — and while
+        withdrawing channels fill a claim, more claims of them (at most
+        :data:`MAX_WITHDRAWING_BATCHES` in all). Returns the channels claimed."""
         # Let go at the end of the pass; a claimer that died in one holds it this long: scaled
         # to the wakes, not the claim interval (a withdrawal must be learnt within its delay).
         lease = max(self.scan_every, 30.0) * 2
@@ -87,53 +91,77 @@ class ClaimLoop:
             for claim in await self.store.open_claims():
                 await self._finish(claim)
             try:
-                await self.withdrawals.scan()
+                # Well within the lease: the claims after it must fit too.
+                await self.withdrawals.scan(budget=min(SCAN_SECONDS, lease / 4))
             except (SettlerUnavailable, Web3Exception, OSError, TimeoutError) as exc:
                 log.error("withdrawal scan failed: %s", type(exc).__name__)
             owed = await self.store.claimable(self.max_per_claim, withdrawing_only=withdrawing_only)
-            if not owed:
-                return 0
-            entries = []
-            for c in owed:
-                # The chain's word on the channel now: a payer's finished withdrawal lowers the
-                # balance under what was charged; claiming more would revert the whole batch.
-                # The mirror follows, so later vouchers past it are refused — written with
-                # its block even when it agrees, so that a reading older than it (a top-up's,
-                # taken before the withdrawal and written after) cannot undo it. One write per
-                # owed channel a pass (at most max_per_claim); one that only agrees moves no
-                # version, so a request's charge in flight keeps its compare-and-set.
-                on_chain = await self.chain.state(c.channel_id)
-                await self.store.refunded(
-                    c.channel_id, on_chain.balance, c.total_claimed, block=on_chain.block
-                )
-                total = min(c.charged, on_chain.balance)
-                if total < c.charged:
-                    log.warning(
-                        "a channel holds less than was charged: %d unclaimable", c.charged - total
-                    )
-                if total > on_chain.total_claimed:
-                    entries.append(
-                        ClaimEntry(c.channel_id, c.config, c.signed_max, c.signature, total)
-                    )
-                elif on_chain.total_claimed > c.total_claimed:
-                    await self.store.claimed(c.channel_id, on_chain.total_claimed)
-            if not entries:
-                return 0
-            claim = await self.store.new_claim(uuid.uuid4().hex, entries)
-            try:
-                tx_hash = await self.chain.send_claim(entries)
-            except SettlementUnknown as exc:  # sent or not: the next pass proves it by state
-                await self.store.claim_moved(claim.id, "pending", exc.transaction)
-                return 0
-            except ValueError as exc:
-                log.error("claim refused before sending: %s: %s", exc, exc.__cause__)
-                await self.store.claim_moved(claim.id, "failed", None)
-                return 0
-            await self.store.claim_moved(claim.id, "submitted", tx_hash)
-            await self._finish(Claim(claim.id, "submitted", claim.entries, tx_hash))
-            return len(entries)
+            claimed = await self._claim(owed)
+            # More withdrawing channels than one claim takes (a payer who opened many and
+            # withdraws from all at once): each is lost unless claimed before its finish, so
+            # this pass claims them all, a transaction per max_per_claim — bounded, and each
+            # batch must land (one that claims nothing ends the pass: the next wake retries).
+            tried = {c.channel_id for c in owed}
+            for _ in range(MAX_WITHDRAWING_BATCHES - 1):
+                # Withdrawing channels come first: a full batch ending in one may leave more.
+                if not claimed or len(owed) < self.max_per_claim or owed[-1].withdraw_due is None:
+                    break
+                owed = await self.store.claimable(self.max_per_claim, withdrawing_only=True)
+                owed = [c for c in owed if c.channel_id not in tried]  # one not proven: next wake
+                if not owed:
+                    break
+                tried.update(c.channel_id for c in owed)
+                if not await self.store.take_claimer(self.replica, lease):  # renewed
+                    break  # lapsed and taken: that claimer goes on
+                done = await self._claim(owed)
+                if not done:
+                    break
+                claimed += done
+            return claimed
         finally:
             await self.store.let_go_claimer(self.replica)
+
+    async def _claim(self, owed: list[Channel]) -> int:
+        """Claim ``owed`` in one transaction and prove it: the channels claimed."""
+        if not owed:
+            return 0
+        entries = []
+        for c in owed:
+            # The chain's word on the channel now: a payer's finished withdrawal lowers the
+            # balance under what was charged; claiming more would revert the whole batch.
+            # The mirror follows, so later vouchers past it are refused — written with
+            # its block even when it agrees, so that a reading older than it (a top-up's,
+            # taken before the withdrawal and written after) cannot undo it. One write per
+            # owed channel a pass (at most max_per_claim); one that only agrees moves no
+            # version, so a request's charge in flight keeps its compare-and-set.
+            on_chain = await self.chain.state(c.channel_id)
+            await self.store.refunded(
+                c.channel_id, on_chain.balance, c.total_claimed, block=on_chain.block
+            )
+            total = min(c.charged, on_chain.balance)
+            if total < c.charged:
+                log.warning(
+                    "a channel holds less than was charged: %d unclaimable", c.charged - total
+                )
+            if total > on_chain.total_claimed:
+                entries.append(ClaimEntry(c.channel_id, c.config, c.signed_max, c.signature, total))
+            elif on_chain.total_claimed > c.total_claimed:
+                await self.store.claimed(c.channel_id, on_chain.total_claimed)
+        if not entries:
+            return 0
+        claim = await self.store.new_claim(uuid.uuid4().hex, entries)
+        try:
+            tx_hash = await self.chain.send_claim(entries)
+        except SettlementUnknown as exc:  # sent or not: the next pass proves it by state
+            await self.store.claim_moved(claim.id, "pending", exc.transaction)
+            return 0
+        except ValueError as exc:
+            log.error("claim refused before sending: %s: %s", exc, exc.__cause__)
+            await self.store.claim_moved(claim.id, "failed", None)
+            return 0
+        await self.store.claim_moved(claim.id, "submitted", tx_hash)
+        await self._finish(Claim(claim.id, "submitted", claim.entries, tx_hash))
+        return len(entries)
 
     async def _finish(self, claim: Claim) -> None:
         try:

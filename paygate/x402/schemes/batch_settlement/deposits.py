@@ -106,7 +106,13 @@ class Deposits:
                 try:
                     await mirror_withdrawal(self.store, self.chain, mirrored, None, time.time)
                 except (SettlerUnavailable, SettlementUnknown):
+                    # Not read: marked withdrawing (nothing withheld: amount 0, so no voucher
+                    # is refused for it) so that the next scan reads it — the scan re-reads
+                    # withdrawing channels, and its events for this request may be behind it.
                     log.warning("a new channel's pending withdrawal not read: left to the scan")
+                    await self.store.withdrawal(
+                        checked.channel_id, requested_at=0, amount=0, due=time.time()
+                    )
             return mirrored
         finally:
             if held:  # its request takes it again at verify; a caller gone leaves it free

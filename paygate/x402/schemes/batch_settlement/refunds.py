@@ -146,7 +146,11 @@ class Refunds:
         try:
             pending = await self.chain.pending_withdrawal(channel.channel_id, block)
             if pending.amount == 0:
-                await self.store.withdrawal(channel.channel_id, requested_at=0, amount=0, due=None)
+                await self.store.withdrawal_ended(
+                    channel.channel_id,
+                    requested_at=channel.withdraw_requested_at,
+                    amount=channel.withdraw_amount,
+                )
             elif pending.amount < channel.withdraw_amount:
                 await self.store.withdrawal(
                     channel.channel_id,

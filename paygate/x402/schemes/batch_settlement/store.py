@@ -619,6 +619,18 @@ class ChannelStore:
             (requested_at, str(amount), due, channel_id),
         )
 
+    async def withdrawal_ended(self, channel_id: str, *, requested_at: int, amount: int) -> None:
+        """The payer's withdrawal the caller saw pending (``requested_at``, ``amount``) is no
+        longer: cleared only while the ledger still holds that one. A reading taken before a
+        newer request (a claimer whose lease lapsed, a refund's) must not clear it — the
+        scan's events for it are behind it, so it would never be read again."""
+        await self._sql(
+            "UPDATE bs_channels SET withdraw_requested_at = 0, withdraw_amount = '0',"
+            " withdraw_due = NULL WHERE channel_id = ? AND withdraw_requested_at = ?"
+            " AND withdraw_amount = ?",
+            (channel_id, requested_at, str(amount)),
+        )
+
     async def scan_place(self) -> tuple[int, str | None] | None:
         """Where the withdrawal scan got to: (the last block scanned, the first scan's check
         of the channels: the last read, None when done); None before the first scan."""

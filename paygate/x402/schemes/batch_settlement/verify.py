@@ -186,11 +186,13 @@ def check_against(
     price: int,
     *,
     refund: bool,
-    claimable_by: float | None = None,
 ) -> None:
-    """The voucher against the channel's state: raises PaymentRejected. ``claimable_by``:
-    when the voucher would be claimed at the latest; one whose payer's withdrawal can finish
-    by then is refused unless it fits under what the withdrawal leaves in the channel."""
+    """The voucher against the channel's state: raises PaymentRejected. While the payer's
+    withdrawal is pending a voucher must fit under what it leaves in the channel (finished or
+    not, such a voucher stays claimable): from the moment the withdrawal is known, not only
+    near its due time — a voucher allowed above it would rely on a claim landing before the
+    finish, which a claimer that died, a slow endpoint or more withdrawing channels than one
+    claim takes can all miss."""
     if channel is None:
         raise PaymentRejected(NO_CHANNEL, "no deposit is known for this channel")
     expected = channel.charged if refund else channel.charged + price
@@ -201,15 +203,14 @@ def check_against(
     if checked.max_claimable > channel.balance:
         raise PaymentRejected(OVER_DEPOSIT, "the voucher asks for more than the channel holds")
     if (
-        claimable_by is not None
+        not refund
         and channel.withdraw_due is not None
-        and channel.withdraw_due <= claimable_by
         and checked.max_claimable > channel.balance - channel.withdraw_amount
     ):
         raise PaymentRejected(
             WITHDRAWING,
-            "the channel's payer is withdrawing its deposit: a voucher now could not be"
-            " claimed before the withdrawal finishes (open another channel, or top this one up)",
+            "the channel's payer is withdrawing its deposit: a voucher above what the"
+            " withdrawal leaves might never be claimed (open another channel, or top this one up)",
         )
 
 

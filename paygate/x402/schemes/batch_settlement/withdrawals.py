@@ -14,8 +14,8 @@ channels to read; the views are the truth, so readings are idempotent and order-
 channels whose withdrawal is pending are read again every pass.
 
 The first scan of a ledger starts at the newest block and reads the channels already there
-(those holding more than was claimed, a page a pass), so a withdrawal requested before the
-scan existed is learnt too.
+(those holding more than was claimed), so a withdrawal requested before the
+scan existed is learnt too (as many pages a pass as its time budget allows).
 
 The chain's clock is its newest block's timestamp; a chain running ahead of this host's clock
 (a block producer's skew, or a test chain whose time was moved) brings a withdrawal's due time
@@ -25,6 +25,7 @@ earlier by as much; one behind (an idle chain's last block is old) is never take
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from paygate.x402.schemes.batch_settlement.chain import (
@@ -39,16 +40,20 @@ from paygate.x402.settler import SettlerUnavailable
 log = logging.getLogger("paygate.x402")
 
 # Blocks asked for in one eth_getLogs (public RPC endpoints cap a range near this), and the
-# ranges one pass scans at most (a claimer far behind catches up over several passes).
+# ranges one pass scans at most: as many as its time budget allows (a claimer far behind —
+# the gateway down for a week is 300,000 of Base's 2-second blocks — must catch up within a
+# withdrawal's delay: a request in the newest blocks is learnt only once the scan gets there;
+# ten ranges a pass took over an hour), a claimer further behind catching up over passes.
 RANGE_BLOCKS = 2_000
-MAX_RANGES = 10  # (a range refused by the endpoint is asked again a quarter the size)
+MAX_RANGES = 1_000  # (a range refused by the endpoint is asked again a quarter the size)
+SCAN_SECONDS = 60.0  # a pass's budget for the ranges (the claim loop's lease bounds it lower)
 # Channel ids looked up in the ledger in one query (the events name any receiver's channels).
 KNOWN_BATCH = 500
 # Blocks scanned again each pass: an event in a block reorganised away and mined again in a
 # later block at or below the last one scanned is still seen.
 REORG_BLOCKS = 8
-# Channels read per pass by the first scan's check of the channels already in the ledger, and
-# of the channels whose withdrawal is pending (soonest due first).
+# Channels read per page by the first scan's check of the channels already in the ledger (pages
+# while the pass's budget lasts), and per pass of those whose withdrawal is pending.
 CHECK_PAGE = 100
 WITHDRAWING_READ = 500
 
@@ -61,8 +66,10 @@ class WithdrawalScan:
         self.chain = chain
         self._clock = clock
 
-    async def scan(self) -> int:
-        """One pass (the claim lease held): the channels whose withdrawal state was read."""
+    async def scan(self, budget: float = SCAN_SECONDS) -> int:
+        """One pass (the claim lease held): the channels whose withdrawal state was read.
+        Ranges are scanned for ``budget`` seconds at most (at least one range)."""
+        give_up = time.monotonic() + budget
         head = await self.chain.head()
         place = await self.store.scan_place()
         if place is None:  # the first scan: from here on, and the channels there are checked
@@ -74,7 +81,7 @@ class WithdrawalScan:
         first = max(0, scanned + 1 - REORG_BLOCKS)
         size = RANGE_BLOCKS
         for _ in range(MAX_RANGES):
-            if first > head.block:
+            if first > head.block or (last > scanned and time.monotonic() > give_up):
                 break
             end = min(first + size - 1, head.block)
             try:
@@ -103,12 +110,18 @@ class WithdrawalScan:
             for channel in await self.store.known(wanted[at : at + KNOWN_BATCH]):
                 await self._read(channel, head)
                 read += 1
-        if checked_after is not None:  # the first scan's check, a page a pass
+        # The first scan's check, pages while the budget lasts (one at least): a ledger of
+        # thousands of channels checked a page a wake took longer than a withdrawal's delay.
+        while checked_after is not None:
             page = await self.store.unspent_after(checked_after, CHECK_PAGE)
             for channel in page:
                 await self._read(channel, head)
             read += len(page)
             checked_after = page[-1].channel_id if len(page) == CHECK_PAGE else None
+            if checked_after is not None and time.monotonic() > give_up:
+                break
+            if checked_after is not None:  # its place kept, should this claimer die
+                await self.store.scanned(max(last, scanned), checked_after)
         await self.store.scanned(max(last, scanned), checked_after)
         return read
 
@@ -132,17 +145,20 @@ async def mirror_withdrawal(
     ``head`` (None: the newest block)."""
     head = head or await chain.head()
     pending = await chain.pending_withdrawal(channel.channel_id, head.block)
-    due = None
-    if pending.amount > 0:
-        ahead = max(0.0, head.timestamp - clock())
-        due = pending.requested_at + channel.config.withdraw_delay - ahead
-        if channel.withdraw_due is None:
-            log.warning("a payer requested a withdrawal from a channel: claimed first")
-    elif channel.withdraw_due is None:
-        return  # nothing pending, nothing known: no write
+    if pending.amount == 0:
+        if channel.withdraw_due is not None:  # the one known ended (unless a newer one since)
+            await store.withdrawal_ended(
+                channel.channel_id,
+                requested_at=channel.withdraw_requested_at,
+                amount=channel.withdraw_amount,
+            )
+        return
+    ahead = max(0.0, head.timestamp - clock())
+    if channel.withdraw_due is None:
+        log.warning("a payer requested a withdrawal from a channel: claimed first")
     await store.withdrawal(
         channel.channel_id,
-        requested_at=pending.requested_at if pending.amount > 0 else 0,
+        requested_at=pending.requested_at,
         amount=pending.amount,
-        due=due,
+        due=pending.requested_at + channel.config.withdraw_delay - ahead,
     )

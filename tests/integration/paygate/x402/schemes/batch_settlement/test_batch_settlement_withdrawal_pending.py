@@ -7,6 +7,7 @@ chain's clock forward (the withdraw delay), which other tests' fresh authorizati
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -15,9 +16,12 @@ from web3 import Web3
 
 from paygate import wire
 from paygate.x402.schemes.batch_settlement import client as payer_client
-from paygate.x402.schemes.batch_settlement.chain import config_tuple
+from paygate.x402.schemes.batch_settlement import withdrawals
+from paygate.x402.schemes.batch_settlement.chain import BatchChain, Head, config_tuple
 from paygate.x402.schemes.batch_settlement.channel import SETTLEMENT_ADDRESS
 from paygate.x402.schemes.batch_settlement.client import PayerChannel
+from paygate.x402.schemes.batch_settlement.withdrawals import mirror_withdrawal
+from paygate.x402.settler import SettlerUnavailable
 from tests.fixtures.batch_settlement_support import (
     CHAIN_ID,
     batch_offer,
@@ -317,3 +321,230 @@ async def test_through_the_sdk_facilitator_a_withdrawing_channel_is_claimed_befo
         assert claimed.total_claimed == 2 * PRICE_ATOMIC
         assert claimed.withdraw_amount == DEPOSIT
         assert usdc.balance_of(seller) == seller_before + 2 * PRICE_ATOMIC
+
+
+async def test_a_voucher_above_what_the_withdrawal_leaves_is_refused_as_soon_as_it_is_known(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound
+):
+    """The payer outrunning the claim: requests a withdrawal, then floods vouchers long before
+    it can finish. Once the claim loop's wake has learnt it, a voucher above what it leaves is
+    refused at once — not only near its due time, which would leave every voucher served
+    meanwhile relying on a claim landing before the finish (a claimer that died holds the
+    claim lease for two wakes)."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        _payer_sends(
+            anvil,
+            payer,
+            _settlement(anvil).functions.initiateWithdraw(
+                config_tuple(channel.config), DEPOSIT - 2 * PRICE_ATOMIC
+            ),
+        )
+        await _pass(ledger, anvil, gas_key, withdrawing_only=True)  # learnt; due in ~900 s
+        status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+        assert status == 200, body  # 2 prices: what the withdrawal leaves
+        channel.charged_by(receipt_of(headers), offer)
+        served = stack.fake.completed[COMPLETIONS]
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
+        assert stack.fake.completed[COMPLETIONS] == served
+
+
+async def test_more_withdrawing_channels_than_one_claim_takes_are_all_claimed_at_one_wake(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound
+):
+    """The payer opens more channels than one claim transaction takes, runs each up, and
+    requests a withdrawal from all of them at once: a single wake claims every one (a
+    transaction per max_per_claim), not max_per_claim a wake — the rest would wait wakes the
+    delay may not hold, and what they owe would be lost at the finish."""
+    ledger = tmp_path / "payments.db"
+    seller_before = usdc.balance_of(seller)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, first = await opened_channel(stack, payer, deposit=DEPOSIT)
+        leaving = [first]
+        for n in range(1, 3):  # two more channels of the same payer (another salt each)
+            channel = PayerChannel.open(payer, offer, CHAIN_ID, salt="0x" + f"{n:02x}" * 32)
+            status, headers, body = await post(
+                stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+            )
+            assert status == 200, body
+            channel.charged_by(receipt_of(headers), offer)
+            leaving.append(channel)
+        assert await _pass(ledger, anvil, gas_key, withdrawing_only=True) == 0
+        for channel in leaving:
+            status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+            assert status == 200, body
+            channel.charged_by(receipt_of(headers), offer)
+            _payer_sends(
+                anvil,
+                payer,
+                _settlement(anvil).functions.initiateWithdraw(
+                    config_tuple(channel.config), DEPOSIT
+                ),
+            )
+        async with claimer(ledger, anvil, gas_key, max_per_claim=1) as channels:
+            assert await channels.claim_once(withdrawing_only=True) == 3
+            for channel in leaving:
+                claimed = await channels.store.get(channel.channel_id)
+                assert claimed is not None
+                assert claimed.total_claimed == 2 * PRICE_ATOMIC
+        assert usdc.balance_of(seller) == seller_before + 6 * PRICE_ATOMIC
+
+
+async def test_a_scan_far_behind_catches_up_in_one_pass_and_learns_a_request_in_the_newest_blocks(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """The gateway was down (its scan's place far behind the head: a week is 300,000 of Base's
+    blocks) and the payer requests a withdrawal in the newest block: the next wake's
+    scan catches up within its time budget — not ten ranges of 2,000 blocks a pass, which on
+    a real chain took longer than the delay — so the request is learnt and a voucher above
+    what it leaves is refused."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        assert await _pass(ledger, anvil, gas_key) == 1  # the scan's place: here
+        # Scaled down (ranges of 10 blocks, 300 behind: 30 ranges) so anvil mines it quickly.
+        monkeypatch.setattr(withdrawals, "RANGE_BLOCKS", 10)
+        anvil.mine(300)
+        _payer_sends(
+            anvil,
+            payer,
+            _settlement(anvil).functions.initiateWithdraw(
+                config_tuple(channel.config), DEPOSIT - 2 * PRICE_ATOMIC
+            ),
+        )
+        await _pass(ledger, anvil, gas_key, withdrawing_only=True)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            known = await channels.store.get(channel.channel_id)
+        assert known is not None
+        assert known.withdraw_amount == DEPOSIT - 2 * PRICE_ATOMIC
+        status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
+
+
+async def test_a_new_channels_withdrawal_unread_at_its_deposit_is_read_by_the_next_scan(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """A channel funded elsewhere whose payer requested a withdrawal in blocks this ledger's
+    scan has passed, and the endpoint failing the deposit's read of it (`pendingWithdrawals`):
+    the next wake's scan reads it all the same (the channel is marked for it) — left to the
+    scan's events alone it was never learnt, and vouchers above what it leaves were served."""
+    async with chain_batch(seller, tmp_path / "elsewhere.db", anvil, gas_key) as stack:
+        _, _, elsewhere = await opened_channel(stack, payer, deposit=DEPOSIT)
+    _payer_sends(
+        anvil,
+        payer,
+        _settlement(anvil).functions.initiateWithdraw(config_tuple(elsewhere.config), DEPOSIT),
+    )
+    anvil.mine(20)  # past the scan's reorg overlap
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        assert await _pass(ledger, anvil, gas_key) == 0  # the scan's place: here; none to check
+        read = BatchChain.pending_withdrawal
+
+        async def unreadable(self, channel_id, block):
+            raise SettlerUnavailable("the endpoint is down")
+
+        monkeypatch.setattr(BatchChain, "pending_withdrawal", unreadable)
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        monkeypatch.setattr(BatchChain, "pending_withdrawal", read)
+        assert channel.channel_id == elsewhere.channel_id
+        await _pass(ledger, anvil, gas_key, withdrawing_only=True)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            known = await channels.store.get(channel.channel_id)
+        assert known is not None
+        assert (known.withdraw_amount, known.withdraw_due is not None) == (DEPOSIT, True)
+        while channel.charged + PRICE_ATOMIC <= DEPOSIT:  # what the withdrawal leaves
+            status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+            assert status == 200, body
+            channel.charged_by(receipt_of(headers), offer)
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
+
+
+async def test_a_stale_reading_of_a_finished_withdrawal_does_not_clear_a_newer_request(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """A claimer whose lease lapsed mid-pass (or a slow refund) writes a reading older than
+    the ledger's: the payer finished one withdrawal and requested another, the current
+    claimer mirrored the new one, and the stale reading (no withdrawal pending, at the block
+    after the finish) arrives last. It must not clear the new one — the scan has passed its
+    event and would never read it again, and every voucher up to the balance would be served."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        config = config_tuple(channel.config)
+        settlement = _settlement(anvil)
+        _payer_sends(anvil, payer, settlement.functions.initiateWithdraw(config, PRICE_ATOMIC))
+        await _pass(ledger, anvil, gas_key)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            stale = await channels.store.get(channel.channel_id)  # the first one, pending
+        assert stale is not None
+        assert stale.withdraw_amount == PRICE_ATOMIC
+        _later(anvil, monkeypatch, 901)
+        _payer_sends(anvil, payer, settlement.functions.finalizeWithdraw(config))
+        finished = anvil.w3.eth.get_block("latest")
+        _payer_sends(
+            anvil, payer, settlement.functions.initiateWithdraw(config, DEPOSIT - 3 * PRICE_ATOMIC)
+        )
+        await _pass(ledger, anvil, gas_key)  # the current claimer mirrors the new request
+        async with claimer(ledger, anvil, gas_key) as channels:
+            await mirror_withdrawal(
+                channels.store,
+                channels.claims.chain,
+                stale,
+                Head(int(finished["number"]), int(finished["timestamp"])),
+                time.time,
+            )
+            known = await channels.store.get(channel.channel_id)
+        assert known is not None
+        assert (known.withdraw_amount, known.withdraw_due is not None) == (
+            DEPOSIT - 3 * PRICE_ATOMIC,
+            True,
+        )
+        # What the new withdrawal leaves: 9 prices held, 7 withdrawn, 1 charged: one more.
+        status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
+
+
+async def test_the_first_scans_check_reads_every_channel_there_is_in_one_pass(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """A ledger upgraded to the withdrawal scan with channels already in it whose payers
+    requested withdrawals before the scan existed (in blocks it never scans): the first pass
+    checks them all within its time budget — a page a pass (100 channels each 260 s) left a
+    large ledger's later channels unread for longer than the delay."""
+    monkeypatch.setattr(withdrawals, "CHECK_PAGE", 1)  # scaled down: three pages
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, _ = await opened_channel(stack, payer, deposit=DEPOSIT)
+        leaving = []
+        for n in range(1, 4):
+            channel = PayerChannel.open(payer, offer, CHAIN_ID, salt="0x" + f"{n:02x}" * 32)
+            status, headers, body = await post(
+                stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+            )
+            assert status == 200, body
+            channel.charged_by(receipt_of(headers), offer)
+            _payer_sends(
+                anvil,
+                payer,
+                _settlement(anvil).functions.initiateWithdraw(
+                    config_tuple(channel.config), DEPOSIT
+                ),
+            )
+            leaving.append(channel)
+        anvil.mine(20)  # past the first scan's reorg overlap
+        await _pass(ledger, anvil, gas_key, withdrawing_only=True)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            for channel in leaving:
+                known = await channels.store.get(channel.channel_id)
+                assert known is not None
+                assert known.withdraw_amount == DEPOSIT
