@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from paygate.x402.chain import ChainSettler
 from paygate.x402.facilitator import FacilitatorSettler
-from paygate.x402.ledger import LedgerError, SchemeWrite
+from paygate.x402.ledger import LeaseLost, LedgerError, SchemeWrite
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
 from paygate.x402.offers import Offer, PaymentTerms
 from paygate.x402.refusal import Refusal
@@ -54,6 +54,9 @@ from paygate.x402.schemes.batch_settlement.verify import (
 from paygate.x402.settler import SettlementSubject, Settler
 
 BUSY_RETRY_AFTER = "1"  # seconds: a channel is held for the length of one request
+# Seconds before a refund refused "ask again" (the chain unreadable, its outcome not known yet)
+# is worth asking again: a block or so on a 2-second chain.
+UNCONFIRMED_RETRY_AFTER = "2"
 _CHECKS_MAX = 1024  # requests between their check and their commit whose voucher is remembered
 
 
@@ -160,11 +163,16 @@ class BoundBatchSettlement(Scheme):
         and the last voucher it committed (``extra.channelState``/``voucherState``), so the payer
         can check that voucher's signature and resynchronise; a withdrawing channel's
         (``…_withdrawal_pending``) its state, ``withdrawRequestedAt`` set. A busy channel's 402
-        says when to try again (``Retry-After``: the request holding it is in progress); other
+        says when to try again (``Retry-After``: the request holding it is in progress), and so
+        does a refund's "ask again" (``PaymentUnconfirmed``: the server's own failure); other
         refusals as they are."""
         if refusal.code == BUSY:
             return dataclasses.replace(
                 refusal, headers={**refusal.headers, "Retry-After": BUSY_RETRY_AFTER}
+            )
+        if refusal.server_side:  # PaymentUnconfirmed: the chain unreadable, an outcome unknown
+            return dataclasses.replace(
+                refusal, headers={**refusal.headers, "Retry-After": UNCONFIRMED_RETRY_AFTER}
             )
         if refusal.code not in (NOT_CUMULATIVE, WITHDRAWING) or refusal.challenge is None:
             return refusal
@@ -255,6 +263,9 @@ class BoundBatchSettlement(Scheme):
             return VerifyResponse(
                 is_valid=False, invalid_reason=exc.reason, invalid_message=str(exc)
             )
+        except LeaseLost:  # its reservation released meanwhile: the processor's lease_lost
+            self.checks.forget(payment)
+            raise
         except LedgerError as exc:
             self.checks.forget(payment)
             raise not_bound(f"the channel ledger is unavailable: {exc.code}") from None
