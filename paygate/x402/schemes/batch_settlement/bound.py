@@ -51,6 +51,7 @@ from paygate.x402.schemes.batch_settlement.verify import (
 from paygate.x402.schemes.batch_settlement.verify import (
     ROLE as VERIFY,
 )
+from paygate.x402.schemes.batch_settlement.withdrawals import WithdrawalEvents
 from paygate.x402.settler import SettlementSubject, Settler
 
 BUSY_RETRY_AFTER = "1"  # seconds: a channel is held for the length of one request
@@ -346,6 +347,8 @@ class BatchSettlementBinding:
             max_per_claim=settings.batch_max_vouchers_per_claim,
             clock=time.time,
         )
+        if isinstance(binding.events, WithdrawalEvents):  # the metrics (docs/OPERATIONS.md)
+            channels.claims.withdrawals.events = binding.events
         fields = {f.name: getattr(scheme, f.name) for f in dataclasses.fields(Scheme) if f.init}
         fields.pop("_loaded")
         return BoundBatchSettlement(**fields, channels=channels)
