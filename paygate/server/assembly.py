@@ -320,17 +320,19 @@ def x402_payments(
 
 
 async def bound_schemes(
-    settings: Settings, ledger: Ledger, replica: str, settler: Settler
+    settings: Settings, ledger: Ledger, replica: str, settler: Settler, events: object = None
 ) -> dict[str, Scheme]:
     """Each configured scheme bound to this gateway (``Scheme.bind``: a scheme with its own
-    state, batch-settlement's channels, gets the ledger, the settler and the settings; the
-    others are the registry's as they are). ConfigError when one cannot start."""
+    state, batch-settlement's channels, gets the ledger, the settler, the settings and where
+    it reports — ``events``, the metrics; the others are the registry's as they are).
+    ConfigError when one cannot start."""
     binding = Binding(
         ledger=ledger,
         settler=settler,
         replica=replica,
         network=payment_terms(settings).accepted[0].network.caip2,
         settings=settings,
+        events=events,
     )
     bound: dict[str, Scheme] = {}
     for name in dict.fromkeys(settings.payment_schemes):
@@ -409,7 +411,7 @@ async def payment_step(
             if controls.empty
             else Economics(controls, store, alerts=alerts, on_event=on_limit_event)
         )
-        bound = await bound_schemes(settings, ledger, replica, settler)
+        bound = await bound_schemes(settings, ledger, replica, settler, events)
         payments = x402_payments(
             settings,
             ledger=ledger,

@@ -101,6 +101,7 @@ class _Declared:
 
 _ROUTE = ("route",)
 _LIVESUM, _LIVEMAX = {"multiprocess_mode": "livesum"}, {"multiprocess_mode": "livemax"}
+_LIVEMOSTRECENT = {"multiprocess_mode": "livemostrecent"}
 # Every metric of the gateway, by the Metrics attribute that holds it.
 _DECLARED: dict[str, _Declared] = {
     "_requests": _Declared(
@@ -235,6 +236,35 @@ _DECLARED: dict[str, _Declared] = {
         "the grace not checked against the log yet (0: caught up).",
         (),
         _LIVEMAX,
+    ),
+    "_withdrawal_scan_failures": _Declared(
+        Counter,
+        "paygate_batch_withdrawal_scan_failures",
+        "Batch-settlement withdrawal scans that failed (the RPC or ledger down): vouchers are "
+        "served meanwhile, and a payer's withdrawal may go unlearnt.",
+    ),
+    "_withdrawal_scanned": _Declared(
+        Gauge,
+        "paygate_batch_withdrawal_scan_success_timestamp_seconds",
+        "When a batch-settlement withdrawal scan last completed (Unix seconds; 0: none yet).",
+        (),
+        _LIVEMAX,
+    ),
+    "_withdrawal_behind": _Declared(
+        Gauge,
+        "paygate_batch_withdrawal_scan_behind_blocks",
+        "Blocks between the chain's newest block and the last one the batch-settlement "
+        "withdrawal scan completed, at its last completed pass.",
+        (),
+        _LIVEMOSTRECENT,
+    ),
+    "_withdrawals_pending": _Declared(
+        Gauge,
+        "paygate_batch_withdrawals_pending",
+        "Batch-settlement channels whose payer's withdrawal is pending, at the last completed "
+        "withdrawal scan (their vouchers are claimed at the next wake).",
+        (),
+        _LIVEMOSTRECENT,
     ),
 }
 
@@ -459,6 +489,17 @@ class Metrics:
         if self._checked is not None:
             until, grace = self._checked
             self._recovery_lag.set(max(0.0, time.time() - grace - until))
+
+    # --- batch settlement's withdrawal scan (paygate.x402.schemes.batch_settlement.withdrawals
+    # .WithdrawalEvents): the claimer's process alone reports it ---
+
+    def withdrawal_scanned(self, behind: int, pending: int) -> None:
+        self._withdrawal_scanned.set(time.time())
+        self._withdrawal_behind.set(behind)
+        self._withdrawals_pending.set(pending)
+
+    def withdrawal_scan_failed(self) -> None:
+        self._withdrawal_scan_failures.inc()
 
     # --- exposition ---
 

@@ -41,6 +41,7 @@ from paygate.x402.ledger import (
     Budget,
     BudgetExceeded,
     IdempotencyKeyReused,
+    LeaseLost,
     LedgerError,
     LedgerUnavailable,
     PaymentRecord,
@@ -63,6 +64,13 @@ from paygate.x402.settlements import Settlements
 from paygate.x402.settler import Settler, SettlerUnavailable
 from paygate.x402.smartwallet import WalletVerifier
 from paygate.x402.verify import PaymentRejected, match_offer
+
+# A verify that woke after its reservation was released (this process stalled past its lease):
+# the 503 every lease-lost path answers (paygate.client.withheld sends the payment again).
+LEASE_LOST_AT_VERIFY = (
+    "this gateway lost the payment's reservation while verifying it: nothing was served or "
+    "charged; send the payment again"
+)
 
 _IN_PROGRESS = (
     PaymentState.RESERVED,
@@ -460,6 +468,11 @@ class PaymentProcessor:
             except SettlerUnavailable as exc:
                 await self._release(admission, record)
                 return self._refusals.unavailable("payment_verifier_unavailable", str(exc))
+            except LeaseLost:
+                # Stalled in its verify past its lease, and released by another replica: this
+                # process takes nothing (the scheme refused it), and the payer sends it again.
+                self._leases.drop(record.id)
+                return self._refusals.unavailable(LeaseLost.code, LEASE_LOST_AT_VERIFY)
             if not answer.is_valid:
                 await self._leases.release(record)
                 reason = answer.invalid_reason or "invalid_payload"

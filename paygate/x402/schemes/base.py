@@ -322,6 +322,9 @@ class Binding:
     #: ``paygate.config.Settings`` (x402 does not import the configuration): a scheme reads
     #: its own settings from it.
     settings: Any
+    #: Where a scheme reports its background work (the gateway's metrics): each scheme
+    #: reports through its own small protocol, used when ``events`` implements it.
+    events: object = None
 
 
 class BindingRole(Protocol):

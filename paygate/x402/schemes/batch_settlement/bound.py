@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from paygate.x402.chain import ChainSettler
 from paygate.x402.facilitator import FacilitatorSettler
-from paygate.x402.ledger import LedgerError, SchemeWrite
+from paygate.x402.ledger import LeaseLost, LedgerError, SchemeWrite
 from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyResponse
 from paygate.x402.offers import Offer, PaymentTerms
 from paygate.x402.refusal import Refusal
@@ -51,9 +51,13 @@ from paygate.x402.schemes.batch_settlement.verify import (
 from paygate.x402.schemes.batch_settlement.verify import (
     ROLE as VERIFY,
 )
+from paygate.x402.schemes.batch_settlement.withdrawals import WithdrawalEvents
 from paygate.x402.settler import SettlementSubject, Settler
 
 BUSY_RETRY_AFTER = "1"  # seconds: a channel is held for the length of one request
+# Seconds before a refund refused "ask again" (the chain unreadable, its outcome not known yet)
+# is worth asking again: a block or so on a 2-second chain.
+UNCONFIRMED_RETRY_AFTER = "2"
 _CHECKS_MAX = 1024  # requests between their check and their commit whose voucher is remembered
 
 
@@ -160,11 +164,16 @@ class BoundBatchSettlement(Scheme):
         and the last voucher it committed (``extra.channelState``/``voucherState``), so the payer
         can check that voucher's signature and resynchronise; a withdrawing channel's
         (``…_withdrawal_pending``) its state, ``withdrawRequestedAt`` set. A busy channel's 402
-        says when to try again (``Retry-After``: the request holding it is in progress); other
+        says when to try again (``Retry-After``: the request holding it is in progress), and so
+        does a refund's "ask again" (``PaymentUnconfirmed``: the server's own failure); other
         refusals as they are."""
         if refusal.code == BUSY:
             return dataclasses.replace(
                 refusal, headers={**refusal.headers, "Retry-After": BUSY_RETRY_AFTER}
+            )
+        if refusal.server_side:  # PaymentUnconfirmed: the chain unreadable, an outcome unknown
+            return dataclasses.replace(
+                refusal, headers={**refusal.headers, "Retry-After": UNCONFIRMED_RETRY_AFTER}
             )
         if refusal.code not in (NOT_CUMULATIVE, WITHDRAWING) or refusal.challenge is None:
             return refusal
@@ -255,6 +264,9 @@ class BoundBatchSettlement(Scheme):
             return VerifyResponse(
                 is_valid=False, invalid_reason=exc.reason, invalid_message=str(exc)
             )
+        except LeaseLost:  # its reservation released meanwhile: the processor's lease_lost
+            self.checks.forget(payment)
+            raise
         except LedgerError as exc:
             self.checks.forget(payment)
             raise not_bound(f"the channel ledger is unavailable: {exc.code}") from None
@@ -335,6 +347,8 @@ class BatchSettlementBinding:
             max_per_claim=settings.batch_max_vouchers_per_claim,
             clock=time.time,
         )
+        if isinstance(binding.events, WithdrawalEvents):  # the metrics (docs/OPERATIONS.md)
+            channels.claims.withdrawals.events = binding.events
         fields = {f.name: getattr(scheme, f.name) for f in dataclasses.fields(Scheme) if f.init}
         fields.pop("_loaded")
         return BoundBatchSettlement(**fields, channels=channels)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 from paygate.x402.schemes.batch_settlement.chain import (
     WITHDRAW_REQUESTED,
@@ -58,17 +59,57 @@ CHECK_PAGE = 100
 WITHDRAWING_READ = 500
 
 
+@runtime_checkable
+class WithdrawalEvents(Protocol):
+    """What the scan reports (metrics: paygate.server.metrics). A scan that fails serves
+    vouchers on (it fails open), so its failures and its lag must be seen elsewhere than in a
+    log line. Each call must be cheap and never raise."""
+
+    def withdrawal_scanned(self, behind: int, pending: int) -> None:
+        """A pass scanned: ``behind`` blocks between the chain's newest block and the last
+        one it scanned, ``pending`` channels whose payer's withdrawal is pending (as read)."""
+        ...
+
+    def withdrawal_scan_failed(self) -> None:
+        """A pass's scan failed (the RPC or the ledger down): retried at the next wake."""
+        ...
+
+
+class NoWithdrawalEvents:
+    """Reports nowhere."""
+
+    def withdrawal_scanned(self, behind: int, pending: int) -> None:
+        return None
+
+    def withdrawal_scan_failed(self) -> None:
+        return None
+
+
 class WithdrawalScan:
     def __init__(
-        self, store: ChannelStore, chain: ChannelChain, *, clock: Callable[[], float]
+        self,
+        store: ChannelStore,
+        chain: ChannelChain,
+        *,
+        clock: Callable[[], float],
+        events: WithdrawalEvents | None = None,
     ) -> None:
         self.store = store
         self.chain = chain
         self._clock = clock
+        self.events: WithdrawalEvents = events or NoWithdrawalEvents()  # where it reports
 
     async def scan(self, budget: float = SCAN_SECONDS) -> int:
         """One pass (the claim lease held): the channels whose withdrawal state was read.
-        Ranges are scanned for ``budget`` seconds at most (at least one range)."""
+        Ranges are scanned for ``budget`` seconds at most (at least one range). Reported to
+        :attr:`events` when it ends, or fails."""
+        try:
+            return await self._scan(budget)
+        except Exception:
+            self.events.withdrawal_scan_failed()
+            raise
+
+    async def _scan(self, budget: float) -> int:
         give_up = time.monotonic() + budget
         head = await self.chain.head()
         place = await self.store.scan_place()
@@ -105,17 +146,20 @@ class WithdrawalScan:
         # clock, and a finish whose event a lagging node had not returned yet is still seen.
         ids.update(c.channel_id for c in await self.store.withdrawing(WITHDRAWING_READ))
         read = 0
+        pending: set[str] = set()  # channels read with a withdrawal pending
         wanted = sorted(ids)
         for at in range(0, len(wanted), KNOWN_BATCH):
             for channel in await self.store.known(wanted[at : at + KNOWN_BATCH]):
-                await self._read(channel, head)
+                if await self._read(channel, head):
+                    pending.add(channel.channel_id)
                 read += 1
         # The first scan's check, pages while the budget lasts (one at least): a ledger of
         # thousands of channels checked a page a wake took longer than a withdrawal's delay.
         while checked_after is not None:
             page = await self.store.unspent_after(checked_after, CHECK_PAGE)
             for channel in page:
-                await self._read(channel, head)
+                if await self._read(channel, head):
+                    pending.add(channel.channel_id)
             read += len(page)
             checked_after = page[-1].channel_id if len(page) == CHECK_PAGE else None
             if checked_after is not None and time.monotonic() > give_up:
@@ -123,15 +167,17 @@ class WithdrawalScan:
             if checked_after is not None:  # its place kept, should this claimer die
                 await self.store.scanned(max(last, scanned), checked_after)
         await self.store.scanned(max(last, scanned), checked_after)
+        self.events.withdrawal_scanned(max(0, head.block - max(last, scanned)), len(pending))
         return read
 
-    async def _read(self, channel: Channel, head: Head) -> None:
-        """Mirror the channel's withdrawal and balance as the contract holds them at ``head``."""
+    async def _read(self, channel: Channel, head: Head) -> bool:
+        """Mirror the channel's withdrawal and balance as the contract holds them at ``head``:
+        whether a withdrawal is pending."""
         on_chain = await self.chain.state(channel.channel_id, since=head.block)
         await self.store.refunded(
             channel.channel_id, on_chain.balance, on_chain.total_claimed, block=on_chain.block
         )
-        await mirror_withdrawal(self.store, self.chain, channel, head, self._clock)
+        return await mirror_withdrawal(self.store, self.chain, channel, head, self._clock)
 
 
 async def mirror_withdrawal(
@@ -140,9 +186,9 @@ async def mirror_withdrawal(
     channel: Channel,
     head: Head | None,
     clock: Callable[[], float],
-) -> None:
+) -> bool:
     """Mirror the payer's withdrawal pending on ``channel`` as the contract holds it at
-    ``head`` (None: the newest block)."""
+    ``head`` (None: the newest block): whether one is pending."""
     head = head or await chain.head()
     pending = await chain.pending_withdrawal(channel.channel_id, head.block)
     if pending.amount == 0:
@@ -152,7 +198,7 @@ async def mirror_withdrawal(
                 requested_at=channel.withdraw_requested_at,
                 amount=channel.withdraw_amount,
             )
-        return
+        return False
     ahead = max(0.0, head.timestamp - clock())
     if channel.withdraw_due is None:
         log.warning("a payer requested a withdrawal from a channel: claimed first")
@@ -162,3 +208,4 @@ async def mirror_withdrawal(
         amount=pending.amount,
         due=pending.requested_at + channel.config.withdraw_delay - ahead,
     )
+    return True

@@ -73,3 +73,37 @@ def test_directory_set_after_the_import_is_refused(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     out = _run(LATE, env, str(tmp_path))
     assert "refused: PROMETHEUS_MULTIPROC_DIR must be set before" in out
+
+
+SCANNER = """
+from paygate.server.metrics import Metrics
+m = Metrics()
+if sys.argv[1] == "failed":
+    m.withdrawal_scan_failed()
+elif sys.argv[1] != "idle":
+    behind, pending = sys.argv[1].split(",")
+    m.withdrawal_scanned(int(behind), int(pending))
+"""
+
+
+def test_the_withdrawal_scan_is_reported_by_whichever_worker_scanned_last(tmp_path: Path) -> None:
+    """The claim lease moves between workers: the scan's success time is the newest any
+    worker reported, its blocks behind and pending withdrawals those reported last (not the
+    largest: a worker that lost the lease keeps its old values), its failures summed; a worker
+    that never scanned changes none of them."""
+    from paygate.server.metrics import prepare_multiprocess_dir
+
+    directory = tmp_path / "metrics"
+    prepare_multiprocess_dir(directory)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    for step in ("failed", "500,3", "failed", "0,1", "idle"):
+        _run(SCANNER, env, step)
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(_run(SCRAPER, env))
+        for s in family.samples
+    }
+    assert samples["paygate_batch_withdrawal_scan_failures_total"] == 2
+    assert samples["paygate_batch_withdrawal_scan_behind_blocks"] == 0
+    assert samples["paygate_batch_withdrawals_pending"] == 1
+    assert samples["paygate_batch_withdrawal_scan_success_timestamp_seconds"] > 0
