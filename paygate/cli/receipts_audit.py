@@ -4,7 +4,9 @@ For each receipt token (arguments, or one per line in ``--file``): its leaf hash
 over the exact signed bytes), the gateway's ``/v1/log/receipt-proof`` (which receipts entry and
 the path within that period's tree), the receipts entry itself from its entry bundle (whose
 root the path must reach, with the entry's count), and the entry's inclusion in the checkpoint
-signed by ``--log-key``. A receipt no entry covers yet is reported as pending, not as proven.
+signed by ``--log-key``. A receipt no entry covers yet, or whose entry is past every checkpoint
+the log has signed (the checkpoint is read again once for it: the log may have grown meanwhile),
+is reported as pending, not as proven.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def leaf_of(token: str) -> bytes:
 
 def _audit(args: argparse.Namespace) -> int:
     from paygate.cli.log import LogCheckFailed, _checkpoint, _get, drive
-    from paygate.client.tlog import prove_inclusion, read_entries
+    from paygate.client.errors import LogInconsistent
+    from paygate.client.tlog import Seen, consistent, prove_inclusion, read_entries
 
     tokens = list(args.tokens)
     if args.file is not None:
@@ -53,8 +56,9 @@ def _audit(args: argparse.Namespace) -> int:
     if not tokens or len(tokens) > MAX_TOKENS:
         raise PaygateError(f"give 1 to {MAX_TOKENS} receipt tokens")
     proven = pending = 0
+    reread = False
     with httpx.Client(timeout=args.timeout, trust_env=False) as client:
-        base, checkpoint, _ = _checkpoint(args, client)
+        base, checkpoint, signed = _checkpoint(args, client)
         for token in tokens:
             leaf = leaf_of(token)
             status, body = _get(client, f"{base}receipt-proof?leaf={leaf.hex()}")
@@ -66,8 +70,25 @@ def _audit(args: argparse.Namespace) -> int:
                 raise LogCheckFailed(f"receipt-proof answered HTTP {status}")
             answer = json.loads(body)
             index = int(answer["entry"])
-            if not 0 <= index < checkpoint.size:
-                raise LogCheckFailed("the receipts entry is beyond the checkpoint")
+            if index >= checkpoint.size and not reread:
+                # The log grew between the checkpoint's read and this proof's (another
+                # replica cut a period): read the checkpoint again, once per audit, and hold
+                # it to the first (append-only: proofs against both are of one log).
+                first = Seen(checkpoint.size, checkpoint.root, signed)
+                base, checkpoint, signed = _checkpoint(args, client)
+                try:
+                    drive(consistent(base, first, checkpoint), client)
+                except LogInconsistent as exc:
+                    raise LogCheckFailed(str(exc)) from None
+                reread = True
+            if index >= checkpoint.size:
+                # Not provable against any checkpoint the log has signed yet: pending, as
+                # a receipt no entry covers, never proven.
+                print(f"pending  {leaf.hex()}: its receipts entry is past the signed checkpoint")
+                pending += 1
+                continue
+            if index < 0:
+                raise LogCheckFailed("the receipts entry index is negative")
             data = drive(read_entries(base, checkpoint.size, index, index + 1), client)[0][1]
             entry = entries.parse(data)
             if entry["type"] != "receipts" or entry["count"] != answer["count"]:

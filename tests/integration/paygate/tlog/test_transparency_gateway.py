@@ -9,9 +9,12 @@ behind a client's back, a witness asked to cosign a fork, malformed log paths.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
+import contextlib
 import hashlib
+import io
 import json
 import struct
 import subprocess
@@ -472,6 +475,57 @@ async def test_log_cli_and_receipts_audit(tmp_path: Path) -> None:
         )  # fmt: skip
         assert wrong.returncode == 2
         assert "log_unverified" in wrong.stderr
+
+
+async def test_an_audit_whose_checkpoint_is_older_than_a_receipts_entry_reads_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With replicas cutting periods, the log can grow between the audit's checkpoint read and
+    a receipt's proof: the entry is then past that checkpoint. The audit reads the checkpoint
+    again (held to the first by a consistency proof) and proves it; an entry past every
+    checkpoint the log signed is pending, never an error and never proven."""
+    from paygate.cli import log as log_cli
+    from paygate.cli.receipts_audit import _audit
+
+    async with running_stack(**gateway_settings(tmp_path, log_receipt_period=1)) as stack:
+        vkey = vkey_of(stack)
+        old = (
+            await asyncio.to_thread(httpx.get, stack.url + "/v1/log/checkpoint", timeout=10)
+        ).content  # before any receipts entry
+        token = (await chat(stack.url, policy())).extensions["paygate_receipt"].token
+        async with asyncio.timeout(10):
+            while (
+                "1 receipts proven"
+                not in (
+                    await asyncio.to_thread(
+                        cli, "receipts", "audit", stack.url, token, "--log-key", vkey
+                    )
+                ).stdout
+            ):
+                await asyncio.sleep(0.3)
+        real_get = log_cli._get
+
+        def stale(times: int) -> Any:
+            served = [0]
+
+            def get(client: httpx.Client, url: str) -> tuple[int, bytes]:
+                if url.endswith("/checkpoint") and served[0] < times:
+                    served[0] += 1
+                    return 200, old
+                return real_get(client, url)
+
+            return get
+
+        args = argparse.Namespace(
+            url=stack.url, tokens=[token], file=None, log_key=vkey, timeout=10.0
+        )
+        for times, proven in ((1, 1), (2, 0)):
+            monkeypatch.setattr(log_cli, "_get", stale(times))
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                assert await asyncio.to_thread(_audit, args) == 0
+            assert f"{proven} receipts proven" in out.getvalue()
+            assert ("past the signed checkpoint" in out.getvalue()) is (proven == 0)
 
 
 async def test_an_independent_reader_rebuilds_full_and_partial_tiles_of_a_larger_tree(
