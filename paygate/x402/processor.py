@@ -59,7 +59,7 @@ from paygate.x402.results import PaymentAdmission
 from paygate.x402.schemes import SCHEMES, Authorized, Scheme
 from paygate.x402.schemes.base import CheckTime, PaymentUnconfirmed
 from paygate.x402.session import MeteredTerms, PaymentSession
-from paygate.x402.settlement import Settlement
+from paygate.x402.settlement import Settlement, release_unearned
 from paygate.x402.settlements import Settlements
 from paygate.x402.settler import Settler, SettlerUnavailable
 from paygate.x402.smartwallet import WalletVerifier
@@ -466,7 +466,7 @@ class PaymentProcessor:
                     self._settler, admission.payment, admission.requirements
                 )
             except SettlerUnavailable as exc:
-                await self._release(admission, record)
+                await release_unearned(self._leases, admission, record)
                 return self._refusals.unavailable("payment_verifier_unavailable", str(exc))
             except LeaseLost:
                 # Stalled in its verify past its lease, and released by another replica: this
@@ -481,7 +481,7 @@ class PaymentProcessor:
                 if not self._settlement.verified_when_served:  # else one transaction with SERVED
                     admission.record = await self._leases.move(record, PaymentState.VERIFIED)
             except LedgerError:
-                await self._release(admission, record)
+                await release_unearned(self._leases, admission, record)
                 return self._refusals.ledger_unavailable()
         except BaseException:
             # Cut short while verifying (the caller gone: its handler cancelled) or failed
@@ -497,16 +497,9 @@ class PaymentProcessor:
         it past verification); a hold left after that is given up for the reconciler."""
         if not self._leases.holds(record):
             return
-        await self._release(admission, record)
+        await release_unearned(self._leases, admission, record)
         if self._leases.holds(record):  # not released (the ledger unreachable): not ours now
             await self._leases.let_go(record)
-
-    async def _release(self, admission: PaymentAdmission, record: PaymentRecord) -> None:
-        """RELEASED, with what the scheme took for the request (a channel's hold) given back
-        in the same transaction: the payer's next payment need not wait for it to run out."""
-        assert admission.payment is not None
-        write = admission.scheme.release_write(admission.payment, admission.requirements)
-        await self._leases.release(record, write)
 
     async def _replayed(
         self,

@@ -83,12 +83,21 @@ class Settlement:
         return False
 
 
-async def _release(processor: SettlementSteps, admission: PaymentAdmission) -> None:
-    """Give back what a request that did not earn its payment held."""
-    assert admission.record is not None
+class Releases(Protocol):
+    async def release(self, record: PaymentRecord, write: SchemeWrite | None = None) -> None: ...
+
+
+async def release_unearned(
+    releases: Releases, admission: PaymentAdmission, record: PaymentRecord | None = None
+) -> None:
+    """RELEASED (``record``, else the admission's), with what the scheme took for the request
+    (a channel's hold) given back in the same transaction: the payer's next payment need not
+    wait for it to run out."""
+    record = record if record is not None else admission.record
+    assert record is not None
     assert admission.payment is not None
     write = admission.scheme.release_write(admission.payment, admission.requirements)
-    await processor.release(admission.record, write)
+    await releases.release(record, write)
 
 
 class SettleAfterReply(Settlement):
@@ -109,7 +118,7 @@ class SettleAfterReply(Settlement):
         if earned:
             processor.settle_in_background(admission)
         else:
-            await _release(processor, admission)
+            await release_unearned(processor, admission)
 
 
 class SettleUpfront(Settlement):
@@ -153,4 +162,4 @@ class VerifyOnly(Settlement):
         if earned:
             await processor.mark_served(admission)
         else:
-            await _release(processor, admission)
+            await release_unearned(processor, admission)

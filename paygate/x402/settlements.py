@@ -36,7 +36,7 @@ from paygate.x402.refusal import Refusal
 from paygate.x402.refusals import Refusals
 from paygate.x402.responses import moved, reason_text, wire_network, with_usage
 from paygate.x402.results import PaymentAdmission, Receipt
-from paygate.x402.settlement import Settlement
+from paygate.x402.settlement import Settlement, release_unearned
 from paygate.x402.settler import (
     ReviewRequired,
     SettlementSubject,
@@ -175,12 +175,6 @@ class Settlements:
     async def release(self, record: PaymentRecord, write: SchemeWrite | None = None) -> None:
         await self.leases.release(record, write)
 
-    async def _give_back(self, admission: PaymentAdmission, record: PaymentRecord) -> None:
-        """RELEASED, with the scheme's hold (a channel's) given back in the same transaction."""
-        assert admission.payment is not None
-        write = admission.scheme.release_write(admission.payment, admission.requirements)
-        await self.leases.release(record, write)
-
     async def _settle_after(self, admission: PaymentAdmission) -> Receipt | None:
         record = admission.record
         assert record is not None
@@ -242,7 +236,7 @@ class Settlements:
                     # The reply's charge, not made (another replica released it when lost):
                     # released now with what the scheme took, so the retry the withheld reply
                     # invites is served, not refused in progress until the lease runs out.
-                    await self._give_back(admission, record)
+                    await release_unearned(self.leases, admission, record)
                 return None
             record = made
         admission.record = record
