@@ -163,6 +163,12 @@ class SpendPolicy:
         )
 
 
+def payment_header_value(document: dict[str, Any]) -> str:
+    """A payment header's value: the payload document as compact JSON in base64, as x402
+    sends it (PAYMENT-SIGNATURE / X-PAYMENT)."""
+    return base64.b64encode(json.dumps(document, separators=(",", ":")).encode()).decode()
+
+
 def parse_assets(items: Iterable[str]) -> dict[str, int]:
     """``ADDRESS[:DECIMALS]`` strings as an ``assets`` mapping (6 decimals if omitted)."""
     out: dict[str, int] = {}
@@ -732,7 +738,7 @@ class Payer:
                 }
             ).wire()
             header = wire.X_PAYMENT
-        value = base64.b64encode(json.dumps(document, separators=(",", ":")).encode()).decode()
+        value = payment_header_value(document)
         record = SentPayment(
             url=url,
             x402_version=offer.version,

@@ -10,8 +10,6 @@ never more than our own count of the channel's remainder) stops counting against
 
 from __future__ import annotations
 
-import base64
-import json
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -21,7 +19,7 @@ from paygate import wire
 from paygate.client.channels import OpenChannel, origin_of
 from paygate.client.core import PRESET_PAYMENT
 from paygate.client.errors import PaymentRefused, SpendRefused
-from paygate.client.payer import Payer, refusal_reason
+from paygate.client.payer import Payer, payment_header_value, refusal_reason
 from paygate.client.steps import Fetch, Steps
 from paygate.x402 import codec
 from paygate.x402.models import PaymentPayload, SettleResponse
@@ -61,7 +59,7 @@ def refund_requests(
         if channel.resource is not None:
             document["resource"] = channel.resource
         PaymentPayload.model_validate(document)  # what we send must be what we model
-        value = base64.b64encode(json.dumps(document, separators=(",", ":")).encode()).decode()
+        value = payment_header_value(document)
         extensions: dict[str, object] = {PRESET_PAYMENT: (wire.PAYMENT_SIGNATURE, value)}
         if timeout is not None:
             extensions["timeout"] = httpx.Timeout(timeout).as_dict()

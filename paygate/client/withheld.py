@@ -24,6 +24,7 @@ import httpx
 
 from paygate import wire
 from paygate.client.channels import NAME as CHANNEL_SCHEME
+from paygate.client.payer import payment_header_value
 
 # The codes of a reply withheld because its charge could not be recorded (payment released).
 WITHHELD_CODES = frozenset({"lease_lost", "ledger_unavailable"})
@@ -92,4 +93,4 @@ def resend_value(value: str, scheme: str) -> str:
         "channelConfig": payload["channelConfig"],
         "voucher": payload["voucher"],
     }
-    return base64.b64encode(json.dumps(document, separators=(",", ":")).encode()).decode()
+    return payment_header_value(document)
