@@ -364,8 +364,6 @@ class TpmEpochVault:
 
     def destroy_reference(self, reference: Mapping[str, Any]) -> None:
         """Evict the handles the reference names, if they still hold its keys."""
-        from tpm2_pytss import TSS2_Exception
-
         try:
             handles = {n: int(h) for n, h in reference["handles"].items()}
             publics = {n: bytes.fromhex(p) for n, p in reference["publics"].items()}
@@ -375,11 +373,7 @@ class TpmEpochVault:
             present = self._persistent(tpm)
             trs: dict[str, ESYS_TR] = {}
             for name, handle in handles.items():
-                if handle not in present:
-                    continue
-                try:
-                    tr = tpm.esapi.tr_from_tpmpublic(handle)
-                except TSS2_Exception:
+                if (tr := self._opened(tpm, present, handle)) is None:
                     continue
                 public = tpm.run("read an epoch key", tpm.esapi.read_public, tr)[0]
                 if bytes(public.marshal()) == publics.get(name):
@@ -400,7 +394,7 @@ class TpmEpochVault:
     def sweep(self, keep: set[int] | None = None) -> int:
         """Evict every handle ``epochs.json`` lists (but those in ``keep``) that the TPM still
         holds."""
-        from tpm2_pytss import ESYS_TR, TSS2_Exception
+        from tpm2_pytss import ESYS_TR
 
         kept = keep or set()
         listed = [h for h in self._read_state() if h not in kept]
@@ -410,11 +404,7 @@ class TpmEpochVault:
         with self.access() as tpm:
             present = self._persistent(tpm)
             for handle in listed:
-                if handle not in present:
-                    continue
-                try:
-                    tr = tpm.esapi.tr_from_tpmpublic(handle)
-                except TSS2_Exception:
+                if (tr := self._opened(tpm, present, handle)) is None:
                     continue
                 tpm.run(
                     "evict a leftover epoch key", tpm.esapi.evict_control, ESYS_TR.OWNER, tr, handle
@@ -422,6 +412,19 @@ class TpmEpochVault:
                 swept += 1
             self._write_state([h for h in self._read_state() if h in kept])
         return swept
+
+    @staticmethod
+    def _opened(tpm: TpmAccess, present: set[int], handle: int) -> ESYS_TR | None:
+        """An ESYS handle to the persistent object at ``handle`` (``present``: the TPM's
+        persistent handles), None when the TPM holds none there."""
+        from tpm2_pytss import TSS2_Exception
+
+        if handle not in present:
+            return None
+        try:
+            return tpm.esapi.tr_from_tpmpublic(handle)
+        except TSS2_Exception:
+            return None
 
     def present(self, handle: int) -> bool:
         """Whether the TPM still holds a persistent object at ``handle`` (for checks)."""
