@@ -155,12 +155,12 @@ class Admission:
             # The price needs the body (its model, its tokens): read and open it before
             # payment, tightly bounded.
             paying = carries_payment(request.headers)
-            claimed = paying and self._claims.believed(key, request.headers)
+            claimed = paying and self._claims.believed(key, request.headers, client)
             pool = self._admitted_bodies if claimed else self._unverified_bodies
             body = await self._read(request, key, pool)
             # Believed again once the body is in: a claim refused while this body was read
             # doubts it too (else each address opens as many as it reads bodies at once).
-            claimed = claimed and self._claims.believed(key, request.headers)
+            claimed = claimed and self._claims.believed(key, request.headers, client)
             try:
                 opened, payment, ticket = await self._open_and_pay(
                     request, route, body, key, claimed
@@ -170,7 +170,7 @@ class Admission:
                 # payment, or never verified again), after a key operation on a claim's word:
                 # doubt its next claims.
                 if paying and doubts(refusal):
-                    self._claims.refused(key, request.headers)
+                    self._claims.refused(key, request.headers, client)
                 raise
             except BaseException:
                 # Cut short once its open began (the caller gone before the verdict: its
@@ -178,13 +178,13 @@ class Admission:
                 # that never verified. Doubted too, else disconnecting before each verdict
                 # keeps an address's (or a vouched payer's) claims believed for ever.
                 if paying:
-                    self._claims.refused(key, request.headers)
+                    self._claims.refused(key, request.headers, client)
                 raise
             if paying and ticket.session.paid:
                 # A payment verified, not merely admitted: a request priced at nothing is
                 # admitted without its header being looked at, and clears nothing. Its payer
                 # is believed here from now on, whoever else shares the address.
-                self._claims.verified(key, ticket.session.admission.payer)
+                self._claims.verified(key, ticket.session.admission.payer, client)
             return Admitted(ticket, body, client, opened, key), payment
         payment = self._payments.admit(request, route, client=key)
         ticket = await payment.__aenter__()

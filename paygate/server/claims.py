@@ -161,21 +161,27 @@ class DoubtedClaims:
         self._until: OrderedDict[str, float] = OrderedDict()  # oldest doubt first
         # A prefix → (its strikes from below in this window, until when the window runs).
         self._strikes: OrderedDict[str, tuple[int, float]] = OrderedDict()
-        # An address → its vouched payers (lowercase hex, no 0x) → until when.
-        self._vouched: OrderedDict[str, dict[str, float]] = OrderedDict()
+        # An address → its vouched payers (lowercase hex, no 0x) → until when, and the host
+        # (the caller's own address, an IPv6 /128 under its /64 key) whose payment verified.
+        self._vouched: OrderedDict[str, dict[str, tuple[float, str]]] = OrderedDict()
 
-    def believed(self, address: str, headers: Mapping[str, str] = _NO_HEADERS) -> bool:
-        """May a claim from ``address`` (its request's ``headers``) be admitted as a claim,
-        not as an unpaid request?"""
+    def believed(
+        self, address: str, headers: Mapping[str, str] = _NO_HEADERS, host: str = ""
+    ) -> bool:
+        """May a claim from ``address`` (its request's ``headers``; ``host``, the caller's own
+        address, which ``address`` keys) be admitted as a claim, not as an unpaid request?"""
         if not self._until or not self._doubted(address, self._clock()):
             return True
-        return bool(self._named(address, headers))
+        return bool(self._named(address, headers, host))
 
-    def refused(self, address: str, headers: Mapping[str, str] = _NO_HEADERS) -> None:
-        """A claim from ``address`` was refused (:func:`doubts`): doubt it from now on (and
-        count it against its prefixes); the vouches of the payers it names are spent."""
+    def refused(
+        self, address: str, headers: Mapping[str, str] = _NO_HEADERS, host: str = ""
+    ) -> None:
+        """A claim from ``address`` (``host``) was refused (:func:`doubts`): doubt it from now
+        on (and count it against its prefixes); the vouches it was believed for (the payers it
+        names, vouched from ``host``) are spent."""
         now = self._clock()
-        named = self._named(address, headers)
+        named = self._named(address, headers, host)
         if named:
             payers = self._vouched[address]
             for payer in named:
@@ -195,10 +201,10 @@ class DoubtedClaims:
                 self._doubt(prefix, now)
             struck = strikes == 1  # its first in this window: one against the prefix above
 
-    def verified(self, address: str, payer: str | None = None) -> None:
-        """A payment of ``payer`` from ``address`` was verified: believe the address again
-        (not its prefixes: one payer's payment does not vouch for its neighbours), and vouch
-        for the payer there."""
+    def verified(self, address: str, payer: str | None = None, host: str = "") -> None:
+        """A payment of ``payer`` from ``address`` (``host``) was verified: believe the address
+        again (not its prefixes: one payer's payment does not vouch for its neighbours), and
+        vouch for the payer there, from ``host`` only."""
         self._until.pop(address, None)
         name = (payer or "").lower().removeprefix("0x")
         if len(name) < _MIN_PAYER_CHARS:
@@ -208,7 +214,7 @@ class DoubtedClaims:
             return  # full of live vouches: a flood of verified payments evicts none of them
         payers = self._vouched.pop(address, None) or {}
         payers.pop(name, None)
-        payers[name] = now + self.vouch_seconds
+        payers[name] = (now + self.vouch_seconds, host)
         while len(payers) > PAYERS_PER_ADDRESS:
             del payers[next(iter(payers))]  # the longest unrenewed
         self._vouched[address] = payers
@@ -252,24 +258,26 @@ class DoubtedClaims:
         vouched = self._vouched
         while len(vouched) >= self.max_vouched:
             first = next(iter(vouched))
-            if any(now < until for until in vouched[first].values()):
+            if any(now < until for until, _ in vouched[first].values()):
                 return False
             del vouched[first]
         return True
 
-    def _named(self, address: str, headers: Mapping[str, str]) -> list[str]:
-        """The payers vouched at ``address`` whose names the payment header holds."""
+    def _named(self, address: str, headers: Mapping[str, str], host: str) -> list[str]:
+        """The payers vouched at ``address`` from ``host`` whose names the payment header
+        holds. From another host under the same key (a neighbour in the /64) a vouch is
+        neither believed nor spent: it cannot take the vouch's open, nor burn it."""
         payers = self._vouched.get(address)
         if not payers:
             return []
         now = self._clock()
-        for payer in [payer for payer, until in payers.items() if now >= until]:
+        for payer in [payer for payer, (until, _) in payers.items() if now >= until]:
             del payers[payer]
         if not payers:
             del self._vouched[address]
             return []
         claim = _decoded(headers.get(wire.PAYMENT_SIGNATURE) or headers.get(wire.X_PAYMENT))
-        return [payer for payer in payers if payer in claim]
+        return [payer for payer, (_, at) in payers.items() if at == host and payer in claim]
 
 
 def _decoded(header: str | None) -> str:
