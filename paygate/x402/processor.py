@@ -523,9 +523,7 @@ class PaymentProcessor:
         now = self._clock()
         return bool(records) and not any(
             record.state in (PaymentState.RESERVED, PaymentState.VERIFIED)
-            and record.owner is not None
-            and record.lease_until is not None
-            and record.lease_until > now
+            and not record.abandoned(now)
             for record in records
         )
 
@@ -552,6 +550,8 @@ class PaymentProcessor:
                 "payment_in_progress",
                 "this payment is already being used by another request",
                 headers={"Retry-After": self._refusals.retry_after},
+                # Its replica died mid-request: the payer's retry waits for the reconciler.
+                server_side=record.abandoned(self._clock()),
             )
         if self._settlement.serves_again(record):
             # Upfront settlement whose answer came too late for its own request: the caller

@@ -159,3 +159,59 @@ async def test_a_hold_left_by_a_request_that_ended_or_died_is_server_side(
         assert not await left_by_failure(None)
     finally:
         await ledger.close()
+
+
+@pytest.mark.parametrize("identified", [False, True])
+async def test_a_retry_of_a_payment_whose_replica_died_is_server_side(
+    tmp_path: Path, identified: bool
+) -> None:
+    """A payment reserved by a replica that died mid-request (its lease ran out, the
+    reconciler not round yet): the payer's retry is refused 409 `payment_in_progress` — this
+    server's failure. While its owner's lease runs (a request in progress: a replay of it, or
+    the payer's own second try), the caller's doing. By its authorization (a replay) and by
+    its payment-identifier alike."""
+    clock = Clock()
+    location = LedgerLocation(kind="sqlite", path=tmp_path / "payments.db")
+    dead = await open_ledger(location, replica="dead", lease_seconds=10.0, clock=clock)
+    live = await open_ledger(location, replica="live", lease_seconds=10.0, clock=clock)
+    payment = sdk_payment(2)
+    wired = payment.wire()
+    key = "pay_" + "5" * 32 if identified else None
+    if key is not None:
+        wired["extensions"]["payment-identifier"]["info"]["id"] = key
+    authorization = wired["payload"]["authorization"]
+    clock.now = int(authorization["validBefore"]) - 600.0  # while the payment is valid
+    processor = PaymentProcessor(
+        terms=terms(),
+        ledger=live,
+        settler=cast(Any, None),
+        settlement=VerifyOnly(),
+        clock=clock,
+    )
+    headers = {wire.PAYMENT_SIGNATURE: base64.b64encode(json.dumps(wired).encode()).decode()}
+    try:
+        await dead.reserve(
+            **request(
+                network=wired["accepted"]["network"],
+                asset=wired["accepted"]["asset"],
+                payer=authorization["from"],
+                nonce=authorization["nonce"],
+                pay_to=wired["accepted"]["payTo"],
+                payload=json.dumps(wired),
+                idempotency_key=key,
+                route="chat",
+                amount=int(authorization["value"]),
+            )
+        )
+        for server_side in (False, True):
+            refused = await processor.admit(headers, price=PRICE, resource=RESOURCE, route="chat")
+            assert isinstance(refused, Refusal), refused
+            assert (refused.status, refused.code, refused.server_side) == (
+                409,
+                "payment_in_progress",
+                server_side,
+            )
+            clock.now += 10.0  # the dead replica's lease runs out
+    finally:
+        await dead.close()
+        await live.close()
