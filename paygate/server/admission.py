@@ -87,6 +87,7 @@ class Admitted:
     client: str
     opened: OpenedBody | None = None
     client_key: str = ""  # what per-address limits count under (forwarded.address_key)
+    claim: bool = False  # a payment header admission opened the body on (body-priced route)
 
 
 class Admission:
@@ -131,6 +132,18 @@ class Admission:
 
     def admit(self, request: web.Request, route: Route) -> Admitting:
         return Admitting(self, request, route)
+
+    def _ended(self, admitted: Admitted, request: web.Request) -> None:
+        """A claim's request is over (its payment finished). Verified, then its caller gone
+        before any reply went out: never charged (released), yet its open and its model work
+        were done on a verified payment's word — and that verification cleared its address's
+        doubt. Doubted as a refused claim is (its own vouch spent), else a funded wallet that
+        pays and leaves before each reply has its claims believed, opened through the claimed
+        gate, for nothing. A reply under way when it left is charged (``settle_on_disconnect``)
+        and doubts nobody."""
+        session = admitted.ticket.session
+        if admitted.claim and session.paid and session.caller_gone and session.status == 0:
+            self._claims.refused(admitted.client_key, request.headers, admitted.client)
 
     async def _enter(self, request: web.Request, route: Route) -> tuple[Admitted, Any]:
         """Admit ``request``: what the block gets, and the payment step's context to exit."""
@@ -185,7 +198,7 @@ class Admission:
                 # admitted without its header being looked at, and clears nothing. Its payer
                 # is believed here from now on, whoever else shares the address.
                 self._claims.verified(key, ticket.session.admission.payer, client)
-            return Admitted(ticket, body, client, opened, key), payment
+            return Admitted(ticket, body, client, opened, key, claim=paying), payment
         payment = self._payments.admit(request, route, client=key)
         ticket = await payment.__aenter__()
         try:
@@ -229,20 +242,26 @@ class Admitting:
     """``async with admission.admit(request, route) as admitted``: the payment step's block
     spans the caller's (a class rather than a generator: every request enters one)."""
 
-    __slots__ = ("_admission", "_payment", "_request", "_route")
+    __slots__ = ("_admission", "_admitted", "_payment", "_request", "_route")
 
     def __init__(self, admission: Admission, request: web.Request, route: Route) -> None:
         self._admission = admission
         self._request = request
         self._route = route
         self._payment: Any = None
+        self._admitted: Admitted | None = None
 
     async def __aenter__(self) -> Admitted:
         admitted, self._payment = await self._admission._enter(self._request, self._route)
+        self._admitted = admitted
         return admitted
 
     async def __aexit__(self, *exc: object) -> bool | None:
-        return await self._payment.__aexit__(*exc)  # the payment's block ends as the caller's
+        try:
+            return await self._payment.__aexit__(*exc)  # the payment's block ends as the caller's
+        finally:
+            if self._admitted is not None and self._admitted.claim:
+                self._admission._ended(self._admitted, self._request)
 
 
 def _items(body: bytes) -> int:

@@ -29,6 +29,7 @@ from enclave.envelope_v2 import SealedRequest
 from enclave.keys.tpm import TpmKey
 from paygate import wire
 from paygate.server.claims import DoubtedClaims
+from paygate.x402.ledger import PaymentState
 from paygate.x402.processor import PaymentProcessor
 from paygate.x402.schemes.batch_settlement.chain import BatchChain
 from paygate.x402.schemes.batch_settlement.verify import BUSY
@@ -40,7 +41,7 @@ from tests.fixtures.batch_settlement_support import (
     opened_channel,
 )
 from tests.fixtures.chain import encode_header, sign_v2_payment
-from tests.fixtures.gateway_support import Stack, key_operations, running_stack
+from tests.fixtures.gateway_support import Stack, eventually, key_operations, running_stack
 from tests.fixtures.payment_support import (
     CHAT,
     CHAT_BODY,
@@ -856,4 +857,43 @@ async def test_a_model_wide_token_limit_doubts_nobody(
             assert set(drained) <= {402, 503}, drained
             again = await _post(refused, stack, _sealed(stack).blob, {**SEALED, **pay()})
     assert again == (503 if doubted else 429)
+    assert usdc.balance_of(seller) == 2000
+
+
+async def test_a_payer_that_leaves_before_its_reply_is_doubted(
+    tpm_key: TpmKey, facilitator: Any, usdc: Any, payer: Any, seller: str, tmp_path: Path
+) -> None:
+    """A funded wallet pays, its payment verifies, and it leaves before any reply (the model
+    is slow): released, never charged — yet verified, which cleared its address's doubt and
+    renewed its vouch. Unless leaving counts as a refused claim, paying and leaving before
+    each reply keeps its claims believed (opened through the claimed gate, the model's work
+    done) for nothing. Doubted, its vouch spent: its next claim waits in the unpaid gate."""
+    ledger = tmp_path / "payments.db"
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=ledger,
+        model_prices={"fake-llama": "0.002", "fake-stall-first": "0.002"},
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+        claimed_opens_per_second=1000.0,  # its burst (4) back within a request's time
+    )
+    stalled = {**CHAT_BODY, "model": "fake-stall-first"}  # no reply until the caller leaves
+    async with running_stack(key=tpm_key, **settings) as stack:
+        required = await challenge_of(stack, CHAT, CHAT_BODY)
+        pay = _payments(stack, required, payer)
+        async with _session(CALLER, 2) as caller, _session(FLOOD, 2) as flood:
+            assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 200
+            leaving = asyncio.ensure_future(
+                _post(caller, stack, _sealed(stack, stalled).blob, {**SEALED, **pay()})
+            )
+            await eventually(lambda: stack.fake.hits["POST " + CHAT] == 2, timeout=30)
+            leaving.cancel()  # verified, at the model: the caller leaves
+            with contextlib.suppress(asyncio.CancelledError):
+                await leaving
+            async with asyncio.timeout(30):  # its payment released: never charged
+                while [r.state for r in await records(ledger)].count(PaymentState.RELEASED) < 1:
+                    await asyncio.sleep(0.02)
+            drained = await _drain_unpaid_gate(flood, stack)
+            assert set(drained) <= {402, 503}, drained
+            assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 503
     assert usdc.balance_of(seller) == 2000
