@@ -17,10 +17,11 @@ starving paid ones. One entry: ``async with admission.admit(request, route) as a
    addresses, takes more than a bounded share of the TPM/HSM. A payment header is only a
    claim until verified, and costs nothing to forge: an address whose claim is refused after
    its open (any 4xx of the sender's: a body or a payment that is no good, an outcome sent
-   again, a rate spent; :func:`paygate.server.claims.doubts`) is admitted as unpaid for a while
+   again, a rate spent; :func:`paygate.server.claims.doubts`; or its payment verified and its
+   caller gone before any reply) is admitted as unpaid for a while
    (:mod:`paygate.server.claims`; IPv6 doubts add up to their /48 and /32), so forged claims
    cannot take the claimed gate's rate from real payers; a payer whose payment verified from
-   the address is still believed there.
+   the address is still believed there (from the host it paid from).
 4. Every body read holds a per-address slot too (``per_ip_body_slots``, never more than a
    pool): one address cannot exhaust another's share.
 5. A batch is N requests: once its body is read, every item takes its own token of the item
