@@ -17,10 +17,11 @@ starving paid ones. One entry: ``async with admission.admit(request, route) as a
    addresses, takes more than a bounded share of the TPM/HSM. A payment header is only a
    claim until verified, and costs nothing to forge: an address whose claim is refused after
    its open (any 4xx of the sender's: a body or a payment that is no good, an outcome sent
-   again, a rate spent; :func:`paygate.server.claims.doubts`) is admitted as unpaid for a while
+   again, a rate spent; :func:`paygate.server.claims.doubts`; or its payment verified and its
+   caller gone before any reply) is admitted as unpaid for a while
    (:mod:`paygate.server.claims`; IPv6 doubts add up to their /48 and /32), so forged claims
    cannot take the claimed gate's rate from real payers; a payer whose payment verified from
-   the address is still believed there.
+   the address is still believed there (from the host it paid from).
 4. Every body read holds a per-address slot too (``per_ip_body_slots``, never more than a
    pool): one address cannot exhaust another's share.
 5. A batch is N requests: once its body is read, every item takes its own token of the item
@@ -87,6 +88,7 @@ class Admitted:
     client: str
     opened: OpenedBody | None = None
     client_key: str = ""  # what per-address limits count under (forwarded.address_key)
+    claim: bool = False  # a payment header admission opened the body on (body-priced route)
 
 
 class Admission:
@@ -132,6 +134,18 @@ class Admission:
     def admit(self, request: web.Request, route: Route) -> Admitting:
         return Admitting(self, request, route)
 
+    def _ended(self, admitted: Admitted, request: web.Request) -> None:
+        """A claim's request is over (its payment finished). Verified, then its caller gone
+        before any reply went out: never charged (released), yet its open and its model work
+        were done on a verified payment's word — and that verification cleared its address's
+        doubt. Doubted as a refused claim is (its own vouch spent), else a funded wallet that
+        pays and leaves before each reply has its claims believed, opened through the claimed
+        gate, for nothing. A reply under way when it left is charged (``settle_on_disconnect``)
+        and doubts nobody."""
+        session = admitted.ticket.session
+        if admitted.claim and session.paid and session.caller_gone and session.status == 0:
+            self._claims.refused(admitted.client_key, request.headers, admitted.client)
+
     async def _enter(self, request: web.Request, route: Route) -> tuple[Admitted, Any]:
         """Admit ``request``: what the block gets, and the payment step's context to exit."""
         limits = self._limits
@@ -155,12 +169,12 @@ class Admission:
             # The price needs the body (its model, its tokens): read and open it before
             # payment, tightly bounded.
             paying = carries_payment(request.headers)
-            claimed = paying and self._claims.believed(key, request.headers)
+            claimed = paying and self._claims.believed(key, request.headers, client)
             pool = self._admitted_bodies if claimed else self._unverified_bodies
             body = await self._read(request, key, pool)
             # Believed again once the body is in: a claim refused while this body was read
             # doubts it too (else each address opens as many as it reads bodies at once).
-            claimed = claimed and self._claims.believed(key, request.headers)
+            claimed = claimed and self._claims.believed(key, request.headers, client)
             try:
                 opened, payment, ticket = await self._open_and_pay(
                     request, route, body, key, claimed
@@ -170,7 +184,7 @@ class Admission:
                 # payment, or never verified again), after a key operation on a claim's word:
                 # doubt its next claims.
                 if paying and doubts(refusal):
-                    self._claims.refused(key, request.headers)
+                    self._claims.refused(key, request.headers, client)
                 raise
             except BaseException:
                 # Cut short once its open began (the caller gone before the verdict: its
@@ -178,14 +192,14 @@ class Admission:
                 # that never verified. Doubted too, else disconnecting before each verdict
                 # keeps an address's (or a vouched payer's) claims believed for ever.
                 if paying:
-                    self._claims.refused(key, request.headers)
+                    self._claims.refused(key, request.headers, client)
                 raise
             if paying and ticket.session.paid:
                 # A payment verified, not merely admitted: a request priced at nothing is
                 # admitted without its header being looked at, and clears nothing. Its payer
                 # is believed here from now on, whoever else shares the address.
-                self._claims.verified(key, ticket.session.admission.payer)
-            return Admitted(ticket, body, client, opened, key), payment
+                self._claims.verified(key, ticket.session.admission.payer, client)
+            return Admitted(ticket, body, client, opened, key, claim=paying), payment
         payment = self._payments.admit(request, route, client=key)
         ticket = await payment.__aenter__()
         try:
@@ -229,20 +243,26 @@ class Admitting:
     """``async with admission.admit(request, route) as admitted``: the payment step's block
     spans the caller's (a class rather than a generator: every request enters one)."""
 
-    __slots__ = ("_admission", "_payment", "_request", "_route")
+    __slots__ = ("_admission", "_admitted", "_payment", "_request", "_route")
 
     def __init__(self, admission: Admission, request: web.Request, route: Route) -> None:
         self._admission = admission
         self._request = request
         self._route = route
         self._payment: Any = None
+        self._admitted: Admitted | None = None
 
     async def __aenter__(self) -> Admitted:
         admitted, self._payment = await self._admission._enter(self._request, self._route)
+        self._admitted = admitted
         return admitted
 
     async def __aexit__(self, *exc: object) -> bool | None:
-        return await self._payment.__aexit__(*exc)  # the payment's block ends as the caller's
+        try:
+            return await self._payment.__aexit__(*exc)  # the payment's block ends as the caller's
+        finally:
+            if self._admitted is not None and self._admitted.claim:
+                self._admission._ended(self._admitted, self._request)
 
 
 def _items(body: bytes) -> int:

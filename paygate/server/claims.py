@@ -12,7 +12,11 @@ is refused (402), is an identifier's recorded outcome or one in progress (409: n
 again, so one paid call would otherwise buy a flood of opens), or a payer's rate is spent (429):
 any 4xx of the sender's doing — costs its sender, and so does a claim cut short once its open
 began (its caller gone before the verdict: the handler cancelled; or an unexpected failure),
-else a forger dropping each claim before its verdict is believed for ever. Its address is
+else a forger dropping each claim before its verdict is believed for ever; and so does a claim
+whose payment verified but whose caller left before any reply went out (released, never
+charged: else a funded wallet that pays and leaves before each reply has every claim believed,
+its open and the model's work done, for nothing; a reply under way when it left is charged,
+``settle_on_disconnect``, and doubts nobody). Its address is
 *doubted* for :data:`DOUBT_SECONDS`, and while doubted, its requests are admitted as unpaid ones
 whatever header they carry (the unpaid pool and gate: its one slot per address and the unpaid
 rate it shares with every other unpaid caller). A payment verified from the address clears the
@@ -29,8 +33,14 @@ unpaid caller is bounded, no more (it could send unpaid requests anyway). A refu
 the sender's doing doubts nobody: a 5xx (a dependency down), the gate's own 429 (the address's
 open slot taken: nothing was opened), or a 4xx the payment step marks as the server's own
 doing (``server_side``: a batch-settlement refund whose channel cannot be read on chain, or
-whose outcome is not known yet; a model's token limit for everyone together, ``per_model``,
-spent — a payer's own limits, rate and budgets are that payer's doing). A sealed claim refused
+whose outcome is not known yet; a facilitator's ``unexpected_verify_error``, its own failure
+to check; a ``…_channel_busy`` whose hold no live request keeps — its request ended, or its
+replica died, with the hold not let go; a ``payment_in_progress`` 409 for a payment whose
+replica died mid-request, until the reconciler releases it; a model's token limit for
+everyone together, ``per_model``, spent — a payer's own limits, rate and budgets are that
+payer's doing). A channel held by a live request (the payer's own concurrent call, or a
+caller holding its own channel with a slow one to get refusals that doubt nobody) is the
+caller's doing, and so is a hold nothing tells is a payment's. A sealed claim refused
 410 ``key_epoch_retired`` or 421 ``wrong_replica`` is doubted although a rotation or a
 balancer's routing may cause it: its open spent a token of the claimed gate's rate, so a
 flood of claims naming a retired key would otherwise take that rate undoubted. Only a
@@ -54,24 +64,34 @@ without a vouch (below) are admitted as unpaid for as long as the strikes are re
 price of bounding what one such customer's forged claims get. An address under a doubted prefix is
 not recorded on its own (the prefix covers it), so one allocation cannot fill the record. IPv4
 addresses (IPv4-mapped IPv6 ones included, keyed as IPv4) and unparsable keys have no prefix.
-Behind trusted proxies the key is the client's X-Forwarded-For address, as for every limit.
+Behind trusted proxies the key is the client's X-Forwarded-For address, as for every limit
+(an IPv4-mapped entry unmapped first, so ``::ffff:a.b.c.d`` is ``a.b.c.d`` for doubts and
+vouches alike).
 A verified payment clears its address's doubt, never a prefix's.
 
 **Payers behind a doubted address.** Callers sharing an address (a NAT, one /64, a doubted
 prefix) share its doubt, so a neighbour's forged claims would push a payer into the unpaid gate,
 where an unpaid flood answers it 503. So a payer whose payment *verified* from an address is
-*vouched* there for :data:`VOUCH_SECONDS` (renewed by each verified payment): a claim from the
-address that names that payer — its address appears anywhere in the payment header's decoded
-text, whatever the field (no field is proof before verification: a forger can put any payer in
-any of them) — is believed whatever doubts the address or its prefixes. A vouch is no free pass:
-a claim naming it that is refused, or cut short once opened, spends it (every vouched payer the
-header names; the payer's own dropped call too), so forged claims naming a vouched payer get at
-most one believed open per verified payment of that payer there (as forged claims naming nobody
-do: each verified payment from the address clears its doubt). What is left: a payer with no
-verified payment from a doubted address yet is admitted as unpaid until the doubt ends (nothing
-tells it from a forger before verification), and a neighbour who knows a vouched payer's address
-can spend its vouch with a forged claim naming it (the payer is then admitted as unpaid until
-one of its payments verifies again).
+*vouched* there for :data:`VOUCH_SECONDS` (renewed by each verified payment), from the *host*
+it paid from — the caller's own address, which the key covers: an IPv6 /128 under its /64
+(behind trusted proxies, the X-Forwarded-For client's). A claim from that host that names that
+payer — its address appears anywhere in the payment header's decoded text, whatever the field
+(no field is proof before verification: a forger can put any payer in any of them) — is
+believed whatever doubts the address or its prefixes. A vouch is no free pass: a claim from its
+host naming it that is refused, or cut short once opened, or verified and left before its
+reply, spends it (every vouched payer the header names; the payer's own dropped call too), so
+forged claims naming a vouched payer get at most one believed open per verified payment of that
+payer there (as forged claims naming nobody do: each verified payment from the address clears
+its doubt). A claim naming it from another host under the same key (a neighbour in the /64)
+is neither believed for it nor spends it: the neighbour can neither use the payer's vouch
+nor push the payer into the unpaid gate. What is left: callers sharing one host address (an
+IPv4 NAT, a CGNAT, one proxy's X-Forwarded-For entry) cannot be told apart before
+verification, so there a neighbour who knows a vouched payer's address can still spend its
+vouch with a forged claim naming it (the payer is then admitted as unpaid until one of its
+payments verifies again); a payer whose host changes (IPv6 temporary addresses) is vouched
+anew by its next verified payment; and a payer with no verified payment from a doubted address
+yet is admitted as unpaid until the doubt ends (nothing tells it from a forger before
+verification).
 
 Per worker process (each ``--workers`` process doubts on its own: a flood gets one believed claim
 per address in each). Every record is bounded (:data:`MAX_DOUBTED` addresses and prefixes,
@@ -161,21 +181,27 @@ class DoubtedClaims:
         self._until: OrderedDict[str, float] = OrderedDict()  # oldest doubt first
         # A prefix → (its strikes from below in this window, until when the window runs).
         self._strikes: OrderedDict[str, tuple[int, float]] = OrderedDict()
-        # An address → its vouched payers (lowercase hex, no 0x) → until when.
-        self._vouched: OrderedDict[str, dict[str, float]] = OrderedDict()
+        # An address → its vouched payers (lowercase hex, no 0x) → until when, and the host
+        # (the caller's own address, an IPv6 /128 under its /64 key) whose payment verified.
+        self._vouched: OrderedDict[str, dict[str, tuple[float, str]]] = OrderedDict()
 
-    def believed(self, address: str, headers: Mapping[str, str] = _NO_HEADERS) -> bool:
-        """May a claim from ``address`` (its request's ``headers``) be admitted as a claim,
-        not as an unpaid request?"""
+    def believed(
+        self, address: str, headers: Mapping[str, str] = _NO_HEADERS, host: str = ""
+    ) -> bool:
+        """May a claim from ``address`` (its request's ``headers``; ``host``, the caller's own
+        address, which ``address`` keys) be admitted as a claim, not as an unpaid request?"""
         if not self._until or not self._doubted(address, self._clock()):
             return True
-        return bool(self._named(address, headers))
+        return bool(self._named(address, headers, host))
 
-    def refused(self, address: str, headers: Mapping[str, str] = _NO_HEADERS) -> None:
-        """A claim from ``address`` was refused (:func:`doubts`): doubt it from now on (and
-        count it against its prefixes); the vouches of the payers it names are spent."""
+    def refused(
+        self, address: str, headers: Mapping[str, str] = _NO_HEADERS, host: str = ""
+    ) -> None:
+        """A claim from ``address`` (``host``) was refused (:func:`doubts`): doubt it from now
+        on (and count it against its prefixes); the vouches it was believed for (the payers it
+        names, vouched from ``host``) are spent."""
         now = self._clock()
-        named = self._named(address, headers)
+        named = self._named(address, headers, host)
         if named:
             payers = self._vouched[address]
             for payer in named:
@@ -195,10 +221,10 @@ class DoubtedClaims:
                 self._doubt(prefix, now)
             struck = strikes == 1  # its first in this window: one against the prefix above
 
-    def verified(self, address: str, payer: str | None = None) -> None:
-        """A payment of ``payer`` from ``address`` was verified: believe the address again
-        (not its prefixes: one payer's payment does not vouch for its neighbours), and vouch
-        for the payer there."""
+    def verified(self, address: str, payer: str | None = None, host: str = "") -> None:
+        """A payment of ``payer`` from ``address`` (``host``) was verified: believe the address
+        again (not its prefixes: one payer's payment does not vouch for its neighbours), and
+        vouch for the payer there, from ``host`` only."""
         self._until.pop(address, None)
         name = (payer or "").lower().removeprefix("0x")
         if len(name) < _MIN_PAYER_CHARS:
@@ -208,7 +234,7 @@ class DoubtedClaims:
             return  # full of live vouches: a flood of verified payments evicts none of them
         payers = self._vouched.pop(address, None) or {}
         payers.pop(name, None)
-        payers[name] = now + self.vouch_seconds
+        payers[name] = (now + self.vouch_seconds, host)
         while len(payers) > PAYERS_PER_ADDRESS:
             del payers[next(iter(payers))]  # the longest unrenewed
         self._vouched[address] = payers
@@ -252,24 +278,26 @@ class DoubtedClaims:
         vouched = self._vouched
         while len(vouched) >= self.max_vouched:
             first = next(iter(vouched))
-            if any(now < until for until in vouched[first].values()):
+            if any(now < until for until, _ in vouched[first].values()):
                 return False
             del vouched[first]
         return True
 
-    def _named(self, address: str, headers: Mapping[str, str]) -> list[str]:
-        """The payers vouched at ``address`` whose names the payment header holds."""
+    def _named(self, address: str, headers: Mapping[str, str], host: str) -> list[str]:
+        """The payers vouched at ``address`` from ``host`` whose names the payment header
+        holds. From another host under the same key (a neighbour in the /64) a vouch is
+        neither believed nor spent: it cannot take the vouch's open, nor burn it."""
         payers = self._vouched.get(address)
         if not payers:
             return []
         now = self._clock()
-        for payer in [payer for payer, until in payers.items() if now >= until]:
+        for payer in [payer for payer, (until, _) in payers.items() if now >= until]:
             del payers[payer]
         if not payers:
             del self._vouched[address]
             return []
         claim = _decoded(headers.get(wire.PAYMENT_SIGNATURE) or headers.get(wire.X_PAYMENT))
-        return [payer for payer in payers if payer in claim]
+        return [payer for payer, (_, at) in payers.items() if at == host and payer in claim]
 
 
 def _decoded(header: str | None) -> str:

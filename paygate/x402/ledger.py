@@ -149,6 +149,14 @@ class PaymentRecord:
     settle_amount: int | None = None  # atomic units owed; None: ``amount`` (exact)
     settled_amount: int | None = None  # atomic units moved, once SETTLED
 
+    def abandoned(self, now: float) -> bool:
+        """Started (RESERVED/VERIFIED) and worked on by nobody alive at ``now``: its owner's
+        lease ran out (the replica presumed dead) or it has no owner. Its hold on anything
+        (a retry of it, a channel) is then this server's failure, not its payer's doing."""
+        return self.state in (PaymentState.RESERVED, PaymentState.VERIFIED) and (
+            self.owner is None or self.lease_until is None or self.lease_until <= now
+        )
+
     @property
     def owed(self) -> int:
         """Atomic units this payment settles for: the metered charge, else the amount signed."""

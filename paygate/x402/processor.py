@@ -72,6 +72,10 @@ LEASE_LOST_AT_VERIFY = (
     "charged; send the payment again"
 )
 
+# A verifier's invalid reasons that are its own failure, not the payment's (x402's
+# ``unexpected_verify_error``: the facilitator could not check it): the claim doubts nobody.
+_DEPENDENCY_FAILED = frozenset({"unexpected_verify_error"})
+
 _IN_PROGRESS = (
     PaymentState.RESERVED,
     PaymentState.VERIFIED,
@@ -346,7 +350,9 @@ class PaymentProcessor:
             authorized = scheme.check(payment, offer, when)
         except PaymentRejected as exc:
             refused = self._refusals.challenge(402, exc.reason, str(exc), offers, resource)
-            if isinstance(exc, PaymentUnconfirmed):
+            if isinstance(exc, PaymentUnconfirmed) or (
+                scheme is not None and await self._left_by_failure(scheme, exc.reason, payment)
+            ):
                 refused = dataclasses.replace(refused, server_side=True)
             # Completed by the scheme as a paid request's refusal is (a refund refused on a
             # busy channel says when to ask again).
@@ -476,7 +482,14 @@ class PaymentProcessor:
             if not answer.is_valid:
                 await self._leases.release(record)
                 reason = answer.invalid_reason or "invalid_payload"
-                return self._refusals.challenge(402, reason, reason_text(reason), offers, resource)
+                refused = self._refusals.challenge(
+                    402, reason, reason_text(reason), offers, resource
+                )
+                if reason in _DEPENDENCY_FAILED or await self._left_by_failure(
+                    admission.scheme, reason, admission.payment
+                ):
+                    refused = dataclasses.replace(refused, server_side=True)
+                return refused
             try:
                 if not self._settlement.verified_when_served:  # else one transaction with SERVED
                     admission.record = await self._leases.move(record, PaymentState.VERIFIED)
@@ -491,6 +504,28 @@ class PaymentProcessor:
             await asyncio.shield(self._let_down(admission, admission.record or record))
             raise
         return await self._settlement.verified(self.settlements, admission, offers, resource)
+
+    async def _left_by_failure(
+        self, scheme: Scheme, reason: str, payment: AnyPaymentPayload
+    ) -> bool:
+        """Was ``payment`` refused ``reason`` for a hold (a busy channel) that no live request
+        keeps: its request's payment ended, or its owner's lease ran out (a replica died, a
+        release or a commit failed)? That is this server's failure, not the caller's doing.
+        A hold a live request keeps (the payer's own concurrent request) is not, so a caller
+        cannot have refusals that doubt nobody by holding its own channel with a slow call."""
+        try:
+            nonce = await scheme.holder(reason, payment)
+            if nonce is None:
+                return False
+            records = await self._ledger.by_nonce(nonce)
+        except (LedgerError, ValueError):  # unreadable, or a hold that is no payment's
+            return False
+        now = self._clock()
+        return bool(records) and not any(
+            record.state in (PaymentState.RESERVED, PaymentState.VERIFIED)
+            and not record.abandoned(now)
+            for record in records
+        )
 
     async def _let_down(self, admission: PaymentAdmission, record: PaymentRecord) -> None:
         """Release a reservation no request will finish (the ledger's compare-and-set refuses
@@ -515,6 +550,8 @@ class PaymentProcessor:
                 "payment_in_progress",
                 "this payment is already being used by another request",
                 headers={"Retry-After": self._refusals.retry_after},
+                # Its replica died mid-request: the payer's retry waits for the reconciler.
+                server_side=record.abandoned(self._clock()),
             )
         if self._settlement.serves_again(record):
             # Upfront settlement whose answer came too late for its own request: the caller

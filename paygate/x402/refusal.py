@@ -26,9 +26,9 @@ class ProofRejected(PaygateError):
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """An answer instead of service. ``challenge`` is set for 400/402 (x402's body shape);
-    ``server_side`` when it is this server's failure (a dependency it could not ask) or its
-    own limit (a model-wide token budget), not the caller's doing, though answered as a
-    refusal."""
+    ``server_side`` when it is this server's failure (a dependency it could not ask, a hold
+    or a reservation a failed request left behind) or its own limit (a model-wide token
+    budget), not the caller's doing, though answered as a refusal."""
 
     status: int
     code: str

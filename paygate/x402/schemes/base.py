@@ -469,6 +469,12 @@ class Scheme:
         state in the 402), or as it is."""
         return refusal
 
+    async def holder(self, reason: str, payment: AnyPaymentPayload) -> str | None:
+        """When ``reason`` refused ``payment`` because another request holds what it needs (a
+        channel held busy): the nonce of that request's payment, by which the processor tells
+        a live request's hold from one a failed request left behind. None otherwise."""
+        return None
+
     def tasks(self) -> tuple[Callable[[], Awaitable[None]], ...]:
         """Background work the gateway runs for this scheme while it serves (a claim loop);
         each is cancelled at shutdown, after the drain."""

@@ -224,6 +224,17 @@ class BoundBatchSettlement(Scheme):
         self.checks.remember_take(payment, write)
         return write
 
+    async def holder(self, reason: str, payment: AnyPaymentPayload) -> str | None:
+        """A busy channel's holder: its hold's owner, the voucher (the payment's nonce) of the
+        request that took it; None when the hold is gone by now or the channel unreadable."""
+        if reason != BUSY:
+            return None
+        try:
+            channel = await self._channels.store.get(payload_of(payment).voucher.channel_id)
+        except (PaymentRejected, LedgerError):
+            return None
+        return None if channel is None else channel.pending_owner
+
     def release_write(
         self, payment: AnyPaymentPayload, requirements: dict[str, Any]
     ) -> SchemeWrite | None:

@@ -29,12 +29,19 @@ from enclave.envelope_v2 import SealedRequest
 from enclave.keys.tpm import TpmKey
 from paygate import wire
 from paygate.server.claims import DoubtedClaims
+from paygate.x402.ledger import PaymentState
 from paygate.x402.processor import PaymentProcessor
 from paygate.x402.schemes.batch_settlement.chain import BatchChain
+from paygate.x402.schemes.batch_settlement.verify import BUSY
 from paygate.x402.settler import SettlerUnavailable
-from tests.fixtures.batch_settlement_support import chain_batch, header_for, opened_channel
+from tests.fixtures.batch_settlement_support import (
+    chain_batch,
+    claimer,
+    header_for,
+    opened_channel,
+)
 from tests.fixtures.chain import encode_header, sign_v2_payment
-from tests.fixtures.gateway_support import Stack, key_operations, running_stack
+from tests.fixtures.gateway_support import Stack, eventually, key_operations, running_stack
 from tests.fixtures.payment_support import (
     CHAT,
     CHAT_BODY,
@@ -42,6 +49,7 @@ from tests.fixtures.payment_support import (
     challenge_of,
     paid_settings,
     post,
+    records,
 )
 from tests.fixtures.slow_tpm import SlowTpm
 
@@ -572,6 +580,44 @@ async def test_a_payer_behind_a_doubted_address_is_believed_for_its_verified_pay
     assert usdc.balance_of(seller) == 3 * 2000
 
 
+async def test_a_neighbour_in_the_payers_64_can_neither_use_nor_burn_its_vouch(
+    tpm_key: TpmKey, facilitator: Any, usdc: Any, payer: Any, seller: str, tmp_path: Path
+) -> None:
+    """Behind a trusted proxy: a payer and a neighbour in one /64 (one key). The neighbour
+    knows the payer's address and forges claims naming it from its own host: they are not
+    believed for the payer's vouch (an unpaid caller: 503 with the unpaid gate spent, no
+    open) and spend nothing — the payer's next claim is still believed and served."""
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=tmp_path / "payments.db",
+        model_prices={"fake-llama": "0.002"},
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+        claimed_opens_per_second=1000.0,  # its burst (4) back within a request's time
+        trusted_proxies=[FLOOD],
+    )
+    home, neighbour = "2001:db8:1::1", "2001:db8:1::2"
+    async with running_stack(key=tpm_key, **settings) as stack, _session(FLOOD, 2) as proxy:
+        required = await challenge_of(stack, CHAT, CHAT_BODY)
+        pay = _payments(stack, required, payer)
+        forge = _payments(stack, required, new_account())
+
+        async def claim(client: str, headers: dict[str, str]) -> int:
+            forwarded = {**SEALED, **headers, "X-Forwarded-For": client}
+            return await _post(proxy, stack, _sealed(stack).blob, forwarded)
+
+        assert await claim(home, pay()) == 200  # verified from its host: vouched there
+        assert await claim(neighbour, forge()) == 402  # the /64 doubted
+        drained = await _drain_unpaid_gate(proxy, stack)  # the proxy's own, unpaid
+        assert set(drained) <= {402, 503}, drained
+        operations = await key_operations(stack)
+        for _ in range(3):  # naming the payer, from the neighbour's host: not believed
+            assert await claim(neighbour, _naming(payer, pay)) == 503
+        assert await key_operations(stack) == operations
+        assert await claim(home, pay()) == 200  # the payer's vouch: neither used nor spent
+    assert usdc.balance_of(seller) == 2 * 2000
+
+
 async def test_a_refund_refused_for_a_chain_that_cannot_be_read_doubts_nobody(
     tpm_key: TpmKey,
     anvil: Any,
@@ -616,6 +662,53 @@ async def test_a_refund_refused_for_a_chain_that_cannot_be_read_doubts_nobody(
             assert set(drained) <= {402, 503}, drained
             voucher = {**SEALED, wire.PAYMENT_SIGNATURE: header_for(required, channel.pay(offer))}
             assert await _post(own, stack, _sealed(stack).blob, voucher) == 200
+
+
+async def test_a_voucher_refused_busy_on_a_hold_a_failed_request_left_doubts_nobody(
+    tpm_key: TpmKey, anvil: Any, usdc: Any, payer: Any, seller: str, tmp_path: Path, gas_key: Any
+) -> None:
+    """The payer's channel held for a request that ended (its hold not let go: a commit or
+    release lost, here by another replica's hand) or whose replica died: the payer's next
+    voucher is refused `…_channel_busy` (402), this server's failure. Its address is not
+    doubted, nor its vouch spent: once the hold is gone, its voucher is a believed claim,
+    served through the claimed gate while the unpaid gate is spent. A hold no payment's
+    (here: a stranger's) is not known to be the server's, and still doubts."""
+    ledger = tmp_path / "payments.db"
+    settings = {
+        "key": tpm_key,
+        "model_prices": {"fake-llama": "0.001"},  # body-priced, at the default price
+        "unpaid_opens_per_second": 0.01,  # burst 4, then nothing within the test
+        "claimed_opens_per_second": 1000.0,  # its burst (4) back within a request's time
+    }
+    async with chain_batch(seller, ledger, anvil, gas_key, **settings) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=10 * PRICE_ATOMIC)
+        (ended,) = await records(ledger)  # the deposit's request: served and charged
+        voucher = {**SEALED, wire.PAYMENT_SIGNATURE: header_for(required, channel.pay(offer))}
+        async with (
+            claimer(ledger, anvil, gas_key) as other,
+            _session("127.0.0.1", 2) as own,
+            _session(FLOOD, 2) as flood,
+        ):
+
+            async def busy() -> None:
+                async with own.post(
+                    stack.url + CHAT, data=_sealed(stack).blob, headers=voucher
+                ) as response:
+                    await response.read()
+                    assert (response.status, response.headers[wire.ERROR_HEADER]) == (402, BUSY)
+
+            assert await other.store.take(channel.channel_id, ended.nonce) is not None
+            await busy()
+            drained = await _drain_unpaid_gate(flood, stack)
+            assert set(drained) <= {402, 503}, drained
+            await other.store.release(channel.channel_id, ended.nonce)
+            assert await _post(own, stack, _sealed(stack).blob, voucher) == 200
+            channel.charged += int(offer["amount"])
+            voucher = {**SEALED, wire.PAYMENT_SIGNATURE: header_for(required, channel.pay(offer))}
+            assert await other.store.take(channel.channel_id, "a stranger") is not None
+            await busy()  # not known to be the server's: doubted, the vouch spent
+            await other.store.release(channel.channel_id, "a stranger")
+            assert await _post(own, stack, _sealed(stack).blob, voucher) == 503
 
 
 # --- claims cut short, and claims whose bodies were read at once ------------------------------
@@ -764,4 +857,43 @@ async def test_a_model_wide_token_limit_doubts_nobody(
             assert set(drained) <= {402, 503}, drained
             again = await _post(refused, stack, _sealed(stack).blob, {**SEALED, **pay()})
     assert again == (503 if doubted else 429)
+    assert usdc.balance_of(seller) == 2000
+
+
+async def test_a_payer_that_leaves_before_its_reply_is_doubted(
+    tpm_key: TpmKey, facilitator: Any, usdc: Any, payer: Any, seller: str, tmp_path: Path
+) -> None:
+    """A funded wallet pays, its payment verifies, and it leaves before any reply (the model
+    is slow): released, never charged — yet verified, which cleared its address's doubt and
+    renewed its vouch. Unless leaving counts as a refused claim, paying and leaving before
+    each reply keeps its claims believed (opened through the claimed gate, the model's work
+    done) for nothing. Doubted, its vouch spent: its next claim waits in the unpaid gate."""
+    ledger = tmp_path / "payments.db"
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=ledger,
+        model_prices={"fake-llama": "0.002", "fake-stall-first": "0.002"},
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+        claimed_opens_per_second=1000.0,  # its burst (4) back within a request's time
+    )
+    stalled = {**CHAT_BODY, "model": "fake-stall-first"}  # no reply until the caller leaves
+    async with running_stack(key=tpm_key, **settings) as stack:
+        required = await challenge_of(stack, CHAT, CHAT_BODY)
+        pay = _payments(stack, required, payer)
+        async with _session(CALLER, 2) as caller, _session(FLOOD, 2) as flood:
+            assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 200
+            leaving = asyncio.ensure_future(
+                _post(caller, stack, _sealed(stack, stalled).blob, {**SEALED, **pay()})
+            )
+            await eventually(lambda: stack.fake.hits["POST " + CHAT] == 2, timeout=30)
+            leaving.cancel()  # verified, at the model: the caller leaves
+            with contextlib.suppress(asyncio.CancelledError):
+                await leaving
+            async with asyncio.timeout(30):  # its payment released: never charged
+                while [r.state for r in await records(ledger)].count(PaymentState.RELEASED) < 1:
+                    await asyncio.sleep(0.02)
+            drained = await _drain_unpaid_gate(flood, stack)
+            assert set(drained) <= {402, 503}, drained
+            assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 503
     assert usdc.balance_of(seller) == 2000

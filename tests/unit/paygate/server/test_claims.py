@@ -336,3 +336,25 @@ def test_a_refusal_for_the_servers_own_failure_doubts_nobody() -> None:
     response = web.Response(status=402)
     assert doubts(HttpPaymentRefusal(response, "invalid_payment"))
     assert not doubts(HttpPaymentRefusal(response, "refund", server_side=True))
+
+
+def test_a_vouch_is_believed_and_spent_only_from_the_host_that_earned_it() -> None:
+    """A payer and a neighbour in one /64 (one key): the neighbour, knowing the payer's
+    address, forges claims naming it from its own host. They are not believed for the payer's
+    vouch (no open taken on it), and refused they do not spend it (the payer is not pushed
+    into the unpaid gate): only the host whose payment verified uses its vouch."""
+    claims = DoubtedClaims(seconds=60.0, clock=Clock())
+    key = _v6(1, 0, 0)
+    payer_host, neighbour = "2001:db8:1::1", "2001:db8:1::2"
+    claims.verified(key, PAYER, payer_host)
+    claims.refused(key, _claim(OTHER), neighbour)  # the neighbour's forged claim: doubted
+    assert not claims.believed(key, _claim(PAYER), neighbour)
+    for _ in range(3):
+        claims.refused(key, _claim(PAYER), neighbour)  # naming the payer, refused
+    assert claims.believed(key, _claim(PAYER), payer_host)
+    claims.refused(key, _claim(PAYER), payer_host)  # the payer's own claim refused: spent
+    assert not claims.believed(key, _claim(PAYER), payer_host)
+    claims.verified(key, PAYER, neighbour)  # the payer moved host: vouched from there only
+    claims.refused(key, _claim(OTHER), payer_host)  # the key doubted again
+    assert claims.believed(key, _claim(PAYER), neighbour)
+    assert not claims.believed(key, _claim(PAYER), payer_host)
