@@ -42,6 +42,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -181,6 +182,7 @@ class SharedEpochKeys(EpochKeys):
         close_base: bool = True,
         clock: Callable[[], float] = time.time,
         lock_timeout: float = LOCK_TIMEOUT,
+        load_inline: bool = True,
     ) -> None:
         if not isinstance(vault, SharedVault):
             raise TypeError(f"{vault.backend} epoch keys cannot be shared between processes")
@@ -202,6 +204,13 @@ class SharedEpochKeys(EpochKeys):
         self._pass = threading.Lock()  # one shared pass at a time in this process
         self._busy_until = 0.0  # the request path does not wait for the lock until then
         self._seen: tuple[int, int, int] | None = None  # the state file this view was read from
+        # load_inline=False (an event loop's process): the request path never opens a key; a
+        # background pass does (catch_up), and this view is served until it has.
+        self._load_inline = load_inline
+        self._loader: ThreadPoolExecutor | None = None  # made on first use: after a fork
+        self._loading: Future[bool] | None = None
+        self._loading_lock = threading.Lock()
+        self._closing = False
         # epoch id -> the handle this process holds, and the epoch's evidence
         self._mine: dict[str, tuple[EpochKey, Mapping[str, Any]]] = {}
         super().__init__(
@@ -491,6 +500,9 @@ class SharedEpochKeys(EpochKeys):
         served, rather than every request of the worker stalled up to the lock timeout."""
         if self._marker() == self._seen:
             return False
+        if not wait and not self._load_inline:
+            self.catch_up()  # opened off this thread; this view is served meanwhile
+            return False
         timeout = None
         if not wait:
             timeout = REQUEST_WAIT if time.monotonic() >= self._busy_until else 0.0
@@ -505,6 +517,36 @@ class SharedEpochKeys(EpochKeys):
                 self._busy_until = time.monotonic() + REQUEST_BACKOFF
             return False
         return True
+
+    def catch_up(self) -> Future[bool] | None:
+        """The request path's catch-up when keys are not loaded inline: None when this view is
+        the state's (a ``stat``) or requests should not wait (a holder frozen with the lock),
+        else the background pass that reads the state and opens the keys of new epochs (one at
+        a time; started if none runs). The view changes only once that pass has opened every
+        key it lists, so what is attested is always what this process can open."""
+        if self._marker() == self._seen:
+            return None
+        with self._loading_lock:
+            if self._loading is None or self._loading.done():
+                if self._closing:
+                    return None
+                if self._loader is None:
+                    self._loader = ThreadPoolExecutor(1, thread_name_prefix="epoch-load")
+                self._loading = self._loader.submit(self._load_pass)
+            loading = self._loading
+        return None if time.monotonic() < self._busy_until else loading
+
+    def back_off(self) -> None:
+        """A request waited for the background pass in vain: the next ones do not wait for
+        REQUEST_BACKOFF (they are served from this view meanwhile)."""
+        self._busy_until = time.monotonic() + REQUEST_BACKOFF
+
+    def _load_pass(self) -> bool:
+        try:
+            return self.refresh(wait=True)
+        except LockBusy:
+            self.back_off()
+            raise
 
     # --- EpochKeys -------------------------------------------------------------------------
 
@@ -606,6 +648,11 @@ class SharedEpochKeys(EpochKeys):
         with self._lock:
             if self._closed:
                 return
+        with self._loading_lock:
+            self._closing = True
+            loader, self._loader = self._loader, None
+        if loader is not None:
+            loader.shutdown(wait=True, cancel_futures=True)  # no pass opens a key after this
         try:
             with self._locked(exclusive=True):
                 state = self._read()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from enclave.keys.epochs import Epoch, EpochKeys, EpochRetired, WrongReplica
-from enclave.keys.shared_epochs import SharedEpochKeys
+from enclave.keys.shared_epochs import REQUEST_WAIT, SharedEpochKeys
 from paygate.server.errors import BadRequest, GatewayError
 from paygate.wire import KEY_ID_HEADER, REPLICA_HEADER
 
@@ -62,6 +62,23 @@ def refusal(exc: EpochRetired | WrongReplica) -> GatewayError:
         )
         return WrongReplicaError(message, headers=headers)
     return KeyEpochRetired()
+
+
+async def caught_up(epochs: EpochKeys | None) -> None:
+    """Before the request path reads the epochs: with several workers, wait (at most
+    REQUEST_WAIT, without holding the event loop) for the keys of an epoch another worker
+    made to be opened off the loop; after a wait in vain this worker's view is served."""
+    if not isinstance(epochs, SharedEpochKeys):
+        return
+    loading = epochs.catch_up()
+    if loading is None:
+        return
+    try:
+        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(loading)), REQUEST_WAIT)
+    except TimeoutError:
+        epochs.back_off()
+    except Exception as exc:  # the rotation loop reports it; requests keep this view
+        log.debug("reading the shared key epochs: %s", type(exc).__name__)
 
 
 def check_key_header(epochs: EpochKeys | None, headers: Mapping[str, str]) -> None:
