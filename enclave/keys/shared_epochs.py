@@ -213,6 +213,10 @@ class SharedEpochKeys(EpochKeys):
         self._closing = False
         # epoch id -> the handle this process holds, and the epoch's evidence
         self._mine: dict[str, tuple[EpochKey, Mapping[str, Any]]] = {}
+        # The epochs this process made and destroyed: what happens once per host is told
+        # (logged, a key-epoch entry) once, by the process that did it.
+        self._made: set[str] = set()
+        self._destroyed: set[str] = set()
         super().__init__(
             vault,
             replica=replica,
@@ -365,6 +369,7 @@ class SharedEpochKeys(EpochKeys):
         ]
         state["number"] = number
         self._mine[key_id] = (key, evidence)
+        self._made.add(key_id)
 
     def _collect(self, state: dict[str, Any]) -> int:
         """Destroy a crashed rotation's unlisted key (under the exclusive lock)."""
@@ -403,6 +408,7 @@ class SharedEpochKeys(EpochKeys):
         if mine is not None:
             self._shared_vault.release(mine[0])  # our handle first: the key is going away
         self._shared_vault.destroy_reference(entry["reference"])
+        self._destroyed.add(str(entry["id"]))
 
     def _due(self, state: Mapping[str, Any]) -> bool:
         epochs = state["epochs"]
@@ -429,6 +435,14 @@ class SharedEpochKeys(EpochKeys):
             and m != self._member
             and _alive(m[0])
         ]
+
+    def made_here(self, epoch_id: str) -> bool:
+        """Whether this process made the epoch (the others adopted it): the one that tells."""
+        return epoch_id in self._made
+
+    def destroyed_here(self, epoch_id: str) -> bool:
+        """Whether this process destroyed the epoch's keys (the others dropped their handle)."""
+        return epoch_id in self._destroyed
 
     # --- this process's view ---------------------------------------------------------------
 

@@ -175,19 +175,27 @@ class EpochRotation:
 
     async def _shared_step(self, epochs: SharedEpochKeys) -> None:
         """The same pass over the host's epochs (several workers): whichever worker comes
-        first rotates or retires, the others adopt; each tells its own listeners when its
-        current epoch changed, whoever made it."""
+        first rotates or retires, the others adopt. An epoch is one event of the host, so only
+        the worker that made it logs its start and tells the listeners (one key-epoch entry
+        per epoch, not one per worker), and only the one that destroyed it logs that."""
         loop = asyncio.get_running_loop()
         request = self._dir / ROTATE_REQUEST if self._dir is not None else None
         async with self._lock:
             new, gone = await loop.run_in_executor(None, epochs.advance, request)
             for epoch in gone:
-                log.info("key epoch %s retired; its keys were destroyed", epoch.id)
+                if epochs.destroyed_here(epoch.id):
+                    log.info("key epoch %s retired; its keys were destroyed", epoch.id)
+                else:
+                    log.debug("key epoch %s retired by another worker", epoch.id)
+            made = new is not None and epochs.made_here(new.id)
             if new is not None:
-                log.info("key epoch %s started (number %d)", new.id, new.number)
+                if made:
+                    log.info("key epoch %s started (number %d)", new.id, new.number)
+                else:
+                    log.debug("key epoch %s adopted from another worker", new.id)
             if new is not None or gone:
                 await loop.run_in_executor(None, self._write_status)
-        if new is not None:
+        if new is not None and made:
             await self._tell(new)
 
     async def _tell(self, epoch: Epoch) -> None:
