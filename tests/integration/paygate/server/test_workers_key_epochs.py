@@ -112,7 +112,7 @@ def token_epochs(token: SoftHsmToken, epochs_dir: Path) -> set[str]:
     """The epochs whose keys the token holds (one name per epoch); read as a worker reads,
     not while another writes the token."""
     vault = Pkcs11EpochVault(token.module_path, token.token_label, token.pin, LABEL)
-    with host_lock(epochs_dir, exclusive=False):
+    with host_lock(epochs_dir):
         return {label.removesuffix("-receipt") for label in vault.labels()}
 
 
@@ -160,7 +160,7 @@ def test_two_workers_serve_one_set_of_tpm_epoch_keys_through_a_rotation(
 
             def handles() -> set[str]:
                 # Read as a worker reads: not between a worker's eviction and its listing.
-                with host_lock(tmp_path / "epochs", exclusive=False):
+                with host_lock(tmp_path / "epochs"):
                     listed = json.loads((key_dir / "epochs.json").read_text())["handles"]
                     with TpmKey.open(broker.client_tcti, key_dir) as base:
                         vault = TpmEpochVault(base)
