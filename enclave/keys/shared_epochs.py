@@ -545,13 +545,14 @@ class SharedEpochKeys(EpochKeys):
             replace_file(self._pending_path, json.dumps(names).encode())
 
     def _destroy(self, entry: Mapping[str, Any]) -> None:
-        mine = self._mine.pop(str(entry["id"]), None)
-        if mine is not None:
-            self._shared_vault.release(mine[0])  # our handle first: the key is going away
-        # Decided on the state read under this lease: not once another process took it over.
+        # Decided on the state read under this lease: not once another process took it over
+        # (checked first: a handle this view still serves is kept then).
         assert self._lease is not None
         if not self._lease.held():
             raise LeaseLost("the shared key epochs were taken over before a destruction")
+        mine = self._mine.pop(str(entry["id"]), None)
+        if mine is not None:
+            self._shared_vault.release(mine[0])  # our handle first: the key is going away
         self._shared_vault.destroy_reference(entry["reference"])
         self._destroyed.add(str(entry["id"]))
 
