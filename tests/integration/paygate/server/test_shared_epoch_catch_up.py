@@ -9,18 +9,20 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from paygate_dev.stack import SoftHsmToken
+from paygate_dev.stack import SoftHsmToken, Swtpm
 
 import enclave
 from enclave.keys.epochs import EpochKey, EpochKeys, EpochRetired
 from enclave.keys.pkcs11 import Pkcs11Key
 from enclave.keys.pkcs11_epochs import Pkcs11EpochVault
 from enclave.keys.shared_epochs import SharedEpochKeys
+from enclave.keys.tpm import TpmKey
+from enclave.keys.tpm_epochs import HANDLE_BASE, HANDLE_COUNT, TpmEpochVault
 from paygate.server.epochs import caught_up
 from tests.fixtures.payment_support import CHAT, CHAT_BODY
 
@@ -28,8 +30,8 @@ BODY = json.dumps(CHAT_BODY).encode()
 LOAD_BOUND = 30.0  # the most the held-up load waits to be let go (the test's own bound)
 
 
-class _SlowToOpen(Pkcs11EpochVault):
-    """A token that takes as long as the test says to open another process's key."""
+class _SlowToOpen:
+    """A backend that takes as long as the test says to open another process's key."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -40,7 +42,15 @@ class _SlowToOpen(Pkcs11EpochVault):
     def load(self, reference: Mapping[str, Any]) -> tuple[EpochKey, Mapping[str, Any]]:
         self.openers.append(threading.get_ident())
         self.let_go.wait(LOAD_BOUND)
-        return super().load(reference)
+        return super().load(reference)  # type: ignore[misc]
+
+
+class _SlowToken(_SlowToOpen, Pkcs11EpochVault):
+    pass
+
+
+class _SlowTpm(_SlowToOpen, TpmEpochVault):
+    pass
 
 
 def _member(
@@ -71,9 +81,27 @@ def test_a_new_epochs_keys_are_opened_off_the_event_loop_while_the_view_is_serve
     token = softhsm_token
     args = (token.module_path, token.token_label, token.pin, "paygate")
     base = Pkcs11Key.generate(*args)
-    slow = _SlowToOpen(*args)
-    directory = tmp_path / "epochs"
-    first = _member(Pkcs11EpochVault(*args), base, directory)
+    slow = _SlowToken(*args)
+    try:
+        _served_while_opening(Pkcs11EpochVault(*args), slow, base, tmp_path / "epochs")
+    finally:
+        base.close()
+    assert slow.labels() == set()  # the last member destroyed every epoch
+
+
+def test_a_new_epochs_tpm_handles_are_read_off_the_event_loop(
+    swtpm_factory: Callable[[], Swtpm], tmp_path: Path
+) -> None:
+    tpm = swtpm_factory()
+    with TpmKey.generate(tpm.tcti, tmp_path / "tpm-key") as base:
+        slow = _SlowTpm(base)
+        _served_while_opening(TpmEpochVault(base), slow, base, tmp_path / "epochs")
+        held = [h for h in range(HANDLE_BASE, HANDLE_BASE + HANDLE_COUNT) if slow.present(h)]
+    assert held == []  # the last member evicted every epoch
+
+
+def _served_while_opening(vault: object, slow: _SlowToOpen, base: object, directory: Path) -> None:
+    first = _member(vault, base, directory)
     second = _member(slow, base, directory, load_inline=False)  # as paygate's workers are
     try:
         old = second.current
@@ -109,5 +137,3 @@ def test_a_new_epochs_keys_are_opened_off_the_event_loop_while_the_view_is_serve
         slow.let_go.set()
         second.close()
         first.close()
-        base.close()
-    assert slow.labels() == set()  # the last member destroyed every epoch
