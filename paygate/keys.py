@@ -109,6 +109,7 @@ def epoch_keys(
                 grace_seconds=settings.key_epoch_grace,
                 base=base,
                 close_base=close_base,
+                load_inline=False,  # a worker's event loop awaits caught_up() instead
             )
         return EpochKeys(
             vault,

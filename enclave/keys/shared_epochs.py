@@ -9,23 +9,32 @@ and every worker holds handles to the same keys:
   label, TPM persistent handles) and their evidence (the AK's certifications), plus the pids of
   the member processes. It holds nothing secret: a reference only names a key inside the
   backend, which never lets the private part out.
-- Every change happens under an exclusive ``flock`` of ``shared-epochs.lock``: a rotation (the
-  current epoch is over, or ``paygate keys rotate`` asked) is made once, by whichever worker
-  gets there first; the others find it in the state and load the keys by reference. A previous
-  epoch past its grace period is destroyed in the backend once, by reference, and every worker
-  drops its handle. A lock dies with its process, so a killed worker never wedges the others.
+- Every change happens under the host lock, a lease (``shared-epochs.lease``: holder, pid,
+  until, fence; :class:`_Lease`): a rotation (the current epoch is over, or ``paygate keys
+  rotate`` asked) is made once, by whichever worker gets there first; the others find it in
+  the state and load the keys by reference. A previous epoch past its grace period is
+  destroyed in the backend once, by reference, and every worker drops its handle. A killed
+  holder's lease is free at once (its pid is gone); a frozen holder's (SIGSTOP, a paused VM)
+  once it has passed (LEASE_SECONDS), and what the frozen holder writes when it wakes is
+  refused (LeaseLost) and the key it made destroyed: the ``flock`` of ``shared-epochs.lock``
+  is held only around the lease's reads and the holder's writes, never for a whole change.
 - A worker whose view is older than the state (a key id it does not know, an unkeyed request)
   re-reads it first (a ``stat`` when nothing changed), so a rotation made by another worker is
-  served at once, not at the next poll.
+  served at once, not at the next poll. With ``load_inline=False`` (the gateway) that pass runs
+  in a background thread (opening keys is a token login and search or a TPM handle read) and
+  the event loop awaits it at most REQUEST_WAIT (``paygate.server.epochs.caught_up``); this
+  process's view, every key of which it holds, is served until the pass has opened them all.
+- What happens once per host is told once, by the process that did it (``made_here``,
+  ``destroyed_here``): one key-epoch entry in the transparency log per epoch.
 - Every member holds a shared ``flock`` of ``shared-epochs.members`` for its life: who is a
   member is decided by that lock, which dies with its process, never by a pid (reused by
   another process, or another pid namespace's). The first member (nobody else holds it) sweeps
   what a previous run left and starts a new epoch; a restarted worker joins the live ones and
   destroys a key a rotation cut short by a crash left unlisted (every rotation does too). The
   last member to stop destroys every epoch.
-- The request path (on the event loop) waits for the lock at most ``REQUEST_WAIT``: a holder
-  frozen with it costs one request that wait, then requests are answered from this process's
-  view (trying without waiting) until it lets go, rather than each stalled and then failed.
+- The request path (on the event loop) waits at most ``REQUEST_WAIT``: a holder frozen with
+  the lock costs one request that wait, then requests are answered from this process's view
+  (not waiting) for REQUEST_BACKOFF, rather than each stalled and then failed.
 
 Backends whose keys exist only in one process's memory (software, tee-memory) cannot be shared
 this way: :class:`enclave.keys.epochs.MemoryEpochVault` is not a :class:`SharedVault`.
@@ -42,6 +51,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -54,7 +64,9 @@ STATE_FILE = "shared-epochs.json"
 LOCK_FILE = "shared-epochs.lock"
 MEMBERS_FILE = "shared-epochs.members"
 PENDING_FILE = "shared-epochs.pending"
+LEASE_FILE = "shared-epochs.lease"
 LOCK_TIMEOUT = 30.0  # a TPM rotation holds the lock for well under a second
+LEASE_SECONDS = 10.0  # a holder held up longer (frozen, a paused VM) is taken over
 LOCK_POLL = 0.01
 REQUEST_WAIT = 0.5  # the most a request (on the event loop) waits for the lock
 REQUEST_BACKOFF = 5.0  # after a wait in vain, requests only try without waiting this long
@@ -103,6 +115,13 @@ class LockBusy(KeyBackendError):
     message = "the shared key epochs stayed locked by another process"
 
 
+class LeaseLost(LockBusy):
+    """This holder was held up past its lease and another process took the lock over: what it
+    was about to write is refused (it decided on a state that may no longer be the state)."""
+
+    message = "another process took the shared key epochs over from this one (held up too long)"
+
+
 @contextlib.contextmanager
 def _flocked(path: Path, *, exclusive: bool, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
     """``flock`` of ``path``, waited for at most ``timeout`` seconds (0: LockBusy at once)."""
@@ -130,6 +149,91 @@ def _flocked(path: Path, *, exclusive: bool, timeout: float = LOCK_TIMEOUT) -> I
 MAX_STATE_BYTES = 1 << 20  # a few epochs and members: kilobytes
 
 
+class _Lease:
+    """One hold of the host lock: a lease in ``shared-epochs.lease`` (holder, pid, until,
+    fence), not a ``flock`` held for the whole change, so a holder frozen with it (SIGSTOP, a
+    paused VM) stops the others only until its lease has passed; a dead holder's (its pid gone)
+    is free at once. ``shared-epochs.lock`` is only ever held for the few system calls that
+    read and write the lease, or write a file under it: a holder writes only through
+    :meth:`fenced`, which checks, under that ``flock``, that the lease is still its own, so a
+    holder taken over writes nothing after (LeaseLost). The lease's times are
+    ``CLOCK_MONOTONIC``, one clock for every process of the host."""
+
+    def __init__(self, directory: Path, seconds: float) -> None:
+        self._guard = directory / LOCK_FILE
+        self._path = directory / LEASE_FILE
+        self._seconds = seconds
+        self._holder = secrets.token_hex(8)
+        self.fence = 0
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise KeyBackendError(f"{self._path} is unreadable: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as fh:
+            raw = fh.read(4096)
+        try:
+            lease = json.loads(raw)
+        except ValueError:
+            lease = None
+        # A damaged lease is nobody's (its holder's writes are refused: not its own any more).
+        return lease if isinstance(lease, dict) else {}
+
+    def _put(self, holder: str | None) -> None:
+        lease = {
+            "holder": holder,
+            "pid": os.getpid(),
+            "until": time.monotonic() + self._seconds,
+            "fence": self.fence,
+        }
+        replace_file(self._path, json.dumps(lease).encode())
+
+    @staticmethod
+    def _free(lease: Mapping[str, Any]) -> bool:
+        holder, pid, until = lease.get("holder"), lease.get("pid"), lease.get("until")
+        if not isinstance(holder, str) or not isinstance(pid, int):
+            return True
+        if not isinstance(until, int | float) or time.monotonic() >= until:
+            return True  # held up past its lease: taken over
+        return pid != os.getpid() and not _alive(pid)  # a killed holder's: free at once
+
+    def acquire(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with _flocked(self._guard, exclusive=True, timeout=timeout):
+                lease = self._read()
+                if self._free(lease):
+                    fence = lease.get("fence")
+                    self.fence = (fence if isinstance(fence, int) else 0) + 1
+                    self._put(self._holder)
+                    return
+            if time.monotonic() >= deadline:
+                raise LockBusy(f"the shared key epochs stayed locked for {timeout:g} s")
+            timeout = max(0.0, deadline - time.monotonic())
+            time.sleep(LOCK_POLL)
+
+    def held(self) -> bool:
+        """Whether the lease is still this holder's (the guard is not taken: a hint)."""
+        return self._read().get("holder") == self._holder
+
+    @contextlib.contextmanager
+    def fenced(self) -> Iterator[None]:
+        """Run the block (a file write) only while the lease is this holder's, and renew it."""
+        with _flocked(self._guard, exclusive=True):
+            if self._read().get("holder") != self._holder:
+                raise LeaseLost(f"the shared key epochs were taken over (fence {self.fence})")
+            self._put(self._holder)
+            yield
+
+    def release(self) -> None:
+        with _flocked(self._guard, exclusive=True):
+            if self._read().get("holder") == self._holder:
+                self._put(None)
+
+
 def _trusted(directory: Path) -> None:
     """Make ``directory`` (0700) or check it: whoever can write it decides which keys are
     served and which destroyed (the state), and can hold the locks, so it must be this user's
@@ -148,12 +252,17 @@ def _trusted(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def host_lock(directory: Path, *, exclusive: bool = True) -> Iterator[None]:
-    """The lock every change to the shared epochs holds: a worker opening the backend takes it
-    too, since a token being written by another process may refuse to be listed meanwhile."""
+def host_lock(directory: Path, *, lease_seconds: float = LEASE_SECONDS) -> Iterator[None]:
+    """The lock every change to the shared epochs holds (a lease: :class:`_Lease`): a worker
+    opening the backend takes it too, since a token being written by another process may
+    refuse to be listed meanwhile."""
     _trusted(directory)
-    with _flocked(directory / LOCK_FILE, exclusive=exclusive):
+    lease = _Lease(directory, lease_seconds)
+    lease.acquire(LOCK_TIMEOUT)
+    try:
         yield
+    finally:
+        lease.release()
 
 
 def _alive(pid: int) -> bool:
@@ -181,6 +290,8 @@ class SharedEpochKeys(EpochKeys):
         close_base: bool = True,
         clock: Callable[[], float] = time.time,
         lock_timeout: float = LOCK_TIMEOUT,
+        lease_seconds: float = LEASE_SECONDS,
+        load_inline: bool = True,
     ) -> None:
         if not isinstance(vault, SharedVault):
             raise TypeError(f"{vault.backend} epoch keys cannot be shared between processes")
@@ -188,9 +299,11 @@ class SharedEpochKeys(EpochKeys):
         self._dir = directory
         self._state_path = directory / STATE_FILE
         self._state_name = str(self._state_path)
-        self._lock_path = directory / LOCK_FILE
         self._pending_path = directory / PENDING_FILE
         self._lock_timeout = lock_timeout
+        self._lease_seconds = lease_seconds
+        self._lease: _Lease | None = None  # this process's hold, during a pass
+        self._unwritten: list[EpochKey] = []  # made in this pass, not yet in the state
         self._pid = os.getpid()
         # A member is its pid (alive or not) and a token (two members may share a process).
         self._member = [self._pid, secrets.token_hex(4)]
@@ -202,8 +315,19 @@ class SharedEpochKeys(EpochKeys):
         self._pass = threading.Lock()  # one shared pass at a time in this process
         self._busy_until = 0.0  # the request path does not wait for the lock until then
         self._seen: tuple[int, int, int] | None = None  # the state file this view was read from
+        # load_inline=False (an event loop's process): the request path never opens a key; a
+        # background pass does (catch_up), and this view is served until it has.
+        self._load_inline = load_inline
+        self._loader: ThreadPoolExecutor | None = None  # made on first use: after a fork
+        self._loading: Future[bool] | None = None
+        self._loading_lock = threading.Lock()
+        self._closing = False
         # epoch id -> the handle this process holds, and the epoch's evidence
         self._mine: dict[str, tuple[EpochKey, Mapping[str, Any]]] = {}
+        # The epochs this process made and destroyed: what happens once per host is told
+        # (logged, a key-epoch entry) once, by the process that did it.
+        self._made: set[str] = set()
+        self._destroyed: set[str] = set()
         super().__init__(
             vault,
             replica=replica,
@@ -254,8 +378,14 @@ class SharedEpochKeys(EpochKeys):
                 raise KeyBackendError(f"{self._state_path} lists an epoch it cannot describe")
         return data
 
+    def _fenced(self) -> contextlib.AbstractContextManager[None]:
+        assert self._lease is not None, "written outside the lock"
+        return self._lease.fenced()
+
     def _write(self, state: Mapping[str, Any]) -> None:
-        replace_file(self._state_path, json.dumps(state).encode())
+        with self._fenced():  # never after another process took the lock over
+            replace_file(self._state_path, json.dumps(state).encode())
+        self._unwritten.clear()
 
     def _marker(self) -> tuple[int, int, int] | None:
         try:
@@ -265,21 +395,42 @@ class SharedEpochKeys(EpochKeys):
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     @contextlib.contextmanager
-    def _locked(self, *, exclusive: bool, timeout: float | None = None) -> Iterator[None]:
-        """The state lock, waited for at most ``timeout`` (default: the lock timeout), then
-        LockBusy. The file lock first: this process's pass lock is only ever held with it, so
-        a thread waiting for another process never holds up this process's requests."""
+    def _locked(self, *, timeout: float | None = None) -> Iterator[None]:
+        """The state lock (the host's lease), waited for at most ``timeout`` (default: the
+        lock timeout), then LockBusy. The lease first: this process's pass lock is only ever
+        held with it, so a thread waiting for another process never holds up this process's
+        requests. A pass that fails (LeaseLost: taken over) destroys the keys it made and
+        never wrote, which nobody else knows of."""
         if timeout is None:
             _trusted(self._dir)  # an lstat; the request path only re-reads
             timeout = self._lock_timeout
         deadline = time.monotonic() + timeout
-        with _flocked(self._lock_path, exclusive=exclusive, timeout=timeout):
+        lease = _Lease(self._dir, self._lease_seconds)
+        lease.acquire(timeout)
+        try:
             if not self._pass.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 raise LockBusy("this process's shared key epoch pass is under way")
             try:
+                self._lease = lease
                 yield
+            except BaseException:
+                self._drop_unwritten()
+                raise
             finally:
+                self._lease = None
                 self._pass.release()
+        finally:
+            lease.release()
+
+    def _drop_unwritten(self) -> None:
+        keys, self._unwritten = self._unwritten, []
+        for key in keys:
+            for key_id, (mine, _) in list(self._mine.items()):
+                if mine is key:
+                    del self._mine[key_id]
+                    self._made.discard(key_id)
+            with contextlib.suppress(KeyBackendError):
+                key.destroy()  # (a taker may have destroyed it already, by its pending name)
 
     # --- membership (under the exclusive state lock: nobody joins or leaves meanwhile) -----
 
@@ -330,11 +481,13 @@ class SharedEpochKeys(EpochKeys):
         name = f"{number}-{secrets.token_hex(4)}"
         self._write_pending([name])
         key = self._shared_vault.create(name)
+        self._unwritten.append(key)
         try:
             key_id = key_id_for(key.public_key, self._replica)
             evidence = self._shared_vault.evidence(key)
             reference = self._shared_vault.reference(key, evidence)
         except BaseException:
+            self._unwritten.remove(key)
             key.destroy()
             raise
         entries = list(state["epochs"])
@@ -356,6 +509,7 @@ class SharedEpochKeys(EpochKeys):
         ]
         state["number"] = number
         self._mine[key_id] = (key, evidence)
+        self._made.add(key_id)
 
     def _collect(self, state: dict[str, Any]) -> int:
         """Destroy a crashed rotation's unlisted key (under the exclusive lock)."""
@@ -387,13 +541,20 @@ class SharedEpochKeys(EpochKeys):
         return names
 
     def _write_pending(self, names: list[str]) -> None:
-        replace_file(self._pending_path, json.dumps(names).encode())
+        with self._fenced():
+            replace_file(self._pending_path, json.dumps(names).encode())
 
     def _destroy(self, entry: Mapping[str, Any]) -> None:
+        # Decided on the state read under this lease: not once another process took it over
+        # (checked first: a handle this view still serves is kept then).
+        assert self._lease is not None
+        if not self._lease.held():
+            raise LeaseLost("the shared key epochs were taken over before a destruction")
         mine = self._mine.pop(str(entry["id"]), None)
         if mine is not None:
             self._shared_vault.release(mine[0])  # our handle first: the key is going away
         self._shared_vault.destroy_reference(entry["reference"])
+        self._destroyed.add(str(entry["id"]))
 
     def _due(self, state: Mapping[str, Any]) -> bool:
         epochs = state["epochs"]
@@ -420,6 +581,14 @@ class SharedEpochKeys(EpochKeys):
             and m != self._member
             and _alive(m[0])
         ]
+
+    def made_here(self, epoch_id: str) -> bool:
+        """Whether this process made the epoch (the others adopted it): the one that tells."""
+        return epoch_id in self._made
+
+    def destroyed_here(self, epoch_id: str) -> bool:
+        """Whether this process destroyed the epoch's keys (the others dropped their handle)."""
+        return epoch_id in self._destroyed
 
     # --- this process's view ---------------------------------------------------------------
 
@@ -491,11 +660,14 @@ class SharedEpochKeys(EpochKeys):
         served, rather than every request of the worker stalled up to the lock timeout."""
         if self._marker() == self._seen:
             return False
+        if not wait and not self._load_inline:
+            self.catch_up()  # opened off this thread; this view is served meanwhile
+            return False
         timeout = None
         if not wait:
             timeout = REQUEST_WAIT if time.monotonic() >= self._busy_until else 0.0
         try:
-            with self._locked(exclusive=False, timeout=timeout):
+            with self._locked(timeout=timeout):
                 state = self._read()
                 self._adopt(state)
         except LockBusy:
@@ -506,10 +678,40 @@ class SharedEpochKeys(EpochKeys):
             return False
         return True
 
+    def catch_up(self) -> Future[bool] | None:
+        """The request path's catch-up when keys are not loaded inline: None when this view is
+        the state's (a ``stat``) or requests should not wait (a holder frozen with the lock),
+        else the background pass that reads the state and opens the keys of new epochs (one at
+        a time; started if none runs). The view changes only once that pass has opened every
+        key it lists, so what is attested is always what this process can open."""
+        if self._marker() == self._seen:
+            return None
+        with self._loading_lock:
+            if self._loading is None or self._loading.done():
+                if self._closing:
+                    return None
+                if self._loader is None:
+                    self._loader = ThreadPoolExecutor(1, thread_name_prefix="epoch-load")
+                self._loading = self._loader.submit(self._load_pass)
+            loading = self._loading
+        return None if time.monotonic() < self._busy_until else loading
+
+    def back_off(self) -> None:
+        """A request waited for the background pass in vain: the next ones do not wait for
+        REQUEST_BACKOFF (they are served from this view meanwhile)."""
+        self._busy_until = time.monotonic() + REQUEST_BACKOFF
+
+    def _load_pass(self) -> bool:
+        try:
+            return self.refresh(wait=True)
+        except LockBusy:
+            self.back_off()
+            raise
+
     # --- EpochKeys -------------------------------------------------------------------------
 
     def _begin(self) -> None:
-        with self._locked(exclusive=True):
+        with self._locked():
             state = self._read()
             try:
                 if self._join():
@@ -536,7 +738,7 @@ class SharedEpochKeys(EpochKeys):
         """One pass for every process: rotate when the current epoch is over or ``request``
         (the rotation request file) exists, destroy previous epochs past their grace, adopt.
         Returns (the new current epoch if it changed, the epochs dropped)."""
-        with self._locked(exclusive=True):
+        with self._locked():
             state = self._read()
             asked = request is not None and request.exists()
             changed = False
@@ -545,7 +747,7 @@ class SharedEpochKeys(EpochKeys):
                 changed = True
             if asked:
                 assert request is not None
-                with contextlib.suppress(FileNotFoundError):
+                with self._fenced(), contextlib.suppress(FileNotFoundError):
                     request.unlink()  # inside the lock: one request, one rotation
             changed = self._expire(state) or changed
             members = self._members(state)
@@ -561,7 +763,7 @@ class SharedEpochKeys(EpochKeys):
         return (current if current.id != before else None), gone
 
     def rotate(self) -> Epoch:
-        with self._locked(exclusive=True):
+        with self._locked():
             state = self._read()
             self._create(state)
             self._write(state)
@@ -572,7 +774,7 @@ class SharedEpochKeys(EpochKeys):
         return epoch
 
     def expire(self) -> list[Epoch]:
-        with self._locked(exclusive=True):
+        with self._locked():
             state = self._read()
             if self._expire(state):
                 self._write(state)
@@ -606,8 +808,13 @@ class SharedEpochKeys(EpochKeys):
         with self._lock:
             if self._closed:
                 return
+        with self._loading_lock:
+            self._closing = True
+            loader, self._loader = self._loader, None
+        if loader is not None:
+            loader.shutdown(wait=True, cancel_futures=True)  # no pass opens a key after this
         try:
-            with self._locked(exclusive=True):
+            with self._locked():
                 state = self._read()
                 last = self._last()
                 members = [] if last else self._members(state)

@@ -48,6 +48,7 @@ from enclave.keys.base import ReceiptSigner
 from enclave.keys.epochs import Epoch, EpochKeys
 from paygate import jsonsafe, release
 from paygate.config import ConfigError
+from paygate.server.epochs import caught_up
 from paygate.server.errors import BodyTooLarge, GatewayError
 from paygate.server.forwarded import DEFAULT_IPV6_PREFIX, Network, address_key, client_address
 from paygate.server.limits import read_body
@@ -377,6 +378,7 @@ class AttestationService:
             raise InvalidNonce
         nonce = bytes.fromhex(values[0])
         self._admit(request)
+        await caught_up(self._epochs)  # the epochs another worker made: attested here too
         try:
             document = await self._blocking(self.evidence, nonce)
         except (KeyBackendError, TeeUnavailable, GpuUnavailable):

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from enclave.keys.epochs import Epoch, EpochKeys, EpochRetired, WrongReplica
-from enclave.keys.shared_epochs import SharedEpochKeys
+from enclave.keys.shared_epochs import REQUEST_WAIT, SharedEpochKeys
 from paygate.server.errors import BadRequest, GatewayError
 from paygate.wire import KEY_ID_HEADER, REPLICA_HEADER
 
@@ -62,6 +62,23 @@ def refusal(exc: EpochRetired | WrongReplica) -> GatewayError:
         )
         return WrongReplicaError(message, headers=headers)
     return KeyEpochRetired()
+
+
+async def caught_up(epochs: EpochKeys | None) -> None:
+    """Before the request path reads the epochs: with several workers, wait (at most
+    REQUEST_WAIT, without holding the event loop) for the keys of an epoch another worker
+    made to be opened off the loop; after a wait in vain this worker's view is served."""
+    if not isinstance(epochs, SharedEpochKeys):
+        return
+    loading = epochs.catch_up()
+    if loading is None:
+        return
+    try:
+        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(loading)), REQUEST_WAIT)
+    except TimeoutError:
+        epochs.back_off()
+    except Exception as exc:  # the rotation loop reports it; requests keep this view
+        log.debug("reading the shared key epochs: %s", type(exc).__name__)
 
 
 def check_key_header(epochs: EpochKeys | None, headers: Mapping[str, str]) -> None:
@@ -158,19 +175,27 @@ class EpochRotation:
 
     async def _shared_step(self, epochs: SharedEpochKeys) -> None:
         """The same pass over the host's epochs (several workers): whichever worker comes
-        first rotates or retires, the others adopt; each tells its own listeners when its
-        current epoch changed, whoever made it."""
+        first rotates or retires, the others adopt. An epoch is one event of the host, so only
+        the worker that made it logs its start and tells the listeners (one key-epoch entry
+        per epoch, not one per worker), and only the one that destroyed it logs that."""
         loop = asyncio.get_running_loop()
         request = self._dir / ROTATE_REQUEST if self._dir is not None else None
         async with self._lock:
             new, gone = await loop.run_in_executor(None, epochs.advance, request)
             for epoch in gone:
-                log.info("key epoch %s retired; its keys were destroyed", epoch.id)
+                if epochs.destroyed_here(epoch.id):
+                    log.info("key epoch %s retired; its keys were destroyed", epoch.id)
+                else:
+                    log.debug("key epoch %s retired by another worker", epoch.id)
+            made = new is not None and epochs.made_here(new.id)
             if new is not None:
-                log.info("key epoch %s started (number %d)", new.id, new.number)
+                if made:
+                    log.info("key epoch %s started (number %d)", new.id, new.number)
+                else:
+                    log.debug("key epoch %s adopted from another worker", new.id)
             if new is not None or gone:
                 await loop.run_in_executor(None, self._write_status)
-        if new is not None:
+        if new is not None and made:
             await self._tell(new)
 
     async def _tell(self, epoch: Epoch) -> None:

@@ -32,7 +32,7 @@ from paygate import jsonsafe
 from paygate.jsonsafe import UntrustedJSONError
 from paygate.server.admission import Admission
 from paygate.server.counting import Tokenizer
-from paygate.server.epochs import check_key_header
+from paygate.server.epochs import caught_up, check_key_header
 from paygate.server.errors import GatewayError, InvalidBatch, QueryNotAllowed, RouteNotFound
 from paygate.server.frontend import running_loop
 from paygate.server.health import LocalHandler
@@ -123,6 +123,7 @@ class Gateway:
     ) -> web.StreamResponse:
         info = facts(request)
         nonce = request_nonce_header(request.headers)  # a bad one is refused before paying
+        await caught_up(self.opener.epochs)  # another worker's rotation: opened off the loop
         check_key_header(self.opener.epochs, request.headers)  # before any payment work
         async with self.admission.admit(request, match.route) as admitted:
             info.payment = "paid" if admitted.ticket.session.paid else "free"
@@ -211,6 +212,7 @@ class Gateway:
         of the others are withheld (``batch_incomplete``). ``upto`` charges each item served."""
         limits = self.batch
         nonce = request_nonce_header(request.headers)
+        await caught_up(self.opener.epochs)
         check_key_header(self.opener.epochs, request.headers)
         async with self.admission.admit(request, match.route) as admitted:
             opened = admitted.opened or await self.opener.open(request, admitted.body)

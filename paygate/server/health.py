@@ -19,7 +19,7 @@ import enclave
 from enclave import KeyBackend, hpke, p256
 from enclave.keys.epochs import EpochKeys
 from paygate.server.attestation import AttestationService
-from paygate.server.epochs import epochs_document
+from paygate.server.epochs import caught_up, epochs_document
 from paygate.server.limits import ConcurrencyLimiter
 from paygate.server.metrics import CONTENT_TYPE, Metrics
 from paygate.server.readiness import ReadinessChecks
@@ -97,6 +97,7 @@ class LocalEndpoints:
 
     async def health(self, request: web.Request) -> web.Response:
         # With key epochs the key changes: the current one, not the one at start.
+        await caught_up(self.epochs)
         pubkey = self._pubkey if self.epochs is None else pubkey_document(self.key)
         return web.json_response(
             {
@@ -164,5 +165,6 @@ class LocalEndpoints:
         if self.epochs is None:
             return web.json_response(self._pubkey)
         # Key epochs: the current key (what Obol clients seal to) and the live epochs, now.
+        await caught_up(self.epochs)
         document = {**pubkey_document(self.key), **epochs_document(self.epochs)}
         return web.json_response(document, headers={"Cache-Control": "no-store"})

@@ -34,7 +34,7 @@ from enclave import (
 )
 from enclave.keys.epochs import Epoch, EpochKeys, EpochRetired, WrongReplica
 from paygate import wire
-from paygate.server.epochs import refusal
+from paygate.server.epochs import caught_up, refusal
 from paygate.server.errors import (
     DecryptionFailed,
     InvalidReplyKey,
@@ -212,6 +212,7 @@ class Opener:
         return self._epochs
 
     async def open(self, request: web.Request, body: bytes) -> OpenedBody:
+        await caught_up(self._epochs)  # an unkeyed request, or admission opening it first
         opened = await open_body(
             self._key,
             method=request.method,

@@ -16,6 +16,7 @@ from enclave.attestation import binding
 from enclave.attestation.binding import LogIdentity
 from enclave.keys.base import LogSigner
 from enclave.keys.epochs import Epoch
+from enclave.keys.shared_epochs import SharedEpochKeys
 from enclave.tlog import entries
 from paygate.config import ConfigError, Settings
 from paygate.server.attestation import AttestationService
@@ -137,7 +138,9 @@ async def start_log(
             evidence_kind=attestation.kind,
             evidence_digest=evidence_digest(document),
         )
-        await tlog.start([release, epoch])
+        # With several workers the epoch is the host's: logged by the worker that made it.
+        shared = isinstance(key, SharedEpochKeys) and not key.made_here(key.current.id)
+        await tlog.start([release] if shared else [release, epoch])
     except LogStoreError as exc:
         await tlog.close()
         raise ConfigError(f"the transparency log: {exc}") from None

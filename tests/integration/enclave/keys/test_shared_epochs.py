@@ -8,6 +8,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -210,6 +214,7 @@ def test_a_state_file_that_names_no_epoch_is_refused_not_served(
     assert {p.name for p in directory.iterdir()} == {
         STATE_FILE,
         "shared-epochs.lock",
+        "shared-epochs.lease",
         "shared-epochs.members",
         "shared-epochs.pending",
     }
@@ -455,3 +460,91 @@ def test_tpm_handles_left_by_a_rotation_cut_short_are_evicted_while_others_serve
             for key, _ in doomed._mine.values():
                 vault.release(key)
         assert held() == set()
+
+
+FROZEN_MEMBER = """
+import os, signal, sys
+from pathlib import Path
+from enclave.keys.pkcs11_epochs import Pkcs11EpochVault
+from enclave.keys.shared_epochs import LeaseLost, SharedEpochKeys
+
+class FreezesAfterMaking(Pkcs11EpochVault):
+    freeze = False
+
+    def create(self, key_id):
+        key = super().create(key_id)
+        if self.freeze:  # frozen mid-rotation, holding the lock: the key made, nothing written
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return key
+
+module, token, pin, directory = sys.argv[1:]
+vault = FreezesAfterMaking(module, token, pin, "paygate")
+member = SharedEpochKeys(vault, Path(directory), replica="host", epoch_seconds=3600.0,
+                         grace_seconds=60.0, lease_seconds=1.0)
+vault.freeze = True
+try:
+    member.rotate()
+    print("rotated", flush=True)
+except LeaseLost:
+    print("fenced", flush=True)
+vault.freeze = False
+member.close()
+"""
+
+
+def _stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_worker_frozen_while_holding_the_lock_does_not_stop_the_others_rotations(
+    token_vault: tuple[Pkcs11EpochVault, Pkcs11Key], softhsm_token: SoftHsmToken, tmp_path: Path
+) -> None:
+    """A worker frozen in the middle of a rotation (SIGSTOP, a paused VM) with the lock: the
+    others take the lock over once its lease has passed and rotate; when it wakes, nothing it
+    decided before is written (its state would undo their rotation) and the key it made is
+    destroyed, so the token holds exactly the live epochs."""
+    vault, base = token_vault
+    token = softhsm_token
+    directory = tmp_path / "epochs"
+    first = SharedEpochKeys(  # the wall clock, as the other process's: no epoch is over
+        vault,
+        directory,
+        replica="host",
+        epoch_seconds=EPOCH,
+        grace_seconds=GRACE,
+        base=base,
+        close_base=False,
+        lock_timeout=20.0,
+    )
+    root = Path(__file__).resolve().parents[4]
+    frozen = subprocess.Popen(
+        [sys.executable, "-c", FROZEN_MEMBER,
+         token.module_path, token.token_label, token.pin, str(directory)],
+        env={**os.environ, **token.env(), "PYTHONPATH": str(root)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not _stopped(frozen.pid):
+            assert frozen.poll() is None, frozen.communicate()
+            assert time.monotonic() < deadline, "the member never froze"
+            time.sleep(0.05)
+        old = first.current
+        new = first.rotate()  # waits for the frozen holder's lease, not for the holder
+        assert [e.id for e in first.live()] == [new.id, old.id]
+        os.kill(frozen.pid, signal.SIGCONT)
+        out, err = frozen.communicate(timeout=60)
+        assert frozen.returncode == 0, err
+        assert out.decode().split() == ["fenced"]
+        # Its late write was refused: the state and the token are the others' rotation.
+        state = json.loads((directory / STATE_FILE).read_text())
+        assert [e["id"] for e in state["epochs"]] == [new.id, old.id]
+        assert _labels(vault) == {new.key.label, old.key.label}  # type: ignore[union-attr]
+        assert first.lookup(new.id).id == new.id
+    finally:
+        if frozen.poll() is None:
+            os.kill(frozen.pid, signal.SIGCONT)
+            frozen.kill()
+            frozen.communicate(timeout=30)
+        first.close()
+    assert vault.labels() == set()

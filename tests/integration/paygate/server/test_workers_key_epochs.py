@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ from enclave.keys.pkcs11_epochs import Pkcs11EpochVault
 from enclave.keys.shared_epochs import host_lock
 from enclave.keys.tpm import TpmKey
 from enclave.keys.tpm_epochs import TpmEpochVault
+from enclave.tlog import entries
 from paygate import wire
 from paygate.server.epochs import request_rotation
 from tests.fixtures.components import free_port, require_binary
@@ -110,7 +112,7 @@ def token_epochs(token: SoftHsmToken, epochs_dir: Path) -> set[str]:
     """The epochs whose keys the token holds (one name per epoch); read as a worker reads,
     not while another writes the token."""
     vault = Pkcs11EpochVault(token.module_path, token.token_label, token.pin, LABEL)
-    with host_lock(epochs_dir, exclusive=False):
+    with host_lock(epochs_dir):
         return {label.removesuffix("-receipt") for label in vault.labels()}
 
 
@@ -158,7 +160,7 @@ def test_two_workers_serve_one_set_of_tpm_epoch_keys_through_a_rotation(
 
             def handles() -> set[str]:
                 # Read as a worker reads: not between a worker's eviction and its listing.
-                with host_lock(tmp_path / "epochs", exclusive=False):
+                with host_lock(tmp_path / "epochs"):
                     listed = json.loads((key_dir / "epochs.json").read_text())["handles"]
                     with TpmKey.open(broker.client_tcti, key_dir) as base:
                         vault = TpmEpochVault(base)
@@ -319,3 +321,35 @@ def test_memory_epoch_keys_are_refused_with_several_workers(tmp_path: Path) -> N
     assert "workers > 1 with key_epoch needs key_backend pkcs11 or tpm" in done.stderr.decode()
     assert "Traceback" not in done.stderr.decode()
     assert not (tmp_path / "epochs").exists()
+
+
+def test_each_epoch_of_the_host_is_one_key_epoch_entry_in_the_log(
+    softhsm_token: SoftHsmToken, tmp_path: Path
+) -> None:
+    """With a transparency log, the same run: every epoch is one event of the host, so it is
+    one key-epoch entry (and one "started" line), appended by the worker that made it, not one
+    per worker that adopted it (nor again by a restarted worker joining it)."""
+    token = softhsm_token
+    Pkcs11Key.generate(token.module_path, token.token_label, token.pin, LABEL).close()
+    ledger = tmp_path / "ledger.db"
+    backend = {
+        **token.env(),
+        "PAYGATE_KEY_BACKEND": "pkcs11",
+        "PAYGATE_PKCS11_MODULE": token.module_path,
+        "PAYGATE_PKCS11_TOKEN_LABEL": token.token_label,
+        "PAYGATE_PKCS11_KEY_LABEL": LABEL,
+        "PAYGATE_PKCS11_PIN": token.pin,
+        "PAYGATE_TRANSPARENCY_LOG": "true",
+        "PAYGATE_LOG_ORIGIN": "workers.test/v1/log",
+        "PAYGATE_LEDGER_PATH": str(ledger),
+    }
+    stderr = serve_through_rotation(
+        backend, tmp_path, lambda: token_epochs(token, tmp_path / "epochs")
+    )
+    with sqlite3.connect(ledger) as db:
+        rows = db.execute("SELECT data FROM tlog_entries ORDER BY idx").fetchall()
+    logged = [entries.parse(bytes(data)) for (data,) in rows]
+    epochs = [(e["sealing_key"], e["receipt_key"]) for e in logged if e["type"] == "key-epoch"]
+    # The first epoch and the one `paygate keys rotate` asked for: each once.
+    assert len(epochs) == len(set(epochs)) == 2, epochs
+    assert stderr.count("started (number") == 1, stderr  # the rotation, by one worker
