@@ -18,7 +18,7 @@ import asyncio
 import base64
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -67,7 +67,6 @@ class Box:
 
     mode: str = "none"
     captured: bytes | None = None
-    relayed: list[bytes] = field(default_factory=list)
 
 
 def _forged(value: bytes) -> bytes:
@@ -106,7 +105,6 @@ def _app(target: str, box: Box) -> web.Application:
             out = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP}
             reply = await upstream.read()
         if status == 200 and request.path in (CHAT, GENERATE):
-            box.relayed.append(reply)
             if box.mode == "none":
                 box.captured = reply
             reply = _rewrite(box, reply)
@@ -169,7 +167,7 @@ async def test_a_genuine_refusal_is_signed_and_raised(
     box_stack: Any, facilitator: Any, anvil: Any, payer: Any, path: str, body: Any
 ) -> None:
     """The control: through the box, untouched, the refusal verifies and is raised."""
-    box, url, ledger = box_stack
+    _, url, ledger = box_stack
     facilitator.set_fault("slow", "settle", delay=2.0)
     plain, error, sent, signed = await _stream(url, payer, path, body, refuse=(anvil, facilitator))
     assert isinstance(error, PaymentRefused), error
