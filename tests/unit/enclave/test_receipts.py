@@ -158,6 +158,35 @@ def test_a_settlement_receipt_names_its_payment() -> None:
     assert receipts.verify(token, KEY.receipt_public_key)["kind"] == "settlement"
 
 
+def _refusal(**changes: Any) -> dict[str, Any]:
+    return {
+        "kind": "refusal", "request_digest": REQUEST, "reply_digest": receipts.body_digest(b"x"),
+        "model": None, "model_digest": None, "issued_at": 1, "reason": "settle_failed",
+        "payment": _payment(charged="0", transaction="none"), **changes,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"payment": None},
+        {"payment": _payment(charged="1", transaction="none")},  # a refusal charges nothing
+        {"payment": _payment(charged="0", transaction="0x" + "12" * 32)},
+        {"reason": ""},
+        {"reason": "x" * (receipts.MAX_REASON + 1)},
+        {"reason": None},
+        {"usage": USAGE},  # not a refusal's claim
+    ],
+)
+def test_a_refusal_receipt_names_its_payment_charges_nothing_and_says_why(
+    change: dict[str, Any],
+) -> None:
+    with pytest.raises(receipts.ReceiptTokenInvalid):
+        receipts.sign(_refusal(**change), KEY)
+    claims = receipts.verify(receipts.sign(_refusal(), KEY), KEY.receipt_public_key)
+    assert (claims["kind"], claims["reason"]) == ("refusal", "settle_failed")
+
+
 def test_an_upto_receipt_says_upto_and_what_was_charged() -> None:
     record = LedgerRecord(
         id="a" * 32, network="eip155:84532", asset=ASSET, payer=PAYER, nonce=NONCE,

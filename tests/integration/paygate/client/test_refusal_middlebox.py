@@ -116,13 +116,19 @@ def _app(target: str, box: Box) -> web.Application:
 
 
 async def _stream(
-    url: str, payer: Any, path: str, body: Any, *, refuse: tuple[Any, Any] | None = None
+    url: str,
+    payer: Any,
+    path: str,
+    body: Any,
+    *,
+    refuse: tuple[Any, Any] | None = None,
+    envelope: Any = "plain",
 ) -> tuple[bytes, BaseException | None, Any, Any]:
     """One paid stream through the box, read to its end: (what was handed out, the error at
     the end, the payment record, the signed receipt). With ``refuse`` (anvil, the facilitator),
     the payer's funds move away once its settlement has begun: refused for good."""
     transport = AsyncPaygateTransport(
-        envelope="plain", wallet=payer, spend=SPEND, attestation=POLICY
+        envelope=envelope, wallet=payer, spend=SPEND, attestation=POLICY
     )
     async with httpx.AsyncClient(transport=transport, timeout=_TIMEOUT) as http:
 
@@ -162,14 +168,20 @@ async def box_stack(facilitator: Any, seller: str, tmp_path: Any) -> Any:
             yield box, server.url, ledger
 
 
-@pytest.mark.parametrize(("path", "body"), [(CHAT, SSE_BODY), (GENERATE, NDJSON_BODY)])
+@pytest.mark.parametrize(
+    ("envelope", "path", "body"),
+    [("plain", CHAT, SSE_BODY), ("plain", GENERATE, NDJSON_BODY), ("v2", CHAT, SSE_BODY)],
+)
 async def test_a_genuine_refusal_is_signed_and_raised(
-    box_stack: Any, facilitator: Any, anvil: Any, payer: Any, path: str, body: Any
+    box_stack: Any, facilitator: Any, anvil: Any, payer: Any, envelope: str, path: str, body: Any
 ) -> None:
-    """The control: through the box, untouched, the refusal verifies and is raised."""
+    """The control: through the box, untouched, the refusal verifies and is raised (sealed v2:
+    both the x402 refusal and the signed one are inside the final frame)."""
     _, url, ledger = box_stack
     facilitator.set_fault("slow", "settle", delay=2.0)
-    plain, error, sent, signed = await _stream(url, payer, path, body, refuse=(anvil, facilitator))
+    plain, error, sent, signed = await _stream(
+        url, payer, path, body, refuse=(anvil, facilitator), envelope=envelope
+    )
     assert isinstance(error, PaymentRefused), error
     assert signed.claims is not None
     assert signed.claims["kind"] == "refusal"
