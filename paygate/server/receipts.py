@@ -203,11 +203,7 @@ class ReceiptIssuer:
                 "request_digest": request.request_digest,
                 "reply_digest": reply_digest,
                 "model": request.model,
-                # The weights that served it (several upstreams may serve one name), else the
-                # digest the binding states for the name.
-                "model_digest": (request.model_digest or self._models.get(request.model))
-                if request.model
-                else None,
+                "model_digest": self._model_digest(request),
                 "usage": usage,
                 "payment": payment,
             },
@@ -226,9 +222,7 @@ class ReceiptIssuer:
                 "request_digest": request.request_digest,
                 "reply_digest": reply_digest,
                 "model": request.model,
-                "model_digest": (request.model_digest or self._models.get(request.model))
-                if request.model
-                else None,
+                "model_digest": self._model_digest(request),
                 "payment": {
                     **payment,
                     "charged": "0",
@@ -237,6 +231,13 @@ class ReceiptIssuer:
                 "reason": reason[: receipts.MAX_REASON] or "settle_failed",
             }
         )
+
+    def _model_digest(self, request: ReceiptRequest) -> str | None:
+        """The weights that served it (several upstreams may serve one name), else the digest
+        the binding states for the name."""
+        if not request.model:
+            return None
+        return request.model_digest or self._models.get(request.model)
 
     async def settlement(self, payment: dict[str, Any], request_digest: str | None) -> str:
         return await self._sign(
