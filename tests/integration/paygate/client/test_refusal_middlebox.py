@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import httpx
+import openai
 import pytest
 from aiohttp import web
 
@@ -252,3 +253,30 @@ async def test_content_after_a_signed_refusal_is_refused(
     plain, error, _, _ = await _stream(url, payer, CHAT, SSE_BODY, refuse=(anvil, facilitator))
     assert isinstance(error, ContentAfterReceipt), error
     assert b"more" not in plain
+
+
+async def test_the_openai_sdk_never_sees_a_clean_end_of_a_forged_refusal(
+    box_stack: Any, payer: Any
+) -> None:
+    """The SDK stops reading at [DONE]: the end is held until the receipts are checked, so a
+    forged refusal reaches it as the error, never as a clean stop."""
+    box, url, _ = box_stack
+    box.mode = "forge"
+    transport = AsyncPaygateTransport(
+        envelope="plain", wallet=payer, spend=SPEND, attestation=POLICY
+    )
+    client = openai.AsyncOpenAI(
+        base_url=url + "/v1",
+        api_key="unused",
+        max_retries=0,
+        http_client=httpx.AsyncClient(transport=transport, timeout=_TIMEOUT),
+    )
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=SSE_BODY["messages"],  # type: ignore[arg-type]
+        stream=True,
+        extra_body={"fake": {"chunks": 4}},
+    )
+    with pytest.raises(RefusalUnauthenticated):
+        async for _ in stream:
+            pass
