@@ -5,14 +5,19 @@ with ECDSA P-256 / SHA-256 by the key the attestation evidence certified, and ca
 token: ``base64url(canonical JSON) "." base64url(r || s)`` (no padding; 64-byte signature).
 :func:`signed_bytes` gives a token's exact signed bytes (what a transparency log hashes).
 
-Two kinds (claims in docs/ATTESTATION.md), both ``version`` 2 with ``issued_at`` (Unix
+Three kinds (claims in docs/ATTESTATION.md), all ``version`` 2 with ``issued_at`` (Unix
 seconds) and ``receipt_key`` (hex fingerprint of the signing key):
 
 - ``reply``: ``request_digest`` (:func:`request_digest`: the request as received, with the
   caller's fresh nonce), ``reply_digest`` (SHA-256 of the reply plaintext up to the receipt),
   ``model``, ``model_digest``, ``usage`` or null, ``payment`` or null;
 - ``settlement``: ``request_digest`` (of the paid request, or null when unknown) and
-  ``payment``, once its settlement is known.
+  ``payment``, once its settlement is known;
+- ``refusal``: a reply's claims, signed at the end of a stream whose settlement was refused for
+  good (its content already went out): ``payment`` (never null) is ``charged`` "0" with
+  ``transaction`` "none", and ``reason`` is the refusal's code. It binds the request and what
+  was delivered as a ``reply`` receipt does, so a client tells it from a refusal forged on the
+  path (an unsigned x402 receipt says anything).
 
 ``payment`` names the payment whole: ``id`` (the authorization nonce), ``scheme``,
 ``network``, ``asset``, ``pay_to``, ``payer``, ``authorized`` and ``charged`` (atomic units,
@@ -50,7 +55,15 @@ KINDS: Mapping[str, frozenset[str]] = {
     "settlement": frozenset(
         {"version", "kind", "request_digest", "payment", "issued_at", "receipt_key"}
     ),
+    "refusal": frozenset(
+        {
+            "version", "kind", "request_digest", "reply_digest", "model", "model_digest",
+            "payment", "reason", "issued_at", "receipt_key",
+        }
+    ),
 }  # fmt: skip
+REFUSAL_TRANSACTION = "none"  # a refused settlement moved nothing
+MAX_REASON = 128  # a refusal's code (x402's errorReason, ours): short words
 PAYMENT_CLAIMS = frozenset(
     {
         "id", "scheme", "network", "asset", "pay_to", "payer", "authorized", "charged",
@@ -196,8 +209,8 @@ def _check_form(claims: Mapping[str, Any]) -> None:
     if claims.get("version") != VERSION or kind not in KINDS or set(claims) != KINDS[kind]:
         raise ReceiptTokenInvalid("the receipt does not have the version 2 claims of its kind")
     payment = claims["payment"]
-    if kind == "settlement" and payment is None:
-        raise ReceiptTokenInvalid("a settlement receipt names no payment")
+    if kind in ("settlement", "refusal") and payment is None:
+        raise ReceiptTokenInvalid(f"a {kind} receipt names no payment")
     if payment is not None:
         if not isinstance(payment, dict) or set(payment) != PAYMENT_CLAIMS:
             raise ReceiptTokenInvalid("the receipt's payment does not have the payment claims")
@@ -207,6 +220,12 @@ def _check_form(claims: Mapping[str, Any]) -> None:
                 raise ReceiptTokenInvalid(f"the receipt's {name} amount is not atomic units")
         if int(payment["charged"]) > int(payment["authorized"]):
             raise ReceiptTokenInvalid("the receipt charges more than was authorized")
+    if kind == "refusal":
+        reason = claims["reason"]
+        if not isinstance(reason, str) or not reason or len(reason) > MAX_REASON:
+            raise ReceiptTokenInvalid("the refusal's reason is not a short code")
+        if payment.get("charged") != "0" or payment.get("transaction") != REFUSAL_TRANSACTION:
+            raise ReceiptTokenInvalid("a refusal receipt states a charge")
     usage = claims.get("usage")
     if usage is not None:
         if not isinstance(usage, dict) or set(usage) != USAGE_CLAIMS:

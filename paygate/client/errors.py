@@ -424,6 +424,18 @@ class ContentAfterReceipt(ReceiptInvalid):
     code = "content_after_receipt"
 
 
+class RefusalUnauthenticated(ReceiptInvalid):
+    """A stream's end says its payment was refused, but no refusal signed by the attested
+    receipt key, for this request, this payment and exactly the bytes received, backs it (the
+    x402 receipt is unsigned: a path that rewrites a plain stream can forge it, strip the
+    charge's signed receipt, or replay another request's refusal). Nothing says the payment
+    was not charged: its maximum stays counted."""
+
+    message = "the stream's refusal is not signed by the appliance for this request and reply"
+
+    code = "refusal_unauthenticated"
+
+
 # --- the transparency log (docs/TRANSPARENCY.md): refused before anything is sealed or paid
 
 

@@ -25,12 +25,16 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from enclave.receipts import ReceiptTokenInvalid, unverified_claims
 from paygate import jsonsafe, wire
 from paygate.client.attestation import Attested, check_receipt
 from paygate.client.errors import (
     ContentAfterReceipt,
+    PaymentRefused,
+    ReceiptInvalid,
     ReceiptMismatch,
     ReceiptMissing,
+    RefusalUnauthenticated,
 )
 from paygate.client.payer import SentPayment
 from paygate.client.streams import ReplyDecoder
@@ -41,6 +45,7 @@ from paygate.x402.schemes.batch_settlement import channel as ch
 
 SSE_PREFIX = b": paygate-receipt "
 NDJSON_KEY = "paygate_receipt"
+REFUSAL = "refusal"  # the signed receipt's kind at the end of a stream whose charge failed
 MAX_LINE = 1 << 20  # a line longer than this is passed on unread (never the receipt's)
 MAX_TAIL_BYTES = 64 * 1024  # after the content's end: the receipts, nothing else
 MAX_TAIL_SECONDS = 30.0  # from the content's end to the body's end (the transports)
@@ -81,7 +86,7 @@ class ReceiptCheck:
         # A stream's receipt is in-band only: a header beside a stream is not looked at. A
         # reply sealed whole (v1) has its header whatever the plaintext is.
         self._kind = kind if kind in wire.STREAM_MEDIA_TYPES and not whole else ""
-        self._payment = payment
+        self.payment = payment
         self._batch = batch
         self._result = result
         self._max_tail = max_tail
@@ -94,6 +99,7 @@ class ReceiptCheck:
         self._holding = False
         self._tail = 0  # bytes held after the line that began the end
         self._token: str | None = None
+        self.refusal: str | None = None  # a verified signed refusal's reason
 
     @property
     def in_tail(self) -> bool:
@@ -223,11 +229,29 @@ class ReceiptCheck:
         claims = check_receipt(
             self._attested, token, request_digest=self._request_digest, reply_digest=digest
         )
-        if claims.get("kind") != "reply":
+        kind = claims.get("kind")
+        if kind == REFUSAL:
+            # Its settlement refused for good: a refusal of this very payment, charging nothing
+            # (enclave.receipts checks the form), bound like a reply's receipt.
+            if self.payment is None:
+                raise ReceiptMismatch("a signed refusal of a request that paid nothing")
+            check_payment_identity(claims["payment"], self.payment)
+            self.refusal = claims["reason"]
+        elif kind != "reply":
             raise ReceiptMismatch("the signed receipt is not a reply's")
-        check_payment(claims, self._payment, batch=self._batch)
+        else:
+            check_payment(claims, self.payment, batch=self._batch)
         self._result.claims = claims
         self._result.token = token
+
+    def claims_refusal(self) -> bool:
+        """Whether the signed receipt seen (verified or not) says it is a refusal."""
+        if self._token is None:
+            return False
+        try:
+            return unverified_claims(self._token).get("kind") == REFUSAL
+        except ReceiptTokenInvalid:
+            return False
 
 
 def check_payment(
@@ -244,20 +268,7 @@ def check_payment(
         return
     if not isinstance(payment, dict):
         raise ReceiptMismatch("the signed receipt names no payment for a paid request")
-    expected = {
-        "id": _payment_id(record),
-        "scheme": record.scheme,
-        "network": f"eip155:{record.chain_id}",
-        "asset": record.asset.lower(),
-        "pay_to": record.pay_to.lower(),
-        "payer": record.payer.lower(),
-        "authorized": str(record.amount_atomic),
-    }
-    for name, value in expected.items():
-        stated = payment.get(name)
-        if not isinstance(stated, str) or stated.lower() != value:
-            label = "payment id" if name == "id" else name.replace("_", " ")
-            raise ReceiptMismatch(f"the signed receipt's {label} is not this payment's")
+    check_payment_identity(payment, record)
     charged = int(payment["charged"])
     settled = record.receipt
     if (
@@ -275,6 +286,24 @@ def check_payment(
             raise ReceiptMismatch("the signed receipt charges other than the exact price")
         return
     _check_metered_charge(claims, payment, record, charged, batch)
+
+
+def check_payment_identity(payment: dict[str, Any], record: SentPayment) -> None:
+    """The receipt's payment is the one this client signed (:class:`ReceiptMismatch`)."""
+    expected = {
+        "id": _payment_id(record),
+        "scheme": record.scheme,
+        "network": f"eip155:{record.chain_id}",
+        "asset": record.asset.lower(),
+        "pay_to": record.pay_to.lower(),
+        "payer": record.payer.lower(),
+        "authorized": str(record.amount_atomic),
+    }
+    for name, value in expected.items():
+        stated = payment.get(name)
+        if not isinstance(stated, str) or stated.lower() != value:
+            label = "payment id" if name == "id" else name.replace("_", " ")
+            raise ReceiptMismatch(f"the signed receipt's {label} is not this payment's")
 
 
 def _payment_id(record: SentPayment) -> str:
@@ -345,20 +374,58 @@ def _prices(value: Any) -> tuple[Decimal, Decimal, Decimal] | None:
 
 
 class CheckedDecoder:
-    """A decoder whose plaintext a :class:`ReceiptCheck` watches and holds back at the end."""
+    """A decoder whose plaintext a :class:`ReceiptCheck` watches and holds back at the end.
+
+    A refusal at a stream's end (the x402 receipt's, or the signed one's) is raised as
+    :class:`PaymentRefused` only once the appliance's signed refusal for this request, this
+    payment and the bytes received has verified; a refusal without one, with a forged or
+    unbound one, or beside a signed charge is :class:`RefusalUnauthenticated`."""
 
     def __init__(self, inner: ReplyDecoder, check: ReceiptCheck) -> None:
         self._inner = inner
         self._check = check
+        self._payment = check.payment
 
     def feed(self, data: bytes) -> list[bytes]:
-        out = [self._check.feed(chunk) for chunk in self._inner.feed(data)]
+        chunks = self._inner.feed(data)
+        try:
+            out = [self._check.feed(chunk) for chunk in chunks]
+        except ReceiptInvalid as exc:
+            raise self._unauthenticated(exc) from None
         return [chunk for chunk in out if chunk]
 
     def end(self) -> list[bytes]:
-        out = [self._check.feed(chunk) for chunk in self._inner.end()]
-        out.append(self._check.end())
+        try:
+            chunks = self._inner.end()
+        except PaymentRefused:
+            chunks = []  # the unsigned x402 receipt's word: held to the signed one below
+        try:
+            out = [self._check.feed(chunk) for chunk in chunks]
+            out.append(self._check.end())
+        except ReceiptInvalid as exc:
+            raise self._unauthenticated(exc) from None
+        if self._check.refusal is not None:
+            raise PaymentRefused(self._check.refusal)  # signed by the appliance: authentic
+        if self._inner.refusal is not None:
+            raise self._unauthenticated(
+                RefusalUnauthenticated(
+                    "the stream's x402 receipt says the payment was refused; the appliance's"
+                    " signed receipt says it was charged"
+                )
+            )
         return [chunk for chunk in out if chunk]
+
+    def _unauthenticated(self, exc: ReceiptInvalid) -> ReceiptInvalid:
+        """A receipt defect where a refusal is claimed: the refusal is not authentic (and the
+        payment's record says so). Bytes after the signed end stay what they are."""
+        if not isinstance(exc, RefusalUnauthenticated):
+            claimed = self._inner.refusal is not None or self._check.claims_refusal()
+            if not claimed or isinstance(exc, ContentAfterReceipt):
+                return exc
+            exc = RefusalUnauthenticated(f"the stream's refusal is not authentic: {exc}")
+        if self._payment is not None:
+            self._payment.receipt_error = str(exc)
+        return exc
 
     @property
     def wants_tail(self) -> bool:
@@ -367,3 +434,7 @@ class CheckedDecoder:
     @property
     def in_tail(self) -> bool:
         return self._check.in_tail
+
+    @property
+    def refusal(self) -> str | None:
+        return self._check.refusal

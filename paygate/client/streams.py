@@ -129,6 +129,11 @@ class ReplyDecoder(Protocol):
         (paygate.client.receipts): it must come within the tail's bounds."""
         ...
 
+    @property
+    def refusal(self) -> str | None:
+        """The in-band x402 receipt's refusal seen so far (unsigned: its word alone)."""
+        ...
+
 
 class PlainDecoder:
     """A reply in the clear: passed through, scanned for a receipt."""
@@ -154,6 +159,10 @@ class PlainDecoder:
     def wants_tail(self) -> bool:
         s = self._scanner
         return s is not None and s.active and s.content_ended and not s.found
+
+    @property
+    def refusal(self) -> str | None:
+        return self._scanner.refused if self._scanner is not None else None
 
     in_tail = False
 
@@ -188,5 +197,9 @@ class SealedDecoder:
     @property
     def wants_tail(self) -> bool:
         return self._plain.wants_tail
+
+    @property
+    def refusal(self) -> str | None:
+        return self._plain.refusal
 
     in_tail = False

@@ -11,7 +11,10 @@ certified. ``reply_digest`` is the SHA-256 of the reply's plaintext up to the re
   stream's last SSE comment ``: paygate-receipt <token>`` (digest of the bytes before that
   line), or a ``paygate_receipt`` entry joined to NDJSON's final ``"done": true`` object
   (digest of the bytes before that line and the line as it was without the entry); for v2
-  both inside the final sealed frame, over the plaintext.
+  both inside the final sealed frame, over the plaintext. A stream whose settlement was
+  refused for good ends the same way with a ``refusal`` receipt in that place (no charge, the
+  refusal's code): the x402 receipt before it is unauthenticated, and a path that can rewrite
+  a plain stream could otherwise forge the refusal or strip the charge's receipt.
 
 ``request_digest`` is enclave.receipts.request_digest over the request as received: method,
 path, the body (the sealed bytes of a sealed request), the caller's fresh nonce (v2: derived
@@ -58,6 +61,7 @@ SSE_PREFIX = b": paygate-receipt "
 NDJSON_KEY = "paygate_receipt"
 REPLY = "reply"
 SETTLEMENT = "settlement"
+REFUSAL = "refusal"
 _NONCE_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 _PAYMENT_ID = re.compile(r"^0x[0-9a-fA-F]{64}$")
 # The metering result's word for how usage was counted → the receipt's.
@@ -199,16 +203,41 @@ class ReceiptIssuer:
                 "request_digest": request.request_digest,
                 "reply_digest": reply_digest,
                 "model": request.model,
-                # The weights that served it (several upstreams may serve one name), else the
-                # digest the binding states for the name.
-                "model_digest": (request.model_digest or self._models.get(request.model))
-                if request.model
-                else None,
+                "model_digest": self._model_digest(request),
                 "usage": usage,
                 "payment": payment,
             },
             publish=publish,
         )
+
+    async def refusal(
+        self, request: ReceiptRequest, reply_digest: str, *, payment: dict[str, Any], reason: str
+    ) -> str:
+        """A stream's signed refusal: its settlement was refused for good after the content
+        went out. The same binding as :meth:`token` (the request, the bytes delivered), no
+        charge (``payment.charged`` "0"): what lets a client tell it from a forged refusal."""
+        return await self._sign(
+            {
+                "kind": REFUSAL,
+                "request_digest": request.request_digest,
+                "reply_digest": reply_digest,
+                "model": request.model,
+                "model_digest": self._model_digest(request),
+                "payment": {
+                    **payment,
+                    "charged": "0",
+                    "transaction": receipts.REFUSAL_TRANSACTION,
+                },
+                "reason": reason[: receipts.MAX_REASON] or "settle_failed",
+            }
+        )
+
+    def _model_digest(self, request: ReceiptRequest) -> str | None:
+        """The weights that served it (several upstreams may serve one name), else the digest
+        the binding states for the name."""
+        if not request.model:
+            return None
+        return request.model_digest or self._models.get(request.model)
 
     async def settlement(self, payment: dict[str, Any], request_digest: str | None) -> str:
         return await self._sign(
@@ -249,8 +278,8 @@ class InbandSignedReceipt:
 
     ``reply_digest`` covers what it passed on before the receipt: SSE up to the comment,
     NDJSON up to the done line plus that line as it came (without the joined entry).
-    ``sign`` returns None when no receipt may be signed (a charge refused for good): the end
-    then goes without one.
+    ``sign`` returns the reply's receipt, or a refusal (a charge refused for good), or None
+    when none is to be signed.
     """
 
     def __init__(self, media_type: str, sign: Callable[[str, object], Any]) -> None:

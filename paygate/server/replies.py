@@ -466,9 +466,15 @@ class Replies:
 
             async def sign(digest: str, end: StreamEnd) -> str | None:
                 # The upstream's body has ended and the payment settled: usage and charge are
-                # known now. None when the charge was refused for good: nothing may claim it.
+                # known now. Refused for good: a signed refusal (no charge) in its place, bound
+                # to the request and what went out like the charge's, never kept as a reply's.
                 if not end.charged:
-                    return None
+                    assert end.receipt is not None
+                    payment = _payment(session, end.receipt)
+                    if payment is None:
+                        return None
+                    reason = end.receipt.response.error_reason or "settle_failed"
+                    return await issuer.refusal(facts, digest, payment=payment, reason=reason)
                 usage = usage_claims(reply.usage, session.admission.meter)
                 token = await issuer.token(
                     facts, digest, payment=_payment(session, end.receipt or known), usage=usage
@@ -535,8 +541,8 @@ class Replies:
                 raise _withheld(session)
             # Settled, or refused for good (the payer moved the funds since verify, the
             # facilitator said invalid): then what went out is not paid for, and the end says
-            # so with the refusing x402 receipt (what a whole reply's 402 carries) and no
-            # signed receipt, which would claim the charge (StreamEnd.charged).
+            # so with the refusing x402 receipt (what a whole reply's 402 carries) and a signed
+            # refusal in the place of the receipt that would claim the charge (StreamEnd.charged).
             tail = await chain.finish(StreamEnd(receipt=receipt, error=error))
             if tail:
                 await response.write(tail)

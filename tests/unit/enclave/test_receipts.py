@@ -3,6 +3,7 @@ receipt header, and the client's check that holds a reply's end until its receip
 
 from __future__ import annotations
 
+import base64
 import json
 from decimal import Decimal
 from typing import Any
@@ -14,9 +15,16 @@ from enclave import DecryptionError, SoftwareKey, p256, receipts, seal_v2, seale
 from enclave.attestation import binding
 from enclave.envelope_v2 import request_nonce
 from paygate.client.attestation import Attested
-from paygate.client.errors import ContentAfterReceipt, ReceiptMismatch, ReceiptMissing
+from paygate.client.errors import (
+    ContentAfterReceipt,
+    PaymentRefused,
+    ReceiptMismatch,
+    ReceiptMissing,
+    RefusalUnauthenticated,
+)
 from paygate.client.payer import SentPayment
-from paygate.client.receipts import ReceiptCheck, SignedReceipt, check_payment
+from paygate.client.receipts import CheckedDecoder, ReceiptCheck, SignedReceipt, check_payment
+from paygate.client.streams import PlainDecoder, ReceiptScanner
 from paygate.server.receipts import payment_claims
 from paygate.x402.ledger import PaymentRecord as LedgerRecord
 from paygate.x402.ledger import PaymentState
@@ -156,6 +164,35 @@ def test_a_settlement_receipt_names_its_payment() -> None:
         receipts.sign(claims, KEY)
     token = receipts.sign({**claims, "payment": _payment(transaction="0x" + "12" * 32)}, KEY)
     assert receipts.verify(token, KEY.receipt_public_key)["kind"] == "settlement"
+
+
+def _refusal(**changes: Any) -> dict[str, Any]:
+    return {
+        "kind": "refusal", "request_digest": REQUEST, "reply_digest": receipts.body_digest(b"x"),
+        "model": None, "model_digest": None, "issued_at": 1, "reason": "settle_failed",
+        "payment": _payment(charged="0", transaction="none"), **changes,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"payment": None},
+        {"payment": _payment(charged="1", transaction="none")},  # a refusal charges nothing
+        {"payment": _payment(charged="0", transaction="0x" + "12" * 32)},
+        {"reason": ""},
+        {"reason": "x" * (receipts.MAX_REASON + 1)},
+        {"reason": None},
+        {"usage": USAGE},  # not a refusal's claim
+    ],
+)
+def test_a_refusal_receipt_names_its_payment_charges_nothing_and_says_why(
+    change: dict[str, Any],
+) -> None:
+    with pytest.raises(receipts.ReceiptTokenInvalid):
+        receipts.sign(_refusal(**change), KEY)
+    claims = receipts.verify(receipts.sign(_refusal(), KEY), KEY.receipt_public_key)
+    assert (claims["kind"], claims["reason"]) == ("refusal", "settle_failed")
 
 
 def test_an_upto_receipt_says_upto_and_what_was_charged() -> None:
@@ -386,3 +423,83 @@ def test_a_receipt_has_the_digests_and_signed_bytes_it_always_had() -> None:
         assert token.split(".")[0] == receipts._b64(_VECTOR_SIGNED)
         assert receipts.verify(token, key.receipt_public_key) == json.loads(_VECTOR_SIGNED)
     assert "version" not in claims  # the caller's dict is not changed
+
+
+# --- a refusal at a stream's end: believed only once signed -----------------------------------
+
+_X402_REFUSAL = base64.b64encode(
+    json.dumps(
+        {"success": False, "errorReason": "insufficient_funds", "transaction": "",
+         "network": "eip155:84532"}
+    ).encode()
+)  # fmt: skip
+REFUSED_TAIL = b"data: [DONE]\n\n: x402-payment-response " + _X402_REFUSAL + b"\n\n"
+_REFUSED_PAYMENT = _upto(charged="0", transaction="none")
+
+
+def _refused_stream(*, signed: dict[str, Any] | None, after: bytes = b"") -> bytes:
+    before = CONTENT + REFUSED_TAIL
+    if signed is None:
+        return before + after
+    claims = {"reply_digest": receipts.body_digest(before), **signed}
+    if claims.pop("reply", False):
+        token = _token(**claims)  # a reply's receipt
+    else:
+        token = receipts.sign({**_refusal(), **claims}, KEY)
+    return before + b": paygate-receipt " + token.encode() + b"\n\n" + after
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (_refused_stream(signed={"payment": _REFUSED_PAYMENT}), PaymentRefused),
+        (_refused_stream(signed=None), RefusalUnauthenticated),  # forged, or stripped
+        (  # another request's refusal
+            _refused_stream(
+                signed={"payment": _REFUSED_PAYMENT, "request_digest": "sha256:" + "01" * 32}
+            ),
+            RefusalUnauthenticated,
+        ),
+        (  # another payment's
+            _refused_stream(signed={"payment": {**_REFUSED_PAYMENT, "id": "0x" + "ee" * 32}}),
+            RefusalUnauthenticated,
+        ),
+        (  # over other bytes
+            _refused_stream(
+                signed={"payment": _REFUSED_PAYMENT, "reply_digest": receipts.body_digest(b"")}
+            ),
+            RefusalUnauthenticated,
+        ),
+        (  # the appliance signed a charge over this very x402 refusal: not a refusal
+            _refused_stream(signed={"reply": True, "usage": USAGE, "payment": _upto()}),
+            RefusalUnauthenticated,
+        ),
+        (
+            _refused_stream(signed={"payment": _REFUSED_PAYMENT}, after=CONTENT),
+            ContentAfterReceipt,
+        ),
+    ],
+    ids=["signed", "unsigned", "other-request", "other-payment", "other-reply", "charged",
+         "appended"],
+)  # fmt: skip
+def test_a_streams_refusal_is_raised_only_once_signed_for_it(
+    body: bytes, error: type[Exception]
+) -> None:
+    record = _record()
+    scanner = ReceiptScanner("text/event-stream", lambda _receipt, _error: None)
+    decoder = CheckedDecoder(PlainDecoder(scanner), _check("text/event-stream", record))
+    out: list[bytes] = []
+
+    def read() -> None:
+        for at in range(0, len(body), 7):
+            out.extend(decoder.feed(body[at : at + 7]))
+        out.extend(decoder.end())
+
+    with pytest.raises(error) as raised:
+        read()
+    assert b"[DONE]" not in b"".join(out)  # the end never came out as a clean one
+    if error is PaymentRefused:
+        assert raised.value.reason == "settle_failed"  # the signed reason
+        assert record.receipt_error is None
+    elif error is RefusalUnauthenticated:
+        assert record.receipt_error is not None

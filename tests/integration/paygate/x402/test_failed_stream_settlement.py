@@ -3,9 +3,11 @@ the funds between verify and settle, so the transfer the facilitator sends rever
 components (the gateway, the FAKE model server, anvil with the SDK's facilitator).
 
 The content cannot be taken back, but nothing may claim it was paid for: the stream's end
-carries the refusing x402 receipt (what a whole reply's 402 carries) and no signed receipt —
-one would state ``charged`` with ``transaction: pending`` for a charge that failed. paygate's
-client raises the refusal at the stream's end rather than ending it cleanly."""
+carries the refusing x402 receipt (what a whole reply's 402 carries) and, in the signed
+receipt's place, the appliance's signed refusal (kind ``refusal``, charging nothing) — a reply
+receipt would state ``charged`` with ``transaction: pending`` for a charge that failed.
+paygate's client raises the refusal at the stream's end rather than ending it cleanly (a
+verifying client only on the signed refusal: test_refusal_middlebox.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import aiohttp
 import httpx
 import pytest
 
+from enclave import receipts
 from paygate import wire
 from paygate.client import AsyncPaygateTransport, PaymentRefused, SpendPolicy
 from paygate.server.receipts import NDJSON_KEY as SIGNED_RECEIPT_KEY
@@ -50,6 +53,15 @@ async def _read(url: str, path: str, header: str, body: Any) -> tuple[int, bytes
         return response.status, await response.read()  # raises if the stream was cut
 
 
+def _signed_refusal(path: str, raw: bytes) -> dict[str, Any]:
+    if path == CHAT:
+        (line,) = [ln for ln in raw.splitlines() if ln.startswith(SIGNED_RECEIPT_LINE)]
+        token = line[len(SIGNED_RECEIPT_LINE) :].decode()
+    else:
+        token = json.loads(raw.splitlines()[-1])[SIGNED_RECEIPT_KEY]
+    return receipts.unverified_claims(token)
+
+
 def _payment_receipt(path: str, raw: bytes) -> dict[str, Any]:
     if path == CHAT:
         (line,) = [ln for ln in raw.splitlines() if ln.startswith(PAYMENT_RECEIPT_LINE)]
@@ -62,7 +74,7 @@ def _payment_receipt(path: str, raw: bytes) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("path", "body"), STREAMS, ids=["sse", "ndjson"])
-async def test_a_stream_whose_settlement_failed_ends_with_the_refusal_and_no_signed_receipt(
+async def test_a_stream_whose_settlement_failed_ends_with_the_refusal_signed_and_no_charge(
     facilitator, usdc, anvil, payer, seller, tmp_path, path, body
 ):
     ledger = tmp_path / "payments.db"
@@ -78,8 +90,11 @@ async def test_a_stream_whose_settlement_failed_ends_with_the_refusal_and_no_sig
     receipt = _payment_receipt(path, raw)
     assert receipt["success"] is False
     assert receipt["errorReason"]
-    assert SIGNED_RECEIPT_LINE not in raw
-    assert SIGNED_RECEIPT_KEY.encode() not in raw
+    signed = _signed_refusal(path, raw)  # last: after the x402 receipt, which it covers
+    assert signed["kind"] == "refusal"
+    assert signed["reason"] == receipt["errorReason"]
+    assert signed["payment"]["charged"] == "0"
+    assert signed["payment"]["transaction"] == "none"
     (record,) = await records(ledger)
     assert record.state is PaymentState.FAILED
     assert usdc.balance_of(seller) == 0
@@ -89,7 +104,8 @@ async def test_paygate_client_raises_the_refusal_at_a_sealed_streams_end(
     facilitator, usdc, anvil, payer, seller, tmp_path
 ):
     """Sealed v2: the final frame comes (the stream is whole, not cut) and holds the refusal
-    and no signed receipt; the client hands out the content, then raises PaymentRefused."""
+    and the signed refusal; the client hands out the content, then raises PaymentRefused. The
+    refusal is inside the seal: authenticated by it, no path can forge or strip it."""
     ledger = tmp_path / "payments.db"
     facilitator.set_fault("slow", "settle", delay=2.0)
     spend = SpendPolicy(max_per_request="0.01", max_total="1", networks=["base-sepolia"])
@@ -117,7 +133,7 @@ async def test_paygate_client_raises_the_refusal_at_a_sealed_streams_end(
             sent = transport.last_payment
     assert isinstance(error, PaymentRefused), error
     assert b"data: [DONE]" in plain
-    assert SIGNED_RECEIPT_LINE not in plain
+    assert SIGNED_RECEIPT_LINE in plain  # the signed refusal (unverified without a policy)
     assert sent.receipt is not None
     assert not sent.settled
     assert error.reason == sent.receipt.error_reason
