@@ -543,7 +543,7 @@ class LedgerSection(BaseModel):
     ledger_url: Annotated[SecretStr | None, _checked_secret(_ledger_url)] = None
     ledger_password_file: Path | None = None  # else the systemd credential "ledger_password"
     ledger_pool_size: Annotated[int, Field(ge=1, le=100)] = 10
-    replica_id: ReplicaId | None = None  # default <hostname>:<pid>
+    replica_id: ReplicaId | None = None  # default: kept in the state dir (server.replica_name)
     lease_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     workers: Annotated[int, Field(ge=1, le=64)] = 1
 
