@@ -36,7 +36,7 @@ from tests.fixtures.upstream_support import Gateway, container_settings, running
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 CHAT = "/v1/chat/completions"
 TOKEN = secrets.token_hex(3)
-FAKE = f"t{TOKEN}-fake"  # upstream names; their deployments are paygate-<name>
+FAKE = f"t{TOKEN}-fake"  # upstream names; deployments <upstream_name>-<name>
 TINY = f"t{TOKEN}-tiny"
 
 
