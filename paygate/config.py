@@ -741,7 +741,7 @@ class Settings(
         for entry in self.upstreams:
             if (entry.mode or self.upstream_mode) != "container":
                 continue
-            deployment = member_deployment(entry.name, self.upstream_name)
+            deployment = member_deployment(entry.name, self.upstream_name or None)
             for container in deployment_containers(deployment):
                 owner = owners.setdefault(container, entry.name)
                 if owner != entry.name:
@@ -786,8 +786,8 @@ class Settings(
                 # The one model a file-serving engine is named by; Ollama serves its volume.
                 model_name=item.models[0] if len(item.models) == 1 else None,
                 model_path=item.model_path,
-                name=member_deployment(item.name, self.upstream_name),
-                previous_name=previous_member_deployment(item.name, self.upstream_name),
+                name=member_deployment(item.name, self.upstream_name or None),
+                previous_name=previous_member_deployment(item.name, self.upstream_name or None),
                 image=item.image or (base.image if kind == base.kind else None),
                 port=item.port,
                 cpus=item.cpus if item.cpus is not None else base.cpus,

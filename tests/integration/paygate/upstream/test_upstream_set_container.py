@@ -234,6 +234,7 @@ def _cli_environment(gw: Gateway, **extra: str) -> dict[str, str]:
         "PAYGATE_DOCKER_HOST": settings.docker_host or "",
         "PAYGATE_UPSTREAM_IMAGE": settings.upstream_image or "",
         "PAYGATE_UPSTREAM_SOCKET_DIR": str(settings.upstream_socket_dir),
+        "PAYGATE_UPSTREAM_NAME": settings.upstream_name or "",  # the deployments' names
         "PAYGATE_UPSTREAMS": json.dumps(
             [e.model_dump(mode="json", exclude_none=True) for e in settings.upstreams]
         ),
