@@ -48,7 +48,11 @@ from paygate.errors import PaygateError
 from paygate.upstream.config import UpstreamConfig, UpstreamMode
 from paygate.upstream.engines.base import EngineKind
 from paygate.upstream.fleet import UpstreamEntry
-from paygate.upstream.names import deployment_containers, member_deployment
+from paygate.upstream.names import (
+    deployment_containers,
+    member_deployment,
+    previous_member_deployment,
+)
 
 if TYPE_CHECKING:
     from paygate.x402.facilitator_auth import FacilitatorAuth
@@ -543,7 +547,7 @@ class LedgerSection(BaseModel):
     ledger_url: Annotated[SecretStr | None, _checked_secret(_ledger_url)] = None
     ledger_password_file: Path | None = None  # else the systemd credential "ledger_password"
     ledger_pool_size: Annotated[int, Field(ge=1, le=100)] = 10
-    replica_id: ReplicaId | None = None  # default <hostname>:<pid>
+    replica_id: ReplicaId | None = None  # default: kept in the state dir (server.replica_name)
     lease_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     workers: Annotated[int, Field(ge=1, le=64)] = 1
 
@@ -737,7 +741,8 @@ class Settings(
         for entry in self.upstreams:
             if (entry.mode or self.upstream_mode) != "container":
                 continue
-            for container in deployment_containers(member_deployment(entry.name)):
+            deployment = member_deployment(entry.name, self.upstream_name or None)
+            for container in deployment_containers(deployment):
                 owner = owners.setdefault(container, entry.name)
                 if owner != entry.name:
                     raise ValueError(
@@ -781,7 +786,8 @@ class Settings(
                 # The one model a file-serving engine is named by; Ollama serves its volume.
                 model_name=item.models[0] if len(item.models) == 1 else None,
                 model_path=item.model_path,
-                name=member_deployment(item.name),
+                name=member_deployment(item.name, self.upstream_name or None),
+                previous_name=previous_member_deployment(item.name, self.upstream_name or None),
                 image=item.image or (base.image if kind == base.kind else None),
                 port=item.port,
                 cpus=item.cpus if item.cpus is not None else base.cpus,
@@ -849,6 +855,7 @@ class Settings(
             UpstreamConfig,
             prefix="upstream_",
             api_key=self.secret("upstream_api_key") if self.upstream_mode == "attach" else None,
+            previous_name=None,  # a set's members only (upstream_entries)
         )
 
     @field_validator(*SECRET_NAMES, mode="before")

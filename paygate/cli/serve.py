@@ -42,6 +42,7 @@ from paygate.server.assembly import check_payment_settings
 from paygate.server.eventloop import new_event_loop
 from paygate.server.logs import install_logging
 from paygate.server.metrics import MULTIPROC_ENV, prepare_multiprocess_dir, worker_exited
+from paygate.server.replica_name import hold_default_name
 from paygate.server.sdnotify import Notifier, stop_task
 from paygate.server.workers import check_workers, listen_socket, supervise
 from paygate.store.deployments import DeploymentStore, settings_overrides
@@ -92,6 +93,18 @@ def _serve(args: argparse.Namespace) -> int:
         secrets,
         secret_urls=(settings.chain_rpc_url, settings.facilitator_url),
     )
+    host = settings.replica_id or socket.gethostname()  # key ids name it (SCALING.md)
+    held = hold_default_name(settings.ledger_path.parent) if settings.replica_id is None else None
+    if held is not None:  # a restart takes back what this installation's last run held
+        settings = settings.model_copy(update={"replica_id": held.name})
+    try:
+        return _serve_as(settings, host)
+    finally:
+        if held is not None:
+            held.close()
+
+
+def _serve_as(settings: Settings, host: str) -> int:
     notifier = Notifier.from_environment()
     if settings.workers == 1:
         app = build_app(settings)  # refuses unimplemented payment modes before listening
@@ -119,8 +132,6 @@ def _serve(args: argparse.Namespace) -> int:
     sock = listen_socket(settings.listen_host, settings.listen_port, LISTEN_BACKLOG)
     console = console_socket(settings)
     _announce(settings)
-
-    host = settings.replica_id or socket.gethostname()
 
     def worker(index: int) -> int:
         # Each worker is its own replica: "<replica_id>.w<index>", or its own <hostname>:<pid>.

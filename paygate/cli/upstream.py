@@ -21,7 +21,7 @@ from paygate.config import Settings, load_settings
 from paygate.store.deployments import DeploymentStore, settings_overrides
 from paygate.upstream import service
 from paygate.upstream.config import UpstreamConfig
-from paygate.upstream.container import ContainerManager
+from paygate.upstream.container import ContainerManager, on_engine
 from paygate.upstream.engine import connect
 from paygate.upstream.engines.base import ModelDigest
 from paygate.upstream.errors import UpstreamError
@@ -238,7 +238,7 @@ def _pull(args: argparse.Namespace) -> int:
         asyncio.run(
             pull(
                 client,
-                container_spec(config),
+                on_engine(client, container_spec(config)),
                 args.model,
                 on_progress=printer,
                 ready_timeout=config.ready_timeout,

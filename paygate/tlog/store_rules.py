@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from enclave.tlog import merkle, tiles
 from enclave.tlog.checkpoint import Checkpoint
+from paygate.singleton_lease import SingletonLease
 from paygate.statements import Query, Row
 from paygate.tlog.errors import LogOriginMismatch, LogStoreError
 from paygate.tlog.store import (
@@ -38,6 +39,7 @@ from paygate.tlog.store import (
 )
 
 T = TypeVar("T")
+RECOVERY_TURN = SingletonLease("tlog_recovery", holder="holder")  # the one row: id 1
 A = TypeVar("A")
 
 
@@ -306,14 +308,17 @@ class LogQueries:
 
     # --- recovery's turn: one scan per ledger at a time ------------------------------------
 
-    def take_turn(self, holder: str, now: float, lease: float) -> Query:
-        """Take the turn (none yet, or its lease ran out) or renew it (``holder``'s already)."""
+    def seed_turn(self, holder: str) -> Query:
+        """The turn's row, made once (held by nobody: its lease ended long ago)."""
         return self._sql(
-            "INSERT INTO tlog_recovery (id, holder, lease_until) VALUES (1, ?, ?)"
-            " ON CONFLICT (id) DO UPDATE SET holder = excluded.holder,"
-            " lease_until = excluded.lease_until"
-            " WHERE tlog_recovery.holder = excluded.holder OR tlog_recovery.lease_until < ?"
-        ), (holder, now + lease, now)
+            "INSERT INTO tlog_recovery (id, holder, lease_until) VALUES (1, ?, 0)"
+            " ON CONFLICT (id) DO NOTHING"
+        ), (holder,)
+
+    def take_turn(self, holder: str, now: float, lease: float) -> Query:
+        """Take the turn (nobody holds it) or renew it (``holder``'s already): SingletonLease."""
+        text, params = RECOVERY_TURN.take(1, holder, now, lease)
+        return self._sql(text), params
 
     turn = "SELECT holder, at, payment_id, kind, checked FROM tlog_recovery WHERE id = 1"
 
@@ -333,9 +338,8 @@ class LogQueries:
         ), (at, payment_id, kind, checked, holder)
 
     def end_turn(self, holder: str) -> Query:
-        return self._sql("UPDATE tlog_recovery SET lease_until = 0 WHERE id = 1 AND holder = ?"), (
-            holder,
-        )
+        text, params = RECOVERY_TURN.let_go(1, holder)
+        return self._sql(text), params
 
 
 # --- the store's calls, as plans ------------------------------------------------------------
@@ -452,6 +456,7 @@ def record_missing_plan(
 
 def recovery_turn_plan(sql: LogQueries, holder: str, lease: float) -> Plan[RecoveryTurn]:
     now = float((yield (sql.clock, ()))[0][0]) if sql.clock else time.time()
+    yield sql.seed_turn(holder)
     yield sql.take_turn(holder, now, lease)
     return sql.turn_of((yield (sql.turn, ()))[0], holder)
 

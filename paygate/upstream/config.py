@@ -53,3 +53,6 @@ class UpstreamConfig:
     model_path: Path | None
     model_name: str | None
     expected_model_digests: Mapping[str, str]
+    # The deployment name an earlier version gave this one (a set's member under an
+    # ``upstream_name``): its containers are replaced and its model volume kept at start.
+    previous_name: str | None = None

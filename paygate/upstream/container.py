@@ -2,13 +2,18 @@
 
 One deployment is a serving container and its relay (see :mod:`paygate.upstream.spec`). A
 container of the same name left by an earlier run (the gateway was killed) is replaced; one
-that paygate did not make (no ``io.paygate.role`` label) is refused and left alone. The
+that paygate did not make (no ``io.paygate.role`` label) is refused and left alone. A set's
+member named before names included ``upstream_name`` (``paygate-<upstream>``) is adopted at
+start: its containers are replaced like a leftover of this deployment (as they were when that
+was its name), and its model volume stays in use while the new name has none. The
 health monitor calls :meth:`ContainerManager.ensure_running` after a crash; the model volume
 survives everything here, so models are never lost with a container.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,9 +26,37 @@ from docker.models.containers import Container
 
 from paygate.upstream.engine import failure
 from paygate.upstream.errors import ContainerFailed
-from paygate.upstream.spec import ROLE_LABEL, ContainerSpec, relay_kwargs, serving_kwargs
+from paygate.upstream.names import deployment_containers
+from paygate.upstream.spec import (
+    DEPLOYMENT_LABEL,
+    ROLE_LABEL,
+    ContainerSpec,
+    relay_kwargs,
+    serving_kwargs,
+)
 
+log = logging.getLogger("paygate.upstream")
 STOP_TIMEOUT = 10  # seconds docker waits after SIGTERM before SIGKILL
+
+
+def _has_volume(client: docker.DockerClient, name: str) -> bool:
+    try:
+        client.volumes.get(name)
+    except docker.errors.NotFound:
+        return False
+    except docker.errors.APIError as exc:
+        raise failure(f"inspect volume {name}", exc) from None
+    return True
+
+
+def on_engine(client: docker.DockerClient, spec: ContainerSpec) -> ContainerSpec:
+    """``spec`` as it is on this engine: with the model volume the deployment had under its
+    previous name while that one exists and the new one does not (an upgraded gateway keeps
+    the models it downloaded)."""
+    previous = spec.previous_volume
+    if previous is None or _has_volume(client, spec.volume) or not _has_volume(client, previous):
+        return spec
+    return dataclasses.replace(spec, volume=previous)
 
 
 @contextmanager
@@ -75,6 +108,8 @@ class ContainerManager:
 
     def start(self) -> None:
         """Replace whatever is left of this deployment, then create and start both containers."""
+        self.spec = on_engine(self.client, self.spec)
+        self._adopt_previous()
         self._remove_stale(self.spec.relay_name)
         self._remove_stale(self.spec.name)
         self._prepare_socket_dir()
@@ -83,6 +118,26 @@ class ContainerManager:
             serving = self.client.containers.create(**serving_kwargs(self.spec))
             serving.start()
         self._start_relay(serving.id)
+
+    def _adopt_previous(self) -> None:
+        """Replace the containers this deployment had under its previous name (paygate's, of
+        that deployment: anything else of that name is not ours and is left alone)."""
+        previous = self.spec.previous
+        if previous is None:
+            return
+        for name in reversed(deployment_containers(previous)):  # pull, relay, then serving
+            container = self._get(name)
+            labels = (container.labels or {}) if container is not None else {}
+            if container is None or labels.get(DEPLOYMENT_LABEL) != previous:
+                continue
+            try:
+                container.remove(force=True, v=False)
+            except docker.errors.NotFound:
+                continue
+            except docker.errors.APIError as exc:
+                raise failure(f"remove previous container {name}", exc) from None
+            log.info("upstream deployment %s replaces its container %s (its name before)",
+                     self.spec.name, name)  # fmt: skip
 
     def _start_relay(self, serving_id: str) -> None:
         self._remove_stale(self.spec.relay_name)
@@ -118,12 +173,13 @@ class ContainerManager:
 
     def volume_path(self) -> Path | None:
         """Where the model volume lives on the host, if this process can read it."""
+        name = on_engine(self.client, self.spec).volume
         try:
-            volume = self.client.volumes.get(self.spec.volume)
+            volume = self.client.volumes.get(name)
         except docker.errors.NotFound:
             return None
         except docker.errors.APIError as exc:
-            raise failure(f"inspect volume {self.spec.volume}", exc) from None
+            raise failure(f"inspect volume {name}", exc) from None
         mountpoint = volume.attrs.get("Mountpoint")
         if not isinstance(mountpoint, str):
             return None

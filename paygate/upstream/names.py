@@ -30,9 +30,22 @@ def derived_name(base: str, suffix: str) -> str:
     return container_name(f"{container_name(base)[:room].rstrip('-')}-{suffix}")
 
 
-def member_deployment(upstream: str) -> str:
-    """The deployment (serving container) name of upstream ``upstream`` of a set."""
-    return container_name(f"paygate-{upstream}")
+def member_deployment(upstream: str, gateway: str | None = None) -> str:
+    """The deployment (serving container) name of upstream ``upstream`` of a set:
+    ``<gateway>-<upstream>`` under the gateway's own deployment name (``upstream_name``: what
+    keeps two gateways on one engine apart, as it does their single upstreams), else
+    ``paygate-<upstream>``."""
+    if gateway is None:
+        return container_name(f"paygate-{upstream}")
+    return derived_name(gateway, upstream)
+
+
+def previous_member_deployment(upstream: str, gateway: str | None) -> str | None:
+    """The name that deployment had before names included ``upstream_name``
+    (``paygate-<upstream>``), where it is not the name now: adopted at start (see
+    :meth:`paygate.upstream.container.ContainerManager.start`)."""
+    old = container_name(f"paygate-{upstream}")
+    return None if old == member_deployment(upstream, gateway) else old
 
 
 def deployment_containers(name: str) -> tuple[str, ...]:

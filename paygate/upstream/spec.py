@@ -63,6 +63,10 @@ class ContainerSpec:
     kind: EngineKind = "ollama"
     model_path: Path | None = None  # a file bind-mounted read-only (engines that serve one)
     alias: str = "model"
+    # The deployment's name before names included upstream_name, and the model volume it had
+    # (adopted: paygate.upstream.container.on_engine); None where the name did not change.
+    previous: str | None = None
+    previous_volume: str | None = None
     relay_script: Path = field(default_factory=lambda: Path(relay.__file__).resolve())
     user: str = field(default_factory=lambda: f"{os.getuid()}:{os.getgid()}")
 
@@ -104,6 +108,7 @@ def container_spec(config: UpstreamConfig, name: str | None = None) -> Container
         raise InvalidName(f"upstream_socket_dir is too long for a unix socket: {socket_dir}")
     model_path = config.model_path
     alias = config.model_name or (model_path.name if model_path else "model")
+    previous = container_name(config.previous_name) if config.previous_name else None
     return ContainerSpec(
         name=cname,
         image=config.image or defaults.image,
@@ -114,6 +119,8 @@ def container_spec(config: UpstreamConfig, name: str | None = None) -> Container
         tmpfs=dict(config.tmpfs),
         model_path=model_path.resolve() if model_path else None,
         alias=alias,
+        previous=previous,
+        previous_volume=f"{previous}-models" if previous and not config.volume else None,
         **{setting: getattr(config, setting) for setting in _AS_CONFIGURED},
     )
 

@@ -33,12 +33,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from paygate.errors import PaygateError
+from paygate.singleton_lease import SingletonLease
 from paygate.x402.ledger import LeaseLost, PaymentState, SchemeWrite
 from paygate.x402.schemes.base import SchemeSql
 from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
 from paygate.x402.settler import ReviewRequired
 
 CLAIMER = "claimer"  # the claim lease's row in bs_claims
+CLAIM_LEASE = SingletonLease("bs_claims", holder="owner", touched="updated_at")
 # A voucher's charge lost and a later voucher committed without it: never chargeable.
 CHARGE_LOST = "invalid_batch_settlement_evm_charge_lost"
 # bs_vouchers.charged (ledger v11), as read by ``ChannelStore._marked``.
@@ -709,18 +711,11 @@ class ChannelStore:
             " VALUES (?, 'lease', '[]', ?, ?) ON CONFLICT (id) DO NOTHING",
             (CLAIMER, now, now),
         )
-        changed, _ = await self._sql(
-            "UPDATE bs_claims SET owner = ?, lease_until = ?, updated_at = ?"
-            " WHERE id = ? AND (owner IS NULL OR owner = ? OR lease_until < ?)",
-            (owner, now + seconds, now, CLAIMER, owner, now),
-        )
+        changed, _ = await self._sql(*CLAIM_LEASE.take(CLAIMER, owner, now, seconds))
         return changed == 1
 
     async def let_go_claimer(self, owner: str) -> None:
-        await self._sql(
-            "UPDATE bs_claims SET owner = NULL, lease_until = NULL WHERE id = ? AND owner = ?",
-            (CLAIMER, owner),
-        )
+        await self._sql(*CLAIM_LEASE.let_go(CLAIMER, owner))
 
     async def new_claim(self, claim_id: str, entries: list[ClaimEntry]) -> Claim:
         now = self._clock()

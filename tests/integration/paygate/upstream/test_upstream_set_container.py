@@ -36,7 +36,7 @@ from tests.fixtures.upstream_support import Gateway, container_settings, running
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 CHAT = "/v1/chat/completions"
 TOKEN = secrets.token_hex(3)
-FAKE = f"t{TOKEN}-fake"  # upstream names; their deployments are paygate-<name>
+FAKE = f"t{TOKEN}-fake"  # upstream names; deployments <upstream_name>-<name>
 TINY = f"t{TOKEN}-tiny"
 
 
@@ -234,6 +234,7 @@ def _cli_environment(gw: Gateway, **extra: str) -> dict[str, str]:
         "PAYGATE_DOCKER_HOST": settings.docker_host or "",
         "PAYGATE_UPSTREAM_IMAGE": settings.upstream_image or "",
         "PAYGATE_UPSTREAM_SOCKET_DIR": str(settings.upstream_socket_dir),
+        "PAYGATE_UPSTREAM_NAME": settings.upstream_name or "",  # the deployments' names
         "PAYGATE_UPSTREAMS": json.dumps(
             [e.model_dump(mode="json", exclude_none=True) for e in settings.upstreams]
         ),

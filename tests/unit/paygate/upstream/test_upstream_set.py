@@ -379,3 +379,30 @@ def test_container_upstreams_whose_container_names_clash_are_refused(
     attached = {**clashing[1], "mode": "attach", "url": "http://127.0.0.1:9001"}
     settings = load_settings(None, upstreams=[clashing[0], attached])
     assert [e.name for e in settings.upstream_entries()] == ["a", f"a-{suffix}"]
+
+
+def test_container_upstreams_are_named_within_the_gateways_upstream_name(tmp_path: Path) -> None:
+    # Two gateways on one engine, each with an upstream "one": each its own deployment, and
+    # each knows the name the deployment had before (paygate-one) to adopt it.
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    entry = {"kind": "llama-server", "mode": "container", "models": ["m"], "model_path": str(model)}
+    specs = [
+        container_spec(e.config)
+        for gateway in ("gw-a", "gw-b")
+        for e in load_settings(
+            None, upstream_name=gateway, upstreams=[{**entry, "name": "one"}]
+        ).upstream_entries()
+    ]
+    assert [s.name for s in specs] == ["gw-a-one", "gw-b-one"]
+    assert [s.volume for s in specs] == ["gw-a-one-models", "gw-b-one-models"]
+    assert {(s.previous, s.previous_volume) for s in specs} == {
+        ("paygate-one", "paygate-one-models")
+    }
+    # The clash check sees the names a gateway will use: gw-a-one's relay is gw-a-one-relay.
+    with pytest.raises(ConfigError, match="gw-a-one-relay"):
+        load_settings(
+            None,
+            upstream_name="gw-a",
+            upstreams=[{**entry, "name": "one"}, {**entry, "name": "one-relay"}],
+        )
