@@ -10,7 +10,10 @@ first and its mirror follows that reading (a payer's finished withdrawal).
 Each pass also scans the contract's withdrawal events (:mod:`.withdrawals`), and the loop
 wakes at least every :func:`scan_every` seconds (a third of the withdraw delay less
 :data:`WITHDRAW_MARGIN`, or the claim interval if shorter): a channel whose payer's withdrawal
-is pending is claimed at the next wake, before it can finish, however long the claim interval.
+is pending and would take part of what it owes (:attr:`.Channel.at_risk`) is claimed at the
+next wake, before it can finish, however long the claim interval. One owing no more than the
+withdrawal leaves waits for the claim interval: the finish cannot take it, and a payer keeping
+a small withdrawal pending while spending under it would otherwise cost a claim a wake.
 """
 
 from __future__ import annotations
@@ -78,9 +81,9 @@ class ClaimLoop:
 
     async def claim_once(self, *, withdrawing_only: bool = False) -> int:
         """Under the claim lease: finish claims left open, scan the payers' withdrawals, then
-        claim up to ``max_per_claim`` owed channels (those whose withdrawal is pending first;
-        with ``withdrawing_only``, only those) in one transaction and prove it — and while
-        withdrawing channels fill a claim, more claims of them (at most
+        claim up to ``max_per_claim`` owed channels (those a pending withdrawal would take
+        from first; with ``withdrawing_only``, only those) in one transaction and prove it —
+        and while such channels fill a claim, more claims of them (at most
         :data:`MAX_WITHDRAWING_BATCHES` in all). Returns the channels claimed."""
         # Let go at the end of the pass; a claimer that died in one holds it this long: scaled
         # to the wakes, not the claim interval (a withdrawal must be learnt within its delay).
@@ -95,20 +98,28 @@ class ClaimLoop:
                 await self.withdrawals.scan(budget=min(SCAN_SECONDS, lease / 4))
             except (SettlerUnavailable, Web3Exception, OSError, TimeoutError) as exc:
                 log.error("withdrawal scan failed: %s", type(exc).__name__)
-            owed = await self.store.claimable(self.max_per_claim, withdrawing_only=withdrawing_only)
+            # Channels a pending withdrawal would take from first (soonest due), then — at
+            # the claim interval — those owing otherwise. A withdrawing channel owing no more
+            # than the withdrawal leaves is not claimed at a wake: the finish cannot take it.
+            owed = await self.store.at_risk(self.max_per_claim)
+            if not withdrawing_only and len(owed) < self.max_per_claim:
+                ids = {c.channel_id for c in owed}
+                more = await self.store.claimable(self.max_per_claim)
+                owed += [c for c in more if c.channel_id not in ids][
+                    : self.max_per_claim - len(owed)
+                ]
             claimed = await self._claim(owed)
-            # More withdrawing channels than one claim takes (a payer who opened many and
+            # More channels at risk than one claim takes (a payer who opened many and
             # withdraws from all at once): each is lost unless claimed before its finish, so
             # this pass claims them all, a transaction per max_per_claim — bounded, and each
             # batch must land (one that claims nothing ends the pass: the next wake retries).
             tried = {c.channel_id for c in owed}
             for _ in range(MAX_WITHDRAWING_BATCHES - 1):
-                # Withdrawing channels come first: a full batch ending in one may leave more.
-                if not claimed or len(owed) < self.max_per_claim or owed[-1].withdraw_due is None:
+                if not claimed or len(owed) < self.max_per_claim or not owed[-1].at_risk:
                     break
-                owed = await self.store.claimable(self.max_per_claim, withdrawing_only=True)
-                owed = [c for c in owed if c.channel_id not in tried]  # one not proven: next wake
-                if not owed:
+                owed = await self.store.at_risk(self.max_per_claim + len(tried))
+                owed = [c for c in owed if c.channel_id not in tried][: self.max_per_claim]
+                if not owed:  # (one not proven: next wake)
                     break
                 tried.update(c.channel_id for c in owed)
                 if not await self.store.take_claimer(self.replica, lease):  # renewed

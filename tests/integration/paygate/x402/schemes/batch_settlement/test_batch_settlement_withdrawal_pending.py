@@ -548,3 +548,52 @@ async def test_the_first_scans_check_reads_every_channel_there_is_in_one_pass(
                 known = await channels.store.get(channel.channel_id)
                 assert known is not None
                 assert known.withdraw_amount == DEPOSIT
+
+
+async def test_a_small_withdrawal_kept_pending_costs_no_claim_a_wake_and_takes_nothing_owed(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """The payer keeps a small withdrawal pending and goes on spending under what it leaves:
+    a wake between claim intervals sends no claim transaction for what it is served (the
+    finish cannot take it: each wake's claim was gas for nothing), while what was owed when
+    the request was learnt — which the finish could take — is claimed at once. Once the
+    withdrawal finished, the claim interval's claim is paid all that was served."""
+    ledger = tmp_path / "payments.db"
+    seller_before = usdc.balance_of(seller)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        assert await _pass(ledger, anvil, gas_key, withdrawing_only=True) == 0  # scan placed
+        # Owed 1 price, balance 10: a withdrawal of 9.5 prices would take half of it.
+        _payer_sends(
+            anvil,
+            payer,
+            _settlement(anvil).functions.initiateWithdraw(
+                config_tuple(channel.config), DEPOSIT - PRICE_ATOMIC // 2
+            ),
+        )
+        assert await _pass(ledger, anvil, gas_key, withdrawing_only=True) == 1  # at risk
+        # A top-up: the withdrawal now leaves room for more; spent under it, wake after wake.
+        status, headers, body = await post(
+            stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+        )
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+        sent = anvil.w3.eth.get_transaction_count(gas_key.address)
+        for _ in range(3):
+            status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+            assert status == 200, body
+            channel.charged_by(receipt_of(headers), offer)
+            assert await _pass(ledger, anvil, gas_key, withdrawing_only=True) == 0
+        assert anvil.w3.eth.get_transaction_count(gas_key.address) == sent  # no gas spent
+        _later(anvil, monkeypatch, 901)
+        _payer_sends(
+            anvil,
+            payer,
+            _settlement(anvil).functions.finalizeWithdraw(config_tuple(channel.config)),
+        )
+        assert await _pass(ledger, anvil, gas_key) == 1  # the claim interval's claim
+        async with claimer(ledger, anvil, gas_key) as channels:
+            mirrored = await channels.store.get(channel.channel_id)
+        assert mirrored is not None
+        assert mirrored.total_claimed == mirrored.charged == 5 * PRICE_ATOMIC
+        assert usdc.balance_of(seller) == seller_before + 5 * PRICE_ATOMIC
