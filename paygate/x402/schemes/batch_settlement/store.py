@@ -629,10 +629,12 @@ class ChannelStore:
         return [_channel(r) for r in rows]
 
     async def withdrawing(self, limit: int) -> list[Channel]:
-        """Channels whose payer's withdrawal is pending, soonest due first: at most ``limit``."""
+        """Channels whose payer's withdrawal is pending, least recently written first (each
+        chain reading, :meth:`refunded`, writes ``updated_at``: the scan's re-reads go round
+        them all over passes, whichever claimer makes them): at most ``limit``."""
         _, rows = await self._sql(
             f"SELECT {_COLUMNS} FROM bs_channels WHERE withdraw_due IS NOT NULL"  # noqa: S608 - constant
-            " ORDER BY withdraw_due LIMIT ?",
+            " ORDER BY updated_at, channel_id LIMIT ?",
             (limit,),
         )
         return [_channel(r) for r in rows]

@@ -11,7 +11,8 @@ the contract's views (``pendingWithdrawals``, ``channels``) at the newest block 
 them: the withdrawal pending (``withdraw_requested_at``, its amount, and when it can finish
 by this host's clock) and the balance (lowered once it finished). Events only say which
 channels to read; the views are the truth, so readings are idempotent and order-free. The
-channels whose withdrawal is pending are read again every pass.
+channels whose withdrawal is pending are read again, least recently read first, in pages while
+the pass's budget lasts (the next pass goes on with the rest).
 
 The first scan of a ledger starts at the newest block and reads the channels already there
 (those holding more than was claimed), so a withdrawal requested before the
@@ -53,10 +54,10 @@ KNOWN_BATCH = 500
 # Blocks scanned again each pass: an event in a block reorganised away and mined again in a
 # later block at or below the last one scanned is still seen.
 REORG_BLOCKS = 8
-# Channels read per page by the first scan's check of the channels already in the ledger (pages
-# while the pass's budget lasts), and per pass of those whose withdrawal is pending.
+# Channels read per page by the first scan's check of the channels already in the ledger, and
+# by the re-read of those whose withdrawal is pending (pages while the pass's budget lasts).
 CHECK_PAGE = 100
-WITHDRAWING_READ = 500
+WITHDRAWING_PAGE = 100
 
 
 @runtime_checkable
@@ -142,9 +143,6 @@ class WithdrawalScan:
                     if channel.channel_id in starts or channel.withdraw_due is not None:
                         ids.add(channel.channel_id)
             first = last + 1
-        # The withdrawals known are read again each pass: their due time follows the chain's
-        # clock, and a finish whose event a lagging node had not returned yet is still seen.
-        ids.update(c.channel_id for c in await self.store.withdrawing(WITHDRAWING_READ))
         read = 0
         pending: set[str] = set()  # channels read with a withdrawal pending
         wanted = sorted(ids)
@@ -153,6 +151,26 @@ class WithdrawalScan:
                 if await self._read(channel, head):
                     pending.add(channel.channel_id)
                 read += 1
+        # The withdrawals known are read again: their due time follows the chain's clock, and
+        # a finish whose event a lagging node had not returned yet is still seen. Least
+        # recently read first, pages while the budget lasts (one at least): thousands pending
+        # would hold the lease past its time; the next pass goes on with the rest (each
+        # reading moves the channel to the back). The events' channels above are read
+        # whatever the budget: the place moves past their events.
+        done = set(wanted)
+        while True:
+            page = [
+                c
+                for c in await self.store.withdrawing(WITHDRAWING_PAGE + len(done))
+                if c.channel_id not in done
+            ][:WITHDRAWING_PAGE]
+            for channel in page:
+                if await self._read(channel, head):
+                    pending.add(channel.channel_id)
+                done.add(channel.channel_id)
+            read += len(page)
+            if len(page) < WITHDRAWING_PAGE or time.monotonic() > give_up:
+                break
         # The first scan's check, pages while the budget lasts (one at least): a ledger of
         # thousands of channels checked a page a wake took longer than a withdrawal's delay.
         while checked_after is not None:

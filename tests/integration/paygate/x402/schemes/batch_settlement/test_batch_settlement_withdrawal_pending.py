@@ -597,3 +597,45 @@ async def test_a_small_withdrawal_kept_pending_costs_no_claim_a_wake_and_takes_n
         assert mirrored is not None
         assert mirrored.total_claimed == mirrored.charged == 5 * PRICE_ATOMIC
         assert usdc.balance_of(seller) == seller_before + 5 * PRICE_ATOMIC
+
+
+async def test_the_pending_withdrawals_reread_keeps_to_the_pass_budget_and_goes_on_next_pass(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """Many withdrawals pending (scaled down: three, a page of one): a pass re-reads them
+    only while its time budget lasts (a page at least) — thousands read in one pass held the
+    claim lease past its time — and the next passes go on with the ones not read yet, least
+    recently read first, until every one follows the chain's clock (here: 500 s ahead)."""
+    monkeypatch.setattr(withdrawals, "WITHDRAWING_PAGE", 1)
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, first = await opened_channel(stack, payer, deposit=DEPOSIT)
+        leaving = [first]
+        for n in range(1, 3):
+            channel = PayerChannel.open(payer, offer, CHAIN_ID, salt="0x" + f"{n:02x}" * 32)
+            status, _, body = await post(
+                stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+            )
+            assert status == 200, body
+            leaving.append(channel)
+        assert await _pass(ledger, anvil, gas_key) == 3  # all claimed: the scan placed
+        for channel in leaving:
+            _payer_sends(
+                anvil,
+                payer,
+                _settlement(anvil).functions.initiateWithdraw(
+                    config_tuple(channel.config), PRICE_ATOMIC
+                ),
+            )
+        anvil.mine(2 * withdrawals.REORG_BLOCKS)  # their events behind the scan's rescan
+        async with claimer(ledger, anvil, gas_key) as channels:
+            assert await channels.claims.withdrawals.scan() == 3  # learnt from their events
+            learnt = [(await channels.store.get(c.channel_id)).withdraw_due for c in leaving]
+            anvil.rpc("evm_increaseTime", [500])
+            anvil.mine()
+            followed: list[int] = []
+            for _ in range(3):
+                assert await channels.claims.withdrawals.scan(budget=0.0) == 1
+                now = [(await channels.store.get(c.channel_id)).withdraw_due for c in leaving]
+                followed.append(sum(due < was - 400 for was, due in zip(learnt, now, strict=True)))
+        assert followed == [1, 2, 3]
