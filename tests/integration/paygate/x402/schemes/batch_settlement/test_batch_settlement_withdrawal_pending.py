@@ -639,3 +639,76 @@ async def test_the_pending_withdrawals_reread_keeps_to_the_pass_budget_and_goes_
                 now = [(await channels.store.get(c.channel_id)).withdraw_due for c in leaving]
                 followed.append(sum(due < was - 400 for was, due in zip(learnt, now, strict=True)))
         assert followed == [1, 2, 3]
+
+
+class _Refusals:
+    """The scan's reports (as the metrics take them): the refused blocks counted."""
+
+    def __init__(self) -> None:
+        self.refused = 0
+
+    def withdrawal_scanned(self, behind: int, pending: int) -> None:
+        return None
+
+    def withdrawal_scan_failed(self) -> None:
+        return None
+
+    def withdrawal_block_refused(self) -> None:
+        self.refused += 1
+
+
+async def test_a_block_the_endpoint_refuses_on_its_own_neither_stops_the_scan_nor_hides_its_request(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """The endpoint refuses eth_getLogs for any range holding one block — the very block of
+    the payer's withdrawal request (a node's fault with it, too many results). The scan splits
+    down to that block, stops before it (counted, asked again next pass; nothing after it
+    taken as scanned), and after REFUSED_PASSES passes in a row passes over it reading every
+    channel's withdrawal instead: the request is learnt, and a voucher above what it leaves
+    refused. Before, every pass failed at that block for good and the request was never
+    learnt."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        assert await _pass(ledger, anvil, gas_key) == 1  # the scan's place: here
+        _payer_sends(
+            anvil,
+            payer,
+            _settlement(anvil).functions.initiateWithdraw(
+                config_tuple(channel.config), DEPOSIT - 2 * PRICE_ATOMIC
+            ),
+        )
+        refused_block = int(anvil.w3.eth.block_number)
+        anvil.mine(20)
+        real = BatchChain.withdrawal_moves
+
+        async def withdrawal_moves(self, first, last):
+            if first <= refused_block <= last:
+                raise SettlerUnavailable("query returned more than 10000 results")
+            return await real(self, first, last)
+
+        monkeypatch.setattr(BatchChain, "withdrawal_moves", withdrawal_moves)
+        reports = _Refusals()
+        async with claimer(ledger, anvil, gas_key) as channels:
+            channels.claims.withdrawals.events = reports
+            for n in range(1, withdrawals.REFUSED_PASSES):
+                await channels.claim_once(withdrawing_only=True)
+                assert reports.refused == n
+                known = await channels.store.get(channel.channel_id)
+                assert known is not None
+                assert known.withdraw_due is None  # not learnt yet ...
+                place = await channels.store.scan_place()
+                assert place is not None
+                assert place[0] < refused_block  # ... and its block not taken as scanned
+            await channels.claim_once(withdrawing_only=True)
+            assert reports.refused == withdrawals.REFUSED_PASSES
+            known = await channels.store.get(channel.channel_id)
+            assert known is not None
+            assert known.withdraw_amount == DEPOSIT - 2 * PRICE_ATOMIC
+            place = await channels.store.scan_place()
+            assert place == (int(anvil.w3.eth.block_number), None)  # past it, caught up
+        status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
