@@ -37,6 +37,8 @@ log = logging.getLogger("paygate.x402")
 # Seconds a channel's voucher must be claimable before its payer's withdrawal can finish:
 # the claim's transaction mined, this host's clock against the chain's and the replicas'.
 WITHDRAW_MARGIN = 120.0
+# Longest a pass renews its claim lease (ClaimLoop._hold): one hung past it lets the lease lapse.
+MAX_PASS_SECONDS = 600.0
 # Claim transactions one pass sends at most for channels whose withdrawal is pending (each of
 # max_per_claim channels; the rest at the next wake, soonest due first).
 MAX_WITHDRAWING_BATCHES = 10
@@ -67,6 +69,12 @@ class ClaimLoop:
         self.claim_interval = claim_interval
         self.max_per_claim = max_per_claim
         self.scan_every = scan_every(claim_interval, withdraw_delay)
+        # The claim lease, renewed while a pass runs (:meth:`_hold`), so a claimer that died
+        # holds it this long — half a wake: a withdrawal requested as one claimer dies, and
+        # the next to take the lease dies too, is still learnt and claimed by the third at
+        # lease + wake + lease + wake = three wakes, the margin left (as with one death).
+        self.lease = max(self.scan_every / 2, 30.0)
+        self.renew_every = self.lease / 3  # (seconds of the event loop's clock)
         self.withdrawals = WithdrawalScan(store, chain, clock=clock)
         self._owed = asyncio.Event()  # set when a claim is worth sending before the interval
         self._charged_since: set[str] = set()  # channels charged here since the last claim
@@ -87,14 +95,16 @@ class ClaimLoop:
         :data:`MAX_WITHDRAWING_BATCHES` in all). Returns the channels claimed."""
         # Let go at the end of the pass; a claimer that died in one holds it this long: scaled
         # to the wakes, not the claim interval (a withdrawal must be learnt within its delay).
-        lease = max(self.scan_every, 30.0) * 2
+        lease = self.lease
         if not await self.store.take_claimer(self.replica, lease):
             return 0
+        holding = asyncio.create_task(self._hold(lease))
         try:
             for claim in await self.store.open_claims():
                 await self._finish(claim)
             try:
-                # Well within the lease: the claims after it must fit too.
+                # A quarter of the lease: the claims after it must land within the margin
+                # (a third claimer after two deaths scans, then claims, three wakes in).
                 await self.withdrawals.scan(budget=min(SCAN_SECONDS, lease / 4))
             except (SettlerUnavailable, Web3Exception, OSError, TimeoutError) as exc:
                 log.error("withdrawal scan failed: %s", type(exc).__name__)
@@ -130,7 +140,26 @@ class ClaimLoop:
                 claimed += done
             return claimed
         finally:
+            holding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await holding
             await self.store.let_go_claimer(self.replica)
+
+    async def _hold(self, lease: float) -> None:
+        """Renew the claim lease every third of it while the pass runs (for at most
+        :data:`MAX_PASS_SECONDS`): a pass's scan and claims (each transaction waited for) may
+        outlast the short lease, which must not lapse to another claimer meanwhile. A claimer
+        that dies or freezes stops renewing with it."""
+        loop = asyncio.get_running_loop()
+        stop = loop.time() + MAX_PASS_SECONDS
+        while loop.time() < stop:
+            await asyncio.sleep(self.renew_every)
+            try:
+                if not await self.store.take_claimer(self.replica, lease):
+                    return  # lapsed and taken: that claimer goes on
+            except Exception as exc:  # the ledger down: the pass's own writes fail too
+                log.error("claim lease not renewed: %s", type(exc).__name__)
+                return
 
     async def _claim(self, owed: list[Channel]) -> int:
         """Claim ``owed`` in one transaction and prove it: the channels claimed."""

@@ -7,6 +7,8 @@ chain's clock forward (the withdraw delay), which other tests' fresh authorizati
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from types import SimpleNamespace
 
@@ -15,8 +17,8 @@ from paygate_dev.chain.build import load_contract
 from web3 import Web3
 
 from paygate import wire
+from paygate.x402.schemes.batch_settlement import claims, withdrawals
 from paygate.x402.schemes.batch_settlement import client as payer_client
-from paygate.x402.schemes.batch_settlement import withdrawals
 from paygate.x402.schemes.batch_settlement.chain import BatchChain, Head, config_tuple
 from paygate.x402.schemes.batch_settlement.channel import SETTLEMENT_ADDRESS
 from paygate.x402.schemes.batch_settlement.client import PayerChannel
@@ -329,8 +331,8 @@ async def test_a_voucher_above_what_the_withdrawal_leaves_is_refused_as_soon_as_
     """The payer outrunning the claim: requests a withdrawal, then floods vouchers long before
     it can finish. Once the claim loop's wake has learnt it, a voucher above what it leaves is
     refused at once — not only near its due time, which would leave every voucher served
-    meanwhile relying on a claim landing before the finish (a claimer that died holds the
-    claim lease for two wakes)."""
+    meanwhile relying on a claim landing before the finish (claimers that died hold the
+    claim lease in turn)."""
     ledger = tmp_path / "payments.db"
     async with chain_batch(seller, ledger, anvil, gas_key) as stack:
         required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
@@ -712,3 +714,108 @@ async def test_a_block_the_endpoint_refuses_on_its_own_neither_stops_the_scan_no
         channel.charged_by(receipt_of(headers), offer)
         status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
         assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
+
+
+async def test_two_claimers_dying_in_a_row_still_leave_the_withdrawing_channel_claimed_in_time(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound
+):
+    """Three replicas on one ledger, waking together every scan_every (the worst phase: a
+    lease runs out just as a wake finds it held). The payer requests a withdrawal as the
+    replica holding the claim lease dies; the next to take the lease dies too, holding it.
+    The third still learns the request and claims the channel before the withdrawal is due,
+    its margin left (the ledger's clock moved by hand: no waiting). Before, the lease a dead
+    claimer held was two wakes long: the claim came two wakes after the finish could."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        assert await _pass(ledger, anvil, gas_key) == 1  # the scan's place: here
+        status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+        # Everything unclaimed on chain: it would take the second charge.
+        requested = _payer_sends(
+            anvil,
+            payer,
+            _settlement(anvil).functions.initiateWithdraw(
+                config_tuple(channel.config), DEPOSIT - PRICE_ATOMIC
+            ),
+        )
+        now = [float(requested)]
+        replicas = []
+        async with contextlib.AsyncExitStack() as stack_of:
+            for name in ("a", "b", "c"):
+                replicas.append(
+                    await stack_of.enter_async_context(
+                        claimer(ledger, anvil, gas_key, replica=name, clock=lambda: now[0])
+                    )
+                )
+            a, b, c = replicas
+            wake = a.claims.scan_every
+            assert await a.store.take_claimer("a", a.claims.lease)  # a's pass, and it dies
+            b_dead = False
+            claimed_at = None
+            for k in range(1, 20):
+                now[0] = requested + k * wake
+                if not b_dead:  # b wakes first, takes the lease, and dies in its pass
+                    b_dead = await b.store.take_claimer("b", b.claims.lease)
+                if await c.claim_once(withdrawing_only=True):
+                    claimed_at = now[0]
+                    break
+            assert b_dead
+            assert claimed_at is not None
+            known = await c.store.get(channel.channel_id)
+            assert known is not None
+            assert known.total_claimed == 2 * PRICE_ATOMIC
+            assert known.withdraw_due == requested + 900
+            assert claimed_at <= known.withdraw_due - claims.WITHDRAW_MARGIN
+
+
+async def test_a_pass_longer_than_the_claim_lease_keeps_it_and_lets_it_go_at_its_end(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """The lease a dead claimer leaves is short (half a wake), so a live claimer's pass that
+    takes longer — a slow endpoint's scan — renews it while it runs: another replica cannot
+    take it meanwhile (two claimers sending the same claims), and takes it once the pass
+    ends. (The ledger's clock moved by hand past the lease, twice over.)"""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        await opened_channel(stack, payer, deposit=DEPOSIT)
+        assert await _pass(ledger, anvil, gas_key) == 1  # the scan's place: here
+        now = [time.time()]
+        scanning = asyncio.Event()
+        go_on = asyncio.Event()
+        real = BatchChain.withdrawal_moves
+
+        async def withdrawal_moves(self, first, last):
+            scanning.set()
+            await go_on.wait()  # a slow endpoint
+            return await real(self, first, last)
+
+        monkeypatch.setattr(BatchChain, "withdrawal_moves", withdrawal_moves)
+        async with (
+            claimer(ledger, anvil, gas_key, replica="a", clock=lambda: now[0]) as a,
+            claimer(ledger, anvil, gas_key, replica="b", clock=lambda: now[0]) as b,
+        ):
+            a.claims.renew_every = 0.05
+            renewed = asyncio.Event()
+            take = a.store.take_claimer
+
+            async def take_claimer(owner, seconds):
+                try:
+                    return await take(owner, seconds)
+                finally:
+                    renewed.set()
+
+            monkeypatch.setattr(a.store, "take_claimer", take_claimer)
+            lease = a.claims.lease
+            passing = asyncio.create_task(a.claim_once())
+            async with asyncio.timeout(30):
+                await scanning.wait()
+                for _ in range(4):  # half a lease a step: two leases in all
+                    now[0] += lease / 2
+                    renewed.clear()
+                    await renewed.wait()
+                    assert not await b.store.take_claimer("b", b.claims.lease)
+                go_on.set()
+                await passing
+            assert await b.store.take_claimer("b", b.claims.lease)  # let go at its end
