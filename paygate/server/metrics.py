@@ -269,7 +269,8 @@ _DECLARED: dict[str, _Declared] = {
         Gauge,
         "paygate_batch_withdrawals_pending",
         "Batch-settlement channels whose payer's withdrawal is pending, at the last completed "
-        "withdrawal scan (their vouchers are claimed at the next wake).",
+        "withdrawal scan (claimed at the next wake when the withdrawal would take part of "
+        "what they owe).",
         (),
         _LIVEMOSTRECENT,
     ),
