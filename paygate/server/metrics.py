@@ -243,6 +243,13 @@ _DECLARED: dict[str, _Declared] = {
         "Batch-settlement withdrawal scans that failed (the RPC or ledger down): vouchers are "
         "served meanwhile, and a payer's withdrawal may go unlearnt.",
     ),
+    "_withdrawal_blocks_refused": _Declared(
+        Counter,
+        "paygate_batch_withdrawal_blocks_refused",
+        "Times the RPC endpoint refused one block's batch-settlement withdrawal events: the "
+        "scan stops before it (asked again next pass; after 3 passes in a row passed over, "
+        "every channel's withdrawal read instead).",
+    ),
     "_withdrawal_scanned": _Declared(
         Gauge,
         "paygate_batch_withdrawal_scan_success_timestamp_seconds",
@@ -262,7 +269,8 @@ _DECLARED: dict[str, _Declared] = {
         Gauge,
         "paygate_batch_withdrawals_pending",
         "Batch-settlement channels whose payer's withdrawal is pending, at the last completed "
-        "withdrawal scan (their vouchers are claimed at the next wake).",
+        "withdrawal scan (claimed at the next wake when the withdrawal would take part of "
+        "what they owe).",
         (),
         _LIVEMOSTRECENT,
     ),
@@ -500,6 +508,9 @@ class Metrics:
 
     def withdrawal_scan_failed(self) -> None:
         self._withdrawal_scan_failures.inc()
+
+    def withdrawal_block_refused(self) -> None:
+        self._withdrawal_blocks_refused.inc()
 
     # --- exposition ---
 

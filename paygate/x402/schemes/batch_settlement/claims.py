@@ -10,7 +10,10 @@ first and its mirror follows that reading (a payer's finished withdrawal).
 Each pass also scans the contract's withdrawal events (:mod:`.withdrawals`), and the loop
 wakes at least every :func:`scan_every` seconds (a third of the withdraw delay less
 :data:`WITHDRAW_MARGIN`, or the claim interval if shorter): a channel whose payer's withdrawal
-is pending is claimed at the next wake, before it can finish, however long the claim interval.
+is pending and would take part of what it owes (:attr:`.Channel.at_risk`) is claimed at the
+next wake, before it can finish, however long the claim interval. One owing no more than the
+withdrawal leaves waits for the claim interval: the finish cannot take it, and a payer keeping
+a small withdrawal pending while spending under it would otherwise cost a claim a wake.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ log = logging.getLogger("paygate.x402")
 # Seconds a channel's voucher must be claimable before its payer's withdrawal can finish:
 # the claim's transaction mined, this host's clock against the chain's and the replicas'.
 WITHDRAW_MARGIN = 120.0
+# Longest a pass renews its claim lease (ClaimLoop._hold): one hung past it lets the lease lapse.
+MAX_PASS_SECONDS = 600.0
 # Claim transactions one pass sends at most for channels whose withdrawal is pending (each of
 # max_per_claim channels; the rest at the next wake, soonest due first).
 MAX_WITHDRAWING_BATCHES = 10
@@ -64,6 +69,12 @@ class ClaimLoop:
         self.claim_interval = claim_interval
         self.max_per_claim = max_per_claim
         self.scan_every = scan_every(claim_interval, withdraw_delay)
+        # The claim lease, renewed while a pass runs (:meth:`_hold`), so a claimer that died
+        # holds it this long — half a wake: a withdrawal requested as one claimer dies, and
+        # the next to take the lease dies too, is still learnt and claimed by the third at
+        # lease + wake + lease + wake = three wakes, the margin left (as with one death).
+        self.lease = max(self.scan_every / 2, 30.0)
+        self.renew_every = self.lease / 3  # (seconds of the event loop's clock)
         self.withdrawals = WithdrawalScan(store, chain, clock=clock)
         self._owed = asyncio.Event()  # set when a claim is worth sending before the interval
         self._charged_since: set[str] = set()  # channels charged here since the last claim
@@ -78,37 +89,47 @@ class ClaimLoop:
 
     async def claim_once(self, *, withdrawing_only: bool = False) -> int:
         """Under the claim lease: finish claims left open, scan the payers' withdrawals, then
-        claim up to ``max_per_claim`` owed channels (those whose withdrawal is pending first;
-        with ``withdrawing_only``, only those) in one transaction and prove it — and while
-        withdrawing channels fill a claim, more claims of them (at most
+        claim up to ``max_per_claim`` owed channels (those a pending withdrawal would take
+        from first; with ``withdrawing_only``, only those) in one transaction and prove it —
+        and while such channels fill a claim, more claims of them (at most
         :data:`MAX_WITHDRAWING_BATCHES` in all). Returns the channels claimed."""
         # Let go at the end of the pass; a claimer that died in one holds it this long: scaled
         # to the wakes, not the claim interval (a withdrawal must be learnt within its delay).
-        lease = max(self.scan_every, 30.0) * 2
+        lease = self.lease
         if not await self.store.take_claimer(self.replica, lease):
             return 0
+        holding = asyncio.create_task(self._hold(lease))
         try:
             for claim in await self.store.open_claims():
                 await self._finish(claim)
             try:
-                # Well within the lease: the claims after it must fit too.
+                # A quarter of the lease: the claims after it must land within the margin
+                # (a third claimer after two deaths scans, then claims, three wakes in).
                 await self.withdrawals.scan(budget=min(SCAN_SECONDS, lease / 4))
             except (SettlerUnavailable, Web3Exception, OSError, TimeoutError) as exc:
                 log.error("withdrawal scan failed: %s", type(exc).__name__)
-            owed = await self.store.claimable(self.max_per_claim, withdrawing_only=withdrawing_only)
+            # Channels a pending withdrawal would take from first (soonest due), then — at
+            # the claim interval — those owing otherwise. A withdrawing channel owing no more
+            # than the withdrawal leaves is not claimed at a wake: the finish cannot take it.
+            owed = await self.store.at_risk(self.max_per_claim)
+            if not withdrawing_only and len(owed) < self.max_per_claim:
+                ids = {c.channel_id for c in owed}
+                more = await self.store.claimable(self.max_per_claim)
+                owed += [c for c in more if c.channel_id not in ids][
+                    : self.max_per_claim - len(owed)
+                ]
             claimed = await self._claim(owed)
-            # More withdrawing channels than one claim takes (a payer who opened many and
+            # More channels at risk than one claim takes (a payer who opened many and
             # withdraws from all at once): each is lost unless claimed before its finish, so
             # this pass claims them all, a transaction per max_per_claim — bounded, and each
             # batch must land (one that claims nothing ends the pass: the next wake retries).
             tried = {c.channel_id for c in owed}
             for _ in range(MAX_WITHDRAWING_BATCHES - 1):
-                # Withdrawing channels come first: a full batch ending in one may leave more.
-                if not claimed or len(owed) < self.max_per_claim or owed[-1].withdraw_due is None:
+                if not claimed or len(owed) < self.max_per_claim or not owed[-1].at_risk:
                     break
-                owed = await self.store.claimable(self.max_per_claim, withdrawing_only=True)
-                owed = [c for c in owed if c.channel_id not in tried]  # one not proven: next wake
-                if not owed:
+                owed = await self.store.at_risk(self.max_per_claim + len(tried))
+                owed = [c for c in owed if c.channel_id not in tried][: self.max_per_claim]
+                if not owed:  # (one not proven: next wake)
                     break
                 tried.update(c.channel_id for c in owed)
                 if not await self.store.take_claimer(self.replica, lease):  # renewed
@@ -119,7 +140,26 @@ class ClaimLoop:
                 claimed += done
             return claimed
         finally:
+            holding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await holding
             await self.store.let_go_claimer(self.replica)
+
+    async def _hold(self, lease: float) -> None:
+        """Renew the claim lease every third of it while the pass runs (for at most
+        :data:`MAX_PASS_SECONDS`): a pass's scan and claims (each transaction waited for) may
+        outlast the short lease, which must not lapse to another claimer meanwhile. A claimer
+        that dies or freezes stops renewing with it."""
+        loop = asyncio.get_running_loop()
+        stop = loop.time() + MAX_PASS_SECONDS
+        while loop.time() < stop:
+            await asyncio.sleep(self.renew_every)
+            try:
+                if not await self.store.take_claimer(self.replica, lease):
+                    return  # lapsed and taken: that claimer goes on
+            except Exception as exc:  # the ledger down: the pass's own writes fail too
+                log.error("claim lease not renewed: %s", type(exc).__name__)
+                return
 
     async def _claim(self, owed: list[Channel]) -> int:
         """Claim ``owed`` in one transaction and prove it: the channels claimed."""

@@ -47,6 +47,8 @@ CHARGE_LOST = "invalid_batch_settlement_evm_charge_lost"
 CHARGED = 1  # its charge is in the channel's total
 UNKNOWN = -1  # recorded before v11 and not provably charged
 NOT_RECORDED = -2  # no row (its charge was never made)
+# Owing withdrawing channels read per query by :meth:`ChannelStore.at_risk`.
+_RISK_PAGE = 200
 
 
 class ChannelBusy(PaygateError):
@@ -81,6 +83,16 @@ class Channel:
     @property
     def unclaimed(self) -> int:
         return self.charged - self.total_claimed
+
+    @property
+    def at_risk(self) -> bool:
+        """Its payer's pending withdrawal, finished, would take part of what is owed here
+        (the finish takes its amount from what is unclaimed): claim before it is due."""
+        return (
+            self.withdraw_due is not None
+            and self.charged > self.total_claimed
+            and self.charged > self.balance - self.withdraw_amount
+        )
 
 
 _COLUMNS = (
@@ -563,6 +575,33 @@ class ChannelStore:
             ),
         )
 
+    async def at_risk(self, limit: int) -> list[Channel]:
+        """Channels owing more than their payer's pending withdrawal leaves in them (its
+        finish would take part of what was served and not claimed): soonest due first, at
+        most ``limit``. One owing no more than that is not at risk — the finish leaves
+        ``balance - amount`` at least, so its voucher stays claimable — and waits for the
+        claim interval (a payer keeping a small withdrawal pending while spending under it
+        must not cost a claim transaction every wake). The arithmetic is Python's (uint128
+        amounts are decimal text), over pages of the owing withdrawing channels."""
+        found: list[Channel] = []
+        where = ""
+        params: tuple[Any, ...] = ()
+        while len(found) < limit:
+            _, rows = await self._sql(
+                f"SELECT {_COLUMNS} FROM bs_channels WHERE withdraw_due IS NOT NULL"  # noqa: S608 - constant
+                f" AND {_above('charged', 'total_claimed')} AND signed_max <> '0'{where}"
+                " ORDER BY withdraw_due, channel_id LIMIT ?",
+                (*params, _RISK_PAGE),
+            )
+            page = [_channel(r) for r in rows]
+            found += [c for c in page if c.at_risk][: limit - len(found)]
+            if len(page) < _RISK_PAGE:
+                break
+            last = page[-1]
+            where = " AND (withdraw_due > ? OR (withdraw_due = ? AND channel_id > ?))"
+            params = (last.withdraw_due, last.withdraw_due, last.channel_id)
+        return found
+
     async def claimable(self, limit: int, *, withdrawing_only: bool = False) -> list[Channel]:
         """Channels charged beyond what was claimed (under a voucher): those whose payer's
         withdrawal is pending first (soonest due first: its unclaimed vouchers are lost once
@@ -592,10 +631,12 @@ class ChannelStore:
         return [_channel(r) for r in rows]
 
     async def withdrawing(self, limit: int) -> list[Channel]:
-        """Channels whose payer's withdrawal is pending, soonest due first: at most ``limit``."""
+        """Channels whose payer's withdrawal is pending, least recently written first (each
+        chain reading, :meth:`refunded`, writes ``updated_at``: the scan's re-reads go round
+        them all over passes, whichever claimer makes them): at most ``limit``."""
         _, rows = await self._sql(
             f"SELECT {_COLUMNS} FROM bs_channels WHERE withdraw_due IS NOT NULL"  # noqa: S608 - constant
-            " ORDER BY withdraw_due LIMIT ?",
+            " ORDER BY updated_at, channel_id LIMIT ?",
             (limit,),
         )
         return [_channel(r) for r in rows]

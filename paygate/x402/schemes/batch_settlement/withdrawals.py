@@ -11,7 +11,11 @@ the contract's views (``pendingWithdrawals``, ``channels``) at the newest block 
 them: the withdrawal pending (``withdraw_requested_at``, its amount, and when it can finish
 by this host's clock) and the balance (lowered once it finished). Events only say which
 channels to read; the views are the truth, so readings are idempotent and order-free. The
-channels whose withdrawal is pending are read again every pass.
+channels whose withdrawal is pending are read again, least recently read first, in pages while
+the pass's budget lasts (the next pass goes on with the rest).
+
+A range the endpoint refuses is asked again smaller; a block it refuses on its own is never
+skipped unread (:meth:`WithdrawalScan._refused`).
 
 The first scan of a ledger starts at the newest block and reads the channels already there
 (those holding more than was claimed), so a withdrawal requested before the
@@ -53,10 +57,14 @@ KNOWN_BATCH = 500
 # Blocks scanned again each pass: an event in a block reorganised away and mined again in a
 # later block at or below the last one scanned is still seen.
 REORG_BLOCKS = 8
-# Channels read per page by the first scan's check of the channels already in the ledger (pages
-# while the pass's budget lasts), and per pass of those whose withdrawal is pending.
+# Channels read per page by the first scan's check of the channels already in the ledger, and
+# by the re-read of those whose withdrawal is pending (pages while the pass's budget lasts).
 CHECK_PAGE = 100
-WITHDRAWING_READ = 500
+WITHDRAWING_PAGE = 100
+# Passes in a row one block's events may be refused (the range split down to that block alone)
+# before the scan passes over it and reads every channel's withdrawal instead (the first
+# scan's check): see WithdrawalScan._refused.
+REFUSED_PASSES = 3
 
 
 @runtime_checkable
@@ -74,6 +82,12 @@ class WithdrawalEvents(Protocol):
         """A pass's scan failed (the RPC or the ledger down): retried at the next wake."""
         ...
 
+    def withdrawal_block_refused(self) -> None:
+        """The endpoint refused the events of one block (its scan stops before it this pass:
+        asked again next pass, and after :data:`REFUSED_PASSES` passes replaced by reading
+        every channel's withdrawal)."""
+        ...
+
 
 class NoWithdrawalEvents:
     """Reports nowhere."""
@@ -82,6 +96,9 @@ class NoWithdrawalEvents:
         return None
 
     def withdrawal_scan_failed(self) -> None:
+        return None
+
+    def withdrawal_block_refused(self) -> None:
         return None
 
 
@@ -98,6 +115,7 @@ class WithdrawalScan:
         self.chain = chain
         self._clock = clock
         self.events: WithdrawalEvents = events or NoWithdrawalEvents()  # where it reports
+        self._refusals: tuple[int, int] | None = None  # (a block refused, passes in a row)
 
     async def scan(self, budget: float = SCAN_SECONDS) -> int:
         """One pass (the claim lease held): the channels whose withdrawal state was read.
@@ -121,6 +139,7 @@ class WithdrawalScan:
         last = scanned
         first = max(0, scanned + 1 - REORG_BLOCKS)
         size = RANGE_BLOCKS
+        stuck: int | None = None  # a block refused on its own, not passed over
         for _ in range(MAX_RANGES):
             if first > head.block or (last > scanned and time.monotonic() > give_up):
                 break
@@ -128,11 +147,20 @@ class WithdrawalScan:
             try:
                 moves = await self.chain.withdrawal_moves(first, end)
             except SettlerUnavailable:
-                if end == first:
-                    raise
-                # An endpoint refusing the range (too many logs, too many blocks): smaller.
-                size = max(1, (end - first + 1) // 4)
+                if end > first:
+                    # An endpoint refusing the range (too many logs, too many blocks): smaller.
+                    size = max(1, (end - first + 1) // 4)
+                    continue
+                if not await self._refused(first, last, scanned):
+                    stuck = first  # the place stays before it: asked again next pass
+                    break
+                checked_after = ""  # (persisted by _refused with the place past it)
+                last = max(last, first)
+                first += 1
                 continue
+            if self._refusals is not None and first <= self._refusals[0] <= end:
+                self._refusals = None  # answered after all
+            size = min(RANGE_BLOCKS, size * 2)  # back up after a refused range's split
             last = end
             starts = {cid for cid, topic in moves if topic in (WITHDRAW_REQUESTED, WITHDRAWN)}
             named = sorted({cid for cid, _ in moves})
@@ -142,9 +170,6 @@ class WithdrawalScan:
                     if channel.channel_id in starts or channel.withdraw_due is not None:
                         ids.add(channel.channel_id)
             first = last + 1
-        # The withdrawals known are read again each pass: their due time follows the chain's
-        # clock, and a finish whose event a lagging node had not returned yet is still seen.
-        ids.update(c.channel_id for c in await self.store.withdrawing(WITHDRAWING_READ))
         read = 0
         pending: set[str] = set()  # channels read with a withdrawal pending
         wanted = sorted(ids)
@@ -153,6 +178,26 @@ class WithdrawalScan:
                 if await self._read(channel, head):
                     pending.add(channel.channel_id)
                 read += 1
+        # The withdrawals known are read again: their due time follows the chain's clock, and
+        # a finish whose event a lagging node had not returned yet is still seen. Least
+        # recently read first, pages while the budget lasts (one at least): thousands pending
+        # would hold the lease past its time; the next pass goes on with the rest (each
+        # reading moves the channel to the back). The events' channels above are read
+        # whatever the budget: the place moves past their events.
+        done = set(wanted)
+        while True:
+            page = [
+                c
+                for c in await self.store.withdrawing(WITHDRAWING_PAGE + len(done))
+                if c.channel_id not in done
+            ][:WITHDRAWING_PAGE]
+            for channel in page:
+                if await self._read(channel, head):
+                    pending.add(channel.channel_id)
+                done.add(channel.channel_id)
+            read += len(page)
+            if len(page) < WITHDRAWING_PAGE or time.monotonic() > give_up:
+                break
         # The first scan's check, pages while the budget lasts (one at least): a ledger of
         # thousands of channels checked a page a wake took longer than a withdrawal's delay.
         while checked_after is not None:
@@ -167,8 +212,46 @@ class WithdrawalScan:
             if checked_after is not None:  # its place kept, should this claimer die
                 await self.store.scanned(max(last, scanned), checked_after)
         await self.store.scanned(max(last, scanned), checked_after)
+        if stuck is not None:  # the rest of the pass done, but a failed scan (its metrics)
+            raise SettlerUnavailable(f"the RPC refuses the withdrawal events of block {stuck}")
         self.events.withdrawal_scanned(max(0, head.block - max(last, scanned)), len(pending))
         return read
+
+    async def _refused(self, block: int, last: int, scanned: int) -> bool:
+        """The endpoint refused ``block``'s events alone: whether to pass over it.
+
+        Its events cannot be skipped: a withdrawal requested in it and never learnt lets
+        vouchers be served that its finish takes. Nor may it stop the scan for good (every
+        withdrawal after it unlearnt). So it is asked again for :data:`REFUSED_PASSES`
+        passes in a row (a node's passing fault; the pass goes on with the re-reads, then
+        fails as a scan: a withdrawal after that block is not learnt yet), each logged and
+        counted; then the scan passes over
+        it and reads every channel holding unclaimed money instead (the first scan's check:
+        the contract's views at the newest block hold whatever that block's events would
+        have named), the place past it and the check persisted in one write. The count is
+        this claimer's (in memory): another, or a restart, counts again — a few passes more,
+        never a block passed over unchecked."""
+        passes = self._refusals[1] + 1 if self._refusals and self._refusals[0] == block else 1
+        self.events.withdrawal_block_refused()
+        if passes < REFUSED_PASSES:
+            self._refusals = (block, passes)
+            log.error(
+                "the RPC refuses the withdrawal events of block %d (%d of %d passes):"
+                " scanned up to it, asked again next pass",
+                block,
+                passes,
+                REFUSED_PASSES,
+            )
+            return False
+        self._refusals = None
+        log.error(
+            "the RPC refuses the withdrawal events of block %d %d passes in a row: passed"
+            " over, every channel's withdrawal read instead",
+            block,
+            passes,
+        )
+        await self.store.scanned(max(last, scanned, block), "")
+        return True
 
     async def _read(self, channel: Channel, head: Head) -> bool:
         """Mirror the channel's withdrawal and balance as the contract holds them at ``head``:

@@ -7,6 +7,8 @@ chain's clock forward (the withdraw delay), which other tests' fresh authorizati
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from types import SimpleNamespace
 
@@ -15,8 +17,8 @@ from paygate_dev.chain.build import load_contract
 from web3 import Web3
 
 from paygate import wire
+from paygate.x402.schemes.batch_settlement import claims, withdrawals
 from paygate.x402.schemes.batch_settlement import client as payer_client
-from paygate.x402.schemes.batch_settlement import withdrawals
 from paygate.x402.schemes.batch_settlement.chain import BatchChain, Head, config_tuple
 from paygate.x402.schemes.batch_settlement.channel import SETTLEMENT_ADDRESS
 from paygate.x402.schemes.batch_settlement.client import PayerChannel
@@ -329,8 +331,8 @@ async def test_a_voucher_above_what_the_withdrawal_leaves_is_refused_as_soon_as_
     """The payer outrunning the claim: requests a withdrawal, then floods vouchers long before
     it can finish. Once the claim loop's wake has learnt it, a voucher above what it leaves is
     refused at once — not only near its due time, which would leave every voucher served
-    meanwhile relying on a claim landing before the finish (a claimer that died holds the
-    claim lease for two wakes)."""
+    meanwhile relying on a claim landing before the finish (claimers that died hold the
+    claim lease in turn)."""
     ledger = tmp_path / "payments.db"
     async with chain_batch(seller, ledger, anvil, gas_key) as stack:
         required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
@@ -548,3 +550,272 @@ async def test_the_first_scans_check_reads_every_channel_there_is_in_one_pass(
                 known = await channels.store.get(channel.channel_id)
                 assert known is not None
                 assert known.withdraw_amount == DEPOSIT
+
+
+async def test_a_small_withdrawal_kept_pending_costs_no_claim_a_wake_and_takes_nothing_owed(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """The payer keeps a small withdrawal pending and goes on spending under what it leaves:
+    a wake between claim intervals sends no claim transaction for what it is served (the
+    finish cannot take it: each wake's claim was gas for nothing), while what was owed when
+    the request was learnt — which the finish could take — is claimed at once. Once the
+    withdrawal finished, the claim interval's claim is paid all that was served."""
+    ledger = tmp_path / "payments.db"
+    seller_before = usdc.balance_of(seller)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        assert await _pass(ledger, anvil, gas_key, withdrawing_only=True) == 0  # scan placed
+        # Owed 1 price, balance 10: a withdrawal of 9.5 prices would take half of it.
+        _payer_sends(
+            anvil,
+            payer,
+            _settlement(anvil).functions.initiateWithdraw(
+                config_tuple(channel.config), DEPOSIT - PRICE_ATOMIC // 2
+            ),
+        )
+        assert await _pass(ledger, anvil, gas_key, withdrawing_only=True) == 1  # at risk
+        # A top-up: the withdrawal now leaves room for more; spent under it, wake after wake.
+        status, headers, body = await post(
+            stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+        )
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+        sent = anvil.w3.eth.get_transaction_count(gas_key.address)
+        for _ in range(3):
+            status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+            assert status == 200, body
+            channel.charged_by(receipt_of(headers), offer)
+            assert await _pass(ledger, anvil, gas_key, withdrawing_only=True) == 0
+        assert anvil.w3.eth.get_transaction_count(gas_key.address) == sent  # no gas spent
+        _later(anvil, monkeypatch, 901)
+        _payer_sends(
+            anvil,
+            payer,
+            _settlement(anvil).functions.finalizeWithdraw(config_tuple(channel.config)),
+        )
+        assert await _pass(ledger, anvil, gas_key) == 1  # the claim interval's claim
+        async with claimer(ledger, anvil, gas_key) as channels:
+            mirrored = await channels.store.get(channel.channel_id)
+        assert mirrored is not None
+        assert mirrored.total_claimed == mirrored.charged == 5 * PRICE_ATOMIC
+        assert usdc.balance_of(seller) == seller_before + 5 * PRICE_ATOMIC
+
+
+async def test_the_pending_withdrawals_reread_keeps_to_the_pass_budget_and_goes_on_next_pass(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """Many withdrawals pending (scaled down: three, a page of one): a pass re-reads them
+    only while its time budget lasts (a page at least) — thousands read in one pass held the
+    claim lease past its time — and the next passes go on with the ones not read yet, least
+    recently read first, until every one follows the chain's clock (here: 500 s ahead)."""
+    monkeypatch.setattr(withdrawals, "WITHDRAWING_PAGE", 1)
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, first = await opened_channel(stack, payer, deposit=DEPOSIT)
+        leaving = [first]
+        for n in range(1, 3):
+            channel = PayerChannel.open(payer, offer, CHAIN_ID, salt="0x" + f"{n:02x}" * 32)
+            status, _, body = await post(
+                stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+            )
+            assert status == 200, body
+            leaving.append(channel)
+        assert await _pass(ledger, anvil, gas_key) == 3  # all claimed: the scan placed
+        for channel in leaving:
+            _payer_sends(
+                anvil,
+                payer,
+                _settlement(anvil).functions.initiateWithdraw(
+                    config_tuple(channel.config), PRICE_ATOMIC
+                ),
+            )
+        anvil.mine(2 * withdrawals.REORG_BLOCKS)  # their events behind the scan's rescan
+        async with claimer(ledger, anvil, gas_key) as channels:
+            assert await channels.claims.withdrawals.scan() == 3  # learnt from their events
+            learnt = [(await channels.store.get(c.channel_id)).withdraw_due for c in leaving]
+            anvil.rpc("evm_increaseTime", [500])
+            anvil.mine()
+            followed: list[int] = []
+            for _ in range(3):
+                assert await channels.claims.withdrawals.scan(budget=0.0) == 1
+                now = [(await channels.store.get(c.channel_id)).withdraw_due for c in leaving]
+                followed.append(sum(due < was - 400 for was, due in zip(learnt, now, strict=True)))
+        assert followed == [1, 2, 3]
+
+
+class _Refusals:
+    """The scan's reports (as the metrics take them): the refused blocks counted."""
+
+    def __init__(self) -> None:
+        self.refused = 0
+
+    def withdrawal_scanned(self, behind: int, pending: int) -> None:
+        return None
+
+    def withdrawal_scan_failed(self) -> None:
+        return None
+
+    def withdrawal_block_refused(self) -> None:
+        self.refused += 1
+
+
+async def test_a_block_the_endpoint_refuses_on_its_own_neither_stops_the_scan_nor_hides_its_request(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """The endpoint refuses eth_getLogs for any range holding one block — the very block of
+    the payer's withdrawal request (a node's fault with it, too many results). The scan splits
+    down to that block, stops before it (counted, asked again next pass; nothing after it
+    taken as scanned), and after REFUSED_PASSES passes in a row passes over it reading every
+    channel's withdrawal instead: the request is learnt, and a voucher above what it leaves
+    refused. Before, every pass failed at that block for good and the request was never
+    learnt."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        assert await _pass(ledger, anvil, gas_key) == 1  # the scan's place: here
+        _payer_sends(
+            anvil,
+            payer,
+            _settlement(anvil).functions.initiateWithdraw(
+                config_tuple(channel.config), DEPOSIT - 2 * PRICE_ATOMIC
+            ),
+        )
+        refused_block = int(anvil.w3.eth.block_number)
+        anvil.mine(20)
+        real = BatchChain.withdrawal_moves
+
+        async def withdrawal_moves(self, first, last):
+            if first <= refused_block <= last:
+                raise SettlerUnavailable("query returned more than 10000 results")
+            return await real(self, first, last)
+
+        monkeypatch.setattr(BatchChain, "withdrawal_moves", withdrawal_moves)
+        reports = _Refusals()
+        async with claimer(ledger, anvil, gas_key) as channels:
+            channels.claims.withdrawals.events = reports
+            for n in range(1, withdrawals.REFUSED_PASSES):
+                await channels.claim_once(withdrawing_only=True)
+                assert reports.refused == n
+                known = await channels.store.get(channel.channel_id)
+                assert known is not None
+                assert known.withdraw_due is None  # not learnt yet ...
+                place = await channels.store.scan_place()
+                assert place is not None
+                assert place[0] < refused_block  # ... and its block not taken as scanned
+            await channels.claim_once(withdrawing_only=True)
+            assert reports.refused == withdrawals.REFUSED_PASSES
+            known = await channels.store.get(channel.channel_id)
+            assert known is not None
+            assert known.withdraw_amount == DEPOSIT - 2 * PRICE_ATOMIC
+            place = await channels.store.scan_place()
+            assert place == (int(anvil.w3.eth.block_number), None)  # past it, caught up
+        status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+        assert (status, headers.get(wire.ERROR_HEADER)) == (402, WITHDRAWING)
+
+
+async def test_two_claimers_dying_in_a_row_still_leave_the_withdrawing_channel_claimed_in_time(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound
+):
+    """Three replicas on one ledger, waking together every scan_every (the worst phase: a
+    lease runs out just as a wake finds it held). The payer requests a withdrawal as the
+    replica holding the claim lease dies; the next to take the lease dies too, holding it.
+    The third still learns the request and claims the channel before the withdrawal is due,
+    its margin left (the ledger's clock moved by hand: no waiting). Before, the lease a dead
+    claimer held was two wakes long: the claim came two wakes after the finish could."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        assert await _pass(ledger, anvil, gas_key) == 1  # the scan's place: here
+        status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+        # Everything unclaimed on chain: it would take the second charge.
+        requested = _payer_sends(
+            anvil,
+            payer,
+            _settlement(anvil).functions.initiateWithdraw(
+                config_tuple(channel.config), DEPOSIT - PRICE_ATOMIC
+            ),
+        )
+        now = [float(requested)]
+        replicas = []
+        async with contextlib.AsyncExitStack() as stack_of:
+            for name in ("a", "b", "c"):
+                replicas.append(
+                    await stack_of.enter_async_context(
+                        claimer(ledger, anvil, gas_key, replica=name, clock=lambda: now[0])
+                    )
+                )
+            a, b, c = replicas
+            wake = a.claims.scan_every
+            assert await a.store.take_claimer("a", a.claims.lease)  # a's pass, and it dies
+            b_dead = False
+            claimed_at = None
+            for k in range(1, 20):
+                now[0] = requested + k * wake
+                if not b_dead:  # b wakes first, takes the lease, and dies in its pass
+                    b_dead = await b.store.take_claimer("b", b.claims.lease)
+                if await c.claim_once(withdrawing_only=True):
+                    claimed_at = now[0]
+                    break
+            assert b_dead
+            assert claimed_at is not None
+            known = await c.store.get(channel.channel_id)
+            assert known is not None
+            assert known.total_claimed == 2 * PRICE_ATOMIC
+            assert known.withdraw_due == requested + 900
+            assert claimed_at <= known.withdraw_due - claims.WITHDRAW_MARGIN
+
+
+async def test_a_pass_longer_than_the_claim_lease_keeps_it_and_lets_it_go_at_its_end(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """The lease a dead claimer leaves is short (half a wake), so a live claimer's pass that
+    takes longer — a slow endpoint's scan — renews it while it runs: another replica cannot
+    take it meanwhile (two claimers sending the same claims), and takes it once the pass
+    ends. (The ledger's clock moved by hand past the lease, twice over.)"""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        await opened_channel(stack, payer, deposit=DEPOSIT)
+        assert await _pass(ledger, anvil, gas_key) == 1  # the scan's place: here
+        now = [time.time()]
+        scanning = asyncio.Event()
+        go_on = asyncio.Event()
+        real = BatchChain.withdrawal_moves
+
+        async def withdrawal_moves(self, first, last):
+            scanning.set()
+            await go_on.wait()  # a slow endpoint
+            return await real(self, first, last)
+
+        monkeypatch.setattr(BatchChain, "withdrawal_moves", withdrawal_moves)
+        async with (
+            claimer(ledger, anvil, gas_key, replica="a", clock=lambda: now[0]) as a,
+            claimer(ledger, anvil, gas_key, replica="b", clock=lambda: now[0]) as b,
+        ):
+            a.claims.renew_every = 0.05
+            renewed = asyncio.Event()
+            take = a.store.take_claimer
+
+            async def take_claimer(owner, seconds):
+                try:
+                    return await take(owner, seconds)
+                finally:
+                    renewed.set()
+
+            monkeypatch.setattr(a.store, "take_claimer", take_claimer)
+            lease = a.claims.lease
+            passing = asyncio.create_task(a.claim_once())
+            async with asyncio.timeout(30):
+                await scanning.wait()
+                for _ in range(4):  # half a lease a step: two leases in all
+                    now[0] += lease / 2
+                    renewed.clear()
+                    await renewed.wait()
+                    assert not await b.store.take_claimer("b", b.claims.lease)
+                go_on.set()
+                await passing
+            assert await b.store.take_claimer("b", b.claims.lease)  # let go at its end

@@ -14,6 +14,7 @@ from paygate.x402.ledger import AlreadyReserved, LeaseLost, LedgerUnavailable, W
 from paygate.x402.ledger import PaymentState as S
 from paygate.x402.ledger_sqlite import SqliteLedger
 from paygate.x402.ledger_store import open_ledger, parse_ledger_url
+from paygate.x402.schemes.batch_settlement import store as store_module
 from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
 from paygate.x402.schemes.batch_settlement.store import (
     ChannelBusy,
@@ -1011,7 +1012,9 @@ async def test_a_take_for_a_payment_waits_for_a_release_running_meanwhile_and_se
         await ledger.close()
 
 
-async def test_withdrawing_channels_are_claimed_first_and_the_scan_place_kept(ledger_store):
+async def test_withdrawing_channels_are_claimed_first_and_the_scan_place_kept(
+    ledger_store, monkeypatch
+):
     """Ledger step 16: a channel whose payer's withdrawal is pending comes first among the
     owed ones (soonest due first), ahead of older changes, and alone when only withdrawing
     channels are asked for; the withdrawal cleared, it is an owed channel like any; the
@@ -1045,7 +1048,15 @@ async def test_withdrawing_channels_are_claimed_first_and_the_scan_place_kept(le
         9_000,
         2_000.5,
     )
-    assert [c.channel_id for c in await store.withdrawing(10)] == [ids[2], ids[1]]
+    # Least recently written first (the scan's re-reads go round them).
+    assert [c.channel_id for c in await store.withdrawing(10)] == [ids[1], ids[2]]
+    # Each owes no more than its withdrawal leaves (the finish cannot take it): not at risk;
+    # one the finish would take from is.
+    assert await store.at_risk(10) == []
+    await store.withdrawal(ids[1], requested_at=1_700_000_001, amount=9_001, due=2_500.0)
+    assert [c.channel_id for c in await store.at_risk(10)] == [ids[1]]
+    monkeypatch.setattr(store_module, "_RISK_PAGE", 1)  # paged: found behind one that is not
+    assert [c.channel_id for c in await store.at_risk(10)] == [ids[1]]
     await store.withdrawal(ids[2], requested_at=0, amount=0, due=None)
     assert [c.channel_id for c in await store.claimable(10, withdrawing_only=True)] == [ids[1]]
     assert [c.channel_id for c in await store.known([ids[0], "0x" + "ff" * 32])] == [ids[0]]
