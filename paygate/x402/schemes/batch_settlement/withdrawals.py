@@ -29,13 +29,14 @@ import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+from paygate.x402.schemes.batch_settlement import readings
 from paygate.x402.schemes.batch_settlement.chain import (
     WITHDRAW_REQUESTED,
     WITHDRAWN,
     ChannelChain,
     Head,
 )
-from paygate.x402.schemes.batch_settlement.store import Channel, ChannelStore
+from paygate.x402.schemes.batch_settlement.store import Channel, ChannelStore, Stamp
 from paygate.x402.settler import SettlerUnavailable
 
 log = logging.getLogger("paygate.x402")
@@ -113,10 +114,17 @@ class WithdrawalScan:
         give_up = time.monotonic() + budget
         head = await self.chain.head()
         place = await self.store.scan_place()
+        if place is not None and await readings.gone(self.chain, place[0]):
+            # The chain fell back or forked below the place: the events of the blocks that
+            # replaced the scanned ones are unread, from a fork point unknown. Taken as a
+            # first scan: from the newest block on, every channel there is read at it.
+            log.warning("the withdrawal scan's place was reorganised away: channels re-read")
+            place = None
         if place is None:  # the first scan: from here on, and the channels there are checked
-            place = (head.block, "")
-            await self.store.scanned(head.block, "")
-        scanned, checked_after = place
+            place = (head.stamp, "")
+            await self.store.scanned(head.stamp, "")
+        at, checked_after = place
+        scanned = at.block
         ids: set[str] = set()
         last = scanned
         first = max(0, scanned + 1 - REORG_BLOCKS)
@@ -165,18 +173,27 @@ class WithdrawalScan:
             if checked_after is not None and time.monotonic() > give_up:
                 break
             if checked_after is not None:  # its place kept, should this claimer die
-                await self.store.scanned(max(last, scanned), checked_after)
-        await self.store.scanned(max(last, scanned), checked_after)
+                await self.store.scanned(
+                    await self._stamp(max(last, scanned), at, head), checked_after
+                )
+        await self.store.scanned(await self._stamp(max(last, scanned), at, head), checked_after)
         self.events.withdrawal_scanned(max(0, head.block - max(last, scanned)), len(pending))
         return read
+
+    async def _stamp(self, block: int, place: Stamp, head: Head) -> Stamp:
+        """Block ``block`` (the place the scan got to) stamped: as the place or the newest block
+        it is, else as the chain holds it (hash not known when the node lacks it: a place that
+        is then never taken for reorganised away)."""
+        for known in (head.stamp, place):
+            if known.block == block:
+                return known
+        return await self.chain.stamp(block) or Stamp(block, None)
 
     async def _read(self, channel: Channel, head: Head) -> bool:
         """Mirror the channel's withdrawal and balance as the contract holds them at ``head``:
         whether a withdrawal is pending."""
         on_chain = await self.chain.state(channel.channel_id, since=head.block)
-        await self.store.refunded(
-            channel.channel_id, on_chain.balance, on_chain.total_claimed, block=on_chain.block
-        )
+        await readings.refunded(self.store, self.chain, channel.channel_id, on_chain)
         return await mirror_withdrawal(self.store, self.chain, channel, head, self._clock)
 
 

@@ -19,6 +19,7 @@ from paygate.x402.schemes.batch_settlement.store import (
     ChannelBusy,
     ChannelStore,
     ClaimEntry,
+    Stamp,
     charged,
     taken,
 )
@@ -1051,8 +1052,8 @@ async def test_withdrawing_channels_are_claimed_first_and_the_scan_place_kept(le
     assert [c.channel_id for c in await store.known([ids[0], "0x" + "ff" * 32])] == [ids[0]]
     assert [c.channel_id for c in await store.unspent_after(ids[0], 10)] == ids[1:]
     assert await store.scan_place() is None
-    await store.scanned(120, "")
-    await store.scanned(150, ids[1])
+    await store.scanned(Stamp(120, None), "")
+    await store.scanned(Stamp(150, "0x" + "ee" * 32, 1_700), ids[1])
     await ledger.close()
     again = ChannelStore(await ledger_store(replica="b"), clock=clock, pending_seconds=30.0)
-    assert await again.scan_place() == (150, ids[1])
+    assert await again.scan_place() == (Stamp(150, "0x" + "ee" * 32, 1_700), ids[1])
