@@ -11,7 +11,12 @@ the contract's views (``pendingWithdrawals``, ``channels``) at the newest block 
 them: the withdrawal pending (``withdraw_requested_at``, its amount, and when it can finish
 by this host's clock) and the balance (lowered once it finished). Events only say which
 channels to read; the views are the truth, so readings are idempotent and order-free. The
-channels whose withdrawal is pending are read again every pass.
+channels whose withdrawal is pending are read again every pass, and so are those mirrored from
+a block above the newest (a chain that fell back: readings.py).
+
+The place is stamped with its block's hash (ledger v17): one reorganised away is taken as no
+place at all (a first scan, below), since the blocks that replaced the scanned ones start from
+a fork point the scan cannot know.
 
 The first scan of a ledger starts at the newest block and reads the channels already there
 (those holding more than was claimed), so a withdrawal requested before the
@@ -153,6 +158,11 @@ class WithdrawalScan:
         # The withdrawals known are read again each pass: their due time follows the chain's
         # clock, and a finish whose event a lagging node had not returned yet is still seen.
         ids.update(c.channel_id for c in await self.store.withdrawing(WITHDRAWING_READ))
+        # Mirrors read above the newest block: a chain that fell back below a deposit's block
+        # (reorganised away) is read again here, at each wake — an owed channel waits for the
+        # claim interval's pass, and one that owes nothing for no pass at all. A node behind
+        # names them too: their readings, older, change nothing (readings.py).
+        ids.update(c.channel_id for c in await self.store.read_above(head.block, WITHDRAWING_READ))
         read = 0
         pending: set[str] = set()  # channels read with a withdrawal pending
         wanted = sorted(ids)

@@ -60,6 +60,21 @@ def _fall_back(anvil, snapshot: str, *, later_than: int) -> None:
     anvil.mine()
 
 
+async def _served_up_to(stack, required, offer, channel, balance: int) -> None:
+    """Vouchers up to ``balance`` are served; the next one is refused and nothing served."""
+    while channel.charged + PRICE_ATOMIC <= balance:
+        status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+    served = stack.fake.completed[COMPLETIONS]
+    status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
+    assert (status, headers[wire.ERROR_HEADER]) == (
+        402,
+        "invalid_batch_settlement_evm_cumulative_exceeds_balance",
+    )
+    assert stack.fake.completed[COMPLETIONS] == served
+
+
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 @pytest.mark.parametrize(
     "height",
@@ -96,17 +111,38 @@ async def test_a_top_up_reorganised_away_no_longer_serves_vouchers(
         await _pass(ledger, anvil, gas_key)
         mirrored = await _mirrored(ledger, anvil, gas_key, channel.channel_id)
         assert mirrored.balance == DEPOSIT
-        while channel.charged + PRICE_ATOMIC <= DEPOSIT:
-            status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
-            assert status == 200, body
-            channel.charged_by(receipt_of(headers), offer)
-        served = stack.fake.completed[COMPLETIONS]
-        status, headers, _ = await post(stack, header_for(required, channel.pay(offer)))
-        assert (status, headers[wire.ERROR_HEADER]) == (
-            402,
-            "invalid_batch_settlement_evm_cumulative_exceeds_balance",
+        await _served_up_to(stack, required, offer, channel, DEPOSIT)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_a_top_up_reorganised_away_is_read_again_at_the_next_wake(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, request, store
+):
+    """The same attack between claim intervals: the claimer's scan had passed the blocks
+    before the top-up (its place is still on the chain), and a wake between claim intervals
+    reads only withdrawing channels. The channel mirrored from a block above the newest is
+    read again at that wake all the same: a voucher past what the contract holds is
+    refused."""
+    ledger = _ledger(store, tmp_path, request)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        assert await _pass(ledger, anvil, gas_key) == 1  # the scan's place: here
+        snapshot = anvil.rpc("evm_snapshot")
+        anvil.mine(3)
+        status, headers, body = await post(
+            stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
         )
-        assert stack.fake.completed[COMPLETIONS] == served
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+        topped = await _mirrored(ledger, anvil, gas_key, channel.channel_id)
+        assert topped.balance == 2 * DEPOSIT
+        replaced = anvil.w3.eth.get_block(topped.read_block)
+        _fall_back(anvil, snapshot, later_than=int(replaced["timestamp"]))
+        async with claimer(ledger, anvil, gas_key) as channels:
+            assert await channels.claim_once(withdrawing_only=True) == 0
+        mirrored = await _mirrored(ledger, anvil, gas_key, channel.channel_id)
+        assert mirrored.balance == DEPOSIT
+        await _served_up_to(stack, required, offer, channel, DEPOSIT)
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
