@@ -190,3 +190,32 @@ async def test_a_withdrawal_requested_in_blocks_that_replaced_scanned_ones_is_le
             DEPOSIT - PRICE_ATOMIC,
         )
         assert mirrored.withdraw_due is not None
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_a_refund_after_the_chain_fell_back_returns_what_the_contract_holds(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, request, store
+):
+    """The payer asks for the rest back after its top-up was reorganised away (the chain
+    below the mirror's block): the refund reads the channel no older than its mirror's block,
+    which the chain no longer holds — proven gone, the chain as it is now counts, and the
+    refund returns what the contract holds (not "ask again" until the chain regains the
+    height, nor the mirror's amount, which the contract would refuse)."""
+    ledger = _ledger(store, tmp_path, request)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        snapshot = anvil.rpc("evm_snapshot")
+        anvil.mine(3)
+        status, headers, body = await post(
+            stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+        )
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+        topped = await _mirrored(ledger, anvil, gas_key, channel.channel_id)
+        replaced = anvil.w3.eth.get_block(topped.read_block)
+        _fall_back(anvil, snapshot, later_than=int(replaced["timestamp"]))
+        status, headers, body = await post(stack, header_for(required, channel.refund()))
+        assert status == 200, body
+        assert int(receipt_of(headers)["amount"]) == DEPOSIT - channel.charged
+        mirrored = await _mirrored(ledger, anvil, gas_key, channel.channel_id)
+        assert mirrored.balance == channel.charged
