@@ -136,7 +136,9 @@ class ClaimLoop:
             # owed channel a pass (at most max_per_claim); one that only agrees moves no
             # version, so a request's charge in flight keeps its compare-and-set.
             on_chain = await self.chain.state(c.channel_id)
-            await readings.refunded(self.store, self.chain, c.channel_id, on_chain, c.total_claimed)
+            # Its claims as read too (never lowered, but by a reading that replaces one of a
+            # block reorganised away: a claim mined there is owed again).
+            await readings.refunded(self.store, self.chain, c.channel_id, on_chain)
             total = min(c.charged, on_chain.balance)
             if total < c.charged:
                 log.warning(

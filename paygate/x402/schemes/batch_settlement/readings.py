@@ -63,17 +63,14 @@ async def refunded(
     chain: ChannelChain,
     channel_id: str,
     reading: OnChain,
-    total_claimed: int | None = None,
 ) -> Channel | None:
-    """:meth:`ChannelStore.refunded` of ``reading`` through :func:`mirror` (``total_claimed``:
-    the claims to write, the reading's by default)."""
-    claims = reading.total_claimed if total_claimed is None else total_claimed
+    """:meth:`ChannelStore.refunded` of ``reading`` through :func:`mirror`."""
 
     def write(orphaned: Stamp | None) -> Awaitable[Channel | None]:
         return store.refunded(
             channel_id,
             reading.balance,
-            claims,
+            reading.total_claimed,
             block=reading.block,
             block_hash=reading.block_hash,
             block_time=reading.block_time,
