@@ -23,7 +23,8 @@ v15: a receipt's leaf recorded in the transparency log once (``tlog_receipts``: 
 twins resolved), and the log's recovery scanned by one replica at a time (``tlog_recovery``).
 v16: a batch-settlement payer's timed withdrawal, learnt from the contract's events
 (``bs_channels.withdraw_requested_at``/``withdraw_amount``/``withdraw_due``; the scan's place
-in ``bs_scan``).
+in ``bs_scan``). v17: the hash and time of the block each batch-settlement chain reading (and the
+withdrawal scan's place) was read at, so a reading of a block reorganised away is told apart.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Literal
 from paygate.x402.ledger import PaymentState
 
 SqlDialect = Literal["sqlite", "postgres"]
-SCHEMA_VERSION = 16
+SCHEMA_VERSION = 17
 
 # What differs between the dialects, by name: (SQLite, PostgreSQL).
 _WORDS: dict[str, tuple[str, str]] = {
@@ -350,6 +351,18 @@ def migrations(dialect: SqlDialect) -> dict[int, tuple[str, ...]]:
                 f"checked_after {text}  -- the first scan's check of the channels there were:"
                 " the last channel read (NULL: done)",
             ),
+        ),
+        # A chain reading's block by number alone cannot tell a newer reading from one of a
+        # chain that fell back (a reorganisation to a shorter chain, a test chain reset): each
+        # reading is stamped with its block's hash and timestamp too, so that one of an older
+        # block replaces a row whose block the chain no longer holds (batch_settlement.readings)
+        # and the withdrawal scan goes back over a place reorganised away. NULL/0: not known
+        # (rows from before this step), taken as still on the chain.
+        17: (
+            "ALTER TABLE bs_channels ADD COLUMN read_hash TEXT",
+            f"ALTER TABLE bs_channels ADD COLUMN read_time {bigint} NOT NULL DEFAULT 0",
+            "ALTER TABLE bs_scan ADD COLUMN scanned_hash TEXT",
+            f"ALTER TABLE bs_scan ADD COLUMN scanned_time {bigint} NOT NULL DEFAULT 0",
         ),
     }
 

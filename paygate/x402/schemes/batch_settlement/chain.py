@@ -29,7 +29,7 @@ from eth_abi import encode as abi_encode
 from eth_account import Account
 from eth_utils import keccak, to_checksum_address
 from pydantic import SecretStr
-from web3.exceptions import ContractLogicError, Web3RPCError
+from web3.exceptions import BlockNotFound, ContractLogicError, Web3RPCError
 
 from paygate.x402 import evm
 from paygate.x402.chain_reader import ChainReader
@@ -38,7 +38,7 @@ from paygate.x402.models import AnyPaymentPayload, SettleResponse, VerifyRespons
 from paygate.x402.schemes.base import ChainAccess
 from paygate.x402.schemes.batch_settlement import channel as ch
 from paygate.x402.schemes.batch_settlement.payload import BatchSettlementPayload, ChannelConfig
-from paygate.x402.schemes.batch_settlement.store import ClaimEntry
+from paygate.x402.schemes.batch_settlement.store import ClaimEntry, Stamp
 from paygate.x402.settler import SettlementSubject, SettlerUnavailable
 
 log = logging.getLogger("paygate.x402")
@@ -102,11 +102,18 @@ _READ_PAUSE = 0.25
 
 @dataclass(frozen=True, slots=True)
 class OnChain:
-    """A channel as the contract held it at ``block`` (its place in chain order)."""
+    """A channel as the contract held it at ``block`` (its place in chain order), the block
+    whose hash is ``block_hash`` (None: not known) and timestamp ``block_time``."""
 
     balance: int
     total_claimed: int
     block: int
+    block_hash: str | None = None
+    block_time: int = 0
+
+    @property
+    def stamp(self) -> Stamp:
+        return Stamp(self.block, self.block_hash, self.block_time)
 
 
 def config_tuple(config: ChannelConfig) -> tuple[Any, ...]:
@@ -146,10 +153,15 @@ class Refund:
 
 @dataclass(frozen=True, slots=True)
 class Head:
-    """The newest block: its number and timestamp (the chain's clock)."""
+    """The newest block: its number and timestamp (the chain's clock), and its hash."""
 
     block: int
     timestamp: int
+    hash: str | None = None
+
+    @property
+    def stamp(self) -> Stamp:
+        return Stamp(self.block, self.hash, self.timestamp)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +198,15 @@ class ChannelChain(Protocol):
         ...
 
     async def pending_withdrawal(self, channel_id: str, block: int) -> Pending: ...
+
+    async def stamp(self, block: int) -> Stamp | None:
+        """Block ``block`` as the chain holds it now (None: the node lacks it)."""
+        ...
+
+    async def orphaned(self, stamp: Stamp) -> bool:
+        """The chain no longer holds the block ``stamp`` names (a reorganisation): proven, not
+        guessed (see :meth:`BatchChain.orphaned`)."""
+        ...
 
 
 def sweeps(entries: list[ClaimEntry]) -> list[tuple[str, str]]:
@@ -253,6 +274,11 @@ class BatchChain:
         than ``since`` (a transaction's own: a reading after it must show it, even when the
         node naming the newest block is behind the one that mined it).
 
+        The reading is made at the block's hash (EIP-1898), as the block's header names it,
+        and stamped with both: a node that reorganised between the two answers has no such
+        block and is asked again, so a reading is always of the block its stamp names (the
+        ledger tells a block reorganised away from a newer one by it: readings.py).
+
         Behind a load-balanced RPC the number and the read may be answered by different
         nodes, the reader behind: it answers an error for a block it lacks (geth "header not
         found", anvil ``BlockOutOfRange``). The block before is read then (an older reading,
@@ -262,20 +288,49 @@ class BatchChain:
         newest = int(await self._reader.call(lambda: self._reader.w3.eth.block_number))
         block = max(newest, since)
         for _ in range(_READ_TRIES):
-            found = await self._reader.call(_read_at, read, block)
-            if found is not None:
-                return OnChain(int(found[0]), int(found[1]), block)
+            stamp = await self.stamp(block)
+            found = None if stamp is None else await self._reader.call(_read_at, read, stamp.hash)
+            if stamp is not None and found is not None:
+                return OnChain(int(found[0]), int(found[1]), block, stamp.hash, stamp.time)
             if block > since:
                 block -= 1
             else:
                 await asyncio.sleep(_READ_PAUSE)
         raise SettlerUnavailable("the chain's RPC endpoint lacks the blocks it names")
 
+    async def stamp(self, block: int) -> Stamp | None:
+        """Block ``block`` as the node holds it: its number, hash and timestamp (None: the
+        node lacks it)."""
+        header = await self._reader.call(_header, self._reader.w3, block)
+        if header is None:
+            return None
+        return Stamp(block, "0x" + evm.hex_of(header["hash"]), int(header["timestamp"]))
+
+    async def orphaned(self, stamp: Stamp) -> bool:
+        """The chain no longer holds the block ``stamp`` names: reorganised away, or a test
+        chain reset. A node that lacks the block is no proof — behind a load-balanced RPC a
+        node behind lacks it too, and would make a newer reading look orphaned. Proof is:
+
+        * the node holds another block at that number (its chain forked from the stamp's), or
+        * the node's newest block is below that number and later in time than the stamp's
+          block: a node behind has an ancestor of the stamp's block as its newest, never a
+          later one, so its chain is another (one that fell back, and went on from there).
+
+        A chain that fell back and has made no block since proves nothing yet (its newest
+        block is older than the stamp's): its next block does. Unknown hash: never."""
+        if stamp.hash is None:
+            return False
+        now = await self.stamp(stamp.block)
+        if now is not None:
+            return now.hash != stamp.hash
+        head = await self.head()
+        return head.block < stamp.block and stamp.time > 0 and head.timestamp > stamp.time
+
     # --- withdrawals (withdrawals.py) ---
 
     async def head(self) -> Head:
         block = await self._reader.call(lambda: self._reader.w3.eth.get_block("latest"))
-        return Head(int(block["number"]), int(block["timestamp"]))
+        return Head(int(block["number"]), int(block["timestamp"]), "0x" + evm.hex_of(block["hash"]))
 
     async def withdrawal_moves(self, first: int, last: int) -> list[tuple[str, str]]:
         logs = await self._reader.call(
@@ -453,12 +508,20 @@ def refunded_in(receipt: Any, channel_id: str) -> int:
     return returned
 
 
-def _read_at(read: Callable[..., Any], block: int) -> Any:
-    """``read`` (a view call) at ``block``; None when the node answered an error for it (one
-    that lacks the block: see :meth:`BatchChain.state`)."""
+def _read_at(read: Callable[..., Any], block: int | str) -> Any:
+    """``read`` (a view call) at ``block`` (a number or a block hash); None when the node
+    answered an error for it (one that lacks the block: see :meth:`BatchChain.state`)."""
     try:
         return read(block_identifier=block)
     except Web3RPCError:
+        return None
+
+
+def _header(w3: Any, block: int) -> Any:
+    """Block ``block``'s header as the node holds it; None when it lacks the block."""
+    try:
+        return w3.eth.get_block(block)
+    except (BlockNotFound, Web3RPCError):
         return None
 
 

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from web3.exceptions import Web3Exception
 
+from paygate.x402.schemes.batch_settlement import readings
 from paygate.x402.schemes.batch_settlement.chain import ChannelChain
 from paygate.x402.schemes.batch_settlement.store import Channel, ChannelStore, Claim, ClaimEntry
 from paygate.x402.schemes.batch_settlement.withdrawals import SCAN_SECONDS, WithdrawalScan
@@ -175,9 +176,9 @@ class ClaimLoop:
             # owed channel a pass (at most max_per_claim); one that only agrees moves no
             # version, so a request's charge in flight keeps its compare-and-set.
             on_chain = await self.chain.state(c.channel_id)
-            await self.store.refunded(
-                c.channel_id, on_chain.balance, c.total_claimed, block=on_chain.block
-            )
+            # Its claims as read too (never lowered, but by a reading that replaces one of a
+            # block reorganised away: a claim mined there is owed again).
+            await readings.refunded(self.store, self.chain, c.channel_id, on_chain)
             total = min(c.charged, on_chain.balance)
             if total < c.charged:
                 log.warning(

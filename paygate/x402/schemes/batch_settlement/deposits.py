@@ -13,12 +13,14 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from paygate.x402.ledger import LedgerError
 from paygate.x402.schemes.base import PaymentRejected
+from paygate.x402.schemes.batch_settlement import readings
 from paygate.x402.schemes.batch_settlement.chain import ChannelChain, Deposit
-from paygate.x402.schemes.batch_settlement.store import Channel, ChannelBusy, ChannelStore
+from paygate.x402.schemes.batch_settlement.store import Channel, ChannelBusy, ChannelStore, Stamp
 from paygate.x402.schemes.batch_settlement.verify import CheckedVoucher
 from paygate.x402.schemes.batch_settlement.withdrawals import mirror_withdrawal
 from paygate.x402.settler import SettlementUnknown, SettlerUnavailable
@@ -90,15 +92,22 @@ class Deposits:
                     state = await self.chain.state(checked.channel_id, since=state.block)
                 except SettlementUnknown as exc:
                     raise SettlerUnavailable(f"the channel cannot be read: {exc}") from None
-            mirrored = await self.store.deposited(
-                checked.channel_id,
-                str(requirements["network"]),
-                checked.payload.channel_config,
-                balance=state.balance,
-                total_claimed=state.total_claimed,
-                exact=held,
-                block=state.block,
-            )
+
+            def write(orphaned: Stamp | None) -> Awaitable[Channel]:
+                return self.store.deposited(
+                    checked.channel_id,
+                    str(requirements["network"]),
+                    checked.payload.channel_config,
+                    balance=state.balance,
+                    total_claimed=state.total_claimed,
+                    exact=held,
+                    block=state.block,
+                    block_hash=state.block_hash,
+                    block_time=state.block_time,
+                    orphaned=orphaned,
+                )
+
+            mirrored = await readings.mirror(self.chain, state, write)
             if not exists:
                 # New to this ledger: a withdrawal its payer requested before (a channel
                 # funded on chain first) is in blocks the claimer's scan may have passed

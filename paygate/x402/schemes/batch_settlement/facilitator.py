@@ -35,7 +35,7 @@ from paygate.x402.schemes.batch_settlement.chain import (
 )
 from paygate.x402.schemes.batch_settlement.channel import NAME
 from paygate.x402.schemes.batch_settlement.payload import ChannelConfig
-from paygate.x402.schemes.batch_settlement.store import ClaimEntry
+from paygate.x402.schemes.batch_settlement.store import ClaimEntry, Stamp
 from paygate.x402.settler import SettlementSubject, SettlementUnknown, SettlerUnavailable
 
 log = logging.getLogger("paygate.x402")
@@ -82,6 +82,12 @@ class BatchFacilitator:
 
     async def pending_withdrawal(self, channel_id: str, block: int) -> Pending:
         return await self._proof.pending_withdrawal(channel_id, block)
+
+    async def stamp(self, block: int) -> Stamp | None:
+        return await self._proof.stamp(block)
+
+    async def orphaned(self, stamp: Stamp) -> bool:
+        return await self._proof.orphaned(stamp)
 
     def _requirements(self, config: ChannelConfig) -> dict[str, Any]:
         """A requirement naming the channel's receiver and token (what the facilitator routes a

@@ -10,6 +10,7 @@ the old balance is never served meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from paygate.x402.ledger import LedgerError
 from paygate.x402.models import SettleResponse
 from paygate.x402.schemes.base import PaymentRejected, PaymentUnconfirmed
+from paygate.x402.schemes.batch_settlement import readings
 from paygate.x402.schemes.batch_settlement.chain import ChannelChain, Refund
 from paygate.x402.schemes.batch_settlement.store import (
     Channel,
@@ -105,9 +107,7 @@ class Refunds:
                     "the refund's outcome is not known yet: ask again",
                 ) from None
             try:
-                await self.store.refunded(
-                    checked.channel_id, after.balance, after.total_claimed, block=after.block
-                )
+                await readings.refunded(self.store, self.chain, checked.channel_id, after)
             except LedgerError:
                 # The money moved, its mirror did not: the channel stays held meanwhile (a
                 # voucher past the contract's balance is refused busy, never taken), and the
@@ -168,18 +168,23 @@ class Refunds:
         node behind naming the newest block would give a balance before a top-up mirrored
         already, and the refund of "the rest" would return less). PaymentUnconfirmed when
         the chain cannot be read."""
+        on_chain = None
         try:
             on_chain = await self.chain.state(channel.channel_id, since=channel.read_block)
         except (SettlementUnknown, SettlerUnavailable):
+            # No block that high (yet): a node behind, or a chain that fell back below the
+            # mirror's reading — proven so, the chain as it is now is the one to refund on.
+            if await readings.gone(self.chain, channel.stamp):
+                with contextlib.suppress(SettlementUnknown, SettlerUnavailable):
+                    on_chain = await self.chain.state(channel.channel_id)
+        if on_chain is None:
             raise PaymentUnconfirmed(
                 "invalid_batch_settlement_evm_refund_transaction_failed",
                 "the channel cannot be read on chain now: ask again",
-            ) from None
+            )
         if (on_chain.balance, on_chain.total_claimed) == (channel.balance, channel.total_claimed):
             return channel
-        await self.store.refunded(
-            channel.channel_id, on_chain.balance, on_chain.total_claimed, block=on_chain.block
-        )
+        await readings.refunded(self.store, self.chain, channel.channel_id, on_chain)
         return dataclasses.replace(
             channel,
             balance=on_chain.balance,

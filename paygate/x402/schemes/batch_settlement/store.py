@@ -20,7 +20,9 @@ one channel:
   unmarked (its charge lost) is never taken as committed (:meth:`ChannelStore.commit`).
 * one claimer at a time holds the claim lease (the ``bs_claims`` row ``claimer``).
 * a channel's balance follows chain order: each chain reading is written with the block it was
-  read at (``read_block``, ledger step 14), and one older than the row's changes nothing of it.
+  read at (``read_block``, ledger step 14; its hash and time, ``read_hash``/``read_time``, step
+  17), and one older than the row's changes nothing of it — unless the row's block was proven
+  reorganised away (``orphaned``: readings.py), when the reading replaces it.
 
 Amounts are decimal text (uint128 does not fit SQLite's integer).
 """
@@ -51,6 +53,16 @@ NOT_RECORDED = -2  # no row (its charge was never made)
 _RISK_PAGE = 200
 
 
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """The block a chain reading was made at: its number, hash (0x hex; None: not known, a
+    row from before ledger v17) and timestamp (0: not known)."""
+
+    block: int
+    hash: str | None
+    time: int = 0
+
+
 class ChannelBusy(PaygateError):
     """Another voucher holds the channel (its request is in progress)."""
 
@@ -79,6 +91,13 @@ class Channel:
     withdraw_requested_at: int = 0
     withdraw_amount: int = 0
     withdraw_due: float | None = None
+    # The block of ``read_block`` (ledger v17): its hash (None: not known) and timestamp.
+    read_hash: str | None = None
+    read_time: int = 0
+
+    @property
+    def stamp(self) -> Stamp:
+        return Stamp(self.read_block, self.read_hash, self.read_time)
 
     @property
     def unclaimed(self) -> int:
@@ -98,7 +117,7 @@ class Channel:
 _COLUMNS = (
     "channel_id, network, payer, config, balance, total_claimed, charged, signed_max, signature,"
     " pending_owner, pending_until, version, read_block, withdraw_requested_at, withdraw_amount,"
-    " withdraw_due"
+    " withdraw_due, read_hash, read_time"
 )
 
 
@@ -127,6 +146,8 @@ def _channel(row: tuple[Any, ...]) -> Channel:
         withdraw_requested_at=int(row[13]),
         withdraw_amount=int(row[14]),
         withdraw_due=None if row[15] is None else float(row[15]),
+        read_hash=row[16],
+        read_time=int(row[17]),
     )
 
 
@@ -138,6 +159,23 @@ def _larger(column: str, given: str | None = None) -> str:
     old = f"bs_channels.{column}"
     new = "CAST(? AS TEXT)" if given == "?" else f"excluded.{given or column}"
     return f"CASE WHEN {_above(new, old)} THEN {new} ELSE {old} END"
+
+
+def _forget(channel_id: str, orphaned: Stamp | None) -> list[tuple[str, tuple[Any, ...]]]:
+    """The statement that forgets the row's reading while it is still ``orphaned``'s (a block
+    proven reorganised away), in the transaction of the write after it: that write's reading
+    then counts as the first (its balance and its claims, lower too — a claim reorganised
+    away is owed again). Nothing when ``orphaned`` is None; a row read again since (another
+    stamp) is left alone: that reading stands."""
+    if orphaned is None or orphaned.hash is None:
+        return []
+    return [
+        (
+            "UPDATE bs_channels SET read_block = 0, read_hash = NULL, read_time = 0,"
+            " total_claimed = '0' WHERE channel_id = ? AND read_block = ? AND read_hash = ?",
+            (channel_id, orphaned.block, orphaned.hash),
+        )
+    ]
 
 
 def _above(column: str, other: str) -> str:
@@ -233,6 +271,9 @@ class ChannelStore:
         total_claimed: int,
         block: int,
         exact: bool = False,
+        block_hash: str | None = None,
+        block_time: int = 0,
+        orphaned: Stamp | None = None,
     ) -> Channel:
         """Mirror the channel's on-chain state after a proven deposit (a new channel starts
         charged at what was claimed before: the spec's baseline after state loss), as read
@@ -249,37 +290,54 @@ class ChannelStore:
         while the deposit held the channel: no refund between, so it is the contract's, lower
         too after an unmirrored withdrawal). Claims are never lowered. ``block`` is required:
         0 is taken for the oldest reading of all (rows from before ledger v14), so a caller
-        that forgot it would have its balance ignored once the row holds a stamped one."""
+        that forgot it would have its balance ignored once the row holds a stamped one.
+
+        Of one block number, readings of two blocks (``block_hash`` differs: one was
+        reorganised away) are not merged: the row's stands. ``orphaned``: the row's stamp the
+        caller proved reorganised away (readings.py) — while the row still holds it, this
+        reading replaces the row's balance and claims, older block or not."""
         of_block = "excluded.balance" if exact else _larger("balance")
         newer = "excluded.read_block > bs_channels.read_block"
-        _, rows = await self._sql(
+        same = (
+            "excluded.read_block = bs_channels.read_block AND (bs_channels.read_hash IS NULL"
+            " OR excluded.read_hash IS NULL OR excluded.read_hash = bs_channels.read_hash)"
+        )
+        write = (
             "INSERT INTO bs_channels (channel_id, network, payer, config, balance,"  # noqa: S608 - constant
             " total_claimed, charged, signed_max, signature, pending_owner, pending_until,"
-            " version, updated_at, read_block)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, '0x', NULL, NULL, 1, ?, ?)"
+            " version, updated_at, read_block, read_hash, read_time)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, '0x', NULL, NULL, 1, ?, ?, ?, ?)"
             f" ON CONFLICT (channel_id) DO UPDATE SET balance = CASE WHEN {newer}"
-            " THEN excluded.balance WHEN excluded.read_block = bs_channels.read_block"
-            f" THEN {of_block} ELSE bs_channels.balance END,"
+            f" THEN excluded.balance WHEN {same} THEN {of_block} ELSE bs_channels.balance END,"
             f" read_block = CASE WHEN {newer} THEN excluded.read_block"
             " ELSE bs_channels.read_block END,"
+            f" read_hash = CASE WHEN {newer} THEN excluded.read_hash WHEN {same}"
+            " THEN COALESCE(bs_channels.read_hash, excluded.read_hash)"
+            " ELSE bs_channels.read_hash END,"
+            f" read_time = CASE WHEN {newer} THEN excluded.read_time WHEN {same}"
+            " AND bs_channels.read_hash IS NULL THEN excluded.read_time"
+            " ELSE bs_channels.read_time END,"
             f" total_claimed = {_larger('total_claimed')},"
             f" charged = {_larger('charged', 'total_claimed')},"
             " version = bs_channels.version + 1, updated_at = excluded.updated_at"
-            f" RETURNING {_COLUMNS}",
-            (
-                channel_id,
-                network,
-                config.payer,
-                config.model_dump_json(by_alias=True),
-                str(balance),
-                str(total_claimed),
-                str(total_claimed),
-                str(total_claimed),
-                self._clock(),
-                block,
-            ),
+            f" RETURNING {_COLUMNS}"
         )
-        return _channel(rows[0])
+        params = (
+            channel_id,
+            network,
+            config.payer,
+            config.model_dump_json(by_alias=True),
+            str(balance),
+            str(total_claimed),
+            str(total_claimed),
+            str(total_claimed),
+            self._clock(),
+            block,
+            block_hash,
+            block_time,
+        )
+        results = await self._sql_all([*_forget(channel_id, orphaned), (write, params)])
+        return _channel(results[-1][1][0])
 
     def take_write(self, channel_id: str, owner: str) -> SchemeWrite:
         """:meth:`take`'s usual case, one statement — the lease is free, ours, or run out — as
@@ -641,6 +699,16 @@ class ChannelStore:
         )
         return [_channel(r) for r in rows]
 
+    async def read_above(self, block: int, limit: int) -> list[Channel]:
+        """Channels whose mirror was read at a block above ``block`` (the newest, as a node
+        names it: one behind, or a chain that fell back), highest first: at most ``limit``."""
+        _, rows = await self._sql(
+            f"SELECT {_COLUMNS} FROM bs_channels WHERE read_block > ?"  # noqa: S608 - constant
+            " ORDER BY read_block DESC LIMIT ?",
+            (block, limit),
+        )
+        return [_channel(r) for r in rows]
+
     async def unspent_after(self, after: str, limit: int) -> list[Channel]:
         """Channels holding more than was claimed, by id after ``after``: at most ``limit``."""
         _, rows = await self._sql(
@@ -674,18 +742,25 @@ class ChannelStore:
             (channel_id, requested_at, str(amount)),
         )
 
-    async def scan_place(self) -> tuple[int, str | None] | None:
-        """Where the withdrawal scan got to: (the last block scanned, the first scan's check
-        of the channels: the last read, None when done); None before the first scan."""
-        _, rows = await self._sql("SELECT scanned_block, checked_after FROM bs_scan", ())
-        return (int(rows[0][0]), rows[0][1]) if rows else None
+    async def scan_place(self) -> tuple[Stamp, str | None] | None:
+        """Where the withdrawal scan got to: (the last block scanned — its hash None when
+        not known —, the first scan's check of the channels: the last read, None when done);
+        None before the first scan."""
+        _, rows = await self._sql(
+            "SELECT scanned_block, checked_after, scanned_hash, scanned_time FROM bs_scan", ()
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return Stamp(int(row[0]), row[2], int(row[3])), row[1]
 
-    async def scanned(self, block: int, checked_after: str | None) -> None:
+    async def scanned(self, place: Stamp, checked_after: str | None) -> None:
         await self._sql(
-            "INSERT INTO bs_scan (id, scanned_block, checked_after) VALUES (1, ?, ?)"
-            " ON CONFLICT (id) DO UPDATE SET scanned_block = excluded.scanned_block,"
-            " checked_after = excluded.checked_after",
-            (block, checked_after),
+            "INSERT INTO bs_scan (id, scanned_block, checked_after, scanned_hash, scanned_time)"
+            " VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+            " scanned_block = excluded.scanned_block, checked_after = excluded.checked_after,"
+            " scanned_hash = excluded.scanned_hash, scanned_time = excluded.scanned_time",
+            (place.block, checked_after, place.hash, place.time),
         )
 
     async def claimed(self, channel_id: str, total: int) -> None:
@@ -699,48 +774,79 @@ class ChannelStore:
         )
 
     async def refunded(
-        self, channel_id: str, balance: int, total_claimed: int, *, block: int
-    ) -> None:
+        self,
+        channel_id: str,
+        balance: int,
+        total_claimed: int,
+        *,
+        block: int,
+        block_hash: str | None = None,
+        block_time: int = 0,
+        orphaned: Stamp | None = None,
+    ) -> Channel | None:
         """A chain reading of the channel (after a proven refund, or the claim loop's: a
         withdrawal), read at ``block``: its balance, unless the row's was read at a later
-        block (in chain order: an older reading never undoes a newer one), and its claims
+        block (in chain order: an older reading never undoes a newer one) or at another
+        block of that number (``block_hash``: one was reorganised away), and its claims
         (never lowered). One statement, never a compare-and-set that could give up: a
         balance left above the contract's would take vouchers no claim can pay (so ``block``
-        is required, as for :meth:`deposited`: a forgotten one would be ignored)."""
+        is required, as for :meth:`deposited`: a forgotten one would be ignored).
+        ``orphaned``: as for :meth:`deposited`. The row after it (None: no channel)."""
         claimed, amount = str(total_claimed), str(balance)
+        # Of a block no older than the row's (and the same block, when both hashes are known).
+        takes = (
+            "(CAST(? AS BIGINT) > read_block OR (CAST(? AS BIGINT) = read_block AND"
+            " (read_hash IS NULL OR CAST(? AS TEXT) IS NULL OR read_hash = CAST(? AS TEXT))))"
+        )
+        stamp = (block, block, block_hash, block_hash)
+        newer = "CAST(? AS BIGINT) > read_block"
         # The version (every compare-and-set's) moves only when the balance or the claims do:
         # the claim loop writes each owed channel's reading every pass, mostly agreeing with
         # the row and only its block newer — a request's charge in flight on that channel
         # must not lose its compare-and-set to it (and fall back to the slower commit).
         moved = (
-            "(CAST(? AS BIGINT) >= read_block AND balance <> CAST(? AS TEXT))"
+            f"({takes} AND balance <> CAST(? AS TEXT))"
             f" OR {_above('CAST(? AS TEXT)', 'bs_channels.total_claimed')}"
         )
-        await self._sql(
-            "UPDATE bs_channels SET balance = CASE WHEN CAST(? AS BIGINT) >= read_block"  # noqa: S608 - constant
-            " THEN CAST(? AS TEXT) ELSE balance END, read_block = CASE WHEN"
-            " CAST(? AS BIGINT) > read_block THEN CAST(? AS BIGINT) ELSE read_block END,"
+        write = (
+            f"UPDATE bs_channels SET balance = CASE WHEN {takes}"  # noqa: S608 - constant
+            f" THEN CAST(? AS TEXT) ELSE balance END, read_hash = CASE WHEN {newer}"
+            " THEN CAST(? AS TEXT) WHEN read_hash IS NULL AND CAST(? AS BIGINT) = read_block"
+            " THEN CAST(? AS TEXT) ELSE read_hash END, read_time = CASE WHEN"
+            f" {newer} OR (read_hash IS NULL AND CAST(? AS BIGINT) = read_block)"
+            " THEN CAST(? AS BIGINT) ELSE read_time END,"
+            f" read_block = CASE WHEN {newer} THEN CAST(? AS BIGINT) ELSE read_block END,"
             f" total_claimed = {_larger('total_claimed', '?')},"
             f" version = version + CASE WHEN {moved} THEN 1 ELSE 0 END,"
-            " updated_at = ? WHERE channel_id = ?",
-            (
-                block,
-                amount,
-                block,
-                block,
-                claimed,
-                claimed,
-                claimed,
-                claimed,
-                block,
-                amount,
-                claimed,
-                claimed,
-                claimed,
-                self._clock(),
-                channel_id,
-            ),
+            f" updated_at = ? WHERE channel_id = ? RETURNING {_COLUMNS}"
         )
+        params = (
+            *stamp,
+            amount,
+            block,
+            block_hash,
+            block,
+            block_hash,
+            block,
+            block,
+            block_time,
+            block,
+            block,
+            claimed,
+            claimed,
+            claimed,
+            claimed,
+            *stamp,
+            amount,
+            claimed,
+            claimed,
+            claimed,
+            self._clock(),
+            channel_id,
+        )
+        results = await self._sql_all([*_forget(channel_id, orphaned), (write, params)])
+        rows = results[-1][1]
+        return _channel(rows[0]) if rows else None
 
     # --- claims ---
 

@@ -12,10 +12,15 @@ them: the withdrawal pending (``withdraw_requested_at``, its amount, and when it
 by this host's clock) and the balance (lowered once it finished). Events only say which
 channels to read; the views are the truth, so readings are idempotent and order-free. The
 channels whose withdrawal is pending are read again, least recently read first, in pages while
-the pass's budget lasts (the next pass goes on with the rest).
+the pass's budget lasts (the next pass goes on with the rest), and so are those mirrored from a
+block above the newest (a chain that fell back: readings.py).
 
 A range the endpoint refuses is asked again smaller; a block it refuses on its own is never
 skipped unread (:meth:`WithdrawalScan._refused`).
+
+The place is stamped with its block's hash (ledger v17): one reorganised away is taken as no
+place at all (a first scan, below), since the blocks that replaced the scanned ones start from
+a fork point the scan cannot know.
 
 The first scan of a ledger starts at the newest block and reads the channels already there
 (those holding more than was claimed), so a withdrawal requested before the
@@ -33,13 +38,14 @@ import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+from paygate.x402.schemes.batch_settlement import readings
 from paygate.x402.schemes.batch_settlement.chain import (
     WITHDRAW_REQUESTED,
     WITHDRAWN,
     ChannelChain,
     Head,
 )
-from paygate.x402.schemes.batch_settlement.store import Channel, ChannelStore
+from paygate.x402.schemes.batch_settlement.store import Channel, ChannelStore, Stamp
 from paygate.x402.settler import SettlerUnavailable
 
 log = logging.getLogger("paygate.x402")
@@ -61,6 +67,8 @@ REORG_BLOCKS = 8
 # by the re-read of those whose withdrawal is pending (pages while the pass's budget lasts).
 CHECK_PAGE = 100
 WITHDRAWING_PAGE = 100
+# Channels mirrored from a block above the newest read per pass (a chain that fell back).
+READ_ABOVE = 500
 # Passes in a row one block's events may be refused (the range split down to that block alone)
 # before the scan passes over it and reads every channel's withdrawal instead (the first
 # scan's check): see WithdrawalScan._refused.
@@ -131,10 +139,17 @@ class WithdrawalScan:
         give_up = time.monotonic() + budget
         head = await self.chain.head()
         place = await self.store.scan_place()
+        if place is not None and await readings.gone(self.chain, place[0]):
+            # The chain fell back or forked below the place: the events of the blocks that
+            # replaced the scanned ones are unread, from a fork point unknown. Taken as a
+            # first scan: from the newest block on, every channel there is read at it.
+            log.warning("the withdrawal scan's place was reorganised away: channels re-read")
+            place = None
         if place is None:  # the first scan: from here on, and the channels there are checked
-            place = (head.block, "")
-            await self.store.scanned(head.block, "")
-        scanned, checked_after = place
+            place = (head.stamp, "")
+            await self.store.scanned(head.stamp, "")
+        place_at, checked_after = place
+        scanned = place_at.block
         ids: set[str] = set()
         last = scanned
         first = max(0, scanned + 1 - REORG_BLOCKS)
@@ -151,7 +166,7 @@ class WithdrawalScan:
                     # An endpoint refusing the range (too many logs, too many blocks): smaller.
                     size = max(1, (end - first + 1) // 4)
                     continue
-                if not await self._refused(first, last, scanned):
+                if not await self._refused(first, last, scanned, place_at, head):
                     stuck = first  # the place stays before it: asked again next pass
                     break
                 checked_after = ""  # (persisted by _refused with the place past it)
@@ -170,6 +185,11 @@ class WithdrawalScan:
                     if channel.channel_id in starts or channel.withdraw_due is not None:
                         ids.add(channel.channel_id)
             first = last + 1
+        # Mirrors read above the newest block: a chain that fell back below a deposit's block
+        # (reorganised away) is read again here, at each wake — an owed channel waits for the
+        # claim interval's pass, and one that owes nothing for no pass at all. A node behind
+        # names them too: their readings, older, change nothing (readings.py).
+        ids.update(c.channel_id for c in await self.store.read_above(head.block, READ_ABOVE))
         read = 0
         pending: set[str] = set()  # channels read with a withdrawal pending
         wanted = sorted(ids)
@@ -210,14 +230,20 @@ class WithdrawalScan:
             if checked_after is not None and time.monotonic() > give_up:
                 break
             if checked_after is not None:  # its place kept, should this claimer die
-                await self.store.scanned(max(last, scanned), checked_after)
-        await self.store.scanned(max(last, scanned), checked_after)
+                await self.store.scanned(
+                    await self._stamp(max(last, scanned), place_at, head), checked_after
+                )
+        await self.store.scanned(
+            await self._stamp(max(last, scanned), place_at, head), checked_after
+        )
         if stuck is not None:  # the rest of the pass done, but a failed scan (its metrics)
             raise SettlerUnavailable(f"the RPC refuses the withdrawal events of block {stuck}")
         self.events.withdrawal_scanned(max(0, head.block - max(last, scanned)), len(pending))
         return read
 
-    async def _refused(self, block: int, last: int, scanned: int) -> bool:
+    async def _refused(
+        self, block: int, last: int, scanned: int, place_at: Stamp, head: Head
+    ) -> bool:
         """The endpoint refused ``block``'s events alone: whether to pass over it.
 
         Its events cannot be skipped: a withdrawal requested in it and never learnt lets
@@ -250,16 +276,23 @@ class WithdrawalScan:
             block,
             passes,
         )
-        await self.store.scanned(max(last, scanned, block), "")
+        await self.store.scanned(await self._stamp(max(last, scanned, block), place_at, head), "")
         return True
+
+    async def _stamp(self, block: int, place: Stamp, head: Head) -> Stamp:
+        """Block ``block`` (the place the scan got to) stamped: as the place or the newest block
+        it is, else as the chain holds it (hash not known when the node lacks it: a place that
+        is then never taken for reorganised away)."""
+        for known in (head.stamp, place):
+            if known.block == block:
+                return known
+        return await self.chain.stamp(block) or Stamp(block, None)
 
     async def _read(self, channel: Channel, head: Head) -> bool:
         """Mirror the channel's withdrawal and balance as the contract holds them at ``head``:
         whether a withdrawal is pending."""
         on_chain = await self.chain.state(channel.channel_id, since=head.block)
-        await self.store.refunded(
-            channel.channel_id, on_chain.balance, on_chain.total_claimed, block=on_chain.block
-        )
+        await readings.refunded(self.store, self.chain, channel.channel_id, on_chain)
         return await mirror_withdrawal(self.store, self.chain, channel, head, self._clock)
 
 

@@ -94,11 +94,24 @@ async def fill(path: Path) -> bytes:
             [
                 (
                     "INSERT INTO bs_channels VALUES (?, 'eip155:84532', ?, '{}', ?, '0', ?,"
-                    " ?, ?, NULL, NULL, 3, 1.7e9, 42, 1700000000, '9000', 1700000900.5)",
-                    # read at block 42 (ledger v14); its payer's withdrawal pending (v16)
-                    ("0x" + "c1" * 32, PAYER, str(10**25), "500", "800", SIGNATURE),
+                    " ?, ?, NULL, NULL, 3, 1.7e9, 42, 1700000000, '9000', 1700000900.5,"
+                    " ?, 1699999990)",
+                    # read at block 42 (ledger v14; its hash and time, v17); its payer's
+                    # withdrawal pending (v16)
+                    (
+                        "0x" + "c1" * 32,
+                        PAYER,
+                        str(10**25),
+                        "500",
+                        "800",
+                        SIGNATURE,
+                        "0x" + "b4" * 32,
+                    ),
                 ),
-                ("INSERT INTO bs_scan VALUES (1, 4242, NULL)", ()),  # the withdrawal scan's place
+                (  # the withdrawal scan's place (its block's hash and time: v17)
+                    "INSERT INTO bs_scan VALUES (1, 4242, NULL, ?, 1699999999)",
+                    ("0x" + "b5" * 32,),
+                ),
                 (
                     "INSERT INTO bs_vouchers VALUES (?, '800', ?, 'pay-1', '300', 1.7e9, 1)",
                     ("0x" + "c1" * 32, SIGNATURE),

@@ -28,6 +28,7 @@ RELEASED = {
         14: (1, "92b12ee45a3e445c2f4285fa4e6a8ae34ef620badb60f869f4b9f6a321ca08f2"),
         15: (6, "9e6ae26462d5a7e4d4b59522ca6a831c2b8d14e4b8fa8775b6046c0c21d880ca"),
         16: (4, "072fb93b7b9eacd8bcf0f6707616ac09debae3ab7fd8e9ff91a5d246add65d70"),
+        17: (4, "468c93ea9cd2d6746081cb6179e76836db0eca88575ba9fe9a03bcd1c2b9829b"),
     },
     "postgres": {
         1: (3, "15ace1f755611ae0eaf8703d904ff812b0821970032826b6790c3bd58050fd37"),
@@ -46,6 +47,7 @@ RELEASED = {
         14: (1, "73e006496a256d7d17abefe87186b35f6f6528fa5f9f46bdcb2a7430e8f51d55"),
         15: (6, "7f9098b62f6203ed48a4b4853185f2e2c4fd7d6a3a31a7f49006c692f21caf4f"),
         16: (4, "8b290c2377635fa26d3477449f354431d07d9499aeb56c1989668b103bc76e86"),
+        17: (4, "ede382a658a08c1e574afe7bab5b177907eb0508537683bbb7d6f0d8b8e6505f"),
     },
 }
 MIGRATIONS = {

@@ -20,6 +20,7 @@ from paygate.x402.schemes.batch_settlement.store import (
     ChannelBusy,
     ChannelStore,
     ClaimEntry,
+    Stamp,
     charged,
     taken,
 )
@@ -1062,8 +1063,57 @@ async def test_withdrawing_channels_are_claimed_first_and_the_scan_place_kept(
     assert [c.channel_id for c in await store.known([ids[0], "0x" + "ff" * 32])] == [ids[0]]
     assert [c.channel_id for c in await store.unspent_after(ids[0], 10)] == ids[1:]
     assert await store.scan_place() is None
-    await store.scanned(120, "")
-    await store.scanned(150, ids[1])
+    await store.scanned(Stamp(120, None), "")
+    await store.scanned(Stamp(150, "0x" + "ee" * 32, 1_700), ids[1])
     await ledger.close()
     again = ChannelStore(await ledger_store(replica="b"), clock=clock, pending_seconds=30.0)
-    assert await again.scan_place() == (150, ids[1])
+    assert await again.scan_place() == (Stamp(150, "0x" + "ee" * 32, 1_700), ids[1])
+
+
+H1, H2, H3 = ("0x" + c * 64 for c in "123")
+
+
+async def test_a_reading_of_a_block_reorganised_away_is_replaced_only_while_the_row_holds_it(
+    ledger_store,
+):
+    """Chain readings stamped with their block's hash (ledger v17): of one number, a reading
+    of another block is neither merged nor taken (one of the two was reorganised away; which
+    is the chain's to prove); given the row's stamp proven gone, a reading of an older block
+    replaces the row's balance and claims — but not once the row was read again since (its
+    newer reading stands)."""
+    clock = Clock()
+    store = ChannelStore(await ledger_store(replica="a"), clock=clock, pending_seconds=30.0)
+    net = "eip155:84532"
+    await store.deposited(
+        CHANNEL, net, CONFIG, balance=20_000, total_claimed=500, block=10, block_hash=H1,
+        block_time=100,
+    )  # fmt: skip
+    # The same number, another block: not merged (deposited) nor taken (refunded).
+    same = await store.deposited(
+        CHANNEL, net, CONFIG, balance=30_000, total_claimed=0, block=10, block_hash=H2
+    )
+    assert (same.balance, same.read_hash) == (20_000, H1)
+    same = await store.refunded(CHANNEL, 5_000, 0, block=10, block_hash=H2)
+    assert same is not None
+    assert (same.balance, same.read_block, same.read_hash) == (20_000, 10, H1)
+    # An older block: ignored, until the row's block is proven gone.
+    older = await store.refunded(CHANNEL, 10_000, 0, block=8, block_hash=H3, block_time=90)
+    assert older is not None
+    assert (older.balance, older.total_claimed, older.read_block) == (20_000, 500, 10)
+    replaced = await store.refunded(
+        CHANNEL, 10_000, 0, block=8, block_hash=H3, block_time=90, orphaned=older.stamp
+    )
+    assert replaced is not None
+    assert (replaced.balance, replaced.total_claimed) == (10_000, 0)
+    assert replaced.stamp == Stamp(8, H3, 90)
+    # A proof about a stamp the row no longer holds changes nothing.
+    stale = await store.deposited(
+        CHANNEL, net, CONFIG, balance=1, total_claimed=0, block=5, block_hash=H1,
+        orphaned=Stamp(10, H1, 100),
+    )  # fmt: skip
+    assert (stale.balance, stale.stamp) == (10_000, Stamp(8, H3, 90))
+    # Same block and hash: as before (a deposit's amounts only rise).
+    again = await store.deposited(
+        CHANNEL, net, CONFIG, balance=12_000, total_claimed=0, block=8, block_hash=H3
+    )
+    assert (again.balance, again.stamp) == (12_000, Stamp(8, H3, 90))
