@@ -701,14 +701,14 @@ async def test_a_block_the_endpoint_refuses_on_its_own_neither_stops_the_scan_no
                 assert known.withdraw_due is None  # not learnt yet ...
                 place = await channels.store.scan_place()
                 assert place is not None
-                assert place[0] < refused_block  # ... and its block not taken as scanned
+                assert place[0].block < refused_block  # ... and its block not taken as scanned
             await channels.claim_once(withdrawing_only=True)
             assert reports.refused == withdrawals.REFUSED_PASSES
             known = await channels.store.get(channel.channel_id)
             assert known is not None
             assert known.withdraw_amount == DEPOSIT - 2 * PRICE_ATOMIC
             place = await channels.store.scan_place()
-            assert place == (int(anvil.w3.eth.block_number), None)  # past it, caught up
+            assert (place[0].block, place[1]) == (int(anvil.w3.eth.block_number), None)  # caught up
         status, headers, body = await post(stack, header_for(required, channel.pay(offer)))
         assert status == 200, body
         channel.charged_by(receipt_of(headers), offer)
