@@ -484,9 +484,10 @@ class Replies:
         else:
             headers = CIMultiDict(reply.headers)
         chain = Chain(transforms)
-        if inband and await session.confirm_lease() is not None:
+        if session.settles and await session.confirm_lease() is not None:
             # Its charge is recorded after the reply has left: not sent by a process whose
             # lease on the payment is gone (stalled past it), which could never charge it.
+            # Settled upfront: not sent when another request served the reply it bought.
             raise _withheld(session)
         if session.paid:
             # An upfront settlement's receipt is known now; otherwise it comes in-band.

@@ -233,6 +233,13 @@ class HeldLeases:
         except (LedgerError, ValueError) as exc:
             log.warning("payment %s: cannot keep its receipt: %s", record.id, type(exc).__name__)
 
+    async def claim_reply(self, record: PaymentRecord) -> PaymentRecord:
+        """Claim the one reply a payment settled upfront buys (served, if no request marked it
+        before): :class:`LeaseLost` when another request's reply took it (a replica frozen after
+        settling wakes after the payer's retry was served elsewhere). Settled, it holds no lease
+        to fence with: the served flag is the fence."""
+        return await self._ledger.mark_served(record.id, first=True)
+
     async def renew(self, record: PaymentRecord) -> PaymentRecord:
         """Re-check (and extend) the lease held on ``record`` right before acting on it."""
         asked = self._clock()

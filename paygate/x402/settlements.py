@@ -67,7 +67,11 @@ class Settlements:
 
     async def settle(self, admission: PaymentAdmission) -> Receipt | None:
         """Settle an admitted request whose reply succeeded; its receipt (None if free)."""
-        if not admission.paid or admission.receipt is not None:
+        if not admission.paid:
+            return None
+        if admission.receipt is not None:
+            if self.settlement.settles_upfront:
+                await self.claim_reply(admission)  # else withheld (``unrecorded``)
             return admission.receipt
         return await self.settlement.reply_ready(self, admission)
 
@@ -97,12 +101,33 @@ class Settlements:
         reply must not go out, since its charge could not be recorded. No ledger call while the
         lease is known live from this process's clock (paygate.x402.leases)."""
         record = admission.record
-        if record is None or admission.receipt is not None or admission.finished:
+        if record is None or admission.finished:
             return None
+        if admission.receipt is not None:  # settled already: upfront's reply is claimed instead
+            return await self.claim_reply(admission) if self.settlement.settles_upfront else None
         code = await self.leases.confirm(record)
         if code is not None:
             admission.unrecorded = code
         return code
+
+    async def claim_reply(self, admission: PaymentAdmission) -> str | None:
+        """Before the reply of a payment settled upfront leaves: None when it is this request's
+        to send, else ``lease_lost`` (kept as ``unrecorded``: withheld) — another request served
+        the one reply the payment bought (the payer's retry of a settled authorization, served
+        once while this replica was frozen). The served mark, written at the request's end
+        before, is written here instead: no ledger call more. A ledger unreachable leaves the
+        reply to go (it is paid); the request's end marks it served."""
+        record = admission.record
+        if record is None or record.served:
+            return None
+        try:
+            admission.record = await self.leases.claim_reply(record)
+        except LeaseLost:
+            log.warning("payment %s: its reply was served by another request", record.id)
+            admission.unrecorded = LeaseLost.code
+        except LedgerError as exc:
+            log.warning("payment %s: cannot claim its reply: %s", record.id, exc.code)
+        return admission.unrecorded
 
     async def keep_receipt(
         self, admission: PaymentAdmission, token: str, usage: Mapping[str, Any] | None

@@ -316,3 +316,40 @@ async def test_batch_settlement_a_frozen_replica_woken_after_its_reservation_was
     assert (channel.pending_owner, channel.charged) == (None, 2 * PRICE_ATOMIC)
     found = await records(ledger)
     assert [r.state for r in found].count(PaymentState.SETTLED) == 2  # the first, and b's
+
+
+@pytest.mark.parametrize("body", [CHAT_BODY, STREAM_BODY], ids=["buffered", "streamed"])
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_upfront_a_replica_frozen_after_settling_sends_no_second_reply_for_one_charge(
+    facilitator, usdc, payer, seller, tmp_path, monkeypatch, request, body, store
+):
+    """Settled upfront, then frozen with its reply in hand: the payer's retry of the settled
+    authorization is served by the other replica (the reply it bought). Woken, the frozen one
+    must not send a second reply for the one charge: 503 `lease_lost`, no receipt."""
+    freeze = Freeze(monkeypatch)
+    ledger = (
+        f"sqlite:///{tmp_path / 'payments.db'}"
+        if store == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    settings = {
+        "seller": seller,
+        "facilitator_url": facilitator.url,
+        "ledger": ledger,
+        "settle_timing": "upfront",
+    }
+    async with paid_stack(replica_id="a", lease_seconds=LEASE, **settings) as a:
+        header = await v2_header(a, payer, body=body)
+        late = asyncio.ensure_future(_post(a.url, header, body))
+        async with freeze.frozen(), paid_stack(replica_id="b", **settings) as b:
+            status, _, served = await _post(b.url, header, body)
+            assert status == 200, served
+            assert b"fake" in served
+            freeze.wake()
+            _refused_lease_lost(*await late)
+            again, _, _ = await _post(b.url, header, body)
+            assert again == 402  # used: its one reply went out
+    (record,) = await ledger_records(ledger)
+    assert (record.state, record.served) == (PaymentState.SETTLED, True)
+    assert facilitator.stats.calls("settle") == 1
+    assert usdc.balance_of(seller) == PRICE_ATOMIC
