@@ -81,6 +81,11 @@ class HeldLeases:
         start = self._clock() if asked is None else asked
         self._live_until[record.id] = start + self._ledger.lease_seconds * self._share
 
+    def live_until(self, record: PaymentRecord) -> float:
+        """The local time until which the lease held on ``record`` is surely this process's
+        (0: none held): before it, :meth:`confirm` makes no ledger call."""
+        return self._live_until.get(record.id, 0.0)
+
     def holds(self, record: PaymentRecord) -> bool:
         return record.id in self._held
 
