@@ -166,7 +166,10 @@ async def test_exact_a_stream_whose_replica_froze_before_its_charge_ends_cut_wit
     """Frozen after its stream's body went out, before its charge: woken, its charge is
     refused (its reservation released meanwhile), so the stream's end — the payment receipt and
     the signed receipt — never goes: the caller sees the transfer cut, and nothing claims the
-    charge. The authorization stays the payer's (released): nothing is settled."""
+    charge. Its short stream went out inside the lease window its head was sent in, so no
+    progress was recorded (docs/PAYMENTS.md "A stream stalled mid-way": the bound of what a stall
+    leaves uncharged; test_stalled_stream_charge past it): the authorization stays the payer's
+    (released), nothing is settled."""
     freeze = Freeze(monkeypatch, PaymentSession, "reply_ended")
     ledger = tmp_path / "payments.db"
     settings = {"seller": seller, "facilitator_url": facilitator.url, "ledger": ledger}
