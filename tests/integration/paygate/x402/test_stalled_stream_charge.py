@@ -177,3 +177,35 @@ async def test_upto_a_stream_stalled_mid_way_is_charged_for_what_it_delivered_ne
     assert record.settled_amount == charge(1, record.tokens_out) < record.amount
     assert facilitator.stats.calls("settle") == 1
     assert usdc.balance_of(seller) == record.settled_amount
+
+
+async def test_upto_a_long_stream_not_stalled_settles_its_final_usage_over_its_progress(
+    facilitator, usdc, upto_payer, seller, tmp_path
+):
+    """Past its lease window the stream records its progress (SERVED); ending normally, it
+    settles the engine's final usage, not that progress, with its receipts in-band."""
+    ledger = f"sqlite:///{tmp_path / 'payments.db'}"
+    async with (
+        paid_stack(
+            seller=seller,
+            facilitator_url=facilitator.url,
+            ledger=ledger,
+            replica_id="a",
+            lease_seconds=LEASE,
+            fake=FakeModelServer(engine="vllm"),
+            upstream_kind="vllm",
+            **upto_settings(),
+        ) as a,
+        sdk_upto_client(upto_payer) as client,
+        client.stream("POST", a.url + CHAT, json=BODY) as response,
+    ):
+        received = b"".join([chunk async for chunk in response.aiter_bytes()])
+        assert response.status_code == 200
+    assert received.count(b'"content"') == CHUNKS
+    assert PAYMENT_RECEIPT_LINE in received
+    assert SIGNED_RECEIPT_LINE in received
+    record = await _settled(ledger)
+    assert (record.state, record.usage_source) == (PaymentState.SETTLED, "upstream")
+    assert record.tokens_out == CHUNKS
+    assert record.settled_amount == charge(1, CHUNKS)
+    assert usdc.balance_of(seller) == charge(1, CHUNKS)
