@@ -6,12 +6,16 @@ never nothing, never more; and the woken replica sends nothing more.
 
 The freeze is made in the process (as in test_lease_lost_reply): after ``AFTER`` chunks the
 stream of replica "a" waits for a wake-up and no lease is renewed meanwhile (as a SIGSTOP
-would leave them); replica "b"'s start is the reconciler that takes over what nobody renewed."""
+would leave them); replica "b"'s start is the reconciler that takes over what nobody
+renewed. The last test makes it with a real SIGSTOP of a `paygate serve` replica on
+PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,7 +30,15 @@ from paygate.x402.inband import SSE_PREFIX as PAYMENT_RECEIPT_LINE
 from paygate.x402.leases import HeldLeases
 from paygate.x402.ledger import PaymentRecord, PaymentState
 from tests.fixtures.payment_support import CHAT, CHAT_BODY, PRICE_ATOMIC, paid_stack, v2_header
-from tests.fixtures.scale_support import ledger_records
+from tests.fixtures.scale_support import (
+    Env,
+    fake_upstream,
+    ledger_records,
+    replicas,
+    sign,
+    until_records,
+)
+from tests.fixtures.serve_support import make_key
 from tests.fixtures.upto_support import charge, sdk_upto_client, upto_settings
 
 LEASE = 3.0  # a's leases: its window (four fifths) passes within the stream, before the stall
@@ -209,3 +221,46 @@ async def test_upto_a_long_stream_not_stalled_settles_its_final_usage_over_its_p
     assert record.tokens_out == CHUNKS
     assert record.settled_amount == charge(1, CHUNKS)
     assert usdc.balance_of(seller) == charge(1, CHUNKS)
+
+
+async def test_a_replica_sigstopped_mid_stream_is_charged_once_by_another_and_sends_no_more(
+    facilitator, usdc, payer, seller, tmp_path, pg_url
+):
+    """`paygate serve` replicas on PostgreSQL: the replica streaming a paid reply is SIGSTOPped
+    once its stream is past its lease window; another replica's reconciler settles the payment
+    (the whole price, `exact`) after the lease runs out; SIGCONT: the stream ends cut, no
+    receipt, nothing of the rest."""
+    chunks = 40
+    body = {**CHAT_BODY, "stream": True, "fake": {"chunks": chunks, "pace": 0.2}}
+    async with fake_upstream() as (_, upstream):
+        env = Env(
+            make_key(tmp_path / "key.pem"), pg_url, seller, facilitator.url, upstream, tmp_path
+        )
+        async with (
+            replicas(env, ["r1", "r2"]) as (holder, _other),
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as client,
+        ):
+            header = await sign(client, holder.url, payer)
+            received = bytearray()
+            async with client.post(
+                holder.url + CHAT, json=body, headers={wire.PAYMENT_SIGNATURE: header}
+            ) as response:
+                assert response.status == 200
+                async for line in response.content:
+                    received.extend(line)
+                    if received.count(b'"content"') == AFTER:  # ≈ 4 s: past its window
+                        break
+                os.kill(holder.pid, signal.SIGSTOP)
+                try:
+                    (record,) = await until_records(pg_url, lambda found: found[0].terminal)
+                finally:
+                    os.kill(holder.pid, signal.SIGCONT)
+                received.extend(await _read(response))
+            assert holder.proc.poll() is None
+    content = received.count(b'"content"')
+    assert AFTER <= content < chunks
+    assert PAYMENT_RECEIPT_LINE not in received
+    assert SIGNED_RECEIPT_LINE not in received
+    assert record.state is PaymentState.SETTLED, record
+    assert facilitator.stats.calls("settle") == 1
+    assert usdc.balance_of(seller) == PRICE_ATOMIC
