@@ -92,6 +92,7 @@ class PaymentSession:
         "_due",
         "_economics",
         "_finished",
+        "_lease_clock",
         "_model",
         "_settlements",
         "_terms",
@@ -132,6 +133,7 @@ class PaymentSession:
         self._watched: tuple[MeteredReply, ByteCount] | None = None
         # A stream's lease window (local clock) once its head left: see :meth:`lease_live`.
         self._due: float | None = None
+        self._lease_clock: Callable[[], float] = time.monotonic  # the leases' (stream_began)
 
     @classmethod
     def unpaid(cls) -> PaymentSession:
@@ -418,12 +420,13 @@ class PaymentSession:
         lease is checked before each write (:meth:`lease_live`, :meth:`stream_progress`)."""
         if self._settlements is not None and self.paid:
             self._due = self._settlements.lease_window(self._admission)
+            self._lease_clock = self._settlements.leases.now
 
     def lease_live(self) -> bool:
         """Before a stream's write: whether its lease is known live from the local clock (one
         clock read, no ledger call); False: :meth:`stream_progress` decides."""
         due = self._due
-        return due is None or self._settlements is None or self._settlements.leases.now() < due
+        return due is None or self._lease_clock() < due
 
     async def stream_progress(self) -> str | None:
         """A stream's lease window passed: None while it is still this process's to send (the
