@@ -490,10 +490,13 @@ class Replies:
         else:
             headers = CIMultiDict(reply.headers)
         chain = Chain(transforms)
-        if inband and await session.confirm_lease() is not None:
+        if session.settles and await session.confirm_lease() is not None:
             # Its charge is recorded after the reply has left: not sent by a process whose
             # lease on the payment is gone (stalled past it), which could never charge it.
+            # Settled upfront: not sent when another request served the reply it bought.
             raise _withheld(session)
+        if inband:
+            session.stream_began()
         if session.paid:
             # An upfront settlement's receipt is known now; otherwise it comes in-band.
             headers.update(receipt_headers(known, sealed=isinstance(plan, V2Reply)))
@@ -530,6 +533,7 @@ class Replies:
                 self._settle_deadline(session, inband),
                 lambda: self._observer.first_chunk(route, _since(started)),
                 first,
+                session if inband else None,
             )
             # The body has ended: metered by what passed, settled (the in-band receipt).
             receipt = await session.reply_ended(
@@ -593,17 +597,18 @@ class Replies:
         deadline: float | None,
         on_first: Callable[[], None],
         early: bytes = b"",
+        lease: PaymentSession | None = None,
     ) -> str | None:
         """Relay every chunk (``early``: what the chain made of the bytes already here, the
         first write, which carries the head); with a deadline, stop there and say why (an
-        in-band error)."""
+        in-band error); with ``lease``, each write waits on its lease (see :func:`_pump`)."""
         async with contextlib.aclosing(reply.chunks()) as chunks:
             if deadline is None:  # the usual case: no scope to set up and tear down
-                await _pump(response, chunks, chain, on_first, early)
+                await _pump(response, chunks, chain, on_first, early, lease)
                 return None
             try:
                 async with asyncio.timeout_at(deadline) as scope:
-                    await _pump(response, chunks, chain, on_first, early)
+                    await _pump(response, chunks, chain, on_first, early, lease)
             except TimeoutError:
                 if scope.expired():
                     return AUTHORIZATION_EXPIRING
@@ -617,9 +622,13 @@ async def _pump(
     chain: Chain,
     on_first: Callable[[], None],
     early: bytes,
+    lease: PaymentSession | None = None,
 ) -> None:
     """Write ``early``, then what the chain makes of each chunk; ``on_first`` after the first
-    write."""
+    write. With ``lease`` (a stream charged after it has left), no write goes out past the
+    stream's lease window (a clock read) until a fenced move says the payment is still this
+    process's (recording the progress delivered): a replica woken from a stall past its lease
+    stops at once instead of sending the rest uncharged."""
     first = not early
     if early:
         await response.write(early)
@@ -627,6 +636,12 @@ async def _pump(
     async for chunk in chunks:
         out = chain.feed(chunk)
         if out:
+            if (
+                lease is not None
+                and not lease.lease_live()
+                and await lease.stream_progress() is not None
+            ):
+                raise _withheld(lease)
             await response.write(out)
             if first:
                 first = False

@@ -65,9 +65,11 @@ class HeldLeases:
         # stopped past it finds it passed when it wakes: see :meth:`confirm`).
         self._live_until: dict[str, float] = {}
 
-    def now(self) -> float:
-        """The local time, read before asking the ledger for a lease (see :meth:`hold`)."""
-        return self._clock()
+    @property
+    def now(self) -> Callable[[], float]:
+        """The local clock (read before asking the ledger for a lease: see :meth:`hold`); the
+        clock itself, so a reader on every chunk of a stream pays no Python frame for it."""
+        return self._clock
 
     def _counted_on(self, asked: float) -> float:
         """The local time until which a lease asked for at ``asked`` is surely ours."""
@@ -80,6 +82,11 @@ class HeldLeases:
         # (inline: every paid request takes one)
         start = self._clock() if asked is None else asked
         self._live_until[record.id] = start + self._ledger.lease_seconds * self._share
+
+    def live_until(self, record: PaymentRecord) -> float:
+        """The local time until which the lease held on ``record`` is surely this process's
+        (0: none held): before it, :meth:`confirm` makes no ledger call."""
+        return self._live_until.get(record.id, 0.0)
 
     def holds(self, record: PaymentRecord) -> bool:
         return record.id in self._held
@@ -232,6 +239,13 @@ class HeldLeases:
             )
         except (LedgerError, ValueError) as exc:
             log.warning("payment %s: cannot keep its receipt: %s", record.id, type(exc).__name__)
+
+    async def claim_reply(self, record: PaymentRecord) -> PaymentRecord:
+        """Claim the one reply a payment settled upfront buys (served, if no request marked it
+        before): :class:`LeaseLost` when another request's reply took it (a replica frozen after
+        settling wakes after the payer's retry was served elsewhere). Settled, it holds no lease
+        to fence with: the served flag is the fence."""
+        return await self._ledger.mark_served(record.id, first=True)
 
     async def renew(self, record: PaymentRecord) -> PaymentRecord:
         """Re-check (and extend) the lease held on ``record`` right before acting on it."""

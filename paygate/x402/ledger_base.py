@@ -243,9 +243,11 @@ class Ledger:
         )
         return await self._run(self._transition, payment_id, move)
 
-    async def mark_served(self, payment_id: str) -> PaymentRecord:
-        """Record that the reply was produced, in any state (upfront mode serves after SETTLED)."""
-        return await self._run(self._mark_served, payment_id)
+    async def mark_served(self, payment_id: str, *, first: bool = False) -> PaymentRecord:
+        """Record that the reply was produced, in any state (upfront mode serves after SETTLED).
+        ``first``: only if no request marked it before (:class:`LeaseLost` else): the claim of
+        the one reply a payment settled upfront buys, made before that reply leaves."""
+        return await self._run(self._mark_served, payment_id, first)
 
     async def renew(self, payment_id: str, lease: int) -> PaymentRecord:
         """Extend this replica's lease by :attr:`lease_seconds`; :class:`LeaseLost` if the

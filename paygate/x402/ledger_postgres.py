@@ -347,8 +347,9 @@ class PostgresLedger(Ledger):
             write.results.append((cursor.rowcount, [values(row) for row in rows]))
         rules.check_write(write)
 
-    async def _mark_served(self, conn: Conn, payment_id: str) -> PaymentRecord:
+    async def _mark_served(self, conn: Conn, payment_id: str, first: bool) -> PaymentRecord:
         current = await self._must(conn, payment_id, lock=True)
+        rules.check_first_served(current, first)
         now = await self._now(conn)
         row = await (
             await conn.execute(

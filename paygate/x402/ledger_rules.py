@@ -432,6 +432,13 @@ def check_renewal(current: PaymentRecord, lease: int, replica: str) -> None:
         raise LeaseLost(f"payment {current.id}: no lease of ours to renew")
 
 
+def check_first_served(current: PaymentRecord, first: bool) -> None:
+    """With ``first``, a payment whose reply another request claimed already is not ours to
+    serve (a settled-upfront payment buys one reply)."""
+    if first and current.served:
+        raise LeaseLost(f"payment {current.id}: its reply was served by another request")
+
+
 def check_let_go(current: PaymentRecord, lease: int) -> None:
     """Only the holder of epoch ``lease`` may give it up."""
     check_fence(current, lease)

@@ -417,9 +417,10 @@ class SqliteLedger(Ledger):
             write.results.append((cursor.rowcount, cursor.fetchall()))
         rules.check_write(write)
 
-    def _mark_served(self, payment_id: str) -> PaymentRecord:
+    def _mark_served(self, payment_id: str, first: bool) -> PaymentRecord:
         with self._write() as db:
             current = self._must(payment_id)
+            rules.check_first_served(current, first)
             now = self._clock()
             record = self._changed(
                 db.execute(

@@ -89,8 +89,10 @@ class PaymentSession:
     __slots__ = (
         "_admission",
         "_decimals",
+        "_due",
         "_economics",
         "_finished",
+        "_lease_clock",
         "_model",
         "_settlements",
         "_terms",
@@ -129,6 +131,9 @@ class PaymentSession:
         self.settle_seconds: float | None = None  # how long the settle call took (traces)
         # A metered stream's reply and byte count: what the meter reads when it ends early.
         self._watched: tuple[MeteredReply, ByteCount] | None = None
+        # A stream's lease window (local clock) once its head left: see :meth:`lease_live`.
+        self._due: float | None = None
+        self._lease_clock: Callable[[], float] = time.monotonic  # the leases' (stream_began)
 
     @classmethod
     def unpaid(cls) -> PaymentSession:
@@ -409,6 +414,55 @@ class PaymentSession:
         if self._settlements is None or not self.paid:
             return None
         return await self._settlements.confirm_lease(self._admission)
+
+    def stream_began(self) -> None:
+        """A stream whose charge is recorded after it has left sent its head: from now its
+        lease is checked before each write (:meth:`lease_live`, :meth:`stream_progress`)."""
+        if self._settlements is not None and self.paid:
+            self._due = self._settlements.lease_window(self._admission)
+            self._lease_clock = self._settlements.leases.now
+
+    def lease_live(self) -> bool:
+        """Before a stream's write: whether its lease is known live from the local clock (one
+        clock read, no ledger call); False: :meth:`stream_progress` decides."""
+        due = self._due
+        return due is None or self._lease_clock() < due
+
+    async def stream_progress(self) -> str | None:
+        """A stream's lease window passed: None while it is still this process's to send (the
+        progress delivered recorded, or the lease renewed, in a fenced move), else why not
+        (``unrecorded``: the stream is cut). Its own task, shielded: a caller gone meanwhile
+        leaves the record as written."""
+        settlements = self._settlements
+        if settlements is None:
+            return None
+        admission = self._admission
+        move = settlements.stream_progress(admission, self.progress())
+        code = await asyncio.shield(asyncio.get_running_loop().create_task(move))
+        self._due = settlements.lease_window(admission)
+        return code
+
+    def progress(self) -> Meter | None:
+        """What a metered stream delivered so far is charged, were it cut now (as
+        :meth:`measure` counts a disconnect, but from what is at hand: the engine's running
+        counts, else the operator's fallback on the bytes so far; the tokenizer, a call to the
+        engine, is not asked); None: not metered (the amount)."""
+        quote = self._terms.quote
+        record = self._admission.record
+        if not self.metered or quote is None or self._watched is None or record is None:
+            return None
+        reply, counted = self._watched
+        usage = reply.running_usage
+        return self._at_least(
+            quote.charge(
+                usage,
+                source="running",
+                reply_bytes=counted.bytes_seen,
+                decimals=self._decimals,
+                maximum=record.amount,
+                fallback=self._terms.fallback,
+            )
+        )
 
     async def keep_receipt(self, token: str, usage: Mapping[str, Any] | None) -> None:
         """Keep a paid reply's signed receipt, and its usage, in the ledger."""

@@ -22,9 +22,11 @@ from typing import Any
 from paygate.x402.hooks import PaymentEvents
 from paygate.x402.leases import HeldLeases, receipt_usage
 from paygate.x402.ledger import (
+    RESERVATION_STATES,
     LeaseLost,
     LedgerError,
     LedgerUnavailable,
+    Meter,
     PaymentRecord,
     PaymentState,
     SchemeWrite,
@@ -67,7 +69,11 @@ class Settlements:
 
     async def settle(self, admission: PaymentAdmission) -> Receipt | None:
         """Settle an admitted request whose reply succeeded; its receipt (None if free)."""
-        if not admission.paid or admission.receipt is not None:
+        if not admission.paid:
+            return None
+        if admission.receipt is not None:
+            if self.settlement.settles_upfront:
+                await self.claim_reply(admission)  # else withheld (``unrecorded``)
             return admission.receipt
         return await self.settlement.reply_ready(self, admission)
 
@@ -97,12 +103,85 @@ class Settlements:
         reply must not go out, since its charge could not be recorded. No ledger call while the
         lease is known live from this process's clock (paygate.x402.leases)."""
         record = admission.record
-        if record is None or admission.receipt is not None or admission.finished:
+        if record is None or admission.finished:
             return None
+        if admission.receipt is not None:  # settled already: upfront's reply is claimed instead
+            return await self.claim_reply(admission) if self.settlement.settles_upfront else None
         code = await self.leases.confirm(record)
         if code is not None:
             admission.unrecorded = code
         return code
+
+    def lease_window(self, admission: PaymentAdmission) -> float | None:
+        """The local time until which a stream's lease is known live without a ledger call
+        (see :meth:`stream_progress`); None: nothing to check (not paid, settled upfront)."""
+        record = admission.record
+        if record is None or admission.receipt is not None:
+            return None
+        return self.leases.live_until(record)
+
+    async def stream_progress(self, admission: PaymentAdmission, meter: Meter | None) -> str | None:
+        """Mid-stream, its lease window passed (checked from the local clock before each write):
+        None while the stream is still this process's to send, else why not (kept as
+        ``unrecorded``: the stream is cut). Settled after its reply (every scheme whose charge
+        is a settle call), its first such check records the progress delivered (``meter``: what
+        a disconnect now would be charged; None: the amount) in a fenced move to SERVED, which
+        renews the lease: a replica frozen after it leaves a payment owed that any replica's
+        reconciler settles for that progress, never releases. Later checks are fenced renewals
+        (no ledger call while the keeper keeps the lease renewed)."""
+        record = admission.record
+        if record is None or admission.finished:
+            return None
+        if record.state not in RESERVATION_STATES or not self._charges_progress(admission):
+            return await self.confirm_lease(admission)
+        via = PaymentState.VERIFIED if record.state is PaymentState.RESERVED else None
+        try:
+            admission.record = await self.leases.move(
+                record, PaymentState.SERVED, via=via, meter=meter
+            )
+            return None
+        except LeaseLost:
+            code = LeaseLost.code
+        except LedgerError:
+            made = await self.leases.made(record, PaymentState.SERVED)
+            if made is not None:
+                admission.record = made
+                return None
+            code = LedgerUnavailable.code
+        log.warning("payment %s: stream cut: %s", record.id, code)
+        admission.unrecorded = code
+        return code
+
+    def _charges_progress(self, admission: PaymentAdmission) -> bool:
+        """Whether a stream's delivered progress is recorded as owed: settled after its reply
+        with a settle call (not verify-only, not upfront, not a channel's charge in this
+        ledger), and a disconnect settles (else a cut stream is released, so is a stalled one)."""
+        settlement = self.settlement
+        return (
+            self.settle_on_disconnect
+            and settlement.settles_owed
+            and not settlement.settles_upfront
+            and not admission.scheme.settles_in_ledger
+        )
+
+    async def claim_reply(self, admission: PaymentAdmission) -> str | None:
+        """Before the reply of a payment settled upfront leaves: None when it is this request's
+        to send, else ``lease_lost`` (kept as ``unrecorded``: withheld) — another request served
+        the one reply the payment bought (the payer's retry of a settled authorization, served
+        once while this replica was frozen). The served mark, written at the request's end
+        before, is written here instead: no ledger call more. A ledger unreachable leaves the
+        reply to go (it is paid); the request's end marks it served."""
+        record = admission.record
+        if record is None or record.served:
+            return None
+        try:
+            admission.record = await self.leases.claim_reply(record)
+        except LeaseLost:
+            log.warning("payment %s: its reply was served by another request", record.id)
+            admission.unrecorded = LeaseLost.code
+        except LedgerError as exc:
+            log.warning("payment %s: cannot claim its reply: %s", record.id, exc.code)
+        return admission.unrecorded
 
     async def keep_receipt(
         self, admission: PaymentAdmission, token: str, usage: Mapping[str, Any] | None
@@ -182,9 +261,11 @@ class Settlements:
         # one transaction, with VERIFIED before them when the strategy did not record it alone
         # (verified_when_served); a metered request's usage and charge go with them, so a
         # restart settles the same amount.
-        served = (PaymentState.SERVED,)
+        served: tuple[PaymentState, ...] = (PaymentState.SERVED,)
         if record.state is PaymentState.RESERVED:
             served = (PaymentState.VERIFIED, *served)
+        elif record.state is PaymentState.SERVED:  # its stream's progress was recorded
+            served = ()
         return await self.settle_now(admission, via=served)
 
     async def settle_now(
@@ -220,8 +301,9 @@ class Settlements:
             if via or not (
                 admission.scheme.settles_in_ledger and record.state is PaymentState.SERVED
             ):
+                # (The meter: with SERVED, or over a stream's progress recorded SERVED.)
                 record = await self.leases.move(
-                    record, PaymentState.SETTLING, via=via, meter=admission.meter if via else None
+                    record, PaymentState.SETTLING, via=via, meter=admission.meter
                 )
         except LedgerError as exc:
             lost = isinstance(exc, LeaseLost)

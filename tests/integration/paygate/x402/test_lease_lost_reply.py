@@ -166,7 +166,10 @@ async def test_exact_a_stream_whose_replica_froze_before_its_charge_ends_cut_wit
     """Frozen after its stream's body went out, before its charge: woken, its charge is
     refused (its reservation released meanwhile), so the stream's end — the payment receipt and
     the signed receipt — never goes: the caller sees the transfer cut, and nothing claims the
-    charge. The authorization stays the payer's (released): nothing is settled."""
+    charge. Its short stream went out inside the lease window its head was sent in, so no
+    progress was recorded (docs/PAYMENTS.md "A stream stalled mid-way": the bound of what a stall
+    leaves uncharged; test_stalled_stream_charge past it): the authorization stays the payer's
+    (released), nothing is settled."""
     freeze = Freeze(monkeypatch, PaymentSession, "reply_ended")
     ledger = tmp_path / "payments.db"
     settings = {"seller": seller, "facilitator_url": facilitator.url, "ledger": ledger}
@@ -316,3 +319,40 @@ async def test_batch_settlement_a_frozen_replica_woken_after_its_reservation_was
     assert (channel.pending_owner, channel.charged) == (None, 2 * PRICE_ATOMIC)
     found = await records(ledger)
     assert [r.state for r in found].count(PaymentState.SETTLED) == 2  # the first, and b's
+
+
+@pytest.mark.parametrize("body", [CHAT_BODY, STREAM_BODY], ids=["buffered", "streamed"])
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_upfront_a_replica_frozen_after_settling_sends_no_second_reply_for_one_charge(
+    facilitator, usdc, payer, seller, tmp_path, monkeypatch, request, body, store
+):
+    """Settled upfront, then frozen with its reply in hand: the payer's retry of the settled
+    authorization is served by the other replica (the reply it bought). Woken, the frozen one
+    must not send a second reply for the one charge: 503 `lease_lost`, no receipt."""
+    freeze = Freeze(monkeypatch)
+    ledger = (
+        f"sqlite:///{tmp_path / 'payments.db'}"
+        if store == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    settings = {
+        "seller": seller,
+        "facilitator_url": facilitator.url,
+        "ledger": ledger,
+        "settle_timing": "upfront",
+    }
+    async with paid_stack(replica_id="a", lease_seconds=LEASE, **settings) as a:
+        header = await v2_header(a, payer, body=body)
+        late = asyncio.ensure_future(_post(a.url, header, body))
+        async with freeze.frozen(), paid_stack(replica_id="b", **settings) as b:
+            status, _, served = await _post(b.url, header, body)
+            assert status == 200, served
+            assert b"fake" in served
+            freeze.wake()
+            _refused_lease_lost(*await late)
+            again, _, _ = await _post(b.url, header, body)
+            assert again == 402  # used: its one reply went out
+    (record,) = await ledger_records(ledger)
+    assert (record.state, record.served) == (PaymentState.SETTLED, True)
+    assert facilitator.stats.calls("settle") == 1
+    assert usdc.balance_of(seller) == PRICE_ATOMIC

@@ -22,6 +22,7 @@ from paygate.x402.ledger import (
     Budget,
     BudgetExceeded,
     IdempotencyKeyReused,
+    LeaseLost,
     LedgerConflict,
     LedgerNotFound,
     LedgerUnavailable,
@@ -320,6 +321,15 @@ async def test_upfront_mode_settles_then_marks_served(ledger: Ledger) -> None:
     served = await ledger.mark_served(record.id)
     assert (served.state, served.served, served.transaction) == (S.SETTLED, True, tx(1))
     assert (await ledger.mark_served(record.id)).served  # idempotent
+
+
+async def test_the_reply_an_upfront_payment_bought_is_claimed_once(ledger: Ledger) -> None:
+    record = await ledger.reserve(**request())
+    await ledger.transition(record.id, S.SETTLING)
+    await ledger.transition(record.id, S.SETTLED, transaction=tx(1))
+    assert (await ledger.mark_served(record.id, first=True)).served
+    with pytest.raises(LeaseLost):  # a second request's reply: not sent
+        await ledger.mark_served(record.id, first=True)
 
 
 async def test_failure_reasons_are_bounded_single_lines(ledger: Ledger) -> None:
