@@ -21,7 +21,7 @@ from paygate.config import Settings, load_settings
 from paygate.store.deployments import DeploymentStore, settings_overrides
 from paygate.upstream import service
 from paygate.upstream.config import UpstreamConfig
-from paygate.upstream.container import ContainerManager, on_engine
+from paygate.upstream.container import ContainerManager, make_volume, on_engine
 from paygate.upstream.engine import connect
 from paygate.upstream.engines.base import ModelDigest
 from paygate.upstream.errors import UpstreamError
@@ -235,10 +235,12 @@ def _pull(args: argparse.Namespace) -> int:
     client = connect(config.docker_host)
     printer = ProgressPrinter(sys.stderr)
     try:
+        spec = on_engine(client, container_spec(config))
+        make_volume(client, spec)
         asyncio.run(
             pull(
                 client,
-                on_engine(client, container_spec(config)),
+                spec,
                 args.model,
                 on_progress=printer,
                 ready_timeout=config.ready_timeout,

@@ -11,9 +11,14 @@ it with it: they are ``<name>.w<N>``). Two names must never be one live pair's:
 
 * a second gateway on the same state directory finds the lock held and runs under
   ``<hostname>:<pid>`` (as before: new at every start), with a warning;
-* a state directory copied to another host (a backup restored, a cloned disk) is not that
-  host's: the file records the hostname and ``/etc/machine-id`` it was made on, and a start
-  where either differs makes a new name (the copy's name stays the original's);
+* a state directory copied to another host (a backup restored, a cloned disk, a volume shared
+  over a network filesystem whose locks are per host) is not that host's: the file records the
+  hostname, ``/etc/machine-id`` and the kernel's boot id it was made under, and a start where
+  any differs makes a new name (the copy's name stays the original's). The boot id is what
+  tells hosts apart where the other two do not: containers have no machine id or the image's
+  one, and often a fixed hostname. A process restarted on the same boot keeps its name; after
+  a reboot its old leases have run out anyway. (Under the systemd unit, ``ProcSubset=pid``
+  hides the boot id: there the host's own machine id tells hosts apart.)
 * a directory that cannot be written or locked (read-only, missing) falls back the same way.
 """
 
@@ -37,6 +42,7 @@ log = logging.getLogger("paygate.serve")
 NAME_FILE = "replica-id"
 LOCK_FILE = "replica-id.lock"
 MACHINE_ID = Path("/etc/machine-id")
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 _HOST_CHARS = re.compile(r"[^A-Za-z0-9.-]")
 _NAME = re.compile(r"[A-Za-z0-9.-]{1,40}-[0-9a-f]{12}")  # what this module makes, nothing else
 
@@ -53,23 +59,26 @@ class HeldName:
             os.close(self.lock)
 
 
-def _machine() -> tuple[str, str]:
-    """What the name is tied to: this host's name and machine id ("" where there is none)."""
+def _read_id(path: Path) -> str:
     try:
-        machine = MACHINE_ID.read_text().strip()
+        return path.read_text().strip()
     except OSError:
-        machine = ""
-    return socket.gethostname(), machine
+        return ""  # none here (or hidden): the same at every start on this host
 
 
-def _kept(path: Path, here: tuple[str, str]) -> str | None:
+def _machine() -> tuple[str, str, str]:
+    """What the name is tied to: this host's name, machine id and boot id ("" where none)."""
+    return socket.gethostname(), _read_id(MACHINE_ID), _read_id(BOOT_ID)
+
+
+def _kept(path: Path, here: tuple[str, str, str]) -> str | None:
     """The name kept at ``path`` if it was made here; None: none, unreadable, or another host's."""
     try:
         kept = json.loads(path.read_bytes())
-        name, host, machine = kept["name"], kept["host"], kept["machine"]
+        name, host, machine, boot = kept["name"], kept["host"], kept["machine"], kept["boot"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or (host, machine) != here:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or (host, machine, boot) != here:
         return None
     return name
 
@@ -101,7 +110,7 @@ def hold_default_name(state_dir: Path) -> HeldName | None:
         host = _HOST_CHARS.sub("-", here[0])[:40] or "paygate"
         name = f"{host}-{secrets.token_hex(6)}"
         try:
-            document = {"name": name, "host": here[0], "machine": here[1]}
+            document = {"name": name, "host": here[0], "machine": here[1], "boot": here[2]}
             replace_atomically(path, json.dumps(document).encode())
         except OSError as exc:
             os.close(lock)

@@ -29,6 +29,8 @@ from paygate.upstream.errors import ContainerFailed
 from paygate.upstream.names import deployment_containers
 from paygate.upstream.spec import (
     DEPLOYMENT_LABEL,
+    NAMING,
+    NAMING_LABEL,
     ROLE_LABEL,
     ContainerSpec,
     relay_kwargs,
@@ -39,24 +41,41 @@ log = logging.getLogger("paygate.upstream")
 STOP_TIMEOUT = 10  # seconds docker waits after SIGTERM before SIGKILL
 
 
-def _has_volume(client: docker.DockerClient, name: str) -> bool:
+def _volume_labels(client: docker.DockerClient, name: str) -> dict[str, str] | None:
+    """The labels of volume ``name``; None when there is no such volume."""
     try:
-        client.volumes.get(name)
+        volume = client.volumes.get(name)
     except docker.errors.NotFound:
-        return False
+        return None
     except docker.errors.APIError as exc:
         raise failure(f"inspect volume {name}", exc) from None
-    return True
+    return volume.attrs.get("Labels") or {}
 
 
 def on_engine(client: docker.DockerClient, spec: ContainerSpec) -> ContainerSpec:
     """``spec`` as it is on this engine: with the model volume the deployment had under its
     previous name while that one exists and the new one does not (an upgraded gateway keeps
-    the models it downloaded)."""
+    the models it downloaded). A volume of that name marked by this version is not that: it is
+    the current volume of another gateway on the engine whose members keep that name (it has
+    no ``upstream_name``), and stays its own."""
     previous = spec.previous_volume
-    if previous is None or _has_volume(client, spec.volume) or not _has_volume(client, previous):
+    if previous is None or _volume_labels(client, spec.volume) is not None:
+        return spec
+    labels = _volume_labels(client, previous)
+    if labels is None or NAMING_LABEL in labels:
         return spec
     return dataclasses.replace(spec, volume=previous)
+
+
+def make_volume(client: docker.DockerClient, spec: ContainerSpec) -> None:
+    """Create the deployment's model volume, marked, unless it exists (docker would make it
+    unmarked when a container first mounts it: adoptable by another gateway, see on_engine)."""
+    if not spec.marked or _volume_labels(client, spec.volume) is not None:
+        return
+    try:
+        client.volumes.create(name=spec.volume, labels={NAMING_LABEL: NAMING})
+    except docker.errors.APIError as exc:
+        raise failure(f"create volume {spec.volume}", exc) from None
 
 
 @contextmanager
@@ -109,6 +128,7 @@ class ContainerManager:
     def start(self) -> None:
         """Replace whatever is left of this deployment, then create and start both containers."""
         self.spec = on_engine(self.client, self.spec)
+        make_volume(self.client, self.spec)
         self._adopt_previous()
         self._remove_stale(self.spec.relay_name)
         self._remove_stale(self.spec.name)
@@ -121,7 +141,9 @@ class ContainerManager:
 
     def _adopt_previous(self) -> None:
         """Replace the containers this deployment had under its previous name (paygate's, of
-        that deployment: anything else of that name is not ours and is left alone)."""
+        that deployment, made by an earlier version: anything else of that name is not ours and
+        is left alone; one marked by this version is another gateway's, running its members
+        under that name now)."""
         previous = self.spec.previous
         if previous is None:
             return
@@ -129,6 +151,14 @@ class ContainerManager:
             container = self._get(name)
             labels = (container.labels or {}) if container is not None else {}
             if container is None or labels.get(DEPLOYMENT_LABEL) != previous:
+                continue
+            if NAMING_LABEL in labels:
+                log.warning(
+                    "upstream deployment %s leaves container %s alone: another gateway's on"
+                    " this engine (give it an upstream_name too)",
+                    self.spec.name,
+                    name,
+                )
                 continue
             try:
                 container.remove(force=True, v=False)

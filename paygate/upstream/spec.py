@@ -32,6 +32,11 @@ from paygate.upstream.names import container_name, deployment_containers
 
 ROLE_LABEL = "io.paygate.role"
 DEPLOYMENT_LABEL = "io.paygate.deployment"
+# On every container and model volume made since set members were named within
+# upstream_name: a deployment (or volume) named paygate-<upstream> that carries it is another
+# gateway's current one, never an earlier version's to adopt (paygate.upstream.container).
+NAMING_LABEL = "io.paygate.naming"
+NAMING = "upstream_name"
 SOCKET_NAME = "upstream.sock"
 RELAY_MOUNT = "/run/paygate"
 RELAY_SCRIPT_MOUNT = "/opt/paygate-relay/relay.py"
@@ -67,6 +72,8 @@ class ContainerSpec:
     # (adopted: paygate.upstream.container.on_engine); None where the name did not change.
     previous: str | None = None
     previous_volume: str | None = None
+    # False only to make what an earlier version made (unmarked by NAMING_LABEL): tests.
+    marked: bool = True
     relay_script: Path = field(default_factory=lambda: Path(relay.__file__).resolve())
     user: str = field(default_factory=lambda: f"{os.getuid()}:{os.getgid()}")
 
@@ -133,7 +140,11 @@ def _hardening(spec: ContainerSpec, role: str) -> dict[str, Any]:
         "security_opt": ["no-new-privileges:true"],
         "restart_policy": {"Name": "no"},  # paygate's monitor restarts it, with backoff
         "log_config": _LOGS,
-        "labels": {ROLE_LABEL: role, DEPLOYMENT_LABEL: spec.name},
+        "labels": {
+            ROLE_LABEL: role,
+            DEPLOYMENT_LABEL: spec.name,
+            **({NAMING_LABEL: NAMING} if spec.marked else {}),
+        },
     }
 
 

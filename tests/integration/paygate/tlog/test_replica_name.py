@@ -8,9 +8,11 @@ it made on another machine, never runs under the first one's name.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -87,6 +89,18 @@ async def _until(url: str, name: str, at_least: float) -> dict[str, float]:
             await asyncio.sleep(0.1)
 
 
+async def _scan_kept(state: Path) -> None:
+    """Once the turn's holder kept its scan in the ledger (after its pass: the pass's metric
+    comes before that write), 30 s at most."""
+    async with asyncio.timeout(30):
+        while True:
+            with contextlib.closing(sqlite3.connect(state / "payments.db", timeout=5)) as db:
+                row = db.execute("SELECT checked FROM tlog_recovery WHERE id = 1").fetchone()
+            if row is not None and row[0] is not None:
+                return
+            await asyncio.sleep(0.1)
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     proc.send_signal(signal.SIGKILL)  # a crash: the turn is not handed over
     proc.wait(10)
@@ -125,6 +139,7 @@ async def test_a_state_directory_copied_from_another_machine_gets_a_name_of_its_
     async with fake_upstream() as (_, upstream):
         async with _gateway(tmp_path, upstream) as (url, proc):
             await _until(url, "paygate_tlog_recovery_holding", 1)
+            await _scan_kept(tmp_path)  # what the copy shows while that turn is not its own
             _kill(proc)
         kept = json.loads((tmp_path / NAME_FILE).read_text())
         # The copy's original still runs, elsewhere, under this name (the same ledger).

@@ -4,7 +4,9 @@ session's real dockerd (the FAKE model server in Ollama's place).
 - two gateways on one engine whose sets have a same-named upstream each keep their own
   deployment: starting the second leaves the first's container running, untouched, serving;
 - a deployment made under the name before (``paygate-<upstream>``) is adopted at start: its
-  containers replaced (none left behind, none doubled), its model volume kept in use.
+  containers replaced (none left behind, none doubled), its model volume kept in use;
+- but not one of that name that another gateway without ``upstream_name`` runs now (that is
+  its name still): its containers keep serving, its volume stays its own.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from tests.fixtures.upstream_support import Gateway, container_settings, running
 CHAT = "/v1/chat/completions"
 
 
-def _settings(dockerd: Dockerd, images: DockerImages, member: str) -> Settings:
+def _settings(dockerd: Dockerd, images: DockerImages, member: str, **more: Any) -> Settings:
     upstreams = [{"name": member, "kind": "ollama", "mode": "container", "models": ["fake-llama"]}]
-    return container_settings(dockerd, images, upstreams=upstreams)
+    return container_settings(dockerd, images, upstreams=upstreams, **more)
 
 
 def _spec(settings: Settings) -> ContainerSpec:
@@ -103,7 +105,10 @@ async def test_a_deployment_under_its_name_before_is_adopted(
     # What the gateway made before names included upstream_name: paygate-<member>, its volume.
     (entry,) = settings.upstream_entries()
     old = dataclasses.replace(
-        container_spec(entry.config, name=spec.previous), previous=None, previous_volume=None
+        container_spec(entry.config, name=spec.previous),
+        previous=None,
+        previous_volume=None,
+        marked=False,  # an earlier version did not mark what it made
     )
     assert old.volume == spec.previous_volume
     names = _everything(spec) + _everything(old)
@@ -124,3 +129,25 @@ async def test_a_deployment_under_its_name_before_is_adopted(
         with pytest.raises(docker.errors.NotFound):
             docker_client.volumes.get(spec.volume)  # never made: nothing doubled
         docker_client.volumes.get(old.volume)  # kept across the stop, as always
+
+
+async def test_another_gateways_current_deployment_under_the_name_before_is_not_adopted(
+    dockerd: Dockerd, test_images: DockerImages, docker_client: docker.DockerClient
+) -> None:
+    member = f"t{secrets.token_hex(3)}"
+    plain = _settings(dockerd, test_images, member, upstream_name=None)  # paygate-<member>
+    named = _settings(dockerd, test_images, member)
+    specs = [_spec(plain), _spec(named)]
+    assert specs[0].name == specs[1].previous == f"paygate-{member}"
+    every = [name for spec in specs for name in _everything(spec)]
+    with _removed_after(docker_client, every, [s.volume for s in specs]):
+        async with running_gateway(plain) as a:
+            assert await _chat(a) == 200
+            before = _id(docker_client, specs[0].name)
+            async with running_gateway(named) as b:
+                assert await _chat(b) == 200
+                assert await _chat(a) == 200
+                assert _id(docker_client, specs[0].name) == before  # never replaced
+                serving = docker_client.containers.get(specs[1].name)
+                volumes = [m["Name"] for m in serving.attrs["Mounts"] if m["Type"] == "volume"]
+                assert volumes == [specs[1].volume]  # its own, not the other's models
