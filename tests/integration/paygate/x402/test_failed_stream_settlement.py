@@ -140,3 +140,44 @@ async def test_paygate_client_raises_the_refusal_at_a_sealed_streams_end(
     (record,) = await records(ledger)
     assert record.state is PaymentState.FAILED
     assert usdc.balance_of(seller) == 0
+
+
+@pytest.mark.parametrize("with_chain", [True, False], ids=["chain", "no-chain"])
+async def test_a_stream_whose_settlement_is_in_doubt_gets_no_signed_refusal(
+    facilitator, usdc, anvil, payer, seller, tmp_path, with_chain
+):
+    """The payer front-runs the settlement with a cancel: the facilitator says "nonce already
+    used". With a chain the cancel is proven (FAILED): a signed refusal. Without one nobody
+    here can tell a cancel from a transfer to the seller, so the payment is flagged for review
+    (SETTLING) and may yet be recorded as paid: a signed refusal there would be the appliance's
+    word that nothing was charged for a payment it may later charge (and sign a settlement
+    receipt for)."""
+    ledger = tmp_path / "payments.db"
+    settings = {"chain_rpc_url": anvil.rpc_url} if with_chain else {}
+    facilitator.set_fault("slow", "settle", delay=2.0)
+    path, body = STREAMS[0]
+    async with paid_stack(
+        seller=seller, facilitator_url=facilitator.url, ledger=ledger, **settings
+    ) as stack:
+        header = await v2_header(stack, payer, path, body)
+        reading = asyncio.ensure_future(_read(stack.url, path, header, body))
+        await eventually(lambda: facilitator.stats.settle_calls == 1, timeout=10)
+        nonce = json.loads(base64.b64decode(header))["payload"]["authorization"]["nonce"]
+        await asyncio.to_thread(usdc.chain.cancel_authorization, payer, nonce)
+        status, raw = await reading
+    assert status == 200
+    assert b"fake" in raw  # the content went before its settlement
+    receipt = _payment_receipt(path, raw)
+    assert receipt["success"] is False
+    (record,) = await records(ledger)
+    if with_chain:
+        assert record.state is PaymentState.FAILED
+        signed = _signed_refusal(path, raw)
+        assert signed["kind"] == "refusal"
+        assert signed["reason"] == record.error
+    else:
+        assert record.state is PaymentState.SETTLING
+        assert record.needs_review
+        assert receipt["errorReason"] == "settlement_pending"
+        assert SIGNED_RECEIPT_LINE not in raw  # neither a refusal nor a charge is known
+    assert usdc.balance_of(seller) == 0
