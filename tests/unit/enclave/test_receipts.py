@@ -434,11 +434,20 @@ _X402_REFUSAL = base64.b64encode(
     ).encode()
 )  # fmt: skip
 REFUSED_TAIL = b"data: [DONE]\n\n: x402-payment-response " + _X402_REFUSAL + b"\n\n"
+_X402_PENDING = base64.b64encode(
+    json.dumps(
+        {"success": False, "errorReason": "settlement_pending", "transaction": "0x" + "ab" * 32,
+         "network": "eip155:84532"}
+    ).encode()
+)  # fmt: skip
+PENDING_TAIL = b"data: [DONE]\n\n: x402-payment-response " + _X402_PENDING + b"\n\n"
 _REFUSED_PAYMENT = _upto(charged="0", transaction="none")
 
 
-def _refused_stream(*, signed: dict[str, Any] | None, after: bytes = b"") -> bytes:
-    before = CONTENT + REFUSED_TAIL
+def _refused_stream(
+    *, signed: dict[str, Any] | None, after: bytes = b"", tail: bytes = REFUSED_TAIL
+) -> bytes:
+    before = CONTENT + tail
     if signed is None:
         return before + after
     claims = {"reply_digest": receipts.body_digest(before), **signed}
@@ -478,9 +487,14 @@ def _refused_stream(*, signed: dict[str, Any] | None, after: bytes = b"") -> byt
             _refused_stream(signed={"payment": _REFUSED_PAYMENT}, after=CONTENT),
             ContentAfterReceipt,
         ),
+        (  # a signed refusal where the x402 receipt says the settlement is only in doubt (an
+            # appliance that signed one for a payment flagged for review, which may be charged)
+            _refused_stream(signed={"payment": _REFUSED_PAYMENT}, tail=PENDING_TAIL),
+            RefusalUnauthenticated,
+        ),
     ],
     ids=["signed", "unsigned", "other-request", "other-payment", "other-reply", "charged",
-         "appended"],
+         "appended", "pending"],
 )  # fmt: skip
 def test_a_streams_refusal_is_raised_only_once_signed_for_it(
     body: bytes, error: type[Exception]
