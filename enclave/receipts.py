@@ -178,7 +178,7 @@ def unverified_claims(token: str) -> dict[str, Any]:
     attested key to check against): never a basis for trust."""
     try:
         claims = json.loads(signed_bytes(token))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # ValueError: not UTF-8 or JSON, or a huge integer
         raise ReceiptTokenInvalid("the receipt is not JSON") from None
     if not isinstance(claims, dict):
         raise ReceiptTokenInvalid("the receipt is not a JSON object")

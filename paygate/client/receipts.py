@@ -405,6 +405,15 @@ class CheckedDecoder:
         except ReceiptInvalid as exc:
             raise self._unauthenticated(exc) from None
         if self._check.refusal is not None:
+            if self._inner.refusal is None:
+                # Its x402 receipt (covered by the signature) says settled or pending: the
+                # outcome is not a refusal for good, and the payment may yet be charged.
+                raise self._unauthenticated(
+                    RefusalUnauthenticated(
+                        "the appliance's signed refusal is not what the stream's x402 receipt"
+                        " says (not refused for good)"
+                    )
+                )
             raise PaymentRefused(self._check.refusal)  # signed by the appliance: authentic
         if self._inner.refusal is not None:
             raise self._unauthenticated(

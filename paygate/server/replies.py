@@ -55,6 +55,7 @@ from paygate.server.receipts import (
 )
 from paygate.upstream.usage import Usage, usage_of
 from paygate.x402.inband import InbandReceiptWriter
+from paygate.x402.ledger import PaymentState
 from paygate.x402.results import Receipt
 from paygate.x402.session import PaymentSession
 
@@ -470,6 +471,13 @@ class Replies:
                 # to the request and what went out like the charge's, never kept as a reply's.
                 if not end.charged:
                     assert end.receipt is not None
+                    record = session.admission.record
+                    if record is None or record.state is not PaymentState.FAILED:
+                        # Not refused for good in the ledger: in doubt, flagged for review
+                        # (the nonce used, by a cancel or by a transfer to us), or its FAILED
+                        # not recorded (a reconcile may yet settle it). It may still be charged:
+                        # neither a refusal nor a charge is signed.
+                        return None
                     payment = _payment(session, end.receipt)
                     if payment is None:
                         return None

@@ -18,6 +18,7 @@ from paygate.client.attestation import Attested
 from paygate.client.errors import (
     ContentAfterReceipt,
     PaymentRefused,
+    ReceiptInvalid,
     ReceiptMismatch,
     ReceiptMissing,
     RefusalUnauthenticated,
@@ -434,11 +435,20 @@ _X402_REFUSAL = base64.b64encode(
     ).encode()
 )  # fmt: skip
 REFUSED_TAIL = b"data: [DONE]\n\n: x402-payment-response " + _X402_REFUSAL + b"\n\n"
+_X402_PENDING = base64.b64encode(
+    json.dumps(
+        {"success": False, "errorReason": "settlement_pending", "transaction": "0x" + "ab" * 32,
+         "network": "eip155:84532"}
+    ).encode()
+)  # fmt: skip
+PENDING_TAIL = b"data: [DONE]\n\n: x402-payment-response " + _X402_PENDING + b"\n\n"
 _REFUSED_PAYMENT = _upto(charged="0", transaction="none")
 
 
-def _refused_stream(*, signed: dict[str, Any] | None, after: bytes = b"") -> bytes:
-    before = CONTENT + REFUSED_TAIL
+def _refused_stream(
+    *, signed: dict[str, Any] | None, after: bytes = b"", tail: bytes = REFUSED_TAIL
+) -> bytes:
+    before = CONTENT + tail
     if signed is None:
         return before + after
     claims = {"reply_digest": receipts.body_digest(before), **signed}
@@ -478,9 +488,14 @@ def _refused_stream(*, signed: dict[str, Any] | None, after: bytes = b"") -> byt
             _refused_stream(signed={"payment": _REFUSED_PAYMENT}, after=CONTENT),
             ContentAfterReceipt,
         ),
+        (  # a signed refusal where the x402 receipt says the settlement is only in doubt (an
+            # appliance that signed one for a payment flagged for review, which may be charged)
+            _refused_stream(signed={"payment": _REFUSED_PAYMENT}, tail=PENDING_TAIL),
+            RefusalUnauthenticated,
+        ),
     ],
     ids=["signed", "unsigned", "other-request", "other-payment", "other-reply", "charged",
-         "appended"],
+         "appended", "pending"],
 )  # fmt: skip
 def test_a_streams_refusal_is_raised_only_once_signed_for_it(
     body: bytes, error: type[Exception]
@@ -503,3 +518,35 @@ def test_a_streams_refusal_is_raised_only_once_signed_for_it(
         assert record.receipt_error is None
     elif error is RefusalUnauthenticated:
         assert record.receipt_error is not None
+
+
+# A token a hostile path writes: under the size bound, a JSON integer past Python's 4300 digits
+# (json.loads raises a bare ValueError for it).
+_HUGE = base64.urlsafe_b64encode(b'{"version": 1' + b"0" * 5000 + b"}").decode().rstrip("=")
+HUGE_TOKEN = _HUGE + ".AA"
+
+
+def test_a_token_holding_a_huge_integer_is_invalid_not_a_crash() -> None:
+    assert len(HUGE_TOKEN) <= receipts.MAX_TOKEN
+    with pytest.raises(receipts.ReceiptTokenInvalid):
+        receipts.unverified_claims(HUGE_TOKEN)
+    with pytest.raises(receipts.ReceiptTokenInvalid):
+        receipts.verify(HUGE_TOKEN, KEY.receipt_public_key)
+
+
+@pytest.mark.parametrize("tail", [TAIL, REFUSED_TAIL], ids=["charged", "refused"])
+def test_a_streams_end_with_a_hostile_token_is_a_receipt_error(tail: bytes) -> None:
+    """The client looks at the token's kind (is it a refusal?) after its check failed: that
+    look must not crash on what a path wrote there."""
+    record = _record()
+    scanner = ReceiptScanner("text/event-stream", lambda _receipt, _error: None)
+    decoder = CheckedDecoder(PlainDecoder(scanner), _check("text/event-stream", record))
+    body = CONTENT + tail + b": paygate-receipt " + HUGE_TOKEN.encode() + b"\n\n"
+
+    def read() -> None:
+        for at in range(0, len(body), 7):
+            decoder.feed(body[at : at + 7])
+        decoder.end()
+
+    with pytest.raises(ReceiptInvalid):
+        read()
