@@ -13,10 +13,11 @@ again, so one paid call would otherwise buy a flood of opens), or a payer's rate
 any 4xx of the sender's doing — costs its sender, and so does a claim cut short once its open
 began (its caller gone before the verdict: the handler cancelled; or an unexpected failure),
 else a forger dropping each claim before its verdict is believed for ever; and so does a claim
-whose payment verified but whose caller left before any reply went out (released, never
-charged: else a funded wallet that pays and leaves before each reply has every claim believed,
-its open and the model's work done, for nothing; a reply under way when it left is charged,
-``settle_on_disconnect``, and doubts nobody). Its address is
+whose payment verified but whose caller left and was never charged (released: gone before
+any reply went out, or mid-stream with ``settle_on_disconnect`` off; else a funded wallet that
+pays and leaves before each reply has every claim believed, its open and the model's work done,
+for nothing; a payment settled upfront, or a reply under way with ``settle_on_disconnect`` on,
+is charged and doubts nobody). Its address is
 *doubted* for :data:`DOUBT_SECONDS`, and while doubted, its requests are admitted as unpaid ones
 whatever header they carry (the unpaid pool and gate: its one slot per address and the unpaid
 rate it shares with every other unpaid caller). A payment verified from the address clears the
@@ -78,8 +79,8 @@ it paid from — the caller's own address, which the key covers: an IPv6 /128 un
 payer — its address appears anywhere in the payment header's decoded text, whatever the field
 (no field is proof before verification: a forger can put any payer in any of them) — is
 believed whatever doubts the address or its prefixes. A vouch is no free pass: a claim from its
-host naming it that is refused, or cut short once opened, or verified and left before its
-reply, spends it (every vouched payer the header names; the payer's own dropped call too), so
+host naming it that is refused, or cut short once opened, or verified and left uncharged,
+spends it (every vouched payer the header names; the payer's own dropped call too), so
 forged claims naming a vouched payer get at most one believed open per verified payment of that
 payer there (as forged claims naming nobody do: each verified payment from the address clears
 its doubt). A claim naming it from another host under the same key (a neighbour in the /64)

@@ -897,3 +897,79 @@ async def test_a_payer_that_leaves_before_its_reply_is_doubted(
             assert set(drained) <= {402, 503}, drained
             assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 503
     assert usdc.balance_of(seller) == 2000
+
+
+async def test_a_payer_charged_upfront_that_leaves_before_its_reply_is_not_doubted(
+    tpm_key: TpmKey, facilitator: Any, usdc: Any, payer: Any, seller: str, tmp_path: Path
+) -> None:
+    """Settled upfront, the payer has paid before anything is forwarded: leaving before the
+    reply (a client timeout on a slow model) is no free open. Its claims stay believed: its
+    next paid call is served through the claimed gate while the unpaid gate is spent."""
+    ledger = tmp_path / "payments.db"
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=ledger,
+        model_prices={"fake-llama": "0.002", "fake-stall-first": "0.002"},
+        settle_timing="upfront",
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+        claimed_opens_per_second=1000.0,  # its burst (4) back within a request's time
+    )
+    stalled = {**CHAT_BODY, "model": "fake-stall-first"}  # no reply until the caller leaves
+    async with running_stack(key=tpm_key, **settings) as stack:
+        required = await challenge_of(stack, CHAT, CHAT_BODY)
+        pay = _payments(stack, required, payer)
+        async with _session(CALLER, 2) as caller, _session(FLOOD, 2) as flood:
+            assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 200
+            leaving = asyncio.ensure_future(
+                _post(caller, stack, _sealed(stack, stalled).blob, {**SEALED, **pay()})
+            )
+            await eventually(lambda: stack.fake.hits["POST " + CHAT] == 2, timeout=30)
+            leaving.cancel()  # settled, at the model: the caller leaves
+            with contextlib.suppress(asyncio.CancelledError):
+                await leaving
+            async with asyncio.timeout(30):  # its payment marked served: it paid
+                while not all(r.served for r in await records(ledger)):
+                    await asyncio.sleep(0.02)
+            drained = await _drain_unpaid_gate(flood, stack)
+            assert set(drained) <= {402, 503}, drained
+            assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 200
+    assert usdc.balance_of(seller) == 3 * 2000
+
+
+async def test_a_payer_that_leaves_a_stream_never_charged_is_doubted(
+    tpm_key: TpmKey, facilitator: Any, usdc: Any, payer: Any, seller: str, tmp_path: Path
+) -> None:
+    """``settle_on_disconnect`` off: a stream its caller leaves mid-way is released, never
+    charged. Leaving once the reply began is then as free as leaving before it: doubted, its
+    vouch spent, else a funded wallet that leaves each stream after its first chunk has every
+    claim believed (opened through the claimed gate, the model's work done) for nothing."""
+    ledger = tmp_path / "payments.db"
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=ledger,
+        model_prices={"fake-llama": "0.002", "fake-stall-mid": "0.002"},
+        settle_on_disconnect=False,
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+        claimed_opens_per_second=1000.0,  # its burst (4) back within a request's time
+    )
+    stalled = {**CHAT_BODY, "model": "fake-stall-mid", "stream": True}  # one chunk, then none
+    async with running_stack(key=tpm_key, **settings) as stack:
+        required = await challenge_of(stack, CHAT, CHAT_BODY)
+        pay = _payments(stack, required, payer)
+        async with _session(CALLER, 2) as caller, _session(FLOOD, 2) as flood:
+            assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 200
+            async with caller.post(
+                stack.url + CHAT, data=_sealed(stack, stalled).blob, headers={**SEALED, **pay()}
+            ) as response:
+                assert response.status == 200
+                assert await response.content.readany()  # the reply began
+            # The caller has left (its connection closed): released, never charged.
+            async with asyncio.timeout(30):
+                while [r.state for r in await records(ledger)].count(PaymentState.RELEASED) < 1:
+                    await asyncio.sleep(0.02)
+            drained = await _drain_unpaid_gate(flood, stack)
+            assert set(drained) <= {402, 503}, drained
+            assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 503
+    assert usdc.balance_of(seller) == 2000
