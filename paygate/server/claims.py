@@ -37,7 +37,7 @@ doing (``server_side``: a batch-settlement refund whose channel cannot be read o
 whose outcome is not known yet; a facilitator's ``unexpected_verify_error``, its own failure
 to check; a ``…_channel_busy`` whose hold a request left whose replica died mid-request (its
 payment still in progress, its lease run out); a ``payment_in_progress`` 409 for a payment whose
-replica died mid-request, until the reconciler releases it; a model's token limit for
+replica died mid-request (its lease run out by the ledger's clock), until the reconciler releases it; a model's token limit for
 everyone together, ``per_model``, spent — a payer's own limits, rate and budgets are that
 payer's doing). A channel held by a live request (the payer's own concurrent call, or a
 caller holding its own channel with a slow one to get refusals that doubt nobody) is the

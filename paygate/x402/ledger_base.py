@@ -19,6 +19,7 @@ from paygate.x402.ledger import (
     UNFINISHED_STATES,
     Budget,
     Earnings,
+    LedgerError,
     Meter,
     PaymentEvent,
     PaymentRecord,
@@ -375,6 +376,19 @@ class Ledger:
 
     async def by_idempotency_key(self, key: str) -> PaymentRecord | None:
         return await self._run(self._one, self._tail(BY_IDEMPOTENCY_KEY), (key,))
+
+    async def now(self) -> float:
+        """This ledger's clock, the one its leases are measured by (PostgreSQL: the
+        database's, which every replica shares; not this host's)."""
+        raise NotImplementedError
+
+    async def abandoned(self, record: PaymentRecord) -> bool:
+        """Is ``record`` started and worked on by nobody alive (:meth:`PaymentRecord.abandoned`)
+        by this ledger's clock? False when the clock cannot be read: not known to be."""
+        try:
+            return record.abandoned(await self.now())
+        except LedgerError:
+            return False
 
     async def by_nonce(self, nonce: str) -> builtins.list[PaymentRecord]:
         """The records of an authorization nonce on any network (a receipt's payment id)."""

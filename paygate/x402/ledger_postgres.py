@@ -177,6 +177,9 @@ class PostgresLedger(Ledger):
 
     # --- plumbing ---------------------------------------------------------------------------
 
+    async def now(self) -> float:
+        return await self._run(self._now)
+
     async def _run(self, fn: Callable[..., Awaitable[T]], /, *args: Any) -> T:
         """``fn(conn, *args)`` in one transaction on a pooled connection, shielded."""
         return await self._calls.run(fn, *args)

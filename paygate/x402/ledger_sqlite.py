@@ -185,6 +185,9 @@ class SqliteLedger(Ledger):
 
     # --- the worker thread ------------------------------------------------------------------
 
+    async def now(self) -> float:
+        return self._clock()
+
     async def _run(self, fn: Callable[..., T], /, *args: Any) -> T:
         quick = fn in self._quick
         if fn == self._reserve and args[0].budgets:  # sums the payer's window: may be long

@@ -523,9 +523,9 @@ class PaymentProcessor:
             if nonce is None:
                 return False
             records = await self._ledger.by_nonce(nonce)
+            now = await self._ledger.now() if records else 0.0  # its leases' clock
         except (LedgerError, ValueError):  # unreadable, or a hold that is no payment's
             return False
-        now = self._clock()
         return any(record.abandoned(now) for record in records) and not any(
             record.state in (PaymentState.RESERVED, PaymentState.VERIFIED)
             and not record.abandoned(now)
@@ -556,7 +556,7 @@ class PaymentProcessor:
                 "this payment is already being used by another request",
                 headers={"Retry-After": self._refusals.retry_after},
                 # Its replica died mid-request: the payer's retry waits for the reconciler.
-                server_side=record.abandoned(self._clock()),
+                server_side=await self._ledger.abandoned(record),
             )
         if self._settlement.serves_again(record):
             # Upfront settlement whose answer came too late for its own request: the caller
