@@ -36,16 +36,16 @@ open slot taken: nothing was opened), or a 4xx the payment step marks as the ser
 doing (``server_side``: a batch-settlement refund whose channel cannot be read on chain, or
 whose outcome is not known yet; a facilitator's ``unexpected_verify_error``, its own failure
 to check; a ``…_channel_busy`` whose hold a request left whose replica died mid-request (its
-payment still in progress, its lease run out); a ``payment_in_progress`` 409 for a payment whose
-replica died mid-request (its lease run out by the ledger's clock), until the reconciler releases it; a model's token limit for
-everyone together, ``per_model``, spent — a payer's own limits, rate and budgets are that
-payer's doing). A channel held by a live request (the payer's own concurrent call, or a
-caller holding its own channel with a slow one to get refusals that doubt nobody) is the
-caller's doing, and so is a hold nothing tells is a payment's, and one under an ended
-payment's nonce (a payment gives its hold back as it ends: such a hold is another's under
-the same key — a refund's, whose voucher names what the last one served named, or a deposit
-finishing after its caller left). A sealed claim refused
-410 ``key_epoch_retired`` or 421 ``wrong_replica`` is doubted although a rotation or a
+payment still in progress, its lease run out); a ``payment_in_progress`` 409 for a payment
+whose replica died mid-request (its lease run out by the ledger's clock), until the
+reconciler releases it; a model's token limit for everyone together, ``per_model``, spent
+— a payer's own limits, rate and budgets are that payer's doing). A channel held by a live
+request (the payer's own concurrent call, or a caller holding its own channel with a slow
+one to get refusals that doubt nobody) is the caller's doing, and so is a hold nothing
+tells is a payment's, and one under an ended payment's nonce (a payment gives its hold back
+as it ends: such a hold is another's under the same key — a refund's, whose voucher names
+what the last one served named, or a deposit finishing after its caller left). A sealed
+claim refused 410 ``key_epoch_retired`` or 421 ``wrong_replica`` is doubted although a rotation or a
 balancer's routing may cause it: its open spent a token of the claimed gate's rate, so a
 flood of claims naming a retired key would otherwise take that rate undoubted. Only a
 *verified* payment clears a doubt: a request priced at nothing is admitted without its header

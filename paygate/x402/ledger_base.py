@@ -86,6 +86,7 @@ class Ledger:
     # The store's statements, run by ``_run`` (their arguments after the store's own).
     _one: Callable[..., Any]
     _many: Callable[..., Any]
+    _clock_now: Callable[..., Any]  # the clock leases are measured by, read
     _reserve: Callable[..., Any]
     _transition: Callable[..., Any]
     _mark_served: Callable[..., Any]
@@ -380,7 +381,7 @@ class Ledger:
     async def now(self) -> float:
         """This ledger's clock, the one its leases are measured by (PostgreSQL: the
         database's, which every replica shares; not this host's)."""
-        raise NotImplementedError
+        return float(await self._run(self._clock_now))
 
     async def abandoned(self, record: PaymentRecord) -> bool:
         """Is ``record`` started and worked on by nobody alive (:meth:`PaymentRecord.abandoned`)

@@ -177,9 +177,6 @@ class PostgresLedger(Ledger):
 
     # --- plumbing ---------------------------------------------------------------------------
 
-    async def now(self) -> float:
-        return await self._run(self._now)
-
     async def _run(self, fn: Callable[..., Awaitable[T]], /, *args: Any) -> T:
         """``fn(conn, *args)`` in one transaction on a pooled connection, shielded."""
         return await self._calls.run(fn, *args)
@@ -223,6 +220,9 @@ class PostgresLedger(Ledger):
 
     async def _migrate(self, conn: Conn) -> None:
         self.found_version = await schema.migrate(conn, await self._now(conn))
+
+    async def _clock_now(self, conn: Conn) -> float:
+        return await self._now(conn)
 
     async def _one(self, conn: Conn, where: str, params: tuple[Any, ...]) -> PaymentRecord | None:
         row = await (await conn.execute(f"{_SELECT} {where}", params)).fetchone()
