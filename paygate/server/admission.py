@@ -18,7 +18,7 @@ starving paid ones. One entry: ``async with admission.admit(request, route) as a
    claim until verified, and costs nothing to forge: an address whose claim is refused after
    its open (any 4xx of the sender's: a body or a payment that is no good, an outcome sent
    again, a rate spent; :func:`paygate.server.claims.doubts`; or its payment verified and its
-   caller gone before any reply) is admitted as unpaid for a while
+   caller gone, never charged) is admitted as unpaid for a while
    (:mod:`paygate.server.claims`; IPv6 doubts add up to their /48 and /32), so forged claims
    cannot take the claimed gate's rate from real payers; a payer whose payment verified from
    the address is still believed there (from the host it paid from).
@@ -136,14 +136,21 @@ class Admission:
 
     def _ended(self, admitted: Admitted, request: web.Request) -> None:
         """A claim's request is over (its payment finished). Verified, then its caller gone
-        before any reply went out: never charged (released), yet its open and its model work
-        were done on a verified payment's word — and that verification cleared its address's
-        doubt. Doubted as a refused claim is (its own vouch spent), else a funded wallet that
-        pays and leaves before each reply has its claims believed, opened through the claimed
-        gate, for nothing. A reply under way when it left is charged (``settle_on_disconnect``)
-        and doubts nobody."""
+        and its payment released, never charged: its open and its model work were done on a
+        verified payment's word — and that verification cleared its address's doubt. Doubted
+        as a refused claim is (its own vouch spent), else a funded wallet that pays and leaves
+        before each reply (or, ``settle_on_disconnect`` off, mid-stream) has its claims
+        believed, opened through the claimed gate, for nothing. Charged (settled upfront, a
+        reply under way with ``settle_on_disconnect``), it paid and doubts nobody; nor does
+        an upstream's failure (a status of 400 or more)."""
         session = admitted.ticket.session
-        if admitted.claim and session.paid and session.caller_gone and session.status == 0:
+        if (
+            admitted.claim
+            and session.paid
+            and session.caller_gone
+            and session.admission.released
+            and session.status < 400
+        ):
             self._claims.refused(admitted.client_key, request.headers, admitted.client)
 
     async def _enter(self, request: web.Request, route: Route) -> tuple[Admitted, Any]:

@@ -13,10 +13,11 @@ again, so one paid call would otherwise buy a flood of opens), or a payer's rate
 any 4xx of the sender's doing — costs its sender, and so does a claim cut short once its open
 began (its caller gone before the verdict: the handler cancelled; or an unexpected failure),
 else a forger dropping each claim before its verdict is believed for ever; and so does a claim
-whose payment verified but whose caller left before any reply went out (released, never
-charged: else a funded wallet that pays and leaves before each reply has every claim believed,
-its open and the model's work done, for nothing; a reply under way when it left is charged,
-``settle_on_disconnect``, and doubts nobody). Its address is
+whose payment verified but whose caller left and was never charged (released: gone before
+any reply went out, or mid-stream with ``settle_on_disconnect`` off; else a funded wallet that
+pays and leaves before each reply has every claim believed, its open and the model's work done,
+for nothing; a payment settled upfront, or a reply under way with ``settle_on_disconnect`` on,
+is charged and doubts nobody). Its address is
 *doubted* for :data:`DOUBT_SECONDS`, and while doubted, its requests are admitted as unpaid ones
 whatever header they carry (the unpaid pool and gate: its one slot per address and the unpaid
 rate it shares with every other unpaid caller). A payment verified from the address clears the
@@ -34,14 +35,17 @@ the sender's doing doubts nobody: a 5xx (a dependency down), the gate's own 429 
 open slot taken: nothing was opened), or a 4xx the payment step marks as the server's own
 doing (``server_side``: a batch-settlement refund whose channel cannot be read on chain, or
 whose outcome is not known yet; a facilitator's ``unexpected_verify_error``, its own failure
-to check; a ``…_channel_busy`` whose hold no live request keeps — its request ended, or its
-replica died, with the hold not let go; a ``payment_in_progress`` 409 for a payment whose
-replica died mid-request, until the reconciler releases it; a model's token limit for
-everyone together, ``per_model``, spent — a payer's own limits, rate and budgets are that
-payer's doing). A channel held by a live request (the payer's own concurrent call, or a
-caller holding its own channel with a slow one to get refusals that doubt nobody) is the
-caller's doing, and so is a hold nothing tells is a payment's. A sealed claim refused
-410 ``key_epoch_retired`` or 421 ``wrong_replica`` is doubted although a rotation or a
+to check; a ``…_channel_busy`` whose hold a request left whose replica died mid-request (its
+payment still in progress, its lease run out); a ``payment_in_progress`` 409 for a payment
+whose replica died mid-request (its lease run out by the ledger's clock), until the
+reconciler releases it; a model's token limit for everyone together, ``per_model``, spent
+— a payer's own limits, rate and budgets are that payer's doing). A channel held by a live
+request (the payer's own concurrent call, or a caller holding its own channel with a slow
+one to get refusals that doubt nobody) is the caller's doing, and so is a hold nothing
+tells is a payment's, and one under an ended payment's nonce (a payment gives its hold back
+as it ends: such a hold is another's under the same key — a refund's, whose voucher names
+what the last one served named, or a deposit finishing after its caller left). A sealed
+claim refused 410 ``key_epoch_retired`` or 421 ``wrong_replica`` is doubted although a rotation or a
 balancer's routing may cause it: its open spent a token of the claimed gate's rate, so a
 flood of claims naming a retired key would otherwise take that rate undoubted. Only a
 *verified* payment clears a doubt: a request priced at nothing is admitted without its header
@@ -78,8 +82,8 @@ it paid from — the caller's own address, which the key covers: an IPv6 /128 un
 payer — its address appears anywhere in the payment header's decoded text, whatever the field
 (no field is proof before verification: a forger can put any payer in any of them) — is
 believed whatever doubts the address or its prefixes. A vouch is no free pass: a claim from its
-host naming it that is refused, or cut short once opened, or verified and left before its
-reply, spends it (every vouched payer the header names; the payer's own dropped call too), so
+host naming it that is refused, or cut short once opened, or verified and left uncharged,
+spends it (every vouched payer the header names; the payer's own dropped call too), so
 forged claims naming a vouched payer get at most one believed open per verified payment of that
 payer there (as forged claims naming nobody do: each verified payment from the address clears
 its doubt). A claim naming it from another host under the same key (a neighbour in the /64)
@@ -102,7 +106,10 @@ each). A live vouch is never forgotten for a new address: a verified payment cos
 an attacker who leaves before the reply (released, never charged) and IPv6 addresses are free,
 so evicting the oldest would let one flood of them unvouch every payer. Full of live vouches, a
 new address is not vouched until one runs out (a payer there is as it would be without
-vouches); a payer's verified payment renews its own vouch whatever the table holds.
+vouches); a payer's verified payment renews its own vouch whatever the table holds. Likewise
+at one address: a payer from one host never takes the place of another host's live vouch (a
+neighbour in the /64 verifying a few wallets' payments would otherwise unvouch the payer);
+payers sharing one host (a NAT) make room among themselves, the longest unrenewed first.
 """
 
 from __future__ import annotations
@@ -131,7 +138,7 @@ PREFIX_LEVELS: tuple[tuple[int, int], ...] = ((56, 4), (48, 4), (32, 16))
 #: Seconds a payer whose payment verified from an address is believed there.
 VOUCH_SECONDS = 3600.0
 #: Addresses with vouched payers remembered at most, and payers vouched per address (the
-#: most recently verified; measured: ~7 MB in all when full).
+#: most recently verified; measured: ~11 MB in all when full, each with its host).
 MAX_VOUCHED = 8_192
 PAYERS_PER_ADDRESS = 4
 # A payer's name shorter than this could be found in any header by chance: never vouched.
@@ -232,11 +239,12 @@ class DoubtedClaims:
         now = self._clock()
         if address not in self._vouched and not self._room(now):
             return  # full of live vouches: a flood of verified payments evicts none of them
+        payers = self._vouched.get(address, {})
+        if name not in payers and not self._payer_room(payers, host, now):
+            return  # full of other hosts' live vouches: a neighbour's payments evict none
         payers = self._vouched.pop(address, None) or {}
         payers.pop(name, None)
         payers[name] = (now + self.vouch_seconds, host)
-        while len(payers) > PAYERS_PER_ADDRESS:
-            del payers[next(iter(payers))]  # the longest unrenewed
         self._vouched[address] = payers
 
     def __len__(self) -> int:
@@ -281,6 +289,23 @@ class DoubtedClaims:
             if any(now < until for until, _ in vouched[first].values()):
                 return False
             del vouched[first]
+        return True
+
+    @staticmethod
+    def _payer_room(payers: dict[str, tuple[float, str]], host: str, now: float) -> bool:
+        """Is there room at an address (``payers``) for one more payer vouched from ``host``,
+        once those run out are forgotten, else the longest unrenewed from ``host`` itself?
+        Never another host's live vouch: else a neighbour under the same key (a /64) that
+        verifies a few wallets' payments, never charged once it leaves before the reply,
+        unvouches the payer. Callers sharing one host (a NAT) make room among themselves."""
+        for payer in [payer for payer, (until, _) in payers.items() if now >= until]:
+            del payers[payer]
+        if len(payers) < PAYERS_PER_ADDRESS:
+            return True
+        same = next((payer for payer, (_, at) in payers.items() if at == host), None)
+        if same is None:
+            return False
+        del payers[same]  # the longest unrenewed from this host
         return True
 
     def _named(self, address: str, headers: Mapping[str, str], host: str) -> list[str]:

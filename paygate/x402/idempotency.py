@@ -133,7 +133,7 @@ class PaymentIdentifiers:
                 "this payment is already being used by another request",
                 headers={"Retry-After": self._retry_after},
                 # Its replica died mid-request: the payer's retry waits for the reconciler.
-                server_side=record.abandoned(self._clock()),
+                server_side=await self._ledger.abandoned(record),
             )
         receipt = self._receipt(record)
         headers = {receipt.header: receipt.encoded()} if record.transaction else {}

@@ -19,6 +19,7 @@ from paygate.x402.ledger import (
     UNFINISHED_STATES,
     Budget,
     Earnings,
+    LedgerError,
     Meter,
     PaymentEvent,
     PaymentRecord,
@@ -85,6 +86,7 @@ class Ledger:
     # The store's statements, run by ``_run`` (their arguments after the store's own).
     _one: Callable[..., Any]
     _many: Callable[..., Any]
+    _clock_now: Callable[..., Any]  # the clock leases are measured by, read
     _reserve: Callable[..., Any]
     _transition: Callable[..., Any]
     _mark_served: Callable[..., Any]
@@ -377,6 +379,19 @@ class Ledger:
 
     async def by_idempotency_key(self, key: str) -> PaymentRecord | None:
         return await self._run(self._one, self._tail(BY_IDEMPOTENCY_KEY), (key,))
+
+    async def now(self) -> float:
+        """This ledger's clock, the one its leases are measured by (PostgreSQL: the
+        database's, which every replica shares; not this host's)."""
+        return float(await self._run(self._clock_now))
+
+    async def abandoned(self, record: PaymentRecord) -> bool:
+        """Is ``record`` started and worked on by nobody alive (:meth:`PaymentRecord.abandoned`)
+        by this ledger's clock? False when the clock cannot be read: not known to be."""
+        try:
+            return record.abandoned(await self.now())
+        except LedgerError:
+            return False
 
     async def by_nonce(self, nonce: str) -> builtins.list[PaymentRecord]:
         """The records of an authorization nonce on any network (a receipt's payment id)."""

@@ -221,6 +221,9 @@ class PostgresLedger(Ledger):
     async def _migrate(self, conn: Conn) -> None:
         self.found_version = await schema.migrate(conn, await self._now(conn))
 
+    async def _clock_now(self, conn: Conn) -> float:
+        return await self._now(conn)
+
     async def _one(self, conn: Conn, where: str, params: tuple[Any, ...]) -> PaymentRecord | None:
         row = await (await conn.execute(f"{_SELECT} {where}", params)).fetchone()
         return rules.record_from_row(row) if row else None

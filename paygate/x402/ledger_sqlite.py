@@ -133,6 +133,7 @@ class SqliteLedger(Ledger):
             (
                 *(self._one, self._reserve, self._transition, self._mark_served, self._renew),
                 *(self._let_go, self._add_receipt, self._take_free, self._forget_idempotency_key),
+                self._clock_now,
             )
         )
 
@@ -283,6 +284,9 @@ class SqliteLedger(Ledger):
             return out
 
         return await self._submit(False, True, run)  # a voucher's record and charge
+
+    def _clock_now(self) -> float:
+        return self._clock()
 
     def _one(self, where: str, params: tuple[Any, ...]) -> PaymentRecord | None:
         row = self._conn.execute(f"{_SELECT} {where}", params).fetchone()

@@ -508,20 +508,25 @@ class PaymentProcessor:
     async def _left_by_failure(
         self, scheme: Scheme, reason: str, payment: AnyPaymentPayload
     ) -> bool:
-        """Was ``payment`` refused ``reason`` for a hold (a busy channel) that no live request
-        keeps: its request's payment ended, or its owner's lease ran out (a replica died, a
-        release or a commit failed)? That is this server's failure, not the caller's doing.
-        A hold a live request keeps (the payer's own concurrent request) is not, so a caller
-        cannot have refusals that doubt nobody by holding its own channel with a slow call."""
+        """Was ``payment`` refused ``reason`` for a hold (a busy channel) that a failed request
+        left: its payment still in progress with nobody working on it (its owner's lease ran
+        out: a replica died; or let go after its release failed)? That is this server's
+        failure, not the caller's doing. A hold a live request keeps (the payer's own
+        concurrent request) is not, so a caller cannot have refusals that doubt nobody by
+        holding its own channel with a slow call; nor is a hold whose payment ended: a payment
+        that ends gives its hold back in the same transaction, so a hold under an ended
+        payment's nonce is another live one's under the same key (a refund's, whose voucher
+        names what was charged as the last one served did; a deposit finishing after its
+        caller left)."""
         try:
             nonce = await scheme.holder(reason, payment)
             if nonce is None:
                 return False
             records = await self._ledger.by_nonce(nonce)
+            now = await self._ledger.now() if records else 0.0  # its leases' clock
         except (LedgerError, ValueError):  # unreadable, or a hold that is no payment's
             return False
-        now = self._clock()
-        return bool(records) and not any(
+        return any(record.abandoned(now) for record in records) and not any(
             record.state in (PaymentState.RESERVED, PaymentState.VERIFIED)
             and not record.abandoned(now)
             for record in records
@@ -551,7 +556,7 @@ class PaymentProcessor:
                 "this payment is already being used by another request",
                 headers={"Retry-After": self._refusals.retry_after},
                 # Its replica died mid-request: the payer's retry waits for the reconciler.
-                server_side=record.abandoned(self._clock()),
+                server_side=await self._ledger.abandoned(record),
             )
         if self._settlement.serves_again(record):
             # Upfront settlement whose answer came too late for its own request: the caller

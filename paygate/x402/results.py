@@ -74,6 +74,10 @@ class PaymentAdmission:
     # process was stalled past its lease) or ``ledger_unavailable``. No reply or receipt may
     # then claim the charge (paygate.server.replies withholds it).
     unrecorded: str | None = None
+    # Released with nothing earned (:func:`paygate.x402.settlement.release_unearned`): never
+    # charged, whatever the reply's status said (a caller gone mid-stream, settle_on_disconnect
+    # off).
+    released: bool = False
 
     @property
     def paid(self) -> bool:

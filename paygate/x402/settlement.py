@@ -96,6 +96,7 @@ async def release_unearned(
     record = record if record is not None else admission.record
     assert record is not None
     assert admission.payment is not None
+    admission.released = True
     write = admission.scheme.release_write(admission.payment, admission.requirements)
     await releases.release(record, write)
 

@@ -30,6 +30,7 @@ from enclave.keys.tpm import TpmKey
 from paygate import wire
 from paygate.server.claims import DoubtedClaims
 from paygate.x402.ledger import PaymentState
+from paygate.x402.ledger_store import LedgerLocation, open_ledger
 from paygate.x402.processor import PaymentProcessor
 from paygate.x402.schemes.batch_settlement.chain import BatchChain
 from paygate.x402.schemes.batch_settlement.verify import BUSY
@@ -42,6 +43,7 @@ from tests.fixtures.batch_settlement_support import (
 )
 from tests.fixtures.chain import encode_header, sign_v2_payment
 from tests.fixtures.gateway_support import Stack, eventually, key_operations, running_stack
+from tests.fixtures.ledger_support import request
 from tests.fixtures.payment_support import (
     CHAT,
     CHAT_BODY,
@@ -664,16 +666,94 @@ async def test_a_refund_refused_for_a_chain_that_cannot_be_read_doubts_nobody(
             assert await _post(own, stack, _sealed(stack).blob, voucher) == 200
 
 
+@contextlib.asynccontextmanager
+async def _dead_replica(ledger: Path) -> AsyncIterator[Any]:
+    """The ledger as a replica that died an hour ago saw it: what it reserved, its lease
+    long run out."""
+    store = await open_ledger(
+        LedgerLocation(kind="sqlite", path=ledger),
+        replica="dead",
+        clock=lambda: time.time() - 3600.0,
+    )
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
 async def test_a_voucher_refused_busy_on_a_hold_a_failed_request_left_doubts_nobody(
     tpm_key: TpmKey, anvil: Any, usdc: Any, payer: Any, seller: str, tmp_path: Path, gas_key: Any
 ) -> None:
-    """The payer's channel held for a request that ended (its hold not let go: a commit or
-    release lost, here by another replica's hand) or whose replica died: the payer's next
-    voucher is refused `…_channel_busy` (402), this server's failure. Its address is not
-    doubted, nor its vouch spent: once the hold is gone, its voucher is a believed claim,
-    served through the claimed gate while the unpaid gate is spent. A hold no payment's
-    (here: a stranger's) is not known to be the server's, and still doubts."""
+    """The payer's channel held for a request whose replica died mid-request (its payment
+    reserved, its lease run out, the reconciler not round yet): the payer's next voucher is
+    refused `…_channel_busy` (402), this server's failure. Its address is not doubted, nor
+    its vouch spent: once the hold is gone, its voucher is a believed claim, served through
+    the claimed gate while the unpaid gate is spent. A hold no payment's (here: a
+    stranger's) is not known to be the server's, and still doubts."""
     ledger = tmp_path / "payments.db"
+    settings = {
+        "key": tpm_key,
+        "model_prices": {"fake-llama": "0.001"},  # body-priced, at the default price
+        "unpaid_opens_per_second": 0.01,  # burst 4, then nothing within the test
+        "claimed_opens_per_second": 1000.0,  # its burst (4) back within a request's time
+    }
+    async with chain_batch(seller, ledger, anvil, gas_key, **settings) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=10 * PRICE_ATOMIC)
+        voucher = {**SEALED, wire.PAYMENT_SIGNATURE: header_for(required, channel.pay(offer))}
+        async with (
+            claimer(ledger, anvil, gas_key) as other,
+            _dead_replica(ledger) as dead,
+            _session("127.0.0.1", 2) as own,
+            _session(FLOOD, 2) as flood,
+        ):
+            died = await dead.reserve(**request(7))  # its lease ran out long ago
+
+            async def busy() -> None:
+                async with own.post(
+                    stack.url + CHAT, data=_sealed(stack).blob, headers=voucher
+                ) as response:
+                    await response.read()
+                    assert (response.status, response.headers[wire.ERROR_HEADER]) == (402, BUSY)
+
+            assert await other.store.take(channel.channel_id, died.nonce) is not None
+            await busy()
+            drained = await _drain_unpaid_gate(flood, stack)
+            assert set(drained) <= {402, 503}, drained
+            await other.store.release(channel.channel_id, died.nonce)
+            assert await _post(own, stack, _sealed(stack).blob, voucher) == 200
+            channel.charged += int(offer["amount"])
+            voucher = {**SEALED, wire.PAYMENT_SIGNATURE: header_for(required, channel.pay(offer))}
+            assert await other.store.take(channel.channel_id, "a stranger") is not None
+            await busy()  # not known to be the server's: doubted, the vouch spent
+            await other.store.release(channel.channel_id, "a stranger")
+            assert await _post(own, stack, _sealed(stack).blob, voucher) == 503
+
+
+async def test_a_voucher_refused_busy_on_a_refund_in_progress_is_doubted(
+    tpm_key: TpmKey,
+    anvil: Any,
+    usdc: Any,
+    payer: Any,
+    seller: str,
+    tmp_path: Path,
+    gas_key: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refund holds its channel from its chain reading to its mirror, under its refund
+    voucher's key — the key of the last voucher served (both name what was charged), a
+    payment that ended. That hold is live, and the payer's own doing: a voucher refused busy
+    meanwhile is doubted (else a payer refunding its channel a little at a time has every
+    claim on it opened undoubted while the refund's transaction is mined)."""
+    ledger = tmp_path / "payments.db"
+    paused, proceed = asyncio.Event(), asyncio.Event()
+    real = BatchChain.refund
+
+    async def refund(self: BatchChain, request: Any) -> Any:
+        paused.set()
+        await asyncio.wait_for(proceed.wait(), timeout=30)
+        return await real(self, request)
+
+    monkeypatch.setattr(BatchChain, "refund", refund)
     settings = {
         "key": tpm_key,
         "model_prices": {"fake-llama": "0.001"},  # body-priced, at the default price
@@ -686,29 +766,29 @@ async def test_a_voucher_refused_busy_on_a_hold_a_failed_request_left_doubts_nob
         voucher = {**SEALED, wire.PAYMENT_SIGNATURE: header_for(required, channel.pay(offer))}
         async with (
             claimer(ledger, anvil, gas_key) as other,
-            _session("127.0.0.1", 2) as own,
+            _session(CALLER, 2) as own,
             _session(FLOOD, 2) as flood,
         ):
-
-            async def busy() -> None:
-                async with own.post(
-                    stack.url + CHAT, data=_sealed(stack).blob, headers=voucher
-                ) as response:
-                    await response.read()
-                    assert (response.status, response.headers[wire.ERROR_HEADER]) == (402, BUSY)
-
-            assert await other.store.take(channel.channel_id, ended.nonce) is not None
-            await busy()
+            refunding = asyncio.ensure_future(
+                post(stack, header_for(required, channel.refund(PRICE_ATOMIC)))
+            )
+            async with asyncio.timeout(30):
+                await paused.wait()  # the channel held for the refund, by the ended one's key
+            held = await other.store.get(channel.channel_id)
+            assert held is not None
+            assert held.pending_owner == ended.nonce
+            async with own.post(
+                stack.url + CHAT, data=_sealed(stack).blob, headers=voucher
+            ) as response:
+                await response.read()
+                assert (response.status, response.headers[wire.ERROR_HEADER]) == (402, BUSY)
+            proceed.set()
+            status, _, body = await asyncio.wait_for(refunding, timeout=30)
+            assert status == 200, body
             drained = await _drain_unpaid_gate(flood, stack)
             assert set(drained) <= {402, 503}, drained
-            await other.store.release(channel.channel_id, ended.nonce)
-            assert await _post(own, stack, _sealed(stack).blob, voucher) == 200
-            channel.charged += int(offer["amount"])
-            voucher = {**SEALED, wire.PAYMENT_SIGNATURE: header_for(required, channel.pay(offer))}
-            assert await other.store.take(channel.channel_id, "a stranger") is not None
-            await busy()  # not known to be the server's: doubted, the vouch spent
-            await other.store.release(channel.channel_id, "a stranger")
-            assert await _post(own, stack, _sealed(stack).blob, voucher) == 503
+            forged = {**SEALED, wire.PAYMENT_SIGNATURE: NOT_A_PAYMENT}  # 400 once opened
+            assert await _post(own, stack, _sealed(stack).blob, forged) == 503
 
 
 # --- claims cut short, and claims whose bodies were read at once ------------------------------
@@ -891,6 +971,82 @@ async def test_a_payer_that_leaves_before_its_reply_is_doubted(
             with contextlib.suppress(asyncio.CancelledError):
                 await leaving
             async with asyncio.timeout(30):  # its payment released: never charged
+                while [r.state for r in await records(ledger)].count(PaymentState.RELEASED) < 1:
+                    await asyncio.sleep(0.02)
+            drained = await _drain_unpaid_gate(flood, stack)
+            assert set(drained) <= {402, 503}, drained
+            assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 503
+    assert usdc.balance_of(seller) == 2000
+
+
+async def test_a_payer_charged_upfront_that_leaves_before_its_reply_is_not_doubted(
+    tpm_key: TpmKey, facilitator: Any, usdc: Any, payer: Any, seller: str, tmp_path: Path
+) -> None:
+    """Settled upfront, the payer has paid before anything is forwarded: leaving before the
+    reply (a client timeout on a slow model) is no free open. Its claims stay believed: its
+    next paid call is served through the claimed gate while the unpaid gate is spent."""
+    ledger = tmp_path / "payments.db"
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=ledger,
+        model_prices={"fake-llama": "0.002", "fake-stall-first": "0.002"},
+        settle_timing="upfront",
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+        claimed_opens_per_second=1000.0,  # its burst (4) back within a request's time
+    )
+    stalled = {**CHAT_BODY, "model": "fake-stall-first"}  # no reply until the caller leaves
+    async with running_stack(key=tpm_key, **settings) as stack:
+        required = await challenge_of(stack, CHAT, CHAT_BODY)
+        pay = _payments(stack, required, payer)
+        async with _session(CALLER, 2) as caller, _session(FLOOD, 2) as flood:
+            assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 200
+            leaving = asyncio.ensure_future(
+                _post(caller, stack, _sealed(stack, stalled).blob, {**SEALED, **pay()})
+            )
+            await eventually(lambda: stack.fake.hits["POST " + CHAT] == 2, timeout=30)
+            leaving.cancel()  # settled, at the model: the caller leaves
+            with contextlib.suppress(asyncio.CancelledError):
+                await leaving
+            async with asyncio.timeout(30):  # its payment marked served: it paid
+                while not all(r.served for r in await records(ledger)):
+                    await asyncio.sleep(0.02)
+            drained = await _drain_unpaid_gate(flood, stack)
+            assert set(drained) <= {402, 503}, drained
+            assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 200
+    assert usdc.balance_of(seller) == 3 * 2000
+
+
+async def test_a_payer_that_leaves_a_stream_never_charged_is_doubted(
+    tpm_key: TpmKey, facilitator: Any, usdc: Any, payer: Any, seller: str, tmp_path: Path
+) -> None:
+    """``settle_on_disconnect`` off: a stream its caller leaves mid-way is released, never
+    charged. Leaving once the reply began is then as free as leaving before it: doubted, its
+    vouch spent, else a funded wallet that leaves each stream after its first chunk has every
+    claim believed (opened through the claimed gate, the model's work done) for nothing."""
+    ledger = tmp_path / "payments.db"
+    settings = paid_settings(
+        seller=seller,
+        facilitator_url=facilitator.url,
+        ledger=ledger,
+        model_prices={"fake-llama": "0.002", "fake-stall-mid": "0.002"},
+        settle_on_disconnect=False,
+        unpaid_opens_per_second=0.01,  # burst 4, then nothing within the test
+        claimed_opens_per_second=1000.0,  # its burst (4) back within a request's time
+    )
+    stalled = {**CHAT_BODY, "model": "fake-stall-mid", "stream": True}  # one chunk, then none
+    async with running_stack(key=tpm_key, **settings) as stack:
+        required = await challenge_of(stack, CHAT, CHAT_BODY)
+        pay = _payments(stack, required, payer)
+        async with _session(CALLER, 2) as caller, _session(FLOOD, 2) as flood:
+            assert await _post(caller, stack, _sealed(stack).blob, {**SEALED, **pay()}) == 200
+            async with caller.post(
+                stack.url + CHAT, data=_sealed(stack, stalled).blob, headers={**SEALED, **pay()}
+            ) as response:
+                assert response.status == 200
+                assert await response.content.readany()  # the reply began
+            # The caller has left (its connection closed): released, never charged.
+            async with asyncio.timeout(30):
                 while [r.state for r in await records(ledger)].count(PaymentState.RELEASED) < 1:
                     await asyncio.sleep(0.02)
             drained = await _drain_unpaid_gate(flood, stack)

@@ -358,3 +358,31 @@ def test_a_vouch_is_believed_and_spent_only_from_the_host_that_earned_it() -> No
     claims.refused(key, _claim(OTHER), payer_host)  # the key doubted again
     assert claims.believed(key, _claim(PAYER), neighbour)
     assert not claims.believed(key, _claim(PAYER), payer_host)
+
+
+def test_a_neighbours_verified_payments_do_not_evict_a_payers_vouch() -> None:
+    """A neighbour in the payer's /64 (one key) verifies payments of several wallets of its
+    own from its hosts (never charged, once it leaves before the reply): the address's
+    payers full, it vouches no more of them rather than forget the payer's live vouch, and
+    its forged claims cannot push the payer into the unpaid gate. Payers sharing one host (a
+    NAT) still make room among themselves, the longest unrenewed first."""
+    clock = Clock()
+    claims = DoubtedClaims(seconds=60.0, vouch_seconds=600.0, clock=clock)
+    key = _v6(1, 0, 0)
+    payer_host = "2001:db8:1::1"
+    claims.verified(key, PAYER, payer_host)
+    wallets = [f"0x{n:040x}" for n in range(1, 9)]
+    for n, wallet in enumerate(wallets):
+        claims.verified(key, wallet, f"2001:db8:1::{n + 2:x}")
+    claims.refused(key, _claim(OTHER), "2001:db8:1::99")  # the key doubted
+    assert claims.believed(key, _claim(PAYER), payer_host)
+    assert not claims.believed(key, _claim(wallets[-1]), f"2001:db8:1::{len(wallets) + 1:x}")
+    clock.now += 600.0  # every vouch runs out: room again
+    claims.verified(key, wallets[-1], "2001:db8:1::2")
+    claims.refused(key, _claim(OTHER), "2001:db8:1::99")
+    assert claims.believed(key, _claim(wallets[-1]), "2001:db8:1::2")
+    for wallet in wallets:  # one host (a NAT): its own payers, the longest unrenewed out
+        claims.verified("203.0.113.9", wallet, "203.0.113.9")
+    claims.refused("203.0.113.9", _claim(OTHER), "203.0.113.9")
+    assert claims.believed("203.0.113.9", _claim(wallets[-1]), "203.0.113.9")
+    assert not claims.believed("203.0.113.9", _claim(wallets[0]), "203.0.113.9")

@@ -528,8 +528,8 @@ def test_both_ledgers_take_every_call_through_the_interface(implementation: type
         for name, value in vars(Ledger).items()
         if inspect.iscoroutinefunction(value) and not name.startswith("_")
     ]
-    assert len(calls) == 24  # + take_free, earnings (14); receipts (22); signin_key (21);
-    # forget_idempotency_key (25); prune_days (retention)
+    assert len(calls) == 26  # + take_free, earnings (14); receipts (22); signin_key (21);
+    # forget_idempotency_key (25); prune_days (retention); now, abandoned (lease clock)
     for name in calls:
         assert inspect.iscoroutinefunction(getattr(implementation, name)), name
         if name != "close":

@@ -116,14 +116,16 @@ class Held:
         return self.nonce if reason == "busy" else None
 
 
-async def test_a_hold_left_by_a_request_that_ended_or_died_is_server_side(
+async def test_a_hold_left_by_a_request_that_died_is_server_side(
     tmp_path: Path,
 ) -> None:
     """Held by a live request (reserved, its owner's lease running): the caller's doing (its
     own concurrent request; or a caller holding its channel with a slow call to have refusals
-    that doubt nobody). Held by one whose lease ran out (its replica gone) or that ended (a
-    release or a commit of its hold lost): this server's failure. A holder that is no
-    payment, or none, or another reason: not known to be the server's."""
+    that doubt nobody). Held by one whose lease ran out (its replica gone): this server's
+    failure. Held under the nonce of a payment that ended: a live hold under the same key (a
+    payment gives its hold back as it ends; a refund's voucher has the last paid one's key),
+    the caller's doing. A holder that is no payment, or none, or another reason: not known to
+    be the server's."""
     clock = Clock()
     ledger = await open_ledger(
         LedgerLocation(kind="sqlite", path=tmp_path / "payments.db"),
@@ -153,7 +155,7 @@ async def test_a_hold_left_by_a_request_that_ended_or_died_is_server_side(
         assert await left_by_failure(verified.nonce)
         ended = await ledger.reserve(**request(2))
         await ledger.transition(ended.id, PaymentState.RELEASED, lease=ended.lease)
-        assert await left_by_failure(ended.nonce)
+        assert not await left_by_failure(ended.nonce)
         assert not await left_by_failure("0x" + "ab" * 32)  # no payment's
         assert not await left_by_failure("another request")
         assert not await left_by_failure(None)
