@@ -284,6 +284,8 @@ class TpmEpochVault:
                 )
             except KeyBackendError:
                 failed.append(handle)
+            else:
+                _forget(tpm, trs[name])
         gone = set(handles.values()) - set(failed)
         self._write_state([h for h in self._read_state() if h not in gone])
         if failed:
@@ -409,6 +411,7 @@ class TpmEpochVault:
                 tpm.run(
                     "evict a leftover epoch key", tpm.esapi.evict_control, ESYS_TR.OWNER, tr, handle
                 )
+                _forget(tpm, tr)
                 swept += 1
             self._write_state([h for h in self._read_state() if h in kept])
         return swept
@@ -430,6 +433,15 @@ class TpmEpochVault:
         """Whether the TPM still holds a persistent object at ``handle`` (for checks)."""
         with self.access() as tpm:
             return handle in self._persistent(tpm)
+
+
+def _forget(tpm: TpmAccess, tr: ESYS_TR) -> None:
+    """Close the ESYS handle of an object just evicted: the ESAPI keeps it (with the evicted
+    key's name) otherwise, and refuses to open the next object made at that persistent handle
+    (a later epoch's: "Name mismatch"), so that epoch could be neither loaded nor destroyed by
+    this process."""
+    with contextlib.suppress(Exception):
+        tpm.esapi.tr_close(tr)
 
 
 def private_blobs(directory: Path) -> list[Path]:

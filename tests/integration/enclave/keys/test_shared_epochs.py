@@ -548,3 +548,33 @@ def test_a_worker_frozen_while_holding_the_lock_does_not_stop_the_others_rotatio
             frozen.communicate(timeout=30)
         first.close()
     assert vault.labels() == set()
+
+
+def test_tpm_handles_freed_and_reused_are_evicted_again_rotation_after_rotation(
+    swtpm_factory: Callable[[], Swtpm], tmp_path: Path
+) -> None:
+    """An epoch's persistent handles, once its keys are destroyed, are the lowest free ones:
+    the epoch after next is made at them. Its keys must be destroyed in turn (and opened by a
+    worker that destroyed the previous ones there), rotation after rotation: else every other
+    rotation would leave two of the TPM's few persistent handles held, until none is free."""
+    tpm = swtpm_factory()
+    with TpmKey.generate(tpm.tcti, tmp_path / "tpm-key") as base:
+        vault = TpmEpochVault(base)
+
+        def held() -> set[int]:
+            return {h for h in range(HANDLE_BASE, HANDLE_BASE + HANDLE_COUNT) if vault.present(h)}
+
+        clock = Clock()
+        first, second = _members(vault, base, tmp_path / "epochs", clock)
+        try:
+            for turn in range(6):  # each member destroys an epoch, then opens the next there
+                made = (first, second)[turn % 2].rotate()
+                key_id, blob = _sealed(first)
+                assert key_id == made.id
+                assert _open(second, key_id, blob) == BODY
+                live = {h for e in first.live() for h in e.key.handles.values()}  # type: ignore[union-attr]
+                assert held() == live
+        finally:
+            first.close()
+            second.close()
+        assert held() == set()
