@@ -119,10 +119,11 @@ class TpmEpochKey:
         )
 
     def destroy(self) -> None:
-        """TPM2_EvictControl: the persistent objects (the only copies) are removed."""
+        """TPM2_EvictControl: the persistent objects (the only copies) are removed, where the
+        handles still hold them (see :meth:`TpmEpochVault.evict`)."""
         trs, self._trs = self._trs, None
         if trs is not None:
-            self._vault.evict(self.handles, trs)
+            self._vault.evict(self.handles, self.publics, trs)
 
     close = destroy
 
@@ -240,7 +241,8 @@ class TpmEpochVault:
                     finally:
                         _flush(tpm.esapi, [loaded])
             except BaseException:
-                self._evict_locked(tpm, handles, trs)
+                self._close(tpm, trs)
+                self._evict_matching(tpm, handles, publics)
                 raise
         return TpmEpochKey(self, handles, trs, points, publics)
 
@@ -267,9 +269,23 @@ class TpmEpochVault:
                 made[name] = CertifiedKey(key.publics[name], _signed(attest, signature))
         return made
 
-    def evict(self, handles: Mapping[str, int], trs: Mapping[str, ESYS_TR]) -> None:
+    def evict(
+        self, handles: Mapping[str, int], publics: Mapping[str, bytes], trs: Mapping[str, ESYS_TR]
+    ) -> None:
+        """Evict the keys this process made at ``handles``, only where a handle still holds
+        the key's public area: with workers sharing the TPM, one taken over while it made them
+        (frozen past its lease) finds its handles evicted by the taker, which may have made the
+        new epoch's keys at the very handles just freed. An ESYS handle does not tell (no name
+        is checked without a session), so each handle is opened afresh and read first."""
         with self.access() as tpm:
-            self._evict_locked(tpm, handles, trs)
+            self._close(tpm, trs)
+            self._evict_matching(tpm, handles, publics)
+
+    @staticmethod
+    def _close(tpm: TpmAccess, trs: Mapping[str, ESYS_TR]) -> None:
+        for tr in trs.values():
+            with contextlib.suppress(Exception):
+                tpm.esapi.tr_close(tr)
 
     def _evict_locked(
         self, tpm: TpmAccess, handles: Mapping[str, int], trs: Mapping[str, ESYS_TR]
@@ -372,17 +388,23 @@ class TpmEpochVault:
         except (KeyError, TypeError, ValueError, AttributeError):
             raise KeyBackendError("a shared epoch reference is not a TPM epoch") from None
         with self.access() as tpm:
-            present = self._persistent(tpm)
-            trs: dict[str, ESYS_TR] = {}
-            for name, handle in handles.items():
-                if (tr := self._opened(tpm, present, handle)) is None:
-                    continue
-                public = tpm.run("read an epoch key", tpm.esapi.read_public, tr)[0]
-                if bytes(public.marshal()) == publics.get(name):
-                    trs[name] = tr
-                else:
-                    tpm.esapi.tr_close(tr)
-            self._evict_locked(tpm, {n: handles[n] for n in trs}, trs)
+            self._evict_matching(tpm, handles, publics)
+
+    def _evict_matching(
+        self, tpm: TpmAccess, handles: Mapping[str, int], publics: Mapping[str, bytes]
+    ) -> None:
+        """Evict each of ``handles`` that still holds the public area ``publics`` names."""
+        present = self._persistent(tpm)
+        trs: dict[str, ESYS_TR] = {}
+        for name, handle in handles.items():
+            if (tr := self._opened(tpm, present, handle)) is None:
+                continue
+            public = tpm.run("read an epoch key", tpm.esapi.read_public, tr)[0]
+            if bytes(public.marshal()) == publics.get(name):
+                trs[name] = tr
+            else:
+                tpm.esapi.tr_close(tr)
+        self._evict_locked(tpm, {n: handles[n] for n in trs}, trs)
 
     def collect(self, pending: list[str], keep: list[Mapping[str, Any]]) -> int:
         """Evict every handle ``epochs.json`` (this key directory's own) lists but those the
