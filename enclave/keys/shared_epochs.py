@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import secrets
 import stat
@@ -157,7 +158,9 @@ class _Lease:
     read and write the lease, or write a file under it: a holder writes only through
     :meth:`fenced`, which checks, under that ``flock``, that the lease is still its own, so a
     holder taken over writes nothing after (LeaseLost). The lease's times are
-    ``CLOCK_MONOTONIC``, one clock for every process of the host."""
+    ``CLOCK_MONOTONIC``, one clock for every process of the host (a wall clock set back or
+    forward moves no lease), which starts again at every boot: a lease further ahead than it
+    could have been written on this clock is a previous boot's, and free."""
 
     def __init__(self, directory: Path, seconds: float) -> None:
         self._guard = directory / LOCK_FILE
@@ -187,23 +190,34 @@ class _Lease:
             "holder": holder,
             "pid": os.getpid(),
             "until": time.monotonic() + self._seconds,
+            "seconds": self._seconds,
             "fence": self.fence,
         }
         replace_file(self._path, json.dumps(lease).encode())
 
-    @staticmethod
-    def _free(lease: Mapping[str, Any]) -> bool:
+    def _free(self, lease: Mapping[str, Any]) -> bool:
         holder, pid, until = lease.get("holder"), lease.get("pid"), lease.get("until")
         if not isinstance(holder, str) or not isinstance(pid, int):
             return True
-        if not isinstance(until, int | float) or time.monotonic() >= until:
+        if not isinstance(until, int | float) or not math.isfinite(until):
+            return True  # damaged
+        now = time.monotonic()
+        if now >= until:
             return True  # held up past its lease: taken over
+        seconds = lease.get("seconds")
+        if not isinstance(seconds, int | float) or not math.isfinite(seconds):
+            seconds = max(self._seconds, LEASE_SECONDS)
+        if until - now > seconds:
+            # Never written on this clock (it is renewed to now + seconds at most): a previous
+            # boot's (the monotonic clock starts again; its pid may be a new process's now).
+            return True
         return pid != os.getpid() and not _alive(pid)  # a killed holder's: free at once
 
     def acquire(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        left = timeout
         while True:
-            with _flocked(self._guard, exclusive=True, timeout=timeout):
+            with _flocked(self._guard, exclusive=True, timeout=left):
                 lease = self._read()
                 if self._free(lease):
                     fence = lease.get("fence")
@@ -212,7 +226,7 @@ class _Lease:
                     return
             if time.monotonic() >= deadline:
                 raise LockBusy(f"the shared key epochs stayed locked for {timeout:g} s")
-            timeout = max(0.0, deadline - time.monotonic())
+            left = max(0.0, deadline - time.monotonic())
             time.sleep(LOCK_POLL)
 
     def held(self) -> bool:

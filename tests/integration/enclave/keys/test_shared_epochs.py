@@ -23,7 +23,7 @@ from enclave import KeyBackendError
 from enclave.keys.epochs import EpochKeys, EpochRetired, MemoryEpochVault
 from enclave.keys.pkcs11 import Pkcs11Key
 from enclave.keys.pkcs11_epochs import Pkcs11EpochVault
-from enclave.keys.shared_epochs import LOCK_FILE, STATE_FILE, SharedEpochKeys
+from enclave.keys.shared_epochs import LEASE_FILE, LOCK_FILE, STATE_FILE, SharedEpochKeys
 from enclave.keys.tpm import TpmKey
 from enclave.keys.tpm_epochs import HANDLE_BASE, HANDLE_COUNT, TpmEpochKey, TpmEpochVault
 from tests.fixtures.components import require_binary
@@ -679,3 +679,36 @@ def test_tpm_handles_freed_and_reused_are_evicted_again_rotation_after_rotation(
             first.close()
             second.close()
         assert held() == set()
+
+
+def test_a_lease_left_by_a_holder_of_a_previous_boot_does_not_wedge_the_start(
+    token_vault: tuple[Pkcs11EpochVault, Pkcs11Key], tmp_path: Path
+) -> None:
+    """The lease's times are the host's monotonic clock, which starts again at every boot. A
+    host that lost power while a worker held the lease leaves it naming a time far ahead of
+    the new boot's clock, and a pid that a new process (often this very worker: the same pid
+    in a container) now has: the gateway must start, not wait for the old boot's uptime."""
+    vault, base = token_vault
+    directory = tmp_path / "epochs"
+    directory.mkdir(mode=0o700)
+    for until in (time.monotonic() + 30 * 86400, float("inf"), float("nan")):
+        (directory / LEASE_FILE).write_text(
+            json.dumps({"holder": "before-reboot", "pid": os.getpid(), "until": until, "fence": 9})
+        )
+        member = SharedEpochKeys(
+            vault,
+            directory,
+            replica="host",
+            epoch_seconds=EPOCH,
+            grace_seconds=GRACE,
+            base=base,
+            close_base=False,
+            clock=Clock(),
+            lock_timeout=2.0,
+        )
+        try:
+            key_id, blob = _sealed(member)
+            assert _open(member, key_id, blob) == BODY
+        finally:
+            member.close()
+        assert vault.labels() == set()
