@@ -329,6 +329,10 @@ class SharedEpochKeys(EpochKeys):
         self._pass = threading.Lock()  # one shared pass at a time in this process
         self._busy_until = 0.0  # the request path does not wait for the lock until then
         self._seen: tuple[int, int, int] | None = None  # the state file this view was read from
+        # The state file the pass under way read or wrote (what its view will be adopted from):
+        # not the file there once it is adopted, which another process (having taken the
+        # lease over from a slow pass) may have written since.
+        self._state_marker: tuple[int, int, int] | None = None
         # load_inline=False (an event loop's process): the request path never opens a key; a
         # background pass does (catch_up), and this view is served until it has.
         self._load_inline = load_inline
@@ -358,6 +362,7 @@ class SharedEpochKeys(EpochKeys):
         try:
             fd = os.open(self._state_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
+            self._state_marker = None
             return {"version": VERSION, "number": 0, "members": [], "epochs": []}
         except OSError as exc:  # a symbolic link: ELOOP
             raise KeyBackendError(f"{self._state_path} is unreadable: {exc.strerror}") from None
@@ -366,6 +371,7 @@ class SharedEpochKeys(EpochKeys):
                 st = os.fstat(fh.fileno())
                 if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
                     raise KeyBackendError(f"{self._state_path} is not this user's own file")
+                self._state_marker = (st.st_ino, st.st_mtime_ns, st.st_size)
                 raw = fh.read(MAX_STATE_BYTES + 1)
             if len(raw) > MAX_STATE_BYTES:
                 raise KeyBackendError(f"{self._state_path} is too large")
@@ -399,6 +405,7 @@ class SharedEpochKeys(EpochKeys):
     def _write(self, state: Mapping[str, Any]) -> None:
         with self._fenced():  # never after another process took the lock over
             replace_file(self._state_path, json.dumps(state).encode())
+            self._state_marker = self._marker()  # nobody else writes it meanwhile
         self._unwritten.clear()
 
     def _marker(self) -> tuple[int, int, int] | None:
@@ -630,7 +637,7 @@ class SharedEpochKeys(EpochKeys):
             self._live = live
             if live:
                 self._number = live[0].number
-        self._seen = self._marker()
+        self._seen = self._state_marker
         return gone
 
     def _epoch_of(self, entry: Mapping[str, Any]) -> Epoch:

@@ -137,3 +137,47 @@ def _served_while_opening(vault: object, slow: _SlowToOpen, base: object, direct
         slow.let_go.set()
         second.close()
         first.close()
+
+
+def test_a_pass_taken_over_while_opening_keys_catches_up_with_what_was_written_meanwhile(
+    softhsm_token: SoftHsmToken, tmp_path: Path
+) -> None:
+    """The background pass holds the host's lease while it opens keys; a slow token holds it
+    past its lease, and another worker takes it over and rotates meanwhile. What the pass
+    adopted is the state it read, not the one written since: the next request must see the
+    state changed and catch up (a view marked as the newer state would refuse the new key id,
+    and serve the epoch whose keys were destroyed, until another write)."""
+    token = softhsm_token
+    args = (token.module_path, token.token_label, token.pin, "paygate")
+    base = Pkcs11Key.generate(*args)
+    slow = _SlowToken(*args)
+    directory = tmp_path / "epochs"
+    first = _member(Pkcs11EpochVault(*args), base, directory)
+    second = _member(slow, base, directory, load_inline=False, lease_seconds=1.0)
+    try:
+        first_epoch = second.current
+        made = first.rotate()
+        slow.let_go.clear()
+        slow.openers.clear()
+        loading = second.catch_up()
+        assert loading is not None
+        deadline = time.monotonic() + LOAD_BOUND
+        while not slow.openers:  # the pass has read the state and is opening its keys
+            assert time.monotonic() < deadline, "the pass never opened a key"
+            time.sleep(0.01)
+        latest = first.rotate()  # after the pass's lease: the first epoch is destroyed
+        slow.let_go.set()
+        assert loading.result(timeout=LOAD_BOUND)
+        again = second.catch_up()  # the state changed since the pass read it
+        assert again is not None
+        assert again.result(timeout=LOAD_BOUND)
+        assert [e.id for e in second.live()] == [latest.id, made.id]
+        assert _opens(second, latest.id, latest.sealing_key)
+        with pytest.raises(EpochRetired):
+            second.lookup(first_epoch.id)
+    finally:
+        slow.let_go.set()
+        second.close()
+        first.close()
+        base.close()
+    assert slow.labels() == set()
