@@ -23,7 +23,13 @@ from enclave import KeyBackendError
 from enclave.keys.epochs import EpochKeys, EpochRetired, MemoryEpochVault
 from enclave.keys.pkcs11 import Pkcs11Key
 from enclave.keys.pkcs11_epochs import Pkcs11EpochVault
-from enclave.keys.shared_epochs import LEASE_FILE, LOCK_FILE, STATE_FILE, SharedEpochKeys
+from enclave.keys.shared_epochs import (
+    LEASE_FILE,
+    LOCK_FILE,
+    STATE_FILE,
+    SharedEpochKeys,
+    host_lock,
+)
 from enclave.keys.tpm import TpmKey
 from enclave.keys.tpm_epochs import HANDLE_BASE, HANDLE_COUNT, TpmEpochKey, TpmEpochVault
 from tests.fixtures.components import require_binary
@@ -712,3 +718,46 @@ def test_a_lease_left_by_a_holder_of_a_previous_boot_does_not_wedge_the_start(
         finally:
             member.close()
         assert vault.labels() == set()
+
+
+def test_a_view_not_yet_caught_up_never_lists_a_previous_epoch_past_its_grace(
+    token_vault: tuple[Pkcs11EpochVault, Pkcs11Key], tmp_path: Path
+) -> None:
+    """A worker that cannot catch up at once (another holds the host's lease: a rotation under
+    way, a holder frozen) serves its view; the previous epoch in it, once past its grace, is
+    refused (410) and may already be destroyed by another worker: it is not attested either."""
+    vault, base = token_vault
+    directory = tmp_path / "epochs"
+    clock = Clock()
+    (first,) = _members(vault, base, directory, clock, count=1)
+    second = SharedEpochKeys(
+        vault,
+        directory,
+        replica="host",
+        epoch_seconds=EPOCH,
+        grace_seconds=GRACE,
+        base=base,
+        close_base=False,
+        clock=clock,
+        load_inline=False,  # as paygate's workers are
+    )
+    try:
+        old = second.current
+        new = first.rotate()
+        loading = second.catch_up()
+        assert loading is not None
+        assert loading.result(timeout=30)
+        assert [e.id for e in second.live()] == [new.id, old.id]
+        clock.now += GRACE + 1
+        first.advance()  # destroyed past its grace, by another worker
+        assert _labels(vault) == {new.key.label}  # type: ignore[union-attr]
+        with host_lock(directory):  # held by another: this view is served as it is
+            assert [e.id for e in second.live()] == [new.id]
+            assert [e.id for e in second.history()] == [old.id]  # its receipt key: published
+            assert [e.id for e in second.unkeyed()] == [new.id]
+            with pytest.raises(EpochRetired):
+                second.lookup(old.id)
+    finally:
+        second.close()
+        first.close()
+    assert vault.labels() == set()
