@@ -701,16 +701,17 @@ class SharedEpochKeys(EpochKeys):
 
     def catch_up(self) -> Future[bool] | None:
         """The request path's catch-up when keys are not loaded inline: None when this view is
-        the state's (a ``stat``) or requests should not wait (a holder frozen with the lock),
-        else the background pass that reads the state and opens the keys of new epochs (one at
-        a time; started if none runs). The view changes only once that pass has opened every
-        key it lists, so what is attested is always what this process can open."""
+        the state's (a ``stat``) or requests should not wait (a holder frozen with the lock, a
+        pass that failed: for REQUEST_BACKOFF no new pass is started either), else the
+        background pass that reads the state and opens the keys of new epochs (one at a time;
+        started if none runs). The view changes only once that pass has opened every key it
+        lists, so what is attested is always what this process can open."""
         if self._marker() == self._seen:
             return None
         with self._loading_lock:
             if self._loading is None or self._loading.done():
-                if self._closing:
-                    return None
+                if self._closing or time.monotonic() < self._busy_until:
+                    return None  # backing off: the rotation loop's pass catches up meanwhile
                 if self._loader is None:
                     self._loader = ThreadPoolExecutor(1, thread_name_prefix="epoch-load")
                 self._loading = self._loader.submit(self._load_pass)
@@ -724,8 +725,12 @@ class SharedEpochKeys(EpochKeys):
 
     def _load_pass(self) -> bool:
         try:
-            return self.refresh(wait=True)
-        except LockBusy:
+            caught = self.refresh(wait=True)
+            self._busy_until = 0.0  # the backend answered: requests may wait for it again
+            return caught
+        except KeyBackendError:
+            # A holder frozen with the lock, or keys the backend would not open: not tried
+            # again by every request (each a token login or TPM read, and a hold of the lease).
             self.back_off()
             raise
 
