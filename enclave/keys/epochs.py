@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 from enclave import p256
@@ -184,14 +184,25 @@ class EpochKeys(ClosingKey):
         return self._grace
 
     def live(self) -> list[Epoch]:
-        """The current epoch, then the previous one while it is still served."""
+        """The current epoch, then the previous one while it is still served: not once past
+        its grace (as :meth:`lookup` refuses it), even before :meth:`expire` has dropped it
+        (with workers, another may have destroyed it already)."""
+        now = self._clock()
         with self._lock:
-            return list(self._live)
+            return [e for index, e in enumerate(self._live) if index == 0 or now <= e.not_after]
 
     def history(self) -> list[Epoch]:
-        """Retired epochs (public keys only), oldest first, at most :data:`HISTORY`."""
+        """Retired epochs (public keys only), oldest first, at most :data:`HISTORY`; with the
+        previous one past its grace that :meth:`expire` has not dropped yet (what
+        :meth:`live` no longer lists)."""
+        now = self._clock()
         with self._lock:
-            return list(self._history)
+            over = [
+                replace(e, key=None, retired=True)
+                for index, e in enumerate(self._live)
+                if index and now > e.not_after
+            ]
+            return [*self._history, *over][-HISTORY:]
 
     def on_rotate(self, listener: Callable[[Epoch], None]) -> None:
         """Call ``listener(new_epoch)`` after every rotation (in the rotating thread)."""

@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import secrets
 import stat
@@ -157,7 +158,9 @@ class _Lease:
     read and write the lease, or write a file under it: a holder writes only through
     :meth:`fenced`, which checks, under that ``flock``, that the lease is still its own, so a
     holder taken over writes nothing after (LeaseLost). The lease's times are
-    ``CLOCK_MONOTONIC``, one clock for every process of the host."""
+    ``CLOCK_MONOTONIC``, one clock for every process of the host (a wall clock set back or
+    forward moves no lease), which starts again at every boot: a lease further ahead than it
+    could have been written on this clock is a previous boot's, and free."""
 
     def __init__(self, directory: Path, seconds: float) -> None:
         self._guard = directory / LOCK_FILE
@@ -187,23 +190,34 @@ class _Lease:
             "holder": holder,
             "pid": os.getpid(),
             "until": time.monotonic() + self._seconds,
+            "seconds": self._seconds,
             "fence": self.fence,
         }
         replace_file(self._path, json.dumps(lease).encode())
 
-    @staticmethod
-    def _free(lease: Mapping[str, Any]) -> bool:
+    def _free(self, lease: Mapping[str, Any]) -> bool:
         holder, pid, until = lease.get("holder"), lease.get("pid"), lease.get("until")
         if not isinstance(holder, str) or not isinstance(pid, int):
             return True
-        if not isinstance(until, int | float) or time.monotonic() >= until:
+        if not isinstance(until, int | float) or not math.isfinite(until):
+            return True  # damaged
+        now = time.monotonic()
+        if now >= until:
             return True  # held up past its lease: taken over
+        seconds = lease.get("seconds")
+        if not isinstance(seconds, int | float) or not math.isfinite(seconds):
+            seconds = max(self._seconds, LEASE_SECONDS)
+        if until - now > seconds:
+            # Never written on this clock (it is renewed to now + seconds at most): a previous
+            # boot's (the monotonic clock starts again; its pid may be a new process's now).
+            return True
         return pid != os.getpid() and not _alive(pid)  # a killed holder's: free at once
 
     def acquire(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        left = timeout
         while True:
-            with _flocked(self._guard, exclusive=True, timeout=timeout):
+            with _flocked(self._guard, exclusive=True, timeout=left):
                 lease = self._read()
                 if self._free(lease):
                     fence = lease.get("fence")
@@ -212,7 +226,7 @@ class _Lease:
                     return
             if time.monotonic() >= deadline:
                 raise LockBusy(f"the shared key epochs stayed locked for {timeout:g} s")
-            timeout = max(0.0, deadline - time.monotonic())
+            left = max(0.0, deadline - time.monotonic())
             time.sleep(LOCK_POLL)
 
     def held(self) -> bool:
@@ -315,6 +329,10 @@ class SharedEpochKeys(EpochKeys):
         self._pass = threading.Lock()  # one shared pass at a time in this process
         self._busy_until = 0.0  # the request path does not wait for the lock until then
         self._seen: tuple[int, int, int] | None = None  # the state file this view was read from
+        # The state file the pass under way read or wrote (what its view will be adopted from):
+        # not the file there once it is adopted, which another process (having taken the
+        # lease over from a slow pass) may have written since.
+        self._state_marker: tuple[int, int, int] | None = None
         # load_inline=False (an event loop's process): the request path never opens a key; a
         # background pass does (catch_up), and this view is served until it has.
         self._load_inline = load_inline
@@ -344,6 +362,7 @@ class SharedEpochKeys(EpochKeys):
         try:
             fd = os.open(self._state_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
+            self._state_marker = None
             return {"version": VERSION, "number": 0, "members": [], "epochs": []}
         except OSError as exc:  # a symbolic link: ELOOP
             raise KeyBackendError(f"{self._state_path} is unreadable: {exc.strerror}") from None
@@ -352,6 +371,7 @@ class SharedEpochKeys(EpochKeys):
                 st = os.fstat(fh.fileno())
                 if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
                     raise KeyBackendError(f"{self._state_path} is not this user's own file")
+                self._state_marker = (st.st_ino, st.st_mtime_ns, st.st_size)
                 raw = fh.read(MAX_STATE_BYTES + 1)
             if len(raw) > MAX_STATE_BYTES:
                 raise KeyBackendError(f"{self._state_path} is too large")
@@ -385,6 +405,7 @@ class SharedEpochKeys(EpochKeys):
     def _write(self, state: Mapping[str, Any]) -> None:
         with self._fenced():  # never after another process took the lock over
             replace_file(self._state_path, json.dumps(state).encode())
+            self._state_marker = self._marker()  # nobody else writes it meanwhile
         self._unwritten.clear()
 
     def _marker(self) -> tuple[int, int, int] | None:
@@ -616,7 +637,7 @@ class SharedEpochKeys(EpochKeys):
             self._live = live
             if live:
                 self._number = live[0].number
-        self._seen = self._marker()
+        self._seen = self._state_marker
         return gone
 
     def _epoch_of(self, entry: Mapping[str, Any]) -> Epoch:
@@ -680,16 +701,17 @@ class SharedEpochKeys(EpochKeys):
 
     def catch_up(self) -> Future[bool] | None:
         """The request path's catch-up when keys are not loaded inline: None when this view is
-        the state's (a ``stat``) or requests should not wait (a holder frozen with the lock),
-        else the background pass that reads the state and opens the keys of new epochs (one at
-        a time; started if none runs). The view changes only once that pass has opened every
-        key it lists, so what is attested is always what this process can open."""
+        the state's (a ``stat``) or requests should not wait (a holder frozen with the lock, a
+        pass that failed: for REQUEST_BACKOFF no new pass is started either), else the
+        background pass that reads the state and opens the keys of new epochs (one at a time;
+        started if none runs). The view changes only once that pass has opened every key it
+        lists, so what is attested is always what this process can open."""
         if self._marker() == self._seen:
             return None
         with self._loading_lock:
             if self._loading is None or self._loading.done():
-                if self._closing:
-                    return None
+                if self._closing or time.monotonic() < self._busy_until:
+                    return None  # backing off: the rotation loop's pass catches up meanwhile
                 if self._loader is None:
                     self._loader = ThreadPoolExecutor(1, thread_name_prefix="epoch-load")
                 self._loading = self._loader.submit(self._load_pass)
@@ -703,8 +725,12 @@ class SharedEpochKeys(EpochKeys):
 
     def _load_pass(self) -> bool:
         try:
-            return self.refresh(wait=True)
-        except LockBusy:
+            caught = self.refresh(wait=True)
+            self._busy_until = 0.0  # the backend answered: requests may wait for it again
+            return caught
+        except KeyBackendError:
+            # A holder frozen with the lock, or keys the backend would not open: not tried
+            # again by every request (each a token login or TPM read, and a hold of the lease).
             self.back_off()
             raise
 

@@ -119,10 +119,11 @@ class TpmEpochKey:
         )
 
     def destroy(self) -> None:
-        """TPM2_EvictControl: the persistent objects (the only copies) are removed."""
+        """TPM2_EvictControl: the persistent objects (the only copies) are removed, where the
+        handles still hold them (see :meth:`TpmEpochVault.evict`)."""
         trs, self._trs = self._trs, None
         if trs is not None:
-            self._vault.evict(self.handles, trs)
+            self._vault.evict(self.handles, self.publics, trs)
 
     close = destroy
 
@@ -240,7 +241,8 @@ class TpmEpochVault:
                     finally:
                         _flush(tpm.esapi, [loaded])
             except BaseException:
-                self._evict_locked(tpm, handles, trs)
+                self._close(tpm, trs)
+                self._evict_matching(tpm, handles, publics)
                 raise
         return TpmEpochKey(self, handles, trs, points, publics)
 
@@ -267,9 +269,23 @@ class TpmEpochVault:
                 made[name] = CertifiedKey(key.publics[name], _signed(attest, signature))
         return made
 
-    def evict(self, handles: Mapping[str, int], trs: Mapping[str, ESYS_TR]) -> None:
+    def evict(
+        self, handles: Mapping[str, int], publics: Mapping[str, bytes], trs: Mapping[str, ESYS_TR]
+    ) -> None:
+        """Evict the keys this process made at ``handles``, only where a handle still holds
+        the key's public area: with workers sharing the TPM, one taken over while it made them
+        (frozen past its lease) finds its handles evicted by the taker, which may have made the
+        new epoch's keys at the very handles just freed. An ESYS handle does not tell (no name
+        is checked without a session), so each handle is opened afresh and read first."""
         with self.access() as tpm:
-            self._evict_locked(tpm, handles, trs)
+            self._close(tpm, trs)
+            self._evict_matching(tpm, handles, publics)
+
+    @staticmethod
+    def _close(tpm: TpmAccess, trs: Mapping[str, ESYS_TR]) -> None:
+        for tr in trs.values():
+            with contextlib.suppress(Exception):
+                tpm.esapi.tr_close(tr)
 
     def _evict_locked(
         self, tpm: TpmAccess, handles: Mapping[str, int], trs: Mapping[str, ESYS_TR]
@@ -284,6 +300,8 @@ class TpmEpochVault:
                 )
             except KeyBackendError:
                 failed.append(handle)
+            else:
+                _forget(tpm, trs[name])
         gone = set(handles.values()) - set(failed)
         self._write_state([h for h in self._read_state() if h not in gone])
         if failed:
@@ -370,17 +388,23 @@ class TpmEpochVault:
         except (KeyError, TypeError, ValueError, AttributeError):
             raise KeyBackendError("a shared epoch reference is not a TPM epoch") from None
         with self.access() as tpm:
-            present = self._persistent(tpm)
-            trs: dict[str, ESYS_TR] = {}
-            for name, handle in handles.items():
-                if (tr := self._opened(tpm, present, handle)) is None:
-                    continue
-                public = tpm.run("read an epoch key", tpm.esapi.read_public, tr)[0]
-                if bytes(public.marshal()) == publics.get(name):
-                    trs[name] = tr
-                else:
-                    tpm.esapi.tr_close(tr)
-            self._evict_locked(tpm, {n: handles[n] for n in trs}, trs)
+            self._evict_matching(tpm, handles, publics)
+
+    def _evict_matching(
+        self, tpm: TpmAccess, handles: Mapping[str, int], publics: Mapping[str, bytes]
+    ) -> None:
+        """Evict each of ``handles`` that still holds the public area ``publics`` names."""
+        present = self._persistent(tpm)
+        trs: dict[str, ESYS_TR] = {}
+        for name, handle in handles.items():
+            if (tr := self._opened(tpm, present, handle)) is None:
+                continue
+            public = tpm.run("read an epoch key", tpm.esapi.read_public, tr)[0]
+            if bytes(public.marshal()) == publics.get(name):
+                trs[name] = tr
+            else:
+                tpm.esapi.tr_close(tr)
+        self._evict_locked(tpm, {n: handles[n] for n in trs}, trs)
 
     def collect(self, pending: list[str], keep: list[Mapping[str, Any]]) -> int:
         """Evict every handle ``epochs.json`` (this key directory's own) lists but those the
@@ -409,6 +433,7 @@ class TpmEpochVault:
                 tpm.run(
                     "evict a leftover epoch key", tpm.esapi.evict_control, ESYS_TR.OWNER, tr, handle
                 )
+                _forget(tpm, tr)
                 swept += 1
             self._write_state([h for h in self._read_state() if h in kept])
         return swept
@@ -430,6 +455,15 @@ class TpmEpochVault:
         """Whether the TPM still holds a persistent object at ``handle`` (for checks)."""
         with self.access() as tpm:
             return handle in self._persistent(tpm)
+
+
+def _forget(tpm: TpmAccess, tr: ESYS_TR) -> None:
+    """Close the ESYS handle of an object just evicted: the ESAPI keeps it (with the evicted
+    key's name) otherwise, and refuses to open the next object made at that persistent handle
+    (a later epoch's: "Name mismatch"), so that epoch could be neither loaded nor destroyed by
+    this process."""
+    with contextlib.suppress(Exception):
+        tpm.esapi.tr_close(tr)
 
 
 def private_blobs(directory: Path) -> list[Path]:

@@ -23,10 +23,18 @@ from enclave import KeyBackendError
 from enclave.keys.epochs import EpochKeys, EpochRetired, MemoryEpochVault
 from enclave.keys.pkcs11 import Pkcs11Key
 from enclave.keys.pkcs11_epochs import Pkcs11EpochVault
-from enclave.keys.shared_epochs import LOCK_FILE, STATE_FILE, SharedEpochKeys
+from enclave.keys.shared_epochs import (
+    LEASE_FILE,
+    LOCK_FILE,
+    STATE_FILE,
+    SharedEpochKeys,
+    host_lock,
+)
 from enclave.keys.tpm import TpmKey
 from enclave.keys.tpm_epochs import HANDLE_BASE, HANDLE_COUNT, TpmEpochKey, TpmEpochVault
+from tests.fixtures.components import require_binary
 from tests.fixtures.payment_support import CHAT, CHAT_BODY
+from tests.fixtures.slow_tpm import Tabrmd
 
 BODY = json.dumps(CHAT_BODY).encode()
 EPOCH, GRACE = 3600.0, 60.0
@@ -546,5 +554,210 @@ def test_a_worker_frozen_while_holding_the_lock_does_not_stop_the_others_rotatio
             os.kill(frozen.pid, signal.SIGCONT)
             frozen.kill()
             frozen.communicate(timeout=30)
+        first.close()
+    assert vault.labels() == set()
+
+
+FROZEN_TPM_MEMBER = """
+import os, signal, sys
+from pathlib import Path
+from enclave.keys.tpm import TpmKey
+from enclave.keys.tpm_epochs import TpmEpochVault
+from enclave.keys.shared_epochs import LeaseLost, SharedEpochKeys
+
+class FreezesAfterMaking(TpmEpochVault):
+    freeze = False
+
+    def create(self, key_id):
+        key = super().create(key_id)
+        if self.freeze:  # frozen mid-rotation, holding the lock: the keys persistent, unlisted
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return key
+
+tcti, key_dir, directory = sys.argv[1:]
+base = TpmKey.open(tcti, Path(key_dir))
+vault = FreezesAfterMaking(base)
+member = SharedEpochKeys(vault, Path(directory), replica="host", epoch_seconds=3600.0,
+                         grace_seconds=60.0, base=base, lease_seconds=1.0)
+vault.freeze = True
+try:
+    member.rotate()
+    print("rotated", flush=True)
+except LeaseLost:
+    print("fenced", flush=True)
+vault.freeze = False
+member.close()
+"""
+
+
+def test_a_tpm_worker_taken_over_never_evicts_the_key_its_taker_made_at_the_same_handle(
+    swtpm_factory: Callable[[], Swtpm], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker frozen between making an epoch's persistent keys and writing them: the one that
+    takes the lock over evicts them (they are listed, unwritten) and makes the new epoch at the
+    lowest free handles, the very ones just freed. When the frozen one wakes, its write is
+    refused and it destroys what it made; it must not evict what its handles now hold (the
+    live epoch's keys, which every worker would then fail to open until the next rotation)."""
+    dbus = require_binary("dbus-daemon", "dbus")
+    abrmd = require_binary("tpm2-abrmd", "tpm2-abrmd")
+    tpm = swtpm_factory()
+    key_dir = tmp_path / "tpm-key"
+    with TpmKey.generate(tpm.tcti, key_dir):
+        pass  # swtpm serves one connection at a time: this one closes before the broker's
+    broker = Tabrmd(tpm.tcti, tmp_path / "tabrmd", dbus=dbus, abrmd=abrmd).start()
+    try:
+        for name, value in broker.env.items():
+            monkeypatch.setenv(name, value)
+        directory = tmp_path / "epochs"
+        with TpmKey.open(broker.client_tcti, key_dir) as base:
+            vault = TpmEpochVault(base)
+            first = SharedEpochKeys(  # the wall clock, as the other process's
+                vault,
+                directory,
+                replica="host",
+                epoch_seconds=EPOCH,
+                grace_seconds=GRACE,
+                base=base,
+                close_base=False,
+                lock_timeout=20.0,
+            )
+            root = Path(__file__).resolve().parents[4]
+            frozen = subprocess.Popen(
+                [sys.executable, "-c", FROZEN_TPM_MEMBER,
+                 broker.client_tcti, str(key_dir), str(directory)],
+                env={**os.environ, **broker.env, "PYTHONPATH": str(root)},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            try:
+                deadline = time.monotonic() + 60
+                while not _stopped(frozen.pid):
+                    assert frozen.poll() is None, frozen.communicate()
+                    assert time.monotonic() < deadline, "the member never froze"
+                    time.sleep(0.05)
+                old = first.current
+                new = first.rotate()  # after the frozen holder's lease: its keys evicted
+                os.kill(frozen.pid, signal.SIGCONT)
+                out, err = frozen.communicate(timeout=60)
+                assert frozen.returncode == 0, err
+                assert out.decode().split() == ["fenced"]
+                assert [e.id for e in first.live()] == [new.id, old.id]
+                handles = [*new.key.handles.values(), *old.key.handles.values()]  # type: ignore[union-attr]
+                assert all(vault.present(h) for h in handles)
+                key_id, blob = _sealed(first)
+                assert key_id == new.id
+                assert _open(first, key_id, blob) == BODY  # the live epoch's key still there
+            finally:
+                if frozen.poll() is None:
+                    os.kill(frozen.pid, signal.SIGCONT)
+                    frozen.kill()
+                    frozen.communicate(timeout=30)
+                first.close()
+            assert not any(vault.present(h) for h in range(HANDLE_BASE, HANDLE_BASE + HANDLE_COUNT))
+    finally:
+        broker.stop()
+
+
+def test_tpm_handles_freed_and_reused_are_evicted_again_rotation_after_rotation(
+    swtpm_factory: Callable[[], Swtpm], tmp_path: Path
+) -> None:
+    """An epoch's persistent handles, once its keys are destroyed, are the lowest free ones:
+    the epoch after next is made at them. Its keys must be destroyed in turn (and opened by a
+    worker that destroyed the previous ones there), rotation after rotation: else every other
+    rotation would leave two of the TPM's few persistent handles held, until none is free."""
+    tpm = swtpm_factory()
+    with TpmKey.generate(tpm.tcti, tmp_path / "tpm-key") as base:
+        vault = TpmEpochVault(base)
+
+        def held() -> set[int]:
+            return {h for h in range(HANDLE_BASE, HANDLE_BASE + HANDLE_COUNT) if vault.present(h)}
+
+        clock = Clock()
+        first, second = _members(vault, base, tmp_path / "epochs", clock)
+        try:
+            for turn in range(6):  # each member destroys an epoch, then opens the next there
+                made = (first, second)[turn % 2].rotate()
+                key_id, blob = _sealed(first)
+                assert key_id == made.id
+                assert _open(second, key_id, blob) == BODY
+                live = {h for e in first.live() for h in e.key.handles.values()}  # type: ignore[union-attr]
+                assert held() == live
+        finally:
+            first.close()
+            second.close()
+        assert held() == set()
+
+
+def test_a_lease_left_by_a_holder_of_a_previous_boot_does_not_wedge_the_start(
+    token_vault: tuple[Pkcs11EpochVault, Pkcs11Key], tmp_path: Path
+) -> None:
+    """The lease's times are the host's monotonic clock, which starts again at every boot. A
+    host that lost power while a worker held the lease leaves it naming a time far ahead of
+    the new boot's clock, and a pid that a new process (often this very worker: the same pid
+    in a container) now has: the gateway must start, not wait for the old boot's uptime."""
+    vault, base = token_vault
+    directory = tmp_path / "epochs"
+    directory.mkdir(mode=0o700)
+    for until in (time.monotonic() + 30 * 86400, float("inf"), float("nan")):
+        (directory / LEASE_FILE).write_text(
+            json.dumps({"holder": "before-reboot", "pid": os.getpid(), "until": until, "fence": 9})
+        )
+        member = SharedEpochKeys(
+            vault,
+            directory,
+            replica="host",
+            epoch_seconds=EPOCH,
+            grace_seconds=GRACE,
+            base=base,
+            close_base=False,
+            clock=Clock(),
+            lock_timeout=2.0,
+        )
+        try:
+            key_id, blob = _sealed(member)
+            assert _open(member, key_id, blob) == BODY
+        finally:
+            member.close()
+        assert vault.labels() == set()
+
+
+def test_a_view_not_yet_caught_up_never_lists_a_previous_epoch_past_its_grace(
+    token_vault: tuple[Pkcs11EpochVault, Pkcs11Key], tmp_path: Path
+) -> None:
+    """A worker that cannot catch up at once (another holds the host's lease: a rotation under
+    way, a holder frozen) serves its view; the previous epoch in it, once past its grace, is
+    refused (410) and may already be destroyed by another worker: it is not attested either."""
+    vault, base = token_vault
+    directory = tmp_path / "epochs"
+    clock = Clock()
+    (first,) = _members(vault, base, directory, clock, count=1)
+    second = SharedEpochKeys(
+        vault,
+        directory,
+        replica="host",
+        epoch_seconds=EPOCH,
+        grace_seconds=GRACE,
+        base=base,
+        close_base=False,
+        clock=clock,
+        load_inline=False,  # as paygate's workers are
+    )
+    try:
+        old = second.current
+        new = first.rotate()
+        loading = second.catch_up()
+        assert loading is not None
+        assert loading.result(timeout=30)
+        assert [e.id for e in second.live()] == [new.id, old.id]
+        clock.now += GRACE + 1
+        first.advance()  # destroyed past its grace, by another worker
+        assert _labels(vault) == {new.key.label}  # type: ignore[union-attr]
+        with host_lock(directory):  # held by another: this view is served as it is
+            assert [e.id for e in second.live()] == [new.id]
+            assert [e.id for e in second.history()] == [old.id]  # its receipt key: published
+            assert [e.id for e in second.unkeyed()] == [new.id]
+            with pytest.raises(EpochRetired):
+                second.lookup(old.id)
+    finally:
+        second.close()
         first.close()
     assert vault.labels() == set()

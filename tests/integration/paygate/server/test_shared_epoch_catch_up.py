@@ -17,6 +17,7 @@ import pytest
 from paygate_dev.stack import SoftHsmToken, Swtpm
 
 import enclave
+from enclave import KeyBackendError
 from enclave.keys.epochs import EpochKey, EpochKeys, EpochRetired
 from enclave.keys.pkcs11 import Pkcs11Key
 from enclave.keys.pkcs11_epochs import Pkcs11EpochVault
@@ -137,3 +138,102 @@ def _served_while_opening(vault: object, slow: _SlowToOpen, base: object, direct
         slow.let_go.set()
         second.close()
         first.close()
+
+
+def test_a_pass_taken_over_while_opening_keys_catches_up_with_what_was_written_meanwhile(
+    softhsm_token: SoftHsmToken, tmp_path: Path
+) -> None:
+    """The background pass holds the host's lease while it opens keys; a slow token holds it
+    past its lease, and another worker takes it over and rotates meanwhile. What the pass
+    adopted is the state it read, not the one written since: the next request must see the
+    state changed and catch up (a view marked as the newer state would refuse the new key id,
+    and serve the epoch whose keys were destroyed, until another write)."""
+    token = softhsm_token
+    args = (token.module_path, token.token_label, token.pin, "paygate")
+    base = Pkcs11Key.generate(*args)
+    slow = _SlowToken(*args)
+    directory = tmp_path / "epochs"
+    first = _member(Pkcs11EpochVault(*args), base, directory)
+    second = _member(slow, base, directory, load_inline=False, lease_seconds=1.0)
+    try:
+        first_epoch = second.current
+        made = first.rotate()
+        slow.let_go.clear()
+        slow.openers.clear()
+        loading = second.catch_up()
+        assert loading is not None
+        deadline = time.monotonic() + LOAD_BOUND
+        while not slow.openers:  # the pass has read the state and is opening its keys
+            assert time.monotonic() < deadline, "the pass never opened a key"
+            time.sleep(0.01)
+        latest = first.rotate()  # after the pass's lease: the first epoch is destroyed
+        slow.let_go.set()
+        assert loading.result(timeout=LOAD_BOUND)
+        again = second.catch_up()  # the state changed since the pass read it
+        assert again is not None
+        assert again.result(timeout=LOAD_BOUND)
+        assert [e.id for e in second.live()] == [latest.id, made.id]
+        assert _opens(second, latest.id, latest.sealing_key)
+        with pytest.raises(EpochRetired):
+            second.lookup(first_epoch.id)
+    finally:
+        slow.let_go.set()
+        second.close()
+        first.close()
+        base.close()
+    assert slow.labels() == set()
+
+
+class _RefusesToOpen(Pkcs11EpochVault):
+    """A token that, from some moment on, refuses to open another process's key."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.refuse = False
+        self.tries = 0
+
+    def load(self, reference: Mapping[str, Any]) -> tuple[Pkcs11Key, Mapping[str, Any]]:
+        if not self.refuse:
+            return super().load(reference)
+        self.tries += 1
+        raise KeyBackendError("the token refused to open the key")
+
+
+def test_a_catch_up_that_fails_is_not_retried_by_every_request(
+    softhsm_token: SoftHsmToken, tmp_path: Path
+) -> None:
+    """Opening a new epoch's keys fails (a token refusing, an unreadable state): the requests
+    that follow are served from this worker's view without each waiting for another attempt
+    (each a token login and search, and a hold of the host's lease the other workers' rotations
+    wait for); the rotation loop's next pass catches up once the token opens the key again."""
+    token = softhsm_token
+    args = (token.module_path, token.token_label, token.pin, "paygate")
+    base = Pkcs11Key.generate(*args)
+    refusing = _RefusesToOpen(*args)
+    directory = tmp_path / "epochs"
+    first = _member(Pkcs11EpochVault(*args), base, directory)
+    second = _member(refusing, base, directory, load_inline=False)  # type: ignore[arg-type]
+    try:
+        old = second.current
+        new = first.rotate()
+        refusing.refuse = True
+
+        async def serve() -> None:
+            for _ in range(5):
+                await caught_up(second)
+                assert second.current.id == old.id
+                assert _opens(second, old.id, old.sealing_key)
+                with pytest.raises(EpochRetired):
+                    second.lookup(new.id)
+
+        asyncio.run(serve())
+        assert refusing.tries == 1
+        refusing.refuse = False
+        second.advance()  # the rotation loop's pass
+        assert [e.id for e in second.live()] == [new.id, old.id]
+        assert _opens(second, new.id, new.sealing_key)
+    finally:
+        second.close()
+        first.close()
+        base.close()
+    assert refusing.labels() == set()
