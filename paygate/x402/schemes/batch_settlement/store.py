@@ -709,6 +709,26 @@ class ChannelStore:
         )
         return [_channel(r) for r in rows]
 
+    async def stamps_between(self, after: int, upto: int, limit: int) -> list[Stamp]:
+        """The stamps (hash known) the mirrors were read at from a block above ``after`` up to
+        ``upto``, each once, highest first: at most ``limit``."""
+        _, rows = await self._sql(
+            "SELECT DISTINCT read_block, read_hash, read_time FROM bs_channels"
+            " WHERE read_block > ? AND read_block <= ? AND read_hash IS NOT NULL"
+            " ORDER BY read_block DESC LIMIT ?",
+            (after, upto, limit),
+        )
+        return [Stamp(int(r[0]), r[1], int(r[2])) for r in rows]
+
+    async def read_at(self, stamp: Stamp, limit: int) -> list[Channel]:
+        """Channels whose mirror was read at ``stamp``'s block (its hash): at most ``limit``."""
+        _, rows = await self._sql(
+            f"SELECT {_COLUMNS} FROM bs_channels WHERE read_block = ? AND read_hash = ?"  # noqa: S608 - constant
+            " ORDER BY channel_id LIMIT ?",
+            (stamp.block, stamp.hash, limit),
+        )
+        return [_channel(r) for r in rows]
+
     async def unspent_after(self, after: str, limit: int) -> list[Channel]:
         """Channels holding more than was claimed, by id after ``after``: at most ``limit``."""
         _, rows = await self._sql(

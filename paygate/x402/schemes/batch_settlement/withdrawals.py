@@ -190,6 +190,21 @@ class WithdrawalScan:
         # claim interval's pass, and one that owes nothing for no pass at all. A node behind
         # names them too: their readings, older, change nothing (readings.py).
         ids.update(c.channel_id for c in await self.store.read_above(head.block, READ_ABOVE))
+        # Mirrors read since the place, at a block the chain has since replaced (the usual
+        # reorganisation: the newest blocks replaced by as many or more, a top-up's among
+        # them): neither the place (still on the chain) nor the newest block tells it, and
+        # a wake would leave the top-up served on until the claim interval read the channel.
+        # One header a block read at; a node that lacks the block (behind) has them read
+        # too: the next pass's window starts past them, and a reading at the newest block
+        # replaces the row's only when newer or the row's block proven gone (readings.py).
+        # Below the place, a block replaced means the place was too: the first scan's check
+        # above reads them all.
+        for stamp in await self.store.stamps_between(scanned, head.block, READ_ABOVE):
+            now = await self.chain.stamp(stamp.block)
+            if now is None or now.hash != stamp.hash:
+                log.warning("channels mirrored from a block no longer on the chain: read again")
+                replaced = await self.store.read_at(stamp, READ_ABOVE)
+                ids.update(c.channel_id for c in replaced)
         read = 0
         pending: set[str] = set()  # channels read with a withdrawal pending
         wanted = sorted(ids)
