@@ -44,6 +44,7 @@ from paygate.x402.schemes.batch_settlement.chain import (
     WITHDRAWN,
     ChannelChain,
     Head,
+    LogsBehind,
 )
 from paygate.x402.schemes.batch_settlement.store import Channel, ChannelStore, Stamp
 from paygate.x402.settler import SettlerUnavailable
@@ -161,6 +162,11 @@ class WithdrawalScan:
             end = min(first + size - 1, head.block)
             try:
                 moves = await self.chain.withdrawal_moves(first, end)
+            except LogsBehind:
+                # A node behind answered (its events stop short of the range's end): neither
+                # a refusal to split nor a block to pass over. The place stays before it.
+                log.warning("the RPC node answering the withdrawal events is behind block %d", end)
+                break
             except SettlerUnavailable:
                 if end > first:
                     # An endpoint refusing the range (too many logs, too many blocks): smaller.
