@@ -104,6 +104,9 @@ class LogsBehind(SettlerUnavailable):
     """The node that answered a range's events lacks its last block (a load-balanced RPC's
     node behind): the events are not all there. Asked again at the next pass."""
 
+    message = "the chain's RPC node answering the events is behind"
+    code = "settler_logs_behind"
+
 
 @dataclass(frozen=True, slots=True)
 class OnChain:
