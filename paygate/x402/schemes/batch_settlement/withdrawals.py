@@ -327,6 +327,12 @@ async def mirror_withdrawal(
     """Mirror the payer's withdrawal pending on ``channel`` as the contract holds it at
     ``head`` (None: the newest block): whether one is pending."""
     head = head or await chain.head()
+    if channel.withdraw_due is not None and head.timestamp <= channel.withdraw_requested_at:
+        # Read at a block no later than the request known (a load-balanced RPC's node behind
+        # named it the newest): it shows none pending, or an older one — neither ends nor
+        # replaces that request (cleared, its vouchers' cap would go, and its events are
+        # behind the scan's place). A block of the request's second may be before it too.
+        return True
     pending = await chain.pending_withdrawal(channel.channel_id, head.block)
     if pending.amount == 0:
         if channel.withdraw_due is not None:  # the one known ended (unless a newer one since)

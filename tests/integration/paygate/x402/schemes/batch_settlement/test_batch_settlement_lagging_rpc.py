@@ -298,3 +298,94 @@ async def test_a_withdrawal_request_is_learnt_when_a_node_behind_answers_the_eve
             DEPOSIT - PRICE_ATOMIC,
         )
         assert mirrored.withdraw_due is not None
+
+
+@contextlib.asynccontextmanager
+async def head_balancer(head_from: str, rest_from: str) -> AsyncIterator[str]:
+    """A loopback JSON-RPC balancer: the newest block (``eth_getBlockByNumber`` of
+    ``latest``) answered by ``head_from``, every other request by ``rest_from``."""
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+
+    async def forward(request: web.Request) -> web.Response:
+        body = await request.read()
+        asked = json.loads(body)
+        latest = (
+            isinstance(asked, dict)
+            and asked.get("method") == "eth_getBlockByNumber"
+            and asked.get("params", [None])[0] == "latest"
+        )
+        node = head_from if latest else rest_from
+        async with session.post(
+            node, data=body, headers={"content-type": "application/json"}
+        ) as answer:
+            return web.Response(body=await answer.read(), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+        await session.close()
+
+
+def _initiate_withdraw(anvil, payer, channel, amount: int) -> int:
+    """The payer's ``initiateWithdraw`` mined: its block's time (the request's)."""
+    settlement = anvil.w3.eth.contract(
+        address=Web3.to_checksum_address(SETTLEMENT_ADDRESS),
+        abi=load_contract("X402BatchSettlement").abi,
+    )
+    anvil.rpc("anvil_setBalance", [payer.address, hex(10**18)])
+    tx = settlement.functions.initiateWithdraw(
+        config_tuple(channel.config), amount
+    ).build_transaction(
+        {
+            "from": payer.address,
+            "nonce": anvil.w3.eth.get_transaction_count(payer.address),
+            "chainId": CHAIN_ID,
+        }
+    )
+    signed = payer.sign_transaction(tx).raw_transaction
+    receipt = anvil.wait_for_receipt(anvil.w3.eth.send_raw_transaction(signed).hex())
+    assert receipt["status"] == 1
+    return int(anvil.w3.eth.get_block(receipt["blockNumber"])["timestamp"])
+
+
+async def test_a_pass_whose_newest_block_is_named_by_a_node_behind_keeps_a_known_withdrawal(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound
+):
+    """The claimer has learnt the payer's withdrawal request; at a later pass the balancer's
+    newest block comes from a node behind the request. That pass's re-read of the pending
+    withdrawals reads ``pendingWithdrawals`` there — before the request, so none — and must
+    not take it for ended: cleared, vouchers past what the withdrawal leaves would be served
+    again, its finish taking them, and the scan's events for it behind its place (never read
+    again)."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        _, _, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            await channels.claim_once()  # the scan's place: here
+        placed = anvil.w3.eth.block_number
+        anvil.mine(3)
+        requested = _initiate_withdraw(anvil, payer, channel, DEPOSIT - PRICE_ATOMIC)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            await channels.claim_once(withdrawing_only=True)
+            learnt = await channels.store.get(channel.channel_id)
+        assert learnt is not None
+        assert learnt.withdraw_requested_at == requested
+        with node_behind(anvil.rpc_url, placed) as behind:
+            async with head_balancer(head_from=behind, rest_from=anvil.rpc_url) as url:
+                lagging = SimpleNamespace(rpc_url=url)
+                async with claimer(ledger, lagging, gas_key) as channels:
+                    await channels.claim_once(withdrawing_only=True)
+                    mirrored = await channels.store.get(channel.channel_id)
+        assert mirrored is not None
+        assert (mirrored.withdraw_requested_at, mirrored.withdraw_amount) == (
+            requested,
+            DEPOSIT - PRICE_ATOMIC,
+        )
+        assert mirrored.withdraw_due == learnt.withdraw_due
