@@ -699,16 +699,6 @@ class ChannelStore:
         )
         return [_channel(r) for r in rows]
 
-    async def read_above(self, block: int, limit: int) -> list[Channel]:
-        """Channels whose mirror was read at a block above ``block`` (the newest, as a node
-        names it: one behind, or a chain that fell back), highest first: at most ``limit``."""
-        _, rows = await self._sql(
-            f"SELECT {_COLUMNS} FROM bs_channels WHERE read_block > ?"  # noqa: S608 - constant
-            " ORDER BY read_block DESC LIMIT ?",
-            (block, limit),
-        )
-        return [_channel(r) for r in rows]
-
     async def stamps_between(self, after: int, upto: int, limit: int) -> list[Stamp]:
         """The stamps (hash known) the mirrors were read at from a block above ``after`` up to
         ``upto``, each once, highest first: at most ``limit``."""

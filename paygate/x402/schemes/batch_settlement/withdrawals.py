@@ -68,8 +68,10 @@ REORG_BLOCKS = 8
 # by the re-read of those whose withdrawal is pending (pages while the pass's budget lasts).
 CHECK_PAGE = 100
 WITHDRAWING_PAGE = 100
-# Channels mirrored from a block above the newest read per pass (a chain that fell back).
+# Blocks above the newest (a chain that fell back), and blocks after the place, whose
+# mirrors a pass checks (and channels read again of each block proven gone).
 READ_ABOVE = 500
+_NO_BLOCK = 2**63 - 1  # above every block (a BIGINT's largest)
 # Passes in a row one block's events may be refused (the range split down to that block alone)
 # before the scan passes over it and reads every channel's withdrawal instead (the first
 # scan's check): see WithdrawalScan._refused.
@@ -193,9 +195,12 @@ class WithdrawalScan:
             first = last + 1
         # Mirrors read above the newest block: a chain that fell back below a deposit's block
         # (reorganised away) is read again here, at each wake — an owed channel waits for the
-        # claim interval's pass, and one that owes nothing for no pass at all. A node behind
-        # names them too: their readings, older, change nothing (readings.py).
-        ids.update(c.channel_id for c in await self.store.read_above(head.block, READ_ABOVE))
+        # claim interval's pass, and one that owes nothing for no pass at all. Once the chain
+        # proves their block gone (readings.gone), one proof a block: a node behind names
+        # such a "newest" too, and its readings of them all, older, would change nothing.
+        for stamp in await self.store.stamps_between(head.block, _NO_BLOCK, READ_ABOVE):
+            if await readings.gone(self.chain, stamp):
+                ids.update(c.channel_id for c in await self.store.read_at(stamp, READ_ABOVE))
         # Mirrors read since the place, at a block the chain has since replaced (the usual
         # reorganisation: the newest blocks replaced by as many or more, a top-up's among
         # them): neither the place (still on the chain) nor the newest block tells it, and

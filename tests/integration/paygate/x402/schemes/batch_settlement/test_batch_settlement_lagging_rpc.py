@@ -389,3 +389,81 @@ async def test_a_pass_whose_newest_block_is_named_by_a_node_behind_keeps_a_known
             DEPOSIT - PRICE_ATOMIC,
         )
         assert mirrored.withdraw_due == learnt.withdraw_due
+
+
+async def test_a_channel_new_to_the_ledger_learns_its_withdrawal_though_a_node_behind_names_it(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound
+):
+    """A channel funded through another ledger, its payer's withdrawal requested, then topped
+    up through this gateway (new to its ledger: the claimer's scan may have passed the
+    request before the channel was this ledger's, so the deposit reads it). The balancer's
+    newest block comes from a node behind the request: the read must still be made no older
+    than the deposit's own reading, and the request learnt — else vouchers past what the
+    withdrawal leaves are served and its finish takes them."""
+    async with chain_batch(seller, tmp_path / "other.db", anvil, gas_key) as stack:
+        _, _, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+    before = anvil.w3.eth.block_number
+    requested = _initiate_withdraw(anvil, payer, channel, DEPOSIT - PRICE_ATOMIC)
+    ledger = tmp_path / "payments.db"
+    with node_behind(anvil.rpc_url, before) as behind:
+        async with head_balancer(head_from=behind, rest_from=anvil.rpc_url) as url:
+            lagging = SimpleNamespace(rpc_url=url)
+            async with chain_batch(seller, ledger, lagging, gas_key) as stack:
+                required = await challenge_of(stack)
+                offer = batch_offer(required)
+                await post(stack, header_for(required, channel.pay(offer, deposit=DEPOSIT)))
+    async with claimer(ledger, anvil, gas_key) as channels:
+        mirrored = await channels.store.get(channel.channel_id)
+    assert mirrored is not None
+    assert mirrored.balance == 2 * DEPOSIT
+    assert (mirrored.withdraw_requested_at, mirrored.withdraw_amount) == (
+        requested,
+        DEPOSIT - PRICE_ATOMIC,
+    )
+
+
+async def test_a_pass_whose_newest_block_is_named_by_a_node_behind_reads_no_channel_again(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound
+):
+    """The balancer's newest block comes from a node behind the channels' readings: each is
+    mirrored from a block above that "newest", as after a chain that fell back — but the
+    chain proves none of those blocks gone (it holds them), so the pass reads no channel
+    again (up to 500 a pass, several calls each, for readings that change nothing: a pool's
+    node behind would cost that every wake)."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        placed = anvil.w3.eth.block_number
+        await opened_channel(stack, payer, deposit=DEPOSIT)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            await channels.claim_once()  # the scan's place, the channel's reading: here
+    calls: list[str] = []
+    with node_behind(anvil.rpc_url, placed) as behind:
+        async with head_balancer(head_from=behind, rest_from=anvil.rpc_url) as url:
+            session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+
+            async def count(request: web.Request) -> web.Response:
+                body = await request.read()
+                asked = json.loads(body)
+                calls.extend(
+                    i.get("method") for i in (asked if isinstance(asked, list) else [asked])
+                )
+                async with session.post(
+                    url, data=body, headers={"content-type": "application/json"}
+                ) as answer:
+                    return web.Response(body=await answer.read(), content_type="application/json")
+
+            app = web.Application()
+            app.router.add_post("/", count)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            port = free_port()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            try:
+                lagging = SimpleNamespace(rpc_url=f"http://127.0.0.1:{port}")
+                async with claimer(ledger, lagging, gas_key) as channels:
+                    await channels.claim_once(withdrawing_only=True)
+            finally:
+                await runner.cleanup()
+                await session.close()
+    assert "eth_getBlockByNumber" in calls  # the pass ran
+    assert "eth_call" not in calls
