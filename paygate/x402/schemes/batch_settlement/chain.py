@@ -100,6 +100,14 @@ _READ_TRIES = 4
 _READ_PAUSE = 0.25
 
 
+class LogsBehind(SettlerUnavailable):
+    """The node that answered a range's events lacks its last block (a load-balanced RPC's
+    node behind): the events are not all there. Asked again at the next pass."""
+
+    message = "the chain's RPC node answering the events is behind"
+    code = "settler_logs_behind"
+
+
 @dataclass(frozen=True, slots=True)
 class OnChain:
     """A channel as the contract held it at ``block`` (its place in chain order), the block
@@ -333,15 +341,22 @@ class BatchChain:
         return Head(int(block["number"]), int(block["timestamp"]), "0x" + evm.hex_of(block["hash"]))
 
     async def withdrawal_moves(self, first: int, last: int) -> list[tuple[str, str]]:
-        logs = await self._reader.call(
-            self._reader.w3.eth.get_logs,
-            {
-                "address": to_checksum_address(ch.SETTLEMENT_ADDRESS),
-                "fromBlock": first,
-                "toBlock": last,
-                "topics": [["0x" + t for t in _WITHDRAW_MOVES]],
-            },
-        )
+        """The withdrawal-moving events of blocks ``first`` to ``last``: (channel id, topic).
+
+        A node behind may answer a range past its newest block with the events up to it and
+        no error (anvil does; clients vary): the scan would move its place past
+        events never returned — a payer's withdrawal request never learnt. So the range's
+        last block is asked in the same JSON-RPC batch (one request: a balancer sends it to
+        one node), and :class:`LogsBehind` raised when that node lacks it."""
+        params = {
+            "address": to_checksum_address(ch.SETTLEMENT_ADDRESS),
+            "fromBlock": first,
+            "toBlock": last,
+            "topics": [["0x" + t for t in _WITHDRAW_MOVES]],
+        }
+        logs = await self._reader.call(_logs_to, self._reader.w3, params, last)
+        if logs is None:
+            raise LogsBehind(f"the node answering eth_getLogs lacks block {last}")
         moves = []
         for log_ in logs:
             topics = [evm.hex_of(t) for t in log_["topics"]]
@@ -515,6 +530,19 @@ def _read_at(read: Callable[..., Any], block: int | str) -> Any:
         return read(block_identifier=block)
     except Web3RPCError:
         return None
+
+
+def _logs_to(w3: Any, params: dict[str, Any], last: int) -> Any:
+    """``eth_getLogs`` of ``params`` batched with block ``last``'s header (one node answers
+    both); None when that node lacks the block (its logs would stop short of it)."""
+    try:
+        with w3.batch_requests() as batch:
+            batch.add(w3.eth.get_block(last))
+            batch.add(w3.eth.get_logs(params))
+            header, logs = batch.execute()
+    except BlockNotFound:
+        return None
+    return None if header is None else logs
 
 
 def _header(w3: Any, block: int) -> Any:

@@ -99,7 +99,8 @@ class ClaimLoop:
         lease = self.lease
         if not await self.store.take_claimer(self.replica, lease):
             return 0
-        holding = asyncio.create_task(self._hold(lease))
+        lost = asyncio.Event()  # set by a renewal that found the lease taken
+        holding = asyncio.create_task(self._hold(lease, lost))
         try:
             for claim in await self.store.open_claims():
                 await self._finish(claim)
@@ -112,6 +113,11 @@ class ClaimLoop:
             # Channels a pending withdrawal would take from first (soonest due), then — at
             # the claim interval — those owing otherwise. A withdrawing channel owing no more
             # than the withdrawal leaves is not claimed at a wake: the finish cannot take it.
+            # Lapsed in the pass (frozen past it) and taken: that claimer claims, not this one
+            # beside it (renewed here too: a pass just woken may get here before _hold does).
+            if lost.is_set() or not await self.store.take_claimer(self.replica, lease):
+                log.error("claim lease lost during the pass: its claims left to the holder")
+                return 0
             owed = await self.store.at_risk(self.max_per_claim)
             if not withdrawing_only and len(owed) < self.max_per_claim:
                 ids = {c.channel_id for c in owed}
@@ -146,21 +152,23 @@ class ClaimLoop:
                 await holding
             await self.store.let_go_claimer(self.replica)
 
-    async def _hold(self, lease: float) -> None:
+    async def _hold(self, lease: float, lost: asyncio.Event) -> None:
         """Renew the claim lease every third of it while the pass runs (for at most
         :data:`MAX_PASS_SECONDS`): a pass's scan and claims (each transaction waited for) may
         outlast the short lease, which must not lapse to another claimer meanwhile. A claimer
-        that dies or freezes stops renewing with it."""
+        that dies or freezes stops renewing with it; one found taken on waking sets ``lost``."""
         loop = asyncio.get_running_loop()
         stop = loop.time() + MAX_PASS_SECONDS
         while loop.time() < stop:
             await asyncio.sleep(self.renew_every)
             try:
                 if not await self.store.take_claimer(self.replica, lease):
-                    return  # lapsed and taken: that claimer goes on
-            except Exception as exc:  # the ledger down: the pass's own writes fail too
+                    lost.set()  # lapsed and taken: that claimer goes on, this pass sends none
+                    return
+            except Exception as exc:  # the ledger's passing failure: renewed at the next turn
+                # (giving up here let a pass that outlived it share the lease with another
+                # claimer: the same claims sent twice, the scan's place written by both)
                 log.error("claim lease not renewed: %s", type(exc).__name__)
-                return
 
     async def _claim(self, owed: list[Channel]) -> int:
         """Claim ``owed`` in one transaction and prove it: the channels claimed."""

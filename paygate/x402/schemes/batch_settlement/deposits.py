@@ -19,7 +19,7 @@ from typing import Any
 from paygate.x402.ledger import LedgerError
 from paygate.x402.schemes.base import PaymentRejected
 from paygate.x402.schemes.batch_settlement import readings
-from paygate.x402.schemes.batch_settlement.chain import ChannelChain, Deposit
+from paygate.x402.schemes.batch_settlement.chain import ChannelChain, Deposit, Head
 from paygate.x402.schemes.batch_settlement.store import Channel, ChannelBusy, ChannelStore, Stamp
 from paygate.x402.schemes.batch_settlement.verify import CheckedVoucher
 from paygate.x402.schemes.batch_settlement.withdrawals import mirror_withdrawal
@@ -112,8 +112,11 @@ class Deposits:
                 # New to this ledger: a withdrawal its payer requested before (a channel
                 # funded on chain first) is in blocks the claimer's scan may have passed
                 # before the channel was this ledger's — read it now (withdrawals.py).
+                # Read at the deposit's own reading's block (at or after the deposit's), not
+                # at the newest as a node behind may name it — before the request, none seen.
+                at = Head(state.block, state.block_time, state.block_hash)
                 try:
-                    await mirror_withdrawal(self.store, self.chain, mirrored, None, time.time)
+                    await mirror_withdrawal(self.store, self.chain, mirrored, at, time.time)
                 except (SettlerUnavailable, SettlementUnknown):
                     # Not read: marked withdrawing (nothing withheld: amount 0, so no voucher
                     # is refused for it) so that the next scan reads it — the scan re-reads

@@ -699,13 +699,23 @@ class ChannelStore:
         )
         return [_channel(r) for r in rows]
 
-    async def read_above(self, block: int, limit: int) -> list[Channel]:
-        """Channels whose mirror was read at a block above ``block`` (the newest, as a node
-        names it: one behind, or a chain that fell back), highest first: at most ``limit``."""
+    async def stamps_between(self, after: int, upto: int, limit: int) -> list[Stamp]:
+        """The stamps (hash known) the mirrors were read at from a block above ``after`` up to
+        ``upto``, each once, highest first: at most ``limit``."""
         _, rows = await self._sql(
-            f"SELECT {_COLUMNS} FROM bs_channels WHERE read_block > ?"  # noqa: S608 - constant
+            "SELECT DISTINCT read_block, read_hash, read_time FROM bs_channels"
+            " WHERE read_block > ? AND read_block <= ? AND read_hash IS NOT NULL"
             " ORDER BY read_block DESC LIMIT ?",
-            (block, limit),
+            (after, upto, limit),
+        )
+        return [Stamp(int(r[0]), r[1], int(r[2])) for r in rows]
+
+    async def read_at(self, stamp: Stamp, limit: int) -> list[Channel]:
+        """Channels whose mirror was read at ``stamp``'s block (its hash): at most ``limit``."""
+        _, rows = await self._sql(
+            f"SELECT {_COLUMNS} FROM bs_channels WHERE read_block = ? AND read_hash = ?"  # noqa: S608 - constant
+            " ORDER BY channel_id LIMIT ?",
+            (stamp.block, stamp.hash, limit),
         )
         return [_channel(r) for r in rows]
 

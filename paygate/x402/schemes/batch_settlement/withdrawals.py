@@ -44,6 +44,7 @@ from paygate.x402.schemes.batch_settlement.chain import (
     WITHDRAWN,
     ChannelChain,
     Head,
+    LogsBehind,
 )
 from paygate.x402.schemes.batch_settlement.store import Channel, ChannelStore, Stamp
 from paygate.x402.settler import SettlerUnavailable
@@ -67,8 +68,10 @@ REORG_BLOCKS = 8
 # by the re-read of those whose withdrawal is pending (pages while the pass's budget lasts).
 CHECK_PAGE = 100
 WITHDRAWING_PAGE = 100
-# Channels mirrored from a block above the newest read per pass (a chain that fell back).
+# Blocks above the newest (a chain that fell back), and blocks after the place, whose
+# mirrors a pass checks (and channels read again of each block proven gone).
 READ_ABOVE = 500
+_NO_BLOCK = 2**63 - 1  # above every block (a BIGINT's largest)
 # Passes in a row one block's events may be refused (the range split down to that block alone)
 # before the scan passes over it and reads every channel's withdrawal instead (the first
 # scan's check): see WithdrawalScan._refused.
@@ -161,6 +164,11 @@ class WithdrawalScan:
             end = min(first + size - 1, head.block)
             try:
                 moves = await self.chain.withdrawal_moves(first, end)
+            except LogsBehind:
+                # A node behind answered (its events stop short of the range's end): neither
+                # a refusal to split nor a block to pass over. The place stays before it.
+                log.warning("the RPC node answering the withdrawal events is behind block %d", end)
+                break
             except SettlerUnavailable:
                 if end > first:
                     # An endpoint refusing the range (too many logs, too many blocks): smaller.
@@ -187,9 +195,27 @@ class WithdrawalScan:
             first = last + 1
         # Mirrors read above the newest block: a chain that fell back below a deposit's block
         # (reorganised away) is read again here, at each wake — an owed channel waits for the
-        # claim interval's pass, and one that owes nothing for no pass at all. A node behind
-        # names them too: their readings, older, change nothing (readings.py).
-        ids.update(c.channel_id for c in await self.store.read_above(head.block, READ_ABOVE))
+        # claim interval's pass, and one that owes nothing for no pass at all. Once the chain
+        # proves their block gone (readings.gone), one proof a block: a node behind names
+        # such a "newest" too, and its readings of them all, older, would change nothing.
+        for stamp in await self.store.stamps_between(head.block, _NO_BLOCK, READ_ABOVE):
+            if await readings.gone(self.chain, stamp):
+                ids.update(c.channel_id for c in await self.store.read_at(stamp, READ_ABOVE))
+        # Mirrors read since the place, at a block the chain has since replaced (the usual
+        # reorganisation: the newest blocks replaced by as many or more, a top-up's among
+        # them): neither the place (still on the chain) nor the newest block tells it, and
+        # a wake would leave the top-up served on until the claim interval read the channel.
+        # One header a block read at; a node that lacks the block (behind) has them read
+        # too: the next pass's window starts past them, and a reading at the newest block
+        # replaces the row's only when newer or the row's block proven gone (readings.py).
+        # Below the place, a block replaced means the place was too: the first scan's check
+        # above reads them all.
+        for stamp in await self.store.stamps_between(scanned, head.block, READ_ABOVE):
+            now = await self.chain.stamp(stamp.block)
+            if now is None or now.hash != stamp.hash:
+                log.warning("channels mirrored from a block no longer on the chain: read again")
+                replaced = await self.store.read_at(stamp, READ_ABOVE)
+                ids.update(c.channel_id for c in replaced)
         read = 0
         pending: set[str] = set()  # channels read with a withdrawal pending
         wanted = sorted(ids)
@@ -306,6 +332,12 @@ async def mirror_withdrawal(
     """Mirror the payer's withdrawal pending on ``channel`` as the contract holds it at
     ``head`` (None: the newest block): whether one is pending."""
     head = head or await chain.head()
+    if channel.withdraw_due is not None and head.timestamp <= channel.withdraw_requested_at:
+        # Read at a block no later than the request known (a load-balanced RPC's node behind
+        # named it the newest): it shows none pending, or an older one — neither ends nor
+        # replaces that request (cleared, its vouchers' cap would go, and its events are
+        # behind the scan's place). A block of the request's second may be before it too.
+        return True
     pending = await chain.pending_withdrawal(channel.channel_id, head.block)
     if pending.amount == 0:
         if channel.withdraw_due is not None:  # the one known ended (unless a newer one since)

@@ -20,10 +20,12 @@ from types import SimpleNamespace
 import aiohttp
 import pytest
 from aiohttp import web
+from paygate_dev.chain.build import load_contract
 from paygate_dev.chain.tools import anvil_binary
 from paygate_dev.stack import free_port
+from web3 import Web3
 
-from paygate.x402.schemes.batch_settlement.chain import BatchChain, Deposit
+from paygate.x402.schemes.batch_settlement.chain import BatchChain, Deposit, config_tuple
 from paygate.x402.schemes.batch_settlement.channel import SETTLEMENT_ADDRESS
 from paygate.x402.schemes.batch_settlement.client import PayerChannel
 from paygate.x402.schemes.batch_settlement.payload import BatchSettlementPayload
@@ -32,7 +34,9 @@ from tests.fixtures.batch_settlement_support import (
     CHAIN_ID,
     batch_offer,
     chain_batch,
+    claimer,
     header_for,
+    opened_channel,
 )
 from tests.fixtures.payment_support import PRICE_ATOMIC, challenge_of, post, receipt_of
 
@@ -205,3 +209,261 @@ async def test_a_refund_through_a_node_behind_returns_the_whole_rest_and_says_wh
     assert status == 200, body
     assert usdc.balance_of(payer.address) - paid_before == rest
     assert int(receipt_of(headers)["amount"]) == rest
+
+
+@pytest.fixture
+def rewound(anvil):
+    """The chain (its clock too) put back after the test."""
+    snapshot = anvil.rpc("evm_snapshot")
+    yield
+    anvil.rpc("evm_revert", [snapshot])
+
+
+@contextlib.asynccontextmanager
+async def logs_balancer(logs_from: str, rest_from: str) -> AsyncIterator[str]:
+    """A loopback JSON-RPC balancer: a request (or batch) asking ``eth_getLogs`` answered by
+    ``logs_from``, every other one by ``rest_from`` (a whole batch goes to one node)."""
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+
+    async def forward(request: web.Request) -> web.Response:
+        body = await request.read()
+        asked = json.loads(body)
+        methods = {item.get("method") for item in (asked if isinstance(asked, list) else [asked])}
+        node = logs_from if "eth_getLogs" in methods else rest_from
+        async with session.post(
+            node, data=body, headers={"content-type": "application/json"}
+        ) as answer:
+            return web.Response(body=await answer.read(), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+        await session.close()
+
+
+async def test_a_withdrawal_request_is_learnt_when_a_node_behind_answers_the_events(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound
+):
+    """The claimer's scan asks a range of the contract's events up to the newest block, and
+    the balancer sends it to a node behind: anvil (like other clients) answers with the events
+    up to its own newest block, silently. The payer's withdrawal request, mined past that
+    node's height, must not be passed over: the scan's place stays before what it could not
+    read, and the next pass (a node holding the blocks) learns the request — not never, its
+    block then behind the place."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        _, _, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            await channels.claim_once()  # the scan's place: here
+        placed = anvil.w3.eth.block_number
+        anvil.mine(10)
+        settlement = anvil.w3.eth.contract(
+            address=Web3.to_checksum_address(SETTLEMENT_ADDRESS),
+            abi=load_contract("X402BatchSettlement").abi,
+        )
+        anvil.rpc("anvil_setBalance", [payer.address, hex(10**18)])
+        call = settlement.functions.initiateWithdraw(
+            config_tuple(channel.config), DEPOSIT - PRICE_ATOMIC
+        )
+        tx = call.build_transaction(
+            {
+                "from": payer.address,
+                "nonce": anvil.w3.eth.get_transaction_count(payer.address),
+                "chainId": CHAIN_ID,
+            }
+        )
+        signed = payer.sign_transaction(tx).raw_transaction
+        receipt = anvil.wait_for_receipt(anvil.w3.eth.send_raw_transaction(signed).hex())
+        assert receipt["status"] == 1
+        requested = int(anvil.w3.eth.get_block(receipt["blockNumber"])["timestamp"])
+        anvil.mine(20)  # the request well behind the next place, reorganised blocks and all
+        with node_behind(anvil.rpc_url, placed) as behind:
+            async with logs_balancer(logs_from=behind, rest_from=anvil.rpc_url) as url:
+                lagging = SimpleNamespace(rpc_url=url)
+                async with claimer(ledger, lagging, gas_key) as channels:
+                    await channels.claim_once(withdrawing_only=True)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            await channels.claim_once(withdrawing_only=True)
+            mirrored = await channels.store.get(channel.channel_id)
+        assert mirrored is not None
+        assert (mirrored.withdraw_requested_at, mirrored.withdraw_amount) == (
+            requested,
+            DEPOSIT - PRICE_ATOMIC,
+        )
+        assert mirrored.withdraw_due is not None
+
+
+@contextlib.asynccontextmanager
+async def head_balancer(head_from: str, rest_from: str) -> AsyncIterator[str]:
+    """A loopback JSON-RPC balancer: the newest block (``eth_getBlockByNumber`` of
+    ``latest``) answered by ``head_from``, every other request by ``rest_from``."""
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+
+    async def forward(request: web.Request) -> web.Response:
+        body = await request.read()
+        asked = json.loads(body)
+        latest = (
+            isinstance(asked, dict)
+            and asked.get("method") == "eth_getBlockByNumber"
+            and asked.get("params", [None])[0] == "latest"
+        )
+        node = head_from if latest else rest_from
+        async with session.post(
+            node, data=body, headers={"content-type": "application/json"}
+        ) as answer:
+            return web.Response(body=await answer.read(), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+        await session.close()
+
+
+def _initiate_withdraw(anvil, payer, channel, amount: int) -> int:
+    """The payer's ``initiateWithdraw`` mined: its block's time (the request's)."""
+    settlement = anvil.w3.eth.contract(
+        address=Web3.to_checksum_address(SETTLEMENT_ADDRESS),
+        abi=load_contract("X402BatchSettlement").abi,
+    )
+    anvil.rpc("anvil_setBalance", [payer.address, hex(10**18)])
+    tx = settlement.functions.initiateWithdraw(
+        config_tuple(channel.config), amount
+    ).build_transaction(
+        {
+            "from": payer.address,
+            "nonce": anvil.w3.eth.get_transaction_count(payer.address),
+            "chainId": CHAIN_ID,
+        }
+    )
+    signed = payer.sign_transaction(tx).raw_transaction
+    receipt = anvil.wait_for_receipt(anvil.w3.eth.send_raw_transaction(signed).hex())
+    assert receipt["status"] == 1
+    return int(anvil.w3.eth.get_block(receipt["blockNumber"])["timestamp"])
+
+
+async def test_a_pass_whose_newest_block_is_named_by_a_node_behind_keeps_a_known_withdrawal(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound
+):
+    """The claimer has learnt the payer's withdrawal request; at a later pass the balancer's
+    newest block comes from a node behind the request. That pass's re-read of the pending
+    withdrawals reads ``pendingWithdrawals`` there — before the request, so none — and must
+    not take it for ended: cleared, vouchers past what the withdrawal leaves would be served
+    again, its finish taking them, and the scan's events for it behind its place (never read
+    again)."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        _, _, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            await channels.claim_once()  # the scan's place: here
+        placed = anvil.w3.eth.block_number
+        anvil.mine(3)
+        requested = _initiate_withdraw(anvil, payer, channel, DEPOSIT - PRICE_ATOMIC)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            await channels.claim_once(withdrawing_only=True)
+            learnt = await channels.store.get(channel.channel_id)
+        assert learnt is not None
+        assert learnt.withdraw_requested_at == requested
+        with node_behind(anvil.rpc_url, placed) as behind:
+            async with head_balancer(head_from=behind, rest_from=anvil.rpc_url) as url:
+                lagging = SimpleNamespace(rpc_url=url)
+                async with claimer(ledger, lagging, gas_key) as channels:
+                    await channels.claim_once(withdrawing_only=True)
+                    mirrored = await channels.store.get(channel.channel_id)
+        assert mirrored is not None
+        assert (mirrored.withdraw_requested_at, mirrored.withdraw_amount) == (
+            requested,
+            DEPOSIT - PRICE_ATOMIC,
+        )
+        assert mirrored.withdraw_due == learnt.withdraw_due
+
+
+async def test_a_channel_new_to_the_ledger_learns_its_withdrawal_though_a_node_behind_names_it(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound
+):
+    """A channel funded through another ledger, its payer's withdrawal requested, then topped
+    up through this gateway (new to its ledger: the claimer's scan may have passed the
+    request before the channel was this ledger's, so the deposit reads it). The balancer's
+    newest block comes from a node behind the request: the read must still be made no older
+    than the deposit's own reading, and the request learnt — else vouchers past what the
+    withdrawal leaves are served and its finish takes them."""
+    async with chain_batch(seller, tmp_path / "other.db", anvil, gas_key) as stack:
+        _, _, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+    before = anvil.w3.eth.block_number
+    requested = _initiate_withdraw(anvil, payer, channel, DEPOSIT - PRICE_ATOMIC)
+    ledger = tmp_path / "payments.db"
+    with node_behind(anvil.rpc_url, before) as behind:
+        async with head_balancer(head_from=behind, rest_from=anvil.rpc_url) as url:
+            lagging = SimpleNamespace(rpc_url=url)
+            async with chain_batch(seller, ledger, lagging, gas_key) as stack:
+                required = await challenge_of(stack)
+                offer = batch_offer(required)
+                await post(stack, header_for(required, channel.pay(offer, deposit=DEPOSIT)))
+    async with claimer(ledger, anvil, gas_key) as channels:
+        mirrored = await channels.store.get(channel.channel_id)
+    assert mirrored is not None
+    assert mirrored.balance == 2 * DEPOSIT
+    assert (mirrored.withdraw_requested_at, mirrored.withdraw_amount) == (
+        requested,
+        DEPOSIT - PRICE_ATOMIC,
+    )
+
+
+async def test_a_pass_whose_newest_block_is_named_by_a_node_behind_reads_no_channel_again(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound
+):
+    """The balancer's newest block comes from a node behind the channels' readings: each is
+    mirrored from a block above that "newest", as after a chain that fell back — but the
+    chain proves none of those blocks gone (it holds them), so the pass reads no channel
+    again (up to 500 a pass, several calls each, for readings that change nothing: a pool's
+    node behind would cost that every wake)."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        placed = anvil.w3.eth.block_number
+        await opened_channel(stack, payer, deposit=DEPOSIT)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            await channels.claim_once()  # the scan's place, the channel's reading: here
+    calls: list[str] = []
+    with node_behind(anvil.rpc_url, placed) as behind:
+        async with head_balancer(head_from=behind, rest_from=anvil.rpc_url) as url:
+            session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+
+            async def count(request: web.Request) -> web.Response:
+                body = await request.read()
+                asked = json.loads(body)
+                calls.extend(
+                    i.get("method") for i in (asked if isinstance(asked, list) else [asked])
+                )
+                async with session.post(
+                    url, data=body, headers={"content-type": "application/json"}
+                ) as answer:
+                    return web.Response(body=await answer.read(), content_type="application/json")
+
+            app = web.Application()
+            app.router.add_post("/", count)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            port = free_port()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            try:
+                lagging = SimpleNamespace(rpc_url=f"http://127.0.0.1:{port}")
+                async with claimer(ledger, lagging, gas_key) as channels:
+                    await channels.claim_once(withdrawing_only=True)
+            finally:
+                await runner.cleanup()
+                await session.close()
+    assert "eth_getBlockByNumber" in calls  # the pass ran
+    assert "eth_call" not in calls

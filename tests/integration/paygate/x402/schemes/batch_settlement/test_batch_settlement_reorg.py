@@ -219,3 +219,37 @@ async def test_a_refund_after_the_chain_fell_back_returns_what_the_contract_hold
         assert int(receipt_of(headers)["amount"]) == DEPOSIT - channel.charged
         mirrored = await _mirrored(ledger, anvil, gas_key, channel.channel_id)
         assert mirrored.balance == channel.charged
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_a_top_up_reorganised_away_at_the_tip_is_read_again_at_the_next_wake(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, request, store
+):
+    """The usual reorganisation: the blocks after the claimer's scan are replaced by as many
+    others or more (the chain regains, then passes, the top-up's height), so neither the
+    scan's place nor a block above the newest tells it. A wake between claim intervals claims
+    only withdrawing channels — yet the payer would spend the top-up that is gone until the
+    claim interval's pass reads the channel (if it is among those claimed then). The wake
+    finds the block the mirror was read at replaced and reads the channel again: a voucher
+    past what the contract holds is refused."""
+    ledger = _ledger(store, tmp_path, request)
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        assert await _pass(ledger, anvil, gas_key) == 1  # the scan's place: here
+        snapshot = anvil.rpc("evm_snapshot")
+        anvil.mine(3)
+        status, headers, body = await post(
+            stack, header_for(required, channel.pay(offer, deposit=DEPOSIT))
+        )
+        assert status == 200, body
+        channel.charged_by(receipt_of(headers), offer)
+        topped = await _mirrored(ledger, anvil, gas_key, channel.channel_id)
+        assert topped.balance == 2 * DEPOSIT
+        replaced = anvil.w3.eth.get_block(topped.read_block)
+        _fall_back(anvil, snapshot, later_than=int(replaced["timestamp"]))
+        anvil.mine(topped.read_block + 2 - anvil.w3.eth.block_number)
+        async with claimer(ledger, anvil, gas_key) as channels:
+            assert await channels.claim_once(withdrawing_only=True) == 0
+        mirrored = await _mirrored(ledger, anvil, gas_key, channel.channel_id)
+        assert mirrored.balance == DEPOSIT
+        await _served_up_to(stack, required, offer, channel, DEPOSIT)

@@ -819,3 +819,114 @@ async def test_a_pass_longer_than_the_claim_lease_keeps_it_and_lets_it_go_at_its
                 go_on.set()
                 await passing
             assert await b.store.take_claimer("b", b.claims.lease)  # let go at its end
+
+
+async def test_a_renewal_that_fails_once_keeps_the_claim_lease_renewed(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """One renewal of the claim lease fails (the ledger's passing failure: a PostgreSQL
+    failover, a busy SQLite) while a long pass runs: the next renewals still keep it, so
+    another replica cannot take it mid-pass (two claimers scanning and sending the same
+    claims) — the pass's own writes after the failure succeed, and so must its renewals."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        await opened_channel(stack, payer, deposit=DEPOSIT)
+        assert await _pass(ledger, anvil, gas_key) == 1  # the scan's place: here
+        now = [time.time()]
+        scanning = asyncio.Event()
+        go_on = asyncio.Event()
+        real = BatchChain.withdrawal_moves
+
+        async def withdrawal_moves(self, first, last):
+            scanning.set()
+            await go_on.wait()  # a slow endpoint
+            return await real(self, first, last)
+
+        monkeypatch.setattr(BatchChain, "withdrawal_moves", withdrawal_moves)
+        async with (
+            claimer(ledger, anvil, gas_key, replica="a", clock=lambda: now[0]) as a,
+            claimer(ledger, anvil, gas_key, replica="b", clock=lambda: now[0]) as b,
+        ):
+            a.claims.renew_every = 0.05
+            renewed = asyncio.Event()
+            failed = asyncio.Event()
+            take = a.store.take_claimer
+            calls = [0]
+
+            async def take_claimer(owner, seconds):
+                calls[0] += 1
+                try:
+                    if calls[0] == 2:  # the first renewal
+                        failed.set()
+                        raise OSError("the ledger's connection dropped")
+                    return await take(owner, seconds)
+                finally:
+                    renewed.set()
+
+            monkeypatch.setattr(a.store, "take_claimer", take_claimer)
+            lease = a.claims.lease
+            passing = asyncio.create_task(a.claim_once())
+            async with asyncio.timeout(30):
+                await scanning.wait()
+                await failed.wait()
+                for _ in range(4):  # half a lease a step: two leases in all
+                    now[0] += lease / 2
+                    renewed.clear()
+                    await renewed.wait()
+                    assert not await b.store.take_claimer("b", b.claims.lease)
+                go_on.set()
+                await passing
+            assert await b.store.take_claimer("b", b.claims.lease)  # let go at its end
+
+
+async def test_a_pass_whose_claim_lease_was_taken_meanwhile_sends_no_claim(
+    anvil, usdc, payer, seller, tmp_path, gas_key, rewound, monkeypatch
+):
+    """A claimer frozen in its pass past its lease (a stopped process, a stalled host): the
+    lease lapses and another replica takes it. When the first wakes, its renewal finds the
+    lease taken — and its pass must not go on to send claims beside the new holder's (the
+    same channels claimed by two transactions: one's gas wasted, or both reverted as they
+    race): the channel owed is claimed once, by the holder."""
+    ledger = tmp_path / "payments.db"
+    async with chain_batch(seller, ledger, anvil, gas_key) as stack:
+        _, _, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
+        now = [time.time()]
+        scanning = asyncio.Event()
+        go_on = asyncio.Event()
+        real = BatchChain.withdrawal_moves
+
+        async def withdrawal_moves(self, first, last):
+            scanning.set()
+            await go_on.wait()  # the claimer frozen
+            return await real(self, first, last)
+
+        monkeypatch.setattr(BatchChain, "withdrawal_moves", withdrawal_moves)
+        async with (
+            claimer(ledger, anvil, gas_key, replica="a", clock=lambda: now[0]) as a,
+            claimer(ledger, anvil, gas_key, replica="b", clock=lambda: now[0]) as b,
+        ):
+            a.claims.renew_every = 0.05
+            lost = asyncio.Event()
+            take = a.store.take_claimer
+
+            async def take_claimer(owner, seconds):
+                held = await take(owner, seconds)
+                if not held:
+                    lost.set()
+                return held
+
+            monkeypatch.setattr(a.store, "take_claimer", take_claimer)
+            passing = asyncio.create_task(a.claim_once())
+            async with asyncio.timeout(30):
+                await scanning.wait()
+                now[0] += 2 * a.claims.lease  # frozen past its lease
+                assert await b.store.take_claimer("b", b.claims.lease)
+                await lost.wait()  # a's renewal finds it taken
+                go_on.set()
+                assert await passing == 0
+            monkeypatch.setattr(BatchChain, "withdrawal_moves", real)
+            assert await b.claims.claim_once() == 1
+            known = await b.store.get(channel.channel_id)
+            assert known is not None
+            assert known.total_claimed == PRICE_ATOMIC
+            assert [c.state for c in await b.store.claims()] == ["settled"]
