@@ -53,6 +53,7 @@ from paygate.x402.inband import DoneLineHolder, done_object
 from paygate.x402.ledger import LedgerError, Meter, PaymentRecord, PaymentState
 from paygate.x402.ledger_base import Ledger
 from paygate.x402.metering import TokenPrice
+from paygate.x402.models import SETTLE_FAILED
 from paygate.x402.results import Receipt
 
 log = logging.getLogger("paygate.server")
@@ -228,7 +229,7 @@ class ReceiptIssuer:
                     "charged": "0",
                     "transaction": receipts.REFUSAL_TRANSACTION,
                 },
-                "reason": reason[: receipts.MAX_REASON] or "settle_failed",
+                "reason": reason[: receipts.MAX_REASON] or SETTLE_FAILED,
             }
         )
 
