@@ -60,9 +60,7 @@ log = logging.getLogger("paygate.server")
 
 SSE_PREFIX = b": paygate-receipt "
 NDJSON_KEY = "paygate_receipt"
-REPLY = "reply"
-SETTLEMENT = "settlement"
-REFUSAL = "refusal"
+REPLY, SETTLEMENT, REFUSAL = receipts.REPLY, receipts.SETTLEMENT, receipts.REFUSAL
 _NONCE_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 _PAYMENT_ID = re.compile(r"^0x[0-9a-fA-F]{64}$")
 # The metering result's word for how usage was counted → the receipt's.
