@@ -45,17 +45,22 @@ VERSION = 2
 REQUEST_DIGEST_VERSION = 1
 MAX_TOKEN = 8 * 1024  # a receipt is about a kilobyte; bound what a verifier parses
 NONCE_LEN = 32
+# The kinds of receipt (each with its claims): a reply's charge, a settlement completed after
+# its reply, a stream's settlement refused for good. Signers and verifiers name them from here.
+REPLY = "reply"
+SETTLEMENT = "settlement"
+REFUSAL = "refusal"
 KINDS: Mapping[str, frozenset[str]] = {
-    "reply": frozenset(
+    REPLY: frozenset(
         {
             "version", "kind", "request_digest", "reply_digest", "model", "model_digest",
             "usage", "payment", "issued_at", "receipt_key",
         }
     ),
-    "settlement": frozenset(
+    SETTLEMENT: frozenset(
         {"version", "kind", "request_digest", "payment", "issued_at", "receipt_key"}
     ),
-    "refusal": frozenset(
+    REFUSAL: frozenset(
         {
             "version", "kind", "request_digest", "reply_digest", "model", "model_digest",
             "payment", "reason", "issued_at", "receipt_key",
@@ -209,7 +214,7 @@ def _check_form(claims: Mapping[str, Any]) -> None:
     if claims.get("version") != VERSION or kind not in KINDS or set(claims) != KINDS[kind]:
         raise ReceiptTokenInvalid("the receipt does not have the version 2 claims of its kind")
     payment = claims["payment"]
-    if kind in ("settlement", "refusal") and payment is None:
+    if kind in (SETTLEMENT, REFUSAL) and payment is None:
         raise ReceiptTokenInvalid(f"a {kind} receipt names no payment")
     if payment is not None:
         if not isinstance(payment, dict) or set(payment) != PAYMENT_CLAIMS:
@@ -220,7 +225,7 @@ def _check_form(claims: Mapping[str, Any]) -> None:
                 raise ReceiptTokenInvalid(f"the receipt's {name} amount is not atomic units")
         if int(payment["charged"]) > int(payment["authorized"]):
             raise ReceiptTokenInvalid("the receipt charges more than was authorized")
-    if kind == "refusal":
+    if kind == REFUSAL:
         reason = claims["reason"]
         if not isinstance(reason, str) or not reason or len(reason) > MAX_REASON:
             raise ReceiptTokenInvalid("the refusal's reason is not a short code")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from enclave.receipts import ReceiptTokenInvalid, unverified_claims
+from enclave.receipts import REFUSAL, REPLY, ReceiptTokenInvalid, unverified_claims
 from paygate import jsonsafe, wire
 from paygate.client.attestation import Attested, check_receipt
 from paygate.client.errors import (
@@ -45,7 +45,6 @@ from paygate.x402.schemes.batch_settlement import channel as ch
 
 SSE_PREFIX = b": paygate-receipt "
 NDJSON_KEY = "paygate_receipt"
-REFUSAL = "refusal"  # the signed receipt's kind at the end of a stream whose charge failed
 MAX_LINE = 1 << 20  # a line longer than this is passed on unread (never the receipt's)
 MAX_TAIL_BYTES = 64 * 1024  # after the content's end: the receipts, nothing else
 MAX_TAIL_SECONDS = 30.0  # from the content's end to the body's end (the transports)
@@ -237,7 +236,7 @@ class ReceiptCheck:
                 raise ReceiptMismatch("a signed refusal of a request that paid nothing")
             check_payment_identity(claims["payment"], self.payment)
             self.refusal = claims["reason"]
-        elif kind != "reply":
+        elif kind != REPLY:
             raise ReceiptMismatch("the signed receipt is not a reply's")
         else:
             check_payment(claims, self.payment, batch=self._batch)

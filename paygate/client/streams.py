@@ -105,7 +105,7 @@ class ReceiptScanner:
             return
         if not receipt.success and receipt.error_reason != SETTLEMENT_PENDING:
             # Refused for good after the content went out (a pending one settles later).
-            self.refused = receipt.error_reason or "settle_failed"
+            self.refused = receipt.refusal_reason
         self._sink(receipt, None)
 
 

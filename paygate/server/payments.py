@@ -475,7 +475,7 @@ def settlement_failed_response(
     receipt: Receipt, route: Route, *, sealed: bool = False
 ) -> web.Response:
     """A reply withheld because its settlement was refused for good, with that receipt."""
-    reason = receipt.response.error_reason or "settle_failed"
+    reason = receipt.response.refusal_reason
     error = _RefusalError(
         Refusal(402, "settlement_failed", f"the payment could not be settled: {reason}")
     )

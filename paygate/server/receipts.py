@@ -53,15 +53,14 @@ from paygate.x402.inband import DoneLineHolder, done_object
 from paygate.x402.ledger import LedgerError, Meter, PaymentRecord, PaymentState
 from paygate.x402.ledger_base import Ledger
 from paygate.x402.metering import TokenPrice
+from paygate.x402.models import SETTLE_FAILED
 from paygate.x402.results import Receipt
 
 log = logging.getLogger("paygate.server")
 
 SSE_PREFIX = b": paygate-receipt "
 NDJSON_KEY = "paygate_receipt"
-REPLY = "reply"
-SETTLEMENT = "settlement"
-REFUSAL = "refusal"
+REPLY, SETTLEMENT, REFUSAL = receipts.REPLY, receipts.SETTLEMENT, receipts.REFUSAL
 _NONCE_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 _PAYMENT_ID = re.compile(r"^0x[0-9a-fA-F]{64}$")
 # The metering result's word for how usage was counted → the receipt's.
@@ -228,7 +227,7 @@ class ReceiptIssuer:
                     "charged": "0",
                     "transaction": receipts.REFUSAL_TRANSACTION,
                 },
-                "reason": reason[: receipts.MAX_REASON] or "settle_failed",
+                "reason": reason[: receipts.MAX_REASON] or SETTLE_FAILED,
             }
         )
 

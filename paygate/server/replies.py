@@ -481,7 +481,7 @@ class Replies:
                     payment = _payment(session, end.receipt)
                     if payment is None:
                         return None
-                    reason = end.receipt.response.error_reason or "settle_failed"
+                    reason = end.receipt.response.refusal_reason
                     return await issuer.refusal(facts, digest, payment=payment, reason=reason)
                 usage = usage_claims(reply.usage, session.admission.meter)
                 token = await issuer.token(

@@ -78,6 +78,17 @@ def make_volume(client: docker.DockerClient, spec: ContainerSpec) -> None:
         raise failure(f"create volume {spec.volume}", exc) from None
 
 
+def _remove(container: Container, what: str) -> bool:
+    """Remove ``container`` (its volumes kept); False when it was gone already."""
+    try:
+        container.remove(force=True, v=False)
+    except docker.errors.NotFound:
+        return False
+    except docker.errors.APIError as exc:
+        raise failure(f"remove {what}", exc) from None
+    return True
+
+
 @contextmanager
 def _starting(name: str, missing: str) -> Iterator[None]:
     """Starting container ``name``: an absent image is ``missing`` (what to do about it), any
@@ -116,12 +127,7 @@ class ContainerManager:
                 f"a container named {name} exists and paygate did not create it: "
                 "remove it or set upstream_name"
             )
-        try:
-            container.remove(force=True, v=False)
-        except docker.errors.NotFound:
-            return
-        except docker.errors.APIError as exc:
-            raise failure(f"remove stale container {name}", exc) from None
+        _remove(container, f"stale container {name}")
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -160,12 +166,8 @@ class ContainerManager:
                     name,
                 )
                 continue
-            try:
-                container.remove(force=True, v=False)
-            except docker.errors.NotFound:
+            if not _remove(container, f"previous container {name}"):
                 continue
-            except docker.errors.APIError as exc:
-                raise failure(f"remove previous container {name}", exc) from None
             log.info("upstream deployment %s replaces its container %s (its name before)",
                      self.spec.name, name)  # fmt: skip
 

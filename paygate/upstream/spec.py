@@ -119,7 +119,7 @@ def container_spec(config: UpstreamConfig, name: str | None = None) -> Container
     return ContainerSpec(
         name=cname,
         image=config.image or defaults.image,
-        volume=config.volume or f"{cname}-models",
+        volume=config.volume or _models_volume(cname),
         models_mount=config.models_dir or defaults.models_dir,
         port=config.port or defaults.port,
         socket_dir=socket_dir,
@@ -127,9 +127,14 @@ def container_spec(config: UpstreamConfig, name: str | None = None) -> Container
         model_path=model_path.resolve() if model_path else None,
         alias=alias,
         previous=previous,
-        previous_volume=f"{previous}-models" if previous and not config.volume else None,
+        previous_volume=_models_volume(previous) if previous and not config.volume else None,
         **{setting: getattr(config, setting) for setting in _AS_CONFIGURED},
     )
+
+
+def _models_volume(deployment: str) -> str:
+    """The model volume a deployment named ``deployment`` makes when none is configured."""
+    return f"{deployment}-models"
 
 
 def _hardening(spec: ContainerSpec, role: str) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from collections.abc import Callable
 
 from paygate.x402.ledger import PaymentRecord, PaymentState
 from paygate.x402.ledger_base import Ledger
+from paygate.x402.models import SETTLE_FAILED
 from paygate.x402.refusal import Refusal
 from paygate.x402.results import Receipt
 
@@ -138,7 +139,7 @@ class PaymentIdentifiers:
         receipt = self._receipt(record)
         headers = {receipt.header: receipt.encoded()} if record.transaction else {}
         if record.state is PaymentState.FAILED:
-            reason = record.error or "settle_failed"
+            reason = record.error or SETTLE_FAILED
             log.info("payment %s: a retry of a refused settlement", record.id)
             return Refusal(
                 402,

@@ -150,11 +150,17 @@ class PaymentRecord:
     settled_amount: int | None = None  # atomic units moved, once SETTLED
 
     def abandoned(self, now: float) -> bool:
-        """Started (RESERVED/VERIFIED) and worked on by nobody alive at ``now``: its owner's
-        lease ran out (the replica presumed dead) or it has no owner. Its hold on anything
-        (a retry of it, a channel) is then this server's failure, not its payer's doing."""
-        return self.state in (PaymentState.RESERVED, PaymentState.VERIFIED) and (
-            self.owner is None or self.lease_until is None or self.lease_until <= now
+        """In progress and worked on by nobody alive at ``now``: started (RESERVED/VERIFIED)
+        with no owner or one whose lease ran out (the replica presumed dead), or past its
+        reply (SERVED — a stream's progress recorded before its replica stalled — or SETTLING)
+        with an owner whose lease ran out (one let go is a pending settlement's, handed to any
+        reconciler). Its hold on anything (a retry of it, a channel) is then this server's
+        failure, not its payer's doing."""
+        ran_out = self.lease_until is None or self.lease_until <= now
+        if self.state in (PaymentState.RESERVED, PaymentState.VERIFIED):
+            return self.owner is None or ran_out
+        return self.state in (PaymentState.SERVED, PaymentState.SETTLING) and (
+            self.owner is not None and ran_out
         )
 
     @property

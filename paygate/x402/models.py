@@ -262,6 +262,15 @@ class SettleResponse(X402Model):
     # The scheme's own answer (a channel's ``chargedAmount`` and state).
     extra: dict[str, Any] | None = None
 
+    @property
+    def refusal_reason(self) -> str:
+        """Why the settlement failed: the reason it states, else ``settle_failed``."""
+        return self.error_reason or SETTLE_FAILED
+
+
+#: A failed settlement's reason when its answer states none.
+SETTLE_FAILED = "settle_failed"
+
 
 #: The receipt extension of a metered payment: the usage it was charged for.
 USAGE_EXTENSION = "paygate-usage"

@@ -438,7 +438,7 @@ class Settlements:
                 record,
                 state,
                 transaction=answer.transaction or None,
-                error=None if answer.success else (answer.error_reason or "settle_failed"),
+                error=None if answer.success else answer.refusal_reason,
                 settled_amount=moved(answer, admission.owed) if answer.success else None,
                 via=PaymentState.SETTLING if record.state is PaymentState.SERVED else None,
             )

@@ -163,15 +163,18 @@ async def test_a_hold_left_by_a_request_that_died_is_server_side(
         await ledger.close()
 
 
-@pytest.mark.parametrize("identified", [False, True])
+@pytest.mark.parametrize(("identified", "progress"), [(False, False), (True, False), (False, True)])
 async def test_a_retry_of_a_payment_whose_replica_died_is_server_side(
-    tmp_path: Path, identified: bool
+    tmp_path: Path, identified: bool, progress: bool
 ) -> None:
     """A payment reserved by a replica that died mid-request (its lease ran out, the
     reconciler not round yet): the payer's retry is refused 409 `payment_in_progress` — this
     server's failure. While its owner's lease runs (a request in progress: a replay of it, or
     the payer's own second try), the caller's doing. By its authorization (a replay) and by
-    its payment-identifier alike."""
+    its payment-identifier alike; and with ``progress``, a stream that recorded what it had
+    delivered (SERVED, under its lease) before its replica stalled and died: cut, its caller
+    sent the authorization again (by its payment-identifier, a SERVED payment's outcome is
+    told instead: ``payment_already_served``)."""
     clock = Clock()
     location = LedgerLocation(kind="sqlite", path=tmp_path / "payments.db")
     dead = await open_ledger(location, replica="dead", lease_seconds=10.0, clock=clock)
@@ -205,6 +208,11 @@ async def test_a_retry_of_a_payment_whose_replica_died_is_server_side(
                 amount=int(authorization["value"]),
             )
         )
+        if progress:  # as paygate.x402.settlements.Settlements.stream_progress records it
+            reserved = (await dead.by_nonce(authorization["nonce"]))[0]
+            await dead.transition(
+                reserved.id, PaymentState.SERVED, via=PaymentState.VERIFIED, lease=reserved.lease
+            )
         for server_side in (False, True):
             refused = await processor.admit(headers, price=PRICE, resource=RESOURCE, route="chat")
             assert isinstance(refused, Refusal), refused
