@@ -120,20 +120,37 @@ class Settlements:
             return None
         return self.leases.live_until(record)
 
-    async def stream_progress(self, admission: PaymentAdmission, meter: Meter | None) -> str | None:
-        """Mid-stream, its lease window passed (checked from the local clock before each write):
-        None while the stream is still this process's to send, else why not (kept as
-        ``unrecorded``: the stream is cut). Settled after its reply (every scheme whose charge
-        is a settle call), its first such check records the progress delivered (``meter``: what
-        a disconnect now would be charged; None: the amount) in a fenced move to SERVED, which
-        renews the lease: a replica frozen after it leaves a payment owed that any replica's
-        reconciler settles for that progress, never releases. Later checks are fenced renewals
-        (no ledger call while the keeper keeps the lease renewed)."""
+    def records_progress(self, admission: PaymentAdmission) -> bool:
+        """Whether a stream's first content starts the move that records its progress (see
+        :meth:`stream_progress`): still reserved, and its progress charged when it stalls."""
+        record = admission.record
+        return (
+            record is not None
+            and not admission.finished
+            and record.state in RESERVATION_STATES
+            and self._charges_progress(admission)
+        )
+
+    async def stream_progress(
+        self, admission: PaymentAdmission, meter: Meter | None, *, first: bool = False
+    ) -> str | None:
+        """A stream's progress: None while the stream is still this process's to send, else
+        why not (kept as ``unrecorded``: the stream is cut). Settled after its reply (every
+        scheme whose charge is a settle call), the move that records the progress delivered
+        (``meter``: what a disconnect now would be charged; None: the amount) as SERVED starts
+        right after its first content went out (``first``: in the background, awaited before
+        the next write past the lease window and before the end), so a replica frozen at any
+        point after that commit leaves a payment owed that any replica's reconciler settles for
+        that progress, never releases; and the end's SETTLING is the only write left (the same
+        number of writes as without it). The move renews the lease. ``first`` and the ledger
+        unreachable: not cut (the next write past the window tries again). Otherwise (its lease
+        window passed, checked from the local clock before each write) a fenced renewal, or
+        the same move when the first was not made."""
         record = admission.record
         if record is None or admission.finished:
             return None
         if record.state not in RESERVATION_STATES or not self._charges_progress(admission):
-            return await self.confirm_lease(admission)
+            return None if first else await self.confirm_lease(admission)
         via = PaymentState.VERIFIED if record.state is PaymentState.RESERVED else None
         try:
             admission.record = await self.leases.move(
@@ -146,6 +163,9 @@ class Settlements:
             made = await self.leases.made(record, PaymentState.SERVED)
             if made is not None:
                 admission.record = made
+                return None
+            if first:
+                log.warning("payment %s: progress not recorded yet: ledger unavailable", record.id)
                 return None
             code = LedgerUnavailable.code
         log.warning("payment %s: stream cut: %s", record.id, code)
