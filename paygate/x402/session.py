@@ -448,7 +448,7 @@ class PaymentSession:
             or not settlements.records_progress(self._admission)
         ):
             return
-        move = settlements.stream_progress(self._admission, self.progress(), first=True)
+        move = settlements.stream_progress(self._admission, self.progress, first=True)
 
         async def record() -> str | None:
             code = await move
@@ -481,7 +481,7 @@ class PaymentSession:
         if code is not None or self.lease_live():
             return code
         admission = self._admission
-        move = settlements.stream_progress(admission, self.progress())
+        move = settlements.stream_progress(admission, self.progress)
         code = await asyncio.shield(asyncio.get_running_loop().create_task(move))
         self._due = settlements.lease_window(admission)
         return code

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,17 +132,23 @@ class Settlements:
         )
 
     async def stream_progress(
-        self, admission: PaymentAdmission, meter: Meter | None, *, first: bool = False
+        self,
+        admission: PaymentAdmission,
+        progress: Callable[[], Meter | None],
+        *,
+        first: bool = False,
     ) -> str | None:
         """A stream's progress: None while the stream is still this process's to send, else
         why not (kept as ``unrecorded``: the stream is cut). Settled after its reply (every
         scheme whose charge is a settle call), the move that records the progress delivered
-        (``meter``: what a disconnect now would be charged; None: the amount) as SERVED starts
+        (``progress``: what a disconnect now would be charged; None: the amount) as SERVED starts
         right after its first content went out (``first``: in the background, awaited before
         the next write past the lease window and before the end), so a replica frozen at any
         point after that commit leaves a payment owed that any replica's reconciler settles for
         that progress, never releases; and the end's SETTLING is the only write left (the same
-        number of writes as without it). The move renews the lease. ``first`` and the ledger
+        number of writes as without it). The move renews the lease, and every renewal after it
+        keeps the progress then (a metered stream's: see ``HeldLeases.report``), so a stall
+        leaves at most what went out since the last renewal uncharged. ``first`` and the ledger
         unreachable: not cut (the next write past the window tries again). Otherwise (its lease
         window passed, checked from the local clock before each write) a fenced renewal, or
         the same move when the first was not made."""
@@ -152,10 +158,13 @@ class Settlements:
         if record.state not in RESERVATION_STATES or not self._charges_progress(admission):
             return None if first else await self.confirm_lease(admission)
         via = PaymentState.VERIFIED if record.state is PaymentState.RESERVED else None
+        meter = progress()
         try:
             admission.record = await self.leases.move(
                 record, PaymentState.SERVED, via=via, meter=meter
             )
+            if meter is not None:
+                self.leases.report(admission.record, progress)
             return None
         except LeaseLost:
             code = LeaseLost.code
@@ -163,6 +172,8 @@ class Settlements:
             made = await self.leases.made(record, PaymentState.SERVED)
             if made is not None:
                 admission.record = made
+                if meter is not None:
+                    self.leases.report(made, progress)
                 return None
             if first:
                 log.warning("payment %s: progress not recorded yet: ledger unavailable", record.id)
