@@ -47,6 +47,9 @@ from paygate.x402.settler import (
     SettlerUnavailable,
 )
 
+# Why a reply settled upfront is withheld: the one reply its payment bought went to another
+# request (not ``lease_lost``, which says nothing was charged and invites the same payment again).
+REPLY_SERVED = "payment_already_served"  # the payment-identifier retry's code (idempotency)
 log = logging.getLogger("paygate.x402")
 
 PENDING = "settlement_pending"
@@ -197,11 +200,11 @@ class Settlements:
 
     async def claim_reply(self, admission: PaymentAdmission) -> str | None:
         """Before the reply of a payment settled upfront leaves: None when it is this request's
-        to send, else ``lease_lost`` (kept as ``unrecorded``: withheld) — another request served
-        the one reply the payment bought (the payer's retry of a settled authorization, served
-        once while this replica was frozen). The served mark, written at the request's end
-        before, is written here instead: no ledger call more. A ledger unreachable leaves the
-        reply to go (it is paid); the request's end marks it served."""
+        to send, else ``payment_already_served`` (kept as ``unrecorded``: withheld) — another
+        request served the one reply the payment bought (the payer's retry of a settled
+        authorization, served once while this replica was frozen). The served mark, written at
+        the request's end before, is written here instead: no ledger call more. A ledger
+        unreachable leaves the reply to go (it is paid); the request's end marks it served."""
         record = admission.record
         if record is None or record.served:
             return None
@@ -209,7 +212,7 @@ class Settlements:
             admission.record = await self.leases.claim_reply(record)
         except LeaseLost:
             log.warning("payment %s: its reply was served by another request", record.id)
-            admission.unrecorded = LeaseLost.code
+            admission.unrecorded = REPLY_SERVED
         except LedgerError as exc:
             log.warning("payment %s: cannot claim its reply: %s", record.id, exc.code)
         return admission.unrecorded

@@ -331,7 +331,9 @@ async def test_upfront_a_replica_frozen_after_settling_sends_no_second_reply_for
 ):
     """Settled upfront, then frozen with its reply in hand: the payer's retry of the settled
     authorization is served by the other replica (the reply it bought). Woken, the frozen one
-    must not send a second reply for the one charge: 503 `lease_lost`, no receipt."""
+    must not send a second reply for the one charge, nor say what `lease_lost` says (nothing
+    charged, send the payment again: paygate's client would, to be refused 402): 409
+    `payment_already_served`, no Retry-After, no receipt."""
     freeze = Freeze(monkeypatch)
     ledger = (
         f"sqlite:///{tmp_path / 'payments.db'}"
@@ -352,7 +354,13 @@ async def test_upfront_a_replica_frozen_after_settling_sends_no_second_reply_for
             assert status == 200, served
             assert b"fake" in served
             freeze.wake()
-            _refused_lease_lost(*await late)
+            status, headers, withheld = await late
+            code = headers.get(wire.ERROR_HEADER)
+            assert (status, code) == (409, "payment_already_served"), withheld
+            assert "Retry-After" not in headers
+            assert wire.RECEIPT_HEADER not in headers
+            assert wire.PAYMENT_RESPONSE not in headers
+            assert b"fake" not in withheld
             again, _, _ = await _post(b.url, header, body)
             assert again == 402  # used: its one reply went out
     (record,) = await ledger_records(ledger)
