@@ -29,6 +29,7 @@ from paygate.server.receipts import SSE_PREFIX as SIGNED_RECEIPT_LINE
 from paygate.x402.inband import SSE_PREFIX as PAYMENT_RECEIPT_LINE
 from paygate.x402.leases import HeldLeases
 from paygate.x402.ledger import PaymentRecord, PaymentState
+from paygate.x402.ledger_base import Ledger
 from tests.fixtures.payment_support import CHAT, CHAT_BODY, PRICE_ATOMIC, paid_stack, v2_header
 from tests.fixtures.scale_support import (
     Env,
@@ -248,6 +249,45 @@ async def test_upto_a_stream_stalled_after_its_leases_renewal_is_charged_what_it
     assert record.settled_amount == charge(1, record.tokens_out)
     assert facilitator.stats.calls("settle") == 1
     assert usdc.balance_of(seller) == record.settled_amount
+
+
+async def test_a_streams_first_chunk_waits_for_no_ledger_write_and_its_writes_stay_two(
+    facilitator, usdc, payer, seller, tmp_path, monkeypatch
+):
+    """The move that records a stream's progress (SERVED) starts after its first chunk went
+    out: held back until the caller has that chunk, the stream still flows; at its end the
+    charge waits for it, and the payment's writes after its reservation are that move and
+    SETTLING (then the outcome) — no write more for a normal stream."""
+    gate = asyncio.Event()
+    moves: list[PaymentState] = []
+    real = Ledger.transition
+
+    async def transition(self: Ledger, payment_id: str, to: PaymentState, **kw: Any) -> Any:
+        moves.append(to)
+        if to is PaymentState.SERVED:
+            await asyncio.wait_for(gate.wait(), timeout=30)
+        return await real(self, payment_id, to, **kw)
+
+    monkeypatch.setattr(Ledger, "transition", transition)
+    ledger = f"sqlite:///{tmp_path / 'payments.db'}"
+    body = {**CHAT_BODY, "stream": True, "fake": {"chunks": 6, "pace": 0.05}}
+    async with paid_stack(seller=seller, facilitator_url=facilitator.url, ledger=ledger) as a:
+        header = await v2_header(a, payer, body=body)
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as client,
+            client.post(a.url + CHAT, json=body, headers={wire.PAYMENT_SIGNATURE: header}) as r,
+        ):
+            assert r.status == 200
+            first = await asyncio.wait_for(r.content.readline(), timeout=10)
+            assert first.startswith(b"data:")  # while the progress move is held back
+            assert moves == [PaymentState.SERVED]
+            gate.set()
+            rest = await r.content.read()
+        assert PAYMENT_RECEIPT_LINE in rest
+        record = await _settled(ledger)
+    assert record.state is PaymentState.SETTLED
+    assert moves == [PaymentState.SERVED, PaymentState.SETTLING, PaymentState.SETTLED]
+    assert usdc.balance_of(seller) == PRICE_ATOMIC
 
 
 async def test_upto_a_long_stream_not_stalled_settles_its_final_usage_over_its_progress(
