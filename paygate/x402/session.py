@@ -173,7 +173,8 @@ class PaymentSession:
         self._finished = True
         if self._settlements is None:
             return
-        await self._progress_recorded()  # a cut stream settles or releases from what it left
+        if self._recording is not None:  # a cut stream settles or releases from what it left
+            await self._progress_recorded()
         admission = self._admission
         if self.settles:
             # A metered reply that ended without its meter (caller gone, stream cut short):
@@ -229,7 +230,8 @@ class PaymentSession:
         (its transaction keeps the receipt too: see ``PaymentAdmission.reply_receipt``);
         ``publish`` logs it once that transaction is made (else the caller does)."""
         admission = self._admission
-        if await self._progress_recorded() is not None:  # the end's SETTLING follows its SERVED
+        # The end's SETTLING follows its stream's SERVED (no coroutine for any other reply).
+        if self._recording is not None and await self._progress_recorded() is not None:
             return None  # refused: the lease lost (``unrecorded``), the end withheld
         admission.receipt_follows = receipt_follows and self.settles
         if not self.settles:
