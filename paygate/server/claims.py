@@ -123,7 +123,7 @@ from collections.abc import Callable, Mapping
 
 from paygate import wire
 from paygate.server.errors import GatewayError, TooManyUploads
-from paygate.server.payments import HttpPaymentRefusal
+from paygate.server.payments import HttpPaymentRefusal, ReplyServedElsewhere
 
 #: Seconds an address whose claim failed is admitted as unpaid (unless a payment verifies).
 DOUBT_SECONDS = 60.0
@@ -151,7 +151,7 @@ def doubts(refusal: GatewayError) -> bool:
     the sender's doing; not the open gate's own per-address refusal (raised before an open),
     nor a payment step's refusal of its own doing (``server_side``: a chain unreadable, a
     model-wide token limit)."""
-    if isinstance(refusal, HttpPaymentRefusal) and refusal.server_side:
+    if isinstance(refusal, HttpPaymentRefusal | ReplyServedElsewhere) and refusal.server_side:
         return False
     return 400 <= refusal.status < 500 and not isinstance(refusal, TooManyUploads)
 

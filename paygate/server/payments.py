@@ -41,6 +41,7 @@ from paygate.x402.refusal import Refusal
 from paygate.x402.results import Receipt
 from paygate.x402.schemes import SCHEMES
 from paygate.x402.session import MeteredTerms, PaymentSession
+from paygate.x402.settlements import REPLY_SERVED
 
 PAID_CACHE_CONTROL = "private, no-store"
 # Resources (URL and description) kept for the 402s and requirements: more are made afresh.
@@ -465,8 +466,26 @@ class ReplyLeaseLost(ChargeNotRecorded):
     )
 
 
-def charge_not_recorded(code: str) -> ChargeNotRecorded:
-    """The error that withholds a reply whose charge was not recorded for ``code``."""
+class ReplyServedElsewhere(GatewayError):
+    """Settled upfront, this payment's one reply was served to another request carrying it (the
+    payer's retry, while this replica was frozen): charged once, for that reply, so this one is
+    withheld. Not a 503 to retry (a retry is refused 402, used), nor the caller's fault (a
+    frozen replica and an honest retry make it): it doubts nobody."""
+
+    status = 409
+    code = REPLY_SERVED
+    message = (
+        "the reply this payment bought was already served to another request carrying it: "
+        "it was charged once, for that reply; this one is not sent"
+    )
+    server_side = True
+
+
+def charge_not_recorded(code: str) -> GatewayError:
+    """The error that withholds a reply whose charge was not recorded for ``code`` (or, settled
+    upfront, whose one reply went to another request: ``payment_already_served``)."""
+    if code == REPLY_SERVED:
+        return ReplyServedElsewhere()
     kind = ReplyLeaseLost if code == ReplyLeaseLost.code else ChargeNotRecorded
     return kind(retry_after=1)
 

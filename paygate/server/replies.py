@@ -633,14 +633,17 @@ async def _pump(
     lease: PaymentSession | None = None,
 ) -> None:
     """Write ``early``, then what the chain makes of each chunk; ``on_first`` after the first
-    write. With ``lease`` (a stream charged after it has left), no write goes out past the
-    stream's lease window (a clock read) until a fenced move says the payment is still this
-    process's (recording the progress delivered): a replica woken from a stall past its lease
-    stops at once instead of sending the rest uncharged."""
+    write. With ``lease`` (a stream charged after it has left), the move recording its progress
+    starts right after the first write (in the background: the first chunk waits for no ledger
+    call), and no write goes out past the stream's lease window (a clock read) until that move,
+    or a fenced renewal, says the payment is still this process's: a replica woken from a stall
+    past its lease stops at once instead of sending the rest uncharged."""
     first = not early
     if early:
         await response.write(early)
         on_first()
+        if lease is not None:
+            lease.content_sent()
     async for chunk in chunks:
         out = chain.feed(chunk)
         if out:
@@ -654,6 +657,8 @@ async def _pump(
             if first:
                 first = False
                 on_first()
+                if lease is not None:
+                    lease.content_sent()
 
 
 def _withheld(session: PaymentSession) -> GatewayError:

@@ -9,7 +9,8 @@ answered from that record, before any reservation, verification or upstream call
 the identifier's record               status code                          charged again?
 ====================================  =====  ============================  =================
 another fingerprint (below)           409    ``idempotency_key_reused``    no
-reserved or being verified            409    ``payment_in_progress``       no (Retry-After)
+reserved, being verified, or a       409    ``payment_in_progress``       no (Retry-After)
+stream going out (SERVED, lease live)
 served (settled, settling, or         409    ``payment_already_served``    no (its receipt)
 verify-only)
 settlement refused for good           402    ``settlement_failed``         no (its receipt)
@@ -106,6 +107,19 @@ class PaymentIdentifiers:
             () if settles else (PaymentState.SERVED,)
         )
 
+    def _streaming(self, record: PaymentRecord) -> bool:
+        """SERVED, settled after its reply, and its lease live: a stream still going out (its
+        progress is recorded SERVED after its first chunk) or its charge about to be made — in
+        progress, its outcome to come; not a payment served and over (let go, or its replica
+        presumed dead: owed, answered as served)."""
+        return (
+            record.state is PaymentState.SERVED
+            and PaymentState.SERVED not in self._ended
+            and record.owner is not None
+            and record.lease_until is not None
+            and record.lease_until > self._clock()
+        )
+
     async def outcome(self, key: str, wanted: str) -> Refusal | None:
         """The answer for identifier ``key`` on a request of fingerprint ``wanted``, or None:
         the identifier is unknown or free, and the request goes on (paid once, with it)."""
@@ -127,7 +141,7 @@ class PaymentIdentifiers:
                 "idempotency_key_reused",
                 "this payment-identifier belongs to another payment",
             )
-        if record.state in _STARTED:
+        if record.state in _STARTED or self._streaming(record):
             return Refusal(
                 409,
                 "payment_in_progress",

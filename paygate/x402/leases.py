@@ -21,6 +21,7 @@ from paygate.x402.ledger import (
     LeaseLost,
     LedgerError,
     LedgerUnavailable,
+    Meter,
     PaymentRecord,
     PaymentState,
     ReceiptUsage,
@@ -64,6 +65,9 @@ class HeldLeases:
         # id -> the local clock's time until which the held lease is surely still ours (a process
         # stopped past it finds it passed when it wakes: see :meth:`confirm`).
         self._live_until: dict[str, float] = {}
+        # id -> a SERVED stream's progress so far (what a disconnect now would be charged):
+        # kept with each renewal, so a stall leaves at most one renewal's worth uncharged.
+        self._progress: dict[str, Callable[[], Meter | None]] = {}
 
     @property
     def now(self) -> Callable[[], float]:
@@ -95,6 +99,17 @@ class HeldLeases:
         """Forget a hold without a word to the ledger (its lease is lost or runs out)."""
         self._held.pop(payment_id, None)
         self._live_until.pop(payment_id, None)
+        self._progress.pop(payment_id, None)
+
+    def report(self, record: PaymentRecord, progress: Callable[[], Meter | None]) -> None:
+        """Keep ``record``'s progress (a SERVED stream's running meter) with every renewal of
+        its lease, until its next move (its final meter) or the hold ends."""
+        if record.id in self._held:
+            self._progress[record.id] = progress
+
+    def _meter(self, payment_id: str) -> Meter | None:
+        progress = self._progress.get(payment_id)
+        return None if progress is None else progress()
 
     async def move(self, record: PaymentRecord, to: PaymentState, **change: Any) -> PaymentRecord:
         """A fenced transition under the lease this process holds (``change``: the keywords of
@@ -102,6 +117,7 @@ class HeldLeases:
         lease turns out lost, or with ``let_go`` (given up in the same transaction: nothing
         more happens to it here)."""
         asked = self._clock()
+        self._progress.pop(record.id, None)  # the move records its own meter
         try:
             moved = await self._ledger.transition(record.id, to, lease=record.lease, **change)
         except LeaseLost:
@@ -250,7 +266,7 @@ class HeldLeases:
     async def renew(self, record: PaymentRecord) -> PaymentRecord:
         """Re-check (and extend) the lease held on ``record`` right before acting on it."""
         asked = self._clock()
-        renewed = await self._ledger.renew(record.id, record.lease)
+        renewed = await self._ledger.renew(record.id, record.lease, meter=self._meter(record.id))
         if record.id in self._held:
             self._live_until[record.id] = self._counted_on(asked)
         return renewed
@@ -262,7 +278,7 @@ class HeldLeases:
         for payment_id, lease in list(self._held.items()):
             asked = self._clock()
             try:
-                await self._ledger.renew(payment_id, lease)
+                await self._ledger.renew(payment_id, lease, meter=self._meter(payment_id))
                 renewed += 1
                 if payment_id in self._held:
                     self._live_until[payment_id] = self._counted_on(asked)
@@ -271,6 +287,8 @@ class HeldLeases:
                 self.drop(payment_id)
             except LedgerError as exc:
                 log.warning("payment %s: cannot renew its lease: %s", payment_id, exc.code)
+            except ValueError:  # a progress the ledger refused: renewed at the next pass
+                log.warning("payment %s: cannot renew its lease: bad progress", payment_id)
         return renewed
 
 

@@ -251,10 +251,16 @@ class Ledger:
         the one reply a payment settled upfront buys, made before that reply leaves."""
         return await self._run(self._mark_served, payment_id, first)
 
-    async def renew(self, payment_id: str, lease: int) -> PaymentRecord:
+    async def renew(
+        self, payment_id: str, lease: int, *, meter: Meter | None = None
+    ) -> PaymentRecord:
         """Extend this replica's lease by :attr:`lease_seconds`; :class:`LeaseLost` if the
-        record was claimed since (or has ended)."""
-        return await self._run(self._renew, payment_id, lease)
+        record was claimed since (or has ended). ``meter``: a SERVED stream's progress, kept in
+        the same write (what a reconciler settles if the stream stalls); ignored in any other
+        state (its final meter went with SETTLING)."""
+        if meter is not None and meter.settle_amount < 0:
+            raise ValueError("a metered charge cannot be negative")
+        return await self._run(self._renew, payment_id, lease, meter)
 
     async def let_go(self, payment_id: str, lease: int) -> PaymentRecord:
         """Give the lease up (owner cleared, epoch kept): any replica's reconciler may take the

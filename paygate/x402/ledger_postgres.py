@@ -37,6 +37,7 @@ from paygate.x402.ledger import (
     EventAction,
     LedgerConflict,
     LedgerUnavailable,
+    Meter,
     PaymentRecord,
     PaymentState,
     SchemeWrite,
@@ -365,13 +366,34 @@ class PostgresLedger(Ledger):
         await self._event(conn, record, EventAction.SERVED, now)
         return record
 
-    async def _renew(self, conn: Conn, payment_id: str, lease: int) -> PaymentRecord:
+    async def _renew(
+        self, conn: Conn, payment_id: str, lease: int, meter: Meter | None
+    ) -> PaymentRecord:
         current = await self._must(conn, payment_id, lock=True)
         rules.check_renewal(current, lease, self.replica)
+        until = await self._now(conn) + self.lease_seconds
+        progress = rules.renewed_meter(current, meter)
+        if progress is not None:  # a SERVED stream's progress, with its renewal (locked)
+            row = await (
+                await conn.execute(
+                    "UPDATE payments SET lease_until = %s, tokens_in = %s, tokens_out = %s,"  # noqa: S608 - constant columns
+                    " usage_source = %s, settle_amount = %s::numeric WHERE id = %s"
+                    f" RETURNING {_COLUMNS}",
+                    (
+                        until,
+                        progress.tokens_in,
+                        progress.tokens_out,
+                        progress.source,
+                        str(progress.settle_amount),
+                        current.id,
+                    ),
+                )
+            ).fetchone()
+            return rules.record_from_row(row)
         row = await (
             await conn.execute(
                 f"UPDATE payments SET lease_until = %s WHERE id = %s RETURNING {_COLUMNS}",  # noqa: S608 - constant columns
-                (await self._now(conn) + self.lease_seconds, current.id),
+                (until, current.id),
             )
         ).fetchone()
         return rules.record_from_row(row)

@@ -432,6 +432,15 @@ def check_renewal(current: PaymentRecord, lease: int, replica: str) -> None:
         raise LeaseLost(f"payment {current.id}: no lease of ours to renew")
 
 
+def renewed_meter(current: PaymentRecord, meter: Meter | None) -> Meter | None:
+    """The progress a renewal keeps: only over a SERVED stream's, within the authorization."""
+    if meter is None or current.state is not PaymentState.SERVED:
+        return None
+    if meter.settle_amount > current.amount:
+        raise ValueError("a metered charge cannot exceed the authorized amount")
+    return meter
+
+
 def check_first_served(current: PaymentRecord, first: bool) -> None:
     """With ``first``, a payment whose reply another request claimed already is not ours to
     serve (a settled-upfront payment buys one reply)."""

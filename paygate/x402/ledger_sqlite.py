@@ -40,6 +40,7 @@ from paygate.x402.ledger import (
     LedgerConflict,
     LedgerError,
     LedgerUnavailable,
+    Meter,
     PaymentRecord,
     PaymentState,
     SchemeWrite,
@@ -436,15 +437,34 @@ class SqliteLedger(Ledger):
             self._event(record, EventAction.SERVED, now)
             return record
 
-    def _renew(self, payment_id: str, lease: int) -> PaymentRecord:
+    def _renew(self, payment_id: str, lease: int, meter: Meter | None) -> PaymentRecord:
         with self._write() as db:
             current = self._must(payment_id)
             rules.check_renewal(current, lease, self.replica)
+            until = self._clock() + self.lease_seconds
+            progress = rules.renewed_meter(current, meter)
+            if progress is not None:  # a SERVED stream's progress, with its renewal
+                return self._changed(
+                    db.execute(
+                        "UPDATE payments SET lease_until = ?, tokens_in = ?, tokens_out = ?,"  # noqa: S608 - constant columns
+                        " usage_source = ?, settle_amount = ? WHERE id = ? AND lease = ?"
+                        f" AND state = 'served' RETURNING {rules.RECORD_COLUMNS}",
+                        (
+                            until,
+                            progress.tokens_in,
+                            progress.tokens_out,
+                            progress.source,
+                            str(progress.settle_amount),
+                            current.id,
+                            lease,
+                        ),
+                    )
+                )
             return self._changed(
                 db.execute(
                     "UPDATE payments SET lease_until = ? WHERE id = ? AND lease = ?"  # noqa: S608 - constant columns
                     f" RETURNING {rules.RECORD_COLUMNS}",
-                    (self._clock() + self.lease_seconds, current.id, lease),
+                    (until, current.id, lease),
                 )
             )
 

@@ -94,6 +94,7 @@ class PaymentSession:
         "_finished",
         "_lease_clock",
         "_model",
+        "_recording",
         "_settlements",
         "_terms",
         "_watched",
@@ -134,6 +135,8 @@ class PaymentSession:
         # A stream's lease window (local clock) once its head left: see :meth:`lease_live`.
         self._due: float | None = None
         self._lease_clock: Callable[[], float] = time.monotonic  # the leases' (stream_began)
+        # The move recording a stream's progress, started after its first content went out.
+        self._recording: asyncio.Task[str | None] | None = None
 
     @classmethod
     def unpaid(cls) -> PaymentSession:
@@ -170,6 +173,8 @@ class PaymentSession:
         self._finished = True
         if self._settlements is None:
             return
+        if self._recording is not None:  # a cut stream settles or releases from what it left
+            await self._progress_recorded()
         admission = self._admission
         if self.settles:
             # A metered reply that ended without its meter (caller gone, stream cut short):
@@ -225,6 +230,9 @@ class PaymentSession:
         (its transaction keeps the receipt too: see ``PaymentAdmission.reply_receipt``);
         ``publish`` logs it once that transaction is made (else the caller does)."""
         admission = self._admission
+        # The end's SETTLING follows its stream's SERVED (no coroutine for any other reply).
+        if self._recording is not None and await self._progress_recorded() is not None:
+            return None  # refused: the lease lost (``unrecorded``), the end withheld
         admission.receipt_follows = receipt_follows and self.settles
         if not self.settles:
             if self.paid:
@@ -428,6 +436,41 @@ class PaymentSession:
         due = self._due
         return due is None or self._lease_clock() < due
 
+    def content_sent(self) -> None:
+        """A stream's first content went out: the move that records its progress (SERVED,
+        what a disconnect now would be charged) starts now, in the background — after that
+        write, so the first chunk waits for no ledger call — and is awaited before the next
+        write past the lease window and before the stream's end (:meth:`_progress_recorded`).
+        Refused (the lease lost), the next write finds the window passed and the stream cut."""
+        settlements = self._settlements
+        if (
+            self._due is None
+            or self._recording is not None
+            or settlements is None
+            or not settlements.records_progress(self._admission)
+        ):
+            return
+        move = settlements.stream_progress(self._admission, self.progress, first=True)
+
+        async def record() -> str | None:
+            code = await move
+            if code is not None:
+                self._due = 0.0  # the next write asks (and is cut)
+            return code
+
+        self._recording = asyncio.get_running_loop().create_task(record())
+
+    async def _progress_recorded(self) -> str | None:
+        """The progress move started at the first content, waited for (once; shielded: a
+        caller gone meanwhile leaves the record as written); why the stream is cut, or None."""
+        task = self._recording
+        if task is None:
+            return None
+        code = await asyncio.shield(task)
+        if self._settlements is not None and code is None:
+            self._due = self._settlements.lease_window(self._admission)
+        return code
+
     async def stream_progress(self) -> str | None:
         """A stream's lease window passed: None while it is still this process's to send (the
         progress delivered recorded, or the lease renewed, in a fenced move), else why not
@@ -436,8 +479,11 @@ class PaymentSession:
         settlements = self._settlements
         if settlements is None:
             return None
+        code = await self._progress_recorded()
+        if code is not None or self.lease_live():
+            return code
         admission = self._admission
-        move = settlements.stream_progress(admission, self.progress())
+        move = settlements.stream_progress(admission, self.progress)
         code = await asyncio.shield(asyncio.get_running_loop().create_task(move))
         self._due = settlements.lease_window(admission)
         return code

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,9 @@ from paygate.x402.settler import (
     SettlerUnavailable,
 )
 
+# Why a reply settled upfront is withheld: the one reply its payment bought went to another
+# request (not ``lease_lost``, which says nothing was charged and invites the same payment again).
+REPLY_SERVED = "payment_already_served"  # the payment-identifier retry's code (idempotency)
 log = logging.getLogger("paygate.x402")
 
 PENDING = "settlement_pending"
@@ -120,25 +123,51 @@ class Settlements:
             return None
         return self.leases.live_until(record)
 
-    async def stream_progress(self, admission: PaymentAdmission, meter: Meter | None) -> str | None:
-        """Mid-stream, its lease window passed (checked from the local clock before each write):
-        None while the stream is still this process's to send, else why not (kept as
-        ``unrecorded``: the stream is cut). Settled after its reply (every scheme whose charge
-        is a settle call), its first such check records the progress delivered (``meter``: what
-        a disconnect now would be charged; None: the amount) in a fenced move to SERVED, which
-        renews the lease: a replica frozen after it leaves a payment owed that any replica's
-        reconciler settles for that progress, never releases. Later checks are fenced renewals
-        (no ledger call while the keeper keeps the lease renewed)."""
+    def records_progress(self, admission: PaymentAdmission) -> bool:
+        """Whether a stream's first content starts the move that records its progress (see
+        :meth:`stream_progress`): still reserved, and its progress charged when it stalls."""
+        record = admission.record
+        return (
+            record is not None
+            and not admission.finished
+            and record.state in RESERVATION_STATES
+            and self._charges_progress(admission)
+        )
+
+    async def stream_progress(
+        self,
+        admission: PaymentAdmission,
+        progress: Callable[[], Meter | None],
+        *,
+        first: bool = False,
+    ) -> str | None:
+        """A stream's progress: None while the stream is still this process's to send, else
+        why not (kept as ``unrecorded``: the stream is cut). Settled after its reply (every
+        scheme whose charge is a settle call), the move that records the progress delivered
+        (``progress``: what a disconnect now would be charged; None: the amount) as SERVED starts
+        right after its first content went out (``first``: in the background, awaited before
+        the next write past the lease window and before the end), so a replica frozen at any
+        point after that commit leaves a payment owed that any replica's reconciler settles for
+        that progress, never releases; and the end's SETTLING is the only write left (the same
+        number of writes as without it). The move renews the lease, and every renewal after it
+        keeps the progress then (a metered stream's: see ``HeldLeases.report``), so a stall
+        leaves at most what went out since the last renewal uncharged. ``first`` and the ledger
+        unreachable: not cut (the next write past the window tries again). Otherwise (its lease
+        window passed, checked from the local clock before each write) a fenced renewal, or
+        the same move when the first was not made."""
         record = admission.record
         if record is None or admission.finished:
             return None
         if record.state not in RESERVATION_STATES or not self._charges_progress(admission):
-            return await self.confirm_lease(admission)
+            return None if first else await self.confirm_lease(admission)
         via = PaymentState.VERIFIED if record.state is PaymentState.RESERVED else None
+        meter = progress()
         try:
             admission.record = await self.leases.move(
                 record, PaymentState.SERVED, via=via, meter=meter
             )
+            if meter is not None:
+                self.leases.report(admission.record, progress)
             return None
         except LeaseLost:
             code = LeaseLost.code
@@ -146,6 +175,11 @@ class Settlements:
             made = await self.leases.made(record, PaymentState.SERVED)
             if made is not None:
                 admission.record = made
+                if meter is not None:
+                    self.leases.report(made, progress)
+                return None
+            if first:
+                log.warning("payment %s: progress not recorded yet: ledger unavailable", record.id)
                 return None
             code = LedgerUnavailable.code
         log.warning("payment %s: stream cut: %s", record.id, code)
@@ -166,11 +200,11 @@ class Settlements:
 
     async def claim_reply(self, admission: PaymentAdmission) -> str | None:
         """Before the reply of a payment settled upfront leaves: None when it is this request's
-        to send, else ``lease_lost`` (kept as ``unrecorded``: withheld) — another request served
-        the one reply the payment bought (the payer's retry of a settled authorization, served
-        once while this replica was frozen). The served mark, written at the request's end
-        before, is written here instead: no ledger call more. A ledger unreachable leaves the
-        reply to go (it is paid); the request's end marks it served."""
+        to send, else ``payment_already_served`` (kept as ``unrecorded``: withheld) — another
+        request served the one reply the payment bought (the payer's retry of a settled
+        authorization, served once while this replica was frozen). The served mark, written at
+        the request's end before, is written here instead: no ledger call more. A ledger
+        unreachable leaves the reply to go (it is paid); the request's end marks it served."""
         record = admission.record
         if record is None or record.served:
             return None
@@ -178,7 +212,7 @@ class Settlements:
             admission.record = await self.leases.claim_reply(record)
         except LeaseLost:
             log.warning("payment %s: its reply was served by another request", record.id)
-            admission.unrecorded = LeaseLost.code
+            admission.unrecorded = REPLY_SERVED
         except LedgerError as exc:
             log.warning("payment %s: cannot claim its reply: %s", record.id, exc.code)
         return admission.unrecorded

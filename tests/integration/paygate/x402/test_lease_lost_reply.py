@@ -43,6 +43,7 @@ from tests.fixtures.payment_support import (
     paid_stack,
     receipt_of,
     records,
+    until,
     v2_header,
 )
 from tests.fixtures.scale_support import ledger_records
@@ -163,13 +164,13 @@ async def test_exact_a_frozen_replica_woken_after_its_reservation_was_released_c
 async def test_exact_a_stream_whose_replica_froze_before_its_charge_ends_cut_without_a_receipt(
     facilitator, usdc, payer, seller, tmp_path, monkeypatch
 ):
-    """Frozen after its stream's body went out, before its charge: woken, its charge is
-    refused (its reservation released meanwhile), so the stream's end — the payment receipt and
-    the signed receipt — never goes: the caller sees the transfer cut, and nothing claims the
-    charge. Its short stream went out inside the lease window its head was sent in, so no
-    progress was recorded (docs/PAYMENTS.md "A stream stalled mid-way": the bound of what a stall
-    leaves uncharged; test_stalled_stream_charge past it): the authorization stays the payer's
-    (released), nothing is settled."""
+    """Frozen after its stream's body went out, before its charge: its progress was recorded
+    (SERVED) right after its first content, so the other replica's reconciler settles it once
+    for what a disconnect there would be charged (`exact`: the price; the caller got the body),
+    never releases it — a short stream inside its first lease window is charged like a long
+    one (docs/PAYMENTS.md "A stream stalled mid-way"). Woken, the frozen replica's own charge is
+    refused (its lease gone), so the stream's end — the payment receipt and the signed receipt
+    — never goes: the caller sees the transfer cut, and no second charge is made."""
     freeze = Freeze(monkeypatch, PaymentSession, "reply_ended")
     ledger = tmp_path / "payments.db"
     settings = {"seller": seller, "facilitator_url": facilitator.url, "ledger": ledger}
@@ -191,16 +192,15 @@ async def test_exact_a_stream_whose_replica_froze_before_its_charge_ends_cut_wit
 
         late = asyncio.ensure_future(read())
         async with freeze.frozen(), paid_stack(replica_id="b", **settings):
-            (released,) = await records(ledger)
-            assert released.state is PaymentState.RELEASED
+            await until(ledger, lambda found: found[0].state is PaymentState.SETTLED)  # by b
         assert await late == 200  # its head went out before the freeze
         assert b"data:" in received  # and its body
         assert PAYMENT_RECEIPT_LINE not in received
         assert SIGNED_RECEIPT_LINE not in received
     (record,) = await records(ledger)
-    assert record.state is PaymentState.RELEASED
-    assert facilitator.stats.calls("settle") == 0
-    assert usdc.balance_of(seller) == 0
+    assert record.state is PaymentState.SETTLED
+    assert facilitator.stats.calls("settle") == 1
+    assert usdc.balance_of(seller) == PRICE_ATOMIC
 
 
 @pytest.mark.parametrize("at", ["before-its-head", "mid-stream"])
@@ -211,8 +211,9 @@ async def test_a_sealed_v2_stream_of_a_frozen_replica_is_refused_or_cut_never_cl
     refused 503 `lease_lost` in the clear (the client's own retry of a withheld reply off:
     on, below); frozen after its body went out, the stream never gets its final frame (nor the
     receipts sealed in it), and the client's opener refuses it as truncated — never sent again
-    (its retry on: a stream that started is not withheld). Either way nothing is settled and the
-    authorization is released."""
+    (its retry on: a stream that started is not withheld), and no receipt says it was paid.
+    Before its head nothing is settled (released); mid-stream its progress was recorded after
+    its first frame, so it is settled once, by the other replica, as a disconnect there is."""
     where = (Replies, "send") if at == "before-its-head" else (PaymentSession, "reply_ended")
     freeze = Freeze(monkeypatch, *where)
     ledger = tmp_path / "payments.db"
@@ -232,8 +233,10 @@ async def test_a_sealed_v2_stream_of_a_frozen_replica_is_refused_or_cut_never_cl
 
             late = asyncio.ensure_future(read())
             async with freeze.frozen(), paid_stack(replica_id="b", **settings):
-                (released,) = await records(ledger)
-                assert released.state is PaymentState.RELEASED
+                # Mid-stream its progress (SERVED) was recorded after its first frame: settled
+                # by b for it (a disconnect there is charged too), never released.
+                done = PaymentState.RELEASED if at == "before-its-head" else PaymentState.SETTLED
+                await until(ledger, lambda found: found[0].state is done)
             if at == "before-its-head":
                 status, code, _ = await late
                 assert (status, code) == (503, "lease_lost")
@@ -242,9 +245,9 @@ async def test_a_sealed_v2_stream_of_a_frozen_replica_is_refused_or_cut_never_cl
                     await late
             assert transport.payments[0].withheld == 0
     (record,) = await records(ledger)
-    assert record.state is PaymentState.RELEASED
-    assert facilitator.stats.calls("settle") == 0
-    assert usdc.balance_of(seller) == 0
+    assert record.state is done
+    assert facilitator.stats.calls("settle") == (done is PaymentState.SETTLED)
+    assert usdc.balance_of(seller) == (PRICE_ATOMIC if done is PaymentState.SETTLED else 0)
 
 
 async def test_paygates_client_sends_a_stream_withheld_by_a_frozen_replica_again_charged_once(
@@ -328,7 +331,9 @@ async def test_upfront_a_replica_frozen_after_settling_sends_no_second_reply_for
 ):
     """Settled upfront, then frozen with its reply in hand: the payer's retry of the settled
     authorization is served by the other replica (the reply it bought). Woken, the frozen one
-    must not send a second reply for the one charge: 503 `lease_lost`, no receipt."""
+    must not send a second reply for the one charge, nor say what `lease_lost` says (nothing
+    charged, send the payment again: paygate's client would, to be refused 402): 409
+    `payment_already_served`, no Retry-After, no receipt."""
     freeze = Freeze(monkeypatch)
     ledger = (
         f"sqlite:///{tmp_path / 'payments.db'}"
@@ -349,7 +354,13 @@ async def test_upfront_a_replica_frozen_after_settling_sends_no_second_reply_for
             assert status == 200, served
             assert b"fake" in served
             freeze.wake()
-            _refused_lease_lost(*await late)
+            status, headers, withheld = await late
+            code = headers.get(wire.ERROR_HEADER)
+            assert (status, code) == (409, "payment_already_served"), withheld
+            assert "Retry-After" not in headers
+            assert wire.RECEIPT_HEADER not in headers
+            assert wire.PAYMENT_RESPONSE not in headers
+            assert b"fake" not in withheld
             again, _, _ = await _post(b.url, header, body)
             assert again == 402  # used: its one reply went out
     (record,) = await ledger_records(ledger)

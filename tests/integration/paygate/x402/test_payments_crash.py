@@ -74,6 +74,45 @@ async def test_killed_before_serving_releases_the_reservation_on_restart(
     facilitator, usdc, payer, seller, tmp_path, key_file
 ):
     ledger = tmp_path / "payments.db"
+    held = {**CHAT_BODY, "stream": True, "model": "fake-stall-first"}  # no head, no chunk
+    async with running_stack() as fake_stack:
+        settings = process_settings(key_file, ledger, seller, facilitator.url, fake_stack)
+        async with gateway_process(**settings) as (url, proc):
+            fake_stack.url = url
+            header = await v2_header(fake_stack, payer, body=held)
+            sent = asyncio.ensure_future(
+                fake_stack.client.post(
+                    url + CHAT, json=held, headers={wire.PAYMENT_SIGNATURE: header}
+                )
+            )
+            async with asyncio.timeout(10):  # forwarded: the upstream has it, nothing went out
+                while not fake_stack.fake.hits["POST /v1/chat/completions"]:
+                    await asyncio.sleep(0.05)
+            # verified, not yet served: VERIFIED is recorded with SERVED (one transaction)
+            await until(ledger, lambda found: states(found) == [PaymentState.RESERVED])
+            proc.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(proc.wait, 10)
+            with pytest.raises(Exception):  # noqa: B017, PT011 - cut, whichever way the client says
+                await sent
+        async with gateway_process(**settings) as (url, _):
+            assert states(await records(ledger)) == [PaymentState.RELEASED]
+            # The caller was never served: the same authorization buys the reply now.
+            async with fake_stack.client.post(
+                url + CHAT, json=CHAT_BODY, headers={wire.PAYMENT_SIGNATURE: header}
+            ) as again:
+                assert again.status == 200
+                await again.read()
+            await until(ledger, lambda found: states(found) == [PaymentState.SETTLED])
+    assert usdc.balance_of(seller) == PRICE_ATOMIC
+
+
+async def test_killed_after_its_streams_first_chunk_is_charged_once_on_restart(
+    facilitator, usdc, payer, seller, tmp_path, key_file
+):
+    """Its first chunk went out, so its progress was recorded (SERVED): a crash there is
+    charged as a disconnect there is (`exact`: the price), by the restarted process, once —
+    not released for the same authorization to buy the whole reply again."""
+    ledger = tmp_path / "payments.db"
     held = {**CHAT_BODY, "stream": True, "model": "fake-hold"}
     async with running_stack() as fake_stack:
         settings = process_settings(key_file, ledger, seller, facilitator.url, fake_stack)
@@ -84,20 +123,17 @@ async def test_killed_before_serving_releases_the_reservation_on_restart(
                 url + CHAT, json=held, headers={wire.PAYMENT_SIGNATURE: header}
             )
             await asyncio.wait_for(response.content.readline(), 10)
-            # verified, not yet served: VERIFIED is recorded with SERVED (one transaction)
-            assert states(await records(ledger)) == [PaymentState.RESERVED]
+            await until(ledger, lambda found: states(found) == [PaymentState.SERVED])
             proc.send_signal(signal.SIGKILL)
             await asyncio.to_thread(proc.wait, 10)
             response.close()
         async with gateway_process(**settings) as (url, _):
-            assert states(await records(ledger)) == [PaymentState.RELEASED]
-            # The caller was never fully served: the same authorization buys the reply now.
-            async with fake_stack.client.post(
-                url + CHAT, json=CHAT_BODY, headers={wire.PAYMENT_SIGNATURE: header}
-            ) as again:
-                assert again.status == 200
-                await again.read()
             await until(ledger, lambda found: states(found) == [PaymentState.SETTLED])
+            status = await fake_stack.client.post(
+                url + CHAT, json=CHAT_BODY, headers={wire.PAYMENT_SIGNATURE: header}
+            )
+            assert status.status == 402  # used: charged once, for what went out
+            status.close()
     assert usdc.balance_of(seller) == PRICE_ATOMIC
 
 

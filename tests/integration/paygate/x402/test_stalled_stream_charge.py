@@ -29,6 +29,7 @@ from paygate.server.receipts import SSE_PREFIX as SIGNED_RECEIPT_LINE
 from paygate.x402.inband import SSE_PREFIX as PAYMENT_RECEIPT_LINE
 from paygate.x402.leases import HeldLeases
 from paygate.x402.ledger import PaymentRecord, PaymentState
+from paygate.x402.ledger_base import Ledger
 from tests.fixtures.payment_support import CHAT, CHAT_BODY, PRICE_ATOMIC, paid_stack, v2_header
 from tests.fixtures.scale_support import (
     Env,
@@ -51,10 +52,13 @@ class MidStreamFreeze:
     """The next stream freezes after ``AFTER`` chunks went out until :meth:`wake`; meanwhile no
     lease of any replica is renewed."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, renewed: bool = False) -> None:
+        """``renewed``: the keeper's last renewal comes after the ``AFTER`` chunks went out,
+        right before the freeze (else the freeze comes at once)."""
         self.reached = asyncio.Event()
         self._woken = asyncio.Event()
         self._frozen = False
+        self._last_renewal: asyncio.Event | None = asyncio.Event() if renewed else None
         real_pump, real_renew = replies._pump, HeldLeases.renew_all
         freeze = self
 
@@ -65,14 +69,26 @@ class MidStreamFreeze:
                     yield chunk
                     sent += 1
                     if sent == AFTER and not freeze.reached.is_set():
-                        freeze._frozen = True
-                        freeze.reached.set()
+                        if freeze._last_renewal is not None:
+                            freeze._last_renewal.set()  # the keeper's next pass, then frozen
+                            await asyncio.wait_for(freeze.reached.wait(), timeout=30)
+                        else:
+                            freeze._frozen = True
+                            freeze.reached.set()
                         await asyncio.wait_for(freeze._woken.wait(), timeout=60)
 
             await real_pump(response, held(), *args)
 
         async def renew_all(self: HeldLeases) -> int:
-            return 0 if freeze._frozen else await real_renew(self)
+            if freeze._frozen:
+                return 0
+            last = freeze._last_renewal
+            if last is None or not last.is_set():
+                return await real_renew(self)
+            renewed = await real_renew(self)
+            freeze._frozen = True
+            freeze.reached.set()
+            return renewed
 
         monkeypatch.setattr(replies, "_pump", pump)
         monkeypatch.setattr(HeldLeases, "renew_all", renew_all)
@@ -189,6 +205,89 @@ async def test_upto_a_stream_stalled_mid_way_is_charged_for_what_it_delivered_ne
     assert record.settled_amount == charge(1, record.tokens_out) < record.amount
     assert facilitator.stats.calls("settle") == 1
     assert usdc.balance_of(seller) == record.settled_amount
+
+
+async def test_upto_a_stream_stalled_after_its_leases_renewal_is_charged_what_it_had_delivered_then(
+    facilitator, usdc, upto_payer, seller, tmp_path, monkeypatch
+):
+    """Its lease kept renewed by the keeper (so no write passes the window), the stream stalls
+    right after a renewal: that renewal kept the progress delivered by then (the running
+    counts), so the successor charges the tokens the caller had got — not only what the first
+    chunk's record said. What a stall leaves uncharged: what went out since the last renewal."""
+    freeze = MidStreamFreeze(monkeypatch, renewed=True)
+    ledger = f"sqlite:///{tmp_path / 'payments.db'}"
+    settings = {
+        "seller": seller,
+        "facilitator_url": facilitator.url,
+        "ledger": ledger,
+        "fake": FakeModelServer(engine="vllm"),
+        "upstream_kind": "vllm",
+        **upto_settings(),
+    }
+    async with paid_stack(replica_id="a", lease_seconds=LEASE, **settings) as a:
+        received = bytearray()
+
+        async def read() -> int:
+            async with (
+                sdk_upto_client(upto_payer) as client,
+                client.stream("POST", a.url + CHAT, json=BODY) as response,
+            ):
+                with contextlib.suppress(Exception):
+                    async for chunk in response.aiter_bytes():
+                        received.extend(chunk)
+                return response.status_code
+
+        late = asyncio.ensure_future(read())
+        async with freeze.frozen(), paid_stack(replica_id="b", **settings):
+            record = await _settled(ledger)
+        assert await late == 200
+        content = _cut_without_its_end(bytes(received))
+    assert record.state is PaymentState.SETTLED, record
+    assert record.usage_source == "running"
+    assert record.tokens_out is not None
+    assert AFTER <= record.tokens_out <= content  # what it had delivered at the renewal
+    assert record.settled_amount == charge(1, record.tokens_out)
+    assert facilitator.stats.calls("settle") == 1
+    assert usdc.balance_of(seller) == record.settled_amount
+
+
+async def test_a_streams_first_chunk_waits_for_no_ledger_write_and_its_writes_stay_two(
+    facilitator, usdc, payer, seller, tmp_path, monkeypatch
+):
+    """The move that records a stream's progress (SERVED) starts after its first chunk went
+    out: held back until the caller has that chunk, the stream still flows; at its end the
+    charge waits for it, and the payment's writes after its reservation are that move and
+    SETTLING (then the outcome) — no write more for a normal stream."""
+    gate = asyncio.Event()
+    moves: list[PaymentState] = []
+    real = Ledger.transition
+
+    async def transition(self: Ledger, payment_id: str, to: PaymentState, **kw: Any) -> Any:
+        moves.append(to)
+        if to is PaymentState.SERVED:
+            await asyncio.wait_for(gate.wait(), timeout=30)
+        return await real(self, payment_id, to, **kw)
+
+    monkeypatch.setattr(Ledger, "transition", transition)
+    ledger = f"sqlite:///{tmp_path / 'payments.db'}"
+    body = {**CHAT_BODY, "stream": True, "fake": {"chunks": 6, "pace": 0.05}}
+    async with paid_stack(seller=seller, facilitator_url=facilitator.url, ledger=ledger) as a:
+        header = await v2_header(a, payer, body=body)
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as client,
+            client.post(a.url + CHAT, json=body, headers={wire.PAYMENT_SIGNATURE: header}) as r,
+        ):
+            assert r.status == 200
+            first = await asyncio.wait_for(r.content.readline(), timeout=10)
+            assert first.startswith(b"data:")  # while the progress move is held back
+            assert moves == [PaymentState.SERVED]
+            gate.set()
+            rest = await r.content.read()
+        assert PAYMENT_RECEIPT_LINE in rest
+        record = await _settled(ledger)
+    assert record.state is PaymentState.SETTLED
+    assert moves == [PaymentState.SERVED, PaymentState.SETTLING, PaymentState.SETTLED]
+    assert usdc.balance_of(seller) == PRICE_ATOMIC
 
 
 async def test_upto_a_long_stream_not_stalled_settles_its_final_usage_over_its_progress(

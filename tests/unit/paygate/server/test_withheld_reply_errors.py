@@ -11,7 +11,12 @@ import pytest
 
 from paygate import wire
 from paygate.server.claims import doubts
-from paygate.server.payments import ChargeNotRecorded, ReplyLeaseLost, charge_not_recorded
+from paygate.server.payments import (
+    ChargeNotRecorded,
+    ReplyLeaseLost,
+    ReplyServedElsewhere,
+    charge_not_recorded,
+)
 
 
 @pytest.mark.parametrize(
@@ -29,3 +34,18 @@ def test_a_withheld_reply_is_a_503_to_retry_that_doubts_nobody(why: str, kind: t
     assert wire.RECEIPT_HEADER not in response.headers
     assert response.body is not None
     assert json.loads(response.body)["error"]["code"] == why
+
+
+def test_an_upfront_reply_served_elsewhere_is_not_a_withheld_charge_to_retry() -> None:
+    """Settled upfront, its one reply went to another request: charged, so not `lease_lost`
+    (nothing charged, send again — paygate's client would, to be refused 402), no Retry-After,
+    and no doubt on the caller (an honest payer's retry while a replica was frozen)."""
+    error = charge_not_recorded("payment_already_served")
+    assert type(error) is ReplyServedElsewhere
+    assert not doubts(error)
+    response = error.render("openai")
+    assert (response.status, response.headers[wire.ERROR_HEADER]) == (409, "payment_already_served")
+    assert "Retry-After" not in response.headers
+    assert wire.PAYMENT_RESPONSE not in response.headers
+    assert response.body is not None
+    assert json.loads(response.body)["error"]["code"] == "payment_already_served"

@@ -559,6 +559,29 @@ async def test_a_metered_payment_records_usage_owed_and_moved(ledger: Ledger) ->
         )
 
 
+async def test_a_renewal_keeps_a_served_streams_progress_and_nothing_else(ledger: Ledger) -> None:
+    """A SERVED stream's renewal carries its progress (what a reconciler settles if it stalls);
+    before SERVED, and after its final meter (SETTLING), a renewal changes no usage."""
+    record = await ledger.reserve(**request(), scheme="upto", model="m")
+    early = await ledger.renew(record.id, record.lease, meter=Meter(1, 1, "running", 100))
+    assert (early.tokens_out, early.owed) == (None, 1000)  # reserved: nothing recorded
+    first = Meter(tokens_in=3, tokens_out=1, source="running", settle_amount=400)
+    record = await ledger.transition(
+        record.id, S.SERVED, via=S.VERIFIED, lease=record.lease, meter=first
+    )
+    later = Meter(tokens_in=3, tokens_out=9, source="running", settle_amount=800)
+    record = await ledger.renew(record.id, record.lease, meter=later)
+    assert (record.state, record.tokens_out, record.usage_source) == (S.SERVED, 9, "running")
+    assert record.owed == 800
+    assert await ledger.get(record.id) == record
+    with pytest.raises(ValueError, match="exceed"):
+        await ledger.renew(record.id, record.lease, meter=Meter(3, 99, "running", 1001))
+    final = Meter(tokens_in=3, tokens_out=12, source="upstream", settle_amount=900)
+    record = await ledger.transition(record.id, S.SETTLING, lease=record.lease, meter=final)
+    record = await ledger.renew(record.id, record.lease, meter=later)
+    assert (record.tokens_out, record.owed) == (12, 900)  # the final meter stays
+
+
 async def test_a_budget_holds_under_concurrent_reservations(ledger: Ledger) -> None:
     budget = Budget(limit=3500, since=0.0)
     results = await asyncio.gather(

@@ -79,6 +79,8 @@ async def test_a_retry_gets_the_recorded_outcome(
     ledger: Ledger, state: PaymentState, status: int, code: str
 ) -> None:
     record = await paid(ledger, state)
+    if state is S.SERVED:  # served and over: its request let it go for a reconciler
+        record = await ledger.let_go(record.id, record.lease)
     refusal = await gate(ledger).outcome(KEY, record_fingerprint(record))
     assert refusal is not None
     assert (refusal.status, refusal.code) == (status, code)
@@ -86,6 +88,26 @@ async def test_a_retry_gets_the_recorded_outcome(
         receipt = json.loads(base64.b64decode(refusal.headers["PAYMENT-RESPONSE"]))
         assert (receipt["success"], receipt["transaction"]) == (True, tx(1))
     assert (await ledger.by_idempotency_key(KEY)) == record  # nothing changed
+
+
+async def test_a_retry_while_a_stream_with_its_progress_recorded_goes_out_waits(
+    ledger: Ledger,
+) -> None:
+    """A stream's progress is recorded SERVED after its first chunk, its lease held live while
+    it goes out: a retry then is in progress (Retry-After, its outcome to come), not served
+    (no receipt yet, not settled); its replica presumed dead (lease ran out), it is owed."""
+    record = await paid(ledger, S.SERVED)
+    now = time.time()
+    refusal = await gate(ledger, now=now).outcome(KEY, record_fingerprint(record))
+    assert refusal is not None
+    assert (refusal.status, refusal.code) == (409, "payment_in_progress")
+    assert "Retry-After" in refusal.headers
+    assert not refusal.server_side
+    assert record.lease_until is not None
+    later = gate(ledger, now=record.lease_until + 1)
+    refusal = await later.outcome(KEY, record_fingerprint(record))
+    assert refusal is not None
+    assert (refusal.status, refusal.code) == (409, "payment_already_served")
 
 
 async def test_another_fingerprint_is_a_conflict(ledger: Ledger) -> None:
