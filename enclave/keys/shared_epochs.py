@@ -54,6 +54,7 @@ import math
 import os
 import secrets
 import stat
+import string
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -498,7 +499,7 @@ class SharedEpochKeys(EpochKeys):
         was killed: the lock died with it; never decided by a pid). Its file goes then."""
         if token == self._member[1]:
             return False
-        if not isinstance(token, str) or len(token) != 8 or not token.isalnum():
+        if not isinstance(token, str) or len(token) != 8 or token.strip(string.hexdigits):
             return True  # not a token this code writes: nobody holds it
         path = self._dir / f"{MEMBER_PREFIX}{token}"
         try:
