@@ -27,10 +27,12 @@ and every worker holds handles to the same keys:
 - What happens once per host is told once, by the process that did it (``made_here``,
   ``destroyed_here``): one key-epoch entry in the transparency log per epoch. Clients seal only
   to a key the log announces, so an epoch whose maker died between writing the state and
-  telling must not stay untold until the next rotation: each epoch records its teller (the
-  maker's member token) and whether it was told (``told``, a fenced write once the entry is
-  appended); a member that finds the current epoch untold and its teller gone (its member
-  file ``shared-epochs.member-<token>`` no longer locked) becomes the teller (``take_untold``).
+  telling must not stay untold until the next rotation: each epoch names its teller (the
+  maker's member token) in the state, and once its entry is appended the teller makes the
+  epoch's told mark (``shared-epochs.told-<digest of its sealing key>``: a file, not a state
+  write, which would have every worker re-read the state and hold the lease once more); a member
+  that finds the current epoch untold and its teller gone (its member file
+  ``shared-epochs.member-<token>`` no longer locked) becomes the teller (``take_untold``).
 - Every member holds a shared ``flock`` of ``shared-epochs.members`` for its life: who is a
   member is decided by that lock, which dies with its process, never by a pid (reused by
   another process, or another pid namespace's). The first member (nobody else holds it) sweeps
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -72,6 +75,7 @@ LOCK_FILE = "shared-epochs.lock"
 MEMBERS_FILE = "shared-epochs.members"
 PENDING_FILE = "shared-epochs.pending"
 MEMBER_PREFIX = "shared-epochs.member-"  # + the member's token: locked for the member's life
+TOLD_PREFIX = "shared-epochs.told-"  # + a digest of the sealing key: its entry is appended
 LEASE_FILE = "shared-epochs.lease"
 LOCK_TIMEOUT = 30.0  # a TPM rotation holds the lock for well under a second
 LEASE_SECONDS = 10.0  # a holder held up longer (frozen, a paused VM) is taken over
@@ -405,7 +409,7 @@ class SharedEpochKeys(EpochKeys):
                 or not all(isinstance(entry.get(k), str) for k in ("sealing_key", "receipt_key"))
                 or not all(isinstance(entry.get(k), int | float) for k in ("created", "not_after"))
                 or not isinstance(entry.get("reference"), dict)
-                or not isinstance(entry.get("told", True), bool)
+                or not isinstance(entry.get("teller", ""), str)
             ):
                 raise KeyBackendError(f"{self._state_path} lists an epoch it cannot describe")
         return data
@@ -492,6 +496,8 @@ class SharedEpochKeys(EpochKeys):
         if alone:  # what members of a previous run left (killed: their files stay)
             for stale in self._dir.glob(f"{MEMBER_PREFIX}*"):
                 self._gone(stale.name.removeprefix(MEMBER_PREFIX))
+            for mark in self._dir.glob(f"{TOLD_PREFIX}*"):
+                mark.unlink(missing_ok=True)  # its epoch is swept
         return alone
 
     def _gone(self, token: object) -> bool:
@@ -575,8 +581,7 @@ class SharedEpochKeys(EpochKeys):
                 "created": now,
                 "not_after": now + self._epoch_seconds + self._grace,
                 "reference": reference,
-                "teller": self._member[1],
-                "told": False,  # until its key-epoch entry is appended (told)
+                "teller": self._member[1],  # who appends its key-epoch entry
             },
             *entries[:1],
         ]
@@ -627,6 +632,7 @@ class SharedEpochKeys(EpochKeys):
         if mine is not None:
             self._shared_vault.release(mine[0])  # our handle first: the key is going away
         self._shared_vault.destroy_reference(entry["reference"])
+        self._forget_told(entry)
         self._destroyed.add(str(entry["id"]))
 
     def _due(self, state: Mapping[str, Any]) -> bool:
@@ -659,12 +665,14 @@ class SharedEpochKeys(EpochKeys):
         """Become the teller of the current epoch if it is untold and its teller is gone (killed
         between writing the state and appending its entry): clients seal only to a key the log
         announces. Only the current epoch: the one clients are given; a previous one is
-        leaving. The teller, not the told mark, is taken, so two live members never both
-        tell (a teller that was only slow may tell too: a second entry for the same keys)."""
+        leaving. The teller is taken in the state (fenced), so two live members never both
+        tell (one killed after appending, before its mark: a second entry for the same keys)."""
         if not state["epochs"]:
             return []
         current = state["epochs"][0]
-        if current.get("told") is not False or not self._gone(current.get("teller")):
+        if "teller" not in current or self._told_path(current).exists():
+            return []
+        if not self._gone(current["teller"]):
             return []
         current["teller"] = self._member[1]
         return [str(current["id"])]
@@ -676,17 +684,21 @@ class SharedEpochKeys(EpochKeys):
         with self._lock:
             return [e for e in self._live if e.id in taken]
 
-    def told(self, epoch_id: str) -> None:
-        """The epoch's key-epoch entry is appended: no member tells it again (a fenced
-        write). Called by its maker, or by a member that took the telling over."""
-        with self._locked():
-            state = self._read()
-            for entry in state["epochs"]:
-                if entry["id"] == epoch_id and entry.get("told") is False:
-                    entry["told"] = True
-                    self._write(state)
-                    break
-            self._adopt(state)
+    def told(self, epoch: Epoch) -> None:
+        """The epoch's key-epoch entry is appended: no member tells it again. Called by its
+        maker, or by a member that took the telling over. A mark decides nothing about keys,
+        so it needs no lease: it is made even while another holder is frozen with it."""
+        path = self._told_path({"sealing_key": epoch.sealing_key.hex()})
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+
+    def _told_path(self, entry: Mapping[str, Any]) -> Path:
+        digest = hashlib.sha256(str(entry["sealing_key"]).encode()).hexdigest()[:32]
+        return self._dir / f"{TOLD_PREFIX}{digest}"
+
+    def _forget_told(self, entry: Mapping[str, Any]) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._told_path(entry).unlink()
 
     def made_here(self, epoch_id: str) -> bool:
         """Whether this process made the epoch (the others adopted it): the one that tells."""
@@ -945,6 +957,7 @@ class SharedEpochKeys(EpochKeys):
                     self._collect(state)  # a crashed rotation's key too
                     for entry in state["epochs"]:
                         self._shared_vault.destroy_reference(entry["reference"])
+                        self._forget_told(entry)
                     state["epochs"] = []
                 state["members"] = members
                 self._write(state)

@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from pathlib import Path
 from typing import Any
 
-from enclave.errors import KeyBackendError
 from enclave.keys.epochs import Epoch, EpochKeys, EpochRetired, WrongReplica
 from enclave.keys.shared_epochs import REQUEST_WAIT, SharedEpochKeys
 from paygate.server.errors import BadRequest, GatewayError
@@ -118,13 +117,13 @@ def epochs_document(epochs: EpochKeys) -> dict[str, Any]:
 RotationListener = Callable[[Epoch], Awaitable[None]]
 
 
-def told(epochs: SharedEpochKeys, epoch_id: str) -> None:
-    """Mark the epoch told once its entry is appended (blocking); a backend that fails here
-    costs at most a second entry for the same keys, told by another worker if this one dies."""
+def told(epochs: SharedEpochKeys, epoch: Epoch) -> None:
+    """Mark the epoch told once its entry is appended (a file created: no lease waited for); a
+    mark that fails costs at most a second entry for the same keys, should this worker die."""
     try:
-        epochs.told(epoch_id)
-    except KeyBackendError as exc:
-        log.warning("marking key epoch %s told: %s", epoch_id, type(exc).__name__)
+        epochs.told(epoch)
+    except OSError as exc:
+        log.warning("marking key epoch %s told: %s", epoch.id, exc.strerror)
 
 
 class EpochRotation:
@@ -215,7 +214,7 @@ class EpochRotation:
 
     async def _tell_shared(self, epochs: SharedEpochKeys, epoch: Epoch) -> None:
         if await self._tell(epoch):
-            await asyncio.get_running_loop().run_in_executor(None, told, epochs, epoch.id)
+            await asyncio.get_running_loop().run_in_executor(None, told, epochs, epoch)
 
     async def _tell(self, epoch: Epoch) -> bool:
         """Tell every listener; whether all succeeded."""

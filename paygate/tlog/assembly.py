@@ -149,7 +149,7 @@ async def start_log(
         await tlog.start([release, epoch] if made else [release])
         if host is not None and made and bound.sealing_key == host[1].sealing_key:
             # Told: another worker tells it again only if this one dies before this mark.
-            await loop.run_in_executor(None, told, host[0], host[1].id)
+            await loop.run_in_executor(None, told, *host)
     except LogStoreError as exc:
         await tlog.close()
         raise ConfigError(f"the transparency log: {exc}") from None
