@@ -408,6 +408,12 @@ def test_an_epoch_whose_maker_is_killed_before_logging_it_is_logged_by_another_w
                 assert time.monotonic() < deadline, "the workers did not come up"
                 time.sleep(0.1)
             pids = _children(proc.pid)
+            # Both workers serve (each has started its rotation loop, which at its start drops
+            # a rotation request left by a previous run).
+            seen: set[str | None] = set()
+            while seen != WORKERS:
+                assert time.monotonic() < deadline, seen
+                seen.add(attest(url).replica)
             first = json.loads(state_path.read_text())["epochs"][0]
             while not _logged_epochs(ledger):  # by the worker that made it, at its start
                 assert time.monotonic() < deadline, "the first epoch was never logged"
