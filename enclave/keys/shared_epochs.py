@@ -25,7 +25,14 @@ and every worker holds handles to the same keys:
   the event loop awaits it at most REQUEST_WAIT (``paygate.server.epochs.caught_up``); this
   process's view, every key of which it holds, is served until the pass has opened them all.
 - What happens once per host is told once, by the process that did it (``made_here``,
-  ``destroyed_here``): one key-epoch entry in the transparency log per epoch.
+  ``destroyed_here``): one key-epoch entry in the transparency log per epoch. Clients seal only
+  to a key the log announces, so an epoch whose maker died between writing the state and
+  telling must not stay untold until the next rotation: each epoch names its teller (the
+  maker's member token) in the state, and once its entry is appended the teller makes the
+  epoch's told mark (``shared-epochs.told-<digest of its sealing key>``: a file, not a state
+  write, which would have every worker re-read the state and hold the lease once more); a member
+  that finds the current epoch untold and its teller gone (its member file
+  ``shared-epochs.member-<token>`` no longer locked) becomes the teller (``take_untold``).
 - Every member holds a shared ``flock`` of ``shared-epochs.members`` for its life: who is a
   member is decided by that lock, which dies with its process, never by a pid (reused by
   another process, or another pid namespace's). The first member (nobody else holds it) sweeps
@@ -44,11 +51,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
 import secrets
 import stat
+import string
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -65,6 +74,8 @@ STATE_FILE = "shared-epochs.json"
 LOCK_FILE = "shared-epochs.lock"
 MEMBERS_FILE = "shared-epochs.members"
 PENDING_FILE = "shared-epochs.pending"
+MEMBER_PREFIX = "shared-epochs.member-"  # + the member's token: locked for the member's life
+TOLD_PREFIX = "shared-epochs.told-"  # + a digest of the sealing key: its entry is appended
 LEASE_FILE = "shared-epochs.lease"
 LOCK_TIMEOUT = 30.0  # a TPM rotation holds the lock for well under a second
 LEASE_SECONDS = 10.0  # a holder held up longer (frozen, a paused VM) is taken over
@@ -325,6 +336,10 @@ class SharedEpochKeys(EpochKeys):
         # a lock dies with its process (a pid may be reused by another, or be another pid
         # namespace's, and look alive or dead wrongly). The pids in the state are information.
         self._membership: int | None = None
+        # This member's own lock (its member file), held for its life: whether the teller of an
+        # epoch is still there is decided by it (the members lock says only whether anyone is).
+        self._member_fd: int | None = None
+        self._untold: list[str] = []  # epochs this member took the telling of from a gone one
         self.collected = 0  # keys of a rotation cut short by a crash, destroyed at this start
         self._pass = threading.Lock()  # one shared pass at a time in this process
         self._busy_until = 0.0  # the request path does not wait for the lock until then
@@ -394,6 +409,7 @@ class SharedEpochKeys(EpochKeys):
                 or not all(isinstance(entry.get(k), str) for k in ("sealing_key", "receipt_key"))
                 or not all(isinstance(entry.get(k), int | float) for k in ("created", "not_after"))
                 or not isinstance(entry.get("reference"), dict)
+                or not isinstance(entry.get("teller", ""), str)
             ):
                 raise KeyBackendError(f"{self._state_path} lists an epoch it cannot describe")
         return data
@@ -471,7 +487,42 @@ class SharedEpochKeys(EpochKeys):
             os.close(fd)
             raise
         self._membership = fd
+        path = self._dir / f"{MEMBER_PREFIX}{self._member[1]}"
+        own = os.open(
+            path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        fcntl.flock(own, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
+        self._member_fd = own
+        if alone:  # what members of a previous run left (killed: their files stay)
+            for stale in self._dir.glob(f"{MEMBER_PREFIX}*"):
+                self._gone(stale.name.removeprefix(MEMBER_PREFIX))
+            for mark in self._dir.glob(f"{TOLD_PREFIX}*"):
+                mark.unlink(missing_ok=True)  # its epoch is swept
         return alone
+
+    def _gone(self, token: object) -> bool:
+        """Whether the member ``token`` names no longer holds its member file (it stopped or
+        was killed: the lock died with it; never decided by a pid). Its file goes then."""
+        if token == self._member[1]:
+            return False
+        if not isinstance(token, str) or len(token) != 8 or token.strip(string.hexdigits):
+            return True  # not a token this code writes: nobody holds it
+        path = self._dir / f"{MEMBER_PREFIX}{token}"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            raise KeyBackendError(f"{path} is unreadable: {exc.strerror}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            path.unlink(missing_ok=True)  # tokens are never reused: nobody locks it again
+            return True
+        finally:
+            os.close(fd)
 
     def _last(self) -> bool:
         """Whether this is the only live member (no other process holds the members lock)."""
@@ -484,6 +535,11 @@ class SharedEpochKeys(EpochKeys):
         return True
 
     def _leave(self) -> None:
+        own, self._member_fd = self._member_fd, None
+        if own is not None:
+            with contextlib.suppress(FileNotFoundError):
+                (self._dir / f"{MEMBER_PREFIX}{self._member[1]}").unlink()
+            os.close(own)  # a member that left tells nothing more: another takes it over
         fd, self._membership = self._membership, None
         if fd is not None:
             os.close(fd)  # releases the members lock
@@ -525,6 +581,7 @@ class SharedEpochKeys(EpochKeys):
                 "created": now,
                 "not_after": now + self._epoch_seconds + self._grace,
                 "reference": reference,
+                "teller": self._member[1],  # who appends its key-epoch entry
             },
             *entries[:1],
         ]
@@ -575,6 +632,7 @@ class SharedEpochKeys(EpochKeys):
         if mine is not None:
             self._shared_vault.release(mine[0])  # our handle first: the key is going away
         self._shared_vault.destroy_reference(entry["reference"])
+        self._forget_told(entry)
         self._destroyed.add(str(entry["id"]))
 
     def _due(self, state: Mapping[str, Any]) -> bool:
@@ -602,6 +660,45 @@ class SharedEpochKeys(EpochKeys):
             and m != self._member
             and _alive(m[0])
         ]
+
+    def _take_telling(self, state: dict[str, Any]) -> list[str]:
+        """Become the teller of the current epoch if it is untold and its teller is gone (killed
+        between writing the state and appending its entry): clients seal only to a key the log
+        announces. Only the current epoch: the one clients are given; a previous one is
+        leaving. The teller is taken in the state (fenced), so two live members never both
+        tell (one killed after appending, before its mark: a second entry for the same keys)."""
+        if not state["epochs"]:
+            return []
+        current = state["epochs"][0]
+        if "teller" not in current or self._told_path(current).exists():
+            return []
+        if not self._gone(current["teller"]):
+            return []
+        current["teller"] = self._member[1]
+        return [str(current["id"])]
+
+    def take_untold(self) -> list[Epoch]:
+        """The epochs whose telling this member took over from a gone teller since the last
+        call (``advance``): the caller appends their entry, then calls :meth:`told`."""
+        taken, self._untold = self._untold, []
+        with self._lock:
+            return [e for e in self._live if e.id in taken]
+
+    def told(self, epoch: Epoch) -> None:
+        """The epoch's key-epoch entry is appended: no member tells it again. Called by its
+        maker, or by a member that took the telling over. A mark decides nothing about keys,
+        so it needs no lease: it is made even while another holder is frozen with it."""
+        path = self._told_path({"sealing_key": epoch.sealing_key.hex()})
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+
+    def _told_path(self, entry: Mapping[str, Any]) -> Path:
+        digest = hashlib.sha256(str(entry["sealing_key"]).encode()).hexdigest()[:32]
+        return self._dir / f"{TOLD_PREFIX}{digest}"
+
+    def _forget_told(self, entry: Mapping[str, Any]) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._told_path(entry).unlink()
 
     def made_here(self, epoch_id: str) -> bool:
         """Whether this process made the epoch (the others adopted it): the one that tells."""
@@ -780,8 +877,12 @@ class SharedEpochKeys(EpochKeys):
             if [*members, self._member] != state["members"]:
                 state["members"] = [*members, self._member]  # a killed worker's entry goes
                 changed = True
+            taken = self._take_telling(state)
+            if taken:
+                changed = True
             if changed:
                 self._write(state)
+            self._untold += taken  # once written: this member is the teller now
             with self._lock:
                 before = self._live[0].id if self._live else None
             gone = self._adopt(state)
@@ -856,6 +957,7 @@ class SharedEpochKeys(EpochKeys):
                     self._collect(state)  # a crashed rotation's key too
                     for entry in state["epochs"]:
                         self._shared_vault.destroy_reference(entry["reference"])
+                        self._forget_told(entry)
                     state["epochs"] = []
                 state["members"] = members
                 self._write(state)

@@ -117,6 +117,15 @@ def epochs_document(epochs: EpochKeys) -> dict[str, Any]:
 RotationListener = Callable[[Epoch], Awaitable[None]]
 
 
+def told(epochs: SharedEpochKeys, epoch: Epoch) -> None:
+    """Mark the epoch told once its entry is appended (a file created: no lease waited for); a
+    mark that fails costs at most a second entry for the same keys, should this worker die."""
+    try:
+        epochs.told(epoch)
+    except OSError as exc:
+        log.warning("marking key epoch %s told: %s", epoch.id, exc.strerror)
+
+
 class EpochRotation:
     """The loop that rotates and retires; one per gateway process."""
 
@@ -196,14 +205,27 @@ class EpochRotation:
             if new is not None or gone:
                 await loop.run_in_executor(None, self._write_status)
         if new is not None and made:
-            await self._tell(new)
+            await self._tell_shared(epochs, new)
+        # An epoch whose maker was killed before its entry was appended: told by this worker
+        # now (clients seal only to keys the log announces), not at the next rotation.
+        for epoch in epochs.take_untold():
+            log.warning("key epoch %s was not told by the worker that made it: telling", epoch.id)
+            await self._tell_shared(epochs, epoch)
 
-    async def _tell(self, epoch: Epoch) -> None:
+    async def _tell_shared(self, epochs: SharedEpochKeys, epoch: Epoch) -> None:
+        if await self._tell(epoch):
+            await asyncio.get_running_loop().run_in_executor(None, told, epochs, epoch)
+
+    async def _tell(self, epoch: Epoch) -> bool:
+        """Tell every listener; whether all succeeded."""
+        ok = True
         for listener in self._listeners:
             try:
                 await listener(epoch)
             except Exception as exc:  # a listener's failure must not stop rotation
                 log.error("after the key rotation: %s", type(exc).__name__)
+                ok = False
+        return ok
 
     async def run(self) -> None:
         while True:

@@ -20,6 +20,7 @@ from enclave.keys.shared_epochs import SharedEpochKeys
 from enclave.tlog import entries
 from paygate.config import ConfigError, Settings
 from paygate.server.attestation import AttestationService
+from paygate.server.epochs import told
 from paygate.tlog.errors import LogStoreError
 from paygate.tlog.open_store import open_log_store
 from paygate.tlog.recovery import RecoveryConfig
@@ -84,6 +85,9 @@ def on_rotation(
         loop = asyncio.get_running_loop()
         document = await loop.run_in_executor(None, attestation.evidence, nonce)
         bound = binding.parse(document["binding"])
+        if (bound.sealing_key, bound.receipt_key) != (epoch.sealing_key, epoch.receipt_key):
+            # A later rotation is served already: this evidence would announce other keys.
+            raise LogStoreError(f"key epoch {epoch.id} is no longer current: not logged")
         entry = entries.key_epoch(
             time=int(time.time()),
             replica=tlog.config.replica,
@@ -110,6 +114,8 @@ async def start_log(
     except (LedgerError, LogStoreError) as exc:
         raise ConfigError(f"the transparency log's store: {exc}") from None
     tlog = TransparencyLog(config, store, key)
+    # With several workers: the host's epochs, and the one this start's evidence is made for.
+    host = (key, key.current) if isinstance(key, SharedEpochKeys) else None
     try:
         loop = asyncio.get_running_loop()
         nonce = entries.epoch_nonce(
@@ -139,8 +145,11 @@ async def start_log(
             evidence_digest=evidence_digest(document),
         )
         # With several workers the epoch is the host's: logged by the worker that made it.
-        shared = isinstance(key, SharedEpochKeys) and not key.made_here(key.current.id)
-        await tlog.start([release] if shared else [release, epoch])
+        made = host is None or host[0].made_here(host[1].id)
+        await tlog.start([release, epoch] if made else [release])
+        if host is not None and made and bound.sealing_key == host[1].sealing_key:
+            # Told: another worker tells it again only if this one dies before this mark.
+            await loop.run_in_executor(None, told, *host)
     except LogStoreError as exc:
         await tlog.close()
         raise ConfigError(f"the transparency log: {exc}") from None

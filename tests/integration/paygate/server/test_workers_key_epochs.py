@@ -353,3 +353,117 @@ def test_each_epoch_of_the_host_is_one_key_epoch_entry_in_the_log(
     # The first epoch and the one `paygate keys rotate` asked for: each once.
     assert len(epochs) == len(set(epochs)) == 2, epochs
     assert stderr.count("started (number") == 1, stderr  # the rotation, by one worker
+
+
+def _logged_epochs(ledger: Path) -> list[tuple[str, str]]:
+    """The keys of every key-epoch entry in the log (read while the gateway writes it)."""
+    with contextlib.closing(sqlite3.connect(ledger, timeout=10)) as db:
+        rows = db.execute("SELECT data FROM tlog_entries ORDER BY idx").fetchall()
+    logged = [entries.parse(bytes(data)) for (data,) in rows]
+    return [(e["sealing_key"], e["receipt_key"]) for e in logged if e["type"] == "key-epoch"]
+
+
+def test_an_epoch_whose_maker_is_killed_before_logging_it_is_logged_by_another_worker(
+    softhsm_token: SoftHsmToken, tmp_path: Path
+) -> None:
+    """Clients seal only to keys the log announces. The worker that made an epoch is killed
+    (SIGKILL) after the shared state lists the epoch and before it appended the epoch's
+    key-epoch entry: another worker appends it, once, without waiting for the next rotation,
+    and marks it told (no worker appends it again)."""
+    token = softhsm_token
+    Pkcs11Key.generate(token.module_path, token.token_label, token.pin, LABEL).close()
+    ledger = tmp_path / "ledger.db"
+    epochs_dir = tmp_path / "epochs"
+    marker = tmp_path / "stalled-maker"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PAYGATE_")},
+        **token.env(),
+        "PAYGATE_KEY_BACKEND": "pkcs11",
+        "PAYGATE_PKCS11_MODULE": token.module_path,
+        "PAYGATE_PKCS11_TOKEN_LABEL": token.token_label,
+        "PAYGATE_PKCS11_KEY_LABEL": LABEL,
+        "PAYGATE_PKCS11_PIN": token.pin,
+        "PAYGATE_TRANSPARENCY_LOG": "true",
+        "PAYGATE_LOG_ORIGIN": "workers.test/v1/log",
+        "PAYGATE_LEDGER_PATH": str(ledger),
+        "PAYGATE_KEY_EPOCH": "600",  # no scheduled rotation during the test
+        "PAYGATE_KEY_EPOCH_GRACE": "60",  # the previous epoch stays listed meanwhile
+        "PAYGATE_KEY_EPOCH_DIR": str(epochs_dir),
+        "PAYGATE_REPLICA_ID": HOST,
+    }
+    state_path = epochs_dir / "shared-epochs.json"
+    with ThreadedStack() as fake:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fixtures.epoch_teller_child", str(marker), "serve",
+             "--workers", "2", "--listen", f"127.0.0.1:{port}", "--upstream-url", fake.fake_url],
+            env=env, cwd=Path(__file__).parents[4], stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while len(_children(proc.pid)) < 2 or not _live(url):
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                assert time.monotonic() < deadline, "the workers did not come up"
+                time.sleep(0.1)
+            pids = _children(proc.pid)
+            # Both workers serve (each has started its rotation loop, which at its start drops
+            # a rotation request left by a previous run).
+            seen: set[str | None] = set()
+            while seen != WORKERS:
+                assert time.monotonic() < deadline, seen
+                seen.add(attest(url).replica)
+            first = json.loads(state_path.read_text())["epochs"][0]
+            while not _logged_epochs(ledger):  # by the worker that made it, at its start
+                assert time.monotonic() < deadline, "the first epoch was never logged"
+                time.sleep(0.1)
+            assert _logged_epochs(ledger) == [(first["sealing_key"], first["receipt_key"])]
+
+            status = request_rotation(epochs_dir, 20.0)  # the state lists it: status follows
+            while not marker.exists() or not marker.read_text():
+                assert time.monotonic() < deadline, "no worker made the requested epoch"
+                time.sleep(0.05)
+            maker = int(marker.read_text())
+            assert maker in pids
+            state = json.loads(state_path.read_text())
+            made = state["epochs"][0]
+            assert made["id"] == status["key_id"]
+            keys = (made["sealing_key"], made["receipt_key"])
+            assert keys not in _logged_epochs(ledger)
+
+            os.kill(maker, signal.SIGKILL)  # between the state's write and the entry's append
+            told_by = time.monotonic() + 30
+            while keys not in _logged_epochs(ledger):
+                assert time.monotonic() < told_by, "the killed maker's epoch was never logged"
+                time.sleep(0.2)
+            # Both epochs marked told: the first by its maker after its start, the new one by
+            # the worker that took its telling over.
+            while len(list(epochs_dir.glob("shared-epochs.told-*"))) != 2:
+                assert time.monotonic() < told_by, "the epoch was logged but never marked told"
+                time.sleep(0.1)
+            after = json.loads(state_path.read_text())
+            # No rotation was needed: the same epoch is current, and it is logged once.
+            assert after["number"] == state["number"]
+            assert after["epochs"][0]["id"] == made["id"]
+            assert _logged_epochs(ledger).count(keys) == 1
+            assert after["epochs"][1]["id"] == first["id"]
+            assert after["epochs"][0]["teller"] != made["teller"]  # the taker's now
+            # Whichever worker answers attests the keys the log now announces.
+            assert attest(url).epochs[0].id == made["id"]
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+            stderr = proc.stderr.read().decode() if proc.stderr else ""
+            if proc.stderr is not None:
+                proc.stderr.close()
+    assert proc.returncode == 0, stderr
+    assert "was not told by the worker that made it" in stderr
+    assert "Traceback" not in stderr
+    assert token.pin not in stderr
+    assert token_epochs(token, epochs_dir) == set()
