@@ -10,6 +10,7 @@ bash scripts/setup.sh
 if [[ $# -gt 0 ]]; then
     exec .venv/bin/pytest "$@"
 fi
-.venv/bin/pytest --ignore=tests/fuzz
+# The 30 slowest tests listed at the end: the suite must stay well under 15 minutes.
+.venv/bin/pytest --ignore=tests/fuzz --durations=30
 # The fuzz profile (tests/conftest.py): 10,000 examples per untrusted parser, after the main suite.
 HYPOTHESIS_PROFILE=fuzz exec .venv/bin/pytest tests/fuzz -q --timeout=900
