@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from paygate.server.replica_name import NAME_FILE
 from tests.fixtures.components import free_port
 from tests.fixtures.scale_support import fake_upstream
-from tests.fixtures.serve_support import PAYGATE, make_key, wait_live
+from tests.fixtures.serve_support import make_key, served
 from tests.fixtures.tlog_support import ORIGIN
 
 # Ten minutes between passes: a turn's lease (three intervals) outlasts every wait here, so a
@@ -48,23 +48,8 @@ async def _gateway(
         "PAYGATE_LOG_ORIGIN": ORIGIN,
         "PAYGATE_RECONCILE_INTERVAL_SECONDS": INTERVAL,
     }
-    proc = subprocess.Popen(
-        [PAYGATE, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        await wait_live(url, proc)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(proc.wait, 15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if proc.stderr is not None:
-            proc.stderr.close()
+    async with served(env, port) as live:
+        yield live
 
 
 async def _metrics(url: str) -> dict[str, float]:
