@@ -211,14 +211,6 @@ async def test_a_refund_through_a_node_behind_returns_the_whole_rest_and_says_wh
     assert int(receipt_of(headers)["amount"]) == rest
 
 
-@pytest.fixture
-def rewound(anvil):
-    """The chain (its clock too) put back after the test."""
-    snapshot = anvil.rpc("evm_snapshot")
-    yield
-    anvil.rpc("evm_revert", [snapshot])
-
-
 @contextlib.asynccontextmanager
 async def logs_balancer(logs_from: str, rest_from: str) -> AsyncIterator[str]:
     """A loopback JSON-RPC balancer: a request (or batch) asking ``eth_getLogs`` answered by

@@ -20,24 +20,13 @@ from tests.fixtures.batch_settlement_support import (
     chain_batch,
     claimer,
     header_for,
+    ledger_for,
     opened_channel,
 )
 from tests.fixtures.payment_support import PRICE_ATOMIC, post, receipt_of
 
 DEPOSIT = 10 * PRICE_ATOMIC
 COMPLETIONS = "POST /v1/chat/completions"
-
-
-@pytest.fixture
-def rewound(anvil):
-    """The chain (its clock too) put back after the test."""
-    snapshot = anvil.rpc("evm_snapshot")
-    yield
-    anvil.rpc("evm_revert", [snapshot])
-
-
-def _ledger(store, tmp_path, request):
-    return tmp_path / "payments.db" if store == "sqlite" else request.getfixturevalue("pg_url")
 
 
 async def _pass(ledger, anvil, gas_key) -> int:
@@ -90,7 +79,7 @@ async def test_a_top_up_reorganised_away_no_longer_serves_vouchers(
     loop's reading of the chain as it is now (an older block, or the same number) replaces
     the mirror: vouchers up to what the contract holds are served, one past it is refused
     and nothing is served for it."""
-    ledger = _ledger(store, tmp_path, request)
+    ledger = ledger_for(store, tmp_path, request)
     async with chain_batch(seller, ledger, anvil, gas_key) as stack:
         required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
         snapshot = anvil.rpc("evm_snapshot")
@@ -123,7 +112,7 @@ async def test_a_top_up_reorganised_away_is_read_again_at_the_next_wake(
     reads only withdrawing channels. The channel mirrored from a block above the newest is
     read again at that wake all the same: a voucher past what the contract holds is
     refused."""
-    ledger = _ledger(store, tmp_path, request)
+    ledger = ledger_for(store, tmp_path, request)
     async with chain_batch(seller, ledger, anvil, gas_key) as stack:
         required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
         assert await _pass(ledger, anvil, gas_key) == 1  # the scan's place: here
@@ -154,7 +143,7 @@ async def test_a_withdrawal_requested_in_blocks_that_replaced_scanned_ones_is_le
     in one of those. The next pass finds its place reorganised away, goes back over the
     channels and learns the withdrawal (pending, its request's time) — not only once the
     chain passes the old place, nor never (its block then far behind the place)."""
-    ledger = _ledger(store, tmp_path, request)
+    ledger = ledger_for(store, tmp_path, request)
     async with chain_batch(seller, ledger, anvil, gas_key) as stack:
         _, _, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
         assert await _pass(ledger, anvil, gas_key) == 1  # the channel owes nothing now
@@ -201,7 +190,7 @@ async def test_a_refund_after_the_chain_fell_back_returns_what_the_contract_hold
     which the chain no longer holds — proven gone, the chain as it is now counts, and the
     refund returns what the contract holds (not "ask again" until the chain regains the
     height, nor the mirror's amount, which the contract would refuse)."""
-    ledger = _ledger(store, tmp_path, request)
+    ledger = ledger_for(store, tmp_path, request)
     async with chain_batch(seller, ledger, anvil, gas_key) as stack:
         required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
         snapshot = anvil.rpc("evm_snapshot")
@@ -232,7 +221,7 @@ async def test_a_top_up_reorganised_away_at_the_tip_is_read_again_at_the_next_wa
     claim interval's pass reads the channel (if it is among those claimed then). The wake
     finds the block the mirror was read at replaced and reads the channel again: a voucher
     past what the contract holds is refused."""
-    ledger = _ledger(store, tmp_path, request)
+    ledger = ledger_for(store, tmp_path, request)
     async with chain_batch(seller, ledger, anvil, gas_key) as stack:
         required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
         assert await _pass(ledger, anvil, gas_key) == 1  # the scan's place: here

@@ -29,15 +29,6 @@ from tests.fixtures.payment_support import PRICE_ATOMIC, post, receipt_of
 DEPOSIT = 10 * PRICE_ATOMIC
 
 
-@pytest.fixture
-def rewound(anvil):
-    """The chain (its clock too) put back after the test: the next one's authorizations are
-    dated by the wall clock."""
-    snapshot = anvil.rpc("evm_snapshot")
-    yield
-    anvil.rpc("evm_revert", [snapshot])
-
-
 def _payer_sends(anvil, payer, call) -> None:
     tx = call.build_transaction(
         {

@@ -30,6 +30,7 @@ from tests.fixtures.batch_settlement_support import (
     chain_batch,
     claimer,
     header_for,
+    ledger_for,
     opened_channel,
 )
 from tests.fixtures.chain import PAYER_FUNDS
@@ -38,18 +39,6 @@ from tests.fixtures.payment_support import PRICE_ATOMIC, post, receipt_of
 DEPOSIT = 10 * PRICE_ATOMIC
 WITHDRAWING = "invalid_batch_settlement_evm_withdrawal_pending"
 COMPLETIONS = "POST /v1/chat/completions"
-
-
-@pytest.fixture
-def rewound(anvil):
-    """The chain (its clock too) put back after the test."""
-    snapshot = anvil.rpc("evm_snapshot")
-    yield
-    anvil.rpc("evm_revert", [snapshot])
-
-
-def _ledger(store, tmp_path, request):
-    return tmp_path / "payments.db" if store == "sqlite" else request.getfixturevalue("pg_url")
 
 
 def _settlement(anvil):
@@ -99,7 +88,7 @@ async def test_vouchers_after_a_withdrawal_request_are_refused_before_it_can_fin
     pending; a voucher once it could finish before the voucher is claimed is refused
     `…_withdrawal_pending` and nothing is served; once it finished, the balance is lowered
     (`…_cumulative_exceeds_balance`); a top-up serves the channel again."""
-    ledger = _ledger(store, tmp_path, request)
+    ledger = ledger_for(store, tmp_path, request)
     async with chain_batch(seller, ledger, anvil, gas_key) as stack:
         required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
         assert await _pass(ledger, anvil, gas_key) == 1  # the channel owes nothing now
