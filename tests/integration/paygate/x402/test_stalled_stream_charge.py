@@ -167,10 +167,12 @@ async def test_exact_a_stream_stalled_mid_way_is_charged_once_by_the_successor(
     assert usdc.balance_of(seller) == PRICE_ATOMIC
 
 
-async def test_upto_a_stream_stalled_mid_way_is_charged_for_what_it_delivered_never_more(
-    facilitator, usdc, upto_payer, seller, tmp_path, monkeypatch
-):
-    freeze = MidStreamFreeze(monkeypatch)
+async def _upto_stall(
+    freeze: MidStreamFreeze, facilitator, upto_payer, seller, tmp_path
+) -> tuple[PaymentRecord, int]:
+    """An upto stream from replica a, frozen mid-way by ``freeze`` while replica b takes its
+    payment over: b's settled record, and the content the caller received (the stream cut
+    without its end)."""
     ledger = f"sqlite:///{tmp_path / 'payments.db'}"
     settings = {
         "seller": seller,
@@ -197,7 +199,14 @@ async def test_upto_a_stream_stalled_mid_way_is_charged_for_what_it_delivered_ne
         async with freeze.frozen(), paid_stack(replica_id="b", **settings):
             record = await _settled(ledger)
         assert await late == 200
-        content = _cut_without_its_end(bytes(received))
+        return record, _cut_without_its_end(bytes(received))
+
+
+async def test_upto_a_stream_stalled_mid_way_is_charged_for_what_it_delivered_never_more(
+    facilitator, usdc, upto_payer, seller, tmp_path, monkeypatch
+):
+    freeze = MidStreamFreeze(monkeypatch)
+    record, content = await _upto_stall(freeze, facilitator, upto_payer, seller, tmp_path)
     assert record.state is PaymentState.SETTLED, record
     assert (record.usage_source, record.tokens_in) == ("running", 1)
     assert record.tokens_out is not None
@@ -215,33 +224,7 @@ async def test_upto_a_stream_stalled_after_its_leases_renewal_is_charged_what_it
     counts), so the successor charges the tokens the caller had got — not only what the first
     chunk's record said. What a stall leaves uncharged: what went out since the last renewal."""
     freeze = MidStreamFreeze(monkeypatch, renewed=True)
-    ledger = f"sqlite:///{tmp_path / 'payments.db'}"
-    settings = {
-        "seller": seller,
-        "facilitator_url": facilitator.url,
-        "ledger": ledger,
-        "fake": FakeModelServer(engine="vllm"),
-        "upstream_kind": "vllm",
-        **upto_settings(),
-    }
-    async with paid_stack(replica_id="a", lease_seconds=LEASE, **settings) as a:
-        received = bytearray()
-
-        async def read() -> int:
-            async with (
-                sdk_upto_client(upto_payer) as client,
-                client.stream("POST", a.url + CHAT, json=BODY) as response,
-            ):
-                with contextlib.suppress(Exception):
-                    async for chunk in response.aiter_bytes():
-                        received.extend(chunk)
-                return response.status_code
-
-        late = asyncio.ensure_future(read())
-        async with freeze.frozen(), paid_stack(replica_id="b", **settings):
-            record = await _settled(ledger)
-        assert await late == 200
-        content = _cut_without_its_end(bytes(received))
+    record, content = await _upto_stall(freeze, facilitator, upto_payer, seller, tmp_path)
     assert record.state is PaymentState.SETTLED, record
     assert record.usage_source == "running"
     assert record.tokens_out is not None
