@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -22,68 +22,35 @@ from paygate.x402.ledger_store import LedgerLocation, open_ledger
 from paygate.x402.processor import PaymentProcessor
 from paygate.x402.session import PaymentSession
 from paygate.x402.settlement import VerifyOnly
+from tests.fixtures.loopback_verifier import LoopbackVerifier
 from tests.fixtures.x402_support import PAYER, RESOURCE, sdk_payment, terms
 
 PRICE = Decimal("0.001")
 
 
-class Facilitator:
+class StallingVerifier(LoopbackVerifier):
     """A loopback facilitator whose first /verify is read and never answered (until the test
     ends); later ones find the payment valid."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.verifying = asyncio.Event()
-        self.calls = 0
-        self._server: asyncio.Server | None = None
-        self._stop = asyncio.Event()
-        self.url = ""
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                await reader.readexactly(length)
-                self.calls += 1
-                if self.calls == 1:
-                    self.verifying.set()
-                    await self._stop.wait()
-                    return
-                body = json.dumps({"isValid": True, "payer": PAYER.address}).encode()
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def __aenter__(self) -> Facilitator:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._stop.set()
-        assert self._server is not None
-        self._server.close()
-        await asyncio.wait_for(self._server.wait_closed(), timeout=5)
+    async def answer(self) -> dict[str, Any] | None:
+        if self.calls == 1:
+            self.verifying.set()
+            return None
+        return {"isValid": True, "payer": PAYER.address}
 
 
 @pytest.fixture
-async def facilitator() -> AsyncIterator[Facilitator]:
-    async with Facilitator() as running:
+async def facilitator() -> AsyncIterator[StallingVerifier]:
+    async with StallingVerifier() as running:
         yield running
 
 
 async def test_a_caller_gone_during_verification_leaves_no_reservation_held(
-    tmp_path: Path, facilitator: Facilitator
+    tmp_path: Path, facilitator: StallingVerifier
 ) -> None:
     ledger = await open_ledger(LedgerLocation(kind="sqlite", path=tmp_path / "payments.db"))
     async with aiohttp.ClientSession() as http:

@@ -27,54 +27,26 @@ from paygate.x402.refusal import Refusal
 from paygate.x402.schemes import Scheme
 from paygate.x402.settlement import VerifyOnly
 from tests.fixtures.ledger_support import Clock, request
+from tests.fixtures.loopback_verifier import LoopbackVerifier
 from tests.fixtures.x402_support import RESOURCE, sdk_payment, terms
 
 PRICE = Decimal("0.001")
 
 
-class Facilitator:
+class RefusingVerifier(LoopbackVerifier):
     """A loopback facilitator whose /verify finds every payment invalid for ``reason``."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.reason = ""
-        self._server: asyncio.Server | None = None
-        self.url = ""
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                await reader.readexactly(length)
-                body = json.dumps({"isValid": False, "invalidReason": self.reason}).encode()
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def __aenter__(self) -> Facilitator:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        await asyncio.wait_for(self._server.wait_closed(), timeout=5)
+    async def answer(self) -> dict[str, Any] | None:
+        return {"isValid": False, "invalidReason": self.reason}
 
 
 @pytest.fixture
-async def facilitator() -> AsyncIterator[Facilitator]:
-    async with Facilitator() as running:
+async def facilitator() -> AsyncIterator[RefusingVerifier]:
+    async with RefusingVerifier() as running:
         yield running
 
 
@@ -83,7 +55,7 @@ async def facilitator() -> AsyncIterator[Facilitator]:
     [("unexpected_verify_error", True), ("insufficient_funds", False)],
 )
 async def test_a_facilitators_own_failure_to_verify_is_server_side(
-    tmp_path: Path, facilitator: Facilitator, reason: str, server_side: bool
+    tmp_path: Path, facilitator: RefusingVerifier, reason: str, server_side: bool
 ) -> None:
     facilitator.reason = reason
     ledger = await open_ledger(LedgerLocation(kind="sqlite", path=tmp_path / "payments.db"))
