@@ -37,6 +37,8 @@ from tests.fixtures.batch_settlement_support import (
     claimer,
     header_for,
     opened_channel,
+    payer_sends,
+    settlement_contract,
 )
 from tests.fixtures.payment_support import PRICE_ATOMIC, challenge_of, post, receipt_of
 
@@ -256,24 +258,10 @@ async def test_a_withdrawal_request_is_learnt_when_a_node_behind_answers_the_eve
             await channels.claim_once()  # the scan's place: here
         placed = anvil.w3.eth.block_number
         anvil.mine(10)
-        settlement = anvil.w3.eth.contract(
-            address=Web3.to_checksum_address(SETTLEMENT_ADDRESS),
-            abi=load_contract("X402BatchSettlement").abi,
-        )
-        anvil.rpc("anvil_setBalance", [payer.address, hex(10**18)])
-        call = settlement.functions.initiateWithdraw(
+        call = settlement_contract(anvil).functions.initiateWithdraw(
             config_tuple(channel.config), DEPOSIT - PRICE_ATOMIC
         )
-        tx = call.build_transaction(
-            {
-                "from": payer.address,
-                "nonce": anvil.w3.eth.get_transaction_count(payer.address),
-                "chainId": CHAIN_ID,
-            }
-        )
-        signed = payer.sign_transaction(tx).raw_transaction
-        receipt = anvil.wait_for_receipt(anvil.w3.eth.send_raw_transaction(signed).hex())
-        assert receipt["status"] == 1
+        receipt = payer_sends(anvil, payer, call)
         requested = int(anvil.w3.eth.get_block(receipt["blockNumber"])["timestamp"])
         anvil.mine(20)  # the request well behind the next place, reorganised blocks and all
         with node_behind(anvil.rpc_url, placed) as behind:

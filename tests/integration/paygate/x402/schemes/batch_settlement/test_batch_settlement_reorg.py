@@ -9,19 +9,17 @@ claimer's scan had passed must still be learnt."""
 from __future__ import annotations
 
 import pytest
-from paygate_dev.chain.build import load_contract
-from web3 import Web3
 
 from paygate import wire
 from paygate.x402.schemes.batch_settlement.chain import config_tuple
-from paygate.x402.schemes.batch_settlement.channel import SETTLEMENT_ADDRESS
 from tests.fixtures.batch_settlement_support import (
-    CHAIN_ID,
     chain_batch,
     claimer,
     header_for,
     ledger_for,
     opened_channel,
+    payer_sends,
+    settlement_contract,
 )
 from tests.fixtures.payment_support import PRICE_ATOMIC, post, receipt_of
 
@@ -152,24 +150,10 @@ async def test_a_withdrawal_requested_in_blocks_that_replaced_scanned_ones_is_le
         await _pass(ledger, anvil, gas_key)  # the scan's place: 20 blocks on
         scanned = anvil.w3.eth.get_block("latest")
         _fall_back(anvil, snapshot, later_than=int(scanned["timestamp"]))
-        settlement = anvil.w3.eth.contract(
-            address=Web3.to_checksum_address(SETTLEMENT_ADDRESS),
-            abi=load_contract("X402BatchSettlement").abi,
-        )
-        anvil.rpc("anvil_setBalance", [payer.address, hex(10**18)])
-        call = settlement.functions.initiateWithdraw(
+        call = settlement_contract(anvil).functions.initiateWithdraw(
             config_tuple(channel.config), DEPOSIT - PRICE_ATOMIC
         )
-        tx = call.build_transaction(
-            {
-                "from": payer.address,
-                "nonce": anvil.w3.eth.get_transaction_count(payer.address),
-                "chainId": CHAIN_ID,
-            }
-        )
-        signed = payer.sign_transaction(tx).raw_transaction
-        receipt = anvil.wait_for_receipt(anvil.w3.eth.send_raw_transaction(signed).hex())
-        assert receipt["status"] == 1
+        receipt = payer_sends(anvil, payer, call)
         assert receipt["blockNumber"] < scanned["number"]
         requested = int(anvil.w3.eth.get_block(receipt["blockNumber"])["timestamp"])
         await _pass(ledger, anvil, gas_key)

@@ -13,14 +13,11 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from paygate_dev.chain.build import load_contract
-from web3 import Web3
 
 from paygate import wire
 from paygate.x402.schemes.batch_settlement import claims, withdrawals
 from paygate.x402.schemes.batch_settlement import client as payer_client
 from paygate.x402.schemes.batch_settlement.chain import BatchChain, Head, config_tuple
-from paygate.x402.schemes.batch_settlement.channel import SETTLEMENT_ADDRESS
 from paygate.x402.schemes.batch_settlement.client import PayerChannel
 from paygate.x402.schemes.batch_settlement.withdrawals import mirror_withdrawal
 from paygate.x402.settler import SettlerUnavailable
@@ -32,6 +29,8 @@ from tests.fixtures.batch_settlement_support import (
     header_for,
     ledger_for,
     opened_channel,
+    payer_sends,
+    settlement_contract,
 )
 from tests.fixtures.chain import PAYER_FUNDS
 from tests.fixtures.payment_support import PRICE_ATOMIC, post, receipt_of
@@ -41,26 +40,9 @@ WITHDRAWING = "invalid_batch_settlement_evm_withdrawal_pending"
 COMPLETIONS = "POST /v1/chat/completions"
 
 
-def _settlement(anvil):
-    return anvil.w3.eth.contract(
-        address=Web3.to_checksum_address(SETTLEMENT_ADDRESS),
-        abi=load_contract("X402BatchSettlement").abi,
-    )
-
-
 def _payer_sends(anvil, payer, call) -> int:
     """The payer's transaction, mined: its block's timestamp."""
-    anvil.rpc("anvil_setBalance", [payer.address, hex(10**18)])
-    tx = call.build_transaction(
-        {
-            "from": payer.address,
-            "nonce": anvil.w3.eth.get_transaction_count(payer.address),
-            "chainId": CHAIN_ID,
-        }
-    )
-    signed = payer.sign_transaction(tx).raw_transaction
-    receipt = anvil.wait_for_receipt(anvil.w3.eth.send_raw_transaction(signed).hex())
-    assert receipt["status"] == 1
+    receipt = payer_sends(anvil, payer, call)
     return int(anvil.w3.eth.get_block(receipt["blockNumber"])["timestamp"])
 
 
@@ -93,7 +75,7 @@ async def test_vouchers_after_a_withdrawal_request_are_refused_before_it_can_fin
         required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
         assert await _pass(ledger, anvil, gas_key) == 1  # the channel owes nothing now
         config = config_tuple(channel.config)
-        settlement = _settlement(anvil)
+        settlement = settlement_contract(anvil)
         requested = _payer_sends(
             anvil, payer, settlement.functions.initiateWithdraw(config, DEPOSIT - PRICE_ATOMIC)
         )
@@ -157,7 +139,9 @@ async def test_a_withdrawing_channel_is_claimed_first_before_its_delay_and_the_s
         _payer_sends(
             anvil,
             payer,
-            _settlement(anvil).functions.initiateWithdraw(config_tuple(leaving.config), DEPOSIT),
+            settlement_contract(anvil).functions.initiateWithdraw(
+                config_tuple(leaving.config), DEPOSIT
+            ),
         )
         async with claimer(ledger, anvil, gas_key, max_per_claim=1) as channels:
             assert await channels.claim_once(withdrawing_only=True) == 1
@@ -174,7 +158,7 @@ async def test_a_withdrawing_channel_is_claimed_first_before_its_delay_and_the_s
         _payer_sends(
             anvil,
             payer,
-            _settlement(anvil).functions.finalizeWithdraw(config_tuple(leaving.config)),
+            settlement_contract(anvil).functions.finalizeWithdraw(config_tuple(leaving.config)),
         )
         assert usdc.balance_of(payer.address) == payer_before + DEPOSIT - 3 * PRICE_ATOMIC
         assert usdc.balance_of(payer.address) <= PAYER_FUNDS
@@ -193,7 +177,7 @@ async def test_a_top_up_covering_the_withdrawal_serves_the_channel_again(
         _payer_sends(
             anvil,
             payer,
-            _settlement(anvil).functions.initiateWithdraw(
+            settlement_contract(anvil).functions.initiateWithdraw(
                 config_tuple(channel.config), DEPOSIT - PRICE_ATOMIC
             ),
         )
@@ -223,7 +207,7 @@ async def test_a_withdrawal_cancelled_by_a_refund_serves_the_channel_again_at_on
         _payer_sends(
             anvil,
             payer,
-            _settlement(anvil).functions.initiateWithdraw(
+            settlement_contract(anvil).functions.initiateWithdraw(
                 config_tuple(channel.config), DEPOSIT - PRICE_ATOMIC
             ),
         )
@@ -263,7 +247,9 @@ async def test_a_channel_new_to_the_ledger_has_its_earlier_withdrawal_read_at_it
     _payer_sends(
         anvil,
         payer,
-        _settlement(anvil).functions.initiateWithdraw(config_tuple(elsewhere.config), DEPOSIT),
+        settlement_contract(anvil).functions.initiateWithdraw(
+            config_tuple(elsewhere.config), DEPOSIT
+        ),
     )
     _later(anvil, monkeypatch, 901)
     ledger = tmp_path / "payments.db"
@@ -302,7 +288,7 @@ async def test_through_the_sdk_facilitator_a_withdrawing_channel_is_claimed_befo
             _payer_sends(
                 anvil,
                 payer,
-                _settlement(anvil).functions.initiateWithdraw(
+                settlement_contract(anvil).functions.initiateWithdraw(
                     config_tuple(channel.config), DEPOSIT
                 ),
             )
@@ -328,7 +314,7 @@ async def test_a_voucher_above_what_the_withdrawal_leaves_is_refused_as_soon_as_
         _payer_sends(
             anvil,
             payer,
-            _settlement(anvil).functions.initiateWithdraw(
+            settlement_contract(anvil).functions.initiateWithdraw(
                 config_tuple(channel.config), DEPOSIT - 2 * PRICE_ATOMIC
             ),
         )
@@ -370,7 +356,7 @@ async def test_more_withdrawing_channels_than_one_claim_takes_are_all_claimed_at
             _payer_sends(
                 anvil,
                 payer,
-                _settlement(anvil).functions.initiateWithdraw(
+                settlement_contract(anvil).functions.initiateWithdraw(
                     config_tuple(channel.config), DEPOSIT
                 ),
             )
@@ -401,7 +387,7 @@ async def test_a_scan_far_behind_catches_up_in_one_pass_and_learns_a_request_in_
         _payer_sends(
             anvil,
             payer,
-            _settlement(anvil).functions.initiateWithdraw(
+            settlement_contract(anvil).functions.initiateWithdraw(
                 config_tuple(channel.config), DEPOSIT - 2 * PRICE_ATOMIC
             ),
         )
@@ -429,7 +415,9 @@ async def test_a_new_channels_withdrawal_unread_at_its_deposit_is_read_by_the_ne
     _payer_sends(
         anvil,
         payer,
-        _settlement(anvil).functions.initiateWithdraw(config_tuple(elsewhere.config), DEPOSIT),
+        settlement_contract(anvil).functions.initiateWithdraw(
+            config_tuple(elsewhere.config), DEPOSIT
+        ),
     )
     anvil.mine(20)  # past the scan's reorg overlap
     ledger = tmp_path / "payments.db"
@@ -469,7 +457,7 @@ async def test_a_stale_reading_of_a_finished_withdrawal_does_not_clear_a_newer_r
     async with chain_batch(seller, ledger, anvil, gas_key) as stack:
         required, offer, channel = await opened_channel(stack, payer, deposit=DEPOSIT)
         config = config_tuple(channel.config)
-        settlement = _settlement(anvil)
+        settlement = settlement_contract(anvil)
         _payer_sends(anvil, payer, settlement.functions.initiateWithdraw(config, PRICE_ATOMIC))
         await _pass(ledger, anvil, gas_key)
         async with claimer(ledger, anvil, gas_key) as channels:
@@ -527,7 +515,7 @@ async def test_the_first_scans_check_reads_every_channel_there_is_in_one_pass(
             _payer_sends(
                 anvil,
                 payer,
-                _settlement(anvil).functions.initiateWithdraw(
+                settlement_contract(anvil).functions.initiateWithdraw(
                     config_tuple(channel.config), DEPOSIT
                 ),
             )
@@ -558,7 +546,7 @@ async def test_a_small_withdrawal_kept_pending_costs_no_claim_a_wake_and_takes_n
         _payer_sends(
             anvil,
             payer,
-            _settlement(anvil).functions.initiateWithdraw(
+            settlement_contract(anvil).functions.initiateWithdraw(
                 config_tuple(channel.config), DEPOSIT - PRICE_ATOMIC // 2
             ),
         )
@@ -580,7 +568,7 @@ async def test_a_small_withdrawal_kept_pending_costs_no_claim_a_wake_and_takes_n
         _payer_sends(
             anvil,
             payer,
-            _settlement(anvil).functions.finalizeWithdraw(config_tuple(channel.config)),
+            settlement_contract(anvil).functions.finalizeWithdraw(config_tuple(channel.config)),
         )
         assert await _pass(ledger, anvil, gas_key) == 1  # the claim interval's claim
         async with claimer(ledger, anvil, gas_key) as channels:
@@ -614,7 +602,7 @@ async def test_the_pending_withdrawals_reread_keeps_to_the_pass_budget_and_goes_
             _payer_sends(
                 anvil,
                 payer,
-                _settlement(anvil).functions.initiateWithdraw(
+                settlement_contract(anvil).functions.initiateWithdraw(
                     config_tuple(channel.config), PRICE_ATOMIC
                 ),
             )
@@ -665,7 +653,7 @@ async def test_a_block_the_endpoint_refuses_on_its_own_neither_stops_the_scan_no
         _payer_sends(
             anvil,
             payer,
-            _settlement(anvil).functions.initiateWithdraw(
+            settlement_contract(anvil).functions.initiateWithdraw(
                 config_tuple(channel.config), DEPOSIT - 2 * PRICE_ATOMIC
             ),
         )
@@ -725,7 +713,7 @@ async def test_two_claimers_dying_in_a_row_still_leave_the_withdrawing_channel_c
         requested = _payer_sends(
             anvil,
             payer,
-            _settlement(anvil).functions.initiateWithdraw(
+            settlement_contract(anvil).functions.initiateWithdraw(
                 config_tuple(channel.config), DEPOSIT - PRICE_ATOMIC
             ),
         )
